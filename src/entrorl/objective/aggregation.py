@@ -1,0 +1,67 @@
+"""Reducing a per-token loss ``[B, T]`` to a scalar, with verl's four ``loss_agg_mode`` names.
+
+With ``m`` the loss mask, ``L`` the per-token loss and ``n_seq`` the number of sequences with at least
+one token in the mask:
+
+* ``token-mean``               ``sum m L / sum m``                                   (DAPO, arXiv 2503.14476)
+* ``seq-mean-token-mean``      ``(1/n_seq) sum_i (sum_t m L / sum_t m)``             (GRPO, arXiv 2402.03300)
+* ``seq-mean-token-sum``       ``(1/n_seq) sum_i sum_t m L``
+* ``seq-mean-token-sum-norm``  ``(1/n_seq) sum_i sum_t m L / loss_scale_factor``     (Dr. GRPO, arXiv 2503.20783)
+
+``loss_scale_factor`` defaults to ``T`` (the padded response length); Dr. GRPO sets it to a constant
+such as the maximum generation length. The ``-norm`` mode divides by ``n_seq`` as Dr. GRPO's formula,
+TRL's ``dr_grpo`` and recent verl do (verl 0.8 did not).
+
+For data-parallel training, ``batch_num_tokens`` / ``global_batch_size`` replace the local token and
+sequence counts by global ones and ``dp_size`` undoes the gradient averaging across ranks, as in verl's
+``global_batch_info``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["LOSS_AGG_MODES", "aggregate_loss", "check_loss_agg_mode"]
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def check_loss_agg_mode(mode: str) -> str:
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg_mode '{mode}'; choose one of {list(LOSS_AGG_MODES)}")
+    return mode
+
+
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    *,
+    loss_scale_factor: float | None = None,
+    batch_num_tokens: float | None = None,
+    global_batch_size: float | None = None,
+    dp_size: int = 1,
+) -> torch.Tensor:
+    """Scalar loss from ``per_token_loss [B, T]`` over ``mask [B, T]`` (see the module docstring).
+
+    Tokens outside the mask contribute nothing, even if their loss is not finite. An empty mask gives
+    a zero that is still attached to the graph (zero gradients, no NaN).
+    """
+    check_loss_agg_mode(mode)
+    mask = mask.bool()
+    masked = torch.where(mask, per_token_loss, torch.zeros_like(per_token_loss))
+    if mode == "token-mean":
+        count = mask.sum().to(masked.dtype) if batch_num_tokens is None else torch.as_tensor(float(batch_num_tokens))
+        return masked.sum() / count.clamp(min=1) * dp_size
+    tokens_per_seq = mask.sum(dim=-1)
+    n_seq = (tokens_per_seq > 0).sum().to(masked.dtype) if global_batch_size is None else torch.as_tensor(float(global_batch_size))
+    n_seq = n_seq.clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        per_seq = masked.sum(dim=-1) / tokens_per_seq.clamp(min=1).to(masked.dtype)
+        return per_seq.sum() / n_seq * dp_size
+    if mode == "seq-mean-token-sum":
+        return masked.sum() / n_seq * dp_size
+    scale = float(mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    if not scale > 0:
+        raise ValueError(f"loss_scale_factor must be > 0, got {loss_scale_factor}")
+    return masked.sum() / n_seq / scale * dp_size

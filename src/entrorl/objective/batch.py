@@ -1,0 +1,117 @@
+"""The tensors a policy objective consumes, and masked reductions over them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+__all__ = ["PolicyBatch", "OPTIONAL_FIELDS", "masked_mean", "masked_population_std", "masked_quantile", "fraction"]
+
+# How to obtain each optional field; used in the error raised when a method needs one the batch lacks.
+OPTIONAL_FIELDS: dict[str, str] = {
+    "entropy": "entrorl.tokens.token_stats(logits, targets, mask=mask, need=('logprob', 'entropy')).entropy",
+    "disc": "entrorl.tokens.token_stats(logits, targets, mask=mask, need=('logprob', 'disc')).disc",
+    "disc_centered": "entrorl.tokens.token_stats(logits, targets, mask=mask, need=('logprob', 'disc_centered')).disc_centered",
+    "ref_log_prob": "the log-probs of the sampled tokens under the frozen reference model (token_stats on its logits)",
+    "rollout_log_prob": "the log-probs the sampler (e.g. vLLM) reported for the sampled tokens",
+}
+
+
+@dataclass
+class PolicyBatch:
+    """Per-token tensors of one (mini-)batch of responses, all ``[B, T]``.
+
+    Attributes:
+        log_prob: log-probs of the sampled tokens under the policy being trained (carries the gradient).
+        old_log_prob: log-probs under the policy that produced the rollouts (detached); ``r = exp(log_prob - old_log_prob)``.
+        advantages: per-token advantages ``[B, T]`` (a per-sequence ``[B]`` tensor is broadcast over tokens).
+        mask: valid response tokens; bool (0/1 tensors are accepted and converted).
+        entropy: full-vocabulary token entropy H_t of the trained policy (differentiable for an entropy bonus).
+        disc: entropy discriminator ``S = p (log p + H)`` of the sampled tokens (arXiv 2602.03392).
+        disc_centered: ``D = S - E_{v~p}[S_v]`` (arXiv 2602.03392, Thm 3.3).
+        ref_log_prob: log-probs under a frozen reference policy (for ``kl_ref``).
+        rollout_log_prob: log-probs reported by the sampler (for TIS / IcePop).
+    """
+
+    log_prob: torch.Tensor
+    old_log_prob: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    entropy: torch.Tensor | None = None
+    disc: torch.Tensor | None = None
+    disc_centered: torch.Tensor | None = None
+    ref_log_prob: torch.Tensor | None = None
+    rollout_log_prob: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not torch.is_tensor(self.log_prob) or self.log_prob.dim() != 2:
+            raise ValueError(
+                f"PolicyBatch.log_prob must be a [B, T] tensor, got {type(self.log_prob).__name__} "
+                f"with shape {tuple(getattr(self.log_prob, 'shape', ()))}"
+            )
+        shape = tuple(self.log_prob.shape)
+        if not torch.is_tensor(self.mask) or tuple(self.mask.shape) != shape:
+            raise ValueError(f"PolicyBatch.mask must be a tensor of shape {shape}, got {tuple(getattr(self.mask, 'shape', ()))}")
+        self.mask = self.mask.bool() if self.mask.dtype != torch.bool else self.mask
+        if torch.is_tensor(self.advantages) and self.advantages.dim() == 1 and self.advantages.shape[0] == shape[0]:
+            self.advantages = self.advantages.unsqueeze(-1).expand(shape)
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "mask" or value is None:
+                continue
+            if not torch.is_tensor(value) or tuple(value.shape) != shape:
+                raise ValueError(
+                    f"PolicyBatch.{field.name} must be a tensor of shape {shape} (like log_prob), "
+                    f"got {tuple(getattr(value, 'shape', ())) if torch.is_tensor(value) else type(value).__name__}"
+                )
+            if not value.is_floating_point():
+                raise ValueError(f"PolicyBatch.{field.name} must be floating point, got {value.dtype}")
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.mask.sum())
+
+    def require(self, field_name: str, needed_by: str) -> torch.Tensor:
+        """The optional field, or a ValueError naming it and saying how to compute it."""
+        value = getattr(self, field_name)
+        if value is None:
+            raise ValueError(
+                f"{needed_by} needs PolicyBatch.{field_name}, which this batch does not have. "
+                f"Compute it with {OPTIONAL_FIELDS[field_name]} and pass {field_name}=... to PolicyBatch."
+            )
+        return value
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask`` (0 for an empty mask)."""
+    count = mask.sum()
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / count.clamp(min=1)
+
+
+def masked_population_std(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Population standard deviation (denominator n) of ``values`` over ``mask``."""
+    mean = masked_mean(values, mask)
+    return masked_mean((values - mean).square(), mask).sqrt()
+
+
+def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of the valid values with linear interpolation (``numpy.quantile``'s default).
+
+    Sorting instead of ``torch.quantile`` lifts that function's 16M-element limit.
+    """
+    valid = values[mask].detach().float()
+    if valid.numel() == 0:
+        return torch.tensor(float("nan"), device=values.device)
+    ordered = valid.sort().values
+    position = q * (ordered.numel() - 1)
+    lower = int(position)
+    upper = min(lower + 1, ordered.numel() - 1)
+    weight = position - lower
+    return ordered[lower] + (ordered[upper] - ordered[lower]) * weight
+
+
+def fraction(selected: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of the valid tokens that are selected (0.0 for an empty mask)."""
+    count = int(mask.sum())
+    return float((selected & mask).sum()) / count if count else 0.0

@@ -1,0 +1,173 @@
+"""The policy objective: one function that turns a :class:`PolicyBatch` into a loss, calling its parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from entrorl.objective.aggregation import aggregate_loss, check_loss_agg_mode
+from entrorl.objective.batch import PolicyBatch, fraction, masked_mean
+from entrorl.objective.parts import Correction, Metrics, Part, Regularizer, Selector, Shaper, Surrogate
+
+__all__ = ["Objective", "ObjectiveOutput"]
+
+
+@dataclass
+class ObjectiveOutput:
+    """``loss``: the scalar to backpropagate. ``metrics``: flat ``namespace/name`` floats.
+    ``trained_mask``: valid tokens that were not dropped (they carry gradient). ``loss_mask``: the tokens
+    counted by the normaliser. ``advantages``: the advantages after shaping (detached)."""
+
+    loss: torch.Tensor
+    metrics: Metrics
+    trained_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor
+    policy_loss: torch.Tensor = field(repr=False, default=None)
+
+
+class Objective:
+    """A composed policy objective. Build it with :func:`entrorl.objective.build_objective`.
+
+    Call it on a :class:`PolicyBatch`; for data-parallel training pass the global normalisers
+    (``batch_num_tokens``, ``global_batch_size``, ``dp_size``, as verl's ``global_batch_info``).
+    """
+
+    def __init__(
+        self,
+        *,
+        surrogate: Surrogate,
+        shapers: list[Shaper] = (),
+        regularizers: list[Regularizer] = (),
+        selectors: list[Selector] = (),
+        correction: Correction | None = None,
+        loss_agg_mode: str = "token-mean",
+        loss_scale_factor: float | None = None,
+        name: str = "custom",
+    ) -> None:
+        self.surrogate = surrogate
+        self.shapers = list(shapers)
+        self.regularizers = list(regularizers)
+        self.selectors = list(selectors)
+        self.correction = correction
+        self.loss_agg_mode = check_loss_agg_mode(loss_agg_mode)
+        self.loss_scale_factor = loss_scale_factor
+        self.name = name
+
+    @property
+    def parts(self) -> list[Part]:
+        correction = [self.correction] if self.correction is not None else []
+        return [*self.shapers, self.surrogate, *self.regularizers, *self.selectors, *correction]
+
+    @property
+    def required_fields(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f for part in self.parts for f in part.requires))
+
+    def __call__(
+        self,
+        batch: PolicyBatch,
+        *,
+        batch_num_tokens: float | None = None,
+        global_batch_size: float | None = None,
+        dp_size: int = 1,
+    ) -> ObjectiveOutput:
+        for part in self.parts:
+            part.check_batch(batch)
+        mask = batch.mask
+        metrics: Metrics = {}
+        aggregate = partial(
+            aggregate_loss,
+            mode=self.loss_agg_mode,
+            loss_scale_factor=self.loss_scale_factor,
+            batch_num_tokens=batch_num_tokens,
+            global_batch_size=global_batch_size,
+            dp_size=dp_size,
+        )
+
+        # 1. advantages, reshaped by each shaper in turn
+        advantages = batch.advantages.detach().to(batch.log_prob.dtype)
+        for shaper in self.shapers:
+            advantages = shaper(batch, advantages, metrics)
+
+        # 2. the per-token policy loss
+        surrogate = self.surrogate(batch, advantages, metrics)
+        per_token_loss = surrogate.per_token_loss
+
+        # 3. regularisers: per-token terms join the policy loss, scalar terms wait for aggregation
+        scalar_terms = []
+        for regularizer in self.regularizers:
+            term = regularizer(batch, advantages, aggregate, metrics)
+            if term.per_token is not None:
+                per_token_loss = per_token_loss + term.per_token
+            if term.scalar is not None:
+                scalar_terms.append(term.scalar)
+
+        # 4. token selection: dropped tokens lose loss and gradient; some also leave the normaliser
+        dropped = torch.zeros_like(mask)
+        left_normaliser = torch.zeros_like(mask)
+        for selector in self.selectors:
+            drop = selector(batch, advantages, surrogate, metrics) & mask
+            dropped |= drop
+            if not selector.keep_in_normaliser:
+                left_normaliser |= drop
+
+        # 5. train/rollout mismatch weights
+        if self.correction is not None:
+            per_token_loss = per_token_loss * self.correction(batch, metrics).detach()
+
+        # 6. aggregate
+        trained = mask & ~dropped
+        loss_mask = mask & ~left_normaliser
+        per_token_loss = torch.where(trained, per_token_loss, torch.zeros_like(per_token_loss))
+        policy_loss = aggregate(per_token_loss, loss_mask)
+        loss = policy_loss + sum(scalar_terms) if scalar_terms else policy_loss
+
+        metrics["loss/policy"] = float(policy_loss.detach())
+        metrics["loss/total"] = float(loss.detach())
+        metrics["tokens/valid"] = float(mask.sum())
+        metrics["select/dropped_frac"] = fraction(dropped, mask)
+        metrics["advantages/mean"] = float(masked_mean(advantages.detach(), mask))
+        return ObjectiveOutput(
+            loss=loss,
+            metrics=metrics,
+            trained_mask=trained,
+            loss_mask=loss_mask,
+            advantages=advantages.detach(),
+            policy_loss=policy_loss,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Mutable state of the parts (adaptive coefficients, RNG states), keyed ``kind/name``."""
+        return {f"{part.kind}/{part.name}": state for part in self.parts if (state := part.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        by_key = {f"{part.kind}/{part.name}": part for part in self.parts}
+        unknown = sorted(set(state) - set(by_key))
+        if unknown:
+            raise ValueError(f"objective state has entries {unknown} for parts this objective lacks; it has {sorted(by_key)}")
+        for key, part_state in state.items():
+            by_key[key].load_state_dict(part_state)
+
+    def describe(self) -> dict[str, Any]:
+        """The composition as plain data (what a run directory records)."""
+
+        def spec(part: Part) -> dict[str, Any]:
+            return {"name": part.name, **part.params()}
+
+        return {
+            "name": self.name,
+            "surrogate": spec(self.surrogate),
+            "shapers": [spec(p) for p in self.shapers],
+            "regularizers": [spec(p) for p in self.regularizers],
+            "selectors": [spec(p) for p in self.selectors],
+            "correction": spec(self.correction) if self.correction is not None else None,
+            "loss_agg_mode": self.loss_agg_mode,
+            "loss_scale_factor": self.loss_scale_factor,
+        }
+
+    def __repr__(self) -> str:
+        names = [f"{part.kind}:{part.name}" for part in self.parts]
+        return f"Objective({self.name!r}, {', '.join(names)}, loss_agg_mode={self.loss_agg_mode!r})"

@@ -1,0 +1,343 @@
+"""Named methods (compositions of parts with the papers' defaults), configs, and ``build_objective``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from entrorl.objective.aggregation import LOSS_AGG_MODES, check_loss_agg_mode
+from entrorl.objective.core import Objective
+from entrorl.objective.parts import Part, get_part_class, make_part
+
+__all__ = [
+    "MethodSpec",
+    "MethodInfo",
+    "PartSpec",
+    "ObjectiveConfig",
+    "register_method",
+    "get_method",
+    "available_methods",
+    "build_objective",
+    "methods_markdown_table",
+]
+
+PartRef = tuple[str, dict[str, Any]]  # (part name, parameter overrides)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A named method: which parts, with which parameters, and the advantage estimator it is paired with.
+
+    ``advantage_estimator`` is what a trainer uses by default for this method (see :mod:`entrorl.advantages`).
+    """
+
+    name: str
+    description: str
+    paper: str
+    surrogate: PartRef = ("ppo_clip", {})
+    shapers: tuple[PartRef, ...] = ()
+    regularizers: tuple[PartRef, ...] = ()
+    selectors: tuple[PartRef, ...] = ()
+    correction: PartRef | None = None
+    loss_agg_mode: str = "token-mean"
+    advantage_estimator: str = "grpo"
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    description: str
+    paper: str
+    params: dict[str, Any]
+    loss_agg_mode: str
+    advantage_estimator: str
+    parts: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Register a named method; its parts must already be registered."""
+    if spec.name in _METHODS and _METHODS[spec.name] != spec:
+        raise ValueError(f"a method named '{spec.name}' is already registered")
+    if "+" in spec.name:
+        raise ValueError(f"method names may not contain '+' (it composes methods): {spec.name!r}")
+    check_loss_agg_mode(spec.loss_agg_mode)
+    get_part_class("surrogate", spec.surrogate[0])
+    for kind, refs in (("shaper", spec.shapers), ("regularizer", spec.regularizers), ("selector", spec.selectors)):
+        for ref in refs:
+            get_part_class(kind, ref[0])
+    if spec.correction is not None:
+        get_part_class("correction", spec.correction[0])
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method '{name}'; available methods: {sorted(_METHODS)}") from None
+
+
+class PartSpec(BaseModel):
+    """A part named in a config: ``{"name": "clip_b", "mu": 3.0}`` or just ``"clip_b"``."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ObjectiveConfig(BaseModel):
+    """An objective as data (YAML-friendly). ``method`` names a base method, or several joined by ``+``
+    (``"dapo+clip_b+forking_tokens"``): the first gives the surrogate and aggregation, the others add their
+    shapers, regularisers, selectors and correction. Explicit parts are merged on top (a part already present
+    gets its parameters updated), and ``params`` overrides any parameter by its unique name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str | list[str] | None = None
+    surrogate: PartSpec | None = None
+    shapers: list[PartSpec] = Field(default_factory=list)
+    regularizers: list[PartSpec] = Field(default_factory=list)
+    selectors: list[PartSpec] = Field(default_factory=list)
+    correction: PartSpec | None = None
+    loss_agg_mode: str | None = None
+    loss_scale_factor: float | None = Field(None, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("loss_agg_mode")
+    @classmethod
+    def _check_mode(cls, value: str | None) -> str | None:
+        if value is not None and value not in LOSS_AGG_MODES:
+            raise ValueError(f"unknown loss_agg_mode '{value}'; choose one of {list(LOSS_AGG_MODES)}")
+        return value
+
+    def method_names(self) -> list[str]:
+        if self.method is None:
+            return []
+        names = self.method.split("+") if isinstance(self.method, str) else list(self.method)
+        return [name.strip() for name in names if name.strip()]
+
+
+@dataclass
+class _Composition:
+    surrogate: PartRef | None = None
+    shapers: list[PartRef] = field(default_factory=list)
+    regularizers: list[PartRef] = field(default_factory=list)
+    selectors: list[PartRef] = field(default_factory=list)
+    correction: PartRef | None = None
+    loss_agg_mode: str | None = None
+
+    @staticmethod
+    def _merge(refs: list[PartRef], ref: PartRef) -> None:
+        for i, (name, params) in enumerate(refs):
+            if name == ref[0]:
+                refs[i] = (name, {**params, **ref[1]})
+                return
+        refs.append((ref[0], dict(ref[1])))
+
+    @staticmethod
+    def _merge_single(current: PartRef | None, ref: PartRef, *, replace: bool) -> PartRef:
+        if current is not None and current[0] == ref[0]:
+            return (ref[0], {**current[1], **ref[1]})
+        return (ref[0], dict(ref[1])) if current is None or replace else current
+
+    def add(self, refs: dict[str, Any], *, explicit: bool) -> None:
+        if refs.get("surrogate") is not None:
+            self.surrogate = self._merge_single(self.surrogate, refs["surrogate"], replace=explicit)
+        if refs.get("correction") is not None:
+            self.correction = self._merge_single(self.correction, refs["correction"], replace=explicit)
+        for kind in ("shapers", "regularizers", "selectors"):
+            for ref in refs.get(kind, ()):
+                self._merge(getattr(self, kind), ref)
+        if refs.get("loss_agg_mode") is not None and (explicit or self.loss_agg_mode is None):
+            self.loss_agg_mode = refs["loss_agg_mode"]
+
+
+def _spec_refs(spec: MethodSpec) -> dict[str, Any]:
+    return {
+        "surrogate": spec.surrogate,
+        "shapers": spec.shapers,
+        "regularizers": spec.regularizers,
+        "selectors": spec.selectors,
+        "correction": spec.correction,
+        "loss_agg_mode": spec.loss_agg_mode,
+    }
+
+
+def _config_refs(config: ObjectiveConfig) -> dict[str, Any]:
+    def ref(part: PartSpec | None) -> PartRef | None:
+        return None if part is None else (part.name, part.params)
+
+    return {
+        "surrogate": ref(config.surrogate),
+        "shapers": [ref(p) for p in config.shapers],
+        "regularizers": [ref(p) for p in config.regularizers],
+        "selectors": [ref(p) for p in config.selectors],
+        "correction": ref(config.correction),
+        "loss_agg_mode": config.loss_agg_mode,
+    }
+
+
+def _to_config(name_or_config: Any) -> ObjectiveConfig:
+    if isinstance(name_or_config, ObjectiveConfig):
+        return name_or_config
+    if isinstance(name_or_config, str):
+        return ObjectiveConfig(method=name_or_config)
+    if isinstance(name_or_config, (list, tuple)):
+        return ObjectiveConfig(method=list(name_or_config))
+    if isinstance(name_or_config, dict):
+        data = dict(name_or_config)
+        if "name" in data and "method" not in data:
+            data["method"] = data.pop("name")
+        try:
+            return ObjectiveConfig(**data)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+            raise ValueError(f"invalid objective config — {problems}. Valid keys: {list(ObjectiveConfig.model_fields)}") from None
+    raise TypeError(f"build_objective takes a method name, a list of names, a dict or an ObjectiveConfig, got {type(name_or_config).__name__}")
+
+
+_TOP_LEVEL_PARAMS = ("loss_agg_mode", "loss_scale_factor")
+
+
+def _apply_overrides(comp: _Composition, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Route each ``name=value`` to the one part that has a parameter of that name; return top-level ones."""
+    slots: list[tuple[str, str, int | None]] = [("surrogate", "surrogate", None)]
+    slots += [(kind, kind.rstrip("s"), i) for kind in ("shapers", "regularizers", "selectors") for i in range(len(getattr(comp, kind)))]
+    if comp.correction is not None:
+        slots.append(("correction", "correction", None))
+    top_level = {}
+    for key, value in overrides.items():
+        if key in _TOP_LEVEL_PARAMS:
+            top_level[key] = value
+            continue
+        owners = []
+        for attr, kind, index in slots:
+            ref = getattr(comp, attr) if index is None else getattr(comp, attr)[index]
+            if key in get_part_class(kind, ref[0]).model_fields:
+                owners.append((attr, kind, index, ref))
+        if not owners:
+            valid = sorted(
+                {p for attr, kind, index in slots for p in get_part_class(kind, (getattr(comp, attr) if index is None else getattr(comp, attr)[index])[0]).model_fields}
+                | set(_TOP_LEVEL_PARAMS)
+            )
+            raise ValueError(f"unknown parameter '{key}' for this objective; valid parameters: {valid}")
+        if len(owners) > 1:
+            names = [f"{kind} '{ref[0]}'" for _, kind, _, ref in owners]
+            raise ValueError(
+                f"parameter '{key}' is ambiguous: {', '.join(names)} all have it; set it inside that part in the config "
+                f"(e.g. selectors: [{{name: {owners[0][3][0]}, {key}: ...}}])"
+            )
+        attr, _, index, ref = owners[0]
+        updated = (ref[0], {**ref[1], key: value})
+        if index is None:
+            setattr(comp, attr, updated)
+        else:
+            getattr(comp, attr)[index] = updated
+    return top_level
+
+
+def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective:
+    """Build a policy objective from a method name, ``"a+b+c"``, a list of names, a dict or an ObjectiveConfig.
+
+    Keyword overrides set any parameter of the composed parts by name (``mu=3.0``, ``clip_ratio_high=0.28``),
+    or ``loss_agg_mode`` / ``loss_scale_factor``. Unknown names and bad values raise ``ValueError`` listing
+    the valid ones.
+
+    >>> objective = build_objective("dapo+clip_b+forking_tokens", mu=2.0)
+    >>> out = objective(batch)            # doctest: +SKIP
+    >>> out.loss.backward()               # doctest: +SKIP
+    """
+    config = _to_config(name_or_config)
+    comp = _Composition()
+    names = config.method_names()
+    for name in names:
+        comp.add(_spec_refs(get_method(name)), explicit=False)
+    comp.add(_config_refs(config), explicit=True)
+    if comp.surrogate is None:
+        comp.surrogate = ("ppo_clip", {})
+    top_level = _apply_overrides(comp, {**config.params, **overrides})
+
+    surrogate_cls = get_part_class("surrogate", comp.surrogate[0])
+    default_mode = getattr(surrogate_cls, "recommended_loss_agg_mode", "token-mean")
+    loss_agg_mode = top_level.get("loss_agg_mode") or comp.loss_agg_mode or default_mode
+    loss_scale_factor = top_level.get("loss_scale_factor", config.loss_scale_factor)
+    if loss_scale_factor is not None and not float(loss_scale_factor) > 0:
+        raise ValueError(f"loss_scale_factor must be > 0, got {loss_scale_factor}")
+
+    def build(kind: str, ref: PartRef) -> Part:
+        return make_part(kind, ref[0], ref[1])
+
+    return Objective(
+        surrogate=build("surrogate", comp.surrogate),
+        shapers=[build("shaper", ref) for ref in comp.shapers],
+        regularizers=[build("regularizer", ref) for ref in comp.regularizers],
+        selectors=[build("selector", ref) for ref in comp.selectors],
+        correction=build("correction", comp.correction) if comp.correction is not None else None,
+        loss_agg_mode=check_loss_agg_mode(loss_agg_mode),
+        loss_scale_factor=loss_scale_factor,
+        name="+".join(names) if names else "custom",
+    )
+
+
+def available_methods() -> list[MethodInfo]:
+    """Every named method with its description, paper, parameters (with defaults) and aggregation."""
+    infos = []
+    for name in sorted(_METHODS):
+        spec = _METHODS[name]
+        objective = build_objective(name)
+        params: dict[str, Any] = {}
+        parts = {}
+        for part in objective.parts:
+            parts[f"{part.kind}/{part.name}"] = part.params()
+            params.update(part.params())
+        infos.append(
+            MethodInfo(
+                name=name,
+                description=spec.description,
+                paper=spec.paper,
+                params=params,
+                loss_agg_mode=objective.loss_agg_mode,
+                advantage_estimator=spec.advantage_estimator,
+                parts=parts,
+                notes=spec.notes,
+            )
+        )
+    return infos
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def methods_markdown_table() -> str:
+    """The README's method table, generated from the registry (a test keeps the README equal to it)."""
+    lines = [
+        "| method | what it does | parts | parameters (defaults) | aggregation | advantages | paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for info in available_methods():
+        part_names = " + ".join(f"`{key.split('/', 1)[1]}`" for key in info.parts)
+        params_text = ", ".join(f"`{k}={_format_value(v)}`" for k, v in info.params.items() if v is not None)
+        lines.append(
+            f"| `{info.name}` | {info.description} | {part_names} | {params_text} | `{info.loss_agg_mode}` "
+            f"| `{info.advantage_estimator}` | {info.paper} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,215 @@
+"""Registered parts an objective is composed of, and their registry.
+
+Five kinds of part, called in this order by :class:`entrorl.objective.Objective`:
+
+* ``shaper``      rewrites the per-token advantages (``entropy_advantage``, ``lopti_reweight``, ...)
+* ``surrogate``   the per-token policy loss from ratio and advantage (``ppo_clip``, ``cispo``, ``gspo``, ...)
+* ``regularizer`` adds per-token terms (``kl_cov``) or a scalar term (``entropy_bonus``, ``kl_ref``, ...)
+* ``selector``    drops tokens: no loss, no gradient (``clip_b``, ``forking_tokens``, ``clip_cov``, ...)
+* ``correction``  weights tokens for train/rollout mismatch (``tis``, ``icepop``)
+
+A part is a pydantic model: its fields are its parameters, each with the paper's default and a
+description naming the paper, so bad values fail when the objective is built. A user adds a part with
+the :func:`register_part` decorator and composes it by name; the loop is never edited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from entrorl.objective.batch import PolicyBatch
+
+__all__ = [
+    "PART_KINDS",
+    "Part",
+    "Shaper",
+    "Surrogate",
+    "SurrogateOutput",
+    "Regularizer",
+    "RegularizerTerm",
+    "Selector",
+    "Correction",
+    "Metrics",
+    "register_part",
+    "get_part_class",
+    "available_parts",
+    "make_part",
+]
+
+PART_KINDS = ("shaper", "surrogate", "regularizer", "selector", "correction")
+
+Metrics = dict[str, float]
+
+_REGISTRY: dict[str, dict[str, type["Part"]]] = {kind: {} for kind in PART_KINDS}
+
+
+class Part(BaseModel):
+    """Base of every part. Subclasses declare their parameters as pydantic fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True, arbitrary_types_allowed=True)
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def check_batch(self, batch: PolicyBatch) -> None:
+        for field_name in self.requires:
+            batch.require(field_name, f"{self.kind} '{self.name}'")
+
+    def params(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Mutable state to checkpoint (adaptive coefficients, RNG); empty for stateless parts."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self.kind} '{self.name}' is stateless but a state {sorted(state)} was given")
+
+
+class Shaper(Part):
+    kind: ClassVar[str] = "shaper"
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class SurrogateOutput:
+    """Per-token loss ``[B, T]`` and the tokens whose gradient the surrogate itself clipped to zero."""
+
+    per_token_loss: torch.Tensor
+    clipped: torch.Tensor
+    ratio: torch.Tensor
+
+
+class Surrogate(Part):
+    kind: ClassVar[str] = "surrogate"
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
+        raise NotImplementedError
+
+
+@dataclass
+class RegularizerTerm:
+    """``per_token`` is added to the policy loss before aggregation; ``scalar`` to the aggregated loss."""
+
+    per_token: torch.Tensor | None = None
+    scalar: torch.Tensor | None = None
+
+
+class Regularizer(Part):
+    kind: ClassVar[str] = "regularizer"
+
+    def __call__(
+        self,
+        batch: PolicyBatch,
+        advantages: torch.Tensor,
+        aggregate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        metrics: Metrics,
+    ) -> RegularizerTerm:
+        raise NotImplementedError
+
+
+class Selector(Part):
+    """Chooses tokens to drop. Every selector sees the batch's full valid mask, so the order of
+    selectors does not matter: the dropped set is the union of what each one drops.
+
+    ``keep_in_normaliser``: whether a dropped token still counts in the loss normaliser (papers differ).
+    """
+
+    kind: ClassVar[str] = "selector"
+    keep_in_normaliser: bool = False
+
+    def __call__(
+        self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Correction(Part):
+    """Detached per-token weights for the mismatch between the trainer's and the sampler's policy."""
+
+    kind: ClassVar[str] = "correction"
+    requires: ClassVar[tuple[str, ...]] = ("rollout_log_prob",)
+
+    def __call__(self, batch: PolicyBatch, metrics: Metrics) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def register_part(name: str, *, description: str, paper: str = "") -> Callable[[type[Part]], type[Part]]:
+    """Class decorator registering a part under ``name`` for its kind (its base class)."""
+
+    def decorate(cls: type[Part]) -> type[Part]:
+        kind = cls.kind
+        if kind not in _REGISTRY:
+            raise TypeError(f"{cls.__name__} must subclass one of Shaper, Surrogate, Regularizer, Selector, Correction")
+        if name in _REGISTRY[kind] and _REGISTRY[kind][name] is not cls:
+            raise ValueError(f"a {kind} named '{name}' is already registered ({_REGISTRY[kind][name].__name__})")
+        cls.name = name
+        cls.description = description
+        cls.paper = paper
+        _REGISTRY[kind][name] = cls
+        return cls
+
+    return decorate
+
+
+def get_part_class(kind: str, name: str) -> type[Part]:
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown part kind '{kind}'; kinds are {list(PART_KINDS)}")
+    try:
+        return _REGISTRY[kind][name]
+    except KeyError:
+        raise ValueError(f"unknown {kind} '{name}'; registered {kind}s: {sorted(_REGISTRY[kind])}") from None
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    kind: str
+    name: str
+    description: str
+    paper: str
+    params: dict[str, Any] = field(default_factory=dict)
+    param_docs: dict[str, str] = field(default_factory=dict)
+
+
+def part_info(cls: type[Part]) -> PartInfo:
+    fields_ = cls.model_fields
+    return PartInfo(
+        kind=cls.kind,
+        name=cls.name,
+        description=cls.description,
+        paper=cls.paper,
+        params={key: info.default for key, info in fields_.items()},
+        param_docs={key: info.description or "" for key, info in fields_.items()},
+    )
+
+
+def available_parts(kind: str | None = None) -> list[PartInfo]:
+    kinds = PART_KINDS if kind is None else (kind,)
+    return [part_info(cls) for k in kinds for _, cls in sorted(_REGISTRY[k].items())]
+
+
+def make_part(kind: str, name: str, params: dict[str, Any]) -> Part:
+    """Instantiate a registered part, naming the bad parameter and the valid ones on error."""
+    cls = get_part_class(kind, name)
+    valid = list(cls.model_fields)
+    unknown = [key for key in params if key not in cls.model_fields]
+    if unknown:
+        raise ValueError(f"{kind} '{name}' has no parameter(s) {unknown}; its parameters are {valid}")
+    try:
+        return cls(**params)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']} (got {item.get('input')!r})" for item in error.errors()
+        )
+        raise ValueError(f"{kind} '{name}': invalid parameter value — {problems}") from None

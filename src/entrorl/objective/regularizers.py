@@ -1,0 +1,174 @@
+"""Regularisers: terms added to the policy loss (per token before aggregation, or as a scalar after)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, PrivateAttr, model_validator
+
+from entrorl.dynamics import token_covariance
+from entrorl.objective.batch import PolicyBatch, fraction, masked_mean
+from entrorl.objective.parts import Metrics, Regularizer, RegularizerTerm, register_part
+
+__all__ = ["EntropyBonus", "AdaptiveEntropy", "KLReference", "KLCov", "kl_estimate"]
+
+Aggregate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _differentiable_entropy(batch: PolicyBatch, needed_by: str) -> torch.Tensor:
+    entropy = batch.require("entropy", needed_by)
+    if batch.log_prob.requires_grad and not entropy.requires_grad:
+        raise ValueError(
+            f"{needed_by} needs a differentiable PolicyBatch.entropy (its gradient is the bonus), but the entropy "
+            "given carries no gradient: compute it with entrorl.tokens.token_stats under autograd, from the same "
+            "logits as log_prob."
+        )
+    return entropy
+
+
+@register_part(
+    "entropy_bonus",
+    description="loss - c * H: a fixed entropy bonus, gradient through H",
+    paper="arXiv 2505.22617 (Sec. 4: 1e-4..1e-3 no effect, 1e-2 explodes)",
+)
+class EntropyBonus(Regularizer):
+    """``loss - entropy_coeff * agg(H)`` (aggregated like the policy loss, over all valid tokens)."""
+
+    entropy_coeff: float = Field(1e-3, description="c; the seeds and arXiv 2505.22617 find 1e-4..1e-3 inert, 1e-2 explosive")
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
+        entropy = _differentiable_entropy(batch, "regularizer 'entropy_bonus'")
+        mean_entropy = aggregate(entropy, batch.mask)
+        metrics["reg/entropy_bonus"] = float(self.entropy_coeff * mean_entropy.detach())
+        return RegularizerTerm(scalar=-self.entropy_coeff * mean_entropy)
+
+
+@register_part(
+    "adaptive_entropy",
+    description="entropy bonus on only while H < target; coefficient steps +-delta, clipped to [min, max]",
+    paper="arXiv 2505.22312 (Skywork-OR1)",
+)
+class AdaptiveEntropy(Regularizer):
+    """Skywork-OR1's controller. At each call, with ``e`` the batch's mean token entropy and ``c`` the current
+    coefficient: the loss gets ``-c * 1[e < target] * agg(H)``; then ``c <- clip(c + delta if e < target else
+    c - delta, min_coeff, max_coeff)``. The coefficient is state (checkpointed via ``state_dict``)."""
+
+    target_entropy: float = Field(0.2, ge=0.0, description="H_tgt = 0.2 nats (arXiv 2505.22312, released scripts)")
+    delta: float = Field(1e-4, ge=0.0, description="coefficient step = 1e-4 (released code; the paper text says 5e-3)")
+    entropy_coeff: float = Field(0.0, ge=0.0, description="initial coefficient c_0 = 0 (released scripts)")
+    min_coeff: float = Field(0.0, ge=0.0, description="lower clip of c = 0")
+    max_coeff: float = Field(5e-3, ge=0.0, description="upper clip of c = 5e-3 (released scripts)")
+
+    _coeff: float | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "AdaptiveEntropy":
+        if not self.min_coeff <= self.max_coeff:
+            raise ValueError(f"min_coeff must be <= max_coeff, got {self.min_coeff} > {self.max_coeff}")
+        return self
+
+    @property
+    def coefficient(self) -> float:
+        return self.entropy_coeff if self._coeff is None else self._coeff
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"coefficient": self.coefficient}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._coeff = float(state["coefficient"])
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
+        entropy = _differentiable_entropy(batch, "regularizer 'adaptive_entropy'")
+        measured = float(masked_mean(entropy.detach(), batch.mask))
+        below_target = measured < self.target_entropy
+        coeff = self.coefficient
+        active = coeff if below_target else 0.0
+        step = self.delta if below_target else -self.delta
+        self._coeff = min(self.max_coeff, max(self.min_coeff, coeff + step))
+        metrics["reg/adaptive_entropy_coeff"] = active
+        metrics["reg/adaptive_entropy_next_coeff"] = self._coeff
+        metrics["reg/adaptive_entropy_below_target"] = float(below_target)
+        return RegularizerTerm(scalar=-active * aggregate(entropy, batch.mask))
+
+
+def kl_estimate(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled token, ``delta = log pi - log pi_ref``
+    (Schulman, "Approximating KL divergence", 2020):
+
+    * ``k1``: ``delta`` (unbiased, high variance, can be negative)
+    * ``k2``: ``delta^2 / 2``
+    * ``k3``: ``exp(-delta) + delta - 1`` (unbiased, always >= 0; verl's ``low_var_kl``, clamped to [-10, 10])
+    """
+    delta = log_prob - ref_log_prob.detach()
+    if estimator == "k1":
+        return delta
+    if estimator == "k2":
+        return 0.5 * delta.square()
+    if estimator == "k3":
+        neg = (-delta).clamp(-20.0, 20.0)
+        return (neg.exp() - neg - 1.0).clamp(-10.0, 10.0)
+    raise ValueError(f"unknown KL estimator '{estimator}'; choose k1, k2 or k3")
+
+
+@register_part(
+    "kl_ref",
+    description="beta * KL(pi || pi_ref) to a frozen reference policy, estimator k1 / k2 / k3",
+    paper="arXiv 2402.03300 (GRPO's KL term, k3)",
+)
+class KLReference(Regularizer):
+    """``+ kl_loss_coef * agg(k(log pi, log pi_ref))`` over the valid tokens."""
+
+    requires: ClassVar[tuple[str, ...]] = ("ref_log_prob",)
+
+    kl_loss_coef: float = Field(1e-3, ge=0.0, description="beta = 1e-3 (verl's kl_loss_coef default)")
+    kl_loss_type: Literal["k1", "k2", "k3"] = Field("k3", description="estimator; k3 as in GRPO (arXiv 2402.03300)")
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
+        kl = aggregate(kl_estimate(batch.log_prob, batch.ref_log_prob, self.kl_loss_type), batch.mask)
+        metrics["kl/ref"] = float(kl.detach())
+        return RegularizerTerm(scalar=self.kl_loss_coef * kl)
+
+
+@register_part(
+    "kl_cov",
+    description="penalise |log r| on the top max(1, floor(k N)) tokens by covariance",
+    paper="arXiv 2505.22617 (KL-Cov)",
+)
+class KLCov(Regularizer):
+    """KL-Cov. With ``C_t = (log pi_t - mean log pi)(A_t - mean A)`` over the valid tokens, the top
+    ``max(1, floor(kl_cov_ratio * N))`` tokens by ``C_t`` get ``+ ppo_kl_coef * |log pi - log pi_old|`` added to
+    their loss (the released code's KL term).
+
+    Strictly on-policy (one update per rollout, ``log pi == log pi_old``) the term is zero with zero
+    gradient, so KL-Cov reduces to its surrogate: it acts only with several mini-batches or epochs per
+    rollout. A warning says so when every selected token has ``log r == 0``."""
+
+    kl_cov_ratio: float = Field(2e-3, gt=0.0, le=1.0, description="k = 2e-3 for 7B, 2e-4 for 32B (arXiv 2505.22617)")
+    ppo_kl_coef: float = Field(1.0, ge=0.0, description="beta = 1 (arXiv 2505.22617 recipe)")
+
+    _warned_on_policy: bool = PrivateAttr(default=False)
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
+        mask = batch.mask
+        n_valid = int(mask.sum())
+        selected = torch.zeros_like(mask)
+        if n_valid:
+            cov = token_covariance(batch.log_prob.detach(), advantages, mask)
+            n_select = max(1, int(self.kl_cov_ratio * n_valid))
+            scores = torch.where(mask, cov, torch.full_like(cov, float("-inf")))
+            selected.view(-1)[scores.flatten().topk(n_select).indices] = True
+        abs_log_ratio = (batch.log_prob - batch.old_log_prob.detach()).abs()
+        penalty = torch.where(selected, self.ppo_kl_coef * abs_log_ratio, torch.zeros_like(abs_log_ratio))
+        if selected.any() and not self._warned_on_policy and float(abs_log_ratio.detach()[selected].max()) == 0.0:
+            warnings.warn(
+                "kl_cov: log pi == log pi_old on every selected token, so the KL term is zero with zero gradient "
+                "(KL-Cov is a no-op strictly on-policy); use several mini-batches or epochs per rollout.",
+                stacklevel=2,
+            )
+            self._warned_on_policy = True
+        metrics["select/kl_cov_frac"] = fraction(selected, mask)
+        metrics["kl_cov/abs_log_ratio"] = float(masked_mean(abs_log_ratio.detach(), mask))
+        return RegularizerTerm(per_token=penalty)

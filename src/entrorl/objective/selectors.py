@@ -1,0 +1,222 @@
+"""Token selectors: which tokens to drop from the update (no loss, no gradient).
+
+Every selector computes its statistic over the batch's valid tokens (the ``mask`` of the batch it is
+given: verl and the papers compute these per (micro-)batch) and returns the bool tensor of tokens it
+drops. Whether a dropped token still counts in the loss normaliser follows each paper's released code
+and is the ``keep_in_normaliser`` parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, PrivateAttr
+
+from entrorl.dynamics import token_covariance
+from entrorl.objective.batch import PolicyBatch, fraction, masked_mean, masked_population_std, masked_quantile
+from entrorl.objective.parts import Metrics, Selector, SurrogateOutput, register_part
+
+__all__ = ["AdvantageSign", "ClipCov", "ForkingTokens", "LowEntropyTokens", "ClipB", "ClipV"]
+
+# Below this, a statistic's spread is treated as zero and the z-score selectors drop nothing.
+_MIN_STD = 1e-12
+
+
+@register_part(
+    "advantage_sign",
+    description="train on positive-advantage (PSR) or negative-advantage (NSR) tokens only",
+    paper="arXiv 2506.01347",
+)
+class AdvantageSign(Selector):
+    """``keep="positive"`` drops tokens with ``A < 0`` (positive sample reinforcement);
+    ``keep="negative"`` drops tokens with ``A > 0`` (negative sample reinforcement). The released code
+    keeps every token in the token-mean normaliser (the other samples simply have zero advantage)."""
+
+    keep: Literal["positive", "negative"] = Field("positive", description="which sign of advantage to train on (arXiv 2506.01347)")
+    keep_in_normaliser: bool = Field(True, description="dropped tokens stay in the normaliser, as in the released code")
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
+        drop = (advantages < 0) if self.keep == "positive" else (advantages > 0)
+        drop = drop & batch.mask
+        metrics["select/advantage_sign_frac"] = fraction(drop, batch.mask)
+        return drop
+
+
+@register_part(
+    "clip_cov",
+    description="drop a random max(1, floor(r N)) of the tokens with lb < Cov < ub (not PPO-clipped)",
+    paper="arXiv 2505.22617 (Clip-Cov)",
+)
+class ClipCov(Selector):
+    """Clip-Cov. With ``C_t = (log pi_t - mean log pi)(A_t - mean A)`` over the valid tokens, the candidates are
+    the valid tokens with ``clip_cov_lb < C_t < clip_cov_ub`` that the surrogate has not already clipped; a
+    uniformly random ``min(max(1, floor(clip_cov_ratio * N)), #candidates)`` of them are dropped.
+
+    Random, not top-k: the paper samples within the covariance band. The released code multiplies the
+    dropped tokens' loss by zero, so they stay in the token-mean normaliser (``keep_in_normaliser=True``);
+    the paper's formula (a mean over the kept tokens) is ``keep_in_normaliser=False``. ``seed`` gives the
+    selector its own generator; without it the global torch generator is used.
+    """
+
+    clip_cov_ratio: float = Field(2e-4, gt=0.0, le=1.0, description="r, fraction of tokens dropped; 2e-4 (arXiv 2505.22617)")
+    clip_cov_lb: float = Field(1.0, description="lower covariance bound w_low = 1 (arXiv 2505.22617)")
+    clip_cov_ub: float = Field(5.0, description="upper covariance bound w_high = 5 (arXiv 2505.22617)")
+    keep_in_normaliser: bool = Field(True, description="released code keeps dropped tokens in the normaliser (arXiv 2505.22617 repo)")
+    seed: int | None = Field(None, description="seed of a private generator for the random choice; None = global RNG")
+
+    _generator: torch.Generator | None = PrivateAttr(default=None)
+
+    def _rng(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._generator is None else {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self._rng(torch.device("cpu")).set_state(state["generator"])
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
+        mask = batch.mask
+        cov = token_covariance(batch.log_prob.detach(), advantages, mask)
+        candidates = mask & ~surrogate.clipped & (cov > self.clip_cov_lb) & (cov < self.clip_cov_ub)
+        drop = torch.zeros_like(mask)
+        n_valid = int(mask.sum())
+        candidate_index = candidates.flatten().nonzero().squeeze(-1)
+        if n_valid and candidate_index.numel():
+            n_drop = min(max(1, int(self.clip_cov_ratio * n_valid)), candidate_index.numel())
+            generator = self._rng(candidate_index.device)
+            order = torch.randperm(candidate_index.numel(), generator=generator, device=candidate_index.device)
+            drop.view(-1)[candidate_index[order[:n_drop]]] = True
+        metrics["select/clip_cov_frac"] = fraction(drop, mask)
+        metrics["select/clip_cov_candidates_frac"] = fraction(candidates, mask)
+        return drop
+
+
+class _EntropyQuantileSelector(Selector):
+    requires: ClassVar[tuple[str, ...]] = ("entropy",)
+    keep_high: ClassVar[bool] = True
+
+    top_entropy_quantile: float = Field(
+        0.2, ge=0.0, le=1.0, description="rho, share of highest-entropy tokens (forks); 0.2 (arXiv 2506.01939)"
+    )
+    keep_in_normaliser: bool = Field(False, description="the paper normalises by the number of kept tokens (arXiv 2506.01939, Eq. 6)")
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
+        mask = batch.mask
+        entropy = batch.entropy.detach()
+        threshold = masked_quantile(entropy, mask, 1.0 - self.top_entropy_quantile)
+        high = entropy >= threshold
+        drop = (~high if self.keep_high else high) & mask
+        metrics[f"select/{self.name}_frac"] = fraction(drop, mask)
+        metrics[f"select/{self.name}_threshold"] = float(threshold) if mask.any() else 0.0
+        return drop
+
+
+@register_part(
+    "forking_tokens",
+    description="train only on the top-rho highest-entropy tokens of the batch (the 80/20 rule)",
+    paper="arXiv 2506.01939",
+)
+class ForkingTokens(_EntropyQuantileSelector):
+    """Keep tokens with ``H_t >= tau``, ``tau`` the ``(1 - rho)`` quantile (linear interpolation) of the valid
+    tokens' entropies; the rest are dropped and leave the normaliser (the paper's Eq. 6 divides by the
+    number of kept tokens). ``rho = 1`` keeps every token."""
+
+
+@register_part(
+    "low_entropy_tokens",
+    description="the 80/20 ablation: train only on the bottom 1-rho lowest-entropy tokens",
+    paper="arXiv 2506.01939",
+)
+class LowEntropyTokens(_EntropyQuantileSelector):
+    """The complement of ``forking_tokens``: drop tokens with ``H_t >= tau``, keep the low-entropy majority.
+    The paper shows this fails."""
+
+    keep_high: ClassVar[bool] = False
+
+
+@register_part(
+    "clip_b",
+    description="drop tokens whose entropy discriminator S is a batch outlier (negative-advantage, low-S side)",
+    paper="arXiv 2602.03392 (Clip_B)",
+)
+class ClipB(Selector):
+    """Clip_B. ``S_t = p_t (log p_t + H_t)`` over the valid tokens, mean ``S̄`` and population std ``σ``.
+
+    * ``mode="released"`` (default, the authors' code): drop tokens with ``A < 0`` and ``S - S̄ < -mu σ``
+      (penalising a low-probability token lowers entropy: Thm 3.3).
+    * ``mode="paper"``: drop every token with ``S - S̄ ∉ [-mu σ, mu_high σ]`` (``mu_high`` defaults to ``mu``).
+
+    Dropped tokens leave the normaliser (the code zeroes the response mask). ``σ < 1e-12`` drops nothing.
+    """
+
+    requires: ClassVar[tuple[str, ...]] = ("disc",)
+
+    mu: float = Field(2.5, gt=0.0, description="mu in sigma units; 2.5, swept 2-3 (arXiv 2602.03392)")
+    mode: Literal["released", "paper"] = Field("released", description="released code (one-sided, A<0) or the paper's two-sided band")
+    mu_high: float | None = Field(None, gt=0.0, description="upper bound mu^+ of the paper's band; None = mu")
+    keep_in_normaliser: bool = Field(False, description="dropped tokens leave the normaliser, as in the released code")
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
+        mask = batch.mask
+        disc = batch.disc.detach().float()
+        mean = masked_mean(disc, mask)
+        std = masked_population_std(disc, mask)
+        deviation = disc - mean
+        if float(std) < _MIN_STD:
+            drop = torch.zeros_like(mask)
+        elif self.mode == "released":
+            drop = (advantages < 0) & (deviation < -self.mu * std)
+        else:
+            upper = self.mu if self.mu_high is None else self.mu_high
+            drop = (deviation < -self.mu * std) | (deviation > upper * std)
+        drop = drop & mask
+        metrics["select/clip_b_frac"] = fraction(drop, mask)
+        metrics["select/clip_b_frac_pos"] = fraction(drop & (advantages > 0), mask)
+        metrics["select/clip_b_frac_neg"] = fraction(drop & (advantages < 0), mask)
+        metrics["clip_b/disc_mean"] = float(mean)
+        metrics["clip_b/disc_std"] = float(std)
+        return drop
+
+
+@register_part(
+    "clip_v",
+    description="drop non-positive-advantage tokens whose centred discriminator D is an outlier, capped at max_frac",
+    paper="arXiv 2602.03392 (Clip_V)",
+)
+class ClipV(Selector):
+    """Clip_V. ``D_t = S_t - E_{v~p_t}[S_v]`` (centred on the token's own vocabulary), ``σ_D`` its population std
+    over the valid tokens. Candidates: tokens with ``A <= 0`` and ``D < -mu σ_D``; at most
+    ``max(1, floor(max_frac N))`` of them are dropped, the most negative ``D`` first. The threshold is on the raw
+    ``D`` (its batch mean is ~0 on-policy, Cor. 3.5), as in the released code. Dropped tokens leave the
+    normaliser."""
+
+    requires: ClassVar[tuple[str, ...]] = ("disc_centered",)
+
+    mu: float = Field(8.5, gt=0.0, description="mu in sigma units; 8.5, swept 7.5-8.5 (arXiv 2602.03392)")
+    max_frac: float = Field(1e-4, gt=0.0, le=1.0, description="cap on the dropped share of tokens; 1e-4 (released code)")
+    keep_in_normaliser: bool = Field(False, description="dropped tokens leave the normaliser, as in the released code")
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
+        mask = batch.mask
+        centered = batch.disc_centered.detach().float()
+        std = masked_population_std(centered, mask)
+        drop = torch.zeros_like(mask)
+        if float(std) >= _MIN_STD:
+            candidates = mask & (advantages <= 0) & (centered < -self.mu * std)
+            candidate_index = candidates.flatten().nonzero().squeeze(-1)
+            cap = max(1, int(self.max_frac * int(mask.sum())))
+            if candidate_index.numel() > cap:
+                most_negative = centered.flatten()[candidate_index].topk(cap, largest=False).indices
+                candidate_index = candidate_index[most_negative]
+            drop.view(-1)[candidate_index] = True
+        metrics["select/clip_v_frac"] = fraction(drop, mask)
+        metrics["clip_v/disc_centered_std"] = float(std)
+        return drop

@@ -1,0 +1,408 @@
+"""Per-token statistics of a policy, from one chunked pass over the logits.
+
+For every response position with distribution ``p = softmax(z / T)`` and sampled token ``y``:
+
+* ``logprob``        ``log p_y``
+* ``entropy``        ``H = -sum_v p_v log p_v``                       (full vocabulary)
+* ``disc``           ``S = p_y (log p_y + H)``                        entropy discriminator, arXiv 2602.03392
+* ``disc_centered``  ``D = S - sum_v p_v^2 (log p_v + H)``            = S - E_{v~p}[S_v], same paper, Thm 3.3
+
+``logprob`` and ``entropy`` are differentiable; ``disc`` and ``disc_centered`` are selection statistics
+and carry no gradient. All statistics are float32 whatever the dtype of the logits (float64 logits,
+used for exact checks, give float64).
+
+Memory: the logits are read chunk by chunk (a few thousand vocabulary rows' worth at a time) and the
+backward pass recomputes each chunk from the saved logits, so neither direction holds another
+``[N, V]`` tensor beside the logits and their gradient. :func:`token_stats_from_hidden` goes further and
+never builds the logits at all: each chunk is ``hidden @ W^T`` computed, used and discarded.
+
+Numerics: each row is shifted by its maximum, so logits of any magnitude (``±1e4``) are safe, and
+entries equal to ``-inf`` (top-k / top-p filtered vocabularies) have probability exactly 0 and
+contribute nothing to any sum. A row whose every entry is ``-inf`` yields zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["STAT_NAMES", "TokenStats", "token_stats", "token_stats_from_hidden", "default_chunk_size"]
+
+STAT_NAMES = ("logprob", "entropy", "disc", "disc_centered")
+
+# Shifted logits are clamped here before use: exp(-1e4) is exactly 0 in float32 and float64, so the
+# clamp changes no probability but keeps 0 * (-inf) out of every sum.
+_LOGIT_FLOOR = -1.0e4
+# About 16 MiB of float32 per temporary per chunk: small next to any logits worth chunking.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class TokenStats:
+    """The statistics of :func:`token_stats`, each shaped like ``targets`` (float32), or ``None`` if not asked for."""
+
+    logprob: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    disc: torch.Tensor | None = None
+    disc_centered: torch.Tensor | None = None
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {name: value for name in STAT_NAMES if (value := getattr(self, name)) is not None}
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk so that one float32 chunk holds about 4M elements (at least one row)."""
+    return max(1, _CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def _validate_need(need: Iterable[str]) -> tuple[bool, ...]:
+    need = tuple(need)
+    unknown = [name for name in need if name not in STAT_NAMES]
+    if unknown:
+        raise ValueError(f"token_stats: unknown statistic(s) {unknown}; choose from {list(STAT_NAMES)}")
+    if not need:
+        raise ValueError(f"token_stats: `need` is empty; ask for at least one of {list(STAT_NAMES)}")
+    return tuple(name in need for name in STAT_NAMES)
+
+
+def _validate_temperature(temperature: float) -> float:
+    temperature = float(temperature)
+    if not temperature > 0.0 or temperature != temperature or temperature == float("inf"):
+        raise ValueError(f"token_stats: temperature must be a finite number > 0, got {temperature}")
+    return temperature
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 logits are reduced in float64 (for exact checks); everything else in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _shifted_scaled(logits_chunk: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """``u = (z - max z) / T`` in float32, floored at -1e4 (so masked entries give p = 0 exactly)."""
+    compute_dtype = _compute_dtype(logits_chunk.dtype)
+    row_max = logits_chunk.amax(dim=-1, keepdim=True).to(compute_dtype)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    shifted = logits_chunk - row_max  # promotes bf16/fp16 to float32 without an extra copy
+    if inv_temperature != 1.0:
+        shifted.mul_(inv_temperature)
+    return shifted.clamp_(min=_LOGIT_FLOOR)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product of two [n, V] tensors (a batched matmul: no elementwise temporary)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
+
+
+def _target_shifted(
+    logits_chunk: torch.Tensor, targets_chunk: torch.Tensor, shifted: torch.Tensor, inv_temperature: float
+) -> torch.Tensor:
+    """``(z_y - max z) / T`` without the -1e4 floor (exact log-probs for very unlikely targets); a target
+    whose logit is ``-inf`` keeps the floor, so its log-prob is about -1e4 instead of ``-inf``."""
+    floored = shifted.gather(-1, targets_chunk.unsqueeze(-1)).squeeze(-1)
+    raw_target = logits_chunk.gather(-1, targets_chunk.unsqueeze(-1)).squeeze(-1).to(shifted.dtype)
+    raw_max = logits_chunk.amax(dim=-1).to(shifted.dtype)
+    exact = (raw_target - raw_max) * inv_temperature
+    return torch.where(torch.isfinite(exact), exact, floored)
+
+
+def _chunk_forward(
+    logits_chunk: torch.Tensor, targets_chunk: torch.Tensor, inv_temperature: float, want_disc: bool, want_centered: bool
+) -> tuple[torch.Tensor, ...]:
+    """(logprob, entropy, disc, disc_centered) of one chunk of rows; disc entries are None when not wanted."""
+    shifted = _shifted_scaled(logits_chunk, inv_temperature)  # u
+    weights = shifted.exp()  # e = exp(u), p = e / s
+    total = weights.sum(dim=-1)  # s
+    empty_row = total <= 0
+    total = torch.where(empty_row, torch.ones_like(total), total)
+    log_total = total.log()
+    entropy = log_total - _rowdot(weights, shifted) / total  # H = log s - sum p u
+    logprob = _target_shifted(logits_chunk, targets_chunk, shifted, inv_temperature) - log_total
+    entropy = torch.where(empty_row, torch.zeros_like(entropy), entropy)
+    logprob = torch.where(empty_row, torch.zeros_like(logprob), logprob)
+    disc = centered = None
+    if want_disc or want_centered:
+        disc = logprob.exp() * (logprob + entropy)
+        disc = torch.where(empty_row, torch.zeros_like(disc), disc)
+    if want_centered:
+        # sum_v p_v^2 (log p_v + H) = (sum e^2 u + (H - log s) sum e^2) / s^2
+        sum_sq = _rowdot(weights, weights)
+        sum_sq_u = _rowdot(weights, shifted.mul_(weights))
+        expected_disc = (sum_sq_u + (entropy - log_total) * sum_sq) / (total * total)
+        centered = torch.where(empty_row, torch.zeros_like(disc), disc - expected_disc)
+    return logprob, entropy, disc, centered
+
+
+def _chunk_logit_grad(
+    logits_chunk: torch.Tensor,
+    targets_chunk: torch.Tensor,
+    inv_temperature: float,
+    grad_logprob: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d loss / d z for one chunk, recomputed from the logits.
+
+    With ``g`` = d loss / d log p_y and ``h`` = d loss / d H:
+    ``dz = (g (onehot_y - p) - h p (log p + H)) / T``.  Writing ``p = e / s`` and ``log p = u - log s``
+    this is ``e * (a u + b) + g onehot_y / T`` with per-row constants ``a = -h / (T s)`` and
+    ``b = -(g + h (H - log s)) / (T s)``: one fused multiply-add and one multiply over the chunk.
+    """
+    shifted = _shifted_scaled(logits_chunk, inv_temperature)  # u
+    weights = shifted.exp()  # e
+    total = weights.sum(dim=-1)
+    empty_row = total <= 0
+    total = torch.where(empty_row, torch.ones_like(total), total)
+    log_total = total.log()
+    row_scale = inv_temperature / total
+    zeros = torch.zeros_like(total)
+    g = zeros if grad_logprob is None else grad_logprob.to(total.dtype)
+    h = zeros if grad_entropy is None else grad_entropy.to(total.dtype)
+    if grad_entropy is not None:
+        entropy = log_total - _rowdot(weights, shifted) / total
+        slope = (-h * row_scale).unsqueeze(-1)
+        offset = (-(g + h * (entropy - log_total)) * row_scale).unsqueeze(-1)
+        torch.addcmul(offset, shifted, slope, out=shifted)
+    else:
+        shifted.fill_(1.0).mul_((-g * row_scale).unsqueeze(-1))
+    grad = shifted if out is None or out.dtype != shifted.dtype else out
+    torch.mul(shifted, weights, out=grad)
+    if grad_logprob is not None:
+        grad.scatter_add_(-1, targets_chunk.unsqueeze(-1), (g * inv_temperature).unsqueeze(-1).to(grad.dtype))
+    if bool(empty_row.any()):
+        grad.masked_fill_(empty_row.unsqueeze(-1), 0.0)
+    return grad
+
+
+def _row_chunks(rows: torch.Tensor | None, n_rows: int, chunk_size: int) -> Iterator[slice | torch.Tensor]:
+    """Contiguous slices when every row is valid, else chunks of the valid row indices."""
+    if rows is None:
+        for start in range(0, n_rows, chunk_size):
+            yield slice(start, min(start + chunk_size, n_rows))
+    else:
+        for start in range(0, rows.numel(), chunk_size):
+            yield rows[start : start + chunk_size]
+
+
+def _take(tensor: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
+    return tensor[index] if isinstance(index, slice) else tensor.index_select(0, index)
+
+
+class _LogitsStats(torch.autograd.Function):
+    """Chunked statistics from logits [N, V]; backward recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, rows, inv_temperature, chunk_size, want_disc, want_centered):
+        ctx.set_materialize_grads(False)
+        n_rows = logits.shape[0]
+        out = [torch.zeros(n_rows, dtype=_compute_dtype(logits.dtype), device=logits.device) for _ in range(4)]
+        with torch.no_grad():
+            for index in _row_chunks(rows, n_rows, chunk_size):
+                results = _chunk_forward(_take(logits, index), _take(targets, index), inv_temperature, want_disc, want_centered)
+                for buffer, value in zip(out, results):
+                    if value is not None:
+                        buffer[index] = value
+        ctx.save_for_backward(logits, targets, rows if rows is not None else torch.empty(0))
+        ctx.has_rows = rows is not None
+        ctx.inv_temperature = inv_temperature
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(out[2], out[3])
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, grad_logprob, grad_entropy, _grad_disc, _grad_centered):
+        logits, targets, rows = ctx.saved_tensors
+        rows = rows if ctx.has_rows else None
+        if grad_logprob is None and grad_entropy is None:
+            return None, None, None, None, None, None, None
+        grad_logits = torch.zeros_like(logits) if rows is not None else torch.empty_like(logits)
+        for index in _row_chunks(rows, logits.shape[0], ctx.chunk_size):
+            destination = grad_logits[index] if isinstance(index, slice) else None
+            grad_chunk = _chunk_logit_grad(
+                _take(logits, index),
+                _take(targets, index),
+                ctx.inv_temperature,
+                None if grad_logprob is None else _take(grad_logprob, index),
+                None if grad_entropy is None else _take(grad_entropy, index),
+                out=destination,
+            )
+            if grad_chunk is not destination:
+                grad_logits[index] = grad_chunk.to(logits.dtype)
+        return grad_logits, None, None, None, None, None, None
+
+
+class _HiddenStats(torch.autograd.Function):
+    """Chunked statistics from hidden states [N, D] and an LM head [V, D]; logits exist one chunk at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows, inv_temperature, chunk_size, want_disc, want_centered):
+        ctx.set_materialize_grads(False)
+        n_rows = hidden.shape[0]
+        out = [torch.zeros(n_rows, dtype=_compute_dtype(hidden.dtype), device=hidden.device) for _ in range(4)]
+        with torch.no_grad():
+            for index in _row_chunks(rows, n_rows, chunk_size):
+                logits_chunk = torch.nn.functional.linear(_take(hidden, index), weight, bias)
+                results = _chunk_forward(logits_chunk, _take(targets, index), inv_temperature, want_disc, want_centered)
+                for buffer, value in zip(out, results):
+                    if value is not None:
+                        buffer[index] = value
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets,
+                              rows if rows is not None else torch.empty(0))
+        ctx.has_bias = bias is not None
+        ctx.has_rows = rows is not None
+        ctx.inv_temperature = inv_temperature
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(out[2], out[3])
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, grad_logprob, grad_entropy, _grad_disc, _grad_centered):
+        hidden, weight, bias, targets, rows = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        rows = rows if ctx.has_rows else None
+        if grad_logprob is None and grad_entropy is None:
+            return None, None, None, None, None, None, None, None, None
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        accumulate_dtype = _compute_dtype(weight.dtype)
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=accumulate_dtype, device=weight.device) if need_bias else None
+        for index in _row_chunks(rows, hidden.shape[0], ctx.chunk_size):
+            hidden_chunk = _take(hidden, index)
+            logits_chunk = torch.nn.functional.linear(hidden_chunk, weight, bias)
+            grad_chunk = _chunk_logit_grad(
+                logits_chunk,
+                _take(targets, index),
+                ctx.inv_temperature,
+                None if grad_logprob is None else _take(grad_logprob, index),
+                None if grad_entropy is None else _take(grad_entropy, index),
+            )
+            if need_hidden:
+                grad_hidden[index] = (grad_chunk.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(grad_chunk.t(), hidden_chunk.to(accumulate_dtype))
+            if need_bias:
+                grad_bias.add_(grad_chunk.sum(dim=0))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _flatten_inputs(name: str, values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None):
+    """Check shapes and flatten to rows; return (values [N, X], targets [N], valid row indices or None)."""
+    if not torch.is_tensor(values) or values.dim() not in (2, 3):
+        raise ValueError(f"token_stats: {name} must be a tensor [B, T, X] or [N, X], got shape {tuple(getattr(values, 'shape', ()))}")
+    if not values.is_floating_point():
+        raise ValueError(f"token_stats: {name} must be floating point, got {values.dtype}")
+    if not torch.is_tensor(targets) or tuple(targets.shape) != tuple(values.shape[:-1]):
+        raise ValueError(
+            f"token_stats: targets must have shape {tuple(values.shape[:-1])} (the {name} without the last dim), "
+            f"got {tuple(getattr(targets, 'shape', ()))}"
+        )
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"token_stats: targets must hold integer token ids, got {targets.dtype}")
+    flat_values = values.reshape(-1, values.shape[-1])
+    flat_targets = targets.reshape(-1).long()
+    rows = None
+    if mask is not None:
+        if tuple(mask.shape) != tuple(targets.shape):
+            raise ValueError(f"token_stats: mask must have the shape of targets {tuple(targets.shape)}, got {tuple(mask.shape)}")
+        valid = mask.reshape(-1).bool()
+        rows = valid.nonzero().squeeze(-1)
+        # Targets outside the mask may be padding ids (even negative): only valid rows are gathered.
+        flat_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
+    return flat_values, flat_targets, rows
+
+
+def _check_target_range(targets: torch.Tensor, vocab_size: int) -> None:
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
+        raise ValueError(
+            f"token_stats: target ids must lie in [0, {vocab_size}) (the vocabulary size); got range "
+            f"[{int(targets.min())}, {int(targets.max())}]. Pass a mask to exclude padding positions."
+        )
+
+
+def _assemble(outputs, shape, wanted) -> TokenStats:
+    return TokenStats(**{name: value.view(shape) for name, value, keep in zip(STAT_NAMES, outputs, wanted) if keep})
+
+
+def token_stats(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    need: Iterable[str] = ("logprob", "entropy"),
+) -> TokenStats:
+    """Log-prob, entropy, S and D of ``softmax(logits / temperature)`` at ``targets``, in one chunked pass.
+
+    Args:
+        logits: ``[B, T, V]`` or ``[N, V]``, float32 / bfloat16 / float16 / float64.
+        targets: sampled token ids shaped like ``logits`` without the last dim.
+        temperature: the sampling temperature T (the statistics describe the distribution that was sampled).
+        mask: optional bool/0-1 tensor shaped like ``targets``; statistics are computed only at valid
+            positions and are 0 elsewhere (gradients too).
+        chunk_size: rows per chunk; default keeps one float32 chunk near 4M elements.
+        need: which of ``"logprob"``, ``"entropy"``, ``"disc"``, ``"disc_centered"`` to return.
+
+    Returns:
+        :class:`TokenStats` with the requested fields shaped like ``targets`` (float32).
+        ``logprob`` and ``entropy`` are differentiable w.r.t. ``logits``; ``disc`` and ``disc_centered`` are not.
+    """
+    wanted = _validate_need(need)
+    inv_temperature = 1.0 / _validate_temperature(temperature)
+    flat_logits, flat_targets, rows = _flatten_inputs("logits", logits, targets, mask)
+    vocab_size = flat_logits.shape[-1]
+    _check_target_range(flat_targets, vocab_size)
+    chunk_size = int(chunk_size) if chunk_size is not None else default_chunk_size(vocab_size)
+    if chunk_size < 1:
+        raise ValueError(f"token_stats: chunk_size must be >= 1, got {chunk_size}")
+    outputs = _LogitsStats.apply(
+        flat_logits, flat_targets, rows, inv_temperature, chunk_size, wanted[2], wanted[3]
+    )
+    return _assemble(outputs, targets.shape, wanted)
+
+
+def token_stats_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    need: Iterable[str] = ("logprob", "entropy"),
+) -> TokenStats:
+    """The statistics of :func:`token_stats` for ``logits = hidden @ lm_head_weight.T (+ bias)``, never
+    materialising the full logits: each chunk of rows is projected, reduced and discarded, forward and
+    backward. Gradients flow to ``hidden``, ``lm_head_weight`` and ``lm_head_bias``.
+
+    Args:
+        hidden: ``[B, T, D]`` or ``[N, D]`` final hidden states (after the last norm).
+        lm_head_weight: ``[V, D]``, e.g. ``model.get_output_embeddings().weight``.
+        targets, temperature, mask, chunk_size, need: as in :func:`token_stats`.
+    """
+    wanted = _validate_need(need)
+    inv_temperature = 1.0 / _validate_temperature(temperature)
+    flat_hidden, flat_targets, rows = _flatten_inputs("hidden", hidden, targets, mask)
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != flat_hidden.shape[-1]:
+        raise ValueError(
+            f"token_stats_from_hidden: lm_head_weight must be [V, {flat_hidden.shape[-1]}] to match hidden, "
+            f"got {tuple(lm_head_weight.shape)}"
+        )
+    if lm_head_bias is not None and tuple(lm_head_bias.shape) != (lm_head_weight.shape[0],):
+        raise ValueError(f"token_stats_from_hidden: lm_head_bias must be [{lm_head_weight.shape[0]}], got {tuple(lm_head_bias.shape)}")
+    vocab_size = lm_head_weight.shape[0]
+    _check_target_range(flat_targets, vocab_size)
+    chunk_size = int(chunk_size) if chunk_size is not None else default_chunk_size(vocab_size)
+    if chunk_size < 1:
+        raise ValueError(f"token_stats_from_hidden: chunk_size must be >= 1, got {chunk_size}")
+    outputs = _HiddenStats.apply(
+        flat_hidden, lm_head_weight, lm_head_bias, flat_targets, rows, inv_temperature, chunk_size, wanted[2], wanted[3]
+    )
+    return _assemble(outputs, targets.shape, wanted)

@@ -1,0 +1,232 @@
+"""Tests for entrorl.analysis.law: the entropy–performance law R = -a exp(H) + b (arXiv 2505.22617, Eq. 6)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from entrorl.analysis import EntropyLawFit, LawForecast, fit_entropy_law, forecast_entropy_law
+
+A_TRUE, B_TRUE = 0.35, 0.95  # ceiling b - a = 0.60
+SIGMA = 0.005  # reward noise in the noisy runs
+
+
+def law(h, a=A_TRUE, b=B_TRUE):
+    return -a * np.exp(h) + b
+
+
+def synthetic_run(n_steps=200, *, noise=SIGMA, seed=0):
+    """Entropy decaying over training as in a typical GRPO run, reward on the law plus noise."""
+    t = np.arange(n_steps)
+    h = 0.1 + 1.4 * np.exp(-t / 40.0)
+    rng = np.random.default_rng(seed)
+    return h, law(h) + rng.normal(0.0, noise, n_steps)
+
+
+# --------------------------------------------------------------------------------------------
+# fit_entropy_law
+# --------------------------------------------------------------------------------------------
+
+
+def test_fit_recovers_a_and_b_exactly_without_noise():
+    h = np.linspace(0.2, 1.8, 25)
+    fit = fit_entropy_law(h, law(h))
+    assert isinstance(fit, EntropyLawFit)
+    assert fit.a == pytest.approx(A_TRUE, abs=1e-9)
+    assert fit.b == pytest.approx(B_TRUE, abs=1e-9)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-12)
+    assert fit.n_points == 25
+    assert fit.ceiling == fit.b - fit.a
+    assert fit.ceiling == pytest.approx(B_TRUE - A_TRUE, abs=1e-9)
+    np.testing.assert_allclose(fit.predict(h), law(h), atol=1e-12)
+    assert fit.predict(0.0) == pytest.approx(fit.ceiling, abs=1e-15)  # H = 0 gives the ceiling
+
+
+def test_fit_with_two_points_is_the_line_through_them():
+    h = np.array([1.0, 0.5])
+    r = np.array([0.2, 0.4])
+    fit = fit_entropy_law(h, r)
+    # slope of r on exp(h): (0.4 - 0.2) / (e^0.5 - e^1) = -a
+    a = -(0.4 - 0.2) / (math.exp(0.5) - math.exp(1.0))
+    assert fit.a == pytest.approx(a, rel=1e-12)
+    assert fit.b == pytest.approx(0.2 + a * math.exp(1.0), rel=1e-12)
+
+
+def test_fit_with_noise_is_least_squares_on_exp_entropy():
+    h, r = synthetic_run()
+    fit = fit_entropy_law(h, r)
+    assert 0.99 < fit.r2 < 1.0
+    assert fit.a == pytest.approx(A_TRUE, abs=0.01)
+    assert fit.b == pytest.approx(B_TRUE, abs=0.01)
+    assert fit.ceiling == fit.b - fit.a
+    # the same numbers as an independent least-squares line of r on x = exp(h)
+    slope, intercept = np.polyfit(np.exp(h), r, 1)
+    assert fit.a == pytest.approx(-slope, abs=1e-10)
+    assert fit.b == pytest.approx(intercept, abs=1e-10)
+    resid = r - fit.predict(h)
+    assert fit.r2 == pytest.approx(1 - resid @ resid / np.sum((r - r.mean()) ** 2), abs=1e-12)
+
+
+def test_fit_is_not_linear_in_entropy():
+    # data on the law must not be fitted as well by the wrong model; a fit on exp(H) must beat
+    # a straight line in H on curved data (guards against regressing on H instead of exp(H))
+    h = np.linspace(0.0, 3.0, 30)
+    fit = fit_entropy_law(h, law(h))
+    slope, intercept = np.polyfit(h, law(h), 1)
+    lin_resid = law(h) - (slope * h + intercept)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-12)
+    assert np.max(np.abs(lin_resid)) > 0.1
+
+
+def test_r2_is_nan_for_constant_reward():
+    fit = fit_entropy_law([1.0, 0.8, 0.5], [0.4, 0.4, 0.4])
+    assert math.isnan(fit.r2)
+    assert (fit.a, fit.b, fit.ceiling) == (0.0, 0.4, 0.4)
+    d = fit.to_dict()
+    assert d["r2"] is None
+    json.dumps(d, allow_nan=False)
+
+
+def test_fit_accepts_lists_and_tensors():
+    h = [1.2, 0.9, 0.6, 0.3]
+    r = list(law(np.array(h)))
+    ref = fit_entropy_law(np.array(h), np.array(r))
+    assert fit_entropy_law(h, r) == ref
+    torch = pytest.importorskip("torch")
+    ht = torch.tensor(h, dtype=torch.float64, requires_grad=True)
+    got = fit_entropy_law(ht, torch.tensor(r, dtype=torch.float64))
+    assert got.a == pytest.approx(ref.a, abs=1e-12) and got.b == pytest.approx(ref.b, abs=1e-12)
+    np.testing.assert_allclose(got.predict(ht), ref.predict(np.array(h)), atol=1e-12)
+    got16 = fit_entropy_law(ht.to(torch.bfloat16), torch.tensor(r, dtype=torch.bfloat16))
+    assert got16.a == pytest.approx(ref.a, abs=0.05)
+
+
+def test_fit_to_dict_is_json():
+    h = np.linspace(0.2, 1.8, 10)
+    d = fit_entropy_law(h, law(h)).to_dict()
+    assert set(d) == {"a", "b", "r2", "ceiling", "n_points"}
+    back = json.loads(json.dumps(d, allow_nan=False))
+    assert back["a"] == pytest.approx(A_TRUE) and back["n_points"] == 10
+
+
+@pytest.mark.parametrize(
+    ("entropy", "reward", "fragment"),
+    [
+        ([1.0], [0.5], "at least 2"),
+        ([1.0, 0.5, 0.2], [0.5, 0.6], "same length"),
+        ([1.0, float("nan")], [0.5, 0.6], "finite"),
+        ([1.0, 0.5], [0.5, float("inf")], "finite"),
+        ([0.7, 0.7, 0.7], [0.1, 0.2, 0.3], "entropy is the same"),
+        ([1.0, 800.0], [0.1, 0.2], "overflows"),
+        ([[1.0, 0.5]], [[0.1, 0.2]], "1-D"),
+        (["a", "b"], [0.1, 0.2], "sequence of numbers"),
+    ],
+)
+def test_fit_validation(entropy, reward, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        fit_entropy_law(entropy, reward)
+
+
+# --------------------------------------------------------------------------------------------
+# forecast_entropy_law
+# --------------------------------------------------------------------------------------------
+
+
+def test_forecast_without_noise_is_exact():
+    h, r = synthetic_run(noise=0.0)
+    fc = forecast_entropy_law(h, r)
+    assert fc.n_fit == 30  # ceil(0.15 * 200)
+    assert fc.rmse < 1e-12
+    assert abs(fc.final_error) < 1e-12
+    assert fc.predicted_ceiling == pytest.approx(B_TRUE - A_TRUE, abs=1e-9)
+
+
+def test_forecast_on_the_law_with_noise_has_rmse_at_noise_level():
+    h, r = synthetic_run()
+    fc = forecast_entropy_law(h, r)
+    assert isinstance(fc, LawForecast)
+    assert fc.n_fit == 30
+    # the fit uses exactly the first n_fit points, and predicts exactly the rest
+    assert fc.fit == fit_entropy_law(h[:30], r[:30])
+    np.testing.assert_array_equal(fc.predicted, fc.fit.predict(h[30:]))
+    np.testing.assert_array_equal(fc.actual, r[30:])
+    assert fc.rmse == pytest.approx(np.sqrt(np.mean((fc.predicted - fc.actual) ** 2)), rel=1e-12)
+    assert 0.5 * SIGMA < fc.rmse < 2.0 * SIGMA
+    assert fc.final_error == pytest.approx(fc.fit.predict(h[-1]) - r[-1], abs=1e-15)
+    assert abs(fc.final_error) < 4 * SIGMA
+    assert fc.predicted_ceiling == fc.fit.ceiling
+    assert fc.predicted_ceiling == pytest.approx(B_TRUE - A_TRUE, abs=0.02)
+    assert fc.reached == r.max()
+
+
+def test_forecast_error_is_large_when_the_run_leaves_the_law():
+    h, r = synthetic_run()
+    # after the fitted prefix, performance stalls (a different law: a = 0) while entropy keeps falling
+    off = r.copy()
+    off[30:] = r[29] + np.random.default_rng(1).normal(0.0, SIGMA, off.size - 30)
+    on = forecast_entropy_law(h, r)
+    fc = forecast_entropy_law(h, off)
+    assert fc.fit == on.fit  # same prefix, same fit
+    assert fc.rmse > 10 * SIGMA
+    assert fc.rmse > 10 * on.rmse
+    assert fc.final_error > 10 * SIGMA  # the law promised more than the run delivered
+    assert fc.reached == pytest.approx(off.max())
+
+
+def test_forecast_prefix_size_rule():
+    h, r = synthetic_run(100)
+    assert forecast_entropy_law(h, r).n_fit == 15  # ceil(0.15 * 100)
+    assert forecast_entropy_law(h[:20], r[:20]).n_fit == 3  # ceil(0.15 * 20)
+    assert 0.07 * 100 > 7  # 7.000000000000001 in floating point ...
+    assert forecast_entropy_law(h, r, fit_fraction=0.07).n_fit == 7  # ... but 7% of 100 is 7
+    assert forecast_entropy_law(h[:10], r[:10]).n_fit == 3  # min_points beats ceil(1.5) = 2
+    assert forecast_entropy_law(h[:10], r[:10], min_points=5).n_fit == 5
+    assert forecast_entropy_law(h, r, fit_fraction=0.5).n_fit == 50
+
+
+def test_forecast_with_nothing_held_out():
+    h, r = synthetic_run(20)
+    fc = forecast_entropy_law(h, r, fit_fraction=1.0)
+    assert fc.n_fit == 20
+    assert fc.predicted.shape == (0,) and fc.actual.shape == (0,)
+    assert math.isnan(fc.rmse)
+    assert fc.final_error == pytest.approx(fc.fit.predict(h[-1]) - r[-1])
+    d = fc.to_dict()
+    assert d["rmse"] is None and d["predicted"] == []
+    json.dumps(d, allow_nan=False)
+
+
+def test_forecast_to_dict_is_json():
+    h, r = synthetic_run(40)
+    fc = forecast_entropy_law(h, r)
+    back = json.loads(json.dumps(fc.to_dict(), allow_nan=False))
+    assert back["n_fit"] == 6
+    assert len(back["predicted"]) == len(back["actual"]) == 34
+    assert back["fit"]["a"] == pytest.approx(fc.fit.a)
+    assert back["predicted_ceiling"] == pytest.approx(fc.predicted_ceiling)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "n", "fragment"),
+    [
+        ({"fit_fraction": 0.0}, 20, "fit_fraction"),
+        ({"fit_fraction": 1.5}, 20, "fit_fraction"),
+        ({"min_points": 1}, 20, "min_points"),
+        ({"min_points": 2.5}, 20, "min_points"),
+        ({"min_points": 10}, 5, "only 5"),
+        ({}, 1, "at least 2"),
+    ],
+)
+def test_forecast_validation(kwargs, n, fragment):
+    h, r = synthetic_run(20)
+    with pytest.raises(ValueError, match=fragment):
+        forecast_entropy_law(h[:n], r[:n], **kwargs)
+
+
+def test_forecast_reports_a_flat_prefix():
+    h = np.array([0.8, 0.8, 0.8, 0.6, 0.4, 0.2])
+    with pytest.raises(ValueError, match="entropy is the same"):
+        forecast_entropy_law(h, law(h))

@@ -1,0 +1,302 @@
+"""Tests for entrorl.evaluation: unbiased pass@k, Avg@k, summaries and polarisation."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from entrorl.evaluation import (
+    EvalSummary,
+    Polarisation,
+    avg_at_k,
+    default_ks,
+    pass_at_k,
+    pass_at_k_curve,
+    polarisation,
+    summarize_samples,
+)
+
+
+def exact_pass_at_k(n: int, c: int, k: int) -> Fraction:
+    """The definition, in exact rational arithmetic: 1 - C(n-c, k) / C(n, k)."""
+    return 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+
+
+# --------------------------------------------------------------------------------------------
+# pass_at_k
+# --------------------------------------------------------------------------------------------
+
+
+def test_pass_at_k_matches_exact_combinatorial_formula_for_all_small_cases():
+    checked = 0
+    for n in range(1, 21):
+        for c in range(0, n + 1):
+            for k in range(1, n + 1):
+                got = pass_at_k(n, c, k)
+                want = exact_pass_at_k(n, c, k)
+                assert abs(got - float(want)) <= 1e-12, (n, c, k, got, float(want))
+                checked += 1
+    assert checked == sum(n * (n + 1) for n in range(1, 21))
+
+
+def test_pass_at_1_is_the_fraction_correct():
+    for n in range(1, 21):
+        for c in range(n + 1):
+            assert pass_at_k(n, c, 1) == pytest.approx(c / n, abs=1e-15)
+
+
+def test_pass_at_k_is_one_when_too_few_wrong_answers_to_fill_k_draws():
+    for n in range(1, 21):
+        for c in range(n + 1):
+            for k in range(n - c + 1, n + 1):  # n - c < k
+                assert pass_at_k(n, c, k) == 1.0
+
+
+def test_pass_at_k_is_zero_without_correct_answers_and_not_the_biased_estimate():
+    assert pass_at_k(16, 0, 8) == 0.0
+    assert math.copysign(1.0, pass_at_k(16, 0, 8)) == 1.0  # +0.0, not -0.0
+    # the naive 1 - (1 - c/n)^k is biased; the estimator must not be it
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5, abs=1e-15)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(4, 1, 2) != pytest.approx(1 - (1 - 1 / 4) ** 2)
+
+
+def test_pass_at_k_scalar_returns_python_float():
+    assert type(pass_at_k(10, 3, 2)) is float
+    assert type(pass_at_k(np.int64(10), np.int64(3), np.int64(2))) is float
+    assert pass_at_k(10.0, 3.0, 2.0) == pass_at_k(10, 3, 2)  # whole-number floats are accepted
+
+
+def test_pass_at_k_vectorised_matches_scalar_calls():
+    triples = [(n, c, k) for n in range(1, 13) for c in range(n + 1) for k in range(1, n + 1)]
+    n_arr, c_arr, k_arr = (np.array(col) for col in zip(*triples))
+    got = pass_at_k(n_arr, c_arr, k_arr)
+    assert isinstance(got, np.ndarray) and got.shape == (len(triples),)
+    want = np.array([pass_at_k(n, c, k) for n, c, k in triples])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_pass_at_k_broadcasts():
+    got = pass_at_k(10, np.arange(11), 3)
+    assert got.shape == (11,)
+    np.testing.assert_allclose(got, [float(exact_pass_at_k(10, c, 3)) for c in range(11)], atol=1e-14)
+
+    n = np.array([[8], [16]])
+    k = np.array([1, 2, 4])
+    got = pass_at_k(n, 4, k)
+    assert got.shape == (2, 3)
+    for i, nn in enumerate((8, 16)):
+        for j, kk in enumerate((1, 2, 4)):
+            assert got[i, j] == pytest.approx(float(exact_pass_at_k(nn, 4, kk)), abs=1e-14)
+    assert pass_at_k(np.array([], dtype=int), np.array([], dtype=int), 1).shape == (0,)
+
+
+def test_pass_at_k_is_stable_for_large_n():
+    got = pass_at_k(1024, 3, 512)
+    assert math.isfinite(got) and 0.0 <= got <= 1.0
+    assert abs(got - float(exact_pass_at_k(1024, 3, 512))) <= 1e-12
+    # (C(n, k) alone would overflow a float here)
+    for n, c, k in [(100_000, 10, 1_000), (100_000, 1, 1), (5_000, 4_000, 2_500), (1024, 1000, 1)]:
+        got = pass_at_k(n, c, k)
+        assert abs(got - float(exact_pass_at_k(n, c, k))) <= 1e-12, (n, c, k)
+    # a tiny pass@k keeps its relative accuracy
+    assert pass_at_k(100_000, 1, 1) == pytest.approx(1e-5, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "fragment"),
+    [
+        (3, 5, 1, "c=5, n=3"),
+        (3, -1, 1, "c=-1, n=3"),
+        (3, 1, 4, "k=4, n=3"),
+        (3, 1, 0, "k=0, n=3"),
+        (3, 1.5, 1, "c=1.5"),
+        (float("nan"), 1, 1, "n=nan"),
+        ("ten", 1, 1, "dtype"),
+    ],
+)
+def test_pass_at_k_rejects_invalid_values(n, c, k, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        pass_at_k(n, c, k)
+
+
+def test_pass_at_k_error_names_the_array_index():
+    with pytest.raises(ValueError, match=r"c=7, n=4 \(at index \(2,\)\)"):
+        pass_at_k(4, np.array([0, 1, 7]), 1)
+    with pytest.raises(ValueError, match="broadcast"):
+        pass_at_k(np.array([4, 4]), np.array([1, 2, 3]), 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Avg@k, pass@k curves, summaries
+# --------------------------------------------------------------------------------------------
+
+# 4 problems x 4 samples. Correct counts c = [1, 4, 0, 2].
+HAND = np.array(
+    [
+        [1, 0, 0, 0],  # c = 1
+        [1, 1, 1, 1],  # c = 4
+        [0, 0, 0, 0],  # c = 0
+        [0, 1, 0, 1],  # c = 2
+    ],
+    dtype=bool,
+)
+# Per problem, pass@k = 1 - C(4 - c, k) / C(4, k):
+#   k=1: c/4                        -> [1/4, 1, 0, 1/2]        mean 7/16
+#   k=2: 1 - C(4-c, 2)/6            -> [1 - 3/6, 1, 0, 1 - 1/6] mean (1/2 + 1 + 0 + 5/6)/4 = 7/12
+#   k=3: 1 - C(4-c, 3)/4            -> [1 - 1/4, 1, 0, 1]       mean 11/16
+#   k=4: 1 if c > 0                 -> [1, 1, 0, 1]             mean 3/4
+HAND_PASS = {1: 7 / 16, 2: 7 / 12, 3: 11 / 16, 4: 3 / 4}
+
+
+def test_avg_at_k():
+    assert avg_at_k(HAND) == pytest.approx(7 / 16, abs=1e-15)  # 7 correct of 16 samples
+    assert avg_at_k(HAND[0]) == 0.25
+    assert avg_at_k([0.2, 0.5, 0.9, 1.0]) == 0.75  # rewards: 3 of 4 are >= 0.5
+    assert avg_at_k([0.2, 0.5, 0.9, 1.0], threshold=1.0) == 0.25
+    with pytest.raises(ValueError, match="shape"):
+        avg_at_k(np.zeros((2, 2, 2), dtype=bool))
+
+
+def test_pass_at_k_curve_on_hand_example():
+    counts = HAND.sum(axis=1)
+    curve = pass_at_k_curve(counts, 4, [1, 2, 3, 4, 2])
+    assert list(curve) == [1, 2, 3, 4]  # order kept, duplicate dropped
+    for k, want in HAND_PASS.items():
+        assert curve[k] == pytest.approx(want, abs=1e-15), k
+
+
+def test_pass_at_k_curve_rejects_k_larger_than_n():
+    with pytest.raises(ValueError, match=r"k=8 exceeds n=4"):
+        pass_at_k_curve([1, 2], 4, [1, 8])
+    with pytest.raises(ValueError, match="k >= 1"):
+        pass_at_k_curve([1, 2], 4, [0])
+    with pytest.raises(ValueError, match="empty"):
+        pass_at_k_curve([], 4, [1])
+    with pytest.raises(ValueError, match="empty"):
+        pass_at_k_curve([1], 4, [])
+
+
+def test_default_ks():
+    assert default_ks(1) == (1,)
+    assert default_ks(4) == (1, 2, 4)
+    assert default_ks(6) == (1, 2, 4, 6)
+    assert default_ks(32) == (1, 2, 4, 8, 16, 32)
+
+
+def test_summarize_samples_on_hand_example():
+    s = summarize_samples(HAND, ks=(1, 2, 3, 4))
+    assert isinstance(s, EvalSummary)
+    assert (s.n_problems, s.n_samples) == (4, 4)
+    assert s.avg_at_n == pytest.approx(7 / 16, abs=1e-15)
+    assert s.pass_at_k == pytest.approx(HAND_PASS, abs=1e-15)
+    np.testing.assert_array_equal(s.pass_rates, [0.25, 1.0, 0.0, 0.5])
+    pol = s.polarisation
+    assert (pol.frac_zero, pol.frac_one, pol.frac_mixed) == (0.25, 0.25, 0.5)
+    # rates 0.25 -> bin 2, 1.0 -> bin 9 (last, closed), 0.0 -> bin 0, 0.5 -> bin 5
+    np.testing.assert_array_equal(pol.histogram, [1, 0, 1, 0, 0, 1, 0, 0, 0, 1])
+
+    d = s.to_dict()
+    assert json.loads(json.dumps(d, allow_nan=False))["pass_at_k"]["2"] == pytest.approx(7 / 12)
+    assert d["pass_rates"] == [0.25, 1.0, 0.0, 0.5]
+    assert d["polarisation"]["histogram"] == [1, 0, 1, 0, 0, 1, 0, 0, 0, 1]
+
+
+def test_summarize_samples_default_ks_and_rewards_with_threshold():
+    rewards = np.array(
+        [
+            [0.0, 0.5, 1.0, 0.49],  # correct at threshold 0.5: [F, T, T, F] -> c = 2; at 1.0: c = 1
+            [0.3, 0.2, 0.1, 0.0],  # c = 0 either way
+        ]
+    )
+    s = summarize_samples(rewards)
+    assert tuple(s.pass_at_k) == (1, 2, 4)
+    np.testing.assert_array_equal(s.pass_rates, [0.5, 0.0])
+    assert s.avg_at_n == 0.25
+    # pass@2 = mean(1 - C(2,2)/C(4,2), 0) = (5/6) / 2
+    assert s.pass_at_k[2] == pytest.approx(5 / 12, abs=1e-15)
+
+    strict = summarize_samples(rewards, threshold=1.0)
+    np.testing.assert_array_equal(strict.pass_rates, [0.25, 0.0])
+    assert strict.threshold == 1.0
+
+
+def test_summarize_samples_validation():
+    with pytest.raises(ValueError, match=r"k=8 exceeds n=4"):
+        summarize_samples(HAND, ks=(1, 8))
+    with pytest.raises(ValueError, match=r"\[P, n\]"):
+        summarize_samples(HAND[0])
+    with pytest.raises(ValueError, match="outside"):
+        summarize_samples(np.array([[0.0, 2.0]]))
+    with pytest.raises(ValueError, match="non-finite"):
+        summarize_samples(np.array([[0.0, np.nan]]))
+    with pytest.raises(ValueError, match="threshold"):
+        summarize_samples(HAND, threshold=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# polarisation
+# --------------------------------------------------------------------------------------------
+
+
+def test_polarisation_counts_on_hand_example():
+    rates = [0.0, 0.0, 0.05, 0.1, 0.3, 0.55, 0.99, 1.0, 1.0, 1.0]
+    pol = polarisation(rates)
+    assert isinstance(pol, Polarisation)
+    assert pol.n_problems == 10
+    assert pol.frac_zero == 0.2  # two exact zeros
+    assert pol.frac_one == 0.3  # three exact ones
+    assert pol.frac_mixed == 0.5
+    # bins [0,.1): 0, 0, .05 | [.1,.2): .1 | [.3,.4): .3 | [.5,.6): .55 | [.9,1]: .99, 1, 1, 1
+    np.testing.assert_array_equal(pol.histogram, [3, 1, 0, 1, 0, 1, 0, 0, 0, 4])
+    assert pol.histogram.sum() == 10
+    np.testing.assert_allclose(pol.bin_edges, np.linspace(0, 1, 11))
+
+
+def test_polarisation_rates_on_edges_fall_in_the_bin_they_open():
+    # n = 10 samples per prompt: every pass rate c/10 sits on an edge of a 10-bin histogram
+    pol = polarisation([c / 10 for c in range(11)], bins=10)
+    np.testing.assert_array_equal(pol.histogram, [1, 1, 1, 1, 1, 1, 1, 1, 1, 2])
+    # computed rates a rounding error off an edge count as on it
+    just_below = [np.nextafter(0.3, 0.0), np.nextafter(0.7, 0.0), 0.1 * 3]  # 0.29999999999999993, ...
+    assert just_below[0] * 10 < 3
+    pol = polarisation(just_below, bins=10)
+    np.testing.assert_array_equal(pol.histogram, [0, 0, 0, 2, 0, 0, 0, 1, 0, 0])
+    # but a rate clearly inside a bin stays there
+    pol = polarisation([0.2999, 0.7001], bins=10)
+    np.testing.assert_array_equal(pol.histogram, [0, 0, 1, 0, 0, 0, 0, 1, 0, 0])
+    # 4 bins over rates k/8
+    pol = polarisation([k / 8 for k in range(9)], bins=4)
+    np.testing.assert_array_equal(pol.histogram, [2, 2, 2, 3])
+    np.testing.assert_array_equal(pol.bin_edges, [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+def test_polarisation_to_dict_is_json():
+    d = polarisation([0.0, 0.5, 1.0], bins=2).to_dict()
+    assert json.loads(json.dumps(d, allow_nan=False)) == {
+        "n_problems": 3,
+        "frac_zero": pytest.approx(1 / 3),
+        "frac_one": pytest.approx(1 / 3),
+        "frac_mixed": pytest.approx(1 / 3),
+        "histogram": [1, 2],
+        "bin_edges": [0.0, 0.5, 1.0],
+    }
+
+
+@pytest.mark.parametrize(
+    ("rates", "bins", "fragment"),
+    [
+        ([], 10, "empty"),
+        ([0.5, 1.2], 10, r"\[0, 1\]"),
+        ([-0.1], 10, r"\[0, 1\]"),
+        ([np.nan], 10, "finite"),
+        ([0.5], 0, "bins"),
+        ([0.5], 2.5, "bins"),
+    ],
+)
+def test_polarisation_validation(rates, bins, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        polarisation(rates, bins=bins)

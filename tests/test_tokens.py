@@ -1,0 +1,301 @@
+"""entrorl.tokens: chunked statistics equal the naive full-vocabulary computation, values and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from entrorl.dynamics import token_discriminators
+from entrorl.tokens import STAT_NAMES, default_chunk_size, token_stats, token_stats_from_hidden
+
+ALL = STAT_NAMES
+
+
+def naive_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+    """Reference: materialise log_softmax in float64 and reduce directly."""
+    log_probs = torch.log_softmax(logits.double() / temperature, dim=-1)
+    probs = log_probs.exp()
+    safe_log_probs = torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
+    entropy = -(probs * safe_log_probs).sum(-1)
+    logprob = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    disc = logprob.exp() * (logprob + entropy)
+    expected = (probs * probs * (safe_log_probs + entropy.unsqueeze(-1))).sum(-1)
+    return {"logprob": logprob, "entropy": entropy, "disc": disc, "disc_centered": disc - expected}
+
+
+def random_case(seed: int, shape=(3, 7), vocab=37, scale=3.0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, vocab, generator=generator, dtype=torch.float64) * scale).to(dtype)
+    targets = torch.randint(0, vocab, shape, generator=generator)
+    return logits, targets
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, None, 10_000])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
+def test_values_match_naive(chunk_size, temperature):
+    logits, targets = random_case(0)
+    stats = token_stats(logits, targets, temperature=temperature, chunk_size=chunk_size, need=ALL)
+    reference = naive_stats(logits, targets, temperature)
+    for name in ALL:
+        value = getattr(stats, name)
+        assert value.shape == targets.shape and value.dtype == torch.float64
+        torch.testing.assert_close(value, reference[name], atol=1e-12, rtol=1e-10)
+
+
+def test_flat_input_and_float32_output():
+    logits, targets = random_case(1, shape=(11,), dtype=torch.float32)
+    stats = token_stats(logits, targets, need=ALL)
+    reference = naive_stats(logits, targets)
+    for name in ALL:
+        assert getattr(stats, name).dtype == torch.float32
+        torch.testing.assert_close(getattr(stats, name).double(), reference[name], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_gradients_match_naive(temperature, chunk_size):
+    logits, targets = random_case(2)
+    weights_lp, weights_h = torch.randn(2, *targets.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+
+    chunked = logits.clone().requires_grad_()
+    stats = token_stats(chunked, targets, temperature=temperature, chunk_size=chunk_size)
+    (stats.logprob * weights_lp + stats.entropy * weights_h).sum().backward()
+
+    dense = logits.clone().requires_grad_()
+    reference = naive_stats(dense, targets, temperature)
+    (reference["logprob"] * weights_lp + reference["entropy"] * weights_h).sum().backward()
+    torch.testing.assert_close(chunked.grad, dense.grad, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("which", ["logprob", "entropy"])
+def test_gradient_of_one_output_only(which):
+    logits, targets = random_case(3)
+    chunked = logits.clone().requires_grad_()
+    getattr(token_stats(chunked, targets), which).sum().backward()
+    dense = logits.clone().requires_grad_()
+    naive_stats(dense, targets)[which].sum().backward()
+    torch.testing.assert_close(chunked.grad, dense.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_gradcheck_float64():
+    logits, targets = random_case(4, shape=(2, 3), vocab=6)
+    logits.requires_grad_()
+
+    def fn(x):
+        stats = token_stats(x, targets, temperature=0.8, chunk_size=2)
+        return stats.logprob, stats.entropy
+
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_discriminators_are_detached_selection_statistics():
+    logits, targets = random_case(5)
+    logits.requires_grad_()
+    stats = token_stats(logits, targets, need=ALL)
+    assert stats.logprob.requires_grad and stats.entropy.requires_grad
+    assert not stats.disc.requires_grad and not stats.disc_centered.requires_grad
+
+
+def test_agrees_with_dense_theory_module():
+    logits, targets = random_case(6, vocab=50)
+    stats = token_stats(logits, targets, temperature=0.9, need=ALL)
+    disc, centered = token_discriminators(logits, targets, temperature=0.9)
+    torch.testing.assert_close(stats.disc, disc, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(stats.disc_centered, centered, atol=1e-12, rtol=1e-10)
+
+
+def test_mask_computes_only_valid_positions_and_ignores_padding_targets():
+    logits, targets = random_case(7, shape=(4, 6))
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) > 0.4
+    padded_targets = torch.where(mask, targets, torch.full_like(targets, -100))
+    chunked = logits.clone().requires_grad_()
+    stats = token_stats(chunked, padded_targets, mask=mask, chunk_size=3, need=ALL)
+    reference = naive_stats(logits, targets)
+    for name in ALL:
+        value = getattr(stats, name)
+        torch.testing.assert_close(value[mask], reference[name][mask], atol=1e-12, rtol=1e-10)
+        assert torch.all(value[~mask] == 0)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    assert torch.all(chunked.grad[~mask] == 0)
+    dense = logits.clone().requires_grad_()
+    naive = naive_stats(dense, targets)
+    (naive["logprob"][mask].sum() + naive["entropy"][mask].sum()).backward()
+    torch.testing.assert_close(chunked.grad, dense.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_empty_mask_gives_zeros_and_zero_gradient():
+    logits, targets = random_case(8)
+    logits.requires_grad_()
+    mask = torch.zeros(targets.shape, dtype=torch.bool)
+    stats = token_stats(logits, targets, mask=mask, need=ALL)
+    assert all(torch.all(getattr(stats, name) == 0) for name in ALL)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_single_token():
+    logits, targets = random_case(9, shape=(1,))
+    stats = token_stats(logits, targets, need=ALL)
+    reference = naive_stats(logits, targets)
+    for name in ALL:
+        torch.testing.assert_close(getattr(stats, name), reference[name], atol=1e-12, rtol=1e-10)
+
+
+def test_minus_inf_logits_top_k_filtered():
+    logits, targets = random_case(10, shape=(3, 5), vocab=20)
+    filtered = logits.clone()
+    threshold = logits.topk(4, dim=-1).values[..., -1:]
+    filtered[logits < threshold] = float("-inf")
+    kept_targets = logits.topk(4, dim=-1).indices[..., 0]  # sampled tokens are always among the kept ones
+    chunked = filtered.clone().requires_grad_()
+    stats = token_stats(chunked, kept_targets, chunk_size=4, need=ALL)
+    for name in ALL:
+        assert torch.isfinite(getattr(stats, name)).all(), name
+    # equal to the statistics of the renormalised 4-token distribution
+    top_logits = logits.topk(4, dim=-1).values
+    reference = naive_stats(top_logits, torch.zeros_like(kept_targets))
+    for name in ALL:
+        torch.testing.assert_close(getattr(stats, name), reference[name], atol=1e-12, rtol=1e-10)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    assert torch.isfinite(chunked.grad).all()
+    assert torch.all(chunked.grad[filtered == float("-inf")] == 0)
+
+
+def test_all_minus_inf_row_gives_zeros_not_nan():
+    logits = torch.full((2, 5), float("-inf"), dtype=torch.float64)
+    logits[1] = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    logits.requires_grad_()
+    stats = token_stats(logits, torch.tensor([0, 4]), need=ALL)
+    assert all(torch.isfinite(getattr(stats, name)).all() for name in ALL)
+    assert stats.entropy[0] == 0 and stats.logprob[0] == 0
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    assert torch.isfinite(logits.grad).all() and torch.all(logits.grad[0] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits_are_finite(dtype):
+    generator = torch.Generator().manual_seed(11)
+    logits = (torch.randn(4, 300, generator=generator) * 1e4).to(dtype)
+    logits[0, :] = 1e4  # an exactly uniform row
+    targets = torch.randint(0, 300, (4,), generator=generator)
+    leaf = logits.clone().requires_grad_()
+    stats = token_stats(leaf, targets, need=ALL)
+    for name in ALL:
+        assert torch.isfinite(getattr(stats, name)).all(), name
+    torch.testing.assert_close(stats.entropy[0], torch.tensor(math.log(300.0)), atol=1e-5, rtol=1e-5)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    assert torch.isfinite(leaf.grad.float()).all()
+
+
+def test_unlikely_target_log_prob_is_exact_not_floored():
+    logits = torch.tensor([[0.0, -5e4, 1.0]], dtype=torch.float64)
+    stats = token_stats(logits, torch.tensor([1]))
+    expected = -5e4 - math.log(math.exp(0.0) + math.exp(1.0))
+    torch.testing.assert_close(stats.logprob, torch.tensor([expected], dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_bfloat16_logits_match_float32_statistics():
+    logits, targets = random_case(12, shape=(6, 9), vocab=500, dtype=torch.float32)
+    low = logits.bfloat16()
+    leaf = low.clone().requires_grad_()
+    stats = token_stats(leaf, targets, need=ALL)
+    reference = naive_stats(low.float(), targets)  # same rounded logits, exact reduction
+    for name in ALL:
+        assert getattr(stats, name).dtype == torch.float32
+        torch.testing.assert_close(getattr(stats, name).double(), reference[name], atol=1e-4, rtol=1e-4)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    assert leaf.grad.dtype == torch.bfloat16 and torch.isfinite(leaf.grad.float()).all()
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_from_hidden_matches_logits_path(with_bias, chunk_size):
+    generator = torch.Generator().manual_seed(13)
+    hidden = torch.randn(3, 5, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(29, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(29, dtype=torch.float64, generator=generator, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 29, (3, 5), generator=generator)
+    mask = torch.rand(3, 5, generator=generator) > 0.3
+    g_lp, g_h = torch.randn(2, 3, 5, dtype=torch.float64, generator=generator)
+
+    fused = token_stats_from_hidden(
+        hidden, weight, targets, lm_head_bias=bias, temperature=0.8, mask=mask, chunk_size=chunk_size, need=ALL
+    )
+    (fused.logprob * g_lp + fused.entropy * g_h).sum().backward()
+    fused_grads = [t.grad.clone() for t in (hidden, weight, bias) if t is not None]
+    for t in (hidden, weight, bias):
+        if t is not None:
+            t.grad = None
+
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    dense = token_stats(logits, targets, temperature=0.8, mask=mask, need=ALL)
+    (dense.logprob * g_lp + dense.entropy * g_h).sum().backward()
+    dense_grads = [t.grad for t in (hidden, weight, bias) if t is not None]
+    for name in ALL:
+        torch.testing.assert_close(getattr(fused, name), getattr(dense, name), atol=1e-12, rtol=1e-10)
+    for got, want in zip(fused_grads, dense_grads):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+
+
+def test_from_hidden_never_builds_full_logits(monkeypatch):
+    """Every projection inside the fused path covers one chunk of rows, never all N."""
+    n_rows, vocab, chunk = 64, 50, 8
+    hidden = torch.randn(n_rows, 16, requires_grad=True)
+    weight = torch.randn(vocab, 16, requires_grad=True)
+    targets = torch.randint(0, vocab, (n_rows,))
+    seen_rows = []
+    original_linear = torch.nn.functional.linear
+
+    def spying_linear(x, w, b=None):
+        seen_rows.append(x.shape[0])
+        return original_linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spying_linear)
+    stats = token_stats_from_hidden(hidden, weight, targets, chunk_size=chunk)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    assert seen_rows and max(seen_rows) == chunk and len(seen_rows) == 2 * n_rows // chunk
+
+
+def test_backward_holds_no_second_full_size_tensor():
+    """Peak extra memory of forward+backward stays near one chunk (checked via the chunk size, not timing):
+    the custom Function saves only its inputs, so the saved tensors are the logits and the targets."""
+    logits, targets = random_case(14, shape=(40,), vocab=64, dtype=torch.float32)
+    logits.requires_grad_()
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stats = token_stats(logits, targets, chunk_size=4)
+    full_size = [t for t in saved if t.numel() >= logits.numel()]
+    assert len(full_size) == 1 and full_size[0].data_ptr() == logits.data_ptr()
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(32_000) == (1 << 22) // 32_000
+    assert default_chunk_size(10**9) == 1
+
+
+def test_input_validation_messages():
+    logits, targets = random_case(15)
+    with pytest.raises(ValueError, match="unknown statistic"):
+        token_stats(logits, targets, need=("logprob", "perplexity"))
+    with pytest.raises(ValueError, match="temperature"):
+        token_stats(logits, targets, temperature=0.0)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        token_stats(logits, targets[:, :-1])
+    with pytest.raises(ValueError, match=r"target ids must lie in \[0, 37\)"):
+        token_stats(logits, targets + 100)
+    with pytest.raises(ValueError, match="integer token ids"):
+        token_stats(logits, targets.double())
+    with pytest.raises(ValueError, match="mask must have the shape"):
+        token_stats(logits, targets, mask=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_stats(logits, targets, chunk_size=0)
+    with pytest.raises(ValueError, match="lm_head_weight must be"):
+        token_stats_from_hidden(torch.randn(3, 4), torch.randn(10, 5), torch.zeros(3, dtype=torch.long))
