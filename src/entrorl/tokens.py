@@ -189,45 +189,76 @@ def _take(tensor: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
     return tensor[index] if isinstance(index, slice) else tensor.index_select(0, index)
 
 
+def _take_optional(tensor: torch.Tensor | None, index: slice | torch.Tensor) -> torch.Tensor | None:
+    return None if tensor is None else _take(tensor, index)
+
+
+def _stats_by_chunk(logits_for, targets, rows, n_rows, like, inv_temperature, chunk_size, want_disc, want_centered):
+    """Forward pass shared by both Functions: ``logits_for(index)`` yields one chunk of logits."""
+    out = [torch.zeros(n_rows, dtype=_compute_dtype(like.dtype), device=like.device) for _ in range(4)]
+    with torch.no_grad():
+        for index in _row_chunks(rows, n_rows, chunk_size):
+            results = _chunk_forward(logits_for(index), _take(targets, index), inv_temperature, want_disc, want_centered)
+            for buffer, value in zip(out, results):
+                if value is not None:
+                    buffer[index] = value
+    return out
+
+
+def _logit_grads_by_chunk(logits_for, targets, rows, n_rows, inv_temperature, chunk_size, grad_logprob, grad_entropy, out_for=None):
+    """Backward pass shared by both Functions: yields ``(index, d loss / d logits of that chunk)``."""
+    for index in _row_chunks(rows, n_rows, chunk_size):
+        yield index, _chunk_logit_grad(
+            logits_for(index),
+            _take(targets, index),
+            inv_temperature,
+            _take_optional(grad_logprob, index),
+            _take_optional(grad_entropy, index),
+            out=None if out_for is None else out_for(index),
+        )
+
+
+def _save_context(ctx, rows, inv_temperature, chunk_size, out) -> None:
+    ctx.has_rows = rows is not None
+    ctx.inv_temperature = inv_temperature
+    ctx.chunk_size = chunk_size
+    ctx.mark_non_differentiable(out[2], out[3])
+
+
+_NO_ROWS = torch.empty(0, dtype=torch.long)
+
+
 class _LogitsStats(torch.autograd.Function):
     """Chunked statistics from logits [N, V]; backward recomputes each chunk."""
 
     @staticmethod
     def forward(ctx, logits, targets, rows, inv_temperature, chunk_size, want_disc, want_centered):
         ctx.set_materialize_grads(False)
-        n_rows = logits.shape[0]
-        out = [torch.zeros(n_rows, dtype=_compute_dtype(logits.dtype), device=logits.device) for _ in range(4)]
-        with torch.no_grad():
-            for index in _row_chunks(rows, n_rows, chunk_size):
-                results = _chunk_forward(_take(logits, index), _take(targets, index), inv_temperature, want_disc, want_centered)
-                for buffer, value in zip(out, results):
-                    if value is not None:
-                        buffer[index] = value
-        ctx.save_for_backward(logits, targets, rows if rows is not None else torch.empty(0))
-        ctx.has_rows = rows is not None
-        ctx.inv_temperature = inv_temperature
-        ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(out[2], out[3])
+        out = _stats_by_chunk(
+            lambda index: _take(logits, index), targets, rows, logits.shape[0], logits,
+            inv_temperature, chunk_size, want_disc, want_centered,
+        )
+        ctx.save_for_backward(logits, targets, _NO_ROWS if rows is None else rows)
+        _save_context(ctx, rows, inv_temperature, chunk_size, out)
         return tuple(out)
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy, _grad_disc, _grad_centered):
+        if grad_logprob is None and grad_entropy is None:
+            return (None,) * 7
         logits, targets, rows = ctx.saved_tensors
         rows = rows if ctx.has_rows else None
-        if grad_logprob is None and grad_entropy is None:
-            return None, None, None, None, None, None, None
         grad_logits = torch.zeros_like(logits) if rows is not None else torch.empty_like(logits)
-        for index in _row_chunks(rows, logits.shape[0], ctx.chunk_size):
-            destination = grad_logits[index] if isinstance(index, slice) else None
-            grad_chunk = _chunk_logit_grad(
-                _take(logits, index),
-                _take(targets, index),
-                ctx.inv_temperature,
-                None if grad_logprob is None else _take(grad_logprob, index),
-                None if grad_entropy is None else _take(grad_entropy, index),
-                out=destination,
-            )
-            if grad_chunk is not destination:
+
+        def destination(index):
+            return grad_logits[index] if isinstance(index, slice) else None
+
+        chunks = _logit_grads_by_chunk(
+            lambda index: _take(logits, index), targets, rows, logits.shape[0],
+            ctx.inv_temperature, ctx.chunk_size, grad_logprob, grad_entropy, out_for=destination,
+        )
+        for index, grad_chunk in chunks:
+            if not isinstance(index, slice) or grad_chunk.data_ptr() != grad_logits[index].data_ptr():
                 grad_logits[index] = grad_chunk.to(logits.dtype)
         return grad_logits, None, None, None, None, None, None
 
@@ -238,50 +269,36 @@ class _HiddenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows, inv_temperature, chunk_size, want_disc, want_centered):
         ctx.set_materialize_grads(False)
-        n_rows = hidden.shape[0]
-        out = [torch.zeros(n_rows, dtype=_compute_dtype(hidden.dtype), device=hidden.device) for _ in range(4)]
-        with torch.no_grad():
-            for index in _row_chunks(rows, n_rows, chunk_size):
-                logits_chunk = torch.nn.functional.linear(_take(hidden, index), weight, bias)
-                results = _chunk_forward(logits_chunk, _take(targets, index), inv_temperature, want_disc, want_centered)
-                for buffer, value in zip(out, results):
-                    if value is not None:
-                        buffer[index] = value
-        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets,
-                              rows if rows is not None else torch.empty(0))
+        out = _stats_by_chunk(
+            lambda index: torch.nn.functional.linear(_take(hidden, index), weight, bias), targets, rows,
+            hidden.shape[0], hidden, inv_temperature, chunk_size, want_disc, want_centered,
+        )
+        ctx.save_for_backward(hidden, weight, _NO_ROWS if bias is None else bias, targets, _NO_ROWS if rows is None else rows)
         ctx.has_bias = bias is not None
-        ctx.has_rows = rows is not None
-        ctx.inv_temperature = inv_temperature
-        ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(out[2], out[3])
+        _save_context(ctx, rows, inv_temperature, chunk_size, out)
         return tuple(out)
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy, _grad_disc, _grad_centered):
+        if grad_logprob is None and grad_entropy is None:
+            return (None,) * 9
         hidden, weight, bias, targets, rows = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         rows = rows if ctx.has_rows else None
-        if grad_logprob is None and grad_entropy is None:
-            return None, None, None, None, None, None, None, None, None
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         accumulate_dtype = _compute_dtype(weight.dtype)
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=accumulate_dtype, device=weight.device) if need_bias else None
-        for index in _row_chunks(rows, hidden.shape[0], ctx.chunk_size):
-            hidden_chunk = _take(hidden, index)
-            logits_chunk = torch.nn.functional.linear(hidden_chunk, weight, bias)
-            grad_chunk = _chunk_logit_grad(
-                logits_chunk,
-                _take(targets, index),
-                ctx.inv_temperature,
-                None if grad_logprob is None else _take(grad_logprob, index),
-                None if grad_entropy is None else _take(grad_entropy, index),
-            )
+        chunks = _logit_grads_by_chunk(
+            lambda index: torch.nn.functional.linear(_take(hidden, index), weight, bias), targets, rows,
+            hidden.shape[0], ctx.inv_temperature, ctx.chunk_size, grad_logprob, grad_entropy,
+        )
+        for index, grad_chunk in chunks:
             if need_hidden:
                 grad_hidden[index] = (grad_chunk.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:
-                grad_weight.addmm_(grad_chunk.t(), hidden_chunk.to(accumulate_dtype))
+                grad_weight.addmm_(grad_chunk.t(), _take(hidden, index).to(accumulate_dtype))
             if need_bias:
                 grad_bias.add_(grad_chunk.sum(dim=0))
         if grad_weight is not None:

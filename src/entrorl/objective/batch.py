@@ -100,7 +100,8 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
 
     Sorting instead of ``torch.quantile`` lifts that function's 16M-element limit.
     """
-    valid = values[mask].detach().float()
+    valid = values[mask].detach()
+    valid = valid if valid.dtype == torch.float64 else valid.float()
     if valid.numel() == 0:
         return torch.tensor(float("nan"), device=values.device)
     ordered = valid.sort().values

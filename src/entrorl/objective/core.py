@@ -88,7 +88,8 @@ class Objective:
         )
 
         # 1. advantages, reshaped by each shaper in turn
-        advantages = batch.advantages.detach().to(batch.log_prob.dtype)
+        # padding may hold anything (even NaN): zero it so no NaN can reach a gradient through 0 * NaN
+        advantages = torch.where(mask, batch.advantages.detach().to(batch.log_prob.dtype), 0.0)
         for shaper in self.shapers:
             advantages = shaper(batch, advantages, metrics)
 
@@ -152,13 +153,12 @@ class Objective:
             by_key[key].load_state_dict(part_state)
 
     def describe(self) -> dict[str, Any]:
-        """The composition as plain data (what a run directory records)."""
+        """The full composition as plain data, a valid config: ``build_objective(obj.describe())`` rebuilds it."""
 
         def spec(part: Part) -> dict[str, Any]:
             return {"name": part.name, **part.params()}
 
         return {
-            "name": self.name,
             "surrogate": spec(self.surrogate),
             "shapers": [spec(p) for p in self.shapers],
             "regularizers": [spec(p) for p in self.regularizers],

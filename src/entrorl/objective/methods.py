@@ -104,8 +104,9 @@ class PartSpec(BaseModel):
 class ObjectiveConfig(BaseModel):
     """An objective as data (YAML-friendly). ``method`` names a base method, or several joined by ``+``
     (``"dapo+clip_b+forking_tokens"``): the first gives the surrogate and aggregation, the others add their
-    shapers, regularisers, selectors and correction. Explicit parts are merged on top (a part already present
-    gets its parameters updated), and ``params`` overrides any parameter by its unique name."""
+    shapers, regularisers, selectors and correction (their surrogates are ignored: ``"dapo+dual_clip"`` is DAPO;
+    write ``build_objective("dapo", clip_ratio_c=3.0)`` for both). Explicit parts are merged on top (a part
+    already present gets its parameters updated), and ``params`` overrides any parameter by its unique name."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -157,7 +158,7 @@ class _Composition:
         return (ref[0], dict(ref[1])) if current is None or replace else current
 
     def add(self, refs: dict[str, Any], *, explicit: bool) -> None:
-        if refs.get("surrogate") is not None:
+        if refs.get("surrogate") is not None and (explicit or self.surrogate is None):
             self.surrogate = self._merge_single(self.surrogate, refs["surrogate"], replace=explicit)
         if refs.get("correction") is not None:
             self.correction = self._merge_single(self.correction, refs["correction"], replace=explicit)

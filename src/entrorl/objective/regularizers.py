@@ -82,6 +82,8 @@ class AdaptiveEntropy(Regularizer):
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
         entropy = _differentiable_entropy(batch, "regularizer 'adaptive_entropy'")
+        if not batch.mask.any():
+            return RegularizerTerm()  # nothing measured: the controller does not move
         measured = float(masked_mean(entropy.detach(), batch.mask))
         below_target = measured < self.target_entropy
         coeff = self.coefficient

@@ -166,7 +166,7 @@ class ClipB(Selector):
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
         mask = batch.mask
-        disc = batch.disc.detach().float()
+        disc = batch.disc.detach().double()  # float64: equal values must give a zero std
         mean = masked_mean(disc, mask)
         std = masked_population_std(disc, mask)
         deviation = disc - mean
@@ -206,7 +206,7 @@ class ClipV(Selector):
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
         mask = batch.mask
-        centered = batch.disc_centered.detach().float()
+        centered = batch.disc_centered.detach().double()
         std = masked_population_std(centered, mask)
         drop = torch.zeros_like(mask)
         if float(std) >= _MIN_STD:

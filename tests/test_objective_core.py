@@ -1,0 +1,910 @@
+"""The policy-objective core (``entrorl.objective``) checked against formulas written out in this file.
+
+Sections:
+  1. loss aggregation (verl's four ``loss_agg_mode`` names)
+  2. the ``ppo_clip`` surrogate (decoupled eps, dual-clip, gradients, clip metrics)
+  3. the surrogates of named methods: grpo, dapo, dr_grpo, gspo, cispo, kl_cov
+  4. regularisers: entropy_bonus, adaptive_entropy, kl_ref / kl_estimate
+  5. configuration and error messages
+  6. the method registry, custom parts, describe()
+  7. every registered method on a full batch and on an empty batch
+
+Every reference below is computed independently of the library (numpy loops or plain torch), so a wrong
+formula in the library makes the comparison fail.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from pydantic import Field
+
+from entrorl.objective import (
+    LOSS_AGG_MODES,
+    ObjectiveConfig,
+    PolicyBatch,
+    Selector,
+    aggregate_loss,
+    available_methods,
+    build_objective,
+    kl_estimate,
+    methods_markdown_table,
+    register_part,
+)
+from entrorl.tokens import token_stats
+
+# float(loss) on a tensor that requires grad is intended throughout (values are compared, not backpropagated).
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
+
+F64 = torch.float64
+ALL_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# Ragged lengths for B = 6, T = 10: a full row, a one-token row and an empty row.
+LENGTHS = (10, 7, 1, 0, 4, 9)
+T = 10
+
+EXPECTED_METHODS = {
+    "grpo", "dapo", "dual_clip", "dr_grpo", "clip_cov", "kl_cov", "forking_tokens", "low_entropy_tokens",
+    "clip_b", "clip_v", "psr", "nsr", "w_reinforce", "entropy_advantage", "entropy_bonus", "adaptive_entropy",
+    "kl_ref", "lopti_reweight", "cispo", "gspo", "tis", "icepop",
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _ragged_mask(lengths=LENGTHS, width: int = T) -> torch.Tensor:
+    return torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to(F64).numpy()
+
+
+def ref_aggregate(loss, mask, mode, *, loss_scale_factor=None, batch_num_tokens=None, global_batch_size=None, dp_size=1):
+    """The four modes with explicit per-row loops over the valid tokens only."""
+    loss, mask = np.asarray(loss, dtype=float), np.asarray(mask, dtype=bool)
+    rows = [loss[i][mask[i]] for i in range(loss.shape[0])]
+    if mode == "token-mean":
+        count = mask.sum() if batch_num_tokens is None else batch_num_tokens
+        return sum(float(r.sum()) for r in rows) / count * dp_size
+    nonempty = [r for r in rows if r.size > 0]
+    n_seq = len(nonempty) if global_batch_size is None else global_batch_size
+    if mode == "seq-mean-token-mean":
+        return sum(float(r.mean()) for r in nonempty) / n_seq * dp_size
+    if mode == "seq-mean-token-sum":
+        return sum(float(r.sum()) for r in nonempty) / n_seq * dp_size
+    if mode == "seq-mean-token-sum-norm":
+        scale = loss.shape[1] if loss_scale_factor is None else loss_scale_factor
+        return sum(float(r.sum()) for r in nonempty) / n_seq / scale * dp_size
+    raise AssertionError(mode)
+
+
+def ref_ppo(ratio, adv, eps_low, eps_high, c=None):
+    """max(-A r, -A clip(r)) and, with dual-clip, min(that, -c A) where A < 0."""
+    loss = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - eps_low, 1 + eps_high))
+    if c is not None:
+        loss = np.where(adv < 0, np.minimum(loss, -c * adv), loss)
+    return loss
+
+
+def make_batch(seed: int, *, spread: float = 0.4, lengths=LENGTHS, width: int = T, dtype=F64, per_seq_adv: bool = False):
+    """A batch with a leaf ``log_prob``; ratios exp(N(0, spread)) cover both clip sides for spread 0.4."""
+    g = _gen(seed)
+    b = len(lengths)
+    old = -3.0 * torch.rand(b, width, generator=g, dtype=dtype)
+    log_prob = (old + spread * torch.randn(b, width, generator=g, dtype=dtype)).requires_grad_()
+    adv = torch.randn(b, generator=g, dtype=dtype) if per_seq_adv else torch.randn(b, width, generator=g, dtype=dtype)
+    return PolicyBatch(log_prob=log_prob, old_log_prob=old, advantages=adv, mask=_ragged_mask(lengths, width))
+
+
+def grad_of(loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True, retain_graph=True)
+    return torch.zeros_like(leaf) if grad is None else grad
+
+
+def full_batch(seed: int, *, empty: bool = False, B: int = 4, width: int = 8, V: int = 13):
+    """Every PolicyBatch field, from logits through token_stats (float32, differentiable log-prob and entropy)."""
+    g = _gen(seed)
+    logits = (2.0 * torch.randn(B, width, V, generator=g)).requires_grad_()
+    targets = torch.randint(V, (B, width), generator=g)
+    stats = token_stats(logits, targets, need=("logprob", "entropy", "disc", "disc_centered"))
+    old = stats.logprob.detach() + 0.3 * torch.randn(B, width, generator=g)
+    mask = torch.zeros(B, width, dtype=torch.bool) if empty else _ragged_mask((8, 5, 1, 0), width)
+    batch = PolicyBatch(
+        log_prob=stats.logprob,
+        old_log_prob=old,
+        advantages=torch.randn(B, width, generator=g),
+        mask=mask,
+        entropy=stats.entropy,
+        disc=stats.disc,
+        disc_centered=stats.disc_centered,
+        ref_log_prob=stats.logprob.detach() + 0.5 * torch.randn(B, width, generator=g),
+        rollout_log_prob=old + 0.3 * torch.randn(B, width, generator=g),
+    )
+    return logits, batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. aggregation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_aggregation_matches_formula_on_ragged_masks(mode):
+    assert tuple(LOSS_AGG_MODES) == ALL_MODES
+    loss = torch.randn(6, T, generator=_gen(1), dtype=F64)
+    mask = _ragged_mask()
+    got = aggregate_loss(loss, mask, mode)
+    assert got.dim() == 0
+    assert float(got) == pytest.approx(ref_aggregate(_np(loss), mask.numpy(), mode), rel=1e-12, abs=1e-14)
+    # a 0/1 float mask is the same as a bool mask
+    assert float(aggregate_loss(loss, mask.to(F64), mode)) == pytest.approx(float(got), rel=1e-12, abs=1e-14)
+
+
+def test_aggregation_modes_differ_as_documented():
+    """Hand-computed: rows [1, 2, 3] and [10], T = 4."""
+    loss = torch.tensor([[1.0, 2.0, 3.0, 99.0], [10.0, 99.0, 99.0, 99.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    assert float(aggregate_loss(loss, mask, "token-mean")) == pytest.approx(16 / 4)
+    assert float(aggregate_loss(loss, mask, "seq-mean-token-mean")) == pytest.approx((2 + 10) / 2)
+    assert float(aggregate_loss(loss, mask, "seq-mean-token-sum")) == pytest.approx((6 + 10) / 2)
+    assert float(aggregate_loss(loss, mask, "seq-mean-token-sum-norm")) == pytest.approx((6 + 10) / 2 / 4)
+    assert float(aggregate_loss(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=8)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"batch_num_tokens": 57.0},
+        {"global_batch_size": 11.0},
+        {"dp_size": 4},
+        {"batch_num_tokens": 100.0, "global_batch_size": 16.0, "dp_size": 2, "loss_scale_factor": 32.0},
+    ],
+)
+def test_aggregation_global_normalisers(mode, kwargs):
+    """batch_num_tokens replaces sum(m) (token-mean only), global_batch_size the sequence count, dp_size scales."""
+    loss = torch.randn(6, T, generator=_gen(2), dtype=F64)
+    mask = _ragged_mask()
+    got = aggregate_loss(loss, mask, mode, **kwargs)
+    assert float(got) == pytest.approx(ref_aggregate(_np(loss), mask.numpy(), mode, **kwargs), rel=1e-12, abs=1e-14)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_aggregation_ignores_non_finite_masked_values(mode):
+    loss = torch.randn(6, T, generator=_gen(3), dtype=F64)
+    mask = _ragged_mask()
+    poisoned = loss.clone()
+    poisoned[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=F64).repeat(100)[: int((~mask).sum())]
+    poisoned.requires_grad_()
+    got = aggregate_loss(poisoned, mask, mode)
+    assert torch.isfinite(got)
+    assert float(got.detach()) == pytest.approx(ref_aggregate(_np(loss), mask.numpy(), mode), rel=1e-12, abs=1e-14)
+    grad = grad_of(got, poisoned)
+    assert torch.isfinite(grad).all()
+    assert (grad[~mask] == 0).all()
+    assert (grad[mask] != 0).all()
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_aggregation_empty_mask_gives_attached_zero(mode):
+    loss = torch.randn(3, 5, generator=_gen(4), dtype=F64)
+    loss[0, 0] = float("nan")
+    loss.requires_grad_()
+    got = aggregate_loss(loss, torch.zeros(3, 5, dtype=torch.bool), mode)
+    assert float(got) == 0.0
+    assert got.requires_grad
+    grad = grad_of(got, loss)
+    assert torch.equal(grad, torch.zeros_like(loss))
+
+
+def test_aggregation_unknown_mode_lists_modes():
+    with pytest.raises(ValueError) as info:
+        aggregate_loss(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), "token-sum-of-squares")
+    for mode in ALL_MODES:
+        assert mode in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. the ppo_clip surrogate
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _ppo_case(seed=10):
+    batch = make_batch(seed)
+    ratio = np.exp(_np(batch.log_prob) - _np(batch.old_log_prob))
+    adv, mask = _np(batch.advantages), batch.mask.numpy()
+    return batch, ratio, adv, mask
+
+
+@pytest.mark.parametrize(
+    ("method", "eps_low", "eps_high", "c"),
+    [("dapo", 0.2, 0.28, None), ("dual_clip", 0.2, 0.2, 3.0)],
+)
+def test_ppo_clip_loss_gradient_and_metrics(method, eps_low, eps_high, c):
+    batch, ratio, adv, mask = _ppo_case()
+    objective = build_objective(method, loss_agg_mode="token-mean")
+    surrogate = objective.surrogate
+    assert (surrogate.clip_ratio_low, surrogate.clip_ratio_high, surrogate.clip_ratio_c) == (eps_low, eps_high, c)
+    out = objective(batch)
+
+    per_token = ref_ppo(ratio, adv, eps_low, eps_high, c)
+    n = mask.sum()
+    assert float(out.loss) == pytest.approx(per_token[mask].sum() / n, rel=1e-12)
+
+    # which tokens have zero gradient, by hand
+    low = (adv < 0) & (ratio < 1 - eps_low)
+    high = (adv > 0) & (ratio > 1 + eps_high)
+    dual = (adv < 0) & (ratio > c) if c is not None else np.zeros_like(mask)
+    clipped = (low | high | dual) & mask
+    assert low[mask].any() and high[mask].any() and (~clipped[mask]).any()
+
+    grad = _np(grad_of(out.loss, batch.log_prob))
+    expected = np.where(mask & ~clipped, -adv * ratio / n, 0.0)
+    np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-15)
+    assert (grad[clipped] == 0).all()
+
+    m = out.metrics
+    assert m["clip/ppo_low_frac"] == pytest.approx((low & mask).sum() / n, abs=1e-12)
+    assert m["clip/ppo_high_frac"] == pytest.approx((high & mask).sum() / n, abs=1e-12)
+    assert m["clip/ppo_frac"] == pytest.approx(clipped.sum() / n, abs=1e-12)
+
+
+def test_dual_clip_caps_huge_ratio_with_negative_advantage():
+    # token 0: A < 0, r = e^5 ~ 148 -> dual-clip caps the loss at -3 A; token 1: A > 0, r = e^5 -> clipped at 1.2
+    # token 2: A < 0, r = 2 (< c) -> loss -A r, not capped
+    log_prob = torch.tensor([[5.0, 5.0, math.log(2.0)]], dtype=F64).requires_grad_()
+    old = torch.zeros(1, 3, dtype=F64)
+    adv = torch.tensor([[-1.5, 2.0, -1.0]], dtype=F64)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=old, advantages=adv, mask=torch.ones(1, 3, dtype=torch.bool))
+
+    surrogate_out = build_objective("dual_clip").surrogate(batch, adv, {})
+    np.testing.assert_allclose(_np(surrogate_out.per_token_loss), [[3 * 1.5, -2.0 * 1.2, 2.0]], rtol=1e-12)
+
+    plain = build_objective("grpo").surrogate(batch, adv, {})
+    assert float(plain.per_token_loss[0, 0]) == pytest.approx(1.5 * math.exp(5.0), rel=1e-12)
+
+    out = build_objective("dual_clip")(batch)
+    grad = _np(grad_of(out.loss, log_prob))
+    np.testing.assert_allclose(grad, [[0.0, 0.0, 1.0 * 2.0 / 3]], rtol=1e-12, atol=1e-15)
+    assert out.metrics["clip/dual_frac"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("c", [1.0, 0.5, -3.0])
+def test_dual_clip_bound_must_exceed_one(c):
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        build_objective("dual_clip", clip_ratio_c=c)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        build_objective("grpo", clip_ratio_c=c)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. surrogates of the named methods
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "mode", "eps_high"),
+    [("grpo", "seq-mean-token-mean", 0.2), ("dapo", "token-mean", 0.28), ("dr_grpo", "seq-mean-token-sum-norm", 0.2)],
+)
+def test_method_is_ppo_clip_with_its_aggregation(method, mode, eps_high):
+    batch = make_batch(20)
+    objective = build_objective(method)
+    assert objective.loss_agg_mode == mode
+    out = objective(batch)
+    ratio = np.exp(_np(batch.log_prob) - _np(batch.old_log_prob))
+    per_token = ref_ppo(ratio, _np(batch.advantages), 0.2, eps_high)
+    expected = ref_aggregate(per_token, batch.mask.numpy(), mode)
+    assert float(out.loss) == pytest.approx(expected, rel=1e-12)
+    # Dr. GRPO with a constant normaliser (the maximum generation length)
+    if method == "dr_grpo":
+        out = build_objective("dr_grpo", loss_scale_factor=4096)(batch)
+        expected = ref_aggregate(per_token, batch.mask.numpy(), mode, loss_scale_factor=4096)
+        assert float(out.loss) == pytest.approx(expected, rel=1e-12)
+
+
+def _gspo_batch():
+    """Per-sequence advantages; rows 0, 2, 4 have tiny log-ratios (inside 3e-4 / 4e-4), rows 1, 5 are shifted out."""
+    g = _gen(30)
+    b = len(LENGTHS)
+    old = -2.0 * torch.rand(b, T, generator=g, dtype=F64)
+    noise = 1e-5 * torch.randn(b, T, generator=g, dtype=F64)
+    shift = torch.tensor([0.0, 0.01, 0.0, 0.0, 0.0, -0.02], dtype=F64).unsqueeze(1)
+    log_prob = (old + noise + shift).requires_grad_()
+    adv = torch.tensor([1.0, 0.7, -0.5, 2.0, -1.2, -0.9], dtype=F64)
+    return PolicyBatch(log_prob=log_prob, old_log_prob=old, advantages=adv, mask=_ragged_mask())
+
+
+def test_gspo_sequence_ratio_clip_and_token_gradient():
+    batch = _gspo_batch()
+    objective = build_objective("gspo")
+    assert (objective.surrogate.clip_ratio_low, objective.surrogate.clip_ratio_high) == (3e-4, 4e-4)
+    assert objective.loss_agg_mode == "seq-mean-token-mean"
+
+    mask = batch.mask.numpy()
+    log_r = _np(batch.log_prob) - _np(batch.old_log_prob)
+    adv_seq = _np(batch.advantages)[:, 0]
+    lengths = mask.sum(1)
+    s = np.array([np.exp(log_r[i][mask[i]].mean()) if lengths[i] else 1.0 for i in range(len(lengths))])
+    seq_loss = np.maximum(-adv_seq * s, -adv_seq * np.clip(s, 1 - 3e-4, 1 + 4e-4))
+    clipped_seq = (-adv_seq * np.clip(s, 1 - 3e-4, 1 + 4e-4)) > (-adv_seq * s)
+    valid = lengths > 0
+    assert clipped_seq[valid].any() and (~clipped_seq[valid]).any()
+
+    # the token ratio has the value of the sequence ratio on every valid token
+    surrogate_out = objective.surrogate(batch, batch.advantages, {})
+    ratio = _np(surrogate_out.ratio)
+    for i in np.flatnonzero(valid):
+        np.testing.assert_allclose(ratio[i][mask[i]], s[i], rtol=1e-12)
+
+    out = objective(batch)
+    n_seq = valid.sum()
+    assert float(out.loss) == pytest.approx(seq_loss[valid].sum() / n_seq, rel=1e-12)
+
+    # d loss / d log pi_t = -A_i s_i / (n_seq |y_i|) on unclipped sequences, 0 on clipped ones and on padding
+    grad = _np(grad_of(out.loss, batch.log_prob))
+    expected = np.zeros_like(grad)
+    for i in np.flatnonzero(valid & ~clipped_seq):
+        expected[i][mask[i]] = -adv_seq[i] * s[i] / (n_seq * lengths[i])
+    np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-15)
+    clipped_tokens = (clipped_seq[:, None] & mask).sum() / mask.sum()
+    assert out.metrics["clip/gspo_frac"] == pytest.approx(clipped_tokens)
+
+
+def test_cispo_loss_and_gradient_never_clipped_to_zero():
+    batch = make_batch(40, spread=0.6)
+    objective = build_objective("cispo")
+    eps_low, eps_high = objective.surrogate.clip_ratio_low, objective.surrogate.clip_ratio_high
+    assert objective.loss_agg_mode == "token-mean"
+    out = objective(batch)
+
+    mask = batch.mask.numpy()
+    log_prob, adv = _np(batch.log_prob), _np(batch.advantages)
+    ratio = np.exp(log_prob - _np(batch.old_log_prob))
+    weight = np.clip(ratio, 1 - eps_low, 1 + eps_high)
+    assert (ratio[mask] > 1 + eps_high).any()  # some IS weights are clipped ...
+    n = mask.sum()
+    assert float(out.loss) == pytest.approx((-weight * adv * log_prob)[mask].sum() / n, rel=1e-12)
+
+    grad = _np(grad_of(out.loss, batch.log_prob))
+    np.testing.assert_allclose(grad, np.where(mask, -weight * adv / n, 0.0), rtol=1e-10, atol=1e-15)
+    assert (grad[mask] != 0).all()  # ... yet no token loses its gradient
+    # a tighter lower bound clips the weight of low-ratio tokens too, still without zeroing their gradient
+    out = build_objective("cispo", clip_ratio_low=0.2)(batch)
+    weight = np.clip(ratio, 0.8, 1 + eps_high)
+    np.testing.assert_allclose(_np(grad_of(out.loss, batch.log_prob)), np.where(mask, -weight * adv / n, 0.0), rtol=1e-10)
+
+
+def test_kl_cov_unclipped_surrogate_and_top_k_penalty():
+    batch = make_batch(50, spread=0.8)
+    objective = build_objective("kl_cov", kl_cov_ratio=0.1)
+    assert objective.surrogate.name == "unclipped"
+    surrogate_out = objective.surrogate(batch, batch.advantages, {})
+    mask = batch.mask.numpy()
+    log_prob, old, adv = _np(batch.log_prob), _np(batch.old_log_prob), _np(batch.advantages)
+    ratio = np.exp(log_prob - old)
+    np.testing.assert_allclose(_np(surrogate_out.per_token_loss)[mask], (-adv * ratio)[mask], rtol=1e-12)
+    assert not surrogate_out.clipped.any()
+
+    # top max(1, floor(k N)) tokens by C_t = (log pi - mean log pi)(A - mean A) get + beta |log r|
+    n = mask.sum()
+    cov = (log_prob - log_prob[mask].mean()) * (adv - adv[mask].mean())
+    k = max(1, int(0.1 * n))
+    top = np.argsort(-np.where(mask, cov, -np.inf), axis=None)[:k]
+    penalty = np.zeros_like(log_prob)
+    penalty.flat[top] = np.abs(log_prob - old).flat[top]
+    out = objective(batch)
+    assert float(out.loss) == pytest.approx(((-adv * ratio + penalty)[mask]).sum() / n, rel=1e-10)
+    assert out.metrics["select/kl_cov_frac"] == pytest.approx(k / n)
+
+    # strictly on-policy the penalty is zero: the loss is the unclipped one and a warning says so
+    on_policy = PolicyBatch(batch.log_prob, batch.log_prob.detach(), batch.advantages, batch.mask)
+    with pytest.warns(UserWarning, match="on-policy"):
+        out = build_objective("kl_cov")(on_policy)
+    assert float(out.loss) == pytest.approx(float((-adv)[mask].sum() / n), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. regularisers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _logit_batch(seed: int, B: int = 3, width: int = 6, V: int = 9):
+    g = _gen(seed)
+    logits = (1.5 * torch.randn(B, width, V, generator=g, dtype=F64)).requires_grad_()
+    targets = torch.randint(V, (B, width), generator=g)
+    mask = _ragged_mask((6, 3, 1), width)
+    adv = torch.randn(B, width, generator=g, dtype=F64)
+    return logits, targets, mask, adv
+
+
+def test_entropy_bonus_value_and_gradient_through_entropy():
+    logits, targets, mask, adv = _logit_batch(60)
+    coeff = 0.05
+    stats = token_stats(logits, targets, need=("logprob", "entropy"))
+    old = stats.logprob.detach()
+    batch = PolicyBatch(log_prob=stats.logprob, old_log_prob=old, advantages=adv.float(), mask=mask, entropy=stats.entropy)
+    objective = build_objective("entropy_bonus", entropy_coeff=coeff)
+    out = objective(batch)
+    grad = grad_of(out.loss, logits)
+
+    # plain-torch reference from the same logits, in float64
+    z = logits.detach().clone().requires_grad_()
+    log_p = torch.log_softmax(z, dim=-1)
+    lp = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    ratio = torch.exp(lp - old.to(F64))
+    ppo = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    m = mask.to(F64)
+    reference = (ppo * m).sum() / m.sum() - coeff * (entropy * m).sum() / m.sum()
+    reference.backward()
+    assert float(out.loss) == pytest.approx(float(reference), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(grad.to(F64), z.grad, rtol=1e-4, atol=1e-6)
+    assert out.metrics["reg/entropy_bonus"] == pytest.approx(coeff * float((entropy * m).sum() / m.sum()), rel=1e-5)
+
+    # the bonus's own gradient is -c d agg(H) / d logits: non-zero, and it is the whole difference
+    no_bonus = build_objective("entropy_bonus", entropy_coeff=0.0)(batch)
+    diff = grad - grad_of(no_bonus.loss, logits)
+    z2 = logits.detach().clone().requires_grad_()
+    log_p2 = torch.log_softmax(z2, dim=-1)
+    (-coeff * ((-(log_p2.exp() * log_p2).sum(-1)) * m).sum() / m.sum()).backward()
+    torch.testing.assert_close(diff.to(F64), z2.grad, rtol=1e-4, atol=1e-7)
+    assert diff.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["entropy_bonus", "adaptive_entropy"])
+def test_entropy_regularisers_reject_detached_entropy(method):
+    batch = make_batch(61)
+    batch.entropy = torch.rand(batch.log_prob.shape, generator=_gen(0), dtype=F64)  # no gradient
+    with pytest.raises(ValueError, match="entropy"):
+        build_objective(method)(batch)
+
+
+def _entropy_batch(level: float, seed: int) -> tuple[PolicyBatch, torch.Tensor]:
+    batch = make_batch(seed)
+    g = _gen(seed + 1000)
+    entropy = (level * (1.0 + 0.1 * (torch.rand(batch.log_prob.shape, generator=g, dtype=F64) - 0.5))).requires_grad_()
+    batch.entropy = entropy
+    return batch, entropy
+
+
+def test_adaptive_entropy_controller_sequence_and_state_round_trip():
+    delta, c_max, target = 1e-4, 2.5e-4, 0.2
+    objective = build_objective("adaptive_entropy", max_coeff=c_max)
+    part = objective.regularizers[0]
+    assert (part.target_entropy, part.delta, part.entropy_coeff, part.min_coeff) == (target, delta, 0.0, 0.0)
+
+    levels = [0.1, 0.1, 0.1, 0.1, 0.5, 0.5, 0.5, 0.5, 0.05, 0.05]
+    c = 0.0  # the reference controller (Skywork-OR1)
+    for step, level in enumerate(levels):
+        batch, entropy = _entropy_batch(level, seed=70 + step)
+        mask = batch.mask
+        measured = float(entropy.detach()[mask].mean())
+        active = c if measured < target else 0.0
+        c = min(c_max, max(0.0, c + delta if measured < target else c - delta))
+
+        out = objective(batch)
+        assert out.metrics["reg/adaptive_entropy_coeff"] == pytest.approx(active, abs=1e-15)
+        assert out.metrics["reg/adaptive_entropy_next_coeff"] == pytest.approx(c, abs=1e-15)
+        mean_h = float(entropy.detach()[mask].mean())
+        assert float(out.loss - out.policy_loss) == pytest.approx(-active * mean_h, abs=1e-15)
+        # the gradient wrt H is -active / N on valid tokens (token-mean)
+        np.testing.assert_allclose(
+            _np(grad_of(out.loss, entropy)), np.where(mask.numpy(), -active / int(mask.sum()), 0.0), atol=1e-18
+        )
+        if step == 3:
+            assert c == pytest.approx(c_max)  # clipped at the top
+        if step == 8:
+            assert active == 0.0  # the coefficient had reached 0 while above target
+
+    state = objective.state_dict()
+    assert state == {"regularizer/adaptive_entropy": {"coefficient": pytest.approx(c)}}
+    restored = build_objective("adaptive_entropy", max_coeff=c_max)
+    restored.load_state_dict(state)
+    assert restored.regularizers[0].coefficient == pytest.approx(c)
+    batch, _ = _entropy_batch(0.1, seed=99)
+    a, b = objective(batch), restored(batch)
+    assert float(a.loss) == float(b.loss)
+    assert a.metrics["reg/adaptive_entropy_next_coeff"] == b.metrics["reg/adaptive_entropy_next_coeff"]
+    assert a.metrics["reg/adaptive_entropy_coeff"] == pytest.approx(c)
+
+    fresh = build_objective("adaptive_entropy")
+    assert fresh.regularizers[0].coefficient == 0.0  # the state did not leak into a new objective
+    with pytest.raises(ValueError):
+        fresh.load_state_dict({"regularizer/no_such_part": {"coefficient": 1.0}})
+
+
+def _ref_kl(log_prob: np.ndarray, ref: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "k1":
+        return log_prob - ref
+    if kind == "k2":
+        return 0.5 * (log_prob - ref) ** 2
+    u = ref - log_prob
+    return np.exp(u) - u - 1.0
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_kl_estimators_match_formulas(kind):
+    g = _gen(80)
+    log_prob = (-2.0 * torch.rand(4, 7, generator=g, dtype=F64)).requires_grad_()
+    ref = log_prob.detach() + 0.8 * torch.randn(4, 7, generator=g, dtype=F64)
+    got = kl_estimate(log_prob, ref, kind)
+    np.testing.assert_allclose(_np(got), _ref_kl(_np(log_prob), _np(ref), kind), rtol=1e-12, atol=1e-14)
+    # gradients: k1 -> 1, k2 -> delta, k3 -> 1 - exp(ref - log pi); none reaches ref
+    grad = _np(grad_of(got.sum(), log_prob))
+    delta = _np(log_prob) - _np(ref)
+    expected = {"k1": np.ones_like(delta), "k2": delta, "k3": 1.0 - np.exp(-delta)}[kind]
+    np.testing.assert_allclose(grad, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_kl_estimates_k2_k3_non_negative_and_unknown_rejected():
+    g = _gen(81)
+    log_prob = -5.0 * torch.rand(50, 20, generator=g, dtype=F64)
+    ref = -5.0 * torch.rand(50, 20, generator=g, dtype=F64)
+    for kind in ("k2", "k3"):
+        assert (kl_estimate(log_prob, ref, kind) >= 0).all()
+    assert (kl_estimate(log_prob, ref, "k1") < 0).any()  # k1 can be negative
+    with pytest.raises(ValueError, match="k1"):
+        kl_estimate(log_prob, ref, "k4")
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_kl_ref_regulariser(kind):
+    assert build_objective("kl_ref").regularizers[0].kl_loss_coef == 1e-3
+    assert build_objective("kl_ref").regularizers[0].kl_loss_type == "k3"
+    batch = make_batch(82)
+    batch.ref_log_prob = batch.old_log_prob + 0.5 * torch.randn(batch.log_prob.shape, generator=_gen(83), dtype=F64)
+    beta = 0.2
+    out = build_objective("kl_ref", kl_loss_type=kind, kl_loss_coef=beta)(batch)
+    mask = batch.mask.numpy()
+    kl = _ref_kl(_np(batch.log_prob), _np(batch.ref_log_prob), kind)
+    ratio = np.exp(_np(batch.log_prob) - _np(batch.old_log_prob))
+    policy = ref_ppo(ratio, _np(batch.advantages), 0.2, 0.2)
+    expected = policy[mask].mean() + beta * kl[mask].mean()  # token-mean for both
+    assert float(out.loss) == pytest.approx(expected, rel=1e-12)
+    assert out.metrics["kl/ref"] == pytest.approx(kl[mask].mean(), rel=1e-12)
+    with pytest.raises(ValueError, match="ref_log_prob"):
+        build_objective("kl_ref")(make_batch(84))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. configuration and errors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_method_lists_available_names():
+    with pytest.raises(ValueError) as info:
+        build_objective("grpo+no_such_method")
+    message = str(info.value)
+    assert "no_such_method" in message
+    for name in ("grpo", "dapo", "clip_b", "gspo", "icepop"):
+        assert name in message
+
+
+def test_unknown_override_lists_valid_parameters():
+    with pytest.raises(ValueError) as info:
+        build_objective("clip_b", clip_ratio=0.2)
+    message = str(info.value)
+    assert "clip_ratio" in message
+    for valid in ("clip_ratio_low", "clip_ratio_high", "mu", "loss_agg_mode"):
+        assert valid in message
+
+
+def test_ambiguous_override_names_both_parts():
+    with pytest.raises(ValueError) as info:
+        build_objective("entropy_advantage+lopti_reweight", alpha=0.1)
+    message = str(info.value)
+    assert "alpha" in message and "entropy_advantage" in message and "lopti_reweight" in message
+    # set inside the part, it is not ambiguous
+    objective = build_objective({"method": "entropy_advantage+lopti_reweight", "shapers": [{"name": "lopti_reweight", "alpha": 0.1}]})
+    assert [(s.name, s.alpha) for s in objective.shapers] == [("entropy_advantage", 0.4), ("lopti_reweight", 0.1)]
+
+
+@pytest.mark.parametrize(
+    ("method", "overrides", "param"),
+    [
+        ("clip_b", {"mu": -1}, "mu"),
+        ("dapo", {"clip_ratio_low": "x"}, "clip_ratio_low"),
+        ("kl_ref", {"kl_loss_type": "k7"}, "kl_loss_type"),
+        ("forking_tokens", {"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
+        ("grpo", {"loss_agg_mode": "token-sum-of-squares"}, "loss_agg_mode"),
+        ("dr_grpo", {"loss_scale_factor": 0}, "loss_scale_factor"),
+    ],
+)
+def test_bad_parameter_value_names_the_parameter(method, overrides, param):
+    with pytest.raises(ValueError, match=param):
+        build_objective(method, **overrides)
+
+
+def test_invalid_config_key_rejected():
+    with pytest.raises(ValueError, match="selector"):
+        build_objective({"method": "grpo", "selector": ["clip_b"]})  # 'selectors' is the key
+    with pytest.raises(ValueError):
+        build_objective({"method": "grpo", "loss_agg_mode": "mean"})
+    with pytest.raises(ValueError):
+        build_objective({"method": "dapo", "selectors": [{"name": "clip_b", "no_such_param": 1}]})
+    with pytest.raises(ValueError):
+        build_objective({"method": "dapo", "selectors": [{"name": "no_such_selector"}]})
+
+
+def test_dict_config_parts_merge_onto_methods():
+    # a part the method lacks is appended, keeping the method's own parts and settings
+    objective = build_objective({"method": "forking_tokens", "selectors": [{"name": "clip_b", "mu": 3}]})
+    assert [s.name for s in objective.selectors] == ["forking_tokens", "clip_b"]
+    assert objective.selectors[1].mu == 3.0
+    assert objective.surrogate.clip_ratio_high == 0.28
+    # the same part name updates its parameters instead of adding a second copy
+    objective = build_objective({"method": "clip_b", "selectors": [{"name": "clip_b", "mu": 3}]})
+    assert [(s.name, s.mu) for s in objective.selectors] == [("clip_b", 3.0)]
+    # explicit surrogate parameters merge onto the method's surrogate
+    objective = build_objective({"method": "dapo", "surrogate": {"name": "ppo_clip", "clip_ratio_c": 3.0}})
+    s = objective.surrogate
+    assert (s.name, s.clip_ratio_low, s.clip_ratio_high, s.clip_ratio_c) == ("ppo_clip", 0.2, 0.28, 3.0)
+    # params and loss_agg_mode in the config
+    objective = build_objective({"method": "dapo", "params": {"clip_ratio_high": 0.3}, "loss_agg_mode": "seq-mean-token-sum"})
+    assert objective.surrogate.clip_ratio_high == 0.3 and objective.loss_agg_mode == "seq-mean-token-sum"
+    # a config with no method: the parts alone
+    objective = build_objective(ObjectiveConfig(surrogate="cispo", selectors=["clip_b"]))
+    assert [p.name for p in objective.parts] == ["cispo", "clip_b"]
+
+
+def test_later_method_does_not_override_first_surrogate():
+    """ObjectiveConfig: 'the first [method] gives the surrogate and aggregation, the others add their shapers,
+    regularisers, selectors and correction'. DAPO + Clip-Cov's selector must stay DAPO's clip-higher."""
+    objective = build_objective("dapo+clip_cov")
+    assert [p.name for p in objective.parts] == ["ppo_clip", "clip_cov"]
+    assert (objective.surrogate.clip_ratio_low, objective.surrogate.clip_ratio_high) == (0.2, 0.28)
+    assert objective.loss_agg_mode == "token-mean"
+    objective = build_objective("grpo+clip_cov")
+    assert (objective.surrogate.clip_ratio_low, objective.surrogate.clip_ratio_high) == (0.2, 0.2)
+    assert objective.loss_agg_mode == "seq-mean-token-mean"
+    objective = build_objective("grpo+kl_cov")
+    assert objective.surrogate.name == "ppo_clip" and objective.loss_agg_mode == "seq-mean-token-mean"
+    objective = build_objective("gspo+dapo")
+    assert objective.surrogate.name == "gspo" and objective.surrogate.clip_ratio_high == 4e-4
+
+
+def test_string_list_and_dict_compositions_agree():
+    variants = [
+        build_objective("dapo+clip_b+forking_tokens"),
+        build_objective(["dapo", "clip_b", "forking_tokens"]),
+        build_objective({"method": "dapo+clip_b+forking_tokens"}),
+        build_objective({"method": ["dapo", "clip_b", "forking_tokens"]}),
+        build_objective(ObjectiveConfig(method="dapo + clip_b + forking_tokens")),
+    ]
+    described = [o.describe() for o in variants]
+    assert all(d == described[0] for d in described)
+    assert [p.name for p in variants[0].parts] == ["ppo_clip", "clip_b", "forking_tokens"]
+    _, batch = full_batch(90)
+    losses = [float(o(batch).loss) for o in variants]
+    assert all(loss == losses[0] for loss in losses)
+
+
+def test_overrides_reach_the_right_part():
+    assert build_objective("clip_b", mu=3.0).selectors[0].mu == 3.0
+    assert build_objective("clip_v", mu=7.5).selectors[0].mu == 7.5
+    objective = build_objective("dapo+clip_b+forking_tokens", mu=2.0, top_entropy_quantile=0.5, clip_ratio_high=0.3)
+    by_name = {p.name: p for p in objective.parts}
+    assert by_name["clip_b"].mu == 2.0
+    assert by_name["forking_tokens"].top_entropy_quantile == 0.5
+    assert by_name["ppo_clip"].clip_ratio_high == 0.3 and by_name["ppo_clip"].clip_ratio_low == 0.2
+    assert build_objective("grpo", loss_agg_mode="token-mean").loss_agg_mode == "token-mean"
+    assert build_objective("dapo", loss_agg_mode="seq-mean-token-sum-norm").loss_agg_mode == "seq-mean-token-sum-norm"
+    assert build_objective("dr_grpo", loss_scale_factor=512).loss_scale_factor == 512
+    # overrides do not leak into the registry's defaults
+    assert build_objective("clip_b").selectors[0].mu == 2.5
+    assert build_objective("dapo").surrogate.clip_ratio_high == 0.28
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. registry
+# ---------------------------------------------------------------------------------------------------------
+
+PAPER_REF = re.compile(r"arXiv \d{4}\.\d{4,5}|[A-Z][A-Za-z-]+ et al\.? \(?\d{4}")
+
+
+def test_available_methods_are_exactly_the_catalogue():
+    infos = available_methods()
+    names = [info.name for info in infos]
+    assert len(names) == len(set(names))
+    assert set(names) == EXPECTED_METHODS
+    for info in infos:
+        assert PAPER_REF.search(info.paper), (info.name, info.paper)
+        assert info.description.strip(), info.name
+        assert info.loss_agg_mode in ALL_MODES
+        assert info.params or info.name == "grpo"
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("grpo", {"clip_ratio_low": 0.2, "clip_ratio_high": 0.2}),
+        ("dapo", {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28}),
+        ("dual_clip", {"clip_ratio_c": 3.0}),
+        ("clip_b", {"mu": 2.5}),
+        ("clip_v", {"mu": 8.5, "max_frac": 1e-4}),
+        ("clip_cov", {"clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0}),
+        ("kl_cov", {"kl_cov_ratio": 2e-3, "ppo_kl_coef": 1.0}),
+        ("forking_tokens", {"top_entropy_quantile": 0.2}),
+        ("low_entropy_tokens", {"top_entropy_quantile": 0.2}),
+        ("entropy_advantage", {"alpha": 0.4, "kappa": 2.0}),
+        ("adaptive_entropy", {"target_entropy": 0.2, "delta": 1e-4, "max_coeff": 5e-3}),
+        ("kl_ref", {"kl_loss_coef": 1e-3}),
+        ("w_reinforce", {"lam": 0.1}),
+        ("lopti_reweight", {"alpha": 0.3}),
+        ("gspo", {"clip_ratio_low": 3e-4, "clip_ratio_high": 4e-4}),
+        ("tis", {"rollout_is_threshold": 2.0}),
+        ("icepop", {"icepop_low": 0.5, "icepop_high": 5.0}),
+    ],
+)
+def test_method_paper_defaults(method, expected):
+    info = {i.name: i for i in available_methods()}[method]
+    for key, value in expected.items():
+        assert info.params[key] == pytest.approx(value), (method, key)
+
+
+def test_method_aggregation_defaults():
+    modes = {i.name: i.loss_agg_mode for i in available_methods()}
+    assert modes["grpo"] == "seq-mean-token-mean"
+    assert modes["gspo"] == "seq-mean-token-mean"
+    assert modes["dapo"] == "token-mean"
+    assert modes["dr_grpo"] == "seq-mean-token-sum-norm"
+
+
+def test_markdown_table_has_a_row_per_method():
+    table = methods_markdown_table()
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| method |")
+    assert len(lines) == 2 + len(EXPECTED_METHODS)
+    for name in EXPECTED_METHODS:
+        assert sum(line.startswith(f"| `{name}` |") for line in lines) == 1
+
+
+@register_part("test_drop_long_ratio", description="test-only: drop tokens with r > ratio_limit", paper="none")
+class _DropLongRatio(Selector):
+    """A tiny custom selector: drops tokens whose ratio exceeds ``ratio_limit``, leaving the normaliser."""
+
+    ratio_limit: float = Field(1.5, gt=1.0)
+    calls: ClassVar[int] = 0
+
+    def __call__(self, batch, advantages, surrogate, metrics):
+        type(self).calls += 1
+        drop = (surrogate.ratio > self.ratio_limit) & batch.mask
+        metrics["select/test_drop_long_ratio_frac"] = float(drop.sum()) / max(1, int(batch.mask.sum()))
+        return drop
+
+
+def test_custom_part_composes_by_name():
+    batch = make_batch(100)
+    objective = build_objective({"method": "dapo", "selectors": ["test_drop_long_ratio"]}, ratio_limit=1.3)
+    assert objective.selectors[0].ratio_limit == 1.3
+    out = objective(batch)
+    assert _DropLongRatio.calls >= 1
+
+    mask = batch.mask.numpy()
+    ratio = np.exp(_np(batch.log_prob) - _np(batch.old_log_prob))
+    kept = mask & ~(ratio > 1.3)
+    assert kept.sum() < mask.sum()
+    per_token = ref_ppo(ratio, _np(batch.advantages), 0.2, 0.28)
+    assert float(out.loss) == pytest.approx(per_token[kept].sum() / kept.sum(), rel=1e-12)
+    grad = _np(grad_of(out.loss, batch.log_prob))
+    assert (grad[mask & ~kept] == 0).all()
+    assert out.metrics["select/dropped_frac"] == pytest.approx((mask & ~kept).sum() / mask.sum())
+    with pytest.raises(ValueError, match="ratio_limit"):
+        build_objective({"method": "dapo", "selectors": [{"name": "test_drop_long_ratio", "ratio_limit": 0.5}]})
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_METHODS) + ["dapo+clip_b+forking_tokens", "dr_grpo+kl_ref+tis"])
+def test_describe_round_trips(method):
+    objective = build_objective(method, loss_scale_factor=64) if method.startswith("dr_grpo") else build_objective(method)
+    rebuilt = build_objective(objective.describe())
+    assert rebuilt.describe() == objective.describe()
+    _, batch = full_batch(110)
+    torch.manual_seed(0)
+    first = objective(batch).loss
+    torch.manual_seed(0)
+    second = rebuilt(batch).loss
+    assert float(first) == float(second)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. every method
+# ---------------------------------------------------------------------------------------------------------
+
+METRIC_KEY = re.compile(r"[a-z0-9_]+/[a-z0-9_]+")
+
+
+def _check_output(out, logits):
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    grad = grad_of(out.loss, logits)
+    assert torch.isfinite(grad).all()
+    for key, value in out.metrics.items():
+        assert METRIC_KEY.fullmatch(key), key
+        assert type(value) is float, (key, type(value))
+        assert math.isfinite(value), key
+    return grad
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_METHODS))
+def test_every_method_full_and_empty_batch(method):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kl_cov's on-policy warning is not under test here
+        logits, batch = full_batch(120)
+        torch.manual_seed(0)
+        grad = _check_output(build_objective(method)(batch), logits)
+        assert grad.abs().sum() > 0
+
+        logits, batch = full_batch(121, empty=True)
+        out = build_objective(method)(batch)
+        grad = _check_output(out, logits)
+        assert float(out.loss) == 0.0
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_METHODS))
+def test_every_method_ignores_padding_values(method):
+    """Whatever the padded positions hold, the loss and the gradient at valid positions are the same."""
+    _, batch = full_batch(130)
+    g = _gen(131)
+    pad = ~batch.mask
+
+    def leafed(b: PolicyBatch, garbage: bool) -> tuple[PolicyBatch, torch.Tensor, torch.Tensor]:
+        def fill(x: torch.Tensor, scale: float) -> torch.Tensor:
+            x = x.detach().clone()
+            if garbage:
+                x[pad] = scale * torch.randn(int(pad.sum()), generator=g)
+            return x
+
+        log_prob = fill(b.log_prob, 3.0).requires_grad_()
+        entropy = fill(b.entropy, 2.0).abs().requires_grad_()
+        new = PolicyBatch(
+            log_prob=log_prob,
+            old_log_prob=fill(b.old_log_prob, 3.0),
+            advantages=fill(b.advantages, 5.0),
+            mask=b.mask,
+            entropy=entropy,
+            disc=fill(b.disc, 4.0),
+            disc_centered=fill(b.disc_centered, 4.0),
+            ref_log_prob=fill(b.ref_log_prob, 3.0),
+            rollout_log_prob=fill(b.rollout_log_prob, 3.0),
+        )
+        return new, log_prob, entropy
+
+    results = []
+    for garbage in (False, True):
+        clean, log_prob, entropy = leafed(batch, garbage)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = build_objective(method)(clean)
+        grads = torch.autograd.grad(out.loss, (log_prob, entropy), allow_unused=True)
+        grads = [torch.zeros_like(log_prob) if x is None else x for x in grads]
+        results.append((float(out.loss), [x[batch.mask] for x in grads], grads))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6, abs=1e-7)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for grad in results[1][2]:
+        assert torch.isfinite(grad).all()
+        assert (grad[pad] == 0).all()
+
+
+def test_adaptive_entropy_does_not_move_on_an_empty_batch():
+    objective = build_objective("adaptive_entropy", entropy_coeff=1e-3)
+    log_prob = torch.zeros(2, 3, requires_grad=True)
+    entropy = torch.full((2, 3), 0.05, requires_grad=True)
+    empty = PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach(), advantages=torch.ones(2, 3),
+                        mask=torch.zeros(2, 3, dtype=torch.bool), entropy=entropy)
+    objective(empty)
+    assert objective.state_dict() == {"regularizer/adaptive_entropy": {"coefficient": 1e-3}}

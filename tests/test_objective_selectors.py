@@ -1,0 +1,892 @@
+"""Token selectors, advantage shapers and mismatch corrections of entrorl.objective, against the papers' math.
+
+Every test builds a small seeded batch, computes what the rule must do with plain numpy (population
+statistics over the valid tokens only, exact token sets, hand-written token-mean losses and gradients)
+and compares with what the objective did: which tokens lost their gradient, which left the normaliser,
+the loss, the gradient w.r.t. ``log_prob`` and the metrics. Padding positions always hold huge garbage
+values that would change the result if they leaked into a statistic.
+
+Sources: SPEC §1/§3; Clip_B / Clip_V arXiv 2602.03392 (released Trinity-RFT code); Clip-Cov / KL-Cov
+arXiv 2505.22617 (verl); 80/20 arXiv 2506.01939; PSR/NSR arXiv 2506.01347; entropy advantage
+arXiv 2506.14758; Lopti arXiv 2505.12929; TIS; IcePop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from entrorl.objective import PolicyBatch, available_methods, build_objective
+from entrorl.objective.parts import SurrogateOutput
+from entrorl.objective.selectors import ClipB
+from entrorl.tokens import token_stats
+
+DTYPES = [torch.float32, torch.float64]
+FIELDS = (
+    "log_prob",
+    "old_log_prob",
+    "advantages",
+    "entropy",
+    "disc",
+    "disc_centered",
+    "ref_log_prob",
+    "rollout_log_prob",
+)
+OPTIONAL = ("entropy", "disc", "disc_centered", "ref_log_prob", "rollout_log_prob")
+
+# Values at padding positions: each would be selected, dominate a statistic or blow up a loss if a
+# part looked at it.
+GARBAGE = {
+    "log_prob": 3.0,
+    "old_log_prob": -50.0,
+    "advantages": -1.0e3,
+    "entropy": 1.0e6,
+    "disc": -1.0e6,
+    "disc_centered": -1.0e6,
+    "ref_log_prob": -1.0e3,
+    "rollout_log_prob": -1.0e3,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers: seeded batches whose numpy copy holds exactly the values the tensors hold
+# --------------------------------------------------------------------------------------------------
+
+
+def tolerances(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-13}
+
+
+def quantize(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The float64 numpy copy of ``values`` after a round trip through ``dtype``."""
+    return torch.as_tensor(np.asarray(values, dtype=np.float64)).to(dtype).double().numpy()
+
+
+@dataclass
+class Case:
+    """One batch as numpy arrays (``arrays[name]`` float64, garbage at padding) plus its dtype."""
+
+    arrays: dict[str, np.ndarray]
+    mask: np.ndarray
+    dtype: torch.dtype
+
+    @property
+    def n_valid(self) -> int:
+        return int(self.mask.sum())
+
+    def set(self, name: str, index, value) -> None:
+        self.arrays[name][index] = value
+        self.arrays[name] = quantize(self.arrays[name], self.dtype)
+
+    def batch(self, *, without: tuple[str, ...] = (), entropy_grad: bool = False, mask=None) -> PolicyBatch:
+        """A PolicyBatch with a fresh leaf ``log_prob`` (so ``batch.log_prob.grad`` is this call's gradient)."""
+
+        def tensor(name: str) -> torch.Tensor:
+            return torch.tensor(self.arrays[name], dtype=self.dtype)
+
+        optional = {name: tensor(name) for name in OPTIONAL if name not in without}
+        if entropy_grad and "entropy" in optional:
+            optional["entropy"].requires_grad_(True)
+        return PolicyBatch(
+            log_prob=tensor("log_prob").requires_grad_(True),
+            old_log_prob=tensor("old_log_prob"),
+            advantages=tensor("advantages"),
+            mask=torch.tensor(self.mask if mask is None else mask),
+            **optional,
+        )
+
+
+def random_case(seed: int, dtype: torch.dtype, shape=(6, 20), lengths=None) -> Case:
+    """Per-token advantages, ratios in [0.86, 1.16] (no PPO clipping unless a test plants it), distinct
+    entropies, S and D; every row has at least ``T // 2`` valid tokens."""
+    rng = np.random.default_rng(seed)
+    rows, cols = shape
+    if lengths is None:
+        lengths = rng.integers(cols // 2, cols + 1, size=rows)
+    mask = np.arange(cols)[None, :] < np.asarray(lengths)[:, None]
+    old = rng.uniform(-3.0, -0.05, shape)
+    arrays = {
+        "old_log_prob": old,
+        "log_prob": old + rng.uniform(-0.15, 0.15, shape),
+        "advantages": rng.normal(0.0, 1.0, shape),
+        "entropy": rng.exponential(1.0, shape),
+        "disc": rng.normal(0.0, 0.1, shape),
+        "disc_centered": rng.normal(0.0, 0.01, shape),
+        "ref_log_prob": old + rng.normal(0.0, 0.1, shape),
+        "rollout_log_prob": old + rng.normal(0.0, 0.1, shape),
+    }
+    for name in FIELDS:
+        arrays[name] = quantize(np.where(mask, arrays[name], GARBAGE[name]), dtype)
+    return Case(arrays=arrays, mask=mask, dtype=dtype)
+
+
+def ppo_loss(case: Case, low: float = 0.2, high: float = 0.2, advantages=None) -> np.ndarray:
+    """Per-token PPO-clip loss max(-A r, -A clip(r, 1-low, 1+high)); meaningful on valid tokens only."""
+    adv = case.arrays["advantages"] if advantages is None else advantages
+    ratio = np.exp(np.clip(case.arrays["log_prob"] - case.arrays["old_log_prob"], -20, 20))
+    return np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - low, 1 + high))
+
+
+def ppo_clipped(case: Case, low: float = 0.2, high: float = 0.2) -> np.ndarray:
+    adv = case.arrays["advantages"]
+    ratio = np.exp(np.clip(case.arrays["log_prob"] - case.arrays["old_log_prob"], -20, 20))
+    return case.mask & (-adv * np.clip(ratio, 1 - low, 1 + high) > -adv * ratio)
+
+
+def ppo_grad(case: Case, low: float = 0.2, high: float = 0.2, advantages=None) -> np.ndarray:
+    """d(per-token PPO loss)/d log_prob: -A r where the unclipped branch is active, else 0."""
+    adv = case.arrays["advantages"] if advantages is None else advantages
+    ratio = np.exp(np.clip(case.arrays["log_prob"] - case.arrays["old_log_prob"], -20, 20))
+    clipped = -adv * np.clip(ratio, 1 - low, 1 + high) > -adv * ratio
+    return np.where(clipped, 0.0, -adv * ratio)
+
+
+def check_token_mean(out, batch: PolicyBatch, case: Case, *, kept, count, loss, grad) -> None:
+    """``out.loss == sum_kept loss / count`` and ``d out.loss / d log_prob == grad / count`` on kept tokens,
+    exactly zero elsewhere (dropped and padding tokens)."""
+    tol = tolerances(case.dtype)
+    expected_loss = np.where(kept, loss, 0.0).sum() / count
+    np.testing.assert_allclose(float(out.loss.detach()), expected_loss, **tol)
+    out.loss.backward()
+    got = batch.log_prob.grad.double().numpy()
+    assert np.all(got[~kept] == 0.0), "a dropped or padding token received gradient"
+    np.testing.assert_allclose(got, np.where(kept, grad, 0.0) / count, **tol)
+
+
+def dropped(out, batch: PolicyBatch) -> np.ndarray:
+    return (batch.mask & ~out.trained_mask).numpy()
+
+
+def assert_clear_of(values: np.ndarray, thresholds, margin: float = 1e-4) -> None:
+    """The test is well posed: no valid statistic sits within ``margin`` of a decision threshold."""
+    for threshold in np.atleast_1d(thresholds):
+        assert np.min(np.abs(values - threshold)) > margin, "test data too close to a threshold"
+
+
+def population_stats(values: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    valid = values[mask]
+    return float(valid.mean()), float(valid.std())  # numpy std is the population std (ddof=0)
+
+
+def token_cov(case: Case) -> np.ndarray:
+    """C_t = (log p_t - mean log p)(A_t - mean A), means over the valid tokens (arXiv 2505.22617, Eq. 10)."""
+    lp, adv, mask = case.arrays["log_prob"], case.arrays["advantages"], case.mask
+    return np.where(mask, (lp - lp[mask].mean()) * (adv - adv[mask].mean()), 0.0)
+
+
+# 37 valid tokens: a float32 mean of 37 equal values is off by an ulp, so a naive std is ~1e-8, not 0.
+CONSTANT_SHAPE, CONSTANT_LENGTHS = (3, 16), [16, 16, 5]
+
+
+def no_surrogate(batch: PolicyBatch) -> SurrogateOutput:
+    zeros = torch.zeros_like(batch.log_prob)
+    return SurrogateOutput(per_token_loss=zeros, clipped=torch.zeros_like(batch.mask), ratio=zeros + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Clip_B (arXiv 2602.03392)
+# --------------------------------------------------------------------------------------------------
+
+
+def clip_b_case(dtype: torch.dtype) -> Case:
+    """A random batch with planted low-S outliers of every advantage sign and one high-S outlier."""
+    case = random_case(11, dtype, shape=(8, 16))
+    for index, s, a in [
+        ((0, 0), -0.60, -1.0),  # A < 0, low S: the released rule drops it
+        ((1, 1), -0.50, -0.5),  # A < 0, low S: dropped
+        ((2, 2), -0.60, +1.0),  # A > 0, low S: released keeps it, paper mode drops it
+        ((3, 3), -0.55, 0.0),  # A = 0, low S: released keeps it
+        ((4, 4), +0.60, -1.0),  # A < 0, high S: only the paper's upper bound drops it
+    ]:
+        case.set("disc", index, s)
+        case.set("advantages", index, a)
+    return case
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_b_released_drops_exactly_negative_advantage_low_outliers(dtype):
+    case = clip_b_case(dtype)
+    mu = 2.0
+    s, adv, mask = case.arrays["disc"], case.arrays["advantages"], case.mask
+    mean, std = population_stats(s, mask)
+    assert_clear_of(s[mask] - mean, [-mu * std])
+    expected = mask & (adv < 0) & (s - mean < -mu * std)
+    assert expected[0, 0] and expected[1, 1] and not expected[2, 2] and not expected[3, 3] and not expected[4, 4]
+
+    batch = case.batch()
+    out = build_objective("clip_b", mu=mu)(batch)
+
+    np.testing.assert_array_equal(dropped(out, batch), expected)
+    np.testing.assert_array_equal(out.loss_mask.numpy(), mask & ~expected)  # dropped tokens leave the normaliser
+    n = case.n_valid
+    assert out.metrics["select/clip_b_frac"] == pytest.approx(expected.sum() / n, abs=1e-15)
+    assert out.metrics["select/clip_b_frac_neg"] == pytest.approx(expected.sum() / n, abs=1e-15)
+    assert out.metrics["select/clip_b_frac_pos"] == 0.0
+    assert out.metrics["clip_b/disc_mean"] == pytest.approx(mean, rel=1e-5, abs=1e-7)
+    assert out.metrics["clip_b/disc_std"] == pytest.approx(std, rel=1e-5)
+    kept = mask & ~expected
+    check_token_mean(out, batch, case, kept=kept, count=kept.sum(), loss=ppo_loss(case), grad=ppo_grad(case))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mu, mu_high", [(1.5, 1.0), (2.0, None)])
+def test_clip_b_paper_mode_drops_both_tails_whatever_the_advantage(dtype, mu, mu_high):
+    case = clip_b_case(dtype)
+    s, adv, mask = case.arrays["disc"], case.arrays["advantages"], case.mask
+    mean, std = population_stats(s, mask)
+    upper = mu if mu_high is None else mu_high
+    assert_clear_of(s[mask] - mean, [-mu * std, upper * std])
+    expected = mask & ((s - mean < -mu * std) | (s - mean > upper * std))
+    assert expected[2, 2] and expected[4, 4] and expected[3, 3]  # A > 0, high S and A = 0 tokens are dropped too
+
+    batch = case.batch()
+    out = build_objective("clip_b", mode="paper", mu=mu, mu_high=mu_high)(batch)
+
+    np.testing.assert_array_equal(dropped(out, batch), expected)
+    n = case.n_valid
+    assert out.metrics["select/clip_b_frac"] == pytest.approx(expected.sum() / n, abs=1e-15)
+    assert out.metrics["select/clip_b_frac_pos"] == pytest.approx((expected & (adv > 0)).sum() / n, abs=1e-15)
+    assert out.metrics["select/clip_b_frac_neg"] == pytest.approx((expected & (adv < 0)).sum() / n, abs=1e-15)
+    kept = mask & ~expected
+    check_token_mean(out, batch, case, kept=kept, count=kept.sum(), loss=ppo_loss(case), grad=ppo_grad(case))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["released", "paper"])
+def test_clip_b_hand_worked_population_std_of_centred_s(dtype, mode):
+    """S = nine 1s and one 0 (all A < 0): mean 0.9, population std 0.3, the 0 sits at z = -3.
+    mu = 2.9 drops it; the sample std (0.316, z = -2.85) or an uncentred S (0 > -0.87) would keep it."""
+    case = random_case(12, dtype, shape=(2, 6), lengths=[6, 4])
+    s = np.array([1.0] * 9 + [0.0])
+    case.arrays["disc"][case.mask] = quantize(s, dtype)
+    case.arrays["advantages"] = quantize(np.where(case.mask, -1.0, GARBAGE["advantages"]), dtype)
+    expected = np.zeros_like(case.mask)
+    expected[1, 3] = True
+    batch = case.batch()
+    out = build_objective("clip_b", mu=2.9, mode=mode, mu_high=2.9)(batch)
+    np.testing.assert_array_equal(dropped(out, batch), expected)
+    assert out.metrics["clip_b/disc_std"] == pytest.approx(0.3, rel=1e-6)
+    assert out.metrics["clip_b/disc_mean"] == pytest.approx(0.9, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_b_padding_never_drops_nor_shifts_the_statistics(dtype):
+    clean = clip_b_case(dtype)
+    for name in FIELDS:  # the same valid tokens, harmless padding
+        clean.arrays[name] = np.where(clean.mask, clean.arrays[name], 0.0)
+    garbage = clip_b_case(dtype)  # padding: S = -1e6 with A = -1e3, an outlier if it were counted
+    outs = []
+    for case in (clean, garbage):
+        batch = case.batch()
+        metrics = {}
+        drop = ClipB(mu=2.0)(batch, batch.advantages, no_surrogate(batch), metrics).numpy()
+        assert drop.any() and not drop[~case.mask].any()
+        outs.append((drop, metrics))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    assert outs[0][1] == outs[1][1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["released", "paper"])
+@pytest.mark.parametrize("mu", [2.5, 0.5])
+def test_clip_b_constant_discriminator_drops_nothing(dtype, mode, mu):
+    """All S equal: zero spread, no outlier, nothing dropped (the std < 1e-12 rule), for any mu."""
+    case = random_case(3, dtype, shape=CONSTANT_SHAPE, lengths=CONSTANT_LENGTHS)
+    case.arrays["disc"] = quantize(np.where(case.mask, 0.1, GARBAGE["disc"]), dtype)
+    case.arrays["advantages"] = quantize(np.where(case.mask, -1.0, GARBAGE["advantages"]), dtype)
+    batch = case.batch()
+    out = build_objective("clip_b", mu=mu, mode=mode)(batch)
+    assert not dropped(out, batch).any()
+    assert out.metrics["select/clip_b_frac"] == 0.0
+    np.testing.assert_array_equal(out.loss_mask.numpy(), case.mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Clip_V (arXiv 2602.03392)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_v_cap_keeps_only_the_most_negative_candidates(dtype):
+    """N = 20000 valid tokens, max_frac = 1e-4: at most max(1, int(2.0)) = 2 tokens, the most negative D."""
+    rows, cols, length = 50, 410, 400
+    rng = np.random.default_rng(5)
+    case = random_case(5, dtype, shape=(rows, cols), lengths=[length] * rows)
+    assert case.n_valid == 20_000
+    d = rng.normal(0.0, 1.0, (rows, cols))
+    adv = np.where(rng.random((rows, cols)) < 0.5, -1.0, 1.0)
+    planted = {(3, 7): (-50.0, -1.0), (10, 0): (-60.0, -0.5), (20, 399): (-70.0, -1.0), (30, 100): (-80.0, -2.0),
+               (40, 5): (-90.0, 0.0)}  # A = 0 counts as non-positive
+    for index, (value, a) in planted.items():
+        d[index], adv[index] = value, a
+    d[(45, 45)], adv[(45, 45)] = -100.0, 1.0  # most negative of all, but A > 0: never dropped
+    case.arrays["disc_centered"] = quantize(np.where(case.mask, d, GARBAGE["disc_centered"]), dtype)
+    case.arrays["advantages"] = quantize(np.where(case.mask, adv, -1.0), dtype)  # padding: A < 0, D = -1e6
+
+    d = case.arrays["disc_centered"]
+    _, std = population_stats(d, case.mask)
+    candidates = case.mask & (case.arrays["advantages"] <= 0) & (d < -8.5 * std)
+    assert {tuple(i) for i in np.argwhere(candidates)} == set(planted)  # five candidates, none from the bulk
+    expected = np.zeros_like(case.mask)
+    expected[40, 5] = expected[30, 100] = True  # D = -90 and -80
+
+    batch = case.batch()
+    out = build_objective("clip_v")(batch)  # defaults: mu = 8.5, max_frac = 1e-4
+
+    np.testing.assert_array_equal(dropped(out, batch), expected)
+    np.testing.assert_array_equal(out.loss_mask.numpy(), case.mask & ~expected)
+    assert out.metrics["select/clip_v_frac"] == pytest.approx(2 / 20_000, abs=1e-15)
+    assert out.metrics["clip_v/disc_centered_std"] == pytest.approx(std, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_v_candidates_are_non_positive_advantage_raw_d_outliers(dtype):
+    """No cap binding (max_frac = 1): the dropped set is exactly {A <= 0, D < -mu std(D)}, with the threshold on
+    the raw D (not D - mean D, as in the released code), std the population std over valid tokens."""
+    case = random_case(8, dtype, shape=(8, 16))
+    case.arrays["disc_centered"] = quantize(np.where(case.mask, case.arrays["disc_centered"] - 0.004, -1e6), dtype)
+    case.set("advantages", (0, 0), 0.0)
+    case.set("disc_centered", (0, 0), -0.05)
+    case.set("advantages", (1, 0), 1.0)
+    case.set("disc_centered", (1, 0), -0.06)
+    d, adv, mask = case.arrays["disc_centered"], case.arrays["advantages"], case.mask
+    mu = 1.5
+    mean, std = population_stats(d, mask)
+    assert_clear_of(d[mask], [-mu * std], margin=1e-6)
+    expected = mask & (adv <= 0) & (d < -mu * std)
+    centred_rule = mask & (adv <= 0) & (d - mean < -mu * std)
+    assert expected[0, 0] and expected.sum() >= 3
+    assert (expected != centred_rule).any()  # the data tell the raw and the centred threshold apart
+    assert (mask & (adv > 0) & (d < -mu * std)).any()  # and contain A > 0 outliers, which must be kept
+
+    batch = case.batch()
+    out = build_objective("clip_v", mu=mu, max_frac=1.0)(batch)
+
+    np.testing.assert_array_equal(dropped(out, batch), expected)
+    kept = mask & ~expected
+    check_token_mean(out, batch, case, kept=kept, count=kept.sum(), loss=ppo_loss(case), grad=ppo_grad(case))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_v_hand_worked_population_std_and_raw_threshold(dtype):
+    """D = nine 0s and one -1 (all A <= 0): population std 0.3. With mu = 3.25 the raw rule drops the -1
+    (-1 < -0.975); the sample std (-1 > -1.028) or a centred D (-0.9 > -0.975) would keep it."""
+    case = random_case(13, dtype, shape=(2, 6), lengths=[6, 4])
+    case.arrays["disc_centered"][case.mask] = quantize([0.0] * 9 + [-1.0], dtype)
+    case.arrays["advantages"] = quantize(np.where(case.mask, 0.0, GARBAGE["advantages"]), dtype)
+    expected = np.zeros_like(case.mask)
+    expected[1, 3] = True
+    batch = case.batch()
+    out = build_objective("clip_v", mu=3.25, max_frac=1.0)(batch)
+    np.testing.assert_array_equal(dropped(out, batch), expected)
+    assert out.metrics["clip_v/disc_centered_std"] == pytest.approx(0.3, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_v_constant_d_drops_nothing(dtype):
+    """All D equal: zero spread, no outlier (the std < 1e-12 rule), even though the raw D is negative."""
+    case = random_case(4, dtype, shape=CONSTANT_SHAPE, lengths=CONSTANT_LENGTHS)
+    case.arrays["disc_centered"] = quantize(np.where(case.mask, -0.1, GARBAGE["disc_centered"]), dtype)
+    case.arrays["advantages"] = quantize(np.where(case.mask, -1.0, GARBAGE["advantages"]), dtype)
+    batch = case.batch()
+    out = build_objective("clip_v", max_frac=0.5)(batch)
+    assert not dropped(out, batch).any()
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Clip-Cov (arXiv 2505.22617)
+# --------------------------------------------------------------------------------------------------
+
+CLIP_COV_PPO = {"clip_ratio_low": 0.2, "clip_ratio_high": 0.2}
+
+
+def clip_cov_case(dtype: torch.dtype) -> tuple[Case, np.ndarray, np.ndarray]:
+    """A batch where half of the tokens with covariance in (1, 5) are PPO-clipped (ratio beyond 1 +- 0.4 with
+    the advantage's sign), and some others have an out-of-band ratio of the *other* sign (not clipped).
+    Returns the case, the expected candidate set and the PPO-clipped set."""
+    case = random_case(21, dtype, shape=(6, 40))
+    rng = np.random.default_rng(21)
+    case.arrays["log_prob"] = quantize(np.where(case.mask, rng.uniform(-4.0, -0.05, case.mask.shape), 3.0), dtype)
+    case.arrays["advantages"] = quantize(np.where(case.mask, rng.normal(0.0, 1.5, case.mask.shape), -1e3), dtype)
+    cov = token_cov(case)
+    assert_clear_of(cov[case.mask], [1.0, 5.0])
+    band = np.argwhere(case.mask & (cov > 1.0) & (cov < 5.0))
+    lp, adv = case.arrays["log_prob"], case.arrays["advantages"]
+    old = lp - rng.uniform(-0.1, 0.1, lp.shape)  # ratios within [0.9, 1.1]
+    for k, (i, j) in enumerate(band):
+        sign = np.sign(adv[i, j])
+        if k % 2 == 0:  # clipped: r = e^{+-0.4} on the side where PPO clips
+            old[i, j] = lp[i, j] - 0.4 * sign
+        elif k % 4 == 1:  # out of band on the side where PPO does not clip: still a candidate
+            old[i, j] = lp[i, j] + 0.4 * sign
+    case.arrays["old_log_prob"] = quantize(np.where(case.mask, old, -50.0), dtype)
+    clipped = ppo_clipped(case)
+    candidates = case.mask & ~clipped & (cov > 1.0) & (cov < 5.0)
+    assert (clipped & (cov > 1.0) & (cov < 5.0)).sum() >= 10
+    return case, candidates, clipped
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_cov_drops_the_right_number_of_unclipped_band_tokens(dtype):
+    case, candidates, clipped = clip_cov_case(dtype)
+    n = case.n_valid
+    ratio = 0.05
+    n_drop = min(max(1, int(ratio * n)), int(candidates.sum()))
+    assert 1 < n_drop < candidates.sum()
+    for seed in range(20):
+        batch = case.batch()
+        out = build_objective("clip_cov", clip_cov_ratio=ratio, seed=seed, **CLIP_COV_PPO)(batch)
+        drop = dropped(out, batch)
+        assert drop.sum() == n_drop
+        assert not (drop & ~candidates).any(), "dropped a token outside lb < C < ub, or a PPO-clipped one"
+        assert not (drop & clipped).any()
+        assert out.metrics["select/clip_cov_frac"] == pytest.approx(n_drop / n, abs=1e-15)
+        assert out.metrics["select/clip_cov_candidates_frac"] == pytest.approx(candidates.sum() / n, abs=1e-15)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_cov_drops_every_candidate_when_the_budget_exceeds_them(dtype):
+    """ratio N above #candidates: the dropped set is exactly the candidate set (deterministic)."""
+    case, candidates, _ = clip_cov_case(dtype)
+    assert int(0.5 * case.n_valid) > candidates.sum()
+    batch = case.batch()
+    out = build_objective("clip_cov", clip_cov_ratio=0.5, seed=0, **CLIP_COV_PPO)(batch)
+    np.testing.assert_array_equal(dropped(out, batch), candidates)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("keep_in_normaliser", [None, False])
+def test_clip_cov_normaliser(dtype, keep_in_normaliser):
+    """Default (released code): dropped tokens count in the normaliser, loss = sum_kept / N_valid.
+    ``keep_in_normaliser=False`` (the paper's formula): loss = sum_kept / #kept."""
+    case, _, _ = clip_cov_case(dtype)
+    extra = {} if keep_in_normaliser is None else {"keep_in_normaliser": keep_in_normaliser}
+    batch = case.batch()
+    out = build_objective("clip_cov", clip_cov_ratio=0.05, seed=3, **CLIP_COV_PPO, **extra)(batch)
+    drop = dropped(out, batch)
+    kept = case.mask & ~drop
+    assert drop.any()
+    if keep_in_normaliser is None:
+        np.testing.assert_array_equal(out.loss_mask.numpy(), case.mask)
+        count = case.n_valid
+    else:
+        np.testing.assert_array_equal(out.loss_mask.numpy(), kept)
+        count = kept.sum()
+    check_token_mean(out, batch, case, kept=kept, count=count, loss=ppo_loss(case), grad=ppo_grad(case))
+
+
+def test_clip_cov_choice_is_seeded_and_random_not_top_k():
+    case, candidates, _ = clip_cov_case(torch.float64)
+    cov = token_cov(case)
+
+    def choice(seed):
+        batch = case.batch()
+        return dropped(build_objective("clip_cov", clip_cov_ratio=0.05, seed=seed, **CLIP_COV_PPO)(batch), batch)
+
+    first = choice(7)
+    np.testing.assert_array_equal(first, choice(7))  # a fresh objective with the same seed: the same tokens
+    subsets = {tuple(np.flatnonzero(choice(seed))) for seed in range(8)}
+    assert len(subsets) >= 4, "different seeds should pick different subsets"
+    n_drop = first.sum()
+    top_k = set(np.argsort(np.where(candidates, cov, -np.inf).ravel())[::-1][:n_drop])
+    assert any(set(s) != top_k for s in subsets), "the choice looks like top-k by covariance"
+    covered = set().union(*subsets)
+    assert len(covered) > n_drop
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. KL-Cov (arXiv 2505.22617)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kl_cov_penalises_exactly_the_top_covariance_tokens(dtype):
+    case = random_case(31, dtype, shape=(6, 30))
+    case.set("log_prob", (0, 0), case.arrays["old_log_prob"][0, 0] + 0.5)  # r = 1.65: no PPO clipping in KL-Cov
+    case.set("advantages", (0, 0), 1.0)
+    n, ratio, coef = case.n_valid, 0.05, 0.7
+    k = max(1, int(ratio * n))
+    cov = token_cov(case)
+    order = np.argsort(np.where(case.mask, cov, -np.inf).ravel())[::-1]
+    assert cov.ravel()[order[k - 1]] - cov.ravel()[order[k]] > 1e-5
+    top = np.zeros(case.mask.size, dtype=bool)
+    top[order[:k]] = True
+    top = top.reshape(case.mask.shape)
+
+    batch = case.batch()
+    out = build_objective("kl_cov", kl_cov_ratio=ratio, ppo_kl_coef=coef)(batch)
+
+    assert out.metrics["select/kl_cov_frac"] == pytest.approx(k / n, abs=1e-15)
+    np.testing.assert_array_equal(out.trained_mask.numpy(), case.mask)
+    np.testing.assert_array_equal(out.loss_mask.numpy(), case.mask)
+    log_ratio = case.arrays["log_prob"] - case.arrays["old_log_prob"]
+    adv, r = case.arrays["advantages"], np.exp(np.clip(log_ratio, -20, 20))
+    loss = -adv * r + np.where(top, coef * np.abs(log_ratio), 0.0)
+    grad = -adv * r + np.where(top, coef * np.sign(log_ratio), 0.0)
+    check_token_mean(out, batch, case, kept=case.mask, count=n, loss=loss, grad=grad)
+
+
+def test_kl_cov_default_ratio_selects_at_least_one_token():
+    case = random_case(32, torch.float64, shape=(4, 20))
+    assert int(2e-3 * case.n_valid) == 0
+    out = build_objective("kl_cov")(case.batch())
+    assert out.metrics["select/kl_cov_frac"] == pytest.approx(1 / case.n_valid, abs=1e-15)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kl_cov_on_policy_warns_and_reduces_to_the_plain_surrogate(dtype):
+    case = random_case(33, dtype, shape=(5, 20))
+    case.arrays["old_log_prob"] = case.arrays["log_prob"].copy()
+    batch = case.batch()
+    with pytest.warns(UserWarning, match="on-policy"):
+        out = build_objective("kl_cov", kl_cov_ratio=0.1)(batch)
+    adv = case.arrays["advantages"]
+    check_token_mean(out, batch, case, kept=case.mask, count=case.n_valid, loss=-adv, grad=-adv)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Forking tokens / low-entropy tokens (arXiv 2506.01939)
+# --------------------------------------------------------------------------------------------------
+
+DAPO_CLIP = (0.2, 0.28)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rho", [0.2, 0.5, 0.1])
+def test_forking_and_low_entropy_tokens_partition_at_the_quantile(dtype, rho):
+    # 50 valid tokens: the (1 - rho) quantile falls between two entropies (0.8 * 49 = 39.2, ...)
+    case = random_case(41, dtype, shape=(4, 16), lengths=[16, 11, 14, 9])
+    h, mask = case.arrays["entropy"], case.mask
+    threshold = float(np.quantile(h[mask], 1.0 - rho))  # numpy's default: linear interpolation
+    assert_clear_of(h[mask], [threshold], margin=1e-6)
+    high = mask & (h >= threshold)
+    assert high.sum() == 49 - int(np.floor((1.0 - rho) * 49))  # sorted positions above (1 - rho) * (n - 1)
+
+    kept_sets = {}
+    for name, kept in (("forking_tokens", high), ("low_entropy_tokens", mask & ~high)):
+        batch = case.batch()
+        out = build_objective(name, top_entropy_quantile=rho)(batch)
+        np.testing.assert_array_equal(out.trained_mask.numpy(), kept)
+        np.testing.assert_array_equal(out.loss_mask.numpy(), kept)  # normalised by the kept count
+        assert out.metrics[f"select/{name}_threshold"] == pytest.approx(threshold, rel=1e-6)
+        assert out.metrics[f"select/{name}_frac"] == pytest.approx(1 - kept.sum() / case.n_valid, abs=1e-15)
+        check_token_mean(
+            out, batch, case, kept=kept, count=kept.sum(), loss=ppo_loss(case, *DAPO_CLIP), grad=ppo_grad(case, *DAPO_CLIP)
+        )
+        kept_sets[name] = kept
+    assert not (kept_sets["forking_tokens"] & kept_sets["low_entropy_tokens"]).any()
+    np.testing.assert_array_equal(kept_sets["forking_tokens"] | kept_sets["low_entropy_tokens"], mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rho, n_high", [(1.0, 6), (0.2, 2)])
+def test_forking_threshold_on_a_data_point_keeps_that_token(dtype, rho, n_high):
+    """When the quantile lands exactly on an entropy (rho = 1: the minimum; rho = 0.2 with 6 tokens: the 5th),
+    ``H >= tau`` keeps that token. 0.1 and 1.1 are not float32 numbers: a float64 batch must not lose them."""
+    values = np.array([0.7, 0.1, 1.3, 0.3, 1.1, 0.9])
+    case = random_case(42, dtype, shape=(2, 4), lengths=[4, 2])
+    case.arrays["entropy"] = quantize(np.where(case.mask, 0.0, GARBAGE["entropy"]), dtype)
+    case.arrays["entropy"][case.mask] = quantize(values, dtype)
+    h = case.arrays["entropy"]
+    threshold = float(np.quantile(h[case.mask], 1.0 - rho))
+    assert threshold in h[case.mask]
+    high = case.mask & (h >= threshold)
+    assert high.sum() == n_high
+
+    fork = build_objective("forking_tokens", top_entropy_quantile=rho)(case.batch())
+    np.testing.assert_array_equal(fork.trained_mask.numpy(), high)
+    low = build_objective("low_entropy_tokens", top_entropy_quantile=rho)(case.batch())
+    np.testing.assert_array_equal(low.trained_mask.numpy(), case.mask & ~high)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forking_rho_one_keeps_every_token_and_equals_dapo(dtype):
+    case = random_case(43, dtype, shape=(5, 12))
+    batch = case.batch()
+    out = build_objective("forking_tokens", top_entropy_quantile=1.0)(batch)
+    np.testing.assert_array_equal(out.trained_mask.numpy(), case.mask)
+    reference = build_objective("dapo")(case.batch())
+    np.testing.assert_allclose(float(out.loss.detach()), float(reference.loss.detach()), **tolerances(dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. PSR / NSR (arXiv 2506.01347)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["psr", "nsr"])
+def test_psr_nsr_drop_by_advantage_sign_and_keep_the_normaliser(dtype, method):
+    case = random_case(51, dtype, shape=(6, 14))
+    case.set("advantages", (0, 0), 0.0)
+    adv, mask = case.arrays["advantages"], case.mask
+    expected = mask & ((adv < 0) if method == "psr" else (adv > 0))
+    batch = case.batch()
+    out = build_objective(method)(batch)
+    np.testing.assert_array_equal(dropped(out, batch), expected)
+    assert out.trained_mask[0, 0]  # A = 0 is dropped by neither
+    np.testing.assert_array_equal(out.loss_mask.numpy(), mask)
+    assert out.metrics["select/advantage_sign_frac"] == pytest.approx(expected.sum() / case.n_valid, abs=1e-15)
+    kept = mask & ~expected
+    check_token_mean(out, batch, case, kept=kept, count=case.n_valid, loss=ppo_loss(case), grad=ppo_grad(case))
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Advantage shapers
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_entropy_advantage_is_a_capped_detached_bonus(dtype):
+    case = random_case(61, dtype, shape=(2, 6), lengths=[6, 6])
+    case.arrays["advantages"] = quantize([[1.0, 1.0, -1.0, -1.0, 0.0, 2.0], [-3.0, 0.5, 0.0, -0.2, 4.0, -1.0]], dtype)
+    case.arrays["entropy"] = quantize([[0.5, 3.0, 0.5, 3.0, 2.0, 0.0], [1.0, 0.1, 0.0, 9.0, 2.5, 1.25]], dtype)
+    case.arrays["old_log_prob"] = case.arrays["log_prob"].copy()  # r = 1: the gradient is -A' / N
+    adv, h = case.arrays["advantages"], case.arrays["entropy"]
+    alpha, kappa = 0.4, 2.0
+    shaped = adv + np.minimum(alpha * h, np.abs(adv) / kappa)
+    np.testing.assert_allclose(shaped[0], [1.2, 1.5, -0.8, -0.5, 0.0, 2.0], rtol=1e-6)  # hand-worked
+
+    batch = case.batch(entropy_grad=True)
+    out = build_objective("entropy_advantage")(batch)
+
+    np.testing.assert_allclose(out.advantages.double().numpy(), shaped, **tolerances(dtype))
+    assert np.all(out.advantages.numpy()[adv == 0] == 0)
+    assert np.all(out.advantages.numpy()[adv < 0] < 0)
+    check_token_mean(out, batch, case, kept=case.mask, count=case.n_valid, loss=-shaped, grad=-shaped)
+    entropy_grad = batch.entropy.grad
+    assert entropy_grad is None or not entropy_grad.any(), "gradient flowed into the entropy"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lopti_reweight_and_w_reinforce_advantages(dtype):
+    case = random_case(62, dtype, shape=(4, 10))
+    adv, old, mask = case.arrays["advantages"], case.arrays["old_log_prob"], case.mask
+    tol = tolerances(dtype)
+
+    out = build_objective("lopti_reweight")(case.batch())
+    lopti = (0.3 * np.exp(old) + 0.7) * adv
+    np.testing.assert_allclose(out.advantages.double().numpy()[mask], lopti[mask], **tol)
+    out = build_objective("lopti_reweight", alpha=0.8)(case.batch())
+    np.testing.assert_allclose(out.advantages.double().numpy()[mask], ((0.8 * np.exp(old) + 0.2) * adv)[mask], **tol)
+
+    batch = case.batch()
+    out = build_objective("w_reinforce")(batch)
+    scaled = np.where(adv > 0, 0.1 * adv, adv)
+    np.testing.assert_allclose(out.advantages.double().numpy()[mask], scaled[mask], **tol)
+    check_token_mean(
+        out, batch, case, kept=mask, count=case.n_valid,
+        loss=ppo_loss(case, advantages=scaled), grad=ppo_grad(case, advantages=scaled),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Train/rollout mismatch corrections: TIS, IcePop
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tis_token_level_weight(dtype):
+    case = random_case(71, dtype, shape=(5, 16))
+    rng = np.random.default_rng(71)
+    mismatch = rng.uniform(-1.0, 1.5, case.mask.shape)  # k in [0.37, 4.5]
+    case.arrays["rollout_log_prob"] = quantize(np.where(case.mask, case.arrays["old_log_prob"] - mismatch, -1e3), dtype)
+    k = np.exp(np.where(case.mask, case.arrays["old_log_prob"] - case.arrays["rollout_log_prob"], 0.0))
+    weight = np.minimum(k, 2.0)
+    assert (case.mask & (k > 2.0)).any() and (case.mask & (k < 2.0)).any()
+
+    batch = case.batch()
+    out = build_objective("tis")(batch)
+
+    np.testing.assert_array_equal(out.loss_mask.numpy(), case.mask)
+    assert out.metrics["correction/tis_weight_mean"] == pytest.approx(weight[case.mask].mean(), rel=1e-5)
+    assert out.metrics["correction/tis_truncated_frac"] == pytest.approx((case.mask & (k > 2)).sum() / case.n_valid)
+    check_token_mean(
+        out, batch, case, kept=case.mask, count=case.n_valid, loss=weight * ppo_loss(case), grad=weight * ppo_grad(case)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tis_sequence_level_weight(dtype):
+    case = random_case(72, dtype, shape=(6, 16))
+    rng = np.random.default_rng(72)
+    mismatch = rng.normal(0.0, 0.08, case.mask.shape)
+    case.arrays["rollout_log_prob"] = quantize(np.where(case.mask, case.arrays["old_log_prob"] - mismatch, -1e3), dtype)
+    log_k = np.where(case.mask, case.arrays["old_log_prob"] - case.arrays["rollout_log_prob"], 0.0).sum(-1)
+    threshold = 1.1
+    weight = np.minimum(np.exp(log_k), threshold)[:, None] * np.ones_like(case.mask, dtype=float)
+    assert (np.exp(log_k) > threshold).any() and (np.exp(log_k) < threshold).any()
+
+    batch = case.batch()
+    out = build_objective("tis", level="sequence", rollout_is_threshold=threshold)(batch)
+    check_token_mean(
+        out, batch, case, kept=case.mask, count=case.n_valid, loss=weight * ppo_loss(case), grad=weight * ppo_grad(case)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_icepop_zeroes_tokens_outside_the_band(dtype):
+    case = random_case(73, dtype, shape=(3, 8), lengths=[8, 8, 5])
+    ks = np.array([[0.3, 0.49, 0.51, 1.0, 2.0, 4.9, 5.1, 8.0], [1.2, 0.8, 0.45, 6.0, 3.0, 1.0, 0.2, 0.7]])
+    planted = np.ones(case.mask.shape)
+    planted[:2] = ks
+    case.arrays["rollout_log_prob"] = quantize(
+        np.where(case.mask, case.arrays["old_log_prob"] - np.log(planted), -1e3), dtype
+    )
+    k = np.exp(np.where(case.mask, case.arrays["old_log_prob"] - case.arrays["rollout_log_prob"], 0.0))
+    inside = (k >= 0.5) & (k <= 5.0)
+    weight = np.where(inside, k, 0.0)
+    zeroed = case.mask & ~inside
+    assert zeroed.sum() == 7
+
+    batch = case.batch()
+    out = build_objective("icepop")(batch)
+
+    np.testing.assert_array_equal(out.loss_mask.numpy(), case.mask)  # zeroed tokens stay in the normaliser
+    assert out.metrics["correction/icepop_masked_frac"] == pytest.approx(zeroed.sum() / case.n_valid, abs=1e-15)
+    check_token_mean(
+        out, batch, case, kept=case.mask & inside, count=case.n_valid,
+        loss=weight * ppo_loss(case), grad=weight * ppo_grad(case),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Composition, empty batches, missing fields
+# --------------------------------------------------------------------------------------------------
+
+
+def composition_case(dtype: torch.dtype) -> Case:
+    case = clip_b_case(dtype)
+    case.set("entropy", (0, 0), 40.0)  # a clip_b drop that forking_tokens would keep
+    # a kept (high-entropy, ordinary S) token with r = 1.25, A > 0: clipped at 1.2, not at 1.28
+    case.set("entropy", (5, 0), 50.0)
+    case.set("advantages", (5, 0), 1.0)
+    case.set("log_prob", (5, 0), case.arrays["old_log_prob"][5, 0] + np.log(1.25))
+    return case
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dapo_clip_b_forking_drops_the_union(dtype):
+    case = composition_case(dtype)
+    alone = {}
+    for name, overrides in (("clip_b", {"mu": 2.0}), ("forking_tokens", {})):
+        batch = case.batch()
+        alone[name] = dropped(build_objective(name, **overrides)(batch), batch)
+    union = alone["clip_b"] | alone["forking_tokens"]
+    assert alone["clip_b"].any() and (alone["clip_b"] & ~alone["forking_tokens"]).any()
+
+    objective = build_objective("dapo+clip_b+forking_tokens", mu=2.0)
+    assert (objective.surrogate.clip_ratio_low, objective.surrogate.clip_ratio_high) == DAPO_CLIP
+    batch = case.batch()
+    out = objective(batch)
+    np.testing.assert_array_equal(dropped(out, batch), union)
+    kept = case.mask & ~union
+    np.testing.assert_array_equal(out.loss_mask.numpy(), kept)
+    assert kept[5, 0]
+    check_token_mean(
+        out, batch, case, kept=kept, count=kept.sum(), loss=ppo_loss(case, *DAPO_CLIP), grad=ppo_grad(case, *DAPO_CLIP)
+    )
+
+    reordered = build_objective("dapo+forking_tokens+clip_b", mu=2.0)(case.batch())
+    assert [p.name for p in build_objective("dapo+forking_tokens+clip_b").selectors] == ["forking_tokens", "clip_b"]
+    np.testing.assert_array_equal(reordered.trained_mask.numpy(), out.trained_mask.numpy())
+    np.testing.assert_array_equal(reordered.loss_mask.numpy(), out.loss_mask.numpy())
+    assert float(reordered.loss.detach()) == float(out.loss.detach())
+
+
+@pytest.mark.parametrize(
+    "name, clip",
+    [
+        ("dapo+clip_b+forking_tokens", (0.2, 0.28)),
+        ("dapo+clip_v", (0.2, 0.28)),
+        ("dapo+clip_cov", (0.2, 0.28)),
+        ("grpo+clip_cov", (0.2, 0.2)),
+    ],
+)
+def test_the_first_method_gives_the_surrogate(name, clip):
+    """ObjectiveConfig: 'the first [method] gives the surrogate and aggregation, the others add their shapers,
+    regularisers, selectors and correction'."""
+    objective = build_objective(name)
+    assert objective.surrogate.name == "ppo_clip"
+    assert (objective.surrogate.clip_ratio_low, objective.surrogate.clip_ratio_high) == clip
+
+
+@pytest.mark.parametrize("info", available_methods(), ids=lambda info: info.name)
+def test_empty_mask_gives_zero_loss_and_zero_finite_gradients(info):
+    case = random_case(91, torch.float32, shape=(3, 7))
+    empty = np.zeros_like(case.mask)
+    batch = case.batch(entropy_grad=True, mask=empty)
+    out = build_objective(info.name)(batch)
+    assert torch.isfinite(out.loss) and float(out.loss.detach()) == 0.0
+    assert not out.trained_mask.any() and not out.loss_mask.any()
+    assert all(np.isfinite(v) for v in out.metrics.values())
+    out.loss.backward()
+    for tensor in (batch.log_prob, batch.entropy):
+        if tensor.grad is not None:
+            assert torch.isfinite(tensor.grad).all() and not tensor.grad.any()
+
+
+@pytest.mark.parametrize(
+    "method, field, names_token_stats",
+    [
+        ("clip_v", "disc_centered", True),
+        ("clip_b", "disc", True),
+        ("forking_tokens", "entropy", True),
+        ("low_entropy_tokens", "entropy", True),
+        ("entropy_advantage", "entropy", True),
+        ("tis", "rollout_log_prob", False),
+        ("icepop", "rollout_log_prob", False),
+        ("kl_ref", "ref_log_prob", False),
+    ],
+)
+def test_missing_field_raises_a_value_error_naming_it(method, field, names_token_stats):
+    batch = random_case(92, torch.float32, shape=(2, 5)).batch(without=(field,))
+    with pytest.raises(ValueError, match=field) as error:
+        build_objective(method)(batch)
+    assert method in str(error.value)
+    if names_token_stats:
+        assert "token_stats" in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. bfloat16 logits
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("clip_b", {"mu": 1.0}),
+        ("clip_v", {"mu": 1.0, "max_frac": 0.1}),
+        ("forking_tokens", {}),
+        ("dapo+clip_b+clip_v+forking_tokens", {}),
+    ],
+)
+def test_bf16_logits_through_token_stats(name, overrides):
+    gen = torch.Generator().manual_seed(101)
+    rows, cols, vocab = 4, 12, 64
+    logits = (3.0 * torch.randn(rows, cols, vocab, generator=gen)).to(torch.bfloat16).requires_grad_(True)
+    targets = torch.randint(0, vocab, (rows, cols), generator=gen)
+    mask = torch.arange(cols)[None, :] < torch.tensor([12, 9, 7, 11])[:, None]
+    stats = token_stats(logits, targets, mask=mask, need=("logprob", "entropy", "disc", "disc_centered"))
+    assert stats.logprob.dtype == torch.float32
+    noise = 0.05 * torch.randn(rows, cols, generator=gen)
+    batch = PolicyBatch(
+        log_prob=stats.logprob,
+        old_log_prob=torch.where(mask, stats.logprob.detach() + noise, torch.zeros(())),
+        advantages=torch.randn(rows, cols, generator=gen),
+        mask=mask,
+        entropy=stats.entropy,
+        disc=stats.disc,
+        disc_centered=stats.disc_centered,
+    )
+    out = build_objective(name, **overrides)(batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(logits.grad.float()).all() and logits.grad.any()
+    gone = mask & ~out.trained_mask
+    assert gone.any()
+    assert not logits.grad[gone].any(), "a dropped token's logits received gradient"
