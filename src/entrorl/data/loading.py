@@ -1,0 +1,626 @@
+"""Loading prompt data sets from files, and writing them back.
+
+Supported inputs (chosen by extension, case-insensitive):
+
+* ``.jsonl``   one JSON object per line; blank lines are skipped. Locations are ``file.jsonl:LINE``
+               (1-based line numbers).
+* ``.json``    a list of objects, or an object ``{"data": [...]}``. Locations are ``file.json[ROW]``
+               (0-based row index).
+* ``.csv``     a header line, then one record per row (standard-library ``csv``; all values are
+               strings, no type guessing). Locations are ``file.csv:LINE`` (1-based line where the
+               record starts; quoted fields may span lines).
+* ``.parquet`` read with ``pyarrow``. Locations are ``file.parquet[ROW]``.
+* a directory written by ``datasets.Dataset.save_to_disk`` (read with ``datasets.load_from_disk``; a
+  saved ``DatasetDict`` contributes its ``"train"`` split). Locations are ``dir[ROW]``.
+
+Every malformed input raises :class:`~entrorl.data.records.DataError`, whose message names the file and
+the line or row, says what is wrong and what was expected. ``pyarrow`` and ``datasets`` are imported
+only when a Parquet file or a saved data set is read.
+
+Normalisation rules (the same for every format):
+
+* the prompt must be a non-empty string (whitespace-only counts as empty); it is stored unchanged;
+* the answer may be a string or a number (numbers become ``str(value)``, e.g. ``3.0 -> "3.0"``); a
+  missing column, ``null``, ``NaN`` or an empty / whitespace-only string is a *missing* answer: an
+  error when ``require_answer`` is true, ``None`` otherwise; booleans, lists and objects are rejected;
+* meta values must be JSON-able: numpy scalars and arrays become Python values, dates and times
+  become ISO strings, ``Decimal`` becomes a string, non-finite floats become ``None``; anything else
+  (bytes, images, ...) is rejected — choose the columns with ``meta_columns``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import decimal
+import errno
+import io
+import json
+import math
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from entrorl.data.records import DataError, PromptRecord
+
+__all__ = ["SUPPORTED_FORMATS", "load_prompts", "write_jsonl"]
+
+SUPPORTED_FORMATS = (
+    ".jsonl (one JSON object per line), .json (a list of objects or {\"data\": [...]}), .csv, "
+    ".parquet, or a directory written by datasets.Dataset.save_to_disk"
+)
+
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class _Columns:
+    prompt: str
+    answer: str
+    meta: tuple[str, ...] | None
+    require_answer: bool
+
+
+# --------------------------------------------------------------------------------------------------
+# public entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def load_prompts(
+    path: str | os.PathLike[str],
+    *,
+    prompt_column: str = "prompt",
+    answer_column: str = "answer",
+    meta_columns: Sequence[str] | None = None,
+    require_answer: bool = True,
+) -> list[PromptRecord]:
+    """Read a prompt data set into a list of :class:`PromptRecord` (in file order).
+
+    ``meta_columns=None`` keeps every column other than the prompt and answer columns in ``meta``;
+    a list keeps exactly those columns (each must exist, else :class:`DataError`).
+
+    Raises ``FileNotFoundError`` when ``path`` does not exist, :class:`DataError` for an unsupported
+    format, malformed content or an empty data set, and ``TypeError`` / ``ValueError`` for bad
+    arguments.
+    """
+    cols = _check_arguments(prompt_column, answer_column, meta_columns, require_answer)
+    p = Path(os.fspath(path))
+    if not p.exists():
+        raise FileNotFoundError(errno.ENOENT, "prompt data not found", str(p))
+    if p.is_dir():
+        records = _load_saved_dataset(p, cols)
+    else:
+        suffix = p.suffix.lower()
+        loader = _LOADERS.get(suffix)
+        if loader is None:
+            kind = f"extension {suffix!r}" if suffix else "no extension"
+            raise DataError(
+                f"{p}: unsupported prompt data format ({kind}); expected one of: {SUPPORTED_FORMATS}",
+                path=str(p),
+            )
+        records = loader(p, cols)
+    if not records:
+        raise DataError(
+            f"{p}: empty data set (no records); expected at least one prompt", path=str(p)
+        )
+    return records
+
+
+def write_jsonl(
+    records: Iterable[PromptRecord],
+    path: str | os.PathLike[str],
+    *,
+    prompt_column: str = "prompt",
+    answer_column: str = "answer",
+) -> Path:
+    """Write records as JSONL: one object per record with the prompt, the answer (``null`` when
+    ``None``) and the meta fields flattened beside them. Loading the file back with the same column
+    names gives the same prompts, answers and meta.
+
+    The write is atomic (a temporary file in the target directory, then ``os.replace``); the parent
+    directory is created. Writing over a file that any of the records were loaded from is refused
+    (``ValueError``), so an input file is never modified. Returns the path written.
+    """
+    if not isinstance(prompt_column, str) or not isinstance(answer_column, str) or prompt_column == answer_column:
+        raise ValueError(
+            "write_jsonl: prompt_column and answer_column must be two different strings; "
+            f"got {prompt_column!r} and {answer_column!r}"
+        )
+    target = Path(os.fspath(path))
+    records = list(records)
+    lines: list[str] = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, PromptRecord):
+            raise TypeError(f"write_jsonl: item {i} is a {type(rec).__name__}, expected a PromptRecord")
+        obj: dict[str, Any] = {prompt_column: rec.prompt, answer_column: rec.answer}
+        for key, value in rec.meta.items():
+            if key in (prompt_column, answer_column):
+                raise ValueError(
+                    f"write_jsonl: record {i} ({rec.source}) has a meta field {key!r} that collides with "
+                    f"the {'prompt' if key == prompt_column else 'answer'} column; rename the field or "
+                    "choose other prompt_column / answer_column names"
+                )
+            obj[key] = value
+        try:
+            lines.append(json.dumps(obj, ensure_ascii=False, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"write_jsonl: record {i} ({rec.source}) cannot be written as JSON ({exc}); "
+                "meta values must be JSON-able (no NaN / infinity)"
+            ) from None
+    _refuse_overwriting_sources(target, records)
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "write_jsonl: the target is a directory", str(target))
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(target).st_mode) if target.exists() else _default_file_mode()
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            for line in lines:
+                fh.write(line)
+                fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks and per-row conversion
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_arguments(
+    prompt_column: Any, answer_column: Any, meta_columns: Any, require_answer: Any
+) -> _Columns:
+    for name, value in (("prompt_column", prompt_column), ("answer_column", answer_column)):
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"load_prompts: {name} must be a non-empty string, got {value!r}")
+    if prompt_column == answer_column:
+        raise ValueError(
+            f"load_prompts: prompt_column and answer_column are both {prompt_column!r}; they must differ"
+        )
+    meta: tuple[str, ...] | None = None
+    if meta_columns is not None:
+        if isinstance(meta_columns, (str, bytes)):
+            raise TypeError(
+                f"load_prompts: meta_columns must be a list of column names, got the string {meta_columns!r} "
+                f"(write meta_columns=[{meta_columns!r}])"
+            )
+        meta = tuple(meta_columns)
+        for c in meta:
+            if not isinstance(c, str) or not c:
+                raise TypeError(f"load_prompts: meta_columns must hold non-empty strings, got {c!r}")
+            if c in (prompt_column, answer_column):
+                raise ValueError(
+                    f"load_prompts: meta column {c!r} is also the prompt or answer column; list only other columns"
+                )
+        if len(set(meta)) != len(meta):
+            raise ValueError(f"load_prompts: meta_columns lists a column twice: {list(meta)}")
+    if not isinstance(require_answer, bool):
+        raise TypeError(f"load_prompts: require_answer must be True or False, got {require_answer!r}")
+    return _Columns(prompt_column, answer_column, meta, require_answer)
+
+
+def _fmt_cols(columns: Iterable[Any]) -> str:
+    names = [repr(c) for c in columns]
+    if not names:
+        return "none"
+    if len(names) > 20:
+        names = names[:20] + [f"... ({len(names) - 20} more)"]
+    return ", ".join(names)
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _check_schema(columns: Sequence[str], where: str, path: str, cols: _Columns) -> None:
+    """Column-level checks for formats with a fixed schema (CSV header, Parquet, saved data sets)."""
+    if cols.prompt not in columns:
+        raise DataError(
+            f"{where}: no prompt column {cols.prompt!r} (columns: {_fmt_cols(columns)}); "
+            "expected a column of prompt strings — pass prompt_column=... to name it",
+            path=path,
+            location=where,
+        )
+    if cols.require_answer and cols.answer not in columns:
+        raise DataError(
+            f"{where}: no answer column {cols.answer!r} (columns: {_fmt_cols(columns)}); "
+            "expected a column of reference answers — pass answer_column=... to name it, "
+            "or require_answer=False for data without answers",
+            path=path,
+            location=where,
+        )
+    if cols.meta is not None:
+        missing = [c for c in cols.meta if c not in columns]
+        if missing:
+            raise DataError(
+                f"{where}: meta column(s) {_fmt_cols(missing)} not found (columns: {_fmt_cols(columns)}); "
+                "expected every name in meta_columns to be a column",
+                path=path,
+                location=where,
+            )
+
+
+def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) -> PromptRecord:
+    def fail(what: str) -> DataError:
+        return DataError(f"{where}: {what}", path=path, location=where)
+
+    if cols.prompt not in row:
+        fields = _fmt_cols(row.keys())
+        raise fail(
+            f"missing prompt column {cols.prompt!r} (fields: {fields}); expected a non-empty string "
+            "there — pass prompt_column=... if the prompt is stored under another name"
+        )
+    prompt = row[cols.prompt]
+    if not isinstance(prompt, str):
+        raise fail(
+            f"prompt column {cols.prompt!r} holds a {_json_kind(prompt)}; expected a non-empty string"
+        )
+    if not prompt.strip():
+        raise fail(f"prompt column {cols.prompt!r} is empty; expected a non-empty string")
+
+    answer = _answer_value(row.get(cols.answer), cols.answer, fail)
+    if answer is None and cols.require_answer:
+        state = "missing" if cols.answer not in row else "empty"
+        raise fail(
+            f"answer column {cols.answer!r} is {state}; expected a reference answer (a string or a number) "
+            "— pass answer_column=... to name it, or require_answer=False for data without answers"
+        )
+
+    if cols.meta is None:
+        keys = [k for k in row if k != cols.prompt and k != cols.answer]
+    else:
+        keys = list(cols.meta)
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise fail(
+                f"meta column(s) {_fmt_cols(missing)} missing (fields: {_fmt_cols(row.keys())}); "
+                "expected every name in meta_columns to be present in every record"
+            )
+    meta: dict[str, Any] = {}
+    for k in keys:
+        if not isinstance(k, str):
+            raise fail(f"column name {k!r} is not a string; expected string column names")
+        meta[k] = _jsonable(row[k], k, fail)
+    return PromptRecord(prompt=prompt, answer=answer, meta=meta, source=where)
+
+
+def _answer_value(value: Any, column: str, fail: Any) -> str | None:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise fail(
+            f"answer column {column!r} holds a boolean ({value}); expected a string or a number "
+            "(quote it if the answer is the word)"
+        )
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            raise fail(f"answer column {column!r} holds {value}; expected a string or a finite number")
+        return str(value)
+    if isinstance(value, (int, decimal.Decimal)):
+        return str(value)
+    if isinstance(value, str):
+        return value if value.strip() else None
+    raise fail(f"answer column {column!r} holds a {_json_kind(value)}; expected a string or a number")
+
+
+def _jsonable(value: Any, column: str, fail: Any) -> Any:
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist(), column, fail)
+    if isinstance(value, np.generic):
+        return _jsonable(value.item(), column, fail)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, column, fail) for v in value]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise fail(
+                    f"column {column!r} holds a mapping with a non-string key {k!r}; "
+                    "meta values must be JSON-able (choose columns with meta_columns=[...])"
+                )
+            out[k] = _jsonable(v, column, fail)
+        return out
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    raise fail(
+        f"column {column!r} holds a {type(value).__name__} value, which cannot be kept in meta; "
+        "expected JSON-able values (strings, numbers, booleans, null, lists, objects) — "
+        "choose the columns to keep with meta_columns=[...]"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# formats
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_text(p: Path) -> str:
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        offset = exc.start + (len(_BOM) if data.startswith(_BOM) else 0)
+        line = data[:offset].count(b"\n") + 1
+        raise DataError(
+            f"{p}:{line}: not valid UTF-8 ({exc.reason}); expected UTF-8 text", path=str(p), location=f"{p}:{line}"
+        ) from None
+
+
+def _load_jsonl(p: Path, cols: _Columns) -> list[PromptRecord]:
+    data = p.read_bytes()
+    records = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if lineno == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
+        if not raw.strip():
+            continue
+        where = f"{p}:{lineno}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the line); expected UTF-8 text",
+                path=str(p),
+                location=where,
+            ) from None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line",
+                path=str(p),
+                location=where,
+            ) from None
+        if not isinstance(obj, dict):
+            raise DataError(
+                f"{where}: a JSON {_json_kind(obj)} where a JSON object was expected (one object per line)",
+                path=str(p),
+                location=where,
+            )
+        records.append(_make_record(obj, where, str(p), cols))
+    return records
+
+
+def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
+    text = _read_text(p)
+    if not text.strip():
+        raise DataError(
+            f"{p}: empty file; expected a JSON list of objects or an object {{\"data\": [...]}}", path=str(p)
+        )
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"{p}:{exc.lineno}"
+        raise DataError(
+            f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); "
+            "expected a JSON list of objects or an object {\"data\": [...]}",
+            path=str(p),
+            location=where,
+        ) from None
+    if isinstance(obj, dict):
+        if "data" not in obj:
+            raise DataError(
+                f"{p}: a JSON object without a \"data\" field (fields: {_fmt_cols(obj.keys())}); "
+                "expected a JSON list of objects or an object {\"data\": [...]}",
+                path=str(p),
+            )
+        rows = obj["data"]
+        if not isinstance(rows, list):
+            raise DataError(
+                f"{p}: \"data\" holds a JSON {_json_kind(rows)}; expected a list of objects", path=str(p)
+            )
+    elif isinstance(obj, list):
+        rows = obj
+    else:
+        raise DataError(
+            f"{p}: the top level is a JSON {_json_kind(obj)}; "
+            "expected a JSON list of objects or an object {\"data\": [...]}",
+            path=str(p),
+        )
+    records = []
+    for i, row in enumerate(rows):
+        where = f"{p}[{i}]"
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{where}: row {i} is a JSON {_json_kind(row)}; expected a JSON object",
+                path=str(p),
+                location=where,
+            )
+        records.append(_make_record(row, where, str(p), cols))
+    return records
+
+
+def _load_csv(p: Path, cols: _Columns) -> list[PromptRecord]:
+    text = _read_text(p)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    header_line = 0
+    records = []
+    prev_end = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            where = f"{p}:{reader.line_num}"
+            raise DataError(
+                f"{where}: malformed CSV ({exc}); expected comma-separated fields with balanced quotes",
+                path=str(p),
+                location=where,
+            ) from None
+        start, prev_end = prev_end + 1, reader.line_num
+        if not row:
+            continue  # a blank line
+        where = f"{p}:{start}"
+        if header is None:
+            header, header_line = row, start
+            blank = [i for i, c in enumerate(header) if not c.strip()]
+            if blank:
+                raise DataError(
+                    f"{where}: header field {blank[0] + 1} is empty; expected a name for every column",
+                    path=str(p),
+                    location=where,
+                )
+            dups = sorted({c for c in header if header.count(c) > 1})
+            if dups:
+                raise DataError(
+                    f"{where}: header repeats column name(s) {_fmt_cols(dups)}; expected unique column names",
+                    path=str(p),
+                    location=where,
+                )
+            _check_schema(header, f"{where} (header)", str(p), cols)
+            continue
+        if len(row) != len(header):
+            raise DataError(
+                f"{where}: {len(row)} field(s); expected {len(header)} as in the header on line {header_line}",
+                path=str(p),
+                location=where,
+            )
+        records.append(_make_record(dict(zip(header, row)), where, str(p), cols))
+    return records
+
+
+def _selected_columns(columns: Sequence[str], cols: _Columns) -> list[str]:
+    if cols.meta is None:
+        return list(columns)
+    wanted = {cols.prompt, cols.answer, *cols.meta}
+    return [c for c in columns if c in wanted]
+
+
+def _load_parquet(p: Path, cols: _Columns) -> list[PromptRecord]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{p}: cannot be read as Parquet ({exc}); expected a Parquet file", path=str(p)) from None
+    columns = list(table.column_names)
+    dups = sorted({c for c in columns if columns.count(c) > 1})
+    if dups:
+        raise DataError(f"{p} (schema): repeated column name(s) {_fmt_cols(dups)}; expected unique names", path=str(p))
+    _check_schema(columns, f"{p} (schema)", str(p), cols)
+    table = table.select(_selected_columns(columns, cols))
+    return list(_rows_to_records(_iter_arrow_rows(table), p, cols))
+
+
+def _iter_arrow_rows(table: Any) -> Iterator[dict[str, Any]]:
+    for batch in table.to_batches():
+        yield from batch.to_pylist()
+
+
+def _rows_to_records(rows: Iterable[Mapping[str, Any]], p: Path, cols: _Columns) -> Iterator[PromptRecord]:
+    for i, row in enumerate(rows):
+        yield _make_record(row, f"{p}[{i}]", str(p), cols)
+
+
+def _load_saved_dataset(p: Path, cols: _Columns) -> list[PromptRecord]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except FileNotFoundError as exc:
+        raise DataError(
+            f"{p}: a directory that is not a saved data set ({exc}); expected a directory written by "
+            f"datasets.Dataset.save_to_disk, or a file in one of: {SUPPORTED_FORMATS}",
+            path=str(p),
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(
+                f"{p}: a saved DatasetDict without a 'train' split (splits: {_fmt_cols(ds.keys())}); "
+                "expected a 'train' split — or point at one split's sub-directory",
+                path=str(p),
+            )
+        ds = ds["train"]
+    columns = list(ds.column_names)
+    _check_schema(columns, f"{p} (schema)", str(p), cols)
+    selected = _selected_columns(columns, cols)
+    if selected != columns:
+        ds = ds.select_columns(selected)
+    return list(_rows_to_records(iter(ds), p, cols))
+
+
+_LOADERS = {
+    ".jsonl": _load_jsonl,
+    ".json": _load_json,
+    ".csv": _load_csv,
+    ".parquet": _load_parquet,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# writing helpers
+# --------------------------------------------------------------------------------------------------
+
+_SOURCE_RE = re.compile(r"^(?P<file>.+?)(?::\d+|\[\d+\])$")
+
+
+def _refuse_overwriting_sources(target: Path, records: Sequence[PromptRecord]) -> None:
+    files = set()
+    for rec in records:
+        m = _SOURCE_RE.match(rec.source)
+        if m:
+            files.add(m.group("file"))
+    if not files:
+        return
+    target_resolved = target.resolve()
+    for f in files:
+        src = Path(f)
+        same = False
+        try:
+            same = os.path.samefile(src, target)
+        except OSError:
+            same = src.resolve() == target_resolved
+        if same:
+            raise ValueError(
+                f"write_jsonl: refusing to write {target}: some records were loaded from it "
+                "(input files are never modified); write to a new path"
+            )
+
+
+def _default_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

@@ -1,0 +1,146 @@
+"""An endless, deterministic, resumable stream of prompts, epoch by epoch."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from entrorl.data.records import PromptRecord
+
+__all__ = ["PromptStream"]
+
+
+class PromptStream:
+    """Deals records in epochs, forever.
+
+    Epoch ``e`` visits every record exactly once, in the order
+    ``numpy.random.default_rng((seed, e)).permutation(len(records))`` (or in file order when
+    ``shuffle=False``). The order depends only on ``seed``, the epoch number and the number of
+    records — never on a global random state — so two streams built alike deal the same batches,
+    and :meth:`state_dict` / :meth:`load_state_dict` resume a stream exactly where it stopped.
+
+    ``next_batch(n)`` returns ``n`` pairs ``(record_index, record)``, crossing epoch boundaries
+    seamlessly (a batch may end one epoch and begin the next; ``n`` may exceed the data set size).
+    """
+
+    def __init__(self, records: Iterable[PromptRecord], *, seed: int = 0, shuffle: bool = True) -> None:
+        self._records = tuple(records)
+        if not self._records:
+            raise ValueError("PromptStream: no records; expected at least one")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"PromptStream: seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(shuffle, bool):
+            raise TypeError(f"PromptStream: shuffle must be True or False, got {shuffle!r}")
+        self._seed = int(seed)
+        self._shuffle = shuffle
+        self._epoch = 0
+        self._position = 0
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    # ---- inspection -------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next record will come from (0-based)."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """How many records of the current epoch have been dealt."""
+        return self._position
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def shuffle(self) -> bool:
+        return self._shuffle
+
+    @property
+    def records(self) -> tuple[PromptRecord, ...]:
+        return self._records
+
+    def __len__(self) -> int:
+        """The number of records (one epoch)."""
+        return len(self._records)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The record indices of ``epoch`` in the order they are dealt (a fresh int64 array)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise ValueError(f"PromptStream.epoch_order: epoch must be a non-negative integer, got {epoch!r}")
+        return self._order(int(epoch)).copy()
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != epoch:
+            n = len(self._records)
+            if self._shuffle:
+                order = np.random.default_rng((self._seed, epoch)).permutation(n).astype(np.int64)
+            else:
+                order = np.arange(n, dtype=np.int64)
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+    # ---- dealing ----------------------------------------------------------------------------
+
+    def next_batch(self, n: int) -> list[tuple[int, PromptRecord]]:
+        """The next ``n`` records as ``(index into records, record)`` pairs."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"PromptStream.next_batch: n must be a non-negative integer, got {n!r}")
+        n = int(n)
+        size = len(self._records)
+        out: list[tuple[int, PromptRecord]] = []
+        while len(out) < n:
+            order = self._order(self._epoch)
+            take = min(n - len(out), size - self._position)
+            for idx in order[self._position : self._position + take].tolist():
+                out.append((idx, self._records[idx]))
+            self._position += take
+            if self._position == size:
+                self._epoch += 1
+                self._position = 0
+        return out
+
+    # ---- checkpointing ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: ``epoch`` and ``position`` (what resuming needs), plus ``seed``,
+        ``shuffle`` and ``num_records`` (checked on load, so a state is not applied to another stream)."""
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "seed": self._seed,
+            "shuffle": self._shuffle,
+            "num_records": len(self._records),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`. ``epoch`` and ``position`` are required; ``seed``,
+        ``shuffle`` and ``num_records``, when present, must match this stream (``ValueError`` otherwise)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"PromptStream.load_state_dict: expected a mapping, got {type(state).__name__}")
+        for key in ("epoch", "position"):
+            if key not in state:
+                raise ValueError(f"PromptStream.load_state_dict: state has no {key!r} (keys: {sorted(state)})")
+        epoch, position = state["epoch"], state["position"]
+        for key, value in (("epoch", epoch), ("position", position)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(
+                    f"PromptStream.load_state_dict: {key} must be a non-negative integer, got {value!r}"
+                )
+        expected = {"seed": self._seed, "shuffle": self._shuffle, "num_records": len(self._records)}
+        for key, mine in expected.items():
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"PromptStream.load_state_dict: the state was saved with {key}={state[key]!r} but this stream "
+                    f"has {key}={mine!r}; resuming would not continue the same sequence"
+                )
+        if position >= len(self._records):
+            raise ValueError(
+                f"PromptStream.load_state_dict: position {position} is out of range for {len(self._records)} records"
+            )
+        self._epoch = int(epoch)
+        self._position = int(position)

@@ -1,0 +1,1 @@
+"""The entropy laboratory: tiny models and tasks built locally."""

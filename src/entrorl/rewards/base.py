@@ -1,0 +1,417 @@
+"""Reward functions: the protocol, a registry of named rewards, and the batch runner.
+
+A reward function is a plain callable::
+
+    def my_reward(prompt: str, completion: str, answer: str | None, **meta) -> float: ...
+
+``answer`` is the reference answer of the prompt (``None`` when the data has none) and ``meta`` is the
+per-record metadata dict (for example ``{"entry": ..., "task": ...}`` for reasoning-gym records). It
+returns a float (``bool``, ``int`` and numpy / 0-d torch scalars are accepted too).
+
+Rewards are looked up by *spec* with :func:`get_reward`:
+
+* a registered name (``"math"``, ``"exact_match"``, ``"reasoning_gym"`` or one added with
+  :func:`register_reward`); keyword arguments configure a registered *factory*
+  (``get_reward("math", tolerance=1e-6)``);
+* an import path ``"package.module:function"`` (or ``"package.module:Class"``): the object is
+  imported; with keyword arguments (or when it is a class, or a factory registered with
+  ``register_reward(..., factory=True)``) it is called with them and must return the reward
+  callable, otherwise it *is* the reward callable.
+
+:class:`RewardRunner` scores a batch: it calls the reward on every sample, never lets an exception
+escape (a failing sample gets reward 0 and is counted), adds the DAPO overlong penalty when
+configured and returns a :class:`RewardResult` of tensors plus flat metrics.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import math
+import numbers
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from entrorl.rewards.shaping import overlong_penalty, validate_overlong
+
+__all__ = [
+    "RewardFn",
+    "RewardResult",
+    "RewardRunner",
+    "available_rewards",
+    "check_reward_spec",
+    "get_reward",
+    "register_reward",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class RewardFn(Protocol):
+    """``f(prompt, completion, answer, **meta) -> float``."""
+
+    def __call__(self, prompt: str, completion: str, answer: str | None, /, **meta: Any) -> float: ...
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    description: str
+    obj: Callable[..., Any]
+    factory: bool
+    validate: Callable[..., None] | None
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+# Marker set on registered callables so an import-path spec pointing at one knows its kind.
+_KIND_ATTR = "__entrorl_reward_kind__"
+
+
+def register_reward(
+    name: str,
+    *,
+    description: str,
+    factory: bool = False,
+    validate: Callable[..., None] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering a reward function (or, with ``factory=True``, a reward factory).
+
+    A factory is called with the keyword arguments given to :func:`get_reward` and returns the
+    reward callable (a class whose instances are callable is a factory too). ``validate``, if
+    given, is called with the same keyword arguments by :func:`check_reward_spec` and must raise
+    ``ValueError`` for bad ones without doing anything expensive.
+
+    Raises ``ValueError`` if ``name`` is already registered or is not a valid name (non-empty, no
+    ``":"``, which marks import paths).
+    """
+    if not isinstance(name, str) or not name.strip() or ":" in name or name != name.strip():
+        raise ValueError(f"invalid reward name {name!r}: a non-empty string without ':' or surrounding spaces")
+    if not isinstance(description, str):
+        raise TypeError("description must be a string")
+
+    def decorator(obj: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(obj):
+            raise TypeError(f"register_reward({name!r}) decorates a callable, got {type(obj).__name__}")
+        if name in _REGISTRY:
+            raise ValueError(f"reward {name!r} is already registered")
+        _REGISTRY[name] = _Entry(name, description, obj, bool(factory), validate)
+        try:
+            setattr(obj, _KIND_ATTR, "factory" if factory else "function")
+        except (AttributeError, TypeError):  # builtins, slotted objects: the registry still knows
+            pass
+        return obj
+
+    return decorator
+
+
+def available_rewards() -> list[tuple[str, str]]:
+    """``(name, description)`` of every registered reward, sorted by name."""
+    return [(e.name, e.description) for e in sorted(_REGISTRY.values(), key=lambda e: e.name)]
+
+
+def _unknown_name_error(spec: str) -> ValueError:
+    names = ", ".join(sorted(_REGISTRY)) or "(none)"
+    return ValueError(
+        f"unknown reward {spec!r}; registered rewards: {names}; "
+        "or give an import path 'package.module:function'"
+    )
+
+
+def _import_object(spec: str) -> Any:
+    module_name, _, attr_path = spec.partition(":")
+    module_name, attr_path = module_name.strip(), attr_path.strip()
+    if not module_name or not attr_path:
+        raise ValueError(f"reward spec {spec!r}: an import path must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or the module's own code failing
+        raise ValueError(
+            f"reward spec {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})"
+        ) from exc
+    obj: Any = module
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise ValueError(f"reward spec {spec!r}: module {module_name!r} has no attribute {attr_path!r}") from exc
+    if not callable(obj):
+        raise ValueError(f"reward spec {spec!r}: {attr_path!r} is not callable (it is a {type(obj).__name__})")
+    return obj
+
+
+def _is_factory(obj: Any, kwargs: Mapping[str, Any]) -> bool:
+    kind = getattr(obj, _KIND_ATTR, None)
+    if kind is not None:
+        return kind == "factory"
+    return inspect.isclass(obj) or bool(kwargs)
+
+
+def _check_options(spec: str, obj: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
+    """Raise ValueError if ``kwargs`` cannot be passed to factory ``obj``."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):  # no introspectable signature: let the call decide
+        return
+    try:
+        sig.bind(**kwargs)
+    except TypeError as exc:
+        accepted = [
+            p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        raise ValueError(f"invalid options for reward {spec!r}: {exc}; accepted options: {accepted}") from exc
+
+
+def _resolve(spec: Any, kwargs: Mapping[str, Any]) -> tuple[Callable[..., Any], bool, Callable[..., None] | None]:
+    """(object, is_factory, validate) for a spec; raises ValueError for unknown / bad specs."""
+    if callable(spec) and not isinstance(spec, str):
+        return spec, _is_factory(spec, kwargs) if kwargs else False, None
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a reward spec is a registered name or 'package.module:function', got {spec!r}")
+    spec = spec.strip()
+    if ":" in spec:
+        obj = _import_object(spec)
+        return obj, _is_factory(obj, kwargs), None
+    entry = _REGISTRY.get(spec)
+    if entry is None:
+        raise _unknown_name_error(spec)
+    return entry.obj, entry.factory, entry.validate
+
+
+def get_reward(spec: str | RewardFn, **kwargs: Any) -> RewardFn:
+    """The reward callable for ``spec`` (a registered name or ``"package.module:function"``).
+
+    ``kwargs`` configure a factory (``get_reward("reasoning_gym", task="basic_arithmetic")``).
+    Raises ``ValueError`` for an unknown name (listing the registered ones), an import path that
+    cannot be imported or is not callable, options a plain reward function does not take, or
+    options the factory does not accept.
+    """
+    obj, is_factory, _ = _resolve(spec, kwargs)
+    if not is_factory:
+        if kwargs:
+            raise ValueError(
+                f"reward {spec!r} is a plain reward function and takes no options; got {sorted(kwargs)}"
+            )
+        return obj
+    _check_options(str(spec), obj, kwargs)
+    fn = obj(**kwargs)
+    if not callable(fn):
+        raise ValueError(f"reward factory {spec!r} returned a non-callable {type(fn).__name__}")
+    return fn
+
+
+def check_reward_spec(spec: str, **kwargs: Any) -> None:
+    """Validate a reward spec (and factory options) without building anything heavy.
+
+    Registered names: the name must exist, ``kwargs`` must fit the factory's signature, and the
+    reward's own validator runs (for ``reasoning_gym`` this imports reasoning-gym to check the task
+    name — about two seconds). Import paths: the module is imported and the target must be callable
+    (nothing is called). Raises ``ValueError`` on any problem.
+    """
+    obj, is_factory, validate = _resolve(spec, kwargs)
+    if not is_factory:
+        if kwargs:
+            raise ValueError(
+                f"reward {spec!r} is a plain reward function and takes no options; got {sorted(kwargs)}"
+            )
+        return
+    _check_options(str(spec), obj, kwargs)
+    if validate is not None:
+        validate(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# runner
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardResult:
+    """Rewards of one batch.
+
+    * ``scores`` — float32 ``[n]``, what the reward function returned (0 where it failed);
+    * ``rewards`` — float32 ``[n]``, ``scores + penalties`` (the training reward);
+    * ``correct`` — bool ``[n]``, ``scores >= correct_threshold``;
+    * ``errors`` / ``first_error`` — how many samples failed (raised, or returned a non-numeric or
+      non-finite value) and the first failure's traceback text (or message);
+    * ``penalties`` — float32 ``[n]``, the overlong penalty (zeros when not configured);
+    * ``failed`` — bool ``[n]``, which samples failed.
+    """
+
+    scores: torch.Tensor
+    rewards: torch.Tensor
+    correct: torch.Tensor
+    errors: int = 0
+    first_error: str | None = None
+    penalties: torch.Tensor | None = None
+    failed: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.scores.shape[0]
+        if self.penalties is None:
+            self.penalties = torch.zeros(n, dtype=torch.float32)
+        if self.failed is None:
+            self.failed = torch.zeros(n, dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def metrics(self) -> dict[str, float]:
+        """Flat scalar metrics: ``reward/mean``, ``reward/score_mean``, ``reward/accuracy``,
+        ``reward/errors``, ``reward/overlong_penalty_mean`` (means are 0.0 for an empty batch)."""
+
+        def mean(t: torch.Tensor) -> float:
+            return float(t.float().mean()) if t.numel() else 0.0
+
+        assert self.penalties is not None
+        return {
+            "reward/mean": mean(self.rewards),
+            "reward/score_mean": mean(self.scores),
+            "reward/accuracy": mean(self.correct),
+            "reward/errors": float(self.errors),
+            "reward/overlong_penalty_mean": mean(self.penalties),
+        }
+
+
+# Exceptions a reward call lets through: the user or the interpreter asked to stop.
+_PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _as_float(value: Any) -> float:
+    """``value`` as a float; TypeError for non-numeric values (strings and None included)."""
+    if isinstance(value, (bool, numbers.Real)):
+        return float(value)
+    item = getattr(value, "item", None)  # numpy scalars (np.bool_ too), 1-element arrays / tensors
+    if callable(item):
+        try:
+            inner = item()
+        except (ValueError, RuntimeError) as exc:
+            raise TypeError(f"returned a non-scalar {type(value).__name__}") from exc
+        if isinstance(inner, (bool, numbers.Real)):
+            return float(inner)
+    raise TypeError(f"returned a non-numeric value of type {type(value).__name__}: {value!r:.200}")
+
+
+class RewardRunner:
+    """Score a batch with one reward function, robustly.
+
+    ``fn`` is a reward callable (or a spec string, resolved with :func:`get_reward`). ``overlong``
+    configures DAPO's soft overlong punishment: ``{"max_length": L_max, "cache_length": L_cache,
+    "penalty_factor": 1.0}`` (see :func:`entrorl.rewards.overlong_penalty`); the penalty of each
+    sample's response length is added to its score. A sample is ``correct`` when its score is
+    ``>= correct_threshold``.
+
+    A reward call that raises, or returns something that is not a finite number, gives that sample
+    a score of 0; it is counted in ``errors`` and the first failure is kept in ``first_error`` (and
+    logged once per runner). Nothing raised by the reward function propagates, ``BaseException``
+    subclasses included, except ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit``. Calls
+    are sequential and not time-limited: a reward that may hang must bound itself.
+    """
+
+    def __init__(
+        self,
+        fn: RewardFn | str,
+        *,
+        overlong: Mapping[str, Any] | None = None,
+        correct_threshold: float = 0.5,
+    ) -> None:
+        if isinstance(fn, str):
+            fn = get_reward(fn)
+        if not callable(fn):
+            raise TypeError(f"fn must be a reward callable, got {type(fn).__name__}")
+        if not isinstance(correct_threshold, numbers.Real) or not math.isfinite(correct_threshold):
+            raise ValueError(f"correct_threshold must be a finite number, got {correct_threshold!r}")
+        self.fn = fn
+        self.overlong = validate_overlong(overlong) if overlong is not None else None
+        self.correct_threshold = float(correct_threshold)
+        self._warned = False
+
+    def __repr__(self) -> str:
+        return (
+            f"RewardRunner(fn={getattr(self.fn, '__name__', self.fn)!r}, overlong={self.overlong}, "
+            f"correct_threshold={self.correct_threshold})"
+        )
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        answers: Sequence[str | None] | None = None,
+        metas: Sequence[Mapping[str, Any] | None] | None = None,
+        lengths: Sequence[int] | None = None,
+    ) -> RewardResult:
+        n = len(completions)
+        if answers is None:
+            answers = [None] * n
+        if metas is None:
+            metas = [None] * n
+        sizes = {"prompts": len(prompts), "completions": n, "answers": len(answers), "metas": len(metas)}
+        if lengths is not None:
+            sizes["lengths"] = len(lengths)
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"RewardRunner: inputs have different lengths: {sizes}")
+        if self.overlong is not None and lengths is None:
+            raise ValueError("RewardRunner: `lengths` (response token counts) are required when overlong is set")
+
+        scores = [0.0] * n
+        failed = [False] * n
+        errors = 0
+        first_error: str | None = None
+        for i in range(n):
+            meta = metas[i] or {}
+            try:
+                value = self.fn(prompts[i], completions[i], answers[i], **meta)
+            except _PASS_THROUGH:
+                raise
+            except BaseException:  # noqa: BLE001 - a reward must never kill the run (Math-Verify's
+                # TimeoutException, for one, derives from BaseException)
+                errors += 1
+                failed[i] = True
+                if first_error is None:
+                    first_error = f"reward raised for sample {i}:\n{traceback.format_exc()}"
+                continue
+            try:
+                score = _as_float(value)
+                if not math.isfinite(score):
+                    raise ValueError(f"returned a non-finite value {score!r}")
+            except Exception as exc:  # noqa: BLE001 - odd return values are counted, not raised
+                errors += 1
+                failed[i] = True
+                if first_error is None:
+                    first_error = f"reward for sample {i} {exc}"
+                continue
+            scores[i] = score
+
+        if first_error is not None and not self._warned:
+            self._warned = True
+            logger.warning(
+                "reward function failed on %d of %d samples (scored 0); first failure: %s", errors, n, first_error
+            )
+
+        score_t = torch.tensor(scores, dtype=torch.float32)
+        if self.overlong is not None:
+            assert lengths is not None
+            pen = [overlong_penalty(int(length), **self.overlong) for length in lengths]
+            pen_t = torch.tensor(pen, dtype=torch.float32)
+        else:
+            pen_t = torch.zeros(n, dtype=torch.float32)
+        return RewardResult(
+            scores=score_t,
+            rewards=score_t + pen_t,
+            correct=score_t >= self.correct_threshold,
+            errors=errors,
+            first_error=first_error,
+            penalties=pen_t,
+            failed=torch.tensor(failed, dtype=torch.bool),
+        )

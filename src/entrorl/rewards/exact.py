@@ -1,0 +1,30 @@
+"""The ``exact_match`` reward: the extracted final answer equals the reference, up to surrounding
+whitespace and case."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from entrorl.rewards.base import register_reward
+from entrorl.rewards.math import extract_final_answer
+
+__all__ = ["exact_match"]
+
+
+@register_reward(
+    "exact_match",
+    description="1.0 if the completion's final answer (\\boxed{}, <answer>, 'the answer is', last number; "
+    "else the whole completion) equals the reference after whitespace strip and case-fold, else 0.0",
+)
+def exact_match(prompt: str, completion: str, answer: Any, /, **meta: Any) -> float:
+    """1.0 if the final answer of ``completion`` (see :func:`entrorl.rewards.math.extract_final_answer`;
+    the whole completion when nothing is extracted) equals ``answer`` after ``strip()`` and
+    ``casefold()``, else 0.0. A list / tuple ``answer`` accepts any of its items; ``None`` scores 0.0."""
+    if answer is None or not isinstance(completion, str):
+        return 0.0
+    references = answer if isinstance(answer, (list, tuple)) else [answer]
+    predicted = extract_final_answer(completion)
+    if predicted is None:
+        predicted = completion
+    key = predicted.strip().casefold()
+    return 1.0 if any(ref is not None and str(ref).strip().casefold() == key for ref in references) else 0.0

@@ -1,0 +1,221 @@
+"""Procedural reasoning tasks from reasoning-gym, scored by each task's own verifier.
+
+Records are generated locally (no downloads) with :func:`reasoning_gym_records`; each carries the
+reasoning-gym *entry* in its metadata, and the ``reasoning_gym`` reward hands that entry to the task's
+``score_answer(answer, entry)``::
+
+    records = reasoning_gym_records("basic_arithmetic", size=100, seed=0)
+    reward = get_reward("reasoning_gym", task="basic_arithmetic")
+    r = records[0]
+    reward(r["prompt"], "... <answer>-4</answer>", r["answer"], **r["meta"])   # -> 1.0
+
+The model's answer is taken from the completion like reasoning-gym's own evaluation does — the last
+``<answer>...</answer>`` — and, unless ``strict=True``, falls back to the last ``\\boxed{...}``, then
+"the answer is X" / "Answer: X", then the last non-empty line. Ask models for answer tags
+(:data:`REASONING_GYM_INSTRUCTION`). Scores are the verifier's, in ``[0, 1]`` (several tasks give
+partial credit, e.g. ``len(reference) / len(answer)`` when the answer contains the reference).
+
+Some verifiers read their dataset's configuration, so the scorer is built with the same config the
+records were generated with (the ``config`` factory option, or ``meta["config"]`` which
+:func:`reasoning_gym_records` stores). Entries must reach the reward unchanged (keep them as Python
+objects; a round trip through Arrow / JSON may alter nested metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from entrorl.rewards.base import register_reward
+from entrorl.rewards.math import extract_answer_phrase, extract_boxed
+
+__all__ = [
+    "REASONING_GYM_INSTRUCTION",
+    "ReasoningGymReward",
+    "available_reasoning_gym_tasks",
+    "extract_reasoning_gym_answer",
+    "reasoning_gym_records",
+]
+
+#: The instruction to append to reasoning-gym prompts so answers are extractable.
+REASONING_GYM_INSTRUCTION = (
+    "Think step by step, then give your final answer inside <answer></answer> tags, "
+    "for example <answer>42</answer>. Put only the final answer inside the tags, in the format the "
+    "question asks for."
+)
+
+_TAG_OPEN, _TAG_CLOSE = "<answer>", "</answer>"
+
+
+def available_reasoning_gym_tasks() -> list[str]:
+    """Names of the reasoning-gym datasets installed (imports reasoning-gym, about two seconds)."""
+    from reasoning_gym.factory import DATASETS
+
+    return sorted(DATASETS)
+
+
+def _check_task(task: Any) -> str:
+    if not isinstance(task, str) or not task:
+        raise ValueError(f"reasoning_gym task must be a dataset name, got {task!r}")
+    tasks = available_reasoning_gym_tasks()
+    if task not in tasks:
+        raise ValueError(f"unknown reasoning-gym task {task!r}; available: {', '.join(tasks)}")
+    return task
+
+
+def extract_reasoning_gym_answer(completion: str, *, strict: bool = False) -> str | None:
+    """The model's answer in ``completion``: the content of the last ``<answer>...</answer>``
+    (whitespace-stripped); unless ``strict``, else the last ``\\boxed{}``, else "the answer is X" /
+    "Answer: X", else the last non-empty line. None if there is nothing."""
+    if not isinstance(completion, str):
+        return None
+    end = completion.rfind(_TAG_CLOSE)
+    if end != -1:
+        start = completion.rfind(_TAG_OPEN, 0, end)
+        if start != -1:
+            return completion[start + len(_TAG_OPEN) : end].strip()
+    if strict:
+        return None
+    for extractor in (extract_boxed, extract_answer_phrase):
+        found = extractor(completion)
+        if found is not None and found.strip():
+            return found.strip()
+    lines = [line.strip() for line in completion.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def reasoning_gym_records(
+    task: str, *, size: int, seed: int, instruction: str | None = None, **config: Any
+) -> list[dict[str, Any]]:
+    """Generate ``size`` records of a reasoning-gym task, deterministically from ``seed``.
+
+    Each record is ``{"prompt": question, "answer": reference answer (str, or None for tasks whose
+    answers are checked without one), "meta": {"entry": entry, "task": task, "config": config}}``.
+    ``instruction`` (e.g. :data:`REASONING_GYM_INSTRUCTION`) is appended to every prompt after a blank
+    line. ``config`` holds further options of the task's config dataclass (difficulty ranges, ...).
+    """
+    import reasoning_gym
+
+    _check_task(task)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **config)
+    records = []
+    for i in range(size):
+        entry = dataset[i]
+        prompt = entry["question"]
+        if instruction:
+            prompt = f"{prompt.rstrip()}\n\n{instruction}"
+        answer = entry.get("answer")
+        records.append(
+            {
+                "prompt": prompt,
+                "answer": None if answer is None else str(answer),
+                "meta": {"entry": entry, "task": task, "config": dict(config)},
+            }
+        )
+    return records
+
+
+def _validate_reasoning_gym(
+    task: str | None = None, *, strict: bool = False, config: Mapping[str, Any] | None = None
+) -> None:
+    if task is not None:
+        _check_task(task)
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict must be a bool, got {strict!r}")
+    if config is not None and not isinstance(config, Mapping):
+        raise ValueError(f"config must be a mapping, got {type(config).__name__}")
+
+
+@register_reward(
+    "reasoning_gym",
+    description="reasoning-gym task verifier (option task=<dataset name>); the record's entry must be in "
+    "meta['entry']; the answer is read from <answer></answer> tags",
+    factory=True,
+    validate=_validate_reasoning_gym,
+)
+class ReasoningGymReward:
+    """The ``reasoning_gym`` reward: ``score_answer(extracted answer, meta["entry"])`` of the task.
+
+    ``task`` — the dataset name; ``None`` reads it from ``meta["task"]`` (mixed-task data). A record
+    whose ``meta["task"]`` differs from ``task`` raises (the runner counts it as an error).
+    ``strict`` — only ``<answer>`` tags count (as in reasoning-gym's own evaluation).
+    ``config`` — the task config the records were generated with (default: ``meta["config"]``).
+
+    A completion with no extractable answer scores 0.0; so does an answer the verifier chokes on.
+    A missing or malformed entry raises ``ValueError``.
+    """
+
+    def __init__(
+        self, task: str | None = None, *, strict: bool = False, config: Mapping[str, Any] | None = None
+    ) -> None:
+        _validate_reasoning_gym(task, strict=strict, config=config)
+        self.task = task
+        self.strict = strict
+        self.config = dict(config) if config is not None else None
+        self._scorers: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+        self.__name__ = f"reasoning_gym[{task}]" if task else "reasoning_gym"
+        if task is not None:
+            self._scorer(task, self.config or {})  # fail now on a bad config, not mid-run
+
+    def __repr__(self) -> str:
+        return f"ReasoningGymReward(task={self.task!r}, strict={self.strict}, config={self.config})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_scorers"] = {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _scorer(self, task: str, config: Mapping[str, Any]) -> Any:
+        key = (task, repr(sorted(config.items())))
+        with self._lock:
+            dataset = self._scorers.get(key)
+            if dataset is None:
+                import reasoning_gym
+
+                dataset = reasoning_gym.create_dataset(task, size=1, seed=0, **config)
+                self._scorers[key] = dataset
+        return dataset
+
+    def __call__(self, prompt: str, completion: str, answer: str | None, /, **meta: Any) -> float:
+        entry = meta.get("entry")
+        if isinstance(entry, str):
+            entry = json.loads(entry)
+        if not isinstance(entry, Mapping):
+            raise ValueError(
+                "the reasoning_gym reward needs the reasoning-gym entry dict in meta['entry'] "
+                "(use reasoning_gym_records to build the data)"
+            )
+        meta_task = meta.get("task")
+        task = self.task or meta_task
+        if task is None:
+            source = (entry.get("metadata") or {}).get("source_dataset")
+            task = source if isinstance(source, str) else None
+        if task is None:
+            raise ValueError("reasoning_gym reward without a task needs meta['task']")
+        if self.task is not None and meta_task is not None and meta_task != self.task:
+            raise ValueError(f"record is from reasoning-gym task {meta_task!r} but the reward scores {self.task!r}")
+        config = self.config if self.config is not None else (meta.get("config") or {})
+        scorer = self._scorer(task, config)
+
+        predicted = extract_reasoning_gym_answer(completion, strict=self.strict)
+        if predicted is None:
+            return 0.0
+        try:
+            return float(scorer.score_answer(predicted, dict(entry)))
+        except Exception:
+            # The verifier failed on the model's answer: 0 -- unless it also fails on the reference,
+            # which means the entry itself is broken (then the error must surface).
+            scorer.score_answer(entry.get("answer"), dict(entry))
+            return 0.0

@@ -1,0 +1,7 @@
+"""The training loop for Hugging Face causal LMs, its configuration, checkpoints and metrics sinks."""
+
+from entrorl.trainer.config import ConfigError, TrainConfig, load_config
+from entrorl.trainer.loggers import read_metrics
+from entrorl.trainer.loop import Trainer, TrainingStopped
+
+__all__ = ["ConfigError", "TrainConfig", "Trainer", "TrainingStopped", "load_config", "read_metrics"]

@@ -1,0 +1,86 @@
+"""Atomic checkpoints: a crash while writing one never damages the previous one.
+
+Layout of a run directory::
+
+    run_dir/checkpoints/step_000040/model/        save_pretrained: weights, config, tokenizer
+    run_dir/checkpoints/step_000040/trainer.pt    optimizer, scheduler, RNG states, data position, objective state
+    run_dir/checkpoints/latest                    name of the newest complete checkpoint
+
+A checkpoint is written into a hidden temporary directory and renamed into place (``os.replace`` is atomic on
+one filesystem); ``latest`` is then rewritten the same way. Only then are old checkpoints pruned.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text"]
+
+_PREFIX = "step_"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the ``keep`` newest."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"{_PREFIX}{step:06d}"
+    final = root / name
+    temporary = root / f".{name}.tmp-{os.getpid()}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    model.save_pretrained(temporary / "model")
+    tokenizer.save_pretrained(temporary / "model")
+    torch.save(trainer_state, temporary / "trainer.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    atomic_write_text(root / "latest", name + "\n")
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(f".{_PREFIX}*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if (candidate / "trainer.pt").is_file():
+            return candidate
+    complete = sorted(p for p in root.glob(f"{_PREFIX}*") if (p / "trainer.pt").is_file()) if root.is_dir() else []
+    return complete[-1] if complete else None
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(Path(checkpoint) / "trainer.pt", map_location="cpu", weights_only=False)

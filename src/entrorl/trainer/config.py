@@ -1,0 +1,248 @@
+"""The training configuration: YAML validated by pydantic, checked completely before any model loads."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from entrorl.advantages import available_advantages
+from entrorl.objective import ObjectiveConfig, build_objective, get_method
+
+__all__ = [
+    "TrainConfig",
+    "ConfigError",
+    "load_config",
+    "apply_overrides",
+    "parse_set_option",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="local Hugging Face model directory (config.json, weights, tokenizer)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    disable_dropout: bool = True
+    trust_remote_code: bool = False
+    chat_template: bool = Field(False, description="wrap prompts with the tokenizer's chat template")
+
+
+class DataConfig(_Section):
+    train: str = Field(description="prompt file: .jsonl, .json, .csv, .parquet or a datasets save_to_disk directory")
+    eval: str | None = Field(None, description="held-out prompt file for evaluation; None = no evaluation data")
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    meta_columns: list[str] | None = None
+    prompt_template: str = Field("{prompt}", description="format string applied to each prompt; must contain {prompt}")
+    shuffle: bool = True
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_placeholder(cls, value: str) -> str:
+        if "{prompt}" not in value:
+            raise ValueError("prompt_template must contain '{prompt}'")
+        return value
+
+
+class OverlongConfig(_Section):
+    max_length: int = Field(gt=0, description="L_max, responses longer than this get -penalty_factor (DAPO)")
+    cache_length: int = Field(gt=0, description="L_cache, the soft-penalty window below L_max (DAPO)")
+    penalty_factor: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _window(self) -> "OverlongConfig":
+        if self.cache_length > self.max_length:
+            raise ValueError("cache_length must be <= max_length")
+        return self
+
+
+class RewardConfig(_Section):
+    name: str = Field("math", description="a registered reward (entrorl rewards) or 'package.module:function'")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    overlong: OverlongConfig | None = None
+    correct_threshold: float = 0.5
+
+
+class RolloutConfig(_Section):
+    prompts_per_step: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=1, description="responses per prompt (G)")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    generation_batch_size: int = Field(64, ge=1)
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and sample more")
+    max_sampling_rounds: int = Field(3, ge=1, description="bound on extra sampling rounds for dynamic sampling")
+
+
+class AdvantageConfig(_Section):
+    name: str | None = Field(None, description="advantage estimator; None = the method's own (see `entrorl methods`)")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimConfig(_Section):
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    mini_batches: int = Field(1, ge=1, description="optimizer updates per rollout batch (off-policy when > 1)")
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    micro_batch_size: int | None = Field(None, ge=1, description="rows per forward/backward (gradient accumulation)")
+    max_consecutive_nonfinite: int = Field(3, ge=1, description="stop after this many skipped non-finite steps in a row")
+    kl_reference: bool | None = Field(None, description="load a frozen reference model; None = only when the method needs it")
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end when eval data exists)")
+    n: int = Field(8, ge=1, description="samples per evaluation prompt")
+    ks: list[int] = Field(default_factory=lambda: [1, 4, 8])
+    max_prompts: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_forks: int = Field(20, ge=0, description="highest-entropy positions saved per evaluation")
+
+    @model_validator(mode="after")
+    def _ks_within_n(self) -> "EvalConfig":
+        bad = [k for k in self.ks if k < 1 or k > self.n]
+        if bad:
+            raise ValueError(f"eval.ks must lie in [1, eval.n={self.n}], got {bad}")
+        return self
+
+
+class DiagnosticsConfig(_Section):
+    measure_entropy_change: bool = Field(True, description="re-score the step's rollouts after the update (one extra forward)")
+
+
+class LoggingConfig(_Section):
+    run_dir: str = Field("runs", description="parent directory of run directories")
+    name: str | None = Field(None, description="run directory name; default: <method>-<time>")
+    tensorboard: bool = False
+    wandb: bool = False
+    trackio: bool = False
+    progress: bool = True
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(10, ge=0, description="save every N steps (0 = only at the end)")
+    keep: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+
+
+class TrainConfig(_Section):
+    seed: int = 0
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default")
+    model: ModelConfig
+    data: DataConfig
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    method: str | ObjectiveConfig = Field("grpo", description="a method name, 'a+b+c', or an objective config")
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _method_builds(cls, value):
+        try:
+            build_objective(value)
+        except (ValueError, TypeError) as error:
+            raise ValueError(str(error)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "TrainConfig":
+        names = {info.name for info in available_advantages()}
+        estimator = self.advantage_estimator()
+        if estimator not in names:
+            raise ValueError(f"advantage.name: unknown estimator '{estimator}'; available: {sorted(names)}")
+        from entrorl.rewards import check_reward_spec
+
+        check_reward_spec(self.reward.name)
+        return self
+
+    def method_names(self) -> list[str]:
+        config = self.method if isinstance(self.method, ObjectiveConfig) else ObjectiveConfig(method=self.method)
+        return config.method_names()
+
+    def advantage_estimator(self) -> str:
+        if self.advantage.name is not None:
+            return self.advantage.name
+        names = self.method_names()
+        return get_method(names[0]).advantage_estimator if names else "grpo"
+
+    def method_label(self) -> str:
+        return "+".join(self.method_names()) or "custom"
+
+
+def parse_set_option(option: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-5"`` → (["optim", "lr"], 1e-5); values are parsed as YAML."""
+    if "=" not in option:
+        raise ConfigError(f"--set expects key=value, got {option!r}")
+    key, raw = option.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"--set has an empty key in {option!r}")
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a raw config dict (creating sections as needed)."""
+    for option in overrides:
+        path, value = parse_set_option(option)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {option!r}: '{part}' is not a section (it holds {child!r})")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {location}: {message}" + (f" (got {item['input']!r})" if item["type"] != "missing" and item["type"] != "extra_forbidden" else ""))
+    return f"invalid configuration in {source}:\n" + "\n".join(lines)
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML file (or take a dict), apply ``--set`` overrides, validate. Raises ConfigError naming keys."""
+    if isinstance(source, dict):
+        data, label = copy.deepcopy(source), "the given config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+        label = str(path)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return TrainConfig(**data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, label)) from None

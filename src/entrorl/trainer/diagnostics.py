@@ -1,0 +1,116 @@
+"""Per-step entropy diagnostics: what the policy's entropy did, and what the theory predicted it would do.
+
+Prediction (arXiv 2602.03392, Thm 3.3): a gradient step on the sampled token's log-prob with coefficient
+``g_t = d loss / d log p_t`` moves the (temperature-scaled) logits by ``alpha_t (e_k - p)`` with
+``alpha_t = -lr * g_t / T^2``, and the entropy by ``-alpha_t D_t``. It treats each position's logits as free
+parameters (the "tabular" view), so with Adam and shared weights its *scale* differs from the measured change;
+its sign and its correlation with the measured per-token change are what the theory claims.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from entrorl.dynamics import covariance_concentration, token_covariance
+
+__all__ = ["entropy_summary", "discriminator_summary", "predicted_vs_measured", "covariance_summary", "top_fork_tokens"]
+
+
+def _valid(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return values.detach()[mask].double()
+
+
+def entropy_summary(entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    values = _valid(entropy, mask)
+    if values.numel() == 0:
+        return {}
+    quantiles = torch.quantile(values.float(), torch.tensor([0.1, 0.5, 0.9])) if values.numel() < 16_000_000 else None
+    summary = {"entropy/mean": float(values.mean()), "entropy/max": float(values.max()), "entropy/low_frac": float((values < 1e-2).double().mean())}
+    if quantiles is not None:
+        summary.update({"entropy/p10": float(quantiles[0]), "entropy/p50": float(quantiles[1]), "entropy/p90": float(quantiles[2])})
+    return summary
+
+
+def discriminator_summary(disc: torch.Tensor, centered: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """S and D statistics overall and split by the sign of the advantage (positive / negative samples)."""
+    summary: dict[str, float] = {}
+    for name, values in (("disc", disc), ("disc_centered", centered)):
+        valid = _valid(values, mask)
+        if valid.numel() == 0:
+            continue
+        summary[f"{name}/mean"] = float(valid.mean())
+        summary[f"{name}/std"] = float(valid.std(unbiased=False))
+        for sign, select in (("pos", advantages > 0), ("neg", advantages < 0)):
+            part = _valid(values, mask & select)
+            summary[f"{name}/mean_{sign}_adv"] = float(part.mean()) if part.numel() else math.nan
+    valid_disc = _valid(disc, mask)
+    if valid_disc.numel():
+        summary["disc/confident_frac"] = float((valid_disc > 0).double().mean())
+    return summary
+
+
+def predicted_vs_measured(
+    grad_coefficients: torch.Tensor,
+    disc_centered: torch.Tensor,
+    entropy_before: torch.Tensor,
+    entropy_after: torch.Tensor | None,
+    mask: torch.Tensor,
+    *,
+    lr: float,
+    temperature: float,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Predicted (tabular, first-order) and measured per-token entropy change; returns metrics and the
+    per-token prediction."""
+    alpha = -lr * grad_coefficients.detach().double() / (temperature * temperature)
+    predicted = -alpha * disc_centered.detach().double()
+    metrics = {
+        "entropy/predicted_delta": float(predicted[mask].mean()) if mask.any() else 0.0,
+        "entropy/predicted_delta_sum": float(predicted[mask].sum()),
+    }
+    if entropy_after is not None and mask.any():
+        measured = (entropy_after.detach().double() - entropy_before.detach().double())[mask]
+        metrics["entropy/measured_delta"] = float(measured.mean())
+        pred = predicted[mask]
+        if measured.numel() > 1 and float(pred.std()) > 0 and float(measured.std()) > 0:
+            stacked = torch.stack([pred, measured])
+            metrics["entropy/delta_token_corr"] = float(torch.corrcoef(stacked)[0, 1])
+        else:
+            metrics["entropy/delta_token_corr"] = math.nan
+    return metrics, predicted.float()
+
+
+def covariance_summary(logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Concentration of the token covariance (arXiv 2505.22617, Table 1)."""
+    if not mask.any():
+        return {}
+    cov = token_covariance(logprob.detach(), advantages.detach(), mask)
+    return covariance_concentration(cov, mask).to_dict()
+
+
+def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask, entropy, *, k: int, context: int = 24):
+    """The ``k`` highest-entropy response positions, decoded with their left context and continuation."""
+    if k <= 0 or not response_mask.any():
+        return []
+    scores = torch.where(response_mask, entropy.detach().float(), torch.full_like(entropy.float(), -math.inf))
+    k = min(k, int(response_mask.sum()))
+    top = scores.flatten().topk(k)
+    width = response_ids.shape[1]
+    forks = []
+    for value, flat_index in zip(top.values.tolist(), top.indices.tolist()):
+        row, position = divmod(flat_index, width)
+        prompt = prompt_ids[row][prompt_mask[row]].tolist()
+        response = response_ids[row][response_mask[row]].tolist()
+        before = (prompt + response[:position])[-context:]
+        forks.append(
+            {
+                "entropy": value,
+                "sample": row,
+                "position": position,
+                "token": tokenizer.decode([response[position]]),
+                "before": tokenizer.decode(before),
+                "after": tokenizer.decode(response[position + 1 : position + 1 + context // 2]),
+            }
+        )
+    return forks

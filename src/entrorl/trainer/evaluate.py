@@ -1,0 +1,78 @@
+"""Sampling-based evaluation of a model on prompts: Avg@n, unbiased Pass@k, polarisation, fork tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from entrorl.data import PromptRecord
+from entrorl.evaluation import EvalSummary, summarize_samples
+from entrorl.modeling import response_token_stats
+from entrorl.rewards import RewardRunner
+from entrorl.rollout import HFSampler, SamplingParams
+from entrorl.trainer.diagnostics import top_fork_tokens
+
+__all__ = ["EvaluationResult", "evaluate_model"]
+
+
+@dataclass
+class EvaluationResult:
+    summary: EvalSummary
+    forks: list[dict[str, Any]] = field(default_factory=list)
+    reward_errors: int = 0
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        metrics = {f"{prefix}avg_at_n": self.summary.avg_at_n}
+        metrics.update({f"{prefix}pass_at_{k}": value for k, value in self.summary.pass_at_k.items()})
+        metrics[f"{prefix}frac_solved_none"] = self.summary.polarisation.frac_zero
+        metrics[f"{prefix}frac_solved_all"] = self.summary.polarisation.frac_one
+        return metrics
+
+
+@torch.no_grad()
+def evaluate_model(
+    model,
+    tokenizer,
+    records: list[PromptRecord],
+    prompt_ids: list[list[int]],
+    reward: RewardRunner,
+    *,
+    n: int,
+    ks: list[int],
+    sampling: SamplingParams,
+    seed: int,
+    batch_size: int = 64,
+    top_forks: int = 0,
+    progress=None,
+) -> EvaluationResult:
+    """Sample ``n`` responses per prompt with a private seed (the caller's RNG state is left untouched), score
+    them, and summarise. With ``top_forks`` the highest-entropy response positions are decoded in context."""
+    if not records:
+        raise ValueError("evaluate_model: no prompts to evaluate")
+    sampler = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
+    repeated_ids = [ids for ids in prompt_ids for _ in range(n)]
+    repeated = [record for record in records for _ in range(n)]
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        rollouts = sampler.generate(repeated_ids, sampling, progress=progress)
+    finally:
+        torch.set_rng_state(rng_state)
+    completions = tokenizer.batch_decode(
+        [row[mask].tolist() for row, mask in zip(rollouts.response_ids, rollouts.response_mask)], skip_special_tokens=True
+    )
+    result = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated], [r.meta for r in repeated],
+                    rollouts.lengths.tolist())
+    summary = summarize_samples(result.correct.view(len(records), n).numpy(), ks=ks)
+    forks = []
+    if top_forks:
+        was_training = model.training
+        model.eval()
+        stats = response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
+                                     rollouts.response_mask, temperature=max(sampling.temperature, 1e-6), need=("entropy",))
+        model.train(was_training)
+        forks = top_fork_tokens(tokenizer, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
+                                rollouts.response_mask, stats.entropy, k=top_forks)
+    return EvaluationResult(summary=summary, forks=forks, reward_errors=result.errors)

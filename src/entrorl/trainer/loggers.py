@@ -1,0 +1,87 @@
+"""Metrics sinks: ``metrics.jsonl`` always (the source of truth), TensorBoard / W&B / trackio when asked."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLogger", "read_metrics"]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to ``metrics.jsonl`` (flushed and synced each time).
+
+    On resume from step ``s``, records with ``step > s`` (written after the checkpoint, before a crash) are
+    dropped first, so the file reads exactly as if the run had never stopped.
+    """
+
+    def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard=False, wandb=False, trackio=False,
+                 run_name: str = "", config: dict[str, Any] | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            temporary = self.path.with_suffix(".jsonl.tmp")
+            temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(temporary, self.path)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tensorboard = self._wandb = self._trackio = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise RuntimeError("logging.tensorboard needs the tensorboard package: pip install 'entrorl[track]'") from error
+            self._tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError as error:
+                raise RuntimeError("logging.wandb needs the wandb package: pip install 'entrorl[track]'") from error
+            self._wandb = wandb_module.init(name=run_name, config=config, dir=str(run_dir), resume="allow")
+        if trackio:
+            try:
+                import trackio as trackio_module
+            except ImportError as error:
+                raise RuntimeError("logging.trackio needs the trackio package: pip install 'entrorl[track]'") from error
+            trackio_module.init(project="entrorl", name=run_name, config=config)
+            self._trackio = trackio_module
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **{key: _clean(value) for key, value in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self._tensorboard is not None:
+            for key, value in numeric.items():
+                self._tensorboard.add_scalar(key, value, step)
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        if self._trackio is not None:
+            self._trackio.log(numeric, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._trackio is not None:
+            self._trackio.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

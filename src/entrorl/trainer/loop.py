@@ -1,0 +1,446 @@
+"""The trainer: GRPO/PPO-style fine-tuning of a Hugging Face causal LM with any entrorl objective.
+
+One step of training is :meth:`Trainer.train_step`, readable top to bottom:
+prompts → rollouts → rewards → advantages → scoring → updates → diagnostics.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from entrorl.advantages import compute_advantages
+from entrorl.data import PromptRecord, PromptStream, informative_groups, load_prompts
+from entrorl.modeling import load_causal_lm, load_tokenizer, response_token_stats
+from entrorl.objective import PolicyBatch, build_objective
+from entrorl.rewards import RewardRunner, get_reward
+from entrorl.rollout import HFSampler, Rollouts, SamplingParams
+from entrorl.trainer.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_trainer_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from entrorl.trainer.config import TrainConfig
+from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary, predicted_vs_measured
+from entrorl.trainer.evaluate import evaluate_model
+from entrorl.trainer.loggers import MetricsLogger
+
+__all__ = ["Trainer", "TrainingStopped", "ScoredRollouts"]
+
+_STATS = ("logprob", "entropy", "disc", "disc_centered")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (e.g. too many non-finite steps in a row); the last checkpoint is intact."""
+
+
+@dataclass
+class ScoredRollouts:
+    """One step's training data: rollouts plus rewards and per-sample advantages."""
+
+    rollouts: Rollouts
+    records: list[PromptRecord]
+    group_ids: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    metrics: dict[str, float]
+
+
+def _token_stats_of(model, rollouts: Rollouts, index, temperature: float, need=_STATS):
+    return response_token_stats(
+        model,
+        rollouts.prompt_ids[index],
+        rollouts.prompt_mask[index],
+        rollouts.response_ids[index],
+        rollouts.response_mask[index],
+        temperature=temperature,
+        need=need,
+    )
+
+
+class Trainer:
+    """Train a local Hugging Face causal LM with an entrorl method; see :class:`TrainConfig`.
+
+    >>> trainer = Trainer(load_config("run.yaml"))     # doctest: +SKIP
+    >>> trainer.train()                                # doctest: +SKIP
+    """
+
+    def __init__(self, config: TrainConfig, *, run_dir: str | Path | None = None, resume: bool = False, console=None):
+        self.config = config
+        self.console = console
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
+        self.run_dir = Path(run_dir) if run_dir is not None else self._default_run_dir()
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        if resume and checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._seed_everything(config.seed)
+
+        # what cannot fail late: data and reward before any model loads
+        self.train_records = load_prompts(
+            config.data.train,
+            prompt_column=config.data.prompt_column,
+            answer_column=config.data.answer_column,
+            meta_columns=config.data.meta_columns,
+        )
+        self.eval_records = (
+            load_prompts(config.data.eval, prompt_column=config.data.prompt_column, answer_column=config.data.answer_column,
+                         meta_columns=config.data.meta_columns)
+            if config.data.eval else []
+        )
+        self.reward = RewardRunner(
+            get_reward(config.reward.name, **config.reward.kwargs),
+            overlong=config.reward.overlong.model_dump() if config.reward.overlong else None,
+            correct_threshold=config.reward.correct_threshold,
+        )
+        self.objective = build_objective(config.method)
+        self.advantage_name = config.advantage_estimator()
+
+        model_path = checkpoint / "model" if checkpoint is not None else Path(config.model.path)
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = load_causal_lm(model_path, dtype=config.model.dtype, disable_dropout=config.model.disable_dropout,
+                                    trust_remote_code=config.model.trust_remote_code)
+        self.model.train()
+        needs_reference = config.optim.kl_reference
+        if needs_reference is None:
+            needs_reference = "ref_log_prob" in self.objective.required_fields
+        self.reference = None
+        if needs_reference:
+            reference_path = Path(config.model.path)
+            self.reference = load_causal_lm(reference_path, dtype=config.model.dtype).eval().requires_grad_(False)
+        self.train_prompt_ids = self._encode_all(self.train_records)
+        self.eval_prompt_ids = self._encode_all(self.eval_records)
+        self.stream = PromptStream(self.train_records, seed=config.seed, shuffle=config.data.shuffle)
+        self.sampler = HFSampler(self.model, eos_token_id=self.tokenizer.eos_token_id,
+                                 pad_token_id=self.tokenizer.pad_token_id, batch_size=config.rollout.generation_batch_size)
+        self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
+                                       top_p=config.rollout.top_p, top_k=config.rollout.top_k)
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                           weight_decay=optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
+        )
+        self.step = 0
+        self.consecutive_nonfinite = 0
+        self.skipped_steps = 0
+        if checkpoint is not None:
+            self._restore(load_trainer_state(checkpoint))
+        (self.run_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+        self.logger = MetricsLogger(
+            self.run_dir, resume_step=self.step if checkpoint is not None else None, tensorboard=config.logging.tensorboard,
+            wandb=config.logging.wandb, trackio=config.logging.trackio, run_name=self.run_dir.name,
+            config=config.model_dump(mode="json"),
+        )
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _default_run_dir(self) -> Path:
+        name = self.config.logging.name or f"{self.config.method_label()}-{datetime.now():%Y%m%d-%H%M%S}"
+        return Path(self.config.logging.run_dir) / name
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _encode(self, record: PromptRecord) -> list[int]:
+        text = self.config.data.prompt_template.format(prompt=record.prompt)
+        if self.config.model.chat_template:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text)["input_ids"]
+
+    def _encode_all(self, records: list[PromptRecord]) -> list[list[int]]:
+        """Tokenise every prompt once; prompts that leave no room for the response are reported, not truncated."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        encoded, too_long = [], []
+        for record in records:
+            ids = self._encode(record)
+            if not ids:
+                too_long.append(f"{record.source}: the prompt encodes to zero tokens")
+            elif limit is not None and len(ids) + self.config.rollout.max_new_tokens > limit:
+                too_long.append(f"{record.source}: {len(ids)} prompt tokens + max_new_tokens {self.config.rollout.max_new_tokens} > context {limit}")
+            encoded.append(ids)
+        if too_long:
+            shown = "\n  ".join(too_long[:10])
+            more = f"\n  ... and {len(too_long) - 10} more" if len(too_long) > 10 else ""
+            raise ValueError(f"{len(too_long)} prompt(s) do not fit the model's context:\n  {shown}{more}\n"
+                             "Shorten them, filter them out, or lower rollout.max_new_tokens.")
+        return encoded
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng_state(),
+            "stream": self.stream.state_dict(),
+            "objective": self.objective.state_dict(),
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        self.objective.load_state_dict(state["objective"])
+        self.consecutive_nonfinite = state["consecutive_nonfinite"]
+        self.skipped_steps = state["skipped_steps"]
+        restore_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
+                               trainer_state=self._trainer_state(), keep=self.config.checkpoint.keep)
+
+    # ------------------------------------------------------------------------------------------------ rollouts
+    def _sample_groups(self, n_prompts: int) -> tuple[Rollouts, list[PromptRecord], torch.Tensor]:
+        group_size = self.config.rollout.group_size
+        batch = self.stream.next_batch(n_prompts)
+        prompts = [self.train_prompt_ids[index] for index, _ in batch for _ in range(group_size)]
+        records = [record for _, record in batch for _ in range(group_size)]
+        group_ids = torch.arange(len(batch)).repeat_interleave(group_size)
+        return self.sampler.generate(prompts, self.sampling), records, group_ids
+
+    def _score(self, rollouts: Rollouts, records: list[PromptRecord]):
+        completions = self.tokenizer.batch_decode(
+            [row[mask].tolist() for row, mask in zip(rollouts.response_ids, rollouts.response_mask)], skip_special_tokens=True
+        )
+        return self.reward(
+            [r.prompt for r in records], completions, [r.answer for r in records], [r.meta for r in records],
+            rollouts.lengths.tolist(),
+        )
+
+    def collect(self) -> ScoredRollouts:
+        """Sample ``prompts_per_step`` groups, score them; with dynamic sampling, replace uninformative groups."""
+        config = self.config.rollout
+        rollouts, records, group_ids = self._sample_groups(config.prompts_per_step)
+        result = self._score(rollouts, records)
+        rewards, correct = result.rewards, result.correct
+        metrics = result.metrics()
+        if result.first_error:
+            self._note_reward_error(result.first_error)
+        if config.dynamic_sampling:
+            keep = informative_groups(rewards, group_ids)
+            rounds = 1
+            while int(keep.sum()) < config.prompts_per_step * config.group_size and rounds < config.max_sampling_rounds:
+                extra, extra_records, extra_groups = self._sample_groups(config.prompts_per_step)
+                extra_result = self._score(extra, extra_records)
+                rollouts = Rollouts.concat([rollouts, extra], self.tokenizer.pad_token_id)
+                records += extra_records
+                group_ids = torch.cat([group_ids, extra_groups + int(group_ids.max()) + 1])
+                rewards = torch.cat([rewards, extra_result.rewards])
+                correct = torch.cat([correct, extra_result.correct])
+                keep = informative_groups(rewards, group_ids)
+                rounds += 1
+            kept_rows = keep.nonzero().squeeze(-1)[: config.prompts_per_step * config.group_size]
+            metrics["data/sampling_rounds"] = float(rounds)
+            metrics["data/informative_groups"] = float(len(kept_rows) // config.group_size)
+            if len(kept_rows) > 0:
+                rollouts, group_ids = rollouts.select(kept_rows), group_ids[kept_rows]
+                records = [records[i] for i in kept_rows.tolist()]
+                rewards, correct = rewards[kept_rows], correct[kept_rows]
+        seq_log_prob = (rollouts.sampler_log_probs.sum(-1) / rollouts.lengths.clamp(min=1)).float()
+        advantages = compute_advantages(
+            self.advantage_name, rewards, group_ids, lengths=rollouts.lengths, seq_log_prob=seq_log_prob,
+            **self.config.advantage.params,
+        )
+        metrics.update({
+            "reward/mean": float(rewards.mean()),
+            "reward/accuracy": float(correct.float().mean()),
+            "reward/zero_std_groups": float(1.0 - informative_groups(rewards, group_ids).float().mean()),
+            "response/length_mean": float(rollouts.lengths.float().mean()),
+            "response/length_max": float(rollouts.lengths.max()),
+            "response/truncated_frac": float(rollouts.truncated.float().mean()),
+        })
+        return ScoredRollouts(rollouts, records, group_ids, rewards, advantages, metrics)
+
+    def _note_reward_error(self, traceback_text: str) -> None:
+        path = self.run_dir / "reward_errors.log"
+        if not path.exists():
+            path.write_text(traceback_text)
+
+    # ------------------------------------------------------------------------------------------------ the step
+    def train_step(self) -> dict[str, float]:
+        """One step: prompts → rollouts → rewards → advantages → scoring → updates → diagnostics."""
+        config = self.config
+        temperature = config.rollout.temperature
+        started = time.perf_counter()
+
+        # 1-3. rollouts, rewards, advantages
+        scored = self.collect()
+        rollouts = scored.rollouts
+        generated = time.perf_counter()
+        mask = rollouts.response_mask
+        token_advantages = scored.advantages[:, None].expand_as(mask) * mask
+        n_rows = len(rollouts)
+        everything = torch.arange(n_rows)
+
+        # 4. scoring under the policy before the update (old log-probs, entropy, S, D; reference log-probs)
+        on_policy = config.optim.mini_batches == 1 and config.optim.epochs == 1
+        before = None
+        if not on_policy:
+            with torch.no_grad():
+                before = _token_stats_of(self.model, rollouts, everything, temperature)
+        reference_log_prob = None
+        if self.reference is not None:
+            with torch.no_grad():
+                reference_log_prob = _token_stats_of(self.reference, rollouts, everything, temperature, need=("logprob",)).logprob
+
+        # 5. updates: epochs x mini-batches, each optionally split into micro-batches
+        grad_coefficients = torch.zeros(mask.shape, dtype=torch.float32)
+        objective_metrics: list[dict[str, float]] = []
+        grad_norms, skipped = [], 0
+        first_pass = {name: torch.zeros(mask.shape) for name in _STATS}
+        for epoch in range(config.optim.epochs):
+            order = torch.randperm(n_rows) if config.optim.mini_batches > 1 else everything
+            for mini_batch in order.chunk(config.optim.mini_batches):
+                self.optimizer.zero_grad(set_to_none=True)
+                mini_tokens = max(1, int(mask[mini_batch].sum()))
+                micro_size = config.optim.micro_batch_size or len(mini_batch)
+                losses_finite = True
+                for micro in mini_batch.split(micro_size):
+                    stats = _token_stats_of(self.model, rollouts, micro, temperature)
+                    stats.logprob.retain_grad()
+                    if on_policy:
+                        for name in _STATS:
+                            first_pass[name][micro] = getattr(stats, name).detach().float()
+                    old = stats.logprob.detach() if on_policy else before.logprob[micro]
+                    batch = PolicyBatch(
+                        log_prob=stats.logprob, old_log_prob=old, advantages=token_advantages[micro], mask=mask[micro],
+                        entropy=stats.entropy, disc=stats.disc, disc_centered=stats.disc_centered,
+                        ref_log_prob=None if reference_log_prob is None else reference_log_prob[micro],
+                        rollout_log_prob=rollouts.sampler_log_probs[micro],
+                    )
+                    out = self.objective(batch)
+                    weight = int(mask[micro].sum()) / mini_tokens if micro_size < len(mini_batch) else 1.0
+                    if not torch.isfinite(out.loss):
+                        losses_finite = False
+                        break
+                    (out.loss * weight).backward()
+                    grad_coefficients[micro] += stats.logprob.grad.detach().float()
+                    objective_metrics.append(out.metrics)
+                grad_norm = self._clip_gradients() if losses_finite else math.nan
+                if losses_finite and math.isfinite(grad_norm):
+                    self.optimizer.step()
+                    self.consecutive_nonfinite = 0
+                    grad_norms.append(grad_norm)
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    self.consecutive_nonfinite += 1
+                    self.skipped_steps += 1
+                    if self.consecutive_nonfinite >= config.optim.max_consecutive_nonfinite:
+                        raise TrainingStopped(
+                            f"{self.consecutive_nonfinite} updates in a row had a non-finite loss or gradient "
+                            f"(step {self.step + 1}); stopping. The last checkpoint in {self.run_dir / 'checkpoints'} is intact. "
+                            "Lower optim.lr, check the reward values, or use bfloat16-safe settings."
+                        )
+        self.scheduler.step()
+        self.step += 1
+        updated = time.perf_counter()
+
+        # 6. diagnostics: the same rollouts under the updated policy, against the first-order prediction
+        source = first_pass if before is None else before.as_dict()
+        logprob, before_entropy, disc, centered = (source[name] for name in _STATS)
+        after_entropy = None
+        if config.diagnostics.measure_entropy_change:
+            with torch.no_grad():
+                after_entropy = _token_stats_of(self.model, rollouts, everything, temperature, need=("entropy",)).entropy
+        metrics = dict(scored.metrics)
+        metrics.update(entropy_summary(before_entropy, mask))
+        change, _ = predicted_vs_measured(grad_coefficients, centered, before_entropy, after_entropy, mask,
+                                          lr=self.scheduler.get_last_lr()[0], temperature=temperature)
+        metrics.update(change)
+        metrics.update(covariance_summary(logprob, token_advantages, mask))
+        metrics.update(discriminator_summary(disc, centered, token_advantages, mask))
+        metrics.update(_mean_metrics(objective_metrics))
+        if reference_log_prob is not None:
+            log_ratio = (logprob - reference_log_prob)[mask]
+            metrics["kl/ref_k1"] = float(log_ratio.mean()) if log_ratio.numel() else 0.0
+        tokens = float(mask.sum())
+        metrics.update({
+            "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else math.nan,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/skipped_updates": float(skipped),
+            "train/skipped_total": float(self.skipped_steps),
+            "time/step_s": time.perf_counter() - started,
+            "time/generate_s": generated - started,
+            "time/update_s": updated - generated,
+            "time/diagnostics_s": time.perf_counter() - updated,
+            "time/tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9),
+        })
+        return metrics
+
+    def _clip_gradients(self) -> float:
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        if not parameters:
+            return 0.0
+        max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else math.inf
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm, error_if_nonfinite=False))
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Avg@n, unbiased Pass@k and polarisation on the eval prompts; saves the summary and the top fork tokens."""
+        config = self.config.eval
+        count = min(len(self.eval_records), config.max_prompts or len(self.eval_records))
+        if count == 0:
+            return {}
+        sampling = SamplingParams(max_new_tokens=self.config.rollout.max_new_tokens, temperature=config.temperature,
+                                  top_p=self.config.rollout.top_p, top_k=self.config.rollout.top_k)
+        result = evaluate_model(
+            self.model, self.tokenizer, self.eval_records[:count], self.eval_prompt_ids[:count], self.reward,
+            n=config.n, ks=config.ks, sampling=sampling, seed=self.config.seed + 1_000_003 * (self.step + 1),
+            batch_size=self.config.rollout.generation_batch_size, top_forks=config.top_forks,
+        )
+        for folder, payload in (("eval", {"step": self.step, **result.summary.to_dict()}), ("forks", result.forks)):
+            (self.run_dir / folder).mkdir(exist_ok=True)
+            (self.run_dir / folder / f"step_{self.step:06d}.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+        return result.metrics()
+
+    # ------------------------------------------------------------------------------------------------ the run
+    def train(self) -> Path:
+        """Run to ``optim.steps``; checkpoint every ``checkpoint.every`` steps and at the end. Returns the run dir."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        config = self.config
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
+                            disable=not config.logging.progress)
+        try:
+            with progress:
+                task = progress.add_task(f"train {config.method_label()}", total=config.optim.steps, completed=self.step, status="")
+                while self.step < config.optim.steps:
+                    metrics = self.train_step()
+                    last = self.step == config.optim.steps
+                    if self.eval_records and ((config.eval.every and self.step % config.eval.every == 0) or last):
+                        metrics.update(self.evaluate())
+                    self.logger.log(self.step, metrics)
+                    if (config.checkpoint.every and self.step % config.checkpoint.every == 0) or last:
+                        self.save()
+                    progress.update(task, advance=1, status=(
+                        f"reward {metrics['reward/mean']:.3f}  acc {metrics['reward/accuracy']:.2f}  "
+                        f"H {metrics.get('entropy/mean', math.nan):.3f}"))
+        finally:
+            self.logger.close()
+        return self.run_dir
+
+
+def _mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
+    keys = {key for record in records for key in record}
+    return {key: float(np.nanmean([r[key] for r in records if key in r])) for key in sorted(keys)}

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny Qwen2 model with a character tokenizer, built and saved by the tests themselves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-init Qwen2 (2 layers, hidden 32) and a character tokenizer, saved with save_pretrained."""
+    from entrorl.lab.tiny_model import save_tiny_model
+
+    directory = tmp_path_factory.mktemp("tiny-model")
+    return save_tiny_model(directory, seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="session")
+def arithmetic_files(tmp_path_factory) -> tuple[Path, Path]:
+    """Train and eval prompt files of one-digit sums (answers are single digits or two digits)."""
+    directory = tmp_path_factory.mktemp("arithmetic")
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(40):
+        a, b = torch.randint(0, 10, (2,), generator=generator).tolist()
+        rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    train, held_out = directory / "train.jsonl", directory / "eval.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows[:32]))
+    held_out.write_text("".join(json.dumps(row) + "\n" for row in rows[32:]))
+    return train, held_out

@@ -1,0 +1,774 @@
+"""Tests for entrorl.data: loaders (every format, every malformed input), PromptStream, dynamic
+sampling helpers, pass-rate band filtering, and write_jsonl."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from entrorl.data import (
+    DataError,
+    PromptRecord,
+    PromptStream,
+    filter_by_pass_rate,
+    group_pass_rates,
+    informative_groups,
+    load_prompts,
+    parse_band,
+    write_jsonl,
+)
+
+ROWS = [
+    {"question": "What is 1+1?", "solution": "2", "level": 1, "tags": ["easy"]},
+    {"question": "Solve x^2 = 4.", "solution": "\\{-2, 2\\}", "level": 3, "tags": []},
+    {"question": "Ünïcode — 半分は?", "solution": "1/2", "level": 2, "tags": ["frac", "cjk"]},
+]
+COLS = dict(prompt_column="question", answer_column="solution")
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def check_rows(records: list[PromptRecord], rows=ROWS, meta_keys=("level", "tags")):
+    assert [r.prompt for r in records] == [row["question"] for row in rows]
+    assert [r.answer for r in records] == [row["solution"] for row in rows]
+    assert [r.meta for r in records] == [{k: row[k] for k in meta_keys} for row in rows]
+
+
+# --------------------------------------------------------------------------------------------------
+# format round trips
+# --------------------------------------------------------------------------------------------------
+
+
+def test_jsonl_round_trip_with_blank_lines_and_sources(tmp_path):
+    p = tmp_path / "file.jsonl"
+    lines = [json.dumps(ROWS[0]), "", "   ", json.dumps(ROWS[1], ensure_ascii=False), json.dumps(ROWS[2])]
+    write_lines(p, lines)
+    recs = load_prompts(p, **COLS)
+    check_rows(recs)
+    assert [r.source for r in recs] == [f"{p}:1", f"{p}:4", f"{p}:5"]
+    assert all(isinstance(r, PromptRecord) for r in recs)
+
+
+def test_jsonl_crlf_and_bom(tmp_path):
+    p = tmp_path / "win.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(json.dumps(r).encode() for r in ROWS) + b"\r\n")
+    check_rows(load_prompts(p, **COLS))
+
+
+def test_json_list_round_trip(tmp_path):
+    p = tmp_path / "list.json"
+    p.write_text(json.dumps(ROWS, indent=2), encoding="utf-8")
+    recs = load_prompts(p, **COLS)
+    check_rows(recs)
+    assert [r.source for r in recs] == [f"{p}[0]", f"{p}[1]", f"{p}[2]"]
+
+
+def test_json_data_object_round_trip(tmp_path):
+    p = tmp_path / "wrapped.json"
+    p.write_text(json.dumps({"data": ROWS, "version": 2}), encoding="utf-8")
+    check_rows(load_prompts(p, **COLS))
+
+
+def test_csv_round_trip_with_multiline_field(tmp_path):
+    p = tmp_path / "data.csv"
+    rows = [
+        {"question": "line one\nline two, with comma", "solution": "7", "level": "1"},
+        {"question": 'He said "hi"', "solution": "x", "level": "2"},
+    ]
+    with p.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["question", "solution", "level"])
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    recs = load_prompts(p, **COLS)
+    assert [r.prompt for r in recs] == [r["question"] for r in rows]
+    assert [r.answer for r in recs] == ["7", "x"]
+    assert [r.meta for r in recs] == [{"level": "1"}, {"level": "2"}]  # CSV values stay strings
+    # the first record spans lines 2-3, so the second starts on line 4
+    assert [r.source for r in recs] == [f"{p}:2", f"{p}:4"]
+
+
+def test_parquet_round_trip(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    p = tmp_path / "data.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), p)
+    recs = load_prompts(p, **COLS)
+    check_rows(recs)
+    assert recs[1].source == f"{p}[1]"
+
+
+def test_parquet_numeric_answers_and_null_meta(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    p = tmp_path / "nums.parquet"
+    table = pa.table({"q": ["a", "b"], "ans": [42, 7], "score": [0.5, float("nan")], "note": ["n", None]})
+    pq.write_table(table, p)
+    recs = load_prompts(p, prompt_column="q", answer_column="ans")
+    assert [r.answer for r in recs] == ["42", "7"]
+    assert recs[0].meta == {"score": 0.5, "note": "n"}
+    assert recs[1].meta == {"score": None, "note": None}  # NaN becomes null
+
+
+def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(ROWS)
+    d1 = tmp_path / "ds"
+    ds.save_to_disk(str(d1))
+    recs = load_prompts(d1, **COLS)
+    check_rows(recs)
+    assert recs[2].source == f"{d1}[2]"
+
+    d2 = tmp_path / "dsdict"
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(d2))
+    check_rows(load_prompts(d2, **COLS))
+
+    d3 = tmp_path / "nodtrain"
+    datasets.DatasetDict({"validation": ds, "test": ds}).save_to_disk(str(d3))
+    with pytest.raises(DataError) as e:
+        load_prompts(d3, **COLS)
+    msg = str(e.value)
+    assert "'train'" in msg and "'validation'" in msg and "'test'" in msg
+
+
+def test_directory_that_is_not_a_dataset(tmp_path):
+    d = tmp_path / "plain_dir"
+    d.mkdir()
+    with pytest.raises(DataError, match="save_to_disk"):
+        load_prompts(d)
+
+
+def test_meta_columns_selection(tmp_path):
+    p = tmp_path / "m.jsonl"
+    write_lines(p, [json.dumps(r) for r in ROWS])
+    recs = load_prompts(p, meta_columns=["level"], **COLS)
+    assert [r.meta for r in recs] == [{"level": r["level"]} for r in ROWS]
+    assert [r.meta for r in load_prompts(p, meta_columns=[], **COLS)] == [{}, {}, {}]
+
+
+def test_numeric_answers_become_strings(tmp_path):
+    p = tmp_path / "n.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": 3}', '{"prompt": "b", "answer": 2.5}', '{"prompt": "c", "answer": -1}'])
+    assert [r.answer for r in load_prompts(p)] == ["3", "2.5", "-1"]
+
+
+def test_answer_optional(tmp_path):
+    p = tmp_path / "noans.jsonl"
+    write_lines(p, ['{"prompt": "a"}', '{"prompt": "b", "answer": null}', '{"prompt": "c", "answer": "  "}'])
+    recs = load_prompts(p, require_answer=False)
+    assert [r.answer for r in recs] == [None, None, None]
+    with pytest.raises(DataError, match=r"noans\.jsonl:1.*'answer'"):
+        load_prompts(p)
+    c = tmp_path / "noans.csv"
+    c.write_text("prompt,topic\nhello,x\n", encoding="utf-8")
+    assert load_prompts(c, require_answer=False)[0].answer is None
+    with pytest.raises(DataError, match=r"noans\.csv:1.*no answer column 'answer'"):
+        load_prompts(c)
+
+
+def test_prompt_is_stored_unchanged(tmp_path):
+    p = tmp_path / "ws.jsonl"
+    write_lines(p, [json.dumps({"prompt": "  padded\n", "answer": " 4 "})])
+    rec = load_prompts(p)[0]
+    assert rec.prompt == "  padded\n" and rec.answer == " 4 "
+
+
+# --------------------------------------------------------------------------------------------------
+# malformed input
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    p = tmp_path / "file.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": "1"}', '{"prompt": "b", "answer": "2"}', '{"prompt": "c", "answer": '])
+    with pytest.raises(DataError) as e:
+        load_prompts(p)
+    assert "file.jsonl:3" in str(e.value)
+    assert "not valid JSON" in str(e.value)
+    assert e.value.location == f"{p}:3" and e.value.path == str(p)
+    assert isinstance(e.value, ValueError)
+
+
+def test_non_object_line(tmp_path):
+    p = tmp_path / "file.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": "1"}', '["prompt", "b"]'])
+    with pytest.raises(DataError, match=r"file\.jsonl:2: a JSON array where a JSON object was expected"):
+        load_prompts(p)
+
+
+def test_missing_prompt_column(tmp_path):
+    p = tmp_path / "file.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": "1"}', '{"question": "b", "answer": "2"}'])
+    with pytest.raises(DataError, match=r"file\.jsonl:2: missing prompt column 'prompt'.*'question'"):
+        load_prompts(p)
+
+
+@pytest.mark.parametrize("value", ['""', '"   "', "null"])
+def test_empty_prompt(tmp_path, value):
+    p = tmp_path / "file.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": "1"}', "", f'{{"prompt": {value}, "answer": "2"}}'])
+    with pytest.raises(DataError, match=r"file\.jsonl:3: prompt column 'prompt'") as e:
+        load_prompts(p)
+    assert "expected a non-empty string" in str(e.value)
+
+
+def test_non_string_prompt(tmp_path):
+    p = tmp_path / "file.jsonl"
+    write_lines(p, ['{"prompt": 5, "answer": "1"}'])
+    with pytest.raises(DataError, match=r"file\.jsonl:1: prompt column 'prompt' holds a number"):
+        load_prompts(p)
+
+
+@pytest.mark.parametrize("value,kind", [("true", "boolean"), ("[1, 2]", "array"), ('{"a": 1}', "object")])
+def test_bad_answer_types(tmp_path, value, kind):
+    p = tmp_path / "file.jsonl"
+    write_lines(p, [f'{{"prompt": "a", "answer": {value}}}'])
+    with pytest.raises(DataError, match=rf"file\.jsonl:1: answer column 'answer' holds a {kind}"):
+        load_prompts(p)
+
+
+def test_missing_meta_column(tmp_path):
+    p = tmp_path / "file.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": "1", "level": 1}', '{"prompt": "b", "answer": "2"}'])
+    with pytest.raises(DataError, match=r"file\.jsonl:2: meta column\(s\) 'level' missing"):
+        load_prompts(p, meta_columns=["level"])
+    c = tmp_path / "file.csv"
+    c.write_text("prompt,answer\na,1\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"file\.csv:1 \(header\): meta column\(s\) 'level' not found"):
+        load_prompts(c, meta_columns=["level"])
+
+
+def test_missing_columns_in_columnar_formats(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    p = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"question": ["a"], "answer": ["1"]}), p)
+    with pytest.raises(DataError, match=r"x\.parquet \(schema\): no prompt column 'prompt'.*'question'"):
+        load_prompts(p)
+    with pytest.raises(DataError, match=r"x\.parquet \(schema\): meta column\(s\) 'lvl' not found"):
+        load_prompts(p, prompt_column="question", meta_columns=["lvl"])
+
+
+def test_null_answer_in_parquet_names_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    p = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "answer": ["1", None]}), p)
+    with pytest.raises(DataError, match=r"x\.parquet\[1\]: answer column 'answer' is empty"):
+        load_prompts(p)
+
+
+def test_non_jsonable_meta_in_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    p = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"prompt": ["a"], "answer": ["1"], "blob": [b"\x00\x01"]}), p)
+    with pytest.raises(DataError, match=r"b\.parquet\[0\]: column 'blob' holds a bytes value"):
+        load_prompts(p)
+    assert load_prompts(p, meta_columns=[])[0].meta == {}
+
+
+def test_not_a_parquet_file(tmp_path):
+    p = tmp_path / "fake.parquet"
+    p.write_text("hello", encoding="utf-8")
+    with pytest.raises(DataError, match=r"fake\.parquet: cannot be read as Parquet"):
+        load_prompts(p)
+
+
+def test_empty_files(tmp_path):
+    for name, content in [("e.jsonl", ""), ("b.jsonl", "\n\n  \n"), ("e.csv", ""), ("h.csv", "prompt,answer\n"),
+                          ("l.json", "[]"), ("d.json", '{"data": []}')]:
+        p = tmp_path / name
+        p.write_text(content, encoding="utf-8")
+        with pytest.raises(DataError, match="empty data set") as e:
+            load_prompts(p)
+        assert name in str(e.value)
+    p = tmp_path / "z.json"
+    p.write_text("  \n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"z\.json: empty file"):
+        load_prompts(p)
+
+
+def test_empty_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    p = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), p)
+    with pytest.raises(DataError, match=r"e\.parquet: empty data set"):
+        load_prompts(p)
+
+
+def test_unsupported_extension(tmp_path):
+    p = tmp_path / "data.txt"
+    p.write_text("hello", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_prompts(p)
+    msg = str(e.value)
+    assert "data.txt" in msg and "'.txt'" in msg
+    for fmt in (".jsonl", ".json", ".csv", ".parquet", "save_to_disk"):
+        assert fmt in msg
+    q = tmp_path / "noext"
+    q.write_text("x", encoding="utf-8")
+    with pytest.raises(DataError, match="no extension"):
+        load_prompts(q)
+
+
+def test_missing_file(tmp_path):
+    p = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError) as e:
+        load_prompts(p)
+    assert str(p) in str(e.value) and e.value.filename == str(p)
+
+
+def test_json_shapes(tmp_path):
+    cases = [
+        ('{"rows": []}', r"without a \"data\" field.*'rows'"),
+        ('{"data": 3}', r"\"data\" holds a JSON number"),
+        ('"text"', r"top level is a JSON string"),
+        ('[{"prompt": "a", "answer": "1"}, 7]', r"\[1\]: row 1 is a JSON number; expected a JSON object"),
+        ('[{"prompt": "a", "answer": "1"},\n {"prompt": "b" "answer": "2"}]', r"bad\.json:2: not valid JSON"),
+    ]
+    for text, pattern in cases:
+        p = tmp_path / "bad.json"
+        p.write_text(text, encoding="utf-8")
+        with pytest.raises(DataError, match=pattern):
+            load_prompts(p)
+    p = tmp_path / "row.json"
+    p.write_text(json.dumps([{"prompt": "a", "answer": "1"}, {"prompt": "", "answer": "2"}]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"row\.json\[1\]: prompt column 'prompt' is empty"):
+        load_prompts(p)
+
+
+def test_csv_malformations(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text("prompt,answer\na,1\nb,2,extra\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.csv:3: 3 field\(s\); expected 2 as in the header on line 1"):
+        load_prompts(p)
+    p.write_text("prompt,prompt\na,1\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.csv:1: header repeats column name"):
+        load_prompts(p)
+    p.write_text("prompt,answer\na,1\n,2\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.csv:3: prompt column 'prompt' is empty"):
+        load_prompts(p)
+    p.write_text("prompt,answer\na,\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.csv:2: answer column 'answer' is empty"):
+        load_prompts(p)
+
+
+def test_invalid_utf8(tmp_path):
+    p = tmp_path / "enc.jsonl"
+    p.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff", "answer": "1"}\n')
+    with pytest.raises(DataError, match=r"enc\.jsonl:2: not valid UTF-8"):
+        load_prompts(p)
+    c = tmp_path / "enc.csv"
+    c.write_bytes(b"prompt,answer\na,1\n\xfe,2\n")
+    with pytest.raises(DataError, match=r"enc\.csv:3: not valid UTF-8"):
+        load_prompts(c)
+
+
+def test_bad_arguments(tmp_path):
+    p = tmp_path / "ok.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": "1"}'])
+    with pytest.raises(TypeError, match="meta_columns"):
+        load_prompts(p, meta_columns="level")
+    with pytest.raises(ValueError, match="must differ"):
+        load_prompts(p, prompt_column="x", answer_column="x")
+    with pytest.raises(ValueError, match="also the prompt or answer column"):
+        load_prompts(p, meta_columns=["answer"])
+
+
+def test_loading_does_not_import_trainer_or_lab():
+    # only what ``import entrorl.data`` adds on top of ``import entrorl`` is this package's doing
+    code = (
+        "import sys, entrorl; before = set(sys.modules); import entrorl.data; "
+        "new = set(sys.modules) - before; "
+        "bad = sorted(m for m in new if m.startswith(('entrorl.trainer', 'entrorl.lab', 'datasets', 'pyarrow'))); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# PromptStream
+# --------------------------------------------------------------------------------------------------
+
+
+def make_records(n: int) -> list[PromptRecord]:
+    return [PromptRecord(prompt=f"p{i}", answer=str(i), meta={"i": i}, source=f"mem:{i + 1}") for i in range(n)]
+
+
+def indices(batch):
+    return [i for i, _ in batch]
+
+
+def test_stream_records_match_indices():
+    recs = make_records(10)
+    batch = PromptStream(recs, seed=3).next_batch(25)
+    assert len(batch) == 25
+    assert all(rec is recs[i] for i, rec in batch)
+
+
+def test_stream_same_seed_same_order_different_seed_differs():
+    recs = make_records(50)
+    a = indices(PromptStream(recs, seed=7).next_batch(120))
+    b = indices(PromptStream(recs, seed=7).next_batch(120))
+    c = indices(PromptStream(recs, seed=8).next_batch(120))
+    assert a == b
+    assert a != c
+
+
+def test_stream_independent_of_global_rng():
+    recs = make_records(30)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    a = indices(PromptStream(recs, seed=1).next_batch(60))
+    np.random.seed(123)
+    torch.manual_seed(123)
+    np.random.rand(10)
+    b = indices(PromptStream(recs, seed=1).next_batch(60))
+    assert a == b
+
+
+def test_stream_epoch_is_documented_permutation():
+    recs = make_records(13)
+    s = PromptStream(recs, seed=5)
+    got = indices(s.next_batch(13 * 3))
+    for e in range(3):
+        expect = np.random.default_rng((5, e)).permutation(13).tolist()
+        assert got[13 * e : 13 * (e + 1)] == expect
+        assert s.epoch_order(e).tolist() == expect
+
+
+def test_stream_every_record_once_per_epoch_and_epochs_differ():
+    n = 17
+    s = PromptStream(make_records(n), seed=11)
+    epochs = []
+    for e in range(4):
+        assert s.epoch == e and s.position == 0
+        epochs.append(indices(s.next_batch(n)))
+    for order in epochs:
+        assert sorted(order) == list(range(n))
+    assert len({tuple(o) for o in epochs}) == 4
+
+
+def test_stream_crosses_epoch_boundaries_seamlessly():
+    n = 7
+    recs = make_records(n)
+    straight = indices(PromptStream(recs, seed=2).next_batch(n * 5))
+    s = PromptStream(recs, seed=2)
+    pieces = []
+    for size in (3, 5, 0, 1, 9, 6, 11):  # sums to 35
+        pieces += indices(s.next_batch(size))
+    assert pieces == straight
+    assert s.epoch == 5 and s.position == 0
+    s.next_batch(3)
+    assert s.epoch == 5 and s.position == 3
+    big = PromptStream(recs, seed=2).next_batch(n * 2 + 3)  # a batch larger than the data set
+    assert indices(big) == straight[: n * 2 + 3]
+
+
+def test_stream_no_shuffle_is_file_order():
+    s = PromptStream(make_records(4), shuffle=False)
+    assert indices(s.next_batch(10)) == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+
+
+def test_stream_resume_equals_straight_run():
+    recs = make_records(23)
+    sizes = [5, 8, 13, 2, 9, 17, 4]
+    s = PromptStream(recs, seed=42)
+    straight = [indices(s.next_batch(k)) for k in sizes]
+
+    first = PromptStream(recs, seed=42)
+    part = [indices(first.next_batch(k)) for k in sizes[:3]]
+    state = json.loads(json.dumps(first.state_dict()))  # JSON-able
+    assert set(state) >= {"epoch", "position"}
+    resumed = PromptStream(recs, seed=42)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == first.epoch and resumed.position == first.position
+    part += [indices(resumed.next_batch(k)) for k in sizes[3:]]
+    assert part == straight
+
+
+def test_stream_load_state_validation():
+    s = PromptStream(make_records(5), seed=1)
+    s.next_batch(3)
+    state = s.state_dict()
+    with pytest.raises(ValueError, match="num_records"):
+        PromptStream(make_records(6), seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        PromptStream(make_records(5), seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="'position'"):
+        PromptStream(make_records(5), seed=1).load_state_dict({"epoch": 0})
+    with pytest.raises(ValueError, match="out of range"):
+        PromptStream(make_records(5), seed=1).load_state_dict({"epoch": 0, "position": 5})
+    minimal = PromptStream(make_records(5), seed=1)
+    minimal.load_state_dict({"epoch": state["epoch"], "position": state["position"]})
+    assert minimal.next_batch(4) == s.next_batch(4)
+
+
+def test_stream_bad_arguments():
+    with pytest.raises(ValueError, match="no records"):
+        PromptStream([])
+    with pytest.raises(ValueError, match="seed"):
+        PromptStream(make_records(2), seed=-1)
+    with pytest.raises(ValueError, match="non-negative"):
+        PromptStream(make_records(2)).next_batch(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# dynamic sampling helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_informative_groups_exact():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.5, 0.5, 0.5, 2.0, 1.0, 1.0 + 1e-12, 7.0], dtype=torch.float64)
+    groups = torch.tensor([10, 10, 10, -3, -3, -3, 99, 5, 5, 42])
+    got = informative_groups(rewards, groups)
+    assert got.dtype == torch.bool
+    # group 5 differs by 1e-12 only: exact comparison still calls it informative
+    expect = [True, True, True, False, False, False, False, True, True, False]
+    assert got.tolist() == expect
+    # float32 loses the 1e-12 difference: then the group is all-equal
+    assert informative_groups(rewards.float(), groups).tolist()[7:9] == [False, False]
+
+
+def test_informative_groups_interleaved_and_reference():
+    rng = np.random.default_rng(0)
+    gid = rng.choice([4, -7, 1000, 3, 9], size=200)
+    r = rng.integers(0, 2, size=200).astype(np.float64)
+    r[gid == 3] = 1.0  # an all-correct group
+    r[gid == 9] = 0.0  # an all-wrong group
+    got = informative_groups(torch.tensor(r), torch.tensor(gid)).numpy()
+    for g in np.unique(gid):
+        vals = r[gid == g]
+        assert np.all(got[gid == g] == (len(set(vals.tolist())) > 1))
+    assert not got[gid == 3].any() and not got[gid == 9].any()
+    # integer and bool rewards work too
+    assert informative_groups(torch.tensor([1, 1, 0]), torch.tensor([0, 0, 1])).tolist() == [False, False, False]
+    assert informative_groups(torch.tensor([True, False]), torch.tensor([2, 2])).tolist() == [True, True]
+    assert informative_groups(torch.zeros(0), torch.zeros(0, dtype=torch.long)).shape == (0,)
+
+
+def test_informative_groups_validation():
+    with pytest.raises(ValueError, match="NaN"):
+        informative_groups(torch.tensor([float("nan"), 1.0]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="group_ids"):
+        informative_groups(torch.tensor([1.0, 2.0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="integers"):
+        informative_groups(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))
+
+
+def test_group_pass_rates_exact():
+    correct = torch.tensor([True] * 1 + [False] * 15 + [True] * 15 + [False] + [True, True, False])
+    groups = torch.tensor([7] * 16 + [-2] * 16 + [0, 0, 0])
+    rates = group_pass_rates(correct, groups)
+    assert list(rates) == [-2, 0, 7]
+    assert rates[7] == 1 / 16 and rates[-2] == 15 / 16 and rates[0] == 2 / 3
+    assert all(type(k) is int and type(v) is float for k, v in rates.items())
+    assert group_pass_rates(torch.tensor([1, 0, 1]), torch.tensor([1, 1, 2])) == {1: 0.5, 2: 1.0}
+    with pytest.raises(ValueError, match="bool"):
+        group_pass_rates(torch.tensor([0.7, 1.0]), torch.tensor([1, 1]))
+    assert group_pass_rates(torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long)) == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# pass-rate band filtering
+# --------------------------------------------------------------------------------------------------
+
+
+def test_filter_by_pass_rate_sixteenths_edges():
+    rates = [c / 16 for c in range(17)]
+    recs = make_records(17)
+
+    def kept(**kw):
+        return [r.meta["i"] for r in filter_by_pass_rate(recs, rates, **kw)]
+
+    lo, hi = 1 / 16, 15 / 16
+    assert kept(low=lo, high=hi) == list(range(1, 16))
+    assert kept(low=lo, high=hi, inclusive=(False, False)) == list(range(2, 15))
+    assert kept(low=lo, high=hi, inclusive=(True, False)) == list(range(1, 15))
+    assert kept(low=lo, high=hi, inclusive=(False, True)) == list(range(2, 16))
+    # the band parsed from text gives the same floats as c / 16
+    low, high, inc = parse_band("(1/16, 15/16)")
+    assert kept(low=low, high=high, inclusive=inc) == list(range(2, 15))
+    low, high, inc = parse_band("[1/16, 15/16]")
+    assert kept(low=low, high=high, inclusive=inc) == list(range(1, 16))
+    assert kept(low=0, high=1) == list(range(17))
+    assert kept(low=0.5, high=0.5) == [8]
+
+
+def test_filter_by_pass_rate_decimal_band_and_order():
+    recs = make_records(6)
+    rates = np.array([0.5, 0.1, 0.05, 0.3, 0.51, 0.0])
+    low, high, inc = parse_band("[0.1, 0.5]")
+    assert [r.meta["i"] for r in filter_by_pass_rate(recs, rates, low=low, high=high, inclusive=inc)] == [0, 1, 3]
+    assert filter_by_pass_rate(recs, torch.tensor(rates), low=0.1, high=0.5) == [recs[0], recs[1], recs[3]]
+
+
+def test_filter_by_pass_rate_validation():
+    recs = make_records(3)
+    with pytest.raises(ValueError, match="3 records but 2 pass rates"):
+        filter_by_pass_rate(recs, [0.1, 0.2], low=0, high=1)
+    with pytest.raises(ValueError, match="low"):
+        filter_by_pass_rate(recs, [0.1, 0.2, 0.3], low=-0.1, high=1)
+    with pytest.raises(ValueError, match="high"):
+        filter_by_pass_rate(recs, [0.1, 0.2, 0.3], low=0, high=1.5)
+    with pytest.raises(ValueError, match="exceeds"):
+        filter_by_pass_rate(recs, [0.1, 0.2, 0.3], low=0.6, high=0.4)
+    with pytest.raises(ValueError, match="empty"):
+        filter_by_pass_rate(recs, [0.1, 0.2, 0.3], low=0.4, high=0.4, inclusive=(True, False))
+    with pytest.raises(ValueError, match=r"record 1 \(mem:2\)"):
+        filter_by_pass_rate(recs, [0.1, float("nan"), 0.3], low=0, high=1)
+    with pytest.raises(ValueError, match="not in"):
+        filter_by_pass_rate(recs, [0.1, 1.2, 0.3], low=0, high=1)
+    with pytest.raises(ValueError, match="pair of booleans"):
+        filter_by_pass_rate(recs, [0.1, 0.2, 0.3], low=0, high=1, inclusive=True)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("[0.1, 0.5]", (0.1, 0.5, (True, True))),
+        ("(1/16, 15/16)", (1 / 16, 15 / 16, (False, False))),
+        ("[0,1/2)", (0.0, 0.5, (True, False))),
+        ("  ( 0.25 , 1 ]  ", (0.25, 1.0, (False, True))),
+        ("[1 / 3, 2/3]", (1 / 3, 2 / 3, (True, True))),
+        ("[0.5, 0.5]", (0.5, 0.5, (True, True))),
+        ("[1e-2, 0.5]", (0.01, 0.5, (True, True))),
+    ],
+)
+def test_parse_band_cases(text, expected):
+    assert parse_band(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text,pattern",
+    [
+        ("0.1, 0.5", "expected an interval with brackets"),
+        ("[0.1 0.5]", "expected an interval with brackets"),
+        ("[0.1, 0.5, 0.7]", "expected an interval with brackets"),
+        ("[a, 0.5]", "cannot read the lower edge 'a'"),
+        ("[0.1, 1/0]", "cannot read the upper edge"),
+        ("[-0.1, 0.5]", "outside"),
+        ("[0.1, 3/2]", "outside"),
+        ("[0.6, 0.4]", "exceeds"),
+        ("(0.5, 0.5]", "empty"),
+        ("[, 0.5]", "lower edge .* is missing"),
+    ],
+)
+def test_parse_band_errors(text, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        parse_band(text)
+
+
+def test_parse_band_fraction_matches_division():
+    for n in (3, 7, 10, 16, 64):
+        for c in range(n + 1):
+            low, _, _ = parse_band(f"[{c}/{n}, 1]")
+            assert low == c / n == float(Fraction(c, n))
+
+
+# --------------------------------------------------------------------------------------------------
+# write_jsonl
+# --------------------------------------------------------------------------------------------------
+
+
+def test_write_jsonl_round_trip(tmp_path):
+    src = tmp_path / "in.jsonl"
+    write_lines(src, [json.dumps(r, ensure_ascii=False) for r in ROWS])
+    before = src.read_bytes()
+    recs = load_prompts(src, **COLS)
+    out = write_jsonl(recs, tmp_path / "nested" / "dir" / "out.jsonl")
+    assert out == tmp_path / "nested" / "dir" / "out.jsonl"
+    assert src.read_bytes() == before
+    back = load_prompts(out)
+    assert [(r.prompt, r.answer, r.meta) for r in back] == [(r.prompt, r.answer, r.meta) for r in recs]
+    first = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
+    assert first == {"prompt": ROWS[0]["question"], "answer": "2", "level": 1, "tags": ["easy"]}
+    # custom column names round-trip too
+    out2 = write_jsonl(recs, tmp_path / "out2.jsonl", **COLS)
+    assert [(r.prompt, r.answer, r.meta) for r in load_prompts(out2, **COLS)] == [
+        (r.prompt, r.answer, r.meta) for r in recs
+    ]
+
+
+def test_write_jsonl_none_answer_round_trip(tmp_path):
+    recs = [PromptRecord("q1", None, {"k": [1, {"a": None}]}, "x"), PromptRecord("q2", "4", {}, "y")]
+    out = write_jsonl(recs, tmp_path / "o.jsonl")
+    back = load_prompts(out, require_answer=False)
+    assert [(r.prompt, r.answer, r.meta) for r in back] == [(r.prompt, r.answer, r.meta) for r in recs]
+
+
+def test_write_jsonl_is_atomic_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "out.jsonl"
+    target.write_text("old content\n", encoding="utf-8")
+    good = make_records(3)
+    bad = good + [PromptRecord("q", "a", {"x": object()}, "mem:9")]
+    with pytest.raises(ValueError, match=r"record 3 \(mem:9\)"):
+        write_jsonl(bad, target)
+    assert target.read_text(encoding="utf-8") == "old content\n"
+    nan = [PromptRecord("q", "a", {"x": float("nan")}, "mem:1")]
+    with pytest.raises(ValueError, match="JSON"):
+        write_jsonl(nan, target)
+    assert target.read_text(encoding="utf-8") == "old content\n"
+    write_jsonl(good, target)
+    assert len(load_prompts(target)) == 3
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl"]
+
+
+def test_write_jsonl_atomic_on_interrupted_write(tmp_path, monkeypatch):
+    target = tmp_path / "out.jsonl"
+    target.write_text("old\n", encoding="utf-8")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_jsonl(make_records(2), target)
+    assert target.read_text(encoding="utf-8") == "old\n"
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl"]
+
+
+def test_write_jsonl_refuses_to_overwrite_its_input(tmp_path):
+    cases = [("in.jsonl", '{"prompt": "a", "answer": "1"}\n'), ("in.json", '[{"prompt": "a", "answer": "1"}]')]
+    for name, text in cases:
+        src = tmp_path / name
+        src.write_text(text, encoding="utf-8")
+        recs = load_prompts(src)
+        with pytest.raises(ValueError, match="refusing"):
+            write_jsonl(recs, src)
+        assert src.read_text(encoding="utf-8") == text
+
+
+def test_write_jsonl_meta_collision(tmp_path):
+    with pytest.raises(ValueError, match="collides"):
+        write_jsonl([PromptRecord("q", "a", {"answer": "b"}, "m")], tmp_path / "o.jsonl")
+    with pytest.raises(TypeError, match="PromptRecord"):
+        write_jsonl([{"prompt": "q"}], tmp_path / "o.jsonl")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_write_then_stream_then_filter_pipeline(tmp_path):
+    recs = make_records(16)
+    rates = [(i % 17) / 16 for i in range(16)]
+    low, high, inc = parse_band("(1/16, 15/16)")
+    kept = filter_by_pass_rate(recs, rates, low=low, high=high, inclusive=inc)
+    out = write_jsonl(kept, tmp_path / "kept.jsonl")
+    loaded = load_prompts(out)
+    assert [r.meta["i"] for r in loaded] == list(range(2, 15))
+    s = PromptStream(loaded, seed=0)
+    assert sorted(i for i, _ in s.next_batch(len(loaded))) == list(range(len(loaded)))

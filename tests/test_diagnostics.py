@@ -1,0 +1,68 @@
+"""The trainer's entropy diagnostics against the theory on a tabular policy (logits as free parameters)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from entrorl.objective import PolicyBatch, build_objective
+from entrorl.tokens import token_stats
+from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary, predicted_vs_measured, top_fork_tokens
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("method", ["grpo", "dapo+clip_b", "entropy_advantage"])
+def test_prediction_matches_a_tabular_sgd_step(temperature, method):
+    """With the logits themselves as parameters and one small SGD step, the per-token prediction
+    -alpha D (alpha = -lr g / T^2, g = d loss / d log p) equals the measured entropy change to first order."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 9, 40, generator=generator, dtype=torch.float64) * 2).requires_grad_()
+    tokens = torch.randint(0, 40, (6, 9), generator=generator)
+    mask = torch.rand(6, 9, generator=generator) > 0.2
+    advantages = torch.randn(6, generator=generator, dtype=torch.float64)
+    stats = token_stats(logits, tokens, temperature=temperature, mask=mask, need=("logprob", "entropy", "disc", "disc_centered"))
+    stats.logprob.retain_grad()
+    batch = PolicyBatch(log_prob=stats.logprob, old_log_prob=stats.logprob.detach(), advantages=advantages, mask=mask,
+                        entropy=stats.entropy.detach(), disc=stats.disc, disc_centered=stats.disc_centered)
+    build_objective(method)(batch).loss.backward()
+    lr = 1e-3
+    with torch.no_grad():
+        after = token_stats(logits - lr * logits.grad, tokens, temperature=temperature, mask=mask).entropy
+    metrics, predicted = predicted_vs_measured(stats.logprob.grad, stats.disc_centered, stats.entropy, after, mask,
+                                               lr=lr, temperature=temperature)
+    measured = (after - stats.entropy.detach())[mask]
+    assert metrics["entropy/delta_token_corr"] > 0.999
+    torch.testing.assert_close(predicted[mask].double(), measured, atol=1e-6, rtol=1e-2)
+    assert metrics["entropy/predicted_delta"] == pytest.approx(float(measured.mean()), rel=1e-2)
+
+
+def test_summaries_on_a_hand_example():
+    entropy = torch.tensor([[0.0, 1.0, 2.0], [3.0, 100.0, 0.001]])
+    mask = torch.tensor([[True, True, True], [True, False, True]])
+    summary = entropy_summary(entropy, mask)
+    assert summary["entropy/mean"] == pytest.approx((0 + 1 + 2 + 3 + 0.001) / 5)
+    assert summary["entropy/max"] == 3.0 and summary["entropy/low_frac"] == pytest.approx(2 / 5)
+    advantages = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])
+    disc = torch.tensor([[0.2, -0.1, 0.3], [-0.4, 9.0, 0.1]])
+    stats = discriminator_summary(disc, disc, advantages, mask)
+    assert stats["disc/mean_pos_adv"] == pytest.approx(0.4 / 3) and stats["disc/mean_neg_adv"] == pytest.approx(-0.15)
+    assert stats["disc/confident_frac"] == pytest.approx(3 / 5)
+    assert math.isnan(discriminator_summary(disc, disc, torch.ones_like(disc), mask)["disc/mean_neg_adv"])
+    assert covariance_summary(torch.zeros(2, 3), advantages, torch.zeros(2, 3, dtype=torch.bool)) == {}
+
+
+def test_top_fork_tokens_decodes_in_context():
+    class CharTokenizer:
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    prompt_ids = torch.tensor([[0, ord("Q")]])
+    prompt_mask = torch.tensor([[False, True]])
+    response_ids = torch.tensor([[ord("a"), ord("b"), ord("c"), 0]])
+    response_mask = torch.tensor([[True, True, True, False]])
+    entropy = torch.tensor([[0.1, 2.0, 0.5, 99.0]])
+    forks = top_fork_tokens(CharTokenizer(), prompt_ids, prompt_mask, response_ids, response_mask, entropy, k=2)
+    assert [f["token"] for f in forks] == ["b", "c"]  # the padding position is never a fork
+    assert forks[0]["before"] == "Qa" and forks[0]["after"] == "c"

@@ -1,0 +1,650 @@
+"""Tests for entrorl.rewards: answer extraction and equivalence, exact match, reasoning-gym verifiers,
+DAPO overlong shaping, the registry / spec resolution and the robust batch runner."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from entrorl.rewards import (
+    MATH_INSTRUCTION,
+    REASONING_GYM_INSTRUCTION,
+    MathReward,
+    ReasoningGymReward,
+    RewardResult,
+    RewardRunner,
+    available_rewards,
+    check_reward_spec,
+    exact_match,
+    extract_boxed,
+    extract_final_answer,
+    extract_reasoning_gym_answer,
+    get_reward,
+    math_equal,
+    overlong_penalties,
+    overlong_penalty,
+    reasoning_gym_records,
+    register_reward,
+)
+from entrorl.rewards import base as rewards_base
+
+# --------------------------------------------------------------------------------------------
+# math
+# --------------------------------------------------------------------------------------------
+
+# (completion, reference, expected reward with default options)
+MATH_CASES = [
+    # the contract's cases
+    (r"So $x = \boxed{\frac{1}{2}}$.", "0.5", 1.0),
+    ("Dividing, we get 1/2", r"\frac12", 1.0),
+    (r"The total is \boxed{96}", "96", 1.0),
+    ("The answer is 3.14159", r"\pi", 0.0),
+    (r"The roots are \boxed{1, 2, 3}", "3,1,2", 1.0),
+    (r"The solution set is \boxed{\{1, 2, 3\}}", "{3, 1, 2}", 1.0),
+    # sets: a missing root is wrong
+    (r"\boxed{1, 2}", "3,1,2", 0.0),
+    # garbage and empty completions
+    ("", "5", 0.0),
+    ("   \n  ", "5", 0.0),
+    (r"asdf }{ \boxed{", "5", 0.0),
+    ("no numbers at all, just words", "5", 0.0),
+    ("junk " * 2000, "5", 0.0),
+    (r"\boxed{}", "5", 0.0),
+    (r"\boxed{@#$%^&}", "5", 0.0),
+    # nested braces
+    (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}{2}", 1.0),
+    (r"\boxed{\frac{1}{\frac{1}{2}}}", "2", 1.0),
+    # negative numbers
+    ("The answer is -7.", "-7", 1.0),
+    ("The answer is -7.", "7", 0.0),
+    (r"x = \boxed{-\frac{3}{4}}", "-0.75", 1.0),
+    # LaTeX vs plain
+    (r"\boxed{\dfrac{2}{3}}", "2/3", 1.0),
+    (r"\boxed{\sqrt{2}}", "2^{1/2}", 1.0),
+    ("We expand. The answer is $(x+1)^2$.", "x^2+2x+1", 1.0),
+    (r"\boxed{0.6667}", "2/3", 0.0),
+    # other formats and extractors
+    (r"1,000 apples in all, so \boxed{1000}", "1,000", 1.0),
+    ("reasoning...\n#### 72", "72", 1.0),
+    ("<answer>42</answer>", "42", 1.0),
+    ("I computed 17, then 18", "18", 1.0),
+    ("The answer is: **12**", "12", 1.0),
+    (r"\boxed{x = 3}", "3", 1.0),
+    (r"\boxed{\text{(B)}}", "B", 1.0),
+    (r"\boxed{5}", r"The final result is $\boxed{5}$", 1.0),
+    (r"\boxed{\infty}", r"\infty", 1.0),
+    (r"\boxed{a}", "b", 0.0),
+    # the last box counts
+    (r"first \boxed{3}, corrected: \boxed{4}", "4", 1.0),
+    (r"first \boxed{3}, corrected: \boxed{4}", "3", 0.0),
+]
+
+
+@pytest.fixture(scope="module")
+def math_reward():
+    return get_reward("math")
+
+
+@pytest.mark.parametrize(("completion", "reference", "expected"), MATH_CASES)
+def test_math_reward_table(math_reward, completion, reference, expected):
+    assert math_reward("prompt", completion, reference) == expected
+
+
+def test_math_pi_needs_a_tolerance():
+    assert get_reward("math")("", "The answer is 3.14159", r"\pi") == 0.0
+    assert get_reward("math", tolerance=1e-6)("", "The answer is 3.14159", r"\pi") == 1.0
+    assert get_reward("math", numeric_tolerance=1e-6)("", r"\boxed{3.14159}", r"\pi") == 1.0
+    assert math_equal("3.14159", r"\pi", tolerance=1e-6)
+    assert not math_equal("3.14159", r"\pi")
+    # tolerance is relative
+    assert math_equal("1000001", "1000000", tolerance=1e-5)
+    assert not math_equal("1.00001", "1", tolerance=1e-6)
+
+
+def test_math_reward_returns_floats_and_never_raises(math_reward):
+    for completion, answer in [(None, "5"), (r"\boxed{2}", None), (12, "12"), (r"\boxed{2}", ["3", "2"])]:
+        value = math_reward("", completion, answer)
+        assert isinstance(value, float)
+    assert math_reward("", r"\boxed{2}", ["3", "2"]) == 1.0  # any of several references
+
+
+def test_math_timeout_option_bounds_pathological_answers():
+    reward = get_reward("math", timeout=1)
+    assert reward("", r"\boxed{10^{10^{10}}}", "5") == 0.0
+
+
+def test_math_works_off_the_main_thread(math_reward):
+    # Math-Verify's signal-based timeouts only work in the main thread; the reward must disable them.
+    out = []
+    thread = threading.Thread(target=lambda: out.append(math_reward("", r"\boxed{\frac{1}{2}}", "0.5")))
+    thread.start()
+    thread.join()
+    assert out == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"\boxed{\frac{a}{b}}", r"\frac{a}{b}"),
+        (r"a \boxed{1} b \boxed{\{2\}}", r"\{2\}"),
+        (r"\boxed 7 apples", "7"),
+        (r"\fbox{3}", "3"),
+        (r"\boxed{1} then \boxed{2", "1"),  # an unclosed last box falls back to the previous one
+        ("nothing here", None),
+    ],
+)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"so $\boxed{x^2}$ is it", "x^2"),
+        ("Thus the answer is $\\frac{1}{2}$.", r"\frac{1}{2}"),
+        ("Final Answer: 3.5.", "3.5"),
+        ("The answer is\n$$\n-4\n$$", "-4"),
+        ("value 1,234,567 total", "1234567"),
+        ("temperatures -3 and \u22125", "-5"),
+        ("ratio is 3 / 4", "3/4"),
+        ("", None),
+        ("words only", None),
+    ],
+)
+def test_extract_final_answer(text, expected):
+    assert extract_final_answer(text) == expected
+
+
+def test_math_reward_config_validation():
+    with pytest.raises(ValueError, match="tolerance"):
+        get_reward("math", tolerance=-1.0)
+    with pytest.raises(ValueError, match="not both"):
+        MathReward(tolerance=1e-6, numeric_tolerance=1e-6)
+    with pytest.raises(ValueError, match="accepted options"):
+        get_reward("math", tolerence=1e-6)
+
+
+def test_math_instruction_mentions_boxed():
+    assert r"\boxed{}" in MATH_INSTRUCTION
+
+
+# --------------------------------------------------------------------------------------------
+# exact match
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "expected"),
+    [
+        ("Paris", "paris", 1.0),
+        ("  PARIS \n", "Paris ", 1.0),
+        ("The answer is Paris.", "Paris", 1.0),
+        (r"It is \boxed{Paris}", "paris", 1.0),
+        ("<answer>New York</answer>", "new york", 1.0),
+        ("I think it is Paris", "Paris", 0.0),
+        ("42", "42", 1.0),
+        ("first 41, then 42", "42", 1.0),
+        ("The answer is 42", "42.0", 0.0),  # no numeric equivalence here
+        ("", "x", 0.0),
+        ("Paris", None, 0.0),
+        ("Lyon", ["Paris", "Lyon"], 1.0),
+    ],
+)
+def test_exact_match(completion, answer, expected):
+    assert exact_match("prompt", completion, answer) == expected
+    assert get_reward("exact_match") is exact_match
+
+
+# --------------------------------------------------------------------------------------------
+# reasoning-gym
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def arithmetic_records():
+    return reasoning_gym_records("basic_arithmetic", size=5, seed=7, instruction=REASONING_GYM_INSTRUCTION)
+
+
+def test_reasoning_gym_records_shape_and_determinism(arithmetic_records):
+    assert len(arithmetic_records) == 5
+    for rec in arithmetic_records:
+        assert set(rec) == {"prompt", "answer", "meta"}
+        assert rec["prompt"].endswith(REASONING_GYM_INSTRUCTION)
+        assert rec["prompt"].startswith(rec["meta"]["entry"]["question"].rstrip())
+        assert rec["answer"] == rec["meta"]["entry"]["answer"]
+        assert rec["meta"]["task"] == "basic_arithmetic"
+    again = reasoning_gym_records("basic_arithmetic", size=5, seed=7, instruction=REASONING_GYM_INSTRUCTION)
+    assert [r["prompt"] for r in again] == [r["prompt"] for r in arithmetic_records]
+    other = reasoning_gym_records("basic_arithmetic", size=5, seed=8)
+    assert [r["answer"] for r in other] != [r["answer"] for r in arithmetic_records]
+
+
+def test_reasoning_gym_end_to_end_basic_arithmetic(arithmetic_records):
+    reward = get_reward("reasoning_gym", task="basic_arithmetic")
+    for rec in arithmetic_records:
+        good = f"Let me compute step by step.\n<answer>{rec['answer']}</answer>"
+        assert reward(rec["prompt"], good, rec["answer"], **rec["meta"]) == 1.0
+        wrong = str(int(rec["answer"]) + 1)
+        assert reward(rec["prompt"], f"<answer>{wrong}</answer>", rec["answer"], **rec["meta"]) < 1.0
+        # fallbacks when the tags are missing (not in strict mode)
+        assert reward(rec["prompt"], f"work...\nThe answer is {rec['answer']}", rec["answer"], **rec["meta"]) == 1.0
+        assert reward(rec["prompt"], "", rec["answer"], **rec["meta"]) == 0.0
+
+
+def test_reasoning_gym_second_task_and_task_from_meta():
+    records = reasoning_gym_records("leg_counting", size=5, seed=3)
+    reward = get_reward("reasoning_gym")  # task read from meta["task"]
+    for rec in records:
+        assert reward(rec["prompt"], f"<answer>{rec['answer']}</answer>", rec["answer"], **rec["meta"]) == 1.0
+        assert reward(rec["prompt"], "<answer>-1</answer>", rec["answer"], **rec["meta"]) < 1.0
+
+
+def test_reasoning_gym_strict_mode_needs_tags(arithmetic_records):
+    rec = arithmetic_records[0]
+    strict = get_reward("reasoning_gym", task="basic_arithmetic", strict=True)
+    assert strict("", f"The answer is {rec['answer']}", rec["answer"], **rec["meta"]) == 0.0
+    assert strict("", f"<answer>{rec['answer']}</answer>", rec["answer"], **rec["meta"]) == 1.0
+
+
+def test_reasoning_gym_errors_surface(arithmetic_records):
+    reward = get_reward("reasoning_gym", task="basic_arithmetic")
+    with pytest.raises(ValueError, match="meta\\['entry'\\]"):
+        reward("", "<answer>1</answer>", "1")
+    rec = reasoning_gym_records("leg_counting", size=1, seed=0)[0]
+    with pytest.raises(ValueError, match="leg_counting"):
+        reward("", "<answer>1</answer>", rec["answer"], **rec["meta"])
+    with pytest.raises(ValueError, match="unknown reasoning-gym task 'no_such_task'"):
+        get_reward("reasoning_gym", task="no_such_task")
+    with pytest.raises(ValueError, match="unknown reasoning-gym task"):
+        check_reward_spec("reasoning_gym", task="no_such_task")
+    check_reward_spec("reasoning_gym", task="basic_arithmetic")
+
+
+def test_reasoning_gym_reward_pickles(arithmetic_records):
+    reward = pickle.loads(pickle.dumps(get_reward("reasoning_gym", task="basic_arithmetic")))
+    rec = arithmetic_records[1]
+    assert reward("", f"<answer>{rec['answer']}</answer>", rec["answer"], **rec["meta"]) == 1.0
+    assert isinstance(reward, ReasoningGymReward)
+
+
+@pytest.mark.parametrize(
+    ("completion", "strict", "expected"),
+    [
+        ("think <answer> 12 </answer> more <answer>13</answer>", False, "13"),
+        ("<answer>\nmulti\nline\n</answer>", False, "multi\nline"),
+        (r"so \boxed{7}", False, "7"),
+        ("blah\nAnswer: cat\n", False, "cat"),
+        ("step one\nfinal line\n\n", False, "final line"),
+        ("step one\nfinal line", True, None),
+        ("", False, None),
+    ],
+)
+def test_extract_reasoning_gym_answer(completion, strict, expected):
+    assert extract_reasoning_gym_answer(completion, strict=strict) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# overlong shaping
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("length", "expected"),
+    [
+        (0, 0.0),
+        (6, 0.0),
+        (7, 0.0),  # = max_length - cache_length
+        (8, -0.25),
+        (9, -0.5),
+        (10, -0.75),
+        (11, -1.0),  # = max_length
+        (12, -1.0),
+        (1000, -1.0),
+    ],
+)
+def test_overlong_penalty_boundaries(length, expected):
+    assert overlong_penalty(length, max_length=11, cache_length=4) == expected
+
+
+def test_overlong_penalty_dapo_values_and_factor():
+    kw = {"max_length": 20480, "cache_length": 4096}
+    assert overlong_penalty(16384, **kw) == 0.0
+    assert overlong_penalty(16385, **kw) == pytest.approx(-1 / 4096)
+    assert overlong_penalty(18432, **kw) == -0.5
+    assert overlong_penalty(20480, **kw) == -1.0
+    assert overlong_penalty(20481, **kw) == -1.0
+    assert overlong_penalty(18432, **kw, penalty_factor=0.5) == -0.25
+    assert overlong_penalty(30000, **kw, penalty_factor=2.0) == -2.0
+    assert overlong_penalty(5, max_length=10, cache_length=10) == -0.5  # cache = whole budget
+    lengths = [0, 16384, 16385, 18432, 20480, 20481]
+    expected = torch.tensor([overlong_penalty(n, **kw) for n in lengths], dtype=torch.float32)
+    torch.testing.assert_close(overlong_penalties(lengths, **kw), expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_length": 10, "cache_length": 0},
+        {"max_length": 10, "cache_length": 11},
+        {"max_length": 10, "cache_length": -1},
+        {"max_length": 0, "cache_length": 0},
+        {"max_length": 10.5, "cache_length": 2},
+        {"max_length": 10, "cache_length": 2, "penalty_factor": -1.0},
+        {"max_length": 10, "cache_length": 2, "penalty_factor": float("nan")},
+    ],
+)
+def test_overlong_penalty_validation(kwargs):
+    with pytest.raises(ValueError):
+        overlong_penalty(5, **kwargs)
+
+
+def test_overlong_penalty_rejects_negative_length():
+    with pytest.raises(ValueError, match="length"):
+        overlong_penalty(-1, max_length=10, cache_length=2)
+
+
+# --------------------------------------------------------------------------------------------
+# runner
+# --------------------------------------------------------------------------------------------
+
+
+def _fragile_reward(prompt, completion, answer, **meta):
+    if completion == "boom":
+        raise RuntimeError("kaboom in the reward")
+    if completion == "nan":
+        return float("nan")
+    if completion == "inf":
+        return math.inf
+    if completion == "none":
+        return None
+    if completion == "str":
+        return "1.0"
+    return 1.0 if completion == answer else 0.0
+
+
+def test_runner_survives_a_raising_reward():
+    runner = RewardRunner(_fragile_reward)
+    res = runner(["p"] * 4, ["a", "boom", "b", "boom"], ["a", "a", "a", "a"], [{}] * 4, [1, 2, 3, 4])
+    assert isinstance(res, RewardResult)
+    assert res.errors == 2
+    assert "kaboom in the reward" in res.first_error
+    assert "RuntimeError" in res.first_error and "Traceback" in res.first_error
+    assert "sample 1" in res.first_error
+    torch.testing.assert_close(res.scores, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(res.rewards, res.scores)
+    assert res.correct.tolist() == [True, False, False, False]
+    assert res.failed.tolist() == [False, True, False, True]
+    assert res.scores.dtype == torch.float32 and res.correct.dtype == torch.bool
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "none", "str"])
+def test_runner_counts_bad_return_values(bad):
+    res = RewardRunner(_fragile_reward)(["p", "p"], [bad, "x"], ["x", "x"], [{}, {}], [1, 1])
+    assert res.errors == 1
+    assert res.scores.tolist() == [0.0, 1.0]
+    assert "sample 0" in res.first_error and "non-" in res.first_error
+    assert torch.isfinite(res.rewards).all()
+
+
+def test_runner_accepts_bool_int_numpy_and_tensor_returns():
+    values = [True, 0, 1, np.float32(0.25), np.int64(1), np.bool_(True), torch.tensor(0.75), np.array([0.5])]
+
+    def reward(prompt, completion, answer, **meta):
+        return values[meta["i"]]
+
+    n = len(values)
+    res = RewardRunner(reward)(["p"] * n, ["c"] * n, [None] * n, [{"i": i} for i in range(n)], [1] * n)
+    assert res.errors == 0, res.first_error
+    torch.testing.assert_close(res.scores, torch.tensor([1.0, 0.0, 1.0, 0.25, 1.0, 1.0, 0.75, 0.5]))
+
+
+def test_runner_overlong_and_metrics():
+    runner = RewardRunner(
+        _fragile_reward, overlong={"max_length": 11, "cache_length": 4, "penalty_factor": 1.0}, correct_threshold=0.5
+    )
+    res = runner(["p"] * 4, ["a", "a", "b", "boom"], ["a"] * 4, [{}] * 4, [7, 9, 12, 3])
+    torch.testing.assert_close(res.scores, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(res.penalties, torch.tensor([0.0, -0.5, -1.0, 0.0]))
+    torch.testing.assert_close(res.rewards, torch.tensor([1.0, 0.5, -1.0, 0.0]))
+    assert res.correct.tolist() == [True, True, False, False]
+    metrics = res.metrics()
+    assert metrics == pytest.approx(
+        {
+            "reward/mean": 0.125,
+            "reward/score_mean": 0.5,
+            "reward/accuracy": 0.5,
+            "reward/errors": 1.0,
+            "reward/overlong_penalty_mean": -0.375,
+        }
+    )
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_runner_input_validation_and_empty_batch():
+    with pytest.raises(ValueError, match="different lengths"):
+        RewardRunner(_fragile_reward)(["p"], ["a", "b"], ["a", "b"], [{}, {}], [1, 2])
+    with pytest.raises(ValueError, match="lengths"):
+        runner = RewardRunner(_fragile_reward, overlong={"max_length": 10, "cache_length": 2})
+        runner(["p"], ["a"], ["a"], [{}], None)
+    with pytest.raises(ValueError, match="unknown overlong"):
+        RewardRunner(_fragile_reward, overlong={"max_length": 10, "cache_len": 2})
+    with pytest.raises(ValueError, match="cache_length"):
+        RewardRunner(_fragile_reward, overlong={"max_length": 10, "cache_length": 20})
+    res = RewardRunner(_fragile_reward)([], [], [], [], [])
+    assert res.scores.shape == (0,) and res.errors == 0 and res.first_error is None
+    assert res.metrics()["reward/mean"] == 0.0
+
+
+def test_runner_with_builtin_math_and_spec_string():
+    runner = RewardRunner("math")
+    completions = [r"\boxed{\frac12}", "the answer is 0.4", ""]
+    res = runner(["q"] * 3, completions, ["0.5"] * 3, [{}] * 3, [5] * 3)
+    assert res.scores.tolist() == [1.0, 0.0, 0.0] and res.errors == 0
+
+
+def test_runner_reasoning_gym_metas(arithmetic_records):
+    runner = RewardRunner(get_reward("reasoning_gym", task="basic_arithmetic"))
+    recs = arithmetic_records
+    completions = [f"<answer>{r['answer']}</answer>" for r in recs]
+    completions[0] = "<answer>nonsense</answer>"
+    prompts, answers, metas = ([r[k] for r in recs] for k in ("prompt", "answer", "meta"))
+    res = runner(prompts, completions, answers, metas, [10] * 5)
+    assert res.errors == 0
+    assert res.scores.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+# --------------------------------------------------------------------------------------------
+# registry and specs
+# --------------------------------------------------------------------------------------------
+
+
+def test_available_rewards_lists_builtins():
+    names = dict(available_rewards())
+    assert {"exact_match", "math", "reasoning_gym"} <= set(names)
+    assert all(isinstance(d, str) and d for d in names.values())
+
+
+def test_unknown_name_lists_registered_ones():
+    with pytest.raises(ValueError) as info:
+        get_reward("maths")
+    message = str(info.value)
+    assert "'maths'" in message
+    for name in ("exact_match", "math", "reasoning_gym"):
+        assert name in message
+    with pytest.raises(ValueError, match="registered rewards"):
+        check_reward_spec("maths")
+    with pytest.raises(ValueError):
+        get_reward("")
+
+
+def test_plain_reward_takes_no_options():
+    with pytest.raises(ValueError, match="takes no options"):
+        get_reward("exact_match", foo=1)
+    with pytest.raises(ValueError, match="takes no options"):
+        check_reward_spec("exact_match", foo=1)
+    check_reward_spec("exact_match")
+    check_reward_spec("math", tolerance=1e-6)
+    with pytest.raises(ValueError):
+        check_reward_spec("math", tolerance=-1)
+
+
+@pytest.fixture
+def registry_sandbox(monkeypatch):
+    monkeypatch.setattr(rewards_base, "_REGISTRY", dict(rewards_base._REGISTRY))
+
+
+def test_register_reward_function_and_factory(registry_sandbox):
+    @register_reward("length_bonus", description="test reward")
+    def length_bonus(prompt, completion, answer, **meta):
+        return len(completion) / 10
+
+    @register_reward("scaled", description="test factory", factory=True)
+    def scaled(*, scale: float = 1.0):
+        return lambda prompt, completion, answer, **meta: scale * float(completion == answer)
+
+    assert ("length_bonus", "test reward") in available_rewards()
+    assert get_reward("length_bonus")("", "abcde", None) == 0.5
+    assert get_reward("scaled", scale=3.0)("", "x", "x") == 3.0
+    assert get_reward("scaled")("", "x", "x") == 1.0
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("length_bonus", description="again")(lambda p, c, a, **m: 0.0)
+    with pytest.raises(ValueError, match="accepted options"):
+        get_reward("scaled", factor=2)
+    with pytest.raises(ValueError, match="invalid reward name"):
+        register_reward("a:b", description="")
+
+
+_SPEC_MODULE = textwrap.dedent(
+    '''
+    from entrorl.rewards import register_reward
+
+    def contains_answer(prompt, completion, answer, **meta):
+        return float(answer is not None and answer in completion)
+
+    def make_threshold(*, at: int = 3):
+        def reward(prompt, completion, answer, **meta):
+            return float(len(completion) >= at)
+        return reward
+
+    class Scaled:
+        def __init__(self, scale=2.0):
+            self.scale = scale
+        def __call__(self, prompt, completion, answer, **meta):
+            return self.scale
+
+    @register_reward("entrorl_test_marked_factory", description="x", factory=True)
+    def marked_factory():
+        return contains_answer
+
+    NOT_CALLABLE = 42
+    '''
+)
+
+
+@pytest.fixture
+def spec_module(tmp_path, monkeypatch, registry_sandbox):
+    (tmp_path / "entrorl_test_user_rewards.py").write_text(_SPEC_MODULE)
+    (tmp_path / "entrorl_test_broken_rewards.py").write_text("raise RuntimeError('module is broken')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "entrorl_test_user_rewards"
+    for name in ("entrorl_test_user_rewards", "entrorl_test_broken_rewards"):
+        sys.modules.pop(name, None)
+
+
+def test_import_path_specs(spec_module):
+    fn = get_reward(f"{spec_module}:contains_answer")
+    assert fn("", "it is 42", "42") == 1.0
+    assert get_reward(f"{spec_module}:make_threshold", at=2)("", "abc", None) == 1.0
+    assert get_reward(f"{spec_module}:make_threshold", at=5)("", "abc", None) == 0.0
+    assert get_reward(f"{spec_module}:Scaled")("", "", None) == 2.0  # a class is a factory
+    assert get_reward(f"{spec_module}:Scaled", scale=0.5)("", "", None) == 0.5
+    assert get_reward(f"{spec_module}:marked_factory")("", "42", "42") == 1.0  # registered as a factory
+    check_reward_spec(f"{spec_module}:contains_answer")
+    check_reward_spec(f"{spec_module}:make_threshold", at=4)
+    with pytest.raises(ValueError, match="accepted options"):
+        check_reward_spec(f"{spec_module}:make_threshold", nope=4)
+    # runner with an import-path spec string
+    res = RewardRunner(f"{spec_module}:contains_answer")(["p"], ["x 42"], ["42"], [{}], [3])
+    assert res.scores.tolist() == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("entrorl_test_no_such_module:f", "cannot import module 'entrorl_test_no_such_module'"),
+        ("entrorl_test_broken_rewards:f", "module is broken"),
+        ("entrorl_test_user_rewards:missing", "has no attribute 'missing'"),
+        ("entrorl_test_user_rewards:NOT_CALLABLE", "not callable"),
+        ("entrorl_test_user_rewards:", "package.module:function"),
+    ],
+)
+def test_bad_import_path_specs(spec_module, spec, match):
+    for check in (get_reward, check_reward_spec):
+        with pytest.raises(ValueError, match=match) as info:
+            check(spec)
+        assert repr(spec) in str(info.value)
+
+
+def test_import_rewards_is_light():
+    code = (
+        "import sys, entrorl.rewards; "
+        "heavy = [m for m in ('math_verify', 'reasoning_gym', 'sympy', 'entrorl.trainer', 'entrorl.lab') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+class _NotAnException(BaseException):
+    pass
+
+
+def test_runner_catches_base_exceptions_but_not_interrupts():
+    def reward(prompt, completion, answer, **meta):
+        if completion == "base":
+            raise _NotAnException("timeout-like failure")
+        if completion == "interrupt":
+            raise KeyboardInterrupt
+        return 1.0
+
+    res = RewardRunner(reward)(["p", "p"], ["base", "ok"], [None, None], [{}, {}], [1, 1])
+    assert res.errors == 1 and "timeout-like failure" in res.first_error
+    assert res.scores.tolist() == [0.0, 1.0]
+    with pytest.raises(KeyboardInterrupt):
+        RewardRunner(reward)(["p"], ["interrupt"], [None], [{}], [1])
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("  $\\frac{1}{2}$. ", r"\frac{1}{2}"),
+        (r"\(x+1\)", "x+1"),
+        ("**42**", "42"),
+        ("$a$ and $b$", "$a$ and $b$"),
+        ("3.", "3"),
+    ],
+)
+def test_normalize_answer(raw, expected):
+    from entrorl.rewards.math import normalize_answer
+
+    assert normalize_answer(raw) == expected
+
+
+def test_math_reward_fuzz_never_raises(math_reward):
+    import random
+
+    rng = random.Random(0)
+    alphabet = list("0123456789+-*/^_{}()[]\\$.,= xyz%") + [r"\frac", r"\boxed{", r"\sqrt", r"\pi", "answer is "]
+    for _ in range(60):
+        completion = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        reference = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+        assert math_reward("", completion, reference) in (0.0, 1.0)
+        assert exact_match("", completion, reference) in (0.0, 1.0)

@@ -1,0 +1,124 @@
+"""entrorl.rollout: batched KV-cache sampling from a saved tiny model; the sampler's log-probs are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entrorl.modeling import load_causal_lm, load_tokenizer, response_token_stats
+from entrorl.rollout import HFSampler, Rollouts, SamplingParams, process_logits
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    torch.set_num_threads(1)
+    return load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+
+
+def _prompts(tokenizer):
+    texts = ["1+2=", "33+4=", "5*6=7", "9"]  # different lengths: exercises left padding
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def test_tokenizer_round_trips_spaces_and_newlines(policy):
+    _, tokenizer = policy
+    text = "12 + 3 =\n15"
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) == len(text) and tokenizer.decode(ids) == text
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_log_probs_equal_a_fresh_forward(policy, temperature):
+    model, tokenizer = policy
+    sampler = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, batch_size=3)
+    torch.manual_seed(0)
+    rollouts = sampler.generate(_prompts(tokenizer) * 2, SamplingParams(max_new_tokens=12, temperature=temperature))
+    assert rollouts.response_ids.shape[0] == 8
+    with torch.no_grad():
+        stats = response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
+                                     rollouts.response_mask, temperature=temperature)
+        dense = response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
+                                     rollouts.response_mask, temperature=temperature, fused_head=False)
+    mask = rollouts.response_mask
+    torch.testing.assert_close(stats.logprob[mask], rollouts.sampler_log_probs[mask], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(dense.logprob[mask], stats.logprob[mask], atol=2e-5, rtol=1e-5)
+    assert torch.all(rollouts.sampler_log_probs[~mask] == 0)
+
+
+def test_lengths_masks_and_truncation_are_consistent(policy):
+    model, tokenizer = policy
+    sampler = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    rollouts = sampler.generate(_prompts(tokenizer) * 4, SamplingParams(max_new_tokens=6))
+    assert torch.equal(rollouts.response_mask.sum(-1), rollouts.lengths)
+    eos = tokenizer.eos_token_id
+    for row in range(len(rollouts)):
+        response = rollouts.response_ids[row, : rollouts.lengths[row]].tolist()
+        ended = eos in response
+        assert ended == (not bool(rollouts.truncated[row]))
+        if ended:
+            assert response.index(eos) == len(response) - 1  # EOS is the last kept token
+        assert torch.all(rollouts.response_ids[row, rollouts.lengths[row]:] == tokenizer.pad_token_id)
+
+
+def test_same_seed_same_rollouts(policy):
+    model, tokenizer = policy
+    sampler = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    params = SamplingParams(max_new_tokens=8, top_k=20, top_p=0.9)
+    torch.manual_seed(3)
+    first = sampler.generate(_prompts(tokenizer), params)
+    torch.manual_seed(3)
+    second = sampler.generate(_prompts(tokenizer), params)
+    assert torch.equal(first.response_ids, second.response_ids)
+
+
+def test_greedy_is_argmax(policy):
+    model, tokenizer = policy
+    sampler = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    rollouts = sampler.generate(_prompts(tokenizer)[:1], SamplingParams(max_new_tokens=1, temperature=0.0))
+    ids = torch.tensor([_prompts(tokenizer)[0]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits[0, -1].argmax()
+    assert rollouts.response_ids[0, 0] == expected
+
+
+def test_process_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    top_k = process_logits(logits, SamplingParams(top_k=2))
+    assert torch.isinf(top_k[0, 2:]).all() and torch.isfinite(top_k[0, :2]).all()
+    top_p = process_logits(logits, SamplingParams(top_p=0.7))  # 0.5 < 0.7, 0.5 + 0.25 >= 0.7: keep two
+    assert torch.isfinite(top_p[0, :2]).all() and torch.isinf(top_p[0, 2:]).all()
+    tiny_p = process_logits(logits, SamplingParams(top_p=0.01))  # the most likely token always stays
+    assert torch.isfinite(tiny_p[0, 0]) and torch.isinf(tiny_p[0, 1:]).all()
+    scaled = process_logits(logits, SamplingParams(temperature=0.5))
+    torch.testing.assert_close(scaled, logits * 2)
+
+
+def test_concat_and_select_repad():
+    def make(prompt_width, response_width, rows):
+        return Rollouts(
+            prompt_ids=torch.ones(rows, prompt_width, dtype=torch.long), prompt_mask=torch.ones(rows, prompt_width, dtype=torch.bool),
+            response_ids=torch.ones(rows, response_width, dtype=torch.long), response_mask=torch.ones(rows, response_width, dtype=torch.bool),
+            sampler_log_probs=torch.zeros(rows, response_width), lengths=torch.full((rows,), response_width),
+            truncated=torch.zeros(rows, dtype=torch.bool),
+        )
+
+    joined = Rollouts.concat([make(2, 3, 1), make(4, 1, 2)], pad_token_id=0)
+    assert joined.prompt_ids.shape == (3, 4) and joined.response_ids.shape == (3, 3)
+    assert joined.prompt_mask[0].tolist() == [False, False, True, True]  # prompts stay left-padded
+    assert joined.response_mask[1].tolist() == [True, False, False]  # responses right-padded
+    assert len(joined.select([2])) == 1
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+
+
+def test_loading_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        load_causal_lm(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_tokenizer(tmp_path)

@@ -1,0 +1,212 @@
+"""End-to-end trainer runs on a tiny model the tests build: CLI training, resume after kill -9, the
+non-finite guard, and configuration / data errors that must fail before a model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from entrorl.trainer import ConfigError, Trainer, TrainingStopped, load_config, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_config(model_dir: Path, train: Path, held_out: Path | None, **sections) -> dict:
+    config = {
+        "seed": 7,
+        "torch_threads": 1,
+        "model": {"path": str(model_dir)},
+        "data": {"train": str(train), **({"eval": str(held_out)} if held_out else {})},
+        "reward": {"name": "exact_match"},
+        "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6, "temperature": 1.0},
+        "method": "grpo",
+        "optim": {"steps": 3, "lr": 1e-3},
+        "eval": {"every": 0, "n": 2, "ks": [1, 2], "max_prompts": 3, "top_forks": 5},
+        "logging": {"progress": False},
+        "checkpoint": {"every": 2, "keep": 2},
+    }
+    for key, value in sections.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "entrorl.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """Metrics without wall-clock timings."""
+    return [{k: v for k, v in record.items() if not k.startswith("time/")} for record in records]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "dapo+clip_b+forking_tokens"])
+def test_cli_train_writes_metrics_checkpoints_and_diagnostics(tmp_path, tiny_model_dir, arithmetic_files, method):
+    train, held_out = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, held_out, method=method))
+    run_dir = tmp_path / "run"
+    result = run_cli("train", str(config), "--run-dir", str(run_dir), "--set", "optim.steps=2")
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    last = records[-1]
+    for key in ("reward/mean", "reward/accuracy", "entropy/mean", "entropy/p90", "entropy/predicted_delta",
+                "entropy/measured_delta", "entropy/delta_token_corr", "cov/top_0.2pct_mean", "disc/mean", "disc_centered/std",
+                "loss/policy", "clip/ppo_frac", "response/length_mean", "train/grad_norm", "eval/pass_at_2"):
+        assert key in last, key
+    if method != "grpo":
+        assert "select/clip_b_frac" in last and "select/forking_tokens_frac" in last
+        assert 0.5 < last["select/forking_tokens_frac"] < 1.0
+    checkpoint = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (checkpoint / "model" / "config.json").is_file() and (checkpoint / "trainer.pt").is_file()
+    forks = json.loads((run_dir / "forks" / "step_000002.json").read_text())
+    assert len(forks) == 5 and {"token", "before", "after", "entropy"} <= set(forks[0])
+    assert forks[0]["entropy"] >= forks[-1]["entropy"]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_model_dir, arithmetic_files):
+    train, held_out = arithmetic_files
+    settings = make_config(tiny_model_dir, train, held_out, optim={"steps": 6, "lr": 1e-3, "mini_batches": 2},
+                           method="adaptive_entropy", eval={"every": 3}, checkpoint={"every": 2, "keep": 3})
+    config = write_config(tmp_path / "run.yaml", settings)
+
+    straight = tmp_path / "straight"
+    assert run_cli("train", str(config), "--run-dir", str(straight)).returncode == 0
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, "-m", "entrorl.cli", "train", str(config), "--run-dir", str(interrupted)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (interrupted / "checkpoints" / "step_000004").is_dir():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert read_metrics(interrupted)[-1]["step"] < 6
+
+    resumed = run_cli("train", str(config), "--run-dir", str(interrupted), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert comparable(read_metrics(interrupted)) == comparable(read_metrics(straight))
+
+
+def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 5, "lr": 1e-3, "max_consecutive_nonfinite": 2},
+                                     checkpoint={"every": 1}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    trainer.train_step()
+    saved = trainer.save()
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    original = trainer.objective.__call__
+
+    def poisoned(batch, **kwargs):
+        out = original(batch, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "objective", type("Poisoned", (), {"__call__": staticmethod(poisoned),
+                                                                   "state_dict": trainer.objective.state_dict})())
+    metrics = trainer.train_step()
+    assert metrics["train/skipped_updates"] == 1
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    with pytest.raises(TrainingStopped, match="non-finite"):
+        trainer.train_step()
+    assert (saved / "trainer.pt").is_file()
+
+
+def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_files):
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)
+    with pytest.raises(ConfigError, match="optim.lrr: unknown key"):
+        load_config(base, ["optim.lrr=1e-5"])
+    with pytest.raises(ConfigError, match="unknown method 'clip_z'"):
+        load_config({**base, "method": "clip_z"})
+    with pytest.raises(ConfigError, match="unknown parameter 'muu'"):
+        load_config({**base, "method": {"method": "clip_b", "params": {"muu": 2}}})
+    with pytest.raises(ConfigError, match="rollout.group_size"):
+        load_config(base, ["rollout.group_size=0"])
+    with pytest.raises(ConfigError, match="unknown estimator"):
+        load_config(base, ["advantage.name=grpoo"])
+    with pytest.raises(ConfigError, match="eval.ks"):
+        load_config(base, ["eval.ks=[1,64]"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad_reward = {**base, "reward": {"name": "no_such_reward"}}
+    with pytest.raises(ConfigError, match="no_such_reward"):
+        load_config(bad_reward)
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, arithmetic_files):
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tmp_path / "missing-model", train, None))
+    result = run_cli("train", str(config), "--set", "optim.steps=0")
+    assert result.returncode == 2
+    assert "optim.steps" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_malformed_data_row_is_reported_with_file_and_line(tmp_path, tiny_model_dir):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=" "answer": "4"}\n')
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, data, None))
+    result = run_cli("train", str(config), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "prompts.jsonl:2" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prompt_longer_than_context_is_reported(tmp_path, tiny_model_dir):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "1+" * 40 + "1=", "answer": "41"}) + "\n")
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1: 82 prompt tokens \+ max_new_tokens 6 > context 64"):
+        Trainer(load_config(make_config(tiny_model_dir, data, None)), run_dir=tmp_path / "run")
+
+
+def test_resume_without_checkpoint_fails_clearly(tmp_path, tiny_model_dir, arithmetic_files):
+    train, _ = arithmetic_files
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(load_config(make_config(tiny_model_dir, train, None)), run_dir=tmp_path / "empty", resume=True)
+
+
+def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arithmetic_files):
+    train, _ = arithmetic_files
+    module = tmp_path / "flaky_reward.py"
+    module.write_text("def score(prompt, completion, answer, **meta):\n    raise RuntimeError('reward server down')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "flaky_reward:score"}))
+        trainer = Trainer(config, run_dir=tmp_path / "run")
+        metrics = trainer.train_step()
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert metrics["reward/errors"] == 8 and metrics["reward/mean"] == 0.0
+    assert "reward server down" in (tmp_path / "run" / "reward_errors.log").read_text()
+
+
+def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
+    _, held_out = arithmetic_files
+    out = tmp_path / "eval.json"
+    result = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "4", "--k", "1,2,4",
+                     "--reward", "exact_match", "--max-new-tokens", "4", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())
+    assert summary["n_problems"] == 8 and set(summary["pass_at_k"]) == {"1", "2", "4"}
+    assert json.loads(result.stdout) == summary
+    methods = run_cli("methods", "--json")
+    assert methods.returncode == 0 and {m["name"] for m in json.loads(methods.stdout)} >= {"clip_b", "kl_cov", "forking_tokens"}
+    too_big = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "4")
+    assert too_big.returncode == 2 and "exceeds --n" in too_big.stderr
