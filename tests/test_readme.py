@@ -24,3 +24,12 @@ def test_python_examples_run(capsys):
         exec(compile(block, str(README), "exec"), {"__name__": "readme_example"})
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed and 0.0 < float(printed[-1]) < 1.0
+
+
+def test_example_configs_validate():
+    from entrorl.trainer import load_config
+
+    examples = sorted((README.parent / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        load_config(path)

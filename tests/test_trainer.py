@@ -210,3 +210,23 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     assert methods.returncode == 0 and {m["name"] for m in json.loads(methods.stdout)} >= {"clip_b", "kl_cov", "forking_tokens"}
     too_big = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "4")
     assert too_big.returncode == 2 and "exceeds --n" in too_big.stderr
+
+
+def test_pass_rate_band_filters_training_prompts(tmp_path, tiny_model_dir):
+    data = tmp_path / "prompts.jsonl"
+    rates = [0.0, 1 / 16, 0.25, 0.5, 15 / 16, 1.0]
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1), "pass_rate": rate}) + "\n"
+                            for i, rate in enumerate(rates)))
+    config = load_config(make_config(tiny_model_dir, data, None), ["data.pass_rate_band=(1/16, 15/16)"])
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    assert [r.meta["pass_rate"] for r in trainer.train_records] == [0.25, 0.5]
+    with pytest.raises(ConfigError, match="pass_rate_band"):
+        load_config(make_config(tiny_model_dir, data, None), ["data.pass_rate_band=[0.5, 0.1]"])
+
+
+def test_tensorboard_mirror(tmp_path, tiny_model_dir, arithmetic_files):
+    pytest.importorskip("tensorboard")
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1}, logging={"tensorboard": True, "progress": False}))
+    Trainer(config, run_dir=tmp_path / "run").train()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

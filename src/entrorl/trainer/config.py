@@ -45,6 +45,19 @@ class DataConfig(_Section):
     meta_columns: list[str] | None = None
     prompt_template: str = Field("{prompt}", description="format string applied to each prompt; must contain {prompt}")
     shuffle: bool = True
+    pass_rate_band: str | None = Field(
+        None, description="keep only training prompts whose pass rate lies in this band, e.g. '[0.1, 0.5]' or '(1/16, 15/16)'"
+    )
+    pass_rate_column: str = Field("pass_rate", description="the column holding each prompt's pass rate (e.g. from a data audit)")
+
+    @field_validator("pass_rate_band")
+    @classmethod
+    def _band_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from entrorl.data import parse_band
+
+            parse_band(value)
+        return value
 
     @field_validator("prompt_template")
     @classmethod
@@ -171,7 +184,7 @@ class TrainConfig(_Section):
             raise ValueError(f"advantage.name: unknown estimator '{estimator}'; available: {sorted(names)}")
         from entrorl.rewards import check_reward_spec
 
-        check_reward_spec(self.reward.name)
+        check_reward_spec(self.reward.name, **self.reward.kwargs)
         return self
 
     def method_names(self) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from entrorl.advantages import compute_advantages
-from entrorl.data import PromptRecord, PromptStream, informative_groups, load_prompts
+from entrorl.data import PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts, parse_band
 from entrorl.modeling import load_causal_lm, load_tokenizer, response_token_stats
 from entrorl.objective import PolicyBatch, build_objective
 from entrorl.rewards import RewardRunner, get_reward
@@ -96,6 +96,8 @@ class Trainer:
             answer_column=config.data.answer_column,
             meta_columns=config.data.meta_columns,
         )
+        if config.data.pass_rate_band is not None:
+            self.train_records = self._filter_by_pass_rate(self.train_records)
         self.eval_records = (
             load_prompts(config.data.eval, prompt_column=config.data.prompt_column, answer_column=config.data.answer_column,
                          meta_columns=config.data.meta_columns)
@@ -156,6 +158,18 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+    def _filter_by_pass_rate(self, records: list[PromptRecord]) -> list[PromptRecord]:
+        column = self.config.data.pass_rate_column
+        missing = [r.source for r in records if not isinstance(r.meta.get(column), (int, float))]
+        if missing:
+            raise ValueError(f"data.pass_rate_band needs a numeric '{column}' column; missing or not a number at "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        low, high, inclusive = parse_band(self.config.data.pass_rate_band)
+        kept = filter_by_pass_rate(records, [r.meta[column] for r in records], low=low, high=high, inclusive=inclusive)
+        if not kept:
+            raise ValueError(f"data.pass_rate_band {self.config.data.pass_rate_band} keeps none of the {len(records)} prompts")
+        return kept
 
     def _encode(self, record: PromptRecord) -> list[int]:
         text = self.config.data.prompt_template.format(prompt=record.prompt)
