@@ -24,8 +24,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_token_stats.py
 
 lab: install
-	@echo "The entropy laboratory is not built yet: 'make lab' arrives with the laboratory work."
-	@exit 2
+	$(BIN)/entrorl lab --preset default
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -32,6 +32,7 @@ from entrorl.objective import (
     Selector,
     aggregate_loss,
     available_methods,
+    get_method,
     build_objective,
     kl_estimate,
     methods_markdown_table,
@@ -51,7 +52,7 @@ T = 10
 EXPECTED_METHODS = {
     "grpo", "dapo", "dual_clip", "dr_grpo", "clip_cov", "kl_cov", "forking_tokens", "low_entropy_tokens",
     "clip_b", "clip_v", "psr", "nsr", "w_reinforce", "entropy_advantage", "entropy_bonus", "adaptive_entropy",
-    "kl_ref", "lopti_reweight", "cispo", "gspo", "tis", "icepop",
+    "kl_ref", "lopti_reweight", "cispo", "gspo", "tis", "icepop", "rft",
 }  # fmt: skip
 
 
@@ -724,7 +725,7 @@ def test_available_methods_are_exactly_the_catalogue():
         assert PAPER_REF.search(info.paper), (info.name, info.paper)
         assert info.description.strip(), info.name
         assert info.loss_agg_mode in ALL_MODES
-        assert info.params or info.name == "grpo"
+        assert info.params or info.name in ("grpo", "rft")
 
 
 @pytest.mark.parametrize(
@@ -908,3 +909,15 @@ def test_adaptive_entropy_does_not_move_on_an_empty_batch():
                         mask=torch.zeros(2, 3, dtype=torch.bool), entropy=entropy)
     objective(empty)
     assert objective.state_dict() == {"regularizer/adaptive_entropy": {"coefficient": 1e-3}}
+
+
+def test_rft_is_likelihood_of_correct_samples():
+    """rft: -A log pi token-mean; with psr advantages (1 correct / 0 wrong) only correct samples are trained."""
+    log_prob = torch.tensor([[-0.5, -1.0], [-2.0, -0.1]], requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False]])
+    advantages = torch.tensor([1.0, 0.0])
+    out = build_objective("rft")(PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach() - 0.3, advantages=advantages, mask=mask))
+    assert float(out.loss) == pytest.approx((0.5 + 1.0) / 3)
+    (grad,) = torch.autograd.grad(out.loss, log_prob)
+    torch.testing.assert_close(grad, torch.tensor([[-1 / 3, -1 / 3], [0.0, 0.0]]))
+    assert get_method("rft").advantage_estimator == "psr"

@@ -141,6 +141,24 @@ def methods(
     Console().print(table)
 
 
+@app.command()
+def lab(
+    preset: Annotated[str, typer.Option(help="default (about 20 minutes on two cores) or quick (a few minutes)")] = "default",
+    methods: Annotated[Optional[list[str]], typer.Option("--methods", help="methods to run (repeatable); default: the preset's matrix")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run directory; an existing one is resumed")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="parallel processes (default: the preset's, 2)")] = None,
+) -> None:
+    """The entropy laboratory: train the built-in tiny model with every method side by side, then write a report."""
+    from entrorl.lab.runner import run_lab
+
+    names = [name for item in (methods or []) for name in item.split(",") if name.strip()]
+    try:
+        run_dir = run_lab(preset, methods=names or None, out=out, workers=workers, console=console)
+    except ValueError as error:
+        _fail(str(error))
+    console.print(f"[green]report[/green]: {run_dir / 'report.html'}  ({run_dir / 'report.md'})")
+
+
 def main() -> None:
     app()
 

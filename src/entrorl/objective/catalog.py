@@ -149,6 +149,14 @@ METHOD_SPECS = (
         loss_agg_mode="seq-mean-token-mean",
     ),
     MethodSpec(
+        name="rft",
+        description="rejection-sampling fine-tuning: maximise the likelihood of the model's own correct samples",
+        paper="arXiv 2304.06767",
+        surrogate=("log_likelihood", {}),
+        advantage_estimator="psr",
+        notes="A supervised baseline: the 'psr' advantages are 1 for correct samples and 0 otherwise.",
+    ),
+    MethodSpec(
         name="tis",
         description="truncated importance sampling min(pi_train / pi_rollout, C) for sampler mismatch; compose as 'dapo+tis'",
         paper="Yao et al. 2025 (TIS)",

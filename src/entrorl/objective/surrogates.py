@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from entrorl.objective.batch import PolicyBatch, fraction, masked_mean
 from entrorl.objective.parts import Metrics, Surrogate, SurrogateOutput, register_part
 
-__all__ = ["PPOClip", "Unclipped", "CISPO", "GSPO"]
+__all__ = ["PPOClip", "Unclipped", "CISPO", "GSPO", "LogLikelihood"]
 
 # verl clamps the log-ratio to this range before exponentiating, so one wild token cannot overflow.
 _LOG_RATIO_BOUND = 20.0
@@ -138,3 +138,20 @@ class GSPO(Surrogate):
         metrics["clip/gspo_frac"] = fraction(clipped, mask)
         _ratio_metrics(metrics, ratio, log_ratio, mask)
         return SurrogateOutput(per_token_loss=loss, clipped=clipped, ratio=ratio.detach())
+
+
+@register_part(
+    "log_likelihood",
+    description="-A log pi with no ratio: REINFORCE / weighted likelihood (SFT when A = 1)",
+    paper="arXiv 2304.06767 (RAFT: reward-ranked fine-tuning)",
+)
+class LogLikelihood(Surrogate):
+    """``L = -A log pi``. With ``A = 1`` on reference demonstrations it is supervised fine-tuning; with the
+    ``psr`` advantages (1 for correct samples, 0 otherwise) it is rejection-sampling fine-tuning (RAFT / RFT)."""
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
+        ratio, log_ratio = _ratio(batch)
+        _ratio_metrics(metrics, ratio, log_ratio, batch.mask)
+        return SurrogateOutput(
+            per_token_loss=-advantages * batch.log_prob, clipped=torch.zeros_like(batch.mask), ratio=ratio.detach()
+        )

@@ -376,8 +376,7 @@ class Trainer:
         if config.diagnostics.measure_entropy_change:
             with torch.no_grad():
                 after_entropy = _token_stats_of(self.model, rollouts, everything, temperature, need=("entropy",)).entropy
-        metrics = dict(scored.metrics)
-        metrics.update(entropy_summary(before_entropy, mask))
+        metrics = entropy_summary(before_entropy, mask)
         change, _ = predicted_vs_measured(grad_coefficients, centered, before_entropy, after_entropy, mask,
                                           lr=self.scheduler.get_last_lr()[0], temperature=temperature)
         metrics.update(change)
@@ -387,6 +386,7 @@ class Trainer:
         if reference_log_prob is not None:
             log_ratio = (logprob - reference_log_prob)[mask]
             metrics["kl/ref_k1"] = float(log_ratio.mean()) if log_ratio.numel() else 0.0
+        metrics.update(scored.metrics)  # what collection measured (rewards, lengths; a subclass may add more)
         tokens = float(mask.sum())
         metrics.update({
             "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else math.nan,

@@ -1,0 +1,145 @@
+"""The laboratory's base model: a tiny Qwen2 pretrained on diverse, partly wrong demonstrations.
+
+Like an SFT model before RL, it starts with real entropy at the decision points (several valid
+demonstrations per problem) and imperfect accuracy (a share of the demonstrations are wrong). It is built
+once per specification and cached; the same specification and seed rebuild identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from entrorl.lab.tasks import get_task, sft_corpus
+from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2
+
+__all__ = ["BaseModelSpec", "build_base_model", "default_cache_dir", "sft_batches", "supervised_loss"]
+
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """Everything that determines the base model's weights."""
+
+    tasks: tuple[str, ...] = ("sum_chain", "countdown", "rg_arithmetic")
+    problems_per_task: int = 3000
+    demos_per_problem: int = 2
+    wrong_fraction: float = 0.3
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 256
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def key(self) -> str:
+        payload = json.dumps({"version": _FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    """``$ENTRORL_CACHE`` or ``~/.cache/entrorl``."""
+    return Path(os.environ.get("ENTRORL_CACHE", Path.home() / ".cache" / "entrorl"))
+
+
+def sft_batches(pairs: list[tuple[str, str]], tokenizer, *, batch_size: int, seed: int):
+    """Endless shuffled batches of ``(input_ids, attention_mask, loss_mask)`` for prompt/completion pairs:
+    the loss covers the completion and the EOS token, never the prompt or the padding."""
+    rng = random.Random(seed)
+    encoded = []
+    for prompt, completion in pairs:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        completion_ids = tokenizer(completion)["input_ids"] + [tokenizer.eos_token_id]
+        encoded.append((prompt_ids + completion_ids, len(prompt_ids)))
+    order = list(range(len(encoded)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            rows = [encoded[i] for i in order[start : start + batch_size]]
+            width = max(len(ids) for ids, _ in rows)
+            input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+            for row, (ids, prompt_length) in enumerate(rows):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention[row, : len(ids)] = 1
+                loss_mask[row, prompt_length : len(ids)] = True
+            yield input_ids, attention, loss_mask
+
+
+def supervised_loss(model, input_ids: torch.Tensor, attention: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the masked tokens (next-token prediction)."""
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    return (losses * mask.reshape(-1)).sum() / mask.sum().clamp(min=1)
+
+
+def _train(spec: BaseModelSpec, directory: Path, progress=None) -> dict:
+    torch.manual_seed(spec.seed)
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(
+        len(tokenizer), hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads, max_position_embeddings=spec.max_position_embeddings, seed=spec.seed,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    pairs = []
+    for index, name in enumerate(spec.tasks):
+        pairs += sft_corpus(get_task(name), spec.problems_per_task, seed=spec.seed + 7919 * index,
+                            wrong_fraction=spec.wrong_fraction, demos_per_problem=spec.demos_per_problem)
+    batches = sft_batches(pairs, tokenizer, batch_size=spec.batch_size, seed=spec.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 50) * max(0.1, 1.0 - step / spec.steps)
+    )
+    model.train()
+    losses = []
+    for step in range(spec.steps):
+        loss = supervised_loss(model, *next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, spec.steps, losses[-1])
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return {"spec": asdict(spec), "key": spec.key(), "corpus_pairs": len(pairs), "final_loss": sum(losses[-50:]) / min(50, len(losses)),
+            "loss_curve": losses[:: max(1, len(losses) // 100)]}
+
+
+def build_base_model(spec: BaseModelSpec, *, cache_dir: Path | None = None, rebuild: bool = False, progress=None) -> Path:
+    """The cached base model directory for ``spec`` (trained on first use, atomically)."""
+    root = (cache_dir or default_cache_dir()) / "lab"
+    final = root / f"base-{spec.key()}"
+    if final.is_dir() and (final / "base.json").is_file() and not rebuild:
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    temporary = root / f".base-{spec.key()}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    threads = torch.get_num_threads()
+    try:
+        info = _train(spec, temporary, progress=progress)
+        (temporary / "base.json").write_text(json.dumps(info, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(temporary, ignore_errors=True)
+    return final

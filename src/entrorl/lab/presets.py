@@ -1,0 +1,79 @@
+"""Laboratory presets: ``default`` (the front-page run, about 20 minutes on two cores) and ``quick``
+(the same matrix at toy scale, a few minutes; CI runs it end to end)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from entrorl.lab.base_model import BaseModelSpec
+from entrorl.objective import get_method
+
+__all__ = ["LabPreset", "PRESETS", "get_preset", "DEFAULT_METHODS"]
+
+DEFAULT_METHODS = [
+    "grpo", "dapo", "clip_cov", "kl_cov", "forking_tokens", "clip_b", "clip_v", "nsr", "w_reinforce",
+    "entropy_advantage", "adaptive_entropy", "sft", "rft",
+]
+
+
+class LabPreset(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: str
+    seed: int = 0
+    base: BaseModelSpec = Field(default_factory=lambda: BaseModelSpec(
+        tasks=("sum_chain", "rg_arithmetic"), problems_per_task=3000, wrong_fraction=0.2, hidden_size=96, num_layers=3,
+        num_heads=4, num_kv_heads=2, steps=1200, lr=3e-3))
+    train_task: str = "sum_chain"
+    forgetting_task: str = "rg_arithmetic"
+    train_problems: int = 2000
+    eval_problems: int = 48
+    forgetting_problems: int = 48
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
+    steps: int = 100
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    lr: float = 2e-3
+    mini_batches: int = 2
+    checkpoint_every: int = 20
+    eval_n: int = 64
+    forgetting_n: int = 8
+    top_forks: int = 20
+    workers: int = 2
+    law_fit_fraction: float = 0.2
+
+    def check_methods(self) -> None:
+        for method in self.methods:
+            if method != "sft":
+                get_method(method)
+
+
+PRESETS = {
+    "default": LabPreset(name="default"),
+    "quick": LabPreset(
+        name="quick",
+        base=BaseModelSpec(problems_per_task=600, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, steps=300,
+                           batch_size=32, lr=5e-3),
+        train_problems=400,
+        eval_problems=12,
+        forgetting_problems=12,
+        steps=12,
+        prompts_per_step=4,
+        group_size=4,
+        max_new_tokens=32,
+        lr=5e-3,
+        checkpoint_every=6,
+        eval_n=16,
+        forgetting_n=4,
+        top_forks=10,
+    ),
+}
+
+
+def get_preset(name: str) -> LabPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown lab preset '{name}'; choose one of {sorted(PRESETS)}") from None

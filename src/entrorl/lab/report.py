@@ -1,0 +1,1244 @@
+"""The laboratory report: ``report.md`` (with PNG figures), a self-contained ``report.html`` and
+``report.json``, generated from a lab run directory and nothing else.
+
+Inputs (see :mod:`entrorl.lab.runner`)::
+
+    lab.json                          preset, base model key, methods, workers
+    base/final_eval.json              the base model's final evaluation
+    methods/<name>/metrics.jsonl      one JSON object per training step
+    methods/<name>/final_eval.json    the method's final evaluation (absent when the method failed)
+    methods/<name>/error.log          the traceback of a failed method
+    outcomes.json                     the runner's per-method outcome (optional)
+
+Every number is computed here from those files and formatted once (:func:`fmt`, three significant
+figures) into :class:`Table` cells; the Markdown, the HTML and ``report.json`` are all rendered from the
+same cells, so the three cannot disagree. The prose is generated from the same values: nothing in the
+report is written by hand.
+
+The rules the report applies (and states) are module constants: start and end of a run are the means
+over the first and last :data:`EDGE_FRACTION` of its steps; GRPO's entropy has collapsed when its end
+is at most :data:`COLLAPSE_RATIO` times its start; a method *kept entropy* when its end/start entropy
+ratio is at least :data:`KEPT_MARGIN` times GRPO's; curves are smoothed with a trailing moving average of
+:data:`SMOOTH_WINDOW` steps.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from entrorl.analysis.law import fit_entropy_law, forecast_entropy_law
+from entrorl.evaluation import polarisation
+
+__all__ = [
+    "write_report",
+    "fmt",
+    "edge_means",
+    "edge_count",
+    "moving_average",
+    "Table",
+    "ENTROPY_KEY",
+    "REWARD_KEY",
+    "EDGE_FRACTION",
+    "COLLAPSE_RATIO",
+    "KEPT_MARGIN",
+    "SMOOTH_WINDOW",
+    "SECTIONS",
+]
+
+ENTROPY_KEY = "entropy/mean"
+REWARD_KEY = "reward/accuracy"  # the share of the step's samples the verifier accepted
+FALLBACK_REWARD_KEY = "reward/mean"  # used only when a run never logged REWARD_KEY
+EDGE_FRACTION = 0.1
+COLLAPSE_RATIO = 0.5
+KEPT_MARGIN = 1.25
+SMOOTH_WINDOW = 5
+COV_PERCENTS = ("0.02", "0.2", "2", "20")
+FORKS_SHOWN = 10
+SD_OTHERS = 3  # methods besides base and GRPO in the S/D figure
+PASS_RATE_BINS = 10
+NA = "n/a"  # missing or undefined
+NOT_APPLICABLE = "—"  # does not apply (e.g. a training statistic of the base model)
+REFERENCE = "grpo"
+
+SECTIONS = (
+    ("headline", "Headline"),
+    ("summary", "Summary"),
+    ("curves", "Entropy and reward curves"),
+    ("pass-at-k", "Pass@k"),
+    ("law", "Entropy–reward law"),
+    ("entropy-change", "Predicted vs measured entropy change"),
+    ("covariance", "Covariance concentration"),
+    ("distributions", "S/D distributions"),
+    ("pass-rates", "Pass-rate polarisation"),
+    ("forks", "Top fork tokens"),
+    ("reproduce", "Reproduce"),
+)
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+
+
+def _finite(value: Any) -> float | None:
+    """A finite float, or None (for None, nan, inf and anything not numeric)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def fmt(value: Any, *, signed: bool = False) -> str:
+    """The one number format of the report: 3 significant figures, whole numbers from 100 up, ``n/a`` for
+    missing or non-finite values; ``signed`` puts a ``+`` in front of positive values (for differences)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        text = str(int(value))
+        return "+" + text if signed and value > 0 else text
+    number = _finite(value)
+    if number is None:
+        return NA
+    if number == 0.0:
+        return "0"
+    text = f"{number:.0f}" if abs(number) >= 99.95 else f"{number:.3g}"
+    return "+" + text if signed and number > 0 else text
+
+
+def _shown(value: Any) -> float | None:
+    """The value as the report shows it (rounded by :func:`fmt`), for comparisons stated in the text."""
+    return _finite(fmt(value)) if _finite(value) is not None else None
+
+
+def edge_count(n_steps: int) -> int:
+    """How many steps make the start (and the end) of a run: ``max(1, ceil(EDGE_FRACTION * n))``."""
+    return max(1, math.ceil(round(EDGE_FRACTION * n_steps, 9)))
+
+
+def edge_means(values: Any) -> tuple[float, float, int]:
+    """(start, end, steps per edge): the means of the finite values among the first and the last
+    :func:`edge_count` steps; ``nan`` where an edge has no finite value."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        return math.nan, math.nan, 0
+    n_edge = edge_count(array.size)
+    return _nanmean(array[:n_edge]), _nanmean(array[-n_edge:]), n_edge
+
+
+def moving_average(values: Any, window: int = SMOOTH_WINDOW) -> np.ndarray:
+    """Trailing moving average over ``window`` steps (fewer at the start), ignoring non-finite values."""
+    array = np.asarray(values, dtype=np.float64)
+    out = np.full(array.shape, np.nan)
+    for i in range(array.size):
+        chunk = array[max(0, i - window + 1): i + 1]
+        chunk = chunk[np.isfinite(chunk)]
+        if chunk.size:
+            out[i] = chunk.mean()
+    return out
+
+
+def _nanmean(values: Any) -> float:
+    array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]
+    return float(array.mean()) if array.size else math.nan
+
+
+def _nanmax(values: Any) -> float:
+    array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]
+    return float(array.max()) if array.size else math.nan
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if _finite(numerator) is None or _finite(denominator) is None or denominator <= 0:
+        return math.nan
+    return numerator / denominator
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_json_value(v) for v in value.tolist()]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _finite(value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: the text every output shows and the raw value ``report.json`` keeps next to it."""
+
+    text: str
+    value: Any = None
+    numeric: bool = False
+
+
+def num(value: Any, *, signed: bool = False) -> Cell:
+    return Cell(fmt(value, signed=signed), _json_value(value), True)
+
+
+def text(value: str) -> Cell:
+    return Cell(str(value), str(value), False)
+
+
+def dash() -> Cell:
+    return Cell(NOT_APPLICABLE, None, True)
+
+
+def missing() -> Cell:
+    return Cell(NA, None, True)
+
+
+@dataclass
+class Table:
+    """A formatted table; :meth:`to_markdown`, :meth:`to_html` and :meth:`to_json` render the same cells."""
+
+    columns: list[str]
+    rows: list[list[Cell]] = field(default_factory=list)
+    title: str = ""
+
+    def add(self, cells: list[Cell]) -> None:
+        if len(cells) != len(self.columns):
+            raise ValueError(f"table '{self.title}': {len(cells)} cells for {len(self.columns)} columns")
+        self.rows.append(cells)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "columns": list(self.columns),
+            "rows": [{c: cell.text for c, cell in zip(self.columns, row)} for row in self.rows],
+            "values": [{c: cell.value for c, cell in zip(self.columns, row)} for row in self.rows],
+        }
+
+    def to_markdown(self) -> str:
+        lines = ["| " + " | ".join(_md_escape(c) for c in self.columns) + " |"]
+        numeric = [bool(self.rows) and all(row[i].numeric for row in self.rows) for i in range(len(self.columns))]
+        lines.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
+        for row in self.rows:
+            lines.append("| " + " | ".join(_md_escape(cell.text) for cell in row) + " |")
+        return "\n".join(lines)
+
+    def to_html(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join(
+            "<tr>" + "".join(f'<td class="{"num" if cell.numeric else "txt"}">{html.escape(cell.text)}</td>' for cell in row) + "</tr>"
+            for row in self.rows
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|~#])")
+_MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
+def _md_escape(value: str) -> str:
+    """Markdown-safe text on one line: specials backslash-escaped, underscores escaped unless inside a word."""
+    value = _one_line(value)
+    value = _MD_SPECIAL.sub(r"\\\1", value)
+    return _MD_UNDERSCORE.sub(r"\\_", value)
+
+
+def _one_line(value: str) -> str:
+    return str(value).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "↵").replace("\t", "⇥")
+
+
+# ------------------------------------------------------------------------------------------------ documents
+
+
+@dataclass
+class Paragraph:
+    """Generated prose; spans between backticks are code (metric keys, commands)."""
+
+    content: str
+
+
+@dataclass
+class Heading:
+    content: str
+
+
+@dataclass
+class TableBlock:
+    table: Table
+
+
+@dataclass
+class FigureBlock:
+    name: str
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Section:
+    anchor: str
+    title: str
+    blocks: list[Any] = field(default_factory=list)
+
+    def say(self, content: str) -> None:
+        self.blocks.append(Paragraph(content))
+
+    def table(self, table: Table) -> None:
+        if table.title:
+            self.blocks.append(Heading(table.title))
+        self.blocks.append(TableBlock(table))
+
+
+def _paragraph_markdown(content: str) -> str:
+    parts = content.split("`")
+    return "".join(f"`{part}`" if i % 2 else _md_escape(part) for i, part in enumerate(parts))
+
+
+def _paragraph_html(content: str) -> str:
+    parts = content.split("`")
+    return "".join(f"<code>{html.escape(part)}</code>" if i % 2 else html.escape(part) for i, part in enumerate(parts))
+
+
+def _render_markdown(title: str, sections: list[Section]) -> str:
+    lines = [f"# {_md_escape(title)}", ""]
+    lines.append(" · ".join(f"[{_md_escape(s.title)}](#{s.anchor})" for s in sections))
+    lines.append("")
+    for section in sections:
+        lines += [f'<a id="{section.anchor}"></a>', "", f"## {_md_escape(section.title)}", ""]
+        for block in section.blocks:
+            if isinstance(block, Paragraph):
+                lines += [_paragraph_markdown(block.content), ""]
+            elif isinstance(block, Heading):
+                lines += [f"### {_md_escape(block.content)}", ""]
+            elif isinstance(block, TableBlock):
+                lines += [block.table.to_markdown(), ""]
+            elif isinstance(block, FigureBlock):
+                lines += [f"![{_md_escape(block.caption)}](figures/{block.name})", "", f"*{_md_escape(block.caption)}*", ""]
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{font-size:1.05em}
+nav a{margin-right:.8em}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.85em}
+th,td{border:1px solid #ccc;padding:.25em .5em}th{background:#f3f3f3}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.txt{font-family:ui-monospace,Menlo,Consolas,monospace}
+figure{margin:1em 0}figure img{max-width:100%}figcaption{font-size:.85em;color:#555}
+code{background:#f5f5f5;padding:0 .2em}
+""".strip()
+
+
+def _render_html(title: str, sections: list[Section]) -> str:
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
+           f"<style>{_CSS}</style>", "</head>", "<body>", f"<h1>{html.escape(title)}</h1>"]
+    out.append("<nav>" + "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections) + "</nav>")
+    for section in sections:
+        out.append(f'<section id="{section.anchor}"><h2>{html.escape(section.title)}</h2>')
+        for block in section.blocks:
+            if isinstance(block, Paragraph):
+                out.append(f"<p>{_paragraph_html(block.content)}</p>")
+            elif isinstance(block, Heading):
+                out.append(f"<h3>{html.escape(block.content)}</h3>")
+            elif isinstance(block, TableBlock):
+                out.append(block.table.to_html())
+            elif isinstance(block, FigureBlock):
+                data = base64.b64encode(block.png).decode("ascii")
+                out.append(f'<figure><img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">'
+                           f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
+        out.append("</section>")
+    out += ["</body>", "</html>"]
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ reading the run
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The step records, ordered by step; unreadable lines (a write cut short) are skipped."""
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return sorted(records, key=lambda r: _finite(r.get("step")) or 0.0)
+
+
+@dataclass
+class Run:
+    """One method's files: its step records, its final evaluation, and its status."""
+
+    name: str
+    status: str  # "ok" (final evaluation present), "failed" (error recorded) or "missing"
+    records: list[dict[str, Any]]
+    final: dict[str, Any] | None
+    error: str | None = None
+
+    def series(self, key: str) -> np.ndarray:
+        return np.array([_finite(r.get(key)) if _finite(r.get(key)) is not None else np.nan for r in self.records], dtype=np.float64)
+
+    def has(self, key: str) -> bool:
+        return any(_finite(r.get(key)) is not None for r in self.records)
+
+    @property
+    def steps(self) -> np.ndarray:
+        return np.array([_finite(r.get("step")) or float(i + 1) for i, r in enumerate(self.records)], dtype=np.float64)
+
+    @property
+    def reward_key(self) -> str:
+        return REWARD_KEY if self.has(REWARD_KEY) or not self.has(FALLBACK_REWARD_KEY) else FALLBACK_REWARD_KEY
+
+
+def _load_run(out: Path, name: str, outcomes: dict[str, Any]) -> Run:
+    directory = out / "methods" / name
+    final = _read_json(directory / "final_eval.json")
+    records = _read_metrics(directory / "metrics.jsonl")
+    if isinstance(final, dict):
+        return Run(name, "ok", records, final)
+    error = None
+    log = directory / "error.log"
+    if log.exists():
+        lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        error = lines[-1].strip() if lines else "error.log is empty"
+    elif isinstance(outcomes.get(name), dict) and outcomes[name].get("status") == "failed":
+        lines = [line for line in str(outcomes[name].get("error", "")).splitlines() if line.strip()]
+        error = lines[-1].strip() if lines else "failed"
+    if error is not None:
+        return Run(name, "failed", records, None, error)
+    return Run(name, "missing", records, None, "no final_eval.json and no error.log (interrupted?)")
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+
+
+@dataclass
+class Analysis:
+    """Everything computed for one method (or the base model, which has no training records)."""
+
+    run: Run
+    n_steps: int = 0
+    n_edge: int = 0
+    entropy_start: float = math.nan
+    entropy_end: float = math.nan
+    entropy_ratio: float = math.nan
+    reward_start: float = math.nan
+    reward_end: float = math.nan
+    reward_reached: float = math.nan
+    law: dict[str, Any] = field(default_factory=dict)
+    change: dict[str, Any] = field(default_factory=dict)
+    cov: dict[str, Any] = field(default_factory=dict)
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if x.size < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _analyse(run: Run, fit_fraction: float) -> Analysis:
+    result = Analysis(run=run, n_steps=len(run.records))
+    entropy, reward = run.series(ENTROPY_KEY), run.series(run.reward_key)
+    result.entropy_start, result.entropy_end, result.n_edge = edge_means(entropy)
+    result.reward_start, result.reward_end, _ = edge_means(reward)
+    result.entropy_ratio = _ratio(result.entropy_end, result.entropy_start)
+    result.reward_reached = _nanmax(moving_average(reward))
+
+    # the entropy–reward law, over the steps where both are finite
+    keep = np.isfinite(entropy) & np.isfinite(reward)
+    h, r = entropy[keep], reward[keep]
+    law: dict[str, Any] = {"n_points": int(keep.sum()), "reward_key": run.reward_key, "reached": _json_value(result.reward_reached)}
+    try:
+        law["fit"] = fit_entropy_law(h, r).to_dict()
+    except ValueError as error:
+        law["fit_error"] = str(error)
+    try:
+        forecast = forecast_entropy_law(h, r, fit_fraction=fit_fraction)
+        law["forecast"] = forecast.to_dict()
+        law["ceiling_error"] = _json_value(abs(forecast.predicted_ceiling - result.reward_reached))
+    except ValueError as error:
+        law["forecast_error"] = str(error)
+    result.law = law
+
+    # predicted vs measured entropy change per step
+    predicted, measured = run.series("entropy/predicted_delta"), run.series("entropy/measured_delta")
+    both = np.isfinite(predicted) & np.isfinite(measured)
+    p, m = predicted[both], measured[both]
+    signed = (p != 0) & (m != 0)
+    result.change = {
+        "n_steps": int(both.sum()),
+        "pearson": _pearson(p, m),
+        "sign_agreement": float(np.mean(np.sign(p[signed]) == np.sign(m[signed]))) if signed.any() else math.nan,
+        "token_corr_mean": _nanmean(run.series("entropy/delta_token_corr")),
+        "predicted": p,
+        "measured": m,
+    }
+
+    # covariance concentration
+    cov = {}
+    for q in COV_PERCENTS:
+        values = run.series(f"cov/top_{q}pct_ratio")
+        cov[q] = {"mean": _nanmean(values), "step1": float(values[0]) if values.size else math.nan}
+    result.cov = cov
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+class _Figures:
+    """Draws with matplotlib's object API (no pyplot, no global backend change) and saves PNGs."""
+
+    def __init__(self, directory: Path, enabled: bool = True):
+        self.directory = directory
+        self.saved: dict[str, str] = {}
+        if not enabled:
+            self.unavailable = "figures were not drawn (write_report was called with figures=False)"
+            return
+        try:
+            import matplotlib  # noqa: F401
+            from matplotlib.figure import Figure  # noqa: F401
+        except ImportError as error:  # the report still has every table
+            self.unavailable = f"figures were not drawn: matplotlib could not be imported ({error})"
+        else:
+            self.unavailable = None
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def draw(self, name: str, caption: str, width: float, height: float, paint: Callable[[Any], bool | None]) -> FigureBlock | Paragraph:
+        if self.unavailable:
+            return Paragraph(self.unavailable)
+        import matplotlib
+        from matplotlib.figure import Figure
+
+        with matplotlib.rc_context({"font.size": 7, "axes.titlesize": 7.5, "legend.fontsize": 6, "axes.linewidth": 0.6,
+                                    "lines.linewidth": 1.1}):
+            figure = Figure(figsize=(width, height), layout="constrained")
+            if paint(figure) is False:
+                return Paragraph(f"{caption}: nothing to plot.")
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
+        png = buffer.getvalue()
+        (self.directory / name).write_bytes(png)
+        self.saved[name] = caption
+        return FigureBlock(name, caption, png)
+
+
+def _colours(names: list[str]) -> dict[str, Any]:
+    try:
+        import matplotlib
+    except ImportError:
+        return {}
+    if len(names) <= 10:
+        palette = matplotlib.colormaps["tab10"]
+        return {name: palette(i) for i, name in enumerate(names)}
+    palette = matplotlib.colormaps["tab20"]  # the strong shades first, then their light pairs
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    return {name: palette(order[i % 20]) for i, name in enumerate(names)}
+
+
+def _grid(figure, count: int, columns: int, **shared):
+    columns = max(1, min(columns, count))
+    rows = max(1, math.ceil(count / columns))
+    axes = figure.subplots(rows, columns, squeeze=False, **shared).ravel()
+    for axis in axes[count:]:
+        axis.set_visible(False)
+    return axes[:count]
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+class _Report:
+    def __init__(self, out: Path, figures: bool = True):
+        self.out = out
+        self.errors: dict[str, str] = {}
+        lab = _read_json(out / "lab.json")
+        self.lab = lab if isinstance(lab, dict) else {}
+        self.preset = self.lab.get("preset") if isinstance(self.lab.get("preset"), dict) else {}
+        outcomes = _read_json(out / "outcomes.json")
+        self.outcomes = outcomes if isinstance(outcomes, dict) else {}
+        names = self.lab.get("methods") or self.preset.get("methods")
+        if not names:
+            names = sorted(p.name for p in (out / "methods").iterdir() if p.is_dir()) if (out / "methods").is_dir() else []
+        self.names = [str(n) for n in names]
+        self.runs = {name: _load_run(out, name, self.outcomes) for name in self.names}
+        base = _read_json(out / "base" / "final_eval.json")
+        self.base = base if isinstance(base, dict) else None
+        self.fit_fraction = _finite(self.preset.get("law_fit_fraction")) or 0.2
+        self.analyses = {name: _analyse(run, self.fit_fraction) for name, run in self.runs.items() if run.status == "ok"}
+        self.ok = [name for name in self.names if name in self.analyses]
+        self.failed = [name for name in self.names if self.runs[name].status != "ok"]
+        self.evals = {"base": self.base} if self.base else {}
+        self.evals.update({name: self.runs[name].final for name in self.ok})
+        self.ks = self._common_ks()
+        self.k_max = self.ks[-1] if self.ks else None
+        self.colours = _colours(self.ok)
+        self.figures = _Figures(out / "figures", enabled=figures)
+        self.json: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- helpers
+    def _common_ks(self) -> list[int]:
+        sets = []
+        for evaluation in self.evals.values():
+            keys = {int(k) for k, v in (evaluation.get("pass_at_k") or {}).items() if str(k).isdigit()}
+            sets.append(keys)
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def pass_at(self, model: str, k: int | None) -> float:
+        evaluation = self.evals.get(model)
+        if evaluation is None or k is None:
+            return math.nan
+        value = _finite((evaluation.get("pass_at_k") or {}).get(str(k)))
+        return value if value is not None else math.nan
+
+    def eval_value(self, model: str, key: str) -> float:
+        evaluation = self.evals.get(model) or {}
+        value = _finite(evaluation.get(key))
+        return value if value is not None else math.nan
+
+    def models(self) -> list[str]:
+        return (["base"] if self.base else []) + self.ok
+
+    def reward_label(self) -> str:
+        keys = sorted({self.analyses[n].run.reward_key for n in self.ok}) or [REWARD_KEY]
+        return " / ".join(f"`{k}`" for k in keys)
+
+    def guarded(self, section: Section, build: Callable[[Section], None]) -> Section:
+        try:
+            build(section)
+        except Exception as error:  # noqa: BLE001 — one broken section must not take the report down
+            self.errors[section.anchor] = f"{type(error).__name__}: {error}"
+            section.say(f"This section could not be generated: {type(error).__name__}: {error}")
+        return section
+
+    # ---------------------------------------------------------------- 1. headline
+    def headline(self, section: Section) -> None:
+        info: dict[str, Any] = {"reference": REFERENCE, "collapse": None, "kept_methods": [], "paragraphs": []}
+        self.json["headline"] = info
+        if REFERENCE not in self.names:
+            section.say(f"GRPO is not in this run (methods: {', '.join(self.names) or 'none'}), so the entropy-collapse check "
+                        "and the comparison with GRPO are skipped.")
+            info["skipped"] = "grpo not in the run"
+            info["paragraphs"] = [b.content for b in section.blocks if isinstance(b, Paragraph)]
+            return
+        if REFERENCE not in self.analyses:
+            section.say(f"GRPO {self.runs[REFERENCE].status} ({self.runs[REFERENCE].error}), so the entropy-collapse check "
+                        "and the comparison with GRPO are skipped.")
+            info["skipped"] = f"grpo {self.runs[REFERENCE].status}"
+            info["paragraphs"] = [b.content for b in section.blocks if isinstance(b, Paragraph)]
+            return
+        g = self.analyses[REFERENCE]
+        half = COLLAPSE_RATIO * g.entropy_start if _finite(g.entropy_start) is not None else math.nan
+        collapsed = bool(g.entropy_end <= half) if _finite(g.entropy_end) is not None and _finite(half) is not None else None
+        shown_start, shown_end = _shown(g.reward_start), _shown(g.reward_end)
+        if shown_start is None or shown_end is None:
+            reward_change = "cannot be compared (missing values)"
+        elif shown_end > shown_start:
+            reward_change = "rose"
+        elif shown_end < shown_start:
+            reward_change = "fell"
+        else:
+            reward_change = "did not change at the shown precision"
+        numbers = Table(["quantity", "value"], title="Headline numbers")
+        for label, value in (("GRPO entropy start", g.entropy_start), ("GRPO entropy end", g.entropy_end),
+                             ("GRPO entropy end/start", g.entropy_ratio), (f"collapse threshold ({fmt(COLLAPSE_RATIO)} × start)", half),
+                             ("GRPO reward start", g.reward_start), ("GRPO reward end", g.reward_end),
+                             ("steps per edge", g.n_edge), ("training steps", g.n_steps)):
+            numbers.add([text(label), num(value)])
+        numbers.add([text(f"collapse (end ≤ {fmt(COLLAPSE_RATIO)} × start)"), Cell(NA if collapsed is None else fmt(collapsed), collapsed, True)])
+        percent = fmt(100 * EDGE_FRACTION)
+        verdict = {True: "holds", False: "does not hold", None: "cannot be checked (missing entropy)"}[collapsed]
+        section.say(
+            f"GRPO's mean token entropy (`{ENTROPY_KEY}`, nats) went from {fmt(g.entropy_start)} to {fmt(g.entropy_end)} "
+            f"(end/start ratio {fmt(g.entropy_ratio)}) while its reward (`{g.run.reward_key}`) "
+            f"went from {fmt(g.reward_start)} to {fmt(g.reward_end)}. Start and end are the means over the first and the last "
+            f"{percent}% of the {g.n_steps} training steps ({g.n_edge} step{'s' if g.n_edge != 1 else ''} each), to reduce "
+            f"step-to-step noise. The collapse criterion, final entropy ≤ {fmt(COLLAPSE_RATIO)} × initial "
+            f"({fmt(g.entropy_end)} against {fmt(half)}), {verdict}; the reward {reward_change}."
+        )
+        info.update({"collapse": collapsed, "reward_change": reward_change})
+
+        threshold = KEPT_MARGIN * g.entropy_ratio if _finite(g.entropy_ratio) is not None else math.nan
+        numbers.add([text(f"kept-entropy threshold ({fmt(KEPT_MARGIN)} × GRPO's ratio)"), num(threshold)])
+        others = [n for n in self.ok if n != REFERENCE]
+        kept = [n for n in others if _finite(threshold) is not None and _finite(self.analyses[n].entropy_ratio) is not None
+                and self.analyses[n].entropy_ratio >= threshold]
+        info["kept_methods"] = kept
+        info["kept_rule"] = f"entropy end/start ratio >= {KEPT_MARGIN} x GRPO's ratio"
+        k = self.k_max
+        kept_table = Table(["method", "entropy end/start", "Pass@1", "Pass@1 GRPO", "Pass@1 base",
+                            f"Pass@{k}", f"Pass@{k} GRPO", f"Pass@{k} base"], title="Methods that kept entropy")
+        if _finite(threshold) is None:
+            section.say("GRPO's entropy ratio is undefined, so no method is compared with it.")
+        elif not others:
+            section.say("No other method finished, so none is compared with GRPO.")
+        else:
+            rule = (f"A method kept entropy when its end/start entropy ratio is at least {fmt(KEPT_MARGIN)} × GRPO's "
+                    f"({fmt(KEPT_MARGIN)} × {fmt(g.entropy_ratio)} = {fmt(threshold)}).")
+            if not kept:
+                best = max(others, key=lambda n: _finite(self.analyses[n].entropy_ratio) if _finite(self.analyses[n].entropy_ratio) is not None else -math.inf)
+                section.say(f"{rule} No method kept entropy by this rule; the highest ratio is "
+                            f"{fmt(self.analyses[best].entropy_ratio)} ({best}).")
+            else:
+                p1_g, pk_g = self.pass_at(REFERENCE, 1), self.pass_at(REFERENCE, k)
+                p1_b, pk_b = self.pass_at("base", 1), self.pass_at("base", k)
+                parts = []
+                for n in kept:
+                    p1, pk = self.pass_at(n, 1), self.pass_at(n, k)
+                    parts.append(f"{n} (ratio {fmt(self.analyses[n].entropy_ratio)}: Pass@1 {fmt(p1)}, Pass@{k} {fmt(pk)})")
+                    kept_table.add([text(n), num(self.analyses[n].entropy_ratio), num(p1), num(p1_g), num(p1_b), num(pk), num(pk_g), num(pk_b)])
+                section.say(f"{rule} {len(kept)} of {len(others)} method{'s' if len(others) != 1 else ''} kept entropy: "
+                            f"{'; '.join(parts)}. For comparison, GRPO has Pass@1 {fmt(p1_g)} and Pass@{k} {fmt(pk_g)}, "
+                            f"the base model Pass@1 {fmt(p1_b)} and Pass@{k} {fmt(pk_b)}.")
+                section.say(self._count_sentence(kept, k, p1_g, pk_g, p1_b, pk_b))
+        section.table(numbers)
+        if kept_table.rows:
+            section.table(kept_table)
+        info["numbers"] = numbers.to_json()
+        info["kept"] = kept_table.to_json()
+        info["paragraphs"] = [b.content for b in section.blocks if isinstance(b, Paragraph)]
+
+    def _count_sentence(self, kept, k, p1_g, pk_g, p1_b, pk_b) -> str:
+        def count(key_k: int, reference: float) -> str:
+            ref = _shown(reference)
+            if ref is None:
+                return NA
+            values = [_shown(self.pass_at(n, key_k)) for n in kept]
+            higher = sum(1 for v in values if v is not None and v > ref)
+            lower = sum(1 for v in values if v is not None and v < ref)
+            return f"{higher} higher and {lower} lower"
+
+        return (f"Against GRPO, the methods that kept entropy have {count(1, p1_g)} Pass@1 and {count(k, pk_g)} Pass@{k}; "
+                f"against the base model, {count(1, p1_b)} Pass@1 and {count(k, pk_b)} Pass@{k} (comparing the values as shown).")
+
+    # ---------------------------------------------------------------- 2. summary
+    def summary(self, section: Section) -> None:
+        k = self.k_max
+        columns = ["method", "status", "entropy end/start", "reward end", "Pass@1", f"Pass@{k}", "law R²", "ceiling error",
+                   "forecast RMSE", "forgetting acc", "forgetting Δ", "eval entropy", "train time (s)"]
+        table = Table(columns, title="")
+        base_forget = self.eval_value("base", "forgetting_accuracy")
+        if self.base:
+            table.add([text("base"), text("base"), dash(), dash(), num(self.pass_at("base", 1)), num(self.pass_at("base", k)), dash(),
+                       dash(), dash(), num(base_forget), dash(), num(self.eval_value("base", "entropy_mean")), dash()])
+        for name in self.names:
+            run = self.runs[name]
+            if run.status != "ok":
+                table.add([text(name), text(run.status)] + [missing() for _ in columns[2:]])
+                continue
+            a = self.analyses[name]
+            forget = self.eval_value(name, "forgetting_accuracy")
+            fit, forecast = a.law.get("fit") or {}, a.law.get("forecast") or {}
+            table.add([text(name), text("ok"), num(a.entropy_ratio), num(a.reward_end), num(self.pass_at(name, 1)), num(self.pass_at(name, k)),
+                       num(fit.get("r2")), num(a.law.get("ceiling_error")), num(forecast.get("rmse")), num(forget),
+                       num(forget - base_forget if _finite(forget) is not None and _finite(base_forget) is not None else math.nan, signed=True),
+                       num(self.eval_value(name, "entropy_mean")), num(self.eval_value(name, "train_seconds"))])
+        percent = fmt(100 * EDGE_FRACTION)
+        section.say(
+            f"One row per method and one for the base model. Entropy end/start: `{ENTROPY_KEY}` averaged over the last {percent}% "
+            f"of steps divided by its average over the first {percent}%; reward end: {self.reward_label()} over the last {percent}%; "
+            f"Pass@1 and Pass@{k} (the largest k evaluated): the unbiased estimator on the held-out prompts; law R²: the fit of "
+            f"R = −a·exp(H) + b over all steps; ceiling error: |forecast ceiling − reached| for the forecast fitted on the first "
+            f"{fmt(100 * self.fit_fraction)}% of steps, and forecast RMSE its error on the remaining steps; forgetting acc: accuracy "
+            f"on the untrained task (`{self.preset.get('forgetting_task', NA)}`), Δ relative to the base model; eval entropy: mean "
+            f"token entropy of the final evaluation's samples; train time: seconds of the method's process, training and final "
+            f"evaluation. {NA} marks a value that could not be computed, {NOT_APPLICABLE} one "
+            "that does not apply."
+        )
+        section.table(table)
+        deltas = [(n, self.eval_value(n, "forgetting_accuracy") - base_forget) for n in self.ok
+                  if _finite(self.eval_value(n, "forgetting_accuracy")) is not None and _finite(base_forget) is not None]
+        if deltas:
+            worst = min(deltas, key=lambda item: item[1])
+            best = max(deltas, key=lambda item: item[1])
+            if fmt(worst[1]) == fmt(best[1]):
+                change = f"after training it changed by {fmt(best[1], signed=True)} for every method"
+            else:
+                change = f"after training it changed by {fmt(worst[1], signed=True)} ({worst[0]}) to {fmt(best[1], signed=True)} ({best[0]})"
+            section.say(f"Forgetting: the base model's accuracy on the untrained task is {fmt(base_forget)}; {change}.")
+        if self.failed:
+            section.blocks.append(Heading("Failed methods"))
+            failed = Table(["method", "status", "error (last line)", "steps logged"])
+            for name in self.failed:
+                run = self.runs[name]
+                failed.add([text(name), text(run.status), text(run.error or NA), num(len(run.records))])
+            section.say(f"{len(self.failed)} method{'s' if len(self.failed) != 1 else ''} did not finish and {'are' if len(self.failed) != 1 else 'is'} "
+                        f"left out of every comparison: {', '.join(self.failed)}. The full traceback is in `methods/<name>/error.log`.")
+            section.blocks.append(TableBlock(failed))
+            self.json["failed"] = failed.to_json()
+        else:
+            self.json["failed"] = Table(["method", "status", "error (last line)", "steps logged"]).to_json()
+        self.json["summary"] = table.to_json()
+
+    # ---------------------------------------------------------------- 3. curves
+    def curves(self, section: Section) -> None:
+        section.say(f"Per training step: `{ENTROPY_KEY}` (mean token entropy of the step's samples, nats) and the reward "
+                    f"{self.reward_label()} (the share of the step's samples the verifier accepted). Thick lines are a trailing moving "
+                    f"average over {SMOOTH_WINDOW} steps (fewer at the start), thin lines the raw values. 'reward reached' is the "
+                    f"maximum of the smoothed reward.")
+
+        def paint(figure):
+            axes = figure.subplots(1, 2)
+            drawn = False
+            for name in self.ok:
+                run = self.runs[name]
+                if not run.records:
+                    continue
+                drawn = True
+                steps = run.steps
+                for axis, key in ((axes[0], ENTROPY_KEY), (axes[1], run.reward_key)):
+                    values = run.series(key)
+                    axis.plot(steps, values, color=self.colours[name], alpha=0.25, linewidth=0.5)
+                    axis.plot(steps, moving_average(values), color=self.colours[name], label=name)
+            if not drawn:
+                return False
+            axes[0].set(title="entropy", xlabel="step", ylabel="nats")
+            axes[1].set(title="reward", xlabel="step", ylabel="share correct")
+            axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=2 if len(self.ok) > 10 else 1, frameon=False)
+
+        section.blocks.append(self.figures.draw("curves.png", f"Entropy and reward per step ({SMOOTH_WINDOW}-step moving average).",
+                                                8.5, 3.0, paint))
+        table = Table(["method", "steps", "entropy start", "entropy end", "entropy end/start", "reward start", "reward end",
+                       "reward reached"], title="Start and end of each run")
+        for name in self.ok:
+            a = self.analyses[name]
+            table.add([text(name), num(a.n_steps), num(a.entropy_start), num(a.entropy_end), num(a.entropy_ratio),
+                       num(a.reward_start), num(a.reward_end), num(a.reward_reached)])
+        section.table(table)
+        self.json["curves"] = table.to_json()
+
+    # ---------------------------------------------------------------- 4. pass@k
+    def pass_at_k(self, section: Section) -> None:
+        if not self.ks:
+            section.say("No Pass@k values: no final evaluation was found.")
+            self.json["pass_at_k"] = Table(["model"]).to_json()
+            return
+        section.say(f"Unbiased Pass@k on the held-out prompts of the final evaluation, k = {', '.join(map(str, self.ks))}; "
+                    "the base model is the dashed black line.")
+
+        def paint(figure):
+            axis = figure.subplots()
+            if self.base:
+                axis.plot(self.ks, [self.pass_at("base", k) for k in self.ks], "k--", marker="o", markersize=2.5, label="base")
+            for name in self.ok:
+                axis.plot(self.ks, [self.pass_at(name, k) for k in self.ks], color=self.colours[name], marker="o", markersize=2.5, label=name)
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(self.ks, [str(k) for k in self.ks])
+            axis.set(xlabel="k", ylabel="Pass@k", title="Pass@k at the end of training")
+            axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+        section.blocks.append(self.figures.draw("pass_at_k.png", "Pass@k per method against the base model (dashed).", 5.5, 3.0, paint))
+        table = Table(["model"] + [f"Pass@{k}" for k in self.ks])
+        for model in self.models():
+            table.add([text(model)] + [num(self.pass_at(model, k)) for k in self.ks])
+        section.table(table)
+        self.json["pass_at_k"] = table.to_json()
+
+    # ---------------------------------------------------------------- 5. the law
+    def law(self, section: Section) -> None:
+        section.say(
+            f"The entropy–performance law R = −a·exp(H) + b (arXiv 2505.22617, Eq. 6), with H = `{ENTROPY_KEY}` and R = "
+            f"{self.reward_label()}, fitted by least squares of R on exp(H) (`fit_entropy_law`) over every step where both are "
+            f"finite; its ceiling b − a is the reward predicted at zero entropy. The forecast (`forecast_entropy_law`) refits on "
+            f"the first {fmt(100 * self.fit_fraction)}% of those steps (at least 3) and predicts the rest from their measured "
+            f"entropies; RMSE is its error there. 'reached' is the maximum of the {SMOOTH_WINDOW}-step moving average of R, and "
+            "ceiling error = |forecast ceiling − reached|."
+        )
+        fitted = [n for n in self.ok if "fit" in self.analyses[n].law]
+
+        def paint(figure):
+            if not fitted:
+                return False
+            axes = _grid(figure, len(fitted), 4)
+            for axis, name in zip(axes, fitted):
+                run, law = self.runs[name], self.analyses[name].law
+                entropy, reward = run.series(ENTROPY_KEY), run.series(run.reward_key)
+                keep = np.isfinite(entropy) & np.isfinite(reward)
+                x = np.exp(entropy[keep])
+                axis.scatter(x, reward[keep], c=run.steps[keep], cmap="viridis", s=6)
+                grid = np.linspace(x.min(), x.max(), 50)
+                axis.plot(grid, law["fit"]["b"] - law["fit"]["a"] * grid, color="C3", label="fit, all steps")
+                if "forecast" in law:
+                    f = law["forecast"]["fit"]
+                    axis.plot(grid, f["b"] - f["a"] * grid, "--", color="C0", label=f"fit, first {fmt(100 * self.fit_fraction)}%")
+                axis.set_title(f"{name}  R² {fmt(law['fit']['r2'])}")
+                axis.set_xlabel("exp(H)")
+            axes[0].set_ylabel("R")
+            axes[0].legend(loc="best", frameon=False)
+
+        section.blocks.append(self.figures.draw("law.png", "Reward against exp(entropy) per method, coloured by step, with the fitted law.",
+                                                9.0, 2.1 * max(1, math.ceil(len(fitted) / 4)), paint))
+        table = Table(["method", "points", "a", "b", "R²", "ceiling", "fit steps", "forecast ceiling", "reached", "ceiling error",
+                       "forecast RMSE", "note"], title="Fits")
+        fits = {}
+        for name in self.ok:
+            law = self.analyses[name].law
+            fits[name] = law
+            fit, forecast = law.get("fit"), law.get("forecast")
+            notes = [f"{part}: {law[part + '_error'].split('; ')[0]}" for part in ("fit", "forecast") if part + "_error" in law]
+            if fit and fit.get("r2") is None:
+                notes.append("R² undefined: the reward never changed")
+            cells = [text(name), num(law["n_points"])]
+            cells += [num(fit["a"]), num(fit["b"]), num(fit["r2"]), num(fit["ceiling"])] if fit else [missing()] * 4
+            cells += [num(forecast["n_fit"]), num(forecast["predicted_ceiling"])] if forecast else [missing()] * 2
+            cells += [num(law["reached"])]
+            cells += [num(law.get("ceiling_error")), num(forecast["rmse"])] if forecast else [missing()] * 2
+            cells += [text("; ".join(notes))]
+            table.add(cells)
+        section.table(table)
+        r2 = [(n, fits[n]["fit"]["r2"]) for n in fitted if _finite(fits[n]["fit"].get("r2")) is not None]
+        rmse = [fits[n]["forecast"]["rmse"] for n in self.ok if _finite((fits[n].get("forecast") or {}).get("rmse")) is not None]
+        if r2:
+            best, worst = max(r2, key=lambda i: i[1]), min(r2, key=lambda i: i[1])
+            sentence = f"R² ranges from {fmt(worst[1])} ({worst[0]}) to {fmt(best[1])} ({best[0]})"
+            if rmse:
+                sentence += f"; the median forecast RMSE on the held-out steps is {fmt(float(np.median(rmse)))} over {len(rmse)} methods"
+            section.say(sentence + ".")
+        self.json["law"] = {"table": table.to_json(), "fits": _json_value(fits), "fit_fraction": self.fit_fraction}
+
+    # ---------------------------------------------------------------- 6. predicted vs measured entropy change
+    def entropy_change(self, section: Section) -> None:
+        section.say(
+            "Each step, the trainer predicts the entropy change of its update to first order, as for a tabular policy "
+            "(`entropy/predicted_delta`: −α·D averaged over the step's tokens, α = −lr · ∂loss/∂log p / T², arXiv 2602.03392 "
+            "Thm 3.3), and measures it by re-scoring the same samples after the update (`entropy/measured_delta`). On a network "
+            "with shared weights and Adam the scales differ, so compare signs and correlation: below, the Pearson correlation "
+            "across steps, the share of steps where the signs agree, and the mean over steps of the per-token correlation "
+            "(`entropy/delta_token_corr`)."
+        )
+        shown = [n for n in self.ok if self.analyses[n].change["n_steps"] > 0]
+
+        def paint(figure):
+            if not shown:
+                return False
+            axes = _grid(figure, len(shown), 5)
+            for axis, name in zip(axes, shown):
+                change = self.analyses[name].change
+                axis.scatter(change["predicted"], change["measured"], s=6, color=self.colours[name])
+                axis.axhline(0, color="0.7", linewidth=0.5)
+                axis.axvline(0, color="0.7", linewidth=0.5)
+                axis.set_title(f"{name}  r {fmt(change['pearson'])}")
+                axis.set_xlabel("predicted")
+                axis.ticklabel_format(style="sci", scilimits=(-2, 3))
+            axes[0].set_ylabel("measured")
+
+        section.blocks.append(self.figures.draw("entropy_change.png", "Measured against predicted entropy change, one point per step.",
+                                                9.0, 1.9 * max(1, math.ceil(len(shown) / 5)), paint))
+        table = Table(["method", "steps", "correlation across steps", "sign agreement", "mean token correlation"])
+        for name in self.ok:
+            change = self.analyses[name].change
+            table.add([text(name), num(change["n_steps"]), num(change["pearson"]), num(change["sign_agreement"]), num(change["token_corr_mean"])])
+        section.table(table)
+        values = [(n, self.analyses[n].change["pearson"]) for n in self.ok if _finite(self.analyses[n].change["pearson"]) is not None]
+        if values:
+            low, high = min(values, key=lambda i: i[1]), max(values, key=lambda i: i[1])
+            section.say(f"The correlation across steps ranges from {fmt(low[1])} ({low[0]}) to {fmt(high[1])} ({high[0]}).")
+        self.json["entropy_change"] = table.to_json()
+
+    # ---------------------------------------------------------------- 7. covariance
+    def covariance(self, section: Section) -> None:
+        section.say(
+            "Concentration of the token covariance C = (log p − mean)·(A − mean) (arXiv 2505.22617, Table 1): "
+            "`cov/top_{q}pct_ratio` is the mean of C over the top q% of the step's tokens divided by its mean over all tokens "
+            "(undefined when that mean is not positive). Shown: the mean over steps, and the value at step 1."
+        )
+
+        def paint(figure):
+            axis = figure.subplots()
+            width = 0.8 / len(COV_PERCENTS)
+            drawn = False
+            for j, q in enumerate(COV_PERCENTS):
+                values = [self.analyses[n].cov[q]["mean"] for n in self.ok]
+                heights = [v if _finite(v) is not None and v > 0 else np.nan for v in values]
+                drawn = drawn or any(np.isfinite(heights))
+                axis.bar(np.arange(len(self.ok)) + (j - (len(COV_PERCENTS) - 1) / 2) * width, heights, width, label=f"top {q}%")
+            if not drawn:
+                return False
+            axis.set_yscale("log")
+            axis.set_xticks(np.arange(len(self.ok)), self.ok, rotation=45, ha="right")
+            axis.set(ylabel="× mean covariance", title="covariance concentration (mean over steps)")
+            axis.legend(frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+
+        section.blocks.append(self.figures.draw("covariance.png", "Mean over steps of the top-q% covariance ratio (log scale).", 8.0, 2.8, paint))
+        columns = ["method"] + [f"top {q}% mean" for q in COV_PERCENTS] + [f"top {q}% step 1" for q in COV_PERCENTS]
+        table = Table(columns)
+        for name in self.ok:
+            cov = self.analyses[name].cov
+            table.add([text(name)] + [num(cov[q]["mean"]) for q in COV_PERCENTS] + [num(cov[q]["step1"]) for q in COV_PERCENTS])
+        section.table(table)
+        top = [(n, self.analyses[n].cov[COV_PERCENTS[0]]["mean"]) for n in self.ok if _finite(self.analyses[n].cov[COV_PERCENTS[0]]["mean"]) is not None]
+        if top:
+            low, high = min(top, key=lambda i: i[1]), max(top, key=lambda i: i[1])
+            section.say(f"Averaged over steps, the top {COV_PERCENTS[0]}% of tokens carry from {fmt(low[1])}× ({low[0]}) to "
+                        f"{fmt(high[1])}× ({high[0]}) the mean covariance.")
+        self.json["covariance"] = table.to_json()
+
+    # ---------------------------------------------------------------- 8. S/D distributions
+    def distributions(self, section: Section) -> None:
+        ranked = sorted((n for n in self.ok if n != REFERENCE),
+                        key=lambda n: -(_finite(self.analyses[n].entropy_ratio) if _finite(self.analyses[n].entropy_ratio) is not None else -math.inf))
+        chosen = [m for m in ["base", REFERENCE] + ranked[:SD_OTHERS] if m in self.evals and self.evals[m].get("distributions")]
+        section.say(
+            "Per-token statistics of the final evaluation's samples, split by whether the sample was correct: the entropy "
+            "discriminator S = p(log p + H) and its vocabulary-centred form D = S − E_v[S_v] (arXiv 2602.03392), histogrammed "
+            "and clamped to the histogram's range. The figure shows the base model, GRPO and the "
+            f"{SD_OTHERS} other methods with the highest entropy end/start ratio; the table gives every model's share of tokens "
+            "below 0."
+        )
+
+        def paint(figure):
+            if not chosen:
+                return False
+            axes = figure.subplots(len(chosen), 2, squeeze=False)
+            for row, model in enumerate(chosen):
+                evaluation = self.evals[model]
+                edges = np.asarray(evaluation.get("histogram_bins") or [], dtype=float)
+                for col, stat in enumerate(("disc", "disc_centered")):
+                    axis = axes[row, col]
+                    for label, colour in (("correct", "C2"), ("wrong", "C3")):
+                        counts = np.asarray(evaluation["distributions"].get(f"{stat}/{label}") or [], dtype=float)
+                        if counts.size and counts.size + 1 == edges.size and counts.sum() > 0:
+                            axis.stairs(counts / counts.sum(), edges, color=colour, label=label)
+                    axis.set_title(f"{model}: {'S' if stat == 'disc' else 'D'}")
+            axes[0, 0].legend(frameon=False)
+            axes[-1, 0].set_xlabel("S")
+            axes[-1, 1].set_xlabel("D")
+
+        section.blocks.append(self.figures.draw("sd_distributions.png", "S and D of correct (green) and wrong (red) samples; share of tokens per bin.",
+                                                7.0, 1.5 * max(1, len(chosen)), paint))
+        table = Table(["model", "tokens correct", "tokens wrong", "S<0 correct", "S<0 wrong", "D<0 correct", "D<0 wrong"])
+        for model in self.models():
+            evaluation = self.evals[model]
+            distributions = evaluation.get("distributions") or {}
+            edges = np.asarray(evaluation.get("histogram_bins") or [], dtype=float)
+            cells = [text(model)]
+            counts = {key: np.asarray(distributions.get(key) or [], dtype=float) for key in
+                      ("disc/correct", "disc/wrong", "disc_centered/correct", "disc_centered/wrong")}
+            cells += [num(int(counts["disc/correct"].sum())), num(int(counts["disc/wrong"].sum()))]
+            for key in ("disc/correct", "disc/wrong", "disc_centered/correct", "disc_centered/wrong"):
+                c = counts[key]
+                if c.size and c.size + 1 == edges.size and c.sum() > 0:
+                    cells.append(num(float(c[edges[1:] <= 0].sum() / c.sum())))
+                else:
+                    cells.append(missing())
+            table.add(cells)
+        section.table(table)
+        self.json["distributions"] = {"table": table.to_json(), "shown_in_figure": chosen}
+
+    # ---------------------------------------------------------------- 9. pass-rate polarisation
+    def pass_rates(self, section: Section) -> None:
+        section.say(
+            "Per-prompt pass rates of the final evaluation (the share of a prompt's samples that were correct). Training tends to "
+            "push them to the two ends, where a group's rewards no longer vary and GRPO-style advantages carry no signal. The "
+            "table gives the share of prompts never solved (rate 0), always solved (rate 1) and in between; each panel of the "
+            "figure overlays the base model's histogram (black outline)."
+        )
+        summaries = {}
+        for model in self.models():
+            rates = [r for r in (self.evals[model].get("pass_rates") or []) if _finite(r) is not None]
+            if rates:
+                summaries[model] = (polarisation(rates, bins=PASS_RATE_BINS), float(np.mean(rates)), len(rates))
+
+        def paint(figure):
+            if not summaries:
+                return False
+            models = list(summaries)
+            axes = _grid(figure, len(models), 5, sharex=True, sharey=True)
+            base = summaries.get("base")
+            for axis, model in zip(axes, models):
+                pol = summaries[model][0]
+                shares = np.asarray(pol.histogram, dtype=float) / max(1, pol.n_problems)
+                edges = np.asarray(pol.bin_edges, dtype=float)
+                axis.bar(edges[:-1], shares, width=np.diff(edges), align="edge", color=self.colours.get(model, "0.6"), alpha=0.8)
+                if base is not None and model != "base":
+                    axis.stairs(np.asarray(base[0].histogram, dtype=float) / max(1, base[0].n_problems), np.asarray(base[0].bin_edges), color="k")
+                axis.set_title(model)
+                axis.set_xlim(0, 1)
+            axes[0].set_ylabel("share of prompts")
+
+        section.blocks.append(self.figures.draw("pass_rates.png", "Histogram of per-prompt pass rates; black outline: base model.",
+                                                9.0, 1.7 * max(1, math.ceil(len(summaries) / 5)), paint))
+        table = Table(["model", "prompts", "rate 0", "rate 1", "mixed", "mean pass rate"])
+        for model, (pol, mean, count) in summaries.items():
+            table.add([text(model), num(count), num(pol.frac_zero), num(pol.frac_one), num(pol.frac_mixed), num(mean)])
+        section.table(table)
+        if "base" in summaries and len(summaries) > 1:
+            ends = [(m, summaries[m][0].frac_zero + summaries[m][0].frac_one) for m in summaries if m != "base"]
+            low, high = min(ends, key=lambda i: i[1]), max(ends, key=lambda i: i[1])
+            base_pol = summaries["base"][0]
+            section.say(f"The base model has {fmt(base_pol.frac_zero + base_pol.frac_one)} of its prompts at 0 or 1; after "
+                        f"training that share ranges from {fmt(low[1])} ({low[0]}) to {fmt(high[1])} ({high[0]}).")
+        self.json["pass_rates"] = table.to_json()
+
+    # ---------------------------------------------------------------- 10. forks
+    def forks(self, section: Section) -> None:
+        section.say(
+            f"The highest-entropy positions of the final evaluation's responses (top {FORKS_SHOWN} per model), each decoded in "
+            "context: the text before the token, the token between ⟦ ⟧, and what followed; ↵ marks a line break. The token "
+            "column is its Python repr."
+        )
+        tables = {}
+        for model in self.models():
+            forks = [f for f in (self.evals[model].get("forks") or []) if isinstance(f, dict)][:FORKS_SHOWN]
+            table = Table(["rank", "token", "entropy", "context"], title=model)
+            for rank, fork in enumerate(forks, 1):
+                token = str(fork.get("token", ""))
+                context = f"…{_one_line(str(fork.get('before', '')))}⟦{_one_line(token)}⟧{_one_line(str(fork.get('after', '')))}…"
+                table.add([num(rank), text(repr(token)), num(fork.get("entropy")), text(context)])
+            if table.rows:
+                section.table(table)
+            else:
+                section.blocks.append(Heading(model))
+                section.say("No fork tokens recorded.")
+            tables[model] = table.to_json()
+        self.json["forks"] = tables
+
+    # ---------------------------------------------------------------- 11. reproduce
+    def reproduce(self, section: Section) -> None:
+        name = self.preset.get("name", "default")
+        command = f"entrorl lab --preset {name}"
+        preset_methods = self._preset_methods(name)
+        if preset_methods is not None and list(self.names) != list(preset_methods):
+            command += " --methods " + ",".join(self.names)
+        workers = self.lab.get("workers")
+        if workers is not None and workers != self.preset.get("workers"):
+            command += f" --workers {workers}"
+        make = "make lab" if command == "entrorl lab --preset default" else None
+        section.say(f"Re-run with `{command}`" + (f" (or `{make}`)" if make else "") + "; an existing run directory given with "
+                    "`--out` is resumed. The settings below are the preset as recorded in `lab.json`.")
+        settings = Table(["setting", "value"], title="Preset")
+        for key, value in self.preset.items():
+            shown = json.dumps(value, sort_keys=True, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+            settings.add([text(key), num(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else text(str(shown))])
+        settings.add([text("base model"), text(str(self.lab.get("base_model", NA)))])
+        section.table(settings)
+        train_seconds = [self.eval_value(n, "train_seconds") for n in self.ok]
+        train_seconds = [s for s in train_seconds if _finite(s) is not None]
+        wall = self._wall_seconds()
+        machine = Table(["item", "value"], title="Machine and time")
+        machine.add([text("platform"), text(platform.platform(terse=True))])
+        machine.add([text("CPU count"), num(os.cpu_count() or 0)])
+        machine.add([text("python"), text(platform.python_version())])
+        machine.add([text("torch"), text(_package_version("torch"))])
+        machine.add([text("workers"), num(workers) if workers is not None else missing()])
+        machine.add([text("train + eval time summed over methods (s)"), num(sum(train_seconds)) if train_seconds else missing()])
+        machine.add([text("wall clock, lab.json to last final evaluation (s)"), num(wall)])
+        section.table(machine)
+        section.say("Platform, CPU count and versions are those of the machine that wrote this report; the wall clock is taken "
+                    "from file times, from `lab.json` (written when the run started or was last resumed) to the last "
+                    "`final_eval.json`.")
+        self.json["reproduce"] = {"command": command, "make": make, "preset": settings.to_json(), "machine": machine.to_json()}
+
+    def _preset_methods(self, name: str) -> list[str] | None:
+        try:
+            from entrorl.lab.presets import get_preset
+
+            return list(get_preset(name).methods)
+        except Exception:  # noqa: BLE001 — a preset that no longer exists: print the methods explicitly
+            return None
+
+    def _wall_seconds(self) -> float:
+        try:
+            start = (self.out / "lab.json").stat().st_mtime
+        except OSError:
+            return math.nan
+        ends = [p.stat().st_mtime for p in [self.out / "base" / "final_eval.json",
+                                            *(self.out / "methods" / n / "final_eval.json" for n in self.ok)] if p.exists()]
+        return max(ends) - start if ends else math.nan
+
+    # ---------------------------------------------------------------- assembly
+    def build(self) -> dict[str, Any]:
+        builders = {"headline": self.headline, "summary": self.summary, "curves": self.curves, "pass-at-k": self.pass_at_k,
+                    "law": self.law, "entropy-change": self.entropy_change, "covariance": self.covariance,
+                    "distributions": self.distributions, "pass-rates": self.pass_rates, "forks": self.forks,
+                    "reproduce": self.reproduce}
+        sections = [self.guarded(Section(anchor, title), builders[anchor]) for anchor, title in SECTIONS]
+        title = f"entrorl laboratory — {self.out.name}"
+        markdown, document = _render_markdown(title, sections), _render_html(title, sections)
+        report = {
+            "schema_version": 1,
+            "run": self.out.name,
+            "preset": self.preset.get("name"),
+            "base_model": self.lab.get("base_model"),
+            "rules": {
+                "entropy_key": ENTROPY_KEY, "reward_key": REWARD_KEY, "fallback_reward_key": FALLBACK_REWARD_KEY,
+                "edge_fraction": EDGE_FRACTION, "collapse_ratio": COLLAPSE_RATIO, "kept_margin": KEPT_MARGIN,
+                "smoothing_window": SMOOTH_WINDOW, "law_fit_fraction": self.fit_fraction, "largest_k": self.k_max,
+                "number_format": "3 significant figures; whole numbers from 100; n/a = missing, — = not applicable",
+            },
+            "methods": {n: {"status": self.runs[n].status, "steps": len(self.runs[n].records), "error": self.runs[n].error,
+                            "reward_key": self.runs[n].reward_key} for n in self.names},
+            **self.json,
+            "figures": dict(self.figures.saved),
+            "figures_note": self.figures.unavailable,
+            "section_errors": dict(self.errors),
+        }
+        report = _json_value(report)
+        _write_text(self.out / "report.md", markdown)
+        _write_text(self.out / "report.html", document)
+        _write_text(self.out / "report.json", json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False))
+        return report
+
+
+def _package_version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001
+        module = sys.modules.get(name)
+        return str(getattr(module, "__version__", NA))
+
+
+def _write_text(path: Path, content: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(content, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def write_report(out: Path | str, *, figures: bool = True) -> dict[str, Any]:
+    """Write ``figures/*.png``, ``report.md``, ``report.html`` (self-contained) and ``report.json`` into the lab
+    run directory ``out``, from its files alone; returns the content of ``report.json``.
+
+    A method without ``final_eval.json`` is listed as failed (with the last line of its ``error.log``) and left
+    out of the comparisons; null (NaN) metrics are skipped wherever a mean, fit or correlation is taken.
+    ``figures=False`` skips drawing (every table and number is still written).
+    """
+    out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"no lab run directory at {out}")
+    return _Report(out, figures=figures).build()

@@ -1,0 +1,317 @@
+"""The laboratory report, on a synthetic run directory: every file is written, the HTML is self-contained, the
+headline and the tables state the numbers of the metrics files (formatted once, identical in Markdown, HTML and
+JSON), the entropy–reward law is recovered, and failed methods and null metrics are handled."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from entrorl.lab.report import SECTIONS, edge_count, edge_means, fmt, moving_average, write_report
+
+A_GRPO, B_GRPO = 0.3, 1.1
+STEPS = 40
+EVAL_N = 16
+KS = [1, 2, 4, 8, 16]
+BINS = np.linspace(-0.4, 0.4, 41)
+FIGURES = ("curves.png", "pass_at_k.png", "law.png", "entropy_change.png", "covariance.png", "sd_distributions.png", "pass_rates.png")
+NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(e[+-]?\d+)?$")
+
+
+def _entropy_curve(name: str) -> np.ndarray:
+    t = np.arange(STEPS, dtype=float)
+    if name == "grpo":  # collapses: 1.2 -> about 0.3
+        return 0.25 + 0.95 * np.exp(-t / 10.0)
+    if name == "clip_cov":  # keeps most of it
+        return 0.9 + 0.3 * np.exp(-t / 15.0)
+    return np.full(STEPS, 1.2)  # nsr: constant, so the law cannot be fitted
+
+
+def _metrics(name: str, rng: np.random.Generator) -> list[dict]:
+    entropy = _entropy_curve(name)
+    a, b = {"grpo": (A_GRPO, B_GRPO), "clip_cov": (0.2, 0.85)}.get(name, (0.0, 0.4))
+    reward = -a * np.exp(entropy) + b + rng.normal(0.0, 0.005, STEPS)
+    records = []
+    for i in range(STEPS):
+        predicted = float(rng.normal(-0.01, 0.005))
+        record = {
+            "step": i + 1,
+            "entropy/mean": float(entropy[i]),
+            "entropy/p10": float(entropy[i] * 0.2), "entropy/p50": float(entropy[i] * 0.8), "entropy/p90": float(entropy[i] * 2),
+            "reward/accuracy": float(reward[i]),
+            "reward/mean": float(reward[i]),
+            "entropy/predicted_delta": predicted,
+            "entropy/measured_delta": 3.0 * predicted + float(rng.normal(0.0, 0.004)),
+            "entropy/delta_token_corr": float(rng.uniform(0.2, 0.6)),
+            "cov/mean": 0.01,
+            "cov/top_0.02pct_ratio": float(rng.uniform(100, 2000)),
+            "cov/top_0.2pct_ratio": float(rng.uniform(50, 300)),
+            "cov/top_2pct_ratio": float(rng.uniform(5, 30)),
+            "cov/top_20pct_ratio": float(rng.uniform(1, 4)),
+            "time/step_s": 0.5,
+        }
+        records.append(record)
+    # null (NaN) values, as the logger writes them
+    records[1]["entropy/mean"] = None
+    records[5]["entropy/measured_delta"] = None
+    records[6]["entropy/delta_token_corr"] = None
+    records[0]["cov/top_0.02pct_ratio"] = None
+    records[-2]["reward/accuracy"] = None
+    return records
+
+
+def _final_eval(rng: np.random.Generator, strength: float, *, train_seconds: float | None) -> dict:
+    rates = np.clip(rng.beta(strength, 1.0, 12), 0, 1)
+    rates[0], rates[1] = 0.0, 1.0
+    rates = np.round(rates * EVAL_N) / EVAL_N
+    pass_at_k = {str(k): float(1 - np.mean((1 - rates) ** k)) for k in KS}
+    counts = lambda: rng.integers(0, 50, len(BINS) - 1).tolist()  # noqa: E731
+    result = {
+        "summary": {"n_problems": 12, "n_samples": EVAL_N, "avg_at_n": float(rates.mean())},
+        "avg_at_n": float(rates.mean()),
+        "pass_at_k": pass_at_k,
+        "pass_rates": rates.tolist(),
+        "entropy_mean": float(rng.uniform(0.2, 1.2)),
+        "response_length_mean": 12.0,
+        "distributions": {"disc/correct": counts(), "disc/wrong": counts(), "disc_centered/correct": counts(), "disc_centered/wrong": counts()},
+        "histogram_bins": BINS.tolist(),
+        "forks": [
+            {"entropy": 2.5, "sample": 0, "position": 3, "token": "|", "before": "3+4+5=\n3+4=", "after": "7\n7+5=12"},
+            {"entropy": 2.25, "sample": 1, "position": 1, "token": "<b>", "before": "a*b_c", "after": "&x"},
+            {"entropy": float("nan"), "sample": 2, "position": 0, "token": "\n", "before": "", "after": "end"},
+        ],
+        "forgetting_accuracy": float(rng.uniform(0.2, 0.5)),
+    }
+    if train_seconds is not None:
+        result["train_seconds"] = train_seconds
+    return result
+
+
+def _write(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def build_run(directory: Path, methods=("grpo", "clip_cov", "nsr", "kl_cov"), failed=("kl_cov",)) -> Path:
+    rng = np.random.default_rng(0)
+    preset = {"name": "quick", "train_task": "sum_chain", "forgetting_task": "countdown", "steps": STEPS, "eval_n": EVAL_N,
+              "law_fit_fraction": 0.2, "methods": list(methods), "workers": 2, "seed": 0, "base": {"hidden_size": 64}}
+    _write(directory / "lab.json", {"preset": preset, "base_model": "base-abc123", "base_model_spec": {"hidden_size": 64},
+                                    "methods": list(methods), "workers": 2})
+    _write(directory / "base" / "final_eval.json", _final_eval(rng, 0.6, train_seconds=None))
+    for index, name in enumerate(methods):
+        run = directory / "methods" / name
+        run.mkdir(parents=True, exist_ok=True)
+        records = _metrics(name, rng)
+        if name in failed:
+            records = records[:3]
+            (run / "error.log").write_text("Traceback (most recent call last):\n  ...\nRuntimeError: synthetic failure <b>\n")
+        else:
+            _write(run / "final_eval.json", _final_eval(rng, 1.0 + index, train_seconds=30.0 + index))
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 99, "entropy/me')
+    return directory
+
+
+@pytest.fixture(scope="module")
+def report_run(tmp_path_factory):
+    out = build_run(tmp_path_factory.mktemp("lab") / "lab-20250101-000000")
+    report = write_report(out)
+    return out, report, (out / "report.md").read_text(encoding="utf-8"), (out / "report.html").read_text(encoding="utf-8")
+
+
+def _tables(node):
+    """Every formatted table in report.json."""
+    if isinstance(node, dict):
+        if "columns" in node and "rows" in node:
+            yield node
+        for value in node.values():
+            yield from _tables(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _tables(value)
+
+
+def _grpo_metric(out: Path, key: str) -> list[float]:
+    records = [json.loads(line) for line in (out / "methods" / "grpo" / "metrics.jsonl").read_text().splitlines()[:STEPS]]
+    return [math.nan if r.get(key) is None else r[key] for r in records]
+
+
+def test_number_format_and_rules():
+    assert fmt(0.416666) == "0.417" and fmt(12.345) == "12.3" and fmt(1234.4) == "1234" and fmt(99.97) == "100"
+    assert fmt(None) == fmt(float("nan")) == fmt(float("inf")) == "n/a"
+    assert fmt(0.05, signed=True) == "+0.05" and fmt(-0.05, signed=True) == "-0.05" and fmt(-0.0) == "0" and fmt(7) == "7"
+    assert fmt(True) == "yes"
+    assert edge_count(40) == 4 and edge_count(30) == 3 and edge_count(5) == 1 and edge_count(12) == 2
+    start, end, n = edge_means([1.0, float("nan"), 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    assert (start, end, n) == (1.0, 10.0, 1)
+    assert moving_average([1.0, 3.0, float("nan"), 5.0], window=2).tolist() == [1.0, 2.0, 3.0, 5.0]
+
+
+def test_every_file_is_written(report_run):
+    out, report, markdown, document = report_run
+    for name in ("report.md", "report.html", "report.json"):
+        assert (out / name).stat().st_size > 0
+    for name in FIGURES:
+        assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"](figures/{name})" in markdown
+    assert json.loads((out / "report.json").read_text()) == report
+    assert report["section_errors"] == {}, report["section_errors"]
+    assert set(report["figures"]) == set(FIGURES)
+
+
+def test_every_section_heading_is_present(report_run):
+    _, _, markdown, document = report_run
+    for anchor, title in SECTIONS:
+        assert f"\n## {title}\n" in markdown, title
+        assert f'<section id="{anchor}"><h2>{html.escape(title)}</h2>' in document, title
+        assert f'href="#{anchor}"' in document
+
+
+def test_html_is_self_contained(report_run):
+    _, _, _, document = report_run
+    links = re.findall(r"""\b(src|href)\s*=\s*["']([^"']*)["']""", document, flags=re.I)
+    assert links
+    for attribute, target in links:
+        if attribute.lower() == "src":
+            assert target.startswith("data:image/png;base64,"), target[:40]
+        else:
+            assert target.startswith("#"), target
+    assert len([1 for a, _ in links if a.lower() == "src"]) == len(FIGURES)
+    for needle in ("<script", "<link", "url(", "@import", "<iframe"):
+        assert needle not in document.lower()
+    # untrusted text (tokens, contexts, errors) is escaped
+    assert "<b>" not in document and "&lt;b&gt;" in document
+
+
+def test_headline_states_grpo_numbers_from_the_metrics(report_run):
+    out, report, markdown, document = report_run
+    entropy = np.array(_grpo_metric(out, "entropy/mean"))
+    reward = np.array(_grpo_metric(out, "reward/accuracy"))
+    n_edge = math.ceil(0.1 * STEPS)  # the documented rule: the first and last 10% of the steps
+    start = float(np.nanmean(entropy[:n_edge]))  # step 2 is null: mean of the finite ones
+    end = float(np.nanmean(entropy[-n_edge:]))
+    reward_start, reward_end = float(np.nanmean(reward[:n_edge])), float(np.nanmean(reward[-n_edge:]))
+    assert start == pytest.approx(np.mean(entropy[[0, 2, 3]]))
+    headline = report["headline"]["paragraphs"][0]
+    for value in (start, end, end / start, reward_start, reward_end):
+        assert f"{value:.3g}" in headline, (value, headline)
+        assert fmt(value) == f"{value:.3g}"
+    assert "first and the last 10%" in headline and f"{n_edge} steps each" in headline
+    assert report["headline"]["collapse"] is True and end <= 0.5 * start
+    assert "holds" in headline and "rose" in headline
+    assert headline.replace("`", "") in markdown.replace("`", "").replace("\\", "")
+    assert html.escape(headline.split("`")[0]) in document
+    numbers = {row["quantity"]: row["value"] for row in report["headline"]["numbers"]["rows"]}
+    assert numbers["GRPO entropy start"] == f"{start:.3g}" and numbers["GRPO entropy end"] == f"{end:.3g}"
+    # the kept-entropy rule: ratio >= 1.25 x GRPO's; clip_cov and nsr keep far more than GRPO
+    assert report["headline"]["kept_methods"] == ["clip_cov", "nsr"]
+    assert "1.25 × GRPO's" in report["headline"]["paragraphs"][1]
+    grpo_pass1 = json.loads((out / "methods" / "grpo" / "final_eval.json").read_text())["pass_at_k"]["1"]
+    assert fmt(grpo_pass1) in report["headline"]["paragraphs"][1]
+
+
+def test_law_fit_recovers_the_synthetic_constants(report_run):
+    _, report, _, _ = report_run
+    fits = report["law"]["fits"]
+    grpo = fits["grpo"]
+    assert grpo["fit"]["a"] == pytest.approx(A_GRPO, abs=0.02)
+    assert grpo["fit"]["b"] == pytest.approx(B_GRPO, abs=0.03)
+    assert grpo["fit"]["r2"] > 0.99
+    assert grpo["forecast"]["fit"]["a"] == pytest.approx(A_GRPO, abs=0.1)
+    assert grpo["forecast"]["n_fit"] == math.ceil(0.2 * grpo["n_points"])
+    assert grpo["ceiling_error"] == pytest.approx(abs(grpo["forecast"]["predicted_ceiling"] - grpo["reached"]))
+    # constant entropy: no fit, n/a with the reason
+    assert "fit" not in fits["nsr"] and "same at all" in fits["nsr"]["fit_error"]
+    row = next(r for r in report["law"]["table"]["rows"] if r["method"] == "nsr")
+    assert row["a"] == "n/a" and "same at all" in row["note"]
+
+
+def test_every_table_number_is_the_same_string_in_markdown_html_and_json(report_run):
+    out, report, markdown, document = report_run
+    summary = report["summary"]
+    assert summary["rows"] and [r["method"] for r in summary["rows"]] == ["base", "grpo", "clip_cov", "nsr", "kl_cov"]
+    for row in summary["rows"]:  # every cell of the summary, text included
+        for column, value in row.items():
+            assert f"| {value} |" in markdown.replace("\\_", "_"), (column, value)
+            assert f">{html.escape(value)}</td>" in document, (column, value)
+    checked = 0
+    for table in _tables(report):  # and every number of every other table
+        for row in table["rows"]:
+            for value in row.values():
+                if NUMBER.match(value):
+                    assert f"| {value} |" in markdown and f">{value}</td>" in document, (table["title"], value)
+                    checked += 1
+    assert checked > 200
+    # the values behind the strings are the ones in the files
+    grpo_eval = json.loads((out / "methods" / "grpo" / "final_eval.json").read_text())
+    base_eval = json.loads((out / "base" / "final_eval.json").read_text())
+    grpo = next(r for r in summary["rows"] if r["method"] == "grpo")
+    assert grpo["Pass@1"] == fmt(grpo_eval["pass_at_k"]["1"]) and grpo["Pass@16"] == fmt(grpo_eval["pass_at_k"]["16"])
+    assert grpo["forgetting Δ"] == fmt(grpo_eval["forgetting_accuracy"] - base_eval["forgetting_accuracy"], signed=True)
+    assert grpo["train time (s)"] == fmt(grpo_eval["train_seconds"])
+    assert any(abs(float(v) - grpo_eval["pass_at_k"]["1"]) < 1e-3 for k, v in grpo.items() if "pass@1" in k.lower())
+    entropy = np.array(_grpo_metric(out, "entropy/mean"))
+    assert grpo["entropy end/start"] == fmt(np.nanmean(entropy[-4:]) / np.nanmean(entropy[:4]))
+    cov = next(r for r in report["covariance"]["rows"] if r["method"] == "grpo")
+    assert cov["top 0.02% mean"] == fmt(np.nanmean(_grpo_metric(out, "cov/top_0.02pct_ratio")))
+    assert cov["top 0.02% step 1"] == "n/a"  # null at step 1
+    rates = next(r for r in report["pass_rates"]["rows"] if r["model"] == "grpo")
+    assert rates["rate 0"] == fmt(np.mean(np.array(grpo_eval["pass_rates"]) == 0))
+
+
+def test_failed_methods_are_listed_not_compared(report_run):
+    _, report, markdown, document = report_run
+    assert report["methods"]["kl_cov"]["status"] == "failed"
+    assert "synthetic failure" in report["methods"]["kl_cov"]["error"]
+    row = next(r for r in report["summary"]["rows"] if r["method"] == "kl_cov")
+    assert row["status"] == "failed" and row["Pass@1"] == "n/a"
+    assert report["failed"]["rows"][0]["method"] == "kl_cov"
+    assert "### Failed methods" in markdown and "kl_cov" in markdown and "synthetic failure" in markdown
+    assert "synthetic failure &lt;b&gt;" in document
+    assert "kl_cov" not in report["law"]["fits"]
+    assert all(r["method"] != "kl_cov" for r in report["curves"]["rows"])
+
+
+def test_forks_are_escaped_in_context(report_run):
+    _, report, markdown, document = report_run
+    rows = report["forks"]["grpo"]["rows"]
+    assert rows[0]["token"] == repr("|") and rows[0]["context"] == "…3+4+5=↵3+4=⟦|⟧7↵7+5=12…"
+    assert rows[2]["entropy"] == "n/a"
+    assert "…3+4+5=↵3+4=⟦\\|⟧7↵7+5=12…" in markdown
+    assert "⟦&lt;b&gt;⟧&amp;x" in document
+
+
+def test_reproduce_section(report_run):
+    _, report, markdown, _ = report_run
+    reproduce = report["reproduce"]
+    assert reproduce["command"] == "entrorl lab --preset quick --methods grpo,clip_cov,nsr,kl_cov"
+    assert "`entrorl lab --preset quick --methods grpo,clip_cov,nsr,kl_cov`" in markdown
+    items = {row["item"]: row["value"] for row in reproduce["machine"]["rows"]}
+    assert items["torch"] and items["CPU count"] != "n/a"
+    assert items["train + eval time summed over methods (s)"] == fmt(30.0 + 31.0 + 32.0)
+
+
+def test_without_grpo_the_headline_says_so(tmp_path):
+    out = build_run(tmp_path / "lab-no-grpo", methods=("clip_cov", "nsr"), failed=())
+    report = write_report(out, figures=False)
+    assert report["section_errors"] == {} and report["figures"] == {} and not (out / "figures").exists()
+    assert report["headline"]["skipped"] == "grpo not in the run"
+    assert "GRPO is not in this run" in (out / "report.md").read_text()
+
+
+def test_failed_grpo_and_an_empty_run(tmp_path):
+    out = build_run(tmp_path / "lab-grpo-failed", methods=("grpo", "nsr"), failed=("grpo",))
+    report = write_report(out, figures=False)
+    assert report["section_errors"] == {} and report["headline"]["skipped"] == "grpo failed"
+    empty = tmp_path / "lab-empty"
+    _write(empty / "lab.json", {"preset": {"name": "quick"}, "methods": ["grpo"]})
+    report = write_report(empty)  # no base evaluation, no method output at all: nothing to plot, no crash
+    assert report["section_errors"] == {}
+    assert report["methods"]["grpo"]["status"] == "missing"
+    assert (empty / "report.html").exists()

@@ -1,0 +1,483 @@
+"""The entropy laboratory's built-in tasks: generation, held-out splits, demonstrations and verifiers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from entrorl.data.records import PromptRecord
+from entrorl.lab.tasks import (
+    TASKS,
+    CountdownTask,
+    SumChainTask,
+    Task,
+    TaskExample,
+    available_tasks,
+    get_task,
+    sft_corpus,
+)
+from entrorl.lab.tiny_model import DEFAULT_ALPHABET
+
+NAMES = ["sum_chain", "countdown", "rg_arithmetic"]
+SEEDS = [0, 1, 2, 7, 123]
+MAX_PROMPT, MAX_COMPLETION = 40, 60
+FORMAT = re.compile(r"(?:\S+ )*#\S+")  # steps separated by single spaces, then "#<answer>"
+
+
+def _examples(name: str, n: int = 40, seed: int = 0, split: str = "train") -> list[TaskExample]:
+    return get_task(name).examples(n, seed=seed, split=split)
+
+
+def _score(task: Task, example: TaskExample, completion) -> float:
+    return task.score(example.prompt, completion, example.answer, **example.meta)
+
+
+# --------------------------------------------------------------------------------------------
+# registry and arguments
+# --------------------------------------------------------------------------------------------
+
+
+def test_registry_and_get_task():
+    assert sorted(TASKS) == sorted(NAMES) == available_tasks()
+    for name in NAMES:
+        task = get_task(name)
+        assert isinstance(task, Task) and task.name == name and task.description
+        assert task is TASKS[name]
+    with pytest.raises(ValueError, match="unknown lab task 'nope'.*countdown.*rg_arithmetic.*sum_chain"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="unknown lab task"):
+        get_task(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_examples_arguments(name):
+    task = get_task(name)
+    assert task.examples(0, seed=0, split="train") == []
+    with pytest.raises(ValueError, match="split"):
+        task.examples(3, seed=0, split="test")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n must be"):
+        task.examples(-1, seed=0, split="train")
+    with pytest.raises(ValueError, match="seed"):
+        task.examples(3, seed="0", split="train")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# demonstrations and verifiers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_demonstrations_score_one(name):
+    task = get_task(name)
+    rng = random.Random(0)
+    for seed in SEEDS:
+        for split in ("train", "eval"):
+            for example in task.examples(30, seed=seed, split=split):
+                for _ in range(3):
+                    demo = task.demonstration(example, rng)
+                    assert demo.endswith(f"#{example.answer}"), (example.prompt, demo)
+                    assert _score(task, example, demo) == 1.0, (example.prompt, demo)
+                    assert task(example.prompt, demo, example.answer, **example.meta) == 1.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_wrong_demonstrations_score_zero(name):
+    task = get_task(name)
+    rng = random.Random(1)
+    for seed in SEEDS:
+        for example in task.examples(30, seed=seed, split="train"):
+            for _ in range(4):
+                wrong = task.wrong_demonstration(example, rng)
+                assert FORMAT.fullmatch(wrong), wrong
+                assert _score(task, example, wrong) == 0.0, (example.prompt, wrong)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_format_alphabet_and_lengths(name):
+    task = get_task(name)
+    alphabet = set(DEFAULT_ALPHABET)
+    rng = random.Random(2)
+    for split in ("train", "eval"):
+        for example in task.examples(200, seed=5, split=split):
+            assert 0 < len(example.prompt) <= MAX_PROMPT and set(example.prompt) <= alphabet, example.prompt
+            assert example.prompt.endswith("=") and "#" not in example.prompt
+            assert isinstance(example.answer, str) and example.answer
+            json.dumps(example.meta)  # JSON-able
+            for completion in (task.demonstration(example, rng), task.wrong_demonstration(example, rng)):
+                assert 0 < len(completion) <= MAX_COMPLETION, completion
+                assert set(completion) <= alphabet, completion
+                assert FORMAT.fullmatch(completion), completion
+                assert completion.count("#") == 1
+
+
+GARBAGE = [
+    "",
+    " ",
+    "#",
+    "##",
+    "# ",
+    "abc",
+    "#abc",
+    "#-",
+    "#+",
+    "\n#\n",
+    "=== ### ===",
+    "7+3=10 10+5",
+    "<eos><pad>",
+    "#" * 200,
+    "\x00\x01",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_garbage_and_truncated_completions_score_zero(name):
+    task = get_task(name)
+    rng = random.Random(3)
+    for example in task.examples(25, seed=11, split="train"):
+        for garbage in [*GARBAGE, None, 17, b"#1"]:
+            assert _score(task, example, garbage) == 0.0, (example.prompt, garbage)
+        demo = task.demonstration(example, rng)
+        for cut in range(len(demo)):  # every strict prefix misses (part of) the final answer
+            assert _score(task, example, demo[:cut]) == 0.0, (example.prompt, demo[:cut])
+        assert _score(task, example, demo + " #") == 0.0
+        # an answer that merely contains the reference: reasoning-gym gives partial credit, the others 0
+        for padded in (demo + "0", f"#{example.answer}.5", "#" + "9" * 30):
+            assert _score(task, example, padded) < 1.0
+            if name != "rg_arithmetic":
+                assert _score(task, example, padded) == 0.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_score_after_json_round_trip_of_meta(name):
+    task = get_task(name)
+    rng = random.Random(4)
+    for record in task.records(20, seed=3, split="eval"):
+        meta = json.loads(json.dumps(record.meta))
+        example = TaskExample(record.prompt, record.answer, record.meta)
+        demo = task.demonstration(example, rng)
+        assert task.score(record.prompt, demo, record.answer, **meta) == 1.0
+        assert task.score(record.prompt, task.wrong_demonstration(example, rng), record.answer, **meta) == 0.0
+
+
+def test_sum_chain_scores_the_final_answer_only():
+    task = get_task("sum_chain")
+    meta = {"terms": [7, 3, 5, 2]}
+    assert task.score("7+3+5+2=", "7+3=10 10+5=15 15+2=17 #17", "17", **meta) == 1.0
+    assert task.score("7+3+5+2=", "#17", "17", **meta) == 1.0
+    assert task.score("7+3+5+2=", "7+3=10 10+5=15 15+2=17 # 17 ", "17", **meta) == 1.0
+    assert task.score("7+3+5+2=", "7+3=10 10+5=15 15+2=17 #18", "17", **meta) == 0.0
+    assert task.score("7+3+5+2=", "#17 #16", "17", **meta) == 0.0  # the last '#' counts
+    assert task.score("7+3+5+2=", "#16 #17", "17", **meta) == 1.0
+    # the problem is read from the prompt when meta lacks the terms, and from the answer as a last resort
+    assert task.score("7+3+5+2=", "#17", None) == 1.0
+    assert task.score("what?", "#17", "17") == 1.0
+    with pytest.raises(ValueError, match="cannot tell the problem"):
+        task.score("what?", "#17", None)
+
+
+def test_sum_chain_wrong_demonstration_is_a_small_propagated_slip():
+    task = get_task("sum_chain")
+    rng = random.Random(5)
+    for example in task.examples(100, seed=2, split="train"):
+        wrong = task.wrong_demonstration(example, rng)
+        final = int(wrong.rsplit("#", 1)[1])
+        assert final - int(example.answer) in (-2, -1, 1, 2), (example.prompt, wrong)
+        steps = wrong.rsplit("#", 1)[0].split()
+        assert len(steps) == len(example.meta["terms"]) - 1
+
+
+# --------------------------------------------------------------------------------------------
+# countdown's strict derivation check
+# --------------------------------------------------------------------------------------------
+
+COUNTDOWN_META = {"numbers": [3, 5, 7], "target": 22}
+COUNTDOWN_CASES = [
+    # valid derivations (several solutions, either operand order, robust whitespace)
+    ("3*5=15 15+7=22 #22", 1.0),
+    ("5*3=15 7+15=22 #22", 1.0),
+    ("3*5=15  15+7=22  # 22", 1.0),
+    ("7+3=10 5*10=50 50-28=22 #22", 0.0),  # 28 is not available
+    # correct final answer with bogus or missing steps
+    ("7+15=22 #22", 0.0),  # 15 is not given
+    ("#22", 0.0),
+    ("hello #22", 0.0),
+    ("3+5=8 8+7=22 #22", 0.0),  # wrong arithmetic claiming the target
+    ("3*5=15 15+7=22 22*1=22 #22", 0.0),  # 1 is not available
+    ("15+7=22 3*5=15 #22", 0.0),  # uses a result before it exists
+    ("3*5=15 15+7=22 22-7=15 #22", 0.0),  # reuses 7, does not end at the target
+    ("3*5=15 15+7=22 #21", 0.0),  # final answer wrong
+    ("3*5=15 15+7=22", 0.0),  # no final answer
+    ("3*5=15 15+7=22 #22 #22", 0.0),  # '#22' is not a step
+    # reuse of a number / unused number
+    ("5*5=25 25-3=22 #22", 0.0),
+    ("3*5=15 #15", 0.0),
+    ("3*5=15 15+5=20 20+2=22 #22", 0.0),
+    # wrong arithmetic that propagates
+    ("3*5=16 16+7=23 #23", 0.0),
+    ("3*5=16 16+7=22 #22", 0.0),
+    # operators and formats outside the grammar
+    ("3x5=15 15+7=22 #22", 0.0),
+    ("3*5=15 15+7=22.0 #22", 0.0),
+    ("(3*5)+7=22 #22", 0.0),
+    ("3*5=15,15+7=22 #22", 0.0),
+]
+
+
+@pytest.mark.parametrize(("completion", "expected"), COUNTDOWN_CASES)
+def test_countdown_derivations(completion, expected):
+    task = get_task("countdown")
+    assert task.score("3 5 7>22=", completion, "22", **COUNTDOWN_META) == expected
+    assert task.score("3 5 7>22=", completion, "22") == expected  # the problem read from the prompt
+
+
+def test_countdown_positive_intermediates_and_problem_errors():
+    task = get_task("countdown")
+    assert task.score("5 5 2>2=", "5-5=0 0+2=2 #2", "2") == 0.0  # zero intermediate
+    assert task.score("5 5 2>2=", "5-2=3 3-5=2 #2", "2") == 0.0  # 3-5 is not 2 (nor positive)
+    assert task.score("5 5 2>2=", "5+5=10 10/2=5 #5", "5") == 0.0  # no division
+    with pytest.raises(ValueError, match="cannot tell the problem"):
+        task.score("garbage", "#22", "22")
+
+
+def test_countdown_problems_are_solvable_and_prefer_several_solutions():
+    task = get_task("countdown")
+    examples = task.examples(400, seed=0, split="train")
+    for example in examples:
+        numbers, target = example.meta["numbers"], example.meta["target"]
+        assert len(numbers) == 3 and example.answer == str(target) and example.meta["solutions"] >= 1
+        assert sum(1 for x in numbers if x > 9) <= 1 and all(1 <= x <= 25 for x in numbers)
+        assert 1 <= target <= task.max_target
+        assert example.prompt == " ".join(map(str, numbers)) + f">{target}="
+    several = sum(example.meta["solutions"] >= 2 for example in examples) / len(examples)
+    assert several > 0.5
+    assert any(max(e.meta["numbers"]) > 9 for e in examples) and any(max(e.meta["numbers"]) <= 9 for e in examples)
+
+
+def test_countdown_check_derivation_directly():
+    assert CountdownTask.check_derivation([2, 2, 9], 36, "2*2=4 4*9=36 #36")
+    assert CountdownTask.check_derivation([2, 2, 9], 36, "9*2=18 18*2=36 #36")
+    assert not CountdownTask.check_derivation([2, 2, 9], 36, "9*2=18 18+18=36 #36")
+
+
+# --------------------------------------------------------------------------------------------
+# determinism, splits, diversity
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_examples_are_deterministic(name):
+    task = get_task(name)
+    a = task.examples(60, seed=4, split="train")
+    assert a == task.examples(60, seed=4, split="train")
+    assert a[:25] == task.examples(25, seed=4, split="train")  # a prefix of a longer call
+    assert [e.prompt for e in a] != [e.prompt for e in task.examples(60, seed=5, split="train")]
+    assert len({e.prompt for e in a}) == len(a)  # no repeats within a call
+    if name != "sum_chain":  # (a sum chain's prompts are orderings of its canonical multiset)
+        assert len({task.canonical(e) for e in a}) == len(a)
+    example = a[0]
+    assert task.demonstration(example, random.Random(9)) == task.demonstration(example, random.Random(9))
+    assert task.wrong_demonstration(example, random.Random(9)) == task.wrong_demonstration(example, random.Random(9))
+
+
+def test_examples_are_deterministic_across_processes():
+    script = (
+        "import json\n"
+        "from entrorl.lab.tasks import get_task, sft_corpus\n"
+        "out = {n: [e.prompt for e in get_task(n).examples(20, seed=3, split='eval')] "
+        "for n in ('sum_chain', 'countdown', 'rg_arithmetic')}\n"
+        "out['sft'] = sft_corpus('countdown', 5, seed=1)\n"
+        "print(json.dumps(out))\n"
+    )
+    # another process with another string-hash seed than this one's (random unless set)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "0" if os.environ.get("PYTHONHASHSEED") != "0" else "1"},
+    )
+    there = json.loads(done.stdout)
+    here = {n: [e.prompt for e in get_task(n).examples(20, seed=3, split="eval")] for n in NAMES}
+    assert {n: there[n] for n in NAMES} == here
+    assert [tuple(pair) for pair in there["sft"]] == sft_corpus("countdown", 5, seed=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_and_eval_are_disjoint(name):
+    task = get_task(name)
+    train, held_out = set(), set()
+    for seed in range(4):
+        for example in task.examples(300, seed=seed, split="train"):
+            assert task.split_of(task.canonical(example)) == "train"
+            train.add(task.canonical(example))
+        for example in task.examples(150, seed=seed, split="eval"):
+            assert task.split_of(task.canonical(example)) == "eval"
+            held_out.add(task.canonical(example))
+    assert train and held_out and not train & held_out
+
+
+def test_sum_chain_canonical_problem_ignores_term_order():
+    task = get_task("sum_chain")
+    a = TaskExample("7+3+5+2=", "17", {"terms": [7, 3, 5, 2], "problem": "2+3+5+7"})
+    assert task.canonical(a) == "2+3+5+7"
+    for example in task.examples(100, seed=0, split="eval"):
+        assert task.canonical(example) == "+".join(map(str, sorted(example.meta["terms"])))
+    # every reordering of an eval problem is also eval: no train prompt is a shuffled eval problem
+    train_prompts = {e.prompt for e in task.examples(5000, seed=0, split="train")}
+    for example in task.examples(200, seed=0, split="eval"):
+        assert example.prompt not in train_prompts
+
+
+@pytest.mark.parametrize("task", [CountdownTask(), SumChainTask(min_terms=3, max_terms=3)])
+def test_split_is_drawn_without_repetition_until_exhausted(task):
+    size = task.num_problems("eval")
+    assert size and size < task.num_problems("train")
+    everything = task.examples(size + 10, seed=0, split="eval")
+    key = task.canonical if isinstance(task, CountdownTask) else (lambda e: e.prompt)
+    assert len({key(e) for e in everything[:size]}) == size
+    assert len({key(e) for e in everything}) == size  # then the pool refills
+
+
+def test_sum_chain_term_counts_and_diversity():
+    task = get_task("sum_chain")
+    examples = task.examples(600, seed=0, split="train")
+    counts = {k: sum(len(e.meta["terms"]) == k for e in examples) for k in (3, 4, 5)}
+    assert counts[5] == 0 and all(250 <= counts[k] <= 350 for k in (3, 4)), counts  # the lab's default: 3-4 terms
+    wide = SumChainTask(max_terms=5).examples(600, seed=0, split="train")
+    counts = {k: sum(len(e.meta["terms"]) == k for e in wide) for k in (3, 4, 5)}
+    assert all(150 <= c <= 250 for c in counts.values()), counts
+    assert all(1 <= t <= 9 for e in examples for t in e.meta["terms"])
+    four = TaskExample("7+3+5+2=", "17", {"terms": [7, 3, 5, 2], "problem": "2+3+5+7"})
+    rng = random.Random(0)
+    demos = [task.demonstration(four, rng) for _ in range(50)]
+    assert len(set(demos)) >= 5
+    assert len({d.split()[0] for d in demos}) >= 3  # a real fork at the very first step
+    assert all(task.score(four.prompt, d, "17", **four.meta) == 1.0 for d in demos)
+
+
+def test_countdown_demonstrations_cover_several_solutions():
+    task = get_task("countdown")
+    rng = random.Random(0)
+    multi = [e for e in task.examples(200, seed=1, split="train") if e.meta["solutions"] >= 2]
+    assert multi
+    for example in multi[:30]:
+        demos = {task.demonstration(example, rng) for _ in range(40)}
+        assert len(demos) >= 2, example.prompt
+
+
+# --------------------------------------------------------------------------------------------
+# reasoning-gym
+# --------------------------------------------------------------------------------------------
+
+
+def test_rg_arithmetic_uses_reasoning_gyms_verifier(monkeypatch):
+    from reasoning_gym.arithmetic.basic_arithmetic import BasicArithmeticDataset
+
+    task = get_task("rg_arithmetic")
+    example = task.examples(1, seed=0, split="train")[0]
+    assert example.meta["entry"]["answer"] == example.answer
+    assert example.prompt == example.meta["entry"]["metadata"]["expression"] + "="
+
+    calls = []
+    original = BasicArithmeticDataset.score_answer
+
+    def spy(self, answer, entry):
+        calls.append((answer, entry["answer"]))
+        return original(self, answer, entry)
+
+    monkeypatch.setattr(BasicArithmeticDataset, "score_answer", spy)
+    assert _score(task, example, f"#{example.answer}") == 1.0
+    assert calls == [(example.answer, example.answer)]
+
+    # reasoning-gym gives partial credit to an answer containing the reference: exact match would not
+    padded = f"9{example.answer}"
+    assert _score(task, example, f"#{padded}") == pytest.approx(len(example.answer) / len(padded))
+    assert 0.0 < _score(task, example, f"#{padded}") < 1.0
+
+    # what reasoning-gym says goes, whatever the answer
+    monkeypatch.setattr(BasicArithmeticDataset, "score_answer", lambda self, answer, entry: 0.25)
+    assert _score(task, example, "#anything") == 0.25
+    assert _score(task, example, "no marker") == 0.0  # nothing to hand to the verifier
+
+    def boom(self, answer, entry):
+        raise RuntimeError("verifier failure")
+
+    monkeypatch.setattr(BasicArithmeticDataset, "score_answer", boom)
+    assert _score(task, example, f"#{example.answer}") == 0.0
+
+
+def test_rg_arithmetic_problems_are_short_and_stepwise():
+    task = get_task("rg_arithmetic")
+    rng = random.Random(0)
+    for example in task.examples(300, seed=2, split="train"):
+        entry = example.meta["entry"]
+        assert entry["metadata"]["source_dataset"] == "basic_arithmetic"
+        assert entry["metadata"]["num_terms"] in (2, 3)
+        demo = task.demonstration(example, rng)
+        steps = demo.rsplit("#", 1)[0].split()
+        # one step per operation: the local evaluator agrees with reasoning-gym's answer
+        assert len(steps) == entry["metadata"]["num_terms"] - 1, (example.prompt, demo)
+    # answers without the meta entry: the reference answer alone is enough for basic_arithmetic
+    assert task.score("2*3=", "#6", "6") == 1.0
+    with pytest.raises(ValueError, match="entry"):
+        task.score("2*3=", "#6", None)
+
+
+# --------------------------------------------------------------------------------------------
+# records and the pretraining corpus
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_records(name):
+    task = get_task(name)
+    examples = task.examples(5, seed=8, split="eval")
+    records = task.records(5, seed=8, split="eval")
+    assert len(records) == 5
+    for i, (record, example) in enumerate(zip(records, examples)):
+        assert isinstance(record, PromptRecord)
+        assert record.prompt == example.prompt and record.answer == example.answer
+        assert record.meta == {**example.meta, "task": name}
+        assert record.source == f"{name}:eval:{i}"
+        json.dumps(record.meta)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sft_corpus(name):
+    task = get_task(name)
+    pairs = sft_corpus(task, 60, seed=0, wrong_fraction=0.3, demos_per_problem=2)
+    assert pairs == sft_corpus(name, 60, seed=0, wrong_fraction=0.3, demos_per_problem=2)
+    examples = {e.prompt: e for e in task.examples(60, seed=0, split="train")}
+    assert {prompt for prompt, _ in pairs} == set(examples)
+    scores = [_score(task, examples[prompt], completion) for prompt, completion in pairs]
+    correct, wrong = scores.count(1.0), scores.count(0.0)
+    assert correct == 120 and correct + wrong == len(pairs)
+    assert 5 <= wrong <= 35
+    per_problem = {}
+    for prompt, completion in pairs:
+        if _score(task, examples[prompt], completion) == 1.0:
+            per_problem.setdefault(prompt, []).append(completion)
+    if name != "rg_arithmetic":  # sum chains and countdowns mostly have several solutions
+        assert sum(len(set(c)) == 2 for c in per_problem.values()) >= 30
+    other = {e.prompt: e for e in task.examples(20, seed=1, split="train")}
+    clean = sft_corpus(task, 20, seed=1, wrong_fraction=0.0)
+    assert len(clean) == 40 and all(_score(task, other[p], c) == 1.0 for p, c in clean)
+    assert len(sft_corpus(task, 20, seed=1, wrong_fraction=1.0, demos_per_problem=1)) == 40
+
+
+def test_sft_corpus_arguments():
+    with pytest.raises(ValueError, match="wrong_fraction"):
+        sft_corpus("sum_chain", 3, seed=0, wrong_fraction=1.5)
+    with pytest.raises(ValueError, match="demos_per_problem"):
+        sft_corpus("sum_chain", 3, seed=0, demos_per_problem=-1)
+    with pytest.raises(ValueError, match="unknown lab task"):
+        sft_corpus("nope", 3, seed=0)
+    with pytest.raises(ValueError, match="task must be"):
+        sft_corpus(3, 3, seed=0)  # type: ignore[arg-type]
+    assert sft_corpus("sum_chain", 0, seed=0) == []
