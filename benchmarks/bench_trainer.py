@@ -25,9 +25,11 @@ Timing: ``--warmup`` steps are run and discarded, then ``--steps`` steps are tim
 clock from the end of one step to the end of the next: for TRL the interval between ``on_step_end`` callbacks
 (data loading, generation, rewards, the update, the optimizer step, TRL's metric logging); for entrorl the
 time of ``train_step()`` plus writing its metrics line (what ``Trainer.train`` does per step, minus
-checkpoints and evaluation). steps/s is timed steps over their total time; completion tokens/s counts every
-generated completion token (up to and including EOS) in the timed steps. ``--rounds`` repeats every arm
-(interleaved, in fresh processes); the table shows the median round.
+checkpoints and evaluation). steps/s is one over the median step time and completion tokens/s the median of
+(completion tokens of a step / its time), over the timed steps of every round; a completion token is every
+generated token up to and including EOS. Medians, because on a shared machine a burst of other work can slow
+a few steps by half; the table also shows steps/s on mean step times and per round. ``--rounds`` repeats
+every arm, interleaved, each time in a fresh process.
 
 Phases: entrorl reports ``time/generate_s`` (sampling, decoding, rewards, advantages), ``time/update_s``
 (scoring forward, loss, backward, optimizer step) and ``time/diagnostics_s`` (the post-update forward when on,
@@ -35,8 +37,10 @@ and the entropy / covariance / S-D summaries). For TRL the "generate" phase is
 ``_generate_and_score_completions`` (generation, decoding, rewards, advantages; timed by a subclass that only
 wraps it) and "update" is the rest of the step.
 
-Diagnostics overhead: ``steps/s(entrorl-nodiag) / steps/s(entrorl) - 1``, i.e. what the post-update forward
-adds to a step, measured side by side; the table also gives the whole diagnostics phase's share of the step.
+Diagnostics overhead, two ways: arm against arm, ``median step(entrorl) / median step(entrorl-nodiag) - 1``
+(what the post-update forward adds); and within each step of the ``entrorl`` arm, the diagnostics phase over
+the rest of the same step (the post-update forward and every summary statistic; immune to slow periods that
+hit one arm and not the other).
 
 Run ``python benchmarks/bench_trainer.py --help`` for the options; ``--quick`` is a smoke test that finishes in
 well under a minute.
@@ -391,10 +395,25 @@ def _spawn(spec: dict, timeout: float) -> dict:
     return {"ok": False, "error": f"worker exited with status {process.returncode} without a result:\n{tail}"}
 
 
-def _median_round(results: list[dict]) -> dict:
-    """The round whose steps/s is the median (the lower middle one for an even count)."""
-    ordered = sorted(results, key=lambda r: r["steps_per_s"])
-    return ordered[(len(ordered) - 1) // 2]
+def _pooled(runs: list[dict], warmup: int) -> dict:
+    """Statistics over the timed steps of every round of one arm. Medians, so that bursts of interference
+    from the rest of the machine (other processes, a virtual machine's neighbours) do not decide the figure."""
+    steps = [record for run in runs for record in run["records"][warmup:]]
+    total = sum(r["step_s"] for r in steps)
+    pooled = {
+        "steps": len(steps),
+        "steps_per_s": 1.0 / statistics.median(r["step_s"] for r in steps),
+        "steps_per_s_mean": len(steps) / total,
+        "tokens_per_s": statistics.median(r["tokens"] / r["step_s"] for r in steps),
+        "mean_completion_length": sum(r["tokens"] for r in steps) / sum(r["rows"] for r in steps),
+        "rounds": [run["steps_per_s"] for run in runs],
+    }
+    for phase in ("generate_s", "update_s", "diagnostics_s"):
+        values = [r[phase] for r in steps if r.get(phase) is not None]
+        pooled[phase] = statistics.median(values) if values else None
+    diagnostics = [r["diagnostics_s"] / (r["step_s"] - r["diagnostics_s"]) for r in steps if r.get("diagnostics_s") is not None]
+    pooled["diagnostics_share"] = statistics.median(diagnostics) if diagnostics else None
+    return pooled
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -424,8 +443,8 @@ def report(results: dict[str, list[dict]], args, machine: dict) -> str:
         f"({args.num_kv_heads} KV), character vocabulary of {args.vocab_size}; "
         f"{args.prompts_per_step} prompts x {args.group_size} completions = {rows_per_step} rows per step, "
         f"max {args.max_new_tokens} completion tokens, temperature 1.0, lr {args.lr:g}, "
-        f"{args.threads} torch thread(s); {args.warmup} warm-up + {args.steps} timed steps, "
-        f"median of {args.rounds} round(s)"
+        f"{args.threads} torch thread(s); {args.warmup} warm-up + {args.steps} timed steps per arm in each of "
+        f"{args.rounds} round(s); figures are medians over all timed steps"
     )
     out.append(
         f"machine: {machine['cpu']}, {machine['cpus']} CPUs, {machine.get('ram_gib', '?')} GiB RAM; python "
@@ -433,37 +452,41 @@ def report(results: dict[str, list[dict]], args, machine: dict) -> str:
     )
     out.append("")
     header = ["arm", "steps/s", "s/step", "completion tok/s", "mean completion len", "generate s", "update s",
-              "diagnostics s", "rounds (steps/s)"]
+              "diagnostics s", "steps/s (mean)", "rounds (steps/s)"]
     table_rows = []
     chosen = {}
     for arm in ARMS:
         runs = results.get(arm)
         if not runs:
             continue
-        median = chosen[arm] = _median_round(runs)
+        pooled = chosen[arm] = _pooled(runs, args.warmup)
         table_rows.append([
-            arm, _fmt(median["steps_per_s"], 2), _fmt(1.0 / median["steps_per_s"], 3), _fmt(median["tokens_per_s"], 0),
-            _fmt(median["mean_completion_length"], 1), _fmt(median["generate_s"], 3), _fmt(median["update_s"], 3),
-            _fmt(median["diagnostics_s"], 3), ", ".join(_fmt(r["steps_per_s"], 2) for r in runs),
+            arm, _fmt(pooled["steps_per_s"], 2), _fmt(1.0 / pooled["steps_per_s"], 3), _fmt(pooled["tokens_per_s"], 0),
+            _fmt(pooled["mean_completion_length"], 1), _fmt(pooled["generate_s"], 3), _fmt(pooled["update_s"], 3),
+            _fmt(pooled["diagnostics_s"], 3), _fmt(pooled["steps_per_s_mean"], 2),
+            ", ".join(_fmt(value, 2) for value in pooled["rounds"]),
         ])
     out.append(_table(table_rows, header, args.markdown))
     out.append("")
     bullet = "- " if args.markdown else ""
-    if "entrorl" in chosen and "trl" in chosen:
+    if "trl" in chosen:
         for arm in ("entrorl", "entrorl-nodiag"):
             if arm not in chosen:
                 continue
             steps = chosen[arm]["steps_per_s"] / chosen["trl"]["steps_per_s"]
             tokens = chosen[arm]["tokens_per_s"] / chosen["trl"]["tokens_per_s"]
-            out.append(f"{bullet}{arm} / trl: {steps:.2f}x steps/s, {tokens:.2f}x completion tokens/s "
-                       f"(goal >= 2x: {'met' if steps >= 2.0 else 'NOT met'})")
+            mean = chosen[arm]["steps_per_s_mean"] / chosen["trl"]["steps_per_s_mean"]
+            out.append(f"{bullet}{arm} / trl: {steps:.2f}x steps/s ({mean:.2f}x on mean step times), {tokens:.2f}x "
+                       f"completion tokens/s (goal >= 2x: {'met' if steps >= 2.0 else 'NOT met'})")
     if "entrorl" in chosen and "entrorl-nodiag" in chosen:
         on, off = chosen["entrorl"], chosen["entrorl-nodiag"]
         overhead = off["steps_per_s"] / on["steps_per_s"] - 1.0
-        share = on["diagnostics_s"] / (1.0 / on["steps_per_s"])
-        out.append(f"{bullet}diagnostics overhead (measure_entropy_change on vs off): {100 * overhead:+.1f}% step time "
-                   f"(goal < 10%: {'met' if overhead < 0.10 else 'NOT met'}); the whole diagnostics phase is "
-                   f"{100 * share:.1f}% of an entrorl step")
+        out.append(f"{bullet}diagnostics overhead, arm against arm (measure_entropy_change on vs off, median step times): "
+                   f"{100 * overhead:+.1f}% (goal < 10%: {'met' if overhead < 0.10 else 'NOT met'})")
+    if "entrorl" in chosen:
+        share = chosen["entrorl"]["diagnostics_share"]
+        out.append(f"{bullet}diagnostics overhead, within each step (diagnostics phase / rest of the same step, median "
+                   f"over steps): {100 * share:+.1f}% (goal < 10%: {'met' if share < 0.10 else 'NOT met'})")
     return "\n".join(out)
 
 

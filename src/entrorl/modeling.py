@@ -52,7 +52,9 @@ def load_tokenizer(path: str | Path):
 def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout: bool = True, trust_remote_code: bool = False):
     """``AutoModelForCausalLM`` from a local directory (never the hub), optionally with dropout off."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # weight loading and checkpoint writes print a bar per tiny file otherwise
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
     path = _check_model_dir(path)

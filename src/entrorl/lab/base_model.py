@@ -133,13 +133,11 @@ def build_base_model(spec: BaseModelSpec, *, cache_dir: Path | None = None, rebu
     temporary = root / f".base-{spec.key()}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
-    threads = torch.get_num_threads()
     try:
         info = _train(spec, temporary, progress=progress)
         (temporary / "base.json").write_text(json.dumps(info, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
     finally:
-        torch.set_num_threads(threads)
         shutil.rmtree(temporary, ignore_errors=True)
     return final

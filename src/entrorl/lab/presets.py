@@ -27,15 +27,15 @@ class LabPreset(BaseModel):
     train_task: str = "sum_chain"
     forgetting_task: str = "rg_arithmetic"
     train_problems: int = 2000
-    eval_problems: int = 48
-    forgetting_problems: int = 48
+    eval_problems: int = 40
+    forgetting_problems: int = 40
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
-    steps: int = 100
+    steps: int = 150
     prompts_per_step: int = 8
     group_size: int = 8
     max_new_tokens: int = 40
     temperature: float = 1.0
-    lr: float = 2e-3
+    lr: float = 2e-4
     mini_batches: int = 2
     checkpoint_every: int = 20
     eval_n: int = 64
@@ -54,8 +54,8 @@ PRESETS = {
     "default": LabPreset(name="default"),
     "quick": LabPreset(
         name="quick",
-        base=BaseModelSpec(problems_per_task=600, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, steps=300,
-                           batch_size=32, lr=5e-3),
+        base=BaseModelSpec(tasks=("sum_chain", "rg_arithmetic"), problems_per_task=600, wrong_fraction=0.2, hidden_size=64,
+                           num_layers=2, num_heads=4, num_kv_heads=2, steps=400, batch_size=32, lr=5e-3),
         train_problems=400,
         eval_problems=12,
         forgetting_problems=12,
@@ -63,7 +63,7 @@ PRESETS = {
         prompts_per_step=4,
         group_size=4,
         max_new_tokens=32,
-        lr=5e-3,
+        lr=2e-4,
         checkpoint_every=6,
         eval_n=16,
         forgetting_n=4,

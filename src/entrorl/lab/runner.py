@@ -196,6 +196,9 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | None = None, o
     out = Path(out) if out is not None else Path("runs") / f"lab-{datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or preset.workers
+    # one thread per process: tiny matrices gain nothing from more, and two busy processes on two cores each
+    # spinning two threads slow every small operation down by orders of magnitude
+    torch.set_num_threads(1)
     progress = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[status]}"), console=console)
     with progress:
