@@ -388,6 +388,10 @@ def _check_worker(spec: dict) -> dict:
 
 def _worker_main(payload: str) -> None:
     spec = json.loads(payload)
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(spec["threads"]))
     if spec["mode"] == "info":
         result = _availability()
     elif spec["mode"] == "check":
@@ -403,12 +407,15 @@ def _worker_main(payload: str) -> None:
 
 
 def _spawn(spec: dict, timeout: float | None, in_process: bool = False) -> dict:
+    environment = dict(os.environ)
+    if spec.get("threads"):
+        environment["OMP_NUM_THREADS"] = str(spec["threads"])
     if in_process:  # --quick: no isolation, no address-space cap; figures are only a smoke test
         spec = {key: value for key, value in spec.items() if key != "memory_budget"}
         return _worker(spec) if spec["mode"] == "bench" else _check_worker(spec)
     command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
     except subprocess.TimeoutExpired:
         return {"spec": spec, "status": "timeout"}
     for line in reversed(completed.stdout.splitlines()):
@@ -613,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="memory each worker leaves to the rest of the machine (default %(default)s GiB)")
     parser.add_argument("--markdown", action="store_true", help="print the result tables in markdown")
     parser.add_argument("--json", metavar="FILE", help="also write every raw measurement to FILE")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: torch's default, one per core); on a machine shared "
+                             "with other jobs, 1 avoids threads waiting for each other and gives steadier figures")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed to one worker (default 1800)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -632,7 +642,11 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = _machine_description()
     log(f"machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['memory_gib']} GiB RAM, {machine['os']}")
-    info = _spawn({"mode": "info"}, timeout=args.timeout)
+    if args.quick and args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    info = _spawn({"mode": "info", "threads": args.threads}, timeout=args.timeout)
     if info.get("status") not in (None, "ok") and "available" not in info:
         log(f"could not start a worker: {info}")
         return 2
@@ -661,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         for impl in impls:
             for direction in args.direction if impl != "logsumexp" else ["fwd"]:
                 jobs.append({"mode": "bench", "impl": impl, "direction": direction, "vocab": vocab, "dtype": dtype,
-                             "tokens": args.tokens, "repeats": repeats, "warmup": args.warmup, "seed": args.seed})
+                             "tokens": args.tokens, "repeats": repeats, "warmup": args.warmup, "seed": args.seed,
+                             "threads": args.threads})
 
     failures = []
     check = None
@@ -670,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_check:
         check_vocab = min(args.vocab)
         log(f"[check] token_stats vs naive on all {args.tokens} rows, V={check_vocab}, float32 (values and gradients) ...")
-        check = _spawn({"mode": "check", "tokens": args.tokens, "vocab": check_vocab, "seed": args.seed},
+        check = _spawn({"mode": "check", "tokens": args.tokens, "vocab": check_vocab, "seed": args.seed,
+                        "threads": args.threads},
                        timeout=args.timeout)
         if check.get("status") != "ok":
             log(f"[check] could not run: {check}")

@@ -412,8 +412,11 @@ def test_kl_cov_unclipped_surrogate_and_top_k_penalty():
 
     # strictly on-policy the penalty is zero: the loss is the unclipped one and a warning says so
     on_policy = PolicyBatch(batch.log_prob, batch.log_prob.detach(), batch.advantages, batch.mask)
+    on_policy_objective = build_objective("kl_cov")
+    on_policy_objective(on_policy)
+    on_policy_objective(on_policy)
     with pytest.warns(UserWarning, match="on-policy"):
-        out = build_objective("kl_cov")(on_policy)
+        out = on_policy_objective(on_policy)
     assert float(out.loss) == pytest.approx(float((-adv)[mask].sum() / n), rel=1e-12)
 
 

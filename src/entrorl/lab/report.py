@@ -64,6 +64,7 @@ FALLBACK_REWARD_KEY = "reward/mean"  # used only when a run never logged REWARD_
 EDGE_FRACTION = 0.1
 COLLAPSE_RATIO = 0.5
 KEPT_MARGIN = 1.25
+SUMMARY_MIDDLE_K = 8  # shown in the summary beside Pass@1 and the largest k
 SMOOTH_WINDOW = 5
 COV_PERCENTS = ("0.02", "0.2", "2", "20")
 FORKS_SHOWN = 10
@@ -748,12 +749,15 @@ class _Report:
     # ---------------------------------------------------------------- 2. summary
     def summary(self, section: Section) -> None:
         k = self.k_max
-        columns = ["method", "status", "entropy end/start", "reward end", "Pass@1", f"Pass@{k}", "law R²", "ceiling error",
-                   "forecast RMSE", "forgetting acc", "forgetting Δ", "eval entropy", "train time (s)"]
+        # a middle k as well: with many samples Pass@k_max saturates near 1 and hides the loss of diversity
+        middle = [SUMMARY_MIDDLE_K] if SUMMARY_MIDDLE_K in self.ks and SUMMARY_MIDDLE_K not in (1, k) else []
+        columns = ["method", "status", "entropy end/start", "reward end", "Pass@1", *(f"Pass@{m}" for m in middle), f"Pass@{k}",
+                   "law R²", "ceiling error", "forecast RMSE", "forgetting acc", "forgetting Δ", "eval entropy", "train time (s)"]
         table = Table(columns, title="")
         base_forget = self.eval_value("base", "forgetting_accuracy")
         if self.base:
-            table.add([text("base"), text("base"), dash(), dash(), num(self.pass_at("base", 1)), num(self.pass_at("base", k)), dash(),
+            table.add([text("base"), text("base"), dash(), dash(), num(self.pass_at("base", 1)),
+                       *(num(self.pass_at("base", m)) for m in middle), num(self.pass_at("base", k)), dash(),
                        dash(), dash(), num(base_forget), dash(), num(self.eval_value("base", "entropy_mean")), dash()])
         for name in self.names:
             run = self.runs[name]
@@ -763,7 +767,8 @@ class _Report:
             a = self.analyses[name]
             forget = self.eval_value(name, "forgetting_accuracy")
             fit, forecast = a.law.get("fit") or {}, a.law.get("forecast") or {}
-            table.add([text(name), text("ok"), num(a.entropy_ratio), num(a.reward_end), num(self.pass_at(name, 1)), num(self.pass_at(name, k)),
+            table.add([text(name), text("ok"), num(a.entropy_ratio), num(a.reward_end), num(self.pass_at(name, 1)),
+                       *(num(self.pass_at(name, m)) for m in middle), num(self.pass_at(name, k)),
                        num(fit.get("r2")), num(a.law.get("ceiling_error")), num(forecast.get("rmse")), num(forget),
                        num(forget - base_forget if _finite(forget) is not None and _finite(base_forget) is not None else math.nan, signed=True),
                        num(self.eval_value(name, "entropy_mean")), num(self.eval_value(name, "train_seconds"))])
@@ -771,7 +776,8 @@ class _Report:
         section.say(
             f"One row per method and one for the base model. Entropy end/start: `{ENTROPY_KEY}` averaged over the last {percent}% "
             f"of steps divided by its average over the first {percent}%; reward end: {self.reward_label()} over the last {percent}%; "
-            f"Pass@1 and Pass@{k} (the largest k evaluated): the unbiased estimator on the held-out prompts; law R²: the fit of "
+            f"Pass@1{''.join(f', Pass@{m}' for m in middle)} and Pass@{k} (the largest k evaluated): the unbiased estimator on "
+            f"the held-out prompts; law R²: the fit of "
             f"R = −a·exp(H) + b over all steps; ceiling error: |forecast ceiling − reached| for the forecast fitted on the first "
             f"{fmt(100 * self.fit_fraction)}% of steps, and forecast RMSE its error on the remaining steps; forgetting acc: accuracy "
             f"on the untrained task (`{self.preset.get('forgetting_task', NA)}`), Δ relative to the base model; eval entropy: mean "

@@ -206,6 +206,7 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | None = None, o
         model_dir = build_base_model(preset.base, cache_dir=cache_dir,
                                      progress=lambda done, total, loss: progress.update(base_task, completed=done, status=f"loss {loss:.3f}"))
         progress.update(base_task, completed=preset.base.steps, status=f"cached: {model_dir.name}")
+        progress.console.print(f"base model ready: {model_dir}")
         data = _prepare_data(out, preset)
         _write_json(out / "lab.json", {"preset": preset.model_dump(mode="json"), "base_model": model_dir.name,
                                        "base_model_spec": asdict(preset.base), "methods": preset.methods, "workers": workers})
@@ -234,6 +235,7 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | None = None, o
                         progress.update(bars[method], completed=preset.steps if status != "failed" else steps,
                                         status={"done": "[green]done", "cached": "done (cached)", "failed": "[red]failed"}[status])
                         del pending[method]
+                        progress.console.print(f"{method}: {status} ({len(outcomes)}/{len(jobs)})")
                 time.sleep(0.5)
     failed = {m: o["error"] for m, o in outcomes.items() if o["status"] == "failed"}
     _write_json(out / "outcomes.json", outcomes)
