@@ -238,6 +238,9 @@ def _reference(logits, targets, g1, g2, rows: int, with_grad: bool):
     return logprob.detach(), entropy.detach(), grad
 
 
+_FAULTS: list[int] = []  # minor page faults of the timed calls (a worker runs one measurement)
+
+
 def _timed(call):
     """(value, wall seconds, CPU seconds of this process: user + system, all threads)."""
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -245,6 +248,7 @@ def _timed(call):
     value = call()
     elapsed = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
+    _FAULTS.append(after.ru_minflt - before.ru_minflt)
     return value, elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
@@ -299,7 +303,7 @@ def _worker(spec: dict) -> dict:
     # calls made under the same load even when other processes share the machine.
     paired = result["peak_reset"] and impl != "logsumexp" and spec.get("paired_baseline", True)
     baseline_run = _load_implementation("logsumexp") if paired else None
-    wall, cpu, baseline_wall, baseline_cpu, peak = [], [], [], [], baseline
+    wall, cpu, faults, baseline_wall, baseline_cpu, peak = [], [], [], [], [], baseline
     outputs = None
     try:
         for index in range(spec["warmup"] + spec["repeats"]):
@@ -310,6 +314,7 @@ def _worker(spec: dict) -> dict:
             outputs, elapsed, cpu_elapsed = _timed(lambda: _one_step(run, logits, targets, g1, g2, direction))
             peak = max(peak, _peak_bytes())
             if index >= spec["warmup"]:
+                faults.append(_FAULTS[-1])
                 wall.append(elapsed)
                 cpu.append(cpu_elapsed)
                 if paired:
@@ -325,6 +330,7 @@ def _worker(spec: dict) -> dict:
         raise
     result["load_average"] = _load_average()
     result["times_s"] = wall
+    result["minor_faults"] = faults  # pages first touched during each timed call (4 KiB each)
     result["cpu_times_s"] = cpu
     result["median_s"] = statistics.median(wall)
     result["median_cpu_s"] = statistics.median(cpu)
@@ -503,6 +509,13 @@ def _memory(result: dict | None, key: str = "extra_peak_pct") -> str:
     return f"{result[key]:.1f}%"
 
 
+def _fresh_pages(result: dict | None) -> str:
+    """Median minor page faults per timed call, as MiB of 4 KiB pages (memory touched for the first time)."""
+    if result is None or result.get("status") != "ok" or not result.get("minor_faults"):
+        return "-"
+    return f"{statistics.median(result['minor_faults']) * 4 / 1024:.0f} MiB"
+
+
 def _accuracy(result: dict | None) -> str:
     if result is None or result.get("status") != "ok" or "max_err_logprob" not in result:
         return "-"
@@ -531,6 +544,7 @@ def _tables(results: dict, cases: list[tuple[int, str]], impls: list[str], direc
                   "x naive wall", "x naive CPU", "extra peak (% of logits)"]
         if direction == "fwd+bwd":
             header.append("beyond grad")
+        header.append("fresh pages / call")
         header.append("max err" + (" (values / grad)" if direction == "fwd+bwd" else ""))
         rows = []
         for vocab, dtype in cases:
@@ -560,6 +574,7 @@ def _tables(results: dict, cases: list[tuple[int, str]], impls: list[str], direc
                 ]
                 if direction == "fwd+bwd":
                     row.append(_memory(result, "extra_beyond_grad_pct"))
+                row.append(_fresh_pages(result))
                 row.append(_accuracy(result))
                 rows.append(row)
         title = {"fwd": "Forward only (log-prob + entropy, no_grad)", "fwd+bwd": "Forward + backward (gradient of sum(logprob*g1 + entropy*g2) w.r.t. the logits)"}[direction]
@@ -707,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         result = _spawn(spec, timeout=args.timeout, in_process=args.quick)
         results[(spec["impl"], spec["vocab"], spec["dtype"], spec["direction"])] = result
         if result.get("status") == "ok":
-            detail = f"median {result['median_s']:.3f} s (CPU {result['median_cpu_s']:.3f} s), extra peak {result['extra_peak_mib']:.0f} MiB ({result['extra_peak_pct']:.1f}% of logits)"
+            detail = f"median {result['median_s']:.3f} s (CPU {result['median_cpu_s']:.3f} s, fresh pages {_fresh_pages(result)}), extra peak {result['extra_peak_mib']:.0f} MiB ({result['extra_peak_pct']:.1f}% of logits)"
             if "accurate" in result:
                 detail += f", accuracy {'ok' if result['accurate'] else 'OFF'}"
         else:

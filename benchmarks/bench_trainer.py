@@ -9,6 +9,10 @@ Arms (each run in its own fresh subprocess, so no arm inherits another's threads
 * ``entrorl-nodiag``  -- the same with ``diagnostics.measure_entropy_change: false``.
 * ``trl``             -- ``trl.GRPOTrainer.train()`` (generation with ``model.generate``, TRL's own loop),
   when TRL is installed (``pip install -e ".[bench]"``).
+* ``floor``           -- no trainer at all: just the model calls a step cannot do without while it runs this
+  model's ``transformers`` code (prefill, one decode forward per token with a KV cache, always the full length;
+  one forward + backward with a plain policy-gradient loss; AdamW). A reference for how much of a step is the
+  model itself, not a competitor.
 
 What is the same in every arm: one tiny random-init Qwen2 with a character tokenizer
 (:func:`entrorl.lab.tiny_model.save_tiny_model`, loaded with ``entrorl.modeling``), the prompts (``"a+b="``
@@ -59,7 +63,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ARMS = ("entrorl", "entrorl-nodiag", "trl")
+ARMS = ("entrorl", "entrorl-nodiag", "trl", "floor")
 RESULT_PREFIX = "@@RESULT@@ "
 REWARD_NAME = "bench_trainer_reward"
 
@@ -236,10 +240,14 @@ def worker_trl(spec: dict) -> dict:
             self.threads_seen = None
             self.rewards: list[float] = []
             self.profile = None
+            self.checkpointing = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             torch.set_num_threads(spec["threads"])
             self.threads_seen = torch.get_num_threads()
+            model = kwargs.get("model")
+            name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+            self.checkpointing = bool(getattr(model, name, False))
             self.marks.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -263,6 +271,11 @@ def worker_trl(spec: dict) -> dict:
     model = load_causal_lm(spec["model_dir"], dtype="float32")
     dataset = Dataset.from_list(read_prompts(Path(spec["prompts"])))
     total_steps = spec["warmup"] + spec["steps"]
+    # TRL turns gradient checkpointing on by default; off here (transformers >= 5.2x renamed it)
+    import dataclasses
+
+    names = {field.name for field in dataclasses.fields(GRPOConfig)}
+    checkpointing = {"activation_checkpointing": False} if "activation_checkpointing" in names else {"gradient_checkpointing": False}
     args = GRPOConfig(
         output_dir=str(Path(spec["work_dir"]) / f"trl-run-{spec['round']}"),
         per_device_train_batch_size=rows,
@@ -283,7 +296,7 @@ def worker_trl(spec: dict) -> dict:
         weight_decay=0.0,
         max_grad_norm=1.0,
         optim="adamw_torch",
-        gradient_checkpointing=False,
+        **checkpointing,
         use_cpu=True,
         bf16=False,
         fp16=False,
@@ -306,6 +319,8 @@ def worker_trl(spec: dict) -> dict:
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
     trainer.train()
+    if clock.checkpointing:
+        raise RuntimeError("gradient checkpointing was on in the TRL arm; it must be off for a like-for-like comparison")
     _print_profile(clock.profile, "trl")
     if len(clock.marks) != total_steps + 1 or len(phases) != total_steps:
         raise RuntimeError(f"TRL ran {len(clock.marks) - 1} steps and {len(phases)} generations, expected {total_steps}")
@@ -324,9 +339,68 @@ def worker_trl(spec: dict) -> dict:
     return {"records": records, "threads_seen": clock.threads_seen, **_steps_summary(records, spec["warmup"])}
 
 
+def worker_floor(spec: dict) -> dict:
+    """No trainer: the model calls one step cannot avoid with this model code. Prefill plus one decode forward per
+    completion token (KV cache, multinomial sampling, always the full length), then one forward and backward over
+    prompt + completion with a plain policy-gradient loss, gradient clipping and an AdamW step."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(spec["model_dir"])
+    model = load_causal_lm(spec["model_dir"], dtype="float32")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"])
+    prompts = read_prompts(Path(spec["prompts"]))
+    encoded = [tokenizer(row["prompt"])["input_ids"] for row in prompts]
+    torch.manual_seed(spec["seed"])
+    P, G, R = spec["prompts_per_step"], spec["group_size"], spec["max_new_tokens"]
+    records = []
+    for index in range(spec["warmup"] + spec["steps"]):
+        started = time.perf_counter()
+        batch = [encoded[(index * P + i) % len(encoded)] for i in range(P) for _ in range(G)]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
+            sampled, step_attention = [], attention
+            for t in range(R):
+                token = torch.multinomial(out.logits[:, -1].float().softmax(-1), 1)
+                sampled.append(token)
+                if t == R - 1:
+                    break
+                step_attention = torch.cat([step_attention, torch.ones_like(token)], dim=1)
+                out = model(input_ids=token, attention_mask=step_attention, position_ids=positions[:, -1:] + t + 1,
+                            past_key_values=out.past_key_values, use_cache=True)
+        model.train()
+        generated = time.perf_counter()
+        completion = torch.cat(sampled, dim=1)
+        full_attention = torch.cat([attention, torch.ones_like(completion)], dim=1)
+        logits = model(input_ids=torch.cat([input_ids, completion], dim=1), attention_mask=full_attention,
+                       position_ids=(full_attention.cumsum(-1) - 1).clamp(min=0), logits_to_keep=R + 1).logits[:, :-1]
+        log_prob = logits.float().log_softmax(-1).gather(-1, completion[..., None]).squeeze(-1)
+        advantages = torch.randn(len(batch), 1)
+        loss = -(advantages * log_prob).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        finished = time.perf_counter()
+        records.append({"step_s": finished - started, "generate_s": generated - started, "update_s": finished - generated,
+                        "diagnostics_s": None, "tokens": completion.numel(), "rows": len(batch), "reward_mean": float("nan")})
+    return {"records": records, "threads_seen": torch.get_num_threads(), **_steps_summary(records, spec["warmup"])}
+
+
 def run_worker(spec: dict) -> int:
     try:
-        result = worker_trl(spec) if spec["arm"] == "trl" else worker_entrorl(spec)
+        worker = {"trl": worker_trl, "floor": worker_floor}.get(spec["arm"], worker_entrorl)
+        result = worker(spec)
         result["ok"] = True
     except Exception as error:  # reported to the parent, which prints it
         import traceback
@@ -478,6 +552,13 @@ def report(results: dict[str, list[dict]], args, machine: dict) -> str:
             mean = chosen[arm]["steps_per_s_mean"] / chosen["trl"]["steps_per_s_mean"]
             out.append(f"{bullet}{arm} / trl: {steps:.2f}x steps/s ({mean:.2f}x on mean step times), {tokens:.2f}x "
                        f"completion tokens/s (goal >= 2x: {'met' if steps >= 2.0 else 'NOT met'})")
+    if "floor" in chosen:
+        floor = chosen["floor"]
+        parts = [f"{arm} {floor['steps_per_s'] / chosen[arm]['steps_per_s']:.2f}x"
+                 for arm in ("entrorl", "entrorl-nodiag", "trl") if arm in chosen]
+        if parts:
+            out.append(f"{bullet}step time against the bare-model floor (median step / floor's median step; the floor "
+                       f"always generates the full length): {', '.join(parts)}")
     if "entrorl" in chosen and "entrorl-nodiag" in chosen:
         on, off = chosen["entrorl"], chosen["entrorl-nodiag"]
         overhead = off["steps_per_s"] / on["steps_per_s"] - 1.0

@@ -30,12 +30,13 @@ class LabPreset(BaseModel):
     eval_problems: int = 40
     forgetting_problems: int = 40
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
-    steps: int = 150
+    steps: int = 170
     prompts_per_step: int = 8
     group_size: int = 8
     max_new_tokens: int = 40
     temperature: float = 1.0
     lr: float = 2e-4
+    warmup_steps: int = 10
     mini_batches: int = 2
     checkpoint_every: int = 20
     eval_n: int = 64
@@ -64,6 +65,7 @@ PRESETS = {
         group_size=4,
         max_new_tokens=32,
         lr=2e-4,
+        warmup_steps=2,
         checkpoint_every=6,
         eval_n=16,
         forgetting_n=4,

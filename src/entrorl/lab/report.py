@@ -663,8 +663,13 @@ class _Report:
             info["paragraphs"] = [b.content for b in section.blocks if isinstance(b, Paragraph)]
             return
         g = self.analyses[REFERENCE]
-        half = COLLAPSE_RATIO * g.entropy_start if _finite(g.entropy_start) is not None else math.nan
-        collapsed = bool(g.entropy_end <= half) if _finite(g.entropy_end) is not None and _finite(half) is not None else None
+        # the criterion compares like with like when it can: the final evaluation's samples of GRPO against the
+        # same evaluation of the base model (same held-out prompts, same sampling); else the training curve's edges
+        eval_start, eval_end = self.eval_value("base", "entropy_mean"), self.eval_value(REFERENCE, "entropy_mean")
+        by_eval = _finite(eval_start) is not None and _finite(eval_end) is not None and eval_start > 0
+        start, end = (eval_start, eval_end) if by_eval else (g.entropy_start, g.entropy_end)
+        half = COLLAPSE_RATIO * start if _finite(start) is not None else math.nan
+        collapsed = bool(end <= half) if _finite(end) is not None and _finite(half) is not None else None
         shown_start, shown_end = _shown(g.reward_start), _shown(g.reward_end)
         if shown_start is None or shown_end is None:
             reward_change = "cannot be compared (missing values)"
@@ -680,16 +685,25 @@ class _Report:
                              ("GRPO reward start", g.reward_start), ("GRPO reward end", g.reward_end),
                              ("steps per edge", g.n_edge), ("training steps", g.n_steps)):
             numbers.add([text(label), num(value)])
+        if by_eval:
+            numbers.add([text("base model evaluation entropy"), num(eval_start)])
+            numbers.add([text("GRPO final evaluation entropy"), num(eval_end)])
+            numbers.add([text("GRPO evaluation entropy / base"), num(eval_end / eval_start)])
         numbers.add([text(f"collapse (end ≤ {fmt(COLLAPSE_RATIO)} × start)"), Cell(NA if collapsed is None else fmt(collapsed), collapsed, True)])
         percent = fmt(100 * EDGE_FRACTION)
         verdict = {True: "holds", False: "does not hold", None: "cannot be checked (missing entropy)"}[collapsed]
+        measured_on = (
+            f"the mean token entropy of the final evaluation's samples, {fmt(eval_end)}, against the base model's on the same "
+            f"held-out prompts, {fmt(eval_start)} (ratio {fmt(eval_end / eval_start)})" if by_eval else
+            f"the training curve's end against its start ({fmt(g.entropy_end)} against {fmt(g.entropy_start)})"
+        )
         section.say(
             f"GRPO's mean token entropy (`{ENTROPY_KEY}`, nats) went from {fmt(g.entropy_start)} to {fmt(g.entropy_end)} "
             f"(end/start ratio {fmt(g.entropy_ratio)}) while its reward (`{g.run.reward_key}`) "
             f"went from {fmt(g.reward_start)} to {fmt(g.reward_end)}. Start and end are the means over the first and the last "
             f"{percent}% of the {g.n_steps} training steps ({g.n_edge} step{'s' if g.n_edge != 1 else ''} each), to reduce "
-            f"step-to-step noise. The collapse criterion, final entropy ≤ {fmt(COLLAPSE_RATIO)} × initial "
-            f"({fmt(g.entropy_end)} against {fmt(half)}), {verdict}; the reward {reward_change}."
+            f"step-to-step noise. The collapse criterion, final entropy ≤ {fmt(COLLAPSE_RATIO)} × initial, compares "
+            f"{measured_on}: it {verdict}; the reward {reward_change}."
         )
         info.update({"collapse": collapsed, "reward_change": reward_change})
 
