@@ -31,11 +31,12 @@ def main(run_dir: str) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for name in FIGURES:
         shutil.copyfile(run / "figures" / name, target / name)
-    machine = {row["item"]: row["value"] for row in report["reproduce"]["machine"]["rows"]} if "item" in report["reproduce"]["machine"]["columns"] else {}
+    machine = {row["item"]: row["value"] for row in report["reproduce"]["machine"]["rows"]}
+    shown = ("CPU count", "torch", "workers", "wall clock, lab.json to last final evaluation (s)")
     body = [
         BEGIN,
-        f"A `{report['preset']['name']}` run ({report['reproduce']['command']}); "
-        f"machine: {', '.join(f'{k}: {v}' for k, v in machine.items()) or 'see the run report'}.",
+        f"From a `{report['preset']}` run (`{report['reproduce']['command']}`): "
+        + ", ".join(f"{key} {machine[key]}" for key in shown if key in machine) + ".",
         "",
         *[paragraph + "\n" for paragraph in report["headline"].get("paragraphs", [])],
         "![entropy and reward per step](docs/lab/curves.png)",
