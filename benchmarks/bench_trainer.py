@@ -451,7 +451,39 @@ def _trl_importable() -> tuple[bool, str]:
     return False, lines[-1] if lines else f"exit status {probe.returncode}"
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq, steal), from /proc/stat."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = handle.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    values = [int(value) for value in fields[1:9]]
+    busy = values[0] + values[1] + values[2] + values[5] + values[6] + values[7]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def _spawn(spec: dict, timeout: float) -> dict:
+    """Run one arm in a fresh process; also measure how busy the rest of the machine was meanwhile."""
+    import resource
+
+    machine_before = _busy_cpu_seconds()
+    own_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall_before = time.perf_counter()
+    result = _spawn_worker(spec, timeout)
+    wall = time.perf_counter() - wall_before
+    own_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    machine_after = _busy_cpu_seconds()
+    if machine_before is not None and machine_after is not None and wall > 0:
+        own = (own_after.ru_utime + own_after.ru_stime) - (own_before.ru_utime + own_before.ru_stime)
+        # CPUs kept busy by other processes while this arm ran (start-up included); ~0 on a quiet machine
+        result["foreign_cpus"] = max(0.0, (machine_after - machine_before - own) / wall)
+    return result
+
+
+def _spawn_worker(spec: dict, timeout: float) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
@@ -524,6 +556,10 @@ def report(results: dict[str, list[dict]], args, machine: dict) -> str:
         f"machine: {machine['cpu']}, {machine['cpus']} CPUs, {machine.get('ram_gib', '?')} GiB RAM; python "
         f"{machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}, trl {machine['trl'] or '-'}"
     )
+    foreign = [run["foreign_cpus"] for runs in results.values() for run in runs if run.get("foreign_cpus") is not None]
+    if foreign:
+        out.append(f"other processes kept {statistics.median(foreign):.2f} CPUs busy (median over arms and rounds; "
+                   f"at most {max(foreign):.2f}) while the arms ran")
     out.append("")
     header = ["arm", "steps/s", "s/step", "completion tok/s", "mean completion len", "generate s", "update s",
               "diagnostics s", "steps/s (mean)", "rounds (steps/s)"]
@@ -659,9 +695,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"warning: {arm} ran with {result.get('threads_seen')} torch threads, not {args.threads}",
                           file=sys.stderr)
                 results.setdefault(arm, []).append(result)
+                foreign = result.get("foreign_cpus")
                 print(f"[round {round_index + 1}/{args.rounds}] {arm}: {result['steps_per_s']:.2f} steps/s, "
                       f"{result['tokens_per_s']:.0f} completion tok/s, mean length {result['mean_completion_length']:.1f} "
-                      f"({time.perf_counter() - started:.0f} s with start-up)", file=sys.stderr, flush=True)
+                      f"({time.perf_counter() - started:.0f} s with start-up"
+                      + (f"; other processes kept {foreign:.2f} CPUs busy meanwhile" if foreign is not None else "") + ")",
+                      file=sys.stderr, flush=True)
+                if foreign is not None and foreign > 0.25:
+                    print(f"warning: other processes used {foreign:.2f} CPUs while {arm} ran; its timings are disturbed",
+                          file=sys.stderr)
 
     if results:
         print(report(results, args, machine))

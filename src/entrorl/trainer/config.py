@@ -135,7 +135,10 @@ class EvalConfig(_Section):
 
 
 class DiagnosticsConfig(_Section):
-    measure_entropy_change: bool = Field(True, description="re-score the step's rollouts after the update (one extra forward)")
+    measure_entropy_change: bool = Field(True, description="re-score rollouts after the update to measure the entropy change")
+    measure_fraction: float = Field(
+        0.25, gt=0, le=1, description="share of the step's rows re-scored (every k-th row); the prediction is compared on the same rows"
+    )
 
 
 class LoggingConfig(_Section):

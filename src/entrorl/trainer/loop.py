@@ -372,13 +372,21 @@ class Trainer:
         # 6. diagnostics: the same rollouts under the updated policy, against the first-order prediction
         source = first_pass if before is None else before.as_dict()
         logprob, before_entropy, disc, centered = (source[name] for name in _STATS)
-        after_entropy = None
-        if config.diagnostics.measure_entropy_change:
-            with torch.no_grad():
-                after_entropy = _token_stats_of(self.model, rollouts, everything, temperature, need=("entropy",)).entropy
         metrics = entropy_summary(before_entropy, mask)
-        change, _ = predicted_vs_measured(grad_coefficients, centered, before_entropy, after_entropy, mask,
-                                          lr=self.scheduler.get_last_lr()[0], temperature=temperature)
+        lr = self.scheduler.get_last_lr()[0]
+        batch_change, _ = predicted_vs_measured(grad_coefficients, centered, before_entropy, None, mask, lr=lr, temperature=temperature)
+        metrics["entropy/predicted_delta_batch"] = batch_change["entropy/predicted_delta"]
+        after_entropy, compared = None, mask
+        if config.diagnostics.measure_entropy_change:
+            stride = max(1, round(1.0 / config.diagnostics.measure_fraction))
+            measured_rows = everything[::stride]
+            compared = torch.zeros_like(mask)
+            compared[measured_rows] = mask[measured_rows]
+            after_entropy = before_entropy.clone()
+            with torch.no_grad():
+                after_entropy[measured_rows] = _token_stats_of(self.model, rollouts, measured_rows, temperature, need=("entropy",)).entropy
+        change, _ = predicted_vs_measured(grad_coefficients, centered, before_entropy, after_entropy, compared, lr=lr,
+                                          temperature=temperature)
         metrics.update(change)
         metrics.update(covariance_summary(logprob, token_advantages, mask))
         metrics.update(discriminator_summary(disc, centered, token_advantages, mask))
