@@ -79,15 +79,23 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _shifted_scaled(logits_chunk: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    """``u = (z - max z) / T`` in float32, floored at -1e4 (so masked entries give p = 0 exactly)."""
+def _shifted_scaled(logits_chunk: torch.Tensor, inv_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, m)`` with ``u = (z - m) / T`` in the compute dtype, floored at -1e4 (so masked entries give
+    p = 0 exactly), and ``m`` the finite row maxima (0 for an all ``-inf`` row)."""
     compute_dtype = _compute_dtype(logits_chunk.dtype)
-    row_max = logits_chunk.amax(dim=-1, keepdim=True).to(compute_dtype)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    shifted = logits_chunk - row_max  # promotes bf16/fp16 to float32 without an extra copy
+    if logits_chunk.dtype != compute_dtype:
+        # convert once, then work in place: mixed-dtype arithmetic (bf16 - float32) is many times slower on CPU
+        shifted = logits_chunk.to(compute_dtype)
+        row_max = shifted.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        shifted.sub_(row_max)
+    else:
+        row_max = logits_chunk.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        shifted = logits_chunk - row_max
     if inv_temperature != 1.0:
         shifted.mul_(inv_temperature)
-    return shifted.clamp_(min=_LOGIT_FLOOR)
+    return shifted.clamp_(min=_LOGIT_FLOOR), row_max
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -96,14 +104,13 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _target_shifted(
-    logits_chunk: torch.Tensor, targets_chunk: torch.Tensor, shifted: torch.Tensor, inv_temperature: float
+    logits_chunk: torch.Tensor, targets_chunk: torch.Tensor, shifted: torch.Tensor, row_max: torch.Tensor, inv_temperature: float
 ) -> torch.Tensor:
     """``(z_y - max z) / T`` without the -1e4 floor (exact log-probs for very unlikely targets); a target
     whose logit is ``-inf`` keeps the floor, so its log-prob is about -1e4 instead of ``-inf``."""
     floored = shifted.gather(-1, targets_chunk.unsqueeze(-1)).squeeze(-1)
     raw_target = logits_chunk.gather(-1, targets_chunk.unsqueeze(-1)).squeeze(-1).to(shifted.dtype)
-    raw_max = logits_chunk.amax(dim=-1).to(shifted.dtype)
-    exact = (raw_target - raw_max) * inv_temperature
+    exact = (raw_target - row_max.squeeze(-1)) * inv_temperature
     return torch.where(torch.isfinite(exact), exact, floored)
 
 
@@ -111,14 +118,14 @@ def _chunk_forward(
     logits_chunk: torch.Tensor, targets_chunk: torch.Tensor, inv_temperature: float, want_disc: bool, want_centered: bool
 ) -> tuple[torch.Tensor, ...]:
     """(logprob, entropy, disc, disc_centered) of one chunk of rows; disc entries are None when not wanted."""
-    shifted = _shifted_scaled(logits_chunk, inv_temperature)  # u
+    shifted, row_max = _shifted_scaled(logits_chunk, inv_temperature)  # u
     weights = shifted.exp()  # e = exp(u), p = e / s
     total = weights.sum(dim=-1)  # s
     empty_row = total <= 0
     total = torch.where(empty_row, torch.ones_like(total), total)
     log_total = total.log()
     entropy = log_total - _rowdot(weights, shifted) / total  # H = log s - sum p u
-    logprob = _target_shifted(logits_chunk, targets_chunk, shifted, inv_temperature) - log_total
+    logprob = _target_shifted(logits_chunk, targets_chunk, shifted, row_max, inv_temperature) - log_total
     entropy = torch.where(empty_row, torch.zeros_like(entropy), entropy)
     logprob = torch.where(empty_row, torch.zeros_like(logprob), logprob)
     disc = centered = None
@@ -149,7 +156,7 @@ def _chunk_logit_grad(
     this is ``e * (a u + b) + g onehot_y / T`` with per-row constants ``a = -h / (T s)`` and
     ``b = -(g + h (H - log s)) / (T s)``: one fused multiply-add and one multiply over the chunk.
     """
-    shifted = _shifted_scaled(logits_chunk, inv_temperature)  # u
+    shifted, _ = _shifted_scaled(logits_chunk, inv_temperature)  # u
     weights = shifted.exp()  # e
     total = weights.sum(dim=-1)
     empty_row = total <= 0
