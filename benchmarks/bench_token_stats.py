@@ -15,6 +15,14 @@ Directions: ``fwd`` (log-prob and entropy under ``torch.no_grad()``) and ``fwd+b
 (``loss = sum(logprob * g1 + entropy * g2)`` with fixed random ``g1, g2``, then the gradient
 with respect to the logits).
 
+Time: the median of ``--repeats`` timed calls after ``--warmup`` untimed ones, as wall time and as
+CPU time of the worker (user + system, all threads). Each timed call is preceded, in the same
+worker, by one ``torch.logsumexp`` pass over the same logits, and "x logsumexp" is the median of
+the per-call ratios: both sides of the ratio ran under the same load, which matters on a machine
+shared with other jobs (``--threads 1`` steadies the figures further there). "fresh pages" counts
+the minor page faults of a call (memory touched for the first time), which on some machines is a
+large part of the time.
+
 Memory: "extra peak" is the peak resident set size of the worker (``VmHWM``, reset through
 ``/proc/self/clear_refs`` once the inputs exist; ``ru_maxrss`` where that is not possible) minus
 the resident set size right after the logits, targets and ``g1, g2`` were allocated and written.
@@ -31,7 +39,7 @@ approach on all rows (values and gradients) at the smallest benchmarked vocabula
 ``token_stats`` is wrong anywhere, the script exits with status 1.
 
 Run ``python benchmarks/bench_token_stats.py --help`` for the options; ``--quick`` is a smoke test
-that finishes in seconds.
+(N=512, V=4096, measurements in one process) that finishes in well under a minute.
 """
 
 from __future__ import annotations
@@ -626,11 +634,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (default 1)")
     parser.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS),
                         help="implementations to run (logsumexp is always run as the baseline)")
-    parser.add_argument("--direction", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS))
+    parser.add_argument("--direction", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS),
+                        help="fwd: statistics under no_grad; fwd+bwd: also the gradient of the logits (default: both)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the extra bfloat16 row at the largest V")
     parser.add_argument("--skip-check", action="store_true", help="skip the full token_stats-vs-naive correctness check")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: N=512, V=4096, 3 repeats, measurements in one process (seconds)")
+                        help="smoke test: N=512, V=4096, 3 repeats, measurements in one process (under a minute)")
     parser.add_argument("--memory-margin-gib", type=float, default=MEMORY_MARGIN_GIB,
                         help="memory each worker leaves to the rest of the machine (default %(default)s GiB)")
     parser.add_argument("--markdown", action="store_true", help="print the result tables in markdown")
@@ -665,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     if info.get("status") not in (None, "ok") and "available" not in info:
         log(f"could not start a worker: {info}")
         return 2
-    log(f"python {info['python']}, torch {info['torch']} ({info['torch_threads']} threads)")
+    log(f"python {info['python']}, torch {info['torch']} ({info['torch_threads']} torch thread(s))")
     impls = ["logsumexp"] + [name for name in args.impl if name != "logsumexp"]
     available = []
     for name in impls:
@@ -735,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (f"N = {args.tokens} tokens; {machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
               f"{machine['memory_gib']} GiB RAM; python {info['python']}, torch {info['torch']} "
-              f"({info['torch_threads']} threads)")
+              f"({info['torch_threads']} torch thread(s))")
     print(header)
     print()
     print(_tables(results, cases, impls, args.direction, args.markdown))
