@@ -207,9 +207,10 @@ class Task:
 
     def num_problems(self, split: Split) -> int | None:
         """How many distinct examples ``split`` can provide before :meth:`examples` repeats itself
-        (None when the problem space is not enumerated)."""
+        (None when the problem space is not enumerated, i.e. the task has no ``_pool``)."""
         _check_split(split)
-        return None
+        pool = getattr(self, "_pool", None)
+        return None if pool is None else len(pool(split)[0])
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -312,10 +313,6 @@ class SumChainTask(Task):
                 self._pools[split] = (problems, _WeightedPool(weights))
             problems, pool = self._pools[split]
         return problems, pool
-
-    def num_problems(self, split: Split) -> int:
-        _check_split(split)
-        return len(self._pool(split)[0])
 
     def _generate(self, n: int, rng: random.Random, split: Split, seed: int) -> list[TaskExample]:
         problems, template = self._pool(split)
@@ -512,10 +509,6 @@ class CountdownTask(Task):
                 self._pools[split] = (problems, _WeightedPool(weights))
             problems, pool = self._pools[split]
         return problems, pool
-
-    def num_problems(self, split: Split) -> int:
-        _check_split(split)
-        return len(self._pool(split)[0])
 
     def _generate(self, n: int, rng: random.Random, split: Split, seed: int) -> list[TaskExample]:
         problems, template = self._pool(split)
