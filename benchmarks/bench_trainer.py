@@ -565,10 +565,15 @@ def report(results: dict[str, list[dict]], args, machine: dict) -> str:
               "diagnostics s", "steps/s (mean)", "rounds (steps/s)"]
     table_rows = []
     chosen = {}
+    excluded = {}
     for arm in ARMS:
         runs = results.get(arm)
         if not runs:
             continue
+        clean = [run for run in runs if run.get("foreign_cpus") is None or run["foreign_cpus"] <= args.max_foreign_cpus]
+        if clean and len(clean) < len(runs):
+            excluded[arm] = len(runs) - len(clean)
+            runs = clean
         pooled = chosen[arm] = _pooled(runs, args.warmup)
         table_rows.append([
             arm, _fmt(pooled["steps_per_s"], 2), _fmt(1.0 / pooled["steps_per_s"], 3), _fmt(pooled["tokens_per_s"], 0),
@@ -579,6 +584,14 @@ def report(results: dict[str, list[dict]], args, machine: dict) -> str:
     out.append(_table(table_rows, header, args.markdown))
     out.append("")
     bullet = "- " if args.markdown else ""
+    if excluded:
+        out.append(f"{bullet}left out of the table, as disturbed (other processes above {args.max_foreign_cpus:g} CPUs): "
+                   + ", ".join(f"{count} round(s) of {arm}" for arm, count in excluded.items()))
+    disturbed = [arm for arm in chosen if any(run.get("foreign_cpus", 0.0) > args.max_foreign_cpus for run in results[arm])
+                 and arm not in excluded]
+    if disturbed:
+        out.append(f"{bullet}WARNING: every round of {', '.join(disturbed)} ran while other processes were busy; "
+                   "these figures are disturbed")
     if "trl" in chosen:
         for arm in ("entrorl", "entrorl-nodiag"):
             if arm not in chosen:
@@ -628,12 +641,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the table in markdown")
     parser.add_argument("--json", metavar="FILE", help="also write every raw measurement to FILE")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed steps of every arm (printed to stderr)")
+    parser.add_argument("--max-foreign-cpus", type=float, default=0.25,
+                        help="leave out of the table the rounds of an arm during which other processes kept more than "
+                        "this many CPUs busy (default 0.25; all rounds are kept when none is below)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed to one worker (default 1800)")
+    parser.add_argument("--from-json", metavar="FILE", help="print the report of an earlier run's --json FILE (runs nothing)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         return run_worker(json.loads(args.worker))
+    if args.from_json:
+        payload = json.loads(Path(args.from_json).read_text())
+        saved = argparse.Namespace(**{**payload["args"], "markdown": args.markdown, "max_foreign_cpus": args.max_foreign_cpus})
+        print(report(payload["results"], saved, payload["machine"]))
+        return 0
     if args.quick:
         args.steps, args.warmup, args.rounds = 2, 1, 1
         args.prompts_per_step, args.group_size, args.max_new_tokens = 2, 4, 8

@@ -79,20 +79,34 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _shifted_scaled(logits_chunk: torch.Tensor, inv_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+class _Workspace:
+    """Two chunk-sized buffers reused across the chunks of one call. Fresh allocations of this size are
+    often served by new pages from the OS, whose first-touch faults can cost more than the arithmetic."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self._buffers = [torch.empty((rows, vocab), dtype=dtype, device=device) for _ in range(2)]
+
+    def get(self, slot: int, rows: int) -> torch.Tensor:
+        return self._buffers[slot][:rows]
+
+
+def _shifted_scaled(
+    logits_chunk: torch.Tensor, inv_temperature: float, workspace: _Workspace | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, m)`` with ``u = (z - m) / T`` in the compute dtype, floored at -1e4 (so masked entries give
     p = 0 exactly), and ``m`` the finite row maxima (0 for an all ``-inf`` row)."""
     compute_dtype = _compute_dtype(logits_chunk.dtype)
+    rows = logits_chunk.shape[0]
     if logits_chunk.dtype != compute_dtype:
         # convert once, then work in place: mixed-dtype arithmetic (bf16 - float32) is many times slower on CPU
-        shifted = logits_chunk.to(compute_dtype)
+        shifted = logits_chunk.to(compute_dtype) if workspace is None else workspace.get(0, rows).copy_(logits_chunk)
         row_max = shifted.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         shifted.sub_(row_max)
     else:
         row_max = logits_chunk.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        shifted = logits_chunk - row_max
+        shifted = logits_chunk - row_max if workspace is None else torch.sub(logits_chunk, row_max, out=workspace.get(0, rows))
     if inv_temperature != 1.0:
         shifted.mul_(inv_temperature)
     return shifted.clamp_(min=_LOGIT_FLOOR), row_max
@@ -114,18 +128,28 @@ def _target_shifted(
     return torch.where(torch.isfinite(exact), exact, floored)
 
 
+def _exp(shifted: torch.Tensor, workspace: _Workspace | None) -> torch.Tensor:
+    return shifted.exp() if workspace is None else torch.exp(shifted, out=workspace.get(1, shifted.shape[0]))
+
+
 def _chunk_forward(
-    logits_chunk: torch.Tensor, targets_chunk: torch.Tensor, inv_temperature: float, want_disc: bool, want_centered: bool
+    logits_chunk: torch.Tensor,
+    targets_chunk: torch.Tensor,
+    inv_temperature: float,
+    want_disc: bool,
+    want_centered: bool,
+    workspace: _Workspace | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(logprob, entropy, disc, disc_centered) of one chunk of rows; disc entries are None when not wanted."""
-    shifted, row_max = _shifted_scaled(logits_chunk, inv_temperature)  # u
-    weights = shifted.exp()  # e = exp(u), p = e / s
+    shifted, row_max = _shifted_scaled(logits_chunk, inv_temperature, workspace)  # u
+    weights = _exp(shifted, workspace)  # e = exp(u), p = e / s
     total = weights.sum(dim=-1)  # s
     empty_row = total <= 0
     total = torch.where(empty_row, torch.ones_like(total), total)
     log_total = total.log()
-    entropy = log_total - _rowdot(weights, shifted) / total  # H = log s - sum p u
     logprob = _target_shifted(logits_chunk, targets_chunk, shifted, row_max, inv_temperature) - log_total
+    weighted = shifted.mul_(weights)  # e u, in place: u is not needed any more
+    entropy = log_total - weighted.sum(dim=-1) / total  # H = log s - sum p u
     entropy = torch.where(empty_row, torch.zeros_like(entropy), entropy)
     logprob = torch.where(empty_row, torch.zeros_like(logprob), logprob)
     disc = centered = None
@@ -134,8 +158,8 @@ def _chunk_forward(
         disc = torch.where(empty_row, torch.zeros_like(disc), disc)
     if want_centered:
         # sum_v p_v^2 (log p_v + H) = (sum e^2 u + (H - log s) sum e^2) / s^2
-        sum_sq = _rowdot(weights, weights)
-        sum_sq_u = _rowdot(weights, shifted.mul_(weights))
+        sum_sq = torch.linalg.vector_norm(weights, dim=-1).square()
+        sum_sq_u = weighted.mul_(weights).sum(dim=-1)
         expected_disc = (sum_sq_u + (entropy - log_total) * sum_sq) / (total * total)
         centered = torch.where(empty_row, torch.zeros_like(disc), disc - expected_disc)
     return logprob, entropy, disc, centered
@@ -148,6 +172,7 @@ def _chunk_logit_grad(
     grad_logprob: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
     out: torch.Tensor | None = None,
+    workspace: _Workspace | None = None,
 ) -> torch.Tensor:
     """d loss / d z for one chunk, recomputed from the logits.
 
@@ -156,8 +181,8 @@ def _chunk_logit_grad(
     this is ``e * (a u + b) + g onehot_y / T`` with per-row constants ``a = -h / (T s)`` and
     ``b = -(g + h (H - log s)) / (T s)``: one fused multiply-add and one multiply over the chunk.
     """
-    shifted, _ = _shifted_scaled(logits_chunk, inv_temperature)  # u
-    weights = shifted.exp()  # e
+    shifted, _ = _shifted_scaled(logits_chunk, inv_temperature, workspace)  # u
+    weights = _exp(shifted, workspace)  # e
     total = weights.sum(dim=-1)
     empty_row = total <= 0
     total = torch.where(empty_row, torch.ones_like(total), total)
@@ -192,6 +217,10 @@ def _row_chunks(rows: torch.Tensor | None, n_rows: int, chunk_size: int) -> Iter
             yield rows[start : start + chunk_size]
 
 
+def _row_count(rows: torch.Tensor | None, n_rows: int) -> int:
+    return n_rows if rows is None else rows.numel()
+
+
 def _take(tensor: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
     return tensor[index] if isinstance(index, slice) else tensor.index_select(0, index)
 
@@ -203,9 +232,13 @@ def _take_optional(tensor: torch.Tensor | None, index: slice | torch.Tensor) -> 
 def _stats_by_chunk(logits_for, targets, rows, n_rows, like, inv_temperature, chunk_size, want_disc, want_centered):
     """Forward pass shared by both Functions: ``logits_for(index)`` yields one chunk of logits."""
     out = [torch.zeros(n_rows, dtype=_compute_dtype(like.dtype), device=like.device) for _ in range(4)]
+    workspace = None
     with torch.no_grad():
         for index in _row_chunks(rows, n_rows, chunk_size):
-            results = _chunk_forward(logits_for(index), _take(targets, index), inv_temperature, want_disc, want_centered)
+            logits_chunk = logits_for(index)
+            workspace = workspace or _Workspace(min(chunk_size, _row_count(rows, n_rows)), logits_chunk.shape[-1],
+                                                _compute_dtype(logits_chunk.dtype), logits_chunk.device)
+            results = _chunk_forward(logits_chunk, _take(targets, index), inv_temperature, want_disc, want_centered, workspace)
             for buffer, value in zip(out, results):
                 if value is not None:
                     buffer[index] = value
@@ -214,14 +247,20 @@ def _stats_by_chunk(logits_for, targets, rows, n_rows, like, inv_temperature, ch
 
 def _logit_grads_by_chunk(logits_for, targets, rows, n_rows, inv_temperature, chunk_size, grad_logprob, grad_entropy, out_for=None):
     """Backward pass shared by both Functions: yields ``(index, d loss / d logits of that chunk)``."""
+    workspace = None
     for index in _row_chunks(rows, n_rows, chunk_size):
+        logits_chunk = logits_for(index)
+        workspace = workspace or _Workspace(min(chunk_size, _row_count(rows, n_rows)), logits_chunk.shape[-1],
+                                            _compute_dtype(logits_chunk.dtype), logits_chunk.device)
+        # the gradient may live in the workspace: the caller consumes it before the next chunk is computed
         yield index, _chunk_logit_grad(
-            logits_for(index),
+            logits_chunk,
             _take(targets, index),
             inv_temperature,
             _take_optional(grad_logprob, index),
             _take_optional(grad_entropy, index),
             out=None if out_for is None else out_for(index),
+            workspace=workspace,
         )
 
 
