@@ -260,7 +260,7 @@ def test_from_hidden_never_builds_full_logits(monkeypatch):
 
 def test_backward_holds_no_second_full_size_tensor():
     """Peak extra memory of forward+backward stays near one chunk (checked via the chunk size, not timing):
-    the custom Function saves only its inputs, so the saved tensors are the logits and the targets."""
+    the custom Function saves its inputs and the per-row entropy, so the one full-size saved tensor is the logits."""
     logits, targets = random_case(14, shape=(40,), vocab=64, dtype=torch.float32)
     logits.requires_grad_()
     saved = []

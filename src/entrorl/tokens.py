@@ -112,11 +112,6 @@ def _shifted_scaled(
     return shifted.clamp_(min=_LOGIT_FLOOR), row_max
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product of two [n, V] tensors (a batched matmul: no elementwise temporary)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
-
-
 def _target_shifted(
     logits_chunk: torch.Tensor, targets_chunk: torch.Tensor, shifted: torch.Tensor, row_max: torch.Tensor, inv_temperature: float
 ) -> torch.Tensor:
@@ -171,10 +166,12 @@ def _chunk_logit_grad(
     inv_temperature: float,
     grad_logprob: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
+    entropy: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     workspace: _Workspace | None = None,
 ) -> torch.Tensor:
-    """d loss / d z for one chunk, recomputed from the logits.
+    """d loss / d z for one chunk, recomputed from the logits; ``entropy`` is the chunk's H from the forward
+    pass (needed only with ``grad_entropy``).
 
     With ``g`` = d loss / d log p_y and ``h`` = d loss / d H:
     ``dz = (g (onehot_y - p) - h p (log p + H)) / T``.  Writing ``p = e / s`` and ``log p = u - log s``
@@ -192,7 +189,7 @@ def _chunk_logit_grad(
     g = zeros if grad_logprob is None else grad_logprob.to(total.dtype)
     h = zeros if grad_entropy is None else grad_entropy.to(total.dtype)
     if grad_entropy is not None:
-        entropy = log_total - _rowdot(weights, shifted) / total
+        entropy = entropy.to(total.dtype)
         slope = (-h * row_scale).unsqueeze(-1)
         offset = (-(g + h * (entropy - log_total)) * row_scale).unsqueeze(-1)
         torch.addcmul(offset, shifted, slope, out=shifted)
@@ -245,7 +242,9 @@ def _stats_by_chunk(logits_for, targets, rows, n_rows, like, inv_temperature, ch
     return out
 
 
-def _logit_grads_by_chunk(logits_for, targets, rows, n_rows, inv_temperature, chunk_size, grad_logprob, grad_entropy, out_for=None):
+def _logit_grads_by_chunk(
+    logits_for, targets, rows, n_rows, inv_temperature, chunk_size, grad_logprob, grad_entropy, entropy, out_for=None
+):
     """Backward pass shared by both Functions: yields ``(index, d loss / d logits of that chunk)``."""
     workspace = None
     for index in _row_chunks(rows, n_rows, chunk_size):
@@ -259,6 +258,7 @@ def _logit_grads_by_chunk(logits_for, targets, rows, n_rows, inv_temperature, ch
             inv_temperature,
             _take_optional(grad_logprob, index),
             _take_optional(grad_entropy, index),
+            entropy=None if grad_entropy is None else _take(entropy, index),
             out=None if out_for is None else out_for(index),
             workspace=workspace,
         )
@@ -284,7 +284,7 @@ class _LogitsStats(torch.autograd.Function):
             lambda index: _take(logits, index), targets, rows, logits.shape[0], logits,
             inv_temperature, chunk_size, want_disc, want_centered,
         )
-        ctx.save_for_backward(logits, targets, _NO_ROWS if rows is None else rows)
+        ctx.save_for_backward(logits, targets, _NO_ROWS if rows is None else rows, out[1])
         _save_context(ctx, rows, inv_temperature, chunk_size, out)
         return tuple(out)
 
@@ -292,7 +292,7 @@ class _LogitsStats(torch.autograd.Function):
     def backward(ctx, grad_logprob, grad_entropy, _grad_disc, _grad_centered):
         if grad_logprob is None and grad_entropy is None:
             return (None,) * 7
-        logits, targets, rows = ctx.saved_tensors
+        logits, targets, rows, entropy = ctx.saved_tensors
         rows = rows if ctx.has_rows else None
         grad_logits = torch.zeros_like(logits) if rows is not None else torch.empty_like(logits)
 
@@ -301,7 +301,7 @@ class _LogitsStats(torch.autograd.Function):
 
         chunks = _logit_grads_by_chunk(
             lambda index: _take(logits, index), targets, rows, logits.shape[0],
-            ctx.inv_temperature, ctx.chunk_size, grad_logprob, grad_entropy, out_for=destination,
+            ctx.inv_temperature, ctx.chunk_size, grad_logprob, grad_entropy, entropy, out_for=destination,
         )
         for index, grad_chunk in chunks:
             if not isinstance(index, slice) or grad_chunk.data_ptr() != grad_logits[index].data_ptr():
@@ -319,7 +319,9 @@ class _HiddenStats(torch.autograd.Function):
             lambda index: torch.nn.functional.linear(_take(hidden, index), weight, bias), targets, rows,
             hidden.shape[0], hidden, inv_temperature, chunk_size, want_disc, want_centered,
         )
-        ctx.save_for_backward(hidden, weight, _NO_ROWS if bias is None else bias, targets, _NO_ROWS if rows is None else rows)
+        ctx.save_for_backward(
+            hidden, weight, _NO_ROWS if bias is None else bias, targets, _NO_ROWS if rows is None else rows, out[1]
+        )
         ctx.has_bias = bias is not None
         _save_context(ctx, rows, inv_temperature, chunk_size, out)
         return tuple(out)
@@ -328,7 +330,7 @@ class _HiddenStats(torch.autograd.Function):
     def backward(ctx, grad_logprob, grad_entropy, _grad_disc, _grad_centered):
         if grad_logprob is None and grad_entropy is None:
             return (None,) * 9
-        hidden, weight, bias, targets, rows = ctx.saved_tensors
+        hidden, weight, bias, targets, rows, entropy = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         rows = rows if ctx.has_rows else None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -338,7 +340,7 @@ class _HiddenStats(torch.autograd.Function):
         grad_bias = torch.zeros(weight.shape[0], dtype=accumulate_dtype, device=weight.device) if need_bias else None
         chunks = _logit_grads_by_chunk(
             lambda index: torch.nn.functional.linear(_take(hidden, index), weight, bias), targets, rows,
-            hidden.shape[0], ctx.inv_temperature, ctx.chunk_size, grad_logprob, grad_entropy,
+            hidden.shape[0], ctx.inv_temperature, ctx.chunk_size, grad_logprob, grad_entropy, entropy,
         )
         for index, grad_chunk in chunks:
             if need_hidden:
