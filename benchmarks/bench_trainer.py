@@ -5,7 +5,8 @@ prompts, batch shape and lengths, side by side in one run.
 Arms (each run in its own fresh subprocess, so no arm inherits another's threads, caches or patches):
 
 * ``entrorl``         -- ``Trainer.train_step()`` with the diagnostics on (``measure_entropy_change``: the
-  step's rollouts are re-scored after the update, one extra forward), plus the per-step metrics log line.
+  step's rollouts, or the share ``diagnostics.measure_fraction`` of their rows, ``--measure-fraction``, are
+  re-scored after the update, one extra forward), plus the per-step metrics log line.
 * ``entrorl-nodiag``  -- the same with ``diagnostics.measure_entropy_change: false``.
 * ``trl``             -- ``trl.GRPOTrainer.train()`` (generation with ``model.generate``, TRL's own loop),
   when TRL is installed (``pip install -e ".[bench]"``).
@@ -33,7 +34,10 @@ checkpoints and evaluation). steps/s is one over the median step time and comple
 (completion tokens of a step / its time), over the timed steps of every round; a completion token is every
 generated token up to and including EOS. Medians, because on a shared machine a burst of other work can slow
 a few steps by half; the table also shows steps/s on mean step times and per round. ``--rounds`` repeats
-every arm, interleaved, each time in a fresh process.
+every arm, interleaved, each time in a fresh process. "CPU s/step" is the median CPU time the arm's process
+spent over the same interval (``time.process_time``): with one torch thread it equals the wall time on an idle
+machine, and it leaves out the time the process waited for a core while other processes ran, so its ratios hold
+up better on a shared machine (a shared core's caches still slow it somewhat).
 
 Phases: entrorl reports ``time/generate_s`` (sampling, decoding, rewards, advantages), ``time/update_s``
 (scoring forward, loss, backward, optimizer step) and ``time/diagnostics_s`` (the post-update forward when on,
@@ -155,6 +159,9 @@ def worker_entrorl(spec: dict) -> dict:
     from entrorl.trainer import Trainer, load_config
 
     register_reward(REWARD_NAME, description="bench_trainer.py's reward")(bench_reward)
+    diagnostics = {}
+    if spec.get("measure_fraction") is not None:
+        diagnostics["measure_fraction"] = spec["measure_fraction"]
     config = load_config({
         "seed": spec["seed"],
         "torch_threads": spec["threads"],
@@ -169,7 +176,7 @@ def worker_entrorl(spec: dict) -> dict:
         "method": "grpo",
         "optim": {"steps": spec["warmup"] + spec["steps"], "lr": spec["lr"], "grad_clip": 1.0, "weight_decay": 0.0},
         "eval": {"every": 0},
-        "diagnostics": {"measure_entropy_change": spec["arm"] == "entrorl"},
+        "diagnostics": {"measure_entropy_change": spec["arm"] == "entrorl", **diagnostics},
         "logging": {"progress": False},
         "checkpoint": {"every": 0},
     })
@@ -182,13 +189,14 @@ def worker_entrorl(spec: dict) -> dict:
                 profile = _profiled(spec["profile"])
                 if profile is not None:
                     profile.enable()
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             metrics = trainer.train_step()
             trainer.logger.log(trainer.step, metrics)
-            elapsed = time.perf_counter() - started
+            elapsed, elapsed_cpu = time.perf_counter() - started, time.process_time() - started_cpu
             rows = spec["prompts_per_step"] * spec["group_size"]
             records.append({
                 "step_s": elapsed,
+                "cpu_s": elapsed_cpu,
                 "train_step_s": metrics["time/step_s"],
                 "generate_s": metrics["time/generate_s"],
                 "update_s": metrics["time/update_s"],
@@ -202,7 +210,8 @@ def worker_entrorl(spec: dict) -> dict:
             profile.disable()
         trainer.logger.close()
     _print_profile(profile, spec["arm"])
-    return {"records": records, "threads_seen": torch.get_num_threads(), **_steps_summary(records, spec["warmup"])}
+    return {"records": records, "threads_seen": torch.get_num_threads(),
+            "measure_fraction": getattr(config.diagnostics, "measure_fraction", 1.0), **_steps_summary(records, spec["warmup"])}
 
 
 def worker_trl(spec: dict) -> dict:
@@ -237,6 +246,7 @@ def worker_trl(spec: dict) -> dict:
     class StepClock(TrainerCallback):
         def __init__(self):
             self.marks: list[float] = []
+            self.cpu_marks: list[float] = []
             self.threads_seen = None
             self.rewards: list[float] = []
             self.profile = None
@@ -249,9 +259,11 @@ def worker_trl(spec: dict) -> dict:
             name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
             self.checkpointing = bool(getattr(model, name, False))
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
 
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
             if len(self.marks) - 1 == spec["warmup"]:
                 self.profile = _profiled(spec["profile"])
                 if self.profile is not None:
@@ -329,6 +341,7 @@ def worker_trl(spec: dict) -> dict:
         step_s = clock.marks[index + 1] - clock.marks[index]
         records.append({
             "step_s": step_s,
+            "cpu_s": clock.cpu_marks[index + 1] - clock.cpu_marks[index],
             "generate_s": phases[index]["generate_s"],
             "update_s": step_s - phases[index]["generate_s"],
             "diagnostics_s": None,
@@ -357,7 +370,7 @@ def worker_floor(spec: dict) -> dict:
     P, G, R = spec["prompts_per_step"], spec["group_size"], spec["max_new_tokens"]
     records = []
     for index in range(spec["warmup"] + spec["steps"]):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         batch = [encoded[(index * P + i) % len(encoded)] for i in range(P) for _ in range(G)]
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -392,7 +405,7 @@ def worker_floor(spec: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         finished = time.perf_counter()
-        records.append({"step_s": finished - started, "generate_s": generated - started, "update_s": finished - generated,
+        records.append({"step_s": finished - started, "cpu_s": time.process_time() - started_cpu, "generate_s": generated - started, "update_s": finished - generated,
                         "diagnostics_s": None, "tokens": completion.numel(), "rows": len(batch), "reward_mean": float("nan")})
     return {"records": records, "threads_seen": torch.get_num_threads(), **_steps_summary(records, spec["warmup"])}
 
@@ -514,6 +527,8 @@ def _pooled(runs: list[dict], warmup: int) -> dict:
         "mean_completion_length": sum(r["tokens"] for r in steps) / sum(r["rows"] for r in steps),
         "rounds": [run["steps_per_s"] for run in runs],
     }
+    cpu = [r["cpu_s"] for r in steps if r.get("cpu_s") is not None]
+    pooled["cpu_s"] = statistics.median(cpu) if cpu else None
     for phase in ("generate_s", "update_s", "diagnostics_s"):
         values = [r[phase] for r in steps if r.get(phase) is not None]
         pooled[phase] = statistics.median(values) if values else None
@@ -556,12 +571,16 @@ def report(results: dict[str, list[dict]], args, machine: dict) -> str:
         f"machine: {machine['cpu']}, {machine['cpus']} CPUs, {machine.get('ram_gib', '?')} GiB RAM; python "
         f"{machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}, trl {machine['trl'] or '-'}"
     )
+    fractions = sorted({run["measure_fraction"] for run in results.get("entrorl", []) if run.get("measure_fraction") is not None})
+    if fractions:
+        out.append("entrorl diagnostics: the post-update re-scoring covers "
+                   + " / ".join(f"{fraction:g}" for fraction in fractions) + " of the rows (diagnostics.measure_fraction)")
     foreign = [run["foreign_cpus"] for runs in results.values() for run in runs if run.get("foreign_cpus") is not None]
     if foreign:
         out.append(f"other processes kept {statistics.median(foreign):.2f} CPUs busy (median over arms and rounds; "
                    f"at most {max(foreign):.2f}) while the arms ran")
     out.append("")
-    header = ["arm", "steps/s", "s/step", "completion tok/s", "mean completion len", "generate s", "update s",
+    header = ["arm", "steps/s", "s/step", "CPU s/step", "completion tok/s", "mean completion len", "generate s", "update s",
               "diagnostics s", "steps/s (mean)", "rounds (steps/s)"]
     table_rows = []
     chosen = {}
@@ -576,7 +595,8 @@ def report(results: dict[str, list[dict]], args, machine: dict) -> str:
             runs = clean
         pooled = chosen[arm] = _pooled(runs, args.warmup)
         table_rows.append([
-            arm, _fmt(pooled["steps_per_s"], 2), _fmt(1.0 / pooled["steps_per_s"], 3), _fmt(pooled["tokens_per_s"], 0),
+            arm, _fmt(pooled["steps_per_s"], 2), _fmt(1.0 / pooled["steps_per_s"], 3), _fmt(pooled["cpu_s"], 3),
+            _fmt(pooled["tokens_per_s"], 0),
             _fmt(pooled["mean_completion_length"], 1), _fmt(pooled["generate_s"], 3), _fmt(pooled["update_s"], 3),
             _fmt(pooled["diagnostics_s"], 3), _fmt(pooled["steps_per_s_mean"], 2),
             ", ".join(_fmt(value, 2) for value in pooled["rounds"]),
@@ -599,7 +619,9 @@ def report(results: dict[str, list[dict]], args, machine: dict) -> str:
             steps = chosen[arm]["steps_per_s"] / chosen["trl"]["steps_per_s"]
             tokens = chosen[arm]["tokens_per_s"] / chosen["trl"]["tokens_per_s"]
             mean = chosen[arm]["steps_per_s_mean"] / chosen["trl"]["steps_per_s_mean"]
-            out.append(f"{bullet}{arm} / trl: {steps:.2f}x steps/s ({mean:.2f}x on mean step times), {tokens:.2f}x "
+            cpu = (f", {chosen['trl']['cpu_s'] / chosen[arm]['cpu_s']:.2f}x on CPU time per step"
+                   if chosen[arm]["cpu_s"] and chosen["trl"]["cpu_s"] else "")
+            out.append(f"{bullet}{arm} / trl: {steps:.2f}x steps/s ({mean:.2f}x on mean step times{cpu}), {tokens:.2f}x "
                        f"completion tokens/s (goal >= 2x: {'met' if steps >= 2.0 else 'NOT met'})")
     if "floor" in chosen:
         floor = chosen["floor"]
@@ -611,8 +633,10 @@ def report(results: dict[str, list[dict]], args, machine: dict) -> str:
     if "entrorl" in chosen and "entrorl-nodiag" in chosen:
         on, off = chosen["entrorl"], chosen["entrorl-nodiag"]
         overhead = off["steps_per_s"] / on["steps_per_s"] - 1.0
+        cpu = (f"; {100 * (on['cpu_s'] / off['cpu_s'] - 1.0):+.1f}% on CPU time per step"
+               if on["cpu_s"] and off["cpu_s"] else "")
         out.append(f"{bullet}diagnostics overhead, arm against arm (measure_entropy_change on vs off, median step times): "
-                   f"{100 * overhead:+.1f}% (goal < 10%: {'met' if overhead < 0.10 else 'NOT met'})")
+                   f"{100 * overhead:+.1f}% (goal < 10%: {'met' if overhead < 0.10 else 'NOT met'}){cpu}")
     if "entrorl" in chosen:
         share = chosen["entrorl"]["diagnostics_share"]
         out.append(f"{bullet}diagnostics overhead, within each step (diagnostics phase / rest of the same step, median "
@@ -635,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-kv-heads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--measure-fraction", type=float, default=None,
+                        help="entrorl's diagnostics.measure_fraction, the share of rows re-scored after the update "
+                        "(default: the config's default)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which arms to run (default: all)")
     parser.add_argument("--skip-trl", action="store_true", help="do not run TRL (skipped anyway when it is not importable)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, 1 warm-up + 2 timed steps, 1 round")
@@ -703,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
                     "work_dir": str(work_dir), "threads": args.threads, "seed": args.seed, "lr": args.lr,
                     "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
                     "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "steps": args.steps,
-                    "profile": args.profile,
+                    "profile": args.profile, "measure_fraction": args.measure_fraction,
                 }
                 started = time.perf_counter()
                 result = _spawn(spec, args.timeout)

@@ -1,9 +1,10 @@
 """Batched sampling from a Hugging Face causal LM with a KV cache, keeping the sampler's log-probs.
 
 The loop is the plain one: one prefill over the left-padded prompts, then one cached forward per new
-token. Temperature, top-k and top-p are applied to the last position's logits; the log-prob of each
-sampled token under that *processed* distribution is kept (``sampler_log_probs``), which is what TIS and
-IcePop compare with the trainer's log-probs.
+token, run either by :class:`~entrorl.rollout.static_cache.StaticCacheDecoder` (Llama-family models, a
+preallocated cache) or by the model's own forward. Temperature, top-k and top-p are applied to the last
+position's logits; the log-prob of each sampled token under that *processed* distribution is kept
+(``sampler_log_probs``), which is what TIS and IcePop compare with the trainer's log-probs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Rollouts", "SamplingParams", "HFSampler", "process_logits"]
+from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
+
+__all__ = ["Rollouts", "SamplingParams", "HFSampler", "process_logits", "sample_from_log_probs", "DECODERS"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,45 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return scores
 
 
+def sample_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row of ``[B, V]`` normalised log-probs, by inverting the cumulative distribution with one
+    uniform number per row (``torch.rand``, so seeded like any torch sampling). Entries at ``-inf`` are never drawn.
+    """
+    cumulative = log_probs.exp().cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    # strictly below the total, so that rounding can never step past the last token with probability > 0
+    threshold = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return (cumulative <= threshold).sum(dim=-1)
+
+
+class _TransformersDecoder:
+    """Prefill and per-token decode through the model's own forward and its ``DynamicCache`` (any causal LM)."""
+
+    def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        self.model = model
+        self.prompt_ids = prompt_ids
+        self.attention = prompt_mask.long()
+        self.cache = None
+        self.next_position = None
+
+    def prefill(self) -> torch.Tensor:
+        positions = (self.attention.cumsum(dim=-1) - 1).clamp(min=0)
+        output = self.model(input_ids=self.prompt_ids, attention_mask=self.attention, position_ids=positions,
+                            use_cache=True, logits_to_keep=1)
+        self.cache, self.next_position = output.past_key_values, positions[:, -1:] + 1
+        return output.logits[:, -1, :]
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.attention = torch.cat([self.attention, self.attention.new_ones((self.attention.shape[0], 1))], dim=-1)
+        output = self.model(input_ids=tokens[:, None], attention_mask=self.attention, position_ids=self.next_position,
+                            past_key_values=self.cache, use_cache=True)
+        self.cache, self.next_position = output.past_key_values, self.next_position + 1
+        return output.logits[:, -1, :]
+
+
+DECODERS = ("auto", "static_cache", "transformers")
+
+
 class HFSampler:
     """Samples responses from a causal LM (any ``transformers`` model with a KV cache).
 
@@ -110,9 +152,15 @@ class HFSampler:
         eos_token_id: id (or ids) that end a response.
         pad_token_id: id used for padding.
         batch_size: rows per generation call (memory bound); prompts are processed in chunks of this size.
+        decoder: how the model is run token by token. ``"static_cache"``: :class:`StaticCacheDecoder`, a lean loop
+            over the model's own weights with a preallocated KV cache (Llama-family models only; several times
+            faster on small models, whose decode step is mostly per-call overhead); ``"transformers"``: the
+            model's own forward with its ``DynamicCache`` (any causal LM); ``"auto"`` (default): the static cache
+            whenever the model qualifies (:func:`static_cache_unsupported_reason`), else ``"transformers"``.
     """
 
-    def __init__(self, model: torch.nn.Module, *, eos_token_id: int | Sequence[int], pad_token_id: int, batch_size: int = 64):
+    def __init__(self, model: torch.nn.Module, *, eos_token_id: int | Sequence[int], pad_token_id: int, batch_size: int = 64,
+                 decoder: str = "auto"):
         self.model = model
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         if not eos:
@@ -122,6 +170,9 @@ class HFSampler:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+        self.decoder = decoder
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, progress=None) -> Rollouts:
@@ -141,6 +192,18 @@ class HFSampler:
             self.model.train(was_training)
         return parts[0] if len(parts) == 1 else Rollouts.concat(parts, self.pad_token_id)
 
+    def _make_decoder(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
+        if self.decoder != "transformers":
+            reason = static_cache_unsupported_reason(self.model, prompt_ids.shape[1] + max_new_tokens)
+            if reason is None:
+                return StaticCacheDecoder(self.model, prompt_ids, prompt_mask, max_new_tokens)
+            if self.decoder == "static_cache":
+                raise ValueError(f"decoder='static_cache' cannot run this model: {reason}; use decoder='transformers'")
+        return _TransformersDecoder(self.model, prompt_ids, prompt_mask)
+
+    def _is_eos(self, tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
+        return tokens == eos_ids[0] if len(eos_ids) == 1 else torch.isin(tokens, eos_ids)
+
     def _generate_chunk(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollouts:
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
@@ -155,55 +218,34 @@ class HFSampler:
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         eos_ids = self.eos_token_ids.to(device)
 
-        attention = prompt_mask.long()
-        positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
-        output = self.model(
-            input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
-        cache = output.past_key_values
-        next_logits = output.logits[:, -1, :]
-        next_position = positions[:, -1:] + 1
-
+        decoder = self._make_decoder(prompt_ids, prompt_mask, params.max_new_tokens)
+        next_logits = decoder.prefill()
         batch = len(prompts)
         tokens = torch.full((batch, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         log_probs = torch.zeros((batch, params.max_new_tokens), dtype=torch.float32, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        # rows keep being fed (whatever they sample) after their EOS; everything past it is masked out below
         for step in range(params.max_new_tokens):
-            scores = process_logits(next_logits, params)
-            step_log_probs = scores.log_softmax(dim=-1)
-            if params.temperature == 0:
-                sampled = scores.argmax(dim=-1)
-            else:
-                sampled = torch.multinomial(step_log_probs.exp(), 1).squeeze(-1)
-            sampled = torch.where(finished, torch.full_like(sampled, self.pad_token_id), sampled)
+            step_log_probs = process_logits(next_logits, params).log_softmax(dim=-1)
+            sampled = step_log_probs.argmax(dim=-1) if params.temperature == 0 else sample_from_log_probs(step_log_probs)
             tokens[:, step] = sampled
-            log_probs[:, step] = torch.where(finished, 0.0, step_log_probs.gather(-1, sampled[:, None]).squeeze(-1))
-            lengths += (~finished).long()
-            finished |= torch.isin(sampled, eos_ids)
-            if bool(finished.all()) or step == params.max_new_tokens - 1:
+            log_probs[:, step] = step_log_probs.gather(-1, sampled[:, None]).squeeze(-1)
+            finished |= self._is_eos(sampled, eos_ids)
+            if step == params.max_new_tokens - 1 or bool(finished.all()):
                 break
-            attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=-1)
-            output = self.model(
-                input_ids=sampled[:, None],
-                attention_mask=attention,
-                position_ids=next_position,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = output.past_key_values
-            next_logits = output.logits[:, -1, :]
-            next_position = next_position + 1
+            next_logits = decoder.decode(sampled)
 
-        used = int(lengths.max())
+        used = step + 1
         tokens, log_probs = tokens[:, :used], log_probs[:, :used]
-        response_mask = torch.arange(used, device=device)[None, :] < lengths[:, None]
+        eos_hits = self._is_eos(tokens, eos_ids)
+        # True up to and including the first EOS of the row
+        response_mask = (eos_hits.long().cumsum(dim=-1) - eos_hits.long()) == 0
         return Rollouts(
             prompt_ids=prompt_ids.cpu(),
             prompt_mask=prompt_mask.cpu(),
-            response_ids=tokens.cpu(),
+            response_ids=tokens.masked_fill(~response_mask, self.pad_token_id).cpu(),
             response_mask=response_mask.cpu(),
-            sampler_log_probs=log_probs.cpu(),
-            lengths=lengths.cpu(),
-            truncated=(~finished).cpu(),
+            sampler_log_probs=log_probs.masked_fill(~response_mask, 0.0).cpu(),
+            lengths=response_mask.sum(dim=-1).cpu(),
+            truncated=(~eos_hits.any(dim=-1)).cpu(),
         )

@@ -1,0 +1,252 @@
+"""A lean prefill + decode loop for Llama-family decoders, with a preallocated KV cache.
+
+``transformers``' own forward pays a fixed cost per call (output dataclasses, mask construction, a growing
+``DynamicCache``, per-module hooks) that dwarfs the arithmetic of a small model decoding one token per row.
+:class:`StaticCacheDecoder` runs the same computation straight from the model's own parameters: one
+prefill over the left-padded prompts, then one call per new token that writes its keys and values into
+a cache allocated once for the whole response. The logits equal the model's own (float rounding aside), and the
+weights are read at every call, so the decoder always sees the current policy.
+
+Only architectures whose layer is exactly "RMSNorm → attention with RoPE → residual → RMSNorm → gated MLP →
+residual" qualify (:data:`STATIC_CACHE_MODEL_TYPES`), with plain ``nn.Linear`` / ``nn.Embedding`` modules, no
+hooks (adapters, quantisation, offloading), a RoPE that does not depend on the sequence length, and no sliding
+window shorter than the sequence; :func:`static_cache_unsupported_reason` says why a model does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["STATIC_CACHE_MODEL_TYPES", "StaticCacheDecoder", "static_cache_unsupported_reason"]
+
+# model types whose decoder layer is the Llama one (Qwen3 adds a per-head RMSNorm on queries and keys)
+STATIC_CACHE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+# RoPE variants whose frequencies change with the sequence length; their result depends on how a
+# sequence is split into calls, so they stay with the model's own forward
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def static_cache_unsupported_reason(model: torch.nn.Module, total_length: int) -> str | None:
+    """Why :class:`StaticCacheDecoder` cannot run ``model`` on sequences of ``total_length`` tokens, or None if it can."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in STATIC_CACHE_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {sorted(STATIC_CACHE_MODEL_TYPES)}"
+    inner = getattr(model, "model", None)
+    head = getattr(model, "lm_head", None)
+    if inner is None or type(head) is not torch.nn.Linear or type(getattr(inner, "embed_tokens", None)) is not torch.nn.Embedding:
+        return "the model is not laid out as model.embed_tokens / model.layers / model.norm / lm_head"
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+            return f"module {name or 'model'} has forward hooks (adapter, quantisation or offloading)"
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if any(kind in str(rope_type) for kind in _LENGTH_DEPENDENT_ROPE):
+        return f"rope type {rope_type!r} depends on the sequence length"
+    for index, layer in enumerate(inner.layers):
+        attention, mlp = layer.self_attn, layer.mlp
+        projections = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
+                       mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if any(type(projection) is not torch.nn.Linear for projection in projections):
+            return f"layer {index} has a projection that is not a plain nn.Linear"
+        window = getattr(attention, "sliding_window", getattr(config, "sliding_window", None))
+        if window is not None and window <= total_length:
+            return f"layer {index} has a sliding window of {window} <= the sequence length {total_length}"
+    return None
+
+
+def _rms_norm(hidden: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """The model's RMSNorm: normalise in float32, cast back, then scale by the weight."""
+    if hidden.dtype == torch.float32:
+        return F.rms_norm(hidden, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    normed = F.rms_norm(hidden.float(), norm.weight.shape, None, norm.variance_epsilon)
+    return norm.weight * normed.to(hidden.dtype)
+
+
+def _rotate(states: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``[..., D]``: ``x * cos + rotate_half(x) * sin``, with ``rotate_half(x) * sin`` written as
+    ``roll(x, D/2) * signed_sin`` (``signed_sin`` has its first half negated)."""
+    return torch.addcmul(states * cos, states.roll(states.shape[-1] // 2, dims=-1), signed_sin)
+
+
+@dataclass(frozen=True)
+class _LayerWeights:
+    """One decoder layer's parameters, with the query/key/value and the gate/up projections concatenated."""
+
+    input_norm: torch.nn.Module
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    query_norm: torch.nn.Module | None
+    key_norm: torch.nn.Module | None
+    output: torch.nn.Linear
+    post_attention_norm: torch.nn.Module
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    activation: object
+    down: torch.nn.Linear
+
+    @classmethod
+    def of(cls, layer) -> "_LayerWeights":
+        attention, mlp = layer.self_attn, layer.mlp
+        qkv = (attention.q_proj, attention.k_proj, attention.v_proj)
+        gate_up = (mlp.gate_proj, mlp.up_proj)
+
+        def joined_bias(projections):
+            if all(projection.bias is None for projection in projections):
+                return None
+            return torch.cat([projection.bias if projection.bias is not None else
+                              projection.weight.new_zeros(projection.out_features) for projection in projections])
+
+        return cls(
+            input_norm=layer.input_layernorm,
+            qkv_weight=torch.cat([projection.weight for projection in qkv]),
+            qkv_bias=joined_bias(qkv),
+            query_norm=getattr(attention, "q_norm", None),
+            key_norm=getattr(attention, "k_norm", None),
+            output=attention.o_proj,
+            post_attention_norm=layer.post_attention_layernorm,
+            gate_up_weight=torch.cat([projection.weight for projection in gate_up]),
+            gate_up_bias=joined_bias(gate_up),
+            activation=mlp.act_fn,
+            down=mlp.down_proj,
+        )
+
+
+class StaticCacheDecoder:
+    """Prefill and per-token decode for one batch of left-padded prompts, over a preallocated KV cache.
+
+    Args:
+        model: a causal LM accepted by :func:`static_cache_unsupported_reason`.
+        prompt_ids: ``[B, P]`` left-padded prompt token ids.
+        prompt_mask: ``[B, P]`` bool, True on prompt tokens.
+        max_new_tokens: how many tokens :meth:`decode` may be called with (the cache holds ``P + max_new_tokens``).
+
+    Call :meth:`prefill` once, then :meth:`decode` with each sampled token; both return the next token's
+    ``[B, V]`` logits in the model's dtype. Positions follow the prompt mask (the first prompt token of every row
+    is position 0), as in the model's forward with ``position_ids = cumsum(mask) - 1``. The query/key/value and
+    gate/up weights are concatenated once, here (a copy of those weights lives as long as the decoder), so a
+    decoder serves one batch: build a new one after the model's weights change.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
+        reason = static_cache_unsupported_reason(model, prompt_ids.shape[1] + max_new_tokens)
+        if reason is not None:
+            raise ValueError(f"StaticCacheDecoder cannot run this model: {reason}")
+        config = model.config
+        self.inner = model.model
+        self.head = model.lm_head
+        with torch.no_grad():
+            self.layers = [_LayerWeights.of(layer) for layer in self.inner.layers]
+        first = self.inner.layers[0].self_attn
+        self.head_dim = first.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = first.scaling
+        self.prompt_ids = prompt_ids
+        self.max_new_tokens = max_new_tokens
+
+        batch, prompt_width = prompt_ids.shape
+        total = prompt_width + max_new_tokens
+        device, weight = prompt_ids.device, self.head.weight
+        # [B * kv_heads, P + max_new_tokens, D]: one matrix per (row, KV head), as batched matmuls want them
+        self.keys = [weight.new_zeros(batch * self.num_kv_heads, total, self.head_dim) for _ in self.layers]
+        self.values = [weight.new_zeros(batch * self.num_kv_heads, total, self.head_dim) for _ in self.layers]
+        key_mask = torch.cat([prompt_mask.bool(), prompt_mask.new_ones((batch, max_new_tokens), dtype=torch.bool)], dim=1)
+        # decode: 0 where a key may be attended to (the prompt's real tokens, then every generated slot), -inf elsewhere
+        self.decode_bias = torch.zeros(key_mask.shape, dtype=weight.dtype, device=device).masked_fill(~key_mask, float("-inf"))
+        self.decode_bias = self.decode_bias.repeat_interleave(self.num_kv_heads, dim=0)[:, None, :]
+        self.filled = 0
+
+        prompt_positions = (prompt_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+        decode_positions = prompt_positions[:, -1:] + 1 + torch.arange(max_new_tokens, device=device)
+        cos_table, sin_table = self.inner.rotary_emb(weight, torch.arange(total, device=device)[None, :])
+        cos_table, sin_table = cos_table[0], sin_table[0]
+        half = self.head_dim // 2
+        sign = torch.ones(self.head_dim, dtype=sin_table.dtype, device=device)
+        sign[:half] = -1
+        signed_sin_table = sin_table * sign
+        # [B, T, 1, D] for the prefill; [max_new_tokens, B, 1, 1, D] so that step t reads one contiguous block
+        self.prefill_rope = (cos_table[prompt_positions][:, :, None], signed_sin_table[prompt_positions][:, :, None])
+        self.decode_cos = cos_table[decode_positions].transpose(0, 1)[:, :, None, None].contiguous()
+        self.decode_sin = signed_sin_table[decode_positions].transpose(0, 1)[:, :, None, None].contiguous()
+
+        # causal and padding mask of the prefill; a padding query attends to itself so that no row is all -inf
+        causal = torch.ones(prompt_width, prompt_width, dtype=torch.bool, device=device).tril()
+        diagonal = torch.eye(prompt_width, dtype=torch.bool, device=device)
+        self.prefill_mask = (causal & (prompt_mask.bool()[:, None, :] | diagonal))[:, None]
+
+    @torch.no_grad()
+    def prefill(self) -> torch.Tensor:
+        """Run the prompts through the model, fill the cache; the logits of the first response token."""
+        hidden = self.inner.embed_tokens(self.prompt_ids)
+        batch, length, _ = hidden.shape
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        cos, signed_sin = self.prefill_rope
+        for index, layer in enumerate(self.layers):
+            query, key, value = self._query_key_value(layer, hidden, cos, signed_sin)
+            self._store(index, key, value)
+            attended = F.scaled_dot_product_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=self.prefill_mask,
+                scale=self.scaling, enable_gqa=heads != kv_heads,
+            )
+            hidden = self._finish_layer(layer, hidden, attended.transpose(1, 2).reshape(batch, length, heads * head_dim))
+        self.filled = length
+        return self._logits(hidden[:, -1])
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (``[B]``); the logits of the next one."""
+        step = self.filled - self.prompt_ids.shape[1]
+        if self.filled == 0 or step >= self.max_new_tokens:
+            raise RuntimeError(f"decode() called at step {step}: call prefill() first, and at most max_new_tokens times")
+        hidden = F.embedding(tokens[:, None], self.inner.embed_tokens.weight)
+        batch = hidden.shape[0]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        cos, signed_sin = self.decode_cos[step], self.decode_sin[step]
+        end = self.filled + 1
+        bias = self.decode_bias[:, :, :end]
+        for index, layer in enumerate(self.layers):
+            query, key, value = self._query_key_value(layer, hidden, cos, signed_sin)
+            self._store(index, key, value)
+            # the query heads sharing a KV head become that head's query rows: one small matmul per (row, KV head)
+            grouped = query.reshape(batch * kv_heads, heads // kv_heads, head_dim)
+            scores = torch.baddbmm(bias, grouped, self.keys[index][:, :end].transpose(1, 2), alpha=self.scaling)
+            weights = scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
+            attended = torch.bmm(weights, self.values[index][:, :end]).view(batch, 1, heads * head_dim)
+            hidden = self._finish_layer(layer, hidden, attended)
+        self.filled = end
+        return self._logits(hidden[:, -1])
+
+    def _query_key_value(self, layer: _LayerWeights, hidden: torch.Tensor, cos, signed_sin):
+        """Queries ``[B, T, H, D]``, keys and values ``[B, T, H_kv, D]``, RoPE applied."""
+        batch, length, _ = hidden.shape
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = F.linear(_rms_norm(hidden, layer.input_norm), layer.qkv_weight, layer.qkv_bias)
+        qkv = qkv.view(batch, length, heads + 2 * kv_heads, self.head_dim)
+        if layer.query_norm is not None:
+            query_key = torch.cat([_rms_norm(qkv[:, :, :heads], layer.query_norm),
+                                   _rms_norm(qkv[:, :, heads : heads + kv_heads], layer.key_norm)], dim=2)
+        else:
+            query_key = qkv[:, :, : heads + kv_heads]
+        query_key = _rotate(query_key, cos, signed_sin)
+        return query_key[:, :, :heads], query_key[:, :, heads:], qkv[:, :, heads + kv_heads :]
+
+    def _store(self, index: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write ``[B, T, H_kv, D]`` keys and values into the cache slots after the filled ones."""
+        batch, length = key.shape[:2]
+        start = self.filled
+        for cache, states in ((self.keys[index], key), (self.values[index], value)):
+            cache.view(batch, self.num_kv_heads, -1, self.head_dim)[:, :, start : start + length] = states.transpose(1, 2)
+
+    @staticmethod
+    def _finish_layer(layer: _LayerWeights, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Attention output projection and residual, then the gated MLP and its residual."""
+        hidden = hidden + F.linear(attended, layer.output.weight, layer.output.bias)
+        gate, up = F.linear(_rms_norm(hidden, layer.post_attention_norm), layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
+        return hidden + F.linear(layer.activation(gate) * up, layer.down.weight, layer.down.bias)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(_rms_norm(hidden, self.inner.norm), self.head.weight, self.head.bias)

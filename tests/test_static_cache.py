@@ -1,0 +1,150 @@
+"""The static-cache decoder against the model's own forward: the same logits for prefill and every decode step
+(left padding, grouped-query attention, Qwen3's query/key norms, biases), the models it must refuse, and the
+sampler giving the same rollouts with either decoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from entrorl.rollout import HFSampler, SamplingParams
+from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
+
+VOCAB, PAD, EOS = 40, 0, 1
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS)
+CONFIGS = {
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=8),
+    "llama_bias": lambda: LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True),
+    "mistral_mha": lambda: MistralConfig(**{**COMMON, "num_key_value_heads": 4}, sliding_window=None),
+}
+
+
+def build(name: str, dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name]()).to(dtype).eval()
+    with torch.no_grad():  # random, non-trivial norms and biases so that a dropped term shows
+        for param_name, parameter in model.named_parameters():
+            if "norm" in param_name or param_name.endswith("bias"):
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return model
+
+
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row):] = torch.tensor(row)
+        mask[index, width - len(row):] = True
+    return ids, mask
+
+
+def reference_next_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The model's own forward over the whole (left-padded) sequence: logits at the last position."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False).logits[:, -1].float()
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_prefill_and_every_decode_step_equal_the_model_forward(name):
+    model = build(name)
+    assert static_cache_unsupported_reason(model, 32) is None
+    ids, mask = left_padded(PROMPTS)
+    steps = 6
+    decoder = StaticCacheDecoder(model, ids, mask, max_new_tokens=steps)
+    logits = decoder.prefill()
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        expected = reference_next_logits(model, ids, mask)
+        torch.testing.assert_close(logits.float(), expected, atol=2e-5, rtol=2e-5, msg=f"{name}, step {step}")
+        token = torch.randint(2, VOCAB, (len(PROMPTS),), generator=generator)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones((len(PROMPTS), 1), dtype=torch.bool)], dim=1)
+        if step < steps - 1:
+            logits = decoder.decode(token)
+    decoder.decode(token)  # the last slot of the cache
+    with pytest.raises(RuntimeError, match="at most max_new_tokens"):
+        decoder.decode(token)
+
+
+def test_bfloat16_logits_stay_close_to_the_model_forward():
+    model = build("qwen2", torch.bfloat16)
+    ids, mask = left_padded(PROMPTS)
+    decoder = StaticCacheDecoder(model, ids, mask, max_new_tokens=2)
+    logits = decoder.prefill()
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference_next_logits(model, ids, mask), atol=0.05, rtol=0.05)
+    token = torch.tensor([3, 4, 5])
+    logits = decoder.decode(token)
+    ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones(3, 1, dtype=torch.bool)], 1)
+    torch.testing.assert_close(logits.float(), reference_next_logits(model, ids, mask), atol=0.05, rtol=0.05)
+
+
+def test_decoder_uses_the_weights_it_was_built_with_and_rejects_decode_before_prefill():
+    model = build("qwen2")
+    ids, mask = left_padded(PROMPTS)
+    decoder = StaticCacheDecoder(model, ids, mask, max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="prefill"):
+        decoder.decode(torch.tensor([2, 2, 2]))
+    before = decoder.prefill()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(3.0)
+    # a new decoder reads the changed weights: the logits move with them
+    after = StaticCacheDecoder(model, ids, mask, max_new_tokens=2).prefill()
+    torch.testing.assert_close(after.float(), reference_next_logits(model, ids, mask), atol=2e-5, rtol=2e-5)
+    assert not torch.allclose(before, after)
+
+
+def test_models_the_decoder_cannot_run_are_named_with_the_reason():
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64))
+    assert "gpt2" in static_cache_unsupported_reason(gpt2, 16)
+
+    windowed = AutoModelForCausalLM.from_config(MistralConfig(**COMMON, sliding_window=8))
+    assert "sliding window" in static_cache_unsupported_reason(windowed, 16)
+    assert static_cache_unsupported_reason(windowed, 4) is None  # the window never bites on short sequences
+
+    hooked = build("qwen2")
+    hooked.model.layers[1].mlp.register_forward_hook(lambda module, args, output: output * 2)
+    assert "hooks" in static_cache_unsupported_reason(hooked, 16)
+
+    dynamic = AutoModelForCausalLM.from_config(Qwen2Config(**COMMON, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                                       "rope_theta": 10000.0}))
+    assert "rope" in static_cache_unsupported_reason(dynamic, 16)
+
+    ids, mask = left_padded(PROMPTS)
+    with pytest.raises(ValueError, match="gpt2"):
+        StaticCacheDecoder(gpt2, ids, mask, max_new_tokens=2)
+
+
+def test_sampler_decoders_give_the_same_rollouts():
+    model = build("qwen3")
+    prompts = [row for row in PROMPTS for _ in range(2)]
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20)
+    results = {}
+    for decoder in ("static_cache", "transformers"):
+        torch.manual_seed(3)
+        results[decoder] = HFSampler(model, eos_token_id=EOS, pad_token_id=PAD, decoder=decoder).generate(prompts, params)
+    fast, slow = results["static_cache"], results["transformers"]
+    assert torch.equal(fast.response_ids, slow.response_ids) and torch.equal(fast.response_mask, slow.response_mask)
+    assert torch.equal(fast.lengths, slow.lengths) and torch.equal(fast.truncated, slow.truncated)
+    torch.testing.assert_close(fast.sampler_log_probs, slow.sampler_log_probs, atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_decoder_choice_is_checked():
+    with pytest.raises(ValueError, match="unknown decoder"):
+        HFSampler(build("qwen2"), eos_token_id=EOS, pad_token_id=PAD, decoder="compiled")
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                                       eos_token_id=EOS, pad_token_id=PAD)).eval()
+    params = SamplingParams(max_new_tokens=3)
+    with pytest.raises(ValueError, match="decoder='transformers'"):
+        HFSampler(gpt2, eos_token_id=EOS, pad_token_id=PAD, decoder="static_cache").generate([[5, 6]], params)
+    # "auto" falls back to the model's own forward
+    rollouts = HFSampler(gpt2, eos_token_id=EOS, pad_token_id=PAD).generate([[5, 6]], params)
+    assert rollouts.response_ids.shape[0] == 1
