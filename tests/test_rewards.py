@@ -46,7 +46,8 @@ MATH_CASES = [
     (r"So $x = \boxed{\frac{1}{2}}$.", "0.5", 1.0),
     ("Dividing, we get 1/2", r"\frac12", 1.0),
     (r"The total is \boxed{96}", "96", 1.0),
-    ("The answer is 3.14159", r"\pi", 0.0),
+    ("The answer is 3.14159", r"\pi", 1.0),  # a decimal approximating pi to its written digits
+    ("The answer is 3.15", r"\pi", 0.0),  # neither pi rounded nor cut to two decimals
     (r"The roots are \boxed{1, 2, 3}", "3,1,2", 1.0),
     (r"The solution set is \boxed{\{1, 2, 3\}}", "{3, 1, 2}", 1.0),
     # sets: a missing root is wrong
@@ -70,7 +71,8 @@ MATH_CASES = [
     (r"\boxed{\dfrac{2}{3}}", "2/3", 1.0),
     (r"\boxed{\sqrt{2}}", "2^{1/2}", 1.0),
     ("We expand. The answer is $(x+1)^2$.", "x^2+2x+1", 1.0),
-    (r"\boxed{0.6667}", "2/3", 0.0),
+    (r"\boxed{0.6667}", "2/3", 1.0),  # 2/3 rounded to four decimals
+    (r"\boxed{0.67}", "2/3", 0.0),  # two significant digits are too few to count as an approximation
     # other formats and extractors
     (r"1,000 apples in all, so \boxed{1000}", "1,000", 1.0),
     ("reasoning...\n#### 72", "72", 1.0),
@@ -98,12 +100,15 @@ def test_math_reward_table(math_reward, completion, reference, expected):
     assert math_reward("prompt", completion, reference) == expected
 
 
-def test_math_pi_needs_a_tolerance():
-    assert get_reward("math")("", "The answer is 3.14159", r"\pi") == 0.0
-    assert get_reward("math", tolerance=1e-6)("", "The answer is 3.14159", r"\pi") == 1.0
-    assert get_reward("math", numeric_tolerance=1e-6)("", r"\boxed{3.14159}", r"\pi") == 1.0
-    assert math_equal("3.14159", r"\pi", tolerance=1e-6)
-    assert not math_equal("3.14159", r"\pi")
+def test_math_pi_approximation_rule_and_tolerance():
+    assert get_reward("math")("", "The answer is 3.14159", r"\pi") == 1.0
+    # without the approximation rule only the relative tolerance can accept a decimal for pi
+    assert get_reward("math", approximation_digits=0)("", "The answer is 3.14159", r"\pi") == 0.0
+    assert get_reward("math", approximation_digits=0, tolerance=1e-6)("", "The answer is 3.14159", r"\pi") == 1.0
+    assert get_reward("math", approximation_digits=0, numeric_tolerance=1e-6)("", r"\boxed{3.14159}", r"\pi") == 1.0
+    assert math_equal("3.14159", r"\pi", approximation_digits=0, tolerance=1e-6)
+    assert not math_equal("3.14159", r"\pi", approximation_digits=0)
+    assert math_equal("3.14159", r"\pi")
     # tolerance is relative
     assert math_equal("1000001", "1000000", tolerance=1e-5)
     assert not math_equal("1.00001", "1", tolerance=1e-6)

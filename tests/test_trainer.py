@@ -44,8 +44,9 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "entrorl.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "entrorl.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def comparable(records: list[dict]) -> list[dict]:
@@ -81,16 +82,25 @@ def test_cli_train_writes_metrics_checkpoints_and_diagnostics(tmp_path, tiny_mod
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_model_dir, arithmetic_files):
     train, held_out = arithmetic_files
+    # exact match, slowed down so that the two steps after the step-4 checkpoint take far longer than the
+    # polling interval below (a tiny model's step alone takes a few milliseconds)
+    (tmp_path / "slow_reward.py").write_text(
+        "import time\nfrom entrorl.rewards import exact_match\n\n"
+        "def score(prompt, completion, answer, **meta):\n    time.sleep(0.03)\n    return exact_match(prompt, completion, answer, **meta)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     settings = make_config(tiny_model_dir, train, held_out, optim={"steps": 6, "lr": 1e-3, "mini_batches": 2},
-                           method="adaptive_entropy", eval={"every": 3}, checkpoint={"every": 2, "keep": 3})
+                           method="adaptive_entropy", eval={"every": 3}, checkpoint={"every": 2, "keep": 3},
+                           reward={"name": "slow_reward:score"})
     config = write_config(tmp_path / "run.yaml", settings)
 
     straight = tmp_path / "straight"
-    assert run_cli("train", str(config), "--run-dir", str(straight)).returncode == 0
+    finished = run_cli("train", str(config), "--run-dir", str(straight), env=env)
+    assert finished.returncode == 0, finished.stderr
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen([sys.executable, "-m", "entrorl.cli", "train", str(config), "--run-dir", str(interrupted)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
     while not (interrupted / "checkpoints" / "step_000004").is_dir():
         assert process.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
@@ -99,7 +109,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_model_dir, ar
     process.wait()
     assert read_metrics(interrupted)[-1]["step"] < 6
 
-    resumed = run_cli("train", str(config), "--run-dir", str(interrupted), "--resume")
+    resumed = run_cli("train", str(config), "--run-dir", str(interrupted), "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert comparable(read_metrics(interrupted)) == comparable(read_metrics(straight))
 
@@ -230,3 +240,25 @@ def test_tensorboard_mirror(tmp_path, tiny_model_dir, arithmetic_files):
     config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1}, logging={"tensorboard": True, "progress": False}))
     Trainer(config, run_dir=tmp_path / "run").train()
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_samples_log_keeps_each_rollout_with_its_reward_reason(tmp_path, tiny_model_dir, arithmetic_files):
+    """logging.samples_every writes one line per rollout; the math reward's reason says why a sample scored 0."""
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "math"},
+                                     logging={"progress": False, "samples_every": 2},
+                                     rollout={"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6,
+                                              "temperature": 1.0, "dynamic_sampling": True, "max_sampling_rounds": 2}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    metrics = [trainer.train_step() for _ in range(2)]
+    samples = tmp_path / "run" / "samples"
+    assert sorted(path.name for path in samples.iterdir()) == ["step_000002.jsonl"]  # step 1 is not a multiple of 2
+    rows = [json.loads(line) for line in (samples / "step_000002.jsonl").read_text().splitlines()]
+    assert len(rows) in (8, 16) and all(row["step"] == 2 for row in rows)  # 16: no informative group, both rounds kept
+    assert {row["prompt"] for row in rows} <= {json.loads(line)["prompt"] for line in train.read_text().splitlines()}
+    assert sum(row["reward"] for row in rows) / len(rows) == pytest.approx(metrics[1]["reward/mean"])
+    for row in rows:
+        assert row["completion"] is not None and row["length"] >= 0 and isinstance(row["truncated"], bool)
+        if row["reward"] == 0.0:  # a random-init model answers wrongly: the record says why
+            assert isinstance(row["reason"], str) and row["reason"]
+    assert any(row["reward"] == 0.0 for row in rows)

@@ -1,4 +1,4 @@
-"""The ``entrorl`` command: ``train``, ``eval`` and ``methods``."""
+"""The ``entrorl`` command: ``train``, ``eval``, ``methods``, ``lab`` and ``data audit``."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Entropy-aware reinforcement fine-tuning of language models.")
 console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/bold red] {message}")
+    # plain text (a message may hold brackets), never wrapped: a path or file:line stays on one line
+    console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -157,6 +159,116 @@ def lab(
     except ValueError as error:
         _fail(str(error))
     console.print(f"[green]report[/green]: {run_dir / 'report.html'}  ({run_dir / 'report.md'})")
+
+
+data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and clean prompt data sets.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("audit")
+def data_audit(
+    model: Annotated[Path, typer.Option(help="local Hugging Face model directory")],
+    data: Annotated[Path, typer.Option(help="prompt file (.jsonl, .json, .csv, .parquet, datasets directory)")],
+    n: Annotated[int, typer.Option(help="samples per prompt")] = 16,
+    reward: Annotated[str, typer.Option(help="reward name or package.module:function")] = "math",
+    band: Annotated[str, typer.Option(help="keep rows whose pass rate lies in this band, e.g. '[0.1,0.5]' or '(1/16,15/16)'")] = "(0, 1)",
+    consensus: Annotated[float, typer.Option(help="majority share from which a wrong majority answer makes a prompt look wrong")] = 0.5,
+    low_pass_rate: Annotated[float, typer.Option(help="pass rates at or below this are rarely solved (hard or wrong)")] = 0.25,
+    keep_wrong: Annotated[bool, typer.Option("--keep-wrong", help="keep suspected-wrong rows in the filtered file")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="output directory (default: <data>.audit next to the data)")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 256,
+    temperature: Annotated[float, typer.Option()] = 1.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    prompt_column: Annotated[str, typer.Option()] = "prompt",
+    answer_column: Annotated[str, typer.Option()] = "answer",
+    prompt_template: Annotated[str, typer.Option(help="format string with {prompt}")] = "{prompt}",
+    max_prompts: Annotated[Optional[int], typer.Option(help="audit only the first N prompts")] = None,
+    batch_size: Annotated[int, typer.Option(help="sequences per generation call")] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Sample a model on every prompt and separate hard prompts from ones whose reference looks wrong.
+
+    Writes into --out: the pass-rate histogram (JSON and PNG), the suspected-wrong prompts, every
+    prompt's audit, the rows in --band in the input's format, and summary.json. The input is only read.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from entrorl.data import load_prompts, parse_band
+    from entrorl.data.audit import AuditThresholds
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+    from entrorl.rewards import RewardRunner, get_reward
+    from entrorl.rollout import SamplingParams
+    from entrorl.trainer.audit import audit_records, default_audit_dir, write_audit_outputs
+
+    if n < 1:
+        _fail(f"--n must be >= 1 sample per prompt, got {n}")
+    if max_prompts is not None and max_prompts < 1:
+        _fail(f"--max-prompts must be >= 1, got {max_prompts}")
+    if batch_size < 1:
+        _fail(f"--batch-size must be >= 1, got {batch_size}")
+    try:
+        parse_band(band)
+        thresholds = AuditThresholds(consensus=consensus, low_pass_rate=low_pass_rate)
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column)[:max_prompts]
+        reward_fn = get_reward(reward)
+        tokenizer = load_tokenizer(model)
+        policy = load_causal_lm(model).eval()
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        _fail(str(error))
+    try:
+        prompt_ids = [tokenizer(prompt_template.format(prompt=r.prompt))["input_ids"] for r in records]
+    except (KeyError, IndexError, ValueError) as error:
+        _fail(f"--prompt-template {prompt_template!r} cannot be filled ({error!r}); use {{prompt}} for the prompt")
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("sampling", total=len(records) * n)
+        result = audit_records(policy, tokenizer, records, prompt_ids, RewardRunner(reward_fn), n=n, sampling=sampling,
+                               thresholds=thresholds, seed=seed, batch_size=batch_size,
+                               progress=lambda done, total: progress.update(task, completed=done, total=total))
+    for item in result.too_long[:20]:
+        console.print(f"[yellow]skipped[/yellow] {item.message(max_new_tokens)}")
+    if len(result.too_long) > 20:
+        console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
+    settings = {"model": str(model), "reward": reward, "seed": seed, "prompt_template": prompt_template,
+                "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}}
+    try:
+        outputs = write_audit_outputs(result, data, out if out is not None else default_audit_dir(data), band=band,
+                                      keep_wrong=keep_wrong, thresholds=thresholds, settings=settings)
+    except ValueError as error:
+        _fail(str(error))
+
+    histogram = result.histogram()
+    table = Table(title=f"pass rates of {histogram.n_prompts} prompts x {n} samples")
+    for column in ("pass rate", "prompts", "ok", "hard", "looks wrong", ""):
+        table.add_column(column, justify="left" if not column else "right")
+    widest = max(histogram.counts) or 1
+    for correct, count in enumerate(histogram.counts):
+        row = [histogram.by_verdict[verdict][correct] for verdict in ("ok", "hard", "looks_wrong")]
+        table.add_row(f"{correct}/{n}", str(count), *map(str, row), "#" * round(24 * count / widest))
+    console.print(table)
+
+    wrong = [(record, audit) for record, audit in zip(result.records, result.audits)
+             if audit is not None and audit.verdict == "looks_wrong"]
+    if wrong:
+        suspects = Table(title=f"{len(wrong)} prompts whose reference looks wrong")
+        for column in ("where", "reference", "majority answer", "share", "pass rate"):
+            suspects.add_column(column, overflow="fold")
+        for record, audit in wrong[:20]:
+            suspects.add_row(record.source, str(record.answer), str(audit.majority_answer), f"{audit.majority_share:.2f}",
+                             f"{audit.n_correct}/{audit.n_samples}")
+        console.print(suspects)
+    summary = outputs.summary
+    counts, kept = summary["counts"], summary["band"]
+    console.print(
+        f"ok {counts['ok']}, hard {counts['hard']}, looks wrong {counts['looks_wrong']}, too long {counts['too_long']}; "
+        f"band {band}: kept {kept['kept']} of {summary['prompts']} rows -> {outputs.filtered}"
+    )
+    if result.reward_errors:
+        console.print(f"[yellow]reward errors[/yellow]: {result.reward_errors} samples scored 0; first: {result.first_reward_error}")
+    console.print(f"[green]audit[/green]: {outputs.directory}")
+    sys.stdout.write(json.dumps(summary, indent=1) + "\n")
 
 
 def main() -> None:

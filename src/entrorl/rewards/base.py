@@ -6,7 +6,9 @@ A reward function is a plain callable::
 
 ``answer`` is the reference answer of the prompt (``None`` when the data has none) and ``meta`` is the
 per-record metadata dict (for example ``{"entry": ..., "task": ...}`` for reasoning-gym records). It
-returns a float (``bool``, ``int`` and numpy / 0-d torch scalars are accepted too).
+returns a float (``bool``, ``int`` and numpy / 0-d torch scalars are accepted too), or an object with a
+numeric ``.score`` and an optional ``.reason`` string saying why it scored what it did (the ``math``
+reward's :class:`~entrorl.rewards.math.MathVerdict` is a float that carries ``.reason``).
 
 Rewards are looked up by *spec* with :func:`get_reward`:
 
@@ -20,7 +22,7 @@ Rewards are looked up by *spec* with :func:`get_reward`:
 
 :class:`RewardRunner` scores a batch: it calls the reward on every sample, never lets an exception
 escape (a failing sample gets reward 0 and is counted), adds the DAPO overlong penalty when
-configured and returns a :class:`RewardResult` of tensors plus flat metrics.
+configured and returns a :class:`RewardResult` of tensors plus flat metrics and the per-sample reasons.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import math
 import numbers
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -54,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 @runtime_checkable
 class RewardFn(Protocol):
-    """``f(prompt, completion, answer, **meta) -> float``."""
+    """``f(prompt, completion, answer, **meta) -> float`` (or an object with ``.score`` and ``.reason``)."""
 
     def __call__(self, prompt: str, completion: str, answer: str | None, /, **meta: Any) -> float: ...
 
@@ -129,25 +131,27 @@ def _unknown_name_error(spec: str) -> ValueError:
     )
 
 
-def _import_object(spec: str) -> Any:
+def import_callable(spec: str, what: str = "reward") -> Any:
+    """The callable named by an import path ``'package.module:attribute'`` (dotted attributes allowed);
+    ValueError naming ``what`` (reward, judge, embedder) and what went wrong."""
     module_name, _, attr_path = spec.partition(":")
     module_name, attr_path = module_name.strip(), attr_path.strip()
     if not module_name or not attr_path:
-        raise ValueError(f"reward spec {spec!r}: an import path must look like 'package.module:function'")
+        raise ValueError(f"{what} spec {spec!r}: an import path must look like 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or the module's own code failing
         raise ValueError(
-            f"reward spec {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})"
+            f"{what} spec {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})"
         ) from exc
     obj: Any = module
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError as exc:
-            raise ValueError(f"reward spec {spec!r}: module {module_name!r} has no attribute {attr_path!r}") from exc
+            raise ValueError(f"{what} spec {spec!r}: module {module_name!r} has no attribute {attr_path!r}") from exc
     if not callable(obj):
-        raise ValueError(f"reward spec {spec!r}: {attr_path!r} is not callable (it is a {type(obj).__name__})")
+        raise ValueError(f"{what} spec {spec!r}: {attr_path!r} is not callable (it is a {type(obj).__name__})")
     return obj
 
 
@@ -181,7 +185,7 @@ def _resolve(spec: Any, kwargs: Mapping[str, Any]) -> tuple[Callable[..., Any], 
         raise ValueError(f"a reward spec is a registered name or 'package.module:function', got {spec!r}")
     spec = spec.strip()
     if ":" in spec:
-        obj = _import_object(spec)
+        obj = import_callable(spec)
         return obj, _is_factory(obj, kwargs), None
     entry = _REGISTRY.get(spec)
     if entry is None:
@@ -246,7 +250,9 @@ class RewardResult:
     * ``errors`` / ``first_error`` — how many samples failed (raised, or returned a non-numeric or
       non-finite value) and the first failure's traceback text (or message);
     * ``penalties`` — float32 ``[n]``, the overlong penalty (zeros when not configured);
-    * ``failed`` — bool ``[n]``, which samples failed.
+    * ``failed`` — bool ``[n]``, which samples failed;
+    * ``reasons`` — per sample, the reason the reward gave (``.reason`` of its return value; None for a
+      plain number) or, for a failed sample, what went wrong.
     """
 
     scores: torch.Tensor
@@ -256,6 +262,7 @@ class RewardResult:
     first_error: str | None = None
     penalties: torch.Tensor | None = None
     failed: torch.Tensor | None = None
+    reasons: list[str | None] | None = None
 
     def __post_init__(self) -> None:
         n = self.scores.shape[0]
@@ -263,6 +270,10 @@ class RewardResult:
             self.penalties = torch.zeros(n, dtype=torch.float32)
         if self.failed is None:
             self.failed = torch.zeros(n, dtype=torch.bool)
+        if self.reasons is None:
+            self.reasons = [None] * n
+        elif len(self.reasons) != n:
+            raise ValueError(f"RewardResult: {len(self.reasons)} reasons for {n} scores")
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -286,6 +297,18 @@ class RewardResult:
 
 # Exceptions a reward call lets through: the user or the interpreter asked to stop.
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _score_and_reason(value: Any) -> tuple[Any, str | None]:
+    """The score part of a reward's return value and its reason: a number has no reason; an object
+    with ``.score`` gives that and its ``.reason`` (when it is a string)."""
+    reason = getattr(value, "reason", None)
+    reason = reason if isinstance(reason, str) else None
+    if isinstance(value, numbers.Real):
+        return value, reason
+    if hasattr(value, "score"):
+        return value.score, reason
+    return value, None
 
 
 def _as_float(value: Any) -> float:
@@ -314,8 +337,10 @@ class RewardRunner:
 
     A reward call that raises, or returns something that is not a finite number, gives that sample
     a score of 0; it is counted in ``errors`` and the first failure is kept in ``first_error`` (and
-    logged once per runner). Nothing raised by the reward function propagates, ``BaseException``
-    subclasses included, except ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit``. Calls
+    logged once per runner); its reason says so. A reward may return an object with ``.score`` and
+    ``.reason`` instead of a number: the reason is kept in ``RewardResult.reasons``. Nothing raised by
+    the reward function propagates, ``BaseException`` subclasses included, except
+    ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit``. Calls
     are sequential and not time-limited: a reward that may hang must bound itself.
     """
 
@@ -365,6 +390,7 @@ class RewardRunner:
             raise ValueError("RewardRunner: `lengths` (response token counts) are required when overlong is set")
 
         scores = [0.0] * n
+        reasons: list[str | None] = [None] * n
         failed = [False] * n
         errors = 0
         first_error: str | None = None
@@ -374,20 +400,23 @@ class RewardRunner:
                 value = self.fn(prompts[i], completions[i], answers[i], **meta)
             except _PASS_THROUGH:
                 raise
-            except BaseException:  # noqa: BLE001 - a reward must never kill the run (Math-Verify's
+            except BaseException as exc:  # noqa: BLE001 - a reward must never kill the run (Math-Verify's
                 # TimeoutException, for one, derives from BaseException)
                 errors += 1
                 failed[i] = True
+                reasons[i] = f"reward raised {type(exc).__name__}: {exc}"[:300]
                 if first_error is None:
                     first_error = f"reward raised for sample {i}:\n{traceback.format_exc()}"
                 continue
             try:
+                value, reasons[i] = _score_and_reason(value)
                 score = _as_float(value)
                 if not math.isfinite(score):
                     raise ValueError(f"returned a non-finite value {score!r}")
             except Exception as exc:  # noqa: BLE001 - odd return values are counted, not raised
                 errors += 1
                 failed[i] = True
+                reasons[i] = f"reward {exc}"[:300]
                 if first_error is None:
                     first_error = f"reward for sample {i} {exc}"
                 continue
@@ -414,4 +443,5 @@ class RewardRunner:
             first_error=first_error,
             penalties=pen_t,
             failed=torch.tensor(failed, dtype=torch.bool),
+            reasons=reasons,
         )

@@ -1,44 +1,84 @@
-"""Math answers: extract the final answer of a completion and check it for *equivalence* with the reference.
+"""Math answers: find the final answer of a completion, judge it *equivalent* (not equally spelled) to the
+reference, and say why when it is not.
 
-Two stages, each an ordered table that later work extends (percentages, units, intervals, ...):
+Three stages, each a small ordered table that later work extends:
 
-1. **Extraction** (:data:`ANSWER_EXTRACTORS`, :func:`extract_final_answer`): the first extractor that
-   finds a non-empty answer wins —
+1. **Extraction** (:data:`ANSWER_EXTRACTORS`, :func:`find_final_answer`): the first extractor that finds a
+   non-empty answer wins (``MathReward(extractors=[...])`` picks and orders them) —
 
    * ``boxed`` — the last complete ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces included;
    * ``answer_tag`` — the last ``<answer>...</answer>``;
-   * ``answer_phrase`` — the last "the answer is X" / "Answer: X" (up to the end of the line or sentence);
+   * ``answer_phrase`` — the last "the answer is X" / "Final answer: X" / "答案是 X" (to the end of the
+     line or sentence);
    * ``hashes`` — GSM8K's ``#### X``;
    * ``last_number`` — the last number in the text (integers, decimals, ``1,234``, ``a/b``).
 
-2. **Equivalence** (:data:`CHECKERS`, :func:`math_equal`): the answers are equal when any checker says so
-   —
+2. **Reading the question** (:func:`read_question`): whether it asks for a percentage, for real (or
+   complex) roots, or for a rounded value. These change the rules below and nothing else.
 
-   * ``string`` — equal after dropping whitespace, ``$`` and case;
-   * ``math_verify`` — HuggingFace Math-Verify (``math_verify.parse`` both sides as LaTeX, then
-     ``math_verify.verify(gold, prediction)``): fractions vs decimals, ``\\frac12`` vs ``1/2``, sets of
-     roots in any order, ``\\sqrt2`` vs ``2^{1/2}``, symbolic expressions, ...;
-   * ``numeric`` — both sides evaluate to numbers (or sets / tuples of numbers) that agree within a
-     *relative* tolerance (``tolerance``, default ``1e-9``: ``3.14159`` is not ``\\pi``; with
-     ``tolerance=1e-6`` it is).
+3. **Equivalence** (:func:`canonical_answer`, :data:`CHECKERS`, :func:`compare_answers`): both answers
+   are first put in a canonical spelling — ``\\dfrac``/``\\tfrac`` → ``\\frac``, ``\\left``/``\\right``
+   dropped, thousands separators (``1,000``, ``1{,}000``, ``1\\,000``) removed, units dropped
+   (``5 cm``, ``5\\text{ cm}``, ``$5``, ``30^\\circ``, ``30°``), ``pi`` / ``π`` / ``圆周率`` → ``\\pi``,
+   ``\\text{ or }`` → ``,`` — and percent signs are resolved:
 
-   A checker that raises counts as "not equal"; the reward never raises on garbage input.
+   * **percent rule** — when the question asks for a percentage ("profit __%", "what percentage",
+     "in %"), answers are numbers *of percent*: the sign is a unit, so ``96``, ``96%`` and ``96\\%``
+     agree, while ``0.96`` (that is 0.96 %) does not. When the question does not, a percent sign means
+     "/100": ``25%`` equals ``0.25`` and ``1/4`` but not ``25`` — except that a reference written with a
+     percent sign (``96%``) accepts both readings of the answer (``96`` and ``0.96``).
 
-The ``math`` reward (:class:`MathReward`) is 1.0 when the completion's extracted answer is equivalent to
-the reference (which may itself contain ``\\boxed{}``), else 0.0. Models should be asked to box their
-answer; :data:`MATH_INSTRUCTION` is the usual instruction.
+   Then the answers are equal when any checker says so:
 
-Math-Verify guards parsing with ``signal.alarm`` timeouts, which only work in the main thread; off the
-main thread the timeouts are disabled (Math-Verify then logs a one-time warning).
+   * ``string`` — equal after dropping whitespace, ``$``, LaTeX spacing and case;
+   * ``numeric`` — each side read as one number or an unordered list of numbers (``{1,2}``,
+     ``x=1, x=-2``, ``1 \\pm \\sqrt2``, complex values with ``i``), compared with
+
+     - the relative tolerance ``tolerance`` (default ``1e-9``) and ``abs_tolerance`` (default 0);
+     - the **approximation rule**: a decimal written with at least ``approximation_digits`` (default 3)
+       significant digits matches an exact value that is not itself a plain decimal (``\\pi``, ``e``,
+       ``\\sqrt2``, ``1/3``) when it is that value rounded or cut to the decimal's written digits
+       (``3.14``, ``3.1416`` and ``3.1415926`` all match ``\\pi``; ``3.15`` does not).
+       When the question asks for rounding ("nearest tenth", "two decimal places", "approximately"),
+       a value matches a decimal it rounds to, whatever the digit count, two decimals included
+       (``3.1415926`` matches a reference ``3.14``);
+     - the **roots rule**: when the question asks for real roots / solutions, non-real values are left
+       out on both sides before the lists are compared (a reference that also lists complex roots is
+       judged by its real ones); when the question names no domain and the reference lists only real
+       values, non-real values in the answer are left out (a model that also gives the complex roots of
+       a degree-7 equation whose reference lists its three real ones is right); when the question asks
+       for complex roots, every value counts;
+
+   * ``math_verify`` — HuggingFace Math-Verify on the canonical spellings: symbolic expressions, sets
+     and intervals, ``x = 3`` vs ``3``, fractions vs decimals.
+
+   A checker that fails on odd input counts as "not equal".
+
+:class:`MathReward` (the ``math`` reward) returns a :class:`MathVerdict`: a float (1.0 or 0.0) that also
+carries ``reason`` — why it scored 0 ("no final answer found", "answer 12 differs from reference 13",
+"could not parse answer ...", "timeout ...") — and the ``extracted`` answer and ``reference``.
+:meth:`MathReward.judge` returns the same verdict. Models should be asked to box their answer;
+:data:`MATH_INSTRUCTION` is the usual instruction.
+
+**Bounded time.** One judgement may take at most ``timeout`` seconds (default 5), enforced with a
+``SIGALRM`` interval timer in the main thread (when no other alarm is armed); past that it scores 0 with
+reason "timeout". Numbers too large to evaluate (power towers such as ``2^{3^{20}}``, exponents above
+10,000, factorials above 1,000) are refused before any evaluation, in every thread, because big-integer
+arithmetic cannot be interrupted. Off the main thread no timer can be armed, so only that refusal and the
+``max_chars`` limit bound the time.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import re
+import signal
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cached_property
@@ -51,17 +91,26 @@ __all__ = [
     "CHECKERS",
     "MATH_INSTRUCTION",
     "Comparison",
+    "ComparisonResult",
+    "JudgeTimeout",
     "MathOptions",
     "MathReward",
+    "MathVerdict",
+    "QuestionHints",
+    "canonical_answer",
+    "compare_answers",
     "extract_answer_phrase",
     "extract_answer_tag",
     "extract_boxed",
     "extract_final_answer",
     "extract_hashes",
     "extract_last_number",
+    "find_final_answer",
     "math_equal",
     "normalize_answer",
     "prepare_reference",
+    "read_question",
+    "select_extractors",
 ]
 
 #: The instruction to append to math prompts so answers are extractable.
@@ -121,13 +170,13 @@ def extract_answer_tag(text: str) -> str | None:
     return matches[-1] if matches else None
 
 
-_PHRASE_RE = re.compile(r"\banswer\b\s*(?:\*\*)?\s*(?:is\b|:|=)\s*:?", re.IGNORECASE)
+_PHRASE_RE = re.compile(r"(?:\banswer\b\s*(?:\*\*)?\s*(?:is\b|:|=)|答案\s*(?:是|为|:|：))\s*:?", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)")
 
 
 def extract_answer_phrase(text: str) -> str | None:
-    """What follows the last "answer is" / "answer:" / "answer =", up to the end of the line (or of
-    a display-math block starting there) or the first sentence-ending period."""
+    """What follows the last "answer is" / "answer:" / "answer =" (also "Final answer:", "答案是"), up to
+    the end of the line (or of a display-math block starting there) or the first sentence-ending period."""
     matches = list(_PHRASE_RE.finditer(text))
     if not matches:
         return None
@@ -198,20 +247,42 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
-def extract_final_answer(
-    text: str, extractors: Sequence[tuple[str, Callable[[str], str | None]]] | None = None
-) -> str | None:
-    """The completion's final answer (normalized), by the first extractor that finds a non-empty one;
-    None if none does."""
+Extractors = Sequence[tuple[str, Callable[[str], str | None]]]
+
+
+def find_final_answer(text: str, extractors: Extractors | None = None) -> tuple[str, str] | None:
+    """``(extractor name, normalized answer)`` from the first extractor (in order; default
+    :data:`ANSWER_EXTRACTORS`) that finds a non-empty answer in ``text``; None if none does."""
     if not isinstance(text, str) or not text.strip():
         return None
-    for _name, extractor in extractors if extractors is not None else ANSWER_EXTRACTORS:
+    for name, extractor in extractors if extractors is not None else ANSWER_EXTRACTORS:
         found = extractor(text)
         if found is not None:
             found = normalize_answer(found)
             if found:
-                return found
+                return name, found
     return None
+
+
+def extract_final_answer(text: str, extractors: Extractors | None = None) -> str | None:
+    """The completion's final answer (normalized), by the first extractor that finds a non-empty one;
+    None if none does."""
+    found = find_final_answer(text, extractors)
+    return found[1] if found is not None else None
+
+
+def select_extractors(names: Sequence[str]) -> list[tuple[str, Callable[[str], str | None]]]:
+    """The ``(name, extractor)`` pairs of :data:`ANSWER_EXTRACTORS` named in ``names``, in the order
+    given; ValueError for an unknown name, a repeated one or an empty list."""
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise ValueError(f"extractors must be a list of extractor names, got {names!r}")
+    known = dict(ANSWER_EXTRACTORS)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown answer extractor(s) {unknown}; known: {list(known)}")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"extractors must name each extractor at most once and at least one, got {list(names)}")
+    return [(name, known[name]) for name in names]
 
 
 def prepare_reference(reference: str) -> str:
@@ -220,9 +291,159 @@ def prepare_reference(reference: str) -> str:
     boxed = extract_boxed(reference)
     return normalize_answer(boxed if boxed is not None else reference)
 
+# --------------------------------------------------------------------------------------------
+# what the question asks for
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuestionHints:
+    """What the question says about the form of its answer (the defaults: nothing known).
+
+    * ``percent`` — the answer is a number of percent ("profit __%", "what percentage ...");
+    * ``roots`` — ``"real"`` when real roots / solutions are asked for, ``"complex"`` when complex ones
+      are, None when the question names no domain;
+    * ``rounding`` — the question asks for a rounded or approximate value.
+    """
+
+    percent: bool = False
+    roots: str | None = None
+    rounding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.roots not in (None, "real", "complex"):
+            raise ValueError(f"roots must be None, 'real' or 'complex', got {self.roots!r}")
+
+
+_PERCENT_QUESTION_RE = re.compile(
+    r"percentage|(?:what|how\s+many|which)\s+per\s?cent|(?:in|as\s+an?|by\s+what)\s+per\s?cent"
+    r"|(?:_|\?|\(\s*\)|\\square|\\underline\{[^{}]*\})\s*\\?%|\(\s*(?:in\s+)?\\?%\s*\)|\bin\s+\\?%|百分",
+    re.IGNORECASE,
+)
+_REAL_ROOTS_RE = re.compile(
+    r"\breal\s+(?:roots?|solutions?|zeros?|zeroes|numbers?|values?|[a-z])\b|\\mathbb\s*\{?R\b|ℝ|实根|实数",
+)
+_COMPLEX_ROOTS_RE = re.compile(r"\bcomplex\b|\\mathbb\s*\{?C\b|ℂ|复数|复根|虚根", re.IGNORECASE)
+_ROUNDING_RE = re.compile(
+    r"\bround(?:ed|ing)?\b|\bnearest\b|decimal\s+places?|significant\s+(?:figures|digits)"
+    r"|\bapproximate(?:ly)?\b|\\approx|≈|保留|精确到|约等于|近似",
+    re.IGNORECASE,
+)
+
+
+def read_question(question: str | None) -> QuestionHints:
+    """What ``question`` asks for (see :class:`QuestionHints`); nothing known for None or non-text.
+
+    A question asks for a percentage when it says "percentage", "what / how many percent", "in
+    percent", "(in %)", "in %", has a blank or question mark right before ``%`` ("profit __%") or says
+    "百分"; a percentage merely *mentioned* ("a 20% discount") does not count. It asks for real roots
+    when it says "real roots / solutions / zeros / numbers / values", "real x", ``\\mathbb{R}`` or
+    "实根"/"实数"; for complex ones when it says "complex", ``\\mathbb{C}`` or "复数" (which wins over
+    "real" when both appear).
+    """
+    if not isinstance(question, str):
+        return QuestionHints()
+    roots = None
+    if _COMPLEX_ROOTS_RE.search(question):
+        roots = "complex"
+    elif _REAL_ROOTS_RE.search(question):
+        roots = "real"
+    return QuestionHints(
+        percent=bool(_PERCENT_QUESTION_RE.search(question)),
+        roots=roots,
+        rounding=bool(_ROUNDING_RE.search(question)),
+    )
+
 
 # --------------------------------------------------------------------------------------------
-# equivalence
+# canonical spelling
+# --------------------------------------------------------------------------------------------
+
+_UNICODE_SPELLINGS = {
+    "\u2212": "-",
+    "\u2013": "-",
+    "π": "\\pi ",
+    "圆周率": "\\pi ",
+    "√": "\\sqrt",
+    "∞": "\\infty ",
+    "×": "\\times ",
+    "÷": "\\div ",
+    "·": "\\cdot ",
+    "°": "^\\circ",
+    "，": ",",
+    "；": ";",
+    "％": "%",
+}
+_SIZING_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|bigg|Bigg)(?:\.|(?![A-Za-z]))\s*")
+_TEXT_COMMAND_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+_CONNECTIVE_RE = re.compile(r"\s*(?:\\text\s*\{\s*(?:or|and)\s*\}|\\(?:quad|qquad)|\bor\b|\band\b)\s*")
+_DEGREE_RE = re.compile(r"\s*(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)\s*(?:[CF](?![A-Za-z]))?")
+_CURRENCY_RE = re.compile(r"^([-+]?)\s*(?:\\\$|\$|US\$|USD|€|£|¥|\\euro|\\pounds)\s*")
+_PERCENT_SIGN = r"(?:\s*\\%|\s*%|\s*\\text\s*\{\s*\\?%\s*\}|\s+per\s?cent\b|\s*\\text\s*\{\s*per\s?cent\s*\})"
+_PERCENT_NUMBER_RE = re.compile(r"(-?(?:\d+(?:\.\d*)?|\.\d+))" + _PERCENT_SIGN)
+_PERCENT_ANY_RE = re.compile(_PERCENT_SIGN)
+_PI_WORD_RE = re.compile(r"(?<![A-Za-z\\])pi(?![A-Za-z])")
+_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_NUMBER_TEXT = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*\d+)?|[-+]?\\frac\{[^{}]+\}\{[^{}]+\}"
+_UNIT_TAIL_RE = re.compile(
+    rf"^(?P<number>{_NUMBER_TEXT})\s*"
+    rf"(?P<unit>(?:[A-Za-z]+\.?(?:\s*\^\s*\{{?\d\}}?)?(?:\s*/\s*[A-Za-z]+(?:\s*\^\s*\{{?\d\}}?)?)?\s*){{1,3}})$"
+)
+#: Single letters read as units after a number ("5 m", "3 s"); other single letters are variables.
+_UNIT_LETTERS = frozenset("mgshlLKCFAVWJN")
+#: Words that are mathematics, not units, after a number ("3 pi", "2 i").
+_MATH_WORDS = frozenset({"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "i", "e", "or", "and", "infty"})
+
+
+def has_percent_sign(answer: str) -> bool:
+    """Whether ``answer`` contains a percent sign (``%``, ``\\%``, "percent")."""
+    return bool(_PERCENT_ANY_RE.search(answer.replace("％", "%")))
+
+
+def _strip_unit_tail(s: str) -> str:
+    m = _UNIT_TAIL_RE.match(s)
+    if not m:
+        return s
+    words = re.findall(r"[A-Za-z]+", m.group("unit"))
+    for word in words:
+        if word.lower() in _MATH_WORDS or (len(word) == 1 and word not in _UNIT_LETTERS):
+            return s
+    return m.group("number").strip()
+
+
+def canonical_answer(answer: str, *, percent: bool = False) -> str:
+    """``answer`` in the canonical spelling every checker compares (see the module notes).
+
+    ``percent`` selects the percent rule: True drops percent signs (a number of percent), False turns
+    ``N%`` into ``\\frac{N}{100}``.
+    """
+    s = normalize_answer(answer)
+    for spelling, canonical in _UNICODE_SPELLINGS.items():
+        s = s.replace(spelling, canonical)
+    s = _SIZING_RE.sub("", s)
+    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
+    s = re.sub(r"\\displaystyle|\\!", "", s)
+    s = re.sub(r"(\d)(?:\{,\}|\\[,;: ]|\\thinspace\s*)(?=\d{3}(?!\d))", r"\1", s)
+    s = _CONNECTIVE_RE.sub(", ", s).strip(" ,")
+    s = _PERCENT_NUMBER_RE.sub(r"\1" if percent else r"\\frac{\1}{100}", s)
+    if percent:
+        s = _PERCENT_ANY_RE.sub("", s)
+    s = _DEGREE_RE.sub("", s)
+    s = _TEXT_COMMAND_RE.sub(lambda m: f" {m.group(1).strip()} ", s)
+    s = re.sub(r"\\[ ,;:]", " ", s)
+    s = _CURRENCY_RE.sub(r"\1", s.strip())
+    s = _PI_WORD_RE.sub(r"\\pi ", s)
+    s = re.sub(r"\s+", " ", s).strip()
+    if _THOUSANDS_RE.fullmatch(s):
+        s = s.replace(",", "")
+    s = _strip_unit_tail(s)
+    if _THOUSANDS_RE.fullmatch(s):
+        s = s.replace(",", "")
+    return normalize_answer(s)
+
+
+# --------------------------------------------------------------------------------------------
+# options, time limits
 # --------------------------------------------------------------------------------------------
 
 
@@ -230,110 +451,153 @@ def prepare_reference(reference: str) -> str:
 class MathOptions:
     """Options of the equivalence check.
 
-    * ``tolerance`` — relative tolerance of the numeric checker (``|a - b| <= tol * max(|a|, |b|)``);
-    * ``abs_tolerance`` — absolute tolerance of the numeric checker (for answers near 0);
+    * ``tolerance`` — relative tolerance of numeric comparisons (``|a - b| <= tol * max(|a|, |b|)``);
+    * ``abs_tolerance`` — absolute tolerance of numeric comparisons (for answers near 0);
+    * ``approximation_digits`` — the fewest significant digits a decimal needs to count as an
+      approximation of an exact value (``3.14`` for ``\\pi``); 0 turns the approximation rule off;
     * ``float_rounding`` — decimals Math-Verify rounds floats to before comparing;
-    * ``timeout`` — seconds Math-Verify may spend parsing / verifying one answer (main thread only);
+    * ``timeout`` — seconds one judgement may take (main thread only; see the module notes);
     * ``max_chars`` — longer answers only get the string check (no symbolic parsing of garbage).
     """
 
     tolerance: float = 1e-9
     abs_tolerance: float = 0.0
+    approximation_digits: int = 3
     float_rounding: int = 6
-    timeout: int = 5
+    timeout: float = 5.0
     max_chars: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("tolerance", "abs_tolerance"):
+        for name in ("tolerance", "abs_tolerance", "timeout"):
             value = getattr(self, name)
             if (
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))
                 or not math.isfinite(value)
                 or value < 0
+                or (name == "timeout" and value == 0)
             ):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("float_rounding", "timeout", "max_chars"):
+                bound = "> 0" if name == "timeout" else ">= 0"
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        for name in ("approximation_digits", "float_rounding", "max_chars"):
             value = getattr(self, name)
-            low = 0 if name == "float_rounding" else 1
+            low = 1 if name == "max_chars" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def _wrap_latex(s: str) -> str:
-    return s if "$" in s else f"${s}$"
+class JudgeTimeout(BaseException):
+    """One judgement ran past ``MathOptions.timeout`` (a BaseException, so no library swallows it)."""
 
 
-class Comparison:
-    """One prediction-vs-reference comparison handed to every checker; parses lazily and once."""
-
-    def __init__(self, prediction: str, reference: str, options: MathOptions) -> None:
-        self.prediction = prediction
-        self.reference = reference
-        self.options = options
-
-    @property
-    def parsable(self) -> bool:
-        limit = self.options.max_chars
-        return 0 < len(self.prediction) <= limit and 0 < len(self.reference) <= limit
-
-    @property
-    def timeout(self) -> int | None:
-        # signal.alarm-based timeouts only work in the main thread.
-        return self.options.timeout if threading.current_thread() is threading.main_thread() else None
-
-    def _parse(self, s: str) -> list[Any]:
-        if not self.parsable:
-            return []
-        from math_verify import parse
-
-        parsed = parse(_wrap_latex(s), parsing_timeout=self.timeout)
-        if not parsed:  # text around the answer ("5 apples"): let Math-Verify look for an expression
-            parsed = parse(s, parsing_timeout=self.timeout)
-        return list(parsed)
-
-    @cached_property
-    def gold(self) -> list[Any]:
-        """Math-Verify parse of the reference (empty if unparsable)."""
-        return self._parse(self.reference)
-
-    @cached_property
-    def target(self) -> list[Any]:
-        """Math-Verify parse of the prediction (empty if unparsable)."""
-        return self._parse(self.prediction)
+class _TooLarge(Exception):
+    """An expression whose value is too large to evaluate in bounded time."""
 
 
-Checker = Callable[[Comparison], bool]
+class _QuietMathVerifyTimeoutWarning(logging.Filter):
+    """Drops Math-Verify's "timeout is disabled" warning: this module bounds the time itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Timeout is disabled")
 
 
-def _canon(s: str) -> str:
-    return re.sub(r"\s+|\$|\\[,!;: ]", "", s).casefold()
+_QUIET_FILTER = _QuietMathVerifyTimeoutWarning()
+for _logger_name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_logger_name).addFilter(_QUIET_FILTER)
 
 
-def check_string(c: Comparison) -> bool:
-    """Equal after dropping whitespace, ``$``, LaTeX spacing commands and case."""
-    return _canon(c.prediction) == _canon(c.reference)
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`JudgeTimeout` in the block after ``seconds`` (main thread, no other alarm armed);
+    elsewhere the block runs without a limit."""
+    usable = (
+        threading.current_thread() is threading.main_thread()
+        and hasattr(signal, "setitimer")
+        and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    )
+    if not usable:
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise JudgeTimeout(f"took more than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        while True:  # an alarm landing in this cleanup (the block is over) must not skip the restore
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+                break
+            except JudgeTimeout:
+                continue
 
 
-def check_math_verify(c: Comparison) -> bool:
-    """Math-Verify's symbolic / numeric equivalence."""
-    if not c.gold or not c.target:
-        return False
-    from math_verify import verify
-
-    return bool(verify(c.gold, c.target, float_rounding=c.options.float_rounding, timeout_seconds=c.timeout))
+# Evaluation limits: beyond them big-integer arithmetic could run for minutes without yielding.
+_MAX_EXPONENT = 10_000
+_MAX_FACTORIAL = 1_000
 
 
-# -- numeric ---------------------------------------------------------------------------------
+def _magnitude(expr: Any) -> float:
+    """``|expr|`` of a numeric sympy expression already checked by :func:`_check_size`."""
+    return float(abs(complex(expr.evalf(15))))
 
-_FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
+
+def _check_size(expr: Any) -> None:
+    """Raise :class:`_TooLarge` if evaluating sympy ``expr`` could build an enormous integer: a power of
+    a number other than +-1 (or 0) to an exponent above ``_MAX_EXPONENT``, or a factorial above
+    ``_MAX_FACTORIAL``. Inner expressions are checked before they are evaluated, so ``2^{3^{20}}`` is
+    refused without computing ``3^{20}`` twice over and ``(3!)!`` is accepted."""
+    import sympy
+
+    if not isinstance(expr, sympy.Basic):
+        return
+    for argument in expr.args:
+        _check_size(argument)
+    if isinstance(expr, sympy.Pow):
+        base, exponent = expr.args
+        if exponent.is_number and base.is_number and _magnitude(base) not in (0.0, 1.0):
+            if _magnitude(exponent) > _MAX_EXPONENT:
+                raise _TooLarge(f"an exponent above {_MAX_EXPONENT}")
+    elif isinstance(expr, (sympy.factorial, sympy.factorial2)):
+        argument = expr.args[0]
+        if argument.is_number and _magnitude(argument) > _MAX_FACTORIAL:
+            raise _TooLarge(f"a factorial above {_MAX_FACTORIAL}")
+
+
+# --------------------------------------------------------------------------------------------
+# numeric readings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Value:
+    """One number of an answer: its text (for the written precision) and its value."""
+
+    text: str
+    value: complex
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """An answer read as numbers: one scalar, or an unordered list (``is_list``)."""
+
+    values: tuple[_Value, ...]
+    is_list: bool
+
+
+_DECIMAL_RE = re.compile(r"[-+]?(\d*)\.(\d+)|[-+]?(\d+)")
+_FRAC_RE = re.compile(r"^(-?)\\frac\{([^{}]+)\}\{([^{}]+)\}$")
+_VARIABLE_PREFIX_RE = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*")
+_OPEN = {"(": ")", "[": "]", "{": "}"}
 
 
 def _plain_number(s: str) -> complex | None:
-    """A plain-text number: ``-1,234.5``, ``3/4``, ``\\frac{3}{4}``; None otherwise."""
-    s = s.strip().replace("\u2212", "-")
-    if re.fullmatch(r"-?(?:\d{1,3}(?:,\d{3})+)(?:\.\d+)?", s):
-        s = s.replace(",", "")
+    """A plain number: ``-1234.5``, ``3/4``, ``\\frac{3}{4}``; None otherwise."""
+    s = s.strip()
     m = _FRAC_RE.match(s)
     if m:
         s = f"{m.group(1)}{m.group(2)}/{m.group(3)}"
@@ -347,47 +611,134 @@ def _plain_number(s: str) -> complex | None:
     return complex(value) if math.isfinite(value) else None
 
 
-def _sympy_number(expr: Any) -> complex | None:
+def _split_top_level(s: str) -> list[str]:
+    """``s`` split at commas and semicolons outside brackets (``\\{`` and ``\\}`` count as brackets)."""
+    parts, depth, start = [], 0, 0
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and i + 1 < len(s) and s[i + 1] in "{}":
+            depth += 1 if s[i + 1] == "{" else -1
+            i += 2
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c in ",;" and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+        i += 1
+    parts.append(s[start:])
+    return [p.strip() for p in parts]
+
+
+def _balanced(s: str) -> bool:
+    """Whether every bracket of ``s`` closes after it opens (any kind closes any kind)."""
+    depth = 0
+    for c in s:
+        depth += 1 if c in "([{" else -1 if c in ")]}" else 0
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _wrapped(s: str, opener: str, closer: str) -> str | None:
+    """The inside of ``s`` when one bracket pair ``opener ... closer`` encloses all of it, else None."""
+    if len(s) < len(opener) + len(closer) or not (s.startswith(opener) and s.endswith(closer)):
+        return None
+    inner = s[len(opener) : len(s) - len(closer)]
+    return inner if _balanced(inner) else None
+
+
+def _is_bracketed(s: str) -> bool:
+    """An interval, point or tuple: ``(a, b)``, ``[a, b)``, ... (order matters; not a list of values)."""
+    return len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _balanced(s[1:-1])
+
+
+def _expand_plus_minus(s: str) -> list[str]:
+    """``a \\pm b`` → ``[a+b, a-b]``, ``\\pm b`` → ``[b, -b]`` (one top-level ``\\pm``); else ``[s]``."""
+    if s.count("\\pm") != 1:
+        return [s]
+    left, right = (part.strip() for part in s.split("\\pm"))
+    if not right:
+        return [s]
+    if not left:
+        return [right, f"-({right})"]
+    return [f"{left}+({right})", f"{left}-({right})"]
+
+
+def _sympy_value(expr: Any) -> complex | None:
+    """The complex value of a sympy number (a symbol ``i`` read as the imaginary unit); None if not one."""
     import sympy
 
     if isinstance(expr, sympy.Eq):  # "x = 3" -> 3
         expr = expr.rhs
-    if not isinstance(expr, sympy.Basic) or not expr.is_number:
+    if isinstance(expr, sympy.FiniteSet) and len(expr.args) == 1:
+        expr = expr.args[0]
+    if not isinstance(expr, sympy.Expr):
         return None
+    free = expr.free_symbols
+    if free and {str(s) for s in free} == {"i"}:
+        expr = expr.subs({s: sympy.I for s in free})
+    if not expr.is_number:
+        return None
+    _check_size(expr)
     value = complex(expr.evalf(30))
     return value if math.isfinite(value.real) and math.isfinite(value.imag) else None
 
 
-def _numeric_forms(parsed: list[Any], raw: str) -> list[tuple[str, list[complex]]]:
-    """Numeric readings of an answer: ("scalar", [v]), ("set", sorted values) or ("tuple", values)."""
-    import sympy
+def _parse_latex(s: str) -> list[Any]:
+    """Math-Verify's parse of ``s`` as LaTeX (falling back to free text); [] when unparsable."""
+    from math_verify import parse
 
-    forms: list[tuple[str, list[complex]]] = []
-    plain = _plain_number(raw)
+    parsed = parse(s if "$" in s else f"${s}$", parsing_timeout=None)
+    if not parsed:
+        parsed = parse(s, parsing_timeout=None)
+    return list(parsed)
+
+
+def _value_of(text: str) -> complex | None:
+    plain = _plain_number(text)
     if plain is not None:
-        forms.append(("scalar", [plain]))
-    for item in parsed:
-        if isinstance(item, str):
-            value = _plain_number(item)
-            if value is not None:
-                forms.append(("scalar", [value]))
-            continue
-        try:
-            if isinstance(item, sympy.FiniteSet):
-                values = [_sympy_number(e) for e in item.args]
-                if values and all(v is not None for v in values):
-                    forms.append(("set", sorted(values, key=lambda v: (v.real, v.imag))))  # type: ignore[arg-type]
-            elif isinstance(item, (sympy.Tuple, tuple, list)):
-                values = [_sympy_number(e) for e in item]
-                if values and all(v is not None for v in values):
-                    forms.append(("tuple", values))  # type: ignore[arg-type]
-            else:
-                value = _sympy_number(item)
-                if value is not None:
-                    forms.append(("scalar", [value]))
-        except (TypeError, ValueError, AttributeError, OverflowError):
-            continue
-    return forms
+        return plain
+    for item in _parse_latex(text):
+        if not isinstance(item, str):
+            return _sympy_value(item)
+    return None
+
+
+def _read_numbers(answer: str) -> _Reading | None:
+    """``answer`` (canonical) as numbers, or None when some part is not a number."""
+    inner = _wrapped(answer, "\\{", "\\}")
+    is_set = inner is not None
+    body = inner if is_set else answer
+    if not is_set and _is_bracketed(body) and len(_split_top_level(body[1:-1])) > 1:
+        return None  # intervals and tuples are Math-Verify's
+    parts = [p for p in _split_top_level(body) if p]
+    texts = [t for part in parts for t in _expand_plus_minus(_VARIABLE_PREFIX_RE.sub("", part))]
+    if not texts:
+        return None
+    values = []
+    for text in texts:
+        value = _value_of(text)
+        if value is None:
+            return None
+        values.append(_Value(text, value))
+    return _Reading(tuple(values), is_list=is_set or len(values) > 1)
+
+
+def _decimal_form(text: str) -> tuple[int, int] | None:
+    """``(decimals, significant digits)`` of a plain decimal or integer literal; None otherwise."""
+    m = _DECIMAL_RE.fullmatch(text.strip())
+    if not m:
+        return None
+    if m.group(3) is not None:
+        digits = m.group(3).lstrip("0")
+        return 0, max(len(digits), 1)
+    whole, fraction = m.group(1), m.group(2)
+    digits = (whole + fraction).lstrip("0")
+    return len(fraction), max(len(digits), 1)
 
 
 def _close(a: complex, b: complex, options: MathOptions) -> bool:
@@ -396,68 +747,346 @@ def _close(a: complex, b: complex, options: MathOptions) -> bool:
     return abs(a - b) <= max(options.tolerance * max(abs(a), abs(b)), options.abs_tolerance)
 
 
-def check_numeric(c: Comparison) -> bool:
-    """Both answers evaluate to numbers (or sets / tuples of numbers) equal within the tolerance."""
-    from math_verify.utils import timeout
+def _approximates(exact: _Value, approx: _Value, options: MathOptions, hints: QuestionHints) -> bool:
+    """The approximation rule: ``approx`` (a decimal) stands for ``exact`` to its written precision."""
+    form = _decimal_form(approx.text)
+    if form is None or exact.value.imag != 0 or approx.value.imag != 0:
+        return False
+    decimals, significant = form
+    unit = 10.0**-decimals
+    error = abs(exact.value.real - approx.value.real)
+    slack = 1e-9 * max(abs(exact.value.real), unit)
+    exact_form = _decimal_form(exact.text)
+    rounded = error <= unit / 2 + slack
+    if exact_form is None:  # exact value (\pi, \sqrt2, 1/3): rounded or cut to the written digits
+        if options.approximation_digits and significant >= options.approximation_digits:
+            cut = 0 <= abs(exact.value.real) - abs(approx.value.real) < unit + slack and (
+                exact.value.real * approx.value.real >= 0
+            )
+            if rounded or cut:
+                return True
+        return hints.rounding and rounded
+    # two decimals: only when the question asks for rounding, and the rounded one has fewer decimals
+    return hints.rounding and exact_form[0] > decimals and rounded
 
-    gold_parsed, target_parsed = c.gold, c.target
-    # numeric evaluation of odd expressions can be slow: same time limit as Math-Verify's own steps
-    evaluate = timeout(timeout_seconds=c.timeout)(_numeric_forms)
-    gold = evaluate(gold_parsed, c.reference)
-    pred = evaluate(target_parsed, c.prediction)
-    for kind_g, vals_g in gold:
-        for kind_p, vals_p in pred:
-            if kind_g == kind_p and len(vals_g) == len(vals_p):
-                if all(_close(g, p, c.options) for g, p in zip(vals_g, vals_p)):
-                    return True
-    return False
+
+def _numbers_match(a: _Value, b: _Value, options: MathOptions, hints: QuestionHints) -> bool:
+    return (
+        _close(a.value, b.value, options)
+        or _approximates(a, b, options, hints)
+        or _approximates(b, a, options, hints)
+    )
+
+
+def _is_real(v: _Value, options: MathOptions) -> bool:
+    return abs(v.value.imag) <= max(options.tolerance * abs(v.value), options.abs_tolerance, 1e-12)
+
+
+def _distinct(values: Sequence[_Value], options: MathOptions, hints: QuestionHints) -> list[_Value]:
+    kept: list[_Value] = []
+    for v in values:
+        if not any(_numbers_match(v, k, options, hints) for k in kept):
+            kept.append(v)
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# comparison
+# --------------------------------------------------------------------------------------------
+
+
+class Comparison:
+    """One prediction-vs-reference comparison handed to every checker; parses lazily and once.
+
+    ``prediction`` / ``reference`` are the canonical spellings (:func:`canonical_answer`) of
+    ``raw_prediction`` / ``raw_reference``; ``hints`` what the question asks for; ``percent`` the percent
+    reading (numbers of percent, or ``%`` as /100; default: percent when the question asks for a
+    percentage). Checkers may leave a ``detail`` (why the values differ) and record an evaluation
+    failure in ``problems``.
+    """
+
+    def __init__(
+        self,
+        prediction: str,
+        reference: str,
+        options: MathOptions,
+        hints: QuestionHints | None = None,
+        percent: bool | None = None,
+    ) -> None:
+        self.hints = hints if hints is not None else QuestionHints()
+        self.options = options
+        self.raw_prediction = prediction
+        self.raw_reference = reference
+        percent = self.hints.percent if percent is None else percent
+        self.percent = percent
+        self.prediction = canonical_answer(prediction, percent=percent)
+        self.reference = canonical_answer(reference, percent=percent)
+        self.detail: str | None = None
+        self.problems: dict[str, str] = {}
+
+    @property
+    def parsable(self) -> bool:
+        limit = self.options.max_chars
+        return 0 < len(self.prediction) <= limit and 0 < len(self.reference) <= limit
+
+    def _parse(self, side: str, s: str) -> list[Any]:
+        if not self.parsable:
+            return []
+        parsed = _parse_latex(s)
+        try:
+            for item in parsed:
+                _check_size(item)
+        except _TooLarge as exc:
+            self.problems.setdefault(side, f"too large to evaluate ({exc})")
+            return []
+        return parsed
+
+    @cached_property
+    def gold(self) -> list[Any]:
+        """Math-Verify parse of the reference (empty if unparsable or too large)."""
+        return self._parse("reference", self.reference)
+
+    @cached_property
+    def target(self) -> list[Any]:
+        """Math-Verify parse of the prediction (empty if unparsable or too large)."""
+        return self._parse("answer", self.prediction)
+
+    def _read(self, side: str, s: str) -> _Reading | None:
+        if not self.parsable:
+            return None
+        try:
+            return _read_numbers(s)
+        except _TooLarge as exc:
+            self.problems.setdefault(side, f"too large to evaluate ({exc})")
+        except (ValueError, TypeError, ArithmeticError, AttributeError, RecursionError):
+            pass
+        return None
+
+    @cached_property
+    def gold_numbers(self) -> _Reading | None:
+        """The reference read as numbers (None if it is not a number or list of numbers)."""
+        return self._read("reference", self.reference)
+
+    @cached_property
+    def target_numbers(self) -> _Reading | None:
+        """The prediction read as numbers (None if it is not a number or list of numbers)."""
+        return self._read("answer", self.prediction)
+
+
+Checker = Callable[[Comparison], bool]
+
+
+def _canon(s: str) -> str:
+    return re.sub(r"\s+|\$|\\[,!;: ]", "", s).casefold()
+
+
+def check_string(c: Comparison) -> bool:
+    """Equal after dropping whitespace, ``$``, LaTeX spacing commands and case."""
+    return _canon(c.prediction) == _canon(c.reference) or _canon(c.raw_prediction) == _canon(c.raw_reference)
+
+
+def check_math_verify(c: Comparison) -> bool:
+    """Math-Verify's symbolic / numeric equivalence of the canonical spellings."""
+    if not c.gold or not c.target:
+        return False
+    from math_verify import verify
+
+    return bool(verify(c.gold, c.target, float_rounding=c.options.float_rounding, timeout_seconds=None))
+
+
+def check_numeric(c: Comparison) -> bool:
+    """Both sides are numbers or unordered lists of numbers that agree under the tolerance, the
+    approximation rule and the roots rule (see the module notes)."""
+    gold, pred = c.gold_numbers, c.target_numbers
+    if gold is None or pred is None:
+        return False
+    options, hints = c.options, c.hints
+    if not gold.is_list and not pred.is_list:
+        return _numbers_match(gold.values[0], pred.values[0], options, hints)
+    gold_values = _distinct(gold.values, options, hints)
+    pred_values = _distinct(pred.values, options, hints)
+    if hints.roots == "real":
+        gold_values = [v for v in gold_values if _is_real(v, options)]
+        pred_values = [v for v in pred_values if _is_real(v, options)]
+    elif hints.roots is None and all(_is_real(v, options) for v in gold_values):
+        real = [v for v in pred_values if _is_real(v, options)]
+        if len(real) < len(pred_values):
+            c.detail = "non-real values in the answer were left out: the reference lists real values only"
+            pred_values = real
+    if not gold_values or len(gold_values) != len(pred_values):
+        c.detail = f"the answer has {len(pred_values)} distinct value(s), the reference {len(gold_values)}"
+        return False
+    unmatched = list(pred_values)
+    for g in gold_values:
+        match = next((p for p in unmatched if _numbers_match(g, p, options, hints)), None)
+        if match is None:
+            c.detail = f"reference value {g.text} is not in the answer"
+            return False
+        unmatched.remove(match)
+    c.detail = None
+    return True
 
 
 #: ``(name, checker)`` pairs; the answers are equivalent when any checker returns True.
 CHECKERS: list[tuple[str, Checker]] = [
     ("string", check_string),
+    ("numeric", check_numeric),  # before Math-Verify: plain numbers need no LaTeX parse
     ("math_verify", check_math_verify),
-    ("numeric", check_numeric),
 ]
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    """The outcome of :func:`compare_answers`: ``equal``, and when not, ``reason`` (why)."""
+
+    equal: bool
+    reason: str | None = None
+    checker: str | None = None
+
+
+def _short(s: str, limit: int = 80) -> str:
+    s = re.sub(r"\s+", " ", s)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _difference_reason(c: Comparison) -> str:
+    for side, text in (("answer", c.raw_prediction), ("reference", c.raw_reference)):
+        if side in c.problems:
+            return f"could not evaluate {side} {_short(text)}: {c.problems[side]}"
+    if not c.parsable:
+        return f"could not parse answer {_short(c.raw_prediction)}: longer than max_chars={c.options.max_chars}"
+    if not c.gold and c.gold_numbers is None:
+        return f"could not parse reference {_short(c.raw_reference)}"
+    if not c.target and c.target_numbers is None:
+        return f"could not parse answer {_short(c.raw_prediction)}"
+    reason = f"answer {_short(c.raw_prediction)} differs from reference {_short(c.raw_reference)}"
+    notes = [c.detail] if c.detail else []
+    if c.hints.percent:
+        notes.append("the question asks for a percentage, so both are read as numbers of percent")
+    elif has_percent_sign(c.raw_prediction):
+        notes.append("a percent sign means /100 because the question does not ask for a percentage")
+    return reason + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def compare_answers(
+    prediction: str,
+    reference: str,
+    *,
+    question: str | None = None,
+    options: MathOptions | None = None,
+    checkers: Sequence[tuple[str, Checker]] | None = None,
+) -> ComparisonResult:
+    """Whether two *already extracted* answers are equivalent, and why not when they are not.
+
+    ``question`` (the prompt) selects the percent, rounding and roots rules (:func:`read_question`).
+    The whole comparison is bounded by ``options.timeout`` (see the module notes). Never raises on
+    malformed answers: a checker that fails counts as "not equal".
+    """
+    options = options if options is not None else MathOptions()
+    if not isinstance(prediction, str) or not normalize_answer(prediction):
+        return ComparisonResult(False, "no final answer found")
+    if not isinstance(reference, str) or not normalize_answer(reference):
+        return ComparisonResult(False, "the reference answer is empty")
+    started = time.monotonic()
+    try:
+        with _time_limit(options.timeout):
+            hints = read_question(question)
+            if hints.percent:
+                percent_readings = [True]
+            else:  # a reference "96%" accepts 96 (a number of percent) and 0.96 (96/100)
+                percent_readings = [True, False] if has_percent_sign(reference) else [False]
+            comparisons = [Comparison(prediction, reference, options, hints, p) for p in percent_readings]
+            for comparison in comparisons:
+                for name, checker in checkers if checkers is not None else CHECKERS:
+                    try:
+                        if checker(comparison):
+                            return ComparisonResult(True, None, name)
+                    except JudgeTimeout:
+                        raise
+                    except Exception:  # noqa: BLE001 - failing on odd input: "not shown equal"
+                        continue
+            return ComparisonResult(False, _difference_reason(comparisons[0]))
+    except JudgeTimeout:
+        elapsed = time.monotonic() - started
+        return ComparisonResult(
+            False, f"timeout: comparing {_short(prediction, 40)} with the reference took more than "
+            f"{options.timeout:g} s (stopped at {elapsed:.1f} s)"
+        )
 
 
 def math_equal(
     prediction: str,
     reference: str,
     *,
+    question: str | None = None,
     options: MathOptions | None = None,
     checkers: Sequence[tuple[str, Checker]] | None = None,
     **option_kwargs: Any,
 ) -> bool:
-    """Whether two *already extracted* answers are mathematically equivalent.
+    """Whether two *already extracted* answers are mathematically equivalent (see
+    :func:`compare_answers`, which also says why not).
 
     ``option_kwargs`` build a :class:`MathOptions` (``tolerance=1e-6``, ...) when ``options`` is not
-    given. Never raises on malformed answers: a checker that fails counts as "not equal".
+    given. Never raises on malformed answers.
     """
     if options is None:
         options = MathOptions(**option_kwargs)
     elif option_kwargs:
         raise ValueError("give either options or option keyword arguments, not both")
-    if not isinstance(prediction, str) or not isinstance(reference, str):
-        return False
-    prediction, reference = normalize_answer(prediction), normalize_answer(reference)
-    if not prediction or not reference:
-        return False
-    from math_verify.errors import TimeoutException  # a BaseException, not an Exception
-
-    comparison = Comparison(prediction, reference, options)
-    for _name, checker in checkers if checkers is not None else CHECKERS:
-        try:
-            if checker(comparison):
-                return True
-        except (Exception, TimeoutException):  # noqa: BLE001 - failing on odd input: "not shown equal"
-            continue
-    return False
+    return compare_answers(prediction, reference, question=question, options=options, checkers=checkers).equal
 
 
 # --------------------------------------------------------------------------------------------
 # the reward
 # --------------------------------------------------------------------------------------------
+
+
+class MathVerdict(float):
+    """The ``math`` reward's value: a float (the score, 1.0 or 0.0) that also says why.
+
+    It *is* the score (``verdict == 1.0``, ``sum(verdicts)``, ``json.dumps`` all see the number), and
+    carries
+
+    * ``score`` — the same number as a plain float;
+    * ``reason`` — None for a score of 1.0, else why the completion scored 0;
+    * ``extracted`` — the final answer found in the completion (None if none was);
+    * ``extractor`` — the name of the extractor that found it;
+    * ``reference`` — the reference it was compared with (the content of its last ``\\boxed{}``).
+    """
+
+    reason: str | None
+    extracted: str | None
+    extractor: str | None
+    reference: str | None
+
+    def __new__(
+        cls,
+        score: float,
+        reason: str | None = None,
+        extracted: str | None = None,
+        reference: str | None = None,
+        extractor: str | None = None,
+    ) -> MathVerdict:
+        verdict = super().__new__(cls, score)
+        verdict.reason = reason
+        verdict.extracted = extracted
+        verdict.reference = reference
+        verdict.extractor = extractor
+        return verdict
+
+    @property
+    def score(self) -> float:
+        """The score as a plain float."""
+        return float(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (MathVerdict, (float(self), self.reason, self.extracted, self.reference, self.extractor))
+
+    def __repr__(self) -> str:
+        return (
+            f"MathVerdict(score={float(self)!r}, reason={self.reason!r}, extracted={self.extracted!r}, "
+            f"reference={self.reference!r})"
+        )
 
 
 def _validate_math(**kwargs: Any) -> None:
@@ -467,17 +1096,22 @@ def _validate_math(**kwargs: Any) -> None:
 @register_reward(
     "math",
     description="1.0 if the completion's final answer (\\boxed{}, 'the answer is', last number) is "
-    "mathematically equivalent to the reference (Math-Verify + numeric tolerance), else 0.0",
+    "mathematically equivalent to the reference (Math-Verify, percent / units / roots / approximation "
+    "rules read from the question), else 0.0 with the reason",
     factory=True,
     validate=_validate_math,
 )
 class MathReward:
     """The ``math`` reward: 1.0 when the extracted final answer is equivalent to the reference.
 
-    ``tolerance`` (alias ``numeric_tolerance``; default ``1e-9``) is the numeric checker's relative
-    tolerance; the other
-    options are :class:`MathOptions` fields. A reference given as a list / tuple accepts any of its
-    items. A missing reference or an unextractable answer scores 0.0; nothing raises.
+    Returns a :class:`MathVerdict` (a float carrying the reason of a 0). ``tolerance`` (alias
+    ``numeric_tolerance``; default ``1e-9``) is the relative tolerance of numeric comparisons;
+    ``approximation_digits``, ``abs_tolerance``, ``float_rounding``, ``timeout`` (seconds per
+    judgement) and ``max_chars`` are :class:`MathOptions` fields. ``extractors`` names the answer
+    extractors to try, in order (default: all of :data:`ANSWER_EXTRACTORS`; ``["boxed"]`` makes
+    unboxed answers score 0). ``use_question=False`` ignores the prompt (no percent / rounding / roots
+    rules from it). A reference given as a list / tuple accepts any of its items. Nothing raises on bad
+    input except a missing math-verify installation.
     """
 
     def __init__(
@@ -486,9 +1120,12 @@ class MathReward:
         tolerance: float | None = None,
         numeric_tolerance: float | None = None,
         abs_tolerance: float = 0.0,
+        approximation_digits: int = 3,
         float_rounding: int = 6,
-        timeout: int = 5,
+        timeout: float = 5.0,
         max_chars: int = 1000,
+        extractors: Sequence[str] | None = None,
+        use_question: bool = True,
     ) -> None:
         if numeric_tolerance is not None:
             if tolerance is not None:
@@ -498,33 +1135,48 @@ class MathReward:
             tolerance = MathOptions.tolerance
         if importlib.util.find_spec("math_verify") is None:
             raise ImportError("the math reward needs math-verify: pip install math-verify")
+        if not isinstance(use_question, bool):
+            raise ValueError(f"use_question must be true or false, got {use_question!r}")
         self.options = MathOptions(
             tolerance=tolerance,
             abs_tolerance=abs_tolerance,
+            approximation_digits=approximation_digits,
             float_rounding=float_rounding,
             timeout=timeout,
             max_chars=max_chars,
         )
+        self.extractors = select_extractors(extractors) if extractors is not None else list(ANSWER_EXTRACTORS)
+        self.use_question = use_question
         self.__name__ = "math"
 
     def __repr__(self) -> str:
-        return f"MathReward({self.options})"
+        names = [name for name, _ in self.extractors]
+        return f"MathReward({self.options}, extractors={names}, use_question={self.use_question})"
 
-    def __call__(self, prompt: str, completion: str, answer: Any, /, **meta: Any) -> float:
+    def judge(self, prompt: str, completion: str, answer: Any, /, **meta: Any) -> MathVerdict:
+        """Score ``completion`` against ``answer`` and say why it scored 0 (see :class:`MathVerdict`)."""
         try:
-            if answer is None:
-                return 0.0
             references = list(answer) if isinstance(answer, (list, tuple)) else [answer]
-            predicted = extract_final_answer(completion)
-            if predicted is None:
-                return 0.0
+            references = [prepare_reference(str(ref)) for ref in references if ref is not None]
+            references = [ref for ref in references if ref]
+            if not references:
+                return MathVerdict(0.0, "no reference answer")
+            found = find_final_answer(completion, self.extractors) if isinstance(completion, str) else None
+            if found is None:
+                return MathVerdict(0.0, "no final answer found", reference=references[0])
+            extractor, predicted = found
+            question = prompt if self.use_question and isinstance(prompt, str) else None
+            first_reason = None
             for ref in references:
-                if ref is None:
-                    continue
-                if math_equal(predicted, prepare_reference(str(ref)), options=self.options):
-                    return 1.0
-            return 0.0
+                result = compare_answers(predicted, ref, question=question, options=self.options)
+                if result.equal:
+                    return MathVerdict(1.0, None, predicted, ref, extractor)
+                first_reason = first_reason or result.reason
+            return MathVerdict(0.0, first_reason, predicted, references[0], extractor)
         except ImportError:  # a missing dependency must surface, not score 0 silently
             raise
-        except Exception:  # noqa: BLE001 - garbage in, 0.0 out
-            return 0.0
+        except Exception as exc:  # noqa: BLE001 - garbage in, 0.0 out, with the reason
+            return MathVerdict(0.0, f"could not judge: {type(exc).__name__}: {_short(str(exc))}")
+
+    def __call__(self, prompt: str, completion: str, answer: Any, /, **meta: Any) -> MathVerdict:
+        return self.judge(prompt, completion, answer, **meta)

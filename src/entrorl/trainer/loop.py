@@ -6,12 +6,12 @@ prompts → rollouts → rewards → advantages → scoring → updates → diag
 
 from __future__ import annotations
 
-import copy
 import json
 import math
+import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from entrorl.advantages import compute_advantages
+from entrorl.advantages import compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts, parse_band
 from entrorl.modeling import load_causal_lm, load_tokenizer, response_token_stats
 from entrorl.objective import PolicyBatch, build_objective
 from entrorl.rewards import RewardRunner, get_reward
+from entrorl.rewards.diversity import diversity_weights, load_embedder
 from entrorl.rollout import HFSampler, Rollouts, SamplingParams
 from entrorl.trainer.checkpoint import (
     capture_rng_state,
@@ -56,6 +57,8 @@ class ScoredRollouts:
     rewards: torch.Tensor
     advantages: torch.Tensor
     metrics: dict[str, float]
+    completions: list[str] = field(default_factory=list)
+    reasons: list[str | None] = field(default_factory=list)  # why each sample got its score, when the reward says
 
 
 def _token_stats_of(model, rollouts: Rollouts, index, temperature: float, need=_STATS):
@@ -110,6 +113,8 @@ class Trainer:
         )
         self.objective = build_objective(config.method)
         self.advantage_name = config.advantage_estimator()
+        diversity = config.reward.diversity
+        self.diversity_embedder = load_embedder(diversity.model, batch_size=diversity.batch_size) if diversity.enabled else None
 
         model_path = checkpoint / "model" if checkpoint is not None else Path(config.model.path)
         self.tokenizer = load_tokenizer(model_path)
@@ -130,6 +135,12 @@ class Trainer:
                                  pad_token_id=self.tokenizer.pad_token_id, batch_size=config.rollout.generation_batch_size)
         self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
                                        top_p=config.rollout.top_p, top_k=config.rollout.top_k)
+        if config.rollout.backend == "vllm":
+            from entrorl.rollout.vllm import VLLMSampler  # an optional dependency, imported only when asked for
+
+            self.sampler = VLLMSampler(model_path, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                       dtype=config.model.dtype, seed=config.seed,
+                                       gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization)
         optim = config.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                            weight_decay=optim.weight_decay)
@@ -235,17 +246,18 @@ class Trainer:
         completions = self.tokenizer.batch_decode(
             [row[mask].tolist() for row, mask in zip(rollouts.response_ids, rollouts.response_mask)], skip_special_tokens=True
         )
-        return self.reward(
+        result = self.reward(
             [r.prompt for r in records], completions, [r.answer for r in records], [r.meta for r in records],
             rollouts.lengths.tolist(),
         )
+        return result, completions
 
     def collect(self) -> ScoredRollouts:
         """Sample ``prompts_per_step`` groups, score them; with dynamic sampling, replace uninformative groups."""
         config = self.config.rollout
         rollouts, records, group_ids = self._sample_groups(config.prompts_per_step)
-        result = self._score(rollouts, records)
-        rewards, correct = result.rewards, result.correct
+        result, completions = self._score(rollouts, records)
+        rewards, correct, reasons = result.rewards, result.correct, list(result.reasons)
         metrics = result.metrics()
         if result.first_error:
             self._note_reward_error(result.first_error)
@@ -254,9 +266,11 @@ class Trainer:
             rounds = 1
             while int(keep.sum()) < config.prompts_per_step * config.group_size and rounds < config.max_sampling_rounds:
                 extra, extra_records, extra_groups = self._sample_groups(config.prompts_per_step)
-                extra_result = self._score(extra, extra_records)
+                extra_result, extra_completions = self._score(extra, extra_records)
                 rollouts = Rollouts.concat([rollouts, extra], self.tokenizer.pad_token_id)
                 records += extra_records
+                completions += extra_completions
+                reasons += extra_result.reasons
                 group_ids = torch.cat([group_ids, extra_groups + int(group_ids.max()) + 1])
                 rewards = torch.cat([rewards, extra_result.rewards])
                 correct = torch.cat([correct, extra_result.correct])
@@ -268,8 +282,11 @@ class Trainer:
             if len(kept_rows) > 0:
                 rollouts, group_ids = rollouts.select(kept_rows), group_ids[kept_rows]
                 records = [records[i] for i in kept_rows.tolist()]
+                completions = [completions[i] for i in kept_rows.tolist()]
+                reasons = [reasons[i] for i in kept_rows.tolist()]
                 rewards, correct = rewards[kept_rows], correct[kept_rows]
         seq_log_prob = (rollouts.sampler_log_probs.sum(-1) / rollouts.lengths.clamp(min=1)).float()
+        rewards = self._shape_group_rewards(rewards, rollouts, group_ids, seq_log_prob, metrics)
         advantages = compute_advantages(
             self.advantage_name, rewards, group_ids, lengths=rollouts.lengths, seq_log_prob=seq_log_prob,
             **self.config.advantage.params,
@@ -282,7 +299,24 @@ class Trainer:
             "response/length_max": float(rollouts.lengths.max()),
             "response/truncated_frac": float(rollouts.truncated.float().mean()),
         })
-        return ScoredRollouts(rollouts, records, group_ids, rewards, advantages, metrics)
+        return ScoredRollouts(rollouts, records, group_ids, rewards, advantages, metrics, completions, reasons)
+
+    def _shape_group_rewards(self, rewards, rollouts: Rollouts, group_ids, seq_log_prob, metrics: dict[str, float]):
+        """Group-level reward shaping before the advantage (each multiplies R, so their order does not matter):
+        DRA-GRPO diversity weights (arXiv 2505.09655) and the unlikeliness rank scaling (arXiv 2506.02355)."""
+        if self.diversity_embedder is not None:
+            started = time.perf_counter()
+            completions = self.tokenizer.batch_decode(
+                [row[mask].tolist() for row, mask in zip(rollouts.response_ids, rollouts.response_mask)], skip_special_tokens=True
+            )
+            weights = diversity_weights(completions, group_ids, embedder=self.diversity_embedder)
+            rewards = (rewards.double() * weights).float()
+            metrics["reward/diversity_weight_mean"] = float(weights.mean())
+            metrics["time/diversity_s"] = time.perf_counter() - started
+        if self.config.reward.unlikeliness is not None:
+            beta_rank = self.config.reward.unlikeliness.beta_rank
+            rewards = unlikeliness_shaped_rewards(rewards, group_ids, seq_log_prob, beta_rank=beta_rank).float()
+        return rewards
 
     def _note_reward_error(self, traceback_text: str) -> None:
         path = self.run_dir / "reward_errors.log"
@@ -365,6 +399,8 @@ class Trainer:
                             f"(step {self.step + 1}); stopping. The last checkpoint in {self.run_dir / 'checkpoints'} is intact. "
                             "Lower optim.lr, check the reward values, or use bfloat16-safe settings."
                         )
+        if config.rollout.backend == "vllm":
+            self.sampler.sync_weights(self.model)  # the next rollouts come from the updated policy
         self.scheduler.step()
         self.step += 1
         updated = time.perf_counter()
@@ -407,7 +443,31 @@ class Trainer:
             "time/diagnostics_s": time.perf_counter() - updated,
             "time/tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9),
         })
+        every = config.logging.samples_every
+        if every and self.step % every == 0:
+            self._save_samples(scored)
         return metrics
+
+    def _save_samples(self, scored: ScoredRollouts) -> Path:
+        """``samples/step_<step>.jsonl``: one line per rollout of the step with its prompt, completion, reference
+        answer, reward, correctness, advantage, length and the reward's reason (why it scored what it did)."""
+        folder = self.run_dir / "samples"
+        folder.mkdir(exist_ok=True)
+        rollouts = scored.rollouts
+        lines = []
+        for row, record in enumerate(scored.records):
+            lines.append(json.dumps({
+                "step": self.step, "group": int(scored.group_ids[row]), "source": record.source, "prompt": record.prompt,
+                "completion": scored.completions[row] if scored.completions else None, "answer": record.answer,
+                "reward": float(scored.rewards[row]), "advantage": float(scored.advantages[row]),
+                "length": int(rollouts.lengths[row]), "truncated": bool(rollouts.truncated[row]),
+                "reason": scored.reasons[row] if scored.reasons else None,
+            }, ensure_ascii=False))
+        path = folder / f"step_{self.step:06d}.jsonl"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
 
     def _clip_gradients(self) -> float:
         parameters = [p for p in self.model.parameters() if p.grad is not None]

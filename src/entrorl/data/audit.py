@@ -1,0 +1,473 @@
+"""Auditing a prompt data set from sampled answers: *hard* prompts versus *wrong* references.
+
+A data set for RL mixes prompts the model rarely solves for two very different reasons:
+
+* **hard** — the model seldom reaches the reference answer and its answers scatter: many tries, many
+  different mistakes, an occasional success. These prompts are worth training on.
+* **looks wrong** — the model keeps converging on *one* answer that the verifier rejects because it
+  disagrees with the reference; now and then a stray sample happens to match the reference. Such a
+  reference is often subtly wrong (4.5 tickets, three of seven roots), and training on it punishes
+  the model for being right.
+
+Given, for one prompt, the extracted answer of each of its ``n`` samples and whether the reward judged
+each sample correct, :func:`audit_prompt` groups equivalent answers, finds the majority answer and its
+share of the ``n`` samples, and gives a verdict (:func:`classify`):
+
+* ``"looks_wrong"`` — pass rate ``<= low_pass_rate`` and the majority answer is *not* the reference and
+  holds a share ``>= consensus`` of the samples;
+* ``"hard"``        — pass rate ``<= low_pass_rate`` without such a consensus;
+* ``"ok"``          — every other prompt.
+
+The rest of the module turns per-prompt audits into a pass-rate histogram over ``0/n .. n/n``
+(:func:`pass_rate_histogram`), counts per verdict (:func:`verdict_counts`), the rows whose pass rate lies
+in a band (:func:`band_selection`, built on :func:`~entrorl.data.filters.filter_by_pass_rate`), and a
+copy of the chosen rows of the input file in the input's own format (:func:`write_selected_rows`).
+
+Everything here is plain Python and numpy: sampling and scoring happen elsewhere
+(:mod:`entrorl.trainer.audit`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from entrorl.data.filters import filter_by_pass_rate, parse_band
+from entrorl.data.records import PromptRecord
+
+__all__ = [
+    "VERDICTS",
+    "AnswerGroup",
+    "AuditThresholds",
+    "BandSelection",
+    "PassRateHistogram",
+    "PromptAudit",
+    "audit_prompt",
+    "band_selection",
+    "canonical_answer",
+    "classify",
+    "group_answers",
+    "pass_rate_histogram",
+    "verdict_counts",
+    "write_selected_rows",
+]
+
+#: The verdicts, in the order reports list them.
+VERDICTS = ("ok", "hard", "looks_wrong")
+
+Equivalence = Callable[[str, str], bool]
+
+
+@dataclass(frozen=True)
+class AuditThresholds:
+    """Where *hard* ends and *looks wrong* begins.
+
+    * ``consensus`` — the majority answer must hold at least this share of all samples (unanswered
+      samples included) for the model to count as having converged on it; in ``(0, 1]``.
+    * ``low_pass_rate`` — prompts whose pass rate is at most this are rarely solved (hard or wrong);
+      in ``[0, 1)``.
+    """
+
+    consensus: float = 0.5
+    low_pass_rate: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ("consensus", "low_pass_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"AuditThresholds: {name} must be a number, got {value!r}")
+        if not 0.0 < self.consensus <= 1.0:
+            raise ValueError(f"AuditThresholds: consensus must be in (0, 1], got {self.consensus!r}")
+        if not 0.0 <= self.low_pass_rate < 1.0:
+            raise ValueError(f"AuditThresholds: low_pass_rate must be in [0, 1), got {self.low_pass_rate!r}")
+
+
+@dataclass(frozen=True)
+class AnswerGroup:
+    """Samples whose answers are equivalent.
+
+    ``answer`` is the group's most frequent spelling (the first seen on ties), ``count`` the number of
+    samples, ``matches_reference`` whether the reward judged these samples correct, and ``spellings``
+    every distinct spelling in the group, most frequent first.
+    """
+
+    answer: str
+    count: int
+    matches_reference: bool
+    spellings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PromptAudit:
+    """The audit of one prompt's ``n_samples`` sampled answers.
+
+    ``majority_answer`` is ``None`` (share 0) when no sample has an extractable answer; ``groups`` are
+    sorted by count, largest first (first seen on ties); ``n_unanswered`` counts samples without an
+    extractable answer.
+    """
+
+    n_samples: int
+    n_correct: int
+    pass_rate: float
+    majority_answer: str | None
+    majority_share: float
+    majority_matches_reference: bool
+    n_unanswered: int
+    groups: tuple[AnswerGroup, ...]
+    verdict: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields; ``sample_answers`` lists every group as ``{answer, count, correct, spellings}``."""
+        return {
+            "verdict": self.verdict,
+            "pass_rate": self.pass_rate,
+            "n_correct": self.n_correct,
+            "n_samples": self.n_samples,
+            "majority_answer": self.majority_answer,
+            "majority_share": self.majority_share,
+            "majority_matches_reference": self.majority_matches_reference,
+            "n_unanswered": self.n_unanswered,
+            "sample_answers": [
+                {"answer": g.answer, "count": g.count, "correct": g.matches_reference, "spellings": list(g.spellings)}
+                for g in self.groups
+            ],
+        }
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def canonical_answer(answer: str) -> str:
+    """The spelling key answers are first grouped by: surrounding whitespace dropped, inner runs of
+    whitespace collapsed to one space, case folded (``" X  = 2 "`` and ``"x = 2"`` share a key)."""
+    return _SPACES.sub(" ", answer.strip()).casefold()
+
+
+def _by_frequency(spellings: Sequence[str]) -> list[str]:
+    """The distinct spellings, most frequent first (first seen first on ties)."""
+    counts: dict[str, int] = {}
+    for spelling in spellings:
+        counts[spelling] = counts.get(spelling, 0) + 1
+    return sorted(counts, key=lambda s: -counts[s])
+
+
+def group_answers(
+    answers: Sequence[str | None], correct: Sequence[bool], *, equivalent: Equivalence | None = None
+) -> list[AnswerGroup]:
+    """Group one prompt's sampled answers, largest group first (on ties, the group seen first).
+
+    ``answers[i]`` is sample ``i``'s extracted answer (``None`` when nothing was extracted: such samples
+    join no group) and ``correct[i]`` the reward's judgement. Every correct answered sample goes to one
+    group that matches the reference, however it is spelled: the reward is the judge of agreement with
+    the reference. Incorrect answers are grouped first by :func:`canonical_answer`; then each such group,
+    largest first, joins the first earlier group for which ``equivalent(earlier, later)`` holds on their
+    most frequent spellings (without ``equivalent`` only the canonical keys group answers; an
+    equivalence that raises counts as "not equivalent"). Cost: at most ``d * (d - 1) / 2`` calls for
+    ``d`` distinct canonical wrong answers.
+    """
+    if len(answers) != len(correct):
+        raise ValueError(
+            f"group_answers: {len(answers)} answers but {len(correct)} correctness flags; expected one per sample"
+        )
+    for i, answer in enumerate(answers):
+        if answer is not None and not isinstance(answer, str):
+            raise TypeError(f"group_answers: answer {i} is a {type(answer).__name__}; expected a string or None")
+    first_seen: dict[str, int] = {}
+    for index, answer in enumerate(answers):
+        if answer is not None:
+            first_seen.setdefault(answer, index)
+    right = [a for a, ok in zip(answers, correct) if ok and a is not None]
+    wrong = [a for a, ok in zip(answers, correct) if not ok and a is not None]
+
+    groups: list[AnswerGroup] = []
+    if right:
+        spellings = _by_frequency(right)
+        groups.append(AnswerGroup(spellings[0], len(right), True, tuple(spellings)))
+
+    by_key: dict[str, list[str]] = {}
+    for answer in wrong:
+        by_key.setdefault(canonical_answer(answer), []).append(answer)
+    merged: list[list[str]] = []  # the samples of each wrong group
+    for samples in sorted(by_key.values(), key=len, reverse=True):
+        for kept in merged:
+            if equivalent is not None and _safe_equivalent(equivalent, _by_frequency(kept)[0], _by_frequency(samples)[0]):
+                kept.extend(samples)
+                break
+        else:
+            merged.append(list(samples))
+    for samples in merged:
+        spellings = _by_frequency(samples)
+        groups.append(AnswerGroup(spellings[0], len(samples), False, tuple(spellings)))
+
+    return sorted(groups, key=lambda g: (-g.count, min(first_seen[s] for s in g.spellings)))
+
+
+def _safe_equivalent(equivalent: Equivalence, a: str, b: str) -> bool:
+    try:
+        return bool(equivalent(a, b))
+    except Exception:  # noqa: BLE001 - a checker failing on odd input means "not shown equivalent"
+        return False
+
+
+def classify(
+    pass_rate: float, majority_share: float, majority_matches_reference: bool, thresholds: AuditThresholds
+) -> str:
+    """The verdict of one prompt (see the module notes): ``"looks_wrong"``, ``"hard"`` or ``"ok"``."""
+    for name, value in (("pass_rate", pass_rate), ("majority_share", majority_share)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"classify: {name} must be a number in [0, 1], got {value!r}")
+    if pass_rate > thresholds.low_pass_rate:
+        return "ok"
+    if not majority_matches_reference and majority_share >= thresholds.consensus:
+        return "looks_wrong"
+    return "hard"
+
+
+def audit_prompt(
+    answers: Sequence[str | None],
+    correct: Sequence[bool],
+    *,
+    equivalent: Equivalence | None = None,
+    thresholds: AuditThresholds | None = None,
+) -> PromptAudit:
+    """Audit one prompt from its samples' extracted answers and correctness (see :func:`group_answers`).
+
+    The pass rate is ``n_correct / n`` over all ``n`` samples (a correct sample without an extractable
+    answer still counts as correct); the majority share is the largest group's count over ``n``.
+    """
+    thresholds = thresholds or AuditThresholds()
+    n = len(answers)
+    if n == 0:
+        raise ValueError("audit_prompt: no samples; expected at least one sampled answer per prompt")
+    groups = group_answers(answers, correct, equivalent=equivalent)
+    n_correct = sum(1 for ok in correct if ok)
+    pass_rate = n_correct / n
+    top = groups[0] if groups else None
+    share = top.count / n if top else 0.0
+    matches = top.matches_reference if top else False
+    return PromptAudit(
+        n_samples=n,
+        n_correct=n_correct,
+        pass_rate=pass_rate,
+        majority_answer=top.answer if top else None,
+        majority_share=share,
+        majority_matches_reference=matches,
+        n_unanswered=sum(1 for a in answers if a is None),
+        groups=tuple(groups),
+        verdict=classify(pass_rate, share, matches, thresholds),
+    )
+
+
+def verdict_counts(audits: Sequence[PromptAudit]) -> dict[str, int]:
+    """``{verdict: number of prompts}`` for every verdict in :data:`VERDICTS` (zeros included)."""
+    counts = dict.fromkeys(VERDICTS, 0)
+    for audit in audits:
+        counts[audit.verdict] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class PassRateHistogram:
+    """How many prompts were solved by ``c`` of ``n`` samples, for ``c = 0 .. n``.
+
+    ``counts[c]`` is the number of prompts with ``c`` correct samples; ``by_verdict[v][c]`` splits that
+    count by verdict. ``frac_zero`` / ``frac_one`` are the shares never / always solved.
+    """
+
+    n_samples: int
+    counts: tuple[int, ...]
+    by_verdict: dict[str, tuple[int, ...]] = field(repr=False)
+
+    @property
+    def n_prompts(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def frac_zero(self) -> float:
+        return self.counts[0] / self.n_prompts if self.n_prompts else 0.0
+
+    @property
+    def frac_one(self) -> float:
+        return self.counts[-1] / self.n_prompts if self.n_prompts else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: one bin per ``c`` with its pass rate ``c / n`` and counts, plus the two shares."""
+        n = self.n_samples
+        return {
+            "n_samples": n,
+            "n_prompts": self.n_prompts,
+            "frac_zero": self.frac_zero,
+            "frac_one": self.frac_one,
+            "bins": [
+                {
+                    "correct": c,
+                    "pass_rate": c / n,
+                    "prompts": self.counts[c],
+                    **{verdict: self.by_verdict[verdict][c] for verdict in VERDICTS},
+                }
+                for c in range(n + 1)
+            ],
+        }
+
+
+def pass_rate_histogram(audits: Sequence[PromptAudit]) -> PassRateHistogram:
+    """The histogram of correct-sample counts of ``audits``, which must all have the same sample count."""
+    if not audits:
+        raise ValueError("pass_rate_histogram: no audited prompts")
+    sizes = sorted({a.n_samples for a in audits})
+    if len(sizes) != 1:
+        raise ValueError(f"pass_rate_histogram: prompts have different sample counts {sizes}; expected one n")
+    n = sizes[0]
+    counts = [0] * (n + 1)
+    by_verdict = {verdict: [0] * (n + 1) for verdict in VERDICTS}
+    for audit in audits:
+        counts[audit.n_correct] += 1
+        by_verdict[audit.verdict][audit.n_correct] += 1
+    return PassRateHistogram(n, tuple(counts), {v: tuple(c) for v, c in by_verdict.items()})
+
+
+@dataclass(frozen=True)
+class BandSelection:
+    """Which rows a pass-rate band keeps: ``keep[i]`` for row ``i``, and the band as written."""
+
+    band: str
+    keep: tuple[bool, ...]
+
+    @property
+    def kept(self) -> int:
+        return sum(self.keep)
+
+    @property
+    def dropped(self) -> int:
+        return len(self.keep) - self.kept
+
+
+def band_selection(records: Sequence[PromptRecord], pass_rates: Sequence[float], band: str) -> BandSelection:
+    """Mark the records whose pass rate lies in ``band`` (interval notation read by
+    :func:`~entrorl.data.filters.parse_band`, e.g. ``"[0.1, 0.5]"`` or ``"(1/16, 15/16)"``).
+    ``ValueError`` for a malformed band or mismatched lengths."""
+    low, high, inclusive = parse_band(band)
+    kept = filter_by_pass_rate(records, pass_rates, low=low, high=high, inclusive=inclusive)
+    kept_ids = {id(record) for record in kept}
+    return BandSelection(band=band, keep=tuple(id(record) in kept_ids for record in records))
+
+
+# --------------------------------------------------------------------------------------------------
+# writing the chosen rows in the input's format
+# --------------------------------------------------------------------------------------------------
+
+_LINE_SOURCE = re.compile(r"^(?P<file>.+):(?P<line>\d+)$")
+_ROW_SOURCE = re.compile(r"^(?P<file>.+)\[(?P<row>\d+)\]$")
+
+
+def _locations(records: Sequence[PromptRecord], pattern: re.Pattern[str], group: str, data: Path) -> list[int]:
+    out = []
+    for i, record in enumerate(records):
+        match = pattern.match(record.source)
+        if match is None or Path(match.group("file")) != data:
+            raise ValueError(
+                f"write_selected_rows: record {i} comes from {record.source!r}, not from {data}; "
+                "expected records loaded from that file with load_prompts"
+            )
+        out.append(int(match.group(group)))
+    return out
+
+
+def _atomic_write_bytes(target: Path, payload: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def write_selected_rows(
+    data: str | os.PathLike[str], records: Sequence[PromptRecord], keep: Sequence[bool], out: str | os.PathLike[str]
+) -> Path:
+    """Write the rows of ``data`` whose ``keep`` flag is set to ``out``, in ``data``'s format, every
+    original column kept.
+
+    ``records`` must be what :func:`~entrorl.data.load_prompts` returned for ``data`` (their ``source``
+    locates each row). ``.jsonl``: the kept lines are copied byte for byte. ``.json``: the kept objects
+    (inside ``{"data": [...]}`` with the other top-level fields when the input was so wrapped).
+    ``.csv``: the header and the kept rows. ``.parquet``: the kept rows of the table. A saved data set
+    directory: ``Dataset.select`` of the kept rows, saved with ``save_to_disk``. The input is only read;
+    ``out`` must be another path (``ValueError`` otherwise). Returns ``out``.
+    """
+    data, target = Path(os.fspath(data)), Path(os.fspath(out))
+    if len(keep) != len(records):
+        raise ValueError(f"write_selected_rows: {len(records)} records but {len(keep)} keep flags")
+    if target.exists() and _same_path(data, target):
+        raise ValueError(f"write_selected_rows: refusing to write over the input {data}; choose another path")
+    chosen = [r for r, k in zip(records, keep) if k]
+
+    if data.is_dir():
+        import datasets
+
+        rows = _locations(chosen, _ROW_SOURCE, "row", data)
+        loaded = datasets.load_from_disk(str(data))
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded["train"]
+        loaded.select(rows).save_to_disk(str(target))
+        return target
+
+    suffix = data.suffix.lower()
+    if suffix == ".jsonl":
+        lines = set(_locations(chosen, _LINE_SOURCE, "line", data))
+        raw = data.read_bytes().split(b"\n")
+        picked = [line.rstrip(b"\r") for number, line in enumerate(raw, start=1) if number in lines]
+        if picked and picked[0].startswith(b"\xef\xbb\xbf"):
+            picked[0] = picked[0][3:]
+        _atomic_write_bytes(target, b"".join(line + b"\n" for line in picked))
+    elif suffix == ".json":
+        rows = set(_locations(chosen, _ROW_SOURCE, "row", data))
+        document = json.loads(data.read_text(encoding="utf-8-sig"))
+        items = document["data"] if isinstance(document, dict) else document
+        selected = [item for index, item in enumerate(items) if index in rows]
+        document = {**document, "data": selected} if isinstance(document, dict) else selected
+        _atomic_write_bytes(target, (json.dumps(document, ensure_ascii=False, indent=1) + "\n").encode())
+    elif suffix == ".csv":
+        lines = set(_locations(chosen, _LINE_SOURCE, "line", data))
+        reader = csv.reader(io.StringIO(data.read_text(encoding="utf-8-sig"), newline=""))
+        buffer = io.StringIO(newline="")
+        writer = csv.writer(buffer, lineterminator="\n")
+        header_written, previous_end = False, 0
+        for row in reader:
+            start, previous_end = previous_end + 1, reader.line_num
+            if not row:
+                continue
+            if not header_written:
+                writer.writerow(row)
+                header_written = True
+            elif start in lines:
+                writer.writerow(row)
+        _atomic_write_bytes(target, buffer.getvalue().encode("utf-8"))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = _locations(chosen, _ROW_SOURCE, "row", data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pq.read_table(data).take(rows), target)
+    else:
+        raise ValueError(f"write_selected_rows: cannot write rows of {data} (unsupported format {suffix!r})")
+    return target

@@ -1,0 +1,394 @@
+"""Code rewards: run the completion's program against test cases in a sandbox.
+
+The ``code`` reward (:class:`CodeReward`) extracts a Python program from the completion
+(:func:`extract_code`: the last fenced block tagged ``python`` / ``py`` / ``python3``, else the last
+untagged fenced block), runs it against the sample's test cases with
+:func:`entrorl.rewards.sandbox.run_in_sandbox` and scores the fraction of cases passed. A program
+that tries something forbidden (a network connection, a write outside its directory, starting a
+process, calling C functions through ``ctypes``, reading another process's ``/proc``) scores 0
+whatever it passed.
+
+Test cases — the ``answer`` of the sample, or ``meta["tests"]`` when the answer is None; a dict, a
+list, or a JSON string of either (:func:`parse_tests`)::
+
+    {
+      "cases":   [{"input": "1 2\\n", "output": "3\\n"}, ...],   # standard input -> standard output
+      "inputs":  ["1 2\\n", ...], "outputs": ["3\\n", ...],       # the same, as parallel lists
+      "asserts": ["assert add(1, 2) == 3", ...],                  # Python run after the program
+    }
+
+A list of ``{"input", "output"}`` dicts is a list of standard-input cases; a list of strings is a
+list of assert cases. A standard-input case passes when the program's output matches ``output``
+under the ``compare`` option (``"tokens"``: the same whitespace-separated tokens, the default;
+``"lines"``: the same lines after stripping trailing whitespace and trailing blank lines;
+``"exact"``). An assert case passes when its code runs without raising; the program itself is
+executed once (as ``__main__``, with empty standard input) before the first assert case.
+
+The reward returns a :class:`CodeVerdict`: a float (the score) that carries ``status`` (one of
+:data:`STATUSES`), ``reason`` (None for a full score, else why), the per-case results and the
+isolation layers that were active. :meth:`CodeReward.score` is the plain-float path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from entrorl.rewards.base import register_reward
+from entrorl.rewards.sandbox import CaseOutcome, SandboxCase, SandboxLimits, SandboxRun, run_in_sandbox
+
+__all__ = [
+    "STATUSES",
+    "CodeOptions",
+    "CodeReward",
+    "CodeTest",
+    "CodeVerdict",
+    "extract_code",
+    "judge_run",
+    "outputs_match",
+    "parse_tests",
+]
+
+#: Every status a :class:`CodeVerdict` (or one of its cases) can have.
+STATUSES = (
+    "passed",  # every case passed
+    "wrong_answer",  # wrong output, or a failing assert
+    "no_code",  # no program found in the completion
+    "syntax_error",  # the program does not compile
+    "runtime_error",  # the program raised, exited non-zero or crashed
+    "timeout",  # a case ran past the time limit (later cases are not run)
+    "memory_limit",  # the program ran out of its memory limit
+    "process_limit",  # the program tried to start processes (or more threads than allowed)
+    "output_limit",  # the program wrote more than the file-size limit
+    "forbidden_write",  # the program tried to write outside its directory
+    "network_blocked",  # the program tried to use the network
+    "forbidden_read",  # the program tried to read another process's /proc entries (its environment)
+    "forbidden_operation",  # the program tried to call C functions through ctypes (or load cffi)
+    "not_run",  # a case that was not run (after a timeout)
+)
+
+_VIOLATION_STATUS = {
+    "network": "network_blocked",
+    "file_write": "forbidden_write",
+    "process": "process_limit",
+    "proc_read": "forbidden_read",
+    "ctypes": "forbidden_operation",
+}
+
+_PYTHON_TAGS = ("python", "py", "python3")
+_FENCE_RE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)^[ \t]*```", re.DOTALL | re.MULTILINE)
+
+
+def extract_code(
+    completion: str,
+    *,
+    languages: Sequence[str] = _PYTHON_TAGS,
+    which: str = "last",
+    allow_unfenced: bool = False,
+) -> str | None:
+    """The program in ``completion``: the ``which`` (``"last"`` or ``"first"``) complete fenced block
+    whose language tag is in ``languages`` (case-insensitive); without one, the ``which`` untagged
+    fenced block; without one, the whole completion when ``allow_unfenced`` (else None). An
+    unclosed fence (a truncated completion) does not count. Blank programs are None."""
+    if which not in ("last", "first"):
+        raise ValueError(f"which must be 'last' or 'first', got {which!r}")
+    if not isinstance(completion, str):
+        return None
+    wanted = {language.casefold() for language in languages}
+    tagged, untagged = [], []
+    for match in _FENCE_RE.finditer(completion):
+        tag, body = match.group(1).casefold(), match.group(2)
+        if tag in wanted:
+            tagged.append(body)
+        elif not tag:
+            untagged.append(body)
+    for blocks in (tagged, untagged):
+        blocks = [block for block in blocks if block.strip()]
+        if blocks:
+            return blocks[-1] if which == "last" else blocks[0]
+    if allow_unfenced and completion.strip() and "```" not in completion:
+        return completion
+    return None
+
+
+@dataclass(frozen=True)
+class CodeTest:
+    """One test case: ``kind="stdin"`` with ``input`` and ``expected`` output, or ``kind="assert"``
+    with ``code``."""
+
+    kind: str
+    input: str = ""
+    expected: str = ""
+    code: str = ""
+
+    def to_sandbox(self) -> SandboxCase:
+        return SandboxCase(self.kind, self.input if self.kind == "stdin" else self.code)
+
+
+def _text(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return "\n".join(value) + ("\n" if value else "")  # lines given as a list
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"code tests: {where} must be a string, got {type(value).__name__}")
+
+
+def parse_tests(spec: Any) -> list[CodeTest]:
+    """The test cases of ``spec`` (see the module docstring for the accepted forms).
+
+    Raises ``ValueError`` naming what is wrong for a malformed spec or one without any case.
+    """
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError as exc:
+            raise ValueError(f"code tests: a string spec must be JSON ({exc})") from exc
+    tests: list[CodeTest] = []
+    if isinstance(spec, (list, tuple)):
+        spec = {"asserts": list(spec)} if all(isinstance(item, str) for item in spec) else {"cases": list(spec)}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"code tests: expected a dict, a list or JSON of one, got {type(spec).__name__}")
+    unknown = set(spec) - {"cases", "inputs", "outputs", "asserts"}
+    if unknown:
+        raise ValueError(f"code tests: unknown keys {sorted(unknown)}; use 'cases', 'inputs'/'outputs', 'asserts'")
+    for index, case in enumerate(spec.get("cases") or []):
+        if not isinstance(case, Mapping) or "output" not in case:
+            raise ValueError(f"code tests: cases[{index}] must be a dict with 'input' and 'output'")
+        tests.append(
+            CodeTest(
+                "stdin",
+                input=_text(case.get("input", ""), f"cases[{index}].input"),
+                expected=_text(case["output"], f"cases[{index}].output"),
+            )
+        )
+    inputs, outputs = spec.get("inputs"), spec.get("outputs")
+    if (inputs is None) != (outputs is None):
+        raise ValueError("code tests: 'inputs' and 'outputs' come together")
+    if inputs is not None:
+        if not isinstance(inputs, (list, tuple)) or not isinstance(outputs, (list, tuple)):
+            raise ValueError("code tests: 'inputs' and 'outputs' must be lists")
+        if len(inputs) != len(outputs):
+            raise ValueError(f"code tests: {len(inputs)} inputs but {len(outputs)} outputs")
+        for index, (given, expected) in enumerate(zip(inputs, outputs)):
+            tests.append(
+                CodeTest("stdin", input=_text(given, f"inputs[{index}]"), expected=_text(expected, f"outputs[{index}]"))
+            )
+    for index, code in enumerate(spec.get("asserts") or []):
+        if not isinstance(code, str) or not code.strip():
+            raise ValueError(f"code tests: asserts[{index}] must be non-empty Python code")
+        tests.append(CodeTest("assert", code=code))
+    if not tests:
+        raise ValueError("code tests: the spec has no test case")
+    return tests
+
+
+def outputs_match(actual: str, expected: str, compare: str = "tokens") -> bool:
+    """Whether a program's output matches the expected one under ``compare`` (``"tokens"``,
+    ``"lines"`` or ``"exact"``; see the module docstring)."""
+    if compare == "tokens":
+        return actual.split() == expected.split()
+    if compare == "lines":
+
+        def lines(text: str) -> list[str]:
+            stripped = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
+            while stripped and not stripped[-1]:
+                stripped.pop()
+            return stripped
+
+        return lines(actual) == lines(expected)
+    if compare == "exact":
+        return actual == expected
+    raise ValueError(f"compare must be 'tokens', 'lines' or 'exact', got {compare!r}")
+
+
+class CodeVerdict(float):
+    """The ``code`` reward's value: a float (the fraction of cases passed) that also says why.
+
+    * ``score`` — the same number as a plain float;
+    * ``status`` — one of :data:`STATUSES`: ``"passed"``, a policy violation (which scores 0), else
+      the status of the first failing case;
+    * ``reason`` — None when every case passed, else ``"<status>: <detail>"``;
+    * ``passed`` / ``total`` — case counts;
+    * ``cases`` — ``(status, detail)`` per case;
+    * ``isolation`` — the sandbox layers that were active (see :mod:`entrorl.rewards.sandbox`);
+    * ``seconds`` — wall-clock time of the sandboxed run.
+    """
+
+    status: str
+    reason: str | None
+    passed: int
+    total: int
+    cases: tuple[tuple[str, str | None], ...]
+    isolation: Mapping[str, Any]
+    seconds: float
+
+    def __new__(
+        cls,
+        score: float,
+        status: str,
+        reason: str | None = None,
+        *,
+        passed: int = 0,
+        total: int = 0,
+        cases: Sequence[tuple[str, str | None]] = (),
+        isolation: Mapping[str, Any] | None = None,
+        seconds: float = 0.0,
+    ) -> CodeVerdict:
+        if status not in STATUSES:
+            raise ValueError(f"unknown code verdict status {status!r}; one of {STATUSES}")
+        verdict = super().__new__(cls, score)
+        verdict.status = status
+        verdict.reason = reason
+        verdict.passed = passed
+        verdict.total = total
+        verdict.cases = tuple(cases)
+        verdict.isolation = dict(isolation or {})
+        verdict.seconds = seconds
+        return verdict
+
+    @property
+    def score(self) -> float:
+        return float(self)
+
+    def __repr__(self) -> str:
+        return f"CodeVerdict({float(self)!r}, status={self.status!r}, reason={self.reason!r})"
+
+
+def _case_status(test: CodeTest, outcome: CaseOutcome, compare: str) -> tuple[str, str | None]:
+    """``(status, detail)`` of one case from what the sandbox saw."""
+    if outcome.status == "ok":
+        if test.kind == "assert" or outputs_match(outcome.stdout, test.expected, compare):
+            return "passed", None
+        return "wrong_answer", f"expected {test.expected[:80]!r}, got {outcome.stdout[:80]!r}"
+    if outcome.status == "timeout":
+        return "timeout", outcome.error
+    if outcome.status == "not_run":
+        return "not_run", "not run: the sandbox stopped after an earlier case"
+    error = outcome.error or outcome.status
+    if error.startswith("MemoryError"):
+        return "memory_limit", error
+    if error.startswith("BlockingIOError") or "can't start new thread" in error:
+        return "process_limit", error
+    if "[Errno 27]" in error:  # EFBIG: RLIMIT_FSIZE
+        return "output_limit", error
+    if "[Errno 101]" in error or "[Errno -3]" in error or "[Errno -2]" in error:  # no route / no DNS
+        return "network_blocked", error
+    if test.kind == "assert" and error.startswith("AssertionError"):
+        return "wrong_answer", error
+    return "runtime_error", error
+
+
+def judge_run(tests: Sequence[CodeTest], run: SandboxRun, compare: str = "tokens") -> CodeVerdict:
+    """The verdict of a sandboxed run of ``tests`` (see :class:`CodeVerdict`)."""
+    common = {"total": len(tests), "isolation": run.isolation, "seconds": run.seconds}
+    if run.syntax_error is not None:
+        return CodeVerdict(0.0, "syntax_error", f"syntax_error: {run.syntax_error}", **common)
+    cases = [_case_status(test, outcome, compare) for test, outcome in zip(tests, run.outcomes)]
+    passed = sum(status == "passed" for status, _ in cases)
+    if run.violations:
+        kind, detail = run.violations[0]
+        status = _VIOLATION_STATUS.get(kind, "forbidden_operation")
+        return CodeVerdict(0.0, status, f"{status}: {detail}", passed=0, cases=cases, **common)
+    if passed == len(tests):
+        return CodeVerdict(1.0, "passed", None, passed=passed, cases=cases, **common)
+    index, (status, detail) = next((i, c) for i, c in enumerate(cases) if c[0] != "passed")
+    reason = f"{status}: case {index}: {detail} ({passed}/{len(tests)} passed)"
+    return CodeVerdict(passed / len(tests), status, reason, passed=passed, cases=cases, **common)
+
+
+@dataclass(frozen=True)
+class CodeOptions(SandboxLimits):
+    """Options of the ``code`` reward: every :class:`~entrorl.rewards.sandbox.SandboxLimits` field
+    (``time_limit`` per case in seconds, ``memory_mb``, ``max_processes``, ``max_file_mb``,
+    ``max_open_files``, ``startup_time``, ``drop_privileges``, ``network_namespace``,
+    ``read_only_filesystem``, ``audit_hook``, ``allow_subprocesses``, ``python``, ``temp_dir``) plus
+
+    * ``compare`` — output comparison: ``"tokens"``, ``"lines"`` or ``"exact"``;
+    * ``languages`` — fence tags that mark the program;
+    * ``block`` — which fenced block: ``"last"`` or ``"first"``;
+    * ``allow_unfenced`` — take the whole completion when it has no fenced block.
+    """
+
+    compare: str = "tokens"
+    languages: tuple[str, ...] = _PYTHON_TAGS
+    block: str = "last"
+    allow_unfenced: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # validates the sandbox fields
+        if self.compare not in ("tokens", "lines", "exact"):
+            raise ValueError(f"compare must be 'tokens', 'lines' or 'exact', got {self.compare!r}")
+        if self.block not in ("last", "first"):
+            raise ValueError(f"block must be 'last' or 'first', got {self.block!r}")
+        if isinstance(self.languages, str):
+            object.__setattr__(self, "languages", (self.languages,))
+        else:
+            object.__setattr__(self, "languages", tuple(self.languages))
+        if not self.languages or not all(isinstance(tag, str) and tag for tag in self.languages):
+            raise ValueError(f"languages must be non-empty fence tags, got {self.languages!r}")
+        if not isinstance(self.allow_unfenced, bool):
+            raise ValueError(f"allow_unfenced must be true or false, got {self.allow_unfenced!r}")
+
+    def limits(self) -> SandboxLimits:
+        """The sandbox limits these options describe."""
+        return SandboxLimits(**{f.name: getattr(self, f.name) for f in fields(SandboxLimits)})
+
+
+def _code_options(options: Mapping[str, Any]) -> CodeOptions:
+    """:class:`CodeOptions` from keyword options; ValueError naming unknown ones."""
+    accepted = [f.name for f in fields(CodeOptions)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"invalid options for reward 'code': {unknown}; accepted options: {accepted}")
+    return CodeOptions(**options)
+
+
+def _validate_code(**kwargs: Any) -> None:
+    _code_options(kwargs)
+
+
+@register_reward(
+    "code",
+    description="fraction of test cases (stdin/stdout or asserts) the completion's last ```python block "
+    "passes, run in a sandbox (limits, no network, no writes outside its directory); 0 for forbidden acts",
+    factory=True,
+    validate=_validate_code,
+)
+class CodeReward:
+    """The ``code`` reward; keyword arguments are :class:`CodeOptions` fields.
+
+    Calling it returns a :class:`CodeVerdict`. The completion without a program scores 0
+    (``no_code``). A malformed or missing test spec raises ``ValueError`` and a sandbox that cannot
+    start raises :class:`~entrorl.rewards.sandbox.SandboxError` (not the completion's fault:
+    :class:`~entrorl.rewards.RewardRunner` counts either as a failed sample, with the error).
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.options = _code_options(options)
+        self.__name__ = "code"
+
+    def __repr__(self) -> str:
+        return f"CodeReward({self.options})"
+
+    def __call__(self, prompt: str, completion: str, answer: Any, /, **meta: Any) -> CodeVerdict:
+        spec = answer if answer is not None else meta.get("tests")
+        if spec is None:
+            raise ValueError("code reward: no test cases (give them as the answer or as meta['tests'])")
+        tests = parse_tests(spec)
+        options = self.options
+        program = extract_code(
+            completion, languages=options.languages, which=options.block, allow_unfenced=options.allow_unfenced
+        )
+        if program is None:
+            return CodeVerdict(0.0, "no_code", "no_code: no fenced Python block in the completion", total=len(tests))
+        run = run_in_sandbox(program, [test.to_sandbox() for test in tests], options.limits())
+        return judge_run(tests, run, options.compare)
+
+    def score(self, prompt: str, completion: str, answer: Any, /, **meta: Any) -> float:
+        """The plain-float path: the score of :meth:`__call__`."""
+        return float(self(prompt, completion, answer, **meta))

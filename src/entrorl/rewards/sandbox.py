@@ -1,0 +1,995 @@
+"""Run an untrusted Python program against test cases, contained.
+
+:func:`run_in_sandbox` runs a program in a fresh child interpreter and reports, per test case, what the
+program did. Containment is layered; every layer that is active for a run is named in
+:attr:`SandboxRun.isolation`, and a layer that is not available degrades explicitly (it is reported as
+off, never silently assumed):
+
+* **process** — the child starts in a new session and process group (``start_new_session``) with a
+  minimal environment (no inherited variables, so the parent's secrets are not there), a fresh
+  temporary working directory (deleted afterwards) and only the descriptors it needs;
+* **unprivileged user** — when the parent runs as root, the child runs as a fresh, otherwise unused
+  uid/gid. It cannot write root's files or read other processes' ``/proc/<pid>/environ``, and
+  ``RLIMIT_NPROC`` counts only its own processes (the kernel does not apply that limit to root).
+  Needs an interpreter the unprivileged user can execute: the configured one, else the parent's, else
+  ``python3`` on the system ``PATH`` (see :attr:`SandboxRun.isolation` ``"interpreter"``);
+* **network namespace** — the child moves itself into a new, empty user + network namespace
+  (``unshare(CLONE_NEWUSER | CLONE_NEWNET)``) before the program runs: no interface but a down
+  loopback, so every connection, to ``127.0.0.1`` included, fails in the kernel;
+* **read-only file system** — the same unshare adds a mount namespace in which every mount is made
+  read-only (``mount_setattr(AT_RECURSIVE, MOUNT_ATTR_RDONLY)``) except a bind mount of the working
+  directory; the inherited mounts are locked in that namespace, so the program cannot make them
+  writable again. World-writable places (``/tmp``, ``/dev/shm``) are read-only too;
+* **resource limits** (``setrlimit`` in the child) — ``RLIMIT_CPU``, ``RLIMIT_AS`` and ``RLIMIT_DATA``
+  (memory), ``RLIMIT_NPROC`` (processes and threads), ``RLIMIT_FSIZE`` (size of any file written,
+  captured output included), ``RLIMIT_NOFILE`` and ``RLIMIT_CORE = 0``; plus ``PR_SET_NO_NEW_PRIVS``
+  and a parent-death signal;
+* **audit hook** (``sys.addaudithook``, installed before the program runs) — refuses socket
+  connect / bind / send and name lookups, process creation (fork, exec, spawn, ``subprocess``,
+  ``os.system``) and signals to other processes, writes / renames / deletions outside the sandbox
+  directory, reading other processes' ``/proc`` entries, and looking up C functions with ``ctypes``
+  or loading ``cffi`` (either could step around the hook; importing ``ctypes`` itself is allowed, numpy
+  does it). A refused operation raises ``PermissionError`` in the program *and* is reported to the
+  parent at once, so catching the exception does not hide it. An audit hook is a tripwire, not a
+  security boundary: the kernel layers above are what contain a determined program;
+* **wall clock and cleanup** — the parent enforces a wall-clock limit per test case and, whatever
+  happened (success included), kills the whole process group with ``SIGKILL``, then every process
+  still running as the sandbox uid or carrying the run's marker (which catches children that left
+  the group with ``setsid``), removes the working directory and any file the sandbox uid left in the
+  world-writable temporary directories.
+
+Test cases are run in one child process, one after the other (the interpreter starts once). A case
+that kills the process (a crash, ``os._exit``, a signal) is attributed to that case and the remaining
+cases continue in a fresh process; after a wall-clock timeout the remaining cases are not run.
+
+Standard-input cases compare the captured standard output *in the parent*: the expected output never
+enters the sandbox. Assert cases (test code executed after the program, in its namespace) necessarily
+run in the program's interpreter: a program written to attack the harness could fake their results,
+so prefer standard-input cases where that matters.
+
+Linux only (``/proc``, ``setrlimit``, ``unshare``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "CaseOutcome",
+    "SandboxCase",
+    "SandboxError",
+    "SandboxLimits",
+    "SandboxRun",
+    "run_in_sandbox",
+]
+
+#: Marker put in the child's argv and environment; strays are found by it.
+SANDBOX_MARKER = "ENTRORL_SANDBOX"
+
+# Fresh uids/gids for sandboxed programs are drawn from this range (far above any real account's).
+_SANDBOX_ID_BASE = 2_100_000_000
+_SANDBOX_ID_SPAN = 40_000_000
+
+# Directories any user can write to; what a sandbox uid leaves there is removed after the run.
+_SHARED_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+# Most bytes of result messages accepted from one child (a program flooding the channel is cut off).
+_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not run the program at all (a setup problem, not the program's fault)."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Limits and isolation switches of one sandboxed run.
+
+    * ``time_limit`` — wall-clock seconds each test case may take (the parent kills the process
+      group when it is exceeded); CPU time is capped by ``RLIMIT_CPU`` at the total of all cases;
+    * ``memory_mb`` — address-space limit of the program (``RLIMIT_AS`` and ``RLIMIT_DATA``);
+    * ``max_processes`` — processes *and threads* the sandbox uid may have (``RLIMIT_NPROC``);
+    * ``max_file_mb`` — largest file the program may write, its captured output included
+      (``RLIMIT_FSIZE``);
+    * ``max_open_files`` — ``RLIMIT_NOFILE``;
+    * ``startup_time`` — extra wall-clock seconds allowed for the interpreter to start;
+    * ``drop_privileges`` — when the parent is root, run as a fresh unprivileged uid;
+    * ``network_namespace`` — move the program into an empty user + network namespace;
+    * ``read_only_filesystem`` — give the program a mount namespace where everything but its working
+      directory is read-only;
+    * ``audit_hook`` — install the audit-hook tripwire;
+    * ``allow_subprocesses`` — let the audit hook permit fork / exec / ``subprocess`` (the process
+      limit and the final kill still apply);
+    * ``python`` — interpreter to run the program with (default: the current one);
+    * ``temp_dir`` — where the per-run working directory is created (default: the system's).
+    """
+
+    time_limit: float = 2.0
+    memory_mb: int = 512
+    max_processes: int = 16
+    max_file_mb: int = 16
+    max_open_files: int = 64
+    startup_time: float = 5.0
+    drop_privileges: bool = True
+    network_namespace: bool = True
+    read_only_filesystem: bool = True
+    audit_hook: bool = True
+    allow_subprocesses: bool = False
+    python: str | None = None
+    temp_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("time_limit", "startup_time"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 86_400:
+                raise ValueError(f"{name} must be a number of seconds in (0, 86400), got {value!r}")
+        for name, low in (("memory_mb", 32), ("max_processes", 1), ("max_file_mb", 1), ("max_open_files", 16)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        switches = ("drop_privileges", "network_namespace", "read_only_filesystem", "audit_hook", "allow_subprocesses")
+        for name in switches:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("python", "temp_dir"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty path or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SandboxCase:
+    """One test case: ``kind="stdin"`` feeds ``text`` to standard input and captures standard output;
+    ``kind="assert"`` executes ``text`` as Python in the program's namespace after the program ran."""
+
+    kind: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("stdin", "assert"):
+            raise ValueError(f"a sandbox case kind is 'stdin' or 'assert', got {self.kind!r}")
+        if not isinstance(self.text, str):
+            raise TypeError(f"a sandbox case's text must be a string, got {type(self.text).__name__}")
+
+
+@dataclass(frozen=True)
+class CaseOutcome:
+    """What one test case did.
+
+    ``status`` is ``"ok"`` (ran to the end; for stdin cases the output still has to be compared),
+    ``"error"`` (raised or exited non-zero; ``error`` holds ``"Type: message"``), ``"timeout"``,
+    ``"crashed"`` (the process died; ``error`` says how) or ``"not_run"``. ``stdout`` is the captured
+    standard output of stdin cases; ``seconds`` the wall-clock time of the case.
+    """
+
+    status: str
+    error: str | None = None
+    stdout: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class SandboxRun:
+    """Result of :func:`run_in_sandbox`.
+
+    ``syntax_error`` is set when the program does not compile (no case ran); ``violations`` are the
+    ``(kind, detail)`` pairs the audit hook refused (``kind`` is ``"network"``, ``"file_write"``,
+    ``"process"``, ``"proc_read"`` or ``"ctypes"``); ``isolation`` names the active layers;
+    ``seconds`` is the wall-clock time of the whole run; ``uid`` and ``marker`` identify the run's
+    processes (for inspection by tests and tools); ``stderr_tail`` is the end of the program's
+    standard error.
+    """
+
+    outcomes: list[CaseOutcome]
+    syntax_error: str | None = None
+    violations: list[tuple[str, str]] = field(default_factory=list)
+    isolation: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    uid: int | None = None
+    marker: str = ""
+    workdir: str = ""
+    stderr_tail: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# the child's bootstrap (standard library only; runs in the sandbox interpreter, Python >= 3.8)
+# --------------------------------------------------------------------------------------------
+
+_BOOTSTRAP = r'''
+import builtins, json, os, resource, signal, sys, time, types
+
+CONFIG_PATH = sys.argv[2]
+with open(CONFIG_PATH, encoding="utf-8") as handle:
+    CONFIG = json.load(handle)
+os.unlink(CONFIG_PATH)  # the program must not find the test cases on disk
+MAIN_PID = os.getpid()
+RESULT_FD = CONFIG["result_fd"]
+WORKDIR = os.path.realpath(CONFIG["workdir"])
+
+
+def send(message):
+    data = (json.dumps(message) + "\n").encode("utf-8")
+    while data:
+        data = data[os.write(RESULT_FD, data):]
+
+
+def set_limits():
+    limits = CONFIG["limits"]
+    memory = limits["memory_bytes"]
+    for name, value in (("RLIMIT_AS", memory), ("RLIMIT_DATA", memory), ("RLIMIT_CPU", limits["cpu_seconds"]),
+                        ("RLIMIT_FSIZE", limits["file_bytes"]), ("RLIMIT_NOFILE", limits["open_files"]),
+                        ("RLIMIT_CORE", 0)):
+        resource.setrlimit(getattr(resource, name), (value, value))
+    if limits["processes"] is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"], limits["processes"]))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-long write raises OSError(EFBIG) instead
+
+
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 1 << 18
+MOUNT_ATTR_RDONLY, AT_RECURSIVE, AT_FDCWD, SYS_MOUNT_SETATTR = 0x1, 0x8000, -100, 442
+
+
+def read_only_view(libc, ctypes):
+    """Every mount read-only except a bind mount of the working directory (in our mount namespace:
+    the mounts we inherited are locked there, so the program cannot make them writable again)."""
+    import struct
+
+    def check(result, step):
+        if result != 0:
+            raise OSError(ctypes.get_errno(), "%s: %s" % (step, os.strerror(ctypes.get_errno())))
+
+    def mount_attr(attr_set, attr_clr):
+        return ctypes.create_string_buffer(struct.pack("QQQQ", attr_set, attr_clr, 0, 0), 32)
+
+    libc.syscall.restype = ctypes.c_long
+    workdir = WORKDIR.encode()
+    check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+    check(libc.mount(workdir, workdir, None, MS_BIND | MS_REC, None), "bind the working directory")
+    check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, mount_attr(MOUNT_ATTR_RDONLY, 0), 32),
+          "make / read-only")
+    check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, workdir, 0, mount_attr(0, MOUNT_ATTR_RDONLY), 32),
+          "make the working directory writable")
+
+
+def kernel_isolation():
+    """no_new_privs, death with the parent, and new user + network + mount namespaces."""
+    report = {}
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    report["no_new_privs"] = libc.prctl(38, 1, 0, 0, 0) == 0          # PR_SET_NO_NEW_PRIVS
+    libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)                        # PR_SET_PDEATHSIG
+    report["network_namespace"] = False
+    report["read_only_filesystem"] = False
+    flags = (CLONE_NEWNET if CONFIG["network_namespace"] else 0) | (CLONE_NEWNS if CONFIG["read_only_filesystem"] else 0)
+    namespaces = False
+    if flags:
+        uid, gid = os.getuid(), os.getgid()
+        if libc.unshare(CLONE_NEWUSER | flags) == 0:
+            try:
+                for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)),
+                                   ("gid_map", "%d %d 1" % (gid, gid))):
+                    with open("/proc/self/" + name, "w") as handle:
+                        handle.write(text)
+                namespaces = True
+            except OSError as exc:
+                report["namespace_error"] = "uid map: %s" % exc
+        else:
+            report["namespace_error"] = "unshare: %s" % os.strerror(ctypes.get_errno())
+    if namespaces:
+        report["network_namespace"] = bool(flags & CLONE_NEWNET)
+        if flags & CLONE_NEWNS:
+            try:
+                read_only_view(libc, ctypes)
+                report["read_only_filesystem"] = True
+            except OSError as exc:
+                report["read_only_filesystem_error"] = str(exc)
+    return report
+
+
+class Refused(PermissionError):
+    pass
+
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+PATH_EVENTS = {"os.remove": 0, "os.rmdir": 0, "os.mkdir": 0, "os.rename": 0, "os.link": 1, "os.symlink": 1,
+               "os.chmod": 0, "os.chown": 0, "os.truncate": 0, "os.utime": 0, "os.chflags": 0,
+               "os.setxattr": 0, "os.removexattr": 0, "shutil.rmtree": 0, "shutil.move": 1, "shutil.copyfile": 1}
+RENAME_EVENTS = {"os.rename", "os.link", "shutil.move", "shutil.copyfile"}
+SOCKET_EVENTS = {"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg"}   # (socket, address, ...)
+LOOKUP_EVENTS = {"socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo"}
+PROCESS_EVENTS = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
+                  "subprocess.Popen", "pty.spawn", "os.startfile"}
+# importing ctypes is allowed (numpy does it); looking up or calling a C function is not
+CTYPES_EVENTS = {"ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function"}
+
+
+def inside_workdir(path):
+    """Whether ``path`` (relative to the current directory) lies in the working directory."""
+    if isinstance(path, int):
+        return True  # an already open descriptor
+    try:
+        real = os.path.realpath(os.fsdecode(path))
+    except (TypeError, ValueError):
+        return False
+    return real == WORKDIR or real.startswith(WORKDIR + os.sep) or real == "/dev/null"
+
+
+def refuse(kind, detail):
+    send({"event": "violation", "kind": kind, "detail": detail[:300]})
+    raise Refused("sandbox: %s refused (%s)" % (kind.replace("_", " "), detail[:200]))
+
+
+def install_audit_hook():
+    allow_processes = CONFIG["allow_subprocesses"]
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = (tuple(args) + (None, None, None))[:3]
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & WRITE_FLAGS)
+            if writing and not inside_workdir(path):
+                refuse("file_write", "open %r for writing" % (path,))
+            if isinstance(path, (str, bytes)):
+                text = os.fsdecode(path)
+                if text.startswith("/proc/"):
+                    part = text.split("/")[2]
+                    if part.isdigit() and part != str(os.getpid()):
+                        refuse("proc_read", "open %r" % (text,))
+        elif event in PATH_EVENTS:
+            paths = [args[0]] + ([args[1]] if event in RENAME_EVENTS and len(args) > 1 else [])
+            for path in paths:
+                if not inside_workdir(path):
+                    refuse("file_write", "%s %r" % (event, path))
+        elif event in SOCKET_EVENTS:
+            refuse("network", "%s %r" % (event, args[1] if len(args) > 1 else None))
+        elif event in LOOKUP_EVENTS:
+            refuse("network", "%s %r" % (event, args[0] if args else None))
+        elif event in PROCESS_EVENTS:
+            if not allow_processes:
+                refuse("process", event)
+        elif event in ("os.kill", "os.killpg"):
+            if not allow_processes and args and args[0] not in (0, os.getpid()):
+                refuse("process", "%s %r" % (event, args[0]))
+        elif event in CTYPES_EVENTS:
+            refuse("ctypes", event)
+        elif event == "import" and args and args[0] in ("cffi", "_cffi_backend"):
+            refuse("ctypes", "import %s" % args[0])
+
+    sys.addaudithook(hook)
+
+
+def describe(exc):
+    text = str(exc)
+    name = type(exc).__name__
+    return ("%s: %s" % (name, text))[:500] if text else name
+
+
+def leave_if_forked():
+    if os.getpid() != MAIN_PID:  # a forked child of the program must never run the harness
+        os._exit(0)
+
+
+def redirect(fd, path, flags):
+    new = os.open(path, flags, 0o600)
+    os.dup2(new, fd)
+    os.close(new)
+
+
+def attach_standard_streams(input_path, output_path, output_flags):
+    """Point descriptors 0 and 1 (and sys.stdin / sys.stdout) at the given files."""
+    redirect(0, input_path, os.O_RDONLY)
+    redirect(1, output_path, output_flags)
+    sys.stdin = open(0, "r", encoding="utf-8", errors="replace", closefd=False)
+    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
+
+
+def fresh_main_namespace():
+    """A new, empty ``__main__`` module for the program (not the harness's own globals)."""
+    module = types.ModuleType("__main__")
+    module.__builtins__ = builtins
+    sys.modules["__main__"] = module
+    return module.__dict__
+
+
+def run_case(index, case, state):
+    kind, text = case["kind"], case["text"]
+    if kind == "stdin":
+        attach_standard_streams(os.path.join(WORKDIR, "case%d.in" % index),
+                                os.path.join(WORKDIR, "case%d.out" % index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        namespace = fresh_main_namespace()
+        try:
+            exec(state["code"], namespace)
+        finally:
+            try:
+                sys.stdout.flush()
+            finally:
+                attach_standard_streams(os.devnull, os.devnull, os.O_WRONLY)
+        return
+    if "namespace" not in state:  # assert cases: run the program once, before the first of them
+        state["namespace"] = fresh_main_namespace()
+        state["program_exception"] = None
+        try:
+            exec(state["code"], state["namespace"])
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                state["program_exception"] = exc
+        except BaseException as exc:
+            leave_if_forked()
+            state["program_exception"] = exc
+    if state["program_exception"] is not None:  # every assert case fails the way the program did
+        raise state["program_exception"]
+    exec(compile(text, "test_%d" % index, "exec"), state["namespace"])
+
+
+def main():
+    isolation = kernel_isolation()
+    set_limits()
+    os.chdir(WORKDIR)
+    source, cases = CONFIG.pop("program"), CONFIG.pop("cases")
+    attach_standard_streams(os.devnull, os.devnull, os.O_WRONLY)
+    if CONFIG["audit_hook"]:
+        install_audit_hook()
+    isolation["audit_hook"] = bool(CONFIG["audit_hook"])
+    send({"event": "ready", "isolation": isolation})
+    try:
+        code = compile(source, "solution.py", "exec")
+    except (SyntaxError, ValueError) as exc:
+        send({"event": "syntax_error", "detail": describe(exc)})
+        return
+    state = {"code": code}
+    for index in range(CONFIG["first_case"], len(cases)):
+        send({"event": "start", "case": index})
+        started = time.monotonic()
+        status, error = "ok", None
+        try:
+            run_case(index, cases[index], state)
+        except SystemExit as exc:
+            leave_if_forked()
+            if exc.code not in (None, 0):
+                status, error = "error", "SystemExit: exit status %r" % (exc.code,)
+        except BaseException as exc:
+            leave_if_forked()
+            status, error = "error", describe(exc)
+        leave_if_forked()
+        send({"event": "end", "case": index, "status": status, "error": error,
+              "seconds": time.monotonic() - started})
+    send({"event": "done"})
+
+
+main()
+'''
+
+
+# --------------------------------------------------------------------------------------------
+# the parent
+# --------------------------------------------------------------------------------------------
+
+_INTERPRETER_CACHE: dict[tuple[str, int], bool] = {}
+
+
+def _minimal_environment(workdir: str, marker: str) -> dict[str, str]:
+    """The only variables the program sees: nothing of the parent's environment."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        SANDBOX_MARKER: marker,
+    }
+
+
+def _runs_as(python: str, uid: int) -> bool:
+    """Whether ``python`` starts when run as ``uid`` (checked once per interpreter)."""
+    key = (python, 1 if uid else 0)
+    if key not in _INTERPRETER_CACHE:
+        try:
+            probe = subprocess.run(
+                [python, "-I", "-c", "pass"],
+                user=uid,
+                group=uid,
+                extra_groups=[],
+                env={"PATH": "/usr/bin:/bin"},
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=30,
+                start_new_session=True,
+            )
+            _INTERPRETER_CACHE[key] = probe.returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            _INTERPRETER_CACHE[key] = False
+    return _INTERPRETER_CACHE[key]
+
+
+def _choose_identity(limits: SandboxLimits) -> tuple[str, int | None, dict[str, Any]]:
+    """(interpreter, uid to run as or None for the parent's, isolation notes)."""
+    requested = limits.python or sys.executable
+    notes: dict[str, Any] = {}
+    if os.geteuid() != 0 or not limits.drop_privileges:
+        notes["user"] = "parent's uid" + ("" if os.geteuid() != 0 else " (root: privileges not dropped)")
+        return requested, None, notes
+    uid = _SANDBOX_ID_BASE + secrets.randbelow(_SANDBOX_ID_SPAN)
+    candidates = [requested]
+    if limits.python is None:
+        system_python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+        if system_python and system_python not in candidates:
+            candidates.append(system_python)
+    for python in candidates:
+        if _runs_as(python, uid):
+            notes["user"] = "unprivileged uid"
+            if python != requested:
+                notes["interpreter_note"] = f"{requested} is not executable by an unprivileged user"
+            return python, uid, notes
+    notes["user"] = "root (no interpreter executable by an unprivileged user: privileges not dropped)"
+    return requested, None, notes
+
+
+def _count_tasks_of(uid: int) -> int:
+    """Threads of every process whose real uid is ``uid``."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status", encoding="utf-8") as handle:
+                fields = dict(line.split(":", 1) for line in handle if ":" in line)
+        except OSError:
+            continue
+        if int(fields.get("Uid", "-1").split()[0]) == uid:
+            total += int(fields.get("Threads", "1").strip() or 1)
+    return total
+
+
+def _process_limit(uid: int | None, limits: SandboxLimits) -> tuple[int | None, str]:
+    if uid is not None:
+        return limits.max_processes, f"RLIMIT_NPROC={limits.max_processes} on the sandbox's own uid"
+    if os.geteuid() == 0:
+        return None, "none in the kernel (RLIMIT_NPROC does not apply to root)"
+    budget = _count_tasks_of(os.getuid()) + limits.max_processes
+    return budget, f"RLIMIT_NPROC={budget} (shared uid: the user's current tasks + {limits.max_processes})"
+
+
+def _find_strays(uid: int | None, marker: str, exclude: int) -> list[int]:
+    """Pids running as ``uid`` or carrying ``marker`` in their command line or environment."""
+    found = []
+    needle = marker.encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == exclude:
+            continue
+        pid = int(entry.name)
+        try:
+            if uid is not None and uid in _uids_of(pid):
+                found.append(pid)
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if needle in handle.read():
+                    found.append(pid)
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if needle in handle.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _uids_of(pid: int) -> set[int]:
+    """Real, effective, saved and filesystem uids of a process (from /proc, which does not hide them
+    the way the owner of ``/proc/<pid>`` is hidden for non-dumpable processes)."""
+    with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("Uid:"):
+                return {int(value) for value in line.split()[1:]}
+    return set()
+
+
+def _kill_everything(pgid: int, uid: int | None, marker: str) -> int:
+    """SIGKILL the process group, then every stray of the run until none is left; how many strays."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    killed: set[int] = set()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        strays = [pid for pid in _find_strays(uid, marker, os.getpid()) if _is_alive(pid)]
+        if not strays:
+            break
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                if pid != pgid:  # the group leader is the child itself, dying from the group kill
+                    killed.add(pid)
+        time.sleep(0.01)
+    return len(killed)
+
+
+def _is_alive(pid: int) -> bool:
+    """False for processes that are gone or zombies (already dead, waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            state = handle.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def _remove_litter(uid: int) -> list[str]:
+    """Delete entries owned by ``uid`` directly inside the world-writable directories."""
+    removed = []
+    for directory in _SHARED_WRITABLE_DIRS:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+                removed.append(entry.path)
+            except OSError:
+                continue
+    return removed
+
+
+def _read_tail(path: str, limit: int = 2000) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - limit))
+            return handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _read_output(path: str, limit: int) -> str:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(limit).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class _Attempt:
+    """Follows one child process running cases ``first_case..``: parses its result messages into
+    ``run`` and keeps the case in progress and that case's deadline."""
+
+    def __init__(self, run: SandboxRun, cases: Sequence[SandboxCase], limits: SandboxLimits) -> None:
+        self.run = run
+        self.cases = cases
+        self.limits = limits
+        self.buffer = b""
+        self.received = 0
+        self.flooded = False
+        self.isolation: dict[str, Any] = {}
+        self.ready = False
+        self.done = False
+        self.current: int | None = None
+        self.case_started = 0.0
+        self.deadline = time.monotonic() + limits.startup_time
+
+    def feed(self, data: bytes) -> None:
+        """Take bytes read from the result pipe; complete lines are handled at once."""
+        self.received += len(data)
+        if self.received > _MAX_MESSAGE_BYTES:
+            self.flooded = True
+            return
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict):
+                self._handle(message)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        event = message.get("event")
+        now = time.monotonic()
+        if event == "ready":
+            self.ready = True
+            self.isolation = dict(message.get("isolation") or {})
+            self.deadline = now + self.limits.time_limit
+        elif event == "done":
+            self.done = True
+        elif event == "syntax_error":
+            self.run.syntax_error = str(message.get("detail", "syntax error"))
+        elif event == "violation":
+            self.run.violations.append((str(message.get("kind")), str(message.get("detail"))))
+        elif event == "start" and isinstance(message.get("case"), int) and 0 <= message["case"] < len(self.cases):
+            self.current = message["case"]
+            self.case_started = now
+            self.deadline = now + self.limits.time_limit
+        elif event == "end" and self.current is not None and message.get("case") == self.current:
+            error = message.get("error")
+            self.run.outcomes[self.current] = CaseOutcome(
+                "ok" if message.get("status") == "ok" else "error",
+                None if error is None else str(error),
+                seconds=now - self.case_started,
+            )
+            self.current = None
+            self.deadline = now + self.limits.time_limit
+
+    def time_out(self) -> None:
+        """The deadline passed: the case in progress timed out. Raises :class:`SandboxError` when the
+        interpreter did not even get ready (no program code had run: not the program's fault)."""
+        now = time.monotonic()
+        if not self.ready:
+            raise SandboxError(f"the sandboxed interpreter did not start within {self.limits.startup_time:g} s")
+        if self.current is not None:
+            self.run.outcomes[self.current] = CaseOutcome(
+                "timeout", f"ran past the {self.limits.time_limit:g} s time limit", seconds=now - self.case_started
+            )
+
+    def child_exited(self, exit_status: int, first_case: int, stderr_path: str) -> int | None:
+        """The child ended: attribute its death to the case in progress; the case to resume from.
+        Raises :class:`SandboxError` when it died before the program could run."""
+        if not self.ready:
+            tail = _read_tail(stderr_path, 500).strip().splitlines()
+            detail = tail[-1] if tail else f"exit status {exit_status}"
+            raise SandboxError(
+                f"the sandbox did not start ({detail}); the working directory (temp_dir) must be reachable "
+                "and the interpreter runnable by the sandbox user"
+            )
+        if self.current is not None:
+            self.run.outcomes[self.current] = _death_outcome(
+                exit_status, self.cases[self.current].kind, time.monotonic() - self.case_started
+            )
+            return self.current + 1 if self.current + 1 < len(self.cases) else None
+        if not self.done and self.run.syntax_error is None:
+            for index in range(first_case, len(self.cases)):
+                if self.run.outcomes[index].status == "not_run":
+                    self.run.outcomes[index] = CaseOutcome(
+                        "crashed", f"the process ended between test cases (exit status {exit_status})"
+                    )
+        return None
+
+
+def run_in_sandbox(program: str, cases: Sequence[SandboxCase], limits: SandboxLimits | None = None) -> SandboxRun:
+    """Run ``program`` (Python source) on every case of ``cases`` under ``limits``; see the module doc.
+
+    Never raises because of what the program does; raises :class:`SandboxError` (or ``OSError``) when
+    the sandbox itself cannot be set up or its interpreter does not start, and ``ValueError`` /
+    ``TypeError`` for bad arguments.
+    """
+    if not isinstance(program, str):
+        raise TypeError(f"program must be a string, got {type(program).__name__}")
+    cases = list(cases)
+    if not all(isinstance(case, SandboxCase) for case in cases):
+        raise TypeError("cases must be SandboxCase objects")
+    limits = limits or SandboxLimits()
+    started = time.monotonic()
+    python, uid, isolation = _choose_identity(limits)
+    isolation["interpreter"] = python
+    marker = f"{SANDBOX_MARKER}_{secrets.token_hex(8)}"
+    workdir = tempfile.mkdtemp(prefix="entrorl-sandbox-", dir=limits.temp_dir)
+    run = SandboxRun(
+        outcomes=[CaseOutcome("not_run") for _ in cases], isolation=isolation, uid=uid, marker=marker, workdir=workdir
+    )
+    try:
+        processes, process_note = _process_limit(uid, limits)
+        isolation["process_limit"] = process_note
+        _prepare_workdir(workdir, cases, uid)
+        first_case = 0
+        strays = 0
+        while True:
+            attempt_result = _run_attempt(
+                python, uid, workdir, marker, program, cases, first_case, processes, limits, run
+            )
+            strays += attempt_result.strays
+            if attempt_result.next_case is None:
+                break
+            first_case = attempt_result.next_case
+        isolation["strays_killed"] = strays
+        run.stderr_tail = _read_tail(os.path.join(workdir, "stderr.txt"))
+        for index, case in enumerate(cases):
+            if case.kind == "stdin" and run.outcomes[index].status in ("ok", "error"):
+                stdout = _read_output(os.path.join(workdir, f"case{index}.out"), limits.max_file_mb * 1024 * 1024)
+                outcome = run.outcomes[index]
+                run.outcomes[index] = CaseOutcome(outcome.status, outcome.error, stdout, outcome.seconds)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if uid is not None:
+            litter = _remove_litter(uid)
+            if litter:
+                isolation["litter_removed"] = litter
+    run.seconds = time.monotonic() - started
+    return run
+
+
+def _prepare_workdir(workdir: str, cases: Sequence[SandboxCase], uid: int | None) -> None:
+    """Inputs of stdin cases are written by the parent; the directory is the sandbox uid's."""
+    for index, case in enumerate(cases):
+        if case.kind == "stdin":
+            with open(os.path.join(workdir, f"case{index}.in"), "w", encoding="utf-8") as handle:
+                handle.write(case.text)
+    for name in os.listdir(workdir):
+        os.chmod(os.path.join(workdir, name), 0o444)
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+    os.chmod(workdir, 0o700)
+
+
+@dataclass
+class _AttemptResult:
+    next_case: int | None
+    strays: int
+
+
+def _run_attempt(
+    python: str,
+    uid: int | None,
+    workdir: str,
+    marker: str,
+    program: str,
+    cases: Sequence[SandboxCase],
+    first_case: int,
+    processes: int | None,
+    limits: SandboxLimits,
+    run: SandboxRun,
+) -> _AttemptResult:
+    """Start one child for cases ``first_case..`` and follow it until it ends or must be stopped.
+
+    Returns the case to resume from in a fresh child (after a crash), or None when the run is over.
+    """
+    remaining = len(cases) - first_case
+    read_fd, write_fd = os.pipe()
+    config = {
+        "result_fd": write_fd,
+        "workdir": workdir,
+        "program": program,
+        "cases": [{"kind": case.kind, "text": "" if case.kind == "stdin" else case.text} for case in cases],
+        "first_case": first_case,
+        "network_namespace": limits.network_namespace,
+        "read_only_filesystem": limits.read_only_filesystem,
+        "audit_hook": limits.audit_hook,
+        "allow_subprocesses": limits.allow_subprocesses,
+        "limits": {
+            "memory_bytes": limits.memory_mb * 1024 * 1024,
+            "cpu_seconds": int(limits.time_limit * max(remaining, 1)) + 2,
+            "file_bytes": limits.max_file_mb * 1024 * 1024,
+            "open_files": limits.max_open_files,
+            "processes": processes,
+        },
+    }
+    config_path = os.path.join(workdir, f"config{first_case}.json")
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    if uid is not None:
+        os.chown(config_path, uid, uid)
+    os.chmod(config_path, 0o400)
+    stderr_path = os.path.join(workdir, "stderr.txt")
+    stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    if uid is not None:
+        os.fchown(stderr_fd, uid, uid)
+    try:
+        child = _start_child(
+            [python, "-I", "-B", "-c", _BOOTSTRAP, marker, config_path], workdir, marker, stderr_fd, write_fd, uid
+        )
+    finally:
+        os.close(write_fd)
+        os.close(stderr_fd)
+    attempt = _Attempt(run, cases, limits)
+    next_case: int | None = None
+    pipe_open = True
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= attempt.deadline:
+                attempt.time_out()
+                break
+            wait = min(0.05, attempt.deadline - now)
+            if pipe_open and select.select([read_fd], [], [], wait)[0]:
+                data = os.read(read_fd, 65536)
+                if data:
+                    attempt.feed(data)
+                else:  # every writer closed it; keep polling the child without spinning on EOF
+                    pipe_open = False
+            elif not pipe_open:
+                time.sleep(wait)
+            if attempt.flooded:
+                if attempt.current is not None:
+                    run.outcomes[attempt.current] = CaseOutcome("crashed", "flooded the sandbox's result channel")
+                break
+            exit_status = _exit_status_without_reaping(child.pid)
+            if exit_status is not None:
+                if pipe_open:
+                    _drain_pipe(read_fd, attempt)
+                next_case = attempt.child_exited(exit_status, first_case, stderr_path)
+                break
+    finally:
+        os.close(read_fd)
+        strays = _kill_everything(child.pid, uid, marker)
+        with contextlib.suppress(ChildProcessError):
+            child.wait()
+    run.isolation.update(attempt.isolation)
+    return _AttemptResult(next_case, strays)
+
+
+def _start_child(argv: list[str], workdir: str, marker: str, stderr_fd: int, result_fd: int, uid: int | None):
+    """Start the sandbox's child process; SandboxError if the interpreter cannot be started."""
+    identity: dict[str, Any] = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
+    try:
+        return subprocess.Popen(
+            argv,
+            cwd=workdir,
+            env=_minimal_environment(workdir, marker),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr_fd,
+            pass_fds=(result_fd,),
+            start_new_session=True,
+            **identity,
+        )
+    except OSError as exc:
+        raise SandboxError(f"cannot start the sandbox's interpreter {argv[0]!r}: {exc}") from exc
+
+
+def _drain_pipe(read_fd: int, attempt: _Attempt) -> None:
+    """Read what is left in the pipe without blocking (strays may still hold its write end)."""
+    while select.select([read_fd], [], [], 0)[0]:
+        data = os.read(read_fd, 65536)
+        if not data:
+            return
+        attempt.feed(data)
+        if attempt.flooded:
+            return
+
+
+def _exit_status_without_reaping(pid: int) -> int | None:
+    """The child's exit status once it has ended, leaving it a zombie so its pid (the process group
+    id) cannot be reused before the group is killed; ``-N`` for death by signal N."""
+    try:
+        result = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return -1
+    if result is None or result.si_pid == 0:
+        return None
+    if result.si_code == os.CLD_EXITED:
+        return result.si_status
+    return -result.si_status
+
+
+def _death_outcome(exit_status: int, kind: str, seconds: float) -> CaseOutcome:
+    """How a case of ``kind`` ended when the process died during it."""
+    if exit_status == 0:
+        if kind == "stdin":  # os._exit(0) ends a script: the output written so far counts
+            return CaseOutcome("ok", None, seconds=seconds)
+        return CaseOutcome("error", "the process exited before the test finished", seconds=seconds)
+    if exit_status < 0:
+        number = -exit_status
+        if number == signal.SIGXCPU:
+            return CaseOutcome("timeout", "CPU time limit (SIGXCPU)", seconds=seconds)
+        return CaseOutcome("crashed", f"killed by {_signal_name(number)}", seconds=seconds)
+    return CaseOutcome("error", f"exited with status {exit_status}", seconds=seconds)
+

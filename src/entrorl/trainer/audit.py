@@ -1,0 +1,414 @@
+"""The data audit: sample a model on every prompt of a data set, score and group its answers, and write
+what a person needs to clean the data.
+
+:func:`audit_records` samples ``n`` completions per prompt (batched, with a private seed), scores them
+with a reward, extracts each completion's final answer with the extractor that belongs to the reward
+(:func:`answer_tools`) and audits each prompt with :func:`entrorl.data.audit.audit_prompt`: pass rate,
+majority answer and its share, verdict ``ok`` / ``hard`` / ``looks_wrong``. Prompts that do not fit in
+the model's context together with ``max_new_tokens`` are not sampled; they are reported.
+
+:func:`write_audit_outputs` writes, into one directory (the input is only read):
+
+* ``pass_rate_histogram.json`` / ``.png`` — prompts per number of correct samples ``0 .. n``, split
+  by verdict;
+* ``suspected_wrong.jsonl`` — the ``looks_wrong`` prompts with their reference, majority answer, its
+  share, pass rate, the sampled answers and two completions that reached the majority answer;
+* ``audit.jsonl`` — the same fields for every prompt;
+* ``<name>.filtered<ext>`` — the rows whose pass rate lies in the band, in the input's format with
+  every original column (suspected-wrong rows are left out unless ``keep_wrong``);
+* ``summary.json`` — counts per verdict, the band's kept / dropped rows, the prompts too long.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from entrorl.data import PromptRecord
+from entrorl.data.audit import (
+    AuditThresholds,
+    PassRateHistogram,
+    PromptAudit,
+    audit_prompt,
+    band_selection,
+    canonical_answer,
+    pass_rate_histogram,
+    verdict_counts,
+    write_selected_rows,
+)
+from entrorl.rewards import (
+    MathReward,
+    ReasoningGymReward,
+    RewardRunner,
+    exact_match,
+    extract_final_answer,
+    extract_reasoning_gym_answer,
+    math_equal,
+)
+from entrorl.rollout import HFSampler, SamplingParams
+
+__all__ = [
+    "AuditOutputs",
+    "AuditResult",
+    "TooLongPrompt",
+    "answer_tools",
+    "audit_records",
+    "default_audit_dir",
+    "model_context_length",
+    "plot_pass_rate_histogram",
+    "write_audit_outputs",
+]
+
+Extractor = Callable[[str], "str | None"]
+Equivalence = Callable[[str, str], bool]
+
+
+def answer_tools(reward_fn: Any) -> tuple[Extractor, Equivalence]:
+    """The answer extractor and the answer equivalence that go with a reward.
+
+    ``math``: :func:`~entrorl.rewards.extract_final_answer` with the reward's extractors and :func:`~entrorl.rewards.math_equal`
+    with the reward's own options (so ``0.5``, ``1/2`` and ``\\frac{1}{2}`` are one answer);
+    ``reasoning_gym``: its ``<answer>`` extractor and equality of spellings; ``exact_match`` and any
+    other reward: the final-answer extractor (the whole completion when it finds nothing, for
+    ``exact_match``) and equality of spellings up to case and whitespace.
+    """
+    if isinstance(reward_fn, MathReward):
+        options, extractors = reward_fn.options, reward_fn.extractors  # the reward's own extractors, in its order
+        return lambda completion: extract_final_answer(completion, extractors), lambda a, b: math_equal(a, b, options=options)
+    if isinstance(reward_fn, ReasoningGymReward):
+        return extract_reasoning_gym_answer, _same_spelling
+    if reward_fn is exact_match:
+        return lambda completion: extract_final_answer(completion) or (completion.strip() or None), _same_spelling
+    return extract_final_answer, _same_spelling
+
+
+def _same_spelling(a: str, b: str) -> bool:
+    return canonical_answer(a) == canonical_answer(b)
+
+
+def model_context_length(model) -> int | None:
+    """The model's context length (``config.max_position_embeddings``), or None when it declares none."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+@dataclass(frozen=True)
+class TooLongPrompt:
+    """A prompt left out of the audit: ``prompt_tokens + max_new_tokens`` exceeds ``context_length``."""
+
+    index: int
+    source: str
+    prompt_tokens: int
+    context_length: int
+
+    def message(self, max_new_tokens: int) -> str:
+        return (
+            f"{self.source}: the prompt has {self.prompt_tokens} tokens; with max_new_tokens={max_new_tokens} "
+            f"it exceeds the model's context of {self.context_length} tokens (not sampled)"
+        )
+
+
+@dataclass
+class AuditResult:
+    """``audits[i]`` belongs to ``records[i]`` (None for a prompt that was too long); ``completions[i]``
+    are its sampled completions and ``answers[i]`` their extracted answers."""
+
+    records: list[PromptRecord]
+    audits: list[PromptAudit | None]
+    completions: list[list[str]]
+    answers: list[list[str | None]]
+    too_long: list[TooLongPrompt]
+    n: int
+    reasons: list[list[str | None]] = field(default_factory=list)  # the reward's reason for each completion
+    reward_errors: int = 0
+    first_reward_error: str | None = None
+    wall_s: float = 0.0
+
+    def audited(self) -> list[PromptAudit]:
+        return [a for a in self.audits if a is not None]
+
+    def histogram(self) -> PassRateHistogram:
+        return pass_rate_histogram(self.audited())
+
+    def counts(self) -> dict[str, int]:
+        return {**verdict_counts(self.audited()), "too_long": len(self.too_long)}
+
+
+@torch.no_grad()
+def audit_records(
+    model,
+    tokenizer,
+    records: Sequence[PromptRecord],
+    prompt_ids: Sequence[Sequence[int]],
+    reward: RewardRunner,
+    *,
+    n: int,
+    sampling: SamplingParams,
+    thresholds: AuditThresholds | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    extract: Extractor | None = None,
+    equivalent: Equivalence | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> AuditResult:
+    """Sample ``n`` completions for every prompt that fits the context, score and audit them.
+
+    ``prompt_ids[i]`` are the token ids of ``records[i]`` as the model sees it. Generation calls hold
+    about ``batch_size`` rows (whole prompts' groups); ``progress(done, total)`` is called with the
+    number of samples done and to do after each call. The sampling seed is private: the caller's RNG state is restored.
+    ``extract`` / ``equivalent`` default to :func:`answer_tools` of the reward.
+    """
+    if n < 1:
+        raise ValueError(f"audit_records: n must be >= 1 samples per prompt, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"audit_records: batch_size must be >= 1, got {batch_size}")
+    if len(prompt_ids) != len(records):
+        raise ValueError(f"audit_records: {len(records)} records but {len(prompt_ids)} tokenized prompts")
+    if not records:
+        raise ValueError("audit_records: no prompts to audit")
+    default_extract, default_equivalent = answer_tools(reward.fn)
+    extract = extract or default_extract
+    equivalent = equivalent or default_equivalent
+    thresholds = thresholds or AuditThresholds()
+    started = time.perf_counter()
+
+    context = model_context_length(model)
+    too_long = [
+        TooLongPrompt(i, records[i].source, len(ids), context)
+        for i, ids in enumerate(prompt_ids)
+        if context is not None and len(ids) + sampling.max_new_tokens > context
+    ]
+    skipped = {t.index for t in too_long}
+    todo = [i for i in range(len(records)) if i not in skipped]
+
+    result = AuditResult(
+        records=list(records), audits=[None] * len(records), completions=[[] for _ in records],
+        answers=[[] for _ in records], too_long=too_long, n=n, reasons=[[] for _ in records],
+    )
+    sampler = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        batch_size=batch_size)
+    prompts_per_call = max(1, batch_size // n)
+    done = 0
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for start in range(0, len(todo), prompts_per_call):
+            chunk = todo[start : start + prompts_per_call]
+            rollouts = sampler.generate([prompt_ids[i] for i in chunk for _ in range(n)], sampling)
+            completions = tokenizer.batch_decode(
+                [row[mask].tolist() for row, mask in zip(rollouts.response_ids, rollouts.response_mask)],
+                skip_special_tokens=True,
+            )
+            repeated = [records[i] for i in chunk for _ in range(n)]
+            scored = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated],
+                            [r.meta for r in repeated], rollouts.lengths.tolist())
+            result.reward_errors += scored.errors
+            result.first_reward_error = result.first_reward_error or scored.first_error
+            correct = scored.correct.tolist()
+            for position, index in enumerate(chunk):
+                own = slice(position * n, (position + 1) * n)
+                answers = [extract(c) for c in completions[own]]
+                result.completions[index] = completions[own]
+                result.answers[index] = answers
+                result.reasons[index] = scored.reasons[own]
+                result.audits[index] = audit_prompt(answers, correct[own], equivalent=equivalent, thresholds=thresholds)
+            done += len(chunk) * n
+            if progress is not None:
+                progress(done, len(todo) * n)
+    finally:
+        torch.set_rng_state(rng_state)
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+def default_audit_dir(data: str | os.PathLike[str]) -> Path:
+    """Where the outputs go by default: ``<data's folder>/<data's name without extension>.audit``."""
+    data = Path(os.fspath(data))
+    stem = data.name if data.is_dir() else data.stem
+    return data.parent / f"{stem}.audit"
+
+
+def _filtered_name(data: Path) -> str:
+    return f"{data.name}.filtered" if data.is_dir() else f"{data.stem}.filtered{data.suffix}"
+
+
+def _check_out_dir(data: Path, out: Path) -> None:
+    data_resolved, out_resolved = data.resolve(), out.resolve()
+    if out_resolved == data_resolved or (data.is_dir() and data_resolved in out_resolved.parents):
+        raise ValueError(
+            f"the audit output directory {out} would be written inside the input {data}; "
+            "choose another --out (the input is never modified)"
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the audit output path {out} exists and is not a directory; choose another --out")
+
+
+def _row(record: PromptRecord, audit: PromptAudit, completions: list[str], answers: list[str | None],
+         reasons: list[str | None]) -> dict[str, Any]:
+    """One line of ``audit.jsonl``: where the prompt is, the prompt and reference, the audit, up to two
+    completions that reached the majority answer, and the reward's most common reasons for a 0."""
+    majority = audit.groups[0] if audit.groups else None
+    examples = [c for c, a in zip(completions, answers) if majority is not None and a in majority.spellings][:2]
+    return {
+        "source": record.source,
+        "prompt": record.prompt,
+        "reference": record.answer,
+        **audit.to_dict(),
+        "majority_examples": examples,
+        "reject_reasons": Counter(reason for reason in reasons if reason).most_common(3),
+    }
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_pass_rate_histogram(histogram: PassRateHistogram, path: str | os.PathLike[str], *, title: str = "") -> Path:
+    """Save a bar chart of prompts per pass rate ``c/n``, stacked by verdict, as a PNG."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    n = histogram.n_samples
+    figure = Figure(figsize=(max(4.0, 0.32 * (n + 1) + 1.5), 3.0), dpi=120)
+    axes = figure.add_subplot()
+    positions = list(range(n + 1))
+    bottom = [0] * (n + 1)
+    colours = {"ok": "#4c78a8", "hard": "#f2a33a", "looks_wrong": "#d6453d"}
+    labels = {"ok": "ok", "hard": "hard", "looks_wrong": "looks wrong"}
+    for verdict, colour in colours.items():
+        counts = histogram.by_verdict[verdict]
+        axes.bar(positions, counts, bottom=bottom, color=colour, label=labels[verdict], width=0.85)
+        bottom = [b + c for b, c in zip(bottom, counts)]
+    step = max(1, (n + 1) // 12)
+    axes.set_xticks(positions[::step], [f"{c}/{n}" for c in positions[::step]], fontsize=7)
+    axes.set_xlabel("pass rate (correct samples / n)")
+    axes.set_ylabel("prompts")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_title(title or f"{histogram.n_prompts} prompts x {n} samples", fontsize=9)
+    axes.legend(fontsize=7, frameon=False)
+    figure.tight_layout()
+    path = Path(os.fspath(path))
+    figure.savefig(path)
+    return path
+
+
+@dataclass
+class AuditOutputs:
+    """Paths written by :func:`write_audit_outputs` and the summary saved in ``summary.json``."""
+
+    directory: Path
+    histogram_json: Path
+    histogram_png: Path | None
+    suspected_wrong: Path
+    per_prompt: Path
+    filtered: Path
+    summary_json: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def write_audit_outputs(
+    result: AuditResult,
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    band: str = "(0, 1)",
+    keep_wrong: bool = False,
+    thresholds: AuditThresholds | None = None,
+    settings: dict[str, Any] | None = None,
+    plot: bool = True,
+) -> AuditOutputs:
+    """Write the audit's files (see the module notes) into ``out`` (default :func:`default_audit_dir`).
+
+    ``band`` chooses the rows of the filtered file by pass rate; too-long prompts have none and are
+    dropped; suspected-wrong rows are dropped too unless ``keep_wrong``. ``settings`` (model, reward,
+    sampling, ...) are copied into the summary. ``ValueError`` for a malformed band or an output
+    directory inside the input.
+    """
+    data = Path(os.fspath(data))
+    directory = Path(os.fspath(out)) if out is not None else default_audit_dir(data)
+    _check_out_dir(data, directory)
+    audited_index = [i for i, a in enumerate(result.audits) if a is not None]
+    if not audited_index:
+        raise ValueError("no prompt could be audited: every prompt is longer than the model's context")
+    audited_records = [result.records[i] for i in audited_index]
+    selection = band_selection(audited_records, [result.audits[i].pass_rate for i in audited_index], band)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    keep = [False] * len(result.records)
+    dropped_as_wrong = 0
+    for index, in_band in zip(audited_index, selection.keep):
+        wrong = result.audits[index].verdict == "looks_wrong"
+        if in_band and wrong and not keep_wrong:
+            dropped_as_wrong += 1
+        keep[index] = in_band and (keep_wrong or not wrong)
+
+    histogram = result.histogram()
+    histogram_json = directory / "pass_rate_histogram.json"
+    _write_text(histogram_json, json.dumps(histogram.to_dict(), indent=1) + "\n")
+    histogram_png = None
+    if plot:
+        histogram_png = plot_pass_rate_histogram(
+            histogram, directory / "pass_rate_histogram.png", title=f"{data.name}: {histogram.n_prompts} prompts x {result.n} samples"
+        )
+
+    rows = [
+        _row(result.records[i], result.audits[i], result.completions[i], result.answers[i],
+             result.reasons[i] if result.reasons else []) for i in audited_index
+    ]
+    per_prompt = directory / "audit.jsonl"
+    _write_text(per_prompt, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    suspected_wrong = directory / "suspected_wrong.jsonl"
+    _write_text(
+        suspected_wrong,
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows if row["verdict"] == "looks_wrong"),
+    )
+    filtered = write_selected_rows(data, result.records, keep, directory / _filtered_name(data))
+
+    thresholds = thresholds or AuditThresholds()
+    audits = result.audited()
+    summary = {
+        "data": str(data),
+        **(settings or {}),
+        "n": result.n,
+        "thresholds": asdict(thresholds),
+        "prompts": len(result.records),
+        "audited": len(audits),
+        "counts": result.counts(),
+        "mean_pass_rate": sum(a.pass_rate for a in audits) / len(audits),
+        "frac_zero": histogram.frac_zero,
+        "frac_one": histogram.frac_one,
+        "band": {
+            "band": band,
+            "in_band": selection.kept,
+            "out_of_band": selection.dropped,
+            "dropped_as_wrong": dropped_as_wrong,
+            "dropped_too_long": len(result.too_long),
+            "kept": sum(keep),
+            "dropped": len(keep) - sum(keep),
+            "keep_wrong": keep_wrong,
+            "file": str(filtered),
+        },
+        "too_long": [asdict(t) for t in result.too_long],
+        "reward_errors": result.reward_errors,
+        "wall_s": result.wall_s,
+        "files": {
+            "histogram_json": str(histogram_json),
+            "histogram_png": str(histogram_png) if histogram_png else None,
+            "suspected_wrong": str(suspected_wrong),
+            "per_prompt": str(per_prompt),
+            "filtered": str(filtered),
+        },
+    }
+    summary_json = directory / "summary.json"
+    _write_text(summary_json, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    return AuditOutputs(directory, histogram_json, histogram_png, suspected_wrong, per_prompt, filtered, summary_json, summary)

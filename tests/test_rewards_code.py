@@ -1,0 +1,578 @@
+"""The sandboxed ``code`` reward: scoring, and containment of hostile programs (measured)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+from entrorl.rewards import RewardRunner, check_reward_spec, get_reward
+from entrorl.rewards.code import CodeOptions, CodeReward, extract_code, outputs_match, parse_tests
+from entrorl.rewards.sandbox import SandboxCase, SandboxError, SandboxLimits, run_in_sandbox
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="the sandbox needs Linux")
+
+ADD_TESTS = {"cases": [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4\n", "output": "6\n"}]}
+
+
+def fenced(source: str) -> str:
+    return "Here is my solution.\n```python\n" + textwrap.dedent(source).strip() + "\n```\nDone."
+
+
+def reward(**options) -> CodeReward:
+    return CodeReward(**{"time_limit": 2.0, **options})
+
+
+def stdin_cases(count: int = 1) -> list[SandboxCase]:
+    return [SandboxCase("stdin", "") for _ in range(count)]
+
+
+def processes_of(uid: int | None, marker: str) -> list[int]:
+    """Live (non-zombie) pids running as ``uid`` or carrying ``marker`` — checked independently of the
+    sandbox's own cleanup code."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                if handle.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                    continue
+            owner = os.stat(f"/proc/{name}").st_uid
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                environ = handle.read()
+        except (OSError, IndexError):
+            continue
+        if (uid is not None and owner == uid) or marker.encode() in cmdline or marker.encode() in environ:
+            found.append(int(name))
+    return found
+
+
+@functools.cache
+def kernel_layers() -> dict:
+    """The kernel layers the sandbox gets on this machine (one probe run): each test of a kernel
+    layer alone, without the audit hook, runs only where that layer exists."""
+    run = run_in_sandbox("pass", stdin_cases(), SandboxLimits())
+    user_namespace = run.isolation["network_namespace"] or run.isolation["read_only_filesystem"]
+    return {"dropped_uid": run.uid is not None, "user_namespace": user_namespace, **run.isolation}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# extraction and test specs
+# --------------------------------------------------------------------------------------------
+
+
+def test_extract_code_takes_the_last_python_block_and_falls_back_to_untagged_blocks():
+    text = "```python\nfirst\n```\ntext\n```py\nsecond\n```\n```\nuntagged\n```"
+    assert extract_code(text) == "second\n"
+    assert extract_code(text, which="first") == "first\n"
+    assert extract_code("```\nonly untagged\n```") == "only untagged\n"
+    assert extract_code("```bash\nls\n```") is None
+    assert extract_code("```cpp\nint main(){}\n```", languages=("cpp",)) == "int main(){}\n"
+
+
+def test_extract_code_ignores_unclosed_fences_and_bare_text_unless_asked():
+    assert extract_code("```python\nprint(1)\n") is None  # truncated completion
+    assert extract_code("print(1)") is None
+    assert extract_code("print(1)", allow_unfenced=True) == "print(1)"
+    assert extract_code("```python\n   \n```") is None
+    with pytest.raises(ValueError, match="which"):
+        extract_code("x", which="middle")
+
+
+def test_parse_tests_accepts_every_documented_form():
+    as_cases = parse_tests(ADD_TESTS)
+    assert [(t.kind, t.input, t.expected) for t in as_cases] == [("stdin", "1 2\n", "3\n"), ("stdin", "10 -4\n", "6\n")]
+    assert parse_tests(json.dumps(ADD_TESTS)) == as_cases
+    assert parse_tests({"inputs": ["1 2\n", "10 -4\n"], "outputs": ["3\n", "6\n"]}) == as_cases
+    assert parse_tests(ADD_TESTS["cases"]) == as_cases
+    asserts = parse_tests(["assert f(1) == 2", "assert f(2) == 4"])
+    assert [(t.kind, t.code) for t in asserts] == [("assert", "assert f(1) == 2"), ("assert", "assert f(2) == 4")]
+    mixed = parse_tests({"cases": [{"input": "", "output": "x"}], "asserts": ["assert True"]})
+    assert [t.kind for t in mixed] == ["stdin", "assert"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("not json", "JSON"),
+        ({}, "no test case"),
+        ({"inputs": ["1"]}, "together"),
+        ({"inputs": ["1"], "outputs": []}, "1 inputs but 0 outputs"),
+        ({"cases": [{"input": "1"}]}, r"cases\[0\]"),
+        ({"tests": []}, "unknown keys"),
+        ({"asserts": [""]}, r"asserts\[0\]"),
+        (42, "expected a dict"),
+    ],
+)
+def test_parse_tests_rejects_malformed_specs_naming_the_problem(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_tests(spec)
+
+
+def test_outputs_match_modes():
+    assert outputs_match("3 4\n", "3  4", "tokens")
+    assert not outputs_match("3 4", "34", "tokens")
+    assert outputs_match("a  \nb\n\n", "a\nb", "lines")
+    assert not outputs_match("a b", "a  b", "lines")
+    assert outputs_match("x\n", "x\n", "exact") and not outputs_match("x", "x\n", "exact")
+    with pytest.raises(ValueError, match="compare"):
+        outputs_match("a", "a", "fuzzy")
+
+
+def test_options_are_validated_and_registered():
+    with pytest.raises(ValueError, match="time_limit"):
+        CodeOptions(time_limit=0)
+    with pytest.raises(ValueError, match="memory_mb"):
+        CodeOptions(memory_mb=1)
+    with pytest.raises(ValueError, match="compare"):
+        check_reward_spec("code", compare="fuzzy")
+    with pytest.raises(ValueError, match="invalid options"):
+        check_reward_spec("code", no_such_option=1)
+    check_reward_spec("code", time_limit=1.5, memory_mb=256)
+    assert isinstance(get_reward("code", time_limit=1.0), CodeReward)
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------
+
+
+def test_correct_program_scores_one():
+    verdict = reward()("add", fenced("a, b = map(int, input().split())\nprint(a + b)"), ADD_TESTS)
+    assert verdict == 1.0 and verdict.score == 1.0
+    assert verdict.status == "passed" and verdict.reason is None
+    assert (verdict.passed, verdict.total) == (2, 2)
+    assert verdict.isolation["audit_hook"] is True
+
+
+def test_partly_correct_program_scores_the_fraction_passed():
+    tests = {"cases": [{"input": f"{n}\n", "output": f"{n * n}\n"} for n in (0, 1, 2, 3)]}
+    verdict = reward()("square", fenced("n = int(input())\nprint(n + n if n < 2 else n * n)"), tests)
+    assert verdict == pytest.approx(0.75)
+    assert verdict.status == "wrong_answer" and verdict.reason.startswith("wrong_answer: case 1")
+    assert [status for status, _ in verdict.cases] == ["passed", "wrong_answer", "passed", "passed"]
+
+
+def test_assert_cases_run_after_the_program_in_its_namespace():
+    program = fenced("def add(a, b):\n    return a + b if a else 0")
+    verdict = reward()("add", program, ["assert add(1, 2) == 3", "assert add(0, 5) == 5", "assert add(2, 2) == 4"])
+    assert verdict == pytest.approx(2 / 3)
+    assert verdict.cases[1][0] == "wrong_answer"
+
+
+def test_a_program_that_fails_before_the_asserts_fails_each_of_them_the_same_way():
+    verdict = reward(memory_mb=128)("p", fenced("x = bytearray(4 * 1024 ** 3)"), ["assert True", "assert 1"])
+    assert verdict == 0.0 and verdict.status == "memory_limit"
+    assert [status for status, _ in verdict.cases] == ["memory_limit", "memory_limit"]
+    verdict = reward()("p", fenced("import sys\nsys.exit(2)"), ["assert True"])
+    assert verdict.cases == (("runtime_error", "SystemExit: exit status 2"),)
+
+
+def test_tests_come_from_meta_when_the_answer_is_none_and_their_absence_is_an_error():
+    program = fenced("print(input()[::-1])")
+    assert reward()("rev", program, None, tests={"cases": [{"input": "abc", "output": "cba"}]}) == 1.0
+    with pytest.raises(ValueError, match="no test cases"):
+        reward()("rev", program, None)
+
+
+@pytest.mark.parametrize(
+    ("completion", "status"),
+    [
+        ("I think the answer is to loop.", "no_code"),
+        (fenced("def broken(:\n    pass"), "syntax_error"),
+        (fenced("print(1 // 0)"), "runtime_error"),
+        (fenced("import sys\nsys.exit(3)"), "runtime_error"),
+        (fenced("print('x' * (3 * 1024 * 1024))"), "output_limit"),
+    ],
+)
+def test_broken_programs_score_zero_with_their_reason(completion, status):
+    verdict = reward(max_file_mb=1)("p", completion, {"cases": [{"input": "", "output": "1"}]})
+    assert verdict == 0.0
+    assert verdict.status == status and verdict.reason.startswith(status)
+
+
+def test_exit_zero_and_sys_exit_end_a_stdin_case_normally():
+    verdict = reward()("p", fenced("import sys\nprint(42)\nsys.exit(0)"), {"cases": [{"input": "", "output": "42"}]})
+    assert verdict == 1.0
+
+
+def test_a_crash_is_attributed_to_its_case_and_later_cases_still_run():
+    program = fenced(
+        """
+        import os, signal
+        word = input().strip()
+        if word == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        print(word)
+        """
+    )
+    tests = {"cases": [{"input": w, "output": w} for w in ("a", "crash", "b")]}
+    verdict = reward()("echo", program, tests)
+    assert verdict == pytest.approx(2 / 3)
+    assert verdict.cases[1] == ("runtime_error", "killed by SIGSEGV")
+    assert verdict.status == "runtime_error"
+
+
+def test_exiting_during_an_assert_does_not_pass_it():
+    program = fenced("import os\ndef f():\n    os._exit(0)")
+    verdict = reward()("p", program, ["assert f() == 1", "assert True"])
+    assert verdict.cases[0][0] == "runtime_error"
+    assert verdict.cases[1][0] == "passed"
+
+
+def test_runner_keeps_the_verdict_score_and_reason():
+    runner = RewardRunner(reward())
+    result = runner(
+        ["p", "p"],
+        [fenced("a, b = map(int, input().split())\nprint(a + b)"), "no code here"],
+        [ADD_TESTS, ADD_TESTS],
+    )
+    assert result.scores.tolist() == [1.0, 0.0]
+    assert result.errors == 0
+    reasons = getattr(result, "reasons", None)
+    if reasons is not None:  # runners that keep per-sample reasons
+        assert reasons[0] is None and reasons[1].startswith("no_code")
+
+
+# --------------------------------------------------------------------------------------------
+# containment of hostile programs
+# --------------------------------------------------------------------------------------------
+
+
+def test_infinite_loop_is_stopped_at_the_time_limit_and_later_cases_are_skipped():
+    limit = 1.0
+    started = time.monotonic()
+    verdict = reward(time_limit=limit)("p", fenced("while True:\n    pass"), ADD_TESTS)
+    elapsed = time.monotonic() - started
+    assert verdict == 0.0 and verdict.status == "timeout"
+    assert [status for status, _ in verdict.cases] == ["timeout", "not_run"]
+    assert elapsed < limit + 2.0, f"an infinite loop held the reward for {elapsed:.2f} s"
+
+
+def test_sleeping_program_is_stopped_by_the_wall_clock_not_only_cpu_time():
+    started = time.monotonic()
+    verdict = reward(time_limit=0.5)("p", fenced("import time\ntime.sleep(60)"), {"cases": [{"input": "", "output": ""}]})
+    assert verdict.status == "timeout"
+    assert time.monotonic() - started < 0.5 + 2.0
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    ["x = bytearray(8 * 1024 ** 3)", "chunks = []\nwhile True:\n    chunks.append(bytearray(8 * 1024 ** 2))"],
+    ids=["one-allocation", "growing"],
+)
+def test_memory_bomb_hits_the_memory_limit(bomb):
+    started = time.monotonic()
+    verdict = reward(memory_mb=256)("p", fenced(bomb), {"cases": [{"input": "", "output": ""}]})
+    assert verdict == 0.0 and verdict.status == "memory_limit"
+    assert time.monotonic() - started < 5.0
+
+
+FORK_BOMB = """
+import os, sys, time
+children = 0
+while True:
+    try:
+        pid = os.fork()
+    except OSError as error:
+        print("fork refused after", children, "children:", error, flush=True)
+        break
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    children += 1
+print(children)
+"""
+
+
+def test_fork_bomb_is_refused_and_leaves_no_process():
+    run = run_in_sandbox(textwrap.dedent(FORK_BOMB), stdin_cases(), SandboxLimits(time_limit=2.0))
+    assert ("process", "os.fork") in run.violations
+    assert processes_of(run.uid, run.marker) == []
+    verdict = reward()("p", fenced(FORK_BOMB), {"cases": [{"input": "", "output": "0"}]})
+    assert verdict == 0.0 and verdict.status == "process_limit"
+
+
+def test_fork_bomb_without_the_audit_hook_is_capped_by_the_process_limit():
+    limits = SandboxLimits(time_limit=2.0, audit_hook=False, max_processes=6)
+    run = run_in_sandbox(textwrap.dedent(FORK_BOMB), stdin_cases(), limits)
+    if run.uid is None:
+        pytest.skip(f"RLIMIT_NPROC cannot hold here: {run.isolation['process_limit']}")
+    output = run.outcomes[0].stdout
+    assert output.startswith("fork refused after"), output
+    children = int(output.split()[3])
+    assert children < limits.max_processes
+    assert processes_of(run.uid, run.marker) == []
+
+
+def test_background_children_are_killed_even_when_they_leave_the_process_group():
+    program = textwrap.dedent(
+        """
+        import os, subprocess, time
+        escaped = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            time.sleep(60)
+            os._exit(0)
+        print(escaped.pid, pid)
+        """
+    )
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits(time_limit=2.0, allow_subprocesses=True))
+    assert run.outcomes[0].status == "ok", run.outcomes[0]
+    pids = [int(word) for word in run.outcomes[0].stdout.split()]
+    assert len(pids) == 2
+    assert not any(pid_alive(pid) for pid in pids)
+    assert processes_of(run.uid, run.marker) == []
+
+
+def test_writing_outside_the_sandbox_directory_is_refused(tmp_path):
+    target = tmp_path / "escaped.txt"
+    program = f"open({str(target)!r}, 'w').write('pwned')\nprint('ok')"
+    verdict = reward()("p", fenced(program), {"cases": [{"input": "", "output": "ok"}]})
+    assert verdict == 0.0 and verdict.status == "forbidden_write"
+    assert not target.exists()
+    layers = kernel_layers()
+    if not (layers["dropped_uid"] or layers["read_only_filesystem"]):
+        pytest.skip("no kernel layer stops writes here (same uid, no read-only view)")
+    # without the audit hook the kernel still refuses (unprivileged uid and the read-only view)
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits(audit_hook=False))
+    assert not target.exists()
+    assert run.outcomes[0].status == "error" and "Error" in run.outcomes[0].error
+
+
+def test_world_writable_directories_are_read_only_for_the_program():
+    # any uid may write in this directory (pytest's tmp_path is not reachable by other uids): only
+    # the read-only view can stop the program
+    with tempfile.TemporaryDirectory() as shared:
+        os.chmod(shared, 0o777)
+        target = os.path.join(shared, "escaped.txt")
+        program = f"open({target!r}, 'w').write('pwned')\nprint('ok')"
+        run = run_in_sandbox(program, stdin_cases(), SandboxLimits(audit_hook=False))
+        if not run.isolation["read_only_filesystem"]:
+            pytest.skip(f"no read-only view here: {run.isolation.get('read_only_filesystem_error')}")
+        assert not os.path.exists(target)
+        assert "Errno 30" in run.outcomes[0].error  # EROFS
+    for directory in ("/tmp", "/dev/shm"):
+        run = run_in_sandbox(f"open('{directory}/entrorl-litter', 'w')", stdin_cases(), SandboxLimits(audit_hook=False))
+        assert "Errno 30" in run.outcomes[0].error
+        assert not os.path.exists(f"{directory}/entrorl-litter")
+
+
+def test_changing_directory_does_not_make_relative_writes_allowed():
+    run = run_in_sandbox("import os\nos.chdir('/tmp')\nopen('entrorl-relative-escape', 'w')", stdin_cases())
+    assert run.violations and run.violations[0][0] == "file_write"
+    assert not os.path.exists("/tmp/entrorl-relative-escape")
+
+
+def test_files_left_in_shared_temporary_directories_are_removed_when_the_view_is_writable():
+    name = f"entrorl-litter-{os.urandom(4).hex()}"
+    program = f"open('/dev/shm/{name}', 'w').write('x')\nprint('ok')"
+    limits = SandboxLimits(audit_hook=False, read_only_filesystem=False)
+    if os.geteuid() != 0:  # without root there is no dedicated sandbox uid, so the write would stay behind
+        pytest.skip("litter is only attributable to a dedicated sandbox uid, which needs root")
+    run = run_in_sandbox(program, stdin_cases(), limits)
+    try:
+        if run.uid is None:
+            pytest.skip("litter is only attributable to a dedicated sandbox uid")
+        assert run.outcomes[0].stdout == "ok\n"  # the write went through: nothing stopped it
+    finally:
+        if os.path.exists(f"/dev/shm/{name}") and run.uid is None:
+            os.remove(f"/dev/shm/{name}")
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert run.isolation["litter_removed"] == [f"/dev/shm/{name}"]
+
+
+def test_program_cannot_signal_processes_outside_the_sandbox():
+    import subprocess
+
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        program = f"import os, signal\nos.kill({victim.pid}, signal.SIGKILL)\nprint('sent')"
+        verdict = reward()("p", fenced(program), {"cases": [{"input": "", "output": "sent"}]})
+        assert verdict == 0.0 and verdict.status == "process_limit"
+        assert victim.poll() is None
+        run = run_in_sandbox(program, stdin_cases(), SandboxLimits(audit_hook=False))
+        if run.uid is not None:  # a different uid: the kernel refuses
+            assert "PermissionError" in run.outcomes[0].error
+        assert victim.poll() is None, "the sandboxed program killed a process outside the sandbox"
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_writing_inside_the_sandbox_directory_is_allowed_and_the_directory_is_removed():
+    program = "import os\nopen('scratch.txt', 'w').write('x' * 100)\nos.mkdir('sub')\nprint(os.getcwd())"
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits())
+    assert run.outcomes[0].status == "ok" and not run.violations
+    assert os.path.realpath(run.outcomes[0].stdout.strip()) == os.path.realpath(run.workdir)
+    assert not os.path.exists(run.workdir)
+
+
+def test_the_temporary_directory_is_removed_after_a_crash_and_a_timeout():
+    for program in ("import os\nopen('f', 'w').write('x')\nos.abort()", "open('f', 'w').write('x')\nwhile True: pass"):
+        run = run_in_sandbox(program, stdin_cases(), SandboxLimits(time_limit=0.5))
+        assert run.workdir and not os.path.exists(run.workdir)
+
+
+def _listener() -> socket.socket:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.setblocking(False)
+    return server
+
+
+def _accepted_any(server: socket.socket) -> bool:
+    try:
+        connection, _ = server.accept()
+    except BlockingIOError:
+        return False
+    connection.close()
+    return True
+
+
+def test_network_connection_to_a_local_listener_is_blocked():
+    server = _listener()
+    try:
+        port = server.getsockname()[1]
+        program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'hi')\nprint('ok')"
+        verdict = reward()("p", fenced(program), {"cases": [{"input": "", "output": "ok"}]})
+        assert verdict == 0.0 and verdict.status == "network_blocked"
+        if kernel_layers()["network_namespace"]:  # the kernel layer alone blocks it too
+            run = run_in_sandbox(program, stdin_cases(), SandboxLimits(audit_hook=False))
+            assert run.outcomes[0].status == "error" and "Errno 101" in run.outcomes[0].error
+        assert not _accepted_any(server), "the sandboxed program reached the listener"
+    finally:
+        server.close()
+
+
+def test_program_cannot_read_the_parents_environment(monkeypatch):
+    secret = "s3cret-" + os.urandom(8).hex()
+    monkeypatch.setenv("ENTRORL_TEST_SECRET", secret)
+    program = "import os\nprint(dict(os.environ), flush=True)\nprint(open(f'/proc/{os.getppid()}/environ').read())"
+    variants = [SandboxLimits()]
+    layers = kernel_layers()
+    if layers["dropped_uid"] or layers["user_namespace"]:  # either keeps /proc/<parent>/environ closed
+        variants.append(SandboxLimits(audit_hook=False))
+    for limits in variants:
+        run = run_in_sandbox(program, stdin_cases(), limits)
+        assert run.outcomes[0].status == "error"  # the /proc read failed
+        outputs = " ".join(outcome.stdout + (outcome.error or "") for outcome in run.outcomes)
+        assert "ENTRORL_SANDBOX" in outputs  # the program did print its own environment
+        assert secret not in outputs and secret not in run.stderr_tail
+        assert "ENTRORL_TEST_SECRET" not in outputs
+
+
+def test_the_program_cannot_find_the_tests_on_disk():
+    program = "import os\nprint(sorted(os.listdir('.')))"
+    run = run_in_sandbox(program, [SandboxCase("stdin", ""), SandboxCase("assert", "assert 'secret-test' != 1")])
+    assert run.outcomes[0].stdout.strip() == "['case0.in', 'case0.out', 'stderr.txt']"
+    assert all(outcome.status == "ok" for outcome in run.outcomes)
+
+
+def test_a_sandbox_that_cannot_start_raises_instead_of_scoring_zero(tmp_path):
+    with pytest.raises(SandboxError, match="no-such-python"):
+        run_in_sandbox("print(1)", stdin_cases(), SandboxLimits(python=str(tmp_path / "no-such-python")))
+    if os.geteuid() == 0:  # pytest's tmp_path is private to root: a dropped uid cannot reach it
+        with pytest.raises(SandboxError, match="start"):
+            run_in_sandbox("print(1)", stdin_cases(), SandboxLimits(temp_dir=str(tmp_path)))
+        assert os.listdir(tmp_path) == []  # the working directory was removed all the same
+
+
+def test_a_background_thread_ending_the_process_fails_the_case_in_progress():
+    program = textwrap.dedent(
+        """
+        import os, threading, time
+        def end_soon():
+            time.sleep(0.2)
+            os._exit(0)
+        if not any(t.name == "ender" for t in threading.enumerate()):
+            threading.Thread(target=end_soon, name="ender", daemon=True).start()
+        """
+    )
+    cases = [SandboxCase("assert", "assert True"), SandboxCase("assert", "import time; time.sleep(1.5)")]
+    run = run_in_sandbox(program, cases, SandboxLimits(time_limit=3.0))
+    assert run.outcomes[0].status == "ok"
+    assert run.outcomes[1].status == "error"  # os._exit during an assert case is no pass
+
+
+def test_threads_within_the_process_limit_work():
+    program = fenced(
+        """
+        import threading
+        results = []
+        workers = [threading.Thread(target=results.append, args=(i,)) for i in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        print(sum(results))
+        """
+    )
+    assert reward()("p", program, {"cases": [{"input": "", "output": "6"}]}) == 1.0
+
+
+def test_closing_the_result_channel_still_times_out_without_busy_waiting():
+    program = "import os, time\nfor fd in range(3, 64):\n    try:\n        os.close(fd)\n    except OSError:\n        pass\n"
+    program += "time.sleep(60)"
+    cpu_before = time.process_time()
+    started = time.monotonic()
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits(time_limit=1.0))
+    assert run.outcomes[0].status == "timeout"
+    assert time.monotonic() - started < 1.0 + 2.0
+    assert time.process_time() - cpu_before < 0.5  # the parent waited, it did not spin
+
+
+def test_flooding_the_result_channel_is_cut_off():
+    program = "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'x' * (8 * 1024 * 1024))\n"
+    program += "    except OSError:\n        pass\nprint('done')"
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits(time_limit=2.0))
+    assert run.outcomes[0].status == "crashed"
+    assert processes_of(run.uid, run.marker) == []
+
+
+def test_calling_c_functions_through_ctypes_is_refused_but_importing_it_is_not():
+    tests = {"cases": [{"input": "", "output": "ok"}]}
+    assert reward()("p", fenced("import ctypes\nprint('ok')"), tests) == 1.0  # numpy imports ctypes
+    verdict = reward()("p", fenced("import ctypes\nctypes.CDLL(None).getpid()\nprint('ok')"), tests)
+    assert verdict == 0.0 and verdict.status == "forbidden_operation"
+
+
+def test_catching_the_refusal_does_not_hide_it():
+    program = "try:\n    open('/etc/entrorl-test', 'w')\nexcept PermissionError:\n    pass\nprint('ok')"
+    verdict = reward()("p", fenced(program), {"cases": [{"input": "", "output": "ok"}]})
+    assert verdict == 0.0 and verdict.status == "forbidden_write"
+    assert not os.path.exists("/etc/entrorl-test")
+
+
+def test_isolation_report_names_the_active_layers():
+    run = run_in_sandbox("print(1)", stdin_cases(), SandboxLimits())
+    report = run.isolation
+    assert report["audit_hook"] is True
+    assert isinstance(report["network_namespace"], bool)
+    assert report["no_new_privs"] is True
+    assert isinstance(report["read_only_filesystem"], bool)
+    assert "interpreter" in report and "user" in report and "process_limit" in report
+    limits = SandboxLimits(audit_hook=False, network_namespace=False, read_only_filesystem=False)
+    off = run_in_sandbox("print(1)", stdin_cases(), limits)
+    assert off.outcomes[0].stdout == "1\n"
+    assert off.isolation["audit_hook"] is False and off.isolation["network_namespace"] is False
+    assert off.isolation["read_only_filesystem"] is False

@@ -1,0 +1,457 @@
+"""The ``math`` reward judges equivalence, not spelling, and says why a completion scored 0.
+
+The table below is the documented contract: each row is (question, completion, reference, expected
+score, expected reason substring). Rows scoring 1.0 must carry no reason; rows scoring 0.0 must carry a
+reason containing the substring. The rules themselves are described in ``entrorl.rewards.math`` and
+``docs/rewards.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from entrorl.rewards import RewardResult, RewardRunner, get_reward
+from entrorl.rewards.math import (
+    ANSWER_EXTRACTORS,
+    JudgeTimeout,
+    MathOptions,
+    MathReward,
+    MathVerdict,
+    QuestionHints,
+    canonical_answer,
+    compare_answers,
+    find_final_answer,
+    math_equal,
+    read_question,
+    select_extractors,
+)
+
+PERCENT_QUESTION = "The shop bought the goods for 50 yuan and sold them for 98 yuan. Profit: __%?"
+REAL_ROOTS_QUESTION = "Find all real roots of x^7 - 6x^6 + ... = 0."
+SEVENTH_DEGREE_QUESTION = "Solve the equation x^7 - 6x^6 + 13x^5 - ... = 0."
+COMPLEX_ROOTS_QUESTION = "Find all complex roots of p(x) = 0."
+ROUNDING_QUESTION = "What is the area of a unit circle? Round to two decimal places."
+
+# (question, completion, reference, expected score, expected reason substring or "" for a score of 1)
+CASES = [
+    # -- extraction ---------------------------------------------------------------------------
+    ("", r"So $x = \boxed{\frac{1}{2}}$.", "0.5", 1.0, ""),
+    ("", r"\boxed{\frac{1}{\frac{1}{2}}}", "2", 1.0, ""),
+    ("", r"\fbox{7}", "7", 1.0, ""),
+    ("", r"first \boxed{3}, on reflection \boxed{4}", "4", 1.0, ""),
+    ("", r"first \boxed{3}, on reflection \boxed{4}", "3", 0.0, "answer 4 differs from reference 3"),
+    ("", "We add them. The answer is 12.", "12", 1.0, ""),
+    ("", "Final answer: 3.5", "7/2", 1.0, ""),
+    ("", "答案是 42", "42", 1.0, ""),
+    ("", "I computed 17, then 18", "18", 1.0, ""),
+    ("", "no digits, no box, nothing", "5", 0.0, "no final answer found"),
+    ("", "", "5", 0.0, "no final answer found"),
+    ("", r"\boxed{12}", "13", 0.0, "answer 12 differs from reference 13"),
+    ("", r"\boxed{@#$%^&}", "5", 0.0, "could not parse answer"),
+    # -- fractions, decimals, LaTeX vs plain text ---------------------------------------------
+    ("", r"\boxed{\dfrac{2}{3}}", "2/3", 1.0, ""),
+    ("", r"\boxed{\tfrac12}", "0.5", 1.0, ""),
+    ("", r"\boxed{-\frac{3}{4}}", "-0.75", 1.0, ""),
+    ("", r"\boxed{\left(\frac{1}{2}\right)}", "1/2", 1.0, ""),
+    ("", r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}{2}", 1.0, ""),
+    ("", r"\boxed{(x+1)^2}", "x^2+2x+1", 1.0, ""),
+    ("", r"\boxed{x^2+2x}", "(x+1)^2", 0.0, "differs from reference"),
+    ("", r"\boxed{-7}", "7", 0.0, "answer -7 differs from reference 7"),
+    ("", r"\boxed{0.25}", r"\frac{1}{3}", 0.0, "differs from reference"),
+    # -- thousands separators -----------------------------------------------------------------
+    ("", r"\boxed{1,000}", "1000", 1.0, ""),
+    ("", r"\boxed{1{,}000}", "1000", 1.0, ""),
+    ("", r"\boxed{1\,000}", "1000", 1.0, ""),
+    ("", r"\boxed{12,345,678}", "12345678", 1.0, ""),
+    ("", r"\boxed{1000}", "1,000,000", 0.0, "answer 1000 differs from reference 1,000,000"),
+    # -- percentages (the seeds' "profit __%" with reference 96) -------------------------------
+    (PERCENT_QUESTION, r"The profit is \boxed{96\%}", "96", 1.0, ""),
+    (PERCENT_QUESTION, r"\boxed{96}", "96", 1.0, ""),
+    (PERCENT_QUESTION, "The answer is 96 percent.", "96", 1.0, ""),
+    (PERCENT_QUESTION, r"\boxed{0.96}", "96", 0.0, "the question asks for a percentage"),
+    ("What percentage of the students passed?", r"\boxed{25\%}", "25", 1.0, ""),
+    ("What percentage of the students passed?", r"\boxed{24}", "25", 0.0, "answer 24 differs from reference 25"),
+    ("What fraction of the pie is left?", r"\boxed{25\%}", "0.25", 1.0, ""),
+    ("What fraction of the pie is left?", r"\boxed{25\%}", "1/4", 1.0, ""),
+    ("How many apples are left?", r"\boxed{96\%}", "96", 0.0, "a percent sign means /100"),
+    ("A 20% discount applies. What fraction of the price is paid?", r"\boxed{80\%}", "0.8", 1.0, ""),
+    ("", r"\boxed{0.96}", r"96\%", 1.0, ""),
+    ("", r"\boxed{96}", r"96\%", 1.0, ""),
+    ("", r"\boxed{0.96\%}", r"96\%", 0.0, "differs from reference"),
+    # -- constants against decimal approximations ----------------------------------------------
+    ("", r"\boxed{\pi}", "3.14", 1.0, ""),
+    ("", "The answer is 圆周率", "3.14", 1.0, ""),
+    ("", "The answer is pi", "3.14", 1.0, ""),
+    ("", r"\boxed{3.1415926}", r"\pi", 1.0, ""),
+    ("", r"\boxed{3.1416}", r"\pi", 1.0, ""),
+    ("", r"\boxed{3.15}", r"\pi", 0.0, r"answer 3.15 differs from reference \pi"),
+    ("", r"\boxed{3}", r"\pi", 0.0, "differs from reference"),
+    ("Round to the nearest integer.", r"\boxed{3}", r"\pi", 1.0, ""),
+    (ROUNDING_QUESTION, r"\boxed{3.1415926}", "3.14", 1.0, ""),
+    ("", r"\boxed{3.1415926}", "3.14", 0.0, "answer 3.1415926 differs from reference 3.14"),
+    ("", r"\boxed{2.718}", "e", 1.0, ""),
+    ("", r"\boxed{2.72}", "e", 1.0, ""),
+    ("", r"\boxed{2.73}", "e", 0.0, "differs from reference e"),
+    ("", r"\boxed{1.414}", r"\sqrt{2}", 1.0, ""),
+    ("", r"\boxed{0.6667}", r"\frac{2}{3}", 1.0, ""),
+    ("", r"\boxed{0.67}", r"\frac{2}{3}", 0.0, "differs from reference"),
+    ("Give the answer to two decimal places.", r"\boxed{0.67}", r"\frac{2}{3}", 1.0, ""),
+    # -- units, currency, degrees -------------------------------------------------------------
+    ("", r"\boxed{5 cm}", "5", 1.0, ""),
+    ("", r"\boxed{5\text{ cm}}", "5", 1.0, ""),
+    ("", r"\boxed{5\ \text{cm}^2}", "5", 1.0, ""),
+    ("", r"\boxed{12 km/h}", "12", 1.0, ""),
+    ("", r"\boxed{\$5}", "5", 1.0, ""),
+    ("", r"\boxed{-\$5}", "-5", 1.0, ""),
+    ("", r"\boxed{\$1,250}", "1250", 1.0, ""),
+    ("", r"\boxed{30^\circ}", "30", 1.0, ""),
+    ("", r"\boxed{30^{\circ}}", "30", 1.0, ""),
+    ("", r"\boxed{30°}", "30", 1.0, ""),
+    ("", r"\boxed{6 cm}", "5", 0.0, "answer 6 cm differs from reference 5"),
+    ("", r"\boxed{2x}", "2", 0.0, "differs from reference 2"),  # x is a variable, not a unit
+    ("", r"\boxed{\frac{\pi}{2}}", r"90^\circ", 0.0, "differs from reference"),  # no unit conversion
+    # -- intervals ----------------------------------------------------------------------------
+    ("", r"\boxed{[1,2)}", "[1, 2)", 1.0, ""),
+    ("", r"\boxed{\left[1, 2\right)}", "[1,2)", 1.0, ""),
+    ("", r"\boxed{(-\infty, 3]}", "(-inf, 3]", 1.0, ""),
+    ("", r"\boxed{[1,2]}", "[1,2)", 0.0, "answer [1,2] differs from reference [1,2)"),
+    ("", r"\boxed{(1,2)}", "[1,2)", 0.0, "differs from reference"),
+    ("", r"\boxed{(2,1)}", "(1,2)", 0.0, "differs from reference"),  # a point: order matters
+    # -- sets and lists of roots in any order ----------------------------------------------------
+    ("", r"\boxed{x=1, x=-2}", "-2, 1", 1.0, ""),
+    ("", r"\boxed{x = 1 \text{ or } x = -2}", "-2,1", 1.0, ""),
+    ("", r"\boxed{\{2, 1\}}", r"\{1, 2\}", 1.0, ""),
+    ("", r"The roots are \boxed{1, 2, 3}", "3,1,2", 1.0, ""),
+    ("", r"\boxed{-1 \pm \sqrt{2}}", r"-1-\sqrt2, -1+\sqrt2", 1.0, ""),
+    ("", r"\boxed{1, 1, 2}", "2, 1", 1.0, ""),  # a repeated root is one value
+    ("", r"\boxed{x=1, x=-2}", "1, 2", 0.0, "reference value 2 is not in the answer"),
+    ("", r"\boxed{1, 2}", "3,1,2", 0.0, "the answer has 2 distinct value(s), the reference 3"),
+    ("", r"\boxed{\{1,2,3\}}", r"\{1,2\}", 0.0, "the answer has 3 distinct value(s), the reference 2"),
+    # -- real roots vs complex roots (the seeds' degree-7 equation) -------------------------------
+    (SEVENTH_DEGREE_QUESTION, r"\boxed{1, 2, 3, i, -i, 1+i, 1-i}", "1, 2, 3", 1.0, ""),
+    (REAL_ROOTS_QUESTION, r"\boxed{1, 2, 3}", "1, 2, 3, i, -i, 1+i, 1-i", 1.0, ""),
+    (REAL_ROOTS_QUESTION, r"\boxed{1, 2, 3, i, -i, 1+i, 1-i}", "1, 2, 3", 1.0, ""),
+    (REAL_ROOTS_QUESTION, r"\boxed{1, 2}", "1, 2, 3, i, -i", 0.0, "the answer has 2 distinct value(s)"),
+    (COMPLEX_ROOTS_QUESTION, r"\boxed{1, 2, 3}", "1, 2, 3, i, -i, 1+i, 1-i", 0.0, "the reference 7"),
+    (COMPLEX_ROOTS_QUESTION, r"\boxed{i, -i, 1}", "1, -i, i", 1.0, ""),
+    ("", r"\boxed{1, 2}", "1, 2, i, -i", 0.0, "the answer has 2 distinct value(s), the reference 4"),
+    ("", r"\boxed{\frac{-1 + \sqrt{3}i}{2}, \frac{-1 - \sqrt{3}i}{2}}", r"-\frac12 \pm \frac{\sqrt3}{2}i", 1.0, ""),
+    # -- choices and text -----------------------------------------------------------------------
+    ("", r"\boxed{\text{(B)}}", "B", 1.0, ""),
+    ("", r"\boxed{\text{(C)}}", "B", 0.0, "differs from reference B"),
+    # -- bounded time: numbers too large to evaluate are refused, fast ----------------------------
+    ("", r"\boxed{2^{3^{20}}}", "5", 0.0, "too large to evaluate"),
+    ("", r"\boxed{10^{10^{10}}}", "5", 0.0, "too large to evaluate"),
+    ("", r"\boxed{(10^{6})!}", "5", 0.0, "too large to evaluate"),
+    ("", r"\boxed{(3!)!}", "720", 1.0, ""),
+    ("", r"\boxed{2^{10}}", "1024", 1.0, ""),
+]
+
+
+@pytest.fixture(scope="module")
+def reward() -> MathReward:
+    return MathReward()
+
+
+@pytest.mark.parametrize(("question", "completion", "reference", "score", "reason"), CASES)
+def test_case_table(reward, question, completion, reference, score, reason):
+    verdict = reward(question, completion, reference)
+    assert isinstance(verdict, MathVerdict)
+    assert verdict.score == score, verdict.reason
+    if score == 1.0:
+        assert verdict.reason is None
+    else:
+        assert verdict.reason is not None and reason in verdict.reason, verdict.reason
+
+
+def test_case_table_covers_every_category_with_both_outcomes():
+    assert len(CASES) >= 50
+    zeros = sum(1 for case in CASES if case[3] == 0.0)
+    assert 20 <= zeros <= len(CASES) - 20
+
+
+def test_judge_reports_extracted_answer_reference_and_extractor(reward):
+    verdict = reward.judge("", r"so \boxed{12} it is", r"The answer is $\boxed{13}$")
+    assert verdict == 0.0
+    assert (verdict.extracted, verdict.reference, verdict.extractor) == ("12", "13", "boxed")
+    assert verdict.reason == "answer 12 differs from reference 13"
+    right = reward.judge("", "The answer is 13.", "13")
+    assert (right.score, right.reason, right.extractor) == (1.0, None, "answer_phrase")
+
+
+def test_missing_reference_and_several_references(reward):
+    assert reward.judge("", r"\boxed{2}", None).reason == "no reference answer"
+    assert reward.judge("", r"\boxed{2}", ["", None]).reason == "no reference answer"
+    assert reward("", r"\boxed{2}", ["3", "2"]) == 1.0
+    verdict = reward("", r"\boxed{4}", ["3", "2"])
+    assert verdict == 0.0 and verdict.reason == "answer 4 differs from reference 3"
+
+
+def test_non_text_completion_scores_zero_with_reason(reward):
+    for completion in (None, 12, ["a"]):
+        verdict = reward("", completion, "12")
+        assert verdict == 0.0 and verdict.reason == "no final answer found"
+
+
+def test_verdict_is_a_float_that_pickles_and_serialises():
+    verdict = MathVerdict(0.0, "answer 1 differs from reference 2", "1", "2", "boxed")
+    assert isinstance(verdict, float) and verdict + 1 == 1.0 and sum([verdict, 1.0]) == 1.0
+    assert json.loads(json.dumps({"score": verdict})) == {"score": 0.0}
+    restored = pickle.loads(pickle.dumps(verdict))
+    assert isinstance(restored, MathVerdict)
+    assert (restored.score, restored.reason, restored.extracted, restored.reference, restored.extractor) == (
+        0.0, "answer 1 differs from reference 2", "1", "2", "boxed",
+    )
+    assert "differs" in repr(verdict)
+    assert torch.tensor([MathVerdict(1.0), verdict]).tolist() == [1.0, 0.0]
+
+
+# --------------------------------------------------------------------------------------------
+# extraction options
+# --------------------------------------------------------------------------------------------
+
+
+def test_extractors_are_configurable():
+    boxed_only = get_reward("math", extractors=["boxed"])
+    verdict = boxed_only("", "The answer is 12.", "12")
+    assert verdict == 0.0 and verdict.reason == "no final answer found"
+    assert boxed_only("", r"\boxed{12}", "12") == 1.0
+    phrase_first = MathReward(extractors=["answer_phrase", "boxed"])
+    assert phrase_first.judge("", r"\boxed{3}. The answer is 4.", "4").extractor == "answer_phrase"
+
+
+@pytest.mark.parametrize("names", [["boxes"], [], ["boxed", "boxed"], "boxed"])
+def test_bad_extractor_lists_are_rejected(names):
+    with pytest.raises(ValueError, match="extractor"):
+        select_extractors(names)
+    with pytest.raises(ValueError, match="extractor"):
+        get_reward("math", extractors=names)
+
+
+def test_find_final_answer_names_the_extractor():
+    assert find_final_answer(r"x \boxed{5}") == ("boxed", "5")
+    assert find_final_answer("<answer>7</answer>") == ("answer_tag", "7")
+    assert find_final_answer("work\n#### 72") == ("hashes", "72")
+    assert find_final_answer("it was 3 then 4") == ("last_number", "4")
+    assert find_final_answer("nothing") is None
+    assert [name for name, _ in ANSWER_EXTRACTORS] == ["boxed", "answer_tag", "answer_phrase", "hashes", "last_number"]
+
+
+# --------------------------------------------------------------------------------------------
+# reading the question, canonical spelling
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("question", "expected"),
+    [
+        (PERCENT_QUESTION, QuestionHints(percent=True)),
+        ("盈利__%？", QuestionHints(percent=True)),
+        ("What percentage of the votes did she get?", QuestionHints(percent=True)),
+        ("By how many percent did it grow? (in %)", QuestionHints(percent=True)),
+        ("A 20% discount is applied. What is the price?", QuestionHints()),
+        (REAL_ROOTS_QUESTION, QuestionHints(roots="real")),
+        ("Find all real x with x^2 = 4.", QuestionHints(roots="real")),
+        ("求方程的实根", QuestionHints(roots="real")),
+        (COMPLEX_ROOTS_QUESTION, QuestionHints(roots="complex")),
+        ("Find the real and complex roots.", QuestionHints(roots="complex")),
+        (ROUNDING_QUESTION, QuestionHints(rounding=True)),
+        ("Approximately how far is it, to the nearest mile?", QuestionHints(rounding=True)),
+        ("", QuestionHints()),
+        (None, QuestionHints()),
+    ],
+)
+def test_read_question(question, expected):
+    assert read_question(question) == expected
+
+
+def test_question_hints_validate_roots():
+    with pytest.raises(ValueError, match="roots"):
+        QuestionHints(roots="imaginary")
+
+
+@pytest.mark.parametrize(
+    ("answer", "percent", "expected"),
+    [
+        (r"\dfrac{1}{2}", False, r"\frac{1}{2}"),
+        (r"\left(1, 2\right]", False, "(1, 2]"),
+        ("1,000", False, "1000"),
+        (r"1{,}000", False, "1000"),
+        ("1, 000", False, "1, 000"),  # a list, not a thousands separator
+        (r"5\text{ cm}", False, "5"),
+        ("12 km/h", False, "12"),
+        (r"\$5", False, "5"),
+        (r"30^\circ", False, "30"),
+        (r"96\%", True, "96"),
+        (r"96\%", False, r"\frac{96}{100}"),
+        ("12.5 percent", False, r"\frac{12.5}{100}"),
+        ("π/2", False, r"\pi /2"),
+        (r"x = 1 \text{ or } x = 2", False, "x = 1, x = 2"),
+        ("3 pi", False, r"3 \pi"),
+    ],
+)
+def test_canonical_answer(answer, percent, expected):
+    assert canonical_answer(answer, percent=percent) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# options and bounded time
+# --------------------------------------------------------------------------------------------
+
+
+def test_approximation_digits_option():
+    assert math_equal("3.14", r"\pi")
+    assert not math_equal("3.14", r"\pi", approximation_digits=4)
+    assert math_equal("3.142", r"\pi", approximation_digits=4)
+    assert not math_equal("3.14159", r"\pi", approximation_digits=0)
+    with pytest.raises(ValueError, match="approximation_digits"):
+        MathOptions(approximation_digits=-1)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"timeout": 0}, {"timeout": -1.0}, {"timeout": float("nan")}, {"max_chars": 0}, {"use_question": "yes"}]
+)
+def test_reward_option_validation(kwargs):
+    with pytest.raises(ValueError):
+        get_reward("math", **kwargs)
+
+
+def test_use_question_false_ignores_the_prompt():
+    assert get_reward("math")(PERCENT_QUESTION, r"\boxed{96\%}", "96") == 1.0
+    verdict = get_reward("math", use_question=False)(PERCENT_QUESTION, r"\boxed{96\%}", "96")
+    assert verdict == 0.0 and "a percent sign means /100" in verdict.reason
+
+
+def _slow_checker(comparison) -> bool:
+    time.sleep(3.0)
+    return True
+
+
+def test_a_slow_judgement_is_stopped_with_a_timeout_reason():
+    options = MathOptions(timeout=0.2)
+    handler_before = signal.getsignal(signal.SIGALRM)
+    started = time.monotonic()
+    result = compare_answers("1", "2", options=options, checkers=[("slow", _slow_checker)])
+    assert time.monotonic() - started < 1.5
+    assert not result.equal and result.reason.startswith("timeout")
+    # the alarm is disarmed and the previous handler restored afterwards
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    assert signal.getsignal(signal.SIGALRM) is handler_before
+
+
+def test_the_time_limit_leaves_an_armed_outer_alarm_alone():
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        assert math_equal("1/2", "0.5")
+        remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+        assert 0 < remaining <= 0.5
+        time.sleep(remaining + 0.2)
+        assert fired == [True]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_judge_timeout_is_not_an_exception():
+    assert issubclass(JudgeTimeout, BaseException) and not issubclass(JudgeTimeout, Exception)
+
+
+@pytest.mark.parametrize(
+    "completion", [r"\boxed{2^{3^{20}}}", r"\boxed{9^{9^{9^{9}}}}", r"\boxed{(10^{9})!}", r"\boxed{2^{100000}}"]
+)
+def test_pathological_answers_are_refused_quickly_in_any_thread(reward, completion):
+    out = []
+
+    def judge() -> None:
+        started = time.monotonic()
+        out.append((reward(REAL_ROOTS_QUESTION, completion, "5"), time.monotonic() - started))
+
+    thread = threading.Thread(target=judge)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+    verdict, elapsed = out[0]
+    assert verdict == 0.0 and "too large" in verdict.reason
+    assert elapsed < 2.0
+
+
+def test_judging_works_off_the_main_thread(reward):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(reward(PERCENT_QUESTION, r"\boxed{96\%}", "96")))
+    thread.start()
+    thread.join()
+    assert out == [1.0] and out[0].reason is None
+
+
+def test_many_judgements_are_fast(reward):
+    started = time.monotonic()
+    for i in range(200):
+        reward("", rf"\boxed{{\frac{{{i}}}{{4}}}}", str(i / 4))
+    assert time.monotonic() - started < 5.0
+
+
+# --------------------------------------------------------------------------------------------
+# reasons through the batch runner
+# --------------------------------------------------------------------------------------------
+
+
+def test_runner_carries_the_math_reasons():
+    runner = RewardRunner("math")
+    result = runner(
+        [PERCENT_QUESTION, "", "", ""],
+        [r"\boxed{96\%}", r"\boxed{12}", "no answer", r"\boxed{2}"],
+        ["96", "13", "5", None],
+    )
+    assert result.scores.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert result.reasons == [
+        None,
+        "answer 12 differs from reference 13",
+        "no final answer found",
+        "no reference answer",
+    ]
+    assert result.errors == 0
+
+
+class _Scored:
+    def __init__(self, score, reason):
+        self.score = score
+        self.reason = reason
+
+
+def test_runner_accepts_floats_and_scored_objects_and_explains_failures():
+    def reward(prompt, completion, answer, **meta):
+        if completion == "float":
+            return 0.0
+        if completion == "scored":
+            return _Scored(0.25, "partly right")
+        if completion == "scored-no-reason":
+            return _Scored(1, None)
+        if completion == "bad-score":
+            return _Scored("high", "oops")
+        raise RuntimeError("verifier crashed")
+
+    completions = ["float", "scored", "scored-no-reason", "bad-score", "raise"]
+    result = RewardRunner(reward)(["p"] * 5, completions)
+    assert result.scores.tolist() == [0.0, 0.25, 1.0, 0.0, 0.0]
+    assert result.reasons[:3] == [None, "partly right", None]
+    assert "non-numeric" in result.reasons[3]
+    assert result.reasons[4] == "reward raised RuntimeError: verifier crashed"
+    assert result.failed.tolist() == [False, False, False, True, True]
+    assert result.errors == 2
+
+
+def test_reward_result_reasons_default_and_length_check():
+    scores = torch.tensor([1.0, 0.0])
+    result = RewardResult(scores=scores, rewards=scores, correct=scores > 0.5)
+    assert result.reasons == [None, None]
+    with pytest.raises(ValueError, match="reasons"):
+        RewardResult(scores=scores, rewards=scores, correct=scores > 0.5, reasons=["only one"])

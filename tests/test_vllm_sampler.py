@@ -1,0 +1,268 @@
+"""The vLLM rollout backend: request building and output conversion against a stand-in ``vllm`` module, the
+trainer wiring (weights pushed after every update), and on a CUDA machine with vLLM, its log-probs against the
+trainer's forward pass."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from entrorl.rollout import SamplingParams
+from entrorl.rollout.vllm import VLLMSampler, check_vllm_available, outputs_to_rollouts, vllm_sampling_kwargs
+
+PAD, EOS, EOS2 = 0, 1, 5
+
+
+def _completion(tokens, log_probs, finish_reason="stop"):
+    # vLLM's shape: one dict per position, token id -> Logprob(logprob, rank, decoded_token)
+    entries = [{token: SimpleNamespace(logprob=value, rank=1, decoded_token=None)} for token, value in zip(tokens, log_probs)]
+    return SimpleNamespace(token_ids=list(tokens), logprobs=entries, finish_reason=finish_reason, text="")
+
+
+def _request_output(tokens, log_probs, prompt=(), finish_reason="stop"):
+    return SimpleNamespace(prompt_token_ids=list(prompt), outputs=[_completion(tokens, log_probs, finish_reason)])
+
+
+class _FakeSamplingParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+class _FakeEngineModel:
+    def __init__(self):
+        self.loaded: list[tuple[str, torch.Tensor]] = []
+
+    def load_weights(self, weights):
+        self.loaded.extend((name, tensor.clone()) for name, tensor in weights)
+
+
+class _FakeLLM:
+    """Records what it is asked; answers each request with the next scripted completion."""
+
+    instances: list["_FakeLLM"] = []
+    script: list[tuple[list[int], list[float]]] = []
+
+    def __init__(self, **kwargs):
+        self.init_kwargs = kwargs
+        self.requests, self.sampling, self.prefix_resets = [], [], 0
+        self.engine_model = _FakeEngineModel()
+        _FakeLLM.instances.append(self)
+
+    def generate(self, requests, sampling_params=None, use_tqdm=True):
+        self.requests.append(requests)
+        self.sampling.append(sampling_params)
+        outputs = []
+        for index, request in enumerate(requests):
+            tokens, log_probs = _FakeLLM.script[index % len(_FakeLLM.script)]
+            tokens = tokens[: sampling_params[index].kwargs["max_tokens"]]
+            outputs.append(_request_output(tokens, log_probs[: len(tokens)], request["prompt_token_ids"]))
+        return outputs
+
+    def apply_model(self, function):
+        return [function(self.engine_model)]
+
+    def reset_prefix_cache(self):
+        self.prefix_resets += 1
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
+    module = types.ModuleType("vllm")
+    module.LLM = _FakeLLM
+    module.SamplingParams = _FakeSamplingParams
+    _FakeLLM.instances = []
+    _FakeLLM.script = [([7, 8, EOS], [-0.5, -1.0, -0.25]), ([9, 9, 9, 9, 9, 9, 9, 9], [-2.0] * 8)]
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return module
+
+
+def test_request_kwargs_follow_the_sampling_params():
+    params = SamplingParams(max_new_tokens=12, temperature=0.7, top_p=0.9, top_k=20)
+    assert vllm_sampling_kwargs(params, [EOS, EOS2], seed=3) == {
+        "n": 1, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_tokens": 12, "logprobs": 0,
+        "stop_token_ids": [EOS, EOS2], "detokenize": False, "seed": 3,
+    }
+    # entrorl's "no top-k" (0) is vLLM's -1; greedy stays temperature 0; no seed given, none sent
+    greedy = vllm_sampling_kwargs(SamplingParams(max_new_tokens=4, temperature=0.0), [EOS])
+    assert greedy["top_k"] == -1 and greedy["temperature"] == 0.0 and "seed" not in greedy
+    with pytest.raises(ValueError, match="eos"):
+        vllm_sampling_kwargs(params, [])
+
+
+def test_outputs_become_padded_rollouts():
+    prompts = [[3, 4], [6], [2, 3, 4]]
+    outputs = [
+        _request_output([7, 8, EOS], [-0.5, -1.0, -0.25]),            # ends with EOS
+        _request_output([9, 9, 9, 9], [-2.0, -2.5, -3.0, -3.5], finish_reason="length"),  # hits max_new_tokens
+        _request_output([EOS2], [-0.1]),                              # second EOS id, at once
+    ]
+    rollouts = outputs_to_rollouts(prompts, outputs, pad_token_id=PAD, eos_token_ids=[EOS, EOS2], max_new_tokens=4)
+    assert rollouts.prompt_ids.tolist() == [[PAD, 3, 4], [PAD, PAD, 6], [2, 3, 4]]
+    assert rollouts.prompt_mask.tolist() == [[False, True, True], [False, False, True], [True, True, True]]
+    assert rollouts.response_ids.tolist() == [[7, 8, EOS, PAD], [9, 9, 9, 9], [EOS2, PAD, PAD, PAD]]
+    assert rollouts.response_mask.sum(-1).tolist() == [3, 4, 1]
+    assert rollouts.lengths.tolist() == [3, 4, 1]
+    assert rollouts.truncated.tolist() == [False, True, False]
+    expected = torch.tensor([[-0.5, -1.0, -0.25, 0.0], [-2.0, -2.5, -3.0, -3.5], [-0.1, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(rollouts.sampler_log_probs, expected)
+    assert rollouts.sampler_log_probs.dtype == torch.float32 and rollouts.response_mask.dtype == torch.bool
+
+
+def test_output_conversion_cuts_after_the_first_eos_and_rejects_missing_log_probs():
+    rollouts = outputs_to_rollouts([[3]], [_request_output([7, EOS, 8, 9], [-1.0, -2.0, -3.0, -4.0])],
+                                   pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=8)
+    assert rollouts.response_ids.tolist() == [[7, EOS]] and rollouts.truncated.tolist() == [False]
+    no_log_probs = _request_output([7], [-1.0])
+    no_log_probs.outputs[0].logprobs = None
+    with pytest.raises(ValueError, match="logprobs=0"):
+        outputs_to_rollouts([[3]], [no_log_probs], pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=4)
+    wrong_token = _request_output([7], [-1.0])
+    wrong_token.outputs[0].logprobs = [{8: SimpleNamespace(logprob=-1.0)}]
+    with pytest.raises(ValueError, match="sampled token 7"):
+        outputs_to_rollouts([[3]], [wrong_token], pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=4)
+    with pytest.raises(ValueError, match="2 outputs for 1 prompts"):
+        outputs_to_rollouts([[3]], [wrong_token, wrong_token], pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=4)
+
+
+def test_sampler_builds_the_engine_and_requests(fake_vllm, tiny_model_dir):
+    sampler = VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD, dtype="float32", gpu_memory_utilization=0.3, seed=11)
+    llm = _FakeLLM.instances[-1]
+    assert llm.init_kwargs["model"] == str(tiny_model_dir)
+    assert llm.init_kwargs["logprobs_mode"] == "processed_logprobs"
+    assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"  # needed by sync_weights with worker processes
+    assert (llm.init_kwargs["dtype"], llm.init_kwargs["gpu_memory_utilization"], llm.init_kwargs["seed"]) == ("float32", 0.3, 11)
+
+    done = []
+    params = SamplingParams(max_new_tokens=5, temperature=0.8, top_p=0.95, top_k=0)
+    rollouts = sampler.generate([[3, 4], [3, 4], [6]], params, progress=done.append)
+    assert llm.requests[-1] == [{"prompt_token_ids": [3, 4]}, {"prompt_token_ids": [3, 4]}, {"prompt_token_ids": [6]}]
+    sent = [request.kwargs for request in llm.sampling[-1]]
+    assert all((kw["temperature"], kw["top_p"], kw["top_k"], kw["max_tokens"], kw["logprobs"]) == (0.8, 0.95, -1, 5, 0)
+               for kw in sent)
+    # one seed per request: the two copies of prompt [3, 4] (one group) must not draw the same response
+    assert [kw["seed"] for kw in sent] == [11, 12, 13]
+    assert rollouts.response_ids.tolist() == [[7, 8, EOS, PAD, PAD], [9, 9, 9, 9, 9], [7, 8, EOS, PAD, PAD]]
+    assert rollouts.truncated.tolist() == [False, True, False]
+    assert done == [3]
+    sampler.generate([[6]], params)
+    assert [kw.kwargs["seed"] for kw in llm.sampling[-1]] == [14]  # seeds never repeat across calls
+    with pytest.raises(ValueError, match="at least one token"):
+        sampler.generate([[]], params)
+
+
+def test_sync_weights_pushes_every_parameter_and_resets_the_prefix_cache(fake_vllm, tiny_model_dir):
+    sampler = VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD)
+    llm = _FakeLLM.instances[-1]
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    sampler.sync_weights(model)
+    loaded = dict(llm.engine_model.loaded)
+    assert loaded.keys() == dict(model.named_parameters()).keys()
+    assert all(torch.equal(loaded[name], parameter) for name, parameter in model.named_parameters())
+    assert llm.prefix_resets == 1
+
+    # an old in-process engine without apply_model: the weights go straight into its model
+    old_engine = _FakeEngineModel()
+    sampler.llm = SimpleNamespace(llm_engine=SimpleNamespace(model_executor=SimpleNamespace(
+        driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=old_engine)))))
+    sampler.sync_weights(model)
+    assert [name for name, _ in old_engine.loaded] == [name for name, _ in model.named_parameters()]
+    sampler.llm = SimpleNamespace()
+    with pytest.raises(RuntimeError, match="apply_model"):
+        sampler.sync_weights(model)
+
+
+def test_clear_errors_without_vllm_or_cuda(monkeypatch, fake_vllm, tiny_model_dir):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA GPU"):
+        VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail
+    with pytest.raises(ImportError, match=r"entrorl\[vllm\]"):
+        check_vllm_available()
+    with pytest.raises(ImportError, match="vllm package"):
+        VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def test_config_rejects_the_vllm_backend_where_it_cannot_run(monkeypatch, tmp_path, arithmetic_files, tiny_model_dir):
+    from entrorl.trainer.config import ConfigError, load_config
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    train, _ = arithmetic_files
+    base = {"model": {"path": str(tiny_model_dir)}, "data": {"train": str(train)}, "reward": {"name": "exact_match"}}
+    with pytest.raises(ConfigError, match=r"rollout.backend.*entrorl\[vllm\]"):
+        load_config({**base, "rollout": {"backend": "vllm"}})
+    assert load_config(base).rollout.backend == "hf"
+
+
+def test_trainer_samples_with_vllm_and_pushes_the_updated_weights(fake_vllm, tmp_path, arithmetic_files, tiny_model_dir):
+    from entrorl.modeling import load_tokenizer
+    from entrorl.trainer import Trainer
+    from entrorl.trainer.config import load_config
+
+    train, _ = arithmetic_files
+    # scripted completions "3<eos>" and "12<eos>" in the character tokenizer's ids
+    tokenizer = load_tokenizer(tiny_model_dir)
+    eos = tokenizer.eos_token_id
+    _FakeLLM.script = [(tokenizer("3")["input_ids"] + [eos], [-1.0, -0.5]), (tokenizer("12")["input_ids"] + [eos], [-2.0, -1.5, -0.5])]
+    config = load_config({
+        "seed": 0, "torch_threads": 1, "model": {"path": str(tiny_model_dir)}, "data": {"train": str(train)},
+        "reward": {"name": "exact_match"}, "method": "grpo+tis",
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4, "backend": "vllm"},
+        "optim": {"steps": 1, "lr": 1e-2}, "logging": {"progress": False}, "diagnostics": {"measure_entropy_change": False},
+    })
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    assert isinstance(trainer.sampler, VLLMSampler)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    metrics = trainer.train_step()
+    llm = _FakeLLM.instances[-1]
+    assert len(llm.requests) == 1 and len(llm.requests[0]) == 4  # 2 prompts x group of 2
+    assert math.isfinite(metrics["loss/total"])
+    assert "correction/tis_weight_mean" in metrics  # the sampler's log-probs reached the objective
+    loaded = dict(llm.engine_model.loaded)
+    assert loaded.keys() == before.keys()
+    # the engine got the weights after the update, not the ones it started from
+    assert all(torch.equal(loaded[name], p.detach()) for name, p in trainer.model.named_parameters())
+    assert any(not torch.equal(loaded[name], before[name]) for name in before)
+    assert llm.prefix_resets == 1
+
+
+_HAS_VLLM_GPU = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _HAS_VLLM_GPU, reason="needs vllm and a CUDA GPU")
+def test_vllm_log_probs_match_the_trainer_forward_pass(tmp_path):
+    """On a GPU: vLLM's processed log-probs of its own samples equal the trainer's (temperature-scaled) log-probs,
+    before and after a weight sync."""
+    from entrorl.lab.tiny_model import save_tiny_model
+    from entrorl.modeling import load_causal_lm, load_tokenizer, response_token_stats
+
+    model_dir = save_tiny_model(tmp_path / "model", hidden_size=256, num_heads=4, num_kv_heads=2, max_position_embeddings=256)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, dtype="float32").cuda()
+    sampler = VLLMSampler(model_dir, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
+    prompts = [tokenizer(text)["input_ids"] for text in ("1+2=", "7+5=", "9*9=", "3-8=")] * 4
+    params = SamplingParams(max_new_tokens=24, temperature=0.8)
+
+    def max_gap() -> float:
+        rollouts = sampler.generate(prompts, params)
+        stats = response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
+                                     rollouts.response_mask, temperature=params.temperature, need=("logprob",))
+        mask = rollouts.response_mask.cuda()
+        return float((stats.logprob - rollouts.sampler_log_probs.cuda()).abs()[mask].max())
+
+    assert max_gap() < 1e-3
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    sampler.sync_weights(model)
+    assert max_gap() < 1e-3
