@@ -1,14 +1,39 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (slow end-to-end tests included) with the project's virtual environment.
+# Runs the whole test suite (slow end-to-end tests included): tests/ in the project's virtual environment,
+# then tests/verl/ in the verl environment (.venv-verl, `make install-verl`), where verl must import:
+# ENTRORL_REQUIRE_VERL=1 turns a missing verl into a failure instead of a skip.
+# Arguments are passed to the first pytest run only; VERL_ONLY=1 runs just the verl tests.
 # pytest exits 5 when it collected no test: that is neither a pass nor a test failure but a broken
 # test selection, so it is reported as such and fails the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-"$PYTHON" -m pytest "$@"
-status=$?
-if [ "$status" -eq 5 ]; then
-    echo "run_tests: pytest collected no tests (exit 5); the test selection is broken, failing the run" >&2
-    exit 3
+VERL_PYTHON=${VERL_PYTHON:-.venv-verl/bin/python}
+
+run_pytest() {
+    local label=$1
+    shift
+    "$@"
+    local status=$?
+    if [ "$status" -eq 5 ]; then
+        echo "run_tests: pytest collected no tests in the $label run (exit 5); the test selection is broken, failing the run" >&2
+        return 3
+    fi
+    return "$status"
+}
+
+status=0
+if [ "${VERL_ONLY:-0}" != "1" ]; then
+    run_pytest main "$PYTHON" -m pytest --ignore=tests/verl "$@"
+    status=$?
 fi
-exit "$status"
+if [ ! -x "$VERL_PYTHON" ]; then
+    echo "run_tests: $VERL_PYTHON not found; create the verl environment with 'make install-verl'" >&2
+    exit 4
+fi
+ENTRORL_REQUIRE_VERL=1 run_pytest verl "$VERL_PYTHON" -m pytest tests/verl -p no:cacheprovider
+verl_status=$?
+if [ "$status" -ne 0 ]; then
+    exit "$status"
+fi
+exit "$verl_status"

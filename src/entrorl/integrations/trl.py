@@ -1,0 +1,292 @@
+"""entrorl's objectives and diagnostics inside TRL's ``GRPOTrainer``.
+
+:class:`EntropyGRPOTrainer` keeps everything TRL does around the loss — generation (transformers or vLLM),
+reward functions, group advantages (``scale_rewards``), old / reference log-probs, the buffering of a
+generation batch over ``steps_per_generation`` micro-steps, logging — and replaces the loss itself: each
+micro-batch is scored in one forward pass, the per-token statistics (log-prob, entropy ``H``, the entropy
+discriminator ``S`` and its centred form ``D``, arXiv 2602.03392) come from :mod:`entrorl.tokens`, and the
+loss is the entrorl objective (any method name, ``"a+b+c"`` composition, dict or ``ObjectiveConfig``) applied
+to a :class:`~entrorl.objective.PolicyBatch` built from TRL's ``inputs``.
+
+Gradient accumulation. ``GRPOTrainer`` turns off ``transformers``' own loss scaling and returns losses that are
+already scaled for accumulation. The objective computes its loss on the micro-batch with its own
+``loss_agg_mode``; this trainer multiplies it by the micro-batch's share of the accumulation window so that
+the accumulated gradient is the gradient of the whole window's loss:
+
+* ``token-mean``: ``valid tokens of the micro-batch / valid tokens of the window per process``, the window
+  count being TRL's ``num_items_in_batch / num_processes * gradient_accumulation_steps / steps_per_generation``
+  (exactly TRL's ``dapo`` normaliser, which undoes the data-parallel gradient averaging too);
+* the ``seq-mean-*`` modes: ``1 / gradient_accumulation_steps`` (TRL's ``grpo`` / ``dr_grpo`` scaling).
+  ``seq-mean-token-sum-norm`` (Dr. GRPO) divides by ``max_completion_length`` when the objective sets no
+  ``loss_scale_factor``, as TRL's ``dr_grpo`` does.
+
+So ``"dapo"`` reproduces TRL's ``loss_type="dapo"`` (with ``epsilon_high=0.28``), ``"grpo"`` reproduces
+``loss_type="grpo"`` and ``"dr_grpo"`` reproduces ``loss_type="dr_grpo"``, loss and gradient. For selectors
+that take dropped tokens out of the normaliser (80/20, Clip_B, Clip_V) the per-micro-batch kept count is used,
+as in entrorl's own trainer.
+
+Metrics. Besides TRL's own keys, every micro-step appends to TRL's metrics (averaged by ``log``) the
+objective's metrics (``select/*``, ``clip/*``, ``ratio/*``, ``loss/*``, ...), the entropy summary
+(``entropy/mean``, ``entropy/p10|p50|p90``, ``entropy/low_frac``), S and D statistics overall and by the sign of
+the advantage (``disc/*``, ``disc_centered/*``) and the token-covariance concentration (``cov/*``), all computed
+on the process's micro-batch by :mod:`entrorl.trainer.diagnostics`. ``entropy`` is TRL's global token mean.
+
+TRL's loss-side options that the objective replaces are rejected with a message naming the entrorl method
+to use instead (``top_entropy_quantile`` → ``forking_tokens``, ``entropy_coef`` → ``entropy_bonus``, ...).
+Advantages are TRL's: a method whose own estimator is not GRPO's (``w_reinforce``, ``psr``, ...) gets a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+try:
+    from trl import GRPOTrainer
+except ImportError as error:  # pragma: no cover - exercised only without trl
+    raise ImportError(
+        "entrorl.integrations.trl needs TRL: pip install 'trl>=1.10' (or pip install 'entrorl[dev]')"
+    ) from error
+
+from entrorl.modeling import FUSED_HEAD_MODEL_TYPES
+from entrorl.objective import Objective, PolicyBatch, build_objective, get_method
+from entrorl.tokens import STAT_NAMES, TokenStats, token_stats, token_stats_from_hidden
+from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary
+
+__all__ = ["EntropyGRPOTrainer", "accumulation_weight", "check_trl_args"]
+
+# TRL's advantages are group-normalised (scale_rewards="group" or "batch") or only centred ("none").
+_TRL_COMPATIBLE_ESTIMATORS = {"grpo", "dr_grpo"}
+
+
+def check_trl_args(args: Any, objective: Objective) -> None:
+    """Reject GRPOConfig options that change the loss, since the entrorl objective computes it instead."""
+    problems = []
+    if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
+        problems.append("top_entropy_quantile < 1: use the 'forking_tokens' method (rho = top_entropy_quantile)")
+    if getattr(args, "entropy_coef", 0.0) or getattr(args, "use_adaptive_entropy", False):
+        problems.append("entropy_coef / use_adaptive_entropy: use the 'entropy_bonus' or 'adaptive_entropy' method")
+    if getattr(args, "use_liger_kernel", False):
+        problems.append("use_liger_kernel: the Liger loss bypasses the objective; set use_liger_kernel=False")
+    if getattr(args, "delta", None) is not None:
+        problems.append("delta (two-sided clipping): use the 'dual_clip' method or the ppo_clip part's clip_ratio_c")
+    if getattr(args, "off_policy_mask_threshold", None) is not None:
+        problems.append("off_policy_mask_threshold: not available in the objective; leave it None")
+    if getattr(args, "importance_sampling_level", "token") != "token":
+        problems.append("importance_sampling_level='sequence': use the 'gspo' method")
+    needs_reference = "ref_log_prob" in objective.required_fields
+    beta = getattr(args, "beta", 0.0)
+    if needs_reference and beta == 0.0:
+        problems.append(
+            "the objective has a KL-to-reference part (kl_ref) but beta == 0, so TRL loads no reference model: set "
+            "beta to any non-zero value (the coefficient used is the kl_ref part's kl_loss_coef)"
+        )
+    if beta != 0.0 and not needs_reference:
+        problems.append(f"beta = {beta} has no effect on the objective: add the 'kl_ref' method (kl_loss_coef=...) or set beta=0")
+    vllm_correction = getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False)
+    if vllm_correction and objective.correction is None:
+        problems.append(
+            "use_vllm with vllm_importance_sampling_correction: add the 'tis' or 'icepop' method (it uses vLLM's "
+            "log-probs) or set vllm_importance_sampling_correction=False"
+        )
+    if problems:
+        raise ValueError(
+            f"EntropyGRPOTrainer: GRPOConfig options that the entrorl objective {objective.name!r} replaces:\n  - "
+            + "\n  - ".join(problems)
+        )
+
+
+def accumulation_weight(
+    loss_agg_mode: str,
+    *,
+    micro_valid_tokens: float,
+    num_items_in_batch: float,
+    num_processes: int,
+    gradient_accumulation_steps: int,
+    steps_per_generation: int,
+) -> float:
+    """The factor that scales a micro-batch loss (normalised on the micro-batch) to its share of the window.
+
+    ``token-mean``: ``n_micro / (N_gen / P * G / S)`` with ``N_gen`` the valid tokens of the whole generation
+    batch (all processes), ``P`` processes, ``G`` accumulation steps, ``S`` steps per generation;
+    ``seq-mean-*``: ``1 / G``. Pass ``gradient_accumulation_steps = steps_per_generation = 1`` in evaluation.
+    """
+    if gradient_accumulation_steps < 1 or steps_per_generation < 1 or num_processes < 1:
+        raise ValueError(
+            "accumulation_weight: gradient_accumulation_steps, steps_per_generation and num_processes must be >= 1, "
+            f"got {gradient_accumulation_steps}, {steps_per_generation}, {num_processes}"
+        )
+    if loss_agg_mode == "token-mean":
+        window_tokens = max(float(num_items_in_batch), 1.0) / num_processes * gradient_accumulation_steps / steps_per_generation
+        return float(micro_valid_tokens) / window_tokens
+    return 1.0 / gradient_accumulation_steps
+
+
+class EntropyGRPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` whose loss is an entrorl objective, with entrorl's entropy diagnostics in its logs.
+
+    Args:
+        *args, **kwargs: as for ``trl.GRPOTrainer`` (model, reward_funcs, args, train_dataset, ...).
+        objective: a method name (``"clip_cov"``), a composition (``"dapo+clip_b+forking_tokens"``), a list of
+            names, a dict / ``ObjectiveConfig``, or a built :class:`~entrorl.objective.Objective`.
+        objective_params: parameter overrides for ``build_objective`` (``{"mu": 3.0}``).
+        fused_head: compute the statistics from the final hidden states and the LM-head weight without building
+            the logits; ``None`` = when the architecture's logits are exactly ``hidden @ W^T`` (Qwen2/3, Llama, ...).
+            Set it to ``False`` when an adapter wraps the LM head itself (LoRA on ``lm_head``): the fused path reads
+            the head's base weight.
+        diagnostics: append entrorl's entropy / S / D / covariance statistics to the logged metrics.
+
+    >>> trainer = EntropyGRPOTrainer(model, reward_funcs=reward, args=GRPOConfig(...),
+    ...                              train_dataset=dataset, objective="clip_cov")   # doctest: +SKIP
+    >>> trainer.train()                                                             # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        objective: str | list[str] | dict[str, Any] | Objective = "grpo",
+        objective_params: dict[str, Any] | None = None,
+        fused_head: bool | None = None,
+        diagnostics: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        # the objective is built (and so validated) before TRL loads any model
+        if isinstance(objective, Objective):
+            if objective_params:
+                raise ValueError("objective_params applies to a method name or config, not to a built Objective")
+            self.objective = objective
+        else:
+            self.objective = build_objective(objective, **(objective_params or {}))
+        grpo_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if grpo_args is not None:
+            check_trl_args(grpo_args, self.objective)
+        super().__init__(*args, **kwargs)
+        check_trl_args(self.args, self.objective)
+        if self.objective.loss_agg_mode == "seq-mean-token-sum-norm" and self.objective.loss_scale_factor is None:
+            self.objective.loss_scale_factor = float(self.max_completion_length)
+        self._warn_on_advantage_mismatch()
+        self.fused_head = fused_head
+        self.diagnostics = diagnostics
+
+    def _warn_on_advantage_mismatch(self) -> None:
+        names = self.objective.name.split("+") if self.objective.name != "custom" else []
+        estimators = {get_method(name).advantage_estimator for name in names}
+        foreign = sorted(estimators - _TRL_COMPATIBLE_ESTIMATORS)
+        if foreign:
+            warnings.warn(
+                f"objective {self.objective.name!r} is paired with the advantage estimator(s) {foreign}, but "
+                "EntropyGRPOTrainer uses TRL's group-normalised advantages (scale_rewards); the loss is the method's, "
+                "the advantages are not",
+                stacklevel=3,
+            )
+        scale_rewards = str(getattr(self.args, "scale_rewards", "group")).lower()
+        if "dr_grpo" in estimators and scale_rewards not in ("none", "false"):
+            warnings.warn(
+                f"objective {self.objective.name!r} uses Dr. GRPO advantages (no std division): set "
+                f"GRPOConfig(scale_rewards='none'), got scale_rewards={scale_rewards!r}",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    def _uses_fused_head(self, model: torch.nn.Module) -> bool:
+        if self.fused_head is not None:
+            return self.fused_head
+        config = getattr(self.accelerator.unwrap_model(model), "config", None)
+        return getattr(config, "model_type", None) in FUSED_HEAD_MODEL_TYPES
+
+    def _response_stats(
+        self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[TokenStats, torch.Tensor | None]:
+        """Log-prob, H, S and D of the completion tokens (temperature-scaled like TRL), and the MoE aux loss."""
+        width = completion_ids.size(1)
+        forward_kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if self.aux_loss_enabled:
+            forward_kwargs["output_router_logits"] = True
+        fused = self._uses_fused_head(model)
+        with self.accelerator.autocast():
+            if fused:
+                outputs = model(**forward_kwargs, output_hidden_states=True, logits_to_keep=1)
+            else:
+                outputs = model(**forward_kwargs, logits_to_keep=width + 1)
+        # the statistics are reduced in float32 whatever the autocast dtype of the forward pass
+        if fused:
+            hidden = outputs.hidden_states[-1][:, -width - 1 : -1]
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            stats = token_stats_from_hidden(
+                hidden, head.weight, completion_ids, lm_head_bias=head.bias, temperature=self.temperature, mask=mask,
+                need=STAT_NAMES,
+            )
+        else:
+            logits = outputs.logits[:, -width - 1 : -1]
+            stats = token_stats(logits, completion_ids, temperature=self.temperature, mask=mask, need=STAT_NAMES)
+        aux_loss = getattr(outputs, "aux_loss", None) if self.aux_loss_enabled else None
+        return stats, aux_loss
+
+    # ------------------------------------------------------------------------------------------------ the loss
+    def _compute_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+        """The entrorl objective on one micro-batch, scaled for gradient accumulation (see the module docstring)."""
+        unsupported = [key for key in ("pixel_values", "image_grid_thw", "num_images") if key in inputs]
+        if unsupported:
+            raise NotImplementedError(f"EntropyGRPOTrainer scores text-only batches; got multimodal inputs {unsupported}")
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask.bool()
+        if "tool_mask" in inputs:
+            mask = mask & inputs["tool_mask"].bool()
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        stats, aux_loss = self._response_stats(model, input_ids, attention_mask, completion_ids, mask)
+
+        old_log_prob = inputs.get("old_per_token_logps")
+        batch = PolicyBatch(
+            log_prob=stats.logprob,
+            old_log_prob=stats.logprob.detach() if old_log_prob is None else old_log_prob.float(),
+            advantages=inputs["advantages"].float(),
+            mask=mask,
+            entropy=stats.entropy,
+            disc=stats.disc,
+            disc_centered=stats.disc_centered,
+            ref_log_prob=None if inputs.get("ref_per_token_logps") is None else inputs["ref_per_token_logps"].float(),
+            rollout_log_prob=None if inputs.get("sampling_per_token_logps") is None else inputs["sampling_per_token_logps"].float(),
+        )
+        out = self.objective(batch)
+
+        training = mode == "train"
+        accumulation_steps = self.current_gradient_accumulation_steps if training else 1
+        weight = accumulation_weight(
+            self.objective.loss_agg_mode,
+            micro_valid_tokens=float(mask.sum()),
+            num_items_in_batch=float(inputs["num_items_in_batch"]),
+            num_processes=self.accelerator.num_processes,
+            gradient_accumulation_steps=accumulation_steps,
+            steps_per_generation=self.args.steps_per_generation if training else 1,
+        )
+        loss = out.loss * weight
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation_steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+
+        self._log_step(mode, batch, out.metrics, out.advantages)
+        return loss
+
+    def _log_step(self, mode: str, batch: PolicyBatch, objective_metrics: dict[str, float], advantages: torch.Tensor) -> None:
+        metrics = self._metrics[mode]
+        mask = batch.mask
+        totals = torch.stack([torch.where(mask, batch.entropy.detach(), 0.0).sum(), mask.sum().float()])
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        metrics["entropy"].append(float(totals[0] / totals[1].clamp(min=1.0)))
+        if not self.diagnostics:
+            return
+        token_advantages = torch.where(mask, advantages, 0.0)
+        entries = dict(objective_metrics)
+        entries.update(entropy_summary(batch.entropy, mask))
+        entries.update(discriminator_summary(batch.disc, batch.disc_centered, token_advantages, mask))
+        entries.update(covariance_summary(batch.log_prob, token_advantages, mask))
+        for key, value in entries.items():
+            value = float(value)
+            if not math.isinf(value):
+                metrics[key].append(value)

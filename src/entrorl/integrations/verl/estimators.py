@@ -1,0 +1,113 @@
+"""entrorl's advantage estimators in verl's estimator registry, as ``entrorl_<estimator>``.
+
+Select one with ``algorithm.adv_estimator=entrorl_rloo``. verl calls it in the driver with
+``token_level_rewards``, ``response_mask``, ``config`` (the ``algorithm`` section) and ``index`` (the prompt uid
+of each response); it returns ``(advantages, returns)``, both ``[B, T]``: the outcome reward of a response is the
+sum of its token-level rewards, the per-response advantage of :func:`entrorl.advantages.compute_advantages` is
+put on every valid token, and the returns equal the advantages (as verl's GRPO does).
+
+Parameters: the estimator's defaults, then verl's ``algorithm.norm_adv_by_std_in_grpo`` for ``entrorl_grpo``,
+then the mapping ``algorithm.entrorl`` (``+algorithm.entrorl.k=8``; an unknown name is an error listing the
+valid ones). ``entrorl_unlikely`` needs the old policy's log-probs, which verl passes to no custom estimator: it
+raises unless its caller passes ``old_log_probs``.
+
+The driver looks estimators up, and the actor extension is not imported there: load this module in the driver
+with ``VERL_USE_EXTERNAL_MODULES=entrorl.integrations.verl`` (or through the ``verl.plugins`` entry point that
+installing entrorl declares).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from entrorl.advantages import available_advantages, compute_advantages, expand_to_tokens
+from entrorl.integrations.verl.losses import config_get
+from verl.trainer.ppo.core_algos import register_adv_est
+
+__all__ = ["ESTIMATOR_PREFIX", "estimator_name", "make_advantage_estimator", "register_advantage_estimators"]
+
+ESTIMATOR_PREFIX = "entrorl_"
+
+# verl's own algorithm keys that carry an entrorl estimator parameter of the same name.
+_VERL_ALGORITHM_KEYS = ("norm_adv_by_std_in_grpo",)
+
+
+def estimator_name(estimator: str) -> str:
+    """The verl ``adv_estimator`` name of an entrorl estimator: ``entrorl_<estimator>``."""
+    return f"{ESTIMATOR_PREFIX}{estimator}"
+
+
+def _group_ids(index: Any, n: int, name: str) -> torch.Tensor:
+    """Integer group ids from verl's per-response prompt uids (strings or numbers), in order of first appearance."""
+    if index is None:
+        raise ValueError(f"verl adv_estimator {name!r} needs verl's 'index' (the prompt uid of each response) to form groups")
+    uids = np.asarray(index, dtype=object).reshape(-1)
+    if uids.shape[0] != n:
+        raise ValueError(f"verl adv_estimator {name!r}: index has {uids.shape[0]} uids for {n} responses")
+    ids: dict[Any, int] = {}
+    return torch.tensor([ids.setdefault(uid, len(ids)) for uid in uids.tolist()], dtype=torch.int64)
+
+
+def _parameters(estimator: str, defaults: Mapping[str, Any], config: Any) -> dict[str, Any]:
+    params = {key: config_get(config, key) for key in _VERL_ALGORITHM_KEYS if key in defaults and config_get(config, key) is not None}
+    explicit = config_get(config, "entrorl") or {}
+    if not isinstance(explicit, Mapping):
+        raise ValueError(f"algorithm.entrorl must be a mapping of {estimator!r} parameters, got {type(explicit).__name__}")
+    params.update({str(key): value for key, value in dict(explicit).items()})
+    return params
+
+
+def make_advantage_estimator(estimator: str):
+    """A verl advantage-estimator function computing entrorl estimator ``estimator`` (see the module docstring)."""
+    info = next((i for i in available_advantages() if i.name == estimator), None)
+    if info is None:
+        raise ValueError(f"unknown entrorl advantage estimator {estimator!r}; valid: {[i.name for i in available_advantages()]}")
+
+    def advantage_estimator(
+        token_level_rewards: torch.Tensor,
+        response_mask: torch.Tensor,
+        config: Any = None,
+        index: Any = None,
+        old_log_probs: torch.Tensor | None = None,
+        **unused: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+        rewards = torch.where(mask, token_level_rewards, torch.zeros_like(token_level_rewards)).sum(dim=-1)
+        group_ids = _group_ids(index, rewards.shape[0], estimator_name(estimator)).to(rewards.device)
+        lengths = mask.sum(dim=-1)
+        seq_log_prob = None
+        if old_log_probs is not None:
+            seq_log_prob = torch.where(mask, old_log_probs, torch.zeros_like(old_log_probs)).sum(-1) / lengths.clamp(min=1)
+        params = _parameters(estimator, info.params, config)
+        try:
+            per_response = compute_advantages(
+                estimator, rewards, group_ids, lengths=lengths, seq_log_prob=seq_log_prob, **params
+            )
+        except ValueError as error:
+            raise ValueError(f"verl adv_estimator {estimator_name(estimator)!r}: {error} (parameters go in algorithm.entrorl)") from None
+        advantages = expand_to_tokens(per_response.to(token_level_rewards.device), mask).to(token_level_rewards.dtype)
+        return advantages, advantages.clone()
+
+    advantage_estimator.__name__ = advantage_estimator.__qualname__ = f"compute_{estimator_name(estimator)}_advantage"
+    advantage_estimator.__doc__ = f"verl advantage estimator {estimator_name(estimator)!r}: entrorl's {estimator!r} ({info.paper})."
+    return advantage_estimator
+
+
+_REGISTERED: dict[str, Any] = {}
+
+
+def register_advantage_estimators() -> list[str]:
+    """Register every entrorl advantage estimator in verl's registry as ``entrorl_<estimator>``; returns the names.
+    Registering again (a second import route) is a no-op: verl refuses a different function under a taken name."""
+    names = []
+    for info in available_advantages():
+        name = estimator_name(info.name)
+        if name not in _REGISTERED:
+            _REGISTERED[name] = make_advantage_estimator(info.name)
+        register_adv_est(name)(_REGISTERED[name])
+        names.append(name)
+    return names

@@ -1,0 +1,303 @@
+"""entrorl's named methods as verl policy-loss modes ``entrorl_<method>``.
+
+Select one with ``actor_rollout_ref.actor.policy_loss.loss_mode=entrorl_clip_b``. The loss is the entrorl
+objective of that method (:func:`entrorl.objective.build_objective`), evaluated on verl's tensors:
+
+* parameters: the method's defaults (from its paper), then verl's own keys where the method has a parameter of
+  the same name (``actor.clip_ratio_low`` / ``clip_ratio_high`` / ``clip_ratio_c``, ``policy_loss.clip_cov_ratio``
+  / ``clip_cov_lb`` / ``clip_cov_ub`` / ``kl_cov_ratio`` / ``ppo_kl_coef``: in verl, verl's config is what the user
+  wrote), then the mapping ``policy_loss.entrorl`` (any parameter of the method, by name; an unknown name is an
+  error listing the valid ones). verl's ``PolicyLossConfig`` rejects unknown keys, so give the section the
+  type :class:`EntrorlPolicyLossConfig` (``policy_loss._target_=entrorl.integrations.verl.EntrorlPolicyLossConfig``).
+* aggregation: verl's ``loss_agg_mode`` argument and ``global_batch_info`` (``dp_size``, ``batch_num_tokens``,
+  ``global_batch_size``, ``loss_scale_factor``), so the loss is normalised by the global token / sequence counts
+  like verl's built-in losses.
+* ``response_mask`` may be bool (verl's engine path) or 0/1 numbers (older actors).
+* ``rollout_is_weights`` (verl's train/rollout mismatch correction) multiply the per-token policy loss before
+  aggregation, as in verl's built-in losses. A method with its own correction (``tis``, ``icepop``) computes its
+  weights from ``rollout_log_prob`` instead, and refuses verl's weights rather than apply both.
+* entropy, S and D (``forking_tokens``, ``low_entropy_tokens``, ``clip_b``, ``clip_v``, ``entropy_advantage``,
+  ``entropy_bonus``, ``adaptive_entropy``), reference log-probs (``kl_ref``) and rollout log-probs (``tis``,
+  ``icepop``) are not among verl's loss arguments: the actor extension (:mod:`entrorl.integrations.verl.actor`)
+  supplies them through :mod:`entrorl.integrations.verl.channel`, or a caller passes them as keyword arguments.
+
+The metrics are entrorl's, prefixed ``actor/`` (``actor/select/clip_b_frac``), plus verl's usual
+``actor/pg_clipfrac`` and ``actor/ppo_kl`` where the method has a clipped surrogate.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import ConfigDict
+
+from entrorl.objective import LOSS_AGG_MODES, Correction, Objective, PolicyBatch, available_methods, build_objective
+from entrorl.objective.parts import Metrics
+from entrorl.integrations.verl.channel import TOKEN_FIELDS, current_token_fields
+from verl.trainer.ppo.core_algos import register_policy_loss
+from verl.workers.config import PolicyLossConfig
+
+__all__ = [
+    "LOSS_MODE_PREFIX",
+    "VERL_PARAMETER_SOURCES",
+    "EntrorlPolicyLossConfig",
+    "loss_mode_name",
+    "config_get",
+    "entrorl_parameters",
+    "make_policy_loss",
+    "register_policy_losses",
+    "registered_loss_modes",
+    "required_fields",
+]
+
+LOSS_MODE_PREFIX = "entrorl_"
+
+# entrorl parameter -> (verl config section, key): verl's own keys that carry an entrorl parameter.
+VERL_PARAMETER_SOURCES: dict[str, tuple[str, str]] = {
+    "clip_ratio_low": ("actor", "clip_ratio_low"),
+    "clip_ratio_high": ("actor", "clip_ratio_high"),
+    "clip_ratio_c": ("actor", "clip_ratio_c"),
+    "clip_cov_ratio": ("policy_loss", "clip_cov_ratio"),
+    "clip_cov_lb": ("policy_loss", "clip_cov_lb"),
+    "clip_cov_ub": ("policy_loss", "clip_cov_ub"),
+    "kl_cov_ratio": ("policy_loss", "kl_cov_ratio"),
+    "ppo_kl_coef": ("policy_loss", "ppo_kl_coef"),
+}
+
+# How each optional PolicyBatch field reaches the loss inside verl.
+_FIELD_SOURCES = {
+    "entropy": "the actor extension (entrorl.integrations.verl.actor), which computes it from the logits",
+    "disc": "the actor extension (entrorl.integrations.verl.actor), which computes it from the logits",
+    "disc_centered": "the actor extension (entrorl.integrations.verl.actor), which computes it from the logits",
+    "ref_log_prob": "the actor extension (entrorl.integrations.verl.actor), which forwards verl's 'ref_log_prob' "
+    "(computed when actor_rollout_ref.actor.use_kl_loss=True)",
+    "rollout_log_prob": "the actor extension (entrorl.integrations.verl.actor), which forwards verl's "
+    "'rollout_log_probs' (returned by the rollout when actor_rollout_ref.rollout.calculate_log_probs=True)",
+}
+
+
+@dataclass
+class EntrorlPolicyLossConfig(PolicyLossConfig):
+    """verl's ``policy_loss`` section plus ``entrorl``: parameters of the entrorl method named by ``loss_mode``.
+
+    ``actor_rollout_ref.actor.policy_loss._target_=entrorl.integrations.verl.EntrorlPolicyLossConfig``
+    ``+actor_rollout_ref.actor.policy_loss.entrorl.mu=3.0``
+    """
+
+    entrorl: dict[str, Any] = field(default_factory=dict)
+
+
+def loss_mode_name(method: str) -> str:
+    """The verl ``loss_mode`` of an entrorl method: ``entrorl_<method>``."""
+    return f"{LOSS_MODE_PREFIX}{method}"
+
+
+def config_get(config: Any, key: str, default: Any = None) -> Any:
+    """``config[key]`` for a verl dataclass config, an OmegaConf DictConfig, a dict or None."""
+    if config is None:
+        return default
+    if isinstance(config, Mapping) or hasattr(config, "get"):
+        try:
+            return config.get(key, default)
+        except (AttributeError, KeyError):
+            return default
+    return getattr(config, key, default)
+
+
+@functools.lru_cache(maxsize=None)
+def _method_parameters(method: str) -> frozenset[str]:
+    return frozenset(name for part in build_objective(method).parts for name in type(part).model_fields)
+
+
+def entrorl_parameters(method: str, config: Any) -> dict[str, Any]:
+    """The parameter overrides for ``method`` read from verl's actor ``config`` (see the module docstring).
+
+    verl's keys apply only where the method has that parameter; ``policy_loss.entrorl`` applies as given (its
+    names are checked when the objective is built).
+    """
+    owned = _method_parameters(method)
+    policy_loss = config_get(config, "policy_loss")
+    sections = {"actor": config, "policy_loss": policy_loss}
+    params: dict[str, Any] = {}
+    for name, (section, key) in VERL_PARAMETER_SOURCES.items():
+        if name not in owned:
+            continue
+        value = config_get(sections[section], key)
+        if value is None and key in ("clip_ratio_low", "clip_ratio_high"):
+            value = config_get(config, "clip_ratio")  # verl's fallback for the decoupled bounds
+        if value is not None:
+            params[name] = value
+    explicit = config_get(policy_loss, "entrorl") or {}
+    if not isinstance(explicit, Mapping):
+        raise ValueError(
+            f"actor.policy_loss.entrorl must be a mapping of {method!r} parameters, got {type(explicit).__name__}"
+        )
+    params.update({str(key): value for key, value in dict(explicit).items()})
+    return params
+
+
+class _VerlRolloutWeights(Correction):
+    """verl's precomputed ``rollout_is_weights``, applied where an entrorl correction would be."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    weights: torch.Tensor
+
+    def __call__(self, batch: PolicyBatch, metrics: Metrics) -> torch.Tensor:
+        weights = self.weights.detach().to(batch.log_prob.dtype)
+        valid = batch.mask
+        metrics["correction/verl_is_weight_mean"] = float(weights[valid].mean()) if valid.any() else 1.0
+        return weights
+
+
+# Parts that read a PolicyBatch field without declaring it in ``requires`` (they check it themselves).
+_UNDECLARED_READS = {("regularizer", "entropy_bonus"): ("entropy",), ("regularizer", "adaptive_entropy"): ("entropy",)}
+
+
+def required_fields(objective: Objective) -> tuple[str, ...]:
+    """The optional PolicyBatch fields ``objective`` reads: its parts' declared ones and the undeclared reads."""
+    fields = list(objective.required_fields)
+    for part in objective.parts:
+        fields += [f for f in _UNDECLARED_READS.get((part.kind, part.name), ()) if f not in fields]
+    return tuple(fields)
+
+
+_OBJECTIVES: dict[tuple[str, str], Objective] = {}
+
+
+def _objective(method: str, params: dict[str, Any], loss_agg_mode: str, loss_scale_factor: float | None) -> Objective:
+    """The objective for these settings, built once: stateful parts (adaptive coefficients, RNGs) persist."""
+    settings = {**params, "loss_agg_mode": loss_agg_mode, "loss_scale_factor": loss_scale_factor}
+    key = (method, repr(sorted(settings.items())))
+    if key not in _OBJECTIVES:
+        try:
+            _OBJECTIVES[key] = build_objective(method, **settings)
+        except ValueError as error:
+            raise ValueError(
+                f"verl loss_mode {loss_mode_name(method)!r}: {error} (set entrorl parameters in "
+                "actor_rollout_ref.actor.policy_loss.entrorl)"
+            ) from None
+    return _OBJECTIVES[key]
+
+
+def _normalisers(config: Any, loss_agg_mode: str) -> dict[str, Any]:
+    info = dict(config_get(config, "global_batch_info") or {})
+    unknown = sorted(set(info) - {"dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor"})
+    if unknown:
+        raise ValueError(f"global_batch_info has keys {unknown} that entrorl's aggregation does not know")
+    dp_size = int(info.get("dp_size") or 1)
+    needed = "batch_num_tokens" if loss_agg_mode == "token-mean" else "global_batch_size"
+    if dp_size > 1 and info.get(needed) is None:
+        raise ValueError(
+            f"global_batch_info has dp_size={dp_size} but no {needed}: with data parallelism the loss must be "
+            "normalised by the global count (verl's actor fills it for every micro-batch)"
+        )
+    scale = info.get("loss_scale_factor", config_get(config, "loss_scale_factor"))
+    return {
+        "dp_size": dp_size,
+        "batch_num_tokens": info.get("batch_num_tokens"),
+        "global_batch_size": info.get("global_batch_size"),
+        "loss_scale_factor": None if scale is None else float(scale),
+    }
+
+
+def _verl_metrics(metrics: Metrics) -> dict[str, float]:
+    out = {f"actor/{key}": float(value) for key, value in metrics.items()}
+    clip_fraction = next((metrics[k] for k in ("clip/ppo_frac", "clip/gspo_frac", "clip/cispo_frac") if k in metrics), None)
+    if clip_fraction is not None:
+        out["actor/pg_clipfrac"] = float(clip_fraction)
+    if "clip/dual_frac" in metrics:
+        out["actor/pg_clipfrac_lower"] = float(metrics["clip/dual_frac"])
+    if "kl/old_new" in metrics:
+        out["actor/ppo_kl"] = float(metrics["kl/old_new"])
+    return out
+
+
+def make_policy_loss(method: str):
+    """A verl policy-loss function (verl's ``PolicyLossFn`` signature) computing entrorl method ``method``.
+
+    Besides verl's arguments it takes the optional per-token tensors ``entropy``, ``disc``, ``disc_centered``,
+    ``ref_log_prob`` and ``rollout_log_prob`` as keywords; those not given are read from the actor extension's
+    channel. Returns ``(loss, metrics)`` like verl's built-in losses.
+    """
+    build_objective(method)  # fail now, not at the first training step, on an unknown method
+
+    def policy_loss(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Any = None,
+        rollout_is_weights: torch.Tensor | None = None,
+        **token_fields: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        mode = loss_mode_name(method)
+        unknown = sorted(set(token_fields) - set(TOKEN_FIELDS))
+        if unknown:
+            raise TypeError(f"verl loss_mode {mode!r} got unexpected keyword(s) {unknown}; per-token extras are {list(TOKEN_FIELDS)}")
+        if loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(f"verl loss_mode {mode!r}: loss_agg_mode {loss_agg_mode!r} is not supported; use one of {list(LOSS_AGG_MODES)}")
+        normalisers = _normalisers(config, loss_agg_mode)
+        objective = _objective(method, entrorl_parameters(method, config), loss_agg_mode, normalisers.pop("loss_scale_factor"))
+
+        fields = {**current_token_fields(), **{k: v for k, v in token_fields.items() if v is not None}}
+        missing = [name for name in required_fields(objective) if name not in fields]
+        if missing:
+            sources = "; ".join(f"{name}: {_FIELD_SOURCES[name]}" for name in missing)
+            raise ValueError(
+                f"verl loss_mode {mode!r} needs per-token {missing}, which verl's actor does not pass to policy losses. "
+                f"Provide them with {sources}. See entrorl's docs/verl.md, 'The actor extension'."
+            )
+        if rollout_is_weights is not None:
+            if objective.correction is not None:
+                raise ValueError(
+                    f"verl loss_mode {mode!r} applies its own rollout correction ({objective.correction.name}) and verl "
+                    "passed rollout_is_weights too: switch verl's rollout correction off "
+                    "(algorithm.rollout_correction.rollout_is=null) or use a method without a correction"
+                )
+            objective = Objective(
+                surrogate=objective.surrogate,
+                shapers=objective.shapers,
+                regularizers=objective.regularizers,
+                selectors=objective.selectors,
+                correction=_VerlRolloutWeights(weights=rollout_is_weights),
+                loss_agg_mode=objective.loss_agg_mode,
+                loss_scale_factor=objective.loss_scale_factor,
+                name=objective.name,
+            )
+        batch = PolicyBatch(
+            log_prob=log_prob,
+            old_log_prob=old_log_prob,
+            advantages=advantages,
+            mask=response_mask,
+            **{name: fields[name] for name in TOKEN_FIELDS if name in fields},
+        )
+        output = objective(batch, **normalisers)
+        return output.loss, _verl_metrics(output.metrics)
+
+    policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_{loss_mode_name(method)}"
+    policy_loss.__doc__ = f"verl policy loss {loss_mode_name(method)!r}: entrorl's {method!r} objective (see entrorl.integrations.verl.losses)."
+    return policy_loss
+
+
+def register_policy_losses() -> list[str]:
+    """Register every entrorl method (including those a user registered before calling this) in verl's
+    policy-loss registry as ``entrorl_<method>``; returns the loss modes."""
+    modes = []
+    for info in available_methods():
+        register_policy_loss(loss_mode_name(info.name))(make_policy_loss(info.name))
+        modes.append(loss_mode_name(info.name))
+    return modes
+
+
+def registered_loss_modes() -> list[str]:
+    """The ``entrorl_<method>`` modes present in verl's registry."""
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+
+    return sorted(name for name in POLICY_LOSS_REGISTRY if name.startswith(LOSS_MODE_PREFIX))

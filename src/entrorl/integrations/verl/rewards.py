@@ -1,0 +1,71 @@
+"""entrorl's rewards as a verl ``custom_reward_function``.
+
+verl loads ``reward.custom_reward_function.name`` from the module at ``reward.custom_reward_function.path``
+and calls it as ``fn(data_source, solution_str, ground_truth, extra_info=None, **reward_kwargs)``::
+
+    reward.custom_reward_function.path=pkg://entrorl.integrations.verl
+    reward.custom_reward_function.name=compute_score
+    +reward.custom_reward_function.reward_kwargs.reward=math
+
+``compute_score`` scores with the entrorl reward named by ``reward`` (a registered name such as ``math``,
+``exact_match``, ``reasoning_gym``, or ``package.module:function``) and its ``reward_options``; the shortcuts
+``math_score``, ``exact_match_score`` and ``reasoning_gym_score`` fix the reward so that ``name`` alone selects
+it. The entrorl reward sees ``prompt = extra_info["prompt"]`` (or ``""``), ``completion = solution_str``,
+``answer = ground_truth`` and ``extra_info`` as its metadata (reasoning-gym reads ``extra_info["entry"]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from entrorl.rewards import get_reward
+
+__all__ = ["compute_score", "math_score", "exact_match_score", "reasoning_gym_score"]
+
+# Keyword arguments verl's reward managers add on their own (reward-model routing); entrorl rewards ignore them.
+_VERL_MANAGER_KWARGS = ("reward_router_address", "reward_model_tokenizer")
+
+_REWARDS: dict[tuple[str, str], Any] = {}
+
+
+def _reward_fn(reward: str, options: Mapping[str, Any]) -> Any:
+    key = (reward, repr(sorted(options.items())))
+    if key not in _REWARDS:
+        _REWARDS[key] = get_reward(reward, **dict(options))
+    return _REWARDS[key]
+
+
+def compute_score(
+    data_source: str,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: Mapping[str, Any] | None = None,
+    *,
+    reward: str = "math",
+    reward_options: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> float:
+    """verl's ``compute_score``: the entrorl reward ``reward`` (built once per option set) of ``solution_str``
+    against ``ground_truth``. Raises ``ValueError`` for an unknown reward or option, and ``TypeError`` for a
+    keyword that neither entrorl nor verl's reward managers define."""
+    unknown = sorted(set(kwargs) - set(_VERL_MANAGER_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"compute_score got unknown keyword(s) {unknown}; entrorl reward options go in "
+            "reward_kwargs.reward_options, the reward's name in reward_kwargs.reward"
+        )
+    meta = dict(extra_info or {})
+    prompt = meta.pop("prompt", "")
+    meta.setdefault("data_source", data_source)
+    fn = _reward_fn(reward, reward_options or {})
+    return float(fn(prompt if isinstance(prompt, str) else str(prompt), solution_str, ground_truth, **meta))
+
+
+math_score = partial(compute_score, reward="math")
+math_score.__doc__ = "verl ``compute_score`` with entrorl's ``math`` reward."
+exact_match_score = partial(compute_score, reward="exact_match")
+exact_match_score.__doc__ = "verl ``compute_score`` with entrorl's ``exact_match`` reward."
+reasoning_gym_score = partial(compute_score, reward="reasoning_gym")
+reasoning_gym_score.__doc__ = "verl ``compute_score`` with entrorl's ``reasoning_gym`` reward (option ``task``)."

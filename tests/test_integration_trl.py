@@ -1,0 +1,304 @@
+"""EntropyGRPOTrainer: the entrorl objective inside TRL's GRPOTrainer, checked against entrorl and TRL."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from entrorl.integrations.trl import EntropyGRPOTrainer, accumulation_weight, check_trl_args  # noqa: E402
+from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2  # noqa: E402
+from entrorl.objective import PolicyBatch, build_objective  # noqa: E402
+from entrorl.tokens import token_stats  # noqa: E402
+
+MAX_COMPLETION = 6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = build_char_tokenizer()
+    tok.padding_side = "left"
+    return tok
+
+
+def _model(tokenizer):
+    return build_tiny_qwen2(
+        len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=64, seed=0,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+def _reward_digits(completions, **kwargs):
+    return [float(sum(ch.isdigit() for ch in text)) / MAX_COMPLETION for text in completions]
+
+
+def _config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=4,
+        num_generations=4, max_completion_length=MAX_COMPLETION, save_strategy="no", logging_steps=1, seed=0,
+        learning_rate=1e-2, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+def _dataset():
+    return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(4) for b in range(4)]})
+
+
+def _trainer(cls, tokenizer, tmp_path, objective=None, config=None, model=None, **kwargs):
+    extra = {} if objective is None else {"objective": objective}
+    return cls(
+        model=model if model is not None else _model(tokenizer), reward_funcs=_reward_digits,
+        args=config or _config(tmp_path), train_dataset=_dataset(),
+        processing_class=tokenizer, **extra, **kwargs,
+    )
+
+
+def _inputs(tokenizer, *, rows=4, seed=0, off_policy=True, lengths=None):
+    """A micro-batch as TRL hands it to the loss: left-padded prompts, right-padded completions of varied length."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer)
+    prompt_lengths = torch.randint(2, 5, (rows,), generator=generator)
+    completion_lengths = torch.randint(1, MAX_COMPLETION + 1, (rows,), generator=generator)
+    completion_lengths[0] = MAX_COMPLETION
+    if lengths is not None:
+        completion_lengths = torch.tensor(lengths)
+    prompt_ids = torch.full((rows, 4), tokenizer.pad_token_id)
+    prompt_mask = torch.zeros((rows, 4), dtype=torch.long)
+    completion_ids = torch.full((rows, MAX_COMPLETION), tokenizer.pad_token_id)
+    completion_mask = torch.zeros((rows, MAX_COMPLETION), dtype=torch.long)
+    for row in range(rows):
+        p, c = int(prompt_lengths[row]), int(completion_lengths[row])
+        prompt_ids[row, 4 - p :] = torch.randint(4, vocab, (p,), generator=generator)
+        prompt_mask[row, 4 - p :] = 1
+        completion_ids[row, :c] = torch.randint(4, vocab, (c,), generator=generator)
+        completion_mask[row, :c] = 1
+    inputs = {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "advantages": torch.randn(rows, generator=generator),
+        "num_items_in_batch": completion_mask.sum(),
+    }
+    if off_policy:
+        # old log-probs that differ enough from the current ones for PPO clipping to act on some tokens
+        inputs["old_per_token_logps"] = (-4.0 + 0.6 * torch.randn(rows, MAX_COMPLETION, generator=generator)) * completion_mask
+    return inputs
+
+
+def _rows(inputs, index):
+    return {k: (v[index] if k != "num_items_in_batch" else v) for k, v in inputs.items()}
+
+
+def _loss_and_grads(trainer, inputs, *, accumulation=1, steps_per_generation=1, parts=None):
+    """Loss and parameter gradients, accumulated over ``parts`` (row index lists) like TRL's training loop."""
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.current_gradient_accumulation_steps = accumulation
+    trainer.args.steps_per_generation = steps_per_generation
+    total = 0.0
+    for index in parts or [list(range(len(inputs["advantages"])))]:
+        loss = trainer._compute_loss(trainer.model, _rows(inputs, index))
+        loss.backward()
+        total += float(loss.detach())
+    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    return total, grads
+
+
+def _assert_grads_close(left, right, *, rtol=1e-4, atol=1e-6):
+    assert left.keys() == right.keys()
+    for name in left:
+        torch.testing.assert_close(left[name], right[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_accumulation_weight_formula():
+    # token-mean: micro tokens over the window's tokens per process (N_gen / P * G / S)
+    assert accumulation_weight("token-mean", micro_valid_tokens=30, num_items_in_batch=240, num_processes=2,
+                               gradient_accumulation_steps=2, steps_per_generation=4) == pytest.approx(30 / 60)
+    assert accumulation_weight("seq-mean-token-mean", micro_valid_tokens=30, num_items_in_batch=240, num_processes=2,
+                               gradient_accumulation_steps=4, steps_per_generation=4) == pytest.approx(0.25)
+    assert accumulation_weight("token-mean", micro_valid_tokens=0, num_items_in_batch=0, num_processes=1,
+                               gradient_accumulation_steps=1, steps_per_generation=1) == 0.0
+    with pytest.raises(ValueError, match="must be >= 1"):
+        accumulation_weight("token-mean", micro_valid_tokens=1, num_items_in_batch=1, num_processes=1,
+                            gradient_accumulation_steps=0, steps_per_generation=1)
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_loss_equals_objective_on_the_same_tensors(tokenizer, tmp_path, fused_head):
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+forking_tokens+clip_b", objective_params={"mu": 0.1},
+                       fused_head=fused_head)
+    inputs = _inputs(tokenizer)
+    loss, grads = _loss_and_grads(trainer, inputs)
+
+    # the reference: logits of a plain forward, entrorl's token statistics, a freshly built objective
+    model = _model(tokenizer)
+    mask = inputs["completion_mask"].bool()
+    logits = model(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                   attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)).logits
+    stats = token_stats(logits[:, -MAX_COMPLETION - 1 : -1], inputs["completion_ids"], mask=mask,
+                        need=("logprob", "entropy", "disc", "disc_centered"))
+    out = build_objective("dapo+forking_tokens+clip_b", mu=0.1)(PolicyBatch(
+        log_prob=stats.logprob, old_log_prob=inputs["old_per_token_logps"].float(), advantages=inputs["advantages"],
+        mask=mask, entropy=stats.entropy, disc=stats.disc, disc_centered=stats.disc_centered,
+    ))
+    out.loss.backward()
+    # both selectors acted (80/20 on entropy, Clip_B on S), so the comparison covers H and S
+    assert out.metrics["select/forking_tokens_frac"] > 0 and out.metrics["select/clip_b_frac"] > 0
+    assert loss == pytest.approx(float(out.loss.detach()), rel=1e-5)
+    _assert_grads_close(grads, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize(
+    ("method", "trl_options"),
+    [
+        ("dapo", {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28}),
+        ("grpo", {"loss_type": "grpo", "epsilon": 0.2}),
+        ("dr_grpo", {"loss_type": "dr_grpo", "epsilon": 0.2, "scale_rewards": "none"}),
+    ],
+)
+def test_matches_trl_own_loss_with_gradient_accumulation(tokenizer, tmp_path, method, trl_options):
+    """Same inputs, two accumulation steps of two rows each: loss and gradient equal TRL's loss_type."""
+    config = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2, num_generations=4, **trl_options)
+    ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=method, config=_config(tmp_path, **config))
+    theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=_config(tmp_path, **config))
+    inputs = _inputs(tokenizer, seed=3)
+    parts = [[0, 1], [2, 3]]
+    loss_ours, grads_ours = _loss_and_grads(ours, inputs, accumulation=2, steps_per_generation=2, parts=parts)
+    loss_theirs, grads_theirs = _loss_and_grads(theirs, inputs, accumulation=2, steps_per_generation=2, parts=parts)
+    assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
+    _assert_grads_close(grads_ours, grads_theirs)
+    # PPO clipping acted (else the comparison would not cover it), and TRL logged its own metrics beside ours
+    assert max(ours._metrics["train"]["clip/ppo_frac"]) > 0
+    assert ours._metrics["train"]["entropy"] == pytest.approx(theirs._metrics["train"]["entropy"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dapo", "grpo", "dr_grpo", "entropy_advantage", "dapo+entropy_bonus"])
+def test_gradient_accumulation_equals_the_full_batch(tokenizer, tmp_path, method):
+    """Micro-batches of unequal token counts, accumulated, give the full batch's loss and gradient (a scalar
+    regulariser such as the entropy bonus is aggregated like the policy loss, so it splits the same way)."""
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=method)
+    # a first micro-batch of long completions, a second of short ones
+    inputs = _inputs(tokenizer, rows=4, seed=5, lengths=[6, 5, 2, 1])
+    full_loss, full_grads = _loss_and_grads(trainer, inputs)
+    split_loss, split_grads = _loss_and_grads(trainer, inputs, accumulation=2, steps_per_generation=2, parts=[[0, 1], [2, 3]])
+    assert split_loss == pytest.approx(full_loss, rel=1e-5)
+    _assert_grads_close(split_grads, full_grads)
+
+
+def test_generation_batch_spanning_several_optimizer_steps(tokenizer, tmp_path):
+    """steps_per_generation = 2 x gradient_accumulation_steps: each window is normalised by its own share."""
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo")
+    inputs = _inputs(tokenizer, rows=4, seed=7)
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum() * 2  # the generation batch is twice this window
+    loss, _ = _loss_and_grads(trainer, inputs, accumulation=2, steps_per_generation=4, parts=[[0, 1], [2, 3]])
+    window = _inputs(tokenizer, rows=4, seed=7)
+    reference, _ = _loss_and_grads(trainer, window)
+    # window tokens are estimated as N_gen * G / S = the window's own count here
+    assert loss == pytest.approx(reference, rel=1e-5)
+
+
+def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
+    objective = build_objective("dapo")
+    with pytest.raises(ValueError, match="forking_tokens"):
+        check_trl_args(_config(tmp_path, top_entropy_quantile=0.2), objective)
+    with pytest.raises(ValueError, match="entropy_bonus"):
+        check_trl_args(_config(tmp_path, entropy_coef=0.01), objective)
+    with pytest.raises(ValueError, match="kl_ref"):
+        check_trl_args(_config(tmp_path, beta=0.04), objective)
+    with pytest.raises(ValueError, match="beta"):
+        check_trl_args(_config(tmp_path, beta=0.0), build_objective("dapo+kl_ref"))
+    with pytest.raises(ValueError, match="gspo"):
+        check_trl_args(_config(tmp_path, importance_sampling_level="sequence"), objective)
+    check_trl_args(_config(tmp_path), objective)  # the defaults are fine
+    check_trl_args(_config(tmp_path, beta=0.04), build_objective("dapo+kl_ref"))
+    vllm_args = SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True)
+    with pytest.raises(ValueError, match="'tis' or 'icepop'"):
+        check_trl_args(vllm_args, objective)
+    check_trl_args(vllm_args, build_objective("dapo+tis"))
+    # a wrong method name fails before any model is built
+    with pytest.raises(ValueError, match="unknown method"):
+        EntropyGRPOTrainer(model="not-loaded", args=_config(tmp_path), objective="no_such_method")
+    with pytest.raises(ValueError, match="forking_tokens"):
+        EntropyGRPOTrainer(model="not-loaded", args=_config(tmp_path, top_entropy_quantile=0.2), objective="dapo")
+
+
+def test_warns_when_the_method_pairs_with_another_advantage_estimator(tokenizer, tmp_path, recwarn):
+    with pytest.warns(UserWarning, match="advantage estimator"):
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="w_reinforce")
+    with pytest.warns(UserWarning, match="scale_rewards='none'"):
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dr_grpo")
+    recwarn.clear()
+    _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dr_grpo", config=_config(tmp_path, scale_rewards="none"))
+    assert not [w for w in recwarn if "advantage" in str(w.message) or "scale_rewards" in str(w.message)]
+
+
+def test_kl_reference_uses_trl_reference_log_probs(tokenizer, tmp_path, tiny_model_dir):
+    # with beta != 0 TRL loads a frozen reference from the model's path, so the model is given as a local directory
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+kl_ref",
+                       objective_params={"kl_loss_coef": 0.5, "kl_loss_type": "k1"},
+                       config=_config(tmp_path, beta=0.04), model=str(tiny_model_dir))
+    assert trainer.ref_model is not None
+    inputs = _inputs(tokenizer, off_policy=False)
+    loss_without, _ = _loss_and_grads(trainer, {**inputs, "ref_per_token_logps": torch.zeros(4, MAX_COMPLETION)})
+    # k1 = log pi - log pi_ref: lowering the reference log-probs by 1 raises the token-mean KL by exactly 1
+    loss_shifted, _ = _loss_and_grads(trainer, {**inputs, "ref_per_token_logps": torch.full((4, MAX_COMPLETION), -1.0)})
+    assert loss_shifted - loss_without == pytest.approx(0.5 * 1.0, rel=1e-5)
+    assert trainer._metrics["train"]["kl/ref"]
+
+
+def test_sampler_log_probs_reach_the_mismatch_correction(tokenizer, tmp_path):
+    """TRL's sampling_per_token_logps (vLLM's) become PolicyBatch.rollout_log_prob for TIS."""
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+tis")
+    inputs = _inputs(tokenizer, off_policy=False)
+    mask = inputs["completion_mask"].bool()
+    # a sampler that gave every token log-prob -20: pi_train / pi_rollout is far above the cap C on every token
+    loss, _ = _loss_and_grads(trainer, {**inputs, "sampling_per_token_logps": torch.full((4, MAX_COMPLETION), -20.0)})
+    assert trainer._metrics["train"]["correction/tis_truncated_frac"][-1] == 1.0
+    cap = build_objective("tis").correction.rollout_is_threshold
+    plain, _ = _loss_and_grads(_trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo"), inputs)
+    # on-policy dapo: loss = -sum(A) / n over valid tokens; TIS multiplies each token by the cap
+    expected = -float((inputs["advantages"][:, None] * mask).sum()) / float(mask.sum())
+    assert plain == pytest.approx(expected, rel=1e-5)
+    assert loss == pytest.approx(cap * expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["clip_cov", "forking_tokens"])
+def test_trains_a_tiny_model_and_logs_entrorl_diagnostics(tokenizer, tmp_path, method):
+    config = _config(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=4,
+                     num_generations=4, num_iterations=2, epsilon_high=0.28)
+    objective = {"method": method, "params": {"clip_cov_ratio": 0.2}} if method == "clip_cov" else method
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=objective, config=config)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert changed, "no parameter moved in two optimizer steps"
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        for key in ("entropy", "entropy/mean", "entropy/p10", "entropy/p90", "disc/mean", "disc_centered/mean",
+                    "disc/confident_frac", "cov/top_2pct_ratio", "clip/ppo_frac", "select/dropped_frac"):
+            assert key in entry, f"{key} missing from the logged metrics {sorted(entry)}"
+        assert entry["entropy/p10"] <= entry["entropy/p50"] <= entry["entropy/p90"]
+        assert math.isfinite(entry["loss"]) and math.isfinite(entry["entropy/mean"])
+        assert entry["entropy/mean"] == pytest.approx(entry["entropy"], rel=1e-4)
+    assert any("reward" in entry for entry in logs)  # TRL's own metrics are still there (logged when it generates)
+    selector_key = "select/clip_cov_frac" if method == "clip_cov" else "select/forking_tokens_frac"
+    assert all(selector_key in entry for entry in logs)
+    if method == "forking_tokens":
+        # 80/20 keeps the top 20% by entropy: about 80% of the valid tokens are dropped
+        assert all(0.6 <= entry[selector_key] <= 0.85 for entry in logs)

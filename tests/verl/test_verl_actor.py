@@ -1,0 +1,253 @@
+"""The actor extension: entropy, S and D from the actor's logits, through verl's own loss function."""
+
+from __future__ import annotations
+
+from functools import partial
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("verl.workers.utils.losses", reason="verl is not installed; run 'make test-verl'")
+
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.utils.torch_functional import logprobs_from_logits  # noqa: E402
+from verl.workers.utils.losses import ppo_loss  # noqa: E402
+
+from entrorl.integrations.verl import TokenStatsEngineMixin, actor_token_stats, enable_actor_extension  # noqa: E402
+from entrorl.objective import PolicyBatch, build_objective  # noqa: E402
+from entrorl.tokens import token_stats  # noqa: E402
+
+
+def _reference_stats(logits: torch.Tensor, targets: torch.Tensor, temperature) -> dict:
+    """H, S and D from their definitions (arXiv 2602.03392), in float64."""
+    scaled = logits.double() / torch.as_tensor(temperature, dtype=torch.float64).reshape(-1, *([1] * (logits.dim() - 1)))
+    log_p = scaled.log_softmax(-1)
+    p = log_p.exp()
+    entropy = -(p * log_p).sum(-1)
+    log_p_y = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    disc = log_p_y.exp() * (log_p_y + entropy)
+    centered = disc - (p.square() * (log_p + entropy.unsqueeze(-1))).sum(-1)
+    return {"entropy": entropy, "disc": disc, "disc_centered": centered}
+
+
+@pytest.mark.parametrize("temperature", ["one", "scalar", "equal per row", "per row"])
+def test_actor_token_stats_match_the_definitions(temperature):
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(40, 23, generator=generator) * 3).requires_grad_(True)
+    targets = torch.randint(0, 23, (40,), generator=generator)
+    temps = {"one": 1.0, "scalar": 0.7, "equal per row": torch.full((40,), 0.7),
+             "per row": torch.rand(40, generator=generator) + 0.5}[temperature]
+    stats = actor_token_stats(logits, targets, temperature=temps, chunk_size=7)
+    reference = _reference_stats(logits, targets, temps if torch.is_tensor(temps) else torch.tensor([temps]))
+    for name in ("entropy", "disc", "disc_centered"):
+        assert stats[name].dtype == torch.float32
+        torch.testing.assert_close(stats[name].double(), reference[name], atol=2e-6, rtol=1e-5)
+    # the same numbers as entrorl.tokens on the same logits, and the entropy's gradient is the true one
+    if not torch.is_tensor(temps) or bool((temps == temps[0]).all()):
+        t = float(temps) if not torch.is_tensor(temps) else float(temps[0])
+        direct = token_stats(logits, targets, temperature=t, need=("entropy", "disc", "disc_centered"))
+        for name in ("entropy", "disc", "disc_centered"):
+            assert torch.equal(stats[name], getattr(direct, name))
+    weights = torch.randn(40, generator=generator)
+    ours = torch.autograd.grad((stats["entropy"] * weights).sum(), logits)[0]
+    theirs = torch.autograd.grad((reference["entropy"] * weights.double()).sum(), logits)[0]
+    torch.testing.assert_close(ours.double(), theirs.double(), atol=1e-5, rtol=1e-4)
+
+
+def test_actor_token_stats_rejects_unknown_statistics():
+    with pytest.raises(ValueError, match="need must name some of"):
+        actor_token_stats(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), need=("logprob",))
+
+
+class PackedLMEngine:
+    """Stands in for verl's FSDP language-model engine with remove-padding: one packed forward, then verl's loss.
+
+    It follows verl 0.9's ``FSDPEngineWithLMHead`` contract: ``prepare_model_outputs(output, output_args,
+    micro_batch, logits_processor_func)`` turns ``output.logits [1, nnz, V]`` into nested ``log_probs`` (logits
+    divided by the temperature, targets rolled by one), and ``forward_step`` calls
+    ``loss_function(model_output=..., data=micro_batch, dp_group=...)``.
+    """
+
+    use_ulysses_sp = False
+
+    def __init__(self, logits: torch.Tensor, temperature: float):
+        self.logits = logits
+        self.temperature = temperature
+
+    def _gather_and_unpad_packed(self, tensor, pad_size):
+        return tensor[:-pad_size] if pad_size else tensor
+
+    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+        logits = output.logits.squeeze(0) / output_args["temperature_rmpad"].unsqueeze(-1)
+        log_probs = logprobs_from_logits(logits=logits, labels=output_args["input_ids_rmpad_rolled"])
+        log_probs = self._gather_and_unpad_packed(log_probs, output_args["pad_size"])
+        return {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs, micro_batch["input_ids"].offsets())}
+
+    def forward_step(self, micro_batch, loss_function, forward_only):
+        nnz = self.logits.shape[0]
+        output_args = {
+            "input_ids_rmpad_rolled": torch.roll(micro_batch["input_ids"].values(), shifts=-1),
+            "temperature_rmpad": torch.full((nnz,), self.temperature),
+            "pad_size": 0,
+        }
+        model_output = self.prepare_model_outputs(SimpleNamespace(logits=self.logits.unsqueeze(0)), output_args, micro_batch, loss_function)
+        return loss_function(model_output=model_output, data=micro_batch, dp_group=None)
+
+
+class ExtendedEngine(TokenStatsEngineMixin, PackedLMEngine):
+    pass
+
+
+def _micro_batch(seed: int = 0, vocab: int = 17):
+    """A verl micro-batch in its no-padding layout (nested prompts / responses / per-token fields)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt_lens = torch.randint(1, 5, (5,), generator=generator).tolist()
+    response_lens = torch.randint(2, 9, (5,), generator=generator).tolist()
+    response_lens[0] = 8
+    nested = partial(torch.nested.as_nested_tensor, layout=torch.jagged)
+    prompts = [torch.randint(0, vocab, (n,), generator=generator) for n in prompt_lens]
+    responses = [torch.randint(0, vocab, (n,), generator=generator) for n in response_lens]
+    advantages = torch.randn(5, generator=generator)
+    per_token = {
+        "old_log_probs": [-torch.rand(n, generator=generator) * 3 for n in response_lens],
+        "ref_log_prob": [-torch.rand(n, generator=generator) * 3 for n in response_lens],
+        "advantages": [advantages[i].expand(n).clone() for i, n in enumerate(response_lens)],
+        "response_mask": [torch.ones(n, dtype=torch.int64) for n in response_lens],
+    }
+    data = tu.get_tensordict(
+        {
+            "input_ids": nested([torch.cat([p, r]) for p, r in zip(prompts, responses)]),
+            "prompts": nested(prompts),
+            "responses": nested(responses),
+            **{key: nested(values) for key, values in per_token.items()},
+        },
+        non_tensor_dict={"dp_size": 1, "batch_num_tokens": sum(response_lens), "global_batch_size": 5},
+    )
+    logits = (torch.randn(sum(prompt_lens) + sum(response_lens), vocab, generator=generator) * 2).requires_grad_(True)
+    return data, logits, prompts, responses, per_token
+
+
+def _padded(rows, length):
+    return torch.stack([torch.nn.functional.pad(row, (0, length - row.shape[0])) for row in rows])
+
+
+def _direct_loss(method, params, data_parts, logits, temperature):
+    """entrorl's objective on the padded response tensors, computed from the per-sequence logits."""
+    prompts, responses, per_token = data_parts
+    rows, offset, stats = [], 0, {"logprob": [], "entropy": [], "disc": [], "disc_centered": []}
+    for prompt, response in zip(prompts, responses):
+        length = prompt.shape[0] + response.shape[0]
+        sequence_logits = logits[offset + prompt.shape[0] - 1: offset + length - 1]
+        result = token_stats(sequence_logits, response, temperature=temperature, need=tuple(stats))
+        for name in stats:
+            stats[name].append(getattr(result, name))
+        offset += length
+    width = max(r.shape[0] for r in responses)
+    batch = PolicyBatch(
+        log_prob=_padded(stats["logprob"], width), old_log_prob=_padded(per_token["old_log_probs"], width),
+        advantages=_padded(per_token["advantages"], width), mask=_padded(per_token["response_mask"], width).bool(),
+        entropy=_padded(stats["entropy"], width), disc=_padded(stats["disc"], width),
+        disc_centered=_padded(stats["disc_centered"], width), ref_log_prob=_padded(per_token["ref_log_prob"], width),
+    )
+    # verl's ppo_loss hands the loss the mini-batch's global counts (here one micro-batch: the same numbers)
+    n_tokens = sum(r.shape[0] for r in responses)
+    return build_objective(method, **params)(batch, batch_num_tokens=n_tokens, global_batch_size=len(responses), dp_size=1)
+
+
+@pytest.mark.parametrize("method, entrorl", [
+    ("clip_b", {"mu": 0.5}),
+    ("clip_v", {"mu": 0.5, "max_frac": 0.3}),
+    ("forking_tokens", {}),
+    ("entropy_advantage", {}),
+    ("entropy_bonus", {"entropy_coeff": 0.05}),
+    ("kl_ref", {"kl_loss_coef": 0.3}),
+])
+def test_engine_extension_feeds_verl_ppo_loss(method, entrorl, config_factory):
+    """verl's real ppo_loss, called by an engine with the mixin, gives entrorl's loss and gradient."""
+    data, logits, prompts, responses, per_token = _micro_batch(seed=len(method))
+    config = config_factory(f"entrorl_{method}", entrorl=entrorl, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0)
+    loss, metrics = ExtendedEngine(logits, temperature=0.8).forward_step(data, partial(ppo_loss, config=config), forward_only=False)
+    grad = torch.autograd.grad(loss, logits)[0]
+
+    params = {"clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "clip_ratio_c": 3.0, **entrorl}
+    owned = {name for part in build_objective(method).parts for name in type(part).model_fields}
+    expected = _direct_loss(method, {k: v for k, v in params.items() if k in owned}, (prompts, responses, per_token), logits, 0.8)
+    expected_grad = torch.autograd.grad(expected.loss, logits)[0]
+    torch.testing.assert_close(loss, expected.loss)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+    assert float(metrics["actor/pg_loss"].aggregate() if hasattr(metrics["actor/pg_loss"], "aggregate") else metrics["actor/pg_loss"]) != 0.0
+
+
+def test_engine_without_the_extension_names_it(config_factory):
+    data, logits, *_ = _micro_batch()
+    config = config_factory("entrorl_clip_b")
+    with pytest.raises(ValueError, match=r"needs per-token \['disc'\].*actor extension"):
+        PackedLMEngine(logits, temperature=1.0).forward_step(data, partial(ppo_loss, config=config), forward_only=False)
+
+
+def test_extension_computes_nothing_for_verl_losses(config_factory):
+    data, logits, *_ = _micro_batch()
+    engine = ExtendedEngine(logits, temperature=1.0)
+    seen = {}
+    original = PackedLMEngine.prepare_model_outputs
+
+    def spy(self, *args):
+        out = original(self, *args)
+        seen["need"] = self._entrorl_need
+        return out
+
+    ExtendedEngine.prepare_model_outputs = lambda self, *args: TokenStatsEngineMixin.prepare_model_outputs(self, *args)
+    PackedLMEngine.prepare_model_outputs = spy
+    try:
+        vanilla = engine.forward_step(data, partial(ppo_loss, config=config_factory("vanilla")), forward_only=False)[0]
+        assert seen["need"] == ()
+        engine.forward_step(data, partial(ppo_loss, config=config_factory("entrorl_clip_v")), forward_only=False)
+        assert seen["need"] == ("disc_centered",)
+    finally:
+        PackedLMEngine.prepare_model_outputs = original
+        del ExtendedEngine.prepare_model_outputs
+    plain = PackedLMEngine(logits, temperature=1.0).forward_step(data, partial(ppo_loss, config=config_factory("vanilla")), forward_only=False)[0]
+    torch.testing.assert_close(vanilla, plain)
+
+
+def test_enable_actor_extension_wraps_verl_fsdp_engine():
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    saved = {backend: dict(by_device) for backend, by_device in EngineRegistry._engines["language_model"].items()}
+    try:
+        replaced = enable_actor_extension()
+        assert {"fsdp/cuda", "fsdp2/cuda"} <= set(replaced)
+        engine_cls = EngineRegistry._engines["language_model"]["fsdp"]["cuda"]
+        assert issubclass(engine_cls, TokenStatsEngineMixin) and issubclass(engine_cls, FSDPEngineWithLMHead)
+        assert engine_cls.__mro__.index(TokenStatsEngineMixin) < engine_cls.__mro__.index(FSDPEngineWithLMHead)
+        assert enable_actor_extension() == []  # idempotent
+        assert EngineRegistry._engines["language_model"]["fsdp"]["cuda"] is engine_cls
+    finally:
+        for backend, by_device in saved.items():
+            EngineRegistry._engines["language_model"][backend] = by_device
+
+
+@pytest.mark.parametrize("method, gradient", [("clip_b", False), ("forking_tokens", False), ("entropy_advantage", False),
+                                              ("entropy_bonus", True), ("adaptive_entropy", True)])
+def test_statistics_carry_a_graph_only_for_entropy_regularisers(method, gradient, config_factory):
+    """Selection statistics come from detached logits; an entropy bonus keeps its graph and switches verl's
+    in-place log-prob backward off (calculate_entropy), which would otherwise overwrite the logits it reads."""
+    data, logits, *_ = _micro_batch(seed=3)
+    engine = ExtendedEngine(logits, temperature=0.9)
+    seen = {}
+    original = TokenStatsEngineMixin._entrorl_token_stats
+
+    def spy(self, *args):
+        out = original(self, *args)
+        seen.update({key: value.requires_grad for key, value in out.items()})
+        return out
+
+    TokenStatsEngineMixin._entrorl_token_stats = spy
+    try:
+        engine.forward_step(data, partial(ppo_loss, config=config_factory(f"entrorl_{method}")), forward_only=False)
+    finally:
+        TokenStatsEngineMixin._entrorl_token_stats = original
+    assert seen and all(flag == gradient for flag in seen.values()), seen
+    assert tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False) is gradient

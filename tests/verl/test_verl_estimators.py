@@ -1,0 +1,114 @@
+"""entrorl's advantage estimators in verl's registry, found by verl's own lookup."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed; run 'make test-verl'")
+
+import entrorl.integrations.verl  # noqa: E402,F401  (registers the estimators)
+from entrorl.advantages import available_advantages, compute_advantages  # noqa: E402
+
+NEEDS_LOG_PROBS = {"unlikely"}
+ESTIMATORS = [info.name for info in available_advantages()]
+
+
+def _rollouts(seed: int = 0):
+    """16 responses to 4 prompts (uids interleaved, as strings), rewards on the last valid token."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 9, (16,), generator=generator)
+    mask = torch.arange(8).unsqueeze(0) < lengths.unsqueeze(1)
+    outcome = (torch.rand(16, generator=generator) > 0.5).float()
+    token_level_rewards = torch.zeros(16, 8)
+    token_level_rewards[torch.arange(16), lengths - 1] = outcome
+    uids = np.array([f"prompt-{i % 4}" for i in range(16)], dtype=object)
+    old_log_probs = -torch.rand(16, 8, generator=generator)
+    return token_level_rewards, mask, uids, outcome, lengths, old_log_probs
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_estimator_through_verl_equals_entrorl(name):
+    from omegaconf import OmegaConf
+
+    rewards, mask, uids, outcome, lengths, old_log_probs = _rollouts()
+    fn = core_algos.get_adv_estimator_fn(f"entrorl_{name}")
+    config = OmegaConf.create({"adv_estimator": f"entrorl_{name}", "norm_adv_by_std_in_grpo": True, "entrorl": {}})
+    extra = {"old_log_probs": old_log_probs} if name in NEEDS_LOG_PROBS else {}
+    advantages, returns = fn(token_level_rewards=rewards, response_mask=mask.int(), config=config, index=uids, **extra)
+
+    group_ids = torch.tensor([i % 4 for i in range(16)])
+    seq_log_prob = (old_log_probs * mask).sum(-1) / lengths
+    expected = compute_advantages(name, outcome, group_ids, lengths=lengths, seq_log_prob=seq_log_prob)
+    assert advantages.shape == rewards.shape and advantages.dtype == rewards.dtype
+    torch.testing.assert_close(advantages, expected.unsqueeze(1) * mask)
+    torch.testing.assert_close(returns, advantages)
+    assert bool((advantages[~mask] == 0).all())
+
+
+def test_entrorl_grpo_matches_verl_grpo():
+    rewards, mask, uids, *_ = _rollouts(seed=3)
+    verl_adv, _ = core_algos.compute_grpo_outcome_advantage(token_level_rewards=rewards, response_mask=mask.float(), index=uids)
+    ours, _ = core_algos.get_adv_estimator_fn("entrorl_grpo")(token_level_rewards=rewards, response_mask=mask, config=None, index=uids)
+    torch.testing.assert_close(ours, verl_adv, atol=1e-5, rtol=1e-5)
+
+
+def test_parameters_from_the_algorithm_section():
+    from omegaconf import OmegaConf
+
+    rewards, mask, uids, outcome, _, _ = _rollouts(seed=1)
+    fn = core_algos.get_adv_estimator_fn("entrorl_grpo")
+    dr = fn(token_level_rewards=rewards, response_mask=mask, config=OmegaConf.create({"norm_adv_by_std_in_grpo": False}), index=uids)[0]
+    expected = compute_advantages("dr_grpo", outcome, torch.tensor([i % 4 for i in range(16)]))
+    torch.testing.assert_close(dr, expected.unsqueeze(1) * mask)
+
+    passk = core_algos.get_adv_estimator_fn("entrorl_passk")
+    k2 = passk(token_level_rewards=rewards, response_mask=mask, config=OmegaConf.create({"entrorl": {"k": 2}}), index=uids)[0]
+    expected_k2 = compute_advantages("passk", outcome, torch.tensor([i % 4 for i in range(16)]), k=2)
+    torch.testing.assert_close(k2, expected_k2.unsqueeze(1) * mask)
+    with pytest.raises(ValueError, match=r"entrorl_passk.*unknown parameter\(s\) kk.*algorithm.entrorl"):
+        passk(token_level_rewards=rewards, response_mask=mask, config=OmegaConf.create({"entrorl": {"kk": 2}}), index=uids)
+
+
+def test_missing_groups_and_log_probs_are_clear_errors():
+    rewards, mask, uids, *_ = _rollouts()
+    with pytest.raises(ValueError, match="entrorl_rloo' needs verl's 'index'"):
+        core_algos.get_adv_estimator_fn("entrorl_rloo")(token_level_rewards=rewards, response_mask=mask, config=None)
+    with pytest.raises(ValueError, match="entrorl_unlikely"):
+        core_algos.get_adv_estimator_fn("entrorl_unlikely")(token_level_rewards=rewards, response_mask=mask, config=None, index=uids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["VERL_USE_EXTERNAL_MODULES", "verl.plugins entry point"])
+def test_registration_through_verl_import_mechanisms(route):
+    """A fresh process that only imports verl finds the estimators and losses, through either route."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VERL_USE_EXTERNAL")}
+    if route == "VERL_USE_EXTERNAL_MODULES":
+        env["VERL_USE_EXTERNAL_PLUGINS"] = "none"  # so only the environment variable can have registered them
+        env["VERL_USE_EXTERNAL_MODULES"] = "entrorl.integrations.verl"
+    code = (
+        "import sys, verl\n"
+        "from verl.trainer.ppo import core_algos\n"
+        "assert 'entrorl.integrations.verl' in sys.modules\n"
+        "fn = core_algos.get_adv_estimator_fn('entrorl_rloo')\n"
+        "core_algos.get_policy_loss_fn('entrorl_clip_b')\n"
+        "print(fn.__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "compute_entrorl_rloo_advantage"
+
+
+@pytest.mark.slow
+def test_without_any_route_verl_does_not_know_them():
+    """The control for the test above: with plugins off and no module named, the names are unknown."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VERL_USE_EXTERNAL")}
+    env["VERL_USE_EXTERNAL_PLUGINS"] = "none"
+    code = "import verl\nfrom verl.trainer.ppo import core_algos\ncore_algos.get_adv_estimator_fn('entrorl_rloo')\n"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Unknown advantage estimator" in result.stderr

@@ -1,0 +1,263 @@
+"""entrorl's methods as verl policy losses: same loss and gradients as entrorl itself, verl's built-ins agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed; run 'make test-verl'")
+
+import entrorl.integrations.verl  # noqa: E402,F401  (registers the loss modes)
+from entrorl.dynamics import token_covariance  # noqa: E402
+from entrorl.objective import LOSS_AGG_MODES, PolicyBatch, available_methods, build_objective  # noqa: E402
+
+METHODS = [info.name for info in available_methods()]
+FIELDS = ("entropy", "disc", "disc_centered", "ref_log_prob", "rollout_log_prob")
+
+# verl's config values used throughout, and the entrorl parameter each one sets (written out here, independently
+# of the integration's own table).
+VERL_VALUES = {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "clip_ratio_c": 3.0, "clip_cov_ratio": 0.05,
+               "clip_cov_lb": -1e9, "clip_cov_ub": 1e9, "kl_cov_ratio": 0.1, "ppo_kl_coef": 0.5}
+# Parameters that make each method's selection non-trivial on a 60-token batch.
+ACTIVE = {"clip_b": {"mu": 0.5}, "clip_v": {"mu": 0.5, "max_frac": 0.2}, "clip_cov": {"seed": 3},
+          "forking_tokens": {"top_entropy_quantile": 0.5}, "low_entropy_tokens": {"top_entropy_quantile": 0.5},
+          "adaptive_entropy": {"target_entropy": 10.0, "entropy_coeff": 0.01}}
+
+
+def _expected_params(method: str) -> dict:
+    owned = {name for part in build_objective(method).parts for name in type(part).model_fields}
+    return {**{k: v for k, v in VERL_VALUES.items() if k in owned}, **ACTIVE.get(method, {})}
+
+
+def _grads(loss: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    leaves = [batch["log_prob"], batch["entropy"]]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return tuple(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves))
+
+
+def _verl_call(loss_mode: str, batch: dict, config, *, loss_agg_mode: str, mask=None, weights=None, extras=True):
+    fn = core_algos.get_policy_loss_fn(loss_mode)
+    kwargs = {name: batch[name] for name in FIELDS} if extras else {}
+    return fn(
+        old_log_prob=batch["old_log_prob"],
+        log_prob=batch["log_prob"],
+        advantages=batch["advantages"],
+        response_mask=batch["response_mask"] if mask is None else mask,
+        loss_agg_mode=loss_agg_mode,
+        config=config,
+        rollout_is_weights=weights,
+        **kwargs,
+    )
+
+
+def test_every_method_is_a_registered_loss_mode():
+    registered = set(core_algos.POLICY_LOSS_REGISTRY)
+    assert len(METHODS) >= 23
+    assert {f"entrorl_{m}" for m in METHODS} <= registered
+    assert {"vanilla", "clip_cov", "kl_cov"} <= registered  # verl's own modes untouched
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_verl_loss_equals_entrorl(method, batch_factory, config_factory):
+    """Every mode, every aggregation, bool and 0/1 masks, local and data-parallel normalisers. One direct objective
+    per setting is kept across calls, as the verl loss keeps its own: stateful parts evolve alike."""
+    direct_objectives = {}
+    for mode in LOSS_AGG_MODES:
+        for float_mask in (False, True):
+            for dp_size in (1, 2):
+                batch = batch_factory(seed=len(method))
+                n_tokens, n_seqs = int(batch["response_mask"].sum()), batch["response_mask"].shape[0]
+                normalisers = {} if dp_size == 1 else {"dp_size": 2, "batch_num_tokens": 2 * n_tokens + 5,
+                                                        "global_batch_size": 2 * n_seqs + 1}
+                global_info = {} if dp_size == 1 else {**normalisers, "loss_scale_factor": 9}
+                config = config_factory(f"entrorl_{method}", entrorl=ACTIVE.get(method), global_batch_info=global_info,
+                                        **VERL_VALUES)
+                mask = batch["response_mask"].float() if float_mask else None
+                verl_loss, metrics = _verl_call(f"entrorl_{method}", batch, config, loss_agg_mode=mode, mask=mask)
+                verl_grads = _grads(verl_loss, batch)
+
+                scale = None if dp_size == 1 else 9
+                if (mode, dp_size) not in direct_objectives:
+                    direct_objectives[mode, dp_size] = build_objective(
+                        method, loss_agg_mode=mode, loss_scale_factor=scale, **_expected_params(method))
+                policy_batch = PolicyBatch(
+                    log_prob=batch["log_prob"], old_log_prob=batch["old_log_prob"], advantages=batch["advantages"],
+                    mask=batch["response_mask"], **{name: batch[name] for name in FIELDS},
+                )
+                output = direct_objectives[mode, dp_size](policy_batch, **normalisers)
+                direct_grads = _grads(output.loss, batch)
+                where = f"{method}, {mode}, float mask={float_mask}, dp={dp_size}"
+                torch.testing.assert_close(verl_loss, output.loss, msg=lambda m: f"{where}: {m}")
+                for ours, theirs in zip(verl_grads, direct_grads):
+                    torch.testing.assert_close(ours, theirs, msg=lambda m: f"{where}: {m}")
+                assert isinstance(metrics, dict) and all(isinstance(v, float) for v in metrics.values())
+                assert metrics["actor/loss/total"] == pytest.approx(float(output.loss.detach()))
+    if method in ACTIVE and method != "adaptive_entropy":
+        assert output.metrics["select/dropped_frac"] > 0, f"{method}: the test parameters drop nothing"
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_verl_vanilla_equals_entrorl_dual_clip(mode, batch_factory, config_factory):
+    """verl's PPO loss (clip-higher and dual-clip) is entrorl's ppo_clip, also with rollout weights and dp."""
+    batch = batch_factory(seed=7, off_policy=0.8)
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.rand(batch["log_prob"].shape, generator=generator) * 2
+    n_tokens = int(batch["response_mask"].sum())
+    info = {"dp_size": 2, "batch_num_tokens": 2 * n_tokens, "global_batch_size": 12, "loss_scale_factor": 7}
+    config = config_factory("vanilla", clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, global_batch_info=info)
+    verl_loss, verl_metrics = _verl_call("vanilla", batch, config, loss_agg_mode=mode, weights=weights, extras=False)
+    verl_grad = torch.autograd.grad(verl_loss, batch["log_prob"])[0]
+
+    ours_loss, ours_metrics = _verl_call("entrorl_dual_clip", batch, config, loss_agg_mode=mode, weights=weights, extras=False)
+    ours_grad = torch.autograd.grad(ours_loss, batch["log_prob"])[0]
+    torch.testing.assert_close(ours_loss, verl_loss)
+    torch.testing.assert_close(ours_grad, verl_grad)
+    assert ours_metrics["actor/ppo_kl"] == pytest.approx(verl_metrics["actor/ppo_kl"], abs=1e-6)
+
+    # the same from entrorl directly, weights applied by hand to the per-token loss
+    objective = build_objective("dual_clip", clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode=mode, loss_scale_factor=7)
+    policy_batch = PolicyBatch(log_prob=batch["log_prob"], old_log_prob=batch["old_log_prob"],
+                               advantages=batch["advantages"], mask=batch["response_mask"])
+    unweighted = objective(policy_batch, dp_size=2, batch_num_tokens=2 * n_tokens, global_batch_size=12).loss
+    uniform = torch.full_like(weights, 1.5)
+    weighted_uniform, _ = _verl_call("entrorl_dual_clip", batch, config, loss_agg_mode=mode, weights=uniform, extras=False)
+    torch.testing.assert_close(weighted_uniform, 1.5 * unweighted)
+
+
+def test_verl_kl_cov_equals_entrorl_kl_cov(batch_factory, config_factory):
+    for mode in LOSS_AGG_MODES:
+        batch = batch_factory(seed=11, off_policy=0.5)
+        config = config_factory("kl_cov", kl_cov_ratio=0.1, ppo_kl_coef=0.7)
+        verl_loss, _ = _verl_call("kl_cov", batch, config, loss_agg_mode=mode, extras=False)
+        verl_grad = torch.autograd.grad(verl_loss, batch["log_prob"])[0]
+        objective = build_objective("kl_cov", kl_cov_ratio=0.1, ppo_kl_coef=0.7, loss_agg_mode=mode)
+        output = objective(PolicyBatch(log_prob=batch["log_prob"], old_log_prob=batch["old_log_prob"],
+                                       advantages=batch["advantages"], mask=batch["response_mask"]))
+        ours_grad = torch.autograd.grad(output.loss, batch["log_prob"])[0]
+        torch.testing.assert_close(output.loss, verl_loss)
+        torch.testing.assert_close(ours_grad, verl_grad)
+        assert output.metrics["select/kl_cov_frac"] > 0
+
+
+def _clip_cov_candidates(batch: dict, low: float, high: float, lb: float, ub: float) -> torch.Tensor:
+    """Tokens Clip-Cov may drop, computed here from the paper's definition (arXiv 2505.22617)."""
+    mask = batch["response_mask"]
+    ratio = (batch["log_prob"].detach() - batch["old_log_prob"]).exp()
+    advantages = batch["advantages"]
+    ppo_clipped = (-advantages * ratio.clamp(1 - low, 1 + high)) > (-advantages * ratio)
+    cov = token_covariance(batch["log_prob"].detach(), advantages, mask)
+    return mask & ~ppo_clipped & (cov > lb) & (cov < ub)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_verl_clip_cov_drops_as_many_tokens_of_the_same_kind(seed, batch_factory, config_factory):
+    """verl's Clip-Cov picks tokens at random: compare how many it drops and that all are candidates."""
+    batch = batch_factory(seed=seed, batch=16, length=24, off_policy=0.3)
+    mask = batch["response_mask"]
+    settings = {"clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "clip_cov_ratio": 0.05, "clip_cov_lb": -0.05, "clip_cov_ub": 0.5}
+    config = config_factory("clip_cov", **settings)
+    candidates = _clip_cov_candidates(batch, 0.2, 0.2, -0.05, 0.5)
+    expected = min(max(1, int(0.05 * int(mask.sum()))), int(candidates.sum()))
+    assert 0 < expected < int(candidates.sum())  # a real random choice
+
+    verl_loss, verl_metrics = _verl_call("clip_cov", batch, config, loss_agg_mode="token-mean", extras=False)
+    verl_grad = torch.autograd.grad(verl_loss, batch["log_prob"])[0]
+    ratio = (batch["log_prob"].detach() - batch["old_log_prob"]).exp()
+    ppo_clipped = (-batch["advantages"] * ratio.clamp(0.8, 1.2)) > (-batch["advantages"] * ratio)
+    verl_dropped = mask & (verl_grad == 0) & ~ppo_clipped & (batch["advantages"] != 0)
+
+    objective = build_objective("clip_cov", clip_cov_ratio=0.05, clip_cov_lb=-0.05, clip_cov_ub=0.5,
+                                clip_ratio_low=0.2, clip_ratio_high=0.2, seed=seed)
+    output = objective(PolicyBatch(log_prob=batch["log_prob"], old_log_prob=batch["old_log_prob"],
+                                   advantages=batch["advantages"], mask=mask))
+    ours_dropped = mask & ~output.trained_mask
+
+    assert int(verl_dropped.sum()) == int(ours_dropped.sum()) == expected
+    assert bool((verl_dropped <= candidates).all()) and bool((ours_dropped <= candidates).all())
+    assert verl_metrics["actor/pg_clipfrac"] == pytest.approx(output.metrics["select/clip_cov_frac"])
+    # both keep the dropped tokens in the token-mean normaliser
+    assert bool(output.loss_mask.equal(mask))
+
+    # when every candidate is dropped the choice is no longer random: the losses are equal
+    everything = config_factory("clip_cov", **{**settings, "clip_cov_ratio": 1.0})
+    verl_all, _ = _verl_call("clip_cov", batch, everything, loss_agg_mode="token-mean", extras=False)
+    ours_all = build_objective("clip_cov", clip_cov_ratio=1.0, clip_cov_lb=-0.05, clip_cov_ub=0.5,
+                               clip_ratio_low=0.2, clip_ratio_high=0.2)(
+        PolicyBatch(log_prob=batch["log_prob"], old_log_prob=batch["old_log_prob"], advantages=batch["advantages"], mask=mask))
+    torch.testing.assert_close(ours_all.loss, verl_all)
+
+
+def test_parameters_come_from_verl_config_and_the_entrorl_section(batch_factory, config_factory):
+    batch = batch_factory(seed=5)
+    config = config_factory("entrorl_clip_b", entrorl={"mu": 0.5}, clip_ratio_low=0.1, clip_ratio_high=0.3, clip_ratio_c=4.0)
+    loss, _ = _verl_call("entrorl_clip_b", batch, config, loss_agg_mode="token-mean")
+    expected = build_objective("clip_b", mu=0.5, clip_ratio_low=0.1, clip_ratio_high=0.3, clip_ratio_c=4.0)
+    other = build_objective("clip_b", mu=2.5, clip_ratio_low=0.1, clip_ratio_high=0.3, clip_ratio_c=4.0)
+    policy_batch = PolicyBatch(log_prob=batch["log_prob"], old_log_prob=batch["old_log_prob"],
+                               advantages=batch["advantages"], mask=batch["response_mask"], disc=batch["disc"])
+    torch.testing.assert_close(loss, expected(policy_batch).loss)
+    assert not torch.allclose(expected(policy_batch).loss, other(policy_batch).loss)
+
+
+def test_hydra_style_config_with_the_entrorl_section(batch_factory):
+    """The policy_loss section typed by ``_target_`` survives verl's own config conversion."""
+    from omegaconf import OmegaConf
+
+    from entrorl.integrations.verl import EntrorlPolicyLossConfig
+    from verl.utils.config import omega_conf_to_dataclass
+
+    raw = OmegaConf.create({
+        "_target_": "verl.workers.config.FSDPActorConfig", "strategy": "fsdp", "rollout_n": 2,
+        "ppo_micro_batch_size_per_gpu": 1,
+        "policy_loss": {"_target_": "entrorl.integrations.verl.EntrorlPolicyLossConfig",
+                        "loss_mode": "entrorl_forking_tokens", "entrorl": {"top_entropy_quantile": 0.5}},
+    })
+    config = omega_conf_to_dataclass(raw)
+    assert isinstance(config.policy_loss, EntrorlPolicyLossConfig)
+    batch = batch_factory(seed=2)
+    _, metrics = _verl_call("entrorl_forking_tokens", batch, config, loss_agg_mode="token-mean")
+    assert metrics["actor/select/forking_tokens_frac"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_unknown_parameter_is_a_clear_error(batch_factory, config_factory):
+    batch = batch_factory()
+    config = config_factory("entrorl_clip_b", entrorl={"muu": 3.0})
+    with pytest.raises(ValueError, match=r"entrorl_clip_b.*unknown parameter 'muu'.*valid parameters.*'mu'"):
+        _verl_call("entrorl_clip_b", batch, config, loss_agg_mode="token-mean")
+
+
+@pytest.mark.parametrize("method, field", [("clip_b", "disc"), ("clip_v", "disc_centered"), ("forking_tokens", "entropy"),
+                                           ("entropy_advantage", "entropy"), ("entropy_bonus", "entropy"), ("adaptive_entropy", "entropy"), ("kl_ref", "ref_log_prob"), ("tis", "rollout_log_prob")])
+def test_missing_statistics_name_the_actor_extension(method, field, batch_factory, config_factory):
+    batch = batch_factory()
+    with pytest.raises(ValueError, match=rf"entrorl_{method}.*needs per-token \['{field}'\].*actor extension"):
+        _verl_call(f"entrorl_{method}", batch, config_factory(f"entrorl_{method}"), loss_agg_mode="token-mean", extras=False)
+
+
+def test_statistics_through_the_channel_equal_keywords(batch_factory, config_factory):
+    from entrorl.integrations.verl import provide_token_fields
+
+    batch = batch_factory(seed=4)
+    config = config_factory("entrorl_clip_v", entrorl=ACTIVE["clip_v"])
+    by_keyword, _ = _verl_call("entrorl_clip_v", batch, config, loss_agg_mode="token-mean")
+    with provide_token_fields(disc_centered=batch["disc_centered"]):
+        by_channel, _ = _verl_call("entrorl_clip_v", batch, config, loss_agg_mode="token-mean", extras=False)
+    torch.testing.assert_close(by_channel, by_keyword)
+    with pytest.raises(ValueError, match="needs per-token"):  # the channel closes with the block
+        _verl_call("entrorl_clip_v", batch, config, loss_agg_mode="token-mean", extras=False)
+
+
+def test_rollout_weights_with_an_own_correction_are_refused(batch_factory, config_factory):
+    batch = batch_factory()
+    with pytest.raises(ValueError, match="own rollout correction.*rollout_is_weights"):
+        _verl_call("entrorl_tis", batch, config_factory("entrorl_tis"), loss_agg_mode="token-mean",
+                   weights=torch.ones_like(batch["log_prob"]))
+
+
+def test_unsupported_aggregation_and_missing_global_counts(batch_factory, config_factory):
+    batch = batch_factory()
+    with pytest.raises(ValueError, match="token-sum.*not supported"):
+        _verl_call("entrorl_grpo", batch, config_factory("entrorl_grpo"), loss_agg_mode="token-sum")
+    config = config_factory("entrorl_grpo", global_batch_info={"dp_size": 4, "batch_num_tokens": None})
+    with pytest.raises(ValueError, match="dp_size=4 but no batch_num_tokens"):
+        _verl_call("entrorl_grpo", batch, config, loss_agg_mode="token-mean")

@@ -1,0 +1,59 @@
+"""entrorl's rewards as verl's custom_reward_function, loaded the way verl loads it."""
+
+from __future__ import annotations
+
+import pytest
+
+reward_module = pytest.importorskip("verl.trainer.ppo.reward", reason="verl is not installed; run 'make test-verl'")
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from entrorl.rewards import get_reward  # noqa: E402
+
+CASES = [
+    ("The sum is \\boxed{12}.", "12"),
+    ("so the answer is 0.5", "1/2"),
+    ("The answer is 7", "8"),
+    ("no number at all", "3"),
+    ("\\boxed{\\frac{3}{6}}", "0.5"),
+    ("The answer is SEVEN", "seven"),
+]
+
+
+def _verl_reward_fn(name: str, reward_kwargs: dict | None = None):
+    section = {"path": "pkg://entrorl.integrations.verl", "name": name}
+    if reward_kwargs is not None:
+        section["reward_kwargs"] = reward_kwargs
+    return reward_module.get_custom_reward_fn(OmegaConf.create({"reward": {"custom_reward_function": section}}))
+
+
+@pytest.mark.parametrize("reward, name, kwargs", [
+    ("math", "compute_score", {"reward": "math"}),
+    ("math", "math_score", None),
+    ("exact_match", "compute_score", {"reward": "exact_match"}),
+    ("exact_match", "exact_match_score", None),
+])
+def test_verl_loaded_reward_scores_like_entrorl(reward, name, kwargs):
+    fn = _verl_reward_fn(name, kwargs)
+    direct = get_reward(reward)
+    scores = [fn(data_source="gsm8k", solution_str=completion, ground_truth=answer, extra_info={"prompt": "q"})
+              for completion, answer in CASES]
+    expected = [float(direct("q", completion, answer)) for completion, answer in CASES]
+    assert scores == expected
+    assert all(isinstance(score, float) for score in scores)
+    assert 0.0 < sum(scores) < len(scores)  # the cases separate right from wrong
+
+
+def test_reward_options_and_verl_manager_keywords():
+    fn = _verl_reward_fn("compute_score", {"reward": "math", "reward_options": {"tolerance": 0.2}})
+    assert fn(data_source="d", solution_str="The answer is 1.1", ground_truth="1",
+              reward_router_address=None, reward_model_tokenizer=None) == 1.0
+    strict = _verl_reward_fn("compute_score", {"reward": "math"})
+    assert strict(data_source="d", solution_str="The answer is 1.1", ground_truth="1") == 0.0
+
+
+def test_bad_reward_settings_are_clear_errors():
+    with pytest.raises(TypeError, match=r"unknown keyword\(s\) \['tolerance'\].*reward_options"):
+        _verl_reward_fn("compute_score", {"reward": "math", "tolerance": 0.1})(data_source="d", solution_str="1", ground_truth="1")
+    with pytest.raises(ValueError, match="unknown reward 'maths'"):
+        _verl_reward_fn("compute_score", {"reward": "maths"})(data_source="d", solution_str="1", ground_truth="1")
