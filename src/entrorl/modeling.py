@@ -9,7 +9,10 @@ import torch
 
 from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
-__all__ = ["load_tokenizer", "load_causal_lm", "response_token_stats", "FUSED_HEAD_MODEL_TYPES", "DTYPES"]
+__all__ = [
+    "load_tokenizer", "load_causal_lm", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
+    "FUSED_HEAD_MODEL_TYPES", "DTYPES",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -109,3 +112,66 @@ def response_token_stats(
         input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=response_width + 1
     ).logits[:, :-1]
     return token_stats(logits, targets, temperature=temperature, mask=mask, need=need)
+
+
+def length_buckets(prompt_lengths: torch.Tensor, response_lengths: torch.Tensor, *, max_buckets: int = 8,
+                   overhead_tokens: int = 1024) -> list[torch.Tensor]:
+    """Rows grouped by length so that each group's forward pass pads only to its own longest row.
+
+    Rows are sorted by prompt + response length and cut into ``k`` groups of equal size, ``k`` in
+    ``1, 2, 4, ... <= max_buckets``, choosing the ``k`` that minimises the padded positions of all groups
+    (``sum_g rows_g * (max prompt_g + max response_g)``) plus ``overhead_tokens`` per extra forward pass.
+    Returns the row indices of each group (their concatenation is a permutation of all rows).
+    """
+    rows = prompt_lengths.shape[0]
+    order = torch.argsort(prompt_lengths + response_lengths, stable=True)
+    best, best_cost = [order], None
+    k = 1
+    while k <= max(1, min(max_buckets, rows)):
+        groups = [group for group in order.chunk(k) if group.numel()]
+        padded = sum(group.numel() * int(prompt_lengths[group].max() + response_lengths[group].max()) for group in groups)
+        cost = padded + overhead_tokens * (len(groups) - 1)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = groups, cost
+        k *= 2
+    return best
+
+
+def bucketed_response_token_stats(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    need=("logprob", "entropy"),
+    max_buckets: int = 8,
+    overhead_tokens: int = 1024,
+) -> TokenStats:
+    """:func:`response_token_stats` computed per length group (:func:`length_buckets`), each group cut to its own
+    widths, then put back in the rows' order and padded to the full response width (zeros on padding).
+
+    A row's statistics do not depend on the other rows of its forward pass, so the result is the same as one
+    pass over the whole batch (float rounding aside), with fewer padded positions computed: responses of very
+    different lengths, as RL rollouts are, waste much of a single padded pass. Differentiable when grad is on.
+    """
+    prompt_lengths, response_lengths = prompt_mask.sum(-1), response_mask.sum(-1)
+    groups = length_buckets(prompt_lengths, response_lengths, max_buckets=max_buckets, overhead_tokens=overhead_tokens)
+    width = response_ids.shape[1]
+    if len(groups) == 1:
+        return response_token_stats(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=temperature,
+                                    need=need)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for group in groups:
+        prompt_width = max(1, int(prompt_lengths[group].max()))
+        response_width = max(1, int(response_lengths[group].max()))
+        # prompts are left-padded and responses right-padded: keep the last / first columns
+        stats = response_token_stats(
+            model, prompt_ids[group, -prompt_width:], prompt_mask[group, -prompt_width:], response_ids[group, :response_width],
+            response_mask[group, :response_width], temperature=temperature, need=need,
+        )
+        for name, values in stats.as_dict().items():
+            parts.setdefault(name, []).append(torch.nn.functional.pad(values, (0, width - response_width)))
+    inverse = torch.argsort(torch.cat(groups))
+    return TokenStats(**{name: torch.cat(values)[inverse.to(values[0].device)] for name, values in parts.items()})

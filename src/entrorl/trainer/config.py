@@ -154,6 +154,8 @@ class OptimConfig(_Section):
     mini_batches: int = Field(1, ge=1, description="optimizer updates per rollout batch (off-policy when > 1)")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
     micro_batch_size: int | None = Field(None, ge=1, description="rows per forward/backward (gradient accumulation)")
+    length_buckets: int = Field(8, ge=1, description="score rows in up to this many forward passes grouped by length, each "
+                                "padded only to its own longest row (same numbers, fewer padded positions; 1 = one pass)")
     max_consecutive_nonfinite: int = Field(3, ge=1, description="stop after this many skipped non-finite steps in a row")
     kl_reference: bool | None = Field(None, description="load a frozen reference model; None = only when the method needs it")
 

@@ -21,7 +21,7 @@ import torch
 
 from entrorl.advantages import compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts, parse_band
-from entrorl.modeling import load_causal_lm, load_tokenizer, response_token_stats
+from entrorl.modeling import bucketed_response_token_stats, load_causal_lm, load_tokenizer
 from entrorl.objective import PolicyBatch, build_objective
 from entrorl.rewards import RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
@@ -61,8 +61,8 @@ class ScoredRollouts:
     reasons: list[str | None] = field(default_factory=list)  # why each sample got its score, when the reward says
 
 
-def _token_stats_of(model, rollouts: Rollouts, index, temperature: float, need=_STATS):
-    return response_token_stats(
+def _token_stats_of(model, rollouts: Rollouts, index, temperature: float, need=_STATS, buckets: int = 8):
+    return bucketed_response_token_stats(
         model,
         rollouts.prompt_ids[index],
         rollouts.prompt_mask[index],
@@ -70,6 +70,7 @@ def _token_stats_of(model, rollouts: Rollouts, index, temperature: float, need=_
         rollouts.response_mask[index],
         temperature=temperature,
         need=need,
+        max_buckets=buckets,
     )
 
 
@@ -327,7 +328,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One step: prompts → rollouts → rewards → advantages → scoring → updates → diagnostics."""
         config = self.config
-        temperature = config.rollout.temperature
+        temperature, buckets = config.rollout.temperature, config.optim.length_buckets
         started = time.perf_counter()
 
         # 1-3. rollouts, rewards, advantages
@@ -344,11 +345,12 @@ class Trainer:
         before = None
         if not on_policy:
             with torch.no_grad():
-                before = _token_stats_of(self.model, rollouts, everything, temperature)
+                before = _token_stats_of(self.model, rollouts, everything, temperature, buckets=buckets)
         reference_log_prob = None
         if self.reference is not None:
             with torch.no_grad():
-                reference_log_prob = _token_stats_of(self.reference, rollouts, everything, temperature, need=("logprob",)).logprob
+                reference_log_prob = _token_stats_of(self.reference, rollouts, everything, temperature, need=("logprob",),
+                                                     buckets=buckets).logprob
 
         # 5. updates: epochs x mini-batches, each optionally split into micro-batches
         grad_coefficients = torch.zeros(mask.shape, dtype=torch.float32)
@@ -363,7 +365,7 @@ class Trainer:
                 micro_size = config.optim.micro_batch_size or len(mini_batch)
                 losses_finite = True
                 for micro in mini_batch.split(micro_size):
-                    stats = _token_stats_of(self.model, rollouts, micro, temperature)
+                    stats = _token_stats_of(self.model, rollouts, micro, temperature, buckets=buckets)
                     stats.logprob.retain_grad()
                     if on_policy:
                         for name in _STATS:
@@ -420,7 +422,8 @@ class Trainer:
             compared[measured_rows] = mask[measured_rows]
             after_entropy = before_entropy.clone()
             with torch.no_grad():
-                after_entropy[measured_rows] = _token_stats_of(self.model, rollouts, measured_rows, temperature, need=("entropy",)).entropy
+                after_entropy[measured_rows] = _token_stats_of(self.model, rollouts, measured_rows, temperature, need=("entropy",),
+                                                                buckets=buckets).entropy
         change, _ = predicted_vs_measured(grad_coefficients, centered, before_entropy, after_entropy, compared, lr=lr,
                                           temperature=temperature)
         metrics.update(change)
