@@ -251,3 +251,27 @@ def test_statistics_carry_a_graph_only_for_entropy_regularisers(method, gradient
         TokenStatsEngineMixin._entrorl_token_stats = original
     assert seen and all(flag == gradient for flag in seen.values()), seen
     assert tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False) is gradient
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, extended", [("1", True), (None, False)])
+def test_environment_variable_installs_the_extension_when_verl_is_imported(flag, extended):
+    """ENTRORL_VERL_ACTOR_EXTENSION=1 in a fresh process: `import verl` (through the plugin entry point) puts the
+    mixin on verl's FSDP engines; without it they stay verl's own."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "ENTRORL_VERL_ACTOR_EXTENSION"}
+    if flag is not None:
+        env["ENTRORL_VERL_ACTOR_EXTENSION"] = flag
+    code = (
+        "import verl\n"
+        "from verl.workers.engine.base import EngineRegistry\n"
+        "from entrorl.integrations.verl import TokenStatsEngineMixin\n"
+        "engine = EngineRegistry._engines['language_model']['fsdp']['cuda']\n"
+        "print(issubclass(engine, TokenStatsEngineMixin))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == str(extended)
