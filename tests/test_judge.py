@@ -162,8 +162,9 @@ def test_tensor_outputs_and_single_sample_call():
 
 def test_works_inside_reward_runner_with_reasons():
     judge = RecordingJudge()
-    runner = RewardRunner(JudgeReward(judge), correct_threshold=5.0)
+    runner = RewardRunner(JudgeReward(judge, batch_size=3), correct_threshold=5.0)
     result = runner(PROMPTS, COMPLETIONS, ANSWERS, [{"k": 1}] * 7)
+    assert [len(call) for call in judge.calls] == [3, 3, 1]  # the runner hands the judge the whole batch
     assert result.scores.tolist() == [expected_score(c, a) for c, a in zip(COMPLETIONS, ANSWERS)]
     assert result.correct.tolist() == [s >= 5.0 for s in result.scores.tolist()]
     release = threading.Event()

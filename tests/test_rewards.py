@@ -653,3 +653,30 @@ def test_math_reward_fuzz_never_raises(math_reward):
         reference = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
         assert math_reward("", completion, reference) in (0.0, 1.0)
         assert exact_match("", completion, reference) in (0.0, 1.0)
+
+
+def test_runner_uses_a_batch_method_and_falls_back_to_samples_when_it_fails():
+    class Batched:
+        def __init__(self, fail_batch: bool):
+            self.fail_batch, self.batch_calls, self.sample_calls = fail_batch, 0, 0
+
+        def __call__(self, prompt, completion, answer, **meta):
+            self.sample_calls += 1
+            if completion == "boom":
+                raise RuntimeError("bad sample")
+            return float(completion == answer)
+
+        def score_batch(self, prompts, completions, answers, metas):
+            self.batch_calls += 1
+            if self.fail_batch:
+                raise RuntimeError("batch endpoint down")
+            return [float(c == a) if c != "nan" else float("nan") for c, a in zip(completions, answers)]
+
+    fine = Batched(fail_batch=False)
+    result = RewardRunner(fine)(["p"] * 3, ["1", "2", "nan"], ["1", "1", "1"])
+    assert (fine.batch_calls, fine.sample_calls) == (1, 0)
+    assert result.scores.tolist() == [1.0, 0.0, 0.0] and result.errors == 1 and "non-finite" in result.reasons[2]
+    broken = Batched(fail_batch=True)
+    result = RewardRunner(broken)(["p"] * 3, ["1", "boom", "2"], ["1", "1", "1"])
+    assert (broken.batch_calls, broken.sample_calls) == (1, 3)
+    assert result.scores.tolist() == [1.0, 0.0, 0.0] and result.errors == 1 and "bad sample" in result.reasons[1]

@@ -340,8 +340,10 @@ class RewardRunner:
     logged once per runner); its reason says so. A reward may return an object with ``.score`` and
     ``.reason`` instead of a number: the reason is kept in ``RewardResult.reasons``. Nothing raised by
     the reward function propagates, ``BaseException`` subclasses included, except
-    ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit``. Calls
-    are sequential and not time-limited: a reward that may hang must bound itself.
+    ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit``. A reward with a
+    ``score_batch(prompts, completions, answers, metas)`` method (a judge) gets the whole batch in one call;
+    other rewards are called sample by sample. Calls are not time-limited: a reward that may hang must bound
+    itself.
     """
 
     def __init__(
@@ -367,6 +369,21 @@ class RewardRunner:
             f"RewardRunner(fn={getattr(self.fn, '__name__', self.fn)!r}, overlong={self.overlong}, "
             f"correct_threshold={self.correct_threshold})"
         )
+
+    def _score_batch(self, prompts, completions, answers, metas) -> list[Any] | None:
+        """All values from the reward's ``score_batch(prompts, completions, answers, metas)`` in one call, when
+        it has one (a judge batches its model calls that way); None to score sample by sample instead, also
+        when the batch call raises or returns the wrong number of values (each sample's failure is then its own)."""
+        score_batch = getattr(self.fn, "score_batch", None)
+        if not callable(score_batch):
+            return None
+        try:
+            values = list(score_batch(list(prompts), list(completions), list(answers), list(metas)))
+        except _PASS_THROUGH:
+            raise
+        except BaseException:  # noqa: BLE001 - retried sample by sample, where the failure is recorded
+            return None
+        return values if len(values) == len(completions) else None
 
     def __call__(
         self,
@@ -394,20 +411,23 @@ class RewardRunner:
         failed = [False] * n
         errors = 0
         first_error: str | None = None
+        batch_values = self._score_batch(prompts, completions, answers, metas)
         for i in range(n):
-            meta = metas[i] or {}
-            try:
-                value = self.fn(prompts[i], completions[i], answers[i], **meta)
-            except _PASS_THROUGH:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - a reward must never kill the run (Math-Verify's
-                # TimeoutException, for one, derives from BaseException)
-                errors += 1
-                failed[i] = True
-                reasons[i] = f"reward raised {type(exc).__name__}: {exc}"[:300]
-                if first_error is None:
-                    first_error = f"reward raised for sample {i}:\n{traceback.format_exc()}"
-                continue
+            if batch_values is not None:
+                value = batch_values[i]
+            else:
+                try:
+                    value = self.fn(prompts[i], completions[i], answers[i], **(metas[i] or {}))
+                except _PASS_THROUGH:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - a reward must never kill the run (Math-Verify's
+                    # TimeoutException, for one, derives from BaseException)
+                    errors += 1
+                    failed[i] = True
+                    reasons[i] = f"reward raised {type(exc).__name__}: {exc}"[:300]
+                    if first_error is None:
+                        first_error = f"reward raised for sample {i}:\n{traceback.format_exc()}"
+                    continue
             try:
                 value, reasons[i] = _score_and_reason(value)
                 score = _as_float(value)

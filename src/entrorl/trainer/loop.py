@@ -115,7 +115,8 @@ class Trainer:
         self.objective = build_objective(config.method)
         self.advantage_name = config.advantage_estimator()
         diversity = config.reward.diversity
-        self.diversity_embedder = load_embedder(diversity.model, batch_size=diversity.batch_size) if diversity.enabled else None
+        self.diversity_embedder = (load_embedder(diversity.model, batch_size=diversity.batch_size, device=diversity.device)
+                                   if diversity.enabled else None)
 
         model_path = checkpoint / "model" if checkpoint is not None else Path(config.model.path)
         self.tokenizer = load_tokenizer(model_path)
