@@ -11,7 +11,7 @@ VERL_VENV    ?= .venv-verl
 VERL_BIN     := $(VERL_VENV)/bin
 VERL_VERSION ?= 0.9.1
 
-.PHONY: install install-verl test test-verl bench lab clean
+.PHONY: install install-verl test test-verl test-gpu bench lab clean
 
 # The shared step: a virtual environment with the pinned CPU torch, then entrorl with its dev extras.
 # torch is installed first and alone, so no later requirement can pull a different (CUDA) build.
@@ -44,6 +44,10 @@ test: install install-verl
 test-verl: install-verl
 	VERL_ONLY=1 bash scripts/run_tests.sh
 
+# The checks that need a CUDA GPU and vLLM (own environment .venv-gpu); not part of `make test`.
+test-gpu:
+	bash scripts/gpu_checks.sh
+
 bench: install
 	$(BIN)/python benchmarks/bench_token_stats.py
 
@@ -51,4 +55,4 @@ lab: install
 	$(BIN)/entrorl lab --preset default
 
 clean:
-	rm -rf $(VENV) $(VERL_VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VERL_VENV) .venv-gpu build dist src/*.egg-info .pytest_cache

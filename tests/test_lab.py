@@ -54,6 +54,19 @@ def test_presets_cover_the_issue_matrix():
 
 
 @pytest.mark.slow
+def test_rl_seed_changes_only_the_training_seed(tmp_path):
+    from entrorl.lab.runner import _prepare_data, _trainer_config
+
+    preset = get_preset("quick")
+    reseeded = preset.model_copy(update={"rl_seed": 5})
+    data = _prepare_data(tmp_path / "lab", preset)
+    same = _trainer_config(preset, "grpo", tmp_path / "model", data, tmp_path / "runs" / "grpo")
+    other = _trainer_config(reseeded, "grpo", tmp_path / "model", data, tmp_path / "runs" / "grpo")
+    assert (same["seed"], other["seed"]) == (preset.seed, 5)
+    assert {k: v for k, v in same.items() if k != "seed"} == {k: v for k, v in other.items() if k != "seed"}
+    assert reseeded.base == preset.base  # the same cached base model
+
+
 def test_quick_lab_end_to_end(tmp_path):
     out = tmp_path / "lab"
     env_cache = tmp_path / "cache"

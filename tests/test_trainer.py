@@ -4,6 +4,7 @@ non-finite guard, and configuration / data errors that must fail before a model 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -262,3 +263,39 @@ def test_samples_log_keeps_each_rollout_with_its_reward_reason(tmp_path, tiny_mo
         if row["reward"] == 0.0:  # a random-init model answers wrongly: the record says why
             assert isinstance(row["reason"], str) and row["reason"]
     assert any(row["reward"] == 0.0 for row in rows)
+
+
+def test_device_setting_is_checked_before_any_model_loads(tmp_path, arithmetic_files, monkeypatch):
+    train, _ = arithmetic_files
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"model.device.*no CUDA GPU"):
+        load_config(make_config(tmp_path / "absent-model", train, None, model={"path": "m", "device": "cuda"}))
+    with pytest.raises(ConfigError, match=r"model.device.*not a device"):
+        load_config(make_config(tmp_path / "absent-model", train, None, model={"path": "m", "device": "gpu0"}))
+    assert load_config(make_config(tmp_path / "absent-model", train, None, model={"path": "m"})).model.device == "auto"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_matches_the_cpu_step(tmp_path, tiny_model_dir, arithmetic_files):
+    """On a GPU: two steps of an entropy method with a reference model and mini-batches train on the GPU with
+    finite metrics, and the policy scores a fixed batch there as on the CPU."""
+    from entrorl.modeling import bucketed_response_token_stats
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, model={"path": str(tiny_model_dir), "device": "cuda"},
+                                     method="dapo+clip_b+kl_ref", optim={"steps": 2, "lr": 1e-3, "mini_batches": 2}))
+    trainer = Trainer(config, run_dir=tmp_path / "cuda")
+    assert next(trainer.model.parameters()).device.type == "cuda"
+    steps = [trainer.train_step() for _ in range(2)]
+    for key in ("reward/mean", "entropy/mean", "kl/ref_k1", "loss/total", "entropy/predicted_delta"):
+        assert all(math.isfinite(step[key]) for step in steps), key
+    trainer.save()
+
+    rollouts = trainer.collect().rollouts
+    fields = (rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids, rollouts.response_mask)
+    on_gpu = bucketed_response_token_stats(trainer.model, *fields, need=("logprob", "entropy"))
+    on_cpu = bucketed_response_token_stats(trainer.model.float().cpu(), *fields, need=("logprob", "entropy"))
+    mask = rollouts.response_mask
+    torch.testing.assert_close(on_gpu.logprob.cpu()[mask], on_cpu.logprob[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(on_gpu.entropy.cpu()[mask], on_cpu.entropy[mask], atol=1e-4, rtol=1e-4)

@@ -213,7 +213,8 @@ def test_trainer_samples_with_vllm_and_pushes_the_updated_weights(fake_vllm, tmp
     eos = tokenizer.eos_token_id
     _FakeLLM.script = [(tokenizer("3")["input_ids"] + [eos], [-1.0, -0.5]), (tokenizer("12")["input_ids"] + [eos], [-2.0, -1.5, -0.5])]
     config = load_config({
-        "seed": 0, "torch_threads": 1, "model": {"path": str(tiny_model_dir)}, "data": {"train": str(train)},
+        # the stand-in makes torch report a GPU; the policy itself stays on the CPU here
+        "seed": 0, "torch_threads": 1, "model": {"path": str(tiny_model_dir), "device": "cpu"}, "data": {"train": str(train)},
         "reward": {"name": "exact_match"}, "method": "grpo+tis",
         "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4, "backend": "vllm"},
         "optim": {"steps": 1, "lr": 1e-2}, "logging": {"progress": False}, "diagnostics": {"measure_entropy_change": False},

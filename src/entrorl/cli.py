@@ -76,6 +76,8 @@ def evaluate(
     max_prompts: Annotated[Optional[int], typer.Option(help="evaluate only the first N prompts")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Optional[Path], typer.Option(help="write the JSON summary here")] = None,
+    device: Annotated[str, typer.Option(help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
 ) -> None:
     """Avg@n, unbiased Pass@k and the pass-rate histogram of a model on a prompt file."""
     from rich.progress import Progress
@@ -84,6 +86,7 @@ def evaluate(
     from entrorl.modeling import load_causal_lm, load_tokenizer
     from entrorl.rewards import RewardRunner, get_reward
     from entrorl.rollout import SamplingParams
+    from entrorl.trainer.config import resolve_device
     from entrorl.trainer.evaluate import evaluate_model
 
     ks = _parse_ks(k)
@@ -93,7 +96,7 @@ def evaluate(
         records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column)[:max_prompts]
         reward_runner = RewardRunner(get_reward(reward))
         tokenizer = load_tokenizer(model)
-        policy = load_causal_lm(model).eval()
+        policy = load_causal_lm(model, dtype=dtype).to(resolve_device(device)).eval()
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
@@ -145,17 +148,19 @@ def methods(
 
 @app.command()
 def lab(
-    preset: Annotated[str, typer.Option(help="default (about 20 minutes on two cores) or quick (a few minutes)")] = "default",
+    preset: Annotated[str, typer.Option(help="default (about 6 minutes on two cores) or quick (about a minute)")] = "default",
     methods: Annotated[Optional[list[str]], typer.Option("--methods", help="methods to run (repeatable); default: the preset's matrix")] = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory; an existing one is resumed")] = None,
     workers: Annotated[Optional[int], typer.Option(help="parallel processes (default: the preset's, 2)")] = None,
+    rl_seed: Annotated[Optional[int], typer.Option(help="seed of the training runs only (same base model, data and "
+                                                   "evaluation): repeat with 1, 2, ... to see the spread across seeds")] = None,
 ) -> None:
     """The entropy laboratory: train the built-in tiny model with every method side by side, then write a report."""
     from entrorl.lab.runner import run_lab
 
     names = [name for item in (methods or []) for name in item.split(",") if name.strip()]
     try:
-        run_dir = run_lab(preset, methods=names or None, out=out, workers=workers, console=console)
+        run_dir = run_lab(preset, methods=names or None, out=out, workers=workers, console=console, rl_seed=rl_seed)
     except ValueError as error:
         _fail(str(error))
     console.print(f"[green]report[/green]: {run_dir / 'report.html'}  ({run_dir / 'report.md'})")
@@ -185,6 +190,8 @@ def data_audit(
     max_prompts: Annotated[Optional[int], typer.Option(help="audit only the first N prompts")] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per generation call")] = 64,
     seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
 ) -> None:
     """Sample a model on every prompt and separate hard prompts from ones whose reference looks wrong.
 
@@ -199,6 +206,7 @@ def data_audit(
     from entrorl.rewards import RewardRunner, get_reward
     from entrorl.rollout import SamplingParams
     from entrorl.trainer.audit import audit_records, default_audit_dir, write_audit_outputs
+    from entrorl.trainer.config import resolve_device
 
     if n < 1:
         _fail(f"--n must be >= 1 sample per prompt, got {n}")
@@ -213,7 +221,7 @@ def data_audit(
         records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column)[:max_prompts]
         reward_fn = get_reward(reward)
         tokenizer = load_tokenizer(model)
-        policy = load_causal_lm(model).eval()
+        policy = load_causal_lm(model, dtype=dtype).to(resolve_device(device)).eval()
     except (ValueError, FileNotFoundError, ImportError) as error:
         _fail(str(error))
     try:

@@ -1157,6 +1157,8 @@ class _Report:
         workers = self.lab.get("workers")
         if workers is not None and workers != self.preset.get("workers"):
             command += f" --workers {workers}"
+        if self.preset.get("rl_seed") is not None:
+            command += f" --rl-seed {self.preset['rl_seed']}"
         make = "make lab" if command == "entrorl lab --preset default" else None
         section.say(f"Re-run with `{command}`" + (f" (or `{make}`)" if make else "") + "; an existing run directory given with "
                     "`--out` is resumed. The settings below are the preset as recorded in `lab.json`.")

@@ -68,7 +68,7 @@ def _prepare_data(out: Path, preset: LabPreset) -> dict[str, Path]:
 
 def _trainer_config(preset: LabPreset, method: str, model_dir: Path, data: dict[str, Path], run_dir: Path) -> dict[str, Any]:
     return {
-        "seed": preset.seed,
+        "seed": preset.seed if preset.rl_seed is None else preset.rl_seed,
         "torch_threads": 1,
         "model": {"path": str(model_dir)},
         "data": {"train": str(data["train"])},
@@ -183,7 +183,7 @@ def _count_lines(path: Path) -> int:
 
 
 def run_lab(preset_name: str = "default", *, methods: list[str] | None = None, out: Path | None = None,
-            workers: int | None = None, console=None, cache_dir: Path | None = None) -> Path:
+            workers: int | None = None, console=None, cache_dir: Path | None = None, rl_seed: int | None = None) -> Path:
     """Run the laboratory and write its report; returns the run directory. Re-running on an existing
     directory resumes: finished methods are kept, interrupted ones continue from their last checkpoint."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -193,6 +193,8 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | None = None, o
     preset = get_preset(preset_name)
     if methods:
         preset = preset.model_copy(update={"methods": list(methods)})
+    if rl_seed is not None:
+        preset = preset.model_copy(update={"rl_seed": int(rl_seed)})
     preset.check_methods()
     out = Path(out) if out is not None else Path("runs") / f"lab-{datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)

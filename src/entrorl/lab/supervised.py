@@ -40,7 +40,7 @@ class SFTTrainer(Trainer):
         with torch.no_grad():
             stats = _token_stats_of(self.model, sampled.rollouts, torch.arange(len(sampled.rollouts)),
                                     self.config.rollout.temperature, need=("entropy",))
-        metrics = {**sampled.metrics, **entropy_summary(stats.entropy, sampled.rollouts.response_mask)}
+        metrics = {**sampled.metrics, **entropy_summary(stats.entropy.float().cpu(), sampled.rollouts.response_mask)}
         rng = random.Random(self.config.seed * 1_000_003 + self.step)
         demonstrations = [
             self.tokenizer(self.task.demonstration(self.task_example(record), rng))["input_ids"] + [self.tokenizer.eos_token_id]

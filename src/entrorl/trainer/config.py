@@ -35,6 +35,32 @@ class ModelConfig(_Section):
     disable_dropout: bool = True
     trust_remote_code: bool = False
     chat_template: bool = Field(False, description="wrap prompts with the tokenizer's chat template")
+    device: str = Field("auto", description="where the policy (and reference) model runs: 'auto' (the first CUDA GPU "
+                        "when there is one, else the CPU), 'cpu', 'cuda', 'cuda:1', ...")
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, value: str) -> str:
+        resolve_device(value)
+        return value
+
+
+def resolve_device(name: str):
+    """The ``torch.device`` that ``model.device`` names; ValueError for a malformed name or a missing GPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"{name!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N' ({error})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name!r}: torch sees no CUDA GPU here; use 'cpu' or 'auto'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 class DataConfig(_Section):

@@ -74,5 +74,5 @@ def evaluate_model(
                                      rollouts.response_mask, temperature=max(sampling.temperature, 1e-6), need=("entropy",))
         model.train(was_training)
         forks = top_fork_tokens(tokenizer, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
-                                rollouts.response_mask, stats.entropy, k=top_forks)
+                                rollouts.response_mask, stats.entropy.float().cpu(), k=top_forks)
     return EvaluationResult(summary=summary, forks=forks, reward_errors=result.errors)

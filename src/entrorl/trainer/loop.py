@@ -33,7 +33,7 @@ from entrorl.trainer.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from entrorl.trainer.config import TrainConfig
+from entrorl.trainer.config import TrainConfig, resolve_device
 from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary, predicted_vs_measured
 from entrorl.trainer.evaluate import evaluate_model
 from entrorl.trainer.loggers import MetricsLogger
@@ -120,8 +120,9 @@ class Trainer:
 
         model_path = checkpoint / "model" if checkpoint is not None else Path(config.model.path)
         self.tokenizer = load_tokenizer(model_path)
+        self.device = resolve_device(config.model.device)
         self.model = load_causal_lm(model_path, dtype=config.model.dtype, disable_dropout=config.model.disable_dropout,
-                                    trust_remote_code=config.model.trust_remote_code)
+                                    trust_remote_code=config.model.trust_remote_code).to(self.device)
         self.model.train()
         needs_reference = config.optim.kl_reference
         if needs_reference is None:
@@ -129,7 +130,7 @@ class Trainer:
         self.reference = None
         if needs_reference:
             reference_path = Path(config.model.path)
-            self.reference = load_causal_lm(reference_path, dtype=config.model.dtype).eval().requires_grad_(False)
+            self.reference = load_causal_lm(reference_path, dtype=config.model.dtype).eval().requires_grad_(False).to(self.device)
         self.train_prompt_ids = self._encode_all(self.train_records)
         self.eval_prompt_ids = self._encode_all(self.eval_records)
         self.stream = PromptStream(self.train_records, seed=config.seed, shuffle=config.data.shuffle)
@@ -340,6 +341,9 @@ class Trainer:
         token_advantages = scored.advantages[:, None].expand_as(mask) * mask
         n_rows = len(rollouts)
         everything = torch.arange(n_rows)
+        # the loss's per-token inputs live with the model; diagnostics are computed on the CPU
+        on_device = {"mask": mask.to(self.device), "advantages": token_advantages.to(self.device),
+                     "rollout_log_prob": rollouts.sampler_log_probs.to(self.device)}
 
         # 4. scoring under the policy before the update (old log-probs, entropy, S, D; reference log-probs)
         on_policy = config.optim.mini_batches == 1 and config.optim.epochs == 1
@@ -370,13 +374,13 @@ class Trainer:
                     stats.logprob.retain_grad()
                     if on_policy:
                         for name in _STATS:
-                            first_pass[name][micro] = getattr(stats, name).detach().float()
+                            first_pass[name][micro] = getattr(stats, name).detach().float().cpu()
                     old = stats.logprob.detach() if on_policy else before.logprob[micro]
                     batch = PolicyBatch(
-                        log_prob=stats.logprob, old_log_prob=old, advantages=token_advantages[micro], mask=mask[micro],
-                        entropy=stats.entropy, disc=stats.disc, disc_centered=stats.disc_centered,
+                        log_prob=stats.logprob, old_log_prob=old, advantages=on_device["advantages"][micro],
+                        mask=on_device["mask"][micro], entropy=stats.entropy, disc=stats.disc, disc_centered=stats.disc_centered,
                         ref_log_prob=None if reference_log_prob is None else reference_log_prob[micro],
-                        rollout_log_prob=rollouts.sampler_log_probs[micro],
+                        rollout_log_prob=on_device["rollout_log_prob"][micro],
                     )
                     out = self.objective(batch)
                     weight = int(mask[micro].sum()) / mini_tokens if micro_size < len(mini_batch) else 1.0
@@ -384,7 +388,7 @@ class Trainer:
                         losses_finite = False
                         break
                     (out.loss * weight).backward()
-                    grad_coefficients[micro] += stats.logprob.grad.detach().float()
+                    grad_coefficients[micro] += stats.logprob.grad.detach().float().cpu()
                     objective_metrics.append(out.metrics)
                 grad_norm = self._clip_gradients() if losses_finite else math.nan
                 if losses_finite and math.isfinite(grad_norm):
@@ -409,7 +413,7 @@ class Trainer:
         updated = time.perf_counter()
 
         # 6. diagnostics: the same rollouts under the updated policy, against the first-order prediction
-        source = first_pass if before is None else before.as_dict()
+        source = first_pass if before is None else {name: values.float().cpu() for name, values in before.as_dict().items()}
         logprob, before_entropy, disc, centered = (source[name] for name in _STATS)
         metrics = entropy_summary(before_entropy, mask)
         lr = self.scheduler.get_last_lr()[0]
@@ -424,7 +428,7 @@ class Trainer:
             after_entropy = before_entropy.clone()
             with torch.no_grad():
                 after_entropy[measured_rows] = _token_stats_of(self.model, rollouts, measured_rows, temperature, need=("entropy",),
-                                                                buckets=buckets).entropy
+                                                                buckets=buckets).entropy.float().cpu()
         change, _ = predicted_vs_measured(grad_coefficients, centered, before_entropy, after_entropy, compared, lr=lr,
                                           temperature=temperature)
         metrics.update(change)
@@ -432,7 +436,7 @@ class Trainer:
         metrics.update(discriminator_summary(disc, centered, token_advantages, mask))
         metrics.update(_mean_metrics(objective_metrics))
         if reference_log_prob is not None:
-            log_ratio = (logprob - reference_log_prob)[mask]
+            log_ratio = (logprob - reference_log_prob.float().cpu())[mask]
             metrics["kl/ref_k1"] = float(log_ratio.mean()) if log_ratio.numel() else 0.0
         metrics.update(scored.metrics)  # what collection measured (rewards, lengths; a subclass may add more)
         tokens = float(mask.sum())

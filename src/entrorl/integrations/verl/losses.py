@@ -197,7 +197,9 @@ def _normalisers(config: Any, loss_agg_mode: str) -> dict[str, Any]:
             f"global_batch_info has dp_size={dp_size} but no {needed}: with data parallelism the loss must be "
             "normalised by the global count (verl's actor fills it for every micro-batch)"
         )
-    scale = info.get("loss_scale_factor", config_get(config, "loss_scale_factor"))
+    scale = info.get("loss_scale_factor")
+    if scale is None:  # absent, or present as None: the actor config's own setting
+        scale = config_get(config, "loss_scale_factor")
     return {
         "dp_size": dp_size,
         "batch_num_tokens": info.get("batch_num_tokens"),

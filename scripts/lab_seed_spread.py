@@ -1,0 +1,83 @@
+"""The spread of laboratory results across runs that differ only in their training seed.
+
+    entrorl lab --preset default --out runs/lab-seed0
+    entrorl lab --preset default --rl-seed 1 --out runs/lab-seed1
+    entrorl lab --preset default --rl-seed 2 --out runs/lab-seed2
+    python scripts/lab_seed_spread.py runs/lab-seed0 runs/lab-seed1 runs/lab-seed2 [--markdown]
+
+For each method and each number of the summary table it prints the mean over the runs and the range
+``[min, max]``, read from every run's report.json; and for GRPO the collapse criterion of each run. Nothing is
+typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+COLUMNS = ("entropy end/start", "reward end", "Pass@1", "Pass@8", "Pass@64", "forgetting Δ", "eval entropy")
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def spread_table(reports: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per method present in every run; cells ``mean [min, max]``."""
+    per_run = [{row["method"]: row for row in report["summary"]["values"]} for report in reports]
+    methods = [name for name in per_run[0] if all(name in run for run in per_run[1:])]
+    header = ["method", *COLUMNS]
+    rows = []
+    for method in methods:
+        cells = [method]
+        for column in COLUMNS:
+            values = [run[method].get(column) for run in per_run]
+            values = [value for value in values if isinstance(value, (int, float))]
+            cells.append(f"{_fmt(statistics.fmean(values))} [{_fmt(min(values))}, {_fmt(max(values))}]" if values else "—")
+        rows.append(cells)
+    return header, rows
+
+
+def collapse_lines(reports: list[dict], names: list[str]) -> list[str]:
+    lines = []
+    for name, report in zip(names, reports):
+        numbers = {row["quantity"]: row["value"] for row in report["headline"]["numbers"]["rows"]}
+        lines.append(f"{name}: GRPO evaluation entropy / base {numbers.get('GRPO evaluation entropy / base', '?')}, "
+                     f"collapse (≤ 0.5) {numbers.get('collapse (end ≤ 0.5 × start)', '?')}; training reward "
+                     f"{numbers.get('GRPO reward start', '?')} → {numbers.get('GRPO reward end', '?')}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="laboratory run directories (each with report.json)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = parser.parse_args(argv)
+    missing = [str(run) for run in args.runs if not (run / "report.json").is_file()]
+    if missing:
+        parser.error(f"no report.json in: {', '.join(missing)}")
+    reports = [json.loads((run / "report.json").read_text()) for run in args.runs]
+    seeds = [json.loads((run / "lab.json").read_text())["preset"].get("rl_seed") for run in args.runs]
+    names = [f"{run.name} (rl_seed {seed if seed is not None else 'preset'})" for run, seed in zip(args.runs, seeds)]
+    print(f"{len(reports)} runs: " + ", ".join(names))
+    print()
+    header, rows = spread_table(reports)
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        for row in [header, *rows]:
+            print("  ".join(row))
+    print()
+    for line in collapse_lines(reports, names):
+        print(f"- {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
