@@ -148,3 +148,37 @@ def test_sampler_decoder_choice_is_checked():
     # "auto" falls back to the model's own forward
     rollouts = HFSampler(gpt2, eos_token_id=EOS, pad_token_id=PAD).generate([[5, 6]], params)
     assert rollouts.response_ids.shape[0] == 1
+
+
+@pytest.mark.parametrize("name, decoder", [("qwen2", "static_cache"), ("llama_bias", "static_cache"),
+                                           ("qwen2", "transformers")])
+def test_dropping_finished_rows_leaves_every_sample_unchanged(name, decoder):
+    """Compaction (finished rows leave the decoder) gives the same tokens and log-probs as decoding every row to
+    the end, for sampled and greedy decoding, and really drops rows on the way."""
+    model = build(name)
+    eos = list(range(1, 9))  # many end tokens, so that rows finish at many different steps
+    prompts = [[5 + i % 7] * (1 + i % 4) + [12 + i % 5, 20 + i % 3] for i in range(24)]  # lengths 3 to 6
+    for params in (SamplingParams(max_new_tokens=24, temperature=1.0), SamplingParams(max_new_tokens=24, temperature=0.0)):
+        results, batches = {}, {}
+        for compact in (True, False):
+            sampler = HFSampler(model, eos_token_id=eos, pad_token_id=PAD, decoder=decoder, compact=compact)
+            seen = []
+            original = sampler._make_decoder
+
+            def recording(*args, original=original, seen=seen):
+                inner = original(*args)
+                decode = inner.decode
+                inner.decode = lambda tokens: (seen.append(tokens.shape[0]), decode(tokens))[1]
+                return inner
+
+            sampler._make_decoder = recording
+            torch.manual_seed(11)
+            results[compact], batches[compact] = sampler.generate(prompts, params), seen
+        on, off = results[True], results[False]
+        assert torch.equal(on.response_ids, off.response_ids) and torch.equal(on.lengths, off.lengths)
+        assert torch.equal(on.response_mask, off.response_mask) and torch.equal(on.truncated, off.truncated)
+        torch.testing.assert_close(on.sampler_log_probs, off.sampler_log_probs, atol=1e-5, rtol=1e-5)
+        assert set(batches[False]) == {len(prompts)}
+        if params.temperature > 0:  # sampled rows end at many different steps: the decoder batch shrinks
+            assert min(batches[True]) < len(prompts) and sorted(batches[True], reverse=True) == batches[True]
+            assert len(batches[True]) == len(batches[False])

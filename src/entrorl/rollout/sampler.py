@@ -105,14 +105,17 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return scores
 
 
-def sample_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+def sample_from_log_probs(log_probs: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row of ``[B, V]`` normalised log-probs, by inverting the cumulative distribution with one
-    uniform number per row (``torch.rand``, so seeded like any torch sampling). Entries at ``-inf`` are never drawn.
+    uniform number per row: ``uniform`` (``[B, 1]`` in [0, 1)) or, by default, ``torch.rand`` (so seeded like any
+    torch sampling). Entries at ``-inf`` are never drawn.
     """
     cumulative = log_probs.exp().cumsum(dim=-1)
     total = cumulative[:, -1:]
+    if uniform is None:
+        uniform = torch.rand_like(total)
     # strictly below the total, so that rounding can never step past the last token with probability > 0
-    threshold = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
+    threshold = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     return (cumulative <= threshold).sum(dim=-1)
 
 
@@ -132,6 +135,15 @@ class _TransformersDecoder:
                             use_cache=True, logits_to_keep=1)
         self.cache, self.next_position = output.past_key_values, positions[:, -1:] + 1
         return output.logits[:, -1, :]
+
+    def select(self, rows: torch.Tensor) -> bool:
+        """Keep only ``rows`` of the batch (the cache, the mask, the positions); False if this cache cannot."""
+        try:
+            self.cache.batch_select_indices(rows)
+        except (AttributeError, NotImplementedError, TypeError):
+            return False
+        self.attention, self.next_position = self.attention[rows], self.next_position[rows]
+        return True
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         self.attention = torch.cat([self.attention, self.attention.new_ones((self.attention.shape[0], 1))], dim=-1)
@@ -157,10 +169,13 @@ class HFSampler:
             faster on small models, whose decode step is mostly per-call overhead); ``"transformers"``: the
             model's own forward with its ``DynamicCache`` (any causal LM); ``"auto"`` (default): the static cache
             whenever the model qualifies (:func:`static_cache_unsupported_reason`), else ``"transformers"``.
+        compact: drop finished rows from the decoder once a quarter of its rows have finished, so that a few long
+            responses do not keep the whole batch running. The samples are the same either way: every step draws
+            one uniform number per row of the batch, dropped rows included.
     """
 
     def __init__(self, model: torch.nn.Module, *, eos_token_id: int | Sequence[int], pad_token_id: int, batch_size: int = 64,
-                 decoder: str = "auto"):
+                 decoder: str = "auto", compact: bool = True):
         self.model = model
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         if not eos:
@@ -173,6 +188,7 @@ class HFSampler:
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
         self.decoder = decoder
+        self.compact = compact
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, progress=None) -> Rollouts:
@@ -224,15 +240,24 @@ class HFSampler:
         tokens = torch.full((batch, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         log_probs = torch.zeros((batch, params.max_new_tokens), dtype=torch.float32, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        # rows keep being fed (whatever they sample) after their EOS; everything past it is masked out below
+        active = torch.arange(batch, device=device)  # the rows the decoder still holds, in its order
+        # rows keep being fed (whatever they sample) after their EOS until the decoder drops them (once a quarter
+        # of its rows have finished); everything past a row's EOS is masked out below
         for step in range(params.max_new_tokens):
             step_log_probs = process_logits(next_logits, params).log_softmax(dim=-1)
-            sampled = step_log_probs.argmax(dim=-1) if params.temperature == 0 else sample_from_log_probs(step_log_probs)
-            tokens[:, step] = sampled
-            log_probs[:, step] = step_log_probs.gather(-1, sampled[:, None]).squeeze(-1)
-            finished |= self._is_eos(sampled, eos_ids)
+            if params.temperature == 0:
+                sampled = step_log_probs.argmax(dim=-1)
+            else:  # one number per row of the whole batch at every step: dropping rows never changes the others' draws
+                uniform = torch.rand((batch, 1), dtype=step_log_probs.dtype, device=device)[active]
+                sampled = sample_from_log_probs(step_log_probs, uniform)
+            tokens[active, step] = sampled
+            log_probs[active, step] = step_log_probs.gather(-1, sampled[:, None]).squeeze(-1)
+            finished[active] |= self._is_eos(sampled, eos_ids)
             if step == params.max_new_tokens - 1 or bool(finished.all()):
                 break
+            running = (~finished[active]).nonzero().squeeze(-1)
+            if self.compact and 4 * len(running) <= 3 * len(active) and decoder.select(running):
+                active, sampled = active[running], sampled[running]
             next_logits = decoder.decode(sampled)
 
         used = step + 1

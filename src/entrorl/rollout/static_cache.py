@@ -196,6 +196,20 @@ class StaticCacheDecoder:
         self.filled = length
         return self._logits(hidden[:, -1])
 
+    def select(self, rows: torch.Tensor) -> bool:
+        """Keep only ``rows`` of the batch: their cache entries, masks and positions (always possible here)."""
+        kv_heads = self.num_kv_heads
+
+        def rows_of(tensor: torch.Tensor) -> torch.Tensor:  # [B * kv_heads, ...] -> [len(rows) * kv_heads, ...]
+            return tensor.view(-1, kv_heads, *tensor.shape[1:])[rows].reshape(-1, *tensor.shape[1:])
+
+        self.keys = [rows_of(keys) for keys in self.keys]
+        self.values = [rows_of(values) for values in self.values]
+        self.decode_bias = rows_of(self.decode_bias)
+        self.decode_cos, self.decode_sin = self.decode_cos[:, rows], self.decode_sin[:, rows]
+        self.prompt_ids = self.prompt_ids[rows]
+        return True
+
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (``[B]``); the logits of the next one."""
