@@ -67,6 +67,21 @@ def test_rl_seed_changes_only_the_training_seed(tmp_path):
     assert reseeded.base == preset.base  # the same cached base model
 
 
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    from entrorl.lab.runner import run_lab
+
+    out = tmp_path / "lab"
+    out.mkdir()
+    preset = get_preset("quick")
+    (out / "lab.json").write_text(json.dumps({"preset": preset.model_dump(mode="json")}))
+    with pytest.raises(ValueError, match=r"rl_seed: None there, 3 now.*same options"):
+        run_lab("quick", out=out, rl_seed=3)
+    changed = preset.model_copy(update={"steps": preset.steps + 1}).model_dump(mode="json")
+    (out / "lab.json").write_text(json.dumps({"preset": changed}))
+    with pytest.raises(ValueError, match=rf"steps: {preset.steps + 1} there, {preset.steps} now"):
+        run_lab("quick", out=out, methods=["grpo"])
+
+
 def test_quick_lab_end_to_end(tmp_path):
     out = tmp_path / "lab"
     env_cache = tmp_path / "cache"

@@ -182,6 +182,21 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
+def _check_same_preset(out: Path, preset: LabPreset) -> None:
+    """A run directory is resumed only with the settings it was started with (rl_seed included; the methods may
+    differ, to add or revisit some): otherwise runs trained under different settings would be reported together."""
+    recorded_file = out / "lab.json"
+    if not recorded_file.is_file():
+        return
+    recorded = json.loads(recorded_file.read_text()).get("preset", {})
+    current = preset.model_dump(mode="json")
+    differing = sorted(key for key in set(recorded) | set(current) if key != "methods" and recorded.get(key) != current.get(key))
+    if differing:
+        changes = "; ".join(f"{key}: {recorded.get(key)!r} there, {current.get(key)!r} now" for key in differing)
+        raise ValueError(f"{out} was started with other settings ({changes}); resume it with the same options "
+                         "or choose another --out")
+
+
 def run_lab(preset_name: str = "default", *, methods: list[str] | None = None, out: Path | None = None,
             workers: int | None = None, console=None, cache_dir: Path | None = None, rl_seed: int | None = None) -> Path:
     """Run the laboratory and write its report; returns the run directory. Re-running on an existing
@@ -197,6 +212,7 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | None = None, o
         preset = preset.model_copy(update={"rl_seed": int(rl_seed)})
     preset.check_methods()
     out = Path(out) if out is not None else Path("runs") / f"lab-{datetime.now():%Y%m%d-%H%M%S}"
+    _check_same_preset(out, preset)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or preset.workers
     # one thread per process: tiny matrices gain nothing from more, and two busy processes on two cores each
