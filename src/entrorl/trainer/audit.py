@@ -54,6 +54,7 @@ from entrorl.rewards import (
     math_equal,
 )
 from entrorl.rollout import HFSampler, SamplingParams
+from entrorl.trainer.checkpoint import atomic_write_text
 
 __all__ = [
     "AuditOutputs",
@@ -267,12 +268,6 @@ def _row(record: PromptRecord, audit: PromptAudit, completions: list[str], answe
     }
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def plot_pass_rate_histogram(histogram: PassRateHistogram, path: str | os.PathLike[str], *, title: str = "") -> Path:
     """Save a bar chart of prompts per pass rate ``c/n``, stacked by verdict, as a PNG."""
     from matplotlib.figure import Figure
@@ -354,7 +349,7 @@ def write_audit_outputs(
 
     histogram = result.histogram()
     histogram_json = directory / "pass_rate_histogram.json"
-    _write_text(histogram_json, json.dumps(histogram.to_dict(), indent=1) + "\n")
+    atomic_write_text(histogram_json, json.dumps(histogram.to_dict(), indent=1) + "\n")
     histogram_png = None
     if plot:
         histogram_png = plot_pass_rate_histogram(
@@ -366,9 +361,9 @@ def write_audit_outputs(
              result.reasons[i] if result.reasons else []) for i in audited_index
     ]
     per_prompt = directory / "audit.jsonl"
-    _write_text(per_prompt, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_text(per_prompt, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     suspected_wrong = directory / "suspected_wrong.jsonl"
-    _write_text(
+    atomic_write_text(
         suspected_wrong,
         "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows if row["verdict"] == "looks_wrong"),
     )
@@ -410,5 +405,5 @@ def write_audit_outputs(
         },
     }
     summary_json = directory / "summary.json"
-    _write_text(summary_json, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(summary_json, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     return AuditOutputs(directory, histogram_json, histogram_png, suspected_wrong, per_prompt, filtered, summary_json, summary)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from entrorl.rewards import RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
 from entrorl.rollout import HFSampler, Rollouts, SamplingParams
 from entrorl.trainer.checkpoint import (
+    atomic_write_text,
     capture_rng_state,
     latest_checkpoint,
     load_trainer_state,
@@ -472,9 +472,7 @@ class Trainer:
                 "reason": scored.reasons[row] if scored.reasons else None,
             }, ensure_ascii=False))
         path = folder / f"step_{self.step:06d}.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "\n".join(lines) + "\n")
         return path
 
     def _clip_gradients(self) -> float:
