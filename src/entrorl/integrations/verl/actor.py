@@ -41,6 +41,7 @@ import torch
 from entrorl.integrations.verl.channel import provide_token_fields
 from entrorl.integrations.verl.losses import LOSS_MODE_PREFIX, config_get, entrorl_parameters, required_fields
 from entrorl.objective import build_objective
+from entrorl.objective.regularizers import AdaptiveEntropy, EntropyBonus
 from entrorl.tokens import token_stats
 
 __all__ = [
@@ -94,36 +95,38 @@ def actor_token_stats(
     return {name: getattr(stats, name) for name in need}
 
 
-def stats_needed_by_loss_mode(config: Any) -> tuple[str, ...]:
-    """The logit statistics the ``entrorl_<method>`` loss configured in verl's actor ``config`` needs (empty for
-    verl's own loss modes)."""
+def _loss_mode_needs(config: Any) -> tuple[tuple[str, ...], bool]:
+    """For the ``entrorl_<method>`` loss configured in verl's actor ``config``: the logit statistics it reads and
+    whether its loss differentiates through the entropy; ``((), False)`` for verl's own loss modes. Cached per
+    method and parameters, since the actor asks for every micro-batch."""
     loss_mode = config_get(config_get(config, "policy_loss"), "loss_mode", "vanilla")
     if not isinstance(loss_mode, str) or not loss_mode.startswith(LOSS_MODE_PREFIX):
-        return ()
+        return (), False
     method = loss_mode[len(LOSS_MODE_PREFIX):]
     params = entrorl_parameters(method, config)
     key = (method, repr(sorted(params.items())))
     if key not in _NEEDED:
-        required = required_fields(build_objective(method, **params))
-        _NEEDED[key] = tuple(name for name in LOGIT_STATS if name in required)
+        objective = build_objective(method, **params)
+        required = required_fields(objective)
+        _NEEDED[key] = (tuple(name for name in LOGIT_STATS if name in required),
+                        any(isinstance(part, (EntropyBonus, AdaptiveEntropy)) for part in objective.regularizers))
     return _NEEDED[key]
 
 
-_NEEDED: dict[tuple[str, str], tuple[str, ...]] = {}
+_NEEDED: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {}
 
-# regularisers whose loss term is the entropy itself: its gradient flows back into the logits
-_ENTROPY_GRADIENT_PARTS = frozenset({"EntropyBonus", "AdaptiveEntropy"})
+
+def stats_needed_by_loss_mode(config: Any) -> tuple[str, ...]:
+    """The logit statistics the ``entrorl_<method>`` loss configured in verl's actor ``config`` needs (empty for
+    verl's own loss modes)."""
+    return _loss_mode_needs(config)[0]
 
 
 def entropy_gradient_needed(config: Any) -> bool:
     """Whether the configured ``entrorl_<method>`` loss differentiates through the entropy (``entropy_bonus``,
-    ``adaptive_entropy``); every other statistic is a detached selection or shaping quantity."""
-    loss_mode = config_get(config_get(config, "policy_loss"), "loss_mode", "vanilla")
-    if not isinstance(loss_mode, str) or not loss_mode.startswith(LOSS_MODE_PREFIX):
-        return False
-    method = loss_mode[len(LOSS_MODE_PREFIX):]
-    objective = build_objective(method, **entrorl_parameters(method, config))
-    return any(type(part).__name__ in _ENTROPY_GRADIENT_PARTS for part in objective.regularizers)
+    ``adaptive_entropy``, whose term is the entropy itself); every other statistic is a detached selection or
+    shaping quantity."""
+    return _loss_mode_needs(config)[1]
 
 
 def _pad_like_log_probs(tensor: torch.Tensor, data: Any) -> torch.Tensor:
