@@ -60,24 +60,34 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
+# options that `eval` and `data audit` share, spelled once
+ModelDirOption = Annotated[Path, typer.Option("--model", help="local Hugging Face model directory")]
+DataFileOption = Annotated[Path, typer.Option("--data", help="prompt file (.jsonl, .json, .csv, .parquet, datasets directory)")]
+SamplesOption = Annotated[int, typer.Option("--n", help="samples per prompt")]
+RewardOption = Annotated[str, typer.Option("--reward", help="reward name or package.module:function")]
+PromptTemplateOption = Annotated[str, typer.Option("--prompt-template", help="format string with {prompt}")]
+DeviceOption = Annotated[str, typer.Option("--device", help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
+
+
 @app.command("eval")
 def evaluate(
-    model: Annotated[Path, typer.Option(help="local Hugging Face model directory")],
-    data: Annotated[Path, typer.Option(help="prompt file (.jsonl, .json, .csv, .parquet, datasets directory)")],
-    n: Annotated[int, typer.Option(help="samples per prompt")] = 16,
+    model: ModelDirOption,
+    data: DataFileOption,
+    n: SamplesOption = 16,
     k: Annotated[str, typer.Option(help="comma-separated k values for Pass@k")] = "1,4,16",
-    reward: Annotated[str, typer.Option(help="reward name or package.module:function")] = "math",
+    reward: RewardOption = "math",
     max_new_tokens: Annotated[int, typer.Option()] = 256,
     temperature: Annotated[float, typer.Option()] = 1.0,
     top_p: Annotated[float, typer.Option()] = 1.0,
     prompt_column: Annotated[str, typer.Option()] = "prompt",
     answer_column: Annotated[str, typer.Option()] = "answer",
-    prompt_template: Annotated[str, typer.Option(help="format string with {prompt}")] = "{prompt}",
+    prompt_template: PromptTemplateOption = "{prompt}",
     max_prompts: Annotated[Optional[int], typer.Option(help="evaluate only the first N prompts")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Optional[Path], typer.Option(help="write the JSON summary here")] = None,
-    device: Annotated[str, typer.Option(help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Avg@n, unbiased Pass@k and the pass-rate histogram of a model on a prompt file."""
     from rich.progress import Progress
@@ -172,10 +182,10 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("audit")
 def data_audit(
-    model: Annotated[Path, typer.Option(help="local Hugging Face model directory")],
-    data: Annotated[Path, typer.Option(help="prompt file (.jsonl, .json, .csv, .parquet, datasets directory)")],
-    n: Annotated[int, typer.Option(help="samples per prompt")] = 16,
-    reward: Annotated[str, typer.Option(help="reward name or package.module:function")] = "math",
+    model: ModelDirOption,
+    data: DataFileOption,
+    n: SamplesOption = 16,
+    reward: RewardOption = "math",
     band: Annotated[str, typer.Option(help="keep rows whose pass rate lies in this band, e.g. '[0.1,0.5]' or '(1/16,15/16)'")] = "(0, 1)",
     consensus: Annotated[float, typer.Option(help="majority share from which a wrong majority answer makes a prompt look wrong")] = 0.5,
     low_pass_rate: Annotated[float, typer.Option(help="pass rates at or below this are rarely solved (hard or wrong)")] = 0.25,
@@ -186,12 +196,12 @@ def data_audit(
     top_p: Annotated[float, typer.Option()] = 1.0,
     prompt_column: Annotated[str, typer.Option()] = "prompt",
     answer_column: Annotated[str, typer.Option()] = "answer",
-    prompt_template: Annotated[str, typer.Option(help="format string with {prompt}")] = "{prompt}",
+    prompt_template: PromptTemplateOption = "{prompt}",
     max_prompts: Annotated[Optional[int], typer.Option(help="audit only the first N prompts")] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per generation call")] = 64,
     seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Sample a model on every prompt and separate hard prompts from ones whose reference looks wrong.
 
