@@ -289,7 +289,7 @@ class Trainer:
                 reasons = [reasons[i] for i in kept_rows.tolist()]
                 rewards, correct = rewards[kept_rows], correct[kept_rows]
         seq_log_prob = (rollouts.sampler_log_probs.sum(-1) / rollouts.lengths.clamp(min=1)).float()
-        rewards = self._shape_group_rewards(rewards, rollouts, group_ids, seq_log_prob, metrics)
+        rewards = self._shape_group_rewards(rewards, completions, group_ids, seq_log_prob, metrics)
         advantages = compute_advantages(
             self.advantage_name, rewards, group_ids, lengths=rollouts.lengths, seq_log_prob=seq_log_prob,
             **self.config.advantage.params,
@@ -304,14 +304,11 @@ class Trainer:
         })
         return ScoredRollouts(rollouts, records, group_ids, rewards, advantages, metrics, completions, reasons)
 
-    def _shape_group_rewards(self, rewards, rollouts: Rollouts, group_ids, seq_log_prob, metrics: dict[str, float]):
+    def _shape_group_rewards(self, rewards, completions: list[str], group_ids, seq_log_prob, metrics: dict[str, float]):
         """Group-level reward shaping before the advantage (each multiplies R, so their order does not matter):
         DRA-GRPO diversity weights (arXiv 2505.09655) and the unlikeliness rank scaling (arXiv 2506.02355)."""
         if self.diversity_embedder is not None:
             started = time.perf_counter()
-            completions = self.tokenizer.batch_decode(
-                [row[mask].tolist() for row, mask in zip(rollouts.response_ids, rollouts.response_mask)], skip_special_tokens=True
-            )
             weights = diversity_weights(completions, group_ids, embedder=self.diversity_embedder)
             rewards = (rewards.double() * weights).float()
             metrics["reward/diversity_weight_mean"] = float(weights.mean())
