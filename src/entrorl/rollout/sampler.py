@@ -137,11 +137,15 @@ class _TransformersDecoder:
         return output.logits[:, -1, :]
 
     def select(self, rows: torch.Tensor) -> bool:
-        """Keep only ``rows`` of the batch (the cache, the mask, the positions); False if this cache cannot."""
-        try:
-            self.cache.batch_select_indices(rows)
-        except (AttributeError, NotImplementedError, TypeError):
+        """Keep only ``rows`` of the batch (the cache, the mask, the positions). Only a plain ``DynamicCache`` of
+        full-attention layers is cut (other layer kinds may keep state that row selection would not touch);
+        for any other cache this returns False and the batch stays whole."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        layers = getattr(self.cache, "layers", None)
+        if type(self.cache) is not DynamicCache or not layers or any(type(layer) is not DynamicLayer for layer in layers):
             return False
+        self.cache.batch_select_indices(rows)
         self.attention, self.next_position = self.attention[rows], self.next_position[rows]
         return True
 
