@@ -50,6 +50,9 @@ Diagnostics overhead, two ways: arm against arm, ``median step(entrorl) / median
 the rest of the same step (the post-update forward and every summary statistic; immune to slow periods that
 hit one arm and not the other).
 
+``--entrorl-set KEY=VALUE`` (repeatable) changes the entrorl arms' configuration the way ``entrorl train --set`` does,
+to measure what one setting is worth (e.g. ``--entrorl-set optim.share_prompts=false``).
+
 Run ``python benchmarks/bench_trainer.py --help`` for the options; ``--quick`` is a smoke test that finishes in
 well under a minute.
 """
@@ -157,12 +160,13 @@ def worker_entrorl(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from entrorl.rewards import register_reward
     from entrorl.trainer import Trainer, load_config
+    from entrorl.trainer.config import apply_overrides
 
     register_reward(REWARD_NAME, description="bench_trainer.py's reward")(bench_reward)
     diagnostics = {}
     if spec.get("measure_fraction") is not None:
         diagnostics["measure_fraction"] = spec["measure_fraction"]
-    config = load_config({
+    config = load_config(apply_overrides({
         "seed": spec["seed"],
         "torch_threads": spec["threads"],
         "model": {"path": spec["model_dir"]},
@@ -179,7 +183,7 @@ def worker_entrorl(spec: dict) -> dict:
         "diagnostics": {"measure_entropy_change": spec["arm"] == "entrorl", **diagnostics},
         "logging": {"progress": False},
         "checkpoint": {"every": 0},
-    })
+    }, spec.get("entrorl_set") or []))
     trainer = Trainer(config, run_dir=Path(spec["work_dir"]) / f"entrorl-run-{spec['arm']}-{spec['round']}")
     profile = None
     records = []
@@ -575,6 +579,8 @@ def report(results: dict[str, list[dict]], args, machine: dict) -> str:
     if fractions:
         out.append("entrorl diagnostics: the post-update re-scoring covers "
                    + " / ".join(f"{fraction:g}" for fraction in fractions) + " of the rows (diagnostics.measure_fraction)")
+    if getattr(args, "entrorl_set", None):
+        out.append("entrorl config overrides: " + ", ".join(args.entrorl_set))
     foreign = [run["foreign_cpus"] for runs in results.values() for run in runs if run.get("foreign_cpus") is not None]
     if foreign:
         out.append(f"other processes kept {statistics.median(foreign):.2f} CPUs busy (median over arms and rounds; "
@@ -662,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-fraction", type=float, default=None,
                         help="entrorl's diagnostics.measure_fraction, the share of rows re-scored after the update "
                         "(default: the config's default)")
+    parser.add_argument("--entrorl-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the entrorl arms, as `entrorl train --set` takes it "
+                        "(repeatable; e.g. retain_freed_memory=false to measure that setting)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which arms to run (default: all)")
     parser.add_argument("--skip-trl", action="store_true", help="do not run TRL (skipped anyway when it is not importable)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, 1 warm-up + 2 timed steps, 1 round")
@@ -731,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
                     "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
                     "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "steps": args.steps,
                     "profile": args.profile, "measure_fraction": args.measure_fraction,
+                    "entrorl_set": args.entrorl_set,
                 }
                 started = time.perf_counter()
                 result = _spawn(spec, args.timeout)

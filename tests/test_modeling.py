@@ -1,11 +1,22 @@
-"""Scoring responses in length groups: the same statistics and gradients as one padded pass."""
+"""Scoring responses in length groups, and running a prompt that several rows share only once: the same
+statistics and gradients as one padded pass."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from entrorl.modeling import bucketed_response_token_stats, length_buckets, load_causal_lm, response_token_stats
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from entrorl import modeling
+from entrorl.modeling import (
+    bucketed_response_token_stats,
+    length_buckets,
+    load_causal_lm,
+    prompt_groups,
+    response_token_stats,
+    shares_prompts,
+)
 
 NEED = ("logprob", "entropy", "disc", "disc_centered")
 
@@ -69,3 +80,116 @@ def test_bucketed_scoring_equals_one_padded_pass(tiny_model_dir, temperature):
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4)
+
+
+COMMON = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=96, pad_token_id=0, eos_token_id=1)
+ARCHITECTURES = {
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=8),
+    "llama_bias": lambda: LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True),
+    "mistral_mha": lambda: MistralConfig(**{**COMMON, "num_key_value_heads": 4}, sliding_window=None),
+}
+
+
+def random_model(config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # non-trivial norms and biases, so that a term the cached path dropped would show
+        for name, parameter in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return model
+
+
+def grouped_batch(group_prompt_lengths: list[int], group_size: int, vocab: int, seed: int = 0):
+    """GRPO-shaped rows: each prompt (left-padded to the widest) repeated ``group_size`` times, shuffled, with
+    responses of ragged lengths (right-padded)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(group_prompt_lengths)
+    rows = len(group_prompt_lengths) * group_size
+    order = torch.randperm(rows, generator=generator)
+    prompt_ids = torch.zeros(rows, width, dtype=torch.long)
+    prompt_mask = torch.zeros(rows, width, dtype=torch.bool)
+    for group, length in enumerate(group_prompt_lengths):
+        tokens = torch.randint(3, vocab, (length,), generator=generator)
+        for row in order[group * group_size : (group + 1) * group_size]:
+            prompt_ids[row, width - length :] = tokens
+            prompt_mask[row, width - length :] = True
+    response_lengths = torch.randint(1, 20, (rows,), generator=generator)
+    response_lengths[0] = 20
+    response_mask = torch.arange(20)[None] < response_lengths[:, None]
+    response_ids = torch.randint(3, vocab, (rows, 20), generator=generator) * response_mask
+    return prompt_ids, prompt_mask, response_ids, response_mask
+
+
+def test_prompt_groups_name_each_rows_distinct_prompt():
+    prompt_ids, prompt_mask, _, _ = grouped_batch([3, 5, 5, 2], group_size=3, vocab=40)
+    first, inverse = prompt_groups(prompt_ids, prompt_mask)
+    assert len(first) == 4
+    for row in range(len(inverse)):
+        assert torch.equal(prompt_ids[row], prompt_ids[first[inverse[row]]])
+        assert torch.equal(inverse[first[inverse[row]]], inverse[row])
+    # the same tokens with other padding are other prompts
+    ids = torch.tensor([[0, 7, 8], [7, 8, 0]])
+    assert len(prompt_groups(ids, ids != 0)[0]) == 2
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("max_buckets", [1, 8])
+def test_shared_prompt_scoring_equals_one_padded_pass(architecture, max_buckets, monkeypatch):
+    model = random_model(ARCHITECTURES[architecture]())
+    assert shares_prompts(model)
+    batch = grouped_batch([4, 9, 1, 6], group_size=4, vocab=COMMON["vocab_size"])
+    mask = batch[3]
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask
+
+    def values_and_grads(score):
+        model.zero_grad(set_to_none=True)
+        stats = score(model, *batch, temperature=0.8, need=NEED)
+        ((stats.logprob + 0.1 * stats.entropy) * weights).sum().backward()
+        return stats, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    prompt_passes = []
+    original = modeling._distinct_prompt_pass
+    monkeypatch.setattr(modeling, "_distinct_prompt_pass",
+                        lambda model, ids, prompt_mask: prompt_passes.append(len(ids)) or original(model, ids, prompt_mask))
+    expected, expected_grads = values_and_grads(response_token_stats)
+    shared, shared_grads = values_and_grads(
+        lambda *args, **kwargs: bucketed_response_token_stats(*args, **kwargs, max_buckets=max_buckets, overhead_tokens=0,
+                                                              prompt_pass_tokens=0))
+    assert prompt_passes == [4]  # one pass over the 4 distinct prompts, not 16 rows
+    for name in NEED:
+        ours, theirs = getattr(shared, name), getattr(expected, name)
+        assert ours.shape == theirs.shape == mask.shape
+        torch.testing.assert_close(ours[mask], theirs[mask], atol=2e-5, rtol=1e-5)
+        assert not ours[~mask].any()
+    assert expected_grads.keys() == shared_grads.keys()
+    for name in expected_grads:
+        torch.testing.assert_close(shared_grads[name], expected_grads[name], atol=1e-5, rtol=1e-4)
+    # switched off, or saving fewer positions than the extra pass costs, the prompts run once per row again
+    prompt_passes.clear()
+    off = bucketed_response_token_stats(model, *batch, need=("logprob",), share_prompts=False, prompt_pass_tokens=0)
+    saved = int(batch[1].sum()) - (4 + 9 + 1 + 6)  # 16 rows' prompt positions minus the 4 distinct prompts'
+    bucketed_response_token_stats(model, *batch, need=("logprob",), prompt_pass_tokens=saved)
+    assert prompt_passes == []
+    bucketed_response_token_stats(model, *batch, need=("logprob",), prompt_pass_tokens=saved - 1)
+    assert prompt_passes == [4]
+    torch.testing.assert_close(off.logprob[mask], response_token_stats(model, *batch, need=("logprob",)).logprob[mask])
+
+
+def test_models_that_cannot_share_prompts_are_scored_row_by_row():
+    checkpointed = random_model(Qwen2Config(**COMMON))
+    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
+    enable()
+    assert not shares_prompts(checkpointed)
+    windowed = random_model(MistralConfig(**COMMON, sliding_window=8))
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                                       bos_token_id=1, eos_token_id=1))
+    for model in (windowed.eval(), gpt2.eval()):
+        assert not shares_prompts(model)
+        batch = grouped_batch([4, 6], group_size=3, vocab=40)
+        with torch.no_grad():
+            got = bucketed_response_token_stats(model, *batch, need=("logprob",))
+            expected = response_token_stats(model, *batch, need=("logprob",))
+        torch.testing.assert_close(got.logprob[batch[3]], expected.logprob[batch[3]], atol=2e-5, rtol=1e-5)

@@ -11,6 +11,7 @@ from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
     "load_tokenizer", "load_causal_lm", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
+    "prompt_groups", "shares_prompts", "cache_argument", "output_cache",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
 
@@ -69,6 +70,20 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     return model
+
+
+def cache_argument(module) -> str:
+    """The name under which ``module``'s forward takes a key/value cache: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before (the old name still works there, with a deprecation warning)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The key/value cache a forward with ``use_cache=True`` returned, under either name (see :func:`cache_argument`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def _uses_fused_head(model) -> bool:
@@ -137,6 +152,36 @@ def length_buckets(prompt_lengths: torch.Tensor, response_lengths: torch.Tensor,
     return best
 
 
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct prompts of a batch: ``(first, inverse)`` where ``first[u]`` is the first row holding distinct
+    prompt ``u`` and ``inverse[row]`` is the distinct prompt of ``row`` (rows are equal when their tokens and their
+    padding are)."""
+    keys = torch.where(prompt_mask.bool(), prompt_ids, -1)
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    rows = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)
+    first = torch.full((int(inverse.max()) + 1,), prompt_ids.shape[0], dtype=torch.long, device=prompt_ids.device)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+    return first, inverse
+
+
+def shares_prompts(model) -> bool:
+    """Whether :func:`bucketed_response_token_stats` can run ``model``'s prompts once per distinct prompt: a
+    plain-linear-head architecture (:data:`FUSED_HEAD_MODEL_TYPES`) whose layers all use full attention, without
+    gradient checkpointing (whose layers drop a cache passed to them)."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # the name from transformers 5.24 on
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
+        return False
+    config = model.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        full = all(kind == "full_attention" for kind in layer_types)
+    else:
+        full = not getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None) is None
+    return _uses_fused_head(model) and full
+
+
 def bucketed_response_token_stats(
     model,
     prompt_ids: torch.Tensor,
@@ -148,18 +193,34 @@ def bucketed_response_token_stats(
     need=("logprob", "entropy"),
     max_buckets: int = 8,
     overhead_tokens: int = 1024,
+    share_prompts: bool = True,
+    prompt_pass_tokens: int = 256,
 ) -> TokenStats:
     """:func:`response_token_stats` computed per length group (:func:`length_buckets`), each group cut to its own
     widths, then put back in the rows' order and padded to the full response width (zeros on padding).
 
     A row's statistics do not depend on the other rows of its forward pass, so the result is the same as one
     pass over the whole batch (float rounding aside), with fewer padded positions computed: responses of very
-    different lengths, as RL rollouts are, waste much of a single padded pass. Differentiable when grad is on.
+    different lengths, as RL rollouts are, waste much of a single padded pass.
+
+    With ``share_prompts`` (and a model that :func:`shares_prompts`), rows that repeat a prompt, as the G responses
+    of a GRPO group do, run it once: one forward over the distinct prompts fills a key/value cache, and each
+    group's responses are then run on top of their prompts' cached keys and values. The gradient flows through the
+    cache into the prompt pass, so values and gradients are again those of one padded pass, for
+    ``(rows - distinct prompts) x prompt length`` fewer token positions. The prompts are shared only when that
+    saves more than ``prompt_pass_tokens`` positions, the cost of the extra forward pass (the fixed cost of one
+    forward call is worth about 160 positions of arithmetic on the benchmark's 2-layer model with hidden size 64,
+    and fewer on any larger model). Differentiable when grad is on.
     """
     prompt_lengths, response_lengths = prompt_mask.sum(-1), response_mask.sum(-1)
     groups = length_buckets(prompt_lengths, response_lengths, max_buckets=max_buckets, overhead_tokens=overhead_tokens)
     width = response_ids.shape[1]
-    if len(groups) == 1:
+    prompt_pass = None
+    if share_prompts and shares_prompts(model):
+        first, inverse = prompt_groups(prompt_ids, prompt_mask)
+        if int(prompt_lengths.sum() - prompt_lengths[first].sum()) > prompt_pass_tokens:
+            prompt_pass = _distinct_prompt_pass(model, prompt_ids[first], prompt_mask[first])
+    if len(groups) == 1 and prompt_pass is None:
         return response_token_stats(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=temperature,
                                     need=need)
     parts: dict[str, list[torch.Tensor]] = {}
@@ -167,11 +228,55 @@ def bucketed_response_token_stats(
         prompt_width = max(1, int(prompt_lengths[group].max()))
         response_width = max(1, int(response_lengths[group].max()))
         # prompts are left-padded and responses right-padded: keep the last / first columns
-        stats = response_token_stats(
-            model, prompt_ids[group, -prompt_width:], prompt_mask[group, -prompt_width:], response_ids[group, :response_width],
-            response_mask[group, :response_width], temperature=temperature, need=need,
-        )
+        group_prompt_ids, group_prompt_mask = prompt_ids[group, -prompt_width:], prompt_mask[group, -prompt_width:]
+        group_response_ids, group_response_mask = response_ids[group, :response_width], response_mask[group, :response_width]
+        if prompt_pass is None:
+            stats = response_token_stats(model, group_prompt_ids, group_prompt_mask, group_response_ids,
+                                         group_response_mask, temperature=temperature, need=need)
+        else:
+            stats = _response_stats_on_cached_prompts(
+                model, prompt_pass, inverse[group], group_prompt_mask, group_response_ids, group_response_mask,
+                temperature=temperature, need=need,
+            )
         for name, values in stats.as_dict().items():
             parts.setdefault(name, []).append(torch.nn.functional.pad(values, (0, width - response_width)))
-    inverse = torch.argsort(torch.cat(groups))
-    return TokenStats(**{name: torch.cat(values)[inverse.to(values[0].device)] for name, values in parts.items()})
+    inverse_order = torch.argsort(torch.cat(groups))
+    return TokenStats(**{name: torch.cat(values)[inverse_order.to(values[0].device)] for name, values in parts.items()})
+
+
+def _distinct_prompt_pass(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """One forward over left-padded prompts: per layer ``(keys, values)`` ``[U, H_kv, P, D]`` and the final hidden
+    state of each prompt's last token ``[U, H]`` (which predicts the first response token)."""
+    device = next(model.parameters()).device
+    width = max(1, int(prompt_mask.sum(-1).max()))
+    input_ids, attention = prompt_ids[:, -width:].to(device), prompt_mask[:, -width:].to(device).long()
+    positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
+    output = model.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    layers = [(entry[0], entry[1]) for entry in output_cache(output)]
+    return layers, output.last_hidden_state[:, -1]
+
+
+def _response_stats_on_cached_prompts(model, prompt_pass, distinct: torch.Tensor, prompt_mask: torch.Tensor,
+                                      response_ids: torch.Tensor, response_mask: torch.Tensor, *, temperature: float,
+                                      need) -> TokenStats:
+    """Statistics of responses whose prompts (distinct prompt ``distinct[row]``, left-padded to ``prompt_mask``'s
+    width) went through :func:`_distinct_prompt_pass`: their keys and values seed the cache of one forward over the
+    responses."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    layers, last_prompt_hidden = prompt_pass
+    distinct = distinct.to(device)
+    prompt_width = prompt_mask.shape[1]
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys[distinct, :, -prompt_width:], values[distinct, :, -prompt_width:], index)
+    attention = torch.cat([prompt_mask, response_mask], dim=1).to(device).long()
+    positions = prompt_mask.sum(-1, keepdim=True).to(device) + torch.arange(response_ids.shape[1], device=device)
+    hidden = model.model(input_ids=response_ids.to(device), attention_mask=attention, position_ids=positions,
+                         use_cache=True, **{cache_argument(model.model): cache}).last_hidden_state
+    # the hidden state before response token j: the prompt's last for j = 0, response token j - 1's after that
+    hidden = torch.cat([last_prompt_hidden[distinct][:, None], hidden[:, :-1]], dim=1)
+    head = model.get_output_embeddings()
+    return token_stats_from_hidden(hidden, head.weight, response_ids.to(device), lm_head_bias=head.bias,
+                                   temperature=temperature, mask=response_mask.to(device), need=need)

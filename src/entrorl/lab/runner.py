@@ -90,7 +90,7 @@ def _trainer_config(preset: LabPreset, method: str, model_dir: Path, data: dict[
 def evaluate_policy(model, tokenizer, preset: LabPreset, data: dict[str, Path]) -> dict[str, Any]:
     """Pass@k (k up to ``eval_n``) on the held-out split, pass rates, entropy and S/D distributions of the
     samples split by correctness, the top fork tokens, and accuracy on the untrained (forgetting) task."""
-    from entrorl.modeling import response_token_stats
+    from entrorl.modeling import bucketed_response_token_stats
     from entrorl.rewards import RewardRunner
     from entrorl.rollout import HFSampler, SamplingParams
     from entrorl.trainer.diagnostics import top_fork_tokens
@@ -117,8 +117,9 @@ def evaluate_policy(model, tokenizer, preset: LabPreset, data: dict[str, Path]) 
             continue
         ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
         summary = summarize_samples(correct, ks=ks)
-        stats = response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids, rollouts.response_mask,
-                                     temperature=preset.temperature, need=("entropy", "disc", "disc_centered"))
+        stats = bucketed_response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
+                                              rollouts.response_mask, temperature=preset.temperature,
+                                              need=("entropy", "disc", "disc_centered"))
         mask = rollouts.response_mask
         sample_correct = scores.correct[:, None].expand_as(mask)
         distributions = {}

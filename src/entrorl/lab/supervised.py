@@ -18,7 +18,7 @@ import torch
 from entrorl.lab.tasks import Task
 from entrorl.rollout import Rollouts
 from entrorl.trainer.diagnostics import entropy_summary
-from entrorl.trainer.loop import ScoredRollouts, Trainer, _token_stats_of
+from entrorl.trainer.loop import ScoredRollouts, Trainer
 
 __all__ = ["SFTTrainer", "SFT_OBJECTIVE"]
 
@@ -38,8 +38,7 @@ class SFTTrainer(Trainer):
             raise RuntimeError("SFTTrainer needs use_task(task) before training")
         sampled = super().collect()
         with torch.no_grad():
-            stats = _token_stats_of(self.model, sampled.rollouts, torch.arange(len(sampled.rollouts)),
-                                    self.config.rollout.temperature, need=("entropy",))
+            stats = self.token_stats(self.model, sampled.rollouts, torch.arange(len(sampled.rollouts)), need=("entropy",))
         metrics = {**sampled.metrics, **entropy_summary(stats.entropy.float().cpu(), sampled.rollouts.response_mask)}
         rng = random.Random(self.config.seed * 1_000_003 + self.step)
         demonstrations = [

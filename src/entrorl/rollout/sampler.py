@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from entrorl.modeling import cache_argument, output_cache
 from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
 
 __all__ = ["Rollouts", "SamplingParams", "HFSampler", "process_logits", "sample_from_log_probs", "DECODERS"]
@@ -127,13 +128,14 @@ class _TransformersDecoder:
         self.prompt_ids = prompt_ids
         self.attention = prompt_mask.long()
         self.cache = None
+        self.cache_argument = cache_argument(model)
         self.next_position = None
 
     def prefill(self) -> torch.Tensor:
         positions = (self.attention.cumsum(dim=-1) - 1).clamp(min=0)
         output = self.model(input_ids=self.prompt_ids, attention_mask=self.attention, position_ids=positions,
                             use_cache=True, logits_to_keep=1)
-        self.cache, self.next_position = output.past_key_values, positions[:, -1:] + 1
+        self.cache, self.next_position = output_cache(output), positions[:, -1:] + 1
         return output.logits[:, -1, :]
 
     def select(self, rows: torch.Tensor) -> bool:
@@ -152,8 +154,8 @@ class _TransformersDecoder:
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         self.attention = torch.cat([self.attention, self.attention.new_ones((self.attention.shape[0], 1))], dim=-1)
         output = self.model(input_ids=tokens[:, None], attention_mask=self.attention, position_ids=self.next_position,
-                            past_key_values=self.cache, use_cache=True)
-        self.cache, self.next_position = output.past_key_values, self.next_position + 1
+                            use_cache=True, **{self.cache_argument: self.cache})
+        self.cache, self.next_position = output_cache(output), self.next_position + 1
         return output.logits[:, -1, :]
 
 

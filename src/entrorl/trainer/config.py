@@ -183,6 +183,9 @@ class OptimConfig(_Section):
     micro_batch_size: int | None = Field(None, ge=1, description="rows per forward/backward (gradient accumulation)")
     length_buckets: int = Field(8, ge=1, description="score rows in up to this many forward passes grouped by length, each "
                                 "padded only to its own longest row (same numbers, fewer padded positions; 1 = one pass)")
+    share_prompts: bool = Field(True, description="run a prompt that several rows share (a GRPO group) once, then each "
+                                "row's response on its cached keys and values (same numbers, fewer positions; "
+                                "plain-head full-attention architectures, see entrorl.modeling.shares_prompts)")
     max_consecutive_nonfinite: int = Field(3, ge=1, description="stop after this many skipped non-finite steps in a row")
     kl_reference: bool | None = Field(None, description="load a frozen reference model; None = only when the method needs it")
 
@@ -229,6 +232,10 @@ class CheckpointConfig(_Section):
 class TrainConfig(_Section):
     seed: int = 0
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default")
+    retain_freed_memory: bool = Field(
+        True, description="on Linux (glibc), keep freed CPU memory blocks of up to 32 MiB in the process for reuse "
+        "instead of returning them to the kernel, so that a step's tensors do not page-fault fresh memory every time "
+        "(entrorl.trainer.allocator); up to 1 GiB of freed memory may stay resident")
     model: ModelConfig
     data: DataConfig
     reward: RewardConfig = Field(default_factory=RewardConfig)

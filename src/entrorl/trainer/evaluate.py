@@ -9,7 +9,7 @@ import torch
 
 from entrorl.data import PromptRecord
 from entrorl.evaluation import EvalSummary, summarize_samples
-from entrorl.modeling import response_token_stats
+from entrorl.modeling import bucketed_response_token_stats
 from entrorl.rewards import RewardRunner
 from entrorl.rollout import HFSampler, SamplingParams
 from entrorl.trainer.diagnostics import top_fork_tokens
@@ -70,8 +70,9 @@ def evaluate_model(
     if top_forks:
         was_training = model.training
         model.eval()
-        stats = response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
-                                     rollouts.response_mask, temperature=max(sampling.temperature, 1e-6), need=("entropy",))
+        stats = bucketed_response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
+                                              rollouts.response_mask, temperature=max(sampling.temperature, 1e-6),
+                                              need=("entropy",))
         model.train(was_training)
         forks = top_fork_tokens(tokenizer, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
                                 rollouts.response_mask, stats.entropy.float().cpu(), k=top_forks)

@@ -25,6 +25,7 @@ from entrorl.objective import PolicyBatch, build_objective
 from entrorl.rewards import RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
 from entrorl.rollout import HFSampler, Rollouts, SamplingParams
+from entrorl.trainer.allocator import retain_freed_memory
 from entrorl.trainer.checkpoint import (
     atomic_write_text,
     capture_rng_state,
@@ -61,19 +62,6 @@ class ScoredRollouts:
     reasons: list[str | None] = field(default_factory=list)  # why each sample got its score, when the reward says
 
 
-def _token_stats_of(model, rollouts: Rollouts, index, temperature: float, need=_STATS, buckets: int = 8):
-    return bucketed_response_token_stats(
-        model,
-        rollouts.prompt_ids[index],
-        rollouts.prompt_mask[index],
-        rollouts.response_ids[index],
-        rollouts.response_mask[index],
-        temperature=temperature,
-        need=need,
-        max_buckets=buckets,
-    )
-
-
 class Trainer:
     """Train a local Hugging Face causal LM with an entrorl method; see :class:`TrainConfig`.
 
@@ -86,6 +74,8 @@ class Trainer:
         self.console = console
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
+        if config.retain_freed_memory:
+            retain_freed_memory()
         self.run_dir = Path(run_dir) if run_dir is not None else self._default_run_dir()
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if resume and checkpoint is None:
@@ -145,8 +135,10 @@ class Trainer:
                                        dtype=config.model.dtype, seed=config.seed,
                                        gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization)
         optim = config.optim
+        # torch's fused AdamW (one kernel for all parameters instead of a loop over them) runs on the CPU and CUDA
+        fused = self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                           weight_decay=optim.weight_decay)
+                                           weight_decay=optim.weight_decay, fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
         )
@@ -324,10 +316,20 @@ class Trainer:
             path.write_text(traceback_text)
 
     # ------------------------------------------------------------------------------------------------ the step
+    def token_stats(self, model, rollouts: Rollouts, rows: torch.Tensor, need=_STATS):
+        """Statistics of the response tokens of ``rollouts[rows]`` under ``model`` (differentiable when grad is on),
+        scored as ``optim.length_buckets`` and ``optim.share_prompts`` say."""
+        optim = self.config.optim
+        return bucketed_response_token_stats(
+            model, rollouts.prompt_ids[rows], rollouts.prompt_mask[rows], rollouts.response_ids[rows],
+            rollouts.response_mask[rows], temperature=self.config.rollout.temperature, need=need,
+            max_buckets=optim.length_buckets, share_prompts=optim.share_prompts,
+        )
+
     def train_step(self) -> dict[str, float]:
         """One step: prompts → rollouts → rewards → advantages → scoring → updates → diagnostics."""
         config = self.config
-        temperature, buckets = config.rollout.temperature, config.optim.length_buckets
+        temperature = config.rollout.temperature
         started = time.perf_counter()
 
         # 1-3. rollouts, rewards, advantages
@@ -347,12 +349,11 @@ class Trainer:
         before = None
         if not on_policy:
             with torch.no_grad():
-                before = _token_stats_of(self.model, rollouts, everything, temperature, buckets=buckets)
+                before = self.token_stats(self.model, rollouts, everything)
         reference_log_prob = None
         if self.reference is not None:
             with torch.no_grad():
-                reference_log_prob = _token_stats_of(self.reference, rollouts, everything, temperature, need=("logprob",),
-                                                     buckets=buckets).logprob
+                reference_log_prob = self.token_stats(self.reference, rollouts, everything, need=("logprob",)).logprob
 
         # 5. updates: epochs x mini-batches, each optionally split into micro-batches
         grad_coefficients = torch.zeros(mask.shape, dtype=torch.float32)
@@ -367,7 +368,7 @@ class Trainer:
                 micro_size = config.optim.micro_batch_size or len(mini_batch)
                 losses_finite = True
                 for micro in mini_batch.split(micro_size):
-                    stats = _token_stats_of(self.model, rollouts, micro, temperature, buckets=buckets)
+                    stats = self.token_stats(self.model, rollouts, micro)
                     stats.logprob.retain_grad()
                     if on_policy:
                         for name in _STATS:
@@ -424,8 +425,8 @@ class Trainer:
             compared[measured_rows] = mask[measured_rows]
             after_entropy = before_entropy.clone()
             with torch.no_grad():
-                after_entropy[measured_rows] = _token_stats_of(self.model, rollouts, measured_rows, temperature, need=("entropy",),
-                                                                buckets=buckets).entropy.float().cpu()
+                after_entropy[measured_rows] = self.token_stats(self.model, rollouts, measured_rows,
+                                                                need=("entropy",)).entropy.float().cpu()
         change, _ = predicted_vs_measured(grad_coefficients, centered, before_entropy, after_entropy, compared, lr=lr,
                                           temperature=temperature)
         metrics.update(change)
