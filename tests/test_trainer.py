@@ -299,3 +299,29 @@ def test_training_on_cuda_matches_the_cpu_step(tmp_path, tiny_model_dir, arithme
     mask = rollouts.response_mask
     torch.testing.assert_close(on_gpu.logprob.cpu()[mask], on_cpu.logprob[mask], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(on_gpu.entropy.cpu()[mask], on_cpu.entropy[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prompts_train_exactly_like_one_pass_per_row(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
+    """optim.share_prompts changes how the scoring runs, never what a step computes."""
+    from entrorl import modeling
+
+    prompt_passes = []
+    original = modeling._distinct_prompt_pass
+    monkeypatch.setattr(modeling, "_distinct_prompt_pass", lambda *args: prompt_passes.append(1) or original(*args))
+    train, _ = arithmetic_files
+    steps = {}
+    for share in (True, False):
+        prompt_passes.clear()
+        # prompts long enough, and groups large enough, that sharing saves more positions than the extra pass costs
+        config = load_config(make_config(
+            tiny_model_dir, train, None, data={"prompt_template": "Work out the sum, then answer: {prompt}"},
+            rollout={"prompts_per_step": 2, "group_size": 8}, optim={"steps": 2, "share_prompts": share},
+            checkpoint={"every": 0},
+        ))
+        trainer = Trainer(config, run_dir=tmp_path / f"share-{share}")
+        steps[share] = [trainer.train_step() for _ in range(2)]
+        assert bool(prompt_passes) == share
+    for shared, plain in zip(steps[True], steps[False]):
+        assert shared["reward/mean"] == plain["reward/mean"]
+        for key in ("loss/total", "train/grad_norm", "entropy/mean", "entropy/predicted_delta", "entropy/measured_delta"):
+            assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
