@@ -193,3 +193,16 @@ def test_models_that_cannot_share_prompts_are_scored_row_by_row():
             got = bucketed_response_token_stats(model, *batch, need=("logprob",))
             expected = response_token_stats(model, *batch, need=("logprob",))
         torch.testing.assert_close(got.logprob[batch[3]], expected.logprob[batch[3]], atol=2e-5, rtol=1e-5)
+
+
+def test_shared_prompt_scoring_in_bfloat16_stays_close_to_one_padded_pass():
+    model = random_model(ARCHITECTURES["qwen2"]()).to(torch.bfloat16)
+    batch = grouped_batch([4, 9, 1, 6], group_size=4, vocab=COMMON["vocab_size"])
+    mask = batch[3]
+    with torch.no_grad():
+        expected = response_token_stats(model, *batch, need=NEED)
+        shared = bucketed_response_token_stats(model, *batch, need=NEED, prompt_pass_tokens=0, overhead_tokens=0)
+    for name, atol in (("logprob", 2e-2), ("entropy", 2e-2), ("disc", 1e-3), ("disc_centered", 1e-3)):
+        ours, theirs = getattr(shared, name)[mask].float(), getattr(expected, name)[mask].float()
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, theirs, atol=atol, rtol=1e-2)
