@@ -363,7 +363,7 @@ def worker_floor(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from entrorl.modeling import load_causal_lm, load_tokenizer
+    from entrorl.modeling import left_pad, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(spec["model_dir"])
     model = load_causal_lm(spec["model_dir"], dtype="float32")
@@ -376,12 +376,8 @@ def worker_floor(spec: dict) -> dict:
     for index in range(spec["warmup"] + spec["steps"]):
         started, started_cpu = time.perf_counter(), time.process_time()
         batch = [encoded[(index * P + i) % len(encoded)] for i in range(P) for _ in range(G)]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
+        input_ids, attention = left_pad(batch, tokenizer.pad_token_id)
+        attention = attention.long()
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         model.eval()
         with torch.no_grad():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
     "load_tokenizer", "load_causal_lm", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
-    "prompt_groups", "shares_prompts", "cache_argument", "output_cache",
+    "prompt_groups", "shares_prompts", "cache_argument", "output_cache", "left_pad",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
 
@@ -75,15 +77,31 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
 def cache_argument(module) -> str:
     """The name under which ``module``'s forward takes a key/value cache: ``cache`` from transformers 5.24 on,
     ``past_key_values`` before (the old name still works there, with a deprecation warning)."""
-    import inspect
+    return _cache_argument_of(type(module))
 
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument_of(module_class: type) -> str:  # read once per class: scoring asks on every forward call
+    return "cache" if "cache" in inspect.signature(module_class.forward).parameters else "past_key_values"
 
 
 def output_cache(output):
     """The key/value cache a forward with ``use_cache=True`` returned, under either name (see :func:`cache_argument`)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+def left_pad(sequences, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id sequences as ``[rows, longest]`` ids, each row right-aligned after ``pad_id`` padding, and the
+    bool mask of its real tokens (the layout a causal LM continues from)."""
+    width = max((len(sequence) for sequence in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, sequence in enumerate(sequences):
+        if len(sequence):
+            ids[row, width - len(sequence) :] = torch.as_tensor(list(sequence), dtype=torch.long)
+            mask[row, width - len(sequence) :] = True
+    return ids, mask
 
 
 def _uses_fused_head(model) -> bool:
@@ -119,14 +137,19 @@ def response_token_stats(
     if fused_head:
         hidden = model.model(input_ids=input_ids, attention_mask=attention, position_ids=positions).last_hidden_state
         hidden = hidden[:, prompt_width - 1 : prompt_width + response_width - 1]
-        head = model.get_output_embeddings()
-        return token_stats_from_hidden(
-            hidden, head.weight, targets, lm_head_bias=head.bias, temperature=temperature, mask=mask, need=need
-        )
+        return _stats_through_head(model, hidden, targets, mask, temperature=temperature, need=need)
     logits = model(
         input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=response_width + 1
     ).logits[:, :-1]
     return token_stats(logits, targets, temperature=temperature, mask=mask, need=need)
+
+
+def _stats_through_head(model, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *, temperature: float,
+                        need) -> TokenStats:
+    """Statistics of ``targets`` from the final hidden states that predict them, through the model's LM head."""
+    head = model.get_output_embeddings()
+    return token_stats_from_hidden(hidden, head.weight, targets, lm_head_bias=head.bias, temperature=temperature,
+                                   mask=mask, need=need)
 
 
 def length_buckets(prompt_lengths: torch.Tensor, response_lengths: torch.Tensor, *, max_buckets: int = 8,
@@ -277,6 +300,5 @@ def _response_stats_on_cached_prompts(model, prompt_pass, distinct: torch.Tensor
                          use_cache=True, **{cache_argument(model.model): cache}).last_hidden_state
     # the hidden state before response token j: the prompt's last for j = 0, response token j - 1's after that
     hidden = torch.cat([last_prompt_hidden[distinct][:, None], hidden[:, :-1]], dim=1)
-    head = model.get_output_embeddings()
-    return token_stats_from_hidden(hidden, head.weight, response_ids.to(device), lm_head_bias=head.bias,
-                                   temperature=temperature, mask=response_mask.to(device), need=need)
+    return _stats_through_head(model, hidden, response_ids.to(device), response_mask.to(device), temperature=temperature,
+                               need=need)

@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from entrorl.modeling import left_pad
 from entrorl.rewards.base import import_callable, register_reward
 
 __all__ = [
@@ -238,13 +239,9 @@ class CausalLMJudge:
                 answer_lengths.append(len(continuation))
         # Left padding puts every answer at the end of its row, so only the last `keep` logits are needed
         # (the position before the answer and the answer's own positions): memory O(rows x keep x vocab).
-        width = max(len(s) for s in sequences)
         keep = max(answer_lengths) + 1
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            ids[row, width - len(sequence) :] = torch.tensor(sequence)
-            mask[row, width - len(sequence) :] = 1
+        ids, mask = left_pad(sequences, self.pad_id)
+        mask, width = mask.long(), ids.shape[1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         extra = {"logits_to_keep": keep} if self._accepts_logits_to_keep else {}
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from entrorl.modeling import cache_argument, output_cache
+from entrorl.modeling import cache_argument, left_pad, output_cache
 from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
 
 __all__ = ["Rollouts", "SamplingParams", "HFSampler", "process_logits", "sample_from_log_probs", "DECODERS"]
@@ -228,15 +228,9 @@ class HFSampler:
 
     def _generate_chunk(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollouts:
         device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        if width == 0:
+        if max(len(p) for p in prompts) == 0:
             raise ValueError("every prompt must have at least one token")
-        prompt_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-        for row, ids in enumerate(prompts):
-            if ids:
-                prompt_ids[row, width - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long)
-                prompt_mask[row, width - len(ids) :] = True
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         eos_ids = self.eos_token_ids.to(device)
 

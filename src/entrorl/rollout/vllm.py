@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from entrorl.modeling import left_pad
 from entrorl.rollout.sampler import Rollouts, SamplingParams
 
 __all__ = ["VLLMSampler", "vllm_sampling_kwargs", "outputs_to_rollouts", "import_vllm", "check_vllm_available"]
@@ -118,17 +119,12 @@ def outputs_to_rollouts(
         log_probs.append([_sampled_log_prob(completion.logprobs[i], token, row, i) for i, token in enumerate(tokens)])
         ended.append(bool(tokens) and tokens[-1] in eos)
 
-    prompt_width = max(len(p) for p in prompts)
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id)
     response_width = max(1, max(len(r) for r in responses))
-    prompt_ids = torch.full((rows, prompt_width), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((rows, prompt_width), dtype=torch.bool)
     response_ids = torch.full((rows, response_width), pad_token_id, dtype=torch.long)
     response_mask = torch.zeros((rows, response_width), dtype=torch.bool)
     sampler_log_probs = torch.zeros((rows, response_width), dtype=torch.float32)
-    for row, (prompt, tokens, values) in enumerate(zip(prompts, responses, log_probs)):
-        if prompt:
-            prompt_ids[row, prompt_width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-            prompt_mask[row, prompt_width - len(prompt) :] = True
+    for row, (tokens, values) in enumerate(zip(responses, log_probs)):
         if tokens:
             response_ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
             response_mask[row, : len(tokens)] = True
