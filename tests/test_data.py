@@ -122,6 +122,27 @@ def test_parquet_numeric_answers_and_null_meta(tmp_path):
     assert recs[1].meta == {"score": None, "note": None}  # NaN becomes null
 
 
+def test_arrow_file_and_stream(tmp_path):
+    """An Arrow IPC file, an IPC stream, and the .arrow shard that datasets.save_to_disk writes."""
+    pa = pytest.importorskip("pyarrow")
+    table = pa.Table.from_pylist(ROWS)
+    for name, writer in (("file.arrow", pa.ipc.new_file), ("stream.arrow", pa.ipc.new_stream)):
+        p = tmp_path / name
+        with pa.OSFile(str(p), "wb") as sink, writer(sink, table.schema) as out:
+            out.write_table(table)
+        recs = load_prompts(p, **COLS)
+        check_rows(recs)
+        assert recs[2].source == f"{p}[2]"
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    (shard,) = (tmp_path / "saved").glob("*.arrow")
+    check_rows(load_prompts(shard, **COLS))
+    broken = tmp_path / "broken.arrow"
+    broken.write_bytes(b"not arrow at all")
+    with pytest.raises(DataError, match=r"broken\.arrow: cannot be read as Arrow IPC"):
+        load_prompts(broken, **COLS)
+
+
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list(ROWS)

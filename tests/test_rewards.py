@@ -143,6 +143,8 @@ def test_math_works_off_the_main_thread(math_reward):
         (r"\boxed 7 apples", "7"),
         (r"\fbox{3}", "3"),
         (r"\boxed{1} then \boxed{2", "1"),  # an unclosed last box falls back to the previous one
+        (r"\boxed{\boxed{2}+1}", r"\boxed{2}+1"),  # a box inside a box is content of the outer one
+        (r"\boxed{3} and \boxed{x^{\boxed{2}}} end", r"x^{\boxed{2}}"),
         ("nothing here", None),
     ],
 )
@@ -388,6 +390,38 @@ def test_runner_survives_a_raising_reward():
     assert res.correct.tolist() == [True, False, False, False]
     assert res.failed.tolist() == [False, True, False, True]
     assert res.scores.dtype == torch.float32 and res.correct.dtype == torch.bool
+
+
+def test_reward_results_concatenate_and_select_samples():
+    runner = RewardRunner(_fragile_reward, overlong={"max_length": 11, "cache_length": 4})
+    first = runner(["p"] * 2, ["a", "b"], ["a"] * 2, [{}] * 2, [1, 12])
+    second = runner(["p"] * 3, ["boom", "a", "boom"], ["a"] * 3, [{}] * 3, [1, 1, 1])
+    both = RewardResult.concat([first, second])
+    assert both.scores.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0] and both.rewards.tolist() == [1.0, -1.0, 0.0, 1.0, 0.0]
+    assert both.errors == 2 and both.failed.tolist() == [False, False, True, False, True]
+    assert both.first_error == second.first_error and both.reasons[2].startswith("reward raised RuntimeError")
+    kept = both.select([1, 3])
+    assert kept.rewards.tolist() == [-1.0, 1.0] and kept.errors == 0 and kept.first_error is None
+    assert kept.penalties.tolist() == [-1.0, 0.0] and kept.reasons == [both.reasons[1], both.reasons[3]]
+    assert both.select(torch.tensor([4])).errors == 1 and both.select([4]).first_error == second.first_error
+
+
+def test_check_arguments_refuses_meta_a_reward_cannot_take():
+    def strict(prompt, completion, answer):
+        return 0.0
+
+    def keyword_prompt(prompt, completion, answer, **meta):
+        return 0.0
+
+    def positional_only(prompt, completion, answer, /, **meta):
+        return 0.0
+
+    RewardRunner(strict).check_arguments([{}, None])
+    with pytest.raises(ValueError, match=r"reward 'strict'.*\['level'\].*unexpected keyword"):
+        RewardRunner(strict).check_arguments([{}, {"level": 1}])
+    with pytest.raises(ValueError, match=r"\['prompt'\].*multiple values"):
+        RewardRunner(keyword_prompt).check_arguments([{"prompt": "a column named prompt"}])
+    RewardRunner(positional_only).check_arguments([{"prompt": "x", "answer": "y", "level": 2}])
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "none", "str"])

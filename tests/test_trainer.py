@@ -132,13 +132,63 @@ def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_
         return out
 
     monkeypatch.setattr(trainer, "objective", type("Poisoned", (), {"__call__": staticmethod(poisoned),
-                                                                   "state_dict": trainer.objective.state_dict})())
+                                                                   "state_dict": trainer.objective.state_dict,
+                                                                   "load_state_dict": trainer.objective.load_state_dict})())
     metrics = trainer.train_step()
     assert metrics["train/skipped_updates"] == 1
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
-    with pytest.raises(TrainingStopped, match="non-finite"):
+    with pytest.raises(TrainingStopped, match="2 steps in a row had a non-finite"):
         trainer.train_step()
     assert (saved / "trainer.pt").is_file()
+
+
+def test_skipped_updates_leave_adaptive_coefficients_and_count_per_step(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
+    """A skipped update does not move the adaptive entropy coefficient; with several mini-batches a step whose
+    updates are all skipped counts once towards max_consecutive_nonfinite; the rate logged is the one applied."""
+    train, _ = arithmetic_files
+    method = {"method": "adaptive_entropy", "params": {"target_entropy": 10.0, "delta": 0.001, "max_coeff": 0.01}}
+    config = load_config(make_config(tiny_model_dir, train, None, method=method,
+                                     optim={"steps": 5, "lr": 1e-3, "mini_batches": 2, "warmup_steps": 4,
+                                            "max_consecutive_nonfinite": 2}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    first = trainer.train_step()
+    assert first["train/lr"] == pytest.approx(1e-3 / 4)  # warm-up: step 1 runs at a quarter of the rate
+    coefficient = trainer.objective.state_dict()
+    assert next(iter(coefficient.values()))["coefficient"] > 0  # entropy is below the target: the controller moved
+    objective = trainer.objective
+
+    def poisoned(batch, **kwargs):
+        out = objective(batch, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "objective", type("Poisoned", (), {"__call__": staticmethod(poisoned),
+                                                                   "state_dict": objective.state_dict,
+                                                                   "load_state_dict": objective.load_state_dict})())
+    metrics = trainer.train_step()
+    assert metrics["train/skipped_updates"] == 2 and trainer.consecutive_nonfinite == 1  # two updates, one step
+    assert metrics["train/lr"] == pytest.approx(2e-3 / 4)
+    assert objective.state_dict() == coefficient
+    with pytest.raises(TrainingStopped, match="2 steps in a row"):
+        trainer.train_step()
+
+
+def test_rng_state_includes_cuda_generators_once_cuda_is_in_use(monkeypatch):
+    """Sampling on a GPU draws from CUDA's generators: a checkpoint must carry them for a resume to draw the same."""
+    from entrorl.trainer.checkpoint import capture_rng_state, restore_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([1], dtype=torch.uint8)] * 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = capture_rng_state()
+    assert len(state["cuda"]) == 2
+    restore_rng_state(state)
+    assert restored == [state["cuda"]]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert "cuda" not in capture_rng_state()  # CUDA never used: nothing to save, and no context is created
 
 
 def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_files):
@@ -161,6 +211,17 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
     bad_reward = {**base, "reward": {"name": "no_such_reward"}}
     with pytest.raises(ConfigError, match="no_such_reward"):
         load_config(bad_reward)
+    with pytest.raises(ConfigError, match=r"advantage.params: unknown parameter\(s\) epsilonn"):
+        load_config(base, ["advantage.params={epsilonn: 1}"])
+    with pytest.raises(ConfigError, match=r"advantage.params: passk: group 0 has 4 sample\(s\), fewer than k = 8"):
+        load_config(base, ["advantage.name=passk", "advantage.params={k: 8}"])
+    for template, problem in (("Q: {prompt} {other}", r"field\(s\) \['other'\]"), ("{prompt} {", "not a valid format"),
+                              ("{{prompt}} ok", r"no \{prompt\} field.*literal")):
+        with pytest.raises(ConfigError, match=rf"data.prompt_template: .*{problem}"):
+            load_config(base, [f"data.prompt_template={json.dumps(template)}"])
+    assert load_config(base, ['data.prompt_template="{{x}}: {prompt}"']).data.prompt_template == "{{x}}: {prompt}"
+    with pytest.raises(ConfigError, match=r"--set 'optim.lr=\[1': the value is not valid YAML"):
+        load_config(base, ["optim.lr=[1"])
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path, arithmetic_files):
@@ -208,6 +269,59 @@ def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arith
     assert "reward server down" in (tmp_path / "run" / "reward_errors.log").read_text()
 
 
+def test_reward_errors_of_every_sampling_round_and_of_evaluation_are_counted(tmp_path, tiny_model_dir, arithmetic_files):
+    """Dynamic sampling: a failure in a resampling round counts in reward/errors and reaches reward_errors.log;
+    evaluation's failures count in eval/reward_errors."""
+    train, held_out = arithmetic_files
+    module = tmp_path / "late_reward.py"
+    module.write_text(
+        "calls = [0]\n"
+        "def score(prompt, completion, answer, **meta):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] > 8:\n"
+        "        raise RuntimeError('late failure')\n"
+        "    return 0.0\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        config = load_config(make_config(tiny_model_dir, train, held_out, reward={"name": "late_reward:score"},
+                                         rollout={"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6,
+                                                  "temperature": 1.0, "dynamic_sampling": True, "max_sampling_rounds": 3}))
+        trainer = Trainer(config, run_dir=tmp_path / "run")
+        metrics = trainer.train_step()  # round 1 scores 0 everywhere (uninformative), rounds 2 and 3 fail
+        evaluation = trainer.evaluate()
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert metrics["data/sampling_rounds"] == 3.0 and metrics["reward/errors"] == 16.0
+    assert "late failure" in (tmp_path / "run" / "reward_errors.log").read_text()
+    assert evaluation["eval/reward_errors"] == 3 * 2  # eval.max_prompts x eval.n samples, all failing
+
+
+def test_max_sampling_rounds_counts_the_first_round(tmp_path, tiny_model_dir, arithmetic_files):
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "exact_match"},
+                                     rollout={"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6,
+                                              "temperature": 1.0, "dynamic_sampling": True, "max_sampling_rounds": 1}))
+    metrics = Trainer(config, run_dir=tmp_path / "run").train_step()
+    assert metrics["data/sampling_rounds"] == 1.0  # a random-init model never answers right: no informative group
+
+
+def test_reward_that_cannot_take_the_data_columns_fails_before_the_model_loads(tmp_path, arithmetic_files):
+    """A reward without **meta while the data has extra columns would fail on every sample: refused up front."""
+    train, _ = arithmetic_files
+    data = tmp_path / "with_meta.jsonl"
+    data.write_text("".join(json.dumps({**json.loads(line), "level": 1}) + "\n" for line in train.read_text().splitlines()))
+    module = tmp_path / "strict_reward.py"
+    module.write_text("def score(prompt, completion, answer):\n    return 0.0\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        config = load_config(make_config(tmp_path / "absent-model", data, None, reward={"name": "strict_reward:score"}))
+        with pytest.raises(ValueError, match=r"reward 'score' cannot be called.*\['level'\].*data.meta_columns"):
+            Trainer(config, run_dir=tmp_path / "run")
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
 def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     _, held_out = arithmetic_files
     out = tmp_path / "eval.json"
@@ -221,6 +335,21 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     assert methods.returncode == 0 and {m["name"] for m in json.loads(methods.stdout)} >= {"clip_b", "kl_cov", "forking_tokens"}
     too_big = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "4")
     assert too_big.returncode == 2 and "exceeds --n" in too_big.stderr
+
+
+def test_cli_eval_rejects_bad_inputs_without_traceback(tmp_path, tiny_model_dir, arithmetic_files):
+    """A prompt longer than the context, a template with another field, and a prompt count below 1."""
+    _, held_out = arithmetic_files
+    long_data = tmp_path / "long.jsonl"
+    long_data.write_text(held_out.read_text() + json.dumps({"prompt": "1+" * 40 + "1=", "answer": "41"}) + "\n")
+    base = ("eval", "--model", str(tiny_model_dir), "--n", "2", "--k", "1", "--reward", "exact_match", "--max-new-tokens", "6")
+    for extra, message in (
+        (("--data", str(long_data)), "long.jsonl:9: 82 prompt tokens + max_new_tokens 6 > context 64"),
+        (("--data", str(held_out), "--prompt-template", "Q{question}"), "has field(s) ['question']"),
+        (("--data", str(held_out), "--max-prompts", "0"), "--max-prompts"),
+    ):
+        result = run_cli(*base, *extra)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_pass_rate_band_filters_training_prompts(tmp_path, tiny_model_dir):

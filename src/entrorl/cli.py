@@ -63,7 +63,14 @@ def _parse_ks(text: str) -> list[int]:
 # options that `eval` and `data audit` share, spelled once
 ModelDirOption = Annotated[Path, typer.Option("--model", help="local Hugging Face model directory")]
 DataFileOption = Annotated[Path, typer.Option("--data", help="prompt file (.jsonl, .json, .csv, .parquet, datasets directory)")]
-SamplesOption = Annotated[int, typer.Option("--n", help="samples per prompt")]
+SamplesOption = Annotated[int, typer.Option("--n", min=1, help="samples per prompt")]
+MaxNewTokensOption = Annotated[int, typer.Option(min=1, help="most tokens sampled per response")]
+TemperatureOption = Annotated[float, typer.Option(min=0.0, help="sampling temperature (0 = greedy)")]
+TopPOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                           "whose probability reaches this (1 = off)")]
+PromptColumnOption = Annotated[str, typer.Option(help="the data's column holding the prompt")]
+AnswerColumnOption = Annotated[str, typer.Option(help="the data's column holding the reference answer")]
+SeedOption = Annotated[int, typer.Option(help="sampling seed")]
 RewardOption = Annotated[str, typer.Option("--reward", help="reward name or package.module:function")]
 PromptTemplateOption = Annotated[str, typer.Option("--prompt-template", help="format string with {prompt}")]
 DeviceOption = Annotated[str, typer.Option("--device", help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'")]
@@ -77,14 +84,14 @@ def evaluate(
     n: SamplesOption = 16,
     k: Annotated[str, typer.Option(help="comma-separated k values for Pass@k")] = "1,4,16",
     reward: RewardOption = "math",
-    max_new_tokens: Annotated[int, typer.Option()] = 256,
-    temperature: Annotated[float, typer.Option()] = 1.0,
-    top_p: Annotated[float, typer.Option()] = 1.0,
-    prompt_column: Annotated[str, typer.Option()] = "prompt",
-    answer_column: Annotated[str, typer.Option()] = "answer",
+    max_new_tokens: MaxNewTokensOption = 256,
+    temperature: TemperatureOption = 1.0,
+    top_p: TopPOption = 1.0,
+    prompt_column: PromptColumnOption = "prompt",
+    answer_column: AnswerColumnOption = "answer",
     prompt_template: PromptTemplateOption = "{prompt}",
-    max_prompts: Annotated[Optional[int], typer.Option(help="evaluate only the first N prompts")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    max_prompts: Annotated[Optional[int], typer.Option(min=1, help="evaluate only the first N prompts")] = None,
+    seed: SeedOption = 0,
     out: Annotated[Optional[Path], typer.Option(help="write the JSON summary here")] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
@@ -92,8 +99,8 @@ def evaluate(
     """Avg@n, unbiased Pass@k and the pass-rate histogram of a model on a prompt file."""
     from rich.progress import Progress
 
-    from entrorl.data import load_prompts
-    from entrorl.modeling import load_causal_lm, load_tokenizer
+    from entrorl.data import check_prompt_template, load_prompts
+    from entrorl.modeling import check_prompts_fit, load_causal_lm, load_tokenizer
     from entrorl.rewards import RewardRunner, get_reward
     from entrorl.rollout import SamplingParams
     from entrorl.trainer.config import resolve_device
@@ -103,14 +110,17 @@ def evaluate(
     if ks[-1] > n:
         _fail(f"--k {ks[-1]} exceeds --n {n}: Pass@k needs at least k samples per prompt")
     try:
+        check_prompt_template(prompt_template)
         records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column)[:max_prompts]
         reward_runner = RewardRunner(get_reward(reward))
+        reward_runner.check_arguments([record.meta for record in records])
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         tokenizer = load_tokenizer(model)
         policy = load_causal_lm(model, dtype=dtype).to(resolve_device(device)).eval()
-        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        prompt_ids = [tokenizer(prompt_template.format(prompt=r.prompt))["input_ids"] for r in records]
+        check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
-    prompt_ids = [tokenizer(prompt_template.format(prompt=r.prompt))["input_ids"] for r in records]
     with Progress(console=console) as progress:
         task = progress.add_task("sampling", total=len(records) * n)
         result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks, sampling=sampling,
@@ -191,15 +201,15 @@ def data_audit(
     low_pass_rate: Annotated[float, typer.Option(help="pass rates at or below this are rarely solved (hard or wrong)")] = 0.25,
     keep_wrong: Annotated[bool, typer.Option("--keep-wrong", help="keep suspected-wrong rows in the filtered file")] = False,
     out: Annotated[Optional[Path], typer.Option(help="output directory (default: <data>.audit next to the data)")] = None,
-    max_new_tokens: Annotated[int, typer.Option()] = 256,
-    temperature: Annotated[float, typer.Option()] = 1.0,
-    top_p: Annotated[float, typer.Option()] = 1.0,
-    prompt_column: Annotated[str, typer.Option()] = "prompt",
-    answer_column: Annotated[str, typer.Option()] = "answer",
+    max_new_tokens: MaxNewTokensOption = 256,
+    temperature: TemperatureOption = 1.0,
+    top_p: TopPOption = 1.0,
+    prompt_column: PromptColumnOption = "prompt",
+    answer_column: AnswerColumnOption = "answer",
     prompt_template: PromptTemplateOption = "{prompt}",
-    max_prompts: Annotated[Optional[int], typer.Option(help="audit only the first N prompts")] = None,
-    batch_size: Annotated[int, typer.Option(help="sequences per generation call")] = 64,
-    seed: Annotated[int, typer.Option()] = 0,
+    max_prompts: Annotated[Optional[int], typer.Option(min=1, help="audit only the first N prompts")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="sequences per generation call")] = 64,
+    seed: SeedOption = 0,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
 ) -> None:
@@ -210,7 +220,7 @@ def data_audit(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from entrorl.data import load_prompts, parse_band
+    from entrorl.data import check_prompt_template, load_prompts, parse_band
     from entrorl.data.audit import AuditThresholds
     from entrorl.modeling import load_causal_lm, load_tokenizer
     from entrorl.rewards import RewardRunner, get_reward
@@ -218,31 +228,24 @@ def data_audit(
     from entrorl.trainer.audit import audit_records, default_audit_dir, write_audit_outputs
     from entrorl.trainer.config import resolve_device
 
-    if n < 1:
-        _fail(f"--n must be >= 1 sample per prompt, got {n}")
-    if max_prompts is not None and max_prompts < 1:
-        _fail(f"--max-prompts must be >= 1, got {max_prompts}")
-    if batch_size < 1:
-        _fail(f"--batch-size must be >= 1, got {batch_size}")
     try:
+        check_prompt_template(prompt_template)
         parse_band(band)
         thresholds = AuditThresholds(consensus=consensus, low_pass_rate=low_pass_rate)
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column)[:max_prompts]
-        reward_fn = get_reward(reward)
+        reward_runner = RewardRunner(get_reward(reward))
+        reward_runner.check_arguments([record.meta for record in records])
         tokenizer = load_tokenizer(model)
         policy = load_causal_lm(model, dtype=dtype).to(resolve_device(device)).eval()
     except (ValueError, FileNotFoundError, ImportError) as error:
         _fail(str(error))
-    try:
-        prompt_ids = [tokenizer(prompt_template.format(prompt=r.prompt))["input_ids"] for r in records]
-    except (KeyError, IndexError, ValueError) as error:
-        _fail(f"--prompt-template {prompt_template!r} cannot be filled ({error!r}); use {{prompt}} for the prompt")
+    prompt_ids = [tokenizer(prompt_template.format(prompt=r.prompt))["input_ids"] for r in records]
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("sampling", total=len(records) * n)
-        result = audit_records(policy, tokenizer, records, prompt_ids, RewardRunner(reward_fn), n=n, sampling=sampling,
+        result = audit_records(policy, tokenizer, records, prompt_ids, reward_runner, n=n, sampling=sampling,
                                thresholds=thresholds, seed=seed, batch_size=batch_size,
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
     for item in result.too_long[:20]:

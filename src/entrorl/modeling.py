@@ -13,7 +13,8 @@ from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
     "load_tokenizer", "load_causal_lm", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
-    "prompt_groups", "shares_prompts", "cache_argument", "output_cache", "left_pad",
+    "prompt_groups", "shares_prompts", "cache_argument", "output_cache", "left_pad", "model_context_length",
+    "check_prompts_fit",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
 
@@ -72,6 +73,30 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     return model
+
+
+def model_context_length(model) -> int | None:
+    """The model's context length (``config.max_position_embeddings``), or None when it declares none."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_prompts_fit(model, prompt_ids, sources, *, max_new_tokens: int) -> None:
+    """``ValueError`` listing every prompt that encodes to no tokens, or whose tokens plus ``max_new_tokens``
+    exceed the model's context (:func:`model_context_length`): prompts are never truncated, since a cut prompt
+    is a different question."""
+    context = model_context_length(model)
+    problems = []
+    for ids, source in zip(prompt_ids, sources):
+        if not len(ids):
+            problems.append(f"{source}: the prompt encodes to zero tokens")
+        elif context is not None and len(ids) + max_new_tokens > context:
+            problems.append(f"{source}: {len(ids)} prompt tokens + max_new_tokens {max_new_tokens} > context {context}")
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(f"{len(problems)} prompt(s) do not fit the model's context:\n  {shown}{more}\n"
+                         "Shorten them, filter them out, or lower max_new_tokens.")
 
 
 def cache_argument(module) -> str:

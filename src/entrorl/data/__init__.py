@@ -14,7 +14,7 @@ imported lazily, when a Parquet file or a saved data set is read.
 
 from entrorl.data.filters import filter_by_pass_rate, group_pass_rates, informative_groups, parse_band
 from entrorl.data.loading import SUPPORTED_FORMATS, load_prompts, write_jsonl
-from entrorl.data.records import DataError, PromptRecord
+from entrorl.data.records import DataError, PromptRecord, check_prompt_template
 from entrorl.data.stream import PromptStream
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "DataError",
     "PromptRecord",
     "PromptStream",
+    "check_prompt_template",
     "filter_by_pass_rate",
     "group_pass_rates",
     "informative_groups",

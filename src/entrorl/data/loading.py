@@ -10,12 +10,14 @@ Supported inputs (chosen by extension, case-insensitive):
                strings, no type guessing). Locations are ``file.csv:LINE`` (1-based line where the
                record starts; quoted fields may span lines).
 * ``.parquet`` read with ``pyarrow``. Locations are ``file.parquet[ROW]``.
+* ``.arrow``   an Arrow IPC file or stream (as ``datasets`` writes its shards), read with ``pyarrow``.
+               Locations are ``file.arrow[ROW]``.
 * a directory written by ``datasets.Dataset.save_to_disk`` (read with ``datasets.load_from_disk``; a
   saved ``DatasetDict`` contributes its ``"train"`` split). Locations are ``dir[ROW]``.
 
 Every malformed input raises :class:`~entrorl.data.records.DataError`, whose message names the file and
 the line or row, says what is wrong and what was expected. ``pyarrow`` and ``datasets`` are imported
-only when a Parquet file or a saved data set is read.
+only when a Parquet or Arrow file or a saved data set is read.
 
 Normalisation rules (the same for every format):
 
@@ -54,7 +56,7 @@ __all__ = ["SUPPORTED_FORMATS", "load_prompts", "write_jsonl"]
 
 SUPPORTED_FORMATS = (
     ".jsonl (one JSON object per line), .json (a list of objects or {\"data\": [...]}), .csv, "
-    ".parquet, or a directory written by datasets.Dataset.save_to_disk"
+    ".parquet, .arrow (Arrow IPC file or stream), or a directory written by datasets.Dataset.save_to_disk"
 )
 
 _BOM = b"\xef\xbb\xbf"
@@ -536,6 +538,28 @@ def _load_parquet(p: Path, cols: _Columns) -> list[PromptRecord]:
         table = pq.read_table(p)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{p}: cannot be read as Parquet ({exc}); expected a Parquet file", path=str(p)) from None
+    return _table_records(table, p, cols)
+
+
+def _load_arrow(p: Path, cols: _Columns) -> list[PromptRecord]:
+    """An Arrow IPC file: the random-access file format, or the stream format that ``datasets`` writes its
+    ``.arrow`` shards in."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(p)) as source:
+            try:
+                table = pa.ipc.open_file(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_stream(source).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{p}: cannot be read as Arrow IPC ({exc}); expected an Arrow file or stream", path=str(p)) from None
+    return _table_records(table, p, cols)
+
+
+def _table_records(table: Any, p: Path, cols: _Columns) -> list[PromptRecord]:
+    """The records of a ``pyarrow.Table`` read from ``p``, its schema checked first."""
     columns = list(table.column_names)
     dups = sorted({c for c in columns if columns.count(c) > 1})
     if dups:
@@ -587,6 +611,7 @@ _LOADERS = {
     ".json": _load_json,
     ".csv": _load_csv,
     ".parquet": _load_parquet,
+    ".arrow": _load_arrow,
 }
 
 

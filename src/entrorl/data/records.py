@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DataError", "PromptRecord"]
+__all__ = ["DataError", "PromptRecord", "check_prompt_template"]
+
+
+def check_prompt_template(template: str) -> str:
+    """``template`` if ``template.format(prompt=...)`` inserts the prompt and needs nothing else; ``ValueError``
+    otherwise (another field such as ``{question}``, a lone brace, or ``{{prompt}}``, which is a literal)."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise ValueError(f"prompt template {template!r} is not a valid format string ({error}); write {{{{ and }}}} "
+                         "for literal braces") from None
+    others = sorted({name for name in fields if name != "prompt"})
+    if others:
+        raise ValueError(f"prompt template {template!r} has field(s) {others}; only {{prompt}} is filled in "
+                         "(write {{ and }} for literal braces)")
+    if not fields:
+        raise ValueError(f"prompt template {template!r} has no {{prompt}} field, so every prompt would be dropped"
+                         + (" ({{prompt}} is a literal, not a field)" if "{{prompt}}" in template else ""))
+    return template
 
 
 @dataclass(frozen=True)

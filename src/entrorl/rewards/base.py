@@ -245,7 +245,9 @@ class RewardResult:
     """Rewards of one batch.
 
     * ``scores`` — float32 ``[n]``, what the reward function returned (0 where it failed);
-    * ``rewards`` — float32 ``[n]``, ``scores + penalties`` (the training reward);
+    * ``rewards`` — float32 ``[n]``, ``scores + penalties`` (the training reward; a failed sample's overlong
+      penalty still applies, since it depends on the response's length only: a reward that fails on overlong
+      answers must not let them escape their penalty);
     * ``correct`` — bool ``[n]``, ``scores >= correct_threshold``;
     * ``errors`` / ``first_error`` — how many samples failed (raised, or returned a non-numeric or
       non-finite value) and the first failure's traceback text (or message);
@@ -277,6 +279,32 @@ class RewardResult:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> "RewardResult":
+        """The samples ``rows`` only: ``errors`` counts their failures; ``first_error`` stays the whole batch's
+        first failure when one of them failed (None otherwise)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        assert self.penalties is not None and self.failed is not None and self.reasons is not None
+        failed = self.failed[rows]
+        return RewardResult(
+            scores=self.scores[rows], rewards=self.rewards[rows], correct=self.correct[rows], errors=int(failed.sum()),
+            first_error=self.first_error if bool(failed.any()) else None, penalties=self.penalties[rows], failed=failed,
+            reasons=[self.reasons[i] for i in rows.tolist()],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["RewardResult"]) -> "RewardResult":
+        """The samples of ``parts`` one after the other; ``first_error`` is the first part's that has one."""
+        return RewardResult(
+            scores=torch.cat([p.scores for p in parts]),
+            rewards=torch.cat([p.rewards for p in parts]),
+            correct=torch.cat([p.correct for p in parts]),
+            errors=sum(p.errors for p in parts),
+            first_error=next((p.first_error for p in parts if p.first_error is not None), None),
+            penalties=torch.cat([p.penalties for p in parts]),
+            failed=torch.cat([p.failed for p in parts]),
+            reasons=[reason for p in parts for reason in p.reasons],
+        )
 
     def metrics(self) -> dict[str, float]:
         """Flat scalar metrics: ``reward/mean``, ``reward/score_mean``, ``reward/accuracy``,
@@ -369,6 +397,29 @@ class RewardRunner:
             f"RewardRunner(fn={getattr(self.fn, '__name__', self.fn)!r}, overlong={self.overlong}, "
             f"correct_threshold={self.correct_threshold})"
         )
+
+    def check_arguments(self, metas: Sequence[Mapping[str, Any] | None]) -> None:
+        """Raise ``ValueError`` now, before any sampling, when the reward function cannot be called as
+        ``fn(prompt, completion, answer, **meta)`` with these samples' meta keys: every sample would fail and
+        score 0. Typical causes: no ``**meta`` parameter while the data has extra columns, or a meta column
+        named like one of the first three parameters. Rewards with ``score_batch`` and callables without an
+        inspectable signature are not checked."""
+        if callable(getattr(self.fn, "score_batch", None)):
+            return
+        try:
+            signature = inspect.signature(self.fn)
+        except (TypeError, ValueError):
+            return
+        for keys in dict.fromkeys(tuple(sorted(meta or {})) for meta in metas):
+            try:
+                signature.bind("prompt", "completion", "answer", **dict.fromkeys(keys))
+            except TypeError as exc:
+                name = getattr(self.fn, "__name__", type(self.fn).__name__)
+                raise ValueError(
+                    f"the reward {name!r} cannot be called as fn(prompt, completion, answer, **meta) with the data's "
+                    f"meta columns {list(keys)}: {exc}. Give it a **meta parameter (and put '/' after its first three "
+                    "parameters if a column shares their names), or choose the columns it gets with data.meta_columns."
+                ) from None
 
     def _score_batch(self, prompts, completions, answers, metas) -> list[Any] | None:
         """All values from the reward's ``score_batch(prompts, completions, answers, metas)`` in one call, when

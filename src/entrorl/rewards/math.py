@@ -144,21 +144,24 @@ def _braced(text: str, start: int) -> str | None:
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces kept), or of
-    ``\\boxed 5``; None when there is none (an unclosed last box falls back to the previous one)."""
-    for m in reversed(list(_BOX_RE.finditer(text))):
+    """Content of the last complete top-level ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces and boxes kept),
+    or of ``\\boxed 5``; None when there is none (an unclosed last box falls back to the previous one)."""
+    found, covered_until = None, -1
+    for m in _BOX_RE.finditer(text):
+        if m.start() < covered_until:  # a box inside the previous complete box is part of its content
+            continue
         j = m.end()
         while j < len(text) and text[j] == " ":
             j += 1
         if j < len(text) and text[j] == "{":
             content = _braced(text, j)
             if content is not None:
-                return content
+                found, covered_until = content, j + len(content) + 2
         elif j > m.end():  # "\boxed 5": the next token
             tok = re.match(r"[^\s$]+", text[j:])
             if tok:
-                return tok.group(0)
-    return None
+                found, covered_until = tok.group(0), j + tok.end()
+    return found
 
 
 _TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)

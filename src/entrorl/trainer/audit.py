@@ -53,6 +53,7 @@ from entrorl.rewards import (
     extract_reasoning_gym_answer,
     math_equal,
 )
+from entrorl.modeling import model_context_length
 from entrorl.rollout import HFSampler, SamplingParams
 from entrorl.trainer.checkpoint import atomic_write_text
 
@@ -93,12 +94,6 @@ def answer_tools(reward_fn: Any) -> tuple[Extractor, Equivalence]:
 
 def _same_spelling(a: str, b: str) -> bool:
     return canonical_answer(a) == canonical_answer(b)
-
-
-def model_context_length(model) -> int | None:
-    """The model's context length (``config.max_position_embeddings``), or None when it declares none."""
-    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 @dataclass(frozen=True)

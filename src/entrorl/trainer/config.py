@@ -6,10 +6,11 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from entrorl.advantages import available_advantages
+from entrorl.advantages import available_advantages, compute_advantages
 from entrorl.objective import ObjectiveConfig, build_objective, get_method
 
 __all__ = [
@@ -69,7 +70,8 @@ class DataConfig(_Section):
     prompt_column: str = "prompt"
     answer_column: str = "answer"
     meta_columns: list[str] | None = None
-    prompt_template: str = Field("{prompt}", description="format string applied to each prompt; must contain {prompt}")
+    prompt_template: str = Field("{prompt}", description="format string applied to each prompt: {prompt} is the prompt, "
+                                 "{{ and }} are literal braces")
     shuffle: bool = True
     pass_rate_band: str | None = Field(
         None, description="keep only training prompts whose pass rate lies in this band, e.g. '[0.1, 0.5]' or '(1/16, 15/16)'"
@@ -87,10 +89,10 @@ class DataConfig(_Section):
 
     @field_validator("prompt_template")
     @classmethod
-    def _has_placeholder(cls, value: str) -> str:
-        if "{prompt}" not in value:
-            raise ValueError("prompt_template must contain '{prompt}'")
-        return value
+    def _template_fills_the_prompt(cls, value: str) -> str:
+        from entrorl.data import check_prompt_template
+
+        return check_prompt_template(value)
 
 
 class OverlongConfig(_Section):
@@ -145,7 +147,7 @@ class RolloutConfig(_Section):
     top_k: int = Field(0, ge=0)
     generation_batch_size: int = Field(64, ge=1)
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and sample more")
-    max_sampling_rounds: int = Field(3, ge=1, description="bound on extra sampling rounds for dynamic sampling")
+    max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: the most sampling rounds in a step, the first one included (1 only drops uninformative groups, never resamples)")
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="who samples: 'hf' (the training model itself) or 'vllm' (a vLLM engine on the GPU, weights synced "
         "after every update; pip install 'entrorl[vllm]')"
@@ -186,7 +188,7 @@ class OptimConfig(_Section):
     share_prompts: bool = Field(True, description="run a prompt that several rows share (a GRPO group) once, then each "
                                 "row's response on its cached keys and values (same numbers, fewer positions; "
                                 "plain-head full-attention architectures, see entrorl.modeling.shares_prompts)")
-    max_consecutive_nonfinite: int = Field(3, ge=1, description="stop after this many skipped non-finite steps in a row")
+    max_consecutive_nonfinite: int = Field(3, ge=1, description="stop after this many steps in a row with a skipped update (non-finite loss or gradient); the last checkpoint stays intact")
     kl_reference: bool | None = Field(None, description="load a frozen reference model; None = only when the method needs it")
 
 
@@ -263,6 +265,13 @@ class TrainConfig(_Section):
         estimator = self.advantage_estimator()
         if estimator not in names:
             raise ValueError(f"advantage.name: unknown estimator '{estimator}'; available: {sorted(names)}")
+        group = self.rollout.group_size
+        try:  # a dry run on one group, so that a wrong parameter name or value fails now, not after the model loads
+            compute_advantages(estimator, torch.arange(group) % 2.0, torch.zeros(group, dtype=torch.long),
+                               lengths=torch.arange(1, group + 1), seq_log_prob=-torch.arange(1.0, group + 1),
+                               **self.advantage.params)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"advantage.params: {error}") from None
         from entrorl.rewards import check_reward_spec
 
         check_reward_spec(self.reward.name, **self.reward.kwargs)
@@ -293,7 +302,11 @@ def parse_set_option(option: str) -> tuple[list[str], Any]:
     path = [part for part in key.strip().split(".") if part]
     if not path:
         raise ConfigError(f"--set has an empty key in {option!r}")
-    return path, yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {option!r}: the value is not valid YAML ({error}); quote it to pass a string") from None
+    return path, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -319,7 +332,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"  {location}: {message}" + (f" (got {item['input']!r})" if item["type"] != "missing" and item["type"] != "extra_forbidden" else ""))
+        shown = item["type"] not in ("missing", "extra_forbidden") and not isinstance(item["input"], dict)  # not a whole section
+        lines.append(f"  {location}: {message}" + (f" (got {item['input']!r})" if shown else ""))
     return f"invalid configuration in {source}:\n" + "\n".join(lines)
 
 

@@ -22,9 +22,10 @@ class EvaluationResult:
     summary: EvalSummary
     forks: list[dict[str, Any]] = field(default_factory=list)
     reward_errors: int = 0
+    first_reward_error: str | None = None
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        metrics = {f"{prefix}avg_at_n": self.summary.avg_at_n}
+        metrics = {f"{prefix}avg_at_n": self.summary.avg_at_n, f"{prefix}reward_errors": float(self.reward_errors)}
         metrics.update({f"{prefix}pass_at_{k}": value for k, value in self.summary.pass_at_k.items()})
         metrics[f"{prefix}frac_solved_none"] = self.summary.polarisation.frac_zero
         metrics[f"{prefix}frac_solved_all"] = self.summary.polarisation.frac_one
@@ -76,4 +77,4 @@ def evaluate_model(
         model.train(was_training)
         forks = top_fork_tokens(tokenizer, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
                                 rollouts.response_mask, stats.entropy.float().cpu(), k=top_forks)
-    return EvaluationResult(summary=summary, forks=forks, reward_errors=result.errors)
+    return EvaluationResult(summary=summary, forks=forks, reward_errors=result.errors, first_reward_error=result.first_error)

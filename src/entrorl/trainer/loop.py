@@ -6,6 +6,7 @@ prompts → rollouts → rewards → advantages → scoring → updates → diag
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -20,9 +21,9 @@ import torch
 
 from entrorl.advantages import compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts, parse_band
-from entrorl.modeling import bucketed_response_token_stats, load_causal_lm, load_tokenizer
+from entrorl.modeling import bucketed_response_token_stats, check_prompts_fit, load_causal_lm, load_tokenizer
 from entrorl.objective import PolicyBatch, build_objective
-from entrorl.rewards import RewardRunner, get_reward
+from entrorl.rewards import RewardResult, RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
 from entrorl.rollout import HFSampler, Rollouts, SamplingParams
 from entrorl.trainer.allocator import retain_freed_memory
@@ -102,6 +103,7 @@ class Trainer:
             overlong=config.reward.overlong.model_dump() if config.reward.overlong else None,
             correct_threshold=config.reward.correct_threshold,
         )
+        self.reward.check_arguments([record.meta for record in self.train_records + self.eval_records])
         self.objective = build_objective(config.method)
         self.advantage_name = config.advantage_estimator()
         diversity = config.reward.diversity
@@ -185,20 +187,9 @@ class Trainer:
 
     def _encode_all(self, records: list[PromptRecord]) -> list[list[int]]:
         """Tokenise every prompt once; prompts that leave no room for the response are reported, not truncated."""
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        encoded, too_long = [], []
-        for record in records:
-            ids = self._encode(record)
-            if not ids:
-                too_long.append(f"{record.source}: the prompt encodes to zero tokens")
-            elif limit is not None and len(ids) + self.config.rollout.max_new_tokens > limit:
-                too_long.append(f"{record.source}: {len(ids)} prompt tokens + max_new_tokens {self.config.rollout.max_new_tokens} > context {limit}")
-            encoded.append(ids)
-        if too_long:
-            shown = "\n  ".join(too_long[:10])
-            more = f"\n  ... and {len(too_long) - 10} more" if len(too_long) > 10 else ""
-            raise ValueError(f"{len(too_long)} prompt(s) do not fit the model's context:\n  {shown}{more}\n"
-                             "Shorten them, filter them out, or lower rollout.max_new_tokens.")
+        encoded = [self._encode(record) for record in records]
+        check_prompts_fit(self.model, encoded, [record.source for record in records],
+                          max_new_tokens=self.config.rollout.max_new_tokens)
         return encoded
 
     # ------------------------------------------------------------------------------------------------ state
@@ -252,34 +243,36 @@ class Trainer:
         config = self.config.rollout
         rollouts, records, group_ids = self._sample_groups(config.prompts_per_step)
         result, completions = self._score(rollouts, records)
-        rewards, correct, reasons = result.rewards, result.correct, list(result.reasons)
-        metrics = result.metrics()
-        if result.first_error:
-            self._note_reward_error(result.first_error)
+        metrics: dict[str, float] = {}
         if config.dynamic_sampling:
-            keep = informative_groups(rewards, group_ids)
-            rounds = 1
-            while int(keep.sum()) < config.prompts_per_step * config.group_size and rounds < config.max_sampling_rounds:
+            results = [result]
+            keep = informative_groups(result.rewards, group_ids)
+            while int(keep.sum()) < config.prompts_per_step * config.group_size and len(results) < config.max_sampling_rounds:
                 extra, extra_records, extra_groups = self._sample_groups(config.prompts_per_step)
                 extra_result, extra_completions = self._score(extra, extra_records)
                 rollouts = Rollouts.concat([rollouts, extra], self.tokenizer.pad_token_id)
                 records += extra_records
                 completions += extra_completions
-                reasons += extra_result.reasons
                 group_ids = torch.cat([group_ids, extra_groups + int(group_ids.max()) + 1])
-                rewards = torch.cat([rewards, extra_result.rewards])
-                correct = torch.cat([correct, extra_result.correct])
-                keep = informative_groups(rewards, group_ids)
-                rounds += 1
+                results.append(extra_result)
+                keep = informative_groups(torch.cat([r.rewards for r in results]), group_ids)
+            result = RewardResult.concat(results)
+            if result.first_error:
+                self._note_reward_error(result.first_error)
             kept_rows = keep.nonzero().squeeze(-1)[: config.prompts_per_step * config.group_size]
-            metrics["data/sampling_rounds"] = float(rounds)
+            metrics["data/sampling_rounds"] = float(len(results))
             metrics["data/informative_groups"] = float(len(kept_rows) // config.group_size)
             if len(kept_rows) > 0:
                 rollouts, group_ids = rollouts.select(kept_rows), group_ids[kept_rows]
                 records = [records[i] for i in kept_rows.tolist()]
                 completions = [completions[i] for i in kept_rows.tolist()]
-                reasons = [reasons[i] for i in kept_rows.tolist()]
-                rewards, correct = rewards[kept_rows], correct[kept_rows]
+                sampled_errors = result.errors  # every failure of the step counts, kept or not
+                result = result.select(kept_rows)
+                result.errors = sampled_errors
+        elif result.first_error:
+            self._note_reward_error(result.first_error)
+        metrics.update(result.metrics())
+        rewards, correct, reasons = result.rewards, result.correct, list(result.reasons)
         seq_log_prob = (rollouts.sampler_log_probs.sum(-1) / rollouts.lengths.clamp(min=1)).float()
         rewards = self._shape_group_rewards(rewards, completions, group_ids, seq_log_prob, metrics)
         advantages = compute_advantages(
@@ -364,6 +357,7 @@ class Trainer:
             order = torch.randperm(n_rows) if config.optim.mini_batches > 1 else everything
             for mini_batch in order.chunk(config.optim.mini_batches):
                 self.optimizer.zero_grad(set_to_none=True)
+                objective_state = copy.deepcopy(self.objective.state_dict())  # put back if this update is skipped
                 mini_tokens = max(1, int(mask[mini_batch].sum()))
                 micro_size = config.optim.micro_batch_size or len(mini_batch)
                 losses_finite = True
@@ -391,21 +385,22 @@ class Trainer:
                 grad_norm = self._clip_gradients() if losses_finite else math.nan
                 if losses_finite and math.isfinite(grad_norm):
                     self.optimizer.step()
-                    self.consecutive_nonfinite = 0
                     grad_norms.append(grad_norm)
-                else:
+                else:  # skipped: no weight moves, and adaptive coefficients / selector RNGs stay as they were
                     self.optimizer.zero_grad(set_to_none=True)
+                    self.objective.load_state_dict(objective_state)
                     skipped += 1
-                    self.consecutive_nonfinite += 1
                     self.skipped_steps += 1
-                    if self.consecutive_nonfinite >= config.optim.max_consecutive_nonfinite:
-                        raise TrainingStopped(
-                            f"{self.consecutive_nonfinite} updates in a row had a non-finite loss or gradient "
-                            f"(step {self.step + 1}); stopping. The last checkpoint in {self.run_dir / 'checkpoints'} is intact. "
-                            "Lower optim.lr, check the reward values, or use bfloat16-safe settings."
-                        )
+        self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
+        if self.consecutive_nonfinite >= config.optim.max_consecutive_nonfinite:
+            raise TrainingStopped(
+                f"{self.consecutive_nonfinite} steps in a row had a non-finite loss or gradient (step {self.step + 1}); "
+                f"stopping. The last checkpoint in {self.run_dir / 'checkpoints'} is intact. "
+                "Lower optim.lr, check the reward values, or use bfloat16-safe settings."
+            )
         if config.rollout.backend == "vllm":
             self.sampler.sync_weights(self.model)  # the next rollouts come from the updated policy
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates used
         self.scheduler.step()
         self.step += 1
         updated = time.perf_counter()
@@ -414,7 +409,6 @@ class Trainer:
         source = first_pass if before is None else {name: values.float().cpu() for name, values in before.as_dict().items()}
         logprob, before_entropy, disc, centered = (source[name] for name in _STATS)
         metrics = entropy_summary(before_entropy, mask)
-        lr = self.scheduler.get_last_lr()[0]
         batch_change, _ = predicted_vs_measured(grad_coefficients, centered, before_entropy, None, mask, lr=lr, temperature=temperature)
         metrics["entropy/predicted_delta_batch"] = batch_change["entropy/predicted_delta"]
         after_entropy, compared = None, mask
@@ -440,7 +434,7 @@ class Trainer:
         tokens = float(mask.sum())
         metrics.update({
             "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else math.nan,
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/lr": lr,
             "train/skipped_updates": float(skipped),
             "train/skipped_total": float(self.skipped_steps),
             "time/step_s": time.perf_counter() - started,
@@ -494,6 +488,8 @@ class Trainer:
             n=config.n, ks=config.ks, sampling=sampling, seed=self.config.seed + 1_000_003 * (self.step + 1),
             batch_size=self.config.rollout.generation_batch_size, top_forks=config.top_forks,
         )
+        if result.first_reward_error:
+            self._note_reward_error(result.first_reward_error)
         for folder, payload in (("eval", {"step": self.step, **result.summary.to_dict()}), ("forks", result.forks)):
             (self.run_dir / folder).mkdir(exist_ok=True)
             (self.run_dir / folder / f"step_{self.step:06d}.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False))
