@@ -358,7 +358,6 @@ class Trainer:
             for mini_batch in order.chunk(config.optim.mini_batches):
                 self.optimizer.zero_grad(set_to_none=True)
                 objective_state = copy.deepcopy(self.objective.state_dict())  # put back if this update is skipped
-                mini_tokens = max(1, int(mask[mini_batch].sum()))
                 micro_size = config.optim.micro_batch_size or len(mini_batch)
                 losses_finite = True
                 for micro in mini_batch.split(micro_size):
@@ -375,7 +374,7 @@ class Trainer:
                         rollout_log_prob=on_device["rollout_log_prob"][micro],
                     )
                     out = self.objective(batch)
-                    weight = int(mask[micro].sum()) / mini_tokens if micro_size < len(mini_batch) else 1.0
+                    weight = _micro_batch_share(mask, micro, mini_batch, self.objective.loss_agg_mode)
                     if not torch.isfinite(out.loss):
                         losses_finite = False
                         break
@@ -521,6 +520,18 @@ class Trainer:
         finally:
             self.logger.close()
         return self.run_dir
+
+
+def _micro_batch_share(mask: torch.Tensor, micro: torch.Tensor, mini_batch: torch.Tensor, loss_agg_mode: str) -> float:
+    """The weight of micro-batch ``micro``'s loss in mini-batch ``mini_batch``'s: its share of the mini-batch's
+    normaliser, tokens for ``token-mean`` and sequences with a token for the ``seq-mean-*`` modes, so that the
+    weighted micro-batch losses add up to the mini-batch's loss (exactly, unless a selector takes tokens out of
+    the token-mean normaliser)."""
+    if len(micro) == len(mini_batch):
+        return 1.0
+    if loss_agg_mode == "token-mean":
+        return int(mask[micro].sum()) / max(1, int(mask[mini_batch].sum()))
+    return int(mask[micro].any(-1).sum()) / max(1, int(mask[mini_batch].any(-1).sum()))
 
 
 def _mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
