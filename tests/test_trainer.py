@@ -55,6 +55,21 @@ def comparable(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in record.items() if not k.startswith("time/")} for record in records]
 
 
+class NaNLoss:
+    """A trainer's objective whose loss is NaN (everything else is the objective's own)."""
+
+    def __init__(self, objective):
+        self.objective = objective
+
+    def __call__(self, batch, **kwargs):
+        out = self.objective(batch, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.objective, name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["grpo", "dapo+clip_b+forking_tokens"])
 def test_cli_train_writes_metrics_checkpoints_and_diagnostics(tmp_path, tiny_model_dir, arithmetic_files, method):
@@ -124,16 +139,7 @@ def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_
     saved = trainer.save()
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
-    original = trainer.objective.__call__
-
-    def poisoned(batch, **kwargs):
-        out = original(batch, **kwargs)
-        out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(trainer, "objective", type("Poisoned", (), {"__call__": staticmethod(poisoned),
-                                                                   "state_dict": trainer.objective.state_dict,
-                                                                   "load_state_dict": trainer.objective.load_state_dict})())
+    monkeypatch.setattr(trainer, "objective", NaNLoss(trainer.objective))
     metrics = trainer.train_step()
     assert metrics["train/skipped_updates"] == 1
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
@@ -156,15 +162,7 @@ def test_skipped_updates_leave_adaptive_coefficients_and_count_per_step(tmp_path
     coefficient = trainer.objective.state_dict()
     assert next(iter(coefficient.values()))["coefficient"] > 0  # entropy is below the target: the controller moved
     objective = trainer.objective
-
-    def poisoned(batch, **kwargs):
-        out = objective(batch, **kwargs)
-        out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(trainer, "objective", type("Poisoned", (), {"__call__": staticmethod(poisoned),
-                                                                   "state_dict": objective.state_dict,
-                                                                   "load_state_dict": objective.load_state_dict})())
+    monkeypatch.setattr(trainer, "objective", NaNLoss(objective))
     metrics = trainer.train_step()
     assert metrics["train/skipped_updates"] == 2 and trainer.consecutive_nonfinite == 1  # two updates, one step
     assert metrics["train/lr"] == pytest.approx(2e-3 / 4)
@@ -280,6 +278,24 @@ def test_resume_without_checkpoint_fails_clearly(tmp_path, tiny_model_dir, arith
     train, _ = arithmetic_files
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(load_config(make_config(tiny_model_dir, train, None)), run_dir=tmp_path / "empty", resume=True)
+
+
+def test_a_fresh_run_refuses_a_directory_with_checkpoints_and_resume_survives_a_cut_metrics_line(
+        tmp_path, tiny_model_dir, arithmetic_files):
+    """Starting over in a run directory would prune the earlier run's checkpoints: refused. A crash in the middle of
+    writing metrics.jsonl leaves a partial last line: resume drops it."""
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 2, "lr": 1e-3}, checkpoint={"every": 1}))
+    run_dir = tmp_path / "run"
+    Trainer(config, run_dir=run_dir).train()
+    with pytest.raises(FileExistsError, match=r"holds another run's checkpoints \(latest: step_000002\); pass --resume"):
+        Trainer(config, run_dir=run_dir)
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"step": 3, "reward/mean": 0.')  # killed mid-line
+    assert [record["step"] for record in read_metrics(run_dir)] == [1, 2]
+    extended = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, "lr": 1e-3}, checkpoint={"every": 1}))
+    Trainer(extended, run_dir=run_dir, resume=True).train()
+    assert [record["step"] for record in read_metrics(run_dir)] == [1, 2, 3]
 
 
 def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arithmetic_files):

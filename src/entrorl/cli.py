@@ -40,7 +40,7 @@ def train(
         _fail("--resume needs the run directory: pass --run-dir or set logging.name")
     try:
         trainer = Trainer(train_config, run_dir=run_dir, resume=resume, console=console)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         _fail(str(error))
     console.print(f"run directory: {trainer.run_dir}")
     try:

@@ -28,8 +28,7 @@ class MetricsLogger:
                  run_name: str = "", config: dict[str, Any] | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line, record in _records(self.path) if record.get("step", 0) <= resume_step]
             temporary = self.path.with_suffix(".jsonl.tmp")
             temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(temporary, self.path)
@@ -48,7 +47,10 @@ class MetricsLogger:
                 import wandb as wandb_module
             except ImportError as error:
                 raise RuntimeError("logging.wandb needs the wandb package: pip install 'entrorl[track]'") from error
-            self._wandb = wandb_module.init(name=run_name, config=config, dir=str(run_dir), resume="allow")
+            id_file = Path(run_dir) / "wandb_run_id"  # a resumed run logs into the same W&B run
+            run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
+            self._wandb = wandb_module.init(name=run_name, config=config, dir=str(run_dir), id=run_id, resume="allow")
+            id_file.write_text(self._wandb.id)
         if trackio:
             try:
                 import trackio as trackio_module
@@ -82,6 +84,19 @@ class MetricsLogger:
             self._trackio.finish()
 
 
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` for every line of a metrics file; a last line cut short by a crash is left out."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for index, line in enumerate(lines):
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if index < len(lines) - 1:
+                raise ValueError(f"{path}: line {index + 1} is not JSON: {line[:80]!r}") from None
+    return records
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every step's record of a run's ``metrics.jsonl`` (a last line cut short by a crash is left out)."""
+    return [record for _, record in _records(Path(run_dir) / "metrics.jsonl")]

@@ -78,9 +78,12 @@ class Trainer:
         if config.retain_freed_memory:
             retain_freed_memory()
         self.run_dir = Path(run_dir) if run_dir is not None else self._default_run_dir()
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        checkpoint = latest_checkpoint(self.run_dir)
         if resume and checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        if not resume and checkpoint is not None:  # a fresh run here would prune that run's checkpoints
+            raise FileExistsError(f"{self.run_dir} holds another run's checkpoints (latest: {checkpoint.name}); pass "
+                                  "--resume to continue it, or choose another --run-dir / logging.name")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._seed_everything(config.seed)
 
