@@ -132,8 +132,8 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_model_dir, ar
 
 def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
     train, _ = arithmetic_files
-    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 5, "lr": 1e-3, "max_consecutive_nonfinite": 2},
-                                     checkpoint={"every": 1}))
+    config = load_config(make_config(tiny_model_dir, train, None, checkpoint={"every": 1},
+                                     optim={"steps": 5, "lr": 1e-3, "max_consecutive_nonfinite": 2, "micro_batch_size": 3}))
     trainer = Trainer(config, run_dir=tmp_path / "run")
     trainer.train_step()
     saved = trainer.save()
@@ -143,6 +143,9 @@ def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_
     metrics = trainer.train_step()
     assert metrics["train/skipped_updates"] == 1
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    # no update happened, so none is predicted; every row's entropy was still scored (no zeros from the break)
+    assert metrics["entropy/predicted_delta"] == 0.0 and "loss/policy" not in metrics
+    assert metrics["entropy/p10"] > 0 and metrics["entropy/measured_delta"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(TrainingStopped, match="2 steps in a row had a non-finite"):
         trainer.train_step()
     assert (saved / "trainer.pt").is_file()
@@ -341,6 +344,32 @@ def test_reward_errors_of_every_sampling_round_and_of_evaluation_are_counted(tmp
     assert evaluation["eval/reward_errors"] == 3 * 2  # eval.max_prompts x eval.n samples, all failing
 
 
+def test_dynamic_sampling_keeps_groups_neither_all_right_nor_all_wrong(tmp_path, tiny_model_dir, arithmetic_files):
+    """DAPO's filter compares correctness, not shaped rewards: with overlong shaping an all-wrong group of different
+    lengths has unequal rewards but is still dropped."""
+    train, _ = arithmetic_files
+    module = tmp_path / "parity_dyn_reward.py"  # prompts starting with an odd digit are never solved
+    module.write_text("def score(prompt, completion, answer, **meta):\n"
+                      "    return float(sum(map(ord, completion)) % 2) if int(prompt[0]) % 2 == 0 else 0.0\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        config = load_config(make_config(
+            tiny_model_dir, train, None, reward={"name": "parity_dyn_reward:score", "overlong": {"max_length": 8, "cache_length": 7}},
+            rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 12, "temperature": 1.0, "dynamic_sampling": True,
+                     "max_sampling_rounds": 4},
+            logging={"progress": False, "samples_every": 1}))
+        trainer = Trainer(config, run_dir=tmp_path / "run")
+        metrics = trainer.train_step()
+    finally:
+        sys.path.remove(str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step_000001.jsonl").read_text().splitlines()]
+    groups: dict[int, list[bool]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row["correct"])
+    assert len(rows) == 16 and metrics["data/informative_groups"] == 4 and "reward/sampled_accuracy" in metrics
+    assert all(0 < sum(correct) < len(correct) for correct in groups.values())
+
+
 def test_max_sampling_rounds_counts_the_first_round(tmp_path, tiny_model_dir, arithmetic_files):
     train, _ = arithmetic_files
     config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "exact_match"},
@@ -428,7 +457,7 @@ def test_samples_log_keeps_each_rollout_with_its_reward_reason(tmp_path, tiny_mo
     samples = tmp_path / "run" / "samples"
     assert sorted(path.name for path in samples.iterdir()) == ["step_000002.jsonl"]  # step 1 is not a multiple of 2
     rows = [json.loads(line) for line in (samples / "step_000002.jsonl").read_text().splitlines()]
-    assert len(rows) in (8, 16) and all(row["step"] == 2 for row in rows)  # 16: no informative group, both rounds kept
+    assert len(rows) == 8 and all(row["step"] == 2 for row in rows)  # P x G rows, informative or not
     assert {row["prompt"] for row in rows} <= {json.loads(line)["prompt"] for line in train.read_text().splitlines()}
     assert sum(row["reward"] for row in rows) / len(rows) == pytest.approx(metrics[1]["reward/mean"])
     for row in rows:

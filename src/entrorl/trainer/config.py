@@ -146,7 +146,11 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     generation_batch_size: int = Field(64, ge=1)
-    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and sample more")
+    dynamic_sampling: bool = Field(False, description="DAPO (arXiv 2503.14476): drop groups that all solved or all failed "
+                                   "the prompt and sample more")
+    dynamic_sampling_metric: Literal["accuracy", "reward"] = Field(
+        "accuracy", description="what dynamic sampling compares within a group: 'accuracy' (DAPO: keep groups with "
+        "0 < correct < G) or 'reward' (keep groups whose rewards, overlong penalty included, are not all equal)")
     max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: the most sampling rounds in a step, the first one included (1 only drops uninformative groups, never resamples)")
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="who samples: 'hf' (the training model itself) or 'vllm' (a vLLM engine on the GPU, weights synced "

@@ -61,6 +61,7 @@ class ScoredRollouts:
     metrics: dict[str, float]
     completions: list[str] = field(default_factory=list)
     reasons: list[str | None] = field(default_factory=list)  # why each sample got its score, when the reward says
+    correct: torch.Tensor | None = None  # bool per sample: score >= reward.correct_threshold
 
 
 class Trainer:
@@ -249,7 +250,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         if config.dynamic_sampling:
             results = [result]
-            keep = informative_groups(result.rewards, group_ids)
+            keep = self._informative(results, group_ids)
             while int(keep.sum()) < config.prompts_per_step * config.group_size and len(results) < config.max_sampling_rounds:
                 extra, extra_records, extra_groups = self._sample_groups(config.prompts_per_step)
                 extra_result, extra_completions = self._score(extra, extra_records)
@@ -258,39 +259,50 @@ class Trainer:
                 completions += extra_completions
                 group_ids = torch.cat([group_ids, extra_groups + int(group_ids.max()) + 1])
                 results.append(extra_result)
-                keep = informative_groups(torch.cat([r.rewards for r in results]), group_ids)
+                keep = self._informative(results, group_ids)
             result = RewardResult.concat(results)
             if result.first_error:
                 self._note_reward_error(result.first_error)
+            sampled = result.metrics()  # every row sampled this step, kept or not: comparable across runs
+            metrics.update({"data/sampling_rounds": float(len(results)), "reward/sampled_mean": sampled["reward/mean"],
+                            "reward/sampled_accuracy": sampled["reward/accuracy"]})
             kept_rows = keep.nonzero().squeeze(-1)[: config.prompts_per_step * config.group_size]
-            metrics["data/sampling_rounds"] = float(len(results))
             metrics["data/informative_groups"] = float(len(kept_rows) // config.group_size)
-            if len(kept_rows) > 0:
-                rollouts, group_ids = rollouts.select(kept_rows), group_ids[kept_rows]
-                records = [records[i] for i in kept_rows.tolist()]
-                completions = [completions[i] for i in kept_rows.tolist()]
-                sampled_errors = result.errors  # every failure of the step counts, kept or not
-                result = result.select(kept_rows)
-                result.errors = sampled_errors
+            if len(kept_rows) == 0:  # nothing informative within the bound: train on one round's worth (zero advantages)
+                kept_rows = torch.arange(config.prompts_per_step * config.group_size)
+            rollouts, group_ids = rollouts.select(kept_rows), group_ids[kept_rows]
+            records = [records[i] for i in kept_rows.tolist()]
+            completions = [completions[i] for i in kept_rows.tolist()]
+            result = result.select(kept_rows)
+            result.errors = int(sampled["reward/errors"])  # every failure of the step counts, kept or not
         elif result.first_error:
             self._note_reward_error(result.first_error)
         metrics.update(result.metrics())
-        rewards, correct, reasons = result.rewards, result.correct, list(result.reasons)
+        rewards, reasons = result.rewards, list(result.reasons)
         seq_log_prob = (rollouts.sampler_log_probs.sum(-1) / rollouts.lengths.clamp(min=1)).float()
         rewards = self._shape_group_rewards(rewards, completions, group_ids, seq_log_prob, metrics)
         advantages = compute_advantages(
             self.advantage_name, rewards, group_ids, lengths=rollouts.lengths, seq_log_prob=seq_log_prob,
             **self.config.advantage.params,
         )
+        if rewards is not result.rewards:  # group-level shaping changed the rewards the advantages see
+            metrics["reward/shaped_mean"] = float(rewards.mean())
         metrics.update({
-            "reward/mean": float(rewards.mean()),
-            "reward/accuracy": float(correct.float().mean()),
             "reward/zero_std_groups": float(1.0 - informative_groups(rewards, group_ids).float().mean()),
             "response/length_mean": float(rollouts.lengths.float().mean()),
             "response/length_max": float(rollouts.lengths.max()),
             "response/truncated_frac": float(rollouts.truncated.float().mean()),
         })
-        return ScoredRollouts(rollouts, records, group_ids, rewards, advantages, metrics, completions, reasons)
+        return ScoredRollouts(rollouts, records, group_ids, rewards, advantages, metrics, completions, reasons, result.correct)
+
+    def _informative(self, results: list[RewardResult], group_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of groups that dynamic sampling keeps: groups whose accuracy is neither 0 nor 1 (DAPO, arXiv
+        2503.14476), or whose rewards are not all equal with ``rollout.dynamic_sampling_metric: reward``."""
+        if self.config.rollout.dynamic_sampling_metric == "accuracy":
+            values = torch.cat([result.correct for result in results]).float()
+        else:
+            values = torch.cat([result.rewards for result in results])
+        return informative_groups(values, group_ids)
 
     def _shape_group_rewards(self, rewards, completions: list[str], group_ids, seq_log_prob, metrics: dict[str, float]):
         """Group-level reward shaping before the advantage (each multiplies R, so their order does not matter):
@@ -361,14 +373,18 @@ class Trainer:
             for mini_batch in order.chunk(config.optim.mini_batches):
                 self.optimizer.zero_grad(set_to_none=True)
                 objective_state = copy.deepcopy(self.objective.state_dict())  # put back if this update is skipped
+                mini_coefficients, mini_metrics = torch.zeros(mask.shape, dtype=torch.float32), []
                 micro_size = config.optim.micro_batch_size or len(mini_batch)
                 losses_finite = True
                 for micro in mini_batch.split(micro_size):
-                    stats = self.token_stats(self.model, rollouts, micro)
-                    stats.logprob.retain_grad()
+                    with torch.set_grad_enabled(losses_finite):  # after a non-finite loss only the statistics are wanted
+                        stats = self.token_stats(self.model, rollouts, micro)
                     if on_policy:
                         for name in _STATS:
                             first_pass[name][micro] = getattr(stats, name).detach().float().cpu()
+                    if not losses_finite:
+                        continue
+                    stats.logprob.retain_grad()
                     old = stats.logprob.detach() if on_policy else before.logprob[micro]
                     batch = PolicyBatch(
                         log_prob=stats.logprob, old_log_prob=old, advantages=on_device["advantages"][micro],
@@ -377,17 +393,19 @@ class Trainer:
                         rollout_log_prob=on_device["rollout_log_prob"][micro],
                     )
                     out = self.objective(batch)
-                    weight = _micro_batch_share(mask, micro, mini_batch, self.objective.loss_agg_mode)
                     if not torch.isfinite(out.loss):
                         losses_finite = False
-                        break
-                    (out.loss * weight).backward()
-                    grad_coefficients[micro] += stats.logprob.grad.detach().float().cpu()
-                    objective_metrics.append(out.metrics)
+                        continue
+                    (out.loss * _micro_batch_share(mask, micro, mini_batch, self.objective.loss_agg_mode)).backward()
+                    mini_coefficients[micro] = stats.logprob.grad.detach().float().cpu()
+                    mini_metrics.append(out.metrics)
                 grad_norm = self._clip_gradients() if losses_finite else math.nan
                 if losses_finite and math.isfinite(grad_norm):
                     self.optimizer.step()
                     grad_norms.append(grad_norm)
+                    # d loss / d log p of the update actually applied, clipping included
+                    grad_coefficients += mini_coefficients * self._clip_scale(grad_norm)
+                    objective_metrics += mini_metrics
                 else:  # skipped: no weight moves, and adaptive coefficients / selector RNGs stay as they were
                     self.optimizer.zero_grad(set_to_none=True)
                     self.objective.load_state_dict(objective_state)
@@ -461,13 +479,20 @@ class Trainer:
             lines.append(json.dumps({
                 "step": self.step, "group": int(scored.group_ids[row]), "source": record.source, "prompt": record.prompt,
                 "completion": scored.completions[row] if scored.completions else None, "answer": record.answer,
-                "reward": float(scored.rewards[row]), "advantage": float(scored.advantages[row]),
+                "reward": float(scored.rewards[row]),
+                "correct": bool(scored.correct[row]) if scored.correct is not None else None,
+                "advantage": float(scored.advantages[row]),
                 "length": int(rollouts.lengths[row]), "truncated": bool(rollouts.truncated[row]),
                 "reason": scored.reasons[row] if scored.reasons else None,
             }, ensure_ascii=False))
         path = folder / f"step_{self.step:06d}.jsonl"
         atomic_write_text(path, "\n".join(lines) + "\n")
         return path
+
+    def _clip_scale(self, grad_norm: float) -> float:
+        """The factor gradient clipping multiplied the gradients by (as ``clip_grad_norm_`` computes it)."""
+        max_norm = self.config.optim.grad_clip
+        return 1.0 if max_norm is None else min(1.0, max_norm / (grad_norm + 1e-6))
 
     def _clip_gradients(self) -> float:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
