@@ -206,3 +206,15 @@ def test_shared_prompt_scoring_in_bfloat16_stays_close_to_one_padded_pass():
         ours, theirs = getattr(shared, name)[mask].float(), getattr(expected, name)[mask].float()
         assert torch.isfinite(ours).all()
         torch.testing.assert_close(ours, theirs, atol=atol, rtol=1e-2)
+
+
+def test_load_causal_lm_turns_off_attention_dropout_too(tmp_path):
+    """Attention layers apply a plain float rate in train mode, outside any nn.Dropout: it must be zeroed as well."""
+    config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, attention_dropout=0.3)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = modeling.load_causal_lm(tmp_path).train()
+    assert model.config.attention_dropout == 0.0 and model.model.layers[0].self_attn.attention_dropout == 0.0
+    ids = torch.randint(0, 32, (2, 6))
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # no randomness left in train mode
+    assert modeling.load_causal_lm(tmp_path, disable_dropout=False).model.layers[0].self_attn.attention_dropout == 0.3

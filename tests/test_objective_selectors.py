@@ -897,3 +897,20 @@ def test_bf16_logits_through_token_stats(name, overrides):
     gone = mask & ~out.trained_mask
     assert gone.any()
     assert not logits.grad[gone].any(), "a dropped token's logits received gradient"
+
+
+def test_clip_cov_random_state_round_trips_with_its_device(monkeypatch):
+    """The saved state names its generator's device; a resumed objective draws what the original draws next."""
+    case, _, _ = clip_cov_case(torch.float64)
+    objective = build_objective("clip_cov", clip_cov_ratio=0.05, seed=5, **CLIP_COV_PPO)
+    objective(case.batch())
+    state = objective.state_dict()
+    assert state["selector/clip_cov"]["device"] == "cpu"
+    resumed = build_objective("clip_cov", clip_cov_ratio=0.05, seed=5, **CLIP_COV_PPO)
+    resumed.load_state_dict(state)
+    batch = case.batch()
+    np.testing.assert_array_equal(dropped(resumed(batch), batch), dropped(objective(case.batch()), case.batch()))
+    cuda_state = {"selector/clip_cov": {**state["selector/clip_cov"], "device": "cuda:0"}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA generator"):
+        build_objective("clip_cov", clip_cov_ratio=0.05, seed=5, **CLIP_COV_PPO).load_state_dict(cuda_state)

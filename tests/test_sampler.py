@@ -122,3 +122,16 @@ def test_loading_errors(tmp_path):
         load_causal_lm(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_tokenizer(tmp_path)
+
+
+def test_private_seed_draws_the_same_and_leaves_the_callers_stream_alone():
+    from entrorl.rollout import private_seed
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with private_seed(7):
+        inside = torch.rand(2)
+    with private_seed(7):
+        assert torch.equal(torch.rand(2), inside)
+    assert torch.equal(torch.rand(3), expected_next)  # as if the seeded blocks had never run

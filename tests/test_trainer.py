@@ -251,6 +251,10 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
     assert load_config(base, ['data.prompt_template="{{x}}: {prompt}"']).data.prompt_template == "{{x}}: {prompt}"
     with pytest.raises(ConfigError, match=r"--set 'optim.lr=\[1': the value is not valid YAML"):
         load_config(base, ["optim.lr=[1"])
+    with pytest.raises(ConfigError, match=r"optim.betas: .*\[0, 1\)"):
+        load_config(base, ["optim.betas=[0.9, 1.5]"])
+    with pytest.raises(ConfigError, match="kl_reference is false, but method 'grpo\\+kl_ref' needs"):
+        load_config(base, ["optim.kl_reference=false", "method=grpo+kl_ref"])
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path, arithmetic_files):

@@ -72,6 +72,11 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):  # attention layers keep a plain rate
+                module.attention_dropout = 0.0
+        for config in (model.config, getattr(model.config, "text_config", None)):
+            if isinstance(getattr(config, "attention_dropout", None), float):
+                config.attention_dropout = 0.0
     return model
 
 

@@ -76,11 +76,17 @@ class ClipCov(Selector):
         return self._generator
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self._generator is None else {"generator": self._generator.get_state()}
+        if self._generator is None:
+            return {}
+        return {"generator": self._generator.get_state(), "device": str(self._generator.device)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "generator" in state:
-            self._rng(torch.device("cpu")).set_state(state["generator"])
+            device = torch.device(state.get("device", "cpu"))  # a CUDA generator's state only fits a CUDA generator
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"{self.kind} '{self.name}': the saved random state belongs to a CUDA generator; "
+                                 "load it where CUDA is available")
+            self._rng(device).set_state(state["generator"])
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
         mask = batch.mask

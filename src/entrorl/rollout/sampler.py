@@ -9,6 +9,7 @@ position's logits; the log-prob of each sampled token under that *processed* dis
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 from entrorl.modeling import cache_argument, left_pad, output_cache
 from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
 
-__all__ = ["Rollouts", "SamplingParams", "HFSampler", "process_logits", "sample_from_log_probs", "DECODERS"]
+__all__ = ["Rollouts", "SamplingParams", "HFSampler", "process_logits", "sample_from_log_probs", "DECODERS", "private_seed"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,17 @@ def sample_from_log_probs(log_probs: torch.Tensor, uniform: torch.Tensor | None 
     # strictly below the total, so that rounding can never step past the last token with probability > 0
     threshold = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     return (cumulative <= threshold).sum(dim=-1)
+
+
+@contextlib.contextmanager
+def private_seed(seed: int, device: torch.device | str = "cpu"):
+    """Run the body with torch's generators seeded with ``seed`` (the CPU's, and ``device``'s when it is a CUDA
+    device, where sampling draws), then put back the states they had, so that the caller's random stream goes on
+    as if the body had never run."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 class _TransformersDecoder:

@@ -54,7 +54,7 @@ from entrorl.rewards import (
     math_equal,
 )
 from entrorl.modeling import model_context_length
-from entrorl.rollout import HFSampler, SamplingParams
+from entrorl.rollout import HFSampler, SamplingParams, private_seed
 from entrorl.trainer.checkpoint import atomic_write_text
 
 __all__ = [
@@ -193,9 +193,7 @@ def audit_records(
                         batch_size=batch_size)
     prompts_per_call = max(1, batch_size // n)
     done = 0
-    rng_state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with private_seed(seed, next(model.parameters()).device):
         for start in range(0, len(todo), prompts_per_call):
             chunk = todo[start : start + prompts_per_call]
             rollouts = sampler.generate([prompt_ids[i] for i in chunk for _ in range(n)], sampling)
@@ -219,8 +217,6 @@ def audit_records(
             done += len(chunk) * n
             if progress is not None:
                 progress(done, len(todo) * n)
-    finally:
-        torch.set_rng_state(rng_state)
     result.wall_s = time.perf_counter() - started
     return result
 

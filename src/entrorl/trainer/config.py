@@ -180,8 +180,8 @@ class OptimConfig(_Section):
     steps: int = Field(100, ge=1)
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's beta1, beta2, each in [0, 1)")
+    eps: float = Field(1e-8, gt=0)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     mini_batches: int = Field(1, ge=1, description="optimizer updates per rollout batch (off-policy when > 1)")
@@ -194,6 +194,13 @@ class OptimConfig(_Section):
                                 "plain-head full-attention architectures, see entrorl.modeling.shares_prompts)")
     max_consecutive_nonfinite: int = Field(3, ge=1, description="stop after this many steps in a row with a skipped update (non-finite loss or gradient); the last checkpoint stays intact")
     kl_reference: bool | None = Field(None, description="load a frozen reference model; None = only when the method needs it")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError(f"each beta must lie in [0, 1), got {list(value)}")
+        return value
 
 
 class EvalConfig(_Section):
@@ -279,6 +286,9 @@ class TrainConfig(_Section):
         from entrorl.rewards import check_reward_spec
 
         check_reward_spec(self.reward.name, **self.reward.kwargs)
+        if self.optim.kl_reference is False and "ref_log_prob" in build_objective(self.method).required_fields:
+            raise ValueError(f"optim.kl_reference is false, but method {self.method_label()!r} needs the reference "
+                             "model's log-probs (kl_ref); set it to true or leave it out")
         if self.reward.unlikeliness is not None and estimator == "unlikely":
             raise ValueError("reward.unlikeliness and the 'unlikely' advantage estimator both apply the unlikeliness "
                              "reward; keep one (the estimator is reward.unlikeliness + grpo)")

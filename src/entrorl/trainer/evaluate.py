@@ -11,7 +11,7 @@ from entrorl.data import PromptRecord
 from entrorl.evaluation import EvalSummary, summarize_samples
 from entrorl.modeling import bucketed_response_token_stats
 from entrorl.rewards import RewardRunner
-from entrorl.rollout import HFSampler, SamplingParams
+from entrorl.rollout import HFSampler, SamplingParams, private_seed
 from entrorl.trainer.diagnostics import top_fork_tokens
 
 __all__ = ["EvaluationResult", "evaluate_model"]
@@ -55,12 +55,8 @@ def evaluate_model(
     sampler = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
     repeated_ids = [ids for ids in prompt_ids for _ in range(n)]
     repeated = [record for record in records for _ in range(n)]
-    rng_state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with private_seed(seed, next(model.parameters()).device):
         rollouts = sampler.generate(repeated_ids, sampling, progress=progress)
-    finally:
-        torch.set_rng_state(rng_state)
     completions = tokenizer.batch_decode(
         [row[mask].tolist() for row, mask in zip(rollouts.response_ids, rollouts.response_mask)], skip_special_tokens=True
     )

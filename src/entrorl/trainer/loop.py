@@ -126,7 +126,8 @@ class Trainer:
         self.reference = None
         if needs_reference:
             reference_path = Path(config.model.path)
-            self.reference = load_causal_lm(reference_path, dtype=config.model.dtype).eval().requires_grad_(False).to(self.device)
+            self.reference = load_causal_lm(reference_path, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code
+                                            ).eval().requires_grad_(False).to(self.device)
         self.train_prompt_ids = self._encode_all(self.train_records)
         self.eval_prompt_ids = self._encode_all(self.eval_records)
         self.stream = PromptStream(self.train_records, seed=config.seed, shuffle=config.data.shuffle)
@@ -185,8 +186,9 @@ class Trainer:
 
     def _encode(self, record: PromptRecord) -> list[int]:
         text = self.config.data.prompt_template.format(prompt=record.prompt)
-        if self.config.model.chat_template:
+        if self.config.model.chat_template:  # the template writes the special tokens (BOS included) itself
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer(text)["input_ids"]
 
     def _encode_all(self, records: list[PromptRecord]) -> list[list[int]]:
