@@ -202,6 +202,43 @@ def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arit
         torch.testing.assert_close(micro_grads[name], gradient, rtol=1e-4, atol=1e-6 * float(gradient.abs().max()))
 
 
+def test_bfloat16_model_keeps_small_updates_in_float32_master_weights(tmp_path, tiny_model_dir, arithmetic_files):
+    """At a fine-tuning learning rate most bfloat16 weights would not move at all; the float32 copies move, accumulate,
+    are written back rounded, and survive a resume exactly."""
+    train, _ = arithmetic_files
+    module = tmp_path / "parity_bf16_reward.py"
+    module.write_text("def score(prompt, completion, answer, **meta):\n    return float(sum(map(ord, completion)) % 2)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        def trainer_for(run: str, master: bool, steps: int = 2, resume: bool = False) -> Trainer:
+            config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "parity_bf16_reward:score"},
+                                             model={"path": str(tiny_model_dir), "dtype": "bfloat16", "master_weights": master},
+                                             optim={"steps": steps, "lr": 1e-5}, checkpoint={"every": 1}))
+            return Trainer(config, run_dir=tmp_path / run, resume=resume)
+
+        plain = trainer_for("plain", master=False)
+        before = {name: p.detach().clone() for name, p in plain.model.named_parameters()}
+        plain.train_step()
+        unchanged = sum(int((before[name] == p).sum()) for name, p in plain.model.named_parameters()) / len(torch.cat(
+            [p.flatten() for p in before.values()]))
+        assert plain.master is None and unchanged > 0.5  # lr 1e-5 is below most weights' bfloat16 rounding step
+
+        mastered = trainer_for("master", master=True)
+        assert mastered.master is not None and all(c.dtype == torch.float32 for c in mastered.master.copies)
+        initial = [c.clone() for c in mastered.master.copies]
+        mastered.train()
+        moved = sum(int((a != b).sum()) for a, b in zip(initial, mastered.master.copies)) / sum(a.numel() for a in initial)
+        assert moved > 0.9  # Adam moves every weight that has a gradient by about lr
+        for parameter, copy in zip(mastered.master.parameters, mastered.master.copies):
+            assert parameter.dtype == torch.bfloat16 and torch.equal(parameter, copy.to(torch.bfloat16))
+
+        resumed = trainer_for("master", master=True, steps=3, resume=True)
+        for saved, loaded in zip(mastered.master.copies, resumed.master.copies):
+            assert torch.equal(saved, loaded)  # the float32 values, not the rounded model weights
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
 def test_rng_state_includes_cuda_generators_once_cuda_is_in_use(monkeypatch):
     """Sampling on a GPU draws from CUDA's generators: a checkpoint must carry them for a resume to draw the same."""
     from entrorl.trainer.checkpoint import capture_rng_state, restore_rng_state

@@ -33,6 +33,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     path: str = Field(description="local Hugging Face model directory (config.json, weights, tokenizer)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    master_weights: bool = Field(True, description="with dtype bfloat16 / float16: the optimizer steps float32 copies of "
+                                 "the weights and rounds them into the model (4 more bytes per parameter), so that "
+                                 "updates smaller than the low-precision rounding step are not lost")
     disable_dropout: bool = True
     trust_remote_code: bool = False
     chat_template: bool = Field(False, description="wrap prompts with the tokenizer's chat template")

@@ -39,6 +39,7 @@ from entrorl.trainer.config import TrainConfig, resolve_device
 from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary, predicted_vs_measured
 from entrorl.trainer.evaluate import evaluate_model
 from entrorl.trainer.loggers import MetricsLogger
+from entrorl.trainer.precision import MasterWeights, needs_master_weights
 
 __all__ = ["Trainer", "TrainingStopped", "ScoredRollouts"]
 
@@ -143,8 +144,11 @@ class Trainer:
                                        gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization)
         optim = config.optim
         # torch's fused AdamW (one kernel for all parameters instead of a loop over them) runs on the CPU and CUDA
-        fused = self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in self.model.parameters())
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+        # a bfloat16 / float16 model is stepped through float32 copies of its weights (see entrorl.trainer.precision)
+        self.master = MasterWeights(self.model) if config.model.master_weights and needs_master_weights(self.model) else None
+        trained = self.master.copies if self.master is not None else list(self.model.parameters())
+        fused = self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in trained)
+        self.optimizer = torch.optim.AdamW(trained, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                            weight_decay=optim.weight_decay, fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
@@ -209,6 +213,7 @@ class Trainer:
             "objective": self.objective.state_dict(),
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "skipped_steps": self.skipped_steps,
+            "master_weights": self.master.state_dict() if self.master is not None else None,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -219,6 +224,8 @@ class Trainer:
         self.objective.load_state_dict(state["objective"])
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
         self.skipped_steps = state["skipped_steps"]
+        if self.master is not None and state.get("master_weights") is not None:
+            self.master.load_state_dict(state["master_weights"])
         restore_rng_state(state["rng"])
 
     def save(self) -> Path:
@@ -373,7 +380,7 @@ class Trainer:
         for epoch in range(config.optim.epochs):
             order = torch.randperm(n_rows) if config.optim.mini_batches > 1 else everything
             for mini_batch in order.chunk(config.optim.mini_batches):
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
                 objective_state = copy.deepcopy(self.objective.state_dict())  # put back if this update is skipped
                 mini_coefficients, mini_metrics = torch.zeros(mask.shape, dtype=torch.float32), []
                 micro_size = config.optim.micro_batch_size or len(mini_batch)
@@ -401,15 +408,19 @@ class Trainer:
                     (out.loss * _micro_batch_share(mask, micro, mini_batch, self.objective.loss_agg_mode)).backward()
                     mini_coefficients[micro] = stats.logprob.grad.detach().float().cpu()
                     mini_metrics.append(out.metrics)
+                if losses_finite and self.master is not None:
+                    self.master.take_gradients()
                 grad_norm = self._clip_gradients() if losses_finite else math.nan
                 if losses_finite and math.isfinite(grad_norm):
                     self.optimizer.step()
+                    if self.master is not None:
+                        self.master.write_back()
                     grad_norms.append(grad_norm)
                     # d loss / d log p of the update actually applied, clipping included
                     grad_coefficients += mini_coefficients * self._clip_scale(grad_norm)
                     objective_metrics += mini_metrics
                 else:  # skipped: no weight moves, and adaptive coefficients / selector RNGs stay as they were
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self._zero_grad()
                     self.objective.load_state_dict(objective_state)
                     skipped += 1
                     self.skipped_steps += 1
@@ -496,8 +507,12 @@ class Trainer:
         max_norm = self.config.optim.grad_clip
         return 1.0 if max_norm is None else min(1.0, max_norm / (grad_norm + 1e-6))
 
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+
     def _clip_gradients(self) -> float:
-        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not parameters:
             return 0.0
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else math.inf
