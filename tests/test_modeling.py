@@ -218,3 +218,13 @@ def test_load_causal_lm_turns_off_attention_dropout_too(tmp_path):
     ids = torch.randint(0, 32, (2, 6))
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # no randomness left in train mode
     assert modeling.load_causal_lm(tmp_path, disable_dropout=False).model.layers[0].self_attn.attention_dropout == 0.3
+
+
+def test_stop_token_ids_gathers_every_declared_eos():
+    """A chat model may end a turn with another token than the tokenizer's EOS: every declared one stops sampling."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[1, 84]), config=SimpleNamespace(eos_token_id=7))
+    assert modeling.stop_token_ids(model, SimpleNamespace(eos_token_id=1)) == [1, 84, 7]
+    plain = SimpleNamespace(generation_config=None, config=SimpleNamespace(eos_token_id=None))
+    assert modeling.stop_token_ids(plain, SimpleNamespace(eos_token_id=3)) == [3]

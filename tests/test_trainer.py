@@ -288,6 +288,13 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
     assert load_config(base, ['data.prompt_template="{{x}}: {prompt}"']).data.prompt_template == "{{x}}: {prompt}"
     with pytest.raises(ConfigError, match=r"--set 'optim.lr=\[1': the value is not valid YAML"):
         load_config(base, ["optim.lr=[1"])
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as patch:  # as on a machine without wandb
+        patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+        with pytest.raises(ConfigError, match=r"logging.wandb needs the wandb package, which is not installed"):
+            load_config(base, ["logging.wandb=true"])
     with pytest.raises(ConfigError, match=r"optim.betas: .*\[0, 1\)"):
         load_config(base, ["optim.betas=[0.9, 1.5]"])
     with pytest.raises(ConfigError, match="kl_reference is false, but method 'grpo\\+kl_ref' needs"):
@@ -318,6 +325,13 @@ def test_prompt_longer_than_context_is_reported(tmp_path, tiny_model_dir):
         Trainer(load_config(make_config(tiny_model_dir, data, None)), run_dir=tmp_path / "run")
 
 
+def test_chat_template_asked_of_a_tokenizer_without_one_fails_clearly(tmp_path, tiny_model_dir, arithmetic_files):
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, model={"path": str(tiny_model_dir), "chat_template": True}))
+    with pytest.raises(ValueError, match="model.chat_template is true, but the tokenizer .* has no chat template"):
+        Trainer(config, run_dir=tmp_path / "run")
+
+
 def test_resume_without_checkpoint_fails_clearly(tmp_path, tiny_model_dir, arithmetic_files):
     train, _ = arithmetic_files
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -340,6 +354,24 @@ def test_a_fresh_run_refuses_a_directory_with_checkpoints_and_resume_survives_a_
     extended = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, "lr": 1e-3}, checkpoint={"every": 1}))
     Trainer(extended, run_dir=run_dir, resume=True).train()
     assert [record["step"] for record in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_resume_skips_an_incomplete_checkpoint_and_names_an_unreadable_one(tmp_path, tiny_model_dir, arithmetic_files, caplog):
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, "lr": 1e-3},
+                                     checkpoint={"every": 1, "keep": 3}))
+    run_dir = tmp_path / "run"
+    Trainer(config, run_dir=run_dir).train()
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "step_000003" / "model" / "model.safetensors").unlink()  # the weights of the latest are gone
+    with caplog.at_level("WARNING"):
+        resumed = Trainer(config, run_dir=run_dir, resume=True)
+    assert resumed.step == 2 and "step_000003 is incomplete" in caplog.text and "using step_000002" in caplog.text
+    resumed.logger.close()
+    trainer_state = checkpoints / "step_000002" / "trainer.pt"
+    trainer_state.write_bytes(trainer_state.read_bytes()[:100])  # cut short
+    with pytest.raises(ValueError, match=r"step_000002/trainer.pt cannot be read .*delete step_000002 to resume"):
+        Trainer(config, run_dir=run_dir, resume=True)
 
 
 def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arithmetic_files):

@@ -43,6 +43,9 @@ def train(
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         _fail(str(error))
     console.print(f"run directory: {trainer.run_dir}")
+    if trainer.step >= train_config.optim.steps:
+        console.print(f"the run is already at step {trainer.step} of optim.steps = {train_config.optim.steps}: nothing to do "
+                      "(raise optim.steps with --set to train further)")
     try:
         trainer.train()
     except TrainingStopped as error:

@@ -14,7 +14,7 @@ from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 __all__ = [
     "load_tokenizer", "load_causal_lm", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
     "prompt_groups", "shares_prompts", "cache_argument", "output_cache", "left_pad", "model_context_length",
-    "check_prompts_fit",
+    "check_prompts_fit", "stop_token_ids",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
 
@@ -84,6 +84,16 @@ def model_context_length(model) -> int | None:
     """The model's context length (``config.max_position_embeddings``), or None when it declares none."""
     value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a response: the tokenizer's EOS, then every EOS the model's generation config and config
+    declare (chat models often list several, e.g. an end-of-turn token besides the end-of-text one)."""
+    ids = [tokenizer.eos_token_id]
+    for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        declared = getattr(config, "eos_token_id", None)
+        ids += [declared] if isinstance(declared, int) else list(declared or [])
+    return list(dict.fromkeys(int(token) for token in ids if token is not None))
 
 
 def check_prompts_fit(model, prompt_ids, sources, *, max_new_tokens: int) -> None:

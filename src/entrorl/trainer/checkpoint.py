@@ -12,7 +12,9 @@ one filesystem); ``latest`` is then rewritten the same way. Only then are old ch
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -20,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text"]
 
@@ -77,17 +81,37 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
     return final
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _complete(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` holds everything a resume reads: the trainer state, the model's config and weights."""
+    model = checkpoint / "model"
+    return ((checkpoint / "trainer.pt").is_file() and (model / "config.json").is_file()
+            and any((model / name).is_file() for name in _WEIGHT_FILES))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None."""
+    """The newest complete checkpoint of a run directory, or None. When ``latest`` names a checkpoint that has lost
+    files since it was written, the newest complete one before it is taken, with a warning."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if (candidate / "trainer.pt").is_file():
-            return candidate
-    complete = sorted(p for p in root.glob(f"{_PREFIX}*") if (p / "trainer.pt").is_file()) if root.is_dir() else []
-    return complete[-1] if complete else None
+    named = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    if named is not None and _complete(named):
+        return named
+    complete = sorted(p for p in root.glob(f"{_PREFIX}*") if _complete(p)) if root.is_dir() else []
+    chosen = complete[-1] if complete else None
+    if named is not None and named.exists():
+        logger.warning("checkpoint %s is incomplete (a file is missing); %s", named,
+                       f"using {chosen.name} instead" if chosen is not None else "no complete checkpoint is left")
+    return chosen
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(Path(checkpoint) / "trainer.pt", map_location="cpu", weights_only=False)
+    """The trainer state saved in ``checkpoint``; ``ValueError`` naming the file when it cannot be read."""
+    path = Path(checkpoint) / "trainer.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path} cannot be read ({error}); delete {Path(checkpoint).name} to resume from the "
+                         "checkpoint before it") from None

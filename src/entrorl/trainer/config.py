@@ -239,6 +239,16 @@ class LoggingConfig(_Section):
     samples_every: int = Field(0, ge=0, description="every N steps write samples/step_<step>.jsonl: each rollout's prompt, "
                                "completion, answer, reward, advantage and the reward's reason (0 = never)")
 
+    @model_validator(mode="after")
+    def _trackers_installed(self) -> "LoggingConfig":
+        import importlib.util
+
+        for key, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("trackio", "trackio")):
+            if getattr(self, key) and importlib.util.find_spec(module) is None:
+                raise ValueError(f"logging.{key} needs the {module} package, which is not installed: "
+                                 "pip install 'entrorl[track]'")
+        return self
+
 
 class CheckpointConfig(_Section):
     every: int = Field(10, ge=0, description="save every N steps (0 = only at the end)")

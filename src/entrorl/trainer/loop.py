@@ -21,7 +21,7 @@ import torch
 
 from entrorl.advantages import compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts, parse_band
-from entrorl.modeling import bucketed_response_token_stats, check_prompts_fit, load_causal_lm, load_tokenizer
+from entrorl.modeling import bucketed_response_token_stats, check_prompts_fit, load_causal_lm, load_tokenizer, stop_token_ids
 from entrorl.objective import PolicyBatch, build_objective
 from entrorl.rewards import RewardResult, RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
@@ -86,6 +86,7 @@ class Trainer:
         if not resume and checkpoint is not None:  # a fresh run here would prune that run's checkpoints
             raise FileExistsError(f"{self.run_dir} holds another run's checkpoints (latest: {checkpoint.name}); pass "
                                   "--resume to continue it, or choose another --run-dir / logging.name")
+        saved_state = load_trainer_state(checkpoint) if resume else None  # an unreadable checkpoint fails here, early
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._seed_everything(config.seed)
 
@@ -117,6 +118,8 @@ class Trainer:
 
         model_path = checkpoint / "model" if checkpoint is not None else Path(config.model.path)
         self.tokenizer = load_tokenizer(model_path)
+        if config.model.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model.chat_template is true, but the tokenizer in {model_path} has no chat template")
         self.device = resolve_device(config.model.device)
         self.model = load_causal_lm(model_path, dtype=config.model.dtype, disable_dropout=config.model.disable_dropout,
                                     trust_remote_code=config.model.trust_remote_code).to(self.device)
@@ -132,14 +135,14 @@ class Trainer:
         self.train_prompt_ids = self._encode_all(self.train_records)
         self.eval_prompt_ids = self._encode_all(self.eval_records)
         self.stream = PromptStream(self.train_records, seed=config.seed, shuffle=config.data.shuffle)
-        self.sampler = HFSampler(self.model, eos_token_id=self.tokenizer.eos_token_id,
+        self.sampler = HFSampler(self.model, eos_token_id=stop_token_ids(self.model, self.tokenizer),
                                  pad_token_id=self.tokenizer.pad_token_id, batch_size=config.rollout.generation_batch_size)
         self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
                                        top_p=config.rollout.top_p, top_k=config.rollout.top_k)
         if config.rollout.backend == "vllm":
             from entrorl.rollout.vllm import VLLMSampler  # an optional dependency, imported only when asked for
 
-            self.sampler = VLLMSampler(model_path, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            self.sampler = VLLMSampler(model_path, eos_token_id=stop_token_ids(self.model, self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
                                        dtype=config.model.dtype, seed=config.seed,
                                        gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization)
         optim = config.optim
@@ -156,8 +159,8 @@ class Trainer:
         self.step = 0
         self.consecutive_nonfinite = 0
         self.skipped_steps = 0
-        if checkpoint is not None:
-            self._restore(load_trainer_state(checkpoint))
+        if saved_state is not None:
+            self._restore(saved_state)
         (self.run_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
         self.logger = MetricsLogger(
             self.run_dir, resume_step=self.step if checkpoint is not None else None, tensorboard=config.logging.tensorboard,
