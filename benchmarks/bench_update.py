@@ -11,7 +11,7 @@ Three settings:
 
 * ``share_prompts``: ``optim.share_prompts`` off / on (each prompt run once per group instead of once per row);
 * ``adamw``: torch's AdamW looping over the parameters, or its fused kernel (what the trainer uses on CPU / CUDA);
-* ``allocator``: glibc's defaults, or ``retain_freed_memory()`` (``retain_freed_memory: true``, the default).
+* ``allocator``: glibc's defaults, or ``retain_freed_memory()`` (``retain_freed_memory: true``; the default when training on the CPU).
 
 The first two are switched step by step inside one process, in turn, so that a slow period of the machine slows
 every variant alike. The allocator cannot be put back to glibc's (self-adjusting) defaults inside a process, so

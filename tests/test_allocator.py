@@ -56,16 +56,16 @@ def test_bad_thresholds_are_refused():
         allocator.retain_freed_memory(trim_threshold=0)
 
 
-@pytest.mark.parametrize("retain", [True, False])
-def test_trainer_applies_the_setting_only_when_asked(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch, retain):
+@pytest.mark.parametrize(("retain", "applied"), [(True, True), (False, False), (None, True)])  # None: on the CPU, yes
+def test_trainer_applies_the_setting_only_when_asked(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch, retain, applied):
     from entrorl.trainer import Trainer, load_config, loop
 
     calls = []
     monkeypatch.setattr(loop, "retain_freed_memory", lambda: calls.append(True) or True)
     train, _ = arithmetic_files
-    config = load_config({"model": {"path": str(tiny_model_dir)}, "data": {"train": str(train)},
+    config = load_config({"model": {"path": str(tiny_model_dir), "device": "cpu"}, "data": {"train": str(train)},
                           "reward": {"name": "exact_match"}, "rollout": {"max_new_tokens": 6},
                           "retain_freed_memory": retain,
                           "logging": {"progress": False}})
     Trainer(config, run_dir=tmp_path / "run")
-    assert calls == ([True] if retain else [])
+    assert calls == ([True] if applied else [])

@@ -198,6 +198,9 @@ def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arit
     assert whole["response/length_max"] > whole["response/length_mean"]  # uneven lengths: tokens and rows weigh differently
     assert micro["train/grad_norm"] == pytest.approx(whole["train/grad_norm"], rel=1e-4) and whole["train/grad_norm"] > 0
     assert micro["entropy/predicted_delta"] == pytest.approx(whole["entropy/predicted_delta"], rel=1e-3, abs=1e-12)
+    # metrics of the micro-batches weighted into the mini-batch's; the re-scoring, in micro-batch pieces, agrees too
+    for key in ("loss/policy", "loss/total", "tokens/valid", "entropy/measured_delta"):
+        assert micro[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-6), key
     for name, gradient in whole_grads.items():  # the clipped gradient the optimizer stepped with
         torch.testing.assert_close(micro_grads[name], gradient, rtol=1e-4, atol=1e-6 * float(gradient.abs().max()))
 

@@ -189,7 +189,11 @@ class OptimConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0)
     mini_batches: int = Field(1, ge=1, description="optimizer updates per rollout batch (off-policy when > 1)")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
-    micro_batch_size: int | None = Field(None, ge=1, description="rows per forward/backward (gradient accumulation)")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="rows per forward/backward (gradient accumulation; the update equals the whole "
+        "mini-batch's, except that selectors which rank tokens within their batch, such as forking_tokens or clip_cov, "
+        "and the adaptive entropy controller then work per micro-batch, as in verl); also bounds the rows of each "
+        "scoring pass without gradients")
     length_buckets: int = Field(8, ge=1, description="score rows in up to this many forward passes grouped by length, each "
                                 "padded only to its own longest row (same numbers, fewer padded positions; 1 = one pass)")
     share_prompts: bool = Field(True, description="run a prompt that several rows share (a GRPO group) once, then each "
@@ -258,10 +262,10 @@ class CheckpointConfig(_Section):
 class TrainConfig(_Section):
     seed: int = 0
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default")
-    retain_freed_memory: bool = Field(
-        True, description="on Linux (glibc), keep freed CPU memory blocks of up to 32 MiB in the process for reuse "
+    retain_freed_memory: bool | None = Field(
+        None, description="on Linux (glibc), keep freed CPU memory blocks of up to 32 MiB in the process for reuse "
         "instead of returning them to the kernel, so that a step's tensors do not page-fault fresh memory every time "
-        "(entrorl.trainer.allocator); up to 1 GiB of freed memory may stay resident")
+        "(entrorl.trainer.allocator); up to 1 GiB of freed memory may stay resident. None = when training on the CPU")
     model: ModelConfig
     data: DataConfig
     reward: RewardConfig = Field(default_factory=RewardConfig)

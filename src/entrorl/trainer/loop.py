@@ -25,6 +25,7 @@ from entrorl.modeling import bucketed_response_token_stats, check_prompts_fit, l
 from entrorl.objective import PolicyBatch, build_objective
 from entrorl.rewards import RewardResult, RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
+from entrorl.tokens import TokenStats
 from entrorl.rollout import HFSampler, Rollouts, SamplingParams
 from entrorl.trainer.allocator import retain_freed_memory
 from entrorl.trainer.checkpoint import (
@@ -77,7 +78,7 @@ class Trainer:
         self.console = console
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
-        if config.retain_freed_memory:
+        if config.retain_freed_memory or (config.retain_freed_memory is None and resolve_device(config.model.device).type == "cpu"):
             retain_freed_memory()
         self.run_dir = Path(run_dir) if run_dir is not None else self._default_run_dir()
         checkpoint = latest_checkpoint(self.run_dir)
@@ -338,13 +339,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the step
     def token_stats(self, model, rollouts: Rollouts, rows: torch.Tensor, need=_STATS):
         """Statistics of the response tokens of ``rollouts[rows]`` under ``model`` (differentiable when grad is on),
-        scored as ``optim.length_buckets`` and ``optim.share_prompts`` say."""
+        scored as ``optim.length_buckets`` and ``optim.share_prompts`` say; without grad, in pieces of at most
+        ``optim.micro_batch_size`` rows (the size the user made fit in memory)."""
         optim = self.config.optim
-        return bucketed_response_token_stats(
-            model, rollouts.prompt_ids[rows], rollouts.prompt_mask[rows], rollouts.response_ids[rows],
-            rollouts.response_mask[rows], temperature=self.config.rollout.temperature, need=need,
+        pieces = rows.split(optim.micro_batch_size) if optim.micro_batch_size and not torch.is_grad_enabled() else [rows]
+        stats = [bucketed_response_token_stats(
+            model, rollouts.prompt_ids[piece], rollouts.prompt_mask[piece], rollouts.response_ids[piece],
+            rollouts.response_mask[piece], temperature=self.config.rollout.temperature, need=need,
             max_buckets=optim.length_buckets, share_prompts=optim.share_prompts,
-        )
+        ) for piece in pieces]
+        if len(stats) == 1:
+            return stats[0]
+        return TokenStats(**{name: torch.cat([part.as_dict()[name] for part in stats]) for name in stats[0].as_dict()})
 
     def train_step(self) -> dict[str, float]:
         """One step: prompts → rollouts → rewards → advantages → scoring → updates → diagnostics."""
@@ -377,7 +383,7 @@ class Trainer:
 
         # 5. updates: epochs x mini-batches, each optionally split into micro-batches
         grad_coefficients = torch.zeros(mask.shape, dtype=torch.float32)
-        objective_metrics: list[dict[str, float]] = []
+        objective_metrics: list[tuple[dict[str, float], float]] = []  # each update's micro-batches with their shares
         grad_norms, skipped = [], 0
         first_pass = {name: torch.zeros(mask.shape) for name in _STATS}
         for epoch in range(config.optim.epochs):
@@ -408,9 +414,10 @@ class Trainer:
                     if not torch.isfinite(out.loss):
                         losses_finite = False
                         continue
-                    (out.loss * _micro_batch_share(mask, micro, mini_batch, self.objective.loss_agg_mode)).backward()
+                    share = _micro_batch_share(mask, micro, mini_batch, self.objective.loss_agg_mode)
+                    (out.loss * share).backward()
                     mini_coefficients[micro] = stats.logprob.grad.detach().float().cpu()
-                    mini_metrics.append(out.metrics)
+                    mini_metrics.append((out.metrics, share))
                 if losses_finite and self.master is not None:
                     self.master.take_gradients()
                 grad_norm = self._clip_gradients() if losses_finite else math.nan
@@ -449,8 +456,8 @@ class Trainer:
         metrics["entropy/predicted_delta_batch"] = batch_change["entropy/predicted_delta"]
         after_entropy, compared = None, mask
         if config.diagnostics.measure_entropy_change:
-            stride = max(1, round(1.0 / config.diagnostics.measure_fraction))
-            measured_rows = everything[::stride]
+            count = max(1, math.ceil(n_rows * config.diagnostics.measure_fraction))
+            measured_rows = torch.arange(count) * n_rows // count  # evenly spread: every 4th row for 0.25
             compared = torch.zeros_like(mask)
             compared[measured_rows] = mask[measured_rows]
             after_entropy = before_entropy.clone()
@@ -539,7 +546,7 @@ class Trainer:
             self._note_reward_error(result.first_reward_error)
         for folder, payload in (("eval", {"step": self.step, **result.summary.to_dict()}), ("forks", result.forks)):
             (self.run_dir / folder).mkdir(exist_ok=True)
-            (self.run_dir / folder / f"step_{self.step:06d}.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+            atomic_write_text(self.run_dir / folder / f"step_{self.step:06d}.json", json.dumps(payload, indent=1, ensure_ascii=False))
         return result.metrics()
 
     # ------------------------------------------------------------------------------------------------ the run
@@ -582,6 +589,19 @@ def _micro_batch_share(mask: torch.Tensor, micro: torch.Tensor, mini_batch: torc
     return int(mask[micro].any(-1).sum()) / max(1, int(mask[mini_batch].any(-1).sum()))
 
 
-def _mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
-    keys = {key for record in records for key in record}
-    return {key: float(np.nanmean([r[key] for r in records if key in r])) for key in sorted(keys)}
+def _mean_metrics(records: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """The objective's metrics over a step: per update, its micro-batches weighted by their shares (so a micro-batched
+    update reports what the whole mini-batch would; counts, ``tokens/*``, add up), then the mean over updates (the
+    shares of each update sum to 1)."""
+    keys = {key for record, _ in records for key in record}
+    means = {}
+    for key in sorted(keys):
+        pairs = [(record[key], share) for record, share in records if key in record and np.isfinite(record[key])]
+        total_share = sum(share for _, share in pairs)
+        if not pairs:
+            means[key] = math.nan
+        elif key.startswith("tokens/"):
+            means[key] = sum(value for value, _ in pairs) / total_share
+        else:
+            means[key] = sum(value * share for value, share in pairs) / total_share
+    return means
