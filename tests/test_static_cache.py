@@ -52,13 +52,19 @@ def reference_next_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "own-weights"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_prefill_and_every_decode_step_equal_the_model_forward(name):
+def test_prefill_and_every_decode_step_equal_the_model_forward(name, fused, monkeypatch):
+    """Both layouts of the projections: concatenated copies (small models) and the model's own weights (large ones)."""
+    from entrorl.rollout import static_cache
+
+    monkeypatch.setattr(static_cache, "FUSED_PROJECTIONS_MAX_BYTES", static_cache.FUSED_PROJECTIONS_MAX_BYTES if fused else 0)
     model = build(name)
     assert static_cache_unsupported_reason(model, 32) is None
     ids, mask = left_padded(PROMPTS)
     steps = 6
     decoder = StaticCacheDecoder(model, ids, mask, max_new_tokens=steps)
+    assert all(len(layer.qkv) == (1 if fused else 3) and len(layer.gate_up) == (1 if fused else 2) for layer in decoder.layers)
     logits = decoder.prefill()
     generator = torch.Generator().manual_seed(1)
     for step in range(steps):

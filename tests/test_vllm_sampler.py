@@ -155,6 +155,10 @@ def test_sampler_builds_the_engine_and_requests(fake_vllm, tiny_model_dir):
     assert done == [3]
     sampler.generate([[6]], params)
     assert [kw.kwargs["seed"] for kw in llm.sampling[-1]] == [14]  # seeds never repeat across calls
+    resumed = VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD, dtype="float32", seed=11)
+    resumed.load_state_dict(sampler.state_dict())  # as a checkpoint carries it: a resumed run goes on with seed 15
+    resumed.generate([[6]], params)
+    assert [kw.kwargs["seed"] for kw in _FakeLLM.instances[-1].sampling[-1]] == [15]
     with pytest.raises(ValueError, match="at least one token"):
         sampler.generate([[]], params)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["STATIC_CACHE_MODEL_TYPES", "StaticCacheDecoder", "static_cache_unsupported_reason"]
+__all__ = ["FUSED_PROJECTIONS_MAX_BYTES", "STATIC_CACHE_MODEL_TYPES", "StaticCacheDecoder", "static_cache_unsupported_reason"]
 
 # model types whose decoder layer is the Llama one (Qwen3 adds a per-head RMSNorm on queries and keys)
 STATIC_CACHE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -72,47 +72,67 @@ def _rotate(states: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return torch.addcmul(states * cos, states.roll(states.shape[-1] // 2, dims=-1), signed_sin)
 
 
+# Concatenating a layer's query/key/value and gate/up weights saves matmul calls, which is what a small model's
+# decode step costs; on a large model it would copy most of the weights for little gain, so above this many bytes
+# of copies the projections run one by one on the model's own weights.
+FUSED_PROJECTIONS_MAX_BYTES = 256 * 2**20
+
+
 @dataclass(frozen=True)
 class _LayerWeights:
-    """One decoder layer's parameters, with the query/key/value and the gate/up projections concatenated."""
+    """One decoder layer's parameters; the query/key/value and the gate/up projections are each either one
+    concatenated ``(weight, bias)`` or the model's own ``(weight, bias)`` pairs."""
 
     input_norm: torch.nn.Module
-    qkv_weight: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    qkv: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
     query_norm: torch.nn.Module | None
     key_norm: torch.nn.Module | None
     output: torch.nn.Linear
     post_attention_norm: torch.nn.Module
-    gate_up_weight: torch.Tensor
-    gate_up_bias: torch.Tensor | None
+    gate_up: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
     activation: object
     down: torch.nn.Linear
 
     @classmethod
-    def of(cls, layer) -> "_LayerWeights":
+    def of(cls, layer, *, fuse: bool) -> "_LayerWeights":
         attention, mlp = layer.self_attn, layer.mlp
-        qkv = (attention.q_proj, attention.k_proj, attention.v_proj)
-        gate_up = (mlp.gate_proj, mlp.up_proj)
 
-        def joined_bias(projections):
-            if all(projection.bias is None for projection in projections):
-                return None
-            return torch.cat([projection.bias if projection.bias is not None else
-                              projection.weight.new_zeros(projection.out_features) for projection in projections])
+        def projections(modules) -> tuple[tuple[torch.Tensor, torch.Tensor | None], ...]:
+            if not fuse:
+                return tuple((module.weight, module.bias) for module in modules)
+            bias = None
+            if any(module.bias is not None for module in modules):
+                bias = torch.cat([module.bias if module.bias is not None else module.weight.new_zeros(module.out_features)
+                                  for module in modules])
+            return ((torch.cat([module.weight for module in modules]), bias),)
 
         return cls(
             input_norm=layer.input_layernorm,
-            qkv_weight=torch.cat([projection.weight for projection in qkv]),
-            qkv_bias=joined_bias(qkv),
+            qkv=projections((attention.q_proj, attention.k_proj, attention.v_proj)),
             query_norm=getattr(attention, "q_norm", None),
             key_norm=getattr(attention, "k_norm", None),
             output=attention.o_proj,
             post_attention_norm=layer.post_attention_layernorm,
-            gate_up_weight=torch.cat([projection.weight for projection in gate_up]),
-            gate_up_bias=joined_bias(gate_up),
+            gate_up=projections((mlp.gate_proj, mlp.up_proj)),
             activation=mlp.act_fn,
             down=mlp.down_proj,
         )
+
+
+def _project(hidden: torch.Tensor, projections) -> torch.Tensor:
+    """``hidden`` through one concatenated projection, or through each and joined on the last dimension."""
+    if len(projections) == 1:
+        return F.linear(hidden, *projections[0])
+    return torch.cat([F.linear(hidden, weight, bias) for weight, bias in projections], dim=-1)
+
+
+def _fused_copy_bytes(model) -> int:
+    """The bytes that concatenating every layer's query/key/value and gate/up weights would copy."""
+    total = 0
+    for layer in model.model.layers:
+        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
 
 
 class StaticCacheDecoder:
@@ -126,8 +146,9 @@ class StaticCacheDecoder:
 
     Call :meth:`prefill` once, then :meth:`decode` with each sampled token; both return the next token's
     ``[B, V]`` logits in the model's dtype. Positions follow the prompt mask (the first prompt token of every row
-    is position 0), as in the model's forward with ``position_ids = cumsum(mask) - 1``. The query/key/value and
-    gate/up weights are concatenated once, here (a copy of those weights lives as long as the decoder), so a
+    is position 0), as in the model's forward with ``position_ids = cumsum(mask) - 1``. On a small model the
+    query/key/value and gate/up weights are concatenated once, here (a copy that lives as long as the decoder, at
+    most :data:`FUSED_PROJECTIONS_MAX_BYTES`; larger models run those projections on their own weights), so a
     decoder serves one batch: build a new one after the model's weights change.
     """
 
@@ -138,8 +159,9 @@ class StaticCacheDecoder:
         config = model.config
         self.inner = model.model
         self.head = model.lm_head
+        fuse = _fused_copy_bytes(model) <= FUSED_PROJECTIONS_MAX_BYTES
         with torch.no_grad():
-            self.layers = [_LayerWeights.of(layer) for layer in self.inner.layers]
+            self.layers = [_LayerWeights.of(layer, fuse=fuse) for layer in self.inner.layers]
         first = self.inner.layers[0].self_attn
         self.head_dim = first.head_dim
         self.num_heads = config.num_attention_heads
@@ -238,7 +260,7 @@ class StaticCacheDecoder:
         """Queries ``[B, T, H, D]``, keys and values ``[B, T, H_kv, D]``, RoPE applied."""
         batch, length, _ = hidden.shape
         heads, kv_heads = self.num_heads, self.num_kv_heads
-        qkv = F.linear(_rms_norm(hidden, layer.input_norm), layer.qkv_weight, layer.qkv_bias)
+        qkv = _project(_rms_norm(hidden, layer.input_norm), layer.qkv)
         qkv = qkv.view(batch, length, heads + 2 * kv_heads, self.head_dim)
         if layer.query_norm is not None:
             query_key = torch.cat([_rms_norm(qkv[:, :, :heads], layer.query_norm),
@@ -259,7 +281,7 @@ class StaticCacheDecoder:
     def _finish_layer(layer: _LayerWeights, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Attention output projection and residual, then the gated MLP and its residual."""
         hidden = hidden + F.linear(attended, layer.output.weight, layer.output.bias)
-        gate, up = F.linear(_rms_norm(hidden, layer.post_attention_norm), layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
+        gate, up = _project(_rms_norm(hidden, layer.post_attention_norm), layer.gate_up).chunk(2, dim=-1)
         return hidden + F.linear(layer.activation(gate) * up, layer.down.weight, layer.down.bias)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -202,6 +202,13 @@ class VLLMSampler:
             )
         self.llm = llm
 
+    def state_dict(self) -> dict[str, int]:
+        """What a resumed run needs to draw the same samples: how many requests (each seeded in turn) were sent."""
+        return {"requests_sent": self._requests_sent}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._requests_sent = int(state["requests_sent"])
+
     def sampling_params(self, params: SamplingParams, count: int) -> list:
         """One ``vllm.SamplingParams`` for each of the next ``count`` requests, each with its own seed."""
         first = self.seed + self._requests_sent

@@ -218,6 +218,7 @@ class Trainer:
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "skipped_steps": self.skipped_steps,
             "master_weights": self.master.state_dict() if self.master is not None else None,
+            "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -230,6 +231,8 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         if self.master is not None and state.get("master_weights") is not None:
             self.master.load_state_dict(state["master_weights"])
+        if state.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(state["sampler"])  # vLLM seeds each request from a running count
         restore_rng_state(state["rng"])
 
     def save(self) -> Path:
