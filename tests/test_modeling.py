@@ -228,3 +228,18 @@ def test_stop_token_ids_gathers_every_declared_eos():
     assert modeling.stop_token_ids(model, SimpleNamespace(eos_token_id=1)) == [1, 84, 7]
     plain = SimpleNamespace(generation_config=None, config=SimpleNamespace(eos_token_id=None))
     assert modeling.stop_token_ids(plain, SimpleNamespace(eos_token_id=3)) == [3]
+
+
+def test_encode_prompt_fills_the_template_and_wraps_a_chat_turn_without_a_second_bos():
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    plain = modeling.encode_prompt(tokenizer, "1+2=", template="Q: {prompt}")
+    assert tokenizer.decode(plain, skip_special_tokens=True) == "Q: 1+2="
+    tokenizer.chat_template = "{{ bos_token }}user: {{ messages[0]['content'] }}\nassistant: "
+    chat = modeling.encode_prompt(tokenizer, "1+2=", chat_template=True)
+    assert chat.count(tokenizer.bos_token_id) == 1 and chat[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(chat, skip_special_tokens=True) == "user: 1+2=\nassistant: "
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="the tokenizer has none"):
+        modeling.encode_prompt(tokenizer, "1+2=", chat_template=True)

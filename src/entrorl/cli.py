@@ -76,6 +76,8 @@ AnswerColumnOption = Annotated[str, typer.Option(help="the data's column holding
 SeedOption = Annotated[int, typer.Option(help="sampling seed")]
 RewardOption = Annotated[str, typer.Option("--reward", help="reward name or package.module:function")]
 PromptTemplateOption = Annotated[str, typer.Option("--prompt-template", help="format string with {prompt}")]
+ChatTemplateOption = Annotated[bool, typer.Option("--chat-template", help="wrap each prompt as a user turn with the "
+                                                  "tokenizer's chat template (as model.chat_template does in training)")]
 DeviceOption = Annotated[str, typer.Option("--device", help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'")]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
 
@@ -93,6 +95,7 @@ def evaluate(
     prompt_column: PromptColumnOption = "prompt",
     answer_column: AnswerColumnOption = "answer",
     prompt_template: PromptTemplateOption = "{prompt}",
+    chat_template: ChatTemplateOption = False,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="evaluate only the first N prompts")] = None,
     seed: SeedOption = 0,
     out: Annotated[Optional[Path], typer.Option(help="write the JSON summary here")] = None,
@@ -103,7 +106,7 @@ def evaluate(
     from rich.progress import Progress
 
     from entrorl.data import check_prompt_template, load_prompts
-    from entrorl.modeling import check_prompts_fit, load_causal_lm, load_tokenizer
+    from entrorl.modeling import check_prompts_fit, encode_prompt, load_causal_lm, load_tokenizer
     from entrorl.rewards import RewardRunner, get_reward
     from entrorl.rollout import SamplingParams
     from entrorl.trainer.config import resolve_device
@@ -120,7 +123,7 @@ def evaluate(
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         tokenizer = load_tokenizer(model)
         policy = load_causal_lm(model, dtype=dtype).to(resolve_device(device)).eval()
-        prompt_ids = [tokenizer(prompt_template.format(prompt=r.prompt))["input_ids"] for r in records]
+        prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
         check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
@@ -210,6 +213,7 @@ def data_audit(
     prompt_column: PromptColumnOption = "prompt",
     answer_column: AnswerColumnOption = "answer",
     prompt_template: PromptTemplateOption = "{prompt}",
+    chat_template: ChatTemplateOption = False,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="audit only the first N prompts")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="sequences per generation call")] = 64,
     seed: SeedOption = 0,
@@ -225,7 +229,7 @@ def data_audit(
 
     from entrorl.data import check_prompt_template, load_prompts, parse_band
     from entrorl.data.audit import AuditThresholds
-    from entrorl.modeling import load_causal_lm, load_tokenizer
+    from entrorl.modeling import encode_prompt, load_causal_lm, load_tokenizer
     from entrorl.rewards import RewardRunner, get_reward
     from entrorl.rollout import SamplingParams
     from entrorl.trainer.audit import audit_records, default_audit_dir, write_audit_outputs
@@ -241,9 +245,9 @@ def data_audit(
         reward_runner.check_arguments([record.meta for record in records])
         tokenizer = load_tokenizer(model)
         policy = load_causal_lm(model, dtype=dtype).to(resolve_device(device)).eval()
+        prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
     except (ValueError, FileNotFoundError, ImportError) as error:
         _fail(str(error))
-    prompt_ids = [tokenizer(prompt_template.format(prompt=r.prompt))["input_ids"] for r in records]
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:

@@ -14,7 +14,7 @@ from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 __all__ = [
     "load_tokenizer", "load_causal_lm", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
     "prompt_groups", "shares_prompts", "cache_argument", "output_cache", "left_pad", "model_context_length",
-    "check_prompts_fit", "stop_token_ids",
+    "check_prompts_fit", "stop_token_ids", "encode_prompt",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
 
@@ -84,6 +84,19 @@ def model_context_length(model) -> int | None:
     """The model's context length (``config.max_position_embeddings``), or None when it declares none."""
     value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_template: bool = False) -> list[int]:
+    """The token ids the policy sees for ``prompt``: ``template.format(prompt=prompt)``, wrapped as a user turn with
+    the tokenizer's chat template when ``chat_template`` (the template then writes the special tokens itself, so
+    the tokenizer adds none: no second BOS)."""
+    text = template.format(prompt=prompt)
+    if not chat_template:
+        return tokenizer(text)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a chat template was asked for, but the tokenizer has none")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

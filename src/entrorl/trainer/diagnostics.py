@@ -4,7 +4,14 @@ Prediction (arXiv 2602.03392, Thm 3.3): a gradient step on the sampled token's l
 ``g_t = d loss / d log p_t`` moves the (temperature-scaled) logits by ``alpha_t (e_k - p)`` with
 ``alpha_t = -lr * g_t / T^2``, and the entropy by ``-alpha_t D_t``. It treats each position's logits as free
 parameters (the "tabular" view), so with Adam and shared weights its *scale* differs from the measured change;
-its sign and its correlation with the measured per-token change are what the theory claims.
+its sign and its correlation with the measured per-token change are what the theory claims. ``g_t`` is taken from
+the updates the optimizer applied (a skipped update contributes nothing), scaled by gradient clipping; the gradient
+that reaches the logits through an entropy term of the loss (``entropy_bonus``, ``adaptive_entropy``) flows through
+``log p_t`` too and is part of ``g_t`` only through the log-prob: its direct effect on the entropy is left out.
+
+The entropy discriminator (arXiv 2602.03392): with ``p`` the sampled token's probability and ``H`` the entropy of
+its position, ``S = p (log p + H)`` and its centred form ``D = S - E_{k~pi}[S_k]``; a positive update of a token
+with ``D > 0`` lowers the entropy, with ``D < 0`` raises it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ def _valid(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_summary(entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Mean, max and the 10/50/90% quantiles of the per-token entropy (nats) over ``mask``, and ``low_frac``: the share
+    of tokens below 0.01 nats, positions the policy has all but decided (a collapsing run's share grows)."""
     values = _valid(entropy, mask)
     if values.numel() == 0:
         return {}
@@ -34,7 +43,10 @@ def entropy_summary(entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, floa
 
 
 def discriminator_summary(disc: torch.Tensor, centered: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """S and D statistics overall and split by the sign of the advantage (positive / negative samples)."""
+    """Statistics of ``S = p (log p + H)`` (``disc``) and ``D = S - E_pi[S]`` (``disc_centered``), arXiv 2602.03392:
+    mean and std over ``mask``, the mean over tokens of positive- and of negative-advantage samples, and
+    ``disc/confident_frac``, the share of tokens with ``S > 0`` (sampled tokens more likely than the position's
+    typical one)."""
     summary: dict[str, float] = {}
     for name, values in (("disc", disc), ("disc_centered", centered)):
         valid = _valid(values, mask)

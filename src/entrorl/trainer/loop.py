@@ -21,11 +21,18 @@ import torch
 
 from entrorl.advantages import compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts, parse_band
-from entrorl.modeling import bucketed_response_token_stats, check_prompts_fit, load_causal_lm, load_tokenizer, stop_token_ids
+from entrorl.modeling import (
+    bucketed_response_token_stats,
+    check_prompts_fit,
+    encode_prompt,
+    load_causal_lm,
+    load_tokenizer,
+    stop_token_ids,
+)
 from entrorl.objective import PolicyBatch, build_objective
 from entrorl.rewards import RewardResult, RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
-from entrorl.tokens import TokenStats
+from entrorl.tokens import STAT_NAMES, TokenStats
 from entrorl.rollout import HFSampler, Rollouts, SamplingParams
 from entrorl.trainer.allocator import retain_freed_memory
 from entrorl.trainer.checkpoint import (
@@ -44,7 +51,7 @@ from entrorl.trainer.precision import MasterWeights, needs_master_weights
 
 __all__ = ["Trainer", "TrainingStopped", "ScoredRollouts"]
 
-_STATS = ("logprob", "entropy", "disc", "disc_centered")
+_STATS = STAT_NAMES  # every statistic the step scores: the objective and the diagnostics use them all
 
 
 class TrainingStopped(RuntimeError):
@@ -78,7 +85,8 @@ class Trainer:
         self.console = console
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
-        if config.retain_freed_memory or (config.retain_freed_memory is None and resolve_device(config.model.device).type == "cpu"):
+        retain = config.retain_freed_memory
+        if retain or (retain is None and resolve_device(config.model.device).type == "cpu"):
             retain_freed_memory()
         self.run_dir = Path(run_dir) if run_dir is not None else self._default_run_dir()
         checkpoint = latest_checkpoint(self.run_dir)
@@ -131,19 +139,22 @@ class Trainer:
         self.reference = None
         if needs_reference:
             reference_path = Path(config.model.path)
-            self.reference = load_causal_lm(reference_path, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code
-                                            ).eval().requires_grad_(False).to(self.device)
+            self.reference = load_causal_lm(reference_path, dtype=config.model.dtype,
+                                            trust_remote_code=config.model.trust_remote_code)
+            self.reference = self.reference.eval().requires_grad_(False).to(self.device)
         self.train_prompt_ids = self._encode_all(self.train_records)
         self.eval_prompt_ids = self._encode_all(self.eval_records)
         self.stream = PromptStream(self.train_records, seed=config.seed, shuffle=config.data.shuffle)
-        self.sampler = HFSampler(self.model, eos_token_id=stop_token_ids(self.model, self.tokenizer),
-                                 pad_token_id=self.tokenizer.pad_token_id, batch_size=config.rollout.generation_batch_size)
         self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
                                        top_p=config.rollout.top_p, top_k=config.rollout.top_k)
-        if config.rollout.backend == "vllm":
+        if config.rollout.backend == "hf":
+            self.sampler = HFSampler(self.model, eos_token_id=stop_token_ids(self.model, self.tokenizer),
+                                     pad_token_id=self.tokenizer.pad_token_id, batch_size=config.rollout.generation_batch_size)
+        else:
             from entrorl.rollout.vllm import VLLMSampler  # an optional dependency, imported only when asked for
 
-            self.sampler = VLLMSampler(model_path, eos_token_id=stop_token_ids(self.model, self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
+            self.sampler = VLLMSampler(model_path, eos_token_id=stop_token_ids(self.model, self.tokenizer),
+                                       pad_token_id=self.tokenizer.pad_token_id,
                                        dtype=config.model.dtype, seed=config.seed,
                                        gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization)
         optim = config.optim
@@ -192,16 +203,11 @@ class Trainer:
             raise ValueError(f"data.pass_rate_band {self.config.data.pass_rate_band} keeps none of the {len(records)} prompts")
         return kept
 
-    def _encode(self, record: PromptRecord) -> list[int]:
-        text = self.config.data.prompt_template.format(prompt=record.prompt)
-        if self.config.model.chat_template:  # the template writes the special tokens (BOS included) itself
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(text)["input_ids"]
-
     def _encode_all(self, records: list[PromptRecord]) -> list[list[int]]:
         """Tokenise every prompt once; prompts that leave no room for the response are reported, not truncated."""
-        encoded = [self._encode(record) for record in records]
+        data, model = self.config.data, self.config.model
+        encoded = [encode_prompt(self.tokenizer, record.prompt, template=data.prompt_template,
+                                 chat_template=model.chat_template) for record in records]
         check_prompts_fit(self.model, encoded, [record.source for record in records],
                           max_new_tokens=self.config.rollout.max_new_tokens)
         return encoded
@@ -368,7 +374,7 @@ class Trainer:
         mask = rollouts.response_mask
         token_advantages = scored.advantages[:, None].expand_as(mask) * mask
         n_rows = len(rollouts)
-        everything = torch.arange(n_rows)
+        all_rows = torch.arange(n_rows)
         # the loss's per-token inputs live with the model; diagnostics are computed on the CPU
         on_device = {"mask": mask.to(self.device), "advantages": token_advantages.to(self.device),
                      "rollout_log_prob": rollouts.sampler_log_probs.to(self.device)}
@@ -378,11 +384,11 @@ class Trainer:
         before = None
         if not on_policy:
             with torch.no_grad():
-                before = self.token_stats(self.model, rollouts, everything)
+                before = self.token_stats(self.model, rollouts, all_rows)
         reference_log_prob = None
         if self.reference is not None:
             with torch.no_grad():
-                reference_log_prob = self.token_stats(self.reference, rollouts, everything, need=("logprob",)).logprob
+                reference_log_prob = self.token_stats(self.reference, rollouts, all_rows, need=("logprob",)).logprob
 
         # 5. updates: epochs x mini-batches, each optionally split into micro-batches
         grad_coefficients = torch.zeros(mask.shape, dtype=torch.float32)
@@ -390,7 +396,7 @@ class Trainer:
         grad_norms, skipped = [], 0
         first_pass = {name: torch.zeros(mask.shape) for name in _STATS}
         for epoch in range(config.optim.epochs):
-            order = torch.randperm(n_rows) if config.optim.mini_batches > 1 else everything
+            order = torch.randperm(n_rows) if config.optim.mini_batches > 1 else all_rows
             for mini_batch in order.chunk(config.optim.mini_batches):
                 self._zero_grad()
                 objective_state = copy.deepcopy(self.objective.state_dict())  # put back if this update is skipped
@@ -413,14 +419,14 @@ class Trainer:
                         ref_log_prob=None if reference_log_prob is None else reference_log_prob[micro],
                         rollout_log_prob=on_device["rollout_log_prob"][micro],
                     )
-                    out = self.objective(batch)
-                    if not torch.isfinite(out.loss):
+                    objective_out = self.objective(batch)
+                    if not torch.isfinite(objective_out.loss):
                         losses_finite = False
                         continue
                     share = _micro_batch_share(mask, micro, mini_batch, self.objective.loss_agg_mode)
-                    (out.loss * share).backward()
+                    (objective_out.loss * share).backward()
                     mini_coefficients[micro] = stats.logprob.grad.detach().float().cpu()
-                    mini_metrics.append((out.metrics, share))
+                    mini_metrics.append((objective_out.metrics, share))
                 if losses_finite and self.master is not None:
                     self.master.take_gradients()
                 grad_norm = self._clip_gradients() if losses_finite else math.nan
@@ -452,26 +458,28 @@ class Trainer:
         updated = time.perf_counter()
 
         # 6. diagnostics: the same rollouts under the updated policy, against the first-order prediction
-        source = first_pass if before is None else {name: values.float().cpu() for name, values in before.as_dict().items()}
-        logprob, before_entropy, disc, centered = (source[name] for name in _STATS)
+        scored_before = (first_pass if before is None
+                         else {name: values.float().cpu() for name, values in before.as_dict().items()})
+        logprob, before_entropy, disc, disc_centered_before = (scored_before[name] for name in _STATS)
         metrics = entropy_summary(before_entropy, mask)
-        batch_change, _ = predicted_vs_measured(grad_coefficients, centered, before_entropy, None, mask, lr=lr, temperature=temperature)
+        batch_change, _ = predicted_vs_measured(grad_coefficients, disc_centered_before, before_entropy, None, mask, lr=lr,
+                                                temperature=temperature)
         metrics["entropy/predicted_delta_batch"] = batch_change["entropy/predicted_delta"]
-        after_entropy, compared = None, mask
+        after_entropy, measured_mask = None, mask
         if config.diagnostics.measure_entropy_change:
             count = max(1, math.ceil(n_rows * config.diagnostics.measure_fraction))
             measured_rows = torch.arange(count) * n_rows // count  # evenly spread: every 4th row for 0.25
-            compared = torch.zeros_like(mask)
-            compared[measured_rows] = mask[measured_rows]
+            measured_mask = torch.zeros_like(mask)
+            measured_mask[measured_rows] = mask[measured_rows]
             after_entropy = before_entropy.clone()
             with torch.no_grad():
                 after_entropy[measured_rows] = self.token_stats(self.model, rollouts, measured_rows,
                                                                 need=("entropy",)).entropy.float().cpu()
-        change, _ = predicted_vs_measured(grad_coefficients, centered, before_entropy, after_entropy, compared, lr=lr,
-                                          temperature=temperature)
+        change, _ = predicted_vs_measured(grad_coefficients, disc_centered_before, before_entropy, after_entropy,
+                                          measured_mask, lr=lr, temperature=temperature)
         metrics.update(change)
         metrics.update(covariance_summary(logprob, token_advantages, mask))
-        metrics.update(discriminator_summary(disc, centered, token_advantages, mask))
+        metrics.update(discriminator_summary(disc, disc_centered_before, token_advantages, mask))
         metrics.update(_mean_metrics(objective_metrics))
         if reference_log_prob is not None:
             log_ratio = (logprob - reference_log_prob.float().cpu())[mask]
@@ -549,7 +557,8 @@ class Trainer:
             self._note_reward_error(result.first_reward_error)
         for folder, payload in (("eval", {"step": self.step, **result.summary.to_dict()}), ("forks", result.forks)):
             (self.run_dir / folder).mkdir(exist_ok=True)
-            atomic_write_text(self.run_dir / folder / f"step_{self.step:06d}.json", json.dumps(payload, indent=1, ensure_ascii=False))
+            atomic_write_text(self.run_dir / folder / f"step_{self.step:06d}.json",
+                              json.dumps(payload, indent=1, ensure_ascii=False))
         return result.metrics()
 
     # ------------------------------------------------------------------------------------------------ the run
