@@ -51,8 +51,6 @@ class ModelConfig(_Section):
 
 def resolve_device(name: str):
     """The ``torch.device`` that ``model.device`` names; ValueError for a malformed name or a missing GPU."""
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
