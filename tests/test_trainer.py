@@ -285,7 +285,8 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
     with pytest.raises(ConfigError, match=r"advantage.params: passk: group 0 has 4 sample\(s\), fewer than k = 8"):
         load_config(base, ["advantage.name=passk", "advantage.params={k: 8}"])
     for template, problem in (("Q: {prompt} {other}", r"field\(s\) \['other'\]"), ("{prompt} {", "not a valid format"),
-                              ("{{prompt}} ok", r"no \{prompt\} field.*literal")):
+                              ("{{prompt}} ok", r"no \{prompt\} field.*literal"), ("{prompt:{width}}", "KeyError: 'width'"),
+                              ("{prompt:d}", "cannot be filled"), ("{prompt!x}", "cannot be filled")):
         with pytest.raises(ConfigError, match=rf"data.prompt_template: .*{problem}"):
             load_config(base, [f"data.prompt_template={json.dumps(template)}"])
     assert load_config(base, ['data.prompt_template="{{x}}: {prompt}"']).data.prompt_template == "{{x}}: {prompt}"
@@ -375,6 +376,23 @@ def test_resume_skips_an_incomplete_checkpoint_and_names_an_unreadable_one(tmp_p
     trainer_state.write_bytes(trainer_state.read_bytes()[:100])  # cut short
     with pytest.raises(ValueError, match=r"step_000002/trainer.pt cannot be read .*delete step_000002 to resume"):
         Trainer(config, run_dir=run_dir, resume=True)
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path, tiny_model_dir, arithmetic_files):
+    """Leftover checkpoints that lost their weights are not counted when old checkpoints are pruned: a run started
+    among them keeps its own."""
+    from entrorl.trainer.checkpoint import latest_checkpoint
+
+    train, _ = arithmetic_files
+    run_dir = tmp_path / "run"
+    Trainer(load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, "lr": 1e-3},
+                                    checkpoint={"every": 1, "keep": 3})), run_dir=run_dir).train()
+    for weights in (run_dir / "checkpoints").glob("step_*/model/model.safetensors"):
+        weights.unlink()
+    assert latest_checkpoint(run_dir) is None  # nothing complete left: a fresh run may start here
+    Trainer(load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1, "lr": 1e-3},
+                                    checkpoint={"every": 1, "keep": 1})), run_dir=run_dir).train()
+    assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step_000001"
 
 
 def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arithmetic_files):

@@ -24,6 +24,10 @@ def check_prompt_template(template: str) -> str:
     if not fields:
         raise ValueError(f"prompt template {template!r} has no {{prompt}} field, so every prompt would be dropped"
                          + (" ({{prompt}} is a literal, not a field)" if "{{prompt}}" in template else ""))
+    try:  # what parsing does not see: fields nested in a format spec, bad specs and conversions
+        template.format(prompt="a prompt")
+    except (KeyError, IndexError, ValueError, AttributeError) as error:
+        raise ValueError(f"prompt template {template!r} cannot be filled with a prompt ({type(error).__name__}: {error})") from None
     return template
 
 

@@ -73,9 +73,10 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
         shutil.rmtree(final)
     os.replace(temporary, final)
     atomic_write_text(root / "latest", name + "\n")
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and _complete(p))
+    for old in complete[:-keep]:  # incomplete leftovers are not counted, so they can never push this one out
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(f".{_PREFIX}*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return final

@@ -290,7 +290,7 @@ class Trainer:
                             "reward/sampled_accuracy": sampled["reward/accuracy"]})
             kept_rows = keep.nonzero().squeeze(-1)[: config.prompts_per_step * config.group_size]
             metrics["data/informative_groups"] = float(len(kept_rows) // config.group_size)
-            if len(kept_rows) == 0:  # nothing informative within the bound: train on one round's worth (zero advantages)
+            if len(kept_rows) == 0:  # nothing informative within the bound: train on one round's worth of rows
                 kept_rows = torch.arange(config.prompts_per_step * config.group_size)
             rollouts, group_ids = rollouts.select(kept_rows), group_ids[kept_rows]
             records = [records[i] for i in kept_rows.tolist()]
