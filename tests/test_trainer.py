@@ -242,6 +242,49 @@ def test_bfloat16_model_keeps_small_updates_in_float32_master_weights(tmp_path, 
         sys.path.remove(str(tmp_path))
 
 
+def test_learning_rate_schedules():
+    from entrorl.trainer import learning_rate_factor
+
+    factors = {name: [learning_rate_factor(step, 6, warmup_steps=2, schedule=name, min_ratio=0.1) for step in range(6)]
+               for name in ("constant", "linear", "cosine")}
+    assert factors["constant"] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert factors["linear"] == pytest.approx([0.5, 1.0, 1.0, 0.775, 0.55, 0.325])  # reaches 0.1 one step after the end
+    assert factors["cosine"][:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert factors["cosine"][4] == pytest.approx(0.55) and factors["cosine"][5] == pytest.approx(0.1 + 0.9 * 0.5 * (1 - 0.5 ** 0.5))
+    assert learning_rate_factor(9, 10, schedule="cosine") > 0  # no step is spent at the final rate
+
+
+def test_activation_checkpointing_and_a_cosine_schedule_train_like_the_plain_run(tmp_path, tiny_model_dir, arithmetic_files):
+    """Recomputing activations changes memory, not numbers; the rate each step logs follows the schedule; an
+    evaluation before the first step is logged as step 0."""
+    train, held_out = arithmetic_files
+    module = tmp_path / "parity_ckpt_reward.py"
+    module.write_text("def score(prompt, completion, answer, **meta):\n    return float(sum(map(ord, completion)) % 2)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        runs = {}
+        for checkpointing in (False, True):
+            config = load_config(make_config(
+                tiny_model_dir, train, held_out, reward={"name": "parity_ckpt_reward:score"},
+                model={"path": str(tiny_model_dir), "activation_checkpointing": checkpointing},
+                optim={"steps": 3, "lr": 1e-2, "lr_schedule": "cosine", "min_lr_ratio": 0.2},
+                eval={"every": 0, "n": 2, "ks": [1, 2], "max_prompts": 2, "top_forks": 0, "at_start": True},
+                checkpoint={"every": 0}))
+            trainer = Trainer(config, run_dir=tmp_path / f"run-{checkpointing}")
+            trainer.train()
+            runs[checkpointing] = read_metrics(tmp_path / f"run-{checkpointing}")
+            if checkpointing:
+                assert trainer.model.is_activation_checkpointing
+    finally:
+        sys.path.remove(str(tmp_path))
+    plain, checkpointed = runs[False], runs[True]
+    assert [r["step"] for r in plain] == [0, 1, 2, 3] and "eval/pass_at_2" in plain[0] and "eval/pass_at_2" in plain[-1]
+    assert [r["train/lr"] for r in plain[1:]] == pytest.approx([1e-2 * learning_rate for learning_rate in (1.0, 0.8, 0.4)])
+    for before, after in zip(plain[1:], checkpointed[1:]):
+        for key in ("loss/policy", "train/grad_norm", "entropy/mean", "entropy/measured_delta"):
+            assert after[key] == pytest.approx(before[key], rel=1e-4, abs=1e-7), key
+
+
 def test_rng_state_includes_cuda_generators_once_cuda_is_in_use(monkeypatch):
     """Sampling on a GPU draws from CUDA's generators: a checkpoint must carry them for a resume to draw the same."""
     from entrorl.trainer.checkpoint import capture_rng_state, restore_rng_state

@@ -39,6 +39,9 @@ class ModelConfig(_Section):
     disable_dropout: bool = True
     trust_remote_code: bool = False
     chat_template: bool = Field(False, description="wrap prompts with the tokenizer's chat template")
+    activation_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward pass "
+                                           "instead of keeping them: less memory for about a third more compute (prompts "
+                                           "are then run once per row, not shared)")
     device: str = Field("auto", description="where the policy (and reference) model runs: 'auto' (the first CUDA GPU "
                         "when there is one, else the CPU), 'cpu', 'cuda', 'cuda:1', ...")
 
@@ -183,7 +186,11 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's beta1, beta2, each in [0, 1)")
     eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="steps over which the learning rate rises linearly to lr")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="after warm-up: keep lr, or decay it linearly or along a half cosine to "
+        "min_lr_ratio * lr at optim.steps")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="where a decaying schedule ends, as a share of lr")
     grad_clip: float | None = Field(1.0, gt=0)
     mini_batches: int = Field(1, ge=1, description="optimizer updates per rollout batch (off-policy when > 1)")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
@@ -215,6 +222,8 @@ class EvalConfig(_Section):
     max_prompts: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_forks: int = Field(20, ge=0, description="highest-entropy positions saved per evaluation")
+    at_start: bool = Field(False, description="also evaluate the model before the first step (logged as step 0), "
+                           "the baseline the run's evaluations compare with")
 
     @model_validator(mode="after")
     def _ks_within_n(self) -> "EvalConfig":

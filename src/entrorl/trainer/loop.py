@@ -49,7 +49,7 @@ from entrorl.trainer.evaluate import evaluate_model
 from entrorl.trainer.loggers import MetricsLogger
 from entrorl.trainer.precision import MasterWeights, needs_master_weights
 
-__all__ = ["Trainer", "TrainingStopped", "ScoredRollouts"]
+__all__ = ["Trainer", "TrainingStopped", "ScoredRollouts", "learning_rate_factor"]
 
 _STATS = STAT_NAMES  # every statistic the step scores: the objective and the diagnostics use them all
 
@@ -132,6 +132,12 @@ class Trainer:
         self.device = resolve_device(config.model.device)
         self.model = load_causal_lm(model_path, dtype=config.model.dtype, disable_dropout=config.model.disable_dropout,
                                     trust_remote_code=config.model.trust_remote_code).to(self.device)
+        if config.model.activation_checkpointing:  # the method's name from transformers 5.24 on, and before
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         needs_reference = config.optim.kl_reference
         if needs_reference is None:
@@ -166,7 +172,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(trained, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                            weight_decay=optim.weight_decay, fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
+            self.optimizer, lambda step: learning_rate_factor(step, optim.steps, warmup_steps=optim.warmup_steps,
+                                                              schedule=optim.lr_schedule, min_ratio=optim.min_lr_ratio)
         )
         self.step = 0
         self.consecutive_nonfinite = 0
@@ -573,6 +580,8 @@ class Trainer:
         try:
             with progress:
                 task = progress.add_task(f"train {config.method_label()}", total=config.optim.steps, completed=self.step, status="")
+                if config.eval.at_start and self.eval_records and self.step == 0:
+                    self.logger.log(0, self.evaluate())
                 while self.step < config.optim.steps:
                     metrics = self.train_step()
                     last = self.step == config.optim.steps
@@ -587,6 +596,25 @@ class Trainer:
         finally:
             self.logger.close()
         return self.run_dir
+
+
+def learning_rate_factor(step: int, total_steps: int, *, warmup_steps: int = 0, schedule: str = "constant",
+                         min_ratio: float = 0.0) -> float:
+    """The share of ``optim.lr`` used by update step ``step`` (0-based): ``(step + 1) / warmup_steps`` during the
+    warm-up, then 1 (``constant``), or a decay over the remaining steps to ``min_ratio`` at the last one: ``linear``
+    ``1 - (1 - min_ratio) t``, ``cosine`` ``min_ratio + (1 - min_ratio) (1 + cos(pi t)) / 2``, with
+    ``t = (step - warmup_steps) / (total_steps - warmup_steps)``: 0 at the first step after the warm-up, reaching 1
+    just after the last step (as ``transformers``' schedules do, so that no step is spent at the final rate)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
 def _micro_batch_share(mask: torch.Tensor, micro: torch.Tensor, mini_batch: torch.Tensor, loss_agg_mode: str) -> float:
