@@ -242,6 +242,20 @@ def test_bfloat16_model_keeps_small_updates_in_float32_master_weights(tmp_path, 
         sys.path.remove(str(tmp_path))
 
 
+def test_greedy_evaluation(tmp_path, tiny_model_dir, arithmetic_files):
+    """eval.temperature 0 samples greedily: every sample of a prompt is the same, so each prompt is solved by all or
+    none of them; fork entropies come from the model's own distribution."""
+    train, held_out = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, held_out,
+                                     eval={"every": 0, "n": 3, "ks": [1, 3], "max_prompts": 4, "top_forks": 3, "temperature": 0}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    metrics = trainer.evaluate()
+    assert metrics["eval/frac_solved_none"] + metrics["eval/frac_solved_all"] == 1.0
+    assert metrics["eval/pass_at_1"] == metrics["eval/pass_at_3"]
+    forks = json.loads((tmp_path / "run" / "forks" / "step_000000.json").read_text())
+    assert len(forks) == 3 and forks[0]["entropy"] > 0.1
+
+
 def test_learning_rate_schedules():
     from entrorl.trainer import learning_rate_factor
 

@@ -220,7 +220,7 @@ class EvalConfig(_Section):
     n: int = Field(8, ge=1, description="samples per evaluation prompt")
     ks: list[int] = Field(default_factory=lambda: [1, 4, 8])
     max_prompts: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=0, description="sampling temperature of evaluations; 0 = greedy (n = 1 is then enough)")
     top_forks: int = Field(20, ge=0, description="highest-entropy positions saved per evaluation")
     at_start: bool = Field(False, description="also evaluate the model before the first step (logged as step 0), "
                            "the baseline the run's evaluations compare with")

@@ -49,7 +49,8 @@ def evaluate_model(
     progress=None,
 ) -> EvaluationResult:
     """Sample ``n`` responses per prompt with a private seed (the caller's RNG state is left untouched), score
-    them, and summarise. With ``top_forks`` the highest-entropy response positions are decoded in context."""
+    them, and summarise. With ``top_forks`` the highest-entropy response positions are decoded in context (their
+    entropy at the sampling temperature, or at temperature 1 for greedy sampling)."""
     if not records:
         raise ValueError("evaluate_model: no prompts to evaluate")
     sampler = HFSampler(model, eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
@@ -68,7 +69,7 @@ def evaluate_model(
         was_training = model.training
         model.eval()
         stats = bucketed_response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
-                                              rollouts.response_mask, temperature=max(sampling.temperature, 1e-6),
+                                              rollouts.response_mask, temperature=sampling.temperature or 1.0,
                                               need=("entropy",))
         model.train(was_training)
         forks = top_fork_tokens(tokenizer, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
