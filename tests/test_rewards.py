@@ -406,6 +406,18 @@ def test_reward_results_concatenate_and_select_samples():
     assert both.select(torch.tensor([4])).errors == 1 and both.select([4]).first_error == second.first_error
 
 
+def test_extra_rewards_add_to_the_training_reward_only():
+    main = RewardRunner(_fragile_reward)(["p"] * 3, ["a", "b", "boom"], ["a"] * 3, [{}] * 3, [1, 1, 1])
+    extra = RewardRunner(lambda prompt, completion, answer, **meta: float(len(completion)))(["p"] * 3, ["a", "bb", "ccc"],
+                                                                                              ["a"] * 3, [{}] * 3)
+    both = main.with_extra("length", 0.5, extra)
+    assert both.rewards.tolist() == [1.5, 1.0, 1.5] and both.scores.tolist() == main.scores.tolist()
+    assert both.correct.tolist() == main.correct.tolist() and both.errors == 1
+    assert both.metrics()["reward/extra/length_mean"] == pytest.approx(2.0)
+    assert both.select([2]).extras["length"].tolist() == [3.0]
+    assert RewardResult.concat([both, both]).extras["length"].tolist() == [1.0, 2.0, 3.0] * 2
+
+
 def test_check_arguments_refuses_meta_a_reward_cannot_take():
     def strict(prompt, completion, answer):
         return 0.0

@@ -3,6 +3,7 @@ non-finite guard, and configuration / data errors that must fail before a model 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,22 @@ def write_config(path: Path, config: dict) -> Path:
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "entrorl.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=env)
+
+
+# a reward that varies between the samples of a random-init model (0 or 1 by the completion's characters)
+PARITY_REWARD = "def score(prompt, completion, answer, **meta):\n    return float(sum(map(ord, completion)) % 2)\n"
+
+
+@contextlib.contextmanager
+def importable_module(directory: Path, name: str, source: str):
+    """Module ``name`` with ``source`` written into ``directory`` and importable inside the block (a test's reward,
+    given to the config as ``name:score``)."""
+    (directory / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(directory))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(directory))
 
 
 def comparable(records: list[dict]) -> list[dict]:
@@ -179,10 +196,7 @@ def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arit
     """Gradient accumulation over micro-batches of 3 rows (cutting across groups) makes the same update as one pass,
     whatever the loss aggregation."""
     train, _ = arithmetic_files
-    module = tmp_path / "parity_reward.py"
-    module.write_text("def score(prompt, completion, answer, **meta):\n    return float(sum(map(ord, completion)) % 2)\n")
-    sys.path.insert(0, str(tmp_path))
-    try:
+    with importable_module(tmp_path, "parity_reward", PARITY_REWARD):
         results = []
         for micro_batch_size in (None, 3):
             config = load_config(make_config(tiny_model_dir, train, None, method=method, reward={"name": "parity_reward:score"},
@@ -191,8 +205,6 @@ def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arit
             trainer = Trainer(config, run_dir=tmp_path / f"run-{micro_batch_size}")
             metrics = trainer.train_step()
             results.append((metrics, {name: p.grad.clone() for name, p in trainer.model.named_parameters()}))
-    finally:
-        sys.path.remove(str(tmp_path))
     (whole, whole_grads), (micro, micro_grads) = results
     assert whole["reward/mean"] == micro["reward/mean"] and 0 < whole["reward/mean"] < 1  # same rollouts, real advantages
     assert whole["response/length_max"] > whole["response/length_mean"]  # uneven lengths: tokens and rows weigh differently
@@ -209,10 +221,7 @@ def test_bfloat16_model_keeps_small_updates_in_float32_master_weights(tmp_path, 
     """At a fine-tuning learning rate most bfloat16 weights would not move at all; the float32 copies move, accumulate,
     are written back rounded, and survive a resume exactly."""
     train, _ = arithmetic_files
-    module = tmp_path / "parity_bf16_reward.py"
-    module.write_text("def score(prompt, completion, answer, **meta):\n    return float(sum(map(ord, completion)) % 2)\n")
-    sys.path.insert(0, str(tmp_path))
-    try:
+    with importable_module(tmp_path, "parity_bf16_reward", PARITY_REWARD):
         def trainer_for(run: str, master: bool, steps: int = 2, resume: bool = False) -> Trainer:
             config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "parity_bf16_reward:score"},
                                              model={"path": str(tiny_model_dir), "dtype": "bfloat16", "master_weights": master},
@@ -238,8 +247,6 @@ def test_bfloat16_model_keeps_small_updates_in_float32_master_weights(tmp_path, 
         resumed = trainer_for("master", master=True, steps=3, resume=True)
         for saved, loaded in zip(mastered.master.copies, resumed.master.copies):
             assert torch.equal(saved, loaded)  # the float32 values, not the rounded model weights
-    finally:
-        sys.path.remove(str(tmp_path))
 
 
 def test_greedy_evaluation(tmp_path, tiny_model_dir, arithmetic_files):
@@ -272,10 +279,7 @@ def test_activation_checkpointing_and_a_cosine_schedule_train_like_the_plain_run
     """Recomputing activations changes memory, not numbers; the rate each step logs follows the schedule; an
     evaluation before the first step is logged as step 0."""
     train, held_out = arithmetic_files
-    module = tmp_path / "parity_ckpt_reward.py"
-    module.write_text("def score(prompt, completion, answer, **meta):\n    return float(sum(map(ord, completion)) % 2)\n")
-    sys.path.insert(0, str(tmp_path))
-    try:
+    with importable_module(tmp_path, "parity_ckpt_reward", PARITY_REWARD):
         runs = {}
         for checkpointing in (False, True):
             config = load_config(make_config(
@@ -289,8 +293,6 @@ def test_activation_checkpointing_and_a_cosine_schedule_train_like_the_plain_run
             runs[checkpointing] = read_metrics(tmp_path / f"run-{checkpointing}")
             if checkpointing:
                 assert trainer.model.is_activation_checkpointing
-    finally:
-        sys.path.remove(str(tmp_path))
     plain, checkpointed = runs[False], runs[True]
     assert [r["step"] for r in plain] == [0, 1, 2, 3] and "eval/pass_at_2" in plain[0] and "eval/pass_at_2" in plain[-1]
     assert [r["train/lr"] for r in plain[1:]] == pytest.approx([1e-2 * learning_rate for learning_rate in (1.0, 0.8, 0.4)])
@@ -454,15 +456,11 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path, tiny_model_
 
 def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arithmetic_files):
     train, _ = arithmetic_files
-    module = tmp_path / "flaky_reward.py"
-    module.write_text("def score(prompt, completion, answer, **meta):\n    raise RuntimeError('reward server down')\n")
-    sys.path.insert(0, str(tmp_path))
-    try:
+    failing = "def score(prompt, completion, answer, **meta):\n    raise RuntimeError('reward server down')\n"
+    with importable_module(tmp_path, "flaky_reward", failing):
         config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "flaky_reward:score"}))
         trainer = Trainer(config, run_dir=tmp_path / "run")
         metrics = trainer.train_step()
-    finally:
-        sys.path.remove(str(tmp_path))
     assert metrics["reward/errors"] == 8 and metrics["reward/mean"] == 0.0
     assert "reward server down" in (tmp_path / "run" / "reward_errors.log").read_text()
 
@@ -471,25 +469,19 @@ def test_reward_errors_of_every_sampling_round_and_of_evaluation_are_counted(tmp
     """Dynamic sampling: a failure in a resampling round counts in reward/errors and reaches reward_errors.log;
     evaluation's failures count in eval/reward_errors."""
     train, held_out = arithmetic_files
-    module = tmp_path / "late_reward.py"
-    module.write_text(
-        "calls = [0]\n"
-        "def score(prompt, completion, answer, **meta):\n"
-        "    calls[0] += 1\n"
-        "    if calls[0] > 8:\n"
-        "        raise RuntimeError('late failure')\n"
-        "    return 0.0\n"
-    )
-    sys.path.insert(0, str(tmp_path))
-    try:
+    late_failures = ("calls = [0]\n"
+                     "def score(prompt, completion, answer, **meta):\n"
+                     "    calls[0] += 1\n"
+                     "    if calls[0] > 8:\n"
+                     "        raise RuntimeError('late failure')\n"
+                     "    return 0.0\n")
+    with importable_module(tmp_path, "late_reward", late_failures):
         config = load_config(make_config(tiny_model_dir, train, held_out, reward={"name": "late_reward:score"},
                                          rollout={"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6,
                                                   "temperature": 1.0, "dynamic_sampling": True, "max_sampling_rounds": 3}))
         trainer = Trainer(config, run_dir=tmp_path / "run")
         metrics = trainer.train_step()  # round 1 scores 0 everywhere (uninformative), rounds 2 and 3 fail
         evaluation = trainer.evaluate()
-    finally:
-        sys.path.remove(str(tmp_path))
     assert metrics["data/sampling_rounds"] == 3.0 and metrics["reward/errors"] == 16.0
     assert "late failure" in (tmp_path / "run" / "reward_errors.log").read_text()
     assert evaluation["eval/reward_errors"] == 3 * 2  # eval.max_prompts x eval.n samples, all failing
@@ -499,26 +491,40 @@ def test_dynamic_sampling_keeps_groups_neither_all_right_nor_all_wrong(tmp_path,
     """DAPO's filter compares correctness, not shaped rewards: with overlong shaping an all-wrong group of different
     lengths has unequal rewards but is still dropped."""
     train, _ = arithmetic_files
-    module = tmp_path / "parity_dyn_reward.py"  # prompts starting with an odd digit are never solved
-    module.write_text("def score(prompt, completion, answer, **meta):\n"
-                      "    return float(sum(map(ord, completion)) % 2) if int(prompt[0]) % 2 == 0 else 0.0\n")
-    sys.path.insert(0, str(tmp_path))
-    try:
+    odd_prompts_unsolved = ("def score(prompt, completion, answer, **meta):\n"
+                            "    return float(sum(map(ord, completion)) % 2) if int(prompt[0]) % 2 == 0 else 0.0\n")
+    with importable_module(tmp_path, "parity_dyn_reward", odd_prompts_unsolved):
         config = load_config(make_config(
-            tiny_model_dir, train, None, reward={"name": "parity_dyn_reward:score", "overlong": {"max_length": 8, "cache_length": 7}},
-            rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 12, "temperature": 1.0, "dynamic_sampling": True,
-                     "max_sampling_rounds": 4},
+            tiny_model_dir, train, None,
+            reward={"name": "parity_dyn_reward:score", "overlong": {"max_length": 8, "cache_length": 7}},
+            rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 12, "temperature": 1.0,
+                     "dynamic_sampling": True, "max_sampling_rounds": 4},
             logging={"progress": False, "samples_every": 1}))
         trainer = Trainer(config, run_dir=tmp_path / "run")
         metrics = trainer.train_step()
-    finally:
-        sys.path.remove(str(tmp_path))
     rows = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step_000001.jsonl").read_text().splitlines()]
     groups: dict[int, list[bool]] = {}
     for row in rows:
         groups.setdefault(row["group"], []).append(row["correct"])
     assert len(rows) == 16 and metrics["data/informative_groups"] == 4 and "reward/sampled_accuracy" in metrics
     assert all(0 < sum(correct) < len(correct) for correct in groups.values())
+
+
+def test_extra_rewards_join_the_training_reward_with_their_weights(tmp_path, tiny_model_dir, arithmetic_files):
+    train, _ = arithmetic_files
+    length = "def score(prompt, completion, answer, **meta):\n    return len(completion) / 10\n"
+    with importable_module(tmp_path, "length_reward", length):
+        config = load_config(make_config(tiny_model_dir, train, None, reward={
+            "name": "exact_match", "extra": [{"name": "length_reward:score", "weight": -0.5}]},
+            logging={"progress": False, "samples_every": 1}))
+        metrics = Trainer(config, run_dir=tmp_path / "run").train_step()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step_000001.jsonl").read_text().splitlines()]
+    for row in rows:  # exact match never holds for a random model: the reward is the weighted length term alone
+        assert row["reward"] == pytest.approx(-0.5 * len(row["completion"]) / 10) and row["correct"] is False
+    assert metrics["reward/accuracy"] == 0.0
+    assert metrics["reward/extra/length_reward:score_mean"] == pytest.approx(sum(len(r["completion"]) for r in rows) / 10 / len(rows))
+    with pytest.raises(ConfigError, match="no_such_reward"):
+        load_config(make_config(tiny_model_dir, train, None, reward={"name": "exact_match", "extra": [{"name": "no_such_reward"}]}))
 
 
 def test_max_sampling_rounds_counts_the_first_round(tmp_path, tiny_model_dir, arithmetic_files):
@@ -535,15 +541,10 @@ def test_reward_that_cannot_take_the_data_columns_fails_before_the_model_loads(t
     train, _ = arithmetic_files
     data = tmp_path / "with_meta.jsonl"
     data.write_text("".join(json.dumps({**json.loads(line), "level": 1}) + "\n" for line in train.read_text().splitlines()))
-    module = tmp_path / "strict_reward.py"
-    module.write_text("def score(prompt, completion, answer):\n    return 0.0\n")
-    sys.path.insert(0, str(tmp_path))
-    try:
+    with importable_module(tmp_path, "strict_reward", "def score(prompt, completion, answer):\n    return 0.0\n"):
         config = load_config(make_config(tmp_path / "absent-model", data, None, reward={"name": "strict_reward:score"}))
         with pytest.raises(ValueError, match=r"reward 'score' cannot be called.*\['level'\].*data.meta_columns"):
             Trainer(config, run_dir=tmp_path / "run")
-    finally:
-        sys.path.remove(str(tmp_path))
 
 
 def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):

@@ -254,7 +254,8 @@ class RewardResult:
     * ``penalties`` — float32 ``[n]``, the overlong penalty (zeros when not configured);
     * ``failed`` — bool ``[n]``, which samples failed;
     * ``reasons`` — per sample, the reason the reward gave (``.reason`` of its return value; None for a
-      plain number) or, for a failed sample, what went wrong.
+      plain number) or, for a failed sample, what went wrong;
+    * ``extras`` — the scores of each extra reward added by :meth:`with_extra`, by name.
     """
 
     scores: torch.Tensor
@@ -265,6 +266,7 @@ class RewardResult:
     penalties: torch.Tensor | None = None
     failed: torch.Tensor | None = None
     reasons: list[str | None] | None = None
+    extras: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         n = self.scores.shape[0]
@@ -272,6 +274,8 @@ class RewardResult:
             self.penalties = torch.zeros(n, dtype=torch.float32)
         if self.failed is None:
             self.failed = torch.zeros(n, dtype=torch.bool)
+        if self.extras is None:
+            self.extras = {}
         if self.reasons is None:
             self.reasons = [None] * n
         elif len(self.reasons) != n:
@@ -279,6 +283,17 @@ class RewardResult:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def with_extra(self, name: str, weight: float, extra: "RewardResult") -> "RewardResult":
+        """These samples with ``weight`` times ``extra``'s scores added to their training reward (a format or length
+        reward next to the correctness one); ``scores`` and ``correct`` stay this result's, failures add up."""
+        assert self.failed is not None and extra.failed is not None
+        return RewardResult(
+            scores=self.scores, rewards=self.rewards + weight * extra.scores, correct=self.correct,
+            errors=self.errors + extra.errors, first_error=self.first_error or extra.first_error,
+            penalties=self.penalties, failed=self.failed | extra.failed, reasons=self.reasons,
+            extras={**(self.extras or {}), name: extra.scores},
+        )
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> "RewardResult":
         """The samples ``rows`` only: ``errors`` counts their failures; ``first_error`` stays the whole batch's
@@ -289,7 +304,7 @@ class RewardResult:
         return RewardResult(
             scores=self.scores[rows], rewards=self.rewards[rows], correct=self.correct[rows], errors=int(failed.sum()),
             first_error=self.first_error if bool(failed.any()) else None, penalties=self.penalties[rows], failed=failed,
-            reasons=[self.reasons[i] for i in rows.tolist()],
+            reasons=[self.reasons[i] for i in rows.tolist()], extras={name: v[rows] for name, v in (self.extras or {}).items()},
         )
 
     @staticmethod
@@ -304,6 +319,7 @@ class RewardResult:
             penalties=torch.cat([p.penalties for p in parts]),
             failed=torch.cat([p.failed for p in parts]),
             reasons=[reason for p in parts for reason in p.reasons],
+            extras={name: torch.cat([p.extras[name] for p in parts]) for name in (parts[0].extras or {})},
         )
 
     def metrics(self) -> dict[str, float]:
@@ -320,6 +336,7 @@ class RewardResult:
             "reward/accuracy": mean(self.correct),
             "reward/errors": float(self.errors),
             "reward/overlong_penalty_mean": mean(self.penalties),
+            **{f"reward/extra/{name}_mean": mean(scores) for name, scores in (self.extras or {}).items()},
         }
 
 

@@ -131,9 +131,25 @@ class UnlikelinessConfig(_Section):
     beta_rank: float = Field(0.25, ge=0, le=1, description="R <- R (1 - beta_rank * rank/G), rank by old-policy likelihood (arXiv 2506.02355)")
 
 
+class ExtraRewardConfig(_Section):
+    name: str = Field(description="a registered reward or 'package.module:function'")
+    weight: float = Field(1.0, description="its scores are multiplied by this before they join the training reward")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _resolves(self) -> "ExtraRewardConfig":
+        from entrorl.rewards import check_reward_spec
+
+        check_reward_spec(self.name, **self.kwargs)
+        return self
+
+
 class RewardConfig(_Section):
     name: str = Field("math", description="a registered reward (entrorl rewards) or 'package.module:function'")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    extra: list[ExtraRewardConfig] = Field(
+        default_factory=list, description="more rewards whose weighted scores are added to the training reward (e.g. a "
+        "format reward); accuracy, dynamic sampling and evaluation keep to the main reward")
     overlong: OverlongConfig | None = None
     diversity: DiversityConfig = Field(default_factory=DiversityConfig)
     unlikeliness: UnlikelinessConfig | None = Field(

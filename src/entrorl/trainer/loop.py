@@ -118,7 +118,10 @@ class Trainer:
             overlong=config.reward.overlong.model_dump() if config.reward.overlong else None,
             correct_threshold=config.reward.correct_threshold,
         )
-        self.reward.check_arguments([record.meta for record in self.train_records + self.eval_records])
+        self.extra_rewards = [(extra.name, extra.weight, RewardRunner(get_reward(extra.name, **extra.kwargs)))
+                              for extra in config.reward.extra]
+        for runner in [self.reward] + [runner for _, _, runner in self.extra_rewards]:
+            runner.check_arguments([record.meta for record in self.train_records + self.eval_records])
         self.objective = build_objective(config.method)
         self.advantage_name = config.advantage_estimator()
         diversity = config.reward.diversity
@@ -265,10 +268,10 @@ class Trainer:
         completions = self.tokenizer.batch_decode(
             [row[mask].tolist() for row, mask in zip(rollouts.response_ids, rollouts.response_mask)], skip_special_tokens=True
         )
-        result = self.reward(
-            [r.prompt for r in records], completions, [r.answer for r in records], [r.meta for r in records],
-            rollouts.lengths.tolist(),
-        )
+        inputs = ([r.prompt for r in records], completions, [r.answer for r in records], [r.meta for r in records])
+        result = self.reward(*inputs, rollouts.lengths.tolist())
+        for name, weight, runner in self.extra_rewards:
+            result = result.with_extra(name, weight, runner(*inputs))
         return result, completions
 
     def collect(self) -> ScoredRollouts:
