@@ -412,7 +412,10 @@ def test_extra_rewards_add_to_the_training_reward_only():
                                                                                               ["a"] * 3, [{}] * 3)
     both = main.with_extra("length", 0.5, extra)
     assert both.rewards.tolist() == [1.5, 1.0, 1.5] and both.scores.tolist() == main.scores.tolist()
-    assert both.correct.tolist() == main.correct.tolist() and both.errors == 1
+    assert both.correct.tolist() == main.correct.tolist() and both.errors == 1 == both.select([0, 1, 2]).errors
+    failing_extra = RewardRunner(_fragile_reward)(["p"] * 3, ["boom", "a", "a"], ["a"] * 3, [{}] * 3)
+    mixed = main.with_extra("fragile", 1.0, failing_extra)
+    assert mixed.errors == 2 == mixed.select([0, 1, 2]).errors and mixed.reasons[0].startswith("reward raised")
     assert both.metrics()["reward/extra/length_mean"] == pytest.approx(2.0)
     assert both.select([2]).extras["length"].tolist() == [3.0]
     assert RewardResult.concat([both, both]).extras["length"].tolist() == [1.0, 2.0, 3.0] * 2

@@ -256,9 +256,16 @@ def test_greedy_evaluation(tmp_path, tiny_model_dir, arithmetic_files):
     config = load_config(make_config(tiny_model_dir, train, held_out,
                                      eval={"every": 0, "n": 3, "ks": [1, 3], "max_prompts": 4, "top_forks": 3, "temperature": 0}))
     trainer = Trainer(config, run_dir=tmp_path / "run")
-    metrics = trainer.evaluate()
+    from entrorl.rollout import HFSampler
+
+    sampled = []
+    original = HFSampler.generate
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HFSampler, "generate", lambda self, *a, **k: sampled.append(original(self, *a, **k)) or sampled[-1])
+        metrics = trainer.evaluate()
+    responses = sampled[0].response_ids.view(4, 3, -1)  # 4 prompts x n = 3
+    assert all(torch.equal(group[0], group[1]) and torch.equal(group[0], group[2]) for group in responses)
     assert metrics["eval/frac_solved_none"] + metrics["eval/frac_solved_all"] == 1.0
-    assert metrics["eval/pass_at_1"] == metrics["eval/pass_at_3"]
     forks = json.loads((tmp_path / "run" / "forks" / "step_000000.json").read_text())
     assert len(forks) == 3 and forks[0]["entropy"] > 0.1
 
@@ -518,6 +525,12 @@ def test_extra_rewards_join_the_training_reward_with_their_weights(tmp_path, tin
             "name": "exact_match", "extra": [{"name": "length_reward:score", "weight": -0.5}]},
             logging={"progress": False, "samples_every": 1}))
         metrics = Trainer(config, run_dir=tmp_path / "run").train_step()
+        resampled = load_config(make_config(tiny_model_dir, train, None, reward={
+            "name": "exact_match", "extra": [{"name": "length_reward:score", "weight": -0.5}]},
+            rollout={"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6, "temperature": 1.0,
+                     "dynamic_sampling": True, "dynamic_sampling_metric": "reward", "max_sampling_rounds": 2}))
+        filtered = Trainer(resampled, run_dir=tmp_path / "run-dynamic").train_step()
+    assert filtered["data/informative_groups"] == 0  # the extra term differs within groups; the main reward does not
     rows = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step_000001.jsonl").read_text().splitlines()]
     for row in rows:  # exact match never holds for a random model: the reward is the weighted length term alone
         assert row["reward"] == pytest.approx(-0.5 * len(row["completion"]) / 10) and row["correct"] is False
@@ -525,6 +538,9 @@ def test_extra_rewards_join_the_training_reward_with_their_weights(tmp_path, tin
     assert metrics["reward/extra/length_reward:score_mean"] == pytest.approx(sum(len(r["completion"]) for r in rows) / 10 / len(rows))
     with pytest.raises(ConfigError, match="no_such_reward"):
         load_config(make_config(tiny_model_dir, train, None, reward={"name": "exact_match", "extra": [{"name": "no_such_reward"}]}))
+    twice = [{"name": "exact_match", "weight": 0.1}, {"name": "exact_match", "weight": 0.2}]
+    with pytest.raises(ConfigError, match="reward.extra names a reward twice"):
+        load_config(make_config(tiny_model_dir, train, None, reward={"name": "math", "extra": twice}))
 
 
 def test_max_sampling_rounds_counts_the_first_round(tmp_path, tiny_model_dir, arithmetic_files):

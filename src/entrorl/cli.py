@@ -45,7 +45,8 @@ def train(
     console.print(f"run directory: {trainer.run_dir}")
     if trainer.step >= train_config.optim.steps:
         console.print(f"the run is already at step {trainer.step} of optim.steps = {train_config.optim.steps}: nothing to do "
-                      "(raise optim.steps with --set to train further)")
+                      "(raise optim.steps with --set to train further; a decaying lr_schedule then stretches over the "
+                      "new total)")
     try:
         trainer.train()
     except TrainingStopped as error:
@@ -65,7 +66,8 @@ def _parse_ks(text: str) -> list[int]:
 
 # options that `eval` and `data audit` share, spelled once
 ModelDirOption = Annotated[Path, typer.Option("--model", help="local Hugging Face model directory")]
-DataFileOption = Annotated[Path, typer.Option("--data", help="prompt file (.jsonl, .json, .csv, .parquet, datasets directory)")]
+DataFileOption = Annotated[Path, typer.Option("--data", help="prompt file (.jsonl, .json, .csv, .parquet, .arrow, "
+                                                          "datasets directory)")]
 SamplesOption = Annotated[int, typer.Option("--n", min=1, help="samples per prompt")]
 MaxNewTokensOption = Annotated[int, typer.Option(min=1, help="most tokens sampled per response")]
 TemperatureOption = Annotated[float, typer.Option(min=0.0, help="sampling temperature (0 = greedy)")]

@@ -287,11 +287,15 @@ class RewardResult:
     def with_extra(self, name: str, weight: float, extra: "RewardResult") -> "RewardResult":
         """These samples with ``weight`` times ``extra``'s scores added to their training reward (a format or length
         reward next to the correctness one); ``scores`` and ``correct`` stay this result's, failures add up."""
-        assert self.failed is not None and extra.failed is not None
+        assert self.failed is not None and extra.failed is not None and self.reasons is not None
+        failed = self.failed | extra.failed
+        reasons = [own if own_failed or not extra_failed else extra_reason  # a failure says which reward failed
+                   for own, own_failed, extra_failed, extra_reason
+                   in zip(self.reasons, self.failed.tolist(), extra.failed.tolist(), extra.reasons or [])]
         return RewardResult(
             scores=self.scores, rewards=self.rewards + weight * extra.scores, correct=self.correct,
-            errors=self.errors + extra.errors, first_error=self.first_error or extra.first_error,
-            penalties=self.penalties, failed=self.failed | extra.failed, reasons=self.reasons,
+            errors=int(failed.sum()), first_error=self.first_error or extra.first_error,
+            penalties=self.penalties, failed=failed, reasons=reasons,
             extras={**(self.extras or {}), name: extra.scores},
         )
 
@@ -324,7 +328,8 @@ class RewardResult:
 
     def metrics(self) -> dict[str, float]:
         """Flat scalar metrics: ``reward/mean``, ``reward/score_mean``, ``reward/accuracy``,
-        ``reward/errors``, ``reward/overlong_penalty_mean`` (means are 0.0 for an empty batch)."""
+        ``reward/errors``, ``reward/overlong_penalty_mean`` and ``reward/extra/<name>_mean`` per extra reward (means
+        are 0.0 for an empty batch)."""
 
         def mean(t: torch.Tensor) -> float:
             return float(t.float().mean()) if t.numel() else 0.0

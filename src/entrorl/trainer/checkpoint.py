@@ -112,7 +112,7 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """The trainer state saved in ``checkpoint``; ``ValueError`` naming the file when it cannot be read."""
     path = Path(checkpoint) / "trainer.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mapped: no second copy in memory
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
         raise ValueError(f"{path} cannot be read ({error}); delete {Path(checkpoint).name} to resume from the "
                          "checkpoint before it") from None

@@ -34,8 +34,9 @@ class ModelConfig(_Section):
     path: str = Field(description="local Hugging Face model directory (config.json, weights, tokenizer)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     master_weights: bool = Field(True, description="with dtype bfloat16 / float16: the optimizer steps float32 copies of "
-                                 "the weights and rounds them into the model (4 more bytes per parameter), so that "
-                                 "updates smaller than the low-precision rounding step are not lost")
+                                 "the weights and rounds them into the model, so that updates smaller than the "
+                                 "low-precision rounding step are not lost (about 10 more bytes per parameter: the "
+                                 "float32 copies, gradients and Adam state)")
     disable_dropout: bool = True
     trust_remote_code: bool = False
     chat_template: bool = Field(False, description="wrap prompts with the tokenizer's chat template")
@@ -157,6 +158,14 @@ class RewardConfig(_Section):
     )
     correct_threshold: float = 0.5
 
+    @field_validator("extra")
+    @classmethod
+    def _extra_names_unique(cls, value: list[ExtraRewardConfig]) -> list[ExtraRewardConfig]:
+        names = [extra.name for extra in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward.extra names a reward twice ({names}); give it one weight")
+        return value
+
 
 class RolloutConfig(_Section):
     prompts_per_step: int = Field(8, ge=1)
@@ -170,7 +179,7 @@ class RolloutConfig(_Section):
                                    "the prompt and sample more")
     dynamic_sampling_metric: Literal["accuracy", "reward"] = Field(
         "accuracy", description="what dynamic sampling compares within a group: 'accuracy' (DAPO: keep groups with "
-        "0 < correct < G) or 'reward' (keep groups whose rewards, overlong penalty included, are not all equal)")
+        "0 < correct < G) or 'reward' (keep groups whose main rewards, overlong penalty included, are not all equal)")
     max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: the most sampling rounds in a step, the first one included (1 only drops uninformative groups, never resamples)")
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="who samples: 'hf' (the training model itself) or 'vllm' (a vLLM engine on the GPU, weights synced "

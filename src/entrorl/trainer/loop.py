@@ -51,7 +51,6 @@ from entrorl.trainer.precision import MasterWeights, needs_master_weights
 
 __all__ = ["Trainer", "TrainingStopped", "ScoredRollouts", "learning_rate_factor"]
 
-_STATS = STAT_NAMES  # every statistic the step scores: the objective and the diagnostics use them all
 
 
 class TrainingStopped(RuntimeError):
@@ -295,7 +294,7 @@ class Trainer:
             result = RewardResult.concat(results)
             if result.first_error:
                 self._note_reward_error(result.first_error)
-            sampled = result.metrics()  # every row sampled this step, kept or not: comparable across runs
+            sampled, sampled_errors = result.metrics(), result.errors  # every row sampled this step, kept or not
             metrics.update({"data/sampling_rounds": float(len(results)), "reward/sampled_mean": sampled["reward/mean"],
                             "reward/sampled_accuracy": sampled["reward/accuracy"]})
             kept_rows = keep.nonzero().squeeze(-1)[: config.prompts_per_step * config.group_size]
@@ -306,7 +305,7 @@ class Trainer:
             records = [records[i] for i in kept_rows.tolist()]
             completions = [completions[i] for i in kept_rows.tolist()]
             result = result.select(kept_rows)
-            result.errors = int(sampled["reward/errors"])  # every failure of the step counts, kept or not
+            result.errors = sampled_errors  # every failure of the step counts, kept or not
         elif result.first_error:
             self._note_reward_error(result.first_error)
         metrics.update(result.metrics())
@@ -333,7 +332,7 @@ class Trainer:
         if self.config.rollout.dynamic_sampling_metric == "accuracy":
             values = torch.cat([result.correct for result in results]).float()
         else:
-            values = torch.cat([result.rewards for result in results])
+            values = torch.cat([result.scores + result.penalties for result in results])  # the main reward only
         return informative_groups(values, group_ids)
 
     def _shape_group_rewards(self, rewards, completions: list[str], group_ids, seq_log_prob, metrics: dict[str, float]):
@@ -356,7 +355,7 @@ class Trainer:
             path.write_text(traceback_text)
 
     # ------------------------------------------------------------------------------------------------ the step
-    def token_stats(self, model, rollouts: Rollouts, rows: torch.Tensor, need=_STATS):
+    def token_stats(self, model, rollouts: Rollouts, rows: torch.Tensor, need=STAT_NAMES):
         """Statistics of the response tokens of ``rollouts[rows]`` under ``model`` (differentiable when grad is on),
         scored as ``optim.length_buckets`` and ``optim.share_prompts`` say; without grad, in pieces of at most
         ``optim.micro_batch_size`` rows (the size the user made fit in memory)."""
@@ -404,7 +403,7 @@ class Trainer:
         grad_coefficients = torch.zeros(mask.shape, dtype=torch.float32)
         objective_metrics: list[tuple[dict[str, float], float]] = []  # each update's micro-batches with their shares
         grad_norms, skipped = [], 0
-        first_pass = {name: torch.zeros(mask.shape) for name in _STATS}
+        first_pass = {name: torch.zeros(mask.shape) for name in STAT_NAMES}
         for epoch in range(config.optim.epochs):
             order = torch.randperm(n_rows) if config.optim.mini_batches > 1 else all_rows
             for mini_batch in order.chunk(config.optim.mini_batches):
@@ -414,10 +413,12 @@ class Trainer:
                 micro_size = config.optim.micro_batch_size or len(mini_batch)
                 losses_finite = True
                 for micro in mini_batch.split(micro_size):
+                    if not losses_finite and not on_policy:
+                        break  # the update is lost, and the statistics were scored before the updates
                     with torch.set_grad_enabled(losses_finite):  # after a non-finite loss only the statistics are wanted
                         stats = self.token_stats(self.model, rollouts, micro)
                     if on_policy:
-                        for name in _STATS:
+                        for name in STAT_NAMES:
                             first_pass[name][micro] = getattr(stats, name).detach().float().cpu()
                     if not losses_finite:
                         continue
@@ -448,7 +449,7 @@ class Trainer:
                     # d loss / d log p of the update actually applied, clipping included
                     grad_coefficients += mini_coefficients * self._clip_scale(grad_norm)
                     objective_metrics += mini_metrics
-                else:  # skipped: no weight moves, and adaptive coefficients / selector RNGs stay as they were
+                else:  # skipped: no weight moves, and the objective's state (adaptive coefficients) stays as it was
                     self._zero_grad()
                     self.objective.load_state_dict(objective_state)
                     skipped += 1
@@ -470,7 +471,7 @@ class Trainer:
         # 6. diagnostics: the same rollouts under the updated policy, against the first-order prediction
         scored_before = (first_pass if before is None
                          else {name: values.float().cpu() for name, values in before.as_dict().items()})
-        logprob, before_entropy, disc, disc_centered_before = (scored_before[name] for name in _STATS)
+        logprob, before_entropy, disc, disc_centered_before = (scored_before[name] for name in STAT_NAMES)
         metrics = entropy_summary(before_entropy, mask)
         batch_change, _ = predicted_vs_measured(grad_coefficients, disc_centered_before, before_entropy, None, mask, lr=lr,
                                                 temperature=temperature)
@@ -604,7 +605,7 @@ class Trainer:
 def learning_rate_factor(step: int, total_steps: int, *, warmup_steps: int = 0, schedule: str = "constant",
                          min_ratio: float = 0.0) -> float:
     """The share of ``optim.lr`` used by update step ``step`` (0-based): ``(step + 1) / warmup_steps`` during the
-    warm-up, then 1 (``constant``), or a decay over the remaining steps to ``min_ratio`` at the last one: ``linear``
+    warm-up, then 1 (``constant``), or a decay over the remaining steps towards ``min_ratio``: ``linear``
     ``1 - (1 - min_ratio) t``, ``cosine`` ``min_ratio + (1 - min_ratio) (1 + cos(pi t)) / 2``, with
     ``t = (step - warmup_steps) / (total_steps - warmup_steps)``: 0 at the first step after the warm-up, reaching 1
     just after the last step (as ``transformers``' schedules do, so that no step is spent at the final rate)."""
@@ -633,9 +634,10 @@ def _micro_batch_share(mask: torch.Tensor, micro: torch.Tensor, mini_batch: torc
 
 
 def _mean_metrics(records: list[tuple[dict[str, float], float]]) -> dict[str, float]:
-    """The objective's metrics over a step: per update, its micro-batches weighted by their shares (so a micro-batched
-    update reports what the whole mini-batch would; counts, ``tokens/*``, add up), then the mean over updates (the
-    shares of each update sum to 1)."""
+    """The objective's metrics over a step: per update, its micro-batches weighted by their shares, then the mean over
+    updates (the shares of each update sum to 1). Losses come out as the whole mini-batch's; counts (``tokens/*``)
+    add up and maxima (``*/max``) are maxima; other statistics of a micro-batched update (fractions, thresholds) are
+    share-weighted means of the micro-batches' own."""
     keys = {key for record, _ in records for key in record}
     means = {}
     for key in sorted(keys):
@@ -645,6 +647,8 @@ def _mean_metrics(records: list[tuple[dict[str, float], float]]) -> dict[str, fl
             means[key] = math.nan
         elif key.startswith("tokens/"):
             means[key] = sum(value for value, _ in pairs) / total_share
+        elif key.endswith("/max"):
+            means[key] = max(value for value, _ in pairs)
         else:
             means[key] = sum(value * share for value, share in pairs) / total_share
     return means
