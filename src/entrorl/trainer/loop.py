@@ -132,51 +132,17 @@ class Trainer:
         if config.model.chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model.chat_template is true, but the tokenizer in {model_path} has no chat template")
         self.device = resolve_device(config.model.device)
-        self.model = load_causal_lm(model_path, dtype=config.model.dtype, disable_dropout=config.model.disable_dropout,
-                                    trust_remote_code=config.model.trust_remote_code).to(self.device)
-        if config.model.activation_checkpointing:  # the method's name from transformers 5.24 on, and before
-            enable = getattr(self.model, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model.train()
-        needs_reference = config.optim.kl_reference
-        if needs_reference is None:
-            needs_reference = "ref_log_prob" in self.objective.required_fields
-        self.reference = None
-        if needs_reference:
-            reference_path = Path(config.model.path)
-            self.reference = load_causal_lm(reference_path, dtype=config.model.dtype,
-                                            trust_remote_code=config.model.trust_remote_code)
-            self.reference = self.reference.eval().requires_grad_(False).to(self.device)
+        self.model = self._load_policy(model_path)
+        self.reference = self._load_reference()
         self.train_prompt_ids = self._encode_all(self.train_records)
         self.eval_prompt_ids = self._encode_all(self.eval_records)
         self.stream = PromptStream(self.train_records, seed=config.seed, shuffle=config.data.shuffle)
         self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
                                        top_p=config.rollout.top_p, top_k=config.rollout.top_k)
-        if config.rollout.backend == "hf":
-            self.sampler = HFSampler(self.model, eos_token_id=stop_token_ids(self.model, self.tokenizer),
-                                     pad_token_id=self.tokenizer.pad_token_id, batch_size=config.rollout.generation_batch_size)
-        else:
-            from entrorl.rollout.vllm import VLLMSampler  # an optional dependency, imported only when asked for
-
-            self.sampler = VLLMSampler(model_path, eos_token_id=stop_token_ids(self.model, self.tokenizer),
-                                       pad_token_id=self.tokenizer.pad_token_id,
-                                       dtype=config.model.dtype, seed=config.seed,
-                                       gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization)
-        optim = config.optim
-        # torch's fused AdamW (one kernel for all parameters instead of a loop over them) runs on the CPU and CUDA
+        self.sampler = self._build_sampler(model_path)
         # a bfloat16 / float16 model is stepped through float32 copies of its weights (see entrorl.trainer.precision)
         self.master = MasterWeights(self.model) if config.model.master_weights and needs_master_weights(self.model) else None
-        trained = self.master.copies if self.master is not None else list(self.model.parameters())
-        fused = self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in trained)
-        self.optimizer = torch.optim.AdamW(trained, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                           weight_decay=optim.weight_decay, fused=fused or None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: learning_rate_factor(step, optim.steps, warmup_steps=optim.warmup_steps,
-                                                              schedule=optim.lr_schedule, min_ratio=optim.min_lr_ratio)
-        )
+        self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
         self.consecutive_nonfinite = 0
         self.skipped_steps = 0
@@ -190,6 +156,54 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------------------ set-up
+    def _load_policy(self, model_path: Path):
+        model_config = self.config.model
+        model = load_causal_lm(model_path, dtype=model_config.dtype, disable_dropout=model_config.disable_dropout,
+                               trust_remote_code=model_config.trust_remote_code).to(self.device)
+        if model_config.activation_checkpointing:  # the method's name from transformers 5.24 on, and before
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.train()
+
+    def _load_reference(self):
+        """The frozen starting model, when ``optim.kl_reference`` asks for it or the method needs its log-probs."""
+        needed = self.config.optim.kl_reference
+        if needed is None:
+            needed = "ref_log_prob" in self.objective.required_fields
+        if not needed:
+            return None
+        model_config = self.config.model
+        reference = load_causal_lm(Path(model_config.path), dtype=model_config.dtype,
+                                   trust_remote_code=model_config.trust_remote_code)
+        return reference.eval().requires_grad_(False).to(self.device)
+
+    def _build_sampler(self, model_path: Path):
+        rollout, eos = self.config.rollout, stop_token_ids(self.model, self.tokenizer)
+        if rollout.backend == "hf":
+            return HFSampler(self.model, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
+                             batch_size=rollout.generation_batch_size)
+        from entrorl.rollout.vllm import VLLMSampler  # an optional dependency, imported only when asked for
+
+        return VLLMSampler(model_path, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id, dtype=self.config.model.dtype,
+                           seed=self.config.seed, gpu_memory_utilization=rollout.vllm_gpu_memory_utilization)
+
+    def _build_optimizer(self):
+        """AdamW over the trained weights (the float32 copies when there are master weights) and its schedule."""
+        optim = self.config.optim
+        trained = self.master.copies if self.master is not None else list(self.model.parameters())
+        # torch's fused AdamW (one kernel for all parameters instead of a loop over them) runs on the CPU and CUDA
+        fused = self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in trained)
+        optimizer = torch.optim.AdamW(trained, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                      weight_decay=optim.weight_decay, fused=fused or None)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: learning_rate_factor(step, optim.steps, warmup_steps=optim.warmup_steps,
+                                                         schedule=optim.lr_schedule, min_ratio=optim.min_lr_ratio)
+        )
+        return optimizer, scheduler
+
     def _default_run_dir(self) -> Path:
         name = self.config.logging.name or f"{self.config.method_label()}-{datetime.now():%Y%m%d-%H%M%S}"
         return Path(self.config.logging.run_dir) / name
