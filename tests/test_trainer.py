@@ -426,6 +426,28 @@ def test_a_fresh_run_refuses_a_directory_with_checkpoints_and_resume_survives_a_
     assert [record["step"] for record in read_metrics(run_dir)] == [1, 2, 3]
 
 
+def test_metrics_are_flushed_every_step_and_synced_before_each_checkpoint(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                          monkeypatch):
+    """A killed process loses no logged step (each line is flushed); fsync, which a slow disk makes cost milliseconds,
+    runs once per checkpoint, before it is written, and at the end."""
+    from entrorl.trainer import loggers
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(loggers.os, "fsync", lambda descriptor: synced.append(descriptor) or fsync(descriptor))
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 4, "lr": 1e-3}, checkpoint={"every": 2}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    metrics_file = trainer.logger._file.fileno()
+    for _ in range(3):
+        trainer.logger.log(trainer.step + 1, trainer.train_step())
+    assert metrics_file not in synced and len(read_metrics(tmp_path / "run")) == 3  # flushed, readable, not yet synced
+    trainer.save()
+    assert synced.count(metrics_file) == 1
+    trainer.logger.close()
+    assert synced.count(metrics_file) == 2
+
+
 def test_resume_skips_an_incomplete_checkpoint_and_names_an_unreadable_one(tmp_path, tiny_model_dir, arithmetic_files, caplog):
     train, _ = arithmetic_files
     config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, "lr": 1e-3},

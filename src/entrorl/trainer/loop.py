@@ -265,6 +265,7 @@ class Trainer:
         restore_rng_state(state["rng"])
 
     def save(self) -> Path:
+        self.logger.sync()  # the metrics of every step the checkpoint covers are on disk before it is
         return save_checkpoint(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
                                trainer_state=self._trainer_state(), keep=self.config.checkpoint.keep)
 
