@@ -60,7 +60,7 @@ def run_worker(spec: dict) -> dict:
     tokenizer = load_tokenizer(spec["model_dir"])
     records = read_prompts(Path(spec["prompts"]))[: spec["prompts_per_step"]]
     prompts = [tokenizer(record["prompt"])["input_ids"] for record in records for _ in range(spec["group_size"])]
-    sampler = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    sampler = HFSampler.for_model(model, tokenizer)
     rollouts = sampler.generate(prompts, SamplingParams(max_new_tokens=spec["max_new_tokens"], temperature=1.0))
     rewards = torch.rand(len(prompts))
     group_ids = torch.arange(len(prompts)) // spec["group_size"]

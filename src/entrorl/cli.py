@@ -84,6 +84,25 @@ DeviceOption = Annotated[str, typer.Option("--device", help="'auto' (a CUDA GPU 
 DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
 
 
+def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str, prompt_template: str,
+                     chat_template: bool, max_prompts: int | None, device: str, dtype: str):
+    """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
+    the tokenizer, the model in eval mode and the encoded prompts; ValueError / FileNotFoundError on bad input."""
+    from entrorl.data import check_prompt_template, load_prompts
+    from entrorl.modeling import encode_prompt, load_causal_lm, load_tokenizer
+    from entrorl.rewards import RewardRunner, get_reward
+    from entrorl.trainer.config import resolve_device
+
+    check_prompt_template(prompt_template)
+    records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column)[:max_prompts]
+    reward_runner = RewardRunner(get_reward(reward))
+    reward_runner.check_arguments([record.meta for record in records])
+    tokenizer = load_tokenizer(model)
+    policy = load_causal_lm(model, dtype=dtype).to(resolve_device(device)).eval()
+    prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
+    return records, reward_runner, tokenizer, policy, prompt_ids
+
+
 @app.command("eval")
 def evaluate(
     model: ModelDirOption,
@@ -107,25 +126,18 @@ def evaluate(
     """Avg@n, unbiased Pass@k and the pass-rate histogram of a model on a prompt file."""
     from rich.progress import Progress
 
-    from entrorl.data import check_prompt_template, load_prompts
-    from entrorl.modeling import check_prompts_fit, encode_prompt, load_causal_lm, load_tokenizer
-    from entrorl.rewards import RewardRunner, get_reward
+    from entrorl.modeling import check_prompts_fit
     from entrorl.rollout import SamplingParams
-    from entrorl.trainer.config import resolve_device
     from entrorl.trainer.evaluate import evaluate_model
 
     ks = _parse_ks(k)
     if ks[-1] > n:
         _fail(f"--k {ks[-1]} exceeds --n {n}: Pass@k needs at least k samples per prompt")
     try:
-        check_prompt_template(prompt_template)
-        records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column)[:max_prompts]
-        reward_runner = RewardRunner(get_reward(reward))
-        reward_runner.check_arguments([record.meta for record in records])
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        tokenizer = load_tokenizer(model)
-        policy = load_causal_lm(model, dtype=dtype).to(resolve_device(device)).eval()
-        prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
+        records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
+            model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
+            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype)
         check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
@@ -229,25 +241,18 @@ def data_audit(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from entrorl.data import check_prompt_template, load_prompts, parse_band
+    from entrorl.data import parse_band
     from entrorl.data.audit import AuditThresholds
-    from entrorl.modeling import encode_prompt, load_causal_lm, load_tokenizer
-    from entrorl.rewards import RewardRunner, get_reward
     from entrorl.rollout import SamplingParams
     from entrorl.trainer.audit import audit_records, default_audit_dir, write_audit_outputs
-    from entrorl.trainer.config import resolve_device
 
     try:
-        check_prompt_template(prompt_template)
         parse_band(band)
         thresholds = AuditThresholds(consensus=consensus, low_pass_rate=low_pass_rate)
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column)[:max_prompts]
-        reward_runner = RewardRunner(get_reward(reward))
-        reward_runner.check_arguments([record.meta for record in records])
-        tokenizer = load_tokenizer(model)
-        policy = load_causal_lm(model, dtype=dtype).to(resolve_device(device)).eval()
-        prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
+        records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
+            model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
+            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype)
     except (ValueError, FileNotFoundError, ImportError) as error:
         _fail(str(error))
 

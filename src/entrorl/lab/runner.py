@@ -90,7 +90,7 @@ def _trainer_config(preset: LabPreset, method: str, model_dir: Path, data: dict[
 def evaluate_policy(model, tokenizer, preset: LabPreset, data: dict[str, Path]) -> dict[str, Any]:
     """Pass@k (k up to ``eval_n``) on the held-out split, pass rates, entropy and S/D distributions of the
     samples split by correctness, the top fork tokens, and accuracy on the untrained (forgetting) task."""
-    from entrorl.modeling import bucketed_response_token_stats, stop_token_ids
+    from entrorl.modeling import bucketed_response_token_stats
     from entrorl.rewards import RewardRunner
     from entrorl.rollout import HFSampler, SamplingParams
     from entrorl.trainer.diagnostics import top_fork_tokens
@@ -98,7 +98,7 @@ def evaluate_policy(model, tokenizer, preset: LabPreset, data: dict[str, Path]) 
 
     model.eval()
     params = SamplingParams(max_new_tokens=preset.max_new_tokens, temperature=preset.temperature)
-    sampler = HFSampler(model, eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, batch_size=256)
+    sampler = HFSampler.for_model(model, tokenizer, batch_size=256)
     result: dict[str, Any] = {}
     for split, task_name, n in (("eval", preset.train_task, preset.eval_n), ("forget", preset.forgetting_task, preset.forgetting_n)):
         records = load_prompts(data[split])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from entrorl.modeling import cache_argument, left_pad, output_cache
+from entrorl.modeling import cache_argument, left_pad, output_cache, stop_token_ids
 from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
 
 __all__ = ["Rollouts", "SamplingParams", "HFSampler", "process_logits", "sample_from_log_probs", "DECODERS", "private_seed"]
@@ -207,6 +207,11 @@ class HFSampler:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
         self.decoder = decoder
         self.compact = compact
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, tokenizer, **kwargs) -> "HFSampler":
+        """A sampler that stops at every EOS the model and its tokenizer declare and pads with the tokenizer's pad."""
+        return cls(model, eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, **kwargs)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, progress=None) -> Rollouts:

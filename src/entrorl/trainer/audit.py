@@ -53,7 +53,7 @@ from entrorl.rewards import (
     extract_reasoning_gym_answer,
     math_equal,
 )
-from entrorl.modeling import model_context_length, stop_token_ids
+from entrorl.modeling import model_context_length
 from entrorl.rollout import HFSampler, SamplingParams, private_seed
 from entrorl.trainer.checkpoint import atomic_write_text
 
@@ -189,8 +189,7 @@ def audit_records(
         records=list(records), audits=[None] * len(records), completions=[[] for _ in records],
         answers=[[] for _ in records], too_long=too_long, n=n, reasons=[[] for _ in records],
     )
-    sampler = HFSampler(model, eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                        batch_size=batch_size)
+    sampler = HFSampler.for_model(model, tokenizer, batch_size=batch_size)
     prompts_per_call = max(1, batch_size // n)
     done = 0
     with private_seed(seed, next(model.parameters()).device):

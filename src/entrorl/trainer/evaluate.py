@@ -9,7 +9,7 @@ import torch
 
 from entrorl.data import PromptRecord
 from entrorl.evaluation import EvalSummary, summarize_samples
-from entrorl.modeling import bucketed_response_token_stats, stop_token_ids
+from entrorl.modeling import bucketed_response_token_stats
 from entrorl.rewards import RewardRunner
 from entrorl.rollout import HFSampler, SamplingParams, private_seed
 from entrorl.trainer.diagnostics import top_fork_tokens
@@ -53,7 +53,7 @@ def evaluate_model(
     entropy at the sampling temperature, or at temperature 1 for greedy sampling)."""
     if not records:
         raise ValueError("evaluate_model: no prompts to evaluate")
-    sampler = HFSampler(model, eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
+    sampler = HFSampler.for_model(model, tokenizer, batch_size=batch_size)
     repeated_ids = [ids for ids in prompt_ids for _ in range(n)]
     repeated = [record for record in records for _ in range(n)]
     with private_seed(seed, next(model.parameters()).device):

@@ -181,14 +181,14 @@ class Trainer:
         return reference.eval().requires_grad_(False).to(self.device)
 
     def _build_sampler(self, model_path: Path):
-        rollout, eos = self.config.rollout, stop_token_ids(self.model, self.tokenizer)
+        rollout = self.config.rollout
         if rollout.backend == "hf":
-            return HFSampler(self.model, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
-                             batch_size=rollout.generation_batch_size)
+            return HFSampler.for_model(self.model, self.tokenizer, batch_size=rollout.generation_batch_size)
         from entrorl.rollout.vllm import VLLMSampler  # an optional dependency, imported only when asked for
 
-        return VLLMSampler(model_path, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id, dtype=self.config.model.dtype,
-                           seed=self.config.seed, gpu_memory_utilization=rollout.vllm_gpu_memory_utilization)
+        return VLLMSampler(model_path, eos_token_id=stop_token_ids(self.model, self.tokenizer),
+                           pad_token_id=self.tokenizer.pad_token_id, dtype=self.config.model.dtype, seed=self.config.seed,
+                           gpu_memory_utilization=rollout.vllm_gpu_memory_utilization)
 
     def _build_optimizer(self):
         """AdamW over the trained weights (the float32 copies when there are master weights) and its schedule."""
@@ -286,6 +286,8 @@ class Trainer:
         result = self.reward(*inputs, rollouts.lengths.tolist())
         for name, weight, runner in self.extra_rewards:
             result = result.with_extra(name, weight, runner(*inputs))
+        if result.first_error:
+            self._note_reward_error(result.first_error)
         return result, completions
 
     def collect(self) -> ScoredRollouts:
@@ -307,8 +309,6 @@ class Trainer:
                 results.append(extra_result)
                 keep = self._informative(results, group_ids)
             result = RewardResult.concat(results)
-            if result.first_error:
-                self._note_reward_error(result.first_error)
             sampled, sampled_errors = result.metrics(), result.errors  # every row sampled this step, kept or not
             metrics.update({"data/sampling_rounds": float(len(results)), "reward/sampled_mean": sampled["reward/mean"],
                             "reward/sampled_accuracy": sampled["reward/accuracy"]})
@@ -321,8 +321,6 @@ class Trainer:
             completions = [completions[i] for i in kept_rows.tolist()]
             result = result.select(kept_rows)
             result.errors = sampled_errors  # every failure of the step counts, kept or not
-        elif result.first_error:
-            self._note_reward_error(result.first_error)
         metrics.update(result.metrics())
         rewards, reasons = result.rewards, list(result.reasons)
         seq_log_prob = (rollouts.sampler_log_probs.sum(-1) / rollouts.lengths.clamp(min=1)).float()
@@ -365,6 +363,7 @@ class Trainer:
         return rewards
 
     def _note_reward_error(self, traceback_text: str) -> None:
+        """Keep the run's first reward failure in ``reward_errors.log`` (later ones are only counted)."""
         path = self.run_dir / "reward_errors.log"
         if not path.exists():
             path.write_text(traceback_text)
@@ -455,14 +454,14 @@ class Trainer:
                     mini_metrics.append((objective_out.metrics, share))
                 if losses_finite and self.master is not None:
                     self.master.take_gradients()
-                grad_norm = self._clip_gradients() if losses_finite else math.nan
+                grad_norm, clip_scale = self._clip_gradients() if losses_finite else (math.nan, 0.0)
                 if losses_finite and math.isfinite(grad_norm):
                     self.optimizer.step()
                     if self.master is not None:
                         self.master.write_back()
                     grad_norms.append(grad_norm)
                     # d loss / d log p of the update actually applied, clipping included
-                    grad_coefficients += mini_coefficients * self._clip_scale(grad_norm)
+                    grad_coefficients += mini_coefficients * clip_scale
                     objective_metrics += mini_metrics
                 else:  # skipped: no weight moves, and the objective's state (adaptive coefficients) stays as it was
                     self._zero_grad()
@@ -549,21 +548,19 @@ class Trainer:
         atomic_write_text(path, "\n".join(lines) + "\n")
         return path
 
-    def _clip_scale(self, grad_norm: float) -> float:
-        """The factor gradient clipping multiplied the gradients by (as ``clip_grad_norm_`` computes it)."""
-        max_norm = self.config.optim.grad_clip
-        return 1.0 if max_norm is None else min(1.0, max_norm / (grad_norm + 1e-6))
-
     def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> tuple[float, float]:
+        """Clip the optimizer's gradients to ``optim.grad_clip``; their norm before clipping, and the factor clipping
+        multiplied them by (as ``clip_grad_norm_`` computes it)."""
         parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not parameters:
-            return 0.0
+            return 0.0, 1.0
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else math.inf
-        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm, error_if_nonfinite=False))
+        norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm, error_if_nonfinite=False))
+        return norm, min(1.0, max_norm / (norm + 1e-6))
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
