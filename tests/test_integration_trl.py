@@ -212,6 +212,24 @@ def test_generation_batch_spanning_several_optimizer_steps(tokenizer, tmp_path):
     assert loss == pytest.approx(reference, rel=1e-5)
 
 
+def test_adaptive_entropy_moves_once_per_optimizer_step_and_not_in_evaluation(tokenizer, tmp_path):
+    """The micro-batches of one optimizer step (one state.global_step) move the coefficient once; an evaluation batch
+    leaves it where training left it."""
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy",
+                       objective_params={"target_entropy": 100.0, "delta": 0.001})
+    controller = trainer.objective.regularizers[0]
+    inputs = _inputs(tokenizer, rows=4, seed=9)
+    for step in range(3):
+        trainer.state.global_step = step
+        _loss_and_grads(trainer, inputs, accumulation=2, parts=[[0, 1], [2, 3]])
+    trainer.objective.end_step()
+    assert controller.coefficient == pytest.approx(0.003)
+    state = trainer.objective.state_dict()
+    trainer.model.eval()
+    trainer._compute_loss(trainer.model, inputs)
+    assert trainer.objective.state_dict() == state
+
+
 def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
     objective = build_objective("dapo")
     with pytest.raises(ValueError, match="forking_tokens"):

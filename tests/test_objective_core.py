@@ -476,6 +476,62 @@ def test_entropy_regularisers_reject_detached_entropy(method):
         build_objective(method)(batch)
 
 
+def test_adaptive_entropy_controller_moves_once_per_step():
+    """Mini-batches, epochs and micro-batches of one step share PolicyBatch.step: the coefficient moves once per step,
+    by the token-weighted mean entropy of all of the step's batches, and every batch of a step gets the same bonus."""
+    delta, target = 1e-3, 0.2
+    objective = build_objective("adaptive_entropy", delta=delta, entropy_coeff=2e-3)
+    steps = [[0.1, 0.1, 0.1], [0.1, 0.5, 0.05], [0.5, 0.5]]  # entropy level of each batch of each step
+    c, verdict = 2e-3, None
+    for step, levels in enumerate(steps):
+        entropy_sum = tokens = 0.0
+        for index, level in enumerate(levels):
+            batch, entropy = _entropy_batch(level, seed=200 + 10 * step + index)
+            batch.step = step
+            measured = float(entropy.detach()[batch.mask].mean())
+            if verdict is None and index == 0:
+                first_verdict = measured < target
+            below = verdict if verdict is not None else first_verdict
+            out = objective(batch)
+            assert out.metrics["reg/adaptive_entropy_controller_coeff"] == pytest.approx(c, abs=1e-15)
+            assert out.metrics["reg/adaptive_entropy_coeff"] == pytest.approx(c if below else 0.0, abs=1e-15)
+            entropy_sum += measured * int(batch.mask.sum())
+            tokens += int(batch.mask.sum())
+        verdict = entropy_sum / tokens < target
+        c = min(5e-3, max(0.0, c + delta if verdict else c - delta))
+    # step 1 mixed 0.1, 0.5 and 0.05: its token-weighted mean is above the target, so the coefficient went down
+    assert verdict is False and c == pytest.approx(2e-3 + delta - delta - delta)
+    # state taken mid-step carries the step's measurement so far
+    batch, _ = _entropy_batch(0.1, seed=300)
+    batch.step = 3
+    objective(batch)
+    twin = build_objective("adaptive_entropy", delta=delta, entropy_coeff=2e-3)
+    twin.load_state_dict(objective.state_dict())
+    for model in (objective, twin):
+        follow, _ = _entropy_batch(0.1, seed=301)
+        follow.step = 4
+        assert model(follow).metrics["reg/adaptive_entropy_controller_coeff"] == pytest.approx(c + delta)
+
+
+def test_adaptive_entropy_end_step_closes_the_step_at_once():
+    """end_step() (what the trainer calls after a step's updates) moves the coefficient as the next step's first batch
+    would, and reports the step's entropy; a second call does nothing."""
+    explicit = build_objective("adaptive_entropy", delta=1e-3)
+    lazy = build_objective("adaptive_entropy", delta=1e-3)
+    for step in range(3):
+        batch, entropy = _entropy_batch(0.1, seed=400 + step)
+        batch.step = step
+        lazy(batch)
+        explicit(batch)
+        closed = explicit.end_step()
+        assert closed["reg/adaptive_entropy_step_entropy"] == pytest.approx(float(entropy.detach()[batch.mask].mean()))
+        assert closed["reg/adaptive_entropy_next_coeff"] == pytest.approx(1e-3 * (step + 1))
+        assert explicit.end_step() == {}
+    follow, _ = _entropy_batch(0.1, seed=500)
+    follow.step = 3
+    assert lazy(follow).metrics == explicit(follow).metrics
+
+
 def _entropy_batch(level: float, seed: int) -> tuple[PolicyBatch, torch.Tensor]:
     batch = make_batch(seed)
     g = _gen(seed + 1000)
@@ -485,44 +541,44 @@ def _entropy_batch(level: float, seed: int) -> tuple[PolicyBatch, torch.Tensor]:
 
 
 def test_adaptive_entropy_controller_sequence_and_state_round_trip():
+    """Batches without a step are each a step: the bonus of a call is on when the previous call's entropy was below
+    the target (the first call tests its own), and the coefficient moves by delta after each call."""
     delta, c_max, target = 1e-4, 2.5e-4, 0.2
     objective = build_objective("adaptive_entropy", max_coeff=c_max)
     part = objective.regularizers[0]
     assert (part.target_entropy, part.delta, part.entropy_coeff, part.min_coeff) == (target, delta, 0.0, 0.0)
 
     levels = [0.1, 0.1, 0.1, 0.1, 0.5, 0.5, 0.5, 0.5, 0.05, 0.05]
-    c = 0.0  # the reference controller (Skywork-OR1)
+    c, verdict = 0.0, None  # the reference controller (Skywork-OR1)
     for step, level in enumerate(levels):
         batch, entropy = _entropy_batch(level, seed=70 + step)
         mask = batch.mask
         measured = float(entropy.detach()[mask].mean())
-        active = c if measured < target else 0.0
-        c = min(c_max, max(0.0, c + delta if measured < target else c - delta))
+        below = verdict if verdict is not None else measured < target
+        active = c if below else 0.0
 
         out = objective(batch)
         assert out.metrics["reg/adaptive_entropy_coeff"] == pytest.approx(active, abs=1e-15)
-        assert out.metrics["reg/adaptive_entropy_next_coeff"] == pytest.approx(c, abs=1e-15)
-        mean_h = float(entropy.detach()[mask].mean())
-        assert float(out.loss - out.policy_loss) == pytest.approx(-active * mean_h, abs=1e-15)
+        assert out.metrics["reg/adaptive_entropy_controller_coeff"] == pytest.approx(c, abs=1e-15)
+        assert float(out.loss - out.policy_loss) == pytest.approx(-active * measured, abs=1e-15)
         # the gradient wrt H is -active / N on valid tokens (token-mean)
         np.testing.assert_allclose(
             _np(grad_of(out.loss, entropy)), np.where(mask.numpy(), -active / int(mask.sum()), 0.0), atol=1e-18
         )
+        verdict = measured < target  # the step ends at the next call
+        c = min(c_max, max(0.0, c + delta if verdict else c - delta))
         if step == 3:
             assert c == pytest.approx(c_max)  # clipped at the top
         if step == 8:
-            assert active == 0.0  # the coefficient had reached 0 while above target
+            assert active == 0.0  # the entropy is low again, but the previous step's was above the target
 
     state = objective.state_dict()
-    assert state == {"regularizer/adaptive_entropy": {"coefficient": pytest.approx(c)}}
     restored = build_objective("adaptive_entropy", max_coeff=c_max)
     restored.load_state_dict(state)
-    assert restored.regularizers[0].coefficient == pytest.approx(c)
     batch, _ = _entropy_batch(0.1, seed=99)
     a, b = objective(batch), restored(batch)
-    assert float(a.loss) == float(b.loss)
-    assert a.metrics["reg/adaptive_entropy_next_coeff"] == b.metrics["reg/adaptive_entropy_next_coeff"]
-    assert a.metrics["reg/adaptive_entropy_coeff"] == pytest.approx(c)
+    assert float(a.loss) == float(b.loss) and a.metrics == b.metrics
+    assert a.metrics["reg/adaptive_entropy_controller_coeff"] == pytest.approx(c)
 
     fresh = build_objective("adaptive_entropy")
     assert fresh.regularizers[0].coefficient == 0.0  # the state did not leak into a new objective
@@ -694,6 +750,20 @@ def test_string_list_and_dict_compositions_agree():
     _, batch = full_batch(90)
     losses = [float(o(batch).loss) for o in variants]
     assert all(loss == losses[0] for loss in losses)
+
+
+def test_compositions_that_would_undo_a_method_are_refused():
+    """Two methods giving one part different settings, or each bringing a rollout correction, cannot both hold: the
+    composition is refused instead of keeping one silently. Repeating a method, or parts that agree, is fine, and the
+    config's explicit parts still override."""
+    with pytest.raises(ValueError, match=r"'nsr' and 'psr' both use the selector 'advantage_sign'.*keep='negative'"):
+        build_objective("nsr+psr")
+    with pytest.raises(ValueError, match=r"'tis' and 'icepop' each bring a rollout correction"):
+        build_objective("dapo+tis+icepop")
+    assert build_objective("nsr+nsr").selectors[0].keep == "negative"
+    assert build_objective("dapo+tis+tis").correction.name == "tis"
+    assert build_objective({"method": "dapo+tis", "correction": {"name": "icepop"}}).correction.name == "icepop"
+    assert build_objective({"method": "nsr", "selectors": [{"name": "advantage_sign", "keep": "positive"}]}).selectors[0].keep == "positive"
 
 
 def test_overrides_reach_the_right_part():
@@ -911,7 +981,8 @@ def test_adaptive_entropy_does_not_move_on_an_empty_batch():
     empty = PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach(), advantages=torch.ones(2, 3),
                         mask=torch.zeros(2, 3, dtype=torch.bool), entropy=entropy)
     objective(empty)
-    assert objective.state_dict() == {"regularizer/adaptive_entropy": {"coefficient": 1e-3}}
+    assert objective.state_dict() == {"regularizer/adaptive_entropy": {"coefficient": 1e-3, "below_target": None,
+                                                                       "measuring": None}}
 
 
 def test_rft_is_likelihood_of_correct_samples():

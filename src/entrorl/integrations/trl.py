@@ -38,6 +38,7 @@ Advantages are TRL's: a method whose own estimator is not GRPO's (``w_reinforce`
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Any
@@ -232,6 +233,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
         if unsupported:
             raise NotImplementedError(f"EntropyGRPOTrainer scores text-only batches; got multimodal inputs {unsupported}")
         mode = "train" if self.model.training else "eval"
+        training = mode == "train"
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         mask = completion_mask.bool()
@@ -252,10 +254,15 @@ class EntropyGRPOTrainer(GRPOTrainer):
             disc_centered=stats.disc_centered,
             ref_log_prob=None if inputs.get("ref_per_token_logps") is None else inputs["ref_per_token_logps"].float(),
             rollout_log_prob=None if inputs.get("sampling_per_token_logps") is None else inputs["sampling_per_token_logps"].float(),
+            step=self.state.global_step,
         )
-        out = self.objective(batch)
+        if training:
+            out = self.objective(batch)
+        else:  # an evaluation leaves stateful parts (adaptive coefficients, RNGs) as training left them
+            state = copy.deepcopy(self.objective.state_dict())
+            out = self.objective(batch)
+            self.objective.load_state_dict(state)
 
-        training = mode == "train"
         accumulation_steps = self.current_gradient_accumulation_steps if training else 1
         weight = accumulation_weight(
             self.objective.loss_agg_mode,

@@ -32,6 +32,8 @@ class PolicyBatch:
         disc_centered: ``D = S - E_{v~p}[S_v]`` (arXiv 2602.03392, Thm 3.3).
         ref_log_prob: log-probs under a frozen reference policy (for ``kl_ref``).
         rollout_log_prob: log-probs reported by the sampler (for TIS / IcePop).
+        step: the training step the batch belongs to (the trainer's step, TRL's optimizer step): parts that act once
+            per step, such as the adaptive entropy controller, tell steps apart by it; None treats every call as a step.
     """
 
     log_prob: torch.Tensor
@@ -43,6 +45,7 @@ class PolicyBatch:
     disc_centered: torch.Tensor | None = None
     ref_log_prob: torch.Tensor | None = None
     rollout_log_prob: torch.Tensor | None = None
+    step: int | None = None
 
     def __post_init__(self) -> None:
         if not torch.is_tensor(self.log_prob) or self.log_prob.dim() != 2:
@@ -58,7 +61,7 @@ class PolicyBatch:
             self.advantages = self.advantages.unsqueeze(-1).expand(shape)
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name == "mask" or value is None:
+            if field.name in ("mask", "step") or value is None:
                 continue
             if not torch.is_tensor(value) or tuple(value.shape) != shape:
                 raise ValueError(

@@ -140,6 +140,14 @@ class Objective:
             policy_loss=policy_loss,
         )
 
+    def end_step(self) -> dict[str, float]:
+        """Tell the parts that a training step's updates are done (the adaptive entropy controller moves its
+        coefficient); returns their metrics."""
+        metrics: dict[str, float] = {}
+        for part in self.parts:
+            metrics.update(part.end_step())
+        return metrics
+
     def state_dict(self) -> dict[str, Any]:
         """Mutable state of the parts (adaptive coefficients, RNG states), keyed ``kind/name``."""
         return {f"{part.kind}/{part.name}": state for part in self.parts if (state := part.state_dict())}

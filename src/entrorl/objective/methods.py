@@ -142,14 +142,31 @@ class _Composition:
     selectors: list[PartRef] = field(default_factory=list)
     correction: PartRef | None = None
     loss_agg_mode: str | None = None
+    origins: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, part) -> the method that brought it
 
-    @staticmethod
-    def _merge(refs: list[PartRef], ref: PartRef) -> None:
+    def _merge(self, kind: str, ref: PartRef, source: str | None) -> None:
+        """Add part ``ref`` to ``kind``, or merge its parameters into the same part already there. Two methods
+        (``source`` set) that give one part different values cannot both be honoured: that is an error."""
+        refs = getattr(self, kind)
         for i, (name, params) in enumerate(refs):
             if name == ref[0]:
+                if source is not None:
+                    self._refuse_conflicts(kind, name, params, ref[1], source)
                 refs[i] = (name, {**params, **ref[1]})
                 return
         refs.append((ref[0], dict(ref[1])))
+        if source is not None:
+            self.origins[(kind, ref[0])] = source
+
+    def _refuse_conflicts(self, kind: str, name: str, current: dict[str, Any], new: dict[str, Any], source: str) -> None:
+        clashes = {key: (current[key], value) for key, value in new.items() if key in current and current[key] != value}
+        if clashes:
+            earlier = self.origins.get((kind, name), "an earlier method")
+            said = ", ".join(f"{key}={old!r} against {value!r}" for key, (old, value) in clashes.items())
+            raise ValueError(
+                f"methods {earlier!r} and {source!r} both use the {kind.rstrip('s')} '{name}' with different settings "
+                f"({said}), so they cannot be composed: one would silently undo the other"
+            )
 
     @staticmethod
     def _merge_single(current: PartRef | None, ref: PartRef, *, replace: bool) -> PartRef:
@@ -157,14 +174,29 @@ class _Composition:
             return (ref[0], {**current[1], **ref[1]})
         return (ref[0], dict(ref[1])) if current is None or replace else current
 
-    def add(self, refs: dict[str, Any], *, explicit: bool) -> None:
+    def add(self, refs: dict[str, Any], *, source: str | None = None) -> None:
+        """Add one method's parts (``source``: its name) or, with ``source=None``, the config's explicit parts,
+        which override and replace what the methods brought."""
+        explicit = source is None
         if refs.get("surrogate") is not None and (explicit or self.surrogate is None):
             self.surrogate = self._merge_single(self.surrogate, refs["surrogate"], replace=explicit)
-        if refs.get("correction") is not None:
-            self.correction = self._merge_single(self.correction, refs["correction"], replace=explicit)
+        correction = refs.get("correction")
+        if correction is not None:
+            if not explicit and self.correction is not None:
+                if self.correction[0] != correction[0]:
+                    earlier = self.origins.get(("correction", self.correction[0]), "an earlier method")
+                    raise ValueError(
+                        f"methods {earlier!r} and {source!r} each bring a rollout correction ({self.correction[0]}, "
+                        f"{correction[0]}); an objective applies one: compose only one of them, or name it in the "
+                        "config's correction"
+                    )
+                self._refuse_conflicts("correction", correction[0], self.correction[1], correction[1], source)
+            if not explicit and self.correction is None:
+                self.origins[("correction", correction[0])] = source
+            self.correction = self._merge_single(self.correction, correction, replace=explicit)
         for kind in ("shapers", "regularizers", "selectors"):
             for ref in refs.get(kind, ()):
-                self._merge(getattr(self, kind), ref)
+                self._merge(kind, ref, source)
         if refs.get("loss_agg_mode") is not None and (explicit or self.loss_agg_mode is None):
             self.loss_agg_mode = refs["loss_agg_mode"]
 
@@ -268,8 +300,8 @@ def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective
     comp = _Composition()
     names = config.method_names()
     for name in names:
-        comp.add(_spec_refs(get_method(name)), explicit=False)
-    comp.add(_config_refs(config), explicit=True)
+        comp.add(_spec_refs(get_method(name)), source=name)
+    comp.add(_config_refs(config))
     if comp.surrogate is None:
         comp.surrogate = ("ppo_clip", {})
     top_level = _apply_overrides(comp, {**config.params, **overrides})

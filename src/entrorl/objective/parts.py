@@ -74,6 +74,11 @@ class Part(BaseModel):
         if state:
             raise ValueError(f"{self.kind} '{self.name}' is stateless but a state {sorted(state)} was given")
 
+    def end_step(self) -> Metrics:
+        """Called once a training step's updates are done; parts that act once per step act here (and also when
+        the first batch of a later step arrives, for callers that never call it). Returns metrics."""
+        return {}
+
 
 class Shaper(Part):
     kind: ClassVar[str] = "shaper"

@@ -54,9 +54,13 @@ class EntropyBonus(Regularizer):
     paper="arXiv 2505.22312 (Skywork-OR1)",
 )
 class AdaptiveEntropy(Regularizer):
-    """Skywork-OR1's controller. At each call, with ``e`` the batch's mean token entropy and ``c`` the current
-    coefficient: the loss gets ``-c * 1[e < target] * agg(H)``; then ``c <- clip(c + delta if e < target else
-    c - delta, min_coeff, max_coeff)``. The coefficient is state (checkpointed via ``state_dict``)."""
+    """Skywork-OR1's controller, acting once per training step. With ``e_k`` the token-mean entropy of all of step
+    ``k``'s batches and ``c_k`` the coefficient, step ``k`` adds ``-c_k * 1[e_{k-1} < target] * agg(H)`` to the loss
+    (the first step, with no earlier measurement, tests its own batch), and after it
+    ``c_{k+1} = clip(c_k + delta if e_k < target else c_k - delta, min_coeff, max_coeff)``. A step is the run of calls
+    that share ``PolicyBatch.step``, so mini-batches, epochs and micro-batches move the coefficient once; a batch
+    without a step is a step of its own. The coefficient, the entropy of the step being measured and the last
+    verdict are state (checkpointed via ``state_dict``)."""
 
     target_entropy: float = Field(0.2, ge=0.0, description="H_tgt = 0.2 nats (arXiv 2505.22312, released scripts)")
     delta: float = Field(1e-4, ge=0.0, description="coefficient step = 1e-4 (released code; the paper text says 5e-3)")
@@ -65,6 +69,8 @@ class AdaptiveEntropy(Regularizer):
     max_coeff: float = Field(5e-3, ge=0.0, description="upper clip of c = 5e-3 (released scripts)")
 
     _coeff: float | None = PrivateAttr(default=None)
+    _measuring: dict[str, Any] | None = PrivateAttr(default=None)  # {"step", "entropy_sum", "tokens"} of the open step
+    _below_target: bool | None = PrivateAttr(default=None)  # verdict of the last finished step: is the bonus on
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "AdaptiveEntropy":
@@ -77,23 +83,42 @@ class AdaptiveEntropy(Regularizer):
         return self.entropy_coeff if self._coeff is None else self._coeff
 
     def state_dict(self) -> dict[str, Any]:
-        return {"coefficient": self.coefficient}
+        return {"coefficient": self.coefficient, "below_target": self._below_target,
+                "measuring": None if self._measuring is None else dict(self._measuring)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._coeff = float(state["coefficient"])
+        self._below_target = state.get("below_target")
+        self._measuring = None if state.get("measuring") is None else dict(state["measuring"])
+
+    def end_step(self) -> Metrics:
+        """Close the measured step: its entropy decides the next coefficient and whether the bonus is on."""
+        if self._measuring is None:
+            return {}
+        measured = self._measuring["entropy_sum"] / self._measuring["tokens"]
+        below = measured < self.target_entropy
+        step = self.delta if below else -self.delta
+        self._coeff = min(self.max_coeff, max(self.min_coeff, self.coefficient + step))
+        self._below_target = below
+        self._measuring = None
+        return {"reg/adaptive_entropy_step_entropy": measured, "reg/adaptive_entropy_next_coeff": self._coeff}
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
         entropy = _differentiable_entropy(batch, "regularizer 'adaptive_entropy'")
         if not batch.mask.any():
             return RegularizerTerm()  # nothing measured: the controller does not move
+        if self._measuring is not None and (batch.step is None or batch.step != self._measuring["step"]):
+            self.end_step()
+        tokens = float(batch.mask.sum())
         measured = float(masked_mean(entropy.detach(), batch.mask))
-        below_target = measured < self.target_entropy
-        coeff = self.coefficient
-        active = coeff if below_target else 0.0
-        step = self.delta if below_target else -self.delta
-        self._coeff = min(self.max_coeff, max(self.min_coeff, coeff + step))
+        if self._measuring is None:
+            self._measuring = {"step": batch.step, "entropy_sum": 0.0, "tokens": 0.0}
+        self._measuring["entropy_sum"] += measured * tokens
+        self._measuring["tokens"] += tokens
+        below_target = self._below_target if self._below_target is not None else measured < self.target_entropy
+        active = self.coefficient if below_target else 0.0
         metrics["reg/adaptive_entropy_coeff"] = active
-        metrics["reg/adaptive_entropy_next_coeff"] = self._coeff
+        metrics["reg/adaptive_entropy_controller_coeff"] = self.coefficient
         metrics["reg/adaptive_entropy_below_target"] = float(below_target)
         return RegularizerTerm(scalar=-active * aggregate(entropy, batch.mask))
 
