@@ -179,6 +179,20 @@ def test_meta_columns_selection(tmp_path):
     assert [r.meta for r in load_prompts(p, meta_columns=[], **COLS)] == [{}, {}, {}]
 
 
+def test_a_meta_object_column_is_spread_into_the_meta_fields(tmp_path):
+    """Records laid out as {prompt, answer, meta: {...}} (as reasoning_gym_records returns them, dumped as they are)
+    give the reward the same keyword arguments as flat columns."""
+    p = tmp_path / "nested.jsonl"
+    write_lines(p, [json.dumps({"prompt": "q", "answer": "1", "level": 2, "meta": {"entry": {"x": [1, 2]}, "task": "t"}}),
+                    json.dumps({"prompt": "r", "answer": "2", "meta": "plain text stays a column"})])
+    recs = load_prompts(p)
+    assert recs[0].meta == {"level": 2, "entry": {"x": [1, 2]}, "task": "t"}
+    assert recs[1].meta == {"meta": "plain text stays a column"}
+    write_lines(p, [json.dumps({"prompt": "q", "answer": "1", "task": "a", "meta": {"task": "b"}})])
+    with pytest.raises(DataError, match=r"nested\.jsonl:1.*repeats the column\(s\) 'task'"):
+        load_prompts(p)
+
+
 def test_numeric_answers_become_strings(tmp_path):
     p = tmp_path / "n.jsonl"
     write_lines(p, ['{"prompt": "a", "answer": 3}', '{"prompt": "b", "answer": 2.5}', '{"prompt": "c", "answer": -1}'])

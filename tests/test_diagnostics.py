@@ -66,3 +66,26 @@ def test_top_fork_tokens_decodes_in_context():
     forks = top_fork_tokens(CharTokenizer(), prompt_ids, prompt_mask, response_ids, response_mask, entropy, k=2)
     assert [f["token"] for f in forks] == ["b", "c"]  # the padding position is never a fork
     assert forks[0]["before"] == "Qa" and forks[0]["after"] == "c"
+
+
+def test_top_fork_tokens_lists_each_decision_point_once():
+    class CharTokenizer:
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    # three samples of one prompt: "ab", "ac", "xb"; position 0 is one state for all, position 1 after "a" is one
+    # state for the first two rows (where they chose b and c), position 1 after "x" is the third row's alone
+    prompt_ids = torch.tensor([[ord("Q")]] * 3)
+    prompt_mask = torch.ones(3, 1, dtype=torch.bool)
+    response_ids = torch.tensor([[ord("a"), ord("b")], [ord("a"), ord("c")], [ord("x"), ord("b")]])
+    response_mask = torch.ones(3, 2, dtype=torch.bool)
+    entropy = torch.tensor([[3.0, 2.0], [3.0, 2.0], [3.0, 1.0]])
+    forks = top_fork_tokens(CharTokenizer(), prompt_ids, prompt_mask, response_ids, response_mask, entropy, k=5,
+                            sources=["p.jsonl:1"] * 3)
+    assert [(f["before"], f["samples"], f["chosen"]) for f in forks] == [
+        ("Q", 3, {"a": 2, "x": 1}), ("Qa", 2, {"b": 1, "c": 1}), ("Qx", 1, {"b": 1})]
+    assert [f["entropy"] for f in forks] == [3.0, 2.0, 1.0] and {f["source"] for f in forks} == {"p.jsonl:1"}
+    # a greedy evaluation (every sample the same) has one decision point per position, not one per sample
+    same = torch.tensor([[ord("a"), ord("b")]] * 3)
+    greedy = top_fork_tokens(CharTokenizer(), prompt_ids, prompt_mask, same, response_mask, entropy, k=5)
+    assert [(f["position"], f["samples"]) for f in greedy] == [(0, 3), (1, 3)]

@@ -399,6 +399,13 @@ def test_rg_arithmetic_uses_reasoning_gyms_verifier(monkeypatch):
     padded = f"9{example.answer}"
     assert _score(task, example, f"#{padded}") == pytest.approx(len(example.answer) / len(padded))
     assert 0.0 < _score(task, example, f"#{padded}") < 1.0
+    # ... but that answer is wrong: the lab's evaluations (RewardRunner on the task) count only full marks
+    from entrorl.lab.runner import task_reward
+    from entrorl.rewards import RewardRunner
+
+    scored = RewardRunner(task_reward("rg_arithmetic"))([example.prompt] * 2, [f"#{example.answer}", f"#{padded}"],
+                                                        [example.answer] * 2, [example.meta] * 2)
+    assert scored.correct.tolist() == [True, False] and float(scored.scores[1]) > 0.5 - 1e-9
 
     # what reasoning-gym says goes, whatever the answer
     monkeypatch.setattr(BasicArithmeticDataset, "score_answer", lambda self, answer, entry: 0.25)

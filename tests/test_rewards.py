@@ -254,6 +254,21 @@ def test_reasoning_gym_second_task_and_task_from_meta():
         assert reward(rec["prompt"], "<answer>-1</answer>", rec["answer"], **rec["meta"]) < 1.0
 
 
+def test_reasoning_gym_partial_credit_is_not_a_correct_answer(arithmetic_records):
+    """reasoning-gym gives an answer that contains the reference len(reference) / len(answer) of the credit; such an
+    answer is wrong, so the runner counts only full marks as correct unless told otherwise."""
+    rec = arithmetic_records[0]
+    doubled = rec["answer"] * 2  # contains the reference: half the credit
+    args = ([rec["prompt"]] * 2, [f"<answer>{rec['answer']}</answer>", f"<answer>{doubled}</answer>"], [rec["answer"]] * 2,
+            [rec["meta"]] * 2)
+    result = RewardRunner(get_reward("reasoning_gym", task="basic_arithmetic"))(*args)
+    assert result.scores.tolist() == [1.0, 0.5] and result.correct.tolist() == [True, False]
+    assert RewardRunner(get_reward("reasoning_gym", task="basic_arithmetic"), correct_threshold=0.5)(*args).correct.all()
+    # the code reward scores the share of test cases passed: correct means all of them
+    assert RewardRunner(get_reward("code")).correct_threshold == 1.0
+    assert RewardRunner(get_reward("exact_match")).correct_threshold == 0.5
+
+
 def test_reasoning_gym_strict_mode_needs_tags(arithmetic_records):
     rec = arithmetic_records[0]
     strict = get_reward("reasoning_gym", task="basic_arithmetic", strict=True)

@@ -108,8 +108,11 @@ def test_cli_train_writes_metrics_checkpoints_and_diagnostics(tmp_path, tiny_mod
     checkpoint = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     assert (checkpoint / "model" / "config.json").is_file() and (checkpoint / "trainer.pt").is_file()
     forks = json.loads((run_dir / "forks" / "step_000002.json").read_text())
-    assert len(forks) == 5 and {"token", "before", "after", "entropy"} <= set(forks[0])
+    assert len(forks) == 5 and {"token", "before", "after", "entropy", "samples", "chosen", "source"} <= set(forks[0])
     assert forks[0]["entropy"] >= forks[-1]["entropy"]
+    # each decision point once: the n samples of a prompt share its first position, which is listed once for all
+    assert len({(fork["source"], fork["position"], fork["before"]) for fork in forks}) == len(forks)
+    assert all(fork["samples"] == sum(fork["chosen"].values()) for fork in forks)
 
 
 @pytest.mark.slow
@@ -189,6 +192,29 @@ def test_skipped_updates_leave_adaptive_coefficients_and_count_per_step(tmp_path
     assert objective.state_dict() == coefficient
     with pytest.raises(TrainingStopped, match="2 steps in a row"):
         trainer.train_step()
+
+
+def test_adaptive_entropy_coefficient_moves_once_per_step_whatever_the_updates(tmp_path, tiny_model_dir, arithmetic_files):
+    """Skywork-OR1's controller moves once per training step: four mini-batches, two epochs or micro-batches make more
+    objective calls per step, not more coefficient steps."""
+    train, _ = arithmetic_files
+    method = {"method": "adaptive_entropy", "params": {"target_entropy": 10.0, "delta": 0.001}}
+    for optim in ({}, {"mini_batches": 4}, {"mini_batches": 2, "epochs": 2}, {"micro_batch_size": 3}):
+        config = load_config(make_config(tiny_model_dir, train, None, method=method, optim={"steps": 3, "lr": 1e-3, **optim}))
+        trainer = Trainer(config, run_dir=tmp_path / f"run-{len(list(tmp_path.iterdir()))}")
+        logged = [trainer.train_step() for _ in range(3)]
+        assert [m["reg/adaptive_entropy_next_coeff"] for m in logged] == pytest.approx([0.001, 0.002, 0.003]), optim
+        assert [m["reg/adaptive_entropy_coeff"] for m in logged] == pytest.approx([0.0, 0.001, 0.002]), optim
+
+
+def test_dr_grpo_divides_by_a_constant(tmp_path, tiny_model_dir, arithmetic_files):
+    """Dr. GRPO's token sum is divided by a constant, the longest response allowed, not by the step's longest
+    response (which the trainer's rollouts are cut to, so it changes from step to step); a configured one stays."""
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, method="dr_grpo", rollout={"max_new_tokens": 40}))
+    assert Trainer(config, run_dir=tmp_path / "a").objective.loss_scale_factor == 40.0
+    config = load_config(make_config(tiny_model_dir, train, None, method={"method": "dr_grpo", "loss_scale_factor": 7}))
+    assert Trainer(config, run_dir=tmp_path / "b").objective.loss_scale_factor == 7.0
 
 
 @pytest.mark.parametrize("method", ["grpo", "dapo", "dr_grpo"])  # seq-mean-token-mean, token-mean, seq-mean-token-sum-norm
@@ -600,6 +626,45 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     assert too_big.returncode == 2 and "exceeds --n" in too_big.stderr
 
 
+def test_cli_eval_reports_reward_errors_threshold_and_default_ks(tmp_path, tiny_model_dir, arithmetic_files):
+    """The JSON summary says how many samples the reward failed on and which threshold made a sample correct; without
+    --k, the ks are the powers of two up to --n and n (the old fixed 1,4,16 refused --n 8)."""
+    _, held_out = arithmetic_files
+    with importable_module(tmp_path, "flaky_reward", "def score(prompt, completion, answer, **meta):\n"
+                           "    if prompt.startswith('1'):\n        raise RuntimeError('boom')\n    return 0.7\n"):
+        result = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "3", "--max-new-tokens", "3",
+                         "--reward", "flaky_reward:score", "--correct-threshold", "0.75",
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    failing = sum(json.loads(line)["prompt"].startswith("1") for line in held_out.read_text().splitlines())
+    assert failing and summary["reward_errors"] == 3 * failing
+    assert summary["threshold"] == 0.75 and summary["avg_at_n"] == 0.0  # 0.7 < 0.75: nothing is correct
+    assert set(summary["pass_at_k"]) == {"1", "2", "3"}
+
+
+def test_cli_writes_reasoning_gym_data_the_reward_scores(tmp_path):
+    """`entrorl data reasoning-gym` writes prompts whose reference answers the reasoning_gym reward marks right; a task
+    checked without a reference answer loads once rows without answers are allowed."""
+    from entrorl.data import DataError, load_prompts
+    from entrorl.rewards import RewardRunner, get_reward
+
+    arithmetic = tmp_path / "arithmetic.jsonl"
+    result = run_cli("data", "reasoning-gym", "basic_arithmetic", "--size", "3", "--seed", "1", "--out", str(arithmetic))
+    assert result.returncode == 0, result.stderr
+    records = load_prompts(arithmetic)
+    assert len(records) == 3 and all(record.meta["task"] == "basic_arithmetic" for record in records)
+    scored = RewardRunner(get_reward("reasoning_gym"))([r.prompt for r in records], [f"<answer>{r.answer}</answer>" for r in records],
+                                                       [r.answer for r in records], [r.meta for r in records])
+    assert scored.errors == 0 and scored.correct.all()
+    colouring = tmp_path / "colouring.jsonl"
+    result = run_cli("data", "reasoning-gym", "graph_color", "--size", "2", "--out", str(colouring))
+    assert result.returncode == 0 and "require_answer" in result.stderr, result.stderr
+    with pytest.raises(DataError, match="data.require_answer: false"):
+        load_prompts(colouring)
+    assert [record.answer for record in load_prompts(colouring, require_answer=False)] == [None, None]
+
+
 def test_cli_eval_rejects_bad_inputs_without_traceback(tmp_path, tiny_model_dir, arithmetic_files):
     """A prompt longer than the context, a template with another field, and a prompt count below 1."""
     _, held_out = arithmetic_files
@@ -625,6 +690,13 @@ def test_pass_rate_band_filters_training_prompts(tmp_path, tiny_model_dir):
     assert [r.meta["pass_rate"] for r in trainer.train_records] == [0.25, 0.5]
     with pytest.raises(ConfigError, match="pass_rate_band"):
         load_config(make_config(tiny_model_dir, data, None), ["data.pass_rate_band=[0.5, 0.1]"])
+    # a CSV cell is a string, and an unquoted [a, b] in YAML is a list: both are read as what they spell
+    table = tmp_path / "prompts.csv"
+    table.write_text("prompt,answer,pass_rate\n" + "".join(f"{i}+1=,{i + 1},{rate}\n" for i, rate in enumerate(rates)))
+    config = load_config(make_config(tiny_model_dir, table, None, data={"pass_rate_band": [0.25, 0.5]}))
+    assert config.data.pass_rate_band == "[0.25, 0.5]"
+    trainer = Trainer(config, run_dir=tmp_path / "run-csv")
+    assert [r.meta["pass_rate"] for r in trainer.train_records] == ["0.25", "0.5"]
 
 
 def test_tensorboard_mirror(tmp_path, tiny_model_dir, arithmetic_files):

@@ -1,4 +1,4 @@
-"""The ``entrorl`` command: ``train``, ``eval``, ``methods``, ``lab`` and ``data audit``."""
+"""The ``entrorl`` command: ``train``, ``eval``, ``methods``, ``lab``, ``data audit`` and ``data reasoning-gym``."""
 
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or 
 
 
 def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str, prompt_template: str,
-                     chat_template: bool, max_prompts: int | None, device: str, dtype: str):
+                     chat_template: bool, max_prompts: int | None, device: str, dtype: str, require_answer: bool = True,
+                     correct_threshold: float | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
     the tokenizer, the model in eval mode and the encoded prompts; ValueError / FileNotFoundError on bad input."""
     from entrorl.data import check_prompt_template, load_prompts
@@ -94,8 +95,9 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     from entrorl.trainer.config import resolve_device
 
     check_prompt_template(prompt_template)
-    records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column)[:max_prompts]
-    reward_runner = RewardRunner(get_reward(reward))
+    records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
+                           require_answer=require_answer)[:max_prompts]
+    reward_runner = RewardRunner(get_reward(reward), correct_threshold=correct_threshold)
     reward_runner.check_arguments([record.meta for record in records])
     tokenizer = load_tokenizer(model)
     policy = load_causal_lm(model, dtype=dtype).to(resolve_device(device)).eval()
@@ -108,7 +110,8 @@ def evaluate(
     model: ModelDirOption,
     data: DataFileOption,
     n: SamplesOption = 16,
-    k: Annotated[str, typer.Option(help="comma-separated k values for Pass@k")] = "1,4,16",
+    k: Annotated[Optional[str], typer.Option(help="comma-separated k values for Pass@k, each at most --n "
+                                                  "(default: powers of two up to n, and n)")] = None,
     reward: RewardOption = "math",
     max_new_tokens: MaxNewTokensOption = 256,
     temperature: TemperatureOption = 1.0,
@@ -118,6 +121,12 @@ def evaluate(
     prompt_template: PromptTemplateOption = "{prompt}",
     chat_template: ChatTemplateOption = False,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="evaluate only the first N prompts")] = None,
+    correct_threshold: Annotated[Optional[float], typer.Option(
+        help="a sample is correct when its reward reaches this (default: the reward's own; 1.0 for reasoning_gym and "
+        "code, 0.5 otherwise)")] = None,
+    require_answer: Annotated[bool, typer.Option(
+        help="refuse rows without a reference answer (--no-require-answer for tasks whose reward checks answers "
+        "without one)")] = True,
     seed: SeedOption = 0,
     out: Annotated[Optional[Path], typer.Option(help="write the JSON summary here")] = None,
     device: DeviceOption = "auto",
@@ -130,14 +139,15 @@ def evaluate(
     from entrorl.rollout import SamplingParams
     from entrorl.trainer.evaluate import evaluate_model
 
-    ks = _parse_ks(k)
-    if ks[-1] > n:
+    ks = None if k is None else _parse_ks(k)
+    if ks is not None and ks[-1] > n:
         _fail(f"--k {ks[-1]} exceeds --n {n}: Pass@k needs at least k samples per prompt")
     try:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype)
+            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
+            require_answer=require_answer, correct_threshold=correct_threshold)
         check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
@@ -145,7 +155,7 @@ def evaluate(
         task = progress.add_task("sampling", total=len(records) * n)
         result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks, sampling=sampling,
                                 seed=seed, progress=lambda done: progress.update(task, completed=done))
-    summary = result.summary.to_dict()
+    summary = result.to_dict()
     table = Table(title=f"{model.name} on {data.name}: {len(records)} prompts x {n} samples")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -208,6 +218,44 @@ def lab(
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and clean prompt data sets.")
 app.add_typer(data_app, name="data")
+
+
+@data_app.command("reasoning-gym")
+def data_reasoning_gym(
+    task: Annotated[str, typer.Argument(help="reasoning-gym data set, e.g. basic_arithmetic (--list shows them all)")] = "",
+    out: Annotated[Optional[Path], typer.Option(help="JSONL file to write (default: <task>.jsonl)")] = None,
+    size: Annotated[int, typer.Option(min=1, help="prompts to generate")] = 1000,
+    seed: Annotated[int, typer.Option(help="generation seed (the same seed gives the same prompts)")] = 0,
+    instruction: Annotated[bool, typer.Option(help="append the instruction to answer inside <answer></answer> tags, "
+                                              "which the reasoning_gym reward reads")] = True,
+    list_tasks: Annotated[bool, typer.Option("--list", help="print the installed tasks and exit")] = False,
+) -> None:
+    """Generate a reasoning-gym task as a prompt file for `train` and `eval` with the `reasoning_gym` reward.
+
+    Each line holds the prompt, the reference answer (null for tasks whose verifier needs none: train with
+    data.require_answer false) and the task's entry, name and config, which the reward's verifier reads.
+    """
+    from entrorl.data import PromptRecord, write_jsonl
+    from entrorl.rewards import REASONING_GYM_INSTRUCTION, reasoning_gym_records
+    from entrorl.rewards.reasoning_gym import available_reasoning_gym_tasks
+
+    if list_tasks:
+        sys.stdout.write("\n".join(available_reasoning_gym_tasks()) + "\n")
+        return
+    if not task:
+        _fail("name a task (e.g. `entrorl data reasoning-gym basic_arithmetic`); --list shows them all")
+    target = out if out is not None else Path(f"{task}.jsonl")
+    try:
+        generated = reasoning_gym_records(task, size=size, seed=seed,
+                                          instruction=REASONING_GYM_INSTRUCTION if instruction else None)
+        records = [PromptRecord(prompt=r["prompt"], answer=r["answer"], meta=json.loads(json.dumps(r["meta"], default=list)),
+                                source=f"{task}[{i}]") for i, r in enumerate(generated)]
+        write_jsonl(records, target)
+    except (ValueError, TypeError) as error:
+        _fail(str(error))
+    missing = sum(record.answer is None for record in records)
+    note = f"; {missing} without a reference answer (use data.require_answer: false)" if missing else ""
+    console.print(f"wrote {len(records)} prompts of {task} to {target}{note}")
 
 
 @data_app.command("audit")

@@ -25,6 +25,8 @@ Normalisation rules (the same for every format):
 * the answer may be a string or a number (numbers become ``str(value)``, e.g. ``3.0 -> "3.0"``); a
   missing column, ``null``, ``NaN`` or an empty / whitespace-only string is a *missing* answer: an
   error when ``require_answer`` is true, ``None`` otherwise; booleans, lists and objects are rejected;
+* a column named ``meta`` holding an object is spread into the meta fields (its keys must not repeat a
+  column);
 * meta values must be JSON-able: numpy scalars and arrays become Python values, dates and times
   become ISO strings, ``Decimal`` becomes a string, non-finite floats become ``None``; anything else
   (bytes, images, ...) is rejected — choose the columns with ``meta_columns``.
@@ -60,6 +62,11 @@ SUPPORTED_FORMATS = (
 )
 
 _BOM = b"\xef\xbb\xbf"
+
+#: A column of this name holding an object is spread into the record's meta, so that records laid out as
+#: ``{"prompt", "answer", "meta": {...}}`` (as :func:`entrorl.rewards.reasoning_gym_records` returns them) give
+#: the reward the same keyword arguments as flat columns would.
+NESTED_META_COLUMN = "meta"
 
 
 @dataclass(frozen=True)
@@ -256,8 +263,8 @@ def _check_schema(columns: Sequence[str], where: str, path: str, cols: _Columns)
     if cols.require_answer and cols.answer not in columns:
         raise DataError(
             f"{where}: no answer column {cols.answer!r} (columns: {_fmt_cols(columns)}); "
-            "expected a column of reference answers — pass answer_column=... to name it, "
-            "or require_answer=False for data without answers",
+            "expected a column of reference answers — name it with answer_column (data.answer_column, --answer-column), "
+            "or allow data without answers with require_answer=False (data.require_answer: false, --no-require-answer)",
             path=path,
             location=where,
         )
@@ -295,7 +302,8 @@ def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) 
         state = "missing" if cols.answer not in row else "empty"
         raise fail(
             f"answer column {cols.answer!r} is {state}; expected a reference answer (a string or a number) "
-            "— pass answer_column=... to name it, or require_answer=False for data without answers"
+            "— name the column with answer_column (data.answer_column, --answer-column), or allow rows without "
+            "answers with require_answer=False (data.require_answer: false, --no-require-answer)"
         )
 
     if cols.meta is None:
@@ -313,6 +321,13 @@ def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) 
         if not isinstance(k, str):
             raise fail(f"column name {k!r} is not a string; expected string column names")
         meta[k] = _jsonable(row[k], k, fail)
+    if isinstance(meta.get(NESTED_META_COLUMN), dict):
+        nested = meta.pop(NESTED_META_COLUMN)
+        clashes = sorted(set(nested) & (set(meta) | {cols.prompt, cols.answer}))
+        if clashes:
+            raise fail(f"the {NESTED_META_COLUMN!r} object repeats the column(s) {_fmt_cols(clashes)}; "
+                       "expected each field once, either as a column or inside it")
+        meta.update(nested)
     return PromptRecord(prompt=prompt, answer=answer, meta=meta, source=where)
 
 

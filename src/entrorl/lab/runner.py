@@ -40,7 +40,7 @@ _HISTOGRAM_BINS = np.linspace(-0.4, 0.4, 41)
 
 def task_reward(task: str):
     """The verifier of a lab task as a reward function (``reward.name: entrorl.lab.runner:task_reward``)."""
-    return get_task(task).score
+    return get_task(task)
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -109,7 +109,7 @@ def evaluate_policy(model, tokenizer, preset: LabPreset, data: dict[str, Path]) 
         rollouts = sampler.generate(prompts, params)
         completions = tokenizer.batch_decode([row[m].tolist() for row, m in zip(rollouts.response_ids, rollouts.response_mask)],
                                              skip_special_tokens=True)
-        scores = RewardRunner(task.score)([r.prompt for r in repeated], completions, [r.answer for r in repeated],
+        scores = RewardRunner(task)([r.prompt for r in repeated], completions, [r.answer for r in repeated],
                                           [r.meta for r in repeated], rollouts.lengths.tolist())
         correct = scores.correct.view(len(records), n).numpy()
         if split == "forget":

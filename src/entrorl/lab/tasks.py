@@ -179,6 +179,8 @@ class Task:
 
     name: str = ""
     description: str = ""
+    #: A completion is correct when its score reaches this (see ``RewardRunner``).
+    correct_threshold: float = 0.5
     #: Fraction of the canonical problem space held out for the ``eval`` split.
     eval_fraction: float = 0.2
 
@@ -759,11 +761,12 @@ class RgArithmeticTask(Task):
     The prompt is the entry's expression plus ``"="`` (``"(4+-2)*3="``); demonstrations evaluate one
     operation at a time in a random valid order (``"4+-2=2 2*3=6 #6"``). The score is reasoning-gym's
     ``score_answer(text after the last '#', entry)`` -- 1.0 for the exact answer, partial credit for an
-    answer that contains it, 0.0 otherwise. ``meta`` keeps the entry (JSON-able) and the config.
-    The canonical problem is the expression.
+    answer that contains it, 0.0 otherwise; only the exact answer counts as correct (``correct_threshold`` 1.0).
+    ``meta`` keeps the entry (JSON-able) and the config. The canonical problem is the expression.
     """
 
     name = "rg_arithmetic"
+    correct_threshold = 1.0
     description = "reasoning-gym basic_arithmetic (2-3 one-digit terms, + - *, parentheses), reasoning-gym's verifier"
     rg_task = "basic_arithmetic"
 

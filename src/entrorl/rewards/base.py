@@ -42,6 +42,7 @@ import torch
 from entrorl.rewards.shaping import overlong_penalty, validate_overlong
 
 __all__ = [
+    "DEFAULT_CORRECT_THRESHOLD",
     "RewardFn",
     "RewardResult",
     "RewardRunner",
@@ -52,6 +53,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: A sample counts as correct when its score reaches this, unless the reward says otherwise (its own
+#: ``correct_threshold`` attribute) or the caller does.
+DEFAULT_CORRECT_THRESHOLD = 0.5
 
 
 @runtime_checkable
@@ -383,7 +388,8 @@ class RewardRunner:
     configures DAPO's soft overlong punishment: ``{"max_length": L_max, "cache_length": L_cache,
     "penalty_factor": 1.0}`` (see :func:`entrorl.rewards.overlong_penalty`); the penalty of each
     sample's response length is added to its score. A sample is ``correct`` when its score is
-    ``>= correct_threshold``.
+    ``>= correct_threshold``; by default the reward's own ``correct_threshold`` attribute when it has one
+    (a verifier that gives wrong answers partial credit sets 1.0), else 0.5.
 
     A reward call that raises, or returns something that is not a finite number, gives that sample
     a score of 0; it is counted in ``errors`` and the first failure is kept in ``first_error`` (and
@@ -401,12 +407,14 @@ class RewardRunner:
         fn: RewardFn | str,
         *,
         overlong: Mapping[str, Any] | None = None,
-        correct_threshold: float = 0.5,
+        correct_threshold: float | None = None,
     ) -> None:
         if isinstance(fn, str):
             fn = get_reward(fn)
         if not callable(fn):
             raise TypeError(f"fn must be a reward callable, got {type(fn).__name__}")
+        if correct_threshold is None:
+            correct_threshold = getattr(fn, "correct_threshold", DEFAULT_CORRECT_THRESHOLD)
         if not isinstance(correct_threshold, numbers.Real) or not math.isfinite(correct_threshold):
             raise ValueError(f"correct_threshold must be a finite number, got {correct_threshold!r}")
         self.fn = fn

@@ -366,7 +366,12 @@ class CodeReward:
     (``no_code``). A malformed or missing test spec raises ``ValueError`` and a sandbox that cannot
     start raises :class:`~entrorl.rewards.sandbox.SandboxError` (not the completion's fault:
     :class:`~entrorl.rewards.RewardRunner` counts either as a failed sample, with the error).
+
+    A program is correct only when it passes every case (``correct_threshold = 1.0``, as Pass@k on code is
+    defined); the training reward keeps the fraction passed.
     """
+
+    correct_threshold = 1.0
 
     def __init__(self, **options: Any) -> None:
         self.options = _code_options(options)

@@ -149,7 +149,13 @@ class ReasoningGymReward:
 
     A completion with no extractable answer scores 0.0; so does an answer the verifier chokes on.
     A missing or malformed entry raises ``ValueError``.
+
+    Only full marks count as correct (``correct_threshold = 1.0``, for accuracy, Pass@k and dynamic sampling):
+    several verifiers give a wrong answer partial credit, e.g. ``len(reference) / len(answer)`` = 0.5 for
+    ``33`` against ``3``. The training reward keeps the partial credit.
     """
+
+    correct_threshold = 1.0
 
     def __init__(
         self, task: str | None = None, *, strict: bool = False, config: Mapping[str, Any] | None = None
@@ -194,8 +200,9 @@ class ReasoningGymReward:
             entry = json.loads(entry)
         if not isinstance(entry, Mapping):
             raise ValueError(
-                "the reasoning_gym reward needs the reasoning-gym entry dict in meta['entry'] "
-                "(use reasoning_gym_records to build the data)"
+                "the reasoning_gym reward needs the reasoning-gym entry dict in meta['entry']: the data needs an "
+                "'entry' column (`entrorl data reasoning-gym TASK` writes such a file; reasoning_gym_records puts it "
+                "in each record's meta)"
             )
         meta_task = meta.get("task")
         task = self.task or meta_task

@@ -75,6 +75,8 @@ class DataConfig(_Section):
     prompt_column: str = "prompt"
     answer_column: str = "answer"
     meta_columns: list[str] | None = None
+    require_answer: bool = Field(True, description="refuse a row without a reference answer; false for tasks whose "
+                                 "reward checks answers without one (some reasoning-gym tasks)")
     prompt_template: str = Field("{prompt}", description="format string applied to each prompt: {prompt} is the prompt, "
                                  "{{ and }} are literal braces")
     shuffle: bool = True
@@ -82,6 +84,15 @@ class DataConfig(_Section):
         None, description="keep only training prompts whose pass rate lies in this band, e.g. '[0.1, 0.5]' or '(1/16, 15/16)'"
     )
     pass_rate_column: str = Field("pass_rate", description="the column holding each prompt's pass rate (e.g. from a data audit)")
+
+    @field_validator("pass_rate_band", mode="before")
+    @classmethod
+    def _band_from_a_list(cls, value: Any) -> Any:
+        """YAML reads an unquoted ``[0.1, 0.5]`` as a list: take it as the closed band it spells."""
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(edge, (int, float)) and not isinstance(edge, bool) for edge in value):
+            return f"[{value[0]}, {value[1]}]"
+        return value
 
     @field_validator("pass_rate_band")
     @classmethod
@@ -156,7 +167,9 @@ class RewardConfig(_Section):
     unlikeliness: UnlikelinessConfig | None = Field(
         None, description="unlikeliness reward shaping before any advantage estimator; None = off"
     )
-    correct_threshold: float = 0.5
+    correct_threshold: float | None = Field(
+        None, description="a sample is correct (accuracy, dynamic sampling, Pass@k) when its score reaches this; None = "
+        "the reward's own: 1.0 for reasoning_gym and code, whose partial credit is not a right answer, else 0.5")
 
     @field_validator("extra")
     @classmethod
@@ -221,8 +234,8 @@ class OptimConfig(_Section):
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
     micro_batch_size: int | None = Field(
         None, ge=1, description="rows per forward/backward (gradient accumulation; the update equals the whole "
-        "mini-batch's, except that selectors which rank tokens within their batch, such as forking_tokens or clip_cov, "
-        "and the adaptive entropy controller then work per micro-batch, as in verl); also bounds the rows of each "
+        "mini-batch's, except that selectors which rank tokens within their batch, such as forking_tokens, clip_cov or "
+        "clip_b, then work per micro-batch, as in verl); also bounds the rows of each "
         "scoring pass without gradients")
     length_buckets: int = Field(8, ge=1, description="score rows in up to this many forward passes grouped by length, each "
                                 "padded only to its own longest row (same numbers, fewer padded positions; 1 = one pass)")
@@ -243,7 +256,7 @@ class OptimConfig(_Section):
 class EvalConfig(_Section):
     every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end when eval data exists)")
     n: int = Field(8, ge=1, description="samples per evaluation prompt")
-    ks: list[int] = Field(default_factory=lambda: [1, 4, 8])
+    ks: list[int] | None = Field(None, description="the k of each Pass@k; None = powers of two up to eval.n, and n")
     max_prompts: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, description="sampling temperature of evaluations; 0 = greedy (n = 1 is then enough)")
     top_forks: int = Field(20, ge=0, description="highest-entropy positions saved per evaluation")
@@ -252,7 +265,7 @@ class EvalConfig(_Section):
 
     @model_validator(mode="after")
     def _ks_within_n(self) -> "EvalConfig":
-        bad = [k for k in self.ks if k < 1 or k > self.n]
+        bad = [k for k in self.ks or [] if k < 1 or k > self.n]
         if bad:
             raise ValueError(f"eval.ks must lie in [1, eval.n={self.n}], got {bad}")
         return self

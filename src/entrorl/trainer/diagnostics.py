@@ -16,6 +16,7 @@ with ``D > 0`` lowers the entropy, with ``D < 0`` raises it.
 
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
@@ -101,28 +102,50 @@ def covariance_summary(logprob: torch.Tensor, advantages: torch.Tensor, mask: to
     return covariance_concentration(cov, mask).to_dict()
 
 
-def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask, entropy, *, k: int, context: int = 24):
-    """The ``k`` highest-entropy response positions, decoded with their left context and continuation."""
+def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask, entropy, *, k: int, context: int = 24,
+                    sources: list[str] | None = None):
+    """The ``k`` highest-entropy decision points of the responses, each decoded with its left context.
+
+    A decision point is a prompt plus the response tokens before a position. Rows that reach the same one (the
+    samples of a prompt all share position 0; greedy samples share every position) face the same next-token
+    distribution, so it is listed once: ``samples`` is how many rows reached it and ``chosen`` counts the tokens
+    they picked there; ``sample``, ``token`` and ``after`` are those of its first row. ``sources[row]`` (e.g. the
+    prompt's ``file:line``) is added as ``source`` when given.
+    """
     if k <= 0 or not response_mask.any():
         return []
     scores = torch.where(response_mask, entropy.detach().float(), torch.full_like(entropy.float(), -math.inf))
-    k = min(k, int(response_mask.sum()))
-    top = scores.flatten().topk(k)
+    order = scores.flatten().argsort(descending=True)[: int(response_mask.sum())].tolist()
     width = response_ids.shape[1]
+    prompts = [tuple(ids[mask].tolist()) for ids, mask in zip(prompt_ids, prompt_mask)]
+    responses = [tuple(ids[mask].tolist()) for ids, mask in zip(response_ids, response_mask)]
+    flat_scores = scores.flatten()
+    seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
     forks = []
-    for value, flat_index in zip(top.values.tolist(), top.indices.tolist()):
+    for flat_index in order:
         row, position = divmod(flat_index, width)
-        prompt = prompt_ids[row][prompt_mask[row]].tolist()
-        response = response_ids[row][response_mask[row]].tolist()
-        before = (prompt + response[:position])[-context:]
-        forks.append(
-            {
-                "entropy": value,
-                "sample": row,
-                "position": position,
-                "token": tokenizer.decode([response[position]]),
-                "before": tokenizer.decode(before),
-                "after": tokenizer.decode(response[position + 1 : position + 1 + context // 2]),
-            }
-        )
+        prompt, response = prompts[row], responses[row]
+        state = (prompt, response[:position])
+        if state in seen:
+            continue
+        seen.add(state)
+        sharing = [other for other in range(len(responses))
+                   if len(responses[other]) > position and prompts[other] == prompt
+                   and responses[other][:position] == state[1]]
+        chosen = collections.Counter(tokenizer.decode([responses[other][position]]) for other in sharing)
+        fork = {
+            "entropy": float(flat_scores[flat_index]),
+            "sample": row,
+            "position": position,
+            "token": tokenizer.decode([response[position]]),
+            "before": tokenizer.decode(list((prompt + response[:position])[-context:])),
+            "after": tokenizer.decode(list(response[position + 1 : position + 1 + context // 2])),
+            "samples": len(sharing),
+            "chosen": dict(chosen.most_common()),
+        }
+        if sources is not None:
+            fork["source"] = sources[row]
+        forks.append(fork)
+        if len(forks) == k:
+            break
     return forks

@@ -24,6 +24,13 @@ class EvaluationResult:
     reward_errors: int = 0
     first_reward_error: str | None = None
 
+    correct_threshold: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as JSON-able types, with the reward's correctness threshold and its failures (samples
+        that scored 0 because the reward raised: Avg@n and Pass@k count them as wrong)."""
+        return {**self.summary.to_dict(), "threshold": self.correct_threshold, "reward_errors": self.reward_errors}
+
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         metrics = {f"{prefix}avg_at_n": self.summary.avg_at_n, f"{prefix}reward_errors": float(self.reward_errors)}
         metrics.update({f"{prefix}pass_at_{k}": value for k, value in self.summary.pass_at_k.items()})
@@ -41,7 +48,7 @@ def evaluate_model(
     reward: RewardRunner,
     *,
     n: int,
-    ks: list[int],
+    ks: list[int] | None,
     sampling: SamplingParams,
     seed: int,
     batch_size: int = 64,
@@ -73,5 +80,7 @@ def evaluate_model(
                                               need=("entropy",))
         model.train(was_training)
         forks = top_fork_tokens(tokenizer, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
-                                rollouts.response_mask, stats.entropy.float().cpu(), k=top_forks)
-    return EvaluationResult(summary=summary, forks=forks, reward_errors=result.errors, first_reward_error=result.first_error)
+                                rollouts.response_mask, stats.entropy.float().cpu(), k=top_forks,
+                                sources=[record.source for record in repeated])
+    return EvaluationResult(summary=summary, forks=forks, reward_errors=result.errors, first_reward_error=result.first_error,
+                            correct_threshold=reward.correct_threshold)

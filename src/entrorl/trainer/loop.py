@@ -104,12 +104,13 @@ class Trainer:
             prompt_column=config.data.prompt_column,
             answer_column=config.data.answer_column,
             meta_columns=config.data.meta_columns,
+            require_answer=config.data.require_answer,
         )
         if config.data.pass_rate_band is not None:
             self.train_records = self._filter_by_pass_rate(self.train_records)
         self.eval_records = (
             load_prompts(config.data.eval, prompt_column=config.data.prompt_column, answer_column=config.data.answer_column,
-                         meta_columns=config.data.meta_columns)
+                         meta_columns=config.data.meta_columns, require_answer=config.data.require_answer)
             if config.data.eval else []
         )
         self.reward = RewardRunner(
@@ -122,6 +123,9 @@ class Trainer:
         for runner in [self.reward] + [runner for _, _, runner in self.extra_rewards]:
             runner.check_arguments([record.meta for record in self.train_records + self.eval_records])
         self.objective = build_objective(config.method)
+        if self.objective.loss_agg_mode == "seq-mean-token-sum-norm" and self.objective.loss_scale_factor is None:
+            # Dr. GRPO divides by a constant: the longest response allowed, not the step's longest (which varies)
+            self.objective.loss_scale_factor = float(config.rollout.max_new_tokens)
         self.advantage_name = config.advantage_estimator()
         diversity = config.reward.diversity
         self.diversity_embedder = (load_embedder(diversity.model, batch_size=diversity.batch_size, device=diversity.device)
@@ -216,12 +220,13 @@ class Trainer:
 
     def _filter_by_pass_rate(self, records: list[PromptRecord]) -> list[PromptRecord]:
         column = self.config.data.pass_rate_column
-        missing = [r.source for r in records if not isinstance(r.meta.get(column), (int, float))]
+        rates = [_as_number(r.meta.get(column)) for r in records]
+        missing = [r.source for r, rate in zip(records, rates) if rate is None]
         if missing:
             raise ValueError(f"data.pass_rate_band needs a numeric '{column}' column; missing or not a number at "
                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         low, high, inclusive = parse_band(self.config.data.pass_rate_band)
-        kept = filter_by_pass_rate(records, [r.meta[column] for r in records], low=low, high=high, inclusive=inclusive)
+        kept = filter_by_pass_rate(records, rates, low=low, high=high, inclusive=inclusive)
         if not kept:
             raise ValueError(f"data.pass_rate_band {self.config.data.pass_rate_band} keeps none of the {len(records)} prompts")
         return kept
@@ -442,7 +447,7 @@ class Trainer:
                         log_prob=stats.logprob, old_log_prob=old, advantages=on_device["advantages"][micro],
                         mask=on_device["mask"][micro], entropy=stats.entropy, disc=stats.disc, disc_centered=stats.disc_centered,
                         ref_log_prob=None if reference_log_prob is None else reference_log_prob[micro],
-                        rollout_log_prob=on_device["rollout_log_prob"][micro],
+                        rollout_log_prob=on_device["rollout_log_prob"][micro], step=self.step,
                     )
                     objective_out = self.objective(batch)
                     if not torch.isfinite(objective_out.loss):
@@ -468,6 +473,7 @@ class Trainer:
                     self.objective.load_state_dict(objective_state)
                     skipped += 1
                     self.skipped_steps += 1
+        step_metrics = self.objective.end_step()  # parts acting once per step (the adaptive entropy controller)
         self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
         if self.consecutive_nonfinite >= config.optim.max_consecutive_nonfinite:
             raise TrainingStopped(
@@ -506,6 +512,7 @@ class Trainer:
         metrics.update(covariance_summary(logprob, token_advantages, mask))
         metrics.update(discriminator_summary(disc, disc_centered_before, token_advantages, mask))
         metrics.update(_mean_metrics(objective_metrics))
+        metrics.update(step_metrics)
         if reference_log_prob is not None:
             log_ratio = (logprob - reference_log_prob.float().cpu())[mask]
             metrics["kl/ref_k1"] = float(log_ratio.mean()) if log_ratio.numel() else 0.0
@@ -578,7 +585,7 @@ class Trainer:
         )
         if result.first_reward_error:
             self._note_reward_error(result.first_reward_error)
-        for folder, payload in (("eval", {"step": self.step, **result.summary.to_dict()}), ("forks", result.forks)):
+        for folder, payload in (("eval", {"step": self.step, **result.to_dict()}), ("forks", result.forks)):
             (self.run_dir / folder).mkdir(exist_ok=True)
             atomic_write_text(self.run_dir / folder / f"step_{self.step:06d}.json",
                               json.dumps(payload, indent=1, ensure_ascii=False))
@@ -631,6 +638,16 @@ def learning_rate_factor(step: int, total_steps: int, *, warmup_steps: int = 0, 
     if schedule == "cosine":
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def _as_number(value) -> float | None:
+    """A number, or the number a string spells (CSV cells are strings); None for anything else."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _micro_batch_share(mask: torch.Tensor, micro: torch.Tensor, mini_batch: torch.Tensor, loss_agg_mode: str) -> float:
