@@ -914,3 +914,66 @@ def test_clip_cov_random_state_round_trips_with_its_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="CUDA generator"):
         build_objective("clip_cov", clip_cov_ratio=0.05, seed=5, **CLIP_COV_PPO).load_state_dict(cuda_state)
+
+
+# --------------------------------------------------------------------------------------------------
+# statistics over the whole step batch (PolicyBatch.population)
+# --------------------------------------------------------------------------------------------------
+
+
+def _pieces(batch: PolicyBatch, population: PolicyBatch | None, size: int) -> list[PolicyBatch]:
+    """``batch`` cut into pieces of ``size`` rows, each told its rows in ``population`` when given."""
+    rows = torch.arange(batch.log_prob.shape[0])
+    pieces = []
+    for piece in rows.split(size):
+        fields = {name: getattr(batch, name)[piece] for name in FIELDS if getattr(batch, name) is not None}
+        fields["log_prob"] = fields["log_prob"].detach().requires_grad_(True)
+        pieces.append(PolicyBatch(mask=batch.mask[piece], population=population,
+                                  rows=None if population is None else piece, **fields))
+    return pieces
+
+
+@pytest.mark.parametrize(("method", "params", "case_of"), [
+    ("clip_b", {"mu": 1.0}, lambda: clip_b_case(torch.float64)),
+    ("clip_b", {"mu": 1.5, "mode": "paper"}, lambda: clip_b_case(torch.float64)),
+    ("clip_v", {}, None),
+])
+def test_whole_batch_selectors_decide_over_the_population(method, params, case_of):
+    """Clip_B's mean and std and Clip_V's std and cap are taken over the whole training batch in the released code:
+    pieces that carry the population drop exactly the whole batch's tokens, while pieces deciding on their own
+    rows do not."""
+    if case_of is None:  # Clip_V: five candidates in five rows, a cap of two over the whole batch
+        rng = np.random.default_rng(5)
+        case = random_case(5, torch.float64, shape=(50, 410), lengths=[400] * 50)
+        d = rng.normal(0.0, 1.0, (50, 410))
+        adv = np.where(rng.random((50, 410)) < 0.5, -1.0, 1.0)
+        for index, value in {(3, 7): -50.0, (10, 0): -60.0, (20, 399): -70.0, (30, 100): -80.0, (40, 5): -90.0}.items():
+            d[index], adv[index] = value, -1.0
+        case.arrays["disc_centered"] = np.where(case.mask, d, GARBAGE["disc_centered"])
+        case.arrays["advantages"] = np.where(case.mask, adv, -1.0)
+        size = 10
+    else:
+        case, size = case_of(), 1
+    objective = build_objective(method, **params)
+    whole_batch = case.batch()
+    expected = dropped(objective(whole_batch), whole_batch)
+    assert expected.any()
+    population = case.batch()
+    for population_given in (population, None):
+        pieces = _pieces(case.batch(), population_given, size)
+        got = np.concatenate([dropped(objective(piece), piece) for piece in pieces])
+        if population_given is not None:
+            np.testing.assert_array_equal(got, expected)
+        else:
+            assert (got != expected).any()  # the pieces' own statistics decide otherwise: the population matters
+
+
+def test_population_needs_the_rows_of_the_batch():
+    case = random_case(3, torch.float64, shape=(4, 6))
+    population = case.batch()
+    with pytest.raises(ValueError, match="rows must be 2 integer row indices"):
+        _ = PolicyBatch(**{name: getattr(population, name)[:2] for name in FIELDS}, mask=population.mask[:2],
+                        population=population)
+    with pytest.raises(ValueError, match="keep the population's width"):
+        _ = PolicyBatch(**{name: getattr(population, name)[:2, :3] for name in FIELDS}, mask=population.mask[:2, :3],
+                        population=population, rows=torch.arange(2))

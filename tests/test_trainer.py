@@ -217,10 +217,16 @@ def test_dr_grpo_divides_by_a_constant(tmp_path, tiny_model_dir, arithmetic_file
     assert Trainer(config, run_dir=tmp_path / "b").objective.loss_scale_factor == 7.0
 
 
-@pytest.mark.parametrize("method", ["grpo", "dapo", "dr_grpo"])  # seq-mean-token-mean, token-mean, seq-mean-token-sum-norm
+WHOLE_BATCH_SELECTORS = [{"method": "clip_b", "params": {"mu": 0.5}},
+                         {"method": "clip_v", "params": {"mu": 0.5, "max_frac": 0.02}}]
+
+
+@pytest.mark.parametrize("method", ["grpo", "dapo", "dr_grpo", *WHOLE_BATCH_SELECTORS],  # the three loss aggregations,
+                         ids=["grpo", "dapo", "dr_grpo", "clip_b", "clip_v"])  # and selectors deciding over the batch
 def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arithmetic_files, method):
     """Gradient accumulation over micro-batches of 3 rows (cutting across groups) makes the same update as one pass,
-    whatever the loss aggregation."""
+    whatever the loss aggregation; Clip_B and Clip_V take their statistics (and Clip_V its cap) over the whole batch,
+    as their released code does, so they drop the same tokens."""
     train, _ = arithmetic_files
     with importable_module(tmp_path, "parity_reward", PARITY_REWARD):
         results = []
@@ -236,6 +242,8 @@ def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arit
     assert whole["response/length_max"] > whole["response/length_mean"]  # uneven lengths: tokens and rows weigh differently
     assert micro["train/grad_norm"] == pytest.approx(whole["train/grad_norm"], rel=1e-4) and whole["train/grad_norm"] > 0
     assert micro["entropy/predicted_delta"] == pytest.approx(whole["entropy/predicted_delta"], rel=1e-3, abs=1e-12)
+    if isinstance(method, dict):
+        assert whole[f"select/{method['method']}_frac"] > 0  # the selector acted
     # metrics of the micro-batches weighted into the mini-batch's; the re-scoring, in micro-batch pieces, agrees too
     for key in ("loss/policy", "loss/total", "tokens/valid", "entropy/measured_delta"):
         assert micro[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-6), key

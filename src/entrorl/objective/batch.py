@@ -34,6 +34,9 @@ class PolicyBatch:
         rollout_log_prob: log-probs reported by the sampler (for TIS / IcePop).
         step: the training step the batch belongs to (the trainer's step, TRL's optimizer step): parts that act once
             per step, such as the adaptive entropy controller, tell steps apart by it; None treats every call as a step.
+        population: the step's whole batch (detached, under the policy that sampled it) when this batch is a
+            mini- or micro-batch of it, with ``rows``, this batch's row indices in it. Selectors whose reference
+            code takes its statistics over the whole training batch (Clip_B, Clip_V) decide there.
     """
 
     log_prob: torch.Tensor
@@ -46,6 +49,8 @@ class PolicyBatch:
     ref_log_prob: torch.Tensor | None = None
     rollout_log_prob: torch.Tensor | None = None
     step: int | None = None
+    population: PolicyBatch | None = None
+    rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not torch.is_tensor(self.log_prob) or self.log_prob.dim() != 2:
@@ -61,7 +66,7 @@ class PolicyBatch:
             self.advantages = self.advantages.unsqueeze(-1).expand(shape)
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name in ("mask", "step") or value is None:
+            if field.name in ("mask", "step", "population", "rows") or value is None:
                 continue
             if not torch.is_tensor(value) or tuple(value.shape) != shape:
                 raise ValueError(
@@ -70,6 +75,15 @@ class PolicyBatch:
                 )
             if not value.is_floating_point():
                 raise ValueError(f"PolicyBatch.{field.name} must be floating point, got {value.dtype}")
+
+        if self.population is not None:
+            rows = self.rows
+            if not torch.is_tensor(rows) or rows.dim() != 1 or rows.shape[0] != shape[0] or rows.is_floating_point():
+                raise ValueError(f"PolicyBatch.rows must be {shape[0]} integer row indices into the population, got "
+                                 f"{tuple(rows.shape) if torch.is_tensor(rows) else type(rows).__name__}")
+            if self.population.log_prob.shape[1] != shape[1]:
+                raise ValueError(f"PolicyBatch.population has {self.population.log_prob.shape[1]} token columns, the batch "
+                                 f"{shape[1]}: a mini-batch must keep the population's width")
 
     @property
     def num_valid(self) -> int:

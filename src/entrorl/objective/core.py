@@ -140,6 +140,20 @@ class Objective:
             policy_loss=policy_loss,
         )
 
+    @property
+    def takes_step_statistics(self) -> bool:
+        """Whether a selector decides over the whole step batch (``PolicyBatch.population``) when given it."""
+        return any(selector.step_statistics for selector in self.selectors)
+
+    def normaliser_mask(self, population: PolicyBatch) -> torch.Tensor:
+        """The population's tokens that stay in the loss normaliser once the selectors deciding over it have
+        dropped theirs: what a trainer weighs its micro-batches by, so that they add up to the whole batch's loss."""
+        mask = population.mask
+        for selector in self.selectors:
+            if selector.step_statistics and not selector.keep_in_normaliser:
+                mask = mask & ~selector.population_decision(population)[0]
+        return mask
+
     def end_step(self) -> dict[str, float]:
         """Tell the parts that a training step's updates are done (the adaptive entropy controller moves its
         coefficient); returns their metrics."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from entrorl.objective.batch import PolicyBatch
 
@@ -132,12 +132,28 @@ class Selector(Part):
     """
 
     kind: ClassVar[str] = "selector"
+    #: The reference code takes this selector's statistics over the whole training batch: given
+    #: ``PolicyBatch.population`` it decides there (once per population) and keeps the batch's rows.
+    step_statistics: ClassVar[bool] = False
     keep_in_normaliser: bool = False
+
+    _decided: tuple[Any, Any] | None = PrivateAttr(default=None)  # (population, its decision)
 
     def __call__(
         self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def decide_population(self, population: PolicyBatch) -> tuple[torch.Tensor, ...]:
+        """For a selector with ``step_statistics``: its drop mask over the whole population, then the statistics
+        it logs."""
+        raise NotImplementedError(f"selector '{self.name}' does not decide over a population")
+
+    def population_decision(self, population: PolicyBatch) -> tuple[torch.Tensor, ...]:
+        """:meth:`decide_population`, computed once for each population and reused by its mini- and micro-batches."""
+        if self._decided is None or self._decided[0] is not population:
+            self._decided = (population, self.decide_population(population))
+        return self._decided[1]
 
 
 class Correction(Part):

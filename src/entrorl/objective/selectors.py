@@ -161,18 +161,20 @@ class ClipB(Selector):
     * ``mode="paper"``: drop every token with ``S - S̄ ∉ [-mu σ, mu_high σ]`` (``mu_high`` defaults to ``mu``).
 
     Dropped tokens leave the normaliser (the code zeroes the response mask). ``σ < 1e-12`` drops nothing.
+    Given ``PolicyBatch.population`` (the step's whole batch), ``S̄``, ``σ`` and the decision are taken there, over
+    all valid tokens of the training batch under the sampling policy, as the released code does before mini-batching.
     """
 
     requires: ClassVar[tuple[str, ...]] = ("disc",)
+    step_statistics: ClassVar[bool] = True
 
     mu: float = Field(2.5, gt=0.0, description="mu in sigma units; 2.5, swept 2-3 (arXiv 2602.03392)")
     mode: Literal["released", "paper"] = Field("released", description="released code (one-sided, A<0) or the paper's two-sided band")
     mu_high: float | None = Field(None, gt=0.0, description="upper bound mu^+ of the paper's band; None = mu")
     keep_in_normaliser: bool = Field(False, description="dropped tokens leave the normaliser, as in the released code")
 
-    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
-        mask = batch.mask
-        disc = batch.disc.detach().double()  # float64: equal values must give a zero std
+    def _decide(self, mask: torch.Tensor, advantages: torch.Tensor, disc: torch.Tensor):
+        disc = disc.detach().double()  # float64: equal values must give a zero std
         mean = masked_mean(disc, mask)
         std = masked_population_std(disc, mask)
         deviation = disc - mean
@@ -183,7 +185,18 @@ class ClipB(Selector):
         else:
             upper = self.mu if self.mu_high is None else self.mu_high
             drop = (deviation < -self.mu * std) | (deviation > upper * std)
-        drop = drop & mask
+        return drop & mask, mean, std
+
+    def decide_population(self, population: PolicyBatch) -> tuple[torch.Tensor, ...]:
+        return self._decide(population.mask, population.advantages, population.require("disc", "selector 'clip_b'"))
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
+        mask = batch.mask
+        if batch.population is None:
+            drop, mean, std = self._decide(mask, advantages, batch.require("disc", "selector 'clip_b'"))
+        else:
+            drop, mean, std = self.population_decision(batch.population)
+            drop = drop[batch.rows.to(drop.device)] & mask
         metrics["select/clip_b_frac"] = fraction(drop, mask)
         metrics["select/clip_b_frac_pos"] = fraction(drop & (advantages > 0), mask)
         metrics["select/clip_b_frac_neg"] = fraction(drop & (advantages < 0), mask)
@@ -202,17 +215,18 @@ class ClipV(Selector):
     over the valid tokens. Candidates: tokens with ``A <= 0`` and ``D < -mu σ_D``; at most
     ``max(1, floor(max_frac N))`` of them are dropped, the most negative ``D`` first. The threshold is on the raw
     ``D`` (its batch mean is ~0 on-policy, Cor. 3.5), as in the released code. Dropped tokens leave the
-    normaliser."""
+    normaliser. Given ``PolicyBatch.population`` (the step's whole batch), ``σ_D``, the cap and the choice are taken
+    over the whole training batch, as the released code does before mini-batching."""
 
     requires: ClassVar[tuple[str, ...]] = ("disc_centered",)
+    step_statistics: ClassVar[bool] = True
 
     mu: float = Field(8.5, gt=0.0, description="mu in sigma units; 8.5, swept 7.5-8.5 (arXiv 2602.03392)")
     max_frac: float = Field(1e-4, gt=0.0, le=1.0, description="cap on the dropped share of tokens; 1e-4 (released code)")
     keep_in_normaliser: bool = Field(False, description="dropped tokens leave the normaliser, as in the released code")
 
-    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
-        mask = batch.mask
-        centered = batch.disc_centered.detach().double()
+    def _decide(self, mask: torch.Tensor, advantages: torch.Tensor, centered: torch.Tensor):
+        centered = centered.detach().double()
         std = masked_population_std(centered, mask)
         drop = torch.zeros_like(mask)
         if float(std) >= _MIN_STD:
@@ -223,6 +237,19 @@ class ClipV(Selector):
                 most_negative = centered.flatten()[candidate_index].topk(cap, largest=False).indices
                 candidate_index = candidate_index[most_negative]
             drop.view(-1)[candidate_index] = True
+        return drop, std
+
+    def decide_population(self, population: PolicyBatch) -> tuple[torch.Tensor, ...]:
+        return self._decide(population.mask, population.advantages,
+                            population.require("disc_centered", "selector 'clip_v'"))
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
+        mask = batch.mask
+        if batch.population is None:
+            drop, std = self._decide(mask, advantages, batch.require("disc_centered", "selector 'clip_v'"))
+        else:
+            drop, std = self.population_decision(batch.population)
+            drop = drop[batch.rows.to(drop.device)] & mask
         metrics["select/clip_v_frac"] = fraction(drop, mask)
         metrics["clip_v/disc_centered_std"] = float(std)
         return drop

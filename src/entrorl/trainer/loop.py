@@ -407,12 +407,19 @@ class Trainer:
         on_device = {"mask": mask.to(self.device), "advantages": token_advantages.to(self.device),
                      "rollout_log_prob": rollouts.sampler_log_probs.to(self.device)}
 
-        # 4. scoring under the policy before the update (old log-probs, entropy, S, D; reference log-probs)
+        # 4. scoring under the policy before the update (old log-probs, entropy, S, D; reference log-probs); selectors
+        # that decide over the whole batch (Clip_B, Clip_V) see it too when the update is split into pieces
         on_policy = config.optim.mini_batches == 1 and config.optim.epochs == 1
-        before = None
-        if not on_policy:
+        split = not on_policy or (config.optim.micro_batch_size or n_rows) < n_rows
+        before = population = None
+        if not on_policy or (split and self.objective.takes_step_statistics):
             with torch.no_grad():
                 before = self.token_stats(self.model, rollouts, all_rows)
+        normaliser_mask = mask  # the tokens each micro-batch's share of the loss is counted in
+        if split and self.objective.takes_step_statistics:
+            population = PolicyBatch(log_prob=before.logprob, old_log_prob=before.logprob, advantages=on_device["advantages"],
+                                     mask=on_device["mask"], disc=before.disc, disc_centered=before.disc_centered)
+            normaliser_mask = self.objective.normaliser_mask(population).cpu()
         reference_log_prob = None
         if self.reference is not None:
             with torch.no_grad():
@@ -448,12 +455,13 @@ class Trainer:
                         mask=on_device["mask"][micro], entropy=stats.entropy, disc=stats.disc, disc_centered=stats.disc_centered,
                         ref_log_prob=None if reference_log_prob is None else reference_log_prob[micro],
                         rollout_log_prob=on_device["rollout_log_prob"][micro], step=self.step,
+                        population=population, rows=None if population is None else micro,
                     )
                     objective_out = self.objective(batch)
                     if not torch.isfinite(objective_out.loss):
                         losses_finite = False
                         continue
-                    share = _micro_batch_share(mask, micro, mini_batch, self.objective.loss_agg_mode)
+                    share = _micro_batch_share(normaliser_mask, micro, mini_batch, self.objective.loss_agg_mode)
                     (objective_out.loss * share).backward()
                     mini_coefficients[micro] = stats.logprob.grad.detach().float().cpu()
                     mini_metrics.append((objective_out.metrics, share))
@@ -652,9 +660,10 @@ def _as_number(value) -> float | None:
 
 def _micro_batch_share(mask: torch.Tensor, micro: torch.Tensor, mini_batch: torch.Tensor, loss_agg_mode: str) -> float:
     """The weight of micro-batch ``micro``'s loss in mini-batch ``mini_batch``'s: its share of the mini-batch's
-    normaliser, tokens for ``token-mean`` and sequences with a token for the ``seq-mean-*`` modes, so that the
-    weighted micro-batch losses add up to the mini-batch's loss (exactly, unless a selector takes tokens out of
-    the token-mean normaliser)."""
+    normaliser (``mask``: the valid tokens less those that selectors deciding over the whole batch take out of
+    it), tokens for ``token-mean`` and sequences with a token for the ``seq-mean-*`` modes, so that the weighted
+    micro-batch losses add up to the mini-batch's loss (exactly, unless a selector deciding per micro-batch takes
+    tokens out of the token-mean normaliser)."""
     if len(micro) == len(mini_batch):
         return 1.0
     if loss_agg_mode == "token-mean":
