@@ -392,6 +392,9 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
     assert load_config(base, ['data.prompt_template="{{x}}: {prompt}"']).data.prompt_template == "{{x}}: {prompt}"
     with pytest.raises(ConfigError, match=r"--set 'optim.lr=\[1': the value is not valid YAML"):
         load_config(base, ["optim.lr=[1"])
+    # a method given by name takes parameters from --set too
+    tuned = load_config({**base, "method": "clip_b"}, ["method.params.mu=3"])
+    assert tuned.method.method == "clip_b" and tuned.method.params == {"mu": 3}
     import importlib.util
 
     find_spec = importlib.util.find_spec

@@ -234,8 +234,9 @@ class OptimConfig(_Section):
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
     micro_batch_size: int | None = Field(
         None, ge=1, description="rows per forward/backward (gradient accumulation; the update equals the whole "
-        "mini-batch's, except that selectors which rank tokens within their batch, such as forking_tokens, clip_cov or "
-        "clip_b, then work per micro-batch, as in verl); also bounds the rows of each "
+        "mini-batch's; selectors that rank tokens within their batch, such as forking_tokens, clip_cov or kl_cov, then "
+        "work per micro-batch, as in verl, while clip_b and clip_v decide over the whole batch, as their released code "
+        "does); also bounds the rows of each "
         "scoring pass without gradients")
     length_buckets: int = Field(8, ge=1, description="score rows in up to this many forward passes grouped by length, each "
                                 "padded only to its own longest row (same numbers, fewer padded positions; 1 = one pass)")
@@ -394,6 +395,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
+            if node is data and part == "method" and isinstance(child, (str, list)):
+                child = node[part] = {"method": child}  # `method: clip_b` then --set method.params.mu=3
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {option!r}: '{part}' is not a section (it holds {child!r})")
             node = child
