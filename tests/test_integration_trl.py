@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,7 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from entrorl.integrations.trl import EntropyGRPOTrainer, accumulation_weight, check_trl_args  # noqa: E402
+from entrorl.integrations.trl import OBJECTIVE_STATE_FILE, EntropyGRPOTrainer, accumulation_weight, check_trl_args  # noqa: E402
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2  # noqa: E402
 from entrorl.objective import PolicyBatch, build_objective  # noqa: E402
 from entrorl.tokens import token_stats  # noqa: E402
@@ -228,6 +229,26 @@ def test_adaptive_entropy_moves_once_per_optimizer_step_and_not_in_evaluation(to
     trainer.model.eval()
     trainer._compute_loss(trainer.model, inputs)
     assert trainer.objective.state_dict() == state
+
+
+def test_objective_state_is_saved_with_checkpoints_and_restored(tokenizer, tmp_path):
+    """The adaptive coefficient lives in the objective: a checkpoint holds it and resuming puts it back."""
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy",
+                       objective_params={"target_entropy": 100.0, "delta": 0.001})
+    for step in range(2):
+        trainer.state.global_step = step
+        _loss_and_grads(trainer, _inputs(tokenizer, rows=4, seed=11))
+    trainer.objective.end_step()
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    trainer._save_checkpoint(trainer.model, None)
+    checkpoint = Path(trainer.args.output_dir) / "checkpoint-1"
+    assert (checkpoint / OBJECTIVE_STATE_FILE).is_file()
+    resumed = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy",
+                       objective_params={"target_entropy": 100.0, "delta": 0.001})
+    resumed.create_optimizer_and_scheduler(num_training_steps=4)
+    resumed._load_optimizer_and_scheduler(str(checkpoint))
+    assert resumed.objective.state_dict() == trainer.objective.state_dict()
+    assert resumed.objective.regularizers[0].coefficient == pytest.approx(0.002)
 
 
 def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):

@@ -916,6 +916,18 @@ def test_clip_cov_random_state_round_trips_with_its_device(monkeypatch):
         build_objective("clip_cov", clip_cov_ratio=0.05, seed=5, **CLIP_COV_PPO).load_state_dict(cuda_state)
 
 
+def test_restoring_a_state_taken_before_the_first_draw_reseeds_clip_cov():
+    """A state saved before the generator existed (empty) restores a generator that has not drawn yet: what an
+    evaluation or a skipped update that saved and restored the state leaves behind."""
+    case, _, _ = clip_cov_case(torch.float64)
+    objective = build_objective("clip_cov", clip_cov_ratio=0.05, seed=5, **CLIP_COV_PPO)
+    saved = objective.state_dict()
+    assert saved == {}
+    first = dropped(objective(case.batch()), case.batch())
+    objective.load_state_dict(saved)
+    np.testing.assert_array_equal(dropped(objective(case.batch()), case.batch()), first)
+
+
 # --------------------------------------------------------------------------------------------------
 # statistics over the whole step batch (PolicyBatch.population)
 # --------------------------------------------------------------------------------------------------

@@ -207,6 +207,21 @@ def test_adaptive_entropy_coefficient_moves_once_per_step_whatever_the_updates(t
         assert [m["reg/adaptive_entropy_coeff"] for m in logged] == pytest.approx([0.0, 0.001, 0.002]), optim
 
 
+def test_correct_threshold_reaches_the_estimators_that_split_right_from_wrong(tmp_path, tiny_model_dir, arithmetic_files):
+    """PSR trains on correct samples only; "correct" is the reward's threshold, the same as accuracy's, unless the
+    estimator's own parameter says otherwise."""
+    train, _ = arithmetic_files
+    with importable_module(tmp_path, "half_reward", "def score(prompt, completion, answer, **meta):\n    return 0.5\n"):
+        advantages = {}
+        for label, threshold, params in (("default", None, {}), ("full marks", 1.0, {}),
+                                         ("estimator's own", 1.0, {"correct_threshold": 0.5})):
+            config = load_config(make_config(tiny_model_dir, train, None, method="psr", advantage={"params": params},
+                                             reward={"name": "half_reward:score", "correct_threshold": threshold}))
+            scored = Trainer(config, run_dir=tmp_path / label.replace(" ", "-").replace("'", "")).collect()
+            advantages[label] = (scored.advantages.unique().tolist(), scored.metrics["reward/accuracy"])
+    assert advantages == {"default": ([1.0], 1.0), "full marks": ([0.0], 0.0), "estimator's own": ([1.0], 0.0)}
+
+
 def test_dr_grpo_divides_by_a_constant(tmp_path, tiny_model_dir, arithmetic_files):
     """Dr. GRPO's token sum is divided by a constant, the longest response allowed, not by the step's longest
     response (which the trainer's rollouts are cut to, so it changes from step to step); a configured one stays."""

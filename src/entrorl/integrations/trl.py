@@ -21,9 +21,15 @@ the accumulated gradient is the gradient of the whole window's loss:
   ``loss_scale_factor``, as TRL's ``dr_grpo`` does.
 
 So ``"dapo"`` reproduces TRL's ``loss_type="dapo"`` (with ``epsilon_high=0.28``), ``"grpo"`` reproduces
-``loss_type="grpo"`` and ``"dr_grpo"`` reproduces ``loss_type="dr_grpo"``, loss and gradient. For selectors
-that take dropped tokens out of the normaliser (80/20, Clip_B, Clip_V) the per-micro-batch kept count is used,
-as in entrorl's own trainer.
+``loss_type="grpo"`` and ``"dr_grpo"`` reproduces ``loss_type="dr_grpo"``, loss and gradient. Selectors decide
+on each micro-batch alone (as verl does), and those that take dropped tokens out of the normaliser (80/20,
+Clip_B, Clip_V) use the micro-batch's kept count; entrorl's own trainer gives Clip_B and Clip_V the whole batch.
+
+State. Stateful parts (the ``adaptive_entropy`` coefficient, Clip-Cov's generator) are saved with each
+checkpoint (``entrorl_objective_state.pt``) and restored on ``resume_from_checkpoint``. The adaptive coefficient
+moves once per optimizer step (the micro-batches of one ``state.global_step``), as TRL's own adaptive entropy
+does; each process measures its own micro-batches, so under data parallelism the processes' coefficients can
+drift apart. Evaluation batches leave every state as training left it.
 
 Metrics. Besides TRL's own keys, every micro-step appends to TRL's metrics (averaged by ``log``) the
 objective's metrics (``select/*``, ``clip/*``, ``ratio/*``, ``loss/*``, ...), the entropy summary
@@ -41,11 +47,13 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+import os
 from typing import Any
 
 import torch
 
 try:
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import GRPOTrainer
 except ImportError as error:  # pragma: no cover - exercised only without trl
     raise ImportError(
@@ -58,6 +66,9 @@ from entrorl.tokens import STAT_NAMES, TokenStats, token_stats, token_stats_from
 from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary
 
 __all__ = ["EntropyGRPOTrainer", "accumulation_weight", "check_trl_args"]
+
+#: The file in each checkpoint directory that holds the objective's state (adaptive coefficients, generators).
+OBJECTIVE_STATE_FILE = "entrorl_objective_state.pt"
 
 # TRL's advantages are group-normalised (scale_rewards="group" or "batch") or only centred ("none").
 _TRL_COMPATIBLE_ESTIMATORS = {"grpo", "dr_grpo"}
@@ -190,6 +201,20 @@ class EntropyGRPOTrainer(GRPOTrainer):
                 f"GRPOConfig(scale_rewards='none'), got scale_rewards={scale_rewards!r}",
                 stacklevel=3,
             )
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        state = self.objective.state_dict()
+        if state and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(state, os.path.join(folder, OBJECTIVE_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            path = os.path.join(checkpoint, OBJECTIVE_STATE_FILE)
+            self.objective.load_state_dict(torch.load(path, weights_only=True) if os.path.exists(path) else {})
 
     # ------------------------------------------------------------------------------------------------ scoring
     def _uses_fused_head(self, model: torch.nn.Module) -> bool:

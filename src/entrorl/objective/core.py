@@ -167,12 +167,14 @@ class Objective:
         return {f"{part.kind}/{part.name}": state for part in self.parts if (state := part.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put every part in the state ``state`` describes; a part without an entry goes back to its initial state
+        (``state_dict`` leaves out parts that have none yet)."""
         by_key = {f"{part.kind}/{part.name}": part for part in self.parts}
         unknown = sorted(set(state) - set(by_key))
         if unknown:
             raise ValueError(f"objective state has entries {unknown} for parts this objective lacks; it has {sorted(by_key)}")
-        for key, part_state in state.items():
-            by_key[key].load_state_dict(part_state)
+        for key, part in by_key.items():
+            part.load_state_dict(state.get(key, {}))  # a part left out had no state yet: back to its initial one
 
     def describe(self) -> dict[str, Any]:
         """The full composition as plain data, a valid config: ``build_objective(obj.describe())`` rebuilds it."""

@@ -144,6 +144,10 @@ class Selector(Part):
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def end_step(self) -> Metrics:
+        self._decided = None  # the step's population is done with: do not hold its tensors into the next step
+        return {}
+
     def decide_population(self, population: PolicyBatch) -> tuple[torch.Tensor, ...]:
         """For a selector with ``step_statistics``: its drop mask over the whole population, then the statistics
         it logs."""

@@ -56,7 +56,7 @@ class EntropyBonus(Regularizer):
 class AdaptiveEntropy(Regularizer):
     """Skywork-OR1's controller, acting once per training step. With ``e_k`` the token-mean entropy of all of step
     ``k``'s batches and ``c_k`` the coefficient, step ``k`` adds ``-c_k * 1[e_{k-1} < target] * agg(H)`` to the loss
-    (the first step, with no earlier measurement, tests its own batch), and after it
+    (the first step, with no earlier measurement, tests its first batch), and after it
     ``c_{k+1} = clip(c_k + delta if e_k < target else c_k - delta, min_coeff, max_coeff)``. A step is the run of calls
     that share ``PolicyBatch.step``, so mini-batches, epochs and micro-batches move the coefficient once; a batch
     without a step is a step of its own. The coefficient, the entropy of the step being measured and the last
@@ -87,7 +87,7 @@ class AdaptiveEntropy(Regularizer):
                 "measuring": None if self._measuring is None else dict(self._measuring)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._coeff = float(state["coefficient"])
+        self._coeff = float(state["coefficient"]) if "coefficient" in state else None
         self._below_target = state.get("below_target")
         self._measuring = None if state.get("measuring") is None else dict(state["measuring"])
 
@@ -112,10 +112,12 @@ class AdaptiveEntropy(Regularizer):
         tokens = float(batch.mask.sum())
         measured = float(masked_mean(entropy.detach(), batch.mask))
         if self._measuring is None:
-            self._measuring = {"step": batch.step, "entropy_sum": 0.0, "tokens": 0.0}
+            # with no finished step yet, the step's first batch decides the bonus for the whole step
+            first_verdict = measured < self.target_entropy if self._below_target is None else None
+            self._measuring = {"step": batch.step, "entropy_sum": 0.0, "tokens": 0.0, "first_verdict": first_verdict}
         self._measuring["entropy_sum"] += measured * tokens
         self._measuring["tokens"] += tokens
-        below_target = self._below_target if self._below_target is not None else measured < self.target_entropy
+        below_target = self._below_target if self._below_target is not None else self._measuring["first_verdict"]
         active = self.coefficient if below_target else 0.0
         metrics["reg/adaptive_entropy_coeff"] = active
         metrics["reg/adaptive_entropy_controller_coeff"] = self.coefficient

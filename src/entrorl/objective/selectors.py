@@ -1,9 +1,11 @@
 """Token selectors: which tokens to drop from the update (no loss, no gradient).
 
-Every selector computes its statistic over the batch's valid tokens (the ``mask`` of the batch it is
-given: verl and the papers compute these per (micro-)batch) and returns the bool tensor of tokens it
-drops. Whether a dropped token still counts in the loss normaliser follows each paper's released code
-and is the ``keep_in_normaliser`` parameter.
+Every selector computes its statistic over the valid tokens (the ``mask``) of the batch it is given, as verl
+and the released code of the 80/20 and Clip-Cov papers do per (micro-)batch, and returns the bool tensor of
+tokens it drops. Clip_B and Clip_V, whose released code takes its statistics over the whole training batch before
+mini-batching, decide over ``PolicyBatch.population`` when a trainer gives it (with the estimator's advantages of
+that batch, before any shaper, as that code does). Whether a dropped token still counts in the loss normaliser
+follows each paper's released code and is the ``keep_in_normaliser`` parameter.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class ClipCov(Selector):
         return {"generator": self._generator.get_state(), "device": str(self._generator.device)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            self._generator = None  # not drawn from yet: the next call seeds it afresh
         if "generator" in state:
             device = torch.device(state.get("device", "cpu"))  # a CUDA generator's state only fits a CUDA generator
             if device.type == "cuda" and not torch.cuda.is_available():

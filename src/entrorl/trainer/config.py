@@ -234,7 +234,7 @@ class OptimConfig(_Section):
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
     micro_batch_size: int | None = Field(
         None, ge=1, description="rows per forward/backward (gradient accumulation; the update equals the whole "
-        "mini-batch's; selectors that rank tokens within their batch, such as forking_tokens, clip_cov or kl_cov, then "
+        "mini-batch's; parts that rank tokens within their batch, such as forking_tokens, clip_cov or kl_cov, then "
         "work per micro-batch, as in verl, while clip_b and clip_v decide over the whole batch, as their released code "
         "does); also bounds the rows of each "
         "scoring pass without gradients")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from entrorl.advantages import compute_advantages, unlikeliness_shaped_rewards
+from entrorl.advantages import available_advantages, compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts, parse_band
 from entrorl.modeling import (
     bucketed_response_token_stats,
@@ -127,6 +127,11 @@ class Trainer:
             # Dr. GRPO divides by a constant: the longest response allowed, not the step's longest (which varies)
             self.objective.loss_scale_factor = float(config.rollout.max_new_tokens)
         self.advantage_name = config.advantage_estimator()
+        self.advantage_params = dict(config.advantage.params)
+        estimator_params = next(info.params for info in available_advantages() if info.name == self.advantage_name)
+        if "correct_threshold" in estimator_params and "correct_threshold" not in self.advantage_params:
+            # estimators that split correct from wrong samples (PSR, NSR, W-REINFORCE) agree with the reward's accuracy
+            self.advantage_params["correct_threshold"] = self.reward.correct_threshold
         diversity = config.reward.diversity
         self.diversity_embedder = (load_embedder(diversity.model, batch_size=diversity.batch_size, device=diversity.device)
                                    if diversity.enabled else None)
@@ -332,7 +337,7 @@ class Trainer:
         rewards = self._shape_group_rewards(rewards, completions, group_ids, seq_log_prob, metrics)
         advantages = compute_advantages(
             self.advantage_name, rewards, group_ids, lengths=rollouts.lengths, seq_log_prob=seq_log_prob,
-            **self.config.advantage.params,
+            **self.advantage_params,
         )
         if rewards is not result.rewards:  # group-level shaping changed the rewards the advantages see
             metrics["reward/shaped_mean"] = float(rewards.mean())
