@@ -416,12 +416,13 @@ class Trainer:
         # that decide over the whole batch (Clip_B, Clip_V) see it too when the update is split into pieces
         on_policy = config.optim.mini_batches == 1 and config.optim.epochs == 1
         split = not on_policy or (config.optim.micro_batch_size or n_rows) < n_rows
+        whole_batch_selectors = split and self.objective.takes_step_statistics
         before = population = None
-        if not on_policy or (split and self.objective.takes_step_statistics):
+        if not on_policy or whole_batch_selectors:
             with torch.no_grad():
                 before = self.token_stats(self.model, rollouts, all_rows)
         normaliser_mask = mask  # the tokens each micro-batch's share of the loss is counted in
-        if split and self.objective.takes_step_statistics:
+        if whole_batch_selectors:
             population = PolicyBatch(log_prob=before.logprob, old_log_prob=before.logprob, advantages=on_device["advantages"],
                                      mask=on_device["mask"], disc=before.disc, disc_centered=before.disc_centered)
             normaliser_mask = self.objective.normaliser_mask(population).cpu()
