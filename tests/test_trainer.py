@@ -222,6 +222,22 @@ def test_correct_threshold_reaches_the_estimators_that_split_right_from_wrong(tm
     assert advantages == {"default": ([1.0], 1.0), "full marks": ([0.0], 0.0), "estimator's own": ([1.0], 0.0)}
 
 
+def test_a_step_whose_selectors_drop_every_token_is_reported_once(tmp_path, tiny_model_dir, arithmetic_files):
+    """forking_tokens keeps the top 20% of entropies and low_entropy_tokens the bottom 80%: together they keep
+    nothing, and the run says so once instead of silently training on nothing."""
+    import io
+
+    from rich.console import Console
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, method="forking_tokens+low_entropy_tokens",
+                                     optim={"steps": 2, "lr": 1e-3}, checkpoint={"every": 0}))
+    output = io.StringIO()
+    Trainer(config, run_dir=tmp_path / "run", console=Console(file=output, width=200)).train()
+    assert output.getvalue().count("dropped every token") == 1
+    assert [m["select/dropped_frac"] for m in read_metrics(tmp_path / "run")] == [1.0, 1.0]
+
+
 def test_dr_grpo_divides_by_a_constant(tmp_path, tiny_model_dir, arithmetic_files):
     """Dr. GRPO's token sum is divided by a constant, the longest response allowed, not by the step's longest
     response (which the trainer's rollouts are cut to, so it changes from step to step); a configured one stays."""

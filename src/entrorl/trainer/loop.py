@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -155,6 +156,7 @@ class Trainer:
         self.step = 0
         self.consecutive_nonfinite = 0
         self.skipped_steps = 0
+        self._warned_nothing_trained = False
         if saved_state is not None:
             self._restore(saved_state)
         (self.run_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
@@ -606,6 +608,19 @@ class Trainer:
         return result.metrics()
 
     # ------------------------------------------------------------------------------------------------ the run
+    def _warn_if_nothing_trained(self, metrics: dict[str, float]) -> None:
+        """Say once when the selectors dropped every token of a step: such an update trains on nothing, as a
+        composition of selectors that keep disjoint tokens (forking_tokens + low_entropy_tokens) always does."""
+        if self._warned_nothing_trained or metrics.get("select/dropped_frac", 0.0) < 1.0:
+            return
+        self._warned_nothing_trained = True
+        message = (f"warning: at step {self.step} the selectors of '{self.config.method_label()}' dropped every token "
+                   "(select/dropped_frac = 1), so the update trained on nothing; check the method's selectors")
+        if self.console is not None:
+            self.console.print(message, style="yellow", soft_wrap=True)
+        else:
+            warnings.warn(message, stacklevel=2)
+
     def train(self) -> Path:
         """Run to ``optim.steps``; checkpoint every ``checkpoint.every`` steps and at the end. Returns the run dir."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -621,6 +636,7 @@ class Trainer:
                     self.logger.log(0, self.evaluate())
                 while self.step < config.optim.steps:
                     metrics = self.train_step()
+                    self._warn_if_nothing_trained(metrics)
                     last = self.step == config.optim.steps
                     if self.eval_records and ((config.eval.every and self.step % config.eval.every == 0) or last):
                         metrics.update(self.evaluate())
