@@ -41,6 +41,7 @@ from itertools import combinations_with_replacement, permutations
 from typing import Any, Literal
 
 from entrorl.data.records import PromptRecord
+from entrorl.evaluation import DEFAULT_THRESHOLD
 
 __all__ = [
     "TASKS",
@@ -180,7 +181,7 @@ class Task:
     name: str = ""
     description: str = ""
     #: A completion is correct when its score reaches this (see ``RewardRunner``).
-    correct_threshold: float = 0.5
+    correct_threshold: float = DEFAULT_THRESHOLD
     #: Fraction of the canonical problem space held out for the ``eval`` split.
     eval_fraction: float = 0.2
 

@@ -39,10 +39,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from entrorl.evaluation import DEFAULT_THRESHOLD
 from entrorl.rewards.shaping import overlong_penalty, validate_overlong
 
 __all__ = [
-    "DEFAULT_CORRECT_THRESHOLD",
     "RewardFn",
     "RewardResult",
     "RewardRunner",
@@ -53,10 +53,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: A sample counts as correct when its score reaches this, unless the reward says otherwise (its own
-#: ``correct_threshold`` attribute) or the caller does.
-DEFAULT_CORRECT_THRESHOLD = 0.5
 
 
 @runtime_checkable
@@ -414,7 +410,7 @@ class RewardRunner:
         if not callable(fn):
             raise TypeError(f"fn must be a reward callable, got {type(fn).__name__}")
         if correct_threshold is None:
-            correct_threshold = getattr(fn, "correct_threshold", DEFAULT_CORRECT_THRESHOLD)
+            correct_threshold = getattr(fn, "correct_threshold", DEFAULT_THRESHOLD)
         if not isinstance(correct_threshold, numbers.Real) or not math.isfinite(correct_threshold):
             raise ValueError(f"correct_threshold must be a finite number, got {correct_threshold!r}")
         self.fn = fn

@@ -115,11 +115,11 @@ def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_m
     if k <= 0 or not response_mask.any():
         return []
     scores = torch.where(response_mask, entropy.detach().float(), torch.full_like(entropy.float(), -math.inf))
-    order = scores.flatten().argsort(descending=True)[: int(response_mask.sum())].tolist()
+    flat_scores = scores.flatten()
+    order = flat_scores.argsort(descending=True)[: int(response_mask.sum())].tolist()
     width = response_ids.shape[1]
     prompts = [tuple(ids[mask].tolist()) for ids, mask in zip(prompt_ids, prompt_mask)]
     responses = [tuple(ids[mask].tolist()) for ids, mask in zip(response_ids, response_mask)]
-    flat_scores = scores.flatten()
     seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
     forks = []
     for flat_index in order:

@@ -447,11 +447,11 @@ class Trainer:
                 micro_size = config.optim.micro_batch_size or len(mini_batch)
                 losses_finite = True
                 for micro in mini_batch.split(micro_size):
-                    if not losses_finite and not on_policy:
+                    if not losses_finite and before is not None:
                         break  # the update is lost, and the statistics were scored before the updates
                     with torch.set_grad_enabled(losses_finite):  # after a non-finite loss only the statistics are wanted
                         stats = self.token_stats(self.model, rollouts, micro)
-                    if on_policy:
+                    if before is None:  # this pass is the only scoring under the pre-update policy
                         for name in STAT_NAMES:
                             first_pass[name][micro] = getattr(stats, name).detach().float().cpu()
                     if not losses_finite:
