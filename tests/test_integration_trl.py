@@ -261,14 +261,31 @@ def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
         check_trl_args(_config(tmp_path, beta=0.04), objective)
     with pytest.raises(ValueError, match="beta"):
         check_trl_args(_config(tmp_path, beta=0.0), build_objective("dapo+kl_ref"))
-    with pytest.raises(ValueError, match="gspo"):
-        check_trl_args(_config(tmp_path, importance_sampling_level="sequence"), objective)
+    with pytest.raises(ValueError, match="leave it 'token'"):
+        check_trl_args(_config(tmp_path, importance_sampling_level="sequence"), build_objective("gspo"))
     check_trl_args(_config(tmp_path), objective)  # the defaults are fine
     check_trl_args(_config(tmp_path, beta=0.04), build_objective("dapo+kl_ref"))
+    # TRL's clipping range: accepted when it is the objective's own, else rejected naming the parameters to set
+    check_trl_args(_config(tmp_path, epsilon=0.2, epsilon_high=0.28), objective)
+    for options, method in (({"epsilon": 0.1}, "grpo"), ({"epsilon_high": 0.28}, "grpo"), ({"epsilon_high": 0.3}, "dapo")):
+        with pytest.raises(ValueError, match=r"objective_params=\{'clip_ratio_low': 0\.\d+, 'clip_ratio_high': 0\.\d+\}"):
+            check_trl_args(_config(tmp_path, **options), build_objective(method))
+    check_trl_args(_config(tmp_path, epsilon=0.1), build_objective("grpo", clip_ratio_low=0.1, clip_ratio_high=0.1))
+    with pytest.raises(ValueError, match="use_bias_correction_kl, entropy_target: options of TRL's own loss"):
+        check_trl_args(_config(tmp_path, use_bias_correction_kl=False, entropy_target=0.5), objective)
     vllm_args = SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True)
     with pytest.raises(ValueError, match="'tis' or 'icepop'"):
         check_trl_args(vllm_args, objective)
     check_trl_args(vllm_args, build_objective("dapo+tis"))
+    # a rollout correction needs the sampler's log-probs, which TRL has only from vLLM or a rollout_func
+    for method in ("dapo+tis", "dapo+icepop"):
+        with pytest.raises(ValueError, match="use_vllm=True"):
+            check_trl_args(_config(tmp_path), build_objective(method))
+    check_trl_args(_config(tmp_path), build_objective("dapo+tis"), rollout_func=lambda prompts, trainer: None)
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode / vllm_importance_sampling_clip_max"):
+        check_trl_args(SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True,
+                                       vllm_importance_sampling_mode="sequence_truncate",
+                                       vllm_importance_sampling_clip_max=5.0), build_objective("dapo+tis"))
     # a wrong method name fails before any model is built
     with pytest.raises(ValueError, match="unknown method"):
         EntropyGRPOTrainer(model="not-loaded", args=_config(tmp_path), objective="no_such_method")
@@ -302,7 +319,8 @@ def test_kl_reference_uses_trl_reference_log_probs(tokenizer, tmp_path, tiny_mod
 
 def test_sampler_log_probs_reach_the_mismatch_correction(tokenizer, tmp_path):
     """TRL's sampling_per_token_logps (vLLM's) become PolicyBatch.rollout_log_prob for TIS."""
-    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+tis")
+    # TRL has sampler log-probs with vLLM or a rollout_func; this one is never called, the inputs are given directly
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+tis", rollout_func=lambda prompts, trainer: None)
     inputs = _inputs(tokenizer, off_policy=False)
     mask = inputs["completion_mask"].bool()
     # a sampler that gave every token log-prob -20: pi_train / pi_rollout is far above the cap C on every token
@@ -319,7 +337,7 @@ def test_sampler_log_probs_reach_the_mismatch_correction(tokenizer, tmp_path):
 @pytest.mark.parametrize("method", ["clip_cov", "forking_tokens"])
 def test_trains_a_tiny_model_and_logs_entrorl_diagnostics(tokenizer, tmp_path, method):
     config = _config(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=4,
-                     num_generations=4, num_iterations=2, epsilon_high=0.28)
+                     num_generations=4, num_iterations=2)
     objective = {"method": method, "params": {"clip_cov_ratio": 0.2}} if method == "clip_cov" else method
     trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=objective, config=config)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -341,3 +359,13 @@ def test_trains_a_tiny_model_and_logs_entrorl_diagnostics(tokenizer, tmp_path, m
     if method == "forking_tokens":
         # 80/20 keeps the top 20% by entropy: about 80% of the valid tokens are dropped
         assert all(0.6 <= entry[selector_key] <= 0.85 for entry in logs)
+
+
+def test_without_diagnostics_the_objective_metrics_are_still_logged(tokenizer, tmp_path):
+    """TRL's own clip_ratio / kl metrics come from its loss, which is replaced: the objective's take their place,
+    with or without the entropy diagnostics."""
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+forking_tokens", diagnostics=False)
+    _loss_and_grads(trainer, _inputs(tokenizer, seed=3))
+    logged = trainer._metrics["train"]
+    assert {"clip/ppo_frac", "select/forking_tokens_frac", "loss/policy", "entropy"} <= set(logged)
+    assert not [key for key in logged if key.startswith(("entropy/", "disc", "cov/"))]

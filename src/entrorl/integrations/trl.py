@@ -31,30 +31,34 @@ moves once per optimizer step (the micro-batches of one ``state.global_step``), 
 does; each process measures its own micro-batches, so under data parallelism the processes' coefficients can
 drift apart. Evaluation batches leave every state as training left it.
 
-Metrics. Besides TRL's own keys, every micro-step appends to TRL's metrics (averaged by ``log``) the
-objective's metrics (``select/*``, ``clip/*``, ``ratio/*``, ``loss/*``, ...), the entropy summary
+Metrics. TRL's loss-side metrics (``clip_ratio/*``, ``kl``) are not computed, since its loss is not; instead every
+micro-step appends to TRL's metrics (averaged by ``log``) the objective's metrics (``select/*``, ``clip/*``,
+``ratio/*``, ``kl/*``, ``loss/*``, ...) and, with ``diagnostics`` on, the entropy summary
 (``entropy/mean``, ``entropy/p10|p50|p90``, ``entropy/low_frac``), S and D statistics overall and by the sign of
 the advantage (``disc/*``, ``disc_centered/*``) and the token-covariance concentration (``cov/*``), all computed
 on the process's micro-batch by :mod:`entrorl.trainer.diagnostics`. ``entropy`` is TRL's global token mean.
 
 TRL's loss-side options that the objective replaces are rejected with a message naming the entrorl method
-to use instead (``top_entropy_quantile`` → ``forking_tokens``, ``entropy_coef`` → ``entropy_bonus``, ...).
+or parameter to use instead (``top_entropy_quantile`` → ``forking_tokens``, ``entropy_coef`` → ``entropy_bonus``,
+``epsilon`` / ``epsilon_high`` → the surrogate's ``clip_ratio_low`` / ``clip_ratio_high``, ...), and so is a rollout
+correction (``tis``, ``icepop``) without the sampler log-probs it needs (``use_vllm``).
 Advantages are TRL's: a method whose own estimator is not GRPO's (``w_reinforce``, ``psr``, ...) gets a warning.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-import warnings
 import os
+import warnings
 from typing import Any
 
 import torch
 
 try:
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-    from trl import GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer
 except ImportError as error:  # pragma: no cover - exercised only without trl
     raise ImportError(
         "entrorl.integrations.trl needs TRL: pip install 'trl>=1.10' (or pip install 'entrorl[dev]')"
@@ -74,8 +78,26 @@ OBJECTIVE_STATE_FILE = "entrorl_objective_state.pt"
 _TRL_COMPATIBLE_ESTIMATORS = {"grpo", "dr_grpo"}
 
 
-def check_trl_args(args: Any, objective: Objective) -> None:
-    """Reject GRPOConfig options that change the loss, since the entrorl objective computes it instead."""
+# GRPOConfig options that only TRL's own loss reads (its SAPO / VESPO losses, its KL estimator, its adaptive entropy
+# controller's settings): set away from their defaults they would silently do nothing
+_LOSS_ONLY_OPTIONS = ("use_bias_correction_kl", "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos",
+                      "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef_min", "entropy_coef_max",
+                      "entropy_coef_delta", "entropy_target")
+
+
+def _trl_default(name: str) -> Any:
+    """``GRPOConfig``'s default for option ``name`` (None for an option this TRL version does not have)."""
+    return next((field.default for field in dataclasses.fields(GRPOConfig) if field.name == name), None)
+
+
+def _set_by_user(args: Any, name: str) -> bool:
+    """Whether option ``name`` of ``args`` differs from ``GRPOConfig``'s default (an absent option does not)."""
+    return hasattr(args, name) and getattr(args, name) != _trl_default(name)
+
+
+def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None) -> None:
+    """Reject GRPOConfig options that change the loss, since the entrorl objective computes it instead, and
+    objectives that need what this configuration does not provide (a rollout correction without sampler log-probs)."""
     problems = []
     if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
         problems.append("top_entropy_quantile < 1: use the 'forking_tokens' method (rho = top_entropy_quantile)")
@@ -88,7 +110,24 @@ def check_trl_args(args: Any, objective: Objective) -> None:
     if getattr(args, "off_policy_mask_threshold", None) is not None:
         problems.append("off_policy_mask_threshold: not available in the objective; leave it None")
     if getattr(args, "importance_sampling_level", "token") != "token":
-        problems.append("importance_sampling_level='sequence': use the 'gspo' method")
+        problems.append("importance_sampling_level='sequence': the objective's surrogate sets the ratio's level; leave "
+                        "it 'token' (the 'gspo' method is the sequence-level ratio)")
+    if _set_by_user(args, "epsilon") or _set_by_user(args, "epsilon_high"):
+        low = args.epsilon
+        high = low if args.epsilon_high is None else args.epsilon_high
+        surrogate = objective.surrogate
+        own = (getattr(surrogate, "clip_ratio_low", None), getattr(surrogate, "clip_ratio_high", None))
+        if own != (low, high):
+            problems.append(
+                f"epsilon = {args.epsilon}, epsilon_high = {args.epsilon_high}: the objective clips with its own ratios "
+                f"({type(surrogate).__name__}: clip_ratio_low = {own[0]}, clip_ratio_high = {own[1]}); pass "
+                f"objective_params={{'clip_ratio_low': {low}, 'clip_ratio_high': {high}}} or leave epsilon and "
+                "epsilon_high at their defaults"
+            )
+    inert = [name for name in _LOSS_ONLY_OPTIONS if _set_by_user(args, name)]
+    if inert:
+        problems.append(f"{', '.join(inert)}: options of TRL's own loss, which the objective replaces; leave them at "
+                        "their defaults (the methods' parameters go in objective_params)")
     needs_reference = "ref_log_prob" in objective.required_fields
     beta = getattr(args, "beta", 0.0)
     if needs_reference and beta == 0.0:
@@ -98,12 +137,28 @@ def check_trl_args(args: Any, objective: Objective) -> None:
         )
     if beta != 0.0 and not needs_reference:
         problems.append(f"beta = {beta} has no effect on the objective: add the 'kl_ref' method (kl_loss_coef=...) or set beta=0")
-    vllm_correction = getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False)
-    if vllm_correction and objective.correction is None:
+    use_vllm = getattr(args, "use_vllm", False)
+    vllm_correction = use_vllm and getattr(args, "vllm_importance_sampling_correction", False)
+    correction = objective.correction
+    if vllm_correction and correction is None:
         problems.append(
             "use_vllm with vllm_importance_sampling_correction: add the 'tis' or 'icepop' method (it uses vLLM's "
             "log-probs) or set vllm_importance_sampling_correction=False"
         )
+    if correction is not None:
+        if not use_vllm and rollout_func is None:
+            problems.append(
+                f"the objective's rollout correction ({type(correction).__name__}) weighs each token by the sampler's "
+                "probability, which TRL provides only with use_vllm=True (or a rollout_func that returns 'logprobs'); "
+                "without it the sampler is the trained model itself: drop the correction"
+            )
+        replaced = [name for name in ("vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
+                                      "vllm_importance_sampling_clip_min") if _set_by_user(args, name)]
+        if replaced:
+            problems.append(
+                f"{' / '.join(replaced)}: the objective's rollout correction ({type(correction).__name__}) sets how the "
+                "mismatch is corrected; set its parameters through objective_params and leave these at their defaults"
+            )
     if problems:
         raise ValueError(
             f"EntropyGRPOTrainer: GRPOConfig options that the entrorl objective {objective.name!r} replaces:\n  - "
@@ -149,7 +204,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
             the logits; ``None`` = when the architecture's logits are exactly ``hidden @ W^T`` (Qwen2/3, Llama, ...).
             Set it to ``False`` when an adapter wraps the LM head itself (LoRA on ``lm_head``): the fused path reads
             the head's base weight.
-        diagnostics: append entrorl's entropy / S / D / covariance statistics to the logged metrics.
+        diagnostics: append entrorl's entropy / S / D / covariance statistics to the logged metrics (the objective's
+            own metrics, clipping and selection fractions, are logged either way).
 
     >>> trainer = EntropyGRPOTrainer(model, reward_funcs=reward, args=GRPOConfig(...),
     ...                              train_dataset=dataset, objective="clip_cov")   # doctest: +SKIP
@@ -174,9 +230,9 @@ class EntropyGRPOTrainer(GRPOTrainer):
             self.objective = build_objective(objective, **(objective_params or {}))
         grpo_args = kwargs.get("args", args[2] if len(args) > 2 else None)
         if grpo_args is not None:
-            check_trl_args(grpo_args, self.objective)
+            check_trl_args(grpo_args, self.objective, rollout_func=kwargs.get("rollout_func"))
         super().__init__(*args, **kwargs)
-        check_trl_args(self.args, self.objective)
+        check_trl_args(self.args, self.objective, rollout_func=kwargs.get("rollout_func"))
         if self.objective.loss_agg_mode == "seq-mean-token-sum-norm" and self.objective.loss_scale_factor is None:
             self.objective.loss_scale_factor = float(self.max_completion_length)
         self._warn_on_advantage_mismatch()
@@ -311,13 +367,12 @@ class EntropyGRPOTrainer(GRPOTrainer):
         totals = torch.stack([torch.where(mask, batch.entropy.detach(), 0.0).sum(), mask.sum().float()])
         totals = self.accelerator.reduce(totals, reduction="sum")
         metrics["entropy"].append(float(totals[0] / totals[1].clamp(min=1.0)))
-        if not self.diagnostics:
-            return
-        token_advantages = torch.where(mask, advantages, 0.0)
-        entries = dict(objective_metrics)
-        entries.update(entropy_summary(batch.entropy, mask))
-        entries.update(discriminator_summary(batch.disc, batch.disc_centered, token_advantages, mask))
-        entries.update(covariance_summary(batch.log_prob, token_advantages, mask))
+        entries = dict(objective_metrics)  # the loss's own (clipping, selection, KL): TRL's loss-side metrics are not computed
+        if self.diagnostics:
+            token_advantages = torch.where(mask, advantages, 0.0)
+            entries.update(entropy_summary(batch.entropy, mask))
+            entries.update(discriminator_summary(batch.disc, batch.disc_centered, token_advantages, mask))
+            entries.update(covariance_summary(batch.log_prob, token_advantages, mask))
         for key, value in entries.items():
             value = float(value)
             if not math.isinf(value):
