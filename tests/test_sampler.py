@@ -117,11 +117,23 @@ def test_sampling_params_validation():
         SamplingParams(max_new_tokens=0)
 
 
-def test_loading_errors(tmp_path):
+def test_loading_errors(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         load_causal_lm(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_tokenizer(tmp_path)
+    # a directory with the model's config but without its tokenizer or its weights says which is missing, before
+    # transformers builds an empty tokenizer from config.json or fails deep inside from_pretrained
+    import shutil
+
+    for kept, loader, missing in (("model.safetensors", load_tokenizer, "has no tokenizer"),
+                                  ("tokenizer.json", load_causal_lm, "has no weights")):
+        partial = tmp_path / f"without-{missing.split()[-1]}"
+        partial.mkdir()
+        shutil.copy(tiny_model_dir / "config.json", partial)
+        shutil.copy(tiny_model_dir / kept, partial)
+        with pytest.raises(FileNotFoundError, match=missing):
+            loader(partial)
 
 
 def test_private_seed_draws_the_same_and_leaves_the_callers_stream_alone():

@@ -150,6 +150,43 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_model_dir, ar
     assert comparable(read_metrics(interrupted)) == comparable(read_metrics(straight))
 
 
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_saves_it_and_resume_loses_nothing(tmp_path, tiny_model_dir, arithmetic_files):
+    """SIGINT (Ctrl-C, and SIGTERM likewise) does not throw away the steps since the last checkpoint: the step under
+    way finishes and is saved, the command says how to continue and exits 128 + 2, and the resumed run equals one
+    that was never interrupted."""
+    train, _ = arithmetic_files
+    (tmp_path / "slow_reward.py").write_text(
+        "import time\nfrom entrorl.rewards import exact_match\n\n"
+        "def score(prompt, completion, answer, **meta):\n    time.sleep(0.03)\n    return exact_match(prompt, completion, answer, **meta)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    settings = make_config(tiny_model_dir, train, None, optim={"steps": 8, "lr": 1e-3}, checkpoint={"every": 100},
+                           reward={"name": "slow_reward:score"})
+    config = write_config(tmp_path / "run.yaml", settings)
+    straight = tmp_path / "straight"
+    assert run_cli("train", str(config), "--run-dir", str(straight), env=env).returncode == 0
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, "-m", "entrorl.cli", "train", str(config), "--run-dir", str(interrupted)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while not (interrupted / "metrics.jsonl").is_file() or len(read_metrics(interrupted)) < 2:
+        assert process.poll() is None and time.time() < deadline, "the run ended before its second step"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    done = read_metrics(interrupted)[-1]["step"]
+    assert 2 <= done < 8 and (interrupted / "checkpoints" / f"step_{done:06d}").is_dir()
+    assert f"interrupted by SIGINT after step {done}" in stderr and "--resume" in stderr, stderr
+
+    resumed = run_cli("train", str(config), "--run-dir", str(interrupted), "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step_{done:06d}" in resumed.stderr
+    assert comparable(read_metrics(interrupted)) == comparable(read_metrics(straight))
+
+
 def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
     train, _ = arithmetic_files
     config = load_config(make_config(tiny_model_dir, train, None, checkpoint={"every": 1},
@@ -409,7 +446,7 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
     bad_reward = {**base, "reward": {"name": "no_such_reward"}}
-    with pytest.raises(ConfigError, match="no_such_reward"):
+    with pytest.raises(ConfigError, match="  reward.name: unknown reward 'no_such_reward'"):
         load_config(bad_reward)
     with pytest.raises(ConfigError, match=r"advantage.params: unknown parameter\(s\) epsilonn"):
         load_config(base, ["advantage.params={epsilonn: 1}"])
@@ -437,6 +474,48 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         load_config(base, ["optim.betas=[0.9, 1.5]"])
     with pytest.raises(ConfigError, match="kl_reference is false, but method 'grpo\\+kl_ref' needs"):
         load_config(base, ["optim.kl_reference=false", "method=grpo+kl_ref"])
+
+
+def test_progress_off_a_terminal_is_a_line_per_interval(tmp_path, tiny_model_dir, arithmetic_files):
+    """In a log file or a batch job a live bar would print only when the run ends: the loop writes plain lines (the
+    first step, the last, and one per interval between) instead."""
+    import io
+
+    from rich.console import Console
+
+    train, _ = arithmetic_files
+    output = io.StringIO()
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, "lr": 1e-3},
+                                     logging={"progress": True}))
+    Trainer(config, run_dir=tmp_path / "run", console=Console(file=output, force_terminal=False, width=200)).train()
+    lines = [line for line in output.getvalue().splitlines() if "train grpo: step" in line]
+    assert [line.split("step ")[1].split()[0] for line in lines] == ["1/3", "3/3"]
+    assert "reward" in lines[0] and "steps/s" in lines[0]
+
+
+def test_cli_resume_of_a_finished_run_and_unloadable_model_directories(tmp_path, tiny_model_dir, arithmetic_files):
+    """--resume of a run already at optim.steps says so and touches nothing; a model directory without weights or
+    tokenizer is a one-line error (exit 2), not a traceback from transformers."""
+    import shutil
+
+    train, held_out = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 1, "lr": 1e-3}))
+    run_dir = tmp_path / "run"
+    assert run_cli("train", str(config), "--run-dir", str(run_dir)).returncode == 0
+    before = (run_dir / "config.json").read_text()
+    again = run_cli("train", str(config), "--run-dir", str(run_dir), "--resume", "--set", "optim.steps=1",
+                    "--set", "optim.lr=0.5")
+    assert again.returncode == 0 and "already at step 1 of optim.steps = 1: nothing to do" in again.stderr
+    assert (run_dir / "config.json").read_text() == before
+
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    for command in (["eval", "--model", str(no_weights), "--data", str(held_out), "--n", "2", "--reward", "exact_match"],
+                    ["train", str(write_config(tmp_path / "bad.yaml", make_config(no_weights, train, None))),
+                     "--run-dir", str(tmp_path / "bad-run")]):
+        result = run_cli(*command)
+        assert result.returncode == 2 and "has no weights" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path, arithmetic_files):
@@ -492,6 +571,35 @@ def test_a_fresh_run_refuses_a_directory_with_checkpoints_and_resume_survives_a_
     extended = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, "lr": 1e-3}, checkpoint={"every": 1}))
     Trainer(extended, run_dir=run_dir, resume=True).train()
     assert [record["step"] for record in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_resume_takes_the_new_schedule_and_optimiser_settings_and_refuses_a_different_run(
+        tmp_path, tiny_model_dir, arithmetic_files):
+    """A resumed run trains with its own configuration: a longer run stretches a decaying schedule from where the
+    checkpoint stands (not the old schedule's last rate), and a new lr / weight decay apply from the next step. What
+    would make it another run (method, data, seed, model) is refused before any model loads, naming each key."""
+    train, held_out = arithmetic_files
+
+    def config(**optim):
+        return load_config(make_config(tiny_model_dir, train, None, checkpoint={"every": 2},
+                                       optim={"steps": 4, "lr": 1e-3, "lr_schedule": "linear", **optim}))
+
+    run_dir = tmp_path / "run"
+    Trainer(config(), run_dir=run_dir).train()
+    assert [round(r["train/lr"], 8) for r in read_metrics(run_dir)] == [1e-3, 7.5e-4, 5e-4, 2.5e-4]
+    resumed = Trainer(config(steps=8, lr=2e-3, weight_decay=0.5), run_dir=run_dir, resume=True)
+    assert {key for key, _, _ in resumed.resume_changes} == {"optim.steps", "optim.lr", "optim.weight_decay"}
+    assert resumed.optimizer.param_groups[0]["weight_decay"] == 0.5
+    resumed.train()
+    # step 5 is update 4 of 8 on the linear schedule: 2e-3 * (1 - 4/8); before, it ran at the old schedule's 0
+    assert [round(r["train/lr"], 8) for r in read_metrics(run_dir)][4:] == [1e-3, 7.5e-4, 5e-4, 2.5e-4]
+
+    changed = make_config(tiny_model_dir, held_out, None, method="clip_b", seed=8,
+                          optim={"steps": 9, "lr": 1e-3, "lr_schedule": "linear"})
+    with pytest.raises(ValueError, match=r"--resume cannot change what the run was trained with:\n"
+                                         r"  data.train: .*\n  method: 'grpo' in the checkpoint, 'clip_b' now\n"
+                                         r"  model.path: .*no-model-needed' now\n  seed: 7 in the checkpoint, 8 now\n"):
+        Trainer(load_config({**changed, "model": {"path": str(tmp_path / "no-model-needed")}}), run_dir=run_dir, resume=True)
 
 
 def test_metrics_are_flushed_every_step_and_synced_before_each_checkpoint(tmp_path, tiny_model_dir, arithmetic_files,
@@ -555,11 +663,14 @@ def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arith
     train, _ = arithmetic_files
     failing = "def score(prompt, completion, answer, **meta):\n    raise RuntimeError('reward server down')\n"
     with importable_module(tmp_path, "flaky_reward", failing):
-        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "flaky_reward:score"}))
+        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "flaky_reward:score", "max_failing_steps": 2}))
         trainer = Trainer(config, run_dir=tmp_path / "run")
         metrics = trainer.train_step()
-    assert metrics["reward/errors"] == 8 and metrics["reward/mean"] == 0.0
-    assert "reward server down" in (tmp_path / "run" / "reward_errors.log").read_text()
+        assert metrics["reward/errors"] == 8 and metrics["reward/error_frac"] == 1.0 and metrics["reward/mean"] == 0.0
+        assert "reward server down" in (tmp_path / "run" / "reward_errors.log").read_text()
+        # a reward that fails on every sample step after step leaves nothing to train on: the run stops, saying why
+        with pytest.raises(TrainingStopped, match=r"the reward raised on every sample of 2 steps in a row .*reward_errors.log"):
+            trainer.train_step()
 
 
 def test_reward_errors_of_every_sampling_round_and_of_evaluation_are_counted(tmp_path, tiny_model_dir, arithmetic_files):
@@ -626,7 +737,7 @@ def test_extra_rewards_join_the_training_reward_with_their_weights(tmp_path, tin
         assert row["reward"] == pytest.approx(-0.5 * len(row["completion"]) / 10) and row["correct"] is False
     assert metrics["reward/accuracy"] == 0.0
     assert metrics["reward/extra/length_reward:score_mean"] == pytest.approx(sum(len(r["completion"]) for r in rows) / 10 / len(rows))
-    with pytest.raises(ConfigError, match="no_such_reward"):
+    with pytest.raises(ConfigError, match="  reward.extra.0: .*unknown reward 'no_such_reward'"):
         load_config(make_config(tiny_model_dir, train, None, reward={"name": "exact_match", "extra": [{"name": "no_such_reward"}]}))
     twice = [{"name": "exact_match", "weight": 0.1}, {"name": "exact_match", "weight": 0.2}]
     with pytest.raises(ConfigError, match="reward.extra names a reward twice"):
@@ -661,7 +772,11 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     assert result.returncode == 0, result.stderr
     summary = json.loads(out.read_text())
     assert summary["n_problems"] == 8 and set(summary["pass_at_k"]) == {"1", "2", "4"}
+    assert summary["settings"]["n"] == 4 and summary["settings"]["reward"] == "exact_match"
+    assert summary["sources"] == [f"{held_out}:{line}" for line in range(1, 9)] and len(summary["pass_rates"]) == 8
     assert json.loads(result.stdout) == summary
+    help_text = run_cli("eval", "--help").stdout  # not a terminal: the option names must still be whole
+    assert all(option in help_text for option in ("--max-new-tokens", "--correct-threshold", "--no-require-answer"))
     methods = run_cli("methods", "--json")
     assert methods.returncode == 0 and {m["name"] for m in json.loads(methods.stdout)} >= {"clip_b", "kl_cov", "forking_tokens"}
     too_big = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "4")

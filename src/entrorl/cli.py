@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
@@ -30,7 +32,8 @@ def train(
     run_dir: Annotated[Optional[Path], typer.Option(help="run directory (default: logging.run_dir/logging.name)")] = None,
 ) -> None:
     """Train a local Hugging Face model with an entrorl method; writes metrics.jsonl and checkpoints."""
-    from entrorl.trainer import ConfigError, Trainer, TrainingStopped, load_config
+    from entrorl.trainer import ConfigError, Trainer, TrainingInterrupted, TrainingStopped, load_config
+    from entrorl.trainer.checkpoint import checkpoint_step, latest_checkpoint
 
     try:
         train_config = load_config(config, set_ or [])
@@ -38,19 +41,36 @@ def train(
         _fail(str(error))
     if resume and run_dir is None and train_config.logging.name is None:
         _fail("--resume needs the run directory: pass --run-dir or set logging.name")
+    if resume:  # a finished run is left as it is, without loading anything
+        directory = run_dir if run_dir is not None else Path(train_config.logging.run_dir) / train_config.logging.name
+        latest = latest_checkpoint(directory)
+        if latest is not None and checkpoint_step(latest) >= train_config.optim.steps:
+            console.print(f"{directory} is already at step {checkpoint_step(latest)} of optim.steps = "
+                          f"{train_config.optim.steps}: nothing to do (raise optim.steps with --set to train further; "
+                          "a decaying lr_schedule then stretches over the new total)", soft_wrap=True, highlight=False)
+            return
     try:
         trainer = Trainer(train_config, run_dir=run_dir, resume=resume, console=console)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # OSError: missing files, and what transformers raises on unreadable ones
         _fail(str(error))
     console.print(f"run directory: {trainer.run_dir}")
-    if trainer.step >= train_config.optim.steps:
-        console.print(f"the run is already at step {trainer.step} of optim.steps = {train_config.optim.steps}: nothing to do "
-                      "(raise optim.steps with --set to train further; a decaying lr_schedule then stretches over the "
-                      "new total)")
+    if trainer.resumed_from is not None:
+        console.print(f"resuming from {trainer.resumed_from.name} (step {trainer.step} of {train_config.optim.steps})",
+                      highlight=False)
+        for key, old, new in trainer.resume_changes:
+            console.print(Text(f"  changed since that checkpoint: {key}: {old!r} -> {new!r}"), soft_wrap=True)
     try:
-        trainer.train()
+        trainer.train(handle_signals=True)
     except TrainingStopped as error:
         _fail(str(error), code=3)
+    except TrainingInterrupted as error:
+        console.print(Text.assemble(
+            ("interrupted", "bold yellow"),
+            f" by {signal.Signals(error.signal_number).name} after step {error.step}; checkpoint {error.checkpoint.name} "
+            "saved. Continue with: " + shlex.join(["entrorl", "train", str(config), *(f"--set={option}" for option in set_ or []),
+                                                   "--run-dir", str(trainer.run_dir), "--resume"]),
+        ), soft_wrap=True)
+        raise typer.Exit(128 + error.signal_number) from None
     console.print(f"[green]done[/green]: {trainer.run_dir}")
 
 
@@ -90,11 +110,12 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
     the tokenizer, the model in eval mode and the encoded prompts; ValueError / FileNotFoundError on bad input."""
     from entrorl.data import check_prompt_template, load_prompts
-    from entrorl.modeling import encode_prompt, load_causal_lm, load_tokenizer
+    from entrorl.modeling import check_model_files, encode_prompt, load_causal_lm, load_tokenizer
     from entrorl.rewards import RewardRunner, get_reward
     from entrorl.trainer.config import resolve_device
 
     check_prompt_template(prompt_template)
+    check_model_files(model)
     records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
                            require_answer=require_answer)[:max_prompts]
     reward_runner = RewardRunner(get_reward(reward), correct_threshold=correct_threshold)
@@ -149,14 +170,20 @@ def evaluate(
             chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
             require_answer=require_answer, correct_threshold=correct_threshold)
         check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         _fail(str(error))
     with Progress(console=console) as progress:
         task = progress.add_task("sampling", total=len(records) * n)
         result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks, sampling=sampling,
                                 seed=seed, progress=lambda done: progress.update(task, completed=done))
     summary = result.to_dict()
-    table = Table(title=f"{model.name} on {data.name}: {len(records)} prompts x {n} samples")
+    # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
+    summary["settings"] = {"model": str(model), "data": str(data), "reward": reward, "n": n, "max_new_tokens": max_new_tokens,
+                           "temperature": temperature, "top_p": top_p, "prompt_template": prompt_template,
+                           "chat_template": chat_template, "seed": seed}
+    summary["sources"] = [record.source for record in records]
+    label = model.name if model.name != "model" else f"{model.parent.name}/{model.name}"  # a checkpoint's step_N/model
+    table = Table(title=f"{label} on {data.name}: {len(records)} prompts x {n} samples")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row(f"Avg@{n}", f"{result.summary.avg_at_n:.4f}")
@@ -355,6 +382,12 @@ def data_audit(
 
 
 def main() -> None:
+    # off a terminal (a pipe, a log, a CI job) rich assumes 80 columns, where the help's option names are cut short;
+    # typer reads its help width from rich_utils.MAX_WIDTH (the TERMINAL_WIDTH variable), which then stays the user's
+    from typer import rich_utils
+
+    if getattr(rich_utils, "MAX_WIDTH", 0) is None and not sys.stdout.isatty():
+        rich_utils.MAX_WIDTH = 140
     app()
 
 

@@ -12,7 +12,7 @@ import torch
 from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
-    "load_tokenizer", "load_causal_lm", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
+    "load_tokenizer", "load_causal_lm", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
     "prompt_groups", "shares_prompts", "cache_argument", "output_cache", "left_pad", "model_context_length",
     "check_prompts_fit", "stop_token_ids", "encode_prompt",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
@@ -29,6 +29,13 @@ FUSED_HEAD_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral", "qwen2
 _GENERIC_TOKENIZER_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
 
 
+# what a saved tokenizer leaves in its directory (any one of them); without them transformers would build an empty
+# tokenizer from config.json alone, and every prompt would encode to nothing
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
+# the weight files from_pretrained reads, sharded or not
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
 def _check_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
@@ -38,11 +45,24 @@ def _check_model_dir(path: str | Path) -> Path:
     return path
 
 
+def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool = True) -> Path:
+    """``path`` as a local model directory holding a tokenizer and weights; ``FileNotFoundError`` naming what is
+    missing (checked before anything loads, so that a bad directory fails at once)."""
+    path = _check_model_dir(path)
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it there with "
+                                "tokenizer.save_pretrained")
+    if weights and not any(next(path.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS):
+        raise FileNotFoundError(f"{path} has no weights (no *.safetensors or pytorch_model*.bin); save them there with "
+                                "model.save_pretrained")
+    return path
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in a local model directory; sets ``pad_token = eos_token`` when there is none."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    path = _check_model_dir(path)
+    path = check_model_files(path, weights=False)
     config_file = path / "tokenizer_config.json"
     declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
     if declared in _GENERIC_TOKENIZER_CLASSES:
@@ -64,7 +84,7 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     hf_logging.disable_progress_bar()  # weight loading and checkpoint writes print a bar per tiny file otherwise
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
-    path = _check_model_dir(path)
+    path = check_model_files(path, tokenizer=False)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=trust_remote_code
     )

@@ -2,6 +2,6 @@
 
 from entrorl.trainer.config import ConfigError, TrainConfig, load_config
 from entrorl.trainer.loggers import read_metrics
-from entrorl.trainer.loop import Trainer, TrainingStopped, learning_rate_factor
+from entrorl.trainer.loop import Trainer, TrainingInterrupted, TrainingStopped, learning_rate_factor
 
-__all__ = ["ConfigError", "TrainConfig", "Trainer", "TrainingStopped", "learning_rate_factor", "load_config", "read_metrics"]
+__all__ = ["ConfigError", "TrainConfig", "Trainer", "TrainingInterrupted", "TrainingStopped", "learning_rate_factor", "load_config", "read_metrics"]

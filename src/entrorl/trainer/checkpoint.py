@@ -25,7 +25,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text"]
 
 _PREFIX = "step_"
 
@@ -106,6 +106,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         logger.warning("checkpoint %s is incomplete (a file is missing); %s", named,
                        f"using {chosen.name} instead" if chosen is not None else "no complete checkpoint is left")
     return chosen
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The training step a checkpoint directory (``step_000042``) holds."""
+    return int(Path(checkpoint).name[len(_PREFIX):])
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from entrorl.objective import ObjectiveConfig, build_objective, get_method
 
 __all__ = [
     "TrainConfig",
+    "resume_changes",
     "ConfigError",
     "load_config",
     "apply_overrides",
@@ -170,6 +172,9 @@ class RewardConfig(_Section):
     correct_threshold: float | None = Field(
         None, description="a sample is correct (accuracy, dynamic sampling, Pass@k) when its score reaches this; None = "
         "the reward's own: 1.0 for reasoning_gym and code, whose partial credit is not a right answer, else 0.5")
+    max_failing_steps: int = Field(
+        3, ge=0, description="stop the run when the reward raised on every sample of this many steps in a row (their "
+        "rewards, and so their advantages, are all 0); 0 = never")
 
     @field_validator("extra")
     @classmethod
@@ -348,7 +353,10 @@ class TrainConfig(_Section):
             raise ValueError(f"advantage.params: {error}") from None
         from entrorl.rewards import check_reward_spec
 
-        check_reward_spec(self.reward.name, **self.reward.kwargs)
+        try:
+            check_reward_spec(self.reward.name, **self.reward.kwargs)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"reward.name: {error}") from None
         if self.optim.kl_reference is False and "ref_log_prob" in build_objective(self.method).required_fields:
             raise ValueError(f"optim.kl_reference is false, but method {self.method_label()!r} needs the reference "
                              "model's log-probs (kl_ref); set it to true or leave it out")
@@ -369,6 +377,38 @@ class TrainConfig(_Section):
 
     def method_label(self) -> str:
         return "+".join(self.method_names()) or "custom"
+
+
+# what a resumed run may not change: the weights' origin and precision, the prompts and how they are drawn, the method
+# and its advantages (their state is in the checkpoint, and a run mixing two of them is neither one); keys under these
+# prefixes are fixed except the ones in RESUME_ADJUSTABLE
+RESUME_FIXED_PREFIXES = ("seed", "model.", "data.", "method", "advantage.")
+RESUME_ADJUSTABLE = ("model.device", "model.activation_checkpointing", "data.eval")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and (not prefix or data):
+        flat = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: data}
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """The keys whose values differ between the configuration a checkpoint was trained with and the one resuming it
+    (both as ``TrainConfig.model_dump(mode="json")``), as ``(refused, accepted)`` lists of ``(key, saved, current)``:
+    a resumed run may change its length, schedule, optimiser settings, rollouts, rewards, evaluation, logging and
+    checkpoints, but not the keys under :data:`RESUME_FIXED_PREFIXES` (other than :data:`RESUME_ADJUSTABLE`)."""
+    before, after = _flatten(saved), _flatten(current)
+    refused, accepted = [], []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        fixed = key.startswith(RESUME_FIXED_PREFIXES) and not key.startswith(RESUME_ADJUSTABLE)
+        (refused if fixed else accepted).append((key, old, new))
+    return refused, accepted
 
 
 def parse_set_option(option: str) -> tuple[list[str], Any]:
@@ -409,6 +449,11 @@ def _format_errors(error: ValidationError, source: str) -> str:
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"]
+        if not item["loc"] and item["type"] == "value_error":  # a cross-check whose message starts with the key it is about
+            message = message.removeprefix("Value error, ")
+            named = re.match(r"([a-z_]+(?:\.[a-z_]+)+): ", message)
+            if named:
+                location, message = named.group(1), message[named.end():]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         shown = item["type"] not in ("missing", "extra_forbidden") and not isinstance(item["input"], dict)  # not a whole section

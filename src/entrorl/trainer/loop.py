@@ -10,6 +10,9 @@ import copy
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from entrorl.advantages import available_advantages, compute_advantages, unlikel
 from entrorl.data import PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts, parse_band
 from entrorl.modeling import (
     bucketed_response_token_stats,
+    check_model_files,
     check_prompts_fit,
     encode_prompt,
     load_causal_lm,
@@ -44,18 +48,28 @@ from entrorl.trainer.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from entrorl.trainer.config import TrainConfig, resolve_device
+from entrorl.trainer.config import TrainConfig, resolve_device, resume_changes
 from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary, predicted_vs_measured
 from entrorl.trainer.evaluate import evaluate_model
 from entrorl.trainer.loggers import MetricsLogger
 from entrorl.trainer.precision import MasterWeights, needs_master_weights
 
-__all__ = ["Trainer", "TrainingStopped", "ScoredRollouts", "learning_rate_factor"]
+__all__ = ["Trainer", "TrainingStopped", "TrainingInterrupted", "ScoredRollouts", "learning_rate_factor"]
 
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. too many non-finite steps in a row); the last checkpoint is intact."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A signal (SIGINT, SIGTERM) stopped the run after it finished a step and checkpointed it.
+
+    ``signal_number`` is the signal, ``step`` the last step done and saved, ``checkpoint`` its directory."""
+
+    def __init__(self, signal_number: int, step: int, checkpoint: Path):
+        self.signal_number, self.step, self.checkpoint = signal_number, step, checkpoint
+        super().__init__(f"{signal.Signals(signal_number).name} received: stopped after step {step}, saved in {checkpoint}")
 
 
 @dataclass
@@ -96,6 +110,8 @@ class Trainer:
             raise FileExistsError(f"{self.run_dir} holds another run's checkpoints (latest: {checkpoint.name}); pass "
                                   "--resume to continue it, or choose another --run-dir / logging.name")
         saved_state = load_trainer_state(checkpoint) if resume else None  # an unreadable checkpoint fails here, early
+        self.resumed_from = checkpoint if resume else None
+        self.resume_changes = self._check_resume_changes(saved_state) if saved_state is not None else []
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._seed_everything(config.seed)
 
@@ -133,11 +149,11 @@ class Trainer:
         if "correct_threshold" in estimator_params and "correct_threshold" not in self.advantage_params:
             # estimators that split correct from wrong samples (PSR, NSR, W-REINFORCE) agree with the reward's accuracy
             self.advantage_params["correct_threshold"] = self.reward.correct_threshold
+        model_path = check_model_files(checkpoint / "model" if checkpoint is not None else config.model.path)
         diversity = config.reward.diversity
         self.diversity_embedder = (load_embedder(diversity.model, batch_size=diversity.batch_size, device=diversity.device)
                                    if diversity.enabled else None)
 
-        model_path = checkpoint / "model" if checkpoint is not None else Path(config.model.path)
         self.tokenizer = load_tokenizer(model_path)
         if config.model.chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model.chat_template is true, but the tokenizer in {model_path} has no chat template")
@@ -155,6 +171,7 @@ class Trainer:
         self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
         self.consecutive_nonfinite = 0
+        self.consecutive_failed_rewards = 0  # steps in a row whose every sample's reward raised
         self.skipped_steps = 0
         self._warned_nothing_trained = False
         if saved_state is not None:
@@ -167,6 +184,25 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------------------ set-up
+    def _check_resume_changes(self, saved_state: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+        """The settings this resumed run changes from those its checkpoint was trained with, ``(key, saved, now)``;
+        ``ValueError`` naming every one it may not change (see :func:`resume_changes`)."""
+        saved_config = saved_state.get("config")
+        if saved_config is None:  # a checkpoint written before configs were saved with it: the run's last config
+            config_file = self.run_dir / "config.json"
+            saved_config = json.loads(config_file.read_text()) if config_file.is_file() else None
+        if saved_config is None:
+            return []
+        refused, accepted = resume_changes(saved_config, self.config.model_dump(mode="json"))
+        if refused:
+            listed = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in refused)
+            raise ValueError(
+                f"--resume cannot change what the run was trained with:\n{listed}\nput those back, or start a new run "
+                "(another --run-dir) from the checkpoint's model directory; a resumed run may change its length, "
+                "learning-rate schedule, optimiser settings, rollouts, rewards, evaluation, logging and checkpoints"
+            )
+        return accepted
+
     def _load_policy(self, model_path: Path):
         model_config = self.config.model
         model = load_causal_lm(model_path, dtype=model_config.dtype, disable_dropout=model_config.disable_dropout,
@@ -209,11 +245,19 @@ class Trainer:
         fused = self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in trained)
         optimizer = torch.optim.AdamW(trained, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                       weight_decay=optim.weight_decay, fused=fused or None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: learning_rate_factor(step, optim.steps, warmup_steps=optim.warmup_steps,
-                                                         schedule=optim.lr_schedule, min_ratio=optim.min_lr_ratio)
+        return optimizer, self._build_scheduler(optimizer, step=0)
+
+    def _build_scheduler(self, optimizer, *, step: int):
+        """``optim.lr`` times :func:`learning_rate_factor` of the configured schedule, positioned at update ``step``
+        (a resumed run takes its current configuration's rate, length and schedule from where it stands)."""
+        optim = self.config.optim
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = optim.lr
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda index: learning_rate_factor(index, optim.steps, warmup_steps=optim.warmup_steps,
+                                                          schedule=optim.lr_schedule, min_ratio=optim.min_lr_ratio),
+            last_epoch=step - 1,
         )
-        return optimizer, scheduler
 
     def _default_run_dir(self) -> Path:
         name = self.config.logging.name or f"{self.config.method_label()}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -257,18 +301,24 @@ class Trainer:
             "stream": self.stream.state_dict(),
             "objective": self.objective.state_dict(),
             "consecutive_nonfinite": self.consecutive_nonfinite,
+            "consecutive_failed_rewards": self.consecutive_failed_rewards,
             "skipped_steps": self.skipped_steps,
             "master_weights": self.master.state_dict() if self.master is not None else None,
             "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
+            "config": self.config.model_dump(mode="json"),  # what these steps were trained with (checked on resume)
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.load_state_dict(state["optimizer"])  # the moments, and the saved hyper-parameters ...
+        optim = self.config.optim
+        for group in self.optimizer.param_groups:  # ... which give way to the current configuration's
+            group.update(betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+        self.scheduler = self._build_scheduler(self.optimizer, step=self.step)
         self.stream.load_state_dict(state["stream"])
         self.objective.load_state_dict(state["objective"])
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
+        self.consecutive_failed_rewards = state.get("consecutive_failed_rewards", 0)
         self.skipped_steps = state["skipped_steps"]
         if self.master is not None and state.get("master_weights") is not None:
             self.master.load_state_dict(state["master_weights"])
@@ -308,6 +358,7 @@ class Trainer:
         rollouts, records, group_ids = self._sample_groups(config.prompts_per_step)
         result, completions = self._score(rollouts, records)
         metrics: dict[str, float] = {}
+        sampled_rows = len(rollouts)
         if config.dynamic_sampling:
             results = [result]
             keep = self._informative(results, group_ids)
@@ -322,6 +373,7 @@ class Trainer:
                 keep = self._informative(results, group_ids)
             result = RewardResult.concat(results)
             sampled, sampled_errors = result.metrics(), result.errors  # every row sampled this step, kept or not
+            sampled_rows = len(result.rewards)
             metrics.update({"data/sampling_rounds": float(len(results)), "reward/sampled_mean": sampled["reward/mean"],
                             "reward/sampled_accuracy": sampled["reward/accuracy"]})
             kept_rows = keep.nonzero().squeeze(-1)[: config.prompts_per_step * config.group_size]
@@ -334,6 +386,7 @@ class Trainer:
             result = result.select(kept_rows)
             result.errors = sampled_errors  # every failure of the step counts, kept or not
         metrics.update(result.metrics())
+        metrics["reward/error_frac"] = result.errors / sampled_rows
         rewards, reasons = result.rewards, list(result.reasons)
         seq_log_prob = (rollouts.sampler_log_probs.sum(-1) / rollouts.lengths.clamp(min=1)).float()
         rewards = self._shape_group_rewards(rewards, completions, group_ids, seq_log_prob, metrics)
@@ -374,6 +427,18 @@ class Trainer:
             rewards = unlikeliness_shaped_rewards(rewards, group_ids, seq_log_prob, beta_rank=beta_rank).float()
         return rewards
 
+    def _stop_if_the_reward_keeps_failing(self, error_frac: float) -> None:
+        """Stop when the reward raised on every sample of ``reward.max_failing_steps`` steps in a row: their rewards
+        are all 0, so their advantages are too, and the run would go on training on nothing."""
+        self.consecutive_failed_rewards = self.consecutive_failed_rewards + 1 if error_frac >= 1.0 else 0
+        limit = self.config.reward.max_failing_steps
+        if limit and self.consecutive_failed_rewards >= limit:
+            raise TrainingStopped(
+                f"the reward raised on every sample of {self.consecutive_failed_rewards} steps in a row (up to step "
+                f"{self.step + 1}); stopping. The first traceback is in {self.run_dir / 'reward_errors.log'}; the last "
+                f"checkpoint in {self.run_dir / 'checkpoints'} is intact."
+            )
+
     def _note_reward_error(self, traceback_text: str) -> None:
         """Keep the run's first reward failure in ``reward_errors.log`` (later ones are only counted)."""
         path = self.run_dir / "reward_errors.log"
@@ -404,6 +469,7 @@ class Trainer:
 
         # 1-3. rollouts, rewards, advantages
         scored = self.collect()
+        self._stop_if_the_reward_keeps_failing(scored.metrics["reward/error_frac"])
         rollouts = scored.rollouts
         generated = time.perf_counter()
         mask = rollouts.response_mask
@@ -621,17 +687,19 @@ class Trainer:
         else:
             warnings.warn(message, stacklevel=2)
 
-    def train(self) -> Path:
-        """Run to ``optim.steps``; checkpoint every ``checkpoint.every`` steps and at the end. Returns the run dir."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def train(self, *, handle_signals: bool = False) -> Path:
+        """Run to ``optim.steps``; checkpoint every ``checkpoint.every`` steps and at the end. Returns the run dir.
 
+        With ``handle_signals`` (the ``train`` command sets it), SIGINT and SIGTERM let the current step finish, save
+        a checkpoint and raise :class:`TrainingInterrupted`, so that ``--resume`` loses nothing; a second signal stops
+        at once, as without it."""
         config = self.config
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
-                            disable=not config.logging.progress)
+        progress = _StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
+                                 enabled=config.logging.progress)
+        received: list[int] = []
+        restore_handlers = _catch_stop_signals(received) if handle_signals else (lambda: None)
         try:
             with progress:
-                task = progress.add_task(f"train {config.method_label()}", total=config.optim.steps, completed=self.step, status="")
                 if config.eval.at_start and self.eval_records and self.step == 0:
                     self.logger.log(0, self.evaluate())
                 while self.step < config.optim.steps:
@@ -641,14 +709,82 @@ class Trainer:
                     if self.eval_records and ((config.eval.every and self.step % config.eval.every == 0) or last):
                         metrics.update(self.evaluate())
                     self.logger.log(self.step, metrics)
-                    if (config.checkpoint.every and self.step % config.checkpoint.every == 0) or last:
-                        self.save()
-                    progress.update(task, advance=1, status=(
-                        f"reward {metrics['reward/mean']:.3f}  acc {metrics['reward/accuracy']:.2f}  "
-                        f"H {metrics.get('entropy/mean', math.nan):.3f}"))
+                    stop = bool(received)  # a signal arriving from here on is seen after the next step
+                    if (config.checkpoint.every and self.step % config.checkpoint.every == 0) or last or stop:
+                        checkpoint = self.save()
+                    progress.advance(self.step, metrics)
+                    if stop and not last:
+                        raise TrainingInterrupted(received[0], self.step, checkpoint)
         finally:
+            restore_handlers()
             self.logger.close()
         return self.run_dir
+
+
+def _catch_stop_signals(received: list[int]):
+    """Make SIGINT and SIGTERM append their number to ``received`` (the loop stops after the step it is in); a
+    second one raises ``KeyboardInterrupt`` at once. Returns a function that puts the previous handlers back. Does
+    nothing outside the main thread, where Python cannot install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {}
+
+    def handler(number, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(number)
+        sys.stderr.write(f"\n{signal.Signals(number).name}: finishing the current step, then saving a checkpoint "
+                         "(send it again to stop at once, without one)\n")
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        previous[number] = signal.signal(number, handler)
+
+    def restore() -> None:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+    return restore
+
+
+class _StepProgress:
+    """The training loop's progress: a live bar on a terminal; elsewhere (a log file, a batch job) one plain line
+    at the first and last steps and at most every :attr:`LINE_EVERY_S` seconds between them, so that a run's log
+    shows it advancing."""
+
+    LINE_EVERY_S = 30.0
+
+    def __init__(self, console, description: str, total: int, done: int, *, enabled: bool):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = console if console is not None else Console(stderr=True)
+        self.enabled, self.total, self.description = enabled, total, description
+        self.live = enabled and self.console.is_terminal
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
+                            disable=not self.live)
+        self.task = self.bar.add_task(description, total=total, completed=done, status="")
+        self.started, self.first_step, self.last_line = time.perf_counter(), done, -math.inf
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        return self.bar.__exit__(*exc_info)
+
+    def advance(self, step: int, metrics: dict[str, float]) -> None:
+        status = (f"reward {metrics['reward/mean']:.3f}  acc {metrics['reward/accuracy']:.2f}  "
+                  f"H {metrics.get('entropy/mean', math.nan):.3f}")
+        self.bar.update(self.task, completed=step, status=status)
+        now = time.perf_counter()
+        if self.live or not self.enabled:
+            return
+        if step - 1 == self.first_step or step == self.total or now - self.last_line >= self.LINE_EVERY_S:
+            self.last_line = now
+            rate = (step - self.first_step) / max(now - self.started, 1e-9)
+            self.console.print(f"{self.description}: step {step}/{self.total}  {status}  {rate:.2f} steps/s",
+                               highlight=False, soft_wrap=True)
 
 
 def learning_rate_factor(step: int, total_steps: int, *, warmup_steps: int = 0, schedule: str = "constant",
