@@ -271,6 +271,9 @@ def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
         with pytest.raises(ValueError, match=r"objective_params=\{'clip_ratio_low': 0\.\d+, 'clip_ratio_high': 0\.\d+\}"):
             check_trl_args(_config(tmp_path, **options), build_objective(method))
     check_trl_args(_config(tmp_path, epsilon=0.1), build_objective("grpo", clip_ratio_low=0.1, clip_ratio_high=0.1))
+    for method, options in (("kl_cov", {"epsilon": 0.1}), ("cispo", {"epsilon_high": 5.0})):  # no such range there
+        with pytest.raises(ValueError, match=r"does not clip the ratio .*leave them at their defaults"):
+            check_trl_args(_config(tmp_path, **options), build_objective(method))
     with pytest.raises(ValueError, match="use_bias_correction_kl, entropy_target: options of TRL's own loss"):
         check_trl_args(_config(tmp_path, use_bias_correction_kl=False, entropy_target=0.5), objective)
     vllm_args = SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True)

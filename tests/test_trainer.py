@@ -491,6 +491,32 @@ def test_progress_off_a_terminal_is_a_line_per_interval(tmp_path, tiny_model_dir
     lines = [line for line in output.getvalue().splitlines() if "train grpo: step" in line]
     assert [line.split("step ")[1].split()[0] for line in lines] == ["1/3", "3/3"]
     assert "reward" in lines[0] and "steps/s" in lines[0]
+    from entrorl.trainer.loop import _StepProgress
+
+    assert _StepProgress(Console(file=io.StringIO(), force_jupyter=True), "x", 3, 0, enabled=True).live  # a notebook's bar
+
+
+def test_stop_signals_are_noted_once_then_stop_at_once_and_the_handlers_are_put_back():
+    import io
+
+    from rich.console import Console
+
+    from entrorl.trainer.loop import _catch_stop_signals
+
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    received, output = [], io.StringIO()
+    restore = _catch_stop_signals(received, Console(file=output))
+    try:
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert received == [signal.SIGTERM] and "SIGTERM: finishing the current step" in output.getvalue()
+        with pytest.raises(SystemExit) as stopped:  # a second SIGTERM: exit status 143, as without the handler
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert stopped.value.code == 128 + signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    finally:
+        restore()
+    assert {number: signal.getsignal(number) for number in before} == before
 
 
 def test_cli_resume_of_a_finished_run_and_unloadable_model_directories(tmp_path, tiny_model_dir, arithmetic_files):
@@ -594,11 +620,22 @@ def test_resume_takes_the_new_schedule_and_optimiser_settings_and_refuses_a_diff
     # step 5 is update 4 of 8 on the linear schedule: 2e-3 * (1 - 4/8); before, it ran at the old schedule's 0
     assert [round(r["train/lr"], 8) for r in read_metrics(run_dir)][4:] == [1e-3, 7.5e-4, 5e-4, 2.5e-4]
 
+    # the same run spelled differently is no change: the method as a dict, the estimator named, a path spelled otherwise;
+    # nor is the model's path, which only locates a reference model (none here: the policy is the checkpoint's)
+    same = make_config(Path(os.path.relpath(tiny_model_dir)).parent / "." / tiny_model_dir.name, train, None,
+                       method={"method": "grpo"}, advantage={"name": "grpo"}, checkpoint={"every": 2},
+                       optim={"steps": 8, "lr": 2e-3, "weight_decay": 0.5, "lr_schedule": "linear"})
+    moved = {**same, "model": {"path": str(tmp_path / "moved-model")}}
+    for config_now, expected in ((same, []), (moved, [("model.path", str(tiny_model_dir), str(tmp_path / "moved-model"))])):
+        trainer = Trainer(load_config(config_now), run_dir=run_dir, resume=True)
+        trainer.logger.close()
+        assert trainer.resume_changes == expected
+
     changed = make_config(tiny_model_dir, held_out, None, method="clip_b", seed=8,
                           optim={"steps": 9, "lr": 1e-3, "lr_schedule": "linear"})
     with pytest.raises(ValueError, match=r"--resume cannot change what the run was trained with:\n"
                                          r"  data.train: .*\n  method: 'grpo' in the checkpoint, 'clip_b' now\n"
-                                         r"  model.path: .*no-model-needed' now\n  seed: 7 in the checkpoint, 8 now\n"):
+                                         r"  seed: 7 in the checkpoint, 8 now\n"):
         Trainer(load_config({**changed, "model": {"path": str(tmp_path / "no-model-needed")}}), run_dir=run_dir, resume=True)
 
 
@@ -671,6 +708,13 @@ def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arith
         # a reward that fails on every sample step after step leaves nothing to train on: the run stops, saying why
         with pytest.raises(TrainingStopped, match=r"the reward raised on every sample of 2 steps in a row .*reward_errors.log"):
             trainer.train_step()
+    # an extra reward that always fails is counted, but the main reward still tells the samples apart: no stop
+    with importable_module(tmp_path, "flaky_extra", failing):
+        config = load_config(make_config(tiny_model_dir, train, None, reward={
+            "name": "exact_match", "max_failing_steps": 1, "extra": [{"name": "flaky_extra:score", "weight": 0.1}]}))
+        trainer = Trainer(config, run_dir=tmp_path / "extra-run")
+        metrics = trainer.train_step()
+    assert metrics["reward/errors"] == 8 and metrics["reward/error_frac"] == 0.0
 
 
 def test_reward_errors_of_every_sampling_round_and_of_evaluation_are_counted(tmp_path, tiny_model_dir, arithmetic_files):
@@ -775,7 +819,8 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     assert summary["settings"]["n"] == 4 and summary["settings"]["reward"] == "exact_match"
     assert summary["sources"] == [f"{held_out}:{line}" for line in range(1, 9)] and len(summary["pass_rates"]) == 8
     assert json.loads(result.stdout) == summary
-    help_text = run_cli("eval", "--help").stdout  # not a terminal: the option names must still be whole
+    # not a terminal, and no width asked for: the option names must still be whole
+    help_text = run_cli("eval", "--help", env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}).stdout
     assert all(option in help_text for option in ("--max-new-tokens", "--correct-threshold", "--no-require-answer"))
     methods = run_cli("methods", "--json")
     assert methods.returncode == 0 and {m["name"] for m in json.loads(methods.stdout)} >= {"clip_b", "kl_cov", "forking_tokens"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import sys
@@ -179,8 +180,10 @@ def evaluate(
     summary = result.to_dict()
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
     summary["settings"] = {"model": str(model), "data": str(data), "reward": reward, "n": n, "max_new_tokens": max_new_tokens,
-                           "temperature": temperature, "top_p": top_p, "prompt_template": prompt_template,
-                           "chat_template": chat_template, "seed": seed}
+                           "temperature": temperature, "top_p": top_p, "prompt_column": prompt_column,
+                           "answer_column": answer_column, "prompt_template": prompt_template, "chat_template": chat_template,
+                           "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold,
+                           "dtype": dtype, "seed": seed}
     summary["sources"] = [record.source for record in records]
     label = model.name if model.name != "model" else f"{model.parent.name}/{model.name}"  # a checkpoint's step_N/model
     table = Table(title=f"{label} on {data.name}: {len(records)} prompts x {n} samples")
@@ -386,7 +389,7 @@ def main() -> None:
     # typer reads its help width from rich_utils.MAX_WIDTH (the TERMINAL_WIDTH variable), which then stays the user's
     from typer import rich_utils
 
-    if getattr(rich_utils, "MAX_WIDTH", 0) is None and not sys.stdout.isatty():
+    if getattr(rich_utils, "MAX_WIDTH", 0) is None and not os.environ.get("COLUMNS") and not sys.stdout.isatty():
         rich_utils.MAX_WIDTH = 140
     app()
 

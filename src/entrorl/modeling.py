@@ -41,7 +41,8 @@ def _check_model_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path} (give a local Hugging Face model directory)")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: it is not a Hugging Face model directory")
+        inside = " (an entrorl checkpoint keeps its model in model/: give that directory)" if (path / "model" / "config.json").is_file() else ""
+        raise FileNotFoundError(f"{path} has no config.json: it is not a Hugging Face model directory{inside}")
     return path
 
 

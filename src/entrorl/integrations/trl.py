@@ -66,6 +66,7 @@ except ImportError as error:  # pragma: no cover - exercised only without trl
 
 from entrorl.modeling import FUSED_HEAD_MODEL_TYPES
 from entrorl.objective import Objective, PolicyBatch, build_objective, get_method
+from entrorl.objective.surrogates import GSPO, PPOClip
 from entrorl.tokens import STAT_NAMES, TokenStats, token_stats, token_stats_from_hidden
 from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary
 
@@ -73,6 +74,9 @@ __all__ = ["EntropyGRPOTrainer", "accumulation_weight", "check_trl_args"]
 
 #: The file in each checkpoint directory that holds the objective's state (adaptive coefficients, generators).
 OBJECTIVE_STATE_FILE = "entrorl_objective_state.pt"
+
+# surrogates that clip the ratio to [1 - eps_low, 1 + eps_high] as TRL's epsilon / epsilon_high do
+_RATIO_CLIPPED_SURROGATES = (PPOClip, GSPO)
 
 # TRL's advantages are group-normalised (scale_rewards="group" or "batch") or only centred ("none").
 _TRL_COMPATIBLE_ESTIMATORS = {"grpo", "dr_grpo"}
@@ -117,7 +121,14 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
         high = low if args.epsilon_high is None else args.epsilon_high
         surrogate = objective.surrogate
         own = (getattr(surrogate, "clip_ratio_low", None), getattr(surrogate, "clip_ratio_high", None))
-        if own != (low, high):
+        if not isinstance(surrogate, _RATIO_CLIPPED_SURROGATES):  # no clip range, or one that means something else
+            problems.append(
+                f"epsilon / epsilon_high: the objective's surrogate ({type(surrogate).__name__}) does not clip the ratio "
+                "to [1 - epsilon, 1 + epsilon_high] (TRL's CISPO caps the weight at epsilon_high itself, entrorl's "
+                "cispo at 1 + clip_ratio_high); leave them at their defaults and set the surrogate's parameters "
+                "through objective_params"
+            )
+        elif own != (low, high):
             problems.append(
                 f"epsilon = {args.epsilon}, epsilon_high = {args.epsilon_high}: the objective clips with its own ratios "
                 f"({type(surrogate).__name__}: clip_ratio_low = {own[0]}, clip_ratio_high = {own[1]}); pass "

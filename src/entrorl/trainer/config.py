@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -356,7 +357,7 @@ class TrainConfig(_Section):
         try:
             check_reward_spec(self.reward.name, **self.reward.kwargs)
         except (ValueError, TypeError) as error:
-            raise ValueError(f"reward.name: {error}") from None
+            raise ValueError(f"{'reward' if self.reward.kwargs else 'reward.name'}: {error}") from None
         if self.optim.kl_reference is False and "ref_log_prob" in build_objective(self.method).required_fields:
             raise ValueError(f"optim.kl_reference is false, but method {self.method_label()!r} needs the reference "
                              "model's log-probs (kl_ref); set it to true or leave it out")
@@ -387,7 +388,8 @@ RESUME_ADJUSTABLE = ("model.device", "model.activation_checkpointing", "data.eva
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict) and (not prefix or data):
+    """``{"optim": {"lr": 1}}`` → ``{"optim.lr": 1}``; an empty section adds nothing, lists are values."""
+    if isinstance(data, dict):
         flat = {}
         for key, value in data.items():
             flat.update(_flatten(value, f"{prefix}{key}."))
@@ -395,17 +397,40 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: data}
 
 
+# the configuration's file paths: compared as the files they name, whatever the working directory or spelling
+_PATH_KEYS = (("model", "path"), ("data", "train"), ("data", "eval"))
+
+
+def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
+    """A configuration dump as :func:`resume_changes` compares it: completed with this version's defaults (keys a
+    later version added do not count as changes), the method in its full form (``grpo`` and ``{method: grpo}`` are
+    one method), the advantage estimator resolved, and paths resolved."""
+    try:
+        config = TrainConfig.model_validate(dump)
+    except ValidationError:  # saved by a version whose keys this one does not know: compared as it is
+        return dump
+    compared = config.model_dump(mode="json")
+    method = config.method if isinstance(config.method, ObjectiveConfig) else ObjectiveConfig(method=config.method)
+    compared["method"] = method.model_dump(mode="json")
+    compared["advantage"]["name"] = config.advantage_estimator()
+    for section, key in _PATH_KEYS:
+        if compared[section].get(key) is not None:
+            compared[section][key] = os.path.realpath(compared[section][key])
+    return compared
+
+
 def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
     """The keys whose values differ between the configuration a checkpoint was trained with and the one resuming it
     (both as ``TrainConfig.model_dump(mode="json")``), as ``(refused, accepted)`` lists of ``(key, saved, current)``:
     a resumed run may change its length, schedule, optimiser settings, rollouts, rewards, evaluation, logging and
     checkpoints, but not the keys under :data:`RESUME_FIXED_PREFIXES` (other than :data:`RESUME_ADJUSTABLE`)."""
-    before, after = _flatten(saved), _flatten(current)
+    before, after = _flatten(_as_compared(saved)), _flatten(_as_compared(current))
+    differing = [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    changes = [(key, before.get(key), after.get(key)) for key in differing if not key.startswith("method.")]
+    if any(key.startswith("method.") for key in differing):  # one entry, as the method was written
+        changes.append(("method", saved.get("method"), current.get("method")))
     refused, accepted = [], []
-    for key in sorted(set(before) | set(after)):
-        old, new = before.get(key), after.get(key)
-        if old == new:
-            continue
+    for key, old, new in sorted(changes, key=lambda change: change[0]):
         fixed = key.startswith(RESUME_FIXED_PREFIXES) and not key.startswith(RESUME_ADJUSTABLE)
         (refused if fixed else accepted).append((key, old, new))
     return refused, accepted
@@ -451,7 +476,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
         message = item["msg"]
         if not item["loc"] and item["type"] == "value_error":  # a cross-check whose message starts with the key it is about
             message = message.removeprefix("Value error, ")
-            named = re.match(r"([a-z_]+(?:\.[a-z_]+)+): ", message)
+            named = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)+): ", message)
             if named:
                 location, message = named.group(1), message[named.end():]
         if item["type"] == "extra_forbidden":

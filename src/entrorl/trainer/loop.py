@@ -11,7 +11,6 @@ import json
 import math
 import random
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -194,6 +193,9 @@ class Trainer:
         if saved_config is None:
             return []
         refused, accepted = resume_changes(saved_config, self.config.model_dump(mode="json"))
+        if not self._needs_reference():  # the policy comes from the checkpoint: model.path only locates the reference
+            accepted += [change for change in refused if change[0] == "model.path"]
+            refused = [change for change in refused if change[0] != "model.path"]
         if refused:
             listed = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in refused)
             raise ValueError(
@@ -215,12 +217,15 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model.train()
 
-    def _load_reference(self):
-        """The frozen starting model, when ``optim.kl_reference`` asks for it or the method needs its log-probs."""
+    def _needs_reference(self) -> bool:
+        """Whether the run loads the starting model as a frozen reference (``optim.kl_reference``; by default when
+        the method needs its log-probs)."""
         needed = self.config.optim.kl_reference
-        if needed is None:
-            needed = "ref_log_prob" in self.objective.required_fields
-        if not needed:
+        return needed if needed is not None else "ref_log_prob" in build_objective(self.config.method).required_fields
+
+    def _load_reference(self):
+        """The frozen starting model, when :meth:`_needs_reference`."""
+        if not self._needs_reference():
             return None
         model_config = self.config.model
         reference = load_causal_lm(Path(model_config.path), dtype=model_config.dtype,
@@ -346,17 +351,18 @@ class Trainer:
         )
         inputs = ([r.prompt for r in records], completions, [r.answer for r in records], [r.meta for r in records])
         result = self.reward(*inputs, rollouts.lengths.tolist())
+        main_failures = result.errors  # the main reward's alone: an extra reward that fails leaves the score standing
         for name, weight, runner in self.extra_rewards:
             result = result.with_extra(name, weight, runner(*inputs))
         if result.first_error:
             self._note_reward_error(result.first_error)
-        return result, completions
+        return result, completions, main_failures
 
     def collect(self) -> ScoredRollouts:
         """Sample ``prompts_per_step`` groups, score them; with dynamic sampling, replace uninformative groups."""
         config = self.config.rollout
         rollouts, records, group_ids = self._sample_groups(config.prompts_per_step)
-        result, completions = self._score(rollouts, records)
+        result, completions, main_failures = self._score(rollouts, records)
         metrics: dict[str, float] = {}
         sampled_rows = len(rollouts)
         if config.dynamic_sampling:
@@ -364,7 +370,8 @@ class Trainer:
             keep = self._informative(results, group_ids)
             while int(keep.sum()) < config.prompts_per_step * config.group_size and len(results) < config.max_sampling_rounds:
                 extra, extra_records, extra_groups = self._sample_groups(config.prompts_per_step)
-                extra_result, extra_completions = self._score(extra, extra_records)
+                extra_result, extra_completions, extra_failures = self._score(extra, extra_records)
+                main_failures += extra_failures
                 rollouts = Rollouts.concat([rollouts, extra], self.tokenizer.pad_token_id)
                 records += extra_records
                 completions += extra_completions
@@ -386,7 +393,7 @@ class Trainer:
             result = result.select(kept_rows)
             result.errors = sampled_errors  # every failure of the step counts, kept or not
         metrics.update(result.metrics())
-        metrics["reward/error_frac"] = result.errors / sampled_rows
+        metrics["reward/error_frac"] = main_failures / sampled_rows  # the main reward's, every row sampled this step
         rewards, reasons = result.rewards, list(result.reasons)
         seq_log_prob = (rollouts.sampler_log_probs.sum(-1) / rollouts.lengths.clamp(min=1)).float()
         rewards = self._shape_group_rewards(rewards, completions, group_ids, seq_log_prob, metrics)
@@ -428,8 +435,8 @@ class Trainer:
         return rewards
 
     def _stop_if_the_reward_keeps_failing(self, error_frac: float) -> None:
-        """Stop when the reward raised on every sample of ``reward.max_failing_steps`` steps in a row: their rewards
-        are all 0, so their advantages are too, and the run would go on training on nothing."""
+        """Stop when the (main) reward raised on every sample of ``reward.max_failing_steps`` steps in a row: their
+        scores are all 0, so nothing tells their samples apart, and the run would go on training on nothing."""
         self.consecutive_failed_rewards = self.consecutive_failed_rewards + 1 if error_frac >= 1.0 else 0
         limit = self.config.reward.max_failing_steps
         if limit and self.consecutive_failed_rewards >= limit:
@@ -469,7 +476,7 @@ class Trainer:
 
         # 1-3. rollouts, rewards, advantages
         scored = self.collect()
-        self._stop_if_the_reward_keeps_failing(scored.metrics["reward/error_frac"])
+        self._stop_if_the_reward_keeps_failing(scored.metrics.get("reward/error_frac", 0.0))
         rollouts = scored.rollouts
         generated = time.perf_counter()
         mask = rollouts.response_mask
@@ -697,11 +704,12 @@ class Trainer:
         progress = _StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
                                  enabled=config.logging.progress)
         received: list[int] = []
-        restore_handlers = _catch_stop_signals(received) if handle_signals else (lambda: None)
+        restore_handlers = _catch_stop_signals(received, progress.console) if handle_signals else (lambda: None)
         try:
             with progress:
                 if config.eval.at_start and self.eval_records and self.step == 0:
                     self.logger.log(0, self.evaluate())
+                    progress.restart_clock()
                 while self.step < config.optim.steps:
                     metrics = self.train_step()
                     self._warn_if_nothing_trained(metrics)
@@ -721,27 +729,30 @@ class Trainer:
         return self.run_dir
 
 
-def _catch_stop_signals(received: list[int]):
-    """Make SIGINT and SIGTERM append their number to ``received`` (the loop stops after the step it is in); a
-    second one raises ``KeyboardInterrupt`` at once. Returns a function that puts the previous handlers back. Does
-    nothing outside the main thread, where Python cannot install handlers."""
+def _catch_stop_signals(received: list[int], console):
+    """Make SIGINT and SIGTERM append their number to ``received`` (the loop stops after the step it is in) and say
+    so on ``console``; a second one stops at once (``KeyboardInterrupt`` for SIGINT, exit status 143 for SIGTERM).
+    Returns a function that puts the previous handlers back. Does nothing outside the main thread, where Python
+    cannot install handlers."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {}
 
     def handler(number, frame):
         if received:
-            raise KeyboardInterrupt
+            if number == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + number)
         received.append(number)
-        sys.stderr.write(f"\n{signal.Signals(number).name}: finishing the current step, then saving a checkpoint "
-                         "(send it again to stop at once, without one)\n")
+        console.print(f"{signal.Signals(number).name}: finishing the current step, then saving a checkpoint (send it "
+                      "again to stop at once, without one)", style="yellow", highlight=False, soft_wrap=True)
 
     for number in (signal.SIGINT, signal.SIGTERM):
         previous[number] = signal.signal(number, handler)
 
     def restore() -> None:
-        for number, old in previous.items():
-            signal.signal(number, old)
+        for number, old in previous.items():  # None: a handler installed outside Python, which cannot be put back
+            signal.signal(number, old if old is not None else signal.SIG_DFL)
 
     return restore
 
@@ -759,7 +770,7 @@ class _StepProgress:
 
         self.console = console if console is not None else Console(stderr=True)
         self.enabled, self.total, self.description = enabled, total, description
-        self.live = enabled and self.console.is_terminal
+        self.live = enabled and (self.console.is_terminal or self.console.is_jupyter)
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
                             disable=not self.live)
@@ -769,6 +780,10 @@ class _StepProgress:
     def __enter__(self):
         self.bar.__enter__()
         return self
+
+    def restart_clock(self) -> None:
+        """Count steps/s from now (after the evaluation that may precede the first step)."""
+        self.started = time.perf_counter()
 
     def __exit__(self, *exc_info):
         return self.bar.__exit__(*exc_info)
