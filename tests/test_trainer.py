@@ -496,6 +496,26 @@ def test_progress_off_a_terminal_is_a_line_per_interval(tmp_path, tiny_model_dir
     assert _StepProgress(Console(file=io.StringIO(), force_jupyter=True), "x", 3, 0, enabled=True).live  # a notebook's bar
 
 
+def test_a_signal_during_a_checkpoint_write_stops_after_that_step(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
+    """The step whose checkpoint was being written when the signal came is the last: no further step is trained."""
+    from entrorl.trainer import TrainingInterrupted
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 4, "lr": 1e-3}, checkpoint={"every": 2}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    save = trainer.save
+
+    def save_interrupted():
+        os.kill(os.getpid(), signal.SIGINT)  # handled by the trainer's handler, in this thread, during the write
+        return save()
+
+    monkeypatch.setattr(trainer, "save", save_interrupted)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.train(handle_signals=True)
+    assert stopped.value.step == 2 and stopped.value.checkpoint.name == "step_000002"
+    assert [record["step"] for record in read_metrics(tmp_path / "run")] == [1, 2]
+
+
 def test_stop_signals_are_noted_once_then_stop_at_once_and_the_handlers_are_put_back():
     import io
 
@@ -542,6 +562,7 @@ def test_cli_resume_of_a_finished_run_and_unloadable_model_directories(tmp_path,
                      "--run-dir", str(tmp_path / "bad-run")]):
         result = run_cli(*command)
         assert result.returncode == 2 and "has no weights" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "bad-run").exists()  # a run that could not start leaves no directory behind
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path, arithmetic_files):
@@ -613,6 +634,10 @@ def test_resume_takes_the_new_schedule_and_optimiser_settings_and_refuses_a_diff
     run_dir = tmp_path / "run"
     Trainer(config(), run_dir=run_dir).train()
     assert [round(r["train/lr"], 8) for r in read_metrics(run_dir)] == [1e-3, 7.5e-4, 5e-4, 2.5e-4]
+    from entrorl.trainer.checkpoint import load_trainer_state
+
+    saved = load_trainer_state(run_dir / "checkpoints" / "step_000004")["config"]  # its files, from anywhere
+    assert saved["data"]["train"] == os.path.realpath(train) and saved["model"]["path"] == os.path.realpath(tiny_model_dir)
     resumed = Trainer(config(steps=8, lr=2e-3, weight_decay=0.5), run_dir=run_dir, resume=True)
     assert {key for key, _, _ in resumed.resume_changes} == {"optim.steps", "optim.lr", "optim.weight_decay"}
     assert resumed.optimizer.param_groups[0]["weight_decay"] == 0.5

@@ -18,6 +18,7 @@ from entrorl.objective import ObjectiveConfig, build_objective, get_method
 __all__ = [
     "TrainConfig",
     "resume_changes",
+    "with_resolved_paths",
     "ConfigError",
     "load_config",
     "apply_overrides",
@@ -401,6 +402,16 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 _PATH_KEYS = (("model", "path"), ("data", "train"), ("data", "eval"))
 
 
+def with_resolved_paths(dump: dict[str, Any]) -> dict[str, Any]:
+    """A configuration dump whose file paths (model, training and evaluation data) are absolute, so that it names the
+    same files from any working directory (what a checkpoint records)."""
+    resolved = copy.deepcopy(dump)
+    for section, key in _PATH_KEYS:
+        if isinstance(resolved.get(section), dict) and resolved[section].get(key) is not None:
+            resolved[section][key] = os.path.realpath(resolved[section][key])
+    return resolved
+
+
 def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
     """A configuration dump as :func:`resume_changes` compares it: completed with this version's defaults (keys a
     later version added do not count as changes), the method in its full form (``grpo`` and ``{method: grpo}`` are
@@ -413,10 +424,7 @@ def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
     method = config.method if isinstance(config.method, ObjectiveConfig) else ObjectiveConfig(method=config.method)
     compared["method"] = method.model_dump(mode="json")
     compared["advantage"]["name"] = config.advantage_estimator()
-    for section, key in _PATH_KEYS:
-        if compared[section].get(key) is not None:
-            compared[section][key] = os.path.realpath(compared[section][key])
-    return compared
+    return with_resolved_paths(compared)
 
 
 def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:

@@ -47,7 +47,7 @@ from entrorl.trainer.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from entrorl.trainer.config import TrainConfig, resolve_device, resume_changes
+from entrorl.trainer.config import TrainConfig, resolve_device, resume_changes, with_resolved_paths
 from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary, predicted_vs_measured
 from entrorl.trainer.evaluate import evaluate_model
 from entrorl.trainer.loggers import MetricsLogger
@@ -111,7 +111,6 @@ class Trainer:
         saved_state = load_trainer_state(checkpoint) if resume else None  # an unreadable checkpoint fails here, early
         self.resumed_from = checkpoint if resume else None
         self.resume_changes = self._check_resume_changes(saved_state) if saved_state is not None else []
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._seed_everything(config.seed)
 
         # what cannot fail late: data and reward before any model loads
@@ -175,6 +174,7 @@ class Trainer:
         self._warned_nothing_trained = False
         if saved_state is not None:
             self._restore(saved_state)
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no directory
         (self.run_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
         self.logger = MetricsLogger(
             self.run_dir, resume_step=self.step if checkpoint is not None else None, tensorboard=config.logging.tensorboard,
@@ -310,7 +310,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "master_weights": self.master.state_dict() if self.master is not None else None,
             "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
-            "config": self.config.model_dump(mode="json"),  # what these steps were trained with (checked on resume)
+            "config": with_resolved_paths(self.config.model_dump(mode="json")),  # what these steps were trained with
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -717,12 +717,12 @@ class Trainer:
                     if self.eval_records and ((config.eval.every and self.step % config.eval.every == 0) or last):
                         metrics.update(self.evaluate())
                     self.logger.log(self.step, metrics)
-                    stop = bool(received)  # a signal arriving from here on is seen after the next step
-                    if (config.checkpoint.every and self.step % config.checkpoint.every == 0) or last or stop:
-                        checkpoint = self.save()
+                    saved = None
+                    if (config.checkpoint.every and self.step % config.checkpoint.every == 0) or last or received:
+                        saved = self.save()
                     progress.advance(self.step, metrics)
-                    if stop and not last:
-                        raise TrainingInterrupted(received[0], self.step, checkpoint)
+                    if received and not last:  # the signal came during this step, or during its checkpoint
+                        raise TrainingInterrupted(received[0], self.step, saved if saved is not None else self.save())
         finally:
             restore_handlers()
             self.logger.close()
