@@ -9,7 +9,14 @@ import torch
 
 from entrorl.objective import PolicyBatch, build_objective
 from entrorl.tokens import token_stats
-from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary, predicted_vs_measured, top_fork_tokens
+from entrorl.trainer.diagnostics import (
+    covariance_summary,
+    decision_points,
+    discriminator_summary,
+    entropy_summary,
+    predicted_vs_measured,
+    top_fork_tokens,
+)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -36,6 +43,64 @@ def test_prediction_matches_a_tabular_sgd_step(temperature, method):
     assert metrics["entropy/delta_token_corr"] > 0.999
     torch.testing.assert_close(predicted[mask].double(), measured, atol=1e-6, rtol=1e-2)
     assert metrics["entropy/predicted_delta"] == pytest.approx(float(measured.mean()), rel=1e-2)
+
+
+def test_decision_points_are_shared_by_rows_with_the_same_prompt_and_prefix():
+    prompt_ids = torch.tensor([[0, 5, 6], [0, 5, 6], [9, 5, 6], [7, 7, 7]])
+    prompt_mask = torch.tensor([[False, True, True], [False, True, True], [True, True, True], [True, True, True]])
+    responses = torch.tensor([[1, 2, 3], [1, 4, 3], [1, 2, 3], [1, 2, 3]])
+    points = decision_points(prompt_ids, prompt_mask, responses)
+    # rows 0 and 1 share the prompt "5 6" and the first response token, then part; rows 2 and 3 have prompts of their own
+    assert points[0, 0] == points[1, 0] and points[0, 1] == points[1, 1] and points[0, 2] != points[1, 2]
+    assert len({int(p) for p in points[:, 0]}) == 3 and len(set(points.flatten().tolist())) == 3 + 3 + 4
+    # against a plain walk down each row's prefix, on random batches with few distinct tokens (many shared points)
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        prompts, kept = torch.randint(0, 2, (12, 3), generator=generator), torch.rand(12, 3, generator=generator) > 0.3
+        responses = torch.randint(0, 3, (12, 5), generator=generator)
+        seen, expected = {}, torch.empty(responses.shape, dtype=torch.long)
+        for row in range(12):
+            state = tuple(prompts[row][kept[row]].tolist())
+            for position in range(5):
+                expected[row, position] = seen.setdefault((position, state), len(seen))
+                state = (state, int(responses[row, position]))
+        got = decision_points(prompts, kept, responses).flatten()
+        assert torch.equal(got[:, None] == got[None, :], expected.flatten()[:, None] == expected.flatten()[None, :])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_prediction_sums_the_updates_of_a_shared_decision_point(temperature):
+    """A group's samples share their first position (and more while their responses agree): on a tabular policy
+    whose logits belong to decision points, one SGD step changes a point's entropy by the sum of -alpha D over the
+    tokens sampled there, which is what each of them is predicted (a prediction per token alone does not match)."""
+    generator = torch.Generator().manual_seed(1)
+    rows, width, vocab = 8, 3, 3
+    prompt_ids = torch.tensor([[4], [5]]).repeat_interleave(4, dim=0)
+    responses = torch.randint(0, vocab, (rows, width), generator=generator)
+    points = decision_points(prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool), responses)
+    assert points.unique().numel() < rows * width  # some points are shared
+    table = (torch.randn(int(points.max()) + 1, vocab, generator=generator, dtype=torch.float64)).requires_grad_()
+    mask = torch.ones(rows, width, dtype=torch.bool)
+    stats = token_stats(table[points], responses, temperature=temperature, mask=mask,
+                        need=("logprob", "entropy", "disc", "disc_centered"))
+    stats.logprob.retain_grad()
+    advantages = torch.randn(rows, generator=generator, dtype=torch.float64)
+    batch = PolicyBatch(log_prob=stats.logprob, old_log_prob=stats.logprob.detach(), advantages=advantages, mask=mask,
+                        entropy=stats.entropy.detach(), disc=stats.disc, disc_centered=stats.disc_centered)
+    build_objective("grpo")(batch).loss.backward()
+    lr = 1e-4
+    with torch.no_grad():
+        after = token_stats((table - lr * table.grad)[points], responses, temperature=temperature, mask=mask).entropy
+    measured = (after - stats.entropy.detach())[mask]
+    common = dict(lr=lr, temperature=temperature)
+    metrics, predicted = predicted_vs_measured(stats.logprob.grad, stats.disc_centered, stats.entropy, after, mask,
+                                               points=points, **common)
+    torch.testing.assert_close(predicted[mask].double(), measured, atol=1e-9, rtol=1e-3)
+    assert metrics["entropy/delta_token_corr"] > 0.9999
+    alone, per_token = predicted_vs_measured(stats.logprob.grad, stats.disc_centered, stats.entropy, after, mask, **common)
+    assert alone["entropy/delta_token_corr"] < 0.99  # each token's own update is not its point's change
+    # the step's total is the same either way: each token's own -alpha D, summed once
+    assert metrics["entropy/predicted_delta_sum"] == pytest.approx(float(per_token[mask].double().sum()), rel=1e-6)
 
 
 def test_summaries_on_a_hand_example():

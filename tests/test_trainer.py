@@ -476,6 +476,22 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         load_config(base, ["optim.kl_reference=false", "method=grpo+kl_ref"])
 
 
+def test_predicted_entropy_change_of_the_step_covers_every_token_whatever_is_re_scored(tmp_path, tiny_model_dir,
+                                                                                        arithmetic_files):
+    """entropy/predicted_delta_sum is the whole step's -alpha D (README: over the step's tokens), not the re-scored
+    rows' share: it is the same with the measurement on or off."""
+    train, _ = arithmetic_files
+    sums = []
+    with importable_module(tmp_path, "parity_sum", PARITY_REWARD):
+        for measured in (True, False):
+            config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "parity_sum:score"},
+                                             diagnostics={"measure_entropy_change": measured}))
+            trainer = Trainer(config, run_dir=tmp_path / f"run-{measured}")
+            sums.append(trainer.train_step()["entropy/predicted_delta_sum"])
+            trainer.logger.close()
+    assert sums[0] != 0.0 and sums[0] == pytest.approx(sums[1], rel=1e-9)
+
+
 def test_progress_off_a_terminal_is_a_line_per_interval(tmp_path, tiny_model_dir, arithmetic_files):
     """In a log file or a batch job a live bar would print only when the run ends: the loop writes plain lines (the
     first step, the last, and one per interval between) instead."""

@@ -954,7 +954,8 @@ class _Report:
     def entropy_change(self, section: Section) -> None:
         section.say(
             "Each step, the trainer predicts the entropy change of its update to first order, as for a tabular policy "
-            "(`entropy/predicted_delta`: −α·D averaged over the tokens of the re-scored rows, α = −lr · ∂loss/∂log p / T², arXiv 2602.03392 "
+            "(`entropy/predicted_delta`: −α·D, summed over the step's tokens that share a decision point and averaged over the tokens of "
+            "the re-scored rows, α = −lr · ∂loss/∂log p / T², arXiv 2602.03392 "
             "Thm 3.3), and measures it by re-scoring the same samples after the update (`entropy/measured_delta`). On a network "
             "with shared weights and Adam the scales differ, so compare signs and correlation: below, the Pearson correlation "
             "across steps, the share of steps where the signs agree, and the mean over steps of the per-token correlation "

@@ -4,7 +4,9 @@ Prediction (arXiv 2602.03392, Thm 3.3): a gradient step on the sampled token's l
 ``g_t = d loss / d log p_t`` moves the (temperature-scaled) logits by ``alpha_t (e_k - p)`` with
 ``alpha_t = -lr * g_t / T^2``, and the entropy by ``-alpha_t D_t``. It treats each position's logits as free
 parameters (the "tabular" view), so with Adam and shared weights its *scale* differs from the measured change;
-its sign and its correlation with the measured per-token change are what the theory claims. ``g_t`` is taken from
+its sign and its correlation with the measured per-token change are what the theory claims. Tokens sampled at one
+decision point (the same prompt and response prefix: a group's first position) move the same logits, so their
+changes add up there (:func:`decision_points`). ``g_t`` is taken from
 the updates the optimizer applied (a skipped update contributes nothing), scaled by gradient clipping; the gradient
 that reaches the logits through an entropy term of the loss (``entropy_bonus``, ``adaptive_entropy``) flows through
 ``log p_t`` too and is part of ``g_t`` only through the log-prob: its direct effect on the entropy is left out.
@@ -19,11 +21,12 @@ from __future__ import annotations
 import collections
 import math
 
+import numpy as np
 import torch
 
 from entrorl.dynamics import covariance_concentration, token_covariance
 
-__all__ = ["entropy_summary", "discriminator_summary", "predicted_vs_measured", "covariance_summary", "top_fork_tokens"]
+__all__ = ["entropy_summary", "discriminator_summary", "decision_points", "predicted_vs_measured", "covariance_summary", "top_fork_tokens"]
 
 
 def _valid(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -64,6 +67,29 @@ def discriminator_summary(disc: torch.Tensor, centered: torch.Tensor, advantages
     return summary
 
 
+def decision_points(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, R]`` ids of the decision point of every response position: the prompt and the response before it. Rows
+    that reach the same one (the samples of a prompt at position 0, and beyond while their responses agree) share its
+    id, since they sample from the same distribution."""
+    groups: dict[tuple[int, ...], int] = {}
+    prompt_group = torch.tensor([groups.setdefault(tuple(token for token, kept in zip(ids, mask) if kept), len(groups))
+                                 for ids, mask in zip(prompt_ids.tolist(), prompt_mask.bool().tolist())])
+    # rows as [prompt, r_0, ..., r_{R-1}] in lexicographic order: two rows share the point of position j when their
+    # first j + 1 columns agree, and in that order such rows are neighbours
+    keys = torch.cat([prompt_group[:, None], response_ids.cpu()], dim=1).numpy()
+    order = np.lexsort(keys.T[::-1])
+    ordered = keys[order]
+    rows, width = response_ids.shape
+    differs = ordered[1:] != ordered[:-1]
+    common = np.where(differs.any(axis=1), differs.argmax(axis=1), width + 1)  # leading columns a row shares with the one before
+    starts = np.ones((rows, width), dtype=np.int64)  # a new point at (row, j) unless the row before shares columns 0..j
+    starts[1:] = common[:, None] < np.arange(1, width + 1)[None, :]
+    ids_ordered = np.cumsum(starts, axis=0) - 1 + np.arange(width)[None, :] * rows  # disjoint ids for every position
+    ids = np.empty_like(ids_ordered)
+    ids[order] = ids_ordered
+    return torch.from_numpy(ids)
+
+
 def predicted_vs_measured(
     grad_coefficients: torch.Tensor,
     disc_centered: torch.Tensor,
@@ -73,14 +99,28 @@ def predicted_vs_measured(
     *,
     lr: float,
     temperature: float,
+    points: torch.Tensor | None = None,
+    trained_mask: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Predicted (tabular, first-order) and measured per-token entropy change; returns metrics and the
-    per-token prediction."""
+    """Predicted (tabular, first-order) and measured per-token entropy change over ``mask``; returns metrics and the
+    per-token prediction.
+
+    Every trained token (``trained_mask``, default ``mask``) moves the logits of its decision point, and at first order
+    those moves add up: the prediction for a position is ``sum -alpha_t D_t`` over the trained tokens that share its
+    decision point (``points``, see :func:`decision_points`; without it every position is its own). So it compares
+    with the measured change of that position's entropy, which every token sharing the point sees.
+    ``entropy/predicted_delta_sum`` is the step's whole predicted change, ``sum -alpha_t D_t`` over the trained tokens.
+    """
+    trained = mask if trained_mask is None else trained_mask
     alpha = -lr * grad_coefficients.detach().double() / (temperature * temperature)
-    predicted = -alpha * disc_centered.detach().double()
+    own = torch.where(trained, -alpha * disc_centered.detach().double(), torch.zeros((), dtype=torch.float64))
+    predicted = own
+    if points is not None:
+        summed = torch.zeros(int(points.max()) + 1, dtype=torch.float64).index_add_(0, points[trained], own[trained])
+        predicted = summed[points]
     metrics = {
         "entropy/predicted_delta": float(predicted[mask].mean()) if mask.any() else 0.0,
-        "entropy/predicted_delta_sum": float(predicted[mask].sum()),
+        "entropy/predicted_delta_sum": float(own[trained].sum()),
     }
     if entropy_after is not None and mask.any():
         measured = (entropy_after.detach().double() - entropy_before.detach().double())[mask]

@@ -48,7 +48,13 @@ from entrorl.trainer.checkpoint import (
     save_checkpoint,
 )
 from entrorl.trainer.config import TrainConfig, resolve_device, resume_changes, with_resolved_paths
-from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary, predicted_vs_measured
+from entrorl.trainer.diagnostics import (
+    covariance_summary,
+    decision_points,
+    discriminator_summary,
+    entropy_summary,
+    predicted_vs_measured,
+)
 from entrorl.trainer.evaluate import evaluate_model
 from entrorl.trainer.loggers import MetricsLogger
 from entrorl.trainer.precision import MasterWeights, needs_master_weights
@@ -582,8 +588,10 @@ class Trainer:
                          else {name: values.float().cpu() for name, values in before.as_dict().items()})
         logprob, before_entropy, disc, disc_centered_before = (scored_before[name] for name in STAT_NAMES)
         metrics = entropy_summary(before_entropy, mask)
-        batch_change, _ = predicted_vs_measured(grad_coefficients, disc_centered_before, before_entropy, None, mask, lr=lr,
-                                                temperature=temperature)
+        points = decision_points(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids)
+        prediction = dict(lr=lr, temperature=temperature, points=points, trained_mask=mask)
+        batch_change, _ = predicted_vs_measured(grad_coefficients, disc_centered_before, before_entropy, None, mask,
+                                                **prediction)
         metrics["entropy/predicted_delta_batch"] = batch_change["entropy/predicted_delta"]
         after_entropy, measured_mask = None, mask
         if config.diagnostics.measure_entropy_change:
@@ -596,7 +604,7 @@ class Trainer:
                 after_entropy[measured_rows] = self.token_stats(self.model, rollouts, measured_rows,
                                                                 need=("entropy",)).entropy.float().cpu()
         change, _ = predicted_vs_measured(grad_coefficients, disc_centered_before, before_entropy, after_entropy,
-                                          measured_mask, lr=lr, temperature=temperature)
+                                          measured_mask, **prediction)
         metrics.update(change)
         metrics.update(covariance_summary(logprob, token_advantages, mask))
         metrics.update(discriminator_summary(disc, disc_centered_before, token_advantages, mask))
