@@ -115,7 +115,7 @@ def predicted_vs_measured(
     alpha = -lr * grad_coefficients.detach().double() / (temperature * temperature)
     own = torch.where(trained, -alpha * disc_centered.detach().double(), torch.zeros((), dtype=torch.float64))
     predicted = own
-    if points is not None:
+    if points is not None and points.numel():
         summed = torch.zeros(int(points.max()) + 1, dtype=torch.float64).index_add_(0, points[trained], own[trained])
         predicted = summed[points]
     metrics = {
