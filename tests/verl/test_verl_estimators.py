@@ -79,7 +79,7 @@ def test_missing_groups_and_log_probs_are_clear_errors():
     rewards, mask, uids, *_ = _rollouts()
     with pytest.raises(ValueError, match="entrorl_rloo' needs verl's 'index'"):
         core_algos.get_adv_estimator_fn("entrorl_rloo")(token_level_rewards=rewards, response_mask=mask, config=None)
-    with pytest.raises(ValueError, match="entrorl_unlikely"):
+    with pytest.raises(ValueError, match="entrorl_unlikely' needs the old policy's log-probs.*no setting makes it work"):
         core_algos.get_adv_estimator_fn("entrorl_unlikely")(token_level_rewards=rewards, response_mask=mask, config=None, index=uids)
 
 

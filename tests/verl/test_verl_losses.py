@@ -113,6 +113,9 @@ def test_verl_vanilla_equals_entrorl_dual_clip(mode, batch_factory, config_facto
     torch.testing.assert_close(ours_loss, verl_loss)
     torch.testing.assert_close(ours_grad, verl_grad)
     assert ours_metrics["actor/ppo_kl"] == pytest.approx(verl_metrics["actor/ppo_kl"], abs=1e-6)
+    # verl's clip fractions mean the same here: PPO's clipped branch, and dual-clip apart (both act on this batch)
+    for key in ("actor/pg_clipfrac", "actor/pg_clipfrac_lower"):
+        assert verl_metrics[key] > 0 and ours_metrics[key] == pytest.approx(verl_metrics[key], abs=1e-6), key
 
     # the same from entrorl directly, weights applied by hand to the per-token loss
     objective = build_objective("dual_clip", clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode=mode, loss_scale_factor=7)
@@ -226,11 +229,39 @@ def test_unknown_parameter_is_a_clear_error(batch_factory, config_factory):
         _verl_call("entrorl_clip_b", batch, config, loss_agg_mode="token-mean")
 
 
+def test_verl_settings_that_replace_the_methods_own_are_named_once(batch_factory, config_factory):
+    """verl's actor defaults (clip ratios 0.2, dual-clip at 3) take the place of GSPO's published ratios
+    (3e-4 / 4e-4) unless set: the first call says so, naming each setting; what policy_loss.entrorl sets is the user's."""
+    batch = batch_factory(seed=5)
+    with pytest.warns(UserWarning, match=r"entrorl_gspo' runs with verl's settings in place of the method's own: "
+                                         r"clip_ratio_high 0.2 \(the method's: 0.0004\); clip_ratio_low 0.2 \(the method's: 0.0003\)"):
+        _verl_call("entrorl_gspo", batch, config_factory("entrorl_gspo", clip_ratio_low=0.2, clip_ratio_high=0.2),
+                   loss_agg_mode="seq-mean-token-mean")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        published = config_factory("entrorl_gspo", clip_ratio_low=3e-4, clip_ratio_high=4e-4)
+        _verl_call("entrorl_gspo", batch, published, loss_agg_mode="seq-mean-token-mean")
+
+
+def test_verl_terms_that_would_count_twice_are_refused(batch_factory, config_factory):
+    batch = batch_factory()
+    with pytest.raises(ValueError, match=r"entrorl_entropy_bonus' has its own entropy term .*set actor_rollout_ref.actor.entropy_coeff=0"):
+        _verl_call("entrorl_entropy_bonus", batch, config_factory("entrorl_entropy_bonus", entropy_coeff=0.01),
+                   loss_agg_mode="token-mean")
+    with pytest.raises(ValueError, match=r"entrorl_kl_ref' has its own KL .*set actor_rollout_ref.actor.kl_loss_coef=0"):
+        _verl_call("entrorl_kl_ref", batch, config_factory("entrorl_kl_ref", use_kl_loss=True, kl_loss_coef=0.001),
+                   loss_agg_mode="token-mean")
+    _verl_call("entrorl_kl_ref", batch, config_factory("entrorl_kl_ref", use_kl_loss=True, kl_loss_coef=0.0),
+               loss_agg_mode="token-mean")  # the working set-up: verl computes the reference, adds nothing
+
+
 @pytest.mark.parametrize("method, field", [("clip_b", "disc"), ("clip_v", "disc_centered"), ("forking_tokens", "entropy"),
                                            ("entropy_advantage", "entropy"), ("entropy_bonus", "entropy"), ("adaptive_entropy", "entropy"), ("kl_ref", "ref_log_prob"), ("tis", "rollout_log_prob")])
 def test_missing_statistics_name_the_actor_extension(method, field, batch_factory, config_factory):
     batch = batch_factory()
-    with pytest.raises(ValueError, match=rf"entrorl_{method}.*needs per-token \['{field}'\].*actor extension"):
+    with pytest.raises(ValueError, match=rf"entrorl_{method}.*needs per-token \['{field}'\].*actor extension.*ENTRORL_VERL_ACTOR_EXTENSION"):
         _verl_call(f"entrorl_{method}", batch, config_factory(f"entrorl_{method}"), loss_agg_mode="token-mean", extras=False)
 
 

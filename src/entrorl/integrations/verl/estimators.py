@@ -82,6 +82,12 @@ def make_advantage_estimator(estimator: str):
         seq_log_prob = None
         if old_log_probs is not None:
             seq_log_prob = torch.where(mask, old_log_probs, torch.zeros_like(old_log_probs)).sum(-1) / lengths.clamp(min=1)
+        elif estimator == "unlikely":
+            raise ValueError(
+                f"verl adv_estimator {estimator_name(estimator)!r} needs the old policy's log-probs, which verl's trainer "
+                "passes to none of the estimators it looks up by name (only to its own off-policy ones), so no setting "
+                "makes it work there; use another estimator, or call this function with old_log_probs yourself"
+            )
         params = _parameters(estimator, info.params, config)
         try:
             per_response = compute_advantages(

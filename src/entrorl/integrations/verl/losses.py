@@ -5,9 +5,10 @@ objective of that method (:func:`entrorl.objective.build_objective`), evaluated 
 
 * parameters: the method's defaults (from its paper), then verl's own keys where the method has a parameter of
   the same name (``actor.clip_ratio_low`` / ``clip_ratio_high`` / ``clip_ratio_c``, ``policy_loss.clip_cov_ratio``
-  / ``clip_cov_lb`` / ``clip_cov_ub`` / ``kl_cov_ratio`` / ``ppo_kl_coef``: in verl, verl's config is what the user
-  wrote), then the mapping ``policy_loss.entrorl`` (any parameter of the method, by name; an unknown name is an
-  error listing the valid ones). verl's ``PolicyLossConfig`` rejects unknown keys, so give the section the
+  / ``clip_cov_lb`` / ``clip_cov_ub`` / ``kl_cov_ratio`` / ``ppo_kl_coef``: in verl, verl's config wins, its
+  defaults included, and the first call warns once naming each of the method's own settings it replaced), then the
+  mapping ``policy_loss.entrorl`` (any parameter of the method, by name; an unknown name is an error listing the
+  valid ones). verl's ``PolicyLossConfig`` rejects unknown keys, so give the section the
   type :class:`EntrorlPolicyLossConfig` (``policy_loss._target_=entrorl.integrations.verl.EntrorlPolicyLossConfig``).
 * aggregation: verl's ``loss_agg_mode`` argument and ``global_batch_info`` (``dp_size``, ``batch_num_tokens``,
   ``global_batch_size``, ``loss_scale_factor``), so the loss is normalised by the global token / sequence counts
@@ -22,12 +23,15 @@ objective of that method (:func:`entrorl.objective.build_objective`), evaluated 
   supplies them through :mod:`entrorl.integrations.verl.channel`, or a caller passes them as keyword arguments.
 
 The metrics are entrorl's, prefixed ``actor/`` (``actor/select/clip_b_frac``), plus verl's usual
-``actor/pg_clipfrac`` and ``actor/ppo_kl`` where the method has a clipped surrogate.
+``actor/pg_clipfrac`` (PPO's clipped branch, as verl's ``vanilla`` counts it), ``actor/pg_clipfrac_lower`` (dual-clip)
+and ``actor/ppo_kl`` where the method has a clipped surrogate. verl's own entropy bonus (``entropy_coeff``) and KL loss
+(``kl_loss_coef``) are refused next to a method that has its own, which would count twice.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -69,14 +73,17 @@ VERL_PARAMETER_SOURCES: dict[str, tuple[str, str]] = {
 }
 
 # How each optional PolicyBatch field reaches the loss inside verl.
+_EXTENSION = ("the actor extension (entrorl.integrations.verl.actor; FSDP engines only), turned on for every worker with "
+              "+ray_kwargs.ray_init.runtime_env.env_vars.ENTRORL_VERL_ACTOR_EXTENSION='\"1\"'")
 _FIELD_SOURCES = {
-    "entropy": "the actor extension (entrorl.integrations.verl.actor), which computes it from the logits",
-    "disc": "the actor extension (entrorl.integrations.verl.actor), which computes it from the logits",
-    "disc_centered": "the actor extension (entrorl.integrations.verl.actor), which computes it from the logits",
-    "ref_log_prob": "the actor extension (entrorl.integrations.verl.actor), which forwards verl's 'ref_log_prob' "
-    "(computed when actor_rollout_ref.actor.use_kl_loss=True)",
-    "rollout_log_prob": "the actor extension (entrorl.integrations.verl.actor), which forwards verl's "
-    "'rollout_log_probs' (returned by the rollout when actor_rollout_ref.rollout.calculate_log_probs=True)",
+    "entropy": f"{_EXTENSION} and actor_rollout_ref.model.use_fused_kernels=False (it reads the logits)",
+    "disc": f"{_EXTENSION} and actor_rollout_ref.model.use_fused_kernels=False (it reads the logits)",
+    "disc_centered": f"{_EXTENSION} and actor_rollout_ref.model.use_fused_kernels=False (it reads the logits)",
+    "ref_log_prob": f"{_EXTENSION}, which forwards verl's 'ref_log_prob': verl computes it when "
+    "actor_rollout_ref.actor.use_kl_loss=True (set actor_rollout_ref.actor.kl_loss_coef=0 so that verl adds no KL "
+    "of its own)",
+    "rollout_log_prob": f"{_EXTENSION}, which forwards verl's 'rollout_log_probs': the rollout returns them with "
+    "actor_rollout_ref.rollout.calculate_log_probs=True",
 }
 
 
@@ -170,8 +177,19 @@ def required_fields(objective: Objective) -> tuple[str, ...]:
 _OBJECTIVES: dict[tuple[str, str], Objective] = {}
 
 
-def _objective(method: str, params: dict[str, Any], loss_agg_mode: str, loss_scale_factor: float | None) -> Objective:
-    """The objective for these settings, built once: stateful parts (adaptive coefficients, RNGs) persist."""
+@functools.lru_cache(maxsize=None)
+def _method_defaults(method: str) -> dict[str, Any]:
+    """The method's own settings (its papers'): every parameter of its parts, and its loss aggregation."""
+    objective = build_objective(method)
+    defaults = {name: getattr(part, name) for part in objective.parts for name in type(part).model_fields}
+    return {**defaults, "loss_agg_mode": objective.loss_agg_mode}
+
+
+def _objective(method: str, params: dict[str, Any], loss_agg_mode: str, loss_scale_factor: float | None,
+               explicit: frozenset[str] = frozenset()) -> Objective:
+    """The objective for these settings, built once: stateful parts (adaptive coefficients, RNGs) persist. When it
+    is built, say once which of the method's own settings verl's configuration replaced (``explicit``: the names set
+    in ``policy_loss.entrorl``, which are the user's own choice)."""
     settings = {**params, "loss_agg_mode": loss_agg_mode, "loss_scale_factor": loss_scale_factor}
     key = (method, repr(sorted(settings.items())))
     if key not in _OBJECTIVES:
@@ -182,6 +200,16 @@ def _objective(method: str, params: dict[str, Any], loss_agg_mode: str, loss_sca
                 f"verl loss_mode {loss_mode_name(method)!r}: {error} (set entrorl parameters in "
                 "actor_rollout_ref.actor.policy_loss.entrorl)"
             ) from None
+        own = _method_defaults(method)
+        replaced = [f"{name} {settings[name]!r} (the method's: {own[name]!r})" for name in sorted(own)
+                    if name in settings and name not in explicit and settings[name] != own[name]]
+        if replaced:
+            warnings.warn(
+                f"verl loss_mode {loss_mode_name(method)!r} runs with verl's settings in place of the method's own: "
+                f"{'; '.join(replaced)}. Set them in verl's actor config or in actor_rollout_ref.actor.policy_loss.entrorl "
+                "to run the method as published.",
+                stacklevel=3,
+            )
     return _OBJECTIVES[key]
 
 
@@ -210,7 +238,11 @@ def _normalisers(config: Any, loss_agg_mode: str) -> dict[str, Any]:
 
 def _verl_metrics(metrics: Metrics) -> dict[str, float]:
     out = {f"actor/{key}": float(value) for key, value in metrics.items()}
-    clip_fraction = next((metrics[k] for k in ("clip/ppo_frac", "clip/gspo_frac", "clip/cispo_frac") if k in metrics), None)
+    # verl's pg_clipfrac counts the tokens where PPO's clipped branch wins; dual-clip is its pg_clipfrac_lower
+    if "clip/ppo_low_frac" in metrics and "clip/ppo_high_frac" in metrics:
+        clip_fraction = metrics["clip/ppo_low_frac"] + metrics["clip/ppo_high_frac"]
+    else:
+        clip_fraction = next((metrics[k] for k in ("clip/ppo_frac", "clip/gspo_frac", "clip/cispo_frac") if k in metrics), None)
     if clip_fraction is not None:
         out["actor/pg_clipfrac"] = float(clip_fraction)
     if "clip/dual_frac" in metrics:
@@ -218,6 +250,24 @@ def _verl_metrics(metrics: Metrics) -> dict[str, float]:
     if "kl/old_new" in metrics:
         out["actor/ppo_kl"] = float(metrics["kl/old_new"])
     return out
+
+
+def _refuse_verl_duplicates(mode: str, objective: Objective, config: Any) -> None:
+    """verl adds its own entropy bonus (``entropy_coeff``) and KL loss (``use_kl_loss`` with ``kl_loss_coef``) to any
+    policy loss: with a method that has its own, the term would count twice."""
+    own_entropy = sorted(part.name for part in objective.regularizers if part.name in ("entropy_bonus", "adaptive_entropy"))
+    if own_entropy and config_get(config, "entropy_coeff", 0):
+        raise ValueError(
+            f"verl loss_mode {mode!r} has its own entropy term ({', '.join(own_entropy)}) and verl adds "
+            f"entropy_coeff = {config_get(config, 'entropy_coeff')} times the entropy as well: set "
+            "actor_rollout_ref.actor.entropy_coeff=0"
+        )
+    if "ref_log_prob" in required_fields(objective) and config_get(config, "use_kl_loss", False) and config_get(config, "kl_loss_coef", 0):
+        raise ValueError(
+            f"verl loss_mode {mode!r} has its own KL to the reference (kl_ref, coefficient kl_loss_coef in "
+            "policy_loss.entrorl) and verl adds its KL loss as well: keep actor_rollout_ref.actor.use_kl_loss=True (it "
+            "makes verl compute the reference log-probs) and set actor_rollout_ref.actor.kl_loss_coef=0"
+        )
 
 
 def make_policy_loss(method: str):
@@ -246,7 +296,10 @@ def make_policy_loss(method: str):
         if loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"verl loss_mode {mode!r}: loss_agg_mode {loss_agg_mode!r} is not supported; use one of {list(LOSS_AGG_MODES)}")
         normalisers = _normalisers(config, loss_agg_mode)
-        objective = _objective(method, entrorl_parameters(method, config), loss_agg_mode, normalisers.pop("loss_scale_factor"))
+        explicit = frozenset(str(key) for key in dict(config_get(config_get(config, "policy_loss"), "entrorl") or {}))
+        objective = _objective(method, entrorl_parameters(method, config), loss_agg_mode, normalisers.pop("loss_scale_factor"),
+                               explicit)
+        _refuse_verl_duplicates(mode, objective, config)
 
         fields = {**current_token_fields(), **{k: v for k, v in token_fields.items() if v is not None}}
         missing = [name for name in required_fields(objective) if name not in fields]
