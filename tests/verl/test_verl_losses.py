@@ -233,9 +233,10 @@ def test_verl_settings_that_replace_the_methods_own_are_named_once(batch_factory
     """verl's actor defaults (clip ratios 0.2, dual-clip at 3) take the place of GSPO's published ratios
     (3e-4 / 4e-4) unless set: the first call says so, naming each setting; what policy_loss.entrorl sets is the user's."""
     batch = batch_factory(seed=5)
+    # ratios no other test uses: each setting's objective (and its warning) is built once per process
     with pytest.warns(UserWarning, match=r"entrorl_gspo' runs with verl's settings in place of the method's own: "
-                                         r"clip_ratio_high 0.2 \(the method's: 0.0004\); clip_ratio_low 0.2 \(the method's: 0.0003\)"):
-        _verl_call("entrorl_gspo", batch, config_factory("entrorl_gspo", clip_ratio_low=0.2, clip_ratio_high=0.2),
+                                         r"clip_ratio_high 0.23 \(the method's: 0.0004\); clip_ratio_low 0.21 \(the method's: 0.0003\)"):
+        _verl_call("entrorl_gspo", batch, config_factory("entrorl_gspo", clip_ratio_low=0.21, clip_ratio_high=0.23),
                    loss_agg_mode="seq-mean-token-mean")
     import warnings
 
@@ -247,6 +248,12 @@ def test_verl_settings_that_replace_the_methods_own_are_named_once(batch_factory
 
 def test_verl_terms_that_would_count_twice_are_refused(batch_factory, config_factory):
     batch = batch_factory()
+    with pytest.raises(ValueError, match=r"sets \['loss_agg_mode'\], which verl passes .*actor_rollout_ref.actor.loss_agg_mode"):
+        _verl_call("entrorl_dr_grpo", batch, config_factory("entrorl_dr_grpo", entrorl={"loss_agg_mode": "seq-mean-token-sum-norm"}),
+                   loss_agg_mode="token-mean")
+    wrong_type = {"policy_loss": {"loss_mode": "entrorl_clip_b", "entrorl": "mu=3"}}  # a mistyped override, as a plain mapping
+    with pytest.raises(ValueError, match="policy_loss.entrorl must be a mapping"):
+        _verl_call("entrorl_clip_b", batch, wrong_type, loss_agg_mode="token-mean")
     with pytest.raises(ValueError, match=r"entrorl_entropy_bonus' has its own entropy term .*set actor_rollout_ref.actor.entropy_coeff=0"):
         _verl_call("entrorl_entropy_bonus", batch, config_factory("entrorl_entropy_bonus", entropy_coeff=0.01),
                    loss_agg_mode="token-mean")

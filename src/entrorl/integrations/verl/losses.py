@@ -143,6 +143,12 @@ def entrorl_parameters(method: str, config: Any) -> dict[str, Any]:
         raise ValueError(
             f"actor.policy_loss.entrorl must be a mapping of {method!r} parameters, got {type(explicit).__name__}"
         )
+    verl_owned = sorted(key for key in ("loss_agg_mode", "loss_scale_factor") if key in explicit)
+    if verl_owned:
+        raise ValueError(
+            f"actor.policy_loss.entrorl sets {verl_owned}, which verl passes to every policy loss itself: set "
+            + " / ".join(f"actor_rollout_ref.actor.{key}" for key in verl_owned) + " instead"
+        )
     params.update({str(key): value for key, value in dict(explicit).items()})
     return params
 
@@ -206,8 +212,9 @@ def _objective(method: str, params: dict[str, Any], loss_agg_mode: str, loss_sca
         if replaced:
             warnings.warn(
                 f"verl loss_mode {loss_mode_name(method)!r} runs with verl's settings in place of the method's own: "
-                f"{'; '.join(replaced)}. Set them in verl's actor config or in actor_rollout_ref.actor.policy_loss.entrorl "
-                "to run the method as published.",
+                f"{'; '.join(replaced)}. To run the method as published, set them in verl's actor config "
+                "(actor_rollout_ref.actor.clip_ratio_low / clip_ratio_high / loss_agg_mode, ...) or, for clip_ratio_c and "
+                "the method's other parameters, in actor_rollout_ref.actor.policy_loss.entrorl.",
                 stacklevel=3,
             )
     return _OBJECTIVES[key]
@@ -296,9 +303,9 @@ def make_policy_loss(method: str):
         if loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"verl loss_mode {mode!r}: loss_agg_mode {loss_agg_mode!r} is not supported; use one of {list(LOSS_AGG_MODES)}")
         normalisers = _normalisers(config, loss_agg_mode)
+        params = entrorl_parameters(method, config)  # checks the entrorl section first
         explicit = frozenset(str(key) for key in dict(config_get(config_get(config, "policy_loss"), "entrorl") or {}))
-        objective = _objective(method, entrorl_parameters(method, config), loss_agg_mode, normalisers.pop("loss_scale_factor"),
-                               explicit)
+        objective = _objective(method, params, loss_agg_mode, normalisers.pop("loss_scale_factor"), explicit)
         _refuse_verl_duplicates(mode, objective, config)
 
         fields = {**current_token_fields(), **{k: v for k, v in token_fields.items() if v is not None}}
