@@ -148,16 +148,25 @@ class Selector(Part):
         self._decided = None  # the step's population is done with: do not hold its tensors into the next step
         return {}
 
-    def decide_population(self, population: PolicyBatch) -> tuple[torch.Tensor, ...]:
-        """For a selector with ``step_statistics``: its drop mask over the whole population, then the statistics
+    def decide(self, batch: PolicyBatch, advantages: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """For a selector with ``step_statistics``: its drop mask over ``batch``'s valid tokens, then the statistics
         it logs."""
         raise NotImplementedError(f"selector '{self.name}' does not decide over a population")
 
     def population_decision(self, population: PolicyBatch) -> tuple[torch.Tensor, ...]:
-        """:meth:`decide_population`, computed once for each population and reused by its mini- and micro-batches."""
+        """:meth:`decide` over the population (with its own advantages), computed once for each population and
+        reused by its mini- and micro-batches."""
         if self._decided is None or self._decided[0] is not population:
-            self._decided = (population, self.decide_population(population))
+            self._decided = (population, self.decide(population, population.advantages))
         return self._decided[1]
+
+    def decision(self, batch: PolicyBatch, advantages: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`decide` on ``batch``, or, when it carries its step's population, the population's decision on the
+        batch's rows (the statistics stay the population's)."""
+        if batch.population is None:
+            return self.decide(batch, advantages)
+        drop, *statistics = self.population_decision(batch.population)
+        return (drop[batch.rows.to(drop.device)] & batch.mask, *statistics)
 
 
 class Correction(Part):

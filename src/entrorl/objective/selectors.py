@@ -177,8 +177,9 @@ class ClipB(Selector):
     mu_high: float | None = Field(None, gt=0.0, description="upper bound mu^+ of the paper's band; None = mu")
     keep_in_normaliser: bool = Field(False, description="dropped tokens leave the normaliser, as in the released code")
 
-    def _decide(self, mask: torch.Tensor, advantages: torch.Tensor, disc: torch.Tensor):
-        disc = disc.detach().double()  # float64: equal values must give a zero std
+    def decide(self, batch: PolicyBatch, advantages: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mask = batch.mask
+        disc = batch.require("disc", "selector 'clip_b'").detach().double()  # float64: equal values must give a zero std
         mean = masked_mean(disc, mask)
         std = masked_population_std(disc, mask)
         deviation = disc - mean
@@ -191,16 +192,9 @@ class ClipB(Selector):
             drop = (deviation < -self.mu * std) | (deviation > upper * std)
         return drop & mask, mean, std
 
-    def decide_population(self, population: PolicyBatch) -> tuple[torch.Tensor, ...]:
-        return self._decide(population.mask, population.advantages, population.require("disc", "selector 'clip_b'"))
-
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
         mask = batch.mask
-        if batch.population is None:
-            drop, mean, std = self._decide(mask, advantages, batch.require("disc", "selector 'clip_b'"))
-        else:
-            drop, mean, std = self.population_decision(batch.population)
-            drop = drop[batch.rows.to(drop.device)] & mask
+        drop, mean, std = self.decision(batch, advantages)
         metrics["select/clip_b_frac"] = fraction(drop, mask)
         metrics["select/clip_b_frac_pos"] = fraction(drop & (advantages > 0), mask)
         metrics["select/clip_b_frac_neg"] = fraction(drop & (advantages < 0), mask)
@@ -229,8 +223,9 @@ class ClipV(Selector):
     max_frac: float = Field(1e-4, gt=0.0, le=1.0, description="cap on the dropped share of tokens; 1e-4 (released code)")
     keep_in_normaliser: bool = Field(False, description="dropped tokens leave the normaliser, as in the released code")
 
-    def _decide(self, mask: torch.Tensor, advantages: torch.Tensor, centered: torch.Tensor):
-        centered = centered.detach().double()
+    def decide(self, batch: PolicyBatch, advantages: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mask = batch.mask
+        centered = batch.require("disc_centered", "selector 'clip_v'").detach().double()
         std = masked_population_std(centered, mask)
         drop = torch.zeros_like(mask)
         if float(std) >= _MIN_STD:
@@ -243,17 +238,9 @@ class ClipV(Selector):
             drop.view(-1)[candidate_index] = True
         return drop, std
 
-    def decide_population(self, population: PolicyBatch) -> tuple[torch.Tensor, ...]:
-        return self._decide(population.mask, population.advantages,
-                            population.require("disc_centered", "selector 'clip_v'"))
-
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
         mask = batch.mask
-        if batch.population is None:
-            drop, std = self._decide(mask, advantages, batch.require("disc_centered", "selector 'clip_v'"))
-        else:
-            drop, std = self.population_decision(batch.population)
-            drop = drop[batch.rows.to(drop.device)] & mask
+        drop, std = self.decision(batch, advantages)
         metrics["select/clip_v_frac"] = fraction(drop, mask)
         metrics["clip_v/disc_centered_std"] = float(std)
         return drop

@@ -158,28 +158,27 @@ def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_m
     flat_scores = scores.flatten()
     order = flat_scores.argsort(descending=True)[: int(response_mask.sum())].tolist()
     width = response_ids.shape[1]
-    prompts = [tuple(ids[mask].tolist()) for ids, mask in zip(prompt_ids, prompt_mask)]
-    responses = [tuple(ids[mask].tolist()) for ids, mask in zip(response_ids, response_mask)]
-    seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+    prompts = [ids[mask].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+    responses = [ids[mask].tolist() for ids, mask in zip(response_ids, response_mask)]
+    points = torch.where(response_mask.bool().cpu(), decision_points(prompt_ids, prompt_mask, response_ids), -1)
+    seen: set[int] = set()
     forks = []
     for flat_index in order:
         row, position = divmod(flat_index, width)
         prompt, response = prompts[row], responses[row]
-        state = (prompt, response[:position])
-        if state in seen:
+        point = int(points[row, position])
+        if point in seen:
             continue
-        seen.add(state)
-        sharing = [other for other in range(len(responses))
-                   if len(responses[other]) > position and prompts[other] == prompt
-                   and responses[other][:position] == state[1]]
+        seen.add(point)
+        sharing = (points[:, position] == point).nonzero().squeeze(-1).tolist()
         chosen = collections.Counter(tokenizer.decode([responses[other][position]]) for other in sharing)
         fork = {
             "entropy": float(flat_scores[flat_index]),
             "sample": row,
             "position": position,
             "token": tokenizer.decode([response[position]]),
-            "before": tokenizer.decode(list((prompt + response[:position])[-context:])),
-            "after": tokenizer.decode(list(response[position + 1 : position + 1 + context // 2])),
+            "before": tokenizer.decode((prompt + response[:position])[-context:]),
+            "after": tokenizer.decode(response[position + 1 : position + 1 + context // 2]),
             "samples": len(sharing),
             "chosen": dict(chosen.most_common()),
         }

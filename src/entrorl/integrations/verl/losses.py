@@ -116,8 +116,11 @@ def config_get(config: Any, key: str, default: Any = None) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _method_parameters(method: str) -> frozenset[str]:
-    return frozenset(name for part in build_objective(method).parts for name in type(part).model_fields)
+def _method_defaults(method: str) -> dict[str, Any]:
+    """The method's own settings (its papers'): every parameter of its parts, and its loss aggregation."""
+    objective = build_objective(method)
+    defaults = {name: getattr(part, name) for part in objective.parts for name in type(part).model_fields}
+    return {**defaults, "loss_agg_mode": objective.loss_agg_mode}
 
 
 def entrorl_parameters(method: str, config: Any) -> dict[str, Any]:
@@ -126,7 +129,7 @@ def entrorl_parameters(method: str, config: Any) -> dict[str, Any]:
     verl's keys apply only where the method has that parameter; ``policy_loss.entrorl`` applies as given (its
     names are checked when the objective is built).
     """
-    owned = _method_parameters(method)
+    owned = _method_defaults(method).keys() - {"loss_agg_mode"}  # the parameters of the method's parts
     policy_loss = config_get(config, "policy_loss")
     sections = {"actor": config, "policy_loss": policy_loss}
     params: dict[str, Any] = {}
@@ -181,14 +184,6 @@ def required_fields(objective: Objective) -> tuple[str, ...]:
 
 
 _OBJECTIVES: dict[tuple[str, str], Objective] = {}
-
-
-@functools.lru_cache(maxsize=None)
-def _method_defaults(method: str) -> dict[str, Any]:
-    """The method's own settings (its papers'): every parameter of its parts, and its loss aggregation."""
-    objective = build_objective(method)
-    defaults = {name: getattr(part, name) for part in objective.parts for name in type(part).model_fields}
-    return {**defaults, "loss_agg_mode": objective.loss_agg_mode}
 
 
 def _objective(method: str, params: dict[str, Any], loss_agg_mode: str, loss_scale_factor: float | None,
