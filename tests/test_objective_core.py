@@ -735,8 +735,18 @@ def test_later_method_does_not_override_first_surrogate():
     assert objective.loss_agg_mode == "seq-mean-token-mean"
     objective = build_objective("grpo+kl_cov")
     assert objective.surrogate.name == "ppo_clip" and objective.loss_agg_mode == "seq-mean-token-mean"
-    objective = build_objective("gspo+dapo")
-    assert objective.surrogate.name == "gspo" and objective.surrogate.clip_ratio_high == 4e-4
+    assert build_objective("grpo+grpo").describe() == build_objective("grpo").describe()  # repeating it is harmless
+
+
+@pytest.mark.parametrize("composition, dropped", [
+    ("gspo+dapo", "dapo"), ("dapo+cispo", "cispo"), ("grpo+dapo", "dapo"), ("dapo+dual_clip", "dual_clip"),
+    ("dapo+clip_b+dr_grpo", "dr_grpo"), ("dapo+grpo", "grpo"),
+])
+def test_a_later_method_that_would_only_change_the_surrogate_is_refused(composition, dropped):
+    """A later method keeps only its shapers, regularisers, selectors and correction: one made of a surrogate alone
+    (CISPO, DAPO's clip-higher, dual-clip, Dr. GRPO's aggregation) would vanish without a trace."""
+    with pytest.raises(ValueError, match=rf"'{dropped}' adds nothing after '{composition.split('+')[0]}'.*put '{dropped}' first"):
+        build_objective(composition)
 
 
 def test_string_list_and_dict_compositions_agree():
@@ -998,3 +1008,44 @@ def test_rft_is_likelihood_of_correct_samples():
     (grad,) = torch.autograd.grad(out.loss, log_prob)
     torch.testing.assert_close(grad, torch.tensor([[-1 / 3, -1 / 3], [0.0, 0.0]]))
     assert get_method("rft").advantage_estimator == "psr"
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_METHODS))
+def test_padding_holding_nan_or_huge_values_reaches_neither_loss_nor_gradient(method):
+    """Every method's loss and gradient depend only on the masked-in tokens: padding whose old / reference / rollout
+    log-probs, entropies and discriminators are NaN or +1000 (exp overflows) changes nothing (lopti_reweight and
+    entropy_advantage used to turn it into NaN gradients)."""
+    import dataclasses
+
+    def run(poison: float | None):
+        torch.manual_seed(0)  # Clip-Cov draws its tokens from the global generator
+        logits, batch = full_batch(11)
+        if poison is not None:
+            fields = {}
+            for name in ("old_log_prob", "entropy", "disc", "disc_centered", "ref_log_prob", "rollout_log_prob", "advantages"):
+                value = getattr(batch, name)
+                fields[name] = torch.where(batch.mask, value, torch.full_like(value, poison))
+            batch = dataclasses.replace(batch, **fields)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # KL-Cov's on-policy notice is not what this checks
+            out = build_objective(method)(batch)
+        out.loss.backward()
+        return float(out.loss), logits.grad
+
+    clean_loss, clean_grad = run(None)
+    for poison in (float("nan"), 1000.0):
+        loss, grad = run(poison)
+        assert loss == pytest.approx(clean_loss, rel=1e-6, abs=1e-9), poison
+        assert torch.isfinite(grad).all() and torch.allclose(grad, clean_grad, rtol=1e-5, atol=1e-8), poison
+
+
+def test_parameters_that_cannot_work_together_are_refused():
+    """An empty covariance band would never drop a token; a negative W-REINFORCE lambda would push correct samples
+    down (the objective's positive_scale refused it, the estimator did not)."""
+    from entrorl import compute_advantages
+
+    with pytest.raises(ValueError, match=r"clip_cov_lb \(5\.0\) must be below clip_cov_ub \(1\.0\)"):
+        build_objective("clip_cov", clip_cov_lb=5, clip_cov_ub=1)
+    with pytest.raises(ValueError, match="lam must be >= 0"):
+        compute_advantages("w_reinforce", torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]), lam=-5)
+    assert compute_advantages("w_reinforce", torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]), lam=0).tolist() == [0, -1]

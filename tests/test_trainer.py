@@ -1032,3 +1032,43 @@ def test_shared_prompts_train_exactly_like_one_pass_per_row(tmp_path, tiny_model
         assert shared["reward/mean"] == plain["reward/mean"]
         for key in ("loss/total", "train/grad_norm", "entropy/mean", "entropy/predicted_delta", "entropy/measured_delta"):
             assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
+
+
+def test_a_logger_that_fails_to_start_leaves_no_run_directory_and_nothing_open(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                                monkeypatch):
+    """W&B without a login (here: an ``init`` that raises) fails the start; the run directory it was to log into is
+    removed again, and ``config.json`` records the data and model by absolute path."""
+    import importlib.machinery
+    import types
+
+    from entrorl.trainer import TrainConfig
+
+    opened = []
+    fake_wandb = types.ModuleType("wandb")
+    fake_wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+
+    def failing_init(**kwargs):
+        opened.append(kwargs["dir"])
+        raise RuntimeError("api key not configured (no-tty)")
+
+    fake_wandb.init = failing_init
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    train, _ = arithmetic_files
+    monkeypatch.chdir(train.parent)
+    config = TrainConfig.model_validate(make_config(tiny_model_dir, Path(train.name), None,
+                                                    logging={"progress": False, "wandb": True}))
+    with pytest.raises(RuntimeError, match="api key not configured"):
+        Trainer(config, run_dir=tmp_path / "run")
+    assert opened == [str(tmp_path / "run")] and not (tmp_path / "run").exists()
+
+    kept = tmp_path / "existing"  # a directory the user made is left in place
+    kept.mkdir()
+    with pytest.raises(RuntimeError, match="api key not configured"):
+        Trainer(config, run_dir=kept)
+    assert kept.is_dir()
+
+    config = config.model_copy(update={"logging": config.logging.model_copy(update={"wandb": False})})
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    recorded = json.loads((trainer.run_dir / "config.json").read_text())
+    assert recorded["data"]["train"] == os.path.realpath(train) and os.path.isabs(recorded["model"]["path"])
+    trainer.logger.close()

@@ -486,6 +486,8 @@ def w_reinforce(
     """W-REINFORCE (arXiv 2506.01347, Eq. 9, ``L = lam L_PSR + L_NSR``): ``A = +lam`` if
     ``R >= correct_threshold`` else ``-1``. No baseline, no std. ``lam = 1`` is REINFORCE with ±1
     rewards, ``lam = 0`` is NSR. The default threshold 0.5 works for 0/1 and ±1 rewards."""
+    if not float(lam) >= 0.0:  # as the objective's positive_scale: a negative lam would penalise correct samples
+        raise ValueError(f"w_reinforce: lam must be >= 0 (lam = 0 is NSR), got {lam}")
     r, _ = _check_rewards_groups(rewards, group_ids)
     correct = _is_correct(r, correct_threshold)
     return torch.where(correct, torch.full_like(r, float(lam)), torch.full_like(r, -1.0)).to(torch.float32)

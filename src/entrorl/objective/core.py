@@ -91,7 +91,7 @@ class Objective:
         # padding may hold anything (even NaN): zero it so no NaN can reach a gradient through 0 * NaN
         advantages = torch.where(mask, batch.advantages.detach().to(batch.log_prob.dtype), 0.0)
         for shaper in self.shapers:
-            advantages = shaper(batch, advantages, metrics)
+            advantages = torch.where(mask, shaper(batch, advantages, metrics), 0.0)
 
         # 2. the per-token policy loss
         surrogate = self.surrogate(batch, advantages, metrics)

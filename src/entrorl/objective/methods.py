@@ -104,8 +104,8 @@ class PartSpec(BaseModel):
 class ObjectiveConfig(BaseModel):
     """An objective as data (YAML-friendly). ``method`` names a base method, or several joined by ``+``
     (``"dapo+clip_b+forking_tokens"``): the first gives the surrogate and aggregation, the others add their
-    shapers, regularisers, selectors and correction (their surrogates are ignored: ``"dapo+dual_clip"`` is DAPO;
-    write ``build_objective("dapo", clip_ratio_c=3.0)`` for both). Explicit parts are merged on top (a part
+    shapers, regularisers, selectors and correction (their surrogates are ignored; a later method that brings nothing
+    else, as in ``"dapo+dual_clip"``, is refused: write ``build_objective("dapo", clip_ratio_c=3.0)`` for both). Explicit parts are merged on top (a part
     already present gets its parameters updated), and ``params`` overrides any parameter by its unique name."""
 
     model_config = ConfigDict(extra="forbid")
@@ -285,6 +285,28 @@ def _apply_overrides(comp: _Composition, overrides: dict[str, Any]) -> dict[str,
     return top_level
 
 
+def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Composition, *, first: str) -> None:
+    """A later method keeps only its shapers, regularisers, selectors and correction; one that has none and whose
+    surrogate or aggregation differ from the first method's (``"dapo+cispo"``, ``"grpo+dapo"``) would be dropped
+    without a trace, so it is refused. Repeating the first method's own settings (``"grpo+grpo"``) is harmless."""
+    if any(refs[kind] for kind in ("shapers", "regularizers", "selectors")) or refs["correction"] is not None:
+        return
+    surrogate = refs["surrogate"] or ("ppo_clip", {})
+    same_surrogate = comp.surrogate is not None and comp.surrogate[0] == surrogate[0] and comp.surrogate[1] == surrogate[1]
+    if same_surrogate and refs["loss_agg_mode"] in (None, comp.loss_agg_mode):
+        return
+    settings = {**surrogate[1], **({"loss_agg_mode": refs["loss_agg_mode"]} if refs["loss_agg_mode"] else {})}
+    described = ", ".join(f"{key}={value!r}" for key, value in settings.items())
+    advice = f"put '{name}' first"
+    if comp.surrogate is not None and comp.surrogate[0] == surrogate[0] and settings:
+        advice += f", or give the first method those settings: build_objective('{first}', {described})"
+    raise ValueError(
+        f"'{name}' adds nothing after '{first}': the first method of a composition gives the surrogate and the loss "
+        f"aggregation, the later ones add their shapers, regularisers, selectors and correction, and '{name}' has none "
+        f"(it is the surrogate '{surrogate[0]}'{f' with {described}' if described else ''}); {advice}"
+    )
+
+
 def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective:
     """Build a policy objective from a method name, ``"a+b+c"``, a list of names, a dict or an ObjectiveConfig.
 
@@ -299,8 +321,11 @@ def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective
     config = _to_config(name_or_config)
     comp = _Composition()
     names = config.method_names()
-    for name in names:
-        comp.add(_spec_refs(get_method(name)), source=name)
+    for position, name in enumerate(names):
+        refs = _spec_refs(get_method(name))
+        if position > 0:
+            _refuse_if_it_adds_nothing(name, refs, comp, first=names[0])
+        comp.add(refs, source=name)
     comp.add(_config_refs(config))
     if comp.surrogate is None:
         comp.surrogate = ("ppo_clip", {})

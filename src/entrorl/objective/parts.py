@@ -243,7 +243,8 @@ def make_part(kind: str, name: str, params: dict[str, Any]) -> Part:
     try:
         return cls(**params)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']} (got {item.get('input')!r})" for item in error.errors()
+        problems = "; ".join(  # a check across parameters has no location and its input is every parameter
+            f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']} (got {item.get('input')!r})" if item["loc"]
+            else item["msg"].removeprefix("Value error, ") for item in error.errors()
         )
         raise ValueError(f"{kind} '{name}': invalid parameter value — {problems}") from None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, model_validator
 
 from entrorl.dynamics import token_covariance
 from entrorl.objective.batch import PolicyBatch, fraction, masked_mean, masked_population_std, masked_quantile
@@ -66,6 +66,13 @@ class ClipCov(Selector):
     clip_cov_ub: float = Field(5.0, description="upper covariance bound w_high = 5 (arXiv 2505.22617)")
     keep_in_normaliser: bool = Field(True, description="released code keeps dropped tokens in the normaliser (arXiv 2505.22617 repo)")
     seed: int | None = Field(None, description="seed of a private generator for the random choice; None = global RNG")
+
+    @model_validator(mode="after")
+    def _check_band(self) -> "ClipCov":
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            raise ValueError(f"clip_cov_lb ({self.clip_cov_lb}) must be below clip_cov_ub ({self.clip_cov_ub}): "
+                             "no covariance lies in an empty band, so nothing would ever be dropped")
+        return self
 
     _generator: torch.Generator | None = PrivateAttr(default=None)
 
@@ -137,7 +144,9 @@ class _EntropyQuantileSelector(Selector):
 class ForkingTokens(_EntropyQuantileSelector):
     """Keep tokens with ``H_t >= tau``, ``tau`` the ``(1 - rho)`` quantile (linear interpolation) of the valid
     tokens' entropies; the rest are dropped and leave the normaliser (the paper's Eq. 6 divides by the
-    number of kept tokens). ``rho = 1`` keeps every token."""
+    number of kept tokens). ``rho = 1`` keeps every token. Tokens tied at ``tau`` are all kept, as in the paper's
+    rule and TRL's ``top_entropy_quantile``: when most entropies are equal (exactly 0 wherever top-k / top-p sampling
+    left one candidate) more than ``rho`` is kept, and ``select/forking_tokens_frac`` shows the share really dropped."""
 
 
 @register_part(

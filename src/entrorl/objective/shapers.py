@@ -28,10 +28,11 @@ class EntropyAdvantage(Shaper):
     kappa: float = Field(2.0, gt=1.0, description="kappa = 2 (arXiv 2506.14758)")
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> torch.Tensor:
-        bonus = torch.minimum(self.alpha * batch.entropy.detach().to(advantages.dtype), advantages.abs() / self.kappa)
+        entropy = torch.where(batch.mask, batch.entropy.detach().to(advantages.dtype), 0.0)  # padding may hold NaN
+        bonus = torch.minimum(self.alpha * entropy, advantages.abs() / self.kappa)
         metrics["shape/entropy_advantage_bonus"] = float(masked_mean(bonus, batch.mask))
         metrics["shape/entropy_advantage_capped_frac"] = float(
-            masked_mean(((self.alpha * batch.entropy.detach()) > advantages.abs() / self.kappa).float(), batch.mask)
+            masked_mean(((self.alpha * entropy) > advantages.abs() / self.kappa).float(), batch.mask)
         )
         return advantages + bonus
 
@@ -48,7 +49,8 @@ class LoptiReweight(Shaper):
     alpha: float = Field(0.3, ge=0.0, le=1.0, description="alpha = 0.3 (arXiv 2505.12929)")
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> torch.Tensor:
-        weight = self.alpha * batch.old_log_prob.detach().exp().to(advantages.dtype) + (1.0 - self.alpha)
+        old_prob = torch.where(batch.mask, batch.old_log_prob.detach().to(advantages.dtype), 0.0).exp()  # padding: any value
+        weight = self.alpha * old_prob + (1.0 - self.alpha)
         metrics["shape/lopti_weight_mean"] = float(masked_mean(weight, batch.mask))
         return advantages * weight
 

@@ -38,6 +38,15 @@ class MetricsLogger:
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")
         self._tensorboard = self._wandb = self._trackio = None
+        try:
+            self._open_backends(run_dir, resume_step=resume_step, tensorboard=tensorboard, wandb=wandb, trackio=trackio,
+                                run_name=run_name, config=config)
+        except BaseException:  # a back-end that fails to start (no login, no server) leaves nothing open behind it
+            self.close()
+            raise
+
+    def _open_backends(self, run_dir: Path, *, resume_step, tensorboard, wandb, trackio, run_name, config) -> None:
+        """Start the TensorBoard / W&B / trackio mirrors that were asked for."""
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

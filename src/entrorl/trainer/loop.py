@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import signal
 import threading
 import time
@@ -180,13 +181,20 @@ class Trainer:
         self._warned_nothing_trained = False
         if saved_state is not None:
             self._restore(saved_state)
+        created_run_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no directory
-        (self.run_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
-        self.logger = MetricsLogger(
-            self.run_dir, resume_step=self.step if checkpoint is not None else None, tensorboard=config.logging.tensorboard,
-            wandb=config.logging.wandb, trackio=config.logging.trackio, run_name=self.run_dir.name,
-            config=config.model_dump(mode="json"),
-        )
+        try:  # ... not even when a logger (a W&B login, a tracking server) fails to start
+            # absolute paths, so that the record names the same files from any working directory
+            (self.run_dir / "config.json").write_text(json.dumps(with_resolved_paths(config.model_dump(mode="json")), indent=2))
+            self.logger = MetricsLogger(
+                self.run_dir, resume_step=self.step if checkpoint is not None else None,
+                tensorboard=config.logging.tensorboard, wandb=config.logging.wandb, trackio=config.logging.trackio,
+                run_name=self.run_dir.name, config=config.model_dump(mode="json"),
+            )
+        except BaseException:
+            if created_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _check_resume_changes(self, saved_state: dict[str, Any]) -> list[tuple[str, Any, Any]]:
