@@ -355,6 +355,16 @@ def test_unlikely_matches_reference(seed):
     np.testing.assert_allclose(got.numpy(), ref_grpo(shaped, gid), rtol=1e-5, atol=1e-6)
 
 
+def test_unlikeliness_with_negative_rewards_still_ranks_the_likely_sample_lower():
+    """A negative reward loses the same share of |R| (R (1 + beta rank/G)); multiplying by (1 - beta rank/G) would
+    have made the most likely of four -1 rewards the least penalised."""
+    r = torch.tensor([-1.0, -1.0, -1.0, -1.0])
+    lp = torch.tensor([-0.1, -3.0, -0.7, -1.5])  # ranks 3, 0, 2, 1
+    shaped = unlikeliness_shaped_rewards(r, torch.zeros(4, dtype=torch.long), lp)
+    assert shaped.tolist() == pytest.approx([-1 - 0.25 * 3 / 4, -1.0, -1 - 0.25 * 2 / 4, -1 - 0.25 / 4])
+    assert int(shaped.argmin()) == 0 and int(shaped.argmax()) == 1
+
+
 def test_unlikely_prefers_the_less_likely_correct_sample():
     r = torch.tensor([1.0, 1.0, 0.0, 0.0])
     g = torch.zeros(4, dtype=torch.long)

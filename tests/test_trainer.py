@@ -460,6 +460,13 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
     assert load_config(base, ['data.prompt_template="{{x}}: {prompt}"']).data.prompt_template == "{{x}}: {prompt}"
     with pytest.raises(ConfigError, match=r"--set 'optim.lr=\[1': the value is not valid YAML"):
         load_config(base, ["optim.lr=[1"])
+    # DAPO's overlong penalty that no response can reach (max_new_tokens is 6 here); above the limit, a warning
+    with pytest.raises(ConfigError, match=r"reward.overlong: the penalty starts after max_length - cache_length = 10 "
+                                          r"tokens.*rollout.max_new_tokens = 6, so it would never apply"):
+        load_config(base, ["reward.overlong={max_length: 14, cache_length: 4}"])
+    with pytest.warns(UserWarning, match="a response cut at the limit gets only part of the penalty"):
+        load_config(base, ["reward.overlong={max_length: 8, cache_length: 4}"])
+    assert load_config(base, ["reward.overlong={max_length: 6, cache_length: 4}"]).reward.overlong.max_length == 6
     # a method given by name takes parameters from --set too
     tuned = load_config({**base, "method": "clip_b"}, ["method.params.mu=3"])
     assert tuned.method.method == "clip_b" and tuned.method.params == {"mu": 3}

@@ -128,13 +128,15 @@ def diversity_adjusted_rewards(
 ) -> torch.Tensor:
     """DRA-GRPO (arXiv 2505.09655): ``R'_i = R_i * w_i`` with :func:`diversity_weights`, float32 ``[n]``.
 
+    The paper's rewards are >= 0. A negative reward loses the same share ``|R_i| (1 - w_i)`` instead,
+    ``R'_i = R_i (2 - w_i)``: multiplying would make a completion that repeats its group the least penalised.
     Apply it to the per-sample rewards before the advantage estimator, like DAPO's overlong shaping.
     """
     reward = torch.as_tensor(rewards, dtype=torch.float64).cpu()
     if reward.dim() != 1 or reward.numel() != len(completions):
         raise ValueError(f"rewards must be 1-d with one value per completion ({len(completions)}), got shape {tuple(reward.shape)}")
     weights = diversity_weights(completions, group_ids, group_size=group_size, embedder=embedder)
-    return (reward * weights).to(torch.float32)
+    return (reward - (1.0 - weights) * reward.abs()).to(torch.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -259,7 +259,9 @@ class CausalLMJudge:
 class RewardModelJudge:
     """A sequence-classification reward model; the score is the logit (one label) or the softmax
     probability of ``label`` (default: the last label). Input: the tokenizer's chat template over
-    ``[user: prompt, assistant: completion]`` when it has one, else ``prompt + completion``."""
+    ``[user: prompt, assistant: completion]`` when it has one, else ``prompt + completion``. An input longer than
+    ``max_length`` tokens keeps its last ``max_length``: the end of the completion, where the answer is (as the
+    yes/no judge keeps the end of its question)."""
 
     def __init__(self, directory: str | Path, *, label: int | None = None, max_length: int | None = None, device: str = "cpu"):
         from transformers import AutoModelForSequenceClassification
@@ -268,6 +270,7 @@ class RewardModelJudge:
 
         self.directory = Path(directory)
         self.tokenizer = load_tokenizer(self.directory)
+        self.tokenizer.truncation_side = "left"
         self.model = AutoModelForSequenceClassification.from_pretrained(self.directory, dtype=torch.float32, local_files_only=True)
         self.model = self.model.to(device).eval()
         if self.model.config.pad_token_id is None:  # the head pools the last non-pad token of each row
@@ -279,7 +282,8 @@ class RewardModelJudge:
         self.label = label if label is not None else n_labels - 1
         self.n_labels = n_labels
         self.max_length = max_length or int(getattr(self.model.config, "max_position_embeddings", 4096))
-        self.judge_id = f"reward-model:{self.directory.resolve()}:{self.label}:{self.max_length}"
+        # the cache key names how long inputs are cut, so scores cached when they were cut from the right are not reused
+        self.judge_id = f"reward-model:{self.directory.resolve()}:{self.label}:{self.max_length}:keep-end"
 
     @torch.no_grad()
     def __call__(self, samples: list[Sample]) -> list[float]:

@@ -17,8 +17,10 @@ partial credit, e.g. ``len(reference) / len(answer)`` when the answer contains t
 
 Some verifiers read their dataset's configuration, so the scorer is built with the same config the
 records were generated with (the ``config`` factory option, or ``meta["config"]`` which
-:func:`reasoning_gym_records` stores). Entries must reach the reward unchanged (keep them as Python
-objects; a round trip through Arrow / JSON may alter nested metadata).
+:func:`reasoning_gym_records` stores). Entries must reach the verifier unchanged, and JSON has no tuples, sets or
+non-string keys (ARC's grids are tuples of tuples, which its verifier compares with ``==``): the records store each
+entry in a JSON form that says what each such value was (:func:`entry_to_json`), and the reward rebuilds it
+(:func:`entry_from_json`) before scoring, so a data file written as JSON Lines scores exactly like the records.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ __all__ = [
     "REASONING_GYM_INSTRUCTION",
     "ReasoningGymReward",
     "available_reasoning_gym_tasks",
+    "entry_from_json",
+    "entry_to_json",
     "extract_reasoning_gym_answer",
     "reasoning_gym_records",
 ]
@@ -47,6 +51,48 @@ REASONING_GYM_INSTRUCTION = (
 )
 
 _TAG_OPEN, _TAG_CLOSE = "<answer>", "</answer>"
+
+
+# markers of the values JSON cannot hold as they are; a one-key object {marker: [...]} stands for the value
+_TUPLE, _SET, _ITEMS = "__tuple__", "__set__", "__dict_items__"
+
+
+def entry_to_json(value: Any) -> Any:
+    """``value`` made of what JSON holds: a tuple becomes ``{"__tuple__": [...]}``, a set ``{"__set__": [...]}`` and a
+    dict with a key that is not a string ``{"__dict_items__": [[key, value], ...]}``, recursively; the rest as it is.
+    :func:`entry_from_json` undoes it."""
+    if isinstance(value, tuple):
+        return {_TUPLE: [entry_to_json(item) for item in value]}
+    if isinstance(value, (set, frozenset)):
+        return {_SET: [entry_to_json(item) for item in sorted(value, key=repr)]}
+    if isinstance(value, Mapping):
+        if all(isinstance(key, str) for key in value):
+            return {key: entry_to_json(item) for key, item in value.items()}
+        return {_ITEMS: [[entry_to_json(key), entry_to_json(item)] for key, item in value.items()]}
+    if isinstance(value, list):
+        return [entry_to_json(item) for item in value]
+    return value
+
+
+def entry_from_json(value: Any) -> Any:
+    """The value :func:`entry_to_json` was given (a tuple's or a set's items, a dict's keys, with their types)."""
+    if isinstance(value, Mapping):
+        if len(value) == 1:
+            (marker, items), = value.items()
+            if marker == _TUPLE and isinstance(items, list):
+                return tuple(entry_from_json(item) for item in items)
+            if marker == _SET and isinstance(items, list):
+                return {entry_from_json(item) for item in items}
+            if marker == _ITEMS and isinstance(items, list):
+                return {_hashable(entry_from_json(key)): entry_from_json(item) for key, item in items}
+        return {key: entry_from_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [entry_from_json(item) for item in value]
+    return value
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(key) if isinstance(key, list) else key
 
 
 def available_reasoning_gym_tasks() -> list[str]:
@@ -92,7 +138,8 @@ def reasoning_gym_records(
     """Generate ``size`` records of a reasoning-gym task, deterministically from ``seed``.
 
     Each record is ``{"prompt": question, "answer": reference answer (str, or None for tasks whose
-    answers are checked without one), "meta": {"entry": entry, "task": task, "config": config}}``.
+    answers are checked without one), "meta": {"entry": entry, "task": task, "config": config}}``, the entry in its
+    JSON form (:func:`entry_to_json`), so that the records can be written to a data file as they are.
     ``instruction`` (e.g. :data:`REASONING_GYM_INSTRUCTION`) is appended to every prompt after a blank
     line. ``config`` holds further options of the task's config dataclass (difficulty ranges, ...).
     """
@@ -115,7 +162,7 @@ def reasoning_gym_records(
             {
                 "prompt": prompt,
                 "answer": None if answer is None else str(answer),
-                "meta": {"entry": entry, "task": task, "config": dict(config)},
+                "meta": {"entry": entry_to_json(entry), "task": task, "config": dict(config)},
             }
         )
     return records
@@ -198,6 +245,8 @@ class ReasoningGymReward:
         entry = meta.get("entry")
         if isinstance(entry, str):
             entry = json.loads(entry)
+        if isinstance(entry, Mapping):
+            entry = entry_from_json(entry)
         if not isinstance(entry, Mapping):
             raise ValueError(
                 "the reasoning_gym reward needs the reasoning-gym entry dict in meta['entry']: the data needs an "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -362,6 +363,19 @@ class TrainConfig(_Section):
         if self.optim.kl_reference is False and "ref_log_prob" in build_objective(self.method).required_fields:
             raise ValueError(f"optim.kl_reference is false, but method {self.method_label()!r} needs the reference "
                              "model's log-probs (kl_ref); set it to true or leave it out")
+        overlong = self.reward.overlong
+        if overlong is not None and overlong.max_length - overlong.cache_length >= self.rollout.max_new_tokens:
+            raise ValueError(
+                f"reward.overlong: the penalty starts after max_length - cache_length = "
+                f"{overlong.max_length - overlong.cache_length} tokens, and no response is longer than "
+                f"rollout.max_new_tokens = {self.rollout.max_new_tokens}, so it would never apply; DAPO's max_length is "
+                "the response limit (set reward.overlong.max_length to rollout.max_new_tokens)"
+            )
+        if overlong is not None and overlong.max_length > self.rollout.max_new_tokens:
+            warnings.warn(
+                f"reward.overlong.max_length = {overlong.max_length} is above rollout.max_new_tokens = "
+                f"{self.rollout.max_new_tokens}: a response cut at the limit gets only part of the penalty (DAPO sets "
+                "max_length to the response limit)", stacklevel=2)
         if self.reward.unlikeliness is not None and estimator == "unlikely":
             raise ValueError("reward.unlikeliness and the 'unlikely' advantage estimator both apply the unlikeliness "
                              "reward; keep one (the estimator is reward.unlikeliness + grpo)")

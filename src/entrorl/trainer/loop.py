@@ -435,12 +435,13 @@ class Trainer:
         return informative_groups(values, group_ids)
 
     def _shape_group_rewards(self, rewards, completions: list[str], group_ids, seq_log_prob, metrics: dict[str, float]):
-        """Group-level reward shaping before the advantage (each multiplies R, so their order does not matter):
-        DRA-GRPO diversity weights (arXiv 2505.09655) and the unlikeliness rank scaling (arXiv 2506.02355)."""
+        """Group-level reward shaping before the advantage (each takes a share of ``|R|`` off, so their order does
+        not matter): DRA-GRPO diversity weights (arXiv 2505.09655) and the unlikeliness rank scaling (arXiv
+        2506.02355)."""
         if self.diversity_embedder is not None:
             started = time.perf_counter()
             weights = diversity_weights(completions, group_ids, embedder=self.diversity_embedder)
-            rewards = (rewards.double() * weights).float()
+            rewards = (rewards.double() - (1.0 - weights) * rewards.double().abs()).float()  # see diversity_adjusted_rewards
             metrics["reward/diversity_weight_mean"] = float(weights.mean())
             metrics["time/diversity_s"] = time.perf_counter() - started
         if self.config.reward.unlikeliness is not None:
