@@ -989,3 +989,10 @@ def test_population_needs_the_rows_of_the_batch():
     with pytest.raises(ValueError, match="keep the population's width"):
         _ = PolicyBatch(**{name: getattr(population, name)[:2, :3] for name in FIELDS}, mask=population.mask[:2, :3],
                         population=population, rows=torch.arange(2))
+
+
+@pytest.mark.parametrize("selector", ["forking_tokens", "low_entropy_tokens"])
+def test_a_zero_entropy_share_is_refused(selector):
+    """rho = 0 does not mean 'no token': the threshold is then the largest entropy, and H >= tau keeps its token(s)."""
+    with pytest.raises(ValueError, match="top_entropy_quantile"):
+        build_objective(selector, top_entropy_quantile=0.0)

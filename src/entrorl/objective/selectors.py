@@ -120,8 +120,8 @@ class _EntropyQuantileSelector(Selector):
     requires: ClassVar[tuple[str, ...]] = ("entropy",)
     keep_high: ClassVar[bool] = True
 
-    top_entropy_quantile: float = Field(
-        0.2, ge=0.0, le=1.0, description="rho, share of highest-entropy tokens (forks); 0.2 (arXiv 2506.01939)"
+    top_entropy_quantile: float = Field(  # rho = 0 would keep the top entropy's token(s), not none: refused
+        0.2, gt=0.0, le=1.0, description="rho, share of highest-entropy tokens (forks), in (0, 1]; 0.2 (arXiv 2506.01939)"
     )
     keep_in_normaliser: bool = Field(False, description="the paper normalises by the number of kept tokens (arXiv 2506.01939, Eq. 6)")
 
