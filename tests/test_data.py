@@ -807,3 +807,56 @@ def test_write_then_stream_then_filter_pipeline(tmp_path):
     assert [r.meta["i"] for r in loaded] == list(range(2, 15))
     s = PromptStream(loaded, seed=0)
     assert sorted(i for i, _ in s.next_batch(len(loaded))) == list(range(len(loaded)))
+
+
+# --------------------------------------------------------------------------------------------------
+# output locations, checked before any work
+# --------------------------------------------------------------------------------------------------
+
+
+def test_output_checks_refuse_what_cannot_be_written_and_leave_nothing_behind(tmp_path):
+    from entrorl.data.loading import check_output_directory, check_output_file
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*a_file/e\.json cannot be written: .*a_file is not a directory"):
+        check_output_file(a_file / "e.json", what="--out")
+    with pytest.raises(ValueError, match="a_file is not a directory"):
+        check_output_file(a_file / "deeper" / "e.json")
+    with pytest.raises(ValueError, match=r"--out .* is a directory; expected the path of a file"):
+        check_output_file(tmp_path, what="--out")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        check_output_directory(a_file)
+    with pytest.raises(ValueError, match="a_file is not a directory"):
+        check_output_directory(a_file / "audit")
+    if Path("/proc/self").is_dir():  # Linux: no file can be made there, not even by root
+        with pytest.raises(ValueError, match=r"/proc/entrorl_x cannot be created"):
+            check_output_file("/proc/entrorl_x/e.json", what="--out")
+        with pytest.raises(ValueError, match="cannot be written"):
+            check_output_directory("/proc/entrorl_audit")
+
+    assert check_output_file(tmp_path / "new" / "deeper" / "e.json") == tmp_path / "new" / "deeper" / "e.json"
+    assert check_output_directory(tmp_path / "new" / "audit") == tmp_path / "new" / "audit"
+    assert check_output_file(a_file) == a_file  # an existing file may be replaced
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file"]  # no folder, no probe file left
+
+
+def test_cli_reasoning_gym_errors_are_one_line(tmp_path):
+    """A --out that cannot be written and a task that reasoning-gym cannot generate with its defaults (composite
+    needs a list of data sets) end in one line naming the problem, exit status 2, no traceback."""
+    pytest.importorskip("reasoning_gym")
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, message in ((tmp_path, "is a directory"), (a_file / "x.jsonl", "a_file is not a directory")):
+        result = CliRunner().invoke(app, ["data", "reasoning-gym", "basic_arithmetic", "--size", "2", "--out", str(out)])
+        assert result.exit_code == 2 and "error: --out" in result.output and message in result.output, result.output
+        assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output  # not an uncaught error
+    result = CliRunner().invoke(app, ["data", "reasoning-gym", "composite", "--size", "2", "--out", str(tmp_path / "c.jsonl")])
+    assert result.exit_code == 2, result.output
+    assert "reasoning-gym cannot generate the task 'composite'" in result.output and "AssertionError" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "c.jsonl").exists()

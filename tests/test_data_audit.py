@@ -8,6 +8,7 @@ import csv
 import hashlib
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,23 @@ def test_the_consensus_threshold_is_configurable():
     assert audit_prompt(answers, correct, thresholds=AuditThresholds(low_pass_rate=0.0)).verdict == "ok"
 
 
+def test_a_tie_for_the_most_common_answer_is_no_consensus():
+    """Two samples answering 5 and 9 agree on nothing: a share of 1/2 meets consensus 0.5, but neither answer is the
+    majority. One answer strictly most common at the same share still is (unanswered samples form no group)."""
+    split = audit_prompt(["5", "9"], [False, False], thresholds=THRESHOLDS)
+    assert (split.verdict, split.majority_share, split.majority_tied) == ("hard", 0.5, True)
+    assert split.to_dict()["majority_tied"] is True
+    answers, correct = sixteen({"3": 8, "4": 8}, "7")
+    assert audit_prompt(answers, correct, thresholds=THRESHOLDS).verdict == "hard"
+    answers, correct = sixteen({"3": 8, None: 8}, "7")
+    single = audit_prompt(answers, correct, thresholds=THRESHOLDS)
+    assert (single.verdict, single.majority_tied) == ("looks_wrong", False)
+    answers, correct = sixteen({"3": 8, "4": 7, "7": 1}, "7")
+    assert audit_prompt(answers, correct, thresholds=THRESHOLDS).verdict == "looks_wrong"
+    assert classify(0.0, 1.0, False, THRESHOLDS, majority_tied=True) == "hard"
+    assert classify(0.0, 1.0, False, THRESHOLDS) == "looks_wrong"
+
+
 def test_histogram_needs_one_sample_count():
     one = audit_prompt(["1"], [True])
     two = audit_prompt(["1", "2"], [True, False])
@@ -269,6 +287,38 @@ def test_json_csv_and_parquet_rows_keep_every_column(tmp_path):
     assert pq.read_table(out).to_pylist() == [rows[0], rows[2]]
 
 
+def test_arrow_rows_are_written_as_arrow_and_read_back_identically(tmp_path):
+    """An Arrow IPC file stays a file and a stream (a datasets shard) a stream, with its schema (metadata included);
+    keeping no row at all gives an empty table, for Parquet too."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from entrorl.data.loading import read_arrow_ipc
+
+    rows = [{"prompt": f"p{i}", "answer": str(i), "level": i, "tags": ["t"] * i} for i in range(4)]
+    table = pa.Table.from_pylist(rows).replace_schema_metadata({"origin": "test"})
+    for name, writer, is_stream in (("file.arrow", pa.ipc.new_file, False), ("stream.arrow", pa.ipc.new_stream, True)):
+        data = tmp_path / name
+        with pa.OSFile(str(data), "wb") as sink, writer(sink, table.schema) as out:
+            out.write_table(table)
+        before = digest(data)
+        records = load_prompts(data)
+        out = write_selected_rows(data, records, [True, False, False, True], tmp_path / "kept" / name)
+        written, written_is_stream = read_arrow_ipc(out)
+        assert written_is_stream is is_stream and written.schema.equals(table.schema, check_metadata=True)
+        assert written.to_pylist() == [rows[0], rows[3]]
+        kept = load_prompts(out)
+        assert [(r.prompt, r.answer, r.meta) for r in kept] == [(r.prompt, r.answer, r.meta) for r in (records[0], records[3])]
+        empty = write_selected_rows(data, records, [False] * 4, tmp_path / "none" / name)
+        assert read_arrow_ipc(empty)[0].num_rows == 0 and read_arrow_ipc(empty)[0].schema.equals(table.schema)
+        assert digest(data) == before
+
+    frame = tmp_path / "set.parquet"
+    pq.write_table(table, frame)
+    empty = write_selected_rows(frame, load_prompts(frame), [False] * 4, tmp_path / "none.parquet")
+    assert pq.read_table(empty).num_rows == 0 and pq.read_table(empty).schema.names == table.schema.names
+
+
 # --------------------------------------------------------------------------------------------------
 # output files from a hand-made result (no model)
 # --------------------------------------------------------------------------------------------------
@@ -346,6 +396,40 @@ def test_a_saved_data_set_is_audited_into_a_new_directory(tmp_path):
     assert sorted((path.name, path.stat().st_size) for path in directory.iterdir()) == listing
 
 
+def test_nothing_is_labelled_or_written_when_the_reward_failed_on_every_sample(tmp_path):
+    """A reward that raised on every sample (``--reward code`` on math data) scores every answer 0: the prompts would
+    all look wrong and the filtered file would be empty. The outputs are refused instead, naming the failure."""
+    data = tmp_path / "table.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"problem {i}", "answer": row[0]}) + "\n" for i, row in enumerate(TABLE)))
+    result = hand_made_result(data)
+    result.reward_errors, result.first_reward_error = 7 * 16, "reward raised for sample 0: KeyError: 'tests'\nTraceback ..."
+    assert result.n_sampled == 112 and result.reward_failed_everywhere
+    with pytest.raises(ValueError, match=r"the reward failed on all 112 samples \(first failure: reward raised for "
+                                         r"sample 0: KeyError: 'tests'\).*no prompt was labelled"):
+        write_audit_outputs(result, data, tmp_path / "audit")
+    assert not (tmp_path / "audit").exists()
+    result.reward_errors = 111  # one sample scored: the audit goes ahead, its summary counting the failures
+    outputs = write_audit_outputs(result, data, tmp_path / "audit", plot=False)
+    summary = json.loads(outputs.summary_json.read_text())
+    assert summary["reward_errors"] == 111 and summary["first_reward_error"] == "reward raised for sample 0: KeyError: 'tests'"
+
+
+def test_the_audit_output_is_checked_before_sampling(tmp_path):
+    from entrorl.trainer.audit import check_audit_output
+
+    data = tmp_path / "set.jsonl"
+    data.write_text('{"prompt": "p", "answer": "1"}\n')
+    assert check_audit_output(data) == tmp_path / "set.audit" and not (tmp_path / "set.audit").exists()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        check_audit_output(data, a_file)
+    with pytest.raises(ValueError, match="set.jsonl is not a directory"):
+        check_audit_output(data, data / "audit")
+    with pytest.raises(ValueError, match=r"cannot write rows of .*set\.txt \(unsupported format '\.txt'\)"):
+        check_audit_output(tmp_path / "set.txt", tmp_path / "audit")
+
+
 # --------------------------------------------------------------------------------------------------
 # through the sampler: context limits and CLI errors (a random-init tiny model)
 # --------------------------------------------------------------------------------------------------
@@ -390,6 +474,121 @@ def test_cli_reports_malformed_rows_and_bad_options_before_sampling(tmp_path, ti
     result = runner.invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(data), "--consensus", "0"])
     assert result.exit_code == 2 and "consensus must be in" in result.output
     assert not (tmp_path / "broken.audit").exists()
+
+
+def test_cli_refuses_outputs_it_could_not_write_before_loading_the_model(tmp_path, tiny_model_dir, monkeypatch):
+    """`eval --out` and `data audit --out` that cannot be written: one line, exit 2, and no model loaded (the sampling
+    is not lost after the fact)."""
+    import entrorl.modeling
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although the output cannot be written")
+
+    monkeypatch.setattr(entrorl.modeling, "load_causal_lm", no_loading)
+    data = tmp_path / "set.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    common = ["--model", str(tiny_model_dir), "--data", str(data), "--n", "2"]
+    cases = [
+        (["eval", *common, "--out", str(a_file / "e.json")], "a_file is not a directory"),
+        (["eval", *common, "--out", str(tmp_path)], "is a directory; expected the path of a file"),
+        (["data", "audit", *common, "--out", str(a_file)], "exists and is not a directory"),
+        (["data", "audit", *common, "--out", str(a_file / "audit")], "a_file is not a directory"),
+    ]
+    if Path("/proc/self").is_dir():
+        cases += [(["eval", *common, "--out", "/proc/entrorl_x/e.json"], "/proc/entrorl_x cannot be created"),
+                  (["data", "audit", *common, "--out", "/proc/entrorl_audit"], "/proc/entrorl_audit cannot be")]
+    for args, message in cases:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output, result.exception)
+        assert result.output.startswith("error: ") and message in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_cli_audits_an_arrow_file_into_an_arrow_copy(tmp_path, tiny_model_dir):
+    pa = pytest.importorskip("pyarrow")
+    from entrorl.data.loading import read_arrow_ipc
+
+    table = pa.Table.from_pylist([{"prompt": f"{a}+1=", "answer": str(a + 1), "id": a} for a in range(3)])
+    data = tmp_path / "set.arrow"
+    with pa.OSFile(str(data), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(data), "--n", "2",
+                                      "--max-new-tokens", "2", "--band", "[0, 1]", "--keep-wrong"])
+    assert result.exit_code == 0, result.output
+    filtered = tmp_path / "set.audit" / "set.filtered.arrow"
+    assert read_arrow_ipc(filtered)[0].equals(table, check_metadata=True)
+    assert [(r.prompt, r.answer, r.meta) for r in load_prompts(filtered)] == [(r.prompt, r.answer, r.meta) for r in load_prompts(data)]
+
+
+REWARDS_MODULE = """
+def flaky(prompt, completion, answer, **meta):
+    if prompt.startswith("3"):
+        raise ValueError("[i]bad[/i] thing")
+    return 0.0
+
+def broken(prompt, completion, answer, **meta):
+    raise KeyError("tests")
+"""
+
+
+@pytest.fixture
+def markup_data(tmp_path, monkeypatch):
+    """A data file (by a relative path, so that tables print it whole) whose references are rich markup, and rewards
+    that fail: ``entrorl_test_audit_rewards:flaky`` on the third prompt with markup in its message, ``:broken``
+    everywhere."""
+    (tmp_path / "entrorl_test_audit_rewards.py").write_text(REWARDS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": "1+1=", "answer": "[/i]"}, {"prompt": "2+2=", "answer": "[bold]x"}, {"prompt": "3+3=", "answer": "6"}]
+    Path("m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    yield Path("m.jsonl")
+    sys.modules.pop("entrorl_test_audit_rewards", None)
+
+
+def test_cli_prints_data_verbatim_and_reward_failures_in_one_line(markup_data, tiny_model_dir, monkeypatch):
+    """References, majority answers and reward errors holding rich markup are printed as they are; a reward failure is
+    one line on the terminal (count, first error), its traceback kept in a file, for `data audit` and `eval` alike."""
+    import entrorl.trainer.audit
+
+    monkeypatch.setattr(entrorl.trainer.audit, "answer_tools", lambda reward: (lambda completion: "[/b]7", lambda a, b: a == b))
+    result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "2",
+                                      "--max-new-tokens", "2", "--reward", "entrorl_test_audit_rewards:flaky", "--out", "aud"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert "looks wrong 3" in result.output  # every sample answered "[/b]7", which the reward never accepted
+    for text in ("[/i]", "[bold]x", "[/b]7", "m.jsonl:1"):
+        assert text in result.output, text
+    (line,) = [line for line in result.output.splitlines() if line.startswith("reward errors")]
+    assert line == ("reward errors: the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample "
+                    "4: ValueError: [i]bad[/i] thing; its traceback is in aud/reward_errors.log")
+    log = Path("aud/reward_errors.log").read_text()
+    assert "Traceback (most recent call last)" in log and "ValueError: [i]bad[/i] thing" in log
+    assert json.loads(Path("aud/summary.json").read_text())["reward_errors"] == 2
+
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "2",
+                                      "--max-new-tokens", "2", "--reward", "entrorl_test_audit_rewards:flaky",
+                                      "--out", "eval/e.json"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert ("the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample 4: ValueError: "
+            "[i]bad[/i] thing; its traceback is in eval/e.reward_errors.log") in result.output
+    assert "Traceback (most recent call last)" in Path("eval/e.reward_errors.log").read_text()
+    summary = json.loads(Path("eval/e.json").read_text())
+    assert summary["reward_errors"] == 2 and summary["reward_errors_log"] == "eval/e.reward_errors.log"
+    assert summary["first_reward_error"] == "reward raised for sample 4: ValueError: [i]bad[/i] thing"
+
+
+def test_cli_audit_refuses_to_label_when_the_reward_failed_on_every_sample(markup_data, tiny_model_dir):
+    result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "2",
+                                      "--max-new-tokens", "2", "--reward", "entrorl_test_audit_rewards:broken", "--out", "aud"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert "the reward failed on all 6 samples (first failure: reward raised for sample 0: KeyError: 'tests')" in line
+    assert "no prompt was labelled and no filtered file was written" in line and "aud/reward_errors.log" in line
+    assert "Traceback" not in result.output
+    assert sorted(path.name for path in Path("aud").iterdir()) == ["reward_errors.log"]
 
 
 # --------------------------------------------------------------------------------------------------

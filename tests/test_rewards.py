@@ -407,6 +407,21 @@ def test_runner_survives_a_raising_reward():
     assert res.scores.dtype == torch.float32 and res.correct.dtype == torch.bool
 
 
+def test_a_failing_reward_is_logged_in_one_line_and_its_traceback_kept_in_first_error(caplog):
+    """The terminal of `train`, `eval` and `data audit` gets one line per runner (which sample, the exception); the
+    traceback stays in ``first_error``, which the trainer keeps in reward_errors.log."""
+    runner = RewardRunner(_fragile_reward)
+    with caplog.at_level("WARNING", logger="entrorl.rewards.base"):
+        res = runner(["p"] * 3, ["a", "boom", "boom"], ["a"] * 3, [{}] * 3, [1, 2, 3])
+    (record,) = caplog.records
+    assert "\n" not in record.getMessage() and "Traceback" not in record.getMessage()
+    assert "failed on 2 of 3 samples" in record.getMessage()
+    assert "sample 1: RuntimeError: kaboom in the reward" in record.getMessage()
+    headline, _, traceback_text = res.first_error.partition("\n")
+    assert headline == "reward raised for sample 1: RuntimeError: kaboom in the reward"
+    assert traceback_text.startswith("Traceback") and "_fragile_reward" in traceback_text
+
+
 def test_reward_results_concatenate_and_select_samples():
     runner = RewardRunner(_fragile_reward, overlong={"max_length": 11, "cache_length": 4})
     first = runner(["p"] * 2, ["a", "b"], ["a"] * 2, [{}] * 2, [1, 12])
@@ -626,6 +641,22 @@ def spec_module(tmp_path, monkeypatch, registry_sandbox):
     yield "entrorl_test_user_rewards"
     for name in ("entrorl_test_user_rewards", "entrorl_test_broken_rewards"):
         sys.modules.pop(name, None)
+
+
+def test_options_given_to_a_plain_reward_function_say_that_it_takes_none(spec_module):
+    """A plain reward function named by import path is not a factory: options for it are refused as such, not with
+    the signature error of calling it with only the options ("missing a required argument: 'prompt'")."""
+    for check in (get_reward, check_reward_spec):
+        with pytest.raises(ValueError) as info:
+            check(f"{spec_module}:contains_answer", k=1)
+        message = str(info.value)
+        assert f"reward '{spec_module}:contains_answer' is a plain reward function" in message
+        assert "takes no options, so 'k' cannot be given" in message and "factory" in message
+        assert "missing a required argument" not in message and "accepted options" not in message
+    with pytest.raises(ValueError, match="accepted options"):  # a factory given an unknown option: its options listed
+        get_reward(f"{spec_module}:make_threshold", k=1)
+    with pytest.raises(ValueError, match="accepted options"):
+        get_reward(f"{spec_module}:Scaled", k=1)
 
 
 def test_import_path_specs(spec_module):

@@ -7,15 +7,20 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Entropy-aware reinforcement fine-tuning of language models.")
+# Every string that comes from the user's data, files or code (answers, prompts, paths, error messages) is printed
+# escaped (rich.markup.escape) or as a rich Text: as markup, "[bold]x" would print "x" and "[/i]" would raise.
 console = Console(stderr=True)
 
 
@@ -46,7 +51,7 @@ def train(
         directory = run_dir if run_dir is not None else Path(train_config.logging.run_dir) / train_config.logging.name
         latest = latest_checkpoint(directory)
         if latest is not None and checkpoint_step(latest) >= train_config.optim.steps:
-            console.print(f"{directory} is already at step {checkpoint_step(latest)} of optim.steps = "
+            console.print(f"{escape(str(directory))} is already at step {checkpoint_step(latest)} of optim.steps = "
                           f"{train_config.optim.steps}: nothing to do (raise optim.steps with --set to train further; "
                           "a decaying lr_schedule then stretches over the new total)", soft_wrap=True, highlight=False)
             return
@@ -54,10 +59,10 @@ def train(
         trainer = Trainer(train_config, run_dir=run_dir, resume=resume, console=console)
     except (ValueError, OSError) as error:  # OSError: missing files, and what transformers raises on unreadable ones
         _fail(str(error))
-    console.print(f"run directory: {trainer.run_dir}")
+    console.print(f"run directory: {escape(str(trainer.run_dir))}")
     if trainer.resumed_from is not None:
-        console.print(f"resuming from {trainer.resumed_from.name} (step {trainer.step} of {train_config.optim.steps})",
-                      highlight=False)
+        console.print(f"resuming from {escape(trainer.resumed_from.name)} (step {trainer.step} of "
+                      f"{train_config.optim.steps})", highlight=False)
         for key, old, new in trainer.resume_changes:
             console.print(Text(f"  changed since that checkpoint: {key}: {old!r} -> {new!r}"), soft_wrap=True)
     try:
@@ -72,7 +77,7 @@ def train(
                                                    "--run-dir", str(trainer.run_dir), "--resume"]),
         ), soft_wrap=True)
         raise typer.Exit(128 + error.signal_number) from None
-    console.print(f"[green]done[/green]: {trainer.run_dir}")
+    console.print(f"[green]done[/green]: {escape(str(trainer.run_dir))}")
 
 
 def _parse_ks(text: str) -> list[int]:
@@ -107,9 +112,11 @@ DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or 
 
 def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str, prompt_template: str,
                      chat_template: bool, max_prompts: int | None, device: str, dtype: str, require_answer: bool = True,
-                     correct_threshold: float | None = None):
+                     correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
-    the tokenizer, the model in eval mode and the encoded prompts; ValueError / FileNotFoundError on bad input."""
+    the tokenizer, the model in eval mode and the encoded prompts; ValueError / FileNotFoundError on bad input.
+    ``check_outputs`` runs once the data and the reward are checked, before the model loads: a place to refuse an
+    output that could not be written, before the sampling it would lose."""
     from entrorl.data import check_prompt_template, load_prompts
     from entrorl.modeling import check_model_files, encode_prompt, load_causal_lm, load_tokenizer
     from entrorl.rewards import RewardRunner, get_reward
@@ -121,10 +128,45 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
                            require_answer=require_answer)[:max_prompts]
     reward_runner = RewardRunner(get_reward(reward), correct_threshold=correct_threshold)
     reward_runner.check_arguments([record.meta for record in records])
+    if check_outputs is not None:
+        check_outputs()
     tokenizer = load_tokenizer(model)
     policy = load_causal_lm(model, dtype=dtype).to(resolve_device(device)).eval()
     prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
     return records, reward_runner, tokenizer, policy, prompt_ids
+
+
+def _first_line(text: str) -> str:
+    return text.partition("\n")[0]
+
+
+def _keep_reward_traceback(first_error: str | None, log: Path | None) -> Path | None:
+    """Write the reward's first failure (a summary line, then its traceback) to ``log``, or to a new temporary file when
+    ``log`` is None, as `train` keeps it in reward_errors.log; the file written (None without a failure, or when it
+    cannot be written: the terminal's one-line summary is then all there is)."""
+    if first_error is None:
+        return None
+    try:
+        if log is None:
+            with tempfile.NamedTemporaryFile("w", prefix="entrorl-reward-errors-", suffix=".log", delete=False) as handle:
+                handle.write(first_error + "\n")
+            return Path(handle.name)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(first_error + "\n")
+        return log
+    except OSError:
+        return None
+
+
+def _print_reward_errors(errors: int, samples: int, first_error: str | None, log: Path | None) -> None:
+    """One line: how many samples the reward failed on, the first failure, and where its traceback is."""
+    if not errors:
+        return
+    where = f"; its traceback is in {log}" if log is not None else ""
+    console.print(Text.assemble(
+        ("reward errors", "yellow"),
+        f": the reward failed on {errors} of {samples} samples, which scored 0; first: {_first_line(first_error or '')}{where}",
+    ), soft_wrap=True)
 
 
 @app.command("eval")
@@ -157,8 +199,10 @@ def evaluate(
     """Avg@n, unbiased Pass@k and the pass-rate histogram of a model on a prompt file."""
     from rich.progress import Progress
 
+    from entrorl.data.loading import check_output_file
     from entrorl.modeling import check_prompts_fit
     from entrorl.rollout import SamplingParams
+    from entrorl.trainer.checkpoint import atomic_write_text
     from entrorl.trainer.evaluate import evaluate_model
 
     ks = None if k is None else _parse_ks(k)
@@ -169,7 +213,8 @@ def evaluate(
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
             chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
-            require_answer=require_answer, correct_threshold=correct_threshold)
+            require_answer=require_answer, correct_threshold=correct_threshold,
+            check_outputs=None if out is None else lambda: check_output_file(out, what="--out"))
         check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
     except (ValueError, OSError) as error:
         _fail(str(error))
@@ -185,8 +230,13 @@ def evaluate(
                            "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold,
                            "dtype": dtype, "seed": seed}
     summary["sources"] = [record.source for record in records]
+    reward_log = _keep_reward_traceback(
+        result.first_reward_error, None if out is None else out.with_name(f"{out.stem}.reward_errors.log"))
+    if result.reward_errors:
+        summary["first_reward_error"] = _first_line(result.first_reward_error or "")
+        summary["reward_errors_log"] = None if reward_log is None else str(reward_log)
     label = model.name if model.name != "model" else f"{model.parent.name}/{model.name}"  # a checkpoint's step_N/model
-    table = Table(title=f"{label} on {data.name}: {len(records)} prompts x {n} samples")
+    table = Table(title=escape(f"{label} on {data.name}: {len(records)} prompts x {n} samples"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row(f"Avg@{n}", f"{result.summary.avg_at_n:.4f}")
@@ -199,10 +249,14 @@ def evaluate(
     if result.reward_errors:
         table.add_row("reward errors", str(result.reward_errors))
     console.print(table)
+    _print_reward_errors(result.reward_errors, len(records) * n, result.first_reward_error, reward_log)
     text = json.dumps(summary, indent=1)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, text)
+        except OSError as error:  # checked before sampling, so rare: the summary still reaches stdout below
+            console.print(Text.assemble(("error:", "bold red"), f" cannot write {out}: {error}"), soft_wrap=True)
     sys.stdout.write(text + "\n")
 
 
@@ -243,7 +297,7 @@ def lab(
         run_dir = run_lab(preset, methods=names or None, out=out, workers=workers, console=console, rl_seed=rl_seed)
     except ValueError as error:
         _fail(str(error))
-    console.print(f"[green]report[/green]: {run_dir / 'report.html'}  ({run_dir / 'report.md'})")
+    console.print(f"[green]report[/green]: {escape(str(run_dir / 'report.html'))}  ({escape(str(run_dir / 'report.md'))})")
 
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and clean prompt data sets.")
@@ -266,6 +320,7 @@ def data_reasoning_gym(
     data.require_answer false) and the task's entry, name and config, which the reward's verifier reads.
     """
     from entrorl.data import PromptRecord, write_jsonl
+    from entrorl.data.loading import check_output_file
     from entrorl.rewards import REASONING_GYM_INSTRUCTION, reasoning_gym_records
     from entrorl.rewards.reasoning_gym import available_reasoning_gym_tasks
 
@@ -276,16 +331,29 @@ def data_reasoning_gym(
         _fail("name a task (e.g. `entrorl data reasoning-gym basic_arithmetic`); --list shows them all")
     target = out if out is not None else Path(f"{task}.jsonl")
     try:
+        check_output_file(target, what="--out" if out is not None else "the output file")
+    except ValueError as error:
+        _fail(str(error))
+    if task not in available_reasoning_gym_tasks():
+        _fail(f"unknown reasoning-gym task {task!r}; `entrorl data reasoning-gym --list` shows the installed ones")
+    try:
         generated = reasoning_gym_records(task, size=size, seed=seed,
                                           instruction=REASONING_GYM_INSTRUCTION if instruction else None)
+    except Exception as error:  # noqa: BLE001 - whatever reasoning-gym raises (composite: an AssertionError) ends here
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        _fail(f"reasoning-gym cannot generate the task {task!r} with its default configuration ({reason}); this "
+              "command sets no task options: generate such a task from Python with "
+              "entrorl.rewards.reasoning_gym_records(task, size=..., seed=..., **config) and write it with "
+              "entrorl.data.write_jsonl")
+    try:
         records = [PromptRecord(prompt=r["prompt"], answer=r["answer"], meta=json.loads(json.dumps(r["meta"], default=list)),
                                 source=f"{task}[{i}]") for i, r in enumerate(generated)]
         write_jsonl(records, target)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OSError) as error:
         _fail(str(error))
     missing = sum(record.answer is None for record in records)
     note = f"; {missing} without a reference answer (use data.require_answer: false)" if missing else ""
-    console.print(f"wrote {len(records)} prompts of {task} to {target}{note}")
+    console.print(Text(f"wrote {len(records)} prompts of {task} to {target}{note}"), soft_wrap=True)
 
 
 @data_app.command("audit")
@@ -322,16 +390,18 @@ def data_audit(
     from entrorl.data import parse_band
     from entrorl.data.audit import AuditThresholds
     from entrorl.rollout import SamplingParams
-    from entrorl.trainer.audit import audit_records, default_audit_dir, write_audit_outputs
+    from entrorl.trainer.audit import audit_records, check_audit_output, default_audit_dir, write_audit_outputs
 
+    directory = out if out is not None else default_audit_dir(data)
     try:
         parse_band(band)
         thresholds = AuditThresholds(consensus=consensus, low_pass_rate=low_pass_rate)
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
+            check_outputs=lambda: check_audit_output(data, directory))
+    except (ValueError, OSError, ImportError) as error:  # OSError: missing files, unreadable model directories
         _fail(str(error))
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -341,16 +411,18 @@ def data_audit(
                                thresholds=thresholds, seed=seed, batch_size=batch_size,
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
     for item in result.too_long[:20]:
-        console.print(f"[yellow]skipped[/yellow] {item.message(max_new_tokens)}")
+        console.print(Text.assemble(("skipped", "yellow"), " ", item.message(max_new_tokens)), soft_wrap=True)
     if len(result.too_long) > 20:
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
     settings = {"model": str(model), "reward": reward, "seed": seed, "prompt_template": prompt_template,
                 "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}}
+    reward_log = _keep_reward_traceback(result.first_reward_error, directory / "reward_errors.log")
     try:
-        outputs = write_audit_outputs(result, data, out if out is not None else default_audit_dir(data), band=band,
-                                      keep_wrong=keep_wrong, thresholds=thresholds, settings=settings)
-    except ValueError as error:
-        _fail(str(error))
+        outputs = write_audit_outputs(result, data, directory, band=band, keep_wrong=keep_wrong, thresholds=thresholds,
+                                      settings=settings)
+    except (ValueError, OSError) as error:
+        where = f"; its traceback is in {reward_log}" if result.reward_failed_everywhere and reward_log else ""
+        _fail(f"{error}{where}")
 
     histogram = result.histogram()
     table = Table(title=f"pass rates of {histogram.n_prompts} prompts x {n} samples")
@@ -369,18 +441,17 @@ def data_audit(
         for column in ("where", "reference", "majority answer", "share", "pass rate"):
             suspects.add_column(column, overflow="fold")
         for record, audit in wrong[:20]:
-            suspects.add_row(record.source, str(record.answer), str(audit.majority_answer), f"{audit.majority_share:.2f}",
-                             f"{audit.n_correct}/{audit.n_samples}")
+            suspects.add_row(Text(record.source), Text(str(record.answer)), Text(str(audit.majority_answer)),
+                             f"{audit.majority_share:.2f}", f"{audit.n_correct}/{audit.n_samples}")
         console.print(suspects)
     summary = outputs.summary
     counts, kept = summary["counts"], summary["band"]
-    console.print(
+    console.print(Text(
         f"ok {counts['ok']}, hard {counts['hard']}, looks wrong {counts['looks_wrong']}, too long {counts['too_long']}; "
         f"band {band}: kept {kept['kept']} of {summary['prompts']} rows -> {outputs.filtered}"
-    )
-    if result.reward_errors:
-        console.print(f"[yellow]reward errors[/yellow]: {result.reward_errors} samples scored 0; first: {result.first_reward_error}")
-    console.print(f"[green]audit[/green]: {outputs.directory}")
+    ), soft_wrap=True)
+    _print_reward_errors(result.reward_errors, result.n_sampled, result.first_reward_error, reward_log)
+    console.print(Text.assemble(("audit", "green"), f": {outputs.directory}"), soft_wrap=True)
     sys.stdout.write(json.dumps(summary, indent=1) + "\n")
 
 

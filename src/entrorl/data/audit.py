@@ -13,9 +13,10 @@ Given, for one prompt, the extracted answer of each of its ``n`` samples and whe
 each sample correct, :func:`audit_prompt` groups equivalent answers, finds the majority answer and its
 share of the ``n`` samples, and gives a verdict (:func:`classify`):
 
-* ``"looks_wrong"`` — pass rate ``<= low_pass_rate`` and the majority answer is *not* the reference and
-  holds a share ``>= consensus`` of the samples;
-* ``"hard"``        — pass rate ``<= low_pass_rate`` without such a consensus;
+* ``"looks_wrong"`` — pass rate ``<= low_pass_rate`` and the majority answer is *not* the reference,
+  is strictly more common than any other answer and holds a share ``>= consensus`` of the samples;
+* ``"hard"``        — pass rate ``<= low_pass_rate`` without such a consensus (a tie for the most common
+  answer is no consensus: with two samples answering ``5`` and ``9`` the model agrees on nothing);
 * ``"ok"``          — every other prompt.
 
 The rest of the module turns per-prompt audits into a pass-rate histogram over ``0/n .. n/n``
@@ -42,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from entrorl.data.filters import filter_by_pass_rate, parse_band
+from entrorl.data.loading import read_arrow_ipc
 from entrorl.data.records import PromptRecord
 
 __all__ = [
+    "SELECTED_ROWS_SUFFIXES",
     "VERDICTS",
     "AnswerGroup",
     "AuditThresholds",
@@ -54,6 +57,7 @@ __all__ = [
     "audit_prompt",
     "band_selection",
     "canonical_answer",
+    "check_selected_rows_format",
     "classify",
     "group_answers",
     "pass_rate_histogram",
@@ -112,7 +116,8 @@ class PromptAudit:
 
     ``majority_answer`` is ``None`` (share 0) when no sample has an extractable answer; ``groups`` are
     sorted by count, largest first (first seen on ties); ``n_unanswered`` counts samples without an
-    extractable answer.
+    extractable answer. ``majority_tied`` says that another group is as large as the majority's: the
+    majority answer is then only the first seen of the most common ones, and no consensus.
     """
 
     n_samples: int
@@ -124,6 +129,7 @@ class PromptAudit:
     n_unanswered: int
     groups: tuple[AnswerGroup, ...]
     verdict: str
+    majority_tied: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields; ``sample_answers`` lists every group as ``{answer, count, correct, spellings}``."""
@@ -135,6 +141,7 @@ class PromptAudit:
             "majority_answer": self.majority_answer,
             "majority_share": self.majority_share,
             "majority_matches_reference": self.majority_matches_reference,
+            "majority_tied": self.majority_tied,
             "n_unanswered": self.n_unanswered,
             "sample_answers": [
                 {"answer": g.answer, "count": g.count, "correct": g.matches_reference, "spellings": list(g.spellings)}
@@ -219,15 +226,21 @@ def _safe_equivalent(equivalent: Equivalence, a: str, b: str) -> bool:
 
 
 def classify(
-    pass_rate: float, majority_share: float, majority_matches_reference: bool, thresholds: AuditThresholds
+    pass_rate: float,
+    majority_share: float,
+    majority_matches_reference: bool,
+    thresholds: AuditThresholds,
+    *,
+    majority_tied: bool = False,
 ) -> str:
-    """The verdict of one prompt (see the module notes): ``"looks_wrong"``, ``"hard"`` or ``"ok"``."""
+    """The verdict of one prompt (see the module notes): ``"looks_wrong"``, ``"hard"`` or ``"ok"``.
+    ``majority_tied``: another answer is as common as the majority answer, which is then no consensus."""
     for name, value in (("pass_rate", pass_rate), ("majority_share", majority_share)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"classify: {name} must be a number in [0, 1], got {value!r}")
     if pass_rate > thresholds.low_pass_rate:
         return "ok"
-    if not majority_matches_reference and majority_share >= thresholds.consensus:
+    if not majority_matches_reference and not majority_tied and majority_share >= thresholds.consensus:
         return "looks_wrong"
     return "hard"
 
@@ -254,6 +267,7 @@ def audit_prompt(
     top = groups[0] if groups else None
     share = top.count / n if top else 0.0
     matches = top.matches_reference if top else False
+    tied = len(groups) > 1 and groups[1].count == groups[0].count
     return PromptAudit(
         n_samples=n,
         n_correct=n_correct,
@@ -263,7 +277,8 @@ def audit_prompt(
         majority_matches_reference=matches,
         n_unanswered=sum(1 for a in answers if a is None),
         groups=tuple(groups),
-        verdict=classify(pass_rate, share, matches, thresholds),
+        verdict=classify(pass_rate, share, matches, thresholds, majority_tied=tied),
+        majority_tied=tied,
     )
 
 
@@ -394,6 +409,25 @@ def _atomic_write_bytes(target: Path, payload: bytes) -> None:
         raise
 
 
+#: The file formats :func:`write_selected_rows` writes (besides saved data set directories): every format
+#: :func:`~entrorl.data.load_prompts` reads.
+SELECTED_ROWS_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+
+
+def check_selected_rows_format(data: str | os.PathLike[str]) -> None:
+    """``ValueError`` now, before any sampling, when :func:`write_selected_rows` could not write rows of ``data``
+    in its format."""
+    data = Path(os.fspath(data))
+    if data.is_dir():
+        return
+    suffix = data.suffix.lower()
+    if suffix not in SELECTED_ROWS_SUFFIXES:
+        raise ValueError(
+            f"cannot write rows of {data} (unsupported format {suffix!r}); the filtered copy is written for "
+            f"{', '.join(SELECTED_ROWS_SUFFIXES)} files and saved data set directories"
+        )
+
+
 def _same_path(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -410,7 +444,8 @@ def write_selected_rows(
     ``records`` must be what :func:`~entrorl.data.load_prompts` returned for ``data`` (their ``source``
     locates each row). ``.jsonl``: the kept lines are copied byte for byte. ``.json``: the kept objects
     (inside ``{"data": [...]}`` with the other top-level fields when the input was so wrapped).
-    ``.csv``: the header and the kept rows. ``.parquet``: the kept rows of the table. A saved data set
+    ``.csv``: the header and the kept rows. ``.parquet``: the kept rows of the table. ``.arrow``: the kept rows
+    of the table, with its schema, as an Arrow IPC file (or stream, when the input was one). A saved data set
     directory: ``Dataset.select`` of the kept rows, saved with ``save_to_disk``. The input is only read;
     ``out`` must be another path (``ValueError`` otherwise). Returns ``out``.
     """
@@ -419,6 +454,7 @@ def write_selected_rows(
         raise ValueError(f"write_selected_rows: {len(records)} records but {len(keep)} keep flags")
     if target.exists() and _same_path(data, target):
         raise ValueError(f"write_selected_rows: refusing to write over the input {data}; choose another path")
+    check_selected_rows_format(data)
     chosen = [r for r, k in zip(records, keep) if k]
 
     if data.is_dir():
@@ -463,11 +499,20 @@ def write_selected_rows(
                 writer.writerow(row)
         _atomic_write_bytes(target, buffer.getvalue().encode("utf-8"))
     elif suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = _locations(chosen, _ROW_SOURCE, "row", data)
+        rows = pa.array(_locations(chosen, _ROW_SOURCE, "row", data), type=pa.int64())  # typed: no rows at all too
         target.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pq.read_table(data).take(rows), target)
-    else:
-        raise ValueError(f"write_selected_rows: cannot write rows of {data} (unsupported format {suffix!r})")
+    else:  # .arrow
+        import pyarrow as pa
+
+        rows = pa.array(_locations(chosen, _ROW_SOURCE, "row", data), type=pa.int64())
+        table, is_stream = read_arrow_ipc(data)
+        kept = table.take(rows)
+        sink = pa.BufferOutputStream()
+        with (pa.ipc.new_stream if is_stream else pa.ipc.new_file)(sink, kept.schema) as writer:
+            writer.write_table(kept)
+        _atomic_write_bytes(target, sink.getvalue().to_pybytes())
     return target

@@ -54,7 +54,14 @@ import numpy as np
 
 from entrorl.data.records import DataError, PromptRecord
 
-__all__ = ["SUPPORTED_FORMATS", "load_prompts", "write_jsonl"]
+__all__ = [
+    "SUPPORTED_FORMATS",
+    "check_output_directory",
+    "check_output_file",
+    "load_prompts",
+    "read_arrow_ipc",
+    "write_jsonl",
+]
 
 SUPPORTED_FORMATS = (
     ".jsonl (one JSON object per line), .json (a list of objects or {\"data\": [...]}), .csv, "
@@ -556,20 +563,26 @@ def _load_parquet(p: Path, cols: _Columns) -> list[PromptRecord]:
     return _table_records(table, p, cols)
 
 
-def _load_arrow(p: Path, cols: _Columns) -> list[PromptRecord]:
-    """An Arrow IPC file: the random-access file format, or the stream format that ``datasets`` writes its
-    ``.arrow`` shards in."""
+def read_arrow_ipc(path: str | os.PathLike[str]) -> tuple[Any, bool]:
+    """``(table, is_stream)``: the ``pyarrow.Table`` in an Arrow IPC file, read as the random-access file format or,
+    failing that, as the stream format that ``datasets`` writes its ``.arrow`` shards in (``is_stream`` says which).
+    :class:`DataError` when it is neither."""
     import pyarrow as pa
 
+    p = Path(os.fspath(path))
     try:
         with pa.memory_map(str(p)) as source:
             try:
-                table = pa.ipc.open_file(source).read_all()
+                return pa.ipc.open_file(source).read_all(), False
             except pa.ArrowInvalid:
                 source.seek(0)
-                table = pa.ipc.open_stream(source).read_all()
+                return pa.ipc.open_stream(source).read_all(), True
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{p}: cannot be read as Arrow IPC ({exc}); expected an Arrow file or stream", path=str(p)) from None
+
+
+def _load_arrow(p: Path, cols: _Columns) -> list[PromptRecord]:
+    table, _ = read_arrow_ipc(p)
     return _table_records(table, p, cols)
 
 
@@ -658,6 +671,62 @@ def _refuse_overwriting_sources(target: Path, records: Sequence[PromptRecord]) -
                 f"write_jsonl: refusing to write {target}: some records were loaded from it "
                 "(input files are never modified); write to a new path"
             )
+
+
+def check_output_file(path: str | os.PathLike[str], *, what: str = "output file") -> Path:
+    """Check, before any work is done, that a file can be written at ``path``: it is not a directory, and its
+    folder exists or can be created and takes new files. ``ValueError`` saying why not, naming ``what``
+    (e.g. ``"--out"``). Nothing is left behind: missing folders are created to try, then removed. Returns the path."""
+    target = Path(os.fspath(path))
+    if target.is_dir():
+        raise ValueError(f"{what} {target} is a directory; expected the path of a file")
+    _try_writing_in(target.parent, target, what)
+    return target
+
+
+def check_output_directory(path: str | os.PathLike[str], *, what: str = "output directory") -> Path:
+    """Check, before any work is done, that files can be written into the directory ``path``: it is a directory
+    or does not exist yet, and it (or its nearest existing parent) takes new files. ``ValueError`` saying why not;
+    nothing is left behind. Returns the path."""
+    target = Path(os.fspath(path))
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{what} {target} exists and is not a directory; expected a directory")
+    _try_writing_in(target, target, what)
+    return target
+
+
+def _try_writing_in(folder: Path, target: Path, what: str) -> None:
+    """Create ``folder`` (with its missing parents) and a file in it, then remove what was created. Permission
+    bits alone cannot tell: root may write where the file system refuses (/proc, a read-only mount)."""
+    missing = []
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise ValueError(f"{what} {target} cannot be written: {candidate} is not a directory")
+            break
+        missing.append(candidate)
+    created: list[Path] = []
+    try:
+        for directory in reversed(missing):
+            try:
+                directory.mkdir()
+            except OSError as exc:
+                raise ValueError(f"{what} {target} cannot be written: the folder {directory} cannot be created "
+                                 f"({exc.strerror or exc})") from None
+            created.append(directory)
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".entrorl-write-check-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ValueError(f"{what} {target} cannot be written: the folder {folder} does not take new files "
+                             f"({exc.strerror or exc})") from None
+    finally:
+        for directory in reversed(created):
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
 
 
 def _default_file_mode() -> int:

@@ -163,8 +163,30 @@ def _is_factory(obj: Any, kwargs: Mapping[str, Any]) -> bool:
     return inspect.isclass(obj) or bool(kwargs)
 
 
+def _plain_function_error(spec: str, kwargs: Mapping[str, Any]) -> ValueError:
+    return ValueError(
+        f"reward {spec!r} is a plain reward function, called as fn(prompt, completion, answer, **meta), which takes "
+        f"no options, so {', '.join(map(repr, sorted(kwargs)))} cannot be given; options configure a reward factory "
+        "(a class, a function registered with register_reward(..., factory=True), or a function that takes the "
+        "options and returns the reward function)"
+    )
+
+
+def _is_unmarked_reward_function(obj: Any, signature: inspect.Signature) -> bool:
+    """Whether ``obj`` is a function (neither a class nor registered as a factory) that can be called the way a
+    reward is, ``obj(prompt, completion, answer)``: given options, it was taken for a factory only because of them."""
+    if inspect.isclass(obj) or getattr(obj, _KIND_ATTR, None) is not None:
+        return False
+    try:
+        signature.bind("prompt", "completion", "answer")
+    except TypeError:
+        return False
+    return True
+
+
 def _check_options(spec: str, obj: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
-    """Raise ValueError if ``kwargs`` cannot be passed to factory ``obj``."""
+    """Raise ValueError if ``kwargs`` cannot be passed to factory ``obj`` (saying so plainly when ``obj`` is in fact a
+    reward function, which takes no options)."""
     try:
         sig = inspect.signature(obj)
     except (TypeError, ValueError):  # no introspectable signature: let the call decide
@@ -172,6 +194,8 @@ def _check_options(spec: str, obj: Callable[..., Any], kwargs: Mapping[str, Any]
     try:
         sig.bind(**kwargs)
     except TypeError as exc:
+        if _is_unmarked_reward_function(obj, sig):
+            raise _plain_function_error(spec, kwargs) from None
         accepted = [
             p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         ]
@@ -205,9 +229,7 @@ def get_reward(spec: str | RewardFn, **kwargs: Any) -> RewardFn:
     obj, is_factory, _ = _resolve(spec, kwargs)
     if not is_factory:
         if kwargs:
-            raise ValueError(
-                f"reward {spec!r} is a plain reward function and takes no options; got {sorted(kwargs)}"
-            )
+            raise _plain_function_error(str(spec), kwargs)
         return obj
     _check_options(str(spec), obj, kwargs)
     fn = obj(**kwargs)
@@ -227,9 +249,7 @@ def check_reward_spec(spec: str, **kwargs: Any) -> None:
     obj, is_factory, validate = _resolve(spec, kwargs)
     if not is_factory:
         if kwargs:
-            raise ValueError(
-                f"reward {spec!r} is a plain reward function and takes no options; got {sorted(kwargs)}"
-            )
+            raise _plain_function_error(str(spec), kwargs)
         return
     _check_options(str(spec), obj, kwargs)
     if validate is not None:
@@ -251,7 +271,8 @@ class RewardResult:
       answers must not let them escape their penalty);
     * ``correct`` — bool ``[n]``, ``scores >= correct_threshold``;
     * ``errors`` / ``first_error`` — how many samples failed (raised, or returned a non-numeric or
-      non-finite value) and the first failure's traceback text (or message);
+      non-finite value) and the first failure: a one-line summary (which sample, the exception's type and
+      message, or what was wrong with the value returned), then, for a reward that raised, its traceback;
     * ``penalties`` — float32 ``[n]``, the overlong penalty (zeros when not configured);
     * ``failed`` — bool ``[n]``, which samples failed;
     * ``reasons`` — per sample, the reason the reward gave (``.reason`` of its return value; None for a
@@ -388,9 +409,10 @@ class RewardRunner:
     (a verifier that gives wrong answers partial credit sets 1.0), else 0.5.
 
     A reward call that raises, or returns something that is not a finite number, gives that sample
-    a score of 0; it is counted in ``errors`` and the first failure is kept in ``first_error`` (and
-    logged once per runner); its reason says so. A reward may return an object with ``.score`` and
-    ``.reason`` instead of a number: the reason is kept in ``RewardResult.reasons``. Nothing raised by
+    a score of 0; it is counted in ``errors`` and the first failure is kept in ``first_error`` (its first
+    line, a summary, is logged as a warning once per runner; the traceback is not); its reason says so.
+    A reward may return an object with ``.score`` and ``.reason`` instead of a number: the reason is
+    kept in ``RewardResult.reasons``. Nothing raised by
     the reward function propagates, ``BaseException`` subclasses included, except
     ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit``. A reward with a
     ``score_batch(prompts, completions, answers, metas)`` method (a judge) gets the whole batch in one call;
@@ -503,7 +525,8 @@ class RewardRunner:
                     failed[i] = True
                     reasons[i] = f"reward raised {type(exc).__name__}: {exc}"[:300]
                     if first_error is None:
-                        first_error = f"reward raised for sample {i}:\n{traceback.format_exc()}"
+                        headline = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                        first_error = f"reward raised for sample {i}: {headline}\n{traceback.format_exc()}"
                     continue
             try:
                 value, reasons[i] = _score_and_reason(value)
@@ -521,8 +544,9 @@ class RewardRunner:
 
         if first_error is not None and not self._warned:
             self._warned = True
-            logger.warning(
-                "reward function failed on %d of %d samples (scored 0); first failure: %s", errors, n, first_error
+            logger.warning(  # one line: the traceback is the caller's to keep (the trainer's reward_errors.log)
+                "reward function failed on %d of %d samples (scored 0); first failure: %s", errors, n,
+                first_error.partition("\n")[0],
             )
 
         score_t = torch.tensor(scores, dtype=torch.float32)

@@ -17,6 +17,9 @@ the model's context together with ``max_new_tokens`` are not sampled; they are r
 * ``<name>.filtered<ext>`` — the rows whose pass rate lies in the band, in the input's format with
   every original column (suspected-wrong rows are left out unless ``keep_wrong``);
 * ``summary.json`` — counts per verdict, the band's kept / dropped rows, the prompts too long.
+
+:func:`check_audit_output` checks, before any sampling, that all this can be written. A reward that failed on every
+sample leaves nothing to label: :func:`write_audit_outputs` then refuses, writing nothing.
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ from entrorl.data.audit import (
     audit_prompt,
     band_selection,
     canonical_answer,
+    check_selected_rows_format,
     pass_rate_histogram,
     verdict_counts,
     write_selected_rows,
 )
+from entrorl.data.loading import check_output_directory
 from entrorl.rewards import (
     MathReward,
     ReasoningGymReward,
@@ -63,6 +68,7 @@ __all__ = [
     "TooLongPrompt",
     "answer_tools",
     "audit_records",
+    "check_audit_output",
     "default_audit_dir",
     "model_context_length",
     "plot_pass_rate_histogram",
@@ -136,6 +142,17 @@ class AuditResult:
 
     def counts(self) -> dict[str, int]:
         return {**verdict_counts(self.audited()), "too_long": len(self.too_long)}
+
+    @property
+    def n_sampled(self) -> int:
+        """How many samples were drawn and scored (those of the prompts that fit the context)."""
+        return sum(audit.n_samples for audit in self.audited())
+
+    @property
+    def reward_failed_everywhere(self) -> bool:
+        """Whether the reward failed (raised, or returned no number) on every sample: then every score is a 0 that
+        says nothing about the answers, and no prompt can be labelled."""
+        return self.n_sampled > 0 and self.reward_errors >= self.n_sampled
 
 
 @torch.no_grad()
@@ -231,6 +248,18 @@ def _filtered_name(data: Path) -> str:
     return f"{data.name}.filtered" if data.is_dir() else f"{data.stem}.filtered{data.suffix}"
 
 
+def check_audit_output(data: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
+    """Check before sampling that :func:`write_audit_outputs` can write into ``out`` (default
+    :func:`default_audit_dir`): a directory outside the input that can be created and written, and a filtered copy
+    that can be written in the input's format. ``ValueError`` saying what is wrong; returns the directory."""
+    data = Path(os.fspath(data))
+    directory = Path(os.fspath(out)) if out is not None else default_audit_dir(data)
+    _check_out_dir(data, directory)
+    check_selected_rows_format(data)
+    check_output_directory(directory, what="the audit output directory")
+    return directory
+
+
 def _check_out_dir(data: Path, out: Path) -> None:
     data_resolved, out_resolved = data.resolve(), out.resolve()
     if out_resolved == data_resolved or (data.is_dir() and data_resolved in out_resolved.parents):
@@ -316,8 +345,8 @@ def write_audit_outputs(
 
     ``band`` chooses the rows of the filtered file by pass rate; too-long prompts have none and are
     dropped; suspected-wrong rows are dropped too unless ``keep_wrong``. ``settings`` (model, reward,
-    sampling, ...) are copied into the summary. ``ValueError`` for a malformed band or an output
-    directory inside the input.
+    sampling, ...) are copied into the summary. ``ValueError`` (and nothing written) for a malformed band, an
+    output directory inside the input, no prompt that fit the context, or a reward that failed on every sample.
     """
     data = Path(os.fspath(data))
     directory = Path(os.fspath(out)) if out is not None else default_audit_dir(data)
@@ -325,6 +354,13 @@ def write_audit_outputs(
     audited_index = [i for i, a in enumerate(result.audits) if a is not None]
     if not audited_index:
         raise ValueError("no prompt could be audited: every prompt is longer than the model's context")
+    if result.reward_failed_everywhere:
+        first = (result.first_reward_error or "").partition("\n")[0]
+        raise ValueError(
+            f"the reward failed on all {result.n_sampled} samples (first failure: {first}), so every score is 0 "
+            "whatever the answer; no prompt was labelled and no filtered file was written; check that the "
+            "reward suits this data (its columns, its answers)"
+        )
     audited_records = [result.records[i] for i in audited_index]
     selection = band_selection(audited_records, [result.audits[i].pass_rate for i in audited_index], band)
     directory.mkdir(parents=True, exist_ok=True)
@@ -385,6 +421,7 @@ def write_audit_outputs(
         },
         "too_long": [asdict(t) for t in result.too_long],
         "reward_errors": result.reward_errors,
+        "first_reward_error": (result.first_reward_error or "").partition("\n")[0] or None,
         "wall_s": result.wall_s,
         "files": {
             "histogram_json": str(histogram_json),
