@@ -37,3 +37,16 @@ def test_a_written_and_loaded_record_scores_its_reference_in_full(tmp_path, task
     for record in load_prompts(path):
         assert reward(record.prompt, f"<answer>{record.answer}</answer>", record.answer, **record.meta) == 1.0
         assert reward(record.prompt, "<answer>certainly wrong</answer>", record.answer, **record.meta) < 1.0
+
+
+def test_a_verifier_that_accepts_any_answer_is_detected(monkeypatch):
+    """reasoning-gym 0.1.25's game_of_life_halting scores any answer 1.0 (stood in for here by a verifier patched to
+    do so, so that the test does not hang on that bug); basic_arithmetic's verifier tells answers apart."""
+    from entrorl.rewards import reasoning_gym
+    from entrorl.rewards.reasoning_gym import verifier_accepts_nonsense
+
+    records = reasoning_gym_records("basic_arithmetic", size=3, seed=0)
+    assert not verifier_accepts_nonsense("basic_arithmetic", records)
+    assert not verifier_accepts_nonsense("basic_arithmetic", [])
+    monkeypatch.setattr(reasoning_gym.ReasoningGymReward, "__call__", lambda self, *args, **meta: 1.0)
+    assert verifier_accepts_nonsense("basic_arithmetic", records)

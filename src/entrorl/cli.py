@@ -235,7 +235,8 @@ def evaluate(
     if result.reward_errors:
         summary["first_reward_error"] = _first_line(result.first_reward_error or "")
         summary["reward_errors_log"] = None if reward_log is None else str(reward_log)
-    label = model.name if model.name != "model" else f"{model.parent.name}/{model.name}"  # a checkpoint's step_N/model
+    named = model.resolve()  # `--model model` names its directory by the absolute path's last parts
+    label = named.name if named.name != "model" else f"{named.parent.name}/{named.name}"  # a checkpoint's step_N/model
     table = Table(title=escape(f"{label} on {data.name}: {len(records)} prompts x {n} samples"))
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -292,7 +293,9 @@ def lab(
     """The entropy laboratory: train the built-in tiny model with every method side by side, then write a report."""
     from entrorl.lab.runner import run_lab
 
-    names = [name for item in (methods or []) for name in item.split(",") if name.strip()]
+    names = [name.strip() for item in (methods or []) for name in item.split(",") if name.strip()]
+    if methods is not None and not names:  # `--methods ""` would otherwise run the whole matrix
+        _fail("--methods names no method; leave it out to run the preset's matrix")
     try:
         run_dir = run_lab(preset, methods=names or None, out=out, workers=workers, console=console, rl_seed=rl_seed)
     except ValueError as error:
@@ -322,7 +325,7 @@ def data_reasoning_gym(
     from entrorl.data import PromptRecord, write_jsonl
     from entrorl.data.loading import check_output_file
     from entrorl.rewards import REASONING_GYM_INSTRUCTION, reasoning_gym_records
-    from entrorl.rewards.reasoning_gym import available_reasoning_gym_tasks
+    from entrorl.rewards.reasoning_gym import available_reasoning_gym_tasks, verifier_accepts_nonsense
 
     if list_tasks:
         sys.stdout.write("\n".join(available_reasoning_gym_tasks()) + "\n")
@@ -354,6 +357,10 @@ def data_reasoning_gym(
     missing = sum(record.answer is None for record in records)
     note = f"; {missing} without a reference answer (use data.require_answer: false)" if missing else ""
     console.print(Text(f"wrote {len(records)} prompts of {task} to {target}{note}"), soft_wrap=True)
+    if verifier_accepts_nonsense(task, generated):
+        console.print(Text(f"warning: reasoning-gym's verifier of {task} gives full marks to a nonsense answer, so its "
+                           "reward cannot tell right from wrong answers; train on another task", style="yellow"),
+                      soft_wrap=True)
 
 
 @data_app.command("audit")

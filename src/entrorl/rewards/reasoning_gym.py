@@ -41,6 +41,7 @@ __all__ = [
     "entry_to_json",
     "extract_reasoning_gym_answer",
     "reasoning_gym_records",
+    "verifier_accepts_nonsense",
 ]
 
 #: The instruction to append to reasoning-gym prompts so answers are extractable.
@@ -166,6 +167,22 @@ def reasoning_gym_records(
             }
         )
     return records
+
+
+#: an answer no task can be right with, to check that a task's verifier tells answers apart
+NONSENSE_ANSWER = "entrorl: not an answer"
+
+
+def verifier_accepts_nonsense(task: str, records: list[dict[str, Any]], *, probes: int = 5) -> bool:
+    """Whether the task's verifier gives full marks to :data:`NONSENSE_ANSWER` on every one of the first ``probes``
+    records (as :func:`reasoning_gym_records` makes them): such a reward says nothing about the model's answers
+    (``game_of_life_halting`` in reasoning-gym 0.1.25 scores any answer 1.0)."""
+    reward = ReasoningGymReward(task)
+    checked = records[:probes]
+    return bool(checked) and all(
+        reward(record["prompt"], f"{_TAG_OPEN}{NONSENSE_ANSWER}{_TAG_CLOSE}", record["answer"], **record["meta"]) >= 1.0
+        for record in checked
+    )
 
 
 def _validate_reasoning_gym(

@@ -707,7 +707,9 @@ class Trainer:
         message = (f"warning: at step {self.step} the selectors of '{self.config.method_label()}' dropped every token "
                    "(select/dropped_frac = 1), so the update trained on nothing; check the method's selectors")
         if self.console is not None:
-            self.console.print(message, style="yellow", soft_wrap=True)
+            from rich.text import Text
+
+            self.console.print(Text(message, style="yellow"), soft_wrap=True)
         else:
             warnings.warn(message, stacklevel=2)
 
