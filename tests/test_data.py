@@ -838,6 +838,7 @@ def test_output_checks_refuse_what_cannot_be_written_and_leave_nothing_behind(tm
     assert check_output_file(tmp_path / "new" / "deeper" / "e.json") == tmp_path / "new" / "deeper" / "e.json"
     assert check_output_directory(tmp_path / "new" / "audit") == tmp_path / "new" / "audit"
     assert check_output_file(a_file) == a_file  # an existing file may be replaced
+    assert check_output_file(tmp_path / "missing" / ".." / "e.json")  # as the OS reads it: tmp_path/e.json
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file"]  # no folder, no probe file left
 
 

@@ -745,8 +745,23 @@ def test_later_method_does_not_override_first_surrogate():
 def test_a_later_method_that_would_only_change_the_surrogate_is_refused(composition, dropped):
     """A later method keeps only its shapers, regularisers, selectors and correction: one made of a surrogate alone
     (CISPO, DAPO's clip-higher, dual-clip, Dr. GRPO's aggregation) would vanish without a trace."""
-    with pytest.raises(ValueError, match=rf"'{dropped}' adds nothing after '{composition.split('+')[0]}'.*put '{dropped}' first"):
+    before = composition.rsplit("+", 1)[0]
+    with pytest.raises(ValueError, match=rf"'{dropped}' adds nothing after '{re.escape(before)}'"):
         build_objective(composition)
+
+
+def test_the_refusal_of_a_surrogate_only_method_says_what_would_work():
+    """Each piece of advice builds: put the method first when the composition starts with parts it can follow, give
+    the composition so far the settings when the surrogates are of one kind, else choose one."""
+    with pytest.raises(ValueError, match=re.escape("put 'dapo' first ('dapo+clip_b')")):
+        build_objective("clip_b+dapo")
+    assert build_objective("dapo+clip_b").describe()
+    with pytest.raises(ValueError, match=re.escape("build_objective('dapo+clip_b', loss_agg_mode='seq-mean-token-sum-norm')")):
+        build_objective("dapo+clip_b+dr_grpo")
+    assert build_objective("dapo+clip_b", loss_agg_mode="seq-mean-token-sum-norm").selectors[0].name == "clip_b"
+    with pytest.raises(ValueError, match="choose one of 'dapo' and 'cispo'") as refused:
+        build_objective("dapo+cispo")
+    assert "first" not in str(refused.value).split(";")[-1]  # 'cispo+dapo' is refused as well: no such advice
 
 
 def test_string_list_and_dict_compositions_agree():

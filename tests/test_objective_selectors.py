@@ -605,8 +605,9 @@ def test_forking_threshold_on_a_data_point_keeps_that_token(dtype, rho, n_high):
 
     fork = build_objective("forking_tokens", top_entropy_quantile=rho)(case.batch())
     np.testing.assert_array_equal(fork.trained_mask.numpy(), high)
-    low = build_objective("low_entropy_tokens", top_entropy_quantile=rho)(case.batch())
-    np.testing.assert_array_equal(low.trained_mask.numpy(), case.mask & ~high)
+    if rho < 1.0:  # low_entropy_tokens refuses rho = 1, which would drop every token
+        low = build_objective("low_entropy_tokens", top_entropy_quantile=rho)(case.batch())
+        np.testing.assert_array_equal(low.trained_mask.numpy(), case.mask & ~high)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -996,3 +997,9 @@ def test_a_zero_entropy_share_is_refused(selector):
     """rho = 0 does not mean 'no token': the threshold is then the largest entropy, and H >= tau keeps its token(s)."""
     with pytest.raises(ValueError, match="top_entropy_quantile"):
         build_objective(selector, top_entropy_quantile=0.0)
+
+
+def test_low_entropy_tokens_refuses_to_drop_every_token():
+    with pytest.raises(ValueError, match="would drop every token"):
+        build_objective("low_entropy_tokens", top_entropy_quantile=1.0)
+    assert build_objective("forking_tokens", top_entropy_quantile=1.0).selectors[0].top_entropy_quantile == 1.0

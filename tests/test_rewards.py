@@ -618,6 +618,11 @@ _SPEC_MODULE = textwrap.dedent(
             return float(len(completion) >= at)
         return reward
 
+    def make_weighted(threshold=0.5, strict=False, weight=1.0):
+        def reward(prompt, completion, answer, **meta):
+            return weight * float(len(completion) >= threshold)
+        return reward
+
     class Scaled:
         def __init__(self, scale=2.0):
             self.scale = scale
@@ -657,6 +662,9 @@ def test_options_given_to_a_plain_reward_function_say_that_it_takes_none(spec_mo
         get_reward(f"{spec_module}:make_threshold", k=1)
     with pytest.raises(ValueError, match="accepted options"):
         get_reward(f"{spec_module}:Scaled", k=1)
+    # a factory whose three options have defaults is no reward function: a mistyped option lists the right ones
+    with pytest.raises(ValueError, match=r"accepted options: \['threshold', 'strict', 'weight'\]"):
+        get_reward(f"{spec_module}:make_weighted", treshold=0.2)
 
 
 def test_import_path_specs(spec_module):

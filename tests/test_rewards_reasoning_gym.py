@@ -23,6 +23,9 @@ def test_entry_json_form_round_trips_tuples_sets_and_keys():
     assert type(restored["metadata"]["input"]) is tuple and type(restored["metadata"]["input"][0]) is tuple
     assert type(restored["metadata"]["plain"]) is list
     assert entry_from_json({"__tuple__": "not a list", "other": 1}) == {"__tuple__": "not a list", "other": 1}
+    frozen = {"m": {frozenset({1}): "a"}, "s": {frozenset({2, 3})}, "f": frozenset({4})}  # hashable inside sets and keys
+    restored = entry_from_json(json.loads(json.dumps(entry_to_json(frozen))))
+    assert restored == frozen and type(restored["f"]) is frozenset
 
 
 @pytest.mark.parametrize("task", ["arc_agi", "basic_arithmetic"])

@@ -1065,8 +1065,8 @@ def test_a_logger_that_fails_to_start_leaves_no_run_directory_and_nothing_open(t
     config = TrainConfig.model_validate(make_config(tiny_model_dir, Path(train.name), None,
                                                     logging={"progress": False, "wandb": True}))
     with pytest.raises(RuntimeError, match="api key not configured"):
-        Trainer(config, run_dir=tmp_path / "run")
-    assert opened == [str(tmp_path / "run")] and not (tmp_path / "run").exists()
+        Trainer(config, run_dir=tmp_path / "runs" / "run")  # runs/ did not exist either: it goes too
+    assert opened == [str(tmp_path / "runs" / "run")] and not (tmp_path / "runs").exists()
 
     kept = tmp_path / "existing"  # a directory the user made is left in place
     kept.mkdir()

@@ -640,7 +640,8 @@ _MISSING_LOGP = (
 
 @register_advantage(
     "unlikely",
-    description="Unlikeliness reward: scale R by 1 - beta_rank * rank/G (rank by old-policy likelihood), then GRPO.",
+    description="Unlikeliness reward: scale R by 1 - beta_rank * rank/G (rank by old-policy likelihood; a negative R "
+    "by 1 + beta_rank * rank/G), then GRPO.",
     paper="Rewarding the Unlikely: Lifting GRPO Beyond Distribution Sharpening, arXiv 2506.02355",
 )
 def unlikely(
@@ -651,8 +652,9 @@ def unlikely(
     beta_rank: float = 0.25,
     epsilon: float = 1e-6,
 ) -> torch.Tensor:
-    """Rewarding the Unlikely (arXiv 2506.02355): ``R' = R (1 - beta_rank * rank / G)`` with the
-    within-group likelihood rank of :func:`unlikeliness_shaped_rewards`, then GRPO on R':
+    """Rewarding the Unlikely (arXiv 2506.02355): ``R' = R (1 - beta_rank * rank / G)`` (``R (1 + beta_rank *
+    rank / G)`` for ``R < 0``) with the within-group likelihood rank of :func:`unlikeliness_shaped_rewards`, then GRPO
+    on R':
     ``A = (R' - mean_g(R')) / (std_g(R') + epsilon)`` (unbiased std; same singleton / equal-reward
     conventions as ``grpo``). Requires ``seq_log_prob``."""
     if seq_log_prob is None:

@@ -680,7 +680,7 @@ def check_output_file(path: str | os.PathLike[str], *, what: str = "output file"
     target = Path(os.fspath(path))
     if target.is_dir():
         raise ValueError(f"{what} {target} is a directory; expected the path of a file")
-    _try_writing_in(target.parent, target, what)
+    _try_writing_in(Path(os.path.abspath(target)).parent, target, what)  # abspath: 'x/../y' is y, x need not exist
     return target
 
 
@@ -691,7 +691,7 @@ def check_output_directory(path: str | os.PathLike[str], *, what: str = "output 
     target = Path(os.fspath(path))
     if target.exists() and not target.is_dir():
         raise ValueError(f"{what} {target} exists and is not a directory; expected a directory")
-    _try_writing_in(target, target, what)
+    _try_writing_in(Path(os.path.abspath(target)), target, what)
     return target
 
 

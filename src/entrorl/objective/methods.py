@@ -285,25 +285,36 @@ def _apply_overrides(comp: _Composition, overrides: dict[str, Any]) -> dict[str,
     return top_level
 
 
-def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Composition, *, first: str) -> None:
+def _only_a_surrogate(refs: dict[str, Any]) -> bool:
+    """Whether a method is a surrogate (and an aggregation) and nothing else: no shaper, regulariser, selector or
+    correction for a composition to take from it."""
+    return not any(refs[kind] for kind in ("shapers", "regularizers", "selectors")) and refs["correction"] is None
+
+
+def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Composition, *, before: list[str]) -> None:
     """A later method keeps only its shapers, regularisers, selectors and correction; one that has none and whose
     surrogate or aggregation differ from the first method's (``"dapo+cispo"``, ``"grpo+dapo"``) would be dropped
     without a trace, so it is refused. Repeating the first method's own settings (``"grpo+grpo"``) is harmless."""
-    if any(refs[kind] for kind in ("shapers", "regularizers", "selectors")) or refs["correction"] is not None:
+    if not _only_a_surrogate(refs):
         return
     surrogate = refs["surrogate"] or ("ppo_clip", {})
     same_surrogate = comp.surrogate is not None and comp.surrogate[0] == surrogate[0] and comp.surrogate[1] == surrogate[1]
     if same_surrogate and refs["loss_agg_mode"] in (None, comp.loss_agg_mode):
         return
+    first, so_far = before[0], "+".join(before)
     settings = {**surrogate[1], **({"loss_agg_mode": refs["loss_agg_mode"]} if refs["loss_agg_mode"] else {})}
     described = ", ".join(f"{key}={value!r}" for key, value in settings.items())
-    advice = f"put '{name}' first"
+    options = []
+    if not _only_a_surrogate(_spec_refs(get_method(first))):  # a first method that is only a surrogate cannot follow
+        options.append(f"put '{name}' first ('{'+'.join([name, *before])}')")
     if comp.surrogate is not None and comp.surrogate[0] == surrogate[0] and settings:
-        advice += f", or give the first method those settings: build_objective('{first}', {described})"
+        options.append(f"give the composition those settings: build_objective('{so_far}', {described})")
+    if not options:
+        options.append(f"choose one of '{first}' and '{name}': both are a surrogate alone")
     raise ValueError(
-        f"'{name}' adds nothing after '{first}': the first method of a composition gives the surrogate and the loss "
+        f"'{name}' adds nothing after '{so_far}': the first method of a composition gives the surrogate and the loss "
         f"aggregation, the later ones add their shapers, regularisers, selectors and correction, and '{name}' has none "
-        f"(it is the surrogate '{surrogate[0]}'{f' with {described}' if described else ''}); {advice}"
+        f"(it is the surrogate '{surrogate[0]}'{f' with {described}' if described else ''}); " + ", or ".join(options)
     )
 
 
@@ -324,7 +335,7 @@ def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective
     for position, name in enumerate(names):
         refs = _spec_refs(get_method(name))
         if position > 0:
-            _refuse_if_it_adds_nothing(name, refs, comp, first=names[0])
+            _refuse_if_it_adds_nothing(name, refs, comp, before=names[:position])
         comp.add(refs, source=name)
     comp.add(_config_refs(config))
     if comp.surrogate is None:

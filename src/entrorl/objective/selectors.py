@@ -156,9 +156,15 @@ class ForkingTokens(_EntropyQuantileSelector):
 )
 class LowEntropyTokens(_EntropyQuantileSelector):
     """The complement of ``forking_tokens``: drop tokens with ``H_t >= tau``, keep the low-entropy majority.
-    The paper shows this fails."""
+    The paper shows this fails. ``rho = 1`` (drop every token) is refused."""
 
     keep_high: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _keeps_some(self) -> "LowEntropyTokens":
+        if self.top_entropy_quantile >= 1.0:
+            raise ValueError("top_entropy_quantile = 1 would drop every token: low_entropy_tokens needs rho < 1")
+        return self
 
 
 @register_part(

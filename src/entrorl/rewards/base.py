@@ -173,15 +173,14 @@ def _plain_function_error(spec: str, kwargs: Mapping[str, Any]) -> ValueError:
 
 
 def _is_unmarked_reward_function(obj: Any, signature: inspect.Signature) -> bool:
-    """Whether ``obj`` is a function (neither a class nor registered as a factory) that can be called the way a
-    reward is, ``obj(prompt, completion, answer)``: given options, it was taken for a factory only because of them."""
+    """Whether ``obj`` is a function (neither a class nor registered as a factory) shaped like a reward: its first three
+    parameters are positional and required, as ``prompt, completion, answer`` are. Given options, it was taken for a
+    factory only because of them (a factory's options have defaults, or are not three required positionals)."""
     if inspect.isclass(obj) or getattr(obj, _KIND_ATTR, None) is not None:
         return False
-    try:
-        signature.bind("prompt", "completion", "answer")
-    except TypeError:
-        return False
-    return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    first = list(signature.parameters.values())[:3]
+    return len(first) == 3 and all(p.kind in positional and p.default is inspect.Parameter.empty for p in first)
 
 
 def _check_options(spec: str, obj: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:

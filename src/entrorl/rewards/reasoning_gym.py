@@ -55,17 +55,19 @@ _TAG_OPEN, _TAG_CLOSE = "<answer>", "</answer>"
 
 
 # markers of the values JSON cannot hold as they are; a one-key object {marker: [...]} stands for the value
-_TUPLE, _SET, _ITEMS = "__tuple__", "__set__", "__dict_items__"
+_TUPLE, _SET, _FROZENSET, _ITEMS = "__tuple__", "__set__", "__frozenset__", "__dict_items__"
 
 
 def entry_to_json(value: Any) -> Any:
-    """``value`` made of what JSON holds: a tuple becomes ``{"__tuple__": [...]}``, a set ``{"__set__": [...]}`` and a
+    """``value`` made of what JSON holds: a tuple becomes ``{"__tuple__": [...]}``, a set ``{"__set__": [...]}`` (a
+    frozenset ``{"__frozenset__": [...]}``) and a
     dict with a key that is not a string ``{"__dict_items__": [[key, value], ...]}``, recursively; the rest as it is.
     :func:`entry_from_json` undoes it."""
     if isinstance(value, tuple):
         return {_TUPLE: [entry_to_json(item) for item in value]}
     if isinstance(value, (set, frozenset)):
-        return {_SET: [entry_to_json(item) for item in sorted(value, key=repr)]}
+        marker = _FROZENSET if isinstance(value, frozenset) else _SET
+        return {marker: [entry_to_json(item) for item in sorted(value, key=repr)]}
     if isinstance(value, Mapping):
         if all(isinstance(key, str) for key in value):
             return {key: entry_to_json(item) for key, item in value.items()}
@@ -84,6 +86,8 @@ def entry_from_json(value: Any) -> Any:
                 return tuple(entry_from_json(item) for item in items)
             if marker == _SET and isinstance(items, list):
                 return {entry_from_json(item) for item in items}
+            if marker == _FROZENSET and isinstance(items, list):
+                return frozenset(entry_from_json(item) for item in items)
             if marker == _ITEMS and isinstance(items, list):
                 return {_hashable(entry_from_json(key)): entry_from_json(item) for key, item in items}
         return {key: entry_from_json(item) for key, item in value.items()}

