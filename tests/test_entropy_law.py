@@ -107,7 +107,7 @@ def test_fit_accepts_lists_and_tensors():
 def test_fit_to_dict_is_json():
     h = np.linspace(0.2, 1.8, 10)
     d = fit_entropy_law(h, law(h)).to_dict()
-    assert set(d) == {"a", "b", "r2", "ceiling", "n_points"}
+    assert set(d) == {"a", "b", "r2", "ceiling", "ceiling_applies", "n_points"}
     back = json.loads(json.dumps(d, allow_nan=False))
     assert back["a"] == pytest.approx(A_TRUE) and back["n_points"] == 10
 
@@ -230,3 +230,50 @@ def test_forecast_reports_a_flat_prefix():
     h = np.array([0.8, 0.8, 0.8, 0.6, 0.4, 0.2])
     with pytest.raises(ValueError, match="entropy is the same"):
         forecast_entropy_law(h, law(h))
+
+
+# --------------------------------------------------------------------------------------------
+# numerical edge cases and the law's premise
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entropy",
+    [
+        [0.5, 0.5 + 1e-15, 0.5],  # a spread far below rounding of exp(H)
+        [0.5, float(np.nextafter(0.5, 1.0)), 0.5],  # one ulp
+        [0.5, 0.5 + 1e-12, 0.5 - 1e-12, 0.5],
+    ],
+)
+def test_entropy_constant_up_to_rounding_is_not_fitted(entropy):
+    with pytest.raises(ValueError, match="entropy is the same"):
+        fit_entropy_law(entropy, [0.1, 0.2, 0.3, 0.4][: len(entropy)])
+
+
+def test_fit_is_sound_for_tiny_but_real_entropy_changes():
+    # a spread of 1e-6 nats around H = 2 (x ~ 7.4): far above rounding; the centred fit recovers the law
+    h = 2.0 + 1e-6 * np.linspace(0.0, 1.0, 20)
+    r = law(h, a=1000.0, b=7400.0)
+    fit = fit_entropy_law(h, r)
+    assert fit.a == pytest.approx(1000.0, rel=1e-4)
+    assert 0.999 <= fit.r2 <= 1.0
+    rng = np.random.default_rng(3)
+    noisy = fit_entropy_law(h, r + rng.normal(0.0, 1e-4, h.size))
+    assert 0.0 <= noisy.r2 <= 1.0
+
+
+def test_r2_needs_three_points():
+    fit = fit_entropy_law([1.0, 0.5], [0.2, 0.4])
+    assert math.isnan(fit.r2) and fit.to_dict()["r2"] is None
+    assert fit_entropy_law([1.0, 0.5, 0.2], law(np.array([1.0, 0.5, 0.2]))).r2 == pytest.approx(1.0)
+
+
+def test_ceiling_applies_only_when_reward_falls_with_exp_entropy():
+    h = np.linspace(1.0, 0.5, 12)
+    on_law = fit_entropy_law(h, -0.3 * np.exp(h) + 0.9)
+    assert on_law.ceiling_applies and on_law.to_dict()["ceiling_applies"] is True
+    rising = fit_entropy_law(h, 0.3 * np.exp(h) - 0.2)  # reward rises with entropy: a < 0
+    assert rising.a < 0 and not rising.ceiling_applies
+    assert rising.to_dict()["ceiling_applies"] is False
+    flat = fit_entropy_law(h, np.full(h.size, 0.4))  # a = 0: reward not bought with entropy
+    assert not flat.ceiling_applies

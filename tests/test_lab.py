@@ -117,3 +117,120 @@ def test_quick_lab_end_to_end(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "ENTRORL_CACHE": str(env_cache)},
     )
     assert again.returncode == 0 and "cached" in again.stderr
+    # ... and the report still covers every method, with a wall clock that counts the invocation that trained
+    from entrorl.lab.report import WALL_CLOCK_LABEL
+
+    report = json.loads((out / "report.json").read_text())
+    assert [r["method"] for r in report["summary"]["rows"]] == ["base", *preset.methods]
+    assert report["reproduce"]["command"] == "entrorl lab --preset quick"
+    items = {row["item"]: row["value"] for row in report["reproduce"]["machine"]["rows"]}
+    assert float(items[WALL_CLOCK_LABEL]) > 0 and items["invocations counted / in all"] == "1 / 2"
+
+
+def test_an_unusable_out_is_refused_before_anything_is_built(tmp_path):
+    from entrorl.lab.runner import run_lab
+
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    cache = tmp_path / "cache"
+    for out, fragment in ((a_file / "x", f"{a_file} is a file, not a directory"), (a_file, "is an existing file"),
+                          (Path("/proc/entrorl-lab-test"), "cannot be used as a run directory")):
+        with pytest.raises(ValueError, match=fragment):
+            run_lab("quick", methods=["grpo"], out=out, cache_dir=cache)
+    assert not cache.exists()
+
+
+def test_method_names_are_stripped_deduplicated_and_checked(tmp_path):
+    from entrorl.lab.presets import lab_method_names
+    from entrorl.lab.runner import _requested_methods, run_lab
+
+    assert _requested_methods(["grpo", " clip_b ", "grpo", "", "clip_b"]) == ["grpo", "clip_b"]
+    assert _requested_methods("grpo, clip_b,grpo") == ["grpo", "clip_b"]
+    assert _requested_methods(None) is None and _requested_methods([]) is None
+    with pytest.raises(ValueError, match="names no method"):
+        _requested_methods([" ", ""])
+    with pytest.raises(ValueError, match="unknown method 'nope'") as error:
+        run_lab("quick", methods=["grpo", "nope"], out=tmp_path / "lab", cache_dir=tmp_path / "cache")
+    assert set(DEFAULT_METHODS) <= set(lab_method_names())
+    for name in lab_method_names():
+        assert f" {name}," in str(error.value) or str(error.value).endswith(f" {name}")
+    assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("workers", [0, -1])
+def test_workers_below_one_are_refused(tmp_path, workers):
+    from entrorl.lab.runner import run_lab
+
+    with pytest.raises(ValueError, match="--workers must be a whole number of at least 1"):
+        run_lab("quick", methods=["grpo"], workers=workers, out=tmp_path / "lab", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_preset_mismatch_names_the_settings_not_their_values(tmp_path):
+    from entrorl.lab.runner import run_lab
+
+    out = tmp_path / "lab"
+    out.mkdir()
+    (out / "lab.json").write_text(json.dumps({"preset": get_preset("quick").model_dump(mode="json")}))
+    with pytest.raises(ValueError) as error:
+        run_lab("default", out=out, cache_dir=tmp_path / "cache")
+    message = str(error.value)
+    assert "this folder was started with preset quick, now default" in message
+    assert "base.steps" in message and "same options or choose another --out" in message
+    assert "{" not in message and len(message) < 400, message
+    changed = get_preset("quick").model_copy(update={"base": get_preset("default").base}).model_dump(mode="json")
+    (out / "lab.json").write_text(json.dumps({"preset": changed}))
+    with pytest.raises(ValueError, match=r"other settings \(base\.batch_size: 64 there, 32 now; .*base\.steps: 1200 there, 400 now\); resume") as error:
+        run_lab("quick", out=out, cache_dir=tmp_path / "cache")
+    assert "{" not in str(error.value)
+
+
+def test_the_worker_warm_up_is_paid_once_and_not_timed(tmp_path, monkeypatch):
+    import time
+
+    from entrorl.lab import runner
+
+    warm_ups = []
+    monkeypatch.setattr(runner, "_process_warmed_up", False)
+    monkeypatch.setattr(runner, "_pay_one_off_costs", lambda job: (warm_ups.append(job["method"]), time.sleep(0.5)))
+    monkeypatch.setattr(runner, "_train_and_evaluate", lambda job: {"pass_at_k": {"1": 0.5}})
+    for method in ("grpo", "clip_b"):
+        job = {"method": method, "run_dir": str(tmp_path / method)}
+        (tmp_path / method).mkdir()
+        assert runner._run_method(job)["status"] == "done"
+        assert json.loads((tmp_path / method / "final_eval.json").read_text())["train_seconds"] < 0.25
+    assert warm_ups == ["grpo"]
+
+
+def test_the_warm_up_runs_on_a_real_model(tmp_path, tiny_model_dir):
+    from entrorl.lab.runner import _pay_one_off_costs, _prepare_data
+
+    preset = get_preset("quick").model_copy(update={"train_problems": 4, "eval_problems": 2, "forgetting_problems": 2})
+    data = _prepare_data(tmp_path / "lab", preset)
+    job = {"preset": preset.model_dump(mode="json"), "model_dir": str(tiny_model_dir), "data": {k: str(v) for k, v in data.items()}}
+    _pay_one_off_costs(job)  # raises if the warm-up is broken (run_lab swallows its errors)
+    assert sorted(p.name for p in (tmp_path / "lab").iterdir()) == ["data"]
+
+
+def test_a_resumed_subset_keeps_every_method_of_the_folder(tmp_path, monkeypatch):
+    """Re-running one method on a finished folder: nothing is retrained, lab.json and the report keep every method."""
+    from test_lab_report import build_run
+
+    from entrorl.lab import runner
+
+    out = build_run(tmp_path / "lab", methods=("grpo", "clip_cov", "nsr"), failed=())
+    preset = get_preset("quick").model_copy(update={"methods": ["grpo", "clip_cov", "nsr"]})
+    lab = json.loads((out / "lab.json").read_text())
+    lab["preset"] = preset.model_dump(mode="json")
+    (out / "lab.json").write_text(json.dumps(lab))
+    model_dir = tmp_path / "base-model"
+    monkeypatch.setattr(runner, "build_base_model", lambda spec, cache_dir=None, progress=None: model_dir)
+    monkeypatch.setattr(runner, "_prepare_data", lambda out, preset: {k: out / "data" / f"{k}.jsonl" for k in ("train", "eval", "forget")})
+    runner.run_lab("quick", methods=["grpo", " grpo"], out=out, workers=1)
+    recorded = json.loads((out / "lab.json").read_text())
+    assert recorded["methods"] == recorded["preset"]["methods"] == ["grpo", "clip_cov", "nsr"]
+    (invocation,) = recorded["invocations"]
+    assert invocation["methods"] == ["grpo"] and invocation["ran"] == [] and invocation["finished_at"] >= invocation["started_at"]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["method"] for r in report["summary"]["rows"]] == ["base", "grpo", "clip_cov", "nsr"]
+    assert report["reproduce"]["command"] == "entrorl lab --preset quick --methods grpo,clip_cov,nsr --workers 1"

@@ -230,7 +230,9 @@ def test_law_fit_recovers_the_synthetic_constants(report_run):
     assert grpo["fit"]["r2"] > 0.99
     assert grpo["forecast"]["fit"]["a"] == pytest.approx(A_GRPO, abs=0.1)
     assert grpo["forecast"]["n_fit"] == math.ceil(0.2 * grpo["n_points"])
-    assert grpo["ceiling_error"] == pytest.approx(abs(grpo["forecast"]["predicted_ceiling"] - grpo["reached"]))
+    assert grpo["forecast"]["fit"]["ceiling_applies"] and "ceiling_error" not in grpo
+    assert grpo["ceiling_minus_reached"] == pytest.approx(grpo["forecast"]["predicted_ceiling"] - grpo["reached"])
+    assert abs(grpo["end_error"]) < 0.05  # the synthetic run follows the law to the end
     # constant entropy: no fit, n/a with the reason
     assert "fit" not in fits["nsr"] and "same at all" in fits["nsr"]["fit_error"]
     row = next(r for r in report["law"]["table"]["rows"] if r["method"] == "nsr")
@@ -320,3 +322,123 @@ def test_failed_grpo_and_an_empty_run(tmp_path):
     assert report["section_errors"] == {}
     assert report["methods"]["grpo"]["status"] == "missing"
     assert (empty / "report.html").exists()
+
+
+def _write_metrics(run: Path, entropy, reward, **series) -> None:
+    records = [{"step": i + 1, "entropy/mean": float(h), "reward/accuracy": float(r),
+                **{key.replace("__", "/"): float(values[i]) for key, values in series.items()}}
+               for i, (h, r) in enumerate(zip(entropy, reward))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_law_columns_are_honest_forecasts(tmp_path):
+    out = build_run(tmp_path / "lab-law", methods=("grpo", "nsr"), failed=())
+    h = np.linspace(1.0, 0.5, STEPS)
+    _write_metrics(out / "methods" / "grpo", h, -0.3 * np.exp(h) + 0.9)  # exactly on the law
+    _write_metrics(out / "methods" / "nsr", h, 0.2 * np.exp(h) - 0.1)  # reward falls with entropy: a < 0
+    report = write_report(out, figures=False)
+    assert report["section_errors"] == {}
+    columns = report["summary"]["columns"]
+    assert "ceiling error" not in columns and "forecast error, end" in columns
+    grpo = next(v for v in report["summary"]["values"] if v["method"] == "grpo")
+    assert abs(grpo["forecast error, end"]) < 1e-9 and grpo["law R²"] == pytest.approx(1.0)
+    law = report["law"]["fits"]["grpo"]
+    reached = float(np.max(moving_average(-0.3 * np.exp(h) + 0.9)))
+    assert law["ceiling_minus_reached"] == pytest.approx(0.6 - reached)  # headroom, not an error
+    rows = {r["method"]: r for r in report["law"]["table"]["rows"]}
+    assert rows["grpo"]["ceiling"] == "0.6" and rows["grpo"]["forecast ceiling"] == "0.6"
+    assert rows["nsr"]["ceiling"] == "—" and rows["nsr"]["forecast ceiling"] == "—"
+    assert rows["nsr"]["forecast ceiling − reached"] == "—" and "a ≤ 0" in rows["nsr"]["note"]
+    assert "law's premise fails" in rows["nsr"]["note"]
+    assert not report["law"]["fits"]["nsr"]["fit"]["ceiling_applies"]
+    assert "not an error of the forecast" in (out / "report.md").read_text()
+
+
+def test_two_point_law_fit_has_no_r2(tmp_path):
+    out = build_run(tmp_path / "lab-two", methods=("grpo",), failed=())
+    _write_metrics(out / "methods" / "grpo", [1.0, 0.5], [0.2, 0.4])
+    report = write_report(out, figures=False)
+    grpo = next(r for r in report["summary"]["rows"] if r["method"] == "grpo")
+    assert grpo["law R²"] == "n/a"
+    row = next(r for r in report["law"]["table"]["rows"] if r["method"] == "grpo")
+    assert "fewer than 3 points" in row["note"]
+
+
+def test_an_intervention_that_never_acted_is_flagged(tmp_path):
+    out = build_run(tmp_path / "lab-idle", methods=("grpo", "clip_b", "clip_cov", "adaptive_entropy"), failed=())
+    h = np.linspace(1.0, 0.5, STEPS)
+    r = -0.3 * np.exp(h) + 0.9
+    zeros, some = np.zeros(STEPS), np.where(np.arange(STEPS) % 3 == 0, 0.01, 0.0)
+    _write_metrics(out / "methods" / "clip_b", h, r, select__clip_b_frac=zeros, select__dropped_frac=zeros)
+    _write_metrics(out / "methods" / "clip_cov", h, r, select__clip_cov_frac=some)
+    _write_metrics(out / "methods" / "adaptive_entropy", h, r, reg__adaptive_entropy_coeff=zeros,
+                   reg__adaptive_entropy_controller_coeff=np.full(STEPS, 1e-4))
+    _write_metrics(out / "methods" / "grpo", h, r, select__dropped_frac=zeros)
+    report = write_report(out, figures=False)
+    notes = {row["method"]: row["note"] for row in report["summary"]["rows"]}
+    assert notes["clip_b"] == f"never acted: select/clip_b_frac = 0 at all {STEPS} steps"
+    assert notes["adaptive_entropy"] == f"never acted: reg/adaptive_entropy_coeff = 0 at all {STEPS} steps"
+    assert notes["grpo"] == notes["clip_cov"] == notes["base"] == ""
+    assert report["never_acted"] == ["clip_b", "adaptive_entropy"]
+    assert report["interventions"]["clip_cov"][0] == {"key": "select/clip_cov_frac", "steps": STEPS,
+                                                      "active_steps": STEPS // 3 + 1, "max_abs": 0.01}
+    markdown = (out / "report.md").read_text()
+    assert "2 methods never applied their own intervention during training: clip_b (`select/clip_b_frac` 0 at all" in markdown
+
+
+def test_the_edge_text_states_what_is_averaged(tmp_path):
+    from entrorl.lab.report import edge_phrase
+
+    assert edge_phrase(40) == "the first and the last 10% of the 40 training steps (4 steps each)"
+    assert edge_phrase(12) == "the first and the last 2 of the 12 training steps (16.7% each: 10% rounded up to whole steps)"
+    assert edge_phrase(5) == "the first and the last 1 of the 5 training steps (20% each: 10% rounded up to whole steps)"
+    out = build_run(tmp_path / "lab-12", methods=("grpo", "clip_cov"), failed=())
+    for name in ("grpo", "clip_cov"):
+        _write_metrics(out / "methods" / name, np.linspace(1.0, 0.5, 12), np.linspace(0.1, 0.3, 12))
+    report = write_report(out, figures=False)
+    assert "the first and the last 2 of the 12 training steps (16.7% each" in report["headline"]["paragraphs"][0]
+    assert "10% of the 12" not in (out / "report.md").read_text()
+    assert "over the last 2 of the 12 steps (16.7%: 10% rounded up to whole steps)" in (out / "report.md").read_text()
+
+
+def test_the_report_covers_every_method_of_the_folder(tmp_path):
+    out = build_run(tmp_path / "lab-union", methods=("grpo", "clip_cov", "nsr"), failed=())
+    lab = json.loads((out / "lab.json").read_text())
+    # an older runner recorded only the methods of the last invocation (here grpo, named twice)
+    lab["methods"], lab["preset"]["methods"] = ["grpo", "grpo"], ["grpo"]
+    (out / "lab.json").write_text(json.dumps(lab))
+    report = write_report(out, figures=False)
+    assert [r["method"] for r in report["summary"]["rows"]] == ["base", "grpo", "clip_cov", "nsr"]
+    assert report["reproduce"]["command"] == "entrorl lab --preset quick --methods grpo,clip_cov,nsr"
+
+
+def test_wall_clock_sums_the_invocations_that_ran_something(tmp_path):
+    from entrorl.lab.report import WALL_CLOCK_LABEL
+
+    out = build_run(tmp_path / "lab-clock", methods=("grpo", "nsr"), failed=())
+    lab = json.loads((out / "lab.json").read_text())
+    lab["invocations"] = [
+        {"started_at": 1000.0, "finished_at": 1100.0, "ran": ["grpo"], "base_evaluated": True},
+        {"started_at": 5000.0, "finished_at": 5002.0, "ran": []},  # everything cached: not counted
+        {"started_at": 6000.0, "finished_at": 6050.0, "ran": ["nsr"]},  # a resume
+        {"started_at": 7000.0, "ran": ["nsr"]},  # killed: no end recorded
+    ]
+    (out / "lab.json").write_text(json.dumps(lab))  # lab.json is newer than every final_eval.json
+    report = write_report(out, figures=False)
+    items = {row["item"]: row["value"] for row in report["reproduce"]["machine"]["rows"]}
+    assert items[WALL_CLOCK_LABEL] == "150" and items["invocations counted / in all"] == "2 / 4"
+    markdown = (out / "report.md").read_text()
+    assert "1 invocation recorded no end" in markdown and "lab.json to last final evaluation" not in markdown
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "update_readme_lab.py").read_text()
+    assert f'"{WALL_CLOCK_LABEL}"' in script  # the README keeps showing the figure
+
+
+def test_a_method_acting_through_its_advantages_is_not_flagged():
+    from entrorl.lab.report import intervention_keys
+
+    assert intervention_keys("clip_b") == ["select/clip_b_frac", "reg/clip_b_coeff", "shape/clip_b_bonus"]
+    assert "reg/adaptive_entropy_coeff" in intervention_keys("adaptive_entropy")
+    assert "select/kl_cov_frac" in intervention_keys("kl_cov")
+    # nsr's estimator leaves no positive advantage for its sign selector to drop: the selector idles, nsr acts
+    assert intervention_keys("nsr") == intervention_keys("psr") == intervention_keys("w_reinforce") == []
+    assert intervention_keys("grpo") == intervention_keys("sft") == []

@@ -15,6 +15,10 @@ The law is linear in ``(a, b)`` once ``x = exp(H)`` is taken as the regressor, `
 so ordinary least squares of ``R`` on ``x`` gives the exact least-squares fit; no iterative
 non-linear solver is needed.
 
+The ceiling is a forecast only under the law's premise that reward is bought with entropy,
+``a > 0`` (reward rises as entropy falls). A fit with ``a <= 0`` still describes the points, but
+``b - a`` is then no ceiling: :attr:`EntropyLawFit.ceiling_applies` says which case holds.
+
 Inputs may be lists, numpy arrays or torch tensors (read through ``.detach().cpu()``; torch is
 not imported here). Sequences for :func:`forecast_entropy_law` must be ordered by training step.
 """
@@ -27,7 +31,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EntropyLawFit", "LawForecast", "fit_entropy_law", "forecast_entropy_law"]
+__all__ = ["EntropyLawFit", "LawForecast", "fit_entropy_law", "forecast_entropy_law", "CONSTANT_ENTROPY_TOLERANCE",
+           "MIN_POINTS_FOR_R2"]
+
+CONSTANT_ENTROPY_TOLERANCE = 1e-9
+"""exp(H) counts as constant when its spread ``max - min`` is at most this share of ``max |exp(H)|``: below it the
+slope is decided by rounding, not by the data."""
+
+MIN_POINTS_FOR_R2 = 3
+"""A line through 2 points fits them exactly, so R² is reported (not ``nan``) only from this many points on."""
 
 
 def _json_float(value: float) -> float | None:
@@ -86,9 +98,11 @@ class EntropyLawFit:
     Attributes:
         a: the entropy-to-performance conversion coefficient (``dR/dH = -a exp(H)``).
         b: the offset.
-        r2: coefficient of determination ``1 - SS_res / SS_tot`` on the fitted points; ``nan``
-            when the rewards have zero variance (``SS_tot = 0``).
-        ceiling: the predicted performance at zero entropy, ``b - a``.
+        r2: coefficient of determination ``1 - SS_res / SS_tot`` on the fitted points, in [0, 1];
+            ``nan`` when the rewards have zero variance (``SS_tot = 0``) or with fewer than
+            :data:`MIN_POINTS_FOR_R2` points (a line through two points says nothing about the law).
+        ceiling: the fitted curve at zero entropy, ``b - a``; a forecast only when
+            :attr:`ceiling_applies`.
         n_points: number of points fitted.
     """
 
@@ -97,6 +111,12 @@ class EntropyLawFit:
     r2: float
     ceiling: float
     n_points: int
+
+    @property
+    def ceiling_applies(self) -> bool:
+        """Whether ``ceiling`` is a forecast: the law's premise ``a > 0`` (reward rises as entropy is spent).
+        With ``a <= 0`` reward did not fall with ``exp(H)`` and the law forecasts no ceiling."""
+        return bool(self.a > 0.0)
 
     def predict(self, entropy: Any) -> np.ndarray:
         """Predicted reward ``-a * exp(H) + b`` for each entropy value (same shape as the input)."""
@@ -110,6 +130,7 @@ class EntropyLawFit:
             "b": float(self.b),
             "r2": _json_float(self.r2),
             "ceiling": float(self.ceiling),
+            "ceiling_applies": self.ceiling_applies,
             "n_points": int(self.n_points),
         }
 
@@ -120,17 +141,24 @@ def fit_entropy_law(entropy: Any, reward: Any) -> EntropyLawFit:
     With ``x = exp(H)`` the model is the straight line ``R = b + s x`` with ``s = -a``, so the
     closed-form least-squares solution is exact:
     ``s = sum((x - x̄)(R - R̄)) / sum((x - x̄)^2)``, ``b = R̄ - s x̄``, ``a = -s``.
+    Everything is computed on the centred values ``x - x̄`` and ``R - R̄`` (residuals
+    ``(R - R̄) - s (x - x̄)``), so no large intercept cancels against a large slope, and
+    ``R² = 1 - SS_res / SS_tot`` stays in [0, 1] as it must for least squares with an intercept.
+    exp(H) whose spread is at most :data:`CONSTANT_ENTROPY_TOLERANCE` of its size counts as
+    constant: no slope is fitted.
 
     Args:
         entropy: ``[N]`` policy entropies (nats), one per evaluation point.
         reward: ``[N]`` performance (e.g. validation accuracy) at the same points.
 
     Returns:
-        :class:`EntropyLawFit` with ``a``, ``b``, ``r2``, ``ceiling = b - a`` and ``n_points``.
+        :class:`EntropyLawFit` with ``a``, ``b``, ``r2`` (``nan`` below :data:`MIN_POINTS_FOR_R2`
+        points), ``ceiling = b - a`` and ``n_points``.
 
     Raises:
         ValueError: fewer than 2 points, unequal lengths, non-finite values, entropy so large that
-            ``exp(H)`` overflows, or an entropy that never changes (the slope is then undefined).
+            ``exp(H)`` overflows, or an entropy that does not change beyond rounding (the slope is
+            then undefined).
     """
     h, r = _check_pair(entropy, reward)
     with np.errstate(over="ignore"):
@@ -140,26 +168,29 @@ def fit_entropy_law(entropy: Any, reward: Any) -> EntropyLawFit:
             f"exp(entropy) overflows (max entropy {h.max():g}); entropy must be in nats and "
             f"below ~700 — pass the mean per-token entropy, not a sum over tokens"
         )
-    xc = x - x.mean()
-    sxx = float(np.dot(xc, xc))
-    if sxx == 0.0 or np.ptp(h) == 0.0:
+    spread = float(np.ptp(x))
+    if spread <= CONSTANT_ENTROPY_TOLERANCE * float(np.max(np.abs(x))):
         raise ValueError(
-            f"entropy is the same at all {h.size} points ({h[0]:g}), so the law's slope is "
-            f"undefined; fit over training steps at which entropy changes"
+            f"entropy is the same at all {h.size} points ({h[0]:g}: exp(H) spreads by {spread:.3g}, within "
+            f"{CONSTANT_ENTROPY_TOLERANCE:g} of its size), so the law's slope is undefined; fit over training "
+            f"steps at which entropy changes"
         )
+    n = int(h.size)
     if np.all(r == r[0]):
         # constant reward: the flat line b = R fits exactly, and r2 is undefined (SS_tot = 0)
         b = float(r[0])
-        return EntropyLawFit(a=0.0, b=b, r2=float("nan"), ceiling=b, n_points=int(h.size))
-    rc = r - r.mean()
-    slope = float(np.dot(xc, rc)) / sxx
-    b = float(r.mean() - slope * x.mean())
+        return EntropyLawFit(a=0.0, b=b, r2=float("nan"), ceiling=b, n_points=n)
+    x_mean, r_mean = float(x.mean()), float(r.mean())
+    xc, rc = x - x_mean, r - r_mean
+    slope = float(np.dot(xc, rc)) / float(np.dot(xc, xc))
+    b = r_mean - slope * x_mean
     a = -slope
-    resid = r - (b + slope * x)
-    ss_res = float(np.dot(resid, resid))
-    ss_tot = float(np.dot(rc, rc))
-    r2 = 1.0 - ss_res / ss_tot
-    return EntropyLawFit(a=a, b=b, r2=r2, ceiling=b - a, n_points=int(h.size))
+    if n < MIN_POINTS_FOR_R2:
+        r2 = float("nan")
+    else:
+        resid = rc - slope * xc
+        r2 = min(1.0, max(0.0, 1.0 - float(np.dot(resid, resid)) / float(np.dot(rc, rc))))
+    return EntropyLawFit(a=a, b=b, r2=r2, ceiling=b - a, n_points=n)
 
 
 @dataclass(frozen=True)
@@ -174,7 +205,8 @@ class LawForecast:
         rmse: root-mean-square error of ``predicted - actual``; ``nan`` with no held-out points.
         final_error: predicted minus actual reward at the last point of the run (an in-sample
             residual when every point was used for the fit).
-        predicted_ceiling: ``fit.ceiling = b - a``, the reward forecast at zero entropy.
+        predicted_ceiling: ``fit.ceiling = b - a``, the reward forecast at zero entropy (a forecast
+            only when ``fit.ceiling_applies``, i.e. ``a > 0``).
         reached: the highest reward measured over the whole run.
     """
 

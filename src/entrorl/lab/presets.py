@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from entrorl.lab.base_model import BaseModelSpec
 from entrorl.objective import get_method
 
-__all__ = ["LabPreset", "PRESETS", "get_preset", "DEFAULT_METHODS"]
+__all__ = ["LabPreset", "PRESETS", "get_preset", "lab_method_names", "DEFAULT_METHODS"]
 
 DEFAULT_METHODS = [
     "grpo", "dapo", "clip_cov", "kl_cov", "forking_tokens", "clip_b", "clip_v", "nsr", "w_reinforce",
@@ -49,9 +49,21 @@ class LabPreset(BaseModel):
     law_fit_fraction: float = 0.2
 
     def check_methods(self) -> None:
+        """Every method must be one the laboratory runs (:func:`lab_method_names`)."""
         for method in self.methods:
-            if method != "sft":
+            if method == "sft":
+                continue
+            try:
                 get_method(method)
+            except ValueError:
+                raise ValueError(f"unknown method '{method}'; the laboratory runs: {', '.join(lab_method_names())}") from None
+
+
+def lab_method_names() -> list[str]:
+    """Every method name the laboratory accepts: the registered methods and the supervised baseline ``sft``."""
+    from entrorl.objective import available_methods
+
+    return sorted({info.name for info in available_methods()} | {"sft"})
 
 
 PRESETS = {

@@ -3,7 +3,7 @@
 
 Inputs (see :mod:`entrorl.lab.runner`)::
 
-    lab.json                          preset, base model key, methods, workers
+    lab.json                          preset, base model key, methods, workers, invocations (start and end times)
     base/final_eval.json              the base model's final evaluation
     methods/<name>/metrics.jsonl      one JSON object per training step
     methods/<name>/final_eval.json    the method's final evaluation (absent when the method failed)
@@ -19,7 +19,11 @@ The rules the report applies (and states) are module constants: start and end of
 over the first and last :data:`EDGE_FRACTION` of its steps; GRPO's entropy has collapsed when its end
 is at most :data:`COLLAPSE_RATIO` times its start; a method *kept entropy* when its end/start entropy
 ratio is at least :data:`KEPT_MARGIN` times GRPO's; curves are smoothed with a trailing moving average of
-:data:`SMOOTH_WINDOW` steps.
+:data:`SMOOTH_WINDOW` steps; a method whose own intervention (:func:`intervention_keys`) was 0 at every logged
+step is flagged as never having acted.
+
+The report covers every method of the run directory: those ``lab.json`` lists (all the invocations on the folder)
+and any other ``methods/<name>/`` holding results.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ __all__ = [
     "fmt",
     "edge_means",
     "edge_count",
+    "edge_phrase",
+    "intervention_keys",
     "moving_average",
     "Table",
     "ENTROPY_KEY",
@@ -65,6 +71,8 @@ EDGE_FRACTION = 0.1
 COLLAPSE_RATIO = 0.5
 KEPT_MARGIN = 1.25
 SUMMARY_MIDDLE_K = 8  # shown in the summary beside Pass@1 and the largest k
+INTERVENTION_KEY_PATTERNS = ("select/{}_frac", "reg/{}_coeff", "shape/{}_bonus")
+WALL_CLOCK_LABEL = "wall clock, summed over the invocations that ran something (s)"
 SMOOTH_WINDOW = 5
 COV_PERCENTS = ("0.02", "0.2", "2", "20")
 FORKS_SHOWN = 10
@@ -128,6 +136,34 @@ def _shown(value: Any) -> float | None:
 def edge_count(n_steps: int) -> int:
     """How many steps make the start (and the end) of a run: ``max(1, ceil(EDGE_FRACTION * n))``."""
     return max(1, math.ceil(round(EDGE_FRACTION * n_steps, 9)))
+
+
+def _edge_is_exact(n_steps: int) -> bool:
+    return n_steps > 0 and edge_count(n_steps) == round(EDGE_FRACTION * n_steps, 9)
+
+
+def edge_phrase(n_steps: int) -> str:
+    """The start and end of an ``n_steps`` run in words, saying what is really averaged: "the first and the last 10%
+    of the 40 training steps (4 steps each)", or where that share is not a whole number of steps, "the first and
+    the last 2 of the 12 training steps (16.7% each: 10% rounded up to whole steps)"."""
+    n_edge = edge_count(n_steps)
+    steps = f"{n_edge} step{'s' if n_edge != 1 else ''}"
+    if _edge_is_exact(n_steps):
+        return f"the first and the last {fmt(100 * EDGE_FRACTION)}% of the {n_steps} training steps ({steps} each)"
+    return (f"the first and the last {n_edge} of the {n_steps} training steps ({fmt(100 * n_edge / n_steps)}% each: "
+            f"{fmt(100 * EDGE_FRACTION)}% rounded up to whole steps)")
+
+
+def _last_steps_phrase(step_counts: set[int]) -> str:
+    """"the last 10% of steps", or "the last 2 of the 12 steps (16.7%: ...)" when that share is not whole steps."""
+    percent = fmt(100 * EDGE_FRACTION)
+    if len(step_counts) != 1:
+        return f"the last {percent}% of steps (rounded up to whole steps)"
+    (n_steps,) = step_counts
+    if n_steps <= 0 or _edge_is_exact(n_steps):
+        return f"the last {percent}% of steps"
+    n_edge = edge_count(n_steps)
+    return f"the last {n_edge} of the {n_steps} steps ({fmt(100 * n_edge / n_steps)}%: {percent}% rounded up to whole steps)"
 
 
 def edge_means(values: Any) -> tuple[float, float, int]:
@@ -425,6 +461,35 @@ class Run:
         return REWARD_KEY if self.has(REWARD_KEY) or not self.has(FALLBACK_REWARD_KEY) else FALLBACK_REWARD_KEY
 
 
+def _methods_with_results(out: Path) -> list[str]:
+    """The method folders under ``methods/`` that hold a result (evaluation, step records or an error), by name."""
+    directory = out / "methods"
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir()
+                  if p.is_dir() and any((p / f).exists() for f in ("final_eval.json", "metrics.jsonl", "error.log")))
+
+
+def intervention_keys(method: str) -> list[str]:
+    """The metric keys that show whether a method's own intervention acted at a step, for each part the method adds
+    to its surrogate (token selectors, regularisers, advantage shapers): ``select/<part>_frac`` (share of tokens the
+    part selected), ``reg/<part>_coeff`` (the coefficient in force) and ``shape/<part>_bonus`` (mean advantage bonus);
+    only the keys a run logged are checked. Empty for a method without such parts (GRPO, the supervised baselines) or
+    one the registry does not know, and for a method with an advantage estimator of its own (nsr, psr, w_reinforce):
+    that estimator changes the advantages at every step, so an idle part (NSR's sign selector, which its estimator
+    leaves nothing to drop) does not mean the method never acted."""
+    try:
+        from entrorl.objective.methods import get_method
+
+        specs = [get_method(name) for name in method.split("+")]
+    except Exception:  # noqa: BLE001 — not a registered method (e.g. sft): nothing to check
+        return []
+    if specs[0].advantage_estimator != "grpo":  # the first method gives the trainer its advantage estimator
+        return []
+    parts = dict.fromkeys(ref[0] for spec in specs for ref in (*spec.selectors, *spec.regularizers, *spec.shapers))
+    return [pattern.format(part) for part in parts for pattern in INTERVENTION_KEY_PATTERNS]
+
+
 def _load_run(out: Path, name: str, outcomes: dict[str, Any]) -> Run:
     directory = out / "methods" / name
     final = _read_json(directory / "final_eval.json")
@@ -463,6 +528,12 @@ class Analysis:
     law: dict[str, Any] = field(default_factory=dict)
     change: dict[str, Any] = field(default_factory=dict)
     cov: dict[str, Any] = field(default_factory=dict)
+    interventions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def never_acted(self) -> list[dict[str, Any]]:
+        """The intervention metrics that were 0 at every step they were logged."""
+        return [i for i in self.interventions if i["active_steps"] == 0]
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -490,10 +561,24 @@ def _analyse(run: Run, fit_fraction: float) -> Analysis:
     try:
         forecast = forecast_entropy_law(h, r, fit_fraction=fit_fraction)
         law["forecast"] = forecast.to_dict()
-        law["ceiling_error"] = _json_value(abs(forecast.predicted_ceiling - result.reward_reached))
+        # the forecast's error where the run ended: predicted minus measured reward, averaged over the last steps
+        n_end = edge_count(h.size)
+        law["end_error"] = _json_value(float(np.mean(forecast.fit.predict(h[-n_end:]) - r[-n_end:])))
+        law["end_points"] = n_end
+        law["end_in_fit"] = h.size - n_end < forecast.n_fit
+        # no run comes near zero entropy: the distance to the ceiling is headroom, not an error of the forecast
+        law["ceiling_minus_reached"] = (_json_value(forecast.predicted_ceiling - result.reward_reached)
+                                        if forecast.fit.ceiling_applies else None)
     except ValueError as error:
         law["forecast_error"] = str(error)
     result.law = law
+
+    for key in intervention_keys(run.name):
+        values = run.series(key)
+        values = values[np.isfinite(values)]
+        if values.size:
+            result.interventions.append({"key": key, "steps": int(values.size), "active_steps": int(np.count_nonzero(values)),
+                                         "max_abs": float(np.max(np.abs(values)))})
 
     # predicted vs measured entropy change per step
     predicted, measured = run.series("entropy/predicted_delta"), run.series("entropy/measured_delta")
@@ -592,10 +677,8 @@ class _Report:
         self.preset = self.lab.get("preset") if isinstance(self.lab.get("preset"), dict) else {}
         outcomes = _read_json(out / "outcomes.json")
         self.outcomes = outcomes if isinstance(outcomes, dict) else {}
-        names = self.lab.get("methods") or self.preset.get("methods")
-        if not names:
-            names = sorted(p.name for p in (out / "methods").iterdir() if p.is_dir()) if (out / "methods").is_dir() else []
-        self.names = [str(n) for n in names]
+        names = [str(n) for n in (self.lab.get("methods") or self.preset.get("methods") or [])]
+        self.names = list(dict.fromkeys(names + [n for n in _methods_with_results(out) if n not in names]))
         self.runs = {name: _load_run(out, name, self.outcomes) for name in self.names}
         base = _read_json(out / "base" / "final_eval.json")
         self.base = base if isinstance(base, dict) else None
@@ -690,7 +773,6 @@ class _Report:
             numbers.add([text("GRPO final evaluation entropy"), num(eval_end)])
             numbers.add([text("GRPO evaluation entropy / base"), num(eval_end / eval_start)])
         numbers.add([text(f"collapse (end ≤ {fmt(COLLAPSE_RATIO)} × start)"), Cell(NA if collapsed is None else fmt(collapsed), collapsed, True)])
-        percent = fmt(100 * EDGE_FRACTION)
         verdict = {True: "holds", False: "does not hold", None: "cannot be checked (missing entropy)"}[collapsed]
         measured_on = (
             f"the mean token entropy of the final evaluation's samples, {fmt(eval_end)}, against the base model's on the same "
@@ -700,9 +782,8 @@ class _Report:
         section.say(
             f"GRPO's mean token entropy (`{ENTROPY_KEY}`, nats) went from {fmt(g.entropy_start)} to {fmt(g.entropy_end)} "
             f"(end/start ratio {fmt(g.entropy_ratio)}) while its reward (`{g.run.reward_key}`) "
-            f"went from {fmt(g.reward_start)} to {fmt(g.reward_end)}. Start and end are the means over the first and the last "
-            f"{percent}% of the {g.n_steps} training steps ({g.n_edge} step{'s' if g.n_edge != 1 else ''} each), to reduce "
-            f"step-to-step noise. The collapse criterion, final entropy ≤ {fmt(COLLAPSE_RATIO)} × initial, compares "
+            f"went from {fmt(g.reward_start)} to {fmt(g.reward_end)}. Start and end are the means over "
+            f"{edge_phrase(g.n_steps)}, to reduce step-to-step noise. The collapse criterion, final entropy ≤ {fmt(COLLAPSE_RATIO)} × initial, compares "
             f"{measured_on}: it {verdict}; the reward {reward_change}."
         )
         info.update({"collapse": collapsed, "reward_change": reward_change})
@@ -766,40 +847,58 @@ class _Report:
         # a middle k as well: with many samples Pass@k_max saturates near 1 and hides the loss of diversity
         middle = [SUMMARY_MIDDLE_K] if SUMMARY_MIDDLE_K in self.ks and SUMMARY_MIDDLE_K not in (1, k) else []
         columns = ["method", "status", "entropy end/start", "reward end", "Pass@1", *(f"Pass@{m}" for m in middle), f"Pass@{k}",
-                   "law R²", "ceiling error", "forecast RMSE", "forgetting acc", "forgetting Δ", "eval entropy", "train time (s)"]
+                   "law R²", "forecast error, end", "forecast RMSE", "forgetting acc", "forgetting Δ", "eval entropy",
+                   "train time (s)", "note"]
         table = Table(columns, title="")
         base_forget = self.eval_value("base", "forgetting_accuracy")
         if self.base:
             table.add([text("base"), text("base"), dash(), dash(), num(self.pass_at("base", 1)),
                        *(num(self.pass_at("base", m)) for m in middle), num(self.pass_at("base", k)), dash(),
-                       dash(), dash(), num(base_forget), dash(), num(self.eval_value("base", "entropy_mean")), dash()])
+                       dash(), dash(), num(base_forget), dash(), num(self.eval_value("base", "entropy_mean")), dash(), text("")])
         for name in self.names:
             run = self.runs[name]
             if run.status != "ok":
-                table.add([text(name), text(run.status)] + [missing() for _ in columns[2:]])
+                table.add([text(name), text(run.status)] + [missing() for _ in columns[2:-1]] + [text("")])
                 continue
             a = self.analyses[name]
             forget = self.eval_value(name, "forgetting_accuracy")
             fit, forecast = a.law.get("fit") or {}, a.law.get("forecast") or {}
+            note = "; ".join(f"never acted: {i['key']} = 0 at all {i['steps']} steps" for i in a.never_acted)
             table.add([text(name), text("ok"), num(a.entropy_ratio), num(a.reward_end), num(self.pass_at(name, 1)),
                        *(num(self.pass_at(name, m)) for m in middle), num(self.pass_at(name, k)),
-                       num(fit.get("r2")), num(a.law.get("ceiling_error")), num(forecast.get("rmse")), num(forget),
+                       num(fit.get("r2")), num(a.law.get("end_error"), signed=True), num(forecast.get("rmse")), num(forget),
                        num(forget - base_forget if _finite(forget) is not None and _finite(base_forget) is not None else math.nan, signed=True),
-                       num(self.eval_value(name, "entropy_mean")), num(self.eval_value(name, "train_seconds"))])
-        percent = fmt(100 * EDGE_FRACTION)
+                       num(self.eval_value(name, "entropy_mean")), num(self.eval_value(name, "train_seconds")), text(note)])
+        last = _last_steps_phrase({self.analyses[n].n_steps for n in self.ok})
         section.say(
-            f"One row per method and one for the base model. Entropy end/start: `{ENTROPY_KEY}` averaged over the last {percent}% "
-            f"of steps divided by its average over the first {percent}%; reward end: {self.reward_label()} over the last {percent}%; "
+            f"One row per method and one for the base model. Entropy end/start: `{ENTROPY_KEY}` averaged over {last} "
+            f"divided by its average over as many first steps; reward end: {self.reward_label()} over {last}; "
             f"Pass@1{''.join(f', Pass@{m}' for m in middle)} and Pass@{k} (the largest k evaluated): the unbiased estimator on "
-            f"the held-out prompts; law R²: the fit of "
-            f"R = −a·exp(H) + b over all steps; ceiling error: |forecast ceiling − reached| for the forecast fitted on the first "
-            f"{fmt(100 * self.fit_fraction)}% of steps, and forecast RMSE its error on the remaining steps; forgetting acc: accuracy "
+            f"the held-out prompts; law R²: the fit of R = −a·exp(H) + b over all steps (n/a from fewer than 3 points); "
+            f"forecast error, end: the law fitted on the first {fmt(100 * self.fit_fraction)}% of steps, its predicted minus "
+            f"the measured reward averaged over {last}, and forecast RMSE its error on the steps after the fitted ones (the "
+            f"ceilings are in the law section); forgetting acc: accuracy "
             f"on the untrained task (`{self.preset.get('forgetting_task', NA)}`), Δ relative to the base model; eval entropy: mean "
-            f"token entropy of the final evaluation's samples; train time: seconds of the method's process, training and final "
-            f"evaluation. {NA} marks a value that could not be computed, {NOT_APPLICABLE} one "
+            f"token entropy of the final evaluation's samples; train time: seconds of the method's set-up, training and final "
+            f"evaluation in the invocation that finished it, after the worker process's one-off warm-up; note: a method whose "
+            f"own intervention never acted. {NA} marks a value that could not be computed, {NOT_APPLICABLE} one "
             "that does not apply."
         )
         section.table(table)
+        idle = [n for n in self.ok if self.analyses[n].never_acted]
+        if idle:
+            parts = []
+            for name in idle:
+                keys = " and ".join(f"`{i['key']}`" for i in self.analyses[name].never_acted)
+                steps = self.analyses[name].never_acted[0]["steps"]
+                parts.append(f"{name} ({keys} 0 at all {steps} steps)")
+            many = len(idle) != 1
+            section.say(f"{len(idle)} method{'s' if many else ''} never applied {'their' if many else 'its'} own intervention "
+                        f"during training: {'; '.join(parts)}. {'These runs' if many else 'This run'} trained with the "
+                        f"surrogate alone, so {'their rows measure' if many else 'its row measures'} that surrogate, not the "
+                        "method; a longer run, or one whose statistics reach the method's threshold, is needed to see it act.")
+        self.json["interventions"] = {n: self.analyses[n].interventions for n in self.ok}
+        self.json["never_acted"] = idle
         deltas = [(n, self.eval_value(n, "forgetting_accuracy") - base_forget) for n in self.ok
                   if _finite(self.eval_value(n, "forgetting_accuracy")) is not None and _finite(base_forget) is not None]
         if deltas:
@@ -890,13 +989,18 @@ class _Report:
 
     # ---------------------------------------------------------------- 5. the law
     def law(self, section: Section) -> None:
+        last = _last_steps_phrase({self.analyses[n].n_steps for n in self.ok})
         section.say(
             f"The entropy–performance law R = −a·exp(H) + b (arXiv 2505.22617, Eq. 6), with H = `{ENTROPY_KEY}` and R = "
             f"{self.reward_label()}, fitted by least squares of R on exp(H) (`fit_entropy_law`) over every step where both are "
-            f"finite; its ceiling b − a is the reward predicted at zero entropy. The forecast (`forecast_entropy_law`) refits on "
-            f"the first {fmt(100 * self.fit_fraction)}% of those steps (at least 3) and predicts the rest from their measured "
-            f"entropies; RMSE is its error there. 'reached' is the maximum of the {SMOOTH_WINDOW}-step moving average of R, and "
-            "ceiling error = |forecast ceiling − reached|."
+            f"finite (R² from 3 points on). Where a > 0 (reward rises as entropy is spent, the law's premise) its ceiling "
+            f"b − a is the reward it predicts at zero entropy; where a ≤ 0 the premise fails and the ceiling is marked "
+            f"{NOT_APPLICABLE} (does not apply). The forecast (`forecast_entropy_law`) refits on the first "
+            f"{fmt(100 * self.fit_fraction)}% of those steps (at least 3) and predicts the rest from their measured entropies: "
+            f"'forecast RMSE' is its error on the steps after the fitted ones, and 'forecast error, end' its predicted minus "
+            f"measured reward averaged over {last} (in-sample where those steps were fitted, as the note says). 'reached' is "
+            f"the maximum of the {SMOOTH_WINDOW}-step moving average of R. No run comes near zero entropy, so 'forecast "
+            "ceiling − reached' is the headroom the law still promises at the end of the run, not an error of the forecast."
         )
         fitted = [n for n in self.ok if "fit" in self.analyses[n].law]
 
@@ -922,21 +1026,34 @@ class _Report:
 
         section.blocks.append(self.figures.draw("law.png", "Reward against exp(entropy) per method, coloured by step, with the fitted law.",
                                                 9.0, 2.1 * max(1, math.ceil(len(fitted) / 4)), paint))
-        table = Table(["method", "points", "a", "b", "R²", "ceiling", "fit steps", "forecast ceiling", "reached", "ceiling error",
-                       "forecast RMSE", "note"], title="Fits")
+        table = Table(["method", "points", "a", "b", "R²", "ceiling", "fit steps", "forecast ceiling", "reached",
+                       "forecast ceiling − reached", "forecast error, end", "forecast RMSE", "note"], title="Fits")
         fits = {}
         for name in self.ok:
             law = self.analyses[name].law
             fits[name] = law
             fit, forecast = law.get("fit"), law.get("forecast")
+            forecast_fit = (forecast or {}).get("fit") or {}
             notes = [f"{part}: {law[part + '_error'].split('; ')[0]}" for part in ("fit", "forecast") if part + "_error" in law]
             if fit and fit.get("r2") is None:
-                notes.append("R² undefined: the reward never changed")
+                notes.append("R² undefined: " + ("fewer than 3 points" if fit["n_points"] < 3 else "the reward never changed"))
+            if fit and not fit.get("ceiling_applies"):
+                notes.append("a ≤ 0: reward did not fall as entropy fell, so the law's premise fails and it forecasts no ceiling")
+            if forecast and not forecast_fit.get("ceiling_applies"):
+                notes.append(f"forecast a ≤ 0 on the first {forecast['n_fit']} steps: no forecast ceiling")
+            if forecast and law.get("end_in_fit"):
+                notes.append("forecast error at the end is in-sample: the last steps were among the fitted ones")
             cells = [text(name), num(law["n_points"])]
-            cells += [num(fit["a"]), num(fit["b"]), num(fit["r2"]), num(fit["ceiling"])] if fit else [missing()] * 4
-            cells += [num(forecast["n_fit"]), num(forecast["predicted_ceiling"])] if forecast else [missing()] * 2
+            cells += ([num(fit["a"]), num(fit["b"]), num(fit["r2"]), num(fit["ceiling"]) if fit.get("ceiling_applies") else dash()]
+                      if fit else [missing()] * 4)
+            cells += ([num(forecast["n_fit"]), num(forecast["predicted_ceiling"]) if forecast_fit.get("ceiling_applies") else dash()]
+                      if forecast else [missing()] * 2)
             cells += [num(law["reached"])]
-            cells += [num(law.get("ceiling_error")), num(forecast["rmse"])] if forecast else [missing()] * 2
+            if forecast:
+                cells += [num(law["ceiling_minus_reached"], signed=True) if forecast_fit.get("ceiling_applies") else dash(),
+                          num(law.get("end_error"), signed=True), num(forecast["rmse"])]
+            else:
+                cells += [missing()] * 3
             cells += [text("; ".join(notes))]
             table.add(cells)
         section.table(table)
@@ -1153,7 +1270,7 @@ class _Report:
         name = self.preset.get("name", "default")
         command = f"entrorl lab --preset {name}"
         preset_methods = self._preset_methods(name)
-        if preset_methods is not None and list(self.names) != list(preset_methods):
+        if preset_methods is None or set(self.names) != set(preset_methods):
             command += " --methods " + ",".join(self.names)
         workers = self.lab.get("workers")
         if workers is not None and workers != self.preset.get("workers"):
@@ -1171,7 +1288,7 @@ class _Report:
         section.table(settings)
         train_seconds = [self.eval_value(n, "train_seconds") for n in self.ok]
         train_seconds = [s for s in train_seconds if _finite(s) is not None]
-        wall = self._wall_seconds()
+        wall, counted, invocations, unfinished = self._wall_clock()
         machine = Table(["item", "value"], title="Machine and time")
         machine.add([text("platform"), text(platform.platform(terse=True))])
         machine.add([text("CPU count"), num(os.cpu_count() or 0)])
@@ -1179,11 +1296,20 @@ class _Report:
         machine.add([text("torch"), text(_package_version("torch"))])
         machine.add([text("workers"), num(workers) if workers is not None else missing()])
         machine.add([text("train + eval time summed over methods (s)"), num(sum(train_seconds)) if train_seconds else missing()])
-        machine.add([text("wall clock, lab.json to last final evaluation (s)"), num(wall)])
+        machine.add([text(WALL_CLOCK_LABEL), num(wall)])
+        machine.add([text("invocations counted / in all"), text(f"{counted} / {invocations}")])
         section.table(machine)
-        section.say("Platform, CPU count and versions are those of the machine that wrote this report; the wall clock is taken "
-                    "from file times, from `lab.json` (written when the run started or was last resumed) to the last "
-                    "`final_eval.json`.")
+        if invocations:
+            clock = (f"the wall clock adds up, over the invocations of `entrorl lab` on this folder that trained or evaluated "
+                     f"something ({counted} of {invocations}), the time from the base model being ready to the last method "
+                     "finishing, as each invocation recorded it in `lab.json`; re-runs that found every result already there, "
+                     "and the time between invocations, are not counted")
+            if unfinished:
+                clock += (f"; {unfinished} invocation{'s' if unfinished != 1 else ''} recorded no end (the process was killed) "
+                          f"and {'are' if unfinished != 1 else 'is'} not counted")
+        else:
+            clock = "the wall clock is not known: `lab.json` records no invocations (the folder was written by an older version)"
+        section.say(f"Platform, CPU count and versions are those of the machine that wrote this report; {clock}.")
         self.json["reproduce"] = {"command": command, "make": make, "preset": settings.to_json(), "machine": machine.to_json()}
 
     def _preset_methods(self, name: str) -> list[str] | None:
@@ -1194,14 +1320,15 @@ class _Report:
         except Exception:  # noqa: BLE001 — a preset that no longer exists: print the methods explicitly
             return None
 
-    def _wall_seconds(self) -> float:
-        try:
-            start = (self.out / "lab.json").stat().st_mtime
-        except OSError:
-            return math.nan
-        ends = [p.stat().st_mtime for p in [self.out / "base" / "final_eval.json",
-                                            *(self.out / "methods" / n / "final_eval.json" for n in self.ok)] if p.exists()]
-        return max(ends) - start if ends else math.nan
+    def _wall_clock(self) -> tuple[float, int, int, int]:
+        """(seconds, invocations counted, invocations recorded, invocations without an end). The seconds are
+        ``sum(finished_at - started_at)`` over the invocations in ``lab.json`` that ran a method or evaluated the base
+        model and recorded their end; ``nan`` when none did."""
+        invocations = [i for i in self.lab.get("invocations") or [] if isinstance(i, dict)]
+        ended = [i for i in invocations if _finite(i.get("started_at")) is not None and _finite(i.get("finished_at")) is not None]
+        counted = [i for i in ended if i.get("ran") or i.get("base_evaluated")]
+        seconds = sum(max(0.0, i["finished_at"] - i["started_at"]) for i in counted) if counted else math.nan
+        return seconds, len(counted), len(invocations), len(invocations) - len(ended)
 
     # ---------------------------------------------------------------- assembly
     def build(self) -> dict[str, Any]:

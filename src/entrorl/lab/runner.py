@@ -3,7 +3,11 @@ processes, each resumable; then a report.
 
 Run directory::
 
-    lab.json                         preset, methods, tasks, base model key
+    lab.json                         preset, every method run in this folder (across resumes), base model key, and
+                                     `invocations`: one entry per run_lab call on the folder, with `started_at` and
+                                     `finished_at` (seconds since the epoch, from the base model being ready to the
+                                     last method finishing, also when interrupted) and `ran` (the methods it trained
+                                     or was training, rather than finding them finished)
     data/{train,eval,forget}.jsonl   the generated prompt files
     base/final_eval.json             the base model's evaluation (same format as a method's)
     methods/<name>/                  a trainer run directory (metrics.jsonl, config.json, checkpoints/)
@@ -25,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.text import Text
 
 from entrorl.data import load_prompts, write_jsonl
 from entrorl.lab.base_model import build_base_model
@@ -142,30 +147,84 @@ def evaluate_policy(model, tokenizer, preset: LabPreset, data: dict[str, Path]) 
     return result
 
 
-def _run_method(job: dict[str, Any]) -> dict[str, Any]:
-    """One method, in its own process: train (resuming when a checkpoint exists), then evaluate."""
-    torch.set_num_threads(1)
+_process_warmed_up = False
+
+
+def _warm_up_process(job: dict[str, Any]) -> None:
+    """Pay, once per worker process and before any method is timed, the one-off costs that would otherwise be
+    charged to the first method the worker runs (:func:`_pay_one_off_costs`), so that every method's train time
+    measures the same work whatever the queue order."""
+    global _process_warmed_up
+    if _process_warmed_up:
+        return
+    _process_warmed_up = True
+    try:
+        _pay_one_off_costs(job)
+    except Exception:  # noqa: BLE001 — the warm-up only moves one-off costs; a method that cannot run reports its own error
+        pass
+
+
+def _pay_one_off_costs(job: dict[str, Any]) -> None:
+    """Import the trainer, model, sampler, reward and evaluation code, load the base model, score one prompt of each
+    task, and run one short generation, forward and backward pass. Nothing here touches the run directory, and every
+    method seeds its own randomness, so results do not depend on it."""
+    from entrorl.evaluation import summarize_samples  # noqa: F401
+    from entrorl.lab.supervised import SFTTrainer  # noqa: F401
+    from entrorl.modeling import bucketed_response_token_stats, load_causal_lm, load_tokenizer
+    from entrorl.rewards import RewardRunner
+    from entrorl.rollout import HFSampler, SamplingParams
+    from entrorl.trainer import Trainer, load_config  # noqa: F401
+    from entrorl.trainer.diagnostics import top_fork_tokens  # noqa: F401
+
+    preset = LabPreset(**job["preset"])
+    model_dir = Path(job["model_dir"])
+    model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    for split, task_name in (("train", preset.train_task), ("forget", preset.forgetting_task)):
+        record = load_prompts(Path(job["data"][split]))[0]
+        RewardRunner(get_task(task_name))([record.prompt], [""], [record.answer], [record.meta], [0])
+    sampler = HFSampler.for_model(model, tokenizer, batch_size=2)
+    rollouts = sampler.generate([tokenizer(record.prompt)["input_ids"]] * 2,
+                                SamplingParams(max_new_tokens=4, temperature=preset.temperature))
+    with torch.enable_grad():
+        stats = bucketed_response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
+                                              rollouts.response_mask, temperature=preset.temperature, need=("logprob",))
+        stats.logprob.sum().backward()
+
+
+def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one method (resuming when a checkpoint exists), then evaluate it; returns the evaluation."""
     from entrorl.lab.supervised import SFTTrainer
-    from entrorl.modeling import load_causal_lm, load_tokenizer
     from entrorl.trainer import Trainer, load_config
     from entrorl.trainer.checkpoint import latest_checkpoint
 
     preset = LabPreset(**job["preset"])
     method, run_dir = job["method"], Path(job["run_dir"])
     data = {k: Path(v) for k, v in job["data"].items()}
+    config = load_config(_trainer_config(preset, method, Path(job["model_dir"]), data, run_dir))
+    resume = latest_checkpoint(run_dir) is not None
+    trainer_class = SFTTrainer if method == "sft" else Trainer
+    trainer = trainer_class(config, run_dir=run_dir, resume=resume)
+    if method == "sft":
+        trainer.use_task(get_task(preset.train_task))
+    trainer.train()
+    return evaluate_policy(trainer.model, trainer.tokenizer, preset, data)
+
+
+def _run_method(job: dict[str, Any]) -> dict[str, Any]:
+    """One method, in its own process: train (resuming when a checkpoint exists), then evaluate.
+
+    ``train_seconds`` in ``final_eval.json`` is the time of the method's own set-up, training and final evaluation
+    in this invocation; the worker's one-off warm-up (:func:`_warm_up_process`) is paid before the clock starts, so
+    the times do not depend on which method a worker happens to run first."""
+    torch.set_num_threads(1)
+    method, run_dir = job["method"], Path(job["run_dir"])
     final_path = run_dir / "final_eval.json"
     if final_path.exists():
         return {"method": method, "status": "cached"}
+    _warm_up_process(job)
     started = time.perf_counter()
     try:
-        config = load_config(_trainer_config(preset, method, Path(job["model_dir"]), data, run_dir))
-        resume = latest_checkpoint(run_dir) is not None
-        trainer_class = SFTTrainer if method == "sft" else Trainer
-        trainer = trainer_class(config, run_dir=run_dir, resume=resume)
-        if method == "sft":
-            trainer.use_task(get_task(preset.train_task))
-        trainer.train()
-        evaluation = evaluate_policy(trainer.model, trainer.tokenizer, preset, data)
+        evaluation = _train_and_evaluate(job)
         evaluation["train_seconds"] = time.perf_counter() - started
         _write_json(final_path, evaluation)
         return {"method": method, "status": "done", "seconds": time.perf_counter() - started}
@@ -183,84 +242,189 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
+_DIFFERENCES_SHOWN = 6
+
+
+def _setting_differences(recorded: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value there, value now)`` for every setting that differs; nested settings (the base model's)
+    are compared key by key, so a difference is named by its own key, not by the whole dictionary."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        differences = []
+        for key in sorted(set(recorded) | set(current)):
+            differences += _setting_differences(recorded.get(key), current.get(key), f"{prefix}{key}.")
+        return differences
+    return [] if recorded == current else [(prefix.rstrip("."), recorded, current)]
+
+
+def _short_repr(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (the folder's ``lab.json``, ``outcomes.json``), or ``{}`` when there is none (a new
+    folder) or it cannot be read."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _check_same_preset(out: Path, preset: LabPreset) -> None:
     """A run directory is resumed only with the settings it was started with (rl_seed included; the methods may
-    differ, to add or revisit some): otherwise runs trained under different settings would be reported together."""
-    recorded_file = out / "lab.json"
-    if not recorded_file.is_file():
+    differ, to add or revisit some): otherwise runs trained under different settings would be reported together.
+    The refusal names the settings that differ, not their whole values."""
+    recorded = _read_json_object(out / "lab.json").get("preset")
+    if not isinstance(recorded, dict):
         return
-    recorded = json.loads(recorded_file.read_text()).get("preset", {})
     current = preset.model_dump(mode="json")
-    differing = sorted(key for key in set(recorded) | set(current) if key != "methods" and recorded.get(key) != current.get(key))
-    if differing:
-        changes = "; ".join(f"{key}: {recorded.get(key)!r} there, {current.get(key)!r} now" for key in differing)
-        raise ValueError(f"{out} was started with other settings ({changes}); resume it with the same options "
-                         "or choose another --out")
+    differing = [d for d in _setting_differences(recorded, current) if d[0] != "methods"]
+    if not differing:
+        return
+    if recorded.get("name") != current.get("name"):
+        keys = [key for key, _, _ in differing if key != "name"]
+        shown = ", ".join(keys[:_DIFFERENCES_SHOWN]) + (f" and {len(keys) - _DIFFERENCES_SHOWN} more" if len(keys) > _DIFFERENCES_SHOWN else "")
+        what = (f"this folder was started with preset {recorded.get('name')}, now {current.get('name')}"
+                + (f" ({len(keys)} other setting{'s' if len(keys) != 1 else ''} differ{'s' if len(keys) == 1 else ''}: {shown})" if keys else ""))
+    else:
+        shown = "; ".join(f"{key}: {_short_repr(then)} there, {_short_repr(now)} now" for key, then, now in differing[:_DIFFERENCES_SHOWN])
+        more = f"; and {len(differing) - _DIFFERENCES_SHOWN} more" if len(differing) > _DIFFERENCES_SHOWN else ""
+        what = f"this folder was started with other settings ({shown}{more})"
+    raise ValueError(f"{out}: {what}; resume it with the same options or choose another --out")
 
 
-def run_lab(preset_name: str = "default", *, methods: list[str] | None = None, out: Path | None = None,
+def _requested_methods(methods: list[str] | str | None) -> list[str] | None:
+    """The method names asked for, stripped of spaces, empty ones dropped and repeats removed (the first kept, order
+    kept); ``None`` when none was asked for (the preset's matrix). A string is split on commas."""
+    if methods is None:
+        return None
+    if isinstance(methods, str):
+        methods = methods.split(",")
+    names = list(dict.fromkeys(name for name in (str(m).strip() for m in methods) if name))
+    if methods and not names:
+        raise ValueError("--methods names no method; give method names separated by commas, e.g. --methods grpo,clip_b")
+    return names or None
+
+
+def _checked_workers(workers: int | None, preset: LabPreset) -> int:
+    """The number of worker processes: the preset's when not given; a whole number of at least 1 otherwise."""
+    if workers is None:
+        return preset.workers
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"--workers must be a whole number of at least 1 (parallel processes); got {workers!r}")
+    return int(workers)
+
+
+def _prepare_run_directory(out: Path) -> None:
+    """Create the run directory (or accept an existing one) and check that it can be written, before anything is
+    built; a path that cannot be a run directory is refused with a ValueError that says why."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a directory; give a new or an existing run directory")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {out} cannot be created: {blocking} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-check-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be used as a run directory: {error.strerror or error}") from None
+
+
+def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = None, out: Path | None = None,
             workers: int | None = None, console=None, cache_dir: Path | None = None, rl_seed: int | None = None) -> Path:
     """Run the laboratory and write its report; returns the run directory. Re-running on an existing
-    directory resumes: finished methods are kept, interrupted ones continue from their last checkpoint."""
+    directory resumes: finished methods are kept, interrupted ones continue from their last checkpoint, and the
+    report covers every method run in the directory so far, not only the ones named this time.
+
+    Raises:
+        ValueError: an unknown preset or method, ``workers`` below 1, an ``out`` that cannot be a run directory,
+            or an existing run directory started with other settings; all before anything is built.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from entrorl.lab.report import write_report
 
     preset = get_preset(preset_name)
-    if methods:
-        preset = preset.model_copy(update={"methods": list(methods)})
+    requested = _requested_methods(methods)
+    if requested:
+        preset = preset.model_copy(update={"methods": requested})
     if rl_seed is not None:
         preset = preset.model_copy(update={"rl_seed": int(rl_seed)})
     preset.check_methods()
+    workers = _checked_workers(workers, preset)
     out = Path(out) if out is not None else Path("runs") / f"lab-{datetime.now():%Y%m%d-%H%M%S}"
+    _prepare_run_directory(out)
     _check_same_preset(out, preset)
-    out.mkdir(parents=True, exist_ok=True)
-    workers = workers or preset.workers
+    recorded = _read_json_object(out / "lab.json")
+    # the folder's methods are all those run in it so far and now: the report covers them all
+    run_methods = list(dict.fromkeys([*(str(m) for m in recorded.get("methods") or []), *preset.methods]))
+    invocations = [i for i in recorded.get("invocations") or [] if isinstance(i, dict)]
     # one thread per process: tiny matrices gain nothing from more, and two busy processes on two cores each
     # spinning two threads slow every small operation down by orders of magnitude
     torch.set_num_threads(1)
     progress = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[status]}"), console=console)
+    outcomes: dict[str, Any] = {}
     with progress:
         base_task = progress.add_task("base model", total=preset.base.steps, status="")
         model_dir = build_base_model(preset.base, cache_dir=cache_dir,
                                      progress=lambda done, total, loss: progress.update(base_task, completed=done, status=f"loss {loss:.3f}"))
         progress.update(base_task, completed=preset.base.steps, status=f"cached: {model_dir.name}")
         progress.console.print(f"base model ready: {model_dir}")
-        data = _prepare_data(out, preset)
-        _write_json(out / "lab.json", {"preset": preset.model_dump(mode="json"), "base_model": model_dir.name,
-                                       "base_model_spec": asdict(preset.base), "methods": preset.methods, "workers": workers})
-        base_eval = out / "base" / "final_eval.json"
-        if not base_eval.exists():
-            from entrorl.modeling import load_causal_lm, load_tokenizer
+        invocation: dict[str, Any] = {"started_at": time.time(), "methods": list(preset.methods), "workers": workers}
+        invocations.append(invocation)
 
-            base_eval.parent.mkdir(parents=True, exist_ok=True)
-            eval_task = progress.add_task("base evaluation", total=1, status="")
-            _write_json(base_eval, evaluate_policy(load_causal_lm(model_dir), load_tokenizer(model_dir), preset, data))
-            progress.update(eval_task, completed=1)
-        jobs = [{"preset": preset.model_dump(mode="json"), "method": method, "run_dir": str(out / "methods" / method),
-                 "model_dir": str(model_dir), "data": {k: str(v) for k, v in data.items()}} for method in preset.methods]
-        bars = {job["method"]: progress.add_task(job["method"], total=preset.steps, status="") for job in jobs}
-        context = multiprocessing.get_context("spawn")
-        outcomes = {}
-        with context.Pool(processes=max(1, min(workers, len(jobs)))) as pool:
-            pending = {job["method"]: pool.apply_async(_run_method, (job,)) for job in jobs}
-            while pending:
-                for method, handle in list(pending.items()):
-                    steps = _count_lines(out / "methods" / method / "metrics.jsonl")
-                    progress.update(bars[method], completed=min(steps, preset.steps))
-                    if handle.ready():
-                        outcomes[method] = handle.get()
-                        status = outcomes[method]["status"]
-                        progress.update(bars[method], completed=preset.steps if status != "failed" else steps,
-                                        status={"done": "[green]done", "cached": "done (cached)", "failed": "[red]failed"}[status])
-                        del pending[method]
-                        progress.console.print(f"{method}: {status} ({len(outcomes)}/{len(jobs)})")
-                time.sleep(0.5)
+        def record_lab() -> None:
+            _write_json(out / "lab.json", {
+                "preset": {**preset.model_dump(mode="json"), "methods": run_methods}, "base_model": model_dir.name,
+                "base_model_spec": asdict(preset.base), "methods": run_methods, "workers": workers,
+                "invocations": invocations})
+
+        data = _prepare_data(out, preset)
+        record_lab()
+        try:
+            base_eval = out / "base" / "final_eval.json"
+            if not base_eval.exists():
+                from entrorl.modeling import load_causal_lm, load_tokenizer
+
+                base_eval.parent.mkdir(parents=True, exist_ok=True)
+                eval_task = progress.add_task("base evaluation", total=1, status="")
+                invocation["base_evaluated"] = True
+                _write_json(base_eval, evaluate_policy(load_causal_lm(model_dir), load_tokenizer(model_dir), preset, data))
+                progress.update(eval_task, completed=1)
+            jobs = [{"preset": preset.model_dump(mode="json"), "method": method, "run_dir": str(out / "methods" / method),
+                     "model_dir": str(model_dir), "data": {k: str(v) for k, v in data.items()}} for method in preset.methods]
+            bars = {job["method"]: progress.add_task(job["method"], total=preset.steps, status="") for job in jobs}
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(processes=max(1, min(workers, len(jobs)))) as pool:
+                pending = {job["method"]: pool.apply_async(_run_method, (job,)) for job in jobs}
+                while pending:
+                    for method, handle in list(pending.items()):
+                        steps = _count_lines(out / "methods" / method / "metrics.jsonl")
+                        progress.update(bars[method], completed=min(steps, preset.steps))
+                        if handle.ready():
+                            outcomes[method] = handle.get()
+                            status = outcomes[method]["status"]
+                            progress.update(bars[method], completed=preset.steps if status != "failed" else steps,
+                                            status={"done": "[green]done", "cached": "done (cached)", "failed": "[red]failed"}[status])
+                            del pending[method]
+                            progress.console.print(f"{method}: {status} ({len(outcomes)}/{len(jobs)})")
+                    time.sleep(0.5)
+        finally:  # also when interrupted: the time this invocation ran is recorded
+            invocation["finished_at"] = time.time()
+            invocation["ran"] = [m for m in preset.methods if (outcomes.get(m) or {}).get("status", "interrupted") != "cached"]
+            invocation["completed"] = len(outcomes) == len(preset.methods)
+            record_lab()
     failed = {m: o["error"] for m, o in outcomes.items() if o["status"] == "failed"}
-    _write_json(out / "outcomes.json", outcomes)
+    _write_json(out / "outcomes.json", {**_read_json_object(out / "outcomes.json"), **outcomes})
     write_report(out)
+    if console is not None and len(run_methods) > len(preset.methods):
+        console.print(f"the report covers all {len(run_methods)} methods of {out} ({', '.join(run_methods)}), "
+                      f"not only the ones asked for now ({', '.join(preset.methods)})")
     if failed and console is not None:
         for method, error in failed.items():
-            console.print(f"[red]{method} failed[/red] (see {out / 'methods' / method / 'error.log'}):\n{error}")
+            console.print(Text.assemble((f"{method} failed", "red"), f" (see {out / 'methods' / method / 'error.log'}):\n{error}"))
     return out
