@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+import entrorl.rewards.math as math_module
 from entrorl.rewards import RewardResult, RewardRunner, get_reward
 from entrorl.rewards.math import (
     ANSWER_EXTRACTORS,
@@ -27,6 +28,8 @@ from entrorl.rewards.math import (
     QuestionHints,
     canonical_answer,
     compare_answers,
+    extract_answer_tag,
+    extract_boxed,
     find_final_answer,
     math_equal,
     read_question,
@@ -71,6 +74,10 @@ CASES = [
     ("", r"\boxed{1\,000}", "1000", 1.0, ""),
     ("", r"\boxed{12,345,678}", "12345678", 1.0, ""),
     ("", r"\boxed{1000}", "1,000,000", 0.0, "answer 1000 differs from reference 1,000,000"),
+    # -- exact integers are compared exactly, however large ---------------------------------------
+    ("", r"\boxed{99999999999}", "100000000000", 0.0, "answer 99999999999 differs from reference 100000000000"),
+    ("", r"\boxed{10^{12}+1}", "10^{12}", 0.0, "differs from reference"),
+    ("", r"\boxed{10^{12}}", "1000000000000", 1.0, ""),
     # -- percentages (the seeds' "profit __%" with reference 96) -------------------------------
     (PERCENT_QUESTION, r"The profit is \boxed{96\%}", "96", 1.0, ""),
     (PERCENT_QUESTION, r"\boxed{96}", "96", 1.0, ""),
@@ -103,6 +110,8 @@ CASES = [
     ("", r"\boxed{0.6667}", r"\frac{2}{3}", 1.0, ""),
     ("", r"\boxed{0.67}", r"\frac{2}{3}", 0.0, "differs from reference"),
     ("Give the answer to two decimal places.", r"\boxed{0.67}", r"\frac{2}{3}", 1.0, ""),
+    ("", r"\boxed{1012}", r"\frac{2023}{2}", 0.0, "differs from reference"),  # an integer is no approximation
+    ("Round to the nearest integer.", r"\boxed{1012}", r"\frac{2023}{2}", 1.0, ""),
     # -- units, currency, degrees -------------------------------------------------------------
     ("", r"\boxed{5 cm}", "5", 1.0, ""),
     ("", r"\boxed{5\text{ cm}}", "5", 1.0, ""),
@@ -134,6 +143,11 @@ CASES = [
     ("", r"\boxed{x=1, x=-2}", "1, 2", 0.0, "reference value 2 is not in the answer"),
     ("", r"\boxed{1, 2}", "3,1,2", 0.0, "the answer has 2 distinct value(s), the reference 3"),
     ("", r"\boxed{\{1,2,3\}}", r"\{1,2\}", 0.0, "the answer has 3 distinct value(s), the reference 2"),
+    # -- several variables: matched name to value; an unnamed list by position ----------------------
+    ("", r"\boxed{y=3, x=2}", "x=2, y=3", 1.0, ""),
+    ("", r"\boxed{x=3, y=2}", "x=2, y=3", 0.0, "reference value x = 2 is not in the answer"),
+    ("", r"\boxed{2, 3}", "x=2, y=3", 1.0, ""),
+    ("", r"\boxed{3, 2}", "x=2, y=3", 0.0, "reference value x = 2 is not in the answer"),
     # -- real roots vs complex roots (the seeds' degree-7 equation) -------------------------------
     (SEVENTH_DEGREE_QUESTION, r"\boxed{1, 2, 3, i, -i, 1+i, 1-i}", "1, 2, 3", 1.0, ""),
     (REAL_ROOTS_QUESTION, r"\boxed{1, 2, 3}", "1, 2, 3, i, -i, 1+i, 1-i", 1.0, ""),
@@ -397,6 +411,192 @@ def test_many_judgements_are_fast(reward):
     for i in range(200):
         reward("", rf"\boxed{{\frac{{{i}}}{{4}}}}", str(i / 4))
     assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "\\boxed{" * 20000,  # unclosed boxes: more than a minute when each one was matched to the end
+        "\\boxed{1}" + "\\boxed{" * 20000,
+        "<answer>" * 20000,  # unclosed tags
+        "<ANSWER>" * 20000,
+        "The answer" + " " * 30000 + "was 7",  # a long blank after "answer" that no "is" follows
+        "\\boxed{" + "**" * 100000 + "}",  # nested ** wrappers around the answer
+        "\\boxed{1" + ". " * 100000 + "}",  # trailing periods
+    ],
+)
+def test_finding_the_answer_is_linear_in_the_completion_length(reward, completion):
+    started = time.monotonic()
+    reward("", completion, "1")
+    assert time.monotonic() - started < 5.0
+
+
+def _slow_extractor(text: str) -> str | None:
+    time.sleep(3.0)
+    return "1"
+
+
+def test_finding_the_answer_is_bounded_by_the_timeout(monkeypatch):
+    reward = MathReward(timeout=0.2)
+    monkeypatch.setattr(reward, "extractors", [("slow", _slow_extractor)])
+    handler_before = signal.getsignal(signal.SIGALRM)
+    started = time.monotonic()
+    verdict = reward("", "anything", "1")
+    assert time.monotonic() - started < 1.5
+    assert verdict == 0.0 and verdict.reason.startswith("timeout")
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    assert signal.getsignal(signal.SIGALRM) is handler_before
+
+
+def test_one_judgement_shares_one_timeout_across_references(monkeypatch):
+    """Each reference used to get a fresh ``timeout``; the judgement as a whole is what is bounded."""
+    calls = []
+
+    def slow_checker(comparison) -> bool:
+        calls.append(comparison.reference)
+        time.sleep(0.25)
+        return False
+
+    monkeypatch.setattr(math_module, "CHECKERS", [("slow", slow_checker)])
+    started = time.monotonic()
+    verdict = MathReward(timeout=0.4)("", r"\boxed{1}", ["2", "3", "4", "5", "6", "7"])
+    assert time.monotonic() - started < 1.0
+    assert verdict == 0.0 and verdict.reason.startswith("timeout"), verdict.reason
+    assert verdict.extracted == "1" and len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"\boxed{\boxed{3}}", r"\boxed{3}"),  # a box inside a box is part of its content
+        (r"\boxed{1} and \boxed{2", "1"),  # an unclosed last box falls back to the previous one
+        (r"\boxed{a} \boxed{\frac{1}{2}} \boxed{", r"\frac{1}{2}"),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces are content
+        (r"\boxed 5 then \fbox{6}", "6"),
+        (r"\fbox{6} then \boxed 5$", "5"),
+        (r"} \boxed{7} }", "7"),
+        ("no box", None),
+    ],
+)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("<answer>1</answer> then <answer>2</answer>", "2"),
+        ("<answer>1</answer> then <answer>2", "1"),
+        ("<answer>a<answer>b</answer>", "a<answer>b"),  # the first open tag pairs with the first close tag
+        ("<Answer>\n3\n</ANSWER>", "\n3\n"),
+        ("</answer><answer>", None),
+    ],
+)
+def test_extract_answer_tag(text, expected):
+    assert extract_answer_tag(text) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# exact values, approximations and variable names
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference", "equal"),
+    [
+        ("99999999999", "100000000000", False),
+        ("123456789012", "123456789013", False),
+        ("10^{12}+1", "10^{12}", False),
+        ("1000000000001", "10^{12}", False),
+        (r"\frac{100000000001}{3}", r"\frac{100000000002}{3}", False),
+        ("2^{40}", "1099511627776", True),
+        (r"\frac{2}{4}", "1/2", True),
+        ("0.30000000000000004", "0.3", True),  # a decimal is inexact: the tolerance applies
+        ("100000000000.0", "99999999999", True),
+    ],
+)
+def test_exact_values_are_compared_exactly(answer, reference, equal):
+    assert math_equal(answer, reference) is equal
+
+
+def test_a_tolerance_raised_by_the_caller_applies_to_exact_values():
+    assert math_equal("1000001", "1000000", tolerance=1e-5)
+    assert not math_equal("1000001", "1000000", tolerance=1e-9)
+    assert not math_equal("1000001", "1000000")
+    assert math_equal("1000001", "1000000", abs_tolerance=1)
+
+
+@pytest.mark.parametrize(
+    ("question", "answer", "reference", "equal"),
+    [
+        ("", "1011", r"\frac{2023}{2}", False),
+        ("", "1012", r"\frac{2023}{2}", False),
+        ("", "500", r"\frac{1001}{2}", False),
+        ("", "333", r"\frac{1000}{3}", False),
+        ("", "314", r"100\pi", False),
+        ("", r"\frac{2023}{2}", "1012", False),
+        ("", "333.3", r"\frac{1000}{3}", True),  # a decimal still approximates
+        ("", "3.14", r"\pi", True),
+        ("", "1011.5", r"\frac{2023}{2}", True),
+        ("Round to the nearest integer.", "1012", r"\frac{2023}{2}", True),
+        ("Round to the nearest integer.", "1011", r"\frac{2023}{2}", True),
+        ("Round to the nearest integer.", "333", r"\frac{1000}{3}", True),
+        ("Round to the nearest integer.", "334", r"\frac{1000}{3}", False),
+        ("Round to the nearest integer.", "1000000000001", "10^{12}", False),
+    ],
+)
+def test_an_integer_approximates_only_when_the_question_asks_for_rounding(question, answer, reference, equal):
+    assert math_equal(answer, reference, question=question) is equal
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference", "equal"),
+    [
+        ("x=3, y=2", "x=2, y=3", False),
+        ("a=3, b=2", "a=2,b=3", False),
+        ("y=3, x=2", "x=2, y=3", True),
+        (r"x=\frac{4}{2}, y=3", "x=2, y=3", True),
+        (r"x = 2 \text{ and } y = 3", "x=2, y=3", True),
+        ("x_1=2, x_2=3", "x_{1}=2, x_{2}=3", True),
+        ("x_1=3, x_2=2", "x_1=2, x_2=3", False),
+        # numbered names of one letter are the roots of one equation: against plain values or x = ..., a set
+        ("x_1=3, x_2=2", "2, 3", True),
+        ("x_1 = 1, x_2 = -2", "x=1, x=-2", True),
+        ("x_1=3, x_2=4", "2, 3", False),
+        (r"x=1+\sqrt{2}, y=3", r"y=3, x=\sqrt{2}+1", True),
+        (r"x=3, y=1+\sqrt{2}", r"y=3, x=\sqrt{2}+1", False),
+        ("(x, y) = (2, 3)", "x=2, y=3", True),
+        ("(x, y) = (3, 2)", "x=2, y=3", False),
+        ("x=2, z=3", "x=2, y=3", False),
+        ("x=2", "x=2, y=3", False),
+        ("x=2, x=3", "x=2, y=3", False),
+        # a list without names is read by position against the names of the other side
+        ("2, 3", "x=2, y=3", True),
+        ("3, 2", "x=2, y=3", False),
+        ("(2, 3)", "x=2, y=3", True),
+        ("(3, 2)", "x=2, y=3", False),
+        ("x=2, y=3", "2, 3", True),
+        ("y=3, x=2", "2, 3", False),
+        ("2, 3", "y=2, x=3", True),
+        ("2, 3, 4", "x=2, y=3", False),
+        (r"\{3, 2\}", "x=2, y=3", False),
+        ("x=3, 2", "x=3, y=2", False),  # partly named
+        # one name repeated is a list of roots: the values count, in any order
+        ("x=1, x=-2", "-2, 1", True),
+        ("-2, 1", "x=1, x=-2", True),
+    ],
+)
+def test_answers_naming_several_variables_match_name_to_value(answer, reference, equal):
+    assert math_equal(answer, reference) is equal
+
+
+def test_a_wrong_assignment_says_which_variable_differs():
+    result = compare_answers("x=2, y=4", "x=2, y=3")
+    assert not result.equal and "reference value y = 3 is not in the answer" in result.reason
+    result = compare_answers("x=2, z=3", "x=2, y=3")
+    assert not result.equal and "the answer names x, z, the reference x, y" in result.reason
+    result = compare_answers("2, 3, 4", "x=2, y=3")
+    assert not result.equal and "the reference names x, y" in result.reason
 
 
 # --------------------------------------------------------------------------------------------

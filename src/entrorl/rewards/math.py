@@ -13,6 +13,8 @@ Three stages, each a small ordered table that later work extends:
    * ``hashes`` — GSM8K's ``#### X``;
    * ``last_number`` — the last number in the text (integers, decimals, ``1,234``, ``a/b``).
 
+   Each takes time linear in the length of the completion (braces are matched once, tags paired once).
+
 2. **Reading the question** (:func:`read_question`): whether it asks for a percentage, for real (or
    complex) roots, or for a rounded value. These change the rules below and nothing else.
 
@@ -34,20 +36,38 @@ Three stages, each a small ordered table that later work extends:
    * ``numeric`` — each side read as one number or an unordered list of numbers (``{1,2}``,
      ``x=1, x=-2``, ``1 \\pm \\sqrt2``, complex values with ``i``), compared with
 
-     - the relative tolerance ``tolerance`` (default ``1e-9``) and ``abs_tolerance`` (default 0);
+     - **exact comparison** of two exact values — integers and fractions written without a decimal
+       point, and expressions of them such as ``10^{12}+1`` or ``\\frac{2^{40}}{3}`` — however large
+       (``99999999999`` does not match ``100000000000``); only ``abs_tolerance``, and a ``tolerance``
+       the caller raises above its default, loosen it;
+     - the relative tolerance ``tolerance`` (default ``1e-9``, room for the rounding error of
+       evaluation) and ``abs_tolerance`` (default 0) for everything else: decimals count as inexact
+       (``0.30000000000000004`` matches ``0.3``), as do ``\\pi``, ``\\sqrt2``, ...;
      - the **approximation rule**: a decimal written with at least ``approximation_digits`` (default 3)
        significant digits matches an exact value that is not itself a plain decimal (``\\pi``, ``e``,
        ``\\sqrt2``, ``1/3``) when it is that value rounded or cut to the decimal's written digits
        (``3.14``, ``3.1416`` and ``3.1415926`` all match ``\\pi``; ``3.15`` does not).
        When the question asks for rounding ("nearest tenth", "two decimal places", "approximately"),
        a value matches a decimal it rounds to, whatever the digit count, two decimals included
-       (``3.1415926`` matches a reference ``3.14``);
+       (``3.1415926`` matches a reference ``3.14``). An integer (no decimal point) approximates nothing
+       (``333`` does not match ``1000/3``, nor ``1012`` match ``2023/2``) unless the question asks for
+       rounding, and then only a non-integer value within half a unit of it (``1011`` and ``1012`` both
+       match ``2023/2`` for "round to the nearest integer");
      - the **roots rule**: when the question asks for real roots / solutions, non-real values are left
        out on both sides before the lists are compared (a reference that also lists complex roots is
        judged by its real ones); when the question names no domain and the reference lists only real
        values, non-real values in the answer are left out (a model that also gives the complex roots of
        a degree-7 equation whose reference lists its three real ones is right); when the question asks
        for complex roots, every value counts;
+     - the **variable-name rule** (which ``math_verify`` follows too): when a side names several variables
+       (``x=2, y=3``; ``(x, y) = (2, 3)``), values are matched name to name — ``y=3, x=\\frac{4}{2}``
+       matches ``x=2, y=3``, while ``x=3, y=2`` and ``x=2, z=3`` do not. A side that names no variable,
+       a plain list or one tuple (``2, 3``; ``(2, 3)``), is read by position, in the order the named
+       side gives its names: ``2, 3`` matches ``x=2, y=3`` and ``3, 2`` does not. A side that names only
+       some of its values, or gives a different number of them, does not match. When no side names
+       several variables (``x=1, x=-2`` is a list of roots, and so is ``x_1=1, x_2=-2``: numbered names of
+       one letter; ``x = 3``), names are ignored and the order of a list is free; two sides naming the same
+       numbered variables are matched name to name;
 
    * ``math_verify`` — HuggingFace Math-Verify on the canonical spellings: symbolic expressions, sets
      and intervals, ``x = 3`` vs ``3``, fractions vs decimals.
@@ -60,12 +80,14 @@ carries ``reason`` — why it scored 0 ("no final answer found", "answer 12 diff
 :meth:`MathReward.judge` returns the same verdict. Models should be asked to box their answer;
 :data:`MATH_INSTRUCTION` is the usual instruction.
 
-**Bounded time.** One judgement may take at most ``timeout`` seconds (default 5), enforced with a
+**Bounded time.** One judgement — finding the final answer and the reference, and comparing them with
+every reference given — may take at most ``timeout`` seconds (default 5) in all, enforced with a
 ``SIGALRM`` interval timer in the main thread (when no other alarm is armed); past that it scores 0 with
-reason "timeout". Numbers too large to evaluate (power towers such as ``2^{3^{20}}``, exponents above
-10,000, factorials above 1,000) are refused before any evaluation, in every thread, because big-integer
-arithmetic cannot be interrupted. Off the main thread no timer can be armed, so only that refusal and the
-``max_chars`` limit bound the time.
+reason "timeout". :func:`compare_answers` alone is bounded the same way. Numbers too large to evaluate
+(power towers such as ``2^{3^{20}}``, exponents above 10,000, factorials above 1,000) are refused before
+any evaluation, in every thread, because big-integer arithmetic cannot be interrupted. Off the main
+thread no timer can be armed, so only that refusal, the ``max_chars`` limit and the linear extraction
+bound the time.
 """
 
 from __future__ import annotations
@@ -77,7 +99,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -122,30 +144,30 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 # --------------------------------------------------------------------------------------------
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BRACE_RE = re.compile(r"\\[{}]|[{}]")
+_BARE_BOX_TOKEN_RE = re.compile(r"[^\s$]+")
 
 
-def _braced(text: str, start: int) -> str | None:
-    """Content of the brace group opening at ``text[start] == "{"``; None if unbalanced."""
-    depth = 0
-    i = start
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
-            i += 2  # escaped brace \{ \} is content
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-        i += 1
-    return None
+def _closing_braces(text: str) -> dict[int, int]:
+    """The position of the ``}`` that closes each closed ``{`` of ``text``, found in one pass (escaped
+    braces ``\\{`` and ``\\}`` are content, not braces)."""
+    closing: dict[int, int] = {}
+    open_braces: list[int] = []
+    for m in _BRACE_RE.finditer(text):
+        brace = m.group(0)
+        if brace == "{":
+            open_braces.append(m.start())
+        elif brace == "}" and open_braces:
+            closing[open_braces.pop()] = m.start()
+    return closing
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last complete top-level ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces and boxes kept),
-    or of ``\\boxed 5``; None when there is none (an unclosed last box falls back to the previous one)."""
+    or of ``\\boxed 5``; None when there is none (an unclosed last box falls back to the previous one).
+
+    Time linear in ``len(text)``: the braces are matched once for the whole text."""
+    closing: dict[int, int] | None = None
     found, covered_until = None, -1
     for m in _BOX_RE.finditer(text):
         if m.start() < covered_until:  # a box inside the previous complete box is part of its content
@@ -154,36 +176,49 @@ def extract_boxed(text: str) -> str | None:
         while j < len(text) and text[j] == " ":
             j += 1
         if j < len(text) and text[j] == "{":
-            content = _braced(text, j)
-            if content is not None:
-                found, covered_until = content, j + len(content) + 2
+            if closing is None:
+                closing = _closing_braces(text)
+            end = closing.get(j)
+            if end is not None:
+                found, covered_until = text[j + 1 : end], end + 1
         elif j > m.end():  # "\boxed 5": the next token
-            tok = re.match(r"[^\s$]+", text[j:])
-            if tok:
-                found, covered_until = tok.group(0), j + tok.end()
+            token = _BARE_BOX_TOKEN_RE.match(text, j)
+            if token:
+                found, covered_until = token.group(0), token.end()
     return found
 
 
-_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_TAG_OPEN_RE = re.compile(r"<answer>", re.IGNORECASE)
+_TAG_CLOSE_RE = re.compile(r"</answer>", re.IGNORECASE)
 
 
 def extract_answer_tag(text: str) -> str | None:
-    """Content of the last ``<answer>...</answer>``."""
-    matches = _TAG_RE.findall(text)
-    return matches[-1] if matches else None
+    """Content of the last ``<answer>...</answer>``, reading left to right: each opening tag pairs with the
+    first closing tag after it (so ``<answer>a<answer>b</answer>`` gives ``a<answer>b``). Time linear in
+    ``len(text)``."""
+    found, position = None, 0
+    while (opening := _TAG_OPEN_RE.search(text, position)) is not None:
+        closing = _TAG_CLOSE_RE.search(text, opening.end())
+        if closing is None:
+            break
+        found, position = text[opening.end() : closing.start()], closing.end()
+    return found
 
 
-_PHRASE_RE = re.compile(r"(?:\banswer\b\s*(?:\*\*)?\s*(?:is\b|:|=)|答案\s*(?:是|为|:|：))\s*:?", re.IGNORECASE)
+# "\s*(?:\*\*\s*)?" rather than "\s*(?:\*\*)?\s*": two adjacent "\s*" backtrack quadratically over long blanks
+_PHRASE_RE = re.compile(r"(?:\banswer\b\s*(?:\*\*\s*)?(?:is\b|:|=)|答案\s*(?:是|为|:|：))\s*:?", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)")
 
 
 def extract_answer_phrase(text: str) -> str | None:
     """What follows the last "answer is" / "answer:" / "answer =" (also "Final answer:", "答案是"), up to
     the end of the line (or of a display-math block starting there) or the first sentence-ending period."""
-    matches = list(_PHRASE_RE.finditer(text))
-    if not matches:
+    last = None
+    for last in _PHRASE_RE.finditer(text):
+        pass
+    if last is None:
         return None
-    rest = text[matches[-1].end() :].lstrip(" \t*\n")
+    rest = text[last.end() :].lstrip(" \t*\n")
     for opener, closer in (("$$", "$$"), ("\\[", "\\]")):
         if rest.startswith(opener):
             end = rest.find(closer, len(opener))
@@ -231,23 +266,34 @@ ANSWER_EXTRACTORS: list[tuple[str, Callable[[str], str | None]]] = [
 _WRAPPERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"), ("**", "**"), ("`", "`"))
 
 
+def _stripped_bounds(text: str, start: int, end: int) -> tuple[int, int]:
+    """``(start, end)`` narrowed past the whitespace at both ends of ``text[start:end]``."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
 def normalize_answer(answer: str) -> str:
-    """Strip whitespace, enclosing ``$..$`` / ``\\(..\\)`` / ``\\[..\\]`` / ``**..**`` and a trailing period."""
-    s = answer.strip()
+    """Strip whitespace, enclosing ``$..$`` / ``\\(..\\)`` / ``\\[..\\]`` / ``**..**`` and a trailing period
+    (repeatedly; time linear in ``len(answer)``, as only the bounds move until the end)."""
+    start, end = _stripped_bounds(answer, 0, len(answer))
     changed = True
-    while changed and s:
+    while changed and start < end:
         changed = False
         for opener, closer in _WRAPPERS:
-            if len(s) >= len(opener) + len(closer) and s.startswith(opener) and s.endswith(closer):
-                inner = s[len(opener) : len(s) - len(closer)]
-                if opener.startswith("$") and "$" in inner:  # "$a$ and $b$" is not one wrapped block
-                    continue
-                s = inner.strip()
+            inner_start, inner_end = start + len(opener), end - len(closer)
+            wrapped = answer.startswith(opener, start, end) and answer.endswith(closer, start, end)
+            if inner_start <= inner_end and wrapped:
+                if opener.startswith("$") and answer.find("$", inner_start, inner_end) != -1:
+                    continue  # "$a$ and $b$" is not one wrapped block
+                start, end = _stripped_bounds(answer, inner_start, inner_end)
                 changed = True
-        if s.endswith("."):
-            s = s[:-1].strip()
+        if end > start and answer[end - 1] == ".":
+            start, end = _stripped_bounds(answer, start, end - 1)
             changed = True
-    return s
+    return answer[start:end]
 
 
 Extractors = Sequence[tuple[str, Callable[[str], str | None]]]
@@ -450,12 +496,19 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+#: The default relative tolerance: room for the rounding error of evaluating inexact values.
+_DEFAULT_TOLERANCE = 1e-9
+
+
 @dataclass(frozen=True)
 class MathOptions:
     """Options of the equivalence check.
 
-    * ``tolerance`` — relative tolerance of numeric comparisons (``|a - b| <= tol * max(|a|, |b|)``);
-    * ``abs_tolerance`` — absolute tolerance of numeric comparisons (for answers near 0);
+    * ``tolerance`` — relative tolerance of numeric comparisons (``|a - b| <= tol * max(|a|, |b|)``) of
+      inexact values; two exact values (integers, fractions) are compared exactly unless it is raised
+      above its default ``1e-9``;
+    * ``abs_tolerance`` — absolute tolerance of numeric comparisons, exact values included (for answers
+      near 0);
     * ``approximation_digits`` — the fewest significant digits a decimal needs to count as an
       approximation of an exact value (``3.14`` for ``\\pi``); 0 turns the approximation rule off;
     * ``float_rounding`` — decimals Math-Verify rounds floats to before comparing;
@@ -463,7 +516,7 @@ class MathOptions:
     * ``max_chars`` — longer answers only get the string check (no symbolic parsing of garbage).
     """
 
-    tolerance: float = 1e-9
+    tolerance: float = _DEFAULT_TOLERANCE
     abs_tolerance: float = 0.0
     approximation_digits: int = 3
     float_rounding: int = 6
@@ -578,10 +631,13 @@ def _check_size(expr: Any) -> None:
 
 @dataclass(frozen=True)
 class _Value:
-    """One number of an answer: its text (for the written precision) and its value."""
+    """One number of an answer: its text (for the written precision), its value, its exact value when it is
+    exact (see :func:`_exact_rational`), and the variable it is assigned to (``x = 3``), if any."""
 
     text: str
     value: complex
+    rational: Fraction | None = None
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -594,8 +650,25 @@ class _Reading:
 
 _DECIMAL_RE = re.compile(r"[-+]?(\d*)\.(\d+)|[-+]?(\d+)")
 _FRAC_RE = re.compile(r"^(-?)\\frac\{([^{}]+)\}\{([^{}]+)\}$")
-_VARIABLE_PREFIX_RE = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*")
-_OPEN = {"(": ")", "[": "]", "{": "}"}
+_INTEGER_RATIO_RE = re.compile(r"([-+]?\d+)(?:\s*/\s*(\d+))?")
+_VARIABLE_NAME = r"[A-Za-z](?:_\{?\w+\}?)?"
+_ASSIGNMENT_RE = re.compile(rf"(?P<name>{_VARIABLE_NAME})\s*=\s*(?P<value>\S.*)", re.DOTALL)
+_TUPLE_ASSIGNMENT_RE = re.compile(
+    rf"\((?P<names>\s*{_VARIABLE_NAME}(?:\s*,\s*{_VARIABLE_NAME})+\s*)\)\s*=\s*(?P<values>\(.*\))", re.DOTALL
+)
+
+
+def _exact_rational(text: str) -> Fraction | None:
+    """The value of an integer or a fraction of integers written plainly (``-12``, ``3/4``,
+    ``\\frac{3}{4}``); None otherwise (decimals included: a decimal may be an approximation)."""
+    s = text.strip()
+    m = _FRAC_RE.match(s)
+    if m:
+        s = f"{m.group(1)}{m.group(2).strip()}/{m.group(3).strip()}"
+    m = _INTEGER_RATIO_RE.fullmatch(s)
+    if not m or m.group(2) is not None and int(m.group(2)) == 0:
+        return None
+    return Fraction(int(m.group(1)), int(m.group(2) or 1))
 
 
 def _plain_number(s: str) -> complex | None:
@@ -671,8 +744,9 @@ def _expand_plus_minus(s: str) -> list[str]:
     return [f"{left}+({right})", f"{left}-({right})"]
 
 
-def _sympy_value(expr: Any) -> complex | None:
-    """The complex value of a sympy number (a symbol ``i`` read as the imaginary unit); None if not one."""
+def _sympy_value(expr: Any) -> tuple[complex, Fraction | None] | None:
+    """The complex value of a sympy number (a symbol ``i`` read as the imaginary unit) and, when the number
+    is rational (``10^{12}+1``, ``2^{40}``), its exact value; None if not a number."""
     import sympy
 
     if isinstance(expr, sympy.Eq):  # "x = 3" -> 3
@@ -688,7 +762,52 @@ def _sympy_value(expr: Any) -> complex | None:
         return None
     _check_size(expr)
     value = complex(expr.evalf(30))
-    return value if math.isfinite(value.real) and math.isfinite(value.imag) else None
+    if not (math.isfinite(value.real) and math.isfinite(value.imag)):
+        return None
+    return value, _exact_value(expr)
+
+
+#: The largest numerator or denominator, in bits, that :func:`_exact_value` builds.
+_MAX_EXACT_BITS = 1 << 17
+
+
+def _exact_value(expr: Any) -> Fraction | None:
+    """The exact value of a sympy expression built from integers and fractions with sums, products,
+    integer powers and factorials (``10^{12}+1``, ``\\frac{2^{40}}{3}``, ``(3!)!``); None for any other
+    expression, or when a numerator or denominator would pass ``_MAX_EXACT_BITS`` bits."""
+    import sympy
+
+    if expr.is_Rational:
+        value = Fraction(int(expr.p), int(expr.q))
+    elif isinstance(expr, (sympy.Add, sympy.Mul)):
+        parts = [_exact_value(argument) for argument in expr.args]
+        if any(part is None for part in parts):
+            return None
+        value = parts[0]
+        for part in parts[1:]:
+            value = value + part if isinstance(expr, sympy.Add) else value * part
+            if not _small_enough(value):
+                return None
+    elif isinstance(expr, sympy.Pow):
+        base, exponent = (_exact_value(argument) for argument in expr.args)
+        if base is None or exponent is None or exponent.denominator != 1 or (base == 0 and exponent < 0):
+            return None
+        size = max(base.numerator.bit_length(), base.denominator.bit_length())
+        if size * abs(exponent.numerator) > _MAX_EXACT_BITS:
+            return None
+        value = base**exponent.numerator
+    elif isinstance(expr, sympy.factorial):
+        argument = _exact_value(expr.args[0])
+        if argument is None or argument.denominator != 1 or not 0 <= argument <= _MAX_FACTORIAL:
+            return None
+        value = Fraction(math.factorial(argument.numerator))
+    else:
+        return None
+    return value if _small_enough(value) else None
+
+
+def _small_enough(value: Fraction) -> bool:
+    return max(value.numerator.bit_length(), value.denominator.bit_length()) <= _MAX_EXACT_BITS
 
 
 def _parse_latex(s: str) -> list[Any]:
@@ -701,34 +820,141 @@ def _parse_latex(s: str) -> list[Any]:
     return list(parsed)
 
 
-def _value_of(text: str) -> complex | None:
+def _value_of(text: str) -> tuple[complex, Fraction | None] | None:
+    """The value of ``text`` and its exact value when it is exact: an integer or fraction written plainly,
+    or an expression without a decimal point whose value is rational (``10^{12}+1``)."""
     plain = _plain_number(text)
     if plain is not None:
-        return plain
+        return plain, _exact_rational(text)
     for item in _parse_latex(text):
         if not isinstance(item, str):
-            return _sympy_value(item)
+            found = _sympy_value(item)
+            if found is None:
+                return None
+            value, rational = found
+            return value, rational if "." not in text else None
     return None
 
 
+def _variable_name(name: str) -> str:
+    """A variable name in one spelling: ``x_{1}`` and ``x_1`` are the same name."""
+    return re.sub(r"[{}\s]", "", name)
+
+
 def _read_numbers(answer: str) -> _Reading | None:
-    """``answer`` (canonical) as numbers, or None when some part is not a number."""
+    """``answer`` (canonical) as numbers, each with the variable it is assigned to (``x = 3``), or None
+    when some part is not a number."""
     inner = _wrapped(answer, "\\{", "\\}")
     is_set = inner is not None
     body = inner if is_set else answer
     if not is_set and _is_bracketed(body) and len(_split_top_level(body[1:-1])) > 1:
         return None  # intervals and tuples are Math-Verify's
-    parts = [p for p in _split_top_level(body) if p]
-    texts = [t for part in parts for t in _expand_plus_minus(_VARIABLE_PREFIX_RE.sub("", part))]
-    if not texts:
-        return None
     values = []
-    for text in texts:
-        value = _value_of(text)
-        if value is None:
-            return None
-        values.append(_Value(text, value))
+    for part in _split_top_level(body):
+        if not part:
+            continue
+        assignment = _ASSIGNMENT_RE.fullmatch(part)
+        name = _variable_name(assignment["name"]) if assignment else None
+        for text in _expand_plus_minus(assignment["value"] if assignment else part):
+            found = _value_of(text)
+            if found is None:
+                return None
+            values.append(_Value(text, found[0], found[1], name))
+    if not values:
+        return None
     return _Reading(tuple(values), is_list=is_set or len(values) > 1)
+
+
+def _assignments(answer: str) -> list[tuple[str | None, str]]:
+    """The top-level parts of ``answer`` (canonical) as ``(variable name, value)``, the name None for a part
+    that assigns no variable; ``(x, y) = (2, 3)`` gives ``x = 2`` and ``y = 3``."""
+    pairs: list[tuple[str | None, str]] = []
+    for part in _split_top_level(answer):
+        if not part:
+            continue
+        tuple_assignment = _TUPLE_ASSIGNMENT_RE.fullmatch(part)
+        if tuple_assignment:
+            names = [_variable_name(name) for name in tuple_assignment["names"].split(",")]
+            values = _tuple_items(tuple_assignment["values"])
+            if values is not None and len(values) == len(names):
+                pairs.extend(zip(names, values))
+                continue
+        assignment = _ASSIGNMENT_RE.fullmatch(part)
+        if assignment:
+            pairs.append((_variable_name(assignment["name"]), assignment["value"].strip()))
+        else:
+            pairs.append((None, part))
+    return pairs
+
+
+def _tuple_items(s: str) -> list[str] | None:
+    """The items of an ordered tuple ``(a, b, ...)`` of two or more non-empty items; None otherwise."""
+    inner = _wrapped(s, "(", ")")
+    items = _split_top_level(inner) if inner is not None else []
+    return items if len(items) >= 2 and all(items) else None
+
+
+def _names_several_variables(pairs: Sequence[tuple[str | None, str]]) -> bool:
+    """Whether every part assigns a variable and not every part the same one. Numbered names of one letter
+    (``x_1 = 3, x_2 = 2``, the roots of one equation) count as one variable, so that against unnamed values
+    (``2, 3``) or another spelling of the roots (``x = 2, x = 3``) they are compared as a set."""
+    names = {name if name is None else _numbered_variable_base(name) for name, _ in pairs}
+    return None not in names and len(names) >= 2
+
+
+def _same_names_on_both_sides(answer: Sequence[tuple[str | None, str]], reference: Sequence[tuple[str | None, str]]) -> bool:
+    """Whether both sides name every value, with the same two or more names: then each name's values are compared,
+    numbered names included (``x_1 = 2`` against ``x_1 = 3`` is a wrong ``x_1``)."""
+    answer_names, reference_names = {name for name, _ in answer}, {name for name, _ in reference}
+    return None not in answer_names and answer_names == reference_names and len(answer_names) >= 2
+
+
+def _numbered_variable_base(name: str) -> str:
+    """``x`` for ``x_1`` / ``x_{12}`` (a name numbered by its subscript), the name itself otherwise."""
+    base, underscore, subscript = name.partition("_")
+    return base if underscore and subscript.isdigit() else name
+
+
+def _spell_assignments(pairs: Iterable[tuple[str | None, str]]) -> str:
+    return ", ".join(f"{name} = {value}" for name, value in pairs)
+
+
+def _pair_variable_names(prediction: str, reference: str) -> tuple[str, str, str | None]:
+    """The **variable-name rule**: ``(prediction, reference, conflict)`` with assignments spelled
+    ``x = 2, y = 3`` when either side names several variables.
+
+    When one side names several variables and the other names every value too, both are spelled out (the
+    values are then matched name to name). When the other names none, its values — a plain list, or one
+    ordered tuple ``(2, 3)`` — are given the names of the named side in order (matched by position).
+    Otherwise (some values named, or a different number of values) ``conflict`` says why they cannot be
+    matched. When neither side names several variables, both come back unchanged.
+    """
+    answer_pairs, reference_pairs = _assignments(prediction), _assignments(reference)
+    if _same_names_on_both_sides(answer_pairs, reference_pairs):
+        return _spell_assignments(answer_pairs), _spell_assignments(reference_pairs), None
+    reference_names_several = _names_several_variables(reference_pairs)
+    if not reference_names_several and not _names_several_variables(answer_pairs):
+        return prediction, reference, None
+    if all(name is not None for name, _ in answer_pairs + reference_pairs):
+        return _spell_assignments(answer_pairs), _spell_assignments(reference_pairs), None
+    if reference_names_several:
+        named_side, named, other_side, other = "reference", reference_pairs, "answer", answer_pairs
+    else:
+        named_side, named, other_side, other = "answer", answer_pairs, "reference", reference_pairs
+    names = [name for name, _ in named]
+    listed = ", ".join(dict.fromkeys(str(name) for name in names))
+    if any(name is not None for name, _ in other):
+        return prediction, reference, f"the {named_side} names {listed}, the {other_side} only some of its values"
+    values = [value for _, value in other]
+    if len(values) == 1:
+        values = _tuple_items(values[0]) or values
+    if len(values) != len(names):
+        conflict = f"the {named_side} names {listed}, the {other_side} gives {len(values)} value(s) without names"
+        return prediction, reference, conflict
+    named_by_position = _spell_assignments(zip(names, values))
+    if reference_names_several:
+        return named_by_position, _spell_assignments(reference_pairs), None
+    return _spell_assignments(answer_pairs), named_by_position, None
 
 
 def _decimal_form(text: str) -> tuple[int, int] | None:
@@ -744,28 +970,46 @@ def _decimal_form(text: str) -> tuple[int, int] | None:
     return len(fraction), max(len(digits), 1)
 
 
-def _close(a: complex, b: complex, options: MathOptions) -> bool:
-    if a == b:
+def _close(a: _Value, b: _Value, options: MathOptions) -> bool:
+    """Equal within the tolerances; two exact values (integers, fractions) must be equal exactly unless the
+    caller raised ``tolerance`` above its default (``abs_tolerance``, 0 by default, applies to them too)."""
+    if a.rational is not None and b.rational is not None and options.tolerance <= _DEFAULT_TOLERANCE:
+        return abs(a.rational - b.rational) <= options.abs_tolerance
+    if a.value == b.value:
         return True
-    return abs(a - b) <= max(options.tolerance * max(abs(a), abs(b)), options.abs_tolerance)
+    return abs(a.value - b.value) <= max(options.tolerance * max(abs(a.value), abs(b.value)), options.abs_tolerance)
+
+
+def _is_integer(v: _Value) -> bool:
+    if v.rational is not None:
+        return v.rational.denominator == 1
+    return v.value.imag == 0 and v.value.real.is_integer()
 
 
 def _approximates(exact: _Value, approx: _Value, options: MathOptions, hints: QuestionHints) -> bool:
-    """The approximation rule: ``approx`` (a decimal) stands for ``exact`` to its written precision."""
+    """The approximation rule: ``approx`` (a decimal or integer literal) stands for ``exact`` to its written
+    precision (see the module notes). An integer stands only for a non-integer value rounded to it, and only
+    when the question asks for rounding. Exact values are compared in exact arithmetic."""
     form = _decimal_form(approx.text)
     if form is None or exact.value.imag != 0 or approx.value.imag != 0:
         return False
     decimals, significant = form
-    unit = 10.0**-decimals
-    error = abs(exact.value.real - approx.value.real)
-    slack = 1e-9 * max(abs(exact.value.real), unit)
-    exact_form = _decimal_form(exact.text)
+    written = Fraction(approx.text.strip())
+    unit = Fraction(1, 10**decimals)
+    if exact.rational is not None:
+        target: Fraction | float = exact.rational
+        slack: Fraction | float = Fraction(0)
+    else:  # a float evaluation: allow for its rounding error
+        target = exact.value.real
+        slack = 1e-9 * max(abs(target), unit)
+    error = abs(target - written)
     rounded = error <= unit / 2 + slack
+    if decimals == 0:  # an integer: "333" does not stand for 1000/3, unless the question asks for rounding
+        return hints.rounding and not _is_integer(exact) and rounded
+    exact_form = _decimal_form(exact.text)
     if exact_form is None:  # exact value (\pi, \sqrt2, 1/3): rounded or cut to the written digits
         if options.approximation_digits and significant >= options.approximation_digits:
-            cut = 0 <= abs(exact.value.real) - abs(approx.value.real) < unit + slack and (
-                exact.value.real * approx.value.real >= 0
-            )
+            cut = 0 <= abs(target) - abs(written) < unit + slack and target * written >= 0
             if rounded or cut:
                 return True
         return hints.rounding and rounded
@@ -775,7 +1019,7 @@ def _approximates(exact: _Value, approx: _Value, options: MathOptions, hints: Qu
 
 def _numbers_match(a: _Value, b: _Value, options: MathOptions, hints: QuestionHints) -> bool:
     return (
-        _close(a.value, b.value, options)
+        _close(a, b, options)
         or _approximates(a, b, options, hints)
         or _approximates(b, a, options, hints)
     )
@@ -802,9 +1046,11 @@ class Comparison:
     """One prediction-vs-reference comparison handed to every checker; parses lazily and once.
 
     ``prediction`` / ``reference`` are the canonical spellings (:func:`canonical_answer`) of
-    ``raw_prediction`` / ``raw_reference``; ``hints`` what the question asks for; ``percent`` the percent
-    reading (numbers of percent, or ``%`` as /100; default: percent when the question asks for a
-    percentage). Checkers may leave a ``detail`` (why the values differ) and record an evaluation
+    ``raw_prediction`` / ``raw_reference``, with variable names paired by the variable-name rule
+    (:func:`_pair_variable_names`; ``naming_conflict`` says why they cannot be, and is None when they
+    can or no side names several variables); ``hints`` what the question asks for; ``percent`` the
+    percent reading (numbers of percent, or ``%`` as /100; default: percent when the question asks for
+    a percentage). Checkers may leave a ``detail`` (why the values differ) and record an evaluation
     failure in ``problems``.
     """
 
@@ -824,6 +1070,11 @@ class Comparison:
         self.percent = percent
         self.prediction = canonical_answer(prediction, percent=percent)
         self.reference = canonical_answer(reference, percent=percent)
+        self.naming_conflict: str | None = None
+        if self.parsable:
+            self.prediction, self.reference, self.naming_conflict = _pair_variable_names(
+                self.prediction, self.reference
+            )
         self.detail: str | None = None
         self.problems: dict[str, str] = {}
 
@@ -889,7 +1140,11 @@ def check_string(c: Comparison) -> bool:
 
 
 def check_math_verify(c: Comparison) -> bool:
-    """Math-Verify's symbolic / numeric equivalence of the canonical spellings."""
+    """Math-Verify's symbolic / numeric equivalence of the canonical spellings (False when the
+    variable-name rule finds the names cannot be matched: Math-Verify ignores names on one side only)."""
+    if c.naming_conflict:
+        c.detail = c.naming_conflict
+        return False
     if not c.gold or not c.target:
         return False
     from math_verify import verify
@@ -899,15 +1154,47 @@ def check_math_verify(c: Comparison) -> bool:
 
 def check_numeric(c: Comparison) -> bool:
     """Both sides are numbers or unordered lists of numbers that agree under the tolerance, the
-    approximation rule and the roots rule (see the module notes)."""
+    approximation rule and the roots rule; when a side names several variables, the values of each
+    variable agree (the variable-name rule; see the module notes)."""
+    if c.naming_conflict:
+        c.detail = c.naming_conflict
+        return False
     gold, pred = c.gold_numbers, c.target_numbers
     if gold is None or pred is None:
         return False
-    options, hints = c.options, c.hints
+    gold_pairs, pred_pairs = ([(v.name, v.text) for v in side.values] for side in (gold, pred))
+    if _same_names_on_both_sides(pred_pairs, gold_pairs) or any(map(_names_several_variables, (gold_pairs, pred_pairs))):
+        return _values_match_by_name(gold, pred, c)
     if not gold.is_list and not pred.is_list:
-        return _numbers_match(gold.values[0], pred.values[0], options, hints)
-    gold_values = _distinct(gold.values, options, hints)
-    pred_values = _distinct(pred.values, options, hints)
+        return _numbers_match(gold.values[0], pred.values[0], c.options, c.hints)
+    return _value_lists_match(gold.values, pred.values, c)
+
+
+def _values_match_by_name(gold: _Reading, pred: _Reading, c: Comparison) -> bool:
+    """Both readings assign the same variables, and each variable the same values (an unordered list)."""
+    gold_names = list(dict.fromkeys(v.name for v in gold.values))
+    pred_names = list(dict.fromkeys(v.name for v in pred.values))
+    if None in gold_names or None in pred_names or set(gold_names) != set(pred_names):
+        answer_names, reference_names = (", ".join(str(n) for n in names) for names in (pred_names, gold_names))
+        c.detail = f"the answer names {answer_names}, the reference {reference_names}"
+        return False
+    for name in gold_names:
+        gold_values = [v for v in gold.values if v.name == name]
+        pred_values = [v for v in pred.values if v.name == name]
+        if not _value_lists_match(gold_values, pred_values, c, name):
+            return False
+    return True
+
+
+def _value_lists_match(
+    gold: Sequence[_Value], pred: Sequence[_Value], c: Comparison, name: str | None = None
+) -> bool:
+    """``gold`` and ``pred`` hold the same distinct values in any order, after the roots rule; ``name``
+    is the variable they are assigned to (for the reason)."""
+    options, hints = c.options, c.hints
+    of_name = f" for {name}" if name else ""
+    gold_values = _distinct(gold, options, hints)
+    pred_values = _distinct(pred, options, hints)
     if hints.roots == "real":
         gold_values = [v for v in gold_values if _is_real(v, options)]
         pred_values = [v for v in pred_values if _is_real(v, options)]
@@ -917,13 +1204,14 @@ def check_numeric(c: Comparison) -> bool:
             c.detail = "non-real values in the answer were left out: the reference lists real values only"
             pred_values = real
     if not gold_values or len(gold_values) != len(pred_values):
-        c.detail = f"the answer has {len(pred_values)} distinct value(s), the reference {len(gold_values)}"
+        c.detail = f"the answer has {len(pred_values)} distinct value(s){of_name}, the reference {len(gold_values)}"
         return False
     unmatched = list(pred_values)
     for g in gold_values:
         match = next((p for p in unmatched if _numbers_match(g, p, options, hints)), None)
         if match is None:
-            c.detail = f"reference value {g.text} is not in the answer"
+            value = f"{name} = {g.text}" if name else g.text
+            c.detail = f"reference value {value} is not in the answer"
             return False
         unmatched.remove(match)
     c.detail = None
@@ -986,35 +1274,52 @@ def compare_answers(
     malformed answers: a checker that fails counts as "not equal".
     """
     options = options if options is not None else MathOptions()
+    started = time.monotonic()
+    try:
+        with _time_limit(options.timeout):
+            return _compare(prediction, reference, question, options, checkers)
+    except JudgeTimeout:
+        return ComparisonResult(False, _comparison_timeout_reason(prediction, options, started))
+
+
+def _compare(
+    prediction: str,
+    reference: str,
+    question: str | None,
+    options: MathOptions,
+    checkers: Sequence[tuple[str, Checker]] | None,
+) -> ComparisonResult:
+    """:func:`compare_answers` without a time limit of its own: :class:`JudgeTimeout` from the caller's
+    limit passes through."""
     if not isinstance(prediction, str) or not normalize_answer(prediction):
         return ComparisonResult(False, "no final answer found")
     if not isinstance(reference, str) or not normalize_answer(reference):
         return ComparisonResult(False, "the reference answer is empty")
-    started = time.monotonic()
-    try:
-        with _time_limit(options.timeout):
-            hints = read_question(question)
-            if hints.percent:
-                percent_readings = [True]
-            else:  # a reference "96%" accepts 96 (a number of percent) and 0.96 (96/100)
-                percent_readings = [True, False] if has_percent_sign(reference) else [False]
-            comparisons = [Comparison(prediction, reference, options, hints, p) for p in percent_readings]
-            for comparison in comparisons:
-                for name, checker in checkers if checkers is not None else CHECKERS:
-                    try:
-                        if checker(comparison):
-                            return ComparisonResult(True, None, name)
-                    except JudgeTimeout:
-                        raise
-                    except Exception:  # noqa: BLE001 - failing on odd input: "not shown equal"
-                        continue
-            return ComparisonResult(False, _difference_reason(comparisons[0]))
-    except JudgeTimeout:
-        elapsed = time.monotonic() - started
-        return ComparisonResult(
-            False, f"timeout: comparing {_short(prediction, 40)} with the reference took more than "
-            f"{options.timeout:g} s (stopped at {elapsed:.1f} s)"
-        )
+    hints = read_question(question)
+    if hints.percent:
+        percent_readings = [True]
+    else:  # a reference "96%" accepts 96 (a number of percent) and 0.96 (96/100)
+        percent_readings = [True, False] if has_percent_sign(reference) else [False]
+    comparisons = [Comparison(prediction, reference, options, hints, p) for p in percent_readings]
+    for comparison in comparisons:
+        for name, checker in checkers if checkers is not None else CHECKERS:
+            try:
+                if checker(comparison):
+                    return ComparisonResult(True, None, name)
+            except JudgeTimeout:
+                raise
+            except Exception:  # noqa: BLE001 - failing on odd input: "not shown equal"
+                continue
+    return ComparisonResult(False, _difference_reason(comparisons[0]))
+
+
+def _timeout_reason(doing: str, options: MathOptions, started: float) -> str:
+    elapsed = time.monotonic() - started
+    return f"timeout: {doing} took more than {options.timeout:g} s (stopped at {elapsed:.1f} s)"
+
+
+def _comparison_timeout_reason(prediction: Any, options: MathOptions, started: float) -> str:
+    return _timeout_reason(f"comparing {_short(str(prediction), 40)} with the reference", options, started)
 
 
 def math_equal(
@@ -1108,7 +1413,8 @@ class MathReward:
     """The ``math`` reward: 1.0 when the extracted final answer is equivalent to the reference.
 
     Returns a :class:`MathVerdict` (a float carrying the reason of a 0). ``tolerance`` (alias
-    ``numeric_tolerance``; default ``1e-9``) is the relative tolerance of numeric comparisons;
+    ``numeric_tolerance``; default ``1e-9``) is the relative tolerance of numeric comparisons of inexact
+    values (exact integers and fractions are compared exactly unless it is raised above the default);
     ``approximation_digits``, ``abs_tolerance``, ``float_rounding``, ``timeout`` (seconds per
     judgement) and ``max_chars`` are :class:`MathOptions` fields. ``extractors`` names the answer
     extractors to try, in order (default: all of :data:`ANSWER_EXTRACTORS`; ``["boxed"]`` makes
@@ -1157,29 +1463,44 @@ class MathReward:
         return f"MathReward({self.options}, extractors={names}, use_question={self.use_question})"
 
     def judge(self, prompt: str, completion: str, answer: Any, /, **meta: Any) -> MathVerdict:
-        """Score ``completion`` against ``answer`` and say why it scored 0 (see :class:`MathVerdict`)."""
+        """Score ``completion`` against ``answer`` and say why it scored 0 (see :class:`MathVerdict`).
+
+        The whole judgement — finding the final answer and the reference, and comparing them — is bounded
+        by one ``timeout`` (see the module notes)."""
+        started = time.monotonic()
         try:
-            references = list(answer) if isinstance(answer, (list, tuple)) else [answer]
-            references = [prepare_reference(str(ref)) for ref in references if ref is not None]
-            references = [ref for ref in references if ref]
-            if not references:
-                return MathVerdict(0.0, "no reference answer")
-            found = find_final_answer(completion, self.extractors) if isinstance(completion, str) else None
-            if found is None:
-                return MathVerdict(0.0, "no final answer found", reference=references[0])
-            extractor, predicted = found
-            question = prompt if self.use_question and isinstance(prompt, str) else None
-            first_reason = None
-            for ref in references:
-                result = compare_answers(predicted, ref, question=question, options=self.options)
-                if result.equal:
-                    return MathVerdict(1.0, None, predicted, ref, extractor)
-                first_reason = first_reason or result.reason
-            return MathVerdict(0.0, first_reason, predicted, references[0], extractor)
+            with _time_limit(self.options.timeout):
+                return self._judge(prompt, completion, answer, started)
+        except JudgeTimeout:
+            return MathVerdict(0.0, _timeout_reason("finding the final answer", self.options, started))
         except ImportError:  # a missing dependency must surface, not score 0 silently
             raise
         except Exception as exc:  # noqa: BLE001 - garbage in, 0.0 out, with the reason
             return MathVerdict(0.0, f"could not judge: {type(exc).__name__}: {_short(str(exc))}")
+
+    def _judge(self, prompt: str, completion: str, answer: Any, started: float) -> MathVerdict:
+        """:meth:`judge` within its time limit; a timeout while finding the answers propagates."""
+        references = list(answer) if isinstance(answer, (list, tuple)) else [answer]
+        references = [prepare_reference(str(ref)) for ref in references if ref is not None]
+        references = [ref for ref in references if ref]
+        if not references:
+            return MathVerdict(0.0, "no reference answer")
+        found = find_final_answer(completion, self.extractors) if isinstance(completion, str) else None
+        if found is None:
+            return MathVerdict(0.0, "no final answer found", reference=references[0])
+        extractor, predicted = found
+        question = prompt if self.use_question and isinstance(prompt, str) else None
+        first_reason = None
+        try:
+            for ref in references:
+                result = _compare(predicted, ref, question, self.options, None)
+                if result.equal:
+                    return MathVerdict(1.0, None, predicted, ref, extractor)
+                first_reason = first_reason or result.reason
+        except JudgeTimeout:
+            reason = _comparison_timeout_reason(predicted, self.options, started)
+            return MathVerdict(0.0, reason, predicted, references[0], extractor)
+        return MathVerdict(0.0, first_reason, predicted, references[0], extractor)
 
     def __call__(self, prompt: str, completion: str, answer: Any, /, **meta: Any) -> MathVerdict:
         return self.judge(prompt, completion, answer, **meta)
