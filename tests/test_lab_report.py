@@ -349,7 +349,7 @@ def test_law_columns_are_honest_forecasts(tmp_path):
     assert rows["grpo"]["ceiling"] == "0.6" and rows["grpo"]["forecast ceiling"] == "0.6"
     assert rows["nsr"]["ceiling"] == "—" and rows["nsr"]["forecast ceiling"] == "—"
     assert rows["nsr"]["forecast ceiling − reached"] == "—" and "a ≤ 0" in rows["nsr"]["note"]
-    assert "law's premise fails" in rows["nsr"]["note"]
+    assert "a ≤ 0: reward did not rise as entropy fell, so the law's premise fails" in rows["nsr"]["note"]
     assert not report["law"]["fits"]["nsr"]["fit"]["ceiling_applies"]
     assert "not an error of the forecast" in (out / "report.md").read_text()
 

@@ -1038,7 +1038,7 @@ class _Report:
             if fit and fit.get("r2") is None:
                 notes.append("R² undefined: " + ("fewer than 3 points" if fit["n_points"] < 3 else "the reward never changed"))
             if fit and not fit.get("ceiling_applies"):
-                notes.append("a ≤ 0: reward did not fall as entropy fell, so the law's premise fails and it forecasts no ceiling")
+                notes.append("a ≤ 0: reward did not rise as entropy fell, so the law's premise fails and it forecasts no ceiling")
             if forecast and not forecast_fit.get("ceiling_applies"):
                 notes.append(f"forecast a ≤ 0 on the first {forecast['n_fit']} steps: no forecast ceiling")
             if forecast and law.get("end_in_fit"):

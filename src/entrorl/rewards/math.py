@@ -60,14 +60,14 @@ Three stages, each a small ordered table that later work extends:
        a degree-7 equation whose reference lists its three real ones is right); when the question asks
        for complex roots, every value counts;
      - the **variable-name rule** (which ``math_verify`` follows too): when a side names several variables
-       (``x=2, y=3``; ``(x, y) = (2, 3)``), values are matched name to name — ``y=3, x=\\frac{4}{2}``
-       matches ``x=2, y=3``, while ``x=3, y=2`` and ``x=2, z=3`` do not. A side that names no variable,
-       a plain list or one tuple (``2, 3``; ``(2, 3)``), is read by position, in the order the named
-       side gives its names: ``2, 3`` matches ``x=2, y=3`` and ``3, 2`` does not. A side that names only
-       some of its values, or gives a different number of them, does not match. When no side names
-       several variables (``x=1, x=-2`` is a list of roots, and so is ``x_1=1, x_2=-2``: numbered names of
-       one letter; ``x = 3``), names are ignored and the order of a list is free; two sides naming the same
-       numbered variables are matched name to name;
+       (``x=2, y=3``; ``(x, y) = (2, 3)``; ``x=y=2``; ``\\{x=2, y=3\\}``), values are matched name to name —
+       ``y=3, x=\\frac{4}{2}`` matches ``x=2, y=3``, while ``x=3, y=2`` and ``x=2, z=3`` do not. A side that
+       names no variable, a plain list or one tuple (``2, 3``; ``(2, 3)``), is read by position, the names in
+       the order of the question's tuple of names (``(b, a)``) or else alphabetically: ``2, 3`` matches
+       ``x=2, y=3`` and ``3, 2`` does not. A side that names only some of its values, or gives a different
+       number of them, does not match. When no side names several variables (``x=1, x=-2`` is a list of
+       roots, and so is ``x_1=1, x_2=-2``: numbered names of one letter, numbered arbitrarily; ``x = 3``),
+       names are ignored and the order of a list is free;
 
    * ``math_verify`` — HuggingFace Math-Verify on the canonical spellings: symbolic expressions, sets
      and intervals, ``x = 3`` vs ``3``, fractions vs decimals.
@@ -352,12 +352,15 @@ class QuestionHints:
     * ``percent`` — the answer is a number of percent ("profit __%", "what percentage ...");
     * ``roots`` — ``"real"`` when real roots / solutions are asked for, ``"complex"`` when complex ones
       are, None when the question names no domain;
-    * ``rounding`` — the question asks for a rounded or approximate value.
+    * ``rounding`` — the question asks for a rounded or approximate value;
+    * ``variable_order`` — the names of the first tuple of single variables the question writes (``(a, b)`` in "find
+      the ordered pair (a, b)"): the order in which unnamed values are read.
     """
 
     percent: bool = False
     roots: str | None = None
     rounding: bool = False
+    variable_order: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.roots not in (None, "real", "complex"):
@@ -380,6 +383,9 @@ _ROUNDING_RE = re.compile(
 )
 
 
+_QUESTION_NAMES_RE = re.compile(r"\(\s*([A-Za-z](?:_\{?\d+\}?)?(?:\s*,\s*[A-Za-z](?:_\{?\d+\}?)?)+)\s*\)")
+
+
 def read_question(question: str | None) -> QuestionHints:
     """What ``question`` asks for (see :class:`QuestionHints`); nothing known for None or non-text.
 
@@ -397,10 +403,12 @@ def read_question(question: str | None) -> QuestionHints:
         roots = "complex"
     elif _REAL_ROOTS_RE.search(question):
         roots = "real"
+    names = _QUESTION_NAMES_RE.search(question)
     return QuestionHints(
         percent=bool(_PERCENT_QUESTION_RE.search(question)),
         roots=roots,
         rounding=bool(_ROUNDING_RE.search(question)),
+        variable_order=tuple(_variable_name(name) for name in names.group(1).split(",")) if names else (),
     )
 
 
@@ -429,7 +437,8 @@ _CONNECTIVE_RE = re.compile(r"\s*(?:\\text\s*\{\s*(?:or|and)\s*\}|\\(?:quad|qqua
 _DEGREE_RE = re.compile(r"\s*(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)\s*(?:[CF](?![A-Za-z]))?")
 _CURRENCY_RE = re.compile(r"^([-+]?)\s*(?:\\\$|\$|US\$|USD|€|£|¥|\\euro|\\pounds)\s*")
 _PERCENT_SIGN = r"(?:\s*\\%|\s*%|\s*\\text\s*\{\s*\\?%\s*\}|\s+per\s?cent\b|\s*\\text\s*\{\s*per\s?cent\s*\})"
-_PERCENT_NUMBER_RE = re.compile(r"(-?(?:\d+(?:\.\d*)?|\.\d+))" + _PERCENT_SIGN)
+_PERCENT_NUMBER_RE = re.compile(r"(?<![\d.])(-?(?:\d+(?:\.\d*)?|\.\d+))" + _PERCENT_SIGN)  # from a number's start:
+# without the look-behind a long run of digits is rescanned from each of its digits (quadratic)
 _PERCENT_ANY_RE = re.compile(_PERCENT_SIGN)
 _PI_WORD_RE = re.compile(r"(?<![A-Za-z\\])pi(?![A-Za-z])")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -867,8 +876,12 @@ def _read_numbers(answer: str) -> _Reading | None:
 
 def _assignments(answer: str) -> list[tuple[str | None, str]]:
     """The top-level parts of ``answer`` (canonical) as ``(variable name, value)``, the name None for a part
-    that assigns no variable; ``(x, y) = (2, 3)`` gives ``x = 2`` and ``y = 3``."""
+    that assigns no variable; ``(x, y) = (2, 3)``, ``x = y = 2`` and ``\\{x = 2, y = 3\\}`` give one pair per
+    variable."""
     pairs: list[tuple[str | None, str]] = []
+    inner = _wrapped(answer, "\\{", "\\}")  # a set of assignments, \{x = 2, y = 3\}, names them as well
+    if inner is not None and all(_ASSIGNMENT_RE.fullmatch(part) for part in _split_top_level(inner) if part):
+        answer = inner
     for part in _split_top_level(answer):
         if not part:
             continue
@@ -880,8 +893,13 @@ def _assignments(answer: str) -> list[tuple[str | None, str]]:
                 pairs.extend(zip(names, values))
                 continue
         assignment = _ASSIGNMENT_RE.fullmatch(part)
-        if assignment:
-            pairs.append((_variable_name(assignment["name"]), assignment["value"].strip()))
+        chained = []  # x = y = 2 assigns 2 to both
+        while assignment:
+            chained.append(_variable_name(assignment["name"]))
+            value = assignment["value"].strip()
+            assignment = _ASSIGNMENT_RE.fullmatch(value)
+        if chained:
+            pairs.extend((name, value) for name in chained)
         else:
             pairs.append((None, part))
     return pairs
@@ -903,10 +921,11 @@ def _names_several_variables(pairs: Sequence[tuple[str | None, str]]) -> bool:
 
 
 def _same_names_on_both_sides(answer: Sequence[tuple[str | None, str]], reference: Sequence[tuple[str | None, str]]) -> bool:
-    """Whether both sides name every value, with the same two or more names: then each name's values are compared,
-    numbered names included (``x_1 = 2`` against ``x_1 = 3`` is a wrong ``x_1``)."""
+    """Whether both sides name every value with the same names, of two or more variables: then each name's values
+    are compared. The numbered names of one letter (``x_1``, ``x_2``) are one variable, the roots of an equation,
+    whose numbering is arbitrary: ``x_1 = 2, x_2 = 1`` against ``x_1 = 1, x_2 = 2`` is compared as a set."""
     answer_names, reference_names = {name for name, _ in answer}, {name for name, _ in reference}
-    return None not in answer_names and answer_names == reference_names and len(answer_names) >= 2
+    return None not in answer_names and answer_names == reference_names and _names_several_variables(answer)
 
 
 def _numbered_variable_base(name: str) -> str:
@@ -915,17 +934,24 @@ def _numbered_variable_base(name: str) -> str:
     return base if underscore and subscript.isdigit() else name
 
 
+def _name_order(name: str) -> tuple[str, int, str]:
+    """Alphabetical order, numbered names by their number (``x_2`` before ``x_10``)."""
+    base, _, subscript = name.partition("_")
+    return (base, int(subscript) if subscript.isdigit() else -1, subscript)
+
+
 def _spell_assignments(pairs: Iterable[tuple[str | None, str]]) -> str:
     return ", ".join(f"{name} = {value}" for name, value in pairs)
 
 
-def _pair_variable_names(prediction: str, reference: str) -> tuple[str, str, str | None]:
+def _pair_variable_names(prediction: str, reference: str, order: Sequence[str] = ()) -> tuple[str, str, str | None]:
     """The **variable-name rule**: ``(prediction, reference, conflict)`` with assignments spelled
     ``x = 2, y = 3`` when either side names several variables.
 
     When one side names several variables and the other names every value too, both are spelled out (the
     values are then matched name to name). When the other names none, its values — a plain list, or one
-    ordered tuple ``(2, 3)`` — are given the names of the named side in order (matched by position).
+    ordered tuple ``(2, 3)`` — are given the names by position, in the order of ``order`` (the question's tuple of
+    names, ``(x, y)``) when it holds them all, else in alphabetical order (``p, q`` for "find p and q").
     Otherwise (some values named, or a different number of values) ``conflict`` says why they cannot be
     matched. When neither side names several variables, both come back unchanged.
     """
@@ -943,6 +969,10 @@ def _pair_variable_names(prediction: str, reference: str) -> tuple[str, str, str
         named_side, named, other_side, other = "answer", answer_pairs, "reference", reference_pairs
     names = [name for name, _ in named]
     listed = ", ".join(dict.fromkeys(str(name) for name in names))
+    distinct = list(dict.fromkeys(names))
+    if len(distinct) == len(names):  # one value per name: which value is whose comes from the names' order
+        ranks = {name: rank for rank, name in enumerate(order)}
+        names = sorted(names, key=ranks.get) if all(name in ranks for name in names) else sorted(names, key=_name_order)
     if any(name is not None for name, _ in other):
         return prediction, reference, f"the {named_side} names {listed}, the {other_side} only some of its values"
     values = [value for _, value in other]
@@ -1073,7 +1103,7 @@ class Comparison:
         self.naming_conflict: str | None = None
         if self.parsable:
             self.prediction, self.reference, self.naming_conflict = _pair_variable_names(
-                self.prediction, self.reference
+                self.prediction, self.reference, hints.variable_order
             )
         self.detail: str | None = None
         self.problems: dict[str, str] = {}
