@@ -157,6 +157,16 @@ def test_method_names_are_stripped_deduplicated_and_checked(tmp_path):
     assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
 
 
+def test_compositions_of_methods_are_laboratory_methods():
+    """The lab runs what build_objective builds (dapo+clip_b); a composition it refuses is refused with its reason."""
+    preset = get_preset("quick")
+    preset.model_copy(update={"methods": ["grpo", "dapo+clip_b+forking_tokens"]}).check_methods()
+    with pytest.raises(ValueError, match=r"method 'dapo\+cispo': 'cispo' adds nothing after 'dapo'"):
+        preset.model_copy(update={"methods": ["dapo+cispo"]}).check_methods()
+    with pytest.raises(ValueError, match=r"method 'grpo\+nope': .*nope"):
+        preset.model_copy(update={"methods": ["grpo+nope"]}).check_methods()
+
+
 @pytest.mark.parametrize("workers", [0, -1])
 def test_workers_below_one_are_refused(tmp_path, workers):
     from entrorl.lab.runner import run_lab

@@ -383,7 +383,23 @@ def test_an_intervention_that_never_acted_is_flagged(tmp_path):
     assert report["interventions"]["clip_cov"][0] == {"key": "select/clip_cov_frac", "steps": STEPS,
                                                       "active_steps": STEPS // 3 + 1, "max_abs": 0.01}
     markdown = (out / "report.md").read_text()
-    assert "2 methods never applied their own intervention during training: clip_b (`select/clip_b_frac` 0 at all" in markdown
+    assert ("2 methods never applied their own intervention, or part of it, during training: clip_b (`select/clip_b_frac` "
+            f"0 at all {STEPS} steps)") in markdown
+
+
+def test_a_composition_whose_one_part_stayed_idle_is_flagged_for_that_part(tmp_path):
+    """In dapo+clip_b+forking_tokens the 80/20 selector acts while Clip_B may never fire: the note names clip_b and
+    says the other parts acted, not that the run trained with the surrogate alone."""
+    name = "dapo+clip_b+forking_tokens"
+    out = build_run(tmp_path / "lab-composed", methods=("grpo", name), failed=())
+    h = np.linspace(1.0, 0.5, STEPS)
+    r = -0.3 * np.exp(h) + 0.9
+    _write_metrics(out / "methods" / "grpo", h, r)
+    _write_metrics(out / "methods" / name, h, r, select__clip_b_frac=np.zeros(STEPS),
+                   select__forking_tokens_frac=np.full(STEPS, 0.8))
+    report = write_report(out, figures=False)
+    assert report["never_acted"] == [name]
+    assert f"{name} (`select/clip_b_frac` 0 at all {STEPS} steps; its other parts acted)" in (out / "report.md").read_text()
 
 
 def test_the_edge_text_states_what_is_averaged(tmp_path):

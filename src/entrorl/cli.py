@@ -284,7 +284,7 @@ def methods(
 @app.command()
 def lab(
     preset: Annotated[str, typer.Option(help="default (about 6 minutes on two cores) or quick (about a minute)")] = "default",
-    methods: Annotated[Optional[list[str]], typer.Option("--methods", help="methods to run (repeatable); default: the preset's matrix")] = None,
+    methods: Annotated[Optional[list[str]], typer.Option("--methods", help="methods to run, comma-separated or repeated, compositions included (dapo+clip_b); default: the preset's matrix")] = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory; an existing one is resumed")] = None,
     workers: Annotated[Optional[int], typer.Option(help="parallel processes (default: the preset's, 2)")] = None,
     rl_seed: Annotated[Optional[int], typer.Option(help="seed of the training runs only (same base model, data and "

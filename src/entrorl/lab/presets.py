@@ -49,14 +49,24 @@ class LabPreset(BaseModel):
     law_fit_fraction: float = 0.2
 
     def check_methods(self) -> None:
-        """Every method must be one the laboratory runs (:func:`lab_method_names`)."""
+        """Every method must be one the laboratory runs (:func:`lab_method_names`), or a composition of registered
+        methods that :func:`entrorl.objective.build_objective` accepts (``dapo+clip_b``)."""
+        from entrorl.objective import build_objective
+
         for method in self.methods:
             if method == "sft":
+                continue
+            if "+" in method:
+                try:
+                    build_objective(method)
+                except ValueError as error:
+                    raise ValueError(f"method '{method}': {error}") from None
                 continue
             try:
                 get_method(method)
             except ValueError:
-                raise ValueError(f"unknown method '{method}'; the laboratory runs: {', '.join(lab_method_names())}") from None
+                raise ValueError(f"unknown method '{method}'; the laboratory runs: {', '.join(lab_method_names())}, "
+                                 "and compositions of them such as dapo+clip_b") from None
 
 
 def lab_method_names() -> list[str]:

@@ -889,14 +889,16 @@ class _Report:
         if idle:
             parts = []
             for name in idle:
-                keys = " and ".join(f"`{i['key']}`" for i in self.analyses[name].never_acted)
-                steps = self.analyses[name].never_acted[0]["steps"]
-                parts.append(f"{name} ({keys} 0 at all {steps} steps)")
+                analysis = self.analyses[name]
+                keys = " and ".join(f"`{i['key']}`" for i in analysis.never_acted)
+                steps = analysis.never_acted[0]["steps"]
+                others = "" if len(analysis.never_acted) == len(analysis.interventions) else "; its other parts acted"
+                parts.append(f"{name} ({keys} 0 at all {steps} steps{others})")
             many = len(idle) != 1
-            section.say(f"{len(idle)} method{'s' if many else ''} never applied {'their' if many else 'its'} own intervention "
-                        f"during training: {'; '.join(parts)}. {'These runs' if many else 'This run'} trained with the "
-                        f"surrogate alone, so {'their rows measure' if many else 'its row measures'} that surrogate, not the "
-                        "method; a longer run, or one whose statistics reach the method's threshold, is needed to see it act.")
+            section.say(f"{len(idle)} method{'s' if many else ''} never applied {'their' if many else 'its'} own intervention, "
+                        f"or part of it, during training: {'; '.join(parts)}. A run none of whose parts acted trained with "
+                        "the surrogate alone, so its row measures that surrogate, not the method; a longer run, or one whose "
+                        "statistics reach the method's threshold, is needed to see it act.")
         self.json["interventions"] = {n: self.analyses[n].interventions for n in self.ok}
         self.json["never_acted"] = idle
         deltas = [(n, self.eval_value(n, "forgetting_accuracy") - base_forget) for n in self.ok
