@@ -503,8 +503,9 @@ def write_selected_rows(
         import pyarrow.parquet as pq
 
         rows = pa.array(_locations(chosen, _ROW_SOURCE, "row", data), type=pa.int64())  # typed: no rows at all too
-        target.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pq.read_table(data).take(rows), target)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pq.read_table(data).take(rows), sink)
+        _atomic_write_bytes(target, sink.getvalue().to_pybytes())  # as the other formats: never a half-written file
     else:  # .arrow
         import pyarrow as pa
 
