@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             "secret_leaked", "victim_alive"]
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"euid {os.geteuid()}, time_limit {args.time_limit} s")
-    active = ", ".join(sorted(key for key, value in layers.items() if value is True))
+    # a layer is on when its note says True, and the user layer when it names the unprivileged uid it ran under
+    active = ", ".join(sorted(key for key, value in layers.items() if value is True or value == "unprivileged uid"))
     print(f"active layers: {active}")
     print()
     if args.markdown:
