@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -317,6 +318,9 @@ def test_arrow_rows_are_written_as_arrow_and_read_back_identically(tmp_path):
     pq.write_table(table, frame)
     empty = write_selected_rows(frame, load_prompts(frame), [False] * 4, tmp_path / "none.parquet")
     assert pq.read_table(empty).num_rows == 0 and pq.read_table(empty).schema.names == table.schema.names
+    umask = os.umask(0)
+    os.umask(umask)
+    assert empty.stat().st_mode & 0o777 == 0o666 & ~umask  # written atomically, with a plain file's mode
 
 
 # --------------------------------------------------------------------------------------------------

@@ -165,6 +165,14 @@ def test_compositions_of_methods_are_laboratory_methods():
         preset.model_copy(update={"methods": ["dapo+cispo"]}).check_methods()
     with pytest.raises(ValueError, match=r"method 'grpo\+nope': .*nope"):
         preset.model_copy(update={"methods": ["grpo+nope"]}).check_methods()
+    from entrorl.lab.runner import _requested_methods
+
+    assert _requested_methods(["dapo + clip_b", "dapo+clip_b"]) == ["dapo+clip_b"]  # one name, one run folder
+    for malformed in ("dapo+clip_b+", "+dapo", "dapo++clip_b"):
+        with pytest.raises(ValueError, match="empty part"):
+            _requested_methods([malformed])
+    with pytest.raises(ValueError, match="without spaces or empty parts"):
+        preset.model_copy(update={"methods": ["dapo + clip_b"]}).check_methods()
 
 
 @pytest.mark.parametrize("workers", [0, -1])

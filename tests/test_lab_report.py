@@ -399,6 +399,8 @@ def test_a_composition_whose_one_part_stayed_idle_is_flagged_for_that_part(tmp_p
                    select__forking_tokens_frac=np.full(STEPS, 0.8))
     report = write_report(out, figures=False)
     assert report["never_acted"] == [name]
+    row = next(r for r in report["summary"]["rows"] if r["method"] == name)
+    assert row["note"] == f"never acted: select/clip_b_frac = 0 at all {STEPS} steps (its other parts acted)"
     assert f"{name} (`select/clip_b_frac` 0 at all {STEPS} steps; its other parts acted)" in (out / "report.md").read_text()
 
 

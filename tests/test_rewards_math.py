@@ -571,17 +571,24 @@ def test_an_integer_approximates_only_when_the_question_asks_for_rounding(questi
         ("x=2, z=3", "x=2, y=3", False),
         ("x=2", "x=2, y=3", False),
         ("x=2, x=3", "x=2, y=3", False),
-        # a list without names is read by position, the names taken in alphabetical order
+        # a list without names is read by position, the names in the named side's order (no question here)
         ("2, 3", "x=2, y=3", True),
         ("3, 2", "x=2, y=3", False),
         ("(2, 3)", "x=2, y=3", True),
         ("(3, 2)", "x=2, y=3", False),
         ("x=2, y=3", "2, 3", True),
-        ("y=3, x=2", "2, 3", True),
-        ("y=2, x=3", "2, 3", False),
-        ("2, 3", "y=2, x=3", False),
-        ("q=3, p=2", "2, 3", True),
-        # x = y = 2 names both; a set of assignments names them too
+        ("y=3, x=2", "2, 3", False),
+        ("y=2, x=3", "2, 3", True),
+        ("2, 3", "y=2, x=3", True),
+        # x = y = 2 names both, and against one value compares that value
+        ("x=y=2", "2", True),
+        ("x=y=2", "x=2", True),
+        ("x=y=2", "(2, 2)", True),
+        ("x=y=2", "3", False),
+        # a reference that is a set of values: the answer's named values, unordered
+        (r"\{y=3, x=2\}", r"\{2, 3\}", True),
+        (r"\{x=2, y=4\}", r"\{2, 3\}", False),
+        # a set of assignments names its variables too
         ("x=y=2", "x=2, y=2", True),
         ("x=y=2", "x=2, y=3", False),
         (r"\{x=2, y=3\}", "x=2, y=3", True),
@@ -602,9 +609,16 @@ def test_answers_naming_several_variables_match_name_to_value(answer, reference,
 @pytest.mark.parametrize(
     ("question", "answer", "reference", "equal"),
     [
-        ("Find the ordered pair (b, a).", "b=2, a=3", "2, 3", True),  # the question's order, not the alphabet
+        ("Find the ordered pair (b, a).", "b=2, a=3", "2, 3", True),  # the order the question names them in
         ("Find the ordered pair (b, a).", "a=2, b=3", "2, 3", False),
         ("Find the ordered pair $(a,b)$.", "(3, 2)", "b=2, a=3", True),
+        ("Find p and q.", "q=3, p=2", "2, 3", True),
+        ("A line has slope m and y-intercept b. Find m and b.", "m = 2, b = 5", "2, 5", True),
+        ("A line has slope m and y-intercept b. Find m and b.", "m = 5, b = 2", "2, 5", False),
+        ("Find y and x.", "y = 3, x = 2", "3, 2", True),
+        # a function's arguments or a point's coordinates are not the order asked for
+        ("Let f(y, x) = x^2 + y. Solve for the ordered pair (x, y).", "x = 2, y = 3", "(2, 3)", True),
+        ("Let f(z, x, y) = 0. Find (x, y, z).", "x = 3, y = 4, z = 2", "(2, 3, 4)", False),
     ],
 )
 def test_unnamed_values_follow_the_order_of_the_names_in_the_question(question, answer, reference, equal):

@@ -57,6 +57,8 @@ class LabPreset(BaseModel):
             if method == "sft":
                 continue
             if "+" in method:
+                if any(not part or part != part.strip() for part in method.split("+")):
+                    raise ValueError(f"method '{method}': write a composition without spaces or empty parts, as dapo+clip_b")
                 try:
                     build_objective(method)
                 except ValueError as error:

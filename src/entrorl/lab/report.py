@@ -864,6 +864,8 @@ class _Report:
             forget = self.eval_value(name, "forgetting_accuracy")
             fit, forecast = a.law.get("fit") or {}, a.law.get("forecast") or {}
             note = "; ".join(f"never acted: {i['key']} = 0 at all {i['steps']} steps" for i in a.never_acted)
+            if a.never_acted and len(a.never_acted) < len(a.interventions):
+                note += " (its other parts acted)"
             table.add([text(name), text("ok"), num(a.entropy_ratio), num(a.reward_end), num(self.pass_at(name, 1)),
                        *(num(self.pass_at(name, m)) for m in middle), num(self.pass_at(name, k)),
                        num(fit.get("r2")), num(a.law.get("end_error"), signed=True), num(forecast.get("rmse")), num(forget),

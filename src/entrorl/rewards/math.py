@@ -63,8 +63,8 @@ Three stages, each a small ordered table that later work extends:
        (``x=2, y=3``; ``(x, y) = (2, 3)``; ``x=y=2``; ``\\{x=2, y=3\\}``), values are matched name to name —
        ``y=3, x=\\frac{4}{2}`` matches ``x=2, y=3``, while ``x=3, y=2`` and ``x=2, z=3`` do not. A side that
        names no variable, a plain list or one tuple (``2, 3``; ``(2, 3)``), is read by position, the names in
-       the order of the question's tuple of names (``(b, a)``) or else alphabetically: ``2, 3`` matches
-       ``x=2, y=3`` and ``3, 2`` does not. A side that names only some of its values, or gives a different
+       the order the question first mentions them (not counting a function's arguments, ``f(y, x)``), else in
+       the named side's order: ``2, 3`` matches ``x=2, y=3`` and ``3, 2`` does not. A side that names only some of its values, or gives a different
        number of them, does not match. When no side names several variables (``x=1, x=-2`` is a list of
        roots, and so is ``x_1=1, x_2=-2``: numbered names of one letter, numbered arbitrarily; ``x = 3``),
        names are ignored and the order of a list is free;
@@ -101,7 +101,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property
 from typing import Any
@@ -353,14 +353,14 @@ class QuestionHints:
     * ``roots`` — ``"real"`` when real roots / solutions are asked for, ``"complex"`` when complex ones
       are, None when the question names no domain;
     * ``rounding`` — the question asks for a rounded or approximate value;
-    * ``variable_order`` — the names of the first tuple of single variables the question writes (``(a, b)`` in "find
-      the ordered pair (a, b)"): the order in which unnamed values are read.
+    * ``question`` — the question's text, in which the order that variables are first named decides which unnamed
+      value is whose (the variable-name rule).
     """
 
     percent: bool = False
     roots: str | None = None
     rounding: bool = False
-    variable_order: tuple[str, ...] = ()
+    question: str = field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.roots not in (None, "real", "complex"):
@@ -383,9 +383,6 @@ _ROUNDING_RE = re.compile(
 )
 
 
-_QUESTION_NAMES_RE = re.compile(r"\(\s*([A-Za-z](?:_\{?\d+\}?)?(?:\s*,\s*[A-Za-z](?:_\{?\d+\}?)?)+)\s*\)")
-
-
 def read_question(question: str | None) -> QuestionHints:
     """What ``question`` asks for (see :class:`QuestionHints`); nothing known for None or non-text.
 
@@ -403,12 +400,11 @@ def read_question(question: str | None) -> QuestionHints:
         roots = "complex"
     elif _REAL_ROOTS_RE.search(question):
         roots = "real"
-    names = _QUESTION_NAMES_RE.search(question)
     return QuestionHints(
         percent=bool(_PERCENT_QUESTION_RE.search(question)),
         roots=roots,
         rounding=bool(_ROUNDING_RE.search(question)),
-        variable_order=tuple(_variable_name(name) for name in names.group(1).split(",")) if names else (),
+        question=question,
     )
 
 
@@ -934,26 +930,23 @@ def _numbered_variable_base(name: str) -> str:
     return base if underscore and subscript.isdigit() else name
 
 
-def _name_order(name: str) -> tuple[str, int, str]:
-    """Alphabetical order, numbered names by their number (``x_2`` before ``x_10``)."""
-    base, _, subscript = name.partition("_")
-    return (base, int(subscript) if subscript.isdigit() else -1, subscript)
-
-
 def _spell_assignments(pairs: Iterable[tuple[str | None, str]]) -> str:
     return ", ".join(f"{name} = {value}" for name, value in pairs)
 
 
-def _pair_variable_names(prediction: str, reference: str, order: Sequence[str] = ()) -> tuple[str, str, str | None]:
+def _pair_variable_names(prediction: str, reference: str, question: str = "") -> tuple[str, str, str | None]:
     """The **variable-name rule**: ``(prediction, reference, conflict)`` with assignments spelled
     ``x = 2, y = 3`` when either side names several variables.
 
     When one side names several variables and the other names every value too, both are spelled out (the
     values are then matched name to name). When the other names none, its values — a plain list, or one
-    ordered tuple ``(2, 3)`` — are given the names by position, in the order of ``order`` (the question's tuple of
-    names, ``(x, y)``) when it holds them all, else in alphabetical order (``p, q`` for "find p and q").
-    Otherwise (some values named, or a different number of values) ``conflict`` says why they cannot be
-    matched. When neither side names several variables, both come back unchanged.
+    ordered tuple ``(2, 3)`` — are given the names by position, in the order the question first mentions them
+    (``m`` then ``b`` in "find the slope m and the intercept b"), or the named side's own order when the question
+    does not mention them all. A side whose names all hold one value (``x = y = 2``) against a single value
+    compares that value; a reference that is a braced set of values (``\\{2, 3\\}``) against named values in the
+    answer compares the values as a set. Otherwise (some
+    values named, or a different number of values) ``conflict`` says why they cannot be matched. When neither
+    side names several variables, both come back unchanged.
     """
     answer_pairs, reference_pairs = _assignments(prediction), _assignments(reference)
     if _same_names_on_both_sides(answer_pairs, reference_pairs):
@@ -961,18 +954,24 @@ def _pair_variable_names(prediction: str, reference: str, order: Sequence[str] =
     reference_names_several = _names_several_variables(reference_pairs)
     if not reference_names_several and not _names_several_variables(answer_pairs):
         return prediction, reference, None
-    if all(name is not None for name, _ in answer_pairs + reference_pairs):
-        return _spell_assignments(answer_pairs), _spell_assignments(reference_pairs), None
     if reference_names_several:
         named_side, named, other_side, other = "reference", reference_pairs, "answer", answer_pairs
     else:
         named_side, named, other_side, other = "answer", answer_pairs, "reference", reference_pairs
+    named_values = [value for _, value in named]
+
+    def sides(named_text: str, other_text: str) -> tuple[str, str]:
+        return (other_text, named_text) if reference_names_several else (named_text, other_text)
+
+    single = other[0] if len(other) == 1 and _tuple_items(other[0][1]) is None else None
+    if single is not None and len(set(named_values)) == 1 and (single[0] is None or single[0] in {n for n, _ in named}):
+        return *sides(named_values[0], single[1]), None  # x = y = 2 against 2, or against x = 2
+    if all(name is not None for name, _ in answer_pairs + reference_pairs):
+        return _spell_assignments(answer_pairs), _spell_assignments(reference_pairs), None
+    if not reference_names_several and len(other) == 1 and other[0][0] is None and _wrapped(other[0][1], "\\{", "\\}") is not None:
+        return *sides(f"\\{{{', '.join(named_values)}\\}}", other[0][1]), None  # a set: the values, unordered
     names = [name for name, _ in named]
     listed = ", ".join(dict.fromkeys(str(name) for name in names))
-    distinct = list(dict.fromkeys(names))
-    if len(distinct) == len(names):  # one value per name: which value is whose comes from the names' order
-        ranks = {name: rank for rank, name in enumerate(order)}
-        names = sorted(names, key=ranks.get) if all(name in ranks for name in names) else sorted(names, key=_name_order)
     if any(name is not None for name, _ in other):
         return prediction, reference, f"the {named_side} names {listed}, the {other_side} only some of its values"
     values = [value for _, value in other]
@@ -981,10 +980,28 @@ def _pair_variable_names(prediction: str, reference: str, order: Sequence[str] =
     if len(values) != len(names):
         conflict = f"the {named_side} names {listed}, the {other_side} gives {len(values)} value(s) without names"
         return prediction, reference, conflict
+    names = _in_question_order(names, question)
     named_by_position = _spell_assignments(zip(names, values))
     if reference_names_several:
         return named_by_position, _spell_assignments(reference_pairs), None
     return _spell_assignments(answer_pairs), named_by_position, None
+
+
+def _in_question_order(names: list[str], question: str) -> list[str]:
+    """``names`` (distinct) in the order ``question`` first mentions each as a word of its own, leaving out the
+    arguments of functions and named points (``f(y, x)``, ``A(y, x)``); as they are when it does not mention them
+    all."""
+    if len(set(names)) != len(names) or not question:
+        return names
+    question = re.sub(r"(?<=[A-Za-z])\([^()]*\)", "", question)
+    first = {}
+    for name in names:
+        spelled = r"_\{?".join(map(re.escape, name.split("_"))) + (r"\}?" if "_" in name else "")
+        found = re.search(rf"(?<![A-Za-z\\]){spelled}(?![A-Za-z])", question)
+        if found is None:
+            return names
+        first[name] = found.start()
+    return sorted(names, key=first.__getitem__)
 
 
 def _decimal_form(text: str) -> tuple[int, int] | None:
@@ -1103,7 +1120,7 @@ class Comparison:
         self.naming_conflict: str | None = None
         if self.parsable:
             self.prediction, self.reference, self.naming_conflict = _pair_variable_names(
-                self.prediction, self.reference, hints.variable_order
+                self.prediction, self.reference, hints.question
             )
         self.detail: str | None = None
         self.problems: dict[str, str] = {}
