@@ -588,6 +588,10 @@ def test_an_integer_approximates_only_when_the_question_asks_for_rounding(questi
         # a reference that is a set of values: the answer's named values, unordered
         (r"\{y=3, x=2\}", r"\{2, 3\}", True),
         (r"\{x=2, y=4\}", r"\{2, 3\}", False),
+        # the numbered solutions of a system: a set of solutions, however they are numbered
+        ("x_1 = 1, y_1 = 2, x_2 = 3, y_2 = 4", "x_1 = 3, y_1 = 4, x_2 = 1, y_2 = 2", True),
+        ("x_1 = 1, y_1 = 4, x_2 = 3, y_2 = 2", "x_1 = 1, y_1 = 2, x_2 = 3, y_2 = 4", False),
+        (r"x_1 = 1, y_1 = \frac{4}{2}, x_2 = 3, y_2 = 4", "x_2 = 1, y_2 = 2, x_1 = 3, y_1 = 4", True),
         # a set of assignments names its variables too
         ("x=y=2", "x=2, y=2", True),
         ("x=y=2", "x=2, y=3", False),
@@ -616,6 +620,9 @@ def test_answers_naming_several_variables_match_name_to_value(answer, reference,
         ("A line has slope m and y-intercept b. Find m and b.", "m = 2, b = 5", "2, 5", True),
         ("A line has slope m and y-intercept b. Find m and b.", "m = 5, b = 2", "2, 5", False),
         ("Find y and x.", "y = 3, x = 2", "3, 2", True),
+        # a tuple of exactly the names gives the order, though a name is mentioned first elsewhere (y = mx + b)
+        ("Write the line as y = mx + b. Enter the ordered pair (m, b).", "m = 2, b = 5", "(2, 5)", True),
+        ("Let x and y be numbers. Enter (y, x).", "x = 2, y = 3", "2, 3", False),
         # a function's arguments or a point's coordinates are not the order asked for
         ("Let f(y, x) = x^2 + y. Solve for the ordered pair (x, y).", "x = 2, y = 3", "(2, 3)", True),
         ("Let f(z, x, y) = 0. Find (x, y, z).", "x = 3, y = 4, z = 2", "(2, 3, 4)", False),

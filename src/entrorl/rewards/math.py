@@ -63,8 +63,10 @@ Three stages, each a small ordered table that later work extends:
        (``x=2, y=3``; ``(x, y) = (2, 3)``; ``x=y=2``; ``\\{x=2, y=3\\}``), values are matched name to name —
        ``y=3, x=\\frac{4}{2}`` matches ``x=2, y=3``, while ``x=3, y=2`` and ``x=2, z=3`` do not. A side that
        names no variable, a plain list or one tuple (``2, 3``; ``(2, 3)``), is read by position, the names in
-       the order the question first mentions them (not counting a function's arguments, ``f(y, x)``), else in
-       the named side's order: ``2, 3`` matches ``x=2, y=3`` and ``3, 2`` does not. A side that names only some of its values, or gives a different
+       the order of a tuple of those names in the question (``(m, b)``), else in the order the question first
+       mentions them (not counting a function's arguments, ``f(y, x)``), else in the named side's order: ``2, 3``
+       matches ``x=2, y=3`` and ``3, 2`` does not. The numbered solutions of a system (``x_1, y_1, x_2, y_2``)
+       are compared as a set of solutions. A side that names only some of its values, or gives a different
        number of them, does not match. When no side names several variables (``x=1, x=-2`` is a list of
        roots, and so is ``x_1=1, x_2=-2``: numbered names of one letter, numbered arbitrarily; ``x = 3``),
        names are ignored and the order of a list is free;
@@ -949,6 +951,9 @@ def _pair_variable_names(prediction: str, reference: str, question: str = "") ->
     side names several variables, both come back unchanged.
     """
     answer_pairs, reference_pairs = _assignments(prediction), _assignments(reference)
+    answer_solutions, reference_solutions = _numbered_solutions(answer_pairs), _numbered_solutions(reference_pairs)
+    if answer_solutions is not None and answer_solutions[0] == (reference_solutions or ((),))[0]:
+        return answer_solutions[1], reference_solutions[1], None  # two sets of solutions, however they are numbered
     if _same_names_on_both_sides(answer_pairs, reference_pairs):
         return _spell_assignments(answer_pairs), _spell_assignments(reference_pairs), None
     reference_names_several = _names_several_variables(reference_pairs)
@@ -987,12 +992,35 @@ def _pair_variable_names(prediction: str, reference: str, question: str = "") ->
     return _spell_assignments(answer_pairs), named_by_position, None
 
 
+def _numbered_solutions(pairs: Sequence[tuple[str | None, str]]) -> tuple[tuple[str, ...], str] | None:
+    """``x_1 = 1, y_1 = 2, x_2 = 3, y_2 = 4`` — the solutions of a system, numbered arbitrarily — as ``(("x", "y"),
+    "\\{(1, 2), (3, 4)\\}")``: the letters and the set of solution tuples; None unless every value is named by a
+    letter and a number, with two or more letters each given once for every number."""
+    if len(pairs) < 4 or any(name is None or _numbered_variable_base(name) == name for name, _ in pairs):
+        return None
+    by_number: dict[str, dict[str, str]] = {}
+    for name, value in pairs:
+        letter, _, number = name.partition("_")
+        if letter in by_number.setdefault(number, {}):
+            return None
+        by_number[number][letter] = value
+    letters = tuple(sorted(next(iter(by_number.values()))))
+    if len(letters) < 2 or len(by_number) < 2 or any(tuple(sorted(solution)) != letters for solution in by_number.values()):
+        return None
+    tuples = ", ".join(f"({', '.join(solution[letter] for letter in letters)})" for solution in by_number.values())
+    return letters, f"\\{{{tuples}\\}}"
+
+
 def _in_question_order(names: list[str], question: str) -> list[str]:
-    """``names`` (distinct) in the order ``question`` first mentions each as a word of its own, leaving out the
-    arguments of functions and named points (``f(y, x)``, ``A(y, x)``); as they are when it does not mention them
-    all."""
+    """``names`` (distinct) in the order of a tuple of exactly these names in ``question`` (``the ordered pair (m,
+    b)``), else in the order it first mentions each as a word of its own, leaving out the arguments of functions and
+    named points (``f(y, x)``, ``A(y, x)``); as they are when it does not mention them all."""
     if len(set(names)) != len(names) or not question:
         return names
+    for listed in re.finditer(r"(?<![A-Za-z\\])\(([^()]*)\)", question):  # a tuple of exactly these names: its order
+        written = [_variable_name(item) for item in listed.group(1).split(",")]
+        if sorted(written) == sorted(names):
+            return written
     question = re.sub(r"(?<=[A-Za-z])\([^()]*\)", "", question)
     first = {}
     for name in names:
