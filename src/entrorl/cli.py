@@ -136,10 +136,6 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     return records, reward_runner, tokenizer, policy, prompt_ids
 
 
-def _first_line(text: str) -> str:
-    return text.partition("\n")[0]
-
-
 def _keep_reward_traceback(first_error: str | None, log: Path | None) -> Path | None:
     """Write the reward's first failure (a summary line, then its traceback) to ``log``, or to a new temporary file when
     ``log`` is None, as `train` keeps it in reward_errors.log; the file written (None without a failure, or when it
@@ -160,12 +156,14 @@ def _keep_reward_traceback(first_error: str | None, log: Path | None) -> Path | 
 
 def _print_reward_errors(errors: int, samples: int, first_error: str | None, log: Path | None) -> None:
     """One line: how many samples the reward failed on, the first failure, and where its traceback is."""
+    from entrorl.rewards import error_headline
+
     if not errors:
         return
     where = f"; its traceback is in {log}" if log is not None else ""
     console.print(Text.assemble(
         ("reward errors", "yellow"),
-        f": the reward failed on {errors} of {samples} samples, which scored 0; first: {_first_line(first_error or '')}{where}",
+        f": the reward failed on {errors} of {samples} samples, which scored 0; first: {error_headline(first_error)}{where}",
     ), soft_wrap=True)
 
 
@@ -201,6 +199,7 @@ def evaluate(
 
     from entrorl.data.loading import check_output_file
     from entrorl.modeling import check_prompts_fit
+    from entrorl.rewards import error_headline
     from entrorl.rollout import SamplingParams
     from entrorl.trainer.checkpoint import atomic_write_text
     from entrorl.trainer.evaluate import evaluate_model
@@ -233,7 +232,7 @@ def evaluate(
     reward_log = _keep_reward_traceback(
         result.first_reward_error, None if out is None else out.with_name(f"{out.stem}.reward_errors.log"))
     if result.reward_errors:
-        summary["first_reward_error"] = _first_line(result.first_reward_error or "")
+        summary["first_reward_error"] = error_headline(result.first_reward_error)
         summary["reward_errors_log"] = None if reward_log is None else str(reward_log)
     named = model.resolve()  # `--model model` names its directory by the absolute path's last parts
     label = named.name if named.name != "model" else f"{named.parent.name}/{named.name}"  # a checkpoint's step_N/model

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from entrorl.data.filters import filter_by_pass_rate, parse_band
-from entrorl.data.loading import read_arrow_ipc
+from entrorl.data.loading import _LOADERS, _default_file_mode, read_arrow_ipc
 from entrorl.data.records import PromptRecord
 
 __all__ = [
@@ -403,9 +403,7 @@ def _atomic_write_bytes(target: Path, payload: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the mode of a file written plainly, not mkstemp's 0600
+        os.chmod(tmp, _default_file_mode())  # the mode of a file written plainly, not mkstemp's 0600
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -414,7 +412,7 @@ def _atomic_write_bytes(target: Path, payload: bytes) -> None:
 
 #: The file formats :func:`write_selected_rows` writes (besides saved data set directories): every format
 #: :func:`~entrorl.data.load_prompts` reads.
-SELECTED_ROWS_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+SELECTED_ROWS_SUFFIXES = tuple(_LOADERS)
 
 
 def check_selected_rows_format(data: str | os.PathLike[str]) -> None:

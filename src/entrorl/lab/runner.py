@@ -271,11 +271,11 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def _check_same_preset(out: Path, preset: LabPreset) -> None:
-    """A run directory is resumed only with the settings it was started with (rl_seed included; the methods may
-    differ, to add or revisit some): otherwise runs trained under different settings would be reported together.
-    The refusal names the settings that differ, not their whole values."""
-    recorded = _read_json_object(out / "lab.json").get("preset")
+def _check_same_preset(out: Path, preset: LabPreset, record: dict[str, Any]) -> None:
+    """A run directory (its ``lab.json``, ``record``) is resumed only with the settings it was started with (rl_seed
+    included; the methods may differ, to add or revisit some): otherwise runs trained under different settings would be
+    reported together. The refusal names the settings that differ, not their whole values."""
+    recorded = record.get("preset")
     if not isinstance(recorded, dict):
         return
     current = preset.model_dump(mode="json")
@@ -362,8 +362,8 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
     workers = _checked_workers(workers, preset)
     out = Path(out) if out is not None else Path("runs") / f"lab-{datetime.now():%Y%m%d-%H%M%S}"
     _prepare_run_directory(out)
-    _check_same_preset(out, preset)
     recorded = _read_json_object(out / "lab.json")
+    _check_same_preset(out, preset, recorded)
     # the folder's methods are all those run in it so far and now: the report covers them all
     run_methods = list(dict.fromkeys([*(str(m) for m in recorded.get("methods") or []), *preset.methods]))
     invocations = [i for i in recorded.get("invocations") or [] if isinstance(i, dict)]

@@ -105,8 +105,9 @@ class ObjectiveConfig(BaseModel):
     """An objective as data (YAML-friendly). ``method`` names a base method, or several joined by ``+``
     (``"dapo+clip_b+forking_tokens"``): the first gives the surrogate and aggregation, the others add their
     shapers, regularisers, selectors and correction (their surrogates are ignored; a later method that brings nothing
-    else, as in ``"dapo+dual_clip"``, is refused: write ``build_objective("dapo", clip_ratio_c=3.0)`` for both). Explicit parts are merged on top (a part
-    already present gets its parameters updated), and ``params`` overrides any parameter by its unique name."""
+    else, as in ``"dapo+dual_clip"``, is refused: write ``build_objective("dapo", clip_ratio_c=3.0)`` for both).
+    Explicit parts are merged on top (a part already present gets its parameters updated), and ``params`` overrides
+    any parameter by its unique name."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -28,7 +28,7 @@ class EntropyAdvantage(Shaper):
     kappa: float = Field(2.0, gt=1.0, description="kappa = 2 (arXiv 2506.14758)")
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> torch.Tensor:
-        entropy = torch.where(batch.mask, batch.entropy.detach().to(advantages.dtype), 0.0)  # padding may hold NaN
+        entropy = batch.entropy.detach().to(advantages.dtype)
         bonus = torch.minimum(self.alpha * entropy, advantages.abs() / self.kappa)
         metrics["shape/entropy_advantage_bonus"] = float(masked_mean(bonus, batch.mask))
         metrics["shape/entropy_advantage_capped_frac"] = float(
@@ -49,7 +49,7 @@ class LoptiReweight(Shaper):
     alpha: float = Field(0.3, ge=0.0, le=1.0, description="alpha = 0.3 (arXiv 2505.12929)")
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> torch.Tensor:
-        old_prob = torch.where(batch.mask, batch.old_log_prob.detach().to(advantages.dtype), 0.0).exp()  # padding: any value
+        old_prob = batch.old_log_prob.detach().to(advantages.dtype).exp()
         weight = self.alpha * old_prob + (1.0 - self.alpha)
         metrics["shape/lopti_weight_mean"] = float(masked_mean(weight, batch.mask))
         return advantages * weight

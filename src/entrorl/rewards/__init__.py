@@ -22,6 +22,7 @@ from entrorl.rewards.base import (
     RewardRunner,
     available_rewards,
     check_reward_spec,
+    error_headline,
     get_reward,
     register_reward,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "RewardResult",
     "RewardRunner",
     "available_rewards",
+    "error_headline",
     "check_reward_spec",
     "diversity_adjusted_rewards",
     "diversity_weights",

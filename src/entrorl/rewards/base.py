@@ -44,6 +44,7 @@ from entrorl.rewards.shaping import overlong_penalty, validate_overlong
 
 __all__ = [
     "RewardFn",
+    "error_headline",
     "RewardResult",
     "RewardRunner",
     "available_rewards",
@@ -258,6 +259,12 @@ def check_reward_spec(spec: str, **kwargs: Any) -> None:
 # --------------------------------------------------------------------------------------------
 # runner
 # --------------------------------------------------------------------------------------------
+
+
+def error_headline(first_error: str | None) -> str:
+    """The first line of a reward's ``first_error`` (which sample failed, and how); its traceback follows that line.
+    Empty for no error."""
+    return (first_error or "").partition("\n")[0]
 
 
 @dataclass
@@ -545,7 +552,7 @@ class RewardRunner:
             self._warned = True
             logger.warning(  # one line: the traceback is the caller's to keep (the trainer's reward_errors.log)
                 "reward function failed on %d of %d samples (scored 0); first failure: %s", errors, n,
-                first_error.partition("\n")[0],
+                error_headline(first_error),
             )
 
         score_t = torch.tensor(scores, dtype=torch.float32)

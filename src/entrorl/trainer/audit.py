@@ -53,6 +53,7 @@ from entrorl.rewards import (
     MathReward,
     ReasoningGymReward,
     RewardRunner,
+    error_headline,
     exact_match,
     extract_final_answer,
     extract_reasoning_gym_answer,
@@ -355,7 +356,7 @@ def write_audit_outputs(
     if not audited_index:
         raise ValueError("no prompt could be audited: every prompt is longer than the model's context")
     if result.reward_failed_everywhere:
-        first = (result.first_reward_error or "").partition("\n")[0]
+        first = error_headline(result.first_reward_error)
         raise ValueError(
             f"the reward failed on all {result.n_sampled} samples (first failure: {first}), so every score is 0 "
             "whatever the answer; no prompt was labelled and no filtered file was written; check that the "
@@ -421,7 +422,7 @@ def write_audit_outputs(
         },
         "too_long": [asdict(t) for t in result.too_long],
         "reward_errors": result.reward_errors,
-        "first_reward_error": (result.first_reward_error or "").partition("\n")[0] or None,
+        "first_reward_error": error_headline(result.first_reward_error) or None,
         "wall_s": result.wall_s,
         "files": {
             "histogram_json": str(histogram_json),

@@ -109,7 +109,9 @@ def predicted_vs_measured(
     those moves add up: the prediction for a position is ``sum -alpha_t D_t`` over the trained tokens that share its
     decision point (``points``, see :func:`decision_points`; without it every position is its own). So it compares
     with the measured change of that position's entropy, which every token sharing the point sees.
-    ``entropy/predicted_delta_sum`` is the step's whole predicted change, ``sum -alpha_t D_t`` over the trained tokens.
+    ``entropy/predicted_delta_sum`` is the step's whole predicted change, ``sum -alpha_t D_t`` over the trained tokens,
+    and ``entropy/predicted_delta_batch`` the mean prediction over the trained tokens (``entropy/predicted_delta`` is
+    the mean over ``mask``, the positions measured).
     """
     trained = mask if trained_mask is None else trained_mask
     alpha = -lr * grad_coefficients.detach().double() / (temperature * temperature)
@@ -121,6 +123,7 @@ def predicted_vs_measured(
     metrics = {
         "entropy/predicted_delta": float(predicted[mask].mean()) if mask.any() else 0.0,
         "entropy/predicted_delta_sum": float(own[trained].sum()),
+        "entropy/predicted_delta_batch": float(predicted[trained].mean()) if trained.any() else 0.0,
     }
     if entropy_after is not None and mask.any():
         measured = (entropy_after.detach().double() - entropy_before.detach().double())[mask]

@@ -600,10 +600,6 @@ class Trainer:
         logprob, before_entropy, disc, disc_centered_before = (scored_before[name] for name in STAT_NAMES)
         metrics = entropy_summary(before_entropy, mask)
         points = decision_points(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids)
-        prediction = dict(lr=lr, temperature=temperature, points=points, trained_mask=mask)
-        batch_change, _ = predicted_vs_measured(grad_coefficients, disc_centered_before, before_entropy, None, mask,
-                                                **prediction)
-        metrics["entropy/predicted_delta_batch"] = batch_change["entropy/predicted_delta"]
         after_entropy, measured_mask = None, mask
         if config.diagnostics.measure_entropy_change:
             count = max(1, math.ceil(n_rows * config.diagnostics.measure_fraction))
@@ -615,7 +611,7 @@ class Trainer:
                 after_entropy[measured_rows] = self.token_stats(self.model, rollouts, measured_rows,
                                                                 need=("entropy",)).entropy.float().cpu()
         change, _ = predicted_vs_measured(grad_coefficients, disc_centered_before, before_entropy, after_entropy,
-                                          measured_mask, **prediction)
+                                          measured_mask, lr=lr, temperature=temperature, points=points, trained_mask=mask)
         metrics.update(change)
         metrics.update(covariance_summary(logprob, token_advantages, mask))
         metrics.update(discriminator_summary(disc, disc_centered_before, token_advantages, mask))
