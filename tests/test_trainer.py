@@ -687,6 +687,22 @@ def test_resume_takes_the_new_schedule_and_optimiser_settings_and_refuses_a_diff
         Trainer(load_config({**changed, "model": {"path": str(tmp_path / "no-model-needed")}}), run_dir=run_dir, resume=True)
 
 
+def test_a_moved_model_path_is_refused_on_resume_only_when_it_locates_a_reference_model(tiny_model_dir, arithmetic_files):
+    """A resumed policy comes from its checkpoint; model.path then only says where the frozen reference loads from,
+    so moving it changes the run exactly when a reference model is loaded (kl_ref, or optim.kl_reference)."""
+    from entrorl.trainer.config import resume_changes
+
+    train, _ = arithmetic_files
+    for method, kl_reference, loads in (("grpo", None, False), ("kl_ref", None, True), ("grpo", True, True)):
+        saved = load_config(make_config(tiny_model_dir, train, None, method=method, optim={"kl_reference": kl_reference}))
+        assert saved.needs_reference() is loads
+        moved = saved.model_copy(update={"model": saved.model.model_copy(update={"path": "elsewhere"})})
+        refused, accepted = resume_changes(saved.model_dump(mode="json"), moved.model_dump(mode="json"),
+                                           loads_reference=saved.needs_reference())
+        assert [key for key, _, _ in (refused if loads else accepted)] == ["model.path"]
+        assert not (accepted if loads else refused)
+
+
 def test_metrics_are_flushed_every_step_and_synced_before_each_checkpoint(tmp_path, tiny_model_dir, arithmetic_files,
                                                                           monkeypatch):
     """A killed process loses no logged step (each line is flushed); fsync, which a slow disk makes cost milliseconds,

@@ -36,6 +36,7 @@ from entrorl.lab.base_model import build_base_model
 from entrorl.lab.presets import LabPreset, get_preset
 from entrorl.lab.supervised import SFT_OBJECTIVE
 from entrorl.lab.tasks import get_task
+from entrorl.trainer.config import flatten_settings
 
 __all__ = ["run_lab", "evaluate_policy", "task_reward", "SUPERVISED_BASELINES"]
 
@@ -245,15 +246,12 @@ def _count_lines(path: Path) -> int:
 _DIFFERENCES_SHOWN = 6
 
 
-def _setting_differences(recorded: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+def _setting_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(dotted key, value there, value now)`` for every setting that differs; nested settings (the base model's)
     are compared key by key, so a difference is named by its own key, not by the whole dictionary."""
-    if isinstance(recorded, dict) and isinstance(current, dict):
-        differences = []
-        for key in sorted(set(recorded) | set(current)):
-            differences += _setting_differences(recorded.get(key), current.get(key), f"{prefix}{key}.")
-        return differences
-    return [] if recorded == current else [(prefix.rstrip("."), recorded, current)]
+    before, after = flatten_settings(recorded), flatten_settings(current)
+    return [(key, before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)]
 
 
 def _short_repr(value: Any, limit: int = 40) -> str:

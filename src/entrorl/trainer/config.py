@@ -18,6 +18,7 @@ from entrorl.objective import ObjectiveConfig, build_objective, get_method
 
 __all__ = [
     "TrainConfig",
+    "flatten_settings",
     "resume_changes",
     "with_resolved_paths",
     "ConfigError",
@@ -360,7 +361,7 @@ class TrainConfig(_Section):
             check_reward_spec(self.reward.name, **self.reward.kwargs)
         except (ValueError, TypeError) as error:
             raise ValueError(f"{'reward' if self.reward.kwargs else 'reward.name'}: {error}") from None
-        if self.optim.kl_reference is False and "ref_log_prob" in build_objective(self.method).required_fields:
+        if self.optim.kl_reference is False and self._method_needs_reference():
             raise ValueError(f"optim.kl_reference is false, but method {self.method_label()!r} needs the reference "
                              "model's log-probs (kl_ref); set it to true or leave it out")
         overlong = self.reward.overlong
@@ -394,6 +395,16 @@ class TrainConfig(_Section):
     def method_label(self) -> str:
         return "+".join(self.method_names()) or "custom"
 
+    def _method_needs_reference(self) -> bool:
+        return "ref_log_prob" in build_objective(self.method).required_fields
+
+    def needs_reference(self) -> bool:
+        """Whether a run of this configuration loads the starting model as a frozen reference: ``optim.kl_reference``,
+        by default when the method needs the reference's log-probs (``kl_ref``)."""
+        if self.optim.kl_reference is not None:
+            return self.optim.kl_reference
+        return self._method_needs_reference()
+
 
 # what a resumed run may not change: the weights' origin and precision, the prompts and how they are drawn, the method
 # and its advantages (their state is in the checkpoint, and a run mixing two of them is neither one); keys under these
@@ -402,12 +413,12 @@ RESUME_FIXED_PREFIXES = ("seed", "model.", "data.", "method", "advantage.")
 RESUME_ADJUSTABLE = ("model.device", "model.activation_checkpointing", "data.eval")
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_settings(data: Any, prefix: str = "") -> dict[str, Any]:
     """``{"optim": {"lr": 1}}`` → ``{"optim.lr": 1}``; an empty section adds nothing, lists are values."""
     if isinstance(data, dict):
         flat = {}
         for key, value in data.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
         return flat
     return {prefix[:-1]: data}
 
@@ -441,19 +452,23 @@ def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
     return with_resolved_paths(compared)
 
 
-def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+def resume_changes(saved: dict[str, Any], current: dict[str, Any], *, loads_reference: bool = True,
+                   ) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
     """The keys whose values differ between the configuration a checkpoint was trained with and the one resuming it
     (both as ``TrainConfig.model_dump(mode="json")``), as ``(refused, accepted)`` lists of ``(key, saved, current)``:
     a resumed run may change its length, schedule, optimiser settings, rollouts, rewards, evaluation, logging and
-    checkpoints, but not the keys under :data:`RESUME_FIXED_PREFIXES` (other than :data:`RESUME_ADJUSTABLE`)."""
-    before, after = _flatten(_as_compared(saved)), _flatten(_as_compared(current))
+    checkpoints, but not the keys under :data:`RESUME_FIXED_PREFIXES` (other than :data:`RESUME_ADJUSTABLE`).
+    A resumed policy comes from the checkpoint, so ``model.path`` only locates the reference model: it may change
+    when the run loads none (``loads_reference=False``, see :meth:`TrainConfig.needs_reference`)."""
+    before, after = flatten_settings(_as_compared(saved)), flatten_settings(_as_compared(current))
     differing = [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
     changes = [(key, before.get(key), after.get(key)) for key in differing if not key.startswith("method.")]
     if any(key.startswith("method.") for key in differing):  # one entry, as the method was written
         changes.append(("method", saved.get("method"), current.get("method")))
     refused, accepted = [], []
     for key, old, new in sorted(changes, key=lambda change: change[0]):
-        fixed = key.startswith(RESUME_FIXED_PREFIXES) and not key.startswith(RESUME_ADJUSTABLE)
+        fixed = (key.startswith(RESUME_FIXED_PREFIXES) and not key.startswith(RESUME_ADJUSTABLE)
+                 and (key != "model.path" or loads_reference))
         (refused if fixed else accepted).append((key, old, new))
     return refused, accepted
 

@@ -117,6 +117,7 @@ class Trainer:
                                   "--resume to continue it, or choose another --run-dir / logging.name")
         saved_state = load_trainer_state(checkpoint) if resume else None  # an unreadable checkpoint fails here, early
         self.resumed_from = checkpoint if resume else None
+        self.needs_reference = config.needs_reference()
         self.resume_changes = self._check_resume_changes(saved_state) if saved_state is not None else []
         self._seed_everything(config.seed)
 
@@ -208,10 +209,8 @@ class Trainer:
             saved_config = json.loads(config_file.read_text()) if config_file.is_file() else None
         if saved_config is None:
             return []
-        refused, accepted = resume_changes(saved_config, self.config.model_dump(mode="json"))
-        if not self._needs_reference():  # the policy comes from the checkpoint: model.path only locates the reference
-            accepted += [change for change in refused if change[0] == "model.path"]
-            refused = [change for change in refused if change[0] != "model.path"]
+        refused, accepted = resume_changes(saved_config, self.config.model_dump(mode="json"),
+                                           loads_reference=self.needs_reference)
         if refused:
             listed = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in refused)
             raise ValueError(
@@ -233,15 +232,9 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model.train()
 
-    def _needs_reference(self) -> bool:
-        """Whether the run loads the starting model as a frozen reference (``optim.kl_reference``; by default when
-        the method needs its log-probs)."""
-        needed = self.config.optim.kl_reference
-        return needed if needed is not None else "ref_log_prob" in build_objective(self.config.method).required_fields
-
     def _load_reference(self):
-        """The frozen starting model, when :meth:`_needs_reference`."""
-        if not self._needs_reference():
+        """The frozen starting model, when the configuration asks for one (:meth:`TrainConfig.needs_reference`)."""
+        if not self.needs_reference:
             return None
         model_config = self.config.model
         reference = load_causal_lm(Path(model_config.path), dtype=model_config.dtype,
