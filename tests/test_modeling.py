@@ -220,6 +220,71 @@ def test_load_causal_lm_turns_off_attention_dropout_too(tmp_path):
     assert modeling.load_causal_lm(tmp_path, disable_dropout=False).model.layers[0].self_attn.attention_dropout == 0.3
 
 
+def test_load_causal_lm_refuses_an_encoder_and_weights_that_leave_part_of_the_model_random(tmp_path):
+    """transformers loads a BERT masked-LM directory as BertLMHeadModel, attending in both directions, and fills a
+    weight missing from the files with random values, both with only a printed report: entrorl refuses them."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    encoder = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(encoder)
+    with pytest.raises(ValueError, match=r"is not a causal language model: its predictions at the first 4 positions "
+                                         r"changed by .* when only later tokens did"):
+        load_causal_lm(encoder)
+
+    headless = tmp_path / "headless"
+    AutoModelForCausalLM.from_config(LlamaConfig(**COMMON)).save_pretrained(headless)
+    weights = load_file(headless / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, headless / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"do not fit LlamaForCausalLM \(missing: lm_head.weight\): those weights would "
+                                         r"start at random"):
+        load_causal_lm(headless)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2_tied", "qwen2_bfloat16", "gpt2"])
+def test_causal_models_pass_the_causality_check(tmp_path, architecture):
+    configs = {
+        "qwen2_tied": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True),
+        "qwen2_bfloat16": lambda: Qwen2Config(**COMMON),
+        "gpt2": lambda: GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=4, n_positions=64),
+    }
+    AutoModelForCausalLM.from_config(configs[architecture]()).save_pretrained(tmp_path)
+    model = load_causal_lm(tmp_path, dtype="bfloat16" if architecture.endswith("bfloat16") else "float32")
+    modeling.check_causal(model)  # again on the loaded model: no error
+
+
+def test_a_directory_with_its_own_code_loads_only_when_allowed(tmp_path, tiny_model_dir):
+    """A model or tokenizer with its own code (auto_map) is refused naming the setting that allows it; allowed, both
+    load, the tokenizer included (transformers would otherwise ask on a terminal and wait)."""
+    import json
+    import shutil
+
+    directory = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, directory)
+    (directory / "configuration_tiny.py").write_text(
+        "from transformers import Qwen2Config\n\nclass TinyConfig(Qwen2Config):\n    model_type = 'tiny_custom'\n")
+    (directory / "modeling_tiny.py").write_text(
+        "from transformers import Qwen2ForCausalLM\nfrom .configuration_tiny import TinyConfig\n\n"
+        "class TinyForCausalLM(Qwen2ForCausalLM):\n    config_class = TinyConfig\n")
+    (directory / "tokenization_tiny.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\nclass TinyTokenizerFast(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="tiny_custom", architectures=["TinyForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"})
+    (directory / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer_config.update(tokenizer_class="TinyTokenizerFast", auto_map={"AutoTokenizer": [None, "tokenization_tiny.TinyTokenizerFast"]})
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+    for load in (load_causal_lm, modeling.load_tokenizer):
+        with pytest.raises(ValueError, match="set model.trust_remote_code: true \\(train\\) or pass --trust-remote-code"):
+            load(directory)
+    assert type(modeling.load_tokenizer(directory, trust_remote_code=True)).__name__ == "TinyTokenizerFast"
+    assert type(load_causal_lm(directory, trust_remote_code=True)).__name__ == "TinyForCausalLM"
+
+
 def test_stop_token_ids_gathers_every_declared_eos():
     """A chat model may end a turn with another token than the tokenizer's EOS: every declared one stops sampling."""
     from types import SimpleNamespace
@@ -243,3 +308,19 @@ def test_encode_prompt_fills_the_template_and_wraps_a_chat_turn_without_a_second
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="the tokenizer has none"):
         modeling.encode_prompt(tokenizer, "1+2=", chat_template=True)
+
+
+def test_encode_prompt_keeps_the_bos_a_tokenizer_adds_and_leaves_out_an_eos_it_appends():
+    """A post-processor that ends every text with EOS would show the policy a finished text before its response."""
+    from tokenizers.processors import TemplateProcessing
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", bos), ("<eos>", eos)])
+    assert tokenizer("1+2=")["input_ids"][-1] == eos
+    assert modeling.encode_prompt(tokenizer, "1+2=") == [bos] + tokenizer("1+2=", add_special_tokens=False)["input_ids"]
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    assert modeling.encode_prompt(tokenizer, "1+2=") == tokenizer("1+2=")["input_ids"]

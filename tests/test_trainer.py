@@ -175,8 +175,14 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resume_loses_nothing(tmp_path, ti
         assert process.poll() is None and time.time() < deadline, "the run ended before its second step"
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    lines = []
+    for line in process.stderr:  # once it says so, all is saved: another Ctrl-C then ends it at once, without a traceback
+        lines.append(line)
+        if "interrupted by SIGINT" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    stderr = "".join(lines) + process.communicate(timeout=120)[1]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
     done = read_metrics(interrupted)[-1]["step"]
     assert 2 <= done < 8 and (interrupted / "checkpoints" / f"step_{done:06d}").is_dir()
     assert f"interrupted by SIGINT after step {done}" in stderr and "--resume" in stderr, stderr
@@ -555,6 +561,7 @@ def test_stop_signals_are_noted_once_then_stop_at_once_and_the_handlers_are_put_
         with pytest.raises(SystemExit) as stopped:  # a second SIGTERM: exit status 143, as without the handler
             signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
         assert stopped.value.code == 128 + signal.SIGTERM
+        assert "SIGTERM again: stopping now; the step under way is not saved" in output.getvalue()
         with pytest.raises(KeyboardInterrupt):
             signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
     finally:
@@ -663,6 +670,7 @@ def test_resume_takes_the_new_schedule_and_optimiser_settings_and_refuses_a_diff
     assert saved["data"]["train"] == os.path.realpath(train) and saved["model"]["path"] == os.path.realpath(tiny_model_dir)
     resumed = Trainer(config(steps=8, lr=2e-3, weight_decay=0.5), run_dir=run_dir, resume=True)
     assert {key for key, _, _ in resumed.resume_changes} == {"optim.steps", "optim.lr", "optim.weight_decay"}
+    assert resumed.resume_learning_rate == pytest.approx((0.0, 1e-3))  # the old schedule had ended; now 2e-3 (1 - 4/8)
     assert resumed.optimizer.param_groups[0]["weight_decay"] == 0.5
     resumed.train()
     # step 5 is update 4 of 8 on the linear schedule: 2e-3 * (1 - 4/8); before, it ran at the old schedule's 0
@@ -737,10 +745,71 @@ def test_resume_skips_an_incomplete_checkpoint_and_names_an_unreadable_one(tmp_p
         resumed = Trainer(config, run_dir=run_dir, resume=True)
     assert resumed.step == 2 and "step_000003 is incomplete" in caplog.text and "using step_000002" in caplog.text
     resumed.logger.close()
-    trainer_state = checkpoints / "step_000002" / "trainer.pt"
-    trainer_state.write_bytes(trainer_state.read_bytes()[:100])  # cut short
-    with pytest.raises(ValueError, match=r"step_000002/trainer.pt cannot be read .*delete step_000002 to resume"):
+    # a machine that lost power after the rename can leave empty files: that checkpoint is incomplete too
+    (checkpoints / "step_000002" / "model" / "model.safetensors").write_bytes(b"")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        resumed = Trainer(config, run_dir=run_dir, resume=True)
+    assert resumed.step == 1 and "(a file is missing or empty); using step_000001" in caplog.text
+    resumed.logger.close()
+    weights = checkpoints / "step_000001" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # cut short, not empty
+    with pytest.raises(ValueError, match=r"the model of checkpoint .*step_000001 cannot be read \(SafetensorError: .*\); "
+                                         r"delete step_000001 to resume from the checkpoint before it"):
         Trainer(config, run_dir=run_dir, resume=True)
+    trainer_state = checkpoints / "step_000001" / "trainer.pt"
+    trainer_state.write_bytes(trainer_state.read_bytes()[:100])  # cut short
+    with pytest.raises(ValueError, match=r"step_000001/trainer.pt cannot be read .*delete step_000001 to resume"):
+        Trainer(config, run_dir=run_dir, resume=True)
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind_and_names_the_intact_one(
+        tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
+    """A full disk (torch.save reports it as a RuntimeError) costs the checkpoint being written, never the previous
+    one, and leaves no half-written directory to keep the disk full; what earlier failures left is cleared first."""
+    from entrorl.trainer import checkpoint as checkpoints_module
+    from entrorl.trainer.checkpoint import CheckpointWriteError, latest_checkpoint
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, "lr": 1e-3}, checkpoint={"every": 1}))
+    run_dir = tmp_path / "run"
+    trainer = Trainer(config, run_dir=run_dir)
+    trainer.train_step()
+    trainer.save()
+    root = run_dir / "checkpoints"
+    (root / ".step_000000.tmp-1").mkdir()  # left by an earlier failed write
+    trainer.train_step()
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 865600 vs 865488")
+
+    monkeypatch.setattr(checkpoints_module.torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"writing checkpoint step_000002 in .* failed \(RuntimeError: .*unexpected pos"
+                                                   r".*\); the last complete checkpoint, step_000001, is intact"):
+        trainer.save()
+    assert sorted(path.name for path in root.iterdir()) == ["latest", "step_000001"]
+    assert latest_checkpoint(run_dir) == root / "step_000001"
+    trainer.logger.close()
+
+
+def test_a_run_directory_removed_during_the_run_stops_it_instead_of_losing_its_metrics(tmp_path, tiny_model_dir,
+                                                                                        arithmetic_files):
+    import shutil
+
+    from entrorl.trainer.checkpoint import CheckpointWriteError
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, "lr": 1e-3}, checkpoint={"every": 1}))
+    run_dir = tmp_path / "run"
+    trainer = Trainer(config, run_dir=run_dir)
+    trainer.logger.log(1, {"reward/mean": 0.5})
+    shutil.rmtree(run_dir)
+    with pytest.raises(FileNotFoundError, match=r"metrics.jsonl was deleted during the run .*stopping, since step 2"):
+        trainer.logger.log(2, {"reward/mean": 0.5})
+    with pytest.raises(CheckpointWriteError, match=r"the run directory .* no longer exists"):
+        trainer.save()
+    assert not run_dir.exists()  # not silently recreated by the checkpoint
+    trainer.logger.close()
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path, tiny_model_dir, arithmetic_files):

@@ -24,6 +24,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Entropy-awar
 console = Console(stderr=True)
 
 
+def _exit_at_once_on_another_signal() -> None:
+    def exit_now(number, frame) -> None:
+        sys.stderr.flush()
+        os._exit(128 + number)
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, exit_now)
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     # plain text (a message may hold brackets), never wrapped: a path or file:line stays on one line
     console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
@@ -65,11 +74,18 @@ def train(
                       f"{train_config.optim.steps})", highlight=False)
         for key, old, new in trainer.resume_changes:
             console.print(Text(f"  changed since that checkpoint: {key}: {old!r} -> {new!r}"), soft_wrap=True)
+        if trainer.resume_learning_rate is not None:
+            before, now = trainer.resume_learning_rate
+            console.print(f"  so the next step's learning rate is {now:.4g} (the checkpoint's schedule: {before:.4g})",
+                          highlight=False, soft_wrap=True)
     try:
         trainer.train(handle_signals=True)
     except TrainingStopped as error:
         _fail(str(error), code=3)
+    except OSError as error:  # a checkpoint that could not be written (a full disk), a removed run directory
+        _fail(str(error))
     except TrainingInterrupted as error:
+        _exit_at_once_on_another_signal()  # all is saved; Python's shutdown takes seconds and would print a traceback
         console.print(Text.assemble(
             ("interrupted", "bold yellow"),
             f" by {signal.Signals(error.signal_number).name} after step {error.step}; checkpoint {error.checkpoint.name} "
@@ -108,10 +124,13 @@ ChatTemplateOption = Annotated[bool, typer.Option("--chat-template", help="wrap 
                                                   "tokenizer's chat template (as model.chat_template does in training)")]
 DeviceOption = Annotated[str, typer.Option("--device", help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'")]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
+TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help="run the model directory's own model "
+                                                     "and tokenizer code (auto_map in its config); read it first")]
 
 
 def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str, prompt_template: str,
-                     chat_template: bool, max_prompts: int | None, device: str, dtype: str, require_answer: bool = True,
+                     chat_template: bool, max_prompts: int | None, device: str, dtype: str, trust_remote_code: bool = False,
+                     require_answer: bool = True,
                      correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
     the tokenizer, the model in eval mode and the encoded prompts; ValueError / FileNotFoundError on bad input.
@@ -130,8 +149,8 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     reward_runner.check_arguments([record.meta for record in records])
     if check_outputs is not None:
         check_outputs()
-    tokenizer = load_tokenizer(model)
-    policy = load_causal_lm(model, dtype=dtype).to(resolve_device(device)).eval()
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    policy = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code).to(resolve_device(device)).eval()
     prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
     return records, reward_runner, tokenizer, policy, prompt_ids
 
@@ -193,6 +212,7 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="write the JSON summary here")] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Avg@n, unbiased Pass@k and the pass-rate histogram of a model on a prompt file."""
     from rich.progress import Progress
@@ -212,6 +232,7 @@ def evaluate(
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
             chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
+            trust_remote_code=trust_remote_code,
             require_answer=require_answer, correct_threshold=correct_threshold,
             check_outputs=None if out is None else lambda: check_output_file(out, what="--out"))
         check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
@@ -385,6 +406,7 @@ def data_audit(
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Sample a model on every prompt and separate hard prompts from ones whose reference looks wrong.
 
@@ -406,6 +428,7 @@ def data_audit(
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
             chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
+            trust_remote_code=trust_remote_code,
             check_outputs=lambda: check_audit_output(data, directory))
     except (ValueError, OSError, ImportError) as error:  # OSError: missing files, unreadable model directories
         _fail(str(error))

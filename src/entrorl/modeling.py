@@ -12,7 +12,7 @@ import torch
 from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
-    "load_tokenizer", "load_causal_lm", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
+    "load_tokenizer", "load_causal_lm", "check_causal", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
     "prompt_groups", "shares_prompts", "cache_argument", "output_cache", "left_pad", "model_context_length",
     "check_prompts_fit", "stop_token_ids", "encode_prompt",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
@@ -59,17 +59,30 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
     return path
 
 
-def load_tokenizer(path: str | Path):
+def _refuse_custom_code(path: Path, error: ValueError, trust_remote_code: bool) -> None:
+    """Re-raise transformers' refusal of a directory's own code as the setting that allows it."""
+    if not trust_remote_code and "trust_remote_code" in str(error):
+        raise ValueError(
+            f"{path} holds its own model or tokenizer code (auto_map in its config), which runs only when allowed: after "
+            "reading that code, set model.trust_remote_code: true (train) or pass --trust-remote-code (eval, data audit)"
+        ) from None
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     """The tokenizer saved in a local model directory; sets ``pad_token = eos_token`` when there is none."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = check_model_files(path, weights=False)
     config_file = path / "tokenizer_config.json"
     declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
-    if declared in _GENERIC_TOKENIZER_CLASSES:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        if declared in _GENERIC_TOKENIZER_CLASSES:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        _refuse_custom_code(path, error, trust_remote_code)
+        raise
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer in {path} has no eos_token: responses could never end")
     if tokenizer.pad_token_id is None:
@@ -78,7 +91,10 @@ def load_tokenizer(path: str | Path):
 
 
 def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout: bool = True, trust_remote_code: bool = False):
-    """``AutoModelForCausalLM`` from a local directory (never the hub), optionally with dropout off."""
+    """``AutoModelForCausalLM`` from a local directory (never the hub), optionally with dropout off.
+
+    Refused, naming the cause: weights that do not cover the model (transformers would start the missing ones at
+    random) and a model that is not causal (:func:`check_causal`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -86,9 +102,21 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
     path = check_model_files(path, tokenizer=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    try:
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
+    except ValueError as error:
+        _refuse_custom_code(path, error, trust_remote_code)
+        raise
+    missing = sorted(loading.get("missing_keys") or ())
+    mismatched = sorted(str(key[0] if isinstance(key, tuple) else key) for key in loading.get("mismatched_keys") or ())
+    if missing or mismatched:
+        listed = "; ".join(f"{what}: {', '.join(keys[:5])}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''}"
+                           for what, keys in (("missing", missing), ("of another shape", mismatched)) if keys)
+        raise ValueError(f"the weights in {path} do not fit {type(model).__name__} ({listed}): those weights would start "
+                         "at random. Is it a causal language model's directory, saved whole?")
+    check_causal(model, path)
     if disable_dropout:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -101,6 +129,41 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     return model
 
 
+_CAUSALITY_PROBE_LENGTH = 8
+
+
+def check_causal(model, source: str | Path = "the model") -> None:
+    """``ValueError`` unless the model's prediction at a position ignores the tokens after it.
+
+    An encoder loaded as a language model (BERT's ``BertLMHeadModel`` without ``is_decoder``) attends in both
+    directions: the log-prob it gives a token would already have seen that token. Checked by behaviour, so any
+    architecture is covered: two sequences that share their first half, each run alone (same shapes, so a causal
+    model gives the first half bit-identical logits), must agree on the first half."""
+    embeddings = model.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None) or 0
+    length = min(_CAUSALITY_PROBE_LENGTH, model_context_length(model) or _CAUSALITY_PROBE_LENGTH)
+    if vocab < 2 or length < 2:
+        return
+    device = next(model.parameters()).device
+    first = torch.arange(length, device=device) % vocab
+    second = first.clone()
+    second[length // 2:] = (second[length // 2:] + 1) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            shared = [model(input_ids=ids[None]).logits[0, : length // 2].float() for ids in (first, second)]
+    finally:
+        model.train(was_training)
+    change = float((shared[0] - shared[1]).abs().max())
+    if change > 1e-6 * max(1.0, float(shared[0].abs().max())):
+        raise ValueError(
+            f"{source} is not a causal language model: its predictions at the first {length // 2} positions changed by "
+            f"{change:.3g} when only later tokens did (bidirectional attention, as in an encoder such as BERT). Its "
+            "log-probs would see the tokens they score."
+        )
+
+
 def model_context_length(model) -> int | None:
     """The model's context length (``config.max_position_embeddings``), or None when it declares none."""
     value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -110,10 +173,17 @@ def model_context_length(model) -> int | None:
 def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_template: bool = False) -> list[int]:
     """The token ids the policy sees for ``prompt``: ``template.format(prompt=prompt)``, wrapped as a user turn with
     the tokenizer's chat template when ``chat_template`` (the template then writes the special tokens itself, so
-    the tokenizer adds none: no second BOS)."""
+    the tokenizer adds none: no second BOS). Special tokens a tokenizer appends after the text (an EOS from its
+    post-processor) are left out: the response continues the prompt, not a finished text."""
     text = template.format(prompt=prompt)
     if not chat_template:
-        return tokenizer(text)["input_ids"]
+        ids = tokenizer(text)["input_ids"]
+        plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+        added = len(ids) - len(plain)
+        if plain and added > 0:
+            start = next((at for at in range(added + 1) if ids[at:at + len(plain)] == plain), added)
+            ids = ids[:start + len(plain)]
+        return ids
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("a chat template was asked for, but the tokenizer has none")
     text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)

@@ -6,12 +6,15 @@ Layout of a run directory::
     run_dir/checkpoints/step_000040/trainer.pt    optimizer, scheduler, RNG states, data position, objective state
     run_dir/checkpoints/latest                    name of the newest complete checkpoint
 
-A checkpoint is written into a hidden temporary directory and renamed into place (``os.replace`` is atomic on
-one filesystem); ``latest`` is then rewritten the same way. Only then are old checkpoints pruned.
+A checkpoint is written into a hidden temporary directory, synced to disk (so that a machine that loses power
+cannot leave a renamed checkpoint with empty files) and renamed into place (``os.replace`` is atomic on one
+filesystem); ``latest`` is then rewritten the same way. Only then are old checkpoints pruned. A write that fails (a
+full disk) removes its temporary directory and raises :class:`CheckpointWriteError`; the previous checkpoint stays.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -25,7 +28,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text"]
+__all__ = ["CheckpointWriteError", "save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text"]
 
 _PREFIX = "step_"
 
@@ -56,19 +59,50 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a removed run directory); the previous one is intact."""
+
+
+def _sync_tree(directory: Path) -> None:
+    """``fsync`` every file under ``directory``, then the directories themselves (their entries)."""
+    for folder, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the ``keep`` newest."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the ``keep`` newest.
+
+    The run directory must exist (a run directory removed during the run is not silently recreated)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointWriteError(f"cannot save checkpoint step {step}: the run directory {run_dir} no longer exists")
+    root = run_dir / "checkpoints"
+    root.mkdir(exist_ok=True)
+    for stale in root.glob(f".{_PREFIX}*.tmp-*"):  # what failed writes left: their room is needed now
+        shutil.rmtree(stale, ignore_errors=True)
     name = f"{_PREFIX}{step:06d}"
     final = root / name
     temporary = root / f".{name}.tmp-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    model.save_pretrained(temporary / "model")
-    tokenizer.save_pretrained(temporary / "model")
-    torch.save(trainer_state, temporary / "trainer.pt")
+    try:
+        temporary.mkdir()
+        model.save_pretrained(temporary / "model")
+        tokenizer.save_pretrained(temporary / "model")
+        torch.save(trainer_state, temporary / "trainer.pt")
+        _sync_tree(temporary)
+    except Exception as error:  # torch.save reports a full disk as a RuntimeError, safetensors as its own error
+        shutil.rmtree(temporary, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        raise CheckpointWriteError(
+            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}); "
+            + (f"the last complete checkpoint, {previous.name}, is intact" if previous is not None else "no checkpoint was written before")
+        ) from error
     if final.exists():
         shutil.rmtree(final)
     os.replace(temporary, final)
@@ -77,19 +111,40 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
     for old in complete[:-keep]:  # incomplete leftovers are not counted, so they can never push this one out
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(f".{_PREFIX}*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def _non_empty(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _weights_present(model: Path) -> bool:
+    """A non-empty weight file, or an index whose every shard is one."""
+    for name in _WEIGHT_FILES:
+        path = model / name
+        if not _non_empty(path):
+            continue
+        if not name.endswith(".index.json"):
+            return True
+        try:
+            shards = set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return all(_non_empty(model / shard) for shard in shards)
+    return False
+
+
 def _complete(checkpoint: Path) -> bool:
-    """Whether ``checkpoint`` holds everything a resume reads: the trainer state, the model's config and weights."""
+    """Whether ``checkpoint`` holds everything a resume reads, none of it empty: the trainer state, the model's config
+    and weights."""
     model = checkpoint / "model"
-    return ((checkpoint / "trainer.pt").is_file() and (model / "config.json").is_file()
-            and any((model / name).is_file() for name in _WEIGHT_FILES))
+    return _non_empty(checkpoint / "trainer.pt") and _non_empty(model / "config.json") and _weights_present(model)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -103,7 +158,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     complete = sorted(p for p in root.glob(f"{_PREFIX}*") if _complete(p)) if root.is_dir() else []
     chosen = complete[-1] if complete else None
     if named is not None and named.exists():
-        logger.warning("checkpoint %s is incomplete (a file is missing); %s", named,
+        logger.warning("checkpoint %s is incomplete (a file is missing or empty); %s", named,
                        f"using {chosen.name} instead" if chosen is not None else "no complete checkpoint is left")
     return chosen
 

@@ -71,6 +71,11 @@ class MetricsLogger:
             self._trackio = trackio_module
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append step ``step``; ``FileNotFoundError`` when ``metrics.jsonl`` was deleted meanwhile (the run directory
+        removed during the run), instead of writing on into a file nobody can read."""
+        if os.fstat(self._file.fileno()).st_nlink == 0:
+            raise FileNotFoundError(f"{self.path} was deleted during the run (was the run directory removed?): stopping, "
+                                    f"since step {step} and the steps after it could not be recorded")
         record = {"step": step, **{key: _clean(value) for key, value in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from entrorl.advantages import available_advantages, compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts, parse_band
@@ -48,7 +49,7 @@ from entrorl.trainer.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from entrorl.trainer.config import TrainConfig, resolve_device, resume_changes, with_resolved_paths
+from entrorl.trainer.config import OptimConfig, TrainConfig, resolve_device, resume_changes, with_resolved_paths
 from entrorl.trainer.diagnostics import (
     covariance_summary,
     decision_points,
@@ -118,6 +119,7 @@ class Trainer:
         saved_state = load_trainer_state(checkpoint) if resume else None  # an unreadable checkpoint fails here, early
         self.resumed_from = checkpoint if resume else None
         self.needs_reference = config.needs_reference()
+        self.resume_learning_rate: tuple[float, float] | None = None
         self.resume_changes = self._check_resume_changes(saved_state) if saved_state is not None else []
         self._seed_everything(config.seed)
 
@@ -160,11 +162,11 @@ class Trainer:
         self.diversity_embedder = (load_embedder(diversity.model, batch_size=diversity.batch_size, device=diversity.device)
                                    if diversity.enabled else None)
 
-        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code=config.model.trust_remote_code)
         if config.model.chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model.chat_template is true, but the tokenizer in {model_path} has no chat template")
         self.device = resolve_device(config.model.device)
-        self.model = self._load_policy(model_path)
+        self.model = self._load_policy(model_path, checkpoint)
         self.reference = self._load_reference()
         self.train_prompt_ids = self._encode_all(self.train_records)
         self.eval_prompt_ids = self._encode_all(self.eval_records)
@@ -211,6 +213,7 @@ class Trainer:
             return []
         refused, accepted = resume_changes(saved_config, self.config.model_dump(mode="json"),
                                            loads_reference=self.needs_reference)
+        self.resume_learning_rate = self._next_learning_rates(saved_config, saved_state["step"], accepted)
         if refused:
             listed = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in refused)
             raise ValueError(
@@ -220,10 +223,35 @@ class Trainer:
             )
         return accepted
 
-    def _load_policy(self, model_path: Path):
+    def _next_learning_rates(self, saved_config: dict[str, Any], step: int,
+                             changes: list[tuple[str, Any, Any]]) -> tuple[float, float] | None:
+        """``(before, now)``: the learning rate of the resumed run's next step under the checkpoint's schedule and
+        under the current one, when a change to the rate, length or schedule moves it; else None."""
+        if not any(key in _SCHEDULE_KEYS for key, _, _ in changes):
+            return None
+        try:
+            before = OptimConfig.model_validate(saved_config.get("optim") or {})
+        except ValidationError:
+            return None
+        rates = [optim.lr * learning_rate_factor(step, optim.steps, warmup_steps=optim.warmup_steps,
+                                                 schedule=optim.lr_schedule, min_ratio=optim.min_lr_ratio)
+                 for optim in (before, self.config.optim)]
+        return (rates[0], rates[1]) if rates[0] != rates[1] else None
+
+    def _load_policy(self, model_path: Path, checkpoint: Path | None):
+        """The policy, from the checkpoint when resuming (``ValueError`` naming a damaged checkpoint's way out)."""
+        from safetensors import SafetensorError
+
         model_config = self.config.model
-        model = load_causal_lm(model_path, dtype=model_config.dtype, disable_dropout=model_config.disable_dropout,
-                               trust_remote_code=model_config.trust_remote_code).to(self.device)
+        try:
+            model = load_causal_lm(model_path, dtype=model_config.dtype, disable_dropout=model_config.disable_dropout,
+                                   trust_remote_code=model_config.trust_remote_code)
+        except (OSError, RuntimeError, SafetensorError) as error:
+            if checkpoint is None:
+                raise
+            raise ValueError(f"the model of checkpoint {checkpoint} cannot be read ({type(error).__name__}: {error}); "
+                             f"delete {checkpoint.name} to resume from the checkpoint before it") from None
+        model = model.to(self.device)
         if model_config.activation_checkpointing:  # the method's name from transformers 5.24 on, and before
             enable = getattr(model, "activation_checkpointing_enable", None)
             if enable is not None:
@@ -739,6 +767,10 @@ class Trainer:
         return self.run_dir
 
 
+# the settings that decide a step's learning rate
+_SCHEDULE_KEYS = ("optim.lr", "optim.steps", "optim.warmup_steps", "optim.lr_schedule", "optim.min_lr_ratio")
+
+
 def _catch_stop_signals(received: list[int], console):
     """Make SIGINT and SIGTERM append their number to ``received`` (the loop stops after the step it is in) and say
     so on ``console``; a second one stops at once (``KeyboardInterrupt`` for SIGINT, exit status 143 for SIGTERM).
@@ -750,6 +782,8 @@ def _catch_stop_signals(received: list[int], console):
 
     def handler(number, frame):
         if received:
+            console.print(f"{signal.Signals(number).name} again: stopping now; the step under way is not saved (--resume "
+                          "continues from the last checkpoint)", style="yellow", highlight=False, soft_wrap=True)
             if number == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + number)
