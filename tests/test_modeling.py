@@ -220,6 +220,38 @@ def test_load_causal_lm_turns_off_attention_dropout_too(tmp_path):
     assert modeling.load_causal_lm(tmp_path, disable_dropout=False).model.layers[0].self_attn.attention_dropout == 0.3
 
 
+@pytest.mark.parametrize("architecture", ["opt", "gpt_bigcode", "mixtral_jitter"])
+def test_load_causal_lm_turns_off_dropout_kept_as_plain_rates_under_other_names(tmp_path, architecture):
+    """OPT keeps its rates as module attributes named dropout / layerdrop, GPT-BigCode as attn_pdrop, Mixtral's router
+    jitters in train mode: left on, the update would score the sampled tokens differently from the sampler."""
+    from transformers import GPTBigCodeConfig, MixtralConfig, OPTConfig
+
+    configs = {
+        "opt": lambda: OPTConfig(vocab_size=40, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.1, attention_dropout=0.1,
+                                 layerdrop=0.3),
+        "gpt_bigcode": lambda: GPTBigCodeConfig(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                attn_pdrop=0.1, resid_pdrop=0.1, embd_pdrop=0.1),
+        "mixtral_jitter": lambda: MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.5),
+    }
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(configs[architecture]()).save_pretrained(tmp_path)
+    model = load_causal_lm(tmp_path).train()
+    ids = torch.randint(0, 40, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    kept = load_causal_lm(tmp_path, disable_dropout=False).train()
+    with torch.no_grad():
+        assert not torch.equal(kept(input_ids=ids).logits, kept(input_ids=ids).logits)
+
+
+def test_randomness_under_an_unknown_name_is_reported(tmp_path):
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**COMMON))
+    model.model.norm.register_forward_hook(lambda module, args, output: output + module.training * torch.randn_like(output))
+    with pytest.warns(UserWarning, match=r"train-mode forward is still random with its dropout rates at 0"):
+        modeling.turn_off_dropout(model)
+
+
 def test_load_causal_lm_refuses_an_encoder_and_weights_that_leave_part_of_the_model_random(tmp_path):
     """transformers loads a BERT masked-LM directory as BertLMHeadModel, attending in both directions, and fills a
     weight missing from the files with random values, both with only a printed report: entrorl refuses them."""
@@ -253,6 +285,70 @@ def test_causal_models_pass_the_causality_check(tmp_path, architecture):
     AutoModelForCausalLM.from_config(configs[architecture]()).save_pretrained(tmp_path)
     model = load_causal_lm(tmp_path, dtype="bfloat16" if architecture.endswith("bfloat16") else "float32")
     modeling.check_causal(model)  # again on the loaded model: no error
+
+
+@pytest.mark.parametrize("model_type", ["rwkv", "recurrent_gemma"])
+def test_a_model_that_ignores_the_padding_mask_is_refused(tmp_path, model_type):
+    """A recurrent state that runs through the left padding would make every padded row's statistics wrong."""
+    from transformers import AutoConfig
+
+    options = {"rwkv": dict(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=48,
+                            context_length=64),
+               "recurrent_gemma": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, lru_width=32, attention_window_size=6, head_dim=8,
+                                       block_types=["recurrent", "attention"])}[model_type]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=40, pad_token_id=0, eos_token_id=1,
+                                                                  **options))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0, 0.3)  # RecurrentGemma's own initialisation barely carries state across positions
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"does not handle left padding: .* \(model type '{model_type}'"):
+        load_causal_lm(tmp_path)
+
+
+def _row_alone_log_probs(model, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    ids = torch.cat([prompt, response])[None]
+    with torch.no_grad():
+        log_probs = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+    return log_probs.gather(-1, response[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("rope_type", ["longrope", "dynamic"])
+def test_a_length_dependent_rope_is_scored_as_each_row_alone(rope_type):
+    """With longrope or dynamic NTK the frequencies follow the longest sequence of a forward call: rows on either side
+    of the original context must not share a pass (nor a shorter prompt pass), or they get another row's rotation."""
+    from transformers import LlamaConfig, Phi3Config
+
+    torch.manual_seed(0)
+    if rope_type == "longrope":
+        config = Phi3Config(**{**COMMON, "max_position_embeddings": 128}, original_max_position_embeddings=16,
+                            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                                             "long_factor": [4.0, 8.0, 16.0, 32.0], "original_max_position_embeddings": 16})
+    else:
+        config = LlamaConfig(**{**COMMON, "max_position_embeddings": 16},
+                             rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0, 0.3)
+    assert modeling.length_dependent_rope(model) == (rope_type, 16) and not shares_prompts(model)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 40, (length,), generator=generator) for length in (10, 6)]
+    rows = [(prompt, torch.randint(3, 40, (length,), generator=generator)) for prompt in prompts for length in (3, 12, 5)]
+    prompt_ids, prompt_mask = modeling.left_pad([prompt.tolist() for prompt, _ in rows], 0)
+    response_ids, response_mask = modeling.left_pad([response.tolist()[::-1] for _, response in rows], 0)
+    response_ids, response_mask = response_ids.flip(-1), response_mask.flip(-1)  # right-padded
+    for max_buckets in (1, 4):
+        with torch.no_grad():
+            stats = bucketed_response_token_stats(model, prompt_ids, prompt_mask, response_ids, response_mask,
+                                                  max_buckets=max_buckets, overhead_tokens=0, prompt_pass_tokens=0)
+        for row, (prompt, response) in enumerate(rows):
+            torch.testing.assert_close(stats.logprob[row, :len(response)], _row_alone_log_probs(model, prompt, response),
+                                       atol=1e-4, rtol=0)
 
 
 def test_a_directory_with_its_own_code_loads_only_when_allowed(tmp_path, tiny_model_dir):

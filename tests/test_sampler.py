@@ -147,3 +147,57 @@ def test_private_seed_draws_the_same_and_leaves_the_callers_stream_alone():
     with private_seed(7):
         assert torch.equal(torch.rand(2), inside)
     assert torch.equal(torch.rand(3), expected_next)  # as if the seeded blocks had never run
+
+
+def _greedy_and_log_probs_against_the_model(model, prompt: list[int], max_new_tokens: int):
+    """entrorl's greedy response to ``prompt`` next to transformers' own, and its sampled (T = 1) log-probs next
+    to a fresh unpadded forward over prompt + response."""
+    sampler = HFSampler(model, eos_token_id=[1], pad_token_id=0)
+    greedy = sampler.generate([prompt], SamplingParams(max_new_tokens=max_new_tokens, temperature=0)).response_ids[0].tolist()
+    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, len(prompt):].tolist()
+    torch.manual_seed(0)
+    rollouts = sampler.generate([prompt], SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0))
+    length = int(rollouts.lengths[0])
+    ids = torch.tensor([prompt + rollouts.response_ids[0, :length].tolist()])
+    with torch.no_grad():
+        log_probs = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+    recomputed = log_probs.gather(-1, ids[0, len(prompt):, None])[:, 0]
+    return greedy, theirs, rollouts.sampler_log_probs[0, :length], recomputed
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "falcon_mamba"])
+def test_state_space_models_decode_without_the_mask(model_type):
+    """A Mamba decode step given the whole attention mask scales its one new token by it (transformers passes none)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=40, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2,
+                                  conv_kernel=4, pad_token_id=0, eos_token_id=1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    greedy, theirs, sampled, recomputed = _greedy_and_log_probs_against_the_model(model, [5, 9, 13, 17, 21, 25, 29], 8)
+    assert greedy == theirs
+    torch.testing.assert_close(sampled, recomputed, atol=1e-4, rtol=0)
+
+
+def test_a_longrope_model_rebuilds_its_cache_where_its_sequences_pass_the_original_context():
+    """Phi-3's long-context RoPE rotates every position with its long factors once a sequence passes the original
+    context: the keys cached before then are recomputed at that step (as transformers' generate does), and each
+    step samples from the model's own distribution for the tokens it has at that point."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    head_dim = 8
+    config = Phi3Config(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=128, original_max_position_embeddings=12,
+                        pad_token_id=0, eos_token_id=1,
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * (head_dim // 2),
+                                         "long_factor": [4.0, 8.0, 16.0, 32.0], "original_max_position_embeddings": 12})
+    model = Phi3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0, 0.3)  # sharp distributions, so that a wrong rotation shows
+    prompt = [5, 9, 13, 17, 21, 25, 29, 33]
+    greedy, theirs, _, _ = _greedy_and_log_probs_against_the_model(model, prompt, 10)
+    assert greedy == theirs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,8 +13,8 @@ import torch
 from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
-    "load_tokenizer", "load_causal_lm", "check_causal", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
-    "prompt_groups", "shares_prompts", "cache_argument", "output_cache", "left_pad", "model_context_length",
+    "load_tokenizer", "load_causal_lm", "check_causal", "turn_off_dropout", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
+    "prompt_groups", "shares_prompts", "length_dependent_rope", "cache_argument", "output_cache", "left_pad", "model_context_length",
     "check_prompts_fit", "stop_token_ids", "encode_prompt",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
@@ -117,16 +118,93 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
         raise ValueError(f"the weights in {path} do not fit {type(model).__name__} ({listed}): those weights would start "
                          "at random. Is it a causal language model's directory, saved whole?")
     check_causal(model, path)
+    check_left_padding(model, path)
     if disable_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-            if isinstance(getattr(module, "attention_dropout", None), float):  # attention layers keep a plain rate
-                module.attention_dropout = 0.0
-        for config in (model.config, getattr(model.config, "text_config", None)):
-            if isinstance(getattr(config, "attention_dropout", None), float):
-                config.attention_dropout = 0.0
+        turn_off_dropout(model, path)
     return model
+
+
+def check_left_padding(model, source: str | Path = "the model") -> None:
+    """``ValueError`` unless a left-padded row gets the logits it gets alone.
+
+    entrorl batches prompts of different lengths by padding them on the left, with an attention mask and position
+    ids counted from each row's first real token. A model that ignores the mask (RWKV, RecurrentGemma: their
+    recurrent state runs through the padding) would score and sample every padded row wrong. Checked by behaviour:
+    a short row padded beside a longer one, against the short row alone."""
+    embeddings = model.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None) or 0
+    length = min(_CAUSALITY_PROBE_LENGTH, model_context_length(model) or _CAUSALITY_PROBE_LENGTH)
+    if vocab < 2 or length < 3:
+        return
+    device = next(model.parameters()).device
+    short = (torch.arange(length // 2, device=device) + 1) % vocab
+    long = (torch.arange(length, device=device) + 2) % vocab
+    input_ids, attention = left_pad([short.tolist(), long.tolist()], 0)
+    input_ids, attention = input_ids.to(device), attention.to(device).long()
+    positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            padded = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits[0, -len(short):]
+            alone = model(input_ids=short[None], attention_mask=torch.ones_like(short)[None],
+                          position_ids=torch.arange(len(short), device=device)[None]).logits[0]
+    except TypeError as error:  # a forward without attention_mask / position_ids
+        raise ValueError(f"{source} cannot run left-padded batches: its forward does not take an attention mask and "
+                         f"position ids ({error})") from None
+    finally:
+        model.train(was_training)
+    padded, alone = padded.float(), alone.float()
+    tolerance = 5e-2 if model.dtype in (torch.bfloat16, torch.float16) else 1e-4  # float32 rounding: below 1e-6
+    change = float((padded - alone).abs().max())
+    if change > tolerance * max(1.0, float(alone.abs().max())):
+        raise ValueError(
+            f"{source} does not handle left padding: a row padded on the left beside a longer one got logits {change:.3g} "
+            f"away from its own (model type {getattr(model.config, 'model_type', '?')!r}; a recurrent model that ignores "
+            "the attention mask, such as RWKV or RecurrentGemma, cannot be batched this way)"
+        )
+
+
+def _is_random_rate(name: str) -> bool:
+    """An attribute naming a train-mode random rate: dropout (``dropout``, ``attention_dropout``, ``attn_pdrop``,
+    ``layerdrop``, ...) or MoE router jitter (``router_jitter_noise``)."""
+    name = name.lower()
+    return "drop" in name or "jitter" in name
+
+
+def turn_off_dropout(model, source: str | Path = "the model") -> None:
+    """Zero every train-mode random rate of ``model``, so that its train-mode forward is the eval-mode one and the
+    update scores the sampled tokens as the sampler did: ``nn.Dropout`` modules, and the plain float rates that many
+    architectures keep on their modules and configs under their own names (OPT's ``dropout`` and ``layerdrop``,
+    GPT-BigCode's ``attn_pdrop``, Mixtral's ``router_jitter_noise``, ...). Then checks it: two train-mode forwards
+    must agree, else a warning says the model keeps randomness under a name not covered here."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and value > 0 and _is_random_rate(name):
+                setattr(module, name, 0.0)
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        for name, value in list(vars(config).items()) if config is not None else ():
+            if isinstance(value, float) and value > 0 and _is_random_rate(name):
+                setattr(config, name, 0.0)
+    embeddings = model.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None) or 0
+    if vocab < 1:
+        return
+    ids = torch.arange(_CAUSALITY_PROBE_LENGTH, device=next(model.parameters()).device)[None] % vocab
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    finally:
+        model.train(was_training)
+    if not torch.equal(first, second):
+        warnings.warn(f"{source}: the model's train-mode forward is still random with its dropout rates at 0 "
+                      f"(logits moved by {float((first - second).abs().max()):.3g} between two identical calls): it keeps "
+                      "a random rate under a name entrorl does not know, so the update will not score the sampled tokens "
+                      "as the sampler did", stacklevel=3)
 
 
 _CAUSALITY_PROBE_LENGTH = 8
@@ -319,6 +397,42 @@ def length_buckets(prompt_lengths: torch.Tensor, response_lengths: torch.Tensor,
     return best
 
 
+def length_dependent_rope(model) -> tuple[str, int] | None:
+    """``(rope type, original context)`` when the model's RoPE frequencies depend on the length of the sequence a
+    forward call holds: ``longrope`` (Phi-3's long-context scaling: long factors for every position once the call's
+    longest sequence passes the original context) or ``dynamic`` (NTK scaling that grows with that length). None
+    for any other model. ``transformers`` takes the length from the largest position id of the call."""
+    config = getattr(model, "config", None)
+    parameters = getattr(config, "rope_parameters", None) or {}
+    rope_type = str(parameters.get("rope_type", "")) if isinstance(parameters, dict) else ""
+    kind = next((kind for kind in ("longrope", "dynamic") if kind in rope_type), None)
+    if kind is None:
+        return None
+    original = (parameters.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+                or getattr(config, "max_position_embeddings", None))
+    return (kind, int(original)) if original else None
+
+
+def _rope_safe_buckets(prompt_lengths: torch.Tensor, response_lengths: torch.Tensor, rope: tuple[str, int], *,
+                       max_buckets: int, overhead_tokens: int) -> list[torch.Tensor]:
+    """:func:`length_buckets` for a model with a :func:`length_dependent_rope`, so that each row gets the frequencies
+    it gets alone: rows within the original context never share a pass with longer ones; beyond it, longrope rows
+    (all on the long factors) are bucketed together, and dynamic-NTK rows (whose frequencies follow their own
+    length) run one at a time, shortest first."""
+    kind, original = rope
+    totals = prompt_lengths + response_lengths
+    groups = []
+    for rows in ((totals <= original).nonzero().squeeze(-1), (totals > original).nonzero().squeeze(-1)):
+        if not rows.numel():
+            continue
+        if kind == "dynamic" and bool(totals[rows[0]] > original):
+            groups += [row[None] for row in rows[torch.argsort(totals[rows], stable=True)]]
+        else:
+            groups += [rows[group] for group in length_buckets(prompt_lengths[rows], response_lengths[rows],
+                                                               max_buckets=max_buckets, overhead_tokens=overhead_tokens)]
+    return groups
+
+
 def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct prompts of a batch: ``(first, inverse)`` where ``first[u]`` is the first row holding distinct
     prompt ``u`` and ``inverse[row]`` is the distinct prompt of ``row`` (rows are equal when their tokens and their
@@ -334,11 +448,12 @@ def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[
 def shares_prompts(model) -> bool:
     """Whether :func:`bucketed_response_token_stats` can run ``model``'s prompts once per distinct prompt: a
     plain-linear-head architecture (:data:`FUSED_HEAD_MODEL_TYPES`) whose layers all use full attention, without
-    gradient checkpointing (whose layers drop a cache passed to them)."""
+    gradient checkpointing (whose layers drop a cache passed to them) and without a :func:`length_dependent_rope`
+    (the prompt pass alone would be shorter than its rows)."""
     checkpointing = getattr(model, "is_activation_checkpointing", None)  # the name from transformers 5.24 on
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    if checkpointing:
+    if checkpointing or length_dependent_rope(model) is not None:
         return False
     config = model.config
     layer_types = getattr(config, "layer_types", None)
@@ -368,7 +483,9 @@ def bucketed_response_token_stats(
 
     A row's statistics do not depend on the other rows of its forward pass, so the result is the same as one
     pass over the whole batch (float rounding aside), with fewer padded positions computed: responses of very
-    different lengths, as RL rollouts are, waste much of a single padded pass.
+    different lengths, as RL rollouts are, waste much of a single padded pass. (With a
+    :func:`length_dependent_rope` they do depend on the longest row of the pass: such a model's rows are grouped
+    so that each gets the frequencies it gets alone, see :func:`_rope_safe_buckets`.)
 
     With ``share_prompts`` (and a model that :func:`shares_prompts`), rows that repeat a prompt, as the G responses
     of a GRPO group do, run it once: one forward over the distinct prompts fills a key/value cache, and each
@@ -380,7 +497,12 @@ def bucketed_response_token_stats(
     and fewer on any larger model). Differentiable when grad is on.
     """
     prompt_lengths, response_lengths = prompt_mask.sum(-1), response_mask.sum(-1)
-    groups = length_buckets(prompt_lengths, response_lengths, max_buckets=max_buckets, overhead_tokens=overhead_tokens)
+    rope = length_dependent_rope(model)
+    if rope is None:
+        groups = length_buckets(prompt_lengths, response_lengths, max_buckets=max_buckets, overhead_tokens=overhead_tokens)
+    else:
+        groups = _rope_safe_buckets(prompt_lengths, response_lengths, rope, max_buckets=max_buckets,
+                                    overhead_tokens=overhead_tokens)
     width = response_ids.shape[1]
     prompt_pass = None
     if share_prompts and shares_prompts(model):

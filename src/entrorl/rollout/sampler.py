@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from entrorl.modeling import cache_argument, left_pad, output_cache, stop_token_ids
+from entrorl.modeling import cache_argument, left_pad, length_dependent_rope, output_cache, stop_token_ids
 from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
 
 __all__ = ["Rollouts", "SamplingParams", "HFSampler", "process_logits", "sample_from_log_probs", "DECODERS", "private_seed"]
@@ -132,23 +132,39 @@ def private_seed(seed: int, device: torch.device | str = "cpu"):
         yield
 
 
+# pure state-space models, whose padding is handled once, in the prefill (transformers' generate passes them no mask
+# at decode steps either)
+_DECODE_WITHOUT_MASK = frozenset({"mamba", "falcon_mamba"})
+
+
 class _TransformersDecoder:
-    """Prefill and per-token decode through the model's own forward and its ``DynamicCache`` (any causal LM)."""
+    """Prefill and per-token decode through the model's own forward and its ``DynamicCache`` (any causal LM).
+
+    A ``longrope`` model (:func:`length_dependent_rope`) switches every position to its long factors once a sequence
+    passes the original context; keys cached before then were rotated with the short ones, so at that step the cache
+    is rebuilt from the whole sequences, as ``transformers``' generate does for Phi-3."""
 
     def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         self.model = model
-        self.prompt_ids = prompt_ids
+        self.sequences = prompt_ids  # the prompts and every token fed since, for a rebuild of the cache
         self.attention = prompt_mask.long()
         self.cache = None
         self.cache_argument = cache_argument(model)
         self.next_position = None
+        rope = length_dependent_rope(model)
+        self.rebuild_from_position = rope[1] if rope is not None and rope[0] == "longrope" else None
+        # a state-space model's decode step takes no mask: it would scale the one new token by the whole mask
+        self.decode_mask = getattr(model.config, "model_type", None) not in _DECODE_WITHOUT_MASK
 
-    def prefill(self) -> torch.Tensor:
+    def _run_whole_sequences(self) -> torch.Tensor:
         positions = (self.attention.cumsum(dim=-1) - 1).clamp(min=0)
-        output = self.model(input_ids=self.prompt_ids, attention_mask=self.attention, position_ids=positions,
+        output = self.model(input_ids=self.sequences, attention_mask=self.attention, position_ids=positions,
                             use_cache=True, logits_to_keep=1)
         self.cache, self.next_position = output_cache(output), positions[:, -1:] + 1
         return output.logits[:, -1, :]
+
+    def prefill(self) -> torch.Tensor:
+        return self._run_whole_sequences()
 
     def select(self, rows: torch.Tensor) -> bool:
         """Keep only ``rows`` of the batch (the cache, the mask, the positions). Only a plain ``DynamicCache`` of
@@ -160,13 +176,17 @@ class _TransformersDecoder:
         if type(self.cache) is not DynamicCache or not layers or any(type(layer) is not DynamicLayer for layer in layers):
             return False
         self.cache.batch_select_indices(rows)
-        self.attention, self.next_position = self.attention[rows], self.next_position[rows]
+        self.attention, self.next_position, self.sequences = self.attention[rows], self.next_position[rows], self.sequences[rows]
         return True
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         self.attention = torch.cat([self.attention, self.attention.new_ones((self.attention.shape[0], 1))], dim=-1)
-        output = self.model(input_ids=tokens[:, None], attention_mask=self.attention, position_ids=self.next_position,
-                            use_cache=True, **{self.cache_argument: self.cache})
+        self.sequences = torch.cat([self.sequences, tokens[:, None]], dim=-1)
+        if self.rebuild_from_position is not None and int(self.next_position.max()) >= self.rebuild_from_position:
+            self.rebuild_from_position = None  # from here on every call is past the original context
+            return self._run_whole_sequences()
+        output = self.model(input_ids=tokens[:, None], attention_mask=self.attention if self.decode_mask else None,
+                            position_ids=self.next_position, use_cache=True, **{self.cache_argument: self.cache})
         self.cache, self.next_position = output_cache(output), self.next_position + 1
         return output.logits[:, -1, :]
 

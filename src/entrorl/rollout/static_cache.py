@@ -20,14 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from entrorl.modeling import length_dependent_rope
+
 __all__ = ["FUSED_PROJECTIONS_MAX_BYTES", "STATIC_CACHE_MODEL_TYPES", "StaticCacheDecoder", "static_cache_unsupported_reason"]
 
 # model types whose decoder layer is the Llama one (Qwen3 adds a per-head RMSNorm on queries and keys)
 STATIC_CACHE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-# RoPE variants whose frequencies change with the sequence length; their result depends on how a
-# sequence is split into calls, so they stay with the model's own forward
-_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 def static_cache_unsupported_reason(model: torch.nn.Module, total_length: int) -> str | None:
@@ -43,9 +41,9 @@ def static_cache_unsupported_reason(model: torch.nn.Module, total_length: int) -
     for name, module in model.named_modules():
         if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
             return f"module {name or 'model'} has forward hooks (adapter, quantisation or offloading)"
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if any(kind in str(rope_type) for kind in _LENGTH_DEPENDENT_ROPE):
-        return f"rope type {rope_type!r} depends on the sequence length"
+    rope = length_dependent_rope(model)  # its result depends on how a sequence is split into calls
+    if rope is not None:
+        return f"rope type {rope[0]!r} depends on the sequence length"
     for index, layer in enumerate(inner.layers):
         attention, mlp = layer.self_attn, layer.mlp
         projections = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
