@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -124,6 +125,54 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     return model
 
 
+# the behaviour checks below run the model on a few made-up sequences of at most this many tokens
+_PROBE_LENGTH = 8
+
+
+@contextlib.contextmanager
+def _probing(model, *, training: bool):
+    """The model in train or eval mode without gradients, put back as it was afterwards."""
+    was_training = model.training
+    model.train(training)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _probe_shape(model) -> tuple[int, int, torch.device]:
+    """``(vocabulary size, probe length within the context, device)`` for the behaviour checks."""
+    embeddings = model.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None) or 0
+    length = min(_PROBE_LENGTH, model_context_length(model) or _PROBE_LENGTH)
+    return int(vocab), length, next(model.parameters()).device
+
+
+def check_causal(model, source: str | Path = "the model") -> None:
+    """``ValueError`` unless the model's prediction at a position ignores the tokens after it.
+
+    An encoder loaded as a language model (BERT's ``BertLMHeadModel`` without ``is_decoder``) attends in both
+    directions: the log-prob it gives a token would already have seen that token. Checked by behaviour, so any
+    architecture is covered: two sequences that share their first half, each run alone (same shapes, so a causal
+    model gives the first half bit-identical logits), must agree on the first half."""
+    vocab, length, device = _probe_shape(model)
+    if vocab < 2 or length < 2:
+        return
+    first = torch.arange(length, device=device) % vocab
+    second = first.clone()
+    second[length // 2:] = (second[length // 2:] + 1) % vocab
+    with _probing(model, training=False):
+        shared = [model(input_ids=ids[None]).logits[0, : length // 2].float() for ids in (first, second)]
+    change = float((shared[0] - shared[1]).abs().max())
+    if change > 1e-6 * max(1.0, float(shared[0].abs().max())):
+        raise ValueError(
+            f"{source} is not a causal language model: its predictions at the first {length // 2} positions changed by "
+            f"{change:.3g} when only later tokens did (bidirectional attention, as in an encoder such as BERT). Its "
+            "log-probs would see the tokens they score."
+        )
+
+
 def check_left_padding(model, source: str | Path = "the model") -> None:
     """``ValueError`` unless a left-padded row gets the logits it gets alone.
 
@@ -131,29 +180,22 @@ def check_left_padding(model, source: str | Path = "the model") -> None:
     ids counted from each row's first real token. A model that ignores the mask (RWKV, RecurrentGemma: their
     recurrent state runs through the padding) would score and sample every padded row wrong. Checked by behaviour:
     a short row padded beside a longer one, against the short row alone."""
-    embeddings = model.get_input_embeddings()
-    vocab = getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None) or 0
-    length = min(_CAUSALITY_PROBE_LENGTH, model_context_length(model) or _CAUSALITY_PROBE_LENGTH)
+    vocab, length, device = _probe_shape(model)
     if vocab < 2 or length < 3:
         return
-    device = next(model.parameters()).device
     short = (torch.arange(length // 2, device=device) + 1) % vocab
     long = (torch.arange(length, device=device) + 2) % vocab
     input_ids, attention = left_pad([short.tolist(), long.tolist()], 0)
     input_ids, attention = input_ids.to(device), attention.to(device).long()
     positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with _probing(model, training=False):
             padded = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits[0, -len(short):]
             alone = model(input_ids=short[None], attention_mask=torch.ones_like(short)[None],
                           position_ids=torch.arange(len(short), device=device)[None]).logits[0]
     except TypeError as error:  # a forward without attention_mask / position_ids
         raise ValueError(f"{source} cannot run left-padded batches: its forward does not take an attention mask and "
                          f"position ids ({error})") from None
-    finally:
-        model.train(was_training)
     padded, alone = padded.float(), alone.float()
     tolerance = 5e-2 if model.dtype in (torch.bfloat16, torch.float16) else 1e-4  # float32 rounding: below 1e-6
     change = float((padded - alone).abs().max())
@@ -188,58 +230,17 @@ def turn_off_dropout(model, source: str | Path = "the model") -> None:
         for name, value in list(vars(config).items()) if config is not None else ():
             if isinstance(value, float) and value > 0 and _is_random_rate(name):
                 setattr(config, name, 0.0)
-    embeddings = model.get_input_embeddings()
-    vocab = getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None) or 0
+    vocab, length, device = _probe_shape(model)
     if vocab < 1:
         return
-    ids = torch.arange(_CAUSALITY_PROBE_LENGTH, device=next(model.parameters()).device)[None] % vocab
-    was_training = model.training
-    model.train()
-    try:
-        with torch.no_grad():
-            first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
-    finally:
-        model.train(was_training)
+    ids = torch.arange(length, device=device)[None] % vocab
+    with _probing(model, training=True):
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
     if not torch.equal(first, second):
         warnings.warn(f"{source}: the model's train-mode forward is still random with its dropout rates at 0 "
                       f"(logits moved by {float((first - second).abs().max()):.3g} between two identical calls): it keeps "
                       "a random rate under a name entrorl does not know, so the update will not score the sampled tokens "
                       "as the sampler did", stacklevel=3)
-
-
-_CAUSALITY_PROBE_LENGTH = 8
-
-
-def check_causal(model, source: str | Path = "the model") -> None:
-    """``ValueError`` unless the model's prediction at a position ignores the tokens after it.
-
-    An encoder loaded as a language model (BERT's ``BertLMHeadModel`` without ``is_decoder``) attends in both
-    directions: the log-prob it gives a token would already have seen that token. Checked by behaviour, so any
-    architecture is covered: two sequences that share their first half, each run alone (same shapes, so a causal
-    model gives the first half bit-identical logits), must agree on the first half."""
-    embeddings = model.get_input_embeddings()
-    vocab = getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None) or 0
-    length = min(_CAUSALITY_PROBE_LENGTH, model_context_length(model) or _CAUSALITY_PROBE_LENGTH)
-    if vocab < 2 or length < 2:
-        return
-    device = next(model.parameters()).device
-    first = torch.arange(length, device=device) % vocab
-    second = first.clone()
-    second[length // 2:] = (second[length // 2:] + 1) % vocab
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            shared = [model(input_ids=ids[None]).logits[0, : length // 2].float() for ids in (first, second)]
-    finally:
-        model.train(was_training)
-    change = float((shared[0] - shared[1]).abs().max())
-    if change > 1e-6 * max(1.0, float(shared[0].abs().max())):
-        raise ValueError(
-            f"{source} is not a causal language model: its predictions at the first {length // 2} positions changed by "
-            f"{change:.3g} when only later tokens did (bidirectional attention, as in an encoder such as BERT). Its "
-            "log-probs would see the tokens they score."
-        )
 
 
 def model_context_length(model) -> int | None:
