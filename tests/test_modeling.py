@@ -3,6 +3,8 @@ statistics and gradients as one padded pass."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -336,19 +338,23 @@ def test_a_length_dependent_rope_is_scored_as_each_row_alone(rope_type):
             if parameter.dim() >= 2:
                 parameter.normal_(0, 0.3)
     assert modeling.length_dependent_rope(model) == (rope_type, 16) and not shares_prompts(model)
+    pristine = copy.deepcopy(model)  # references from a model that has run nothing before
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 40, (length,), generator=generator) for length in (10, 6)]
     rows = [(prompt, torch.randint(3, 40, (length,), generator=generator)) for prompt in prompts for length in (3, 12, 5)]
-    prompt_ids, prompt_mask = modeling.left_pad([prompt.tolist() for prompt, _ in rows], 0)
-    response_ids, response_mask = modeling.left_pad([response.tolist()[::-1] for _, response in rows], 0)
-    response_ids, response_mask = response_ids.flip(-1), response_mask.flip(-1)  # right-padded
-    for max_buckets in (1, 4):
-        with torch.no_grad():
+    # every row (totals 13, 22, 15, 9, 18, 11 around the original 16), then only the two beyond it
+    for chosen, max_buckets in (([0, 1, 2, 3, 4, 5], 1), ([0, 1, 2, 3, 4, 5], 4), ([1, 4], 1), ([1, 4], 4)):
+        prompt_ids, prompt_mask = modeling.left_pad([rows[row][0].tolist() for row in chosen], 0)
+        response_ids, response_mask = modeling.left_pad([rows[row][1].tolist()[::-1] for row in chosen], 0)
+        response_ids, response_mask = response_ids.flip(-1), response_mask.flip(-1)  # right-padded
+        with torch.no_grad():  # a longer call first, as the sampler's: dynamic NTK keeps the frequencies it grew to
+            model(input_ids=torch.randint(3, 40, (1, 40)))
             stats = bucketed_response_token_stats(model, prompt_ids, prompt_mask, response_ids, response_mask,
                                                   max_buckets=max_buckets, overhead_tokens=0, prompt_pass_tokens=0)
-        for row, (prompt, response) in enumerate(rows):
-            torch.testing.assert_close(stats.logprob[row, :len(response)], _row_alone_log_probs(model, prompt, response),
-                                       atol=1e-4, rtol=0)
+        for index, row in enumerate(chosen):
+            prompt, response = rows[row]
+            alone = _row_alone_log_probs(copy.deepcopy(pristine), prompt, response)
+            torch.testing.assert_close(stats.logprob[index, :len(response)], alone, atol=1e-4, rtol=0)
 
 
 def test_a_directory_with_its_own_code_loads_only_when_allowed(tmp_path, tiny_model_dir):
@@ -420,3 +426,9 @@ def test_encode_prompt_keeps_the_bos_a_tokenizer_adds_and_leaves_out_an_eos_it_a
     assert modeling.encode_prompt(tokenizer, "1+2=") == [bos] + tokenizer("1+2=", add_special_tokens=False)["input_ids"]
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
     assert modeling.encode_prompt(tokenizer, "1+2=") == tokenizer("1+2=")["input_ids"]
+    # another special token after the text belongs to the prompt (ChatGLM ends prompts with its own); only EOS goes
+    unk = tokenizer.unk_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A <unk> <eos>", special_tokens=[("<bos>", bos), ("<unk>", unk), ("<eos>", eos)])
+    assert modeling.encode_prompt(tokenizer, "1+2=") == tokenizer("1+2=")["input_ids"][:-1]
+    assert modeling.encode_prompt(tokenizer, "1+2=")[-1] == unk

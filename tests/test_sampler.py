@@ -180,24 +180,58 @@ def test_state_space_models_decode_without_the_mask(model_type):
     torch.testing.assert_close(sampled, recomputed, atol=1e-4, rtol=0)
 
 
-def test_a_longrope_model_rebuilds_its_cache_where_its_sequences_pass_the_original_context():
-    """Phi-3's long-context RoPE rotates every position with its long factors once a sequence passes the original
-    context: the keys cached before then are recomputed at that step (as transformers' generate does), and each
-    step samples from the model's own distribution for the tokens it has at that point."""
+def _longrope_model():
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
-    head_dim = 8
     config = Phi3Config(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, max_position_embeddings=128, original_max_position_embeddings=12,
                         pad_token_id=0, eos_token_id=1,
-                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * (head_dim // 2),
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
                                          "long_factor": [4.0, 8.0, 16.0, 32.0], "original_max_position_embeddings": 12})
     model = Phi3ForCausalLM(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() >= 2:
                 parameter.normal_(0, 0.3)  # sharp distributions, so that a wrong rotation shows
+    return model
+
+
+def test_a_longrope_model_rebuilds_its_cache_where_its_sequences_pass_the_original_context():
+    """Phi-3's long-context RoPE rotates every position with its long factors once a sequence passes the original
+    context: the keys cached before then are recomputed at that step (as transformers' generate does); a response
+    that ends beyond the original context is then sampled from the model's own distribution from there on."""
+    model = _longrope_model()
     prompt = [5, 9, 13, 17, 21, 25, 29, 33]
-    greedy, theirs, _, _ = _greedy_and_log_probs_against_the_model(model, prompt, 10)
+    greedy, theirs, sampled, recomputed = _greedy_and_log_probs_against_the_model(model, prompt, 10)
     assert greedy == theirs
+    # the tokens drawn from a call that holds 13 positions or more: on the long factors, as the recompute
+    switched = 13 - len(prompt)
+    assert len(sampled) > switched
+    torch.testing.assert_close(sampled[switched:], recomputed[switched:], atol=1e-4, rtol=0)
+
+
+def test_a_longrope_cache_on_the_long_factors_keeps_its_rows_and_a_long_prompt_is_not_run_twice(monkeypatch):
+    """Dropping rows from a cache rotated with the long factors could leave only rows under the original context,
+    whose next tokens would be rotated with the short ones: such a cache keeps its rows. A prompt already beyond the
+    original context is prefilled on the long factors, with nothing to rebuild."""
+    from entrorl.modeling import left_pad
+    from entrorl.rollout.sampler import _TransformersDecoder
+
+    model = _longrope_model()
+    prompt_ids, prompt_mask = left_pad([list(range(3, 14)), [5, 6, 7]], 0)  # 11 tokens and 3: the first passes 12 first
+    with torch.no_grad():
+        decoder = _TransformersDecoder(model, prompt_ids, prompt_mask)
+        decoder.prefill()
+        decoder.decode(torch.tensor([20, 21]))  # the long row's token at position 11: still the short factors
+        assert not decoder.long_factors and decoder.select(torch.tensor([0, 1]))
+        decoder.decode(torch.tensor([22, 23]))  # position 12: the cache is rebuilt on the long factors
+        assert decoder.long_factors and not decoder.select(torch.tensor([1]))
+
+        runs = []
+        whole = _TransformersDecoder._run_whole_sequences
+        monkeypatch.setattr(_TransformersDecoder, "_run_whole_sequences", lambda self: runs.append(1) or whole(self))
+        decoder = _TransformersDecoder(model, *left_pad([list(range(3, 17))], 0))
+        decoder.prefill()
+        decoder.decode(torch.tensor([20]))
+        assert decoder.long_factors and runs == [1]

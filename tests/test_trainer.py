@@ -539,8 +539,15 @@ def test_a_signal_during_a_checkpoint_write_stops_after_that_step(tmp_path, tiny
         return save()
 
     monkeypatch.setattr(trainer, "save", save_interrupted)
-    with pytest.raises(TrainingInterrupted) as stopped:
-        trainer.train(handle_signals=True)
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(TrainingInterrupted) as stopped:
+            trainer.train(handle_signals=True)
+        # saved: from now on another signal ends the process at once (the CLI's printing and Python's exit remain)
+        assert all(signal.getsignal(number).__name__ == "exit_now" for number in before)
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
     assert stopped.value.step == 2 and stopped.value.checkpoint.name == "step_000002"
     assert [record["step"] for record in read_metrics(tmp_path / "run")] == [1, 2]
 
@@ -561,7 +568,7 @@ def test_stop_signals_are_noted_once_then_stop_at_once_and_the_handlers_are_put_
         with pytest.raises(SystemExit) as stopped:  # a second SIGTERM: exit status 143, as without the handler
             signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
         assert stopped.value.code == 128 + signal.SIGTERM
-        assert "SIGTERM again: stopping now; the step under way is not saved" in output.getvalue()
+        assert "SIGTERM again: stopping now, without waiting for the step under way to be saved" in output.getvalue()
         with pytest.raises(KeyboardInterrupt):
             signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
     finally:

@@ -24,15 +24,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Entropy-awar
 console = Console(stderr=True)
 
 
-def _exit_at_once_on_another_signal() -> None:
-    def exit_now(number, frame) -> None:
-        sys.stderr.flush()
-        os._exit(128 + number)
-
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, exit_now)
-
-
 def _fail(message: str, code: int = 2) -> NoReturn:
     # plain text (a message may hold brackets), never wrapped: a path or file:line stays on one line
     console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
@@ -85,7 +76,6 @@ def train(
     except OSError as error:  # a checkpoint that could not be written (a full disk), a removed run directory
         _fail(str(error))
     except TrainingInterrupted as error:
-        _exit_at_once_on_another_signal()  # all is saved; Python's shutdown takes seconds and would print a traceback
         console.print(Text.assemble(
             ("interrupted", "bold yellow"),
             f" by {signal.Signals(error.signal_number).name} after step {error.step}; checkpoint {error.checkpoint.name} "
@@ -150,7 +140,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     if check_outputs is not None:
         check_outputs()
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    policy = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code).to(resolve_device(device)).eval()
+    policy = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code, device=resolve_device(device)).eval()
     prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
     return records, reward_runner, tokenizer, policy, prompt_ids
 

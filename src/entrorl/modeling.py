@@ -15,7 +15,7 @@ from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
     "load_tokenizer", "load_causal_lm", "check_causal", "turn_off_dropout", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
-    "prompt_groups", "shares_prompts", "length_dependent_rope", "cache_argument", "output_cache", "left_pad", "model_context_length",
+    "prompt_groups", "shares_prompts", "length_dependent_rope", "reset_dynamic_rope", "cache_argument", "output_cache", "left_pad", "model_context_length",
     "check_prompts_fit", "stop_token_ids", "encode_prompt",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
@@ -92,11 +92,14 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout: bool = True, trust_remote_code: bool = False):
-    """``AutoModelForCausalLM`` from a local directory (never the hub), optionally with dropout off.
+def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout: bool = True, trust_remote_code: bool = False,
+                   device: str | torch.device | None = None):
+    """``AutoModelForCausalLM`` from a local directory (never the hub), on ``device`` (default: where
+    ``transformers`` loads it, the CPU), optionally with dropout off.
 
     Refused, naming the cause: weights that do not cover the model (transformers would start the missing ones at
-    random) and a model that is not causal (:func:`check_causal`)."""
+    random), a model that is not causal (:func:`check_causal`) or that ignores the padding mask
+    (:func:`check_left_padding`). The checks run a few 8-token forwards, on ``device``."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -118,6 +121,8 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
                            for what, keys in (("missing", missing), ("of another shape", mismatched)) if keys)
         raise ValueError(f"the weights in {path} do not fit {type(model).__name__} ({listed}): those weights would start "
                          "at random. Is it a causal language model's directory, saved whole?")
+    if device is not None:
+        model = model.to(device)
     check_causal(model, path)
     check_left_padding(model, path)
     if disable_dropout:
@@ -149,13 +154,20 @@ def _probe_shape(model) -> tuple[int, int, torch.device]:
     return int(vocab), length, next(model.parameters()).device
 
 
+def _probe_tolerance(model) -> float:
+    """How far, relative to the logits' scale, two computations of the same logits may differ: float32 rounding stays
+    below 1e-6 (bit-identical for same shapes on the CPU; a GPU's atomic additions, as in MoE kernels, are not);
+    half precision rounds at 4e-3 and more."""
+    return 5e-2 if model.dtype in (torch.bfloat16, torch.float16) else 1e-4
+
+
 def check_causal(model, source: str | Path = "the model") -> None:
     """``ValueError`` unless the model's prediction at a position ignores the tokens after it.
 
     An encoder loaded as a language model (BERT's ``BertLMHeadModel`` without ``is_decoder``) attends in both
     directions: the log-prob it gives a token would already have seen that token. Checked by behaviour, so any
     architecture is covered: two sequences that share their first half, each run alone (same shapes, so a causal
-    model gives the first half bit-identical logits), must agree on the first half."""
+    model gives the first half the same logits up to rounding), must agree on the first half."""
     vocab, length, device = _probe_shape(model)
     if vocab < 2 or length < 2:
         return
@@ -165,7 +177,7 @@ def check_causal(model, source: str | Path = "the model") -> None:
     with _probing(model, training=False):
         shared = [model(input_ids=ids[None]).logits[0, : length // 2].float() for ids in (first, second)]
     change = float((shared[0] - shared[1]).abs().max())
-    if change > 1e-6 * max(1.0, float(shared[0].abs().max())):
+    if change > _probe_tolerance(model) * max(1.0, float(shared[0].abs().max())):
         raise ValueError(
             f"{source} is not a causal language model: its predictions at the first {length // 2} positions changed by "
             f"{change:.3g} when only later tokens did (bidirectional attention, as in an encoder such as BERT). Its "
@@ -193,13 +205,14 @@ def check_left_padding(model, source: str | Path = "the model") -> None:
             padded = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits[0, -len(short):]
             alone = model(input_ids=short[None], attention_mask=torch.ones_like(short)[None],
                           position_ids=torch.arange(len(short), device=device)[None]).logits[0]
-    except TypeError as error:  # a forward without attention_mask / position_ids
+    except TypeError as error:
+        if "attention_mask" not in str(error) and "position_ids" not in str(error):
+            raise
         raise ValueError(f"{source} cannot run left-padded batches: its forward does not take an attention mask and "
                          f"position ids ({error})") from None
     padded, alone = padded.float(), alone.float()
-    tolerance = 5e-2 if model.dtype in (torch.bfloat16, torch.float16) else 1e-4  # float32 rounding: below 1e-6
     change = float((padded - alone).abs().max())
-    if change > tolerance * max(1.0, float(alone.abs().max())):
+    if change > _probe_tolerance(model) * max(1.0, float(alone.abs().max())):
         raise ValueError(
             f"{source} does not handle left padding: a row padded on the left beside a longer one got logits {change:.3g} "
             f"away from its own (model type {getattr(model.config, 'model_type', '?')!r}; a recurrent model that ignores "
@@ -252,16 +265,18 @@ def model_context_length(model) -> int | None:
 def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_template: bool = False) -> list[int]:
     """The token ids the policy sees for ``prompt``: ``template.format(prompt=prompt)``, wrapped as a user turn with
     the tokenizer's chat template when ``chat_template`` (the template then writes the special tokens itself, so
-    the tokenizer adds none: no second BOS). Special tokens a tokenizer appends after the text (an EOS from its
-    post-processor) are left out: the response continues the prompt, not a finished text."""
+    the tokenizer adds none: no second BOS). An EOS that the tokenizer appends after the text (its post-processor's)
+    is left out: the response continues the prompt, not a finished text; other special tokens stay."""
     text = template.format(prompt=prompt)
     if not chat_template:
         ids = tokenizer(text)["input_ids"]
         plain = tokenizer(text, add_special_tokens=False)["input_ids"]
         added = len(ids) - len(plain)
         if plain and added > 0:
-            start = next((at for at in range(added + 1) if ids[at:at + len(plain)] == plain), added)
-            ids = ids[:start + len(plain)]
+            start = next((at for at in range(added + 1) if ids[at:at + len(plain)] == plain), None)
+            end = len(ids) if start is None else start + len(plain)
+            while len(ids) > end and ids[-1] == tokenizer.eos_token_id:
+                ids = ids[:-1]
         return ids
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("a chat template was asked for, but the tokenizer has none")
@@ -405,13 +420,32 @@ def length_dependent_rope(model) -> tuple[str, int] | None:
     for any other model. ``transformers`` takes the length from the largest position id of the call."""
     config = getattr(model, "config", None)
     parameters = getattr(config, "rope_parameters", None) or {}
-    rope_type = str(parameters.get("rope_type", "")) if isinstance(parameters, dict) else ""
-    kind = next((kind for kind in ("longrope", "dynamic") if kind in rope_type), None)
-    if kind is None:
+    if not isinstance(parameters, dict):
         return None
-    original = (parameters.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
-                or getattr(config, "max_position_embeddings", None))
-    return (kind, int(original)) if original else None
+    # one set of parameters, or one per layer type (Gemma 3: {"full_attention": {...}, "sliding_attention": {...}})
+    candidates = [value for value in parameters.values() if isinstance(value, dict)] or [parameters]
+    for candidate in candidates:
+        rope_type = str(candidate.get("rope_type", ""))
+        kind = next((kind for kind in ("longrope", "dynamic") if kind in rope_type), None)
+        if kind is None:
+            continue
+        original = (candidate.get("original_max_position_embeddings")
+                    or getattr(config, "original_max_position_embeddings", None) or getattr(config, "max_position_embeddings", None))
+        if original:
+            return kind, int(original)
+    return None
+
+
+def reset_dynamic_rope(model) -> None:
+    """Put every dynamic-NTK rotary module back on its original frequencies. ``transformers`` grows them with the
+    longest call so far and shrinks them back only after a call shorter than the original context, so without this a
+    row's rotation would depend on the calls before it (the sampler's, a longer row's)."""
+    for module in model.modules():
+        original = getattr(module, "original_inv_freq", None)
+        original_length = getattr(module, "original_max_seq_len", None)
+        if "dynamic" in str(getattr(module, "rope_type", "")) and isinstance(original, torch.Tensor) and original_length:
+            module.register_buffer("inv_freq", original.to(module.inv_freq.device), persistent=False)
+            module.max_seq_len_cached = original_length
 
 
 def _rope_safe_buckets(prompt_lengths: torch.Tensor, response_lengths: torch.Tensor, rope: tuple[str, int], *,
@@ -419,7 +453,8 @@ def _rope_safe_buckets(prompt_lengths: torch.Tensor, response_lengths: torch.Ten
     """:func:`length_buckets` for a model with a :func:`length_dependent_rope`, so that each row gets the frequencies
     it gets alone: rows within the original context never share a pass with longer ones; beyond it, longrope rows
     (all on the long factors) are bucketed together, and dynamic-NTK rows (whose frequencies follow their own
-    length) run one at a time, shortest first."""
+    length) share a pass only with rows of the same length. (A dynamic-NTK model is put back on its original
+    frequencies before each pass, :func:`reset_dynamic_rope`.)"""
     kind, original = rope
     totals = prompt_lengths + response_lengths
     groups = []
@@ -427,7 +462,7 @@ def _rope_safe_buckets(prompt_lengths: torch.Tensor, response_lengths: torch.Ten
         if not rows.numel():
             continue
         if kind == "dynamic" and bool(totals[rows[0]] > original):
-            groups += [row[None] for row in rows[torch.argsort(totals[rows], stable=True)]]
+            groups += [rows[totals[rows] == length] for length in torch.unique(totals[rows])]
         else:
             groups += [rows[group] for group in length_buckets(prompt_lengths[rows], response_lengths[rows],
                                                                max_buckets=max_buckets, overhead_tokens=overhead_tokens)]
@@ -511,10 +546,14 @@ def bucketed_response_token_stats(
         if int(prompt_lengths.sum() - prompt_lengths[first].sum()) > prompt_pass_tokens:
             prompt_pass = _distinct_prompt_pass(model, prompt_ids[first], prompt_mask[first])
     if len(groups) == 1 and prompt_pass is None:
+        if rope is not None and rope[0] == "dynamic":
+            reset_dynamic_rope(model)
         return response_token_stats(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=temperature,
                                     need=need)
     parts: dict[str, list[torch.Tensor]] = {}
     for group in groups:
+        if rope is not None and rope[0] == "dynamic":
+            reset_dynamic_rope(model)
         prompt_width = max(1, int(prompt_lengths[group].max()))
         response_width = max(1, int(response_lengths[group].max()))
         # prompts are left-padded and responses right-padded: keep the last / first columns

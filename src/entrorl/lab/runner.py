@@ -96,7 +96,7 @@ def _trainer_config(preset: LabPreset, method: str, model_dir: Path, data: dict[
 def evaluate_policy(model, tokenizer, preset: LabPreset, data: dict[str, Path]) -> dict[str, Any]:
     """Pass@k (k up to ``eval_n``) on the held-out split, pass rates, entropy and S/D distributions of the
     samples split by correctness, the top fork tokens, and accuracy on the untrained (forgetting) task."""
-    from entrorl.modeling import bucketed_response_token_stats
+    from entrorl.modeling import bucketed_response_token_stats, encode_prompt
     from entrorl.rewards import RewardRunner
     from entrorl.rollout import HFSampler, SamplingParams
     from entrorl.trainer.diagnostics import top_fork_tokens
@@ -109,7 +109,7 @@ def evaluate_policy(model, tokenizer, preset: LabPreset, data: dict[str, Path]) 
     for split, task_name, n in (("eval", preset.train_task, preset.eval_n), ("forget", preset.forgetting_task, preset.forgetting_n)):
         records = load_prompts(data[split])
         task = get_task(task_name)
-        prompts = [tokenizer(r.prompt)["input_ids"] for r in records for _ in range(n)]
+        prompts = [encode_prompt(tokenizer, r.prompt) for r in records for _ in range(n)]
         repeated = [r for r in records for _ in range(n)]
         torch.manual_seed(preset.seed + 17)
         rollouts = sampler.generate(prompts, params)
@@ -171,7 +171,7 @@ def _pay_one_off_costs(job: dict[str, Any]) -> None:
     method seeds its own randomness, so results do not depend on it."""
     from entrorl.evaluation import summarize_samples  # noqa: F401
     from entrorl.lab.supervised import SFTTrainer  # noqa: F401
-    from entrorl.modeling import bucketed_response_token_stats, load_causal_lm, load_tokenizer
+    from entrorl.modeling import bucketed_response_token_stats, encode_prompt, load_causal_lm, load_tokenizer
     from entrorl.rewards import RewardRunner
     from entrorl.rollout import HFSampler, SamplingParams
     from entrorl.trainer import Trainer, load_config  # noqa: F401
@@ -184,7 +184,7 @@ def _pay_one_off_costs(job: dict[str, Any]) -> None:
         record = load_prompts(Path(job["data"][split]))[0]
         RewardRunner(get_task(task_name))([record.prompt], [""], [record.answer], [record.meta], [0])
     sampler = HFSampler.for_model(model, tokenizer, batch_size=2)
-    rollouts = sampler.generate([tokenizer(record.prompt)["input_ids"]] * 2,
+    rollouts = sampler.generate([encode_prompt(tokenizer, record.prompt)] * 2,
                                 SamplingParams(max_new_tokens=4, temperature=preset.temperature))
     with torch.enable_grad():
         stats = bucketed_response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,

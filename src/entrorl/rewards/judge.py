@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from entrorl.modeling import left_pad
+from entrorl.modeling import encode_prompt, left_pad
 from entrorl.rewards.base import import_callable, register_reward
 
 __all__ = [
@@ -232,7 +232,7 @@ class CausalLMJudge:
             return []
         sequences, answer_lengths = [], []
         for prompt, completion, answer in samples:
-            question = self.tokenizer(_fill(self.template, prompt, completion, answer))["input_ids"]
+            question = encode_prompt(self.tokenizer, _fill(self.template, prompt, completion, answer))
             for continuation in (self.yes_ids, self.no_ids):
                 kept = question[-(self.max_length - len(continuation)) :]
                 sequences.append(kept + continuation)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from entrorl.modeling import cache_argument, left_pad, length_dependent_rope, output_cache, stop_token_ids
+from entrorl.modeling import cache_argument, left_pad, length_dependent_rope, output_cache, reset_dynamic_rope, stop_token_ids
 from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
 
 __all__ = ["Rollouts", "SamplingParams", "HFSampler", "process_logits", "sample_from_log_probs", "DECODERS", "private_seed"]
@@ -140,9 +140,12 @@ _DECODE_WITHOUT_MASK = frozenset({"mamba", "falcon_mamba"})
 class _TransformersDecoder:
     """Prefill and per-token decode through the model's own forward and its ``DynamicCache`` (any causal LM).
 
-    A ``longrope`` model (:func:`length_dependent_rope`) switches every position to its long factors once a sequence
-    passes the original context; keys cached before then were rotated with the short ones, so at that step the cache
-    is rebuilt from the whole sequences, as ``transformers``' generate does for Phi-3."""
+    A ``longrope`` model (:func:`length_dependent_rope`) switches every position of a call to its long factors once
+    the call's longest sequence passes the original context; keys cached before then were rotated with the short
+    ones, so at that step the cache is rebuilt from the whole sequences, as ``transformers``' generate does for Phi-3
+    (every row of the batch then runs on the long factors). Rows are not dropped from a cache built on the long
+    factors: the rows left could fall back under the original context, and back to the short factors. A dynamic-NTK
+    model starts from its original frequencies (:func:`reset_dynamic_rope`)."""
 
     def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         self.model = model
@@ -151,8 +154,8 @@ class _TransformersDecoder:
         self.cache = None
         self.cache_argument = cache_argument(model)
         self.next_position = None
-        rope = length_dependent_rope(model)
-        self.rebuild_from_position = rope[1] if rope is not None and rope[0] == "longrope" else None
+        self.rope = length_dependent_rope(model)
+        self.long_factors = False  # whether the cached keys were rotated with longrope's long factors
         # a state-space model's decode step takes no mask: it would scale the one new token by the whole mask
         self.decode_mask = getattr(model.config, "model_type", None) not in _DECODE_WITHOUT_MASK
 
@@ -161,9 +164,12 @@ class _TransformersDecoder:
         output = self.model(input_ids=self.sequences, attention_mask=self.attention, position_ids=positions,
                             use_cache=True, logits_to_keep=1)
         self.cache, self.next_position = output_cache(output), positions[:, -1:] + 1
+        self.long_factors = self.rope is not None and self.rope[0] == "longrope" and int(positions.max()) + 1 > self.rope[1]
         return output.logits[:, -1, :]
 
     def prefill(self) -> torch.Tensor:
+        if self.rope is not None and self.rope[0] == "dynamic":
+            reset_dynamic_rope(self.model)
         return self._run_whole_sequences()
 
     def select(self, rows: torch.Tensor) -> bool:
@@ -175,6 +181,8 @@ class _TransformersDecoder:
         layers = getattr(self.cache, "layers", None)
         if type(self.cache) is not DynamicCache or not layers or any(type(layer) is not DynamicLayer for layer in layers):
             return False
+        if self.long_factors:
+            return False
         self.cache.batch_select_indices(rows)
         self.attention, self.next_position, self.sequences = self.attention[rows], self.next_position[rows], self.sequences[rows]
         return True
@@ -182,8 +190,8 @@ class _TransformersDecoder:
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         self.attention = torch.cat([self.attention, self.attention.new_ones((self.attention.shape[0], 1))], dim=-1)
         self.sequences = torch.cat([self.sequences, tokens[:, None]], dim=-1)
-        if self.rebuild_from_position is not None and int(self.next_position.max()) >= self.rebuild_from_position:
-            self.rebuild_from_position = None  # from here on every call is past the original context
+        passes_original_context = self.rope is not None and int(self.next_position.max()) >= self.rope[1]
+        if passes_original_context and self.rope[0] == "longrope" and not self.long_factors:
             return self._run_whole_sequences()
         output = self.model(input_ids=tokens[:, None], attention_mask=self.attention if self.decode_mask else None,
                             position_ids=self.next_position, use_cache=True, **{self.cache_argument: self.cache})

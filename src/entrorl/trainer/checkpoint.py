@@ -14,6 +14,7 @@ full disk) removes its temporary directory and raises :class:`CheckpointWriteErr
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -63,17 +64,28 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, a removed run directory); the previous one is intact."""
 
 
+def _sync_directory(folder: str | Path) -> None:
+    """``fsync`` a directory's entries, where the filesystem allows it (some network and FUSE mounts refuse)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(descriptor)
+
+
 def _sync_tree(directory: Path) -> None:
     """``fsync`` every file under ``directory``, then the directories themselves (their entries)."""
     for folder, _, files in os.walk(directory):
         for name in files:
             with open(os.path.join(folder, name), "rb") as handle:
                 os.fsync(handle.fileno())
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        _sync_directory(folder)
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], keep: int) -> Path:
@@ -106,6 +118,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
     if final.exists():
         shutil.rmtree(final)
     os.replace(temporary, final)
+    _sync_directory(root)  # the rename itself
     atomic_write_text(root / "latest", name + "\n")
     complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and _complete(p))
     for old in complete[:-keep]:  # incomplete leftovers are not counted, so they can never push this one out

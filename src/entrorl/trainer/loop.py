@@ -9,9 +9,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -245,13 +247,14 @@ class Trainer:
         model_config = self.config.model
         try:
             model = load_causal_lm(model_path, dtype=model_config.dtype, disable_dropout=model_config.disable_dropout,
-                                   trust_remote_code=model_config.trust_remote_code)
+                                   trust_remote_code=model_config.trust_remote_code, device=self.device)
+        except torch.OutOfMemoryError:
+            raise
         except (OSError, RuntimeError, SafetensorError) as error:
             if checkpoint is None:
                 raise
             raise ValueError(f"the model of checkpoint {checkpoint} cannot be read ({type(error).__name__}: {error}); "
                              f"delete {checkpoint.name} to resume from the checkpoint before it") from None
-        model = model.to(self.device)
         if model_config.activation_checkpointing:  # the method's name from transformers 5.24 on, and before
             enable = getattr(model, "activation_checkpointing_enable", None)
             if enable is not None:
@@ -266,8 +269,8 @@ class Trainer:
             return None
         model_config = self.config.model
         reference = load_causal_lm(Path(model_config.path), dtype=model_config.dtype,
-                                   trust_remote_code=model_config.trust_remote_code)
-        return reference.eval().requires_grad_(False).to(self.device)
+                                   trust_remote_code=model_config.trust_remote_code, device=self.device)
+        return reference.eval().requires_grad_(False)
 
     def _build_sampler(self, model_path: Path):
         rollout = self.config.rollout
@@ -737,7 +740,8 @@ class Trainer:
 
         With ``handle_signals`` (the ``train`` command sets it), SIGINT and SIGTERM let the current step finish, save
         a checkpoint and raise :class:`TrainingInterrupted`, so that ``--resume`` loses nothing; a second signal stops
-        at once, as without it."""
+        at once, as without it. Once the checkpoint is saved, a further signal ends the process at once (status
+        128 + the signal's number), quietly, for as long as it runs."""
         config = self.config
         progress = _StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
                                  enabled=config.logging.progress)
@@ -762,9 +766,27 @@ class Trainer:
                     if received and not last:  # the signal came during this step, or during its checkpoint
                         raise TrainingInterrupted(received[0], self.step, saved if saved is not None else self.save())
         finally:
-            restore_handlers()
+            if received and handle_signals:  # all is saved: closing the loggers and Python's exit can take seconds
+                _exit_at_once_on_another_signal(progress.console, self.run_dir)
+            else:
+                restore_handlers()
             self.logger.close()
         return self.run_dir
+
+
+def _exit_at_once_on_another_signal(console, run_dir: Path) -> None:
+    """After an interrupted run's checkpoint is saved, make SIGINT / SIGTERM end the process at once: what is left
+    (closing the loggers, Python's shutdown) can take seconds, and a second Ctrl-C there would print a traceback."""
+    def exit_now(number, frame) -> None:
+        console.print(f"{signal.Signals(number).name} again: exiting now; the checkpoint is saved (continue with "
+                      f"--resume --run-dir {run_dir})", style="yellow", highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + number)
+
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, exit_now)
 
 
 # the settings that decide a step's learning rate
@@ -782,8 +804,9 @@ def _catch_stop_signals(received: list[int], console):
 
     def handler(number, frame):
         if received:
-            console.print(f"{signal.Signals(number).name} again: stopping now; the step under way is not saved (--resume "
-                          "continues from the last checkpoint)", style="yellow", highlight=False, soft_wrap=True)
+            console.print(f"{signal.Signals(number).name} again: stopping now, without waiting for the step under way to "
+                          "be saved (--resume continues from the last complete checkpoint)", style="yellow", highlight=False,
+                          soft_wrap=True)
             if number == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + number)
