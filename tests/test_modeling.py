@@ -318,7 +318,7 @@ def _row_alone_log_probs(model, prompt: torch.Tensor, response: torch.Tensor) ->
     return log_probs.gather(-1, response[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("rope_type", ["longrope", "dynamic"])
+@pytest.mark.parametrize("rope_type", ["longrope", "dynamic", "dynamic_per_layer_type"])
 def test_a_length_dependent_rope_is_scored_as_each_row_alone(rope_type):
     """With longrope or dynamic NTK the frequencies follow the longest sequence of a forward call: rows on either side
     of the original context must not share a pass (nor a shorter prompt pass), or they get another row's rotation."""
@@ -329,15 +329,23 @@ def test_a_length_dependent_rope_is_scored_as_each_row_alone(rope_type):
         config = Phi3Config(**{**COMMON, "max_position_embeddings": 128}, original_max_position_embeddings=16,
                             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
                                              "long_factor": [4.0, 8.0, 16.0, 32.0], "original_max_position_embeddings": 16})
-    else:
+    elif rope_type == "dynamic":
         config = LlamaConfig(**{**COMMON, "max_position_embeddings": 16},
                              rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    else:  # Gemma 3: one RoPE per layer type, here dynamic on the full-attention layers
+        from transformers import Gemma3TextConfig
+
+        config = Gemma3TextConfig(**{**COMMON, "max_position_embeddings": 16}, head_dim=8, sliding_window=64,
+                                  layer_types=["sliding_attention", "full_attention"],
+                                  rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+                                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() >= 2:
                 parameter.normal_(0, 0.3)
-    assert modeling.length_dependent_rope(model) == (rope_type, 16) and not shares_prompts(model)
+    assert modeling.length_dependent_rope(model) == (rope_type.removesuffix("_per_layer_type"), 16)
+    assert not shares_prompts(model)
     pristine = copy.deepcopy(model)  # references from a model that has run nothing before
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 40, (length,), generator=generator) for length in (10, 6)]

@@ -439,13 +439,20 @@ def length_dependent_rope(model) -> tuple[str, int] | None:
 def reset_dynamic_rope(model) -> None:
     """Put every dynamic-NTK rotary module back on its original frequencies. ``transformers`` grows them with the
     longest call so far and shrinks them back only after a call shorter than the original context, so without this a
-    row's rotation would depend on the calls before it (the sampler's, a longer row's)."""
+    row's rotation would depend on the calls before it (the sampler's, a longer row's). A module with one RoPE per
+    layer type (Gemma 3) keeps each type's frequencies under the type's name."""
     for module in model.modules():
-        original = getattr(module, "original_inv_freq", None)
+        rope_types = getattr(module, "rope_type", None)
         original_length = getattr(module, "original_max_seq_len", None)
-        if "dynamic" in str(getattr(module, "rope_type", "")) and isinstance(original, torch.Tensor) and original_length:
-            module.register_buffer("inv_freq", original.to(module.inv_freq.device), persistent=False)
-            module.max_seq_len_cached = original_length
+        if rope_types is None or not original_length:
+            continue
+        for layer_type, rope_type in rope_types.items() if isinstance(rope_types, dict) else [(None, rope_types)]:
+            prefix = f"{layer_type}_" if layer_type else ""
+            original = getattr(module, f"{prefix}original_inv_freq", None)
+            current = getattr(module, f"{prefix}inv_freq", None)
+            if "dynamic" in str(rope_type) and isinstance(original, torch.Tensor) and isinstance(current, torch.Tensor):
+                module.register_buffer(f"{prefix}inv_freq", original.to(current.device), persistent=False)
+                setattr(module, f"{prefix}max_seq_len_cached", original_length)
 
 
 def _rope_safe_buckets(prompt_lengths: torch.Tensor, response_lengths: torch.Tensor, rope: tuple[str, int], *,
