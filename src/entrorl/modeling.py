@@ -363,6 +363,7 @@ def response_token_stats(
     (:func:`token_stats_from_hidden`), so the ``[B, R, V]`` logits are never built; otherwise from logits of
     the response positions only. Differentiable when grad is enabled.
     """
+    reset_dynamic_rope(model)  # a dynamic-NTK rotation would otherwise be the longest earlier call's
     device = next(model.parameters()).device
     input_ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)
     attention = torch.cat([prompt_mask, response_mask], dim=1).to(device).long()
@@ -440,7 +441,10 @@ def reset_dynamic_rope(model) -> None:
     """Put every dynamic-NTK rotary module back on its original frequencies. ``transformers`` grows them with the
     longest call so far and shrinks them back only after a call shorter than the original context, so without this a
     row's rotation would depend on the calls before it (the sampler's, a longer row's). A module with one RoPE per
-    layer type (Gemma 3) keeps each type's frequencies under the type's name."""
+    layer type (Gemma 3) keeps each type's frequencies under the type's name. Does nothing for other models."""
+    rope = length_dependent_rope(model)
+    if rope is None or rope[0] != "dynamic":
+        return
     for module in model.modules():
         rope_types = getattr(module, "rope_type", None)
         original_length = getattr(module, "original_max_seq_len", None)
@@ -460,8 +464,8 @@ def _rope_safe_buckets(prompt_lengths: torch.Tensor, response_lengths: torch.Ten
     """:func:`length_buckets` for a model with a :func:`length_dependent_rope`, so that each row gets the frequencies
     it gets alone: rows within the original context never share a pass with longer ones; beyond it, longrope rows
     (all on the long factors) are bucketed together, and dynamic-NTK rows (whose frequencies follow their own
-    length) share a pass only with rows of the same length. (A dynamic-NTK model is put back on its original
-    frequencies before each pass, :func:`reset_dynamic_rope`.)"""
+    length) share a pass only with rows of the same length. (Each pass, :func:`response_token_stats`, puts a
+    dynamic-NTK model back on its original frequencies first: :func:`reset_dynamic_rope`.)"""
     kind, original = rope
     totals = prompt_lengths + response_lengths
     groups = []
@@ -553,14 +557,10 @@ def bucketed_response_token_stats(
         if int(prompt_lengths.sum() - prompt_lengths[first].sum()) > prompt_pass_tokens:
             prompt_pass = _distinct_prompt_pass(model, prompt_ids[first], prompt_mask[first])
     if len(groups) == 1 and prompt_pass is None:
-        if rope is not None and rope[0] == "dynamic":
-            reset_dynamic_rope(model)
         return response_token_stats(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=temperature,
                                     need=need)
     parts: dict[str, list[torch.Tensor]] = {}
     for group in groups:
-        if rope is not None and rope[0] == "dynamic":
-            reset_dynamic_rope(model)
         prompt_width = max(1, int(prompt_lengths[group].max()))
         response_width = max(1, int(response_lengths[group].max()))
         # prompts are left-padded and responses right-padded: keep the last / first columns

@@ -168,8 +168,7 @@ class _TransformersDecoder:
         return output.logits[:, -1, :]
 
     def prefill(self) -> torch.Tensor:
-        if self.rope is not None and self.rope[0] == "dynamic":
-            reset_dynamic_rope(self.model)
+        reset_dynamic_rope(self.model)
         return self._run_whole_sequences()
 
     def select(self, rows: torch.Tensor) -> bool:
@@ -179,9 +178,8 @@ class _TransformersDecoder:
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
         layers = getattr(self.cache, "layers", None)
-        if type(self.cache) is not DynamicCache or not layers or any(type(layer) is not DynamicLayer for layer in layers):
-            return False
-        if self.long_factors:
+        if (type(self.cache) is not DynamicCache or not layers or any(type(layer) is not DynamicLayer for layer in layers)
+                or self.long_factors):
             return False
         self.cache.batch_select_indices(rows)
         self.attention, self.next_position, self.sequences = self.attention[rows], self.next_position[rows], self.sequences[rows]
@@ -190,8 +188,8 @@ class _TransformersDecoder:
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         self.attention = torch.cat([self.attention, self.attention.new_ones((self.attention.shape[0], 1))], dim=-1)
         self.sequences = torch.cat([self.sequences, tokens[:, None]], dim=-1)
-        passes_original_context = self.rope is not None and int(self.next_position.max()) >= self.rope[1]
-        if passes_original_context and self.rope[0] == "longrope" and not self.long_factors:
+        if (self.rope is not None and self.rope[0] == "longrope" and not self.long_factors
+                and int(self.next_position.max()) >= self.rope[1]):  # this call passes the original context
             return self._run_whole_sequences()
         output = self.model(input_ids=tokens[:, None], attention_mask=self.attention if self.decode_mask else None,
                             position_ids=self.next_position, use_cache=True, **{self.cache_argument: self.cache})

@@ -235,9 +235,7 @@ class Trainer:
             before = OptimConfig.model_validate(saved_config.get("optim") or {})
         except ValidationError:
             return None
-        rates = [optim.lr * learning_rate_factor(step, optim.steps, warmup_steps=optim.warmup_steps,
-                                                 schedule=optim.lr_schedule, min_ratio=optim.min_lr_ratio)
-                 for optim in (before, self.config.optim)]
+        rates = [optim.lr * _schedule_factor(optim, step) for optim in (before, self.config.optim)]
         return (rates[0], rates[1]) if rates[0] != rates[1] else None
 
     def _load_policy(self, model_path: Path, checkpoint: Path | None):
@@ -298,11 +296,7 @@ class Trainer:
         optim = self.config.optim
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] = optim.lr
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda index: learning_rate_factor(index, optim.steps, warmup_steps=optim.warmup_steps,
-                                                          schedule=optim.lr_schedule, min_ratio=optim.min_lr_ratio),
-            last_epoch=step - 1,
-        )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: _schedule_factor(optim, index), last_epoch=step - 1)
 
     def _default_run_dir(self) -> Path:
         name = self.config.logging.name or f"{self.config.method_label()}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -886,6 +880,12 @@ def learning_rate_factor(step: int, total_steps: int, *, warmup_steps: int = 0, 
     if schedule == "cosine":
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def _schedule_factor(optim: OptimConfig, step: int) -> float:
+    """:func:`learning_rate_factor` of update ``step`` under the schedule ``optim`` configures."""
+    return learning_rate_factor(step, optim.steps, warmup_steps=optim.warmup_steps, schedule=optim.lr_schedule,
+                                min_ratio=optim.min_lr_ratio)
 
 
 def _as_number(value) -> float | None:
