@@ -440,3 +440,32 @@ def test_encode_prompt_keeps_the_bos_a_tokenizer_adds_and_leaves_out_an_eos_it_a
         single="<bos> $A <unk> <eos>", special_tokens=[("<bos>", bos), ("<unk>", unk), ("<eos>", eos)])
     assert modeling.encode_prompt(tokenizer, "1+2=") == tokenizer("1+2=")["input_ids"][:-1]
     assert modeling.encode_prompt(tokenizer, "1+2=")[-1] == unk
+
+
+def test_a_checkpoint_tokenizer_declares_padding_only_when_its_source_did(tmp_path):
+    """load_tokenizer lends EOS as padding for batching; a saved copy must not declare it (a collator that masks
+    padding in the labels would mask every EOS of the saved model's training data)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    source = build_char_tokenizer()
+    own_pad = source.pad_token
+    source.pad_token = None
+    for name, tokenizer in (("no_pad", source), ("pad", build_char_tokenizer())):
+        (tmp_path / name).mkdir()
+        tokenizer.save_pretrained(tmp_path / name)
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+
+    lent = modeling.load_tokenizer(tmp_path / "no_pad")
+    assert lent.pad_token == lent.eos_token
+    modeling.save_tokenizer(lent, tmp_path / "no_pad_saved")
+    assert lent.pad_token == lent.eos_token  # still batching with it
+    assert json.loads((tmp_path / "no_pad_saved" / "tokenizer_config.json").read_text()).get("pad_token") is None
+    assert AutoTokenizer.from_pretrained(tmp_path / "no_pad_saved").pad_token is None
+
+    kept = modeling.load_tokenizer(tmp_path / "pad")
+    modeling.save_tokenizer(kept, tmp_path / "pad_saved")
+    assert AutoTokenizer.from_pretrained(tmp_path / "pad_saved").pad_token == own_pad != kept.eos_token

@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
-    "load_tokenizer", "load_causal_lm", "check_causal", "turn_off_dropout", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
+    "load_tokenizer", "save_tokenizer", "load_causal_lm", "check_causal", "turn_off_dropout", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
     "prompt_groups", "shares_prompts", "length_dependent_rope", "reset_dynamic_rope", "cache_argument", "output_cache", "left_pad", "model_context_length",
     "check_prompts_fit", "stop_token_ids", "encode_prompt",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
@@ -29,6 +30,7 @@ FUSED_HEAD_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral", "qwen2
 # tokenizer classes saved by ``PreTrainedTokenizerFast`` itself; AutoTokenizer would swap in the
 # architecture's own tokenizer class and its pre-processing, which a custom tokenizer does not have.
 _GENERIC_TOKENIZER_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
+_PADDING_BORROWED_FROM_EOS: "weakref.WeakSet" = weakref.WeakSet()  # tokenizers whose pad load_tokenizer set
 
 
 # what a saved tokenizer leaves in its directory (any one of them); without them transformers would build an empty
@@ -71,7 +73,8 @@ def _refuse_custom_code(path: Path, error: ValueError, trust_remote_code: bool) 
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
-    """The tokenizer saved in a local model directory; sets ``pad_token = eos_token`` when there is none."""
+    """The tokenizer saved in a local model directory; sets ``pad_token = eos_token`` when there is none (for batching;
+    :func:`save_tokenizer` leaves it out again)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = check_model_files(path, weights=False)
@@ -89,7 +92,22 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
         raise ValueError(f"the tokenizer in {path} has no eos_token: responses could never end")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+        _PADDING_BORROWED_FROM_EOS.add(tokenizer)
     return tokenizer
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """``tokenizer.save_pretrained(directory)`` as the tokenizer was before :func:`load_tokenizer` lent it EOS as its
+    padding token: a checkpoint's tokenizer declares no padding when its source declared none (a data collator that
+    masks padding in the labels would otherwise mask every EOS)."""
+    if tokenizer not in _PADDING_BORROWED_FROM_EOS:
+        tokenizer.save_pretrained(directory)
+        return
+    tokenizer.pad_token = None
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout: bool = True, trust_remote_code: bool = False,

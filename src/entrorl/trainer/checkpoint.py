@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from entrorl.modeling import save_tokenizer
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointWriteError", "save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text"]
@@ -105,7 +107,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
     try:
         temporary.mkdir()
         model.save_pretrained(temporary / "model")
-        tokenizer.save_pretrained(temporary / "model")
+        save_tokenizer(tokenizer, temporary / "model")
         torch.save(trainer_state, temporary / "trainer.pt")
         _sync_tree(temporary)
     except Exception as error:  # torch.save reports a full disk as a RuntimeError, safetensors as its own error
