@@ -295,8 +295,12 @@ WHOLE_BATCH_SELECTORS = [{"method": "clip_b", "params": {"mu": 0.5}},
                          {"method": "clip_v", "params": {"mu": 0.5, "max_frac": 0.02}}]
 
 
-@pytest.mark.parametrize("method", ["grpo", "dapo", "dr_grpo", *WHOLE_BATCH_SELECTORS],  # the three loss aggregations,
-                         ids=["grpo", "dapo", "dr_grpo", "clip_b", "clip_v"])  # and selectors deciding over the batch
+ENTROPY_BONUS = {"method": "grpo+entropy_bonus", "params": {"entropy_coeff": 0.5}}
+
+
+@pytest.mark.parametrize("method", ["grpo", "dapo", "dr_grpo", ENTROPY_BONUS, *WHOLE_BATCH_SELECTORS],
+                         ids=["grpo", "dapo", "dr_grpo", "entropy_bonus", "clip_b", "clip_v"])  # the three loss
+                         # aggregations, a term aggregated like the loss, and selectors deciding over the batch
 def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arithmetic_files, method):
     """Gradient accumulation over micro-batches of 3 rows (cutting across groups) makes the same update as one pass,
     whatever the loss aggregation; Clip_B and Clip_V take their statistics (and Clip_V its cap) over the whole batch,
@@ -316,10 +320,15 @@ def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arit
     assert whole["response/length_max"] > whole["response/length_mean"]  # uneven lengths: tokens and rows weigh differently
     assert micro["train/grad_norm"] == pytest.approx(whole["train/grad_norm"], rel=1e-4) and whole["train/grad_norm"] > 0
     assert micro["entropy/predicted_delta"] == pytest.approx(whole["entropy/predicted_delta"], rel=1e-3, abs=1e-12)
-    if isinstance(method, dict):
+    if method in WHOLE_BATCH_SELECTORS:
         assert whole[f"select/{method['method']}_frac"] > 0  # the selector acted
-    # metrics of the micro-batches weighted into the mini-batch's; the re-scoring, in micro-batch pieces, agrees too
-    for key in ("loss/policy", "loss/total", "tokens/valid", "entropy/measured_delta"):
+    # metrics of the micro-batches weighted into the mini-batch's (losses by their loss shares, token statistics by
+    # their token counts, whatever the aggregation); the re-scoring, in micro-batch pieces, agrees too
+    token_statistics = ["advantages/mean", "select/dropped_frac", "ratio/mean"]
+    if method in WHOLE_BATCH_SELECTORS:
+        token_statistics.append(f"select/{method['method']}_frac")
+    aggregated = ["reg/entropy_bonus"] if method == ENTROPY_BONUS else []
+    for key in ("loss/policy", "loss/total", "tokens/valid", "entropy/measured_delta", *token_statistics, *aggregated):
         assert micro[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-6), key
     for name, gradient in whole_grads.items():  # the clipped gradient the optimizer stepped with
         torch.testing.assert_close(micro_grads[name], gradient, rtol=1e-4, atol=1e-6 * float(gradient.abs().max()))
@@ -1171,3 +1180,35 @@ def test_a_logger_that_fails_to_start_leaves_no_run_directory_and_nothing_open(t
     recorded = json.loads((trainer.run_dir / "config.json").read_text())
     assert recorded["data"]["train"] == os.path.realpath(train) and os.path.isabs(recorded["model"]["path"])
     trainer.logger.close()
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_a_split_update_reports_the_whole_batch_metrics(loss_agg_mode):
+    """Micro-batch metrics combine into the mini-batch's: losses and terms aggregated like the loss by their shares of
+    the aggregation, fractions and token means by their token counts (rows of uneven lengths, entropies and ratios
+    that vary from row to row, so that the weightings differ)."""
+    from entrorl.objective import PolicyBatch, build_objective
+    from entrorl.trainer.loop import MicroBatchShares, _mean_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([9, 1, 4, 7, 2, 9, 5])
+    rows, width = len(lengths), int(lengths.max())
+    mask = torch.arange(width)[None] < lengths[:, None]
+
+    def draw(scale: float = 1.0) -> torch.Tensor:
+        return scale * torch.randn(rows, 1, generator=generator) + torch.randn(rows, width, generator=generator)
+
+    old = -torch.rand(rows, width, generator=generator) * 3
+    fields = {"log_prob": old + 0.3 * draw(), "old_log_prob": old, "advantages": draw(), "mask": mask,
+              "entropy": (draw(2.0) + 3).abs(), "ref_log_prob": old + 0.5 * draw()}
+    objective = build_objective("grpo+entropy_bonus+kl_ref", loss_agg_mode=loss_agg_mode, entropy_coeff=0.5)
+    whole = objective(PolicyBatch(**fields)).metrics
+    all_rows = torch.arange(rows)
+    records = [(objective(PolicyBatch(**{name: value[micro] for name, value in fields.items()})).metrics,
+                MicroBatchShares.of(micro, all_rows, mask=mask, normaliser_mask=mask, loss_agg_mode=loss_agg_mode))
+               for micro in all_rows.split(3)]
+    combined = _mean_metrics(records, aggregated=objective.aggregated_metrics)
+    assert {"kl/ref", "reg/entropy_bonus", "clip/ppo_frac", "ratio/mean", "advantages/mean"} <= whole.keys()
+    assert combined.keys() == whole.keys()
+    for key, value in whole.items():
+        assert combined[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key

@@ -141,6 +141,12 @@ class Objective:
         )
 
     @property
+    def aggregated_metrics(self) -> frozenset[str]:
+        """The metrics aggregated like the loss (``loss_agg_mode``): the losses and what regularisers report so. The
+        others are statistics of the batch's valid tokens (fractions, token means), counts (``tokens/*``) or maxima."""
+        return frozenset({"loss/policy", "loss/total"}.union(*(r.aggregated_metrics for r in self.regularizers)))
+
+    @property
     def takes_step_statistics(self) -> bool:
         """Whether a selector decides over the whole step batch (``PolicyBatch.population``) when given it."""
         return any(selector.step_statistics for selector in self.selectors)

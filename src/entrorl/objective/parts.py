@@ -113,6 +113,9 @@ class RegularizerTerm:
 
 class Regularizer(Part):
     kind: ClassVar[str] = "regularizer"
+    #: Metrics this regulariser reports as aggregated like the loss (``aggregate``), not as token means: a trainer
+    #: that splits an update combines them the way it combines the loss.
+    aggregated_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __call__(
         self,

@@ -39,6 +39,8 @@ def _differentiable_entropy(batch: PolicyBatch, needed_by: str) -> torch.Tensor:
 class EntropyBonus(Regularizer):
     """``loss - entropy_coeff * agg(H)`` (aggregated like the policy loss, over all valid tokens)."""
 
+    aggregated_metrics: ClassVar[tuple[str, ...]] = ("reg/entropy_bonus",)
+
     entropy_coeff: float = Field(1e-3, description="c; the seeds and arXiv 2505.22617 find 1e-4..1e-3 inert, 1e-2 explosive")
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
@@ -153,6 +155,7 @@ class KLReference(Regularizer):
     """``+ kl_loss_coef * agg(k(log pi, log pi_ref))`` over the valid tokens."""
 
     requires: ClassVar[tuple[str, ...]] = ("ref_log_prob",)
+    aggregated_metrics: ClassVar[tuple[str, ...]] = ("kl/ref",)
 
     kl_loss_coef: float = Field(1e-3, ge=0.0, description="beta = 1e-3 (verl's kl_loss_coef default)")
     kl_loss_type: Literal["k1", "k2", "k3"] = Field("k3", description="estimator; k3 as in GRPO (arXiv 2402.03300)")

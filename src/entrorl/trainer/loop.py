@@ -543,7 +543,7 @@ class Trainer:
 
         # 5. updates: epochs x mini-batches, each optionally split into micro-batches
         grad_coefficients = torch.zeros(mask.shape, dtype=torch.float32)
-        objective_metrics: list[tuple[dict[str, float], float]] = []  # each update's micro-batches with their shares
+        objective_metrics: list[tuple[dict[str, float], MicroBatchShares]] = []  # each update's micro-batches
         grad_norms, skipped = [], 0
         first_pass = {name: torch.zeros(mask.shape) for name in STAT_NAMES}
         for epoch in range(config.optim.epochs):
@@ -577,10 +577,11 @@ class Trainer:
                     if not torch.isfinite(objective_out.loss):
                         losses_finite = False
                         continue
-                    share = _micro_batch_share(normaliser_mask, micro, mini_batch, self.objective.loss_agg_mode)
-                    (objective_out.loss * share).backward()
+                    shares = MicroBatchShares.of(micro, mini_batch, mask=mask, normaliser_mask=normaliser_mask,
+                                                 loss_agg_mode=self.objective.loss_agg_mode)
+                    (objective_out.loss * shares.loss).backward()
                     mini_coefficients[micro] = stats.logprob.grad.detach().float().cpu()
-                    mini_metrics.append((objective_out.metrics, share))
+                    mini_metrics.append((objective_out.metrics, shares))
                 if losses_finite and self.master is not None:
                     self.master.take_gradients()
                 grad_norm, clip_scale = self._clip_gradients() if losses_finite else (math.nan, 0.0)
@@ -633,7 +634,7 @@ class Trainer:
         metrics.update(change)
         metrics.update(covariance_summary(logprob, token_advantages, mask))
         metrics.update(discriminator_summary(disc, disc_centered_before, token_advantages, mask))
-        metrics.update(_mean_metrics(objective_metrics))
+        metrics.update(_mean_metrics(objective_metrics, aggregated=self.objective.aggregated_metrics))
         metrics.update(step_metrics)
         if reference_log_prob is not None:
             log_ratio = (logprob - reference_log_prob.float().cpu())[mask]
@@ -911,22 +912,51 @@ def _micro_batch_share(mask: torch.Tensor, micro: torch.Tensor, mini_batch: torc
     return int(mask[micro].any(-1).sum()) / max(1, int(mask[mini_batch].any(-1).sum()))
 
 
-def _mean_metrics(records: list[tuple[dict[str, float], float]]) -> dict[str, float]:
-    """The objective's metrics over a step: per update, its micro-batches weighted by their shares, then the mean over
-    updates (the shares of each update sum to 1). Losses come out as the whole mini-batch's; counts (``tokens/*``)
-    add up and maxima (``*/max``) are maxima; other statistics of a micro-batched update (fractions, thresholds) are
-    share-weighted means of the micro-batches' own."""
+@dataclass(frozen=True)
+class MicroBatchShares:
+    """A micro-batch's weights in its mini-batch: ``loss``, of the loss (its share of the normaliser, see
+    :func:`_micro_batch_share`); ``aggregated``, of a term aggregated like the loss over the valid tokens (KL to the
+    reference, an entropy bonus); ``tokens``, of a statistic of the valid tokens (a fraction, a token mean)."""
+
+    loss: float
+    aggregated: float
+    tokens: float
+
+    @classmethod
+    def of(cls, micro: torch.Tensor, mini_batch: torch.Tensor, *, mask: torch.Tensor, normaliser_mask: torch.Tensor,
+           loss_agg_mode: str) -> "MicroBatchShares":
+        return cls(loss=_micro_batch_share(normaliser_mask, micro, mini_batch, loss_agg_mode),
+                   aggregated=_micro_batch_share(mask, micro, mini_batch, loss_agg_mode),
+                   tokens=_micro_batch_share(mask, micro, mini_batch, "token-mean"))
+
+    def weight_of(self, key: str, aggregated: frozenset[str]) -> float:
+        """This micro-batch's weight for metric ``key`` (``aggregated``: the metrics aggregated like the loss)."""
+        if key.startswith("loss/"):
+            return self.loss
+        return self.aggregated if key in aggregated else self.tokens
+
+
+def _mean_metrics(records: list[tuple[dict[str, float], MicroBatchShares]], *, aggregated: frozenset[str]) -> dict[str, float]:
+    """The objective's metrics over a step: per update, its micro-batches combined into the mini-batch's value, then
+    the mean over updates (each update's shares sum to 1). The losses are weighted by the loss shares, so they come
+    out as the whole mini-batch's; the other ``aggregated`` metrics by their shares of the valid tokens' aggregation;
+    counts (``tokens/*``) add up and maxima (``*/max``) are maxima; every other metric is a statistic of the valid
+    tokens, weighted by the micro-batch's count of them: a fraction or a token mean comes out as the mini-batch's
+    (a threshold that each micro-batch took on its own tokens, as their token-weighted mean)."""
     keys = {key for record, _ in records for key in record}
     means = {}
     for key in sorted(keys):
-        pairs = [(record[key], share) for record, share in records if key in record and np.isfinite(record[key])]
-        total_share = sum(share for _, share in pairs)
+        pairs = [(record[key], shares.weight_of(key, aggregated)) for record, shares in records
+                 if key in record and np.isfinite(record[key])]
+        total_weight = sum(weight for _, weight in pairs)
         if not pairs:
             means[key] = math.nan
-        elif key.startswith("tokens/"):
-            means[key] = sum(value for value, _ in pairs) / total_share
         elif key.endswith("/max"):
             means[key] = max(value for value, _ in pairs)
+        elif key.startswith("tokens/"):
+            means[key] = sum(value for value, _ in pairs) / (total_weight or 1.0)
+        elif total_weight == 0:  # no valid token in any micro-batch
+            means[key] = sum(value for value, _ in pairs) / len(pairs)
         else:
-            means[key] = sum(value * share for value, share in pairs) / total_share
+            means[key] = sum(value * weight for value, weight in pairs) / total_weight
     return means
