@@ -94,6 +94,28 @@ def test_process_logits_top_k_and_top_p():
     torch.testing.assert_close(scaled, logits * 2)
 
 
+def test_rare_tokens_of_a_large_vocabulary_are_drawn_at_their_probability():
+    """Inverting a float32 running sum with a float32 uniform (a 2^-24 grid) cannot reach a token below ~6e-8 that
+    follows most of the mass: its interval rounds to nothing (on this vocabulary ~1e-3 of the mass was never drawn).
+    Each uniform must draw the token whose interval of the exact cumulative distribution holds it."""
+    from entrorl.rollout.sampler import sample_from_log_probs
+
+    vocab = 152_064
+    logits = torch.zeros(1, vocab)
+    logits[0, :20] = 14.0  # twenty tokens hold almost all the mass, as after a confident prefix
+    log_probs = logits.log_softmax(-1)
+    probabilities = log_probs.double().exp()[0]
+    probabilities /= probabilities.sum()  # float32 log-probs sum to 1 within ~1e-7: the draw renormalises them
+    before = probabilities.cumsum(0)
+    assert probabilities[-1] < 2**-24 and 1e-3 < float(probabilities[20:].sum())  # each below the float32 grid
+    for token in (20, vocab // 2, vocab - 1):  # a uniform inside each rare token's own interval draws it
+        inside = (before[token] - probabilities[token] / 2).reshape(1, 1)
+        assert int(sample_from_log_probs(log_probs, inside)) == token
+    tail = float(before[19]) + (1 - float(before[19])) * torch.rand(64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    drawn = torch.stack([sample_from_log_probs(log_probs, u[None])[0] for u in tail])
+    torch.testing.assert_close(drawn, torch.searchsorted(before, tail[:, 0], right=True))
+
+
 def test_concat_and_select_repad():
     def make(prompt_width, response_width, rows):
         return Rollouts(
@@ -115,6 +137,14 @@ def test_sampling_params_validation():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+
+
+def test_an_empty_prompt_beside_others_is_refused(policy):
+    """It would be sampled as if its prompt were one padding token."""
+    model, tokenizer = policy
+    sampler = HFSampler.for_model(model, tokenizer)
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] of this batch have none"):
+        sampler.generate([_prompts(tokenizer)[0], []], SamplingParams(max_new_tokens=2))
 
 
 def test_loading_errors(tmp_path, tiny_model_dir):

@@ -214,6 +214,38 @@ def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_
     assert (saved / "trainer.pt").is_file()
 
 
+def test_an_update_that_breaks_the_weights_stops_the_run_naming_the_checkpoint_to_resume(tmp_path, tiny_model_dir,
+                                                                                          arithmetic_files):
+    """lr 1e10 with AdamW: a finite gradient steps the weights to about 1e10, finite, but the next forward overflows.
+    The run stops with the cause instead of a traceback from the advantages; a checkpoint written after that update
+    holds the broken weights and is named as such. An update to inf / NaN weights stops at once, before any save."""
+    train, _ = arithmetic_files
+    with importable_module(tmp_path, "parity_lr_reward", PARITY_REWARD):
+        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "parity_lr_reward:score"},
+                                         optim={"steps": 4, "lr": 1e10}, checkpoint={"every": 1}))
+        trainer = Trainer(config, run_dir=tmp_path / "huge")
+        assert trainer.train_step()["train/grad_norm"] > 0
+        trainer.save()
+        with pytest.raises(TrainingStopped, match=r"after the update of step 1 \(optim.lr = 1e\+10: too high\?\), the policy "
+                           r"gives inf or NaN log-probs to \d+ of its \d+ sampled tokens.*step_000001, holds these weights"):
+            trainer.train_step()
+
+        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "parity_lr_reward:score"},
+                                         optim={"steps": 4, "lr": 1e-3}, checkpoint={"every": 1}))
+        trainer = Trainer(config, run_dir=tmp_path / "nan")
+        original_step = trainer.optimizer.step
+
+        def step_to_nan(*args, **kwargs):
+            original_step(*args, **kwargs)
+            with torch.no_grad():
+                next(trainer.model.parameters()).view(-1)[0] = float("nan")
+
+        trainer.optimizer.step = step_to_nan
+        with pytest.raises(TrainingStopped, match=r"update of step 1 left 1 weight tensor\(s\) with inf or NaN values.*"
+                                                  r"No checkpoint had been written"):
+            trainer.train_step()
+
+
 def test_skipped_updates_leave_adaptive_coefficients_and_count_per_step(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
     """A skipped update does not move the adaptive entropy coefficient; with several mini-batches a step whose
     updates are all skipped counts once towards max_consecutive_nonfinite; the rate logged is the one applied."""
@@ -279,6 +311,24 @@ def test_a_step_whose_selectors_drop_every_token_is_reported_once(tmp_path, tiny
     Trainer(config, run_dir=tmp_path / "run", console=Console(file=output, width=200)).train()
     assert output.getvalue().count("dropped every token") == 1
     assert [m["select/dropped_frac"] for m in read_metrics(tmp_path / "run")] == [1.0, 1.0]
+
+
+def test_icepop_masking_every_token_is_reported_once(tmp_path, tiny_model_dir, arithmetic_files):
+    """top_k = 1 makes every sampled token certain under the sampler's filtered distribution: IcePop's ratio is the
+    trainer's probability of the token, below its band for this model, so it masks every token; said once."""
+    import io
+
+    from rich.console import Console
+
+    train, _ = arithmetic_files
+    with pytest.warns(UserWarning, match="compares the trainer's log-probs"):
+        config = load_config(make_config(tiny_model_dir, train, None, method="grpo+icepop", rollout={"top_k": 1},
+                                         optim={"steps": 2, "lr": 1e-3}, checkpoint={"every": 0}))
+    output = io.StringIO()
+    Trainer(config, run_dir=tmp_path / "run", console=Console(file=output, width=300)).train()
+    assert output.getvalue().count("IcePop masked every token") == 1
+    assert "rollout.top_k / top_p make the sampler's those of the filtered distribution" in output.getvalue()
+    assert [m["correction/icepop_masked_frac"] for m in read_metrics(tmp_path / "run")] == [1.0, 1.0]
 
 
 def test_dr_grpo_divides_by_a_constant(tmp_path, tiny_model_dir, arithmetic_files):
@@ -496,6 +546,21 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         load_config(base, ["optim.betas=[0.9, 1.5]"])
     with pytest.raises(ConfigError, match="kl_reference is false, but method 'grpo\\+kl_ref' needs"):
         load_config(base, ["optim.kl_reference=false", "method=grpo+kl_ref"])
+    with pytest.raises(ConfigError, match="config:\n  optim.kl_reference is false"):  # not under "(top level)"
+        load_config(base, ["optim.kl_reference=false", "method=grpo+kl_ref"])
+    # contradictions and values that pydantic alone would let through
+    for override, problem in (("optim.steps=true", "optim.steps: expected a number, not a boolean"),
+                              ("seed=-1", "seed: Input should be greater than or equal to 0"),
+                              ("eval.every=5", "eval.every: evaluations need their prompts, and data.eval is not set"),
+                              ("eval.at_start=true", "eval.at_start: evaluations need their prompts")):
+        with pytest.raises(ConfigError, match=problem):
+            load_config(base, [override])
+    with pytest.raises(ConfigError, match="rollout.dynamic_sampling: it keeps the groups whose samples disagree"):
+        load_config(base, ["rollout.group_size=1", "rollout.dynamic_sampling=true"])
+    with pytest.warns(UserWarning, match="rollout.group_size = 1: the 'grpo' advantage compares a sample with the others"):
+        load_config(base, ["rollout.group_size=1"])
+    with pytest.warns(UserWarning, match="method 'grpo\\+icepop' compares the trainer's log-probs .*rollout.top_k = 5"):
+        load_config(base, ["method=grpo+icepop", "rollout.top_k=5"])
 
 
 def test_predicted_entropy_change_of_the_step_covers_every_token_whatever_is_re_scored(tmp_path, tiny_model_dir,
@@ -866,6 +931,26 @@ def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arith
     assert metrics["reward/errors"] == 8 and metrics["reward/error_frac"] == 0.0
 
 
+def test_evaluation_samples_with_its_own_top_k_and_top_p(tmp_path, tiny_model_dir, arithmetic_files):
+    """A rollout cut to its most likely token (rollout.top_k = 1) leaves evaluation sampling from the full distribution,
+    unless eval.top_k says otherwise."""
+    from entrorl.rollout import HFSampler
+
+    train, held_out = arithmetic_files
+    distinct = {}
+    for label, eval_section in (("own", {}), ("top_k 1", {"top_k": 1}), ("top_p tiny", {"top_p": 1e-6})):
+        config = load_config(make_config(tiny_model_dir, train, held_out, rollout={"top_k": 1},
+                                         eval={"n": 4, "ks": [1, 4], "max_prompts": 3, **eval_section}))
+        trainer = Trainer(config, run_dir=tmp_path / label)
+        sampled, original = [], HFSampler.generate
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(HFSampler, "generate", lambda self, *a, **k: sampled.append(original(self, *a, **k)) or sampled[-1])
+            trainer.evaluate()
+        responses = sampled[0].response_ids.view(3, 4, -1)
+        distinct[label] = max(len({tuple(row.tolist()) for row in group}) for group in responses)
+    assert distinct == {"own": 4, "top_k 1": 1, "top_p tiny": 1}
+
+
 def test_reward_errors_of_every_sampling_round_and_of_evaluation_are_counted(tmp_path, tiny_model_dir, arithmetic_files):
     """Dynamic sampling: a failure in a resampling round counts in reward/errors and reaches reward_errors.log;
     evaluation's failures count in eval/reward_errors."""
@@ -1212,3 +1297,34 @@ def test_a_split_update_reports_the_whole_batch_metrics(loss_agg_mode):
     assert combined.keys() == whole.keys()
     for key, value in whole.items():
         assert combined[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_every_configured_mini_batch_is_an_update(tmp_path, tiny_model_dir, arithmetic_files):
+    """8 rows in 5 mini-batches make 5 updates (rows 2, 2, 2, 1, 1), not the 4 that equal chunks of 2 would; more
+    mini-batches than rows is refused before the model loads."""
+    train, _ = arithmetic_files
+    for mini_batches, epochs in ((5, 1), (3, 2), (8, 1)):
+        config = load_config(make_config(tiny_model_dir, train, None,
+                                         optim={"steps": 1, "lr": 1e-3, "mini_batches": mini_batches, "epochs": epochs}))
+        trainer = Trainer(config, run_dir=tmp_path / f"run-{mini_batches}-{epochs}")
+        metrics = trainer.train_step()
+        assert metrics["train/updates"] == mini_batches * epochs
+        assert trainer.optimizer.state_dict()["state"][0]["step"] == mini_batches * epochs
+    with pytest.raises(ConfigError, match="optim.mini_batches = 9 is more than the 8 rows"):
+        load_config(make_config(tiny_model_dir, train, None, optim={"mini_batches": 9}))
+
+
+def test_numbers_in_exponent_form_are_numbers_everywhere_in_the_config(tmp_path, tiny_model_dir, arithmetic_files):
+    """PyYAML reads 1e-6 as a string (YAML 1.1 wants a dot); typed fields would convert it, free-form parameters would
+    not: an advantage parameter was refused with "got '1e-6'" and a reward factory multiplied by the text."""
+    from entrorl.trainer.config import parse_set_option
+
+    train, _ = arithmetic_files
+    path = write_config(tmp_path / "config.yaml", make_config(tiny_model_dir, train, None))
+    path.write_text(path.read_text() + "advantage:\n  params:\n    epsilon: 1e-6\n")
+    config = load_config(path, ["optim.lr=.5e-3", "reward.overlong.max_length=6", "reward.overlong.cache_length=2",
+                                "reward.overlong.penalty_factor=1e0"])
+    assert config.advantage.params == {"epsilon": 1e-6} and config.optim.lr == 5e-4
+    assert parse_set_option("reward.kwargs.scale=1e1") == (["reward", "kwargs", "scale"], 10.0)
+    assert parse_set_option("data.prompt_template='1e1'")[1] == "1e1"  # quoted: still text
+    assert parse_set_option("x=1_000")[1] == 1000 and parse_set_option("x=.inf")[1] == float("inf")

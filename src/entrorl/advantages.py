@@ -50,9 +50,13 @@ __all__ = [
     "group_mean_std",
     "expand_to_tokens",
     "unlikeliness_shaped_rewards",
+    "GROUP_BASELINE_ESTIMATORS",
 ]
 
 AdvantageFn = Callable[..., torch.Tensor]
+
+#: Estimators that compare a sample with the rest of its group (a group of one has no baseline).
+GROUP_BASELINE_ESTIMATORS = frozenset({"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "passk", "unlikely"})
 
 # Keyword arguments that carry batch data rather than tunable parameters.
 _DATA_KWARGS = ("lengths", "seq_log_prob")

@@ -105,6 +105,7 @@ MaxNewTokensOption = Annotated[int, typer.Option(min=1, help="most tokens sample
 TemperatureOption = Annotated[float, typer.Option(min=0.0, help="sampling temperature (0 = greedy)")]
 TopPOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling: keep the smallest set of tokens "
                                            "whose probability reaches this (1 = off)")]
+TopKOption = Annotated[int, typer.Option(min=0, help="keep only the k most likely tokens (0 = off)")]
 PromptColumnOption = Annotated[str, typer.Option(help="the data's column holding the prompt")]
 AnswerColumnOption = Annotated[str, typer.Option(help="the data's column holding the reference answer")]
 SeedOption = Annotated[int, typer.Option(help="sampling seed")]
@@ -187,6 +188,7 @@ def evaluate(
     max_new_tokens: MaxNewTokensOption = 256,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
     prompt_column: PromptColumnOption = "prompt",
     answer_column: AnswerColumnOption = "answer",
     prompt_template: PromptTemplateOption = "{prompt}",
@@ -218,7 +220,7 @@ def evaluate(
     if ks is not None and ks[-1] > n:
         _fail(f"--k {ks[-1]} exceeds --n {n}: Pass@k needs at least k samples per prompt")
     try:
-        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
             chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
@@ -387,6 +389,7 @@ def data_audit(
     max_new_tokens: MaxNewTokensOption = 256,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
     prompt_column: PromptColumnOption = "prompt",
     answer_column: AnswerColumnOption = "answer",
     prompt_template: PromptTemplateOption = "{prompt}",
@@ -414,7 +417,7 @@ def data_audit(
     try:
         parse_band(band)
         thresholds = AuditThresholds(consensus=consensus, low_pass_rate=low_pass_rate)
-        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
             chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,

@@ -4,7 +4,9 @@ The loop is the plain one: one prefill over the left-padded prompts, then one ca
 token, run either by :class:`~entrorl.rollout.static_cache.StaticCacheDecoder` (Llama-family models, a
 preallocated cache) or by the model's own forward. Temperature, top-k and top-p are applied to the last
 position's logits; the log-prob of each sampled token under that *processed* distribution is kept
-(``sampler_log_probs``), which is what TIS and IcePop compare with the trainer's log-probs.
+(``sampler_log_probs``), which is what TIS and IcePop compare with the trainer's log-probs. With top-k or top-p the
+two differ even between identical weights, by the mass the filter kept. At temperature 0 (greedy, a draw without a
+density) the log-prob kept is the token's under the temperature-1 distribution after top-k / top-p.
 """
 
 from __future__ import annotations
@@ -111,8 +113,13 @@ def sample_from_log_probs(log_probs: torch.Tensor, uniform: torch.Tensor | None 
     """One draw per row of ``[B, V]`` normalised log-probs, by inverting the cumulative distribution with one
     uniform number per row: ``uniform`` (``[B, 1]`` in [0, 1)) or, by default, ``torch.rand`` (so seeded like any
     torch sampling). Entries at ``-inf`` are never drawn.
+
+    In float64: a float32 uniform lies on a 2^-24 grid and a float32 running sum over a large vocabulary rounds
+    away the small probabilities, so a token below about 6e-8 would be drawn at 0 or about 6e-8, not at its
+    probability (on a 152k vocabulary, ~1e-3 of the mass was never drawn and some rare tokens came up 200x too often).
+    Pass a float64 ``uniform`` for the same reason.
     """
-    cumulative = log_probs.exp().cumsum(dim=-1)
+    cumulative = log_probs.double().exp().cumsum(dim=-1)
     total = cumulative[:, -1:]
     if uniform is None:
         uniform = torch.rand_like(total)
@@ -271,8 +278,9 @@ class HFSampler:
 
     def _generate_chunk(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollouts:
         device = next(self.model.parameters()).device
-        if max(len(p) for p in prompts) == 0:
-            raise ValueError("every prompt must have at least one token")
+        empty = [index for index, prompt in enumerate(prompts) if len(prompt) == 0]
+        if empty:
+            raise ValueError(f"every prompt must have at least one token; prompt(s) {empty[:5]} of this batch have none")
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         eos_ids = self.eos_token_ids.to(device)
@@ -291,7 +299,7 @@ class HFSampler:
             if params.temperature == 0:
                 sampled = step_log_probs.argmax(dim=-1)
             else:  # one number per row of the whole batch at every step: dropping rows never changes the others' draws
-                uniform = torch.rand((batch, 1), dtype=step_log_probs.dtype, device=device)[active]
+                uniform = torch.rand((batch, 1), dtype=torch.float64, device=device)[active]
                 sampled = sample_from_log_probs(step_log_probs, uniform)
             tokens[active, step] = sampled
             log_probs[active, step] = step_log_probs.gather(-1, sampled[:, None]).squeeze(-1)

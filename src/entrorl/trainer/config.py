@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import os
 import re
+import types
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +15,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from entrorl.advantages import available_advantages, compute_advantages
+from entrorl.advantages import GROUP_BASELINE_ESTIMATORS, available_advantages, compute_advantages
 from entrorl.objective import ObjectiveConfig, build_objective, get_method
 
 __all__ = [
@@ -34,6 +36,18 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info) -> Any:
+        """pydantic would take ``true`` as 1 for a number (``optim.steps: true`` ran one step)."""
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            accepted = set(typing.get_args(annotation)) if union else {annotation}
+            if bool not in accepted and accepted & {int, float}:
+                raise ValueError("expected a number, not a boolean")
+        return value
 
 
 class ModelConfig(_Section):
@@ -194,8 +208,9 @@ class RolloutConfig(_Section):
     group_size: int = Field(8, ge=1, description="responses per prompt (G)")
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1 = off); the sampler's log-probs (TIS, IcePop) "
+                         "are then those of the filtered distribution")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off); as top_p for the log-probs")
     generation_batch_size: int = Field(64, ge=1)
     dynamic_sampling: bool = Field(False, description="DAPO (arXiv 2503.14476): drop groups that all solved or all failed "
                                    "the prompt and sample more")
@@ -208,6 +223,10 @@ class RolloutConfig(_Section):
         "after every update; pip install 'entrorl[vllm]')"
     )
     vllm_gpu_memory_utilization: float = Field(0.4, gt=0, lt=1, description="share of GPU memory the vLLM engine may take")
+
+    def filters_tokens(self) -> bool:
+        """Whether sampling leaves tokens out of the distribution (top-k or top-p)."""
+        return self.top_k > 0 or self.top_p < 1.0
 
     @field_validator("backend")
     @classmethod
@@ -269,6 +288,9 @@ class EvalConfig(_Section):
     ks: list[int] | None = Field(None, description="the k of each Pass@k; None = powers of two up to eval.n, and n")
     max_prompts: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, description="sampling temperature of evaluations; 0 = greedy (n = 1 is then enough)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of evaluations (its own, not rollout.top_p; "
+                         "1 = off, as in entrorl eval)")
+    top_k: int = Field(0, ge=0, description="top-k sampling of evaluations (its own, not rollout.top_k; 0 = off)")
     top_forks: int = Field(20, ge=0, description="highest-entropy positions saved per evaluation")
     at_start: bool = Field(False, description="also evaluate the model before the first step (logged as step 0), "
                            "the baseline the run's evaluations compare with")
@@ -315,7 +337,7 @@ class CheckpointConfig(_Section):
 
 
 class TrainConfig(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds sampling, shuffling and initialisation (numpy's range)")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default")
     retain_freed_memory: bool | None = Field(
         None, description="on Linux (glibc), keep freed CPU memory blocks of up to 32 MiB in the process for reuse "
@@ -348,7 +370,20 @@ class TrainConfig(_Section):
         estimator = self.advantage_estimator()
         if estimator not in names:
             raise ValueError(f"advantage.name: unknown estimator '{estimator}'; available: {sorted(names)}")
+        if self.data.eval is None and (self.eval.every or self.eval.at_start):
+            raise ValueError(f"eval.{'every' if self.eval.every else 'at_start'}: evaluations need their prompts, and "
+                             "data.eval is not set; set it or leave the evaluation settings out")
         group = self.rollout.group_size
+        if group == 1 and self.rollout.dynamic_sampling:
+            raise ValueError("rollout.dynamic_sampling: it keeps the groups whose samples disagree, and a group of "
+                             "rollout.group_size = 1 never does; every step would resample in vain")
+        if group == 1 and estimator in GROUP_BASELINE_ESTIMATORS:
+            warnings.warn(f"rollout.group_size = 1: the {estimator!r} advantage compares a sample with the others of its "
+                          "group and there are none (the reward itself is used, as verl does: no baseline)", stacklevel=2)
+        rows = self.rollout.prompts_per_step * group
+        if self.optim.mini_batches > rows:
+            raise ValueError(f"optim.mini_batches = {self.optim.mini_batches} is more than the {rows} rows of a step "
+                             f"(rollout.prompts_per_step x rollout.group_size): an update needs at least one row")
         try:  # a dry run on one group, so that a wrong parameter name or value fails now, not after the model loads
             compute_advantages(estimator, torch.arange(group) % 2.0, torch.zeros(group, dtype=torch.long),
                                lengths=torch.arange(1, group + 1), seq_log_prob=-torch.arange(1.0, group + 1),
@@ -377,6 +412,13 @@ class TrainConfig(_Section):
                 f"reward.overlong.max_length = {overlong.max_length} is above rollout.max_new_tokens = "
                 f"{self.rollout.max_new_tokens}: a response cut at the limit gets only part of the penalty (DAPO sets "
                 "max_length to the response limit)", stacklevel=2)
+        if self.rollout.filters_tokens() and "rollout_log_prob" in build_objective(self.method).required_fields:
+            warnings.warn(
+                f"method {self.method_label()!r} compares the trainer's log-probs (the full distribution at "
+                f"rollout.temperature) with the sampler's, which rollout.top_k = {self.rollout.top_k} / top_p = "
+                f"{self.rollout.top_p} make those of the filtered distribution: their ratio is then the probability "
+                "the filter kept, not only the sampler/trainer mismatch (TIS weights below 1; IcePop may mask most "
+                "tokens)", stacklevel=2)
         if self.reward.unlikeliness is not None and estimator == "unlikely":
             raise ValueError("reward.unlikeliness and the 'unlikely' advantage estimator both apply the unlikeliness "
                              "reward; keep one (the estimator is reward.unlikeliness + grpo)")
@@ -473,6 +515,20 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any], *, loads_refe
     return refused, accepted
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML's) reads ``1e-6`` and ``1e1`` as strings, for want of a dot; YAML 1.2 and every reader of
+    numbers take them as floats. A typed field would convert the string, but free-form parameters (reward kwargs,
+    advantage params) would receive it as text."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def parse_set_option(option: str) -> tuple[list[str], Any]:
     """``"optim.lr=1e-5"`` → (["optim", "lr"], 1e-5); values are parsed as YAML."""
     if "=" not in option:
@@ -482,7 +538,7 @@ def parse_set_option(option: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError(f"--set has an empty key in {option!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"--set {option!r}: the value is not valid YAML ({error}); quote it to pass a string") from None
     return path, value
@@ -511,11 +567,15 @@ def _format_errors(error: ValidationError, source: str) -> str:
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"]
-        if not item["loc"] and item["type"] == "value_error":  # a cross-check whose message starts with the key it is about
+        if item["type"] == "value_error":
             message = message.removeprefix("Value error, ")
+        if not item["loc"] and item["type"] == "value_error":  # a cross-check whose message starts with the key it is about
             named = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)+): ", message)
             if named:
                 location, message = named.group(1), message[named.end():]
+            elif re.match(r"[a-z_]+(?:\.[a-z_0-9]+)+ ", message):  # a sentence about its keys: no location needed
+                lines.append(f"  {message}")
+                continue
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         shown = item["type"] not in ("missing", "extra_forbidden") and not isinstance(item["input"], dict)  # not a whole section
@@ -532,7 +592,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = _load_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path} is not valid YAML: {error}") from None
         if not isinstance(data, dict):

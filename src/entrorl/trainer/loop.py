@@ -46,6 +46,7 @@ from entrorl.trainer.allocator import retain_freed_memory
 from entrorl.trainer.checkpoint import (
     atomic_write_text,
     capture_rng_state,
+    checkpoint_step,
     latest_checkpoint,
     load_trainer_state,
     restore_rng_state,
@@ -377,7 +378,29 @@ class Trainer:
         prompts = [self.train_prompt_ids[index] for index, _ in batch for _ in range(group_size)]
         records = [record for _, record in batch for _ in range(group_size)]
         group_ids = torch.arange(len(batch)).repeat_interleave(group_size)
-        return self.sampler.generate(prompts, self.sampling), records, group_ids
+        rollouts = self.sampler.generate(prompts, self.sampling)
+        self._stop_if_the_policy_broke(rollouts)
+        return rollouts, records, group_ids
+
+    def _stop_if_the_policy_broke(self, rollouts: Rollouts) -> None:
+        """Finite weights can still overflow in a forward (an update at a learning rate far too high makes them huge):
+        the policy then gives its own samples inf / NaN log-probs, and no advantage or loss can be computed."""
+        valid = rollouts.sampler_log_probs[rollouts.response_mask]
+        broken = int((~torch.isfinite(valid)).sum())
+        if not broken:
+            return
+        if self.step == 0:
+            cause = "the model as loaded gives"
+        else:
+            cause = (f"after the update of step {self.step} (optim.lr = {self.config.optim.lr:g}: too high?), the "
+                     "policy gives")
+        latest = latest_checkpoint(self.run_dir)
+        if latest is not None and self.step > 0 and checkpoint_step(latest) == self.step:
+            where = f"The last checkpoint, {latest}, holds these weights: resume from one written before it."
+        else:
+            where = self._last_checkpoint_phrase()
+        raise TrainingStopped(f"{cause} inf or NaN log-probs to {broken} of its {valid.numel()} sampled tokens; stopping. "
+                              + where)
 
     def _score(self, rollouts: Rollouts, records: list[PromptRecord]):
         completions = self.tokenizer.batch_decode(
@@ -477,8 +500,8 @@ class Trainer:
         if limit and self.consecutive_failed_rewards >= limit:
             raise TrainingStopped(
                 f"the reward raised on every sample of {self.consecutive_failed_rewards} steps in a row (up to step "
-                f"{self.step + 1}); stopping. The first traceback is in {self.run_dir / 'reward_errors.log'}; the last "
-                f"checkpoint in {self.run_dir / 'checkpoints'} is intact."
+                f"{self.step + 1}); stopping. The first traceback is in {self.run_dir / 'reward_errors.log'}. "
+                + self._last_checkpoint_phrase()
             )
 
     def _note_reward_error(self, traceback_text: str) -> None:
@@ -548,7 +571,7 @@ class Trainer:
         first_pass = {name: torch.zeros(mask.shape) for name in STAT_NAMES}
         for epoch in range(config.optim.epochs):
             order = torch.randperm(n_rows) if config.optim.mini_batches > 1 else all_rows
-            for mini_batch in order.chunk(config.optim.mini_batches):
+            for mini_batch in order.tensor_split(min(config.optim.mini_batches, n_rows)):  # sizes differ by 1 at most
                 self._zero_grad()
                 objective_state = copy.deepcopy(self.objective.state_dict())  # put back if this update is skipped
                 mini_coefficients, mini_metrics = torch.zeros(mask.shape, dtype=torch.float32), []
@@ -589,6 +612,7 @@ class Trainer:
                     self.optimizer.step()
                     if self.master is not None:
                         self.master.write_back()
+                    self._stop_if_the_weights_broke()
                     grad_norms.append(grad_norm)
                     # d loss / d log p of the update actually applied, clipping included
                     grad_coefficients += mini_coefficients * clip_scale
@@ -603,8 +627,8 @@ class Trainer:
         if self.consecutive_nonfinite >= config.optim.max_consecutive_nonfinite:
             raise TrainingStopped(
                 f"{self.consecutive_nonfinite} steps in a row had a non-finite loss or gradient (step {self.step + 1}); "
-                f"stopping. The last checkpoint in {self.run_dir / 'checkpoints'} is intact. "
-                "Lower optim.lr, check the reward values, or use bfloat16-safe settings."
+                "stopping: lower optim.lr, check the reward values, or use bfloat16-safe settings. "
+                + self._last_checkpoint_phrase()
             )
         if config.rollout.backend == "vllm":
             self.sampler.sync_weights(self.model)  # the next rollouts come from the updated policy
@@ -644,6 +668,7 @@ class Trainer:
         metrics.update({
             "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else math.nan,
             "train/lr": lr,
+            "train/updates": float(len(grad_norms)),
             "train/skipped_updates": float(skipped),
             "train/skipped_total": float(self.skipped_steps),
             "time/step_s": time.perf_counter() - started,
@@ -678,6 +703,24 @@ class Trainer:
         atomic_write_text(path, "\n".join(lines) + "\n")
         return path
 
+    def _stop_if_the_weights_broke(self) -> None:
+        """A finite gradient can still step the weights to inf or NaN (a learning rate far too high); the next rollouts
+        would be nonsense, so the run stops here, before a checkpoint could keep such weights."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad])
+        if not bool(finite.all()):
+            names = [name for name, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+            raise TrainingStopped(
+                f"the update of step {self.step + 1} left {len(names)} weight tensor(s) with inf or NaN values "
+                f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) although its gradient was finite: "
+                f"optim.lr = {self.config.optim.lr:g} is far too high for this model. Stopping. "
+                + self._last_checkpoint_phrase()
+            )
+
+    def _last_checkpoint_phrase(self) -> str:
+        latest = latest_checkpoint(self.run_dir)
+        return (f"The last checkpoint, {latest}, is intact." if latest is not None
+                else "No checkpoint had been written (checkpoint.every).")
+
     def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
@@ -700,7 +743,7 @@ class Trainer:
         if count == 0:
             return {}
         sampling = SamplingParams(max_new_tokens=self.config.rollout.max_new_tokens, temperature=config.temperature,
-                                  top_p=self.config.rollout.top_p, top_k=self.config.rollout.top_k)
+                                  top_p=config.top_p, top_k=config.top_k)
         result = evaluate_model(
             self.model, self.tokenizer, self.eval_records[:count], self.eval_prompt_ids[:count], self.reward,
             n=config.n, ks=config.ks, sampling=sampling, seed=self.config.seed + 1_000_003 * (self.step + 1),
@@ -718,11 +761,19 @@ class Trainer:
     def _warn_if_nothing_trained(self, metrics: dict[str, float]) -> None:
         """Say once when the selectors dropped every token of a step: such an update trains on nothing, as a
         composition of selectors that keep disjoint tokens (forking_tokens + low_entropy_tokens) always does."""
-        if self._warned_nothing_trained or metrics.get("select/dropped_frac", 0.0) < 1.0:
+        if self._warned_nothing_trained:
+            return
+        if metrics.get("select/dropped_frac", 0.0) >= 1.0:
+            message = (f"warning: at step {self.step} the selectors of '{self.config.method_label()}' dropped every "
+                       "token (select/dropped_frac = 1), so the update trained on nothing; check the method's selectors")
+        elif metrics.get("correction/icepop_masked_frac", 0.0) >= 1.0:
+            message = (f"warning: at step {self.step} IcePop masked every token (correction/icepop_masked_frac = 1), so "
+                       "the update trained on nothing: the trainer's and the sampler's log-probs disagree beyond its "
+                       "band" + (" (rollout.top_k / top_p make the sampler's those of the filtered distribution)"
+                                 if self.config.rollout.filters_tokens() else ""))
+        else:
             return
         self._warned_nothing_trained = True
-        message = (f"warning: at step {self.step} the selectors of '{self.config.method_label()}' dropped every token "
-                   "(select/dropped_frac = 1), so the update trained on nothing; check the method's selectors")
         if self.console is not None:
             from rich.text import Text
 
