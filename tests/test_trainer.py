@@ -693,11 +693,17 @@ def test_malformed_data_row_is_reported_with_file_and_line(tmp_path, tiny_model_
     assert "prompts.jsonl:2" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_prompt_longer_than_context_is_reported(tmp_path, tiny_model_dir):
+def test_prompt_longer_than_context_is_reported_before_the_weights_load(tmp_path, tiny_model_dir, monkeypatch):
+    """The context is read from config.json: a large model need not load for the prompts to be refused."""
+    from entrorl.trainer import loop
+
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "1+" * 40 + "1=", "answer": "41"}) + "\n")
+    loaded = []
+    monkeypatch.setattr(loop, "load_causal_lm", lambda *args, **kwargs: loaded.append(args) or pytest.fail("loaded"))
     with pytest.raises(ValueError, match=r"prompts.jsonl:1: 82 prompt tokens \+ max_new_tokens 6 > context 64"):
         Trainer(load_config(make_config(tiny_model_dir, data, None)), run_dir=tmp_path / "run")
+    assert not loaded
 
 
 def test_chat_template_asked_of_a_tokenizer_without_one_fails_clearly(tmp_path, tiny_model_dir, arithmetic_files):
@@ -1328,3 +1334,28 @@ def test_numbers_in_exponent_form_are_numbers_everywhere_in_the_config(tmp_path,
     assert parse_set_option("reward.kwargs.scale=1e1") == (["reward", "kwargs", "scale"], 10.0)
     assert parse_set_option("data.prompt_template='1e1'")[1] == "1e1"  # quoted: still text
     assert parse_set_option("x=1_000")[1] == 1000 and parse_set_option("x=.inf")[1] == float("inf")
+
+
+def test_mask_truncated_leaves_cut_responses_out_of_the_loss_only(tmp_path, tiny_model_dir, arithmetic_files):
+    """DAPO's overlong filtering: a response cut at max_new_tokens has no loss token and no gradient; it still counts
+    in its group's advantages and in the entropy statistics."""
+    train, _ = arithmetic_files
+    with importable_module(tmp_path, "parity_cut_reward", PARITY_REWARD):
+        results = {}
+        for masked in (False, True):
+            config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "parity_cut_reward:score"},
+                                             rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 40,
+                                                      "mask_truncated": masked}, optim={"steps": 1, "lr": 1e-3}))
+            trainer = Trainer(config, run_dir=tmp_path / f"run-{masked}")
+            collected = []
+            original = trainer.collect
+            trainer.collect = lambda: collected.append(original()) or collected[-1]
+            results[masked] = (trainer.train_step(), collected[0])
+    (plain, scored), (masked, scored_masked) = results[False], results[True]
+    rollouts = scored.rollouts
+    assert 0 < float(rollouts.truncated.float().mean()) < 1  # some responses ended, some were cut
+    torch.testing.assert_close(scored_masked.advantages, scored.advantages)  # same rollouts and advantages
+    assert plain["tokens/valid"] == int(rollouts.response_mask.sum())
+    assert masked["tokens/valid"] == int(rollouts.response_mask[~rollouts.truncated].sum())
+    assert masked["entropy/mean"] == plain["entropy/mean"]  # statistics of every sampled token
+    assert masked["loss/policy"] != plain["loss/policy"]

@@ -120,15 +120,17 @@ TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help
 
 
 def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str, prompt_template: str,
-                     chat_template: bool, max_prompts: int | None, device: str, dtype: str, trust_remote_code: bool = False,
-                     require_answer: bool = True,
+                     chat_template: bool, max_prompts: int | None, device: str, dtype: str, max_new_tokens: int,
+                     trust_remote_code: bool = False, require_answer: bool = True,
                      correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
-    the tokenizer, the model in eval mode and the encoded prompts; ValueError / FileNotFoundError on bad input.
-    ``check_outputs`` runs once the data and the reward are checked, before the model loads: a place to refuse an
-    output that could not be written, before the sampling it would lose."""
+    the tokenizer, the model in eval mode and the encoded prompts, each of which leaves room for ``max_new_tokens``
+    in the context; ValueError / FileNotFoundError on bad input. ``check_outputs`` runs once the data and the reward
+    are checked, before the model loads: a place to refuse an output that could not be written, before the sampling
+    it would lose."""
     from entrorl.data import check_prompt_template, load_prompts
-    from entrorl.modeling import check_model_files, encode_prompt, load_causal_lm, load_tokenizer
+    from entrorl.modeling import (check_model_files, check_prompts_fit, encode_prompt, load_causal_lm, load_tokenizer,
+                                  read_model_config)
     from entrorl.rewards import RewardRunner, get_reward
     from entrorl.trainer.config import resolve_device
 
@@ -141,8 +143,13 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     if check_outputs is not None:
         check_outputs()
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    policy = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code, device=resolve_device(device)).eval()
     prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
+    declared = read_model_config(model, trust_remote_code=trust_remote_code)  # checked before the weights load
+    if declared is not None:
+        check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
+    policy = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code, device=resolve_device(device)).eval()
+    if declared is None:
+        check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
     return records, reward_runner, tokenizer, policy, prompt_ids
 
 
@@ -210,7 +217,6 @@ def evaluate(
     from rich.progress import Progress
 
     from entrorl.data.loading import check_output_file
-    from entrorl.modeling import check_prompts_fit
     from entrorl.rewards import error_headline
     from entrorl.rollout import SamplingParams
     from entrorl.trainer.checkpoint import atomic_write_text
@@ -223,11 +229,10 @@ def evaluate(
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
+            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
             trust_remote_code=trust_remote_code,
             require_answer=require_answer, correct_threshold=correct_threshold,
             check_outputs=None if out is None else lambda: check_output_file(out, what="--out"))
-        check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
     except (ValueError, OSError) as error:
         _fail(str(error))
     with Progress(console=console) as progress:
@@ -420,7 +425,7 @@ def data_audit(
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
+            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
             trust_remote_code=trust_remote_code,
             check_outputs=lambda: check_audit_output(data, directory))
     except (ValueError, OSError, ImportError) as error:  # OSError: missing files, unreadable model directories

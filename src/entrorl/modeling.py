@@ -16,7 +16,7 @@ from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
     "load_tokenizer", "save_tokenizer", "load_causal_lm", "check_causal", "turn_off_dropout", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
-    "prompt_groups", "shares_prompts", "length_dependent_rope", "reset_dynamic_rope", "cache_argument", "output_cache", "left_pad", "model_context_length",
+    "prompt_groups", "shares_prompts", "length_dependent_rope", "reset_dynamic_rope", "cache_argument", "output_cache", "left_pad", "model_context_length", "read_model_config",
     "check_prompts_fit", "stop_token_ids", "encode_prompt",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
@@ -275,9 +275,21 @@ def turn_off_dropout(model, source: str | Path = "the model") -> None:
 
 
 def model_context_length(model) -> int | None:
-    """The model's context length (``config.max_position_embeddings``), or None when it declares none."""
-    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    """The context length (``max_position_embeddings``) of a model or of its ``transformers`` config, or None when it
+    declares none."""
+    value = getattr(getattr(model, "config", model), "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def read_model_config(path: str | Path, *, trust_remote_code: bool = False):
+    """The ``transformers`` config of a model directory, read without the weights (a second to check prompts against the
+    context before a large model loads), or None when it cannot be read: the loader then reports why."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_template: bool = False) -> list[int]:
@@ -314,8 +326,8 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 def check_prompts_fit(model, prompt_ids, sources, *, max_new_tokens: int) -> None:
     """``ValueError`` listing every prompt that encodes to no tokens, or whose tokens plus ``max_new_tokens``
-    exceed the model's context (:func:`model_context_length`): prompts are never truncated, since a cut prompt
-    is a different question."""
+    exceed the context of ``model`` (a model or its config, :func:`model_context_length`): prompts are never
+    truncated, since a cut prompt is a different question."""
     context = model_context_length(model)
     problems = []
     for ids, source in zip(prompt_ids, sources):

@@ -212,6 +212,9 @@ class RolloutConfig(_Section):
                          "are then those of the filtered distribution")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off); as top_p for the log-probs")
     generation_batch_size: int = Field(64, ge=1)
+    mask_truncated: bool = Field(False, description="DAPO's overlong filtering (arXiv 2503.14476, Sec. 3.4): a response "
+                                 "cut at max_new_tokens takes no part in the loss (it still counts in its group's "
+                                 "advantages and in the reward metrics)")
     dynamic_sampling: bool = Field(False, description="DAPO (arXiv 2503.14476): drop groups that all solved or all failed "
                                    "the prompt and sample more")
     dynamic_sampling_metric: Literal["accuracy", "reward"] = Field(

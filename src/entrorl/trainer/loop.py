@@ -35,6 +35,7 @@ from entrorl.modeling import (
     encode_prompt,
     load_causal_lm,
     load_tokenizer,
+    read_model_config,
     stop_token_ids,
 )
 from entrorl.objective import PolicyBatch, build_objective
@@ -168,11 +169,17 @@ class Trainer:
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=config.model.trust_remote_code)
         if config.model.chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model.chat_template is true, but the tokenizer in {model_path} has no chat template")
+        # prompts that do not fit the context fail now when the config declares it, not after the weights load
+        declared = read_model_config(model_path, trust_remote_code=config.model.trust_remote_code)
+        if declared is not None:
+            self.train_prompt_ids = self._encode_all(self.train_records, declared)
+            self.eval_prompt_ids = self._encode_all(self.eval_records, declared)
         self.device = resolve_device(config.model.device)
         self.model = self._load_policy(model_path, checkpoint)
         self.reference = self._load_reference()
-        self.train_prompt_ids = self._encode_all(self.train_records)
-        self.eval_prompt_ids = self._encode_all(self.eval_records)
+        if declared is None:
+            self.train_prompt_ids = self._encode_all(self.train_records, self.model)
+            self.eval_prompt_ids = self._encode_all(self.eval_records, self.model)
         self.stream = PromptStream(self.train_records, seed=config.seed, shuffle=config.data.shuffle)
         self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
                                        top_p=config.rollout.top_p, top_k=config.rollout.top_k)
@@ -322,12 +329,13 @@ class Trainer:
             raise ValueError(f"data.pass_rate_band {self.config.data.pass_rate_band} keeps none of the {len(records)} prompts")
         return kept
 
-    def _encode_all(self, records: list[PromptRecord]) -> list[list[int]]:
-        """Tokenise every prompt once; prompts that leave no room for the response are reported, not truncated."""
+    def _encode_all(self, records: list[PromptRecord], context_of) -> list[list[int]]:
+        """Tokenise every prompt once; prompts that leave no room for the response in the context of ``context_of``
+        (the model or its config) are reported, not truncated."""
         data, model = self.config.data, self.config.model
         encoded = [encode_prompt(self.tokenizer, record.prompt, template=data.prompt_template,
                                  chat_template=model.chat_template) for record in records]
-        check_prompts_fit(self.model, encoded, [record.source for record in records],
+        check_prompts_fit(context_of, encoded, [record.source for record in records],
                           max_new_tokens=self.config.rollout.max_new_tokens)
         return encoded
 
@@ -538,6 +546,8 @@ class Trainer:
         rollouts = scored.rollouts
         generated = time.perf_counter()
         mask = rollouts.response_mask
+        if config.rollout.mask_truncated:  # DAPO's overlong filtering: cut responses are not trained on
+            mask = mask & ~rollouts.truncated[:, None]
         token_advantages = scored.advantages[:, None].expand_as(mask) * mask
         n_rows = len(rollouts)
         all_rows = torch.arange(n_rows)
@@ -641,14 +651,15 @@ class Trainer:
         scored_before = (first_pass if before is None
                          else {name: values.float().cpu() for name, values in before.as_dict().items()})
         logprob, before_entropy, disc, disc_centered_before = (scored_before[name] for name in STAT_NAMES)
-        metrics = entropy_summary(before_entropy, mask)
+        valid = rollouts.response_mask  # every sampled token; ``mask``: those trained on
+        metrics = entropy_summary(before_entropy, valid)
         points = decision_points(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids)
-        after_entropy, measured_mask = None, mask
+        after_entropy, measured_mask = None, valid
         if config.diagnostics.measure_entropy_change:
             count = max(1, math.ceil(n_rows * config.diagnostics.measure_fraction))
             measured_rows = torch.arange(count) * n_rows // count  # evenly spread: every 4th row for 0.25
-            measured_mask = torch.zeros_like(mask)
-            measured_mask[measured_rows] = mask[measured_rows]
+            measured_mask = torch.zeros_like(valid)
+            measured_mask[measured_rows] = valid[measured_rows]
             after_entropy = before_entropy.clone()
             with torch.no_grad():
                 after_entropy[measured_rows] = self.token_stats(self.model, rollouts, measured_rows,
