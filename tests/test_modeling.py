@@ -465,6 +465,9 @@ def test_a_checkpoint_tokenizer_declares_padding_only_when_its_source_did(tmp_pa
     assert lent.pad_token == lent.eos_token  # still batching with it
     assert json.loads((tmp_path / "no_pad_saved" / "tokenizer_config.json").read_text()).get("pad_token") is None
     assert AutoTokenizer.from_pretrained(tmp_path / "no_pad_saved").pad_token is None
+    lent.pad_token = lent.unk_token  # a padding the caller chose since is the tokenizer's own
+    modeling.save_tokenizer(lent, tmp_path / "chosen_pad_saved")
+    assert AutoTokenizer.from_pretrained(tmp_path / "chosen_pad_saved").pad_token == lent.unk_token
 
     kept = modeling.load_tokenizer(tmp_path / "pad")
     modeling.save_tokenizer(kept, tmp_path / "pad_saved")

@@ -116,6 +116,18 @@ def test_rare_tokens_of_a_large_vocabulary_are_drawn_at_their_probability():
     torch.testing.assert_close(drawn, torch.searchsorted(before, tail[:, 0], right=True))
 
 
+def test_the_sampler_draws_with_float64_uniforms(policy, monkeypatch):
+    """A float32 uniform lies on a 2^-24 grid, which no float64 sum can refine."""
+    from entrorl.rollout import sampler as sampler_module
+
+    model, tokenizer = policy
+    dtypes, draw = [], sampler_module.sample_from_log_probs
+    monkeypatch.setattr(sampler_module, "sample_from_log_probs",
+                        lambda log_probs, uniform=None: dtypes.append(uniform.dtype) or draw(log_probs, uniform))
+    HFSampler.for_model(model, tokenizer).generate(_prompts(tokenizer), SamplingParams(max_new_tokens=3))
+    assert dtypes and set(dtypes) == {torch.float64}
+
+
 def test_concat_and_select_repad():
     def make(prompt_width, response_width, rows):
         return Rollouts(
@@ -143,7 +155,7 @@ def test_an_empty_prompt_beside_others_is_refused(policy):
     """It would be sampled as if its prompt were one padding token."""
     model, tokenizer = policy
     sampler = HFSampler.for_model(model, tokenizer)
-    with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] of this batch have none"):
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] have none"):
         sampler.generate([_prompts(tokenizer)[0], []], SamplingParams(max_new_tokens=2))
 
 

@@ -4,6 +4,7 @@ non-finite guard, and configuration / data errors that must fail before a model 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -227,7 +228,8 @@ def test_an_update_that_breaks_the_weights_stops_the_run_naming_the_checkpoint_t
         assert trainer.train_step()["train/grad_norm"] > 0
         trainer.save()
         with pytest.raises(TrainingStopped, match=r"after the update of step 1 \(optim.lr = 1e\+10: too high\?\), the policy "
-                           r"gives inf or NaN log-probs to \d+ of its \d+ sampled tokens.*step_000001, holds these weights"):
+                           r"gives inf or NaN log-probs to \d+ of its \d+ sampled tokens.*step_000001, holds these weights; "
+                           r"no checkpoint before it is left"):
             trainer.train_step()
 
         config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "parity_lr_reward:score"},
@@ -342,14 +344,16 @@ def test_dr_grpo_divides_by_a_constant(tmp_path, tiny_model_dir, arithmetic_file
 
 
 WHOLE_BATCH_SELECTORS = [{"method": "clip_b", "params": {"mu": 0.5}},
-                         {"method": "clip_v", "params": {"mu": 0.5, "max_frac": 0.02}}]
+                         {"method": "clip_v", "params": {"mu": 0.5, "max_frac": 0.02}},
+                         # the selector shrinks the normaliser, the bonus is aggregated over every valid token
+                         {"method": "clip_b+entropy_bonus", "params": {"mu": 0.5, "entropy_coeff": 0.5}}]
 
 
 ENTROPY_BONUS = {"method": "grpo+entropy_bonus", "params": {"entropy_coeff": 0.5}}
 
 
 @pytest.mark.parametrize("method", ["grpo", "dapo", "dr_grpo", ENTROPY_BONUS, *WHOLE_BATCH_SELECTORS],
-                         ids=["grpo", "dapo", "dr_grpo", "entropy_bonus", "clip_b", "clip_v"])  # the three loss
+                         ids=["grpo", "dapo", "dr_grpo", "entropy_bonus", "clip_b", "clip_v", "clip_b+bonus"])  # the three loss
                          # aggregations, a term aggregated like the loss, and selectors deciding over the batch
 def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arithmetic_files, method):
     """Gradient accumulation over micro-batches of 3 rows (cutting across groups) makes the same update as one pass,
@@ -370,14 +374,15 @@ def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arit
     assert whole["response/length_max"] > whole["response/length_mean"]  # uneven lengths: tokens and rows weigh differently
     assert micro["train/grad_norm"] == pytest.approx(whole["train/grad_norm"], rel=1e-4) and whole["train/grad_norm"] > 0
     assert micro["entropy/predicted_delta"] == pytest.approx(whole["entropy/predicted_delta"], rel=1e-3, abs=1e-12)
-    if method in WHOLE_BATCH_SELECTORS:
-        assert whole[f"select/{method['method']}_frac"] > 0  # the selector acted
+    selector = method["method"].split("+")[0] if method in WHOLE_BATCH_SELECTORS else None
+    if selector:
+        assert whole[f"select/{selector}_frac"] > 0  # the selector acted
     # metrics of the micro-batches weighted into the mini-batch's (losses by their loss shares, token statistics by
     # their token counts, whatever the aggregation); the re-scoring, in micro-batch pieces, agrees too
     token_statistics = ["advantages/mean", "select/dropped_frac", "ratio/mean"]
-    if method in WHOLE_BATCH_SELECTORS:
-        token_statistics.append(f"select/{method['method']}_frac")
-    aggregated = ["reg/entropy_bonus"] if method == ENTROPY_BONUS else []
+    if selector:
+        token_statistics.append(f"select/{selector}_frac")
+    aggregated = ["reg/entropy_bonus"] if "entropy_bonus" in str(method) else []
     for key in ("loss/policy", "loss/total", "tokens/valid", "entropy/measured_delta", *token_statistics, *aggregated):
         assert micro[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-6), key
     for name, gradient in whole_grads.items():  # the clipped gradient the optimizer stepped with
@@ -557,10 +562,30 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
             load_config(base, [override])
     with pytest.raises(ConfigError, match="rollout.dynamic_sampling: it keeps the groups whose samples disagree"):
         load_config(base, ["rollout.group_size=1", "rollout.dynamic_sampling=true"])
-    with pytest.warns(UserWarning, match="rollout.group_size = 1: the 'grpo' advantage compares a sample with the others"):
+    with pytest.warns(UserWarning, match="rollout.group_size = 1: the .grpo. advantage takes its baseline from the other"):
         load_config(base, ["rollout.group_size=1"])
     with pytest.warns(UserWarning, match="method 'grpo\\+icepop' compares the trainer's log-probs .*rollout.top_k = 5"):
         load_config(base, ["method=grpo+icepop", "rollout.top_k=5"])
+    with pytest.raises(ConfigError, match="rollout.group_size: the 'passk' advantage compares the samples of a group"):
+        load_config(base, ["rollout.group_size=1", "advantage.name=passk", "advantage.params={k: 1}"])
+
+
+def test_a_checkpoint_whose_settings_this_version_refuses_still_resumes_once_they_are_mended(tmp_path, arithmetic_files):
+    """A run saved with eval.every but no data.eval (accepted then, refused now) is compared setting by setting with
+    the mended configuration, and its settings raise no warnings of their own."""
+    import warnings
+
+    from entrorl.trainer.config import resume_changes
+
+    train, _ = arithmetic_files
+    current = load_config(make_config(tmp_path / "model", train, None, method="grpo+icepop")).model_dump(mode="json")
+    saved = copy.deepcopy(current)
+    saved["eval"]["every"] = 5
+    saved["rollout"]["top_k"] = 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        refused, accepted = resume_changes(saved, current)
+    assert refused == [] and sorted(key for key, _, _ in accepted) == ["eval.every", "rollout.top_k"]
 
 
 def test_predicted_entropy_change_of_the_step_covers_every_token_whatever_is_re_scored(tmp_path, tiny_model_dir,
@@ -1298,7 +1323,7 @@ def test_a_split_update_reports_the_whole_batch_metrics(loss_agg_mode):
     records = [(objective(PolicyBatch(**{name: value[micro] for name, value in fields.items()})).metrics,
                 MicroBatchShares.of(micro, all_rows, mask=mask, normaliser_mask=mask, loss_agg_mode=loss_agg_mode))
                for micro in all_rows.split(3)]
-    combined = _mean_metrics(records, aggregated=objective.aggregated_metrics)
+    combined = _mean_metrics(records, aggregated=objective.aggregated_metrics, updates=1)
     assert {"kl/ref", "reg/entropy_bonus", "clip/ppo_frac", "ratio/mean", "advantages/mean"} <= whole.keys()
     assert combined.keys() == whole.keys()
     for key, value in whole.items():

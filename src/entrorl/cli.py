@@ -120,14 +120,14 @@ TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help
 
 
 def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str, prompt_template: str,
-                     chat_template: bool, max_prompts: int | None, device: str, dtype: str, max_new_tokens: int,
-                     trust_remote_code: bool = False, require_answer: bool = True,
+                     chat_template: bool, max_prompts: int | None, device: str, dtype: str,
+                     fit_max_new_tokens: int | None = None, trust_remote_code: bool = False, require_answer: bool = True,
                      correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
-    the tokenizer, the model in eval mode and the encoded prompts, each of which leaves room for ``max_new_tokens``
-    in the context; ValueError / FileNotFoundError on bad input. ``check_outputs`` runs once the data and the reward
-    are checked, before the model loads: a place to refuse an output that could not be written, before the sampling
-    it would lose."""
+    the tokenizer, the model in eval mode and the encoded prompts; ValueError / FileNotFoundError on bad input. With
+    ``fit_max_new_tokens`` every prompt must leave that many tokens of the context (checked before the weights load
+    when config.json declares the context). ``check_outputs`` runs once the data and the reward are checked, before
+    the model loads: a place to refuse an output that could not be written, before the sampling it would lose."""
     from entrorl.data import check_prompt_template, load_prompts
     from entrorl.modeling import (check_model_files, check_prompts_fit, encode_prompt, load_causal_lm, load_tokenizer,
                                   read_model_config)
@@ -144,12 +144,12 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
         check_outputs()
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
-    declared = read_model_config(model, trust_remote_code=trust_remote_code)  # checked before the weights load
+    declared = read_model_config(model, trust_remote_code=trust_remote_code) if fit_max_new_tokens is not None else None
     if declared is not None:
-        check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
+        check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=fit_max_new_tokens)
     policy = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code, device=resolve_device(device)).eval()
-    if declared is None:
-        check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
+    if fit_max_new_tokens is not None and declared is None:
+        check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=fit_max_new_tokens)
     return records, reward_runner, tokenizer, policy, prompt_ids
 
 
@@ -229,8 +229,8 @@ def evaluate(
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
-            trust_remote_code=trust_remote_code,
+            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
+            fit_max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
             require_answer=require_answer, correct_threshold=correct_threshold,
             check_outputs=None if out is None else lambda: check_output_file(out, what="--out"))
     except (ValueError, OSError) as error:
@@ -242,7 +242,7 @@ def evaluate(
     summary = result.to_dict()
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
     summary["settings"] = {"model": str(model), "data": str(data), "reward": reward, "n": n, "max_new_tokens": max_new_tokens,
-                           "temperature": temperature, "top_p": top_p, "prompt_column": prompt_column,
+                           "temperature": temperature, "top_p": top_p, "top_k": top_k, "prompt_column": prompt_column,
                            "answer_column": answer_column, "prompt_template": prompt_template, "chat_template": chat_template,
                            "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold,
                            "dtype": dtype, "seed": seed}
@@ -425,8 +425,8 @@ def data_audit(
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
-            trust_remote_code=trust_remote_code,
+            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
+            trust_remote_code=trust_remote_code,  # prompts that do not fit are the audit's to report, one by one
             check_outputs=lambda: check_audit_output(data, directory))
     except (ValueError, OSError, ImportError) as error:  # OSError: missing files, unreadable model directories
         _fail(str(error))
@@ -442,7 +442,7 @@ def data_audit(
     if len(result.too_long) > 20:
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
     settings = {"model": str(model), "reward": reward, "seed": seed, "prompt_template": prompt_template,
-                "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}}
+                "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}}
     reward_log = _keep_reward_traceback(result.first_reward_error, directory / "reward_errors.log")
     try:
         outputs = write_audit_outputs(result, data, directory, band=band, keep_wrong=keep_wrong, thresholds=thresholds,

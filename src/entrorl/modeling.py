@@ -100,8 +100,8 @@ def save_tokenizer(tokenizer, directory: str | Path) -> None:
     """``tokenizer.save_pretrained(directory)`` as the tokenizer was before :func:`load_tokenizer` lent it EOS as its
     padding token: a checkpoint's tokenizer declares no padding when its source declared none (a data collator that
     masks padding in the labels would otherwise mask every EOS)."""
-    if tokenizer not in _PADDING_BORROWED_FROM_EOS:
-        tokenizer.save_pretrained(directory)
+    if tokenizer not in _PADDING_BORROWED_FROM_EOS or tokenizer.pad_token_id != tokenizer.eos_token_id:
+        tokenizer.save_pretrained(directory)  # its own padding, or one a caller set since
         return
     tokenizer.pad_token = None
     try:
@@ -287,7 +287,7 @@ def read_model_config(path: str | Path, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, KeyError):
         return None
 

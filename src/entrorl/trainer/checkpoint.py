@@ -162,10 +162,14 @@ def _complete(checkpoint: Path) -> bool:
     return _non_empty(checkpoint / "trainer.pt") and _non_empty(model / "config.json") and _weights_present(model)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: Path, *, before_step: int | None = None) -> Path | None:
     """The newest complete checkpoint of a run directory, or None. When ``latest`` names a checkpoint that has lost
-    files since it was written, the newest complete one before it is taken, with a warning."""
+    files since it was written, the newest complete one before it is taken, with a warning. With ``before_step``, the
+    newest complete one of an earlier step."""
     root = Path(run_dir) / "checkpoints"
+    if before_step is not None:
+        earlier = [p for p in root.glob(f"{_PREFIX}*") if checkpoint_step(p) < before_step and _complete(p)]
+        return max(earlier, key=checkpoint_step, default=None)
     pointer = root / "latest"
     named = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
     if named is not None and _complete(named):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from entrorl.advantages import GROUP_BASELINE_ESTIMATORS, available_advantages, compute_advantages
 from entrorl.objective import ObjectiveConfig, build_objective, get_method
@@ -368,7 +368,9 @@ class TrainConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "TrainConfig":
+    def _cross_checks(self, info: ValidationInfo) -> "TrainConfig":
+        if info.context and info.context.get("settings_only"):  # a checkpoint's settings, read back to compare them
+            return self
         names = {info.name for info in available_advantages()}
         estimator = self.advantage_estimator()
         if estimator not in names:
@@ -380,9 +382,12 @@ class TrainConfig(_Section):
         if group == 1 and self.rollout.dynamic_sampling:
             raise ValueError("rollout.dynamic_sampling: it keeps the groups whose samples disagree, and a group of "
                              "rollout.group_size = 1 never does; every step would resample in vain")
+        if group == 1 and estimator == "passk":
+            raise ValueError("rollout.group_size: the 'passk' advantage compares the samples of a group, and a group "
+                             "of 1 is always all right or all wrong: every advantage would be 0")
         if group == 1 and estimator in GROUP_BASELINE_ESTIMATORS:
-            warnings.warn(f"rollout.group_size = 1: the {estimator!r} advantage compares a sample with the others of its "
-                          "group and there are none (the reward itself is used, as verl does: no baseline)", stacklevel=2)
+            warnings.warn(f"rollout.group_size = 1: the {estimator!r} advantage takes its baseline from the other samples "
+                          "of a group and there are none, so no group baseline is subtracted (as in verl)", stacklevel=2)
         rows = self.rollout.prompts_per_step * group
         if self.optim.mini_batches > rows:
             raise ValueError(f"optim.mini_batches = {self.optim.mini_batches} is more than the {rows} rows of a step "
@@ -486,8 +491,8 @@ def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
     """A configuration dump as :func:`resume_changes` compares it: completed with this version's defaults (keys a
     later version added do not count as changes), the method in its full form (``grpo`` and ``{method: grpo}`` are
     one method), the advantage estimator resolved, and paths resolved."""
-    try:
-        config = TrainConfig.model_validate(dump)
+    try:  # without the cross-checks: a checkpoint's settings that a later version refuses are still its settings
+        config = TrainConfig.model_validate(dump, context={"settings_only": True})
     except ValidationError:  # saved by a version whose keys this one does not know: compared as it is
         return dump
     compared = config.model_dump(mode="json")

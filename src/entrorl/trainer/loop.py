@@ -404,7 +404,9 @@ class Trainer:
                      "policy gives")
         latest = latest_checkpoint(self.run_dir)
         if latest is not None and self.step > 0 and checkpoint_step(latest) == self.step:
-            where = f"The last checkpoint, {latest}, holds these weights: resume from one written before it."
+            before = latest_checkpoint(self.run_dir, before_step=self.step)
+            where = (f"The last checkpoint, {latest}, holds these weights; "
+                     + (f"{before} was written before them." if before is not None else "no checkpoint before it is left."))
         else:
             where = self._last_checkpoint_phrase()
         raise TrainingStopped(f"{cause} inf or NaN log-probs to {broken} of its {valid.numel()} sampled tokens; stopping. "
@@ -612,7 +614,10 @@ class Trainer:
                         continue
                     shares = MicroBatchShares.of(micro, mini_batch, mask=mask, normaliser_mask=normaliser_mask,
                                                  loss_agg_mode=self.objective.loss_agg_mode)
-                    (objective_out.loss * shares.loss).backward()
+                    # the policy loss by its share of the normaliser, the regularisers' terms by their share of the
+                    # valid tokens they are aggregated over (the two differ when a selector shrinks the normaliser)
+                    regularizers = objective_out.loss - objective_out.policy_loss
+                    (objective_out.policy_loss * shares.loss + regularizers * shares.aggregated).backward()
                     mini_coefficients[micro] = stats.logprob.grad.detach().float().cpu()
                     mini_metrics.append((objective_out.metrics, shares))
                 if losses_finite and self.master is not None:
@@ -669,13 +674,13 @@ class Trainer:
         metrics.update(change)
         metrics.update(covariance_summary(logprob, token_advantages, mask))
         metrics.update(discriminator_summary(disc, disc_centered_before, token_advantages, mask))
-        metrics.update(_mean_metrics(objective_metrics, aggregated=self.objective.aggregated_metrics))
+        metrics.update(_mean_metrics(objective_metrics, aggregated=self.objective.aggregated_metrics, updates=len(grad_norms)))
         metrics.update(step_metrics)
         if reference_log_prob is not None:
             log_ratio = (logprob - reference_log_prob.float().cpu())[mask]
             metrics["kl/ref_k1"] = float(log_ratio.mean()) if log_ratio.numel() else 0.0
         metrics.update(scored.metrics)  # what collection measured (rewards, lengths; a subclass may add more)
-        tokens = float(mask.sum())
+        tokens = float(valid.sum())
         metrics.update({
             "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else math.nan,
             "train/lr": lr,
@@ -717,9 +722,13 @@ class Trainer:
     def _stop_if_the_weights_broke(self) -> None:
         """A finite gradient can still step the weights to inf or NaN (a learning rate far too high); the next rollouts
         would be nonsense, so the run stops here, before a checkpoint could keep such weights."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad])
-        if not bool(finite.all()):
-            names = [name for name, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        # a norm is finite exactly when every entry is (barring an overflow of weights beyond 1e19, broken anyway)
+        with torch.no_grad():
+            if not trained or math.isfinite(float(torch.nn.utils.get_total_norm(trained))):
+                return
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if names:
             raise TrainingStopped(
                 f"the update of step {self.step + 1} left {len(names)} weight tensor(s) with inf or NaN values "
                 f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) although its gradient was finite: "
@@ -777,6 +786,11 @@ class Trainer:
         if metrics.get("select/dropped_frac", 0.0) >= 1.0:
             message = (f"warning: at step {self.step} the selectors of '{self.config.method_label()}' dropped every "
                        "token (select/dropped_frac = 1), so the update trained on nothing; check the method's selectors")
+        elif metrics.get("tokens/valid", 1.0) == 0:
+            message = (f"warning: at step {self.step} no token was left to train on (tokens/valid = 0), so the update "
+                       "trained on nothing" + (": every response was cut at rollout.max_new_tokens, and "
+                                               "rollout.mask_truncated leaves such responses out"
+                                               if self.config.rollout.mask_truncated else ""))
         elif metrics.get("correction/icepop_masked_frac", 0.0) >= 1.0:
             message = (f"warning: at step {self.step} IcePop masked every token (correction/icepop_masked_frac = 1), so "
                        "the update trained on nothing: the trainer's and the sampler's log-probs disagree beyond its "
@@ -993,18 +1007,23 @@ class MicroBatchShares:
 
     def weight_of(self, key: str, aggregated: frozenset[str]) -> float:
         """This micro-batch's weight for metric ``key`` (``aggregated``: the metrics aggregated like the loss)."""
-        if key.startswith("loss/"):
-            return self.loss
-        return self.aggregated if key in aggregated else self.tokens
+        if key in aggregated:
+            return self.aggregated
+        return self.loss if key.startswith("loss/") else self.tokens
 
 
-def _mean_metrics(records: list[tuple[dict[str, float], MicroBatchShares]], *, aggregated: frozenset[str]) -> dict[str, float]:
+def _mean_metrics(records: list[tuple[dict[str, float], MicroBatchShares]], *, aggregated: frozenset[str],
+                  updates: int) -> dict[str, float]:
     """The objective's metrics over a step: per update, its micro-batches combined into the mini-batch's value, then
-    the mean over updates (each update's shares sum to 1). The losses are weighted by the loss shares, so they come
-    out as the whole mini-batch's; the other ``aggregated`` metrics by their shares of the valid tokens' aggregation;
-    counts (``tokens/*``) add up and maxima (``*/max``) are maxima; every other metric is a statistic of the valid
+    the mean over the ``updates``. The policy loss is weighted by the loss shares and the regularisers' part of the
+    total loss and the other ``aggregated`` metrics by their shares of the valid tokens' aggregation, so they come out
+    as the whole mini-batch's; counts (``tokens/*``) add up and maxima (``*/max``) are maxima; every other metric is a statistic of the valid
     tokens, weighted by the micro-batch's count of them: a fraction or a token mean comes out as the mini-batch's
     (a threshold that each micro-batch took on its own tokens, as their token-weighted mean)."""
+    regularizers = "loss/total - loss/policy"  # aggregated like the regularisers' terms, then added back
+    records = [({**record, regularizers: record["loss/total"] - record["loss/policy"]}
+                if "loss/total" in record and "loss/policy" in record else record, shares) for record, shares in records]
+    aggregated = aggregated | {regularizers}
     keys = {key for record, _ in records for key in record}
     means = {}
     for key in sorted(keys):
@@ -1013,12 +1032,14 @@ def _mean_metrics(records: list[tuple[dict[str, float], MicroBatchShares]], *, a
         total_weight = sum(weight for _, weight in pairs)
         if not pairs:
             means[key] = math.nan
-        elif key.endswith("/max"):
-            means[key] = max(value for value, _ in pairs)
+        elif key.endswith("/max"):  # a micro-batch without valid tokens reports a placeholder
+            means[key] = max(value for value, weight in pairs if weight > 0 or total_weight == 0)
         elif key.startswith("tokens/"):
-            means[key] = sum(value for value, _ in pairs) / (total_weight or 1.0)
+            means[key] = sum(value for value, _ in pairs) / max(1, updates)
         elif total_weight == 0:  # no valid token in any micro-batch
             means[key] = sum(value for value, _ in pairs) / len(pairs)
         else:
             means[key] = sum(value * weight for value, weight in pairs) / total_weight
+    if regularizers in means:
+        means["loss/total"] = means["loss/policy"] + means.pop(regularizers)
     return means
