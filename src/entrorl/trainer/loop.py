@@ -616,8 +616,10 @@ class Trainer:
                                                  loss_agg_mode=self.objective.loss_agg_mode)
                     # the policy loss by its share of the normaliser, the regularisers' terms by their share of the
                     # valid tokens they are aggregated over (the two differ when a selector shrinks the normaliser)
-                    regularizers = objective_out.loss - objective_out.policy_loss
-                    (objective_out.policy_loss * shares.loss + regularizers * shares.aggregated).backward()
+                    weighted = objective_out.policy_loss * shares.loss
+                    if objective_out.loss is not objective_out.policy_loss:
+                        weighted = weighted + (objective_out.loss - objective_out.policy_loss) * shares.aggregated
+                    weighted.backward()
                     mini_coefficients[micro] = stats.logprob.grad.detach().float().cpu()
                     mini_metrics.append((objective_out.metrics, shares))
                 if losses_finite and self.master is not None:
