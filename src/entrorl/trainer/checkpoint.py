@@ -122,7 +122,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
     os.replace(temporary, final)
     _sync_directory(root)  # the rename itself
     atomic_write_text(root / "latest", name + "\n")
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and _complete(p))
+    complete = _complete_checkpoints(root)
     for old in complete[:-keep]:  # incomplete leftovers are not counted, so they can never push this one out
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -162,19 +162,24 @@ def _complete(checkpoint: Path) -> bool:
     return _non_empty(checkpoint / "trainer.pt") and _non_empty(model / "config.json") and _weights_present(model)
 
 
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints in ``root`` (a run's ``checkpoints``), oldest first (their names are zero-padded steps)."""
+    return sorted(p for p in root.glob(f"{_PREFIX}*") if _complete(p)) if root.is_dir() else []
+
+
 def latest_checkpoint(run_dir: Path, *, before_step: int | None = None) -> Path | None:
     """The newest complete checkpoint of a run directory, or None. When ``latest`` names a checkpoint that has lost
     files since it was written, the newest complete one before it is taken, with a warning. With ``before_step``, the
     newest complete one of an earlier step."""
     root = Path(run_dir) / "checkpoints"
     if before_step is not None:
-        earlier = [p for p in root.glob(f"{_PREFIX}*") if checkpoint_step(p) < before_step and _complete(p)]
-        return max(earlier, key=checkpoint_step, default=None)
+        earlier = [p for p in _complete_checkpoints(root) if checkpoint_step(p) < before_step]
+        return earlier[-1] if earlier else None
     pointer = root / "latest"
     named = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
     if named is not None and _complete(named):
         return named
-    complete = sorted(p for p in root.glob(f"{_PREFIX}*") if _complete(p)) if root.is_dir() else []
+    complete = _complete_checkpoints(root)
     chosen = complete[-1] if complete else None
     if named is not None and named.exists():
         logger.warning("checkpoint %s is incomplete (a file is missing or empty); %s", named,
