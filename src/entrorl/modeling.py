@@ -172,11 +172,14 @@ def _probe_shape(model) -> tuple[int, int, torch.device]:
     return int(vocab), length, next(model.parameters()).device
 
 
-def _probe_tolerance(model) -> float:
-    """How far, relative to the logits' scale, two computations of the same logits may differ: float32 rounding stays
-    below 1e-6 (bit-identical for same shapes on the CPU; a GPU's atomic additions, as in MoE kernels, are not);
-    half precision rounds at 4e-3 and more."""
-    return 5e-2 if model.dtype in (torch.bfloat16, torch.float16) else 1e-4
+def _probe_difference(model, logits: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """The largest difference between two computations of the same logits, when it is more than rounding explains
+    (relative to the logits' scale: float32 rounding stays below 1e-6, bit-identical for same shapes on the CPU but
+    not with a GPU's atomic additions, as in MoE kernels; half precision rounds at 4e-3 and more); else None."""
+    logits, reference = logits.float(), reference.float()
+    change = float((logits - reference).abs().max())
+    tolerance = 5e-2 if model.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    return change if change > tolerance * max(1.0, float(reference.abs().max())) else None
 
 
 def check_causal(model, source: str | Path = "the model") -> None:
@@ -193,9 +196,9 @@ def check_causal(model, source: str | Path = "the model") -> None:
     second = first.clone()
     second[length // 2:] = (second[length // 2:] + 1) % vocab
     with _probing(model, training=False):
-        shared = [model(input_ids=ids[None]).logits[0, : length // 2].float() for ids in (first, second)]
-    change = float((shared[0] - shared[1]).abs().max())
-    if change > _probe_tolerance(model) * max(1.0, float(shared[0].abs().max())):
+        shared = [model(input_ids=ids[None]).logits[0, : length // 2] for ids in (first, second)]
+    change = _probe_difference(model, shared[1], shared[0])
+    if change is not None:
         raise ValueError(
             f"{source} is not a causal language model: its predictions at the first {length // 2} positions changed by "
             f"{change:.3g} when only later tokens did (bidirectional attention, as in an encoder such as BERT). Its "
@@ -228,9 +231,8 @@ def check_left_padding(model, source: str | Path = "the model") -> None:
             raise
         raise ValueError(f"{source} cannot run left-padded batches: its forward does not take an attention mask and "
                          f"position ids ({error})") from None
-    padded, alone = padded.float(), alone.float()
-    change = float((padded - alone).abs().max())
-    if change > _probe_tolerance(model) * max(1.0, float(alone.abs().max())):
+    change = _probe_difference(model, padded, alone)
+    if change is not None:
         raise ValueError(
             f"{source} does not handle left padding: a row padded on the left beside a longer one got logits {change:.3g} "
             f"away from its own (model type {getattr(model.config, 'model_type', '?')!r}; a recurrent model that ignores "
@@ -245,6 +247,13 @@ def _is_random_rate(name: str) -> bool:
     return "drop" in name or "jitter" in name
 
 
+def _zero_random_rates(holder) -> None:
+    """Set every positive float attribute of ``holder`` (a module or a config) that :func:`_is_random_rate` to 0."""
+    for name, value in list(vars(holder).items()):
+        if isinstance(value, float) and value > 0 and _is_random_rate(name):
+            setattr(holder, name, 0.0)
+
+
 def turn_off_dropout(model, source: str | Path = "the model") -> None:
     """Zero every train-mode random rate of ``model``, so that its train-mode forward is the eval-mode one and the
     update scores the sampled tokens as the sampler did: ``nn.Dropout`` modules, and the plain float rates that many
@@ -254,13 +263,10 @@ def turn_off_dropout(model, source: str | Path = "the model") -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if isinstance(value, float) and value > 0 and _is_random_rate(name):
-                setattr(module, name, 0.0)
+        _zero_random_rates(module)
     for config in (model.config, getattr(model.config, "text_config", None)):
-        for name, value in list(vars(config).items()) if config is not None else ():
-            if isinstance(value, float) and value > 0 and _is_random_rate(name):
-                setattr(config, name, 0.0)
+        if config is not None:
+            _zero_random_rates(config)
     vocab, length, device = _probe_shape(model)
     if vocab < 1:
         return
