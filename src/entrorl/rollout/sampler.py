@@ -166,7 +166,8 @@ class _TransformersDecoder:
         self.cache = None
         self.cache_argument = cache_argument(model)
         self.next_position = None
-        self.rope = length_dependent_rope(model)
+        rope = length_dependent_rope(model)
+        self.longrope_context = rope[1] if rope is not None and rope[0] == "longrope" else None  # original context
         self.long_factors = False  # whether the cached keys were rotated with longrope's long factors
         # a state-space model's decode step takes no mask: it would scale the one new token by the whole mask
         self.decode_mask = getattr(model.config, "model_type", None) not in _DECODE_WITHOUT_MASK
@@ -176,7 +177,7 @@ class _TransformersDecoder:
         output = self.model(input_ids=self.sequences, attention_mask=self.attention, position_ids=positions,
                             use_cache=True, logits_to_keep=1)
         self.cache, self.next_position = output_cache(output), positions[:, -1:] + 1
-        self.long_factors = self.rope is not None and self.rope[0] == "longrope" and int(positions.max()) + 1 > self.rope[1]
+        self.long_factors = self.longrope_context is not None and int(positions.max()) + 1 > self.longrope_context
         return output.logits[:, -1, :]
 
     def prefill(self) -> torch.Tensor:
@@ -200,8 +201,8 @@ class _TransformersDecoder:
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         self.attention = torch.cat([self.attention, self.attention.new_ones((self.attention.shape[0], 1))], dim=-1)
         self.sequences = torch.cat([self.sequences, tokens[:, None]], dim=-1)
-        if (self.rope is not None and self.rope[0] == "longrope" and not self.long_factors
-                and int(self.next_position.max()) >= self.rope[1]):  # this call passes the original context
+        if (self.longrope_context is not None and not self.long_factors
+                and int(self.next_position.max()) >= self.longrope_context):  # this call passes the original context
             return self._run_whole_sequences()
         output = self.model(input_ids=tokens[:, None], attention_mask=self.attention if self.decode_mask else None,
                             position_ids=self.next_position, use_cache=True, **{self.cache_argument: self.cache})
