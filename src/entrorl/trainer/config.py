@@ -371,7 +371,7 @@ class TrainConfig(_Section):
     def _cross_checks(self, info: ValidationInfo) -> "TrainConfig":
         if info.context and info.context.get("settings_only"):  # a checkpoint's settings, read back to compare them
             return self
-        names = {info.name for info in available_advantages()}
+        names = {advantage.name for advantage in available_advantages()}
         estimator = self.advantage_estimator()
         if estimator not in names:
             raise ValueError(f"advantage.name: unknown estimator '{estimator}'; available: {sorted(names)}")
@@ -404,7 +404,8 @@ class TrainConfig(_Section):
             check_reward_spec(self.reward.name, **self.reward.kwargs)
         except (ValueError, TypeError) as error:
             raise ValueError(f"{'reward' if self.reward.kwargs else 'reward.name'}: {error}") from None
-        if self.optim.kl_reference is False and self._method_needs_reference():
+        required = build_objective(self.method).required_fields
+        if self.optim.kl_reference is False and "ref_log_prob" in required:
             raise ValueError(f"optim.kl_reference is false, but method {self.method_label()!r} needs the reference "
                              "model's log-probs (kl_ref); set it to true or leave it out")
         overlong = self.reward.overlong
@@ -420,7 +421,7 @@ class TrainConfig(_Section):
                 f"reward.overlong.max_length = {overlong.max_length} is above rollout.max_new_tokens = "
                 f"{self.rollout.max_new_tokens}: a response cut at the limit gets only part of the penalty (DAPO sets "
                 "max_length to the response limit)", stacklevel=2)
-        if self.rollout.filters_tokens() and "rollout_log_prob" in build_objective(self.method).required_fields:
+        if self.rollout.filters_tokens() and "rollout_log_prob" in required:
             warnings.warn(
                 f"method {self.method_label()!r} compares the trainer's log-probs (the full distribution at "
                 f"rollout.temperature) with the sampler's, which rollout.top_k = {self.rollout.top_k} / top_p = "
@@ -445,15 +446,12 @@ class TrainConfig(_Section):
     def method_label(self) -> str:
         return "+".join(self.method_names()) or "custom"
 
-    def _method_needs_reference(self) -> bool:
-        return "ref_log_prob" in build_objective(self.method).required_fields
-
     def needs_reference(self) -> bool:
         """Whether a run of this configuration loads the starting model as a frozen reference: ``optim.kl_reference``,
         by default when the method needs the reference's log-probs (``kl_ref``)."""
         if self.optim.kl_reference is not None:
             return self.optim.kl_reference
-        return self._method_needs_reference()
+        return "ref_log_prob" in build_objective(self.method).required_fields
 
 
 # what a resumed run may not change: the weights' origin and precision, the prompts and how they are drawn, the method

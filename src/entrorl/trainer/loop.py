@@ -172,14 +172,12 @@ class Trainer:
         # prompts that do not fit the context fail now when the config declares it, not after the weights load
         declared = read_model_config(model_path, trust_remote_code=config.model.trust_remote_code)
         if declared is not None:
-            self.train_prompt_ids = self._encode_all(self.train_records, declared)
-            self.eval_prompt_ids = self._encode_all(self.eval_records, declared)
+            self._encode_prompts(declared)
         self.device = resolve_device(config.model.device)
         self.model = self._load_policy(model_path, checkpoint)
         self.reference = self._load_reference()
         if declared is None:
-            self.train_prompt_ids = self._encode_all(self.train_records, self.model)
-            self.eval_prompt_ids = self._encode_all(self.eval_records, self.model)
+            self._encode_prompts(self.model)
         self.stream = PromptStream(self.train_records, seed=config.seed, shuffle=config.data.shuffle)
         self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
                                        top_p=config.rollout.top_p, top_k=config.rollout.top_k)
@@ -329,15 +327,16 @@ class Trainer:
             raise ValueError(f"data.pass_rate_band {self.config.data.pass_rate_band} keeps none of the {len(records)} prompts")
         return kept
 
-    def _encode_all(self, records: list[PromptRecord], context_of) -> list[list[int]]:
-        """Tokenise every prompt once; prompts that leave no room for the response in the context of ``context_of``
-        (the model or its config) are reported, not truncated."""
+    def _encode_prompts(self, context_of) -> None:
+        """Tokenise every train and eval prompt once (``train_prompt_ids``, ``eval_prompt_ids``); prompts that leave no
+        room for the response in the context of ``context_of`` (the model or its config) are reported, not truncated."""
         data, model = self.config.data, self.config.model
-        encoded = [encode_prompt(self.tokenizer, record.prompt, template=data.prompt_template,
-                                 chat_template=model.chat_template) for record in records]
-        check_prompts_fit(context_of, encoded, [record.source for record in records],
-                          max_new_tokens=self.config.rollout.max_new_tokens)
-        return encoded
+        for records, attribute in ((self.train_records, "train_prompt_ids"), (self.eval_records, "eval_prompt_ids")):
+            encoded = [encode_prompt(self.tokenizer, record.prompt, template=data.prompt_template,
+                                     chat_template=model.chat_template) for record in records]
+            check_prompts_fit(context_of, encoded, [record.source for record in records],
+                              max_new_tokens=self.config.rollout.max_new_tokens)
+            setattr(self, attribute, encoded)
 
     # ------------------------------------------------------------------------------------------------ state
     def _trainer_state(self) -> dict[str, Any]:
