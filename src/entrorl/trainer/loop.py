@@ -1018,9 +1018,9 @@ def _mean_metrics(records: list[tuple[dict[str, float], MicroBatchShares]], *, a
     """The objective's metrics over a step: per update, its micro-batches combined into the mini-batch's value, then
     the mean over the ``updates``. The policy loss is weighted by the loss shares and the regularisers' part of the
     total loss and the other ``aggregated`` metrics by their shares of the valid tokens' aggregation, so they come out
-    as the whole mini-batch's; counts (``tokens/*``) add up and maxima (``*/max``) are maxima; every other metric is a statistic of the valid
-    tokens, weighted by the micro-batch's count of them: a fraction or a token mean comes out as the mini-batch's
-    (a threshold that each micro-batch took on its own tokens, as their token-weighted mean)."""
+    as the whole mini-batch's; counts (``tokens/*``) add up and maxima (``*/max``) are maxima; every other metric is a
+    statistic of the valid tokens, weighted by the micro-batch's count of them: a fraction or a token mean comes out
+    as the mini-batch's (a threshold that each micro-batch took on its own tokens, as their token-weighted mean)."""
     regularizers = "loss/total - loss/policy"  # aggregated like the regularisers' terms, then added back
     records = [({**record, regularizers: record["loss/total"] - record["loss/policy"]}
                 if "loss/total" in record and "loss/policy" in record else record, shares) for record, shares in records]
