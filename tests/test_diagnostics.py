@@ -10,6 +10,7 @@ import torch
 from entrorl.objective import PolicyBatch, build_objective
 from entrorl.tokens import token_stats
 from entrorl.trainer.diagnostics import (
+    FirstOrderEntropyChange,
     covariance_summary,
     decision_points,
     discriminator_summary,
@@ -154,3 +155,22 @@ def test_top_fork_tokens_lists_each_decision_point_once():
     same = torch.tensor([[ord("a"), ord("b")]] * 3)
     greedy = top_fork_tokens(CharTokenizer(), prompt_ids, prompt_mask, same, response_mask, entropy, k=5)
     assert [(f["position"], f["samples"]) for f in greedy] == [(0, 3), (1, 3)]
+
+
+def test_first_order_change_keeps_a_change_far_below_the_weights_rounding():
+    """g . theta_after - g . theta_before in float64 equals g . (theta_after - theta_before) where the change is 2e-7 of
+    g . theta (float32 would keep none of it), and a parameter without a gradient counts for nothing."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [1000 + torch.randn(300, generator=generator), torch.randn(7, generator=generator)]
+    gradient = [torch.randn(300, generator=generator), None]
+    change = FirstOrderEntropyChange(weights, gradient)
+    step = 1e-4 * torch.randn(300, generator=generator)
+    moved = weights[0] + step  # float32: the step is rounded to the weights' grid, as an optimizer's would be
+    with torch.no_grad():
+        applied = moved.double() - weights[0].double()
+        weights[0].copy_(moved)
+        weights[1].add_(1.0)
+    expected = float(gradient[0].double() @ applied)
+    assert expected != 0.0 and change.after_update() == pytest.approx(expected, rel=1e-7)
+    with pytest.raises(ValueError, match="1 gradients for 2 parameters"):
+        FirstOrderEntropyChange(weights, gradient[:1])

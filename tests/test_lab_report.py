@@ -57,6 +57,10 @@ def _metrics(name: str, rng: np.random.Generator) -> list[dict]:
             "time/step_s": 0.5,
         }
         records.append(record)
+    if name == "grpo":  # diagnostics.first_order: the measured change and a little noise (its own stream of numbers)
+        noise = np.random.default_rng(1)
+        for record in records:
+            record["entropy/first_order_delta"] = record["entropy/measured_delta"] + float(noise.normal(0.0, 0.002))
     # null (NaN) values, as the logger writes them
     records[1]["entropy/mean"] = None
     records[5]["entropy/measured_delta"] = None
@@ -270,6 +274,23 @@ def test_every_table_number_is_the_same_string_in_markdown_html_and_json(report_
     assert cov["top 0.02% step 1"] == "n/a"  # null at step 1
     rates = next(r for r in report["pass_rates"]["rows"] if r["model"] == "grpo")
     assert rates["rate 0"] == fmt(np.mean(np.array(grpo_eval["pass_rates"]) == 0))
+
+
+def test_predicted_and_first_order_changes_are_compared_with_the_measured_one(report_run):
+    """Correlations and sign agreements recomputed from metrics.jsonl; a run without the first-order metric shows n/a."""
+    out, report, markdown, document = report_run
+    rows = {row["method"]: row for row in report["entropy_change"]["rows"]}
+    predicted, measured, first_order = (np.array(_grpo_metric(out, key)) for key in (
+        "entropy/predicted_delta", "entropy/measured_delta", "entropy/first_order_delta"))
+    both = np.isfinite(predicted) & np.isfinite(measured)
+    assert rows["grpo"]["steps"] == fmt(int(both.sum()))
+    assert rows["grpo"]["correlation across steps"] == fmt(np.corrcoef(predicted[both], measured[both])[0, 1])
+    assert rows["grpo"]["sign agreement"] == fmt(np.mean(np.sign(predicted[both]) == np.sign(measured[both])))
+    assert rows["grpo"]["first order: correlation"] == fmt(np.corrcoef(first_order[both], measured[both])[0, 1])
+    assert float(rows["grpo"]["first order: correlation"]) > 0.9
+    assert rows["grpo"]["first order: sign agreement"] == fmt(np.mean(np.sign(first_order[both]) == np.sign(measured[both])))
+    assert rows["clip_cov"]["first order: correlation"] == rows["clip_cov"]["first order: sign agreement"] == "n/a"
+    assert "The first-order change's ranges from" in markdown
 
 
 def test_failed_methods_are_listed_not_compared(report_run):

@@ -33,7 +33,7 @@ def make_config(model_dir: Path, train: Path, held_out: Path | None, **sections)
         "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6, "temperature": 1.0},
         "method": "grpo",
         "optim": {"steps": 3, "lr": 1e-3},
-        "eval": {"every": 0, "n": 2, "ks": [1, 2], "max_prompts": 3, "top_forks": 5},
+        **({"eval": {"every": 0, "n": 2, "ks": [1, 2], "max_prompts": 3, "top_forks": 5}} if held_out else {}),
         "logging": {"progress": False},
         "checkpoint": {"every": 2, "keep": 2},
     }
@@ -570,6 +570,40 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         load_config(base, ["rollout.group_size=1", "advantage.name=passk", "advantage.params={k: 1}"])
 
 
+def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arithmetic_files):
+    """A setting moved from its default that nothing reads warns, naming it and what it waits for; booleans in a list
+    of numbers are refused like booleans for a number."""
+    import warnings
+
+    train, held_out = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)
+    for overrides, problem in (
+            (["optim.min_lr_ratio=0.1"], r"optim.min_lr_ratio = 0.1 has no effect: optim.lr_schedule is 'constant'"),
+            (["optim.warmup_steps=4"], r"optim.warmup_steps = 4 is more than optim.steps = 3: the learning rate never "
+                                       r"reaches optim.lr"),
+            (["rollout.max_sampling_rounds=5"], r"rollout.max_sampling_rounds has no effect without rollout.dynamic_sampling"),
+            (["rollout.dynamic_sampling_metric=reward"], r"rollout.dynamic_sampling_metric has no effect without"),
+            (["rollout.vllm_gpu_memory_utilization=0.5"], r"vllm_gpu_memory_utilization has no effect with rollout.backend = 'hf'"),
+            (["data.pass_rate_column=rate"], r"data.pass_rate_column has no effect without data.pass_rate_band"),
+            (["eval.n=4"], r"eval.n has no effect: data.eval is not set, so no evaluation runs"),
+            (["eval.top_k=5"], r"eval.top_k has no effect: data.eval is not set"),
+            (["diagnostics.measure_entropy_change=false", "diagnostics.measure_fraction=0.5"],
+             r"diagnostics.measure_fraction has no effect with diagnostics.measure_entropy_change = false"),
+            (["model.master_weights=false"], r"model.master_weights has no effect with model.dtype = 'float32'"),
+            (["reward.diversity.batch_size=8"], r"reward.diversity.batch_size has no effect while reward.diversity.enabled is false")):
+        with pytest.warns(UserWarning, match=problem):
+            load_config(base, overrides)
+    with warnings.catch_warnings():  # each of them where it does take effect: silent
+        warnings.simplefilter("error")
+        load_config(base, ["optim.min_lr_ratio=0.1", "optim.lr_schedule=cosine", "optim.warmup_steps=3",
+                           "rollout.dynamic_sampling=true", "rollout.max_sampling_rounds=5", "data.pass_rate_column=rate",
+                           "data.pass_rate_band=[0.1, 0.9]", "model.dtype=bfloat16", "model.master_weights=false"])
+        load_config(make_config(tmp_path / "no-model-needed", train, held_out), ["eval.n=4", "eval.top_k=5"])
+    for override in ("eval.ks=[1, true]", "optim.betas=[true, 0.9]"):
+        with pytest.raises(ConfigError, match=r"expected numbers, not booleans"):
+            load_config(base, [override])
+
+
 def test_a_checkpoint_whose_settings_this_version_refuses_still_resumes_once_they_are_mended(tmp_path, arithmetic_files):
     """A run saved with eval.every but no data.eval (accepted then, refused now) is compared setting by setting with
     the mended configuration, and its settings raise no warnings of their own."""
@@ -602,6 +636,60 @@ def test_predicted_entropy_change_of_the_step_covers_every_token_whatever_is_re_
             sums.append(trainer.train_step()["entropy/predicted_delta_sum"])
             trainer.logger.close()
     assert sums[0] != 0.0 and sums[0] == pytest.approx(sums[1], rel=1e-9)
+
+
+@pytest.mark.parametrize("optim", [{"lr": 1e-4}, {"lr": 1e-4, "mini_batches": 2, "micro_batch_size": 3}],
+                         ids=["one-update", "two-updates-micro-batched"])
+def test_first_order_entropy_change_is_the_gradient_times_the_applied_update(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                             optim):
+    """entropy/first_order_delta = grad H . (theta_after - theta_before) for the mean entropy H of the re-scored tokens:
+    against a float64 copy of the model, its gradient before the step and its entropies before and after the step
+    (the measured change without float32 rounding: equal to first order at this learning rate)."""
+    train, _ = arithmetic_files
+    captured = {}
+    with importable_module(tmp_path, "parity_first_order", PARITY_REWARD):
+        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "parity_first_order:score"},
+                                         optim={"steps": 3, **optim}, diagnostics={"first_order": True, "measure_fraction": 0.5}))
+        trainer = Trainer(config, run_dir=tmp_path / "run")
+        entropy_gradient = trainer._entropy_gradient
+
+        def capture(rollouts, rows):
+            captured.update(rollouts=rollouts, rows=rows, before=copy.deepcopy(trainer.model).double())
+            return entropy_gradient(rollouts, rows)
+
+        trainer._entropy_gradient = capture
+        metrics = trainer.train_step()
+        trainer.logger.close()
+    rollouts, rows, before = captured["rollouts"], captured["rows"], captured["before"]
+    assert rows.tolist() == [0, 2, 4, 6]  # every other row of 8
+
+    def mean_entropy(model):  # float64, one row at a time without padding
+        entropies = []
+        for row in rows.tolist():
+            prompt = rollouts.prompt_ids[row][rollouts.prompt_mask[row]]
+            response = rollouts.response_ids[row][rollouts.response_mask[row]]
+            logits = model(input_ids=torch.cat([prompt, response])[None]).logits[0, len(prompt) - 1: -1]
+            log_p = logits.log_softmax(dim=-1)
+            entropies.append(-(log_p.exp() * log_p).sum(dim=-1))
+        return torch.cat(entropies).mean()
+
+    gradient = torch.autograd.grad(mean_entropy(before), list(before.parameters()))
+    after = copy.deepcopy(trainer.model).double()
+    moved = [a.detach() - b.detach() for a, b in zip(after.parameters(), before.parameters())]
+    reference = sum(float((g * d).sum()) for g, d in zip(gradient, moved))
+    assert reference != 0.0 and metrics["entropy/first_order_delta"] == pytest.approx(reference, rel=1e-4)
+
+    def entropy_moved_by(fraction: float) -> float:  # H(theta_before + fraction * (theta_after - theta_before))
+        with torch.no_grad():
+            for parameter, origin, delta in zip(after.parameters(), before.parameters(), moved):
+                parameter.copy_(origin + fraction * delta)
+            return float(mean_entropy(after))
+
+    # the derivative along the applied update, by central differences (error O(eps^2): 2.8% at eps 1, 0.25% at 0.3
+    # here; much smaller steps drown in the float32 rounding that transformers' RMSNorm and RoPE keep in a float64 model)
+    assert (entropy_moved_by(0.25) - entropy_moved_by(-0.25)) / 0.5 == pytest.approx(reference, rel=1e-2)
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, **optim}))
+    assert "entropy/first_order_delta" not in Trainer(config, run_dir=tmp_path / "off").train_step()
 
 
 def test_progress_off_a_terminal_is_a_line_per_interval(tmp_path, tiny_model_dir, arithmetic_files):
@@ -1091,6 +1179,36 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     assert methods.returncode == 0 and {m["name"] for m in json.loads(methods.stdout)} >= {"clip_b", "kl_cov", "forking_tokens"}
     too_big = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "4")
     assert too_big.returncode == 2 and "exceeds --n" in too_big.stderr
+
+
+def test_cli_eval_writes_every_sample_it_scored(tmp_path, tiny_model_dir, arithmetic_files):
+    """--samples: one line per sample, prompt by prompt, from which Avg@n and every pass rate are recomputed; the
+    generation batch size is an option and is recorded; --samples cannot be --out."""
+    from entrorl.rewards import get_reward
+
+    _, held_out = arithmetic_files
+    samples, out = tmp_path / "deep" / "samples.jsonl", tmp_path / "eval.json"
+    base = ("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "3", "--k", "1,3", "--reward",
+            "exact_match", "--max-new-tokens", "5")
+    result = run_cli(*base, "--samples", str(samples), "--out", str(out), "--batch-size", "5")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(lines) == 8 * 3 and summary["samples_file"] == str(samples) and summary["settings"]["batch_size"] == 5
+    assert [line["source"] for line in lines] == [source for source in summary["sources"] for _ in range(3)]
+    assert [line["sample"] for line in lines] == [0, 1, 2] * 8
+    exact = get_reward("exact_match")
+    for line in lines:
+        assert line["reward"] == float(exact(line["prompt"], line["completion"], line["answer"]))
+        assert line["correct"] == (line["reward"] >= summary["threshold"]) and 1 <= line["length"] <= 5
+        assert not line["truncated"] or line["length"] == 5  # cut at --max-new-tokens
+    assert summary["avg_at_n"] == pytest.approx(sum(line["correct"] for line in lines) / len(lines))
+    assert summary["pass_rates"] == pytest.approx([sum(line["correct"] for line in lines[3 * i: 3 * i + 3]) / 3
+                                                   for i in range(8)])
+    same = run_cli(*base, "--samples", str(out), "--out", str(out))
+    assert same.returncode == 2 and "--out and --samples name the same file" in same.stderr
+    directory = run_cli(*base, "--samples", str(tmp_path))
+    assert directory.returncode == 2 and "--samples" in directory.stderr and "is a directory" in directory.stderr
 
 
 def test_cli_eval_reports_reward_errors_threshold_and_default_ks(tmp_path, tiny_model_dir, arithmetic_files):

@@ -209,6 +209,11 @@ def evaluate(
         "without one)")] = True,
     seed: SeedOption = 0,
     out: Annotated[Optional[Path], typer.Option(help="write the JSON summary here")] = None,
+    samples: Annotated[Optional[Path], typer.Option(
+        help="write every sample here, one JSON line each: its prompt's source (file:line), prompt, completion, "
+        "reference answer, reward, correctness, length, truncation and the reward's reason")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="sequences per generation call (the samples drawn depend on "
+                                                       "it, the distribution does not)")] = 64,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     trust_remote_code: TrustRemoteCodeOption = False,
@@ -225,6 +230,14 @@ def evaluate(
     ks = None if k is None else _parse_ks(k)
     if ks is not None and ks[-1] > n:
         _fail(f"--k {ks[-1]} exceeds --n {n}: Pass@k needs at least k samples per prompt")
+    outputs = {option: path for option, path in (("--out", out), ("--samples", samples)) if path is not None}
+    if len(outputs) == 2 and out.resolve() == samples.resolve():
+        _fail(f"--out and --samples name the same file ({out}); give each its own")
+
+    def check_outputs() -> None:
+        for option, path in outputs.items():
+            check_output_file(path, what=option)
+
     try:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
@@ -232,20 +245,21 @@ def evaluate(
             chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
             fit_max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
             require_answer=require_answer, correct_threshold=correct_threshold,
-            check_outputs=None if out is None else lambda: check_output_file(out, what="--out"))
+            check_outputs=check_outputs)
     except (ValueError, OSError) as error:
         _fail(str(error))
     with Progress(console=console) as progress:
         task = progress.add_task("sampling", total=len(records) * n)
         result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks, sampling=sampling,
-                                seed=seed, progress=lambda done: progress.update(task, completed=done))
+                                seed=seed, batch_size=batch_size, keep_samples=samples is not None,
+                                progress=lambda done: progress.update(task, completed=done))
     summary = result.to_dict()
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
     summary["settings"] = {"model": str(model), "data": str(data), "reward": reward, "n": n, "max_new_tokens": max_new_tokens,
                            "temperature": temperature, "top_p": top_p, "top_k": top_k, "prompt_column": prompt_column,
                            "answer_column": answer_column, "prompt_template": prompt_template, "chat_template": chat_template,
                            "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold,
-                           "dtype": dtype, "seed": seed}
+                           "dtype": dtype, "seed": seed, "batch_size": batch_size}
     summary["sources"] = [record.source for record in records]
     reward_log = _keep_reward_traceback(
         result.first_reward_error, None if out is None else out.with_name(f"{out.stem}.reward_errors.log"))
@@ -268,6 +282,13 @@ def evaluate(
         table.add_row("reward errors", str(result.reward_errors))
     console.print(table)
     _print_reward_errors(result.reward_errors, len(records) * n, result.first_reward_error, reward_log)
+    if samples is not None:
+        try:
+            samples.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(samples, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in result.samples))
+            summary["samples_file"] = str(samples)
+        except OSError as error:
+            console.print(Text.assemble(("error:", "bold red"), f" cannot write {samples}: {error}"), soft_wrap=True)
     text = json.dumps(summary, indent=1)
     if out is not None:
         try:

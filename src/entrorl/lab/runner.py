@@ -87,6 +87,7 @@ def _trainer_config(preset: LabPreset, method: str, model_dir: Path, data: dict[
         "optim": {"steps": preset.steps, "lr": preset.lr, "warmup_steps": preset.warmup_steps,
                   "mini_batches": preset.mini_batches, "grad_clip": 1.0},
         "eval": {"every": 0},
+        "diagnostics": {"first_order": True},
         "logging": {"run_dir": str(run_dir.parent), "name": run_dir.name, "progress": False},
         "checkpoint": {"every": preset.checkpoint_every, "keep": 1},
     }

@@ -40,14 +40,27 @@ class _Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info) -> Any:
-        """pydantic would take ``true`` as 1 for a number (``optim.steps: true`` ran one step)."""
-        if isinstance(value, bool):
-            annotation = cls.model_fields[info.field_name].annotation
-            union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-            accepted = set(typing.get_args(annotation)) if union else {annotation}
-            if bool not in accepted and accepted & {int, float}:
-                raise ValueError("expected a number, not a boolean")
+        """pydantic would take ``true`` as 1 for a number (``optim.steps: true`` ran one step, ``eval.ks: [true]``
+        computed Pass@1)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _takes_numbers_only(_alternatives(annotation)):
+            raise ValueError("expected a number, not a boolean")
+        if isinstance(value, (list, tuple)) and any(isinstance(item, bool) for item in value):
+            elements = {element for alternative in _alternatives(annotation)
+                        if typing.get_origin(alternative) in (list, tuple) for element in typing.get_args(alternative)}
+            if _takes_numbers_only(elements - {Ellipsis}):
+                raise ValueError("expected numbers, not booleans")
         return value
+
+
+def _alternatives(annotation: Any) -> set:
+    """The types of a union annotation (``int | None`` → ``{int, None}``), or the annotation alone."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return set(typing.get_args(annotation)) if union else {annotation}
+
+
+def _takes_numbers_only(accepted: set) -> bool:
+    return bool(accepted & {int, float}) and bool not in accepted
 
 
 class ModelConfig(_Section):
@@ -311,6 +324,10 @@ class DiagnosticsConfig(_Section):
     measure_fraction: float = Field(
         0.25, gt=0, le=1, description="share of the step's rows re-scored (every k-th row); the prediction is compared on the same rows"
     )
+    first_order: bool = Field(
+        False, description="also predict the measured change from the update actually applied (optimizer, clipping and "
+        "shared weights included): g . (theta_after - theta_before), g the gradient of the re-scored tokens' mean "
+        "entropy before the update (entropy/first_order_delta); costs one forward and backward of the re-scored rows")
 
 
 class LoggingConfig(_Section):
@@ -431,7 +448,44 @@ class TrainConfig(_Section):
         if self.reward.unlikeliness is not None and estimator == "unlikely":
             raise ValueError("reward.unlikeliness and the 'unlikely' advantage estimator both apply the unlikeliness "
                              "reward; keep one (the estimator is reward.unlikeliness + grpo)")
+        for message in self._settings_without_effect():
+            warnings.warn(message, stacklevel=2)
         return self
+
+    def _settings_without_effect(self) -> list[str]:
+        """Settings moved from their default that this configuration never reads (a typo of intent: the user meant
+        the setting to do something)."""
+        unused = []
+
+        def moved(section: BaseModel, *names: str) -> list[str]:
+            return [name for name in names if getattr(section, name) != type(section).model_fields[name].default]
+
+        optim, rollout, data = self.optim, self.rollout, self.data
+        if optim.lr_schedule == "constant" and moved(optim, "min_lr_ratio"):
+            unused.append(f"optim.min_lr_ratio = {optim.min_lr_ratio} has no effect: optim.lr_schedule is 'constant' "
+                          "(only 'linear' and 'cosine' decay towards it)")
+        if optim.warmup_steps > optim.steps:
+            unused.append(f"optim.warmup_steps = {optim.warmup_steps} is more than optim.steps = {optim.steps}: the "
+                          f"learning rate never reaches optim.lr = {optim.lr}")
+        if not rollout.dynamic_sampling:
+            unused += [f"rollout.{name} has no effect without rollout.dynamic_sampling"
+                       for name in moved(rollout, "max_sampling_rounds", "dynamic_sampling_metric")]
+        if rollout.backend == "hf" and moved(rollout, "vllm_gpu_memory_utilization"):
+            unused.append("rollout.vllm_gpu_memory_utilization has no effect with rollout.backend = 'hf'")
+        if data.pass_rate_band is None and moved(data, "pass_rate_column"):
+            unused.append("data.pass_rate_column has no effect without data.pass_rate_band")
+        if data.eval is None:
+            unused += [f"eval.{name} has no effect: data.eval is not set, so no evaluation runs"
+                       for name in moved(self.eval, "n", "ks", "max_prompts", "temperature", "top_p", "top_k", "top_forks")]
+        if not self.diagnostics.measure_entropy_change:
+            unused += [f"diagnostics.{name} has no effect with diagnostics.measure_entropy_change = false"
+                       for name in moved(self.diagnostics, "measure_fraction", "first_order")]
+        if self.model.dtype == "float32" and moved(self.model, "master_weights"):
+            unused.append("model.master_weights has no effect with model.dtype = 'float32' (the weights are float32)")
+        if not self.reward.diversity.enabled:
+            unused += [f"reward.diversity.{name} has no effect while reward.diversity.enabled is false"
+                       for name in moved(self.reward.diversity, "model", "batch_size", "device")]
+        return unused
 
     def method_names(self) -> list[str]:
         config = self.method if isinstance(self.method, ObjectiveConfig) else ObjectiveConfig(method=self.method)

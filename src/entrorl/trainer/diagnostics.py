@@ -11,6 +11,12 @@ the updates the optimizer applied (a skipped update contributes nothing), scaled
 that reaches the logits through an entropy term of the loss (``entropy_bonus``, ``adaptive_entropy``) flows through
 ``log p_t`` too and is part of ``g_t`` only through the log-prob: its direct effect on the entropy is left out.
 
+The first-order prediction from the update actually applied (:class:`FirstOrderEntropyChange`, when asked):
+``Delta H ~= grad_theta H . Delta theta``, with ``H`` the mean entropy of the re-scored tokens and ``Delta theta``
+the step's whole change of the weights. It makes no tabular assumption: the optimizer's preconditioning, gradient
+clipping and the coupling of positions through shared weights are all in ``Delta theta``, so what it leaves of the
+measured change is the second-order part of the step.
+
 The entropy discriminator (arXiv 2602.03392): with ``p`` the sampled token's probability and ``H`` the entropy of
 its position, ``S = p (log p + H)`` and its centred form ``D = S - E_{k~pi}[S_k]``; a positive update of a token
 with ``D > 0`` lowers the entropy, with ``D < 0`` raises it.
@@ -26,7 +32,8 @@ import torch
 
 from entrorl.dynamics import covariance_concentration, token_covariance
 
-__all__ = ["entropy_summary", "discriminator_summary", "decision_points", "predicted_vs_measured", "covariance_summary", "top_fork_tokens"]
+__all__ = ["entropy_summary", "discriminator_summary", "decision_points", "predicted_vs_measured", "FirstOrderEntropyChange",
+           "covariance_summary", "top_fork_tokens"]
 
 
 def _valid(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -135,6 +142,36 @@ def predicted_vs_measured(
         else:
             metrics["entropy/delta_token_corr"] = math.nan
     return metrics, predicted.float()
+
+
+class FirstOrderEntropyChange:
+    """``g . (theta_after - theta_before)``, the first-order change of a function ``H`` of ``parameters`` whose
+    gradient ``g`` was taken before an update: built before the update, read with :meth:`after_update`.
+
+    Keeps ``g`` and ``g . theta_before`` (float64) instead of a copy of the old weights. Every product of two float32
+    (or narrower) numbers is exact in float64 and the sums lose about 1e-16 of ``g . theta`` per term, so the
+    difference keeps a change many orders below ``g . theta`` (float32 would not); ``g`` must be the same tensor on
+    both sides (sum the gradients of ``H``'s pieces first).
+    """
+
+    def __init__(self, parameters: list[torch.Tensor], gradient: list[torch.Tensor | None]):
+        if len(gradient) != len(parameters):
+            raise ValueError(f"{len(gradient)} gradients for {len(parameters)} parameters")
+        self.parameters = parameters
+        self.gradient = [None if g is None else g.detach() for g in gradient]
+        self.before = self._dot()
+
+    @torch.no_grad()
+    def _dot(self) -> float:
+        total = torch.zeros((), dtype=torch.float64)
+        for parameter, gradient in zip(self.parameters, self.gradient):
+            if gradient is not None:
+                total += torch.dot(gradient.double().flatten(), parameter.detach().double().flatten()).cpu()
+        return float(total)
+
+    def after_update(self) -> float:
+        """The predicted change of ``H`` from the weights as they are now."""
+        return self._dot() - self.before
 
 
 def covariance_summary(logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

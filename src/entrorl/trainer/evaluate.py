@@ -21,6 +21,7 @@ __all__ = ["EvaluationResult", "evaluate_model"]
 class EvaluationResult:
     summary: EvalSummary
     forks: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
     reward_errors: int = 0
     first_reward_error: str | None = None
 
@@ -53,11 +54,14 @@ def evaluate_model(
     seed: int,
     batch_size: int = 64,
     top_forks: int = 0,
+    keep_samples: bool = False,
     progress=None,
 ) -> EvaluationResult:
     """Sample ``n`` responses per prompt with a private seed (the caller's RNG state is left untouched), score
     them, and summarise. With ``top_forks`` the highest-entropy response positions are decoded in context (their
-    entropy at the sampling temperature, or at temperature 1 for greedy sampling)."""
+    entropy at the sampling temperature, or at temperature 1 for greedy sampling). With ``keep_samples`` the result
+    lists every sample (prompt, completion, reference answer, reward, correctness, length, truncation, the reward's
+    reason), prompt by prompt. The samples depend on ``batch_size`` (one random number per row of a batch per token)."""
     if not records:
         raise ValueError("evaluate_model: no prompts to evaluate")
     sampler = HFSampler.for_model(model, tokenizer, batch_size=batch_size)
@@ -71,6 +75,15 @@ def evaluate_model(
     result = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated], [r.meta for r in repeated],
                     rollouts.lengths.tolist())
     summary = summarize_samples(result.correct.view(len(records), n).numpy(), ks=ks)
+    samples = []
+    if keep_samples:
+        for row, record in enumerate(repeated):
+            samples.append({
+                "source": record.source, "sample": row % n, "prompt": record.prompt, "completion": completions[row],
+                "answer": record.answer, "reward": float(result.rewards[row]), "correct": bool(result.correct[row]),
+                "length": int(rollouts.lengths[row]), "truncated": bool(rollouts.truncated[row]),
+                "reason": result.reasons[row] if result.reasons else None,
+            })
     forks = []
     if top_forks:
         was_training = model.training
@@ -82,5 +95,5 @@ def evaluate_model(
         forks = top_fork_tokens(tokenizer, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
                                 rollouts.response_mask, stats.entropy.float().cpu(), k=top_forks,
                                 sources=[record.source for record in repeated])
-    return EvaluationResult(summary=summary, forks=forks, reward_errors=result.errors, first_reward_error=result.first_error,
+    return EvaluationResult(summary=summary, forks=forks, samples=samples, reward_errors=result.errors, first_reward_error=result.first_error,
                             correct_threshold=reward.correct_threshold)

@@ -59,6 +59,7 @@ from entrorl.trainer.diagnostics import (
     decision_points,
     discriminator_summary,
     entropy_summary,
+    FirstOrderEntropyChange,
     predicted_vs_measured,
 )
 from entrorl.trainer.evaluate import evaluate_model
@@ -535,6 +536,20 @@ class Trainer:
             return stats[0]
         return TokenStats(**{name: torch.cat([part.as_dict()[name] for part in stats]) for name in stats[0].as_dict()})
 
+    def _entropy_gradient(self, rollouts: Rollouts, rows: torch.Tensor) -> FirstOrderEntropyChange:
+        """The gradient of the mean entropy of ``rows``' response tokens under the current weights (in pieces of at
+        most ``optim.micro_batch_size`` rows), kept to be read as a first-order change after the update."""
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        valid = rollouts.response_mask
+        count = max(int(valid[rows].sum()), 1)
+        gradient: list[torch.Tensor | None] = [None] * len(trained)
+        for piece in rows.split(self.config.optim.micro_batch_size or len(rows)):
+            entropy = self.token_stats(self.model, rollouts, piece, need=("entropy",)).entropy
+            part = entropy[valid[piece].to(entropy.device)].float().sum() / count
+            pieces = torch.autograd.grad(part, trained, allow_unused=True)
+            gradient = [old if new is None else new if old is None else old + new for old, new in zip(gradient, pieces)]
+        return FirstOrderEntropyChange(trained, gradient)
+
     def train_step(self) -> dict[str, float]:
         """One step: prompts → rollouts → rewards → advantages → scoring → updates → diagnostics."""
         config = self.config
@@ -574,6 +589,15 @@ class Trainer:
         if self.reference is not None:
             with torch.no_grad():
                 reference_log_prob = self.token_stats(self.reference, rollouts, all_rows, need=("logprob",)).logprob
+        measured_rows = first_order = None  # the rows re-scored after the update; their entropy's gradient before it
+        first_order_s = 0.0
+        if config.diagnostics.measure_entropy_change:
+            count = max(1, math.ceil(n_rows * config.diagnostics.measure_fraction))
+            measured_rows = torch.arange(count) * n_rows // count  # evenly spread: every 4th row for 0.25
+            if config.diagnostics.first_order:
+                first_order_started = time.perf_counter()
+                first_order = self._entropy_gradient(rollouts, measured_rows)
+                first_order_s = time.perf_counter() - first_order_started
 
         # 5. updates: epochs x mini-batches, each optionally split into micro-batches
         grad_coefficients = torch.zeros(mask.shape, dtype=torch.float32)
@@ -661,9 +685,7 @@ class Trainer:
         metrics = entropy_summary(before_entropy, valid)
         points = decision_points(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids)
         after_entropy, measured_mask = None, valid
-        if config.diagnostics.measure_entropy_change:
-            count = max(1, math.ceil(n_rows * config.diagnostics.measure_fraction))
-            measured_rows = torch.arange(count) * n_rows // count  # evenly spread: every 4th row for 0.25
+        if measured_rows is not None:
             measured_mask = torch.zeros_like(valid)
             measured_mask[measured_rows] = valid[measured_rows]
             after_entropy = before_entropy.clone()
@@ -673,6 +695,8 @@ class Trainer:
         change, _ = predicted_vs_measured(grad_coefficients, disc_centered_before, before_entropy, after_entropy,
                                           measured_mask, lr=lr, temperature=temperature, points=points, trained_mask=mask)
         metrics.update(change)
+        if first_order is not None:
+            metrics["entropy/first_order_delta"] = first_order.after_update()
         metrics.update(covariance_summary(logprob, token_advantages, mask))
         metrics.update(discriminator_summary(disc, disc_centered_before, token_advantages, mask))
         metrics.update(_mean_metrics(objective_metrics, aggregated=self.objective.aggregated_metrics, updates=len(grad_norms)))
@@ -690,8 +714,8 @@ class Trainer:
             "train/skipped_total": float(self.skipped_steps),
             "time/step_s": time.perf_counter() - started,
             "time/generate_s": generated - started,
-            "time/update_s": updated - generated,
-            "time/diagnostics_s": time.perf_counter() - updated,
+            "time/update_s": updated - generated - first_order_s,
+            "time/diagnostics_s": time.perf_counter() - updated + first_order_s,
             "time/tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9),
         })
         every = config.logging.samples_every
