@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -586,6 +587,7 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
             (["rollout.vllm_gpu_memory_utilization=0.5"], r"vllm_gpu_memory_utilization has no effect with rollout.backend = 'hf'"),
             (["data.pass_rate_column=rate"], r"data.pass_rate_column has no effect without data.pass_rate_band"),
             (["eval.n=4"], r"eval.n has no effect: data.eval is not set, so no evaluation runs"),
+            (["data.eval=", "eval.n=4"], r"eval.n has no effect: data.eval is not set"),  # empty: no evaluation data
             (["eval.top_k=5"], r"eval.top_k has no effect: data.eval is not set"),
             (["diagnostics.measure_entropy_change=false", "diagnostics.measure_fraction=0.5"],
              r"diagnostics.measure_fraction has no effect with diagnostics.measure_entropy_change = false"),
@@ -638,10 +640,11 @@ def test_predicted_entropy_change_of_the_step_covers_every_token_whatever_is_re_
     assert sums[0] != 0.0 and sums[0] == pytest.approx(sums[1], rel=1e-9)
 
 
-@pytest.mark.parametrize("optim", [{"lr": 1e-4}, {"lr": 1e-4, "mini_batches": 2, "micro_batch_size": 3}],
-                         ids=["one-update", "two-updates-micro-batched"])
+@pytest.mark.parametrize(("optim", "temperature"), [({"lr": 1e-4}, 1.0), ({"lr": 1e-4}, 0.7),
+                                                    ({"lr": 1e-4, "mini_batches": 2, "micro_batch_size": 3}, 1.0)],
+                         ids=["one-update", "temperature-0.7", "two-updates-micro-batched"])
 def test_first_order_entropy_change_is_the_gradient_times_the_applied_update(tmp_path, tiny_model_dir, arithmetic_files,
-                                                                             optim):
+                                                                             optim, temperature):
     """entropy/first_order_delta = grad H . (theta_after - theta_before) for the mean entropy H of the re-scored tokens:
     against a float64 copy of the model, its gradient before the step and its entropies before and after the step
     (the measured change without float32 rounding: equal to first order at this learning rate)."""
@@ -649,7 +652,8 @@ def test_first_order_entropy_change_is_the_gradient_times_the_applied_update(tmp
     captured = {}
     with importable_module(tmp_path, "parity_first_order", PARITY_REWARD):
         config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "parity_first_order:score"},
-                                         optim={"steps": 3, **optim}, diagnostics={"first_order": True, "measure_fraction": 0.5}))
+                                         rollout={"temperature": temperature}, optim={"steps": 3, **optim},
+                                         diagnostics={"first_order": True, "measure_fraction": 0.5}))
         trainer = Trainer(config, run_dir=tmp_path / "run")
         entropy_gradient = trainer._entropy_gradient
 
@@ -668,7 +672,7 @@ def test_first_order_entropy_change_is_the_gradient_times_the_applied_update(tmp
         for row in rows.tolist():
             prompt = rollouts.prompt_ids[row][rollouts.prompt_mask[row]]
             response = rollouts.response_ids[row][rollouts.response_mask[row]]
-            logits = model(input_ids=torch.cat([prompt, response])[None]).logits[0, len(prompt) - 1: -1]
+            logits = model(input_ids=torch.cat([prompt, response])[None]).logits[0, len(prompt) - 1: -1] / temperature
             log_p = logits.log_softmax(dim=-1)
             entropies.append(-(log_p.exp() * log_p).sum(dim=-1))
         return torch.cat(entropies).mean()
@@ -690,6 +694,29 @@ def test_first_order_entropy_change_is_the_gradient_times_the_applied_update(tmp
     assert (entropy_moved_by(0.25) - entropy_moved_by(-0.25)) / 0.5 == pytest.approx(reference, rel=1e-2)
     config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, **optim}))
     assert "entropy/first_order_delta" not in Trainer(config, run_dir=tmp_path / "off").train_step()
+
+
+def test_the_first_order_pass_leaves_a_dropout_model_s_training_as_it_was(tmp_path, tiny_model_dir, arithmetic_files):
+    """With dropout left on, the extra forward of diagnostics.first_order must not draw from the random stream the
+    rollouts and the update use: every metric equals the run without it."""
+    train, _ = arithmetic_files
+    model_dir = tmp_path / "dropout-model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    settings = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**settings, "attention_dropout": 0.3}))
+    runs = []
+    with importable_module(tmp_path, "parity_dropout", PARITY_REWARD):
+        for first_order in (False, True):
+            config = load_config(make_config(model_dir, train, None, reward={"name": "parity_dropout:score"},
+                                             model={"disable_dropout": False}, diagnostics={"first_order": first_order}))
+            trainer = Trainer(config, run_dir=tmp_path / f"run-{first_order}")
+            runs.append([trainer.train_step() for _ in range(2)])
+            trainer.logger.close()
+    for without, with_it in zip(*runs):
+        assert "entropy/first_order_delta" in with_it
+        for key, value in without.items():
+            if not key.startswith("time/"):
+                assert with_it[key] == value or (math.isnan(value) and math.isnan(with_it[key])), key
 
 
 def test_progress_off_a_terminal_is_a_line_per_interval(tmp_path, tiny_model_dir, arithmetic_files):
@@ -795,6 +822,10 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, arithmetic_files)
     result = run_cli("train", str(config), "--set", "optim.steps=0")
     assert result.returncode == 2
     assert "optim.steps" in result.stderr and "Traceback" not in result.stderr
+    # a configuration warning is one line naming the key, not the validator's frame where it surfaced
+    warned = run_cli("train", str(config), "--set", "optim.min_lr_ratio=0.1")
+    assert warned.returncode == 2 and "missing-model" in warned.stderr
+    assert "warning: optim.min_lr_ratio = 0.1 has no effect" in warned.stderr and "pydantic" not in warned.stderr
 
 
 def test_malformed_data_row_is_reported_with_file_and_line(tmp_path, tiny_model_dir):
@@ -1205,8 +1236,13 @@ def test_cli_eval_writes_every_sample_it_scored(tmp_path, tiny_model_dir, arithm
     assert summary["avg_at_n"] == pytest.approx(sum(line["correct"] for line in lines) / len(lines))
     assert summary["pass_rates"] == pytest.approx([sum(line["correct"] for line in lines[3 * i: 3 * i + 3]) / 3
                                                    for i in range(8)])
-    same = run_cli(*base, "--samples", str(out), "--out", str(out))
-    assert same.returncode == 2 and "--out and --samples name the same file" in same.stderr
+    for clash, message in (
+            (("--samples", str(out), "--out", str(out)), f"--samples {out} is --out"),
+            (("--samples", str(held_out)), f"--samples {held_out} is --data"),  # the prompts would be overwritten
+            (("--out", str(out), "--samples", str(tmp_path / "eval.reward_errors.log")), "is the reward errors' log of --out")):
+        refused = run_cli(*base, *clash)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    assert len(held_out.read_text().splitlines()) == 8
     directory = run_cli(*base, "--samples", str(tmp_path))
     assert directory.returncode == 2 and "--samples" in directory.stderr and "is a directory" in directory.stderr
 

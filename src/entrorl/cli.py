@@ -8,6 +8,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
@@ -22,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Entropy-awar
 # Every string that comes from the user's data, files or code (answers, prompts, paths, error messages) is printed
 # escaped (rich.markup.escape) or as a rich Text: as markup, "[bold]x" would print "x" and "[/i]" would raise.
 console = Console(stderr=True)
+_python_show_warning = warnings.showwarning
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -153,6 +155,11 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     return records, reward_runner, tokenizer, policy, prompt_ids
 
 
+def _reward_log_path(out: Path) -> Path:
+    """Where `entrorl eval --out FILE` keeps the first reward traceback: beside FILE."""
+    return out.with_name(f"{out.stem}.reward_errors.log")
+
+
 def _keep_reward_traceback(first_error: str | None, log: Path | None) -> Path | None:
     """Write the reward's first failure (a summary line, then its traceback) to ``log``, or to a new temporary file when
     ``log`` is None, as `train` keeps it in reward_errors.log; the file written (None without a failure, or when it
@@ -231,8 +238,13 @@ def evaluate(
     if ks is not None and ks[-1] > n:
         _fail(f"--k {ks[-1]} exceeds --n {n}: Pass@k needs at least k samples per prompt")
     outputs = {option: path for option, path in (("--out", out), ("--samples", samples)) if path is not None}
-    if len(outputs) == 2 and out.resolve() == samples.resolve():
-        _fail(f"--out and --samples name the same file ({out}); give each its own")
+    taken = {data.resolve(): "--data"}
+    if out is not None:
+        taken[_reward_log_path(out).resolve()] = f"the reward errors' log of --out ({_reward_log_path(out)})"
+    for option, path in outputs.items():
+        if path.resolve() in taken:
+            _fail(f"{option} {path} is {taken[path.resolve()]}; give each file its own path")
+        taken[path.resolve()] = option
 
     def check_outputs() -> None:
         for option, path in outputs.items():
@@ -261,8 +273,7 @@ def evaluate(
                            "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold,
                            "dtype": dtype, "seed": seed, "batch_size": batch_size}
     summary["sources"] = [record.source for record in records]
-    reward_log = _keep_reward_traceback(
-        result.first_reward_error, None if out is None else out.with_name(f"{out.stem}.reward_errors.log"))
+    reward_log = _keep_reward_traceback(result.first_reward_error, None if out is None else _reward_log_path(out))
     if result.reward_errors:
         summary["first_reward_error"] = error_headline(result.first_reward_error)
         summary["reward_errors_log"] = None if reward_log is None else str(reward_log)
@@ -282,13 +293,15 @@ def evaluate(
         table.add_row("reward errors", str(result.reward_errors))
     console.print(table)
     _print_reward_errors(result.reward_errors, len(records) * n, result.first_reward_error, reward_log)
+    samples_lost = False
     if samples is not None:
         try:
             samples.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(samples, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in result.samples))
             summary["samples_file"] = str(samples)
-        except OSError as error:
+        except OSError as error:  # checked before sampling, so rare; the summary still reaches stdout, and the exit is 1
             console.print(Text.assemble(("error:", "bold red"), f" cannot write {samples}: {error}"), soft_wrap=True)
+            samples_lost = True
     text = json.dumps(summary, indent=1)
     if out is not None:
         try:
@@ -297,6 +310,8 @@ def evaluate(
         except OSError as error:  # checked before sampling, so rare: the summary still reaches stdout below
             console.print(Text.assemble(("error:", "bold red"), f" cannot write {out}: {error}"), soft_wrap=True)
     sys.stdout.write(text + "\n")
+    if samples_lost:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -503,6 +518,18 @@ def data_audit(
     sys.stdout.write(json.dumps(summary, indent=1) + "\n")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """entrorl's own warnings as one ``warning:`` line (pydantic's validator or a library's frame, where the warning
+    surfaces, says nothing to the user); other libraries' warnings as Python prints them."""
+    from entrorl.trainer import ConfigWarning
+
+    package = str(Path(__file__).resolve().parent)
+    if issubclass(category, ConfigWarning) or str(Path(filename).resolve()).startswith(package):
+        console.print(Text.assemble(("warning:", "bold yellow"), f" {message}"), soft_wrap=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
     # off a terminal (a pipe, a log, a CI job) rich assumes 80 columns, where the help's option names are cut short;
     # typer reads its help width from rich_utils.MAX_WIDTH (the TERMINAL_WIDTH variable), which then stays the user's
@@ -510,6 +537,7 @@ def main() -> None:
 
     if getattr(rich_utils, "MAX_WIDTH", 0) is None and not os.environ.get("COLUMNS") and not sys.stdout.isatty():
         rich_utils.MAX_WIDTH = 140
+    warnings.showwarning = _show_warning
     app()
 
 

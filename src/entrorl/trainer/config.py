@@ -24,6 +24,7 @@ __all__ = [
     "resume_changes",
     "with_resolved_paths",
     "ConfigError",
+    "ConfigWarning",
     "load_config",
     "apply_overrides",
     "parse_set_option",
@@ -32,6 +33,10 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
+
+
+class ConfigWarning(UserWarning):
+    """A configuration that runs but may not do what was meant; the message names the keys."""
 
 
 class _Section(BaseModel):
@@ -117,6 +122,12 @@ class DataConfig(_Section):
         None, description="keep only training prompts whose pass rate lies in this band, e.g. '[0.1, 0.5]' or '(1/16, 15/16)'"
     )
     pass_rate_column: str = Field("pass_rate", description="the column holding each prompt's pass rate (e.g. from a data audit)")
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        """``data.eval: ''`` (e.g. ``--set data.eval=``) means no evaluation data, as leaving it out does."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("pass_rate_band", mode="before")
     @classmethod
@@ -327,7 +338,8 @@ class DiagnosticsConfig(_Section):
     first_order: bool = Field(
         False, description="also predict the measured change from the update actually applied (optimizer, clipping and "
         "shared weights included): g . (theta_after - theta_before), g the gradient of the re-scored tokens' mean "
-        "entropy before the update (entropy/first_order_delta); costs one forward and backward of the re-scored rows")
+        "entropy before the update (entropy/first_order_delta); costs one forward and backward of the re-scored rows, "
+        "and holds one more gradient of the model's size until the update is done")
 
 
 class LoggingConfig(_Section):
@@ -404,7 +416,8 @@ class TrainConfig(_Section):
                              "of 1 is always all right or all wrong: every advantage would be 0")
         if group == 1 and estimator in GROUP_BASELINE_ESTIMATORS:
             warnings.warn(f"rollout.group_size = 1: the {estimator!r} advantage takes its baseline from the other samples "
-                          "of a group and there are none, so no group baseline is subtracted (as in verl)", stacklevel=2)
+                          "of a group and there are none, so no group baseline is subtracted (as in verl)", ConfigWarning,
+                          stacklevel=2)
         rows = self.rollout.prompts_per_step * group
         if self.optim.mini_batches > rows:
             raise ValueError(f"optim.mini_batches = {self.optim.mini_batches} is more than the {rows} rows of a step "
@@ -437,19 +450,19 @@ class TrainConfig(_Section):
             warnings.warn(
                 f"reward.overlong.max_length = {overlong.max_length} is above rollout.max_new_tokens = "
                 f"{self.rollout.max_new_tokens}: a response cut at the limit gets only part of the penalty (DAPO sets "
-                "max_length to the response limit)", stacklevel=2)
+                "max_length to the response limit)", ConfigWarning, stacklevel=2)
         if self.rollout.filters_tokens() and "rollout_log_prob" in required:
             warnings.warn(
                 f"method {self.method_label()!r} compares the trainer's log-probs (the full distribution at "
                 f"rollout.temperature) with the sampler's, which rollout.top_k = {self.rollout.top_k} / top_p = "
                 f"{self.rollout.top_p} make those of the filtered distribution: their ratio is then the probability "
                 "the filter kept, not only the sampler/trainer mismatch (TIS weights below 1; IcePop may mask most "
-                "tokens)", stacklevel=2)
+                "tokens)", ConfigWarning, stacklevel=2)
         if self.reward.unlikeliness is not None and estimator == "unlikely":
             raise ValueError("reward.unlikeliness and the 'unlikely' advantage estimator both apply the unlikeliness "
                              "reward; keep one (the estimator is reward.unlikeliness + grpo)")
         for message in self._settings_without_effect():
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(message, ConfigWarning, stacklevel=2)
         return self
 
     def _settings_without_effect(self) -> list[str]:

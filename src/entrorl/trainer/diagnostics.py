@@ -162,11 +162,16 @@ class FirstOrderEntropyChange:
         self.before = self._dot()
 
     @torch.no_grad()
-    def _dot(self) -> float:
+    def _dot(self, chunk: int = 2**22) -> float:
+        """``g . theta`` in float64, a slice of at most ``chunk`` entries at a time (no float64 copy of a whole
+        embedding matrix)."""
         total = torch.zeros((), dtype=torch.float64)
         for parameter, gradient in zip(self.parameters, self.gradient):
-            if gradient is not None:
-                total += torch.dot(gradient.double().flatten(), parameter.detach().double().flatten()).cpu()
+            if gradient is None:
+                continue
+            weights, slope = parameter.detach().reshape(-1), gradient.reshape(-1)
+            for start in range(0, weights.numel(), chunk):
+                total += torch.dot(slope[start: start + chunk].double(), weights[start: start + chunk].double()).cpu()
         return float(total)
 
     def after_update(self) -> float:

@@ -538,16 +538,19 @@ class Trainer:
 
     def _entropy_gradient(self, rollouts: Rollouts, rows: torch.Tensor) -> FirstOrderEntropyChange:
         """The gradient of the mean entropy of ``rows``' response tokens under the current weights (in pieces of at
-        most ``optim.micro_batch_size`` rows), kept to be read as a first-order change after the update."""
+        most ``optim.micro_batch_size`` rows), kept to be read as a first-order change after the update. The random
+        state is put back afterwards, so that a model left with dropout trains as it would without this pass."""
         trained = [p for p in self.model.parameters() if p.requires_grad]
         valid = rollouts.response_mask
         count = max(int(valid[rows].sum()), 1)
         gradient: list[torch.Tensor | None] = [None] * len(trained)
-        for piece in rows.split(self.config.optim.micro_batch_size or len(rows)):
-            entropy = self.token_stats(self.model, rollouts, piece, need=("entropy",)).entropy
-            part = entropy[valid[piece].to(entropy.device)].float().sum() / count
-            pieces = torch.autograd.grad(part, trained, allow_unused=True)
-            gradient = [old if new is None else new if old is None else old + new for old, new in zip(gradient, pieces)]
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for piece in rows.split(self.config.optim.micro_batch_size or len(rows)):
+                entropy = self.token_stats(self.model, rollouts, piece, need=("entropy",)).entropy
+                part = entropy[valid[piece].to(entropy.device)].float().sum() / count
+                for index, slope in enumerate(torch.autograd.grad(part, trained, allow_unused=True)):
+                    if slope is not None:
+                        gradient[index] = slope if gradient[index] is None else gradient[index].add_(slope)
         return FirstOrderEntropyChange(trained, gradient)
 
     def train_step(self) -> dict[str, float]:
@@ -695,7 +698,7 @@ class Trainer:
         change, _ = predicted_vs_measured(grad_coefficients, disc_centered_before, before_entropy, after_entropy,
                                           measured_mask, lr=lr, temperature=temperature, points=points, trained_mask=mask)
         metrics.update(change)
-        if first_order is not None:
+        if first_order is not None and "entropy/measured_delta" in metrics:  # absent when no re-scored token was valid
             metrics["entropy/first_order_delta"] = first_order.after_update()
         metrics.update(covariance_summary(logprob, token_advantages, mask))
         metrics.update(discriminator_summary(disc, disc_centered_before, token_advantages, mask))
