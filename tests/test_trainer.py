@@ -95,8 +95,10 @@ def test_cli_train_writes_metrics_checkpoints_and_diagnostics(tmp_path, tiny_mod
     train, held_out = arithmetic_files
     config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, held_out, method=method))
     run_dir = tmp_path / "run"
-    result = run_cli("train", str(config), "--run-dir", str(run_dir), "--set", "optim.steps=2")
+    result = run_cli("train", str(config), "--run-dir", str(run_dir), "--set", "optim.steps=2", "--set",
+                     "logging.progress=true")
     assert result.returncode == 0, result.stderr
+    assert f"run directory: {run_dir}\n" in result.stderr  # whole on its line, however long
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2]
     last = records[-1]
@@ -109,6 +111,14 @@ def test_cli_train_writes_metrics_checkpoints_and_diagnostics(tmp_path, tiny_mod
         assert 0.5 < last["select/forking_tokens_frac"] < 1.0
     checkpoint = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     assert (checkpoint / "model" / "config.json").is_file() and (checkpoint / "trainer.pt").is_file()
+    # the evaluation's line, and a closing line with what the run did and where its model is, from its files
+    evaluation = (f"eval Avg@2 {last['eval/avg_at_n']:.3g}, Pass@1 {last['eval/pass_at_1']:.3g}, "
+                  f"Pass@2 {last['eval/pass_at_2']:.3g}, solved by none {last['eval/frac_solved_none']:.3g} at step 2")
+    assert f"train {method}: {evaluation}" in result.stderr
+    first = records[0]
+    assert (f"done: {run_dir}; entropy {first['entropy/mean']:.4g} (step 1) -> {last['entropy/mean']:.4g} (step 2); "
+            f"reward {first['reward/mean']:.4g} (step 1) -> {last['reward/mean']:.4g} (step 2); {evaluation}; "
+            f"model {checkpoint / 'model'}") in " ".join(result.stderr.split())
     forks = json.loads((run_dir / "forks" / "step_000002.json").read_text())
     assert len(forks) == 5 and {"token", "before", "after", "entropy", "samples", "chosen", "source"} <= set(forks[0])
     assert forks[0]["entropy"] >= forks[-1]["entropy"]

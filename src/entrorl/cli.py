@@ -61,7 +61,7 @@ def train(
         trainer = Trainer(train_config, run_dir=run_dir, resume=resume, console=console)
     except (ValueError, OSError) as error:  # OSError: missing files, and what transformers raises on unreadable ones
         _fail(str(error))
-    console.print(f"run directory: {escape(str(trainer.run_dir))}")
+    console.print(Text(f"run directory: {trainer.run_dir}"), soft_wrap=True)
     if trainer.resumed_from is not None:
         console.print(f"resuming from {escape(trainer.resumed_from.name)} (step {trainer.step} of "
                       f"{train_config.optim.steps})", highlight=False)
@@ -85,7 +85,36 @@ def train(
                                                    "--run-dir", str(trainer.run_dir), "--resume"]),
         ), soft_wrap=True)
         raise typer.Exit(128 + error.signal_number) from None
-    console.print(f"[green]done[/green]: {escape(str(trainer.run_dir))}")
+    console.print(Text.assemble(("done", "green"), f": {_run_summary(trainer.run_dir, eval_n=train_config.eval.n)}"),
+                  soft_wrap=True)
+
+
+def _run_summary(run_dir: Path, *, eval_n: int | None = None) -> str:
+    """What a finished run did, from its files: steps, entropy and reward at the first and last step, the last
+    evaluation, and the final model's directory (what `entrorl eval --model` takes)."""
+    from entrorl.trainer.checkpoint import latest_checkpoint
+    from entrorl.trainer.loggers import read_metrics
+    from entrorl.trainer.loop import format_evaluation
+
+    everything = read_metrics(run_dir)
+    records = [record for record in everything if record.get("step", 0) > 0 and "reward/mean" in record]
+    parts = [str(run_dir)]
+    if records:
+        first, last = records[0], records[-1]
+
+        def moved(key: str, label: str) -> str:
+            values = [record.get(key) for record in (first, last)]
+            shown = ["n/a" if value is None else f"{value:.4g}" for value in values]
+            return f"{label} {shown[0]} (step {first['step']}) -> {shown[1]} (step {last['step']})"
+
+        parts += [moved("entropy/mean", "entropy"), moved("reward/mean", "reward")]
+    evaluated = [record for record in everything if "eval/avg_at_n" in record]
+    if evaluated:
+        parts.append(f"{format_evaluation(evaluated[-1], eval_n)} at step {evaluated[-1]['step']}")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        parts.append(f"model {checkpoint / 'model'}")
+    return "; ".join(parts)
 
 
 def _parse_ks(text: str) -> list[int]:

@@ -843,20 +843,24 @@ class Trainer:
         128 + the signal's number), quietly, for as long as it runs."""
         config = self.config
         progress = _StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
-                                 enabled=config.logging.progress)
+                                 enabled=config.logging.progress, eval_n=config.eval.n)
         received: list[int] = []
         restore_handlers = _catch_stop_signals(received, progress.console) if handle_signals else (lambda: None)
         try:
             with progress:
                 if config.eval.at_start and self.eval_records and self.step == 0:
-                    self.logger.log(0, self.evaluate())
+                    evaluated = self.evaluate()
+                    self.logger.log(0, evaluated)
+                    progress.note_evaluation(0, evaluated)
                     progress.restart_clock()
                 while self.step < config.optim.steps:
                     metrics = self.train_step()
                     self._warn_if_nothing_trained(metrics)
                     last = self.step == config.optim.steps
                     if self.eval_records and ((config.eval.every and self.step % config.eval.every == 0) or last):
-                        metrics.update(self.evaluate())
+                        evaluated = self.evaluate()
+                        metrics.update(evaluated)
+                        progress.note_evaluation(self.step, evaluated)
                     self.logger.log(self.step, metrics)
                     saved = None
                     if (config.checkpoint.every and self.step % config.checkpoint.every == 0) or last or received:
@@ -930,12 +934,12 @@ class _StepProgress:
 
     LINE_EVERY_S = 30.0
 
-    def __init__(self, console, description: str, total: int, done: int, *, enabled: bool):
+    def __init__(self, console, description: str, total: int, done: int, *, enabled: bool, eval_n: int | None = None):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console = console if console is not None else Console(stderr=True)
-        self.enabled, self.total, self.description = enabled, total, description
+        self.enabled, self.total, self.description, self.eval_n = enabled, total, description, eval_n
         self.live = enabled and (self.console.is_terminal or self.console.is_jupyter)
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
@@ -954,6 +958,14 @@ class _StepProgress:
     def __exit__(self, *exc_info):
         return self.bar.__exit__(*exc_info)
 
+    def note_evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        """One line per evaluation (above the bar on a terminal): Avg@n, each Pass@k, the share of prompts no sample
+        solved."""
+        if not self.enabled or not metrics:
+            return
+        self.console.print(f"{self.description}: {format_evaluation(metrics, self.eval_n)} at step {step}",
+                           highlight=False, soft_wrap=True)
+
     def advance(self, step: int, metrics: dict[str, float]) -> None:
         status = (f"reward {metrics['reward/mean']:.3f}  acc {metrics['reward/accuracy']:.2f}  "
                   f"H {metrics.get('entropy/mean', math.nan):.3f}")
@@ -966,6 +978,17 @@ class _StepProgress:
             rate = (step - self.first_step) / max(now - self.started, 1e-9)
             self.console.print(f"{self.description}: step {step}/{self.total}  {status}  {rate:.2f} steps/s",
                                highlight=False, soft_wrap=True)
+
+
+def format_evaluation(metrics: dict[str, float], n: int | None = None) -> str:
+    """``eval/…`` metrics as one line: ``eval Avg@8 0.412, Pass@1 0.412, Pass@8 0.75, solved by none 0.125`` (``n``:
+    the samples per prompt)."""
+    parts = [f"Avg@{n or 'n'} {metrics['eval/avg_at_n']:.3g}"] if "eval/avg_at_n" in metrics else []
+    ks = sorted(int(key.rsplit("_", 1)[1]) for key in metrics if key.startswith("eval/pass_at_"))
+    parts += [f"Pass@{k} {metrics[f'eval/pass_at_{k}']:.3g}" for k in ks]
+    if "eval/frac_solved_none" in metrics:
+        parts.append(f"solved by none {metrics['eval/frac_solved_none']:.3g}")
+    return "eval " + ", ".join(parts)
 
 
 def learning_rate_factor(step: int, total_steps: int, *, warmup_steps: int = 0, schedule: str = "constant",
