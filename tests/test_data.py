@@ -364,7 +364,15 @@ def test_missing_file(tmp_path):
     p = tmp_path / "nope.jsonl"
     with pytest.raises(FileNotFoundError) as e:
         load_prompts(p)
-    assert str(p) in str(e.value) and e.value.filename == str(p)
+    assert str(e.value) == f"prompt data not found: {p}" and e.value.filename == str(p)
+
+
+def test_missing_relative_file_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        load_prompts("data/nope.jsonl")
+    assert str(e.value) == (f"prompt data not found: data/nope.jsonl (looked for {tmp_path / 'data' / 'nope.jsonl'}: "
+                            "a relative path is taken from the working directory)")
 
 
 def test_json_shapes(tmp_path):

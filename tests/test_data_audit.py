@@ -474,9 +474,11 @@ def test_cli_reports_malformed_rows_and_bad_options_before_sampling(tmp_path, ti
     result = runner.invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(data)])
     assert result.exit_code == 2 and f"{data}:2" in result.output and "answer column" in result.output
     result = runner.invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(data), "--band", "[0.5, 0.1]"])
-    assert result.exit_code == 2 and "exceeds the upper edge" in result.output
+    assert result.exit_code == 2 and "--band '[0.5, 0.1]': " in result.output and "exceeds the upper edge" in result.output
     result = runner.invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(data), "--consensus", "0"])
-    assert result.exit_code == 2 and "consensus must be in" in result.output
+    assert result.exit_code == 2 and "error: --consensus must be in" in result.output
+    result = runner.invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(data), "--low-pass-rate", "1"])
+    assert result.exit_code == 2 and "error: --low-pass-rate must be in" in result.output
     assert not (tmp_path / "broken.audit").exists()
 
 

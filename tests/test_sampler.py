@@ -164,6 +164,15 @@ def test_loading_errors(tmp_path, tiny_model_dir):
         load_causal_lm(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json is a file; the model is a directory"):
+        load_causal_lm(tiny_model_dir / "config.json")
+    run = tmp_path / "run"  # what `entrorl train` writes: its settings as config.json, the models in checkpoints
+    (run / "checkpoints" / "step_000004" / "model").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "checkpoints" / "step_000004" / "model" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"run is an entrorl run directory; its models are in "
+                                                r"checkpoints/step_N/model \(the last one: .*step_000004/model\)"):
+        load_causal_lm(run)
     # a directory with the model's config but without its tokenizer or its weights says which is missing, before
     # transformers builds an empty tokenizer from config.json or fails deep inside from_pretrained
     import shutil

@@ -562,7 +562,7 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         load_config(base, ["optim.betas=[0.9, 1.5]"])
     with pytest.raises(ConfigError, match="kl_reference is false, but method 'grpo\\+kl_ref' needs"):
         load_config(base, ["optim.kl_reference=false", "method=grpo+kl_ref"])
-    with pytest.raises(ConfigError, match="config:\n  optim.kl_reference is false"):  # not under "(top level)"
+    with pytest.raises(ConfigError, match="options:\n  optim.kl_reference is false"):  # not under "(top level)"
         load_config(base, ["optim.kl_reference=false", "method=grpo+kl_ref"])
     # contradictions and values that pydantic alone would let through
     for override, problem in (("optim.steps=true", "optim.steps: expected a number, not a boolean"),
@@ -729,6 +729,31 @@ def test_the_first_order_pass_leaves_a_dropout_model_s_training_as_it_was(tmp_pa
                 assert with_it[key] == value or (math.isnan(value) and math.isnan(with_it[key])), key
 
 
+def test_files_of_steps_after_the_resumed_checkpoint_are_removed(tmp_path, tiny_model_dir, arithmetic_files):
+    """A run killed after step 4 but resumed from its step-2 checkpoint (or started afresh in the same directory)
+    does not keep the evaluations, fork tokens, samples (and, afresh, the reward traceback) of the lost steps."""
+    train, held_out = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, held_out, optim={"steps": 4, "lr": 1e-3},
+                                     eval={"every": 1}, logging={"samples_every": 1}, checkpoint={"every": 2, "keep": 2}))
+    run_dir = tmp_path / "run"
+    Trainer(config, run_dir=run_dir).train()
+    (run_dir / "reward_errors.log").write_text("an earlier attempt's traceback\n")
+    shutil.rmtree(run_dir / "checkpoints" / "step_000004")  # as if killed before step 4's checkpoint was complete
+
+    def steps_of(folder: str) -> list[int]:
+        return sorted(int(path.name.split("_")[1].split(".")[0]) for path in (run_dir / folder).glob("step_*"))
+
+    assert steps_of("eval") == steps_of("forks") == steps_of("samples") == [1, 2, 3, 4]
+    resumed = Trainer(config, run_dir=run_dir, resume=True)
+    assert resumed.step == 2 and steps_of("eval") == steps_of("forks") == steps_of("samples") == [1, 2]
+    assert (run_dir / "reward_errors.log").is_file()  # the resumed run's own history
+    resumed.logger.close()
+    shutil.rmtree(run_dir / "checkpoints")
+    Trainer(config, run_dir=run_dir).logger.close()
+    assert steps_of("eval") == steps_of("forks") == steps_of("samples") == []
+    assert not (run_dir / "reward_errors.log").exists()
+
+
 def test_progress_off_a_terminal_is_a_line_per_interval(tmp_path, tiny_model_dir, arithmetic_files):
     """In a log file or a batch job a live bar would print only when the run ends: the loop writes plain lines (the
     first step, the last, and one per interval between) instead."""
@@ -832,6 +857,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, arithmetic_files)
     result = run_cli("train", str(config), "--set", "optim.steps=0")
     assert result.returncode == 2
     assert "optim.steps" in result.stderr and "Traceback" not in result.stderr
+    assert f"invalid configuration in {config} with its --set options" in " ".join(result.stderr.split())
     # a configuration warning is one line naming the key, not the validator's frame where it surfaced
     warned = run_cli("train", str(config), "--set", "optim.min_lr_ratio=0.1")
     assert warned.returncode == 2 and "missing-model" in warned.stderr
@@ -1218,6 +1244,8 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     assert all(option in help_text for option in ("--max-new-tokens", "--correct-threshold", "--no-require-answer"))
     methods = run_cli("methods", "--json")
     assert methods.returncode == 0 and {m["name"] for m in json.loads(methods.stdout)} >= {"clip_b", "kl_cov", "forking_tokens"}
+    table = run_cli("methods", env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}).stdout
+    assert all(f"│ {name} " in table for name in ("adaptive_entropy", "entropy_advantage", "forking_tokens"))  # whole, piped
     too_big = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "4")
     assert too_big.returncode == 2 and "exceeds --n" in too_big.stderr
 
@@ -1294,6 +1322,8 @@ def test_cli_writes_reasoning_gym_data_the_reward_scores(tmp_path):
     with pytest.raises(DataError, match="data.require_answer: false"):
         load_prompts(colouring)
     assert [record.answer for record in load_prompts(colouring, require_answer=False)] == [None, None]
+    table = run_cli("data", "reasoning-gym", "basic_arithmetic", "--size", "3", "--out", str(tmp_path / "arithmetic.csv"))
+    assert table.returncode == 2 and "must end in .jsonl" in table.stderr and not (tmp_path / "arithmetic.csv").exists()
 
 
 def test_cli_eval_rejects_bad_inputs_without_traceback(tmp_path, tiny_model_dir, arithmetic_files):

@@ -356,16 +356,19 @@ def methods(
         return
     table = Table(title="entrorl methods")
     for column in ("method", "description", "parameters", "advantages", "paper"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", no_wrap=column in ("method", "advantages"))
     for info in infos:
         params = ", ".join(f"{key}={value}" for key, value in info.params.items() if value is not None)
         table.add_row(info.name, info.description, params, info.advantage_estimator, info.paper)
-    Console().print(table)
+    # off a terminal rich assumes 80 columns, where the descriptions would take a line per word
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    Console(width=160 if piped else None).print(table)
 
 
 @app.command()
 def lab(
-    preset: Annotated[str, typer.Option(help="default (about 6 minutes on two cores) or quick (about a minute)")] = "default",
+    preset: Annotated[str, typer.Option(help="default (about 9 minutes on two cores once the base model is built) or "
+                                              "quick (about a minute)")] = "default",
     methods: Annotated[Optional[list[str]], typer.Option("--methods", help="methods to run, comma-separated or repeated, compositions included (dapo+clip_b); default: the preset's matrix")] = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory; an existing one is resumed")] = None,
     workers: Annotated[Optional[int], typer.Option(help="parallel processes (default: the preset's, 2)")] = None,
@@ -419,6 +422,9 @@ def data_reasoning_gym(
         check_output_file(target, what="--out" if out is not None else "the output file")
     except ValueError as error:
         _fail(str(error))
+    if target.suffix.lower() != ".jsonl":
+        _fail(f"--out {target}: the prompts are written as JSON lines, so the file must end in .jsonl (a .csv or "
+              ".parquet name would hold JSON lines that no reader takes for that format)")
     if task not in available_reasoning_gym_tasks():
         _fail(f"unknown reasoning-gym task {task!r}; `entrorl data reasoning-gym --list` shows the installed ones")
     try:
@@ -484,9 +490,16 @@ def data_audit(
     from entrorl.trainer.audit import audit_records, check_audit_output, default_audit_dir, write_audit_outputs
 
     directory = out if out is not None else default_audit_dir(data)
-    try:
+    try:  # the options, named as the user typed them (not as the functions that read them)
         parse_band(band)
+    except ValueError as error:
+        _fail(f"--band {band!r}: {str(error).removeprefix('parse_band: ')}")
+    try:
         thresholds = AuditThresholds(consensus=consensus, low_pass_rate=low_pass_rate)
+    except ValueError as error:
+        message = str(error).removeprefix("AuditThresholds: ")
+        _fail(f"--{message.replace('low_pass_rate', 'low-pass-rate')}")
+    try:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,

@@ -42,8 +42,14 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.
 
 def _check_model_dir(path: str | Path) -> Path:
     path = Path(path)
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file; the model is a directory (config.json, weights and tokenizer)")
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path} (give a local Hugging Face model directory)")
+    saved = sorted((path / "checkpoints").glob("step_*/model/config.json"))
+    if saved:  # a run directory also holds a config.json: the run's settings, not a model's
+        raise FileNotFoundError(f"{path} is an entrorl run directory; its models are in checkpoints/step_N/model (the "
+                                f"last one: {saved[-1].parent})")
     if not (path / "config.json").is_file():
         inside = " (an entrorl checkpoint keeps its model in model/: give that directory)" if (path / "model" / "config.json").is_file() else ""
         raise FileNotFoundError(f"{path} has no config.json: it is not a Hugging Face model directory{inside}")

@@ -109,7 +109,7 @@ def load_prompts(
     cols = _check_arguments(prompt_column, answer_column, meta_columns, require_answer)
     p = Path(os.fspath(path))
     if not p.exists():
-        raise FileNotFoundError(errno.ENOENT, "prompt data not found", str(p))
+        raise _NotFound(str(p), "prompt data")
     if p.is_dir():
         records = _load_saved_dataset(p, cols)
     else:
@@ -258,12 +258,25 @@ def _json_kind(value: Any) -> str:
     return type(value).__name__
 
 
+class _NotFound(FileNotFoundError):
+    """``FileNotFoundError`` (errno ``ENOENT``, ``filename`` set) whose message names the path without ``[Errno 2]``,
+    and for a relative path where it was looked for."""
+
+    def __init__(self, path: str, what: str):
+        super().__init__(errno.ENOENT, f"{what} not found", path)
+
+    def __str__(self) -> str:
+        where = "" if os.path.isabs(self.filename) else (
+            f" (looked for {os.path.abspath(self.filename)}: a relative path is taken from the working directory)")
+        return f"{self.strerror}: {self.filename}{where}"
+
+
 def _check_schema(columns: Sequence[str], where: str, path: str, cols: _Columns) -> None:
     """Column-level checks for formats with a fixed schema (CSV header, Parquet, saved data sets)."""
     if cols.prompt not in columns:
         raise DataError(
             f"{where}: no prompt column {cols.prompt!r} (columns: {_fmt_cols(columns)}); "
-            "expected a column of prompt strings — pass prompt_column=... to name it",
+            "expected a column of prompt strings — name it with prompt_column (data.prompt_column, --prompt-column)",
             path=path,
             location=where,
         )
@@ -271,7 +284,7 @@ def _check_schema(columns: Sequence[str], where: str, path: str, cols: _Columns)
         raise DataError(
             f"{where}: no answer column {cols.answer!r} (columns: {_fmt_cols(columns)}); "
             "expected a column of reference answers — name it with answer_column (data.answer_column, --answer-column), "
-            "or allow data without answers with require_answer=False (data.require_answer: false, --no-require-answer)",
+            "or allow data without answers with require_answer=False (data.require_answer: false in a training config, --no-require-answer for entrorl eval)",
             path=path,
             location=where,
         )
@@ -294,7 +307,7 @@ def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) 
         fields = _fmt_cols(row.keys())
         raise fail(
             f"missing prompt column {cols.prompt!r} (fields: {fields}); expected a non-empty string "
-            "there — pass prompt_column=... if the prompt is stored under another name"
+            "there — name the column with prompt_column (data.prompt_column, --prompt-column)"
         )
     prompt = row[cols.prompt]
     if not isinstance(prompt, str):
@@ -310,7 +323,7 @@ def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) 
         raise fail(
             f"answer column {cols.answer!r} is {state}; expected a reference answer (a string or a number) "
             "— name the column with answer_column (data.answer_column, --answer-column), or allow rows without "
-            "answers with require_answer=False (data.require_answer: false, --no-require-answer)"
+            "answers with require_answer=False (data.require_answer: false in a training config, --no-require-answer for entrorl eval)"
         )
 
     if cols.meta is None:

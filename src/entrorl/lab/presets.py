@@ -1,4 +1,4 @@
-"""Laboratory presets: ``default`` (the front-page run, about 6 minutes on two cores) and ``quick``
+"""Laboratory presets: ``default`` (the front-page run, about 9 minutes on two cores) and ``quick``
 (the same matrix at toy scale, a few minutes; CI runs it end to end)."""
 
 from __future__ import annotations

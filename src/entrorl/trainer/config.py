@@ -662,6 +662,8 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
         data, label = copy.deepcopy(source), "the given config"
     else:
         path = Path(source)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory; expected a YAML configuration file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
@@ -672,6 +674,8 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
         label = str(path)
     data = apply_overrides(data, overrides or [])
+    if overrides:  # the value a message names may come from either
+        label += " with its --set options"
     try:
         return TrainConfig(**data)
     except ValidationError as error:

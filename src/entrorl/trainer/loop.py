@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -205,12 +206,27 @@ class Trainer:
                 tensorboard=config.logging.tensorboard, wandb=config.logging.wandb, trackio=config.logging.trackio,
                 run_name=self.run_dir.name, config=config.model_dump(mode="json"),
             )
+            self._discard_files_after(self.step if checkpoint is not None else None)
         except BaseException:
             if created_run_dir is not None:
                 shutil.rmtree(created_run_dir, ignore_errors=True)
             raise
 
     # ------------------------------------------------------------------------------------------------ set-up
+    _STEP_FILE = re.compile(r"step_(\d+)\.jsonl?")
+
+    def _discard_files_after(self, step: int | None) -> None:
+        """Remove the evaluations, fork tokens and samples that an interrupted run wrote after ``step``, the checkpoint
+        this run resumes from (``None``: a fresh start, which keeps none of them, nor an earlier reward traceback), so
+        that the run directory reads as if the run had never stopped, as ``metrics.jsonl`` does."""
+        for folder in ("eval", "forks", "samples"):
+            for path in sorted((self.run_dir / folder).glob("step_*")):
+                match = self._STEP_FILE.fullmatch(path.name)
+                if match and (step is None or int(match.group(1)) > step):
+                    path.unlink()
+        if step is None:
+            (self.run_dir / "reward_errors.log").unlink(missing_ok=True)
+
     def _check_resume_changes(self, saved_state: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         """The settings this resumed run changes from those its checkpoint was trained with, ``(key, saved, now)``;
         ``ValueError`` naming every one it may not change (see :func:`resume_changes`)."""
