@@ -373,6 +373,11 @@ def test_missing_relative_file_says_where_it_was_looked_for(tmp_path, monkeypatc
         load_prompts("data/nope.jsonl")
     assert str(e.value) == (f"prompt data not found: data/nope.jsonl (looked for {tmp_path / 'data' / 'nope.jsonl'}: "
                             "a relative path is taken from the working directory)")
+    import pickle
+
+    monkeypatch.chdir(tmp_path.parent)  # as a worker process would report it: the same message, wherever it is read
+    copy = pickle.loads(pickle.dumps(e.value))
+    assert str(copy) == str(e.value) and copy.filename == "data/nope.jsonl" and isinstance(copy, FileNotFoundError)
 
 
 def test_json_shapes(tmp_path):

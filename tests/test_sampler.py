@@ -173,6 +173,14 @@ def test_loading_errors(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match=r"run is an entrorl run directory; its models are in "
                                                 r"checkpoints/step_N/model \(the last one: .*step_000004/model\)"):
         load_causal_lm(run)
+    import shutil
+
+    from entrorl.modeling import check_model_files
+
+    model_with_runs = tmp_path / "model-with-runs"  # a real model directory that also holds a run's checkpoints
+    shutil.copytree(tiny_model_dir, model_with_runs)
+    shutil.copytree(run / "checkpoints", model_with_runs / "checkpoints")
+    assert check_model_files(model_with_runs) == model_with_runs
     # a directory with the model's config but without its tokenizer or its weights says which is missing, before
     # transformers builds an empty tokenizer from config.json or fails deep inside from_pretrained
     import shutil

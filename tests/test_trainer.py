@@ -616,6 +616,26 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
             load_config(base, [override])
 
 
+def test_the_cli_prints_entrorl_s_warnings_as_one_line_and_others_as_python_does(capsys, monkeypatch):
+    """A configuration warning and entrorl's own UserWarning: one 'warning:' line; a library's deprecation that
+    surfaced through an entrorl line keeps its category and place."""
+    import warnings
+
+    from entrorl import cli
+    from entrorl.trainer import ConfigWarning
+
+    monkeypatch.setattr(cli, "_python_show_warning", lambda message, category, filename, lineno, *rest: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno)))
+    inside = str(Path(cli.__file__))
+    cli._show_warning(ConfigWarning("optim.x has no effect"), ConfigWarning, "/somewhere/pydantic/main.py", 280)
+    cli._show_warning(UserWarning("nothing was trained"), UserWarning, inside, 10)
+    cli._show_warning(FutureWarning("`foo` is deprecated"), FutureWarning, inside, 12)
+    cli._show_warning(UserWarning("a plugin's"), UserWarning, inside.replace("entrorl", "entrorl_plugin"), 3)
+    printed = capsys.readouterr().err
+    assert "warning: optim.x has no effect\nwarning: nothing was trained\n" in printed
+    assert f"{inside}:12: FutureWarning: `foo` is deprecated" in printed and "UserWarning: a plugin's" in printed
+
+
 def test_a_checkpoint_whose_settings_this_version_refuses_still_resumes_once_they_are_mended(tmp_path, arithmetic_files):
     """A run saved with eval.every but no data.eval (accepted then, refused now) is compared setting by setting with
     the mended configuration, and its settings raise no warnings of their own."""

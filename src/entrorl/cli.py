@@ -85,11 +85,10 @@ def train(
                                                    "--run-dir", str(trainer.run_dir), "--resume"]),
         ), soft_wrap=True)
         raise typer.Exit(128 + error.signal_number) from None
-    console.print(Text.assemble(("done", "green"), f": {_run_summary(trainer.run_dir, eval_n=train_config.eval.n)}"),
-                  soft_wrap=True)
+    console.print(Text.assemble(("done", "green"), f": {_run_summary(trainer.run_dir)}"), soft_wrap=True)
 
 
-def _run_summary(run_dir: Path, *, eval_n: int | None = None) -> str:
+def _run_summary(run_dir: Path) -> str:
     """What a finished run did, from its files: steps, entropy and reward at the first and last step, the last
     evaluation, and the final model's directory (what `entrorl eval --model` takes)."""
     from entrorl.trainer.checkpoint import latest_checkpoint
@@ -110,7 +109,12 @@ def _run_summary(run_dir: Path, *, eval_n: int | None = None) -> str:
         parts += [moved("entropy/mean", "entropy"), moved("reward/mean", "reward")]
     evaluated = [record for record in everything if "eval/avg_at_n" in record]
     if evaluated:
-        parts.append(f"{format_evaluation(evaluated[-1], eval_n)} at step {evaluated[-1]['step']}")
+        step = evaluated[-1]["step"]
+        try:  # the samples per prompt of that evaluation (a resumed run may have changed eval.n since)
+            eval_n = json.loads((run_dir / "eval" / f"step_{step:06d}.json").read_text())["n_samples"]
+        except (OSError, ValueError, KeyError):
+            eval_n = None
+        parts.append(f"{format_evaluation(evaluated[-1], eval_n)} at step {step}")
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         parts.append(f"model {checkpoint / 'model'}")
@@ -368,7 +372,7 @@ def methods(
 @app.command()
 def lab(
     preset: Annotated[str, typer.Option(help="default (about 9 minutes on two cores once the base model is built) or "
-                                              "quick (about a minute)")] = "default",
+                                              "quick (the same matrix at toy scale, a few minutes)")] = "default",
     methods: Annotated[Optional[list[str]], typer.Option("--methods", help="methods to run, comma-separated or repeated, compositions included (dapo+clip_b); default: the preset's matrix")] = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory; an existing one is resumed")] = None,
     workers: Annotated[Optional[int], typer.Option(help="parallel processes (default: the preset's, 2)")] = None,
@@ -565,8 +569,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     surfaces, says nothing to the user); other libraries' warnings as Python prints them."""
     from entrorl.trainer import ConfigWarning
 
-    package = str(Path(__file__).resolve().parent)
-    if issubclass(category, ConfigWarning) or str(Path(filename).resolve()).startswith(package):
+    ours = category is UserWarning and Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    if issubclass(category, ConfigWarning) or ours:  # a library's deprecation raised through an entrorl line is not
         console.print(Text.assemble(("warning:", "bold yellow"), f" {message}"), soft_wrap=True)
     else:
         _python_show_warning(message, category, filename, lineno, file, line)

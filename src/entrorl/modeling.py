@@ -46,14 +46,23 @@ def _check_model_dir(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path} is a file; the model is a directory (config.json, weights and tokenizer)")
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path} (give a local Hugging Face model directory)")
-    saved = sorted((path / "checkpoints").glob("step_*/model/config.json"))
-    if saved:  # a run directory also holds a config.json: the run's settings, not a model's
+    saved = sorted((path / "checkpoints").glob("step_*/model/config.json"), key=lambda found: found.parent.parent.name)
+    if saved and not _declares_a_model(path / "config.json"):  # a run directory's config.json holds the run's settings
         raise FileNotFoundError(f"{path} is an entrorl run directory; its models are in checkpoints/step_N/model (the "
                                 f"last one: {saved[-1].parent})")
     if not (path / "config.json").is_file():
         inside = " (an entrorl checkpoint keeps its model in model/: give that directory)" if (path / "model" / "config.json").is_file() else ""
         raise FileNotFoundError(f"{path} has no config.json: it is not a Hugging Face model directory{inside}")
     return path
+
+
+def _declares_a_model(config_file: Path) -> bool:
+    """Whether ``config_file`` is a model's config.json (it names a ``model_type`` or ``architectures``)."""
+    try:
+        declared = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(declared, dict) and bool(declared.get("model_type") or declared.get("architectures"))
 
 
 def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool = True) -> Path:

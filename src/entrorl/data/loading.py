@@ -262,12 +262,16 @@ class _NotFound(FileNotFoundError):
     """``FileNotFoundError`` (errno ``ENOENT``, ``filename`` set) whose message names the path without ``[Errno 2]``,
     and for a relative path where it was looked for."""
 
-    def __init__(self, path: str, what: str):
+    def __init__(self, path: str, what: str, where: str | None = None):
         super().__init__(errno.ENOENT, f"{what} not found", path)
+        self.what = what
+        self.where = where if where is not None else "" if os.path.isabs(path) else os.path.abspath(path)
+
+    def __reduce__(self):  # OSError's own would rebuild it from (errno, strerror, filename)
+        return _NotFound, (self.filename, self.what, self.where)
 
     def __str__(self) -> str:
-        where = "" if os.path.isabs(self.filename) else (
-            f" (looked for {os.path.abspath(self.filename)}: a relative path is taken from the working directory)")
+        where = f" (looked for {self.where}: a relative path is taken from the working directory)" if self.where else ""
         return f"{self.strerror}: {self.filename}{where}"
 
 

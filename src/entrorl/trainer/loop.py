@@ -208,6 +208,8 @@ class Trainer:
             )
             self._discard_files_after(self.step if checkpoint is not None else None)
         except BaseException:
+            if getattr(self, "logger", None) is not None:
+                self.logger.close()
             if created_run_dir is not None:
                 shutil.rmtree(created_run_dir, ignore_errors=True)
             raise
