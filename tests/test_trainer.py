@@ -757,7 +757,7 @@ def test_files_of_steps_after_the_resumed_checkpoint_are_removed(tmp_path, tiny_
                                      eval={"every": 1}, logging={"samples_every": 1}, checkpoint={"every": 2, "keep": 2}))
     run_dir = tmp_path / "run"
     Trainer(config, run_dir=run_dir).train()
-    (run_dir / "reward_errors.log").write_text("an earlier attempt's traceback\n")
+    (run_dir / "reward_errors.log").write_text("step 3, sample 1: ValueError: lost with step 3\n")
     shutil.rmtree(run_dir / "checkpoints" / "step_000004")  # as if killed before step 4's checkpoint was complete
 
     def steps_of(folder: str) -> list[int]:
@@ -766,8 +766,11 @@ def test_files_of_steps_after_the_resumed_checkpoint_are_removed(tmp_path, tiny_
     assert steps_of("eval") == steps_of("forks") == steps_of("samples") == [1, 2, 3, 4]
     resumed = Trainer(config, run_dir=run_dir, resume=True)
     assert resumed.step == 2 and steps_of("eval") == steps_of("forks") == steps_of("samples") == [1, 2]
-    assert (run_dir / "reward_errors.log").is_file()  # the resumed run's own history
+    assert not (run_dir / "reward_errors.log").exists()  # a discarded step's: the run's first failure is still to come
     resumed.logger.close()
+    (run_dir / "reward_errors.log").write_text("step 2, sample 1: ValueError: kept with step 2\n")
+    Trainer(config, run_dir=run_dir, resume=True).logger.close()
+    assert (run_dir / "reward_errors.log").is_file()  # the resumed run's own history
     shutil.rmtree(run_dir / "checkpoints")
     Trainer(config, run_dir=run_dir).logger.close()
     assert steps_of("eval") == steps_of("forks") == steps_of("samples") == []
@@ -1124,6 +1127,7 @@ def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arith
         trainer = Trainer(config, run_dir=tmp_path / "run")
         metrics = trainer.train_step()
         assert metrics["reward/errors"] == 8 and metrics["reward/error_frac"] == 1.0 and metrics["reward/mean"] == 0.0
+        assert (tmp_path / "run" / "reward_errors.log").read_text().startswith("step 1, ")
         assert "reward server down" in (tmp_path / "run" / "reward_errors.log").read_text()
         # a reward that fails on every sample step after step leaves nothing to train on: the run stops, saying why
         with pytest.raises(TrainingStopped, match=r"the reward raised on every sample of 2 steps in a row .*reward_errors.log"):

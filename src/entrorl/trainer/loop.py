@@ -218,16 +218,19 @@ class Trainer:
     _STEP_FILE = re.compile(r"step_(\d+)\.jsonl?")
 
     def _discard_files_after(self, step: int | None) -> None:
-        """Remove the evaluations, fork tokens and samples that an interrupted run wrote after ``step``, the checkpoint
-        this run resumes from (``None``: a fresh start, which keeps none of them, nor an earlier reward traceback), so
-        that the run directory reads as if the run had never stopped, as ``metrics.jsonl`` does."""
+        """Remove the evaluations, fork tokens, samples and first reward traceback that an interrupted run wrote after
+        ``step``, the checkpoint this run resumes from (``None``: a fresh start, which keeps none of them), so that the
+        run directory reads as if the run had never stopped, as ``metrics.jsonl`` does."""
         for folder in ("eval", "forks", "samples"):
             for path in sorted((self.run_dir / folder).glob("step_*")):
                 match = self._STEP_FILE.fullmatch(path.name)
                 if match and (step is None or int(match.group(1)) > step):
                     path.unlink()
-        if step is None:
-            (self.run_dir / "reward_errors.log").unlink(missing_ok=True)
+        reward_log = self.run_dir / "reward_errors.log"
+        if reward_log.is_file():  # afresh, or written by a discarded step: the run's first failure is still to come
+            match = self._REWARD_LOG_STEP.match(reward_log.read_text(errors="replace")[:40])
+            if step is None or (match is not None and int(match.group(1)) > step):
+                reward_log.unlink()
 
     def _check_resume_changes(self, saved_state: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         """The settings this resumed run changes from those its checkpoint was trained with, ``(key, saved, now)``;
@@ -440,7 +443,7 @@ class Trainer:
         for name, weight, runner in self.extra_rewards:
             result = result.with_extra(name, weight, runner(*inputs))
         if result.first_error:
-            self._note_reward_error(result.first_error)
+            self._note_reward_error(result.first_error, step=self.step + 1)
         return result, completions, main_failures
 
     def collect(self) -> ScoredRollouts:
@@ -532,11 +535,14 @@ class Trainer:
                 + self._last_checkpoint_phrase()
             )
 
-    def _note_reward_error(self, traceback_text: str) -> None:
-        """Keep the run's first reward failure in ``reward_errors.log`` (later ones are only counted)."""
+    _REWARD_LOG_STEP = re.compile(r"step (\d+), ")
+
+    def _note_reward_error(self, traceback_text: str, *, step: int) -> None:
+        """Keep the run's first reward failure in ``reward_errors.log`` (later ones are only counted), its first line
+        led by the step it happened in (``step 12, sample 3: ValueError: ...``)."""
         path = self.run_dir / "reward_errors.log"
         if not path.exists():
-            path.write_text(traceback_text)
+            path.write_text(f"step {step}, {traceback_text}")
 
     # ------------------------------------------------------------------------------------------------ the step
     def token_stats(self, model, rollouts: Rollouts, rows: torch.Tensor, need=STAT_NAMES):
@@ -816,7 +822,7 @@ class Trainer:
             batch_size=self.config.rollout.generation_batch_size, top_forks=config.top_forks,
         )
         if result.first_reward_error:
-            self._note_reward_error(result.first_reward_error)
+            self._note_reward_error(result.first_reward_error, step=self.step)
         for folder, payload in (("eval", {"step": self.step, **result.to_dict()}), ("forks", result.forks)):
             (self.run_dir / folder).mkdir(exist_ok=True)
             atomic_write_text(self.run_dir / folder / f"step_{self.step:06d}.json",
