@@ -109,12 +109,7 @@ def _run_summary(run_dir: Path) -> str:
         parts += [moved("entropy/mean", "entropy"), moved("reward/mean", "reward")]
     evaluated = [record for record in everything if "eval/avg_at_n" in record]
     if evaluated:
-        step = evaluated[-1]["step"]
-        try:  # the samples per prompt of that evaluation (a resumed run may have changed eval.n since)
-            eval_n = json.loads((run_dir / "eval" / f"step_{step:06d}.json").read_text())["n_samples"]
-        except (OSError, ValueError, KeyError):
-            eval_n = None
-        parts.append(f"{format_evaluation(evaluated[-1], eval_n)} at step {step}")
+        parts.append(f"{format_evaluation(evaluated[-1])} at step {evaluated[-1]['step']}")
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         parts.append(f"model {checkpoint / 'model'}")

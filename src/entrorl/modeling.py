@@ -46,7 +46,7 @@ def _check_model_dir(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path} is a file; the model is a directory (config.json, weights and tokenizer)")
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path} (give a local Hugging Face model directory)")
-    saved = sorted((path / "checkpoints").glob("step_*/model/config.json"), key=lambda found: found.parent.parent.name)
+    saved = sorted((path / "checkpoints").glob("step_*/model/config.json"))  # zero-padded steps: oldest first
     if saved and not _declares_a_model(path / "config.json"):  # a run directory's config.json holds the run's settings
         raise FileNotFoundError(f"{path} is an entrorl run directory; its models are in checkpoints/step_N/model (the "
                                 f"last one: {saved[-1].parent})")

@@ -33,7 +33,8 @@ class EvaluationResult:
         return {**self.summary.to_dict(), "threshold": self.correct_threshold, "reward_errors": self.reward_errors}
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        metrics = {f"{prefix}avg_at_n": self.summary.avg_at_n, f"{prefix}reward_errors": float(self.reward_errors)}
+        metrics = {f"{prefix}avg_at_n": self.summary.avg_at_n, f"{prefix}n": float(self.summary.n_samples),
+                   f"{prefix}reward_errors": float(self.reward_errors)}
         metrics.update({f"{prefix}pass_at_{k}": value for k, value in self.summary.pass_at_k.items()})
         metrics[f"{prefix}frac_solved_none"] = self.summary.polarisation.frac_zero
         metrics[f"{prefix}frac_solved_all"] = self.summary.polarisation.frac_one

@@ -215,14 +215,15 @@ class Trainer:
             raise
 
     # ------------------------------------------------------------------------------------------------ set-up
-    _STEP_FILE = re.compile(r"step_(\d+)\.jsonl?")
+    _STEP_FILE = re.compile(r"step_(\d+)\.jsonl?")  # eval/, forks/, samples/
+    _REWARD_LOG_STEP = re.compile(r"step (\d+), ")  # the first line of reward_errors.log
 
     def _discard_files_after(self, step: int | None) -> None:
         """Remove the evaluations, fork tokens, samples and first reward traceback that an interrupted run wrote after
         ``step``, the checkpoint this run resumes from (``None``: a fresh start, which keeps none of them), so that the
         run directory reads as if the run had never stopped, as ``metrics.jsonl`` does."""
         for folder in ("eval", "forks", "samples"):
-            for path in sorted((self.run_dir / folder).glob("step_*")):
+            for path in (self.run_dir / folder).glob("step_*"):
                 match = self._STEP_FILE.fullmatch(path.name)
                 if match and (step is None or int(match.group(1)) > step):
                     path.unlink()
@@ -534,8 +535,6 @@ class Trainer:
                 f"{self.step + 1}); stopping. The first traceback is in {self.run_dir / 'reward_errors.log'}. "
                 + self._last_checkpoint_phrase()
             )
-
-    _REWARD_LOG_STEP = re.compile(r"step (\d+), ")
 
     def _note_reward_error(self, traceback_text: str, *, step: int) -> None:
         """Keep the run's first reward failure in ``reward_errors.log`` (later ones are only counted), its first line
@@ -867,7 +866,7 @@ class Trainer:
         128 + the signal's number), quietly, for as long as it runs."""
         config = self.config
         progress = _StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
-                                 enabled=config.logging.progress, eval_n=config.eval.n)
+                                 enabled=config.logging.progress)
         received: list[int] = []
         restore_handlers = _catch_stop_signals(received, progress.console) if handle_signals else (lambda: None)
         try:
@@ -958,12 +957,12 @@ class _StepProgress:
 
     LINE_EVERY_S = 30.0
 
-    def __init__(self, console, description: str, total: int, done: int, *, enabled: bool, eval_n: int | None = None):
+    def __init__(self, console, description: str, total: int, done: int, *, enabled: bool):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console = console if console is not None else Console(stderr=True)
-        self.enabled, self.total, self.description, self.eval_n = enabled, total, description, eval_n
+        self.enabled, self.total, self.description = enabled, total, description
         self.live = enabled and (self.console.is_terminal or self.console.is_jupyter)
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
@@ -987,8 +986,8 @@ class _StepProgress:
         solved."""
         if not self.enabled or not metrics:
             return
-        self.console.print(f"{self.description}: {format_evaluation(metrics, self.eval_n)} at step {step}",
-                           highlight=False, soft_wrap=True)
+        self.console.print(f"{self.description}: {format_evaluation(metrics)} at step {step}", highlight=False,
+                           soft_wrap=True)
 
     def advance(self, step: int, metrics: dict[str, float]) -> None:
         status = (f"reward {metrics['reward/mean']:.3f}  acc {metrics['reward/accuracy']:.2f}  "
@@ -1004,10 +1003,11 @@ class _StepProgress:
                                highlight=False, soft_wrap=True)
 
 
-def format_evaluation(metrics: dict[str, float], n: int | None = None) -> str:
-    """``eval/…`` metrics as one line: ``eval Avg@8 0.412, Pass@1 0.412, Pass@8 0.75, solved by none 0.125`` (``n``:
-    the samples per prompt)."""
-    parts = [f"Avg@{n or 'n'} {metrics['eval/avg_at_n']:.3g}"] if "eval/avg_at_n" in metrics else []
+def format_evaluation(metrics: dict[str, float]) -> str:
+    """``eval/…`` metrics as one line: ``eval Avg@8 0.412, Pass@1 0.412, Pass@8 0.75, solved by none 0.125`` (Avg@n
+    with the ``eval/n`` the evaluation recorded)."""
+    n = int(metrics["eval/n"]) if "eval/n" in metrics else "n"
+    parts = [f"Avg@{n} {metrics['eval/avg_at_n']:.3g}"] if "eval/avg_at_n" in metrics else []
     ks = sorted(int(key.rsplit("_", 1)[1]) for key in metrics if key.startswith("eval/pass_at_"))
     parts += [f"Pass@{k} {metrics[f'eval/pass_at_{k}']:.3g}" for k in ks]
     if "eval/frac_solved_none" in metrics:
