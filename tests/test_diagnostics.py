@@ -16,6 +16,7 @@ from entrorl.trainer.diagnostics import (
     discriminator_summary,
     entropy_summary,
     predicted_vs_measured,
+    readable_text,
     top_fork_tokens,
 )
 
@@ -155,6 +156,54 @@ def test_top_fork_tokens_lists_each_decision_point_once():
     same = torch.tensor([[ord("a"), ord("b")]] * 3)
     greedy = top_fork_tokens(CharTokenizer(), prompt_ids, prompt_mask, same, response_mask, entropy, k=5)
     assert [(f["position"], f["samples"]) for f in greedy] == [(0, 3), (1, 3)]
+
+
+def _byte_level_bpe():
+    """A byte-level BPE (GPT-2's kind) trained on ASCII text: every byte of ``日`` and ``本`` is a token of its own."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    trained = ByteLevelBPETokenizer()
+    trained.train_from_iterator(["the cat sat on the mat"] * 4, vocab_size=270, min_frequency=1, show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=trained._tokenizer)
+
+
+def _byte_fallback_bpe():
+    """A sentencepiece-style BPE (Llama's kind): characters outside its vocabulary become ``<0xNN>`` byte pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"<0x{byte:02X}>": 1 + byte for byte in range(256)}, "\u2581": 257, "a": 258, "b": 259,
+             "\u2581a": 260}
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[("\u2581", "a")], byte_fallback=True, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=model)
+
+
+@pytest.mark.parametrize("make_tokenizer", [_byte_level_bpe, _byte_fallback_bpe])
+def test_readable_text_shows_the_bytes_of_a_split_character_instead_of_replacement_characters(make_tokenizer):
+    tokenizer = make_tokenizer()
+    ids = tokenizer.encode("a 日本")
+    pieces = [readable_text(tokenizer, [token]) for token in ids]
+    assert "\ufffd" in "".join(tokenizer.decode([token]) for token in ids)  # what a plain decode shows
+    assert pieces[-6:] == ["<0xE6>", "<0x97>", "<0xA5>", "<0xE6>", "<0x9C>", "<0xAC>"]  # UTF-8 of 日本
+    assert readable_text(tokenizer, ids) == tokenizer.decode(ids) == "a 日本"  # whole characters decode as usual
+    assert readable_text(tokenizer, ids[-5:]) == "<0x97><0xA5>本"  # a context that starts inside a character
+    assert readable_text(tokenizer, ids[:-2]) == "a 日<0xE6>"
+
+
+def test_top_fork_tokens_keeps_different_bytes_apart():
+    """Two samples that chose different bytes at one decision point: two choices, not one U+FFFD counted twice."""
+    tokenizer = _byte_level_bpe()
+    first, second = tokenizer.encode("日")[0], tokenizer.encode("本")[1]
+    prompt_ids = torch.tensor([tokenizer.encode("the")] * 2)
+    prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
+    response_ids = torch.tensor([[first], [second]])
+    forks = top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, torch.ones(2, 1, dtype=torch.bool),
+                            torch.ones(2, 1), k=1)
+    assert forks[0]["chosen"] == {"<0xE6>": 1, "<0x9C>": 1} and forks[0]["token"] == "<0xE6>"
 
 
 def test_first_order_change_keeps_a_change_far_below_the_weights_rounding():

@@ -666,7 +666,7 @@ def test_predicted_entropy_change_of_the_step_covers_every_token_whatever_is_re_
                                              diagnostics={"measure_entropy_change": measured}))
             trainer = Trainer(config, run_dir=tmp_path / f"run-{measured}")
             sums.append(trainer.train_step()["entropy/predicted_delta_sum"])
-            trainer.logger.close()
+            trainer.close()
     assert sums[0] != 0.0 and sums[0] == pytest.approx(sums[1], rel=1e-9)
 
 
@@ -693,7 +693,7 @@ def test_first_order_entropy_change_is_the_gradient_times_the_applied_update(tmp
 
         trainer._entropy_gradient = capture
         metrics = trainer.train_step()
-        trainer.logger.close()
+        trainer.close()
     rollouts, rows, before = captured["rollouts"], captured["rows"], captured["before"]
     assert rows.tolist() == [0, 2, 4, 6]  # every other row of 8
 
@@ -741,7 +741,7 @@ def test_the_first_order_pass_leaves_a_dropout_model_s_training_as_it_was(tmp_pa
                                              model={"disable_dropout": False}, diagnostics={"first_order": first_order}))
             trainer = Trainer(config, run_dir=tmp_path / f"run-{first_order}")
             runs.append([trainer.train_step() for _ in range(2)])
-            trainer.logger.close()
+            trainer.close()
     for without, with_it in zip(*runs):
         assert "entropy/first_order_delta" in with_it
         for key, value in without.items():
@@ -767,14 +767,41 @@ def test_files_of_steps_after_the_resumed_checkpoint_are_removed(tmp_path, tiny_
     resumed = Trainer(config, run_dir=run_dir, resume=True)
     assert resumed.step == 2 and steps_of("eval") == steps_of("forks") == steps_of("samples") == [1, 2]
     assert not (run_dir / "reward_errors.log").exists()  # a discarded step's: the run's first failure is still to come
-    resumed.logger.close()
+    resumed.close()
     (run_dir / "reward_errors.log").write_text("step 2, sample 1: ValueError: kept with step 2\n")
-    Trainer(config, run_dir=run_dir, resume=True).logger.close()
+    Trainer(config, run_dir=run_dir, resume=True).close()
     assert (run_dir / "reward_errors.log").is_file()  # the resumed run's own history
     shutil.rmtree(run_dir / "checkpoints")
-    Trainer(config, run_dir=run_dir).logger.close()
+    Trainer(config, run_dir=run_dir).close()
     assert steps_of("eval") == steps_of("forks") == steps_of("samples") == []
     assert not (run_dir / "reward_errors.log").exists()
+
+
+def test_a_run_directory_in_use_is_refused_and_what_killed_writes_left_is_removed(tmp_path, tiny_model_dir,
+                                                                                   arithmetic_files):
+    """Two trainers in one directory (the same command started twice): the second stops before writing anything,
+    naming the first's process; once the first is done the directory is free. A start also removes the hidden
+    temporary files of writes killed half-way (kill -9), which only the lock's holder can know to be dead."""
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1, "lr": 1e-3}))
+    run_dir = tmp_path / "run"
+    first = Trainer(config, run_dir=run_dir)
+    config_text = (run_dir / "config.json").read_text()
+    with pytest.raises(OSError, match=f"is in use by another run \\(process {os.getpid()}\\)"):
+        Trainer(config, run_dir=run_dir)
+    assert (run_dir / "config.json").read_text() == config_text and run_dir.is_dir()
+    first.train()  # releases the directory when it ends
+    stale = [run_dir / ".config.json.tmp-123", run_dir / "eval" / ".step_000001.json.tmp-123",
+             run_dir / "checkpoints" / ".step_000002.tmp-123" / "model"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("half") if path.name != "model" else path.mkdir()
+    kept = run_dir / "eval" / "notes.tmp-123"  # not hidden: not one of entrorl's temporary files
+    kept.write_text("mine")
+    resumed = Trainer(config, run_dir=run_dir, resume=True)
+    resumed.close()
+    assert not any(path.exists() for path in stale) and not (run_dir / "checkpoints" / ".step_000002.tmp-123").exists()
+    assert kept.read_text() == "mine" and resumed.step == 1
 
 
 def test_progress_off_a_terminal_is_a_line_per_interval(tmp_path, tiny_model_dir, arithmetic_files):
@@ -822,6 +849,64 @@ def test_a_signal_during_a_checkpoint_write_stops_after_that_step(tmp_path, tiny
             signal.signal(number, handler)
     assert stopped.value.step == 2 and stopped.value.checkpoint.name == "step_000002"
     assert [record["step"] for record in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_a_signal_during_the_evaluation_at_the_start_stops_before_the_first_step(tmp_path, tiny_model_dir,
+                                                                                 arithmetic_files, monkeypatch):
+    """Ctrl-C during ``eval.at_start`` trains no step: the run stops with the evaluation logged, no checkpoint, and
+    the same directory starts afresh."""
+    from entrorl.trainer import TrainingInterrupted
+
+    train, held_out = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, held_out, optim={"steps": 3, "lr": 1e-3},
+                                     eval={"every": 0, "n": 2, "ks": [1], "max_prompts": 2, "top_forks": 0,
+                                           "at_start": True}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    evaluate = trainer.evaluate
+
+    def evaluate_interrupted():
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate()
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate_interrupted)
+    monkeypatch.setattr(trainer, "train_step", lambda: pytest.fail("a step was trained after the signal"))
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(TrainingInterrupted) as stopped:
+            trainer.train(handle_signals=True)
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+    assert stopped.value.step == 0 and stopped.value.checkpoint is None
+    assert "before the first step" in str(stopped.value)
+    assert [record["step"] for record in read_metrics(tmp_path / "run")] == [0]
+    assert Trainer(config, run_dir=tmp_path / "run").step == 0  # no checkpoint: a fresh start is allowed there
+
+
+def test_the_train_command_says_how_to_go_on_after_an_interruption(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                   monkeypatch):
+    """After a step: continue with --resume; before the first step (during eval.at_start): start again, without it."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.trainer import TrainingInterrupted
+
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 2}))
+    for step, checkpoint, expected in ((3, tmp_path / "step_000003", "after step 3; checkpoint step_000003 saved. "
+                                        "Continue with: entrorl train"),
+                                       (0, None, "after the evaluation at the start, before the first step; nothing to "
+                                        "resume. Start again with: entrorl train")):
+        def interrupted(self, **options):
+            raise TrainingInterrupted(signal.SIGINT, step, checkpoint)
+
+        monkeypatch.setattr(Trainer, "train", interrupted)
+        run_dir = tmp_path / f"run-{step}"
+        result = CliRunner().invoke(app, ["train", str(config), "--set", "optim.lr=0.001", "--run-dir", str(run_dir)])
+        output = " ".join(result.output.split())
+        assert result.exit_code == 130 and f"interrupted by SIGINT {expected}" in output, result.output
+        assert "--set=optim.lr=0.001" in output and str(run_dir) in output
+        assert output.rstrip().endswith("--resume") == (checkpoint is not None), result.output
 
 
 def test_stop_signals_are_noted_once_then_stop_at_once_and_the_handlers_are_put_back():
@@ -974,7 +1059,7 @@ def test_resume_takes_the_new_schedule_and_optimiser_settings_and_refuses_a_diff
     moved = {**same, "model": {"path": str(tmp_path / "moved-model")}}
     for config_now, expected in ((same, []), (moved, [("model.path", str(tiny_model_dir), str(tmp_path / "moved-model"))])):
         trainer = Trainer(load_config(config_now), run_dir=run_dir, resume=True)
-        trainer.logger.close()
+        trainer.close()
         assert trainer.resume_changes == expected
 
     changed = make_config(tiny_model_dir, held_out, None, method="clip_b", seed=8,
@@ -1019,7 +1104,7 @@ def test_metrics_are_flushed_every_step_and_synced_before_each_checkpoint(tmp_pa
     assert metrics_file not in synced and len(read_metrics(tmp_path / "run")) == 3  # flushed, readable, not yet synced
     trainer.save()
     assert synced.count(metrics_file) == 1
-    trainer.logger.close()
+    trainer.close()
     assert synced.count(metrics_file) == 2
 
 
@@ -1034,14 +1119,14 @@ def test_resume_skips_an_incomplete_checkpoint_and_names_an_unreadable_one(tmp_p
     with caplog.at_level("WARNING"):
         resumed = Trainer(config, run_dir=run_dir, resume=True)
     assert resumed.step == 2 and "step_000003 is incomplete" in caplog.text and "using step_000002" in caplog.text
-    resumed.logger.close()
+    resumed.close()
     # a machine that lost power after the rename can leave empty files: that checkpoint is incomplete too
     (checkpoints / "step_000002" / "model" / "model.safetensors").write_bytes(b"")
     caplog.clear()
     with caplog.at_level("WARNING"):
         resumed = Trainer(config, run_dir=run_dir, resume=True)
     assert resumed.step == 1 and "(a file is missing or empty); using step_000001" in caplog.text
-    resumed.logger.close()
+    resumed.close()
     weights = checkpoints / "step_000001" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:40])  # cut short, not empty
     with pytest.raises(ValueError, match=r"the model of checkpoint .*step_000001 cannot be read \(SafetensorError: .*\); "
@@ -1079,7 +1164,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind_and_names_the
         trainer.save()
     assert sorted(path.name for path in root.iterdir()) == ["latest", "step_000001"]
     assert latest_checkpoint(run_dir) == root / "step_000001"
-    trainer.logger.close()
+    trainer.close()
 
 
 def test_a_run_directory_removed_during_the_run_stops_it_instead_of_losing_its_metrics(tmp_path, tiny_model_dir,
@@ -1099,7 +1184,7 @@ def test_a_run_directory_removed_during_the_run_stops_it_instead_of_losing_its_m
     with pytest.raises(CheckpointWriteError, match=r"the run directory .* no longer exists"):
         trainer.save()
     assert not run_dir.exists()  # not silently recreated by the checkpoint
-    trainer.logger.close()
+    trainer.close()
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path, tiny_model_dir, arithmetic_files):
@@ -1513,7 +1598,7 @@ def test_a_logger_that_fails_to_start_leaves_no_run_directory_and_nothing_open(t
     trainer = Trainer(config, run_dir=tmp_path / "run")
     recorded = json.loads((trainer.run_dir / "config.json").read_text())
     assert recorded["data"]["train"] == os.path.realpath(train) and os.path.isabs(recorded["model"]["path"])
-    trainer.logger.close()
+    trainer.close()
 
 
 @pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])

@@ -78,12 +78,17 @@ def train(
     except OSError as error:  # a checkpoint that could not be written (a full disk), a removed run directory
         _fail(str(error))
     except TrainingInterrupted as error:
-        console.print(Text.assemble(
-            ("interrupted", "bold yellow"),
-            f" by {signal.Signals(error.signal_number).name} after step {error.step}; checkpoint {error.checkpoint.name} "
-            "saved. Continue with: " + shlex.join(["entrorl", "train", str(config), *(f"--set={option}" for option in set_ or []),
-                                                   "--run-dir", str(trainer.run_dir), "--resume"]),
-        ), soft_wrap=True)
+        again = ["entrorl", "train", str(config), *(f"--set={option}" for option in set_ or []), "--run-dir",
+                 str(trainer.run_dir)]
+        by = f" by {signal.Signals(error.signal_number).name}"
+        if error.checkpoint is None:
+            console.print(Text.assemble(("interrupted", "bold yellow"), by + " after the evaluation at the start, before "
+                                        "the first step; nothing to resume. Start again with: " + shlex.join(again)),
+                          soft_wrap=True)
+        else:
+            console.print(Text.assemble(("interrupted", "bold yellow"), by + f" after step {error.step}; checkpoint "
+                                        f"{error.checkpoint.name} saved. Continue with: " + shlex.join([*again, "--resume"])),
+                          soft_wrap=True)
         raise typer.Exit(128 + error.signal_number) from None
     console.print(Text.assemble(("done", "green"), f": {_run_summary(trainer.run_dir)}"), soft_wrap=True)
 

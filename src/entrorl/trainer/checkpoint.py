@@ -5,6 +5,7 @@ Layout of a run directory::
     run_dir/checkpoints/step_000040/model/        save_pretrained: weights, config, tokenizer
     run_dir/checkpoints/step_000040/trainer.pt    optimizer, scheduler, RNG states, data position, objective state
     run_dir/checkpoints/latest                    name of the newest complete checkpoint
+    run_dir/.lock                                 held by the process that runs there (:func:`lock_run_directory`)
 
 A checkpoint is written into a hidden temporary directory, synced to disk (so that a machine that loses power
 cannot leave a renamed checkpoint with empty files) and renamed into place (``os.replace`` is atomic on one
@@ -15,6 +16,7 @@ full disk) removes its temporary directory and raises :class:`CheckpointWriteErr
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -24,6 +26,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: runs are not locked there
+    fcntl = None
+
 import numpy as np
 import torch
 
@@ -31,9 +38,13 @@ from entrorl.modeling import save_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointWriteError", "save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text"]
+__all__ = ["CheckpointWriteError", "save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text",
+           "lock_run_directory", "remove_temporary_files"]
 
 _PREFIX = "step_"
+
+
+_TEMPORARY = ".*.tmp-*"  # the hidden files and directories that atomic writes rename into place
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -43,6 +54,45 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def lock_run_directory(run_dir: Path) -> io.TextIOWrapper | None:
+    """Take the run directory's lock (an exclusive ``flock`` of ``run_dir/.lock``, which holds the process id) and
+    return the open lock file: the lock lasts until it is closed or the process ends, however it ends. A second run
+    in the same directory (the same command started twice, a ``--resume`` while the first still runs) gets
+    ``OSError`` naming the process that holds it, instead of writing its files between the other run's. ``None``
+    where ``flock`` does not exist (not a POSIX system)."""
+    if fcntl is None:
+        return None
+    handle = open(run_dir / ".lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        if error.errno not in (errno.EAGAIN, errno.EACCES):  # a filesystem without locks: nothing to guard with
+            logger.warning("cannot lock %s (%s); two runs there would not be kept apart", run_dir, error)
+            return None
+        raise OSError(f"{run_dir} is in use by another run (process {holder}); wait for it to end, or choose another "
+                      "--run-dir / logging.name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def remove_temporary_files(run_dir: Path) -> None:
+    """Remove what atomic writes in ``run_dir`` left behind when their process was killed mid-write (``kill -9``,
+    a power cut): hidden ``.NAME.tmp-PID`` files and directories. Only for the holder of the directory's lock,
+    which no other live process writes to."""
+    for folder in (run_dir, *(path for path in run_dir.iterdir() if path.is_dir() and not path.name.startswith("."))):
+        for stale in folder.glob(_TEMPORARY):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -99,7 +149,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
         raise CheckpointWriteError(f"cannot save checkpoint step {step}: the run directory {run_dir} no longer exists")
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
-    for stale in root.glob(f".{_PREFIX}*.tmp-*"):  # what failed writes left: their room is needed now
+    for stale in root.glob(_TEMPORARY):  # what failed writes left: their room is needed now
         shutil.rmtree(stale, ignore_errors=True)
     name = f"{_PREFIX}{step:06d}"
     final = root / name

@@ -24,8 +24,11 @@ with ``D > 0`` lowers the entropy, with ``D < 0`` raises it.
 
 from __future__ import annotations
 
+import codecs
 import collections
+import functools
 import math
+import re
 
 import numpy as np
 import torch
@@ -33,7 +36,7 @@ import torch
 from entrorl.dynamics import covariance_concentration, token_covariance
 
 __all__ = ["entropy_summary", "discriminator_summary", "decision_points", "predicted_vs_measured", "FirstOrderEntropyChange",
-           "covariance_summary", "top_fork_tokens"]
+           "covariance_summary", "top_fork_tokens", "readable_text"]
 
 
 def _valid(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -187,6 +190,59 @@ def covariance_summary(logprob: torch.Tensor, advantages: torch.Tensor, mask: to
     return covariance_concentration(cov, mask).to_dict()
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece (sentencepiece, Llama-style BPE)
+
+
+def _bytes_as_pieces(error: UnicodeDecodeError):
+    return "".join(f"<0x{byte:02X}>" for byte in error.object[error.start:error.end]), error.end
+
+
+codecs.register_error("entrorl.byte_pieces", _bytes_as_pieces)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE's map from its 256 stand-in characters (``Ġ`` for a space, ...) back to bytes."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {character: byte for byte, character in bytes_to_unicode().items()}
+
+
+def readable_text(tokenizer, ids: list[int]) -> str:
+    """``tokenizer.decode(ids)``, except that bytes which do not complete a UTF-8 character show as ``<0xE4>``.
+
+    A byte-level BPE or a byte-fallback vocabulary splits a character such as ``日`` over several tokens; decoded on
+    its own, each piece (and a context cut in the middle of a character) is U+FFFD, so different tokens would read
+    alike. Here the pieces' bytes are put back together, decoded as UTF-8, and only the bytes of an unfinished
+    character are written as ``<0xNN>`` (sentencepiece's spelling). Tokenizers of other kinds, and text without
+    U+FFFD, come back as ``decode`` gives them."""
+    text = tokenizer.decode(ids)
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if "\ufffd" not in text or convert is None:
+        return text
+    pieces = convert(list(ids))
+    if not all(isinstance(piece, str) for piece in pieces):
+        return text
+    if not any(_BYTE_PIECE.fullmatch(piece) for piece in pieces):  # a byte-level BPE's pieces, or another kind
+        alphabet = _byte_level_alphabet()
+        if not all(character in alphabet for piece in pieces for character in piece):
+            return text
+        return bytes(alphabet[character] for piece in pieces for character in piece).decode("utf-8", "entrorl.byte_pieces")
+    parts, start = [], 0  # runs of byte pieces as bytes, the runs between them as the tokenizer decodes them
+    while start < len(ids):
+        is_byte = _BYTE_PIECE.fullmatch(pieces[start]) is not None
+        end = start
+        while end < len(ids) and (_BYTE_PIECE.fullmatch(pieces[end]) is not None) == is_byte:
+            end += 1
+        if is_byte:
+            parts.append(bytes(int(_BYTE_PIECE.fullmatch(piece)[1], 16) for piece in pieces[start:end])
+                         .decode("utf-8", "entrorl.byte_pieces"))
+        else:
+            parts.append(tokenizer.decode(ids[start:end]))
+        start = end
+    return "".join(parts)
+
+
 def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask, entropy, *, k: int, context: int = 24,
                     sources: list[str] | None = None):
     """The ``k`` highest-entropy decision points of the responses, each decoded with its left context.
@@ -216,14 +272,14 @@ def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_m
             continue
         seen.add(point)
         sharing = (points[:, position] == point).nonzero().squeeze(-1).tolist()
-        chosen = collections.Counter(tokenizer.decode([responses[other][position]]) for other in sharing)
+        chosen = collections.Counter(readable_text(tokenizer, [responses[other][position]]) for other in sharing)
         fork = {
             "entropy": float(flat_scores[flat_index]),
             "sample": row,
             "position": position,
-            "token": tokenizer.decode([response[position]]),
-            "before": tokenizer.decode((prompt + response[:position])[-context:]),
-            "after": tokenizer.decode(response[position + 1 : position + 1 + context // 2]),
+            "token": readable_text(tokenizer, [response[position]]),
+            "before": readable_text(tokenizer, (prompt + response[:position])[-context:]),
+            "after": readable_text(tokenizer, response[position + 1 : position + 1 + context // 2]),
             "samples": len(sharing),
             "chosen": dict(chosen.most_common()),
         }

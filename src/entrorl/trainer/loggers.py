@@ -95,6 +95,7 @@ class MetricsLogger:
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
+        """Sync and close every sink; a second call does nothing."""
         if not self._file.closed:
             self.sync()
         self._file.close()
@@ -104,6 +105,7 @@ class MetricsLogger:
             self._wandb.finish()
         if self._trackio is not None:
             self._trackio.finish()
+        self._tensorboard = self._wandb = self._trackio = None
 
 
 def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:

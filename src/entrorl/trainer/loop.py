@@ -51,6 +51,8 @@ from entrorl.trainer.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
     load_trainer_state,
+    lock_run_directory,
+    remove_temporary_files,
     restore_rng_state,
     save_checkpoint,
 )
@@ -78,11 +80,15 @@ class TrainingStopped(RuntimeError):
 class TrainingInterrupted(RuntimeError):
     """A signal (SIGINT, SIGTERM) stopped the run after it finished a step and checkpointed it.
 
-    ``signal_number`` is the signal, ``step`` the last step done and saved, ``checkpoint`` its directory."""
+    ``signal_number`` is the signal, ``step`` the last step done and saved, ``checkpoint`` its directory. A signal
+    during the evaluation before the first step (``eval.at_start``) stops the run there: ``step`` 0 and no
+    ``checkpoint`` (there is nothing to resume; the run starts afresh)."""
 
-    def __init__(self, signal_number: int, step: int, checkpoint: Path):
+    def __init__(self, signal_number: int, step: int, checkpoint: Path | None):
         self.signal_number, self.step, self.checkpoint = signal_number, step, checkpoint
-        super().__init__(f"{signal.Signals(signal_number).name} received: stopped after step {step}, saved in {checkpoint}")
+        name = signal.Signals(signal_number).name
+        super().__init__(f"{name} received: stopped after step {step}, saved in {checkpoint}" if checkpoint is not None
+                         else f"{name} received: stopped after the evaluation at the start, before the first step")
 
 
 @dataclass
@@ -198,6 +204,7 @@ class Trainer:
         created_run_dir = next((folder for folder in reversed([self.run_dir, *self.run_dir.parents])
                                 if not folder.exists()), None)
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no directory
+        self._lock = lock_run_directory(self.run_dir)  # raises before anything is written if another run holds it
         try:  # ... not even when a logger (a W&B login, a tracking server) fails to start
             # absolute paths, so that the record names the same files from any working directory
             (self.run_dir / "config.json").write_text(json.dumps(with_resolved_paths(config.model_dump(mode="json")), indent=2))
@@ -208,11 +215,19 @@ class Trainer:
             )
             self._discard_files_after(self.step if checkpoint is not None else None)
         except BaseException:
-            if getattr(self, "logger", None) is not None:
-                self.logger.close()
+            self.close()
             if created_run_dir is not None:
                 shutil.rmtree(created_run_dir, ignore_errors=True)
             raise
+
+    def close(self) -> None:
+        """Close the loggers and let go of the run directory (another run may use it from then on). ``train`` does
+        it when it returns or raises; a trainer driven step by step calls it when done."""
+        if getattr(self, "logger", None) is not None:
+            self.logger.close()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
+            self._lock = None
 
     # ------------------------------------------------------------------------------------------------ set-up
     _STEP_FILE = re.compile(r"step_(\d+)\.jsonl?")  # eval/, forks/, samples/
@@ -221,7 +236,9 @@ class Trainer:
     def _discard_files_after(self, step: int | None) -> None:
         """Remove the evaluations, fork tokens, samples and first reward traceback that an interrupted run wrote after
         ``step``, the checkpoint this run resumes from (``None``: a fresh start, which keeps none of them), so that the
-        run directory reads as if the run had never stopped, as ``metrics.jsonl`` does."""
+        run directory reads as if the run had never stopped, as ``metrics.jsonl`` does; and the half-written files of
+        a process killed while writing them."""
+        remove_temporary_files(self.run_dir)
         for folder in ("eval", "forks", "samples"):
             for path in (self.run_dir / folder).glob("step_*"):
                 match = self._STEP_FILE.fullmatch(path.name)
@@ -875,6 +892,8 @@ class Trainer:
                     evaluated = self.evaluate()
                     self.logger.log(0, evaluated)
                     progress.note_evaluation(0, evaluated)
+                    if received:
+                        raise TrainingInterrupted(received[0], 0, None)
                     progress.restart_clock()
                 while self.step < config.optim.steps:
                     metrics = self.train_step()
@@ -896,7 +915,7 @@ class Trainer:
                 _exit_at_once_on_another_signal(progress.console, self.run_dir)
             else:
                 restore_handlers()
-            self.logger.close()
+            self.close()
         return self.run_dir
 
 
