@@ -505,6 +505,21 @@ def test_input_validation_messages(rewards, group_ids, kw, match):
         compute_advantages("grpo", rewards, group_ids, **kw)
 
 
+@pytest.mark.parametrize("estimator, kw, match", [
+    ("grpo", {"norm_adv_by_std_in_grpo": "no"}, "norm_adv_by_std_in_grpo must be True or False, got 'no'"),
+    ("psr", {"correct_threshold": None}, "correct_threshold must be a finite number"),
+    ("w_reinforce", {"correct_threshold": float("nan")}, "correct_threshold must be a finite number"),
+    ("unlikely", {"beta_rank": 5.0}, r"beta_rank must be a number in \[0, 1\]"),
+    ("unlikely", {"beta_rank": -0.1}, r"beta_rank must be a number in \[0, 1\]"),
+])
+def test_settings_outside_their_meaning_are_refused(estimator, kw, match):
+    """A truthy string would keep the std on, a None threshold failed inside a comparison, and beta_rank above 1
+    ranked a likely correct sample below a wrong one."""
+    rewards, group_ids = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        compute_advantages(estimator, rewards, group_ids, seq_log_prob=torch.zeros(4), **kw)
+
+
 def test_reinforce_pp_rejects_all_zero_lengths():
     with pytest.raises(ValueError, match="lengths sum to zero"):
         compute_advantages("reinforce_pp", torch.tensor([0.0, 1.0]), torch.tensor([0, 0]), lengths=torch.tensor([0, 0]))

@@ -295,6 +295,8 @@ def test_polarisation_to_dict_is_json():
         ([np.nan], 10, "finite"),
         ([0.5], 0, "bins"),
         ([0.5], 2.5, "bins"),
+        ([[1.0, 0.0], [1.0, 1.0]], 10, r"one pass rate per problem .* shape \(2, 2\).*correct.mean\(axis=1\)"),
+        ([True, False, True], 10, r"got booleans"),
     ],
 )
 def test_polarisation_validation(rates, bins, fragment):

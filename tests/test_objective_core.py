@@ -364,6 +364,28 @@ def test_gspo_sequence_ratio_clip_and_token_gradient():
     assert out.metrics["clip/gspo_frac"] == pytest.approx(clipped_tokens)
 
 
+@pytest.mark.parametrize("method", ["gspo", "dapo", "grpo"])
+def test_half_precision_log_probs_are_computed_in_float32(method):
+    """GSPO's clip range (3e-4) is finer than bfloat16's resolution near r = 1 (2^-7): bfloat16 log-probs give the
+    loss, gradient and clip fraction of the same values in float32, and the gradient reaches the bfloat16 leaf."""
+    g = _gen(31)
+    old = (-0.3 * torch.rand(8, 16, generator=g)).to(torch.bfloat16)
+    log_prob = (old.float() + 2e-3 * torch.randn(8, 16, generator=g)).to(torch.bfloat16).requires_grad_()
+    adv = torch.randn(8, generator=g)
+    mask = _ragged_mask((16, 12, 16, 3, 9, 16, 1, 14), 16)
+    half = build_objective(method)(PolicyBatch(log_prob=log_prob, old_log_prob=old, advantages=adv, mask=mask))
+    wide_leaf = log_prob.detach().float().requires_grad_()
+    wide = build_objective(method)(PolicyBatch(log_prob=wide_leaf, old_log_prob=old.float(), advantages=adv, mask=mask))
+    assert float(half.loss) == pytest.approx(float(wide.loss), rel=1e-6, abs=1e-9)
+    grad = grad_of(half.loss, log_prob)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), grad_of(wide.loss, wide_leaf).to(torch.bfloat16).float())
+    clip_key = next(key for key in wide.metrics if key.startswith("clip/") and key.endswith("frac"))
+    assert half.metrics[clip_key] == pytest.approx(wide.metrics[clip_key])
+    if method == "gspo":
+        assert 0 < wide.metrics[clip_key] < 1  # the case that bfloat16 arithmetic got wrong: some sequences clipped
+
+
 def test_cispo_loss_and_gradient_never_clipped_to_zero():
     batch = make_batch(40, spread=0.6)
     objective = build_objective("cispo")
@@ -670,6 +692,7 @@ def test_ambiguous_override_names_both_parts():
         build_objective("entropy_advantage+lopti_reweight", alpha=0.1)
     message = str(info.value)
     assert "alpha" in message and "entropy_advantage" in message and "lopti_reweight" in message
+    assert "both have it" in message and "shapers: [{name: entropy_advantage, alpha: ...}]" in message
     # set inside the part, it is not ambiguous
     objective = build_objective({"method": "entropy_advantage+lopti_reweight", "shapers": [{"name": "lopti_reweight", "alpha": 0.1}]})
     assert [(s.name, s.alpha) for s in objective.shapers] == [("entropy_advantage", 0.4), ("lopti_reweight", 0.1)]
@@ -726,16 +749,60 @@ def test_dict_config_parts_merge_onto_methods():
 def test_later_method_does_not_override_first_surrogate():
     """ObjectiveConfig: 'the first [method] gives the surrogate and aggregation, the others add their shapers,
     regularisers, selectors and correction'. DAPO + Clip-Cov's selector must stay DAPO's clip-higher."""
-    objective = build_objective("dapo+clip_cov")
+    with pytest.warns(UserWarning, match=r"'clip_cov' after 'dapo' trains with dapo's clip_ratio_low=0.2, "
+                                         r"clip_ratio_high=0.28, not its own clip_ratio_low=1.0, clip_ratio_high=1.0"):
+        objective = build_objective("dapo+clip_cov")
     assert [p.name for p in objective.parts] == ["ppo_clip", "clip_cov"]
     assert (objective.surrogate.clip_ratio_low, objective.surrogate.clip_ratio_high) == (0.2, 0.28)
     assert objective.loss_agg_mode == "token-mean"
-    objective = build_objective("grpo+clip_cov")
+    with pytest.warns(UserWarning, match="'clip_cov' after 'grpo'"):
+        objective = build_objective("grpo+clip_cov")
     assert (objective.surrogate.clip_ratio_low, objective.surrogate.clip_ratio_high) == (0.2, 0.2)
     assert objective.loss_agg_mode == "seq-mean-token-mean"
-    objective = build_objective("grpo+kl_cov")
+    with pytest.warns(UserWarning, match=r"trains with grpo's surrogate 'ppo_clip', not its own 'unclipped'.*"
+                                         r"'surrogate': 'unclipped'"):
+        objective = build_objective("grpo+kl_cov")
     assert objective.surrogate.name == "ppo_clip" and objective.loss_agg_mode == "seq-mean-token-mean"
     assert build_objective("grpo+grpo").describe() == build_objective("grpo").describe()  # repeating it is harmless
+
+
+def test_a_later_methods_own_surrogate_is_set_aside_with_a_warning_unless_the_user_chose_one():
+    """KL-Cov's recipe is unclipped and Clip-Cov's clips at 1: after another method they run with its surrogate,
+    which is said once; the advice given builds that method's own surrogate, and choosing the surrogate's settings
+    or the surrogate itself is taken as deliberate. A method whose surrogate is the composition's says nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_objective("grpo+clip_cov", clip_ratio_low=1.0, clip_ratio_high=1.0).surrogate.clip_ratio_high == 1.0
+        assert build_objective({"method": "grpo+kl_cov", "surrogate": "unclipped"}).surrogate.name == "unclipped"
+        assert build_objective("dapo+clip_b+forking_tokens").surrogate.clip_ratio_high == 0.28
+        assert build_objective("dapo+kl_cov", clip_ratio_high=0.3).surrogate.clip_ratio_high == 0.3
+    with pytest.warns(UserWarning) as caught:
+        build_objective("dapo+kl_cov+clip_cov")
+    assert [str(w.message).split(" after")[0] for w in caught] == ["'kl_cov'", "'clip_cov'"]
+
+
+def test_selectors_that_together_keep_no_token_are_refused():
+    """forking_tokens keeps the top rho_f of the entropies, low_entropy_tokens the bottom 1 - rho_l: with
+    rho_f <= rho_l nothing is left to train; with rho_f > rho_l the band between them is."""
+    with pytest.raises(ValueError, match="together they keep no token"):
+        build_objective("forking_tokens+low_entropy_tokens")
+    with pytest.raises(ValueError, match="together they keep no token"):
+        build_objective({"method": "forking_tokens+low_entropy_tokens",
+                         "selectors": [{"name": "low_entropy_tokens", "top_entropy_quantile": 0.5}]})
+    band = build_objective({"method": "forking_tokens+low_entropy_tokens",
+                            "selectors": [{"name": "forking_tokens", "top_entropy_quantile": 0.6}]})
+    _, batch = full_batch(3)
+    out = band(batch)
+    kept = 1.0 - out.metrics["select/dropped_frac"]
+    assert 0.3 < kept < 0.5  # about the 0.6 - 0.2 band of the valid tokens
+
+
+def test_empty_method_names_are_refused_and_near_misses_get_a_suggestion():
+    for method in ("", "dapo+", "dapo++clip_b", ["dapo", " "]):
+        with pytest.raises(ValueError, match="has an empty name"):
+            build_objective(method)
+    with pytest.raises(ValueError, match="unknown method 'clipcov'; did you mean 'clip_cov'\\?"):
+        build_objective("dapo+clipcov")
 
 
 @pytest.mark.parametrize("composition, dropped", [
@@ -863,6 +930,18 @@ def test_method_aggregation_defaults():
     assert modes["gspo"] == "seq-mean-token-mean"
     assert modes["dapo"] == "token-mean"
     assert modes["dr_grpo"] == "seq-mean-token-sum-norm"
+
+
+def test_every_part_cites_its_paper_in_its_help():
+    """help(ClipB) shows the formula and where it comes from: each part's docstring carries its ``paper``."""
+    import inspect
+
+    from entrorl.objective.parts import PART_KINDS, _REGISTRY
+
+    parts = [cls for kind in PART_KINDS for cls in _REGISTRY[kind].values()]
+    assert len(parts) >= 20
+    for cls in parts:
+        assert cls.paper and cls.paper in inspect.getdoc(cls), cls.__name__
 
 
 def test_markdown_table_has_a_row_per_method():
@@ -1052,6 +1131,23 @@ def test_padding_holding_nan_or_huge_values_reaches_neither_loss_nor_gradient(me
         loss, grad = run(poison)
         assert loss == pytest.approx(clean_loss, rel=1e-6, abs=1e-9), poison
         assert torch.isfinite(grad).all() and torch.allclose(grad, clean_grad, rtol=1e-5, atol=1e-8), poison
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_METHODS))
+def test_nan_log_probs_at_padding_give_finite_gradients(method):
+    """A caller's own log-prob tensor may hold NaN where the mask is off (an unmasked log-softmax of padding): the
+    gradient there is 0 and elsewhere finite, for every method (CISPO's used to be NaN at padding)."""
+    import dataclasses
+
+    _, batch = full_batch(12)
+    log_prob = torch.where(batch.mask, batch.log_prob.detach(), torch.full_like(batch.log_prob, float("nan")))
+    log_prob.requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = build_objective(method)(dataclasses.replace(batch, log_prob=log_prob))
+    grad = grad_of(out.loss, log_prob)
+    assert math.isfinite(float(out.loss)) and torch.isfinite(grad).all(), method
+    assert (grad[~batch.mask] == 0).all()
 
 
 def test_parameters_that_cannot_work_together_are_refused():

@@ -285,6 +285,10 @@ def test_input_validation_messages():
     logits, targets = random_case(15)
     with pytest.raises(ValueError, match="unknown statistic"):
         token_stats(logits, targets, need=("logprob", "perplexity"))
+    with pytest.raises(ValueError, match=r"unknown statistic\(s\) \['perplexity'\]"):  # one name, not its letters
+        token_stats(logits, targets, need="perplexity")
+    only = token_stats(logits, targets, need="entropy")
+    assert only.entropy is not None and only.logprob is None
     with pytest.raises(ValueError, match="temperature"):
         token_stats(logits, targets, temperature=0.0)
     with pytest.raises(ValueError, match="targets must have shape"):

@@ -579,6 +579,9 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         load_config(base, ["method=grpo+icepop", "rollout.top_k=5"])
     with pytest.raises(ConfigError, match="rollout.group_size: the 'passk' advantage compares the samples of a group"):
         load_config(base, ["rollout.group_size=1", "advantage.name=passk", "advantage.params={k: 1}"])
+    with pytest.raises(ConfigError, match="advantage.name: the 'w_reinforce' advantage is already \\+lambda / -1"):
+        load_config(base, ["method=w_reinforce", "advantage.name=w_reinforce"])  # lambda twice: lambda squared
+    assert load_config(base, ["method=grpo", "advantage.name=w_reinforce"]).advantage_estimator() == "w_reinforce"
 
 
 def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arithmetic_files):

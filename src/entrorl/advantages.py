@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable
@@ -326,6 +327,10 @@ def expand_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 
 def _is_correct(rewards: torch.Tensor, correct_threshold: float) -> torch.Tensor:
+    if isinstance(correct_threshold, bool) or not isinstance(correct_threshold, numbers.Real) \
+            or not math.isfinite(correct_threshold):
+        raise ValueError(f"correct_threshold must be a finite number (a reward at or above it is correct), "
+                         f"got {correct_threshold!r}")
     return rewards >= correct_threshold
 
 
@@ -382,6 +387,8 @@ def grpo(
     gets exactly 0.
     """
     _check_eps(epsilon, "grpo")
+    if norm_adv_by_std_in_grpo not in (True, False):
+        raise ValueError(f"norm_adv_by_std_in_grpo must be True or False, got {norm_adv_by_std_in_grpo!r}")
     r, g = _check_rewards_groups(rewards, group_ids)
     st = _group_stats(r, g)
     single = st.count == 1
@@ -489,7 +496,11 @@ def w_reinforce(
 ) -> torch.Tensor:
     """W-REINFORCE (arXiv 2506.01347, Eq. 9, ``L = lam L_PSR + L_NSR``): ``A = +lam`` if
     ``R >= correct_threshold`` else ``-1``. No baseline, no std. ``lam = 1`` is REINFORCE with ±1
-    rewards, ``lam = 0`` is NSR. The default threshold 0.5 works for 0/1 and ±1 rewards."""
+    rewards, ``lam = 0`` is NSR. The default threshold 0.5 works for 0/1 and ±1 rewards.
+
+    The ``w_reinforce`` *method* gets the same advantages another way: ``signed_reward``'s ±1, whose positive part its
+    ``positive_scale`` shaper multiplies by ``lam``. Give this estimator to a method without that shaper (``grpo``,
+    ``dapo``); with the ``w_reinforce`` method the correct samples would get ``lam ** 2``."""
     if not float(lam) >= 0.0:  # as the objective's positive_scale: a negative lam would penalise correct samples
         raise ValueError(f"w_reinforce: lam must be >= 0 (lam = 0 is NSR), got {lam}")
     r, _ = _check_rewards_groups(rewards, group_ids)
@@ -615,8 +626,9 @@ def unlikeliness_shaped_rewards(
     if seq_log_prob is None:
         raise ValueError(_MISSING_LOGP)
     lp = _check_seq_log_prob(seq_log_prob, r)
-    if not (isinstance(beta_rank, (int, float)) and math.isfinite(beta_rank)):
-        raise ValueError(f"beta_rank must be a finite number, got {beta_rank!r}")
+    if not (isinstance(beta_rank, (int, float)) and not isinstance(beta_rank, bool) and 0.0 <= beta_rank <= 1.0):
+        raise ValueError(f"beta_rank must be a number in [0, 1] (the paper uses 0.25; above 1 a likely correct sample "
+                         f"would end below a wrong one), got {beta_rank!r}")
     n = r.numel()
     if n == 0:
         return r.clone()

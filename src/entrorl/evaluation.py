@@ -291,7 +291,13 @@ def polarisation(pass_rates: Any, bins: int = 10) -> Polarisation:
     bins = int(bins)
     if hasattr(pass_rates, "detach"):
         pass_rates = pass_rates.detach().cpu().numpy()
-    rates = np.asarray(pass_rates, dtype=np.float64).reshape(-1)
+    given = np.asarray(pass_rates)
+    if given.dtype == np.bool_ or given.ndim > 1:
+        raise ValueError(
+            f"polarisation takes one pass rate per problem (a 1-D array), got {'booleans' if given.dtype == np.bool_ else 'an array'} "
+            f"of shape {given.shape}; for a correctness matrix correct[P, n] pass its row means, correct.mean(axis=1)"
+        )
+    rates = given.astype(np.float64).reshape(-1)
     if rates.size == 0:
         raise ValueError("polarisation: pass_rates is empty; pass one pass rate per problem")
     if not np.all(np.isfinite(rates)):

@@ -58,7 +58,7 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 def _validate_need(need: Iterable[str]) -> tuple[bool, ...]:
-    need = tuple(need)
+    need = (need,) if isinstance(need, str) else tuple(need)  # need="entropy" is one statistic, not seven letters
     unknown = [name for name in need if name not in STAT_NAMES]
     if unknown:
         raise ValueError(f"token_stats: unknown statistic(s) {unknown}; choose from {list(STAT_NAMES)}")

@@ -10,7 +10,9 @@ one token in the mask:
 
 ``loss_scale_factor`` defaults to ``T`` (the padded response length); Dr. GRPO sets it to a constant
 such as the maximum generation length. The ``-norm`` mode divides by ``n_seq`` as Dr. GRPO's formula,
-TRL's ``dr_grpo`` and recent verl do (verl 0.8 did not).
+TRL's ``dr_grpo`` and recent verl do (verl 0.8 did not). ``n_seq`` counts only the sequences with a token in
+the mask, as verl does; TRL divides by every row of the batch, a fully masked one included (a truncated
+completion under ``mask_truncated_completions``): pass ``global_batch_size`` = the row count for TRL's value.
 
 For data-parallel training, ``batch_num_tokens`` / ``global_batch_size`` replace the local token and
 sequence counts by global ones and ``dp_size`` undoes the gradient averaging across ranks, as in verl's

@@ -22,6 +22,10 @@ OPTIONAL_FIELDS: dict[str, str] = {
 class PolicyBatch:
     """Per-token tensors of one (mini-)batch of responses, all ``[B, T]``.
 
+    Half-precision (bfloat16 / float16) tensors are taken in float32: near ``r = 1`` bfloat16's resolution (2^-7)
+    is coarser than a clip range such as GSPO's 3e-4, so ratios, clipping and means are computed in float32; the
+    gradient still reaches the tensors given.
+
     Attributes:
         log_prob: log-probs of the sampled tokens under the policy being trained (carries the gradient).
         old_log_prob: log-probs under the policy that produced the rollouts (detached); ``r = exp(log_prob - old_log_prob)``.
@@ -69,12 +73,15 @@ class PolicyBatch:
             if field.name in ("mask", "step", "population", "rows") or value is None:
                 continue
             if not torch.is_tensor(value) or tuple(value.shape) != shape:
+                per_sequence = f" or ({shape[0]},), one per sequence" if field.name == "advantages" else ""
                 raise ValueError(
-                    f"PolicyBatch.{field.name} must be a tensor of shape {shape} (like log_prob), "
+                    f"PolicyBatch.{field.name} must be a tensor of shape {shape} (like log_prob){per_sequence}, "
                     f"got {tuple(getattr(value, 'shape', ())) if torch.is_tensor(value) else type(value).__name__}"
                 )
             if not value.is_floating_point():
                 raise ValueError(f"PolicyBatch.{field.name} must be floating point, got {value.dtype}")
+            if value.dtype in (torch.bfloat16, torch.float16):  # differentiable: the gradient reaches the original
+                setattr(self, field.name, value.float())
 
         if self.population is not None:
             rows = self.rows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +84,9 @@ def get_method(name: str) -> MethodSpec:
     try:
         return _METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method '{name}'; available methods: {sorted(_METHODS)}") from None
+        close = difflib.get_close_matches(name, list(_METHODS), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(f"unknown method '{name}'; {hint}available methods: {sorted(_METHODS)}") from None
 
 
 class PartSpec(BaseModel):
@@ -128,11 +132,20 @@ class ObjectiveConfig(BaseModel):
             raise ValueError(f"unknown loss_agg_mode '{value}'; choose one of {list(LOSS_AGG_MODES)}")
         return value
 
+    @field_validator("method")
+    @classmethod
+    def _no_empty_names(cls, value: str | list[str] | None) -> str | list[str] | None:
+        names = value.split("+") if isinstance(value, str) else value
+        if names is not None and (not names or any(not str(name).strip() for name in names)):
+            raise ValueError(f"method {value!r} has an empty name: write methods joined by '+', such as 'dapo+clip_b' "
+                             "(or leave method out to build the objective from its parts alone)")
+        return value
+
     def method_names(self) -> list[str]:
         if self.method is None:
             return []
         names = self.method.split("+") if isinstance(self.method, str) else list(self.method)
-        return [name.strip() for name in names if name.strip()]
+        return [name.strip() for name in names]
 
 
 @dataclass
@@ -230,10 +243,11 @@ def _config_refs(config: ObjectiveConfig) -> dict[str, Any]:
 def _to_config(name_or_config: Any) -> ObjectiveConfig:
     if isinstance(name_or_config, ObjectiveConfig):
         return name_or_config
-    if isinstance(name_or_config, str):
-        return ObjectiveConfig(method=name_or_config)
-    if isinstance(name_or_config, (list, tuple)):
-        return ObjectiveConfig(method=list(name_or_config))
+    if isinstance(name_or_config, (str, list, tuple)):
+        try:
+            return ObjectiveConfig(method=name_or_config if isinstance(name_or_config, str) else list(name_or_config))
+        except ValidationError as error:
+            raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())) from None
     if isinstance(name_or_config, dict):
         data = dict(name_or_config)
         if "name" in data and "method" not in data:
@@ -273,9 +287,12 @@ def _apply_overrides(comp: _Composition, overrides: dict[str, Any]) -> dict[str,
             raise ValueError(f"unknown parameter '{key}' for this objective; valid parameters: {valid}")
         if len(owners) > 1:
             names = [f"{kind} '{ref[0]}'" for _, kind, _, ref in owners]
+            attr, _, _, ref = owners[0]
+            example = (f"{attr}: {{name: {ref[0]}, {key}: ...}}" if attr in ("surrogate", "correction")
+                       else f"{attr}: [{{name: {ref[0]}, {key}: ...}}]")
             raise ValueError(
-                f"parameter '{key}' is ambiguous: {', '.join(names)} all have it; set it inside that part in the config "
-                f"(e.g. selectors: [{{name: {owners[0][3][0]}, {key}: ...}}])"
+                f"parameter '{key}' is ambiguous: {' and '.join(names) if len(names) == 2 else ', '.join(names)} "
+                f"{'both' if len(names) == 2 else 'all'} have it; set it inside that part in the config (e.g. {example})"
             )
         attr, _, index, ref = owners[0]
         updated = (ref[0], {**ref[1], key: value})
@@ -319,6 +336,40 @@ def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Compositi
     )
 
 
+def _warn_surrogate_set_aside(name: str, own: PartRef, used: PartRef, *, first: str) -> None:
+    """A later method whose recipe has its own surrogate (KL-Cov's unclipped one, Clip-Cov's clip range of 1) loses
+    it to the first method's: allowed (the first method gives the surrogate), but said, since the method then does
+    not run as its paper does."""
+    if own[0] == used[0]:
+        defaults = make_part("surrogate", used[0], used[1]).params()
+        differ = {key: value for key, value in own[1].items() if defaults.get(key) != value}
+        theirs = ", ".join(f"{key}={value!r}" for key, value in differ.items())
+        ours = ", ".join(f"{key}={defaults.get(key)!r}" for key in differ)
+        told = (f"'{name}' after '{first}' trains with {first}'s {ours}, not its own {theirs}: the first method of a "
+                f"composition gives the surrogate; pass {theirs} to train with {name}'s")
+    else:
+        told = (f"'{name}' after '{first}' trains with {first}'s surrogate '{used[0]}', not its own '{own[0]}': the "
+                f"first method of a composition gives the surrogate; name the surrogate in the config "
+                f"({{'method': ..., 'surrogate': '{own[0]}'}}) to train with {name}'s")
+    warnings.warn(told + " (setting the surrogate's parameters silences this)", UserWarning, stacklevel=3)
+
+
+def _refuse_selectors_that_keep_nothing(comp: _Composition) -> None:
+    """``forking_tokens`` keeps the top ``rho_f`` of the entropies and ``low_entropy_tokens`` the bottom ``1 - rho_l``;
+    with ``rho_f <= rho_l`` the two keep disjoint tokens and the objective would train on none."""
+    chosen = {name: params for name, params in comp.selectors if name in ("forking_tokens", "low_entropy_tokens")}
+    if len(chosen) < 2:
+        return
+    high = chosen["forking_tokens"].get("top_entropy_quantile", 0.2)
+    low = chosen["low_entropy_tokens"].get("top_entropy_quantile", 0.2)
+    if high <= low:
+        raise ValueError(
+            f"forking_tokens keeps the top {high:g} of the token entropies and low_entropy_tokens drops the top {low:g}: "
+            "together they keep no token, so nothing would be trained; use one of them (or give forking_tokens the "
+            "larger top_entropy_quantile to keep the band between)"
+        )
+
+
 def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective:
     """Build a policy objective from a method name, ``"a+b+c"``, a list of names, a dict or an ObjectiveConfig.
 
@@ -333,14 +384,22 @@ def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective
     config = _to_config(name_or_config)
     comp = _Composition()
     names = config.method_names()
+    set_aside: list[tuple[str, PartRef]] = []  # later methods' own surrogates, which the first method's replaces
     for position, name in enumerate(names):
         refs = _spec_refs(get_method(name))
         if position > 0:
             _refuse_if_it_adds_nothing(name, refs, comp, before=names[:position])
+            if refs["surrogate"] not in (None, ("ppo_clip", {}), comp.surrogate):
+                set_aside.append((name, refs["surrogate"]))
         comp.add(refs, source=name)
     comp.add(_config_refs(config))
     if comp.surrogate is None:
         comp.surrogate = ("ppo_clip", {})
+    surrogate_params = get_part_class("surrogate", comp.surrogate[0]).model_fields
+    if config.surrogate is None and not any(key in surrogate_params for key in {**config.params, **overrides}):
+        for name, own in set_aside:
+            _warn_surrogate_set_aside(name, own, comp.surrogate, first=names[0])
+    _refuse_selectors_that_keep_nothing(comp)
     top_level = _apply_overrides(comp, {**config.params, **overrides})
 
     surrogate_cls = get_part_class("surrogate", comp.surrogate[0])

@@ -15,6 +15,7 @@ the :func:`register_part` decorator and composes it by name; the loop is never e
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -183,7 +184,8 @@ class Correction(Part):
 
 
 def register_part(name: str, *, description: str, paper: str = "") -> Callable[[type[Part]], type[Part]]:
-    """Class decorator registering a part under ``name`` for its kind (its base class)."""
+    """Class decorator registering a part under ``name`` for its kind (its base class). ``paper`` (the arXiv id)
+    is also appended to the class's docstring, so that ``help()`` on the part cites its source."""
 
     def decorate(cls: type[Part]) -> type[Part]:
         kind = cls.kind
@@ -194,6 +196,8 @@ def register_part(name: str, *, description: str, paper: str = "") -> Callable[[
         cls.name = name
         cls.description = description
         cls.paper = paper
+        if paper and cls.__doc__ and paper not in cls.__doc__:
+            cls.__doc__ = f"{inspect.cleandoc(cls.__doc__)}\n\nPaper: {paper}."
         _REGISTRY[kind][name] = cls
         return cls
 

@@ -62,7 +62,9 @@ class LoptiReweight(Shaper):
 )
 class PositiveScale(Shaper):
     """``A' = lam * A`` where ``A > 0``, unchanged elsewhere: the objective ``lam * L_PSR + L_NSR``. On the
-    paper's +1 / -1 rewards with no baseline this gives W-REINFORCE's ``+lam`` / ``-1`` advantages."""
+    paper's +1 / -1 rewards with no baseline (the ``signed_reward`` estimator) this gives W-REINFORCE's ``+lam`` /
+    ``-1`` advantages; the ``w_reinforce`` estimator's advantages already hold ``lam``, and scaling them again gives
+    ``lam ** 2``."""
 
     lam: float = Field(0.1, ge=0.0, description="lambda = 0.1 (arXiv 2506.01347, Eq. 9)")
 

@@ -17,9 +17,9 @@ _LOG_RATIO_BOUND = 20.0
 
 
 def _ratio(batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r, log r)``; ``r = 1`` at padding whatever the old log-probs hold there."""
-    old_log_prob = torch.where(batch.mask, batch.old_log_prob.detach(), batch.log_prob.detach())
-    log_ratio = (batch.log_prob - old_log_prob).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    """``(r, log r)``; ``r = 1`` at padding whatever the log-probs hold there (NaN included), with no gradient."""
+    log_ratio = torch.where(batch.mask, batch.log_prob - batch.old_log_prob.detach(), torch.zeros_like(batch.log_prob))
+    log_ratio = log_ratio.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
     return log_ratio.exp(), log_ratio
 
 

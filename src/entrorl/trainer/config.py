@@ -434,7 +434,13 @@ class TrainConfig(_Section):
             check_reward_spec(self.reward.name, **self.reward.kwargs)
         except (ValueError, TypeError) as error:
             raise ValueError(f"{'reward' if self.reward.kwargs else 'reward.name'}: {error}") from None
-        required = build_objective(self.method).required_fields
+        objective = build_objective(self.method)
+        required = objective.required_fields
+        if estimator == "w_reinforce" and any(shaper.name == "positive_scale" for shaper in objective.shapers):
+            raise ValueError(f"advantage.name: the 'w_reinforce' advantage is already +lambda / -1, and method "
+                             f"{self.method_label()!r} scales positive advantages by lambda again (lambda squared); "
+                             "leave advantage.name out (the method takes 'signed_reward'), or train the 'w_reinforce' "
+                             "advantage with a method without positive_scale")
         if self.optim.kl_reference is False and "ref_log_prob" in required:
             raise ValueError(f"optim.kl_reference is false, but method {self.method_label()!r} needs the reference "
                              "model's log-probs (kl_ref); set it to true or leave it out")
