@@ -781,7 +781,7 @@ def test_files_of_steps_after_the_resumed_checkpoint_are_removed(tmp_path, tiny_
 
 
 def test_a_run_directory_in_use_is_refused_and_what_killed_writes_left_is_removed(tmp_path, tiny_model_dir,
-                                                                                   arithmetic_files):
+                                                                                   arithmetic_files, monkeypatch):
     """Two trainers in one directory (the same command started twice): the second stops before writing anything,
     naming the first's process; once the first is done the directory is free. A start also removes the hidden
     temporary files of writes killed half-way (kill -9), which only the lock's holder can know to be dead."""
@@ -790,7 +790,9 @@ def test_a_run_directory_in_use_is_refused_and_what_killed_writes_left_is_remove
     run_dir = tmp_path / "run"
     first = Trainer(config, run_dir=run_dir)
     config_text = (run_dir / "config.json").read_text()
-    with pytest.raises(OSError, match=f"is in use by another run \\(process {os.getpid()}\\)"):
+    with monkeypatch.context() as patched, \
+            pytest.raises(OSError, match=f"is in use by another run \\(process {os.getpid()}\\)"):
+        patched.setattr(Trainer, "_load_policy", lambda *args: pytest.fail("refused only after loading the model"))
         Trainer(config, run_dir=run_dir)
     assert (run_dir / "config.json").read_text() == config_text and run_dir.is_dir()
     first.train()  # releases the directory when it ends

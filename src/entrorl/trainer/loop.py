@@ -122,6 +122,10 @@ class Trainer:
         if retain or (retain is None and resolve_device(config.model.device).type == "cpu"):
             retain_freed_memory()
         self.run_dir = Path(run_dir) if run_dir is not None else self._default_run_dir()
+        if self.run_dir.is_dir():  # a run going on there is refused now, not after the model has loaded
+            probe = lock_run_directory(self.run_dir)
+            if probe is not None:
+                probe.close()
         checkpoint = latest_checkpoint(self.run_dir)
         if resume and checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
