@@ -14,7 +14,11 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from entrorl.integrations.trl import OBJECTIVE_STATE_FILE, EntropyGRPOTrainer, accumulation_weight, check_trl_args  # noqa: E402
+import trl  # noqa: E402
+from entrorl.integrations.trl import (  # noqa: E402
+    MIN_TRL_VERSION, OBJECTIVE_STATE_FILE, EntropyGRPOTrainer, accumulation_weight, check_trl_args, check_trl_version,
+    objective_for_trl_loss,
+)
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2  # noqa: E402
 from entrorl.objective import PolicyBatch, build_objective  # noqa: E402
 from entrorl.tokens import token_stats  # noqa: E402
@@ -188,6 +192,149 @@ def test_matches_trl_own_loss_with_gradient_accumulation(tokenizer, tmp_path, me
     assert ours._metrics["train"]["entropy"] == pytest.approx(theirs._metrics["train"]["entropy"], rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("method", "ours", "theirs"),
+    [
+        ("grpo", {"loss_type": "grpo"}, {"loss_type": "grpo"}),
+        ("dr_grpo", {"loss_type": "dr_grpo", "scale_rewards": "none"}, {"loss_type": "dr_grpo", "scale_rewards": "none"}),
+        # TRL's GSPO is its grpo loss with the sequence-level ratio
+        ("gspo", {"loss_type": "grpo", "epsilon": 3e-4, "epsilon_high": 4e-4},
+         {"loss_type": "grpo", "epsilon": 3e-4, "epsilon_high": 4e-4, "importance_sampling_level": "sequence"}),
+    ],
+)
+def test_seq_mean_modes_count_fully_masked_rows_as_trl_does(tokenizer, tmp_path, method, ours, theirs):
+    """A completion masked whole (mask_truncated_completions, a tool mask) still counts as a row of the micro-batch,
+    as in TRL's grpo / dr_grpo: each accumulated micro-batch holds one such row."""
+    shared = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2, num_generations=4)
+    entrorl_trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=method, config=_config(tmp_path, **shared, **ours))
+    trl_trainer = _trainer(GRPOTrainer, tokenizer, tmp_path, config=_config(tmp_path, **shared, **theirs))
+    inputs = _inputs(tokenizer, seed=3)
+    inputs["completion_mask"][[1, 3]] = 0
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
+    parts = [[0, 1], [2, 3]]
+    loss_ours, grads_ours = _loss_and_grads(entrorl_trainer, inputs, accumulation=2, steps_per_generation=2, parts=parts)
+    loss_theirs, grads_theirs = _loss_and_grads(trl_trainer, inputs, accumulation=2, steps_per_generation=2, parts=parts)
+    assert loss_theirs != 0.0
+    assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
+    _assert_grads_close(grads_ours, grads_theirs)
+
+
+@pytest.mark.parametrize(
+    "trl_options",
+    [
+        {},  # TRL's default: dapo with epsilon_high = epsilon = 0.2
+        {"loss_type": "grpo", "epsilon": 0.1},
+        {"loss_type": "dr_grpo", "scale_rewards": "none"},
+        {"loss_type": "cispo", "epsilon_high": 1.05},
+    ],
+)
+def test_without_an_objective_the_loss_is_trl_loss_type(tokenizer, tmp_path, trl_options):
+    """EntropyGRPOTrainer in place of GRPOTrainer, with no objective, keeps GRPOConfig.loss_type's loss."""
+    config = _config(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=2, **trl_options)
+    ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, config=config)
+    theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=config)
+    assert ours.objective.name == trl_options.get("loss_type", "dapo")
+    inputs = _inputs(tokenizer, seed=3)
+    parts = [[0, 1], [2, 3]]
+    loss_ours, grads_ours = _loss_and_grads(ours, inputs, accumulation=2, steps_per_generation=2, parts=parts)
+    loss_theirs, grads_theirs = _loss_and_grads(theirs, inputs, accumulation=2, steps_per_generation=2, parts=parts)
+    assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
+    _assert_grads_close(grads_ours, grads_theirs)
+    clip_metric = "clip/cispo_frac" if trl_options.get("loss_type") == "cispo" else "clip/ppo_frac"
+    assert max(ours._metrics["train"][clip_metric]) > 0  # the clip range, taken from epsilon / epsilon_high, acted
+
+
+def test_loss_type_must_describe_the_objective(tmp_path):
+    """A loss_type with no entrorl equivalent is refused, and a non-default one must be the objective's loss."""
+    for loss_type in ("bnpo", "sapo", "luspo", "vespo"):
+        with pytest.raises(ValueError, match=rf"loss_type={loss_type!r} has no entrorl method .* pass objective="):
+            EntropyGRPOTrainer(model="not-loaded", args=_config(tmp_path, loss_type=loss_type))
+        with pytest.raises(ValueError, match=rf"loss_type={loss_type!r}: entrorl has no method"):
+            check_trl_args(_config(tmp_path, loss_type=loss_type), build_objective("grpo"))
+    with pytest.raises(ValueError, match=r"epsilon_high = 0.2 .* below 1"):  # TRL's cispo with its default cap
+        objective_for_trl_loss(_config(tmp_path, loss_type="cispo"))
+    for loss_type, method in (("dr_grpo", "grpo"), ("grpo", "dapo"), ("cispo", "dapo"), ("grpo", "kl_cov")):
+        with pytest.raises(ValueError, match=rf"loss_type={loss_type!r} is not the objective's loss"):
+            check_trl_args(_config(tmp_path, loss_type=loss_type), build_objective(method))
+    with pytest.raises(ValueError, match="loss_type='dr_grpo' is not the objective's loss"):
+        EntropyGRPOTrainer(model="not-loaded", args=_config(tmp_path, loss_type="dr_grpo"), objective="grpo")
+    # the same loss, a composition that keeps it, or TRL's default loss_type (which cannot be told from a choice)
+    check_trl_args(_config(tmp_path, loss_type="grpo"), build_objective("grpo+forking_tokens"))
+    check_trl_args(_config(tmp_path, loss_type="dapo"), build_objective("clip_cov"))
+    check_trl_args(_config(tmp_path, loss_type="grpo", epsilon=3e-4, epsilon_high=4e-4), build_objective("gspo"))
+    check_trl_args(_config(tmp_path, loss_type="cispo", epsilon_high=5.0), build_objective("cispo", clip_ratio_high=4.0))
+    with pytest.raises(ValueError, match=r"loss_type='cispo' caps the IS weight at epsilon_high = 5.0"):
+        check_trl_args(_config(tmp_path, loss_type="cispo", epsilon_high=5.0), build_objective("cispo"))
+
+
+def test_beta_is_the_kl_coefficient(tokenizer, tmp_path, tiny_model_dir):
+    """beta becomes kl_ref's kl_loss_coef unless the objective sets it; set both, they must agree; TRL's own loss with
+    beta != 0 keeps its KL term."""
+    config = _config(tmp_path, beta=0.04)
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+kl_ref", config=config, model=str(tiny_model_dir))
+    assert trainer.objective.regularizers[0].kl_loss_coef == 0.04
+    for objective, params in (("dapo+kl_ref", {"kl_loss_coef": 0.5}),
+                              ({"method": "dapo+kl_ref", "params": {"kl_loss_coef": 0.5}}, None),
+                              ({"method": "dapo", "regularizers": [{"name": "kl_ref", "kl_loss_coef": 0.5}]}, None),
+                              (build_objective("dapo+kl_ref"), None)):
+        with pytest.raises(ValueError, match=r"beta = 0.04 and kl_ref's kl_loss_coef = (0.5|0.001) both set"):
+            EntropyGRPOTrainer(model="not-loaded", args=config, objective=objective, objective_params=params)
+    with pytest.raises(ValueError, match="set beta to the KL coefficient"):
+        EntropyGRPOTrainer(model="not-loaded", args=_config(tmp_path), objective="dapo+kl_ref")
+
+    # without an objective, TRL's loss with its KL term, the plain k3 (TRL weighs it by the ratio by default)
+    with pytest.raises(ValueError, match="set use_bias_correction_kl=False"):
+        EntropyGRPOTrainer(model="not-loaded", args=_config(tmp_path, beta=0.04))
+    config = _config(tmp_path, beta=0.04, loss_type="grpo", use_bias_correction_kl=False)
+    ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, config=config, model=str(tiny_model_dir))
+    theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=config, model=str(tiny_model_dir))
+    assert ours.objective.name == "grpo+kl_ref"
+    inputs = _inputs(tokenizer, seed=4)
+    # a reference near the policy, so that no token's k3 reaches entrorl's clamp at 10 (TRL's k3 has none)
+    with torch.no_grad():
+        logits = theirs.model(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                              attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)).logits
+    log_probs = token_stats(logits[:, -MAX_COMPLETION - 1 : -1], inputs["completion_ids"], need=("logprob",)).logprob
+    generator = torch.Generator().manual_seed(4)
+    inputs["ref_per_token_logps"] = log_probs + 0.5 * torch.randn(log_probs.shape, generator=generator)
+    loss_ours, grads_ours = _loss_and_grads(ours, inputs)
+    loss_theirs, grads_theirs = _loss_and_grads(theirs, inputs)
+    assert ours._metrics["train"]["kl/ref"][-1] > 0.1  # the KL term weighs in the comparison
+    assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
+    _assert_grads_close(grads_ours, grads_theirs)
+
+
+def test_a_built_objective_is_not_changed_by_the_trainer(tokenizer, tmp_path):
+    """The trainer works on a copy: one Objective given to two trainers gets each its own loss_scale_factor."""
+    objective = build_objective("dr_grpo")
+    trainers = [
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=objective,
+                 config=_config(tmp_path, max_completion_length=length, scale_rewards="none"))
+        for length in (6, 12)
+    ]
+    assert [trainer.objective.loss_scale_factor for trainer in trainers] == [6.0, 12.0]
+    assert objective.loss_scale_factor is None
+    assert all(trainer.objective is not objective for trainer in trainers)
+
+
+def test_trl_version_guard():
+    """TRL releases older than the normaliser and trainer methods the integration reproduces are refused."""
+    with pytest.raises(ImportError, match=rf"needs TRL >= {MIN_TRL_VERSION} .* found 1.12.3"):
+        check_trl_version("1.12.3")
+    for version in (MIN_TRL_VERSION, "1.16.0", "2.3.0", trl.__version__):
+        check_trl_version(version)
+
+
+def test_liger_kernels_are_refused_only_where_they_replace_the_loss(tmp_path, monkeypatch):
+    """TRL 1.16's use_liger_kernel patches layer kernels only; a TRL whose GRPOTrainer computes a Liger loss is refused."""
+    objective = build_objective("dapo")
+    if not hasattr(GRPOTrainer, "compute_liger_loss"):
+        check_trl_args(SimpleNamespace(use_liger_kernel=True), objective)
+    monkeypatch.setattr(GRPOTrainer, "compute_liger_loss", lambda self, *args: None, raising=False)
+    with pytest.raises(ValueError, match="Liger's fused GRPO loss, which bypasses the objective"):
+        check_trl_args(SimpleNamespace(use_liger_kernel=True), objective)
+
+
 @pytest.mark.parametrize("method", ["dapo", "grpo", "dr_grpo", "entropy_advantage", "dapo+entropy_bonus"])
 def test_gradient_accumulation_equals_the_full_batch(tokenizer, tmp_path, method):
     """Micro-batches of unequal token counts, accumulated, give the full batch's loss and gradient (a scalar
@@ -264,7 +411,7 @@ def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="leave it 'token'"):
         check_trl_args(_config(tmp_path, importance_sampling_level="sequence"), build_objective("gspo"))
     check_trl_args(_config(tmp_path), objective)  # the defaults are fine
-    check_trl_args(_config(tmp_path, beta=0.04), build_objective("dapo+kl_ref"))
+    check_trl_args(_config(tmp_path, beta=0.04), build_objective("dapo+kl_ref", kl_loss_coef=0.04))
     # TRL's clipping range: accepted when it is the objective's own, else rejected naming the parameters to set
     check_trl_args(_config(tmp_path, epsilon=0.2, epsilon_high=0.28), objective)
     for options, method in (({"epsilon": 0.1}, "grpo"), ({"epsilon_high": 0.28}, "grpo"), ({"epsilon_high": 0.3}, "dapo")):
@@ -274,8 +421,8 @@ def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
     for method, options in (("kl_cov", {"epsilon": 0.1}), ("cispo", {"epsilon_high": 5.0})):  # no such range there
         with pytest.raises(ValueError, match=r"does not clip the ratio .*leave them at their defaults"):
             check_trl_args(_config(tmp_path, **options), build_objective(method))
-    with pytest.raises(ValueError, match="use_bias_correction_kl, entropy_target: options of TRL's own loss"):
-        check_trl_args(_config(tmp_path, use_bias_correction_kl=False, entropy_target=0.5), objective)
+    with pytest.raises(ValueError, match="sapo_temperature_pos, entropy_target: options of TRL's own loss"):
+        check_trl_args(_config(tmp_path, sapo_temperature_pos=2.0, entropy_target=0.5), objective)
     vllm_args = SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True)
     with pytest.raises(ValueError, match="'tis' or 'icepop'"):
         check_trl_args(vllm_args, objective)
@@ -308,9 +455,8 @@ def test_warns_when_the_method_pairs_with_another_advantage_estimator(tokenizer,
 
 def test_kl_reference_uses_trl_reference_log_probs(tokenizer, tmp_path, tiny_model_dir):
     # with beta != 0 TRL loads a frozen reference from the model's path, so the model is given as a local directory
-    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+kl_ref",
-                       objective_params={"kl_loss_coef": 0.5, "kl_loss_type": "k1"},
-                       config=_config(tmp_path, beta=0.04), model=str(tiny_model_dir))
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+kl_ref", objective_params={"kl_loss_type": "k1"},
+                       config=_config(tmp_path, beta=0.5), model=str(tiny_model_dir))
     assert trainer.ref_model is not None
     inputs = _inputs(tokenizer, off_policy=False)
     loss_without, _ = _loss_and_grads(trainer, {**inputs, "ref_per_token_logps": torch.zeros(4, MAX_COMPLETION)})

@@ -6,7 +6,9 @@ generation batch over ``steps_per_generation`` micro-steps, logging — and repl
 micro-batch is scored in one forward pass, the per-token statistics (log-prob, entropy ``H``, the entropy
 discriminator ``S`` and its centred form ``D``, arXiv 2602.03392) come from :mod:`entrorl.tokens`, and the
 loss is the entrorl objective (any method name, ``"a+b+c"`` composition, dict or ``ObjectiveConfig``) applied
-to a :class:`~entrorl.objective.PolicyBatch` built from TRL's ``inputs``.
+to a :class:`~entrorl.objective.PolicyBatch` built from TRL's ``inputs``. Without an objective the loss is TRL's own
+``GRPOConfig.loss_type`` (:func:`objective_for_trl_loss`), so the trainer can stand in for ``GRPOTrainer``.
+TRL >= ``MIN_TRL_VERSION`` is required (the tests run against ``TESTED_TRL_VERSION``).
 
 Gradient accumulation. ``GRPOTrainer`` turns off ``transformers``' own loss scaling and returns losses that are
 already scaled for accumulation. The objective computes its loss on the micro-batch with its own
@@ -16,12 +18,16 @@ the accumulated gradient is the gradient of the whole window's loss:
 * ``token-mean``: ``valid tokens of the micro-batch / valid tokens of the window per process``, the window
   count being TRL's ``num_items_in_batch / num_processes * gradient_accumulation_steps / steps_per_generation``
   (exactly TRL's ``dapo`` normaliser, which undoes the data-parallel gradient averaging too);
-* the ``seq-mean-*`` modes: ``1 / gradient_accumulation_steps`` (TRL's ``grpo`` / ``dr_grpo`` scaling).
-  ``seq-mean-token-sum-norm`` (Dr. GRPO) divides by ``max_completion_length`` when the objective sets no
-  ``loss_scale_factor``, as TRL's ``dr_grpo`` does.
+* the ``seq-mean-*`` modes: ``1 / gradient_accumulation_steps`` (TRL's ``grpo`` / ``dr_grpo`` scaling), the
+  objective averaging over all the micro-batch's rows (``global_batch_size``), a completion masked whole
+  (``mask_truncated_completions``, a tool mask) included, as TRL does; entrorl's own default counts only the rows
+  with a token. ``seq-mean-token-sum-norm`` (Dr. GRPO) divides by ``max_completion_length`` when the objective sets
+  no ``loss_scale_factor``, as TRL's ``dr_grpo`` does.
 
 So ``"dapo"`` reproduces TRL's ``loss_type="dapo"`` (with ``epsilon_high=0.28``), ``"grpo"`` reproduces
-``loss_type="grpo"`` and ``"dr_grpo"`` reproduces ``loss_type="dr_grpo"``, loss and gradient. Selectors decide
+``loss_type="grpo"``, ``"dr_grpo"`` reproduces ``loss_type="dr_grpo"`` and ``"gspo"`` reproduces ``loss_type="grpo"``
+with ``importance_sampling_level="sequence"`` (and GSPO's epsilons), loss and gradient. ``beta`` is the ``kl_ref``
+coefficient. Selectors decide
 on each micro-batch alone (as verl does), and those that take dropped tokens out of the normaliser (80/20,
 Clip_B, Clip_V) use the micro-batch's kept count; entrorl's own trainer gives Clip_B and Clip_V the whole batch.
 
@@ -55,22 +61,45 @@ import warnings
 from typing import Any
 
 import torch
+from packaging.version import Version
 
 try:
+    import trl
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as error:  # pragma: no cover - exercised only without trl
-    raise ImportError(
-        "entrorl.integrations.trl needs TRL: pip install 'trl>=1.10' (or pip install 'entrorl[dev]')"
-    ) from error
+    raise ImportError("entrorl.integrations.trl needs TRL: pip install 'entrorl[dev]'") from error
 
 from entrorl.modeling import FUSED_HEAD_MODEL_TYPES
-from entrorl.objective import Objective, PolicyBatch, build_objective, get_method
-from entrorl.objective.surrogates import GSPO, PPOClip
+from entrorl.objective import Objective, ObjectiveConfig, PolicyBatch, build_objective, get_method
+from entrorl.objective.regularizers import KLReference
+from entrorl.objective.surrogates import CISPO, GSPO, PPOClip
 from entrorl.tokens import STAT_NAMES, TokenStats, token_stats, token_stats_from_hidden
 from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary
 
-__all__ = ["EntropyGRPOTrainer", "accumulation_weight", "check_trl_args"]
+__all__ = [
+    "EntropyGRPOTrainer", "accumulation_weight", "check_trl_args", "check_trl_version", "objective_for_trl_loss",
+]
+
+#: The oldest TRL whose ``GRPOTrainer`` this trainer matches: from 1.13 TRL normalises ``loss_type="dapo"`` by one
+#: accumulation window's tokens (the normaliser ``accumulation_weight`` reproduces), and the private ``GRPOTrainer``
+#: methods the trainer overrides are known from that version on.
+MIN_TRL_VERSION = "1.13"
+#: The TRL version the integration's tests ran against.
+TESTED_TRL_VERSION = "1.16.0"
+
+
+def check_trl_version(version: str) -> None:
+    """Refuse a TRL older than ``MIN_TRL_VERSION``, whose loss normalisers and private trainer methods differ from
+    those this trainer reproduces and overrides (its losses would silently stop matching TRL's). Newer versions pass."""
+    if Version(version) < Version(MIN_TRL_VERSION):
+        raise ImportError(
+            f"entrorl.integrations.trl needs TRL >= {MIN_TRL_VERSION} (tested with {TESTED_TRL_VERSION}), found "
+            f"{version}: pip install 'trl>={MIN_TRL_VERSION}'"
+        )
+
+
+check_trl_version(trl.__version__)
 
 #: The file in each checkpoint directory that holds the objective's state (adaptive coefficients, generators).
 OBJECTIVE_STATE_FILE = "entrorl_objective_state.pt"
@@ -81,10 +110,23 @@ _RATIO_CLIPPED_SURROGATES = (PPOClip, GSPO)
 # TRL's advantages are group-normalised (scale_rewards="group" or "batch") or only centred ("none").
 _TRL_COMPATIBLE_ESTIMATORS = {"grpo", "dr_grpo"}
 
+#: TRL ``loss_type`` -> the entrorl method whose loss is TRL's (same surrogate, same aggregation), given TRL's clip
+#: range. ``bnpo`` (a token mean over each micro-batch alone), ``sapo``, ``luspo`` and ``vespo`` have none.
+TRL_LOSS_TYPE_METHODS = {"grpo": "grpo", "dapo": "dapo", "dr_grpo": "dr_grpo", "cispo": "cispo"}
 
-# GRPOConfig options that only TRL's own loss reads (its SAPO / VESPO losses, its KL estimator, its adaptive entropy
-# controller's settings): set away from their defaults they would silently do nothing
-_LOSS_ONLY_OPTIONS = ("use_bias_correction_kl", "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos",
+# what an objective must be for a loss_type to describe it: its surrogate family and its aggregation
+_LOSS_TYPE_SHAPES = {
+    "grpo": (_RATIO_CLIPPED_SURROGATES, "seq-mean-token-mean"),
+    "dapo": (_RATIO_CLIPPED_SURROGATES, "token-mean"),
+    "dr_grpo": (_RATIO_CLIPPED_SURROGATES, "seq-mean-token-sum-norm"),
+    "cispo": ((CISPO,), "token-mean"),
+}
+
+
+# GRPOConfig options that only TRL's own loss reads (its SAPO / VESPO losses, its adaptive entropy controller's
+# settings): set away from their defaults they would silently do nothing. use_bias_correction_kl is not among them:
+# kl_ref is the uncorrected estimator, which use_bias_correction_kl=False describes
+_LOSS_ONLY_OPTIONS = ("sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos",
                       "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef_min", "entropy_coef_max",
                       "entropy_coef_delta", "entropy_target")
 
@@ -99,6 +141,71 @@ def _set_by_user(args: Any, name: str) -> bool:
     return hasattr(args, name) and getattr(args, name) != _trl_default(name)
 
 
+def _trl_option(args: Any, name: str) -> Any:
+    """Option ``name`` of ``args``, or ``GRPOConfig``'s default when ``args`` is None or lacks it."""
+    return getattr(args, name) if hasattr(args, name) else _trl_default(name)
+
+
+def _trl_clip_range(args: Any) -> tuple[float, float]:
+    """TRL's ``(epsilon_low, epsilon_high)``: ``epsilon_high`` falls back to ``epsilon`` when unset."""
+    low, high = _trl_option(args, "epsilon"), _trl_option(args, "epsilon_high")
+    return low, low if high is None else high
+
+
+def _kl_reference(objective: Objective) -> KLReference | None:
+    return next((part for part in objective.regularizers if isinstance(part, KLReference)), None)
+
+
+def objective_for_trl_loss(args: Any, **objective_params: Any) -> Objective:
+    """The entrorl objective whose loss is ``GRPOTrainer``'s under ``args`` (a ``GRPOConfig``, or None for its
+    defaults): the method named by ``loss_type`` with TRL's clip range, plus ``kl_ref`` (k3, ``kl_loss_coef = beta``)
+    when ``beta != 0``. ``objective_params`` override its parameters. Refused: a ``loss_type`` without an entrorl method
+    of the same loss, ``cispo`` capping the weight below 1 (entrorl's cap is ``1 + clip_ratio_high``), and ``beta != 0``
+    with ``use_bias_correction_kl`` (TRL's default), whose ratio-weighted KL kl_ref does not compute."""
+    loss_type = _trl_option(args, "loss_type")
+    method = TRL_LOSS_TYPE_METHODS.get(loss_type)
+    if method is None:
+        raise ValueError(
+            f"EntropyGRPOTrainer: GRPOConfig.loss_type={loss_type!r} has no entrorl method with the same loss; pass "
+            f"objective=... (an entrorl method, e.g. 'dapo') and leave loss_type at its default"
+        )
+    low, high = _trl_clip_range(args)
+    if loss_type == "cispo":
+        if high < 1.0:
+            raise ValueError(
+                f"EntropyGRPOTrainer: loss_type='cispo' caps the IS weight at epsilon_high = {high} (epsilon when "
+                "epsilon_high is unset), below 1, which entrorl's cispo (cap 1 + clip_ratio_high) cannot express; set "
+                "epsilon_high >= 1 (ScaleRL uses 5.0) or pass objective=..."
+            )
+        params: dict[str, Any] = {"clip_ratio_low": 1.0, "clip_ratio_high": high - 1.0}
+    else:
+        params = {"clip_ratio_low": low, "clip_ratio_high": high}
+    beta = _trl_option(args, "beta")
+    if beta and _trl_option(args, "use_bias_correction_kl"):
+        raise ValueError(
+            "EntropyGRPOTrainer: beta != 0 with use_bias_correction_kl=True (TRL's default) weighs TRL's KL by the "
+            "policy ratio, which entrorl's kl_ref does not; set use_bias_correction_kl=False for the plain k3 KL"
+        )
+    if beta:
+        method, params = f"{method}+kl_ref", {**params, "kl_loss_coef": beta, "kl_loss_type": "k3"}
+    return build_objective(method, **{**params, **objective_params})
+
+
+def _kl_coefficient_given(objective: Any, objective_params: dict[str, Any]) -> bool:
+    """Whether the caller chose kl_ref's ``kl_loss_coef``: in ``objective_params``, in the objective's config, or by
+    building the ``Objective`` (whose coefficient cannot be told from a default)."""
+    if "kl_loss_coef" in objective_params or isinstance(objective, Objective):
+        return True
+    if isinstance(objective, dict):
+        objective = ObjectiveConfig(**{("method" if key == "name" and "method" not in objective else key): value
+                                       for key, value in objective.items()})
+    if not isinstance(objective, ObjectiveConfig):
+        return False  # a method name or a list of names: the methods' defaults
+    return "kl_loss_coef" in objective.params or any(
+        part.name == "kl_ref" and "kl_loss_coef" in part.params for part in objective.regularizers
+    )
+
+
 def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None) -> None:
     """Reject GRPOConfig options that change the loss, since the entrorl objective computes it instead, and
     objectives that need what this configuration does not provide (a rollout correction without sampler log-probs)."""
@@ -107,8 +214,9 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
         problems.append("top_entropy_quantile < 1: use the 'forking_tokens' method (rho = top_entropy_quantile)")
     if getattr(args, "entropy_coef", 0.0) or getattr(args, "use_adaptive_entropy", False):
         problems.append("entropy_coef / use_adaptive_entropy: use the 'entropy_bonus' or 'adaptive_entropy' method")
-    if getattr(args, "use_liger_kernel", False):
-        problems.append("use_liger_kernel: the Liger loss bypasses the objective; set use_liger_kernel=False")
+    if getattr(args, "use_liger_kernel", False) and hasattr(GRPOTrainer, "compute_liger_loss"):
+        problems.append("use_liger_kernel: this TRL computes the loss with Liger's fused GRPO loss, which bypasses the "
+                        "objective; set use_liger_kernel=False")
     if getattr(args, "delta", None) is not None:
         problems.append("delta (two-sided clipping): use the 'dual_clip' method or the ppo_clip part's clip_ratio_c")
     if getattr(args, "off_policy_mask_threshold", None) is not None:
@@ -116,10 +224,20 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
     if getattr(args, "importance_sampling_level", "token") != "token":
         problems.append("importance_sampling_level='sequence': the objective's surrogate sets the ratio's level; leave "
                         "it 'token' (the 'gspo' method is the sequence-level ratio)")
-    if _set_by_user(args, "epsilon") or _set_by_user(args, "epsilon_high"):
-        low = args.epsilon
-        high = low if args.epsilon_high is None else args.epsilon_high
-        surrogate = objective.surrogate
+    surrogate = objective.surrogate
+    loss_type = getattr(args, "loss_type", None)
+    if loss_type is not None and loss_type != _trl_default("loss_type"):
+        problems.extend(_loss_type_problems(loss_type, objective))
+    if loss_type == "cispo" and isinstance(surrogate, CISPO):
+        cap = _trl_clip_range(args)[1]
+        if (surrogate.clip_ratio_low, 1.0 + surrogate.clip_ratio_high) != (1.0, cap):
+            problems.append(
+                f"loss_type='cispo' caps the IS weight at epsilon_high = {cap} with no lower bound, the objective's "
+                f"cispo clips it to [1 - {surrogate.clip_ratio_low}, 1 + {surrogate.clip_ratio_high}]: set "
+                f"epsilon_high = 1 + clip_ratio_high (>= 1) and clip_ratio_low = 1.0, or leave loss_type at its default"
+            )
+    elif _set_by_user(args, "epsilon") or _set_by_user(args, "epsilon_high"):
+        low, high = _trl_clip_range(args)
         own = (getattr(surrogate, "clip_ratio_low", None), getattr(surrogate, "clip_ratio_high", None))
         if not isinstance(surrogate, _RATIO_CLIPPED_SURROGATES):  # no clip range, or one that means something else
             problems.append(
@@ -140,14 +258,21 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
         problems.append(f"{', '.join(inert)}: options of TRL's own loss, which the objective replaces; leave them at "
                         "their defaults (the methods' parameters go in objective_params)")
     needs_reference = "ref_log_prob" in objective.required_fields
+    kl_reference = _kl_reference(objective)
     beta = getattr(args, "beta", 0.0)
     if needs_reference and beta == 0.0:
         problems.append(
             "the objective has a KL-to-reference part (kl_ref) but beta == 0, so TRL loads no reference model: set "
-            "beta to any non-zero value (the coefficient used is the kl_ref part's kl_loss_coef)"
+            "beta to the KL coefficient (it becomes kl_ref's kl_loss_coef)"
         )
     if beta != 0.0 and not needs_reference:
-        problems.append(f"beta = {beta} has no effect on the objective: add the 'kl_ref' method (kl_loss_coef=...) or set beta=0")
+        problems.append(f"beta = {beta} has no effect on the objective: add the 'kl_ref' method (its coefficient is beta) "
+                        "or set beta=0")
+    if beta != 0.0 and kl_reference is not None and kl_reference.kl_loss_coef != beta:
+        problems.append(
+            f"beta = {beta} and kl_ref's kl_loss_coef = {kl_reference.kl_loss_coef} both set the KL coefficient: give "
+            "it once (beta alone, or kl_loss_coef equal to beta)"
+        )
     use_vllm = getattr(args, "use_vllm", False)
     vllm_correction = use_vllm and getattr(args, "vllm_importance_sampling_correction", False)
     correction = objective.correction
@@ -175,6 +300,21 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
             f"EntropyGRPOTrainer: GRPOConfig options that the entrorl objective {objective.name!r} replaces:\n  - "
             + "\n  - ".join(problems)
         )
+
+
+def _loss_type_problems(loss_type: str, objective: Objective) -> list[str]:
+    """Why ``loss_type`` does not describe ``objective`` (empty when it does): TRL's loss of that name must have the
+    objective's surrogate family and aggregation, and a loss_type with no entrorl equivalent describes none."""
+    shape = _LOSS_TYPE_SHAPES.get(loss_type)
+    if shape is None:
+        return [f"loss_type={loss_type!r}: entrorl has no method with TRL's {loss_type} loss and the objective replaces "
+                "it; leave loss_type at its default"]
+    surrogates, loss_agg_mode = shape
+    if isinstance(objective.surrogate, surrogates) and objective.loss_agg_mode == loss_agg_mode:
+        return []
+    return [f"loss_type={loss_type!r} is not the objective's loss ({type(objective.surrogate).__name__} surrogate, "
+            f"loss_agg_mode={objective.loss_agg_mode!r}; TRL's {loss_type} is {loss_agg_mode!r}): leave loss_type at "
+            f"its default, or pass objective={TRL_LOSS_TYPE_METHODS[loss_type]!r} (or a composition starting with it)"]
 
 
 def accumulation_weight(
@@ -209,7 +349,9 @@ class EntropyGRPOTrainer(GRPOTrainer):
     Args:
         *args, **kwargs: as for ``trl.GRPOTrainer`` (model, reward_funcs, args, train_dataset, ...).
         objective: a method name (``"clip_cov"``), a composition (``"dapo+clip_b+forking_tokens"``), a list of
-            names, a dict / ``ObjectiveConfig``, or a built :class:`~entrorl.objective.Objective`.
+            names, a dict / ``ObjectiveConfig``, or a built :class:`~entrorl.objective.Objective` (the trainer works
+            on a copy). ``None`` (default): TRL's own loss, the entrorl method named by ``GRPOConfig.loss_type``
+            (see :func:`objective_for_trl_loss`). With ``beta != 0``, kl_ref's coefficient is ``beta`` unless set.
         objective_params: parameter overrides for ``build_objective`` (``{"mu": 3.0}``).
         fused_head: compute the statistics from the final hidden states and the LM-head weight without building
             the logits; ``None`` = when the architecture's logits are exactly ``hidden @ W^T`` (Qwen2/3, Llama, ...).
@@ -226,20 +368,15 @@ class EntropyGRPOTrainer(GRPOTrainer):
     def __init__(
         self,
         *args: Any,
-        objective: str | list[str] | dict[str, Any] | Objective = "grpo",
+        objective: str | list[str] | dict[str, Any] | Objective | None = None,
         objective_params: dict[str, Any] | None = None,
         fused_head: bool | None = None,
         diagnostics: bool = True,
         **kwargs: Any,
     ) -> None:
-        # the objective is built (and so validated) before TRL loads any model
-        if isinstance(objective, Objective):
-            if objective_params:
-                raise ValueError("objective_params applies to a method name or config, not to a built Objective")
-            self.objective = objective
-        else:
-            self.objective = build_objective(objective, **(objective_params or {}))
         grpo_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+        # the objective is built (and so validated) before TRL loads any model
+        self.objective = self._own_objective(objective, objective_params or {}, grpo_args)
         if grpo_args is not None:
             check_trl_args(grpo_args, self.objective, rollout_func=kwargs.get("rollout_func"))
         super().__init__(*args, **kwargs)
@@ -249,6 +386,25 @@ class EntropyGRPOTrainer(GRPOTrainer):
         self._warn_on_advantage_mismatch()
         self.fused_head = fused_head
         self.diagnostics = diagnostics
+
+    @staticmethod
+    def _own_objective(objective: Any, objective_params: dict[str, Any], grpo_args: Any) -> Objective:
+        """The objective this trainer computes and may adjust (``loss_scale_factor``, the KL coefficient): TRL's own
+        loss for ``objective=None``, a copy of a built ``Objective`` (the caller's object is never changed, so it can
+        serve several trainers), and kl_ref's coefficient set to ``beta`` unless the caller chose it."""
+        if objective is None:
+            return objective_for_trl_loss(grpo_args, **objective_params)
+        if isinstance(objective, Objective):
+            if objective_params:
+                raise ValueError("objective_params applies to a method name or config, not to a built Objective")
+            own = copy.deepcopy(objective)
+        else:
+            own = build_objective(objective, **objective_params)
+        kl_reference = _kl_reference(own)
+        beta = _trl_option(grpo_args, "beta")
+        if kl_reference is not None and beta and not _kl_coefficient_given(objective, objective_params):
+            kl_reference.kl_loss_coef = beta
+        return own
 
     def _warn_on_advantage_mismatch(self) -> None:
         names = self.objective.name.split("+") if self.objective.name != "custom" else []
@@ -348,11 +504,13 @@ class EntropyGRPOTrainer(GRPOTrainer):
             rollout_log_prob=None if inputs.get("sampling_per_token_logps") is None else inputs["sampling_per_token_logps"].float(),
             step=self.state.global_step,
         )
+        # the seq-mean modes average over every row of the micro-batch, empty ones included, as TRL's grpo and dr_grpo do
+        rows = float(mask.size(0))
         if training:
-            out = self.objective(batch)
+            out = self.objective(batch, global_batch_size=rows)
         else:  # an evaluation leaves stateful parts (adaptive coefficients, RNGs) as training left them
             state = copy.deepcopy(self.objective.state_dict())
-            out = self.objective(batch)
+            out = self.objective(batch, global_batch_size=rows)
             self.objective.load_state_dict(state)
 
         accumulation_steps = self.current_gradient_accumulation_steps if training else 1
