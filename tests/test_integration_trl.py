@@ -317,6 +317,26 @@ def test_a_built_objective_is_not_changed_by_the_trainer(tokenizer, tmp_path):
     assert all(trainer.objective is not objective for trainer in trainers)
 
 
+def test_mixed_precision_old_log_probs_match_with_a_float32_head(tokenizer, tmp_path, recwarn):
+    """Under bfloat16 autocast TRL's old log-probs equal the objective's current ones only with cast_lm_head_to_fp32
+    (both from float32 logits); without it the trainer warns when TRL computes old log-probs."""
+    inputs = _inputs(tokenizer, seed=6)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    mask = inputs["completion_mask"].bool()
+    gaps = {}
+    for cast in (False, True):
+        config = _config(tmp_path, bf16=True, num_iterations=2, cast_lm_head_to_fp32=cast)
+        recwarn.clear()
+        trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="grpo", config=config)
+        assert bool([w for w in recwarn if "cast_lm_head_to_fp32=True" in str(w.message)]) is not cast
+        with torch.no_grad():
+            trl_old, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, MAX_COMPLETION)
+            stats, _ = trainer._response_stats(trainer.model, input_ids, attention_mask, inputs["completion_ids"], mask)
+        gaps[cast] = float((trl_old - stats.logprob)[mask].abs().max())
+    assert gaps[False] > 1e-4 and gaps[True] < 1e-5
+
+
 def test_trl_version_guard():
     """TRL releases older than the normaliser and trainer methods the integration reproduces are refused."""
     with pytest.raises(ImportError, match=rf"needs TRL >= {MIN_TRL_VERSION} .* found 1.12.3"):

@@ -384,6 +384,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
         if self.objective.loss_agg_mode == "seq-mean-token-sum-norm" and self.objective.loss_scale_factor is None:
             self.objective.loss_scale_factor = float(self.max_completion_length)
         self._warn_on_advantage_mismatch()
+        self._warn_on_low_precision_head()
         self.fused_head = fused_head
         self.diagnostics = diagnostics
 
@@ -422,6 +423,28 @@ class EntropyGRPOTrainer(GRPOTrainer):
             warnings.warn(
                 f"objective {self.objective.name!r} uses Dr. GRPO advantages (no std division): set "
                 f"GRPOConfig(scale_rewards='none'), got scale_rewards={scale_rewards!r}",
+                stacklevel=3,
+            )
+
+    def _warn_on_low_precision_head(self) -> None:
+        """TRL scores the old and reference log-probs with its own LM head, in the autocast or weight dtype unless
+        ``cast_lm_head_to_fp32``; the objective's current log-probs come from float32 logits. When TRL computes old
+        log-probs (off-policy micro-steps, vLLM's correction) or reference ones (``beta``), a bfloat16 / float16 head
+        makes the first pass's ratio differ from 1 (about 1e-3) and the KL to a reference equal to the policy differ
+        from 0; ``cast_lm_head_to_fp32=True`` scores them in float32 too."""
+        if getattr(self.args, "cast_lm_head_to_fp32", True):
+            return
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        low_precision = self.args.bf16 or self.args.fp16 or head.weight.dtype != torch.float32
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        old_log_probs = self.args.gradient_accumulation_steps % generate_every != 0 or (
+            self.use_vllm and self.vllm_importance_sampling_correction
+        )
+        if low_precision and (old_log_probs or self.beta != 0.0):
+            warnings.warn(
+                "TRL computes the old / reference log-probs with a bfloat16 or float16 LM head and the objective its "
+                "current ones in float32, so the ratio starts off 1 (and the reference KL off 0) by the rounding: set "
+                "GRPOConfig(cast_lm_head_to_fp32=True) to score them in float32 as well",
                 stacklevel=3,
             )
 
