@@ -1024,7 +1024,8 @@ def test_every_method_full_and_empty_batch(method):
         warnings.simplefilter("ignore")  # kl_cov's on-policy warning is not under test here
         logits, batch = full_batch(120)
         torch.manual_seed(0)
-        grad = _check_output(build_objective(method)(batch), logits)
+        full = build_objective(method)(batch)
+        grad = _check_output(full, logits)
         assert grad.abs().sum() > 0
 
         logits, batch = full_batch(121, empty=True)
@@ -1032,6 +1033,8 @@ def test_every_method_full_and_empty_batch(method):
         grad = _check_output(out, logits)
         assert float(out.loss) == 0.0
         assert torch.equal(grad, torch.zeros_like(grad))
+        # the same metric keys either way: a data-parallel run (verl) gathers every key from every rank
+        assert set(out.metrics) == set(full.metrics)
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED_METHODS))
@@ -1087,9 +1090,13 @@ def test_adaptive_entropy_does_not_move_on_an_empty_batch():
     entropy = torch.full((2, 3), 0.05, requires_grad=True)
     empty = PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach(), advantages=torch.ones(2, 3),
                         mask=torch.zeros(2, 3, dtype=torch.bool), entropy=entropy)
-    objective(empty)
+    out = objective(empty)
     assert objective.state_dict() == {"regularizer/adaptive_entropy": {"coefficient": 1e-3, "below_target": None,
                                                                        "measuring": None}}
+    # the same keys as a batch with tokens (a data-parallel run gathers every key from every rank)
+    assert {key: out.metrics[key] for key in out.metrics if key.startswith("reg/adaptive")} == {
+        "reg/adaptive_entropy_coeff": 0.0, "reg/adaptive_entropy_controller_coeff": 1e-3,
+        "reg/adaptive_entropy_below_target": 0.0}
 
 
 def test_rft_is_likelihood_of_correct_samples():

@@ -311,17 +311,19 @@ def test_correct_threshold_reaches_the_estimators_that_split_right_from_wrong(tm
 
 
 def test_a_step_whose_selectors_drop_every_token_is_reported_once(tmp_path, tiny_model_dir, arithmetic_files):
-    """forking_tokens keeps the top 20% of entropies and low_entropy_tokens the bottom 80%: together they keep
-    nothing, and the run says so once instead of silently training on nothing."""
+    """NSR keeps the negative advantages; given PSR's advantages (1 for a correct sample) and a reward that marks every
+    sample correct, it keeps nothing, and the run says so once instead of silently training on nothing."""
     import io
 
     from rich.console import Console
 
     train, _ = arithmetic_files
-    config = load_config(make_config(tiny_model_dir, train, None, method="forking_tokens+low_entropy_tokens",
-                                     optim={"steps": 2, "lr": 1e-3}, checkpoint={"every": 0}))
-    output = io.StringIO()
-    Trainer(config, run_dir=tmp_path / "run", console=Console(file=output, width=200)).train()
+    with importable_module(tmp_path, "always_right", "def score(prompt, completion, answer, **meta):\n    return 1.0\n"):
+        config = load_config(make_config(tiny_model_dir, train, None, method="nsr", advantage={"name": "psr"},
+                                         reward={"name": "always_right:score"},
+                                         optim={"steps": 2, "lr": 1e-3}, checkpoint={"every": 0}))
+        output = io.StringIO()
+        Trainer(config, run_dir=tmp_path / "run", console=Console(file=output, width=200)).train()
     assert output.getvalue().count("dropped every token") == 1
     assert [m["select/dropped_frac"] for m in read_metrics(tmp_path / "run")] == [1.0, 1.0]
 

@@ -107,23 +107,28 @@ class AdaptiveEntropy(Regularizer):
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
         entropy = _differentiable_entropy(batch, "regularizer 'adaptive_entropy'")
-        if not batch.mask.any():
-            return RegularizerTerm()  # nothing measured: the controller does not move
-        if self._measuring is not None and (batch.step is None or batch.step != self._measuring["step"]):
-            self.end_step()
-        tokens = float(batch.mask.sum())
-        measured = float(masked_mean(entropy.detach(), batch.mask))
-        if self._measuring is None:
-            # with no finished step yet, the step's first batch decides the bonus for the whole step
-            first_verdict = measured < self.target_entropy if self._below_target is None else None
-            self._measuring = {"step": batch.step, "entropy_sum": 0.0, "tokens": 0.0, "first_verdict": first_verdict}
-        self._measuring["entropy_sum"] += measured * tokens
-        self._measuring["tokens"] += tokens
-        below_target = self._below_target if self._below_target is not None else self._measuring["first_verdict"]
+        if batch.mask.any():
+            if self._measuring is not None and (batch.step is None or batch.step != self._measuring["step"]):
+                self.end_step()
+            tokens = float(batch.mask.sum())
+            measured = float(masked_mean(entropy.detach(), batch.mask))
+            if self._measuring is None:
+                # with no finished step yet, the step's first batch decides the bonus for the whole step
+                first_verdict = measured < self.target_entropy if self._below_target is None else None
+                self._measuring = {"step": batch.step, "entropy_sum": 0.0, "tokens": 0.0, "first_verdict": first_verdict}
+            self._measuring["entropy_sum"] += measured * tokens
+            self._measuring["tokens"] += tokens
+        # an empty batch measures nothing and leaves the controller as it is, but reports the same keys (a
+        # data-parallel run gathers every key from every rank)
+        below_target = self._below_target
+        if below_target is None:
+            below_target = bool(self._measuring and self._measuring["first_verdict"])
         active = self.coefficient if below_target else 0.0
         metrics["reg/adaptive_entropy_coeff"] = active
         metrics["reg/adaptive_entropy_controller_coeff"] = self.coefficient
         metrics["reg/adaptive_entropy_below_target"] = float(below_target)
+        if not batch.mask.any():
+            return RegularizerTerm()
         return RegularizerTerm(scalar=-active * aggregate(entropy, batch.mask))
 
 
