@@ -275,3 +275,114 @@ def test_environment_variable_installs_the_extension_when_verl_is_imported(flag,
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == str(extended)
+
+
+def _sequences(count: int = 8, vocab: int = 17, seed: int = 0) -> list[dict]:
+    """Prompt / response pairs with their logits rows (prompt + response), advantages and off-policy old log-probs."""
+    generator = torch.Generator().manual_seed(seed)
+    sequences = []
+    for _ in range(count):
+        prompt_length = int(torch.randint(1, 5, (1,), generator=generator))
+        response_length = int(torch.randint(2, 9, (1,), generator=generator))
+        logits = torch.randn(prompt_length + response_length, vocab, generator=generator) * 2
+        response = torch.randint(0, vocab, (response_length,), generator=generator)
+        sampled = token_stats(logits[prompt_length - 1: -1], response, temperature=0.8, need=("logprob",)).logprob
+        sequences.append({
+            "prompt": torch.randint(0, vocab, (prompt_length,), generator=generator),
+            "response": response,
+            "logits": logits,
+            "advantage": float(torch.randn(1, generator=generator)),
+            "old_log_probs": sampled + torch.randn(response_length, generator=generator) * 0.3,
+            "ref_log_prob": sampled + torch.randn(response_length, generator=generator) * 0.2,
+        })
+    return sequences
+
+
+def _train_step_metrics(sequences, logits, config, *, ranks: int, micro: int, engine=None, empty=()):
+    """One mini-batch of ``sequences`` over ``ranks`` data-parallel ranks, each in micro-batches of ``micro``
+    sequences, through verl's ppo_loss; the metrics combined as verl does (per rank over micro-batches, then
+    ``Metric.aggregate_dp`` over ranks). ``empty`` holds (rank, micro-batch) positions whose tokens are all masked.
+    ``logits`` is one leaf with every sequence's rows in order."""
+    from verl.utils.metric import Metric
+    from verl.utils.py_functional import append_to_dict
+
+    engine = engine or ExtendedEngine
+    nested = partial(torch.nested.as_nested_tensor, layout=torch.jagged)
+    rows = [0]
+    for sequence in sequences:
+        rows.append(rows[-1] + sequence["logits"].shape[0])
+    per_rank = len(sequences) // ranks
+    masked = {(rank, index // micro) for rank, index in empty}
+    valid = lambda rank, start: ((rank, start // micro) not in masked)  # noqa: E731
+    batch_num_tokens = sum(s["response"].shape[0] for r in range(ranks) for i, s in
+                           enumerate(sequences[r * per_rank:(r + 1) * per_rank]) if valid(r, i))
+    rank_metrics, total = [], 0.0
+    for rank in range(ranks):
+        collected = {}
+        for start in range(0, per_rank, micro):
+            first = rank * per_rank + start
+            part = sequences[first: first + micro]
+            data = tu.get_tensordict(
+                {
+                    "input_ids": nested([torch.cat([s["prompt"], s["response"]]) for s in part]),
+                    "prompts": nested([s["prompt"] for s in part]),
+                    "responses": nested([s["response"] for s in part]),
+                    "old_log_probs": nested([s["old_log_probs"] for s in part]),
+                    "ref_log_prob": nested([s["ref_log_prob"] for s in part]),
+                    "advantages": nested([torch.full_like(s["old_log_probs"], s["advantage"]) for s in part]),
+                    "response_mask": nested([torch.full((s["response"].shape[0],), int(valid(rank, start))) for s in part]),
+                },
+                non_tensor_dict={"dp_size": ranks, "batch_num_tokens": batch_num_tokens, "global_batch_size": len(sequences)},
+            )
+            loss, metrics = engine(logits[rows[first]: rows[first + len(part)]], temperature=0.8).forward_step(
+                data, partial(ppo_loss, config=config), forward_only=False)
+            total += float(loss)
+            append_to_dict(collected, {k: v for k, v in metrics.items() if isinstance(v, Metric)})
+        rank_metrics.append(collected)
+    names = set().union(*rank_metrics)
+    return {name: float(Metric.aggregate_dp([r.get(name, Metric("mean")) for r in rank_metrics])) for name in names}, total
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("method, entrorl", [("entropy_bonus", {"entropy_coeff": 0.05}), ("kl_ref", {"kl_loss_coef": 0.3}),
+                                             ("dapo", {})])
+def test_step_metrics_do_not_depend_on_the_micro_batches(method, entrorl, loss_agg_mode, config_factory):
+    """Aggregated as verl aggregates them, the loss terms, the valid-token count and the largest ratio read the whole
+    mini-batch's value however it is split over ranks and micro-batches (verl's own pg_loss does too)."""
+    sequences = _sequences(seed=len(method))
+    logits = torch.cat([s["logits"] for s in sequences]).requires_grad_(True)
+    extra = {"use_kl_loss": True, "kl_loss_coef": 0.0} if method == "kl_ref" else {}
+    config = config_factory(f"entrorl_{method}", entrorl=entrorl, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                            clip_ratio_c=3.0, loss_agg_mode=loss_agg_mode, **extra)
+    whole, _ = _train_step_metrics(sequences, logits, config, ranks=1, micro=8)
+    split, _ = _train_step_metrics(sequences, logits, config, ranks=2, micro=2)
+    names = ["actor/pg_loss", "actor/loss/total", "actor/loss/policy", "actor/tokens/valid", "actor/ratio/max",
+             {"entropy_bonus": "actor/reg/entropy_bonus", "kl_ref": "actor/kl/ref"}.get(method, "actor/loss/total")]
+    for name in names:
+        assert split[name] == pytest.approx(whole[name], rel=1e-5), name
+    assert whole["actor/loss/total"] == pytest.approx(whole["actor/pg_loss"], rel=1e-6)
+    assert whole["actor/tokens/valid"] == sum(s["response"].shape[0] for s in sequences)
+
+
+def test_without_the_extension_partial_sums_are_left_out(config_factory):
+    """verl's ppo_loss averages a policy loss's metrics over micro-batches: without the extension to retype them,
+    the loss terms and the maximum would read a fraction of the truth, so they are not reported."""
+    sequences = _sequences(seed=11)
+    logits = torch.cat([s["logits"] for s in sequences]).requires_grad_(True)
+    config = config_factory("entrorl_dapo", clip_ratio_c=3.0)
+    metrics, _ = _train_step_metrics(sequences, logits, config, ranks=2, micro=2, engine=PackedLMEngine)
+    assert not {"actor/loss/total", "actor/loss/policy", "actor/ratio/max"} & set(metrics)
+    assert metrics["actor/tokens/valid"] == sum(s["response"].shape[0] for s in sequences)
+    assert {"actor/pg_loss", "actor/pg_clipfrac", "actor/ratio/mean"} <= set(metrics)
+
+
+def test_a_fully_masked_micro_batch_keeps_verl_aggregation_working(config_factory):
+    """verl's Metric.aggregate_dp needs as many values of each metric from every rank: a rank whose micro-batch has
+    no valid token still reports every metric (adaptive_entropy's controller metrics included)."""
+    sequences = _sequences(seed=12)
+    logits = torch.cat([s["logits"] for s in sequences]).requires_grad_(True)
+    config = config_factory("entrorl_adaptive_entropy", entrorl={"target_entropy": 10.0, "entropy_coeff": 0.01},
+                            clip_ratio_c=3.0)
+    metrics, _ = _train_step_metrics(sequences, logits, config, ranks=2, micro=2, empty=[(1, 2)])
+    assert {"actor/reg/adaptive_entropy_coeff", "actor/reg/adaptive_entropy_below_target"} <= set(metrics)
+    assert all(value == value for value in metrics.values())

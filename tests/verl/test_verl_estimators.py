@@ -112,3 +112,58 @@ def test_without_any_route_verl_does_not_know_them():
     code = "import verl\nfrom verl.trainer.ppo import core_algos\ncore_algos.get_adv_estimator_fn('entrorl_rloo')\n"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Unknown advantage estimator" in result.stderr
+
+
+def _trainer_algorithm_section(loss_mode: str, bypass_mode: bool = False):
+    """``config.algorithm`` of a verl-shaped OmegaConf configuration, as verl's trainers pass it to an estimator."""
+    from omegaconf import OmegaConf
+
+    root = OmegaConf.create({
+        "algorithm": {"adv_estimator": "entrorl_w_reinforce", "entrorl": {},
+                      "rollout_correction": {"bypass_mode": bypass_mode}},
+        "actor_rollout_ref": {"actor": {"policy_loss": {"loss_mode": loss_mode}}},
+    })
+    return root.algorithm
+
+
+def test_w_reinforce_estimator_with_the_w_reinforce_loss_mode_is_refused():
+    """The estimator's +lambda / -1 advantages, scaled by lambda again by the loss mode, would give lambda squared."""
+    rewards, mask, uids, *_ = _rollouts(seed=2)
+    estimator = core_algos.get_adv_estimator_fn("entrorl_w_reinforce")
+    with pytest.raises(ValueError, match=r"entrorl_w_reinforce.*lambda again \(lambda squared\).*adv_estimator=entrorl_signed_reward"):
+        estimator(token_level_rewards=rewards, response_mask=mask, config=_trainer_algorithm_section("entrorl_w_reinforce"), index=uids)
+    for fine in ("entrorl_grpo", "vanilla"):
+        estimator(token_level_rewards=rewards, response_mask=mask, config=_trainer_algorithm_section(fine), index=uids)
+    signed = core_algos.get_adv_estimator_fn("entrorl_signed_reward")
+    signed(token_level_rewards=rewards, response_mask=mask, config=_trainer_algorithm_section("entrorl_w_reinforce"), index=uids)
+
+
+def test_rollout_correction_bypass_with_an_own_correction_is_refused():
+    rewards, mask, uids, *_ = _rollouts(seed=2)
+    estimator = core_algos.get_adv_estimator_fn("entrorl_grpo")
+    for mode in ("entrorl_tis", "entrorl_icepop"):
+        with pytest.raises(ValueError, match=rf"{mode}.*bypass mode.*algorithm.rollout_correction.bypass_mode=False"):
+            estimator(token_level_rewards=rewards, response_mask=mask, config=_trainer_algorithm_section(mode, True), index=uids)
+    estimator(token_level_rewards=rewards, response_mask=mask, config=_trainer_algorithm_section("entrorl_tis"), index=uids)
+    estimator(token_level_rewards=rewards, response_mask=mask, config=_trainer_algorithm_section("entrorl_grpo", True), index=uids)
+
+
+def test_verl_releases_before_0_9_are_refused(monkeypatch):
+    import verl
+
+    from entrorl.integrations.verl.losses import check_verl_version
+
+    rewards, mask, uids, *_ = _rollouts()
+    estimator = core_algos.get_adv_estimator_fn("entrorl_grpo")
+    check_verl_version.cache_clear()
+    monkeypatch.setattr(verl, "__version__", "0.8.0")
+    try:
+        with pytest.raises(RuntimeError, match=r"needs verl >= 0.9.*verl 0.8.0 is installed"):
+            estimator(token_level_rewards=rewards, response_mask=mask, config=None, index=uids)
+    finally:
+        check_verl_version.cache_clear()
+    monkeypatch.setattr(verl, "__version__", "0.9.0.dev0")
+    try:
+        estimator(token_level_rewards=rewards, response_mask=mask, config=None, index=uids)
+    finally:
+        check_verl_version.cache_clear()

@@ -9,7 +9,8 @@ of its processes through the ``verl.plugins`` entry point entrorl declares, thro
 * :mod:`~entrorl.integrations.verl.rewards` — ``custom_reward_function.name=compute_score`` (and shortcuts);
 * :mod:`~entrorl.integrations.verl.actor` — the statistics from the actor's logits, and the engine mixin that
   ``ENTRORL_VERL_ACTOR_EXTENSION=1`` installs;
-* :mod:`~entrorl.integrations.verl.channel` — how those statistics reach the losses.
+* :mod:`~entrorl.integrations.verl.channel` — how those statistics reach the losses, and how the losses tell the
+  actor which metrics verl must sum or take the maximum of.
 
 See docs/verl.md for a complete launch.
 """
@@ -21,7 +22,13 @@ from entrorl.integrations.verl.actor import (
     enable_actor_extension,
     with_token_fields,
 )
-from entrorl.integrations.verl.channel import TOKEN_FIELDS, current_token_fields, provide_token_fields
+from entrorl.integrations.verl.channel import (
+    TOKEN_FIELDS,
+    collect_metric_aggregations,
+    current_token_fields,
+    provide_token_fields,
+    record_metric_aggregations,
+)
 from entrorl.integrations.verl.estimators import estimator_name, make_advantage_estimator, register_advantage_estimators
 from entrorl.integrations.verl.losses import (
     EntrorlPolicyLossConfig,
@@ -39,6 +46,7 @@ __all__ = [
     "TokenStatsEngineMixin",
     "actor_extension_requested",
     "actor_token_stats",
+    "collect_metric_aggregations",
     "compute_score",
     "current_token_fields",
     "enable_actor_extension",
@@ -51,6 +59,7 @@ __all__ = [
     "math_score",
     "provide_token_fields",
     "reasoning_gym_score",
+    "record_metric_aggregations",
     "register_advantage_estimators",
     "register_policy_losses",
     "registered_loss_modes",

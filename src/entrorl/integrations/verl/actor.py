@@ -20,7 +20,9 @@ The extension has three pieces, each usable alone:
 * :func:`with_token_fields` — wraps a verl engine loss function ``fn(model_output, data, dp_group)``: it pads
   those statistics to ``[B, T]`` like verl pads ``log_probs``, adds verl's ``ref_log_prob`` and
   ``rollout_log_probs`` when the batch has them, and opens :func:`entrorl.integrations.verl.channel.provide_token_fields`
-  around the call, so the ``entrorl_<method>`` loss called inside finds them.
+  around the call, so the ``entrorl_<method>`` loss called inside finds them. It also gives the metrics the loss
+  marks as partial sums or maxima verl's ``SUM`` / ``MAX`` aggregation (verl's ``ppo_loss`` types a policy loss's
+  metrics as means), so that verl's aggregation over micro-batches and ranks gives the step's value.
 
 :func:`enable_actor_extension` puts the mixin into verl: it registers a subclass of verl's FSDP language-model
 engine in place of the original (backends ``fsdp`` and ``fsdp2``). Importing :mod:`entrorl.integrations.verl`
@@ -38,7 +40,7 @@ from typing import Any
 
 import torch
 
-from entrorl.integrations.verl.channel import provide_token_fields
+from entrorl.integrations.verl.channel import collect_metric_aggregations, provide_token_fields
 from entrorl.integrations.verl.losses import LOSS_MODE_PREFIX, config_get, entrorl_parameters, required_fields
 from entrorl.objective import build_objective
 from entrorl.objective.regularizers import AdaptiveEntropy, EntropyBonus
@@ -140,8 +142,9 @@ def with_token_fields(loss_function: Callable[..., Any]) -> Callable[..., Any]:
 
     When called as a loss (``model_output=..., data=...``), the wrapper pads each ``entrorl_*`` entry of
     ``model_output`` to ``[B, T]`` like ``log_probs``, takes ``ref_log_prob`` / ``rollout_log_probs`` from ``data``
-    when present, and calls ``loss_function`` inside :func:`provide_token_fields`. Any other call (verl also
-    passes the loss function as a logits processor) goes straight through.
+    when present, and calls ``loss_function`` inside :func:`provide_token_fields`; the metrics the loss marks as
+    sums or maxima come back as verl ``Metric`` objects of that aggregation. Any other call (verl also passes the loss
+    function as a logits processor) goes straight through.
     """
 
     @functools.wraps(loss_function)
@@ -158,10 +161,30 @@ def with_token_fields(loss_function: Callable[..., Any]) -> Callable[..., Any]:
             padded = data.select(*present, "response_mask").to_padded_tensor()
             for key in present:
                 fields[_DATA_FIELDS[key]] = padded[key]
-        with provide_token_fields(**fields):
-            return loss_function(*args, **kwargs)
+        with provide_token_fields(**fields), collect_metric_aggregations() as aggregations:
+            result = loss_function(*args, **kwargs)
+        return _retyped_metrics(result, aggregations)
 
     return wrapped
+
+
+def _retyped_metrics(result: Any, aggregations: dict[str, str]) -> Any:
+    """``(loss, metrics)`` with each metric named in ``aggregations`` re-made as a verl ``Metric`` of that
+    aggregation (same values); anything else is returned as it is."""
+    if not aggregations or not isinstance(result, tuple) or len(result) != 2 or not isinstance(result[1], dict):
+        return result
+    from verl.utils.metric import AggregationType, Metric
+
+    loss, metrics = result
+    metrics = dict(metrics)
+    for name, how in aggregations.items():
+        if name not in metrics:
+            continue
+        retyped = Metric(AggregationType(how))
+        value = metrics[name]
+        retyped.extend(value.values if isinstance(value, Metric) else [value])
+        metrics[name] = retyped
+    return loss, metrics
 
 
 def _loss_config(loss_function: Any) -> Any:

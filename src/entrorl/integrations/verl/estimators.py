@@ -14,6 +14,12 @@ raises unless its caller passes ``old_log_probs``.
 The driver looks estimators up, and the actor extension is not imported there: load this module in the driver
 with ``VERL_USE_EXTERNAL_MODULES=entrorl.integrations.verl`` (or through the ``verl.plugins`` entry point that
 installing entrorl declares).
+
+verl hands an estimator its ``algorithm`` section only; when that is a node of verl's whole configuration (as verl's
+trainers pass it), the estimator also reads the actor's ``policy_loss.loss_mode`` and refuses two pairings that
+silently change the method: ``entrorl_w_reinforce`` with a loss mode that scales positive advantages by lambda
+itself (``entrorl_w_reinforce``: lambda squared; its estimator is ``entrorl_signed_reward``), and verl's
+rollout-correction bypass mode with ``entrorl_tis`` / ``entrorl_icepop`` (their weights become 1).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import numpy as np
 import torch
 
 from entrorl.advantages import available_advantages, compute_advantages, expand_to_tokens
-from entrorl.integrations.verl.losses import config_get
+from entrorl.integrations.verl.losses import LOSS_MODE_PREFIX, check_verl_version, config_get
+from entrorl.objective import build_objective
 from verl.trainer.ppo.core_algos import register_adv_est
 
 __all__ = ["ESTIMATOR_PREFIX", "estimator_name", "make_advantage_estimator", "register_advantage_estimators"]
@@ -61,6 +68,43 @@ def _parameters(estimator: str, defaults: Mapping[str, Any], config: Any) -> dic
     return params
 
 
+def _configured_loss_mode(config: Any) -> str | None:
+    """The actor's ``policy_loss.loss_mode`` when ``config`` is the ``algorithm`` node of verl's whole OmegaConf
+    configuration (verl's trainers pass ``self.config.algorithm``); None when the estimator cannot see it."""
+    get_root = getattr(config, "_get_root", None)
+    if get_root is None:
+        return None
+    try:
+        from omegaconf import OmegaConf
+
+        loss_mode = OmegaConf.select(get_root(), "actor_rollout_ref.actor.policy_loss.loss_mode", default=None)
+    except Exception:  # a node without a root, or a root of another shape: nothing to check
+        return None
+    return loss_mode if isinstance(loss_mode, str) else None
+
+
+def _refuse_silent_pairings(estimator: str, config: Any) -> None:
+    """Refuse an estimator / loss-mode pairing that changes the method without an error anywhere else."""
+    loss_mode = _configured_loss_mode(config)
+    if loss_mode is None or not loss_mode.startswith(LOSS_MODE_PREFIX):
+        return
+    try:
+        objective = build_objective(loss_mode[len(LOSS_MODE_PREFIX):])
+    except ValueError:
+        return  # a method this process does not know: the actor reports it
+    if estimator == "w_reinforce" and any(shaper.name == "positive_scale" for shaper in objective.shapers):
+        raise ValueError(
+            f"verl adv_estimator {estimator_name(estimator)!r} gives +lambda / -1 advantages and loss_mode {loss_mode!r} "
+            "scales positive advantages by lambda again (lambda squared): set algorithm.adv_estimator=entrorl_signed_reward"
+        )
+    bypass = config_get(config_get(config, "rollout_correction"), "bypass_mode", False)
+    if bypass and objective.correction is not None:
+        raise ValueError(
+            f"loss_mode {loss_mode!r} corrects by pi_old / pi_rollout, which verl's rollout-correction bypass mode makes 1 "
+            "on every token (it uses the rollout log-probs as the old ones): set algorithm.rollout_correction.bypass_mode=False"
+        )
+
+
 def make_advantage_estimator(estimator: str):
     """A verl advantage-estimator function computing entrorl estimator ``estimator`` (see the module docstring)."""
     info = next((i for i in available_advantages() if i.name == estimator), None)
@@ -75,6 +119,8 @@ def make_advantage_estimator(estimator: str):
         old_log_probs: torch.Tensor | None = None,
         **unused: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        check_verl_version()
+        _refuse_silent_pairings(estimator, config)
         mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
         rewards = torch.where(mask, token_level_rewards, torch.zeros_like(token_level_rewards)).sum(dim=-1)
         group_ids = _group_ids(index, rewards.shape[0], estimator_name(estimator)).to(rewards.device)
