@@ -268,40 +268,44 @@ def test_loss_type_must_describe_the_objective(tmp_path):
 
 
 def test_beta_is_the_kl_coefficient(tokenizer, tmp_path, tiny_model_dir):
-    """beta becomes kl_ref's kl_loss_coef unless the objective sets it; set both, they must agree; TRL's own loss with
-    beta != 0 keeps its KL term."""
+    """beta becomes kl_ref's kl_loss_coef and use_bias_correction_kl its importance_weighted unless the objective sets
+    them; set both ways, they must agree; TRL's own loss with beta != 0 keeps its KL term, ratio-weighted or not."""
     config = _config(tmp_path, beta=0.04)
     trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+kl_ref", config=config, model=str(tiny_model_dir))
     assert trainer.objective.regularizers[0].kl_loss_coef == 0.04
+    assert trainer.objective.regularizers[0].importance_weighted is True  # TRL's default use_bias_correction_kl
     for objective, params in (("dapo+kl_ref", {"kl_loss_coef": 0.5}),
                               ({"method": "dapo+kl_ref", "params": {"kl_loss_coef": 0.5}}, None),
                               ({"method": "dapo", "regularizers": [{"name": "kl_ref", "kl_loss_coef": 0.5}]}, None),
                               (build_objective("dapo+kl_ref"), None)):
         with pytest.raises(ValueError, match=r"beta = 0.04 and kl_ref's kl_loss_coef = (0.5|0.001) both set"):
             EntropyGRPOTrainer(model="not-loaded", args=config, objective=objective, objective_params=params)
+    with pytest.raises(ValueError, match="use_bias_correction_kl = True and kl_ref's importance_weighted = False"):
+        EntropyGRPOTrainer(model="not-loaded", args=config, objective="dapo+kl_ref",
+                           objective_params={"importance_weighted": False})
     with pytest.raises(ValueError, match="set beta to the KL coefficient"):
         EntropyGRPOTrainer(model="not-loaded", args=_config(tmp_path), objective="dapo+kl_ref")
 
-    # without an objective, TRL's loss with its KL term, the plain k3 (TRL weighs it by the ratio by default)
-    with pytest.raises(ValueError, match="set use_bias_correction_kl=False"):
-        EntropyGRPOTrainer(model="not-loaded", args=_config(tmp_path, beta=0.04))
-    config = _config(tmp_path, beta=0.04, loss_type="grpo", use_bias_correction_kl=False)
-    ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, config=config, model=str(tiny_model_dir))
-    theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=config, model=str(tiny_model_dir))
-    assert ours.objective.name == "grpo+kl_ref"
-    inputs = _inputs(tokenizer, seed=4)
-    # a reference near the policy, so that no token's k3 reaches entrorl's clamp at 10 (TRL's k3 has none)
-    with torch.no_grad():
-        logits = theirs.model(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
-                              attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)).logits
-    log_probs = token_stats(logits[:, -MAX_COMPLETION - 1 : -1], inputs["completion_ids"], need=("logprob",)).logprob
-    generator = torch.Generator().manual_seed(4)
-    inputs["ref_per_token_logps"] = log_probs + 0.5 * torch.randn(log_probs.shape, generator=generator)
-    loss_ours, grads_ours = _loss_and_grads(ours, inputs)
-    loss_theirs, grads_theirs = _loss_and_grads(theirs, inputs)
-    assert ours._metrics["train"]["kl/ref"][-1] > 0.1  # the KL term weighs in the comparison
-    assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
-    _assert_grads_close(grads_ours, grads_theirs)
+    # without an objective, TRL's loss with its KL term: k3, weighed by the ratio (TRL's default) or not
+    for bias_correction in (True, False):
+        config = _config(tmp_path, beta=0.04, loss_type="grpo", use_bias_correction_kl=bias_correction)
+        ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, config=config, model=str(tiny_model_dir))
+        theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=config, model=str(tiny_model_dir))
+        assert ours.objective.name == "grpo+kl_ref"
+        assert ours.objective.regularizers[0].importance_weighted is bias_correction
+        inputs = _inputs(tokenizer, seed=4)
+        # a reference near the policy, so that no token's k3 reaches entrorl's clamp at 10 (TRL's k3 has none)
+        with torch.no_grad():
+            logits = theirs.model(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                                  attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)).logits
+        log_probs = token_stats(logits[:, -MAX_COMPLETION - 1 : -1], inputs["completion_ids"], need=("logprob",)).logprob
+        generator = torch.Generator().manual_seed(4)
+        inputs["ref_per_token_logps"] = log_probs + 0.5 * torch.randn(log_probs.shape, generator=generator)
+        loss_ours, grads_ours = _loss_and_grads(ours, inputs)
+        loss_theirs, grads_theirs = _loss_and_grads(theirs, inputs)
+        assert ours._metrics["train"]["kl/ref"][-1] > 0.1  # the KL term weighs in the comparison
+        assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
+        _assert_grads_close(grads_ours, grads_theirs)
 
 
 def test_a_built_objective_is_not_changed_by_the_trainer(tokenizer, tmp_path):
@@ -431,7 +435,8 @@ def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="leave it 'token'"):
         check_trl_args(_config(tmp_path, importance_sampling_level="sequence"), build_objective("gspo"))
     check_trl_args(_config(tmp_path), objective)  # the defaults are fine
-    check_trl_args(_config(tmp_path, beta=0.04), build_objective("dapo+kl_ref", kl_loss_coef=0.04))
+    check_trl_args(_config(tmp_path, beta=0.04), build_objective("dapo+kl_ref", kl_loss_coef=0.04, importance_weighted=True))
+    check_trl_args(_config(tmp_path, beta=0.04, use_bias_correction_kl=False), build_objective("dapo+kl_ref", kl_loss_coef=0.04))
     # TRL's clipping range: accepted when it is the objective's own, else rejected naming the parameters to set
     check_trl_args(_config(tmp_path, epsilon=0.2, epsilon_high=0.28), objective)
     for options, method in (({"epsilon": 0.1}, "grpo"), ({"epsilon_high": 0.28}, "grpo"), ({"epsilon_high": 0.3}, "dapo")):

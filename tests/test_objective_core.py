@@ -664,6 +664,38 @@ def test_kl_ref_regulariser(kind):
         build_objective("kl_ref")(make_batch(84))
 
 
+def test_importance_weighted_kl_ref_is_the_ratio_times_the_estimate_with_its_gradient():
+    """DeepSeek-V3.2's unbiased KL (arXiv 2512.02556): ``r * k3`` with ``r = pi / pi_old`` differentiable, so that
+    on-policy (``r = 1``) the value is k3's but the gradient gains ``k3 * d log pi``."""
+    g = _gen(85)
+    batch = make_batch(86)
+    batch.ref_log_prob = batch.old_log_prob + 0.5 * torch.randn(batch.log_prob.shape, generator=g, dtype=F64)
+    mask = batch.mask.numpy()
+    weighted = build_objective("kl_ref", importance_weighted=True, kl_loss_coef=1.0).regularizers[0]
+    plain = build_objective("kl_ref", kl_loss_coef=1.0).regularizers[0]
+    assert plain.importance_weighted is False
+
+    def kl_term(part, batch):
+        metrics = {}
+        term = part(batch, batch.advantages, lambda values, m: values[m].sum() / m.sum(), metrics)
+        return term.scalar, metrics["kl/ref"]
+
+    value, logged = kl_term(weighted, batch)
+    k3 = _ref_kl(_np(batch.log_prob), _np(batch.ref_log_prob), "k3")
+    ratio = np.exp(_np(batch.log_prob) - _np(batch.old_log_prob))
+    assert float(value) == pytest.approx((ratio * k3)[mask].mean(), rel=1e-10) and logged == pytest.approx(float(value))
+    # d/d log pi of r k3 = r (k3 + dk3/dlog pi), dk3/dlog pi = 1 - pi_ref / pi
+    expected = ratio * (k3 + 1.0 - np.exp(_np(batch.ref_log_prob) - _np(batch.log_prob))) * mask / mask.sum()
+    np.testing.assert_allclose(_np(grad_of(value, batch.log_prob)), expected, rtol=1e-9, atol=1e-14)
+    # on-policy: the value is k3's, the gradient is not
+    on_policy = PolicyBatch(log_prob=batch.log_prob, old_log_prob=batch.log_prob.detach(), advantages=batch.advantages,
+                            mask=batch.mask, ref_log_prob=batch.ref_log_prob)
+    weighted_value, _ = kl_term(weighted, on_policy)
+    plain_value, _ = kl_term(plain, on_policy)
+    assert float(weighted_value) == pytest.approx(float(plain_value), rel=1e-12)
+    assert not torch.allclose(grad_of(weighted_value, batch.log_prob), grad_of(plain_value, batch.log_prob))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 5. configuration and errors
 # ---------------------------------------------------------------------------------------------------------

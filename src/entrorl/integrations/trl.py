@@ -125,7 +125,7 @@ _LOSS_TYPE_SHAPES = {
 
 # GRPOConfig options that only TRL's own loss reads (its SAPO / VESPO losses, its adaptive entropy controller's
 # settings): set away from their defaults they would silently do nothing. use_bias_correction_kl is not among them:
-# kl_ref is the uncorrected estimator, which use_bias_correction_kl=False describes
+# it becomes kl_ref's importance_weighted
 _LOSS_ONLY_OPTIONS = ("sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos",
                       "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef_min", "entropy_coef_max",
                       "entropy_coef_delta", "entropy_target")
@@ -158,10 +158,10 @@ def _kl_reference(objective: Objective) -> KLReference | None:
 
 def objective_for_trl_loss(args: Any, **objective_params: Any) -> Objective:
     """The entrorl objective whose loss is ``GRPOTrainer``'s under ``args`` (a ``GRPOConfig``, or None for its
-    defaults): the method named by ``loss_type`` with TRL's clip range, plus ``kl_ref`` (k3, ``kl_loss_coef = beta``)
-    when ``beta != 0``. ``objective_params`` override its parameters. Refused: a ``loss_type`` without an entrorl method
-    of the same loss, ``cispo`` capping the weight below 1 (entrorl's cap is ``1 + clip_ratio_high``), and ``beta != 0``
-    with ``use_bias_correction_kl`` (TRL's default), whose ratio-weighted KL kl_ref does not compute."""
+    defaults): the method named by ``loss_type`` with TRL's clip range, plus ``kl_ref`` (k3, ``kl_loss_coef = beta``,
+    ``importance_weighted = use_bias_correction_kl``) when ``beta != 0``. ``objective_params`` override its
+    parameters. Refused: a ``loss_type`` without an entrorl method of the same loss, and ``cispo`` capping the weight
+    below 1 (entrorl's cap is ``1 + clip_ratio_high``)."""
     loss_type = _trl_option(args, "loss_type")
     method = TRL_LOSS_TYPE_METHODS.get(loss_type)
     if method is None:
@@ -181,29 +181,24 @@ def objective_for_trl_loss(args: Any, **objective_params: Any) -> Objective:
     else:
         params = {"clip_ratio_low": low, "clip_ratio_high": high}
     beta = _trl_option(args, "beta")
-    if beta and _trl_option(args, "use_bias_correction_kl"):
-        raise ValueError(
-            "EntropyGRPOTrainer: beta != 0 with use_bias_correction_kl=True (TRL's default) weighs TRL's KL by the "
-            "policy ratio, which entrorl's kl_ref does not; set use_bias_correction_kl=False for the plain k3 KL"
-        )
     if beta:
-        method, params = f"{method}+kl_ref", {**params, "kl_loss_coef": beta, "kl_loss_type": "k3"}
+        method = f"{method}+kl_ref"
+        params = {**params, "kl_loss_coef": beta, "kl_loss_type": "k3",
+                  "importance_weighted": bool(_trl_option(args, "use_bias_correction_kl"))}
     return build_objective(method, **{**params, **objective_params})
 
 
-def _kl_coefficient_given(objective: Any, objective_params: dict[str, Any]) -> bool:
-    """Whether the caller chose kl_ref's ``kl_loss_coef``: in ``objective_params``, in the objective's config, or by
-    building the ``Objective`` (whose coefficient cannot be told from a default)."""
-    if "kl_loss_coef" in objective_params or isinstance(objective, Objective):
+def _kl_setting_given(name: str, objective: Any, objective_params: dict[str, Any]) -> bool:
+    """Whether the caller chose kl_ref's setting ``name``: in ``objective_params``, in the objective's config, or by
+    building the ``Objective`` (whose settings cannot be told from defaults)."""
+    if name in objective_params or isinstance(objective, Objective):
         return True
     if isinstance(objective, dict):
         objective = ObjectiveConfig(**{("method" if key == "name" and "method" not in objective else key): value
                                        for key, value in objective.items()})
     if not isinstance(objective, ObjectiveConfig):
         return False  # a method name or a list of names: the methods' defaults
-    return "kl_loss_coef" in objective.params or any(
-        part.name == "kl_ref" and "kl_loss_coef" in part.params for part in objective.regularizers
-    )
+    return name in objective.params or any(part.name == "kl_ref" and name in part.params for part in objective.regularizers)
 
 
 def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None) -> None:
@@ -272,6 +267,13 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
         problems.append(
             f"beta = {beta} and kl_ref's kl_loss_coef = {kl_reference.kl_loss_coef} both set the KL coefficient: give "
             "it once (beta alone, or kl_loss_coef equal to beta)"
+        )
+    bias_correction = bool(_trl_option(args, "use_bias_correction_kl"))
+    if beta != 0.0 and kl_reference is not None and kl_reference.importance_weighted != bias_correction:
+        problems.append(
+            f"use_bias_correction_kl = {bias_correction} and kl_ref's importance_weighted = "
+            f"{kl_reference.importance_weighted} both say whether the KL is weighed by pi / pi_old: give it once "
+            "(use_bias_correction_kl alone, or importance_weighted equal to it)"
         )
     use_vllm = getattr(args, "use_vllm", False)
     vllm_correction = use_vllm and getattr(args, "vllm_importance_sampling_correction", False)
@@ -392,7 +394,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
     def _own_objective(objective: Any, objective_params: dict[str, Any], grpo_args: Any) -> Objective:
         """The objective this trainer computes and may adjust (``loss_scale_factor``, the KL coefficient): TRL's own
         loss for ``objective=None``, a copy of a built ``Objective`` (the caller's object is never changed, so it can
-        serve several trainers), and kl_ref's coefficient set to ``beta`` unless the caller chose it."""
+        serve several trainers), and kl_ref's coefficient and importance weighting set to ``beta`` and
+        ``use_bias_correction_kl`` unless the caller chose them."""
         if objective is None:
             return objective_for_trl_loss(grpo_args, **objective_params)
         if isinstance(objective, Objective):
@@ -403,8 +406,11 @@ class EntropyGRPOTrainer(GRPOTrainer):
             own = build_objective(objective, **objective_params)
         kl_reference = _kl_reference(own)
         beta = _trl_option(grpo_args, "beta")
-        if kl_reference is not None and beta and not _kl_coefficient_given(objective, objective_params):
-            kl_reference.kl_loss_coef = beta
+        if kl_reference is not None and beta:
+            if not _kl_setting_given("kl_loss_coef", objective, objective_params):
+                kl_reference.kl_loss_coef = beta
+            if not _kl_setting_given("importance_weighted", objective, objective_params):
+                kl_reference.importance_weighted = bool(_trl_option(grpo_args, "use_bias_correction_kl"))
         return own
 
     def _warn_on_advantage_mismatch(self) -> None:

@@ -157,16 +157,26 @@ def kl_estimate(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, estimator: s
     paper="arXiv 2402.03300 (GRPO's KL term, k3)",
 )
 class KLReference(Regularizer):
-    """``+ kl_loss_coef * agg(k(log pi, log pi_ref))`` over the valid tokens."""
+    """``+ kl_loss_coef * agg(k(log pi, log pi_ref))`` over the valid tokens.
+
+    With ``importance_weighted`` each token's estimate is multiplied by ``r = pi / pi_old`` (differentiable), the
+    unbiased reverse-KL gradient of DeepSeek-V3.2 (arXiv 2512.02556; TRL's ``use_bias_correction_kl``): the tokens
+    were sampled from ``pi_old``, and ``r`` reweighs them to ``pi``. Its gradient differs even on-policy, where
+    ``r = 1`` but ``grad r = grad log pi``."""
 
     requires: ClassVar[tuple[str, ...]] = ("ref_log_prob",)
     aggregated_metrics: ClassVar[tuple[str, ...]] = ("kl/ref",)
 
     kl_loss_coef: float = Field(1e-3, ge=0.0, description="beta = 1e-3 (verl's kl_loss_coef default)")
     kl_loss_type: Literal["k1", "k2", "k3"] = Field("k3", description="estimator; k3 as in GRPO (arXiv 2402.03300)")
+    importance_weighted: bool = Field(False, description="weigh each token's KL by pi / pi_old (DeepSeek-V3.2, arXiv 2512.02556)")
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
-        kl = aggregate(kl_estimate(batch.log_prob, batch.ref_log_prob, self.kl_loss_type), batch.mask)
+        estimate = kl_estimate(batch.log_prob, batch.ref_log_prob, self.kl_loss_type)
+        if self.importance_weighted:
+            log_ratio = torch.where(batch.mask, batch.log_prob - batch.old_log_prob.detach(), torch.zeros_like(estimate))
+            estimate = estimate * log_ratio.clamp(-20.0, 20.0).exp()
+        kl = aggregate(estimate, batch.mask)
         metrics["kl/ref"] = float(kl.detach())
         return RegularizerTerm(scalar=self.kl_loss_coef * kl)
 
