@@ -192,6 +192,9 @@ def test_readable_text_shows_the_bytes_of_a_split_character_instead_of_replaceme
     assert readable_text(tokenizer, ids) == tokenizer.decode(ids) == "a 日本"  # whole characters decode as usual
     assert readable_text(tokenizer, ids[-5:]) == "<0x97><0xA5>本"  # a context that starts inside a character
     assert readable_text(tokenizer, ids[:-2]) == "a 日<0xE6>"
+    after = tokenizer.encode("日 b a")  # text after a split character keeps its spaces
+    first_byte = [readable_text(tokenizer, [token]) for token in after].index("<0xE6>")
+    assert readable_text(tokenizer, after[first_byte + 1:]) == "<0x97><0xA5> b a"
 
 
 def test_top_fork_tokens_keeps_different_bytes_apart():

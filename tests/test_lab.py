@@ -133,11 +133,63 @@ def test_an_unusable_out_is_refused_before_anything_is_built(tmp_path):
     a_file = tmp_path / "f"
     a_file.write_text("")
     cache = tmp_path / "cache"
+    elsewhere = tmp_path / "project"  # `--out .` in a project, or `--out "$UNSET"`: not a laboratory folder
+    (elsewhere / "src").mkdir(parents=True)
+    (elsewhere / "README.md").write_text("")
     for out, fragment in ((a_file / "x", f"{a_file} is a file, not a directory"), (a_file, "is an existing file"),
-                          (Path("/proc/entrorl-lab-test"), "cannot be used as a run directory")):
+                          (Path("/proc/entrorl-lab-test"), "cannot be used as a run directory"),
+                          (elsewhere, r"holds other files \(README.md, src\) and no laboratory run")):
         with pytest.raises(ValueError, match=fragment):
             run_lab("quick", methods=["grpo"], out=out, cache_dir=cache)
     assert not cache.exists()
+    # a laboratory folder interrupted before its lab.json was written is still one
+    from entrorl.lab.runner import _prepare_run_directory
+
+    (tmp_path / "early" / "data").mkdir(parents=True)
+    _prepare_run_directory(tmp_path / "early")
+
+
+def test_an_interrupted_laboratory_saves_what_it_trained_and_says_how_to_go_on(tmp_path, monkeypatch):
+    """Ctrl-C: a method being trained returns 'interrupted' once its trainer has saved the step, one not started
+    yet does not start; the command prints what was kept and the command that continues, and exits 130."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.lab import runner
+    from entrorl.trainer import TrainingInterrupted
+
+    class Stop:
+        def __init__(self):
+            self.set_ = False
+
+        def is_set(self):
+            return self.set_
+
+    stop = Stop()
+    monkeypatch.setattr(runner, "_STOP", stop)
+    monkeypatch.setattr(runner, "_pay_one_off_costs", lambda job: None)
+
+    def interrupted(job):
+        raise TrainingInterrupted(2, 4, tmp_path / "grpo" / "checkpoints" / "step_000004")
+
+    monkeypatch.setattr(runner, "_train_and_evaluate", interrupted)
+    (tmp_path / "grpo").mkdir()
+    assert runner._run_method({"method": "grpo", "run_dir": str(tmp_path / "grpo")}) == {
+        "method": "grpo", "status": "interrupted", "step": 4}
+    assert not (tmp_path / "grpo" / "error.log").exists()  # an interruption is not a failure
+    stop.set_ = True
+    monkeypatch.setattr(runner, "_train_and_evaluate", lambda job: pytest.fail("a method started after Ctrl-C"))
+    assert runner._run_method({"method": "nsr", "run_dir": str(tmp_path / "nsr")})["status"] == "interrupted"
+
+    def run_lab(preset, *, out, **options):
+        raise runner.LabInterrupted(out, ["grpo", "nsr"])
+
+    monkeypatch.setattr(runner, "run_lab", run_lab)
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo,nsr", "--out", str(tmp_path / "lab")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 130, result.output
+    assert "interrupted (grpo, nsr not finished)" in output
+    assert f"Continue with: entrorl lab --preset quick --methods grpo,nsr --out {tmp_path / 'lab'}" in output
 
 
 def test_method_names_are_stripped_deduplicated_and_checked(tmp_path):
@@ -252,3 +304,11 @@ def test_a_resumed_subset_keeps_every_method_of_the_folder(tmp_path, monkeypatch
     report = json.loads((out / "report.json").read_text())
     assert [r["method"] for r in report["summary"]["rows"]] == ["base", "grpo", "clip_cov", "nsr"]
     assert report["reproduce"]["command"] == "entrorl lab --preset quick --methods grpo,clip_cov,nsr --workers 1"
+
+
+def test_the_s_and_d_histograms_count_every_token_in_their_end_bins():
+    """Values beyond +-0.4 (and 0.4 itself, which float32 rounds above the float64 edge) land in the end bins."""
+    from entrorl.lab.runner import _histogram
+
+    counts = _histogram(torch.tensor([1.0, -1.0, 0.4, -0.4, 0.1, 0.0], dtype=torch.float32))
+    assert sum(counts) == 6 and counts[0] == 2 and counts[-1] == 2

@@ -217,7 +217,10 @@ def test_headline_states_grpo_numbers_from_the_metrics(report_run):
     assert headline.replace("`", "") in markdown.replace("`", "").replace("\\", "")
     assert html.escape(headline.split("`")[0]) in document
     numbers = {row["quantity"]: row["value"] for row in report["headline"]["numbers"]["rows"]}
-    assert numbers["GRPO entropy start"] == f"{start:.3g}" and numbers["GRPO entropy end"] == f"{end:.3g}"
+    assert numbers["GRPO training entropy start"] == f"{start:.3g}" and numbers["GRPO training entropy end"] == f"{end:.3g}"
+    # the criterion's start is named: here the base model's evaluation entropy, not the training curve's start
+    assert numbers["collapse threshold (0.5 × the base model's evaluation entropy)"] == fmt(0.5 * EVAL_ENTROPY["base"])
+    assert "the training reward rose" in headline
     # the kept-entropy rule: ratio >= 1.25 x GRPO's; clip_cov and nsr keep far more than GRPO
     assert report["headline"]["kept_methods"] == ["clip_cov", "nsr"]
     assert "1.25 × GRPO's" in report["headline"]["paragraphs"][1]
@@ -286,12 +289,14 @@ def test_predicted_and_first_order_changes_are_compared_with_the_measured_one(re
     assert rows["grpo"]["steps"] == fmt(int(both.sum()))
     assert rows["grpo"]["correlation across steps"] == fmt(np.corrcoef(predicted[both], measured[both])[0, 1])
     signed = both & (predicted != 0) & (measured != 0)
-    assert rows["grpo"]["sign agreement"] == fmt(np.mean(np.sign(predicted[signed]) == np.sign(measured[signed])))
+    assert rows["grpo"]["sign agreement"] == (
+        f"{fmt(np.mean(np.sign(predicted[signed]) == np.sign(measured[signed])))} of {int(signed.sum())}")
     recorded = np.isfinite(first_order) & np.isfinite(measured)
     assert rows["grpo"]["first order: correlation"] == fmt(np.corrcoef(first_order[recorded], measured[recorded])[0, 1])
     assert float(rows["grpo"]["first order: correlation"]) > 0.9
     signed = recorded & (first_order != 0) & (measured != 0)
-    assert rows["grpo"]["first order: sign agreement"] == fmt(np.mean(np.sign(first_order[signed]) == np.sign(measured[signed])))
+    assert rows["grpo"]["first order: sign agreement"] == (
+        f"{fmt(np.mean(np.sign(first_order[signed]) == np.sign(measured[signed])))} of {int(signed.sum())}")
     assert rows["clip_cov"]["first order: correlation"] == rows["clip_cov"]["first order: sign agreement"] == "n/a"
     assert "The first-order change's ranges from" in markdown
 
@@ -357,7 +362,7 @@ def _write_metrics(run: Path, entropy, reward, **series) -> None:
 
 def test_law_columns_are_honest_forecasts(tmp_path):
     out = build_run(tmp_path / "lab-law", methods=("grpo", "nsr"), failed=())
-    h = np.linspace(1.0, 0.5, STEPS)
+    h = np.linspace(1.0, 0.5, 60)  # a forecast fitted on the first 20% = 12 steps
     _write_metrics(out / "methods" / "grpo", h, -0.3 * np.exp(h) + 0.9)  # exactly on the law
     _write_metrics(out / "methods" / "nsr", h, 0.2 * np.exp(h) - 0.1)  # reward falls with entropy: a < 0
     report = write_report(out, figures=False)
@@ -376,6 +381,13 @@ def test_law_columns_are_honest_forecasts(tmp_path):
     assert "a ≤ 0: reward did not rise as entropy fell, so the law's premise fails" in rows["nsr"]["note"]
     assert not report["law"]["fits"]["nsr"]["fit"]["ceiling_applies"]
     assert "not an error of the forecast" in (out / "report.md").read_text()
+    # fitted on a handful of steps, the forecast's extrapolation to zero entropy is not shown as a ceiling
+    few = np.linspace(1.0, 0.5, 12)
+    _write_metrics(out / "methods" / "grpo", few, -0.3 * np.exp(few) + 0.9)
+    report = write_report(out, figures=False)
+    rows = {r["method"]: r for r in report["law"]["table"]["rows"]}
+    assert rows["grpo"]["ceiling"] == "0.6" and rows["grpo"]["forecast ceiling"] == "—"
+    assert rows["grpo"]["forecast ceiling − reached"] == "—" and "fitted on 3 steps only" in rows["grpo"]["note"]
 
 
 def test_two_point_law_fit_has_no_r2(tmp_path):

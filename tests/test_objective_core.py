@@ -807,6 +807,9 @@ def test_a_later_methods_own_surrogate_is_set_aside_with_a_warning_unless_the_us
         assert build_objective("grpo+clip_cov", clip_ratio_low=1.0, clip_ratio_high=1.0).surrogate.clip_ratio_high == 1.0
         assert build_objective({"method": "grpo+kl_cov", "surrogate": "unclipped"}).surrogate.name == "unclipped"
         assert build_objective("dapo+clip_b+forking_tokens").surrogate.clip_ratio_high == 0.28
+        # the 80/20 selector is trained with DAPO's clip-higher in its paper, but the selector is the method
+        assert build_objective("grpo+forking_tokens").surrogate.clip_ratio_high == 0.2
+        assert build_objective("gspo+low_entropy_tokens").surrogate.name == "gspo"
         assert build_objective("dapo+kl_cov", clip_ratio_high=0.3).surrogate.clip_ratio_high == 0.3
     with pytest.warns(UserWarning) as caught:
         build_objective("dapo+kl_cov+clip_cov")

@@ -554,6 +554,32 @@ def test_kl_cov_on_policy_warns_and_reduces_to_the_plain_surrogate(dtype):
     check_token_mean(out, batch, case, kept=case.mask, count=case.n_valid, loss=-adv, grad=-adv)
 
 
+def test_kl_cov_counts_on_policy_steps_not_the_micro_batches_of_one():
+    """A step's first update is on-policy and may be split into many micro-batches: no warning as long as a later
+    update of each step is off-policy; three steps in a row with nothing off-policy warn."""
+    import dataclasses
+
+    case = random_case(34, torch.float32, shape=(5, 20))
+    case.arrays["old_log_prob"] = case.arrays["log_prob"].copy()
+    on_policy = case.batch()
+    off_policy = dataclasses.replace(on_policy, old_log_prob=on_policy.old_log_prob - 0.1)
+    objective = build_objective("kl_cov", kl_cov_ratio=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in (1, 2, 3):
+            for _ in range(4):  # four micro-batches of the on-policy mini-batch
+                objective(dataclasses.replace(on_policy, step=step))
+            objective(dataclasses.replace(off_policy, step=step))  # the step's second mini-batch
+    fresh = build_objective("kl_cov", kl_cov_ratio=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in (1, 2):
+            fresh(dataclasses.replace(on_policy, step=step))
+            fresh(dataclasses.replace(on_policy, step=step))
+    with pytest.warns(UserWarning, match="on-policy"):
+        fresh(dataclasses.replace(on_policy, step=3))
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. Forking tokens / low-entropy tokens (arXiv 2506.01939)
 # --------------------------------------------------------------------------------------------------

@@ -798,7 +798,7 @@ def test_a_run_directory_in_use_is_refused_and_what_killed_writes_left_is_remove
         Trainer(config, run_dir=run_dir)
     assert (run_dir / "config.json").read_text() == config_text and run_dir.is_dir()
     first.train()  # releases the directory when it ends
-    stale = [run_dir / ".config.json.tmp-123", run_dir / "eval" / ".step_000001.json.tmp-123",
+    stale = [run_dir / ".config.json.tmp-123", run_dir / "eval" / ".step_000001.json.tmp-123", run_dir / "metrics.jsonl.tmp",
              run_dir / "checkpoints" / ".step_000002.tmp-123" / "model"]
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)

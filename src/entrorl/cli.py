@@ -10,6 +10,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
@@ -380,15 +381,25 @@ def lab(
                                                    "evaluation): repeat with 1, 2, ... to see the spread across seeds")] = None,
 ) -> None:
     """The entropy laboratory: train the built-in tiny model with every method side by side, then write a report."""
-    from entrorl.lab.runner import run_lab
+    from entrorl.lab.runner import LabInterrupted, run_lab
 
     names = [name.strip() for item in (methods or []) for name in item.split(",") if name.strip()]
     if methods is not None and not names:  # `--methods ""` would otherwise run the whole matrix
         _fail("--methods names no method; leave it out to run the preset's matrix")
+    if out is None:
+        out = Path("runs") / f"lab-{datetime.now():%Y%m%d-%H%M%S}"
+    again = shlex.join(["entrorl", "lab", "--preset", preset, *(["--methods", ",".join(names)] if names else []),
+                        "--out", str(out), *(["--workers", str(workers)] if workers is not None else []),
+                        *(["--rl-seed", str(rl_seed)] if rl_seed is not None else [])])
     try:
         run_dir = run_lab(preset, methods=names or None, out=out, workers=workers, console=console, rl_seed=rl_seed)
     except ValueError as error:
         _fail(str(error))
+    except (LabInterrupted, KeyboardInterrupt) as error:
+        unfinished = f" ({', '.join(error.methods)} not finished)" if isinstance(error, LabInterrupted) else ""
+        console.print(Text.assemble(("interrupted", "bold yellow"), f"{unfinished}: finished methods and each method's "
+                                    f"last checkpoint are kept in {out}. Continue with: {again}"), soft_wrap=True)
+        raise typer.Exit(130) from None
     console.print(f"[green]report[/green]: {escape(str(run_dir / 'report.html'))}  ({escape(str(run_dir / 'report.md'))})")
 
 

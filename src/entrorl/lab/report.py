@@ -542,10 +542,25 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+# a forecast ceiling extrapolates the law fitted on the first steps to zero entropy: on fewer steps than this it is
+# noise (a 2-parameter fit on 3 nearly equal points can promise any reward)
+MIN_CEILING_STEPS = 10
+
+
 def _sign_agreement(predicted: np.ndarray, measured: np.ndarray) -> float:
     """The share of steps, among those where neither is 0, on which the signs agree."""
     signed = (predicted != 0) & (measured != 0)
     return float(np.mean(np.sign(predicted[signed]) == np.sign(measured[signed]))) if signed.any() else math.nan
+
+
+def _signed_steps(predicted: np.ndarray, measured: np.ndarray) -> int:
+    """How many steps :func:`_sign_agreement` counts (those where neither is 0)."""
+    return int(np.count_nonzero((predicted != 0) & (measured != 0)))
+
+
+def _agreement_cell(share: float, steps: int) -> Cell:
+    """A sign agreement with the number of steps it counts: 0.5 of 4 steps is not 0.5 of 170."""
+    return Cell(f"{fmt(share)} of {steps}", _json_value(share), True) if steps else missing()
 
 
 def _analyse(run: Run, fit_fraction: float) -> Analysis:
@@ -594,6 +609,7 @@ def _analyse(run: Run, fit_fraction: float) -> Analysis:
         "n_steps": int(both.sum()),
         "pearson": _pearson(p, m),
         "sign_agreement": _sign_agreement(p, m),
+        "sign_steps": _signed_steps(p, m),
         "token_corr_mean": _nanmean(run.series("entropy/delta_token_corr")),
         "predicted": p,
         "measured": m,
@@ -604,6 +620,7 @@ def _analyse(run: Run, fit_fraction: float) -> Analysis:
     result.change.update({
         "first_order_pearson": _pearson(first_order[recorded], measured[recorded]),
         "first_order_sign_agreement": _sign_agreement(first_order[recorded], measured[recorded]),
+        "first_order_sign_steps": _signed_steps(first_order[recorded], measured[recorded]),
     })
 
     # covariance concentration
@@ -775,16 +792,20 @@ class _Report:
         else:
             reward_change = "did not change at the shown precision"
         numbers = Table(["quantity", "value"], title="Headline numbers")
-        for label, value in (("GRPO entropy start", g.entropy_start), ("GRPO entropy end", g.entropy_end),
-                             ("GRPO entropy end/start", g.entropy_ratio), (f"collapse threshold ({fmt(COLLAPSE_RATIO)} × start)", half),
-                             ("GRPO reward start", g.reward_start), ("GRPO reward end", g.reward_end),
+        criterion_start = "the base model's evaluation entropy" if by_eval else "training entropy start"
+        for label, value in (("GRPO training entropy start", g.entropy_start), ("GRPO training entropy end", g.entropy_end),
+                             ("GRPO training entropy end/start", g.entropy_ratio),
+                             (f"collapse threshold ({fmt(COLLAPSE_RATIO)} × {criterion_start})", half),
+                             ("GRPO training reward start", g.reward_start), ("GRPO training reward end", g.reward_end),
                              ("steps per edge", g.n_edge), ("training steps", g.n_steps)):
             numbers.add([text(label), num(value)])
         if by_eval:
             numbers.add([text("base model evaluation entropy"), num(eval_start)])
             numbers.add([text("GRPO final evaluation entropy"), num(eval_end)])
             numbers.add([text("GRPO evaluation entropy / base"), num(eval_end / eval_start)])
-        numbers.add([text(f"collapse (end ≤ {fmt(COLLAPSE_RATIO)} × start)"), Cell(NA if collapsed is None else fmt(collapsed), collapsed, True)])
+        criterion = (f"final evaluation entropy ≤ {fmt(COLLAPSE_RATIO)} × the base model's" if by_eval
+                     else f"training entropy end ≤ {fmt(COLLAPSE_RATIO)} × start")
+        numbers.add([text(f"collapse ({criterion})"), Cell(NA if collapsed is None else fmt(collapsed), collapsed, True)])
         verdict = {True: "holds", False: "does not hold", None: "cannot be checked (missing entropy)"}[collapsed]
         measured_on = (
             f"the mean token entropy of the final evaluation's samples, {fmt(eval_end)}, against the base model's on the same "
@@ -796,7 +817,7 @@ class _Report:
             f"(end/start ratio {fmt(g.entropy_ratio)}) while its reward (`{g.run.reward_key}`) "
             f"went from {fmt(g.reward_start)} to {fmt(g.reward_end)}. Start and end are the means over "
             f"{edge_phrase(g.n_steps)}, to reduce step-to-step noise. The collapse criterion, final entropy ≤ {fmt(COLLAPSE_RATIO)} × initial, compares "
-            f"{measured_on}: it {verdict}; the reward {reward_change}."
+            f"{measured_on}: it {verdict}; the training reward {reward_change}."
         )
         info.update({"collapse": collapsed, "reward_change": reward_change})
 
@@ -1057,16 +1078,20 @@ class _Report:
                 notes.append("a ≤ 0: reward did not rise as entropy fell, so the law's premise fails and it forecasts no ceiling")
             if forecast and not forecast_fit.get("ceiling_applies"):
                 notes.append(f"forecast a ≤ 0 on the first {forecast['n_fit']} steps: no forecast ceiling")
+            ceiling_shown = bool(forecast and forecast_fit.get("ceiling_applies") and forecast["n_fit"] >= MIN_CEILING_STEPS)
+            if forecast and forecast_fit.get("ceiling_applies") and not ceiling_shown:
+                notes.append(f"forecast fitted on {forecast['n_fit']} steps only (fewer than {MIN_CEILING_STEPS}): its "
+                             "ceiling, an extrapolation to zero entropy, is not shown")
             if forecast and law.get("end_in_fit"):
                 notes.append("forecast error at the end is in-sample: the last steps were among the fitted ones")
             cells = [text(name), num(law["n_points"])]
             cells += ([num(fit["a"]), num(fit["b"]), num(fit["r2"]), num(fit["ceiling"]) if fit.get("ceiling_applies") else dash()]
                       if fit else [missing()] * 4)
-            cells += ([num(forecast["n_fit"]), num(forecast["predicted_ceiling"]) if forecast_fit.get("ceiling_applies") else dash()]
+            cells += ([num(forecast["n_fit"]), num(forecast["predicted_ceiling"]) if ceiling_shown else dash()]
                       if forecast else [missing()] * 2)
             cells += [num(law["reached"])]
             if forecast:
-                cells += [num(law["ceiling_minus_reached"], signed=True) if forecast_fit.get("ceiling_applies") else dash(),
+                cells += [num(law["ceiling_minus_reached"], signed=True) if ceiling_shown else dash(),
                           num(law.get("end_error"), signed=True), num(forecast["rmse"])]
             else:
                 cells += [missing()] * 3
@@ -1120,9 +1145,10 @@ class _Report:
                        "first order: correlation", "first order: sign agreement"])
         for name in self.ok:
             change = self.analyses[name].change
-            table.add([text(name), num(change["n_steps"]), num(change["pearson"]), num(change["sign_agreement"]),
+            table.add([text(name), num(change["n_steps"]), num(change["pearson"]),
+                       _agreement_cell(change["sign_agreement"], change["sign_steps"]),
                        num(change["token_corr_mean"]), num(change["first_order_pearson"]),
-                       num(change["first_order_sign_agreement"])])
+                       _agreement_cell(change["first_order_sign_agreement"], change["first_order_sign_steps"])])
         section.table(table)
         for key, what in (("pearson", "The tabular prediction's correlation across steps"),
                           ("first_order_pearson", "The first-order change's")):

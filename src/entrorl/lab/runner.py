@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import time
 import traceback
 from dataclasses import asdict
@@ -132,8 +133,7 @@ def evaluate_policy(model, tokenizer, preset: LabPreset, data: dict[str, Path]) 
         distributions = {}
         for name, values in (("disc", stats.disc), ("disc_centered", stats.disc_centered)):
             for label, select in (("correct", sample_correct), ("wrong", ~sample_correct)):
-                picked = values[mask & select].clamp(_HISTOGRAM_BINS[0], _HISTOGRAM_BINS[-1]).numpy()
-                distributions[f"{name}/{label}"] = np.histogram(picked, bins=_HISTOGRAM_BINS)[0].tolist()
+                distributions[f"{name}/{label}"] = _histogram(values[mask & select])
         result.update({
             "summary": summary.to_dict(),
             "avg_at_n": summary.avg_at_n,
@@ -193,6 +193,13 @@ def _pay_one_off_costs(job: dict[str, Any]) -> None:
         stats.logprob.sum().backward()
 
 
+def _histogram(values: torch.Tensor) -> list[int]:
+    """Counts of ``values`` in the bins of ``_HISTOGRAM_BINS``, values beyond the range counted in the end bins.
+    Clamped in float64: float32's 0.4 lies above the float64 edge, and ``np.histogram`` would drop it."""
+    clamped = values.detach().double().clamp(_HISTOGRAM_BINS[0], _HISTOGRAM_BINS[-1]).cpu().numpy()
+    return np.histogram(clamped, bins=_HISTOGRAM_BINS)[0].tolist()
+
+
 def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
     """Train one method (resuming when a checkpoint exists), then evaluate it; returns the evaluation."""
     from entrorl.lab.supervised import SFTTrainer
@@ -208,8 +215,20 @@ def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
     trainer = trainer_class(config, run_dir=run_dir, resume=resume)
     if method == "sft":
         trainer.use_task(get_task(preset.train_task))
-    trainer.train()
+    trainer.train(handle_signals=_STOP is not None)  # in a pool worker: Ctrl-C finishes the step and saves it
     return evaluate_policy(trainer.model, trainer.tokenizer, preset, data)
+
+
+_STOP: Any = None  # in a pool worker: the event the laboratory sets when it is interrupted
+
+
+def _init_worker(stop: Any) -> None:
+    """Set up a pool worker. Ctrl-C reaches every process of the terminal's group: a worker ignores it except while
+    it trains, where its trainer finishes the step under way and saves it; a method not yet started when the
+    laboratory is interrupted (``stop`` set) does not start."""
+    global _STOP
+    _STOP = stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_method(job: dict[str, Any]) -> dict[str, Any]:
@@ -218,11 +237,15 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
     ``train_seconds`` in ``final_eval.json`` is the time of the method's own set-up, training and final evaluation
     in this invocation; the worker's one-off warm-up (:func:`_warm_up_process`) is paid before the clock starts, so
     the times do not depend on which method a worker happens to run first."""
+    from entrorl.trainer import TrainingInterrupted
+
     torch.set_num_threads(1)
     method, run_dir = job["method"], Path(job["run_dir"])
     final_path = run_dir / "final_eval.json"
     if final_path.exists():
         return {"method": method, "status": "cached"}
+    if _STOP is not None and _STOP.is_set():
+        return {"method": method, "status": "interrupted"}
     _warm_up_process(job)
     started = time.perf_counter()
     try:
@@ -230,6 +253,10 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
         evaluation["train_seconds"] = time.perf_counter() - started
         _write_json(final_path, evaluation)
         return {"method": method, "status": "done", "seconds": time.perf_counter() - started}
+    except TrainingInterrupted as stopped:  # its step saved: the next invocation continues from there
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer's "exit at once" handlers are for a terminal's
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # process, and the pool ends its workers with SIGTERM
+        return {"method": method, "status": "interrupted", "step": stopped.step}
     except Exception:  # a failed method must not take the matrix down: record it and go on
         (run_dir / "error.log").parent.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.log").write_text(traceback.format_exc())
@@ -320,11 +347,24 @@ def _checked_workers(workers: int | None, preset: LabPreset) -> int:
     return int(workers)
 
 
+# what a laboratory run directory holds (see the module docstring), so that one interrupted before its lab.json was
+# written is still taken for one
+_LAB_ENTRIES = frozenset({"lab.json", "data", "base", "methods", "figures", "outcomes.json", "report.md", "report.html",
+                          "report.json"})
+
+
 def _prepare_run_directory(out: Path) -> None:
     """Create the run directory (or accept an existing one) and check that it can be written, before anything is
     built; a path that cannot be a run directory is refused with a ValueError that says why."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a directory; give a new or an existing run directory")
+    if out.is_dir() and not (out / "lab.json").exists():
+        foreign = sorted(entry.name for entry in out.iterdir()
+                         if not entry.name.startswith(".") and entry.name not in _LAB_ENTRIES)
+        if foreign:
+            listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ValueError(f"--out {out} is a directory that holds other files ({listed}) and no laboratory run "
+                             "(no lab.json); give a new directory, or an existing laboratory run to resume")
     blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"--out {out} cannot be created: {blocking} is a file, not a directory")
@@ -335,6 +375,32 @@ def _prepare_run_directory(out: Path) -> None:
         probe.unlink()
     except OSError as error:
         raise ValueError(f"--out {out} cannot be used as a run directory: {error.strerror or error}") from None
+
+
+class LabInterrupted(RuntimeError):
+    """Ctrl-C stopped the laboratory: ``methods`` were left unfinished (each saved at its last complete step, or not
+    started); running the same command again on ``out`` continues them."""
+
+    def __init__(self, out: Path, methods: list[str]):
+        self.out, self.methods = out, methods
+        super().__init__(f"interrupted: {', '.join(methods)} not finished in {out}")
+
+
+def _collect_finished(pending: dict[str, Any], outcomes: dict[str, Any], progress, bars: dict[str, Any], out: Path,
+                      steps: int, jobs: int) -> None:
+    """Move the finished methods from ``pending`` to ``outcomes``, advancing every method's bar by its logged steps."""
+    for method, handle in list(pending.items()):
+        logged = _count_lines(out / "methods" / method / "metrics.jsonl")
+        progress.update(bars[method], completed=min(logged, steps))
+        if handle.ready():
+            outcomes[method] = outcome = handle.get()
+            status = outcome["status"]
+            progress.update(bars[method], completed=steps if status in ("done", "cached") else logged,
+                            status={"done": "[green]done", "cached": "done (cached)", "failed": "[red]failed",
+                                    "interrupted": "[yellow]interrupted"}[status])
+            del pending[method]
+            saved = f", saved at step {outcome['step']}" if outcome.get("step") is not None else ""
+            progress.console.print(f"{method}: {status}{saved} ({len(outcomes)}/{jobs})")
 
 
 def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = None, out: Path | None = None,
@@ -403,20 +469,24 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
                      "model_dir": str(model_dir), "data": {k: str(v) for k, v in data.items()}} for method in preset.methods]
             bars = {job["method"]: progress.add_task(job["method"], total=preset.steps, status="") for job in jobs}
             context = multiprocessing.get_context("spawn")
-            with context.Pool(processes=max(1, min(workers, len(jobs)))) as pool:
+            stop = context.Event()
+            with context.Pool(processes=max(1, min(workers, len(jobs))), initializer=_init_worker,
+                              initargs=(stop,)) as pool:
                 pending = {job["method"]: pool.apply_async(_run_method, (job,)) for job in jobs}
                 while pending:
-                    for method, handle in list(pending.items()):
-                        steps = _count_lines(out / "methods" / method / "metrics.jsonl")
-                        progress.update(bars[method], completed=min(steps, preset.steps))
-                        if handle.ready():
-                            outcomes[method] = handle.get()
-                            status = outcomes[method]["status"]
-                            progress.update(bars[method], completed=preset.steps if status != "failed" else steps,
-                                            status={"done": "[green]done", "cached": "done (cached)", "failed": "[red]failed"}[status])
-                            del pending[method]
-                            progress.console.print(f"{method}: {status} ({len(outcomes)}/{len(jobs)})")
-                    time.sleep(0.5)
+                    try:
+                        _collect_finished(pending, outcomes, progress, bars, out, preset.steps, len(jobs))
+                        time.sleep(0.5)
+                    except KeyboardInterrupt:
+                        if stop.is_set():  # the second Ctrl-C: leaving the pool stops its workers at once
+                            raise
+                        stop.set()
+                        progress.console.print(
+                            "[yellow]Ctrl-C[/yellow]: each method being trained finishes its step and saves it, the "
+                            "others do not start (Ctrl-C again to stop at once)", highlight=False)
+            interrupted = [method for method, outcome in outcomes.items() if outcome["status"] == "interrupted"]
+            if interrupted:
+                raise LabInterrupted(out, interrupted)
         finally:  # also when interrupted: the time this invocation ran is recorded
             invocation["finished_at"] = time.time()
             invocation["ran"] = [m for m in preset.methods if (outcomes.get(m) or {}).get("status", "interrupted") != "cached"]

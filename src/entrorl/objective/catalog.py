@@ -48,6 +48,7 @@ METHOD_SPECS = (
         surrogate=("ppo_clip", {"clip_ratio_low": 1.0, "clip_ratio_high": 1.0}),
         selectors=(("clip_cov", {}),),
         notes="PPO clip 1/1 as in the paper's recipe: Clip-Cov, not PPO, controls the update.",
+        surrogate_is_the_method=True,
     ),
     MethodSpec(
         name="kl_cov",
@@ -56,6 +57,7 @@ METHOD_SPECS = (
         surrogate=("unclipped", {}),
         regularizers=(("kl_cov", {}),),
         notes="Strictly on-policy the |log r| term is zero with zero gradient: use several mini-batches or epochs.",
+        surrogate_is_the_method=True,
     ),
     MethodSpec(
         name="forking_tokens",

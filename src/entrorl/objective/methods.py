@@ -33,6 +33,8 @@ class MethodSpec:
     """A named method: which parts, with which parameters, and the advantage estimator it is paired with.
 
     ``advantage_estimator`` is what a trainer uses by default for this method (see :mod:`entrorl.advantages`).
+    ``surrogate_is_the_method``: the surrogate is part of what the method does (KL-Cov's unclipped loss, Clip-Cov's
+    clip range of 1), so that after another method, whose surrogate replaces it, the composition says so.
     """
 
     name: str
@@ -46,6 +48,7 @@ class MethodSpec:
     loss_agg_mode: str = "token-mean"
     advantage_estimator: str = "grpo"
     notes: str = ""
+    surrogate_is_the_method: bool = False
 
 
 @dataclass(frozen=True)
@@ -384,12 +387,12 @@ def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective
     config = _to_config(name_or_config)
     comp = _Composition()
     names = config.method_names()
-    set_aside: list[tuple[str, PartRef]] = []  # later methods' own surrogates, which the first method's replaces
+    set_aside: list[tuple[str, PartRef]] = []  # later methods' recipe surrogates, which the first method's replaces
     for position, name in enumerate(names):
         refs = _spec_refs(get_method(name))
         if position > 0:
             _refuse_if_it_adds_nothing(name, refs, comp, before=names[:position])
-            if refs["surrogate"] not in (None, ("ppo_clip", {}), comp.surrogate):
+            if get_method(name).surrogate_is_the_method and refs["surrogate"] != comp.surrogate:
                 set_aside.append((name, refs["surrogate"]))
         comp.add(refs, source=name)
     comp.add(_config_refs(config))

@@ -17,7 +17,7 @@ __all__ = ["EntropyBonus", "AdaptiveEntropy", "KLReference", "KLCov", "kl_estima
 
 Aggregate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-_ON_POLICY_WARN_AFTER = 3  # consecutive strictly on-policy calls before KL-Cov warns that it does nothing
+_ON_POLICY_WARN_AFTER = 3  # consecutive strictly on-policy steps (or calls) before KL-Cov warns that it does nothing
 
 
 def _differentiable_entropy(batch: PolicyBatch, needed_by: str) -> torch.Tensor:
@@ -193,13 +193,15 @@ class KLCov(Regularizer):
 
     Strictly on-policy (one update per rollout, ``log pi == log pi_old``) the term is zero with zero
     gradient, so KL-Cov reduces to its surrogate: it acts only with several mini-batches or epochs per
-    rollout. A warning says so after three calls in a row in which every selected token has ``log r == 0``."""
+    rollout. A warning says so after three training steps in a row (``PolicyBatch.step``; calls, without it) in which
+    every selected token had ``log r == 0``: the micro-batches of a step's first, on-policy update are one step."""
 
     kl_cov_ratio: float = Field(2e-3, gt=0.0, le=1.0, description="k = 2e-3 for 7B, 2e-4 for 32B (arXiv 2505.22617)")
     ppo_kl_coef: float = Field(1.0, ge=0.0, description="beta = 1 (arXiv 2505.22617 recipe)")
 
     _warned_on_policy: bool = PrivateAttr(default=False)
     _on_policy_calls: int = PrivateAttr(default=0)
+    _on_policy_steps: set = PrivateAttr(default_factory=set)
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
         mask = batch.mask
@@ -213,9 +215,13 @@ class KLCov(Regularizer):
         abs_log_ratio = (batch.log_prob - batch.old_log_prob.detach()).abs()
         penalty = torch.where(selected, self.ppo_kl_coef * abs_log_ratio, torch.zeros_like(abs_log_ratio))
         on_policy = bool(selected.any()) and float(abs_log_ratio.detach()[selected].max()) == 0.0
-        # the first update of every rollout batch is on-policy anyway: only a run of them means no effect at all
+        # the first update of every rollout batch is on-policy anyway: only a run of on-policy steps means no effect
         self._on_policy_calls = self._on_policy_calls + 1 if on_policy else 0
-        if self._on_policy_calls >= _ON_POLICY_WARN_AFTER and not self._warned_on_policy:
+        if on_policy:
+            self._on_policy_steps.add(batch.step if batch.step is not None else ("call", self._on_policy_calls))
+        else:
+            self._on_policy_steps.clear()
+        if len(self._on_policy_steps) >= _ON_POLICY_WARN_AFTER and not self._warned_on_policy:
             warnings.warn(
                 "kl_cov: log pi == log pi_old on every selected token, so the KL term is zero with zero gradient "
                 "(KL-Cov is a no-op strictly on-policy); use several mini-batches or epochs per rollout.",

@@ -87,6 +87,7 @@ def remove_temporary_files(run_dir: Path) -> None:
     """Remove what atomic writes in ``run_dir`` left behind when their process was killed mid-write (``kill -9``,
     a power cut): hidden ``.NAME.tmp-PID`` files and directories. Only for the holder of the directory's lock,
     which no other live process writes to."""
+    (run_dir / "metrics.jsonl.tmp").unlink(missing_ok=True)  # the metrics file cut back to a resumed step
     for folder in (run_dir, *(path for path in run_dir.iterdir() if path.is_dir() and not path.name.startswith("."))):
         for stale in folder.glob(_TEMPORARY):
             if stale.is_dir():

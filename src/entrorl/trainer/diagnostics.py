@@ -237,8 +237,11 @@ def readable_text(tokenizer, ids: list[int]) -> str:
         if is_byte:
             parts.append(bytes(int(_BYTE_PIECE.fullmatch(piece)[1], 16) for piece in pieces[start:end])
                          .decode("utf-8", "entrorl.byte_pieces"))
-        else:
+        elif start == 0:
             parts.append(tokenizer.decode(ids[start:end]))
+        else:  # decoded after the byte before it, so that a decoder's strip of a leading space does not apply
+            anchored, anchor = tokenizer.decode(ids[start - 1:end]), tokenizer.decode(ids[start - 1:start])
+            parts.append(anchored[len(anchor):] if anchored.startswith(anchor) else tokenizer.decode(ids[start:end]))
         start = end
     return "".join(parts)
 

@@ -916,19 +916,23 @@ class Trainer:
                         raise TrainingInterrupted(received[0], self.step, saved if saved is not None else self.save())
         finally:
             if received and handle_signals:  # all is saved: closing the loggers and Python's exit can take seconds
-                _exit_at_once_on_another_signal(progress.console, self.run_dir)
+                _exit_at_once_on_another_signal(progress.console, self.run_dir, resumable=self.step > 0)
             else:
                 restore_handlers()
             self.close()
         return self.run_dir
 
 
-def _exit_at_once_on_another_signal(console, run_dir: Path) -> None:
-    """After an interrupted run's checkpoint is saved, make SIGINT / SIGTERM end the process at once: what is left
-    (closing the loggers, Python's shutdown) can take seconds, and a second Ctrl-C there would print a traceback."""
+def _exit_at_once_on_another_signal(console, run_dir: Path, *, resumable: bool = True) -> None:
+    """After an interrupted run's checkpoint is saved (or, stopped before its first step, when there is none to
+    save), make SIGINT / SIGTERM end the process at once: what is left (closing the loggers, Python's shutdown) can
+    take seconds, and a second Ctrl-C there would print a traceback."""
+    said = (f"the checkpoint is saved (continue with --resume --run-dir {run_dir})" if resumable
+            else "no step was trained, so there is nothing to resume")
+
     def exit_now(number, frame) -> None:
-        console.print(f"{signal.Signals(number).name} again: exiting now; the checkpoint is saved (continue with "
-                      f"--resume --run-dir {run_dir})", style="yellow", highlight=False, soft_wrap=True)
+        console.print(f"{signal.Signals(number).name} again: exiting now; {said}", style="yellow", highlight=False,
+                      soft_wrap=True)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(128 + number)
