@@ -584,6 +584,7 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
     with pytest.raises(ConfigError, match="advantage.name: the 'w_reinforce' advantage is already \\+lambda / -1"):
         load_config(base, ["method=w_reinforce", "advantage.name=w_reinforce"])  # lambda twice: lambda squared
     assert load_config(base, ["method=grpo", "advantage.name=w_reinforce"]).advantage_estimator() == "w_reinforce"
+    assert load_config(base, ["method=w_reinforce", "advantage.name=w_reinforce", "advantage.params={lam: 1.0}"])
 
 
 def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arithmetic_files):

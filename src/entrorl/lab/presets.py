@@ -59,6 +59,9 @@ class LabPreset(BaseModel):
             if "+" in method:
                 if any(not part or part != part.strip() for part in method.split("+")):
                     raise ValueError(f"method '{method}': write a composition without spaces or empty parts, as dapo+clip_b")
+                if "sft" in method.split("+"):
+                    raise ValueError(f"method '{method}': sft, the supervised baseline, is no RL objective and cannot be "
+                                     "composed; run it alone (--methods sft,...)")
                 try:
                     build_objective(method)
                 except ValueError as error:

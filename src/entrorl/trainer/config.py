@@ -436,7 +436,8 @@ class TrainConfig(_Section):
             raise ValueError(f"{'reward' if self.reward.kwargs else 'reward.name'}: {error}") from None
         objective = build_objective(self.method)
         required = objective.required_fields
-        if estimator == "w_reinforce" and any(shaper.name == "positive_scale" for shaper in objective.shapers):
+        if (estimator == "w_reinforce" and self.advantage.params.get("lam", 0.1) != 1.0
+                and any(shaper.name == "positive_scale" for shaper in objective.shapers)):  # lam = 1: +1 / -1, as signed_reward
             raise ValueError(f"advantage.name: the 'w_reinforce' advantage is already +lambda / -1, and method "
                              f"{self.method_label()!r} scales positive advantages by lambda again (lambda squared); "
                              "leave advantage.name out (the method takes 'signed_reward'), or train the 'w_reinforce' "
