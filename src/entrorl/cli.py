@@ -10,7 +10,6 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
@@ -381,13 +380,13 @@ def lab(
                                                    "evaluation): repeat with 1, 2, ... to see the spread across seeds")] = None,
 ) -> None:
     """The entropy laboratory: train the built-in tiny model with every method side by side, then write a report."""
-    from entrorl.lab.runner import LabInterrupted, run_lab
+    from entrorl.lab.runner import LabInterrupted, default_run_directory, run_lab
 
     names = [name.strip() for item in (methods or []) for name in item.split(",") if name.strip()]
     if methods is not None and not names:  # `--methods ""` would otherwise run the whole matrix
         _fail("--methods names no method; leave it out to run the preset's matrix")
     if out is None:
-        out = Path("runs") / f"lab-{datetime.now():%Y%m%d-%H%M%S}"
+        out = default_run_directory()
     again = shlex.join(["entrorl", "lab", "--preset", preset, *(["--methods", ",".join(names)] if names else []),
                         "--out", str(out), *(["--workers", str(workers)] if workers is not None else []),
                         *(["--rl-seed", str(rl_seed)] if rl_seed is not None else [])])

@@ -377,6 +377,11 @@ def _prepare_run_directory(out: Path) -> None:
         raise ValueError(f"--out {out} cannot be used as a run directory: {error.strerror or error}") from None
 
 
+def default_run_directory() -> Path:
+    """``runs/lab-<date>-<time>``: where a laboratory run goes without ``--out``."""
+    return Path("runs") / f"lab-{datetime.now():%Y%m%d-%H%M%S}"
+
+
 class LabInterrupted(RuntimeError):
     """Ctrl-C stopped the laboratory: ``methods`` were left unfinished (each saved at its last complete step, or not
     started); running the same command again on ``out`` continues them."""
@@ -425,7 +430,7 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
         preset = preset.model_copy(update={"rl_seed": int(rl_seed)})
     preset.check_methods()
     workers = _checked_workers(workers, preset)
-    out = Path(out) if out is not None else Path("runs") / f"lab-{datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(out) if out is not None else default_run_directory()
     _prepare_run_directory(out)
     recorded = _read_json_object(out / "lab.json")
     _check_same_preset(out, preset, recorded)
