@@ -299,6 +299,10 @@ def test_predicted_and_first_order_changes_are_compared_with_the_measured_one(re
         f"{fmt(np.mean(np.sign(first_order[signed]) == np.sign(measured[signed])))} of {int(signed.sum())}")
     assert rows["clip_cov"]["first order: correlation"] == rows["clip_cov"]["first order: sign agreement"] == "n/a"
     assert "The first-order change's ranges from" in markdown
+    nonzero = lambda values: np.abs(values[np.isfinite(values) & (values != 0)])  # noqa: E731
+    typical_predicted, typical_measured = np.median(nonzero(predicted[both])), np.median(nonzero(measured[both]))
+    assert (f"median size is {fmt(typical_predicted)} nats a step against {fmt(typical_measured)} measured, a factor of "
+            f"about 10^{round(np.log10(typical_measured / typical_predicted))}") in markdown
 
 
 def test_failed_methods_are_listed_not_compared(report_run):

@@ -1150,6 +1150,19 @@ class _Report:
                        num(change["token_corr_mean"]), num(change["first_order_pearson"]),
                        _agreement_cell(change["first_order_sign_agreement"], change["first_order_sign_steps"])])
         section.table(table)
+        if REFERENCE in self.ok:
+            change = self.analyses[REFERENCE].change
+            predicted, measured = np.abs(change["predicted"]), np.abs(change["measured"])
+            predicted, measured = predicted[predicted > 0], measured[measured > 0]
+            if predicted.size and measured.size:
+                typical_predicted, typical_measured = float(np.median(predicted)), float(np.median(measured))
+                section.say(
+                    f"How far apart the scales are, for {REFERENCE}: the tabular prediction's median size is "
+                    f"{fmt(typical_predicted)} nats a step against {fmt(typical_measured)} measured, a factor of about "
+                    f"10^{round(math.log10(typical_measured / typical_predicted))}. The tabular view moves each position's logits by "
+                    "lr · ∂loss/∂log p; Adam moves every weight by about lr whatever the gradient's size, and the weights "
+                    "are shared by every position, so only the sign and the ordering of the prediction carry over."
+                )
         for key, what in (("pearson", "The tabular prediction's correlation across steps"),
                           ("first_order_pearson", "The first-order change's")):
             values = [(n, self.analyses[n].change[key]) for n in self.ok if _finite(self.analyses[n].change[key]) is not None]
