@@ -917,6 +917,18 @@ def test_the_train_command_says_how_to_go_on_after_an_interruption(tmp_path, tin
         assert output.rstrip().endswith("--resume") == (checkpoint is not None), result.output
 
 
+def test_a_composition_warning_is_given_once_by_the_configuration_not_again_by_the_trainer(tmp_path, tiny_model_dir,
+                                                                                            arithmetic_files):
+    import warnings
+
+    train, _ = arithmetic_files
+    with pytest.warns(UserWarning, match="'kl_cov' after 'grpo' trains with grpo's surrogate"):
+        config = load_config(make_config(tiny_model_dir, train, None, method="grpo+kl_cov", optim={"steps": 1}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        Trainer(config, run_dir=tmp_path / "run").close()
+
+
 def test_stop_signals_are_noted_once_then_stop_at_once_and_the_handlers_are_put_back():
     import io
 

@@ -434,7 +434,7 @@ class TrainConfig(_Section):
             check_reward_spec(self.reward.name, **self.reward.kwargs)
         except (ValueError, TypeError) as error:
             raise ValueError(f"{'reward' if self.reward.kwargs else 'reward.name'}: {error}") from None
-        objective = build_objective(self.method)
+        objective = self.build_objective()
         required = objective.required_fields
         if (estimator == "w_reinforce" and self.advantage.params.get("lam", 0.1) != 1.0
                 and any(shaper.name == "positive_scale" for shaper in objective.shapers)):  # lam = 1: +1 / -1, as signed_reward
@@ -525,7 +525,13 @@ class TrainConfig(_Section):
         by default when the method needs the reference's log-probs (``kl_ref``)."""
         if self.optim.kl_reference is not None:
             return self.optim.kl_reference
-        return "ref_log_prob" in build_objective(self.method).required_fields
+        return "ref_log_prob" in self.build_objective().required_fields
+
+    def build_objective(self):
+        """The objective of ``method``, built without repeating the warnings that validating ``method`` gave."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return build_objective(self.method)
 
 
 # what a resumed run may not change: the weights' origin and precision, the prompts and how they are drawn, the method

@@ -39,7 +39,7 @@ from entrorl.modeling import (
     read_model_config,
     stop_token_ids,
 )
-from entrorl.objective import PolicyBatch, build_objective
+from entrorl.objective import PolicyBatch
 from entrorl.rewards import RewardResult, RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
 from entrorl.tokens import STAT_NAMES, TokenStats
@@ -163,7 +163,7 @@ class Trainer:
                               for extra in config.reward.extra]
         for runner in [self.reward] + [runner for _, _, runner in self.extra_rewards]:
             runner.check_arguments([record.meta for record in self.train_records + self.eval_records])
-        self.objective = build_objective(config.method)
+        self.objective = config.build_objective()
         if self.objective.loss_agg_mode == "seq-mean-token-sum-norm" and self.objective.loss_scale_factor is None:
             # Dr. GRPO divides by a constant: the longest response allowed, not the step's longest (which varies)
             self.objective.loss_scale_factor = float(config.rollout.max_new_tokens)
