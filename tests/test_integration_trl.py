@@ -226,6 +226,10 @@ def test_seq_mean_modes_count_fully_masked_rows_as_trl_does(tokenizer, tmp_path,
         {"loss_type": "grpo", "epsilon": 0.1},
         {"loss_type": "dr_grpo", "scale_rewards": "none"},
         {"loss_type": "cispo", "epsilon_high": 1.05},
+        # GSPO: TRL's loss with the sequence-level ratio, entrorl's gspo with that loss's aggregation
+        {"loss_type": "grpo", "importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4},
+        {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4},
+        {"loss_type": "dr_grpo", "importance_sampling_level": "sequence", "epsilon": 3e-4, "scale_rewards": "none"},
     ],
 )
 def test_without_an_objective_the_loss_is_trl_loss_type(tokenizer, tmp_path, trl_options):
@@ -233,14 +237,16 @@ def test_without_an_objective_the_loss_is_trl_loss_type(tokenizer, tmp_path, trl
     config = _config(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=2, **trl_options)
     ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, config=config)
     theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=config)
-    assert ours.objective.name == trl_options.get("loss_type", "dapo")
+    sequence_level = trl_options.get("importance_sampling_level") == "sequence"
+    assert ours.objective.name == ("gspo" if sequence_level else trl_options.get("loss_type", "dapo"))
     inputs = _inputs(tokenizer, seed=3)
     parts = [[0, 1], [2, 3]]
     loss_ours, grads_ours = _loss_and_grads(ours, inputs, accumulation=2, steps_per_generation=2, parts=parts)
     loss_theirs, grads_theirs = _loss_and_grads(theirs, inputs, accumulation=2, steps_per_generation=2, parts=parts)
     assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
     _assert_grads_close(grads_ours, grads_theirs)
-    clip_metric = "clip/cispo_frac" if trl_options.get("loss_type") == "cispo" else "clip/ppo_frac"
+    clip_metric = ("clip/gspo_frac" if sequence_level else
+                   "clip/cispo_frac" if trl_options.get("loss_type") == "cispo" else "clip/ppo_frac")
     assert max(ours._metrics["train"][clip_metric]) > 0  # the clip range, taken from epsilon / epsilon_high, acted
 
 
@@ -432,8 +438,15 @@ def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
         check_trl_args(_config(tmp_path, beta=0.04), objective)
     with pytest.raises(ValueError, match="beta"):
         check_trl_args(_config(tmp_path, beta=0.0), build_objective("dapo+kl_ref"))
-    with pytest.raises(ValueError, match="leave it 'token'"):
-        check_trl_args(_config(tmp_path, importance_sampling_level="sequence"), build_objective("gspo"))
+    with pytest.raises(ValueError, match="leave it 'token'"):  # a per-token ratio cannot be made sequence-level
+        check_trl_args(_config(tmp_path, importance_sampling_level="sequence"), build_objective("grpo"))
+    # gspo's ratio is the sequence's: the option describes it
+    check_trl_args(_config(tmp_path, importance_sampling_level="sequence", loss_type="grpo", epsilon=3e-4,
+                           epsilon_high=4e-4), build_objective("gspo"))
+    for options, problem in (({"loss_type": "cispo", "epsilon_high": 5.0}, "has no entrorl equivalent"),
+                             ({"beta": 0.04}, "set use_bias_correction_kl=False")):
+        with pytest.raises(ValueError, match=problem):
+            EntropyGRPOTrainer(model="not-loaded", args=_config(tmp_path, importance_sampling_level="sequence", **options))
     check_trl_args(_config(tmp_path), objective)  # the defaults are fine
     check_trl_args(_config(tmp_path, beta=0.04), build_objective("dapo+kl_ref", kl_loss_coef=0.04, importance_weighted=True))
     check_trl_args(_config(tmp_path, beta=0.04, use_bias_correction_kl=False), build_objective("dapo+kl_ref", kl_loss_coef=0.04))

@@ -159,9 +159,11 @@ def _kl_reference(objective: Objective) -> KLReference | None:
 def objective_for_trl_loss(args: Any, **objective_params: Any) -> Objective:
     """The entrorl objective whose loss is ``GRPOTrainer``'s under ``args`` (a ``GRPOConfig``, or None for its
     defaults): the method named by ``loss_type`` with TRL's clip range, plus ``kl_ref`` (k3, ``kl_loss_coef = beta``,
-    ``importance_weighted = use_bias_correction_kl``) when ``beta != 0``. ``objective_params`` override its
-    parameters. Refused: a ``loss_type`` without an entrorl method of the same loss, and ``cispo`` capping the weight
-    below 1 (entrorl's cap is ``1 + clip_ratio_high``)."""
+    ``importance_weighted = use_bias_correction_kl``) when ``beta != 0``; with ``importance_sampling_level="sequence"``
+    the method is ``gspo`` (the sequence-level ratio) with that loss type's aggregation. ``objective_params`` override
+    its parameters. Refused: a ``loss_type`` without an entrorl method of the same loss, ``cispo`` capping the weight
+    below 1 (entrorl's cap is ``1 + clip_ratio_high``) or at the sequence level, and a sequence-level ratio weighing
+    the KL (``use_bias_correction_kl`` with ``beta != 0``), which kl_ref weighs per token."""
     loss_type = _trl_option(args, "loss_type")
     method = TRL_LOSS_TYPE_METHODS.get(loss_type)
     if method is None:
@@ -181,6 +183,14 @@ def objective_for_trl_loss(args: Any, **objective_params: Any) -> Objective:
     else:
         params = {"clip_ratio_low": low, "clip_ratio_high": high}
     beta = _trl_option(args, "beta")
+    if _trl_option(args, "importance_sampling_level") == "sequence":
+        if loss_type == "cispo":
+            raise ValueError("EntropyGRPOTrainer: loss_type='cispo' with importance_sampling_level='sequence' has no "
+                             "entrorl equivalent; pass objective=... or leave importance_sampling_level at 'token'")
+        if beta and _trl_option(args, "use_bias_correction_kl"):
+            raise ValueError("EntropyGRPOTrainer: with importance_sampling_level='sequence' TRL weighs the KL by the "
+                             "sequence's ratio, kl_ref by each token's: set use_bias_correction_kl=False, or pass objective=...")
+        method, params = "gspo", {**params, "loss_agg_mode": get_method(method).loss_agg_mode}
     if beta:
         method = f"{method}+kl_ref"
         params = {**params, "kl_loss_coef": beta, "kl_loss_type": "k3",
@@ -216,9 +226,9 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
         problems.append("delta (two-sided clipping): use the 'dual_clip' method or the ppo_clip part's clip_ratio_c")
     if getattr(args, "off_policy_mask_threshold", None) is not None:
         problems.append("off_policy_mask_threshold: not available in the objective; leave it None")
-    if getattr(args, "importance_sampling_level", "token") != "token":
-        problems.append("importance_sampling_level='sequence': the objective's surrogate sets the ratio's level; leave "
-                        "it 'token' (the 'gspo' method is the sequence-level ratio)")
+    if getattr(args, "importance_sampling_level", "token") != "token" and not isinstance(objective.surrogate, GSPO):
+        problems.append("importance_sampling_level='sequence': the objective's surrogate sets the ratio's level, and "
+                        "this one's is per token; leave it 'token', or use the 'gspo' method (the sequence-level ratio)")
     surrogate = objective.surrogate
     loss_type = getattr(args, "loss_type", None)
     if loss_type is not None and loss_type != _trl_default("loss_type"):
