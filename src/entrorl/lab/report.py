@@ -1286,13 +1286,16 @@ class _Report:
                 shares = np.asarray(pol.histogram, dtype=float) / max(1, pol.n_problems)
                 edges = np.asarray(pol.bin_edges, dtype=float)
                 axis.bar(edges[:-1], shares, width=np.diff(edges), align="edge", color=self.colours.get(model, "0.6"), alpha=0.8)
+                # the end bins also hold rates near 0 and 1 (1/16, 15/16): the exact ends are marked on their own
+                axis.bar([0.0, 1.0], [pol.frac_zero, pol.frac_one], width=0.025, align="center", color="k")
                 if base is not None and model != "base":
                     axis.stairs(np.asarray(base[0].histogram, dtype=float) / max(1, base[0].n_problems), np.asarray(base[0].bin_edges), color="k")
                 axis.set_title(model)
-                axis.set_xlim(0, 1)
+                axis.set_xlim(-0.02, 1.02)
             axes[0].set_ylabel("share of prompts")
 
-        section.blocks.append(self.figures.draw("pass_rates.png", "Histogram of per-prompt pass rates; black outline: base model.",
+        section.blocks.append(self.figures.draw("pass_rates.png", "Histogram of per-prompt pass rates; thin black bars at 0 and 1: "
+                                                "the prompts never and always solved; black outline: base model.",
                                                 9.0, 1.7 * max(1, math.ceil(len(summaries) / 5)), paint))
         table = Table(["model", "prompts", "rate 0", "rate 1", "mixed", "mean pass rate"])
         for model, (pol, mean, count) in summaries.items():
