@@ -1045,12 +1045,13 @@ class _Report:
             if not fitted:
                 return False
             axes = _grid(figure, len(fitted), 4)
+            last_step = max(float(np.max(self.runs[name].steps)) for name in fitted)
             for axis, name in zip(axes, fitted):
                 run, law = self.runs[name], self.analyses[name].law
                 entropy, reward = run.series(ENTROPY_KEY), run.series(run.reward_key)
                 keep = np.isfinite(entropy) & np.isfinite(reward)
                 x = np.exp(entropy[keep])
-                axis.scatter(x, reward[keep], c=run.steps[keep], cmap="viridis", s=6)
+                points = axis.scatter(x, reward[keep], c=run.steps[keep], cmap="viridis", s=6, vmin=1, vmax=last_step)
                 grid = np.linspace(x.min(), x.max(), 50)
                 axis.plot(grid, law["fit"]["b"] - law["fit"]["a"] * grid, color="C3", label="fit, all steps")
                 if "forecast" in law:
@@ -1060,6 +1061,7 @@ class _Report:
                 axis.set_xlabel("exp(H)")
             axes[0].set_ylabel("R")
             axes[0].legend(loc="best", frameon=False)
+            figure.colorbar(points, ax=list(axes), label="step", fraction=0.02, pad=0.01)
 
         section.blocks.append(self.figures.draw("law.png", "Reward against exp(entropy) per method, coloured by step, with the fitted law.",
                                                 9.0, 2.1 * max(1, math.ceil(len(fitted) / 4)), paint))
