@@ -181,6 +181,26 @@ def test_an_interrupted_laboratory_saves_what_it_trained_and_says_how_to_go_on(t
     monkeypatch.setattr(runner, "_train_and_evaluate", lambda job: pytest.fail("a method started after Ctrl-C"))
     assert runner._run_method({"method": "nsr", "run_dir": str(tmp_path / "nsr")})["status"] == "interrupted"
 
+    # a worker leaves a method with its Ctrl-C ignored and SIGTERM (the pool's end) at its default, whatever the
+    # trainer left installed (its "exit at once" handlers once a signal's step is saved)
+    import signal
+
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    stop.set_ = False
+
+    def trained_with_a_signal(job):
+        signal.signal(signal.SIGTERM, lambda *args: None)
+        return {"pass_at_k": {"1": 0.5}}
+
+    monkeypatch.setattr(runner, "_train_and_evaluate", trained_with_a_signal)
+    (tmp_path / "rft").mkdir()
+    try:
+        assert runner._run_method({"method": "rft", "run_dir": str(tmp_path / "rft")})["status"] == "done"
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
     def run_lab(preset, *, out, **options):
         raise runner.LabInterrupted(out, ["grpo", "nsr"])
 
@@ -190,6 +210,11 @@ def test_an_interrupted_laboratory_saves_what_it_trained_and_says_how_to_go_on(t
     assert result.exit_code == 130, result.output
     assert "interrupted (grpo, nsr not finished)" in output
     assert f"Continue with: entrorl lab --preset quick --methods grpo,nsr --out {tmp_path / 'lab'}" in output
+    monkeypatch.setattr(runner, "run_lab", lambda preset, *, out, **options: (_ for _ in ()).throw(
+        runner.LabInterrupted(out, [])))
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--out", str(tmp_path / "lab")])
+    assert result.exit_code == 130 and "after every method had finished, before the report was written" in " ".join(
+        result.output.split())
 
 
 def test_method_names_are_stripped_deduplicated_and_checked(tmp_path):

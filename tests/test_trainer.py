@@ -929,6 +929,37 @@ def test_a_composition_warning_is_given_once_by_the_configuration_not_again_by_t
         Trainer(config, run_dir=tmp_path / "run").close()
 
 
+def test_should_stop_ends_the_run_at_a_steps_end_with_it_saved(tmp_path, tiny_model_dir, arithmetic_files):
+    """The laboratory's stop, asked after each step, ends the run as a caught SIGINT does: the step saved,
+    TrainingInterrupted; the handlers of a run stopped by a second signal go back instead of staying 'exit at once'."""
+    from entrorl.trainer import TrainingInterrupted
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 4, "lr": 1e-3}, checkpoint={"every": 0}))
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(TrainingInterrupted) as stopped:
+            Trainer(config, run_dir=tmp_path / "run").train(handle_signals=True, should_stop=lambda: True)
+        assert stopped.value.step == 1 and stopped.value.checkpoint.name == "step_000001"
+        for number in before:
+            signal.signal(number, before[number])
+
+        trainer = Trainer(config, run_dir=tmp_path / "again")
+
+        def second_signal():
+            handler = signal.getsignal(signal.SIGINT)
+            handler(signal.SIGINT, None)  # the first: noted
+            handler(signal.SIGINT, None)  # the second: KeyboardInterrupt out of the step, nothing saved
+
+        trainer.train_step = second_signal
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(handle_signals=True)
+        assert {number: signal.getsignal(number) for number in before} == before
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
 def test_stop_signals_are_noted_once_then_stop_at_once_and_the_handlers_are_put_back():
     import io
 

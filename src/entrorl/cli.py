@@ -395,7 +395,10 @@ def lab(
     except ValueError as error:
         _fail(str(error))
     except (LabInterrupted, KeyboardInterrupt) as error:
-        unfinished = f" ({', '.join(error.methods)} not finished)" if isinstance(error, LabInterrupted) else ""
+        unfinished = ""
+        if isinstance(error, LabInterrupted):
+            unfinished = (f" ({', '.join(error.methods)} not finished)" if error.methods
+                          else " after every method had finished, before the report was written")
         console.print(Text.assemble(("interrupted", "bold yellow"), f"{unfinished}: finished methods and each method's "
                                     f"last checkpoint are kept in {out}. Continue with: {again}"), soft_wrap=True)
         raise typer.Exit(130) from None

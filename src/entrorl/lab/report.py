@@ -589,7 +589,7 @@ def _analyse(run: Run, fit_fraction: float) -> Analysis:
         law["end_in_fit"] = h.size - n_end < forecast.n_fit
         # no run comes near zero entropy: the distance to the ceiling is headroom, not an error of the forecast
         law["ceiling_minus_reached"] = (_json_value(forecast.predicted_ceiling - result.reward_reached)
-                                        if forecast.fit.ceiling_applies else None)
+                                        if forecast.fit.ceiling_applies and forecast.n_fit >= MIN_CEILING_STEPS else None)
     except ValueError as error:
         law["forecast_error"] = str(error)
     result.law = law

@@ -17,10 +17,12 @@ Run directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import traceback
 from dataclasses import asdict
@@ -215,7 +217,10 @@ def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
     trainer = trainer_class(config, run_dir=run_dir, resume=resume)
     if method == "sft":
         trainer.use_task(get_task(preset.train_task))
-    trainer.train(handle_signals=_STOP is not None)  # in a pool worker: Ctrl-C finishes the step and saves it
+    if _STOP is None:
+        trainer.train()
+    else:  # in a pool worker: Ctrl-C, or the laboratory's stop before the trainer could catch it, ends at a step's end
+        trainer.train(handle_signals=True, should_stop=_STOP.is_set)
     return evaluate_policy(trainer.model, trainer.tokenizer, preset, data)
 
 
@@ -247,6 +252,8 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
     if _STOP is not None and _STOP.is_set():
         return {"method": method, "status": "interrupted"}
     _warm_up_process(job)
+    if _STOP is not None and _STOP.is_set():  # stopped while warming up, when the worker ignores Ctrl-C
+        return {"method": method, "status": "interrupted"}
     started = time.perf_counter()
     try:
         evaluation = _train_and_evaluate(job)
@@ -254,13 +261,15 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
         _write_json(final_path, evaluation)
         return {"method": method, "status": "done", "seconds": time.perf_counter() - started}
     except TrainingInterrupted as stopped:  # its step saved: the next invocation continues from there
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer's "exit at once" handlers are for a terminal's
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # process, and the pool ends its workers with SIGTERM
         return {"method": method, "status": "interrupted", "step": stopped.step}
     except Exception:  # a failed method must not take the matrix down: record it and go on
         (run_dir / "error.log").parent.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.log").write_text(traceback.format_exc())
         return {"method": method, "status": "failed", "error": traceback.format_exc(limit=3)}
+    finally:
+        if _STOP is not None:  # a pool worker: the trainer's "exit at once" handlers are for a terminal's process,
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # and the pool ends its workers with SIGTERM
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _count_lines(path: Path) -> int:
@@ -377,6 +386,28 @@ def _prepare_run_directory(out: Path) -> None:
         raise ValueError(f"--out {out} cannot be used as a run directory: {error.strerror or error}") from None
 
 
+def _trained_here(outcome: dict[str, Any] | None) -> bool:
+    """Whether an invocation trained (or was training) the method of ``outcome``: not when it found it finished
+    (cached), nor when Ctrl-C came before it started; an invocation cut short without an outcome was training it."""
+    if outcome is None:
+        return True
+    return outcome["status"] != "cached" and not (outcome["status"] == "interrupted" and outcome.get("step") is None)
+
+
+@contextlib.contextmanager
+def _ignoring_ctrl_c():
+    """Ignore SIGINT for the block (in the main thread; elsewhere it cannot be changed): processes spawned in it
+    inherit that, so a Ctrl-C while they import cannot kill them mid-start."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def default_run_directory() -> Path:
     """``runs/lab-<date>-<time>``: where a laboratory run goes without ``--out``."""
     return Path("runs") / f"lab-{datetime.now():%Y%m%d-%H%M%S}"
@@ -384,11 +415,13 @@ def default_run_directory() -> Path:
 
 class LabInterrupted(RuntimeError):
     """Ctrl-C stopped the laboratory: ``methods`` were left unfinished (each saved at its last complete step, or not
-    started); running the same command again on ``out`` continues them."""
+    started; none when every method had finished and only the report was left); running the same command again on
+    ``out`` continues them and writes the report."""
 
     def __init__(self, out: Path, methods: list[str]):
         self.out, self.methods = out, methods
-        super().__init__(f"interrupted: {', '.join(methods)} not finished in {out}")
+        super().__init__(f"interrupted: {', '.join(methods)} not finished in {out}" if methods
+                         else f"interrupted before the report of {out} was written")
 
 
 def _collect_finished(pending: dict[str, Any], outcomes: dict[str, Any], progress, bars: dict[str, Any], out: Path,
@@ -475,8 +508,9 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
             bars = {job["method"]: progress.add_task(job["method"], total=preset.steps, status="") for job in jobs}
             context = multiprocessing.get_context("spawn")
             stop = context.Event()
-            with context.Pool(processes=max(1, min(workers, len(jobs))), initializer=_init_worker,
-                              initargs=(stop,)) as pool:
+            with _ignoring_ctrl_c():  # the workers start with Ctrl-C ignored (no traceback from their imports)
+                pool = context.Pool(processes=max(1, min(workers, len(jobs))), initializer=_init_worker, initargs=(stop,))
+            with pool:
                 pending = {job["method"]: pool.apply_async(_run_method, (job,)) for job in jobs}
                 while pending:
                     try:
@@ -489,13 +523,14 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
                         progress.console.print(
                             "[yellow]Ctrl-C[/yellow]: each method being trained finishes its step and saves it, the "
                             "others do not start (Ctrl-C again to stop at once)", highlight=False)
-            interrupted = [method for method, outcome in outcomes.items() if outcome["status"] == "interrupted"]
-            if interrupted:
-                raise LabInterrupted(out, interrupted)
+            if stop.is_set():  # every method may have finished meanwhile: the user still asked to stop
+                raise LabInterrupted(out, [m for m, outcome in outcomes.items() if outcome["status"] == "interrupted"])
         finally:  # also when interrupted: the time this invocation ran is recorded
             invocation["finished_at"] = time.time()
-            invocation["ran"] = [m for m in preset.methods if (outcomes.get(m) or {}).get("status", "interrupted") != "cached"]
-            invocation["completed"] = len(outcomes) == len(preset.methods)
+            # what this invocation trained or was training: not the finished ones it found, nor those it never started
+            invocation["ran"] = [m for m in preset.methods if _trained_here(outcomes.get(m))]
+            invocation["completed"] = (len(outcomes) == len(preset.methods)
+                                       and all(o["status"] in ("done", "cached") for o in outcomes.values()))
             record_lab()
     failed = {m: o["error"] for m, o in outcomes.items() if o["status"] == "failed"}
     _write_json(out / "outcomes.json", {**_read_json_object(out / "outcomes.json"), **outcomes})

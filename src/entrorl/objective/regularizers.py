@@ -217,10 +217,10 @@ class KLCov(Regularizer):
         on_policy = bool(selected.any()) and float(abs_log_ratio.detach()[selected].max()) == 0.0
         # the first update of every rollout batch is on-policy anyway: only a run of on-policy steps means no effect
         self._on_policy_calls = self._on_policy_calls + 1 if on_policy else 0
-        if on_policy:
-            self._on_policy_steps.add(batch.step if batch.step is not None else ("call", self._on_policy_calls))
-        else:
+        if not on_policy:
             self._on_policy_steps.clear()
+        elif not self._warned_on_policy:  # said once: no need to keep counting
+            self._on_policy_steps.add(batch.step if batch.step is not None else ("call", self._on_policy_calls))
         if len(self._on_policy_steps) >= _ON_POLICY_WARN_AFTER and not self._warned_on_policy:
             warnings.warn(
                 "kl_cov: log pi == log pi_old on every selected token, so the KL term is zero with zero gradient "

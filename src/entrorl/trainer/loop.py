@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -878,18 +879,21 @@ class Trainer:
         else:
             warnings.warn(message, stacklevel=2)
 
-    def train(self, *, handle_signals: bool = False) -> Path:
+    def train(self, *, handle_signals: bool = False, should_stop: Callable[[], bool] | None = None) -> Path:
         """Run to ``optim.steps``; checkpoint every ``checkpoint.every`` steps and at the end. Returns the run dir.
 
         With ``handle_signals`` (the ``train`` command sets it), SIGINT and SIGTERM let the current step finish, save
         a checkpoint and raise :class:`TrainingInterrupted`, so that ``--resume`` loses nothing; a second signal stops
         at once, as without it. Once the checkpoint is saved, a further signal ends the process at once (status
-        128 + the signal's number), quietly, for as long as it runs."""
+        128 + the signal's number), quietly, for as long as it runs. ``should_stop``, asked after each step, stops the
+        run the same way (as SIGINT) when it returns true: a signal the process could not catch yet (the laboratory's
+        workers ignore Ctrl-C until they train) still ends the run at a step's end."""
         config = self.config
         progress = _StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
                                  enabled=config.logging.progress)
         received: list[int] = []
         restore_handlers = _catch_stop_signals(received, progress.console) if handle_signals else (lambda: None)
+        saved_since_signal = False  # a second signal raised out of a step instead: the handlers go back
         try:
             with progress:
                 if config.eval.at_start and self.eval_records and self.step == 0:
@@ -897,6 +901,7 @@ class Trainer:
                     self.logger.log(0, evaluated)
                     progress.note_evaluation(0, evaluated)
                     if received:
+                        saved_since_signal = True
                         raise TrainingInterrupted(received[0], 0, None)
                     progress.restart_clock()
                 while self.step < config.optim.steps:
@@ -908,14 +913,20 @@ class Trainer:
                         metrics.update(evaluated)
                         progress.note_evaluation(self.step, evaluated)
                     self.logger.log(self.step, metrics)
+                    if not received and should_stop is not None and should_stop():
+                        received.append(signal.SIGINT)
                     saved = None
                     if (config.checkpoint.every and self.step % config.checkpoint.every == 0) or last or received:
                         saved = self.save()
                     progress.advance(self.step, metrics)
                     if received and not last:  # the signal came during this step, or during its checkpoint
-                        raise TrainingInterrupted(received[0], self.step, saved if saved is not None else self.save())
+                        saved = saved if saved is not None else self.save()
+                        saved_since_signal = True
+                        raise TrainingInterrupted(received[0], self.step, saved)
+                saved_since_signal = True
         finally:
-            if received and handle_signals:  # all is saved: closing the loggers and Python's exit can take seconds
+            if received and handle_signals and saved_since_signal:
+                # all is saved: closing the loggers and Python's exit can take seconds
                 _exit_at_once_on_another_signal(progress.console, self.run_dir, resumable=self.step > 0)
             else:
                 restore_handlers()
