@@ -130,6 +130,17 @@ def _assert_grads_close(left, right, *, rtol=1e-4, atol=1e-6):
         torch.testing.assert_close(left[name], right[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def _assert_accumulated_loss_is_trls(ours, theirs, inputs) -> float:
+    """Two accumulation steps of two rows each (rows 0-1, then 2-3): our trainer's loss and gradients equal TRL's.
+    Returns TRL's loss."""
+    parts = [[0, 1], [2, 3]]
+    loss_ours, grads_ours = _loss_and_grads(ours, inputs, accumulation=2, steps_per_generation=2, parts=parts)
+    loss_theirs, grads_theirs = _loss_and_grads(theirs, inputs, accumulation=2, steps_per_generation=2, parts=parts)
+    assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
+    _assert_grads_close(grads_ours, grads_theirs)
+    return loss_theirs
+
+
 def test_accumulation_weight_formula():
     # token-mean: micro tokens over the window's tokens per process (N_gen / P * G / S)
     assert accumulation_weight("token-mean", micro_valid_tokens=30, num_items_in_batch=240, num_processes=2,
@@ -182,11 +193,7 @@ def test_matches_trl_own_loss_with_gradient_accumulation(tokenizer, tmp_path, me
     ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=method, config=_config(tmp_path, **config))
     theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=_config(tmp_path, **config))
     inputs = _inputs(tokenizer, seed=3)
-    parts = [[0, 1], [2, 3]]
-    loss_ours, grads_ours = _loss_and_grads(ours, inputs, accumulation=2, steps_per_generation=2, parts=parts)
-    loss_theirs, grads_theirs = _loss_and_grads(theirs, inputs, accumulation=2, steps_per_generation=2, parts=parts)
-    assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
-    _assert_grads_close(grads_ours, grads_theirs)
+    _assert_accumulated_loss_is_trls(ours, theirs, inputs)
     # PPO clipping acted (else the comparison would not cover it), and TRL logged its own metrics beside ours
     assert max(ours._metrics["train"]["clip/ppo_frac"]) > 0
     assert ours._metrics["train"]["entropy"] == pytest.approx(theirs._metrics["train"]["entropy"], rel=1e-5)
@@ -211,12 +218,7 @@ def test_seq_mean_modes_count_fully_masked_rows_as_trl_does(tokenizer, tmp_path,
     inputs = _inputs(tokenizer, seed=3)
     inputs["completion_mask"][[1, 3]] = 0
     inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
-    parts = [[0, 1], [2, 3]]
-    loss_ours, grads_ours = _loss_and_grads(entrorl_trainer, inputs, accumulation=2, steps_per_generation=2, parts=parts)
-    loss_theirs, grads_theirs = _loss_and_grads(trl_trainer, inputs, accumulation=2, steps_per_generation=2, parts=parts)
-    assert loss_theirs != 0.0
-    assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
-    _assert_grads_close(grads_ours, grads_theirs)
+    assert _assert_accumulated_loss_is_trls(entrorl_trainer, trl_trainer, inputs) != 0.0
 
 
 @pytest.mark.parametrize(
@@ -240,11 +242,7 @@ def test_without_an_objective_the_loss_is_trl_loss_type(tokenizer, tmp_path, trl
     sequence_level = trl_options.get("importance_sampling_level") == "sequence"
     assert ours.objective.name == ("gspo" if sequence_level else trl_options.get("loss_type", "dapo"))
     inputs = _inputs(tokenizer, seed=3)
-    parts = [[0, 1], [2, 3]]
-    loss_ours, grads_ours = _loss_and_grads(ours, inputs, accumulation=2, steps_per_generation=2, parts=parts)
-    loss_theirs, grads_theirs = _loss_and_grads(theirs, inputs, accumulation=2, steps_per_generation=2, parts=parts)
-    assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
-    _assert_grads_close(grads_ours, grads_theirs)
+    _assert_accumulated_loss_is_trls(ours, theirs, inputs)
     clip_metric = ("clip/gspo_frac" if sequence_level else
                    "clip/cispo_frac" if trl_options.get("loss_type") == "cispo" else "clip/ppo_frac")
     assert max(ours._metrics["train"][clip_metric]) > 0  # the clip range, taken from epsilon / epsilon_high, acted
