@@ -547,15 +547,11 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 MIN_CEILING_STEPS = 10
 
 
-def _sign_agreement(predicted: np.ndarray, measured: np.ndarray) -> float:
-    """The share of steps, among those where neither is 0, on which the signs agree."""
+def _sign_agreement(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, int]:
+    """``(share, steps)``: the share of steps, among the ``steps`` where neither is 0, on which the signs agree."""
     signed = (predicted != 0) & (measured != 0)
-    return float(np.mean(np.sign(predicted[signed]) == np.sign(measured[signed]))) if signed.any() else math.nan
-
-
-def _signed_steps(predicted: np.ndarray, measured: np.ndarray) -> int:
-    """How many steps :func:`_sign_agreement` counts (those where neither is 0)."""
-    return int(np.count_nonzero((predicted != 0) & (measured != 0)))
+    steps = int(np.count_nonzero(signed))
+    return (float(np.mean(np.sign(predicted[signed]) == np.sign(measured[signed]))) if steps else math.nan), steps
 
 
 def _agreement_cell(share: float, steps: int) -> Cell:
@@ -605,11 +601,12 @@ def _analyse(run: Run, fit_fraction: float) -> Analysis:
     predicted, measured = run.series("entropy/predicted_delta"), run.series("entropy/measured_delta")
     both = np.isfinite(predicted) & np.isfinite(measured)
     p, m = predicted[both], measured[both]
+    agreement, signed_steps = _sign_agreement(p, m)
     result.change = {
         "n_steps": int(both.sum()),
         "pearson": _pearson(p, m),
-        "sign_agreement": _sign_agreement(p, m),
-        "sign_steps": _signed_steps(p, m),
+        "sign_agreement": agreement,
+        "sign_steps": signed_steps,
         "token_corr_mean": _nanmean(run.series("entropy/delta_token_corr")),
         "predicted": p,
         "measured": m,
@@ -617,10 +614,11 @@ def _analyse(run: Run, fit_fraction: float) -> Analysis:
     # the first-order change of the update actually applied (diagnostics.first_order), when the run recorded it
     first_order = run.series("entropy/first_order_delta")
     recorded = np.isfinite(first_order) & np.isfinite(measured)
+    agreement, signed_steps = _sign_agreement(first_order[recorded], measured[recorded])
     result.change.update({
         "first_order_pearson": _pearson(first_order[recorded], measured[recorded]),
-        "first_order_sign_agreement": _sign_agreement(first_order[recorded], measured[recorded]),
-        "first_order_sign_steps": _signed_steps(first_order[recorded], measured[recorded]),
+        "first_order_sign_agreement": agreement,
+        "first_order_sign_steps": signed_steps,
     })
 
     # covariance concentration
