@@ -27,6 +27,7 @@ from __future__ import annotations
 import codecs
 import collections
 import functools
+import itertools
 import math
 import re
 
@@ -223,26 +224,23 @@ def readable_text(tokenizer, ids: list[int]) -> str:
     pieces = convert(list(ids))
     if not all(isinstance(piece, str) for piece in pieces):
         return text
-    if not any(_BYTE_PIECE.fullmatch(piece) for piece in pieces):  # a byte-level BPE's pieces, or another kind
+    byte_pieces = [_BYTE_PIECE.fullmatch(piece) for piece in pieces]
+    if not any(byte_pieces):  # a byte-level BPE's pieces, or another kind
         alphabet = _byte_level_alphabet()
         if not all(character in alphabet for piece in pieces for character in piece):
             return text
         return bytes(alphabet[character] for piece in pieces for character in piece).decode("utf-8", "entrorl.byte_pieces")
-    parts, start = [], 0  # runs of byte pieces as bytes, the runs between them as the tokenizer decodes them
-    while start < len(ids):
-        is_byte = _BYTE_PIECE.fullmatch(pieces[start]) is not None
-        end = start
-        while end < len(ids) and (_BYTE_PIECE.fullmatch(pieces[end]) is not None) == is_byte:
-            end += 1
+    parts = []  # runs of byte pieces as bytes, the runs between them as the tokenizer decodes them
+    for is_byte, run in itertools.groupby(range(len(ids)), key=lambda index: byte_pieces[index] is not None):
+        run = list(run)
+        start, end = run[0], run[-1] + 1
         if is_byte:
-            parts.append(bytes(int(_BYTE_PIECE.fullmatch(piece)[1], 16) for piece in pieces[start:end])
-                         .decode("utf-8", "entrorl.byte_pieces"))
+            parts.append(bytes(int(byte_pieces[index][1], 16) for index in run).decode("utf-8", "entrorl.byte_pieces"))
         elif start == 0:
             parts.append(tokenizer.decode(ids[start:end]))
         else:  # decoded after the byte before it, so that a decoder's strip of a leading space does not apply
             anchored, anchor = tokenizer.decode(ids[start - 1:end]), tokenizer.decode(ids[start - 1:start])
             parts.append(anchored[len(anchor):] if anchored.startswith(anchor) else tokenizer.decode(ids[start:end]))
-        start = end
     return "".join(parts)
 
 
