@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["PolicyBatch", "OPTIONAL_FIELDS", "masked_mean", "masked_population_std", "masked_quantile", "fraction"]
+__all__ = ["PolicyBatch", "OPTIONAL_FIELDS", "policy_ratio", "masked_mean", "masked_population_std", "masked_quantile", "fraction"]
 
 # How to obtain each optional field; used in the error raised when a method needs one the batch lacks.
 OPTIONAL_FIELDS: dict[str, str] = {
@@ -105,6 +105,18 @@ class PolicyBatch:
                 f"Compute it with {OPTIONAL_FIELDS[field_name]} and pass {field_name}=... to PolicyBatch."
             )
         return value
+
+
+# verl clamps the log-ratio to this range before exponentiating, so one wild token cannot overflow.
+_LOG_RATIO_BOUND = 20.0
+
+
+def policy_ratio(batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, log r)`` with ``r = pi / pi_old``, differentiable through ``log_prob``; ``r = 1`` at padding whatever the
+    log-probs hold there (NaN included), with no gradient."""
+    log_ratio = torch.where(batch.mask, batch.log_prob - batch.old_log_prob.detach(), torch.zeros_like(batch.log_prob))
+    log_ratio = log_ratio.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    return log_ratio.exp(), log_ratio
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field, PrivateAttr, model_validator
 
 from entrorl.dynamics import token_covariance
-from entrorl.objective.batch import PolicyBatch, fraction, masked_mean
+from entrorl.objective.batch import PolicyBatch, fraction, masked_mean, policy_ratio
 from entrorl.objective.parts import Metrics, Regularizer, RegularizerTerm, register_part
 
 __all__ = ["EntropyBonus", "AdaptiveEntropy", "KLReference", "KLCov", "kl_estimate"]
@@ -174,8 +174,7 @@ class KLReference(Regularizer):
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
         estimate = kl_estimate(batch.log_prob, batch.ref_log_prob, self.kl_loss_type)
         if self.importance_weighted:
-            log_ratio = torch.where(batch.mask, batch.log_prob - batch.old_log_prob.detach(), torch.zeros_like(estimate))
-            estimate = estimate * log_ratio.clamp(-20.0, 20.0).exp()
+            estimate = estimate * policy_ratio(batch)[0]
         kl = aggregate(estimate, batch.mask)
         metrics["kl/ref"] = float(kl.detach())
         return RegularizerTerm(scalar=self.kl_loss_coef * kl)

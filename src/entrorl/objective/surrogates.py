@@ -7,20 +7,10 @@ from typing import ClassVar
 import torch
 from pydantic import Field, model_validator
 
-from entrorl.objective.batch import PolicyBatch, fraction, masked_mean
+from entrorl.objective.batch import PolicyBatch, fraction, masked_mean, policy_ratio
 from entrorl.objective.parts import Metrics, Surrogate, SurrogateOutput, register_part
 
 __all__ = ["PPOClip", "Unclipped", "CISPO", "GSPO", "LogLikelihood"]
-
-# verl clamps the log-ratio to this range before exponentiating, so one wild token cannot overflow.
-_LOG_RATIO_BOUND = 20.0
-
-
-def _ratio(batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r, log r)``; ``r = 1`` at padding whatever the log-probs hold there (NaN included), with no gradient."""
-    log_ratio = torch.where(batch.mask, batch.log_prob - batch.old_log_prob.detach(), torch.zeros_like(batch.log_prob))
-    log_ratio = log_ratio.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
-    return log_ratio.exp(), log_ratio
 
 
 def _ratio_metrics(metrics: Metrics, ratio: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor) -> None:
@@ -49,7 +39,7 @@ class PPOClip(Surrogate):
         return self
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
-        ratio, log_ratio = _ratio(batch)
+        ratio, log_ratio = policy_ratio(batch)
         unclipped = -advantages * ratio
         clipped_loss = -advantages * ratio.clamp(1.0 - self.clip_ratio_low, 1.0 + self.clip_ratio_high)
         loss = torch.maximum(unclipped, clipped_loss)
@@ -77,7 +67,7 @@ class Unclipped(Surrogate):
     """``L = -A r``: no token is clipped. KL-Cov uses it, controlling the update with its KL term instead."""
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
-        ratio, log_ratio = _ratio(batch)
+        ratio, log_ratio = policy_ratio(batch)
         _ratio_metrics(metrics, ratio, log_ratio, batch.mask)
         return SurrogateOutput(
             per_token_loss=-advantages * ratio, clipped=torch.zeros_like(batch.mask), ratio=ratio.detach()
@@ -98,7 +88,7 @@ class CISPO(Surrogate):
     clip_ratio_high: float = Field(0.28, ge=0.0, description="upper IS bound 1 + eps_high; 0.28 as in Trinity-RFT's CISPO")
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
-        ratio, log_ratio = _ratio(batch)
+        ratio, log_ratio = policy_ratio(batch)
         weight = ratio.detach().clamp(1.0 - self.clip_ratio_low, 1.0 + self.clip_ratio_high)
         metrics["clip/cispo_frac"] = fraction(weight != ratio.detach(), batch.mask)
         _ratio_metrics(metrics, ratio, log_ratio, batch.mask)
@@ -150,7 +140,7 @@ class LogLikelihood(Surrogate):
     ``psr`` advantages (1 for correct samples, 0 otherwise) it is rejection-sampling fine-tuning (RAFT / RFT)."""
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
-        ratio, log_ratio = _ratio(batch)
+        ratio, log_ratio = policy_ratio(batch)
         _ratio_metrics(metrics, ratio, log_ratio, batch.mask)
         return SurrogateOutput(
             per_token_loss=-advantages * batch.log_prob, clipped=torch.zeros_like(batch.mask), ratio=ratio.detach()
