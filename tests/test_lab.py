@@ -149,6 +149,35 @@ def test_an_unusable_out_is_refused_before_anything_is_built(tmp_path):
     _prepare_run_directory(tmp_path / "early")
 
 
+def test_a_resumed_method_counts_the_train_time_of_its_interrupted_invocations(tmp_path, monkeypatch):
+    """A method interrupted after 3.5 s and finished by the next invocation in 2 s reports 5.5 s of train time, not
+    the last invocation's 2 s."""
+    from types import SimpleNamespace
+
+    from entrorl.lab import runner
+    from entrorl.trainer import TrainingInterrupted
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(runner, "_pay_one_off_costs", lambda job: None)
+    run_dir = tmp_path / "grpo"
+    run_dir.mkdir()
+
+    def interrupted(job):
+        clock.now += 3.5
+        raise TrainingInterrupted(2, 4, run_dir / "checkpoints" / "step_000004")
+
+    def finished(job):
+        clock.now += 2.0
+        return {"pass_at_k": {"1": 0.5}}
+
+    monkeypatch.setattr(runner, "_train_and_evaluate", interrupted)
+    assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "interrupted"
+    monkeypatch.setattr(runner, "_train_and_evaluate", finished)
+    assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "done"
+    assert json.loads((run_dir / "final_eval.json").read_text())["train_seconds"] == pytest.approx(5.5)
+
+
 def test_an_interrupted_laboratory_saves_what_it_trained_and_says_how_to_go_on(tmp_path, monkeypatch):
     """Ctrl-C: a method being trained returns 'interrupted' once its trainer has saved the step, one not started
     yet does not start; the command prints what was kept and the command that continues, and exits 130."""

@@ -50,6 +50,7 @@ def _metrics(name: str, rng: np.random.Generator) -> list[dict]:
             "entropy/measured_delta": 3.0 * predicted + float(rng.normal(0.0, 0.004)),
             "entropy/delta_token_corr": float(rng.uniform(0.2, 0.6)),
             "cov/mean": 0.01,
+            "cov/n_tokens": 400.0 + 10 * (i % 3),
             "cov/top_0.02pct_ratio": float(rng.uniform(100, 2000)),
             "cov/top_0.2pct_ratio": float(rng.uniform(50, 300)),
             "cov/top_2pct_ratio": float(rng.uniform(5, 30)),
@@ -277,6 +278,10 @@ def test_every_table_number_is_the_same_string_in_markdown_html_and_json(report_
     cov = next(r for r in report["covariance"]["rows"] if r["method"] == "grpo")
     assert cov["top 0.02% mean"] == fmt(np.nanmean(_grpo_metric(out, "cov/top_0.02pct_ratio")))
     assert cov["top 0.02% step 1"] == "n/a"  # null at step 1
+    # 410 tokens a step: the top 0.02% and 0.2% are both the one top token, which the section says
+    said = " ".join(markdown.split())
+    assert ("A step has 410 response tokens (median over steps and methods): top 0.02% = 1 token, top 0.2% = 1 token, "
+            "top 2% = 8 tokens, top 20% = 82 tokens; at this scale the top 0.02% and 0.2% are the same tokens") in said
     rates = next(r for r in report["pass_rates"]["rows"] if r["model"] == "grpo")
     assert rates["rate 0"] == fmt(np.mean(np.array(grpo_eval["pass_rates"]) == 0))
 

@@ -799,17 +799,46 @@ def test_a_run_directory_in_use_is_refused_and_what_killed_writes_left_is_remove
         Trainer(config, run_dir=run_dir)
     assert (run_dir / "config.json").read_text() == config_text and run_dir.is_dir()
     first.train()  # releases the directory when it ends
-    stale = [run_dir / ".config.json.tmp-123", run_dir / "eval" / ".step_000001.json.tmp-123", run_dir / "metrics.jsonl.tmp",
-             run_dir / "checkpoints" / ".step_000002.tmp-123" / "model"]
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()  # a process that no longer runs, as one killed mid-write
+    dead = killed.pid
+    stale = [run_dir / f".config.json.tmp-{dead}", run_dir / "eval" / f".step_000001.json.tmp-{dead}",
+             run_dir / "metrics.jsonl.tmp", run_dir / "checkpoints" / f".step_000002.tmp-{dead}" / "model"]
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("half") if path.name != "model" else path.mkdir()
-    kept = run_dir / "eval" / "notes.tmp-123"  # not hidden: not one of entrorl's temporary files
+    kept = run_dir / "eval" / f"notes.tmp-{dead}"  # not hidden: not one of entrorl's temporary files
     kept.write_text("mine")
-    resumed = Trainer(config, run_dir=run_dir, resume=True)
-    resumed.close()
-    assert not any(path.exists() for path in stale) and not (run_dir / "checkpoints" / ".step_000002.tmp-123").exists()
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live process writing into the directory without its lock (entrorl eval --out run/eval/...): left alone
+        in_use = run_dir / "eval" / f".other.json.tmp-{writer.pid}"
+        in_use.write_text("being written")
+        resumed = Trainer(config, run_dir=run_dir, resume=True)
+        resumed.close()
+        assert in_use.read_text() == "being written"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert not any(path.exists() for path in stale) and not (run_dir / "checkpoints" / f".step_000002.tmp-{dead}").exists()
     assert kept.read_text() == "mine" and resumed.step == 1
+
+
+def test_a_filesystem_without_locks_is_warned_about_once(tmp_path, monkeypatch, caplog):
+    """Where the filesystem refuses flock (some network mounts) the run goes on unlocked, and says so once, not at the
+    trainer's probe and again at its lock."""
+    import errno
+    import logging
+
+    from entrorl.trainer import checkpoint
+
+    def refuse(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", refuse)
+    with caplog.at_level(logging.WARNING, logger=checkpoint.__name__):
+        assert checkpoint.lock_run_directory(tmp_path) is None
+        assert checkpoint.lock_run_directory(tmp_path) is None
+    assert [record.getMessage().split(" (")[0] for record in caplog.records] == [f"cannot lock {tmp_path}"]
 
 
 def test_progress_off_a_terminal_is_a_line_per_interval(tmp_path, tiny_model_dir, arithmetic_files):

@@ -194,6 +194,12 @@ def _nanmean(values: Any) -> float:
     return float(array.mean()) if array.size else math.nan
 
 
+def _nanmedian(values: Any) -> float:
+    array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]
+    return float(np.median(array)) if array.size else math.nan
+
+
 def _nanmax(values: Any) -> float:
     array = np.asarray(values, dtype=np.float64)
     array = array[np.isfinite(array)]
@@ -528,6 +534,7 @@ class Analysis:
     law: dict[str, Any] = field(default_factory=dict)
     change: dict[str, Any] = field(default_factory=dict)
     cov: dict[str, Any] = field(default_factory=dict)
+    cov_tokens: float = math.nan  # median response tokens a step, over which the top-q% shares are taken
     interventions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -627,6 +634,7 @@ def _analyse(run: Run, fit_fraction: float) -> Analysis:
         values = run.series(f"cov/top_{q}pct_ratio")
         cov[q] = {"mean": _nanmean(values), "step1": float(values[0]) if values.size else math.nan}
     result.cov = cov
+    result.cov_tokens = _nanmedian(run.series("cov/n_tokens"))
     return result
 
 
@@ -913,7 +921,8 @@ class _Report:
             f"ceilings are in the law section); forgetting acc: accuracy "
             f"on the untrained task (`{self.preset.get('forgetting_task', NA)}`), Δ relative to the base model; eval entropy: mean "
             f"token entropy of the final evaluation's samples; train time: seconds of the method's set-up, training and final "
-            f"evaluation in the invocation that finished it, after the worker process's one-off warm-up; note: a method whose "
+            f"evaluation, summed over the invocations that trained it (one stopped by Ctrl-C included), after the worker "
+            f"process's one-off warm-up; note: a method whose "
             f"own intervention never acted. {NA} marks a value that could not be computed, {NOT_APPLICABLE} one "
             "that does not apply."
         )
@@ -1178,6 +1187,15 @@ class _Report:
             "`cov/top_{q}pct_ratio` is the mean of C over the top q% of the step's tokens divided by its mean over all tokens "
             "(undefined when that mean is not positive). Shown: the mean over steps, and the value at step 1."
         )
+        tokens = [self.analyses[n].cov_tokens for n in self.ok if _finite(self.analyses[n].cov_tokens) is not None]
+        if tokens:
+            n_tokens = float(np.median(tokens))
+            counts = [max(1, int(n_tokens * float(q) / 100)) for q in COV_PERCENTS]
+            said = ", ".join(f"top {q}% = {count} token{'s' if count != 1 else ''}" for q, count in zip(COV_PERCENTS, counts))
+            same = [f"{COV_PERCENTS[i]}% and {COV_PERCENTS[i + 1]}%" for i in range(len(counts) - 1) if counts[i] == counts[i + 1]]
+            section.say(f"A step has {fmt(n_tokens)} response tokens (median over steps and methods): {said}"
+                        + (f"; at this scale the top {' and the top '.join(same)} are the same tokens, so their columns agree."
+                           if same else "."))
 
         def paint(figure):
             axis = figure.subplots()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -236,12 +237,17 @@ def _init_worker(stop: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+# a method's folder: the seconds its interrupted invocations spent, which its train time adds up
+_EARLIER_SECONDS = "earlier_train_seconds.json"
+
+
 def _run_method(job: dict[str, Any]) -> dict[str, Any]:
     """One method, in its own process: train (resuming when a checkpoint exists), then evaluate.
 
-    ``train_seconds`` in ``final_eval.json`` is the time of the method's own set-up, training and final evaluation
-    in this invocation; the worker's one-off warm-up (:func:`_warm_up_process`) is paid before the clock starts, so
-    the times do not depend on which method a worker happens to run first."""
+    ``train_seconds`` in ``final_eval.json`` is the time of the method's own set-up, training and final evaluation,
+    summed over the invocations that trained it (an interrupted one adds its time to :data:`_EARLIER_SECONDS`; one
+    killed outright cannot); the worker's one-off warm-up (:func:`_warm_up_process`) is paid before the clock
+    starts, so the times do not depend on which method a worker happens to run first."""
     from entrorl.trainer import TrainingInterrupted
 
     torch.set_num_threads(1)
@@ -254,13 +260,17 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
     _warm_up_process(job)
     if _STOP is not None and _STOP.is_set():  # stopped while warming up, when the worker ignores Ctrl-C
         return {"method": method, "status": "interrupted"}
+    earlier = _read_json_object(run_dir / _EARLIER_SECONDS).get("seconds")
+    earlier = earlier if isinstance(earlier, (int, float)) and math.isfinite(earlier) and earlier >= 0 else 0.0
     started = time.perf_counter()
     try:
         evaluation = _train_and_evaluate(job)
-        evaluation["train_seconds"] = time.perf_counter() - started
+        evaluation["train_seconds"] = earlier + time.perf_counter() - started
         _write_json(final_path, evaluation)
         return {"method": method, "status": "done", "seconds": time.perf_counter() - started}
     except TrainingInterrupted as stopped:  # its step saved: the next invocation continues from there
+        if run_dir.is_dir():
+            _write_json(run_dir / _EARLIER_SECONDS, {"seconds": earlier + time.perf_counter() - started})
         return {"method": method, "status": "interrupted", "step": stopped.step}
     except Exception:  # a failed method must not take the matrix down: record it and go on
         (run_dir / "error.log").parent.mkdir(parents=True, exist_ok=True)

@@ -202,6 +202,11 @@ class KLCov(Regularizer):
     _on_policy_calls: int = PrivateAttr(default=0)
     _on_policy_steps: set = PrivateAttr(default_factory=set)
 
+    def leave_on_policy_warning_to_caller(self) -> None:
+        """Give up the on-policy warning, for a caller that counts on-policy updates in its own units (verl, where
+        each micro-batch is a call and ``PolicyBatch.step`` is not known)."""
+        self._warned_on_policy = True
+
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
         mask = batch.mask
         n_valid = int(mask.sum())

@@ -61,7 +61,7 @@ def lock_run_directory(run_dir: Path) -> io.TextIOWrapper | None:
     return the open lock file: the lock lasts until it is closed or the process ends, however it ends. A second run
     in the same directory (the same command started twice, a ``--resume`` while the first still runs) gets
     ``OSError`` naming the process that holds it, instead of writing its files between the other run's. ``None``
-    where ``flock`` does not exist (not a POSIX system)."""
+    where ``flock`` does not exist (not a POSIX system) or the filesystem refuses it (warned once per directory)."""
     if fcntl is None:
         return None
     handle = open(run_dir / ".lock", "a+", encoding="utf-8")
@@ -72,7 +72,9 @@ def lock_run_directory(run_dir: Path) -> io.TextIOWrapper | None:
         holder = handle.read().strip() or "unknown"
         handle.close()
         if error.errno not in (errno.EAGAIN, errno.EACCES):  # a filesystem without locks: nothing to guard with
-            logger.warning("cannot lock %s (%s); two runs there would not be kept apart", run_dir, error)
+            if str(run_dir.resolve()) not in _UNLOCKABLE_DIRECTORIES:
+                _UNLOCKABLE_DIRECTORIES.add(str(run_dir.resolve()))
+                logger.warning("cannot lock %s (%s); two runs there would not be kept apart", run_dir, error)
             return None
         raise OSError(f"{run_dir} is in use by another run (process {holder}); wait for it to end, or choose another "
                       "--run-dir / logging.name") from None
@@ -83,13 +85,35 @@ def lock_run_directory(run_dir: Path) -> io.TextIOWrapper | None:
     return handle
 
 
+_UNLOCKABLE_DIRECTORIES: set[str] = set()  # run directories whose filesystem refused flock, already warned about
+
+
+def _written_by_another_live_process(temporary: Path) -> bool:
+    """Whether the process whose id ends a ``.NAME.tmp-PID`` name is running and is not this one: a process writing
+    into the run directory without holding its lock (``entrorl eval --out run_dir/...``), whose file is in use."""
+    pid = temporary.name.rpartition(".tmp-")[2]
+    if not pid.isdigit() or int(pid) <= 0 or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def remove_temporary_files(run_dir: Path) -> None:
     """Remove what atomic writes in ``run_dir`` left behind when their process was killed mid-write (``kill -9``,
-    a power cut): hidden ``.NAME.tmp-PID`` files and directories. Only for the holder of the directory's lock,
-    which no other live process writes to."""
+    a power cut): hidden ``.NAME.tmp-PID`` files and directories whose process no longer runs. Only for the holder
+    of the directory's lock, which no other run writes to."""
     (run_dir / "metrics.jsonl.tmp").unlink(missing_ok=True)  # the metrics file cut back to a resumed step
     for folder in (run_dir, *(path for path in run_dir.iterdir() if path.is_dir() and not path.name.startswith("."))):
         for stale in folder.glob(_TEMPORARY):
+            if _written_by_another_live_process(stale):
+                continue
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
             else:

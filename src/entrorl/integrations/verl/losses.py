@@ -288,7 +288,7 @@ def _loss_mode_state(method: str, params: dict[str, Any], loss_agg_mode: str, lo
             if part.name == "kl_cov":
                 # KL-Cov's own on-policy warning counts calls, and in verl every micro-batch of the (on-policy) first
                 # mini-batch of a step is one: the loss counts on-policy mini-batches instead (_check_inputs)
-                part._warned_on_policy = True
+                part.leave_on_policy_warning_to_caller()
         _LOSS_MODES[key] = _LossMode(method=method, settings=settings, objective=objective)
         own = _method_defaults(method)
         replaced = [f"{name} {settings[name]!r} (the method's: {own[name]!r})" for name in sorted(own)
