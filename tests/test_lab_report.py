@@ -400,6 +400,12 @@ def test_law_columns_are_honest_forecasts(tmp_path):
     assert rows["grpo"]["ceiling"] == "0.6" and rows["grpo"]["forecast ceiling"] == "—"
     assert rows["grpo"]["forecast ceiling − reached"] == "—" and "fitted on 3 steps only" in rows["grpo"]["note"]
     assert report["law"]["fits"]["grpo"]["ceiling_minus_reached"] is None  # report.json agrees with the table
+    # a law whose ceiling lies above 1 extrapolates an accuracy past its range: the note says so
+    _write_metrics(out / "methods" / "grpo", h, -0.3 * np.exp(h) + 1.5)  # ceiling 1.2
+    report = write_report(out, figures=False)
+    rows = {r["method"]: r for r in report["law"]["table"]["rows"]}
+    assert rows["grpo"]["ceiling"] == "1.2" and "ceiling and forecast ceiling above 1, the most an accuracy" in rows["grpo"]["note"]
+    assert "above 1" not in rows["nsr"]["note"]
 
 
 def test_two_point_law_fit_has_no_r2(tmp_path):

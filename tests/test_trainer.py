@@ -512,6 +512,8 @@ def test_rng_state_includes_cuda_generators_once_cuda_is_in_use(monkeypatch):
 
 
 def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_files):
+    import warnings
+
     train, _ = arithmetic_files
     base = make_config(tmp_path / "no-model-needed", train, None)
     with pytest.raises(ConfigError, match="optim.lrr: unknown key"):
@@ -579,6 +581,13 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         load_config(base, ["rollout.group_size=1"])
     with pytest.warns(UserWarning, match="method 'grpo\\+icepop' compares the trainer's log-probs .*rollout.top_k = 5"):
         load_config(base, ["method=grpo+icepop", "rollout.top_k=5"])
+    with pytest.warns(UserWarning, match="method 'clip_v' reads disc_centered of the full distribution .*top_p = 0.9 draw "
+                                         "the tokens from a truncated one"):
+        load_config(base, ["method=clip_v", "rollout.top_p=0.9"])
+    with warnings.catch_warnings():  # a method that reads no entropy statistic, or no filter: silent
+        warnings.simplefilter("error")
+        load_config(base, ["method=grpo", "rollout.top_p=0.9"])
+        load_config(base, ["method=forking_tokens"])
     with pytest.raises(ConfigError, match="rollout.group_size: the 'passk' advantage compares the samples of a group"):
         load_config(base, ["rollout.group_size=1", "advantage.name=passk", "advantage.params={k: 1}"])
     with pytest.raises(ConfigError, match="advantage.name: the 'w_reinforce' advantage is already \\+lambda / -1"):

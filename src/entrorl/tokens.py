@@ -408,7 +408,8 @@ def token_stats(
     Args:
         logits: ``[B, T, V]`` or ``[N, V]``, float32 / bfloat16 / float16 / float64.
         targets: sampled token ids shaped like ``logits`` without the last dim.
-        temperature: the sampling temperature T (the statistics describe the distribution that was sampled).
+        temperature: the sampling temperature T. The statistics are those of the full-vocabulary ``softmax(z / T)``;
+            a sampler that also filters (top-k, top-p) drew from a truncated distribution that they do not describe.
         mask: optional bool/0-1 tensor shaped like ``targets``; statistics are computed only at valid
             positions and are 0 elsewhere (gradients too).
         chunk_size: rows per chunk; default keeps one float32 chunk near 4M elements.

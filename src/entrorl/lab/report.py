@@ -1093,6 +1093,14 @@ class _Report:
                              "ceiling, an extrapolation to zero entropy, is not shown")
             if forecast and law.get("end_in_fit"):
                 notes.append("forecast error at the end is in-sample: the last steps were among the fitted ones")
+            if law.get("reward_key") == REWARD_KEY:  # an accuracy: a ceiling above 1 is the law extrapolated past it
+                above = [label for label, value, shown in (
+                    ("ceiling", (fit or {}).get("ceiling"), bool(fit and fit.get("ceiling_applies"))),
+                    ("forecast ceiling", (forecast or {}).get("predicted_ceiling"), ceiling_shown))
+                    if shown and _finite(value) is not None and value > 1.0]
+                if above:
+                    notes.append(f"{' and '.join(above)} above 1, the most an accuracy can be: the law extrapolated "
+                                 "beyond the reward's range, so read it as 'no ceiling in sight', not as a value")
             cells = [text(name), num(law["n_points"])]
             cells += ([num(fit["a"]), num(fit["b"]), num(fit["r2"]), num(fit["ceiling"]) if fit.get("ceiling_applies") else dash()]
                       if fit else [missing()] * 4)

@@ -465,6 +465,14 @@ class TrainConfig(_Section):
                 f"{self.rollout.top_p} make those of the filtered distribution: their ratio is then the probability "
                 "the filter kept, not only the sampler/trainer mismatch (TIS weights below 1; IcePop may mask most "
                 "tokens)", ConfigWarning, stacklevel=2)
+        entropy_statistics = sorted({"entropy", "disc", "disc_centered"} & set(required))
+        if self.rollout.filters_tokens() and entropy_statistics:
+            warnings.warn(
+                f"method {self.method_label()!r} reads {', '.join(entropy_statistics)} of the full distribution at "
+                f"rollout.temperature, while rollout.top_k = {self.rollout.top_k} / top_p = {self.rollout.top_p} draw the "
+                "tokens from a truncated one: its entropy is lower than the one the method sees, and D's batch mean is "
+                "no longer about 0 (Cor. 3.5 of arXiv 2602.03392 holds for tokens drawn from the full distribution)",
+                ConfigWarning, stacklevel=2)
         if self.reward.unlikeliness is not None and estimator == "unlikely":
             raise ValueError("reward.unlikeliness and the 'unlikely' advantage estimator both apply the unlikeliness "
                              "reward; keep one (the estimator is reward.unlikeliness + grpo)")
