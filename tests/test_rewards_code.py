@@ -237,6 +237,56 @@ def test_exiting_during_an_assert_does_not_pass_it():
     assert verdict.cases[1][0] == "passed"
 
 
+@pytest.mark.parametrize("program", [
+    "a, b = map(int, open(0).read().split())\nprint(a + b)",  # fd 0 closed once its file is collected
+    "with open(0) as handle:\n    a, b = map(int, handle.read().split())\nprint(a + b)",
+    "import sys\na, b = map(int, sys.stdin.read().split())\nopen(1, 'w').write(str(a + b) + '\\n')",  # closes fd 1
+    "import sys\na, b = map(int, input().split())\nprint(a + b)\nsys.stdout.close()",
+])
+def test_programs_that_close_their_standard_streams_pass_every_case(program):
+    """Correct under ``python3 p.py < in`` (the competitive-programming idioms): every case passes, the later ones too."""
+    verdict = reward()("add", fenced(program), ADD_TESTS)
+    assert verdict == 1.0, verdict.reason
+
+
+def _plant(kind: str, name: str, target: str = "") -> str:
+    """Program text that replaces the working directory's ``name`` by a FIFO or a link to ``target``."""
+    make = {"fifo": f"os.mkfifo({name!r})", "symlink": f"os.symlink({target!r}, {name!r})",
+            "hardlink": f"os.link({target!r}, {name!r})", "directory": f"os.mkdir({name!r})"}[kind]
+    return f"import os\nif os.path.exists({name!r}):\n    os.remove({name!r})\n{make}\n"
+
+
+@pytest.mark.timeout(60)  # the failure this guards against is a parent blocked for ever
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+@pytest.mark.parametrize("name", ["case0.out", "stderr.txt", "config1.json"])
+def test_files_the_program_replaces_neither_block_nor_mislead_the_sandbox(kind, name):
+    """The parent reads each case's output and stderr, and writes the next attempt's configuration and stderr, in the
+    working directory, where a program may have put a FIFO (opening it would block the parent for ever) or a directory
+    in their place. The case whose file was replaced fails, the run ends within its time limit, and the later case
+    (in a fresh child after the crash) is scored."""
+    program = ("import os\nfirst = not os.path.exists('crashed')\n"
+               "a, b = map(int, input().split())\nprint(a + b, flush=True)\n"
+               f"if first:\n    open('crashed', 'w').close()\n    exec({_plant(kind, name)!r})\n    os._exit(1)")
+    started = time.monotonic()
+    verdict = reward()("add", fenced(program), ADD_TESTS)
+    assert time.monotonic() - started < 30
+    assert verdict.cases[0][0] != "passed" and verdict.cases[1][0] == "passed", verdict.reason
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_a_case_output_linked_to_a_file_the_program_cannot_read_is_not_read_for_it(tmp_path, kind):
+    """Without the audit hook a program may link its output file to one it cannot read; the parent (maybe root) does
+    not read it on its behalf, so the file's text never reaches the verdict's reason."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    secret = private / "secret"
+    secret.write_text("SECRET-TEXT\n")
+    secret.chmod(0o600)
+    program = _plant(kind, "case0.out", str(secret))
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits(audit_hook=False))
+    assert "SECRET" not in (run.outcomes[0].stdout or "") + (run.outcomes[0].error or "")
+
+
 def test_runner_keeps_the_verdict_score_and_reason():
     runner = RewardRunner(reward())
     result = runner(

@@ -59,13 +59,14 @@ import secrets
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "CaseOutcome",
@@ -385,8 +386,9 @@ def leave_if_forked():
 
 def redirect(fd, path, flags):
     new = os.open(path, flags, 0o600)
-    os.dup2(new, fd)
-    os.close(new)
+    if new != fd:  # the program closed fd (open(0).read() does, once its file is collected): open() reused it
+        os.dup2(new, fd)
+        os.close(new)
 
 
 def attach_standard_streams(input_path, output_path, output_flags):
@@ -395,6 +397,7 @@ def attach_standard_streams(input_path, output_path, output_flags):
     redirect(1, output_path, output_flags)
     sys.stdin = open(0, "r", encoding="utf-8", errors="replace", closefd=False)
     sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
+    return sys.stdout
 
 
 def fresh_main_namespace():
@@ -408,14 +411,16 @@ def fresh_main_namespace():
 def run_case(index, case, state):
     kind, text = case["kind"], case["text"]
     if kind == "stdin":
-        attach_standard_streams(os.path.join(WORKDIR, "case%d.in" % index),
-                                os.path.join(WORKDIR, "case%d.out" % index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        output = attach_standard_streams(os.path.join(WORKDIR, "case%d.in" % index),
+                                         os.path.join(WORKDIR, "case%d.out" % index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         namespace = fresh_main_namespace()
         try:
             exec(state["code"], namespace)
         finally:
             try:
-                sys.stdout.flush()
+                for stream in dict.fromkeys((sys.stdout, output)):  # the program may have replaced sys.stdout
+                    if not getattr(stream, "closed", False):  # or closed it when done, as a script may
+                        stream.flush()
             finally:
                 attach_standard_streams(os.devnull, os.devnull, os.O_WRONLY)
         return
@@ -653,9 +658,44 @@ def _remove_litter(uid: int) -> list[str]:
     return removed
 
 
-def _read_tail(path: str, limit: int = 2000) -> str:
+def _open_program_file(path: str) -> BinaryIO | None:
+    """``path`` (in the working directory, where the program could replace it) opened for reading only if it is still
+    a plain file of its own: not a symbolic link (the parent could read what the sandbox user cannot), a FIFO or a
+    device (opening or reading it could block the parent), or a hard link to another file; ``None`` otherwise."""
     try:
-        with open(path, "rb") as handle:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+        os.close(descriptor)
+        return None
+    return os.fdopen(descriptor, "rb")
+
+
+def _open_for_writing(path: str, flags: int) -> int:
+    """A descriptor for the parent to write ``path`` in the working directory, which a program that ran there may
+    have replaced by a symbolic link (the parent would write, and chown, another file), a FIFO (opening it would block
+    the parent) or a directory: whatever is there and is not a plain file of its own is removed first. Every process
+    of the program is gone by then, so nothing can put it back."""
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISDIR(status.st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        elif not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+            os.unlink(path)
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+
+
+def _read_tail(path: str, limit: int = 2000) -> str:
+    handle = _open_program_file(path)
+    if handle is None:
+        return ""
+    try:
+        with handle:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
             handle.seek(max(0, size - limit))
@@ -665,8 +705,11 @@ def _read_tail(path: str, limit: int = 2000) -> str:
 
 
 def _read_output(path: str, limit: int) -> str:
+    handle = _open_program_file(path)
+    if handle is None:
+        return ""
     try:
-        with open(path, "rb") as handle:
+        with handle:
             return handle.read(limit).decode("utf-8", errors="replace")
     except OSError:
         return ""
@@ -883,13 +926,13 @@ def _run_attempt(
         },
     }
     config_path = os.path.join(workdir, f"config{first_case}.json")
-    with open(config_path, "w", encoding="utf-8") as handle:
+    with open(_open_for_writing(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as handle:
         json.dump(config, handle)
     if uid is not None:
         os.chown(config_path, uid, uid)
     os.chmod(config_path, 0o400)
     stderr_path = os.path.join(workdir, "stderr.txt")
-    stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    stderr_fd = _open_for_writing(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     if uid is not None:
         os.fchown(stderr_fd, uid, uid)
     try:
