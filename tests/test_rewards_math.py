@@ -258,6 +258,48 @@ def test_find_final_answer_names_the_extractor():
     assert [name for name, _ in ANSWER_EXTRACTORS] == ["boxed", "answer_tag", "answer_phrase", "hashes", "last_number"]
 
 
+@pytest.mark.parametrize(
+    ("completion", "reference", "extracted", "score"),
+    [
+        # the digits of an expression do not pass for its value (TRL's and math-verify's extraction agree)
+        (r"Therefore $x = \frac{3}{2}$", "2", r"\frac{3}{2}", 0.0),
+        (r"So $x = \sqrt{2}$", "2", r"\sqrt{2}", 0.0),
+        (r"The area is $4\pi$", "4", r"4\pi", 0.0),
+        (r"So it is $2^{10}$", "10", "2^{10}", 0.0),
+        ("So it is 2^10.", "10", "2^10", 0.0),
+        ("So it is 2^10.", "1024", "2^10", 1.0),
+        ("the result is 1e3", "1", "1e3", 0.0),
+        ("the result is 1e3", "1000", "1e3", 1.0),
+        # and the value of one is its answer
+        (r"Therefore $x = \frac{1}{2}$", "1/2", r"\frac{1}{2}", 1.0),
+        (r"we get $x \approx 1.414$", r"\sqrt{2}", "1.414", 1.0),
+        (r"The price is \$5 and then $3 + 4 = 7$", "7", "7", 1.0),  # an escaped dollar opens no math
+        (r"so $$\frac{7}{3}$$", "7/3", r"\frac{7}{3}", 1.0),
+        ("It is 50%.", "0.5", "50%", 1.0),  # % is /100 when the question asks for no percentage
+        ("Natalia sold 48/2 = 24 clips in May, so 48+24 = 72 clips.", "72", "72", 1.0),
+    ],
+)
+def test_the_last_number_is_the_expression_it_belongs_to(completion, reference, extracted, score):
+    assert find_final_answer(completion) == ("last_number", extracted)
+    assert float(get_reward("math")("Find it.", completion, reference)) == score
+
+
+def test_the_last_number_reads_math_spans_in_linear_time():
+    completion = "$1" * 20_000 + " 7"  # 20,000 unclosed openers
+    started = time.perf_counter()
+    assert find_final_answer(completion) == ("last_number", "7")
+    assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "reference"),
+    [("The answer is therefore 42.", "42"), ("The answer is thus, 7", "7"),
+     (r"\boxed{\approx 3.14}", r"\pi"), (r"\boxed{≈ 3.14}", r"\pi"), (r"\boxed{\sim 5}", "5")],
+)
+def test_filler_words_and_approximately_signs_are_not_part_of_the_answer(completion, reference):
+    assert get_reward("math")("", completion, reference) == 1.0
+
+
 # --------------------------------------------------------------------------------------------
 # reading the question, canonical spelling
 # --------------------------------------------------------------------------------------------

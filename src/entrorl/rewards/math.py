@@ -11,7 +11,8 @@ Three stages, each a small ordered table that later work extends:
    * ``answer_phrase`` — the last "the answer is X" / "Final answer: X" / "答案是 X" (to the end of the
      line or sentence);
    * ``hashes`` — GSM8K's ``#### X``;
-   * ``last_number`` — the last number in the text (integers, decimals, ``1,234``, ``a/b``).
+   * ``last_number`` — the last number in the text (integers, decimals, ``1,234``, ``a/b``, ``1e3``, ``50%``), or
+     the expression it is part of (``$x = \\frac{3}{2}$`` gives ``\\frac{3}{2}``, not ``2``).
 
    Each takes time linear in the length of the completion (braces are matched once, tags paired once).
 
@@ -210,6 +211,9 @@ def extract_answer_tag(text: str) -> str | None:
 # "\s*(?:\*\*\s*)?" rather than "\s*(?:\*\*)?\s*": two adjacent "\s*" backtrack quadratically over long blanks
 _PHRASE_RE = re.compile(r"(?:\banswer\b\s*(?:\*\*\s*)?(?:is\b|:|=)|答案\s*(?:是|为|:|：))\s*:?", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)")
+# "the answer is therefore 42": words between the phrase and the answer
+_PHRASE_FILLER_RE = re.compile(r"^(?:(?:therefore|thus|hence|so|then|simply|clearly|just|indeed|finally|obviously)\b[\s,]*)+(?=\S)",
+                               re.IGNORECASE)
 
 
 def extract_answer_phrase(text: str) -> str | None:
@@ -220,7 +224,7 @@ def extract_answer_phrase(text: str) -> str | None:
         pass
     if last is None:
         return None
-    rest = text[last.end() :].lstrip(" \t*\n")
+    rest = _PHRASE_FILLER_RE.sub("", text[last.end() :].lstrip(" \t*\n"))
     for opener, closer in (("$$", "$$"), ("\\[", "\\]")):
         if rest.startswith(opener):
             end = rest.find(closer, len(opener))
@@ -243,17 +247,62 @@ def extract_hashes(text: str) -> str | None:
 
 
 _NUMBER_RE = re.compile(
-    r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?(?![\d])|(?<![\w.])-?\.\d+"
+    r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?(?![\d])(?:\s*\\?%)?"
+    r"|(?<![\w.])-?\.\d+(?:\s*\\?%)?"
 )
+# $..$, $$..$$, \(..\), \[..\]; an escaped \$ is a dollar sign, not a delimiter
+_MATH_DELIMITER_RE = re.compile(r"\$\$|\\\[|\\\]|\\\(|\\\)|(?<!\\)\$")
+_MATH_CLOSERS = {"$$": "$$", "\\[": "\\]", "\\(": "\\)", "$": "$"}
+_RELATION_RE = re.compile(r"=|\\approx(?![A-Za-z])|≈")
+_ATTACHED = frozenset("^_")  # a number written against these is part of a power or an index, not a value of its own
+
+
+def _math_span_around(text: str, position: int) -> tuple[int, int] | None:
+    """The bounds of the content of the math span (``$..$``, ``$$..$$``, ``\\(..\\)``, ``\\[..\\]``) that holds
+    ``position``, or None. One pass over the delimiters: time linear in ``len(text)``."""
+    opener, start = None, 0
+    for delimiter in _MATH_DELIMITER_RE.finditer(text):
+        token = delimiter.group()
+        if opener is None:
+            if delimiter.start() > position:
+                return None
+            if token in _MATH_CLOSERS:
+                opener, start = token, delimiter.end()
+        elif token == _MATH_CLOSERS[opener]:
+            if start <= position < delimiter.start():
+                return start, delimiter.start()
+            opener = None
+    return None
 
 
 def extract_last_number(text: str) -> str | None:
-    """The last number in the text (``-3``, ``2.5``, ``1,234``, ``3/4``, ``.5``), commas removed."""
+    """The last number in the text (``-3``, ``2.5``, ``1,234``, ``3/4``, ``.5``, ``1e3``, ``50%``), commas removed —
+    or, when that number is part of a larger expression, the expression, so that the digits of one do not pass for
+    the answer (``2`` is not the answer of ``$x = \\frac{3}{2}$``, ``$\\sqrt{2}$``, ``$4\\pi$`` or ``2^10``):
+
+    * inside a math span, the span's content after its last ``=`` (or ``\\approx``);
+    * elsewhere, a number written against ``^`` or ``_`` gives its whole whitespace-delimited token.
+    """
     text = text.replace("\u2212", "-")
-    matches = _NUMBER_RE.findall(text)
-    if not matches:
+    last = None
+    for last in _NUMBER_RE.finditer(text):
+        pass
+    if last is None:
         return None
-    return re.sub(r"\s+", "", matches[-1]).replace(",", "")
+    number = re.sub(r"\s+", "", last.group()).replace(",", "")
+    span = _math_span_around(text, last.start())
+    if span is not None:
+        content = text[span[0] : span[1]]
+        relations = list(_RELATION_RE.finditer(content))
+        expression = content[relations[-1].end() :] if relations else content
+        return expression.strip() or number
+    before = text[last.start() - 1] if last.start() else ""
+    after = text[last.end()] if last.end() < len(text) else ""
+    if before in _ATTACHED or after in _ATTACHED:
+        start = max(text.rfind(" ", 0, last.start()), text.rfind("\n", 0, last.start())) + 1
+        end = min((i for i in (text.find(" ", last.end()), text.find("\n", last.end())) if i != -1), default=len(text))
+        return text[start:end].rstrip(".,;:!?")
+    return number
 
 
 #: ``(name, extractor)`` pairs tried in order by :func:`extract_final_answer`.
@@ -438,6 +487,7 @@ _PERCENT_SIGN = r"(?:\s*\\%|\s*%|\s*\\text\s*\{\s*\\?%\s*\}|\s+per\s?cent\b|\s*\
 _PERCENT_NUMBER_RE = re.compile(r"(?<![\d.])(-?(?:\d+(?:\.\d*)?|\.\d+))" + _PERCENT_SIGN)  # from a number's start:
 # without the look-behind a long run of digits is rescanned from each of its digits (quadratic)
 _PERCENT_ANY_RE = re.compile(_PERCENT_SIGN)
+_APPROXIMATELY_RE = re.compile(r"^(?:\\approx(?![A-Za-z])|≈|\\simeq(?![A-Za-z])|\\sim(?![A-Za-z])|~|approximately\b|about\b)\s*")
 _PI_WORD_RE = re.compile(r"(?<![A-Za-z\\])pi(?![A-Za-z])")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _NUMBER_TEXT = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*\d+)?|[-+]?\\frac\{[^{}]+\}\{[^{}]+\}"
@@ -488,6 +538,7 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
     s = _TEXT_COMMAND_RE.sub(lambda m: f" {m.group(1).strip()} ", s)
     s = re.sub(r"\\[ ,;:]", " ", s)
     s = _CURRENCY_RE.sub(r"\1", s.strip())
+    s = _APPROXIMATELY_RE.sub("", s)
     s = _PI_WORD_RE.sub(r"\\pi ", s)
     s = re.sub(r"\s+", " ", s).strip()
     if _THOUSANDS_RE.fullmatch(s):
