@@ -133,7 +133,7 @@ def test_slow_chunk_times_out_to_zero_and_the_rest_is_scored():
     release.set()
     assert elapsed < 2.0
     assert scores[:2] == [JudgeScore(2.0), JudgeScore(3.0)]
-    assert scores[2:] == [JudgeScore(0.0, JUDGE_TIMEOUT_REASON)] * 2
+    assert scores[2:] == [JudgeScore(0.0, JUDGE_TIMEOUT_REASON, failed=True)] * 2
     assert reward.stats()["timeouts"] == 2
     # a timeout is not cached: the next call judges those samples again (now fast)
     again = reward.score_batch(["p"] * 2, ["slow", "x"], None)
@@ -145,12 +145,12 @@ def test_judge_errors_and_bad_outputs_score_zero_with_a_reason():
         raise RuntimeError("service unavailable")
 
     scores = JudgeReward(raising).score_batch(["p", "q"], ["a", "b"])
-    assert scores == [JudgeScore(0.0, "judge error: RuntimeError: service unavailable")] * 2
+    assert scores == [JudgeScore(0.0, "judge error: RuntimeError: service unavailable", failed=True)] * 2
     for bad, message in ((lambda s: [1.0], "returned 1 scores for 2 samples"), (lambda s: [1.0, math.nan], "nan"),
                          (lambda s: ["1", "2"], "not a finite number"), (lambda s: None, "not a list")):
         reward = JudgeReward(bad)
         scores = reward.score_batch(["p", "q"], ["a", "b"])
-        assert all(s.score == 0.0 and message in s.reason for s in scores), (message, scores)
+        assert all(s.score == 0.0 and s.failed and message in s.reason for s in scores), (message, scores)
         assert reward.stats()["errors"] == 2 and len(reward.cache) == 0
 
 
@@ -171,8 +171,18 @@ def test_works_inside_reward_runner_with_reasons():
     slow = JudgeReward(lambda samples: [float(release.wait(10))] * len(samples), timeout_s=0.05)
     result = RewardRunner(slow)(["p", "q"], ["a", "b"])
     release.set()
-    assert result.scores.tolist() == [0.0, 0.0] and result.errors == 0
-    assert result.reasons == [JUDGE_TIMEOUT_REASON] * 2
+    # a judge that timed out or failed gave no score: the runner counts the samples as failed rewards, which the
+    # trainer's reward/errors, reward_errors.log and reward.max_failing_steps stop see
+    assert result.scores.tolist() == [0.0, 0.0] and result.errors == 2 and result.failed.tolist() == [True, True]
+    assert result.reasons == [f"reward failed: {JUDGE_TIMEOUT_REASON}"] * 2
+    assert result.first_error == f"reward for sample 0 failed: {JUDGE_TIMEOUT_REASON}"
+
+    def unreachable(samples):
+        raise ConnectionError("judge API unreachable")
+
+    result = RewardRunner(JudgeReward(unreachable))(["p"] * 3, ["a", "b", "c"], ["x"] * 3)
+    assert result.errors == 3 and "ConnectionError: judge API unreachable" in result.first_error
+    assert RewardRunner(JudgeReward(lambda samples: [True, False]))(["p", "q"], ["a", "b"]).scores.tolist() == [1.0, 0.0]
 
 
 # --------------------------------------------------------------------------------------------------

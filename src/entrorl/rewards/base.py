@@ -418,7 +418,8 @@ class RewardRunner:
     a score of 0; it is counted in ``errors`` and the first failure is kept in ``first_error`` (its first
     line, a summary, is logged as a warning once per runner; the traceback is not); its reason says so.
     A reward may return an object with ``.score`` and ``.reason`` instead of a number: the reason is
-    kept in ``RewardResult.reasons``. Nothing raised by
+    kept in ``RewardResult.reasons``; with ``.failed`` true as well (a judge's timeout or error) the sample
+    counts as failed, like one that raised. Nothing raised by
     the reward function propagates, ``BaseException`` subclasses included, except
     ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit``. A reward with a
     ``score_batch(prompts, completions, answers, metas)`` method (a judge) gets the whole batch in one call;
@@ -535,6 +536,8 @@ class RewardRunner:
                         first_error = f"reward raised for sample {i}: {headline}\n{traceback.format_exc()}"
                     continue
             try:
+                if getattr(value, "failed", False) is True:  # a score that says it is none (a judge's timeout)
+                    raise ValueError(f"failed: {getattr(value, 'reason', None) or 'no reason given'}")
                 value, reasons[i] = _score_and_reason(value)
                 score = _as_float(value)
                 if not math.isfinite(score):

@@ -24,7 +24,9 @@ directory, loaded with :func:`load_model_judge`:
 * **timeout** — each chunk's call runs in a worker thread; if it takes longer than ``timeout_s`` its
   samples score 0 with the reason ``"judge timeout"`` and the run continues (Python cannot stop a thread:
   the late call finishes in the background and its result is discarded). A call that raises or returns
-  malformed scores gives its samples 0 with the reason ``"judge error: ..."``;
+  malformed scores gives its samples 0 with the reason ``"judge error: ..."``. Either way the scores are marked
+  failed, so the reward runner counts them as a reward that raised (``reward/errors``, ``reward_errors.log``, the
+  trainer's stop after ``reward.max_failing_steps``); a judge may return booleans (1 / 0);
 * **cache** — scores are kept in an in-memory LRU of ``cache_size`` entries and, with ``cache_path``, in
   an SQLite file shared across runs, keyed by the SHA-256 of ``(judge_id, prompt, completion, answer)``.
   Timeouts and errors are never cached.
@@ -83,10 +85,13 @@ DEFAULT_JUDGE_TEMPLATE = (
 
 @dataclass(frozen=True)
 class JudgeScore:
-    """The judge's score of one sample; ``reason`` says why it is not a judged score (timeout, error)."""
+    """The judge's score of one sample; ``reason`` says why it is not a judged score (timeout, error), and then
+    ``failed`` is True: :class:`~entrorl.rewards.RewardRunner` counts the sample as a failed reward (``reward/errors``,
+    the first one in ``reward_errors.log``), as it does a reward that raises."""
 
     score: float
     reason: str | None = None
+    failed: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +379,7 @@ def _scores_of(value: Any, expected: int) -> list[float]:
     for score in scores:
         if hasattr(score, "item") and not isinstance(score, numbers.Real):
             score = score.item()
-        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
+        if not isinstance(score, numbers.Real) or not math.isfinite(score):  # a bool is a verdict: 1 or 0
             raise ValueError(f"returned {score!r}, not a finite number")
         out.append(float(score))
     return out
@@ -547,11 +552,11 @@ class JudgeReward:
         except _JudgeTimeout:
             self.timeouts += len(samples)
             logger.warning("judge %s took longer than %.3g s on %d samples; scored 0", self.judge_id, self.timeout_s, len(samples))
-            return JudgeScore(0.0, JUDGE_TIMEOUT_REASON)
+            return JudgeScore(0.0, JUDGE_TIMEOUT_REASON, failed=True)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as error:  # noqa: BLE001 - a judge must never kill the run
             self.errors += len(samples)
             reason = f"judge error: {type(error).__name__}: {error}"
             logger.warning("judge %s failed on %d samples (scored 0): %s", self.judge_id, len(samples), reason)
-            return JudgeScore(0.0, reason)
+            return JudgeScore(0.0, reason, failed=True)
