@@ -634,6 +634,9 @@ _SPEC_MODULE = textwrap.dedent(
         return contains_answer
 
     NOT_CALLABLE = 42
+
+    from entrorl.rewards import MathReward
+    loose_math = MathReward(tolerance=1e-3)  # an instance of a registered reward class
     '''
 )
 
@@ -646,6 +649,15 @@ def spec_module(tmp_path, monkeypatch, registry_sandbox):
     yield "entrorl_test_user_rewards"
     for name in ("entrorl_test_user_rewards", "entrorl_test_broken_rewards"):
         sys.modules.pop(name, None)
+
+
+def test_an_instance_of_a_registered_reward_class_is_a_reward_not_a_factory(spec_module):
+    """``module:loose_math`` names a configured MathReward: it scores as that instance does (its own tolerance), where
+    the class's registration mark, inherited by the instance, had it called as a factory with no arguments."""
+    reward = get_reward(f"{spec_module}:loose_math")
+    assert reward.options.tolerance == 1e-3 and float(reward("", r"\boxed{3.1416}", "3.14159")) == 1.0
+    check_reward_spec(f"{spec_module}:loose_math")
+    assert RewardRunner(f"{spec_module}:loose_math")(["p"], [r"\boxed{2}"], ["2"]).scores.tolist() == [1.0]
 
 
 def test_options_given_to_a_plain_reward_function_say_that_it_takes_none(spec_module):

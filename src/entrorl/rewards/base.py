@@ -157,8 +157,14 @@ def import_callable(spec: str, what: str = "reward") -> Any:
     return obj
 
 
+def _registered_kind(obj: Any) -> str | None:
+    """The kind :func:`register_reward` marked ``obj`` with: a class's or a function's own, never the one an instance
+    inherits from its registered class (``loose = MathReward(tolerance=1e-3)`` is a reward, not a factory)."""
+    return getattr(obj, _KIND_ATTR, None) if inspect.isclass(obj) or inspect.isroutine(obj) else None
+
+
 def _is_factory(obj: Any, kwargs: Mapping[str, Any]) -> bool:
-    kind = getattr(obj, _KIND_ATTR, None)
+    kind = _registered_kind(obj)
     if kind is not None:
         return kind == "factory"
     return inspect.isclass(obj) or bool(kwargs)
@@ -177,7 +183,7 @@ def _is_unmarked_reward_function(obj: Any, signature: inspect.Signature) -> bool
     """Whether ``obj`` is a function (neither a class nor registered as a factory) shaped like a reward: its first three
     parameters are positional and required, as ``prompt, completion, answer`` are. Given options, it was taken for a
     factory only because of them (a factory's options have defaults, or are not three required positionals)."""
-    if inspect.isclass(obj) or getattr(obj, _KIND_ATTR, None) is not None:
+    if inspect.isclass(obj) or _registered_kind(obj) is not None:
         return False
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     first = list(signature.parameters.values())[:3]
