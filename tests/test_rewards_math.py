@@ -166,6 +166,8 @@ CASES = [
     ("", r"\boxed{(10^{6})!}", "5", 0.0, "too large to evaluate"),
     ("", r"\boxed{(3!)!}", "720", 1.0, ""),
     ("", r"\boxed{2^{10}}", "1024", 1.0, ""),
+    ("", r"\boxed{(2^{10})^{3}}", "1073741824", 1.0, ""),
+    ("", r"\boxed{0.5^{9999}}", "2^{-9999}", 1.0, ""),
 ]
 
 
@@ -422,7 +424,8 @@ def test_judge_timeout_is_not_an_exception():
 
 
 @pytest.mark.parametrize(
-    "completion", [r"\boxed{2^{3^{20}}}", r"\boxed{9^{9^{9^{9}}}}", r"\boxed{(10^{9})!}", r"\boxed{2^{100000}}"]
+    "completion", [r"\boxed{2^{3^{20}}}", r"\boxed{9^{9^{9^{9}}}}", r"\boxed{(10^{9})!}", r"\boxed{2^{100000}}",
+                   r"\boxed{{{{2^{9999}}^{9999}}^{9999}}}"]  # each exponent small, the tower's value not
 )
 def test_pathological_answers_are_refused_quickly_in_any_thread(reward, completion):
     out = []

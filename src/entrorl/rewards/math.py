@@ -652,6 +652,7 @@ def _time_limit(seconds: float) -> Iterator[None]:
 
 # Evaluation limits: beyond them big-integer arithmetic could run for minutes without yielding.
 _MAX_EXPONENT = 10_000
+_MAX_POWER_BITS = 1 << 20  # about 315,000 decimal digits: built in milliseconds
 _MAX_FACTORIAL = 1_000
 
 
@@ -662,7 +663,8 @@ def _magnitude(expr: Any) -> float:
 
 def _check_size(expr: Any) -> None:
     """Raise :class:`_TooLarge` if evaluating sympy ``expr`` could build an enormous integer: a power of
-    a number other than +-1 (or 0) to an exponent above ``_MAX_EXPONENT``, or a factorial above
+    a number other than +-1 (or 0) to an exponent above ``_MAX_EXPONENT`` or whose value would take more than
+    ``_MAX_POWER_BITS`` bits (its inner powers checked first, so towers are caught), or a factorial above
     ``_MAX_FACTORIAL``. Inner expressions are checked before they are evaluated, so ``2^{3^{20}}`` is
     refused without computing ``3^{20}`` twice over and ``(3!)!`` is accepted."""
     import sympy
@@ -674,8 +676,13 @@ def _check_size(expr: Any) -> None:
     if isinstance(expr, sympy.Pow):
         base, exponent = expr.args
         if exponent.is_number and base.is_number and _magnitude(base) not in (0.0, 1.0):
-            if _magnitude(exponent) > _MAX_EXPONENT:
+            size = _magnitude(exponent)
+            if size > _MAX_EXPONENT:
                 raise _TooLarge(f"an exponent above {_MAX_EXPONENT}")
+            # the result's size, not only the exponent's: (2^{9999})^{9999} has 10^8 bits
+            bits = size * abs(float(sympy.log(sympy.Abs(base), 2).evalf(15)))
+            if not bits <= _MAX_POWER_BITS:
+                raise _TooLarge(f"a power of more than {_MAX_POWER_BITS} bits")
     elif isinstance(expr, (sympy.factorial, sympy.factorial2)):
         argument = expr.args[0]
         if argument.is_number and _magnitude(argument) > _MAX_FACTORIAL:
