@@ -651,6 +651,22 @@ def spec_module(tmp_path, monkeypatch, registry_sandbox):
         sys.modules.pop(name, None)
 
 
+def test_a_reward_module_in_the_working_directory_is_found_by_the_console_script(tmp_path, monkeypatch):
+    """The ``entrorl`` command, unlike ``python -m entrorl.cli``, has no working directory on sys.path: a module beside
+    the config is looked for there last (so it shadows nothing installed), and a module found nowhere says where it was
+    looked for."""
+    (tmp_path / "entrorl_test_cwd_rewards.py").write_text(
+        "def parity(prompt, completion, answer, **meta):\n    return float(len(completion) % 2)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "entrorl_test_cwd_rewards", raising=False)
+    assert get_reward("entrorl_test_cwd_rewards:parity")("", "abc", None) == 1.0
+    assert sys.path[-1] == str(tmp_path)
+    with pytest.raises(ValueError, match=f"looked for on sys.path, then in the working directory {tmp_path}"):
+        get_reward("entrorl_test_nowhere:parity")
+    sys.modules.pop("entrorl_test_cwd_rewards", None)
+
+
 def test_an_instance_of_a_registered_reward_class_is_a_reward_not_a_factory(spec_module):
     """``module:loose_math`` names a configured MathReward: it scores as that instance does (its own tolerance), where
     the class's registration mark, inherited by the instance, had it called as a factory with no arguments."""

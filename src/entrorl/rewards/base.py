@@ -32,6 +32,8 @@ import inspect
 import logging
 import math
 import numbers
+import os
+import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -133,6 +135,20 @@ def _unknown_name_error(spec: str) -> ValueError:
     )
 
 
+def _import_module_or_from_working_directory(module_name: str) -> Any:
+    """``importlib.import_module``, and, when the module's top-level package is nowhere on ``sys.path``, again with
+    the working directory appended to it: ``my_rewards.py`` beside the config is found from the ``entrorl`` command
+    as from ``python -m entrorl.cli`` (which puts the working directory first). Appended, so it shadows nothing."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        top_level, working_directory = module_name.split(".")[0], os.getcwd()
+        if exc.name != top_level or working_directory in sys.path or "" in sys.path:
+            raise
+        sys.path.append(working_directory)
+        return importlib.import_module(module_name)
+
+
 def import_callable(spec: str, what: str = "reward") -> Any:
     """The callable named by an import path ``'package.module:attribute'`` (dotted attributes allowed);
     ValueError naming ``what`` (reward, judge, embedder) and what went wrong."""
@@ -141,10 +157,11 @@ def import_callable(spec: str, what: str = "reward") -> Any:
     if not module_name or not attr_path:
         raise ValueError(f"{what} spec {spec!r}: an import path must look like 'package.module:function'")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module_or_from_working_directory(module_name)
     except Exception as exc:  # ImportError, or the module's own code failing
         raise ValueError(
-            f"{what} spec {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})"
+            f"{what} spec {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}; the "
+            f"module is looked for on sys.path, then in the working directory {os.getcwd()})"
         ) from exc
     obj: Any = module
     for part in attr_path.split("."):
