@@ -832,6 +832,29 @@ def test_a_run_directory_in_use_is_refused_and_what_killed_writes_left_is_remove
     assert kept.read_text() == "mine" and resumed.step == 1
 
 
+def test_a_run_directory_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, tiny_model_dir,
+                                                                                   arithmetic_files, monkeypatch):
+    """A file in the way, or a folder that cannot be written (permissions, a read-only mount), is named before the
+    policy (and a reference model) spend minutes loading, and nothing is created."""
+    from entrorl.trainer import checkpoint
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1, "lr": 1e-3}))
+    monkeypatch.setattr(Trainer, "_load_policy", lambda *args: pytest.fail("refused only after loading the model"))
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("x")
+    for run_dir in (in_the_way, in_the_way / "run"):
+        with pytest.raises(NotADirectoryError, match=f"{in_the_way} is a file, not a folder"):
+            Trainer(config, run_dir=run_dir)
+    read_only = tmp_path / "mounted-read-only"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode))
+    with pytest.raises(PermissionError, match=f"{read_only}, where it would be created, is not writable"):
+        Trainer(config, run_dir=read_only / "runs" / "x")
+    assert list(read_only.iterdir()) == []
+
+
 def test_a_filesystem_without_locks_is_warned_about_once(tmp_path, monkeypatch, caplog):
     """Where the filesystem refuses flock (some network mounts) the run goes on unlocked, and says so once, not at the
     trainer's probe and again at its lock."""
@@ -1249,7 +1272,15 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind_and_names_the
 
     monkeypatch.setattr(checkpoints_module.torch, "save", full_disk)
     with pytest.raises(CheckpointWriteError, match=r"writing checkpoint step_000002 in .* failed \(RuntimeError: .*unexpected pos"
-                                                   r".*\); the last complete checkpoint, step_000001, is intact"):
+                                                   r".*\); the last complete checkpoint, step_000001, is intact") as failure:
+        trainer.save()
+    assert "full disk" not in str(failure.value)  # this disk has room: no guess that it is full
+    # where the disk has less room than a checkpoint takes, the message says what torch's error does not
+    import collections
+    monkeypatch.setattr(checkpoints_module.shutil, "disk_usage",
+                        lambda path: collections.namedtuple("usage", "total used free")(10**9, 10**9 - 2**10, 2**10))
+    with pytest.raises(CheckpointWriteError, match=r"unexpected pos .*\), probably a full disk: 0.0 MiB free there, and a "
+                                                   r"checkpoint of this model takes about [0-9.]+ MiB; the last complete"):
         trainer.save()
     assert sorted(path.name for path in root.iterdir()) == ["latest", "step_000001"]
     assert latest_checkpoint(run_dir) == root / "step_000001"

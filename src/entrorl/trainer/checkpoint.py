@@ -39,7 +39,7 @@ from entrorl.modeling import save_tokenizer
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointWriteError", "save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text",
-           "lock_run_directory", "remove_temporary_files"]
+           "check_run_directory_writable", "lock_run_directory", "remove_temporary_files"]
 
 _PREFIX = "step_"
 
@@ -54,6 +54,21 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def check_run_directory_writable(run_dir: Path) -> None:
+    """Raise ``OSError`` naming the problem if ``run_dir`` cannot be a run directory: it is a file, or it (or, when it
+    does not exist yet, the nearest folder above it that does) cannot be written (permissions, a read-only
+    filesystem). Cheap, so a trainer checks before it loads a model, not when it first writes."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"the run directory {run_dir} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == run_dir else f"{existing}, where it would be created,"
+        raise PermissionError(f"the run directory {run_dir} cannot be written: {where} is not writable (permissions, or "
+                              "a read-only filesystem); choose another --run-dir / logging.run_dir")
 
 
 def lock_run_directory(run_dir: Path) -> io.TextIOWrapper | None:
@@ -165,6 +180,21 @@ def _sync_tree(directory: Path) -> None:
         _sync_directory(folder)
 
 
+def _disk_space_note(folder: Path, model) -> str:
+    """", probably a full disk: ..." when the filesystem holding ``folder`` has less room than a checkpoint of
+    ``model`` takes (its weights, and AdamW's two moments of each), which a library's own error may not say (torch's
+    zip writer reports ENOSPC as "unexpected pos")."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    needed = 3 * sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    if free >= needed:
+        return ""
+    return (f", probably a full disk: {free / 2**20:.1f} MiB free there, and a checkpoint of this model takes about "
+            f"{needed / 2**20:.1f} MiB")
+
+
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the ``keep`` newest.
 
@@ -189,7 +219,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
         shutil.rmtree(temporary, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         raise CheckpointWriteError(
-            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}); "
+            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}){_disk_space_note(root, model)}; "
             + (f"the last complete checkpoint, {previous.name}, is intact" if previous is not None else "no checkpoint was written before")
         ) from error
     if final.exists():
