@@ -522,6 +522,16 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         load_config({**base, "method": "clip_z"})
     with pytest.raises(ConfigError, match="unknown parameter 'muu'"):
         load_config({**base, "method": {"method": "clip_b", "params": {"muu": 2}}})
+    # a parameter beside the method, not under params: named as written, with the fix, and nothing of pydantic's union
+    with pytest.raises(ConfigError) as info:
+        load_config(base, ["method=clip_b", "method.mu=0.1"])
+    assert str(info.value).splitlines()[1:] == [
+        "  method.mu: unknown key; a method's parameters go under method.params (--set method.params.mu=...)"]
+    with pytest.raises(ConfigError, match=r"data.prompt_template: Input should be a valid string; YAML reads an unquoted "
+                                          r"\{...\} as a mapping: quote the text"):
+        load_config(base, ["data.prompt_template={question}"])
+    with pytest.raises(ConfigError, match="  reward.kwargs: reward 'exact_match' is a plain reward function"):
+        load_config(base, ["reward.name=exact_match", "reward.kwargs.x=1"])
     with pytest.raises(ConfigError, match="rollout.group_size"):
         load_config(base, ["rollout.group_size=0"])
     with pytest.raises(ConfigError, match="unknown estimator"):
@@ -853,6 +863,21 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_the_model_load
     with pytest.raises(PermissionError, match=f"{read_only}, where it would be created, is not writable"):
         Trainer(config, run_dir=read_only / "runs" / "x")
     assert list(read_only.iterdir()) == []
+
+
+def test_fewer_training_prompts_than_a_step_takes_is_warned_about(tmp_path, tiny_model_dir, monkeypatch):
+    """One prompt and two prompts a step: every step trains that prompt in two groups, which the run says up front."""
+    train = tmp_path / "one.jsonl"
+    train.write_text(json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n")
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1, "lr": 1e-3}))
+
+    class Loaded(Exception):
+        pass
+
+    monkeypatch.setattr(Trainer, "_load_policy", lambda *args: (_ for _ in ()).throw(Loaded()))
+    with pytest.warns(UserWarning, match=r"data.train has 1 prompt\(s\), fewer than rollout.prompts_per_step = 2"), \
+            pytest.raises(Loaded):
+        Trainer(config, run_dir=tmp_path / "run")
 
 
 def test_a_filesystem_without_locks_is_warned_about_once(tmp_path, monkeypatch, caplog):

@@ -433,7 +433,8 @@ class TrainConfig(_Section):
         try:
             check_reward_spec(self.reward.name, **self.reward.kwargs)
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{'reward' if self.reward.kwargs else 'reward.name'}: {error}") from None
+            about_options = self.reward.kwargs and re.search(r"option|cannot be given", str(error))
+            raise ValueError(f"{'reward.kwargs' if about_options else 'reward.name'}: {error}") from None
         objective = self.build_objective()
         required = objective.required_fields
         if (estimator == "w_reinforce" and self.advantage.params.get("lam", 0.1) != 1.0
@@ -656,9 +657,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _readable_errors(error: ValidationError) -> list[dict[str, Any]]:
+    """pydantic's errors, with ``method``'s union spelled as the user wrote it: a mapping given for ``method`` is not
+    the string form (that branch's error is dropped) and its keys are named ``method.<key>``, not
+    ``method.ObjectiveConfig.<key>``; a method's own parameter given beside ``method`` says to put it under ``params``."""
+    items = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        if loc[:1] == ("method",) and len(loc) > 1 and loc[1] in ("str", "ObjectiveConfig"):
+            if loc[1] == "str" and isinstance(item["input"], dict):
+                continue
+            item = {**item, "loc": (loc[0], *loc[2:])}
+            if item["type"] == "extra_forbidden" and len(item["loc"]) == 2:
+                key = item["loc"][1]
+                item = {**item, "msg": f"unknown key; a method's parameters go under method.params "
+                                       f"(--set method.params.{key}=...)", "type": "unknown_method_key"}
+        if item["type"] == "string_type" and isinstance(item["input"], dict):  # YAML read "{question}" as a mapping
+            item = {**item, "msg": item["msg"] + "; YAML reads an unquoted {...} as a mapping: quote the text"}
+        items.append(item)
+    return items
+
+
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = []
-    for item in error.errors():
+    for item in _readable_errors(error):
         location = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"]
         if item["type"] == "value_error":
@@ -672,7 +694,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
                 continue
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        shown = item["type"] not in ("missing", "extra_forbidden") and not isinstance(item["input"], dict)  # not a whole section
+        shown = (item["type"] not in ("missing", "extra_forbidden", "unknown_method_key")
+                 and not isinstance(item["input"], dict))  # not a whole section
         lines.append(f"  {location}: {message}" + (f" (got {item['input']!r})" if shown else ""))
     return f"invalid configuration in {source}:\n" + "\n".join(lines)
 

@@ -152,6 +152,10 @@ class Trainer:
         )
         if config.data.pass_rate_band is not None:
             self.train_records = self._filter_by_pass_rate(self.train_records)
+        if len(self.train_records) < config.rollout.prompts_per_step:
+            warnings.warn(f"data.train has {len(self.train_records)} prompt(s), fewer than rollout.prompts_per_step = "
+                          f"{config.rollout.prompts_per_step}: every step samples some prompt in two or more groups",
+                          stacklevel=2)
         self.eval_records = (
             load_prompts(config.data.eval, prompt_column=config.data.prompt_column, answer_column=config.data.answer_column,
                          meta_columns=config.data.meta_columns, require_answer=config.data.require_answer)
