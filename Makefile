@@ -24,7 +24,7 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# verl with its real dependencies (Ray, hydra, tensordict, wandb, ...: about two minutes from a warm pip
+# verl with its real dependencies (Ray, hydra, tensordict, wandb, ...: two to three minutes from a warm pip
 # cache). torch is installed first and alone, then a constraints file holds it at that version, so
 # nothing verl or entrorl requires can replace it.
 $(VERL_BIN)/.installed: pyproject.toml

@@ -18,6 +18,9 @@ import statistics
 import sys
 from pathlib import Path
 
+from entrorl.lab.report import (HEADLINE_COLLAPSE_PREFIX, HEADLINE_EVAL_ENTROPY_RATIO, HEADLINE_REWARD_END,
+                                HEADLINE_REWARD_START)
+
 COLUMNS = ("entropy end/start", "reward end", "Pass@1", "Pass@8", "Pass@64", "forgetting Δ", "eval entropy")
 
 
@@ -45,9 +48,11 @@ def collapse_lines(reports: list[dict], names: list[str]) -> list[str]:
     lines = []
     for name, report in zip(names, reports):
         numbers = {row["quantity"]: row["value"] for row in report["headline"]["numbers"]["rows"]}
-        lines.append(f"{name}: GRPO evaluation entropy / base {numbers.get('GRPO evaluation entropy / base', '?')}, "
-                     f"collapse (≤ 0.5) {numbers.get('collapse (end ≤ 0.5 × start)', '?')}; training reward "
-                     f"{numbers.get('GRPO reward start', '?')} → {numbers.get('GRPO reward end', '?')}")
+        collapse = next(((quantity, value) for quantity, value in numbers.items()
+                         if quantity.startswith(HEADLINE_COLLAPSE_PREFIX)), ("collapse", "?"))
+        lines.append(f"{name}: {HEADLINE_EVAL_ENTROPY_RATIO} {numbers.get(HEADLINE_EVAL_ENTROPY_RATIO, '?')}, "
+                     f"{collapse[0]} {collapse[1]}; training reward "
+                     f"{numbers.get(HEADLINE_REWARD_START, '?')} → {numbers.get(HEADLINE_REWARD_END, '?')}")
     return lines
 
 

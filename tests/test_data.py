@@ -266,11 +266,11 @@ def test_non_string_prompt(tmp_path):
         load_prompts(p)
 
 
-@pytest.mark.parametrize("value,kind", [("true", "boolean"), ("[1, 2]", "array"), ('{"a": 1}', "object")])
+@pytest.mark.parametrize("value,kind", [("true", "a boolean"), ("[1, 2]", "an array"), ('{"a": 1}', "an object")])
 def test_bad_answer_types(tmp_path, value, kind):
     p = tmp_path / "file.jsonl"
     write_lines(p, [f'{{"prompt": "a", "answer": {value}}}'])
-    with pytest.raises(DataError, match=rf"file\.jsonl:1: answer column 'answer' holds a {kind}"):
+    with pytest.raises(DataError, match=rf"file\.jsonl:1: answer column 'answer' holds {kind}"):
         load_prompts(p)
 
 

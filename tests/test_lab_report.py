@@ -514,3 +514,17 @@ def test_a_method_acting_through_its_advantages_is_not_flagged():
     # nsr's estimator leaves no positive advantage for its sign selector to drop: the selector idles, nsr acts
     assert intervention_keys("nsr") == intervention_keys("psr") == intervention_keys("w_reinforce") == []
     assert intervention_keys("grpo") == intervention_keys("sft") == []
+
+
+def test_the_seed_spread_script_reads_the_headline_numbers_of_a_report(report_run):
+    """scripts/lab_seed_spread.py names the headline quantities through report.py's constants, so a renamed label
+    cannot leave it printing '?'."""
+    import importlib.util
+
+    out, report, _, _ = report_run
+    path = Path(__file__).resolve().parents[1] / "scripts" / "lab_seed_spread.py"
+    spec = importlib.util.spec_from_file_location("lab_seed_spread", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (line,) = module.collapse_lines([report], ["seed0"])
+    assert "?" not in line and line.startswith("seed0: GRPO") and "collapse (" in line

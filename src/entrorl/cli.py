@@ -478,7 +478,7 @@ def data_audit(
     consensus: Annotated[float, typer.Option(help="majority share from which a wrong majority answer makes a prompt look wrong")] = 0.5,
     low_pass_rate: Annotated[float, typer.Option(help="pass rates at or below this are rarely solved (hard or wrong)")] = 0.25,
     keep_wrong: Annotated[bool, typer.Option("--keep-wrong", help="keep suspected-wrong rows in the filtered file")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="output directory (default: <data>.audit next to the data)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output directory (default: <stem>.audit next to the data, small.audit/ for small.jsonl)")] = None,
     max_new_tokens: MaxNewTokensOption = 256,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,

@@ -242,6 +242,12 @@ def _fmt_cols(columns: Iterable[Any]) -> str:
     return ", ".join(names)
 
 
+def _a_json_kind(value: Any) -> str:
+    """:func:`_json_kind` with its article ("an object", "a string")."""
+    kind = _json_kind(value)
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def _json_kind(value: Any) -> str:
     if value is None:
         return "null"
@@ -316,7 +322,7 @@ def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) 
     prompt = row[cols.prompt]
     if not isinstance(prompt, str):
         raise fail(
-            f"prompt column {cols.prompt!r} holds a {_json_kind(prompt)}; expected a non-empty string"
+            f"prompt column {cols.prompt!r} holds {_a_json_kind(prompt)}; expected a non-empty string"
         )
     if not prompt.strip():
         raise fail(f"prompt column {cols.prompt!r} is empty; expected a non-empty string")
@@ -375,7 +381,7 @@ def _answer_value(value: Any, column: str, fail: Any) -> str | None:
         return str(value)
     if isinstance(value, str):
         return value if value.strip() else None
-    raise fail(f"answer column {column!r} holds a {_json_kind(value)}; expected a string or a number")
+    raise fail(f"answer column {column!r} holds {_a_json_kind(value)}; expected a string or a number")
 
 
 def _jsonable(value: Any, column: str, fail: Any) -> Any:

@@ -81,6 +81,11 @@ PASS_RATE_BINS = 10
 NA = "n/a"  # missing or undefined
 NOT_APPLICABLE = "—"  # does not apply (e.g. a training statistic of the base model)
 REFERENCE = "grpo"
+# quantities of the headline's number table that scripts read from report.json
+HEADLINE_REWARD_START = "GRPO training reward start"
+HEADLINE_REWARD_END = "GRPO training reward end"
+HEADLINE_EVAL_ENTROPY_RATIO = "GRPO evaluation entropy / base"
+HEADLINE_COLLAPSE_PREFIX = "collapse ("  # then the criterion, which depends on whether the run evaluated the base model
 
 SECTIONS = (
     ("headline", "Headline"),
@@ -802,16 +807,16 @@ class _Report:
         for label, value in (("GRPO training entropy start", g.entropy_start), ("GRPO training entropy end", g.entropy_end),
                              ("GRPO training entropy end/start", g.entropy_ratio),
                              (f"collapse threshold ({fmt(COLLAPSE_RATIO)} × {criterion_start})", half),
-                             ("GRPO training reward start", g.reward_start), ("GRPO training reward end", g.reward_end),
+                             (HEADLINE_REWARD_START, g.reward_start), (HEADLINE_REWARD_END, g.reward_end),
                              ("steps per edge", g.n_edge), ("training steps", g.n_steps)):
             numbers.add([text(label), num(value)])
         if by_eval:
             numbers.add([text("base model evaluation entropy"), num(eval_start)])
             numbers.add([text("GRPO final evaluation entropy"), num(eval_end)])
-            numbers.add([text("GRPO evaluation entropy / base"), num(eval_end / eval_start)])
+            numbers.add([text(HEADLINE_EVAL_ENTROPY_RATIO), num(eval_end / eval_start)])
         criterion = (f"final evaluation entropy ≤ {fmt(COLLAPSE_RATIO)} × the base model's" if by_eval
                      else f"training entropy end ≤ {fmt(COLLAPSE_RATIO)} × start")
-        numbers.add([text(f"collapse ({criterion})"), Cell(NA if collapsed is None else fmt(collapsed), collapsed, True)])
+        numbers.add([text(f"{HEADLINE_COLLAPSE_PREFIX}{criterion})"), Cell(NA if collapsed is None else fmt(collapsed), collapsed, True)])
         verdict = {True: "holds", False: "does not hold", None: "cannot be checked (missing entropy)"}[collapsed]
         measured_on = (
             f"the mean token entropy of the final evaluation's samples, {fmt(eval_end)}, against the base model's on the same "

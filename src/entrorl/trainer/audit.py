@@ -354,7 +354,8 @@ def write_audit_outputs(
     _check_out_dir(data, directory)
     audited_index = [i for i, a in enumerate(result.audits) if a is not None]
     if not audited_index:
-        raise ValueError("no prompt could be audited: every prompt is longer than the model's context")
+        raise ValueError("no prompt could be audited: no prompt leaves room in the model's context for its response "
+                         "(--max-new-tokens); shorten the prompts, filter them out, or lower --max-new-tokens")
     if result.reward_failed_everywhere:
         first = error_headline(result.first_reward_error)
         raise ValueError(

@@ -108,7 +108,8 @@ def resolve_device(name: str):
 
 
 class DataConfig(_Section):
-    train: str = Field(description="prompt file: .jsonl, .json, .csv, .parquet or a datasets save_to_disk directory")
+    train: str = Field(description="prompt file: .jsonl, .json, .csv, .parquet, .arrow or a datasets save_to_disk "
+                       "directory (a DatasetDict's train split)")
     eval: str | None = Field(None, description="held-out prompt file for evaluation; None = no evaluation data")
     prompt_column: str = "prompt"
     answer_column: str = "answer"
