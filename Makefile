@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# where torch comes from: pip's configured index by default; e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# for the CPU build where that index would give a CUDA one
+TORCH_INDEX ?=
+TORCH_PIP_OPTIONS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
 # verl gets its own environment: its pins (transformers < 5.11, tensordict <= 0.10, Python < 3.13) conflict
 # with the main one. Python 3.11 or 3.12 is needed there.
@@ -18,7 +22,7 @@ VERL_VERSION ?= 0.9.1
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet $(TORCH_PIP_OPTIONS) torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
@@ -30,7 +34,7 @@ install: $(BIN)/.installed
 $(VERL_BIN)/.installed: pyproject.toml
 	$(VERL_PYTHON) -m venv $(VERL_VENV)
 	$(VERL_BIN)/pip install --quiet --upgrade pip
-	$(VERL_BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(VERL_BIN)/pip install --quiet $(TORCH_PIP_OPTIONS) torch==$(TORCH_VERSION)
 	echo "torch==$(TORCH_VERSION)" > $(VERL_VENV)/constraints.txt
 	$(VERL_BIN)/pip install --quiet -c $(VERL_VENV)/constraints.txt -e ".[dev,verl]" verl==$(VERL_VERSION)
 	touch $@
