@@ -157,6 +157,11 @@ CASES = [
     (COMPLEX_ROOTS_QUESTION, r"\boxed{i, -i, 1}", "1, -i, i", 1.0, ""),
     ("", r"\boxed{1, 2}", "1, 2, i, -i", 0.0, "the answer has 2 distinct value(s), the reference 4"),
     ("", r"\boxed{\frac{-1 + \sqrt{3}i}{2}, \frac{-1 - \sqrt{3}i}{2}}", r"-\frac12 \pm \frac{\sqrt3}{2}i", 1.0, ""),
+    # -- a set is neither a pair nor an interval, whichever order it is written in -----------------
+    ("", r"\boxed{\{1,2\}}", "(1,2)", 0.0, "a set is neither an ordered pair nor an interval"),
+    ("", r"\boxed{\{2,1\}}", "(1,2)", 0.0, "a set is neither an ordered pair nor an interval"),
+    ("", r"\boxed{(2,1)}", r"\{1,2\}", 0.0, "a set is neither an ordered pair nor an interval"),
+    ("", r"\boxed{\{2,1\}}", r"\{1,2\}", 1.0, ""),
     # -- choices and text -----------------------------------------------------------------------
     ("", r"\boxed{\text{(B)}}", "B", 1.0, ""),
     ("", r"\boxed{\text{(C)}}", "B", 0.0, "differs from reference B"),

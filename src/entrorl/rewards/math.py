@@ -792,6 +792,11 @@ def _wrapped(s: str, opener: str, closer: str) -> str | None:
     return inner if _balanced(inner) else None
 
 
+def _is_set(s: str) -> bool:
+    """A set written with braces: ``\\{1, 2\\}``."""
+    return _wrapped(s.strip(), "\\{", "\\}") is not None
+
+
 def _is_bracketed(s: str) -> bool:
     """An interval, point or tuple: ``(a, b)``, ``[a, b)``, ... (order matters; not a list of values)."""
     return len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _balanced(s[1:-1])
@@ -1279,6 +1284,9 @@ def check_math_verify(c: Comparison) -> bool:
         c.detail = c.naming_conflict
         return False
     if not c.gold or not c.target:
+        return False
+    if _is_set(c.prediction) != _is_set(c.reference) and (_is_bracketed(c.prediction) or _is_bracketed(c.reference)):
+        c.detail = "a set is neither an ordered pair nor an interval"  # Math-Verify matches {1,2} to (1,2), not {2,1}
         return False
     from math_verify import verify
 

@@ -71,6 +71,9 @@ def check_run_directory_writable(run_dir: Path) -> None:
                               "a read-only filesystem); choose another --run-dir / logging.run_dir")
 
 
+_UNLOCKABLE_DIRECTORIES: set[str] = set()  # run directories whose filesystem refused flock, already warned about
+
+
 def lock_run_directory(run_dir: Path) -> io.TextIOWrapper | None:
     """Take the run directory's lock (an exclusive ``flock`` of ``run_dir/.lock``, which holds the process id) and
     return the open lock file: the lock lasts until it is closed or the process ends, however it ends. A second run
@@ -98,9 +101,6 @@ def lock_run_directory(run_dir: Path) -> io.TextIOWrapper | None:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
-
-
-_UNLOCKABLE_DIRECTORIES: set[str] = set()  # run directories whose filesystem refused flock, already warned about
 
 
 def _written_by_another_live_process(temporary: Path) -> bool:
