@@ -637,6 +637,12 @@ _SPEC_MODULE = textwrap.dedent(
 
     from entrorl.rewards import MathReward
     loose_math = MathReward(tolerance=1e-3)  # an instance of a registered reward class
+
+    class Builder:
+        def __call__(self):
+            return contains_answer
+
+    builder = register_reward("entrorl_test_builder_instance", description="x", factory=True)(Builder())
     '''
 )
 
@@ -660,10 +666,18 @@ def test_a_reward_module_in_the_working_directory_is_found_by_the_console_script
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
     monkeypatch.delitem(sys.modules, "entrorl_test_cwd_rewards", raising=False)
+    with pytest.raises(ValueError, match=f"\\(ModuleNotFoundError: No module named .entrorl_test_nowhere.; looked for on "
+                                         f"sys.path, then in the working directory {tmp_path}\\)"):
+        get_reward("entrorl_test_nowhere:parity")
+    assert str(tmp_path) not in sys.path  # a module found nowhere leaves sys.path as it was
     assert get_reward("entrorl_test_cwd_rewards:parity")("", "abc", None) == 1.0
     assert sys.path[-1] == str(tmp_path)
-    with pytest.raises(ValueError, match=f"looked for on sys.path, then in the working directory {tmp_path}"):
-        get_reward("entrorl_test_nowhere:parity")
+    # a module that is found but fails on an import of its own says so, not that it was looked for
+    (tmp_path / "entrorl_test_broken_import.py").write_text("import entrorl_test_missing_dependency\n")
+    with pytest.raises(ValueError) as info:
+        get_reward("entrorl_test_broken_import:parity")
+    assert "No module named 'entrorl_test_missing_dependency')" in str(info.value) and "looked for" not in str(info.value)
+    sys.modules.pop("entrorl_test_broken_import", None)
     sys.modules.pop("entrorl_test_cwd_rewards", None)
 
 
@@ -674,6 +688,8 @@ def test_an_instance_of_a_registered_reward_class_is_a_reward_not_a_factory(spec
     assert reward.options.tolerance == 1e-3 and float(reward("", r"\boxed{3.1416}", "3.14159")) == 1.0
     check_reward_spec(f"{spec_module}:loose_math")
     assert RewardRunner(f"{spec_module}:loose_math")(["p"], [r"\boxed{2}"], ["2"]).scores.tolist() == [1.0]
+    # an instance registered as a factory itself keeps its mark: it is called to build the reward
+    assert get_reward(f"{spec_module}:builder")("", "xyz", "y") == 1.0
 
 
 def test_options_given_to_a_plain_reward_function_say_that_it_takes_none(spec_module):

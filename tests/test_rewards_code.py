@@ -250,9 +250,9 @@ def test_programs_that_close_their_standard_streams_pass_every_case(program):
 
 
 def _plant(kind: str, name: str, target: str = "") -> str:
-    """Program text that replaces the working directory's ``name`` by a FIFO or a link to ``target``."""
+    """Program text that replaces the working directory's ``name`` by a FIFO, a directory or a link to ``target``."""
     make = {"fifo": f"os.mkfifo({name!r})", "symlink": f"os.symlink({target!r}, {name!r})",
-            "hardlink": f"os.link({target!r}, {name!r})", "directory": f"os.mkdir({name!r})"}[kind]
+            "directory": f"os.mkdir({name!r})"}[kind]
     return f"import os\nif os.path.exists({name!r}):\n    os.remove({name!r})\n{make}\n"
 
 
@@ -270,19 +270,21 @@ def test_files_the_program_replaces_neither_block_nor_mislead_the_sandbox(kind, 
     started = time.monotonic()
     verdict = reward()("add", fenced(program), ADD_TESTS)
     assert time.monotonic() - started < 30
-    assert verdict.cases[0][0] != "passed" and verdict.cases[1][0] == "passed", verdict.reason
+    assert verdict.cases[1][0] == "passed", verdict.reason
+    if name == "case0.out":  # its output replaced: the case is not passed on what the parent could not read
+        assert verdict.cases[0][0] != "passed"
 
 
-@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
-def test_a_case_output_linked_to_a_file_the_program_cannot_read_is_not_read_for_it(tmp_path, kind):
+def test_a_case_output_linked_to_a_file_the_program_cannot_read_is_not_read_for_it(tmp_path):
     """Without the audit hook a program may link its output file to one it cannot read; the parent (maybe root) does
-    not read it on its behalf, so the file's text never reaches the verdict's reason."""
+    not read it on its behalf, so the file's text never reaches the verdict's reason. (A hard link to such a file the
+    kernel refuses the program itself, with protected_hardlinks.)"""
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     secret = private / "secret"
     secret.write_text("SECRET-TEXT\n")
     secret.chmod(0o600)
-    program = _plant(kind, "case0.out", str(secret))
+    program = _plant("symlink", "case0.out", str(secret))
     run = run_in_sandbox(program, stdin_cases(), SandboxLimits(audit_hook=False))
     assert "SECRET" not in (run.outcomes[0].stdout or "") + (run.outcomes[0].error or "")
 

@@ -266,29 +266,51 @@ def test_find_final_answer_names_the_extractor():
 
 
 @pytest.mark.parametrize(
-    ("completion", "reference", "extracted", "score"),
+    ("question", "completion", "reference", "extracted", "score"),
     [
-        # the digits of an expression do not pass for its value (TRL's and math-verify's extraction agree)
-        (r"Therefore $x = \frac{3}{2}$", "2", r"\frac{3}{2}", 0.0),
-        (r"So $x = \sqrt{2}$", "2", r"\sqrt{2}", 0.0),
-        (r"The area is $4\pi$", "4", r"4\pi", 0.0),
-        (r"So it is $2^{10}$", "10", "2^{10}", 0.0),
-        ("So it is 2^10.", "10", "2^10", 0.0),
-        ("So it is 2^10.", "1024", "2^10", 1.0),
-        ("the result is 1e3", "1", "1e3", 0.0),
-        ("the result is 1e3", "1000", "1e3", 1.0),
-        # and the value of one is its answer
-        (r"Therefore $x = \frac{1}{2}$", "1/2", r"\frac{1}{2}", 1.0),
-        (r"we get $x \approx 1.414$", r"\sqrt{2}", "1.414", 1.0),
-        (r"The price is \$5 and then $3 + 4 = 7$", "7", "7", 1.0),  # an escaped dollar opens no math
-        (r"so $$\frac{7}{3}$$", "7/3", r"\frac{7}{3}", 1.0),
-        ("It is 50%.", "0.5", "50%", 1.0),  # % is /100 when the question asks for no percentage
-        ("Natalia sold 48/2 = 24 clips in May, so 48+24 = 72 clips.", "72", "72", 1.0),
+        # the digits of an expression do not pass for its value, and a restated expression answers nothing
+        ("", r"Therefore $x = \frac{3}{2}$", "2", r"\frac{3}{2}", 0.0),
+        ("", r"So $x = \sqrt{2}$", "2", r"\sqrt{2}", 0.0),
+        ("", r"The area is $4\pi$", "4", r"4\pi", 0.0),
+        ("", r"So it is $2^{10}$", "10", None, 0.0),
+        ("", "So it is 2^10.", "10", None, 0.0),
+        ("", r"so $\gcd(12,18)$", "6", None, 0.0),
+        ("", "the result is 1e3", "1", "1e3", 0.0),
+        ("", "the result is 1e3", "1000", "1e3", 1.0),
+        # the value on the number's side of the statement, its words, spacing and end marks left out
+        ("", r"Therefore $x = \frac{1}{2}$", "1/2", r"\frac{1}{2}", 1.0),
+        ("", r"$x = \frac{\sqrt{3}}{2}$", r"\frac{\sqrt3}{2}", r"\frac{\sqrt{3}}{2}", 1.0),
+        ("", r"we get $x \approx 1.414$", r"\sqrt{2}", "1.414", 1.0),
+        ("", r"$7 = x$", "7", "7", 1.0),
+        ("", r"$x \le 7$", "7", "7", 1.0),
+        ("", r"$\implies 7$", "7", "7", 1.0),
+        ("", r"$x \in \{7\}$", "7", "7", 1.0),
+        ("", r"$x = \mathbf{7}$", "7", "7", 1.0),
+        ("", r"$n = 12 \quad (\text{number of sides})$", "12", "12", 1.0),
+        ("", r"$\text{Total: } 7 \text{ apples}$", "7", "7", 1.0),
+        ("", r"$$\begin{array}{c} 7 \end{array}$$", "7", "7", 1.0),
+        ("", r"$7 \; \blacksquare$", "7", "7", 1.0),
+        ("", r"Volume = $125\,\mathrm{cm}^3$", "125", "125", 1.0),
+        ("", r"So $\$5 + \$2 = \$7$.", "7", "7", 1.0),
+        ("", r"so $$\frac{7}{3}$$", "7/3", r"\frac{7}{3}", 1.0),
+        # ordinals and angles are numbers, not powers
+        ("", r"The $7^{th}$ term", "7", "7", 1.0),
+        ("", r"The angle is $30^\circ$.", "30", "30", 1.0),
+        # dollars: an escaped one, currency after a number, and a dollar sign before the math opens none
+        ("", r"The price is \$5 and then $3 + 4 = 7$", "7", "7", 1.0),
+        ("", "It costs 5$ and she pays 2$.", "2", "2", 1.0),
+        ("", "He spent $15 and has $7.50 left over, i.e. $7.50$", "7.5", "7.50", 1.0),
+        ("", "It costs $5 and $7 in total", "7", "7", 1.0),
+        # GSM8K: plain numbers, and a percent sign after the number left out (the references are numbers of percent)
+        ("", "Natalia sold 48/2 = 24 clips in May, so 48+24 = 72 clips.", "72", "72", 1.0),
+        ("By how much percent did it increase?", "The increase is 10/50 = 20%", "20", "20", 1.0),
+        ("What is the tax rate?", "So the tax rate is 8%.", "8", "8", 1.0),
+        ("How many?", r"$x = 7\%$", "7", "7", 1.0),
     ],
 )
-def test_the_last_number_is_the_expression_it_belongs_to(completion, reference, extracted, score):
-    assert find_final_answer(completion) == ("last_number", extracted)
-    assert float(get_reward("math")("Find it.", completion, reference)) == score
+def test_the_last_number_is_the_value_it_belongs_to(question, completion, reference, extracted, score):
+    assert find_final_answer(completion) == (None if extracted is None else ("last_number", extracted))
+    assert float(get_reward("math")(question, completion, reference)) == score
 
 
 def test_the_last_number_reads_math_spans_in_linear_time():

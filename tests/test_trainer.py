@@ -532,6 +532,14 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         load_config(base, ["data.prompt_template={question}"])
     with pytest.raises(ConfigError, match="  reward.kwargs: reward 'exact_match' is a plain reward function"):
         load_config(base, ["reward.name=exact_match", "reward.kwargs.x=1"])
+    with pytest.raises(ConfigError, match="  reward: tolerance must be a finite number >= 0"):  # an option's value
+        load_config(base, ["reward.name=math", "reward.kwargs.tolerance=-1"])
+    for overrides, said in ((["method={name: clip_b}"],
+                             "method.name: unknown key; the method's name goes under method.method (--set method.method=...)"),
+                            (["method=clip_b", "method.nope=1"], "method.nope: unknown key")):  # not clip_b's: no hint
+        with pytest.raises(ConfigError) as info:
+            load_config(base, overrides)
+        assert str(info.value).splitlines()[1:] == [f"  {said}"]
     with pytest.raises(ConfigError, match="rollout.group_size"):
         load_config(base, ["rollout.group_size=0"])
     with pytest.raises(ConfigError, match="unknown estimator"):

@@ -135,6 +135,10 @@ def _unknown_name_error(spec: str) -> ValueError:
     )
 
 
+class _NotFoundAnywhere(ModuleNotFoundError):
+    """A reward module found neither on ``sys.path`` nor in the working directory."""
+
+
 def _import_module_or_from_working_directory(module_name: str) -> Any:
     """``importlib.import_module``, and, when the module's top-level package is nowhere on ``sys.path``, again with
     the working directory appended to it: ``my_rewards.py`` beside the config is found from the ``entrorl`` command
@@ -146,7 +150,14 @@ def _import_module_or_from_working_directory(module_name: str) -> Any:
         if exc.name != top_level or working_directory in sys.path or "" in sys.path:
             raise
         sys.path.append(working_directory)
-        return importlib.import_module(module_name)
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as again:
+            if again.name == top_level:  # not there either: leave sys.path as it was
+                sys.path.remove(working_directory)
+                raise _NotFoundAnywhere(f"{again}; looked for on sys.path, then in the working directory "
+                                        f"{working_directory}") from None
+            raise
 
 
 def import_callable(spec: str, what: str = "reward") -> Any:
@@ -159,10 +170,8 @@ def import_callable(spec: str, what: str = "reward") -> Any:
     try:
         module = _import_module_or_from_working_directory(module_name)
     except Exception as exc:  # ImportError, or the module's own code failing
-        raise ValueError(
-            f"{what} spec {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}; the "
-            f"module is looked for on sys.path, then in the working directory {os.getcwd()})"
-        ) from exc
+        kind = "ModuleNotFoundError" if isinstance(exc, _NotFoundAnywhere) else type(exc).__name__
+        raise ValueError(f"{what} spec {spec!r}: cannot import module {module_name!r} ({kind}: {exc})") from exc
     obj: Any = module
     for part in attr_path.split("."):
         try:
@@ -175,9 +184,12 @@ def import_callable(spec: str, what: str = "reward") -> Any:
 
 
 def _registered_kind(obj: Any) -> str | None:
-    """The kind :func:`register_reward` marked ``obj`` with: a class's or a function's own, never the one an instance
-    inherits from its registered class (``loose = MathReward(tolerance=1e-3)`` is a reward, not a factory)."""
-    return getattr(obj, _KIND_ATTR, None) if inspect.isclass(obj) or inspect.isroutine(obj) else None
+    """The kind :func:`register_reward` marked ``obj`` itself with, never the one an instance inherits from its
+    registered class (``loose = MathReward(tolerance=1e-3)`` is a reward, not a factory; an instance registered as a
+    factory keeps its own mark)."""
+    if inspect.isclass(obj) or inspect.isroutine(obj):
+        return getattr(obj, _KIND_ATTR, None)
+    return getattr(obj, "__dict__", {}).get(_KIND_ATTR)
 
 
 def _is_factory(obj: Any, kwargs: Mapping[str, Any]) -> bool:

@@ -11,8 +11,9 @@ Three stages, each a small ordered table that later work extends:
    * ``answer_phrase`` — the last "the answer is X" / "Final answer: X" / "答案是 X" (to the end of the
      line or sentence);
    * ``hashes`` — GSM8K's ``#### X``;
-   * ``last_number`` — the last number in the text (integers, decimals, ``1,234``, ``a/b``, ``1e3``, ``50%``), or
-     the expression it is part of (``$x = \\frac{3}{2}$`` gives ``\\frac{3}{2}``, not ``2``).
+   * ``last_number`` — the last number in the text (integers, decimals, ``1,234``, ``a/b``, ``1e3``), or the value
+     written out on its side of a math statement (``$x = \\frac{3}{2}$`` gives ``\\frac{3}{2}``, not ``2``); none
+     when the number is part of an expression (``$2^{10}$``).
 
    Each takes time linear in the length of the completion (braces are matched once, tags paired once).
 
@@ -247,14 +248,51 @@ def extract_hashes(text: str) -> str | None:
 
 
 _NUMBER_RE = re.compile(
-    r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?(?![\d])(?:\s*\\?%)?"
-    r"|(?<![\w.])-?\.\d+(?:\s*\\?%)?"
+    r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?(?![\d])"
+    r"|(?<![\w.])-?\.\d+"
 )
 # $..$, $$..$$, \(..\), \[..\]; an escaped \$ is a dollar sign, not a delimiter
 _MATH_DELIMITER_RE = re.compile(r"\$\$|\\\[|\\\]|\\\(|\\\)|(?<!\\)\$")
 _MATH_CLOSERS = {"$$": "$$", "\\[": "\\]", "\\(": "\\)", "$": "$"}
-_RELATION_RE = re.compile(r"=|\\approx(?![A-Za-z])|≈")
+# what separates the sides of a statement in a math span: the number's own side is its value
+_RELATION_RE = re.compile(
+    r"=|≈|≤|≥|<|>|⇒|→|∴|\\(?:approx|leq?|geq?|neq?|in|equiv|sim|to|therefore|because|Rightarrow|implies|Longrightarrow"
+    r"|rightarrow|iff)(?![A-Za-z])"
+)
+# what surrounds a value in a math span without changing it: words (each left as a space) ...
+_WORDS_RE = re.compile(r"\(\s*\\text\s*\{[^{}]*\}\s*\)|\\(?:text|textit|textrm|textnormal|mathrm|mbox)\s*\{[^{}]*\}")
+# ... and spacing, end-of-proof marks, layout and dollar signs (each left out: "1\,000" is 1000)
+_LAYOUT_RE = re.compile(
+    r"\\(?:quad|qquad|blacksquare|square|Box|qed|checkmark|displaystyle)(?![A-Za-z])|\\[,;:! ]"
+    r"|\\(?:begin|end)\s*\{[^{}]*\}(?:\s*\{[^{}]*\})?|\\\\|&|\\\$"
+)
+_EMPHASIS_RE = re.compile(r"\\(?:mathbf|boldsymbol|bm|textbf|underline|boxed)\s*\{([^{}]*)\}")  # the content stays
+# after a number, marks that make it an ordinal or an angle, not part of a power: 7^{th}, 30^\circ, 30°
+_NUMBER_MARK_RE = re.compile(
+    r"(?<=\d)\s*(?:\^\s*\{?\s*(?:\\text\s*\{\s*)?(?:st|nd|rd|th)\b\s*\}?\s*\}?|\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z]))"
+)
+_PLAIN_NUMBER = r"(?:\d{1,3}(?:(?:,|\{,\})\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+_ROOT_OR_PI = rf"(?:{_PLAIN_NUMBER})?\s*(?:\\sqrt\s*\{{\s*(?:{_PLAIN_NUMBER})\s*\}}|\\sqrt\s*\d|\\pi(?![A-Za-z]))"
+_TERM = rf"(?:{_ROOT_OR_PI}|{_PLAIN_NUMBER})"
+# a value written out, not an expression to evaluate: 7, -3.5, 1{,}000, 3/4, \frac{3}{2}, 2\sqrt{3}, 4\pi, 20%
+_VALUE_RE = re.compile(
+    rf"[-+]?\s*(?:\\[dt]?frac\s*\{{\s*[-+]?\s*{_TERM}\s*\}}\s*\{{\s*{_TERM}\s*\}}|\\[dt]?frac\s*\d\s*\d"
+    rf"|{_TERM}(?:\s*/\s*{_TERM})?)\s*(?:\\?%)?"
+)
+# the power of a unit whose name was left out as words: "125 \text{ cm}^3" becomes "125 ^3"
+_UNIT_POWER_RE = re.compile(r"\s+\^\s*\{?\s*[23]\s*\}?$")
+_PERCENT_END_RE = re.compile(r"\s*\\?%$")
 _ATTACHED = frozenset("^_")  # a number written against these is part of a power or an index, not a value of its own
+
+
+def _is_dollar_delimiter(text: str, index: int, opening: bool) -> bool:
+    """Pandoc's rule for a single ``$``: an opening one has a non-space after it, a closing one a non-space before it
+    and no digit after it; and an opening one follows no digit, so that ``5$ and 2$`` (currency) opens nothing."""
+    before = text[index - 1] if index else " "
+    after = text[index + 1] if index + 1 < len(text) else " "
+    if opening:
+        return not after.isspace() and not before.isdigit()
+    return not before.isspace() and not after.isdigit()
 
 
 def _math_span_around(text: str, position: int) -> tuple[int, int] | None:
@@ -266,43 +304,60 @@ def _math_span_around(text: str, position: int) -> tuple[int, int] | None:
         if opener is None:
             if delimiter.start() > position:
                 return None
-            if token in _MATH_CLOSERS:
+            if token in _MATH_CLOSERS and (token != "$" or _is_dollar_delimiter(text, delimiter.start(), opening=True)):
                 opener, start = token, delimiter.end()
-        elif token == _MATH_CLOSERS[opener]:
+        elif token == _MATH_CLOSERS[opener] and (token != "$" or _is_dollar_delimiter(text, delimiter.start(), opening=False)):
             if start <= position < delimiter.start():
                 return start, delimiter.start()
             opener = None
+        elif token == "$" == opener and _is_dollar_delimiter(text, delimiter.start(), opening=True):
+            start = delimiter.end()  # "$15 and has $7.50$": the first was a dollar sign; math starts here
     return None
 
 
-def extract_last_number(text: str) -> str | None:
-    """The last number in the text (``-3``, ``2.5``, ``1,234``, ``3/4``, ``.5``, ``1e3``, ``50%``), commas removed —
-    or, when that number is part of a larger expression, the expression, so that the digits of one do not pass for
-    the answer (``2`` is not the answer of ``$x = \\frac{3}{2}$``, ``$\\sqrt{2}$``, ``$4\\pi$`` or ``2^10``):
+def _value_around(content: str, start: int, end: int) -> str | None:
+    """The side of the statement ``content`` (a math span) that holds ``content[start:end]``, without its
+    decorations, if that side is a value written out (:data:`_VALUE_RE`); None if it is an expression."""
+    relations = list(_RELATION_RE.finditer(content))
+    left = max((m.end() for m in relations if m.end() <= start), default=0)
+    right = min((m.start() for m in relations if m.start() >= end), default=len(content))
+    side, previous = content[left:right], None
+    while side != previous:  # "(\text{...})" and "\quad" may each uncover the other
+        side, previous = _LAYOUT_RE.sub("", _WORDS_RE.sub(" ", side)), side
+    side = _UNIT_POWER_RE.sub("", _EMPHASIS_RE.sub(r"\1", side).strip(" \t\n:,").rstrip(".").strip())
+    one_element = _wrapped(side, "\\{", "\\}")  # x \in \{7\}
+    if one_element is not None and _VALUE_RE.fullmatch(one_element.strip()):
+        side = one_element.strip()
+    return side if _VALUE_RE.fullmatch(side) else None
 
-    * inside a math span, the span's content after its last ``=`` (or ``\\approx``);
-    * elsewhere, a number written against ``^`` or ``_`` gives its whole whitespace-delimited token.
+
+def extract_last_number(text: str) -> str | None:
+    """The last number in the text (``-3``, ``2.5``, ``1,234``, ``3/4``, ``.5``, ``1e3``), commas and a percent sign
+    after it dropped (GSM8K-style references are numbers of percent) — unless it is part of an expression, so that the
+    digits of one do not pass for the answer (``2`` is not the answer of ``$\\frac{3}{2}$``, ``$\\sqrt{2}$``,
+    ``$2^{10}$`` or ``2^10``, and a restated ``$\\gcd(12, 18)$`` answers nothing):
+
+    * inside a math span, the value on the number's side of the statement (``=``, ``\\approx``, ``\\le``, ...), words,
+      spacing and end marks left out, when that side is a value written out (``$x = \\frac{3}{2}$`` gives
+      ``\\frac{3}{2}``, ``$4\\pi$`` gives ``4\\pi``, ``$\\text{Total: } 7 \\text{ apples}$`` gives ``7``); None when it is
+      an expression;
+    * elsewhere, None for a number written against ``^`` or ``_`` (ordinals such as ``7^{th}`` are plain numbers).
     """
-    text = text.replace("\u2212", "-")
+    text = _NUMBER_MARK_RE.sub("", text.replace("\u2212", "-"))
     last = None
     for last in _NUMBER_RE.finditer(text):
         pass
     if last is None:
         return None
-    number = re.sub(r"\s+", "", last.group()).replace(",", "")
     span = _math_span_around(text, last.start())
     if span is not None:
-        content = text[span[0] : span[1]]
-        relations = list(_RELATION_RE.finditer(content))
-        expression = content[relations[-1].end() :] if relations else content
-        return expression.strip() or number
+        value = _value_around(text[span[0] : span[1]], last.start() - span[0], last.end() - span[0])
+        return None if value is None else _PERCENT_END_RE.sub("", value)
     before = text[last.start() - 1] if last.start() else ""
     after = text[last.end()] if last.end() < len(text) else ""
     if before in _ATTACHED or after in _ATTACHED:
-        start = max(text.rfind(" ", 0, last.start()), text.rfind("\n", 0, last.start())) + 1
-        end = min((i for i in (text.find(" ", last.end()), text.find("\n", last.end())) if i != -1), default=len(text))
-        return text[start:end].rstrip(".,;:!?")
-    return number
+        return None
+    return re.sub(r"\s+", "", last.group()).replace(",", "")
 
 
 #: ``(name, extractor)`` pairs tried in order by :func:`extract_final_answer`.
@@ -537,8 +592,7 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
     s = _DEGREE_RE.sub("", s)
     s = _TEXT_COMMAND_RE.sub(lambda m: f" {m.group(1).strip()} ", s)
     s = re.sub(r"\\[ ,;:]", " ", s)
-    s = _CURRENCY_RE.sub(r"\1", s.strip())
-    s = _APPROXIMATELY_RE.sub("", s)
+    s = _CURRENCY_RE.sub(r"\1", _APPROXIMATELY_RE.sub("", s.strip()))
     s = _PI_WORD_RE.sub(r"\\pi ", s)
     s = re.sub(r"\s+", " ", s).strip()
     if _THOUSANDS_RE.fullmatch(s):
@@ -792,9 +846,11 @@ def _wrapped(s: str, opener: str, closer: str) -> str | None:
     return inner if _balanced(inner) else None
 
 
-def _is_set(s: str) -> bool:
-    """A set written with braces: ``\\{1, 2\\}``."""
-    return _wrapped(s.strip(), "\\{", "\\}") is not None
+def _is_list_of_values_set(s: str) -> bool:
+    """A set of values written with braces, ``\\{1, 2\\}``: not one of pairs (``\\{(1, 2)\\}``) nor set-builder
+    notation (``\\{x \\mid x > 0\\}``)."""
+    inner = _wrapped(s.strip(), "\\{", "\\}")
+    return inner is not None and not re.search(r"[()\[\]|:]|\\mid", inner)
 
 
 def _is_bracketed(s: str) -> bool:
@@ -1285,7 +1341,8 @@ def check_math_verify(c: Comparison) -> bool:
         return False
     if not c.gold or not c.target:
         return False
-    if _is_set(c.prediction) != _is_set(c.reference) and (_is_bracketed(c.prediction) or _is_bracketed(c.reference)):
+    if _is_list_of_values_set(c.prediction) != _is_list_of_values_set(c.reference) and (
+            _is_bracketed(c.prediction) or _is_bracketed(c.reference)):
         c.detail = "a set is neither an ordered pair nor an interval"  # Math-Verify matches {1,2} to (1,2), not {2,1}
         return False
     from math_verify import verify

@@ -418,8 +418,9 @@ def run_case(index, case, state):
             exec(state["code"], namespace)
         finally:
             try:
-                for stream in dict.fromkeys((sys.stdout, output)):  # the program may have replaced sys.stdout
-                    if not getattr(stream, "closed", False):  # or closed it when done, as a script may
+                # the program may have replaced sys.stdout (with an object that need not be hashable) or closed it
+                for stream in (output,) if sys.stdout is output else (sys.stdout, output):
+                    if not getattr(stream, "closed", False):
                         stream.flush()
             finally:
                 attach_standard_streams(os.devnull, os.devnull, os.O_WRONLY)

@@ -182,13 +182,14 @@ def _sync_tree(directory: Path) -> None:
 
 def _disk_space_note(folder: Path, model) -> str:
     """", probably a full disk: ..." when the filesystem holding ``folder`` has less room than a checkpoint of
-    ``model`` takes (its weights, and AdamW's two moments of each), which a library's own error may not say (torch's
-    zip writer reports ENOSPC as "unexpected pos")."""
+    ``model`` takes (its weights; AdamW's two float32 moments of each; the float32 master copy of a half-precision
+    one), which a library's own error may not say (torch's zip writer reports ENOSPC as "unexpected pos")."""
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return ""
-    needed = 3 * sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    needed = sum(parameter.numel() * (parameter.element_size() + 8 + (4 if parameter.element_size() < 4 else 0))
+                 for parameter in model.parameters())
     if free >= needed:
         return ""
     return (f", probably a full disk: {free / 2**20:.1f} MiB free there, and a checkpoint of this model takes about "

@@ -435,7 +435,8 @@ class TrainConfig(_Section):
             check_reward_spec(self.reward.name, **self.reward.kwargs)
         except (ValueError, TypeError) as error:
             about_options = self.reward.kwargs and re.search(r"option|cannot be given", str(error))
-            raise ValueError(f"{'reward.kwargs' if about_options else 'reward.name'}: {error}") from None
+            location = "reward.kwargs" if about_options else "reward" if self.reward.kwargs else "reward.name"
+            raise ValueError(f"{location}: {error}") from None
         objective = self.build_objective()
         required = objective.required_fields
         if (estimator == "w_reinforce" and self.advantage.params.get("lam", 0.1) != 1.0
@@ -658,21 +659,41 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _unknown_method_key_message(key: str, given: Any) -> str:
+    """What to say of an unknown key ``key`` beside ``method``: where the method's name goes (``method.method``, not
+    ``name``), or that a parameter of the named method goes under ``method.params``."""
+    if key == "name":
+        return "unknown key; the method's name goes under method.method (--set method.method=...)"
+    method = given.get("method") if isinstance(given, dict) else None
+    if isinstance(method, str):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                build_objective(method, **{key: None})
+            except (ValueError, TypeError) as error:
+                is_parameter = "unknown parameter" not in str(error)  # else a value check: the name is known
+            else:
+                is_parameter = True
+        if is_parameter:
+            return f"unknown key; a method's parameters go under method.params (--set method.params.{key}=...)"
+    return "unknown key"
+
+
 def _readable_errors(error: ValidationError) -> list[dict[str, Any]]:
     """pydantic's errors, with ``method``'s union spelled as the user wrote it: a mapping given for ``method`` is not
     the string form (that branch's error is dropped) and its keys are named ``method.<key>``, not
     ``method.ObjectiveConfig.<key>``; a method's own parameter given beside ``method`` says to put it under ``params``."""
-    items = []
-    for item in error.errors():
+    items, errors = [], error.errors()
+    given_method = next((item["input"] for item in errors if tuple(item["loc"][:2]) == ("method", "str")), None)
+    for item in errors:
         loc = tuple(item["loc"])
         if loc[:1] == ("method",) and len(loc) > 1 and loc[1] in ("str", "ObjectiveConfig"):
             if loc[1] == "str" and isinstance(item["input"], dict):
                 continue
             item = {**item, "loc": (loc[0], *loc[2:])}
             if item["type"] == "extra_forbidden" and len(item["loc"]) == 2:
-                key = item["loc"][1]
-                item = {**item, "msg": f"unknown key; a method's parameters go under method.params "
-                                       f"(--set method.params.{key}=...)", "type": "unknown_method_key"}
+                item = {**item, "msg": _unknown_method_key_message(str(item["loc"][1]), given_method),
+                        "type": "unknown_method_key"}
         if item["type"] == "string_type" and isinstance(item["input"], dict):  # YAML read "{question}" as a mapping
             item = {**item, "msg": item["msg"] + "; YAML reads an unquoted {...} as a mapping: quote the text"}
         items.append(item)
@@ -687,8 +708,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
         if item["type"] == "value_error":
             message = message.removeprefix("Value error, ")
         if not item["loc"] and item["type"] == "value_error":  # a cross-check whose message starts with the key it is about
-            named = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)+): ", message)
-            if named:
+            named = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)*): ", message)
+            if named and named.group(1).split(".")[0] in TrainConfig.model_fields:
                 location, message = named.group(1), message[named.end():]
             elif re.match(r"[a-z_]+(?:\.[a-z_0-9]+)+ ", message):  # a sentence about its keys: no location needed
                 lines.append(f"  {message}")
