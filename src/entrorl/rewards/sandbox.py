@@ -7,7 +7,10 @@ off, never silently assumed):
 
 * **process** — the child starts in a new session and process group (``start_new_session``) with a
   minimal environment (no inherited variables, so the parent's secrets are not there), a fresh
-  temporary working directory (deleted afterwards) and only the descriptors it needs;
+  temporary working directory (deleted afterwards) and only the descriptors it needs. The working directory is a
+  folder of a root-owned temporary folder that also holds the parent's own files (the child's stderr); the child's
+  configuration reaches it as a file with no name. So what the parent opens by name is either out of the program's
+  reach or read only as a plain file of the program's own, never through a link, a FIFO or a swapped folder;
 * **unprivileged user** — when the parent runs as root, the child runs as a fresh, otherwise unused
   uid/gid. It cannot write root's files or read other processes' ``/proc/<pid>/environ``, and
   ``RLIMIT_NPROC`` counts only its own processes (the kernel does not apply that limit to root).
@@ -212,10 +215,8 @@ class SandboxRun:
 _BOOTSTRAP = r'''
 import builtins, json, os, resource, signal, sys, time, types
 
-CONFIG_PATH = sys.argv[2]
-with open(CONFIG_PATH, encoding="utf-8") as handle:
+with os.fdopen(int(sys.argv[2]), encoding="utf-8") as handle:  # a file with no name: nothing on disk to find
     CONFIG = json.load(handle)
-os.unlink(CONFIG_PATH)  # the program must not find the test cases on disk
 MAIN_PID = os.getpid()
 RESULT_FD = CONFIG["result_fd"]
 WORKDIR = os.path.realpath(CONFIG["workdir"])
@@ -674,23 +675,6 @@ def _open_program_file(path: str) -> BinaryIO | None:
     return os.fdopen(descriptor, "rb")
 
 
-def _open_for_writing(path: str, flags: int) -> int:
-    """A descriptor for the parent to write ``path`` in the working directory, which a program that ran there may
-    have replaced by a symbolic link (the parent would write, and chown, another file), a FIFO (opening it would block
-    the parent) or a directory: whatever is there and is not a plain file of its own is removed first. Every process
-    of the program is gone by then, so nothing can put it back."""
-    try:
-        status = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if stat.S_ISDIR(status.st_mode):
-            shutil.rmtree(path, ignore_errors=True)
-        elif not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
-            os.unlink(path)
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
-
-
 def _read_tail(path: str, limit: int = 2000) -> str:
     handle = _open_program_file(path)
     if handle is None:
@@ -836,33 +820,39 @@ def run_in_sandbox(program: str, cases: Sequence[SandboxCase], limits: SandboxLi
     python, uid, isolation = _choose_identity(limits)
     isolation["interpreter"] = python
     marker = f"{SANDBOX_MARKER}_{secrets.token_hex(8)}"
-    workdir = tempfile.mkdtemp(prefix="entrorl-sandbox-", dir=limits.temp_dir)
+    outer = tempfile.mkdtemp(prefix="entrorl-sandbox-", dir=limits.temp_dir)
+    workdir = os.path.join(outer, "work")
+    stderr_path = os.path.join(outer, "stderr.txt")
+    stderr_fd: int | None = None
     run = SandboxRun(
         outcomes=[CaseOutcome("not_run") for _ in cases], isolation=isolation, uid=uid, marker=marker, workdir=workdir
     )
     try:
         processes, process_note = _process_limit(uid, limits)
         isolation["process_limit"] = process_note
-        _prepare_workdir(workdir, cases, uid)
+        _prepare_workdir(outer, workdir, cases, uid)
+        stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         first_case = 0
         strays = 0
         while True:
             attempt_result = _run_attempt(
-                python, uid, workdir, marker, program, cases, first_case, processes, limits, run
+                python, uid, workdir, marker, program, cases, first_case, processes, limits, run, stderr_fd, stderr_path
             )
             strays += attempt_result.strays
             if attempt_result.next_case is None:
                 break
             first_case = attempt_result.next_case
         isolation["strays_killed"] = strays
-        run.stderr_tail = _read_tail(os.path.join(workdir, "stderr.txt"))
+        run.stderr_tail = _read_tail(stderr_path)
         for index, case in enumerate(cases):
             if case.kind == "stdin" and run.outcomes[index].status in ("ok", "error"):
                 stdout = _read_output(os.path.join(workdir, f"case{index}.out"), limits.max_file_mb * 1024 * 1024)
                 outcome = run.outcomes[index]
                 run.outcomes[index] = CaseOutcome(outcome.status, outcome.error, stdout, outcome.seconds)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if stderr_fd is not None:
+            os.close(stderr_fd)
+        shutil.rmtree(outer, ignore_errors=True)
         if uid is not None:
             litter = _remove_litter(uid)
             if litter:
@@ -871,8 +861,11 @@ def run_in_sandbox(program: str, cases: Sequence[SandboxCase], limits: SandboxLi
     return run
 
 
-def _prepare_workdir(workdir: str, cases: Sequence[SandboxCase], uid: int | None) -> None:
-    """Inputs of stdin cases are written by the parent; the directory is the sandbox uid's."""
+def _prepare_workdir(outer: str, workdir: str, cases: Sequence[SandboxCase], uid: int | None) -> None:
+    """The working directory ``outer/work``, the sandbox uid's, with the inputs of stdin cases written by the parent;
+    ``outer`` stays the parent's, which the sandbox uid may only pass through (so it cannot rename the working
+    directory away and put a link to another folder in its place)."""
+    os.mkdir(workdir)
     for index, case in enumerate(cases):
         if case.kind == "stdin":
             with open(os.path.join(workdir, f"case{index}.in"), "w", encoding="utf-8") as handle:
@@ -882,6 +875,7 @@ def _prepare_workdir(workdir: str, cases: Sequence[SandboxCase], uid: int | None
     if uid is not None:
         os.chown(workdir, uid, uid)
     os.chmod(workdir, 0o700)
+    os.chmod(outer, 0o711)
 
 
 @dataclass
@@ -901,6 +895,8 @@ def _run_attempt(
     processes: int | None,
     limits: SandboxLimits,
     run: SandboxRun,
+    stderr_fd: int,
+    stderr_path: str,
 ) -> _AttemptResult:
     """Start one child for cases ``first_case..`` and follow it until it ends or must be stopped.
 
@@ -926,23 +922,15 @@ def _run_attempt(
             "processes": processes,
         },
     }
-    config_path = os.path.join(workdir, f"config{first_case}.json")
-    with open(_open_for_writing(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as handle:
-        json.dump(config, handle)
-    if uid is not None:
-        os.chown(config_path, uid, uid)
-    os.chmod(config_path, 0o400)
-    stderr_path = os.path.join(workdir, "stderr.txt")
-    stderr_fd = _open_for_writing(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    if uid is not None:
-        os.fchown(stderr_fd, uid, uid)
+    config_fd = _nameless_file(os.path.dirname(workdir), json.dumps(config).encode("utf-8"))
     try:
         child = _start_child(
-            [python, "-I", "-B", "-c", _BOOTSTRAP, marker, config_path], workdir, marker, stderr_fd, write_fd, uid
+            [python, "-I", "-B", "-c", _BOOTSTRAP, marker, str(config_fd)], workdir, marker, stderr_fd,
+            (write_fd, config_fd), uid,
         )
     finally:
         os.close(write_fd)
-        os.close(stderr_fd)
+        os.close(config_fd)
     attempt = _Attempt(run, cases, limits)
     next_case: int | None = None
     pipe_open = True
@@ -980,7 +968,23 @@ def _run_attempt(
     return _AttemptResult(next_case, strays)
 
 
-def _start_child(argv: list[str], workdir: str, marker: str, stderr_fd: int, result_fd: int, uid: int | None):
+def _nameless_file(folder: str, data: bytes) -> int:
+    """A descriptor of a file holding ``data``, positioned at its start, that has no name in any folder (created in
+    ``folder`` and unlinked at once), so a child can read it but no program can find, replace or read it by name."""
+    descriptor, path = tempfile.mkstemp(dir=folder)
+    try:
+        os.unlink(path)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view):]
+        os.lseek(descriptor, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def _start_child(argv: list[str], workdir: str, marker: str, stderr_fd: int, pass_fds: tuple[int, ...], uid: int | None):
     """Start the sandbox's child process; SandboxError if the interpreter cannot be started."""
     identity: dict[str, Any] = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
     try:
@@ -991,7 +995,7 @@ def _start_child(argv: list[str], workdir: str, marker: str, stderr_fd: int, res
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr_fd,
-            pass_fds=(result_fd,),
+            pass_fds=pass_fds,
             start_new_session=True,
             **identity,
         )
