@@ -275,6 +275,16 @@ def test_files_the_program_replaces_neither_block_nor_mislead_the_sandbox(kind, 
         assert verdict.cases[0][0] != "passed"
 
 
+def test_a_link_made_outside_the_sandbox_directory_is_refused(tmp_path):
+    """os.symlink(inside, outside) writes a name outside the sandbox directory: the audit hook refuses it like any
+    other write there, whatever the link points at."""
+    link = tmp_path / "planted-link"
+    program = f"import os\nos.symlink(os.path.join(os.getcwd(), 'x'), {str(link)!r})\nprint('ok')"
+    verdict = reward()("p", fenced(program), {"cases": [{"input": "", "output": "ok"}]})
+    assert verdict == 0.0 and verdict.status == "forbidden_write"
+    assert not os.path.lexists(link)
+
+
 def test_the_program_cannot_swap_its_working_directory_for_a_link(tmp_path):
     """Without the audit hook and the read-only view, a program running as the sandbox uid tries to rename its working
     directory away and put a link to another folder in its place, so that the parent (root) would write the next

@@ -310,7 +310,7 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 PATH_EVENTS = {"os.remove": 0, "os.rmdir": 0, "os.mkdir": 0, "os.rename": 0, "os.link": 1, "os.symlink": 1,
                "os.chmod": 0, "os.chown": 0, "os.truncate": 0, "os.utime": 0, "os.chflags": 0,
                "os.setxattr": 0, "os.removexattr": 0, "shutil.rmtree": 0, "shutil.move": 1, "shutil.copyfile": 1}
-RENAME_EVENTS = {"os.rename", "os.link", "shutil.move", "shutil.copyfile"}
+RENAME_EVENTS = {"os.rename", "os.link", "os.symlink", "shutil.move", "shutil.copyfile"}  # (source, destination, ...)
 SOCKET_EVENTS = {"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg"}   # (socket, address, ...)
 LOOKUP_EVENTS = {"socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo"}
 PROCESS_EVENTS = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
