@@ -301,6 +301,19 @@ def test_find_final_answer_names_the_extractor():
         ("", "It costs 5$ and she pays 2$.", "2", "2", 1.0),
         ("", "He spent $15 and has $7.50 left over, i.e. $7.50$", "7.5", "7.50", 1.0),
         ("", "It costs $5 and $7 in total", "7", "7", 1.0),
+        ("", "The price is $5 and the tax is 10%, so the total is 5.5$.", "5.5", "5.5", 1.0),  # prose between: no math
+        # units, relations and lists
+        ("", r"$12 cm$", "12", "12", 1.0),
+        ("", r"$5~\mathrm{cm}$", "5", "5", 1.0),
+        ("", r"$x \geqslant 3$", "3", "3", 1.0),
+        ("", r"$x \coloneqq 5$", "5", "5", 1.0),
+        ("", r"So $x = 5;$", "5", "5", 1.0),
+        ("", r"the point is $(2, -3)$", "(2, -3)", "(2, -3)", 1.0),
+        ("", r"the primes are $2, 3, 5, 7$", "2, 3, 5, 7", "2, 3, 5, 7", 1.0),
+        ("", r"$x = 3 + 2\sqrt{2}$", r"3+2\sqrt2", r"3 + 2\sqrt{2}", 1.0),
+        ("", r"$x = \frac{1+\sqrt5}{2}$", r"\frac{1+\sqrt{5}}{2}", r"\frac{1+\sqrt5}{2}", 1.0),
+        ("", r"$3 \times 10^{8}$", "300000000", r"3 \times 10^{8}", 1.0),
+        ("", r"so $3 + 4$", "7", None, 0.0),  # arithmetic to do, not its result
         # GSM8K: plain numbers, and a percent sign after the number left out (the references are numbers of percent)
         ("", "Natalia sold 48/2 = 24 clips in May, so 48+24 = 72 clips.", "72", "72", 1.0),
         ("By how much percent did it increase?", "The increase is 10/50 = 20%", "20", "20", 1.0),
@@ -313,11 +326,20 @@ def test_the_last_number_is_the_value_it_belongs_to(question, completion, refere
     assert float(get_reward("math")(question, completion, reference)) == score
 
 
-def test_the_last_number_reads_math_spans_in_linear_time():
-    completion = "$1" * 20_000 + " 7"  # 20,000 unclosed openers
+@pytest.mark.parametrize("completion", [
+    "$1" * 20_000 + " 7",  # 20,000 unclosed openers
+    "$1" + " " * 100_000 + "x$",  # a long blank before what is not a value
+    "$" + "1+\\sqrt{2}+" * 8_000 + "1x$",  # a long sum that is not one
+    "$" + "1, " * 30_000 + "1x$",  # a long list that is not one
+])
+def test_the_last_number_reads_long_completions_in_linear_time(completion):
     started = time.perf_counter()
-    assert find_final_answer(completion) == ("last_number", "7")
+    find_final_answer(completion)
     assert time.perf_counter() - started < 2.0
+
+
+def test_an_escaped_dollar_inside_math_is_a_currency_sign():
+    assert get_reward("math")("", "The answer is about $\\$12$.", "12") == 1.0
 
 
 @pytest.mark.parametrize(

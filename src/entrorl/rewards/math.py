@@ -256,14 +256,17 @@ _MATH_DELIMITER_RE = re.compile(r"\$\$|\\\[|\\\]|\\\(|\\\)|(?<!\\)\$")
 _MATH_CLOSERS = {"$$": "$$", "\\[": "\\]", "\\(": "\\)", "$": "$"}
 # what separates the sides of a statement in a math span: the number's own side is its value
 _RELATION_RE = re.compile(
-    r"=|≈|≤|≥|<|>|⇒|→|∴|\\(?:approx|leq?|geq?|neq?|in|equiv|sim|to|therefore|because|Rightarrow|implies|Longrightarrow"
-    r"|rightarrow|iff)(?![A-Za-z])"
+    r":=|=|≈|≤|≥|≡|<|>|⇒|→|∴|\\(?:approx|approxeq|simeq|leq?|geq?|leqslant|geqslant|neq?|in|equiv|sim|to|therefore"
+    r"|because|Rightarrow|implies|Longrightarrow|rightarrow|longrightarrow|iff|coloneqq)(?![A-Za-z])"
 )
 # what surrounds a value in a math span without changing it: words (each left as a space) ...
-_WORDS_RE = re.compile(r"\(\s*\\text\s*\{[^{}]*\}\s*\)|\\(?:text|textit|textrm|textnormal|mathrm|mbox)\s*\{[^{}]*\}")
+_WORDS_RE = re.compile(
+    r"\(\s*\\text\s*\{[^{}]*\}\s*\)"
+    r"|\\(?:text|textit|textrm|textnormal|textsf|texttt|mathrm|mathit|mathsf|operatorname|mbox)\s*\{[^{}]*\}"
+)
 # ... and spacing, end-of-proof marks, layout and dollar signs (each left out: "1\,000" is 1000)
 _LAYOUT_RE = re.compile(
-    r"\\(?:quad|qquad|blacksquare|square|Box|qed|checkmark|displaystyle)(?![A-Za-z])|\\[,;:! ]"
+    r"\\(?:quad|qquad|blacksquare|square|Box|qed|checkmark|displaystyle|ldots|dots)(?![A-Za-z])|\\[,;:! ]|~"
     r"|\\(?:begin|end)\s*\{[^{}]*\}(?:\s*\{[^{}]*\})?|\\\\|&|\\\$"
 )
 _EMPHASIS_RE = re.compile(r"\\(?:mathbf|boldsymbol|bm|textbf|underline|boxed)\s*\{([^{}]*)\}")  # the content stays
@@ -271,17 +274,25 @@ _EMPHASIS_RE = re.compile(r"\\(?:mathbf|boldsymbol|bm|textbf|underline|boxed)\s*
 _NUMBER_MARK_RE = re.compile(
     r"(?<=\d)\s*(?:\^\s*\{?\s*(?:\\text\s*\{\s*)?(?:st|nd|rd|th)\b\s*\}?\s*\}?|\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z]))"
 )
-_PLAIN_NUMBER = r"(?:\d{1,3}(?:(?:,|\{,\})\d{3})+|\d+)(?:\.\d+)?|\.\d+"
-_ROOT_OR_PI = rf"(?:{_PLAIN_NUMBER})?\s*(?:\\sqrt\s*\{{\s*(?:{_PLAIN_NUMBER})\s*\}}|\\sqrt\s*\d|\\pi(?![A-Za-z]))"
+# two words of prose in a row, outside \text: what a pair of currency signs ("$5 ... 5.5$") enclosed, not math
+_PROSE_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}(?![A-Za-z])")
+_PLAIN_NUMBER = r"(?:\d{1,3}(?:(?:,|\{,\})\d{3})+|\d+)(?:\.\d+)?|\.\d+"  # an alternation: group it where it is used
+_IRRATIONAL = r"\\sqrt\s*\{\s*(?:" + _PLAIN_NUMBER + r")\s*\}|\\sqrt\s*\d|\\pi(?![A-Za-z])"
+_ROOT_OR_PI = rf"(?:{_PLAIN_NUMBER})?\s*(?:{_IRRATIONAL})"
 _TERM = rf"(?:{_ROOT_OR_PI}|{_PLAIN_NUMBER})"
-# a value written out, not an expression to evaluate: 7, -3.5, 1{,}000, 3/4, \frac{3}{2}, 2\sqrt{3}, 4\pi, 20%
-_VALUE_RE = re.compile(
-    rf"[-+]?\s*(?:\\[dt]?frac\s*\{{\s*[-+]?\s*{_TERM}\s*\}}\s*\{{\s*{_TERM}\s*\}}|\\[dt]?frac\s*\d\s*\d"
-    rf"|{_TERM}(?:\s*/\s*{_TERM})?)\s*(?:\\?%)?"
+_SUM = rf"[-+]?\s*{_TERM}(?:\s*[-+]\s*{_TERM})*"  # 1 + \sqrt{5}
+_SCALAR = (
+    rf"(?:\\pm\s*|[-+]\s*)?(?:\\[dt]?frac\s*\{{\s*{_SUM}\s*\}}\s*\{{\s*{_SUM}\s*\}}|\\[dt]?frac\s*\d\s*\d"
+    rf"|(?:\d+\s*)?\\[dt]?frac\s*\{{\s*\d+\s*\}}\s*\{{\s*\d+\s*\}}"  # a mixed number: 3 \frac{1}{2}
+    rf"|(?:{_PLAIN_NUMBER})\s*(?:\\times|\\cdot)\s*10\s*\^\s*\{{?\s*-?\d+\s*\}}?"  # 3 \times 10^{8}
+    rf"|{_TERM}(?:\s*/\s*{_TERM})?"
+    rf"|{_TERM}(?:\s*[-+]\s*{_TERM})+)"  # 3 + 2\sqrt{2}; a sum of plain numbers (3 + 4) is refused by _is_written_value
 )
-# the power of a unit whose name was left out as words: "125 \text{ cm}^3" becomes "125 ^3"
-_UNIT_POWER_RE = re.compile(r"\s+\^\s*\{?\s*[23]\s*\}?$")
-_PERCENT_END_RE = re.compile(r"\s*\\?%$")
+_PLAIN_SUM_RE = re.compile(rf"[-+]?\s*(?:{_PLAIN_NUMBER})(?:\s*[-+]\s*(?:{_PLAIN_NUMBER}))+\s*(?:\\?%)?")
+# a value written out, not an expression to evaluate: 7, -3.5, 1{,}000, 3/4, \frac{3}{2}, 2\sqrt{3}, 4\pi, \pm 5, 20%
+_VALUE_RE = re.compile(rf"(?:{_SCALAR})\s*(?:\\?%)?")
+_LIST_BRACKETS = (("\\{", "\\}"), ("(", ")"), ("[", "]"), ("(", "]"), ("[", ")"))
+_UNIT_POWER_RE = re.compile(r"\^\s*\{?\s*[23]\s*\}?")
 _ATTACHED = frozenset("^_")  # a number written against these is part of a power or an index, not a value of its own
 
 
@@ -324,11 +335,27 @@ def _value_around(content: str, start: int, end: int) -> str | None:
     side, previous = content[left:right], None
     while side != previous:  # "(\text{...})" and "\quad" may each uncover the other
         side, previous = _LAYOUT_RE.sub("", _WORDS_RE.sub(" ", side)), side
-    side = _UNIT_POWER_RE.sub("", _EMPHASIS_RE.sub(r"\1", side).strip(" \t\n:,").rstrip(".").strip())
+    side = _EMPHASIS_RE.sub(r"\1", side).strip(" \t\n:,;").rstrip(".").strip()
+    power = side.rfind("^")  # the power of a unit whose name was words: "125 \text{ cm}^3" became "125 ^3"
+    if power > 0 and side[power - 1].isspace() and _UNIT_POWER_RE.fullmatch(side, power):
+        side = side[:power].rstrip()
+    side = _strip_unit_tail(side)  # "12 cm", "60 km/h"
     one_element = _wrapped(side, "\\{", "\\}")  # x \in \{7\}
     if one_element is not None and _VALUE_RE.fullmatch(one_element.strip()):
         side = one_element.strip()
-    return side if _VALUE_RE.fullmatch(side) else None
+    return side if _is_written_value(side) else None
+
+
+def _is_written_value(side: str) -> bool:
+    """Whether ``side`` is a value written out (:data:`_VALUE_RE`) or a list, tuple, interval or set of them
+    (``2, 3, 5``, ``(2, -3)``, ``[2, 5)``, ``\\{1, 2\\}``); each item is matched on its own, so no pattern backtracks
+    over the whole list."""
+    if _VALUE_RE.fullmatch(side):
+        return not _PLAIN_SUM_RE.fullmatch(side)  # arithmetic to do, not its result
+    inner = next((side[len(opener) : len(side) - len(closer)] for opener, closer in _LIST_BRACKETS
+                  if len(side) > len(opener) + len(closer) and side.startswith(opener) and side.endswith(closer)), side)
+    items = _split_top_level(inner)
+    return len(items) > 1 and all(_VALUE_RE.fullmatch(item) and not _PLAIN_SUM_RE.fullmatch(item) for item in items)
 
 
 def extract_last_number(text: str) -> str | None:
@@ -350,14 +377,23 @@ def extract_last_number(text: str) -> str | None:
     if last is None:
         return None
     span = _math_span_around(text, last.start())
+    if span is not None and _PROSE_RE.search(_WORDS_RE.sub(" ", text[span[0] : span[1]])):
+        span = None  # "$5 and the total is 5.5$": two currency signs, not math
     if span is not None:
         value = _value_around(text[span[0] : span[1]], last.start() - span[0], last.end() - span[0])
-        return None if value is None else _PERCENT_END_RE.sub("", value)
+        return None if value is None else _without_percent_sign(value)
     before = text[last.start() - 1] if last.start() else ""
     after = text[last.end()] if last.end() < len(text) else ""
     if before in _ATTACHED or after in _ATTACHED:
         return None
     return re.sub(r"\s+", "", last.group()).replace(",", "")
+
+
+def _without_percent_sign(value: str) -> str:
+    """``value`` without a ``%`` / ``\\%`` at its end (a string operation: no regular expression to backtrack)."""
+    if value.endswith("%"):
+        value = value[:-1].removesuffix("\\").rstrip()
+    return value
 
 
 #: ``(name, extractor)`` pairs tried in order by :func:`extract_final_answer`.
@@ -369,6 +405,7 @@ ANSWER_EXTRACTORS: list[tuple[str, Callable[[str], str | None]]] = [
     ("last_number", extract_last_number),
 ]
 
+_UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
 _WRAPPERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"), ("**", "**"), ("`", "`"))
 
 
@@ -392,8 +429,8 @@ def normalize_answer(answer: str) -> str:
             inner_start, inner_end = start + len(opener), end - len(closer)
             wrapped = answer.startswith(opener, start, end) and answer.endswith(closer, start, end)
             if inner_start <= inner_end and wrapped:
-                if opener.startswith("$") and answer.find("$", inner_start, inner_end) != -1:
-                    continue  # "$a$ and $b$" is not one wrapped block
+                if opener.startswith("$") and _UNESCAPED_DOLLAR_RE.search(answer, inner_start, inner_end):
+                    continue  # "$a$ and $b$" is not one wrapped block; "$\$12$" is
                 start, end = _stripped_bounds(answer, inner_start, inner_end)
                 changed = True
         if end > start and answer[end - 1] == ".":
@@ -592,7 +629,7 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
     s = _DEGREE_RE.sub("", s)
     s = _TEXT_COMMAND_RE.sub(lambda m: f" {m.group(1).strip()} ", s)
     s = re.sub(r"\\[ ,;:]", " ", s)
-    s = _CURRENCY_RE.sub(r"\1", _APPROXIMATELY_RE.sub("", s.strip()))
+    s = _CURRENCY_RE.sub(r"\1", normalize_answer(_APPROXIMATELY_RE.sub("", s.strip())))  # "about $\$12$", "\approx \$12"
     s = _PI_WORD_RE.sub(r"\\pi ", s)
     s = re.sub(r"\s+", " ", s).strip()
     if _THOUSANDS_RE.fullmatch(s):
