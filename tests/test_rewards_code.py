@@ -25,6 +25,18 @@ def fenced(source: str) -> str:
     return "Here is my solution.\n```python\n" + textwrap.dedent(source).strip() + "\n```\nDone."
 
 
+@pytest.fixture
+def reachable_temp_dir():
+    """A temp_dir the sandbox uid can pass through (pytest's tmp_path is root's alone), removed afterwards."""
+    import pathlib
+    import shutil
+
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="entrorl-test-"))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def reward(**options) -> CodeReward:
     return CodeReward(**{"time_limit": 2.0, **options})
 
@@ -626,6 +638,65 @@ def test_closing_the_result_channel_still_times_out_without_busy_waiting():
     assert run.outcomes[0].status == "timeout"
     assert time.monotonic() - started < 1.0 + 2.0
     assert time.process_time() - cpu_before < 0.5  # the parent waited, it did not spin
+
+
+_FORGE = """
+import os, stat, time
+def forge(line):
+    for fd in range(3, 64):
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.write(fd, b"\\n" + line + b"\\n")
+        except OSError:
+            pass
+"""
+
+
+@pytest.mark.timeout(60)  # the failures this guards against are a parent that never returns
+def test_forged_result_messages_cannot_restart_cases_or_clocks():
+    """The program can write to the result pipe. A forged 'start' of an earlier case followed by a crash used to make
+    the parent restart from the same case for ever; forged messages every half second, with the program asleep, used to
+    push the wall-clock deadline back for ever. Both now end within the run's limits."""
+    restart = _FORGE + 'forge(b\'{"event": "start", "case": 0}\')\nos._exit(1)\n'
+    started = time.monotonic()
+    run = run_in_sandbox(restart, stdin_cases(3), SandboxLimits(time_limit=1.0))
+    assert time.monotonic() - started < 20 and len(run.outcomes) == 3
+    stall = _FORGE + ("for _ in range(200):\n"
+                      "    forge(b'{\"event\": \"start\", \"case\": 0}')\n"
+                      "    time.sleep(0.3)\n")
+    started = time.monotonic()
+    run = run_in_sandbox(stall, stdin_cases(1), SandboxLimits(time_limit=1.0))
+    assert time.monotonic() - started < 20
+    assert run.outcomes[0].status == "timeout"
+
+
+def test_what_a_program_does_to_its_own_folder_does_not_break_the_sandbox(reachable_temp_dir):
+    """A tree deeper than Python's recursion limit (shutil.rmtree raised RecursionError and left the folder), a
+    working directory whose permissions the program took away before crashing (the next attempt could not start:
+    SandboxError), and stderr's shared descriptor moved 16 MiB on and made non-appending (the next attempt's stderr
+    failed): each run ends normally, the later case is scored, and nothing is left in temp_dir."""
+    deep = ("import os\nif not os.path.exists('a'):\n    d = os.open('.', os.O_RDONLY)\n    for _ in range(1100):\n"
+            "        os.mkdir('a', dir_fd=d)\n        n = os.open('a', os.O_RDONLY, dir_fd=d)\n        os.close(d)\n"
+            "        d = n\na, b = map(int, input().split())\nprint(a + b)")
+    locked = ("import os\nif not os.path.exists('case1.out'):\n    print(3, flush=True)\n    os.chmod('.', 0)\n"
+              "    os._exit(1)\nprint(6)")
+    stderr = ("import fcntl, os, sys\nif os.path.exists('case1.out'):\n    print('late', file=sys.stderr)\n    print(6)\n"
+              "else:\n    fcntl.fcntl(2, fcntl.F_SETFL, 0)\n    os.lseek(2, 16 * 2**20, 0)\n    os._exit(3)")
+    for program in (deep, locked, stderr):
+        verdict = reward(temp_dir=str(reachable_temp_dir))("add", fenced(program), ADD_TESTS)
+        assert verdict.cases[1][0] == "passed", verdict.reason
+        assert list(reachable_temp_dir.iterdir()) == []
+        if program is stderr:
+            run = run_in_sandbox(program, stdin_cases(2), SandboxLimits(temp_dir=str(reachable_temp_dir)))
+            assert "late" in run.stderr_tail
+
+
+def test_a_link_inside_the_folder_to_anywhere_is_allowed():
+    """Only a link's own name is a write; what it points at is not (a link to /usr/lib inside the folder is harmless,
+    since the parent never follows links)."""
+    verdict = reward()("p", fenced("import os\nos.symlink('/usr/lib', 'lib')\nprint('ok')"),
+                       {"cases": [{"input": "", "output": "ok"}]})
+    assert verdict == 1.0, verdict.reason
 
 
 def test_flooding_the_result_channel_is_cut_off():

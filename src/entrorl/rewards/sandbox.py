@@ -56,6 +56,7 @@ Linux only (``/proc``, ``setrlimit``, ``unshare``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -88,7 +89,7 @@ _SANDBOX_ID_BASE = 2_100_000_000
 _SANDBOX_ID_SPAN = 40_000_000
 
 # Directories any user can write to; what a sandbox uid leaves there is removed after the run.
-_SHARED_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+_SHARED_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
 
 # Most bytes of result messages accepted from one child (a program flooding the channel is cut off).
 _MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -310,7 +311,7 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 PATH_EVENTS = {"os.remove": 0, "os.rmdir": 0, "os.mkdir": 0, "os.rename": 0, "os.link": 1, "os.symlink": 1,
                "os.chmod": 0, "os.chown": 0, "os.truncate": 0, "os.utime": 0, "os.chflags": 0,
                "os.setxattr": 0, "os.removexattr": 0, "shutil.rmtree": 0, "shutil.move": 1, "shutil.copyfile": 1}
-RENAME_EVENTS = {"os.rename", "os.link", "os.symlink", "shutil.move", "shutil.copyfile"}  # (source, destination, ...)
+RENAME_EVENTS = {"os.rename", "os.link", "shutil.move", "shutil.copyfile"}  # (source, destination, ...)
 SOCKET_EVENTS = {"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg"}   # (socket, address, ...)
 LOOKUP_EVENTS = {"socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo"}
 PROCESS_EVENTS = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
@@ -352,7 +353,10 @@ def install_audit_hook():
                     if part.isdigit() and part != str(os.getpid()):
                         refuse("proc_read", "open %r" % (text,))
         elif event in PATH_EVENTS:
-            paths = [args[0]] + ([args[1]] if event in RENAME_EVENTS and len(args) > 1 else [])
+            if event == "os.symlink":  # (target, link): only the link is written; what it points at is not
+                paths = list(args[1:2])
+            else:
+                paths = [args[0]] + ([args[1]] if event in RENAME_EVENTS and len(args) > 1 else [])
             for path in paths:
                 if not inside_workdir(path):
                     refuse("file_write", "%s %r" % (event, path))
@@ -638,6 +642,21 @@ def _is_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
+def _remove_tree(path: str) -> None:
+    """Delete the folder ``path`` whatever the program did to it: ``shutil.rmtree``, and where that fails (a tree
+    deeper than Python's recursion limit, folders whose owner took their permissions away) the system's ``chmod -R``
+    and ``rm -rf``, which walk any depth."""
+    try:
+        shutil.rmtree(path)
+        return
+    except (OSError, RecursionError):
+        pass
+    for command in (["chmod", "-R", "u+rwx", "--", path], ["rm", "-rf", "--", path]):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=60, check=False)
+
+
 def _remove_litter(uid: int) -> list[str]:
     """Delete entries owned by ``uid`` directly inside the world-writable directories."""
     removed = []
@@ -651,7 +670,7 @@ def _remove_litter(uid: int) -> list[str]:
                 if entry.stat(follow_symlinks=False).st_uid != uid:
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
+                    _remove_tree(entry.path)
                 else:
                     os.unlink(entry.path)
                 removed.append(entry.path)
@@ -709,12 +728,19 @@ def _signal_name(number: int) -> str:
 
 class _Attempt:
     """Follows one child process running cases ``first_case..``: parses its result messages into
-    ``run`` and keeps the case in progress and that case's deadline."""
+    ``run`` and keeps the case in progress and that case's deadline.
 
-    def __init__(self, run: SandboxRun, cases: Sequence[SandboxCase], limits: SandboxLimits) -> None:
+    The program can write to the result pipe too, so a message is believed only in the harness's own order: one
+    ``ready``, then for each case from ``first_case`` on, once, its ``start`` and its ``end``. A forged message can
+    thus only move on, never restart a case or a clock, and an attempt never lasts past ``hard_deadline``."""
+
+    def __init__(self, run: SandboxRun, cases: Sequence[SandboxCase], limits: SandboxLimits, first_case: int,
+                 hard_deadline: float) -> None:
         self.run = run
         self.cases = cases
         self.limits = limits
+        self.next_case = first_case
+        self.hard_deadline = hard_deadline
         self.buffer = b""
         self.received = 0
         self.flooded = False
@@ -723,7 +749,7 @@ class _Attempt:
         self.done = False
         self.current: int | None = None
         self.case_started = 0.0
-        self.deadline = time.monotonic() + limits.startup_time
+        self.deadline = min(time.monotonic() + limits.startup_time, hard_deadline)
 
     def feed(self, data: bytes) -> None:
         """Take bytes read from the result pipe; complete lines are handled at once."""
@@ -744,20 +770,21 @@ class _Attempt:
     def _handle(self, message: dict[str, Any]) -> None:
         event = message.get("event")
         now = time.monotonic()
-        if event == "ready":
+        if event == "ready" and not self.ready:
             self.ready = True
             self.isolation = dict(message.get("isolation") or {})
-            self.deadline = now + self.limits.time_limit
+            self.deadline = min(now + self.limits.time_limit, self.hard_deadline)
         elif event == "done":
             self.done = True
         elif event == "syntax_error":
             self.run.syntax_error = str(message.get("detail", "syntax error"))
         elif event == "violation":
             self.run.violations.append((str(message.get("kind")), str(message.get("detail"))))
-        elif event == "start" and isinstance(message.get("case"), int) and 0 <= message["case"] < len(self.cases):
+        elif event == "start" and self.current is None and message.get("case") == self.next_case < len(self.cases):
             self.current = message["case"]
+            self.next_case += 1
             self.case_started = now
-            self.deadline = now + self.limits.time_limit
+            self.deadline = min(now + self.limits.time_limit, self.hard_deadline)
         elif event == "end" and self.current is not None and message.get("case") == self.current:
             error = message.get("error")
             self.run.outcomes[self.current] = CaseOutcome(
@@ -766,7 +793,7 @@ class _Attempt:
                 seconds=now - self.case_started,
             )
             self.current = None
-            self.deadline = now + self.limits.time_limit
+            self.deadline = min(now + self.limits.time_limit, self.hard_deadline)
 
     def time_out(self) -> None:
         """The deadline passed: the case in progress timed out. Raises :class:`SandboxError` when the
@@ -832,14 +859,17 @@ def run_in_sandbox(program: str, cases: Sequence[SandboxCase], limits: SandboxLi
         isolation["process_limit"] = process_note
         _prepare_workdir(outer, workdir, cases, uid)
         stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        # every attempt's start-up, and for each case its run and the pause after it, at most: whatever the messages
+        hard_deadline = started + (len(cases) + 1) * limits.startup_time + (2 * len(cases) + 1) * limits.time_limit
         first_case = 0
         strays = 0
         while True:
             attempt_result = _run_attempt(
-                python, uid, workdir, marker, program, cases, first_case, processes, limits, run, stderr_fd, stderr_path
+                python, uid, workdir, marker, program, cases, first_case, processes, limits, run, stderr_fd, stderr_path,
+                hard_deadline,
             )
             strays += attempt_result.strays
-            if attempt_result.next_case is None:
+            if attempt_result.next_case is None or attempt_result.next_case <= first_case:
                 break
             first_case = attempt_result.next_case
         isolation["strays_killed"] = strays
@@ -852,7 +882,7 @@ def run_in_sandbox(program: str, cases: Sequence[SandboxCase], limits: SandboxLi
     finally:
         if stderr_fd is not None:
             os.close(stderr_fd)
-        shutil.rmtree(outer, ignore_errors=True)
+        _remove_tree(outer)
         if uid is not None:
             litter = _remove_litter(uid)
             if litter:
@@ -897,12 +927,19 @@ def _run_attempt(
     run: SandboxRun,
     stderr_fd: int,
     stderr_path: str,
+    hard_deadline: float,
 ) -> _AttemptResult:
     """Start one child for cases ``first_case..`` and follow it until it ends or must be stopped.
 
     Returns the case to resume from in a fresh child (after a crash), or None when the run is over.
     """
     remaining = len(cases) - first_case
+    if first_case > 0:  # what an earlier attempt's program may have changed, and the next one needs
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(workdir), 0o711)
+            os.chmod(workdir, 0o700)
+        fcntl.fcntl(stderr_fd, fcntl.F_SETFL, os.O_APPEND)  # the descriptor is shared: its flags and offset too
+        os.lseek(stderr_fd, 0, os.SEEK_END)
     read_fd, write_fd = os.pipe()
     config = {
         "result_fd": write_fd,
@@ -931,7 +968,7 @@ def _run_attempt(
     finally:
         os.close(write_fd)
         os.close(config_fd)
-    attempt = _Attempt(run, cases, limits)
+    attempt = _Attempt(run, cases, limits, first_case, hard_deadline)
     next_case: int | None = None
     pipe_open = True
     try:
