@@ -70,6 +70,7 @@ __all__ = [
     "predicted_entropy_change_logit",
     "predicted_entropy_change_pg",
     "pg_step_alpha",
+    "top_token_count",
     "predicted_entropy_change_logits",
     "predicted_entropy_change_vanilla_pg",
     "predicted_entropy_change_natural_pg",
@@ -393,6 +394,12 @@ class CovarianceConcentration:
         return out
 
 
+def top_token_count(n_tokens: int, percent: float) -> int:
+    """How many tokens "the top ``percent``%" of ``n_tokens`` is: ``min(n, max(1, floor(n * q / 100)))``, the
+    small tolerance keeping ``10000 * 0.02 / 100`` from flooring to 1 through rounding."""
+    return min(n_tokens, max(1, math.floor(n_tokens * float(percent) / 100.0 + 1e-9)))
+
+
 def covariance_concentration(
     cov: torch.Tensor,
     mask: torch.Tensor | None = None,
@@ -420,8 +427,7 @@ def covariance_concentration(
         if n == 0:
             top_means[qf], ratios[qf], counts[qf] = float("nan"), float("nan"), 0
             continue
-        # the small tolerance keeps 10000 * 0.02 / 100 from flooring to 1 through rounding
-        k = min(n, max(1, math.floor(n * qf / 100.0 + 1e-9)))
+        k = top_token_count(n, qf)
         top = float(torch.topk(valid, k, sorted=False).values.mean())
         top_means[qf] = top
         counts[qf] = k

@@ -44,6 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 from entrorl.analysis.law import fit_entropy_law, forecast_entropy_law
+from entrorl.dynamics import top_token_count
 from entrorl.evaluation import polarisation
 
 __all__ = [
@@ -1203,7 +1204,7 @@ class _Report:
         tokens = [self.analyses[n].cov_tokens for n in self.ok if _finite(self.analyses[n].cov_tokens) is not None]
         if tokens:
             n_tokens = float(np.median(tokens))
-            counts = [max(1, int(n_tokens * float(q) / 100)) for q in COV_PERCENTS]
+            counts = [top_token_count(round(n_tokens), float(q)) for q in COV_PERCENTS]
             said = ", ".join(f"top {q}% = {count} token{'s' if count != 1 else ''}" for q, count in zip(COV_PERCENTS, counts))
             same = [f"{COV_PERCENTS[i]}% and {COV_PERCENTS[i + 1]}%" for i in range(len(counts) - 1) if counts[i] == counts[i + 1]]
             section.say(f"A step has {fmt(n_tokens)} response tokens (median over steps and methods): {said}"
