@@ -959,15 +959,19 @@ def _run_attempt(
             "processes": processes,
         },
     }
-    config_fd = _nameless_file(os.path.dirname(workdir), json.dumps(config).encode("utf-8"))
-    try:
-        child = _start_child(
-            [python, "-I", "-B", "-c", _BOOTSTRAP, marker, str(config_fd)], workdir, marker, stderr_fd,
-            (write_fd, config_fd), uid,
-        )
-    finally:
-        os.close(write_fd)
-        os.close(config_fd)
+    # the configuration as a file with no name in any folder (the child reads it from its descriptor): no program can
+    # find, replace or read it by name
+    with tempfile.TemporaryFile(dir=os.path.dirname(workdir)) as config_file:
+        config_file.write(json.dumps(config).encode("utf-8"))
+        config_file.flush()
+        config_file.seek(0)
+        try:
+            child = _start_child(
+                [python, "-I", "-B", "-c", _BOOTSTRAP, marker, str(config_file.fileno())], workdir, marker, stderr_fd,
+                (write_fd, config_file.fileno()), uid,
+            )
+        finally:
+            os.close(write_fd)
     attempt = _Attempt(run, cases, limits, first_case, hard_deadline)
     next_case: int | None = None
     pipe_open = True
@@ -1003,22 +1007,6 @@ def _run_attempt(
             child.wait()
     run.isolation.update(attempt.isolation)
     return _AttemptResult(next_case, strays)
-
-
-def _nameless_file(folder: str, data: bytes) -> int:
-    """A descriptor of a file holding ``data``, positioned at its start, that has no name in any folder (created in
-    ``folder`` and unlinked at once), so a child can read it but no program can find, replace or read it by name."""
-    descriptor, path = tempfile.mkstemp(dir=folder)
-    try:
-        os.unlink(path)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(descriptor, view):]
-        os.lseek(descriptor, 0, os.SEEK_SET)
-    except BaseException:
-        os.close(descriptor)
-        raise
-    return descriptor
 
 
 def _start_child(argv: list[str], workdir: str, marker: str, stderr_fd: int, pass_fds: tuple[int, ...], uid: int | None):
