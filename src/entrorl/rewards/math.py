@@ -352,8 +352,7 @@ def _is_written_value(side: str) -> bool:
     over the whole list."""
     if _VALUE_RE.fullmatch(side):
         return not _PLAIN_SUM_RE.fullmatch(side)  # arithmetic to do, not its result
-    inner = next((side[len(opener) : len(side) - len(closer)] for opener, closer in _LIST_BRACKETS
-                  if len(side) > len(opener) + len(closer) and side.startswith(opener) and side.endswith(closer)), side)
+    inner = next((inside for opener, closer in _LIST_BRACKETS if (inside := _wrapped(side, opener, closer))), side)
     items = _split_top_level(inner)
     return len(items) > 1 and all(_VALUE_RE.fullmatch(item) and not _PLAIN_SUM_RE.fullmatch(item) for item in items)
 
