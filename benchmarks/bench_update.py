@@ -17,7 +17,8 @@ The first two are switched step by step inside one process, in turn, so that a s
 every variant alike. The allocator cannot be put back to glibc's (self-adjusting) defaults inside a process, so
 each worker process runs one allocator setting, workers alternate between the two (``--rounds`` each), and every
 worker times all the in-process variants. Reported: the median time of each variant over all its timed steps, and
-its speed-up over the plain one (defaults, no sharing, looped AdamW). The model's weights change with every step
+its speed-up over the plain one (defaults, no sharing, looped AdamW), and the median of its steps' minor page
+faults (pages of memory the step touched for the first time, each one zeroed by the kernel). The model's weights change with every step
 (a real update at lr 1e-4), the rollouts stay fixed.
 
     python benchmarks/bench_update.py                       # 32 completion tokens
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -73,7 +75,8 @@ def run_worker(spec: dict) -> dict:
         "fused": torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True),
     }
 
-    def update(share_prompts: bool, adamw: str) -> float:
+    def update(share_prompts: bool, adamw: str) -> tuple[float, int]:
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         started = time.perf_counter()
         optimizer = optimizers[adamw]
         optimizer.zero_grad(set_to_none=True)
@@ -87,16 +90,18 @@ def run_worker(spec: dict) -> dict:
         objective(batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return time.perf_counter() - started
+        return time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
 
     variants = [(share, adamw) for share in (False, True) for adamw in ("loop", "fused")]
     times: dict[str, list[float]] = {f"{share}/{adamw}": [] for share, adamw in variants}
+    faults: dict[str, list[int]] = {f"{share}/{adamw}": [] for share, adamw in variants}
     for step in range(spec["warmup"] + spec["steps"]):
         for share, adamw in variants:
-            elapsed = update(share, adamw)
+            elapsed, step_faults = update(share, adamw)
             if step >= spec["warmup"]:
                 times[f"{share}/{adamw}"].append(elapsed)
-    return {"times": times, "rows": len(prompts), "mean_length": float(rollouts.lengths.float().mean()),
+                faults[f"{share}/{adamw}"].append(step_faults)
+    return {"times": times, "faults": faults, "rows": len(prompts), "mean_length": float(rollouts.lengths.float().mean()),
             "prompt_tokens": int(rollouts.prompt_mask.sum()), "response_tokens": int(mask.sum())}
 
 
@@ -128,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
 
     results: dict[str, dict[str, list[float]]] = {allocator: {} for allocator in ALLOCATORS}
+    faults: dict[str, dict[str, list[int]]] = {allocator: {} for allocator in ALLOCATORS}
     shape = None
     with tempfile.TemporaryDirectory(prefix="bench_update_") as work:
         work_dir = Path(work)
@@ -152,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 shape = {key: result[key] for key in ("rows", "mean_length", "prompt_tokens", "response_tokens")}
                 for variant, values in result["times"].items():
                     results[allocator].setdefault(variant, []).extend(values)
+                    faults[allocator].setdefault(variant, []).extend(result["faults"][variant])
                 print(f"[round {round_index + 1}/{args.rounds}] {allocator}: done", file=sys.stderr)
 
     machine = _machine()
@@ -162,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             share, adamw = variant.split("/")
             median = statistics.median(values)
             rows.append([allocator, "on" if share == "True" else "off", adamw, f"{1000 * median:.1f}", f"{plain / median:.2f}x",
-                         str(len(values))])
-    header = ["allocator", "share_prompts", "AdamW", "update ms (median)", "speed-up", "timed steps"]
+                         f"{statistics.median(faults[allocator][variant]):.0f}", str(len(values))])
+    header = ["allocator", "share_prompts", "AdamW", "update ms (median)", "speed-up", "page faults (median)", "timed steps"]
     print(f"update phase of one step: {shape['rows']} rows ({args.prompts_per_step} prompts x {args.group_size}), "
           f"{shape['prompt_tokens']} prompt + {shape['response_tokens']} response tokens (mean response "
           f"{shape['mean_length']:.1f}, at most {args.max_new_tokens}); tiny Qwen2 hidden {args.hidden_size}, "
