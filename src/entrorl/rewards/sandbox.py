@@ -861,13 +861,12 @@ def run_in_sandbox(program: str, cases: Sequence[SandboxCase], limits: SandboxLi
         stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         # every attempt's start-up, and for each case its run and the pause after it, at most: whatever the messages
         hard_deadline = started + (len(cases) + 1) * limits.startup_time + (2 * len(cases) + 1) * limits.time_limit
+        context = _RunContext(python, uid, workdir, marker, program, cases, processes, limits, run, stderr_fd,
+                              stderr_path, hard_deadline)
         first_case = 0
         strays = 0
         while True:
-            attempt_result = _run_attempt(
-                python, uid, workdir, marker, program, cases, first_case, processes, limits, run, stderr_fd, stderr_path,
-                hard_deadline,
-            )
+            attempt_result = _run_attempt(context, first_case)
             strays += attempt_result.strays
             if attempt_result.next_case is None or attempt_result.next_case <= first_case:
                 break
@@ -908,31 +907,37 @@ def _prepare_workdir(outer: str, workdir: str, cases: Sequence[SandboxCase], uid
     os.chmod(outer, 0o711)
 
 
+@dataclass(frozen=True)
+class _RunContext:
+    """What every attempt of one ``run_in_sandbox`` call shares."""
+
+    python: str
+    uid: int | None
+    workdir: str
+    marker: str
+    program: str
+    cases: Sequence[SandboxCase]
+    processes: int | None  # the RLIMIT_NPROC to set, None for none
+    limits: SandboxLimits
+    run: SandboxRun  # the outcomes, filled in by the attempts
+    stderr_fd: int  # the child's stderr, one file for every attempt
+    stderr_path: str
+    hard_deadline: float  # time.monotonic() past which no attempt runs, whatever the child reports
+
+
 @dataclass
 class _AttemptResult:
     next_case: int | None
     strays: int
 
 
-def _run_attempt(
-    python: str,
-    uid: int | None,
-    workdir: str,
-    marker: str,
-    program: str,
-    cases: Sequence[SandboxCase],
-    first_case: int,
-    processes: int | None,
-    limits: SandboxLimits,
-    run: SandboxRun,
-    stderr_fd: int,
-    stderr_path: str,
-    hard_deadline: float,
-) -> _AttemptResult:
+def _run_attempt(context: _RunContext, first_case: int) -> _AttemptResult:
     """Start one child for cases ``first_case..`` and follow it until it ends or must be stopped.
 
     Returns the case to resume from in a fresh child (after a crash), or None when the run is over.
     """
+    cases, limits, run, workdir, uid = context.cases, context.limits, context.run, context.workdir, context.uid
+    stderr_fd = context.stderr_fd
     remaining = len(cases) - first_case
     if first_case > 0:  # what an earlier attempt's program may have changed, and the next one needs
         with contextlib.suppress(OSError):
@@ -944,7 +949,7 @@ def _run_attempt(
     config = {
         "result_fd": write_fd,
         "workdir": workdir,
-        "program": program,
+        "program": context.program,
         "cases": [{"kind": case.kind, "text": "" if case.kind == "stdin" else case.text} for case in cases],
         "first_case": first_case,
         "network_namespace": limits.network_namespace,
@@ -956,7 +961,7 @@ def _run_attempt(
             "cpu_seconds": int(limits.time_limit * max(remaining, 1)) + 2,
             "file_bytes": limits.max_file_mb * 1024 * 1024,
             "open_files": limits.max_open_files,
-            "processes": processes,
+            "processes": context.processes,
         },
     }
     # the configuration as a file with no name in any folder (the child reads it from its descriptor): no program can
@@ -967,12 +972,12 @@ def _run_attempt(
         config_file.seek(0)
         try:
             child = _start_child(
-                [python, "-I", "-B", "-c", _BOOTSTRAP, marker, str(config_file.fileno())], workdir, marker, stderr_fd,
-                (write_fd, config_file.fileno()), uid,
+                [context.python, "-I", "-B", "-c", _BOOTSTRAP, context.marker, str(config_file.fileno())], workdir,
+                context.marker, stderr_fd, (write_fd, config_file.fileno()), uid,
             )
         finally:
             os.close(write_fd)
-    attempt = _Attempt(run, cases, limits, first_case, hard_deadline)
+    attempt = _Attempt(run, cases, limits, first_case, context.hard_deadline)
     next_case: int | None = None
     pipe_open = True
     try:
@@ -998,11 +1003,11 @@ def _run_attempt(
             if exit_status is not None:
                 if pipe_open:
                     _drain_pipe(read_fd, attempt)
-                next_case = attempt.child_exited(exit_status, first_case, stderr_path)
+                next_case = attempt.child_exited(exit_status, first_case, context.stderr_path)
                 break
     finally:
         os.close(read_fd)
-        strays = _kill_everything(child.pid, uid, marker)
+        strays = _kill_everything(child.pid, uid, context.marker)
         with contextlib.suppress(ChildProcessError):
             child.wait()
     run.isolation.update(attempt.isolation)
