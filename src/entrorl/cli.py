@@ -62,6 +62,11 @@ def train(
     except (ValueError, OSError) as error:  # OSError: missing files, and what transformers raises on unreadable ones
         _fail(str(error))
     console.print(Text(f"run directory: {trainer.run_dir}"), soft_wrap=True)
+    if trainer.adapter is not None:
+        lora = train_config.model.lora
+        total = sum(parameter.numel() for parameter in trainer.model.parameters())
+        console.print(f"LoRA adapters (rank {lora.rank}, alpha {lora.alpha:g}): {trainer.adapter.trainable_parameters():,} "
+                      f"trained parameters of {total:,}", highlight=False)
     if trainer.resumed_from is not None:
         console.print(f"resuming from {escape(trainer.resumed_from.name)} (step {trainer.step} of "
                       f"{train_config.optim.steps})", highlight=False)

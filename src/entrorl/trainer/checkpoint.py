@@ -2,7 +2,8 @@
 
 Layout of a run directory::
 
-    run_dir/checkpoints/step_000040/model/        save_pretrained: weights, config, tokenizer
+    run_dir/checkpoints/step_000040/model/        save_pretrained: weights, config, tokenizer (with LoRA: merged)
+    run_dir/checkpoints/step_000040/adapter/      with LoRA only: the adapters, in peft's format
     run_dir/checkpoints/step_000040/trainer.pt    optimizer, scheduler, RNG states, data position, objective state
     run_dir/checkpoints/latest                    name of the newest complete checkpoint
     run_dir/.lock                                 held by the process that runs there (:func:`lock_run_directory`)
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from entrorl.modeling import save_tokenizer
+from entrorl.trainer.adapters import ADAPTER_DIRECTORY
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +198,11 @@ def _disk_space_note(folder: Path, model) -> str:
             f"{needed / 2**20:.1f} MiB")
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the ``keep`` newest.
+def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], keep: int,
+                    adapter=None) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the ``keep`` newest. With ``adapter`` (a
+    :class:`entrorl.trainer.adapters.LoraAdapter` put into ``model``), ``model/`` holds the merged model and
+    ``adapter/`` the adapters.
 
     The run directory must exist (a run directory removed during the run is not silently recreated)."""
     run_dir = Path(run_dir)
@@ -212,7 +217,11 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
     temporary = root / f".{name}.tmp-{os.getpid()}"
     try:
         temporary.mkdir()
-        model.save_pretrained(temporary / "model")
+        if adapter is not None:
+            adapter.save_merged(temporary / "model")
+            adapter.save(temporary / ADAPTER_DIRECTORY)
+        else:
+            model.save_pretrained(temporary / "model")
         save_tokenizer(tokenizer, temporary / "model")
         torch.save(trainer_state, temporary / "trainer.pt")
         _sync_tree(temporary)
@@ -263,9 +272,12 @@ def _weights_present(model: Path) -> bool:
 
 def _complete(checkpoint: Path) -> bool:
     """Whether ``checkpoint`` holds everything a resume reads, none of it empty: the trainer state, the model's config
-    and weights."""
-    model = checkpoint / "model"
-    return _non_empty(checkpoint / "trainer.pt") and _non_empty(model / "config.json") and _weights_present(model)
+    and weights, and the adapters' files when it has adapters."""
+    model, adapter = checkpoint / "model", checkpoint / ADAPTER_DIRECTORY
+    adapters_whole = not adapter.exists() or all(
+        _non_empty(adapter / name) for name in ("adapter_config.json", "adapter_model.safetensors"))
+    return (_non_empty(checkpoint / "trainer.pt") and _non_empty(model / "config.json") and _weights_present(model)
+            and adapters_whole)
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:

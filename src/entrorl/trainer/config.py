@@ -68,6 +68,25 @@ def _takes_numbers_only(accepted: set) -> bool:
     return bool(accepted & {int, float}) and bool not in accepted
 
 
+class LoraConfig(_Section):
+    """Low-rank adapters (LoRA, arXiv 2106.09685): only ``A`` and ``B`` of ``W + (alpha / r) B A`` are trained."""
+
+    rank: int = Field(16, ge=1, description="r, the adapters' rank")
+    alpha: float = Field(32.0, gt=0, description="the adapters' output is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (needs model.disable_dropout: "
+                           "false; the entropy diagnostics assume a deterministic forward)")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="the layers to adapt: 'all-linear' (every linear layer but the output layer) or a "
+        "list of module names, e.g. [q_proj, k_proj, v_proj, o_proj]")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_module(cls, value: str | list[str]) -> str | list[str]:
+        if not value or (isinstance(value, list) and not all(isinstance(name, str) and name.strip() for name in value)):
+            raise ValueError("name at least one module, or 'all-linear'")
+        return value
+
+
 class ModelConfig(_Section):
     path: str = Field(description="local Hugging Face model directory (config.json, weights, tokenizer)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -83,12 +102,22 @@ class ModelConfig(_Section):
                                            "are then run once per row, not shared)")
     device: str = Field("auto", description="where the policy (and reference) model runs: 'auto' (the first CUDA GPU "
                         "when there is one, else the CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    lora: LoraConfig | None = Field(None, description="train low-rank adapters instead of every weight (needs peft: pip "
+                                    "install 'entrorl[lora]'); the reference model is then the base model, the "
+                                    "adapters switched off. None = full fine-tuning")
 
     @field_validator("device")
     @classmethod
     def _device_exists(cls, value: str) -> str:
         resolve_device(value)
         return value
+
+    @model_validator(mode="after")
+    def _deterministic_adapters(self) -> "ModelConfig":
+        if self.lora is not None and self.lora.dropout > 0 and self.disable_dropout:
+            raise ValueError("model.lora.dropout > 0 with model.disable_dropout: true; set model.disable_dropout: false "
+                             "to train with dropout, or leave lora.dropout at 0")
+        return self
 
 
 def resolve_device(name: str):
@@ -445,6 +474,9 @@ class TrainConfig(_Section):
                              f"{self.method_label()!r} scales positive advantages by lambda again (lambda squared); "
                              "leave advantage.name out (the method takes 'signed_reward'), or train the 'w_reinforce' "
                              "advantage with a method without positive_scale")
+        if self.model.lora is not None and self.rollout.backend == "vllm":
+            raise ValueError("model.lora with rollout.backend: vllm is not supported (the engine would need the merged "
+                             "weights after every update); use rollout.backend: hf")
         if self.optim.kl_reference is False and "ref_log_prob" in required:
             raise ValueError(f"optim.kl_reference is false, but method {self.method_label()!r} needs the reference "
                              "model's log-probs (kl_ref); set it to true or leave it out")

@@ -6,6 +6,7 @@ prompts → rollouts → rewards → advantages → scoring → updates → diag
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -45,6 +46,7 @@ from entrorl.rewards import RewardResult, RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
 from entrorl.tokens import STAT_NAMES, TokenStats
 from entrorl.rollout import HFSampler, Rollouts, SamplingParams
+from entrorl.trainer.adapters import ADAPTER_DIRECTORY, LoraAdapter
 from entrorl.trainer.allocator import retain_freed_memory
 from entrorl.trainer.checkpoint import (
     atomic_write_text,
@@ -193,6 +195,7 @@ class Trainer:
         if declared is not None:
             self._encode_prompts(declared)
         self.device = resolve_device(config.model.device)
+        self.adapter: LoraAdapter | None = None  # set by _load_policy with model.lora
         self.model = self._load_policy(model_path, checkpoint)
         self.reference = self._load_reference()
         if declared is None:
@@ -270,8 +273,10 @@ class Trainer:
             saved_config = json.loads(config_file.read_text()) if config_file.is_file() else None
         if saved_config is None:
             return []
+        # model.path names the base model of the adapters, and the reference model
+        reads_model_path = self.needs_reference or self.config.model.lora is not None
         refused, accepted = resume_changes(saved_config, self.config.model_dump(mode="json"),
-                                           loads_reference=self.needs_reference)
+                                           loads_reference=reads_model_path)
         self.resume_learning_rate = self._next_learning_rates(saved_config, saved_state["step"], accepted)
         if refused:
             listed = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in refused)
@@ -296,20 +301,32 @@ class Trainer:
         return (rates[0], rates[1]) if rates[0] != rates[1] else None
 
     def _load_policy(self, model_path: Path, checkpoint: Path | None):
-        """The policy, from the checkpoint when resuming (``ValueError`` naming a damaged checkpoint's way out)."""
+        """The policy, from the checkpoint when resuming (``ValueError`` naming a damaged checkpoint's way out); with
+        ``model.lora``, the base model with adapters (``self.adapter``), those of the checkpoint when resuming."""
         from safetensors import SafetensorError
 
         model_config = self.config.model
-        try:
-            model = load_causal_lm(model_path, dtype=model_config.dtype, disable_dropout=model_config.disable_dropout,
+        lora = model_config.lora
+        try:  # with adapters, the base model: the checkpoint holds the adapters and, for other tools, the merged model
+            model = load_causal_lm(Path(model_config.path) if lora is not None else model_path, dtype=model_config.dtype,
+                                   disable_dropout=model_config.disable_dropout,
                                    trust_remote_code=model_config.trust_remote_code, device=self.device)
         except torch.OutOfMemoryError:
             raise
         except (OSError, RuntimeError, SafetensorError) as error:
-            if checkpoint is None:
+            if checkpoint is None or lora is not None:
                 raise
             raise ValueError(f"the model of checkpoint {checkpoint} cannot be read ({type(error).__name__}: {error}); "
                              f"delete {checkpoint.name} to resume from the checkpoint before it") from None
+        if lora is not None:
+            self.adapter = LoraAdapter(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                       target_modules=lora.target_modules)
+            if checkpoint is not None:
+                try:
+                    self.adapter.load(checkpoint / ADAPTER_DIRECTORY)
+                except (OSError, RuntimeError, SafetensorError, ValueError) as error:
+                    raise ValueError(f"the adapters of checkpoint {checkpoint} cannot be read ({type(error).__name__}: "
+                                     f"{error}); delete {checkpoint.name} to resume from the checkpoint before it") from None
         if model_config.activation_checkpointing:  # the method's name from transformers 5.24 on, and before
             enable = getattr(model, "activation_checkpointing_enable", None)
             if enable is not None:
@@ -319,13 +336,23 @@ class Trainer:
         return model.train()
 
     def _load_reference(self):
-        """The frozen starting model, when the configuration asks for one (:meth:`TrainConfig.needs_reference`)."""
-        if not self.needs_reference:
+        """The frozen starting model, when the configuration asks for one (:meth:`TrainConfig.needs_reference`) and
+        the policy is not the base model with adapters (whose reference is the policy, adapters off)."""
+        if not self.needs_reference or self.adapter is not None:
             return None
         model_config = self.config.model
         reference = load_causal_lm(Path(model_config.path), dtype=model_config.dtype,
                                    trust_remote_code=model_config.trust_remote_code, device=self.device)
         return reference.eval().requires_grad_(False)
+
+    @contextlib.contextmanager
+    def _reference_model(self):
+        """The frozen starting model: the loaded reference, or the policy with its adapters switched off."""
+        if self.adapter is not None:
+            with self.adapter.disabled() as base:
+                yield base
+        else:
+            yield self.reference
 
     def _build_sampler(self, model_path: Path):
         rollout = self.config.rollout
@@ -340,7 +367,7 @@ class Trainer:
     def _build_optimizer(self):
         """AdamW over the trained weights (the float32 copies when there are master weights) and its schedule."""
         optim = self.config.optim
-        trained = self.master.copies if self.master is not None else list(self.model.parameters())
+        trained = self.master.copies if self.master is not None else [p for p in self.model.parameters() if p.requires_grad]
         # torch's fused AdamW (one kernel for all parameters instead of a loop over them) runs on the CPU and CUDA
         fused = self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in trained)
         optimizer = torch.optim.AdamW(trained, lr=optim.lr, betas=optim.betas, eps=optim.eps,
@@ -427,7 +454,7 @@ class Trainer:
     def save(self) -> Path:
         self.logger.sync()  # the metrics of every step the checkpoint covers are on disk before it is
         return save_checkpoint(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
-                               trainer_state=self._trainer_state(), keep=self.config.checkpoint.keep)
+                               trainer_state=self._trainer_state(), keep=self.config.checkpoint.keep, adapter=self.adapter)
 
     # ------------------------------------------------------------------------------------------------ rollouts
     def _sample_groups(self, n_prompts: int) -> tuple[Rollouts, list[PromptRecord], torch.Tensor]:
@@ -640,9 +667,9 @@ class Trainer:
                                      mask=on_device["mask"], disc=before.disc, disc_centered=before.disc_centered)
             normaliser_mask = self.objective.normaliser_mask(population).cpu()
         reference_log_prob = None
-        if self.reference is not None:
-            with torch.no_grad():
-                reference_log_prob = self.token_stats(self.reference, rollouts, all_rows, need=("logprob",)).logprob
+        if self.needs_reference:
+            with torch.no_grad(), self._reference_model() as reference:
+                reference_log_prob = self.token_stats(reference, rollouts, all_rows, need=("logprob",)).logprob
         measured_rows = first_order = None  # the rows re-scored after the update; their entropy's gradient before it
         first_order_s = 0.0
         if config.diagnostics.measure_entropy_change:

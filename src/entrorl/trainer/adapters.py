@@ -1,0 +1,112 @@
+"""Low-rank adapters on the policy: LoRA (Hu et al., arXiv 2106.09685), through ``peft``.
+
+Each adapted linear layer computes ``W x + (alpha / r) * B A x`` with the base weight ``W`` frozen and only
+``A`` (r x in) and ``B`` (out x r) trained; ``B`` starts at zero, so the adapted model starts as the base model.
+The adapters are put into the model's own modules, so the trainer keeps calling the same model object (sampling,
+scoring, the KV-cache prompt sharing, activation checkpointing); only the trainable parameters change.
+
+A checkpoint holds the adapters in peft's format (``adapter/``, loadable with ``PeftModel.from_pretrained`` onto
+the base model) and, in ``model/``, the merged model ``W + (alpha / r) * B A``: a plain Hugging Face directory that
+``entrorl eval`` and any other tool load without peft.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["LoraAdapter", "ADAPTER_DIRECTORY"]
+
+ADAPTER_DIRECTORY = "adapter"
+_ADAPTER_NAME = "default"
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError as error:
+        raise ImportError("model.lora needs the peft package: pip install 'entrorl[lora]' (or pip install peft)") from error
+    return peft
+
+
+class LoraAdapter:
+    """LoRA adapters put into ``model`` (in place), its other parameters frozen."""
+
+    def __init__(self, model: torch.nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
+                 target_modules: str | list[str] = "all-linear"):
+        peft = _import_peft()
+        output = model.get_output_embeddings()
+        output_names = {name for name, module in model.named_modules() if module is output}
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        # the scoring path computes the output layer from its weight (modeling.token_stats_from_hidden), which would
+        # leave an adapter on it out of the log-probs and entropies
+        adapted_output = [name for name in targets if any(out == name or out.endswith("." + name) for out in output_names)]
+        if adapted_output:
+            raise ValueError(f"model.lora.target_modules names the output layer ({', '.join(adapted_output)}); adapters "
+                             "go on the layers before it")
+        config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                                 task_type="CAUSAL_LM")
+        try:
+            with warnings.catch_warnings():  # peft asks transformers through a name it deprecates
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                self.peft_model = peft.get_peft_model(model, config)
+        except ValueError as error:  # a target module that the model does not have
+            raise ValueError(f"model.lora.target_modules: {error}") from None
+        self.model = model
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[torch.nn.Module]:
+        """The base model: the same modules with every adapter switched off, for the reference's log-probs."""
+        with self.peft_model.disable_adapter():
+            yield self.model
+
+    @torch.no_grad()
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights of the merged model, ``W + (alpha / r) * B A`` for every adapted layer, under the base model's
+        own names (on the CPU); the model is not changed."""
+        from peft.tuners.lora import LoraLayer
+
+        deltas = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer) and _ADAPTER_NAME in module.lora_A:
+                deltas[f"{name}.base_layer.weight"] = module.get_delta_weight(_ADAPTER_NAME)
+        merged = {}
+        for key, value in self.model.state_dict().items():
+            if ".lora_" in key:
+                continue
+            tensor = value + deltas[key].to(value.dtype) if key in deltas else value
+            merged[key.replace(".base_layer.", ".")] = tensor.detach().cpu().contiguous()
+        return merged
+
+    def save_merged(self, directory: Path) -> None:
+        """The merged model as a plain Hugging Face model directory (weights and config; no adapter files)."""
+        self.model.save_pretrained(directory, state_dict=self.merged_state_dict())
+
+    def save(self, directory: Path) -> None:
+        """The adapters alone, in peft's format (``adapter_config.json``, ``adapter_model.safetensors``)."""
+        self.peft_model.save_pretrained(directory)
+
+    def load(self, directory: Path) -> None:
+        """Put the adapters saved by :meth:`save` in ``directory`` back; ``ValueError`` when they do not fit."""
+        peft = _import_peft()
+        from safetensors.torch import load_file
+
+        weights = Path(directory) / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing")
+        state: dict[str, Any] = load_file(weights)
+        result = peft.set_peft_model_state_dict(self.peft_model, state)
+        unexpected = list(getattr(result, "unexpected_keys", None) or [])
+        expected = {key for key, _ in peft.get_peft_model_state_dict(self.peft_model).items()}
+        missing = sorted(expected - set(state))
+        if missing or unexpected:
+            raise ValueError(f"the adapters in {directory} do not fit this model's LoRA settings (missing: "
+                             f"{', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(unexpected[:3]) or 'none'})")

@@ -1,0 +1,162 @@
+"""LoRA in the trainer (model.lora): only the adapters train, the reference is the base model with the adapters
+off, a checkpoint holds the merged model (a plain Hugging Face directory) and peft's adapter files, and a resumed run
+equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from entrorl.modeling import load_causal_lm  # noqa: E402
+from entrorl.trainer import ConfigError, Trainer, load_config, read_metrics  # noqa: E402
+from entrorl.trainer.loop import TrainingInterrupted  # noqa: E402
+
+from test_trainer import PARITY_REWARD, make_config  # noqa: E402
+
+LORA = {"rank": 4, "alpha": 8.0}
+
+
+@pytest.fixture
+def parity_reward(tmp_path, monkeypatch) -> str:
+    """A reward that varies between the samples of a random-init model, so that every step has advantages."""
+    (tmp_path / "parity_reward.py").write_text(PARITY_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "parity_reward:score"
+
+
+def lora_config(model_dir, train, reward, **sections) -> dict:
+    """test_trainer's configuration, with rank-4 adapters, the parity reward and two steps at lr 1e-2."""
+    settings = {"model": {"device": "cpu", "lora": LORA}, "reward": {"name": reward}, "optim": {"steps": 2, "lr": 1e-2}}
+    for key, value in sections.items():
+        settings[key] = {**settings[key], **value} if isinstance(settings.get(key), dict) else value
+    return make_config(model_dir, train, None, **settings)
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_only_the_adapters_train_and_a_checkpoint_holds_the_merged_model(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                         parity_reward):
+    from peft import PeftModel
+
+    train, _ = arithmetic_files
+    trainer = Trainer(load_config(lora_config(tiny_model_dir, train, parity_reward)), run_dir=tmp_path / "run")
+    base = load_causal_lm(tiny_model_dir)
+    trained = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_A." in name or ".lora_B." in name for name in trained)
+    # rank 4 on all seven linear layers of each of the two blocks (hidden 32, 2 of 4 heads for k / v: 16 wide, MLP 128)
+    per_block = sum(4 * (fan_in + fan_out) for fan_in, fan_out in
+                    [(32, 32), (32, 16), (32, 16), (32, 32), (32, 128), (32, 128), (128, 32)])
+    assert trainer.adapter.trainable_parameters() == 2 * per_block
+    assert [p for group in trainer.optimizer.param_groups for p in group["params"]] == [
+        p for p in trainer.model.parameters() if p.requires_grad]
+
+    trainer.train()
+    ids = torch.randint(3, 20, (3, 9), generator=torch.Generator().manual_seed(0))
+    # the base weights did not move; the adapters did, so the policy is no longer the base model
+    with trainer.adapter.disabled() as base_again:
+        torch.testing.assert_close(logits(base_again, ids), logits(base, ids), rtol=0, atol=0)
+    assert not torch.allclose(logits(trainer.model, ids), logits(base, ids), atol=1e-4)
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
+    merged = load_causal_lm(checkpoint / "model")  # a plain Hugging Face directory: no adapter modules, no peft
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, ids), logits(trainer.model, ids), rtol=1e-5, atol=1e-5)
+    # the adapters alone, in peft's format, onto the base model
+    adapted = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir), checkpoint / "adapter")
+    torch.testing.assert_close(logits(adapted, ids), logits(trainer.model, ids), rtol=0, atol=0)
+
+
+def test_the_reference_is_the_base_model_with_the_adapters_off(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                parity_reward):
+    train, _ = arithmetic_files
+    config = load_config(lora_config(tiny_model_dir, train, parity_reward, method="kl_ref", optim={"steps": 3}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    assert trainer.needs_reference and trainer.reference is None  # no second copy of the model is loaded
+    for _ in range(3):
+        metrics = trainer.train_step()
+    # kl/ref_k1 is the mean of log pi - log pi_ref over the trained tokens: 0 while the adapters were still at zero
+    assert abs(metrics["kl/ref_k1"]) > 0
+    ids = torch.randint(3, 20, (2, 7), generator=torch.Generator().manual_seed(1))
+    with trainer._reference_model() as reference:
+        torch.testing.assert_close(logits(reference, ids), logits(load_causal_lm(tiny_model_dir), ids), rtol=0, atol=0)
+    trainer.close()
+
+
+def test_a_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
+    train, _ = arithmetic_files
+    settings = lora_config(tiny_model_dir, train, parity_reward, method="clip_cov", optim={"steps": 4},
+                           checkpoint={"every": 0, "keep": 3})
+    straight = Trainer(load_config(settings), run_dir=tmp_path / "straight")
+    straight.train()
+
+    interrupted = Trainer(load_config(settings), run_dir=tmp_path / "interrupted")
+    with pytest.raises(TrainingInterrupted):
+        interrupted.train(should_stop=lambda: interrupted.step == 2)
+    Trainer(load_config(settings), run_dir=tmp_path / "interrupted", resume=True).train()
+
+    def comparable(run):
+        return [{k: v for k, v in record.items() if not k.startswith("time/")} for record in read_metrics(run)]
+
+    assert [record["step"] for record in read_metrics(tmp_path / "interrupted")] == [1, 2, 3, 4]
+    assert comparable(tmp_path / "interrupted") == comparable(tmp_path / "straight")
+
+
+def test_lora_settings_are_checked_before_the_model_loads(tiny_model_dir, arithmetic_files, parity_reward):
+    train, _ = arithmetic_files
+    for lora, message in [({"rank": 0}, "rank"), ({"target_modules": []}, "target_modules"),
+                          ({"dropout": 0.1}, "disable_dropout"), ({"alpha": 0}, "alpha"), ({"r": 8}, "r")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(lora_config(tiny_model_dir, train, parity_reward, model={"lora": lora}))
+    # dropout on the adapters is allowed once the model's dropout is on too
+    load_config(lora_config(tiny_model_dir, train, parity_reward,
+                            model={"lora": {"dropout": 0.1}, "disable_dropout": False}))
+
+
+def test_the_output_layer_and_modules_the_model_lacks_are_refused(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                  parity_reward):
+    train, _ = arithmetic_files
+    for targets, message in [(["q_proj", "lm_head"], "output layer"), (["no_such_proj"], "target_modules")]:
+        config = load_config(lora_config(tiny_model_dir, train, parity_reward,
+                                         model={"lora": {**LORA, "target_modules": targets}}))
+        with pytest.raises(ValueError, match=message):
+            Trainer(config, run_dir=tmp_path / "run")
+
+
+def test_resume_refuses_a_moved_base_model(tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
+    """The adapters are put back onto model.path: another directory there would be another base."""
+    import shutil
+
+    train, _ = arithmetic_files
+    settings = lora_config(tiny_model_dir, train, parity_reward)
+    Trainer(load_config(settings), run_dir=tmp_path / "run").train()
+    moved = shutil.copytree(tiny_model_dir, tmp_path / "moved")
+    settings["model"]["path"] = str(moved)
+    with pytest.raises(ValueError, match="model.path"):
+        Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True)
+
+
+def test_damaged_adapters_name_the_checkpoint_to_delete(tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
+    train, _ = arithmetic_files
+    settings = lora_config(tiny_model_dir, train, parity_reward, optim={"steps": 2})
+    Trainer(load_config(settings), run_dir=tmp_path / "run").train()
+    weights = tmp_path / "run" / "checkpoints" / "step_000002" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    settings["optim"]["steps"] = 3
+    with pytest.raises(ValueError, match="adapters of checkpoint .*step_000002.*delete step_000002"):
+        Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True)
+
+
+def test_a_checkpoint_with_an_empty_adapter_file_is_skipped(tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
+    """As for the model's files: a power cut can leave a renamed checkpoint with an empty file; resume takes the one
+    before."""
+    train, _ = arithmetic_files
+    settings = lora_config(tiny_model_dir, train, parity_reward, optim={"steps": 4}, checkpoint={"every": 2, "keep": 3})
+    Trainer(load_config(settings), run_dir=tmp_path / "run").train()
+    (tmp_path / "run" / "checkpoints" / "step_000004" / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    settings["optim"]["steps"] = 5
+    assert Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True).step == 2
