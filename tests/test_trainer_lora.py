@@ -160,3 +160,51 @@ def test_a_checkpoint_with_an_empty_adapter_file_is_skipped(tmp_path, tiny_model
     (tmp_path / "run" / "checkpoints" / "step_000004" / "adapter" / "adapter_model.safetensors").write_bytes(b"")
     settings["optim"]["steps"] = 5
     assert Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True).step == 2
+
+
+def test_shared_prompt_scoring_gives_the_adapters_the_gradient_of_one_padded_pass():
+    """The prompt pass filling the KV cache runs through the adapters too, and the gradient flows back through the
+    cache into them (test_modeling checks the same for whole models)."""
+    from test_modeling import ARCHITECTURES, NEED, grouped_batch, random_model
+
+    from entrorl.modeling import bucketed_response_token_stats, response_token_stats
+    from entrorl.trainer.adapters import LoraAdapter
+
+    model = random_model(ARCHITECTURES["qwen2"]())
+    LoraAdapter(model, rank=4, alpha=8.0)
+    with torch.no_grad():  # B starts at zero, which would give A no gradient
+        for name, parameter in model.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    batch = grouped_batch([4, 9, 1, 6], group_size=4, vocab=40)
+    weights = torch.randn(batch[3].shape, generator=torch.Generator().manual_seed(1)) * batch[3]
+
+    def adapter_gradients(score):
+        model.zero_grad(set_to_none=True)
+        stats = score(model, *batch, temperature=0.8, need=NEED)
+        ((stats.logprob + 0.1 * stats.entropy) * weights).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    expected = adapter_gradients(response_token_stats)
+    shared = adapter_gradients(lambda *args, **kwargs: bucketed_response_token_stats(
+        *args, **kwargs, overhead_tokens=0, prompt_pass_tokens=0))
+    # only the adapters have gradients: A and B of the 7 linear layers of each of the 2 blocks
+    assert expected.keys() == shared.keys() and len(expected) == 28 and all(".lora_" in name for name in expected)
+    for name in expected:
+        torch.testing.assert_close(shared[name], expected[name], atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_base_with_float32_adapters_and_activation_checkpointing(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                         parity_reward):
+    """A low-precision base keeps float32 adapters, which the optimizer steps directly (no master weights); with
+    activation checkpointing the adapters still get their gradient."""
+    train, _ = arithmetic_files
+    config = load_config(lora_config(tiny_model_dir, train, parity_reward,
+                                     model={"dtype": "bfloat16", "activation_checkpointing": True}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    adapters = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainer.master is None and {p.dtype for p in adapters.values()} == {torch.float32}
+    assert {p.dtype for p in trainer.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    trainer.train()
+    moved = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, adapters[name])]
+    assert any(".lora_B." in name for name in moved) and any(".lora_A." in name for name in moved)
