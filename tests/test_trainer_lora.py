@@ -208,3 +208,4 @@ def test_bfloat16_base_with_float32_adapters_and_activation_checkpointing(tmp_pa
     trainer.train()
     moved = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, adapters[name])]
     assert any(".lora_B." in name for name in moved) and any(".lora_A." in name for name in moved)
+
