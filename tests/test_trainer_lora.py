@@ -117,10 +117,11 @@ def test_lora_settings_are_checked_before_the_model_loads(tiny_model_dir, arithm
                             model={"lora": {"dropout": 0.1}, "disable_dropout": False}))
 
 
-def test_the_output_layer_and_modules_the_model_lacks_are_refused(tmp_path, tiny_model_dir, arithmetic_files,
+def test_the_output_layer_a_tied_embedding_and_modules_the_model_lacks_are_refused(tmp_path, tiny_model_dir, arithmetic_files,
                                                                   parity_reward):
     train, _ = arithmetic_files
-    for targets, message in [(["q_proj", "lm_head"], "output layer"), (["no_such_proj"], "target_modules")]:
+    for targets, message in [(["q_proj", "lm_head"], "output layer"), (["no_such_proj"], "target_modules"),
+                             (["embed_tokens"], r"input embedding \(embed_tokens\), whose weight this model shares")]:
         config = load_config(lora_config(tiny_model_dir, train, parity_reward,
                                          model={"lora": {**LORA, "target_modules": targets}}))
         with pytest.raises(ValueError, match=message):

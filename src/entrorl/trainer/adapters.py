@@ -34,21 +34,30 @@ def _import_peft():
     return peft
 
 
+def _named(model: torch.nn.Module, module: torch.nn.Module | None, targets: list[str]) -> list[str]:
+    """The entries of ``targets`` that name ``module`` (its full name, or the end of it after a dot, as peft matches)."""
+    names = {name for name, candidate in model.named_modules() if candidate is module} if module is not None else set()
+    return [target for target in targets if any(name == target or name.endswith("." + target) for name in names)]
+
+
 class LoraAdapter:
     """LoRA adapters put into ``model`` (in place), its other parameters frozen."""
 
     def __init__(self, model: torch.nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
                  target_modules: str | list[str] = "all-linear"):
         peft = _import_peft()
-        output = model.get_output_embeddings()
-        output_names = {name for name, module in model.named_modules() if module is output}
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
         # the scoring path computes the output layer from its weight (modeling.token_stats_from_hidden), which would
         # leave an adapter on it out of the log-probs and entropies
-        adapted_output = [name for name in targets if any(out == name or out.endswith("." + name) for out in output_names)]
-        if adapted_output:
-            raise ValueError(f"model.lora.target_modules names the output layer ({', '.join(adapted_output)}); adapters "
-                             "go on the layers before it")
+        if _named(model, output, targets):
+            raise ValueError(f"model.lora.target_modules names the output layer ({', '.join(_named(model, output, targets))}); "
+                             "adapters go on the layers before it")
+        # an adapter on an embedding tied to the output layer changes the input side only, and no merged model (one
+        # weight for both) can hold that
+        if output is not None and embedding is not None and output.weight is embedding.weight and _named(model, embedding, targets):
+            raise ValueError(f"model.lora.target_modules names the input embedding ({', '.join(_named(model, embedding, targets))}), "
+                             "whose weight this model shares with its output layer: adapt the layers between them")
         config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                                  task_type="CAUSAL_LM")
         try:
