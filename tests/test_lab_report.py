@@ -494,11 +494,13 @@ def test_wall_clock_sums_the_invocations_that_ran_something(tmp_path):
         {"started_at": 5000.0, "finished_at": 5002.0, "ran": []},  # everything cached: not counted
         {"started_at": 6000.0, "finished_at": 6050.0, "ran": ["nsr"]},  # a resume
         {"started_at": 7000.0, "ran": ["nsr"]},  # killed: no end recorded
+        # the system clock set back 3 h while it ran: the monotonic duration counts
+        {"started_at": 20000.0, "finished_at": 9200.0, "seconds": 25.0, "ran": ["grpo"]},
     ]
     (out / "lab.json").write_text(json.dumps(lab))  # lab.json is newer than every final_eval.json
     report = write_report(out, figures=False)
     items = {row["item"]: row["value"] for row in report["reproduce"]["machine"]["rows"]}
-    assert items[WALL_CLOCK_LABEL] == "150" and items["invocations counted / in all"] == "2 / 4"
+    assert items[WALL_CLOCK_LABEL] == "175" and items["invocations counted / in all"] == "3 / 5"
     markdown = (out / "report.md").read_text()
     assert "1 invocation recorded no end" in markdown and "lab.json to last final evaluation" not in markdown
     script = (Path(__file__).resolve().parents[1] / "scripts" / "update_readme_lab.py").read_text()

@@ -1421,12 +1421,18 @@ class _Report:
 
     def _wall_clock(self) -> tuple[float, int, int, int]:
         """(seconds, invocations counted, invocations recorded, invocations without an end). The seconds are
-        ``sum(finished_at - started_at)`` over the invocations in ``lab.json`` that ran a method or evaluated the base
-        model and recorded their end; ``nan`` when none did."""
+        the sum of the durations of the invocations in ``lab.json`` that ran a method or evaluated the base model and
+        recorded their end (``seconds``, measured on a monotonic clock; ``finished_at - started_at`` in folders
+        written before it was recorded); ``nan`` when none did."""
         invocations = [i for i in self.lab.get("invocations") or [] if isinstance(i, dict)]
         ended = [i for i in invocations if _finite(i.get("started_at")) is not None and _finite(i.get("finished_at")) is not None]
         counted = [i for i in ended if i.get("ran") or i.get("base_evaluated")]
-        seconds = sum(max(0.0, i["finished_at"] - i["started_at"]) for i in counted) if counted else math.nan
+
+        def duration(invocation: dict[str, Any]) -> float:
+            measured = _finite(invocation.get("seconds"))
+            return measured if measured is not None else invocation["finished_at"] - invocation["started_at"]
+
+        seconds = sum(max(0.0, duration(i)) for i in counted) if counted else math.nan
         return seconds, len(counted), len(invocations), len(invocations) - len(ended)
 
     # ---------------------------------------------------------------- assembly

@@ -6,8 +6,9 @@ Run directory::
     lab.json                         preset, every method run in this folder (across resumes), base model key, and
                                      `invocations`: one entry per run_lab call on the folder, with `started_at` and
                                      `finished_at` (seconds since the epoch, from the base model being ready to the
-                                     last method finishing, also when interrupted) and `ran` (the methods it trained
-                                     or was training, rather than finding them finished)
+                                     last method finishing, also when interrupted), `seconds` (that duration, on a
+                                     monotonic clock) and `ran` (the methods it trained or was training, rather than
+                                     finding them finished)
     data/{train,eval,forget}.jsonl   the generated prompt files
     base/final_eval.json             the base model's evaluation (same format as a method's)
     methods/<name>/                  a trainer run directory (metrics.jsonl, config.json, checkpoints/)
@@ -493,6 +494,7 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
         progress.update(base_task, completed=preset.base.steps, status=f"cached: {model_dir.name}")
         progress.console.print(f"base model ready: {model_dir}")
         invocation: dict[str, Any] = {"started_at": time.time(), "methods": list(preset.methods), "workers": workers}
+        running_since = time.monotonic()  # the duration does not follow the wall clock's jumps (an NTP correction)
         invocations.append(invocation)
 
         def record_lab() -> None:
@@ -537,6 +539,7 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
                 raise LabInterrupted(out, [m for m, outcome in outcomes.items() if outcome["status"] == "interrupted"])
         finally:  # also when interrupted: the time this invocation ran is recorded
             invocation["finished_at"] = time.time()
+            invocation["seconds"] = time.monotonic() - running_since
             # what this invocation trained or was training: not the finished ones it found, nor those it never started
             invocation["ran"] = [m for m in preset.methods if _trained_here(outcomes.get(m))]
             invocation["completed"] = (len(outcomes) == len(preset.methods)
