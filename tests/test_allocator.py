@@ -20,9 +20,10 @@ import pytest
 from entrorl.trainer import allocator
 
 # mallinfo2 (glibc >= 2.33): "arena" is the heap taken with brk, "hblks" / "hblkhd" the blocks served with mmap
+# (the 1 MiB probe runs before torch is imported: glibc's defaults raise the mmap threshold to the size of each mapped
+# block freed, and importing torch frees blocks of almost 1 MiB)
 HEAP_OF_A_TRAINING_LOOP = textwrap.dedent("""
-    import ctypes, json, sys, torch
-    torch.set_num_threads(1)
+    import ctypes, json, sys
     if sys.argv[1] == "retain":
         from entrorl.trainer.allocator import retain_freed_memory
         assert retain_freed_memory()
@@ -45,6 +46,8 @@ HEAP_OF_A_TRAINING_LOOP = textwrap.dedent("""
     one_mib_block_mapped = libc.mallinfo2().hblks > mapped_before
     libc.free(block)
 
+    import torch
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     x = torch.randn(64, 40, 64, requires_grad=True)
     up, down = torch.randn(256, 64, requires_grad=True), torch.randn(64, 256, requires_grad=True)

@@ -260,7 +260,7 @@ def test_causal_lm_yes_no_judge_matches_direct_computation(tiny_model_dir):
         assert 0.0 < score < 1.0
     # padding inside a batch does not change a sample's score
     alone = [reward.judge([(p, c, a)])[0] for p, c, a in zip(prompts, completions, answers)]
-    assert scores == pytest.approx(alone, rel=1e-5)
+    assert scores == pytest.approx(alone, rel=1e-4)  # padded batch against rows alone: other matmul shapes
 
 
 def test_causal_lm_judge_keeps_the_end_of_a_question_longer_than_max_length(tiny_model_dir):

@@ -140,7 +140,8 @@ def test_prompt_groups_name_each_rows_distinct_prompt():
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("max_buckets", [1, 8])
 def test_shared_prompt_scoring_equals_one_padded_pass(architecture, max_buckets, monkeypatch):
-    model = random_model(ARCHITECTURES[architecture]())
+    # in float64: the two paths multiply matrices of other shapes, whose float32 rounding differs by CPU
+    model = random_model(ARCHITECTURES[architecture]()).double()
     assert shares_prompts(model)
     batch = grouped_batch([4, 9, 1, 6], group_size=4, vocab=COMMON["vocab_size"])
     mask = batch[3]

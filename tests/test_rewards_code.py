@@ -508,10 +508,10 @@ def test_program_cannot_signal_processes_outside_the_sandbox():
         verdict = reward()("p", fenced(program), {"cases": [{"input": "", "output": "sent"}]})
         assert verdict == 0.0 and verdict.status == "process_limit"
         assert victim.poll() is None
-        run = run_in_sandbox(program, stdin_cases(), SandboxLimits(audit_hook=False))
-        if run.uid is not None:  # a different uid: the kernel refuses
+        if kernel_layers()["dropped_uid"]:  # without the hook, a different uid is what stops it: the kernel refuses
+            run = run_in_sandbox(program, stdin_cases(), SandboxLimits(audit_hook=False))
             assert "PermissionError" in run.outcomes[0].error
-        assert victim.poll() is None, "the sandboxed program killed a process outside the sandbox"
+            assert victim.poll() is None, "the sandboxed program killed a process outside the sandbox"
     finally:
         victim.kill()
         victim.wait()
@@ -590,7 +590,7 @@ def test_the_program_cannot_find_the_tests_on_disk():
 def test_a_sandbox_that_cannot_start_raises_instead_of_scoring_zero(tmp_path):
     with pytest.raises(SandboxError, match="no-such-python"):
         run_in_sandbox("print(1)", stdin_cases(), SandboxLimits(python=str(tmp_path / "no-such-python")))
-    if os.geteuid() == 0:  # pytest's tmp_path is private to root: a dropped uid cannot reach it
+    if kernel_layers()["dropped_uid"]:  # pytest's tmp_path is private to root: a dropped uid cannot reach it
         with pytest.raises(SandboxError, match="start"):
             run_in_sandbox("print(1)", stdin_cases(), SandboxLimits(temp_dir=str(tmp_path)))
         assert os.listdir(tmp_path) == []  # the working directory was removed all the same

@@ -551,12 +551,14 @@ def test_one_judgement_shares_one_timeout_across_references(monkeypatch):
         time.sleep(0.25)
         return False
 
+    MathReward()("", r"\boxed{1}", "2")  # the first judgement in a process imports the LaTeX parser: not timed here
     monkeypatch.setattr(math_module, "CHECKERS", [("slow", slow_checker)])
     started = time.monotonic()
     verdict = MathReward(timeout=0.4)("", r"\boxed{1}", ["2", "3", "4", "5", "6", "7"])
+    # a fresh 0.4 s per reference would take six checks (1.5 s); the shared budget stops it after the first or second
     assert time.monotonic() - started < 1.0
     assert verdict == 0.0 and verdict.reason.startswith("timeout"), verdict.reason
-    assert verdict.extracted == "1" and len(calls) == 2
+    assert verdict.extracted == "1" and 1 <= len(calls) <= 2
 
 
 @pytest.mark.parametrize(

@@ -398,8 +398,9 @@ def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arit
     aggregated = ["reg/entropy_bonus"] if "entropy_bonus" in str(method) else []
     for key in ("loss/policy", "loss/total", "tokens/valid", "entropy/measured_delta", *token_statistics, *aggregated):
         assert micro[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-6), key
-    for name, gradient in whole_grads.items():  # the clipped gradient the optimizer stepped with
-        torch.testing.assert_close(micro_grads[name], gradient, rtol=1e-4, atol=1e-6 * float(gradient.abs().max()))
+    for name, gradient in whole_grads.items():  # the clipped gradient the optimizer stepped with (float32 sums in
+        # another order: a wrong weighting of the pieces is off by percents)
+        torch.testing.assert_close(micro_grads[name], gradient, rtol=1e-4, atol=1e-5 * float(gradient.abs().max()))
 
 
 def test_bfloat16_model_keeps_small_updates_in_float32_master_weights(tmp_path, tiny_model_dir, arithmetic_files):
@@ -744,7 +745,8 @@ def test_first_order_entropy_change_is_the_gradient_times_the_applied_update(tmp
     after = copy.deepcopy(trainer.model).double()
     moved = [a.detach() - b.detach() for a, b in zip(after.parameters(), before.parameters())]
     reference = sum(float((g * d).sum()) for g, d in zip(gradient, moved))
-    assert reference != 0.0 and metrics["entropy/first_order_delta"] == pytest.approx(reference, rel=1e-4)
+    # float32 against float64: the dot product cancels, so its float32 rounding reaches ~1e-4 of it on some CPUs
+    assert reference != 0.0 and metrics["entropy/first_order_delta"] == pytest.approx(reference, rel=1e-3)
 
     def entropy_moved_by(fraction: float) -> float:  # H(theta_before + fraction * (theta_after - theta_before))
         with torch.no_grad():
@@ -1710,8 +1712,10 @@ def test_shared_prompts_train_exactly_like_one_pass_per_row(tmp_path, tiny_model
         assert bool(prompt_passes) == share
     for shared, plain in zip(steps[True], steps[False]):
         assert shared["reward/mean"] == plain["reward/mean"]
-        for key in ("loss/total", "train/grad_norm", "entropy/mean", "entropy/predicted_delta", "entropy/measured_delta"):
+        for key in ("loss/total", "train/grad_norm", "entropy/mean", "entropy/predicted_delta"):
             assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
+        # a difference of two float32 entropies near 4.6, whose rounding step is 4.8e-7: a few steps apart at most
+        assert shared["entropy/measured_delta"] == pytest.approx(plain["entropy/measured_delta"], rel=1e-4, abs=2e-6)
 
 
 def test_a_logger_that_fails_to_start_leaves_no_run_directory_and_nothing_open(tmp_path, tiny_model_dir, arithmetic_files,
