@@ -209,4 +209,55 @@ def test_bfloat16_base_with_float32_adapters_and_activation_checkpointing(tmp_pa
     trainer.train()
     moved = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, adapters[name])]
     assert any(".lora_B." in name for name in moved) and any(".lora_A." in name for name in moved)
+    # the merged model is float32: W + (alpha / r) B A rounded to bfloat16 would lose most of a small update
+    merged = load_causal_lm(tmp_path / "run" / "checkpoints" / "step_000002" / "model")
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    layer = trainer.model.model.layers[0].self_attn.q_proj
+    expected = layer.base_layer.weight.float() + layer.get_delta_weight("default").float()
+    assert torch.equal(merged.model.layers[0].self_attn.q_proj.weight, expected)
+    assert not torch.equal(expected.bfloat16().float(), expected)  # what bfloat16 would have kept differs
 
+
+
+def test_the_merged_model_holds_embedding_adapters_of_an_untied_model(tmp_path):
+    """peft keeps an embedding's adapters apart from a linear layer's (lora_embedding_A / B); both are merged."""
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    model = random_model(ARCHITECTURES["llama_bias"]())
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    adapter = LoraAdapter(model, rank=4, alpha=8.0, target_modules=["embed_tokens", "q_proj", "down_proj"])
+    with torch.no_grad():  # both halves away from their start, so that every adapter changes the model
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(std=0.2, generator=torch.Generator().manual_seed(len(name)))
+    adapter.save_merged(tmp_path / "merged")
+    (tmp_path / "merged" / "generation_config.json").unlink(missing_ok=True)
+    merged = load_causal_lm(tmp_path / "merged")
+    ids = torch.randint(2, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    adapted = logits(model, ids)
+    torch.testing.assert_close(logits(merged, ids), adapted, rtol=1e-5, atol=1e-5)
+    with adapter.disabled() as base:  # the same modules: what the adapters change is not negligible
+        assert not torch.allclose(logits(base, ids), adapted, atol=1e-2)
+
+
+def test_a_single_module_name_adapts_that_module(tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
+    """--set model.lora.target_modules=q_proj: one name, not a regular expression over full module names."""
+    train, _ = arithmetic_files
+    config = load_config(lora_config(tiny_model_dir, train, parity_reward), ["model.lora.target_modules=q_proj"])
+    assert config.model.lora.target_modules == ["q_proj"]
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    adapted = {name.split(".lora_")[0] for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert adapted == {f"model.layers.{layer}.self_attn.q_proj" for layer in (0, 1)}
+    trainer.close()
+
+
+def test_without_peft_the_configuration_says_what_to_install(tiny_model_dir, arithmetic_files, parity_reward, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "peft" else find_spec(name, *args))
+    train, _ = arithmetic_files
+    with pytest.raises(ConfigError, match=r"peft package: pip install 'entrorl\[lora\]'"):
+        load_config(lora_config(tiny_model_dir, train, parity_reward))

@@ -7,12 +7,15 @@ scoring, the KV-cache prompt sharing, activation checkpointing); only the traina
 
 A checkpoint holds the adapters in peft's format (``adapter/``, loadable with ``PeftModel.from_pretrained`` onto
 the base model) and, in ``model/``, the merged model ``W + (alpha / r) * B A``: a plain Hugging Face directory that
-``entrorl eval`` and any other tool load without peft.
+``entrorl eval`` and any other tool load without peft. The merged weights are float32 when the base is bfloat16 or
+float16: the adapters are float32, and rounding ``W + (alpha / r) * B A`` back to the base's precision would lose
+most of an update that is small next to ``W`` (about three quarters of it at a relative size of 1e-3, in bfloat16).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,8 +61,9 @@ class LoraAdapter:
         if output is not None and embedding is not None and output.weight is embedding.weight and _named(model, embedding, targets):
             raise ValueError(f"model.lora.target_modules names the input embedding ({', '.join(_named(model, embedding, targets))}), "
                              "whose weight this model shares with its output layer: adapt the layers between them")
-        config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                                 task_type="CAUSAL_LM")
+        # peft reads a string as a regular expression over full module names; a list, as names or their ends
+        config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                                 target_modules=target_modules if target_modules == "all-linear" else targets)
         try:
             with warnings.catch_warnings():  # peft asks transformers through a name it deprecates
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -67,6 +71,10 @@ class LoraAdapter:
         except ValueError as error:  # a target module that the model does not have
             raise ValueError(f"model.lora.target_modules: {error}") from None
         self.model = model
+        from peft.tuners.lora import LoraLayer
+
+        if isinstance(model.get_output_embeddings(), LoraLayer):  # named in a way the check above did not foresee
+            raise ValueError("model.lora.target_modules reaches the output layer; adapters go on the layers before it")
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -77,27 +85,45 @@ class LoraAdapter:
         with self.peft_model.disable_adapter():
             yield self.model
 
+    def merged_dtype(self) -> torch.dtype:
+        """float32 when the base holds its weights in a narrower floating type, else the base's own type."""
+        dtype = next(p.dtype for p in self.model.parameters() if not p.requires_grad and p.is_floating_point())
+        return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights of the merged model, ``W + (alpha / r) * B A`` for every adapted layer, under the base model's
-        own names (on the CPU); the model is not changed."""
+        """The weights of the merged model, ``W + (alpha / r) * B A`` for every adapted layer (linear or embedding),
+        under the base model's own names, on the CPU in :meth:`merged_dtype`; the model is not changed. One layer's
+        update at a time is computed on the model's device."""
         from peft.tuners.lora import LoraLayer
 
-        deltas = {}
-        for name, module in self.model.named_modules():
-            if isinstance(module, LoraLayer) and _ADAPTER_NAME in module.lora_A:
-                deltas[f"{name}.base_layer.weight"] = module.get_delta_weight(_ADAPTER_NAME)
+        adapted = {f"{name}.base_layer.weight": module for name, module in self.model.named_modules()
+                   if isinstance(module, LoraLayer)
+                   and (_ADAPTER_NAME in module.lora_A or _ADAPTER_NAME in getattr(module, "lora_embedding_A", {}))}
+        dtype = self.merged_dtype()
         merged = {}
         for key, value in self.model.state_dict().items():
             if ".lora_" in key:
                 continue
-            tensor = value + deltas[key].to(value.dtype) if key in deltas else value
-            merged[key.replace(".base_layer.", ".")] = tensor.detach().cpu().contiguous()
+            if value.is_floating_point():
+                value = value.to(dtype)
+            if key in adapted:
+                value = value + adapted[key].get_delta_weight(_ADAPTER_NAME).to(dtype)
+            merged[key.replace(".base_layer.", ".")] = value.detach().to("cpu").contiguous()
         return merged
 
     def save_merged(self, directory: Path) -> None:
-        """The merged model as a plain Hugging Face model directory (weights and config; no adapter files)."""
+        """The merged model as a plain Hugging Face model directory (weights and config; no adapter files), its
+        config naming the weights' type."""
+        directory = Path(directory)
         self.model.save_pretrained(directory, state_dict=self.merged_state_dict())
+        config_file = directory / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        written = str(self.merged_dtype()).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):  # transformers 5 writes dtype, 4.x torch_dtype
+            if key in config:
+                config[key] = written
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     def save(self, directory: Path) -> None:
         """The adapters alone, in peft's format (``adapter_config.json``, ``adapter_model.safetensors``)."""

@@ -182,16 +182,21 @@ def _sync_tree(directory: Path) -> None:
         _sync_directory(folder)
 
 
-def _disk_space_note(folder: Path, model) -> str:
+def _disk_space_note(folder: Path, model, adapter=None) -> str:
     """", probably a full disk: ..." when the filesystem holding ``folder`` has less room than a checkpoint of
-    ``model`` takes (its weights; AdamW's two float32 moments of each; the float32 master copy of a half-precision
-    one), which a library's own error may not say (torch's zip writer reports ENOSPC as "unexpected pos")."""
+    ``model`` takes (its weights, float32 ones when ``adapter`` merges into a half-precision model; AdamW's two
+    float32 moments of each trained weight, and the float32 master copy of a trained half-precision one), which a
+    library's own error may not say (torch's zip writer reports ENOSPC as "unexpected pos")."""
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return ""
-    needed = sum(parameter.numel() * (parameter.element_size() + 8 + (4 if parameter.element_size() < 4 else 0))
-                 for parameter in model.parameters())
+    needed = 0
+    for parameter in model.parameters():
+        size = parameter.element_size()
+        needed += parameter.numel() * (max(size, 4) if adapter is not None else size)
+        if parameter.requires_grad:
+            needed += parameter.numel() * (8 + (4 if size < 4 else 0))
     if free >= needed:
         return ""
     return (f", probably a full disk: {free / 2**20:.1f} MiB free there, and a checkpoint of this model takes about "
@@ -229,7 +234,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
         shutil.rmtree(temporary, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         raise CheckpointWriteError(
-            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}){_disk_space_note(root, model)}; "
+            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}){_disk_space_note(root, model, adapter)}; "
             + (f"the last complete checkpoint, {previous.name}, is intact" if previous is not None else "no checkpoint was written before")
         ) from error
     if final.exists():

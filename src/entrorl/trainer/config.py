@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import re
 import types
@@ -77,14 +78,23 @@ class LoraConfig(_Section):
                            "false; the entropy diagnostics assume a deterministic forward)")
     target_modules: str | list[str] = Field(
         "all-linear", description="the layers to adapt: 'all-linear' (every linear layer but the output layer) or a "
-        "list of module names, e.g. [q_proj, k_proj, v_proj, o_proj]")
+        "list of module names, e.g. [q_proj, k_proj, v_proj, o_proj]; a name matches a module whose name is it or "
+        "ends with '.' and it")
 
     @field_validator("target_modules")
     @classmethod
     def _some_module(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and value.strip() and value != "all-linear":
+            value = [value]  # one module's name (peft would read a lone string as a regular expression)
         if not value or (isinstance(value, list) and not all(isinstance(name, str) and name.strip() for name in value)):
             raise ValueError("name at least one module, or 'all-linear'")
         return value
+
+    @model_validator(mode="after")
+    def _peft_installed(self, info: ValidationInfo) -> "LoraConfig":
+        if not (info.context and info.context.get("settings_only")) and importlib.util.find_spec("peft") is None:
+            raise ValueError("LoRA adapters need the peft package: pip install 'entrorl[lora]' (or pip install peft)")
+        return self
 
 
 class ModelConfig(_Section):
