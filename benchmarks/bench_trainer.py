@@ -545,6 +545,27 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def add_tiny_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The batch, model and output options that bench_update.py and bench_lora_sampling.py share."""
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="max completion tokens (default 32)")
+    parser.add_argument("--prompts-per-step", type=int, default=8, help="P (default 8)")
+    parser.add_argument("--group-size", type=int, default=8, help="G (default 8)")
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", action="store_true", help="print the table in markdown")
+
+
+def print_result(description: str, header: list[str], rows: list[list[str]], markdown: bool) -> None:
+    """What was measured, on which machine, then the table (bench_update.py, bench_lora_sampling.py)."""
+    machine = _machine()
+    print(description)
+    print(f"machine: {machine['cpu']}, {machine['cpus']} CPUs; python {machine['python']}, torch {machine['torch']}, "
+          f"transformers {machine['transformers']}")
+    print(("\n" if markdown else "") + _table(rows, header, markdown))
+
+
 def _table(rows: list[list[str]], header: list[str], markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_trainer import _machine, read_prompts, write_prompts
+from bench_trainer import add_tiny_batch_arguments, print_result, read_prompts, write_prompts
 
 RESULT_PREFIX = "@@RESULT@@ "
 ALLOCATORS = ("glibc defaults", "retain_freed_memory")
@@ -107,17 +107,10 @@ def run_worker(spec: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="max completion tokens (default 32)")
-    parser.add_argument("--prompts-per-step", type=int, default=8, help="P (default 8)")
-    parser.add_argument("--group-size", type=int, default=8, help="G (default 8)")
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--num-layers", type=int, default=2)
+    add_tiny_batch_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3, help="worker processes per allocator setting (default 3)")
     parser.add_argument("--steps", type=int, default=15, help="timed steps of every variant per worker (default 15)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of every variant per worker (default 3)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--markdown", action="store_true", help="print the table in markdown")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -161,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
                     faults[allocator].setdefault(variant, []).extend(result["faults"][variant])
                 print(f"[round {round_index + 1}/{args.rounds}] {allocator}: done", file=sys.stderr)
 
-    machine = _machine()
     rows = []
     plain = statistics.median(results[ALLOCATORS[0]]["False/loop"])
     for allocator in ALLOCATORS:
@@ -171,20 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([allocator, "on" if share == "True" else "off", adamw, f"{1000 * median:.1f}", f"{plain / median:.2f}x",
                          f"{statistics.median(faults[allocator][variant]):.0f}", str(len(values))])
     header = ["allocator", "share_prompts", "AdamW", "update ms (median)", "speed-up", "page faults (median)", "timed steps"]
-    print(f"update phase of one step: {shape['rows']} rows ({args.prompts_per_step} prompts x {args.group_size}), "
-          f"{shape['prompt_tokens']} prompt + {shape['response_tokens']} response tokens (mean response "
-          f"{shape['mean_length']:.1f}, at most {args.max_new_tokens}); tiny Qwen2 hidden {args.hidden_size}, "
-          f"{args.num_layers} layers; {args.threads} torch thread(s); {args.rounds} worker(s) per allocator setting")
-    print(f"machine: {machine['cpu']}, {machine['cpus']} CPUs; python {machine['python']}, torch {machine['torch']}, "
-          f"transformers {machine['transformers']}")
-    if args.markdown:
-        print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-    else:
-        widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-        for row in [header, *rows]:
-            print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    print_result(f"update phase of one step: {shape['rows']} rows ({args.prompts_per_step} prompts x {args.group_size}), "
+                 f"{shape['prompt_tokens']} prompt + {shape['response_tokens']} response tokens (mean response "
+                 f"{shape['mean_length']:.1f}, at most {args.max_new_tokens}); tiny Qwen2 hidden {args.hidden_size}, "
+                 f"{args.num_layers} layers; {args.threads} torch thread(s); {args.rounds} worker(s) per allocator setting",
+                 header, rows, args.markdown)
     return 0
 
 

@@ -4,6 +4,9 @@ sampler giving the same rollouts with either decoder."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
@@ -78,6 +81,70 @@ def test_prefill_and_every_decode_step_equal_the_model_forward(name, fused, monk
     decoder.decode(token)  # the last slot of the cache
     with pytest.raises(RuntimeError, match="at most max_new_tokens"):
         decoder.decode(token)
+
+
+def with_lora(model, *, dropout: float = 0.0, targets="all-linear"):
+    """peft's LoRA (on every linear layer but the output, by default), both factors random (B starts at zero)."""
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():  # peft asks transformers through a name it deprecates
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                            target_modules=targets))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+    return wrapped
+
+
+# adapters of each layer the decoder runs: concatenated projections whose every part is adapted share one
+ADAPTERS_PER_LAYER = {("all-linear", True): 4, ("all-linear", False): 7, ("some", True): 3, ("some", False): 3}
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "some"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "own-weights"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama_bias"])
+def test_lora_layers_run_in_the_decoder_as_in_the_model(name, fused, targets, monkeypatch):
+    """A LoRA projection adds scale * B(A(x)) to its base layer's output: to its own columns of a concatenated
+    projection (or, when every part has one, all as one block-diagonal adapter), or to its own output; with the
+    adapters switched off, the base alone."""
+    from entrorl.rollout import static_cache
+
+    monkeypatch.setattr(static_cache, "FUSED_PROJECTIONS_MAX_BYTES", static_cache.FUSED_PROJECTIONS_MAX_BYTES if fused else 0)
+    model = build(name)
+    base_logits = reference_next_logits(model, *left_padded(PROMPTS))
+    wrapped = with_lora(model, targets=targets if targets == "all-linear" else ["q_proj", "v_proj", "up_proj"])
+    assert static_cache_unsupported_reason(model, 32) is None
+    for adapters_on in (True, False):
+        with (contextlib.nullcontext() if adapters_on else wrapped.disable_adapter()):
+            ids, mask = left_padded(PROMPTS)
+            decoder = StaticCacheDecoder(model, ids, mask, max_new_tokens=3)
+            assert sum(len(p.adapters) for layer in decoder.layers for p in (*layer.qkv, *layer.gate_up, layer.output,
+                                                                             layer.down)) == (
+                2 * ADAPTERS_PER_LAYER[targets, fused] if adapters_on else 0)
+            logits = decoder.prefill()
+            expected = reference_next_logits(model, ids, mask)
+            assert not torch.allclose(expected, base_logits, atol=1e-2) if adapters_on else torch.equal(expected, base_logits)
+            for token in (torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])):
+                torch.testing.assert_close(logits.float(), expected, atol=2e-5, rtol=2e-5)
+                ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones(3, 1, dtype=torch.bool)], 1)
+                logits, expected = decoder.decode(token), reference_next_logits(model, ids, mask)
+
+
+def test_lora_on_a_bfloat16_base_and_adapter_dropout():
+    """float32 adapters on a bfloat16 base add in float32, as peft does; dropout that acts sends the model back to
+    transformers' generate."""
+    model = build("qwen2", torch.bfloat16)
+    with_lora(model)
+    assert {p.dtype for name, p in model.named_parameters() if "lora_" in name} == {torch.float32}
+    ids, mask = left_padded(PROMPTS)
+    logits = StaticCacheDecoder(model, ids, mask, max_new_tokens=1).prefill()
+    torch.testing.assert_close(logits.float(), reference_next_logits(model, ids, mask), atol=0.05, rtol=0.05)
+    dropping = build("qwen2")
+    with_lora(dropping, dropout=0.1)
+    dropping.train()
+    assert "neither a plain nn.Linear nor a plain LoRA layer" in static_cache_unsupported_reason(dropping, 32)
+    assert static_cache_unsupported_reason(dropping.eval(), 32) is None  # dropout does nothing in eval mode
 
 
 def test_bfloat16_logits_stay_close_to_the_model_forward():

@@ -8,14 +8,15 @@ a cache allocated once for the whole response. The logits equal the model's own 
 weights are read at every call, so the decoder always sees the current policy.
 
 Only architectures whose layer is exactly "RMSNorm → attention with RoPE → residual → RMSNorm → gated MLP →
-residual" qualify (:data:`STATIC_CACHE_MODEL_TYPES`), with plain ``nn.Linear`` / ``nn.Embedding`` modules, no
-hooks (adapters, quantisation, offloading), a RoPE that does not depend on the sequence length, and no sliding
-window shorter than the sequence; :func:`static_cache_unsupported_reason` says why a model does not.
+residual" qualify (:data:`STATIC_CACHE_MODEL_TYPES`), with plain ``nn.Linear`` / ``nn.Embedding`` modules (or, for
+the projections, peft's LoRA layers around a plain ``nn.Linear``: ``W x + b + s * B A x``, arXiv 2106.09685), no
+hooks (quantisation, offloading), a RoPE that does not depend on the sequence length, and no sliding window shorter
+than the sequence; :func:`static_cache_unsupported_reason` says why a model does not.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +49,114 @@ def static_cache_unsupported_reason(model: torch.nn.Module, total_length: int) -
         attention, mlp = layer.self_attn, layer.mlp
         projections = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
                        mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        if any(type(projection) is not torch.nn.Linear for projection in projections):
-            return f"layer {index} has a projection that is not a plain nn.Linear"
+        if any(_linear_parts(projection) is None for projection in projections):
+            return f"layer {index} has a projection that is neither a plain nn.Linear nor a plain LoRA layer around one"
         window = getattr(attention, "sliding_window", getattr(config, "sliding_window", None))
         if window is not None and window <= total_length:
             return f"layer {index} has a sliding window of {window} <= the sequence length {total_length}"
     return None
+
+
+def _linear_parts(module: torch.nn.Module) -> tuple[torch.nn.Linear, tuple[tuple[torch.nn.Linear, torch.nn.Linear, float], ...]] | None:
+    """The plain ``nn.Linear`` a projection computes and the LoRA adapters ``(A, B, scale)`` whose ``scale * B(A(x))``
+    it adds to the output (peft's LoRA layer: ``base_layer``, ``lora_A`` / ``lora_B`` / ``scaling`` per adapter); None
+    for anything else, a LoRA variant (DoRA, ...) or dropout that acts included."""
+    if type(module) is torch.nn.Linear:
+        return module, ()
+    base = getattr(module, "base_layer", None)
+    if type(base) is not torch.nn.Linear or not all(hasattr(module, name) for name in ("lora_A", "lora_B", "scaling")):
+        return None
+    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return base, ()  # the base layer alone is what the module computes then
+    adapters = []
+    for name in getattr(module, "active_adapters", ()):
+        if name not in module.lora_A:
+            continue
+        dropout = module.lora_dropout[name] if name in getattr(module, "lora_dropout", {}) else torch.nn.Identity()
+        acts = isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0
+        if name in getattr(module, "lora_variant", {}) or acts or not isinstance(dropout, torch.nn.Identity | torch.nn.Dropout):
+            return None
+        down, up = module.lora_A[name], module.lora_B[name]
+        if type(down) is not torch.nn.Linear or type(up) is not torch.nn.Linear:
+            return None
+        adapters.append((down, up, float(module.scaling[name])))
+    return base, tuple(adapters)
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    """``scale * B(A(x))`` added to the output's ``columns`` (all of them, or its projection's own within a
+    concatenated one)."""
+
+    down_weight: torch.Tensor
+    down_bias: torch.Tensor | None
+    up_weight: torch.Tensor
+    up_bias: torch.Tensor | None
+    scale: float
+    columns: slice = field(default_factory=lambda: slice(None))
+
+    @classmethod
+    def of(cls, down: torch.nn.Linear, up: torch.nn.Linear, scale: float, columns: slice | None = None) -> "_Adapter":
+        return cls(down.weight, down.bias, up.weight, up.bias, scale, slice(None) if columns is None else columns)
+
+    @classmethod
+    def block_diagonal(cls, adapters: list[tuple[torch.nn.Linear, torch.nn.Linear]], scale: float) -> "_Adapter":
+        """The adapters of concatenated projections as one (same scale): their ``A`` stacked, their ``B`` on a block
+        diagonal, so that two matrix products serve them all."""
+        up = torch.block_diag(*[up.weight for _, up in adapters])
+        down_bias = up_bias = None
+        if any(down.bias is not None for down, _ in adapters):
+            down_bias = torch.cat([down.bias if down.bias is not None else down.weight.new_zeros(down.out_features)
+                                   for down, _ in adapters])
+        if any(up.bias is not None for _, up in adapters):
+            up_bias = torch.cat([up.bias if up.bias is not None else up.weight.new_zeros(up.out_features)
+                                 for _, up in adapters])
+        return cls(torch.cat([down.weight for down, _ in adapters]), down_bias, up, up_bias, scale)
+
+    def add_to(self, output: torch.Tensor, hidden: torch.Tensor) -> None:
+        # as peft: in the adapters' own dtype, the sum cast back to the output's
+        low_rank = F.linear(F.linear(hidden.to(self.down_weight.dtype), self.down_weight, self.down_bias),
+                            self.up_weight, self.up_bias)
+        output[..., self.columns] = (output[..., self.columns] + low_rank * self.scale).to(output.dtype)
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """One projection: a weight and bias, and the LoRA adapters adding to its output."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    adapters: tuple[_Adapter, ...] = ()
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> "_Linear":
+        base, adapters = _linear_parts(module)
+        return cls(base.weight, base.bias, tuple(_Adapter.of(down, up, scale) for down, up, scale in adapters))
+
+    @classmethod
+    def concatenated(cls, modules) -> "_Linear":
+        """The modules' projections as one, their weights (and biases) concatenated; their adapters as one when each
+        has one of the same scale and type, else each adding to its projection's columns."""
+        parts = [_linear_parts(module) for module in modules]
+        bias = None
+        if any(base.bias is not None for base, _ in parts):
+            bias = torch.cat([base.bias if base.bias is not None else base.weight.new_zeros(base.out_features)
+                              for base, _ in parts])
+        weight = torch.cat([base.weight for base, _ in parts])
+        singles = [own[0] for _, own in parts if len(own) == 1]
+        if len(singles) == len(parts) and len({(scale, down.weight.dtype, up.weight.dtype) for down, up, scale in singles}) == 1:
+            return cls(weight, bias, (_Adapter.block_diagonal([(down, up) for down, up, _ in singles], singles[0][2]),))
+        adapters, start = [], 0
+        for base, own in parts:
+            adapters += [_Adapter.of(down, up, scale, slice(start, start + base.out_features)) for down, up, scale in own]
+            start += base.out_features
+        return cls(weight, bias, tuple(adapters))
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        output = F.linear(hidden, self.weight, self.bias)
+        for adapter in self.adapters:
+            adapter.add_to(output, hidden)
+        return output
 
 
 def _rms_norm(hidden: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
@@ -79,49 +182,43 @@ FUSED_PROJECTIONS_MAX_BYTES = 256 * 2**20
 @dataclass(frozen=True)
 class _LayerWeights:
     """One decoder layer's parameters; the query/key/value and the gate/up projections are each either one
-    concatenated ``(weight, bias)`` or the model's own ``(weight, bias)`` pairs."""
+    concatenated projection or the model's own ones."""
 
     input_norm: torch.nn.Module
-    qkv: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
+    qkv: tuple[_Linear, ...]
     query_norm: torch.nn.Module | None
     key_norm: torch.nn.Module | None
-    output: torch.nn.Linear
+    output: _Linear
     post_attention_norm: torch.nn.Module
-    gate_up: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
+    gate_up: tuple[_Linear, ...]
     activation: object
-    down: torch.nn.Linear
+    down: _Linear
 
     @classmethod
     def of(cls, layer, *, fuse: bool) -> "_LayerWeights":
         attention, mlp = layer.self_attn, layer.mlp
 
-        def projections(modules) -> tuple[tuple[torch.Tensor, torch.Tensor | None], ...]:
-            if not fuse:
-                return tuple((module.weight, module.bias) for module in modules)
-            bias = None
-            if any(module.bias is not None for module in modules):
-                bias = torch.cat([module.bias if module.bias is not None else module.weight.new_zeros(module.out_features)
-                                  for module in modules])
-            return ((torch.cat([module.weight for module in modules]), bias),)
+        def projections(modules) -> tuple[_Linear, ...]:
+            return (_Linear.concatenated(modules),) if fuse else tuple(_Linear.of(module) for module in modules)
 
         return cls(
             input_norm=layer.input_layernorm,
             qkv=projections((attention.q_proj, attention.k_proj, attention.v_proj)),
             query_norm=getattr(attention, "q_norm", None),
             key_norm=getattr(attention, "k_norm", None),
-            output=attention.o_proj,
+            output=_Linear.of(attention.o_proj),
             post_attention_norm=layer.post_attention_layernorm,
             gate_up=projections((mlp.gate_proj, mlp.up_proj)),
             activation=mlp.act_fn,
-            down=mlp.down_proj,
+            down=_Linear.of(mlp.down_proj),
         )
 
 
-def _project(hidden: torch.Tensor, projections) -> torch.Tensor:
+def _project(hidden: torch.Tensor, projections: tuple[_Linear, ...]) -> torch.Tensor:
     """``hidden`` through one concatenated projection, or through each and joined on the last dimension."""
     if len(projections) == 1:
-        return F.linear(hidden, *projections[0])
-    return torch.cat([F.linear(hidden, weight, bias) for weight, bias in projections], dim=-1)
+        return projections[0](hidden)
+    return torch.cat([projection(hidden) for projection in projections], dim=-1)
 
 
 def _fused_copy_bytes(model) -> int:
@@ -129,7 +226,8 @@ def _fused_copy_bytes(model) -> int:
     total = 0
     for layer in model.model.layers:
         for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
-            total += module.weight.numel() * module.weight.element_size()
+            weight = _linear_parts(module)[0].weight
+            total += weight.numel() * weight.element_size()
     return total
 
 
@@ -278,9 +376,9 @@ class StaticCacheDecoder:
     @staticmethod
     def _finish_layer(layer: _LayerWeights, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Attention output projection and residual, then the gated MLP and its residual."""
-        hidden = hidden + F.linear(attended, layer.output.weight, layer.output.bias)
+        hidden = hidden + layer.output(attended)
         gate, up = _project(_rms_norm(hidden, layer.post_attention_norm), layer.gate_up).chunk(2, dim=-1)
-        return hidden + F.linear(layer.activation(gate) * up, layer.down.weight, layer.down.bias)
+        return hidden + layer.down(layer.activation(gate) * up)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms_norm(hidden, self.inner.norm), self.head.weight, self.head.bias)
