@@ -255,3 +255,13 @@ def test_dropping_finished_rows_leaves_every_sample_unchanged(name, decoder):
         if params.temperature > 0:  # sampled rows end at many different steps: the decoder batch shrinks
             assert min(batches[True]) < len(prompts) and sorted(batches[True], reverse=True) == batches[True]
             assert len(batches[True]) == len(batches[False])
+
+
+def test_lora_variants_are_left_to_transformers():
+    """DoRA rescales the adapted weight's columns: not the W x + s B A x the decoder computes."""
+    peft = pytest.importorskip("peft")
+    model = build("qwen2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"]))
+    assert "nor a plain LoRA layer" in static_cache_unsupported_reason(model, 32)

@@ -74,7 +74,8 @@ def _linear_parts(module: torch.nn.Module) -> tuple[torch.nn.Linear, tuple[tuple
             continue
         dropout = module.lora_dropout[name] if name in getattr(module, "lora_dropout", {}) else torch.nn.Identity()
         acts = isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0
-        if name in getattr(module, "lora_variant", {}) or acts or not isinstance(dropout, torch.nn.Identity | torch.nn.Dropout):
+        variant = name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False)
+        if variant or acts or not isinstance(dropout, torch.nn.Identity | torch.nn.Dropout):
             return None
         down, up = module.lora_A[name], module.lora_B[name]
         if type(down) is not torch.nn.Linear or type(up) is not torch.nn.Linear:
