@@ -9,8 +9,8 @@ turn within each round (so that a slow period of the machine slows every arm ali
 * ``lora, static cache``: the same model with LoRA adapters on every linear layer but the output
   (``entrorl.trainer.adapters.LoraAdapter``, B random so that the adapters change the model), on the static-cache
   decoder, which adds each adapter's ``scale * B A x`` itself;
-* ``lora, transformers``: the same adapted model through transformers' ``generate``, where the static-cache decoder
-  does not apply.
+* ``lora, transformers``: the same adapted model on the sampler's other decoder, the model's own forward with
+  transformers' ``DynamicCache``, which is what an adapted model ran on before the static-cache decoder took adapters.
 
 Reported: the median seconds per ``generate`` call of each arm over the rounds, and its ratio to the base arm.
 
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [tokenizer(record["prompt"])["input_ids"] for record in records for _ in range(args.group_size)]
         base = load_causal_lm(model_dir)
         adapted = load_causal_lm(model_dir)
+        torch.manual_seed(args.seed)  # peft draws A at random, and B is drawn below
         adapter = LoraAdapter(adapted, rank=args.rank, alpha=2.0 * args.rank)
         with torch.no_grad():
             for name, parameter in adapted.named_parameters():

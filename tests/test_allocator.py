@@ -21,12 +21,18 @@ from entrorl.trainer import allocator
 
 # mallinfo2 (glibc >= 2.33): "arena" is the heap taken with brk, "hblks" / "hblkhd" the blocks served with mmap
 # (the 1 MiB probe runs before torch is imported: glibc's defaults raise the mmap threshold to the size of each mapped
-# block freed, and importing torch frees blocks of almost 1 MiB)
+# block freed, and importing torch frees blocks of almost 1 MiB; so the allocator module is loaded from its file, without
+# the entrorl package, which imports torch)
 HEAP_OF_A_TRAINING_LOOP = textwrap.dedent("""
-    import ctypes, json, sys
+    import ctypes, importlib.util, json, os, sys
     if sys.argv[1] == "retain":
-        from entrorl.trainer.allocator import retain_freed_memory
-        assert retain_freed_memory()
+        package = importlib.util.find_spec("entrorl")
+        path = os.path.join(os.path.dirname(package.origin), "trainer", "allocator.py")
+        spec = importlib.util.spec_from_file_location("allocator_alone", path)
+        allocator = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(allocator)
+        assert allocator.retain_freed_memory()
+        assert "torch" not in sys.modules
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

@@ -265,3 +265,39 @@ def test_lora_variants_are_left_to_transformers():
         warnings.simplefilter("ignore", FutureWarning)
         peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"]))
     assert "nor a plain LoRA layer" in static_cache_unsupported_reason(model, 32)
+
+
+@pytest.mark.parametrize("variant", ["bf16-base", "bf16-two-adapters", "lora-bias"])
+def test_an_adapted_projection_computes_exactly_what_peft_does(variant):
+    """Bit for bit against peft's own module: x cast to the adapters' dtype, their terms added to the base output in
+    the promoted dtype, the sum cast back once (with two adapters, not after each)."""
+    peft = pytest.importorskip("peft")
+    from entrorl.rollout.static_cache import _Linear, _linear_parts
+
+    model = build("qwen2", torch.bfloat16 if variant.startswith("bf16") else torch.float32)
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=variant == "lora-bias")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(**config))
+        if variant == "bf16-two-adapters":
+            wrapped.add_adapter("second", peft.LoraConfig(**{**config, "lora_alpha": 3}))
+            wrapped.base_model.set_adapter(["default", "second"])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+    attention = model.model.layers[0].self_attn
+    hidden = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0)).to(attention.q_proj.weight.dtype)
+    with torch.no_grad():
+        assert len(_linear_parts(attention.q_proj)[1]) == (2 if variant == "bf16-two-adapters" else 1)
+        assert torch.equal(_Linear.of(attention.q_proj)(hidden), attention.q_proj(hidden))
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        # one matrix product for the three: its own summation order, one rounding step of the dtype at most
+        step = 2.0 ** -7 if hidden.dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(_Linear.concatenated(projections)(hidden),
+                                   torch.cat([projection(hidden) for projection in projections], dim=-1),
+                                   rtol=step, atol=1e-6)
+        # merged into the weights and then switched off: peft takes them back out first, so the module runs itself
+        wrapped.merge_adapter()
+        with wrapped.disable_adapter():
+            assert _linear_parts(attention.q_proj) is None

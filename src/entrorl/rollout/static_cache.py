@@ -66,7 +66,10 @@ def _linear_parts(module: torch.nn.Module) -> tuple[torch.nn.Linear, tuple[tuple
     base = getattr(module, "base_layer", None)
     if type(base) is not torch.nn.Linear or not all(hasattr(module, name) for name in ("lora_A", "lora_B", "scaling")):
         return None
-    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+    disabled, merged = getattr(module, "disable_adapters", False), getattr(module, "merged", False)
+    if disabled and merged:  # peft takes the adapters back out of the weight first: left to the module itself
+        return None
+    if disabled or merged:
         return base, ()  # the base layer alone is what the module computes then
     adapters = []
     for name in getattr(module, "active_adapters", ()):
@@ -114,11 +117,10 @@ class _Adapter:
                                  for _, up in adapters])
         return cls(torch.cat([down.weight for down, _ in adapters]), down_bias, up, up_bias, scale)
 
-    def add_to(self, output: torch.Tensor, hidden: torch.Tensor) -> None:
-        # as peft: in the adapters' own dtype, the sum cast back to the output's
-        low_rank = F.linear(F.linear(hidden.to(self.down_weight.dtype), self.down_weight, self.down_bias),
-                            self.up_weight, self.up_bias)
-        output[..., self.columns] = (output[..., self.columns] + low_rank * self.scale).to(output.dtype)
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``scale * B(A(x))``, with ``x`` in the adapter's own dtype (as peft)."""
+        down = F.linear(hidden.to(self.down_weight.dtype), self.down_weight, self.down_bias)
+        return F.linear(down, self.up_weight, self.up_bias) * self.scale
 
 
 @dataclass(frozen=True)
@@ -155,8 +157,15 @@ class _Linear:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         output = F.linear(hidden, self.weight, self.bias)
+        if not self.adapters:
+            return output
+        # as peft: a projection's adapters are added in the promoted dtype, and the sum is cast back once
+        sums: dict[tuple[int | None, int | None], torch.Tensor] = {}
         for adapter in self.adapters:
-            adapter.add_to(output, hidden)
+            columns = (adapter.columns.start, adapter.columns.stop)
+            sums[columns] = sums.get(columns, output[..., adapter.columns]) + adapter(hidden)
+        for (start, stop), summed in sums.items():
+            output[..., start:stop] = summed.to(output.dtype)
         return output
 
 
