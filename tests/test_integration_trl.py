@@ -554,3 +554,27 @@ def test_without_diagnostics_the_objective_metrics_are_still_logged(tokenizer, t
     logged = trainer._metrics["train"]
     assert {"clip/ppo_frac", "select/forking_tokens_frac", "loss/policy", "entropy"} <= set(logged)
     assert not [key for key in logged if key.startswith(("entropy/", "disc", "cov/"))]
+
+
+def test_a_peft_lora_model_trains_its_adapters_and_reads_the_head_it_really_has(tokenizer, tmp_path):
+    """GRPOTrainer's peft_config: only the adapters move, and the statistics (the fused hidden @ W^T path through
+    the PeftModel) equal TRL's own entropy. A head that is not a plain nn.Linear is never fused by default."""
+    peft = pytest.importorskip("peft")
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="clip_cov",
+                       config=_config(tmp_path, max_steps=1, gradient_accumulation_steps=1),
+                       peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert trainer._uses_fused_head(trainer.model)
+    with torch.no_grad():  # B starts at zero, which would leave A without a gradient
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert any("lora_A" in name for name in changed) and all("lora_" in name for name in changed)
+    (entry,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert entry["entropy/mean"] == pytest.approx(entry["entropy"], rel=1e-4)
+    head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings()
+    wrapper = torch.nn.Sequential(head)  # stands for an adapter around lm_head, which TRL refuses to put there itself
+    trainer.accelerator.unwrap_model(trainer.model).set_output_embeddings(wrapper)
+    assert not trainer._uses_fused_head(trainer.model)

@@ -367,8 +367,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
         objective_params: parameter overrides for ``build_objective`` (``{"mu": 3.0}``).
         fused_head: compute the statistics from the final hidden states and the LM-head weight without building
             the logits; ``None`` = when the architecture's logits are exactly ``hidden @ W^T`` (Qwen2/3, Llama, ...).
-            Set it to ``False`` when an adapter wraps the LM head itself (LoRA on ``lm_head``): the fused path reads
-            the head's base weight.
+            A head that is not a plain ``nn.Linear`` (an adapter on ``lm_head``) is not fused by default; ``True``
+            would read its base weight alone.
         diagnostics: append entrorl's entropy / S / D / covariance statistics to the logged metrics (the objective's
             own metrics, clipping and selection fractions, are logged either way).
 
@@ -482,8 +482,11 @@ class EntropyGRPOTrainer(GRPOTrainer):
     def _uses_fused_head(self, model: torch.nn.Module) -> bool:
         if self.fused_head is not None:
             return self.fused_head
-        config = getattr(self.accelerator.unwrap_model(model), "config", None)
-        return getattr(config, "model_type", None) in FUSED_HEAD_MODEL_TYPES
+        unwrapped = self.accelerator.unwrap_model(model)
+        # a head that is not a plain nn.Linear (a LoRA adapter on lm_head, ...) computes more than hidden @ W^T
+        if type(unwrapped.get_output_embeddings()) is not torch.nn.Linear:
+            return False
+        return getattr(getattr(unwrapped, "config", None), "model_type", None) in FUSED_HEAD_MODEL_TYPES
 
     def _response_stats(
         self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_ids: torch.Tensor, mask: torch.Tensor
