@@ -557,24 +557,34 @@ def test_without_diagnostics_the_objective_metrics_are_still_logged(tokenizer, t
 
 
 def test_a_peft_lora_model_trains_its_adapters_and_reads_the_head_it_really_has(tokenizer, tmp_path):
-    """GRPOTrainer's peft_config: only the adapters move, and the statistics (the fused hidden @ W^T path through
-    the PeftModel) equal TRL's own entropy. A head that is not a plain nn.Linear is never fused by default."""
+    """GRPOTrainer's peft_config: on the same adapters and inputs, the loss, the adapters' gradients and the entropy
+    equal TRL's own (the fused hidden @ W^T path reads the head through the PeftModel); training moves only the
+    adapters. A head that is not a plain nn.Linear is never fused by default."""
     peft = pytest.importorskip("peft")
-    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="clip_cov",
-                       config=_config(tmp_path, max_steps=1, gradient_accumulation_steps=1),
-                       peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    assert trainer._uses_fused_head(trainer.model)
+
+    def build(cls):
+        return _trainer(cls, tokenizer, tmp_path, config=_config(tmp_path, max_steps=1, gradient_accumulation_steps=1),
+                        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    ours, theirs = build(EntropyGRPOTrainer), build(GRPOTrainer)
+    assert ours._uses_fused_head(ours.model)
     with torch.no_grad():  # B starts at zero, which would leave A without a gradient
-        for name, parameter in trainer.model.named_parameters():
+        for name, parameter in ours.model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.train()
-    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    theirs.model.load_state_dict(ours.model.state_dict())
+    inputs = _inputs(tokenizer, seed=3)
+    (our_loss, our_grads), (their_loss, their_grads) = _loss_and_grads(ours, inputs), _loss_and_grads(theirs, inputs)
+    assert our_grads and all("lora_" in name for name in our_grads)
+    assert our_loss == pytest.approx(their_loss, rel=1e-5)
+    _assert_grads_close(our_grads, their_grads)
+    assert ours._metrics["train"]["entropy"] == pytest.approx(theirs._metrics["train"]["entropy"], rel=1e-5)
+
+    before = {n: p.detach().clone() for n, p in ours.model.named_parameters()}
+    ours.train()
+    changed = {n for n, p in ours.model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert any("lora_A" in name for name in changed) and all("lora_" in name for name in changed)
-    (entry,) = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert entry["entropy/mean"] == pytest.approx(entry["entropy"], rel=1e-4)
-    head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings()
+    head = ours.accelerator.unwrap_model(ours.model).get_output_embeddings()
     wrapper = torch.nn.Sequential(head)  # stands for an adapter around lm_head, which TRL refuses to put there itself
-    trainer.accelerator.unwrap_model(trainer.model).set_output_embeddings(wrapper)
-    assert not trainer._uses_fused_head(trainer.model)
+    ours.accelerator.unwrap_model(ours.model).set_output_embeddings(wrapper)
+    assert not ours._uses_fused_head(ours.model)

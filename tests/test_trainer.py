@@ -1848,7 +1848,8 @@ def test_mask_truncated_leaves_cut_responses_out_of_the_loss_only(tmp_path, tiny
 
 @pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda path: path.name)
 def test_every_example_configuration_validates(example, tiny_model_dir, arithmetic_files):
-    """The examples' settings, with the model and data of the command line their header shows."""
+    """The examples' settings, with a model and data put in by --set overrides (model.path, data.train, data.eval), as
+    the command line in their header does."""
     train, held_out = arithmetic_files
     config = load_config(example, [f"model.path={tiny_model_dir}", f"data.train={train}", f"data.eval={held_out}"])
     assert config.model.path == str(tiny_model_dir)
