@@ -87,17 +87,26 @@ def test_the_reference_is_the_base_model_with_the_adapters_off(tmp_path, tiny_mo
     trainer.close()
 
 
-def test_a_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
+@pytest.mark.parametrize("merged", ["every", "last"])
+def test_a_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, tiny_model_dir, arithmetic_files, parity_reward,
+                                                        merged):
+    """With model.lora.merged: last, the checkpoint the run stopped at holds the adapters without the merged model,
+    and the resume needs nothing more; the run's last checkpoint is merged."""
     train, _ = arithmetic_files
     settings = lora_config(tiny_model_dir, train, parity_reward, method="clip_cov", optim={"steps": 4},
-                           checkpoint={"every": 0, "keep": 3})
+                           checkpoint={"every": 0, "keep": 3}, model={"lora": {**LORA, "merged": merged}})
     straight = Trainer(load_config(settings), run_dir=tmp_path / "straight")
     straight.train()
 
     interrupted = Trainer(load_config(settings), run_dir=tmp_path / "interrupted")
     with pytest.raises(TrainingInterrupted):
         interrupted.train(should_stop=lambda: interrupted.step == 2)
+    stopped_at = tmp_path / "interrupted" / "checkpoints" / "step_000002"
+    assert (stopped_at / "adapter" / "adapter_model.safetensors").is_file()
+    assert (stopped_at / "model" / "config.json").is_file() and (stopped_at / "model" / "tokenizer.json").is_file()
+    assert (stopped_at / "model" / "model.safetensors").is_file() is (merged == "every")
     Trainer(load_config(settings), run_dir=tmp_path / "interrupted", resume=True).train()
+    assert (tmp_path / "interrupted" / "checkpoints" / "step_000004" / "model" / "model.safetensors").is_file()
 
     def comparable(run):
         return [{k: v for k, v in record.items() if not k.startswith("time/")} for record in read_metrics(run)]
@@ -152,15 +161,23 @@ def test_damaged_adapters_name_the_checkpoint_to_delete(tmp_path, tiny_model_dir
         Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True)
 
 
-def test_a_checkpoint_with_an_empty_adapter_file_is_skipped(tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
+@pytest.mark.parametrize("merged", ["every", "last"])
+def test_a_checkpoint_with_an_empty_adapter_file_is_skipped(tmp_path, tiny_model_dir, arithmetic_files, parity_reward,
+                                                            merged):
     """As for the model's files: a power cut can leave a renamed checkpoint with an empty file; resume takes the one
-    before."""
+    before (with merged: last, one without the merged model, which entrorl eval refuses saying why)."""
+    from entrorl.modeling import check_model_files
+
     train, _ = arithmetic_files
-    settings = lora_config(tiny_model_dir, train, parity_reward, optim={"steps": 4}, checkpoint={"every": 2, "keep": 3})
+    settings = lora_config(tiny_model_dir, train, parity_reward, optim={"steps": 4}, checkpoint={"every": 2, "keep": 3},
+                           model={"lora": {**LORA, "merged": merged}})
     Trainer(load_config(settings), run_dir=tmp_path / "run").train()
     (tmp_path / "run" / "checkpoints" / "step_000004" / "adapter" / "adapter_model.safetensors").write_bytes(b"")
     settings["optim"]["steps"] = 5
     assert Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True).step == 2
+    if merged == "last":
+        with pytest.raises(FileNotFoundError, match="holds LoRA adapters without the merged model"):
+            check_model_files(tmp_path / "run" / "checkpoints" / "step_000002" / "model")
 
 
 def test_shared_prompt_scoring_gives_the_adapters_the_gradient_of_one_padded_pass():

@@ -2,7 +2,8 @@
 
 Layout of a run directory::
 
-    run_dir/checkpoints/step_000040/model/        save_pretrained: weights, config, tokenizer (with LoRA: merged)
+    run_dir/checkpoints/step_000040/model/        save_pretrained: weights, config, tokenizer (with LoRA: merged, or
+                                                  the config and tokenizer alone with model.lora.merged: last)
     run_dir/checkpoints/step_000040/adapter/      with LoRA only: the adapters, in peft's format
     run_dir/checkpoints/step_000040/trainer.pt    optimizer, scheduler, RNG states, data position, objective state
     run_dir/checkpoints/latest                    name of the newest complete checkpoint
@@ -182,11 +183,12 @@ def _sync_tree(directory: Path) -> None:
         _sync_directory(folder)
 
 
-def _disk_space_note(folder: Path, model, adapter=None) -> str:
+def _disk_space_note(folder: Path, model, adapter=None, merged: bool = True) -> str:
     """", probably a full disk: ..." when the filesystem holding ``folder`` has less room than a checkpoint of
-    ``model`` takes (its weights, float32 ones when ``adapter`` merges into a half-precision model; AdamW's two
-    float32 moments of each trained weight, and the float32 master copy of a trained half-precision one), which a
-    library's own error may not say (torch's zip writer reports ENOSPC as "unexpected pos")."""
+    ``model`` takes (its weights, float32 ones when ``adapter`` merges into a half-precision model, the trained ones
+    alone when it is not merged; AdamW's two float32 moments of each trained weight, and the float32 master copy of a
+    trained half-precision one), which a library's own error may not say (torch's zip writer reports ENOSPC as
+    "unexpected pos")."""
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
@@ -194,7 +196,8 @@ def _disk_space_note(folder: Path, model, adapter=None) -> str:
     needed = 0
     for parameter in model.parameters():
         size = parameter.element_size()
-        needed += parameter.numel() * (max(size, 4) if adapter is not None else size)
+        if merged or parameter.requires_grad:
+            needed += parameter.numel() * (max(size, 4) if adapter is not None else size)
         if parameter.requires_grad:
             needed += parameter.numel() * (8 + (4 if size < 4 else 0))
     if free >= needed:
@@ -204,10 +207,10 @@ def _disk_space_note(folder: Path, model, adapter=None) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], keep: int,
-                    adapter=None) -> Path:
+                    adapter=None, merged: bool = True) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the ``keep`` newest. With ``adapter`` (a
-    :class:`entrorl.trainer.adapters.LoraAdapter` put into ``model``), ``model/`` holds the merged model and
-    ``adapter/`` the adapters.
+    :class:`entrorl.trainer.adapters.LoraAdapter` put into ``model``), ``adapter/`` holds the adapters and ``model/``
+    the merged model, or without ``merged`` only the model's config (with the tokenizer, as always).
 
     The run directory must exist (a run directory removed during the run is not silently recreated)."""
     run_dir = Path(run_dir)
@@ -223,7 +226,10 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
     try:
         temporary.mkdir()
         if adapter is not None:
-            adapter.save_merged(temporary / "model")
+            if merged:
+                adapter.save_merged(temporary / "model")
+            else:
+                model.config.save_pretrained(temporary / "model")
             adapter.save(temporary / ADAPTER_DIRECTORY)
         else:
             model.save_pretrained(temporary / "model")
@@ -234,7 +240,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
         shutil.rmtree(temporary, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         raise CheckpointWriteError(
-            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}){_disk_space_note(root, model, adapter)}; "
+            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}){_disk_space_note(root, model, adapter, merged)}; "
             + (f"the last complete checkpoint, {previous.name}, is intact" if previous is not None else "no checkpoint was written before")
         ) from error
     if final.exists():
@@ -277,12 +283,14 @@ def _weights_present(model: Path) -> bool:
 
 def _complete(checkpoint: Path) -> bool:
     """Whether ``checkpoint`` holds everything a resume reads, none of it empty: the trainer state, the model's config
-    and weights, and the adapters' files when it has adapters."""
+    and weights, and the adapters' files when it has adapters (whose checkpoints may leave the weights out)."""
     model, adapter = checkpoint / "model", checkpoint / ADAPTER_DIRECTORY
-    adapters_whole = not adapter.exists() or all(
-        _non_empty(adapter / name) for name in ("adapter_config.json", "adapter_model.safetensors"))
-    return (_non_empty(checkpoint / "trainer.pt") and _non_empty(model / "config.json") and _weights_present(model)
-            and adapters_whole)
+    has_adapters = adapter.exists()
+    adapters_whole = all(_non_empty(adapter / name) for name in ("adapter_config.json", "adapter_model.safetensors"))
+    # an adapters' checkpoint written without the merged model has no weight file at all; one with it, whole ones
+    weights_whole = _weights_present(model) or (has_adapters and not any((model / name).exists() for name in _WEIGHT_FILES))
+    return (_non_empty(checkpoint / "trainer.pt") and _non_empty(model / "config.json") and weights_whole
+            and (not has_adapters or adapters_whole))
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:

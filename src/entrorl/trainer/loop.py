@@ -182,7 +182,9 @@ class Trainer:
         if "correct_threshold" in estimator_params and "correct_threshold" not in self.advantage_params:
             # estimators that split correct from wrong samples (PSR, NSR, W-REINFORCE) agree with the reward's accuracy
             self.advantage_params["correct_threshold"] = self.reward.correct_threshold
-        model_path = check_model_files(checkpoint / "model" if checkpoint is not None else config.model.path)
+        # a checkpoint's model/ holds no weights when its adapters were saved without the merged model
+        model_path = check_model_files(checkpoint / "model" if checkpoint is not None else config.model.path,
+                                       weights=checkpoint is None or config.model.lora is None)
         diversity = config.reward.diversity
         self.diversity_embedder = (load_embedder(diversity.model, batch_size=diversity.batch_size, device=diversity.device)
                                    if diversity.enabled else None)
@@ -452,9 +454,14 @@ class Trainer:
         restore_rng_state(state["rng"])
 
     def save(self) -> Path:
+        """Checkpoint the current step; with adapters and ``model.lora.merged: last``, the merged model only at the
+        run's last step."""
         self.logger.sync()  # the metrics of every step the checkpoint covers are on disk before it is
+        lora = self.config.model.lora
+        merged = lora is None or lora.merged == "every" or self.step >= self.config.optim.steps
         return save_checkpoint(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
-                               trainer_state=self._trainer_state(), keep=self.config.checkpoint.keep, adapter=self.adapter)
+                               trainer_state=self._trainer_state(), keep=self.config.checkpoint.keep, adapter=self.adapter,
+                               merged=merged)
 
     # ------------------------------------------------------------------------------------------------ rollouts
     def _sample_groups(self, n_prompts: int) -> tuple[Rollouts, list[PromptRecord], torch.Tensor]:
