@@ -166,7 +166,7 @@ def test_a_checkpoint_with_an_empty_adapter_file_is_skipped(tmp_path, tiny_model
                                                             merged):
     """As for the model's files: a power cut can leave a renamed checkpoint with an empty file; resume takes the one
     before (with merged: last, one without the merged model, which entrorl eval refuses saying why)."""
-    from entrorl.modeling import check_model_files
+    from entrorl.trainer.checkpoint import check_model_directory
 
     train, _ = arithmetic_files
     settings = lora_config(tiny_model_dir, train, parity_reward, optim={"steps": 4}, checkpoint={"every": 2, "keep": 3},
@@ -177,7 +177,7 @@ def test_a_checkpoint_with_an_empty_adapter_file_is_skipped(tmp_path, tiny_model
     assert Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True).step == 2
     if merged == "last":
         with pytest.raises(FileNotFoundError, match="holds LoRA adapters without the merged model"):
-            check_model_files(tmp_path / "run" / "checkpoints" / "step_000002" / "model")
+            check_model_directory(tmp_path / "run" / "checkpoints" / "step_000002" / "model")
 
 
 def test_shared_prompt_scoring_gives_the_adapters_the_gradient_of_one_padded_pass():

@@ -169,13 +169,13 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     when config.json declares the context). ``check_outputs`` runs once the data and the reward are checked, before
     the model loads: a place to refuse an output that could not be written, before the sampling it would lose."""
     from entrorl.data import check_prompt_template, load_prompts
-    from entrorl.modeling import (check_model_files, check_prompts_fit, encode_prompt, load_causal_lm, load_tokenizer,
-                                  read_model_config)
+    from entrorl.modeling import check_prompts_fit, encode_prompt, load_causal_lm, load_tokenizer, read_model_config
     from entrorl.rewards import RewardRunner, get_reward
+    from entrorl.trainer.checkpoint import check_model_directory
     from entrorl.trainer.config import resolve_device
 
     check_prompt_template(prompt_template)
-    check_model_files(model)
+    check_model_directory(model)
     records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
                            require_answer=require_answer)[:max_prompts]
     reward_runner = RewardRunner(get_reward(reward), correct_threshold=correct_threshold)

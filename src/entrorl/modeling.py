@@ -73,10 +73,6 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
         raise FileNotFoundError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it there with "
                                 "tokenizer.save_pretrained")
     if weights and not any(next(path.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS):
-        if (path.parent / "adapter" / "adapter_config.json").is_file():  # a trainer checkpoint of LoRA adapters
-            raise FileNotFoundError(f"{path} has no weights: this checkpoint holds LoRA adapters without the merged model "
-                                    f"(model.lora.merged: last); load {path.parent / 'adapter'} onto the base model with "
-                                    "peft's PeftModel.from_pretrained, or use the run's last checkpoint, which is merged")
         raise FileNotFoundError(f"{path} has no weights (no *.safetensors or pytorch_model*.bin); save them there with "
                                 "model.save_pretrained")
     return path

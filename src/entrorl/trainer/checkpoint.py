@@ -36,13 +36,13 @@ except ImportError:  # not a POSIX system: runs are not locked there
 import numpy as np
 import torch
 
-from entrorl.modeling import save_tokenizer
+from entrorl.modeling import check_model_files, save_tokenizer
 from entrorl.trainer.adapters import ADAPTER_DIRECTORY
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointWriteError", "save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text",
-           "check_run_directory_writable", "lock_run_directory", "remove_temporary_files"]
+           "check_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files"]
 
 _PREFIX = "step_"
 
@@ -279,6 +279,21 @@ def _weights_present(model: Path) -> bool:
             return False
         return all(_non_empty(model / shard) for shard in shards)
     return False
+
+
+def check_model_directory(path: str | Path) -> Path:
+    """:func:`entrorl.modeling.check_model_files`, which also says of a checkpoint's ``model/`` written without the
+    merged model (``model.lora.merged: last``) where its adapters are."""
+    check_model_files(path, weights=False)  # a missing tokenizer is said as it is
+    try:
+        return check_model_files(path)
+    except FileNotFoundError:
+        adapter = Path(path).parent / ADAPTER_DIRECTORY
+        if not (adapter / "adapter_config.json").is_file():
+            raise
+        raise FileNotFoundError(f"{path} has no weights: this checkpoint holds LoRA adapters without the merged model "
+                                f"(model.lora.merged: last); load {adapter} onto the base model with peft's "
+                                "PeftModel.from_pretrained, or use the run's last checkpoint, which is merged") from None
 
 
 def _complete(checkpoint: Path) -> bool:
