@@ -694,26 +694,16 @@ def _open_program_file(path: str) -> BinaryIO | None:
     return os.fdopen(descriptor, "rb")
 
 
-def _read_tail(path: str, limit: int = 2000) -> str:
+def _read_program_text(path: str, limit: int, *, tail: bool = False) -> str:
+    """At most ``limit`` bytes of the file (its first, or with ``tail`` its last), as text; "" when it is not a plain
+    file of its own (:func:`_open_program_file`) or cannot be read."""
     handle = _open_program_file(path)
     if handle is None:
         return ""
     try:
         with handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - limit))
-            return handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
-def _read_output(path: str, limit: int) -> str:
-    handle = _open_program_file(path)
-    if handle is None:
-        return ""
-    try:
-        with handle:
+            if tail:
+                handle.seek(max(0, handle.seek(0, os.SEEK_END) - limit))
             return handle.read(limit).decode("utf-8", errors="replace")
     except OSError:
         return ""
@@ -810,7 +800,7 @@ class _Attempt:
         """The child ended: attribute its death to the case in progress; the case to resume from.
         Raises :class:`SandboxError` when it died before the program could run."""
         if not self.ready:
-            tail = _read_tail(stderr_path, 500).strip().splitlines()
+            tail = _read_program_text(stderr_path, 500, tail=True).strip().splitlines()
             detail = tail[-1] if tail else f"exit status {exit_status}"
             raise SandboxError(
                 f"the sandbox did not start ({detail}); the working directory (temp_dir) must be reachable "
@@ -872,10 +862,10 @@ def run_in_sandbox(program: str, cases: Sequence[SandboxCase], limits: SandboxLi
                 break
             first_case = attempt_result.next_case
         isolation["strays_killed"] = strays
-        run.stderr_tail = _read_tail(stderr_path)
+        run.stderr_tail = _read_program_text(stderr_path, 2000, tail=True)
         for index, case in enumerate(cases):
             if case.kind == "stdin" and run.outcomes[index].status in ("ok", "error"):
-                stdout = _read_output(os.path.join(workdir, f"case{index}.out"), limits.max_file_mb * 1024 * 1024)
+                stdout = _read_program_text(os.path.join(workdir, f"case{index}.out"), limits.max_file_mb * 1024 * 1024)
                 outcome = run.outcomes[index]
                 run.outcomes[index] = CaseOutcome(outcome.status, outcome.error, stdout, outcome.seconds)
     finally:
