@@ -80,7 +80,6 @@ class LoraConfig(_Section):
         "all-linear", description="the layers to adapt: 'all-linear' (every linear layer but the output layer) or a "
         "list of module names, e.g. [q_proj, k_proj, v_proj, o_proj]; a name matches a module whose name is it or "
         "ends with '.' and it")
-
     merged: Literal["every", "last"] = Field(
         "every", description="which checkpoints hold the merged model in model/: 'every' one, or only the run's 'last' "
         "(the others hold the adapters, and model/ only the config and tokenizer; a merged float32 copy of a bfloat16 "
