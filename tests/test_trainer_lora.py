@@ -165,9 +165,7 @@ def test_damaged_adapters_name_the_checkpoint_to_delete(tmp_path, tiny_model_dir
 def test_a_checkpoint_with_an_empty_adapter_file_is_skipped(tmp_path, tiny_model_dir, arithmetic_files, parity_reward,
                                                             merged):
     """As for the model's files: a power cut can leave a renamed checkpoint with an empty file; resume takes the one
-    before (with merged: last, one without the merged model, which entrorl eval refuses saying why)."""
-    from entrorl.trainer.checkpoint import check_model_directory
-
+    before (with merged: last, one without the merged model)."""
     train, _ = arithmetic_files
     settings = lora_config(tiny_model_dir, train, parity_reward, optim={"steps": 4}, checkpoint={"every": 2, "keep": 3},
                            model={"lora": {**LORA, "merged": merged}})
@@ -175,9 +173,6 @@ def test_a_checkpoint_with_an_empty_adapter_file_is_skipped(tmp_path, tiny_model
     (tmp_path / "run" / "checkpoints" / "step_000004" / "adapter" / "adapter_model.safetensors").write_bytes(b"")
     settings["optim"]["steps"] = 5
     assert Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True).step == 2
-    if merged == "last":
-        with pytest.raises(FileNotFoundError, match="holds LoRA adapters without the merged model"):
-            check_model_directory(tmp_path / "run" / "checkpoints" / "step_000002" / "model")
 
 
 def test_shared_prompt_scoring_gives_the_adapters_the_gradient_of_one_padded_pass():
@@ -233,6 +228,16 @@ def test_bfloat16_base_with_float32_adapters_and_activation_checkpointing(tmp_pa
     expected = layer.base_layer.weight.float() + layer.get_delta_weight("default").float()
     assert torch.equal(merged.model.layers[0].self_attn.q_proj.weight, expected)
     assert not torch.equal(expected.bfloat16().float(), expected)  # what bfloat16 would have kept differs
+    # for eval, adapters on a bfloat16 base stay apart from it, in float32, as in training
+    from peft.tuners.lora import LoraLayer
+
+    from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
+
+    adapters = resolve_model_directory(tmp_path / "run" / "checkpoints" / "step_000002" / "adapter")
+    model = load_model_directory(adapters, dtype="bfloat16")
+    assert any(isinstance(module, LoraLayer) for module in model.modules())
+    ids = torch.randint(3, 20, (3, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(model, ids), logits(trainer.model, ids), rtol=0, atol=0)
 
 
 
@@ -278,3 +283,91 @@ def test_without_peft_the_configuration_says_what_to_install(tiny_model_dir, ari
     train, _ = arithmetic_files
     with pytest.raises(ConfigError, match=r"peft package: pip install 'entrorl\[lora\]'"):
         load_config(lora_config(tiny_model_dir, train, parity_reward))
+
+
+def test_eval_loads_adapters_onto_the_base_model_they_record(tmp_path, tiny_model_dir, arithmetic_files, parity_reward,
+                                                            monkeypatch):
+    """A checkpoint's adapters (and the model/ of a checkpoint written without the merged model) load onto the base
+    model for eval: merged into a float32 base, with the same predictions as the run's merged model."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    from entrorl.trainer.adapters import recorded_base_model
+    from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
+
+    train, _ = arithmetic_files
+    monkeypatch.chdir(tiny_model_dir.parent)  # model.path relative to the working directory, as users write it
+    settings = lora_config(tiny_model_dir.name, train, parity_reward, optim={"steps": 4}, checkpoint={"every": 2},
+                           model={"lora": {**LORA, "merged": "last"}})
+    Trainer(load_config(settings), run_dir=tmp_path / "run").train()
+    first, last = (tmp_path / "run" / "checkpoints" / name for name in ("step_000002", "step_000004"))
+    assert recorded_base_model(first / "adapter") == str(tiny_model_dir.resolve())  # found from any directory
+
+    # a model/ without the merged model stands for its checkpoint's adapters, with its own tokenizer
+    directory = resolve_model_directory(first / "model")
+    assert (directory.adapters, directory.weights, directory.tokenizer) == (first / "adapter", tiny_model_dir.resolve(),
+                                                                          first / "model")
+    # the adapters alone: the base model's tokenizer
+    assert resolve_model_directory(first / "adapter").tokenizer == tiny_model_dir.resolve()
+    ids = torch.randint(3, 20, (3, 9), generator=torch.Generator().manual_seed(0))
+    model = load_model_directory(directory)
+    assert not model.training and not any(isinstance(module, LoraLayer) for module in model.modules())  # merged
+    expected = logits(PeftModel.from_pretrained(load_causal_lm(tiny_model_dir), first / "adapter"), ids)
+    torch.testing.assert_close(logits(model, ids), expected, rtol=1e-5, atol=1e-5)
+    # the last checkpoint's adapters give its merged model's predictions, and they differ from the first's
+    adapted = logits(load_model_directory(resolve_model_directory(last / "adapter")), ids)
+    torch.testing.assert_close(adapted, logits(load_causal_lm(last / "model"), ids), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted, expected, atol=1e-4)
+    assert resolve_model_directory(last / "model").adapters is None  # merged: a complete model
+
+
+def test_eval_refuses_adapters_without_their_base_model_saying_what_to_pass(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    from entrorl.lab.tiny_model import save_tiny_model
+    from entrorl.trainer.adapters import LoraAdapter
+    from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
+
+    LoraAdapter(load_causal_lm(tiny_model_dir), **LORA).save(tmp_path / "adapters")
+    with pytest.raises(ValueError, match="--base is for LoRA adapters.*leave --base out"):
+        resolve_model_directory(tiny_model_dir, base=tiny_model_dir)
+    config_file = tmp_path / "adapters" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "moved")}))
+    with pytest.raises(FileNotFoundError, match="base model .*moved, which is not a directory here.*--base"):
+        resolve_model_directory(tmp_path / "adapters")
+    shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
+    assert resolve_model_directory(tmp_path / "adapters", base=tmp_path / "elsewhere").weights == tmp_path / "elsewhere"
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    with pytest.raises(ValueError, match="do not record their base model: give its directory with --base"):
+        resolve_model_directory(tmp_path / "adapters")
+    (tmp_path / "adapters" / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no adapter_model.safetensors"):
+        resolve_model_directory(tmp_path / "adapters", base=tiny_model_dir)
+
+    LoraAdapter(load_causal_lm(tiny_model_dir), **LORA).save(tmp_path / "adapters")
+    other = save_tiny_model(tmp_path / "wider", seed=0, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                            max_position_embeddings=64)
+    with pytest.raises(ValueError, match="adapters in .*adapters do not fit the model in .*wider"):
+        load_model_directory(resolve_model_directory(tmp_path / "adapters", base=other))
+
+
+def test_cli_eval_of_a_checkpoint_without_the_merged_model(tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
+    import json
+
+    from test_trainer import run_cli
+
+    train, held_out = arithmetic_files
+    settings = lora_config(tiny_model_dir, train, parity_reward, model={"lora": {**LORA, "merged": "last"}},
+                           checkpoint={"every": 1})
+    Trainer(load_config(settings), run_dir=tmp_path / "run").train()
+    first = tmp_path / "run" / "checkpoints" / "step_000001"
+    out = tmp_path / "eval.json"
+    result = run_cli("eval", "--model", str(first / "model"), "--data", str(held_out), "--n", "2", "--reward",
+                     "exact_match", "--max-new-tokens", "4", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    settings = json.loads(out.read_text())["settings"]
+    assert (settings["adapters"], settings["base"]) == (str(first / "adapter"), str(tiny_model_dir.resolve()))
+    refused = run_cli("eval", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--data", str(held_out))
+    assert refused.returncode == 2 and "leave --base out" in refused.stderr

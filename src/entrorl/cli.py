@@ -137,7 +137,10 @@ def _parse_ks(text: str) -> list[int]:
 
 
 # options that `eval` and `data audit` share, spelled once
-ModelDirOption = Annotated[Path, typer.Option("--model", help="local Hugging Face model directory")]
+ModelDirOption = Annotated[Path, typer.Option("--model", help="local Hugging Face model directory, or LoRA adapters in "
+                                              "peft's format (a checkpoint's adapter/) on the base model they record")]
+BaseModelOption = Annotated[Optional[Path], typer.Option("--base", help="with --model naming LoRA adapters: the base "
+                                                         "model's directory, instead of the one the adapters record")]
 DataFileOption = Annotated[Path, typer.Option("--data", help="prompt file (.jsonl, .json, .csv, .parquet, .arrow, "
                                                           "datasets directory)")]
 SamplesOption = Annotated[int, typer.Option("--n", min=1, help="samples per prompt")]
@@ -160,37 +163,40 @@ TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help
 
 
 def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str, prompt_template: str,
-                     chat_template: bool, max_prompts: int | None, device: str, dtype: str,
+                     chat_template: bool, max_prompts: int | None, device: str, dtype: str, base: Path | None = None,
                      fit_max_new_tokens: int | None = None, trust_remote_code: bool = False, require_answer: bool = True,
                      correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
-    the tokenizer, the model in eval mode and the encoded prompts; ValueError / FileNotFoundError on bad input. With
+    the tokenizer, the model in eval mode and the encoded prompts; ValueError / FileNotFoundError on bad input. The
+    model is a complete model directory or LoRA adapters on ``base`` (see
+    :func:`entrorl.trainer.checkpoint.resolve_model_directory`). With
     ``fit_max_new_tokens`` every prompt must leave that many tokens of the context (checked before the weights load
     when config.json declares the context). ``check_outputs`` runs once the data and the reward are checked, before
     the model loads: a place to refuse an output that could not be written, before the sampling it would lose."""
     from entrorl.data import check_prompt_template, load_prompts
-    from entrorl.modeling import check_prompts_fit, encode_prompt, load_causal_lm, load_tokenizer, read_model_config
+    from entrorl.modeling import check_prompts_fit, encode_prompt, load_tokenizer, read_model_config
     from entrorl.rewards import RewardRunner, get_reward
-    from entrorl.trainer.checkpoint import check_model_directory
+    from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
     from entrorl.trainer.config import resolve_device
 
     check_prompt_template(prompt_template)
-    check_model_directory(model)
+    directory = resolve_model_directory(model, base=base)
     records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
                            require_answer=require_answer)[:max_prompts]
     reward_runner = RewardRunner(get_reward(reward), correct_threshold=correct_threshold)
     reward_runner.check_arguments([record.meta for record in records])
     if check_outputs is not None:
         check_outputs()
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(directory.tokenizer, trust_remote_code=trust_remote_code)
     prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
-    declared = read_model_config(model, trust_remote_code=trust_remote_code) if fit_max_new_tokens is not None else None
+    declared = (read_model_config(directory.weights, trust_remote_code=trust_remote_code)
+                if fit_max_new_tokens is not None else None)
     if declared is not None:
         check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=fit_max_new_tokens)
-    policy = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code, device=resolve_device(device)).eval()
+    policy = load_model_directory(directory, dtype=dtype, trust_remote_code=trust_remote_code, device=resolve_device(device))
     if fit_max_new_tokens is not None and declared is None:
         check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=fit_max_new_tokens)
-    return records, reward_runner, tokenizer, policy, prompt_ids
+    return records, reward_runner, tokenizer, policy, prompt_ids, directory
 
 
 def _reward_log_path(out: Path) -> Path:
@@ -234,6 +240,7 @@ def evaluate(
     model: ModelDirOption,
     data: DataFileOption,
     n: SamplesOption = 16,
+    base: BaseModelOption = None,
     k: Annotated[Optional[str], typer.Option(help="comma-separated k values for Pass@k, each at most --n "
                                                   "(default: powers of two up to n, and n)")] = None,
     reward: RewardOption = "math",
@@ -290,13 +297,13 @@ def evaluate(
 
     try:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-        records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
+        records, reward_runner, tokenizer, policy, prompt_ids, directory = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
+            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
             fit_max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
             require_answer=require_answer, correct_threshold=correct_threshold,
             check_outputs=check_outputs)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, ImportError) as error:  # ImportError: adapters without peft
         _fail(str(error))
     with Progress(console=console) as progress:
         task = progress.add_task("sampling", total=len(records) * n)
@@ -305,7 +312,8 @@ def evaluate(
                                 progress=lambda done: progress.update(task, completed=done))
     summary = result.to_dict()
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
-    summary["settings"] = {"model": str(model), "data": str(data), "reward": reward, "n": n, "max_new_tokens": max_new_tokens,
+    adapters = {} if directory.adapters is None else {"adapters": str(directory.adapters), "base": str(directory.weights)}
+    summary["settings"] = {"model": str(model), **adapters, "data": str(data), "reward": reward, "n": n, "max_new_tokens": max_new_tokens,
                            "temperature": temperature, "top_p": top_p, "top_k": top_k, "prompt_column": prompt_column,
                            "answer_column": answer_column, "prompt_template": prompt_template, "chat_template": chat_template,
                            "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold,
@@ -316,7 +324,8 @@ def evaluate(
         summary["first_reward_error"] = error_headline(result.first_reward_error)
         summary["reward_errors_log"] = None if reward_log is None else str(reward_log)
     named = model.resolve()  # `--model model` names its directory by the absolute path's last parts
-    label = named.name if named.name != "model" else f"{named.parent.name}/{named.name}"  # a checkpoint's step_N/model
+    # a checkpoint's step_N/model or step_N/adapter
+    label = f"{named.parent.name}/{named.name}" if named.name in ("model", "adapter") else named.name
     table = Table(title=escape(f"{label} on {data.name}: {len(records)} prompts x {n} samples"))
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -478,6 +487,7 @@ def data_audit(
     model: ModelDirOption,
     data: DataFileOption,
     n: SamplesOption = 16,
+    base: BaseModelOption = None,
     reward: RewardOption = "math",
     band: Annotated[str, typer.Option(help="keep rows whose pass rate lies in this band, e.g. '[0.1,0.5]' or '(1/16,15/16)'")] = "(0, 1)",
     consensus: Annotated[float, typer.Option(help="majority share from which a wrong majority answer makes a prompt look wrong")] = 0.5,
@@ -523,9 +533,9 @@ def data_audit(
         _fail(f"--{message.replace('low_pass_rate', 'low-pass-rate')}")
     try:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-        records, reward_runner, tokenizer, policy, prompt_ids = _sampling_inputs(
+        records, reward_runner, tokenizer, policy, prompt_ids, _ = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype,
+            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
             trust_remote_code=trust_remote_code,  # prompts that do not fit are the audit's to report, one by one
             check_outputs=lambda: check_audit_output(data, directory))
     except (ValueError, OSError, ImportError) as error:  # OSError: missing files, unreadable model directories

@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoraAdapter", "ADAPTER_DIRECTORY"]
+__all__ = ["LoraAdapter", "ADAPTER_DIRECTORY", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "recorded_base_model", "load_adapted_causal_lm"]
 
 ADAPTER_DIRECTORY = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _ADAPTER_NAME = "default"
 
 
@@ -126,22 +128,76 @@ class LoraAdapter:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     def save(self, directory: Path) -> None:
-        """The adapters alone, in peft's format (``adapter_config.json``, ``adapter_model.safetensors``)."""
+        """The adapters alone, in peft's format (``adapter_config.json``, ``adapter_model.safetensors``), with the base
+        model's directory recorded as an absolute path, so that ``entrorl eval`` finds it from any working directory."""
         self.peft_model.save_pretrained(directory)
+        config_file = Path(directory) / ADAPTER_CONFIG
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        recorded = config.get("base_model_name_or_path")
+        if recorded and Path(recorded).is_dir():
+            config["base_model_name_or_path"] = str(Path(recorded).resolve())
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     def load(self, directory: Path) -> None:
         """Put the adapters saved by :meth:`save` in ``directory`` back; ``ValueError`` when they do not fit."""
-        peft = _import_peft()
-        from safetensors.torch import load_file
+        _load_adapter_weights(self.peft_model, Path(directory))
 
-        weights = Path(directory) / "adapter_model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} is missing")
-        state: dict[str, Any] = load_file(weights)
-        result = peft.set_peft_model_state_dict(self.peft_model, state)
-        unexpected = list(getattr(result, "unexpected_keys", None) or [])
-        expected = {key for key, _ in peft.get_peft_model_state_dict(self.peft_model).items()}
-        missing = sorted(expected - set(state))
-        if missing or unexpected:
-            raise ValueError(f"the adapters in {directory} do not fit this model's LoRA settings (missing: "
-                             f"{', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(unexpected[:3]) or 'none'})")
+
+def _load_adapter_weights(peft_model, directory: Path) -> None:
+    """The adapter weights saved in ``directory`` into ``peft_model``, whose adapters must be exactly those:
+    ``ValueError`` naming the first missing and unexpected ones otherwise (peft itself only warns)."""
+    peft = _import_peft()
+    from safetensors.torch import load_file
+
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing")
+    state: dict[str, Any] = load_file(weights)
+    result = peft.set_peft_model_state_dict(peft_model, state)
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    expected = {key for key, _ in peft.get_peft_model_state_dict(peft_model).items()}
+    missing = sorted(expected - set(state))
+    if missing or unexpected:
+        raise ValueError(f"the adapters in {directory} do not fit this model's LoRA settings (missing: "
+                         f"{', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(unexpected[:3]) or 'none'})")
+
+
+def recorded_base_model(adapters: Path) -> str | None:
+    """The base model that the adapters in ``adapters`` were trained on, as their ``adapter_config.json`` records it
+    (peft's ``base_model_name_or_path``), or None when it records none."""
+    config = json.loads((Path(adapters) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    recorded = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return recorded or None
+
+
+def load_adapted_causal_lm(adapters: Path, base: Path, *, dtype: str = "float32", trust_remote_code: bool = False,
+                           device: str | torch.device | None = None) -> torch.nn.Module:
+    """The model in ``base`` (loaded and checked by :func:`entrorl.modeling.load_causal_lm`) with the adapters saved in
+    ``adapters`` in peft's format (a checkpoint's ``adapter/``, or any ``PeftModel.save_pretrained`` directory), in
+    eval mode; ``ValueError`` when they do not fit the model.
+
+    A float32 (or float64) base gets the adapters merged into its weights, ``W + (alpha / r) B A``: sampling then
+    costs what the base model's does. A bfloat16 / float16 base keeps them as separate float32 layers, as in training,
+    since the merged weights rounded to the base's precision would lose most of an update that is small next to
+    ``W``; the static-cache decoder runs them itself. Adapters on the output layer are merged whatever the type."""
+    from entrorl.modeling import load_causal_lm
+
+    peft = _import_peft()
+    adapters = Path(adapters)
+    config = peft.PeftConfig.from_pretrained(str(adapters))
+    model = load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+    config.inference_mode, config.base_model_name_or_path = True, model.name_or_path  # the base given, not the recorded
+    full_precision = torch.finfo(model.get_input_embeddings().weight.dtype).bits >= 32
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = peft.get_peft_model(model, config)
+    try:
+        _load_adapter_weights(peft_model, adapters)
+    except RuntimeError as error:  # weights of other shapes: adapters of another model
+        raise ValueError(f"the adapters in {adapters} do not fit the model in {base}: {str(error).strip()}") from None
+    from peft.tuners.lora import LoraLayer
+
+    # the scoring path reads the output layer's weight (modeling.token_stats_from_hidden): an adapter there is merged
+    if full_precision or isinstance(model.get_output_embeddings(), LoraLayer):
+        return peft_model.merge_and_unload().eval()
+    return model.eval()

@@ -25,6 +25,7 @@ import os
 import pickle
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,14 @@ except ImportError:  # not a POSIX system: runs are not locked there
 import numpy as np
 import torch
 
-from entrorl.modeling import check_model_files, save_tokenizer
-from entrorl.trainer.adapters import ADAPTER_DIRECTORY
+from entrorl.modeling import TOKENIZER_FILES, check_model_files, load_causal_lm, save_tokenizer
+from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER_WEIGHTS, load_adapted_causal_lm,
+                                     recorded_base_model)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointWriteError", "save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text",
-           "check_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files"]
+           "ModelDirectory", "resolve_model_directory", "load_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files"]
 
 _PREFIX = "step_"
 
@@ -281,19 +283,59 @@ def _weights_present(model: Path) -> bool:
     return False
 
 
-def check_model_directory(path: str | Path) -> Path:
-    """:func:`entrorl.modeling.check_model_files`, which also says of a checkpoint's ``model/`` written without the
-    merged model (``model.lora.merged: last``) where its adapters are."""
-    check_model_files(path, weights=False)  # a missing tokenizer is said as it is
-    try:
-        return check_model_files(path)
-    except FileNotFoundError:
-        adapter = Path(path).parent / ADAPTER_DIRECTORY
-        if not (adapter / "adapter_config.json").is_file():
-            raise
-        raise FileNotFoundError(f"{path} has no weights: this checkpoint holds LoRA adapters without the merged model "
-                                f"(model.lora.merged: last); load {adapter} onto the base model with peft's "
-                                "PeftModel.from_pretrained, or use the run's last checkpoint, which is merged") from None
+@dataclass(frozen=True)
+class ModelDirectory:
+    """A model directory as ``entrorl eval`` and ``data audit`` read it: where the weights, the tokenizer and the
+    model's config are, and the LoRA adapters to put on the weights (None for a complete model)."""
+
+    weights: Path
+    tokenizer: Path
+    adapters: Path | None = None
+
+
+def resolve_model_directory(path: str | Path, *, base: str | Path | None = None) -> ModelDirectory:
+    """What the model directory ``path`` stands for, its files checked (``FileNotFoundError`` / ``ValueError``
+    naming what is missing) before anything loads:
+
+    - a complete Hugging Face model directory;
+    - LoRA adapters in peft's format (``adapter_config.json``), on the base model in ``base`` or, without it, the one
+      the adapters record (``base_model_name_or_path``, relative to the working directory when relative); the
+      tokenizer is the adapters' own when they have one, else the base's;
+    - a checkpoint's ``model/`` written without the merged model (``model.lora.merged: last``): the checkpoint's
+      ``adapter/`` on the base model, with the tokenizer of ``model/``."""
+    path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        adapters = path
+    elif (path / "config.json").is_file() and not _weights_present(path) \
+            and (path.parent / ADAPTER_DIRECTORY / ADAPTER_CONFIG).is_file():
+        adapters = path.parent / ADAPTER_DIRECTORY
+    else:
+        if base is not None:
+            raise ValueError(f"--base is for LoRA adapters, and {path} holds none (no {ADAPTER_CONFIG}): leave --base out")
+        return ModelDirectory(weights=check_model_files(path), tokenizer=path)
+    recorded = recorded_base_model(adapters)
+    if base is None and recorded is None:
+        raise ValueError(f"{adapters} holds LoRA adapters that do not record their base model: give its directory with --base")
+    base = Path(base if base is not None else recorded)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{adapters} holds LoRA adapters of the base model {base}, which is not a directory here: "
+                                "give the base model's directory with --base")
+    check_model_files(base, tokenizer=False)
+    if not (adapters / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{adapters} has no {ADAPTER_WEIGHTS}: the adapters' weights are missing")
+    tokenizer = path if any((path / name).is_file() for name in TOKENIZER_FILES) else base
+    check_model_files(tokenizer, weights=False)
+    return ModelDirectory(weights=base, tokenizer=tokenizer, adapters=adapters)
+
+
+def load_model_directory(directory: ModelDirectory, *, dtype: str = "float32", trust_remote_code: bool = False,
+                         device: str | torch.device | None = None) -> torch.nn.Module:
+    """The model that :func:`resolve_model_directory` found, in eval mode: the complete model, or the base model with
+    its adapters (:func:`entrorl.trainer.adapters.load_adapted_causal_lm`)."""
+    if directory.adapters is not None:
+        return load_adapted_causal_lm(directory.adapters, directory.weights, dtype=dtype,
+                                      trust_remote_code=trust_remote_code, device=device)
+    return load_causal_lm(directory.weights, dtype=dtype, trust_remote_code=trust_remote_code, device=device).eval()
 
 
 def _complete(checkpoint: Path) -> bool:
@@ -301,7 +343,7 @@ def _complete(checkpoint: Path) -> bool:
     and weights, and the adapters' files when it has adapters (whose checkpoints may leave the weights out)."""
     model, adapter = checkpoint / "model", checkpoint / ADAPTER_DIRECTORY
     has_adapters = adapter.exists()
-    adapters_whole = all(_non_empty(adapter / name) for name in ("adapter_config.json", "adapter_model.safetensors"))
+    adapters_whole = all(_non_empty(adapter / name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
     # an adapters' checkpoint written without the merged model has no weight file at all; one with it, whole ones
     weights_whole = _weights_present(model) or (has_adapters and not any((model / name).exists() for name in _WEIGHT_FILES))
     return (_non_empty(checkpoint / "trainer.pt") and _non_empty(model / "config.json") and weights_whole
