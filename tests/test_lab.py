@@ -273,6 +273,8 @@ def test_compositions_of_methods_are_laboratory_methods():
         preset.model_copy(update={"methods": ["grpo+nope"]}).check_methods()
     with pytest.raises(ValueError, match=r"method 'sft\+clip_b': sft, the supervised baseline, .* cannot be composed"):
         preset.model_copy(update={"methods": ["sft+clip_b"]}).check_methods()
+    with pytest.raises(ValueError, match=r"^method 'grpo\+grpo' names 'grpo' more than once"):  # not a run of its own
+        preset.model_copy(update={"methods": ["grpo+grpo"]}).check_methods()
     from entrorl.lab.runner import _requested_methods
 
     assert _requested_methods(["dapo + clip_b", "dapo+clip_b"]) == ["dapo+clip_b"]  # one name, one run folder

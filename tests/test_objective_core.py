@@ -832,12 +832,15 @@ def test_selectors_that_together_keep_no_token_are_refused():
     assert 0.3 < kept < 0.5  # about the 0.6 - 0.2 band of the valid tokens
 
 
-def test_empty_method_names_are_refused_and_near_misses_get_a_suggestion():
+def test_empty_and_repeated_method_names_are_refused_and_near_misses_get_a_suggestion():
     for method in ("", "dapo+", "dapo++clip_b", ["dapo", " "]):
         with pytest.raises(ValueError, match="has an empty name"):
             build_objective(method)
     with pytest.raises(ValueError, match="unknown method 'clipcov'; did you mean 'clip_cov'\\?"):
         build_objective("dapo+clipcov")
+    for method in ("grpo+grpo", "dapo+clip_cov+ clip_cov", ["kl_cov", "kl_cov"]):
+        with pytest.raises(ValueError, match="names '(grpo|clip_cov|kl_cov)' more than once"):
+            build_objective(method)
 
 
 @pytest.mark.parametrize("composition, dropped", [

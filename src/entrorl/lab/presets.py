@@ -64,8 +64,8 @@ class LabPreset(BaseModel):
                                      "composed; run it alone (--methods sft,...)")
                 try:
                     build_objective(method)
-                except ValueError as error:
-                    raise ValueError(f"method '{method}': {error}") from None
+                except ValueError as error:  # said of the composition, or of one of its parts
+                    raise ValueError(str(error) if repr(method) in str(error) else f"method '{method}': {error}") from None
                 continue
             try:
                 get_method(method)

@@ -142,6 +142,11 @@ class ObjectiveConfig(BaseModel):
         if names is not None and (not names or any(not str(name).strip() for name in names)):
             raise ValueError(f"method {value!r} has an empty name: write methods joined by '+', such as 'dapo+clip_b' "
                              "(or leave method out to build the objective from its parts alone)")
+        stripped = [str(name).strip() for name in names or ()]
+        repeated = sorted({name for name in stripped if stripped.count(name) > 1})
+        if repeated:
+            raise ValueError(f"method {value!r} names {', '.join(repr(name) for name in repeated)} more than once; "
+                             "a composition applies each method once")
         return value
 
     def method_names(self) -> list[str]:
