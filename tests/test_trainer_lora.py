@@ -292,7 +292,7 @@ def test_eval_loads_adapters_onto_the_base_model_they_record(tmp_path, tiny_mode
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from entrorl.trainer.adapters import recorded_base_model
+    from entrorl.trainer.adapters import read_adapter_config
     from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
 
     train, _ = arithmetic_files
@@ -301,7 +301,8 @@ def test_eval_loads_adapters_onto_the_base_model_they_record(tmp_path, tiny_mode
                            model={"lora": {**LORA, "merged": "last"}})
     Trainer(load_config(settings), run_dir=tmp_path / "run").train()
     first, last = (tmp_path / "run" / "checkpoints" / name for name in ("step_000002", "step_000004"))
-    assert recorded_base_model(first / "adapter") == str(tiny_model_dir.resolve())  # found from any directory
+    recorded = read_adapter_config(first / "adapter")["base_model_name_or_path"]
+    assert recorded == str(tiny_model_dir.resolve())  # found from any working directory
 
     # a model/ without the merged model stands for its checkpoint's adapters, with its own tokenizer
     directory = resolve_model_directory(first / "model")
@@ -321,7 +322,22 @@ def test_eval_loads_adapters_onto_the_base_model_they_record(tmp_path, tiny_mode
     assert resolve_model_directory(last / "model").adapters is None  # merged: a complete model
 
 
-def test_eval_refuses_adapters_without_their_base_model_saying_what_to_pass(tmp_path, tiny_model_dir):
+def random_adapters(model_dir, directory, *, safe_serialization: bool = True, **lora):
+    """Rank-4 adapters on ``model_dir``'s model, both halves drawn at random (so that they change its predictions
+    a lot), saved with peft into ``directory``; the adapted model."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_causal_lm(model_dir),
+                           LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **{"target_modules": "all-linear", **lora}))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(std=0.3, generator=torch.Generator().manual_seed(len(name)))
+    model.save_pretrained(directory, safe_serialization=safe_serialization)
+    return model
+
+
+def test_eval_refuses_adapters_it_cannot_apply_saying_why(tmp_path, tiny_model_dir):
     import json
     import shutil
 
@@ -342,6 +358,12 @@ def test_eval_refuses_adapters_without_their_base_model_saying_what_to_pass(tmp_
     config_file.write_text(json.dumps({**config, "base_model_name_or_path": None}))
     with pytest.raises(ValueError, match="do not record their base model: give its directory with --base"):
         resolve_model_directory(tmp_path / "adapters")
+    for text, said in (("{", "is not valid JSON"), ("[]", "is no peft adapter configuration"),
+                       (json.dumps({"base_model_name_or_path": str(tiny_model_dir)}), "is no peft adapter configuration")):
+        config_file.write_text(text)
+        with pytest.raises(ValueError, match=f"adapter_config.json {said}"):
+            resolve_model_directory(tmp_path / "adapters", base=tiny_model_dir)
+    config_file.write_text(json.dumps(config))
     (tmp_path / "adapters" / "adapter_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="has no adapter_model.safetensors"):
         resolve_model_directory(tmp_path / "adapters", base=tiny_model_dir)
@@ -351,23 +373,65 @@ def test_eval_refuses_adapters_without_their_base_model_saying_what_to_pass(tmp_
                             max_position_embeddings=64)
     with pytest.raises(ValueError, match="adapters in .*adapters do not fit the model in .*wider"):
         load_model_directory(resolve_model_directory(tmp_path / "adapters", base=other))
+    # the tiny model ties its input embedding to its output layer: an adapter on either would reach both when merged
+    for target in ("embed_tokens", "lm_head"):
+        random_adapters(tiny_model_dir, tmp_path / target, target_modules=[target])
+        with pytest.raises(ValueError, match="adapt the input embedding or the output layer, which share one weight"):
+            load_model_directory(resolve_model_directory(tmp_path / target))
 
 
-def test_cli_eval_of_a_checkpoint_without_the_merged_model(tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
+def test_eval_reads_pickled_adapters_and_takes_weights_beside_adapter_files_as_the_model(tmp_path, tiny_model_dir):
+    from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
+
+    adapted = random_adapters(tiny_model_dir, tmp_path / "pickled", safe_serialization=False)
+    assert (tmp_path / "pickled" / "adapter_model.bin").is_file()  # what older peft versions write
+    ids = torch.randint(3, 20, (3, 9), generator=torch.Generator().manual_seed(0))
+    loaded = load_model_directory(resolve_model_directory(tmp_path / "pickled"))
+    torch.testing.assert_close(logits(loaded, ids), logits(adapted, ids), rtol=1e-5, atol=1e-5)
+    # a complete model saved with adapter files beside it is that model, unless --base asks for the adapters
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "both")
+    for name in ("adapter_config.json", "adapter_model.bin"):
+        shutil.copy(tmp_path / "pickled" / name, tmp_path / "both" / name)
+    assert resolve_model_directory(tmp_path / "both").adapters is None
+    assert resolve_model_directory(tmp_path / "both", base=tiny_model_dir).adapters == tmp_path / "both"
+
+
+def test_cli_eval_samples_the_adapted_model(tmp_path, tiny_model_dir, arithmetic_files):
+    """entrorl eval of adapters (given their base with --base) draws the samples the merged model draws, and not the
+    base model's."""
     import json
+    import shutil
 
     from test_trainer import run_cli
 
-    train, held_out = arithmetic_files
-    settings = lora_config(tiny_model_dir, train, parity_reward, model={"lora": {**LORA, "merged": "last"}},
-                           checkpoint={"every": 1})
-    Trainer(load_config(settings), run_dir=tmp_path / "run").train()
-    first = tmp_path / "run" / "checkpoints" / "step_000001"
-    out = tmp_path / "eval.json"
-    result = run_cli("eval", "--model", str(first / "model"), "--data", str(held_out), "--n", "2", "--reward",
-                     "exact_match", "--max-new-tokens", "4", "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    settings = json.loads(out.read_text())["settings"]
-    assert (settings["adapters"], settings["base"]) == (str(first / "adapter"), str(tiny_model_dir.resolve()))
+    from entrorl.trainer.adapters import LoraAdapter
+
+    _, held_out = arithmetic_files
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    adapter = LoraAdapter(load_causal_lm(tmp_path / "base"), **LORA)
+    with torch.no_grad():
+        for name, parameter in adapter.model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(std=0.3, generator=torch.Generator().manual_seed(len(name)))
+    adapter.save(tmp_path / "adapters")
+    adapter.save_merged(tmp_path / "merged")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "base" / name, tmp_path / "merged")
+
+    def completions(*model: str) -> list[str]:
+        samples = tmp_path / "samples.jsonl"
+        result = run_cli("eval", *model, "--data", str(held_out), "--n", "2", "--reward", "exact_match",
+                         "--max-new-tokens", "6", "--out", str(tmp_path / "eval.json"), "--samples", str(samples))
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line)["completion"] for line in samples.read_text().splitlines()]
+
+    adapted = completions("--model", str(tmp_path / "adapters"), "--base", str(tmp_path / "base"))
+    settings = json.loads((tmp_path / "eval.json").read_text())["settings"]
+    assert (settings["adapters"], settings["base"]) == (str((tmp_path / "adapters").resolve()),
+                                                        str((tmp_path / "base").resolve()))
+    assert adapted == completions("--model", str(tmp_path / "merged"))
+    assert adapted != completions("--model", str(tmp_path / "base"))
     refused = run_cli("eval", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--data", str(held_out))
     assert refused.returncode == 2 and "leave --base out" in refused.stderr

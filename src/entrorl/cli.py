@@ -199,6 +199,13 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     return records, reward_runner, tokenizer, policy, prompt_ids, directory
 
 
+def _adapter_settings(directory) -> dict[str, str]:
+    """For a summary's settings: the LoRA adapters evaluated and the base model they were put on (absolute paths)."""
+    if directory.adapters is None:
+        return {}
+    return {"adapters": str(directory.adapters.resolve()), "base": str(directory.weights.resolve())}
+
+
 def _reward_log_path(out: Path) -> Path:
     """Where `entrorl eval --out FILE` keeps the first reward traceback: beside FILE."""
     return out.with_name(f"{out.stem}.reward_errors.log")
@@ -312,8 +319,7 @@ def evaluate(
                                 progress=lambda done: progress.update(task, completed=done))
     summary = result.to_dict()
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
-    adapters = {} if directory.adapters is None else {"adapters": str(directory.adapters), "base": str(directory.weights)}
-    summary["settings"] = {"model": str(model), **adapters, "data": str(data), "reward": reward, "n": n, "max_new_tokens": max_new_tokens,
+    summary["settings"] = {"model": str(model), **_adapter_settings(directory), "data": str(data), "reward": reward, "n": n, "max_new_tokens": max_new_tokens,
                            "temperature": temperature, "top_p": top_p, "top_k": top_k, "prompt_column": prompt_column,
                            "answer_column": answer_column, "prompt_template": prompt_template, "chat_template": chat_template,
                            "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold,
@@ -533,7 +539,7 @@ def data_audit(
         _fail(f"--{message.replace('low_pass_rate', 'low-pass-rate')}")
     try:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-        records, reward_runner, tokenizer, policy, prompt_ids, _ = _sampling_inputs(
+        records, reward_runner, tokenizer, policy, prompt_ids, model_directory = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
             chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
             trust_remote_code=trust_remote_code,  # prompts that do not fit are the audit's to report, one by one
@@ -551,7 +557,8 @@ def data_audit(
         console.print(Text.assemble(("skipped", "yellow"), " ", item.message(max_new_tokens)), soft_wrap=True)
     if len(result.too_long) > 20:
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
-    settings = {"model": str(model), "reward": reward, "seed": seed, "prompt_template": prompt_template,
+    settings = {"model": str(model), **_adapter_settings(model_directory), "reward": reward, "seed": seed,
+                "prompt_template": prompt_template,
                 "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}}
     reward_log = _keep_reward_traceback(result.first_reward_error, directory / "reward_errors.log")
     try:

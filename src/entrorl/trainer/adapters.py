@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoraAdapter", "ADAPTER_DIRECTORY", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "recorded_base_model", "load_adapted_causal_lm"]
+__all__ = ["LoraAdapter", "ADAPTER_DIRECTORY", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "read_adapter_config", "adapter_weights_file", "load_adapted_causal_lm"]
 
 ADAPTER_DIRECTORY = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_ADAPTER_WEIGHTS_PICKLED = "adapter_model.bin"  # older peft, or safe_serialization=False
 _ADAPTER_NAME = "default"
 
 
@@ -143,31 +144,46 @@ class LoraAdapter:
         _load_adapter_weights(self.peft_model, Path(directory))
 
 
+def adapter_weights_file(directory: Path) -> Path | None:
+    """The adapters' weight file in ``directory``: ``adapter_model.safetensors``, or the ``adapter_model.bin`` of older
+    peft versions; None when there is neither."""
+    for name in (ADAPTER_WEIGHTS, _ADAPTER_WEIGHTS_PICKLED):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
 def _load_adapter_weights(peft_model, directory: Path) -> None:
     """The adapter weights saved in ``directory`` into ``peft_model``, whose adapters must be exactly those:
     ``ValueError`` naming the first missing and unexpected ones otherwise (peft itself only warns)."""
     peft = _import_peft()
     from safetensors.torch import load_file
 
-    weights = directory / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing")
-    state: dict[str, Any] = load_file(weights)
+    weights = adapter_weights_file(directory)
+    if weights is None:
+        raise FileNotFoundError(f"{directory / ADAPTER_WEIGHTS} is missing")
+    state: dict[str, Any] = (load_file(weights) if weights.name == ADAPTER_WEIGHTS
+                             else torch.load(weights, map_location="cpu", weights_only=True))
     result = peft.set_peft_model_state_dict(peft_model, state)
     unexpected = list(getattr(result, "unexpected_keys", None) or [])
     expected = {key for key, _ in peft.get_peft_model_state_dict(peft_model).items()}
     missing = sorted(expected - set(state))
     if missing or unexpected:
-        raise ValueError(f"the adapters in {directory} do not fit this model's LoRA settings (missing: "
+        raise ValueError(f"the adapters in {directory} do not fit this model's adapter settings (missing: "
                          f"{', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(unexpected[:3]) or 'none'})")
 
 
-def recorded_base_model(adapters: Path) -> str | None:
-    """The base model that the adapters in ``adapters`` were trained on, as their ``adapter_config.json`` records it
-    (peft's ``base_model_name_or_path``), or None when it records none."""
-    config = json.loads((Path(adapters) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    recorded = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    return recorded or None
+def read_adapter_config(adapters: Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of the peft adapters in ``adapters``; ``ValueError`` naming the file when it is no
+    peft adapter configuration. Its ``base_model_name_or_path`` is the base model the adapters were trained on."""
+    config_file = Path(adapters) / ADAPTER_CONFIG
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error})") from None
+    if not isinstance(config, dict) or not config.get("peft_type"):
+        raise ValueError(f"{config_file} is no peft adapter configuration (no peft_type)")
+    return config
 
 
 def load_adapted_causal_lm(adapters: Path, base: Path, *, dtype: str = "float32", trust_remote_code: bool = False,
@@ -184,19 +200,32 @@ def load_adapted_causal_lm(adapters: Path, base: Path, *, dtype: str = "float32"
 
     peft = _import_peft()
     adapters = Path(adapters)
-    config = peft.PeftConfig.from_pretrained(str(adapters))
+    read_adapter_config(adapters)
+    try:
+        config = peft.PeftConfig.from_pretrained(str(adapters))
+    except (TypeError, ValueError) as error:  # fields this peft does not know, or lacks
+        raise ValueError(f"{adapters / ADAPTER_CONFIG} cannot be read by peft {peft.__version__}: {error}") from None
     model = load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
     config.inference_mode, config.base_model_name_or_path = True, model.name_or_path  # the base given, not the recorded
     full_precision = torch.finfo(model.get_input_embeddings().weight.dtype).bits >= 32
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = output is not None and embedding is not None and output.weight is embedding.weight
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = peft.get_peft_model(model, config)
+        try:
+            peft_model = peft.get_peft_model(model, config)
+        except ValueError as error:  # target modules the model does not have
+            raise ValueError(f"the adapters in {adapters} do not fit the model in {base}: {error}") from None
+    from peft.tuners.lora import LoraLayer
+
+    ends = [module for module in (model.get_input_embeddings(), model.get_output_embeddings()) if isinstance(module, LoraLayer)]
+    if tied and ends:  # merged, the adapter's change would reach both ends of the one shared weight
+        raise ValueError(f"the adapters in {adapters} adapt the input embedding or the output layer, which share one "
+                         f"weight in the model in {base}: entrorl cannot apply them exactly")
     try:
         _load_adapter_weights(peft_model, adapters)
     except RuntimeError as error:  # weights of other shapes: adapters of another model
         raise ValueError(f"the adapters in {adapters} do not fit the model in {base}: {str(error).strip()}") from None
-    from peft.tuners.lora import LoraLayer
-
     # the scoring path reads the output layer's weight (modeling.token_stats_from_hidden): an adapter there is merged
     if full_precision or isinstance(model.get_output_embeddings(), LoraLayer):
         return peft_model.merge_and_unload().eval()

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from entrorl.modeling import TOKENIZER_FILES, check_model_files, load_causal_lm, save_tokenizer
-from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER_WEIGHTS, load_adapted_causal_lm,
-                                     recorded_base_model)
+from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER_WEIGHTS, adapter_weights_file,
+                                     load_adapted_causal_lm, read_adapter_config)
 
 logger = logging.getLogger(__name__)
 
@@ -298,13 +298,13 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
     naming what is missing) before anything loads:
 
     - a complete Hugging Face model directory;
-    - LoRA adapters in peft's format (``adapter_config.json``), on the base model in ``base`` or, without it, the one
-      the adapters record (``base_model_name_or_path``, relative to the working directory when relative); the
-      tokenizer is the adapters' own when they have one, else the base's;
+    - LoRA adapters in peft's format (``adapter_config.json``, and no model weights unless ``base`` is given), on the
+      base model in ``base`` or, without it, the one the adapters record (``base_model_name_or_path``, relative to
+      the working directory when relative); the tokenizer is the adapters' own when they have one, else the base's;
     - a checkpoint's ``model/`` written without the merged model (``model.lora.merged: last``): the checkpoint's
       ``adapter/`` on the base model, with the tokenizer of ``model/``."""
     path = Path(path)
-    if (path / ADAPTER_CONFIG).is_file():
+    if (path / ADAPTER_CONFIG).is_file() and (base is not None or not _weights_present(path)):
         adapters = path
     elif (path / "config.json").is_file() and not _weights_present(path) \
             and (path.parent / ADAPTER_DIRECTORY / ADAPTER_CONFIG).is_file():
@@ -313,16 +313,17 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
         if base is not None:
             raise ValueError(f"--base is for LoRA adapters, and {path} holds none (no {ADAPTER_CONFIG}): leave --base out")
         return ModelDirectory(weights=check_model_files(path), tokenizer=path)
-    recorded = recorded_base_model(adapters)
-    if base is None and recorded is None:
+    recorded = read_adapter_config(adapters).get("base_model_name_or_path")
+    if base is None and not recorded:
         raise ValueError(f"{adapters} holds LoRA adapters that do not record their base model: give its directory with --base")
     base = Path(base if base is not None else recorded)
     if not base.is_dir():
         raise FileNotFoundError(f"{adapters} holds LoRA adapters of the base model {base}, which is not a directory here: "
                                 "give the base model's directory with --base")
     check_model_files(base, tokenizer=False)
-    if not (adapters / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{adapters} has no {ADAPTER_WEIGHTS}: the adapters' weights are missing")
+    if adapter_weights_file(adapters) is None:
+        raise FileNotFoundError(f"{adapters} has no {ADAPTER_WEIGHTS} (nor adapter_model.bin): the adapters' weights "
+                                "are missing")
     tokenizer = path if any((path / name).is_file() for name in TOKENIZER_FILES) else base
     check_model_files(tokenizer, weights=False)
     return ModelDirectory(weights=base, tokenizer=tokenizer, adapters=adapters)
