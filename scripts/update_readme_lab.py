@@ -32,7 +32,8 @@ def main(run_dir: str) -> None:
     for name in FIGURES:
         shutil.copyfile(run / "figures" / name, target / name)
     machine = {row["item"]: row["value"] for row in report["reproduce"]["machine"]["rows"]}
-    shown = ("CPU count", "torch", "workers", "wall clock, summed over the invocations that ran something (s)")
+    shown = ("CPU count", "torch", "CPU kernels (torch)", "workers",
+             "wall clock, summed over the invocations that ran something (s)")
     body = [
         BEGIN,
         f"From a `{report['preset']}` run (`{report['reproduce']['command']}`): "

@@ -359,6 +359,7 @@ def test_a_resumed_subset_keeps_every_method_of_the_folder(tmp_path, monkeypatch
     assert recorded["methods"] == recorded["preset"]["methods"] == ["grpo", "clip_cov", "nsr"]
     (invocation,) = recorded["invocations"]
     assert invocation["methods"] == ["grpo"] and invocation["ran"] == [] and invocation["seconds"] >= 0
+    assert invocation["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
     report = json.loads((out / "report.json").read_text())
     assert [r["method"] for r in report["summary"]["rows"]] == ["base", "grpo", "clip_cov", "nsr"]
     assert report["reproduce"]["command"] == "entrorl lab --preset quick --methods grpo,clip_cov,nsr --workers 1"

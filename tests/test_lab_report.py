@@ -485,14 +485,14 @@ def test_the_report_covers_every_method_of_the_folder(tmp_path):
 
 
 def test_wall_clock_sums_the_invocations_that_ran_something(tmp_path):
-    from entrorl.lab.report import WALL_CLOCK_LABEL
+    from entrorl.lab.report import CPU_KERNELS_LABEL, WALL_CLOCK_LABEL
 
     out = build_run(tmp_path / "lab-clock", methods=("grpo", "nsr"), failed=())
     lab = json.loads((out / "lab.json").read_text())
     lab["invocations"] = [
-        {"started_at": 1000.0, "finished_at": 1100.0, "ran": ["grpo"], "base_evaluated": True},
-        {"started_at": 5000.0, "finished_at": 5002.0, "ran": []},  # everything cached: not counted
-        {"started_at": 6000.0, "finished_at": 6050.0, "ran": ["nsr"]},  # a resume
+        {"started_at": 1000.0, "finished_at": 1100.0, "ran": ["grpo"], "base_evaluated": True, "cpu_kernels": "AVX512"},
+        {"started_at": 5000.0, "finished_at": 5002.0, "ran": [], "cpu_kernels": "DEFAULT"},  # everything cached: not counted
+        {"started_at": 6000.0, "finished_at": 6050.0, "ran": ["nsr"], "cpu_kernels": "AVX2"},  # a resume, on another CPU
         {"started_at": 7000.0, "ran": ["nsr"]},  # killed: no end recorded
         # the system clock set back 3 h while it ran: the monotonic duration counts
         {"started_at": 20000.0, "finished_at": 9200.0, "seconds": 25.0, "ran": ["grpo"]},
@@ -501,10 +501,11 @@ def test_wall_clock_sums_the_invocations_that_ran_something(tmp_path):
     report = write_report(out, figures=False)
     items = {row["item"]: row["value"] for row in report["reproduce"]["machine"]["rows"]}
     assert items[WALL_CLOCK_LABEL] == "175" and items["invocations counted / in all"] == "3 / 5"
+    assert items[CPU_KERNELS_LABEL] == "AVX512, AVX2"  # the kernels of the invocations that trained, in order
     markdown = (out / "report.md").read_text()
     assert "1 invocation recorded no end" in markdown and "lab.json to last final evaluation" not in markdown
     script = (Path(__file__).resolve().parents[1] / "scripts" / "update_readme_lab.py").read_text()
-    assert f'"{WALL_CLOCK_LABEL}"' in script  # the README keeps showing the figure
+    assert f'"{WALL_CLOCK_LABEL}"' in script and f'"{CPU_KERNELS_LABEL}"' in script  # the README shows both
 
 
 def test_a_method_acting_through_its_advantages_is_not_flagged():

@@ -119,7 +119,8 @@ def _train(spec: BaseModelSpec, directory: Path, progress=None) -> dict:
             progress(step + 1, spec.steps, losses[-1])
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    return {"spec": asdict(spec), "key": spec.key(), "corpus_pairs": len(pairs), "final_loss": sum(losses[-50:]) / min(50, len(losses)),
+    return {"spec": asdict(spec), "key": spec.key(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+            "corpus_pairs": len(pairs), "final_loss": sum(losses[-50:]) / min(50, len(losses)),
             "loss_curve": losses[:: max(1, len(losses) // 100)]}
 
 

@@ -74,6 +74,7 @@ KEPT_MARGIN = 1.25
 SUMMARY_MIDDLE_K = 8  # shown in the summary beside Pass@1 and the largest k
 INTERVENTION_KEY_PATTERNS = ("select/{}_frac", "reg/{}_coeff", "shape/{}_bonus")
 WALL_CLOCK_LABEL = "wall clock, summed over the invocations that ran something (s)"
+CPU_KERNELS_LABEL = "CPU kernels (torch)"
 SMOOTH_WINDOW = 5
 COV_PERCENTS = ("0.02", "0.2", "2", "20")
 FORKS_SHOWN = 10
@@ -1393,6 +1394,8 @@ class _Report:
         machine.add([text("CPU count"), num(os.cpu_count() or 0)])
         machine.add([text("python"), text(platform.python_version())])
         machine.add([text("torch"), text(_package_version("torch"))])
+        kernels = self._cpu_kernels()
+        machine.add([text(CPU_KERNELS_LABEL), text(", ".join(kernels)) if kernels else missing()])
         machine.add([text("workers"), num(workers) if workers is not None else missing()])
         machine.add([text("train + eval time summed over methods (s)"), num(sum(train_seconds)) if train_seconds else missing()])
         machine.add([text(WALL_CLOCK_LABEL), num(wall)])
@@ -1409,6 +1412,10 @@ class _Report:
         else:
             clock = "the wall clock is not known: `lab.json` records no invocations (the folder was written by an older version)"
         section.say(f"Platform, CPU count and versions are those of the machine that wrote this report; {clock}.")
+        section.say(f"The {CPU_KERNELS_LABEL} are the floating-point kernels torch chose for the CPUs of the invocations "
+                    "that trained (`torch.backends.cpu.get_cpu_capability()`). On one kind, a re-run gives the same numbers; "
+                    "a CPU with another instruction set (AVX2 against AVX-512) rounds differently, trains another base "
+                    "model and draws other samples, so its numbers differ by about the spread across training seeds.")
         self.json["reproduce"] = {"command": command, "make": make, "preset": settings.to_json(), "machine": machine.to_json()}
 
     def _preset_methods(self, name: str) -> list[str] | None:
@@ -1418,6 +1425,14 @@ class _Report:
             return list(get_preset(name).methods)
         except Exception:  # noqa: BLE001 — a preset that no longer exists: print the methods explicitly
             return None
+
+    def _cpu_kernels(self) -> list[str]:
+        """The distinct CPU kernel sets recorded by the invocations in ``lab.json`` that trained or evaluated something,
+        in the order they first ran (none for folders written before they were recorded)."""
+        invocations = [i for i in self.lab.get("invocations") or [] if isinstance(i, dict)]
+        kernels = [i["cpu_kernels"] for i in invocations
+                   if (i.get("ran") or i.get("base_evaluated")) and isinstance(i.get("cpu_kernels"), str)]
+        return list(dict.fromkeys(kernels))
 
     def _wall_clock(self) -> tuple[float, int, int, int]:
         """(seconds, invocations counted, invocations recorded, invocations without an end). The seconds are

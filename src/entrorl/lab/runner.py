@@ -493,7 +493,9 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
                                      progress=lambda done, total, loss: progress.update(base_task, completed=done, status=f"loss {loss:.3f}"))
         progress.update(base_task, completed=preset.base.steps, status=f"cached: {model_dir.name}")
         progress.console.print(f"base model ready: {model_dir}")
-        invocation: dict[str, Any] = {"started_at": time.time(), "methods": list(preset.methods), "workers": workers}
+        # the floating-point kernels torch chose for this CPU (AVX2, AVX512, ...): another set rounds differently
+        invocation: dict[str, Any] = {"started_at": time.time(), "methods": list(preset.methods), "workers": workers,
+                                      "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
         running_since = time.monotonic()  # the duration does not follow the wall clock's jumps (an NTP correction)
         invocations.append(invocation)
 
