@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one go: an environment with vLLM (which brings its own CUDA build of
 # torch, so it never shares the CPU environment), then the tests that skip without a GPU: vLLM's log-probs
-# against the trainer's forward pass, before and after a weight sync (tests/test_vllm_sampler.py), and training
+# against the trainer's forward pass, before and after a weight sync and with LoRA adapters' merged weights
+# (tests/test_vllm_sampler.py), and training
 # on the GPU (tests/test_trainer.py).
 # Usage: bash scripts/gpu_checks.sh   (or make test-gpu); GPU_VENV and GPU_PYTHON choose the environment.
 set -euo pipefail

@@ -184,6 +184,29 @@ def test_sync_weights_pushes_every_parameter_and_resets_the_prefix_cache(fake_vl
         sampler.sync_weights(model)
 
 
+def test_sync_weights_loads_given_weights_in_pieces(monkeypatch, fake_vllm, tiny_model_dir):
+    """Weights computed one at a time (merged LoRA weights) are loaded a piece at a time, each exactly once."""
+    import entrorl.rollout.vllm as vllm_module
+
+    sampler = VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD)
+    llm = _FakeLLM.instances[-1]
+    pieces = []
+    llm.apply_model = lambda function: pieces.append(function(llm.engine_model))
+    monkeypatch.setattr(vllm_module, "SYNC_CHUNK_BYTES", 3 * 4 * 10)  # three 10-element float32 tensors a piece
+    handed_out = []
+
+    def weights():
+        for index in range(7):
+            handed_out.append(index)
+            yield f"layer.{index}.weight", torch.full((10,), float(index))
+
+    sampler.sync_weights(torch.nn.Linear(1, 1), weights())
+    assert len(pieces) == 3 and handed_out == list(range(7))  # 3 + 3 + 1
+    assert [name for name, _ in llm.engine_model.loaded] == [f"layer.{index}.weight" for index in range(7)]
+    assert all(torch.equal(tensor, torch.full((10,), float(index))) for index, (_, tensor) in enumerate(llm.engine_model.loaded))
+    assert llm.prefix_resets == 1
+
+
 def test_clear_errors_without_vllm_or_cuda(monkeypatch, fake_vllm, tiny_model_dir):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA GPU"):
@@ -239,6 +262,47 @@ def test_trainer_samples_with_vllm_and_pushes_the_updated_weights(fake_vllm, tmp
     assert llm.prefix_resets == 1
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_lora_policy_gives_vllm_the_merged_weights(fake_vllm, tmp_path, arithmetic_files, tiny_model_dir, dtype):
+    """With adapters the engine loads the base model and is given the merged weights W + (alpha / r) B A under the
+    base model's names, rounded once to the engine's type: at the start and after every update."""
+    pytest.importorskip("peft")
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+    from entrorl.trainer import Trainer
+    from entrorl.trainer.config import load_config
+
+    train, _ = arithmetic_files
+    tokenizer = load_tokenizer(tiny_model_dir)
+    _FakeLLM.script = [(tokenizer("3")["input_ids"] + [tokenizer.eos_token_id], [-1.0, -0.5])]
+    config = load_config({
+        "seed": 0, "torch_threads": 1, "model": {"path": str(tiny_model_dir), "device": "cpu", "dtype": dtype,
+                                                 "lora": {"rank": 4, "alpha": 8.0}},
+        "data": {"train": str(train)}, "reward": {"name": "exact_match"}, "method": "grpo+tis",
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4, "backend": "vllm"},
+        "optim": {"steps": 1, "lr": 1e-2}, "logging": {"progress": False}, "diagnostics": {"measure_entropy_change": False},
+    })
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    llm = _FakeLLM.instances[-1]
+    assert llm.init_kwargs["model"] == str(tiny_model_dir)  # the base model
+    base = dict(load_causal_lm(tiny_model_dir, dtype=dtype).named_parameters())
+    started = dict(llm.engine_model.loaded)
+    assert started.keys() == base.keys()  # base names: no adapter, no base_layer
+    assert all(torch.equal(started[name], base[name]) for name in base)  # B = 0: the merged model is the base model
+    with torch.no_grad():  # both halves away from zero, so that the merged weights differ from the base's
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    trainer.train_step()
+    pushed = dict(llm.engine_model.loaded[len(started):])
+    assert pushed.keys() == base.keys() and {tensor.dtype for tensor in pushed.values()} == {getattr(torch, dtype)}
+    layer = trainer.model.model.layers[0].self_attn.q_proj
+    merged = (layer.base_layer.weight.float() + layer.get_delta_weight("default").float()).to(getattr(torch, dtype))
+    assert torch.equal(pushed["model.layers.0.self_attn.q_proj.weight"], merged)
+    assert not torch.equal(merged, base["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(pushed["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # not adapted
+    assert llm.prefix_resets == 2
+
+
 _HAS_VLLM_GPU = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
@@ -246,7 +310,7 @@ _HAS_VLLM_GPU = importlib.util.find_spec("vllm") is not None and torch.cuda.is_a
 @pytest.mark.skipif(not _HAS_VLLM_GPU, reason="needs vllm and a CUDA GPU")
 def test_vllm_log_probs_match_the_trainer_forward_pass(tmp_path):
     """On a GPU: vLLM's processed log-probs of its own samples equal the trainer's (temperature-scaled) log-probs,
-    before and after a weight sync."""
+    before and after a weight sync, and after a sync of the merged weights of LoRA adapters."""
     from entrorl.lab.tiny_model import save_tiny_model
     from entrorl.modeling import load_causal_lm, load_tokenizer, response_token_stats
 
@@ -270,4 +334,14 @@ def test_vllm_log_probs_match_the_trainer_forward_pass(tmp_path):
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     sampler.sync_weights(model)
+    assert max_gap() < 1e-3
+    # LoRA adapters on the policy: the engine samples from the merged weights the trainer gives it
+    from entrorl.trainer.adapters import LoraAdapter
+
+    adapter = LoraAdapter(model, rank=8, alpha=16.0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    sampler.sync_weights(model, adapter.merged_parameters())
     assert max_gap() < 1e-3

@@ -8,7 +8,9 @@ train–rollout mismatch (vLLM's kernels and the trainer's forward pass do not g
 
 After every optimizer update the trainer calls :meth:`VLLMSampler.sync_weights` with the training model: its
 parameters are pushed into the engine's model through vLLM's ``load_weights`` (Hugging Face names, which vLLM
-maps onto its fused layers) and the prefix cache is reset, so the next rollouts come from the updated policy.
+maps onto its fused layers) and the prefix cache is reset, so the next rollouts come from the updated policy. With
+LoRA adapters the engine holds the base model, and the merged weights ``W + (alpha / r) B A`` are pushed instead,
+computed a layer at a time and loaded in pieces.
 
 Request building (:func:`vllm_sampling_kwargs`) and output conversion (:func:`outputs_to_rollouts`) are plain
 functions of Python data so that they can be checked without a GPU.
@@ -28,6 +30,9 @@ from entrorl.modeling import left_pad
 from entrorl.rollout.sampler import Rollouts, SamplingParams
 
 __all__ = ["VLLMSampler", "vllm_sampling_kwargs", "outputs_to_rollouts", "import_vllm", "check_vllm_available"]
+
+# the most bytes of new tensors (merged LoRA weights) that one load into the engine carries
+SYNC_CHUNK_BYTES = 1 << 30
 
 _INSTALL_HINT = "pip install 'entrorl[vllm]' in an environment with a CUDA build of torch, or use rollout.backend: hf"
 
@@ -242,9 +247,30 @@ class VLLMSampler:
             return None
 
     @torch.no_grad()
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Copy the training model's parameters into the engine, then drop cached prefixes computed with the old ones."""
-        weights = [(name, parameter.detach()) for name, parameter in model.named_parameters()]
+    def sync_weights(self, model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
+        """Copy the training model's parameters into the engine, then drop cached prefixes computed with the old ones.
+
+        ``weights`` replaces the model's own parameters: ``(Hugging Face name, tensor)`` pairs computed one at a time,
+        such as the merged weights of a model with LoRA adapters. They are loaded in pieces of about
+        :data:`SYNC_CHUNK_BYTES` (a piece ends with the tensor that reaches it), so that the new tensors are not all
+        held at once."""
+        if weights is None:
+            self._load_weights([(name, parameter.detach()) for name, parameter in model.named_parameters()])
+        else:
+            chunk, size = [], 0
+            for name, tensor in weights:
+                chunk.append((name, tensor))
+                size += tensor.numel() * tensor.element_size()
+                if size >= SYNC_CHUNK_BYTES:
+                    self._load_weights(chunk)
+                    chunk, size = [], 0
+            if chunk:
+                self._load_weights(chunk)
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
+
+    def _load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """``weights`` into the engine's model through its ``load_weights``, which takes any subset of its weights."""
         if hasattr(self.llm, "apply_model"):
             # vLLM's V1 engine runs the function on every worker; when the workers are other processes the
             # function and the weights are pickled to them, which vLLM allows only with
@@ -256,5 +282,3 @@ class VLLMSampler:
             raise RuntimeError(
                 "VLLMSampler.sync_weights cannot reach the engine's model: use a vLLM version with LLM.apply_model"
             )
-        if hasattr(self.llm, "reset_prefix_cache"):
-            self.llm.reset_prefix_cache()

@@ -93,27 +93,48 @@ class LoraAdapter:
         dtype = next(p.dtype for p in self.model.parameters() if not p.requires_grad and p.is_floating_point())
         return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
+    def _adapted_layers(self) -> dict[str, Any]:
+        """The adapted layers (linear or embedding), by the name of their base weight (``...base_layer.weight``)."""
+        from peft.tuners.lora import LoraLayer
+
+        return {f"{name}.base_layer.weight": module for name, module in self.model.named_modules()
+                if isinstance(module, LoraLayer)
+                and (_ADAPTER_NAME in module.lora_A or _ADAPTER_NAME in getattr(module, "lora_embedding_A", {}))}
+
+    @staticmethod
+    def _merged(key: str, value: torch.Tensor, adapted: dict[str, Any], dtype: torch.dtype) -> tuple[str, torch.Tensor]:
+        """``(base name, weight)`` of one entry: ``W + (alpha / r) * B A`` summed in float32 or wider and rounded once
+        to ``dtype`` for an adapted layer's weight, the value in ``dtype`` otherwise (floating values only)."""
+        if key in adapted:
+            wide = torch.promote_types(value.dtype, torch.float32)
+            value = (value.to(wide) + adapted[key].get_delta_weight(_ADAPTER_NAME).to(wide)).to(dtype)
+        elif value.is_floating_point():
+            value = value.to(dtype)
+        return key.replace(".base_layer.", "."), value
+
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights of the merged model, ``W + (alpha / r) * B A`` for every adapted layer (linear or embedding),
         under the base model's own names, on the CPU in :meth:`merged_dtype`; the model is not changed. One layer's
         update at a time is computed on the model's device."""
-        from peft.tuners.lora import LoraLayer
-
-        adapted = {f"{name}.base_layer.weight": module for name, module in self.model.named_modules()
-                   if isinstance(module, LoraLayer)
-                   and (_ADAPTER_NAME in module.lora_A or _ADAPTER_NAME in getattr(module, "lora_embedding_A", {}))}
-        dtype = self.merged_dtype()
+        adapted, dtype = self._adapted_layers(), self.merged_dtype()
         merged = {}
         for key, value in self.model.state_dict().items():
-            if ".lora_" in key:
-                continue
-            if value.is_floating_point():
-                value = value.to(dtype)
-            if key in adapted:
-                value = value + adapted[key].get_delta_weight(_ADAPTER_NAME).to(dtype)
-            merged[key.replace(".base_layer.", ".")] = value.detach().to("cpu").contiguous()
+            if ".lora_" not in key:
+                name, value = self._merged(key, value, adapted, dtype)
+                merged[name] = value.detach().to("cpu").contiguous()
         return merged
+
+    @torch.no_grad()
+    def merged_parameters(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The merged model's parameters (as ``named_parameters`` lists them: no buffers, a tied weight once) under the
+        base model's names, one at a time on the model's device: each adapted weight computed when it is reached, in
+        ``dtype`` (default: the base's own type, the merged sum rounded once to it), the others as they are. For an
+        inference engine that takes the policy's weights after every update (``VLLMSampler.sync_weights``)."""
+        adapted = self._adapted_layers()
+        for key, value in self.model.named_parameters():
+            if ".lora_" not in key:
+                yield self._merged(key, value.detach(), adapted, dtype or value.dtype)
 
     def save_merged(self, directory: Path) -> None:
         """The merged model as a plain Hugging Face model directory (weights and config; no adapter files), its

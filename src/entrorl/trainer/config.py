@@ -488,9 +488,6 @@ class TrainConfig(_Section):
                              f"{self.method_label()!r} scales positive advantages by lambda again (lambda squared); "
                              "leave advantage.name out (the method takes 'signed_reward'), or train the 'w_reinforce' "
                              "advantage with a method without positive_scale")
-        if self.model.lora is not None and self.rollout.backend == "vllm":
-            raise ValueError("model.lora with rollout.backend: vllm is not supported (the engine would need the merged "
-                             "weights after every update); use rollout.backend: hf")
         if self.optim.kl_reference is False and "ref_log_prob" in required:
             raise ValueError(f"optim.kl_reference is false, but method {self.method_label()!r} needs the reference "
                              "model's log-probs (kl_ref); set it to true or leave it out")

@@ -362,9 +362,18 @@ class Trainer:
             return HFSampler.for_model(self.model, self.tokenizer, batch_size=rollout.generation_batch_size)
         from entrorl.rollout.vllm import VLLMSampler  # an optional dependency, imported only when asked for
 
-        return VLLMSampler(model_path, eos_token_id=stop_token_ids(self.model, self.tokenizer),
-                           pad_token_id=self.tokenizer.pad_token_id, dtype=self.config.model.dtype, seed=self.config.seed,
-                           gpu_memory_utilization=rollout.vllm_gpu_memory_utilization)
+        # with adapters the engine starts from the base model, and takes the merged weights (a resumed run's at once)
+        sampler = VLLMSampler(Path(self.config.model.path) if self.adapter is not None else model_path,
+                              eos_token_id=stop_token_ids(self.model, self.tokenizer),
+                              pad_token_id=self.tokenizer.pad_token_id, dtype=self.config.model.dtype, seed=self.config.seed,
+                              gpu_memory_utilization=rollout.vllm_gpu_memory_utilization)
+        if self.adapter is not None:
+            sampler.sync_weights(self.model, self.adapter.merged_parameters())
+        return sampler
+
+    def _sync_sampler(self) -> None:
+        """Push the updated policy into the vLLM engine: its parameters, or with adapters the merged weights."""
+        self.sampler.sync_weights(self.model, None if self.adapter is None else self.adapter.merged_parameters())
 
     def _build_optimizer(self):
         """AdamW over the trained weights (the float32 copies when there are master weights) and its schedule."""
@@ -759,7 +768,7 @@ class Trainer:
                 + self._last_checkpoint_phrase()
             )
         if config.rollout.backend == "vllm":
-            self.sampler.sync_weights(self.model)  # the next rollouts come from the updated policy
+            self._sync_sampler()  # the next rollouts come from the updated policy
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates used
         self.scheduler.step()
         self.step += 1
