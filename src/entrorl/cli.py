@@ -319,7 +319,8 @@ def evaluate(
                                 progress=lambda done: progress.update(task, completed=done))
     summary = result.to_dict()
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
-    summary["settings"] = {"model": str(model), **_adapter_settings(directory), "data": str(data), "reward": reward, "n": n, "max_new_tokens": max_new_tokens,
+    summary["settings"] = {"model": str(model), **_adapter_settings(directory), "data": str(data), "reward": reward, "n": n,
+                           "max_new_tokens": max_new_tokens,
                            "temperature": temperature, "top_p": top_p, "top_k": top_k, "prompt_column": prompt_column,
                            "answer_column": answer_column, "prompt_template": prompt_template, "chat_template": chat_template,
                            "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold,
