@@ -284,23 +284,30 @@ def test_a_lora_policy_gives_vllm_the_merged_weights(fake_vllm, tmp_path, arithm
     trainer = Trainer(config, run_dir=tmp_path / "run")
     llm = _FakeLLM.instances[-1]
     assert llm.init_kwargs["model"] == str(tiny_model_dir)  # the base model
+    assert llm.engine_model.loaded == []  # new adapters change nothing (B = 0): the engine already holds the model
     base = dict(load_causal_lm(tiny_model_dir, dtype=dtype).named_parameters())
-    started = dict(llm.engine_model.loaded)
-    assert started.keys() == base.keys()  # base names: no adapter, no base_layer
-    assert all(torch.equal(started[name], base[name]) for name in base)  # B = 0: the merged model is the base model
     with torch.no_grad():  # both halves away from zero, so that the merged weights differ from the base's
         for name, parameter in trainer.model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
-    trainer.train_step()
-    pushed = dict(llm.engine_model.loaded[len(started):])
-    assert pushed.keys() == base.keys() and {tensor.dtype for tensor in pushed.values()} == {getattr(torch, dtype)}
+    trainer.train()  # one step, checkpointed
+    pushed = dict(llm.engine_model.loaded)
+    assert pushed.keys() == base.keys()  # base names: no adapter, no base_layer
+    assert {tensor.dtype for tensor in pushed.values()} == {getattr(torch, dtype)}
     layer = trainer.model.model.layers[0].self_attn.q_proj
     merged = (layer.base_layer.weight.float() + layer.get_delta_weight("default").float()).to(getattr(torch, dtype))
     assert torch.equal(pushed["model.layers.0.self_attn.q_proj.weight"], merged)
     assert not torch.equal(merged, base["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(pushed["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # not adapted
-    assert llm.prefix_resets == 2
+    assert llm.prefix_resets == 1
+    # resumed, the new engine starts from the base model again and is given the checkpoint's merged weights at once
+    config.optim.steps = 2
+    resumed = Trainer(config, run_dir=tmp_path / "run", resume=True)
+    again = _FakeLLM.instances[-1]
+    assert again is not llm and again.init_kwargs["model"] == str(tiny_model_dir)
+    assert all(torch.equal(tensor, pushed[name]) for name, tensor in again.engine_model.loaded)
+    assert [name for name, _ in again.engine_model.loaded] == list(base)
+    resumed.close()
 
 
 _HAS_VLLM_GPU = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()

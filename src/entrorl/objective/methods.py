@@ -320,7 +320,8 @@ def _only_a_surrogate(refs: dict[str, Any]) -> bool:
 def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Composition, *, before: list[str]) -> None:
     """A later method keeps only its shapers, regularisers, selectors and correction; one that has none and whose
     surrogate or aggregation differ from the first method's (``"dapo+cispo"``, ``"grpo+dapo"``) would be dropped
-    without a trace, so it is refused. Repeating the first method's own settings (``"grpo+grpo"``) is harmless."""
+    without a trace, so it is refused. One with the first method's own surrogate and aggregation changes nothing and
+    is accepted (a method named twice is refused before this, by ``ObjectiveConfig``)."""
     if not _only_a_surrogate(refs):
         return
     surrogate = refs["surrogate"] or ("ppo_clip", {})

@@ -251,21 +251,20 @@ class VLLMSampler:
         """Copy the training model's parameters into the engine, then drop cached prefixes computed with the old ones.
 
         ``weights`` replaces the model's own parameters: ``(Hugging Face name, tensor)`` pairs computed one at a time,
-        such as the merged weights of a model with LoRA adapters. They are loaded in pieces of about
-        :data:`SYNC_CHUNK_BYTES` (a piece ends with the tensor that reaches it), so that the new tensors are not all
-        held at once."""
+        such as the merged weights of a model with LoRA adapters. Either are loaded in pieces of about
+        :data:`SYNC_CHUNK_BYTES` (a piece ends with the tensor that reaches it), so that no message to the engine
+        carries the whole model and computed weights are not all held at once."""
         if weights is None:
-            self._load_weights([(name, parameter.detach()) for name, parameter in model.named_parameters()])
-        else:
-            chunk, size = [], 0
-            for name, tensor in weights:
-                chunk.append((name, tensor))
-                size += tensor.numel() * tensor.element_size()
-                if size >= SYNC_CHUNK_BYTES:
-                    self._load_weights(chunk)
-                    chunk, size = [], 0
-            if chunk:
+            weights = ((name, parameter.detach()) for name, parameter in model.named_parameters())
+        chunk, size = [], 0
+        for name, tensor in weights:
+            chunk.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= SYNC_CHUNK_BYTES:
                 self._load_weights(chunk)
+                chunk, size = [], 0
+        if chunk:
+            self._load_weights(chunk)
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()
 
@@ -274,7 +273,11 @@ class VLLMSampler:
         if hasattr(self.llm, "apply_model"):
             # vLLM's V1 engine runs the function on every worker; when the workers are other processes the
             # function and the weights are pickled to them, which vLLM allows only with
-            # VLLM_ALLOW_INSECURE_SERIALIZATION=1 (set by __init__ when it builds the engine)
+            # VLLM_ALLOW_INSECURE_SERIALIZATION=1 (set by __init__ when it builds the engine). They go as host
+            # tensors, as weights read from disk do: a pickled GPU tensor would be rebuilt on the GPU by the engine's
+            # process, outside its memory budget
+            if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
+                weights = [(name, tensor.cpu()) for name, tensor in weights]
             self.llm.apply_model(lambda module: module.load_weights(weights))
         elif (engine_model := self._engine_model()) is not None:
             engine_model.load_weights(weights)
