@@ -320,6 +320,12 @@ def test_eval_loads_adapters_onto_the_base_model_they_record(tmp_path, tiny_mode
     torch.testing.assert_close(adapted, logits(load_causal_lm(last / "model"), ids), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(adapted, expected, atol=1e-4)
     assert resolve_model_directory(last / "model").adapters is None  # merged: a complete model
+    # a checkpoint stands for its model/, a run directory for its newest checkpoint's
+    assert resolve_model_directory(first) == directory
+    assert resolve_model_directory(tmp_path / "run") == resolve_model_directory(last / "model")
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="run directory without a complete checkpoint"):
+        resolve_model_directory(tmp_path / "empty")
 
 
 def random_adapters(model_dir, directory, *, safe_serialization: bool = True, **lora):

@@ -137,8 +137,9 @@ def _parse_ks(text: str) -> list[int]:
 
 
 # options that `eval` and `data audit` share, spelled once
-ModelDirOption = Annotated[Path, typer.Option("--model", help="local Hugging Face model directory, or LoRA adapters in "
-                                              "peft's format (a checkpoint's adapter/) on the base model they record")]
+ModelDirOption = Annotated[Path, typer.Option("--model", help="local Hugging Face model directory, a training checkpoint "
+                                              "or run directory (its newest checkpoint), or LoRA adapters in peft's "
+                                              "format (a checkpoint's adapter/) on the base model they record")]
 BaseModelOption = Annotated[Optional[Path], typer.Option("--base", help="with --model naming LoRA adapters: the base "
                                                          "model's directory, instead of the one the adapters record")]
 DataFileOption = Annotated[Path, typer.Option("--data", help="prompt file (.jsonl, .json, .csv, .parquet, .arrow, "

@@ -302,8 +302,9 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
       base model in ``base`` or, without it, the one the adapters record (``base_model_name_or_path``, relative to
       the working directory when relative); the tokenizer is the adapters' own when they have one, else the base's;
     - a checkpoint's ``model/`` written without the merged model (``model.lora.merged: last``): the checkpoint's
-      ``adapter/`` on the base model, with the tokenizer of ``model/``."""
-    path = Path(path)
+      ``adapter/`` on the base model, with the tokenizer of ``model/``;
+    - a checkpoint (``step_000100``), for its ``model/``, or a run directory, for its newest complete checkpoint's."""
+    path = _checkpoint_model(Path(path))
     if (path / ADAPTER_CONFIG).is_file() and (base is not None or not _weights_present(path)):
         adapters = path
     elif (path / "config.json").is_file() and not _weights_present(path) \
@@ -327,6 +328,20 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
     tokenizer = path if any((path / name).is_file() for name in TOKENIZER_FILES) else base
     check_model_files(tokenizer, weights=False)
     return ModelDirectory(weights=base, tokenizer=tokenizer, adapters=adapters)
+
+
+def _checkpoint_model(path: Path) -> Path:
+    """``path``'s ``model/`` when ``path`` is a checkpoint, the newest complete checkpoint's when it is a run directory
+    (``FileNotFoundError`` when it has none), else ``path`` itself."""
+    if (path / "model" / "config.json").is_file() and (path / "trainer.pt").is_file():
+        return path / "model"
+    # a run directory's config.json is its training configuration, and it holds no weights
+    if (path / "checkpoints").is_dir() and not (path / ADAPTER_CONFIG).is_file() and not _weights_present(path):
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{path} is a run directory without a complete checkpoint")
+        return checkpoint / "model"
+    return path
 
 
 def load_model_directory(directory: ModelDirectory, *, dtype: str = "float32", trust_remote_code: bool = False,
