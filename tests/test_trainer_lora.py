@@ -352,6 +352,8 @@ def test_eval_refuses_adapters_it_cannot_apply_saying_why(tmp_path, tiny_model_d
     from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
 
     LoraAdapter(load_causal_lm(tiny_model_dir), **LORA).save(tmp_path / "adapters")
+    with pytest.raises(FileNotFoundError, match="holds peft adapters: train from their base model"):
+        load_causal_lm(tmp_path / "adapters")  # as model.path of a training run
     with pytest.raises(ValueError, match="--base is for LoRA adapters.*leave --base out"):
         resolve_model_directory(tiny_model_dir, base=tiny_model_dir)
     config_file = tmp_path / "adapters" / "adapter_config.json"

@@ -52,6 +52,9 @@ def _check_model_dir(path: str | Path) -> Path:
                                 f"last one: {saved[-1].parent})")
     if not (path / "config.json").is_file():
         inside = " (an entrorl checkpoint keeps its model in model/: give that directory)" if (path / "model" / "config.json").is_file() else ""
+        if (path / "adapter_config.json").is_file():
+            inside = (" (it holds peft adapters: train from their base model, the base_model_name_or_path of its "
+                      "adapter_config.json; entrorl eval --model takes adapters)")
         raise FileNotFoundError(f"{path} has no config.json: it is not a Hugging Face model directory{inside}")
     return path
 
