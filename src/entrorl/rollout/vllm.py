@@ -31,7 +31,7 @@ from entrorl.rollout.sampler import Rollouts, SamplingParams
 
 __all__ = ["VLLMSampler", "vllm_sampling_kwargs", "outputs_to_rollouts", "import_vllm", "check_vllm_available"]
 
-# the most bytes of new tensors (merged LoRA weights) that one load into the engine carries
+# about the bytes of weights that one load into the engine carries (a piece ends with the tensor that reaches it)
 SYNC_CHUNK_BYTES = 1 << 30
 
 _INSTALL_HINT = "pip install 'entrorl[vllm]' in an environment with a CUDA build of torch, or use rollout.backend: hf"

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoraAdapter", "ADAPTER_DIRECTORY", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "read_adapter_config", "adapter_weights_file", "load_adapted_causal_lm"]
+__all__ = ["LoraAdapter", "ADAPTER_DIRECTORY", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "read_adapter_config",
+           "adapter_weights_file", "load_adapted_causal_lm"]
 
 ADAPTER_DIRECTORY = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
