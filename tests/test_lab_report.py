@@ -502,6 +502,10 @@ def test_wall_clock_sums_the_invocations_that_ran_something(tmp_path):
     items = {row["item"]: row["value"] for row in report["reproduce"]["machine"]["rows"]}
     assert items[WALL_CLOCK_LABEL] == "175" and items["invocations counted / in all"] == "3 / 5"
     assert items[CPU_KERNELS_LABEL] == "AVX512, AVX2"  # the kernels of the invocations that trained, in order
+    lab["base_model_cpu_kernels"] = "DEFAULT"  # a base model from a cache shared with another machine
+    (out / "lab.json").write_text(json.dumps(lab))
+    items = {row["item"]: row["value"] for row in write_report(out, figures=False)["reproduce"]["machine"]["rows"]}
+    assert items[CPU_KERNELS_LABEL] == "AVX512, AVX2 (base model: DEFAULT)"
     markdown = (out / "report.md").read_text()
     assert "1 invocation recorded no end" in markdown and "lab.json to last final evaluation" not in markdown
     script = (Path(__file__).resolve().parents[1] / "scripts" / "update_readme_lab.py").read_text()

@@ -323,9 +323,28 @@ def test_eval_loads_adapters_onto_the_base_model_they_record(tmp_path, tiny_mode
     # a checkpoint stands for its model/, a run directory for its newest checkpoint's
     assert resolve_model_directory(first) == directory
     assert resolve_model_directory(tmp_path / "run") == resolve_model_directory(last / "model")
+    assert resolve_model_directory(tmp_path / "run" / "checkpoints") == resolve_model_directory(last / "model")
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="run directory without a complete checkpoint"):
         resolve_model_directory(tmp_path / "empty")
+    # a model directory with a checkpoints/ folder of its own is no run directory
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "with-folder")
+    (tmp_path / "with-folder" / "checkpoints").mkdir()
+    assert resolve_model_directory(tmp_path / "with-folder").weights == tmp_path / "with-folder"
+    (tmp_path / "with-folder" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no weights"):
+        resolve_model_directory(tmp_path / "with-folder")
+    # a power cut's empty adapter file, and a truncated one
+    weights = first / "adapter" / "adapter_model.safetensors"
+    saved = weights.read_bytes()
+    weights.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="or an empty one"):
+        resolve_model_directory(first)
+    weights.write_bytes(saved[: len(saved) // 2])
+    with pytest.raises(ValueError, match="adapter_model.safetensors cannot be read"):
+        load_model_directory(resolve_model_directory(first))
 
 
 def random_adapters(model_dir, directory, *, safe_serialization: bool = True, **lora):
@@ -363,9 +382,13 @@ def test_eval_refuses_adapters_it_cannot_apply_saying_why(tmp_path, tiny_model_d
         resolve_model_directory(tmp_path / "adapters")
     shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
     assert resolve_model_directory(tmp_path / "adapters", base=tmp_path / "elsewhere").weights == tmp_path / "elsewhere"
-    config_file.write_text(json.dumps({**config, "base_model_name_or_path": None}))
-    with pytest.raises(ValueError, match="do not record their base model: give its directory with --base"):
-        resolve_model_directory(tmp_path / "adapters")
+    for recorded in (None, 5):
+        config_file.write_text(json.dumps({**config, "base_model_name_or_path": recorded}))
+        with pytest.raises(ValueError, match="do not record their base model: give its directory with --base"):
+            resolve_model_directory(tmp_path / "adapters")
+    config_file.write_text(json.dumps({**config, "peft_type": "FROM_A_NEWER_PEFT"}))
+    with pytest.raises(ValueError, match="adapter_config.json cannot be read by peft"):
+        load_model_directory(resolve_model_directory(tmp_path / "adapters", base=tiny_model_dir))
     for text, said in (("{", "is not valid JSON"), ("[]", "is no peft adapter configuration"),
                        (json.dumps({"base_model_name_or_path": str(tiny_model_dir)}), "is no peft adapter configuration")):
         config_file.write_text(text)
@@ -439,6 +462,7 @@ def test_cli_eval_samples_the_adapted_model(tmp_path, tiny_model_dir, arithmetic
     settings = json.loads((tmp_path / "eval.json").read_text())["settings"]
     assert (settings["adapters"], settings["base"]) == (str((tmp_path / "adapters").resolve()),
                                                         str((tmp_path / "base").resolve()))
+    assert "model_directory" not in settings
     assert adapted == completions("--model", str(tmp_path / "merged"))
     assert adapted != completions("--model", str(tmp_path / "base"))
     refused = run_cli("eval", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--data", str(held_out))

@@ -200,10 +200,11 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     return records, reward_runner, tokenizer, policy, prompt_ids, directory
 
 
-def _adapter_settings(directory) -> dict[str, str]:
-    """For a summary's settings: the LoRA adapters evaluated and the base model they were put on (absolute paths)."""
+def _model_settings(directory) -> dict[str, str]:
+    """For a summary's settings: what ``--model`` resolved to, as absolute paths: the model directory loaded (a run
+    directory's newest checkpoint, say), or the LoRA adapters and the base model they were put on."""
     if directory.adapters is None:
-        return {}
+        return {"model_directory": str(directory.weights.resolve())}
     return {"adapters": str(directory.adapters.resolve()), "base": str(directory.weights.resolve())}
 
 
@@ -320,7 +321,7 @@ def evaluate(
                                 progress=lambda done: progress.update(task, completed=done))
     summary = result.to_dict()
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
-    summary["settings"] = {"model": str(model), **_adapter_settings(directory), "data": str(data), "reward": reward, "n": n,
+    summary["settings"] = {"model": str(model), **_model_settings(directory), "data": str(data), "reward": reward, "n": n,
                            "max_new_tokens": max_new_tokens,
                            "temperature": temperature, "top_p": top_p, "top_k": top_k, "prompt_column": prompt_column,
                            "answer_column": answer_column, "prompt_template": prompt_template, "chat_template": chat_template,
@@ -331,7 +332,8 @@ def evaluate(
     if result.reward_errors:
         summary["first_reward_error"] = error_headline(result.first_reward_error)
         summary["reward_errors_log"] = None if reward_log is None else str(reward_log)
-    named = model.resolve()  # `--model model` names its directory by the absolute path's last parts
+    # what was loaded, named by the absolute path's last parts (`--model model`, or a run directory: its checkpoint)
+    named = (directory.adapters or directory.weights).resolve()
     # a checkpoint's step_N/model or step_N/adapter
     label = f"{named.parent.name}/{named.name}" if named.name in ("model", "adapter") else named.name
     table = Table(title=escape(f"{label} on {data.name}: {len(records)} prompts x {n} samples"))
@@ -559,7 +561,7 @@ def data_audit(
         console.print(Text.assemble(("skipped", "yellow"), " ", item.message(max_new_tokens)), soft_wrap=True)
     if len(result.too_long) > 20:
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
-    settings = {"model": str(model), **_adapter_settings(model_directory), "reward": reward, "seed": seed,
+    settings = {"model": str(model), **_model_settings(model_directory), "reward": reward, "seed": seed,
                 "prompt_template": prompt_template,
                 "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}}
     reward_log = _keep_reward_traceback(result.first_reward_error, directory / "reward_errors.log")

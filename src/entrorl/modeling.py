@@ -47,7 +47,7 @@ def _check_model_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path} (give a local Hugging Face model directory)")
     saved = sorted((path / "checkpoints").glob("step_*/model/config.json"))  # zero-padded steps: oldest first
-    if saved and not _declares_a_model(path / "config.json"):  # a run directory's config.json holds the run's settings
+    if saved and not declares_a_model(path / "config.json"):  # a run directory's config.json holds the run's settings
         raise FileNotFoundError(f"{path} is an entrorl run directory; its models are in checkpoints/step_N/model (the "
                                 f"last one: {saved[-1].parent})")
     if not (path / "config.json").is_file():
@@ -59,7 +59,7 @@ def _check_model_dir(path: str | Path) -> Path:
     return path
 
 
-def _declares_a_model(config_file: Path) -> bool:
+def declares_a_model(config_file: Path) -> bool:
     """Whether ``config_file`` is a model's config.json (it names a ``model_type`` or ``architectures``)."""
     try:
         declared = json.loads(config_file.read_text(encoding="utf-8"))

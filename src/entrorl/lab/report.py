@@ -1394,8 +1394,10 @@ class _Report:
         machine.add([text("CPU count"), num(os.cpu_count() or 0)])
         machine.add([text("python"), text(platform.python_version())])
         machine.add([text("torch"), text(_package_version("torch"))])
-        kernels = self._cpu_kernels()
-        machine.add([text(CPU_KERNELS_LABEL), text(", ".join(kernels)) if kernels else missing()])
+        kernels, base_kernels = self._cpu_kernels(), self.lab.get("base_model_cpu_kernels")
+        shown = ", ".join(kernels) + (f" (base model: {base_kernels})" if isinstance(base_kernels, str) and kernels
+                                      and [base_kernels] != kernels else "")
+        machine.add([text(CPU_KERNELS_LABEL), text(shown) if kernels else missing()])
         machine.add([text("workers"), num(workers) if workers is not None else missing()])
         machine.add([text("train + eval time summed over methods (s)"), num(sum(train_seconds)) if train_seconds else missing()])
         machine.add([text(WALL_CLOCK_LABEL), num(wall)])
@@ -1413,9 +1415,10 @@ class _Report:
             clock = "the wall clock is not known: `lab.json` records no invocations (the folder was written by an older version)"
         section.say(f"Platform, CPU count and versions are those of the machine that wrote this report; {clock}.")
         section.say(f"The {CPU_KERNELS_LABEL} are the floating-point kernels torch chose for the CPUs of the invocations "
-                    "that trained (`torch.backends.cpu.get_cpu_capability()`). On one kind, a re-run gives the same numbers; "
-                    "a CPU with another instruction set (AVX2 against AVX-512) rounds differently, trains another base "
-                    "model and draws other samples, so its numbers differ by about the spread across training seeds.")
+                    "that trained (`torch.backends.cpu.get_cpu_capability()`), and the base model's when it was trained "
+                    "with others (a cache shared between machines). On one kind, a re-run gives the same numbers; a CPU "
+                    "with another instruction set (AVX2 against AVX-512) rounds differently, so it trains another base "
+                    "model and draws other samples, and its numbers differ.")
         self.json["reproduce"] = {"command": command, "make": make, "preset": settings.to_json(), "machine": machine.to_json()}
 
     def _preset_methods(self, name: str) -> list[str] | None:

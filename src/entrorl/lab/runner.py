@@ -493,6 +493,8 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
                                      progress=lambda done, total, loss: progress.update(base_task, completed=done, status=f"loss {loss:.3f}"))
         progress.update(base_task, completed=preset.base.steps, status=f"cached: {model_dir.name}")
         progress.console.print(f"base model ready: {model_dir}")
+        # the kernels the cached base model was trained with (another machine's, from a shared cache)
+        base_kernels = _read_json_object(model_dir / "base.json").get("cpu_kernels")
         # the floating-point kernels torch chose for this CPU (AVX2, AVX512, ...): another set rounds differently
         invocation: dict[str, Any] = {"started_at": time.time(), "methods": list(preset.methods), "workers": workers,
                                       "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
@@ -502,7 +504,8 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
         def record_lab() -> None:
             _write_json(out / "lab.json", {
                 "preset": {**preset.model_dump(mode="json"), "methods": run_methods}, "base_model": model_dir.name,
-                "base_model_spec": asdict(preset.base), "methods": run_methods, "workers": workers,
+                "base_model_spec": asdict(preset.base), "base_model_cpu_kernels": base_kernels,
+                "methods": run_methods, "workers": workers,
                 "invocations": invocations})
 
         data = _prepare_data(out, preset)

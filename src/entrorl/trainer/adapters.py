@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,8 +171,9 @@ def adapter_weights_file(directory: Path) -> Path | None:
     """The adapters' weight file in ``directory``: ``adapter_model.safetensors``, or the ``adapter_model.bin`` of older
     peft versions; None when there is neither."""
     for name in (ADAPTER_WEIGHTS, _ADAPTER_WEIGHTS_PICKLED):
-        if (Path(directory) / name).is_file():
-            return Path(directory) / name
+        path = Path(directory) / name
+        if path.is_file() and path.stat().st_size > 0:  # an empty one is what a power cut leaves
+            return path
     return None
 
 
@@ -179,13 +181,17 @@ def _load_adapter_weights(peft_model, directory: Path) -> None:
     """The adapter weights saved in ``directory`` into ``peft_model``, whose adapters must be exactly those:
     ``ValueError`` naming the first missing and unexpected ones otherwise (peft itself only warns)."""
     peft = _import_peft()
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     weights = adapter_weights_file(directory)
     if weights is None:
-        raise FileNotFoundError(f"{directory / ADAPTER_WEIGHTS} is missing")
-    state: dict[str, Any] = (load_file(weights) if weights.name == ADAPTER_WEIGHTS
-                             else torch.load(weights, map_location="cpu", weights_only=True))
+        raise FileNotFoundError(f"{directory / ADAPTER_WEIGHTS} is missing or empty")
+    try:
+        state: dict[str, Any] = (load_file(weights) if weights.name == ADAPTER_WEIGHTS
+                                 else torch.load(weights, map_location="cpu", weights_only=True))
+    except (SafetensorError, pickle.UnpicklingError, EOFError) as error:  # a truncated file
+        raise ValueError(f"{weights} cannot be read ({type(error).__name__}: {error})") from None
     result = peft.set_peft_model_state_dict(peft_model, state)
     unexpected = list(getattr(result, "unexpected_keys", None) or [])
     expected = {key for key, _ in peft.get_peft_model_state_dict(peft_model).items()}
@@ -225,7 +231,7 @@ def load_adapted_causal_lm(adapters: Path, base: Path, *, dtype: str = "float32"
     read_adapter_config(adapters)
     try:
         config = peft.PeftConfig.from_pretrained(str(adapters))
-    except (TypeError, ValueError) as error:  # fields this peft does not know, or lacks
+    except (KeyError, TypeError, ValueError) as error:  # a peft_type, or fields, this peft does not know or lacks
         raise ValueError(f"{adapters / ADAPTER_CONFIG} cannot be read by peft {peft.__version__}: {error}") from None
     model = load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
     config.inference_mode, config.base_model_name_or_path = True, model.name_or_path  # the base given, not the recorded

@@ -37,7 +37,7 @@ except ImportError:  # not a POSIX system: runs are not locked there
 import numpy as np
 import torch
 
-from entrorl.modeling import TOKENIZER_FILES, check_model_files, load_causal_lm, save_tokenizer
+from entrorl.modeling import TOKENIZER_FILES, check_model_files, declares_a_model, load_causal_lm, save_tokenizer
 from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER_WEIGHTS, adapter_weights_file,
                                      load_adapted_causal_lm, read_adapter_config)
 
@@ -315,7 +315,7 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
             raise ValueError(f"--base is for LoRA adapters, and {path} holds none (no {ADAPTER_CONFIG}): leave --base out")
         return ModelDirectory(weights=check_model_files(path), tokenizer=path)
     recorded = read_adapter_config(adapters).get("base_model_name_or_path")
-    if base is None and not recorded:
+    if base is None and not (recorded and isinstance(recorded, str)):
         raise ValueError(f"{adapters} holds LoRA adapters that do not record their base model: give its directory with --base")
     base = Path(base if base is not None else recorded)
     if not base.is_dir():
@@ -323,8 +323,8 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
                                 "give the base model's directory with --base")
     check_model_files(base, tokenizer=False)
     if adapter_weights_file(adapters) is None:
-        raise FileNotFoundError(f"{adapters} has no {ADAPTER_WEIGHTS} (nor adapter_model.bin): the adapters' weights "
-                                "are missing")
+        raise FileNotFoundError(f"{adapters} has no {ADAPTER_WEIGHTS} (nor adapter_model.bin), or an empty one: the "
+                                "adapters' weights are missing")
     tokenizer = path if any((path / name).is_file() for name in TOKENIZER_FILES) else base
     check_model_files(tokenizer, weights=False)
     return ModelDirectory(weights=base, tokenizer=tokenizer, adapters=adapters)
@@ -332,11 +332,14 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
 
 def _checkpoint_model(path: Path) -> Path:
     """``path``'s ``model/`` when ``path`` is a checkpoint, the newest complete checkpoint's when it is a run directory
-    (``FileNotFoundError`` when it has none), else ``path`` itself."""
+    or its ``checkpoints/`` (``FileNotFoundError`` when it has none), else ``path`` itself."""
     if (path / "model" / "config.json").is_file() and (path / "trainer.pt").is_file():
         return path / "model"
-    # a run directory's config.json is its training configuration, and it holds no weights
-    if (path / "checkpoints").is_dir() and not (path / ADAPTER_CONFIG).is_file() and not _weights_present(path):
+    if path.name == "checkpoints" and any(path.glob(f"{_PREFIX}*/trainer.pt")):
+        path = path.parent
+    # a run directory's config.json is its training configuration, not a model's
+    if ((path / "checkpoints").is_dir() and not (path / ADAPTER_CONFIG).is_file()
+            and not declares_a_model(path / "config.json")):
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise FileNotFoundError(f"{path} is a run directory without a complete checkpoint")
