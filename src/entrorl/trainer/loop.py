@@ -205,7 +205,9 @@ class Trainer:
         self.stream = PromptStream(self.train_records, seed=config.seed, shuffle=config.data.shuffle)
         self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
                                        top_p=config.rollout.top_p, top_k=config.rollout.top_k)
-        self.sampler = self._build_sampler(model_path, resumed=checkpoint is not None)
+        self.sampler = self._build_sampler(model_path)
+        if config.rollout.backend == "vllm" and self.adapter is not None and checkpoint is not None:
+            self._sync_sampler()  # the engine holds the base model; new adapters change nothing yet (B = 0)
         # a bfloat16 / float16 model is stepped through float32 copies of its weights (see entrorl.trainer.precision)
         self.master = MasterWeights(self.model) if config.model.master_weights and needs_master_weights(self.model) else None
         self.optimizer, self.scheduler = self._build_optimizer()
@@ -356,21 +358,17 @@ class Trainer:
         else:
             yield self.reference
 
-    def _build_sampler(self, model_path: Path, *, resumed: bool):
+    def _build_sampler(self, model_path: Path):
         rollout = self.config.rollout
         if rollout.backend == "hf":
             return HFSampler.for_model(self.model, self.tokenizer, batch_size=rollout.generation_batch_size)
         from entrorl.rollout.vllm import VLLMSampler  # an optional dependency, imported only when asked for
 
-        # with adapters the engine starts from the base model: new adapters change nothing yet (B = 0), and a resumed
-        # run's merged weights are given to it at once
-        sampler = VLLMSampler(Path(self.config.model.path) if self.adapter is not None else model_path,
-                              eos_token_id=stop_token_ids(self.model, self.tokenizer),
-                              pad_token_id=self.tokenizer.pad_token_id, dtype=self.config.model.dtype, seed=self.config.seed,
-                              gpu_memory_utilization=rollout.vllm_gpu_memory_utilization)
-        if self.adapter is not None and resumed:
-            sampler.sync_weights(self.model, self.adapter.merged_parameters())
-        return sampler
+        # with adapters the engine loads the base model, and is given the merged weights (_sync_sampler)
+        return VLLMSampler(Path(self.config.model.path) if self.adapter is not None else model_path,
+                           eos_token_id=stop_token_ids(self.model, self.tokenizer),
+                           pad_token_id=self.tokenizer.pad_token_id, dtype=self.config.model.dtype, seed=self.config.seed,
+                           gpu_memory_utilization=rollout.vllm_gpu_memory_utilization)
 
     def _sync_sampler(self) -> None:
         """Push the updated policy into the vLLM engine: its parameters, or with adapters the merged weights."""
