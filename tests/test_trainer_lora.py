@@ -39,6 +39,15 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
+def draw_adapters(model: torch.nn.Module, std: float, part: str = "lora_") -> None:
+    """Adapter weights (those whose name holds ``part``) drawn from N(0, std²), seeded by their names, so that the
+    adapters change the model (B starts at zero)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if part in name:
+                parameter.normal_(std=std, generator=torch.Generator().manual_seed(len(name)))
+
+
 def test_only_the_adapters_train_and_a_checkpoint_holds_the_merged_model(tmp_path, tiny_model_dir, arithmetic_files,
                                                                          parity_reward):
     from peft import PeftModel
@@ -185,10 +194,7 @@ def test_shared_prompt_scoring_gives_the_adapters_the_gradient_of_one_padded_pas
 
     model = random_model(ARCHITECTURES["qwen2"]()).double()  # float64, as there: float32 rounding differs by CPU
     LoraAdapter(model, rank=4, alpha=8.0)
-    with torch.no_grad():  # B starts at zero, which would give A no gradient
-        for name, parameter in model.named_parameters():
-            if ".lora_B." in name:
-                parameter.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    draw_adapters(model, 0.1, ".lora_B.")  # B starts at zero, which would give A no gradient
     batch = grouped_batch([4, 9, 1, 6], group_size=4, vocab=40)
     weights = torch.randn(batch[3].shape, generator=torch.Generator().manual_seed(1)) * batch[3]
 
@@ -250,10 +256,7 @@ def test_the_merged_model_holds_embedding_adapters_of_an_untied_model(tmp_path):
     model = random_model(ARCHITECTURES["llama_bias"]())
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
     adapter = LoraAdapter(model, rank=4, alpha=8.0, target_modules=["embed_tokens", "q_proj", "down_proj"])
-    with torch.no_grad():  # both halves away from their start, so that every adapter changes the model
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.normal_(std=0.2, generator=torch.Generator().manual_seed(len(name)))
+    draw_adapters(model, 0.2)  # both halves away from their start, so that every adapter changes the model
     adapter.save_merged(tmp_path / "merged")
     (tmp_path / "merged" / "generation_config.json").unlink(missing_ok=True)
     merged = load_causal_lm(tmp_path / "merged")
@@ -354,10 +357,7 @@ def random_adapters(model_dir, directory, *, safe_serialization: bool = True, **
 
     model = get_peft_model(load_causal_lm(model_dir),
                            LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **{"target_modules": "all-linear", **lora}))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.normal_(std=0.3, generator=torch.Generator().manual_seed(len(name)))
+    draw_adapters(model, 0.3)
     model.save_pretrained(directory, safe_serialization=safe_serialization)
     return model
 
@@ -442,10 +442,7 @@ def test_cli_eval_samples_the_adapted_model(tmp_path, tiny_model_dir, arithmetic
     _, held_out = arithmetic_files
     shutil.copytree(tiny_model_dir, tmp_path / "base")
     adapter = LoraAdapter(load_causal_lm(tmp_path / "base"), **LORA)
-    with torch.no_grad():
-        for name, parameter in adapter.model.named_parameters():
-            if "lora_" in name:
-                parameter.normal_(std=0.3, generator=torch.Generator().manual_seed(len(name)))
+    draw_adapters(adapter.model, 0.3)
     adapter.save(tmp_path / "adapters")
     adapter.save_merged(tmp_path / "merged")
     for name in ("tokenizer.json", "tokenizer_config.json"):
