@@ -473,3 +473,21 @@ def test_a_checkpoint_tokenizer_declares_padding_only_when_its_source_did(tmp_pa
     kept = modeling.load_tokenizer(tmp_path / "pad")
     modeling.save_tokenizer(kept, tmp_path / "pad_saved")
     assert AutoTokenizer.from_pretrained(tmp_path / "pad_saved").pad_token == own_pad != kept.eos_token
+
+
+def test_a_damaged_bin_weight_file_is_named(tmp_path, tiny_model_dir):
+    """A pickled weight file cut short fails with an error naming it, however much of it is left; whole, it loads."""
+    import shutil
+
+    from entrorl.modeling import DamagedWeightsError, load_causal_lm
+
+    directory = tmp_path / "bin-model"
+    shutil.copytree(tiny_model_dir, directory)
+    (directory / "model.safetensors").unlink()
+    torch.save(load_causal_lm(tiny_model_dir).state_dict(), directory / "pytorch_model.bin")
+    assert load_causal_lm(directory).config.model_type == "qwen2"
+    whole = (directory / "pytorch_model.bin").read_bytes()
+    for kept in (100, len(whole) // 2, len(whole) - 50):
+        (directory / "pytorch_model.bin").write_bytes(whole[:kept])
+        with pytest.raises(DamagedWeightsError, match=r"pytorch_model\.bin cannot be read .*damaged or truncated"):
+            load_causal_lm(directory)

@@ -427,8 +427,8 @@ def test_bfloat16_model_keeps_small_updates_in_float32_master_weights(tmp_path, 
         mastered.train()
         moved = sum(int((a != b).sum()) for a, b in zip(initial, mastered.master.copies)) / sum(a.numel() for a in initial)
         assert moved > 0.9  # Adam moves every weight that has a gradient by about lr
-        for parameter, copy in zip(mastered.master.parameters, mastered.master.copies):
-            assert parameter.dtype == torch.bfloat16 and torch.equal(parameter, copy.to(torch.bfloat16))
+        for parameter, master_copy in zip(mastered.master.parameters, mastered.master.copies):
+            assert parameter.dtype == torch.bfloat16 and torch.equal(parameter, master_copy.to(torch.bfloat16))
 
         resumed = trainer_for("master", master=True, steps=3, resume=True)
         for saved, loaded in zip(mastered.master.copies, resumed.master.copies):
@@ -1589,6 +1589,80 @@ def test_cli_writes_reasoning_gym_data_the_reward_scores(tmp_path):
     assert [record.answer for record in load_prompts(colouring, require_answer=False)] == [None, None]
     table = run_cli("data", "reasoning-gym", "basic_arithmetic", "--size", "3", "--out", str(tmp_path / "arithmetic.csv"))
     assert table.returncode == 2 and "must end in .jsonl" in table.stderr and not (tmp_path / "arithmetic.csv").exists()
+
+
+def test_cli_eval_of_a_run_samples_with_the_run_s_prompt_format(tmp_path, tiny_model_dir, arithmetic_files):
+    """--model naming a run or one of its checkpoints: prompts are formatted as the run trained on them (its
+    data.prompt_template and model.chat_template), said on stderr; --prompt-template overrides it."""
+    train, held_out = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1}, checkpoint={"every": 1},
+                                     data={"prompt_template": "Q {prompt}"}))
+    Trainer(config, run_dir=tmp_path / "run").train()
+    base = ("eval", "--data", str(held_out), "--n", "2", "--k", "1", "--reward", "exact_match", "--max-new-tokens", "3")
+    for model in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_000001" / "model"):
+        result = run_cli(*base, "--model", str(model))
+        assert result.returncode == 0, result.stderr
+        settings = json.loads(result.stdout)["settings"]
+        assert (settings["prompt_template"], settings["chat_template"]) == ("Q {prompt}", False)
+        assert "data.prompt_template = 'Q {prompt}'" in result.stderr and "model.chat_template = false" in result.stderr
+    given = run_cli(*base, "--model", str(tmp_path / "run"), "--prompt-template", "{prompt}")
+    assert given.returncode == 0, given.stderr
+    assert json.loads(given.stdout)["settings"]["prompt_template"] == "{prompt}"
+    assert "data.prompt_template" not in given.stderr and "model.chat_template = false" in given.stderr
+    plain = run_cli(*base, "--model", str(tiny_model_dir))  # a model directory: no run to follow
+    assert plain.returncode == 0 and "prompt format" not in plain.stderr, plain.stderr
+    assert json.loads(plain.stdout)["settings"]["prompt_template"] == "{prompt}"
+
+
+def test_prompt_format_reads_each_setting_of_the_run_on_its_own(tmp_path, capsys):
+    """Each setting the run's config.json gives is used unless given; one it lacks falls back with a warning; a
+    checkpoints/ linked to other storage still leads to its run."""
+    from entrorl.cli import _prompt_format
+
+    run, storage = tmp_path / "run", tmp_path / "scratch"
+    (storage / "step_000001" / "model").mkdir(parents=True)
+    run.mkdir()
+    (run / "checkpoints").symlink_to(storage, target_is_directory=True)
+    (run / "config.json").write_text(json.dumps({"seed": 1, "data": {"prompt_template": "Q: {prompt}"}, "model": {}}))
+    model = run / "checkpoints" / "step_000001" / "model"
+    assert _prompt_format(model, None, None) == ("Q: {prompt}", False)
+    err = capsys.readouterr().err
+    assert "data.prompt_template = 'Q: {prompt}'" in err and "does not give model.chat_template" in err
+    (run / "config.json").write_text(json.dumps({"data": {"prompt_template": 3}, "model": {"chat_template": True}}))
+    assert _prompt_format(run, None, None) == ("{prompt}", True)
+    assert "does not give data.prompt_template" in capsys.readouterr().err
+    assert _prompt_format(run, "A {prompt}", False) == ("A {prompt}", False)  # given: the run is not read
+    assert _prompt_format(tmp_path, None, None) == ("{prompt}", False) and not capsys.readouterr().err  # no run
+
+
+def test_cli_eval_fails_when_the_reward_failed_on_every_sample(tmp_path, tiny_model_dir, arithmetic_files):
+    """Every score a 0 that says nothing: the summary is still written, and the exit is 2 with the reason."""
+    _, held_out = arithmetic_files
+    with importable_module(tmp_path, "broken_reward", "def score(prompt, completion, answer, **meta):\n"
+                           "    raise RuntimeError('boom')\n"):
+        result = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "1",
+                         "--max-new-tokens", "3", "--reward", "broken_reward:score", env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2 and "the reward failed on all 16 samples" in result.stderr, result.stderr
+    assert json.loads(result.stdout)["reward_errors"] == 16
+
+
+def test_cli_eval_names_a_damaged_weight_or_tokenizer_file(tmp_path, tiny_model_dir, arithmetic_files):
+    """A weight file or a tokenizer file that cannot be parsed: an error naming it, no traceback."""
+    import shutil
+
+    _, held_out = arithmetic_files
+    weights = (tiny_model_dir / "model.safetensors").read_bytes()
+    for case, (name, content, message) in enumerate((
+            ("model.safetensors", b"garbage", "model.safetensors cannot be read (SafetensorError"),
+            ("model.safetensors", weights[: len(weights) // 2], "model.safetensors cannot be read"),  # cut short
+            ("tokenizer.json", b'{"bad": ', "tokenizer.json is not valid UTF-8 JSON"),
+            ("tokenizer_config.json", b"[1, 2]", "tokenizer_config.json holds a JSON array"))):
+        damaged = tmp_path / f"damaged-{case}"
+        shutil.copytree(tiny_model_dir, damaged)
+        (damaged / name).write_bytes(content)
+        result = run_cli("eval", "--model", str(damaged), "--data", str(held_out), "--n", "2", "--k", "1",
+                         "--reward", "exact_match", "--max-new-tokens", "3")
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_cli_eval_rejects_bad_inputs_without_traceback(tmp_path, tiny_model_dir, arithmetic_files):

@@ -296,7 +296,7 @@ def test_eval_loads_adapters_onto_the_base_model_they_record(tmp_path, tiny_mode
     from peft.tuners.lora import LoraLayer
 
     from entrorl.trainer.adapters import read_adapter_config
-    from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
+    from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory, training_run_of
 
     train, _ = arithmetic_files
     monkeypatch.chdir(tiny_model_dir.parent)  # model.path relative to the working directory, as users write it
@@ -330,6 +330,17 @@ def test_eval_loads_adapters_onto_the_base_model_they_record(tmp_path, tiny_mode
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="run directory without a complete checkpoint"):
         resolve_model_directory(tmp_path / "empty")
+    # a run stopped before its first checkpoint: its config.json is a training configuration, not a model's
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "config.json").write_text((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "early" / "metrics.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match="run directory without a complete checkpoint"):
+        resolve_model_directory(tmp_path / "early")
+    # the run a checkpoint belongs to, from any of the paths that name it; none for a model directory
+    run = (tmp_path / "run").resolve()
+    for named in (run, run / "checkpoints", first, first / "model", first / "adapter"):
+        assert training_run_of(named) == run, named
+    assert training_run_of(tiny_model_dir) is None and training_run_of(tmp_path / "early") is None
     # a model directory with a checkpoints/ folder of its own is no run directory
     import shutil
 

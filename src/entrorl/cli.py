@@ -154,21 +154,26 @@ PromptColumnOption = Annotated[str, typer.Option(help="the data's column holding
 AnswerColumnOption = Annotated[str, typer.Option(help="the data's column holding the reference answer")]
 SeedOption = Annotated[int, typer.Option(help="sampling seed")]
 RewardOption = Annotated[str, typer.Option("--reward", help="reward name or package.module:function")]
-PromptTemplateOption = Annotated[str, typer.Option("--prompt-template", help="format string with {prompt}")]
-ChatTemplateOption = Annotated[bool, typer.Option("--chat-template", help="wrap each prompt as a user turn with the "
-                                                  "tokenizer's chat template (as model.chat_template does in training)")]
+PromptTemplateOption = Annotated[Optional[str], typer.Option(
+    "--prompt-template", help="format string with {prompt} (default: the run's data.prompt_template when --model is a "
+    "run or one of its checkpoints, else '{prompt}')")]
+ChatTemplateOption = Annotated[Optional[bool], typer.Option(
+    "--chat-template/--no-chat-template", help="wrap each prompt as a user turn with the tokenizer's chat template, as "
+    "model.chat_template does in training (default: the run's model.chat_template when --model is a run or one of its "
+    "checkpoints, else off)")]
 DeviceOption = Annotated[str, typer.Option("--device", help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'")]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
 TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help="run the model directory's own model "
                                                      "and tokenizer code (auto_map in its config); read it first")]
 
 
-def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str, prompt_template: str,
-                     chat_template: bool, max_prompts: int | None, device: str, dtype: str, base: Path | None = None,
+def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str,
+                     prompt_template: str | None, chat_template: bool | None, max_prompts: int | None, device: str, dtype: str, base: Path | None = None,
                      fit_max_new_tokens: int | None = None, trust_remote_code: bool = False, require_answer: bool = True,
                      correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
-    the tokenizer, the model in eval mode and the encoded prompts; ValueError / FileNotFoundError on bad input. The
+    the tokenizer, the model in eval mode, the encoded prompts, the model directory resolved and the prompt format
+    used (template, chat template: see :func:`_prompt_format`); ValueError / FileNotFoundError on bad input. The
     model is a complete model directory or LoRA adapters on ``base`` (see
     :func:`entrorl.trainer.checkpoint.resolve_model_directory`). With
     ``fit_max_new_tokens`` every prompt must leave that many tokens of the context (checked before the weights load
@@ -180,8 +185,9 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
     from entrorl.trainer.config import resolve_device
 
-    check_prompt_template(prompt_template)
     directory = resolve_model_directory(model, base=base)
+    prompt_template, chat_template = _prompt_format(model, prompt_template, chat_template)
+    check_prompt_template(prompt_template)
     records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
                            require_answer=require_answer)[:max_prompts]
     reward_runner = RewardRunner(get_reward(reward), correct_threshold=correct_threshold)
@@ -197,7 +203,49 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     policy = load_model_directory(directory, dtype=dtype, trust_remote_code=trust_remote_code, device=resolve_device(device))
     if fit_max_new_tokens is not None and declared is None:
         check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=fit_max_new_tokens)
-    return records, reward_runner, tokenizer, policy, prompt_ids, directory
+    return records, reward_runner, tokenizer, policy, prompt_ids, directory, (prompt_template, chat_template)
+
+
+def _prompt_format(model: Path, prompt_template: str | None, chat_template: bool | None) -> tuple[str, bool]:
+    """The prompt template and chat-template switch to sample with: those given, else, when ``model`` is a training
+    run or one of its checkpoints, the run's own (``data.prompt_template``, ``model.chat_template`` in its
+    config.json, said in one line), else ``"{prompt}"`` without the chat template."""
+    from entrorl.trainer.checkpoint import training_run_of
+
+    run = training_run_of(model) if prompt_template is None or chat_template is None else None
+    if run is None:
+        return ("{prompt}" if prompt_template is None else prompt_template), bool(chat_template)
+    try:
+        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        config = {}
+
+    def recorded(section: str, name: str, kind: type):
+        value = config.get(section, {}).get(name) if isinstance(config, dict) and isinstance(config.get(section), dict) else None
+        return value if isinstance(value, kind) else None
+
+    taken, unread = [], []
+    if prompt_template is None:
+        prompt_template = recorded("data", "prompt_template", str)
+        if prompt_template is None:
+            prompt_template = "{prompt}"
+            unread.append("data.prompt_template")
+        else:
+            taken.append(f"data.prompt_template = {prompt_template!r}")
+    if chat_template is None:
+        chat_template = recorded("model", "chat_template", bool)
+        if chat_template is None:
+            chat_template = False
+            unread.append("model.chat_template")
+        else:
+            taken.append(f"model.chat_template = {str(chat_template).lower()}")
+    if taken:
+        console.print(Text(f"prompt format of the run in {run} (its config.json): {', '.join(taken)}; "
+                           "--prompt-template and --chat-template / --no-chat-template override it"), soft_wrap=True)
+    if unread:
+        console.print(Text.assemble(("warning", "yellow"), f": {run / 'config.json'} does not give {' or '.join(unread)}; "
+                                    "the default is used"), soft_wrap=True)
+    return prompt_template, chat_template
 
 
 def _model_settings(directory) -> dict[str, str]:
@@ -259,8 +307,8 @@ def evaluate(
     top_k: TopKOption = 0,
     prompt_column: PromptColumnOption = "prompt",
     answer_column: AnswerColumnOption = "answer",
-    prompt_template: PromptTemplateOption = "{prompt}",
-    chat_template: ChatTemplateOption = False,
+    prompt_template: PromptTemplateOption = None,
+    chat_template: ChatTemplateOption = None,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="evaluate only the first N prompts")] = None,
     correct_threshold: Annotated[Optional[float], typer.Option(
         help="a sample is correct when its reward reaches this (default: the reward's own; 1.0 for reasoning_gym and "
@@ -306,7 +354,7 @@ def evaluate(
 
     try:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-        records, reward_runner, tokenizer, policy, prompt_ids, directory = _sampling_inputs(
+        records, reward_runner, tokenizer, policy, prompt_ids, directory, prompt_format = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
             chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
             fit_max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
@@ -324,7 +372,8 @@ def evaluate(
     summary["settings"] = {"model": str(model), **_model_settings(directory), "data": str(data), "reward": reward, "n": n,
                            "max_new_tokens": max_new_tokens,
                            "temperature": temperature, "top_p": top_p, "top_k": top_k, "prompt_column": prompt_column,
-                           "answer_column": answer_column, "prompt_template": prompt_template, "chat_template": chat_template,
+                           "answer_column": answer_column, "prompt_template": prompt_format[0],
+                           "chat_template": prompt_format[1],
                            "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold,
                            "dtype": dtype, "seed": seed, "batch_size": batch_size}
     summary["sources"] = [record.source for record in records]
@@ -367,6 +416,9 @@ def evaluate(
         except OSError as error:  # checked before sampling, so rare: the summary still reaches stdout below
             console.print(Text.assemble(("error:", "bold red"), f" cannot write {out}: {error}"), soft_wrap=True)
     sys.stdout.write(text + "\n")
+    if result.reward_errors and result.reward_errors >= len(records) * n:
+        _fail(f"the reward failed on all {len(records) * n} samples, so every score above is 0 whatever the answer; "
+              "check that the reward suits this data (its columns, its answers)")
     if samples_lost:
         raise typer.Exit(1)
 
@@ -510,8 +562,8 @@ def data_audit(
     top_k: TopKOption = 0,
     prompt_column: PromptColumnOption = "prompt",
     answer_column: AnswerColumnOption = "answer",
-    prompt_template: PromptTemplateOption = "{prompt}",
-    chat_template: ChatTemplateOption = False,
+    prompt_template: PromptTemplateOption = None,
+    chat_template: ChatTemplateOption = None,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="audit only the first N prompts")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="sequences per generation call")] = 64,
     seed: SeedOption = 0,
@@ -543,7 +595,7 @@ def data_audit(
         _fail(f"--{message.replace('low_pass_rate', 'low-pass-rate')}")
     try:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-        records, reward_runner, tokenizer, policy, prompt_ids, model_directory = _sampling_inputs(
+        records, reward_runner, tokenizer, policy, prompt_ids, model_directory, prompt_format = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
             chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
             trust_remote_code=trust_remote_code,  # prompts that do not fit are the audit's to report, one by one
@@ -562,7 +614,7 @@ def data_audit(
     if len(result.too_long) > 20:
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
     settings = {"model": str(model), **_model_settings(model_directory), "reward": reward, "seed": seed,
-                "prompt_template": prompt_template,
+                "prompt_template": prompt_format[0], "chat_template": prompt_format[1],
                 "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}}
     reward_log = _keep_reward_traceback(result.first_reward_error, directory / "reward_errors.log")
     try:

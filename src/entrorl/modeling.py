@@ -6,15 +6,18 @@ import contextlib
 import functools
 import inspect
 import json
+import pickle
 import warnings
 import weakref
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
+    "DamagedWeightsError",
     "load_tokenizer", "save_tokenizer", "load_causal_lm", "check_causal", "turn_off_dropout", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
     "prompt_groups", "shares_prompts", "length_dependent_rope", "reset_dynamic_rope", "cache_argument", "output_cache", "left_pad", "model_context_length", "read_model_config",
     "check_prompts_fit", "stop_token_ids", "encode_prompt",
@@ -96,15 +99,18 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = check_model_files(path, weights=False)
+    _check_json_files(path, ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"))
     config_file = path / "tokenizer_config.json"
-    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    declared = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class") if config_file.is_file() else None
     try:
         if declared in _GENERIC_TOKENIZER_CLASSES:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         else:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as error:
-        _refuse_custom_code(path, error, trust_remote_code)
+    except Exception as error:
+        _check_json_files(path, ("tokenizer.json",))  # large: read again only to name it when it is what failed
+        if isinstance(error, ValueError):
+            _refuse_custom_code(path, error, trust_remote_code)
         raise
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer in {path} has no eos_token: responses could never end")
@@ -112,6 +118,49 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
         tokenizer.pad_token = tokenizer.eos_token
         _PADDING_BORROWED_FROM_EOS.add(tokenizer)
     return tokenizer
+
+
+class DamagedWeightsError(ValueError):
+    """A model directory's weight file cannot be read: damaged or truncated."""
+
+
+def _unreadable_weight_file(directory: Path) -> Path | None:
+    """The first of ``directory``'s weight files whose index of tensors cannot be read (a damaged or truncated file),
+    or None when every one reads. Only the header is read: safetensors' for ``*.safetensors``, the archive's for a
+    ``*.bin`` (memory-mapped, weights only)."""
+    from safetensors import safe_open
+
+    for file in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(file, framework="pt") as opened:
+                    opened.keys()
+            else:
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError):
+            return file
+    return None
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def _check_json_files(directory: Path, names: tuple[str, ...]) -> None:
+    """``ValueError`` naming the first of ``directory``'s files ``names`` that exists and is not a JSON object (a
+    damaged file would otherwise fail deep inside ``transformers`` with a message that names no file)."""
+    for name in names:
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            content = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{file} is not valid UTF-8 JSON ({error}): the file is damaged; save the tokenizer "
+                             "again") from None
+        if not isinstance(content, dict):
+            raise ValueError(f"{file} holds a JSON {_JSON_TYPES.get(type(content), 'value')}, not an object: the file "
+                             "is damaged; save the tokenizer again")
 
 
 def save_tokenizer(tokenizer, directory: str | Path) -> None:
@@ -150,6 +199,12 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     except ValueError as error:
         _refuse_custom_code(path, error, trust_remote_code)
         raise
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError) as error:
+        damaged = _unreadable_weight_file(path)
+        if damaged is None:  # every file's header reads: not a damaged file
+            raise
+        raise DamagedWeightsError(f"{damaged} cannot be read ({type(error).__name__}: {error}): the file is damaged or "
+                                  "truncated; save the model again") from error
     missing = sorted(loading.get("missing_keys") or ())
     mismatched = sorted(str(key[0] if isinstance(key, tuple) else key) for key in loading.get("mismatched_keys") or ())
     if missing or mismatched:

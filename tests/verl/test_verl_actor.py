@@ -135,7 +135,7 @@ def _padded(rows, length):
 def _direct_loss(method, params, data_parts, logits, temperature):
     """entrorl's objective on the padded response tensors, computed from the per-sequence logits."""
     prompts, responses, per_token = data_parts
-    rows, offset, stats = [], 0, {"logprob": [], "entropy": [], "disc": [], "disc_centered": []}
+    offset, stats = 0, {"logprob": [], "entropy": [], "disc": [], "disc_centered": []}
     for prompt, response in zip(prompts, responses):
         length = prompt.shape[0] + response.shape[0]
         sequence_logits = logits[offset + prompt.shape[0] - 1: offset + length - 1]

@@ -91,7 +91,15 @@ def save_tiny_model(directory: str | Path, *, alphabet: str = DEFAULT_ALPHABET, 
         bos_token_id=tokenizer.bos_token_id,
         **model_kwargs,
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per tiny weight file otherwise
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return directory

@@ -43,7 +43,7 @@ from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointWriteError", "save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text",
+__all__ = ["CheckpointWriteError", "training_run_of", "save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text",
            "ModelDirectory", "resolve_model_directory", "load_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files"]
 
 _PREFIX = "step_"
@@ -330,6 +330,23 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
     return ModelDirectory(weights=base, tokenizer=tokenizer, adapters=adapters)
 
 
+def training_run_of(path: str | Path) -> Path | None:
+    """The run directory that ``path`` is, or whose ``checkpoints/``, checkpoint ``step_N`` or checkpoint's ``model/``
+    / ``adapter/`` it is; None otherwise. A run directory holds ``checkpoints/`` and a ``config.json`` that is a
+    training configuration, not a model's."""
+    # as given first: a checkpoints/ linked to other storage resolves to a folder of another name
+    for named in dict.fromkeys((Path(os.path.abspath(path)), Path(path).resolve())):
+        candidates = [named, named.parent] if named.name == "checkpoints" else [named]
+        checkpoint = named.parent if named.name in ("model", ADAPTER_DIRECTORY) else named
+        if checkpoint.name.startswith(_PREFIX) and checkpoint.parent.name == "checkpoints":
+            candidates.append(checkpoint.parent.parent)
+        for run in candidates:
+            config = run / "config.json"
+            if (run / "checkpoints").is_dir() and config.is_file() and not declares_a_model(config):
+                return run
+    return None
+
+
 def _checkpoint_model(path: Path) -> Path:
     """``path``'s ``model/`` when ``path`` is a checkpoint, the newest complete checkpoint's when it is a run directory
     or its ``checkpoints/`` (``FileNotFoundError`` when it has none), else ``path`` itself."""
@@ -337,9 +354,11 @@ def _checkpoint_model(path: Path) -> Path:
         return path / "model"
     if path.name == "checkpoints" and any(path.glob(f"{_PREFIX}*/trainer.pt")):
         path = path.parent
-    # a run directory's config.json is its training configuration, not a model's
-    if ((path / "checkpoints").is_dir() and not (path / ADAPTER_CONFIG).is_file()
-            and not declares_a_model(path / "config.json")):
+    # a run directory's config.json is its training configuration, not a model's; a run stopped before its first
+    # checkpoint has its config.json and metrics.jsonl, and maybe no checkpoints/
+    looks_like_a_run = (path / "checkpoints").is_dir() or ((path / "metrics.jsonl").is_file()
+                                                           and (path / "config.json").is_file())
+    if looks_like_a_run and not (path / ADAPTER_CONFIG).is_file() and not declares_a_model(path / "config.json"):
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise FileNotFoundError(f"{path} is a run directory without a complete checkpoint")

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from entrorl.advantages import available_advantages, compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts, parse_band
 from entrorl.modeling import (
+    DamagedWeightsError,
     bucketed_response_token_stats,
     check_model_files,
     check_prompts_fit,
@@ -317,9 +318,11 @@ class Trainer:
                                    trust_remote_code=model_config.trust_remote_code, device=self.device)
         except torch.OutOfMemoryError:
             raise
-        except (OSError, RuntimeError, SafetensorError) as error:
+        except (OSError, RuntimeError, SafetensorError, DamagedWeightsError) as error:
             if checkpoint is None or lora is not None:
                 raise
+            if isinstance(error, DamagedWeightsError) and error.__cause__ is not None:
+                error = error.__cause__  # what the weight file's reader said
             raise ValueError(f"the model of checkpoint {checkpoint} cannot be read ({type(error).__name__}: {error}); "
                              f"delete {checkpoint.name} to resume from the checkpoint before it") from None
         if lora is not None:
