@@ -168,7 +168,8 @@ TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help
 
 
 def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str,
-                     prompt_template: str | None, chat_template: bool | None, max_prompts: int | None, device: str, dtype: str, base: Path | None = None,
+                     prompt_template: str | None, chat_template: bool | None, max_prompts: int | None, device: str,
+                     dtype: str, base: Path | None = None,
                      fit_max_new_tokens: int | None = None, trust_remote_code: bool = False, require_answer: bool = True,
                      correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
@@ -221,7 +222,8 @@ def _prompt_format(model: Path, prompt_template: str | None, chat_template: bool
         config = {}
 
     def recorded(section: str, name: str, kind: type):
-        value = config.get(section, {}).get(name) if isinstance(config, dict) and isinstance(config.get(section), dict) else None
+        part = config.get(section) if isinstance(config, dict) else None
+        value = part.get(name) if isinstance(part, dict) else None
         return value if isinstance(value, kind) else None
 
     taken, unread = [], []
@@ -243,8 +245,8 @@ def _prompt_format(model: Path, prompt_template: str | None, chat_template: bool
         console.print(Text(f"prompt format of the run in {run} (its config.json): {', '.join(taken)}; "
                            "--prompt-template and --chat-template / --no-chat-template override it"), soft_wrap=True)
     if unread:
-        console.print(Text.assemble(("warning", "yellow"), f": {run / 'config.json'} does not give {' or '.join(unread)}; "
-                                    "the default is used"), soft_wrap=True)
+        console.print(Text.assemble(("warning", "yellow"), f": {run / 'config.json'} does not give "
+                                    f"{' or '.join(unread)}; the default is used"), soft_wrap=True)
     return prompt_template, chat_template
 
 
