@@ -482,7 +482,7 @@ def test_cli_reports_malformed_rows_and_bad_options_before_sampling(tmp_path, ti
     assert not (tmp_path / "broken.audit").exists()
 
 
-def test_cli_refuses_outputs_it_could_not_write_before_loading_the_model(tmp_path, tiny_model_dir, monkeypatch):
+def test_cli_refuses_unwritable_outputs_and_bad_options_before_loading_the_model(tmp_path, tiny_model_dir, monkeypatch):
     """`eval --out` and `data audit --out` that cannot be written: one line, exit 2, and no model loaded (the sampling
     is not lost after the fact)."""
     import entrorl.modeling
@@ -510,6 +510,12 @@ def test_cli_refuses_outputs_it_could_not_write_before_loading_the_model(tmp_pat
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output, result.exception)
         assert result.output.startswith("error: ") and message in result.output, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1, result.output
+    # --top-p is a probability above 0: refused by the option's parser, naming the option, before anything loads
+    for command in (["eval"], ["data", "audit"]):
+        for value in ("0", "1.5", "nan"):
+            result = CliRunner().invoke(app, [*command, *common, "--top-p", value])
+            assert result.exit_code == 2 and f"Invalid value for '--top-p': {value} is not in the range 0<x<=1" in \
+                " ".join(result.output.replace("│", " ").split()), result.output
 
 
 def test_cli_audits_an_arrow_file_into_an_arrow_copy(tmp_path, tiny_model_dir):
@@ -536,6 +542,9 @@ def flaky(prompt, completion, answer, **meta):
 
 def broken(prompt, completion, answer, **meta):
     raise KeyError("tests")
+
+def half(prompt, completion, answer, **meta):
+    return 0.5
 """
 
 
@@ -551,6 +560,20 @@ def markup_data(tmp_path, monkeypatch):
     Path("m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     yield Path("m.jsonl")
     sys.modules.pop("entrorl_test_audit_rewards", None)
+
+
+def test_cli_audit_counts_a_sample_correct_from_the_threshold_given(markup_data, tiny_model_dir):
+    """``--correct-threshold`` decides which rewards count as correct, as in ``eval``; the summary records it."""
+    rates = {}
+    for threshold in (None, "0.6"):
+        out = f"aud-{threshold}"
+        result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(markup_data),
+                                          "--n", "2", "--max-new-tokens", "2", "--reward", "entrorl_test_audit_rewards:half",
+                                          "--out", out, *(["--correct-threshold", threshold] if threshold else [])])
+        assert result.exit_code == 0, result.output
+        summary = json.loads((Path(out) / "summary.json").read_text())
+        rates[summary["correct_threshold"]] = summary["mean_pass_rate"]
+    assert rates == {0.5: 1.0, 0.6: 0.0}  # every reward is 0.5: correct at the default threshold, wrong above it
 
 
 def test_cli_prints_data_verbatim_and_reward_failures_in_one_line(markup_data, tiny_model_dir, monkeypatch):

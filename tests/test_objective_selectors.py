@@ -578,6 +578,18 @@ def test_kl_cov_counts_on_policy_steps_not_the_micro_batches_of_one():
             fresh(dataclasses.replace(on_policy, step=step))
     with pytest.warns(UserWarning, match="on-policy"):
         fresh(dataclasses.replace(on_policy, step=3))
+    # advantages all 0 (every group's rewards equal) move no weight in any update: not counted either way
+    silent = dataclasses.replace(on_policy, advantages=torch.zeros_like(on_policy.advantages))
+    quiet = build_objective("kl_cov", kl_cov_ratio=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(1, 6):
+            quiet(dataclasses.replace(silent, step=step))
+        quiet(dataclasses.replace(on_policy, step=6))
+        quiet(dataclasses.replace(on_policy, step=7))
+        quiet(dataclasses.replace(silent, step=8))  # nor does it reset the count of on-policy steps
+    with pytest.warns(UserWarning, match="on-policy"):
+        quiet(dataclasses.replace(on_policy, step=9))
 
 
 # --------------------------------------------------------------------------------------------------

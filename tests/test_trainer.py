@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -221,7 +222,13 @@ def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_
     # no update happened, so none is predicted; every row's entropy was still scored (no zeros from the break)
     assert metrics["entropy/predicted_delta"] == 0.0 and "loss/policy" not in metrics
     assert metrics["entropy/p10"] > 0 and metrics["entropy/measured_delta"] == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(TrainingStopped, match="2 steps in a row had a non-finite"):
+    # the weights' norm is logged every step, and was not moved by the skipped update
+    start = trainer.weight_norm_at_start
+    trained = [parameter for parameter in trainer.model.parameters() if parameter.requires_grad]
+    assert metrics["train/weight_norm"] == float(torch.nn.utils.get_total_norm(trained))
+    with pytest.raises(TrainingStopped, match=r"2 steps in a row had a non-finite loss or gradient \(steps 2-3\).*The last "
+                       rf"checkpoint, .*step_000001, is intact. The trained weights' norm is {metrics['train/weight_norm']:.4g}, "
+                       rf"against {start:.4g} at the start of the run"):
         trainer.train_step()
     assert (saved / "trainer.pt").is_file()
 
@@ -240,8 +247,9 @@ def test_an_update_that_breaks_the_weights_stops_the_run_naming_the_checkpoint_t
         trainer.save()
         with pytest.raises(TrainingStopped, match=r"after the update of step 1 \(optim.lr = 1e\+10: too high\?\), the policy "
                            r"gives inf or NaN log-probs to \d+ of its \d+ sampled tokens.*step_000001, holds these weights; "
-                           r"no checkpoint before it is left"):
+                           r"no checkpoint before it is left. The trained weights' norm is (.*), against (.*) at the start"):
             trainer.train_step()
+        assert trainer.weight_norm > 1e8 * trainer.weight_norm_at_start  # the blow-up the message points at
 
         config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "parity_lr_reward:score"},
                                          optim={"steps": 4, "lr": 1e-3}, checkpoint={"every": 1}))
@@ -1094,6 +1102,13 @@ def test_cli_resume_of_a_finished_run_and_unloadable_model_directories(tmp_path,
                     "--set", "optim.lr=0.5")
     assert again.returncode == 0 and "already at step 1 of optim.steps = 1: nothing to do" in again.stderr
     assert (run_dir / "config.json").read_text() == before
+    # a file the run cannot write (here a file where samples/ goes) names the checkpoint to resume from, and how
+    (run_dir / "samples").write_text("in the way")
+    blocked = run_cli("train", str(config), "--run-dir", str(run_dir), "--resume", "--set", "optim.steps=2",
+                      "--set", "logging.samples_every=1")
+    assert blocked.returncode == 2 and "Traceback" not in blocked.stderr, blocked.stderr
+    assert re.search(r"error: \[Errno 17\] File exists: .*samples'; the last checkpoint, step_000001, is intact: once "
+                     r"the cause is fixed, continue with entrorl train .* --resume", " ".join(blocked.stderr.split()))
 
     no_weights = tmp_path / "no-weights"
     shutil.copytree(tiny_model_dir, no_weights)
@@ -1117,6 +1132,17 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, arithmetic_files)
     warned = run_cli("train", str(config), "--set", "optim.min_lr_ratio=0.1")
     assert warned.returncode == 2 and "missing-model" in warned.stderr
     assert "warning: optim.min_lr_ratio = 0.1 has no effect" in warned.stderr and "pydantic" not in warned.stderr
+
+
+def test_a_string_setting_that_yaml_read_as_a_number_says_to_quote_it(tmp_path, arithmetic_files):
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "model", train, None)
+    with pytest.raises(ConfigError, match=r"logging.name: Input should be a valid string \(got 2024\); YAML reads 2024 as a "
+                                          r"number: quote it, logging.name: \"2024\" in the file or --set 'logging.name=\"2024\"'"):
+        load_config(base, ["logging.name=2024"])
+    with pytest.raises(ConfigError, match=r"YAML reads true as a boolean: quote it"):
+        load_config(base, ["logging.name=true"])
+    assert load_config(base, ['logging.name="2024"']).logging.name == "2024"
 
 
 def test_malformed_data_row_is_reported_with_file_and_line(tmp_path, tiny_model_dir):
@@ -1255,34 +1281,83 @@ def test_metrics_are_flushed_every_step_and_synced_before_each_checkpoint(tmp_pa
     assert synced.count(metrics_file) == 2
 
 
+def run_with_a_checkpoint_per_step(tmp_path, tiny_model_dir, train, steps: int):
+    """The configuration and run directory of a finished ``steps``-step run that kept a checkpoint of every step."""
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": steps, "lr": 1e-3},
+                                     checkpoint={"every": 1, "keep": steps}))
+    Trainer(config, run_dir=tmp_path / "run").train()
+    return config, tmp_path / "run"
+
+
 def test_resume_skips_an_incomplete_checkpoint_and_names_an_unreadable_one(tmp_path, tiny_model_dir, arithmetic_files, caplog):
-    train, _ = arithmetic_files
-    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, "lr": 1e-3},
-                                     checkpoint={"every": 1, "keep": 3}))
-    run_dir = tmp_path / "run"
-    Trainer(config, run_dir=run_dir).train()
+    config, run_dir = run_with_a_checkpoint_per_step(tmp_path, tiny_model_dir, arithmetic_files[0], steps=4)
     checkpoints = run_dir / "checkpoints"
-    (checkpoints / "step_000003" / "model" / "model.safetensors").unlink()  # the weights of the latest are gone
+    (checkpoints / "step_000004" / "model" / "model.safetensors").unlink()  # the weights of the latest are gone
     with caplog.at_level("WARNING"):
         resumed = Trainer(config, run_dir=run_dir, resume=True)
-    assert resumed.step == 2 and "step_000003 is incomplete" in caplog.text and "using step_000002" in caplog.text
+    assert resumed.step == 3 and caplog.text.count("step_000004 is incomplete (model/model.safetensors is missing); "
+                                                   "using step_000003 instead") == 1
     resumed.close()
     # a machine that lost power after the rename can leave empty files: that checkpoint is incomplete too
-    (checkpoints / "step_000002" / "model" / "model.safetensors").write_bytes(b"")
+    (checkpoints / "step_000003" / "model" / "model.safetensors").write_bytes(b"")
     caplog.clear()
     with caplog.at_level("WARNING"):
         resumed = Trainer(config, run_dir=run_dir, resume=True)
-    assert resumed.step == 1 and "(a file is missing or empty); using step_000001" in caplog.text
+    assert resumed.step == 2 and "step_000004 is incomplete" in caplog.text
     resumed.close()
+    # a tokenizer file lost: without it the resumed run could not encode its prompts
+    (checkpoints / "step_000002" / "model" / "tokenizer_config.json").unlink()
+    with caplog.at_level("WARNING"):
+        resumed = Trainer(config, run_dir=run_dir, resume=True)
+    assert resumed.step == 1
+    resumed.close()
+    # damaged where the size did not change: named when it is read
     weights = checkpoints / "step_000001" / "model" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:40])  # cut short, not empty
+    saved = weights.read_bytes()
+    weights.write_bytes(b"x" * 40 + saved[40:])
     with pytest.raises(ValueError, match=r"the model of checkpoint .*step_000001 cannot be read \(SafetensorError: .*\); "
                                          r"delete step_000001 to resume from the checkpoint before it"):
         Trainer(config, run_dir=run_dir, resume=True)
+    weights.write_bytes(saved)
     trainer_state = checkpoints / "step_000001" / "trainer.pt"
-    trainer_state.write_bytes(trainer_state.read_bytes()[:100])  # cut short
+    saved = trainer_state.read_bytes()
+    trainer_state.write_bytes(b"x" * 100 + saved[100:])
     with pytest.raises(ValueError, match=r"step_000001/trainer.pt cannot be read .*delete step_000001 to resume"):
         Trainer(config, run_dir=run_dir, resume=True)
+    # cut short: no complete checkpoint is left, and the message says what is wrong with each
+    trainer_state.write_bytes(saved[:100])
+    with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint in .*checkpoints; incomplete: step_000001 "
+                                                r"\(trainer.pt has 100 bytes instead of the \d+ written\); step_000002 "
+                                                r"\(model/tokenizer_config.json is missing\); step_000003 \(model/model"):
+        Trainer(config, run_dir=run_dir, resume=True)
+
+
+def test_latest_pointer_problems_are_named_once(tmp_path, tiny_model_dir, arithmetic_files, caplog):
+    """An empty ``latest``, one naming a deleted checkpoint, and a checkpoint written before files.json (judged by its
+    trainer state, config and weights)."""
+    from entrorl.trainer.checkpoint import latest_checkpoint
+
+    _, run_dir = run_with_a_checkpoint_per_step(tmp_path, tiny_model_dir, arithmetic_files[0], steps=2)
+    root = run_dir / "checkpoints"
+    assert json.loads((root / "step_000002" / "files.json").read_text())["files"]["trainer.pt"] == \
+        (root / "step_000002" / "trainer.pt").stat().st_size
+    (root / "latest").write_text("")
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(run_dir) == root / "step_000002"
+        assert latest_checkpoint(run_dir) == root / "step_000002"
+    assert caplog.text.count("latest is empty; using step_000002 instead") == 1
+    shutil.rmtree(root / "step_000002")
+    (root / "latest").write_text("step_000002\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(run_dir) == root / "step_000001"
+    assert "latest names 'step_000002', which is not there; using step_000001 instead" in caplog.text
+    # a checkpoint from before files.json: complete with its trainer state, config and weights
+    (root / "step_000001" / "files.json").unlink()
+    (root / "step_000001" / "model" / "tokenizer.json").unlink()
+    assert latest_checkpoint(run_dir) == root / "step_000001"
+    (root / "step_000001" / "model" / "model.safetensors").write_bytes(b"")
+    assert latest_checkpoint(run_dir) is None
 
 
 def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind_and_names_the_intact_one(
@@ -1511,6 +1586,8 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     assert methods.returncode == 0 and {m["name"] for m in json.loads(methods.stdout)} >= {"clip_b", "kl_cov", "forking_tokens"}
     table = run_cli("methods", env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}).stdout
     assert all(f"│ {name} " in table for name in ("adaptive_entropy", "entropy_advantage", "forking_tokens"))  # whole, piped
+    (dr_grpo,) = [line for line in table.splitlines() if line.startswith("│ dr_grpo ")]
+    assert "loss aggregation" in table and "│ seq-mean-token-sum-norm │" in dr_grpo
     too_big = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "4")
     assert too_big.returncode == 2 and "exceeds --n" in too_big.stderr
 
@@ -1593,7 +1670,8 @@ def test_cli_writes_reasoning_gym_data_the_reward_scores(tmp_path):
 
 def test_cli_eval_of_a_run_samples_with_the_run_s_prompt_format(tmp_path, tiny_model_dir, arithmetic_files):
     """--model naming a run or one of its checkpoints: prompts are formatted as the run trained on them (its
-    data.prompt_template and model.chat_template), said on stderr; --prompt-template overrides it."""
+    data.prompt_template and model.chat_template) and responses as long as its rollouts (rollout.max_new_tokens),
+    said on stderr; --prompt-template and --max-new-tokens override it."""
     train, held_out = arithmetic_files
     config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1}, checkpoint={"every": 1},
                                      data={"prompt_template": "Q {prompt}"}))
@@ -1605,34 +1683,42 @@ def test_cli_eval_of_a_run_samples_with_the_run_s_prompt_format(tmp_path, tiny_m
         settings = json.loads(result.stdout)["settings"]
         assert (settings["prompt_template"], settings["chat_template"]) == ("Q {prompt}", False)
         assert "data.prompt_template = 'Q {prompt}'" in result.stderr and "model.chat_template = false" in result.stderr
+        assert settings["max_new_tokens"] == 3 and "rollout.max_new_tokens" not in result.stderr
+    followed = run_cli(*base[:-2], "--model", str(tmp_path / "run"))
+    assert followed.returncode == 0, followed.stderr
+    assert json.loads(followed.stdout)["settings"]["max_new_tokens"] == 6 and "rollout.max_new_tokens = 6" in followed.stderr
     given = run_cli(*base, "--model", str(tmp_path / "run"), "--prompt-template", "{prompt}")
     assert given.returncode == 0, given.stderr
     assert json.loads(given.stdout)["settings"]["prompt_template"] == "{prompt}"
     assert "data.prompt_template" not in given.stderr and "model.chat_template = false" in given.stderr
     plain = run_cli(*base, "--model", str(tiny_model_dir))  # a model directory: no run to follow
-    assert plain.returncode == 0 and "prompt format" not in plain.stderr, plain.stderr
+    assert plain.returncode == 0 and "sampling as the run" not in plain.stderr, plain.stderr
     assert json.loads(plain.stdout)["settings"]["prompt_template"] == "{prompt}"
 
 
 def test_prompt_format_reads_each_setting_of_the_run_on_its_own(tmp_path, capsys):
     """Each setting the run's config.json gives is used unless given; one it lacks falls back with a warning; a
     checkpoints/ linked to other storage still leads to its run."""
-    from entrorl.cli import _prompt_format
+    from entrorl.cli import DEFAULT_MAX_NEW_TOKENS, _run_defaults
 
     run, storage = tmp_path / "run", tmp_path / "scratch"
     (storage / "step_000001" / "model").mkdir(parents=True)
     run.mkdir()
     (run / "checkpoints").symlink_to(storage, target_is_directory=True)
-    (run / "config.json").write_text(json.dumps({"seed": 1, "data": {"prompt_template": "Q: {prompt}"}, "model": {}}))
+    (run / "config.json").write_text(json.dumps({"seed": 1, "data": {"prompt_template": "Q: {prompt}"}, "model": {},
+                                                  "rollout": {"max_new_tokens": 12}}))
     model = run / "checkpoints" / "step_000001" / "model"
-    assert _prompt_format(model, None, None) == ("Q: {prompt}", False)
+    assert _run_defaults(model, None, None, None) == ("Q: {prompt}", False, 12)
     err = capsys.readouterr().err
     assert "data.prompt_template = 'Q: {prompt}'" in err and "does not give model.chat_template" in err
-    (run / "config.json").write_text(json.dumps({"data": {"prompt_template": 3}, "model": {"chat_template": True}}))
-    assert _prompt_format(run, None, None) == ("{prompt}", True)
-    assert "does not give data.prompt_template" in capsys.readouterr().err
-    assert _prompt_format(run, "A {prompt}", False) == ("A {prompt}", False)  # given: the run is not read
-    assert _prompt_format(tmp_path, None, None) == ("{prompt}", False) and not capsys.readouterr().err  # no run
+    (run / "config.json").write_text(json.dumps({"data": {"prompt_template": 3}, "model": {"chat_template": True},
+                                                 "rollout": {"max_new_tokens": True}}))
+    assert _run_defaults(run, None, None, None) == ("{prompt}", True, DEFAULT_MAX_NEW_TOKENS)
+    assert "does not give data.prompt_template or rollout.max_new_tokens" in capsys.readouterr().err
+    assert _run_defaults(run, "A {prompt}", False, 5) == ("A {prompt}", False, 5)  # all given: the run is not read
+    assert not capsys.readouterr().err
+    assert _run_defaults(tmp_path, None, None, None) == ("{prompt}", False, DEFAULT_MAX_NEW_TOKENS)  # no run
+    assert not capsys.readouterr().err
 
 
 def test_cli_eval_fails_when_the_reward_failed_on_every_sample(tmp_path, tiny_model_dir, arithmetic_files):

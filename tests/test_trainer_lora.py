@@ -164,9 +164,14 @@ def test_damaged_adapters_name_the_checkpoint_to_delete(tmp_path, tiny_model_dir
     settings = lora_config(tiny_model_dir, train, parity_reward, optim={"steps": 2})
     Trainer(load_config(settings), run_dir=tmp_path / "run").train()
     weights = tmp_path / "run" / "checkpoints" / "step_000002" / "adapter" / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
+    saved = weights.read_bytes()
+    weights.write_bytes(b"x" * 100 + saved[100:])  # damaged, at its written size
     settings["optim"]["steps"] = 3
     with pytest.raises(ValueError, match="adapters of checkpoint .*step_000002.*delete step_000002"):
+        Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True)
+    weights.write_bytes(saved[:100])  # cut short: not a complete checkpoint, and the only one
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*; incomplete: step_000002 \(adapter/adapter_model"
+                                                r".safetensors has 100 bytes instead of the \d+ written\)"):
         Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True)
 
 
@@ -340,7 +345,7 @@ def test_eval_loads_adapters_onto_the_base_model_they_record(tmp_path, tiny_mode
     run = (tmp_path / "run").resolve()
     for named in (run, run / "checkpoints", first, first / "model", first / "adapter"):
         assert training_run_of(named) == run, named
-    assert training_run_of(tiny_model_dir) is None and training_run_of(tmp_path / "early") is None
+    assert training_run_of(tiny_model_dir) is None and training_run_of(tmp_path / "early") == (tmp_path / "early").resolve()
     # a model directory with a checkpoints/ folder of its own is no run directory
     import shutil
 

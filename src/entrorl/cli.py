@@ -41,7 +41,7 @@ def train(
 ) -> None:
     """Train a local Hugging Face model with an entrorl method; writes metrics.jsonl and checkpoints."""
     from entrorl.trainer import ConfigError, Trainer, TrainingInterrupted, TrainingStopped, load_config
-    from entrorl.trainer.checkpoint import checkpoint_step, latest_checkpoint
+    from entrorl.trainer.checkpoint import CheckpointWriteError, checkpoint_step, latest_checkpoint
 
     try:
         train_config = load_config(config, set_ or [])
@@ -76,15 +76,20 @@ def train(
             before, now = trainer.resume_learning_rate
             console.print(f"  so the next step's learning rate is {now:.4g} (the checkpoint's schedule: {before:.4g})",
                           highlight=False, soft_wrap=True)
+    again = ["entrorl", "train", str(config), *(f"--set={option}" for option in set_ or []), "--run-dir",
+             str(trainer.run_dir)]
     try:
         trainer.train(handle_signals=True)
     except TrainingStopped as error:
         _fail(str(error), code=3)
-    except OSError as error:  # a checkpoint that could not be written (a full disk), a removed run directory
+    except CheckpointWriteError as error:  # a full disk, a removed run directory: the message names the intact one
         _fail(str(error))
+    except OSError as error:  # any other file the run writes (metrics, evaluations, samples)
+        latest = latest_checkpoint(trainer.run_dir) if trainer.run_dir.is_dir() else None
+        _fail(f"{error}; " + (f"the last checkpoint, {latest.name}, is intact: once the cause is fixed, continue with "
+                              f"{shlex.join([*again, '--resume'])}" if latest is not None
+                              else "no checkpoint had been written"))
     except TrainingInterrupted as error:
-        again = ["entrorl", "train", str(config), *(f"--set={option}" for option in set_ or []), "--run-dir",
-                 str(trainer.run_dir)]
         by = f" by {signal.Signals(error.signal_number).name}"
         if error.checkpoint is None:
             console.print(Text.assemble(("interrupted", "bold yellow"), by + " after the evaluation at the start, before "
@@ -137,6 +142,7 @@ def _parse_ks(text: str) -> list[int]:
 
 
 # options that `eval` and `data audit` share, spelled once
+DEFAULT_MAX_NEW_TOKENS = 256
 ModelDirOption = Annotated[Path, typer.Option("--model", help="local Hugging Face model directory, a training checkpoint "
                                               "or run directory (its newest checkpoint), or LoRA adapters in peft's "
                                               "format (a checkpoint's adapter/) on the base model they record")]
@@ -145,15 +151,26 @@ BaseModelOption = Annotated[Optional[Path], typer.Option("--base", help="with --
 DataFileOption = Annotated[Path, typer.Option("--data", help="prompt file (.jsonl, .json, .csv, .parquet, .arrow, "
                                                           "datasets directory)")]
 SamplesOption = Annotated[int, typer.Option("--n", min=1, help="samples per prompt")]
-MaxNewTokensOption = Annotated[int, typer.Option(min=1, help="most tokens sampled per response")]
+MaxNewTokensOption = Annotated[Optional[int], typer.Option(
+    min=1, help="most tokens sampled per response (default: the run's rollout.max_new_tokens when --model is a run or "
+    f"one of its checkpoints, as its own evaluations sampled, else {DEFAULT_MAX_NEW_TOKENS})")]
 TemperatureOption = Annotated[float, typer.Option(min=0.0, help="sampling temperature (0 = greedy)")]
-TopPOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling: keep the smallest set of tokens "
-                                           "whose probability reaches this (1 = off)")]
+def _probability_above_zero(value: float) -> float:
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"{value:g} is not in the range 0<x<=1 (1 = off)")
+    return value
+
+
+TopPOption = Annotated[float, typer.Option(callback=_probability_above_zero, help="nucleus sampling: keep the smallest "
+                                           "set of tokens whose probability reaches this (1 = off)")]
 TopKOption = Annotated[int, typer.Option(min=0, help="keep only the k most likely tokens (0 = off)")]
 PromptColumnOption = Annotated[str, typer.Option(help="the data's column holding the prompt")]
 AnswerColumnOption = Annotated[str, typer.Option(help="the data's column holding the reference answer")]
 SeedOption = Annotated[int, typer.Option(help="sampling seed")]
 RewardOption = Annotated[str, typer.Option("--reward", help="reward name or package.module:function")]
+CorrectThresholdOption = Annotated[Optional[float], typer.Option(
+    help="a sample is correct when its reward reaches this (default: the reward's own; 1.0 for reasoning_gym and "
+    "code, 0.5 otherwise)")]
 PromptTemplateOption = Annotated[Optional[str], typer.Option(
     "--prompt-template", help="format string with {prompt} (default: the run's data.prompt_template when --model is a "
     "run or one of its checkpoints, else '{prompt}')")]
@@ -168,16 +185,16 @@ TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help
 
 
 def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str,
-                     prompt_template: str | None, chat_template: bool | None, max_prompts: int | None, device: str,
-                     dtype: str, base: Path | None = None,
-                     fit_max_new_tokens: int | None = None, trust_remote_code: bool = False, require_answer: bool = True,
+                     prompt_template: str | None, chat_template: bool | None, max_new_tokens: int | None,
+                     max_prompts: int | None, device: str, dtype: str, base: Path | None = None,
+                     check_fit: bool = False, trust_remote_code: bool = False, require_answer: bool = True,
                      correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
-    the tokenizer, the model in eval mode, the encoded prompts, the model directory resolved and the prompt format
-    used (template, chat template: see :func:`_prompt_format`); ValueError / FileNotFoundError on bad input. The
-    model is a complete model directory or LoRA adapters on ``base`` (see
+    the tokenizer, the model in eval mode, the encoded prompts, the model directory resolved and the sampling format
+    used (template, chat template, most new tokens: see :func:`_run_defaults`); ValueError / FileNotFoundError on bad
+    input. The model is a complete model directory or LoRA adapters on ``base`` (see
     :func:`entrorl.trainer.checkpoint.resolve_model_directory`). With
-    ``fit_max_new_tokens`` every prompt must leave that many tokens of the context (checked before the weights load
+    ``check_fit`` every prompt must leave the most new tokens of the context (checked before the weights load
     when config.json declares the context). ``check_outputs`` runs once the data and the reward are checked, before
     the model loads: a place to refuse an output that could not be written, before the sampling it would lose."""
     from entrorl.data import check_prompt_template, load_prompts
@@ -187,7 +204,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     from entrorl.trainer.config import resolve_device
 
     directory = resolve_model_directory(model, base=base)
-    prompt_template, chat_template = _prompt_format(model, prompt_template, chat_template)
+    prompt_template, chat_template, max_new_tokens = _run_defaults(model, prompt_template, chat_template, max_new_tokens)
     check_prompt_template(prompt_template)
     records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
                            require_answer=require_answer)[:max_prompts]
@@ -197,25 +214,28 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
         check_outputs()
     tokenizer = load_tokenizer(directory.tokenizer, trust_remote_code=trust_remote_code)
     prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
-    declared = (read_model_config(directory.weights, trust_remote_code=trust_remote_code)
-                if fit_max_new_tokens is not None else None)
+    declared = read_model_config(directory.weights, trust_remote_code=trust_remote_code) if check_fit else None
     if declared is not None:
-        check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=fit_max_new_tokens)
+        check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
     policy = load_model_directory(directory, dtype=dtype, trust_remote_code=trust_remote_code, device=resolve_device(device))
-    if fit_max_new_tokens is not None and declared is None:
-        check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=fit_max_new_tokens)
-    return records, reward_runner, tokenizer, policy, prompt_ids, directory, (prompt_template, chat_template)
+    if check_fit and declared is None:
+        check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
+    return (records, reward_runner, tokenizer, policy, prompt_ids, directory,
+            (prompt_template, chat_template, max_new_tokens))
 
 
-def _prompt_format(model: Path, prompt_template: str | None, chat_template: bool | None) -> tuple[str, bool]:
-    """The prompt template and chat-template switch to sample with: those given, else, when ``model`` is a training
-    run or one of its checkpoints, the run's own (``data.prompt_template``, ``model.chat_template`` in its
-    config.json, said in one line), else ``"{prompt}"`` without the chat template."""
+def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool | None,
+                  max_new_tokens: int | None) -> tuple[str, bool, int]:
+    """The prompt template, chat-template switch and most new tokens to sample with: those given, else, when ``model``
+    is a training run or one of its checkpoints, the run's own (``data.prompt_template``, ``model.chat_template``,
+    ``rollout.max_new_tokens`` in its config.json, said in one line), else ``"{prompt}"`` without the chat template
+    and :data:`DEFAULT_MAX_NEW_TOKENS`."""
     from entrorl.trainer.checkpoint import training_run_of
 
-    run = training_run_of(model) if prompt_template is None or chat_template is None else None
+    run = training_run_of(model) if None in (prompt_template, chat_template, max_new_tokens) else None
     if run is None:
-        return ("{prompt}" if prompt_template is None else prompt_template), bool(chat_template)
+        return (("{prompt}" if prompt_template is None else prompt_template), bool(chat_template),
+                DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
     try:
         config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
@@ -241,13 +261,20 @@ def _prompt_format(model: Path, prompt_template: str | None, chat_template: bool
             unread.append("model.chat_template")
         else:
             taken.append(f"model.chat_template = {str(chat_template).lower()}")
+    if max_new_tokens is None:
+        max_new_tokens = recorded("rollout", "max_new_tokens", int)
+        if max_new_tokens is None or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+            unread.append("rollout.max_new_tokens")
+        else:
+            taken.append(f"rollout.max_new_tokens = {max_new_tokens}")
     if taken:
-        console.print(Text(f"prompt format of the run in {run} (its config.json): {', '.join(taken)}; "
-                           "--prompt-template and --chat-template / --no-chat-template override it"), soft_wrap=True)
+        console.print(Text(f"sampling as the run in {run} did (its config.json): {', '.join(taken)}; --prompt-template, "
+                           "--chat-template / --no-chat-template and --max-new-tokens override it"), soft_wrap=True)
     if unread:
         console.print(Text.assemble(("warning", "yellow"), f": {run / 'config.json'} does not give "
                                     f"{' or '.join(unread)}; the default is used"), soft_wrap=True)
-    return prompt_template, chat_template
+    return prompt_template, chat_template, max_new_tokens
 
 
 def _model_settings(directory) -> dict[str, str]:
@@ -303,7 +330,7 @@ def evaluate(
     k: Annotated[Optional[str], typer.Option(help="comma-separated k values for Pass@k, each at most --n "
                                                   "(default: powers of two up to n, and n)")] = None,
     reward: RewardOption = "math",
-    max_new_tokens: MaxNewTokensOption = 256,
+    max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
     top_k: TopKOption = 0,
@@ -312,9 +339,7 @@ def evaluate(
     prompt_template: PromptTemplateOption = None,
     chat_template: ChatTemplateOption = None,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="evaluate only the first N prompts")] = None,
-    correct_threshold: Annotated[Optional[float], typer.Option(
-        help="a sample is correct when its reward reaches this (default: the reward's own; 1.0 for reasoning_gym and "
-        "code, 0.5 otherwise)")] = None,
+    correct_threshold: CorrectThresholdOption = None,
     require_answer: Annotated[bool, typer.Option(
         help="refuse rows without a reference answer (--no-require-answer for tasks whose reward checks answers "
         "without one)")] = True,
@@ -355,15 +380,17 @@ def evaluate(
             check_output_file(path, what=option)
 
     try:
-        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        SamplingParams(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, top_k=top_k)  # checked now
         records, reward_runner, tokenizer, policy, prompt_ids, directory, prompt_format = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
-            fit_max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
+            chat_template=chat_template, max_new_tokens=max_new_tokens, max_prompts=max_prompts, device=device,
+            dtype=dtype, base=base, check_fit=True, trust_remote_code=trust_remote_code,
             require_answer=require_answer, correct_threshold=correct_threshold,
             check_outputs=check_outputs)
     except (ValueError, OSError, ImportError) as error:  # ImportError: adapters without peft
         _fail(str(error))
+    max_new_tokens = prompt_format[2]
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     with Progress(console=console) as progress:
         task = progress.add_task("sampling", total=len(records) * n)
         result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks, sampling=sampling,
@@ -437,11 +464,11 @@ def methods(
         sys.stdout.write(json.dumps([info.__dict__ for info in infos], indent=1, default=str) + "\n")
         return
     table = Table(title="entrorl methods")
-    for column in ("method", "description", "parameters", "advantages", "paper"):
-        table.add_column(column, overflow="fold", no_wrap=column in ("method", "advantages"))
+    for column in ("method", "description", "parameters", "loss aggregation", "advantages", "paper"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("method", "loss aggregation", "advantages"))
     for info in infos:
         params = ", ".join(f"{key}={value}" for key, value in info.params.items() if value is not None)
-        table.add_row(info.name, info.description, params, info.advantage_estimator, info.paper)
+        table.add_row(info.name, info.description, params, info.loss_agg_mode, info.advantage_estimator, info.paper)
     # off a terminal rich assumes 80 columns, where the descriptions would take a line per word
     piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
     Console(width=160 if piped else None).print(table)
@@ -558,7 +585,7 @@ def data_audit(
     low_pass_rate: Annotated[float, typer.Option(help="pass rates at or below this are rarely solved (hard or wrong)")] = 0.25,
     keep_wrong: Annotated[bool, typer.Option("--keep-wrong", help="keep suspected-wrong rows in the filtered file")] = False,
     out: Annotated[Optional[Path], typer.Option(help="output directory (default: <stem>.audit next to the data, small.audit/ for small.jsonl)")] = None,
-    max_new_tokens: MaxNewTokensOption = 256,
+    max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
     top_k: TopKOption = 0,
@@ -567,6 +594,7 @@ def data_audit(
     prompt_template: PromptTemplateOption = None,
     chat_template: ChatTemplateOption = None,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="audit only the first N prompts")] = None,
+    correct_threshold: CorrectThresholdOption = None,
     batch_size: Annotated[int, typer.Option(min=1, help="sequences per generation call")] = 64,
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
@@ -596,14 +624,16 @@ def data_audit(
         message = str(error).removeprefix("AuditThresholds: ")
         _fail(f"--{message.replace('low_pass_rate', 'low-pass-rate')}")
     try:
-        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        SamplingParams(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, top_k=top_k)  # checked now
         records, reward_runner, tokenizer, policy, prompt_ids, model_directory, prompt_format = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
-            trust_remote_code=trust_remote_code,  # prompts that do not fit are the audit's to report, one by one
-            check_outputs=lambda: check_audit_output(data, directory))
+            chat_template=chat_template, max_new_tokens=max_new_tokens, max_prompts=max_prompts, device=device,
+            dtype=dtype, base=base, trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
+            correct_threshold=correct_threshold, check_outputs=lambda: check_audit_output(data, directory))
     except (ValueError, OSError, ImportError) as error:  # OSError: missing files, unreadable model directories
         _fail(str(error))
+    max_new_tokens = prompt_format[2]
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -615,7 +645,8 @@ def data_audit(
         console.print(Text.assemble(("skipped", "yellow"), " ", item.message(max_new_tokens)), soft_wrap=True)
     if len(result.too_long) > 20:
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
-    settings = {"model": str(model), **_model_settings(model_directory), "reward": reward, "seed": seed,
+    settings = {"model": str(model), **_model_settings(model_directory), "reward": reward,
+                "correct_threshold": reward_runner.correct_threshold, "seed": seed,
                 "prompt_template": prompt_format[0], "chat_template": prompt_format[1],
                 "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}}
     reward_log = _keep_reward_traceback(result.first_reward_error, directory / "reward_errors.log")

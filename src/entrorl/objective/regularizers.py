@@ -193,7 +193,8 @@ class KLCov(Regularizer):
     Strictly on-policy (one update per rollout, ``log pi == log pi_old``) the term is zero with zero
     gradient, so KL-Cov reduces to its surrogate: it acts only with several mini-batches or epochs per
     rollout. A warning says so after three training steps in a row (``PolicyBatch.step``; calls, without it) in which
-    every selected token had ``log r == 0``: the micro-batches of a step's first, on-policy update are one step."""
+    every selected token had ``log r == 0``: the micro-batches of a step's first, on-policy update are one step, and
+    calls whose advantages are all 0 (no weight moves then, whatever the schedule) are not counted."""
 
     kl_cov_ratio: float = Field(2e-3, gt=0.0, le=1.0, description="k = 2e-3 for 7B, 2e-4 for 32B (arXiv 2505.22617)")
     ppo_kl_coef: float = Field(1.0, ge=0.0, description="beta = 1 (arXiv 2505.22617 recipe)")
@@ -219,19 +220,26 @@ class KLCov(Regularizer):
         abs_log_ratio = (batch.log_prob - batch.old_log_prob.detach()).abs()
         penalty = torch.where(selected, self.ppo_kl_coef * abs_log_ratio, torch.zeros_like(abs_log_ratio))
         on_policy = bool(selected.any()) and float(abs_log_ratio.detach()[selected].max()) == 0.0
-        # the first update of every rollout batch is on-policy anyway: only a run of on-policy steps means no effect
+        # advantages all 0 (every group's rewards equal) move no weight, so log r stays 0 in every later update too:
+        # such a batch says nothing about whether the updates are on-policy, and is not counted either way
+        if n_valid and bool(advantages.detach()[mask].ne(0).any()):
+            self._count_on_policy(on_policy, batch.step)
+        metrics["select/kl_cov_frac"] = fraction(selected, mask)
+        metrics["kl_cov/abs_log_ratio"] = float(masked_mean(abs_log_ratio.detach(), mask))
+        return RegularizerTerm(per_token=penalty)
+
+    def _count_on_policy(self, on_policy: bool, step: int | None) -> None:
+        """Warn once after :data:`_ON_POLICY_WARN_AFTER` steps in a row (calls, without ``step``) of on-policy calls:
+        the first update of every rollout batch is on-policy anyway, so only a run of such steps means no effect."""
         self._on_policy_calls = self._on_policy_calls + 1 if on_policy else 0
         if not on_policy:
             self._on_policy_steps.clear()
         elif not self._warned_on_policy:  # said once: no need to keep counting
-            self._on_policy_steps.add(batch.step if batch.step is not None else ("call", self._on_policy_calls))
+            self._on_policy_steps.add(step if step is not None else ("call", self._on_policy_calls))
         if len(self._on_policy_steps) >= _ON_POLICY_WARN_AFTER and not self._warned_on_policy:
             warnings.warn(
                 "kl_cov: log pi == log pi_old on every selected token, so the KL term is zero with zero gradient "
                 "(KL-Cov is a no-op strictly on-policy); use several mini-batches or epochs per rollout.",
-                stacklevel=2,
+                stacklevel=3,
             )
             self._warned_on_policy = True
-        metrics["select/kl_cov_frac"] = fraction(selected, mask)
-        metrics["kl_cov/abs_log_ratio"] = float(masked_mean(abs_log_ratio.detach(), mask))
-        return RegularizerTerm(per_token=penalty)

@@ -6,12 +6,16 @@ Layout of a run directory::
                                                   the config and tokenizer alone with model.lora.merged: last)
     run_dir/checkpoints/step_000040/adapter/      with LoRA only: the adapters, in peft's format
     run_dir/checkpoints/step_000040/trainer.pt    optimizer, scheduler, RNG states, data position, objective state
+    run_dir/checkpoints/step_000040/files.json    every file above with its size, written last: what "complete" means
     run_dir/checkpoints/latest                    name of the newest complete checkpoint
     run_dir/.lock                                 held by the process that runs there (:func:`lock_run_directory`)
 
 A checkpoint is written into a hidden temporary directory, synced to disk (so that a machine that loses power
 cannot leave a renamed checkpoint with empty files) and renamed into place (``os.replace`` is atomic on one
-filesystem); ``latest`` is then rewritten the same way. Only then are old checkpoints pruned. A write that fails (a
+filesystem); ``latest`` is then rewritten the same way. Only then are old checkpoints pruned. A checkpoint counts as
+complete when every file its ``files.json`` lists is there with the size it was written with (a checkpoint from before
+``files.json``: when its trainer state, model config and weights are there and not empty); a resume, ``entrorl eval``
+of a run and pruning pass over incomplete ones. A write that fails (a
 full disk) removes its temporary directory and raises :class:`CheckpointWriteError`; the previous checkpoint stays.
 """
 
@@ -43,7 +47,7 @@ from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointWriteError", "training_run_of", "save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text",
+__all__ = ["CheckpointWriteError", "training_run_of", "save_checkpoint", "latest_checkpoint", "incomplete_checkpoints", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text",
            "ModelDirectory", "resolve_model_directory", "load_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files"]
 
 _PREFIX = "step_"
@@ -237,6 +241,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
             model.save_pretrained(temporary / "model")
         save_tokenizer(tokenizer, temporary / "model")
         torch.save(trainer_state, temporary / "trainer.pt")
+        _write_file_list(temporary)
         _sync_tree(temporary)
     except Exception as error:  # torch.save reports a full disk as a RuntimeError, safetensors as its own error
         shutil.rmtree(temporary, ignore_errors=True)
@@ -330,10 +335,19 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
     return ModelDirectory(weights=base, tokenizer=tokenizer, adapters=adapters)
 
 
+def _is_run_directory(path: Path) -> bool:
+    """Whether ``path`` is a training run's directory: it holds ``checkpoints/``, or (a run stopped before its first
+    checkpoint) a ``config.json`` and a ``metrics.jsonl``; and its ``config.json``, if any, is a training
+    configuration, not a model's (a model directory may have a ``checkpoints/`` folder of its own), and it holds no
+    LoRA adapters."""
+    config = path / "config.json"
+    looks_like_a_run = (path / "checkpoints").is_dir() or ((path / "metrics.jsonl").is_file() and config.is_file())
+    return looks_like_a_run and not (path / ADAPTER_CONFIG).is_file() and not declares_a_model(config)
+
+
 def training_run_of(path: str | Path) -> Path | None:
     """The run directory that ``path`` is, or whose ``checkpoints/``, checkpoint ``step_N`` or checkpoint's ``model/``
-    / ``adapter/`` it is; None otherwise. A run directory holds ``checkpoints/`` and a ``config.json`` that is a
-    training configuration, not a model's."""
+    / ``adapter/`` it is, when it still has its training configuration (``config.json``); None otherwise."""
     # as given first: a checkpoints/ linked to other storage resolves to a folder of another name
     for named in dict.fromkeys((Path(os.path.abspath(path)), Path(path).resolve())):
         candidates = [named, named.parent] if named.name == "checkpoints" else [named]
@@ -341,8 +355,7 @@ def training_run_of(path: str | Path) -> Path | None:
         if checkpoint.name.startswith(_PREFIX) and checkpoint.parent.name == "checkpoints":
             candidates.append(checkpoint.parent.parent)
         for run in candidates:
-            config = run / "config.json"
-            if (run / "checkpoints").is_dir() and config.is_file() and not declares_a_model(config):
+            if (run / "config.json").is_file() and _is_run_directory(run):
                 return run
     return None
 
@@ -354,11 +367,7 @@ def _checkpoint_model(path: Path) -> Path:
         return path / "model"
     if path.name == "checkpoints" and any(path.glob(f"{_PREFIX}*/trainer.pt")):
         path = path.parent
-    # a run directory's config.json is its training configuration, not a model's; a run stopped before its first
-    # checkpoint has its config.json and metrics.jsonl, and maybe no checkpoints/
-    looks_like_a_run = (path / "checkpoints").is_dir() or ((path / "metrics.jsonl").is_file()
-                                                           and (path / "config.json").is_file())
-    if looks_like_a_run and not (path / ADAPTER_CONFIG).is_file() and not declares_a_model(path / "config.json"):
+    if _is_run_directory(path):
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise FileNotFoundError(f"{path} is a run directory without a complete checkpoint")
@@ -376,16 +385,57 @@ def load_model_directory(directory: ModelDirectory, *, dtype: str = "float32", t
     return load_causal_lm(directory.weights, dtype=dtype, trust_remote_code=trust_remote_code, device=device).eval()
 
 
-def _complete(checkpoint: Path) -> bool:
-    """Whether ``checkpoint`` holds everything a resume reads, none of it empty: the trainer state, the model's config
-    and weights, and the adapters' files when it has adapters (whose checkpoints may leave the weights out)."""
+_FILE_LIST = "files.json"
+
+
+def _write_file_list(checkpoint: Path) -> None:
+    """``checkpoint/files.json``: the path (relative, with ``/``) and size in bytes of every file written into it."""
+    sizes = {path.relative_to(checkpoint).as_posix(): path.stat().st_size
+             for path in sorted(checkpoint.rglob("*")) if path.is_file()}
+    (checkpoint / _FILE_LIST).write_text(json.dumps({"files": sizes}, indent=1) + "\n", encoding="utf-8")
+
+
+def _what_is_missing(checkpoint: Path) -> str | None:
+    """None when ``checkpoint`` holds everything a resume reads; else what is wrong, e.g. "model/tokenizer.json is
+    missing". With a ``files.json``: every file it lists, at its size. Without one (written before checkpoints had
+    it): the trainer state, the model's config and weights, none of them empty, and the adapters' files when it has
+    adapters (whose checkpoints may leave the weights out)."""
+    listing = checkpoint / _FILE_LIST
+    if listing.exists():
+        try:
+            sizes = json.loads(listing.read_text(encoding="utf-8"))["files"]
+            sizes = {str(name): int(size) for name, size in sizes.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{_FILE_LIST} cannot be read"
+        for name, size in sizes.items():
+            try:
+                found = (checkpoint / name).stat().st_size
+            except OSError:
+                return f"{name} is missing"
+            if found != size:
+                return f"{name} has {found} bytes instead of the {size} written"
+        return None
     model, adapter = checkpoint / "model", checkpoint / ADAPTER_DIRECTORY
     has_adapters = adapter.exists()
     adapters_whole = all(_non_empty(adapter / name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
     # an adapters' checkpoint written without the merged model has no weight file at all; one with it, whole ones
     weights_whole = _weights_present(model) or (has_adapters and not any((model / name).exists() for name in _WEIGHT_FILES))
-    return (_non_empty(checkpoint / "trainer.pt") and _non_empty(model / "config.json") and weights_whole
-            and (not has_adapters or adapters_whole))
+    for whole, what in ((_non_empty(checkpoint / "trainer.pt"), "trainer.pt"), (_non_empty(model / "config.json"), "model/config.json"),
+                        (weights_whole, "the model's weights"), (not has_adapters or adapters_whole, "the adapters' files")):
+        if not whole:
+            return f"{what}: missing or empty"
+    return None
+
+
+def _complete(checkpoint: Path) -> bool:
+    return _what_is_missing(checkpoint) is None
+
+
+def incomplete_checkpoints(run_dir: Path) -> list[tuple[Path, str]]:
+    """The checkpoints of a run directory that a resume would pass over, oldest first, each with what is wrong."""
+    root = Path(run_dir) / "checkpoints"
+    found = sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir()) if root.is_dir() else []
+    return [(checkpoint, wrong) for checkpoint in found if (wrong := _what_is_missing(checkpoint)) is not None]
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:
@@ -402,15 +452,28 @@ def latest_checkpoint(run_dir: Path, *, before_step: int | None = None) -> Path 
         earlier = [p for p in _complete_checkpoints(root) if checkpoint_step(p) < before_step]
         return earlier[-1] if earlier else None
     pointer = root / "latest"
-    named = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
-    if named is not None and _complete(named):
+    named_as = pointer.read_text(encoding="utf-8", errors="replace").strip() if pointer.is_file() else ""
+    named = root / named_as if named_as else None
+    wrong = _what_is_missing(named) if named is not None and named.is_dir() else None
+    if named is not None and named.is_dir() and wrong is None:
         return named
     complete = _complete_checkpoints(root)
     chosen = complete[-1] if complete else None
-    if named is not None and named.exists():
-        logger.warning("checkpoint %s is incomplete (a file is missing or empty); %s", named,
-                       f"using {chosen.name} instead" if chosen is not None else "no complete checkpoint is left")
+    if pointer.is_file():
+        if named is None:
+            problem = f"{pointer} is empty"
+        elif not named.is_dir():
+            problem = f"{pointer} names {named_as!r}, which is not there"
+        else:
+            problem = f"checkpoint {named} is incomplete ({wrong})"
+        instead = f"using {chosen.name} instead" if chosen is not None else "no complete checkpoint is left"
+        if (problem, instead) not in _WARNED:  # once: a resume looks for the latest checkpoint more than once
+            _WARNED.add((problem, instead))
+            logger.warning("%s; %s", problem, instead)
     return chosen
+
+
+_WARNED: set[tuple[str, str]] = set()
 
 
 def checkpoint_step(checkpoint: Path) -> int:

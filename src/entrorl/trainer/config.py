@@ -761,7 +761,13 @@ def _format_errors(error: ValidationError, source: str) -> str:
             message = "unknown key"
         shown = (item["type"] not in ("missing", "extra_forbidden", "unknown_method_key")
                  and not isinstance(item["input"], dict))  # not a whole section
-        lines.append(f"  {location}: {message}" + (f" (got {item['input']!r})" if shown else ""))
+        hint = ""
+        if item["type"] == "string_type" and isinstance(item["input"], (bool, int, float)):
+            written = str(item["input"]).lower() if isinstance(item["input"], bool) else item["input"]
+            kind = "boolean" if isinstance(item["input"], bool) else "number"
+            hint = (f"; YAML reads {written} as a {kind}: quote it, {location}: \"{written}\" in "
+                    f"the file or --set '{location}=\"{written}\"'")
+        lines.append(f"  {location}: {message}" + (f" (got {item['input']!r})" if shown else "") + hint)
     return f"invalid configuration in {source}:\n" + "\n".join(lines)
 
 

@@ -53,6 +53,7 @@ from entrorl.trainer.checkpoint import (
     atomic_write_text,
     capture_rng_state,
     checkpoint_step,
+    incomplete_checkpoints,
     latest_checkpoint,
     load_trainer_state,
     check_run_directory_writable,
@@ -134,7 +135,9 @@ class Trainer:
                 probe.close()
         checkpoint = latest_checkpoint(self.run_dir)
         if resume and checkpoint is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+            damaged = incomplete_checkpoints(self.run_dir)
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}" + (
+                "; incomplete: " + "; ".join(f"{path.name} ({wrong})" for path, wrong in damaged) if damaged else ""))
         if not resume and checkpoint is not None:  # a fresh run here would prune that run's checkpoints
             raise FileExistsError(f"{self.run_dir} holds another run's checkpoints (latest: {checkpoint.name}); pass "
                                   "--resume to continue it, or choose another --run-dir / logging.name")
@@ -217,6 +220,7 @@ class Trainer:
         self.consecutive_failed_rewards = 0  # steps in a row whose every sample's reward raised
         self.skipped_steps = 0
         self._warned_nothing_trained = False
+        self.weight_norm = self.weight_norm_at_start = self._trained_weight_norm()  # the first from the checkpoint's
         if saved_state is not None:
             self._restore(saved_state)
         # the outermost folder this creates (runs/ for runs/<name> on a first run), removed again if the start fails
@@ -441,6 +445,7 @@ class Trainer:
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "consecutive_failed_rewards": self.consecutive_failed_rewards,
             "skipped_steps": self.skipped_steps,
+            "weight_norm_at_start": self.weight_norm_at_start,
             "master_weights": self.master.state_dict() if self.master is not None else None,
             "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
             "config": with_resolved_paths(self.config.model_dump(mode="json")),  # what these steps were trained with
@@ -458,6 +463,7 @@ class Trainer:
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
         self.consecutive_failed_rewards = state.get("consecutive_failed_rewards", 0)
         self.skipped_steps = state["skipped_steps"]
+        self.weight_norm_at_start = state.get("weight_norm_at_start")  # absent from checkpoints of older versions
         if self.master is not None and state.get("master_weights") is not None:
             self.master.load_state_dict(state["master_weights"])
         if state.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
@@ -505,7 +511,7 @@ class Trainer:
         else:
             where = self._last_checkpoint_phrase()
         raise TrainingStopped(f"{cause} inf or NaN log-probs to {broken} of its {valid.numel()} sampled tokens; stopping. "
-                              + where)
+                              + where + ("" if self.step == 0 else " " + self._weight_norm_phrase()))
 
     def _score(self, rollouts: Rollouts, records: list[PromptRecord]):
         completions = self.tokenizer.batch_decode(
@@ -764,10 +770,11 @@ class Trainer:
         step_metrics = self.objective.end_step()  # parts acting once per step (the adaptive entropy controller)
         self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
         if self.consecutive_nonfinite >= config.optim.max_consecutive_nonfinite:
+            first = self.step + 2 - self.consecutive_nonfinite
             raise TrainingStopped(
-                f"{self.consecutive_nonfinite} steps in a row had a non-finite loss or gradient (step {self.step + 1}); "
+                f"{self.consecutive_nonfinite} steps in a row had a non-finite loss or gradient (steps {first}-{self.step + 1}); "
                 "stopping: lower optim.lr, check the reward values, or use bfloat16-safe settings. "
-                + self._last_checkpoint_phrase()
+                + self._last_checkpoint_phrase() + " " + self._weight_norm_phrase()
             )
         if config.rollout.backend == "vllm":
             self._sync_sampler()  # the next rollouts come from the updated policy
@@ -807,6 +814,7 @@ class Trainer:
         tokens = float(valid.sum())
         metrics.update({
             "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else math.nan,
+            "train/weight_norm": self.weight_norm,
             "train/lr": lr,
             "train/updates": float(len(grad_norms)),
             "train/skipped_updates": float(skipped),
@@ -843,14 +851,28 @@ class Trainer:
         atomic_write_text(path, "\n".join(lines) + "\n")
         return path
 
+    def _trained_weight_norm(self) -> float:
+        """The L2 norm of all trained weights together (the adapters' alone with LoRA)."""
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            return float(torch.nn.utils.get_total_norm(trained)) if trained else 0.0
+
+    def _weight_norm_phrase(self) -> str:
+        """The trained weights' norm now against the run's start: a steep rise says that updates before the skipped
+        steps had already damaged the weights that the last checkpoint holds."""
+        start = ("" if self.weight_norm_at_start is None
+                 else f", against {self.weight_norm_at_start:.4g} at the start of the run")
+        return (f"The trained weights' norm is {self.weight_norm:.4g}{start} (train/weight_norm in metrics.jsonl, step by "
+                "step): if it grew far, a resume from that checkpoint with a lower optim.lr fails the same way, and "
+                "starting again (or resuming from a checkpoint written before it grew) is the remedy.")
+
     def _stop_if_the_weights_broke(self) -> None:
         """A finite gradient can still step the weights to inf or NaN (a learning rate far too high); the next rollouts
         would be nonsense, so the run stops here, before a checkpoint could keep such weights."""
-        trained = [p for p in self.model.parameters() if p.requires_grad]
         # a norm is finite exactly when every entry is (barring an overflow of weights beyond 1e19, broken anyway)
-        with torch.no_grad():
-            if not trained or math.isfinite(float(torch.nn.utils.get_total_norm(trained))):
-                return
+        self.weight_norm = self._trained_weight_norm()
+        if math.isfinite(self.weight_norm):
+            return
         names = [name for name, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
         if names:
             raise TrainingStopped(

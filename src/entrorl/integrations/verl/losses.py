@@ -484,7 +484,9 @@ def _check_inputs(mode: str, state: _LossMode, batch: PolicyBatch, normalisers: 
         on_policy = torch.equal(batch.log_prob.detach()[mask], batch.old_log_prob.detach()[mask].to(batch.log_prob.dtype))
         # micro-batches of one mini-batch share its global counts; without them every call is a mini-batch
         mini_batch = (normalisers["batch_num_tokens"], normalisers["global_batch_size"]) if partial_sums else object()
-        if not on_policy:
+        if not bool(batch.advantages.detach()[mask].ne(0).any()):
+            pass  # advantages all 0 move no weight whatever the schedule: no evidence either way
+        elif not on_policy:
             state.on_policy_mini_batches, state.last_mini_batch = 0, None
         elif mini_batch != state.last_mini_batch:
             state.on_policy_mini_batches += 1
