@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -486,6 +487,8 @@ def test_warns_when_the_method_pairs_with_another_advantage_estimator(tokenizer,
         _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dr_grpo")
     recwarn.clear()
     _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dr_grpo", config=_config(tmp_path, scale_rewards="none"))
+    # without an objective the trainer stands in for GRPOTrainer, TRL's loss_type and advantages alike: no warning
+    _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, config=_config(tmp_path, loss_type="dr_grpo"))
     assert not [w for w in recwarn if "advantage" in str(w.message) or "scale_rewards" in str(w.message)]
 
 
@@ -517,6 +520,46 @@ def test_sampler_log_probs_reach_the_mismatch_correction(tokenizer, tmp_path):
     expected = -float((inputs["advantages"][:, None] * mask).sum()) / float(mask.sum())
     assert plain == pytest.approx(expected, rel=1e-5)
     assert loss == pytest.approx(cap * expected, rel=1e-5)
+
+
+def test_a_token_without_a_sampler_log_prob_is_left_uncorrected_and_missing_ones_are_named(tokenizer, tmp_path):
+    """TRL marks a token vLLM (or a rollout_func) gave no log-prob for as NaN, and its own correction leaves it
+    uncorrected: here it gets a ratio of 1 too, instead of a NaN that would reach every weight. A batch without
+    sampler log-probs at all is refused naming what to return."""
+    inputs = _inputs(tokenizer, off_policy=True)
+    sampled = inputs["old_per_token_logps"] - 0.3
+    holed = sampled.clone()
+    holed[0, :3] = float("nan")
+    filled = sampled.clone()
+    filled[0, :3] = inputs["old_per_token_logps"][0, :3]
+    for method in ("dapo+tis", "dapo+icepop"):
+        trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=method, rollout_func=lambda prompts, trainer: None)
+        loss, grads = _loss_and_grads(trainer, {**inputs, "sampling_per_token_logps": holed})
+        assert math.isfinite(loss) and all(torch.isfinite(grad).all() for grad in grads.values())
+        expected, expected_grads = _loss_and_grads(trainer, {**inputs, "sampling_per_token_logps": filled})
+        assert loss == expected
+        _assert_grads_close(grads, expected_grads, rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"rollout correction \(\w+\) needs the sampler's log-prob .*with a "
+                                             r"rollout_func, return them as 'logprobs'"):
+            trainer._compute_loss(trainer.model, inputs)
+
+
+def test_the_refusal_of_top_entropy_quantile_names_trl_s_own_loss(tokenizer, tmp_path):
+    """The forking_tokens settings that the refusal of GRPOConfig.top_entropy_quantile suggests give TRL's loss with
+    that option (its entropy mask keeps the masked tokens in the normaliser), gradients included."""
+    import ast
+
+    with pytest.raises(ValueError) as refused:
+        check_trl_args(_config(tmp_path, top_entropy_quantile=0.2), build_objective("dapo"))
+    suggested = re.search(r"objective='forking_tokens', objective_params=(\{.*?\})", str(refused.value))
+    params = ast.literal_eval(suggested.group(1))
+    assert params["top_entropy_quantile"] == 0.2
+    shared = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2, num_generations=4)
+    ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens", objective_params=params,
+                    config=_config(tmp_path, **shared))
+    theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=_config(tmp_path, top_entropy_quantile=0.2, **shared))
+    _assert_accumulated_loss_is_trls(ours, theirs, _inputs(tokenizer, seed=3))
+    assert 0 < min(ours._metrics["train"]["select/forking_tokens_frac"])
 
 
 @pytest.mark.parametrize("method", ["clip_cov", "forking_tokens"])

@@ -68,7 +68,7 @@ try:
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as error:  # pragma: no cover - exercised only without trl
-    raise ImportError("entrorl.integrations.trl needs TRL: pip install 'entrorl[dev]'") from error
+    raise ImportError("entrorl.integrations.trl needs TRL: pip install 'entrorl[trl]'") from error
 
 from entrorl.modeling import FUSED_HEAD_MODEL_TYPES
 from entrorl.objective import Objective, ObjectiveConfig, PolicyBatch, build_objective, get_method
@@ -216,9 +216,15 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
     objectives that need what this configuration does not provide (a rollout correction without sampler log-probs)."""
     problems = []
     if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
-        problems.append("top_entropy_quantile < 1: use the 'forking_tokens' method (rho = top_entropy_quantile)")
+        quantile, (low, high) = args.top_entropy_quantile, _trl_clip_range(args)
+        problems.append(
+            f"top_entropy_quantile = {quantile:g}: use the 'forking_tokens' method; TRL's entropy mask keeps the dropped "
+            "tokens in the loss's normaliser, so TRL's loss is objective='forking_tokens', objective_params="
+            f"{{'top_entropy_quantile': {quantile:g}, 'keep_in_normaliser': True, 'clip_ratio_low': {low:g}, "
+            f"'clip_ratio_high': {high:g}}}")
     if getattr(args, "entropy_coef", 0.0) or getattr(args, "use_adaptive_entropy", False):
-        problems.append("entropy_coef / use_adaptive_entropy: use the 'entropy_bonus' or 'adaptive_entropy' method")
+        problems.append("entropy_coef / use_adaptive_entropy: use the 'entropy_bonus' method (its coefficient: "
+                        "objective_params={'entropy_coeff': ...}) or the 'adaptive_entropy' method")
     if getattr(args, "use_liger_kernel", False) and hasattr(GRPOTrainer, "compute_liger_loss"):
         problems.append("use_liger_kernel: this TRL computes the loss with Liger's fused GRPO loss, which bypasses the "
                         "objective; set use_liger_kernel=False")
@@ -392,10 +398,14 @@ class EntropyGRPOTrainer(GRPOTrainer):
         if grpo_args is not None:
             check_trl_args(grpo_args, self.objective, rollout_func=kwargs.get("rollout_func"))
         super().__init__(*args, **kwargs)
+        if hasattr(self.processing_class, "image_processor"):  # a vision-language model's processor
+            raise NotImplementedError("EntropyGRPOTrainer scores text-only batches; this model's processor takes images "
+                                      f"({type(self.processing_class).__name__})")
         check_trl_args(self.args, self.objective, rollout_func=kwargs.get("rollout_func"))
         if self.objective.loss_agg_mode == "seq-mean-token-sum-norm" and self.objective.loss_scale_factor is None:
             self.objective.loss_scale_factor = float(self.max_completion_length)
-        self._warn_on_advantage_mismatch()
+        if objective is not None:  # without one the loss is TRL's own loss_type, as GRPOTrainer's
+            self._warn_on_advantage_mismatch()
         self._warn_on_low_precision_head()
         self.fused_head = fused_head
         self.diagnostics = diagnostics
@@ -516,6 +526,21 @@ class EntropyGRPOTrainer(GRPOTrainer):
         aux_loss = getattr(outputs, "aux_loss", None) if self.aux_loss_enabled else None
         return stats, aux_loss
 
+    def _sampler_log_prob(self, inputs: dict[str, Any], old_log_prob: torch.Tensor) -> torch.Tensor | None:
+        """The sampler's per-token log-probs for the objective's rollout correction (None without a correction). TRL
+        marks a token the engine returned no log-prob for as NaN and leaves it uncorrected: it gets the old log-prob
+        here, a ratio of 1, instead of a NaN that would reach every weight through the gradient."""
+        if self.objective.correction is None:
+            return None
+        sampled = inputs.get("sampling_per_token_logps")
+        if sampled is None:
+            raise ValueError(
+                f"the objective's rollout correction ({self.objective.correction.name}) needs the sampler's log-prob of "
+                "every completion token, and this batch has none: with a rollout_func, return them as 'logprobs' (one "
+                "list per completion); with vLLM, keep use_vllm=True")
+        sampled = sampled.float()
+        return torch.where(torch.isnan(sampled), old_log_prob, sampled)
+
     # ------------------------------------------------------------------------------------------------ the loss
     def _compute_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
         """The entrorl objective on one micro-batch, scaled for gradient accumulation (see the module docstring)."""
@@ -533,17 +558,17 @@ class EntropyGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         stats, aux_loss = self._response_stats(model, input_ids, attention_mask, completion_ids, mask)
 
-        old_log_prob = inputs.get("old_per_token_logps")
+        old_log_prob = stats.logprob.detach() if inputs.get("old_per_token_logps") is None else inputs["old_per_token_logps"].float()
         batch = PolicyBatch(
             log_prob=stats.logprob,
-            old_log_prob=stats.logprob.detach() if old_log_prob is None else old_log_prob.float(),
+            old_log_prob=old_log_prob,
             advantages=inputs["advantages"].float(),
             mask=mask,
             entropy=stats.entropy,
             disc=stats.disc,
             disc_centered=stats.disc_centered,
             ref_log_prob=None if inputs.get("ref_per_token_logps") is None else inputs["ref_per_token_logps"].float(),
-            rollout_log_prob=None if inputs.get("sampling_per_token_logps") is None else inputs["sampling_per_token_logps"].float(),
+            rollout_log_prob=self._sampler_log_prob(inputs, old_log_prob),
             step=self.state.global_step,
         )
         # the seq-mean modes average over every row of the micro-batch, empty ones included, as TRL's grpo and dr_grpo do
