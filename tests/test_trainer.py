@@ -208,10 +208,12 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resume_loses_nothing(tmp_path, ti
 
 def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
     train, _ = arithmetic_files
-    config = load_config(make_config(tiny_model_dir, train, None, checkpoint={"every": 1},
-                                     optim={"steps": 5, "lr": 1e-3, "max_consecutive_nonfinite": 2, "micro_batch_size": 3}))
-    trainer = Trainer(config, run_dir=tmp_path / "run")
-    trainer.train_step()
+    with importable_module(tmp_path, "parity_guard_reward", PARITY_REWARD):  # rewards that vary: the first step trains
+        config = load_config(make_config(tiny_model_dir, train, None, checkpoint={"every": 1},
+                                         reward={"name": "parity_guard_reward:score"},
+                                         optim={"steps": 5, "lr": 1e-3, "max_consecutive_nonfinite": 2, "micro_batch_size": 3}))
+        trainer = Trainer(config, run_dir=tmp_path / "run")
+    first = trainer.train_step()
     saved = trainer.save()
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
@@ -223,12 +225,11 @@ def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_
     assert metrics["entropy/predicted_delta"] == 0.0 and "loss/policy" not in metrics
     assert metrics["entropy/p10"] > 0 and metrics["entropy/measured_delta"] == pytest.approx(0.0, abs=1e-6)
     # the weights' norm is logged every step, and was not moved by the skipped update
-    start = trainer.weight_norm_at_start
-    trained = [parameter for parameter in trainer.model.parameters() if parameter.requires_grad]
-    assert metrics["train/weight_norm"] == float(torch.nn.utils.get_total_norm(trained))
-    with pytest.raises(TrainingStopped, match=r"2 steps in a row had a non-finite loss or gradient \(steps 2-3\).*The last "
-                       rf"checkpoint, .*step_000001, is intact. The trained weights' norm is {metrics['train/weight_norm']:.4g}, "
-                       rf"against {start:.4g} at the start of the run"):
+    assert metrics["train/weight_norm"] == first["train/weight_norm"] != trainer.weight_norm_at_start
+    norm = f"{first['train/weight_norm']:.4g}"
+    with pytest.raises(TrainingStopped, match=r"2 steps in a row \(steps 2-3\) had a non-finite loss or gradient.*The last "
+                       rf"checkpoint, .*step_000001, is intact. The trained weights' norm: {norm} now, "
+                       rf"{trainer.weight_norm_at_start:.4g} at the start of the run, {norm} in step_000001 \("):
         trainer.train_step()
     assert (saved / "trainer.pt").is_file()
 
@@ -247,7 +248,8 @@ def test_an_update_that_breaks_the_weights_stops_the_run_naming_the_checkpoint_t
         trainer.save()
         with pytest.raises(TrainingStopped, match=r"after the update of step 1 \(optim.lr = 1e\+10: too high\?\), the policy "
                            r"gives inf or NaN log-probs to \d+ of its \d+ sampled tokens.*step_000001, holds these weights; "
-                           r"no checkpoint before it is left. The trained weights' norm is (.*), against (.*) at the start"):
+                           r"no checkpoint before it is left. The trained weights' norm: .* now, .* at the start of the run, "
+                           r".* in step_000001 \(train/weight_norm"):
             trainer.train_step()
         assert trainer.weight_norm > 1e8 * trainer.weight_norm_at_start  # the blow-up the message points at
 
@@ -1137,12 +1139,15 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, arithmetic_files)
 def test_a_string_setting_that_yaml_read_as_a_number_says_to_quote_it(tmp_path, arithmetic_files):
     train, _ = arithmetic_files
     base = make_config(tmp_path / "model", train, None)
-    with pytest.raises(ConfigError, match=r"logging.name: Input should be a valid string \(got 2024\); YAML reads 2024 as a "
-                                          r"number: quote it, logging.name: \"2024\" in the file or --set 'logging.name=\"2024\"'"):
-        load_config(base, ["logging.name=2024"])
-    with pytest.raises(ConfigError, match=r"YAML reads true as a boolean: quote it"):
-        load_config(base, ["logging.name=true"])
-    assert load_config(base, ['logging.name="2024"']).logging.name == "2024"
+    # the value as typed, not as YAML read it (12:30 is the number 750 to YAML 1.1, 3.10 the number 3.1)
+    for typed, kind in (("2024", "number"), ("12:30", "number"), ("3.10", "number"), ("yes", "boolean")):
+        with pytest.raises(ConfigError, match=rf"logging.name: Input should be a valid string \(got .*\); YAML read the "
+                                              rf"value as a {kind}: put it in quotes as you wrote it, --set "
+                                              rf"'logging.name=\"{re.escape(typed)}\"'$"):
+            load_config(base, [f"logging.name={typed}"])
+        assert load_config(base, [f'logging.name="{typed}"']).logging.name == typed
+    with pytest.raises(ConfigError, match=r"YAML read the value as a number: put it in quotes as you wrote it in the file$"):
+        load_config({**base, "logging": {**base["logging"], "name": 2024}})
 
 
 def test_malformed_data_row_is_reported_with_file_and_line(tmp_path, tiny_model_dir):
@@ -1352,6 +1357,14 @@ def test_latest_pointer_problems_are_named_once(tmp_path, tiny_model_dir, arithm
     with caplog.at_level("WARNING"):
         assert latest_checkpoint(run_dir) == root / "step_000001"
     assert "latest names 'step_000002', which is not there; using step_000001 instead" in caplog.text
+    # a JSON file edited in place (a chat template added, say) keeps the checkpoint complete; an emptied one does not
+    edited = root / "step_000001" / "model" / "tokenizer_config.json"
+    edited.write_text(edited.read_text() + "\n")
+    assert latest_checkpoint(run_dir) == root / "step_000001"
+    text = edited.read_text()
+    edited.write_text("")
+    assert latest_checkpoint(run_dir) is None
+    edited.write_text(text)
     # a checkpoint from before files.json: complete with its trainer state, config and weights
     (root / "step_000001" / "files.json").unlink()
     (root / "step_000001" / "model" / "tokenizer.json").unlink()
@@ -1692,7 +1705,7 @@ def test_cli_eval_of_a_run_samples_with_the_run_s_prompt_format(tmp_path, tiny_m
     assert json.loads(given.stdout)["settings"]["prompt_template"] == "{prompt}"
     assert "data.prompt_template" not in given.stderr and "model.chat_template = false" in given.stderr
     plain = run_cli(*base, "--model", str(tiny_model_dir))  # a model directory: no run to follow
-    assert plain.returncode == 0 and "sampling as the run" not in plain.stderr, plain.stderr
+    assert plain.returncode == 0 and "settings of the run" not in plain.stderr, plain.stderr
     assert json.loads(plain.stdout)["settings"]["prompt_template"] == "{prompt}"
 
 

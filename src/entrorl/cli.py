@@ -85,7 +85,9 @@ def train(
     except CheckpointWriteError as error:  # a full disk, a removed run directory: the message names the intact one
         _fail(str(error))
     except OSError as error:  # any other file the run writes (metrics, evaluations, samples)
-        latest = latest_checkpoint(trainer.run_dir) if trainer.run_dir.is_dir() else None
+        if not trainer.run_dir.is_dir():
+            _fail(f"{error}; the run directory {trainer.run_dir} no longer exists")
+        latest = latest_checkpoint(trainer.run_dir)
         _fail(f"{error}; " + (f"the last checkpoint, {latest.name}, is intact: once the cause is fixed, continue with "
                               f"{shlex.join([*again, '--resume'])}" if latest is not None
                               else "no checkpoint had been written"))
@@ -141,6 +143,13 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
+def _probability_above_zero(value: float) -> float:
+    """``--top-p``'s check, in the option's parser: a probability above 0 (typer's ranges cannot leave 0 out)."""
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"{value:g} is not in the range 0<x<=1 (1 = off)")
+    return value
+
+
 # options that `eval` and `data audit` share, spelled once
 DEFAULT_MAX_NEW_TOKENS = 256
 ModelDirOption = Annotated[Path, typer.Option("--model", help="local Hugging Face model directory, a training checkpoint "
@@ -152,17 +161,11 @@ DataFileOption = Annotated[Path, typer.Option("--data", help="prompt file (.json
                                                           "datasets directory)")]
 SamplesOption = Annotated[int, typer.Option("--n", min=1, help="samples per prompt")]
 MaxNewTokensOption = Annotated[Optional[int], typer.Option(
-    min=1, help="most tokens sampled per response (default: the run's rollout.max_new_tokens when --model is a run or "
-    f"one of its checkpoints, as its own evaluations sampled, else {DEFAULT_MAX_NEW_TOKENS})")]
+    min=1, help="most tokens sampled per response (default: rollout.max_new_tokens in the run's config.json when "
+    f"--model is a run or one of its checkpoints, else {DEFAULT_MAX_NEW_TOKENS})")]
 TemperatureOption = Annotated[float, typer.Option(min=0.0, help="sampling temperature (0 = greedy)")]
-def _probability_above_zero(value: float) -> float:
-    if not 0 < value <= 1:
-        raise typer.BadParameter(f"{value:g} is not in the range 0<x<=1 (1 = off)")
-    return value
-
-
 TopPOption = Annotated[float, typer.Option(callback=_probability_above_zero, help="nucleus sampling: keep the smallest "
-                                           "set of tokens whose probability reaches this (1 = off)")]
+                                           "set of tokens whose probability reaches this (1 = off)  [0<x<=1]")]
 TopKOption = Annotated[int, typer.Option(min=0, help="keep only the k most likely tokens (0 = off)")]
 PromptColumnOption = Annotated[str, typer.Option(help="the data's column holding the prompt")]
 AnswerColumnOption = Annotated[str, typer.Option(help="the data's column holding the reference answer")]
@@ -204,7 +207,8 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     from entrorl.trainer.config import resolve_device
 
     directory = resolve_model_directory(model, base=base)
-    prompt_template, chat_template, max_new_tokens = _run_defaults(model, prompt_template, chat_template, max_new_tokens)
+    prompt_template, chat_template, max_new_tokens = _run_defaults(model, prompt_template, chat_template,
+                                                                   max_new_tokens)
     check_prompt_template(prompt_template)
     records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
                            require_answer=require_answer)[:max_prompts]
@@ -269,8 +273,8 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
         else:
             taken.append(f"rollout.max_new_tokens = {max_new_tokens}")
     if taken:
-        console.print(Text(f"sampling as the run in {run} did (its config.json): {', '.join(taken)}; --prompt-template, "
-                           "--chat-template / --no-chat-template and --max-new-tokens override it"), soft_wrap=True)
+        console.print(Text(f"settings of the run in {run} (its config.json): {', '.join(taken)}; --prompt-template, "
+                           "--chat-template / --no-chat-template and --max-new-tokens override them"), soft_wrap=True)
     if unread:
         console.print(Text.assemble(("warning", "yellow"), f": {run / 'config.json'} does not give "
                                     f"{' or '.join(unread)}; the default is used"), soft_wrap=True)
@@ -380,7 +384,8 @@ def evaluate(
             check_output_file(path, what=option)
 
     try:
-        SamplingParams(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, top_k=top_k)  # checked now
+        # the sampling options are checked before anything loads; max_new_tokens may still come from the run
+        SamplingParams(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, top_k=top_k)
         records, reward_runner, tokenizer, policy, prompt_ids, directory, prompt_format = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
             chat_template=chat_template, max_new_tokens=max_new_tokens, max_prompts=max_prompts, device=device,
@@ -624,7 +629,8 @@ def data_audit(
         message = str(error).removeprefix("AuditThresholds: ")
         _fail(f"--{message.replace('low_pass_rate', 'low-pass-rate')}")
     try:
-        SamplingParams(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, top_k=top_k)  # checked now
+        # the sampling options are checked before anything loads; max_new_tokens may still come from the run
+        SamplingParams(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, top_k=top_k)
         records, reward_runner, tokenizer, policy, prompt_ids, model_directory, prompt_format = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
             chat_template=chat_template, max_new_tokens=max_new_tokens, max_prompts=max_prompts, device=device,

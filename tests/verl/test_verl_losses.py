@@ -426,11 +426,13 @@ def test_kl_cov_warns_after_on_policy_mini_batches_not_micro_batches(batch_facto
     in a row (one mini-batch per step) are a no-op, and the loss says so."""
     import warnings
 
-    def mini_batch(tokens, on_policy, config):
+    def mini_batch(tokens, on_policy, config, zero_advantages=False):
         for seed in range(4):
             batch = batch_factory(seed=seed)
             if on_policy:
                 batch["old_log_prob"] = batch["log_prob"].detach().clone()
+            if zero_advantages:
+                batch["advantages"] = torch.zeros_like(batch["advantages"])
             config.global_batch_info.update({"dp_size": 1, "batch_num_tokens": tokens, "global_batch_size": 24})
             _verl_call("entrorl_kl_cov", batch, config, loss_agg_mode="token-mean")
 
@@ -447,14 +449,16 @@ def test_kl_cov_warns_after_on_policy_mini_batches_not_micro_batches(batch_facto
         for step in range(3):
             mini_batch(400 + step, True, config)
 
-    # advantages all 0 (every group's rewards equal) move no weight whatever the schedule: no evidence, no warning
-    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.12, ppo_kl_coef=1.0)
+    # advantages all 0 (every group's rewards equal): the policy loss moves no weight, so such mini-batches are no
+    # evidence either way, neither counted nor resetting the count (settings of their own: warnings are per loss mode)
+    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.13, ppo_kl_coef=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(4):
-            batch = batch_factory(seed=step)
-            batch["old_log_prob"] = batch["log_prob"].detach().clone()
-            batch["advantages"] = torch.zeros_like(batch["advantages"])
-            config.global_batch_info.update({"dp_size": 1, "batch_num_tokens": 500 + step, "global_batch_size": 24})
-            _verl_call("entrorl_kl_cov", batch, config, loss_agg_mode="token-mean")
+            mini_batch(500 + step, True, config, zero_advantages=True)
+        mini_batch(600, True, config)
+        mini_batch(601, True, config)
+        mini_batch(602, True, config, zero_advantages=True)
     assert not [w for w in caught if "on-policy" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"entrorl_kl_cov.*3 mini-batches in a row.*no-op strictly on-policy"):
+        mini_batch(603, True, config)

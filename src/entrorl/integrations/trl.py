@@ -558,7 +558,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         stats, aux_loss = self._response_stats(model, input_ids, attention_mask, completion_ids, mask)
 
-        old_log_prob = stats.logprob.detach() if inputs.get("old_per_token_logps") is None else inputs["old_per_token_logps"].float()
+        old_log_prob = inputs.get("old_per_token_logps")
+        old_log_prob = stats.logprob.detach() if old_log_prob is None else old_log_prob.float()
         batch = PolicyBatch(
             log_prob=stats.logprob,
             old_log_prob=old_log_prob,

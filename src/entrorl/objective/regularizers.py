@@ -194,7 +194,7 @@ class KLCov(Regularizer):
     gradient, so KL-Cov reduces to its surrogate: it acts only with several mini-batches or epochs per
     rollout. A warning says so after three training steps in a row (``PolicyBatch.step``; calls, without it) in which
     every selected token had ``log r == 0``: the micro-batches of a step's first, on-policy update are one step, and
-    calls whose advantages are all 0 (no weight moves then, whatever the schedule) are not counted."""
+    calls whose advantages are all 0 (the policy loss moves no weight then, whatever the schedule) are not counted."""
 
     kl_cov_ratio: float = Field(2e-3, gt=0.0, le=1.0, description="k = 2e-3 for 7B, 2e-4 for 32B (arXiv 2505.22617)")
     ppo_kl_coef: float = Field(1.0, ge=0.0, description="beta = 1 (arXiv 2505.22617 recipe)")
@@ -220,8 +220,8 @@ class KLCov(Regularizer):
         abs_log_ratio = (batch.log_prob - batch.old_log_prob.detach()).abs()
         penalty = torch.where(selected, self.ppo_kl_coef * abs_log_ratio, torch.zeros_like(abs_log_ratio))
         on_policy = bool(selected.any()) and float(abs_log_ratio.detach()[selected].max()) == 0.0
-        # advantages all 0 (every group's rewards equal) move no weight, so log r stays 0 in every later update too:
-        # such a batch says nothing about whether the updates are on-policy, and is not counted either way
+        # advantages all 0 (every group's rewards equal): the policy loss moves no weight, so log r stays 0 in later
+        # updates too; such a batch says nothing about whether the updates are on-policy, and is not counted
         if n_valid and bool(advantages.detach()[mask].ne(0).any()):
             self._count_on_policy(on_policy, batch.step)
         metrics["select/kl_cov_frac"] = fraction(selected, mask)

@@ -13,10 +13,11 @@ Layout of a run directory::
 A checkpoint is written into a hidden temporary directory, synced to disk (so that a machine that loses power
 cannot leave a renamed checkpoint with empty files) and renamed into place (``os.replace`` is atomic on one
 filesystem); ``latest`` is then rewritten the same way. Only then are old checkpoints pruned. A checkpoint counts as
-complete when every file its ``files.json`` lists is there with the size it was written with (a checkpoint from before
-``files.json``: when its trainer state, model config and weights are there and not empty); a resume, ``entrorl eval``
-of a run and pruning pass over incomplete ones. A write that fails (a
-full disk) removes its temporary directory and raises :class:`CheckpointWriteError`; the previous checkpoint stays.
+complete when every file its ``files.json`` lists is there with the size it was written with, or, for a JSON or text
+file a user may edit, is not empty (a checkpoint from before ``files.json``: when its trainer state, model config and
+weights are there and not empty); a resume, ``entrorl eval`` of a run and pruning pass over incomplete ones. A write
+that fails (a full disk) removes its temporary directory and raises :class:`CheckpointWriteError`; the previous
+checkpoint stays.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def check_run_directory_writable(run_dir: Path) -> None:
 
 
 _UNLOCKABLE_DIRECTORIES: set[str] = set()  # run directories whose filesystem refused flock, already warned about
+_WARNED: set[tuple[str, str]] = set()  # (problem, what was done) of latest checkpoints already warned about
 
 
 def lock_run_directory(run_dir: Path) -> io.TextIOWrapper | None:
@@ -395,11 +397,15 @@ def _write_file_list(checkpoint: Path) -> None:
     (checkpoint / _FILE_LIST).write_text(json.dumps({"files": sizes}, indent=1) + "\n", encoding="utf-8")
 
 
+_EDITABLE_SUFFIXES = (".json", ".txt", ".jinja")  # configuration a user may edit in place (a chat template, say)
+
+
 def _what_is_missing(checkpoint: Path) -> str | None:
     """None when ``checkpoint`` holds everything a resume reads; else what is wrong, e.g. "model/tokenizer.json is
-    missing". With a ``files.json``: every file it lists, at its size. Without one (written before checkpoints had
-    it): the trainer state, the model's config and weights, none of them empty, and the adapters' files when it has
-    adapters (whose checkpoints may leave the weights out)."""
+    missing". With a ``files.json``: every file it lists, at its size (a JSON or text file may have been edited, and
+    only has to be there and not empty). Without one (written before checkpoints had it): the trainer state, the
+    model's config and weights, none of them empty, and the adapters' files when it has adapters (whose checkpoints
+    may leave the weights out)."""
     listing = checkpoint / _FILE_LIST
     if listing.exists():
         try:
@@ -412,7 +418,9 @@ def _what_is_missing(checkpoint: Path) -> str | None:
                 found = (checkpoint / name).stat().st_size
             except OSError:
                 return f"{name} is missing"
-            if found != size:
+            if found == 0 and size > 0:
+                return f"{name} is empty"
+            if found != size and not name.endswith(_EDITABLE_SUFFIXES):
                 return f"{name} has {found} bytes instead of the {size} written"
         return None
     model, adapter = checkpoint / "model", checkpoint / ADAPTER_DIRECTORY
@@ -420,8 +428,9 @@ def _what_is_missing(checkpoint: Path) -> str | None:
     adapters_whole = all(_non_empty(adapter / name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
     # an adapters' checkpoint written without the merged model has no weight file at all; one with it, whole ones
     weights_whole = _weights_present(model) or (has_adapters and not any((model / name).exists() for name in _WEIGHT_FILES))
-    for whole, what in ((_non_empty(checkpoint / "trainer.pt"), "trainer.pt"), (_non_empty(model / "config.json"), "model/config.json"),
-                        (weights_whole, "the model's weights"), (not has_adapters or adapters_whole, "the adapters' files")):
+    for whole, what in ((_non_empty(checkpoint / "trainer.pt"), "trainer.pt"),
+                        (_non_empty(model / "config.json"), "model/config.json"), (weights_whole, "the model's weights"),
+                        (not has_adapters or adapters_whole, "the adapters' files")):
         if not whole:
             return f"{what}: missing or empty"
     return None
@@ -467,13 +476,10 @@ def latest_checkpoint(run_dir: Path, *, before_step: int | None = None) -> Path 
         else:
             problem = f"checkpoint {named} is incomplete ({wrong})"
         instead = f"using {chosen.name} instead" if chosen is not None else "no complete checkpoint is left"
-        if (problem, instead) not in _WARNED:  # once: a resume looks for the latest checkpoint more than once
+        if (problem, instead) not in _WARNED:  # a resume looks for the latest checkpoint more than once
             _WARNED.add((problem, instead))
             logger.warning("%s; %s", problem, instead)
     return chosen
-
-
-_WARNED: set[tuple[str, str]] = set()
 
 
 def checkpoint_step(checkpoint: Path) -> int:

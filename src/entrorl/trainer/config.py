@@ -743,7 +743,9 @@ def _readable_errors(error: ValidationError) -> list[dict[str, Any]]:
     return items
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
+def _format_errors(error: ValidationError, source: str, given: dict[str, str] | None = None) -> str:
+    """One line per problem, each naming its key. ``given``: the text of each ``--set`` value by its key, for a string
+    setting that YAML read as a number or boolean (the hint to quote it shows the value as typed)."""
     lines = []
     for item in _readable_errors(error):
         location = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -763,10 +765,10 @@ def _format_errors(error: ValidationError, source: str) -> str:
                  and not isinstance(item["input"], dict))  # not a whole section
         hint = ""
         if item["type"] == "string_type" and isinstance(item["input"], (bool, int, float)):
-            written = str(item["input"]).lower() if isinstance(item["input"], bool) else item["input"]
             kind = "boolean" if isinstance(item["input"], bool) else "number"
-            hint = (f"; YAML reads {written} as a {kind}: quote it, {location}: \"{written}\" in "
-                    f"the file or --set '{location}=\"{written}\"'")
+            typed = (given or {}).get(location)
+            hint = (f"; YAML read the value as a {kind}: put it in quotes as you wrote it"
+                    + (f", --set '{location}=\"{typed.strip()}\"'" if typed is not None else " in the file"))
         lines.append(f"  {location}: {message}" + (f" (got {item['input']!r})" if shown else "") + hint)
     return f"invalid configuration in {source}:\n" + "\n".join(lines)
 
@@ -794,4 +796,5 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
     try:
         return TrainConfig(**data)
     except ValidationError as error:
-        raise ConfigError(_format_errors(error, label)) from None
+        typed = {".".join(parse_set_option(option)[0]): option.split("=", 1)[1] for option in overrides or []}
+        raise ConfigError(_format_errors(error, label, typed)) from None

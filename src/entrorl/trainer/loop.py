@@ -220,9 +220,14 @@ class Trainer:
         self.consecutive_failed_rewards = 0  # steps in a row whose every sample's reward raised
         self.skipped_steps = 0
         self._warned_nothing_trained = False
-        self.weight_norm = self.weight_norm_at_start = self._trained_weight_norm()  # the first from the checkpoint's
+        self.weight_norm_at_start: float | None = None
         if saved_state is not None:
             self._restore(saved_state)
+        self.weight_norm = self._trained_weight_norm()  # on a resume, the checkpoint's weights'
+        if saved_state is None:
+            self.weight_norm_at_start = self.weight_norm
+        # (step, trained weights' norm) of the newest checkpoint this process wrote or resumed from
+        self.checkpoint_weight_norm = (self.step, self.weight_norm) if saved_state is not None else None
         # the outermost folder this creates (runs/ for runs/<name> on a first run), removed again if the start fails
         created_run_dir = next((folder for folder in reversed([self.run_dir, *self.run_dir.parents])
                                 if not folder.exists()), None)
@@ -476,9 +481,11 @@ class Trainer:
         self.logger.sync()  # the metrics of every step the checkpoint covers are on disk before it is
         lora = self.config.model.lora
         merged = lora is None or lora.merged == "every" or self.step >= self.config.optim.steps
-        return save_checkpoint(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
-                               trainer_state=self._trainer_state(), keep=self.config.checkpoint.keep, adapter=self.adapter,
-                               merged=merged)
+        saved = save_checkpoint(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
+                                trainer_state=self._trainer_state(), keep=self.config.checkpoint.keep, adapter=self.adapter,
+                                merged=merged)
+        self.checkpoint_weight_norm = (self.step, self.weight_norm)
+        return saved
 
     # ------------------------------------------------------------------------------------------------ rollouts
     def _sample_groups(self, n_prompts: int) -> tuple[Rollouts, list[PromptRecord], torch.Tensor]:
@@ -770,10 +777,11 @@ class Trainer:
         step_metrics = self.objective.end_step()  # parts acting once per step (the adaptive entropy controller)
         self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
         if self.consecutive_nonfinite >= config.optim.max_consecutive_nonfinite:
-            first = self.step + 2 - self.consecutive_nonfinite
+            first, last = self.step + 2 - self.consecutive_nonfinite, self.step + 1
+            which = f"{last - first + 1} steps in a row (steps {first}-{last})" if first < last else f"step {last}"
             raise TrainingStopped(
-                f"{self.consecutive_nonfinite} steps in a row had a non-finite loss or gradient (steps {first}-{self.step + 1}); "
-                "stopping: lower optim.lr, check the reward values, or use bfloat16-safe settings. "
+                f"{which} had a non-finite loss or gradient; stopping: lower optim.lr, check the reward values, or "
+                "use bfloat16-safe settings. "
                 + self._last_checkpoint_phrase() + " " + self._weight_norm_phrase()
             )
         if config.rollout.backend == "vllm":
@@ -852,19 +860,29 @@ class Trainer:
         return path
 
     def _trained_weight_norm(self) -> float:
-        """The L2 norm of all trained weights together (the adapters' alone with LoRA)."""
+        """The L2 norm of all trained weights together (the adapters' alone with LoRA), summed in float32 whatever the
+        weights' precision (a bfloat16 sum would hide a slow growth, a float16 one overflow)."""
         trained = [p for p in self.model.parameters() if p.requires_grad]
+        if not trained:
+            return 0.0
         with torch.no_grad():
-            return float(torch.nn.utils.get_total_norm(trained)) if trained else 0.0
+            norms = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32).cpu() for p in trained])
+            return float(torch.linalg.vector_norm(norms))
 
     def _weight_norm_phrase(self) -> str:
-        """The trained weights' norm now against the run's start: a steep rise says that updates before the skipped
-        steps had already damaged the weights that the last checkpoint holds."""
-        start = ("" if self.weight_norm_at_start is None
-                 else f", against {self.weight_norm_at_start:.4g} at the start of the run")
-        return (f"The trained weights' norm is {self.weight_norm:.4g}{start} (train/weight_norm in metrics.jsonl, step by "
-                "step): if it grew far, a resume from that checkpoint with a lower optim.lr fails the same way, and "
-                "starting again (or resuming from a checkpoint written before it grew) is the remedy.")
+        """The trained weights' norm now, at the run's start and in the newest checkpoint: an update at a learning
+        rate far too high can make the weights huge but finite before any loss turns non-finite, and a checkpoint
+        holding such weights fails a resume the same way."""
+        known = [f"{self.weight_norm:.4g} now"]
+        if self.weight_norm_at_start is not None:
+            known.append(f"{self.weight_norm_at_start:.4g} at the start of the run")
+        latest = latest_checkpoint(self.run_dir)
+        if latest is not None and self.checkpoint_weight_norm is not None \
+                and self.checkpoint_weight_norm[0] == checkpoint_step(latest):
+            known.append(f"{self.checkpoint_weight_norm[1]:.4g} in {latest.name}")
+        return (f"The trained weights' norm: {', '.join(known)} (train/weight_norm in metrics.jsonl, step by step); a "
+                "checkpoint whose norm grew far beyond the start's holds damaged weights, from which a resume would "
+                "likely fail the same way: resume from one written before the growth, or start again.")
 
     def _stop_if_the_weights_broke(self) -> None:
         """A finite gradient can still step the weights to inf or NaN (a learning rate far too high); the next rollouts

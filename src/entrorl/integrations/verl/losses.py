@@ -485,7 +485,7 @@ def _check_inputs(mode: str, state: _LossMode, batch: PolicyBatch, normalisers: 
         # micro-batches of one mini-batch share its global counts; without them every call is a mini-batch
         mini_batch = (normalisers["batch_num_tokens"], normalisers["global_batch_size"]) if partial_sums else object()
         if not bool(batch.advantages.detach()[mask].ne(0).any()):
-            pass  # advantages all 0 move no weight whatever the schedule: no evidence either way
+            pass  # advantages all 0: the policy loss moves no weight, so log r = 0 says nothing about the schedule
         elif not on_policy:
             state.on_policy_mini_batches, state.last_mini_batch = 0, None
         elif mini_batch != state.last_mini_batch:
