@@ -74,8 +74,12 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     out.mkdir()
     preset = get_preset("quick")
     (out / "lab.json").write_text(json.dumps({"preset": preset.model_dump(mode="json")}))
-    with pytest.raises(ValueError, match=r"rl_seed: None there, 3 now.*same options"):
+    with pytest.raises(ValueError, match=r"rl_seed: 0 there, 3 now.*same options"):
         run_lab("quick", out=out, rl_seed=3)
+    # no rl_seed trains with seed (0 here): --rl-seed 0 runs the same training, and is accepted
+    from entrorl.lab.runner import _check_same_preset
+
+    _check_same_preset(out, preset.model_copy(update={"rl_seed": 0}), {"preset": preset.model_dump(mode="json")})
     changed = preset.model_copy(update={"steps": preset.steps + 1}).model_dump(mode="json")
     (out / "lab.json").write_text(json.dumps({"preset": changed}))
     with pytest.raises(ValueError, match=rf"steps: {preset.steps + 1} there, {preset.steps} now"):
@@ -294,6 +298,50 @@ def test_workers_below_one_are_refused(tmp_path, workers):
     assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("rl_seed", [-1, 2**32, 1.5])
+def test_an_rl_seed_out_of_numpy_s_range_is_refused_before_anything_is_built(tmp_path, rl_seed):
+    from entrorl.lab.runner import run_lab
+
+    with pytest.raises(ValueError, match=r"--rl-seed must be a whole number from 0 to 2\*\*32 - 1"):
+        run_lab("quick", methods=["grpo"], rl_seed=rl_seed, out=tmp_path / "lab", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_cache_that_cannot_be_written_is_named_before_the_run_directory_is_made(tmp_path):
+    from entrorl.lab.runner import run_lab
+
+    a_file = tmp_path / "cache-file"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match=r"the laboratory's cache .*cache-file/lab cannot be created: .*cache-file is a "
+                                          r"file; point ENTRORL_CACHE at a writable folder"):
+        run_lab("quick", methods=["grpo"], out=tmp_path / "lab", cache_dir=a_file)
+    assert not (tmp_path / "lab").exists()
+
+
+def test_the_cli_exits_1_when_a_method_failed_after_writing_the_report(tmp_path, monkeypatch):
+    """The report is written either way; a script running the laboratory sees from the status that it is not whole."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.lab import runner
+
+    out = tmp_path / "lab"
+
+    def fake_run_lab(preset, *, out, outcomes, **kwargs):
+        out.mkdir(exist_ok=True)
+        (out / "outcomes.json").write_text(json.dumps(outcomes))
+        return out
+
+    for outcomes, status in (({"grpo": {"status": "done"}, "nsr": {"status": "failed", "error": "boom"}}, 1),
+                             ({"grpo": {"status": "done"}, "nsr": {"status": "cached"}}, 0)):
+        monkeypatch.setattr(runner, "run_lab", lambda preset, outcomes=outcomes, **kwargs: fake_run_lab(preset, outcomes=outcomes, **kwargs))
+        result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--out", str(out)])
+        assert result.exit_code == status, result.output
+        assert "report" in result.output
+        if status:
+            assert "1 method(s) failed and are left out of the report's comparisons: nsr" in " ".join(result.output.split())
+
+
 def test_a_preset_mismatch_names_the_settings_not_their_values(tmp_path):
     from entrorl.lab.runner import run_lab
 
@@ -330,6 +378,20 @@ def test_the_worker_warm_up_is_paid_once_and_not_timed(tmp_path, monkeypatch):
     assert warm_ups == ["grpo"]
 
 
+def test_a_final_evaluation_that_cannot_be_read_is_done_again(tmp_path, monkeypatch):
+    from entrorl.lab import runner
+
+    monkeypatch.setattr(runner, "_process_warmed_up", True)
+    monkeypatch.setattr(runner, "_train_and_evaluate", lambda job: {"pass_at_k": {"1": 0.5}})
+    job = {"method": "grpo", "run_dir": str(tmp_path / "grpo")}
+    (tmp_path / "grpo").mkdir()
+    final = tmp_path / "grpo" / "final_eval.json"
+    final.write_text('{"pass_at_k": {"1": 0.')  # cut short
+    assert runner._run_method(job)["status"] == "done"
+    assert json.loads(final.read_text())["pass_at_k"] == {"1": 0.5}
+    assert runner._run_method(job)["status"] == "cached"
+
+
 def test_the_warm_up_runs_on_a_real_model(tmp_path, tiny_model_dir):
     from entrorl.lab.runner import _pay_one_off_costs, _prepare_data
 
@@ -362,7 +424,18 @@ def test_a_resumed_subset_keeps_every_method_of_the_folder(tmp_path, monkeypatch
     assert invocation["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
     report = json.loads((out / "report.json").read_text())
     assert [r["method"] for r in report["summary"]["rows"]] == ["base", "grpo", "clip_cov", "nsr"]
-    assert report["reproduce"]["command"] == "entrorl lab --preset quick --methods grpo,clip_cov,nsr --workers 1"
+    # an invocation that trained nothing says nothing of how the folder was trained: no --workers 1
+    assert report["reproduce"]["command"] == "entrorl lab --preset quick --methods grpo,clip_cov,nsr"
+    (workers,) = [row for row in report["reproduce"]["machine"]["rows"] if row["item"] == "workers"]
+    assert workers["value"] == "n/a"
+    # one that trained (here: evaluated the base model) with other workers than the preset's does
+    recorded["invocations"][0]["base_evaluated"] = True
+    (out / "lab.json").write_text(json.dumps(recorded))
+    from entrorl.lab.report import write_report
+
+    write_report(out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["reproduce"]["command"].endswith("--workers 1")
 
 
 def test_the_s_and_d_histograms_count_every_token_in_their_end_bins():

@@ -423,7 +423,9 @@ def test_an_intervention_that_never_acted_is_flagged(tmp_path):
     h = np.linspace(1.0, 0.5, STEPS)
     r = -0.3 * np.exp(h) + 0.9
     zeros, some = np.zeros(STEPS), np.where(np.arange(STEPS) % 3 == 0, 0.01, 0.0)
-    _write_metrics(out / "methods" / "clip_b", h, r, select__clip_b_frac=zeros, select__dropped_frac=zeros)
+    # clip_b's entropy falls less than GRPO's: the headline counts it as keeping entropy, and says its part never acted
+    _write_metrics(out / "methods" / "clip_b", np.linspace(1.0, 0.9, STEPS), r, select__clip_b_frac=zeros,
+                   select__dropped_frac=zeros)
     _write_metrics(out / "methods" / "clip_cov", h, r, select__clip_cov_frac=some)
     _write_metrics(out / "methods" / "adaptive_entropy", h, r, reg__adaptive_entropy_coeff=zeros,
                    reg__adaptive_entropy_controller_coeff=np.full(STEPS, 1e-4))
@@ -434,6 +436,9 @@ def test_an_intervention_that_never_acted_is_flagged(tmp_path):
     assert notes["adaptive_entropy"] == f"never acted: reg/adaptive_entropy_coeff = 0 at all {STEPS} steps"
     assert notes["grpo"] == notes["clip_cov"] == notes["base"] == ""
     assert report["never_acted"] == ["clip_b", "adaptive_entropy"]
+    assert report["headline"]["kept_methods"] == ["clip_b"]
+    assert any("its own intervention never acted, so this is its surrogate's doing)" in paragraph
+               for paragraph in report["headline"]["paragraphs"])
     assert report["interventions"]["clip_cov"][0] == {"key": "select/clip_cov_frac", "steps": STEPS,
                                                       "active_steps": STEPS // 3 + 1, "max_abs": 0.01}
     markdown = (out / "report.md").read_text()

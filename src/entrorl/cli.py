@@ -490,7 +490,7 @@ def lab(
                                                    "evaluation): repeat with 1, 2, ... to see the spread across seeds")] = None,
 ) -> None:
     """The entropy laboratory: train the built-in tiny model with every method side by side, then write a report."""
-    from entrorl.lab.runner import LabInterrupted, default_run_directory, run_lab
+    from entrorl.lab.runner import LabInterrupted, default_run_directory, failed_methods, run_lab
 
     names = [name.strip() for item in (methods or []) for name in item.split(",") if name.strip()]
     if methods is not None and not names:  # `--methods ""` would otherwise run the whole matrix
@@ -513,6 +513,10 @@ def lab(
                                     f"last checkpoint are kept in {out}. Continue with: {again}"), soft_wrap=True)
         raise typer.Exit(130) from None
     console.print(f"[green]report[/green]: {escape(str(run_dir / 'report.html'))}  ({escape(str(run_dir / 'report.md'))})")
+    failed = failed_methods(run_dir)
+    if failed:  # the report is written, but a script running the laboratory must see that it is not whole
+        _fail(f"{len(failed)} method(s) failed and are left out of the report's comparisons: {', '.join(failed)} "
+              f"(tracebacks in {run_dir / 'methods'}/<name>/error.log)", code=1)
 
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and clean prompt data sets.")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from entrorl.lab.tasks import get_task, sft_corpus
-from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2
+from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2, save_quietly
 
 __all__ = ["BaseModelSpec", "build_base_model", "default_cache_dir", "sft_batches", "supervised_loss"]
 
@@ -117,20 +117,41 @@ def _train(spec: BaseModelSpec, directory: Path, progress=None) -> dict:
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, spec.steps, losses[-1])
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    save_quietly(model, tokenizer, directory)
     return {"spec": asdict(spec), "key": spec.key(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
             "corpus_pairs": len(pairs), "final_loss": sum(losses[-50:]) / min(50, len(losses)),
             "loss_curve": losses[:: max(1, len(losses) // 100)]}
 
 
+def lab_cache_root(cache_dir: Path | None = None, *, create: bool = True) -> Path:
+    """``<cache>/lab``, where base models are kept, created if need be (checked only, without ``create``: its
+    nearest existing folder must be writable); ``ValueError`` naming the cache (and ``ENTRORL_CACHE``, which moves
+    it) when it cannot be created or written."""
+    root = (cache_dir or default_cache_dir()) / "lab"
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"cannot be created: {existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "cannot be written (permissions, or a read-only filesystem)"
+    elif create:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            problem = f"cannot be created ({error.strerror or error})"
+    if problem is not None:
+        raise ValueError(f"the laboratory's cache {root} {problem}; point ENTRORL_CACHE at a writable folder")
+    return root
+
+
 def build_base_model(spec: BaseModelSpec, *, cache_dir: Path | None = None, rebuild: bool = False, progress=None) -> Path:
     """The cached base model directory for ``spec`` (trained on first use, atomically)."""
-    root = (cache_dir or default_cache_dir()) / "lab"
+    root = lab_cache_root(cache_dir)
     final = root / f"base-{spec.key()}"
     if final.is_dir() and (final / "base.json").is_file() and not rebuild:
         return final
-    root.mkdir(parents=True, exist_ok=True)
     temporary = root / f".base-{spec.key()}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()

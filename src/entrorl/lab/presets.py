@@ -21,7 +21,7 @@ class LabPreset(BaseModel):
 
     name: str
     seed: int = 0
-    rl_seed: int | None = Field(None, description="seed of the RL and supervised runs (sampling, data order); None = seed. "
+    rl_seed: int | None = Field(None, ge=0, le=2**32 - 1, description="seed of the RL and supervised runs (sampling, data order); None = seed. "
                                 "The base model, the data and the evaluation keep `seed`, so runs with different rl_seed "
                                 "differ only in their training randomness")
     base: BaseModelSpec = Field(default_factory=lambda: BaseModelSpec(

@@ -861,7 +861,12 @@ class _Report:
                 parts = []
                 for n in kept:
                     p1, pk = self.pass_at(n, 1), self.pass_at(n, k)
-                    parts.append(f"{n} (ratio {fmt(self.analyses[n].entropy_ratio)}: Pass@1 {fmt(p1)}, Pass@{k} {fmt(pk)})")
+                    analysis = self.analyses[n]
+                    # a method whose own part never acted trained with the surrogate it is built on alone
+                    idle = bool(analysis.never_acted) and len(analysis.never_acted) == len(analysis.interventions)
+                    parts.append(f"{n} (ratio {fmt(analysis.entropy_ratio)}: Pass@1 {fmt(p1)}, Pass@{k} {fmt(pk)}"
+                                 + ("; its own intervention never acted, so this is its surrogate's doing" if idle else "")
+                                 + ")")
                     kept_table.add([text(n), num(self.analyses[n].entropy_ratio), num(p1), num(p1_g), num(p1_b), num(pk), num(pk_g), num(pk_b)])
                 section.say(f"{rule} {len(kept)} of {len(others)} method{'s' if len(others) != 1 else ''} kept entropy: "
                             f"{'; '.join(parts)}. For comparison, GRPO has Pass@1 {fmt(p1_g)} and Pass@{k} {fmt(pk_g)}, "
@@ -967,7 +972,9 @@ class _Report:
                 run = self.runs[name]
                 failed.add([text(name), text(run.status), text(run.error or NA), num(len(run.records))])
             section.say(f"{len(self.failed)} method{'s' if len(self.failed) != 1 else ''} did not finish and {'are' if len(self.failed) != 1 else 'is'} "
-                        f"left out of every comparison: {', '.join(self.failed)}. The full traceback is in `methods/<name>/error.log`.")
+                        f"left out of every comparison: {', '.join(self.failed)}."
+                        + (" The full traceback of a failed one is in `methods/<name>/error.log`."
+                           if any(self.runs[name].status == "failed" for name in self.failed) else ""))
             section.blocks.append(TableBlock(failed))
             self.json["failed"] = failed.to_json()
         else:
@@ -1372,9 +1379,9 @@ class _Report:
         preset_methods = self._preset_methods(name)
         if preset_methods is None or set(self.names) != set(preset_methods):
             command += " --methods " + ",".join(self.names)
-        workers = self.lab.get("workers")
-        if workers is not None and workers != self.preset.get("workers"):
-            command += f" --workers {workers}"
+        used_workers = self._workers()
+        if len(used_workers) == 1 and used_workers[0] != self.preset.get("workers"):
+            command += f" --workers {used_workers[0]}"
         if self.preset.get("rl_seed") is not None:
             command += f" --rl-seed {self.preset['rl_seed']}"
         make = "make lab" if command == "entrorl lab --preset default" else None
@@ -1398,7 +1405,8 @@ class _Report:
         shown = ", ".join(kernels) + (f" (base model: {base_kernels})" if isinstance(base_kernels, str) and kernels
                                       and [base_kernels] != kernels else "")
         machine.add([text(CPU_KERNELS_LABEL), text(shown) if kernels else missing()])
-        machine.add([text("workers"), num(workers) if workers is not None else missing()])
+        machine.add([text("workers"), (num(used_workers[0]) if len(used_workers) == 1 else
+                                       text(", ".join(str(w) for w in used_workers)) if used_workers else missing())])
         machine.add([text("train + eval time summed over methods (s)"), num(sum(train_seconds)) if train_seconds else missing()])
         machine.add([text(WALL_CLOCK_LABEL), num(wall)])
         machine.add([text("invocations counted / in all"), text(f"{counted} / {invocations}")])
@@ -1428,6 +1436,18 @@ class _Report:
             return list(get_preset(name).methods)
         except Exception:  # noqa: BLE001 — a preset that no longer exists: print the methods explicitly
             return None
+
+    def _workers(self) -> list[int]:
+        """The distinct worker counts of the invocations in ``lab.json`` that trained or evaluated something (an
+        invocation that found everything done does not count), or, in folders written before invocations recorded
+        what they ran, the count ``lab.json`` gives."""
+        invocations = [i for i in self.lab.get("invocations") or [] if isinstance(i, dict)]
+        used = [i.get("workers") for i in invocations if i.get("ran") or i.get("base_evaluated")]
+        used = [w for w in used if isinstance(w, int) and not isinstance(w, bool)]
+        legacy = not any("ran" in i for i in invocations)
+        if legacy and isinstance(self.lab.get("workers"), int) and not isinstance(self.lab["workers"], bool):
+            used = [self.lab["workers"]]
+        return list(dict.fromkeys(used))
 
     def _cpu_kernels(self) -> list[str]:
         """The distinct CPU kernel sets recorded by the invocations in ``lab.json`` that trained or evaluated something,

@@ -37,7 +37,7 @@ import torch
 from rich.text import Text
 
 from entrorl.data import load_prompts, write_jsonl
-from entrorl.lab.base_model import build_base_model
+from entrorl.lab.base_model import build_base_model, lab_cache_root
 from entrorl.lab.presets import LabPreset, get_preset
 from entrorl.lab.supervised import SFT_OBJECTIVE
 from entrorl.lab.tasks import get_task
@@ -254,7 +254,7 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     method, run_dir = job["method"], Path(job["run_dir"])
     final_path = run_dir / "final_eval.json"
-    if final_path.exists():
+    if _read_json_object(final_path):  # one that cannot be read is evaluated again, from the final checkpoint
         return {"method": method, "status": "cached"}
     if _STOP is not None and _STOP.is_set():
         return {"method": method, "status": "interrupted"}
@@ -325,7 +325,11 @@ def _check_same_preset(out: Path, preset: LabPreset, record: dict[str, Any]) -> 
     if not isinstance(recorded, dict):
         return
     current = preset.model_dump(mode="json")
-    differing = [d for d in _setting_differences(recorded, current) if d[0] != "methods"]
+
+    def training_seed(settings: dict[str, Any]) -> dict[str, Any]:  # rl_seed None trains with seed: the same runs
+        return {**settings, "rl_seed": settings.get("seed") if settings.get("rl_seed") is None else settings["rl_seed"]}
+
+    differing = [d for d in _setting_differences(training_seed(recorded), training_seed(current)) if d[0] != "methods"]
     if not differing:
         return
     if recorded.get("name") != current.get("name"):
@@ -356,6 +360,12 @@ def _requested_methods(methods: list[str] | str | None) -> list[str] | None:
     if methods and not names:
         raise ValueError("--methods names no method; give method names separated by commas, e.g. --methods grpo,clip_b")
     return names or None
+
+
+def failed_methods(out: Path) -> list[str]:
+    """The methods of the laboratory folder ``out`` whose last run failed (``outcomes.json``)."""
+    outcomes = _read_json_object(Path(out) / "outcomes.json")
+    return [method for method, outcome in outcomes.items() if isinstance(outcome, dict) and outcome.get("status") == "failed"]
 
 
 def _checked_workers(workers: int | None, preset: LabPreset) -> int:
@@ -438,8 +448,11 @@ class LabInterrupted(RuntimeError):
 def _collect_finished(pending: dict[str, Any], outcomes: dict[str, Any], progress, bars: dict[str, Any], out: Path,
                       steps: int, jobs: int) -> None:
     """Move the finished methods from ``pending`` to ``outcomes``, advancing every method's bar by its logged steps."""
+    started = {task.id for task in progress.tasks if task.started}
     for method, handle in list(pending.items()):
         logged = _count_lines(out / "methods" / method / "metrics.jsonl")
+        if bars[method] not in started and (logged or handle.ready()):  # its clock runs from its first logged step
+            progress.start_task(bars[method])
         progress.update(bars[method], completed=min(logged, steps))
         if handle.ready():
             outcomes[method] = outcome = handle.get()
@@ -471,10 +484,13 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
     if requested:
         preset = preset.model_copy(update={"methods": requested})
     if rl_seed is not None:
+        if isinstance(rl_seed, bool) or int(rl_seed) != rl_seed or not 0 <= rl_seed <= 2**32 - 1:
+            raise ValueError(f"--rl-seed must be a whole number from 0 to 2**32 - 1 (numpy's seed range); got {rl_seed!r}")
         preset = preset.model_copy(update={"rl_seed": int(rl_seed)})
     preset.check_methods()
     workers = _checked_workers(workers, preset)
     out = Path(out) if out is not None else default_run_directory()
+    lab_cache_root(cache_dir, create=False)  # a cache that cannot be written fails now, before the run directory is made
     _prepare_run_directory(out)
     recorded = _read_json_object(out / "lab.json")
     _check_same_preset(out, preset, recorded)
@@ -522,7 +538,8 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
                 progress.update(eval_task, completed=1)
             jobs = [{"preset": preset.model_dump(mode="json"), "method": method, "run_dir": str(out / "methods" / method),
                      "model_dir": str(model_dir), "data": {k: str(v) for k, v in data.items()}} for method in preset.methods]
-            bars = {job["method"]: progress.add_task(job["method"], total=preset.steps, status="") for job in jobs}
+            bars = {job["method"]: progress.add_task(job["method"], total=preset.steps, status="", start=False)
+                    for job in jobs}
             context = multiprocessing.get_context("spawn")
             stop = context.Event()
             with _ignoring_ctrl_c():  # the workers start with Ctrl-C ignored (no traceback from their imports)
@@ -552,6 +569,8 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
             record_lab()
     failed = {m: o["error"] for m, o in outcomes.items() if o["status"] == "failed"}
     _write_json(out / "outcomes.json", {**_read_json_object(out / "outcomes.json"), **outcomes})
+    if console is not None:
+        console.print("writing the report and its figures")
     write_report(out)
     if console is not None and len(run_methods) > len(preset.methods):
         console.print(f"the report covers all {len(run_methods)} methods of {out} ({', '.join(run_methods)}), "

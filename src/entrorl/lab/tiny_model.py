@@ -91,15 +91,21 @@ def save_tiny_model(directory: str | Path, *, alphabet: str = DEFAULT_ALPHABET, 
         bos_token_id=tokenizer.bos_token_id,
         **model_kwargs,
     )
+    directory.mkdir(parents=True, exist_ok=True)
+    save_quietly(model, tokenizer, directory)
+    return directory
+
+
+def save_quietly(model, tokenizer, directory: Path) -> None:
+    """``save_pretrained`` of both into ``directory`` without transformers' "Writing model shards" progress bar (one
+    bar per tiny weight file, or under the caller's own), which is put back as it was."""
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a bar per tiny weight file otherwise
+    hf_logging.disable_progress_bar()
     try:
-        directory.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    return directory
