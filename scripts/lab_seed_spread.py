@@ -21,7 +21,8 @@ from pathlib import Path
 from entrorl.lab.report import (HEADLINE_COLLAPSE_PREFIX, HEADLINE_EVAL_ENTROPY_RATIO, HEADLINE_REWARD_END,
                                 HEADLINE_REWARD_START)
 
-COLUMNS = ("entropy end/start", "reward end", "Pass@1", "Pass@8", "Pass@64", "forgetting Δ", "eval entropy")
+# the summary's columns before and after its Pass@k ones, whose k come from the preset (quick: up to 16, default: 64)
+LEADING, TRAILING = ("entropy end/start", "reward end"), ("forgetting Δ", "eval entropy")
 
 
 def _fmt(value: float) -> str:
@@ -29,14 +30,17 @@ def _fmt(value: float) -> str:
 
 
 def spread_table(reports: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per method present in every run; cells ``mean [min, max]``."""
+    """Header and rows: one row per method present in every run; cells ``mean [min, max]``; the Pass@k columns those
+    of the first run's summary (every k it reports)."""
     per_run = [{row["method"]: row for row in report["summary"]["values"]} for report in reports]
     methods = [name for name in per_run[0] if all(name in run for run in per_run[1:])]
-    header = ["method", *COLUMNS]
+    first = next(iter(per_run[0].values()), {})
+    columns = (*LEADING, *(key for key in first if key.startswith("Pass@")), *TRAILING)
+    header = ["method", *columns]
     rows = []
     for method in methods:
         cells = [method]
-        for column in COLUMNS:
+        for column in columns:
             values = [run[method].get(column) for run in per_run]
             values = [value for value in values if isinstance(value, (int, float))]
             cells.append(f"{_fmt(statistics.fmean(values))} [{_fmt(min(values))}, {_fmt(max(values))}]" if values else "—")
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     reports = [json.loads((run / "report.json").read_text()) for run in args.runs]
     seeds = [json.loads((run / "lab.json").read_text())["preset"].get("rl_seed") for run in args.runs]
     names = [f"{run.name} (rl_seed {seed if seed is not None else 'preset'})" for run, seed in zip(args.runs, seeds)]
+    if len(set(seeds)) < len(seeds):
+        print("warning: some runs share their rl_seed, so their spread is not a spread over seeds", file=sys.stderr)
     print(f"{len(reports)} runs: " + ", ".join(names))
     print()
     header, rows = spread_table(reports)

@@ -540,3 +540,9 @@ def test_the_seed_spread_script_reads_the_headline_numbers_of_a_report(report_ru
     spec.loader.exec_module(module)
     (line,) = module.collapse_lines([report], ["seed0"])
     assert "?" not in line and line.startswith("seed0: GRPO") and "collapse (" in line
+    # its Pass@k columns are those the report has, whatever the preset's largest k
+    header, rows = module.spread_table([report, report])
+    pass_columns = [column for column in header if column.startswith("Pass@")]
+    assert pass_columns and pass_columns == [key for key in report["summary"]["values"][0] if key.startswith("Pass@")]
+    (grpo,) = [row for row in rows if row[0] == "grpo"]
+    assert all(cell != "—" for column, cell in zip(header, grpo) if column in pass_columns)

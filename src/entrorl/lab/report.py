@@ -1333,6 +1333,9 @@ class _Report:
                 axis.set_title(model)
                 axis.set_xlim(-0.02, 1.02)
             axes[0].set_ylabel("share of prompts")
+            for index, axis in enumerate(axes):
+                if index + min(5, len(axes)) >= len(axes):  # nothing below it
+                    axis.set_xlabel("pass rate")
 
         section.blocks.append(self.figures.draw("pass_rates.png", "Histogram of per-prompt pass rates; thin black bars at 0 and 1: "
                                                 "the prompts never and always solved; black outline: base model.",
