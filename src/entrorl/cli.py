@@ -189,13 +189,14 @@ TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help
 
 def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str,
                      prompt_template: str | None, chat_template: bool | None, max_new_tokens: int | None,
+                     temperature: float, top_p: float, top_k: int,
                      max_prompts: int | None, device: str, dtype: str, base: Path | None = None,
                      check_fit: bool = False, trust_remote_code: bool = False, require_answer: bool = True,
                      correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
-    the tokenizer, the model in eval mode, the encoded prompts, the model directory resolved and the sampling format
-    used (template, chat template, most new tokens: see :func:`_run_defaults`); ValueError / FileNotFoundError on bad
-    input. The model is a complete model directory or LoRA adapters on ``base`` (see
+    the tokenizer, the model in eval mode, the encoded prompts, the model directory resolved, the prompt format used
+    (template, chat template) and the sampling parameters (their most new tokens, like the prompt format, the run's
+    unless given: see :func:`_run_defaults`); ValueError / FileNotFoundError on bad input. The model is a complete model directory or LoRA adapters on ``base`` (see
     :func:`entrorl.trainer.checkpoint.resolve_model_directory`). With
     ``check_fit`` every prompt must leave the most new tokens of the context (checked before the weights load
     when config.json declares the context). ``check_outputs`` runs once the data and the reward are checked, before
@@ -203,12 +204,14 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     from entrorl.data import check_prompt_template, load_prompts
     from entrorl.modeling import check_prompts_fit, encode_prompt, load_tokenizer, read_model_config
     from entrorl.rewards import RewardRunner, get_reward
+    from entrorl.rollout import SamplingParams
     from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
     from entrorl.trainer.config import resolve_device
 
     directory = resolve_model_directory(model, base=base)
     prompt_template, chat_template, max_new_tokens = _run_defaults(model, prompt_template, chat_template,
                                                                    max_new_tokens)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     check_prompt_template(prompt_template)
     records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
                            require_answer=require_answer)[:max_prompts]
@@ -224,8 +227,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     policy = load_model_directory(directory, dtype=dtype, trust_remote_code=trust_remote_code, device=resolve_device(device))
     if check_fit and declared is None:
         check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
-    return (records, reward_runner, tokenizer, policy, prompt_ids, directory,
-            (prompt_template, chat_template, max_new_tokens))
+    return records, reward_runner, tokenizer, policy, prompt_ids, directory, (prompt_template, chat_template), sampling
 
 
 def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool | None,
@@ -251,27 +253,22 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
         return value if isinstance(value, kind) else None
 
     taken, unread = [], []
-    if prompt_template is None:
-        prompt_template = recorded("data", "prompt_template", str)
-        if prompt_template is None:
-            prompt_template = "{prompt}"
-            unread.append("data.prompt_template")
-        else:
-            taken.append(f"data.prompt_template = {prompt_template!r}")
-    if chat_template is None:
-        chat_template = recorded("model", "chat_template", bool)
-        if chat_template is None:
-            chat_template = False
-            unread.append("model.chat_template")
-        else:
-            taken.append(f"model.chat_template = {str(chat_template).lower()}")
-    if max_new_tokens is None:
-        max_new_tokens = recorded("rollout", "max_new_tokens", int)
-        if max_new_tokens is None or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-            unread.append("rollout.max_new_tokens")
-        else:
-            taken.append(f"rollout.max_new_tokens = {max_new_tokens}")
+
+    def setting(given, key: str, kind: type, default, shown=repr, valid=lambda value: True):
+        """``given``, else the run's ``key`` (``section.name``) when it is a valid ``kind``, else ``default``."""
+        if given is not None:
+            return given
+        value = recorded(*key.split("."), kind)
+        if value is None or not valid(value):
+            unread.append(key)
+            return default
+        taken.append(f"{key} = {shown(value)}")
+        return value
+
+    prompt_template = setting(prompt_template, "data.prompt_template", str, "{prompt}")
+    chat_template = setting(chat_template, "model.chat_template", bool, False, shown=lambda value: str(value).lower())
+    max_new_tokens = setting(max_new_tokens, "rollout.max_new_tokens", int, DEFAULT_MAX_NEW_TOKENS, shown=str,
+                             valid=lambda value: not isinstance(value, bool) and value >= 1)
     if taken:
         console.print(Text(f"settings of the run in {run} (its config.json): {', '.join(taken)}; --prompt-template, "
                            "--chat-template / --no-chat-template and --max-new-tokens override them"), soft_wrap=True)
@@ -363,7 +360,6 @@ def evaluate(
 
     from entrorl.data.loading import check_output_file
     from entrorl.rewards import error_headline
-    from entrorl.rollout import SamplingParams
     from entrorl.trainer.checkpoint import atomic_write_text
     from entrorl.trainer.evaluate import evaluate_model
 
@@ -384,18 +380,15 @@ def evaluate(
             check_output_file(path, what=option)
 
     try:
-        # the sampling options are checked before anything loads; max_new_tokens may still come from the run
-        SamplingParams(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, top_k=top_k)
-        records, reward_runner, tokenizer, policy, prompt_ids, directory, prompt_format = _sampling_inputs(
+        records, reward_runner, tokenizer, policy, prompt_ids, directory, prompt_format, sampling = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_new_tokens=max_new_tokens, max_prompts=max_prompts, device=device,
-            dtype=dtype, base=base, check_fit=True, trust_remote_code=trust_remote_code,
-            require_answer=require_answer, correct_threshold=correct_threshold,
+            chat_template=chat_template, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base, check_fit=True,
+            trust_remote_code=trust_remote_code, require_answer=require_answer, correct_threshold=correct_threshold,
             check_outputs=check_outputs)
     except (ValueError, OSError, ImportError) as error:  # ImportError: adapters without peft
         _fail(str(error))
-    max_new_tokens = prompt_format[2]
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    max_new_tokens = sampling.max_new_tokens
     with Progress(console=console) as progress:
         task = progress.add_task("sampling", total=len(records) * n)
         result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks, sampling=sampling,
@@ -619,7 +612,6 @@ def data_audit(
 
     from entrorl.data import parse_band
     from entrorl.data.audit import AuditThresholds
-    from entrorl.rollout import SamplingParams
     from entrorl.trainer.audit import audit_records, check_audit_output, default_audit_dir, write_audit_outputs
 
     directory = out if out is not None else default_audit_dir(data)
@@ -633,17 +625,15 @@ def data_audit(
         message = str(error).removeprefix("AuditThresholds: ")
         _fail(f"--{message.replace('low_pass_rate', 'low-pass-rate')}")
     try:
-        # the sampling options are checked before anything loads; max_new_tokens may still come from the run
-        SamplingParams(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, top_k=top_k)
-        records, reward_runner, tokenizer, policy, prompt_ids, model_directory, prompt_format = _sampling_inputs(
+        records, reward_runner, tokenizer, policy, prompt_ids, model_directory, prompt_format, sampling = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_new_tokens=max_new_tokens, max_prompts=max_prompts, device=device,
-            dtype=dtype, base=base, trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
+            chat_template=chat_template, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
+            trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
             correct_threshold=correct_threshold, check_outputs=lambda: check_audit_output(data, directory))
     except (ValueError, OSError, ImportError) as error:  # OSError: missing files, unreadable model directories
         _fail(str(error))
-    max_new_tokens = prompt_format[2]
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    max_new_tokens = sampling.max_new_tokens
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:

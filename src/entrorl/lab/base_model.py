@@ -19,6 +19,7 @@ import torch
 
 from entrorl.lab.tasks import get_task, sft_corpus
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2, save_quietly
+from entrorl.trainer.checkpoint import nearest_existing
 
 __all__ = ["BaseModelSpec", "build_base_model", "default_cache_dir", "sft_batches", "supervised_loss"]
 
@@ -128,9 +129,7 @@ def lab_cache_root(cache_dir: Path | None = None, *, create: bool = True) -> Pat
     nearest existing folder must be writable); ``ValueError`` naming the cache (and ``ENTRORL_CACHE``, which moves
     it) when it cannot be created or written."""
     root = (cache_dir or default_cache_dir()) / "lab"
-    existing = root
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(root)
     problem = None
     if not existing.is_dir():
         problem = f"cannot be created: {existing} is a file"

@@ -66,13 +66,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` when it exists, else the nearest folder above it that does: where creating it would start."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
 def check_run_directory_writable(run_dir: Path) -> None:
     """Raise ``OSError`` naming the problem if ``run_dir`` cannot be a run directory: it is a file, or it (or, when it
     does not exist yet, the nearest folder above it that does) cannot be written (permissions, a read-only
     filesystem). Cheap, so a trainer checks before it loads a model, not when it first writes."""
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(run_dir)
     if not existing.is_dir():
         raise NotADirectoryError(f"the run directory {run_dir} cannot be created: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -463,15 +469,16 @@ def latest_checkpoint(run_dir: Path, *, before_step: int | None = None) -> Path 
     pointer = root / "latest"
     named_as = pointer.read_text(encoding="utf-8", errors="replace").strip() if pointer.is_file() else ""
     named = root / named_as if named_as else None
-    wrong = _what_is_missing(named) if named is not None and named.is_dir() else None
-    if named is not None and named.is_dir() and wrong is None:
+    there = named is not None and named.is_dir()
+    wrong = _what_is_missing(named) if there else None
+    if there and wrong is None:
         return named
     complete = _complete_checkpoints(root)
     chosen = complete[-1] if complete else None
     if pointer.is_file():
         if named is None:
             problem = f"{pointer} is empty"
-        elif not named.is_dir():
+        elif not there:
             problem = f"{pointer} names {named_as!r}, which is not there"
         else:
             problem = f"checkpoint {named} is incomplete ({wrong})"

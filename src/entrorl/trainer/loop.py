@@ -865,8 +865,9 @@ class Trainer:
         trained = [p for p in self.model.parameters() if p.requires_grad]
         if not trained:
             return 0.0
-        with torch.no_grad():
-            norms = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32).cpu() for p in trained])
+        with torch.no_grad():  # one device sync, in float(): the per-tensor norms stay where their weights are
+            device = trained[0].device
+            norms = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32).to(device) for p in trained])
             return float(torch.linalg.vector_norm(norms))
 
     def _weight_norm_phrase(self) -> str:
