@@ -438,6 +438,76 @@ def test_a_resumed_subset_keeps_every_method_of_the_folder(tmp_path, monkeypatch
     assert report["reproduce"]["command"].endswith("--workers 1")
 
 
+def _dies_on_clip_cov(job):
+    """A worker's method for the pool tests (imported by the spawned worker): clip_cov's worker is killed outright,
+    as the out-of-memory killer would; the others are found finished."""
+    import os
+    import signal
+
+    if job["method"] == "clip_cov":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"method": job["method"], "status": "cached"}
+
+
+def _interrupted_by_its_own_signal(job):
+    """A worker's method stopped by a SIGINT of its own (sent to the group while the laboratory ignores it, as a
+    script's background job does); a method started after it finds the laboratory stopped."""
+    import time
+
+    from entrorl.lab import runner
+
+    if job["method"] == "grpo":
+        return {"method": "grpo", "status": "interrupted", "step": 3}
+    time.sleep(2)  # the laboratory sees grpo's outcome meanwhile
+    return {"method": job["method"], "status": "interrupted" if runner._STOP.is_set() else "done"}
+
+
+def _finished_folder(tmp_path, monkeypatch):
+    from test_lab_report import build_run
+
+    from entrorl.lab import runner
+
+    out = build_run(tmp_path / "lab", methods=("grpo", "clip_cov", "nsr"), failed=())
+    lab = json.loads((out / "lab.json").read_text())
+    lab["preset"] = get_preset("quick").model_copy(update={"methods": ["grpo", "clip_cov", "nsr"]}).model_dump(mode="json")
+    (out / "lab.json").write_text(json.dumps(lab))
+    monkeypatch.setattr(runner, "build_base_model", lambda spec, cache_dir=None, progress=None: tmp_path / "base-model")
+    monkeypatch.setattr(runner, "_prepare_data", lambda out, preset: {k: out / "data" / f"{k}.jsonl" for k in ("train", "eval", "forget")})
+    return out
+
+
+def test_a_killed_worker_fails_its_method_only(tmp_path, monkeypatch):
+    """A worker killed by a signal (multiprocessing.Pool waited for its task for ever): its method fails, with the
+    signal in its error.log and the report, and the next method runs in a new worker."""
+    from entrorl.lab import runner
+
+    out = _finished_folder(tmp_path, monkeypatch)
+    (out / "methods" / "nsr" / "metrics.jsonl").unlink()  # never started: no step logged
+    (out / "methods" / "clip_cov" / "final_eval.json").unlink()  # not finished
+    monkeypatch.setattr(runner, "_run_method", _dies_on_clip_cov)
+    started = __import__("time").monotonic()
+    runner.run_lab("quick", methods=["grpo", "clip_cov", "nsr"], out=out, workers=1)
+    assert __import__("time").monotonic() - started < 120
+    assert runner.failed_methods(out) == ["clip_cov"]
+    error = (out / "methods" / "clip_cov" / "error.log").read_text()
+    assert "its worker process was killed by SIGKILL (the system's out-of-memory killer sends it" in error
+    report = json.loads((out / "report.json").read_text())
+    assert report["methods"]["clip_cov"]["status"] == "failed" and report["methods"]["nsr"]["status"] == "ok"
+
+
+def test_a_method_stopped_by_a_signal_of_its_own_is_not_reported_as_finished(tmp_path, monkeypatch):
+    """A worker that stopped its method (its step saved) by a signal this process did not get: the laboratory stops
+    as after Ctrl-C (the next method does not train) and writes no report."""
+    from entrorl.lab import runner
+
+    out = _finished_folder(tmp_path, monkeypatch)
+    monkeypatch.setattr(runner, "_run_method", _interrupted_by_its_own_signal)
+    with pytest.raises(runner.LabInterrupted) as interrupted:
+        runner.run_lab("quick", methods=["grpo", "clip_cov"], out=out, workers=1)
+    assert interrupted.value.methods == ["grpo", "clip_cov"]
+    assert not (out / "report.md").exists()
+
+
 def test_the_s_and_d_histograms_count_every_token_in_their_end_bins():
     """Values beyond +-0.4 (and 0.4 itself, which float32 rounds above the float64 edge) land in the end bins."""
     from entrorl.lab.runner import _histogram

@@ -362,6 +362,10 @@ def test_failed_grpo_and_an_empty_run(tmp_path):
     assert report["section_errors"] == {}
     assert report["methods"]["grpo"]["status"] == "missing"
     assert (empty / "report.html").exists()
+    markdown = (empty / "report.md").read_text()  # each missing figure says why, not its caption
+    assert "No figure curves.png: no finished method logged a training step." in markdown
+    assert "No figure pass_rates.png: no final evaluation holds per-prompt pass rates." in markdown
+    assert "nothing to plot" not in markdown
 
 
 def _write_metrics(run: Path, entropy, reward, **series) -> None:
@@ -546,3 +550,23 @@ def test_the_seed_spread_script_reads_the_headline_numbers_of_a_report(report_ru
     assert pass_columns and pass_columns == [key for key in report["summary"]["values"][0] if key.startswith("Pass@")]
     (grpo,) = [row for row in rows if row[0] == "grpo"]
     assert all(cell != "—" for column, cell in zip(header, grpo) if column in pass_columns)
+
+
+def test_the_entropy_change_axes_carry_their_power_of_ten_in_their_labels():
+    """The scale of a panel goes into its axis labels (matplotlib's offset text sat on the panel's title)."""
+    from entrorl.lab.report import _power_of_ten
+
+    assert _power_of_ten([3e-9, -1e-8]) == -8
+    assert _power_of_ten([0.001, float("nan")]) == -3
+    assert _power_of_ten([0.5, -2.0]) == 0 and _power_of_ten([0.01]) == 0 and _power_of_ten([999.0]) == 0
+    assert _power_of_ten([12345.0]) == 4
+    assert _power_of_ten([]) == 0 and _power_of_ten([0.0, float("inf"), float("nan")]) == 0
+
+
+def test_unreadable_metrics_lines_are_named_not_dropped_silently(report_run):
+    """build_run ends each metrics.jsonl with a line cut short: the report names it, per method, and leaves it out."""
+    out, report, markdown, html = report_run
+    line = STEPS + 1  # kl_cov failed after 3 steps
+    assert report["unreadable_metrics_lines"] == {"grpo": [line], "clip_cov": [line], "nsr": [line], "kl_cov": [4]}
+    assert (f"were left out: grpo: line {line}; clip_cov: line {line}; nsr: line {line}; kl_cov: line 4."
+            in " ".join(markdown.split()))

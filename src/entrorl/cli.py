@@ -509,7 +509,7 @@ def lab(
     failed = failed_methods(run_dir)
     if failed:  # the report is written, but a script running the laboratory must see that it is not whole
         _fail(f"{len(failed)} method(s) failed and are left out of the report's comparisons: {', '.join(failed)} "
-              f"(tracebacks in {run_dir / 'methods'}/<name>/error.log)", code=1)
+              f"(each one's error in {run_dir / 'methods'}/<name>/error.log)", code=1)
 
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and clean prompt data sets.")

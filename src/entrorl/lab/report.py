@@ -432,21 +432,26 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The step records, ordered by step; unreadable lines (a write cut short) are skipped."""
-    records = []
+def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The step records, ordered by step, and the numbers of the lines that could not be read (a write cut short),
+    which are skipped."""
+    records, unreadable = [], []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
-        return []
-    for line in lines:
+        return [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except ValueError:
-            continue
+            record = None
         if isinstance(record, dict):
             records.append(record)
-    return sorted(records, key=lambda r: _finite(r.get("step")) or 0.0)
+        else:
+            unreadable.append(number)
+    return sorted(records, key=lambda r: _finite(r.get("step")) or 0.0), unreadable
 
 
 @dataclass
@@ -458,6 +463,7 @@ class Run:
     records: list[dict[str, Any]]
     final: dict[str, Any] | None
     error: str | None = None
+    unreadable_lines: list[int] = field(default_factory=list)  # of metrics.jsonl, skipped
 
     def series(self, key: str) -> np.ndarray:
         return np.array([_finite(r.get(key)) if _finite(r.get(key)) is not None else np.nan for r in self.records], dtype=np.float64)
@@ -506,9 +512,9 @@ def intervention_keys(method: str) -> list[str]:
 def _load_run(out: Path, name: str, outcomes: dict[str, Any]) -> Run:
     directory = out / "methods" / name
     final = _read_json(directory / "final_eval.json")
-    records = _read_metrics(directory / "metrics.jsonl")
+    records, unreadable = _read_metrics(directory / "metrics.jsonl")
     if isinstance(final, dict):
-        return Run(name, "ok", records, final)
+        return Run(name, "ok", records, final, unreadable_lines=unreadable)
     error = None
     log = directory / "error.log"
     if log.exists():
@@ -518,8 +524,8 @@ def _load_run(out: Path, name: str, outcomes: dict[str, Any]) -> Run:
         lines = [line for line in str(outcomes[name].get("error", "")).splitlines() if line.strip()]
         error = lines[-1].strip() if lines else "failed"
     if error is not None:
-        return Run(name, "failed", records, None, error)
-    return Run(name, "missing", records, None, "no final_eval.json and no error.log (interrupted?)")
+        return Run(name, "failed", records, None, error, unreadable)
+    return Run(name, "missing", records, None, "no final_eval.json and no error.log (interrupted?)", unreadable)
 
 
 # ------------------------------------------------------------------------------------------------ analysis
@@ -666,7 +672,9 @@ class _Figures:
             self.unavailable = None
             directory.mkdir(parents=True, exist_ok=True)
 
-    def draw(self, name: str, caption: str, width: float, height: float, paint: Callable[[Any], bool | None]) -> FigureBlock | Paragraph:
+    def draw(self, name: str, caption: str, width: float, height: float, paint: Callable[[Any], str | None]) -> FigureBlock | Paragraph:
+        """Draw ``paint(figure)`` into ``name``; ``paint`` returns why there is nothing to plot, if so, which the report
+        says instead of the figure."""
         if self.unavailable:
             return Paragraph(self.unavailable)
         import matplotlib
@@ -675,14 +683,26 @@ class _Figures:
         with matplotlib.rc_context({"font.size": 7, "axes.titlesize": 7.5, "legend.fontsize": 6, "axes.linewidth": 0.6,
                                     "lines.linewidth": 1.1}):
             figure = Figure(figsize=(width, height), layout="constrained")
-            if paint(figure) is False:
-                return Paragraph(f"{caption}: nothing to plot.")
+            nothing_to_plot = paint(figure)
+            if nothing_to_plot:
+                return Paragraph(f"No figure {name}: {nothing_to_plot}.")
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
         png = buffer.getvalue()
         (self.directory / name).write_bytes(png)
         self.saved[name] = caption
         return FigureBlock(name, caption, png)
+
+
+def _power_of_ten(values) -> int:
+    """The power of ten to divide ``values`` by so that their largest magnitude reads between 0.01 and 1000; 0 when
+    they already do (or none is finite and non-zero)."""
+    magnitudes = np.abs(np.asarray(values, dtype=np.float64))
+    magnitudes = magnitudes[np.isfinite(magnitudes) & (magnitudes > 0)]
+    if not magnitudes.size:
+        return 0
+    power = int(math.floor(math.log10(float(magnitudes.max()))))
+    return power if not -2 <= power <= 3 else 0
 
 
 def _colours(names: list[str]) -> dict[str, Any]:
@@ -973,12 +993,20 @@ class _Report:
                 failed.add([text(name), text(run.status), text(run.error or NA), num(len(run.records))])
             section.say(f"{len(self.failed)} method{'s' if len(self.failed) != 1 else ''} did not finish and {'are' if len(self.failed) != 1 else 'is'} "
                         f"left out of every comparison: {', '.join(self.failed)}."
-                        + (" The full traceback of a failed one is in `methods/<name>/error.log`."
+                        + (" The full error of a failed one (a traceback, or the signal that ended its process) is in "
+                           "`methods/<name>/error.log`."
                            if any(self.runs[name].status == "failed" for name in self.failed) else ""))
             section.blocks.append(TableBlock(failed))
             self.json["failed"] = failed.to_json()
         else:
             self.json["failed"] = Table(["method", "status", "error (last line)", "steps logged"]).to_json()
+        unreadable = {name: run.unreadable_lines for name, run in self.runs.items() if run.unreadable_lines}
+        if unreadable:
+            listed = "; ".join(f"{name}: line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines[:5]))}"
+                               f"{f' and {len(lines) - 5} more' if len(lines) > 5 else ''}" for name, lines in unreadable.items())
+            section.say(f"Lines of `methods/<name>/metrics.jsonl` that could not be read (a write cut short, e.g. when "
+                        f"the process was killed) were left out: {listed}.")
+        self.json["unreadable_metrics_lines"] = unreadable
         self.json["summary"] = table.to_json()
 
     # ---------------------------------------------------------------- 3. curves
@@ -1002,7 +1030,7 @@ class _Report:
                     axis.plot(steps, values, color=self.colours[name], alpha=0.25, linewidth=0.5)
                     axis.plot(steps, moving_average(values), color=self.colours[name], label=name)
             if not drawn:
-                return False
+                return "no finished method logged a training step"
             axes[0].set(title="entropy", xlabel="step", ylabel="nats")
             axes[1].set(title="reward", xlabel="step", ylabel="share correct")
             axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=2 if len(self.ok) > 10 else 1, frameon=False)
@@ -1064,7 +1092,8 @@ class _Report:
 
         def paint(figure):
             if not fitted:
-                return False
+                return ("the law could not be fitted to any method's run (the table's notes say why)" if self.ok
+                        else "no method finished")
             axes = _grid(figure, len(fitted), 4)
             last_step = max(float(np.max(self.runs[name].steps)) for name in fitted)
             for axis, name in zip(axes, fitted):
@@ -1158,17 +1187,19 @@ class _Report:
 
         def paint(figure):
             if not shown:
-                return False
+                return "no method logged both the predicted and the measured entropy change of a step"
             axes = _grid(figure, len(shown), 5)
             for axis, name in zip(axes, shown):
                 change = self.analyses[name].change
-                axis.scatter(change["predicted"], change["measured"], s=6, color=self.colours[name])
+                # each panel's powers of ten go into its axis labels: matplotlib's offset text would sit on the title
+                x_power, y_power = _power_of_ten(change["predicted"]), _power_of_ten(change["measured"])
+                axis.scatter(np.asarray(change["predicted"], dtype=np.float64) / 10.0 ** x_power,
+                             np.asarray(change["measured"], dtype=np.float64) / 10.0 ** y_power, s=6, color=self.colours[name])
                 axis.axhline(0, color="0.7", linewidth=0.5)
                 axis.axvline(0, color="0.7", linewidth=0.5)
                 axis.set_title(f"{name}  r {fmt(change['pearson'])}")
-                axis.set_xlabel("predicted")
-                axis.ticklabel_format(style="sci", scilimits=(-2, 3))
-            axes[0].set_ylabel("measured")
+                axis.set_xlabel("predicted" + (f" (×1e{x_power})" if x_power else ""))
+                axis.set_ylabel("measured" + (f" (×1e{y_power})" if y_power else ""))
 
         section.blocks.append(self.figures.draw("entropy_change.png", "Measured against predicted entropy change, one point per step.",
                                                 9.0, 1.9 * max(1, math.ceil(len(shown) / 5)), paint))
@@ -1229,7 +1260,7 @@ class _Report:
                 drawn = drawn or any(np.isfinite(heights))
                 axis.bar(np.arange(len(self.ok)) + (j - (len(COV_PERCENTS) - 1) / 2) * width, heights, width, label=f"top {q}%")
             if not drawn:
-                return False
+                return "no method logged a positive covariance ratio"
             axis.set_yscale("log")
             axis.set_xticks(np.arange(len(self.ok)), self.ok, rotation=45, ha="right")
             axis.set(ylabel="× mean covariance", title="covariance concentration (mean over steps)")
@@ -1264,7 +1295,7 @@ class _Report:
 
         def paint(figure):
             if not chosen:
-                return False
+                return "no final evaluation holds S and D distributions"
             axes = figure.subplots(len(chosen), 2, squeeze=False)
             for row, model in enumerate(chosen):
                 evaluation = self.evals[model]
@@ -1317,7 +1348,7 @@ class _Report:
 
         def paint(figure):
             if not summaries:
-                return False
+                return "no final evaluation holds per-prompt pass rates"
             models = list(summaries)
             axes = _grid(figure, len(models), 5, sharex=True, sharey=True)
             base = summaries.get("base")

@@ -30,7 +30,7 @@ import traceback
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -221,16 +221,16 @@ def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
         trainer.use_task(get_task(preset.train_task))
     if _STOP is None:
         trainer.train()
-    else:  # in a pool worker: Ctrl-C, or the laboratory's stop before the trainer could catch it, ends at a step's end
+    else:  # in a worker: Ctrl-C, or the laboratory's stop before the trainer could catch it, ends at a step's end
         trainer.train(handle_signals=True, should_stop=_STOP.is_set)
     return evaluate_policy(trainer.model, trainer.tokenizer, preset, data)
 
 
-_STOP: Any = None  # in a pool worker: the event the laboratory sets when it is interrupted
+_STOP: Any = None  # in a worker: the event the laboratory sets when it is interrupted
 
 
 def _init_worker(stop: Any) -> None:
-    """Set up a pool worker. Ctrl-C reaches every process of the terminal's group: a worker ignores it except while
+    """Set up a worker process. Ctrl-C reaches every process of the terminal's group: a worker ignores it except while
     it trains, where its trainer finishes the step under way and saves it; a method not yet started when the
     laboratory is interrupted (``stop`` set) does not start."""
     global _STOP
@@ -278,8 +278,8 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
         (run_dir / "error.log").write_text(traceback.format_exc())
         return {"method": method, "status": "failed", "error": traceback.format_exc(limit=3)}
     finally:
-        if _STOP is not None:  # a pool worker: the trainer's "exit at once" handlers are for a terminal's process,
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # and the pool ends its workers with SIGTERM
+        if _STOP is not None:  # a worker: the trainer's "exit at once" handlers are for a terminal's process,
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # and the laboratory ends its workers with SIGTERM
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
@@ -445,24 +445,167 @@ class LabInterrupted(RuntimeError):
                          else f"interrupted before the report of {out} was written")
 
 
-def _collect_finished(pending: dict[str, Any], outcomes: dict[str, Any], progress, bars: dict[str, Any], out: Path,
-                      steps: int, jobs: int) -> None:
-    """Move the finished methods from ``pending`` to ``outcomes``, advancing every method's bar by its logged steps."""
+def _death_of(exitcode: int | None) -> str:
+    """Why a worker process ended without an outcome, from its exit status (``-N``: killed by signal N)."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = (" (the system's out-of-memory killer sends it when memory runs out; fewer --workers use less)"
+                if -exitcode == signal.SIGKILL else "")
+        return f"its worker process was killed by {name}{hint}"
+    return f"its worker process exited with status {exitcode} before returning an outcome"
+
+
+def _worker_loop(connection, stop: Any, run: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """A worker process: run each job received (``run`` is :func:`_run_method`) and send back its outcome, until told
+    to stop (``None``) or the laboratory's end of the pipe closes."""
+    _init_worker(stop)
+    while True:
+        try:
+            job = connection.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        connection.send(run(job))
+
+
+class _Worker:
+    """One worker process and the method it is training. Unlike a ``multiprocessing.Pool``, whose task waits for ever
+    when its process is killed, a worker that dies (the out-of-memory killer, kill -9) is seen at its next poll, with
+    its exit status; only its own method is lost, and a new worker takes the next one."""
+
+    def __init__(self, context: Any, stop: Any, run: Callable[[dict[str, Any]], dict[str, Any]]):
+        self.connection, child_end = context.Pipe()
+        with _ignoring_ctrl_c():  # the worker starts with Ctrl-C ignored (no traceback from its imports)
+            self.process = context.Process(target=_worker_loop, args=(child_end, stop, run), daemon=True)
+            self.process.start()
+        child_end.close()
+        self.method: str | None = None
+
+    def start(self, job: dict[str, Any]) -> None:
+        self.connection.send(job)
+        self.method = job["method"]
+
+    def _received(self) -> dict[str, Any] | None:
+        try:
+            return self.connection.recv() if self.connection.poll() else None
+        except (EOFError, OSError):  # the process died while sending
+            return None
+
+    def outcome(self) -> dict[str, Any] | None:
+        """The outcome of its method once there is one: the method's own, or ``failed`` when the process died."""
+        if self.method is None:
+            return None
+        outcome = self._received()
+        if outcome is None and not self.process.is_alive():
+            outcome = self._received()  # sent just before it ended
+            if outcome is None:
+                self.process.join(timeout=5)
+                outcome = {"method": self.method, "status": "failed", "error": _death_of(self.process.exitcode)}
+        if outcome is not None:
+            self.method = None
+        return outcome
+
+    def stop(self, at_once: bool) -> None:
+        """End the process: an idle one is told to; ``at_once`` sends SIGTERM (a trainer saves the step under way),
+        and after 10 s SIGKILL."""
+        if self.process.is_alive() and not at_once:
+            with contextlib.suppress(OSError):
+                self.connection.send(None)
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.connection.close()
+
+
+def _record_outcome(outcome: dict[str, Any], outcomes: dict[str, Any], progress, bars: dict[str, Any], out: Path,
+                    steps: int, jobs: int) -> None:
+    """Keep a method's outcome and show it: its bar's state, and one line. A method whose worker died gets its
+    reason in its ``error.log``, as a method that raised does."""
+    method, status = outcome["method"], outcome["status"]
+    outcomes[method] = outcome
+    run_dir = out / "methods" / method
+    if status == "failed" and not (run_dir / "error.log").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.log").write_text(outcome["error"] + "\n")
+    progress.update(bars[method], completed=steps if status in ("done", "cached") else min(_count_lines(run_dir / "metrics.jsonl"), steps),
+                    status={"done": "[green]done", "cached": "done (cached)", "failed": "[red]failed",
+                            "interrupted": "[yellow]interrupted"}[status])
+    if status not in ("done", "cached"):
+        progress.stop_task(bars[method])  # its clock stops with it
+    saved = f", saved at step {outcome['step']}" if outcome.get("step") is not None else ""
+    progress.console.print(f"{method}: {status}{saved} ({len(outcomes)}/{jobs})")
+
+
+def _show_progress(methods: list[str], progress, bars: dict[str, Any], out: Path, steps: int) -> None:
+    """Advance the bars of the methods being trained by their logged steps; a bar's clock runs from its first step."""
     started = {task.id for task in progress.tasks if task.started}
-    for method, handle in list(pending.items()):
+    for method in methods:
         logged = _count_lines(out / "methods" / method / "metrics.jsonl")
-        if bars[method] not in started and (logged or handle.ready()):  # its clock runs from its first logged step
+        if logged and bars[method] not in started:
             progress.start_task(bars[method])
         progress.update(bars[method], completed=min(logged, steps))
-        if handle.ready():
-            outcomes[method] = outcome = handle.get()
-            status = outcome["status"]
-            progress.update(bars[method], completed=steps if status in ("done", "cached") else logged,
-                            status={"done": "[green]done", "cached": "done (cached)", "failed": "[red]failed",
-                                    "interrupted": "[yellow]interrupted"}[status])
-            del pending[method]
-            saved = f", saved at step {outcome['step']}" if outcome.get("step") is not None else ""
-            progress.console.print(f"{method}: {status}{saved} ({len(outcomes)}/{jobs})")
+
+
+def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any], progress, bars: dict[str, Any],
+              out: Path, steps: int) -> bool:
+    """Train the methods of ``jobs`` in up to ``workers`` processes, filling ``outcomes``; returns whether the
+    laboratory was asked to stop (Ctrl-C, or a signal that stopped a method): methods not started then do not start.
+    A second Ctrl-C raises ``KeyboardInterrupt`` after ending the workers."""
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    queue, pool = list(jobs), []
+    at_once = True  # unless every method is accounted for, the workers are ended at once on the way out
+    try:
+        while queue or any(worker.method for worker in pool):
+            try:
+                for worker in pool:
+                    outcome = worker.outcome()
+                    if outcome is not None:
+                        _record_outcome(outcome, outcomes, progress, bars, out, steps, len(jobs))
+                for worker in [w for w in pool if w.method is None and not w.process.is_alive()]:
+                    worker.connection.close()  # died between two methods: a new one is started when needed
+                    pool.remove(worker)
+                if not stop.is_set() and any(o["status"] == "interrupted" for o in outcomes.values()):
+                    # a signal reached the workers but not this process (which ignores SIGINT when a script starts
+                    # it in the background): it was meant for the whole laboratory
+                    stop.set()
+                    progress.console.print("[yellow]a method was stopped by a signal[/yellow]: the others finish "
+                                           "their step and save it, the rest do not start", highlight=False)
+                if stop.is_set():
+                    for job in queue:
+                        _record_outcome({"method": job["method"], "status": "interrupted"}, outcomes, progress, bars,
+                                        out, steps, len(jobs))
+                    queue.clear()
+                while queue:
+                    worker = next((w for w in pool if w.method is None), None)
+                    if worker is None and len(pool) < workers:
+                        worker = _Worker(context, stop, _run_method)
+                        pool.append(worker)
+                    if worker is None:
+                        break
+                    worker.start(queue.pop(0))
+                _show_progress([w.method for w in pool if w.method], progress, bars, out, steps)
+                time.sleep(0.5)
+            except KeyboardInterrupt:
+                if stop.is_set():  # the second Ctrl-C: the workers are ended at once (below)
+                    raise
+                stop.set()
+                progress.console.print(
+                    "[yellow]Ctrl-C[/yellow]: each method being trained finishes its step and saves it, the "
+                    "others do not start (Ctrl-C again to stop at once)", highlight=False)
+        at_once = False
+    finally:
+        for worker in pool:
+            worker.stop(at_once)
+    return stop.is_set()
 
 
 def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = None, out: Path | None = None,
@@ -540,24 +683,8 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
                      "model_dir": str(model_dir), "data": {k: str(v) for k, v in data.items()}} for method in preset.methods]
             bars = {job["method"]: progress.add_task(job["method"], total=preset.steps, status="", start=False)
                     for job in jobs}
-            context = multiprocessing.get_context("spawn")
-            stop = context.Event()
-            with _ignoring_ctrl_c():  # the workers start with Ctrl-C ignored (no traceback from their imports)
-                pool = context.Pool(processes=max(1, min(workers, len(jobs))), initializer=_init_worker, initargs=(stop,))
-            with pool:
-                pending = {job["method"]: pool.apply_async(_run_method, (job,)) for job in jobs}
-                while pending:
-                    try:
-                        _collect_finished(pending, outcomes, progress, bars, out, preset.steps, len(jobs))
-                        time.sleep(0.5)
-                    except KeyboardInterrupt:
-                        if stop.is_set():  # the second Ctrl-C: leaving the pool stops its workers at once
-                            raise
-                        stop.set()
-                        progress.console.print(
-                            "[yellow]Ctrl-C[/yellow]: each method being trained finishes its step and saves it, the "
-                            "others do not start (Ctrl-C again to stop at once)", highlight=False)
-            if stop.is_set():  # every method may have finished meanwhile: the user still asked to stop
+            stopped = _run_jobs(jobs, max(1, min(workers, len(jobs))), outcomes, progress, bars, out, preset.steps)
+            if stopped:  # every method may have finished meanwhile: the user still asked to stop
                 raise LabInterrupted(out, [m for m, outcome in outcomes.items() if outcome["status"] == "interrupted"])
         finally:  # also when interrupted: the time this invocation ran is recorded
             invocation["finished_at"] = time.time()
