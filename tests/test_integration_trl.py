@@ -631,3 +631,28 @@ def test_a_peft_lora_model_trains_its_adapters_and_reads_the_head_it_really_has(
     wrapper = torch.nn.Sequential(head)  # stands for an adapter around lm_head, which TRL refuses to put there itself
     ours.accelerator.unwrap_model(ours.model).set_output_embeddings(wrapper)
     assert not ours._uses_fused_head(ours.model)
+
+
+def test_arguments_are_seen_however_they_are_passed_and_warnings_point_at_the_caller(tokenizer, tmp_path):
+    """A rollout_func given positionally counts for the check made before the model loads (it returns the sampler
+    log-probs TIS needs), and a composition's warning names the line that built the trainer, not this package."""
+    config = _config(tmp_path)
+
+    def rollout_func(prompts, trainer):  # pragma: no cover - never called: the model is not loaded
+        return {}
+
+    positional = [_model(tokenizer), _reward_digits, config, _dataset(), None, tokenizer, None, None, (None, None),
+                  None, None, None, rollout_func]
+    import inspect
+
+    from trl import GRPOTrainer
+
+    assert list(inspect.signature(GRPOTrainer.__init__).parameters)[len(positional)] == "rollout_func"
+    with pytest.raises(ValueError, match="use_vllm=True"):  # without it the check refuses TIS
+        EntropyGRPOTrainer(*positional[:-1], objective="dapo+tis")
+    EntropyGRPOTrainer(*positional, objective="dapo+tis")
+
+    with pytest.warns(UserWarning, match="trains with dapo's surrogate") as raised:
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+kl_cov")
+    (warning,) = [w for w in raised if "trains with dapo's surrogate" in str(w.message)]
+    assert warning.filename == __file__

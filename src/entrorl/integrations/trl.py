@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import os
 import warnings
@@ -392,16 +393,25 @@ class EntropyGRPOTrainer(GRPOTrainer):
         diagnostics: bool = True,
         **kwargs: Any,
     ) -> None:
-        grpo_args = kwargs.get("args", args[2] if len(args) > 2 else None)
-        # the objective is built (and so validated) before TRL loads any model
-        self.objective = self._own_objective(objective, objective_params or {}, grpo_args)
+        try:  # GRPOTrainer's arguments by name, however they were passed
+            given = inspect.signature(GRPOTrainer.__init__).bind_partial(self, *args, **kwargs).arguments
+        except TypeError:  # let GRPOTrainer itself name the wrong argument
+            given = {}
+        grpo_args, rollout_func = given.get("args"), given.get("rollout_func")
+        # the objective is built (and so validated) before TRL loads any model; the warnings of a composition point
+        # at the caller's line, not at this module
+        with warnings.catch_warnings(record=True) as raised:
+            warnings.simplefilter("always")
+            self.objective = self._own_objective(objective, objective_params or {}, grpo_args)
+        for warning in raised:
+            warnings.warn(warning.message, warning.category, stacklevel=2)
         if grpo_args is not None:
-            check_trl_args(grpo_args, self.objective, rollout_func=kwargs.get("rollout_func"))
+            check_trl_args(grpo_args, self.objective, rollout_func=rollout_func)
         super().__init__(*args, **kwargs)
         if hasattr(self.processing_class, "image_processor"):  # a vision-language model's processor
             raise NotImplementedError("EntropyGRPOTrainer scores text-only batches; this model's processor takes images "
                                       f"({type(self.processing_class).__name__})")
-        check_trl_args(self.args, self.objective, rollout_func=kwargs.get("rollout_func"))
+        check_trl_args(self.args, self.objective, rollout_func=rollout_func)
         if self.objective.loss_agg_mode == "seq-mean-token-sum-norm" and self.objective.loss_scale_factor is None:
             self.objective.loss_scale_factor = float(self.max_completion_length)
         if objective is not None:  # without one the loss is TRL's own loss_type, as GRPOTrainer's
