@@ -182,7 +182,18 @@ def test_a_resumed_method_counts_the_train_time_of_its_interrupted_invocations(t
     assert json.loads((run_dir / "final_eval.json").read_text())["train_seconds"] == pytest.approx(5.5)
 
 
-def test_an_interrupted_laboratory_saves_what_it_trained_and_says_how_to_go_on(tmp_path, monkeypatch):
+@pytest.fixture
+def signal_handlers_restored():
+    """For a test that runs a worker's code in the test process, which leaves Ctrl-C ignored, as a worker does."""
+    import signal
+
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for number, handler in before.items():
+        signal.signal(number, handler)
+
+
+def test_an_interrupted_laboratory_saves_what_it_trained_and_says_how_to_go_on(tmp_path, monkeypatch, signal_handlers_restored):
     """Ctrl-C: a method being trained returns 'interrupted' once its trainer has saved the step, one not started
     yet does not start; the command prints what was kept and the command that continues, and exits 130."""
     from typer.testing import CliRunner
@@ -446,6 +457,9 @@ def _dies_on_clip_cov(job):
 
     if job["method"] == "clip_cov":
         os.kill(os.getpid(), signal.SIGKILL)
+    if job["method"] == "nsr":  # killed after its final evaluation was written: it is done
+        (Path(job["run_dir"]) / "final_eval.json").write_text(json.dumps({"pass_at_k": {"1": 0.5}}))
+        os.kill(os.getpid(), signal.SIGKILL)
     return {"method": job["method"], "status": "cached"}
 
 
@@ -484,15 +498,82 @@ def test_a_killed_worker_fails_its_method_only(tmp_path, monkeypatch):
     out = _finished_folder(tmp_path, monkeypatch)
     (out / "methods" / "nsr" / "metrics.jsonl").unlink()  # never started: no step logged
     (out / "methods" / "clip_cov" / "final_eval.json").unlink()  # not finished
+    (out / "methods" / "nsr" / "final_eval.json").unlink()
+    (out / "methods" / "clip_cov" / "error.log").write_text("ValueError: an earlier invocation's error\n")
     monkeypatch.setattr(runner, "_run_method", _dies_on_clip_cov)
     started = __import__("time").monotonic()
     runner.run_lab("quick", methods=["grpo", "clip_cov", "nsr"], out=out, workers=1)
     assert __import__("time").monotonic() - started < 120
     assert runner.failed_methods(out) == ["clip_cov"]
-    error = (out / "methods" / "clip_cov" / "error.log").read_text()
-    assert "its worker process was killed by SIGKILL (the system's out-of-memory killer sends it" in error
+    error = (out / "methods" / "clip_cov" / "error.log").read_text()  # this death, not the earlier error
+    assert error.startswith("its worker process was killed by SIGKILL (the system's out-of-memory killer sends it")
     report = json.loads((out / "report.json").read_text())
     assert report["methods"]["clip_cov"]["status"] == "failed" and report["methods"]["nsr"]["status"] == "ok"
+
+
+def test_no_worker_process_can_be_started(tmp_path, monkeypatch):
+    """A process that cannot be made (out of memory, a process limit) fails the method it was for; the run goes on
+    and writes its report."""
+    from entrorl.lab import runner
+
+    out = _finished_folder(tmp_path, monkeypatch)
+    for method in ("grpo", "nsr"):
+        (out / "methods" / method / "final_eval.json").unlink()
+
+    def no_process(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(runner, "_Worker", no_process)
+    runner.run_lab("quick", methods=["grpo", "clip_cov", "nsr"], out=out, workers=2)
+    assert runner.failed_methods(out) == ["grpo", "clip_cov", "nsr"]
+    assert (out / "methods" / "nsr" / "error.log").read_text() == (
+        "no worker process could be started for it: [Errno 12] Cannot allocate memory\n")
+    assert (out / "report.md").exists()
+
+
+def _waits_for_ctrl_c(job):
+    """A worker's method that signals it has started, then trains until the laboratory stops."""
+    import time
+
+    from entrorl.lab import runner
+
+    (Path(job["run_dir"]) / "started").write_text("")
+    deadline = time.monotonic() + 60
+    while not runner._STOP.is_set():
+        if time.monotonic() > deadline:  # the Ctrl-C never reached the laboratory
+            return {"method": job["method"], "status": "done"}
+        time.sleep(0.05)
+    return {"method": job["method"], "status": "interrupted", "step": 2}
+
+
+def test_one_ctrl_c_keeps_every_outcome_and_starts_nothing_more(tmp_path, monkeypatch):
+    """Ctrl-C is counted, not raised wherever it lands (it could lose an outcome received but not yet recorded): the
+    method being trained saves its step, the queued one does not start, and the laboratory reports both."""
+    import os
+    import signal
+    import threading
+
+    from entrorl.lab import runner
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as in a terminal
+    out = _finished_folder(tmp_path, monkeypatch)
+    for method in ("grpo", "clip_cov"):
+        (out / "methods" / method / "final_eval.json").unlink()
+    monkeypatch.setattr(runner, "_run_method", _waits_for_ctrl_c)
+
+    def press_ctrl_c_once_started():
+        while not (out / "methods" / "grpo" / "started").exists():
+            __import__("time").sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c_once_started, daemon=True).start()
+    with pytest.raises(runner.LabInterrupted) as interrupted:
+        runner.run_lab("quick", methods=["grpo", "clip_cov"], out=out, workers=1)
+    assert sorted(interrupted.value.methods) == ["clip_cov", "grpo"]
+    assert not (out / "methods" / "clip_cov" / "started").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    recorded = json.loads((out / "lab.json").read_text())["invocations"][-1]
+    assert recorded["ran"] == ["grpo"]
 
 
 def test_a_method_stopped_by_a_signal_of_its_own_is_not_reported_as_finished(tmp_path, monkeypatch):

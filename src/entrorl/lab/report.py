@@ -695,8 +695,8 @@ class _Figures:
 
 
 def _power_of_ten(values) -> int:
-    """The power of ten to divide ``values`` by so that their largest magnitude reads between 0.01 and 1000; 0 when
-    they already do (or none is finite and non-zero)."""
+    """The power of ten to divide ``values`` by so that their largest magnitude lies in [0.01, 10000); 0 when it
+    already does (or none is finite and non-zero)."""
     magnitudes = np.abs(np.asarray(values, dtype=np.float64))
     magnitudes = magnitudes[np.isfinite(magnitudes) & (magnitudes > 0)]
     if not magnitudes.size:

@@ -222,11 +222,18 @@ def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
     if _STOP is None:
         trainer.train()
     else:  # in a worker: Ctrl-C, or the laboratory's stop before the trainer could catch it, ends at a step's end
-        trainer.train(handle_signals=True, should_stop=_STOP.is_set)
+        trainer.train(handle_signals=True, should_stop=_laboratory_stopped)
     return evaluate_policy(trainer.model, trainer.tokenizer, preset, data)
 
 
 _STOP: Any = None  # in a worker: the event the laboratory sets when it is interrupted
+
+
+def _laboratory_stopped() -> bool:
+    """In a worker: whether the laboratory asked to stop, or its process is gone (killed: nobody would read the
+    method's outcome)."""
+    parent = multiprocessing.parent_process()
+    return _STOP.is_set() or (parent is not None and not parent.is_alive())
 
 
 def _init_worker(stop: Any) -> None:
@@ -261,6 +268,8 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
     _warm_up_process(job)
     if _STOP is not None and _STOP.is_set():  # stopped while warming up, when the worker ignores Ctrl-C
         return {"method": method, "status": "interrupted"}
+    with contextlib.suppress(FileNotFoundError):  # an earlier invocation's failure: this one tries again
+        (run_dir / "error.log").unlink()
     earlier = _read_json_object(run_dir / _EARLIER_SECONDS).get("seconds")
     earlier = earlier if isinstance(earlier, (int, float)) and math.isfinite(earlier) and earlier >= 0 else 0.0
     started = time.perf_counter()
@@ -455,12 +464,14 @@ def _death_of(exitcode: int | None) -> str:
         hint = (" (the system's out-of-memory killer sends it when memory runs out; fewer --workers use less)"
                 if -exitcode == signal.SIGKILL else "")
         return f"its worker process was killed by {name}{hint}"
-    return f"its worker process exited with status {exitcode} before returning an outcome"
+    return (f"its worker process exited with status {exitcode} before returning an outcome (what it printed, if "
+            "anything, is above)")
 
 
 def _worker_loop(connection, stop: Any, run: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     """A worker process: run each job received (``run`` is :func:`_run_method`) and send back its outcome, until told
-    to stop (``None``) or the laboratory's end of the pipe closes."""
+    to stop (``None``), the laboratory stops (a method's outcome is the last one then), or its end of the pipe
+    closes (the laboratory's process is gone)."""
     _init_worker(stop)
     while True:
         try:
@@ -469,25 +480,46 @@ def _worker_loop(connection, stop: Any, run: Callable[[dict[str, Any]], dict[str
             return
         if job is None:
             return
-        connection.send(run(job))
+        try:
+            outcome = run(job)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a traceback per worker
+            return
+        try:
+            connection.send(outcome)
+        except OSError:  # the laboratory's process is gone: nobody to tell
+            return
+        if stop.is_set():
+            return
 
 
 class _Worker:
-    """One worker process and the method it is training. Unlike a ``multiprocessing.Pool``, whose task waits for ever
+    """One worker process and the job it is running. Unlike a ``multiprocessing.Pool``, whose task waits for ever
     when its process is killed, a worker that dies (the out-of-memory killer, kill -9) is seen at its next poll, with
     its exit status; only its own method is lost, and a new worker takes the next one."""
 
     def __init__(self, context: Any, stop: Any, run: Callable[[dict[str, Any]], dict[str, Any]]):
         self.connection, child_end = context.Pipe()
-        with _ignoring_ctrl_c():  # the worker starts with Ctrl-C ignored (no traceback from its imports)
-            self.process = context.Process(target=_worker_loop, args=(child_end, stop, run), daemon=True)
-            self.process.start()
-        child_end.close()
-        self.method: str | None = None
+        try:
+            with _ignoring_ctrl_c():  # the worker starts with Ctrl-C ignored (no traceback from its imports)
+                self.process = context.Process(target=_worker_loop, args=(child_end, stop, run), daemon=True)
+                self.process.start()
+        except BaseException:
+            self.connection.close()
+            raise
+        finally:
+            child_end.close()
+        self.job: dict[str, Any] | None = None
+
+    @property
+    def method(self) -> str | None:
+        return self.job["method"] if self.job is not None else None
 
     def start(self, job: dict[str, Any]) -> None:
-        self.connection.send(job)
-        self.method = job["method"]
+        self.job = job
+        try:
+            self.connection.send(job)
+        except OSError:  # it died meanwhile: ended for sure, its death is reported at the next poll
+            self.process.kill()
 
     def _received(self) -> dict[str, Any] | None:
         try:
@@ -496,43 +528,56 @@ class _Worker:
             return None
 
     def outcome(self) -> dict[str, Any] | None:
-        """The outcome of its method once there is one: the method's own, or ``failed`` when the process died."""
-        if self.method is None:
+        """The outcome of its job once there is one: the method's own, or ``failed`` when the process died (``done``
+        when it died after the method's final evaluation was written)."""
+        if self.job is None:
             return None
         outcome = self._received()
         if outcome is None and not self.process.is_alive():
             outcome = self._received()  # sent just before it ended
             if outcome is None:
                 self.process.join(timeout=5)
-                outcome = {"method": self.method, "status": "failed", "error": _death_of(self.process.exitcode)}
+                if _read_json_object(Path(self.job["run_dir"]) / "final_eval.json"):
+                    outcome = {"method": self.method, "status": "done"}
+                else:
+                    outcome = {"method": self.method, "status": "failed", "error": _death_of(self.process.exitcode),
+                               "died": True}
         if outcome is not None:
-            self.method = None
+            self.job = None
         return outcome
 
-    def stop(self, at_once: bool) -> None:
-        """End the process: an idle one is told to; ``at_once`` sends SIGTERM (a trainer saves the step under way),
-        and after 10 s SIGKILL."""
-        if self.process.is_alive() and not at_once:
-            with contextlib.suppress(OSError):
-                self.connection.send(None)
-            self.process.join(timeout=30)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.connection.close()
+
+def _end_workers(pool: list[_Worker], stop: Any, at_once: bool) -> None:
+    """End every worker. Idle ones are told to stop; ``at_once`` sends SIGTERM to all of them together (a trainer
+    saves the step under way, then its worker exits, ``stop`` being set), and SIGKILL to those still running 10 s
+    later. Nothing is left behind."""
+    if at_once:
+        stop.set()
+    for worker in pool:
+        if worker.process.is_alive():
+            if at_once:
+                worker.process.terminate()
+            else:
+                with contextlib.suppress(OSError):
+                    worker.connection.send(None)
+    deadline = time.monotonic() + (10 if at_once else 30)
+    for worker in pool:
+        worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for worker in pool:
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.connection.close()
 
 
 def _record_outcome(outcome: dict[str, Any], outcomes: dict[str, Any], progress, bars: dict[str, Any], out: Path,
                     steps: int, jobs: int) -> None:
-    """Keep a method's outcome and show it: its bar's state, and one line. A method whose worker died gets its
-    reason in its ``error.log``, as a method that raised does."""
+    """Keep a method's outcome and show it: its bar's state, and one line. A method whose worker died gets the
+    reason in its ``error.log``, as a method that raised gets its traceback."""
     method, status = outcome["method"], outcome["status"]
     outcomes[method] = outcome
     run_dir = out / "methods" / method
-    if status == "failed" and not (run_dir / "error.log").exists():
+    if outcome.get("died"):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.log").write_text(outcome["error"] + "\n")
     progress.update(bars[method], completed=steps if status in ("done", "cached") else min(_count_lines(run_dir / "metrics.jsonl"), steps),
@@ -554,57 +599,87 @@ def _show_progress(methods: list[str], progress, bars: dict[str, Any], out: Path
         progress.update(bars[method], completed=min(logged, steps))
 
 
+@contextlib.contextmanager
+def _counting_ctrl_c():
+    """Count Ctrl-C presses in the block instead of raising ``KeyboardInterrupt`` wherever one lands (between a
+    message's receipt and its bookkeeping, it would lose a method's outcome); yields a list holding the count. A
+    process that ignores SIGINT (started in the background by a script) keeps ignoring it."""
+    presses = [0]
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield presses
+        return
+
+    def count(signum, frame):
+        presses[0] += 1
+
+    previous = signal.signal(signal.SIGINT, count)
+    try:
+        yield presses
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any], progress, bars: dict[str, Any],
               out: Path, steps: int) -> bool:
     """Train the methods of ``jobs`` in up to ``workers`` processes, filling ``outcomes``; returns whether the
     laboratory was asked to stop (Ctrl-C, or a signal that stopped a method): methods not started then do not start.
-    A second Ctrl-C raises ``KeyboardInterrupt`` after ending the workers."""
+    A second Ctrl-C ends the workers at once and raises ``KeyboardInterrupt``."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     queue, pool = list(jobs), []
     at_once = True  # unless every method is accounted for, the workers are ended at once on the way out
+
+    def record(outcome: dict[str, Any]) -> None:
+        _record_outcome(outcome, outcomes, progress, bars, out, steps, len(jobs))
+
     try:
-        while queue or any(worker.method for worker in pool):
-            try:
+        with _counting_ctrl_c() as presses:
+            while queue or any(worker.job for worker in pool):
+                if presses[0] >= 2:  # the workers are ended at once (below)
+                    raise KeyboardInterrupt
+                if presses[0] and not stop.is_set():
+                    stop.set()
+                    progress.console.print(
+                        "[yellow]Ctrl-C[/yellow]: each method being trained finishes its step and saves it, the "
+                        "others do not start (Ctrl-C again to stop at once)", highlight=False)
                 for worker in pool:
                     outcome = worker.outcome()
                     if outcome is not None:
-                        _record_outcome(outcome, outcomes, progress, bars, out, steps, len(jobs))
-                for worker in [w for w in pool if w.method is None and not w.process.is_alive()]:
-                    worker.connection.close()  # died between two methods: a new one is started when needed
+                        record(outcome)
+                for worker in [w for w in pool if w.job is None and not w.process.is_alive()]:
+                    worker.connection.close()  # ended between two methods: a new one is started when needed
                     pool.remove(worker)
                 if not stop.is_set() and any(o["status"] == "interrupted" for o in outcomes.values()):
                     # a signal reached the workers but not this process (which ignores SIGINT when a script starts
                     # it in the background): it was meant for the whole laboratory
                     stop.set()
                     progress.console.print("[yellow]a method was stopped by a signal[/yellow]: the others finish "
-                                           "their step and save it, the rest do not start", highlight=False)
+                                           "their step and save it, the rest do not start (Ctrl-C to stop at once)",
+                                           highlight=False)
+                    presses[0] = max(presses[0], 1)
                 if stop.is_set():
-                    for job in queue:
-                        _record_outcome({"method": job["method"], "status": "interrupted"}, outcomes, progress, bars,
-                                        out, steps, len(jobs))
-                    queue.clear()
+                    while queue:
+                        record({"method": queue.pop(0)["method"], "status": "interrupted"})
                 while queue:
-                    worker = next((w for w in pool if w.method is None), None)
+                    worker = next((w for w in pool if w.job is None and w.process.is_alive()), None)
                     if worker is None and len(pool) < workers:
-                        worker = _Worker(context, stop, _run_method)
+                        try:
+                            worker = _Worker(context, stop, _run_method)
+                        except OSError as error:  # no process could be made (out of memory, process limit)
+                            record({"method": queue.pop(0)["method"], "status": "failed", "died": True,
+                                    "error": f"no worker process could be started for it: {error}"})
+                            continue
                         pool.append(worker)
                     if worker is None:
                         break
                     worker.start(queue.pop(0))
-                _show_progress([w.method for w in pool if w.method], progress, bars, out, steps)
+                _show_progress([w.method for w in pool if w.job], progress, bars, out, steps)
                 time.sleep(0.5)
-            except KeyboardInterrupt:
-                if stop.is_set():  # the second Ctrl-C: the workers are ended at once (below)
-                    raise
-                stop.set()
-                progress.console.print(
-                    "[yellow]Ctrl-C[/yellow]: each method being trained finishes its step and saves it, the "
-                    "others do not start (Ctrl-C again to stop at once)", highlight=False)
         at_once = False
     finally:
-        for worker in pool:
-            worker.stop(at_once)
+        _end_workers(pool, stop, at_once)
+        for job in queue:  # never started
+            outcomes.setdefault(job["method"], {"method": job["method"], "status": "interrupted"})
     return stop.is_set()
 
 
