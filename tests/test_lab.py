@@ -595,3 +595,36 @@ def test_the_s_and_d_histograms_count_every_token_in_their_end_bins():
 
     counts = _histogram(torch.tensor([1.0, -1.0, 0.4, -0.4, 0.1, 0.0], dtype=torch.float32))
     assert sum(counts) == 6 and counts[0] == 2 and counts[-1] == 2
+
+
+def test_a_full_disk_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch):
+    """The laboratory's own record or report cannot be written (a full disk): one line naming the file, what is
+    kept, and the command that continues; exit 1. A base model that cannot be cached names the cache."""
+    import errno
+
+    from safetensors import SafetensorError
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.lab import base_model, runner
+
+    out = tmp_path / "lab"
+
+    def full_disk(preset, *, out, **options):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "report.html"))
+
+    monkeypatch.setattr(runner, "run_lab", full_disk)
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--out", str(out)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert (f"error: [Errno 28] No space left on device: '{out / 'report.html'}'; finished methods and each method's "
+            f"last checkpoint are kept in {out}: once the cause is fixed, continue with entrorl lab --preset quick "
+            f"--methods grpo --out {out}") in output
+
+    def no_room(spec, directory, progress=None):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(base_model, "_train", no_room)
+    with pytest.raises(OSError, match=r"the base model cannot be written into the cache .*StorageFull.*ENTRORL_CACHE"):
+        base_model.build_base_model(BaseModelSpec(), cache_dir=tmp_path / "cache", rebuild=True)
+    assert list((tmp_path / "cache" / "lab").iterdir()) == []  # nothing half-built is left

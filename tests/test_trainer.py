@@ -2027,3 +2027,107 @@ def test_every_example_configuration_validates(example, tiny_model_dir, arithmet
     train, held_out = arithmetic_files
     config = load_config(example, [f"model.path={tiny_model_dir}", f"data.train={train}", f"data.eval={held_out}"])
     assert config.model.path == str(tiny_model_dir)
+
+
+def test_a_file_that_cannot_grow_is_named_and_the_way_on_is_given(tmp_path, tiny_model_dir, arithmetic_files):
+    """A write that fails for want of room (here a file-size limit, EFBIG, as a full disk gives ENOSPC): one line
+    naming the file, not a bare '[Errno 27] File too large', and no second error from closing the loggers."""
+    import resource
+
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 6},
+                                                             checkpoint={"every": 0}))
+    limit = 6 * 1024  # metrics.jsonl passes it within a few steps; the only checkpoint would come at the last one
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "entrorl.cli", "train", str(config), "--run-dir", str(tmp_path / "run")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    output = " ".join(result.stderr.split())
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: [Errno 27] File too large: '{tmp_path / 'run' / 'metrics.jsonl'}'; no checkpoint had been written" in output
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "run").glob(".*.tmp-*"))
+
+
+def test_memory_that_runs_out_is_not_taken_for_a_damaged_file(tmp_path, tiny_model_dir, monkeypatch):
+    """Under a memory limit (ulimit -v) a memory map is refused with ENOMEM: that says nothing of the file, so the
+    error says memory ran out, never that the weights are damaged or that a checkpoint should be deleted."""
+    import errno
+
+    import transformers
+
+    from entrorl.modeling import is_out_of_memory, load_causal_lm
+    from entrorl.trainer.checkpoint import load_trainer_state
+
+    refused = RuntimeError("unable to mmap 277235128 bytes from file <model.safetensors>: Cannot allocate memory (12)")
+    assert is_out_of_memory(refused) and is_out_of_memory(MemoryError()) and is_out_of_memory(OSError(errno.ENOMEM, "x"))
+    assert not is_out_of_memory(ValueError("wrapped"))
+    wrapped = ValueError("while loading")
+    wrapped.__cause__ = refused
+    assert is_out_of_memory(wrapped)
+    assert not is_out_of_memory(RuntimeError("Error while deserializing header: HeaderTooLarge"))
+
+    def refuse(*args, **kwargs):
+        raise refused
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(MemoryError, match=r"out of memory while loading the model of .*Cannot allocate memory \(12\)\): "
+                                          r"the files are intact"):
+        load_causal_lm(tiny_model_dir)
+    monkeypatch.setattr(torch, "load", refuse)
+    (tmp_path / "step_000002").mkdir()
+    with pytest.raises(MemoryError, match=r"out of memory while reading .*trainer.pt"):
+        load_trainer_state(tmp_path / "step_000002")
+
+
+def test_eval_exits_1_when_its_summary_cannot_be_written(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
+    """A full disk at the end of an evaluation: the summary still reaches stdout, but the command exits 1 and says
+    that --out holds an earlier result (a script must not read it as this one); no temporary file is left."""
+    import errno
+
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.trainer import checkpoint
+
+    _, held_out = arithmetic_files
+    out = tmp_path / "e.json"
+    out.write_text('{"earlier": true}')
+    write = checkpoint.atomic_write_text
+
+    def full_disk(path, text):
+        if Path(path) == out:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write(path, text)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_text", full_disk)
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k",
+                                      "1,2", "--max-new-tokens", "2", "--reward", "exact_match", "--out", str(out)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert (f"cannot write {out}: [Errno 28] No space left on device: '{out}' (it still holds an earlier result)"
+            in output)
+    assert json.loads(out.read_text()) == {"earlier": True}
+
+
+def test_atomic_writes_leave_nothing_behind_and_name_their_file(tmp_path):
+    """A write cut short (here: a file that may not grow) removes its temporary file and names the target."""
+    import resource
+
+    from entrorl.trainer.checkpoint import atomic_write_text
+
+    target = tmp_path / "summary.json"
+    target.write_text("old")
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, before[1]))
+    try:
+        with pytest.raises(OSError, match=re.escape(f"File too large: '{target}'")):
+            atomic_write_text(target, "x" * 10_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]

@@ -40,6 +40,7 @@ def train(
     run_dir: Annotated[Optional[Path], typer.Option(help="run directory (default: logging.run_dir/logging.name)")] = None,
 ) -> None:
     """Train a local Hugging Face model with an entrorl method; writes metrics.jsonl and checkpoints."""
+    from entrorl.modeling import is_out_of_memory, out_of_memory_while
     from entrorl.trainer import ConfigError, Trainer, TrainingInterrupted, TrainingStopped, load_config
     from entrorl.trainer.checkpoint import CheckpointWriteError, checkpoint_step, latest_checkpoint
 
@@ -61,6 +62,10 @@ def train(
         trainer = Trainer(train_config, run_dir=run_dir, resume=resume, console=console)
     except (ValueError, OSError) as error:  # OSError: missing files, and what transformers raises on unreadable ones
         _fail(str(error))
+    except (MemoryError, RuntimeError) as error:  # e.g. the optimizer's state under a memory limit
+        if not is_out_of_memory(error):
+            raise
+        _fail(str(error) if str(error).startswith("out of memory") else str(out_of_memory_while("setting up the run", error)))
     console.print(Text(f"run directory: {trainer.run_dir}"), soft_wrap=True)
     if trainer.adapter is not None:
         lora = train_config.model.lora
@@ -78,19 +83,30 @@ def train(
                           highlight=False, soft_wrap=True)
     again = ["entrorl", "train", str(config), *(f"--set={option}" for option in set_ or []), "--run-dir",
              str(trainer.run_dir)]
+
+    def with_the_way_on(message: str) -> str:
+        """``message``, then the last checkpoint and the command that continues from it."""
+        if not trainer.run_dir.is_dir():
+            return f"{message}; the run directory {trainer.run_dir} no longer exists"
+        latest = latest_checkpoint(trainer.run_dir)
+        return f"{message}; " + (f"the last checkpoint, {latest.name}, is intact: once the cause is fixed, continue "
+                                 f"with {shlex.join([*again, '--resume'])}" if latest is not None
+                                 else "no checkpoint had been written")
+
     try:
         trainer.train(handle_signals=True)
     except TrainingStopped as error:
         _fail(str(error), code=3)
     except CheckpointWriteError as error:  # a full disk, a removed run directory: the message names the intact one
-        _fail(str(error))
+        latest = latest_checkpoint(trainer.run_dir) if trainer.run_dir.is_dir() else None
+        _fail(f"{error}" + (f"; once the cause is fixed, continue with {shlex.join([*again, '--resume'])}"
+                            if latest is not None else ""))
     except OSError as error:  # any other file the run writes (metrics, evaluations, samples)
-        if not trainer.run_dir.is_dir():
-            _fail(f"{error}; the run directory {trainer.run_dir} no longer exists")
-        latest = latest_checkpoint(trainer.run_dir)
-        _fail(f"{error}; " + (f"the last checkpoint, {latest.name}, is intact: once the cause is fixed, continue with "
-                              f"{shlex.join([*again, '--resume'])}" if latest is not None
-                              else "no checkpoint had been written"))
+        _fail(with_the_way_on(str(error)))
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        _fail(with_the_way_on(str(out_of_memory_while(f"training step {trainer.step + 1}", error))))
     except TrainingInterrupted as error:
         by = f" by {signal.Signals(error.signal_number).name}"
         if error.checkpoint is None:
@@ -426,7 +442,7 @@ def evaluate(
         table.add_row("reward errors", str(result.reward_errors))
     console.print(table)
     _print_reward_errors(result.reward_errors, len(records) * n, result.first_reward_error, reward_log)
-    samples_lost = False
+    not_written = False  # the samples or the summary
     if samples is not None:
         try:
             samples.parent.mkdir(parents=True, exist_ok=True)
@@ -434,19 +450,21 @@ def evaluate(
             summary["samples_file"] = str(samples)
         except OSError as error:  # checked before sampling, so rare; the summary still reaches stdout, and the exit is 1
             console.print(Text.assemble(("error:", "bold red"), f" cannot write {samples}: {error}"), soft_wrap=True)
-            samples_lost = True
+            not_written = True
     text = json.dumps(summary, indent=1)
     if out is not None:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out, text)
-        except OSError as error:  # checked before sampling, so rare: the summary still reaches stdout below
-            console.print(Text.assemble(("error:", "bold red"), f" cannot write {out}: {error}"), soft_wrap=True)
+        except OSError as error:  # checked before sampling (a full disk is not): the summary still reaches stdout
+            console.print(Text.assemble(("error:", "bold red"), f" cannot write {out}: {error}"
+                                        + (" (it still holds an earlier result)" if out.is_file() else "")), soft_wrap=True)
+            not_written = True
     sys.stdout.write(text + "\n")
     if result.reward_errors and result.reward_errors >= len(records) * n:
         _fail(f"the reward failed on all {len(records) * n} samples, so every score above is 0 whatever the answer; "
               "check that the reward suits this data (its columns, its answers)")
-    if samples_lost:
+    if not_written:  # a script reading the file must not take an old one for this result
         raise typer.Exit(1)
 
 
@@ -497,6 +515,9 @@ def lab(
         run_dir = run_lab(preset, methods=names or None, out=out, workers=workers, console=console, rl_seed=rl_seed)
     except ValueError as error:
         _fail(str(error))
+    except OSError as error:  # a full disk: the report or the laboratory's own record could not be written
+        _fail(f"{error}; finished methods and each method's last checkpoint are kept in {out}: once the cause is "
+              f"fixed, continue with {again}", code=1)
     except (LabInterrupted, KeyboardInterrupt) as error:
         unfinished = ""
         if isinstance(error, LabInterrupted):

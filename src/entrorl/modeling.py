@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import json
@@ -17,7 +18,7 @@ from safetensors import SafetensorError
 from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
-    "DamagedWeightsError",
+    "DamagedWeightsError", "is_out_of_memory", "out_of_memory_while",
     "load_tokenizer", "save_tokenizer", "load_causal_lm", "check_causal", "turn_off_dropout", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
     "prompt_groups", "shares_prompts", "length_dependent_rope", "reset_dynamic_rope", "cache_argument", "output_cache", "left_pad", "model_context_length", "read_model_config",
     "check_prompts_fit", "stop_token_ids", "encode_prompt",
@@ -124,6 +125,31 @@ class DamagedWeightsError(ValueError):
     """A model directory's weight file cannot be read: damaged or truncated."""
 
 
+_OUT_OF_MEMORY_WORDS = ("cannot allocate memory", "can't allocate memory", "not enough memory", "out of memory",
+                        "bad_alloc")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` (or its cause) says that memory ran out: ``MemoryError``, an allocator's or a memory map's
+    refusal (``ENOMEM``, under ``ulimit -v`` too), a device's out-of-memory error; not a damaged file."""
+    while error is not None:
+        if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+            return True
+        if isinstance(error, OSError) and error.errno == errno.ENOMEM:
+            return True
+        if any(word in str(error).lower() for word in _OUT_OF_MEMORY_WORDS):
+            return True
+        error = error.__cause__
+    return False
+
+
+def out_of_memory_while(doing: str, error: BaseException) -> MemoryError:
+    """The one-line error for memory that ran out while ``doing`` something (the files involved are not damaged)."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return MemoryError(f"out of memory while {doing} ({detail}): the files are intact; free memory, raise the process's "
+                       "memory limit (ulimit -v, a scheduler's memory request) or use a smaller model or batch")
+
+
 def _unreadable_weight_file(directory: Path) -> Path | None:
     """The first of ``directory``'s weight files whose index of tensors cannot be read (a damaged or truncated file),
     or None when every one reads. Only the header is read: safetensors' for ``*.safetensors``, the archive's for a
@@ -137,8 +163,9 @@ def _unreadable_weight_file(directory: Path) -> Path | None:
                     opened.keys()
             else:
                 torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError):
-            return file
+        except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as error:
+            if not is_out_of_memory(error):  # a memory map refused under a memory limit says nothing of the file
+                return file
     return None
 
 
@@ -199,7 +226,11 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     except ValueError as error:
         _refuse_custom_code(path, error, trust_remote_code)
         raise
+    except MemoryError as error:
+        raise out_of_memory_while(f"loading the model of {path}", error) from error
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError) as error:
+        if is_out_of_memory(error):
+            raise out_of_memory_while(f"loading the model of {path}", error) from error
         damaged = _unreadable_weight_file(path)
         if damaged is None:  # every file's header reads: not a damaged file
             raise

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from entrorl.lab.tasks import get_task, sft_corpus
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2, save_quietly
@@ -159,6 +160,9 @@ def build_base_model(spec: BaseModelSpec, *, cache_dir: Path | None = None, rebu
         (temporary / "base.json").write_text(json.dumps(info, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
+    except (OSError, SafetensorError) as error:  # a full disk, a quota
+        raise OSError(f"the base model cannot be written into the cache {root} ({error}): free space there, or point "
+                      "ENTRORL_CACHE at a folder with room") from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return final

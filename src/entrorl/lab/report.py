@@ -46,6 +46,7 @@ import numpy as np
 from entrorl.analysis.law import fit_entropy_law, forecast_entropy_law
 from entrorl.dynamics import top_token_count
 from entrorl.evaluation import polarisation
+from entrorl.trainer.checkpoint import atomic_write_text
 
 __all__ = [
     "write_report",
@@ -689,7 +690,10 @@ class _Figures:
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
         png = buffer.getvalue()
-        (self.directory / name).write_bytes(png)
+        try:
+            (self.directory / name).write_bytes(png)
+        except OSError as error:  # a full disk: the error names no file by itself
+            raise OSError(error.errno, error.strerror, str(self.directory / name)) from None
         self.saved[name] = caption
         return FigureBlock(name, caption, png)
 
@@ -1552,9 +1556,7 @@ def _package_version(name: str) -> str:
 
 
 def _write_text(path: Path, content: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(content, encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_text(path, content)  # the previous report stays whole when this one cannot be written
 
 
 def write_report(out: Path | str, *, figures: bool = True) -> dict[str, Any]:

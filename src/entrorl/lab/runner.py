@@ -41,6 +41,7 @@ from entrorl.lab.base_model import build_base_model, lab_cache_root
 from entrorl.lab.presets import LabPreset, get_preset
 from entrorl.lab.supervised import SFT_OBJECTIVE
 from entrorl.lab.tasks import get_task
+from entrorl.trainer.checkpoint import atomic_write_text
 from entrorl.trainer.config import flatten_settings
 
 __all__ = ["run_lab", "evaluate_policy", "task_reward", "SUPERVISED_BASELINES"]
@@ -55,9 +56,7 @@ def task_reward(task: str):
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(payload, indent=1, ensure_ascii=False))  # an error names the file
 
 
 def _prepare_data(out: Path, preset: LabPreset) -> dict[str, Path]:
@@ -283,8 +282,9 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
             _write_json(run_dir / _EARLIER_SECONDS, {"seconds": earlier + time.perf_counter() - started})
         return {"method": method, "status": "interrupted", "step": stopped.step}
     except Exception:  # a failed method must not take the matrix down: record it and go on
-        (run_dir / "error.log").parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.log").write_text(traceback.format_exc())
+        with contextlib.suppress(OSError):  # a full disk: the outcome still carries the error
+            (run_dir / "error.log").parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.log").write_text(traceback.format_exc())
         return {"method": method, "status": "failed", "error": traceback.format_exc(limit=3)}
     finally:
         if _STOP is not None:  # a worker: the trainer's "exit at once" handlers are for a terminal's process,
@@ -578,8 +578,9 @@ def _record_outcome(outcome: dict[str, Any], outcomes: dict[str, Any], progress,
     outcomes[method] = outcome
     run_dir = out / "methods" / method
     if outcome.get("died"):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.log").write_text(outcome["error"] + "\n")
+        with contextlib.suppress(OSError):  # a full disk: the report reads the error from outcomes.json instead
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.log").write_text(outcome["error"] + "\n")
     progress.update(bars[method], completed=steps if status in ("done", "cached") else min(_count_lines(run_dir / "metrics.jsonl"), steps),
                     status={"done": "[green]done", "cached": "done (cached)", "failed": "[red]failed",
                             "interrupted": "[yellow]interrupted"}[status])

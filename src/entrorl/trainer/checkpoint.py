@@ -22,6 +22,7 @@ checkpoint stays.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -42,7 +43,8 @@ except ImportError:  # not a POSIX system: runs are not locked there
 import numpy as np
 import torch
 
-from entrorl.modeling import TOKENIZER_FILES, check_model_files, declares_a_model, load_causal_lm, save_tokenizer
+from entrorl.modeling import (TOKENIZER_FILES, check_model_files, declares_a_model, is_out_of_memory, load_causal_lm,
+                              out_of_memory_while, save_tokenizer)
 from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER_WEIGHTS, adapter_weights_file,
                                      load_adapted_causal_lm, read_adapter_config)
 
@@ -58,12 +60,21 @@ _TEMPORARY = ".*.tmp-*"  # the hidden files and directories that atomic writes r
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it: ``path`` holds the old text or the new
+    one, never part of either. The temporary file goes when the write fails (a full disk); the error names ``path``."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        if error.filename is None and error.errno is not None:
+            raise type(error)(error.errno, error.strerror, str(path)) from None
+        raise
 
 
 def nearest_existing(path: Path) -> Path:
@@ -500,5 +511,7 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mapped: no second copy in memory
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        if is_out_of_memory(error):  # a memory map refused: the file is fine
+            raise out_of_memory_while(f"reading {path}", error) from None
         raise ValueError(f"{path} cannot be read ({error}); delete {Path(checkpoint).name} to resume from the "
                          "checkpoint before it") from None

@@ -32,7 +32,11 @@ class MetricsLogger:
         if resume_step is not None and self.path.exists():
             kept = [line for line, record in _records(self.path) if record.get("step", 0) <= resume_step]
             temporary = self.path.with_suffix(".jsonl.tmp")
-            temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            try:
+                temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            except OSError as error:  # a full disk: metrics.jsonl itself is untouched
+                temporary.unlink(missing_ok=True)
+                raise _naming(error, self.path) from None
             os.replace(temporary, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -77,8 +81,11 @@ class MetricsLogger:
             raise FileNotFoundError(f"{self.path} was deleted during the run (was the run directory removed?): stopping, "
                                     f"since step {step} and the steps after it could not be recorded")
         record = {"step": step, **{key: _clean(value) for key, value in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as error:  # a full disk: the error names no file by itself
+            raise _naming(error, self.path) from None
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self._tensorboard is not None:
             for key, value in numeric.items():
@@ -91,14 +98,25 @@ class MetricsLogger:
 
     def sync(self) -> None:
         """Make every step logged so far durable (``fsync``)."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as error:
+            raise _naming(error, self.path) from None
 
     def close(self) -> None:
-        """Sync and close every sink; a second call does nothing."""
+        """Sync and close every sink; a second call does nothing. A sync that fails (a full disk) is raised after
+        every sink is closed."""
+        failed = None
         if not self._file.closed:
-            self.sync()
-        self._file.close()
+            try:
+                self.sync()
+            except OSError as error:
+                failed = error
+        try:
+            self._file.close()
+        except OSError:  # what could not be flushed was reported by the sync
+            pass
         if self._tensorboard is not None:
             self._tensorboard.close()
         if self._wandb is not None:
@@ -106,6 +124,15 @@ class MetricsLogger:
         if self._trackio is not None:
             self._trackio.finish()
         self._tensorboard = self._wandb = self._trackio = None
+        if failed is not None:
+            raise failed
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """``error`` with ``path`` as its file name, when it has none ("[Errno 28] No space left on device: 'path'")."""
+    if error.filename is not None or error.errno is None:
+        return error
+    return type(error)(error.errno, error.strerror, str(path))
 
 
 def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:

@@ -37,8 +37,10 @@ from entrorl.modeling import (
     check_model_files,
     check_prompts_fit,
     encode_prompt,
+    is_out_of_memory,
     load_causal_lm,
     load_tokenizer,
+    out_of_memory_while,
     read_model_config,
     stop_token_ids,
 )
@@ -235,7 +237,8 @@ class Trainer:
         self._lock = lock_run_directory(self.run_dir)  # raises before anything is written if another run holds it
         try:  # ... not even when a logger (a W&B login, a tracking server) fails to start
             # absolute paths, so that the record names the same files from any working directory
-            (self.run_dir / "config.json").write_text(json.dumps(with_resolved_paths(config.model_dump(mode="json")), indent=2))
+            # renamed into place: a full disk leaves the previous run's record, never a truncated one
+            atomic_write_text(self.run_dir / "config.json", json.dumps(with_resolved_paths(config.model_dump(mode="json")), indent=2))
             self.logger = MetricsLogger(
                 self.run_dir, resume_step=self.step if checkpoint is not None else None,
                 tensorboard=config.logging.tensorboard, wandb=config.logging.wandb, trackio=config.logging.trackio,
@@ -251,11 +254,13 @@ class Trainer:
     def close(self) -> None:
         """Close the loggers and let go of the run directory (another run may use it from then on). ``train`` does
         it when it returns or raises; a trainer driven step by step calls it when done."""
-        if getattr(self, "logger", None) is not None:
-            self.logger.close()
-        if getattr(self, "_lock", None) is not None:
-            self._lock.close()
-            self._lock = None
+        try:
+            if getattr(self, "logger", None) is not None:
+                self.logger.close()
+        finally:  # the lock goes even when the loggers could not sync (a full disk)
+            if getattr(self, "_lock", None) is not None:
+                self._lock.close()
+                self._lock = None
 
     # ------------------------------------------------------------------------------------------------ set-up
     _STEP_FILE = re.compile(r"step_(\d+)\.jsonl?")  # eval/, forks/, samples/
@@ -325,9 +330,11 @@ class Trainer:
             model = load_causal_lm(Path(model_config.path) if lora is not None else model_path, dtype=model_config.dtype,
                                    disable_dropout=model_config.disable_dropout,
                                    trust_remote_code=model_config.trust_remote_code, device=self.device)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, MemoryError):
             raise
         except (OSError, RuntimeError, SafetensorError, DamagedWeightsError) as error:
+            if is_out_of_memory(error):  # not the checkpoint's fault: deleting it would lose good weights
+                raise out_of_memory_while(f"loading the model of {checkpoint or model_path}", error) from error
             if checkpoint is None or lora is not None:
                 raise
             if isinstance(error, DamagedWeightsError) and error.__cause__ is not None:
@@ -986,6 +993,7 @@ class Trainer:
         received: list[int] = []
         restore_handlers = _catch_stop_signals(received, progress.console) if handle_signals else (lambda: None)
         saved_since_signal = False  # a second signal raised out of a step instead: the handlers go back
+        finished = False
         try:
             with progress:
                 if config.eval.at_start and self.eval_records and self.step == 0:
@@ -1016,13 +1024,18 @@ class Trainer:
                         saved_since_signal = True
                         raise TrainingInterrupted(received[0], self.step, saved)
                 saved_since_signal = True
+            finished = True
         finally:
             if received and handle_signals and saved_since_signal:
                 # all is saved: closing the loggers and Python's exit can take seconds
                 _exit_at_once_on_another_signal(progress.console, self.run_dir, resumable=self.step > 0)
             else:
                 restore_handlers()
-            self.close()
+            if finished:
+                self.close()
+            else:  # the error under way is the one to report, not a second one from closing (a full disk)
+                with contextlib.suppress(OSError):
+                    self.close()
         return self.run_dir
 
 
