@@ -1270,13 +1270,13 @@ def test_metrics_are_flushed_every_step_and_synced_before_each_checkpoint(tmp_pa
     runs once per checkpoint, before it is written, and at the end."""
     from entrorl.trainer import loggers
 
-    synced = []
-    fsync = os.fsync
-    monkeypatch.setattr(loggers.os, "fsync", lambda descriptor: synced.append(descriptor) or fsync(descriptor))
     train, _ = arithmetic_files
     config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 4, "lr": 1e-3}, checkpoint={"every": 2}))
     trainer = Trainer(config, run_dir=tmp_path / "run")
     metrics_file = trainer.logger._file.fileno()
+    synced = []  # from here on: config.json's atomic write at the start may have had the same descriptor number
+    fsync = os.fsync
+    monkeypatch.setattr(loggers.os, "fsync", lambda descriptor: synced.append(descriptor) or fsync(descriptor))
     for _ in range(3):
         trainer.logger.log(trainer.step + 1, trainer.train_step())
     assert metrics_file not in synced and len(read_metrics(tmp_path / "run")) == 3  # flushed, readable, not yet synced
@@ -2131,3 +2131,30 @@ def test_atomic_writes_leave_nothing_behind_and_name_their_file(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, before)
         signal.signal(signal.SIGXFSZ, handler)
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_memory_that_runs_out_during_training_is_one_line_with_the_way_on(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                          monkeypatch):
+    """An allocator's refusal in a step (a memory limit): the last checkpoint and the resume command, no traceback;
+    any other RuntimeError still raises."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 2}))
+    run_dir = tmp_path / "run"
+
+    def out_of_memory(self, **options):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 9437184 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(Trainer, "train", out_of_memory)
+    result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(run_dir)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "error: out of memory while training step 1 ([enforce fail" in output and "files are intact" not in output
+    assert output.endswith("use a smaller model or batch; no checkpoint had been written")
+    monkeypatch.setattr(Trainer, "train", lambda self, **options: (_ for _ in ()).throw(RuntimeError("a bug")))
+    result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run-2")])
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug"

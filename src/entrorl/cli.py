@@ -65,7 +65,7 @@ def train(
     except (MemoryError, RuntimeError) as error:  # e.g. the optimizer's state under a memory limit
         if not is_out_of_memory(error):
             raise
-        _fail(str(error) if str(error).startswith("out of memory") else str(out_of_memory_while("setting up the run", error)))
+        _fail(str(error) if str(error).startswith("out of memory") else str(out_of_memory_while("setting up the run", error, files_read=False)))
     console.print(Text(f"run directory: {trainer.run_dir}"), soft_wrap=True)
     if trainer.adapter is not None:
         lora = train_config.model.lora
@@ -103,10 +103,6 @@ def train(
                             if latest is not None else ""))
     except OSError as error:  # any other file the run writes (metrics, evaluations, samples)
         _fail(with_the_way_on(str(error)))
-    except (MemoryError, RuntimeError) as error:
-        if not is_out_of_memory(error):
-            raise
-        _fail(with_the_way_on(str(out_of_memory_while(f"training step {trainer.step + 1}", error))))
     except TrainingInterrupted as error:
         by = f" by {signal.Signals(error.signal_number).name}"
         if error.checkpoint is None:
@@ -118,6 +114,10 @@ def train(
                                         f"{error.checkpoint.name} saved. Continue with: " + shlex.join([*again, "--resume"])),
                           soft_wrap=True)
         raise typer.Exit(128 + error.signal_number) from None
+    except (MemoryError, RuntimeError) as error:  # after TrainingInterrupted, a RuntimeError too
+        if not is_out_of_memory(error):
+            raise
+        _fail(with_the_way_on(str(out_of_memory_while(f"training step {trainer.step + 1}", error, files_read=False))))
     console.print(Text.assemble(("done", "green"), f": {_run_summary(trainer.run_dir)}"), soft_wrap=True)
 
 

@@ -143,11 +143,13 @@ def is_out_of_memory(error: BaseException) -> bool:
     return False
 
 
-def out_of_memory_while(doing: str, error: BaseException) -> MemoryError:
-    """The one-line error for memory that ran out while ``doing`` something (the files involved are not damaged)."""
+def out_of_memory_while(doing: str, error: BaseException, *, files_read: bool = True) -> MemoryError:
+    """The one-line error for memory that ran out while ``doing`` something; ``files_read``: while reading files,
+    which are then said to be intact (not damaged, whatever the reader's message suggests)."""
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return MemoryError(f"out of memory while {doing} ({detail}): the files are intact; free memory, raise the process's "
-                       "memory limit (ulimit -v, a scheduler's memory request) or use a smaller model or batch")
+    intact = "the files are intact; " if files_read else ""
+    return MemoryError(f"out of memory while {doing} ({detail}): {intact}free memory, raise the process's memory limit "
+                       "(ulimit -v, a scheduler's memory request) or use a smaller model or batch")
 
 
 def _unreadable_weight_file(directory: Path) -> Path | None:
