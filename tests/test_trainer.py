@@ -2069,6 +2069,14 @@ def test_memory_that_runs_out_is_not_taken_for_a_damaged_file(tmp_path, tiny_mod
     wrapped.__cause__ = refused
     assert is_out_of_memory(wrapped)
     assert not is_out_of_memory(RuntimeError("Error while deserializing header: HeaderTooLarge"))
+    assert not is_out_of_memory(ValueError("no file at /data/out of memory/model"))  # words count in allocator errors only
+    try:
+        try:
+            raise MemoryError
+        except MemoryError:
+            raise OSError("while mapping")  # raised during the refusal, not from it
+    except OSError as during:
+        assert is_out_of_memory(during)
 
     def refuse(*args, **kwargs):
         raise refused

@@ -102,6 +102,8 @@ def train(
         _fail(f"{error}" + (f"; once the cause is fixed, continue with {shlex.join([*again, '--resume'])}"
                             if latest is not None else ""))
     except OSError as error:  # any other file the run writes (metrics, evaluations, samples)
+        if is_out_of_memory(error):  # ENOMEM: a memory map or a process refused, not a file
+            error = out_of_memory_while(f"training step {trainer.step + 1}", error, files_read=False)
         _fail(with_the_way_on(str(error)))
     except TrainingInterrupted as error:
         by = f" by {signal.Signals(error.signal_number).name}"
@@ -402,7 +404,7 @@ def evaluate(
             top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base, check_fit=True,
             trust_remote_code=trust_remote_code, require_answer=require_answer, correct_threshold=correct_threshold,
             check_outputs=check_outputs)
-    except (ValueError, OSError, ImportError) as error:  # ImportError: adapters without peft
+    except (ValueError, OSError, ImportError, MemoryError) as error:  # ImportError: adapters without peft
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens
     with Progress(console=console) as progress:
@@ -652,7 +654,7 @@ def data_audit(
             top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
             trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
             correct_threshold=correct_threshold, check_outputs=lambda: check_audit_output(data, directory))
-    except (ValueError, OSError, ImportError) as error:  # OSError: missing files, unreadable model directories
+    except (ValueError, OSError, ImportError, MemoryError) as error:  # OSError: missing files, unreadable model directories
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens
 

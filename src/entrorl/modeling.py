@@ -130,16 +130,19 @@ _OUT_OF_MEMORY_WORDS = ("cannot allocate memory", "can't allocate memory", "not 
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` (or its cause) says that memory ran out: ``MemoryError``, an allocator's or a memory map's
-    refusal (``ENOMEM``, under ``ulimit -v`` too), a device's out-of-memory error; not a damaged file."""
-    while error is not None:
+    """Whether ``error`` (or what it was raised from, or during) says that memory ran out: ``MemoryError``, an
+    allocator's or a memory map's refusal (``ENOMEM``, under ``ulimit -v`` too), a device's out-of-memory error; not
+    a damaged file."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
         if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
             return True
         if isinstance(error, OSError) and error.errno == errno.ENOMEM:
             return True
-        if any(word in str(error).lower() for word in _OUT_OF_MEMORY_WORDS):
-            return True
-        error = error.__cause__
+        if isinstance(error, (RuntimeError, OSError)) and any(word in str(error).lower() for word in _OUT_OF_MEMORY_WORDS):
+            return True  # a memory map or an allocator refused (torch, safetensors): said in words only
+        error = error.__cause__ or error.__context__
     return False
 
 
@@ -231,9 +234,9 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     except MemoryError as error:
         raise out_of_memory_while(f"loading the model of {path}", error) from error
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError) as error:
-        if is_out_of_memory(error):
+        damaged = _unreadable_weight_file(path)  # a file whose header cannot be read, memory refusals aside
+        if damaged is None and is_out_of_memory(error):
             raise out_of_memory_while(f"loading the model of {path}", error) from error
-        damaged = _unreadable_weight_file(path)
         if damaged is None:  # every file's header reads: not a damaged file
             raise
         raise DamagedWeightsError(f"{damaged} cannot be read ({type(error).__name__}: {error}): the file is damaged or "

@@ -7,6 +7,7 @@ once per specification and cached; the same specification and seed rebuild ident
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -160,7 +161,9 @@ def build_base_model(spec: BaseModelSpec, *, cache_dir: Path | None = None, rebu
         (temporary / "base.json").write_text(json.dumps(info, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
-    except (OSError, SafetensorError) as error:  # a full disk, a quota
+    except (OSError, SafetensorError) as error:
+        if isinstance(error, OSError) and error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise  # not a lack of room (a memory refusal, a permission): as it is
         raise OSError(f"the base model cannot be written into the cache {root} ({error}): free space there, or point "
                       "ENTRORL_CACHE at a folder with room") from None
     finally:

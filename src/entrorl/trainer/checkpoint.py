@@ -72,7 +72,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     except OSError as error:
         with contextlib.suppress(OSError):
             temporary.unlink()
-        if error.filename is None and error.errno is not None:
+        if error.errno is not None and error.filename in (None, str(temporary)):  # name the file being written
             raise type(error)(error.errno, error.strerror, str(path)) from None
         raise
 

@@ -348,6 +348,8 @@ class Trainer:
                 try:
                     self.adapter.load(checkpoint / ADAPTER_DIRECTORY)
                 except (OSError, RuntimeError, SafetensorError, ValueError) as error:
+                    if is_out_of_memory(error):
+                        raise out_of_memory_while(f"reading the adapters of {checkpoint}", error) from error
                     raise ValueError(f"the adapters of checkpoint {checkpoint} cannot be read ({type(error).__name__}: "
                                      f"{error}); delete {checkpoint.name} to resume from the checkpoint before it") from None
         if model_config.activation_checkpointing:  # the method's name from transformers 5.24 on, and before
