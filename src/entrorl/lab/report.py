@@ -46,7 +46,7 @@ import numpy as np
 from entrorl.analysis.law import fit_entropy_law, forecast_entropy_law
 from entrorl.dynamics import top_token_count
 from entrorl.evaluation import polarisation
-from entrorl.trainer.checkpoint import atomic_write_text
+from entrorl.trainer.checkpoint import atomic_write_text, naming_file
 
 __all__ = [
     "write_report",
@@ -693,7 +693,7 @@ class _Figures:
         try:
             (self.directory / name).write_bytes(png)
         except OSError as error:  # a full disk: the error names no file by itself
-            raise OSError(error.errno, error.strerror, str(self.directory / name)) from None
+            raise naming_file(error, self.directory / name) from None
         self.saved[name] = caption
         return FigureBlock(name, caption, png)
 

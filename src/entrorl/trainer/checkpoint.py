@@ -51,7 +51,7 @@ from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointWriteError", "training_run_of", "save_checkpoint", "latest_checkpoint", "incomplete_checkpoints", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text",
-           "ModelDirectory", "resolve_model_directory", "load_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files"]
+           "ModelDirectory", "resolve_model_directory", "load_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files", "naming_file"]
 
 _PREFIX = "step_"
 
@@ -72,9 +72,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     except OSError as error:
         with contextlib.suppress(OSError):
             temporary.unlink()
-        if error.errno is not None and error.filename in (None, str(temporary)):  # name the file being written
-            raise type(error)(error.errno, error.strerror, str(path)) from None
-        raise
+        raise naming_file(error, path, instead_of=temporary) from None
+
+
+def naming_file(error: OSError, path: Path, *, instead_of: Path | None = None) -> OSError:
+    """``error`` with ``path`` as its file name when it names none (a full disk's write error names no file), or
+    names ``instead_of`` (the temporary file of an atomic write): "[Errno 28] No space left on device: 'path'"."""
+    if error.errno is None or error.filename not in (None, None if instead_of is None else str(instead_of)):
+        return error
+    return type(error)(error.errno, error.strerror, str(path))
 
 
 def nearest_existing(path: Path) -> Path:

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from entrorl.trainer.checkpoint import naming_file
+
 __all__ = ["MetricsLogger", "read_metrics"]
 
 
@@ -36,7 +38,7 @@ class MetricsLogger:
                 temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             except OSError as error:  # a full disk: metrics.jsonl itself is untouched
                 temporary.unlink(missing_ok=True)
-                raise _naming(error, self.path) from None
+                raise naming_file(error, self.path) from None
             os.replace(temporary, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -85,7 +87,7 @@ class MetricsLogger:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
         except OSError as error:  # a full disk: the error names no file by itself
-            raise _naming(error, self.path) from None
+            raise naming_file(error, self.path) from None
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self._tensorboard is not None:
             for key, value in numeric.items():
@@ -102,7 +104,7 @@ class MetricsLogger:
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as error:
-            raise _naming(error, self.path) from None
+            raise naming_file(error, self.path) from None
 
     def close(self) -> None:
         """Sync and close every sink; a second call does nothing. A sync that fails (a full disk) is raised after
@@ -126,13 +128,6 @@ class MetricsLogger:
         self._tensorboard = self._wandb = self._trackio = None
         if failed is not None:
             raise failed
-
-
-def _naming(error: OSError, path: Path) -> OSError:
-    """``error`` with ``path`` as its file name, when it has none ("[Errno 28] No space left on device: 'path'")."""
-    if error.filename is not None or error.errno is None:
-        return error
-    return type(error)(error.errno, error.strerror, str(path))
 
 
 def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
