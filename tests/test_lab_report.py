@@ -554,13 +554,13 @@ def test_the_seed_spread_script_reads_the_headline_numbers_of_a_report(report_ru
 
 def test_the_entropy_change_axes_carry_their_power_of_ten_in_their_labels():
     """The scale of a panel goes into its axis labels (matplotlib's offset text sat on the panel's title)."""
-    from entrorl.lab.report import _power_of_ten
+    from entrorl.analysis.document import power_of_ten
 
-    assert _power_of_ten([3e-9, -1e-8]) == -8
-    assert _power_of_ten([0.001, float("nan")]) == -3
-    assert _power_of_ten([0.5, -2.0]) == 0 and _power_of_ten([0.01]) == 0 and _power_of_ten([999.0]) == 0
-    assert _power_of_ten([12345.0]) == 4
-    assert _power_of_ten([]) == 0 and _power_of_ten([0.0, float("inf"), float("nan")]) == 0
+    assert power_of_ten([3e-9, -1e-8]) == -8
+    assert power_of_ten([0.001, float("nan")]) == -3
+    assert power_of_ten([0.5, -2.0]) == 0 and power_of_ten([0.01]) == 0 and power_of_ten([999.0]) == 0
+    assert power_of_ten([12345.0]) == 4
+    assert power_of_ten([]) == 0 and power_of_ten([0.0, float("inf"), float("nan")]) == 0
 
 
 def test_unreadable_metrics_lines_are_named_not_dropped_silently(report_run):

@@ -126,6 +126,15 @@ def test_cli_train_writes_metrics_checkpoints_and_diagnostics(tmp_path, tiny_mod
     # each decision point once: the n samples of a prompt share its first position, which is listed once for all
     assert len({(fork["source"], fork["position"], fork["before"]) for fork in forks}) == len(forks)
     assert all(fork["samples"] == sum(fork["chosen"].values()) for fork in forks)
+    # the run's report, from its files: every section generated, the numbers those of the files
+    result = run_cli("report", str(run_dir), "--no-figures")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert report["section_errors"] == {} and report["method"] == method and report["steps"] == 2
+    assert [row["step"] for row in report["evaluations"]["values"]] == [2]
+    assert report["evaluations"]["values"][0]["Avg@n"] == last["eval/avg_at_n"]
+    assert [row["entropy"] for row in report["forks"]["latest"]["values"]] == [fork["entropy"] for fork in forks]
+    assert f"report: {run_dir / 'report' / 'report.html'}" in " ".join(result.stderr.split())
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The ``entrorl`` command: ``train``, ``eval``, ``methods``, ``lab``, ``data audit`` and ``data reasoning-gym``."""
+"""The ``entrorl`` command: ``train``, ``eval``, ``report``, ``methods``, ``lab``, ``data audit`` and ``data reasoning-gym``."""
 
 from __future__ import annotations
 
@@ -468,6 +468,39 @@ def evaluate(
               "check that the reward suits this data (its columns, its answers)")
     if not_written:  # a script reading the file must not take an old one for this result
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a training run directory (entrorl train --run-dir)")],
+    out: Annotated[Optional[Path], typer.Option(help="where to write the report (default: RUN_DIR/report)")] = None,
+    fit_fraction: Annotated[float, typer.Option(help="share of the first steps the law's forecast is fitted on "
+                                                      "(the paper's 15%)", min=0.0, max=1.0)] = 0.15,
+    figures: Annotated[bool, typer.Option(help="draw the PNG figures")] = True,
+) -> None:
+    """Check the entropy theory on a training run: law fit and ceiling forecast, predicted vs measured entropy change,
+    covariance concentration, interventions, evaluations and fork tokens, as report.md / report.html / report.json."""
+    from entrorl.analysis.run_report import write_run_report
+
+    if fit_fraction <= 0.0:
+        _fail("--fit-fraction must be above 0 (the law is fitted on the first steps of the run)")
+    try:
+        result = write_run_report(run_dir, out=out, fit_fraction=fit_fraction, figures=figures)
+    except FileNotFoundError as error:
+        _fail(str(error))
+    except OSError as error:  # a full disk or a folder that cannot be written: the message names the file
+        _fail(str(error), code=1)
+    target = out if out is not None else run_dir / "report"
+    summary = {row["quantity"]: row["value"] for row in (result.get("summary") or {}).get("rows", [])}
+    shown = ("method", "steps logged", "entropy end/start", "law R² (every step)", "forecast ceiling (law at zero entropy)",
+             "predicted vs measured entropy change: sign agreement")
+    for quantity in shown:
+        if quantity in summary:
+            console.print(f"{escape(quantity)}: {escape(str(summary[quantity]))}", soft_wrap=True, highlight=False)
+    for section, error in (result.get("section_errors") or {}).items():
+        console.print(f"[yellow]section {escape(section)} could not be generated[/yellow]: {escape(error)}", soft_wrap=True)
+    console.print(f"[green]report[/green]: {escape(str(target / 'report.html'))}  ({escape(str(target / 'report.md'))})",
+                  soft_wrap=True)
 
 
 @app.command()

@@ -28,14 +28,10 @@ and any other ``methods/<name>/`` holding results.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 import os
 import platform
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +39,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from entrorl.analysis.law import fit_entropy_law, forecast_entropy_law
+from entrorl.analysis.document import (NA, NOT_APPLICABLE, Cell, Figures, Heading, Paragraph, Section, Table, TableBlock,
+                                       agreement_cell, build_section, colours, dash, finite, fmt, json_value, missing, num, one_line,
+                                       power_of_ten, render_html, render_markdown, subplot_grid, text)
+from entrorl.analysis.run import (COV_PERCENTS, EDGE_FRACTION, ENTROPY_KEY, FALLBACK_REWARD_KEY, LAW_COLUMNS,
+                                  MIN_CEILING_STEPS, REWARD_KEY, SMOOTH_WINDOW, MetricRecords, analyse_records,
+                                  edge_count, edge_means, edge_phrase, intervention_keys, last_steps_phrase, law_cells,
+                                  moving_average, read_json, read_metrics_records)
 from entrorl.dynamics import top_token_count
 from entrorl.evaluation import polarisation
-from entrorl.trainer.checkpoint import atomic_write_text, naming_file
+from entrorl.trainer.checkpoint import atomic_write_text
 
 __all__ = [
     "write_report",
@@ -63,26 +65,18 @@ __all__ = [
     "COLLAPSE_RATIO",
     "KEPT_MARGIN",
     "SMOOTH_WINDOW",
+    "MIN_CEILING_STEPS",
     "SECTIONS",
 ]
 
-ENTROPY_KEY = "entropy/mean"
-REWARD_KEY = "reward/accuracy"  # the share of the step's samples the verifier accepted
-FALLBACK_REWARD_KEY = "reward/mean"  # used only when a run never logged REWARD_KEY
-EDGE_FRACTION = 0.1
 COLLAPSE_RATIO = 0.5
 KEPT_MARGIN = 1.25
 SUMMARY_MIDDLE_K = 8  # shown in the summary beside Pass@1 and the largest k
-INTERVENTION_KEY_PATTERNS = ("select/{}_frac", "reg/{}_coeff", "shape/{}_bonus")
 WALL_CLOCK_LABEL = "wall clock, summed over the invocations that ran something (s)"
 CPU_KERNELS_LABEL = "CPU kernels (torch)"
-SMOOTH_WINDOW = 5
-COV_PERCENTS = ("0.02", "0.2", "2", "20")
 FORKS_SHOWN = 10
 SD_OTHERS = 3  # methods besides base and GRPO in the S/D figure
 PASS_RATE_BINS = 10
-NA = "n/a"  # missing or undefined
-NOT_APPLICABLE = "—"  # does not apply (e.g. a training statistic of the base model)
 REFERENCE = "grpo"
 # quantities of the headline's number table that scripts read from report.json
 HEADLINE_REWARD_START = "GRPO training reward start"
@@ -105,358 +99,16 @@ SECTIONS = (
 )
 
 
-# ------------------------------------------------------------------------------------------------ numbers
-
-
-def _finite(value: Any) -> float | None:
-    """A finite float, or None (for None, nan, inf and anything not numeric)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def fmt(value: Any, *, signed: bool = False) -> str:
-    """The one number format of the report: 3 significant figures, whole numbers from 100 up, ``n/a`` for
-    missing or non-finite values; ``signed`` puts a ``+`` in front of positive values (for differences)."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        text = str(int(value))
-        return "+" + text if signed and value > 0 else text
-    number = _finite(value)
-    if number is None:
-        return NA
-    if number == 0.0:
-        return "0"
-    text = f"{number:.0f}" if abs(number) >= 99.95 else f"{number:.3g}"
-    return "+" + text if signed and number > 0 else text
-
-
 def _shown(value: Any) -> float | None:
     """The value as the report shows it (rounded by :func:`fmt`), for comparisons stated in the text."""
-    return _finite(fmt(value)) if _finite(value) is not None else None
-
-
-def edge_count(n_steps: int) -> int:
-    """How many steps make the start (and the end) of a run: ``max(1, ceil(EDGE_FRACTION * n))``."""
-    return max(1, math.ceil(round(EDGE_FRACTION * n_steps, 9)))
-
-
-def _edge_is_exact(n_steps: int) -> bool:
-    return n_steps > 0 and edge_count(n_steps) == round(EDGE_FRACTION * n_steps, 9)
-
-
-def edge_phrase(n_steps: int) -> str:
-    """The start and end of an ``n_steps`` run in words, saying what is really averaged: "the first and the last 10%
-    of the 40 training steps (4 steps each)", or where that share is not a whole number of steps, "the first and
-    the last 2 of the 12 training steps (16.7% each: 10% rounded up to whole steps)"."""
-    n_edge = edge_count(n_steps)
-    steps = f"{n_edge} step{'s' if n_edge != 1 else ''}"
-    if _edge_is_exact(n_steps):
-        return f"the first and the last {fmt(100 * EDGE_FRACTION)}% of the {n_steps} training steps ({steps} each)"
-    return (f"the first and the last {n_edge} of the {n_steps} training steps ({fmt(100 * n_edge / n_steps)}% each: "
-            f"{fmt(100 * EDGE_FRACTION)}% rounded up to whole steps)")
-
-
-def _last_steps_phrase(step_counts: set[int]) -> str:
-    """"the last 10% of steps", or "the last 2 of the 12 steps (16.7%: ...)" when that share is not whole steps."""
-    percent = fmt(100 * EDGE_FRACTION)
-    if len(step_counts) != 1:
-        return f"the last {percent}% of steps (rounded up to whole steps)"
-    (n_steps,) = step_counts
-    if n_steps <= 0 or _edge_is_exact(n_steps):
-        return f"the last {percent}% of steps"
-    n_edge = edge_count(n_steps)
-    return f"the last {n_edge} of the {n_steps} steps ({fmt(100 * n_edge / n_steps)}%: {percent}% rounded up to whole steps)"
-
-
-def edge_means(values: Any) -> tuple[float, float, int]:
-    """(start, end, steps per edge): the means of the finite values among the first and the last
-    :func:`edge_count` steps; ``nan`` where an edge has no finite value."""
-    array = np.asarray(values, dtype=np.float64)
-    if array.size == 0:
-        return math.nan, math.nan, 0
-    n_edge = edge_count(array.size)
-    return _nanmean(array[:n_edge]), _nanmean(array[-n_edge:]), n_edge
-
-
-def moving_average(values: Any, window: int = SMOOTH_WINDOW) -> np.ndarray:
-    """Trailing moving average over ``window`` steps (fewer at the start), ignoring non-finite values."""
-    array = np.asarray(values, dtype=np.float64)
-    out = np.full(array.shape, np.nan)
-    for i in range(array.size):
-        chunk = array[max(0, i - window + 1): i + 1]
-        chunk = chunk[np.isfinite(chunk)]
-        if chunk.size:
-            out[i] = chunk.mean()
-    return out
-
-
-def _nanmean(values: Any) -> float:
-    array = np.asarray(values, dtype=np.float64)
-    array = array[np.isfinite(array)]
-    return float(array.mean()) if array.size else math.nan
-
-
-def _nanmedian(values: Any) -> float:
-    array = np.asarray(values, dtype=np.float64)
-    array = array[np.isfinite(array)]
-    return float(np.median(array)) if array.size else math.nan
-
-
-def _nanmax(values: Any) -> float:
-    array = np.asarray(values, dtype=np.float64)
-    array = array[np.isfinite(array)]
-    return float(array.max()) if array.size else math.nan
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    if _finite(numerator) is None or _finite(denominator) is None or denominator <= 0:
-        return math.nan
-    return numerator / denominator
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_json_value(v) for v in value.tolist()]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return _finite(value)
-    return value
-
-
-# ------------------------------------------------------------------------------------------------ tables
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One table cell: the text every output shows and the raw value ``report.json`` keeps next to it."""
-
-    text: str
-    value: Any = None
-    numeric: bool = False
-
-
-def num(value: Any, *, signed: bool = False) -> Cell:
-    return Cell(fmt(value, signed=signed), _json_value(value), True)
-
-
-def text(value: str) -> Cell:
-    return Cell(str(value), str(value), False)
-
-
-def dash() -> Cell:
-    return Cell(NOT_APPLICABLE, None, True)
-
-
-def missing() -> Cell:
-    return Cell(NA, None, True)
-
-
-@dataclass
-class Table:
-    """A formatted table; :meth:`to_markdown`, :meth:`to_html` and :meth:`to_json` render the same cells."""
-
-    columns: list[str]
-    rows: list[list[Cell]] = field(default_factory=list)
-    title: str = ""
-
-    def add(self, cells: list[Cell]) -> None:
-        if len(cells) != len(self.columns):
-            raise ValueError(f"table '{self.title}': {len(cells)} cells for {len(self.columns)} columns")
-        self.rows.append(cells)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "title": self.title,
-            "columns": list(self.columns),
-            "rows": [{c: cell.text for c, cell in zip(self.columns, row)} for row in self.rows],
-            "values": [{c: cell.value for c, cell in zip(self.columns, row)} for row in self.rows],
-        }
-
-    def to_markdown(self) -> str:
-        lines = ["| " + " | ".join(_md_escape(c) for c in self.columns) + " |"]
-        numeric = [bool(self.rows) and all(row[i].numeric for row in self.rows) for i in range(len(self.columns))]
-        lines.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
-        for row in self.rows:
-            lines.append("| " + " | ".join(_md_escape(cell.text) for cell in row) + " |")
-        return "\n".join(lines)
-
-    def to_html(self) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
-        body = "".join(
-            "<tr>" + "".join(f'<td class="{"num" if cell.numeric else "txt"}">{html.escape(cell.text)}</td>' for cell in row) + "</tr>"
-            for row in self.rows
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|~#])")
-_MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
-
-
-def _md_escape(value: str) -> str:
-    """Markdown-safe text on one line: specials backslash-escaped, underscores escaped unless inside a word."""
-    value = _one_line(value)
-    value = _MD_SPECIAL.sub(r"\\\1", value)
-    return _MD_UNDERSCORE.sub(r"\\_", value)
-
-
-def _one_line(value: str) -> str:
-    return str(value).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "↵").replace("\t", "⇥")
-
-
-# ------------------------------------------------------------------------------------------------ documents
-
-
-@dataclass
-class Paragraph:
-    """Generated prose; spans between backticks are code (metric keys, commands)."""
-
-    content: str
-
-
-@dataclass
-class Heading:
-    content: str
-
-
-@dataclass
-class TableBlock:
-    table: Table
-
-
-@dataclass
-class FigureBlock:
-    name: str
-    caption: str
-    png: bytes
-
-
-@dataclass
-class Section:
-    anchor: str
-    title: str
-    blocks: list[Any] = field(default_factory=list)
-
-    def say(self, content: str) -> None:
-        self.blocks.append(Paragraph(content))
-
-    def table(self, table: Table) -> None:
-        if table.title:
-            self.blocks.append(Heading(table.title))
-        self.blocks.append(TableBlock(table))
-
-
-def _paragraph_markdown(content: str) -> str:
-    parts = content.split("`")
-    return "".join(f"`{part}`" if i % 2 else _md_escape(part) for i, part in enumerate(parts))
-
-
-def _paragraph_html(content: str) -> str:
-    parts = content.split("`")
-    return "".join(f"<code>{html.escape(part)}</code>" if i % 2 else html.escape(part) for i, part in enumerate(parts))
-
-
-def _render_markdown(title: str, sections: list[Section]) -> str:
-    lines = [f"# {_md_escape(title)}", ""]
-    lines.append(" · ".join(f"[{_md_escape(s.title)}](#{s.anchor})" for s in sections))
-    lines.append("")
-    for section in sections:
-        lines += [f'<a id="{section.anchor}"></a>', "", f"## {_md_escape(section.title)}", ""]
-        for block in section.blocks:
-            if isinstance(block, Paragraph):
-                lines += [_paragraph_markdown(block.content), ""]
-            elif isinstance(block, Heading):
-                lines += [f"### {_md_escape(block.content)}", ""]
-            elif isinstance(block, TableBlock):
-                lines += [block.table.to_markdown(), ""]
-            elif isinstance(block, FigureBlock):
-                lines += [f"![{_md_escape(block.caption)}](figures/{block.name})", "", f"*{_md_escape(block.caption)}*", ""]
-    return "\n".join(lines)
-
-
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#222;line-height:1.45}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{font-size:1.05em}
-nav a{margin-right:.8em}
-table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.85em}
-th,td{border:1px solid #ccc;padding:.25em .5em}th{background:#f3f3f3}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.txt{font-family:ui-monospace,Menlo,Consolas,monospace}
-figure{margin:1em 0}figure img{max-width:100%}figcaption{font-size:.85em;color:#555}
-code{background:#f5f5f5;padding:0 .2em}
-""".strip()
-
-
-def _render_html(title: str, sections: list[Section]) -> str:
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
-           f"<style>{_CSS}</style>", "</head>", "<body>", f"<h1>{html.escape(title)}</h1>"]
-    out.append("<nav>" + "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections) + "</nav>")
-    for section in sections:
-        out.append(f'<section id="{section.anchor}"><h2>{html.escape(section.title)}</h2>')
-        for block in section.blocks:
-            if isinstance(block, Paragraph):
-                out.append(f"<p>{_paragraph_html(block.content)}</p>")
-            elif isinstance(block, Heading):
-                out.append(f"<h3>{html.escape(block.content)}</h3>")
-            elif isinstance(block, TableBlock):
-                out.append(block.table.to_html())
-            elif isinstance(block, FigureBlock):
-                data = base64.b64encode(block.png).decode("ascii")
-                out.append(f'<figure><img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">'
-                           f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
-        out.append("</section>")
-    out += ["</body>", "</html>"]
-    return "\n".join(out) + "\n"
+    return finite(fmt(value)) if finite(value) is not None else None
 
 
 # ------------------------------------------------------------------------------------------------ reading the run
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """The step records, ordered by step, and the numbers of the lines that could not be read (a write cut short),
-    which are skipped."""
-    records, unreadable = [], []
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            unreadable.append(number)
-    return sorted(records, key=lambda r: _finite(r.get("step")) or 0.0), unreadable
-
-
 @dataclass
-class Run:
+class Run(MetricRecords):
     """One method's files: its step records, its final evaluation, and its status."""
 
     name: str
@@ -465,20 +117,6 @@ class Run:
     final: dict[str, Any] | None
     error: str | None = None
     unreadable_lines: list[int] = field(default_factory=list)  # of metrics.jsonl, skipped
-
-    def series(self, key: str) -> np.ndarray:
-        return np.array([_finite(r.get(key)) if _finite(r.get(key)) is not None else np.nan for r in self.records], dtype=np.float64)
-
-    def has(self, key: str) -> bool:
-        return any(_finite(r.get(key)) is not None for r in self.records)
-
-    @property
-    def steps(self) -> np.ndarray:
-        return np.array([_finite(r.get("step")) or float(i + 1) for i, r in enumerate(self.records)], dtype=np.float64)
-
-    @property
-    def reward_key(self) -> str:
-        return REWARD_KEY if self.has(REWARD_KEY) or not self.has(FALLBACK_REWARD_KEY) else FALLBACK_REWARD_KEY
 
 
 def _methods_with_results(out: Path) -> list[str]:
@@ -490,30 +128,10 @@ def _methods_with_results(out: Path) -> list[str]:
                   if p.is_dir() and any((p / f).exists() for f in ("final_eval.json", "metrics.jsonl", "error.log")))
 
 
-def intervention_keys(method: str) -> list[str]:
-    """The metric keys that show whether a method's own intervention acted at a step, for each part the method adds
-    to its surrogate (token selectors, regularisers, advantage shapers): ``select/<part>_frac`` (share of tokens the
-    part selected), ``reg/<part>_coeff`` (the coefficient in force) and ``shape/<part>_bonus`` (mean advantage bonus);
-    only the keys a run logged are checked. Empty for a method without such parts (GRPO, the supervised baselines) or
-    one the registry does not know, and for a method with an advantage estimator of its own (nsr, psr, w_reinforce):
-    that estimator changes the advantages at every step, so an idle part (NSR's sign selector, which its estimator
-    leaves nothing to drop) does not mean the method never acted."""
-    try:
-        from entrorl.objective.methods import get_method
-
-        specs = [get_method(name) for name in method.split("+")]
-    except Exception:  # noqa: BLE001 — not a registered method (e.g. sft): nothing to check
-        return []
-    if specs[0].advantage_estimator != "grpo":  # the first method gives the trainer its advantage estimator
-        return []
-    parts = dict.fromkeys(ref[0] for spec in specs for ref in (*spec.selectors, *spec.regularizers, *spec.shapers))
-    return [pattern.format(part) for part in parts for pattern in INTERVENTION_KEY_PATTERNS]
-
-
 def _load_run(out: Path, name: str, outcomes: dict[str, Any]) -> Run:
     directory = out / "methods" / name
-    final = _read_json(directory / "final_eval.json")
-    records, unreadable = _read_metrics(directory / "metrics.jsonl")
+    final = read_json(directory / "final_eval.json")
+    records, unreadable = read_metrics_records(directory / "metrics.jsonl")
     if isinstance(final, dict):
         return Run(name, "ok", records, final, unreadable_lines=unreadable)
     error = None
@@ -529,208 +147,6 @@ def _load_run(out: Path, name: str, outcomes: dict[str, Any]) -> Run:
     return Run(name, "missing", records, None, "no final_eval.json and no error.log (interrupted?)", unreadable)
 
 
-# ------------------------------------------------------------------------------------------------ analysis
-
-
-@dataclass
-class Analysis:
-    """Everything computed for one method (or the base model, which has no training records)."""
-
-    run: Run
-    n_steps: int = 0
-    n_edge: int = 0
-    entropy_start: float = math.nan
-    entropy_end: float = math.nan
-    entropy_ratio: float = math.nan
-    reward_start: float = math.nan
-    reward_end: float = math.nan
-    reward_reached: float = math.nan
-    law: dict[str, Any] = field(default_factory=dict)
-    change: dict[str, Any] = field(default_factory=dict)
-    cov: dict[str, Any] = field(default_factory=dict)
-    cov_tokens: float = math.nan  # median response tokens a step, over which the top-q% shares are taken
-    interventions: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def never_acted(self) -> list[dict[str, Any]]:
-        """The intervention metrics that were 0 at every step they were logged."""
-        return [i for i in self.interventions if i["active_steps"] == 0]
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if x.size < 3 or np.std(x) == 0 or np.std(y) == 0:
-        return math.nan
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-# a forecast ceiling extrapolates the law fitted on the first steps to zero entropy: on fewer steps than this it is
-# noise (a 2-parameter fit on 3 nearly equal points can promise any reward)
-MIN_CEILING_STEPS = 10
-
-
-def _sign_agreement(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, int]:
-    """``(share, steps)``: the share of steps, among the ``steps`` where neither is 0, on which the signs agree."""
-    signed = (predicted != 0) & (measured != 0)
-    steps = int(np.count_nonzero(signed))
-    return (float(np.mean(np.sign(predicted[signed]) == np.sign(measured[signed]))) if steps else math.nan), steps
-
-
-def _agreement_cell(share: float, steps: int) -> Cell:
-    """A sign agreement with the number of steps it counts: 0.5 of 4 steps is not 0.5 of 170."""
-    return Cell(f"{fmt(share)} of {steps}", _json_value(share), True) if steps else missing()
-
-
-def _analyse(run: Run, fit_fraction: float) -> Analysis:
-    result = Analysis(run=run, n_steps=len(run.records))
-    entropy, reward = run.series(ENTROPY_KEY), run.series(run.reward_key)
-    result.entropy_start, result.entropy_end, result.n_edge = edge_means(entropy)
-    result.reward_start, result.reward_end, _ = edge_means(reward)
-    result.entropy_ratio = _ratio(result.entropy_end, result.entropy_start)
-    result.reward_reached = _nanmax(moving_average(reward))
-
-    # the entropy–reward law, over the steps where both are finite
-    keep = np.isfinite(entropy) & np.isfinite(reward)
-    h, r = entropy[keep], reward[keep]
-    law: dict[str, Any] = {"n_points": int(keep.sum()), "reward_key": run.reward_key, "reached": _json_value(result.reward_reached)}
-    try:
-        law["fit"] = fit_entropy_law(h, r).to_dict()
-    except ValueError as error:
-        law["fit_error"] = str(error)
-    try:
-        forecast = forecast_entropy_law(h, r, fit_fraction=fit_fraction)
-        law["forecast"] = forecast.to_dict()
-        # the forecast's error where the run ended: predicted minus measured reward, averaged over the last steps
-        n_end = edge_count(h.size)
-        law["end_error"] = _json_value(float(np.mean(forecast.fit.predict(h[-n_end:]) - r[-n_end:])))
-        law["end_points"] = n_end
-        law["end_in_fit"] = h.size - n_end < forecast.n_fit
-        # no run comes near zero entropy: the distance to the ceiling is headroom, not an error of the forecast
-        law["ceiling_minus_reached"] = (_json_value(forecast.predicted_ceiling - result.reward_reached)
-                                        if forecast.fit.ceiling_applies and forecast.n_fit >= MIN_CEILING_STEPS else None)
-    except ValueError as error:
-        law["forecast_error"] = str(error)
-    result.law = law
-
-    for key in intervention_keys(run.name):
-        values = run.series(key)
-        values = values[np.isfinite(values)]
-        if values.size:
-            result.interventions.append({"key": key, "steps": int(values.size), "active_steps": int(np.count_nonzero(values)),
-                                         "max_abs": float(np.max(np.abs(values)))})
-
-    # predicted vs measured entropy change per step
-    predicted, measured = run.series("entropy/predicted_delta"), run.series("entropy/measured_delta")
-    both = np.isfinite(predicted) & np.isfinite(measured)
-    p, m = predicted[both], measured[both]
-    agreement, signed_steps = _sign_agreement(p, m)
-    result.change = {
-        "n_steps": int(both.sum()),
-        "pearson": _pearson(p, m),
-        "sign_agreement": agreement,
-        "sign_steps": signed_steps,
-        "token_corr_mean": _nanmean(run.series("entropy/delta_token_corr")),
-        "predicted": p,
-        "measured": m,
-    }
-    # the first-order change of the update actually applied (diagnostics.first_order), when the run recorded it
-    first_order = run.series("entropy/first_order_delta")
-    recorded = np.isfinite(first_order) & np.isfinite(measured)
-    agreement, signed_steps = _sign_agreement(first_order[recorded], measured[recorded])
-    result.change.update({
-        "first_order_pearson": _pearson(first_order[recorded], measured[recorded]),
-        "first_order_sign_agreement": agreement,
-        "first_order_sign_steps": signed_steps,
-    })
-
-    # covariance concentration
-    cov = {}
-    for q in COV_PERCENTS:
-        values = run.series(f"cov/top_{q}pct_ratio")
-        cov[q] = {"mean": _nanmean(values), "step1": float(values[0]) if values.size else math.nan}
-    result.cov = cov
-    result.cov_tokens = _nanmedian(run.series("cov/n_tokens"))
-    return result
-
-
-# ------------------------------------------------------------------------------------------------ figures
-
-
-class _Figures:
-    """Draws with matplotlib's object API (no pyplot, no global backend change) and saves PNGs."""
-
-    def __init__(self, directory: Path, enabled: bool = True):
-        self.directory = directory
-        self.saved: dict[str, str] = {}
-        if not enabled:
-            self.unavailable = "figures were not drawn (write_report was called with figures=False)"
-            return
-        try:
-            import matplotlib  # noqa: F401
-            from matplotlib.figure import Figure  # noqa: F401
-        except ImportError as error:  # the report still has every table
-            self.unavailable = f"figures were not drawn: matplotlib could not be imported ({error})"
-        else:
-            self.unavailable = None
-            directory.mkdir(parents=True, exist_ok=True)
-
-    def draw(self, name: str, caption: str, width: float, height: float, paint: Callable[[Any], str | None]) -> FigureBlock | Paragraph:
-        """Draw ``paint(figure)`` into ``name``; ``paint`` returns why there is nothing to plot, if so, which the report
-        says instead of the figure."""
-        if self.unavailable:
-            return Paragraph(self.unavailable)
-        import matplotlib
-        from matplotlib.figure import Figure
-
-        with matplotlib.rc_context({"font.size": 7, "axes.titlesize": 7.5, "legend.fontsize": 6, "axes.linewidth": 0.6,
-                                    "lines.linewidth": 1.1}):
-            figure = Figure(figsize=(width, height), layout="constrained")
-            nothing_to_plot = paint(figure)
-            if nothing_to_plot:
-                return Paragraph(f"No figure {name}: {nothing_to_plot}.")
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
-        png = buffer.getvalue()
-        try:
-            (self.directory / name).write_bytes(png)
-        except OSError as error:  # a full disk: the error names no file by itself
-            raise naming_file(error, self.directory / name) from None
-        self.saved[name] = caption
-        return FigureBlock(name, caption, png)
-
-
-def _power_of_ten(values) -> int:
-    """The power of ten to divide ``values`` by so that their largest magnitude lies in [0.01, 10000); 0 when it
-    already does (or none is finite and non-zero)."""
-    magnitudes = np.abs(np.asarray(values, dtype=np.float64))
-    magnitudes = magnitudes[np.isfinite(magnitudes) & (magnitudes > 0)]
-    if not magnitudes.size:
-        return 0
-    power = int(math.floor(math.log10(float(magnitudes.max()))))
-    return power if not -2 <= power <= 3 else 0
-
-
-def _colours(names: list[str]) -> dict[str, Any]:
-    try:
-        import matplotlib
-    except ImportError:
-        return {}
-    if len(names) <= 10:
-        palette = matplotlib.colormaps["tab10"]
-        return {name: palette(i) for i, name in enumerate(names)}
-    palette = matplotlib.colormaps["tab20"]  # the strong shades first, then their light pairs
-    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
-    return {name: palette(order[i % 20]) for i, name in enumerate(names)}
-
-
-def _grid(figure, count: int, columns: int, **shared):
-    columns = max(1, min(columns, count))
-    rows = max(1, math.ceil(count / columns))
-    axes = figure.subplots(rows, columns, squeeze=False, **shared).ravel()
-    for axis in axes[count:]:
-        axis.set_visible(False)
-    return axes[:count]
-
-
 # ------------------------------------------------------------------------------------------------ the report
 
 
@@ -738,26 +154,26 @@ class _Report:
     def __init__(self, out: Path, figures: bool = True):
         self.out = out
         self.errors: dict[str, str] = {}
-        lab = _read_json(out / "lab.json")
+        lab = read_json(out / "lab.json")
         self.lab = lab if isinstance(lab, dict) else {}
         self.preset = self.lab.get("preset") if isinstance(self.lab.get("preset"), dict) else {}
-        outcomes = _read_json(out / "outcomes.json")
+        outcomes = read_json(out / "outcomes.json")
         self.outcomes = outcomes if isinstance(outcomes, dict) else {}
         names = [str(n) for n in (self.lab.get("methods") or self.preset.get("methods") or [])]
         self.names = list(dict.fromkeys(names + [n for n in _methods_with_results(out) if n not in names]))
         self.runs = {name: _load_run(out, name, self.outcomes) for name in self.names}
-        base = _read_json(out / "base" / "final_eval.json")
+        base = read_json(out / "base" / "final_eval.json")
         self.base = base if isinstance(base, dict) else None
-        self.fit_fraction = _finite(self.preset.get("law_fit_fraction")) or 0.2
-        self.analyses = {name: _analyse(run, self.fit_fraction) for name, run in self.runs.items() if run.status == "ok"}
+        self.fit_fraction = finite(self.preset.get("law_fit_fraction")) or 0.2
+        self.analyses = {name: analyse_records(run, self.fit_fraction, name) for name, run in self.runs.items() if run.status == "ok"}
         self.ok = [name for name in self.names if name in self.analyses]
         self.failed = [name for name in self.names if self.runs[name].status != "ok"]
         self.evals = {"base": self.base} if self.base else {}
         self.evals.update({name: self.runs[name].final for name in self.ok})
         self.ks = self._common_ks()
         self.k_max = self.ks[-1] if self.ks else None
-        self.colours = _colours(self.ok)
-        self.figures = _Figures(out / "figures", enabled=figures)
+        self.colours = colours(self.ok)
+        self.figures = Figures(out / "figures", enabled=figures)
         self.json: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- helpers
@@ -772,12 +188,12 @@ class _Report:
         evaluation = self.evals.get(model)
         if evaluation is None or k is None:
             return math.nan
-        value = _finite((evaluation.get("pass_at_k") or {}).get(str(k)))
+        value = finite((evaluation.get("pass_at_k") or {}).get(str(k)))
         return value if value is not None else math.nan
 
     def eval_value(self, model: str, key: str) -> float:
         evaluation = self.evals.get(model) or {}
-        value = _finite(evaluation.get(key))
+        value = finite(evaluation.get(key))
         return value if value is not None else math.nan
 
     def models(self) -> list[str]:
@@ -788,12 +204,7 @@ class _Report:
         return " / ".join(f"`{k}`" for k in keys)
 
     def guarded(self, section: Section, build: Callable[[Section], None]) -> Section:
-        try:
-            build(section)
-        except Exception as error:  # noqa: BLE001 — one broken section must not take the report down
-            self.errors[section.anchor] = f"{type(error).__name__}: {error}"
-            section.say(f"This section could not be generated: {type(error).__name__}: {error}")
-        return section
+        return build_section(section, build, self.errors)
 
     # ---------------------------------------------------------------- 1. headline
     def headline(self, section: Section) -> None:
@@ -815,10 +226,10 @@ class _Report:
         # the criterion compares like with like when it can: the final evaluation's samples of GRPO against the
         # same evaluation of the base model (same held-out prompts, same sampling); else the training curve's edges
         eval_start, eval_end = self.eval_value("base", "entropy_mean"), self.eval_value(REFERENCE, "entropy_mean")
-        by_eval = _finite(eval_start) is not None and _finite(eval_end) is not None and eval_start > 0
+        by_eval = finite(eval_start) is not None and finite(eval_end) is not None and eval_start > 0
         start, end = (eval_start, eval_end) if by_eval else (g.entropy_start, g.entropy_end)
-        half = COLLAPSE_RATIO * start if _finite(start) is not None else math.nan
-        collapsed = bool(end <= half) if _finite(end) is not None and _finite(half) is not None else None
+        half = COLLAPSE_RATIO * start if finite(start) is not None else math.nan
+        collapsed = bool(end <= half) if finite(end) is not None and finite(half) is not None else None
         shown_start, shown_end = _shown(g.reward_start), _shown(g.reward_end)
         if shown_start is None or shown_end is None:
             reward_change = "cannot be compared (missing values)"
@@ -858,17 +269,17 @@ class _Report:
         )
         info.update({"collapse": collapsed, "reward_change": reward_change})
 
-        threshold = KEPT_MARGIN * g.entropy_ratio if _finite(g.entropy_ratio) is not None else math.nan
+        threshold = KEPT_MARGIN * g.entropy_ratio if finite(g.entropy_ratio) is not None else math.nan
         numbers.add([text(f"kept-entropy threshold ({fmt(KEPT_MARGIN)} × GRPO's ratio)"), num(threshold)])
         others = [n for n in self.ok if n != REFERENCE]
-        kept = [n for n in others if _finite(threshold) is not None and _finite(self.analyses[n].entropy_ratio) is not None
+        kept = [n for n in others if finite(threshold) is not None and finite(self.analyses[n].entropy_ratio) is not None
                 and self.analyses[n].entropy_ratio >= threshold]
         info["kept_methods"] = kept
         info["kept_rule"] = f"entropy end/start ratio >= {KEPT_MARGIN} x GRPO's ratio"
         k = self.k_max
         kept_table = Table(["method", "entropy end/start", "Pass@1", "Pass@1 GRPO", "Pass@1 base",
                             f"Pass@{k}", f"Pass@{k} GRPO", f"Pass@{k} base"], title="Methods that kept entropy")
-        if _finite(threshold) is None:
+        if finite(threshold) is None:
             section.say("GRPO's entropy ratio is undefined, so no method is compared with it.")
         elif not others:
             section.say("No other method finished, so none is compared with GRPO.")
@@ -876,7 +287,7 @@ class _Report:
             rule = (f"A method kept entropy when its end/start entropy ratio is at least {fmt(KEPT_MARGIN)} × GRPO's "
                     f"({fmt(KEPT_MARGIN)} × {fmt(g.entropy_ratio)} = {fmt(threshold)}).")
             if not kept:
-                best = max(others, key=lambda n: _finite(self.analyses[n].entropy_ratio) if _finite(self.analyses[n].entropy_ratio) is not None else -math.inf)
+                best = max(others, key=lambda n: finite(self.analyses[n].entropy_ratio) if finite(self.analyses[n].entropy_ratio) is not None else -math.inf)
                 section.say(f"{rule} No method kept entropy by this rule; the highest ratio is "
                             f"{fmt(self.analyses[best].entropy_ratio)} ({best}).")
             else:
@@ -944,9 +355,9 @@ class _Report:
             table.add([text(name), text("ok"), num(a.entropy_ratio), num(a.reward_end), num(self.pass_at(name, 1)),
                        *(num(self.pass_at(name, m)) for m in middle), num(self.pass_at(name, k)),
                        num(fit.get("r2")), num(a.law.get("end_error"), signed=True), num(forecast.get("rmse")), num(forget),
-                       num(forget - base_forget if _finite(forget) is not None and _finite(base_forget) is not None else math.nan, signed=True),
+                       num(forget - base_forget if finite(forget) is not None and finite(base_forget) is not None else math.nan, signed=True),
                        num(self.eval_value(name, "entropy_mean")), num(self.eval_value(name, "train_seconds")), text(note)])
-        last = _last_steps_phrase({self.analyses[n].n_steps for n in self.ok})
+        last = last_steps_phrase({self.analyses[n].n_steps for n in self.ok})
         section.say(
             f"One row per method and one for the base model. Entropy end/start: `{ENTROPY_KEY}` averaged over {last} "
             f"divided by its average over as many first steps; reward end: {self.reward_label()} over {last}; "
@@ -980,7 +391,7 @@ class _Report:
         self.json["interventions"] = {n: self.analyses[n].interventions for n in self.ok}
         self.json["never_acted"] = idle
         deltas = [(n, self.eval_value(n, "forgetting_accuracy") - base_forget) for n in self.ok
-                  if _finite(self.eval_value(n, "forgetting_accuracy")) is not None and _finite(base_forget) is not None]
+                  if finite(self.eval_value(n, "forgetting_accuracy")) is not None and finite(base_forget) is not None]
         if deltas:
             worst = min(deltas, key=lambda item: item[1])
             best = max(deltas, key=lambda item: item[1])
@@ -1079,7 +490,7 @@ class _Report:
 
     # ---------------------------------------------------------------- 5. the law
     def law(self, section: Section) -> None:
-        last = _last_steps_phrase({self.analyses[n].n_steps for n in self.ok})
+        last = last_steps_phrase({self.analyses[n].n_steps for n in self.ok})
         section.say(
             f"The entropy–performance law R = −a·exp(H) + b (arXiv 2505.22617, Eq. 6), with H = `{ENTROPY_KEY}` and R = "
             f"{self.reward_label()}, fitted by least squares of R on exp(H) (`fit_entropy_law`) over every step where both are "
@@ -1098,7 +509,7 @@ class _Report:
             if not fitted:
                 return ("the law could not be fitted to any method's run (the table's notes say why)" if self.ok
                         else "no method finished")
-            axes = _grid(figure, len(fitted), 4)
+            axes = subplot_grid(figure, len(fitted), 4)
             last_step = max(float(np.max(self.runs[name].steps)) for name in fitted)
             for axis, name in zip(axes, fitted):
                 run, law = self.runs[name], self.analyses[name].law
@@ -1119,58 +530,22 @@ class _Report:
 
         section.blocks.append(self.figures.draw("law.png", "Reward against exp(entropy) per method, coloured by step, with the fitted law.",
                                                 9.0, 2.1 * max(1, math.ceil(len(fitted) / 4)), paint))
-        table = Table(["method", "points", "a", "b", "R²", "ceiling", "fit steps", "forecast ceiling", "reached",
-                       "forecast ceiling − reached", "forecast error, end", "forecast RMSE", "note"], title="Fits")
+        table = Table(["method", *LAW_COLUMNS], title="Fits")
         fits = {}
         for name in self.ok:
             law = self.analyses[name].law
             fits[name] = law
-            fit, forecast = law.get("fit"), law.get("forecast")
-            forecast_fit = (forecast or {}).get("fit") or {}
-            notes = [f"{part}: {law[part + '_error'].split('; ')[0]}" for part in ("fit", "forecast") if part + "_error" in law]
-            if fit and fit.get("r2") is None:
-                notes.append("R² undefined: " + ("fewer than 3 points" if fit["n_points"] < 3 else "the reward never changed"))
-            if fit and not fit.get("ceiling_applies"):
-                notes.append("a ≤ 0: reward did not rise as entropy fell, so the law's premise fails and it forecasts no ceiling")
-            if forecast and not forecast_fit.get("ceiling_applies"):
-                notes.append(f"forecast a ≤ 0 on the first {forecast['n_fit']} steps: no forecast ceiling")
-            ceiling_shown = bool(forecast and forecast_fit.get("ceiling_applies") and forecast["n_fit"] >= MIN_CEILING_STEPS)
-            if forecast and forecast_fit.get("ceiling_applies") and not ceiling_shown:
-                notes.append(f"forecast fitted on {forecast['n_fit']} steps only (fewer than {MIN_CEILING_STEPS}): its "
-                             "ceiling, an extrapolation to zero entropy, is not shown")
-            if forecast and law.get("end_in_fit"):
-                notes.append("forecast error at the end is in-sample: the last steps were among the fitted ones")
-            if law.get("reward_key") == REWARD_KEY:  # an accuracy: a ceiling above 1 is the law extrapolated past it
-                above = [label for label, value, shown in (
-                    ("ceiling", (fit or {}).get("ceiling"), bool(fit and fit.get("ceiling_applies"))),
-                    ("forecast ceiling", (forecast or {}).get("predicted_ceiling"), ceiling_shown))
-                    if shown and _finite(value) is not None and value > 1.0]
-                if above:
-                    notes.append(f"{' and '.join(above)} above 1, the most an accuracy can be: the law extrapolated "
-                                 "beyond the reward's range, so read it as 'no ceiling in sight', not as a value")
-            cells = [text(name), num(law["n_points"])]
-            cells += ([num(fit["a"]), num(fit["b"]), num(fit["r2"]), num(fit["ceiling"]) if fit.get("ceiling_applies") else dash()]
-                      if fit else [missing()] * 4)
-            cells += ([num(forecast["n_fit"]), num(forecast["predicted_ceiling"]) if ceiling_shown else dash()]
-                      if forecast else [missing()] * 2)
-            cells += [num(law["reached"])]
-            if forecast:
-                cells += [num(law["ceiling_minus_reached"], signed=True) if ceiling_shown else dash(),
-                          num(law.get("end_error"), signed=True), num(forecast["rmse"])]
-            else:
-                cells += [missing()] * 3
-            cells += [text("; ".join(notes))]
-            table.add(cells)
+            table.add([text(name), *law_cells(law)])
         section.table(table)
-        r2 = [(n, fits[n]["fit"]["r2"]) for n in fitted if _finite(fits[n]["fit"].get("r2")) is not None]
-        rmse = [fits[n]["forecast"]["rmse"] for n in self.ok if _finite((fits[n].get("forecast") or {}).get("rmse")) is not None]
+        r2 = [(n, fits[n]["fit"]["r2"]) for n in fitted if finite(fits[n]["fit"].get("r2")) is not None]
+        rmse = [fits[n]["forecast"]["rmse"] for n in self.ok if finite((fits[n].get("forecast") or {}).get("rmse")) is not None]
         if r2:
             best, worst = max(r2, key=lambda i: i[1]), min(r2, key=lambda i: i[1])
             sentence = f"R² ranges from {fmt(worst[1])} ({worst[0]}) to {fmt(best[1])} ({best[0]})"
             if rmse:
                 sentence += f"; the median forecast RMSE on the held-out steps is {fmt(float(np.median(rmse)))} over {len(rmse)} methods"
             section.say(sentence + ".")
-        self.json["law"] = {"table": table.to_json(), "fits": _json_value(fits), "fit_fraction": self.fit_fraction}
+        self.json["law"] = {"table": table.to_json(), "fits": json_value(fits), "fit_fraction": self.fit_fraction}
 
     # ---------------------------------------------------------------- 6. predicted vs measured entropy change
     def entropy_change(self, section: Section) -> None:
@@ -1192,11 +567,11 @@ class _Report:
         def paint(figure):
             if not shown:
                 return "no method logged both the predicted and the measured entropy change of a step"
-            axes = _grid(figure, len(shown), 5)
+            axes = subplot_grid(figure, len(shown), 5)
             for axis, name in zip(axes, shown):
                 change = self.analyses[name].change
                 # each panel's powers of ten go into its axis labels: matplotlib's offset text would sit on the title
-                x_power, y_power = _power_of_ten(change["predicted"]), _power_of_ten(change["measured"])
+                x_power, y_power = power_of_ten(change["predicted"]), power_of_ten(change["measured"])
                 axis.scatter(np.asarray(change["predicted"], dtype=np.float64) / 10.0 ** x_power,
                              np.asarray(change["measured"], dtype=np.float64) / 10.0 ** y_power, s=6, color=self.colours[name])
                 axis.axhline(0, color="0.7", linewidth=0.5)
@@ -1212,9 +587,9 @@ class _Report:
         for name in self.ok:
             change = self.analyses[name].change
             table.add([text(name), num(change["n_steps"]), num(change["pearson"]),
-                       _agreement_cell(change["sign_agreement"], change["sign_steps"]),
+                       agreement_cell(change["sign_agreement"], change["sign_steps"]),
                        num(change["token_corr_mean"]), num(change["first_order_pearson"]),
-                       _agreement_cell(change["first_order_sign_agreement"], change["first_order_sign_steps"])])
+                       agreement_cell(change["first_order_sign_agreement"], change["first_order_sign_steps"])])
         section.table(table)
         if REFERENCE in self.ok:
             change = self.analyses[REFERENCE].change
@@ -1231,7 +606,7 @@ class _Report:
                 )
         for key, what in (("pearson", "The tabular prediction's correlation across steps"),
                           ("first_order_pearson", "The first-order change's")):
-            values = [(n, self.analyses[n].change[key]) for n in self.ok if _finite(self.analyses[n].change[key]) is not None]
+            values = [(n, self.analyses[n].change[key]) for n in self.ok if finite(self.analyses[n].change[key]) is not None]
             if values:
                 low, high = min(values, key=lambda i: i[1]), max(values, key=lambda i: i[1])
                 section.say(f"{what} ranges from {fmt(low[1])} ({low[0]}) to {fmt(high[1])} ({high[0]}).")
@@ -1244,7 +619,7 @@ class _Report:
             "`cov/top_{q}pct_ratio` is the mean of C over the top q% of the step's tokens divided by its mean over all tokens "
             "(undefined when that mean is not positive). Shown: the mean over steps, and the value at step 1."
         )
-        tokens = [self.analyses[n].cov_tokens for n in self.ok if _finite(self.analyses[n].cov_tokens) is not None]
+        tokens = [self.analyses[n].cov_tokens for n in self.ok if finite(self.analyses[n].cov_tokens) is not None]
         if tokens:
             n_tokens = float(np.median(tokens))
             counts = [top_token_count(round(n_tokens), float(q)) for q in COV_PERCENTS]
@@ -1260,7 +635,7 @@ class _Report:
             drawn = False
             for j, q in enumerate(COV_PERCENTS):
                 values = [self.analyses[n].cov[q]["mean"] for n in self.ok]
-                heights = [v if _finite(v) is not None and v > 0 else np.nan for v in values]
+                heights = [v if finite(v) is not None and v > 0 else np.nan for v in values]
                 drawn = drawn or any(np.isfinite(heights))
                 axis.bar(np.arange(len(self.ok)) + (j - (len(COV_PERCENTS) - 1) / 2) * width, heights, width, label=f"top {q}%")
             if not drawn:
@@ -1277,7 +652,7 @@ class _Report:
             cov = self.analyses[name].cov
             table.add([text(name)] + [num(cov[q]["mean"]) for q in COV_PERCENTS] + [num(cov[q]["step1"]) for q in COV_PERCENTS])
         section.table(table)
-        top = [(n, self.analyses[n].cov[COV_PERCENTS[0]]["mean"]) for n in self.ok if _finite(self.analyses[n].cov[COV_PERCENTS[0]]["mean"]) is not None]
+        top = [(n, self.analyses[n].cov[COV_PERCENTS[0]]["mean"]) for n in self.ok if finite(self.analyses[n].cov[COV_PERCENTS[0]]["mean"]) is not None]
         if top:
             low, high = min(top, key=lambda i: i[1]), max(top, key=lambda i: i[1])
             section.say(f"Averaged over steps, the top {COV_PERCENTS[0]}% of tokens carry from {fmt(low[1])}× ({low[0]}) to "
@@ -1287,7 +662,7 @@ class _Report:
     # ---------------------------------------------------------------- 8. S/D distributions
     def distributions(self, section: Section) -> None:
         ranked = sorted((n for n in self.ok if n != REFERENCE),
-                        key=lambda n: -(_finite(self.analyses[n].entropy_ratio) if _finite(self.analyses[n].entropy_ratio) is not None else -math.inf))
+                        key=lambda n: -(finite(self.analyses[n].entropy_ratio) if finite(self.analyses[n].entropy_ratio) is not None else -math.inf))
         chosen = [m for m in ["base", REFERENCE] + ranked[:SD_OTHERS] if m in self.evals and self.evals[m].get("distributions")]
         section.say(
             "Per-token statistics of the final evaluation's samples, split by whether the sample was correct: the entropy "
@@ -1346,7 +721,7 @@ class _Report:
         )
         summaries = {}
         for model in self.models():
-            rates = [r for r in (self.evals[model].get("pass_rates") or []) if _finite(r) is not None]
+            rates = [r for r in (self.evals[model].get("pass_rates") or []) if finite(r) is not None]
             if rates:
                 summaries[model] = (polarisation(rates, bins=PASS_RATE_BINS), float(np.mean(rates)), len(rates))
 
@@ -1354,7 +729,7 @@ class _Report:
             if not summaries:
                 return "no final evaluation holds per-prompt pass rates"
             models = list(summaries)
-            axes = _grid(figure, len(models), 5, sharex=True, sharey=True)
+            axes = subplot_grid(figure, len(models), 5, sharex=True, sharey=True)
             base = summaries.get("base")
             for axis, model in zip(axes, models):
                 pol = summaries[model][0]
@@ -1400,7 +775,7 @@ class _Report:
             table = Table(["rank", "token", "entropy", "context"], title=model)
             for rank, fork in enumerate(forks, 1):
                 token = str(fork.get("token", ""))
-                context = f"…{_one_line(str(fork.get('before', '')))}⟦{_one_line(token)}⟧{_one_line(str(fork.get('after', '')))}…"
+                context = f"…{one_line(str(fork.get('before', '')))}⟦{one_line(token)}⟧{one_line(str(fork.get('after', '')))}…"
                 table.add([num(rank), text(repr(token)), num(fork.get("entropy")), text(context)])
             if table.rows:
                 section.table(table)
@@ -1432,7 +807,7 @@ class _Report:
         settings.add([text("base model"), text(str(self.lab.get("base_model", NA)))])
         section.table(settings)
         train_seconds = [self.eval_value(n, "train_seconds") for n in self.ok]
-        train_seconds = [s for s in train_seconds if _finite(s) is not None]
+        train_seconds = [s for s in train_seconds if finite(s) is not None]
         wall, counted, invocations, unfinished = self._wall_clock()
         machine = Table(["item", "value"], title="Machine and time")
         machine.add([text("platform"), text(platform.platform(terse=True))])
@@ -1501,11 +876,11 @@ class _Report:
         recorded their end (``seconds``, measured on a monotonic clock; ``finished_at - started_at`` in folders
         written before it was recorded); ``nan`` when none did."""
         invocations = [i for i in self.lab.get("invocations") or [] if isinstance(i, dict)]
-        ended = [i for i in invocations if _finite(i.get("started_at")) is not None and _finite(i.get("finished_at")) is not None]
+        ended = [i for i in invocations if finite(i.get("started_at")) is not None and finite(i.get("finished_at")) is not None]
         counted = [i for i in ended if i.get("ran") or i.get("base_evaluated")]
 
         def duration(invocation: dict[str, Any]) -> float:
-            measured = _finite(invocation.get("seconds"))
+            measured = finite(invocation.get("seconds"))
             return measured if measured is not None else invocation["finished_at"] - invocation["started_at"]
 
         seconds = sum(max(0.0, duration(i)) for i in counted) if counted else math.nan
@@ -1519,7 +894,7 @@ class _Report:
                     "reproduce": self.reproduce}
         sections = [self.guarded(Section(anchor, title), builders[anchor]) for anchor, title in SECTIONS]
         title = f"entrorl laboratory — {self.out.name}"
-        markdown, document = _render_markdown(title, sections), _render_html(title, sections)
+        markdown, document = render_markdown(title, sections), render_html(title, sections)
         report = {
             "schema_version": 1,
             "run": self.out.name,
@@ -1538,7 +913,7 @@ class _Report:
             "figures_note": self.figures.unavailable,
             "section_errors": dict(self.errors),
         }
-        report = _json_value(report)
+        report = json_value(report)
         _write_text(self.out / "report.md", markdown)
         _write_text(self.out / "report.html", document)
         _write_text(self.out / "report.json", json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False))

@@ -1,0 +1,342 @@
+"""The numbers of one training run, from its ``metrics.jsonl`` alone: start and end of entropy and reward, the
+entropy–performance law with its ceiling forecast (arXiv 2505.22617, Eq. 6), predicted against measured entropy
+change per step (arXiv 2602.03392, Thm 3.3), covariance concentration (arXiv 2505.22617, Table 1) and whether a
+method's own intervention ever acted. Shared by the laboratory report and the report of a training run."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from entrorl.analysis.document import Cell, dash, finite, fmt, json_value, missing, num, text
+from entrorl.analysis.law import fit_entropy_law, forecast_entropy_law
+
+ENTROPY_KEY = "entropy/mean"
+REWARD_KEY = "reward/accuracy"  # the share of the step's samples the verifier accepted
+FALLBACK_REWARD_KEY = "reward/mean"  # used only when a run never logged REWARD_KEY
+EDGE_FRACTION = 0.1
+SMOOTH_WINDOW = 5
+COV_PERCENTS = ("0.02", "0.2", "2", "20")
+INTERVENTION_KEY_PATTERNS = ("select/{}_frac", "reg/{}_coeff", "shape/{}_bonus")
+# a forecast ceiling extrapolates the law fitted on the first steps to zero entropy: on fewer steps than this it is
+# noise (a 2-parameter fit on 3 nearly equal points can promise any reward)
+MIN_CEILING_STEPS = 10
+
+
+def edge_count(n_steps: int) -> int:
+    """How many steps make the start (and the end) of a run: ``max(1, ceil(EDGE_FRACTION * n))``."""
+    return max(1, math.ceil(round(EDGE_FRACTION * n_steps, 9)))
+
+
+def edge_is_exact(n_steps: int) -> bool:
+    return n_steps > 0 and edge_count(n_steps) == round(EDGE_FRACTION * n_steps, 9)
+
+
+def edge_phrase(n_steps: int) -> str:
+    """The start and end of an ``n_steps`` run in words, saying what is really averaged: "the first and the last 10%
+    of the 40 training steps (4 steps each)", or where that share is not a whole number of steps, "the first and
+    the last 2 of the 12 training steps (16.7% each: 10% rounded up to whole steps)"."""
+    n_edge = edge_count(n_steps)
+    steps = f"{n_edge} step{'s' if n_edge != 1 else ''}"
+    if edge_is_exact(n_steps):
+        return f"the first and the last {fmt(100 * EDGE_FRACTION)}% of the {n_steps} training steps ({steps} each)"
+    return (f"the first and the last {n_edge} of the {n_steps} training steps ({fmt(100 * n_edge / n_steps)}% each: "
+            f"{fmt(100 * EDGE_FRACTION)}% rounded up to whole steps)")
+
+
+def last_steps_phrase(step_counts: set[int]) -> str:
+    """"the last 10% of steps", or "the last 2 of the 12 steps (16.7%: ...)" when that share is not whole steps."""
+    percent = fmt(100 * EDGE_FRACTION)
+    if len(step_counts) != 1:
+        return f"the last {percent}% of steps (rounded up to whole steps)"
+    (n_steps,) = step_counts
+    if n_steps <= 0 or edge_is_exact(n_steps):
+        return f"the last {percent}% of steps"
+    n_edge = edge_count(n_steps)
+    return f"the last {n_edge} of the {n_steps} steps ({fmt(100 * n_edge / n_steps)}%: {percent}% rounded up to whole steps)"
+
+
+def edge_means(values: Any) -> tuple[float, float, int]:
+    """(start, end, steps per edge): the means of the finite values among the first and the last
+    :func:`edge_count` steps; ``nan`` where an edge has no finite value."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        return math.nan, math.nan, 0
+    n_edge = edge_count(array.size)
+    return nanmean(array[:n_edge]), nanmean(array[-n_edge:]), n_edge
+
+
+def moving_average(values: Any, window: int = SMOOTH_WINDOW) -> np.ndarray:
+    """Trailing moving average over ``window`` steps (fewer at the start), ignoring non-finite values."""
+    array = np.asarray(values, dtype=np.float64)
+    out = np.full(array.shape, np.nan)
+    for i in range(array.size):
+        chunk = array[max(0, i - window + 1): i + 1]
+        chunk = chunk[np.isfinite(chunk)]
+        if chunk.size:
+            out[i] = chunk.mean()
+    return out
+
+
+def nanmean(values: Any) -> float:
+    array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]
+    return float(array.mean()) if array.size else math.nan
+
+
+def nanmedian(values: Any) -> float:
+    array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]
+    return float(np.median(array)) if array.size else math.nan
+
+
+def nanmax(values: Any) -> float:
+    array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]
+    return float(array.max()) if array.size else math.nan
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    if finite(numerator) is None or finite(denominator) is None or denominator <= 0:
+        return math.nan
+    return numerator / denominator
+
+
+def read_json(path: Path) -> Any:
+    """The content of a JSON file, or None when it cannot be read or parsed (a run's files are read leniently)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics_records(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The step records, ordered by step, and the numbers of the lines that could not be read (a write cut short),
+    which are skipped."""
+    records, unreadable = [], []
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            unreadable.append(number)
+    return sorted(records, key=lambda r: finite(r.get("step")) or 0.0), unreadable
+
+
+class MetricRecords:
+    """Access to a run's step records (``self.records``, ordered by step) as per-step series."""
+
+    records: list[dict[str, Any]]
+
+    def series(self, key: str) -> np.ndarray:
+        return np.array([finite(r.get(key)) if finite(r.get(key)) is not None else np.nan for r in self.records], dtype=np.float64)
+
+    def has(self, key: str) -> bool:
+        return any(finite(r.get(key)) is not None for r in self.records)
+
+    @property
+    def steps(self) -> np.ndarray:
+        return np.array([finite(r.get("step")) or float(i + 1) for i, r in enumerate(self.records)], dtype=np.float64)
+
+    @property
+    def reward_key(self) -> str:
+        return REWARD_KEY if self.has(REWARD_KEY) or not self.has(FALLBACK_REWARD_KEY) else FALLBACK_REWARD_KEY
+
+
+def intervention_keys(method: str) -> list[str]:
+    """The metric keys that show whether a method's own intervention acted at a step, for each part the method adds
+    to its surrogate (token selectors, regularisers, advantage shapers): ``select/<part>_frac`` (share of tokens the
+    part selected), ``reg/<part>_coeff`` (the coefficient in force) and ``shape/<part>_bonus`` (mean advantage bonus);
+    only the keys a run logged are checked. Empty for a method without such parts (GRPO, the supervised baselines) or
+    one the registry does not know, and for a method with an advantage estimator of its own (nsr, psr, w_reinforce):
+    that estimator changes the advantages at every step, so an idle part (NSR's sign selector, which its estimator
+    leaves nothing to drop) does not mean the method never acted."""
+    try:
+        from entrorl.objective.methods import get_method
+
+        specs = [get_method(name) for name in method.split("+")]
+    except Exception:  # noqa: BLE001 — not a registered method (e.g. sft): nothing to check
+        return []
+    if specs[0].advantage_estimator != "grpo":  # the first method gives the trainer its advantage estimator
+        return []
+    parts = dict.fromkeys(ref[0] for spec in specs for ref in (*spec.selectors, *spec.regularizers, *spec.shapers))
+    return [pattern.format(part) for part in parts for pattern in INTERVENTION_KEY_PATTERNS]
+
+
+@dataclass
+class RunAnalysis:
+    """Everything computed from one run's step records (empty for a model that was not trained: the base model)."""
+
+    run: MetricRecords
+    n_steps: int = 0
+    n_edge: int = 0
+    entropy_start: float = math.nan
+    entropy_end: float = math.nan
+    entropy_ratio: float = math.nan
+    reward_start: float = math.nan
+    reward_end: float = math.nan
+    reward_reached: float = math.nan
+    law: dict[str, Any] = field(default_factory=dict)
+    change: dict[str, Any] = field(default_factory=dict)
+    cov: dict[str, Any] = field(default_factory=dict)
+    cov_tokens: float = math.nan  # median response tokens a step, over which the top-q% shares are taken
+    interventions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def never_acted(self) -> list[dict[str, Any]]:
+        """The intervention metrics that were 0 at every step they were logged."""
+        return [i for i in self.interventions if i["active_steps"] == 0]
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if x.size < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def sign_agreement(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, int]:
+    """``(share, steps)``: the share of steps, among the ``steps`` where neither is 0, on which the signs agree."""
+    signed = (predicted != 0) & (measured != 0)
+    steps = int(np.count_nonzero(signed))
+    return (float(np.mean(np.sign(predicted[signed]) == np.sign(measured[signed]))) if steps else math.nan), steps
+
+
+def analyse_records(run: MetricRecords, fit_fraction: float, method: str = "") -> RunAnalysis:
+    """Everything :class:`RunAnalysis` holds, from the run's step records; ``method`` (a registered method or a
+    composition) names the interventions to check (none when empty or unknown)."""
+    result = RunAnalysis(run=run, n_steps=len(run.records))
+    entropy, reward = run.series(ENTROPY_KEY), run.series(run.reward_key)
+    result.entropy_start, result.entropy_end, result.n_edge = edge_means(entropy)
+    result.reward_start, result.reward_end, _ = edge_means(reward)
+    result.entropy_ratio = ratio(result.entropy_end, result.entropy_start)
+    result.reward_reached = nanmax(moving_average(reward))
+
+    # the entropy–reward law, over the steps where both are finite
+    keep = np.isfinite(entropy) & np.isfinite(reward)
+    h, r = entropy[keep], reward[keep]
+    law: dict[str, Any] = {"n_points": int(keep.sum()), "reward_key": run.reward_key, "reached": json_value(result.reward_reached)}
+    try:
+        law["fit"] = fit_entropy_law(h, r).to_dict()
+    except ValueError as error:
+        law["fit_error"] = str(error)
+    try:
+        forecast = forecast_entropy_law(h, r, fit_fraction=fit_fraction)
+        law["forecast"] = forecast.to_dict()
+        # the forecast's error where the run ended: predicted minus measured reward, averaged over the last steps
+        n_end = edge_count(h.size)
+        law["end_error"] = json_value(float(np.mean(forecast.fit.predict(h[-n_end:]) - r[-n_end:])))
+        law["end_points"] = n_end
+        law["end_in_fit"] = h.size - n_end < forecast.n_fit
+        # no run comes near zero entropy: the distance to the ceiling is headroom, not an error of the forecast
+        law["ceiling_minus_reached"] = (json_value(forecast.predicted_ceiling - result.reward_reached)
+                                        if forecast.fit.ceiling_applies and forecast.n_fit >= MIN_CEILING_STEPS else None)
+    except ValueError as error:
+        law["forecast_error"] = str(error)
+    result.law = law
+
+    for key in intervention_keys(method) if method else []:
+        values = run.series(key)
+        values = values[np.isfinite(values)]
+        if values.size:
+            result.interventions.append({"key": key, "steps": int(values.size), "active_steps": int(np.count_nonzero(values)),
+                                         "max_abs": float(np.max(np.abs(values)))})
+
+    # predicted vs measured entropy change per step
+    predicted, measured = run.series("entropy/predicted_delta"), run.series("entropy/measured_delta")
+    both = np.isfinite(predicted) & np.isfinite(measured)
+    p, m = predicted[both], measured[both]
+    agreement, signed_steps = sign_agreement(p, m)
+    result.change = {
+        "n_steps": int(both.sum()),
+        "pearson": pearson(p, m),
+        "sign_agreement": agreement,
+        "sign_steps": signed_steps,
+        "token_corr_mean": nanmean(run.series("entropy/delta_token_corr")),
+        "predicted": p,
+        "measured": m,
+    }
+    # the first-order change of the update actually applied (diagnostics.first_order), when the run recorded it
+    first_order = run.series("entropy/first_order_delta")
+    recorded = np.isfinite(first_order) & np.isfinite(measured)
+    agreement, signed_steps = sign_agreement(first_order[recorded], measured[recorded])
+    result.change.update({
+        "first_order_pearson": pearson(first_order[recorded], measured[recorded]),
+        "first_order_sign_agreement": agreement,
+        "first_order_sign_steps": signed_steps,
+    })
+
+    # covariance concentration
+    cov = {}
+    for q in COV_PERCENTS:
+        values = run.series(f"cov/top_{q}pct_ratio")
+        cov[q] = {"mean": nanmean(values), "step1": float(values[0]) if values.size else math.nan}
+    result.cov = cov
+    result.cov_tokens = nanmedian(run.series("cov/n_tokens"))
+    return result
+
+
+def forecast_ceiling_shown(law: dict[str, Any]) -> bool:
+    """Whether a run's forecast ceiling is worth showing: the law's premise holds on the fitted steps (``a > 0``) and
+    they are at least :data:`MIN_CEILING_STEPS`."""
+    forecast = law.get("forecast") or {}
+    return bool(forecast and (forecast.get("fit") or {}).get("ceiling_applies") and forecast["n_fit"] >= MIN_CEILING_STEPS)
+
+
+LAW_COLUMNS = ["points", "a", "b", "R²", "ceiling", "fit steps", "forecast ceiling", "reached", "forecast ceiling − reached",
+               "forecast error, end", "forecast RMSE", "note"]
+
+
+def law_cells(law: dict[str, Any]) -> list[Cell]:
+    """The cells of :data:`LAW_COLUMNS` for a run's ``RunAnalysis.law``: the fit over every step, the forecast from the
+    first steps (its ceiling shown only when fitted on at least :data:`MIN_CEILING_STEPS` steps and where ``a > 0``),
+    and a note saying why a value is missing or how to read it."""
+    fit, forecast = law.get("fit"), law.get("forecast")
+    forecast_fit = (forecast or {}).get("fit") or {}
+    notes = [f"{part}: {law[part + '_error'].split('; ')[0]}" for part in ("fit", "forecast") if part + "_error" in law]
+    if fit and fit.get("r2") is None:
+        notes.append("R² undefined: " + ("fewer than 3 points" if fit["n_points"] < 3 else "the reward never changed"))
+    if fit and not fit.get("ceiling_applies"):
+        notes.append("a ≤ 0: reward did not rise as entropy fell, so the law's premise fails and it forecasts no ceiling")
+    if forecast and not forecast_fit.get("ceiling_applies"):
+        notes.append(f"forecast a ≤ 0 on the first {forecast['n_fit']} steps: no forecast ceiling")
+    ceiling_shown = forecast_ceiling_shown(law)
+    if forecast and forecast_fit.get("ceiling_applies") and not ceiling_shown:
+        notes.append(f"forecast fitted on {forecast['n_fit']} steps only (fewer than {MIN_CEILING_STEPS}): its "
+                     "ceiling, an extrapolation to zero entropy, is not shown")
+    if forecast and law.get("end_in_fit"):
+        notes.append("forecast error at the end is in-sample: the last steps were among the fitted ones")
+    if law.get("reward_key") == REWARD_KEY:  # an accuracy: a ceiling above 1 is the law extrapolated past it
+        above = [label for label, value, shown in (
+            ("ceiling", (fit or {}).get("ceiling"), bool(fit and fit.get("ceiling_applies"))),
+            ("forecast ceiling", (forecast or {}).get("predicted_ceiling"), ceiling_shown))
+            if shown and finite(value) is not None and value > 1.0]
+        if above:
+            notes.append(f"{' and '.join(above)} above 1, the most an accuracy can be: the law extrapolated "
+                         "beyond the reward's range, so read it as 'no ceiling in sight', not as a value")
+    cells = [num(law["n_points"])]
+    cells += ([num(fit["a"]), num(fit["b"]), num(fit["r2"]), num(fit["ceiling"]) if fit.get("ceiling_applies") else dash()]
+              if fit else [missing()] * 4)
+    cells += ([num(forecast["n_fit"]), num(forecast["predicted_ceiling"]) if ceiling_shown else dash()]
+              if forecast else [missing()] * 2)
+    cells += [num(law["reached"])]
+    if forecast:
+        cells += [num(law["ceiling_minus_reached"], signed=True) if ceiling_shown else dash(),
+                  num(law.get("end_error"), signed=True), num(forecast["rmse"])]
+    else:
+        cells += [missing()] * 3
+    cells += [text("; ".join(notes))]
+    return cells

@@ -1,0 +1,424 @@
+"""The report of one training run (``entrorl report RUN_DIR``): ``report.md`` with PNG figures, a self-contained
+``report.html`` and ``report.json``, from the run directory's files alone.
+
+Inputs (written by :class:`entrorl.trainer.Trainer`)::
+
+    config.json            the run's configuration (method, model, planned steps)
+    metrics.jsonl          one JSON object per training step
+    eval/step_<N>.json     each evaluation: Avg@n, unbiased Pass@k, the pass-rate polarisation
+    forks/step_<N>.json    each evaluation's highest-entropy response positions, decoded in context
+
+What it checks on the user's own run: the entropy–performance law ``R = -a exp(H) + b`` fitted over every step and
+forecast from the first steps, with its ceiling ``b - a`` (arXiv 2505.22617, Eq. 6); the predicted entropy change of
+each step (``-alpha D``, arXiv 2602.03392, Thm 3.3) against the measured one; the covariance concentration (arXiv
+2505.22617, Table 1); what the method's own interventions and PPO's clipping did; the evaluations and the fork tokens
+(arXiv 2506.01939). A run still training can be reported on: the report covers the steps logged so far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from entrorl.analysis.document import (Figures, Section, Table, agreement_cell, build_section, dash, finite, fmt,
+                                       json_value, missing, num, one_line, power_of_ten, render_html, render_markdown, text)
+from entrorl.analysis.run import (COV_PERCENTS, ENTROPY_KEY, LAW_COLUMNS, MIN_CEILING_STEPS, SMOOTH_WINDOW, MetricRecords,
+                                  analyse_records, edge_phrase, forecast_ceiling_shown, law_cells, moving_average,
+                                  read_json, read_metrics_records)
+from entrorl.trainer.checkpoint import atomic_write_text
+
+__all__ = ["write_run_report", "RUN_REPORT_SECTIONS", "DEFAULT_FIT_FRACTION"]
+
+DEFAULT_FIT_FRACTION = 0.15  # the paper fits the law on the first ~15% of training (arXiv 2505.22617, Sec. 3)
+COLLAPSE_RATIO = 0.5  # the laboratory's criterion: final entropy at most half the initial
+FORKS_SHOWN = 10
+RECURRING_FORKS_SHOWN = 10
+ACTIVITY_PREFIXES = ("select/", "clip/", "reg/", "shape/")
+_STEP_FILE = re.compile(r"step_(\d+)\.json")
+
+RUN_REPORT_SECTIONS = (
+    ("summary", "Summary"),
+    ("curves", "Entropy and reward"),
+    ("law", "Entropy–reward law and ceiling forecast"),
+    ("entropy-change", "Predicted vs measured entropy change"),
+    ("covariance", "Covariance concentration"),
+    ("interventions", "Interventions and clipping"),
+    ("evaluations", "Evaluations"),
+    ("forks", "Fork tokens"),
+)
+
+
+class _TrainingRun(MetricRecords):
+    """A run directory's files, read leniently: what cannot be read is left out and said."""
+
+    def __init__(self, run_dir: Path):
+        self.directory = run_dir
+        records, self.unreadable_lines = read_metrics_records(run_dir / "metrics.jsonl")
+        # training steps count from 1; a step-0 record holds only the evaluation before training (eval.at_start)
+        self.records = [record for record in records if (finite(record.get("step")) or 0.0) >= 1]
+        config = read_json(run_dir / "config.json")
+        self.config = config if isinstance(config, dict) else {}
+        self.evaluations = _step_files(run_dir / "eval", dict)
+        self.forks = _step_files(run_dir / "forks", list)
+
+    @property
+    def method(self) -> str:
+        method = self.config.get("method")
+        if isinstance(method, dict):
+            method = method.get("method") or method.get("name")
+        return str(method) if method else ""
+
+    @property
+    def planned_steps(self) -> int | None:
+        steps = (self.config.get("optim") or {}).get("steps") if isinstance(self.config.get("optim"), dict) else None
+        return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
+def _step_files(folder: Path, kind: type) -> dict[int, Any]:
+    """``{step: content}`` of the ``step_<N>.json`` files of ``folder`` whose content is a ``kind``, by step."""
+    found = {}
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = _STEP_FILE.fullmatch(path.name)
+            content = read_json(path) if match else None
+            if isinstance(content, kind):
+                found[int(match.group(1))] = content
+    return dict(sorted(found.items()))
+
+
+def _pass_at(evaluation: dict[str, Any]) -> dict[int, float]:
+    values = evaluation.get("pass_at_k") if isinstance(evaluation.get("pass_at_k"), dict) else {}
+    return {int(k): float(v) for k, v in values.items() if str(k).isdigit() and finite(v) is not None}
+
+
+class _RunReport:
+    def __init__(self, run: _TrainingRun, out: Path, fit_fraction: float, figures: bool):
+        self.run, self.out, self.fit_fraction = run, out, fit_fraction
+        self.analysis = analyse_records(run, fit_fraction, run.method)
+        self.figures = Figures(out / "figures", enabled=figures)
+        self.errors: dict[str, str] = {}
+        self.json: dict[str, Any] = {}
+
+    def guarded(self, section: Section, build: Callable[[Section], None]) -> Section:
+        return build_section(section, build, self.errors)
+
+    # ---------------------------------------------------------------- summary
+    def summary(self, section: Section) -> None:
+        run, a = self.run, self.analysis
+        planned = run.planned_steps
+        if not run.records:
+            section.say("No training step has been logged yet (`metrics.jsonl` is missing or empty): the sections below "
+                        "are empty until the run has trained.")
+        table = Table(["quantity", "value"])
+        rows = [("method", text(run.method or "n/a")), ("steps logged", num(a.n_steps)),
+                ("steps planned (optim.steps)", num(planned) if planned is not None else missing()),
+                ("entropy start (nats)", num(a.entropy_start)), ("entropy end (nats)", num(a.entropy_end)),
+                ("entropy end/start", num(a.entropy_ratio)),
+                (f"reward start (`{run.reward_key}`)", num(a.reward_start)), ("reward end", num(a.reward_end)),
+                (f"reward reached ({SMOOTH_WINDOW}-step moving average, max)", num(a.reward_reached))]
+        law = a.law
+        fit, forecast = law.get("fit") or {}, law.get("forecast") or {}
+        ceiling_shown = forecast_ceiling_shown(law)
+        rows += [("law R² (every step)", num(fit.get("r2")) if fit else missing()),
+                 ("forecast ceiling (law at zero entropy)", num(forecast.get("predicted_ceiling")) if ceiling_shown else dash()),
+                 ("predicted vs measured entropy change: sign agreement",
+                  agreement_cell(a.change.get("sign_agreement", math.nan), a.change.get("sign_steps", 0)))]
+        if run.evaluations:
+            last_step, last = list(run.evaluations.items())[-1]
+            rows.append((f"evaluation Avg@n at step {last_step}", num(last.get("avg_at_n"))))
+            for k, value in _pass_at(last).items():
+                rows.append((f"evaluation Pass@{k} at step {last_step}", num(value)))
+        for quantity, cell in rows:
+            table.add([text(quantity), cell])
+        section.table(table)
+        if a.n_steps:
+            sentence = (f"Start and end are the means over {edge_phrase(a.n_steps)}. The mean token entropy "
+                        f"(`{ENTROPY_KEY}`) went from {fmt(a.entropy_start)} to {fmt(a.entropy_end)} nats")
+            if finite(a.entropy_ratio) is not None:
+                collapsed = a.entropy_ratio <= COLLAPSE_RATIO
+                sentence += (f", {fmt(a.entropy_ratio)} of its start: {'at most' if collapsed else 'more than'} "
+                             f"{fmt(COLLAPSE_RATIO)}, so by the laboratory's criterion entropy "
+                             f"{'collapsed' if collapsed else 'did not collapse'}")
+            section.say(sentence + f"; the reward went from {fmt(a.reward_start)} to {fmt(a.reward_end)}.")
+        if planned is not None and a.n_steps and max(run.steps) < planned:
+            section.say(f"The run logged up to step {int(max(run.steps))} of {planned}: it is still training or was stopped "
+                        "(`entrorl train ... --resume` continues it); this report covers the steps logged so far.")
+        if run.unreadable_lines:
+            lines = ", ".join(map(str, run.unreadable_lines[:10])) + (", ..." if len(run.unreadable_lines) > 10 else "")
+            section.say(f"Lines of `metrics.jsonl` that are not a JSON object were skipped: {lines}.")
+        self.json["summary"] = table.to_json()
+
+    # ---------------------------------------------------------------- curves
+    def curves(self, section: Section) -> None:
+        run = self.run
+        section.say(f"Per training step: the mean token entropy of the step's samples (`{ENTROPY_KEY}`, nats) and the "
+                    f"reward `{run.reward_key}`; thick lines are a trailing moving average over {SMOOTH_WINDOW} steps, thin "
+                    "lines the raw values. Evaluations (Avg@n on the held-out prompts) are the dots.")
+
+        def paint(figure):
+            if not run.records:
+                return "no training step was logged"
+            axes = figure.subplots(1, 2)
+            steps = run.steps
+            for axis, key, colour in ((axes[0], ENTROPY_KEY, "C0"), (axes[1], run.reward_key, "C1")):
+                values = run.series(key)
+                axis.plot(steps, values, color=colour, alpha=0.3, linewidth=0.6)
+                axis.plot(steps, moving_average(values), color=colour, label=key)
+            if run.evaluations:
+                axes[1].plot(list(run.evaluations), [finite(e.get("avg_at_n")) for e in run.evaluations.values()], "o",
+                             color="C3", markersize=3, label="evaluation Avg@n")
+            axes[0].set(title="entropy", xlabel="step", ylabel="nats")
+            axes[1].set(title="reward", xlabel="step")
+            axes[1].legend(frameon=False, loc="best")
+
+        section.blocks.append(self.figures.draw("curves.png", f"Entropy and reward per step ({SMOOTH_WINDOW}-step moving average).",
+                                                8.0, 2.8, paint))
+
+    # ---------------------------------------------------------------- law
+    def law(self, section: Section) -> None:
+        run, law = self.run, self.analysis.law
+        section.say(
+            f"The entropy–performance law R = −a·exp(H) + b (arXiv 2505.22617, Eq. 6), with H = `{ENTROPY_KEY}` and R = "
+            f"`{run.reward_key}`, fitted by least squares over every step where both are finite. Where a > 0 its ceiling b − a "
+            f"is the reward it predicts once entropy is spent (H = 0); where a ≤ 0 the law's premise fails and no ceiling "
+            f"is given (—). The forecast refits on the first {fmt(100 * self.fit_fraction)}% of the steps (at least 3; "
+            f"`--fit-fraction`) and predicts the rest from their measured entropies: 'forecast RMSE' is its error on the "
+            f"later steps; its ceiling is shown once it is fitted on at least {MIN_CEILING_STEPS} steps. The paper's forecast "
+            "from the first 15% of training predicts the rest to about 1% RMSE; a large RMSE here says the law does not hold "
+            "on this run (yet)."
+        )
+        table = Table(LAW_COLUMNS, title="Fit and forecast")
+        table.add(law_cells(law))
+        section.table(table)
+
+        def paint(figure):
+            if "fit" not in law:
+                return "the law could not be fitted (the table's note says why)"
+            entropy, reward = run.series(ENTROPY_KEY), run.series(run.reward_key)
+            keep = np.isfinite(entropy) & np.isfinite(reward)
+            h, r, steps = entropy[keep], reward[keep], run.steps[keep]
+            axes = figure.subplots(1, 2)
+            x = np.exp(h)
+            points = axes[0].scatter(x, r, c=steps, cmap="viridis", s=6)
+            grid = np.linspace(x.min(), x.max(), 50)
+            axes[0].plot(grid, law["fit"]["b"] - law["fit"]["a"] * grid, color="C3", label="fit, every step")
+            axes[1].plot(steps, r, color="0.6", linewidth=0.6, label="measured")
+            if "forecast" in law:
+                forecast = law["forecast"]
+                f = forecast["fit"]
+                label = f"fit, first {forecast['n_fit']} steps"
+                axes[0].plot(grid, f["b"] - f["a"] * grid, "--", color="C0", label=label)
+                axes[1].plot(steps, f["b"] - f["a"] * x, "--", color="C0", label=f"forecast ({label})")
+                axes[1].axvline(steps[forecast["n_fit"] - 1], color="0.8", linewidth=0.6)
+            axes[0].set(xlabel="exp(H)", ylabel="R", title=f"R² {fmt(law['fit']['r2'])}")
+            axes[0].legend(frameon=False, loc="best")
+            axes[1].set(xlabel="step", ylabel="R", title="forecast from the first steps")
+            axes[1].legend(frameon=False, loc="best")
+            figure.colorbar(points, ax=axes[0], label="step", fraction=0.05, pad=0.01)
+
+        section.blocks.append(self.figures.draw("law.png", "Left: reward against exp(entropy), coloured by step, with the fitted "
+                                                "law. Right: the reward the early fit predicts from each step's entropy.",
+                                                8.5, 2.8, paint))
+        self.json["law"] = {"table": table.to_json(), "fit": json_value(law), "fit_fraction": self.fit_fraction}
+
+    # ---------------------------------------------------------------- predicted vs measured entropy change
+    def entropy_change(self, section: Section) -> None:
+        change = self.analysis.change
+        section.say(
+            "Each step the trainer predicts its update's entropy change to first order for a tabular policy "
+            "(`entropy/predicted_delta`: −α·D, arXiv 2602.03392 Thm 3.3) and measures it by re-scoring some of the same "
+            "samples after the update (`entropy/measured_delta`, `diagnostics.measure_fraction`). Adam and shared weights "
+            "change the scale, so read the signs and the correlation: across steps, the share of steps whose signs agree, "
+            "and the mean per-token correlation within a step (`entropy/delta_token_corr`). With `diagnostics.first_order` the "
+            "run also records the first-order change of the update actually applied (`entropy/first_order_delta`), "
+            "which makes no tabular assumption."
+        )
+        table = Table(["steps", "correlation across steps", "sign agreement", "mean token correlation",
+                       "first order: correlation", "first order: sign agreement"])
+        table.add([num(change["n_steps"]), num(change["pearson"]), agreement_cell(change["sign_agreement"], change["sign_steps"]),
+                   num(change["token_corr_mean"]), num(change["first_order_pearson"]),
+                   agreement_cell(change["first_order_sign_agreement"], change["first_order_sign_steps"])])
+        section.table(table)
+        predicted, measured = np.asarray(change["predicted"]), np.asarray(change["measured"])
+        if predicted.size:
+            section.say(f"Summed over the {predicted.size} steps, the predicted change is {fmt(float(predicted.sum()), signed=True)} "
+                        f"nats a token and the measured one {fmt(float(measured.sum()), signed=True)}.")
+
+        def paint(figure):
+            if not predicted.size:
+                return "the run logged no step with both the predicted and the measured entropy change"
+            axis = figure.subplots()
+            x_power, y_power = power_of_ten(predicted), power_of_ten(measured)
+            axis.scatter(predicted / 10.0 ** x_power, measured / 10.0 ** y_power, s=6, color="C0")
+            axis.axhline(0, color="0.7", linewidth=0.5)
+            axis.axvline(0, color="0.7", linewidth=0.5)
+            axis.set(title=f"r {fmt(change['pearson'])}", xlabel="predicted" + (f" (×1e{x_power})" if x_power else ""),
+                     ylabel="measured" + (f" (×1e{y_power})" if y_power else ""))
+
+        section.blocks.append(self.figures.draw("entropy_change.png", "Measured against predicted entropy change, one point per step.",
+                                                3.6, 2.8, paint))
+        self.json["entropy_change"] = table.to_json()
+
+    # ---------------------------------------------------------------- covariance
+    def covariance(self, section: Section) -> None:
+        cov = self.analysis.cov
+        section.say(
+            "Concentration of the token covariance C = (log p − mean)·(A − mean) (arXiv 2505.22617, Table 1): "
+            "`cov/top_{q}pct_ratio` is the mean of C over the top q% of the step's tokens divided by its mean over all "
+            f"tokens. The paper reports the top 0.02% carrying more than 1000 times the mean. A step has "
+            f"{fmt(self.analysis.cov_tokens)} response tokens (median over steps)."
+        )
+        table = Table(["q", "mean over steps", "step 1"])
+        for q in COV_PERCENTS:
+            table.add([text(f"top {q}%"), num(cov[q]["mean"]), num(cov[q]["step1"])])
+        section.table(table)
+        self.json["covariance"] = table.to_json()
+
+    # ---------------------------------------------------------------- interventions
+    def interventions(self, section: Section) -> None:
+        run = self.run
+        keys = sorted({key for record in run.records for key in record if key.startswith(ACTIVITY_PREFIXES)})
+        if not keys:
+            section.say("The run logged no selector, clipping, regulariser or advantage-shaping metric.")
+            self.json["interventions"] = Table(["metric"]).to_json()
+            return
+        section.say("What the method's parts did at each step, over the logged steps: `select/*_frac` the share of tokens a "
+                    "selector kept or dropped, `clip/*` the share PPO's clipping cut, `reg/*_coeff` a regulariser's "
+                    "coefficient, `shape/*_bonus` an advantage shaper's mean bonus.")
+        table = Table(["metric", "steps", "mean", "max", "steps not 0"])
+        for key in keys:
+            values = run.series(key)
+            values = values[np.isfinite(values)]
+            table.add([text(key), num(values.size), num(float(values.mean()) if values.size else math.nan),
+                       num(float(values.max()) if values.size else math.nan), num(int(np.count_nonzero(values)))])
+        section.table(table)
+        idle = self.analysis.never_acted
+        if idle:
+            keys = ", ".join(f"`{item['key']}`" for item in idle)
+            section.say(f"The method's own intervention was 0 at every logged step ({keys}): on this run it never acted, so "
+                        "it trained as its base objective does.")
+        self.json["interventions"] = table.to_json()
+
+    # ---------------------------------------------------------------- evaluations
+    def evaluations(self, section: Section) -> None:
+        evaluations = self.run.evaluations
+        if not evaluations:
+            section.say("No evaluation was found in `eval/` (`eval.every` and `data.eval` run them; `eval.at_start` adds a "
+                        "step-0 baseline).")
+            self.json["evaluations"] = Table(["step"]).to_json()
+            return
+        ks = sorted(set().union(*(_pass_at(e) for e in evaluations.values())))
+        section.say("Each evaluation of `eval/`: Avg@n and unbiased Pass@k on the held-out prompts, and the share of "
+                    "prompts no sample solved and every sample solved (the pass-rate polarisation).")
+        table = Table(["step", "prompts", "n", "Avg@n", *[f"Pass@{k}" for k in ks], "solved by none", "solved by all"])
+        for step, evaluation in evaluations.items():
+            polar = evaluation.get("polarisation") if isinstance(evaluation.get("polarisation"), dict) else {}
+            pass_at = _pass_at(evaluation)
+            table.add([num(step), num(evaluation.get("n_problems")), num(evaluation.get("n_samples")),
+                       num(evaluation.get("avg_at_n")), *[num(pass_at.get(k, math.nan)) for k in ks],
+                       num(polar.get("frac_zero")), num(polar.get("frac_one"))])
+        section.table(table)
+
+        def paint(figure):
+            if len(evaluations) < 2:
+                return "fewer than two evaluations"
+            axis = figure.subplots()
+            steps = list(evaluations)
+            for k in ks:
+                axis.plot(steps, [_pass_at(e).get(k, math.nan) for e in evaluations.values()], marker="o", markersize=3,
+                          label=f"Pass@{k}")
+            axis.set(xlabel="step", ylabel="share of prompts", title="Pass@k over training")
+            axis.legend(frameon=False, loc="best")
+
+        section.blocks.append(self.figures.draw("evaluations.png", "Unbiased Pass@k at each evaluation.", 4.5, 2.8, paint))
+        self.json["evaluations"] = table.to_json()
+
+    # ---------------------------------------------------------------- forks
+    def forks(self, section: Section) -> None:
+        forks = self.run.forks
+        if not forks:
+            section.say("No fork tokens were found in `forks/` (each evaluation saves its `eval.top_forks` "
+                        "highest-entropy positions).")
+            self.json["forks"] = {}
+            return
+        step, latest = list(forks.items())[-1]
+        latest = [f for f in latest if isinstance(f, dict)]
+        section.say(f"The highest-entropy positions of the evaluation at step {step} (top {FORKS_SHOWN}), each decoded in "
+                    "context: the text before the token, the token between ⟦ ⟧, and what followed; ↵ marks a line break. "
+                    "These are the forks arXiv 2506.01939 trains on: where a reasoning path can go one way or another.")
+        table = Table(["rank", "token", "entropy", "context", "prompt"], title=f"Step {step}")
+        for rank, fork in enumerate(latest[:FORKS_SHOWN], 1):
+            token = str(fork.get("token", ""))
+            context = f"…{one_line(str(fork.get('before', '')))}⟦{one_line(token)}⟧{one_line(str(fork.get('after', '')))}…"
+            table.add([num(rank), text(repr(token)), num(fork.get("entropy")), text(context), text(str(fork.get("source", "")))])
+        section.table(table)
+        counts: Counter[str] = Counter()
+        entropies: dict[str, list[float]] = {}
+        for records in forks.values():
+            for fork in records:
+                if isinstance(fork, dict) and finite(fork.get("entropy")) is not None:
+                    token = str(fork.get("token", ""))
+                    counts[token] += 1
+                    entropies.setdefault(token, []).append(float(fork["entropy"]))
+        recurring = Table(["token", "times among the top positions", "mean entropy"],
+                          title=f"Recurring fork tokens over the {len(forks)} evaluation(s)")
+        for token, count in counts.most_common(RECURRING_FORKS_SHOWN):
+            recurring.add([text(repr(token)), num(count), num(float(np.mean(entropies[token])))])
+        section.table(recurring)
+        self.json["forks"] = {"latest": table.to_json(), "recurring": recurring.to_json()}
+
+    # ---------------------------------------------------------------- assembly
+    def build(self) -> dict[str, Any]:
+        builders = {"summary": self.summary, "curves": self.curves, "law": self.law, "entropy-change": self.entropy_change,
+                    "covariance": self.covariance, "interventions": self.interventions, "evaluations": self.evaluations,
+                    "forks": self.forks}
+        sections = [self.guarded(Section(anchor, title), builders[anchor]) for anchor, title in RUN_REPORT_SECTIONS]
+        title = f"entrorl run — {self.run.directory.name}"
+        report = json_value({
+            "schema_version": 1,
+            "run_dir": str(self.run.directory),
+            "method": self.run.method,
+            "steps": self.analysis.n_steps,
+            "reward_key": self.run.reward_key,
+            "fit_fraction": self.fit_fraction,
+            **self.json,
+            "figures": dict(self.figures.saved),
+            "figures_note": self.figures.unavailable,
+            "section_errors": dict(self.errors),
+        })
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "report.md", render_markdown(title, sections))
+        atomic_write_text(self.out / "report.html", render_html(title, sections))
+        atomic_write_text(self.out / "report.json", json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False))
+        return report
+
+
+def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_fraction: float = DEFAULT_FIT_FRACTION,
+                     figures: bool = True) -> dict[str, Any]:
+    """Write ``report.md``, ``report.html`` (self-contained), ``report.json`` and ``figures/*.png`` for the training
+    run in ``run_dir`` (default: into ``run_dir/report``); returns the content of ``report.json``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a directory, or holds neither ``metrics.jsonl`` nor ``config.json``
+            (not a run directory; a laboratory folder is named as such, with the way to its own report).
+        ValueError: ``fit_fraction`` outside (0, 1].
+    """
+    run_dir = Path(run_dir)
+    if not (0.0 < fit_fraction <= 1.0):
+        raise ValueError(f"fit_fraction must lie in (0, 1]; got {fit_fraction!r}")
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory at {run_dir}")
+    if not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.json").exists():
+        if (run_dir / "lab.json").exists():
+            raise FileNotFoundError(f"{run_dir} is a laboratory folder: its report is {run_dir / 'report.md'} (`entrorl lab "
+                                    f"--out {run_dir}` writes it again); each method's run is in {run_dir / 'methods'}/<method>")
+        raise FileNotFoundError(f"{run_dir} holds no metrics.jsonl or config.json: not a training run directory "
+                                "(`entrorl train ... --run-dir DIR` writes one)")
+    out = Path(out) if out is not None else run_dir / "report"
+    return _RunReport(_TrainingRun(run_dir), out, float(fit_fraction), figures).build()

@@ -1,0 +1,182 @@
+"""The report of one training run (`entrorl report`), on run directories whose numbers are known exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from entrorl.analysis.run_report import write_run_report
+
+
+def write_run(directory: Path, records: list[dict], *, config: dict | None = None, evaluations: dict | None = None,
+              forks: dict | None = None, extra_lines: list[str] = ()) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(record) for record in records] + list(extra_lines)
+    (directory / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    (directory / "config.json").write_text(json.dumps(config if config is not None else {"method": "grpo", "optim": {"steps": len(records)}}))
+    for folder, files in (("eval", evaluations or {}), ("forks", forks or {})):
+        for step, content in files.items():
+            (directory / folder).mkdir(exist_ok=True)
+            (directory / folder / f"step_{step:06d}.json").write_text(json.dumps(content))
+    return directory
+
+
+def law_records(steps: int, a: float = 0.4, b: float = 1.2) -> list[dict]:
+    """Steps whose reward follows R = -a exp(H) + b exactly, entropy falling from 0.9 to 0.2."""
+    entropy = np.linspace(0.9, 0.2, steps)
+    return [{"step": i + 1, "entropy/mean": float(h), "reward/accuracy": float(b - a * math.exp(h))} for i, h in enumerate(entropy)]
+
+
+def row(table: dict, column: str, value) -> dict:
+    return next(values for values in table["values"] if values[column] == value)
+
+
+def test_the_law_s_fit_forecast_and_ceiling_recover_a_run_that_follows_it(tmp_path):
+    run = write_run(tmp_path / "run", law_records(80))
+    report = write_run_report(run, figures=False)
+    fit = report["law"]["fit"]
+    assert fit["fit"]["a"] == pytest.approx(0.4, rel=1e-9) and fit["fit"]["b"] == pytest.approx(1.2, rel=1e-9)
+    assert fit["fit"]["r2"] == pytest.approx(1.0)
+    forecast = fit["forecast"]
+    assert forecast["n_fit"] == 12  # ceil(0.15 * 80)
+    assert forecast["predicted_ceiling"] == pytest.approx(0.8, rel=1e-9) and forecast["rmse"] == pytest.approx(0.0, abs=1e-12)
+    (cells,) = report["law"]["table"]["values"]
+    assert cells["forecast ceiling"] == pytest.approx(0.8, rel=1e-9) and cells["fit steps"] == 12
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
+    assert summary["forecast ceiling (law at zero entropy)"] == pytest.approx(0.8, rel=1e-9)
+    assert summary["steps logged"] == 80 and summary["method"] == "grpo"
+    # start and end: the means over the first and last 10% (8 steps)
+    entropy = np.linspace(0.9, 0.2, 80)
+    assert summary["entropy start (nats)"] == pytest.approx(entropy[:8].mean())
+    assert summary["entropy end/start"] == pytest.approx(entropy[-8:].mean() / entropy[:8].mean())
+    markdown = (run / "report" / "report.md").read_text()
+    assert "by the laboratory's criterion entropy collapsed" in markdown  # 0.238 / 0.865 <= 0.5
+
+
+def test_a_forecast_on_too_few_steps_shows_no_ceiling_and_the_fit_fraction_is_the_caller_s(tmp_path):
+    run = write_run(tmp_path / "run", law_records(40))
+    report = write_run_report(run, figures=False)
+    (cells,) = report["law"]["table"]["values"]
+    assert cells["fit steps"] == 6 and cells["forecast ceiling"] is None  # 6 < 10 fitted steps
+    assert "fewer than 10" in cells["note"]
+    report = write_run_report(run, figures=False, fit_fraction=0.5)
+    (cells,) = report["law"]["table"]["values"]
+    assert cells["fit steps"] == 20 and cells["forecast ceiling"] == pytest.approx(0.8, rel=1e-9)
+    assert report["fit_fraction"] == 0.5
+
+
+def test_predicted_and_measured_entropy_change_agreement_is_counted_exactly(tmp_path):
+    measured = [0.3, -0.2, 0.1, -0.4, 0.5, -0.1, 0.2, -0.3, 0.0, 0.6]
+    predicted = [1e-7, -2e-7, -1e-7, -3e-7, 5e-7, 1e-7, 2e-7, -2e-7, 4e-7, 0.0]  # signs agree at 6 of the 8 non-zero pairs
+    records = [{"step": i + 1, "entropy/mean": 1.0 - 0.01 * i, "reward/accuracy": 0.1 * (i % 3),
+                "entropy/predicted_delta": p, "entropy/measured_delta": m, "entropy/delta_token_corr": 0.5}
+               for i, (p, m) in enumerate(zip(predicted, measured))]
+    report = write_run_report(write_run(tmp_path / "run", records), figures=False)
+    (values,) = report["entropy_change"]["values"]
+    (texts,) = report["entropy_change"]["rows"]
+    assert values["steps"] == 10 and values["sign agreement"] == 0.75 and texts["sign agreement"] == "0.75 of 8"
+    assert values["correlation across steps"] == pytest.approx(np.corrcoef(predicted, measured)[0, 1])
+    assert values["mean token correlation"] == 0.5 and values["first order: correlation"] is None
+
+
+def test_the_step_0_evaluation_is_an_evaluation_not_a_training_step(tmp_path):
+    records = [{"step": 0, "eval/avg_at_n": 0.25}] + law_records(10)
+    records[1]["cov/top_0.02pct_ratio"] = 900.0
+    records[2]["cov/top_0.02pct_ratio"] = 1100.0
+    evaluations = {
+        0: {"step": 0, "n_problems": 4, "n_samples": 2, "avg_at_n": 0.25, "pass_at_k": {"1": 0.25, "2": 0.5},
+            "polarisation": {"frac_zero": 0.5, "frac_one": 0.0}},
+        10: {"step": 10, "n_problems": 4, "n_samples": 2, "avg_at_n": 0.5, "pass_at_k": {"1": 0.5, "2": 0.75},
+             "polarisation": {"frac_zero": 0.25, "frac_one": 0.25}},
+    }
+    report = write_run_report(write_run(tmp_path / "run", records, evaluations=evaluations), figures=False)
+    assert report["steps"] == 10
+    covariance = row(report["covariance"], "q", "top 0.02%")
+    assert covariance["mean over steps"] == 1000.0 and covariance["step 1"] == 900.0
+    table = report["evaluations"]
+    assert [r["step"] for r in table["values"]] == [0, 10]
+    assert row(table, "step", 10) == {"step": 10, "prompts": 4, "n": 2, "Avg@n": 0.5, "Pass@1": 0.5, "Pass@2": 0.75,
+                                      "solved by none": 0.25, "solved by all": 0.25}
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
+    assert summary["evaluation Pass@2 at step 10"] == 0.75
+
+
+def test_fork_tokens_latest_and_recurring(tmp_path):
+    def fork(token, entropy):
+        return {"token": token, "entropy": entropy, "before": "1+1=", "after": "\n#", "source": "eval.jsonl:3"}
+
+    forks = {5: [fork("2", 1.5), fork("+", 1.0)], 10: [fork("3", 2.0), fork("2", 0.5), fork("+", 0.25)]}
+    report = write_run_report(write_run(tmp_path / "run", law_records(10), forks=forks), figures=False)
+    latest = report["forks"]["latest"]
+    assert latest["title"] == "Step 10" and [r["entropy"] for r in latest["values"]] == [2.0, 0.5, 0.25]
+    assert latest["rows"][0]["context"] == "…1+1=⟦3⟧↵#…" and latest["rows"][0]["token"] == "'3'"
+    recurring = {r["token"]: (r["times among the top positions"], r["mean entropy"]) for r in report["forks"]["recurring"]["values"]}
+    assert recurring == {"'2'": (2, 1.0), "'+'": (2, 0.625), "'3'": (1, 2.0)}
+
+
+def test_interventions_and_a_method_whose_own_part_never_acted(tmp_path):
+    records = [{"step": i + 1, "entropy/mean": 1.0, "reward/accuracy": 0.5, "select/clip_cov_frac": 0.0,
+                "clip/ppo_frac": [0.0, 0.1, 0.3][i]} for i in range(3)]
+    run = write_run(tmp_path / "run", records, config={"method": {"method": "clip_cov", "params": {}}, "optim": {"steps": 3}})
+    report = write_run_report(run, figures=False)
+    assert report["method"] == "clip_cov"
+    clip = row(report["interventions"], "metric", "clip/ppo_frac")
+    assert clip["steps"] == 3 and clip["mean"] == pytest.approx(0.4 / 3) and clip["max"] == 0.3 and clip["steps not 0"] == 2
+    assert "`select/clip_cov_frac`): on this run it never acted" in (run / "report" / "report.md").read_text()
+
+
+def test_a_run_in_progress_with_a_line_cut_short(tmp_path):
+    run = write_run(tmp_path / "run", law_records(4), config={"method": "grpo", "optim": {"steps": 100}},
+                    extra_lines=['{"step": 5, "entro'])
+    report = write_run_report(run, figures=False)
+    markdown = (run / "report" / "report.md").read_text()
+    assert report["steps"] == 4 and "logged up to step 4 of 100" in markdown
+    assert "not a JSON object were skipped: 5." in markdown
+    assert report["section_errors"] == {}
+
+
+def test_figures_are_drawn_and_an_empty_run_still_gets_a_report(tmp_path):
+    run = write_run(tmp_path / "run", law_records(12), evaluations={
+        s: {"avg_at_n": 0.1 * s, "pass_at_k": {"1": 0.1 * s}} for s in (4, 8, 12)})
+    report = write_run_report(run, out=tmp_path / "elsewhere")
+    assert set(report["figures"]) == {"curves.png", "law.png", "evaluations.png"}  # no entropy change was logged
+    assert all((tmp_path / "elsewhere" / "figures" / name).stat().st_size > 1000 for name in report["figures"])
+    assert "No figure entropy_change.png: the run logged no step with both" in (tmp_path / "elsewhere" / "report.md").read_text()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"method": "grpo"}))
+    report = write_run_report(empty, figures=False)
+    assert report["steps"] == 0 and report["section_errors"] == {}
+    assert "No training step has been logged yet" in (empty / "report" / "report.md").read_text()
+
+
+def test_what_is_not_a_run_directory_is_said(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run directory at"):
+        write_run_report(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="not a training run directory"):
+        write_run_report(tmp_path)
+    (tmp_path / "lab.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="is a laboratory folder: its report is"):
+        write_run_report(tmp_path)
+    with pytest.raises(ValueError, match="fit_fraction"):
+        write_run_report(write_run(tmp_path / "run", law_records(3)), fit_fraction=0.0)
+
+
+def test_the_report_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    run = write_run(tmp_path / "run", law_records(80))
+    result = CliRunner().invoke(app, ["report", str(run), "--no-figures"])
+    assert result.exit_code == 0, result.output
+    assert "forecast ceiling (law at zero entropy): 0.8" in result.output
+    assert (run / "report" / "report.html").is_file()
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "no run directory at" in result.output
+    result = CliRunner().invoke(app, ["report", str(run), "--fit-fraction", "0"])
+    assert result.exit_code == 2 and "--fit-fraction must be above 0" in result.output
