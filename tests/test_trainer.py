@@ -1360,6 +1360,12 @@ def test_latest_pointer_problems_are_named_once(tmp_path, tiny_model_dir, arithm
         assert latest_checkpoint(run_dir) == root / "step_000002"
         assert latest_checkpoint(run_dir) == root / "step_000002"
     assert caplog.text.count("latest is empty; using step_000002 instead") == 1
+    # the newest checkpoint renamed into place, then the pointer's own write cut short (a full disk): the newest is taken
+    (root / "latest").write_text("step_000001\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(run_dir) == root / "step_000002"
+    assert "latest names 'step_000001', but step_000002, a later complete checkpoint, is there; using step_000002" in caplog.text
     shutil.rmtree(root / "step_000002")
     (root / "latest").write_text("step_000002\n")
     caplog.clear()
@@ -2158,7 +2164,7 @@ def test_memory_that_runs_out_during_training_is_one_line_with_the_way_on(tmp_pa
 
     from entrorl.cli import app
 
-    train, _ = arithmetic_files
+    train, held_out = arithmetic_files
     config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 2}))
     run_dir = tmp_path / "run"
 
@@ -2175,3 +2181,13 @@ def test_memory_that_runs_out_during_training_is_one_line_with_the_way_on(tmp_pa
     monkeypatch.setattr(Trainer, "train", lambda self, **options: (_ for _ in ()).throw(RuntimeError("a bug")))
     result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run-2")])
     assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug"
+    # memory that runs out in an evaluation is said as such, with the checkpoint written before it
+    monkeypatch.undo()
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: out_of_memory(self))
+    config = write_config(tmp_path / "eval.yaml", make_config(tiny_model_dir, train, held_out, optim={"steps": 2},
+                                                             eval={"every": 2}, checkpoint={"every": 1}))
+    result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run-3")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "error: out of memory while evaluating after step 2 ([enforce fail" in output
+    assert "the last checkpoint, step_000001, is intact" in output

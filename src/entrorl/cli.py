@@ -103,7 +103,7 @@ def train(
                             if latest is not None else ""))
     except OSError as error:  # any other file the run writes (metrics, evaluations, samples)
         if is_out_of_memory(error):  # ENOMEM: a memory map or a process refused, not a file
-            error = out_of_memory_while(f"training step {trainer.step + 1}", error, files_read=False)
+            error = out_of_memory_while(trainer.activity, error, files_read=False)
         _fail(with_the_way_on(str(error)))
     except TrainingInterrupted as error:
         by = f" by {signal.Signals(error.signal_number).name}"
@@ -119,7 +119,7 @@ def train(
     except (MemoryError, RuntimeError) as error:  # after TrainingInterrupted, a RuntimeError too
         if not is_out_of_memory(error):
             raise
-        _fail(with_the_way_on(str(out_of_memory_while(f"training step {trainer.step + 1}", error, files_read=False))))
+        _fail(with_the_way_on(str(out_of_memory_while(trainer.activity, error, files_read=False))))
     console.print(Text.assemble(("done", "green"), f": {_run_summary(trainer.run_dir)}"), soft_wrap=True)
 
 

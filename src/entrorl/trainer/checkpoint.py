@@ -477,8 +477,9 @@ def _complete_checkpoints(root: Path) -> list[Path]:
 
 def latest_checkpoint(run_dir: Path, *, before_step: int | None = None) -> Path | None:
     """The newest complete checkpoint of a run directory, or None. When ``latest`` names a checkpoint that has lost
-    files since it was written, the newest complete one before it is taken, with a warning. With ``before_step``, the
-    newest complete one of an earlier step."""
+    files since it was written, the newest complete one before it is taken, with a warning; when it names an older one
+    than the newest complete checkpoint (the pointer's write failed after the checkpoint was in place: a full disk, a
+    crash), the newest is taken, with a warning. With ``before_step``, the newest complete one of an earlier step."""
     root = Path(run_dir) / "checkpoints"
     if before_step is not None:
         earlier = [p for p in _complete_checkpoints(root) if checkpoint_step(p) < before_step]
@@ -488,12 +489,14 @@ def latest_checkpoint(run_dir: Path, *, before_step: int | None = None) -> Path 
     named = root / named_as if named_as else None
     there = named is not None and named.is_dir()
     wrong = _what_is_missing(named) if there else None
-    if there and wrong is None:
-        return named
     complete = _complete_checkpoints(root)
     chosen = complete[-1] if complete else None
+    if there and wrong is None and (chosen is None or chosen.name <= named.name):
+        return named
     if pointer.is_file():
-        if named is None:
+        if there and wrong is None:  # a checkpoint renamed into place, then the pointer's own write cut short
+            problem = f"{pointer} names {named_as!r}, but {chosen.name}, a later complete checkpoint, is there"
+        elif named is None:
             problem = f"{pointer} is empty"
         elif not there:
             problem = f"{pointer} names {named_as!r}, which is not there"

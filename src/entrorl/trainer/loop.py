@@ -218,6 +218,8 @@ class Trainer:
         self.master = MasterWeights(self.model) if config.model.master_weights and needs_master_weights(self.model) else None
         self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
+        # what train() is doing, in words, for a message about a failure during it (memory that ran out)
+        self.activity = "training step 1"
         self.consecutive_nonfinite = 0
         self.consecutive_failed_rewards = 0  # steps in a row whose every sample's reward raised
         self.skipped_steps = 0
@@ -995,10 +997,12 @@ class Trainer:
         received: list[int] = []
         restore_handlers = _catch_stop_signals(received, progress.console) if handle_signals else (lambda: None)
         saved_since_signal = False  # a second signal raised out of a step instead: the handlers go back
+        self.activity = f"training step {self.step + 1}"
         finished = False
         try:
             with progress:
                 if config.eval.at_start and self.eval_records and self.step == 0:
+                    self.activity = "evaluating before the first step"
                     evaluated = self.evaluate()
                     self.logger.log(0, evaluated)
                     progress.note_evaluation(0, evaluated)
@@ -1007,10 +1011,12 @@ class Trainer:
                         raise TrainingInterrupted(received[0], 0, None)
                     progress.restart_clock()
                 while self.step < config.optim.steps:
+                    self.activity = f"training step {self.step + 1}"
                     metrics = self.train_step()
                     self._warn_if_nothing_trained(metrics)
                     last = self.step == config.optim.steps
                     if self.eval_records and ((config.eval.every and self.step % config.eval.every == 0) or last):
+                        self.activity = f"evaluating after step {self.step}"
                         evaluated = self.evaluate()
                         metrics.update(evaluated)
                         progress.note_evaluation(self.step, evaluated)
@@ -1018,6 +1024,7 @@ class Trainer:
                     if not received and should_stop is not None and should_stop():
                         received.append(signal.SIGINT)
                     saved = None
+                    self.activity = f"writing the checkpoint of step {self.step}"
                     if (config.checkpoint.every and self.step % config.checkpoint.every == 0) or last or received:
                         saved = self.save()
                     progress.advance(self.step, metrics)
