@@ -55,6 +55,26 @@ def test_the_law_s_fit_forecast_and_ceiling_recover_a_run_that_follows_it(tmp_pa
     assert summary["entropy end/start"] == pytest.approx(entropy[-8:].mean() / entropy[:8].mean())
     markdown = (run / "report" / "report.md").read_text()
     assert "by the laboratory's criterion entropy collapsed" in markdown  # 0.238 / 0.865 <= 0.5
+    # the forecast against a constant (the fitted steps' mean reward) and the law fitted on every step, on the 68 later steps
+    reward = np.array([r["reward/accuracy"] for r in law_records(80)])
+    (baselines,) = report["forecast_baselines"]["values"]
+    assert baselines["later steps"] == 68 and baselines["forecast RMSE"] == pytest.approx(0.0, abs=1e-12)
+    assert baselines["constant RMSE"] == pytest.approx(np.sqrt(np.mean((reward[12:] - reward[:12].mean()) ** 2)))
+    assert baselines["law fitted on every step: RMSE"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_ceiling_an_accuracy_cannot_reach_and_one_resting_on_few_steps_are_not_given_as_values(tmp_path):
+    entropy = np.linspace(0.9, 0.5, 40)
+    records = [{"step": i + 1, "entropy/mean": float(h), "reward/accuracy": float(1.25 - 0.2 * math.exp(h))}
+               for i, h in enumerate(entropy)]
+    report = write_run_report(write_run(tmp_path / "run", records), figures=False, fit_fraction=0.25)
+    summary = {r["quantity"]: r for r in report["summary"]["rows"]}
+    assert summary["forecast ceiling (law at zero entropy)"]["value"] == "above 1 (1.05): no ceiling in sight"
+    (cells,) = report["law"]["table"]["values"]
+    assert "ceiling and forecast ceiling above 1, the most an accuracy can be" in cells["note"]
+    report = write_run_report(write_run(tmp_path / "short", law_records(8)), figures=False)
+    (cells,) = report["law"]["table"]["values"]
+    assert cells["ceiling"] is None and "fitted on 8 steps only (fewer than 10)" in cells["note"]
 
 
 def test_a_forecast_on_too_few_steps_shows_no_ceiling_and_the_fit_fraction_is_the_caller_s(tmp_path):
@@ -80,6 +100,8 @@ def test_predicted_and_measured_entropy_change_agreement_is_counted_exactly(tmp_
     (texts,) = report["entropy_change"]["rows"]
     assert values["steps"] == 10 and values["sign agreement"] == 0.75 and texts["sign agreement"] == "0.75 of 8"
     assert values["correlation across steps"] == pytest.approx(np.corrcoef(predicted, measured)[0, 1])
+    # by chance: 4 of the 8 predictions and 4 of the 8 measurements are positive, so half would agree
+    assert values["by chance"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
     assert values["mean token correlation"] == 0.5 and values["first order: correlation"] is None
 
 
@@ -151,6 +173,7 @@ def test_figures_are_drawn_and_an_empty_run_still_gets_a_report(tmp_path):
     (empty / "config.json").write_text(json.dumps({"method": "grpo"}))
     report = write_run_report(empty, figures=False)
     assert report["steps"] == 0 and report["section_errors"] == {}
+    assert report["figures_note"] == "figures were not drawn (--no-figures)"
     assert "No training step has been logged yet" in (empty / "report" / "report.md").read_text()
 
 
@@ -164,6 +187,10 @@ def test_what_is_not_a_run_directory_is_said(tmp_path):
         write_run_report(tmp_path)
     with pytest.raises(ValueError, match="fit_fraction"):
         write_run_report(write_run(tmp_path / "run", law_records(3)), fit_fraction=0.0)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000003" / "model"
+    checkpoint.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"is in checkpoint step_000003 of the run .*run: report on the run"):
+        write_run_report(checkpoint)
 
 
 def test_the_report_command(tmp_path):
@@ -179,4 +206,4 @@ def test_the_report_command(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "no run directory at" in result.output
     result = CliRunner().invoke(app, ["report", str(run), "--fit-fraction", "0"])
-    assert result.exit_code == 2 and "--fit-fraction must be above 0" in result.output
+    assert result.exit_code == 2 and "--fit-fraction must be above 0 and at most 1" in result.output

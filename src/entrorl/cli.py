@@ -474,23 +474,24 @@ def evaluate(
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a training run directory (entrorl train --run-dir)")],
     out: Annotated[Optional[Path], typer.Option(help="where to write the report (default: RUN_DIR/report)")] = None,
-    fit_fraction: Annotated[float, typer.Option(help="share of the first steps the law's forecast is fitted on "
-                                                      "(the paper's 15%)", min=0.0, max=1.0)] = 0.15,
+    fit_fraction: Annotated[float, typer.Option(help="share of the first steps the law's forecast is fitted on, "
+                                                      "above 0 and at most 1 (the paper's 15%)")] = 0.15,
     figures: Annotated[bool, typer.Option(help="draw the PNG figures")] = True,
 ) -> None:
     """Check the entropy theory on a training run: law fit and ceiling forecast, predicted vs measured entropy change,
     covariance concentration, interventions, evaluations and fork tokens, as report.md / report.html / report.json."""
-    from entrorl.analysis.run_report import write_run_report
+    from entrorl.analysis.run_report import NotARunDirectory, write_run_report
 
-    if fit_fraction <= 0.0:
-        _fail("--fit-fraction must be above 0 (the law is fitted on the first steps of the run)")
+    if not 0.0 < fit_fraction <= 1.0:
+        _fail(f"--fit-fraction must be above 0 and at most 1 (the share of the run's first steps the law's forecast is "
+              f"fitted on); got {fit_fraction}")
     try:
         result = write_run_report(run_dir, out=out, fit_fraction=fit_fraction, figures=figures)
-    except FileNotFoundError as error:
+    except NotARunDirectory as error:
         _fail(str(error))
     except OSError as error:  # a full disk or a folder that cannot be written: the message names the file
-        _fail(str(error), code=1)
-    target = out if out is not None else run_dir / "report"
+        _fail(f"{error}" + ("; --out writes the report elsewhere" if out is None else ""), code=1)
+    target = Path(result["out"])
     summary = {row["quantity"]: row["value"] for row in (result.get("summary") or {}).get("rows", [])}
     shown = ("method", "steps logged", "entropy end/start", "law R² (every step)", "forecast ceiling (law at zero entropy)",
              "predicted vs measured entropy change: sign agreement")

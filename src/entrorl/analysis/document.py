@@ -203,6 +203,12 @@ def build_section(section: Section, build: Callable[[Section], None], errors: di
     return section
 
 
+def fork_context(fork: dict[str, Any]) -> str:
+    """A fork token in its context on one line: ``…before⟦token⟧after…``."""
+    before, token, after = (one_line(str(fork.get(key, ""))) for key in ("before", "token", "after"))
+    return f"…{before}⟦{token}⟧{after}…"
+
+
 def _paragraph_markdown(content: str) -> str:
     parts = content.split("`")
     return "".join(f"`{part}`" if i % 2 else md_escape(part) for i, part in enumerate(parts))
@@ -273,11 +279,11 @@ def render_html(title: str, sections: list[Section]) -> str:
 class Figures:
     """Draws with matplotlib's object API (no pyplot, no global backend change) and saves PNGs."""
 
-    def __init__(self, directory: Path, enabled: bool = True):
+    def __init__(self, directory: Path, enabled: bool = True, *, disabled_by: str = "write_report was called with figures=False"):
         self.directory = directory
         self.saved: dict[str, str] = {}
         if not enabled:
-            self.unavailable = "figures were not drawn (write_report was called with figures=False)"
+            self.unavailable = f"figures were not drawn ({disabled_by})"
             return
         try:
             import matplotlib  # noqa: F401

@@ -20,7 +20,9 @@ ENTROPY_KEY = "entropy/mean"
 REWARD_KEY = "reward/accuracy"  # the share of the step's samples the verifier accepted
 FALLBACK_REWARD_KEY = "reward/mean"  # used only when a run never logged REWARD_KEY
 EDGE_FRACTION = 0.1
+COLLAPSE_RATIO = 0.5  # entropy has collapsed when its end is at most this share of its start
 SMOOTH_WINDOW = 5
+FORKS_SHOWN = 10
 COV_PERCENTS = ("0.02", "0.2", "2", "20")
 INTERVENTION_KEY_PATTERNS = ("select/{}_frac", "reg/{}_coeff", "shape/{}_bonus")
 # a forecast ceiling extrapolates the law fitted on the first steps to zero entropy: on fewer steps than this it is
@@ -215,6 +217,16 @@ def sign_agreement(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, 
     return (float(np.mean(np.sign(predicted[signed]) == np.sign(measured[signed]))) if steps else math.nan), steps
 
 
+def chance_sign_agreement(predicted: np.ndarray, measured: np.ndarray) -> float:
+    """The share of agreeing signs expected by chance from each series' own share of positive values,
+    ``p+ m+ + p- m-``, over the steps where neither is 0 (what :func:`sign_agreement` should beat)."""
+    signed = (predicted != 0) & (measured != 0)
+    if not np.any(signed):
+        return math.nan
+    p_up, m_up = float(np.mean(predicted[signed] > 0)), float(np.mean(measured[signed] > 0))
+    return p_up * m_up + (1.0 - p_up) * (1.0 - m_up)
+
+
 def analyse_records(run: MetricRecords, fit_fraction: float, method: str = "") -> RunAnalysis:
     """Everything :class:`RunAnalysis` holds, from the run's step records; ``method`` (a registered method or a
     composition) names the interventions to check (none when empty or unknown)."""
@@ -289,6 +301,13 @@ def analyse_records(run: MetricRecords, fit_fraction: float, method: str = "") -
     return result
 
 
+def fit_ceiling_shown(law: dict[str, Any]) -> bool:
+    """Whether the ceiling of the law fitted on every step is worth showing: the law's premise holds (``a > 0``) and it
+    rests on at least :data:`MIN_CEILING_STEPS` steps."""
+    fit = law.get("fit") or {}
+    return bool(fit.get("ceiling_applies") and fit.get("n_points", 0) >= MIN_CEILING_STEPS)
+
+
 def forecast_ceiling_shown(law: dict[str, Any]) -> bool:
     """Whether a run's forecast ceiling is worth showing: the law's premise holds on the fitted steps (``a > 0``) and
     they are at least :data:`MIN_CEILING_STEPS`."""
@@ -296,14 +315,19 @@ def forecast_ceiling_shown(law: dict[str, Any]) -> bool:
     return bool(forecast and (forecast.get("fit") or {}).get("ceiling_applies") and forecast["n_fit"] >= MIN_CEILING_STEPS)
 
 
+def beyond_an_accuracy(law: dict[str, Any], value: Any) -> bool:
+    """Whether a ceiling is above 1 while the reward is an accuracy: the law extrapolated past the reward's range."""
+    return law.get("reward_key") == REWARD_KEY and finite(value) is not None and value > 1.0
+
+
 LAW_COLUMNS = ["points", "a", "b", "R²", "ceiling", "fit steps", "forecast ceiling", "reached", "forecast ceiling − reached",
                "forecast error, end", "forecast RMSE", "note"]
 
 
 def law_cells(law: dict[str, Any]) -> list[Cell]:
-    """The cells of :data:`LAW_COLUMNS` for a run's ``RunAnalysis.law``: the fit over every step, the forecast from the
-    first steps (its ceiling shown only when fitted on at least :data:`MIN_CEILING_STEPS` steps and where ``a > 0``),
-    and a note saying why a value is missing or how to read it."""
+    """The cells of :data:`LAW_COLUMNS` for a run's ``RunAnalysis.law``: the fit over every step and the forecast from
+    the first steps (each ceiling shown only where ``a > 0`` and the fit rests on at least :data:`MIN_CEILING_STEPS`
+    steps), and a note saying why a value is missing or how to read it."""
     fit, forecast = law.get("fit"), law.get("forecast")
     forecast_fit = (forecast or {}).get("fit") or {}
     notes = [f"{part}: {law[part + '_error'].split('; ')[0]}" for part in ("fit", "forecast") if part + "_error" in law]
@@ -311,6 +335,10 @@ def law_cells(law: dict[str, Any]) -> list[Cell]:
         notes.append("R² undefined: " + ("fewer than 3 points" if fit["n_points"] < 3 else "the reward never changed"))
     if fit and not fit.get("ceiling_applies"):
         notes.append("a ≤ 0: reward did not rise as entropy fell, so the law's premise fails and it forecasts no ceiling")
+    fit_shown = fit_ceiling_shown(law)
+    if fit and fit.get("ceiling_applies") and not fit_shown:
+        notes.append(f"fitted on {fit['n_points']} steps only (fewer than {MIN_CEILING_STEPS}): its ceiling, an "
+                     "extrapolation to zero entropy, is not shown")
     if forecast and not forecast_fit.get("ceiling_applies"):
         notes.append(f"forecast a ≤ 0 on the first {forecast['n_fit']} steps: no forecast ceiling")
     ceiling_shown = forecast_ceiling_shown(law)
@@ -319,16 +347,15 @@ def law_cells(law: dict[str, Any]) -> list[Cell]:
                      "ceiling, an extrapolation to zero entropy, is not shown")
     if forecast and law.get("end_in_fit"):
         notes.append("forecast error at the end is in-sample: the last steps were among the fitted ones")
-    if law.get("reward_key") == REWARD_KEY:  # an accuracy: a ceiling above 1 is the law extrapolated past it
-        above = [label for label, value, shown in (
-            ("ceiling", (fit or {}).get("ceiling"), bool(fit and fit.get("ceiling_applies"))),
-            ("forecast ceiling", (forecast or {}).get("predicted_ceiling"), ceiling_shown))
-            if shown and finite(value) is not None and value > 1.0]
-        if above:
-            notes.append(f"{' and '.join(above)} above 1, the most an accuracy can be: the law extrapolated "
-                         "beyond the reward's range, so read it as 'no ceiling in sight', not as a value")
+    above = [label for label, value, shown in (
+        ("ceiling", (fit or {}).get("ceiling"), fit_shown),
+        ("forecast ceiling", (forecast or {}).get("predicted_ceiling"), ceiling_shown))
+        if shown and beyond_an_accuracy(law, value)]
+    if above:
+        notes.append(f"{' and '.join(above)} above 1, the most an accuracy can be: the law extrapolated "
+                     "beyond the reward's range, so read it as 'no ceiling in sight', not as a value")
     cells = [num(law["n_points"])]
-    cells += ([num(fit["a"]), num(fit["b"]), num(fit["r2"]), num(fit["ceiling"]) if fit.get("ceiling_applies") else dash()]
+    cells += ([num(fit["a"]), num(fit["b"]), num(fit["r2"]), num(fit["ceiling"]) if fit_shown else dash()]
               if fit else [missing()] * 4)
     cells += ([num(forecast["n_fit"]), num(forecast["predicted_ceiling"]) if ceiling_shown else dash()]
               if forecast else [missing()] * 2)

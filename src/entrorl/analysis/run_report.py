@@ -26,18 +26,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from entrorl.analysis.document import (Figures, Section, Table, agreement_cell, build_section, dash, finite, fmt,
-                                       json_value, missing, num, one_line, power_of_ten, render_html, render_markdown, text)
-from entrorl.analysis.run import (COV_PERCENTS, ENTROPY_KEY, LAW_COLUMNS, MIN_CEILING_STEPS, SMOOTH_WINDOW, MetricRecords,
-                                  analyse_records, edge_phrase, forecast_ceiling_shown, law_cells, moving_average,
-                                  read_json, read_metrics_records)
+from entrorl.analysis.document import (Cell, Figures, Section, Table, agreement_cell, build_section, dash, finite, fmt,
+                                       fork_context, json_value, missing, num, power_of_ten, render_html, render_markdown,
+                                       text)
+from entrorl.analysis.law import fit_entropy_law
+from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, ENTROPY_KEY, FORKS_SHOWN, LAW_COLUMNS, MIN_CEILING_STEPS,
+                                  SMOOTH_WINDOW, MetricRecords, analyse_records, beyond_an_accuracy, chance_sign_agreement,
+                                  edge_phrase, forecast_ceiling_shown, law_cells, moving_average, read_json,
+                                  read_metrics_records)
 from entrorl.trainer.checkpoint import atomic_write_text
 
-__all__ = ["write_run_report", "RUN_REPORT_SECTIONS", "DEFAULT_FIT_FRACTION"]
+__all__ = ["write_run_report", "NotARunDirectory", "RUN_REPORT_SECTIONS", "DEFAULT_FIT_FRACTION"]
 
 DEFAULT_FIT_FRACTION = 0.15  # the paper fits the law on the first ~15% of training (arXiv 2505.22617, Sec. 3)
-COLLAPSE_RATIO = 0.5  # the laboratory's criterion: final entropy at most half the initial
-FORKS_SHOWN = 10
 RECURRING_FORKS_SHOWN = 10
 ACTIVITY_PREFIXES = ("select/", "clip/", "reg/", "shape/")
 _STEP_FILE = re.compile(r"step_(\d+)\.json")
@@ -101,7 +102,7 @@ class _RunReport:
     def __init__(self, run: _TrainingRun, out: Path, fit_fraction: float, figures: bool):
         self.run, self.out, self.fit_fraction = run, out, fit_fraction
         self.analysis = analyse_records(run, fit_fraction, run.method)
-        self.figures = Figures(out / "figures", enabled=figures)
+        self.figures = Figures(out / "figures", enabled=figures, disabled_by="--no-figures")
         self.errors: dict[str, str] = {}
         self.json: dict[str, Any] = {}
 
@@ -113,22 +114,27 @@ class _RunReport:
         run, a = self.run, self.analysis
         planned = run.planned_steps
         if not run.records:
-            section.say("No training step has been logged yet (`metrics.jsonl` is missing or empty): the sections below "
-                        "are empty until the run has trained.")
+            section.say("No training step has been logged yet (`metrics.jsonl` holds none): the sections drawn from the "
+                        "training steps are empty until the run has trained.")
         table = Table(["quantity", "value"])
         rows = [("method", text(run.method or "n/a")), ("steps logged", num(a.n_steps)),
                 ("steps planned (optim.steps)", num(planned) if planned is not None else missing()),
                 ("entropy start (nats)", num(a.entropy_start)), ("entropy end (nats)", num(a.entropy_end)),
-                ("entropy end/start", num(a.entropy_ratio)),
-                (f"reward start (`{run.reward_key}`)", num(a.reward_start)), ("reward end", num(a.reward_end)),
+                ("entropy end/start", num(a.entropy_ratio)), ("reward", text(run.reward_key)),
+                ("reward start", num(a.reward_start)), ("reward end", num(a.reward_end)),
                 (f"reward reached ({SMOOTH_WINDOW}-step moving average, max)", num(a.reward_reached))]
         law = a.law
         fit, forecast = law.get("fit") or {}, law.get("forecast") or {}
-        ceiling_shown = forecast_ceiling_shown(law)
+        ceiling = forecast.get("predicted_ceiling")
+        if not forecast_ceiling_shown(law):
+            ceiling_cell = dash()
+        elif beyond_an_accuracy(law, ceiling):  # the law extrapolated past what an accuracy can be
+            ceiling_cell = Cell(f"above 1 ({fmt(ceiling)}): no ceiling in sight", json_value(ceiling), False)
+        else:
+            ceiling_cell = num(ceiling)
         rows += [("law R² (every step)", num(fit.get("r2")) if fit else missing()),
-                 ("forecast ceiling (law at zero entropy)", num(forecast.get("predicted_ceiling")) if ceiling_shown else dash()),
-                 ("predicted vs measured entropy change: sign agreement",
-                  agreement_cell(a.change.get("sign_agreement", math.nan), a.change.get("sign_steps", 0)))]
+                 ("forecast ceiling (law at zero entropy)", ceiling_cell),
+                 ("predicted vs measured entropy change: sign agreement", self._agreement_with_chance())]
         if run.evaluations:
             last_step, last = list(run.evaluations.items())[-1]
             rows.append((f"evaluation Avg@n at step {last_step}", num(last.get("avg_at_n"))))
@@ -137,7 +143,7 @@ class _RunReport:
         for quantity, cell in rows:
             table.add([text(quantity), cell])
         section.table(table)
-        if a.n_steps:
+        if a.n_steps >= 2 and finite(a.entropy_start) is not None and finite(a.entropy_end) is not None:
             sentence = (f"Start and end are the means over {edge_phrase(a.n_steps)}. The mean token entropy "
                         f"(`{ENTROPY_KEY}`) went from {fmt(a.entropy_start)} to {fmt(a.entropy_end)} nats")
             if finite(a.entropy_ratio) is not None:
@@ -153,6 +159,13 @@ class _RunReport:
             lines = ", ".join(map(str, run.unreadable_lines[:10])) + (", ..." if len(run.unreadable_lines) > 10 else "")
             section.say(f"Lines of `metrics.jsonl` that are not a JSON object were skipped: {lines}.")
         self.json["summary"] = table.to_json()
+
+    def _agreement_with_chance(self) -> Cell:
+        """The sign agreement of predicted and measured entropy change, with the share that would agree by chance."""
+        change = self.analysis.change
+        cell = agreement_cell(change["sign_agreement"], change["sign_steps"])
+        chance = chance_sign_agreement(np.asarray(change["predicted"]), np.asarray(change["measured"]))
+        return Cell(f"{cell.text} ({fmt(chance)} by chance)", cell.value, True) if change["sign_steps"] else cell
 
     # ---------------------------------------------------------------- curves
     def curves(self, section: Section) -> None:
@@ -189,13 +202,22 @@ class _RunReport:
             f"is the reward it predicts once entropy is spent (H = 0); where a ≤ 0 the law's premise fails and no ceiling "
             f"is given (—). The forecast refits on the first {fmt(100 * self.fit_fraction)}% of the steps (at least 3; "
             f"`--fit-fraction`) and predicts the rest from their measured entropies: 'forecast RMSE' is its error on the "
-            f"later steps; its ceiling is shown once it is fitted on at least {MIN_CEILING_STEPS} steps. The paper's forecast "
-            "from the first 15% of training predicts the rest to about 1% RMSE; a large RMSE here says the law does not hold "
-            "on this run (yet)."
+            f"later steps. A ceiling is shown once its fit rests on at least {MIN_CEILING_STEPS} steps."
         )
         table = Table(LAW_COLUMNS, title="Fit and forecast")
         table.add(law_cells(law))
         section.table(table)
+        baselines = self._forecast_baselines()
+        if baselines is not None:
+            section.say(
+                "How good the forecast is, against two baselines on the same later steps: a constant (the mean reward of "
+                "the fitted steps), which knows nothing of entropy, and the law fitted on every step, the best any fit of "
+                "the law can do there. The paper forecasts validation accuracy from the first 15% of training to about 1% "
+                "RMSE; here R is each step's training reward, a mean over one batch of samples, so it carries that batch's "
+                "sampling noise: where even the law fitted on every step is barely better than the constant, that noise, "
+                "not the law, sets the RMSE."
+            )
+            section.table(baselines)
 
         def paint(figure):
             if "fit" not in law:
@@ -227,6 +249,28 @@ class _RunReport:
                                                 8.5, 2.8, paint))
         self.json["law"] = {"table": table.to_json(), "fit": json_value(law), "fit_fraction": self.fit_fraction}
 
+    def _forecast_baselines(self) -> Table | None:
+        """The forecast's RMSE on the steps after the fitted ones, next to a constant's and the whole-run fit's."""
+        law, run = self.analysis.law, self.run
+        forecast = law.get("forecast")
+        if not forecast or not forecast.get("actual") or "fit" not in law:
+            return None
+        entropy, reward = run.series(ENTROPY_KEY), run.series(run.reward_key)
+        keep = np.isfinite(entropy) & np.isfinite(reward)
+        h, r, n_fit = entropy[keep], reward[keep], forecast["n_fit"]
+        later = r[n_fit:]
+        whole = fit_entropy_law(h, r)
+
+        def rmse(predicted: np.ndarray) -> float:
+            return float(np.sqrt(np.mean((predicted - later) ** 2)))
+
+        table = Table(["later steps", "forecast RMSE", "constant RMSE", "law fitted on every step: RMSE"],
+                      title="The forecast against two baselines")
+        table.add([num(later.size), num(forecast["rmse"]), num(rmse(np.full(later.shape, r[:n_fit].mean()))),
+                   num(rmse(whole.predict(h[n_fit:])))])
+        self.json["forecast_baselines"] = table.to_json()
+        return table
+
     # ---------------------------------------------------------------- predicted vs measured entropy change
     def entropy_change(self, section: Section) -> None:
         change = self.analysis.change
@@ -234,20 +278,23 @@ class _RunReport:
             "Each step the trainer predicts its update's entropy change to first order for a tabular policy "
             "(`entropy/predicted_delta`: −α·D, arXiv 2602.03392 Thm 3.3) and measures it by re-scoring some of the same "
             "samples after the update (`entropy/measured_delta`, `diagnostics.measure_fraction`). Adam and shared weights "
-            "change the scale, so read the signs and the correlation: across steps, the share of steps whose signs agree, "
-            "and the mean per-token correlation within a step (`entropy/delta_token_corr`). With `diagnostics.first_order` the "
+            "change the scale, so read the signs and the correlation: across steps, the share of steps whose signs agree "
+            "(next to the share that would agree by chance, from how often each is positive), and the mean per-token "
+            "correlation within a step (`entropy/delta_token_corr`). With `diagnostics.first_order` the "
             "run also records the first-order change of the update actually applied (`entropy/first_order_delta`), "
             "which makes no tabular assumption."
         )
-        table = Table(["steps", "correlation across steps", "sign agreement", "mean token correlation",
+        predicted, measured = np.asarray(change["predicted"]), np.asarray(change["measured"])
+        table = Table(["steps", "correlation across steps", "sign agreement", "by chance", "mean token correlation",
                        "first order: correlation", "first order: sign agreement"])
         table.add([num(change["n_steps"]), num(change["pearson"]), agreement_cell(change["sign_agreement"], change["sign_steps"]),
-                   num(change["token_corr_mean"]), num(change["first_order_pearson"]),
+                   num(chance_sign_agreement(predicted, measured)), num(change["token_corr_mean"]),
+                   num(change["first_order_pearson"]),
                    agreement_cell(change["first_order_sign_agreement"], change["first_order_sign_steps"])])
         section.table(table)
-        predicted, measured = np.asarray(change["predicted"]), np.asarray(change["measured"])
         if predicted.size:
-            section.say(f"Summed over the {predicted.size} steps, the predicted change is {fmt(float(predicted.sum()), signed=True)} "
+            steps = f"{predicted.size} step{'s' if predicted.size != 1 else ''}"
+            section.say(f"Summed over the {steps}, the predicted change is {fmt(float(predicted.sum()), signed=True)} "
                         f"nats a token and the measured one {fmt(float(measured.sum()), signed=True)}.")
 
         def paint(figure):
@@ -354,9 +401,8 @@ class _RunReport:
                     "These are the forks arXiv 2506.01939 trains on: where a reasoning path can go one way or another.")
         table = Table(["rank", "token", "entropy", "context", "prompt"], title=f"Step {step}")
         for rank, fork in enumerate(latest[:FORKS_SHOWN], 1):
-            token = str(fork.get("token", ""))
-            context = f"…{one_line(str(fork.get('before', '')))}⟦{one_line(token)}⟧{one_line(str(fork.get('after', '')))}…"
-            table.add([num(rank), text(repr(token)), num(fork.get("entropy")), text(context), text(str(fork.get("source", "")))])
+            table.add([num(rank), text(repr(str(fork.get("token", "")))), num(fork.get("entropy")), text(fork_context(fork)),
+                       text(str(fork.get("source", "")))])
         section.table(table)
         counts: Counter[str] = Counter()
         entropies: dict[str, list[float]] = {}
@@ -383,6 +429,7 @@ class _RunReport:
         report = json_value({
             "schema_version": 1,
             "run_dir": str(self.run.directory),
+            "out": str(self.out),
             "method": self.run.method,
             "steps": self.analysis.n_steps,
             "reward_key": self.run.reward_key,
@@ -399,26 +446,34 @@ class _RunReport:
         return report
 
 
+class NotARunDirectory(FileNotFoundError):
+    """The directory given is not a training run's (missing, a laboratory folder, a checkpoint, something else)."""
+
+
 def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_fraction: float = DEFAULT_FIT_FRACTION,
                      figures: bool = True) -> dict[str, Any]:
     """Write ``report.md``, ``report.html`` (self-contained), ``report.json`` and ``figures/*.png`` for the training
     run in ``run_dir`` (default: into ``run_dir/report``); returns the content of ``report.json``.
 
     Raises:
-        FileNotFoundError: ``run_dir`` is not a directory, or holds neither ``metrics.jsonl`` nor ``config.json``
-            (not a run directory; a laboratory folder is named as such, with the way to its own report).
+        NotARunDirectory: ``run_dir`` is not a directory, or holds neither ``metrics.jsonl`` nor ``config.json``
+            (a laboratory folder and a checkpoint are named as such, with the way to what was meant).
         ValueError: ``fit_fraction`` outside (0, 1].
     """
     run_dir = Path(run_dir)
     if not (0.0 < fit_fraction <= 1.0):
         raise ValueError(f"fit_fraction must lie in (0, 1]; got {fit_fraction!r}")
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"no run directory at {run_dir}")
+        raise NotARunDirectory(f"no run directory at {run_dir}")
     if not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.json").exists():
         if (run_dir / "lab.json").exists():
-            raise FileNotFoundError(f"{run_dir} is a laboratory folder: its report is {run_dir / 'report.md'} (`entrorl lab "
-                                    f"--out {run_dir}` writes it again); each method's run is in {run_dir / 'methods'}/<method>")
-        raise FileNotFoundError(f"{run_dir} holds no metrics.jsonl or config.json: not a training run directory "
-                                "(`entrorl train ... --run-dir DIR` writes one)")
+            raise NotARunDirectory(f"{run_dir} is a laboratory folder: its report is {run_dir / 'report.md'} (`entrorl lab "
+                                   f"--out {run_dir}` writes it again); each method's run is in {run_dir / 'methods'}/<method>")
+        for parent in (run_dir, *run_dir.parents):
+            if parent.parent.name == "checkpoints" and (parent.parent.parent / "metrics.jsonl").exists():
+                raise NotARunDirectory(f"{run_dir} is in checkpoint {parent.name} of the run {parent.parent.parent}: "
+                                       "report on the run")
+        raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl or config.json: not a training run directory "
+                               "(`entrorl train ... --run-dir DIR` writes one)")
     out = Path(out) if out is not None else run_dir / "report"
     return _RunReport(_TrainingRun(run_dir), out, float(fit_fraction), figures).build()

@@ -40,12 +40,13 @@ from typing import Any, Callable
 import numpy as np
 
 from entrorl.analysis.document import (NA, NOT_APPLICABLE, Cell, Figures, Heading, Paragraph, Section, Table, TableBlock,
-                                       agreement_cell, build_section, colours, dash, finite, fmt, json_value, missing, num, one_line,
-                                       power_of_ten, render_html, render_markdown, subplot_grid, text)
-from entrorl.analysis.run import (COV_PERCENTS, EDGE_FRACTION, ENTROPY_KEY, FALLBACK_REWARD_KEY, LAW_COLUMNS,
-                                  MIN_CEILING_STEPS, REWARD_KEY, SMOOTH_WINDOW, MetricRecords, analyse_records,
-                                  edge_count, edge_means, edge_phrase, intervention_keys, last_steps_phrase, law_cells,
-                                  moving_average, read_json, read_metrics_records)
+                                       agreement_cell, build_section, colours, dash, finite, fmt, fork_context,
+                                       json_value, missing, num, power_of_ten, render_html, render_markdown, subplot_grid,
+                                       text)
+from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, EDGE_FRACTION, ENTROPY_KEY, FALLBACK_REWARD_KEY,
+                                  FORKS_SHOWN, LAW_COLUMNS, MIN_CEILING_STEPS, REWARD_KEY, SMOOTH_WINDOW, MetricRecords,
+                                  analyse_records, edge_count, edge_means, edge_phrase, intervention_keys,
+                                  last_steps_phrase, law_cells, moving_average, read_json, read_metrics_records)
 from entrorl.dynamics import top_token_count
 from entrorl.evaluation import polarisation
 from entrorl.trainer.checkpoint import atomic_write_text
@@ -69,12 +70,10 @@ __all__ = [
     "SECTIONS",
 ]
 
-COLLAPSE_RATIO = 0.5
 KEPT_MARGIN = 1.25
 SUMMARY_MIDDLE_K = 8  # shown in the summary beside Pass@1 and the largest k
 WALL_CLOCK_LABEL = "wall clock, summed over the invocations that ran something (s)"
 CPU_KERNELS_LABEL = "CPU kernels (torch)"
-FORKS_SHOWN = 10
 SD_OTHERS = 3  # methods besides base and GRPO in the S/D figure
 PASS_RATE_BINS = 10
 REFERENCE = "grpo"
@@ -774,9 +773,7 @@ class _Report:
             forks = [f for f in (self.evals[model].get("forks") or []) if isinstance(f, dict)][:FORKS_SHOWN]
             table = Table(["rank", "token", "entropy", "context"], title=model)
             for rank, fork in enumerate(forks, 1):
-                token = str(fork.get("token", ""))
-                context = f"…{one_line(str(fork.get('before', '')))}⟦{one_line(token)}⟧{one_line(str(fork.get('after', '')))}…"
-                table.add([num(rank), text(repr(token)), num(fork.get("entropy")), text(context)])
+                table.add([num(rank), text(repr(str(fork.get("token", "")))), num(fork.get("entropy")), text(fork_context(fork))])
             if table.rows:
                 section.table(table)
             else:
