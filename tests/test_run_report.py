@@ -207,3 +207,21 @@ def test_the_report_command(tmp_path):
     assert result.exit_code == 2 and "no run directory at" in result.output
     result = CliRunner().invoke(app, ["report", str(run), "--fit-fraction", "0"])
     assert result.exit_code == 2 and "--fit-fraction must be above 0 and at most 1" in result.output
+
+
+def test_the_law_is_also_fitted_to_the_evaluations_with_the_entropy_of_the_policy_they_evaluated(tmp_path):
+    records = law_records(56)  # steps 1..56
+    entropy = {r["step"]: r["entropy/mean"] for r in records}
+    # the evaluation after step N evaluates the policy that samples step N + 1; after the last step, step N's entropy
+    evaluations = {step: {"avg_at_n": 0.9 - 0.3 * math.exp(entropy.get(step + 1, entropy.get(step))), "pass_at_k": {}}
+                   for step in range(0, 60, 5)}
+    report = write_run_report(write_run(tmp_path / "run", records, evaluations=evaluations), figures=False)
+    by_evaluations = report["law"]["evaluations"]
+    assert by_evaluations["n_points"] == 12 and by_evaluations["reward_key"] == "eval/avg_at_n"
+    assert by_evaluations["fit"]["a"] == pytest.approx(0.3) and by_evaluations["fit"]["b"] == pytest.approx(0.9)
+    training, evaluated = report["law"]["table"]["values"]
+    assert training["fitted on"] == "training steps (reward/accuracy)"
+    assert evaluated["fitted on"] == "evaluations (eval/avg_at_n)" and evaluated["ceiling"] == pytest.approx(0.6)
+    assert "fitted on 12 evaluations" not in evaluated["note"]
+    one = write_run_report(write_run(tmp_path / "one", records, evaluations={5: evaluations[5]}), figures=False)
+    assert one["law"]["evaluations"] is None and len(one["law"]["table"]["values"]) == 1

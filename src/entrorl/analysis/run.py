@@ -19,6 +19,8 @@ from entrorl.analysis.law import fit_entropy_law, forecast_entropy_law
 ENTROPY_KEY = "entropy/mean"
 REWARD_KEY = "reward/accuracy"  # the share of the step's samples the verifier accepted
 FALLBACK_REWARD_KEY = "reward/mean"  # used only when a run never logged REWARD_KEY
+EVAL_REWARD_KEY = "eval/avg_at_n"  # the share of the held-out samples the verifier accepted
+ACCURACY_KEYS = (REWARD_KEY, EVAL_REWARD_KEY)
 EDGE_FRACTION = 0.1
 COLLAPSE_RATIO = 0.5  # entropy has collapsed when its end is at most this share of its start
 SMOOTH_WINDOW = 5
@@ -227,6 +229,37 @@ def chance_sign_agreement(predicted: np.ndarray, measured: np.ndarray) -> float:
     return p_up * m_up + (1.0 - p_up) * (1.0 - m_up)
 
 
+def law_of(entropy: np.ndarray, reward: np.ndarray, *, reward_key: str, reached: float, fit_fraction: float,
+           unit: str = "steps") -> dict[str, Any]:
+    """The entropy–performance law of a run's points (arXiv 2505.22617, Eq. 6), as :func:`law_cells` reads it: the fit
+    over every point where both values are finite, the forecast from the first ``fit_fraction`` of them with its error
+    at the end, and the forecast ceiling's distance to ``reached``; the reason in ``fit_error`` / ``forecast_error``
+    where either cannot be fitted. ``unit`` names the points in the notes (``steps``, ``evaluations``)."""
+    keep = np.isfinite(entropy) & np.isfinite(reward)
+    h, r = entropy[keep], reward[keep]
+    law: dict[str, Any] = {"n_points": int(keep.sum()), "reward_key": reward_key, "reached": json_value(reached)}
+    if unit != "steps":
+        law["unit"] = unit
+    try:
+        law["fit"] = fit_entropy_law(h, r).to_dict()
+    except ValueError as error:
+        law["fit_error"] = str(error)
+    try:
+        forecast = forecast_entropy_law(h, r, fit_fraction=fit_fraction)
+        law["forecast"] = forecast.to_dict()
+        # the forecast's error where the run ended: predicted minus measured reward, averaged over the last points
+        n_end = edge_count(h.size)
+        law["end_error"] = json_value(float(np.mean(forecast.fit.predict(h[-n_end:]) - r[-n_end:])))
+        law["end_points"] = n_end
+        law["end_in_fit"] = h.size - n_end < forecast.n_fit
+        # no run comes near zero entropy: the distance to the ceiling is headroom, not an error of the forecast
+        law["ceiling_minus_reached"] = (json_value(forecast.predicted_ceiling - reached)
+                                        if forecast.fit.ceiling_applies and forecast.n_fit >= MIN_CEILING_STEPS else None)
+    except ValueError as error:
+        law["forecast_error"] = str(error)
+    return law
+
+
 def analyse_records(run: MetricRecords, fit_fraction: float, method: str = "") -> RunAnalysis:
     """Everything :class:`RunAnalysis` holds, from the run's step records; ``method`` (a registered method or a
     composition) names the interventions to check (none when empty or unknown)."""
@@ -238,26 +271,7 @@ def analyse_records(run: MetricRecords, fit_fraction: float, method: str = "") -
     result.reward_reached = nanmax(moving_average(reward))
 
     # the entropy–reward law, over the steps where both are finite
-    keep = np.isfinite(entropy) & np.isfinite(reward)
-    h, r = entropy[keep], reward[keep]
-    law: dict[str, Any] = {"n_points": int(keep.sum()), "reward_key": run.reward_key, "reached": json_value(result.reward_reached)}
-    try:
-        law["fit"] = fit_entropy_law(h, r).to_dict()
-    except ValueError as error:
-        law["fit_error"] = str(error)
-    try:
-        forecast = forecast_entropy_law(h, r, fit_fraction=fit_fraction)
-        law["forecast"] = forecast.to_dict()
-        # the forecast's error where the run ended: predicted minus measured reward, averaged over the last steps
-        n_end = edge_count(h.size)
-        law["end_error"] = json_value(float(np.mean(forecast.fit.predict(h[-n_end:]) - r[-n_end:])))
-        law["end_points"] = n_end
-        law["end_in_fit"] = h.size - n_end < forecast.n_fit
-        # no run comes near zero entropy: the distance to the ceiling is headroom, not an error of the forecast
-        law["ceiling_minus_reached"] = (json_value(forecast.predicted_ceiling - result.reward_reached)
-                                        if forecast.fit.ceiling_applies and forecast.n_fit >= MIN_CEILING_STEPS else None)
-    except ValueError as error:
-        law["forecast_error"] = str(error)
+    law = law_of(entropy, reward, reward_key=run.reward_key, reached=result.reward_reached, fit_fraction=fit_fraction)
     result.law = law
 
     for key in intervention_keys(method) if method else []:
@@ -317,7 +331,7 @@ def forecast_ceiling_shown(law: dict[str, Any]) -> bool:
 
 def beyond_an_accuracy(law: dict[str, Any], value: Any) -> bool:
     """Whether a ceiling is above 1 while the reward is an accuracy: the law extrapolated past the reward's range."""
-    return law.get("reward_key") == REWARD_KEY and finite(value) is not None and value > 1.0
+    return law.get("reward_key") in ACCURACY_KEYS and finite(value) is not None and value > 1.0
 
 
 LAW_COLUMNS = ["points", "a", "b", "R²", "ceiling", "fit steps", "forecast ceiling", "reached", "forecast ceiling − reached",
@@ -330,6 +344,7 @@ def law_cells(law: dict[str, Any]) -> list[Cell]:
     steps), and a note saying why a value is missing or how to read it."""
     fit, forecast = law.get("fit"), law.get("forecast")
     forecast_fit = (forecast or {}).get("fit") or {}
+    unit = law.get("unit", "steps")  # what the points are: training steps, or evaluations
     notes = [f"{part}: {law[part + '_error'].split('; ')[0]}" for part in ("fit", "forecast") if part + "_error" in law]
     if fit and fit.get("r2") is None:
         notes.append("R² undefined: " + ("fewer than 3 points" if fit["n_points"] < 3 else "the reward never changed"))
@@ -337,16 +352,16 @@ def law_cells(law: dict[str, Any]) -> list[Cell]:
         notes.append("a ≤ 0: reward did not rise as entropy fell, so the law's premise fails and it forecasts no ceiling")
     fit_shown = fit_ceiling_shown(law)
     if fit and fit.get("ceiling_applies") and not fit_shown:
-        notes.append(f"fitted on {fit['n_points']} steps only (fewer than {MIN_CEILING_STEPS}): its ceiling, an "
+        notes.append(f"fitted on {fit['n_points']} {unit} only (fewer than {MIN_CEILING_STEPS}): its ceiling, an "
                      "extrapolation to zero entropy, is not shown")
     if forecast and not forecast_fit.get("ceiling_applies"):
-        notes.append(f"forecast a ≤ 0 on the first {forecast['n_fit']} steps: no forecast ceiling")
+        notes.append(f"forecast a ≤ 0 on the first {forecast['n_fit']} {unit}: no forecast ceiling")
     ceiling_shown = forecast_ceiling_shown(law)
     if forecast and forecast_fit.get("ceiling_applies") and not ceiling_shown:
-        notes.append(f"forecast fitted on {forecast['n_fit']} steps only (fewer than {MIN_CEILING_STEPS}): its "
+        notes.append(f"forecast fitted on {forecast['n_fit']} {unit} only (fewer than {MIN_CEILING_STEPS}): its "
                      "ceiling, an extrapolation to zero entropy, is not shown")
     if forecast and law.get("end_in_fit"):
-        notes.append("forecast error at the end is in-sample: the last steps were among the fitted ones")
+        notes.append(f"forecast error at the end is in-sample: the last {unit} were among the fitted ones")
     above = [label for label, value, shown in (
         ("ceiling", (fit or {}).get("ceiling"), fit_shown),
         ("forecast ceiling", (forecast or {}).get("predicted_ceiling"), ceiling_shown))

@@ -30,10 +30,10 @@ from entrorl.analysis.document import (Cell, Figures, Section, Table, agreement_
                                        fork_context, json_value, missing, num, power_of_ten, render_html, render_markdown,
                                        text)
 from entrorl.analysis.law import fit_entropy_law
-from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, ENTROPY_KEY, FORKS_SHOWN, LAW_COLUMNS, MIN_CEILING_STEPS,
-                                  SMOOTH_WINDOW, MetricRecords, analyse_records, beyond_an_accuracy, chance_sign_agreement,
-                                  edge_phrase, forecast_ceiling_shown, law_cells, moving_average, read_json,
-                                  read_metrics_records)
+from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, ENTROPY_KEY, EVAL_REWARD_KEY, FORKS_SHOWN, LAW_COLUMNS,
+                                  MIN_CEILING_STEPS, SMOOTH_WINDOW, MetricRecords, analyse_records, beyond_an_accuracy,
+                                  chance_sign_agreement, edge_phrase, forecast_ceiling_shown, law_cells, law_of,
+                                  moving_average, read_json, read_metrics_records)
 from entrorl.trainer.checkpoint import atomic_write_text
 
 __all__ = ["write_run_report", "NotARunDirectory", "RUN_REPORT_SECTIONS", "DEFAULT_FIT_FRACTION"]
@@ -202,10 +202,16 @@ class _RunReport:
             f"is the reward it predicts once entropy is spent (H = 0); where a ≤ 0 the law's premise fails and no ceiling "
             f"is given (—). The forecast refits on the first {fmt(100 * self.fit_fraction)}% of the steps (at least 3; "
             f"`--fit-fraction`) and predicts the rest from their measured entropies: 'forecast RMSE' is its error on the "
-            f"later steps. A ceiling is shown once its fit rests on at least {MIN_CEILING_STEPS} steps."
+            f"later steps. A ceiling is shown once its fit rests on at least {MIN_CEILING_STEPS} points. The paper fits "
+            f"validation accuracy: with at least two evaluations the law is also fitted to each evaluation's Avg@n "
+            f"(`{EVAL_REWARD_KEY}`), with H the training entropy of the policy evaluated (`{ENTROPY_KEY}` of the next "
+            "step, whose samples that policy drew; of the same step for an evaluation after the last one)."
         )
-        table = Table(LAW_COLUMNS, title="Fit and forecast")
-        table.add(law_cells(law))
+        evaluation_law = self._evaluation_law()
+        table = Table(["fitted on", *LAW_COLUMNS], title="Fit and forecast")
+        table.add([text(f"training steps ({run.reward_key})"), *law_cells(law)])
+        if evaluation_law is not None:
+            table.add([text(f"evaluations ({EVAL_REWARD_KEY})"), *law_cells(evaluation_law)])
         section.table(table)
         baselines = self._forecast_baselines()
         if baselines is not None:
@@ -238,6 +244,14 @@ class _RunReport:
                 axes[0].plot(grid, f["b"] - f["a"] * grid, "--", color="C0", label=label)
                 axes[1].plot(steps, f["b"] - f["a"] * x, "--", color="C0", label=f"forecast ({label})")
                 axes[1].axvline(steps[forecast["n_fit"] - 1], color="0.8", linewidth=0.6)
+            if evaluation_law is not None and "fit" in evaluation_law:
+                _, eval_entropy, eval_reward = self._evaluation_points()
+                keep = np.isfinite(eval_entropy) & np.isfinite(eval_reward)
+                eval_x = np.exp(eval_entropy[keep])
+                axes[0].plot(eval_x, eval_reward[keep], "D", color="C3", markersize=3, label="evaluations (Avg@n)")
+                line = np.linspace(eval_x.min(), eval_x.max(), 50)
+                f = evaluation_law["fit"]
+                axes[0].plot(line, f["b"] - f["a"] * line, ":", color="C3", label="fit, evaluations")
             axes[0].set(xlabel="exp(H)", ylabel="R", title=f"R² {fmt(law['fit']['r2'])}")
             axes[0].legend(frameon=False, loc="best")
             axes[1].set(xlabel="step", ylabel="R", title="forecast from the first steps")
@@ -247,7 +261,27 @@ class _RunReport:
         section.blocks.append(self.figures.draw("law.png", "Left: reward against exp(entropy), coloured by step, with the fitted "
                                                 "law. Right: the reward the early fit predicts from each step's entropy.",
                                                 8.5, 2.8, paint))
-        self.json["law"] = {"table": table.to_json(), "fit": json_value(law), "fit_fraction": self.fit_fraction}
+        self.json["law"] = {"table": table.to_json(), "fit": json_value(law), "evaluations": json_value(evaluation_law),
+                            "fit_fraction": self.fit_fraction}
+
+    def _evaluation_points(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(steps, entropy, Avg@n)`` of the evaluations: each one's entropy is the training entropy of the policy it
+        evaluated, ``entropy/mean`` of the next step (drawn by that policy), or of its own step after the last one."""
+        entropy = {int(step): value for step, value in zip(self.run.steps, self.run.series(ENTROPY_KEY))}
+        steps = np.array(list(self.run.evaluations), dtype=np.int64)
+        paired = [entropy.get(step + 1, entropy.get(step, math.nan)) for step in steps.tolist()]
+        reward = [finite(e.get("avg_at_n")) for e in self.run.evaluations.values()]
+        return (steps, np.array(paired, dtype=np.float64),
+                np.array([math.nan if value is None else value for value in reward], dtype=np.float64))
+
+    def _evaluation_law(self) -> dict[str, Any] | None:
+        """The law fitted to the evaluations' Avg@n (the paper's validation accuracy), with two of them or more."""
+        if len(self.run.evaluations) < 2:
+            return None
+        _, entropy, reward = self._evaluation_points()
+        reached = float(np.nanmax(reward)) if np.isfinite(reward).any() else math.nan
+        return law_of(entropy, reward, reward_key=EVAL_REWARD_KEY, reached=reached, fit_fraction=self.fit_fraction,
+                      unit="evaluations")
 
     def _forecast_baselines(self) -> Table | None:
         """The forecast's RMSE on the steps after the fitted ones, next to a constant's and the whole-run fit's."""
