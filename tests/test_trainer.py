@@ -655,7 +655,8 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
             (["diagnostics.measure_entropy_change=false", "diagnostics.measure_fraction=0.5"],
              r"diagnostics.measure_fraction has no effect with diagnostics.measure_entropy_change = false"),
             (["model.master_weights=false"], r"model.master_weights has no effect with model.dtype = 'float32'"),
-            (["reward.diversity.batch_size=8"], r"reward.diversity.batch_size has no effect while reward.diversity.enabled is false")):
+            (["reward.diversity.batch_size=8"], r"reward.diversity.batch_size has no effect while reward.diversity.enabled is false"),
+            (["logging.project=mine"], r"logging.project has no effect without logging.wandb or logging.trackio")):
         with pytest.warns(UserWarning, match=problem):
             load_config(base, overrides)
     with warnings.catch_warnings():  # each of them where it does take effect: silent

@@ -43,6 +43,7 @@ def train(
     from entrorl.modeling import is_out_of_memory, out_of_memory_while
     from entrorl.trainer import ConfigError, Trainer, TrainingInterrupted, TrainingStopped, load_config
     from entrorl.trainer.checkpoint import CheckpointWriteError, checkpoint_step, latest_checkpoint
+    from entrorl.trainer.loggers import TrackerError
 
     try:
         train_config = load_config(config, set_ or [])
@@ -60,7 +61,7 @@ def train(
             return
     try:
         trainer = Trainer(train_config, run_dir=run_dir, resume=resume, console=console)
-    except (ValueError, OSError) as error:  # OSError: missing files, and what transformers raises on unreadable ones
+    except (ValueError, OSError, TrackerError) as error:  # OSError: missing files, and unreadable ones
         _fail(str(error))
     except (MemoryError, RuntimeError) as error:  # e.g. the optimizer's state under a memory limit
         if not is_out_of_memory(error):
@@ -89,6 +90,9 @@ def train(
         if not trainer.run_dir.is_dir():
             return f"{message}; the run directory {trainer.run_dir} no longer exists"
         latest = latest_checkpoint(trainer.run_dir)
+        if latest is not None and checkpoint_step(latest) >= train_config.optim.steps:  # failed while closing
+            return (f"{message}; the run itself finished: its last checkpoint, {latest.name}, and metrics.jsonl are "
+                    "complete")
         return f"{message}; " + (f"the last checkpoint, {latest.name}, is intact: once the cause is fixed, continue "
                                  f"with {shlex.join([*again, '--resume'])}" if latest is not None
                                  else "no checkpoint had been written")
@@ -101,6 +105,8 @@ def train(
         latest = latest_checkpoint(trainer.run_dir) if trainer.run_dir.is_dir() else None
         _fail(f"{error}" + (f"; once the cause is fixed, continue with {shlex.join([*again, '--resume'])}"
                             if latest is not None else ""))
+    except TrackerError as error:  # TensorBoard, W&B or trackio (the message names which)
+        _fail(with_the_way_on(str(error)))
     except OSError as error:  # any other file the run writes (metrics, evaluations, samples)
         if is_out_of_memory(error):  # ENOMEM: a memory map or a process refused, not a file
             error = out_of_memory_while(trainer.activity, error, files_read=False)

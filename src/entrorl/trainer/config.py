@@ -389,9 +389,11 @@ class DiagnosticsConfig(_Section):
 class LoggingConfig(_Section):
     run_dir: str = Field("runs", description="parent directory of run directories")
     name: str | None = Field(None, description="run directory name; default: <method>-<time>")
-    tensorboard: bool = False
-    wandb: bool = False
-    trackio: bool = False
+    tensorboard: bool = Field(False, description="mirror every step's metrics to TensorBoard, in <run>/tensorboard")
+    wandb: bool = Field(False, description="mirror them to Weights & Biases (WANDB_MODE=offline keeps them in <run>/wandb)")
+    trackio: bool = Field(False, description="mirror them to trackio (stored under TRACKIO_DIR, by default in the "
+                          "Hugging Face cache)")
+    project: str = Field("entrorl", min_length=1, description="the W&B / trackio project the run is logged to")
     progress: bool = True
     samples_every: int = Field(0, ge=0, description="every N steps write samples/step_<step>.jsonl: each rollout's prompt, "
                                "completion, answer, reward, advantage and the reward's reason (0 = never)")
@@ -548,6 +550,8 @@ class TrainConfig(_Section):
             unused.append("rollout.vllm_gpu_memory_utilization has no effect with rollout.backend = 'hf'")
         if data.pass_rate_band is None and moved(data, "pass_rate_column"):
             unused.append("data.pass_rate_column has no effect without data.pass_rate_band")
+        if self.logging.project != "entrorl" and not (self.logging.wandb or self.logging.trackio):
+            unused.append("logging.project has no effect without logging.wandb or logging.trackio")
         if data.eval is None:
             unused += [f"eval.{name} has no effect: data.eval is not set, so no evaluation runs"
                        for name in moved(self.eval, "n", "ks", "max_prompts", "temperature", "top_p", "top_k", "top_forks")]

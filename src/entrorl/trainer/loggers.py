@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from entrorl.trainer.checkpoint import naming_file
 
-__all__ = ["MetricsLogger", "read_metrics"]
+__all__ = ["MetricsLogger", "TrackerError", "read_metrics"]
+
+
+WANDB_ID_FILE = "wandb_run_id"  # the W&B run's id, for a resumed run to log into the same run
+
+
+class TrackerError(RuntimeError):
+    """A tracking back-end (TensorBoard, W&B, trackio) that could not start, write or finish; the message names it."""
 
 
 def _clean(value: Any) -> Any:
@@ -25,11 +34,14 @@ class MetricsLogger:
     lose a step the checkpoint covers; an ``fsync`` per step could cost a slow disk several ms a step).
 
     On resume from step ``s``, records with ``step > s`` (written after the checkpoint, before a crash) are
-    dropped first, so the file reads exactly as if the run had never stopped.
+    dropped first, so the file reads exactly as if the run had never stopped. TensorBoard drops its own (``purge_step``);
+    W&B and trackio take each step once, so the steps they already hold (sent by the interrupted attempt and stored) are
+    not sent again (on a CPU with the same seed they hold the same values; a warning says so). A fresh start removes the TensorBoard events
+    an earlier attempt left in the run directory.
     """
 
     def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard=False, wandb=False, trackio=False,
-                 run_name: str = "", config: dict[str, Any] | None = None):
+                 run_name: str = "", project: str = "entrorl", config: dict[str, Any] | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             kept = [line for line, record in _records(self.path) if record.get("step", 0) <= resume_step]
@@ -42,39 +54,53 @@ class MetricsLogger:
             os.replace(temporary, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
+        self.tensorboard_dir = Path(run_dir) / "tensorboard"
+        if resume_step is None and self.tensorboard_dir.is_dir():  # an earlier attempt's events, which TensorBoard would merge
+            for events in self.tensorboard_dir.glob("events.out.tfevents.*"):
+                events.unlink()
         self._file = open(self.path, "a", encoding="utf-8")
         self._tensorboard = self._wandb = self._trackio = None
+        self._resume_step = resume_step if resume_step is not None else 0
+        # W&B and trackio take each step once: the first step each one does not hold yet (on a resume, steps after the
+        # checkpoint that an interrupted attempt sent them and they stored are not sent again)
+        self._next_step = {"W&B": 0, "trackio": 0}
+        self._warned_held = False
         try:
             self._open_backends(run_dir, resume_step=resume_step, tensorboard=tensorboard, wandb=wandb, trackio=trackio,
-                                run_name=run_name, config=config)
+                                run_name=run_name, project=project, config=config)
         except BaseException:  # a back-end that fails to start (no login, no server) leaves nothing open behind it
-            self.close()
+            self.close(failed=True)
             raise
 
-    def _open_backends(self, run_dir: Path, *, resume_step, tensorboard, wandb, trackio, run_name, config) -> None:
-        """Start the TensorBoard / W&B / trackio mirrors that were asked for."""
+    def _open_backends(self, run_dir: Path, *, resume_step, tensorboard, wandb, trackio, run_name, project, config) -> None:
+        """Start the TensorBoard / W&B / trackio mirrors that were asked for; :class:`TrackerError` naming the one that
+        could not start."""
         if tensorboard:
-            try:
+            with _as_tracker_error("logging.tensorboard", "could not start TensorBoard", self.tensorboard_dir):
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as error:
-                raise RuntimeError("logging.tensorboard needs the tensorboard package: pip install 'entrorl[track]'") from error
-            self._tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
+
+                self._tensorboard = SummaryWriter(str(self.tensorboard_dir),
+                                                  purge_step=None if resume_step is None else resume_step + 1)
         if wandb:
-            try:
+            with _as_tracker_error("logging.wandb", "could not start W&B (without a login, WANDB_MODE=offline logs into "
+                                   "the run directory, for `wandb sync` to upload later)"):
                 import wandb as wandb_module
-            except ImportError as error:
-                raise RuntimeError("logging.wandb needs the wandb package: pip install 'entrorl[track]'") from error
-            id_file = Path(run_dir) / "wandb_run_id"  # a resumed run logs into the same W&B run
-            run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
-            self._wandb = wandb_module.init(name=run_name, config=config, dir=str(run_dir), id=run_id, resume="allow")
-            id_file.write_text(self._wandb.id)
+
+                id_file = Path(run_dir) / WANDB_ID_FILE  # a resumed run logs into the same W&B run
+                run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
+                self._wandb = wandb_module.init(project=project, name=run_name, config=config, dir=str(run_dir), id=run_id,
+                                                resume="allow")
+                id_file.write_text(self._wandb.id)
+                self._next_step["W&B"] = _whole(getattr(self._wandb, "step", 0))  # a resumed W&B run's next step
         if trackio:
-            try:
+            with _as_tracker_error("logging.trackio", "could not start trackio"):
                 import trackio as trackio_module
-            except ImportError as error:
-                raise RuntimeError("logging.trackio needs the trackio package: pip install 'entrorl[track]'") from error
-            trackio_module.init(project="entrorl", name=run_name, config=config)
-            self._trackio = trackio_module
+
+                run = trackio_module.init(project=project, name=run_name, config=config,
+                                          resume="never" if resume_step is None else "allow")
+                self._trackio = trackio_module
+                # the step after the last one its storage holds for this run (trackio has no public name for it)
+                self._next_step["trackio"] = _whole(getattr(run, "_next_step", 0))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Append step ``step``; ``FileNotFoundError`` when ``metrics.jsonl`` was deleted meanwhile (the run directory
@@ -90,13 +116,26 @@ class MetricsLogger:
             raise naming_file(error, self.path) from None
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self._tensorboard is not None:
-            for key, value in numeric.items():
-                self._tensorboard.add_scalar(key, value, step)
-            self._tensorboard.flush()
-        if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
-        if self._trackio is not None:
-            self._trackio.log(numeric, step=step)
+            with _as_tracker_error("logging.tensorboard", "TensorBoard could not write", self.tensorboard_dir):
+                for key, value in numeric.items():
+                    self._tensorboard.add_scalar(key, value, step)
+                self._tensorboard.flush()
+        skipped = [tracker for tracker, sink in (("W&B", self._wandb), ("trackio", self._trackio))
+                   if sink is not None and step < self._next_step[tracker]]
+        if skipped and not self._warned_held:
+            self._warned_held = True
+            last = max(self._next_step[tracker] for tracker in skipped) - 1
+            they, hold, take = ("they", "hold", "take") if len(skipped) > 1 else ("it", "holds", "takes")
+            warnings.warn(f"{' and '.join(skipped)} already {hold} steps {self._resume_step + 1} to {last}, sent before the "
+                          f"run was interrupted, and {take} each step once: {they} keep{'' if they == 'they' else 's'} "
+                          "those values (on a CPU with the same seed the same as this attempt's, which metrics.jsonl "
+                          "holds)", stacklevel=2)
+        if self._wandb is not None and "W&B" not in skipped:
+            with _as_tracker_error("logging.wandb", "W&B could not log"):
+                self._wandb.log(numeric, step=step, commit=True)  # committed now: a crash loses no step W&B was given
+        if self._trackio is not None and "trackio" not in skipped:
+            with _as_tracker_error("logging.trackio", "trackio could not log"):
+                self._trackio.log(numeric, step=step)
 
     def sync(self) -> None:
         """Make every step logged so far durable (``fsync``)."""
@@ -106,28 +145,51 @@ class MetricsLogger:
         except OSError as error:
             raise naming_file(error, self.path) from None
 
-    def close(self) -> None:
-        """Sync and close every sink; a second call does nothing. A sync that fails (a full disk) is raised after
-        every sink is closed."""
-        failed = None
+    def close(self, *, failed: bool = False) -> None:
+        """Sync and close every sink; a second call does nothing. ``failed`` marks the W&B run as failed (exit code 1)
+        instead of finished. The first error (a full disk) is raised after every sink is closed."""
+        errors: list[Exception] = []
         if not self._file.closed:
             try:
                 self.sync()
             except OSError as error:
-                failed = error
+                errors.append(error)
         try:
             self._file.close()
         except OSError:  # what could not be flushed was reported by the sync
             pass
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-        if self._trackio is not None:
-            self._trackio.finish()
+        closing = (("logging.tensorboard", "TensorBoard could not write", self._tensorboard, lambda sink: sink.close()),
+                   ("logging.wandb", "W&B could not finish", self._wandb, lambda sink: sink.finish(exit_code=int(failed))),
+                   ("logging.trackio", "trackio could not finish", self._trackio, lambda sink: sink.finish()))
+        for key, what, sink, finish in closing:
+            if sink is None:
+                continue
+            try:
+                with _as_tracker_error(key, what, self.tensorboard_dir if sink is self._tensorboard else None):
+                    finish(sink)
+            except TrackerError as error:
+                errors.append(error)
         self._tensorboard = self._wandb = self._trackio = None
-        if failed is not None:
-            raise failed
+        if errors:
+            raise errors[0]
+
+
+def _whole(value: Any) -> int:
+    """``value`` when it is a whole number of at least 0, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+@contextlib.contextmanager
+def _as_tracker_error(key: str, what: str, path: Path | None = None):
+    """Any error of a tracking back-end inside the block as a :class:`TrackerError` that names the back-end's setting
+    (and the folder it writes, when given): a back-end's own errors name neither."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 — whatever the back-end raises (UsageError, OSError, ...)
+        where = f" in {path}" if path is not None else ""
+        raise TrackerError(f"{key}: {what}{where}: {type(error).__name__}: {error}") from error
 
 
 def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:

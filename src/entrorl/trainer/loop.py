@@ -74,7 +74,7 @@ from entrorl.trainer.diagnostics import (
     predicted_vs_measured,
 )
 from entrorl.trainer.evaluate import evaluate_model
-from entrorl.trainer.loggers import MetricsLogger
+from entrorl.trainer.loggers import MetricsLogger, TrackerError
 from entrorl.trainer.precision import MasterWeights, needs_master_weights
 
 __all__ = ["Trainer", "TrainingStopped", "TrainingInterrupted", "ScoredRollouts", "learning_rate_factor"]
@@ -244,21 +244,22 @@ class Trainer:
             self.logger = MetricsLogger(
                 self.run_dir, resume_step=self.step if checkpoint is not None else None,
                 tensorboard=config.logging.tensorboard, wandb=config.logging.wandb, trackio=config.logging.trackio,
-                run_name=self.run_dir.name, config=config.model_dump(mode="json"),
+                run_name=self.run_dir.name, project=config.logging.project, config=config.model_dump(mode="json"),
             )
             self._discard_files_after(self.step if checkpoint is not None else None)
         except BaseException:
-            self.close()
+            self.close(failed=True)
             if created_run_dir is not None:
                 shutil.rmtree(created_run_dir, ignore_errors=True)
             raise
 
-    def close(self) -> None:
-        """Close the loggers and let go of the run directory (another run may use it from then on). ``train`` does
-        it when it returns or raises; a trainer driven step by step calls it when done."""
+    def close(self, *, failed: bool = False) -> None:
+        """Close the loggers (``failed``: the W&B run is marked failed) and let go of the run directory (another run may
+        use it from then on). ``train`` does it when it returns or raises; a trainer driven step by step calls it when
+        done."""
         try:
             if getattr(self, "logger", None) is not None:
-                self.logger.close()
+                self.logger.close(failed=failed)
         finally:  # the lock goes even when the loggers could not sync (a full disk)
             if getattr(self, "_lock", None) is not None:
                 self._lock.close()
@@ -1043,8 +1044,8 @@ class Trainer:
             if finished:
                 self.close()
             else:  # the error under way is the one to report, not a second one from closing (a full disk)
-                with contextlib.suppress(OSError):
-                    self.close()
+                with contextlib.suppress(OSError, TrackerError):
+                    self.close(failed=True)
         return self.run_dir
 
 

@@ -1,0 +1,177 @@
+"""The metrics sinks: metrics.jsonl, and the TensorBoard / W&B / trackio mirrors on a fresh start, a resume and a failure.
+
+W&B and trackio are stood in for by modules that record their calls and, as the real ones do, tell a resumed run the
+step after the last one they hold (neither is installed with the tests' extras, and W&B would need a login);
+TensorBoard is the real one."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import sys
+import types
+import warnings
+
+import pytest
+
+from entrorl.trainer.loggers import MetricsLogger, TrackerError, read_metrics
+
+
+class FakeWandbRun:
+    def __init__(self, **options):
+        self.options = options
+        self.id = options.get("id") or f"run-{len(FakeTrackers.wandb_runs)}"
+        held = [step for run in FakeTrackers.wandb_runs if run.id == self.id for step, _, _ in run.logged]
+        self.step = max(held) + 1 if held else 0  # wandb.Run.step: a resumed run's next step
+        self.logged: list[tuple[int, dict, bool]] = []
+        self.exit_code = "not finished"
+
+    def log(self, data, step=None, commit=None):
+        self.logged.append((step, dict(data), commit))
+
+    def finish(self, exit_code=None):
+        self.exit_code = exit_code
+
+
+class FakeTrackers:
+    wandb_runs: list[FakeWandbRun] = []
+
+
+@pytest.fixture
+def trackers(monkeypatch):
+    """Fake ``wandb`` and ``trackio`` modules: ``FakeTrackers.wandb_runs`` and the trackio module's ``calls``."""
+    FakeTrackers.wandb_runs = []
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+
+    def init(**options):
+        FakeTrackers.wandb_runs.append(FakeWandbRun(**options))
+        return FakeTrackers.wandb_runs[-1]
+
+    wandb.init = init
+    trackio = types.ModuleType("trackio")
+    trackio.__spec__ = importlib.machinery.ModuleSpec("trackio", None)
+    trackio.calls = []
+
+    def trackio_init(**options):
+        trackio.calls.append(("init", options))
+        held = [call[1] for call in trackio.calls if call[0] == "log"]
+        return types.SimpleNamespace(_next_step=max(held) + 1 if held else 0)
+
+    trackio.init = trackio_init
+    trackio.log = lambda data, step=None: trackio.calls.append(("log", step, dict(data)))
+    trackio.finish = lambda: trackio.calls.append(("finish",))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "trackio", trackio)
+    return wandb, trackio
+
+
+def log_steps(logger, steps):
+    for step in steps:
+        logger.log(step, {"entropy/mean": 1.0 / step, "reward/mean": 0.1 * step, "note": "text is not mirrored"})
+
+
+def test_a_resumed_run_sends_each_step_once_to_w_and_b_and_trackio(tmp_path, trackers):
+    _, trackio = trackers
+    logger = MetricsLogger(tmp_path, wandb=True, trackio=True, run_name="run", project="mine")
+    log_steps(logger, range(1, 6))  # then killed: the checkpoint is at step 3, steps 4 and 5 were sent already
+    first = FakeTrackers.wandb_runs[0]
+    assert first.options["project"] == "mine" and first.options["resume"] == "allow" and first.options["id"] is None
+    assert [(step, commit) for step, _, commit in first.logged] == [(1, True), (2, True), (3, True), (4, True), (5, True)]
+    assert first.logged[0][1] == {"entropy/mean": 1.0, "reward/mean": 0.1}
+    assert (tmp_path / "wandb_run_id").read_text() == first.id
+    with pytest.warns(UserWarning, match="W&B and trackio already hold steps 4 to 5, sent before the run was interrupted, "
+                                         "and take each step once: they keep those values"):
+        resumed = MetricsLogger(tmp_path, resume_step=3, wandb=True, trackio=True, run_name="run", project="mine")
+        log_steps(resumed, range(4, 8))
+    resumed.close()
+    second = FakeTrackers.wandb_runs[1]
+    assert second.options["id"] == first.id and [step for step, _, _ in second.logged] == [6, 7]
+    assert second.exit_code == 0
+    inits = [call[1] for call in trackio.calls if call[0] == "init"]
+    assert [(i["project"], i["name"], i["resume"]) for i in inits] == [("mine", "run", "never"), ("mine", "run", "allow")]
+    assert [call[1] for call in trackio.calls if call[0] == "log"] == [1, 2, 3, 4, 5, 6, 7]
+    assert [record["step"] for record in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_tracker_turned_on_at_the_resume_or_that_lost_the_steps_gets_every_step_after_the_checkpoint(tmp_path, trackers):
+    logger = MetricsLogger(tmp_path)
+    log_steps(logger, range(1, 6))
+    logger.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing was sent before: nothing to warn about
+        resumed = MetricsLogger(tmp_path, resume_step=3, wandb=True)
+        log_steps(resumed, range(4, 6))
+    resumed.close(failed=True)
+    (run,) = FakeTrackers.wandb_runs
+    assert [step for step, _, _ in run.logged] == [4, 5] and run.exit_code == 1
+    # an interrupted attempt whose last steps never reached storage (a killed process's buffer): they are sent again
+    run.logged = run.logged[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = MetricsLogger(tmp_path, resume_step=4, wandb=True)
+        log_steps(resumed, [5])
+    assert [step for step, _, _ in FakeTrackers.wandb_runs[-1].logged] == [5]
+
+
+def test_a_tracker_that_fails_is_named_and_the_others_are_still_closed(tmp_path, trackers):
+    wandb, trackio = trackers
+    wandb.init = lambda **options: (_ for _ in ()).throw(Exception("No API key configured. Use `wandb login` to log in."))
+    with pytest.raises(TrackerError, match=r"logging.wandb: could not start W&B \(without a login, WANDB_MODE=offline .*\): "
+                                           r"Exception: No API key configured"):
+        MetricsLogger(tmp_path, tensorboard=True, wandb=True)
+    # a sink that fails while closing does not keep the ones after it open
+    logger = MetricsLogger(tmp_path, tensorboard=True, trackio=True)
+
+    def broken():
+        raise OSError(28, "No space left on device")
+
+    logger._tensorboard.close = broken
+    with pytest.raises(TrackerError, match=r"logging.tensorboard: TensorBoard could not write in .*tensorboard: OSError"):
+        logger.close()
+    assert trackio.calls[-1] == ("finish",)
+
+
+def test_a_fresh_start_removes_the_tensorboard_events_of_an_earlier_attempt(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    log_steps(logger, range(1, 5))  # killed before any checkpoint: the next start is a fresh one
+    logger.close()
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    log_steps(logger, range(1, 3))
+    logger.close()
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("reward/mean")] == [1, 2]
+    # a resume keeps them: TensorBoard itself drops the steps after the checkpoint
+    logger = MetricsLogger(tmp_path, tensorboard=True, resume_step=1)
+    log_steps(logger, [2, 3])
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("reward/mean")] == [1, 2, 3]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_a_tracker_that_cannot_start_is_one_line_before_anything_is_trained(tmp_path, trackers, tiny_model_dir,
+                                                                             arithmetic_files):
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    wandb, _ = trackers
+    wandb.init = lambda **options: (_ for _ in ()).throw(Exception("No API key configured."))
+    train, _ = arithmetic_files
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({"model": {"path": str(tiny_model_dir)}, "data": {"train": str(train)},
+                                  "reward": {"name": "exact_match"}, "rollout": {"prompts_per_step": 2, "group_size": 2,
+                                                                                 "max_new_tokens": 4},
+                                  "optim": {"steps": 1}, "logging": {"wandb": True, "project": "mine"}}))
+    result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert output.startswith("error: logging.wandb: could not start W&B (without a login, WANDB_MODE=offline logs into the "
+                             "run directory, for `wandb sync` to upload later): Exception: No API key configured.")
+    assert not (tmp_path / "run").exists()  # a run that could not start leaves no directory
