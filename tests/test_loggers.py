@@ -80,8 +80,8 @@ def test_a_resumed_run_sends_each_step_once_to_w_and_b_and_trackio(tmp_path, tra
     assert [(step, commit) for step, _, commit in first.logged] == [(1, True), (2, True), (3, True), (4, True), (5, True)]
     assert first.logged[0][1] == {"entropy/mean": 1.0, "reward/mean": 0.1}
     assert (tmp_path / "wandb_run_id").read_text() == first.id
-    with pytest.warns(UserWarning, match="W&B and trackio already hold steps 4 to 5, sent before the run was interrupted, "
-                                         "and take each step once: they keep those values"):
+    with pytest.warns(UserWarning, match="W&B already holds steps 4 to 5 and trackio already holds steps 4 to 5, sent "
+                                         "before the run was interrupted; each takes a step once and keeps those values"):
         resumed = MetricsLogger(tmp_path, resume_step=3, wandb=True, trackio=True, run_name="run", project="mine")
         log_steps(resumed, range(4, 8))
     resumed.close()
@@ -114,11 +114,37 @@ def test_a_tracker_turned_on_at_the_resume_or_that_lost_the_steps_gets_every_ste
     assert [step for step, _, _ in FakeTrackers.wandb_runs[-1].logged] == [5]
 
 
+def test_each_tracker_skips_only_the_steps_it_holds(tmp_path, trackers):
+    _, trackio = trackers
+    logger = MetricsLogger(tmp_path, wandb=True)
+    log_steps(logger, range(1, 6))
+    logger.close()
+    trackio.calls += [("log", step, {}) for step in (1, 2, 3)]  # trackio held fewer steps than W&B
+    with pytest.warns(UserWarning, match=r"W&B already holds steps 3 to 5 and trackio already holds step 3, sent before"):
+        resumed = MetricsLogger(tmp_path, resume_step=2, wandb=True, trackio=True)
+        log_steps(resumed, range(3, 7))
+    assert [step for step, _, _ in FakeTrackers.wandb_runs[-1].logged] == [6]
+    assert [call[1] for call in trackio.calls if call[0] == "log"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_fresh_start_leaves_no_earlier_w_and_b_files_and_a_failure_to_start_is_not_hidden(tmp_path, trackers,
+                                                                                             monkeypatch):
+    wandb, trackio = trackers
+    (tmp_path / "wandb" / "offline-run-1-abc").mkdir(parents=True)
+    MetricsLogger(tmp_path, wandb=True).close()
+    assert not (tmp_path / "wandb").exists()  # the fake writes nothing there; the earlier attempt's run is gone
+    trackio.init = lambda **options: (_ for _ in ()).throw(ConnectionError("no server"))
+    monkeypatch.setattr(FakeWandbRun, "finish",
+                        lambda self, exit_code=None: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(TrackerError, match=r"logging.trackio: could not start trackio: ConnectionError: no server"):
+        MetricsLogger(tmp_path, wandb=True, trackio=True)
+
+
 def test_a_tracker_that_fails_is_named_and_the_others_are_still_closed(tmp_path, trackers):
     wandb, trackio = trackers
     wandb.init = lambda **options: (_ for _ in ()).throw(Exception("No API key configured. Use `wandb login` to log in."))
-    with pytest.raises(TrackerError, match=r"logging.wandb: could not start W&B \(without a login, WANDB_MODE=offline .*\): "
-                                           r"Exception: No API key configured"):
+    with pytest.raises(TrackerError, match=r"logging.wandb: could not start W&B in .*wandb: Exception: No API key configured. "
+                                           r"Use `wandb login` to log in; without a login, WANDB_MODE=offline logs"):
         MetricsLogger(tmp_path, tensorboard=True, wandb=True)
     # a sink that fails while closing does not keep the ones after it open
     logger = MetricsLogger(tmp_path, tensorboard=True, trackio=True)
@@ -172,6 +198,7 @@ def test_a_tracker_that_cannot_start_is_one_line_before_anything_is_trained(tmp_
     result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run")])
     output = " ".join(result.output.split())
     assert result.exit_code == 2, result.output
-    assert output.startswith("error: logging.wandb: could not start W&B (without a login, WANDB_MODE=offline logs into the "
-                             "run directory, for `wandb sync` to upload later): Exception: No API key configured.")
+    assert output.startswith(f"error: logging.wandb: could not start W&B in {tmp_path / 'run' / 'wandb'}: Exception: No API "
+                             "key configured; without a login, WANDB_MODE=offline logs into the run directory, for `wandb "
+                             "sync` to upload later")
     assert not (tmp_path / "run").exists()  # a run that could not start leaves no directory

@@ -97,6 +97,7 @@ def train(
                                  f"with {shlex.join([*again, '--resume'])}" if latest is not None
                                  else "no checkpoint had been written")
 
+    _quiet_tensorboard_writer_thread()
     try:
         trainer.train(handle_signals=True)
     except TrainingStopped as error:
@@ -127,6 +128,20 @@ def train(
             raise
         _fail(with_the_way_on(str(out_of_memory_while(trainer.activity, error, files_read=False))))
     console.print(Text.assemble(("done", "green"), f": {_run_summary(trainer.run_dir)}"), soft_wrap=True)
+
+
+def _quiet_tensorboard_writer_thread() -> None:
+    """TensorBoard writes its events in a thread of its own, whose write error (a full disk) Python prints as a
+    traceback; the same error reaches the run at its next write, which names the folder in one line."""
+    import threading
+
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        if not type(args.thread).__module__.startswith("tensorboard"):
+            default(args)
+
+    threading.excepthook = hook
 
 
 def _run_summary(run_dir: Path) -> str:

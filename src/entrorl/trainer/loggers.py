@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,12 @@ class MetricsLogger:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.tensorboard_dir = Path(run_dir) / "tensorboard"
-        if resume_step is None and self.tensorboard_dir.is_dir():  # an earlier attempt's events, which TensorBoard would merge
-            for events in self.tensorboard_dir.glob("events.out.tfevents.*"):
+        self.wandb_dir = Path(run_dir) / "wandb"
+        if resume_step is None:  # an earlier attempt's files: TensorBoard would merge its events, `wandb sync` upload its run
+            for events in self.tensorboard_dir.glob("events.out.tfevents.*") if self.tensorboard_dir.is_dir() else ():
                 events.unlink()
+            if wandb and self.wandb_dir.is_dir():
+                shutil.rmtree(self.wandb_dir)
         self._file = open(self.path, "a", encoding="utf-8")
         self._tensorboard = self._wandb = self._trackio = None
         self._resume_step = resume_step if resume_step is not None else 0
@@ -69,7 +73,8 @@ class MetricsLogger:
             self._open_backends(run_dir, resume_step=resume_step, tensorboard=tensorboard, wandb=wandb, trackio=trackio,
                                 run_name=run_name, project=project, config=config)
         except BaseException:  # a back-end that fails to start (no login, no server) leaves nothing open behind it
-            self.close(failed=True)
+            with contextlib.suppress(Exception):  # the failure to start is the one to report
+                self.close(failed=True)
             raise
 
     def _open_backends(self, run_dir: Path, *, resume_step, tensorboard, wandb, trackio, run_name, project, config) -> None:
@@ -82,8 +87,9 @@ class MetricsLogger:
                 self._tensorboard = SummaryWriter(str(self.tensorboard_dir),
                                                   purge_step=None if resume_step is None else resume_step + 1)
         if wandb:
-            with _as_tracker_error("logging.wandb", "could not start W&B (without a login, WANDB_MODE=offline logs into "
-                                   "the run directory, for `wandb sync` to upload later)"):
+            with _as_tracker_error("logging.wandb", "could not start W&B", self.wandb_dir,
+                                   advice="without a login, WANDB_MODE=offline logs into the run directory, for `wandb "
+                                          "sync` to upload later"):
                 import wandb as wandb_module
 
                 id_file = Path(run_dir) / WANDB_ID_FILE  # a resumed run logs into the same W&B run
@@ -100,7 +106,11 @@ class MetricsLogger:
                                           resume="never" if resume_step is None else "allow")
                 self._trackio = trackio_module
                 # the step after the last one its storage holds for this run (trackio has no public name for it)
-                self._next_step["trackio"] = _whole(getattr(run, "_next_step", 0))
+                held = getattr(run, "_next_step", None)
+                if resume_step is not None and held is None:
+                    warnings.warn("this trackio version does not say which steps its run already holds: every step "
+                                  "after the checkpoint is sent again, and those it holds are stored twice", stacklevel=2)
+                self._next_step["trackio"] = _whole(held)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Append step ``step``; ``FileNotFoundError`` when ``metrics.jsonl`` was deleted meanwhile (the run directory
@@ -124,15 +134,14 @@ class MetricsLogger:
                    if sink is not None and step < self._next_step[tracker]]
         if skipped and not self._warned_held:
             self._warned_held = True
-            last = max(self._next_step[tracker] for tracker in skipped) - 1
-            they, hold, take = ("they", "hold", "take") if len(skipped) > 1 else ("it", "holds", "takes")
-            warnings.warn(f"{' and '.join(skipped)} already {hold} steps {self._resume_step + 1} to {last}, sent before the "
-                          f"run was interrupted, and {take} each step once: {they} keep{'' if they == 'they' else 's'} "
+            held = [f"{tracker} already holds {_steps(self._resume_step + 1, self._next_step[tracker] - 1)}"
+                    for tracker in skipped]
+            warnings.warn(f"{' and '.join(held)}, sent before the run was interrupted; each takes a step once and keeps "
                           "those values (on a CPU with the same seed the same as this attempt's, which metrics.jsonl "
                           "holds)", stacklevel=2)
         if self._wandb is not None and "W&B" not in skipped:
-            with _as_tracker_error("logging.wandb", "W&B could not log"):
-                self._wandb.log(numeric, step=step, commit=True)  # committed now: a crash loses no step W&B was given
+            with _as_tracker_error("logging.wandb", "W&B could not log", self.wandb_dir):
+                self._wandb.log(numeric, step=step, commit=True)  # committed at once, not when the next step comes
         if self._trackio is not None and "trackio" not in skipped:
             with _as_tracker_error("logging.trackio", "trackio could not log"):
                 self._trackio.log(numeric, step=step)
@@ -158,14 +167,16 @@ class MetricsLogger:
             self._file.close()
         except OSError:  # what could not be flushed was reported by the sync
             pass
-        closing = (("logging.tensorboard", "TensorBoard could not write", self._tensorboard, lambda sink: sink.close()),
-                   ("logging.wandb", "W&B could not finish", self._wandb, lambda sink: sink.finish(exit_code=int(failed))),
-                   ("logging.trackio", "trackio could not finish", self._trackio, lambda sink: sink.finish()))
-        for key, what, sink, finish in closing:
+        closing = (("logging.tensorboard", "TensorBoard could not write", self._tensorboard, self.tensorboard_dir,
+                    lambda sink: sink.close()),
+                   ("logging.wandb", "W&B could not finish", self._wandb, self.wandb_dir,
+                    lambda sink: sink.finish(exit_code=int(failed))),
+                   ("logging.trackio", "trackio could not finish", self._trackio, None, lambda sink: sink.finish()))
+        for key, what, sink, folder, finish in closing:
             if sink is None:
                 continue
             try:
-                with _as_tracker_error(key, what, self.tensorboard_dir if sink is self._tensorboard else None):
+                with _as_tracker_error(key, what, folder):
                     finish(sink)
             except TrackerError as error:
                 errors.append(error)
@@ -174,22 +185,27 @@ class MetricsLogger:
             raise errors[0]
 
 
+def _steps(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first} to {last}"
+
+
 def _whole(value: Any) -> int:
     """``value`` when it is a whole number of at least 0, else 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 @contextlib.contextmanager
-def _as_tracker_error(key: str, what: str, path: Path | None = None):
+def _as_tracker_error(key: str, what: str, path: Path | None = None, *, advice: str = ""):
     """Any error of a tracking back-end inside the block as a :class:`TrackerError` that names the back-end's setting
-    (and the folder it writes, when given): a back-end's own errors name neither."""
+    (and the folder it writes, when given; ``advice`` after the error): a back-end's own errors name neither."""
     try:
         yield
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 — whatever the back-end raises (UsageError, OSError, ...)
         where = f" in {path}" if path is not None else ""
-        raise TrackerError(f"{key}: {what}{where}: {type(error).__name__}: {error}") from error
+        message = f"{key}: {what}{where}: {type(error).__name__}: {error}"
+        raise TrackerError(f"{message.rstrip('. ')}; {advice}" if advice else message) from error
 
 
 def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:

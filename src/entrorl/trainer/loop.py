@@ -248,7 +248,8 @@ class Trainer:
             )
             self._discard_files_after(self.step if checkpoint is not None else None)
         except BaseException:
-            self.close(failed=True)
+            with contextlib.suppress(Exception):  # the failure to start is the one to report
+                self.close(failed=True)
             if created_run_dir is not None:
                 shutil.rmtree(created_run_dir, ignore_errors=True)
             raise
