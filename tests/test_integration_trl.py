@@ -587,6 +587,14 @@ def test_trains_a_tiny_model_and_logs_entrorl_diagnostics(tokenizer, tmp_path, m
     if method == "forking_tokens":
         # 80/20 keeps the top 20% by entropy: about 80% of the valid tokens are dropped
         assert all(0.6 <= entry[selector_key] <= 0.85 for entry in logs)
+    # `entrorl report` on the output directory reads the same log history
+    from entrorl.analysis.run_report import write_run_report
+
+    trainer.save_state()
+    report = write_run_report(trainer.args.output_dir, figures=False)
+    assert report["section_errors"] == {} and report["steps"] == 2
+    intervention = next(v for v in report["interventions"]["values"] if v["metric"] == selector_key)
+    assert intervention["mean"] == pytest.approx(sum(entry[selector_key] for entry in logs) / 2)
 
 
 def test_without_diagnostics_the_objective_metrics_are_still_logged(tokenizer, tmp_path):

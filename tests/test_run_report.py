@@ -225,3 +225,23 @@ def test_the_law_is_also_fitted_to_the_evaluations_with_the_entropy_of_the_polic
     assert "fitted on 12 evaluations" not in evaluated["note"]
     one = write_run_report(write_run(tmp_path / "one", records, evaluations={5: evaluations[5]}), figures=False)
     assert one["law"]["evaluations"] is None and len(one["law"]["table"]["values"]) == 1
+
+
+def test_a_trl_run_is_read_from_its_trainer_state(tmp_path):
+    """TRL's GRPOTrainer with the entrorl plugin logs the diagnostics into the transformers log history: the newest
+    checkpoint's trainer_state.json gives the steps (evaluation entries and the closing summary left out)."""
+    history = [{"step": step, "loss": 0.1, "reward": 0.1 * step, "entropy": 1.0 - 0.1 * step,
+                "cov/top_0.02pct_ratio": 100.0 * step, "select/clip_cov_frac": 0.01} for step in (1, 2, 3)]
+    history += [{"step": 3, "eval_loss": 0.5}, {"step": 3, "train_runtime": 12.0, "train_loss": 0.1}]
+    for step, entries in ((2, history[:2]), (3, history)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"log_history": entries}))
+    report = write_run_report(tmp_path, figures=False)
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
+    assert summary["read from"] == "checkpoint-3/trainer_state.json" and report["steps"] == 3
+    assert summary["reward"] == "reward/mean" and summary["method"] == "n/a"
+    assert report["law"]["fit"]["n_points"] == 3
+    assert row(report["covariance"], "q", "top 0.02%")["mean over steps"] == 200.0
+    assert row(report["interventions"], "metric", "select/clip_cov_frac")["steps"] == 3
+    # a checkpoint folder is a run directory of its own, up to its step
+    assert write_run_report(tmp_path / "checkpoint-2", figures=False)["steps"] == 2

@@ -8,6 +8,9 @@ Inputs (written by :class:`entrorl.trainer.Trainer`)::
     eval/step_<N>.json     each evaluation: Avg@n, unbiased Pass@k, the pass-rate polarisation
     forks/step_<N>.json    each evaluation's highest-entropy response positions, decoded in context
 
+or, for a run of TRL's ``GRPOTrainer`` with the entrorl plugin, the log history of its ``trainer_state.json``
+(the output directory's, or its newest checkpoint's).
+
 What it checks on the user's own run: the entropy–performance law ``R = -a exp(H) + b`` fitted over every step and
 forecast from the first steps, with its ceiling ``b - a`` (arXiv 2505.22617, Eq. 6); the predicted entropy change of
 each step (``-alpha D``, arXiv 2602.03392, Thm 3.3) against the measured one; the covariance concentration (arXiv
@@ -42,6 +45,7 @@ DEFAULT_FIT_FRACTION = 0.15  # the paper fits the law on the first ~15% of train
 RECURRING_FORKS_SHOWN = 10
 ACTIVITY_PREFIXES = ("select/", "clip/", "reg/", "shape/")
 _STEP_FILE = re.compile(r"step_(\d+)\.json")
+TRAINER_STATE = "trainer_state.json"
 
 RUN_REPORT_SECTIONS = (
     ("summary", "Summary"),
@@ -56,11 +60,19 @@ RUN_REPORT_SECTIONS = (
 
 
 class _TrainingRun(MetricRecords):
-    """A run directory's files, read leniently: what cannot be read is left out and said."""
+    """A run directory's files, read leniently: what cannot be read is left out and said. Without ``metrics.jsonl``,
+    the log history of a transformers Trainer's ``trainer_state.json`` (TRL's ``GRPOTrainer`` with the entrorl plugin,
+    :mod:`entrorl.integrations.trl`) gives the steps."""
 
     def __init__(self, run_dir: Path):
         self.directory = run_dir
-        records, self.unreadable_lines = read_metrics_records(run_dir / "metrics.jsonl")
+        self.source = "metrics.jsonl"
+        state = None if (run_dir / "metrics.jsonl").exists() else trainer_state_file(run_dir)
+        if state is not None:
+            records, self.unreadable_lines = _log_history_records(state), []
+            self.source = str(state.relative_to(run_dir))
+        else:
+            records, self.unreadable_lines = read_metrics_records(run_dir / "metrics.jsonl")
         # training steps count from 1; a step-0 record holds only the evaluation before training (eval.at_start)
         self.records = [record for record in records if (finite(record.get("step")) or 0.0) >= 1]
         config = read_json(run_dir / "config.json")
@@ -79,6 +91,35 @@ class _TrainingRun(MetricRecords):
     def planned_steps(self) -> int | None:
         steps = (self.config.get("optim") or {}).get("steps") if isinstance(self.config.get("optim"), dict) else None
         return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
+def trainer_state_file(run_dir: Path) -> Path | None:
+    """A transformers Trainer's ``trainer_state.json`` in ``run_dir``: its own (``save_state``), else that of its
+    newest ``checkpoint-<N>`` (the folder may be such a checkpoint itself)."""
+    if (run_dir / TRAINER_STATE).is_file():
+        return run_dir / TRAINER_STATE
+    checkpoints = [(int(p.name[len("checkpoint-"):]), p) for p in run_dir.glob("checkpoint-*")
+                   if p.name[len("checkpoint-"):].isdigit() and (p / TRAINER_STATE).is_file()]
+    return max(checkpoints)[1] / TRAINER_STATE if checkpoints else None
+
+
+def _log_history_records(path: Path) -> list[dict[str, Any]]:
+    """The training entries of a ``trainer_state.json``'s log history as step records: TRL's ``reward`` and
+    ``entropy`` stand for ``reward/mean`` and ``entropy/mean`` where the entrorl plugin's diagnostics did not log those;
+    evaluation entries and the closing summary are left out."""
+    state = read_json(path)
+    history = state.get("log_history") if isinstance(state, dict) else None
+    records = []
+    for entry in history if isinstance(history, list) else []:
+        if (not isinstance(entry, dict) or finite(entry.get("step")) is None or "train_runtime" in entry
+                or any(str(key).startswith("eval_") for key in entry)):
+            continue
+        record = dict(entry)
+        for ours, theirs in (("reward/mean", "reward"), (ENTROPY_KEY, "entropy")):
+            if ours not in record and theirs in record:
+                record[ours] = record[theirs]
+        records.append(record)
+    return sorted(records, key=lambda record: float(record["step"]))
 
 
 def _step_files(folder: Path, kind: type) -> dict[int, Any]:
@@ -117,7 +158,7 @@ class _RunReport:
             section.say("No training step has been logged yet (`metrics.jsonl` holds none): the sections drawn from the "
                         "training steps are empty until the run has trained.")
         table = Table(["quantity", "value"])
-        rows = [("method", text(run.method or "n/a")), ("steps logged", num(a.n_steps)),
+        rows = [("method", text(run.method or "n/a")), ("read from", text(run.source)), ("steps logged", num(a.n_steps)),
                 ("steps planned (optim.steps)", num(planned) if planned is not None else missing()),
                 ("entropy start (nats)", num(a.entropy_start)), ("entropy end (nats)", num(a.entropy_end)),
                 ("entropy end/start", num(a.entropy_ratio)), ("reward", text(run.reward_key)),
@@ -490,7 +531,8 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
     run in ``run_dir`` (default: into ``run_dir/report``); returns the content of ``report.json``.
 
     Raises:
-        NotARunDirectory: ``run_dir`` is not a directory, or holds neither ``metrics.jsonl`` nor ``config.json``
+        NotARunDirectory: ``run_dir`` is not a directory, or holds no ``metrics.jsonl``, ``config.json`` or
+            ``trainer_state.json``
             (a laboratory folder and a checkpoint are named as such, with the way to what was meant).
         ValueError: ``fit_fraction`` outside (0, 1].
     """
@@ -499,7 +541,7 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
         raise ValueError(f"fit_fraction must lie in (0, 1]; got {fit_fraction!r}")
     if not run_dir.is_dir():
         raise NotARunDirectory(f"no run directory at {run_dir}")
-    if not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.json").exists():
+    if not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.json").exists() and trainer_state_file(run_dir) is None:
         if (run_dir / "lab.json").exists():
             raise NotARunDirectory(f"{run_dir} is a laboratory folder: its report is {run_dir / 'report.md'} (`entrorl lab "
                                    f"--out {run_dir}` writes it again); each method's run is in {run_dir / 'methods'}/<method>")
@@ -507,7 +549,8 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
             if parent.parent.name == "checkpoints" and (parent.parent.parent / "metrics.jsonl").exists():
                 raise NotARunDirectory(f"{run_dir} is in checkpoint {parent.name} of the run {parent.parent.parent}: "
                                        "report on the run")
-        raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl or config.json: not a training run directory "
-                               "(`entrorl train ... --run-dir DIR` writes one)")
+        raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl, config.json or trainer_state.json: not a training run "
+                               "directory (`entrorl train ... --run-dir DIR` writes one; so does TRL's GRPOTrainer with the "
+                               "entrorl plugin, in its output_dir)")
     out = Path(out) if out is not None else run_dir / "report"
     return _RunReport(_TrainingRun(run_dir), out, float(fit_fraction), figures).build()

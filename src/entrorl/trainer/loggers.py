@@ -35,10 +35,10 @@ class MetricsLogger:
     lose a step the checkpoint covers; an ``fsync`` per step could cost a slow disk several ms a step).
 
     On resume from step ``s``, records with ``step > s`` (written after the checkpoint, before a crash) are
-    dropped first, so the file reads exactly as if the run had never stopped. TensorBoard drops its own (``purge_step``);
-    W&B and trackio take each step once, so the steps they already hold (sent by the interrupted attempt and stored) are
-    not sent again (on a CPU with the same seed they hold the same values; a warning says so). A fresh start removes the TensorBoard events
-    an earlier attempt left in the run directory.
+    dropped first, so the file reads exactly as if the run had never stopped. TensorBoard drops its own
+    (``purge_step``); W&B and trackio take each step once, so the steps they already hold (sent by the interrupted
+    attempt and stored) are not sent again (on a CPU with the same seed they hold the same values; a warning says so).
+    A fresh start removes the TensorBoard events and the W&B files an earlier attempt left in the run directory.
     """
 
     def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard=False, wandb=False, trackio=False,
