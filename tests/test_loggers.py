@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import re
 import sys
 import types
 import warnings
@@ -52,14 +53,23 @@ def trackers(monkeypatch):
     trackio = types.ModuleType("trackio")
     trackio.__spec__ = importlib.machinery.ModuleSpec("trackio", None)
     trackio.calls = []
+    trackio.runs = {}  # name: the steps it holds
 
     def trackio_init(**options):
         trackio.calls.append(("init", options))
-        held = [call[1] for call in trackio.calls if call[0] == "log"]
-        return types.SimpleNamespace(_next_step=max(held) + 1 if held else 0)
+        name = options["name"]
+        if options["resume"] == "never" and name in trackio.runs:  # as trackio does: a name of its own
+            name = f"{name}-{len(trackio.runs)}"
+        held = trackio.runs.setdefault(name, [])
+        trackio.current = name
+        return types.SimpleNamespace(name=name, _next_step=max(held) + 1 if held else 0)
+
+    def trackio_log(data, step=None):
+        trackio.calls.append(("log", step, dict(data)))
+        trackio.runs[trackio.current].append(step)
 
     trackio.init = trackio_init
-    trackio.log = lambda data, step=None: trackio.calls.append(("log", step, dict(data)))
+    trackio.log = trackio_log
     trackio.finish = lambda: trackio.calls.append(("finish",))
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     monkeypatch.setitem(sys.modules, "trackio", trackio)
@@ -89,8 +99,10 @@ def test_a_resumed_run_sends_each_step_once_to_w_and_b_and_trackio(tmp_path, tra
     assert second.options["id"] == first.id and [step for step, _, _ in second.logged] == [6, 7]
     assert second.exit_code == 0
     inits = [call[1] for call in trackio.calls if call[0] == "init"]
-    assert [(i["project"], i["name"], i["resume"]) for i in inits] == [("mine", "run", "never"), ("mine", "run", "allow")]
-    assert [call[1] for call in trackio.calls if call[0] == "log"] == [1, 2, 3, 4, 5, 6, 7]
+    name = (tmp_path / "trackio_run").read_text().strip()
+    assert re.fullmatch(r"run-\d{8}-\d{6}", name)  # the directory's name and the time of its start
+    assert [(i["project"], i["name"], i["resume"]) for i in inits] == [("mine", name, "never"), ("mine", name, "allow")]
+    assert trackio.runs == {name: [1, 2, 3, 4, 5, 6, 7]}
     assert [record["step"] for record in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6, 7]
 
 
@@ -114,25 +126,38 @@ def test_a_tracker_turned_on_at_the_resume_or_that_lost_the_steps_gets_every_ste
     assert [step for step, _, _ in FakeTrackers.wandb_runs[-1].logged] == [5]
 
 
-def test_each_tracker_skips_only_the_steps_it_holds(tmp_path, trackers):
+def test_each_tracker_skips_only_the_steps_it_holds_in_its_own_run(tmp_path, trackers):
     _, trackio = trackers
-    logger = MetricsLogger(tmp_path, wandb=True)
+    for directory in (tmp_path / "elsewhere" / "run", tmp_path / "run"):
+        directory.mkdir(parents=True)
+    other = MetricsLogger(tmp_path / "elsewhere" / "run", trackio=True, run_name="run")  # another directory of that name
+    log_steps(other, range(1, 10))
+    other.close()
+    (tmp_path / "run" / "trackio_run").write_text("run-20260101-000000\n")  # this one's trackio run, started earlier
+    trackio.runs["run-20260101-000000"] = [1, 2, 3]  # trackio stored fewer steps than W&B before the interruption
+    logger = MetricsLogger(tmp_path / "run", wandb=True, resume_step=0, run_name="run")
     log_steps(logger, range(1, 6))
     logger.close()
-    trackio.calls += [("log", step, {}) for step in (1, 2, 3)]  # trackio held fewer steps than W&B
     with pytest.warns(UserWarning, match=r"W&B already holds steps 3 to 5 and trackio already holds step 3, sent before"):
-        resumed = MetricsLogger(tmp_path, resume_step=2, wandb=True, trackio=True)
+        resumed = MetricsLogger(tmp_path / "run", resume_step=2, wandb=True, trackio=True, run_name="run")
         log_steps(resumed, range(3, 7))
     assert [step for step, _, _ in FakeTrackers.wandb_runs[-1].logged] == [6]
-    assert [call[1] for call in trackio.calls if call[0] == "log"] == [1, 2, 3, 4, 5, 6]
+    other_name = (tmp_path / "elsewhere" / "run" / "trackio_run").read_text().strip()
+    assert trackio.runs == {other_name: list(range(1, 10)), "run-20260101-000000": [1, 2, 3, 4, 5, 6]}
 
 
 def test_a_fresh_start_leaves_no_earlier_w_and_b_files_and_a_failure_to_start_is_not_hidden(tmp_path, trackers,
                                                                                              monkeypatch):
     wandb, trackio = trackers
     (tmp_path / "wandb" / "offline-run-1-abc").mkdir(parents=True)
+    starting = wandb.init
+    wandb.init = lambda **options: (_ for _ in ()).throw(Exception("No API key configured."))
+    with pytest.raises(TrackerError):
+        MetricsLogger(tmp_path, wandb=True)
+    assert (tmp_path / "wandb" / "offline-run-1-abc").is_dir()  # kept while no new W&B run has started
+    wandb.init = starting
     MetricsLogger(tmp_path, wandb=True).close()
-    assert not (tmp_path / "wandb").exists()  # the fake writes nothing there; the earlier attempt's run is gone
+    assert not (tmp_path / "wandb").exists() and not (tmp_path / ".wandb-earlier").exists()  # once it has, gone
     trackio.init = lambda **options: (_ for _ in ()).throw(ConnectionError("no server"))
     monkeypatch.setattr(FakeWandbRun, "finish",
                         lambda self, exit_code=None: (_ for _ in ()).throw(OSError(28, "No space left on device")))

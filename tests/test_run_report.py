@@ -189,8 +189,14 @@ def test_what_is_not_a_run_directory_is_said(tmp_path):
         write_run_report(write_run(tmp_path / "run", law_records(3)), fit_fraction=0.0)
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000003" / "model"
     checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
     with pytest.raises(FileNotFoundError, match=r"is in checkpoint step_000003 of the run .*run: report on the run"):
         write_run_report(checkpoint)
+    model = tmp_path / "a-model"  # a Hugging Face model's folder: its config.json is not a run's
+    model.mkdir()
+    (model / "config.json").write_text((checkpoint / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="not a training run directory"):
+        write_run_report(model)
 
 
 def test_the_report_command(tmp_path):

@@ -1367,6 +1367,11 @@ def test_latest_pointer_problems_are_named_once(tmp_path, tiny_model_dir, arithm
     with caplog.at_level("WARNING"):
         assert latest_checkpoint(run_dir) == root / "step_000002"
     assert "latest names 'step_000001', but step_000002, a later complete checkpoint, is there; using step_000002" in caplog.text
+    # a copy of a checkpoint is not a checkpoint, whatever its name sorts after
+    (root / "latest").write_text("step_000002\n")
+    shutil.copytree(root / "step_000002", root / "step_000002.bak")
+    assert latest_checkpoint(run_dir) == root / "step_000002"
+    shutil.rmtree(root / "step_000002.bak")
     shutil.rmtree(root / "step_000002")
     (root / "latest").write_text("step_000002\n")
     caplog.clear()

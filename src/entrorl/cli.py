@@ -131,8 +131,9 @@ def train(
 
 
 def _quiet_tensorboard_writer_thread() -> None:
-    """TensorBoard writes its events in a thread of its own, whose write error (a full disk) Python prints as a
-    traceback; the same error reaches the run at its next write, which names the folder in one line."""
+    """From here on, errors in TensorBoard's writer thread print nothing (a process-wide ``threading.excepthook``): the
+    same error (a full disk) reaches the run at its next write, which names the folder in one line, where Python would
+    first print the thread's traceback."""
     import threading
 
     default = threading.excepthook
@@ -510,8 +511,10 @@ def report(
         result = write_run_report(run_dir, out=out, fit_fraction=fit_fraction, figures=figures)
     except NotARunDirectory as error:
         _fail(str(error))
-    except OSError as error:  # a full disk or a folder that cannot be written: the message names the file
-        _fail(f"{error}" + ("; --out writes the report elsewhere" if out is None else ""), code=1)
+    except OSError as error:  # a run file that cannot be read, or a report that cannot be written: the message names it
+        written = out if out is not None else run_dir / "report"
+        unwritable = out is None and str(getattr(error, "filename", "") or "").startswith(str(written))
+        _fail(f"{error}" + ("; --out writes the report elsewhere" if unwritable else ""), code=1)
     target = Path(result["out"])
     summary = {row["quantity"]: row["value"] for row in (result.get("summary") or {}).get("rows", [])}
     shown = ("method", "steps logged", "entropy end/start", "law R² (every step)", "forecast ceiling (law at zero entropy)",

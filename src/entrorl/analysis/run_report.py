@@ -67,6 +67,8 @@ class _TrainingRun(MetricRecords):
     def __init__(self, run_dir: Path):
         self.directory = run_dir
         self.source = "metrics.jsonl"
+        if (run_dir / "metrics.jsonl").exists():
+            (run_dir / "metrics.jsonl").open("rb").close()  # one that cannot be read is an error, not an empty run
         state = None if (run_dir / "metrics.jsonl").exists() else trainer_state_file(run_dir)
         if state is not None:
             records, self.unreadable_lines = _log_history_records(state), []
@@ -448,8 +450,8 @@ class _RunReport:
         section.table(table)
 
         def paint(figure):
-            if len(evaluations) < 2:
-                return "fewer than two evaluations"
+            if len(evaluations) < 2 or not ks:
+                return "fewer than two evaluations" if ks else "the evaluations recorded no Pass@k"
             axis = figure.subplots()
             steps = list(evaluations)
             for k in ks:
@@ -541,14 +543,16 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
         raise ValueError(f"fit_fraction must lie in (0, 1]; got {fit_fraction!r}")
     if not run_dir.is_dir():
         raise NotARunDirectory(f"no run directory at {run_dir}")
-    if not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.json").exists() and trainer_state_file(run_dir) is None:
+    for parent in (run_dir, *run_dir.parents):
+        if parent.parent.name == "checkpoints" and (parent.parent.parent / "metrics.jsonl").exists():
+            raise NotARunDirectory(f"{run_dir} is in checkpoint {parent.name} of the run {parent.parent.parent}: "
+                                   "report on the run")
+    config = read_json(run_dir / "config.json")
+    a_run_config = isinstance(config, dict) and "method" in config  # a training run's, not a model's config.json
+    if not (run_dir / "metrics.jsonl").exists() and not a_run_config and trainer_state_file(run_dir) is None:
         if (run_dir / "lab.json").exists():
             raise NotARunDirectory(f"{run_dir} is a laboratory folder: its report is {run_dir / 'report.md'} (`entrorl lab "
                                    f"--out {run_dir}` writes it again); each method's run is in {run_dir / 'methods'}/<method>")
-        for parent in (run_dir, *run_dir.parents):
-            if parent.parent.name == "checkpoints" and (parent.parent.parent / "metrics.jsonl").exists():
-                raise NotARunDirectory(f"{run_dir} is in checkpoint {parent.name} of the run {parent.parent.parent}: "
-                                       "report on the run")
         raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl, config.json or trainer_state.json: not a training run "
                                "directory (`entrorl train ... --run-dir DIR` writes one; so does TRL's GRPOTrainer with the "
                                "entrorl plugin, in its output_dir)")

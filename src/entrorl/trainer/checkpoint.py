@@ -30,6 +30,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = ["CheckpointWriteError", "training_run_of", "save_checkpoint", "latest
            "ModelDirectory", "resolve_model_directory", "load_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files", "naming_file"]
 
 _PREFIX = "step_"
+_CHECKPOINT_NAME = re.compile(r"step_(\d+)")  # a checkpoint's folder; a copy (step_000040.bak) is none
 
 
 _TEMPORARY = ".*.tmp-*"  # the hidden files and directories that atomic writes rename into place
@@ -465,14 +467,20 @@ def _complete(checkpoint: Path) -> bool:
 
 def incomplete_checkpoints(run_dir: Path) -> list[tuple[Path, str]]:
     """The checkpoints of a run directory that a resume would pass over, oldest first, each with what is wrong."""
-    root = Path(run_dir) / "checkpoints"
-    found = sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir()) if root.is_dir() else []
-    return [(checkpoint, wrong) for checkpoint in found if (wrong := _what_is_missing(checkpoint)) is not None]
+    return [(checkpoint, wrong) for checkpoint in _checkpoint_folders(Path(run_dir) / "checkpoints")
+            if (wrong := _what_is_missing(checkpoint)) is not None]
+
+
+def _checkpoint_folders(root: Path) -> list[Path]:
+    """The folders of ``root`` (a run's ``checkpoints``) named as checkpoints (``step_<N>``), by step."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()), key=checkpoint_step)
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:
-    """The complete checkpoints in ``root`` (a run's ``checkpoints``), oldest first (their names are zero-padded steps)."""
-    return sorted(p for p in root.glob(f"{_PREFIX}*") if _complete(p)) if root.is_dir() else []
+    """The complete checkpoints in ``root`` (a run's ``checkpoints``), oldest first."""
+    return [p for p in _checkpoint_folders(root) if _complete(p)]
 
 
 def latest_checkpoint(run_dir: Path, *, before_step: int | None = None) -> Path | None:
@@ -491,7 +499,9 @@ def latest_checkpoint(run_dir: Path, *, before_step: int | None = None) -> Path 
     wrong = _what_is_missing(named) if there else None
     complete = _complete_checkpoints(root)
     chosen = complete[-1] if complete else None
-    if there and wrong is None and (chosen is None or chosen.name <= named.name):
+    named_is_newest = (chosen is None or not _CHECKPOINT_NAME.fullmatch(named.name)
+                       or checkpoint_step(chosen) <= checkpoint_step(named)) if there else False
+    if there and wrong is None and named_is_newest:
         return named
     if pointer.is_file():
         if there and wrong is None:  # a checkpoint renamed into place, then the pointer's own write cut short

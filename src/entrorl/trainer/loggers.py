@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = ["MetricsLogger", "TrackerError", "read_metrics"]
 
 
 WANDB_ID_FILE = "wandb_run_id"  # the W&B run's id, for a resumed run to log into the same run
+TRACKIO_RUN_FILE = "trackio_run"  # the trackio run's name, for a resumed run to log into the same run
 
 
 class TrackerError(RuntimeError):
@@ -38,7 +40,8 @@ class MetricsLogger:
     dropped first, so the file reads exactly as if the run had never stopped. TensorBoard drops its own
     (``purge_step``); W&B and trackio take each step once, so the steps they already hold (sent by the interrupted
     attempt and stored) are not sent again (on a CPU with the same seed they hold the same values; a warning says so).
-    A fresh start removes the TensorBoard events and the W&B files an earlier attempt left in the run directory.
+    A fresh start removes the TensorBoard events an earlier attempt left in the run directory, and its W&B files once
+    W&B has started.
     """
 
     def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard=False, wandb=False, trackio=False,
@@ -57,11 +60,15 @@ class MetricsLogger:
             self.path.unlink()
         self.tensorboard_dir = Path(run_dir) / "tensorboard"
         self.wandb_dir = Path(run_dir) / "wandb"
-        if resume_step is None:  # an earlier attempt's files: TensorBoard would merge its events, `wandb sync` upload its run
+        # an earlier attempt's files on a fresh start: TensorBoard would merge its events, `wandb sync` upload its run
+        # (kept aside until W&B has started: a start that fails leaves them as they were)
+        earlier_wandb = Path(run_dir) / ".wandb-earlier"
+        if resume_step is None:
             for events in self.tensorboard_dir.glob("events.out.tfevents.*") if self.tensorboard_dir.is_dir() else ():
                 events.unlink()
             if wandb and self.wandb_dir.is_dir():
-                shutil.rmtree(self.wandb_dir)
+                shutil.rmtree(earlier_wandb, ignore_errors=True)
+                os.replace(self.wandb_dir, earlier_wandb)
         self._file = open(self.path, "a", encoding="utf-8")
         self._tensorboard = self._wandb = self._trackio = None
         self._resume_step = resume_step if resume_step is not None else 0
@@ -75,7 +82,11 @@ class MetricsLogger:
         except BaseException:  # a back-end that fails to start (no login, no server) leaves nothing open behind it
             with contextlib.suppress(Exception):  # the failure to start is the one to report
                 self.close(failed=True)
+                if earlier_wandb.is_dir():
+                    shutil.rmtree(self.wandb_dir, ignore_errors=True)
+                    os.replace(earlier_wandb, self.wandb_dir)
             raise
+        shutil.rmtree(earlier_wandb, ignore_errors=True)
 
     def _open_backends(self, run_dir: Path, *, resume_step, tensorboard, wandb, trackio, run_name, project, config) -> None:
         """Start the TensorBoard / W&B / trackio mirrors that were asked for; :class:`TrackerError` naming the one that
@@ -102,12 +113,17 @@ class MetricsLogger:
             with _as_tracker_error("logging.trackio", "could not start trackio"):
                 import trackio as trackio_module
 
-                run = trackio_module.init(project=project, name=run_name, config=config,
-                                          resume="never" if resume_step is None else "allow")
+                # trackio resumes the newest run of a name: the run directory's name with the time of its start is
+                # this run's alone (two directories of one name, runs/a/grpo and runs/b/grpo, would share it)
+                name_file = Path(run_dir) / TRACKIO_RUN_FILE
+                earlier = name_file.read_text().strip() if resume_step is not None and name_file.is_file() else ""
+                name = earlier or f"{run_name}-{datetime.now():%Y%m%d-%H%M%S}"
+                run = trackio_module.init(project=project, name=name, config=config, resume="allow" if earlier else "never")
                 self._trackio = trackio_module
+                name_file.write_text(name + "\n")
                 # the step after the last one its storage holds for this run (trackio has no public name for it)
                 held = getattr(run, "_next_step", None)
-                if resume_step is not None and held is None:
+                if earlier and held is None:
                     warnings.warn("this trackio version does not say which steps its run already holds: every step "
                                   "after the checkpoint is sent again, and those it holds are stored twice", stacklevel=2)
                 self._next_step["trackio"] = _whole(held)
@@ -186,6 +202,7 @@ class MetricsLogger:
 
 
 def _steps(first: int, last: int) -> str:
+    """"step 4", or "steps 4 to 6"."""
     return f"step {first}" if first == last else f"steps {first} to {last}"
 
 

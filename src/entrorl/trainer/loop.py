@@ -218,8 +218,6 @@ class Trainer:
         self.master = MasterWeights(self.model) if config.model.master_weights and needs_master_weights(self.model) else None
         self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
-        # what train() is doing, in words, for a message about a failure during it (memory that ran out)
-        self.activity = "training step 1"
         self.consecutive_nonfinite = 0
         self.consecutive_failed_rewards = 0  # steps in a row whose every sample's reward raised
         self.skipped_steps = 0
@@ -227,6 +225,8 @@ class Trainer:
         self.weight_norm_at_start: float | None = None
         if saved_state is not None:
             self._restore(saved_state)
+        # what train() is doing, in words, for a message about a failure during it (memory that ran out)
+        self.activity = f"training step {self.step + 1}"
         self.weight_norm = self._trained_weight_norm()  # on a resume, the checkpoint's weights'
         if saved_state is None:
             self.weight_norm_at_start = self.weight_norm
@@ -1026,15 +1026,17 @@ class Trainer:
                     if not received and should_stop is not None and should_stop():
                         received.append(signal.SIGINT)
                     saved = None
-                    self.activity = f"writing the checkpoint of step {self.step}"
                     if (config.checkpoint.every and self.step % config.checkpoint.every == 0) or last or received:
+                        self.activity = f"writing the checkpoint of step {self.step}"
                         saved = self.save()
                     progress.advance(self.step, metrics)
                     if received and not last:  # the signal came during this step, or during its checkpoint
+                        self.activity = f"writing the checkpoint of step {self.step}"
                         saved = saved if saved is not None else self.save()
                         saved_since_signal = True
                         raise TrainingInterrupted(received[0], self.step, saved)
                 saved_since_signal = True
+            self.activity = f"finishing the run after step {self.step}"
             finished = True
         finally:
             if received and handle_signals and saved_since_signal:
