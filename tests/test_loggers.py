@@ -227,3 +227,50 @@ def test_a_tracker_that_cannot_start_is_one_line_before_anything_is_trained(tmp_
                              "key configured; without a login, WANDB_MODE=offline logs into the run directory, for `wandb "
                              "sync` to upload later")
     assert not (tmp_path / "run").exists()  # a run that could not start leaves no directory
+
+
+def test_tensorboard_s_writer_thread_prints_no_traceback_while_other_threads_still_do(monkeypatch):
+    import threading
+
+    from entrorl.cli import _quiet_tensorboard_writer_thread
+
+    shown = []  # the threads whose errors reach the hook that was there before (Python's prints a traceback)
+    monkeypatch.setattr(threading, "excepthook", lambda args: shown.append(args.thread.name))
+    _quiet_tensorboard_writer_thread()
+
+    def failing():
+        raise OSError(28, "No space left on device")
+
+    writer_thread = type("_AsyncWriterThread", (threading.Thread,),
+                         {"__module__": "tensorboard.summary.writer.event_file_writer"})  # as TensorBoard's is
+    for thread in (writer_thread(target=failing, name="tensorboard's"), threading.Thread(target=failing, name="ours")):
+        thread.start()
+        thread.join()
+    assert shown == ["ours"]
+
+
+def test_a_tracker_that_fails_to_close_a_finished_run_does_not_send_the_user_to_resume(tmp_path, tiny_model_dir,
+                                                                                       arithmetic_files, monkeypatch):
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    close_for_real = MetricsLogger.close
+
+    def cannot_finish(self, *, failed=False):
+        close_for_real(self, failed=failed)
+        raise TrackerError("logging.wandb: W&B could not finish: OSError: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(MetricsLogger, "close", cannot_finish)
+    train, _ = arithmetic_files
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({"model": {"path": str(tiny_model_dir)}, "data": {"train": str(train)},
+                                  "reward": {"name": "exact_match"}, "rollout": {"prompts_per_step": 2, "group_size": 2,
+                                                                                 "max_new_tokens": 4},
+                                  "optim": {"steps": 1}}))
+    result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert ("error: logging.wandb: W&B could not finish: OSError: [Errno 28] No space left on device; the run itself "
+            "finished: its last checkpoint, step_000001, and metrics.jsonl are complete") in output
+    assert "--resume" not in output
