@@ -24,6 +24,7 @@ import json
 import math
 import re
 from collections import Counter
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +33,6 @@ import numpy as np
 from entrorl.analysis.document import (Cell, Figures, Section, Table, agreement_cell, build_section, dash, finite, fmt,
                                        fork_context, json_value, missing, num, power_of_ten, render_html, render_markdown,
                                        text)
-from entrorl.analysis.law import fit_entropy_law
 from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, ENTROPY_KEY, EVAL_REWARD_KEY, FORKS_SHOWN, LAW_COLUMNS,
                                   MIN_CEILING_STEPS, SMOOTH_WINDOW, MetricRecords, analyse_records, beyond_an_accuracy,
                                   chance_sign_agreement, edge_phrase, forecast_ceiling_shown, law_cells, law_of,
@@ -207,8 +207,22 @@ class _RunReport:
         """The sign agreement of predicted and measured entropy change, with the share that would agree by chance."""
         change = self.analysis.change
         cell = agreement_cell(change["sign_agreement"], change["sign_steps"])
-        chance = chance_sign_agreement(np.asarray(change["predicted"]), np.asarray(change["measured"]))
-        return Cell(f"{cell.text} ({fmt(chance)} by chance)", cell.value, True) if change["sign_steps"] else cell
+        if not change["sign_steps"]:
+            return cell
+        return Cell(f"{cell.text} ({fmt(self._chance_agreement)} by chance)", cell.value, True)
+
+    @cached_property
+    def _chance_agreement(self) -> float:
+        """The share of steps whose predicted and measured entropy changes would agree in sign by chance."""
+        change = self.analysis.change
+        return chance_sign_agreement(np.asarray(change["predicted"]), np.asarray(change["measured"]))
+
+    @cached_property
+    def _training_points(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(steps, entropy, reward)`` of the training steps where both are finite: the points the law is fitted to."""
+        entropy, reward = self.run.series(ENTROPY_KEY), self.run.series(self.run.reward_key)
+        keep = np.isfinite(entropy) & np.isfinite(reward)
+        return self.run.steps[keep], entropy[keep], reward[keep]
 
     # ---------------------------------------------------------------- curves
     def curves(self, section: Section) -> None:
@@ -271,9 +285,7 @@ class _RunReport:
         def paint(figure):
             if "fit" not in law:
                 return "the law could not be fitted (the table's note says why)"
-            entropy, reward = run.series(ENTROPY_KEY), run.series(run.reward_key)
-            keep = np.isfinite(entropy) & np.isfinite(reward)
-            h, r, steps = entropy[keep], reward[keep], run.steps[keep]
+            steps, h, r = self._training_points
             axes = figure.subplots(1, 2)
             x = np.exp(h)
             points = axes[0].scatter(x, r, c=steps, cmap="viridis", s=6)
@@ -288,7 +300,7 @@ class _RunReport:
                 axes[1].plot(steps, f["b"] - f["a"] * x, "--", color="C0", label=f"forecast ({label})")
                 axes[1].axvline(steps[forecast["n_fit"] - 1], color="0.8", linewidth=0.6)
             if evaluation_law is not None and "fit" in evaluation_law:
-                _, eval_entropy, eval_reward = self._evaluation_points()
+                _, eval_entropy, eval_reward = self._evaluation_points
                 keep = np.isfinite(eval_entropy) & np.isfinite(eval_reward)
                 eval_x = np.exp(eval_entropy[keep])
                 axes[0].plot(eval_x, eval_reward[keep], "D", color="C3", markersize=3, label="evaluations (Avg@n)")
@@ -307,6 +319,7 @@ class _RunReport:
         self.json["law"] = {"table": table.to_json(), "fit": json_value(law), "evaluations": json_value(evaluation_law),
                             "fit_fraction": self.fit_fraction}
 
+    @cached_property
     def _evaluation_points(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(steps, entropy, Avg@n)`` of the evaluations: each one's entropy is the training entropy of the policy it
         evaluated, ``entropy/mean`` of the next step (drawn by that policy), or of its own step after the last one."""
@@ -321,22 +334,20 @@ class _RunReport:
         """The law fitted to the evaluations' Avg@n (the paper's validation accuracy), with two of them or more."""
         if len(self.run.evaluations) < 2:
             return None
-        _, entropy, reward = self._evaluation_points()
+        _, entropy, reward = self._evaluation_points
         reached = float(np.nanmax(reward)) if np.isfinite(reward).any() else math.nan
         return law_of(entropy, reward, reward_key=EVAL_REWARD_KEY, reached=reached, fit_fraction=self.fit_fraction,
                       unit="evaluations")
 
     def _forecast_baselines(self) -> Table | None:
         """The forecast's RMSE on the steps after the fitted ones, next to a constant's and the whole-run fit's."""
-        law, run = self.analysis.law, self.run
+        law = self.analysis.law
         forecast = law.get("forecast")
         if not forecast or not forecast.get("actual") or "fit" not in law:
             return None
-        entropy, reward = run.series(ENTROPY_KEY), run.series(run.reward_key)
-        keep = np.isfinite(entropy) & np.isfinite(reward)
-        h, r, n_fit = entropy[keep], reward[keep], forecast["n_fit"]
+        _, h, r = self._training_points
+        n_fit, whole = forecast["n_fit"], law["fit"]  # the law fitted on every step
         later = r[n_fit:]
-        whole = fit_entropy_law(h, r)
 
         def rmse(predicted: np.ndarray) -> float:
             return float(np.sqrt(np.mean((predicted - later) ** 2)))
@@ -344,7 +355,7 @@ class _RunReport:
         table = Table(["later steps", "forecast RMSE", "constant RMSE", "law fitted on every step: RMSE"],
                       title="The forecast against two baselines")
         table.add([num(later.size), num(forecast["rmse"]), num(rmse(np.full(later.shape, r[:n_fit].mean()))),
-                   num(rmse(whole.predict(h[n_fit:])))])
+                   num(rmse(whole["b"] - whole["a"] * np.exp(h[n_fit:])))])
         self.json["forecast_baselines"] = table.to_json()
         return table
 
@@ -365,7 +376,7 @@ class _RunReport:
         table = Table(["steps", "correlation across steps", "sign agreement", "by chance", "mean token correlation",
                        "first order: correlation", "first order: sign agreement"])
         table.add([num(change["n_steps"]), num(change["pearson"]), agreement_cell(change["sign_agreement"], change["sign_steps"]),
-                   num(chance_sign_agreement(predicted, measured)), num(change["token_corr_mean"]),
+                   num(self._chance_agreement), num(change["token_corr_mean"]),
                    num(change["first_order_pearson"]),
                    agreement_cell(change["first_order_sign_agreement"], change["first_order_sign_steps"])])
         section.table(table)
