@@ -2189,7 +2189,9 @@ def test_memory_that_runs_out_during_training_is_one_line_with_the_way_on(tmp_pa
     assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug"
     # memory that runs out in an evaluation is said as such, with the checkpoint written before it
     monkeypatch.undo()
-    monkeypatch.setattr(Trainer, "evaluate", lambda self: out_of_memory(self))
+    from entrorl.trainer import loop
+
+    monkeypatch.setattr(loop, "evaluate_model", lambda *args, **options: out_of_memory(None))  # inside Trainer.evaluate
     config = write_config(tmp_path / "eval.yaml", make_config(tiny_model_dir, train, held_out, optim={"steps": 2},
                                                              eval={"every": 2}, checkpoint={"every": 1}))
     result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run-3")])

@@ -104,7 +104,7 @@ class MetricsLogger:
                 import wandb as wandb_module
 
                 id_file = Path(run_dir) / WANDB_ID_FILE  # a resumed run logs into the same W&B run
-                run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
+                run_id = _earlier_run(id_file, resume_step) or None
                 self._wandb = wandb_module.init(project=project, name=run_name, config=config, dir=str(run_dir), id=run_id,
                                                 resume="allow")
                 id_file.write_text(self._wandb.id)
@@ -116,7 +116,7 @@ class MetricsLogger:
                 # trackio resumes the newest run of a name: the run directory's name with the time of its start is
                 # this run's alone (two directories of one name, runs/a/grpo and runs/b/grpo, would share it)
                 name_file = Path(run_dir) / TRACKIO_RUN_FILE
-                earlier = name_file.read_text().strip() if resume_step is not None and name_file.is_file() else ""
+                earlier = _earlier_run(name_file, resume_step)
                 name = earlier or f"{run_name}-{datetime.now():%Y%m%d-%H%M%S}"
                 run = trackio_module.init(project=project, name=name, config=config, resume="allow" if earlier else "never")
                 self._trackio = trackio_module
@@ -199,6 +199,11 @@ class MetricsLogger:
         self._tensorboard = self._wandb = self._trackio = None
         if errors:
             raise errors[0]
+
+
+def _earlier_run(marker: Path, resume_step: int | None) -> str:
+    """On a resume, the run (W&B id, trackio name) that ``marker`` says the earlier attempt logged into; else ""."""
+    return marker.read_text().strip() if resume_step is not None and marker.is_file() else ""
 
 
 def _steps(first: int, last: int) -> str:

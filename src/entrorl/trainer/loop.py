@@ -225,7 +225,8 @@ class Trainer:
         self.weight_norm_at_start: float | None = None
         if saved_state is not None:
             self._restore(saved_state)
-        # what train() is doing, in words, for a message about a failure during it (memory that ran out)
+        # what the trainer is doing, in words (train_step, evaluate and save say it), for a message about a failure
+        # during it (memory that ran out)
         self.activity = f"training step {self.step + 1}"
         self.weight_norm = self._trained_weight_norm()  # on a resume, the checkpoint's weights'
         if saved_state is None:
@@ -491,6 +492,7 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the current step; with adapters and ``model.lora.merged: last``, the merged model only at the
         run's last step."""
+        self.activity = f"writing the checkpoint of step {self.step}"
         self.logger.sync()  # the metrics of every step the checkpoint covers are on disk before it is
         lora = self.config.model.lora
         merged = lora is None or lora.merged == "every" or self.step >= self.config.optim.steps
@@ -677,6 +679,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One step: prompts → rollouts → rewards → advantages → scoring → updates → diagnostics."""
+        self.activity = f"training step {self.step + 1}"
         config = self.config
         temperature = config.rollout.temperature
         started = time.perf_counter()
@@ -936,6 +939,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
         """Avg@n, unbiased Pass@k and polarisation on the eval prompts; saves the summary and the top fork tokens."""
+        self.activity = f"evaluating after step {self.step}" if self.step else "evaluating before the first step"
         config = self.config.eval
         count = min(len(self.eval_records), config.max_prompts or len(self.eval_records))
         if count == 0:
@@ -999,12 +1003,10 @@ class Trainer:
         received: list[int] = []
         restore_handlers = _catch_stop_signals(received, progress.console) if handle_signals else (lambda: None)
         saved_since_signal = False  # a second signal raised out of a step instead: the handlers go back
-        self.activity = f"training step {self.step + 1}"
         finished = False
         try:
             with progress:
                 if config.eval.at_start and self.eval_records and self.step == 0:
-                    self.activity = "evaluating before the first step"
                     evaluated = self.evaluate()
                     self.logger.log(0, evaluated)
                     progress.note_evaluation(0, evaluated)
@@ -1013,12 +1015,10 @@ class Trainer:
                         raise TrainingInterrupted(received[0], 0, None)
                     progress.restart_clock()
                 while self.step < config.optim.steps:
-                    self.activity = f"training step {self.step + 1}"
                     metrics = self.train_step()
                     self._warn_if_nothing_trained(metrics)
                     last = self.step == config.optim.steps
                     if self.eval_records and ((config.eval.every and self.step % config.eval.every == 0) or last):
-                        self.activity = f"evaluating after step {self.step}"
                         evaluated = self.evaluate()
                         metrics.update(evaluated)
                         progress.note_evaluation(self.step, evaluated)
@@ -1027,11 +1027,9 @@ class Trainer:
                         received.append(signal.SIGINT)
                     saved = None
                     if (config.checkpoint.every and self.step % config.checkpoint.every == 0) or last or received:
-                        self.activity = f"writing the checkpoint of step {self.step}"
                         saved = self.save()
                     progress.advance(self.step, metrics)
                     if received and not last:  # the signal came during this step, or during its checkpoint
-                        self.activity = f"writing the checkpoint of step {self.step}"
                         saved = saved if saved is not None else self.save()
                         saved_since_signal = True
                         raise TrainingInterrupted(received[0], self.step, saved)
