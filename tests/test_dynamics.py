@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from entrorl import dynamics as dyn
+from entrorl.tokens import token_stats
 
 F64 = torch.float64
 EPSILONS = (1e-3, 1e-4)
@@ -453,6 +454,27 @@ def test_fully_masked_row_gives_zeros():
     assert torch.equal(dyn.entropy(z), torch.zeros(2, dtype=F64))
     assert torch.equal(dyn.vocab_discriminator(z), torch.zeros(2, 5, dtype=F64))
     assert torch.isfinite(dyn.centered_vocab_discriminator(z)).all()
+    # ... and so do the gradients through every helper, as tokens.token_stats gives for the same row
+    delta = torch.randn(2, 5, generator=_gen(83), dtype=F64)
+    for quantity in (dyn.entropy, dyn.vocab_discriminator, dyn.centered_vocab_discriminator,
+                     lambda logits: dyn.predicted_entropy_change_logits(logits, delta),
+                     lambda logits: dyn.predicted_entropy_change_natural_pg(logits, delta, 0.1),
+                     lambda logits: dyn.predicted_entropy_change_vanilla_pg(logits, delta, 0.1)):
+        zg = z.clone().requires_grad_(True)
+        quantity(zg).sum().backward()
+        assert torch.equal(zg.grad[0], torch.zeros(5, dtype=F64))
+        assert torch.isfinite(zg.grad).all()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_plus_inf_or_nan_logit_gives_nan_not_a_distribution(bad):
+    # masking is -inf only: a +inf (an overflow) or NaN logit must not pass for a masked row's H = 0
+    z = _random_logits(2, 6, seed=84)
+    z[0, 2] = bad
+    H = dyn.entropy(z)
+    assert torch.isnan(H[0]) and torch.isfinite(H[1])
+    stats = token_stats(z, torch.tensor([2, 3]))
+    assert torch.isnan(stats.entropy[0]) and torch.isfinite(stats.entropy[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

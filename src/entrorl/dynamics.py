@@ -49,7 +49,8 @@ logits ``theta = z / T``:
   with ``(z / T, ...)``; the raw-logit update is ``T`` times the theta update.
 
 Numerics: ``-inf`` logits (masked / top-k / top-p filtered entries) have ``p = 0`` and contribute 0 to
-every sum; the results stay finite. A row whose every entry is ``-inf`` gives zeros. ``float64`` inputs
+every sum; the results and their gradients stay finite. A row whose every entry is ``-inf`` gives zeros. A
+``+inf`` or NaN logit makes its row NaN (it describes no distribution). ``float64`` inputs
 are computed in ``float64``, every other dtype in ``float32``.
 """
 
@@ -100,10 +101,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _log_policy(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p, p)`` of ``softmax(logits / T)`` with non-finite log-probabilities replaced by 0 / p = 0.
+    """``(log p, p)`` of ``softmax(logits / T)``, with ``log p = 0`` and ``p = 0`` at masked (``-inf``) entries.
 
-    Masked (``-inf``) entries get ``log p = 0`` and ``p = 0`` so that every ``p * f(log p)`` is an exact 0
-    (and so are the gradients that flow through them); an all-``-inf`` row gets zeros throughout.
+    Masked entries so make every ``p * f(log p)`` an exact 0, and so are the gradients that flow through them; an
+    all-``-inf`` row gets zeros throughout, gradient included. A ``+inf`` or NaN logit is not a distribution: its row
+    comes out NaN, as in :func:`entrorl.tokens.token_stats`.
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -113,10 +115,13 @@ def _log_policy(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.T
     x = logits.to(_compute_dtype(logits.dtype))
     if t != 1.0:
         x = x / t
-    logp = torch.log_softmax(x, dim=-1)
-    valid = torch.isfinite(logp)
-    logp = torch.where(valid, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
-    p = torch.where(valid, logp.exp(), torch.zeros((), dtype=logp.dtype, device=logp.device))
+    masked = x == float("-inf")
+    # masked entries enter the softmax as the lowest finite number: an all-masked row is then a finite uniform row
+    # (zeroed below) instead of 0/0, whose NaN would reach the gradient
+    logp = torch.log_softmax(torch.where(masked, torch.finfo(x.dtype).min, x), dim=-1)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(masked, zero, logp)
+    p = torch.where(masked, zero, logp.exp())
     return logp, p
 
 
