@@ -52,7 +52,7 @@ T = 10
 EXPECTED_METHODS = {
     "grpo", "dapo", "dual_clip", "dr_grpo", "clip_cov", "kl_cov", "forking_tokens", "low_entropy_tokens",
     "clip_b", "clip_v", "psr", "nsr", "w_reinforce", "entropy_advantage", "entropy_bonus", "adaptive_entropy",
-    "kl_ref", "lopti_reweight", "cispo", "gspo", "tis", "icepop", "rft",
+    "kl_ref", "lopti_reweight", "cispo", "gspo", "tis", "icepop", "rft", "unlikely_reward", "passk_advantage",
 }  # fmt: skip
 
 
@@ -866,6 +866,18 @@ def test_the_refusal_of_a_surrogate_only_method_says_what_would_work():
     with pytest.raises(ValueError, match="choose one of 'dapo' and 'cispo'") as refused:
         build_objective("dapo+cispo")
     assert "first" not in str(refused.value).split(";")[-1]  # 'cispo+dapo' is refused as well: no such advice
+
+
+@pytest.mark.parametrize("later, estimator", [("unlikely_reward", "unlikely"), ("passk_advantage", "passk")])
+def test_a_later_method_that_brings_only_its_advantages_is_refused_naming_the_estimator(later, estimator):
+    """SPEC's unlikely_reward / passk_advantage are GRPO with another advantage estimator: after 'dapo' they would add
+    nothing to the loss, and the way to what was meant is the estimator, not a loss setting that changes nothing."""
+    with pytest.raises(ValueError, match=f"'{later}' adds nothing after 'dapo'") as refused:
+        build_objective(f"dapo+{later}")
+    advice = str(refused.value).split("; ", 1)[1]
+    assert advice == f"for its advantages, train 'dapo' with the '{estimator}' advantage estimator (a trainer's advantage.name)"
+    assert get_method(later).advantage_estimator == estimator
+    assert build_objective(later).describe()
 
 
 def test_string_list_and_dict_compositions_agree():

@@ -96,7 +96,7 @@ class Case:
             log_prob=tensor("log_prob").requires_grad_(True),
             old_log_prob=tensor("old_log_prob"),
             advantages=tensor("advantages"),
-            mask=torch.tensor(self.mask if mask is None else mask),
+            mask=torch.tensor(self.mask) if mask is None else torch.as_tensor(mask),
             **optional,
         )
 
@@ -630,7 +630,8 @@ def test_forking_and_low_entropy_tokens_partition_at_the_quantile(dtype, rho):
 @pytest.mark.parametrize("rho, n_high", [(1.0, 6), (0.2, 2)])
 def test_forking_threshold_on_a_data_point_keeps_that_token(dtype, rho, n_high):
     """When the quantile lands exactly on an entropy (rho = 1: the minimum; rho = 0.2 with 6 tokens: the 5th),
-    ``H >= tau`` keeps that token. 0.1 and 1.1 are not float32 numbers: a float64 batch must not lose them."""
+    ``H >= tau`` keeps that token, and so does low_entropy_tokens' ``H <= tau``. 0.1 and 1.1 are not float32
+    numbers: a float64 batch must not lose them."""
     values = np.array([0.7, 0.1, 1.3, 0.3, 1.1, 0.9])
     case = random_case(42, dtype, shape=(2, 4), lengths=[4, 2])
     case.arrays["entropy"] = quantize(np.where(case.mask, 0.0, GARBAGE["entropy"]), dtype)
@@ -645,7 +646,25 @@ def test_forking_threshold_on_a_data_point_keeps_that_token(dtype, rho, n_high):
     np.testing.assert_array_equal(fork.trained_mask.numpy(), high)
     if rho < 1.0:  # low_entropy_tokens refuses rho = 1, which would drop every token
         low = build_objective("low_entropy_tokens", top_entropy_quantile=rho)(case.batch())
-        np.testing.assert_array_equal(low.trained_mask.numpy(), case.mask & ~high)
+        np.testing.assert_array_equal(low.trained_mask.numpy(), case.mask & (h <= threshold))
+        assert (low.trained_mask.numpy() & high).sum() == 1  # the token at tau, on both sides
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_entropies_tied_at_the_threshold_are_kept_by_both_selectors(dtype):
+    """Most entropies exactly 0 (top-k / top-p sampling left one candidate): the (1 - rho) quantile is 0. Forks keep
+    every token; the low-entropy ablation keeps the zeros (it dropped every token, and trained on nothing)."""
+    case = random_case(44, dtype, shape=(4, 10), lengths=[10, 7, 10, 3])
+    zeros = np.zeros(case.mask.shape, dtype=bool)
+    zeros[case.mask] = np.arange(case.n_valid) % 6 != 0  # 25 of 30 valid tokens: more than 1 - rho = 0.8
+    case.arrays["entropy"] = np.where(zeros, 0.0, case.arrays["entropy"]).astype(case.arrays["entropy"].dtype)
+    assert zeros.sum() == 25 and case.n_valid == 30
+    fork = build_objective("forking_tokens", top_entropy_quantile=0.2)(case.batch())
+    np.testing.assert_array_equal(fork.trained_mask.numpy(), case.mask)
+    low = build_objective("low_entropy_tokens", top_entropy_quantile=0.2)(case.batch())
+    np.testing.assert_array_equal(low.trained_mask.numpy(), zeros)
+    assert low.metrics["select/low_entropy_tokens_threshold"] == 0.0
+    assert low.metrics["select/low_entropy_tokens_frac"] == pytest.approx(5 / 30)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -897,6 +916,25 @@ def test_missing_field_raises_a_value_error_naming_it(method, field, names_token
     assert method in str(error.value)
     if names_token_stats:
         assert "token_stats" in str(error.value)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("clip_cov", {"clip_cov_ratio": 0.05, "clip_cov_lb": -10.0, "clip_cov_ub": 10.0, "seed": 0}),
+    ("kl_cov", {"kl_cov_ratio": 0.05}),
+    ("clip_v", {"mu": 0.5, "max_frac": 0.05}),
+])
+def test_a_transposed_mask_gives_what_its_contiguous_copy_gives(method, params):
+    """A mask built time-major and transposed is a valid [B, T] mask: the selectors that write their drops through a
+    flat view of it raised 'view size is not compatible'."""
+    case = random_case(93, torch.float64, shape=(6, 40))
+    transposed = torch.tensor(case.mask.T.copy()).t()
+    assert not transposed.is_contiguous()
+    out = build_objective(method, **params)(case.batch(mask=transposed))
+    reference = build_objective(method, **params)(case.batch())
+    if method != "kl_cov":  # a selector: it dropped something (kl_cov penalises its tokens instead)
+        assert out.trained_mask.any() and not out.trained_mask[torch.tensor(case.mask)].all()
+    torch.testing.assert_close(out.trained_mask, reference.trained_mask)
+    torch.testing.assert_close(out.loss, reference.loss)
 
 
 # --------------------------------------------------------------------------------------------------

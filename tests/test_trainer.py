@@ -634,6 +634,24 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
     assert load_config(base, ["method=w_reinforce", "advantage.name=w_reinforce", "advantage.params={lam: 1.0}"])
 
 
+def test_a_later_method_paired_with_other_advantages_is_warned_about(tmp_path, arithmetic_files):
+    """A composition trains with its first method's advantage estimator: 'dapo+psr' keeps the samples above their
+    group's mean (GRPO advantages), not PSR's 1 / 0 ones. Said, unless advantage.name chooses."""
+    import warnings
+
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)
+    with pytest.warns(UserWarning, match=r"method 'dapo\+psr': the advantages are the first method's, 'grpo', and 'psr' "
+                                         r"is paired with 'psr'; set advantage.name"):
+        assert load_config(base, ["method=dapo+psr"]).advantage_estimator() == "grpo"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(base, ["method=dapo+psr", "advantage.name=psr"]).advantage_estimator() == "psr"
+        assert load_config(base, ["method=dapo+clip_b+forking_tokens"]).advantage_estimator() == "grpo"
+        assert load_config(base, ["method=unlikely_reward"]).advantage_estimator() == "unlikely"
+        assert load_config(base, ["method=passk_advantage"]).advantage_estimator() == "passk"
+
+
 def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arithmetic_files):
     """A setting moved from its default that nothing reads warns, naming it and what it waits for; booleans in a list
     of numbers are refused like booleans for a number."""

@@ -65,7 +65,7 @@ class PolicyBatch:
         shape = tuple(self.log_prob.shape)
         if not torch.is_tensor(self.mask) or tuple(self.mask.shape) != shape:
             raise ValueError(f"PolicyBatch.mask must be a tensor of shape {shape}, got {tuple(getattr(self.mask, 'shape', ()))}")
-        self.mask = self.mask.bool() if self.mask.dtype != torch.bool else self.mask
+        self.mask = self.mask.bool().contiguous()  # selectors write their choices through a flat view of its shape
         if torch.is_tensor(self.advantages) and self.advantages.dim() == 1 and self.advantages.shape[0] == shape[0]:
             self.advantages = self.advantages.unsqueeze(-1).expand(shape)
         for field in fields(self):

@@ -138,6 +138,22 @@ METHOD_SPECS = (
         shapers=(("lopti_reweight", {}),),
     ),
     MethodSpec(
+        name="unlikely_reward",
+        description="GRPO on the unlikeliness reward: correct samples ranked by likelihood in their group, R (1 - beta rank / G)",
+        paper="arXiv 2506.02355",
+        advantage_estimator="unlikely",
+        notes="The ranking is the 'unlikely' advantage estimator's (beta_rank = 0.25, advantage.params.beta_rank); the paper also "
+              "trains 2 PPO epochs on each batch (optim.epochs).",
+    ),
+    MethodSpec(
+        name="passk_advantage",
+        description="analytic pass@k group advantage: a group is rewarded for pass@k, not for each sample's pass@1",
+        paper="arXiv 2508.10751",
+        advantage_estimator="passk",
+        notes="k is the 'passk' estimator's parameter (advantage.params.k, default 4); a sample is correct at the "
+              "reward's correct_threshold.",
+    ),
+    MethodSpec(
         name="cispo",
         description="clipped, detached IS weight times A log pi: no token loses its gradient",
         paper="arXiv 2506.13585",

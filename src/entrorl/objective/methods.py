@@ -332,9 +332,15 @@ def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Compositi
     settings = {**surrogate[1], **({"loss_agg_mode": refs["loss_agg_mode"]} if refs["loss_agg_mode"] else {})}
     described = ", ".join(f"{key}={value!r}" for key, value in settings.items())
     options = []
+    estimator, first_estimator = get_method(name).advantage_estimator, get_method(first).advantage_estimator
+    if estimator != first_estimator:  # what such a method brings may be its advantages (Dr. GRPO's, pass@k's)
+        options.append(f"for its advantages, train '{so_far}' with the '{estimator}' advantage estimator (a trainer's "
+                       f"advantage.name)")
     if not _only_a_surrogate(_spec_refs(get_method(first))):  # a first method that is only a surrogate cannot follow
         options.append(f"put '{name}' first ('{'+'.join([name, *before])}')")
-    if comp.surrogate is not None and comp.surrogate[0] == surrogate[0] and settings:
+    settings_change_it = (any(comp.surrogate[1].get(key) != value for key, value in surrogate[1].items())
+                          or refs["loss_agg_mode"] not in (None, comp.loss_agg_mode)) if comp.surrogate else False
+    if comp.surrogate is not None and comp.surrogate[0] == surrogate[0] and settings and settings_change_it:
         options.append(f"give the composition those settings: build_objective('{so_far}', {described})")
     if not options:
         options.append(f"choose one of '{first}' and '{name}': both are a surrogate alone")

@@ -55,16 +55,16 @@ class ClipCov(Selector):
     the valid tokens with ``clip_cov_lb < C_t < clip_cov_ub`` that the surrogate has not already clipped; a
     uniformly random ``min(max(1, floor(clip_cov_ratio * N)), #candidates)`` of them are dropped.
 
-    Random, not top-k: the paper samples within the covariance band. The released code multiplies the
-    dropped tokens' loss by zero, so they stay in the token-mean normaliser (``keep_in_normaliser=True``);
-    the paper's formula (a mean over the kept tokens) is ``keep_in_normaliser=False``. ``seed`` gives the
-    selector its own generator; without it the global torch generator is used.
+    Random, not top-k: the paper samples within the covariance band. The paper's Eq. 12 gives a dropped token a
+    loss of 0 inside the mean over all tokens, and the released code multiplies its loss by zero: either way it stays
+    in the token-mean normaliser (``keep_in_normaliser=True``); ``False`` divides by the kept tokens instead.
+    ``seed`` gives the selector its own generator; without it the global torch generator is used.
     """
 
     clip_cov_ratio: float = Field(2e-4, gt=0.0, le=1.0, description="r, fraction of tokens dropped; 2e-4 (arXiv 2505.22617)")
     clip_cov_lb: float = Field(1.0, description="lower covariance bound w_low = 1 (arXiv 2505.22617)")
     clip_cov_ub: float = Field(5.0, description="upper covariance bound w_high = 5 (arXiv 2505.22617)")
-    keep_in_normaliser: bool = Field(True, description="released code keeps dropped tokens in the normaliser (arXiv 2505.22617 repo)")
+    keep_in_normaliser: bool = Field(True, description="dropped tokens stay in the normaliser, as in Eq. 12 and the released code (arXiv 2505.22617)")
     seed: int | None = Field(None, description="seed of a private generator for the random choice; None = global RNG")
 
     @model_validator(mode="after")
@@ -129,8 +129,10 @@ class _EntropyQuantileSelector(Selector):
         mask = batch.mask
         entropy = batch.entropy.detach()
         threshold = masked_quantile(entropy, mask, 1.0 - self.top_entropy_quantile)
-        high = entropy >= threshold
-        drop = (~high if self.keep_high else high) & mask
+        # tokens tied at the threshold are kept on either side: when most entropies are equal (0 wherever top-k /
+        # top-p sampling left one candidate), dropping them would leave the other side nothing to train on
+        drop = (entropy < threshold) if self.keep_high else (entropy > threshold)
+        drop = drop & mask
         metrics[f"select/{self.name}_frac"] = fraction(drop, mask)
         metrics[f"select/{self.name}_threshold"] = float(threshold) if mask.any() else 0.0
         return drop
@@ -155,8 +157,12 @@ class ForkingTokens(_EntropyQuantileSelector):
     paper="arXiv 2506.01939",
 )
 class LowEntropyTokens(_EntropyQuantileSelector):
-    """The complement of ``forking_tokens``: drop tokens with ``H_t >= tau``, keep the low-entropy majority.
-    The paper shows this fails. ``rho = 1`` (drop every token) is refused."""
+    """The mirror of ``forking_tokens``: keep tokens with ``H_t <= tau`` (the same ``tau``, the ``(1 - rho)``
+    quantile), the low-entropy majority; the rest are dropped and leave the normaliser. The paper shows that training
+    on these alone fails. The two selectors partition the tokens, except that tokens tied at ``tau`` are kept by
+    both: when at least ``1 - rho`` of the entropies share the lowest value (0 wherever top-k / top-p sampling left
+    one candidate) those tokens are kept, where dropping them would leave no token to train on. ``rho = 1`` (the
+    threshold is then the lowest entropy) is refused."""
 
     keep_high: ClassVar[bool] = False
 

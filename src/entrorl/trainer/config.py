@@ -521,6 +521,14 @@ class TrainConfig(_Section):
                 "tokens from a truncated one: its entropy is lower than the one the method sees, and D's batch mean is "
                 "no longer about 0 (Cor. 3.5 of arXiv 2602.03392 holds for tokens drawn from the full distribution)",
                 ConfigWarning, stacklevel=2)
+        if self.advantage.name is None:
+            unpaired = [(name, get_method(name).advantage_estimator) for name in self.method_names()[1:]]
+            unpaired = [(name, paired) for name, paired in unpaired if paired != estimator]
+            if unpaired:
+                pairs = ", ".join(f"{name!r} is paired with {paired!r}" for name, paired in unpaired)
+                warnings.warn(
+                    f"method {self.method_label()!r}: the advantages are the first method's, {estimator!r}, and {pairs}; "
+                    f"set advantage.name to train with another estimator", ConfigWarning, stacklevel=2)
         if self.reward.unlikeliness is not None and estimator == "unlikely":
             raise ValueError("reward.unlikeliness and the 'unlikely' advantage estimator both apply the unlikeliness "
                              "reward; keep one (the estimator is reward.unlikeliness + grpo)")
