@@ -656,3 +656,10 @@ def test_batch_prediction_matches_tabular_batch_update():
         measured[lr] = dh[mask].mean().item()
         predicted[lr] = dyn.batch_predicted_entropy_change(D_k, alpha, mask).item()
     _assert_second_order(measured, predicted)
+
+
+def test_top_token_counts_are_floored():
+    """The top q% of n tokens are max(1, floor(n q / 100)): 2% of 1234 is 24.68, so 24 tokens."""
+    assert dyn.top_token_count(1234, 2.0) == 24
+    concentration = dyn.covariance_concentration(torch.arange(1234, dtype=F64), None, top_percents=(2.0,))
+    assert concentration.top_counts[2.0] == 24

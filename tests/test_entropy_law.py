@@ -277,3 +277,9 @@ def test_ceiling_applies_only_when_reward_falls_with_exp_entropy():
     assert rising.to_dict()["ceiling_applies"] is False
     flat = fit_entropy_law(h, np.full(h.size, 0.4))  # a = 0: reward not bought with entropy
     assert not flat.ceiling_applies
+
+
+def test_the_forecast_fits_the_first_fraction_rounded_up():
+    """n_fit = max(min_points, ceil(fit_fraction N)): 15% of 30 points is 4.5, so 5 points."""
+    entropy = np.linspace(1.0, 0.1, 30)
+    assert forecast_entropy_law(entropy, 1.0 - 0.3 * np.exp(entropy)).n_fit == 5

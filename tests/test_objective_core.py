@@ -966,6 +966,7 @@ def test_available_methods_are_exactly_the_catalogue():
         ("gspo", {"clip_ratio_low": 3e-4, "clip_ratio_high": 4e-4}),
         ("tis", {"rollout_is_threshold": 2.0}),
         ("icepop", {"icepop_low": 0.5, "icepop_high": 5.0}),
+        ("cispo", {"clip_ratio_low": 1.0, "clip_ratio_high": 0.28}),
     ],
 )
 def test_method_paper_defaults(method, expected):

@@ -1081,3 +1081,76 @@ def test_low_entropy_tokens_refuses_to_drop_every_token():
     with pytest.raises(ValueError, match="would drop every token"):
         build_objective("low_entropy_tokens", top_entropy_quantile=1.0)
     assert build_objective("forking_tokens", top_entropy_quantile=1.0).selectors[0].top_entropy_quantile == 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# 11. Values exactly on a boundary, counts with a fraction
+# --------------------------------------------------------------------------------------------------
+
+
+def exact_batch(log_prob, advantages, mask, **fields) -> PolicyBatch:
+    """An on-policy float64 batch from nested lists."""
+
+    def tensor(values):
+        return torch.tensor(values, dtype=torch.float64)
+
+    return PolicyBatch(log_prob=tensor(log_prob).requires_grad_(True), old_log_prob=tensor(log_prob),
+                       advantages=tensor(advantages), mask=torch.tensor(mask), **{name: tensor(v) for name, v in fields.items()})
+
+
+def dropped_count(batch: PolicyBatch, out) -> int:
+    return int((batch.mask & ~out.trained_mask).sum())
+
+
+def test_clip_cov_drops_the_floor_of_r_n():
+    """|I_clip| = floor(r N) (arXiv 2505.22617, Eq. 11): every C_t is 2, inside (1, 5); r N = 3.5 drops 3."""
+    batch = exact_batch([[-1.0] * 5 + [-3.0] * 5], [[2.0] * 5 + [-2.0] * 5], [[True] * 10])
+    assert dropped_count(batch, build_objective("clip_cov", clip_cov_ratio=0.35, seed=0)(batch)) == 3
+
+
+def test_clip_cov_band_excludes_its_bounds():
+    """Candidates have lb < C_t < ub, strictly: every C_t here is exactly 1 = lb."""
+    batch = exact_batch([[-1.0, -3.0, -1.0, -3.0]], [[1.0, -1.0, 1.0, -1.0]], [[True] * 4])
+    out = build_objective("clip_cov", clip_cov_ratio=0.5, seed=0)(batch)
+    assert dropped_count(batch, out) == 0 and out.metrics["select/clip_cov_candidates_frac"] == 0.0
+
+
+def test_clip_v_caps_at_the_floor_of_max_frac_of_the_valid_tokens():
+    """At most max(1, floor(max_frac N)) drops, N the valid tokens (not the padded width), most negative D first."""
+    padded = exact_batch([[0.0] * 8], [[-1.0] * 8], [[True] * 4 + [False] * 4],
+                         disc_centered=[[-3.0, -2.0, -1.0, 6.0, -99.0, -99.0, -99.0, -99.0]])
+    out = build_objective("clip_v", mu=0.1, max_frac=0.5)(padded)
+    assert (padded.mask & ~out.trained_mask).tolist() == [[True, True] + [False] * 6]
+    fractional = exact_batch([[0.0] * 10], [[-1.0] * 10], [[True] * 10],
+                             disc_centered=[[-5.0, -4.0, -3.0, -2.0, -1.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
+    assert dropped_count(fractional, build_objective("clip_v", mu=0.1, max_frac=0.35)(fractional)) == 3  # not round(3.5)
+
+
+def test_adaptive_entropy_at_its_target_is_not_below_it():
+    """The bonus is on only while H < target (arXiv 2505.22312): H exactly at the target steps the coefficient down."""
+    objective = build_objective("adaptive_entropy", target_entropy=0.25, entropy_coeff=2e-3, delta=1e-3)
+    for step in (0, 1):
+        batch = exact_batch([[0.0, 0.0]], [[1.0, -1.0]], [[True, True]], entropy=[[0.25, 0.25]])
+        batch.entropy.requires_grad_(True)
+        batch.step = step
+        out = objective(batch)
+    assert out.metrics["reg/adaptive_entropy_below_target"] == 0.0
+    assert out.metrics["reg/adaptive_entropy_controller_coeff"] == pytest.approx(1e-3)
+
+
+def test_entropy_bonus_is_aggregated_like_the_policy_loss():
+    """seq-mean-token-mean: the bonus is c times the mean over sequences of each one's mean entropy, (1 + 3) / 2, not
+    the token mean 7 / 5."""
+    batch = exact_batch([[0.0] * 4] * 2, [[0.0] * 4] * 2, [[True] * 4, [True, False, False, False]],
+                        entropy=[[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
+    batch.entropy.requires_grad_(True)
+    out = build_objective("entropy_bonus", entropy_coeff=1.0, loss_agg_mode="seq-mean-token-mean")(batch)
+    assert float(out.loss) == pytest.approx(-2.0)
+
+
+def test_icepop_band_includes_its_bounds():
+    """IcePop keeps k in [alpha, beta], closed: k = 1 exactly with alpha = 1 is kept."""
+    log_prob = [[-1.0, -2.0]]
+    batch = exact_batch(log_prob, [[1.0, 1.0]], [[True, True]], rollout_log_prob=log_prob)
+    out = build_objective("icepop", icepop_low=1.0, icepop_high=5.0)(batch)
+    assert out.metrics["correction/icepop_masked_frac"] == 0.0
