@@ -268,10 +268,17 @@ def test_clip_b_hand_worked_population_std_of_centred_s(dtype, mode):
     expected = np.zeros_like(case.mask)
     expected[1, 3] = True
     batch = case.batch()
-    out = build_objective("clip_b", mu=2.9, mode=mode, mu_high=2.9)(batch)
+    out = build_objective("clip_b", mu=2.9, mode=mode, **({"mu_high": 2.9} if mode == "paper" else {}))(batch)
     np.testing.assert_array_equal(dropped(out, batch), expected)
     assert out.metrics["clip_b/disc_std"] == pytest.approx(0.3, rel=1e-6)
     assert out.metrics["clip_b/disc_mean"] == pytest.approx(0.9, rel=1e-6)
+
+
+def test_clip_b_refuses_an_upper_bound_without_the_two_sided_band():
+    """mu_high is the paper's upper edge: the released (one-sided) rule would ignore it without a word."""
+    with pytest.raises(ValueError, match="mu_high is the upper edge of the paper's two-sided band"):
+        build_objective("clip_b", mu_high=3.0)
+    assert build_objective("clip_b", mode="paper", mu_high=3.0).selectors[0].mu_high == 3.0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

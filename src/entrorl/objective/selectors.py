@@ -198,6 +198,13 @@ class ClipB(Selector):
     mu_high: float | None = Field(None, gt=0.0, description="upper bound mu^+ of the paper's band; None = mu")
     keep_in_normaliser: bool = Field(False, description="dropped tokens leave the normaliser, as in the released code")
 
+    @model_validator(mode="after")
+    def _upper_bound_needs_the_band(self) -> "ClipB":
+        if self.mu_high is not None and self.mode == "released":
+            raise ValueError("clip_b: mu_high is the upper edge of the paper's two-sided band, and mode='released' "
+                             "(one-sided) has none; set mode='paper' to use it, or leave mu_high out")
+        return self
+
     def decide(self, batch: PolicyBatch, advantages: torch.Tensor) -> tuple[torch.Tensor, ...]:
         mask = batch.mask
         disc = batch.require("disc", "selector 'clip_b'").detach().double()  # float64: equal values must give a zero std
