@@ -874,3 +874,10 @@ def test_cli_reasoning_gym_errors_are_one_line(tmp_path):
     assert "reasoning-gym cannot generate the task 'composite'" in result.output and "AssertionError" in result.output
     assert len(result.output.strip().splitlines()) == 1 and isinstance(result.exception, SystemExit)
     assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_the_named_prompt_column_is_read_even_beside_a_column_called_prompt(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text(json.dumps({"question": "Q1", "prompt": "P1", "answer": "1"}) + "\n")
+    (record,) = load_prompts(path, prompt_column="question")
+    assert record.prompt == "Q1" and record.meta.get("prompt") == "P1"

@@ -226,3 +226,29 @@ def test_first_order_change_keeps_a_change_far_below_the_weights_rounding():
     assert expected != 0.0 and change.after_update() == pytest.approx(expected, rel=1e-7)
     with pytest.raises(ValueError, match="1 gradients for 2 parameters"):
         FirstOrderEntropyChange(weights, gradient[:1])
+
+
+def _two_rows_at_one_decision_point():
+    """Two rows, one position each, one shared decision point; both trained, only row 0 measured again."""
+    return predicted_vs_measured(
+        torch.tensor([[1.0], [1.0]]), torch.tensor([[1.0], [2.0]]), torch.zeros(2, 1), torch.full((2, 1), 0.5),
+        torch.tensor([[True], [False]]), lr=1.0, temperature=1.0, points=torch.tensor([[0], [0]]),
+        trained_mask=torch.tensor([[True], [True]]))
+
+
+def test_the_prediction_sums_every_trained_token_measured_or_not():
+    """A position's prediction adds the moves of every trained token at its decision point (Thm 3.3 per point), the
+    batch sum covers every trained token, and the mean prediction is over the measured positions' point sums: here
+    -alpha D = 1 + 2 for every position."""
+    metrics, predicted = _two_rows_at_one_decision_point()
+    assert predicted.flatten().tolist() == pytest.approx([3.0, 3.0])
+    assert metrics["entropy/predicted_delta_sum"] == pytest.approx(3.0)
+    assert metrics["entropy/predicted_delta_batch"] == pytest.approx(3.0)
+    assert metrics["entropy/predicted_delta"] == pytest.approx(3.0)
+
+
+def test_the_covariance_summary_centres_on_the_valid_tokens_only():
+    """C_t centres log p and A over the valid tokens (SPEC 1): the padding's values move nothing."""
+    summary = covariance_summary(torch.tensor([[-1.0, -2.0, 100.0]]), torch.tensor([[1.0, -1.0, 50.0]]),
+                                 torch.tensor([[True, True, False]]))
+    assert summary["cov/mean"] == pytest.approx(0.5) and summary["cov/n_tokens"] == 2.0

@@ -827,3 +827,21 @@ def test_runner_uses_a_batch_method_and_falls_back_to_samples_when_it_fails():
     result = RewardRunner(broken)(["p"] * 3, ["1", "boom", "2"], ["1", "1", "1"])
     assert (broken.batch_calls, broken.sample_calls) == (1, 3)
     assert result.scores.tolist() == [1.0, 0.0, 0.0] and result.errors == 1 and "bad sample" in result.reasons[1]
+
+
+def test_overlong_penalties_of_many_lengths_equal_the_penalty_of_each_with_any_factor():
+    """The tensor form is the scalar form per length, penalty_factor included beyond max_length (-factor, not -1)."""
+    lengths = [0, 6, 8, 10, 12, 40]
+    settings = dict(max_length=10, cache_length=4, penalty_factor=0.5)
+    penalties = overlong_penalties(lengths, **settings).tolist()
+    assert penalties == pytest.approx([overlong_penalty(length, **settings) for length in lengths])
+    assert penalties[-2:] == pytest.approx([-0.5, -0.5])
+
+
+def test_an_answer_in_the_overlong_interval_is_still_correct():
+    """Correct means score >= threshold: the length penalty lowers the reward, not the answer's correctness
+    (accuracy, Pass@k and dynamic sampling read it)."""
+    runner = RewardRunner(get_reward("exact_match"), overlong={"max_length": 10, "cache_length": 4})
+    result = runner(["p"], ["\\boxed{5}"], ["5"], None, [9])  # penalty (6 - 9) / 4 = -0.75
+    assert float(result.scores[0]) == 1.0 and float(result.rewards[0]) == pytest.approx(0.25)
+    assert bool(result.correct[0])

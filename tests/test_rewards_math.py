@@ -98,6 +98,8 @@ CASES = [
     ("", "The answer is pi", "3.14", 1.0, ""),
     ("", r"\boxed{3.1415926}", r"\pi", 1.0, ""),
     ("", r"\boxed{3.1416}", r"\pi", 1.0, ""),
+    ("", r"\boxed{3.1415}", r"\pi", 1.0, ""),  # cut to the written digits ...
+    ("", r"\boxed{-3.1415}", r"\pi", 0.0, r"answer -3.1415 differs from reference \pi"),  # ... with pi's sign
     ("", r"\boxed{3.15}", r"\pi", 0.0, r"answer 3.15 differs from reference \pi"),
     ("", r"\boxed{3}", r"\pi", 0.0, "differs from reference"),
     ("Round to the nearest integer.", r"\boxed{3}", r"\pi", 1.0, ""),

@@ -53,3 +53,28 @@ def test_a_verifier_that_accepts_any_answer_is_detected(monkeypatch):
     assert not verifier_accepts_nonsense("basic_arithmetic", [])
     monkeypatch.setattr(reasoning_gym.ReasoningGymReward, "__call__", lambda self, *args, **meta: 1.0)
     assert verifier_accepts_nonsense("basic_arithmetic", records)
+
+
+class _VerifierFailingOn:
+    """A reasoning-gym dataset whose verifier raises on every answer but ``accepted``."""
+
+    def __init__(self, accepted=None):
+        self.accepted = accepted
+
+    def score_answer(self, answer, entry):
+        if answer != self.accepted:
+            raise ValueError("cannot parse")
+        return 1.0
+
+
+def test_a_verifier_failing_on_the_reference_too_raises_and_on_the_answer_alone_scores_0(monkeypatch):
+    """A verifier that fails on the model's answer scores it 0; one that fails on the reference as well says the entry
+    is broken, and that must reach the reward runner (counted as an error), not pass for a wrong answer."""
+    from entrorl.rewards.reasoning_gym import ReasoningGymReward
+
+    meta = {"entry": {"question": "q", "answer": "7", "metadata": {}}, "task": "basic_arithmetic", "config": {}}
+    monkeypatch.setattr(ReasoningGymReward, "_scorer", lambda self, task, config: _VerifierFailingOn(accepted="7"))
+    assert ReasoningGymReward()("q", "<answer>x</answer>", "7", **meta) == 0.0
+    monkeypatch.setattr(ReasoningGymReward, "_scorer", lambda self, task, config: _VerifierFailingOn())
+    with pytest.raises(ValueError, match="cannot parse"):
+        ReasoningGymReward()("q", "<answer>7</answer>", "7", **meta)

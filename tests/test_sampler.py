@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -294,3 +296,49 @@ def test_a_longrope_cache_on_the_long_factors_keeps_its_rows_and_a_long_prompt_i
         decoder.prefill()
         decoder.decode(torch.tensor([20]))
         assert decoder.long_factors and runs == [1]
+
+
+def test_top_p_keeps_the_smallest_prefix_that_reaches_p():
+    """Four equal tokens and p = 0.5: the first two already reach 0.5, so the third is dropped."""
+    assert int(torch.isfinite(process_logits(torch.zeros(1, 4), SamplingParams(top_p=0.5))).sum()) == 2
+
+
+def test_inverse_cdf_sampling_never_draws_a_minus_inf_token_and_a_uniform_on_a_step_takes_the_next_token():
+    from entrorl.rollout.sampler import sample_from_log_probs
+
+    leading_minus_inf = torch.tensor([[-math.inf, math.log(0.5), math.log(0.5)]], dtype=torch.float64)
+    assert sample_from_log_probs(leading_minus_inf, torch.zeros(1, 1, dtype=torch.float64)).tolist() == [1]
+    halves = torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    assert sample_from_log_probs(halves, torch.full((1, 1), 0.5, dtype=torch.float64)).tolist() == [1]
+
+
+def _many_eos_ids(tokenizer, vocab_size: int, every: int) -> list[int]:
+    """The tokenizer's EOS and every ``every``-th id: a random model then ends most responses early."""
+    return [tokenizer.eos_token_id] + [i for i in range(vocab_size) if i % every == 0 and i != tokenizer.eos_token_id]
+
+
+def test_every_listed_eos_id_ends_a_response(policy):
+    model, tokenizer = policy
+    eos = _many_eos_ids(tokenizer, model.config.vocab_size, every=2)
+    sampler = HFSampler(model, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, compact=False)
+    torch.manual_seed(0)
+    rollouts = sampler.generate(_prompts(tokenizer) * 4, SamplingParams(max_new_tokens=8))
+    ended_by_another_id = 0
+    for row in range(len(rollouts)):
+        response = rollouts.response_ids[row, : rollouts.lengths[row]].tolist()
+        stops = [index for index, token in enumerate(response) if token in set(eos)]
+        assert stops == ([] if bool(rollouts.truncated[row]) else [len(response) - 1])
+        ended_by_another_id += bool(stops) and response[-1] != tokenizer.eos_token_id
+    assert ended_by_another_id > 0
+
+
+def test_sampler_log_probs_are_zero_after_a_response_ends(policy):
+    """Rows that end early while the batch decodes on (compact=False keeps them in the batch) hold 0 there."""
+    model, tokenizer = policy
+    eos = _many_eos_ids(tokenizer, model.config.vocab_size, every=3)
+    sampler = HFSampler(model, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, compact=False)
+    torch.manual_seed(0)
+    rollouts = sampler.generate(_prompts(tokenizer) * 4, SamplingParams(max_new_tokens=10))
+    assert bool((~rollouts.response_mask).any())
+    assert torch.equal(rollouts.sampler_log_probs[~rollouts.response_mask],
+                       torch.zeros(int((~rollouts.response_mask).sum()), dtype=rollouts.sampler_log_probs.dtype))

@@ -1608,6 +1608,41 @@ def test_max_sampling_rounds_counts_the_first_round(tmp_path, tiny_model_dir, ar
     assert metrics["data/sampling_rounds"] == 1.0  # a random-init model never answers right: no informative group
 
 
+def test_dynamic_sampling_stops_once_the_batch_is_full_and_cuts_an_overshooting_round(tmp_path, tiny_model_dir,
+                                                                                      arithmetic_files):
+    """A first round whose groups are all informative is the whole step (no resampling); a round that brings more
+    informative groups than a step holds is cut to prompts_per_step groups (DAPO fills exactly its batch), and
+    reward/error_frac divides the failures by every row sampled in the step."""
+    train, _ = arithmetic_files
+    alternating = ("calls = [0]\n"
+                   "def score(prompt, completion, answer, **meta):\n"
+                   "    calls[0] += 1\n"
+                   "    return float(calls[0] % 2)\n")
+    # round 1 (calls 1-8): group 1 informative (1, 0, 0, 0), group 2 all 0, call 2 raises; round 2: both informative
+    overshooting = ("calls = [0]\n"
+                    "def score(prompt, completion, answer, **meta):\n"
+                    "    calls[0] += 1\n"
+                    "    if calls[0] == 2:\n"
+                    "        raise RuntimeError('boom')\n"
+                    "    if calls[0] <= 8:\n"
+                    "        return 1.0 if calls[0] == 1 else 0.0\n"
+                    "    return float(calls[0] % 2)\n")
+    rollout = {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 4, "temperature": 1.0,
+               "dynamic_sampling": True, "max_sampling_rounds": 3}
+    with importable_module(tmp_path, "alternating_reward", alternating):
+        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "alternating_reward:score"},
+                                         rollout=rollout))
+        full = Trainer(config, run_dir=tmp_path / "full").train_step()
+    assert full["data/sampling_rounds"] == 1.0 and full["data/informative_groups"] == 2.0
+    with importable_module(tmp_path, "overshooting_reward", overshooting):
+        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "overshooting_reward:score"},
+                                         rollout=rollout))
+        cut = Trainer(config, run_dir=tmp_path / "cut").train_step()
+    assert cut["data/sampling_rounds"] == 2.0
+    assert cut["data/informative_groups"] == 2.0  # three informative groups sampled; the step holds two
+    assert cut["reward/error_frac"] == pytest.approx(1 / 16)
+
+
 def test_reward_that_cannot_take_the_data_columns_fails_before_the_model_loads(tmp_path, arithmetic_files):
     """A reward without **meta while the data has extra columns would fail on every sample: refused up front."""
     train, _ = arithmetic_files
