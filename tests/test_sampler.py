@@ -312,17 +312,20 @@ def test_inverse_cdf_sampling_never_draws_a_minus_inf_token_and_a_uniform_on_a_s
     assert sample_from_log_probs(halves, torch.full((1, 1), 0.5, dtype=torch.float64)).tolist() == [1]
 
 
-def _many_eos_ids(tokenizer, vocab_size: int, every: int) -> list[int]:
-    """The tokenizer's EOS and every ``every``-th id: a random model then ends most responses early."""
-    return [tokenizer.eos_token_id] + [i for i in range(vocab_size) if i % every == 0 and i != tokenizer.eos_token_id]
+def _rollouts_with_many_eos_ids(policy, every: int, max_new_tokens: int) -> tuple[Rollouts, list[int]]:
+    """Rollouts whose stop ids are the tokenizer's EOS and every ``every``-th id, so that a random model ends most
+    responses early; ``compact=False`` keeps finished rows in the batch while the others decode on."""
+    model, tokenizer = policy
+    eos = [tokenizer.eos_token_id] + [i for i in range(model.config.vocab_size)
+                                      if i % every == 0 and i != tokenizer.eos_token_id]
+    sampler = HFSampler(model, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, compact=False)
+    torch.manual_seed(0)
+    return sampler.generate(_prompts(tokenizer) * 4, SamplingParams(max_new_tokens=max_new_tokens)), eos
 
 
 def test_every_listed_eos_id_ends_a_response(policy):
-    model, tokenizer = policy
-    eos = _many_eos_ids(tokenizer, model.config.vocab_size, every=2)
-    sampler = HFSampler(model, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, compact=False)
-    torch.manual_seed(0)
-    rollouts = sampler.generate(_prompts(tokenizer) * 4, SamplingParams(max_new_tokens=8))
+    rollouts, eos = _rollouts_with_many_eos_ids(policy, every=2, max_new_tokens=8)
+    tokenizer = policy[1]
     ended_by_another_id = 0
     for row in range(len(rollouts)):
         response = rollouts.response_ids[row, : rollouts.lengths[row]].tolist()
@@ -333,12 +336,8 @@ def test_every_listed_eos_id_ends_a_response(policy):
 
 
 def test_sampler_log_probs_are_zero_after_a_response_ends(policy):
-    """Rows that end early while the batch decodes on (compact=False keeps them in the batch) hold 0 there."""
-    model, tokenizer = policy
-    eos = _many_eos_ids(tokenizer, model.config.vocab_size, every=3)
-    sampler = HFSampler(model, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, compact=False)
-    torch.manual_seed(0)
-    rollouts = sampler.generate(_prompts(tokenizer) * 4, SamplingParams(max_new_tokens=10))
+    """Rows that end early while the batch decodes on hold 0 there."""
+    rollouts, _ = _rollouts_with_many_eos_ids(policy, every=3, max_new_tokens=10)
     assert bool((~rollouts.response_mask).any())
     assert torch.equal(rollouts.sampler_log_probs[~rollouts.response_mask],
                        torch.zeros(int((~rollouts.response_mask).sum()), dtype=rollouts.sampler_log_probs.dtype))
