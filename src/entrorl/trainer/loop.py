@@ -803,7 +803,9 @@ class Trainer:
         if config.rollout.backend == "vllm":
             self._sync_sampler()  # the next rollouts come from the updated policy
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates used
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the schedule follows steps: a first step whose updates were all skipped too
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.step += 1
         updated = time.perf_counter()
 
