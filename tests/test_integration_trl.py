@@ -664,3 +664,46 @@ def test_arguments_are_seen_however_they_are_passed_and_warnings_point_at_the_ca
         _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+kl_cov")
     (warning,) = [w for w in raised if "trains with dapo's surrogate" in str(w.message)]
     assert warning.filename == __file__
+
+
+def test_seq_mean_weight_is_one_over_the_accumulation_steps_not_the_steps_per_generation():
+    for mode in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        assert accumulation_weight(mode, micro_valid_tokens=10, num_items_in_batch=80, num_processes=1,
+                                   gradient_accumulation_steps=2, steps_per_generation=4) == pytest.approx(0.5)
+
+
+def _loss_of(trainer, inputs, *, training: bool, accumulation_steps: int, steps_per_generation: int) -> float:
+    """The plugin's loss of ``inputs`` in train or eval mode, with TRL's accumulation settings at the given values."""
+    trainer.model.train(training)
+    trainer.current_gradient_accumulation_steps, trainer.args.steps_per_generation = accumulation_steps, steps_per_generation
+    with torch.no_grad():
+        return float(trainer._compute_loss(trainer.model, inputs))
+
+
+def test_the_evaluation_loss_is_not_scaled_for_accumulation(tokenizer, tmp_path):
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo")
+    inputs = _inputs(tokenizer)
+    train_loss = _loss_of(trainer, inputs, training=True, accumulation_steps=1, steps_per_generation=1)
+    eval_loss = _loss_of(trainer, inputs, training=False, accumulation_steps=2, steps_per_generation=4)
+    assert train_loss != 0.0 and eval_loss == pytest.approx(train_loss, rel=1e-5)
+
+
+def test_a_tool_mask_only_removes_tokens(tokenizer, tmp_path):
+    """An all-ones tool mask removes nothing, and keeps the padding out of the loss."""
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo")
+    inputs = _inputs(tokenizer)
+    plain = _loss_of(trainer, inputs, training=True, accumulation_steps=1, steps_per_generation=1)
+    ones = _loss_of(trainer, {**inputs, "tool_mask": torch.ones_like(inputs["completion_mask"])}, training=True,
+                    accumulation_steps=1, steps_per_generation=1)
+    assert ones == pytest.approx(plain, rel=1e-6)
+
+
+def test_the_moe_aux_loss_is_scaled_for_accumulation_as_trl_does(tokenizer, tmp_path):
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo")
+    inputs = _inputs(tokenizer)
+    without = _loss_of(trainer, inputs, training=True, accumulation_steps=2, steps_per_generation=2)
+    original = trainer._response_stats
+    trainer._response_stats = lambda *a, **k: (original(*a, **k)[0], torch.tensor(1.0))  # a router loss of 1
+    trainer.aux_loss_enabled, trainer.router_aux_loss_coef = True, 1.0
+    with_aux = _loss_of(trainer, inputs, training=True, accumulation_steps=2, steps_per_generation=2)
+    assert with_aux - without == pytest.approx(0.5, rel=1e-5)  # coef * aux / gradient_accumulation_steps, as TRL

@@ -570,3 +570,25 @@ def test_unreadable_metrics_lines_are_named_not_dropped_silently(report_run):
     assert report["unreadable_metrics_lines"] == {"grpo": [line], "clip_cov": [line], "nsr": [line], "kl_cov": [4]}
     assert (f"were left out: grpo: line {line}; clip_cov: line {line}; nsr: line {line}; kl_cov: line 4."
             in " ".join(markdown.split()))
+
+
+def test_the_headline_s_rules_include_their_boundaries(tmp_path):
+    """An evaluation entropy of exactly half the base model's is a collapse ("at most half"); a method whose entropy
+    ratio is exactly 1.25 x GRPO's kept entropy ("at least"); a Pass@1 equal to GRPO's is neither higher nor lower."""
+    out = build_run(tmp_path / "lab-edges", methods=("grpo", "nsr"), failed=())
+    steps = np.arange(20)
+    _write_metrics(out / "methods" / "grpo", np.where(steps < 10, 1.0, 0.4), np.full(20, 0.3))  # ratio 0.4
+    _write_metrics(out / "methods" / "nsr", np.where(steps < 10, 1.0, 0.5), np.full(20, 0.3))  # ratio 0.5 = 1.25 x 0.4
+    evaluations = {name: json.loads((out / path).read_text())
+                   for name, path in (("base", "base/final_eval.json"), ("grpo", "methods/grpo/final_eval.json"),
+                                      ("nsr", "methods/nsr/final_eval.json"))}
+    evaluations["grpo"]["entropy_mean"] = 0.5 * evaluations["base"]["entropy_mean"]
+    evaluations["nsr"]["pass_at_k"]["1"] = evaluations["grpo"]["pass_at_k"]["1"]
+    _write(out / "methods" / "grpo" / "final_eval.json", evaluations["grpo"])
+    _write(out / "methods" / "nsr" / "final_eval.json", evaluations["nsr"])
+    headline = write_report(out, figures=False)["headline"]
+    assert headline["collapse"] is True
+    assert headline["kept_methods"] == ["nsr"]
+    assert any("the methods that kept entropy have 0 higher and 0 lower Pass@1" in paragraph
+               for paragraph in headline["paragraphs"])
+

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from entrorl.analysis.run import MetricRecords, analyse_records, chance_sign_agreement, ratio
 from entrorl.analysis.run_report import write_run_report
 
 
@@ -251,3 +252,80 @@ def test_a_trl_run_is_read_from_its_trainer_state(tmp_path):
     assert row(report["interventions"], "metric", "select/clip_cov_frac")["steps"] == 3
     # a checkpoint folder is a run directory of its own, up to its step
     assert write_run_report(tmp_path / "checkpoint-2", figures=False)["steps"] == 2
+
+
+# boundaries and marginals: values exactly on a threshold, the chance level's two marginals
+def test_chance_agreement_takes_each_series_marginals_over_the_steps_without_a_zero(tmp_path):
+    # signed steps (first 4): predicted + + + -  (p+ = 3/4), measured + - - - (m+ = 1/4); the last two have a zero
+    predicted = np.array([1.0, 1.0, 1.0, -1.0, 0.0, 1.0])
+    measured = np.array([1.0, -1.0, -1.0, -1.0, 1.0, 0.0])
+    expected = 0.75 * 0.25 + 0.25 * 0.75
+    assert chance_sign_agreement(predicted, measured) == pytest.approx(expected)
+    records = [{"step": i + 1, "entropy/mean": 1.0, "reward/accuracy": 0.5, "entropy/predicted_delta": float(p),
+                "entropy/measured_delta": float(m)} for i, (p, m) in enumerate(zip(predicted, measured))]
+    report = write_run_report(write_run(tmp_path / "run", records), figures=False)
+    (values,) = report["entropy_change"]["values"]
+    assert values["by chance"] == pytest.approx(expected) and values["sign agreement"] == 0.5
+
+
+def test_an_end_at_exactly_half_the_start_is_a_collapse(tmp_path):
+    entropy = [1.0] + [0.75] * 8 + [0.5]  # 10 steps: one step per edge, end/start = 0.5 exactly
+    records = [{"step": i + 1, "entropy/mean": h, "reward/accuracy": 0.1 * i} for i, h in enumerate(entropy)]
+    run = write_run(tmp_path / "run", records)
+    write_run_report(run, figures=False)
+    assert "by the laboratory's criterion entropy collapsed" in (run / "report" / "report.md").read_text()
+
+
+def test_a_zero_entropy_at_the_start_gives_no_ratio_and_no_crash(tmp_path):
+    assert math.isnan(ratio(1.0, 0.0))
+    records = [{"step": i + 1, "entropy/mean": 0.0 if i == 0 else 0.3, "reward/accuracy": 0.1 * i} for i in range(10)]
+    report = write_run_report(write_run(tmp_path / "run", records), figures=False)
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
+    assert summary["entropy end/start"] is None
+
+
+def test_the_law_s_end_points_count_the_fitted_points_not_the_steps(tmp_path):
+    records = law_records(30)
+    for record in records[1::2]:  # reward missing on every other step: 15 points where both are finite
+        del record["reward/accuracy"]
+    report = write_run_report(write_run(tmp_path / "run", records), figures=False)
+    law = report["law"]["fit"]
+    assert law["n_points"] == 15 and law["end_points"] == 2  # ceil(0.1 * 15), not ceil(0.1 * 30) = 3
+
+
+def test_the_end_is_not_in_sample_when_it_follows_the_fitted_points(tmp_path):
+    # 20 steps, fit_fraction 0.9: the first 18 are fitted, the last 2 (the end) are not
+    report = write_run_report(write_run(tmp_path / "run", law_records(20)), figures=False, fit_fraction=0.9)
+    law = report["law"]["fit"]
+    assert law["forecast"]["n_fit"] == 18 and law["end_points"] == 2
+    assert law["end_in_fit"] is False
+    (cells,) = report["law"]["table"]["values"]
+    assert "in-sample" not in (cells["note"] or "")
+
+
+def test_a_forecast_on_exactly_the_minimum_steps_for_a_ceiling_gives_its_headroom(tmp_path):
+    report = write_run_report(write_run(tmp_path / "run", law_records(40)), figures=False, fit_fraction=0.25)
+    law = report["law"]["fit"]
+    assert law["forecast"]["n_fit"] == 10
+    assert law["ceiling_minus_reached"] is not None
+    (cells,) = report["law"]["table"]["values"]
+    assert cells["forecast ceiling − reached"] is not None
+
+
+def test_two_evaluations_are_enough_for_the_evaluation_law(tmp_path):
+    evaluations = {5: {"step": 5, "avg_at_n": 0.3}, 10: {"step": 10, "avg_at_n": 0.5}}
+    report = write_run_report(write_run(tmp_path / "run", law_records(10), evaluations=evaluations), figures=False)
+    assert report["law"]["evaluations"] is not None and report["law"]["evaluations"]["n_points"] == 2
+
+
+class _Records(MetricRecords):
+    def __init__(self, records):
+        self.records = records
+
+
+def test_a_negative_intervention_value_is_an_action():
+    records = [{"step": i + 1, "entropy/mean": 1.0, "reward/accuracy": 0.5, "shape/entropy_advantage_bonus": -0.1}
+               for i in range(5)]
+    analysis = analyse_records(_Records(records), 0.15, "entropy_advantage")
+    (item,) = [i for i in analysis.interventions if i["key"] == "shape/entropy_advantage_bonus"]
+    assert item["active_steps"] == 5 and not analysis.never_acted

@@ -167,3 +167,23 @@ def test_verl_releases_before_0_9_are_refused(monkeypatch):
         estimator(token_level_rewards=rewards, response_mask=mask, config=None, index=uids)
     finally:
         check_verl_version.cache_clear()
+
+
+def test_the_entrorl_section_overrides_verl_s_norm_adv_by_std():
+    from entrorl.integrations.verl.estimators import make_advantage_estimator
+
+    rewards = torch.zeros(4, 3)
+    rewards[:, -1] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    advantages, _ = make_advantage_estimator("grpo")(
+        rewards, torch.ones(4, 3, dtype=torch.bool), index=np.array(["a"] * 4, dtype=object),
+        config={"norm_adv_by_std_in_grpo": True, "entrorl": {"norm_adv_by_std_in_grpo": False}})
+    torch.testing.assert_close(advantages[:, 0], torch.tensor([0.75, -0.25, -0.25, -0.25]))  # centred, not divided
+
+
+def test_an_index_longer_than_the_batch_is_refused():
+    from entrorl.integrations.verl.estimators import make_advantage_estimator
+
+    with pytest.raises(ValueError, match="index has 5 uids for 4 responses"):
+        make_advantage_estimator("grpo")(torch.zeros(4, 3), torch.ones(4, 3, dtype=torch.bool), config={},
+                                         index=np.array(list("aabbc"), dtype=object))
+

@@ -462,3 +462,50 @@ def test_kl_cov_warns_after_on_policy_mini_batches_not_micro_batches(batch_facto
     assert not [w for w in caught if "on-policy" in str(w.message)]
     with pytest.warns(UserWarning, match=r"entrorl_kl_cov.*3 mini-batches in a row.*no-op strictly on-policy"):
         mini_batch(603, True, config)
+
+
+# the actor configuration's fallbacks and the normalisers' edge cases
+def test_dp_size_2_without_the_global_token_count_is_refused(batch_factory):
+    with pytest.raises(ValueError, match="dp_size=2 but no batch_num_tokens"):
+        _verl_call("entrorl_grpo", batch_factory(), {"global_batch_info": {"dp_size": 2}}, loss_agg_mode="token-mean",
+                   extras=False)
+
+
+def test_maxima_are_marked_as_maxima_even_without_global_counts(batch_factory):
+    from entrorl.integrations.verl import collect_metric_aggregations
+
+    with collect_metric_aggregations() as aggregations:
+        _, metrics = _verl_call("entrorl_grpo", batch_factory(), {}, loss_agg_mode="token-mean", extras=False)
+    assert "actor/ratio/max" in metrics
+    assert aggregations == {"actor/ratio/max": "max"}  # never averaged; no loss term is summed without global counts
+
+
+def test_loss_scale_factor_falls_back_to_the_actor_config(batch_factory):
+    batch = batch_factory()
+    by_7, _ = _verl_call("entrorl_grpo", batch, {"loss_scale_factor": 7.0}, loss_agg_mode="seq-mean-token-sum-norm",
+                         extras=False)
+    by_14, _ = _verl_call("entrorl_grpo", batch, {"loss_scale_factor": 14.0}, loss_agg_mode="seq-mean-token-sum-norm",
+                          extras=False)
+    assert float(by_7) != 0.0 and float(by_7) == pytest.approx(2 * float(by_14), rel=1e-6)
+
+
+def test_verl_clip_ratio_is_the_fallback_for_both_clip_bounds(batch_factory):
+    batch = batch_factory(seed=1)
+    loss, _ = _verl_call("entrorl_grpo", batch, {"clip_ratio": 0.05}, loss_agg_mode="token-mean", extras=False)
+
+    def direct(**params):
+        return float(build_objective("grpo", loss_agg_mode="token-mean", **params)(PolicyBatch(
+            log_prob=batch["log_prob"], old_log_prob=batch["old_log_prob"], advantages=batch["advantages"],
+            mask=batch["response_mask"])).loss)
+
+    expected = direct(clip_ratio_low=0.05, clip_ratio_high=0.05)
+    assert expected != pytest.approx(direct())  # clipping at 0.05 acts on this batch
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_verl_is_weight_mean_is_over_the_valid_tokens(batch_factory):
+    batch = batch_factory(seed=2)
+    weights = torch.where(batch["response_mask"], 0.5, 100.0).to(batch["log_prob"].dtype)
+    _, metrics = _verl_call("entrorl_grpo", batch, {}, loss_agg_mode="token-mean", weights=weights, extras=False)
+    assert metrics["actor/correction/verl_is_weight_mean"] == pytest.approx(0.5)
+
