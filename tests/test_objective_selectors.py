@@ -651,7 +651,7 @@ def test_forking_threshold_on_a_data_point_keeps_that_token(dtype, rho, n_high):
 
     fork = build_objective("forking_tokens", top_entropy_quantile=rho)(case.batch())
     np.testing.assert_array_equal(fork.trained_mask.numpy(), high)
-    if rho < 1.0:  # low_entropy_tokens refuses rho = 1, which would drop every token
+    if rho < 1.0:  # low_entropy_tokens refuses rho = 1, which would keep only the lowest entropy's tokens
         low = build_objective("low_entropy_tokens", top_entropy_quantile=rho)(case.batch())
         np.testing.assert_array_equal(low.trained_mask.numpy(), case.mask & (h <= threshold))
         assert (low.trained_mask.numpy() & high).sum() == 1  # the token at tau, on both sides
@@ -1085,7 +1085,7 @@ def test_a_zero_entropy_share_is_refused(selector):
 
 
 def test_low_entropy_tokens_refuses_to_drop_every_token():
-    with pytest.raises(ValueError, match="would drop every token"):
+    with pytest.raises(ValueError, match="would drop every token but those at the lowest entropy"):
         build_objective("low_entropy_tokens", top_entropy_quantile=1.0)
     assert build_objective("forking_tokens", top_entropy_quantile=1.0).selectors[0].top_entropy_quantile == 1.0
 

@@ -103,8 +103,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _log_policy(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p, p)`` of ``softmax(logits / T)``, with ``log p = 0`` and ``p = 0`` at masked (``-inf``) entries.
 
-    Masked entries so make every ``p * f(log p)`` an exact 0, and so are the gradients that flow through them; an
-    all-``-inf`` row gets zeros throughout, gradient included. A ``+inf`` or NaN logit is not a distribution: its row
+    Every ``p * f(log p)`` is then an exact 0 at a masked entry, and so is the gradient through it; an all-``-inf``
+    row gets zeros throughout, gradient included. A ``+inf`` or NaN logit is not a distribution: its row
     comes out NaN, as in :func:`entrorl.tokens.token_stats`.
     """
     if not isinstance(logits, torch.Tensor):

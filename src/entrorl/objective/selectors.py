@@ -169,7 +169,8 @@ class LowEntropyTokens(_EntropyQuantileSelector):
     @model_validator(mode="after")
     def _keeps_some(self) -> "LowEntropyTokens":
         if self.top_entropy_quantile >= 1.0:
-            raise ValueError("top_entropy_quantile = 1 would drop every token: low_entropy_tokens needs rho < 1")
+            raise ValueError("top_entropy_quantile = 1 would drop every token but those at the lowest entropy (all are "
+                             "forks at rho = 1): low_entropy_tokens needs rho < 1")
         return self
 
 
