@@ -76,14 +76,17 @@ def comparable(records: list[dict]) -> list[dict]:
 
 
 class NaNLoss:
-    """A trainer's objective whose loss is NaN (everything else is the objective's own)."""
+    """A trainer's objective whose loss is NaN (everything else is the objective's own): on every call, or only on the
+    calls whose 0-based index is in ``calls``."""
 
-    def __init__(self, objective):
-        self.objective = objective
+    def __init__(self, objective, calls=None):
+        self.objective, self.calls, self.count = objective, calls, 0
 
     def __call__(self, batch, **kwargs):
         out = self.objective(batch, **kwargs)
-        out.loss = out.loss * float("nan")
+        if self.calls is None or self.count in self.calls:
+            out.loss = out.loss * float("nan")
+        self.count += 1
         return out
 
     def __getattr__(self, name):
