@@ -131,8 +131,8 @@ class _EntropyQuantileSelector(Selector):
         threshold = masked_quantile(entropy, mask, 1.0 - self.top_entropy_quantile)
         # tokens tied at the threshold are kept on either side: when most entropies are equal (0 wherever top-k /
         # top-p sampling left one candidate), dropping them would leave the other side nothing to train on
-        drop = (entropy < threshold) if self.keep_high else (entropy > threshold)
-        drop = drop & mask
+        kept = (entropy >= threshold) if self.keep_high else (entropy <= threshold)
+        drop = ~kept & mask
         metrics[f"select/{self.name}_frac"] = fraction(drop, mask)
         metrics[f"select/{self.name}_threshold"] = float(threshold) if mask.any() else 0.0
         return drop
