@@ -338,10 +338,11 @@ def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Compositi
                        f"advantage.name)")
     if not _only_a_surrogate(_spec_refs(get_method(first))):  # a first method that is only a surrogate cannot follow
         options.append(f"put '{name}' first ('{'+'.join([name, *before])}')")
-    settings_change_it = (any(comp.surrogate[1].get(key) != value for key, value in surrogate[1].items())
-                          or refs["loss_agg_mode"] not in (None, comp.loss_agg_mode)) if comp.surrogate else False
-    if comp.surrogate is not None and comp.surrogate[0] == surrogate[0] and settings and settings_change_it:
-        options.append(f"give the composition those settings: build_objective('{so_far}', {described})")
+    if comp.surrogate is not None and comp.surrogate[0] == surrogate[0]:
+        # advice only where those settings change the composition's own
+        if (any(comp.surrogate[1].get(key) != value for key, value in surrogate[1].items())
+                or refs["loss_agg_mode"] not in (None, comp.loss_agg_mode)):
+            options.append(f"give the composition those settings: build_objective('{so_far}', {described})")
     if not options:
         options.append(f"choose one of '{first}' and '{name}': both are a surrogate alone")
     raise ValueError(
