@@ -64,20 +64,21 @@ class _TrainingRun(MetricRecords):
     the log history of a transformers Trainer's ``trainer_state.json`` (TRL's ``GRPOTrainer`` with the entrorl plugin,
     :mod:`entrorl.integrations.trl`) gives the steps."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, *, config: Any, trainer_state: Path | None):
+        """``config``: the content of ``run_dir/config.json`` (``None`` when it cannot be read); ``trainer_state``: the
+        ``trainer_state.json`` to read the steps from, for a run without ``metrics.jsonl``."""
         self.directory = run_dir
-        self.source = "metrics.jsonl"
-        if (run_dir / "metrics.jsonl").exists():
-            (run_dir / "metrics.jsonl").open("rb").close()  # one that cannot be read is an error, not an empty run
-        state = None if (run_dir / "metrics.jsonl").exists() else trainer_state_file(run_dir)
-        if state is not None:
-            records, self.unreadable_lines = _log_history_records(state), []
-            self.source = str(state.relative_to(run_dir))
+        metrics = run_dir / "metrics.jsonl"
+        if trainer_state is not None:
+            records, self.unreadable_lines = _log_history_records(trainer_state), []
+            self.source = str(trainer_state.relative_to(run_dir))
         else:
-            records, self.unreadable_lines = read_metrics_records(run_dir / "metrics.jsonl")
+            if metrics.exists():
+                metrics.open("rb").close()  # one that cannot be read is an error, not an empty run
+            records, self.unreadable_lines = read_metrics_records(metrics)
+            self.source = metrics.name
         # training steps count from 1; a step-0 record holds only the evaluation before training (eval.at_start)
         self.records = [record for record in records if (finite(record.get("step")) or 0.0) >= 1]
-        config = read_json(run_dir / "config.json")
         self.config = config if isinstance(config, dict) else {}
         self.evaluations = _step_files(run_dir / "eval", dict)
         self.forks = _step_files(run_dir / "forks", list)
@@ -560,7 +561,9 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
                                    "report on the run")
     config = read_json(run_dir / "config.json")
     a_run_config = isinstance(config, dict) and "method" in config  # a training run's, not a model's config.json
-    if not (run_dir / "metrics.jsonl").exists() and not a_run_config and trainer_state_file(run_dir) is None:
+    has_metrics = (run_dir / "metrics.jsonl").exists()
+    trainer_state = None if has_metrics else trainer_state_file(run_dir)
+    if not has_metrics and not a_run_config and trainer_state is None:
         if (run_dir / "lab.json").exists():
             raise NotARunDirectory(f"{run_dir} is a laboratory folder: its report is {run_dir / 'report.md'} (`entrorl lab "
                                    f"--out {run_dir}` writes it again); each method's run is in {run_dir / 'methods'}/<method>")
@@ -568,4 +571,5 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
                                "directory (`entrorl train ... --run-dir DIR` writes one; so does TRL's GRPOTrainer with the "
                                "entrorl plugin, in its output_dir)")
     out = Path(out) if out is not None else run_dir / "report"
-    return _RunReport(_TrainingRun(run_dir), out, float(fit_fraction), figures).build()
+    return _RunReport(_TrainingRun(run_dir, config=config, trainer_state=trainer_state), out, float(fit_fraction),
+                      figures).build()
