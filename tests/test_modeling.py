@@ -491,3 +491,107 @@ def test_a_damaged_bin_weight_file_is_named(tmp_path, tiny_model_dir):
         (directory / "pytorch_model.bin").write_bytes(whole[:kept])
         with pytest.raises(DamagedWeightsError, match=r"pytorch_model\.bin cannot be read .*damaged or truncated"):
             load_causal_lm(directory)
+
+
+def test_length_buckets_sort_by_whole_length_reach_max_buckets_and_keep_fewer_passes_on_a_tie():
+    """Rows are ordered by prompt + response length (a long prompt counts as much as a long response), the number of
+    groups goes up to max_buckets, and when more passes pad no fewer positions the fewer passes are kept."""
+    # totals 41, 3, 31, 31: one pass pads 4 * 70 = 280, two pass 2 * 31 + 2 * 70 + 50 = 252, four 106 + 150 = 256
+    groups = length_buckets(torch.tensor([40, 1, 1, 1]), torch.tensor([1, 2, 30, 30]), overhead_tokens=50)
+    assert [group.tolist() for group in groups] == [[1, 2], [3, 0]]
+    # eight very different lengths and free passes: one row per pass
+    responses = torch.tensor([64, 1, 32, 2, 128, 4, 16, 8])
+    groups = length_buckets(torch.ones(8, dtype=torch.long), responses, max_buckets=8, overhead_tokens=0)
+    assert [group.tolist() for group in groups] == [[1], [3], [5], [7], [6], [2], [0], [4]]
+    assert len(length_buckets(torch.ones(8, dtype=torch.long), responses, max_buckets=4, overhead_tokens=0)) == 4
+    # equal lengths: splitting saves nothing, even when passes cost nothing
+    assert len(length_buckets(torch.full((8,), 5), torch.full((8,), 7), overhead_tokens=0)) == 1
+
+
+def test_prompt_groups_tell_padding_from_a_real_pad_token_and_name_the_first_row():
+    """A prompt whose first token is the pad id is another prompt than the same ids with that column padding, and
+    ``first`` names the first row of each distinct prompt."""
+    ids = torch.tensor([[0, 7, 8], [0, 7, 8], [5, 7, 8], [0, 7, 8], [5, 7, 8]])
+    mask = torch.tensor([[False, True, True], [True, True, True], [True, True, True], [False, True, True],
+                         [True, True, True]])
+    first, inverse = prompt_groups(ids, mask)
+    assert sorted(first.tolist()) == [0, 1, 2]
+    assert first[inverse].tolist() == [0, 1, 2, 0, 2]
+
+
+def test_shared_prompts_in_one_length_group_skip_the_padded_pass(monkeypatch):
+    """With one length group and a prompt pass taken, the responses run on the cached prompts only: the full padded
+    pass over prompt + response (response_token_stats) is not run as well."""
+    model = random_model(ARCHITECTURES["qwen2"]()).double()
+    batch = grouped_batch([4, 9, 1, 6], group_size=4, vocab=COMMON["vocab_size"])
+    mask = batch[3]
+    with torch.no_grad():
+        expected = response_token_stats(model, *batch, need=("logprob",))
+        calls = []
+        original = modeling.response_token_stats
+        monkeypatch.setattr(modeling, "response_token_stats", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+        shared = bucketed_response_token_stats(model, *batch, need=("logprob",), max_buckets=1, prompt_pass_tokens=0)
+    assert calls == []
+    torch.testing.assert_close(shared.logprob[mask], expected.logprob[mask], atol=1e-10, rtol=1e-8)
+
+
+def test_a_longrope_row_exactly_at_the_original_context_keeps_the_short_factors():
+    """A row of exactly the original context (16 tokens) is within it: scored beside a longer row it must still
+    get the short factors it gets alone."""
+    from transformers import Phi3Config
+
+    torch.manual_seed(0)
+    config = Phi3Config(**{**COMMON, "max_position_embeddings": 128}, original_max_position_embeddings=16,
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                                         "long_factor": [4.0, 8.0, 16.0, 32.0], "original_max_position_embeddings": 16})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0, 0.3)
+    generator = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(3, 40, (10,), generator=generator), torch.randint(3, 40, (6,), generator=generator)),
+            (torch.randint(3, 40, (6,), generator=generator), torch.randint(3, 40, (16,), generator=generator))]
+    prompt_ids, prompt_mask = modeling.left_pad([prompt.tolist() for prompt, _ in rows], 0)
+    response_ids, response_mask = modeling.left_pad([response.tolist()[::-1] for _, response in rows], 0)
+    response_ids, response_mask = response_ids.flip(-1), response_mask.flip(-1)
+    with torch.no_grad():
+        stats = bucketed_response_token_stats(model, prompt_ids, prompt_mask, response_ids, response_mask,
+                                              max_buckets=1, overhead_tokens=0, prompt_pass_tokens=0)
+    for index, (prompt, response) in enumerate(rows):
+        torch.testing.assert_close(stats.logprob[index, :len(response)], _row_alone_log_probs(model, prompt, response),
+                                   atol=1e-4, rtol=0)
+
+
+def test_check_prompts_fit_refuses_empty_prompts_and_prompts_past_the_context():
+    """A prompt fits when its tokens plus max_new_tokens are at most the context; every misfit is listed (ten shown)."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(max_position_embeddings=10)
+    modeling.check_prompts_fit(config, [[3] * 6, [4]], ["a:1", "a:2"], max_new_tokens=4)  # 6 + 4 = 10: fits
+    with pytest.raises(ValueError) as refused:
+        modeling.check_prompts_fit(config, [[3] * 6, [], [4] * 7], ["a:1", "a:2", "a:3"], max_new_tokens=4)
+    assert str(refused.value).splitlines()[:3] == [
+        "2 prompt(s) do not fit the model's context:", "  a:2: the prompt encodes to zero tokens",
+        "  a:3: 7 prompt tokens + max_new_tokens 4 > context 10"]
+    with pytest.raises(ValueError, match=r"(?s)^12 prompt\(s\) .*\n  s:9: [^\n]*\n  \.\.\. and 2 more\n"):
+        modeling.check_prompts_fit(config, [[]] * 12, [f"s:{i}" for i in range(12)], max_new_tokens=4)
+    modeling.check_prompts_fit(SimpleNamespace(), [[3] * 500], ["a:1"], max_new_tokens=4)  # no declared context
+    with pytest.raises(ValueError, match="zero tokens"):
+        modeling.check_prompts_fit(SimpleNamespace(), [[]], ["a:1"], max_new_tokens=4)
+
+
+def test_encode_prompt_keeps_an_eos_that_the_text_itself_ends_with():
+    """Only the EOS the post-processor appends is left out: a prompt whose own text ends with the EOS token keeps it."""
+    from tokenizers.processors import TemplateProcessing
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", bos), ("<eos>", eos)])
+    text = "1+2=" + tokenizer.eos_token
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert plain[-1] == eos
+    assert modeling.encode_prompt(tokenizer, text) == [bos] + plain

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from entrorl.modeling import load_causal_lm, load_tokenizer, response_token_stats
+from entrorl.modeling import left_pad, load_causal_lm, load_tokenizer, response_token_stats
 from entrorl.rollout import HFSampler, Rollouts, SamplingParams, process_logits
 
 
@@ -276,7 +276,6 @@ def test_a_longrope_cache_on_the_long_factors_keeps_its_rows_and_a_long_prompt_i
     """Dropping rows from a cache rotated with the long factors could leave only rows under the original context,
     whose next tokens would be rotated with the short ones: such a cache keeps its rows. A prompt already beyond the
     original context is prefilled on the long factors, with nothing to rebuild."""
-    from entrorl.modeling import left_pad
     from entrorl.rollout.sampler import _TransformersDecoder
 
     model = _longrope_model()
@@ -341,3 +340,117 @@ def test_sampler_log_probs_are_zero_after_a_response_ends(policy):
     assert bool((~rollouts.response_mask).any())
     assert torch.equal(rollouts.sampler_log_probs[~rollouts.response_mask],
                        torch.zeros(int((~rollouts.response_mask).sum()), dtype=rollouts.sampler_log_probs.dtype))
+
+
+class _ScriptedDecoder:
+    """A decoder whose greedy token for row ``r`` (of the chunk) is EOS at step ``finish[r]`` and 5 before; records
+    the rows of every decode call and the model's mode at the prefill."""
+
+    def __init__(self, model, batch: int, finish: list[int]):
+        self.model, self.vocab, self.finish = model, model.config.vocab_size, finish
+        self.rows, self.step, self.decoded, self.training = torch.arange(batch), 0, [], None
+
+    def _logits(self) -> torch.Tensor:
+        logits = torch.zeros(len(self.rows), self.vocab)
+        for index, row in enumerate(self.rows.tolist()):
+            logits[index, 1 if self.step == self.finish[row % len(self.finish)] else 5] = 10.0
+        return logits
+
+    def prefill(self) -> torch.Tensor:
+        self.training = self.model.training
+        return self._logits()
+
+    def select(self, rows: torch.Tensor) -> bool:
+        self.rows = self.rows[rows]
+        return True
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert len(tokens) == len(self.rows)
+        self.decoded.append(len(tokens))
+        self.step += 1
+        return self._logits()
+
+
+def _scripted_sampler(policy, finish: list[int], **kwargs) -> tuple[HFSampler, list[_ScriptedDecoder]]:
+    model, _ = policy
+    sampler = HFSampler(model, eos_token_id=1, pad_token_id=0, **kwargs)
+    decoders = []
+    sampler._make_decoder = lambda ids, mask, max_new_tokens: decoders.append(_ScriptedDecoder(model, len(ids), finish)) or decoders[-1]
+    return sampler, decoders
+
+
+def test_rows_leave_the_decoder_once_a_quarter_have_finished_and_sampling_stops_when_all_have(policy):
+    """One row of four ending at the first step is a quarter: the next decode call runs three rows. Once every row
+    has ended no step follows, and the responses are as wide as the longest."""
+    sampler, decoders = _scripted_sampler(policy, finish=[0, 4, 4, 4])
+    rollouts = sampler.generate([[5, 6]] * 4, SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert decoders[0].decoded == [3, 3, 3, 3]
+    assert rollouts.response_ids.tolist() == [[1, 0, 0, 0, 0], [5, 5, 5, 5, 1], [5, 5, 5, 5, 1], [5, 5, 5, 5, 1]]
+    assert rollouts.lengths.tolist() == [1, 5, 5, 5] and not rollouts.truncated.any()
+    sampler, decoders = _scripted_sampler(policy, finish=[0, 1, 4, 4, 4, 4, 4, 4])  # one of eight: fewer than a quarter
+    sampler.generate([[5, 6]] * 8, SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert decoders[0].decoded == [8, 6, 6, 6]
+
+
+def test_generate_reports_progress_per_chunk_and_restores_the_models_mode(policy):
+    """Sampling runs the model in eval mode and leaves it in the mode it found; progress counts finished prompts."""
+    model, _ = policy
+    sampler, decoders = _scripted_sampler(policy, finish=[1], batch_size=2)
+    done = []
+    try:
+        model.train()
+        sampler.generate([[5, 6]] * 5, SamplingParams(max_new_tokens=3, temperature=0.0), progress=done.append)
+        assert model.training
+    finally:
+        model.eval()
+    assert done == [2, 4, 5] and [decoder.training for decoder in decoders] == [False] * 3
+    sampler.generate([[5, 6]], SamplingParams(max_new_tokens=3, temperature=0.0))
+    assert not model.training
+
+
+def test_concat_pads_sampler_log_probs_on_the_right():
+    """Each row's log-probs stay under its response tokens when a wider part forces padding."""
+    def make(response_width, value):
+        return Rollouts(
+            prompt_ids=torch.ones(1, 2, dtype=torch.long), prompt_mask=torch.ones(1, 2, dtype=torch.bool),
+            response_ids=torch.ones(1, response_width, dtype=torch.long), response_mask=torch.ones(1, response_width, dtype=torch.bool),
+            sampler_log_probs=torch.full((1, response_width), value), lengths=torch.full((1,), response_width),
+            truncated=torch.zeros(1, dtype=torch.bool))
+
+    joined = Rollouts.concat([make(3, -0.5), make(1, -2.0)], pad_token_id=0)
+    assert joined.sampler_log_probs.tolist() == [[-0.5, -0.5, -0.5], [-2.0, 0.0, 0.0]]
+
+
+def test_a_longrope_decoder_that_dropped_rows_rebuilds_its_cache_from_the_rows_it_kept():
+    """Rows dropped before a sequence passes the original context are gone from the rebuild on the long factors too."""
+    from entrorl.rollout.sampler import _TransformersDecoder
+
+    model = _longrope_model()
+    long_prompt = list(range(3, 14))  # 11 tokens: its second new token is at position 12, past the original 12
+    prompt_ids, prompt_mask = left_pad([[5, 6, 7], long_prompt], 0)
+    with torch.no_grad():
+        decoder = _TransformersDecoder(model, prompt_ids, prompt_mask)
+        decoder.prefill()
+        assert decoder.select(torch.tensor([1]))
+        decoder.decode(torch.tensor([20]))
+        logits = decoder.decode(torch.tensor([21]))
+        assert decoder.long_factors
+        expected = model(input_ids=torch.tensor([long_prompt + [20, 21]])).logits[0, -1]
+    torch.testing.assert_close(logits[0], expected, atol=1e-4, rtol=0)
+
+
+def test_the_default_decoder_is_the_static_cache_where_it_can_run_and_the_models_own_forward_elsewhere(policy):
+    """``decoder="auto"`` runs a Qwen2 on the static cache and a Phi-3 with longrope (a RoPE that depends on the
+    sequence length) on its own forward; ``"transformers"`` always takes the model's own forward."""
+    from entrorl.rollout.sampler import _TransformersDecoder
+    from entrorl.rollout.static_cache import StaticCacheDecoder
+
+    model, tokenizer = policy
+    ids, mask = left_pad(_prompts(tokenizer), tokenizer.pad_token_id)
+    auto = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    assert auto.decoder == "auto"
+    assert type(auto._make_decoder(ids, mask, 4)) is StaticCacheDecoder
+    plain = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, decoder="transformers")
+    assert type(plain._make_decoder(ids, mask, 4)) is _TransformersDecoder
+    longrope = HFSampler(_longrope_model(), eos_token_id=1, pad_token_id=0)
+    assert type(longrope._make_decoder(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.bool), 4)) is _TransformersDecoder

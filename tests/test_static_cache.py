@@ -182,6 +182,7 @@ def test_models_the_decoder_cannot_run_are_named_with_the_reason():
     windowed = AutoModelForCausalLM.from_config(MistralConfig(**COMMON, sliding_window=8))
     assert "sliding window" in static_cache_unsupported_reason(windowed, 16)
     assert static_cache_unsupported_reason(windowed, 4) is None  # the window never bites on short sequences
+    assert "sliding window of 8 < the sequence length 9" in static_cache_unsupported_reason(windowed, 9)
 
     hooked = build("qwen2")
     hooked.model.layers[1].mlp.register_forward_hook(lambda module, args, output: output * 2)
@@ -301,3 +302,91 @@ def test_an_adapted_projection_computes_exactly_what_peft_does(variant):
         wrapped.merge_adapter()
         with wrapped.disable_adapter():
             assert _linear_parts(attention.q_proj) is None
+
+
+def test_adapters_merged_into_the_weights_are_not_added_again():
+    """After peft merges its adapters into the base weights the module computes the base layer alone: the decoder
+    runs the merged weights, with no adapter on top."""
+    model = build("qwen2")
+    wrapped = with_lora(model)
+    ids, mask = left_padded(PROMPTS)
+    adapted = reference_next_logits(model, ids, mask)
+    wrapped.merge_adapter()
+    decoder = StaticCacheDecoder(model, ids, mask, max_new_tokens=1)
+    assert not any(p.adapters for layer in decoder.layers for p in (*layer.qkv, *layer.gate_up, layer.output, layer.down))
+    torch.testing.assert_close(decoder.prefill().float(), adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_adapters_of_different_scales_keep_their_own_in_a_concatenated_projection():
+    """peft's alpha_pattern gives the key projection's adapter another scale than the query's and value's: the
+    concatenated projection must not run them all with one scale."""
+    peft = pytest.importorskip("peft")
+    model = build("qwen2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, alpha_pattern={"k_proj": 2},
+                                                   target_modules=["q_proj", "k_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+    attention = model.model.layers[0].self_attn
+    assert attention.k_proj.scaling["default"] != attention.q_proj.scaling["default"]
+    ids, mask = left_padded(PROMPTS)
+    decoder = StaticCacheDecoder(model, ids, mask, max_new_tokens=1)
+    assert len(decoder.layers[0].qkv) == 1
+    torch.testing.assert_close(decoder.prefill().float(), reference_next_logits(model, ids, mask), atol=2e-5, rtol=2e-5)
+
+
+def test_projections_are_concatenated_while_the_copy_is_at_most_the_byte_limit(monkeypatch):
+    """The limit counts the bytes of the query/key/value and gate/up weights a concatenation copies, in their dtype."""
+    from entrorl.rollout import static_cache
+
+    model = build("qwen2", torch.bfloat16)
+    copied = sum(2 * module.weight.numel() for layer in model.model.layers
+                 for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                layer.mlp.gate_proj, layer.mlp.up_proj))
+    ids, mask = left_padded(PROMPTS)
+    for limit, layout in ((copied, 1), (copied - 1, 3)):
+        monkeypatch.setattr(static_cache, "FUSED_PROJECTIONS_MAX_BYTES", limit)
+        assert len(StaticCacheDecoder(model, ids, mask, max_new_tokens=1).layers[0].qkv) == layout
+
+
+def test_a_forward_pre_hook_is_refused_like_a_forward_hook():
+    """A pre-hook may rewrite a module's input (offloading, quantisation): the decoder, which never calls the
+    module, would skip it."""
+    hooked = build("qwen2")
+    hooked.model.layers[0].self_attn.register_forward_pre_hook(lambda module, args: None)
+    assert "hooks" in static_cache_unsupported_reason(hooked, 16)
+
+
+def test_rms_norm_in_bfloat16_rounds_as_the_models_own():
+    """Normalised in float32, cast back to bfloat16, and only then scaled by the weight: bit for bit the model's
+    RMSNorm."""
+    from entrorl.rollout.static_cache import _rms_norm
+
+    model = build("qwen3", torch.bfloat16)
+    hidden = (3 * torch.randn(4, 7, 32, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(_rms_norm(hidden, model.model.norm), model.model.norm(hidden))
+        heads = hidden.view(4, 7, 4, 8)
+        norm = model.model.layers[0].self_attn.k_norm
+        assert torch.equal(_rms_norm(heads, norm), norm(heads))
+
+
+def test_a_sliding_window_as_long_as_the_cache_masks_nothing_and_is_accepted():
+    """transformers' window keeps the keys fewer than ``window`` positions back: with ``window`` = prompt + new tokens
+    nothing is ever masked, so the decoder runs the model and gives its logits at every step, the last included."""
+    model = AutoModelForCausalLM.from_config(MistralConfig(**COMMON, sliding_window=8)).eval()
+    ids, mask = left_padded([[5, 6, 7, 8, 9], [10, 11, 12]])
+    steps = 8 - ids.shape[1]
+    assert static_cache_unsupported_reason(model, ids.shape[1] + steps) is None
+    decoder = StaticCacheDecoder(model, ids, mask, max_new_tokens=steps)
+    logits = decoder.prefill()
+    for step in range(steps + 1):
+        torch.testing.assert_close(logits.float(), reference_next_logits(model, ids, mask), atol=2e-5, rtol=2e-5)
+        if step == steps:
+            break
+        token = torch.tensor([3 + step, 20 + step])
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1)
+        logits = decoder.decode(token)

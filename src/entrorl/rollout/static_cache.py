@@ -52,8 +52,9 @@ def static_cache_unsupported_reason(model: torch.nn.Module, total_length: int) -
         if any(_linear_parts(projection) is None for projection in projections):
             return f"layer {index} has a projection that is neither a plain nn.Linear nor a plain LoRA layer around one"
         window = getattr(attention, "sliding_window", getattr(config, "sliding_window", None))
-        if window is not None and window <= total_length:
-            return f"layer {index} has a sliding window of {window} <= the sequence length {total_length}"
+        # a query attends to keys fewer than `window` positions back: a window of total_length never masks anything
+        if window is not None and window < total_length:
+            return f"layer {index} has a sliding window of {window} < the sequence length {total_length}"
     return None
 
 
