@@ -283,3 +283,13 @@ def test_the_forecast_fits_the_first_fraction_rounded_up():
     """n_fit = max(min_points, ceil(fit_fraction N)): 15% of 30 points is 4.5, so 5 points."""
     entropy = np.linspace(1.0, 0.1, 30)
     assert forecast_entropy_law(entropy, 1.0 - 0.3 * np.exp(entropy)).n_fit == 5
+
+
+def test_the_forecast_can_fit_on_two_points():
+    """``min_points=2`` is allowed (the law has two parameters): the forecast then fits the line through the first two
+    points and predicts the rest from it."""
+    h, r = synthetic_run(20, noise=0.0)
+    fc = forecast_entropy_law(h, r, fit_fraction=0.1, min_points=2)
+    assert fc.n_fit == 2 and fc.fit.n_points == 2
+    assert fc.fit.a == pytest.approx(A_TRUE, rel=1e-9) and fc.fit.b == pytest.approx(B_TRUE, rel=1e-9)
+    np.testing.assert_allclose(fc.predicted, law(h[2:]), atol=1e-12)

@@ -592,3 +592,69 @@ def test_the_headline_s_rules_include_their_boundaries(tmp_path):
     assert any("the methods that kept entropy have 0 higher and 0 lower Pass@1" in paragraph
                for paragraph in headline["paragraphs"])
 
+
+
+def test_summary_and_headline_values_are_computed_from_the_run(report_run):
+    """The summary's reward end and entropy end/start are the edge means of each method's metrics; the headline's
+    evaluation entropy ratio is GRPO's over the base model's; GRPO is not counted among the methods compared with it;
+    the forgetting sentence names the method that lost most and the one that gained most."""
+    out, report, markdown, _ = report_run
+    rows = {row["method"]: row for row in report["summary"]["rows"]}
+    for name in ("grpo", "clip_cov", "nsr"):
+        lines = (out / "methods" / name / "metrics.jsonl").read_text().splitlines()[:STEPS]
+        records = [json.loads(line) for line in lines]
+        series = {key: np.array([math.nan if r.get(key) is None else r[key] for r in records])
+                  for key in ("entropy/mean", "reward/accuracy")}
+        n_edge = math.ceil(0.1 * STEPS)
+        assert rows[name]["reward end"] == fmt(float(np.nanmean(series["reward/accuracy"][-n_edge:])))
+        entropy = series["entropy/mean"]
+        ratio = float(np.nanmean(entropy[-n_edge:]) / np.nanmean(entropy[:n_edge]))
+        assert rows[name]["entropy end/start"] == fmt(ratio)
+    numbers = {row["quantity"]: row["value"] for row in report["headline"]["numbers"]["rows"]}
+    assert numbers["GRPO evaluation entropy / base"] == fmt(EVAL_ENTROPY["grpo"] / EVAL_ENTROPY["base"])
+    assert "2 of 2 methods kept entropy" in report["headline"]["paragraphs"][1]
+    base = json.loads((out / "base" / "final_eval.json").read_text())["forgetting_accuracy"]
+    deltas = {name: json.loads((out / "methods" / name / "final_eval.json").read_text())["forgetting_accuracy"] - base
+              for name in ("grpo", "clip_cov", "nsr")}
+    worst, best = min(deltas, key=deltas.get), max(deltas, key=deltas.get)
+    assert worst != best
+    assert (f"after training it changed by {fmt(deltas[worst], signed=True)} ({worst}) to "
+            f"{fmt(deltas[best], signed=True)} ({best})") in markdown
+
+
+def test_the_headline_falls_back_to_the_training_curve_without_a_base_entropy(tmp_path):
+    """A base model evaluation entropy of 0 cannot anchor the collapse criterion: the training curve's edges are used,
+    and the report is written without a section error. A reward that ends where it started did not change; one that
+    ends lower fell."""
+    out = build_run(tmp_path / "lab-zero", methods=("grpo",), failed=())
+    steps = np.arange(20)
+    _write_metrics(out / "methods" / "grpo", np.where(steps < 10, 1.0, 0.4), np.full(20, 0.3))
+    base = json.loads((out / "base" / "final_eval.json").read_text())
+    base["entropy_mean"] = 0.0
+    _write(out / "base" / "final_eval.json", base)
+    report = write_report(out, figures=False)
+    assert report["section_errors"] == {}
+    headline = report["headline"]
+    numbers = {row["quantity"]: row["value"] for row in headline["numbers"]["rows"]}
+    assert numbers["collapse threshold (0.5 × training entropy start)"] == "0.5"
+    assert headline["collapse"] is True and headline["reward_change"] == "did not change at the shown precision"
+    _write_metrics(out / "methods" / "grpo", np.where(steps < 10, 1.0, 0.4), np.where(steps < 10, 0.3, 0.2))
+    assert write_report(out, figures=False)["headline"]["reward_change"] == "fell"
+
+
+def test_pass_at_k_columns_use_the_ks_every_model_has_and_the_best_ratio_is_named(tmp_path):
+    """The largest k is the largest one every evaluation holds; when no method kept entropy, the headline names the
+    method with the highest end/start entropy ratio."""
+    out = build_run(tmp_path / "lab-ks", methods=("grpo", "clip_cov", "nsr"), failed=())
+    steps = np.arange(20)
+    for name, end in (("grpo", 0.4), ("clip_cov", 0.3), ("nsr", 0.45)):  # threshold 1.25 x 0.4 = 0.5: none kept
+        _write_metrics(out / "methods" / name, np.where(steps < 10, 1.0, end), np.full(20, 0.3))
+    evaluation = json.loads((out / "methods" / "nsr" / "final_eval.json").read_text())
+    del evaluation["pass_at_k"]["16"]
+    _write(out / "methods" / "nsr" / "final_eval.json", evaluation)
+    report = write_report(out, figures=False)
+    assert report["rules"]["largest_k"] == 8
+    assert "Pass@8" in report["summary"]["columns"] and "Pass@16" not in report["summary"]["columns"]
+    assert report["headline"]["kept_methods"] == []
+    assert any("No method kept entropy by this rule; the highest ratio is 0.45 (nsr)." in paragraph
+               for paragraph in report["headline"]["paragraphs"])

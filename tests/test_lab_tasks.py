@@ -13,6 +13,7 @@ import pytest
 
 from entrorl.data.records import PromptRecord
 from entrorl.lab.tasks import (
+    RG_ARITHMETIC_CONFIG,
     TASKS,
     CountdownTask,
     SumChainTask,
@@ -334,6 +335,21 @@ def test_sum_chain_canonical_problem_ignores_term_order():
         assert example.prompt not in train_prompts
 
 
+def test_rg_arithmetic_problems_differing_only_by_redundant_parentheses_share_a_split():
+    """reasoning-gym writes one problem with and without redundant parentheses (``8*2`` and ``(8*2)``): the canonical
+    problem is the parse tree, so no eval problem is a train problem in other parentheses."""
+    task = get_task("rg_arithmetic")
+    same = [TaskExample(f"{e}=", "16", {"problem": e}) for e in ("8*2", "(8*2)", "((8)*2)")]
+    assert len({task.canonical(example) for example in same}) == 1
+    assert task.canonical(TaskExample("(2+3)*4=", "20", {"problem": "(2+3)*4"})) != task.canonical(
+        TaskExample("2+3*4=", "14", {"problem": "2+3*4"}))
+    train_prompts = {e.prompt for seed in range(2) for e in task.examples(1500, seed=seed, split="train")}
+    train = {task.canonical(e) for seed in range(2) for e in task.examples(1500, seed=seed, split="train")}
+    held_out = task.examples(500, seed=0, split="eval")
+    assert not {task.canonical(e) for e in held_out} & train
+    assert not {e.prompt for e in held_out} & train_prompts
+
+
 @pytest.mark.parametrize("task", [CountdownTask(), SumChainTask(min_terms=3, max_terms=3)])
 def test_split_is_drawn_without_repetition_until_exhausted(task):
     size = task.num_problems("eval")
@@ -488,3 +504,103 @@ def test_sft_corpus_arguments():
     with pytest.raises(ValueError, match="task must be"):
         sft_corpus(3, 3, seed=0)  # type: ignore[arg-type]
     assert sft_corpus("sum_chain", 0, seed=0) == []
+
+
+# --------------------------------------------------------------------------------------------
+# derivations replayed, sampling weights, boundaries
+# --------------------------------------------------------------------------------------------
+
+
+def test_sum_chain_demonstrations_are_chained_reductions():
+    """Every step of a sum_chain demonstration adds two terms still remaining (given or earlier results), its result
+    replaces them, and the last result is the total: the steps are one valid pairwise reduction."""
+    task = get_task("sum_chain")
+    rng = random.Random(6)
+    for example in task.examples(60, seed=3, split="train"):
+        for _ in range(3):
+            demo = task.demonstration(example, rng)
+            remaining = list(example.meta["terms"])
+            for step in demo.rsplit("#", 1)[0].split():
+                match = re.fullmatch(r"(\d+)\+(\d+)=(\d+)", step)
+                assert match, (example.prompt, demo)
+                a, b, result = map(int, match.groups())
+                assert result == a + b, (example.prompt, demo)
+                remaining.remove(a)
+                assert b in remaining, (example.prompt, demo)
+                remaining.remove(b)
+                remaining.append(result)
+            assert remaining == [int(example.answer)], (example.prompt, demo)
+
+
+def test_sum_chain_reads_a_negative_reference_answer():
+    """Without terms in meta or a parseable prompt, the reference answer is the problem, negative ones included."""
+    task = get_task("sum_chain")
+    assert task.score("what?", "#-3", "-3") == 1.0
+    assert task.score("what?", "#3", "-3") == 0.0
+    assert task.score("what?", "2+1=3 #-12", " -12 ") == 1.0
+
+
+def test_countdown_every_given_number_must_be_used():
+    """A derivation that reaches the target while leaving a given number unused is rejected."""
+    assert CountdownTask.check_derivation([3, 5, 7], 22, "3*5=15 15+7=22 #22")
+    assert not CountdownTask.check_derivation([3, 5, 7], 15, "3*5=15 #15")
+    assert not CountdownTask.check_derivation([2, 3, 11], 6, "2*3=6 #6")
+    task = get_task("countdown")
+    assert task.score("3 5 7>15=", "3*5=15 #15", "15") == 0.0
+    assert task.score("3 5 7>15=", "5*3=15 #15", "15", numbers=[3, 5, 7], target=15) == 0.0
+
+
+def test_countdown_targets_reach_max_target():
+    """Targets run up to and including ``max_target``: the enumerated problems of both splits together have every
+    target from 1 to max_target and none above."""
+    task = CountdownTask(max_target=12)
+    targets = set()
+    for split in ("train", "eval"):
+        examples = task.examples(task.num_problems(split), seed=0, split=split)
+        targets |= {e.meta["target"] for e in examples}
+    assert targets == set(range(1, 13))
+
+
+def test_countdown_sampling_follows_the_documented_weights():
+    """With ``max_weight=1`` every problem of a number kind is equally likely and the two kinds (all numbers below 10,
+    or one from 10-25) are equally likely overall: the sample's share of each kind and its mean number of solutions
+    match those of the enumerated pool weighted that way."""
+    task = CountdownTask(max_weight=1)
+    pool = task.examples(task.num_problems("train"), seed=0, split="train")
+    kinds = {big: [e.meta["solutions"] for e in pool if (max(e.meta["numbers"]) > 9) == big] for big in (False, True)}
+    expected_solutions = 0.5 * sum(kinds[False]) / len(kinds[False]) + 0.5 * sum(kinds[True]) / len(kinds[True])
+    sample = [e for seed in range(20) for e in task.examples(100, seed=seed, split="train")]
+    share_big = sum(max(e.meta["numbers"]) > 9 for e in sample) / len(sample)
+    mean_solutions = sum(e.meta["solutions"] for e in sample) / len(sample)
+    assert abs(share_big - 0.5) < 0.05, share_big
+    assert abs(mean_solutions - expected_solutions) < 0.1, (mean_solutions, expected_solutions)
+
+
+def test_rg_arithmetic_follows_operator_precedence_and_uses_every_operator():
+    """Multiplication binds tighter than + and - in the step-by-step demonstrations, and the generated problems use
+    every operator of the configuration."""
+    task = get_task("rg_arithmetic")
+    rng = random.Random(0)
+    for expression, steps in (("2+3*4", "3*4=12 2+12=14 #14"), ("2*3-4", "2*3=6 6-4=2 #2"),
+                              ("(2+3)*4", "2+3=5 5*4=20 #20"), ("8-2*3", "2*3=6 8-6=2 #2")):
+        example = TaskExample(f"{expression}=", steps.rsplit("#", 1)[1], {"problem": expression})
+        assert task.demonstration(example, rng) == steps
+    operators = set()
+    for example in task.examples(200, seed=1, split="train"):
+        for step in task.demonstration(example, rng).rsplit("#", 1)[0].split():
+            operators.add(re.fullmatch(r"-?\d+([+\-*])-?\d+=-?\d+", step).group(1))
+    assert operators == set(RG_ARITHMETIC_CONFIG["operators"])
+
+
+def test_sft_corpus_demonstrations_of_a_problem_differ_while_it_has_enough():
+    """Per problem, ``demos_per_problem`` correct demonstrations that differ from each other when the problem has at
+    least that many (a sum of distinct terms has at least 12 reduction orders)."""
+    task = get_task("sum_chain")
+    pairs = sft_corpus(task, 40, seed=0, wrong_fraction=0.0, demos_per_problem=4)
+    demos = {}
+    for prompt, completion in pairs:
+        demos.setdefault(prompt, []).append(completion)
+    distinct_terms = [p for p in demos if len(set(p[:-1].split("+"))) == len(p[:-1].split("+"))]
+    assert len(distinct_terms) >= 10
+    for prompt in distinct_terms:
+        assert len(demos[prompt]) == 4 and len(set(demos[prompt])) == 4, demos[prompt]

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from entrorl.analysis.run import MetricRecords, analyse_records, chance_sign_agreement, ratio
+from entrorl.analysis.law import forecast_entropy_law
+from entrorl.analysis.run import (MetricRecords, analyse_records, beyond_an_accuracy, chance_sign_agreement,
+                                  fit_ceiling_shown, pearson, ratio, read_metrics_records)
 from entrorl.analysis.run_report import write_run_report
 
 
@@ -329,3 +331,67 @@ def test_a_negative_intervention_value_is_an_action():
     analysis = analyse_records(_Records(records), 0.15, "entropy_advantage")
     (item,) = [i for i in analysis.interventions if i["key"] == "shape/entropy_advantage_bonus"]
     assert item["active_steps"] == 5 and not analysis.never_acted
+
+
+def test_step_records_are_ordered_by_step_whatever_the_line_order(tmp_path):
+    """Lines written out of order (a resumed run appending earlier steps) are read back ordered by step, so the start
+    of the run is its first steps."""
+    path = tmp_path / "metrics.jsonl"
+    order = [3, 1, 4, 2]
+    path.write_text("".join(json.dumps({"step": s, "entropy/mean": float(s)}) + "\n" for s in order))
+    records, unreadable = read_metrics_records(path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and unreadable == []
+    analysis = analyse_records(_Records(records), 0.15)
+    assert analysis.entropy_start == 1.0 and analysis.entropy_end == 4.0
+
+
+def test_the_forecast_error_at_the_end_is_the_mean_over_the_last_points():
+    """``end_error`` is the forecast's predicted minus measured reward averaged over the last 10% of the points (3 of
+    30 here), not the error at the last point alone."""
+    records = law_records(30)
+    offsets = [0.03, -0.06, 0.09]
+    for record, offset in zip(records[-3:], offsets):
+        record["reward/accuracy"] += offset
+    law = analyse_records(_Records(records), 0.15).law
+    entropy = np.array([r["entropy/mean"] for r in records])
+    reward = np.array([r["reward/accuracy"] for r in records])
+    forecast = forecast_entropy_law(entropy, reward, fit_fraction=0.15)
+    assert law["end_points"] == 3
+    assert law["end_error"] == pytest.approx(float(np.mean(forecast.fit.predict(entropy[-3:]) - reward[-3:])))
+    assert law["end_error"] == pytest.approx(-np.mean(offsets), abs=1e-9)
+
+
+def test_the_fit_ceiling_is_shown_from_exactly_the_minimum_number_of_steps():
+    """The ceiling of the law fitted on every step is shown from 10 steps on (a > 0), not on 9."""
+    assert fit_ceiling_shown(analyse_records(_Records(law_records(10)), 0.15).law)
+    assert not fit_ceiling_shown(analyse_records(_Records(law_records(9)), 0.15).law)
+    assert not fit_ceiling_shown({"fit": {"ceiling_applies": False, "n_points": 12}})
+
+
+def test_a_ceiling_of_exactly_one_is_within_an_accuracy_s_range():
+    """An accuracy can reach 1: only a ceiling above 1 is flagged, and only when the reward is an accuracy."""
+    assert not beyond_an_accuracy({"reward_key": "reward/accuracy"}, 1.0)
+    assert beyond_an_accuracy({"reward_key": "reward/accuracy"}, 1.001)
+    assert beyond_an_accuracy({"reward_key": "eval/avg_at_n"}, 1.2)
+    assert not beyond_an_accuracy({"reward_key": "reward/mean"}, 1.2)
+    assert not beyond_an_accuracy({"reward_key": "reward/accuracy"}, None)
+
+
+def test_no_headroom_is_given_for_a_forecast_whose_premise_fails():
+    """A forecast fitted on enough steps but with a <= 0 (reward fell as entropy fell) forecasts no ceiling, so no
+    distance between its ceiling and the reward reached is given."""
+    entropy = np.linspace(0.9, 0.2, 80)
+    records = [{"step": i + 1, "entropy/mean": float(h), "reward/accuracy": float(0.2 * math.exp(h) - 0.1)}
+               for i, h in enumerate(entropy)]
+    law = analyse_records(_Records(records), 0.15).law
+    assert law["forecast"]["n_fit"] == 12 and law["forecast"]["fit"]["a"] == pytest.approx(-0.2)
+    assert law["ceiling_minus_reached"] is None
+    assert analyse_records(_Records(law_records(80)), 0.15).law["ceiling_minus_reached"] is not None
+
+
+def test_a_correlation_needs_three_steps():
+    """Two points always lie on a line: the correlation of predicted and measured change is undefined below 3 steps."""
+    assert math.isnan(pearson(np.array([1.0, 2.0]), np.array([3.0, 1.0])))
+    x, y = np.array([1.0, 2.0, 4.0]), np.array([3.0, 1.0, 2.0])
+    assert pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert math.isnan(pearson(x, np.full(3, 2.0)))

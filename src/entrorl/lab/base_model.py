@@ -25,7 +25,8 @@ from entrorl.trainer.checkpoint import nearest_existing
 
 __all__ = ["BaseModelSpec", "build_base_model", "default_cache_dir", "sft_batches", "supervised_loss"]
 
-_FORMAT_VERSION = 1
+# part of every cache key: raised when the data a specification trains on changes (2: rg_arithmetic's split by parse tree)
+_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)

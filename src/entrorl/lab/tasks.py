@@ -741,6 +741,14 @@ def _replace(node: Any, path: tuple[int, ...], new: Any) -> Any:
     return tuple(parts)
 
 
+def _tree_text(tree: Any) -> str:
+    """``tree`` written with a pair of parentheses around every operation: one text per parse tree."""
+    if tree[0] == "num":
+        return str(tree[1])
+    _, op, left, right = tree
+    return f"({_tree_text(left)}{op}{_tree_text(right)})"
+
+
 def _reduction_steps(tree: Any, rng: random.Random, *, slip: int = 0, slip_at: int = -1) -> tuple[list[str], int]:
     """Reduce ``tree`` one operation at a time in a random valid order: the steps ``"a op b=r"`` and the
     value. ``slip`` is added to the result of step ``slip_at`` (and carried on)."""
@@ -763,7 +771,9 @@ class RgArithmeticTask(Task):
     operation at a time in a random valid order (``"4+-2=2 2*3=6 #6"``). The score is reasoning-gym's
     ``score_answer(text after the last '#', entry)`` -- 1.0 for the exact answer, partial credit for an
     answer that contains it, 0.0 otherwise; only the exact answer counts as correct (``correct_threshold`` 1.0).
-    ``meta`` keeps the entry (JSON-able) and the config. The canonical problem is the expression.
+    ``meta`` keeps the entry (JSON-able) and the config. The canonical problem is the expression's parse tree,
+    written with parentheses around every operation: reasoning-gym writes the same problem with and without redundant
+    parentheses (``8*2`` and ``(8*2)``: same answer, same demonstrations), and both forms must fall in one split.
     """
 
     name = "rg_arithmetic"
@@ -802,13 +812,15 @@ class RgArithmeticTask(Task):
             entry = json.loads(json.dumps(dataset[index]))
             index += 1
             expression = str(entry["metadata"]["expression"]).replace(" ", "")
-            if self.split_of(expression) != split:
+            tree = _parse_expression(expression)
+            if tree is None:
                 continue
-            if expression in seen and index < budget:
+            canonical = _tree_text(tree)
+            if self.split_of(canonical) != split:
                 continue
-            if _parse_expression(expression) is None:
+            if canonical in seen and index < budget:
                 continue
-            seen.add(expression)
+            seen.add(canonical)
             out.append(
                 TaskExample(
                     prompt=f"{expression}=",
@@ -821,6 +833,11 @@ class RgArithmeticTask(Task):
     @staticmethod
     def _expression(example: TaskExample) -> str:
         return str(example.meta.get("problem") or example.prompt.rstrip("="))
+
+    def canonical(self, example: TaskExample) -> str:
+        expression = self._expression(example)
+        tree = _parse_expression(expression)
+        return expression if tree is None else _tree_text(tree)
 
     def demonstration(self, example: TaskExample, rng: random.Random) -> str:
         tree = _parse_expression(self._expression(example))
