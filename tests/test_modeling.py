@@ -595,3 +595,13 @@ def test_encode_prompt_keeps_an_eos_that_the_text_itself_ends_with():
     plain = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert plain[-1] == eos
     assert modeling.encode_prompt(tokenizer, text) == [bos] + plain
+
+
+def test_the_behaviour_probes_stay_within_a_context_shorter_than_the_probe():
+    """A model whose context is shorter than the probes' usual length is probed within it: a GPT-2 with 5 positions
+    (its position table has no sixth row) passes both checks instead of failing on a position it does not have."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=5)).eval()
+    assert modeling.model_context_length(model) == 5
+    modeling.check_causal(model)
+    modeling.check_left_padding(model)
