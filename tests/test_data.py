@@ -164,6 +164,15 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     assert "'train'" in msg and "'validation'" in msg and "'test'" in msg
 
 
+def test_dataset_dict_contributes_its_train_split_whatever_the_split_order(tmp_path):
+    """The 'train' split is read even when it is not the first split saved."""
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(ROWS)
+    d = tmp_path / "testfirst"
+    datasets.DatasetDict({"test": ds.select([0]), "train": ds}).save_to_disk(str(d))
+    check_rows(load_prompts(d, **COLS))
+
+
 def test_directory_that_is_not_a_dataset(tmp_path):
     d = tmp_path / "plain_dir"
     d.mkdir()
@@ -193,6 +202,17 @@ def test_a_meta_object_column_is_spread_into_the_meta_fields(tmp_path):
         load_prompts(p)
 
 
+def test_a_meta_object_may_not_repeat_the_prompt_or_answer_column(tmp_path):
+    """Keys of the nested meta object that name the prompt or answer column are refused, not silently kept."""
+    p = tmp_path / "clash.jsonl"
+    write_lines(p, [json.dumps({"prompt": "q", "answer": "1", "meta": {"answer": "2", "k": 1}})])
+    with pytest.raises(DataError, match=r"clash\.jsonl:1.*repeats the column\(s\) 'answer'"):
+        load_prompts(p)
+    write_lines(p, [json.dumps({"question": "q", "answer": "1", "meta": {"question": "other"}})])
+    with pytest.raises(DataError, match=r"clash\.jsonl:1.*repeats the column\(s\) 'question'"):
+        load_prompts(p, prompt_column="question")
+
+
 def test_numeric_answers_become_strings(tmp_path):
     p = tmp_path / "n.jsonl"
     write_lines(p, ['{"prompt": "a", "answer": 3}', '{"prompt": "b", "answer": 2.5}', '{"prompt": "c", "answer": -1}'])
@@ -211,6 +231,37 @@ def test_answer_optional(tmp_path):
     assert load_prompts(c, require_answer=False)[0].answer is None
     with pytest.raises(DataError, match=r"noans\.csv:1.*no answer column 'answer'"):
         load_prompts(c)
+
+
+def test_missing_and_empty_answers_are_told_apart(tmp_path):
+    """A row without the answer column says 'missing'; a null answer says 'empty'."""
+    p = tmp_path / "ans.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": "1"}', '{"prompt": "b"}'])
+    with pytest.raises(DataError, match=r"ans\.jsonl:2: answer column 'answer' is missing;"):
+        load_prompts(p)
+    write_lines(p, ['{"prompt": "a", "answer": null}'])
+    with pytest.raises(DataError, match=r"ans\.jsonl:1: answer column 'answer' is empty;"):
+        load_prompts(p)
+
+
+def test_non_finite_answers(tmp_path):
+    """A NaN answer is a missing answer; an infinite one is refused."""
+    p = tmp_path / "nan.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": NaN}'])
+    assert load_prompts(p, require_answer=False)[0].answer is None
+    with pytest.raises(DataError, match=r"nan\.jsonl:1: answer column 'answer' is empty"):
+        load_prompts(p)
+    write_lines(p, ['{"prompt": "a", "answer": "1"}', '{"prompt": "b", "answer": -Infinity}'])
+    with pytest.raises(DataError, match=r"nan\.jsonl:2: answer column 'answer' holds -inf; expected a string or a finite number"):
+        load_prompts(p)
+
+
+def test_extension_is_case_insensitive(tmp_path):
+    """An upper-case extension picks the same loader."""
+    p = tmp_path / "DATA.JSONL"
+    write_lines(p, ['{"prompt": "a", "answer": "1"}'])
+    (rec,) = load_prompts(p)
+    assert (rec.prompt, rec.answer, rec.source) == ("a", "1", f"{p}:1")
 
 
 def test_prompt_is_stored_unchanged(tmp_path):
@@ -415,6 +466,25 @@ def test_csv_malformations(tmp_path):
         load_prompts(p)
 
 
+def test_csv_blank_lines_are_skipped_and_lines_still_counted(tmp_path):
+    """Blank lines before the header and between records are skipped; sources and the header line stay exact."""
+    p = tmp_path / "gaps.csv"
+    p.write_text("\nprompt,answer\na,1\n\nb,2\n", encoding="utf-8")
+    recs = load_prompts(p)
+    assert [(r.prompt, r.answer, r.source) for r in recs] == [("a", "1", f"{p}:3"), ("b", "2", f"{p}:5")]
+    p.write_text("\nprompt,answer\na,1,x\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"gaps\.csv:3: 3 field\(s\); expected 2 as in the header on line 2"):
+        load_prompts(p)
+
+
+def test_csv_whitespace_only_header_name_is_refused(tmp_path):
+    """A header field holding only spaces counts as an empty column name."""
+    p = tmp_path / "blank.csv"
+    p.write_text("prompt, ,answer\na,x,1\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"blank\.csv:1: header field 2 is empty"):
+        load_prompts(p)
+
+
 def test_invalid_utf8(tmp_path):
     p = tmp_path / "enc.jsonl"
     p.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff", "answer": "1"}\n')
@@ -426,6 +496,15 @@ def test_invalid_utf8(tmp_path):
         load_prompts(c)
 
 
+def test_invalid_utf8_after_a_bom_names_the_right_line(tmp_path):
+    """The BOM does not shift the reported line: a bad byte right after the first newline is on line 2."""
+    c = tmp_path / "bom.csv"
+    c.write_bytes(b"\xef\xbb\xbfprompt,answer\n\xfe,1\n")
+    with pytest.raises(DataError) as e:
+        load_prompts(c)
+    assert e.value.location == f"{c}:2"
+
+
 def test_bad_arguments(tmp_path):
     p = tmp_path / "ok.jsonl"
     write_lines(p, ['{"prompt": "a", "answer": "1"}'])
@@ -435,6 +514,16 @@ def test_bad_arguments(tmp_path):
         load_prompts(p, prompt_column="x", answer_column="x")
     with pytest.raises(ValueError, match="also the prompt or answer column"):
         load_prompts(p, meta_columns=["answer"])
+
+
+def test_meta_columns_arguments_are_checked(tmp_path):
+    """meta_columns may not repeat a name nor list the prompt column."""
+    p = tmp_path / "ok.jsonl"
+    write_lines(p, [json.dumps(ROWS[0])])
+    with pytest.raises(ValueError, match="lists a column twice"):
+        load_prompts(p, meta_columns=["level", "level"], **COLS)
+    with pytest.raises(ValueError, match="'question' is also the prompt or answer column"):
+        load_prompts(p, meta_columns=["question"], **COLS)
 
 
 def test_loading_does_not_import_trainer_or_lab():
@@ -684,6 +773,15 @@ def test_filter_by_pass_rate_validation():
         filter_by_pass_rate(recs, [0.1, 1.2, 0.3], low=0, high=1)
     with pytest.raises(ValueError, match="pair of booleans"):
         filter_by_pass_rate(recs, [0.1, 0.2, 0.3], low=0, high=1, inclusive=True)
+
+
+def test_filter_by_pass_rate_inclusive_must_be_booleans():
+    """Integers are not accepted as inclusive flags; numpy booleans are."""
+    recs = make_records(3)
+    with pytest.raises(ValueError, match="pair of booleans"):
+        filter_by_pass_rate(recs, [0.1, 0.2, 0.3], low=0, high=1, inclusive=(1, 0))
+    kept = filter_by_pass_rate(recs, [0.0, 0.5, 1.0], low=0, high=1, inclusive=(np.bool_(False), np.bool_(True)))
+    assert kept == [recs[1], recs[2]]
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,19 @@ def test_ties_go_to_the_group_seen_first_and_bad_inputs_are_refused():
         audit_prompt([], [])
 
 
+def test_a_tie_between_groups_goes_to_the_group_whose_first_sample_came_first():
+    """A group spelled two ways is ordered by its earliest sample, not its latest."""
+    groups = group_answers(["b", "a", "a", "B"], [False] * 4)
+    assert [(g.answer, g.count, g.spellings) for g in groups] == [("b", 2, ("b", "B")), ("a", 2, ("a",))]
+
+
+def test_a_correct_sample_without_an_extracted_answer_counts_toward_the_pass_rate():
+    """The pass rate counts every correct sample, answered or not; the majority share counts answered ones."""
+    audit = audit_prompt(["4", None, "7", "7"], [True, True, False, False], thresholds=THRESHOLDS)
+    assert (audit.n_correct, audit.pass_rate, audit.majority_answer, audit.majority_share) == (2, 0.5, "7", 0.5)
+    assert (audit.n_unanswered, audit.verdict) == (1, "ok")
+
+
 @pytest.mark.parametrize(
     ("pass_rate", "share", "matches", "verdict"),
     [
@@ -194,6 +207,15 @@ def test_histogram_needs_one_sample_count():
         pass_rate_histogram([])
 
 
+def test_histogram_shares_use_the_first_and_last_bins():
+    """frac_zero counts prompts never solved and frac_one prompts always solved, over all prompts."""
+    audits = [audit_prompt(["1", "1"], [True, True]), audit_prompt(["1", "1"], [True, True]),
+              audit_prompt(["1", "2"], [True, False]), audit_prompt(["2", "2"], [False, False])]
+    histogram = pass_rate_histogram(audits)
+    assert histogram.counts == (1, 1, 2)
+    assert (histogram.frac_zero, histogram.frac_one) == (1 / 4, 2 / 4)
+
+
 def test_math_answer_tools_count_equivalent_spellings_together():
     extract, equivalent = answer_tools(MathReward())
     completions = ["so \\boxed{\\frac{1}{2}}", "The answer is 0.5", "#### 1/2", "it is 3", "no idea"]
@@ -251,6 +273,34 @@ def test_jsonl_rows_are_copied_byte_for_byte_and_the_input_is_untouched(tmp_path
         write_selected_rows(data, records, [True, True], tmp_path / "x.jsonl")
     with pytest.raises(ValueError, match="record 0 comes from 'mem:0'"):
         write_selected_rows(data, records_of(1), [True], tmp_path / "x.jsonl")
+
+
+def test_jsonl_copy_drops_the_bom_and_accepts_an_upper_case_extension(tmp_path):
+    """The copied first line loses the input's byte order mark; '.JSONL' is written like '.jsonl'."""
+    data = tmp_path / "SET.JSONL"
+    lines = ['{"prompt": "a", "answer": "1"}', '{"prompt": "b", "answer": "2"}']
+    data.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    out = write_selected_rows(data, load_prompts(data), [True, False], tmp_path / "kept.jsonl")
+    assert out.read_bytes() == (lines[0] + "\n").encode()
+
+
+def test_csv_copy_keeps_the_header_after_leading_blank_lines(tmp_path):
+    """Blank lines before the header are skipped: the header, not an empty line, heads the copy."""
+    data = tmp_path / "gaps.csv"
+    data.write_text("\n\nprompt,answer\na,1\n\nb,2\n", encoding="utf-8")
+    out = write_selected_rows(data, load_prompts(data), [False, True], tmp_path / "kept.csv")
+    assert out.read_text(encoding="utf-8") == "prompt,answer\nb,2\n"
+
+
+def test_csv_copy_keeps_line_breaks_inside_quoted_fields_byte_for_byte(tmp_path):
+    """A quoted field holding a Windows line break (or a lone carriage return) is copied as it is: the kept rows load
+    back with the prompts the input had."""
+    data = tmp_path / "crlf.csv"
+    data.write_bytes(b'prompt,answer\r\n"line one\r\nline two",1\r\n"a\rb",2\r\nplain,3\r\n')
+    records = load_prompts(data)
+    assert [record.prompt for record in records] == ["line one\r\nline two", "a\rb", "plain"]
+    out = write_selected_rows(data, records, [True, True, False], tmp_path / "kept.csv")
+    assert [record.prompt for record in load_prompts(out)] == ["line one\r\nline two", "a\rb"]
 
 
 def test_json_csv_and_parquet_rows_keep_every_column(tmp_path):

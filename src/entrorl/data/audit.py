@@ -485,19 +485,25 @@ def write_selected_rows(
         _atomic_write_bytes(target, (json.dumps(document, ensure_ascii=False, indent=1) + "\n").encode())
     elif suffix == ".csv":
         lines = set(_locations(chosen, _LINE_SOURCE, "line", data))
-        reader = csv.reader(io.StringIO(data.read_text(encoding="utf-8-sig"), newline=""))
+        # decoded from the bytes, as the loader reads it: read_text would turn a "\r\n" inside a quoted field into "\n"
+        reader = csv.reader(io.StringIO(data.read_bytes().decode("utf-8-sig"), newline=""))
         buffer = io.StringIO(newline="")
-        writer = csv.writer(buffer, lineterminator="\n")
+        plain = csv.writer(buffer, lineterminator="\n")
+        quoted = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)  # minimal quoting leaves a lone "\r" bare
+
+        def write(row: list[str]) -> None:
+            (quoted if any("\r" in value for value in row) else plain).writerow(row)
+
         header_written, previous_end = False, 0
         for row in reader:
             start, previous_end = previous_end + 1, reader.line_num
             if not row:
                 continue
             if not header_written:
-                writer.writerow(row)
+                write(row)
                 header_written = True
             elif start in lines:
-                writer.writerow(row)
+                write(row)
         _atomic_write_bytes(target, buffer.getvalue().encode("utf-8"))
     elif suffix == ".parquet":
         import pyarrow as pa
