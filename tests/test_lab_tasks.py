@@ -343,8 +343,8 @@ def test_rg_arithmetic_problems_differing_only_by_redundant_parentheses_share_a_
     assert len({task.canonical(example) for example in same}) == 1
     assert task.canonical(TaskExample("(2+3)*4=", "20", {"problem": "(2+3)*4"})) != task.canonical(
         TaskExample("2+3*4=", "14", {"problem": "2+3*4"}))
-    train_prompts = {e.prompt for seed in range(2) for e in task.examples(1500, seed=seed, split="train")}
-    train = {task.canonical(e) for seed in range(2) for e in task.examples(1500, seed=seed, split="train")}
+    train_examples = [e for seed in range(2) for e in task.examples(1500, seed=seed, split="train")]
+    train_prompts, train = {e.prompt for e in train_examples}, {task.canonical(e) for e in train_examples}
     held_out = task.examples(500, seed=0, split="eval")
     assert not {task.canonical(e) for e in held_out} & train
     assert not {e.prompt for e in held_out} & train_prompts

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from entrorl.data.filters import filter_by_pass_rate, parse_band
-from entrorl.data.loading import _LOADERS, _default_file_mode, read_arrow_ipc
+from entrorl.data.loading import _LOADERS, _default_file_mode, _read_text, read_arrow_ipc
 from entrorl.data.records import PromptRecord
 
 __all__ = [
@@ -485,8 +485,8 @@ def write_selected_rows(
         _atomic_write_bytes(target, (json.dumps(document, ensure_ascii=False, indent=1) + "\n").encode())
     elif suffix == ".csv":
         lines = set(_locations(chosen, _LINE_SOURCE, "line", data))
-        # decoded from the bytes, as the loader reads it: read_text would turn a "\r\n" inside a quoted field into "\n"
-        reader = csv.reader(io.StringIO(data.read_bytes().decode("utf-8-sig"), newline=""))
+        # read as the loader reads it (Path.read_text would turn a "\r\n" inside a quoted field into "\n")
+        reader = csv.reader(io.StringIO(_read_text(data), newline=""))
         buffer = io.StringIO(newline="")
         plain = csv.writer(buffer, lineterminator="\n")
         quoted = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)  # minimal quoting leaves a lone "\r" bare
