@@ -151,6 +151,7 @@ def test_expand_to_tokens_zero_outside_mask():
     assert out.shape == (3, 4) and out.dtype == torch.float32
     assert torch.equal(out, expected)
     assert torch.equal(expand_to_tokens(a, mask.float()), expected)  # 0/1 numeric mask too
+    assert torch.equal(expand_to_tokens(a, -mask.long()), expected)  # any nonzero number is valid
     with pytest.raises(ValueError, match=r"mask must be \[n, T\]"):
         expand_to_tokens(a, mask[:2])
 
@@ -216,6 +217,30 @@ def test_reinforce_pp_baseline(seed):
     centred = ref_grpo(r, gid, norm=False)  # singleton: baseline 0
     got = compute_advantages("reinforce_pp_baseline", t(r), t(gid), lengths=t(lengths))
     np.testing.assert_allclose(got.numpy(), ref_token_whiten(centred, lengths), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["reinforce_pp", "reinforce_pp_baseline"])
+def test_reinforce_pp_epsilon_is_added_to_the_token_std(name):
+    r, gid, lengths, _ = make_batch(9)
+    x = r if name == "reinforce_pp" else ref_grpo(r, gid, norm=False)
+    got = compute_advantages(name, t(r), t(gid), lengths=t(lengths), epsilon=0.5)
+    np.testing.assert_allclose(got.numpy(), ref_token_whiten(x, lengths, eps=0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_reinforce_pp_hand_example_with_epsilon():
+    # as the hand example: std 0.5, so A = [0.25, -0.75] / (0.5 + 0.5)
+    got = compute_advantages(
+        "reinforce_pp", torch.tensor([1.0, 0.0]), torch.tensor([0, 1]), lengths=torch.tensor([3, 1]), epsilon=0.5
+    )
+    assert torch.allclose(got, torch.tensor([0.25, -0.75]), atol=1e-6)
+
+
+def test_reinforce_pp_equal_returns_over_tokens_give_zeros_whatever_a_zero_length_sample_holds():
+    # the samples with tokens all return 0.3; the zero-length one (5.0) has no token and does not count
+    got = compute_advantages(
+        "reinforce_pp", torch.tensor([0.3, 5.0, 0.3]), torch.tensor([0, 1, 2]), lengths=torch.tensor([2, 0, 3]), epsilon=0.0
+    )
+    assert torch.equal(got, torch.zeros(3))
 
 
 def test_reinforce_pp_zero_length_sample_gets_zero():
@@ -296,6 +321,17 @@ def test_passk_matches_bruteforce_subsets(k):
         assert abs(float(got[idx].double().sum())) < 1e-4
 
 
+def test_passk_small_sigma_matches_bruteforce_with_its_epsilon():
+    # N = 12, N_neg = 4, k = 4: a single failing 4-subset out of 495, sigma ~= 0.045, where the 1e-6 shows
+    correct = np.array([0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 0, 1, 0, 0, 1, 0, 1, 1], dtype=np.float64)
+    gid = np.array([3] * 12 + [8] * 6)
+    got = compute_advantages("passk", t(correct), t(gid), k=4)
+    np.testing.assert_allclose(got.numpy(), ref_passk_bruteforce(correct >= 0.5, gid, 4), rtol=1e-6, atol=1e-7)
+    q, sigma = 1 / 495, math.sqrt(1 / 495 * 494 / 495)
+    assert float(got[1]) == pytest.approx(q / (sigma + 1e-6), rel=1e-6)
+    assert float(got[0]) == pytest.approx((q - 1 / math.comb(11, 3)) / (sigma + 1e-6), rel=1e-6)
+
+
 def test_passk_k1_equals_population_std_grpo():
     # k = 1: R_bar = pass rate p, A_pos = (1-p)/sigma, A_neg = -p/sigma with population std
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
@@ -317,6 +353,8 @@ def test_passk_group_smaller_than_k_raises():
     g = torch.tensor([0, 0, 0, 0, 42])
     with pytest.raises(ValueError, match=r"group 42 has 1 sample.*k = 4"):
         compute_advantages("passk", r, g)
+    with pytest.raises(ValueError, match=r"group 0 has 4 sample.*k = 5"):
+        compute_advantages("passk", r, g, k=5)
     with pytest.raises(ValueError, match="positive integer"):
         compute_advantages("passk", r, g, k=0)
 
@@ -353,6 +391,17 @@ def test_unlikely_matches_reference(seed):
     np.testing.assert_allclose(unlikeliness_shaped_rewards(t(r), t(gid), t(logp)).numpy(), shaped, rtol=1e-12)
     got = compute_advantages("unlikely", t(r), t(gid), seq_log_prob=t(logp))
     np.testing.assert_allclose(got.numpy(), ref_grpo(shaped, gid), rtol=1e-5, atol=1e-6)
+    got = compute_advantages("unlikely", t(r), t(gid), seq_log_prob=t(logp), epsilon=0.5)
+    np.testing.assert_allclose(got.numpy(), ref_grpo(shaped, gid, eps=0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_unlikeliness_accepts_beta_rank_one():
+    # beta_rank = 1, the top of its range: R' = R (1 - rank/G), the least likely sample keeps its reward
+    lp = torch.tensor([-0.1, -3.0, -0.7, -1.5])  # ranks 3, 0, 2, 1
+    shaped = unlikeliness_shaped_rewards(torch.ones(4), torch.zeros(4, dtype=torch.long), lp, beta_rank=1.0)
+    assert shaped.tolist() == pytest.approx([0.25, 1.0, 0.5, 0.75])
+    got = compute_advantages("unlikely", torch.ones(4), torch.zeros(4, dtype=torch.long), seq_log_prob=lp, beta_rank=1.0)
+    assert torch.isfinite(got).all() and int(got.argmax()) == 1
 
 
 def test_unlikeliness_with_negative_rewards_still_ranks_the_likely_sample_lower():
@@ -490,6 +539,9 @@ def test_unknown_param_lists_valid_params():
         (torch.tensor([0.0, float("nan"), 1.0]), torch.zeros(3, dtype=torch.long), {}, "rewards has 1 non-finite.*index 1"),
         (torch.tensor([0.0, 1.0, float("inf")]), torch.zeros(3, dtype=torch.long), {}, "non-finite.*index 2"),
         (torch.zeros(3), torch.zeros(3), {}, "group_ids must be an integer tensor"),
+        (torch.zeros(3), torch.zeros(3, dtype=torch.bool), {}, "group_ids must be an integer tensor"),
+        (torch.zeros(3, dtype=torch.complex64), torch.zeros(3, dtype=torch.long), {}, "rewards must be real numbers"),
+        (torch.zeros(3), torch.zeros(3, dtype=torch.long), {"lengths": torch.tensor([1.0, 2.5, 2.0])}, "non-negative integer"),
         (torch.zeros(3), torch.zeros(3, dtype=torch.long), {"lengths": torch.ones(2)}, "lengths has 2 entries"),
         (torch.zeros(3), torch.zeros(3, dtype=torch.long), {"lengths": torch.tensor([1, -1, 2])}, "non-negative integer"),
         (
@@ -507,6 +559,7 @@ def test_input_validation_messages(rewards, group_ids, kw, match):
 
 @pytest.mark.parametrize("estimator, kw, match", [
     ("grpo", {"norm_adv_by_std_in_grpo": "no"}, "norm_adv_by_std_in_grpo must be True or False, got 'no'"),
+    ("w_reinforce", {"lam": -0.1}, "lam must be >= 0"),
     ("psr", {"correct_threshold": None}, "correct_threshold must be a finite number"),
     ("w_reinforce", {"correct_threshold": float("nan")}, "correct_threshold must be a finite number"),
     ("unlikely", {"beta_rank": 5.0}, r"beta_rank must be a number in \[0, 1\]"),
@@ -572,6 +625,12 @@ def test_register_custom_estimator(monkeypatch):
     r, g = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0, 0, 1, 1])
     assert torch.allclose(compute_advantages("scaled_dr", r, g, lengths=torch.ones(4), scale=3.0), torch.tensor([1.5, -1.5, 0, 0]))
     assert {i.name: i for i in available_advantages()}["scaled_dr"].params == {"scale": 2.0}
+    @register_advantage("float64_dr", description="test", paper="none")
+    def float64_dr(rewards, group_ids):
+        return adv.dr_grpo(rewards, group_ids).double()
+
+    out = compute_advantages("float64_dr", r, g)
+    assert out.dtype == torch.float32 and torch.equal(out, torch.tensor([0.5, -0.5, 0, 0]))
     with pytest.raises(ValueError, match="'grpo' is already registered"):
         register_advantage("grpo", description="dup", paper="none")(scaled_dr)
     with pytest.raises(TypeError, match="has no default"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,3 +253,97 @@ def test_the_covariance_summary_centres_on_the_valid_tokens_only():
     summary = covariance_summary(torch.tensor([[-1.0, -2.0, 100.0]]), torch.tensor([[1.0, -1.0, 50.0]]),
                                  torch.tensor([[True, True, False]]))
     assert summary["cov/mean"] == pytest.approx(0.5) and summary["cov/n_tokens"] == 2.0
+
+
+def test_entropy_summary_quantiles_and_low_share_are_over_the_mask():
+    entropy = torch.tensor([[0.0, 0.01, 0.5, 50.0], [1.0, 2.0, 3.0, -4.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    summary = entropy_summary(entropy, mask)
+    valid = np.array([0.0, 0.01, 0.5, 1.0, 2.0, 3.0])
+    for name, q in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9)):
+        assert summary[f"entropy/{name}"] == pytest.approx(float(np.quantile(valid, q)), rel=1e-6), name
+    assert summary["entropy/mean"] == pytest.approx(valid.mean()) and summary["entropy/max"] == 3.0
+    assert summary["entropy/low_frac"] == pytest.approx(1 / 6)  # 0.01 itself is not below 0.01
+    assert entropy_summary(entropy, torch.zeros_like(mask)) == {}
+
+
+def test_discriminator_summary_against_numpy():
+    disc = torch.tensor([[0.2, 0.0, -0.3, 5.0], [0.4, -0.1, 0.0, -7.0]], dtype=torch.float64)
+    centered = torch.tensor([[0.1, -0.2, 0.3, 9.0], [-0.4, 0.5, 0.6, 9.0]], dtype=torch.float64)
+    advantages = torch.tensor([[1.0, 1.0, 0.0, 1.0], [-2.0, 0.0, -2.0, -2.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    stats = discriminator_summary(disc, centered, advantages, mask)
+    for name, values in (("disc", disc), ("disc_centered", centered)):
+        valid = values[mask].numpy()
+        assert stats[f"{name}/mean"] == pytest.approx(valid.mean(), abs=1e-12)
+        assert stats[f"{name}/std"] == pytest.approx(valid.std(), abs=1e-12)  # population std
+        # zero-advantage tokens are on neither side
+        assert stats[f"{name}/mean_pos_adv"] == pytest.approx(values[0, :2].mean().item(), abs=1e-12)
+        assert stats[f"{name}/mean_neg_adv"] == pytest.approx(values[1, [0, 2]].mean().item(), abs=1e-12)
+    assert stats["disc/confident_frac"] == pytest.approx(2 / 6)  # S = 0 is not confident
+
+
+def test_a_measured_position_that_was_not_trained_is_predicted_no_change():
+    """Without decision points each position's prediction is its own trained token's -alpha D: a measured position
+    that was not trained predicts 0, and predicted_delta averages over the measured positions."""
+    metrics, predicted = predicted_vs_measured(
+        torch.tensor([[1.0], [1.0]]), torch.tensor([[1.0], [2.0]]), torch.zeros(2, 1), torch.tensor([[0.5], [0.25]]),
+        torch.tensor([[True], [True]]), lr=1.0, temperature=1.0, trained_mask=torch.tensor([[True], [False]]))
+    assert predicted.flatten().tolist() == pytest.approx([1.0, 0.0])
+    assert metrics["entropy/predicted_delta"] == pytest.approx(0.5)
+    assert metrics["entropy/predicted_delta_batch"] == pytest.approx(1.0)
+    assert metrics["entropy/predicted_delta_sum"] == pytest.approx(1.0)
+    assert metrics["entropy/measured_delta"] == pytest.approx(0.375)
+    assert metrics["entropy/delta_token_corr"] == pytest.approx(1.0)
+
+
+def test_an_empty_mask_predicts_and_measures_nothing():
+    metrics, predicted = predicted_vs_measured(
+        torch.ones(2, 3), torch.ones(2, 3), torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool),
+        lr=1.0, temperature=1.0)
+    assert metrics == {"entropy/predicted_delta": 0.0, "entropy/predicted_delta_sum": 0.0,
+                       "entropy/predicted_delta_batch": 0.0}
+    assert torch.equal(predicted, torch.zeros(2, 3))
+
+
+def test_first_order_change_covers_a_parameter_larger_than_one_slice():
+    """An embedding-sized parameter (over 2**22 entries) is read slice by slice; every slice counts."""
+    size = 2**22 + 1000
+    weights = [torch.zeros(size)]
+    gradient = [torch.zeros(size)]
+    gradient[0][:10] = 2.0
+    gradient[0][-1000:] = 1.0
+    change = FirstOrderEntropyChange(weights, gradient)
+    with torch.no_grad():
+        weights[0].add_(0.5)
+    assert change.after_update() == pytest.approx(0.5 * (2.0 * 10 + 1000))
+
+
+def test_top_fork_tokens_never_lists_padding_and_cuts_the_context():
+    class CharTokenizer:
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    prompt_ids = torch.tensor([[ord("Q")]])
+    prompt_mask = torch.ones(1, 1, dtype=torch.bool)
+    response_ids = torch.tensor([[ord(c) for c in "abcdefghij"] + [0, 0]])
+    response_mask = torch.tensor([[True] * 10 + [False] * 2])
+    entropy = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 9.0, 0.6, 0.7, 0.8, 0.9, 50.0, 60.0]])
+    forks = top_fork_tokens(CharTokenizer(), prompt_ids, prompt_mask, response_ids, response_mask, entropy, k=20,
+                            context=4)
+    assert len(forks) == 10 and all(f["position"] < 10 for f in forks)  # k beyond the valid tokens: no padding
+    assert (forks[0]["token"], forks[0]["before"], forks[0]["after"]) == ("f", "bcde", "gh")
+    assert top_fork_tokens(CharTokenizer(), prompt_ids, prompt_mask, response_ids, response_mask, entropy, k=0) == []
+
+
+def test_readable_text_is_decode_when_it_has_no_replacement_character():
+    class CleaningTokenizer:
+        """A byte-level vocabulary whose decode strips the leading space (``Ġ``) of a text."""
+
+        def decode(self, ids):
+            return "".join(["Ġa", "Ġb"][i] for i in ids).replace("Ġ", " ").lstrip()
+
+        def convert_ids_to_tokens(self, ids):
+            return [["Ġa", "Ġb"][i] for i in ids]
+
+    assert readable_text(CleaningTokenizer(), [0, 1]) == "a b"
