@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -1347,7 +1348,9 @@ def test_resume_skips_an_incomplete_checkpoint_and_names_an_unreadable_one(tmp_p
         resumed = Trainer(config, run_dir=run_dir, resume=True)
     assert resumed.step == 1
     resumed.close()
-    # damaged where the size did not change: named when it is read
+    # damaged where the size did not change, in a checkpoint written before checksums: named when it is read
+    listing = checkpoints / "step_000001" / "files.json"
+    listing.write_text(json.dumps({"files": json.loads(listing.read_text())["files"]}))
     weights = checkpoints / "step_000001" / "model" / "model.safetensors"
     saved = weights.read_bytes()
     weights.write_bytes(b"x" * 40 + saved[40:])
@@ -1366,6 +1369,58 @@ def test_resume_skips_an_incomplete_checkpoint_and_names_an_unreadable_one(tmp_p
                                                 r"\(trainer.pt has 100 bytes instead of the \d+ written\); step_000002 "
                                                 r"\(model/tokenizer_config.json is missing\); step_000003 \(model/model"):
         Trainer(config, run_dir=run_dir, resume=True)
+
+
+def flip_a_byte(path) -> None:
+    """Change one bit in the middle of ``path``, away from any header or index: the size stays, the bytes do not."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_damaged_in_place_is_passed_over_by_resume_and_refused_by_eval(
+        tmp_path, tiny_model_dir, arithmetic_files, caplog):
+    """One bit changed inside a weight tensor or the optimizer state loads without an error; the CRC-32 that
+    files.json keeps for every file finds it. A resume checks every file, a model reader the model's."""
+    from entrorl.trainer.checkpoint import _crc32, latest_checkpoint, resolve_model_directory
+
+    config, run_dir = run_with_a_checkpoint_per_step(tmp_path, tiny_model_dir, arithmetic_files[0], steps=3)
+    checkpoints = run_dir / "checkpoints"
+    listing = json.loads((checkpoints / "step_000003" / "files.json").read_text())
+    assert set(listing["crc32"]) == {name for name in listing["files"] if not name.endswith((".json", ".txt", ".jinja"))}
+    assert {"trainer.pt", "model/model.safetensors"} <= set(listing["crc32"])
+    weights = checkpoints / "step_000003" / "model" / "model.safetensors"
+    assert listing["crc32"]["model/model.safetensors"] == f"{zlib.crc32(weights.read_bytes()):08x}" == _crc32(weights)
+
+    flip_a_byte(weights)
+    flip_a_byte(checkpoints / "step_000002" / "trainer.pt")
+    assert latest_checkpoint(run_dir) == checkpoints / "step_000003"  # without verify: sizes only
+    with caplog.at_level("WARNING"):
+        resumed = Trainer(config, run_dir=run_dir, resume=True)
+    assert resumed.step == 1 and resumed.resumed_from == checkpoints / "step_000001"
+    resumed.close()
+    assert re.search(r"step_000003 is damaged \(model/model.safetensors does not hold the bytes written: its CRC-32 is "
+                     r"[0-9a-f]{8} instead of [0-9a-f]{8}\); using step_000002 instead", caplog.text)
+    assert "step_000002 is damaged (trainer.pt does not hold the bytes written" in caplog.text
+    assert "using step_000001 instead" in caplog.text
+
+    # a model reader takes step 2, whose model is intact; named, a damaged checkpoint is refused with the way on
+    assert resolve_model_directory(run_dir).weights == checkpoints / "step_000002" / "model"
+    for given in (checkpoints / "step_000003", checkpoints / "step_000003" / "model"):
+        with pytest.raises(ValueError, match=r"checkpoint .*step_000003 is damaged: model/model.safetensors does not "
+                                             r"hold the bytes written.*; the newest intact one before it is .*step_000002$"):
+            resolve_model_directory(given)
+    assert resolve_model_directory(checkpoints / "step_000002").weights == checkpoints / "step_000002" / "model"
+
+    # nothing intact left: the resume's error names what is wrong with each
+    flip_a_byte(checkpoints / "step_000001" / "model" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint in .*; incomplete: step_000001 \(damaged: "
+                                                r"model/model.safetensors does not hold.*step_000002 \(damaged: trainer.pt"):
+        Trainer(config, run_dir=run_dir, resume=True)
+    # a checkpoint written before checksums passes: its size is all there is to check
+    listing_file = checkpoints / "step_000001" / "files.json"
+    listing_file.write_text(json.dumps({"files": json.loads(listing_file.read_text())["files"]}))
+    assert latest_checkpoint(run_dir, verify="all") == checkpoints / "step_000001"
 
 
 def test_latest_pointer_problems_are_named_once(tmp_path, tiny_model_dir, arithmetic_files, caplog):

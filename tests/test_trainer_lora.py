@@ -4,6 +4,8 @@ equals an uninterrupted one."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -167,6 +169,11 @@ def test_damaged_adapters_name_the_checkpoint_to_delete(tmp_path, tiny_model_dir
     saved = weights.read_bytes()
     weights.write_bytes(b"x" * 100 + saved[100:])  # damaged, at its written size
     settings["optim"]["steps"] = 3
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*; incomplete: step_000002 \(damaged: adapter/"
+                                                r"adapter_model.safetensors does not hold the bytes written"):
+        Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True)
+    listing = tmp_path / "run" / "checkpoints" / "step_000002" / "files.json"  # as written before checksums
+    listing.write_text(json.dumps({"files": json.loads(listing.read_text())["files"]}))
     with pytest.raises(ValueError, match="adapters of checkpoint .*step_000002.*delete step_000002"):
         Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True)
     weights.write_bytes(saved[:100])  # cut short: not a complete checkpoint, and the only one
@@ -333,13 +340,13 @@ def test_eval_loads_adapters_onto_the_base_model_they_record(tmp_path, tiny_mode
     assert resolve_model_directory(tmp_path / "run") == resolve_model_directory(last / "model")
     assert resolve_model_directory(tmp_path / "run" / "checkpoints") == resolve_model_directory(last / "model")
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="run directory without a complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="run directory without a complete, intact checkpoint"):
         resolve_model_directory(tmp_path / "empty")
     # a run stopped before its first checkpoint: its config.json is a training configuration, not a model's
     (tmp_path / "early").mkdir()
     (tmp_path / "early" / "config.json").write_text((tmp_path / "run" / "config.json").read_text())
     (tmp_path / "early" / "metrics.jsonl").write_text("")
-    with pytest.raises(FileNotFoundError, match="run directory without a complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="run directory without a complete, intact checkpoint"):
         resolve_model_directory(tmp_path / "early")
     # the run a checkpoint belongs to, from any of the paths that name it; none for a model directory
     run = (tmp_path / "run").resolve()

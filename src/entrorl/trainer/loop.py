@@ -135,9 +135,9 @@ class Trainer:
             probe = lock_run_directory(self.run_dir)
             if probe is not None:
                 probe.close()
-        checkpoint = latest_checkpoint(self.run_dir)
+        checkpoint = latest_checkpoint(self.run_dir, verify="all" if resume else None)  # a resume reads every file
         if resume and checkpoint is None:
-            damaged = incomplete_checkpoints(self.run_dir)
+            damaged = incomplete_checkpoints(self.run_dir, verify="all")
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}" + (
                 "; incomplete: " + "; ".join(f"{path.name} ({wrong})" for path, wrong in damaged) if damaged else ""))
         if not resume and checkpoint is not None:  # a fresh run here would prune that run's checkpoints
