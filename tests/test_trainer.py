@@ -692,6 +692,107 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
             load_config(base, [override])
 
 
+def test_each_range_is_checked_at_its_edges(tmp_path, arithmetic_files):
+    """A value just outside a documented range is refused naming its key; the edge itself is accepted, silently where
+    it takes effect."""
+    import warnings
+
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)  # rollout.max_new_tokens = 6
+    for override, key in (("rollout.top_p=0", "rollout.top_p"), ("optim.betas=[0.9, 1.0]", "optim.betas"),
+                          ("optim.grad_clip=0", "optim.grad_clip"), ("eval.ks=[0]", "eval.ks"),
+                          ("checkpoint.keep=0", "checkpoint.keep"), (f"seed={2**32}", "seed"),
+                          ("logging.project=''", "logging.project"),
+                          ("rollout.max_sampling_rounds=0", "rollout.max_sampling_rounds"),
+                          ("data.pass_rate_band=[0.1, 0.5, 0.9]", "data.pass_rate_band"),
+                          ("reward.overlong={max_length: 6, cache_length: 7}", "reward.overlong"),
+                          ("reward.overlong={max_length: 10, cache_length: 4}", "reward.overlong: the penalty starts")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(base, [override])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(base, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+        for overlong in ("{max_length: 6, cache_length: 6}", "{max_length: 6, cache_length: 4}"):  # at the response limit
+            assert load_config(base, [f"reward.overlong={overlong}"]).reward.overlong.max_length == 6
+        assert load_config({**base, "data": {**base["data"], "eval": "  "}}).data.eval is None
+    with pytest.warns(UserWarning, match=r"rollout.top_k = 1 / top_p = 1.0"):  # top-k of 1 filters too
+        load_config(base, ["method=grpo+icepop", "rollout.top_k=1"])
+
+
+def test_settings_read_only_with_another_setting_are_silent_with_it(tmp_path, arithmetic_files, monkeypatch):
+    """logging.project is read by trackio as by W&B; model.master_weights by float16 as by bfloat16."""
+    import importlib.util
+    import warnings
+
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # as on a machine with trackio
+                        lambda name, *a: find_spec("json") if name == "trackio" else find_spec(name, *a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(base, ["logging.trackio=true", "logging.project=mine"])
+        load_config(base, ["model.dtype=float16", "model.master_weights=false"])
+
+
+def test_set_options_and_configuration_files_that_are_malformed_are_named(tmp_path, arithmetic_files):
+    """--set splits at its first '=' and an empty value is the empty string; an empty key, a key below a value, a
+    folder, a file that is no mapping, and an empty file (no model, no data) are ConfigErrors naming what is wrong."""
+    from entrorl.trainer.config import parse_set_option
+
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)
+    assert parse_set_option("data.prompt_template=Q={prompt}") == (["data", "prompt_template"], "Q={prompt}")
+    assert parse_set_option("logging.name=") == (["logging", "name"], "")
+    assert load_config(base, ["data.prompt_template=Q={prompt} A="]).data.prompt_template == "Q={prompt} A="
+    with pytest.raises(ConfigError, match=r"--set has an empty key in '=3'"):
+        load_config(base, ["=3"])
+    with pytest.raises(ConfigError, match=r"--set 'optim.lr.x=1': 'lr' is not a section \(it holds 0.001\)"):
+        load_config(base, ["optim.lr.x=1"])
+    with pytest.raises(ConfigError, match="is a directory; expected a YAML configuration file"):
+        load_config(tmp_path)
+    for text, problem in (("- optim\n- data\n", "must hold a mapping of sections, got list"), ("", "model: Field required")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=problem):
+            load_config(tmp_path / "bad.yaml")
+    # a composition given as a list takes --set method.params like a single name
+    tuned = load_config({**base, "method": ["clip_b"]}, ["method.params.mu=3"])
+    assert tuned.method.method == ["clip_b"] and tuned.method.params == {"mu": 3}
+
+
+def test_resume_compares_the_files_named_and_refuses_other_advantages(tmp_path, arithmetic_files, monkeypatch):
+    """The evaluation data may change on resume, the advantage's parameters may not; a path is compared as the file it
+    names (a link to the same file is no change); a checkpoint's settings compare the same on a machine without peft."""
+    import importlib.util
+
+    from entrorl.trainer.config import flatten_settings, resume_changes, with_resolved_paths
+
+    train, held_out = arithmetic_files
+    saved = load_config(make_config(tmp_path / "model", train, held_out)).model_dump(mode="json")
+    current = copy.deepcopy(saved)
+    (tmp_path / "linked.jsonl").symlink_to(train)
+    current["data"]["train"] = str(tmp_path / "linked.jsonl")
+    current["data"]["eval"] = str(train)
+    current["advantage"]["params"] = {"epsilon": 1e-4}
+    refused, accepted = resume_changes(saved, current)
+    assert [key for key, _, _ in refused] == ["advantage.params.epsilon"]
+    assert [key for key, _, _ in accepted] == ["data.eval"]
+
+    monkeypatch.chdir(tmp_path)
+    dump = {"model": {"path": "model"}, "data": {"train": "linked.jsonl", "eval": "eval.jsonl"}}
+    assert with_resolved_paths(dump) == {"model": {"path": str(tmp_path.resolve() / "model")},
+                                         "data": {"train": str(train.resolve()), "eval": str(tmp_path.resolve() / "eval.jsonl")}}
+    assert dump["data"] == {"train": "linked.jsonl", "eval": "eval.jsonl"}  # the caller's dump is left as it was
+    assert flatten_settings({"reward": {"kwargs": {}, "name": "math"}, "seed": 1}) == {"reward.name": "math", "seed": 1}
+
+    with_adapters = copy.deepcopy(saved)
+    with_adapters["model"]["lora"] = {"rank": 4}
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    refused, _ = resume_changes(with_adapters, saved)
+    assert refused and all(key.startswith("model.lora") for key, _, _ in refused)
+
+
 def test_the_cli_prints_entrorl_s_warnings_as_one_line_and_others_as_python_does(capsys, monkeypatch):
     """A configuration warning and entrorl's own UserWarning: one 'warning:' line; a library's deprecation that
     surfaced through an entrorl line keeps its category and place."""
@@ -917,6 +1018,15 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_the_model_load
     assert list(read_only.iterdir()) == []
 
 
+def test_a_folder_that_can_be_written_but_not_entered_is_no_run_directory(tmp_path, monkeypatch):
+    """Creating files in a folder needs it searchable as well as writable."""
+    from entrorl.trainer import checkpoint
+
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: not mode & os.X_OK)
+    with pytest.raises(PermissionError, match=f"{tmp_path}, where it would be created, is not writable"):
+        checkpoint.check_run_directory_writable(tmp_path / "run")
+
+
 def test_fewer_training_prompts_than_a_step_takes_is_warned_about(tmp_path, tiny_model_dir, monkeypatch):
     """One prompt and two prompts a step: every step trains that prompt in two groups, which the run says up front."""
     train = tmp_path / "one.jsonl"
@@ -948,6 +1058,46 @@ def test_a_filesystem_without_locks_is_warned_about_once(tmp_path, monkeypatch, 
         assert checkpoint.lock_run_directory(tmp_path) is None
         assert checkpoint.lock_run_directory(tmp_path) is None
     assert [record.getMessage().split(" (")[0] for record in caplog.records] == [f"cannot lock {tmp_path}"]
+
+
+def test_a_lock_refused_as_access_denied_is_a_run_in_use_and_the_lock_file_holds_one_process_id(tmp_path, monkeypatch):
+    """Some systems refuse a held flock with EACCES rather than EAGAIN: that is another run, not a filesystem without
+    locks. The lock file holds the holder's process id alone, whatever an earlier holder wrote."""
+    import errno
+
+    from entrorl.trainer import checkpoint
+
+    (tmp_path / ".lock").write_text("4242424\n")
+    handle = checkpoint.lock_run_directory(tmp_path)
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    handle.close()
+
+    def held(*args):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", held)
+    with pytest.raises(OSError, match=f"is in use by another run \\(process {os.getpid()}\\)"):
+        checkpoint.lock_run_directory(tmp_path)
+
+
+def test_temporary_files_are_removed_unless_a_live_process_of_another_user_writes_them(tmp_path, monkeypatch):
+    """This process's own leftovers and the metrics file cut back by a killed resume go; a file whose process exists
+    under another user (the signal is refused) stays."""
+    from entrorl.trainer import checkpoint
+
+    mine = tmp_path / "eval" / f".step_000001.json.tmp-{os.getpid()}"
+    mine.parent.mkdir()
+    mine.write_text("half")
+    (tmp_path / "metrics.jsonl.tmp").write_text('{"step": 1}\n')
+    others = tmp_path / f".config.json.tmp-{os.getpid() + 1}"
+    others.write_text("being written")
+
+    def refused(pid, signal_number):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(checkpoint.os, "kill", refused)
+    checkpoint.remove_temporary_files(tmp_path)
+    assert not mine.exists() and not (tmp_path / "metrics.jsonl.tmp").exists() and others.read_text() == "being written"
 
 
 def test_progress_off_a_terminal_is_a_line_per_interval(tmp_path, tiny_model_dir, arithmetic_files):
@@ -1443,10 +1593,17 @@ def test_latest_pointer_problems_are_named_once(tmp_path, tiny_model_dir, arithm
     with caplog.at_level("WARNING"):
         assert latest_checkpoint(run_dir) == root / "step_000002"
     assert "latest names 'step_000001', but step_000002, a later complete checkpoint, is there; using step_000002" in caplog.text
-    # a copy of a checkpoint is not a checkpoint, whatever its name sorts after
+    # a copy of a checkpoint is not a checkpoint, whatever its name sorts after, nor when the pointer names it
     (root / "latest").write_text("step_000002\n")
     shutil.copytree(root / "step_000002", root / "step_000002.bak")
     assert latest_checkpoint(run_dir) == root / "step_000002"
+    shutil.copytree(root / "step_000001", root / "step_000001.bak")
+    (root / "latest").write_text("step_000001.bak\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(run_dir) == root / "step_000002"
+    assert "latest names 'step_000001.bak', which is not a checkpoint's name (step_<N>); using step_000002" in caplog.text
+    shutil.rmtree(root / "step_000001.bak")
     shutil.rmtree(root / "step_000002.bak")
     shutil.rmtree(root / "step_000002")
     (root / "latest").write_text("step_000002\n")
@@ -1968,6 +2125,11 @@ def test_device_setting_is_checked_before_any_model_loads(tmp_path, arithmetic_f
     with pytest.raises(ConfigError, match=r"model.device.*not a device"):
         load_config(make_config(tmp_path / "absent-model", train, None, model={"path": "m", "device": "gpu0"}))
     assert load_config(make_config(tmp_path / "absent-model", train, None, model={"path": "m"})).model.device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"model.device.*'cuda:1': there are only 1 CUDA devices"):
+        load_config(make_config(tmp_path / "absent-model", train, None, model={"path": "m", "device": "cuda:1"}))
+    assert load_config(make_config(tmp_path / "absent-model", train, None, model={"path": "m", "device": "cuda:0"}))
 
 
 @pytest.mark.slow
@@ -2271,6 +2433,33 @@ def test_atomic_writes_leave_nothing_behind_and_name_their_file(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, before)
         signal.signal(signal.SIGXFSZ, handler)
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_a_failed_rename_names_the_target_and_an_error_without_a_number_is_left_as_it_is(tmp_path):
+    """os.replace's error names the temporary file: the error says the file that was to be written instead."""
+    from entrorl.trainer.checkpoint import atomic_write_text, naming_file
+
+    target = tmp_path / "summary.json"
+    (target / "in-the-way").mkdir(parents=True)  # a folder where the file goes: the rename fails
+    with pytest.raises(OSError) as failure:
+        atomic_write_text(target, "{}")
+    assert failure.value.filename == str(target) and ".tmp-" not in str(failure.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    plain = OSError("cannot write")
+    assert naming_file(plain, target) is plain
+
+
+def test_a_folder_is_a_run_only_with_checkpoints_or_both_its_configuration_and_metrics(tmp_path):
+    """A training configuration alone, or a step_ folder that is not under checkpoints/, does not make a run."""
+    from entrorl.trainer.checkpoint import training_run_of
+
+    run = tmp_path / "run"
+    (run / "exports" / "step_000001" / "model").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"seed": 7}))
+    assert training_run_of(run) is None
+    (run / "metrics.jsonl").write_text("")
+    assert training_run_of(run) == run.resolve()
+    assert training_run_of(run / "exports" / "step_000001" / "model") is None
 
 
 def test_memory_that_runs_out_during_training_is_one_line_with_the_way_on(tmp_path, tiny_model_dir, arithmetic_files,

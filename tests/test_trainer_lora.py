@@ -129,12 +129,16 @@ def test_a_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, tiny_model_dir
 def test_lora_settings_are_checked_before_the_model_loads(tiny_model_dir, arithmetic_files, parity_reward):
     train, _ = arithmetic_files
     for lora, message in [({"rank": 0}, "rank"), ({"target_modules": []}, "target_modules"),
+                          ({"target_modules": ["q_proj", " "]}, "target_modules: .*name at least one module"),
                           ({"dropout": 0.1}, "disable_dropout"), ({"alpha": 0}, "alpha"), ({"r": 8}, "r")]:
         with pytest.raises(ConfigError, match=message):
             load_config(lora_config(tiny_model_dir, train, parity_reward, model={"lora": lora}))
     # dropout on the adapters is allowed once the model's dropout is on too
     load_config(lora_config(tiny_model_dir, train, parity_reward,
                             model={"lora": {"dropout": 0.1}, "disable_dropout": False}))
+    with pytest.raises(ConfigError, match=r"model.lora.dropout: Input should be less than 1"):
+        load_config(lora_config(tiny_model_dir, train, parity_reward,
+                                model={"lora": {"dropout": 1.0}, "disable_dropout": False}))
 
 
 def test_the_output_layer_a_tied_embedding_and_modules_the_model_lacks_are_refused(tmp_path, tiny_model_dir, arithmetic_files,

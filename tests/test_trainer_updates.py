@@ -7,9 +7,12 @@ bfloat16 model's float32 copies are clipped; evaluation groups samples by prompt
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import os
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,6 +254,215 @@ def test_checkpoint_keep_keeps_exactly_that_many(tmp_path, tiny_model_dir, arith
     trainer.close()
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert kept == ["step_000003", "step_000004"]
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_model_dir):
+    """The tiny model and its tokenizer, loaded once, for writing checkpoints without a trainer."""
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+
+
+def write_checkpoint(run_dir, step, tiny_policy, keep):
+    from entrorl.trainer.checkpoint import save_checkpoint
+
+    model, tokenizer = tiny_policy
+    run_dir.mkdir(exist_ok=True)
+    return save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, trainer_state={"step": step}, keep=keep)
+
+
+def made_checkpoint(root, name, files=None, listed=None):
+    """``root/name`` holding ``files`` (path: bytes) and a files.json listing them at their sizes, or ``listed``."""
+    checkpoint = root / name
+    checkpoint.mkdir(parents=True)
+    for path, data in (files or {}).items():
+        (checkpoint / path).parent.mkdir(parents=True, exist_ok=True)
+        (checkpoint / path).write_bytes(data)
+    sizes = {path: len(data) for path, data in (files or {}).items()}
+    (checkpoint / "files.json").write_text(listed if listed is not None else json.dumps({"files": sizes}))
+    return checkpoint
+
+
+def test_pruning_counts_complete_checkpoints_only_and_never_removes_the_one_just_written(tmp_path, tiny_policy):
+    """Leftovers that lost a file do not count towards ``keep`` (they would push out a checkpoint to keep), and the
+    checkpoint just written stays even when a later step's is there."""
+    from entrorl.trainer.checkpoint import latest_checkpoint
+
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+    for name in ("step_000005", "step_000006"):  # an earlier run's, each without its trainer state
+        made_checkpoint(root, name, listed=json.dumps({"files": {"trainer.pt": 10}}))
+    write_checkpoint(run_dir, 1, tiny_policy, keep=2)
+    write_checkpoint(run_dir, 2, tiny_policy, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000001", "step_000002", "step_000005", "step_000006"]
+    assert latest_checkpoint(run_dir) == root / "step_000002"
+
+    later = tmp_path / "later"
+    made_checkpoint(later / "checkpoints", "step_000003")
+    written = write_checkpoint(later, 2, tiny_policy, keep=1)
+    assert written.is_dir() and sorted(p.name for p in (later / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
+
+
+def test_latest_names_a_checkpoint_once_it_is_in_place_and_old_ones_go_only_after(tmp_path, tiny_policy, monkeypatch):
+    """A failed rename of the new checkpoint leaves ``latest`` naming the previous one; a failed write of ``latest``
+    prunes nothing."""
+    from entrorl.trainer import checkpoint
+
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+    write_checkpoint(run_dir, 1, tiny_policy, keep=1)
+    replace = os.replace
+
+    def refuse_directories(source, target):
+        if Path(source).is_dir():
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(source))
+        replace(source, target)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint.os, "replace", refuse_directories)
+        with pytest.raises(OSError, match="cross-device"):
+            write_checkpoint(run_dir, 2, tiny_policy, keep=1)
+    assert (root / "latest").read_text() == "step_000001\n"
+    assert checkpoint.latest_checkpoint(run_dir) == root / "step_000001"
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "atomic_write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_checkpoint(run_dir, 3, tiny_policy, keep=1)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000001", "step_000003"]
+    assert checkpoint.latest_checkpoint(run_dir) == root / "step_000003"
+
+
+def test_every_file_of_a_checkpoint_and_its_pointer_are_synced_to_disk(tmp_path, tiny_policy, monkeypatch):
+    """A machine that loses power after the rename must not find empty files: every file (files.json included),
+    every folder, the checkpoints folder and ``latest`` went through fsync."""
+    synced = set()
+    fsync = os.fsync
+
+    def recording(descriptor):
+        synced.add(os.fstat(descriptor).st_ino)
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    checkpoint = write_checkpoint(tmp_path / "run", 1, tiny_policy, keep=1)
+    root = checkpoint.parent
+    unsynced = [path for path in (root, root / "latest", checkpoint, *checkpoint.rglob("*")) if path.stat().st_ino not in synced]
+    assert unsynced == [] and (checkpoint / "files.json").is_file()
+
+
+def test_the_full_disk_note_counts_every_weight_a_checkpoint_writes(tmp_path, monkeypatch):
+    """A frozen weight is written too (only the trained ones have optimizer state): a model of frozen weights larger
+    than the free room gets the note."""
+    import collections
+
+    from entrorl.trainer import checkpoint
+
+    class FrozenModel(torch.nn.Linear):
+        def save_pretrained(self, directory):
+            raise RuntimeError("unexpected pos 100 vs 90")
+
+    model = FrozenModel(64, 64).requires_grad_(False)  # 16.25 KiB of float32 weights
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda path: collections.namedtuple("usage", "total used free")(10**9, 10**9 - 2**13, 2**13))
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"probably a full disk: 0.0 MiB free there"):
+        checkpoint.save_checkpoint(tmp_path / "run", 1, model=model, tokenizer=None, trainer_state={}, keep=1)
+
+
+def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
+    """Folders of steps with more digits than the padding (or written without it) are compared as numbers: step 10
+    comes after step 9."""
+    from entrorl.trainer.checkpoint import incomplete_checkpoints, latest_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for name in ("step_1", "step_9", "step_10"):
+        made_checkpoint(root, name)
+    assert latest_checkpoint(tmp_path) == root / "step_10"
+    assert latest_checkpoint(tmp_path, before_step=10) == root / "step_9"
+    assert latest_checkpoint(tmp_path, before_step=9) == root / "step_1"
+    assert latest_checkpoint(tmp_path, before_step=1) is None
+    made_checkpoint(root, "step_20", listed="{")
+    made_checkpoint(root, "step_3", listed="{")
+    assert [path.name for path, _ in incomplete_checkpoints(tmp_path)] == ["step_3", "step_20"]
+
+
+def test_a_checkpoint_is_complete_while_its_files_keep_their_written_sizes(tmp_path):
+    """Empty as written is whole; a weight or state file of another size is not, larger or smaller; text files a user
+    may edit (JSON, .txt, a .jinja chat template) only have to be there and not empty; a files.json that cannot be
+    read makes the checkpoint incomplete, however it is wrong."""
+    from entrorl.trainer.checkpoint import incomplete_checkpoints
+
+    files = {"trainer.pt": b"state", "model/model.safetensors": b"weights", "model/added.txt": b"",
+             "model/merges.txt": b"a b\n", "model/chat_template.jinja": b"{{ x }}"}
+    whole = made_checkpoint(tmp_path / "checkpoints", "step_000001", files)
+    (whole / "model" / "merges.txt").write_text("a b\nc d\n")
+    (whole / "model" / "chat_template.jinja").write_text("{{ messages }}")
+    grown = made_checkpoint(tmp_path / "checkpoints", "step_000002", files)
+    (grown / "trainer.pt").write_bytes(b"state and more")
+    for step, listing in enumerate(("{", "[]", '{"files": []}', '{"files": {"trainer.pt": "many"}}'), start=3):
+        made_checkpoint(tmp_path / "checkpoints", f"step_{step:06d}", listed=listing)
+    assert [(path.name, wrong) for path, wrong in incomplete_checkpoints(tmp_path)] == [
+        ("step_000002", "trainer.pt has 14 bytes instead of the 5 written"),
+        *((f"step_{step:06d}", "files.json cannot be read") for step in range(3, 7))]
+
+
+def test_a_checkpoint_from_before_files_json_needs_its_weights_whole(tmp_path):
+    """Without files.json: no weight file at all, or a sharded model with an empty shard, is incomplete; a checkpoint
+    with adapters needs them whole, and may hold no merged weights."""
+    from entrorl.trainer.checkpoint import incomplete_checkpoints
+
+    def legacy(name, files):
+        checkpoint = tmp_path / "checkpoints" / name
+        for path, data in {"trainer.pt": b"state", "model/config.json": b"{}", **files}.items():
+            (checkpoint / path).parent.mkdir(parents=True, exist_ok=True)
+            (checkpoint / path).write_bytes(data)
+
+    index = json.dumps({"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}).encode()
+    legacy("step_000001", {})
+    legacy("step_000002", {"model/model.safetensors.index.json": index, "model/model-1.safetensors": b"w",
+                           "model/model-2.safetensors": b""})
+    legacy("step_000003", {"model/model.safetensors.index.json": index, "model/model-1.safetensors": b"w",
+                           "model/model-2.safetensors": b"w"})
+    legacy("step_000004", {"adapter/adapter_config.json": b"{}", "adapter/adapter_model.safetensors": b""})
+    legacy("step_000005", {"adapter/adapter_config.json": b"{}", "adapter/adapter_model.safetensors": b"a"})
+    assert [(path.name, wrong) for path, wrong in incomplete_checkpoints(tmp_path)] == [
+        ("step_000001", "the model's weights: missing or empty"), ("step_000002", "the model's weights: missing or empty"),
+        ("step_000004", "the adapters' files: missing or empty")]
+
+
+def test_a_trainer_state_damaged_inside_is_named_with_the_way_on(tmp_path):
+    """A trainer.pt whose pickled state is damaged at its written size (the zip around it intact) is a ValueError
+    naming the file and the checkpoint to delete, not a bare unpickling error."""
+    from entrorl.trainer.checkpoint import load_trainer_state
+
+    checkpoint = tmp_path / "step_000003"
+    checkpoint.mkdir()
+    torch.save({"step": 3}, checkpoint / "trainer.pt")
+    data = bytearray((checkpoint / "trainer.pt").read_bytes())
+    start = data.find(b"\x80\x02")  # the pickle's protocol mark
+    data[start:start + 2] = b"\xff\xff"
+    (checkpoint / "trainer.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"step_000003/trainer.pt cannot be read \(invalid load key.*delete step_000003"):
+        load_trainer_state(checkpoint)
+
+
+def test_cuda_generators_of_another_device_count_are_left_alone(monkeypatch):
+    """A checkpoint written on two GPUs, resumed on one: CUDA's generators cannot be put back one for one."""
+    from entrorl.trainer.checkpoint import restore_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "cuda": [torch.tensor([1], dtype=torch.uint8)] * 2}
+    restore_rng_state(state)
+    assert restored == []
+    restore_rng_state({**state, "cuda": state["cuda"][:1]})
+    assert restored == [state["cuda"][:1]]
 
 
 # ------------------------------------------------------------------------------------------ precision

@@ -570,9 +570,7 @@ def latest_checkpoint(run_dir: Path, *, before_step: int | None = None, verify: 
     chosen = _latest_complete_checkpoint(Path(run_dir), before_step)
     while verify is not None and chosen is not None and (damage := _damage(chosen, verify)) is not None:
         damaged = chosen
-        earlier = [p for p in _complete_checkpoints(Path(run_dir) / "checkpoints")
-                   if p != damaged and (not _CHECKPOINT_NAME.fullmatch(damaged.name) or checkpoint_step(p) < checkpoint_step(damaged))]
-        chosen = earlier[-1] if earlier else None
+        chosen = _latest_complete_checkpoint(Path(run_dir), checkpoint_step(damaged))
         _warn_once(f"checkpoint {damaged} is damaged ({damage})",
                    f"using {chosen.name} instead" if chosen is not None else "no intact checkpoint is left")
     return chosen
@@ -593,12 +591,12 @@ def _latest_complete_checkpoint(run_dir: Path, before_step: int | None) -> Path 
     pointer = root / "latest"
     named_as = pointer.read_text(encoding="utf-8", errors="replace").strip() if pointer.is_file() else ""
     named = root / named_as if named_as else None
-    there = named is not None and named.is_dir()
+    names_a_checkpoint = _CHECKPOINT_NAME.fullmatch(named_as) is not None  # a copy (step_000040.bak) is none
+    there = names_a_checkpoint and named.is_dir()
     wrong = _what_is_missing(named) if there else None
     complete = _complete_checkpoints(root)
     chosen = complete[-1] if complete else None
-    named_is_newest = (chosen is None or not _CHECKPOINT_NAME.fullmatch(named.name)
-                       or checkpoint_step(chosen) <= checkpoint_step(named)) if there else False
+    named_is_newest = (chosen is None or checkpoint_step(chosen) <= checkpoint_step(named)) if there else False
     if there and wrong is None and named_is_newest:
         return named
     if pointer.is_file():
@@ -606,6 +604,8 @@ def _latest_complete_checkpoint(run_dir: Path, before_step: int | None) -> Path 
             problem = f"{pointer} names {named_as!r}, but {chosen.name}, a later complete checkpoint, is there"
         elif named is None:
             problem = f"{pointer} is empty"
+        elif not names_a_checkpoint:
+            problem = f"{pointer} names {named_as!r}, which is not a checkpoint's name (step_<N>)"
         elif not there:
             problem = f"{pointer} names {named_as!r}, which is not there"
         else:
