@@ -438,7 +438,7 @@ _FILE_LIST = "files.json"
 
 def _write_file_list(checkpoint: Path) -> None:
     """``checkpoint/files.json``: the path (relative, with ``/``) and size in bytes of every file written into it, and
-    the CRC-32 of each that a user has no reason to edit (read back once, from the page cache: about 3 GB/s)."""
+    the CRC-32 of each that a user has no reason to edit (read back once, while the page cache holds it)."""
     files = [path for path in sorted(checkpoint.rglob("*")) if path.is_file()]
     names = [path.relative_to(checkpoint).as_posix() for path in files]
     sizes = {name: path.stat().st_size for name, path in zip(names, files)}
