@@ -93,6 +93,10 @@ def test_pass_at_k_broadcasts():
             assert got[i, j] == pytest.approx(float(exact_pass_at_k(nn, 4, kk)), abs=1e-14)
     assert pass_at_k(np.array([], dtype=int), np.array([], dtype=int), 1).shape == (0,)
 
+    got = pass_at_k(10, 3, np.array([1, 2, 4]))  # scalar n and c, an array of ks
+    assert isinstance(got, np.ndarray) and got.shape == (3,)
+    np.testing.assert_allclose(got, [float(exact_pass_at_k(10, 3, kk)) for kk in (1, 2, 4)], atol=1e-14)
+
 
 def test_pass_at_k_is_stable_for_large_n():
     got = pass_at_k(1024, 3, 512)
@@ -103,7 +107,14 @@ def test_pass_at_k_is_stable_for_large_n():
         got = pass_at_k(n, c, k)
         assert abs(got - float(exact_pass_at_k(n, c, k))) <= 1e-12, (n, c, k)
     # a tiny pass@k keeps its relative accuracy
-    assert pass_at_k(100_000, 1, 1) == pytest.approx(1e-5, rel=1e-12)
+    assert pass_at_k(100_000, 1, 1) == pytest.approx(1e-5, rel=1e-12, abs=0.0)
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(10**6, 1, 1), (10**7, 1, 1), (123_457, 1, 1), (10**6, 2, 3)])
+def test_tiny_pass_at_k_is_accurate_to_a_few_ulps(n, c, k):
+    want = float(exact_pass_at_k(n, c, k))
+    assert want < 1e-4
+    assert pass_at_k(n, c, k) == pytest.approx(want, rel=1e-14, abs=0.0)
 
 
 @pytest.mark.parametrize(
@@ -159,6 +170,19 @@ def test_avg_at_k():
     assert avg_at_k([0.2, 0.5, 0.9, 1.0], threshold=1.0) == 0.25
     with pytest.raises(ValueError, match="shape"):
         avg_at_k(np.zeros((2, 2, 2), dtype=bool))
+    for empty in ([], np.zeros((3, 0), dtype=bool)):
+        with pytest.raises(ValueError, match="non-empty"):
+            avg_at_k(empty)
+    with pytest.raises(ValueError, match="outside"):
+        avg_at_k([-0.5, 1.0])
+
+
+def test_torch_tensors_that_require_grad_are_accepted():
+    torch = pytest.importorskip("torch")
+    rewards = torch.tensor([[0.2, 0.5, 0.9, 1.0]], requires_grad=True)
+    assert avg_at_k(rewards) == 0.75
+    pol = polarisation(torch.tensor([0.0, 0.5, 1.0], requires_grad=True), bins=2)
+    np.testing.assert_array_equal(pol.histogram, [1, 2])
 
 
 def test_pass_at_k_curve_on_hand_example():
@@ -178,6 +202,11 @@ def test_pass_at_k_curve_rejects_k_larger_than_n():
         pass_at_k_curve([], 4, [1])
     with pytest.raises(ValueError, match="empty"):
         pass_at_k_curve([1], 4, [])
+    with pytest.raises(ValueError, match=r"k=5 exceeds n=4"):  # one past n
+        pass_at_k_curve([1, 2], 4, [5])
+    for k in (2.5, True):
+        with pytest.raises(ValueError, match="whole numbers"):
+            pass_at_k_curve([1, 2], 4, [k])
 
 
 def test_default_ks():
@@ -185,6 +214,8 @@ def test_default_ks():
     assert default_ks(4) == (1, 2, 4)
     assert default_ks(6) == (1, 2, 4, 6)
     assert default_ks(32) == (1, 2, 4, 8, 16, 32)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        default_ks(0)
 
 
 def test_summarize_samples_on_hand_example():
@@ -203,6 +234,12 @@ def test_summarize_samples_on_hand_example():
     assert json.loads(json.dumps(d, allow_nan=False))["pass_at_k"]["2"] == pytest.approx(7 / 12)
     assert d["pass_rates"] == [0.25, 1.0, 0.0, 0.5]
     assert d["polarisation"]["histogram"] == [1, 0, 1, 0, 0, 1, 0, 0, 0, 1]
+    assert d["threshold"] == 0.5
+
+    coarse = summarize_samples(HAND, ks=(1,), bins=4).polarisation
+    # rates 0.25, 1.0, 0.0, 0.5 over [0, .25) [.25, .5) [.5, .75) [.75, 1]
+    np.testing.assert_array_equal(coarse.histogram, [1, 1, 1, 1])
+    np.testing.assert_array_equal(coarse.bin_edges, [0.0, 0.25, 0.5, 0.75, 1.0])
 
 
 def test_summarize_samples_default_ks_and_rewards_with_threshold():
@@ -295,6 +332,7 @@ def test_polarisation_to_dict_is_json():
         ([np.nan], 10, "finite"),
         ([0.5], 0, "bins"),
         ([0.5], 2.5, "bins"),
+        ([0.5], True, "bins"),
         ([[1.0, 0.0], [1.0, 1.0]], 10, r"one pass rate per problem .* shape \(2, 2\).*correct.mean\(axis=1\)"),
         ([True, False, True], 10, r"got booleans"),
     ],

@@ -153,6 +153,9 @@ def test_accumulation_weight_formula():
     with pytest.raises(ValueError, match="must be >= 1"):
         accumulation_weight("token-mean", micro_valid_tokens=1, num_items_in_batch=1, num_processes=1,
                             gradient_accumulation_steps=0, steps_per_generation=1)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        accumulation_weight("seq-mean-token-mean", micro_valid_tokens=1, num_items_in_batch=1, num_processes=0,
+                            gradient_accumulation_steps=1, steps_per_generation=1)
 
 
 @pytest.mark.parametrize("fused_head", [True, False])
@@ -197,6 +200,17 @@ def test_matches_trl_own_loss_with_gradient_accumulation(tokenizer, tmp_path, me
     _assert_accumulated_loss_is_trls(ours, theirs, inputs)
     # PPO clipping acted (else the comparison would not cover it), and TRL logged its own metrics beside ours
     assert max(ours._metrics["train"]["clip/ppo_frac"]) > 0
+    assert ours._metrics["train"]["entropy"] == pytest.approx(theirs._metrics["train"]["entropy"], rel=1e-5)
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_a_sampling_temperature_scales_the_logits_as_trl_does(tokenizer, tmp_path, fused_head):
+    """GRPOConfig.temperature divides the logits before the log-probs and entropies, on either scoring path."""
+    config = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2, num_generations=4, temperature=0.5)
+    ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, config=_config(tmp_path, **config), fused_head=fused_head)
+    theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=_config(tmp_path, **config))
+    inputs = _inputs(tokenizer, seed=3)
+    _assert_accumulated_loss_is_trls(ours, theirs, inputs)
     assert ours._metrics["train"]["entropy"] == pytest.approx(theirs._metrics["train"]["entropy"], rel=1e-5)
 
 
@@ -696,6 +710,22 @@ def test_a_tool_mask_only_removes_tokens(tokenizer, tmp_path):
     ones = _loss_of(trainer, {**inputs, "tool_mask": torch.ones_like(inputs["completion_mask"])}, training=True,
                     accumulation_steps=1, steps_per_generation=1)
     assert ones == pytest.approx(plain, rel=1e-6)
+
+    # on-policy dapo: the loss is minus the mean advantage over the tokens both masks keep
+    inputs = _inputs(tokenizer, off_policy=False)
+    tool_mask = torch.ones_like(inputs["completion_mask"])
+    tool_mask[0, 1:4] = 0
+    tool_mask[2, 0] = 0
+    kept = inputs["completion_mask"].bool() & tool_mask.bool()
+    assert kept.sum() < inputs["completion_mask"].sum()
+    loss = _loss_of(trainer, {**inputs, "tool_mask": tool_mask, "num_items_in_batch": kept.sum()}, training=True,
+                    accumulation_steps=1, steps_per_generation=1)
+    expected = -float((inputs["advantages"][:, None] * kept).sum()) / float(kept.sum())
+    assert loss == pytest.approx(expected, rel=1e-5)
+    # a micro-batch whose tokens are all masked logs an entropy of 0, not NaN
+    _loss_of(trainer, {**inputs, "tool_mask": torch.zeros_like(tool_mask)}, training=True, accumulation_steps=1,
+             steps_per_generation=1)
+    assert trainer._metrics["train"]["entropy"][-1] == 0.0
 
 
 def test_the_moe_aux_loss_is_scaled_for_accumulation_as_trl_does(tokenizer, tmp_path):

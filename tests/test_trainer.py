@@ -141,6 +141,12 @@ def test_cli_train_writes_metrics_checkpoints_and_diagnostics(tmp_path, tiny_mod
     assert f"report: {run_dir / 'report' / 'report.html'}" in " ".join(result.stderr.split())
 
 
+def environment_importing_from(folder) -> dict[str, str]:
+    """This process's environment with ``folder`` first on the Python path (the rest of the path kept, so that a
+    subprocess imports the entrorl under test)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_model_dir, arithmetic_files):
     train, held_out = arithmetic_files
@@ -150,7 +156,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_model_dir, ar
         "import time\nfrom entrorl.rewards import exact_match\n\n"
         "def score(prompt, completion, answer, **meta):\n    time.sleep(0.03)\n    return exact_match(prompt, completion, answer, **meta)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    env = environment_importing_from(tmp_path)
     settings = make_config(tiny_model_dir, train, held_out, optim={"steps": 6, "lr": 1e-3, "mini_batches": 2},
                            method="adaptive_entropy", eval={"every": 3}, checkpoint={"every": 2, "keep": 3},
                            reward={"name": "slow_reward:score"})
@@ -186,7 +192,7 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resume_loses_nothing(tmp_path, ti
         "import time\nfrom entrorl.rewards import exact_match\n\n"
         "def score(prompt, completion, answer, **meta):\n    time.sleep(0.03)\n    return exact_match(prompt, completion, answer, **meta)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    env = environment_importing_from(tmp_path)
     settings = make_config(tiny_model_dir, train, None, optim={"steps": 8, "lr": 1e-3}, checkpoint={"every": 100},
                            reward={"name": "slow_reward:score"})
     config = write_config(tmp_path / "run.yaml", settings)
@@ -1937,7 +1943,7 @@ def test_cli_eval_reports_reward_errors_threshold_and_default_ks(tmp_path, tiny_
                            "    if prompt.startswith('1'):\n        raise RuntimeError('boom')\n    return 0.7\n"):
         result = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "3", "--max-new-tokens", "3",
                          "--reward", "flaky_reward:score", "--correct-threshold", "0.75",
-                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+                         env=environment_importing_from(tmp_path))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     failing = sum(json.loads(line)["prompt"].startswith("1") for line in held_out.read_text().splitlines())
@@ -2029,7 +2035,7 @@ def test_cli_eval_fails_when_the_reward_failed_on_every_sample(tmp_path, tiny_mo
     with importable_module(tmp_path, "broken_reward", "def score(prompt, completion, answer, **meta):\n"
                            "    raise RuntimeError('boom')\n"):
         result = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "1",
-                         "--max-new-tokens", "3", "--reward", "broken_reward:score", env={**os.environ, "PYTHONPATH": str(tmp_path)})
+                         "--max-new-tokens", "3", "--reward", "broken_reward:score", env=environment_importing_from(tmp_path))
     assert result.returncode == 2 and "the reward failed on all 16 samples" in result.stderr, result.stderr
     assert json.loads(result.stdout)["reward_errors"] == 16
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import math
 import os
 import random
 import warnings
@@ -498,6 +499,50 @@ def test_evaluation_groups_samples_by_prompt(tmp_path, tiny_model_dir, arithmeti
     assert metrics["eval/pass_at_1"] == pytest.approx(0.25) and metrics["eval/pass_at_3"] == pytest.approx(0.25)
     assert metrics["eval/frac_solved_all"] == pytest.approx(0.25)
     assert metrics["eval/frac_solved_none"] == pytest.approx(0.75)
+    assert sorted(key for key in metrics if key.startswith("eval/pass_at_")) == ["eval/pass_at_1", "eval/pass_at_3"]
+
+
+def test_evaluation_result_metrics_and_summary_come_from_its_summary():
+    """Per-prompt pass counts [1, 4, 0, 2] of n = 4: every metric follows the summary's own numbers."""
+    from entrorl.evaluation import summarize_samples
+    from entrorl.trainer.evaluate import EvaluationResult
+
+    correct = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 0, 1], [1, 1, 0, 0]], dtype=bool)
+    result = EvaluationResult(summary=summarize_samples(correct, ks=(1, 2, 4)), reward_errors=3, correct_threshold=0.75)
+    metrics = result.metrics()
+    assert metrics["eval/n"] == 4.0 and metrics["eval/reward_errors"] == 3.0
+    assert metrics["eval/avg_at_n"] == pytest.approx(9 / 20)
+    counts = [1, 4, 0, 2, 2]
+    for k in (1, 2, 4):
+        want = sum(1 - math.comb(4 - c, k) / math.comb(4, k) for c in counts) / len(counts)
+        assert metrics[f"eval/pass_at_{k}"] == pytest.approx(want, abs=1e-12)
+    assert sorted(key for key in metrics if key.startswith("eval/pass_at_")) == ["eval/pass_at_1", "eval/pass_at_2",
+                                                                                "eval/pass_at_4"]
+    assert metrics["eval/frac_solved_none"] == pytest.approx(1 / 5)
+    assert metrics["eval/frac_solved_all"] == pytest.approx(1 / 5)
+    assert result.to_dict()["threshold"] == 0.75 and result.to_dict()["reward_errors"] == 3
+
+
+def test_evaluation_fork_entropies_use_the_sampling_temperature(tmp_path, tiny_model_dir, arithmetic_files, trainer_for,
+                                                                monkeypatch):
+    """Fork tokens are scored at eval.temperature, and the model is left in the mode it was in."""
+    from entrorl.trainer import evaluate as evaluate_module
+
+    train, held_out = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, held_out=held_out,
+                          eval={"every": 0, "n": 2, "ks": [1], "max_prompts": 2, "top_forks": 2, "temperature": 0.5})
+    temperatures = []
+    original = evaluate_module.bucketed_response_token_stats
+
+    def spy(*args, **options):
+        temperatures.append(options["temperature"])
+        return original(*args, **options)
+
+    monkeypatch.setattr(evaluate_module, "bucketed_response_token_stats", spy)
+    trainer.model.train()
+    trainer.evaluate()
+    assert temperatures == [0.5]
+    assert trainer.model.training
 
 
 def test_a_latest_pointer_naming_the_newest_is_not_warned_about(tmp_path, tiny_model_dir, arithmetic_files, caplog,
