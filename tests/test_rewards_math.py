@@ -32,6 +32,7 @@ from entrorl.rewards.math import (
     extract_boxed,
     find_final_answer,
     math_equal,
+    normalize_answer,
     read_question,
     select_extractors,
 )
@@ -54,10 +55,15 @@ CASES = [
     ("", "Final answer: 3.5", "7/2", 1.0, ""),
     ("", "答案是 42", "42", 1.0, ""),
     ("", "I computed 17, then 18", "18", 1.0, ""),
+    ("", "The answer is 5. Wait, I made an error. The answer is 6.", "6", 1.0, ""),
+    ("", r"\boxed{} so the answer is 7", "7", 1.0, ""),
     ("", "no digits, no box, nothing", "5", 0.0, "no final answer found"),
     ("", "", "5", 0.0, "no final answer found"),
     ("", r"\boxed{12}", "13", 0.0, "answer 12 differs from reference 13"),
     ("", r"\boxed{@#$%^&}", "5", 0.0, "could not parse answer"),
+    ("", r"So \boxed5", "5", 1.0, ""),  # a box without braces takes the next token, as LaTeX does
+    ("", r"so it is \boxed\frac12", "1/2", 1.0, ""),
+    ("", r"so it is \boxed\pi", r"\pi", 1.0, ""),
     # -- fractions, decimals, LaTeX vs plain text ---------------------------------------------
     ("", r"\boxed{\dfrac{2}{3}}", "2/3", 1.0, ""),
     ("", r"\boxed{\tfrac12}", "0.5", 1.0, ""),
@@ -142,6 +148,7 @@ CASES = [
     ("", r"The roots are \boxed{1, 2, 3}", "3,1,2", 1.0, ""),
     ("", r"\boxed{-1 \pm \sqrt{2}}", r"-1-\sqrt2, -1+\sqrt2", 1.0, ""),
     ("", r"\boxed{1, 1, 2}", "2, 1", 1.0, ""),  # a repeated root is one value
+    ("", r"\boxed{3 \pm 1}", "4", 0.0, "the answer has 2 distinct value(s), the reference 1"),
     ("", r"\boxed{x=1, x=-2}", "1, 2", 0.0, "reference value 2 is not in the answer"),
     ("", r"\boxed{1, 2}", "3,1,2", 0.0, "the answer has 2 distinct value(s), the reference 3"),
     ("", r"\boxed{\{1,2,3\}}", r"\{1,2\}", 0.0, "the answer has 3 distinct value(s), the reference 2"),
@@ -150,6 +157,7 @@ CASES = [
     ("", r"\boxed{x=3, y=2}", "x=2, y=3", 0.0, "reference value x = 2 is not in the answer"),
     ("", r"\boxed{2, 3}", "x=2, y=3", 1.0, ""),
     ("", r"\boxed{3, 2}", "x=2, y=3", 0.0, "reference value x = 2 is not in the answer"),
+    ("", r"\boxed{2; 3}", "x=2, y=3", 1.0, ""),
     # -- real roots vs complex roots (the seeds' degree-7 equation) -------------------------------
     (SEVENTH_DEGREE_QUESTION, r"\boxed{1, 2, 3, i, -i, 1+i, 1-i}", "1, 2, 3", 1.0, ""),
     (REAL_ROOTS_QUESTION, r"\boxed{1, 2, 3}", "1, 2, 3, i, -i, 1+i, 1-i", 1.0, ""),
@@ -171,7 +179,10 @@ CASES = [
     ("", r"\boxed{2^{3^{20}}}", "5", 0.0, "too large to evaluate"),
     ("", r"\boxed{10^{10^{10}}}", "5", 0.0, "too large to evaluate"),
     ("", r"\boxed{(10^{6})!}", "5", 0.0, "too large to evaluate"),
+    ("", r"\boxed{1001!}", "5", 0.0, "too large to evaluate"),
     ("", r"\boxed{(3!)!}", "720", 1.0, ""),
+    ("", r"\boxed{1^{100000}}", "1", 1.0, ""),
+    ("", r"\boxed{(-1)^{20001}}", "-1", 1.0, ""),
     ("", r"\boxed{2^{10}}", "1024", 1.0, ""),
     ("", r"\boxed{(2^{10})^{3}}", "1073741824", 1.0, ""),
     ("", r"\boxed{0.5^{9999}}", "2^{-9999}", 1.0, ""),
@@ -262,6 +273,7 @@ def test_find_final_answer_names_the_extractor():
     assert find_final_answer(r"x \boxed{5}") == ("boxed", "5")
     assert find_final_answer("<answer>7</answer>") == ("answer_tag", "7")
     assert find_final_answer("work\n#### 72") == ("hashes", "72")
+    assert find_final_answer("#### 5\nOn second thought:\n#### 6") == ("hashes", "6")
     assert find_final_answer("it was 3 then 4") == ("last_number", "4")
     assert find_final_answer("nothing") is None
     assert [name for name, _ in ANSWER_EXTRACTORS] == ["boxed", "answer_tag", "answer_phrase", "hashes", "last_number"]
@@ -279,6 +291,8 @@ def test_find_final_answer_names_the_extractor():
         ("", r"so $\gcd(12,18)$", "6", None, 0.0),
         ("", "the result is 1e3", "1", "1e3", 0.0),
         ("", "the result is 1e3", "1000", "1e3", 1.0),
+        ("", "So the temperature drops to -3", "-3", "-3", 1.0),
+        ("", "So each of the 4 friends gets 1,000/4", "250", "1000/4", 1.0),
         # the value on the number's side of the statement, its words, spacing and end marks left out
         ("", r"Therefore $x = \frac{1}{2}$", "1/2", r"\frac{1}{2}", 1.0),
         ("", r"$x = \frac{\sqrt{3}}{2}$", r"\frac{\sqrt3}{2}", r"\frac{\sqrt{3}}{2}", 1.0),
@@ -371,6 +385,9 @@ def test_filler_words_and_approximately_signs_are_not_part_of_the_answer(complet
         ("求方程的实根", QuestionHints(roots="real")),
         (COMPLEX_ROOTS_QUESTION, QuestionHints(roots="complex")),
         ("Find the real and complex roots.", QuestionHints(roots="complex")),
+        ("Find all complex roots, where x is a real number.", QuestionHints(roots="complex")),
+        ("Give the percentage of students who passed.", QuestionHints(percent=True)),
+        ("What is 1000/3 to the nearest integer?", QuestionHints(rounding=True)),
         (ROUNDING_QUESTION, QuestionHints(rounding=True)),
         ("Approximately how far is it, to the nearest mile?", QuestionHints(rounding=True)),
         ("", QuestionHints()),
@@ -413,6 +430,21 @@ def test_canonical_answer(answer, percent, expected):
 # --------------------------------------------------------------------------------------------
 # options and bounded time
 # --------------------------------------------------------------------------------------------
+
+
+def test_tolerances_are_relative_to_the_larger_value_and_absolute():
+    assert math_equal("1.1", "1.0", tolerance=0.095)
+    assert math_equal("1.0", "1.1", tolerance=0.095)
+    assert not math_equal("1.1", "1.0", tolerance=0.09)
+    assert math_equal("0.001", "0.0015", abs_tolerance=0.001)
+    assert not math_equal("0.001", "0.0015")
+
+
+def test_normalize_answer_strips_one_enclosing_block_and_a_final_period():
+    assert normalize_answer(" $5$. ") == "5"
+    assert normalize_answer("**x = 5.**") == "x = 5"
+    assert normalize_answer(r"$\$12$") == r"\$12"
+    assert normalize_answer("$a$ and $b$") == "$a$ and $b$"
 
 
 def test_approximation_digits_option():
@@ -570,8 +602,13 @@ def test_one_judgement_shares_one_timeout_across_references(monkeypatch):
         (r"\boxed{1} and \boxed{2", "1"),  # an unclosed last box falls back to the previous one
         (r"\boxed{a} \boxed{\frac{1}{2}} \boxed{", r"\frac{1}{2}"),
         (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces are content
+        (r"\boxed{f(x) = \left\{ x, x > 0 \right.}", r"f(x) = \left\{ x, x > 0 \right."),
+        (r"\boxed{1}\boxed{2}", "2"),
         (r"\boxed 5 then \fbox{6}", "6"),
         (r"\fbox{6} then \boxed 5$", "5"),
+        (r"so \boxed5.", "5."),  # no brace: LaTeX boxes the next token, with or without a space
+        (r"so \boxed\pi", r"\pi"),
+        (r"so \boxed-3 and \boxed: none", "-3"),
         (r"} \boxed{7} }", "7"),
         ("no box", None),
     ],
@@ -636,6 +673,9 @@ def test_a_tolerance_raised_by_the_caller_applies_to_exact_values():
         ("", "333.3", r"\frac{1000}{3}", True),  # a decimal still approximates
         ("", "3.14", r"\pi", True),
         ("", "1011.5", r"\frac{2023}{2}", True),
+        ("", "3.142", r"\frac{3143}{1000}", False),
+        ("Round each root to one decimal place.", "3.15, 9", "3.1, 3.2", False),
+        ("Round each root to one decimal place.", "3.15, 9", "9, 3.2", True),
         ("Round to the nearest integer.", "1012", r"\frac{2023}{2}", True),
         ("Round to the nearest integer.", "1011", r"\frac{2023}{2}", True),
         ("Round to the nearest integer.", "333", r"\frac{1000}{3}", True),
@@ -806,3 +846,10 @@ def test_reward_result_reasons_default_and_length_check():
     assert result.reasons == [None, None]
     with pytest.raises(ValueError, match="reasons"):
         RewardResult(scores=scores, rewards=scores, correct=scores > 0.5, reasons=["only one"])
+
+
+def test_answers_longer_than_max_chars_only_get_the_string_check():
+    verdict = get_reward("math", max_chars=5)("", r"\boxed{1+1+1+1}", "4")
+    assert verdict == 0.0 and "longer than max_chars=5" in verdict.reason
+    assert get_reward("math", max_chars=5)("", r"\boxed{1+1+1+1}", "1+1+1+1") == 1.0
+    assert get_reward("math")("", r"\boxed{1+1+1+1}", "4") == 1.0

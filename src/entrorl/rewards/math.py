@@ -168,7 +168,8 @@ def _closing_braces(text: str) -> dict[int, int]:
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last complete top-level ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces and boxes kept),
-    or of ``\\boxed 5``; None when there is none (an unclosed last box falls back to the previous one).
+    or of ``\\boxed 5`` / ``\\boxed5`` / ``\\boxed\\pi`` (LaTeX boxes the next token when no brace follows); None
+    when there is none (an unclosed last box falls back to the previous one).
 
     Time linear in ``len(text)``: the braces are matched once for the whole text."""
     closing: dict[int, int] | None = None
@@ -185,7 +186,7 @@ def extract_boxed(text: str) -> str | None:
             end = closing.get(j)
             if end is not None:
                 found, covered_until = text[j + 1 : end], end + 1
-        elif j > m.end():  # "\boxed 5": the next token
+        elif j > m.end() or (j < len(text) and (text[j].isdigit() or text[j] in "-\\")):  # \boxed 5, \boxed5, \boxed\pi
             token = _BARE_BOX_TOKEN_RE.match(text, j)
             if token:
                 found, covered_until = token.group(0), token.end()
