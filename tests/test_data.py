@@ -660,6 +660,55 @@ def test_stream_bad_arguments():
         PromptStream(make_records(2)).next_batch(-1)
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: PromptStream(make_records(2), seed=True),
+        lambda: PromptStream(make_records(2), seed=1.5),
+        lambda: PromptStream(make_records(2)).next_batch(True),
+        lambda: PromptStream(make_records(2)).next_batch(2.0),
+        lambda: PromptStream(make_records(2)).epoch_order(-1),
+        lambda: PromptStream(make_records(2)).epoch_order(True),
+    ],
+)
+def test_stream_refuses_booleans_fractions_and_negatives_where_counts_are_due(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_stream_shuffle_must_be_a_boolean():
+    with pytest.raises(TypeError, match="shuffle"):
+        PromptStream(make_records(2), shuffle=1)
+
+
+def test_stream_length_is_one_epoch():
+    s = PromptStream(make_records(9), seed=0)
+    assert len(s) == 9 == len(s.records)
+    s.next_batch(len(s))
+    assert s.epoch == 1 and s.position == 0
+
+
+def test_stream_epoch_order_is_a_fresh_array_the_caller_may_change():
+    s = PromptStream(make_records(6), seed=4)
+    expect = np.random.default_rng((4, 0)).permutation(6).tolist()
+    order = s.epoch_order(0)
+    order[:] = 0
+    assert indices(s.next_batch(6)) == expect and s.epoch_order(0).tolist() == expect
+
+
+def test_stream_refuses_a_state_of_another_shuffle_setting_or_a_negative_epoch():
+    shuffled = PromptStream(make_records(5), seed=1)
+    shuffled.next_batch(2)
+    state = shuffled.state_dict()
+    assert state["shuffle"] is True
+    with pytest.raises(ValueError, match="shuffle"):
+        PromptStream(make_records(5), seed=1, shuffle=False).load_state_dict(state)
+    with pytest.raises(ValueError, match="epoch must be a non-negative integer"):
+        PromptStream(make_records(5), seed=1).load_state_dict({"epoch": -1, "position": 0})
+    with pytest.raises(ValueError, match="position must be a non-negative integer"):
+        PromptStream(make_records(5), seed=1).load_state_dict({"epoch": 0, "position": True})
+
+
 # --------------------------------------------------------------------------------------------------
 # dynamic sampling helpers
 # --------------------------------------------------------------------------------------------------

@@ -361,6 +361,8 @@ def test_overlong_penalty_dapo_values_and_factor():
         {"max_length": 10.5, "cache_length": 2},
         {"max_length": 10, "cache_length": 2, "penalty_factor": -1.0},
         {"max_length": 10, "cache_length": 2, "penalty_factor": float("nan")},
+        {"max_length": 10, "cache_length": 2, "penalty_factor": True},
+        {"max_length": True, "cache_length": 1},
     ],
 )
 def test_overlong_penalty_validation(kwargs):
@@ -371,6 +373,41 @@ def test_overlong_penalty_validation(kwargs):
 def test_overlong_penalty_rejects_negative_length():
     with pytest.raises(ValueError, match="length"):
         overlong_penalty(-1, max_length=10, cache_length=2)
+
+
+def test_overlong_penalty_factor_zero_turns_the_penalty_off():
+    for length in (0, 8, 10, 11, 50):
+        assert overlong_penalty(length, max_length=10, cache_length=4, penalty_factor=0) == 0.0
+    assert overlong_penalties([0, 8, 50], max_length=10, cache_length=4, penalty_factor=0.0).tolist() == [0.0, 0.0, 0.0]
+    runner = RewardRunner(_fragile_reward, overlong={"max_length": 10, "cache_length": 4, "penalty_factor": 0})
+    assert runner(["p"], ["a"], ["a"], None, [50]).rewards.tolist() == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "match"),
+    [
+        ([1.0, 2.0], "integers"),
+        (torch.tensor([True, False]), "integers"),
+        ([[1, 2], [3, 4]], "1-d"),
+        ([3, -1], ">= 0"),
+    ],
+)
+def test_overlong_penalties_refuse_what_is_not_a_list_of_token_counts(lengths, match):
+    with pytest.raises(ValueError, match=match):
+        overlong_penalties(lengths, max_length=10, cache_length=4)
+
+
+@pytest.mark.parametrize(
+    ("overlong", "match"),
+    [
+        ({"max_length": 10}, "missing"),
+        ({"cache_length": 2}, "missing"),
+        ([("max_length", 10), ("cache_length", 2)], "mapping"),
+    ],
+)
+def test_runner_refuses_an_overlong_config_without_its_lengths_or_not_a_mapping(overlong, match):
+    with pytest.raises(ValueError, match=match):
+        RewardRunner(_fragile_reward, overlong=overlong)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +459,32 @@ def test_a_failing_reward_is_logged_in_one_line_and_its_traceback_kept_in_first_
     assert traceback_text.startswith("Traceback") and "_fragile_reward" in traceback_text
 
 
+def test_a_runner_warns_once_however_many_batches_fail(caplog):
+    runner = RewardRunner(_fragile_reward)
+    with caplog.at_level("WARNING", logger="entrorl.rewards.base"):
+        for _ in range(3):
+            assert runner(["p"], ["boom"], ["a"], [{}], [1]).errors == 1
+    assert len(caplog.records) == 1
+
+
+def test_the_first_line_of_first_error_holds_a_multi_line_message_whole():
+    def reward(prompt, completion, answer, **meta):
+        raise ValueError("bad answer\n  expected 4\n  got 5")
+
+    res = RewardRunner(reward)(["p"], ["c"], ["a"], [{}], [1])
+    headline, _, traceback_text = res.first_error.partition("\n")
+    assert headline == "reward raised for sample 0: ValueError: bad answer expected 4 got 5"
+    assert rewards_base.error_headline(res.first_error) == headline and traceback_text.startswith("Traceback")
+
+
+def test_a_failed_sample_still_takes_its_overlong_penalty():
+    runner = RewardRunner(_fragile_reward, overlong={"max_length": 10, "cache_length": 4})
+    res = runner(["p"] * 3, ["boom", "nan", "a"], ["a"] * 3, [{}] * 3, [9, 12, 9])
+    assert res.failed.tolist() == [True, True, False] and res.scores.tolist() == [0.0, 0.0, 1.0]
+    assert res.penalties.tolist() == [-0.75, -1.0, -0.75]
+    assert res.rewards.tolist() == [-0.75, -1.0, 0.25]
+
+
 def test_reward_results_concatenate_and_select_samples():
     runner = RewardRunner(_fragile_reward, overlong={"max_length": 11, "cache_length": 4})
     first = runner(["p"] * 2, ["a", "b"], ["a"] * 2, [{}] * 2, [1, 12])
@@ -434,6 +497,22 @@ def test_reward_results_concatenate_and_select_samples():
     assert kept.rewards.tolist() == [-1.0, 1.0] and kept.errors == 0 and kept.first_error is None
     assert kept.penalties.tolist() == [-1.0, 0.0] and kept.reasons == [both.reasons[1], both.reasons[3]]
     assert both.select(torch.tensor([4])).errors == 1 and both.select([4]).first_error == second.first_error
+    assert len(both) == 5 and len(kept) == 2
+
+
+def test_concatenated_results_keep_the_first_failing_part_s_first_error():
+    runner = RewardRunner(_fragile_reward)
+    first = runner(["p"] * 2, ["a", "boom"], ["a"] * 2, [{}] * 2, [1, 1])
+    second = runner(["p"] * 2, ["nan", "boom"], ["a"] * 2, [{}] * 2, [1, 1])
+    assert first.first_error != second.first_error
+    both = RewardResult.concat([first, second])
+    assert both.first_error == first.first_error and both.errors == 3
+
+
+def test_a_result_refuses_reasons_of_another_length():
+    with pytest.raises(ValueError, match="2 reasons for 3 scores"):
+        RewardResult(scores=torch.zeros(3), rewards=torch.zeros(3), correct=torch.zeros(3, dtype=torch.bool),
+                     reasons=[None, None])
 
 
 def test_extra_rewards_add_to_the_training_reward_only():
@@ -449,6 +528,27 @@ def test_extra_rewards_add_to_the_training_reward_only():
     assert both.metrics()["reward/extra/length_mean"] == pytest.approx(2.0)
     assert both.select([2]).extras["length"].tolist() == [3.0]
     assert RewardResult.concat([both, both]).extras["length"].tolist() == [1.0, 2.0, 3.0] * 2
+
+
+def test_a_sample_failing_in_the_main_and_an_extra_reward_is_one_failure_told_by_the_main_one():
+    main = RewardRunner(_fragile_reward)(["p"] * 3, ["boom", "a", "b"], ["a"] * 3, [{}] * 3)
+    extra = RewardRunner(_fragile_reward)(["p"] * 3, ["nan", "boom", "a"], ["a"] * 3, [{}] * 3)
+    both = main.with_extra("fragile", 1.0, extra)
+    assert both.errors == 2 and both.failed.tolist() == [True, True, False]
+    assert both.reasons[0] == main.reasons[0] and both.reasons[1] == extra.reasons[1]
+    assert both.first_error == main.first_error != extra.first_error
+
+
+def test_extra_rewards_add_their_weighted_scores_and_keep_each_name():
+    main = RewardRunner(_fragile_reward)(["p"] * 2, ["a", "b"], ["a"] * 2, [{}] * 2)
+    overlong = {"max_length": 10, "cache_length": 4}
+    length = RewardRunner(lambda prompt, completion, answer, **meta: float(len(completion)), overlong=overlong)(
+        ["p"] * 2, ["a", "bb"], ["a"] * 2, [{}] * 2, [20, 20])
+    unit = RewardRunner(lambda prompt, completion, answer, **meta: 1.0)(["p"] * 2, ["a", "b"], ["a"] * 2, [{}] * 2)
+    both = main.with_extra("length", 0.5, length).with_extra("unit", 2.0, unit)
+    assert both.rewards.tolist() == [1.0 + 0.5 + 2.0, 0.0 + 1.0 + 2.0]  # the extra's scores, not its penalties
+    assert set(both.extras) == {"length", "unit"} and both.extras["length"].tolist() == [1.0, 2.0]
+    assert set(both.metrics()) >= {"reward/extra/length_mean", "reward/extra/unit_mean"}
 
 
 def test_check_arguments_refuses_meta_a_reward_cannot_take():
@@ -467,6 +567,19 @@ def test_check_arguments_refuses_meta_a_reward_cannot_take():
     with pytest.raises(ValueError, match=r"\['prompt'\].*multiple values"):
         RewardRunner(keyword_prompt).check_arguments([{"prompt": "a column named prompt"}])
     RewardRunner(positional_only).check_arguments([{"prompt": "x", "answer": "y", "level": 2}])
+
+
+def test_check_arguments_leaves_rewards_that_score_whole_batches_alone():
+    class Batched:
+        def __call__(self, prompt, completion, answer):
+            return 0.0
+
+        def score_batch(self, prompts, completions, answers, metas):
+            return [0.0] * len(completions)
+
+    runner = RewardRunner(Batched())
+    runner.check_arguments([{"level": 1}])
+    assert runner(["p"], ["c"], ["a"], [{"level": 1}]).errors == 0
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "none", "str"])
@@ -522,9 +635,34 @@ def test_runner_input_validation_and_empty_batch():
         RewardRunner(_fragile_reward, overlong={"max_length": 10, "cache_len": 2})
     with pytest.raises(ValueError, match="cache_length"):
         RewardRunner(_fragile_reward, overlong={"max_length": 10, "cache_length": 20})
+    with pytest.raises(ValueError, match="different lengths"):
+        RewardRunner(_fragile_reward)(["p", "p"], ["a", "b"], ["a", "b"], [{}, {}], [1])
     res = RewardRunner(_fragile_reward)([], [], [], [], [])
     assert res.scores.shape == (0,) and res.errors == 0 and res.first_error is None
     assert res.metrics()["reward/mean"] == 0.0
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), "0.5"])
+def test_runner_refuses_a_threshold_that_is_not_a_finite_number(threshold):
+    with pytest.raises(ValueError, match="correct_threshold"):
+        RewardRunner(_fragile_reward, correct_threshold=threshold)
+
+
+def test_runner_refuses_a_reward_that_is_not_callable():
+    with pytest.raises(TypeError, match="reward callable"):
+        RewardRunner(42)
+
+
+def test_runner_keeps_the_reason_of_a_returned_object_with_a_score():
+    class Verdict:
+        def __init__(self, score, reason):
+            self.score, self.reason = score, reason
+
+    def reward(prompt, completion, answer, **meta):
+        return Verdict(0.75, "close enough") if completion == "x" else Verdict(0.0, None)
+
+    res = RewardRunner(reward)(["p", "p"], ["x", "y"], ["a", "a"])
+    assert res.scores.tolist() == [0.75, 0.0] and res.reasons == ["close enough", None] and res.errors == 0
 
 
 def test_runner_with_builtin_math_and_spec_string():
@@ -554,6 +692,19 @@ def test_available_rewards_lists_builtins():
     names = dict(available_rewards())
     assert {"exact_match", "math", "reasoning_gym"} <= set(names)
     assert all(isinstance(d, str) and d for d in names.values())
+
+
+def test_available_rewards_are_sorted_by_name(registry_sandbox):
+    register_reward("aaa_first_by_name", description="registered last")(lambda p, c, a, **m: 0.0)
+    names = [name for name, _ in available_rewards()]
+    assert names == sorted(names) and names[0] == "aaa_first_by_name"
+
+
+def test_the_package_exports_the_runner_registry_and_shaping():
+    import entrorl.rewards as rewards
+
+    assert set(rewards_base.__all__) | {"overlong_penalty", "overlong_penalties"} <= set(rewards.__all__)
+    assert all(hasattr(rewards, name) for name in rewards.__all__)
 
 
 def test_unknown_name_lists_registered_ones():
@@ -604,6 +755,15 @@ def test_register_reward_function_and_factory(registry_sandbox):
         get_reward("scaled", factor=2)
     with pytest.raises(ValueError, match="invalid reward name"):
         register_reward("a:b", description="")
+
+
+def test_a_factory_that_returns_no_callable_is_refused(registry_sandbox):
+    @register_reward("entrorl_test_broken_factory", description="test factory", factory=True)
+    def broken_factory(*, level: int = 1):
+        return level
+
+    with pytest.raises(ValueError, match="returned a non-callable int"):
+        get_reward("entrorl_test_broken_factory", level=2)
 
 
 _SPEC_MODULE = textwrap.dedent(
@@ -765,6 +925,10 @@ def test_runner_catches_base_exceptions_but_not_interrupts():
             raise _NotAnException("timeout-like failure")
         if completion == "interrupt":
             raise KeyboardInterrupt
+        if completion == "exit":
+            raise SystemExit(3)
+        if completion == "generator exit":
+            raise GeneratorExit
         return 1.0
 
     res = RewardRunner(reward)(["p", "p"], ["base", "ok"], [None, None], [{}, {}], [1, 1])
@@ -772,6 +936,10 @@ def test_runner_catches_base_exceptions_but_not_interrupts():
     assert res.scores.tolist() == [0.0, 1.0]
     with pytest.raises(KeyboardInterrupt):
         RewardRunner(reward)(["p"], ["interrupt"], [None], [{}], [1])
+    with pytest.raises(SystemExit):
+        RewardRunner(reward)(["p"], ["exit"], [None], [{}], [1])
+    with pytest.raises(GeneratorExit):
+        RewardRunner(reward)(["p"], ["generator exit"], [None], [{}], [1])
 
 
 @pytest.mark.parametrize(
@@ -827,6 +995,22 @@ def test_runner_uses_a_batch_method_and_falls_back_to_samples_when_it_fails():
     result = RewardRunner(broken)(["p"] * 3, ["1", "boom", "2"], ["1", "1", "1"])
     assert (broken.batch_calls, broken.sample_calls) == (1, 3)
     assert result.scores.tolist() == [1.0, 0.0, 0.0] and result.errors == 1 and "bad sample" in result.reasons[1]
+
+
+def test_runner_scores_sample_by_sample_when_a_batch_method_returns_too_few_values():
+    class Short:
+        sample_calls = 0
+
+        def __call__(self, prompt, completion, answer, **meta):
+            self.sample_calls += 1
+            return float(completion == answer)
+
+        def score_batch(self, prompts, completions, answers, metas):
+            return [1.0] * (len(completions) - 1)
+
+    short = Short()
+    result = RewardRunner(short)(["p"] * 3, ["1", "2", "1"], ["1", "1", "1"])
+    assert short.sample_calls == 3 and result.scores.tolist() == [1.0, 0.0, 1.0] and result.errors == 0
 
 
 def test_overlong_penalties_of_many_lengths_equal_the_penalty_of_each_with_any_factor():

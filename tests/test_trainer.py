@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -180,6 +181,45 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_model_dir, ar
     resumed = run_cli("train", str(config), "--run-dir", str(interrupted), "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert comparable(read_metrics(interrupted)) == comparable(read_metrics(straight))
+
+
+def test_a_signal_that_interrupts_a_write_to_the_terminal_is_still_said_and_obeyed(tmp_path, capfd, monkeypatch):
+    """A signal handler runs between two bytecodes of the main thread, possibly inside a write to stderr, where
+    Python refuses a nested write: the handlers then write to the file descriptor and still stop or exit."""
+    from entrorl.trainer import loop
+
+    class ConsoleInTheMiddleOfAWrite:
+        file = None  # no descriptor of its own: standard error's
+
+        def print(self, *args, **options):
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    received = []
+    restore = loop._catch_stop_signals(received, ConsoleInTheMiddleOfAWrite())
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        assert received == [signal.SIGTERM]
+        with pytest.raises(SystemExit) as stopped:
+            signal.raise_signal(signal.SIGTERM)
+        assert stopped.value.code == 143
+    finally:
+        restore()
+    said = capfd.readouterr().err
+    assert "SIGTERM: finishing the current step, then saving a checkpoint" in said
+    assert "SIGTERM again: stopping now, without waiting" in said
+
+    exits = []
+    monkeypatch.setattr(loop.os, "_exit", exits.append)
+    try:
+        loop._exit_at_once_on_another_signal(ConsoleInTheMiddleOfAWrite(), tmp_path)
+        signal.raise_signal(signal.SIGINT)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert exits == [130]
+    assert f"SIGINT again: exiting now; the checkpoint is saved (continue with --resume --run-dir {tmp_path})" in \
+        capfd.readouterr().err
 
 
 @pytest.mark.slow
@@ -1720,6 +1760,7 @@ def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arith
         # a reward that fails on every sample step after step leaves nothing to train on: the run stops, saying why
         with pytest.raises(TrainingStopped, match=r"the reward raised on every sample of 2 steps in a row .*reward_errors.log"):
             trainer.train_step()
+        assert (tmp_path / "run" / "reward_errors.log").read_text().startswith("step 1, ")  # the first failure stays
     # an extra reward that always fails is counted, but the main reward still tells the samples apart: no stop
     with importable_module(tmp_path, "flaky_extra", failing):
         config = load_config(make_config(tiny_model_dir, train, None, reward={
@@ -1749,26 +1790,53 @@ def test_evaluation_samples_with_its_own_top_k_and_top_p(tmp_path, tiny_model_di
     assert distinct == {"own": 4, "top_k 1": 1, "top_p tiny": 1}
 
 
+# two groups of four a step, resampled up to three rounds until both are informative
+THREE_SAMPLING_ROUNDS = {"prompts_per_step": 2, "group_size": 4, "temperature": 1.0, "dynamic_sampling": True,
+                         "max_sampling_rounds": 3}
+
+
+def call_counting_reward(body: str) -> str:
+    """The source of a module whose ``score(prompt, completion, answer, **meta)`` runs ``body`` with ``calls[0]``
+    the number of the call, from 1 (a reward whose scores or failures depend on the order of the samples)."""
+    return "calls = [0]\ndef score(prompt, completion, answer, **meta):\n    calls[0] += 1\n" + textwrap.indent(body, "    ")
+
+
+@contextlib.contextmanager
+def trainer_sampling_three_rounds(tmp_path, tiny_model_dir, train, name: str, reward_body: str, *, held_out=None,
+                                  run: str = "run", max_new_tokens: int = 4):
+    """A trainer in ``tmp_path / run`` with dynamic sampling over up to three rounds, whose reward (module ``name``)
+    is ``call_counting_reward(reward_body)``, importable while the block runs."""
+    with importable_module(tmp_path, name, call_counting_reward(reward_body)):
+        config = load_config(make_config(tiny_model_dir, train, held_out, reward={"name": f"{name}:score"},
+                                         rollout={**THREE_SAMPLING_ROUNDS, "max_new_tokens": max_new_tokens}))
+        yield Trainer(config, run_dir=tmp_path / run)
+
+
 def test_reward_errors_of_every_sampling_round_and_of_evaluation_are_counted(tmp_path, tiny_model_dir, arithmetic_files):
     """Dynamic sampling: a failure in a resampling round counts in reward/errors and reaches reward_errors.log;
     evaluation's failures count in eval/reward_errors."""
     train, held_out = arithmetic_files
-    late_failures = ("calls = [0]\n"
-                     "def score(prompt, completion, answer, **meta):\n"
-                     "    calls[0] += 1\n"
-                     "    if calls[0] > 8:\n"
-                     "        raise RuntimeError('late failure')\n"
-                     "    return 0.0\n")
-    with importable_module(tmp_path, "late_reward", late_failures):
-        config = load_config(make_config(tiny_model_dir, train, held_out, reward={"name": "late_reward:score"},
-                                         rollout={"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6,
-                                                  "temperature": 1.0, "dynamic_sampling": True, "max_sampling_rounds": 3}))
-        trainer = Trainer(config, run_dir=tmp_path / "run")
+    late_failures = "if calls[0] > 8:\n    raise RuntimeError('late failure')\nreturn 0.0\n"
+    with trainer_sampling_three_rounds(tmp_path, tiny_model_dir, train, "late_reward", late_failures, held_out=held_out,
+                                       max_new_tokens=6) as trainer:
         metrics = trainer.train_step()  # round 1 scores 0 everywhere (uninformative), rounds 2 and 3 fail
         evaluation = trainer.evaluate()
     assert metrics["data/sampling_rounds"] == 3.0 and metrics["reward/errors"] == 16.0
+    assert metrics["reward/error_frac"] == pytest.approx(16 / 24)  # failures of every round, over every row sampled
     assert "late failure" in (tmp_path / "run" / "reward_errors.log").read_text()
     assert evaluation["eval/reward_errors"] == 3 * 2  # eval.max_prompts x eval.n samples, all failing
+
+
+def test_a_reward_failing_on_some_samples_only_does_not_stop_the_run(tmp_path, tiny_model_dir, arithmetic_files):
+    train, _ = arithmetic_files
+    all_but_one = call_counting_reward("if calls[0] > 1:\n"
+                                       "    raise RuntimeError('flaky')\n"
+                                       "return 0.0\n")
+    with importable_module(tmp_path, "all_but_one_failing_reward", all_but_one):
+        config = load_config(make_config(tiny_model_dir, train, None,
+                                         reward={"name": "all_but_one_failing_reward:score", "max_failing_steps": 1}))
+        metrics = Trainer(config, run_dir=tmp_path / "run").train_step()
+    assert metrics["reward/error_frac"] == 7 / 8 and metrics["reward/errors"] == 7
 
 
 def test_dynamic_sampling_keeps_groups_neither_all_right_nor_all_wrong(tmp_path, tiny_model_dir, arithmetic_files):
@@ -1820,6 +1888,34 @@ def test_extra_rewards_join_the_training_reward_with_their_weights(tmp_path, tin
         load_config(make_config(tiny_model_dir, train, None, reward={"name": "math", "extra": twice}))
 
 
+def test_dynamic_sampling_on_rewards_tells_groups_apart_by_their_overlong_penalty(tmp_path, tiny_model_dir,
+                                                                                 arithmetic_files):
+    """With ``dynamic_sampling_metric: reward`` a group is compared on the main reward with its overlong penalty: equal
+    scores of responses of different lengths are different rewards."""
+    from entrorl.rewards import RewardRunner
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "exact_match"},
+                                     rollout={"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 6,
+                                              "dynamic_sampling": True, "dynamic_sampling_metric": "reward"}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    runner = RewardRunner(lambda prompt, completion, answer, **meta: 0.0, overlong={"max_length": 10, "cache_length": 4})
+    result = runner(["p"] * 4, ["x"] * 4, ["a"] * 4, None, [9, 3, 3, 3])
+    assert trainer._informative([result], torch.tensor([0, 0, 1, 1])).tolist() == [True, True, False, False]
+
+
+def test_a_resampling_round_brings_groups_of_its_own(tmp_path, tiny_model_dir, arithmetic_files):
+    """The groups of a later sampling round never join one of an earlier round: the step keeps round 1's informative
+    group and round 2's first, not round 1's uninformative one."""
+    train, _ = arithmetic_files
+    # round 1 (calls 1-8): group 1 is (1, 0, 0, 0), group 2 all 0; round 2: both groups (1, 0, 1, 0)
+    rounds = "if calls[0] <= 8:\n    return 1.0 if calls[0] == 1 else 0.0\nreturn float(calls[0] % 2)\n"
+    with trainer_sampling_three_rounds(tmp_path, tiny_model_dir, train, "two_rounds_reward", rounds) as trainer:
+        scored = trainer.collect()
+    assert scored.rewards.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    assert scored.metrics["data/sampling_rounds"] == 2.0 and len(set(scored.group_ids.tolist())) == 2
+
+
 def test_max_sampling_rounds_counts_the_first_round(tmp_path, tiny_model_dir, arithmetic_files):
     train, _ = arithmetic_files
     config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "exact_match"},
@@ -1835,30 +1931,17 @@ def test_dynamic_sampling_stops_once_the_batch_is_full_and_cuts_an_overshooting_
     informative groups than a step holds is cut to prompts_per_step groups (DAPO fills exactly its batch), and
     reward/error_frac divides the failures by every row sampled in the step."""
     train, _ = arithmetic_files
-    alternating = ("calls = [0]\n"
-                   "def score(prompt, completion, answer, **meta):\n"
-                   "    calls[0] += 1\n"
-                   "    return float(calls[0] % 2)\n")
+    alternating = "return float(calls[0] % 2)\n"
     # round 1 (calls 1-8): group 1 informative (1, 0, 0, 0), group 2 all 0, call 2 raises; round 2: both informative
-    overshooting = ("calls = [0]\n"
-                    "def score(prompt, completion, answer, **meta):\n"
-                    "    calls[0] += 1\n"
-                    "    if calls[0] == 2:\n"
-                    "        raise RuntimeError('boom')\n"
-                    "    if calls[0] <= 8:\n"
-                    "        return 1.0 if calls[0] == 1 else 0.0\n"
-                    "    return float(calls[0] % 2)\n")
-    rollout = {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 4, "temperature": 1.0,
-               "dynamic_sampling": True, "max_sampling_rounds": 3}
-    with importable_module(tmp_path, "alternating_reward", alternating):
-        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "alternating_reward:score"},
-                                         rollout=rollout))
-        full = Trainer(config, run_dir=tmp_path / "full").train_step()
+    overshooting = ("if calls[0] == 2:\n    raise RuntimeError('boom')\n"
+                    "if calls[0] <= 8:\n    return 1.0 if calls[0] == 1 else 0.0\nreturn float(calls[0] % 2)\n")
+    with trainer_sampling_three_rounds(tmp_path, tiny_model_dir, train, "alternating_reward", alternating,
+                                       run="full") as trainer:
+        full = trainer.train_step()
     assert full["data/sampling_rounds"] == 1.0 and full["data/informative_groups"] == 2.0
-    with importable_module(tmp_path, "overshooting_reward", overshooting):
-        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "overshooting_reward:score"},
-                                         rollout=rollout))
-        cut = Trainer(config, run_dir=tmp_path / "cut").train_step()
+    with trainer_sampling_three_rounds(tmp_path, tiny_model_dir, train, "overshooting_reward", overshooting,
+                                       run="cut") as trainer:
+        cut = trainer.train_step()
     assert cut["data/sampling_rounds"] == 2.0
     assert cut["data/informative_groups"] == 2.0  # three informative groups sampled; the step holds two
     assert cut["reward/error_frac"] == pytest.approx(1 / 16)

@@ -1052,6 +1052,21 @@ class Trainer:
         return self.run_dir
 
 
+def _say_in_a_signal_handler(console, message: str) -> None:
+    """``message`` on ``console``, in yellow. A signal handler runs between two bytecodes of the main thread, which may
+    be inside a write to the same stream: Python refuses the nested write ("reentrant call"), so the message then
+    goes straight to the stream's file descriptor, unbuffered and unstyled."""
+    try:
+        console.print(message, style="yellow", highlight=False, soft_wrap=True)
+    except RuntimeError:
+        with contextlib.suppress(Exception):
+            try:
+                descriptor = console.file.fileno()
+            except (AttributeError, OSError, ValueError):
+                descriptor = 2
+            os.write(descriptor, (message + "\n").encode("utf-8", "replace"))
+
+
 def _exit_at_once_on_another_signal(console, run_dir: Path, *, resumable: bool = True) -> None:
     """After an interrupted run's checkpoint is saved (or, stopped before its first step, when there is none to
     save), make SIGINT / SIGTERM end the process at once: what is left (closing the loggers, Python's shutdown) can
@@ -1060,10 +1075,10 @@ def _exit_at_once_on_another_signal(console, run_dir: Path, *, resumable: bool =
             else "no step was trained, so there is nothing to resume")
 
     def exit_now(number, frame) -> None:
-        console.print(f"{signal.Signals(number).name} again: exiting now; {said}", style="yellow", highlight=False,
-                      soft_wrap=True)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _say_in_a_signal_handler(console, f"{signal.Signals(number).name} again: exiting now; {said}")
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a write the signal interrupted refuses a reentrant flush
+                stream.flush()
         os._exit(128 + number)
 
     if threading.current_thread() is threading.main_thread():
@@ -1086,15 +1101,14 @@ def _catch_stop_signals(received: list[int], console):
 
     def handler(number, frame):
         if received:
-            console.print(f"{signal.Signals(number).name} again: stopping now, without waiting for the step under way to "
-                          "be saved (--resume continues from the last complete checkpoint)", style="yellow", highlight=False,
-                          soft_wrap=True)
+            _say_in_a_signal_handler(console, f"{signal.Signals(number).name} again: stopping now, without waiting for "
+                                     "the step under way to be saved (--resume continues from the last complete checkpoint)")
             if number == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + number)
         received.append(number)
-        console.print(f"{signal.Signals(number).name}: finishing the current step, then saving a checkpoint (send it "
-                      "again to stop at once, without one)", style="yellow", highlight=False, soft_wrap=True)
+        _say_in_a_signal_handler(console, f"{signal.Signals(number).name}: finishing the current step, then saving a "
+                                 "checkpoint (send it again to stop at once, without one)")
 
     for number in (signal.SIGINT, signal.SIGTERM):
         previous[number] = signal.signal(number, handler)
