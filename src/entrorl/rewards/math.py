@@ -168,7 +168,7 @@ def _closing_braces(text: str) -> dict[int, int]:
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last complete top-level ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces and boxes kept),
-    or of ``\\boxed 5`` / ``\\boxed5`` / ``\\boxed\\pi`` (LaTeX boxes the next token when no brace follows); None
+    or of ``\\boxed 5`` / ``\\boxed5`` / ``\\boxed\\pi`` (without a brace, what follows up to a space or ``$``); None
     when there is none (an unclosed last box falls back to the previous one).
 
     Time linear in ``len(text)``: the braces are matched once for the whole text."""
