@@ -737,3 +737,18 @@ def test_the_moe_aux_loss_is_scaled_for_accumulation_as_trl_does(tokenizer, tmp_
     trainer.aux_loss_enabled, trainer.router_aux_loss_coef = True, 1.0
     with_aux = _loss_of(trainer, inputs, training=True, accumulation_steps=2, steps_per_generation=2)
     assert with_aux - without == pytest.approx(0.5, rel=1e-5)  # coef * aux / gradient_accumulation_steps, as TRL
+
+
+def test_an_infinite_metric_of_a_micro_batch_is_left_out_of_trl_s_average(tokenizer, tmp_path):
+    """A metric that overflowed on one micro-batch (the largest importance ratio exp(log p - log p_old) of tokens far
+    off-policy) would make TRL's logged mean of it infinite for the whole optimizer step: left out. Finite values go in
+    as they are."""
+    from types import SimpleNamespace
+
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo", diagnostics=False)
+    batch = SimpleNamespace(entropy=torch.tensor([[0.5, 1.5, 9.0]]), mask=torch.tensor([[True, True, False]]))
+    trainer._log_step("train", batch, {"ratio/max": float("inf"), "loss/pg": float("-inf"), "clip/ppo_frac": 0.25},
+                      torch.zeros(1))
+    logged = trainer._metrics["train"]
+    assert logged["clip/ppo_frac"] == [0.25] and logged["entropy"] == [1.0]
+    assert "ratio/max" not in logged and "loss/pg" not in logged
