@@ -2026,13 +2026,15 @@ def test_cli_eval_reports_reward_errors_threshold_and_default_ks(tmp_path, tiny_
     with importable_module(tmp_path, "flaky_reward", "def score(prompt, completion, answer, **meta):\n"
                            "    if prompt.startswith('1'):\n        raise RuntimeError('boom')\n    return 0.7\n"):
         result = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "3", "--max-new-tokens", "3",
-                         "--reward", "flaky_reward:score", "--correct-threshold", "0.75",
-                         env=environment_importing_from(tmp_path))
+                         "--reward", "flaky_reward:score", "--correct-threshold", "0.75", "--samples",
+                         str(tmp_path / "samples.jsonl"), env=environment_importing_from(tmp_path))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     failing = sum(json.loads(line)["prompt"].startswith("1") for line in held_out.read_text().splitlines())
     assert failing and summary["reward_errors"] == 3 * failing
     assert summary["threshold"] == 0.75 and summary["avg_at_n"] == 0.0  # 0.7 < 0.75: nothing is correct
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert {(round(sample["reward"], 6), sample["correct"]) for sample in samples} == {(0.7, False), (0.0, False)}
     assert set(summary["pass_at_k"]) == {"1", "2", "3"}
 
 
