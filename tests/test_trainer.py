@@ -1665,10 +1665,11 @@ def test_latest_pointer_problems_are_named_once(tmp_path, tiny_model_dir, arithm
     edited.write_text("")
     assert latest_checkpoint(run_dir) is None
     edited.write_text(text)
-    # a checkpoint from before files.json: complete with its trainer state, config and weights
+    # a checkpoint from before files.json: complete with its trainer state, config and weights, and nothing to verify
     (root / "step_000001" / "files.json").unlink()
     (root / "step_000001" / "model" / "tokenizer.json").unlink()
     assert latest_checkpoint(run_dir) == root / "step_000001"
+    assert latest_checkpoint(run_dir, verify="all") == root / "step_000001"
     (root / "step_000001" / "model" / "model.safetensors").write_bytes(b"")
     assert latest_checkpoint(run_dir) is None
 

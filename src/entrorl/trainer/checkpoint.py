@@ -415,12 +415,13 @@ def _checkpoint_model(path: Path) -> Path:
 
 def _check_intact(checkpoint: Path) -> None:
     damage = _damage(checkpoint, "model")
-    if damage is not None:
-        earlier = training_run_of(checkpoint)
-        earlier = latest_checkpoint(earlier, before_step=checkpoint_step(checkpoint), verify="model") \
-            if earlier is not None and _CHECKPOINT_NAME.fullmatch(checkpoint.name) else None
-        raise ValueError(f"checkpoint {checkpoint} is damaged: {damage}"
-                         + (f"; the newest intact one before it is {earlier}" if earlier is not None else ""))
+    if damage is None:
+        return
+    run = training_run_of(checkpoint)
+    earlier = (latest_checkpoint(run, before_step=checkpoint_step(checkpoint), verify="model")
+               if run is not None and _CHECKPOINT_NAME.fullmatch(checkpoint.name) else None)
+    raise ValueError(f"checkpoint {checkpoint} is damaged: {damage}"
+                     + (f"; the newest intact one before it is {earlier}" if earlier is not None else ""))
 
 
 def load_model_directory(directory: ModelDirectory, *, dtype: str = "float32", trust_remote_code: bool = False,
@@ -470,14 +471,16 @@ _VERIFIED_PARTS: dict[str, tuple[str, ...]] = {"model": ("model", ADAPTER_DIRECT
 def _damage(checkpoint: Path, verify: Verification) -> str | None:
     """None when every file of the checkpoint's parts that ``verify`` names ("model": ``model/`` and ``adapter/``,
     what a model reader takes; "all": those and ``trainer.pt``, what a resume takes) still has the CRC-32 that
-    ``files.json`` gives it; else which file differs. A checkpoint written without checksums passes, and so does a
-    file missing or of another size than written: :func:`_what_is_missing` and the loaders say so in their words."""
+    ``files.json`` gives it; else which file differs. A checkpoint written without checksums (or without
+    ``files.json``) passes, and so does a file missing or of another size than written: :func:`_what_is_missing` and
+    the loaders say so in their words."""
     try:
-        listing = json.loads((checkpoint / _FILE_LIST).read_text(encoding="utf-8"))
-        sizes = {str(name): int(size) for name, size in listing["files"].items()}
-        checksums = {str(name): str(value) for name, value in listing.get(_CHECKSUMS, {}).items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return f"{_FILE_LIST} cannot be read"
+        listed = _read_file_list(checkpoint)
+    except ValueError as error:
+        return str(error)
+    if listed is None:
+        return None
+    sizes, checksums = listed
     parts = _VERIFIED_PARTS[verify]
     for name, written in checksums.items():
         if name.split("/", 1)[0] not in parts:
@@ -493,19 +496,33 @@ def _damage(checkpoint: Path, verify: Verification) -> str | None:
     return None
 
 
+def _read_file_list(checkpoint: Path) -> tuple[dict[str, int], dict[str, str]] | None:
+    """The sizes and CRC-32s that ``checkpoint/files.json`` lists (no CRC-32s when it was written before them); None
+    when the checkpoint has no ``files.json``; ``ValueError`` when it cannot be read."""
+    listing = checkpoint / _FILE_LIST
+    if not listing.exists():
+        return None
+    try:
+        written = json.loads(listing.read_text(encoding="utf-8"))
+        sizes = {str(name): int(size) for name, size in written["files"].items()}
+        checksums = {str(name): str(value) for name, value in written.get(_CHECKSUMS, {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{_FILE_LIST} cannot be read") from None
+    return sizes, checksums
+
+
 def _what_is_missing(checkpoint: Path) -> str | None:
     """None when ``checkpoint`` holds everything a resume reads; else what is wrong, e.g. "model/tokenizer.json is
     missing". With a ``files.json``: every file it lists, at its size (a JSON or text file may have been edited, and
     only has to be there and not empty). Without one (written before checkpoints had it): the trainer state, the
     model's config and weights, none of them empty, and the adapters' files when it has adapters (whose checkpoints
     may leave the weights out)."""
-    listing = checkpoint / _FILE_LIST
-    if listing.exists():
-        try:
-            sizes = json.loads(listing.read_text(encoding="utf-8"))["files"]
-            sizes = {str(name): int(size) for name, size in sizes.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return f"{_FILE_LIST} cannot be read"
+    try:
+        listed = _read_file_list(checkpoint)
+    except ValueError as error:
+        return str(error)
+    if listed is not None:
+        sizes, _ = listed
         for name, size in sizes.items():
             try:
                 found = (checkpoint / name).stat().st_size
