@@ -2022,14 +2022,20 @@ def test_cli_eval_writes_every_sample_it_scored(tmp_path, tiny_model_dir, arithm
 
 def test_cli_eval_reports_reward_errors_threshold_and_default_ks(tmp_path, tiny_model_dir, arithmetic_files):
     """The JSON summary says how many samples the reward failed on and which threshold made a sample correct; without
-    --k, the ks are the powers of two up to --n and n (the old fixed 1,4,16 refused --n 8)."""
+    --k, the ks are the powers of two up to --n and n (the old fixed 1,4,16 refused --n 8). Without --out, the first
+    traceback goes to a new file in the temporary directory, named on the terminal."""
     _, held_out = arithmetic_files
+    temporary = tmp_path / "temporary"
+    temporary.mkdir()
     with importable_module(tmp_path, "flaky_reward", "def score(prompt, completion, answer, **meta):\n"
                            "    if prompt.startswith('1'):\n        raise RuntimeError('boom')\n    return 0.7\n"):
         result = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "3", "--max-new-tokens", "3",
                          "--reward", "flaky_reward:score", "--correct-threshold", "0.75", "--samples",
-                         str(tmp_path / "samples.jsonl"), env=environment_importing_from(tmp_path))
+                         str(tmp_path / "samples.jsonl"), env={**environment_importing_from(tmp_path), "TMPDIR": str(temporary)})
     assert result.returncode == 0, result.stderr
+    [log] = temporary.glob("entrorl-reward-errors-*.log")
+    assert f"its traceback is in {log}" in " ".join(result.stderr.split())
+    assert "RuntimeError: boom" in log.read_text() and "Traceback (most recent call last)" in log.read_text()
     summary = json.loads(result.stdout)
     failing = sum(json.loads(line)["prompt"].startswith("1") for line in held_out.read_text().splitlines())
     assert failing and summary["reward_errors"] == 3 * failing
