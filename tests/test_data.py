@@ -180,6 +180,90 @@ def test_directory_that_is_not_a_dataset(tmp_path):
         load_prompts(d)
 
 
+def test_csv_and_json_with_a_byte_order_mark(tmp_path):
+    """A UTF-8 byte order mark at the start of a CSV or JSON file is not part of the first column name or value."""
+    c = tmp_path / "bom.csv"
+    c.write_bytes(b"\xef\xbb\xbfprompt,answer\na,1\n")
+    assert [(r.prompt, r.answer, r.source) for r in load_prompts(c)] == [("a", "1", f"{c}:2")]
+    j = tmp_path / "bom.json"
+    j.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"prompt": "a", "answer": "1"}]).encode())
+    assert [(r.prompt, r.answer) for r in load_prompts(j)] == [("a", "1")]
+
+
+def test_parquet_decimal_answers_and_typed_meta_columns(tmp_path):
+    """A decimal answer is a number (kept as its string); dates and times in meta become ISO strings, decimals
+    strings, and a map column a list of [key, value] pairs."""
+    import datetime
+    import decimal
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    p = tmp_path / "typed.parquet"
+    pq.write_table(pa.table({
+        "prompt": ["a"],
+        "answer": pa.array([decimal.Decimal("1.50")], pa.decimal128(5, 2)),
+        "when": [datetime.datetime(2024, 1, 2, 3, 4, 5)],
+        "day": [datetime.date(2024, 1, 2)],
+        "price": pa.array([decimal.Decimal("0.10")], pa.decimal128(5, 2)),
+        "counts": pa.array([[("k", 1), ("j", 2)]], pa.map_(pa.string(), pa.int64())),
+    }), p)
+    (rec,) = load_prompts(p)
+    assert rec.answer == "1.50"
+    assert rec.meta == {"when": "2024-01-02T03:04:05", "day": "2024-01-02", "price": "0.10",
+                        "counts": [["k", 1], ["j", 2]]}
+    json.dumps(rec.meta)  # every value is JSON-able
+
+
+def test_arrow_and_parquet_files_with_a_repeated_column_name(tmp_path):
+    """Two columns of the same name are refused by name, before any row is read, in an Arrow file and in a Parquet
+    one (where pyarrow's own reader fails with a message about field references)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["1"]), pa.array(["b"])], names=["prompt", "answer", "prompt"])
+    p = tmp_path / "dup.arrow"
+    with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, table.schema) as out:
+        out.write_table(table)
+    with pytest.raises(DataError, match=r"dup\.arrow \(schema\): repeated column name\(s\) 'prompt'"):
+        load_prompts(p)
+    q = tmp_path / "dup.parquet"
+    pq.write_table(table, q)
+    with pytest.raises(DataError, match=r"dup\.parquet \(schema\): repeated column name\(s\) 'prompt'; expected unique"):
+        load_prompts(q)
+
+
+def test_saved_dataset_without_the_prompt_column_names_the_columns(tmp_path):
+    """A saved data set is checked column by column before its rows, as a Parquet file is: the error is the
+    schema's, naming the missing column and the columns there are."""
+    datasets = pytest.importorskip("datasets")
+    d = tmp_path / "saved"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(d))
+    with pytest.raises(DataError, match=r"saved \(schema\): no prompt column 'prompt'.*'question'"):
+        load_prompts(d, answer_column="solution")
+    with pytest.raises(DataError, match=r"saved \(schema\): meta column\(s\) 'lvl' not found"):
+        load_prompts(d, meta_columns=["lvl"], **COLS)
+
+
+def test_saved_dataset_without_rows_is_an_empty_data_set(tmp_path):
+    """A saved data set with no rows (which datasets.load_from_disk cannot read: no data file) is refused as an empty
+    data set, like an empty file of any other format; so is a DatasetDict whose 'train' split has none. Another split
+    without rows is named, and the 'train' split's own directory still loads."""
+    datasets = pytest.importorskip("datasets")
+    d = tmp_path / "empty"
+    datasets.Dataset.from_list(ROWS).select([]).save_to_disk(str(d))
+    with pytest.raises(DataError, match=r"empty: empty data set \(no records\)"):
+        load_prompts(d, **COLS)
+    splits = tmp_path / "splits"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS).select([])}).save_to_disk(str(splits))
+    with pytest.raises(DataError, match=r"empty data set \(no records\)"):
+        load_prompts(splits, **COLS)
+    mixed = tmp_path / "mixed"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
+                          "test": datasets.Dataset.from_list(ROWS).select([])}).save_to_disk(str(mixed))
+    with pytest.raises(DataError, match=r"mixed: a saved DatasetDict with a split saved without rows"):
+        load_prompts(mixed, **COLS)
+    assert len(load_prompts(mixed / "train", **COLS)) == len(ROWS)
+
+
 def test_meta_columns_selection(tmp_path):
     p = tmp_path / "m.jsonl"
     write_lines(p, [json.dumps(r) for r in ROWS])
@@ -317,11 +401,13 @@ def test_non_string_prompt(tmp_path):
         load_prompts(p)
 
 
+@pytest.mark.parametrize("column", ["prompt", "answer"])
 @pytest.mark.parametrize("value,kind", [("true", "a boolean"), ("[1, 2]", "an array"), ('{"a": 1}', "an object")])
-def test_bad_answer_types(tmp_path, value, kind):
+def test_a_prompt_or_answer_of_another_json_type_is_named_by_its_type(tmp_path, column, value, kind):
     p = tmp_path / "file.jsonl"
-    write_lines(p, [f'{{"prompt": "a", "answer": {value}}}'])
-    with pytest.raises(DataError, match=rf"file\.jsonl:1: answer column 'answer' holds {kind}"):
+    fields = {"prompt": '"a"', "answer": '"1"', column: value}
+    write_lines(p, [f'{{"prompt": {fields["prompt"]}, "answer": {fields["answer"]}}}'])
+    with pytest.raises(DataError, match=rf"file\.jsonl:1: {column} column '{column}' holds {kind}[ ;]"):
         load_prompts(p)
 
 
@@ -480,6 +566,44 @@ def test_csv_blank_lines_are_skipped_and_lines_still_counted(tmp_path):
         load_prompts(p)
 
 
+@pytest.mark.parametrize("text", ["prompt,answer,level\na,1,2\nb,2\n", 'prompt,answer,"two\nlines"\na,1\n'])
+def test_csv_record_with_fewer_fields_than_the_header(tmp_path, text):
+    """A short record is refused like a long one, naming its line and the line where the header starts (a quoted
+    header name may span lines)."""
+    p = tmp_path / "short.csv"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=r"short\.csv:3: 2 field\(s\); expected 3 as in the header on line 1"):
+        load_prompts(p)
+
+
+def test_a_bad_row_error_carries_its_file_and_location(tmp_path):
+    """``DataError.path`` and ``.location`` tell programs what the message tells people, for a line and for a row."""
+    p = tmp_path / "rows.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": "1"}', '{"prompt": "", "answer": "2"}'])
+    with pytest.raises(DataError) as e:
+        load_prompts(p)
+    assert (e.value.path, e.value.location) == (str(p), f"{p}:2")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    q = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "answer": ["1", "  "]}), q)
+    with pytest.raises(DataError) as e:
+        load_prompts(q)
+    assert (e.value.path, e.value.location) == (str(q), f"{q}[1]")
+
+
+def test_a_long_prompt_in_a_csv_file_loads_as_in_jsonl(tmp_path):
+    """A well-formed CSV record whose prompt is longer than the csv module's default field limit (131072 characters)
+    is read like any other, and the limit is left as it was."""
+    import csv
+
+    p = tmp_path / "long.csv"
+    p.write_text("prompt,answer\n" + "x" * 200_000 + ",2\n", encoding="utf-8")
+    limit = csv.field_size_limit()
+    assert [len(r.prompt) for r in load_prompts(p)] == [200_000]
+    assert csv.field_size_limit() == limit
+
+
 def test_invalid_utf8(tmp_path):
     p = tmp_path / "enc.jsonl"
     p.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff", "answer": "1"}\n')
@@ -519,6 +643,18 @@ def test_meta_columns_arguments_are_checked(tmp_path):
         load_prompts(p, meta_columns=["level", "level"], **COLS)
     with pytest.raises(ValueError, match="'question' is also the prompt or answer column"):
         load_prompts(p, meta_columns=["question"], **COLS)
+
+
+def test_column_names_must_be_non_empty_and_require_answer_a_boolean(tmp_path):
+    p = tmp_path / "ok.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": "1"}'])
+    with pytest.raises(TypeError, match="prompt_column must be a non-empty string"):
+        load_prompts(p, prompt_column="")
+    with pytest.raises(TypeError, match="answer_column must be a non-empty string"):
+        load_prompts(p, answer_column="")
+    for value in ("no", 0, None):
+        with pytest.raises(TypeError, match="require_answer must be True or False"):
+            load_prompts(p, require_answer=value)
 
 
 def test_loading_does_not_import_trainer_or_lab():
@@ -950,6 +1086,25 @@ def test_write_jsonl_meta_collision(tmp_path):
     with pytest.raises(TypeError, match="PromptRecord"):
         write_jsonl([{"prompt": "q"}], tmp_path / "o.jsonl")
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_write_jsonl_refuses_a_meta_field_named_like_the_prompt_column(tmp_path):
+    """A meta field would overwrite the prompt in the written object; it is refused, naming the prompt column."""
+    with pytest.raises(ValueError, match=r"meta field 'prompt' that collides with the prompt column"):
+        write_jsonl([PromptRecord("q", "a", {"prompt": "other"}, "m")], tmp_path / "o.jsonl")
+    with pytest.raises(ValueError, match=r"meta field 'question' that collides with the prompt column"):
+        write_jsonl([PromptRecord("q", "a", {"question": "other"}, "m")], tmp_path / "o.jsonl", **COLS)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_write_jsonl_over_an_existing_file_keeps_its_permissions(tmp_path):
+    """Replacing a file (a new file under the hood) leaves its permission bits as they were."""
+    target = tmp_path / "out.jsonl"
+    target.write_text("old\n", encoding="utf-8")
+    os.chmod(target, 0o600)
+    write_jsonl(make_records(1), target)
+    assert (target.stat().st_mode & 0o777) == 0o600 and len(load_prompts(target)) == 1
 
 
 def test_write_then_stream_then_filter_pipeline(tmp_path):

@@ -303,6 +303,14 @@ def test_csv_copy_keeps_line_breaks_inside_quoted_fields_byte_for_byte(tmp_path)
     assert [record.prompt for record in load_prompts(out)] == ["line one\r\nline two", "a\rb"]
 
 
+def test_csv_copy_keeps_a_prompt_longer_than_the_csv_modules_default_field_limit(tmp_path):
+    """A prompt of 200 000 characters (the csv module refuses fields over 131 072 by default) is copied whole."""
+    data = tmp_path / "long.csv"
+    data.write_text("prompt,answer\n" + "x" * 200_000 + ",1\nshort,2\n", encoding="utf-8")
+    out = write_selected_rows(data, load_prompts(data), [True, False], tmp_path / "kept.csv")
+    assert [len(record.prompt) for record in load_prompts(out)] == [200_000]
+
+
 def test_json_csv_and_parquet_rows_keep_every_column(tmp_path):
     rows = [{"question": "q0", "solution": "1", "level": 1}, {"question": "q1,\n\"two\"", "solution": "2", "level": 2},
             {"question": "q2", "solution": "3", "level": 3}]

@@ -84,6 +84,19 @@ def test_greedy_is_argmax(policy):
     assert rollouts.response_ids[0, 0] == expected
 
 
+def test_greedy_log_probs_are_those_of_the_temperature_one_distribution(policy):
+    """At temperature 0 each kept log-prob is the chosen token's under the model's plain (temperature 1) softmax."""
+    model, tokenizer = policy
+    sampler = HFSampler.for_model(model, tokenizer)
+    rollouts = sampler.generate(_prompts(tokenizer), SamplingParams(max_new_tokens=6, temperature=0.0))
+    with torch.no_grad():
+        stats = response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
+                                     rollouts.response_mask, temperature=1.0)
+    mask = rollouts.response_mask
+    assert bool((rollouts.sampler_log_probs[mask] < -1e-3).any())  # not all near-certain tokens
+    torch.testing.assert_close(rollouts.sampler_log_probs[mask], stats.logprob[mask], atol=2e-5, rtol=1e-5)
+
+
 def test_process_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
     top_k = process_logits(logits, SamplingParams(top_k=2))
@@ -151,6 +164,23 @@ def test_sampling_params_validation():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+
+
+def test_sampling_params_refuse_a_negative_temperature_a_top_p_above_one_and_a_negative_top_k():
+    for kwargs, name in (({"temperature": -0.5}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k")):
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**kwargs)
+
+
+def test_a_sampler_without_eos_ids_or_with_an_empty_batch_is_refused_and_so_is_an_empty_prompt_list(policy):
+    """With no id to stop at, every response would run to max_new_tokens; a batch of no rows would never advance."""
+    model, _ = policy
+    with pytest.raises(ValueError, match="at least one eos_token_id"):
+        HFSampler(model, eos_token_id=[], pad_token_id=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        HFSampler(model, eos_token_id=1, pad_token_id=0, batch_size=0)
+    with pytest.raises(ValueError, match="no prompts"):
+        HFSampler(model, eos_token_id=1, pad_token_id=0).generate([], SamplingParams(max_new_tokens=2))
 
 
 def test_an_empty_prompt_beside_others_is_refused(policy):
@@ -302,6 +332,65 @@ def test_top_p_keeps_the_smallest_prefix_that_reaches_p():
     assert int(torch.isfinite(process_logits(torch.zeros(1, 4), SamplingParams(top_p=0.5))).sum()) == 2
 
 
+def _nucleus_reference(probabilities: list[float], top_p: float) -> list[bool]:
+    """Which tokens nucleus filtering keeps, by hand: in order of decreasing probability, a token stays while the
+    mass of the tokens before it is below ``top_p``."""
+    kept, mass = [False] * len(probabilities), 0.0
+    for index in sorted(range(len(probabilities)), key=lambda i: -probabilities[i]):
+        kept[index] = mass < top_p
+        mass += probabilities[index]
+    return kept
+
+
+def test_top_p_keeps_the_most_likely_tokens_wherever_they_stand_in_each_row():
+    """The nucleus is found by probability, not by position: rows whose likely tokens come last or in between keep
+    exactly the tokens the hand-computed nucleus keeps."""
+    rows = [[0.1, 0.15, 0.25, 0.5], [0.3, 0.05, 0.6, 0.05], [0.2, 0.2, 0.2, 0.4]]
+    filtered = process_logits(torch.log(torch.tensor(rows)), SamplingParams(top_p=0.7))
+    assert torch.isfinite(filtered).tolist() == [_nucleus_reference(row, 0.7) for row in rows]
+    assert torch.isfinite(filtered).tolist() == [[False, False, True, True], [True, False, True, False],
+                                                 [True, True, False, True]]
+
+
+def test_temperature_is_applied_before_top_p():
+    """Probabilities 0.5, 0.3, 0.2 at temperature 2 become about 0.42, 0.32, 0.26: with p = 0.75 the mass before the
+    last token (about 0.74) is below p, so all three stay (at temperature 1 it would be 0.8 and the last dropped)."""
+    probabilities = torch.tensor([[0.5, 0.3, 0.2]])
+    logits = torch.log(probabilities)
+    heated = (probabilities.sqrt() / probabilities.sqrt().sum()).tolist()[0]
+    assert _nucleus_reference(heated, 0.75) == [True, True, True] and _nucleus_reference([0.5, 0.3, 0.2], 0.75)[2] is False
+    torch.testing.assert_close(process_logits(logits, SamplingParams(temperature=2.0, top_p=0.75)), logits / 2)
+
+
+def test_top_p_is_taken_over_the_distribution_top_k_leaves():
+    """Top-k first, then top-p on what top-k kept: 0.4, 0.3, 0.2, 0.1 with k = 2 leave 4/7 and 3/7, and with p = 0.5
+    the first token alone already reaches p."""
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    filtered = process_logits(logits, SamplingParams(top_k=2, top_p=0.5))
+    assert torch.isfinite(filtered).tolist() == [[True, False, False, False]]
+
+
+def test_top_k_at_or_above_the_vocabulary_size_keeps_every_token():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    for top_k in (3, 10):
+        assert torch.equal(process_logits(logits, SamplingParams(top_k=top_k)), logits)
+
+
+def test_the_default_parameters_leave_the_logits_unchanged_even_for_a_negligible_token():
+    """top_p = 1 disables the nucleus filter: a token whose probability (about 4e-44) vanishes beside the others'
+    rounding stays finite."""
+    logits = torch.tensor([[0.0, -100.0, 1.0]])
+    assert torch.equal(process_logits(logits, SamplingParams()), logits)
+
+
+def test_bfloat16_logits_are_processed_in_float32():
+    """The filters and the kept log-probs work on float32 scores, not on the model's low-precision logits."""
+    logits = torch.tensor([[1.0, 0.3, -0.7, 2.1]], dtype=torch.bfloat16)
+    processed = process_logits(logits, SamplingParams(temperature=0.7))
+    assert processed.dtype == torch.float32
+    torch.testing.assert_close(processed, logits.float() / 0.7, atol=0, rtol=0)
+
+
 def test_inverse_cdf_sampling_never_draws_a_minus_inf_token_and_a_uniform_on_a_step_takes_the_next_token():
     from entrorl.rollout.sampler import sample_from_log_probs
 
@@ -408,6 +497,26 @@ def test_generate_reports_progress_per_chunk_and_restores_the_models_mode(policy
     assert not model.training
 
 
+def test_no_decode_step_follows_the_last_token_of_a_truncated_batch(policy):
+    """Responses that never end take max_new_tokens tokens from the prefill and max_new_tokens - 1 decode calls."""
+    sampler, decoders = _scripted_sampler(policy, finish=[99])
+    rollouts = sampler.generate([[5, 6]] * 2, SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert decoders[0].decoded == [2, 2, 2]
+    assert rollouts.response_ids.tolist() == [[5] * 4] * 2 and rollouts.lengths.tolist() == [4, 4]
+    assert rollouts.truncated.tolist() == [True, True]
+
+
+def test_prompts_and_finished_responses_are_padded_with_the_given_pad_id(policy):
+    """Shorter prompts are left-padded and responses right-padded after their EOS with pad_token_id, here 7."""
+    model, _ = policy
+    sampler = HFSampler(model, eos_token_id=1, pad_token_id=7)
+    sampler._make_decoder = lambda ids, mask, max_new_tokens: _ScriptedDecoder(model, len(ids), [0, 2])
+    rollouts = sampler.generate([[5, 6], [5]], SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert rollouts.prompt_ids.tolist() == [[5, 6], [7, 5]]
+    assert rollouts.prompt_mask.tolist() == [[True, True], [False, True]]
+    assert rollouts.response_ids.tolist() == [[1, 7, 7], [5, 5, 1]]
+
+
 def test_concat_pads_sampler_log_probs_on_the_right():
     """Each row's log-probs stay under its response tokens when a wider part forces padding."""
     def make(response_width, value):
@@ -419,6 +528,21 @@ def test_concat_pads_sampler_log_probs_on_the_right():
 
     joined = Rollouts.concat([make(3, -0.5), make(1, -2.0)], pad_token_id=0)
     assert joined.sampler_log_probs.tolist() == [[-0.5, -0.5, -0.5], [-2.0, 0.0, 0.0]]
+
+
+def test_concat_keeps_each_rows_prompt_length_and_truncation_flag():
+    """Prompts are left-padded with the pad id, and every row keeps its own length and truncation flag."""
+    def make(prompt, response, truncated):
+        return Rollouts(
+            prompt_ids=torch.tensor([prompt]), prompt_mask=torch.ones(1, len(prompt), dtype=torch.bool),
+            response_ids=torch.tensor([response]), response_mask=torch.ones(1, len(response), dtype=torch.bool),
+            sampler_log_probs=torch.zeros(1, len(response)), lengths=torch.tensor([len(response)]),
+            truncated=torch.tensor([truncated]))
+
+    joined = Rollouts.concat([make([3], [4, 5, 6], True), make([7, 8, 2], [1], False)], pad_token_id=9)
+    assert joined.prompt_ids.tolist() == [[9, 9, 3], [7, 8, 2]]
+    assert joined.response_ids.tolist() == [[4, 5, 6], [1, 9, 9]]
+    assert joined.lengths.tolist() == [3, 1] and joined.truncated.tolist() == [True, False]
 
 
 def test_a_longrope_decoder_that_dropped_rows_rebuilds_its_cache_from_the_rows_it_kept():

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from entrorl.data.filters import filter_by_pass_rate, parse_band
-from entrorl.data.loading import _LOADERS, _default_file_mode, _read_text, read_arrow_ipc
+from entrorl.data.loading import _LOADERS, _csv_fields_of_any_length_in, _default_file_mode, _read_text, read_arrow_ipc
 from entrorl.data.records import PromptRecord
 
 __all__ = [
@@ -486,7 +486,8 @@ def write_selected_rows(
     elif suffix == ".csv":
         lines = set(_locations(chosen, _LINE_SOURCE, "line", data))
         # read as the loader reads it (Path.read_text would turn a "\r\n" inside a quoted field into "\n")
-        reader = csv.reader(io.StringIO(_read_text(data), newline=""))
+        text = _read_text(data)
+        reader = csv.reader(io.StringIO(text, newline=""))
         buffer = io.StringIO(newline="")
         plain = csv.writer(buffer, lineterminator="\n")
         quoted = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)  # minimal quoting leaves a lone "\r" bare
@@ -495,15 +496,16 @@ def write_selected_rows(
             (quoted if any("\r" in value for value in row) else plain).writerow(row)
 
         header_written, previous_end = False, 0
-        for row in reader:
-            start, previous_end = previous_end + 1, reader.line_num
-            if not row:
-                continue
-            if not header_written:
-                write(row)
-                header_written = True
-            elif start in lines:
-                write(row)
+        with _csv_fields_of_any_length_in(text):
+            for row in reader:
+                start, previous_end = previous_end + 1, reader.line_num
+                if not row:
+                    continue
+                if not header_written:
+                    write(row)
+                    header_written = True
+                elif start in lines:
+                    write(row)
         _atomic_write_bytes(target, buffer.getvalue().encode("utf-8"))
     elif suffix == ".parquet":
         import pyarrow as pa

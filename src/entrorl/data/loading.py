@@ -34,6 +34,7 @@ Normalisation rules (the same for every format):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import decimal
@@ -517,8 +518,26 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
     return records
 
 
+@contextlib.contextmanager
+def _csv_fields_of_any_length_in(text: str) -> Iterator[None]:
+    """Within the block, the csv module reads fields as long as ``text`` (no field of it is longer), where by default
+    it refuses one over 131072 characters as malformed while the other formats take a prompt of any length; the
+    module's limit (process-wide) is put back after."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(limit)
+
+
 def _load_csv(p: Path, cols: _Columns) -> list[PromptRecord]:
     text = _read_text(p)
+    with _csv_fields_of_any_length_in(text):
+        return _csv_records(text, p, cols)
+
+
+def _csv_records(text: str, p: Path, cols: _Columns) -> list[PromptRecord]:
     reader = csv.reader(io.StringIO(text, newline=""))
     header: list[str] | None = None
     header_line = 0
@@ -580,6 +599,7 @@ def _load_parquet(p: Path, cols: _Columns) -> list[PromptRecord]:
     import pyarrow.parquet as pq
 
     try:
+        _refuse_repeated_columns(pq.read_schema(p).names, p)  # read_table would fail on them with an Arrow message
         table = pq.read_table(p)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{p}: cannot be read as Parquet ({exc}); expected a Parquet file", path=str(p)) from None
@@ -612,12 +632,16 @@ def _load_arrow(p: Path, cols: _Columns) -> list[PromptRecord]:
 def _table_records(table: Any, p: Path, cols: _Columns) -> list[PromptRecord]:
     """The records of a ``pyarrow.Table`` read from ``p``, its schema checked first."""
     columns = list(table.column_names)
-    dups = sorted({c for c in columns if columns.count(c) > 1})
-    if dups:
-        raise DataError(f"{p} (schema): repeated column name(s) {_fmt_cols(dups)}; expected unique names", path=str(p))
+    _refuse_repeated_columns(columns, p)
     _check_schema(columns, f"{p} (schema)", str(p), cols)
     table = table.select(_selected_columns(columns, cols))
     return list(_rows_to_records(_iter_arrow_rows(table), p, cols))
+
+
+def _refuse_repeated_columns(columns: Sequence[str], p: Path) -> None:
+    dups = sorted({c for c in columns if columns.count(c) > 1})
+    if dups:
+        raise DataError(f"{p} (schema): repeated column name(s) {_fmt_cols(dups)}; expected unique names", path=str(p))
 
 
 def _iter_arrow_rows(table: Any) -> Iterator[dict[str, Any]]:
@@ -630,15 +654,33 @@ def _rows_to_records(rows: Iterable[Mapping[str, Any]], p: Path, cols: _Columns)
         yield _make_record(row, f"{p}[{i}]", str(p), cols)
 
 
+def _saved_without_rows(p: Path) -> bool:
+    """Whether the data set saved in ``p`` (its ``train`` split, for a ``DatasetDict``) was saved without rows: it
+    then has no data file, and ``datasets.load_from_disk`` fails on it with an ``IndexError``."""
+    state = p / "train" / "state.json" if (p / "dataset_dict.json").is_file() else p / "state.json"
+    try:
+        return json.loads(state.read_text(encoding="utf-8")).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _load_saved_dataset(p: Path, cols: _Columns) -> list[PromptRecord]:
     import datasets
 
+    if _saved_without_rows(p):
+        return []
     try:
         ds = datasets.load_from_disk(str(p))
     except FileNotFoundError as exc:
         raise DataError(
             f"{p}: a directory that is not a saved data set ({exc}); expected a directory written by "
             f"datasets.Dataset.save_to_disk, or a file in one of: {SUPPORTED_FORMATS}",
+            path=str(p),
+        ) from None
+    except IndexError:  # a split saved without rows (see _saved_without_rows) beside the 'train' one
+        raise DataError(
+            f"{p}: a saved DatasetDict with a split saved without rows, which datasets.load_from_disk cannot read; "
+            "expected every split to hold rows — or point at the 'train' split's sub-directory",
             path=str(p),
         ) from None
     if isinstance(ds, datasets.DatasetDict):
