@@ -663,3 +663,49 @@ def test_top_token_counts_are_floored():
     assert dyn.top_token_count(1234, 2.0) == 24
     concentration = dyn.covariance_concentration(torch.arange(1234, dtype=F64), None, top_percents=(2.0,))
     assert concentration.top_counts[2.0] == 24
+
+
+def test_top_token_count_is_exact_despite_float_rounding_and_zero_for_no_tokens():
+    """0.57% of 10,000 tokens is 57 and 2.3% of 3,000 is 69 exactly, although n * q / 100 evaluates just below
+    the integer in floating point; the top q% of no tokens is no token."""
+    assert dyn.top_token_count(10_000, 0.57) == 57
+    assert dyn.top_token_count(3_000, 2.3) == 69
+    concentration = dyn.covariance_concentration(torch.arange(10_000, dtype=F64), None, top_percents=(0.57,))
+    assert concentration.top_counts[0.57] == 57
+    assert dyn.top_token_count(0, 2.0) == 0
+    assert dyn.top_token_count(1, 0.02) == 1 and dyn.top_token_count(7, 100.0) == 7
+
+
+def test_covariance_concentration_keeps_float64_precision():
+    """Means are taken in float64: values of a float64 covariance that differ below float32 resolution stay apart."""
+    cov = torch.tensor([1.0 + 1e-10, 1.0, 1.0, 1.0], dtype=F64)
+    out = dyn.covariance_concentration(cov, None, top_percents=(25.0,))
+    assert out.top_means[25.0] == 1.0 + 1e-10
+    assert out.overall_mean == pytest.approx(1.0 + 2.5e-11, abs=1e-15, rel=0)
+    assert out.overall_mean != 1.0
+
+
+def test_batch_prediction_of_low_precision_input_is_float32():
+    """bfloat16 / float16 discriminators give a float32 batch prediction, with alpha kept at full precision."""
+    D = torch.tensor([[0.1, -0.2, 0.3], [0.05, 9.0, -0.4]])
+    alpha = torch.tensor([[1.001, 2.003, -1.007], [0.5, 7.0, 1.0009]], dtype=F64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 1]])
+    for dtype in (torch.bfloat16, torch.float16):
+        low = D.to(dtype)
+        expected = -(alpha * low.double())[mask.bool()]
+        for reduction, want in (("sum", expected.sum()), ("mean", expected.mean())):
+            got = dyn.batch_predicted_entropy_change(low, alpha, mask, reduction)
+            assert got.dtype == torch.float32
+            assert got.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-7)
+
+
+def test_pg_step_alpha_is_the_signed_product():
+    """alpha = lr * r * A / T^2 for either sign of lr and A, and a floating-point alpha for integer inputs."""
+    adv = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    ratio = torch.tensor([0.9, 1.2, 1.0], dtype=F64)
+    for lr in (1e-2, -1e-2):
+        for T in (1.0, 0.6):
+            torch.testing.assert_close(dyn.pg_step_alpha(lr, adv, ratio, temperature=T), lr * ratio * adv / T**2)
+    integer = dyn.pg_step_alpha(1, torch.tensor([1, -2]))
+    assert integer.is_floating_point()
+    torch.testing.assert_close(integer, torch.tensor([1.0, -2.0], dtype=integer.dtype))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -174,6 +175,91 @@ def test_all_minus_inf_row_gives_zeros_not_nan():
     assert torch.isfinite(logits.grad).all() and torch.all(logits.grad[0] == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_minus_inf_rows_in_half_precision_match_float32(dtype):
+    """Half-precision logits with -inf entries (a fully masked row, a top-k filtered row) give the float32
+    statistics of the same values: zeros for the fully masked row, values and gradients, never NaN."""
+    logits = torch.full((3, 6), float("-inf"))
+    logits[1] = torch.tensor([0.5, -1.0, 2.0, float("-inf"), 0.0, 1.0])
+    logits[2] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    logits = logits.to(dtype)
+    targets = torch.tensor([2, 2, 5])
+    low = logits.clone().requires_grad_()
+    stats = token_stats(low, targets, temperature=0.8, chunk_size=2, need=ALL)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    full = logits.float().requires_grad_()
+    reference = token_stats(full, targets, temperature=0.8, chunk_size=2, need=ALL)
+    (reference.logprob.sum() + reference.entropy.sum()).backward()
+    for name in ALL:
+        value = getattr(stats, name)
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), name
+        assert value[0] == 0, name
+        torch.testing.assert_close(value, getattr(reference, name))
+    assert torch.isfinite(low.grad.float()).all() and torch.all(low.grad[0] == 0)
+    torch.testing.assert_close(low.grad.float(), full.grad, atol=1e-3, rtol=1e-2)
+
+
+def test_minus_inf_target_keeps_the_floor():
+    """A target whose logit is -inf has log-prob (-1e4 - log sum_v exp((z_v - max z) / T)), finite instead of
+    -inf; its S is 0 and its D is -E_p[S]; the gradient stays finite."""
+    logits = torch.tensor([[0.0, float("-inf"), 1.0, 2.0], [0.3, -0.2, float("-inf"), 0.1]], dtype=torch.float64)
+    targets = torch.tensor([1, 2])
+    leaf = logits.clone().requires_grad_()
+    stats = token_stats(leaf, targets, temperature=0.5, need=ALL)
+    for name in ALL:
+        assert torch.isfinite(getattr(stats, name)).all(), name
+    for row in range(2):
+        finite = logits[row][torch.isfinite(logits[row])]
+        expected = -1e4 - torch.logsumexp((finite - finite.max()) / 0.5, dim=0)
+        torch.testing.assert_close(stats.logprob[row], expected, atol=1e-9, rtol=0)
+        kept = naive_stats(finite.unsqueeze(0), torch.zeros(1, dtype=torch.long), temperature=0.5)
+        torch.testing.assert_close(stats.entropy[row], kept["entropy"][0], atol=1e-12, rtol=1e-10)
+        expected_disc = kept["disc"][0] - kept["disc_centered"][0]  # E_p[S] of the kept entries
+        torch.testing.assert_close(stats.disc_centered[row], -expected_disc, atol=1e-12, rtol=1e-10)
+    assert torch.all(stats.disc == 0)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    assert torch.isfinite(leaf.grad).all()
+
+
+def test_each_subset_of_statistics_equals_the_full_request():
+    """Asking for any subset of the statistics (e.g. only D, as a selector does) returns exactly those fields,
+    equal to the ones computed together, and None for the others."""
+    logits, targets = random_case(16)
+    together = token_stats(logits, targets, temperature=0.9, chunk_size=4, need=ALL)
+    for size in range(1, len(ALL) + 1):
+        for subset in itertools.combinations(ALL, size):
+            alone = token_stats(logits, targets, temperature=0.9, chunk_size=4, need=subset)
+            for name in ALL:
+                if name in subset:
+                    torch.testing.assert_close(getattr(alone, name), getattr(together, name), atol=0, rtol=0)
+                else:
+                    assert getattr(alone, name) is None, (subset, name)
+
+
+def test_from_hidden_low_precision_gradients_match_reference():
+    """bfloat16 hidden states and LM head over many chunks: statistics and gradients match a float64 reduction
+    of the same bfloat16 logits, up to bfloat16 rounding of the results (the weight gradient is accumulated
+    across chunks in float32)."""
+    generator = torch.Generator().manual_seed(17)
+    hidden = torch.randn(64, 16, generator=generator).bfloat16().requires_grad_()
+    weight = (torch.randn(48, 16, generator=generator) * 0.5).bfloat16().requires_grad_()
+    targets = torch.randint(0, 48, (64,), generator=generator)
+    stats = token_stats_from_hidden(hidden, weight, targets, chunk_size=4, need=ALL)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+
+    logits = torch.nn.functional.linear(hidden.detach(), weight.detach()).double().requires_grad_()
+    reference = naive_stats(logits, targets)
+    (reference["logprob"].sum() + reference["entropy"].sum()).backward()
+    for name in ALL:
+        assert getattr(stats, name).dtype == torch.float32
+        torch.testing.assert_close(getattr(stats, name).double(), reference[name].detach(), atol=1e-4, rtol=1e-4)
+    weight_grad = logits.grad.t() @ hidden.detach().double()
+    hidden_grad = logits.grad @ weight.detach().double()
+    torch.testing.assert_close(weight.grad.double(), weight_grad, atol=1e-2 * float(weight_grad.abs().max()), rtol=1e-2)
+    torch.testing.assert_close(hidden.grad.double(), hidden_grad, atol=1e-2 * float(hidden_grad.abs().max()), rtol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_extreme_logits_are_finite(dtype):
     generator = torch.Generator().manual_seed(11)
@@ -303,3 +389,24 @@ def test_input_validation_messages():
         token_stats(logits, targets, chunk_size=0)
     with pytest.raises(ValueError, match="lm_head_weight must be"):
         token_stats_from_hidden(torch.randn(3, 4), torch.randn(10, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_input_validation_edges():
+    """An empty `need`, a non-finite or non-positive temperature and a target id equal to the vocabulary size
+    are rejected with a clear ValueError rather than silently giving no or meaningless statistics."""
+    logits, targets = random_case(18)
+    with pytest.raises(ValueError, match="empty"):
+        token_stats(logits, targets, need=())
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            token_stats(logits, targets, temperature=bad)
+        with pytest.raises(ValueError, match="temperature"):
+            token_stats_from_hidden(
+                torch.randn(3, 4), torch.randn(10, 4), torch.zeros(3, dtype=torch.long), temperature=bad
+            )
+    at_vocab = targets.clone()
+    at_vocab[0, 0] = logits.shape[-1]
+    with pytest.raises(ValueError, match=r"target ids must lie in \[0, 37\)"):
+        token_stats(logits, at_vocab)
+    with pytest.raises(ValueError, match=r"target ids must lie in \[0, 10\)"):
+        token_stats_from_hidden(torch.randn(3, 4), torch.randn(10, 4), torch.tensor([0, 10, 1]))

@@ -401,7 +401,8 @@ class CovarianceConcentration:
 
 def top_token_count(n_tokens: int, percent: float) -> int:
     """How many tokens "the top ``percent``%" of ``n_tokens`` is: ``min(n, max(1, floor(n * q / 100)))``, the
-    small tolerance keeping ``10000 * 0.02 / 100`` from flooring to 1 through rounding."""
+    small tolerance keeping a product that float rounding leaves just short of an integer (``10000 * 0.57 / 100`` is
+    ``56.99999999999999``) from flooring to the integer below."""
     return min(n_tokens, max(1, math.floor(n_tokens * float(percent) / 100.0 + 1e-9)))
 
 
