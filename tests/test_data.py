@@ -1178,3 +1178,18 @@ def test_the_named_prompt_column_is_read_even_beside_a_column_called_prompt(tmp_
     path.write_text(json.dumps({"question": "Q1", "prompt": "P1", "answer": "1"}) + "\n")
     (record,) = load_prompts(path, prompt_column="question")
     assert record.prompt == "Q1" and record.meta.get("prompt") == "P1"
+
+
+def test_a_prompt_template_that_cannot_be_filled_is_refused_as_a_value_error():
+    """A field nested in the prompt's format spec that fails when filled (a positional field, an attribute a string
+    lacks, an index past its end) is refused with ValueError naming the template, as any other bad template is; a
+    field that indexes the prompt is another field than ``{prompt}``."""
+    from entrorl.data import check_prompt_template
+
+    for template, failure in (("{prompt:{}}", "IndexError"), ("{prompt:{prompt.no_such_attribute}}", "AttributeError"),
+                              ("{prompt:{prompt[99]}}", "IndexError"), ("{prompt:d}", "ValueError")):
+        with pytest.raises(ValueError, match=rf"prompt template '.*' cannot be filled with a prompt \({failure}"):
+            check_prompt_template(template)
+    with pytest.raises(ValueError, match=r"has field\(s\) \['prompt\[0\]'\]"):
+        check_prompt_template("{prompt[0]}")
+    assert check_prompt_template("{{x}}: {prompt}") == "{{x}}: {prompt}"

@@ -103,6 +103,33 @@ def test_a_correct_sample_without_an_extracted_answer_counts_toward_the_pass_rat
     assert (audit.n_unanswered, audit.verdict) == (1, "ok")
 
 
+def test_a_group_is_named_by_its_most_frequent_spelling_not_its_first():
+    """Correct and wrong groups alike take the spelling most of their samples used, whichever came first."""
+    groups = group_answers(["4.0", "x = 2", "4", "X = 2", "4", "X = 2"], [True, False, True, False, True, False])
+    assert [(g.answer, g.count, g.matches_reference, g.spellings) for g in groups] == [
+        ("4", 3, True, ("4", "4.0")), ("X = 2", 3, False, ("X = 2", "x = 2"))]
+
+
+def test_the_largest_wrong_answer_gathers_its_equivalents_first():
+    """Wrong answers are merged largest group first: with an equivalence that is not transitive (answers within 1 of
+    each other), the most common answer takes in both neighbours even when a neighbour was seen first."""
+
+    def within_one(a: str, b: str) -> bool:
+        return abs(float(a) - float(b)) <= 1
+
+    groups = group_answers(["1", "3", "2", "2", "2"], [False] * 5, equivalent=within_one)
+    assert [(g.answer, g.count, g.spellings) for g in groups] == [("2", 5, ("2", "1", "3"))]
+
+
+def test_an_empty_extracted_answer_is_an_answer_not_a_missing_one():
+    """Only samples without an extracted answer (None) are unanswered; an empty answer (an empty answer tag) is one
+    the model gave, and forms a group."""
+    audit = audit_prompt(["", "", None, "3"], [False] * 4, thresholds=THRESHOLDS)
+    assert audit.n_unanswered == 1 and audit.to_dict()["n_unanswered"] == 1
+    assert [(g.answer, g.count) for g in audit.groups] == [("", 2), ("3", 1)]
+    assert (audit.majority_answer, audit.majority_share, audit.verdict) == ("", 0.5, "looks_wrong")
+
+
 @pytest.mark.parametrize(
     ("pass_rate", "share", "matches", "verdict"),
     [

@@ -605,3 +605,171 @@ def test_the_behaviour_probes_stay_within_a_context_shorter_than_the_probe():
     assert modeling.model_context_length(model) == 5
     modeling.check_causal(model)
     modeling.check_left_padding(model)
+
+
+def test_encode_prompt_fills_the_template_as_a_format_string_and_wraps_all_of_it_in_the_chat_turn():
+    """The template is filled with ``str.format`` (doubled braces are literal braces); with the chat template the
+    filled template, not the bare prompt, is the user's turn, and the turn ends with the assistant's opening (the
+    generation prompt) that the response continues."""
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    plain = modeling.encode_prompt(tokenizer, "1+2", template="{{x}}: {prompt}=")
+    assert tokenizer.decode(plain, skip_special_tokens=True) == "{x}: 1+2="
+    tokenizer.chat_template = ("{% for message in messages %}[{{ message['role'] }}]{{ message['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant]{% endif %}")
+    chat = modeling.encode_prompt(tokenizer, "1+2", template="Q: {prompt}=", chat_template=True)
+    assert tokenizer.decode(chat, skip_special_tokens=True) == "[user]Q: 1+2=[assistant]"
+
+
+def test_declares_a_model_reads_model_type_or_architectures(tmp_path):
+    """A model's config.json names its ``model_type`` or its ``architectures`` (either is enough); a run's settings, a
+    damaged file or a JSON list are not a model's config."""
+    import json
+
+    file = tmp_path / "config.json"
+    for content, declared in (({"model_type": "qwen2"}, True), ({"architectures": ["Qwen2ForCausalLM"]}, True),
+                              ({"seed": 7, "optim": {"lr": 1e-6}}, False), (["qwen2"], False)):
+        file.write_text(json.dumps(content))
+        assert modeling.declares_a_model(file) is declared, content
+    file.write_text("{not json")
+    assert modeling.declares_a_model(file) is False
+    assert modeling.declares_a_model(tmp_path / "missing.json") is False
+
+
+def test_a_run_directory_given_as_a_model_names_its_newest_checkpoint(tmp_path):
+    """A run directory is refused pointing at the model of its last checkpoint, not its first."""
+    run = tmp_path / "run"
+    for step in ("step_000004", "step_000010", "step_000007"):
+        (run / "checkpoints" / step / "model").mkdir(parents=True)
+        (run / "checkpoints" / step / "model" / "config.json").write_text("{}")
+    (run / "config.json").write_text('{"seed": 7}')
+    with pytest.raises(FileNotFoundError, match=r"\(the last one: .*step_000010/model\)"):
+        load_causal_lm(run)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_load_causal_lm_loads_the_weights_in_the_dtype_asked_for(tiny_model_dir, dtype):
+    """``dtype`` chooses the precision of every floating-point weight of the loaded model."""
+    model = load_causal_lm(tiny_model_dir, dtype=dtype)
+    assert model.dtype == getattr(torch, dtype)
+    assert {parameter.dtype for parameter in model.parameters()} == {getattr(torch, dtype)}
+    with pytest.raises(ValueError, match=r"unknown dtype 'float64'; choose one of \['bfloat16', 'float16', 'float32'\]"):
+        load_causal_lm(tiny_model_dir, dtype="float64")
+
+
+def test_the_behaviour_checks_leave_the_model_in_the_mode_they_found_it():
+    """The causality, left-padding and dropout checks switch modes to probe the model, then put back the mode it had."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**COMMON))
+    for training in (True, False):
+        model.train(training)
+        for check in (modeling.check_causal, modeling.check_left_padding, modeling.turn_off_dropout):
+            check(model)
+            assert model.training is training and all(module.training is training for module in model.modules())
+
+
+def test_a_model_whose_forward_takes_no_position_ids_is_refused_by_name():
+    """A forward without ``position_ids`` (or without ``attention_mask``) cannot run entrorl's left-padded batches:
+    refused with the reason, not a bare TypeError from inside the check."""
+    from types import SimpleNamespace
+
+    class WithoutPositions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(model_type="without_positions", vocab_size=40)
+            self.embed = torch.nn.Embedding(40, 8)
+            self.head = torch.nn.Linear(8, 40)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, input_ids, attention_mask=None):
+            return SimpleNamespace(logits=self.head(self.embed(input_ids)))
+
+    with pytest.raises(ValueError, match=r"cannot run left-padded batches: its forward does not take an attention mask "
+                                         r"and position ids \(.*position_ids"):
+        modeling.check_left_padding(WithoutPositions(), "tiny")
+
+
+def test_read_model_config_is_none_for_a_config_transformers_cannot_read(tmp_path, tiny_model_dir):
+    """An unknown model type or a damaged config.json gives None (the loader then says why); a model's gives its config."""
+    assert modeling.read_model_config(tiny_model_dir).max_position_embeddings == 64
+    (tmp_path / "config.json").write_text('{"model_type": "no_such_model_type"}')
+    assert modeling.read_model_config(tmp_path) is None
+    (tmp_path / "config.json").write_text("{not json")
+    assert modeling.read_model_config(tmp_path) is None
+
+
+def test_a_failed_load_blames_a_weight_file_only_when_its_header_cannot_be_read(tiny_model_dir, monkeypatch):
+    """When loading fails, the weight files' headers are read again to name a damaged one. A header read refused for
+    memory (a memory limit) says nothing of the file: the error says memory ran out. With every header readable, an
+    error that is not about memory is raised as it is, not as a damaged file."""
+    import safetensors
+    import transformers
+
+    from entrorl.modeling import DamagedWeightsError
+
+    refused = RuntimeError("unable to mmap 1000 bytes from file <model.safetensors>: Cannot allocate memory (12)")
+
+    def refuse(*args, **kwargs):
+        raise refused
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    with pytest.raises(MemoryError, match=r"out of memory while loading the model of .*the files are intact"):
+        load_causal_lm(tiny_model_dir)
+    monkeypatch.undo()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("an unrelated failure")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
+    with pytest.raises(RuntimeError, match=r"^an unrelated failure$") as raised:
+        load_causal_lm(tiny_model_dir)
+    assert not isinstance(raised.value, DamagedWeightsError)
+
+
+def test_a_tokenizer_without_an_eos_token_is_refused(tmp_path):
+    """Without an EOS no response could ever end: load_tokenizer refuses such a tokenizer, naming its directory."""
+    import json
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(ValueError, match=rf"the tokenizer in {tmp_path} has no eos_token: responses could never end"):
+        modeling.load_tokenizer(tmp_path)
+
+
+def test_a_damaged_tokenizer_file_is_named(tmp_path, tiny_model_dir):
+    """A tokenizer file that is not a JSON object (cut short, or another JSON value) is refused naming the file, not
+    with a parser's message that names none."""
+    import shutil
+
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, directory)
+    config = directory / "tokenizer_config.json"
+    whole = config.read_text()
+    config.write_text(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=rf"{config} is not valid UTF-8 JSON .*the file is damaged; save the tokenizer"):
+        modeling.load_tokenizer(directory)
+    config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"{config} holds a JSON array, not an object: the file is damaged"):
+        modeling.load_tokenizer(directory)
+    config.write_text(whole)
+    assert modeling.load_tokenizer(directory).eos_token == "<eos>"
+
+
+def test_out_of_memory_message_is_one_line_with_the_errors_first_line():
+    """The message keeps the first line of the error (the allocator's own words), drops the rest, and says the files
+    are intact only when files were being read."""
+    error = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nSee documentation for Memory Management")
+    message = str(modeling.out_of_memory_while("loading the model of m", error))
+    assert message.startswith("out of memory while loading the model of m (CUDA out of memory. Tried to allocate 2.00 "
+                              "GiB): the files are intact; free memory")
+    assert "\n" not in message and "documentation" not in message
+    assert "intact" not in str(modeling.out_of_memory_while("training step 3", error, files_read=False))
+    assert "(MemoryError)" in str(modeling.out_of_memory_while("training step 3", MemoryError()))
