@@ -91,6 +91,21 @@ def test_singletons_and_empty_batch_are_unchanged():
     assert diversity_adjusted_rewards([], [], group_size=4, embedder=embed).numel() == 0
 
 
+def test_an_empty_batch_needs_nothing_from_the_embedder():
+    """An empty batch gives empty weights without asking the embedder, which may not handle an empty list (a table
+    lookup through numpy returns shape (0,), not (0, d))."""
+    table = {"a": [1.0, 0.0]}
+    embed = lambda texts: np.array([table[text] for text in texts])  # noqa: E731
+    assert diversity_weights([], group_size=4, embedder=embed).shape == (0,)
+    assert diversity_adjusted_rewards([], [], torch.zeros(0, dtype=torch.long), embedder=embed).numel() == 0
+
+
+def test_an_empty_batch_accepts_an_empty_list_of_group_ids():
+    """An empty batch with an empty Python list of group ids is a 1-d sequence of 0 integers: nothing to adjust."""
+    embed = lambda texts: torch.ones(len(texts), 2)  # noqa: E731
+    assert diversity_weights([], [], embedder=embed).shape == (0,)
+
+
 def test_input_errors_are_clear():
     embed = table_embedder({"a": [1.0], "b": [2.0]})
     with pytest.raises(ValueError, match="exactly one of group_ids"):
@@ -101,6 +116,13 @@ def test_input_errors_are_clear():
         diversity_weights(["a", "b"], group_size=3, embedder=embed)
     with pytest.raises(ValueError, match="group_ids must be a 1-d sequence of 2 integers"):
         diversity_weights(["a", "b"], [0.0, 1.0], embedder=embed)
+    for bad_ids in ([0, 0, 0], [0], [True, False], [[0, 0]]):
+        with pytest.raises(ValueError, match="group_ids must be a 1-d sequence of 2 integers"):
+            diversity_weights(["a", "b"], bad_ids, embedder=embed)
+    with pytest.raises(ValueError, match="completions must be strings"):
+        diversity_weights(["a", 3], group_size=2, embedder=lambda t: torch.ones(len(t), 2))
+    with pytest.raises(ValueError, match=r"one row per completion \(\[2, d\]\), got shape \(2,\)"):
+        diversity_weights(["a", "b"], group_size=2, embedder=lambda t: torch.ones(2))
     with pytest.raises(ValueError, match="one value per completion"):
         diversity_adjusted_rewards([1.0], ["a", "b"], group_size=2, embedder=embed)
     with pytest.raises(ValueError, match=r"one row per completion \(\[2, d\]\), got shape \(3, 1\)"):
@@ -156,6 +178,36 @@ def test_sentence_embedder_pooling_matches_direct_computation(tmp_path, pooling)
             hidden = model(**encoded).last_hidden_state[0]
         pooled = hidden[0] if pooling and pooling.get("pooling_mode_cls_token") else hidden.mean(0)
         torch.testing.assert_close(row, pooled / pooled.norm(), rtol=1e-4, atol=1e-5)
+
+
+def test_sentence_embedder_truncates_at_the_model_max_seq_length(tmp_path):
+    """Texts are cut at sentence_bert_config.json's max_seq_length (or at an explicit max_length), so only their
+    beginning counts."""
+    torch.set_num_threads(1)
+    model, tokenizer = _tiny_sentence_model(tmp_path, {"pooling_mode_mean_tokens": True})
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 6}))
+    text = "a b c d e f g h i j"
+
+    def direct(max_length):
+        encoded = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.no_grad():
+            pooled = model(**encoded).last_hidden_state[0].mean(0)
+        return pooled / pooled.norm()
+
+    embedder = load_embedder(str(tmp_path))
+    assert embedder.max_length == 6
+    torch.testing.assert_close(embedder([text])[0], direct(6), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(direct(6), direct(64), atol=1e-3)  # the cut changes the embedding
+    shorter = SentenceEmbedder(tmp_path, max_length=4)
+    torch.testing.assert_close(shorter([text])[0], direct(4), rtol=1e-4, atol=1e-5)
+
+
+def test_sentence_embedder_refuses_a_batch_size_below_one(tmp_path):
+    """A batch size of 0, a negative one or a bool is refused when the embedder is built, not at the first call."""
+    _tiny_sentence_model(tmp_path, None)
+    for batch_size in (0, -1, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            SentenceEmbedder(tmp_path, batch_size=batch_size)
 
 
 def test_unsupported_pooling_is_rejected(tmp_path):

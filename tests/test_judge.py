@@ -4,8 +4,12 @@ asked yes/no, a tiny sequence-classification reward model) checked against direc
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import threading
 import time
+
+import numpy as np
 
 import pytest
 import torch
@@ -83,6 +87,48 @@ def test_lru_evicts_the_least_recently_used_entry():
     assert (cache.hits, cache.misses) == (3, 1)
 
 
+def test_lru_storing_an_entry_again_makes_it_the_most_recent():
+    """An entry written again (a new score for the key) is the most recently used, so the next eviction takes
+    the oldest other entry."""
+    cache = JudgeCache(max_entries=2)
+    cache.put_many({"a": 1.0, "b": 2.0})
+    cache.put_many({"a": 5.0})  # a is now newer than b
+    cache.put_many({"c": 3.0})
+    assert cache.get("b") is None and cache.get("a") == 5.0 and cache.get("c") == 3.0
+
+
+def test_a_disk_hit_counts_as_a_hit_and_enters_the_memory_cache(tmp_path):
+    """A score found only in the SQLite file is a hit, not a miss, and is then served from memory."""
+    path = tmp_path / "judge.sqlite"
+    writer = JudgeCache(path=path)
+    writer.put_many({"k": 0.5})
+    writer.close()
+    reader = JudgeCache(max_entries=4, path=path)
+    assert len(reader) == 0
+    assert reader.get("k") == 0.5
+    assert (reader.hits, reader.misses) == (1, 0) and len(reader) == 1
+    reader.close()  # without the file, the entry is still served from the in-memory LRU
+    assert reader.get("k") == 0.5 and (reader.hits, reader.misses) == (2, 0)
+
+
+def test_a_cached_score_of_zero_is_reused(tmp_path):
+    """0.0 is a score like any other: a sample the judge scored 0 is a cache hit next time, in memory and on disk."""
+    calls = []
+
+    def never_right(samples):
+        calls.append(list(samples))
+        return [0.0] * len(samples)
+
+    path = str(tmp_path / "judge.sqlite")
+    reward = JudgeReward(never_right, cache_path=path)
+    assert reward.score_batch(["p", "q"], ["a", "b"]) == [JudgeScore(0.0)] * 2
+    assert reward.score_batch(["p", "q"], ["a", "b"]) == [JudgeScore(0.0)] * 2
+    assert len(calls) == 1 and reward.stats()["hits"] == 2
+    again = JudgeReward(never_right, cache_path=path)
+    assert again.score_batch(["p", "q"], ["a", "b"]) == [JudgeScore(0.0)] * 2
+    assert len(calls) == 1 and again.stats() == {"hits": 2, "misses": 0, "judged": 0, "timeouts": 0, "errors": 0}
+
+
 def test_cache_size_zero_judges_every_time():
     judge = RecordingJudge()
     reward = JudgeReward(judge, cache_size=0)
@@ -97,6 +143,8 @@ def test_cache_key_depends_on_every_field():
     variants = [JudgeCache.key("k", "p", "c", "a"), JudgeCache.key("j", "q", "c", "a"), JudgeCache.key("j", "p", "d", "a"),
                 JudgeCache.key("j", "p", "c", None), JudgeCache.key("j", "pc", "", "a")]
     assert len({base, *variants}) == 6
+    # no reference answer is not the reference answer "None" (the template fills them differently)
+    assert JudgeCache.key("j", "p", "c", None) != JudgeCache.key("j", "p", "c", "None")
 
 
 def test_disk_cache_persists_across_instances_and_separates_judges(tmp_path):
@@ -154,6 +202,101 @@ def test_judge_errors_and_bad_outputs_score_zero_with_a_reason():
         assert reward.stats()["errors"] == 2 and len(reward.cache) == 0
 
 
+def test_identical_samples_of_a_failed_chunk_all_fail():
+    """A sample repeated in the batch is judged once; when that call fails or times out, every copy gets the
+    failed score."""
+    calls = []
+
+    def raising(samples):
+        calls.append(list(samples))
+        raise RuntimeError("service unavailable")
+
+    failed = JudgeScore(0.0, "judge error: RuntimeError: service unavailable", failed=True)
+    reward = JudgeReward(raising, batch_size=4)
+    assert reward.score_batch(["p", "p", "q", "p"], ["a", "a", "b", "a"]) == [failed] * 4
+    assert calls == [[("p", "a", None), ("q", "b", None)]] and reward.stats()["errors"] == 2
+    release = threading.Event()
+    slow = JudgeReward(lambda samples: [float(release.wait(10))] * len(samples), timeout_s=0.05)
+    scores = slow.score_batch(["p", "p", "q"], ["a", "a", "b"])
+    release.set()
+    assert scores == [JudgeScore(0.0, JUDGE_TIMEOUT_REASON, failed=True)] * 3
+
+
+def test_without_a_timeout_the_judge_runs_in_the_callers_thread():
+    """timeout_s=None calls the judge directly (a judge may rely on thread-local state); a timeout runs it in a
+    worker thread."""
+    seen = []
+
+    def judge(samples):
+        seen.append(threading.get_ident())
+        return [1.0] * len(samples)
+
+    JudgeReward(judge).score_batch(["p"], ["a"])
+    JudgeReward(judge, timeout_s=5).score_batch(["p"], ["a"])
+    assert seen[0] == threading.get_ident() and seen[1] != threading.get_ident()
+
+
+def test_a_judge_error_under_a_timeout_keeps_its_reason():
+    """An exception raised in the worker thread reaches the sample's reason as it does without a timeout."""
+    def raising(samples):
+        raise RuntimeError("service unavailable")
+
+    reward = JudgeReward(raising, timeout_s=5)
+    failed = JudgeScore(0.0, "judge error: RuntimeError: service unavailable", failed=True)
+    assert reward.score_batch(["p"], ["a"]) == [failed]
+    assert reward.stats()["errors"] == 1 and reward.stats()["timeouts"] == 0
+
+
+@pytest.mark.parametrize("timeout_s", [None, 5])
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_in_the_judge_stops_the_run(timeout_s, interrupt):
+    """Ctrl-C or sys.exit() inside a judge call is not turned into a score of 0: it propagates to the caller."""
+    def judge(samples):
+        raise interrupt
+
+    reward = JudgeReward(judge, timeout_s=timeout_s)
+    with pytest.raises(interrupt):
+        reward.score_batch(["p"], ["a"])
+    assert reward.stats()["errors"] == 0
+
+
+def test_a_call_within_a_fractional_timeout_is_scored():
+    """A judge that answers well within a timeout of under a second is scored, not timed out."""
+    def judge(samples):
+        time.sleep(0.02)
+        return [2.0] * len(samples)
+
+    reward = JudgeReward(judge, timeout_s=0.9)
+    assert reward.score_batch(["p"], ["a"]) == [JudgeScore(2.0)] and reward.stats()["timeouts"] == 0
+
+
+def test_a_judge_that_never_returns_does_not_keep_the_process_alive():
+    """After a timeout the late call is left running in the background; the interpreter still exits."""
+    script = (
+        "import threading\n"
+        "from entrorl.rewards.judge import JudgeReward\n"
+        "never = threading.Event()\n"
+        "reward = JudgeReward(lambda samples: [float(never.wait())] * len(samples), timeout_s=0.05)\n"
+        "print(reward('p', 'c').reason)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == JUDGE_TIMEOUT_REASON, done.stderr
+
+
+def test_numpy_and_zero_dim_tensor_scores_are_accepted():
+    """A judge may return a list of numpy scalars or 0-d tensors (one per sample), as well as a tensor."""
+    reward = JudgeReward(lambda samples: [torch.tensor(0.5), np.float32(0.25), np.int64(3), torch.tensor(True)])
+    assert [s.score for s in reward.score_batch(["p"] * 4, ["a", "b", "c", "d"])] == [0.5, 0.25, 3.0, 1.0]
+    assert reward.stats()["errors"] == 0
+
+
+def test_a_single_sample_call_passes_its_answer_to_the_judge():
+    """reward(prompt, completion, answer) judges (prompt, completion, answer), reference answer included."""
+    judge = RecordingJudge()
+    assert JudgeReward(judge)("q", "the 4", "4") == JudgeScore(expected_score("the 4", "4"))
+    assert judge.calls == [[("q", "the 4", "4")]]
+
+
 def test_tensor_outputs_and_single_sample_call():
     reward = JudgeReward(lambda samples: torch.tensor([[0.25]] * len(samples)))
     assert [s.score for s in reward.score_batch(["p", "q"], ["a", "b"])] == [0.25, 0.25]
@@ -198,6 +341,12 @@ def test_registered_as_judge_and_options_are_validated(tmp_path, tiny_model_dir)
     bad = [
         ({"judge": RecordingJudge(), "batch_size": 0}, "batch_size must be a positive integer"),
         ({"judge": RecordingJudge(), "timeout_s": -1}, "timeout_s must be a positive number"),
+        ({"judge": RecordingJudge(), "timeout_s": 0}, "timeout_s must be a positive number"),
+        ({"judge": RecordingJudge(), "timeout_s": math.inf}, "timeout_s must be a positive number"),
+        ({"judge": RecordingJudge(), "timeout_s": True}, "timeout_s must be a positive number"),
+        ({"judge": RecordingJudge(), "judge_id": ""}, "judge_id must be a non-empty string"),
+        ({"judge": "json:dumps", "template": "{completion}"}, "not to an imported callable"),
+        ({"judge": str(tiny_model_dir), "max_length": 0}, "max_length must be a positive integer"),
         ({"judge": RecordingJudge(), "cache_size": -1}, "cache_size must be an integer >= 0"),
         ({"judge": RecordingJudge(), "template": "{completion}"}, "apply to a model directory judge"),
         ({"judge": str(tmp_path / "missing")}, "neither an existing model directory nor an import path"),
@@ -218,6 +367,8 @@ def test_registered_as_judge_and_options_are_validated(tmp_path, tiny_model_dir)
 def test_mismatched_batch_lengths_are_rejected():
     with pytest.raises(ValueError, match="same length"):
         JudgeReward(RecordingJudge()).score_batch(["p"], ["a", "b"])
+    with pytest.raises(ValueError, match="same length"):
+        JudgeReward(RecordingJudge()).score_batch(["p", "q"], ["a", "b"], ["x"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,6 +442,84 @@ def test_causal_lm_judge_rejects_identical_answers(tiny_model_dir):
         load_model_judge(tiny_model_dir, kind="yes_no", yes="y", no="y")
 
 
+def test_causal_lm_judge_refuses_a_max_length_without_room_for_the_question(tiny_model_dir):
+    """" yes" is four characters: max_length 4 leaves no token for the question and is refused; 5 is accepted."""
+    with pytest.raises(ValueError, match="leaves no room for the question"):
+        load_model_judge(tiny_model_dir, kind="yes_no", max_length=4)
+    assert load_model_judge(tiny_model_dir, kind="yes_no", max_length=5).max_length == 5
+
+
+def test_label_applies_to_reward_models_only(tiny_model_dir):
+    """A yes/no judge has no label to pick: the option is refused by name, not with a constructor TypeError."""
+    with pytest.raises(ValueError, match="applies to reward-model judges only"):
+        load_model_judge(tiny_model_dir, kind="yes_no", label=0)
+
+
+def save_tiny_gpt2(directory):
+    """A tiny GPT-2 (learned absolute position embeddings) with the character tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=128,
+                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model, tokenizer
+
+
+def test_causal_lm_judge_with_absolute_positions_matches_direct_computation_in_a_padded_batch(tmp_path):
+    """With left padding, each row's positions start at 0 at its first real token: a model with absolute
+    position embeddings scores a short question in a batch with a long one as it scores it alone."""
+    torch.set_num_threads(1)
+    model, tokenizer = save_tiny_gpt2(tmp_path)
+    judge = load_model_judge(tmp_path, template=TEMPLATE)
+    samples = [("1+2=", "3", "3"), ("what is seven plus eight", "it is fifteen or so", "15")]
+    scores = judge(samples)
+    for score, (prompt, completion, answer) in zip(scores, samples):
+        question = TEMPLATE.format(prompt=prompt, completion=completion, answer=answer)
+        log_yes = continuation_log_prob(model, tokenizer, question, " yes")
+        log_no = continuation_log_prob(model, tokenizer, question, " no")
+        assert score == pytest.approx(1.0 / (1.0 + math.exp(log_no - log_yes)), rel=1e-4)
+
+
+def test_model_judges_with_other_settings_do_not_share_cached_scores(tmp_path, tiny_model_dir):
+    """A setting that changes the scores (the yes/no judge's template, answer words or max_length; the reward
+    model's label or max_length) changes the cache key: a shared cache file never hands one setting's scores to
+    another, while the same setting is served from it."""
+    torch.set_num_threads(1)
+    cache_path = str(tmp_path / "judge.sqlite")
+    reward_model_dir = tmp_path / "reward-model"
+    save_tiny_reward_model(reward_model_dir, 3)
+    settings = [(tiny_model_dir, {"template": TEMPLATE}), (tiny_model_dir, {"template": TEMPLATE + " "}),
+                (tiny_model_dir, {"template": TEMPLATE, "yes": " ok"}),
+                (tiny_model_dir, {"template": TEMPLATE, "max_length": 40}),
+                (reward_model_dir, {}), (reward_model_dir, {"label": 0}), (reward_model_dir, {"max_length": 16})]
+    for directory, options in settings:
+        reward = JudgeReward(str(directory), cache_path=cache_path, **options)
+        reward.score_batch(["1+2="], ["3"], ["3"])
+        assert reward.stats()["judged"] == 1, options
+    for directory, options in settings:
+        reward = JudgeReward(str(directory), cache_path=cache_path, **options)
+        reward.score_batch(["1+2="], ["3"], ["3"])
+        assert reward.stats()["judged"] == 0 and reward.stats()["hits"] == 1, options
+
+
+def test_an_explicit_judge_id_names_a_model_judge_in_the_cache(tmp_path, tiny_model_dir):
+    """judge_id replaces the model's default id in cache keys: scores cached under that id by another judge are
+    reused."""
+    cache_path = str(tmp_path / "judge.sqlite")
+    remote = JudgeReward(lambda samples: [0.75] * len(samples), judge_id="verifier-v1", cache_path=cache_path)
+    remote.score_batch(["p"], ["a"])
+    reward = JudgeReward(str(tiny_model_dir), judge_id="verifier-v1", cache_path=cache_path)
+    assert reward.judge_id == "verifier-v1"
+    assert reward("p", "a") == JudgeScore(0.75) and reward.stats()["judged"] == 0
+
+
 def save_tiny_reward_model(directory, num_labels: int, chat_template: str | None = None):
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
@@ -324,6 +553,9 @@ def test_reward_model_judge_matches_direct_computation(tmp_path, num_labels):
     if num_labels == 3:
         first = JudgeReward(str(tmp_path), label=0).score_batch(prompts, completions)
         assert all(0 < s.score < 1 for s in first) and [s.score for s in first] != scores
+        for label in (3, -1):
+            with pytest.raises(ValueError, match=r"label must be an integer in \[0, 3\)"):
+                JudgeReward(str(tmp_path), label=label)
 
 
 def test_reward_model_judge_keeps_the_end_of_a_long_input(tmp_path):
@@ -349,3 +581,23 @@ def test_reward_model_judge_uses_the_chat_template(tmp_path):
         expected = float(model(input_ids=torch.tensor([tokenizer("<u>2+2=<a>4")["input_ids"]])).logits[0, 0])
         plain = float(model(input_ids=torch.tensor([tokenizer("2+2=4")["input_ids"]])).logits[0, 0])
     assert score == pytest.approx(expected, rel=1e-4) and score != pytest.approx(plain, rel=1e-4)
+
+
+def test_reward_model_judge_with_a_chat_template_adds_no_second_bos(tmp_path):
+    """A chat template writes the special tokens itself: the judge's input holds the template's BOS once, even
+    when the tokenizer also adds one to plain text."""
+    from tokenizers.processors import TemplateProcessing
+
+    torch.set_num_threads(1)
+    template = "{{ bos_token }}{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}{% endfor %}"
+    model, tokenizer = save_tiny_reward_model(tmp_path, 1, chat_template=template)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(tmp_path)
+    ids = tokenizer("<u>2+2=<a>4")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
+    score = JudgeReward(str(tmp_path))("2+2=", "4").score
+    with torch.no_grad():
+        expected = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+        doubled = float(model(input_ids=torch.tensor([[tokenizer.bos_token_id, *ids]])).logits[0, 0])
+    assert score == pytest.approx(expected, rel=1e-4) and score != pytest.approx(doubled, rel=1e-4)
