@@ -13,7 +13,7 @@ import time
 import pytest
 
 from entrorl.rewards import RewardRunner, check_reward_spec, get_reward
-from entrorl.rewards.code import CodeOptions, CodeReward, extract_code, outputs_match, parse_tests
+from entrorl.rewards.code import CodeOptions, CodeReward, CodeVerdict, extract_code, outputs_match, parse_tests
 from entrorl.rewards.sandbox import SandboxCase, SandboxError, SandboxLimits, run_in_sandbox
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="the sandbox needs Linux")
@@ -108,6 +108,21 @@ def test_extract_code_ignores_unclosed_fences_and_bare_text_unless_asked():
         extract_code("x", which="middle")
 
 
+def test_extract_code_compares_language_tags_without_case_and_knows_python3():
+    """Fence tags match ``languages`` case-insensitively on both sides; ``python3`` is one of the default Python tags."""
+    assert extract_code("```Python\nprint(1)\n```") == "print(1)\n"
+    assert extract_code("```python3\nprint(3)\n```") == "print(3)\n"
+    assert extract_code("```cpp\nint x;\n```", languages=("CPP",)) == "int x;\n"
+
+
+def test_extract_code_finds_no_program_in_blank_text_a_truncated_fence_or_a_non_string():
+    """``allow_unfenced`` takes the whole completion only when it is non-blank text without any fence: a completion
+    cut off inside its fenced block still has no program, and a missing completion is no program either."""
+    assert extract_code("   \n", allow_unfenced=True) is None
+    assert extract_code("Here it is:\n```python\nprint(1)\n", allow_unfenced=True) is None
+    assert extract_code(None) is None
+
+
 def test_parse_tests_accepts_every_documented_form():
     as_cases = parse_tests(ADD_TESTS)
     assert [(t.kind, t.input, t.expected) for t in as_cases] == [("stdin", "1 2\n", "3\n"), ("stdin", "10 -4\n", "6\n")]
@@ -120,16 +135,32 @@ def test_parse_tests_accepts_every_documented_form():
     assert [t.kind for t in mixed] == ["stdin", "assert"]
 
 
+def test_parse_tests_reads_numbers_and_lists_of_lines_as_text():
+    """An output given as a number is its text; an input or output given as a list of lines is those lines, each
+    ending with a newline (what a program reading or printing them line by line sees)."""
+    [test] = parse_tests({"inputs": [["1 2", "3 4"]], "outputs": [3]})
+    assert (test.input, test.expected) == ("1 2\n3 4\n", "3")
+    [test] = parse_tests({"cases": [{"input": ["x"], "output": ["a", "b"]}]})
+    assert (test.input, test.expected) == ("x\n", "a\nb\n")
+    [test] = parse_tests({"cases": [{"output": "ok"}]})  # no input: empty standard input
+    assert (test.input, test.expected) == ("", "ok")
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
         ("not json", "JSON"),
+        ("1 2 -> 3", "a string spec must be JSON"),
         ({}, "no test case"),
         ({"inputs": ["1"]}, "together"),
         ({"inputs": ["1"], "outputs": []}, "1 inputs but 0 outputs"),
         ({"cases": [{"input": "1"}]}, r"cases\[0\]"),
         ({"tests": []}, "unknown keys"),
         ({"asserts": [""]}, r"asserts\[0\]"),
+        ({"asserts": ["   \n"]}, r"asserts\[0\]"),
+        ({"asserts": [7]}, r"asserts\[0\]"),
+        ({"inputs": "12", "outputs": "34"}, "must be lists"),
+        ({"cases": [{"input": "", "output": True}]}, r"cases\[0\]\.output"),
         (42, "expected a dict"),
     ],
 )
@@ -143,6 +174,7 @@ def test_outputs_match_modes():
     assert not outputs_match("3 4", "34", "tokens")
     assert outputs_match("a  \nb\n\n", "a\nb", "lines")
     assert not outputs_match("a b", "a  b", "lines")
+    assert not outputs_match("  a\nb", "a\nb", "lines")  # only trailing whitespace is ignored
     assert outputs_match("x\n", "x\n", "exact") and not outputs_match("x", "x\n", "exact")
     with pytest.raises(ValueError, match="compare"):
         outputs_match("a", "a", "fuzzy")
@@ -159,6 +191,29 @@ def test_options_are_validated_and_registered():
         check_reward_spec("code", no_such_option=1)
     check_reward_spec("code", time_limit=1.5, memory_mb=256)
     assert isinstance(get_reward("code", time_limit=1.0), CodeReward)
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [({"block": "middle"}, "block"), ({"languages": ()}, "languages"), ({"languages": ("python", "")}, "languages"),
+     ({"allow_unfenced": "yes"}, "allow_unfenced")],
+)
+def test_code_options_reject_bad_extraction_settings(options, name):
+    with pytest.raises(ValueError, match=name):
+        CodeOptions(**options)
+
+
+def test_a_single_language_tag_is_one_tag():
+    """``languages="cpp"`` means the one tag ``cpp``, not its letters."""
+    assert CodeOptions(languages="cpp").languages == ("cpp",)
+    verdict = reward(languages="py")("p", "```py\nprint('ok')\n```", {"cases": [{"input": "", "output": "ok"}]})
+    assert verdict == 1.0, verdict.reason
+
+
+def test_a_verdict_status_must_be_one_of_the_documented_statuses():
+    assert CodeVerdict(0.5, "wrong_answer").status == "wrong_answer"
+    with pytest.raises(ValueError, match="status"):
+        CodeVerdict(0.5, "almost")
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,11 +259,90 @@ def test_tests_come_from_meta_when_the_answer_is_none_and_their_absence_is_an_er
         reward()("rev", program, None)
 
 
+def test_the_answer_takes_precedence_over_meta_tests():
+    program = fenced("print(input()[::-1])")
+    verdict = reward()("rev", program, {"cases": [{"input": "abc", "output": "cba"}]},
+                       tests={"cases": [{"input": "abc", "output": "abc"}]})
+    assert verdict == 1.0, verdict.reason
+
+
+def test_a_completion_without_code_still_reports_how_many_cases_there_were():
+    verdict = reward()("add", "no code here", ADD_TESTS)
+    assert verdict.status == "no_code" and (verdict.passed, verdict.total) == (0, 2)
+
+
+def test_extraction_and_comparison_options_change_the_verdict():
+    """``block``, ``allow_unfenced``, ``languages`` and ``compare`` each reach the reward's extraction and scoring."""
+    tests = {"cases": [{"input": "", "output": "first"}]}
+    two_blocks = "```python\nprint('first')\n```\n```python\nprint('second')\n```"
+    assert reward()("p", two_blocks, tests) == 0.0
+    assert reward(block="first")("p", two_blocks, tests) == 1.0
+    assert reward()("p", "print('first')", tests).status == "no_code"
+    assert reward(allow_unfenced=True)("p", "print('first')", tests) == 1.0
+    assert reward(languages=("sh",))("p", "```python\nprint('first')\n```", tests).status == "no_code"
+    spaced = fenced("print('first  ')")
+    assert reward()("p", spaced, tests) == 1.0
+    assert reward(compare="exact")("p", spaced, tests).status == "wrong_answer"
+
+
+def test_sandbox_options_reach_the_sandbox(reachable_temp_dir):
+    """``time_limit`` and ``temp_dir`` given to the reward are the ones the program runs under."""
+    verdict = reward(time_limit=0.5)("p", fenced("import time\ntime.sleep(5)"), {"cases": [{"input": "", "output": ""}]})
+    assert verdict.status == "timeout" and "0.5 s" in verdict.reason
+    program = fenced(f"import os\nprint(os.path.realpath(os.getcwd()).startswith({str(reachable_temp_dir.resolve())!r}))")
+    verdict = reward(temp_dir=str(reachable_temp_dir))("p", program, {"cases": [{"input": "", "output": "True"}]})
+    assert verdict == 1.0, verdict.reason
+
+
+def test_an_assertion_error_in_a_stdin_program_is_a_runtime_error():
+    """A failing ``assert`` *case* is a wrong answer; an ``assert`` failing inside the program on its input is the
+    program crashing."""
+    verdict = reward()("p", fenced("assert input() == 'x'\nprint('ok')"), {"cases": [{"input": "y", "output": "ok"}]})
+    assert verdict.status == "runtime_error" and verdict.cases[0][1].startswith("AssertionError")
+
+
+def test_a_wrong_answer_reason_quotes_long_outputs_only_in_part():
+    """A program printing megabytes does not put them in the verdict's reason (kept in logs and reports)."""
+    verdict = reward()("p", fenced("print('x' * 100_000)"), {"cases": [{"input": "", "output": "y" * 100_000}]})
+    assert verdict.status == "wrong_answer"
+    assert len(verdict.reason) < 1_000
+
+
+def test_a_program_reading_another_process_environment_scores_zero_as_a_forbidden_read():
+    program = fenced("import os\nprint(len(open(f'/proc/{os.getppid()}/environ').read()))")
+    verdict = reward()("p", program, {"cases": [{"input": "", "output": "0"}]})
+    assert verdict == 0.0 and verdict.status == "forbidden_read" and verdict.reason.startswith("forbidden_read")
+
+
+def test_a_forbidden_act_scores_zero_and_counts_no_case_passed_even_after_passing_cases():
+    """The first refused act names the verdict; cases passed before it do not count."""
+    program = fenced(
+        """
+        import socket
+        word = input().strip()
+        if word == "b":
+            try:
+                open('/etc/entrorl-test', 'w')
+            except PermissionError:
+                pass
+            try:
+                socket.socket().connect(('127.0.0.1', 9))
+            except OSError:
+                pass
+        print(word)
+        """
+    )
+    verdict = reward()("echo", program, {"cases": [{"input": w, "output": w} for w in ("a", "b")]})
+    assert verdict == 0.0 and verdict.status == "forbidden_write"
+    assert verdict.passed == 0 and verdict.cases[0][0] == "passed"
+
+
 @pytest.mark.parametrize(
     ("completion", "status"),
     [
         ("I think the answer is to loop.", "no_code"),
         (fenced("def broken(:\n    pass"), "syntax_error"),
+        (fenced("print(1)\x00"), "syntax_error"),  # a null byte: the source does not compile
         (fenced("print(1 // 0)"), "runtime_error"),
         (fenced("import sys\nsys.exit(3)"), "runtime_error"),
         (fenced("print('x' * (3 * 1024 * 1024))"), "output_limit"),
@@ -247,6 +381,47 @@ def test_exiting_during_an_assert_does_not_pass_it():
     verdict = reward()("p", program, ["assert f() == 1", "assert True"])
     assert verdict.cases[0][0] == "runtime_error"
     assert verdict.cases[1][0] == "passed"
+
+
+@pytest.mark.parametrize("exit", ["sys.exit(0)", "sys.exit()", "raise SystemExit", "sys.exit(3)"])
+def test_exiting_from_a_function_an_assert_calls_does_not_pass_it(exit):
+    """``sys.exit(0)`` (or any exit) inside the function under test stops the assert before it is checked: like
+    ``os._exit``, that is a runtime error, never a pass (otherwise a program could pass every assert this way), and
+    the next case still runs."""
+    program = fenced(f"import sys\ndef f():\n    {exit}")
+    verdict = reward()("p", program, ["assert f() == 1", "assert True"])
+    assert verdict == 0.5
+    assert verdict.cases[0][0] == "runtime_error" and "SystemExit" in verdict.cases[0][1]
+    assert verdict.cases[1][0] == "passed"
+
+
+def test_the_program_runs_as_main_and_may_exit_cleanly_before_the_asserts():
+    """The program is executed as ``__main__``; ending it with ``sys.exit(0)`` is a normal end, so the assert cases
+    still run against what it defined."""
+    program = fenced("def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    import sys\n    sys.exit(0)")
+    verdict = reward()("add", program, ["assert add(1, 2) == 3", "assert add(2, 2) == 5"])
+    assert [status for status, _ in verdict.cases] == ["passed", "wrong_answer"]
+    guarded = fenced("if __name__ == '__main__':\n    print(input()[::-1])")
+    assert reward()("rev", guarded, {"cases": [{"input": "abc", "output": "cba"}]}) == 1.0
+
+
+def test_how_the_process_ends_during_a_case_decides_its_outcome():
+    """``os._exit(0)`` ends a script normally (its output so far counts); a non-zero exit status is an error, not a
+    crash; running out of CPU time is a timeout."""
+    run = run_in_sandbox("import os\nprint('partial', flush=True)\nos._exit(0)", stdin_cases())
+    assert (run.outcomes[0].status, run.outcomes[0].stdout) == ("ok", "partial\n")
+    run = run_in_sandbox("import os\nos._exit(3)", stdin_cases())
+    assert (run.outcomes[0].status, run.outcomes[0].error) == ("error", "exited with status 3")
+    spin = "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 3))\nwhile True:\n    pass"
+    verdict = reward(time_limit=10.0)("p", fenced(spin), {"cases": [{"input": "", "output": ""}]})
+    assert verdict.status == "timeout" and "SIGXCPU" in verdict.reason
+
+
+def test_long_and_non_ascii_outputs_are_captured_whole():
+    """Inputs and outputs are UTF-8 text, and an output far larger than a pipe buffer is compared in full."""
+    program = fenced("s = input()\nprint(s[::-1] * 20000)")
+    verdict = reward()("p", program, {"cases": [{"input": "héllo→", "output": "→olléh" * 20000}]})
+    assert verdict == 1.0, verdict.reason
 
 
 @pytest.mark.parametrize("program", [
@@ -365,6 +540,13 @@ def test_infinite_loop_is_stopped_at_the_time_limit_and_later_cases_are_skipped(
     assert elapsed < limit + 2.0, f"an infinite loop held the reward for {elapsed:.2f} s"
 
 
+def test_a_case_is_stopped_at_its_own_time_limit():
+    """Stopped at time_limit, not at some multiple of it (the margin leaves room for a busy machine's wake-up)."""
+    run = run_in_sandbox("import time\ntime.sleep(30)", stdin_cases(), SandboxLimits(time_limit=1.0))
+    assert run.outcomes[0].status == "timeout"
+    assert 1.0 <= run.outcomes[0].seconds < 1.8
+
+
 def test_sleeping_program_is_stopped_by_the_wall_clock_not_only_cpu_time():
     started = time.monotonic()
     verdict = reward(time_limit=0.5)("p", fenced("import time\ntime.sleep(60)"), {"cases": [{"input": "", "output": ""}]})
@@ -421,6 +603,40 @@ def test_fork_bomb_without_the_audit_hook_is_capped_by_the_process_limit():
     assert processes_of(run.uid, run.marker) == []
 
 
+def test_starting_more_threads_or_processes_than_allowed_scores_process_limit():
+    """Past ``max_processes`` a thread cannot start (``RuntimeError``) and, without the audit hook, a fork fails with
+    ``BlockingIOError``: either scores ``process_limit``."""
+    if os.geteuid() == 0 and not kernel_layers()["dropped_uid"]:
+        pytest.skip("RLIMIT_NPROC does not apply to root")
+    tests = {"cases": [{"input": "", "output": "ok"}]}
+    threads = fenced("import threading, time\nfor _ in range(32):\n"
+                     "    threading.Thread(target=time.sleep, args=(1,), daemon=True).start()\nprint('ok')")
+    verdict = reward(max_processes=4)("p", threads, tests)
+    assert verdict.status == "process_limit", verdict.reason
+    forks = fenced("import os, time\nfor _ in range(32):\n    if os.fork() == 0:\n        time.sleep(5)\n"
+                   "        os._exit(0)\nprint('ok')")
+    verdict = reward(max_processes=4, audit_hook=False)("p", forks, tests)
+    assert verdict.status == "process_limit", verdict.reason
+
+
+def test_the_program_runs_under_the_configured_resource_limits():
+    """Every limit of :class:`SandboxLimits` is the program's own ``getrlimit``; CPU time is capped at the total of
+    every case's time limit (plus a little), no core dumps."""
+    program = ("import resource\nfor name in ('AS', 'DATA', 'CPU', 'FSIZE', 'NOFILE', 'CORE', 'NPROC'):\n"
+               "    print(name, *resource.getrlimit(getattr(resource, 'RLIMIT_' + name)))")
+    limits = SandboxLimits(time_limit=1.5, memory_mb=300, max_processes=7, max_file_mb=3, max_open_files=40)
+    run = run_in_sandbox(program, stdin_cases(3), limits)
+    seen = {name: (int(soft), int(hard)) for name, soft, hard in map(str.split, run.outcomes[0].stdout.splitlines())}
+    megabyte = 1024 * 1024
+    assert seen["AS"] == seen["DATA"] == (300 * megabyte, 300 * megabyte)
+    assert seen["FSIZE"] == (3 * megabyte, 3 * megabyte)
+    assert seen["NOFILE"] == (40, 40)
+    assert seen["CORE"] == (0, 0)
+    assert 3 * 1.5 <= seen["CPU"][0] <= 3 * 1.5 + 5
+    if run.uid is not None:
+        assert seen["NPROC"] == (7, 7)
+
+
 def test_background_children_are_killed_even_when_they_leave_the_process_group():
     program = textwrap.dedent(
         """
@@ -440,6 +656,73 @@ def test_background_children_are_killed_even_when_they_leave_the_process_group()
     assert len(pids) == 2
     assert not any(pid_alive(pid) for pid in pids)
     assert processes_of(run.uid, run.marker) == []
+
+
+def test_a_background_process_without_the_run_marker_is_killed_by_its_uid():
+    """A child started with an empty environment and a new session carries nothing that names the run; it is still
+    killed, as a process of the sandbox uid."""
+    if not kernel_layers()["dropped_uid"]:
+        pytest.skip("only a dedicated sandbox uid identifies a process that dropped the run's marker")
+    program = "import subprocess\nprint(subprocess.Popen(['sleep', '60'], env={}, start_new_session=True).pid)"
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits(allow_subprocesses=True))
+    assert run.outcomes[0].status == "ok", run.outcomes[0]
+    assert not pid_alive(int(run.outcomes[0].stdout))
+
+
+def test_with_subprocesses_allowed_the_program_may_stop_its_own_children():
+    program = "import subprocess\nchild = subprocess.Popen(['sleep', '30'])\nchild.kill()\nprint(child.wait())"
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits(allow_subprocesses=True))
+    assert run.violations == [] and run.outcomes[0].stdout == "-9\n"
+
+
+@pytest.mark.parametrize(
+    ("program", "kind"),
+    [
+        ("import os\nos.open({target!r}, os.O_WRONLY | os.O_CREAT)", "file_write"),
+        ("open({target!r} + '.new', 'x')", "file_write"),
+        ("import os\nopen(os.getcwd() + '-sibling', 'w')", "file_write"),
+        ("import os\nopen('scratch', 'w').close()\nos.rename('scratch', {target!r})", "file_write"),
+        ("import os\nos.remove({target!r})", "file_write"),
+        ("import os\nos.chmod({target!r}, 0o777)", "file_write"),
+        ("import socket\nsocket.socket().connect(('127.0.0.1', 9))", "network"),
+        ("import socket\nsocket.socket().bind(('127.0.0.1', 0))", "network"),
+        ("import socket\nsocket.getaddrinfo('localhost', 80)", "network"),
+        ("import socket\nsocket.gethostbyname('localhost')", "network"),
+        ("import subprocess\nsubprocess.run(['true'])", "process"),
+        ("import os\nos.system('true')", "process"),
+        ("import os\nos.execv('/bin/true', ['true'])", "process"),
+        ("import cffi", "ctypes"),
+    ],
+    ids=["os.open", "open-x", "sibling-folder", "rename-out", "remove", "chmod", "connect", "bind", "getaddrinfo",
+         "gethostbyname", "subprocess", "os.system", "exec", "cffi"],
+)
+def test_each_forbidden_operation_is_refused_and_reported(tmp_path, program, kind):
+    """Each operation the module documents as refused raises in the program and is reported with its kind; the
+    file outside the sandbox directory is left as it was."""
+    target = tmp_path / "target.txt"
+    target.write_text("keep")
+    run = run_in_sandbox(program.format(target=str(target)), stdin_cases(), SandboxLimits())
+    assert run.violations and run.violations[0][0] == kind, (run.violations, run.outcomes)
+    assert run.outcomes[0].status == "error"
+    assert target.read_text() == "keep" and os.listdir(tmp_path) == ["target.txt"]
+    assert (target.stat().st_mode & 0o777) != 0o777
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "open('/dev/null', 'w').write('discarded')",
+        "import os\nopen(f'/proc/{os.getpid()}/status').read()",
+        "import tempfile\nwith tempfile.TemporaryFile() as handle:\n    handle.write(b'x')",
+        "import os\nopen(os.path.expanduser('~/notes.txt'), 'w').write('x')",
+    ],
+    ids=["dev-null", "own-proc", "tempfile", "home"],
+)
+def test_harmless_operations_are_allowed(program):
+    """Writing to ``/dev/null``, reading the program's own ``/proc`` entry, and temporary or home-directory files
+    (both are the working directory) are no violations."""
+    run = run_in_sandbox(program + "\nprint('ok')", stdin_cases())
+    assert run.violations == [] and run.outcomes[0].stdout == "ok\n", run.outcomes[0]
 
 
 def test_writing_outside_the_sandbox_directory_is_refused(tmp_path):
@@ -495,6 +778,23 @@ def test_files_left_in_shared_temporary_directories_are_removed_when_the_view_is
     finally:
         if os.path.exists(f"/dev/shm/{name}") and run.uid is None:
             os.remove(f"/dev/shm/{name}")
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert run.isolation["litter_removed"] == [f"/dev/shm/{name}"]
+
+
+def test_folders_left_in_shared_temporary_directories_are_removed_too():
+    name = f"entrorl-litter-{os.urandom(4).hex()}"
+    program = f"import os\nos.mkdir('/dev/shm/{name}')\nopen('/dev/shm/{name}/f', 'w').write('x')\nprint('ok')"
+    if os.geteuid() != 0:
+        pytest.skip("litter is only attributable to a dedicated sandbox uid, which needs root")
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits(audit_hook=False, read_only_filesystem=False))
+    if run.uid is None:
+        if os.path.exists(f"/dev/shm/{name}"):
+            import shutil
+
+            shutil.rmtree(f"/dev/shm/{name}")
+        pytest.skip("litter is only attributable to a dedicated sandbox uid")
+    assert run.outcomes[0].stdout == "ok\n"
     assert not os.path.exists(f"/dev/shm/{name}")
     assert run.isolation["litter_removed"] == [f"/dev/shm/{name}"]
 
@@ -561,6 +861,17 @@ def test_network_connection_to_a_local_listener_is_blocked():
         assert not _accepted_any(server), "the sandboxed program reached the listener"
     finally:
         server.close()
+
+
+def test_network_failures_from_the_kernel_layer_score_network_blocked():
+    """Without the audit hook, the empty network namespace makes connections fail with ENETUNREACH and name lookups
+    fail to resolve: either is scored ``network_blocked``."""
+    if not kernel_layers()["network_namespace"]:
+        pytest.skip("no network namespace here")
+    for program in ("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)",
+                    "import socket\nsocket.getaddrinfo('example.com', 80)"):
+        verdict = reward(audit_hook=False)("p", fenced(program), {"cases": [{"input": "", "output": ""}]})
+        assert verdict.status == "network_blocked", verdict.reason
 
 
 def test_program_cannot_read_the_parents_environment(monkeypatch):
@@ -691,6 +1002,12 @@ def test_what_a_program_does_to_its_own_folder_does_not_break_the_sandbox(reacha
             assert "late" in run.stderr_tail
 
 
+def test_the_stderr_tail_is_the_end_of_a_long_standard_error():
+    program = "import sys\nsys.stderr.write('noise ' * 2000)\nsys.stderr.write('the last words\\n')"
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits())
+    assert run.stderr_tail.endswith("the last words\n") and len(run.stderr_tail) <= 2000
+
+
 def test_a_link_inside_the_folder_to_anywhere_is_allowed():
     """Only a link's own name is a write; what it points at is not (a link to /usr/lib inside the folder is harmless,
     since the parent never follows links)."""
@@ -734,3 +1051,32 @@ def test_isolation_report_names_the_active_layers():
     assert off.outcomes[0].stdout == "1\n"
     assert off.isolation["audit_hook"] is False and off.isolation["network_namespace"] is False
     assert off.isolation["read_only_filesystem"] is False
+
+
+def test_each_kernel_layer_can_be_turned_off_alone_and_is_reported_so():
+    run = run_in_sandbox("print(1)", stdin_cases(), SandboxLimits(network_namespace=False))
+    assert run.outcomes[0].stdout == "1\n"
+    assert run.isolation["network_namespace"] is False
+    assert run.isolation["read_only_filesystem"] is kernel_layers()["read_only_filesystem"]
+    if os.geteuid() == 0:  # only root has privileges to drop
+        run = run_in_sandbox("import os\nprint(os.getuid())", stdin_cases(), SandboxLimits(drop_privileges=False))
+        assert run.uid is None and "not dropped" in run.isolation["user"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("time_limit", True), ("time_limit", 86_400), ("startup_time", -1.0), ("memory_mb", 31), ("memory_mb", 64.0),
+     ("max_processes", 0), ("max_file_mb", 0), ("max_open_files", 15), ("audit_hook", 1), ("drop_privileges", None),
+     ("python", ""), ("temp_dir", "")],
+)
+def test_sandbox_limits_reject_values_out_of_range(name, value):
+    with pytest.raises(ValueError, match=name):
+        SandboxLimits(**{name: value})
+
+
+def test_sandbox_limits_accept_their_smallest_values_and_cases_are_checked():
+    SandboxLimits(memory_mb=32, max_processes=1, max_file_mb=1, max_open_files=16)
+    with pytest.raises(ValueError, match="kind"):
+        SandboxCase("stdout", "")
+    with pytest.raises(TypeError, match="string"):
+        SandboxCase("stdin", b"1 2\n")

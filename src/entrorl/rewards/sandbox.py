@@ -443,7 +443,11 @@ def run_case(index, case, state):
             state["program_exception"] = exc
     if state["program_exception"] is not None:  # every assert case fails the way the program did
         raise state["program_exception"]
-    exec(compile(text, "test_%d" % index, "exec"), state["namespace"])
+    try:
+        exec(compile(text, "test_%d" % index, "exec"), state["namespace"])
+    except SystemExit as exc:  # even sys.exit(0): the assert was never checked, which must not pass it
+        raise RuntimeError("the code under test exited (SystemExit: exit status %r) before the assert was checked"
+                           % (exc.code,)) from None
 
 
 def main():
