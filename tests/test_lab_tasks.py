@@ -222,6 +222,7 @@ COUNTDOWN_CASES = [
     # wrong arithmetic that propagates
     ("3*5=16 16+7=23 #23", 0.0),
     ("3*5=16 16+7=22 #22", 0.0),
+    ("3*5=16 15+7=22 #22", 0.0),  # a step's wrong result, then its true value used as if it were available
     # operators and formats outside the grammar
     ("3x5=15 15+7=22 #22", 0.0),
     ("3*5=15 15+7=22.0 #22", 0.0),
@@ -242,6 +243,7 @@ def test_countdown_positive_intermediates_and_problem_errors():
     assert task.score("5 5 2>2=", "5-5=0 0+2=2 #2", "2") == 0.0  # zero intermediate
     assert task.score("5 5 2>2=", "5-2=3 3-5=2 #2", "2") == 0.0  # 3-5 is not 2 (nor positive)
     assert task.score("5 5 2>2=", "5+5=10 10/2=5 #5", "5") == 0.0  # no division
+    assert task.score("5 5 2>5=", "5+5=10 10/2=5 #5", "5") == 0.0  # no division, even with the right answer
     with pytest.raises(ValueError, match="cannot tell the problem"):
         task.score("garbage", "#22", "22")
 
@@ -604,3 +606,190 @@ def test_sft_corpus_demonstrations_of_a_problem_differ_while_it_has_enough():
     assert len(distinct_terms) >= 10
     for prompt in distinct_terms:
         assert len(demos[prompt]) == 4 and len(set(demos[prompt])) == 4, demos[prompt]
+
+
+# --------------------------------------------------------------------------------------------
+# constructor arguments, reference answers, wrong demonstrations in detail
+# --------------------------------------------------------------------------------------------
+
+
+def test_integer_arguments_reject_booleans_and_out_of_range_values():
+    """Counts and seeds must be real integers (not booleans); sum_chain's term counts and eval_fraction are bounded."""
+    task = get_task("sum_chain")
+    with pytest.raises(ValueError, match="seed"):
+        task.examples(3, seed=True, split="train")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n must be"):
+        task.examples(True, seed=0, split="train")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="min_terms"):
+        SumChainTask(min_terms=1)
+    with pytest.raises(ValueError, match="max_terms"):
+        SumChainTask(max_terms=8)
+    assert SumChainTask(max_terms=7).max_terms == 7
+    for fraction in (0, 0.0, 1, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="eval_fraction"):
+            SumChainTask(eval_fraction=fraction)
+
+
+def test_eval_fraction_sets_the_share_of_held_out_problems():
+    """``eval_fraction`` is the share of canonical problems in the eval split: a larger fraction holds out more."""
+    for fraction in (0.2, 0.5, 0.8):
+        task = SumChainTask(min_terms=3, max_terms=3, eval_fraction=fraction)
+        multisets = {task.canonical(e) for e in task.examples(task.num_problems("eval"), seed=0, split="eval")}
+        share = len(multisets) / 165  # 3-multisets of 1..9
+        assert abs(share - fraction) < 0.1, (fraction, share)
+
+
+def test_sum_chain_reference_comes_from_the_terms_before_the_answer():
+    """The terms (from meta, else from an ``a+b+...=`` prompt) define the problem; the answer is only a last resort,
+    and an empty term list or a one-number prompt does not count as terms."""
+    task = get_task("sum_chain")
+    assert task.score("7+3+5+2=", "#17", "18", terms=[7, 3, 5, 2]) == 1.0
+    assert task.score("7+3+5+2=", "#18", "18", terms=[7, 3, 5, 2]) == 0.0
+    assert task.score("7+3+5+2=", "#17", "18") == 1.0
+    assert task.score("7+3=", "#10", None, terms=[]) == 1.0  # empty terms: read the prompt
+    assert task.score("12=", "#5", "5") == 1.0  # a single number is no sum: read the answer
+    assert task.score("12=", "#12", "5") == 0.0
+
+
+def test_sum_chain_wrong_demonstrations_slip_once_or_miscopy_one_time_in_five():
+    """A wrong sum_chain demonstration is a chained reduction of the terms with exactly one step, any step, off by 1
+    or 2 (its result still positive and carried on), or, about one time in five, all steps right and the final answer
+    miscopied by 1 or 2."""
+    task = get_task("sum_chain")
+    rng = random.Random(8)
+    miscopies = total = 0
+    slip_steps = set()
+    for example in task.examples(100, seed=4, split="train"):
+        for _ in range(5):
+            wrong = task.wrong_demonstration(example, rng)
+            body, final = wrong.rsplit("#", 1)
+            remaining, slips = list(example.meta["terms"]), []
+            for index, step in enumerate(body.split()):
+                a, b, result = map(int, re.fullmatch(r"(\d+)\+(\d+)=(\d+)", step).groups())
+                remaining.remove(a)
+                remaining.remove(b)
+                remaining.append(result)
+                assert result >= 1, wrong
+                if result != a + b:
+                    slips.append(result - (a + b))
+                    slip_steps.add(index)
+            assert len(remaining) == 1, wrong
+            total += 1
+            if slips:
+                assert len(slips) == 1 and slips[0] in (-2, -1, 1, 2), wrong
+                assert int(final) == remaining[0], wrong
+            else:
+                miscopies += 1
+                assert int(final) - int(example.answer) in (-2, -1, 1, 2), wrong
+    assert 0.12 <= miscopies / total <= 0.28, miscopies / total
+    assert slip_steps == {0, 1, 2}  # the slip can happen at any step
+
+
+def _countdown_solution_count(numbers, target):
+    """Distinct solutions of a 3-number countdown problem, counted independently: expressions ``(a o b) o c`` with
+    positive intermediates, the same solution when they differ only by the order of + or * operands."""
+
+    def key(op, left, right):
+        return (op, tuple(sorted((left, right), key=repr))) if op in "+*" else (op, (left, right))
+
+    ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+    found = set()
+    for i, j, k in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)):
+        a, b, c = numbers[i], numbers[j], numbers[k]
+        for op1, f1 in ops.items():
+            r = f1(a, b)
+            if r <= 0:
+                continue
+            inner = key(op1, a, b)
+            for op2, f2 in ops.items():
+                for left, right, x, y in ((inner, c, r, c), (c, inner, c, r)):
+                    if f2(x, y) == target:
+                        found.add(key(op2, left, right))
+    return len(found)
+
+
+def test_countdown_solution_counts_match_an_independent_count():
+    """``meta["solutions"]`` is the number of distinct solutions (not capped by ``max_weight``)."""
+    task = get_task("countdown")
+    examples = task.examples(task.num_problems("train"), seed=2, split="train")  # the whole split
+    for example in examples:
+        assert example.meta["solutions"] == _countdown_solution_count(example.meta["numbers"], example.meta["target"])
+    assert any(example.meta["solutions"] > task.max_weight for example in examples)
+
+
+def test_countdown_numbers_span_the_documented_ranges_and_are_shown_shuffled():
+    """Numbers are 1-9 plus at most one of 10-25 (every value of 10-25 occurs), shown in random order."""
+    task = CountdownTask(max_target=30)
+    examples = task.examples(task.num_problems("train"), seed=0, split="train")
+    big = {x for e in examples for x in e.meta["numbers"] if x > 9}
+    assert big == set(range(10, 26))
+    unsorted = sum(e.meta["numbers"] != sorted(e.meta["numbers"]) for e in examples[:300])
+    assert 150 <= unsorted <= 280, unsorted
+
+
+def test_countdown_demonstrations_use_every_rendering():
+    """A solution's renderings (operand order of + and *) are all used: ``3*5+7`` has four."""
+    task = get_task("countdown")
+    example = TaskExample("3 5 7>22=", "22", {"numbers": [3, 5, 7], "target": 22, "problem": "3 5 7>22"})
+    rng = random.Random(0)
+    demos = {task.demonstration(example, rng) for _ in range(80)}
+    assert demos == {"3*5=15 15+7=22 #22", "3*5=15 7+15=22 #22", "5*3=15 15+7=22 #22", "5*3=15 7+15=22 #22"}
+
+
+def test_countdown_wrong_demonstrations_are_misses_slips_or_bogus_hits():
+    """Each wrong countdown demonstration is one of the three documented kinds, and each kind occurs: a valid
+    derivation of another number; a chained derivation (the second step uses the first step's written result) with
+    one step off by 1 or 2, ending at another number; a last step that falsely claims the target."""
+    task = get_task("countdown")
+    rng = random.Random(3)
+    kinds = {"miss": 0, "slip": 0, "bogus": 0}
+    for example in task.examples(150, seed=5, split="train"):
+        numbers, target = example.meta["numbers"], example.meta["target"]
+        wrong = task.wrong_demonstration(example, rng)
+        body, final = wrong.rsplit("#", 1)
+        final = int(final)
+        steps = [re.fullmatch(r"(\d+)([+\-*])(\d+)=(\d+)", s).groups() for s in body.split()]
+        assert len(steps) == 2, wrong
+        (a, op1, b, r), (x, op2, y, t) = [(int(p), o, int(q), int(v)) for p, o, q, v in steps]
+        if final != target and CountdownTask.check_derivation(numbers, final, wrong):
+            kinds["miss"] += 1
+        elif final == target:
+            assert t == target and not CountdownTask.check_derivation(numbers, target, wrong), wrong
+            kinds["bogus"] += 1
+        else:
+            assert t == final and r in (x, y), wrong
+            rest = list(numbers)
+            rest.remove(a)
+            rest.remove(b)
+            other = y if x == r else x
+            assert other == rest[0], wrong
+            ops = {"+": lambda p, q: p + q, "-": lambda p, q: p - q, "*": lambda p, q: p * q}
+            errors = [r - ops[op1](a, b), t - ops[op2](x, y)]
+            assert sorted(map(abs, errors))[0] == 0 and max(map(abs, errors)) in (1, 2), wrong
+            kinds["slip"] += 1
+    assert all(count >= 15 for count in kinds.values()), kinds
+
+
+def test_rg_arithmetic_parser_edge_cases_in_demonstrations():
+    """Unary minus on a group subtracts it from 0; an expression that does not parse, or whose value disagrees with
+    the reference, gets the bare answer; independent operations are reduced in either order."""
+    task = get_task("rg_arithmetic")
+    rng = random.Random(0)
+    assert task.demonstration(TaskExample("-(2+3)=", "-5", {"problem": "-(2+3)"}), rng) == "2+3=5 0-5=-5 #-5"
+    assert task.demonstration(TaskExample("2+3)=", "5", {"problem": "2+3)"}), rng) == "#5"
+    assert task.demonstration(TaskExample("2+3=", "6", {"problem": "2+3"}), rng) == "#6"
+    product = TaskExample("(1+2)*(3+4)=", "21", {"problem": "(1+2)*(3+4)"})
+    assert {task.demonstration(product, rng) for _ in range(30)} == {"1+2=3 3+4=7 3*7=21 #21",
+                                                                     "3+4=7 1+2=3 3*7=21 #21"}
+
+
+def test_rg_arithmetic_fallback_wrong_answer_never_contains_the_reference():
+    """Without a parseable expression the wrong demonstration is a bare number that does not contain the reference
+    (reasoning-gym would give such an answer partial credit)."""
+    task = get_task("rg_arithmetic")
+    rng = random.Random(0)
+    for answer in ("1", "2", "0", "-1", "12"):
+        example = TaskExample("?=", answer, {"problem": "?"})
+        for _ in range(40):
+            wrong = task.wrong_demonstration(example, rng)
+            assert wrong.startswith("#") and answer not in wrong[1:], (answer, wrong)
