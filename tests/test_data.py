@@ -633,6 +633,13 @@ def test_bad_arguments(tmp_path):
         load_prompts(p, prompt_column="x", answer_column="x")
     with pytest.raises(ValueError, match="also the prompt or answer column"):
         load_prompts(p, meta_columns=["answer"])
+    with pytest.raises(TypeError, match="prompt_column must be a non-empty string"):
+        load_prompts(p, prompt_column="")
+    with pytest.raises(TypeError, match="answer_column must be a non-empty string"):
+        load_prompts(p, answer_column="")
+    for value in ("no", 0, None):
+        with pytest.raises(TypeError, match="require_answer must be True or False"):
+            load_prompts(p, require_answer=value)
 
 
 def test_meta_columns_arguments_are_checked(tmp_path):
@@ -643,18 +650,6 @@ def test_meta_columns_arguments_are_checked(tmp_path):
         load_prompts(p, meta_columns=["level", "level"], **COLS)
     with pytest.raises(ValueError, match="'question' is also the prompt or answer column"):
         load_prompts(p, meta_columns=["question"], **COLS)
-
-
-def test_column_names_must_be_non_empty_and_require_answer_a_boolean(tmp_path):
-    p = tmp_path / "ok.jsonl"
-    write_lines(p, ['{"prompt": "a", "answer": "1"}'])
-    with pytest.raises(TypeError, match="prompt_column must be a non-empty string"):
-        load_prompts(p, prompt_column="")
-    with pytest.raises(TypeError, match="answer_column must be a non-empty string"):
-        load_prompts(p, answer_column="")
-    for value in ("no", 0, None):
-        with pytest.raises(TypeError, match="require_answer must be True or False"):
-            load_prompts(p, require_answer=value)
 
 
 def test_loading_does_not_import_trainer_or_lab():
