@@ -599,8 +599,9 @@ def _load_parquet(p: Path, cols: _Columns) -> list[PromptRecord]:
     import pyarrow.parquet as pq
 
     try:
-        _refuse_repeated_columns(pq.read_schema(p).names, p)  # read_table would fail on them with an Arrow message
-        table = pq.read_table(p)
+        with pq.ParquetFile(p) as parquet:
+            _refuse_repeated_columns(parquet.schema_arrow.names, p)  # reading would fail on them with an Arrow message
+            table = parquet.read()
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{p}: cannot be read as Parquet ({exc}); expected a Parquet file", path=str(p)) from None
     return _table_records(table, p, cols)
