@@ -874,6 +874,18 @@ def test_informative_groups_interleaved_and_reference():
     assert informative_groups(torch.zeros(0), torch.zeros(0, dtype=torch.long)).shape == (0,)
 
 
+def test_informative_groups_all_equal_groups_away_from_zero():
+    """A group whose rewards are all equal is never informative, whatever the common value: negative,
+    positive, infinite, or an integer that float32 could not tell from its neighbour."""
+    rewards = torch.tensor([-1.0, -1.0, 3.0, 3.0, -float("inf"), -float("inf"), -2.0, -0.5], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert informative_groups(rewards, groups).tolist() == [False] * 6 + [True, True]
+    big = 2**24  # float32 rounds big + 1 to big
+    got = informative_groups(torch.tensor([big, big + 1, big, big]), torch.tensor([0, 0, 1, 1]))
+    assert got.tolist() == [True, True, False, False]
+    assert informative_groups(torch.tensor([-5, -5, -5]), torch.tensor([4, 4, 4])).tolist() == [False] * 3
+
+
 def test_informative_groups_validation():
     with pytest.raises(ValueError, match="NaN"):
         informative_groups(torch.tensor([float("nan"), 1.0]), torch.tensor([0, 0]))
@@ -881,6 +893,10 @@ def test_informative_groups_validation():
         informative_groups(torch.tensor([1.0, 2.0]), torch.tensor([0]))
     with pytest.raises(ValueError, match="integers"):
         informative_groups(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))
+    with pytest.raises(ValueError, match="integers"):
+        informative_groups(torch.tensor([1.0, 2.0]), torch.tensor([True, True]))
+    with pytest.raises(ValueError, match="rewards must be 1-D"):
+        informative_groups(torch.tensor(1.0), torch.tensor([0]))
 
 
 def test_group_pass_rates_exact():
@@ -930,10 +946,42 @@ def test_filter_by_pass_rate_decimal_band_and_order():
     assert filter_by_pass_rate(recs, torch.tensor(rates), low=0.1, high=0.5) == [recs[0], recs[1], recs[3]]
 
 
+def test_filter_by_pass_rate_tenths_on_open_edges():
+    """Rates c / 10 compared as doubles: a rate equal to an open edge (0.1 or 0.3, not exact in binary) is left out."""
+    recs = make_records(11)
+    rates = [c / 10 for c in range(11)]
+    low, high, inc = parse_band("(0.1, 0.3)")
+    assert [r.meta["i"] for r in filter_by_pass_rate(recs, rates, low=low, high=high, inclusive=inc)] == [2]
+    low, high, inc = parse_band("(1/10, 3/10]")
+    kept = filter_by_pass_rate(recs, np.array(rates), low=low, high=high, inclusive=inc)
+    assert [r.meta["i"] for r in kept] == [2, 3]
+    # exact: a rate just above the edge (the same number in float32) is outside the closed band
+    assert filter_by_pass_rate(make_records(2), [0.5, 0.5 + 1e-12], low=0.0, high=0.5) == make_records(2)[:1]
+
+
+def test_filter_by_pass_rate_takes_a_bfloat16_tensor():
+    """pass_rates may be any torch tensor, a bfloat16 one (which numpy cannot hold) included."""
+    recs = make_records(3)
+    rates = torch.tensor([0.25, 0.5, 0.75], dtype=torch.bfloat16)
+    assert filter_by_pass_rate(recs, rates, low=0.0, high=0.5) == recs[:2]
+
+
+def test_filter_by_pass_rate_names_a_bad_rate_as_a_plain_number():
+    with pytest.raises(ValueError, match=r"pass rate 1.2 of record 1 \(mem:2\) is not in \[0, 1\]"):
+        filter_by_pass_rate(make_records(3), [0.1, 1.2, 0.3], low=0, high=1)
+
+
 def test_filter_by_pass_rate_validation():
     recs = make_records(3)
     with pytest.raises(ValueError, match="3 records but 2 pass rates"):
         filter_by_pass_rate(recs, [0.1, 0.2], low=0, high=1)
+    with pytest.raises(ValueError, match="3 records but 4 pass rates"):
+        filter_by_pass_rate(recs, [0.1, 0.2, 0.3, 0.4], low=0, high=1)
+    with pytest.raises(ValueError, match="1-D"):
+        filter_by_pass_rate(recs, [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], low=0, high=1)
+    for bad_low in (True, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="low must be"):
+            filter_by_pass_rate(recs, [0.1, 0.2, 0.3], low=bad_low, high=1)
     with pytest.raises(ValueError, match="low"):
         filter_by_pass_rate(recs, [0.1, 0.2, 0.3], low=-0.1, high=1)
     with pytest.raises(ValueError, match="high"):
@@ -944,10 +992,12 @@ def test_filter_by_pass_rate_validation():
         filter_by_pass_rate(recs, [0.1, 0.2, 0.3], low=0.4, high=0.4, inclusive=(True, False))
     with pytest.raises(ValueError, match=r"record 1 \(mem:2\)"):
         filter_by_pass_rate(recs, [0.1, float("nan"), 0.3], low=0, high=1)
-    with pytest.raises(ValueError, match="not in"):
-        filter_by_pass_rate(recs, [0.1, 1.2, 0.3], low=0, high=1)
+    with pytest.raises(ValueError, match=r"of record 1 \(mem:2\) is not in"):
+        filter_by_pass_rate(recs, [0.1, 1.2, -0.3], low=0, high=1)  # the first bad one is named
     with pytest.raises(ValueError, match="pair of booleans"):
         filter_by_pass_rate(recs, [0.1, 0.2, 0.3], low=0, high=1, inclusive=True)
+    with pytest.raises(ValueError, match="pair of booleans"):
+        filter_by_pass_rate(recs, [0.1, 0.2, 0.3], low=0, high=1, inclusive=(True, True, True))
 
 
 def test_filter_by_pass_rate_inclusive_must_be_booleans():
@@ -988,6 +1038,8 @@ def test_parse_band_cases(text, expected):
         ("[0.6, 0.4]", "exceeds"),
         ("(0.5, 0.5]", "empty"),
         ("[, 0.5]", "lower edge .* is missing"),
+        ("[0.1, 0.5] and more", "expected an interval with brackets"),
+        ("[0.1, 0.5]]", "expected an interval with brackets"),
     ],
 )
 def test_parse_band_errors(text, pattern):

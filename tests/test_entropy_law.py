@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from entrorl.analysis import EntropyLawFit, LawForecast, fit_entropy_law, forecast_entropy_law
+from entrorl.analysis.law import CONSTANT_ENTROPY_TOLERANCE
 
 A_TRUE, B_TRUE = 0.35, 0.95  # ceiling b - a = 0.60
 SIGMA = 0.005  # reward noise in the noisy runs
@@ -130,6 +131,14 @@ def test_fit_validation(entropy, reward, fragment):
         fit_entropy_law(entropy, reward)
 
 
+def test_the_first_non_finite_point_is_named():
+    nan, inf = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"point 1 is \(entropy=\S*nan\S*, reward=\S*0\.2"):
+        fit_entropy_law([1.0, nan, 0.5, inf], [0.1, 0.2, 0.3, 0.4])
+    with pytest.raises(ValueError, match=r"point 2 is \(entropy=\S*0\.5\S*, reward=\S*-inf"):
+        fit_entropy_law([1.0, 0.8, 0.5, 0.2], [0.1, 0.2, -inf, nan])
+
+
 # --------------------------------------------------------------------------------------------
 # forecast_entropy_law
 # --------------------------------------------------------------------------------------------
@@ -226,6 +235,24 @@ def test_forecast_validation(kwargs, n, fragment):
         forecast_entropy_law(h[:n], r[:n], **kwargs)
 
 
+def test_reached_is_the_best_reward_of_the_whole_run_fitted_points_included():
+    # the best reward of this run lies in its fitted prefix (the first 3 of 10 points)
+    h = np.linspace(1.0, 0.1, 10)
+    r = law(h)
+    r[1] = 0.9
+    fc = forecast_entropy_law(h, r)
+    assert fc.n_fit == 3
+    assert fc.reached == 0.9 and fc.to_dict()["reached"] == 0.9
+
+
+def test_the_forecast_keeps_its_own_copy_of_the_measured_rewards():
+    h, r = synthetic_run(40)
+    fc = forecast_entropy_law(h, r)
+    expected = r[fc.n_fit:].copy()
+    r[:] = 0.0  # the caller reuses its array
+    np.testing.assert_array_equal(fc.actual, expected)
+
+
 def test_forecast_reports_a_flat_prefix():
     h = np.array([0.8, 0.8, 0.8, 0.6, 0.4, 0.2])
     with pytest.raises(ValueError, match="entropy is the same"):
@@ -250,16 +277,31 @@ def test_entropy_constant_up_to_rounding_is_not_fitted(entropy):
         fit_entropy_law(entropy, [0.1, 0.2, 0.3, 0.4][: len(entropy)])
 
 
-def test_fit_is_sound_for_tiny_but_real_entropy_changes():
-    # a spread of 1e-6 nats around H = 2 (x ~ 7.4): far above rounding; the centred fit recovers the law
-    h = 2.0 + 1e-6 * np.linspace(0.0, 1.0, 20)
-    r = law(h, a=1000.0, b=7400.0)
-    fit = fit_entropy_law(h, r)
-    assert fit.a == pytest.approx(1000.0, rel=1e-4)
-    assert 0.999 <= fit.r2 <= 1.0
-    rng = np.random.default_rng(3)
-    noisy = fit_entropy_law(h, r + rng.normal(0.0, 1e-4, h.size))
-    assert 0.0 <= noisy.r2 <= 1.0
+@pytest.mark.parametrize(("step", "fitted"), [(5e-10, False), (2e-9, True)])
+def test_the_constant_entropy_tolerance_is_1e_9_of_exp_entropy(step, fitted):
+    # exp(H) counts as constant when max - min is at most CONSTANT_ENTROPY_TOLERANCE = 1e-9 of max exp(H): for a small
+    # step d, exp(0.5 + d) / exp(0.5) - 1 ~ d, so a step of half the tolerance is not fitted, one of twice it is
+    entropy = [0.5, 0.5 + step, 0.5]
+    reward = [0.1, 0.2, 0.3]
+    if fitted:
+        assert fit_entropy_law(entropy, reward).n_points == 3
+    else:
+        with pytest.raises(ValueError, match="entropy is the same"):
+            fit_entropy_law(entropy, reward)
+
+
+def test_r2_of_a_reward_uncorrelated_with_exp_entropy_stays_in_0_1():
+    # the reward is made orthogonal to exp(H) after centring: the least-squares slope is ~0 and R² ~0, never below 0
+    # however the residuals round
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h = rng.uniform(0.1, 1.5, 6)
+        xc = np.exp(h) - np.exp(h).mean()
+        rc = rng.uniform(0.0, 1.0, 6)
+        rc -= rc.mean()
+        fit = fit_entropy_law(h, 0.5 + rc - (xc @ rc) / (xc @ xc) * xc)
+        assert 0.0 <= fit.r2 <= 1.0
+        assert fit.r2 == pytest.approx(0.0, abs=1e-12)
 
 
 def test_r2_needs_three_points():

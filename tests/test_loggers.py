@@ -274,3 +274,57 @@ def test_a_tracker_that_fails_to_close_a_finished_run_does_not_send_the_user_to_
     assert ("error: logging.wandb: W&B could not finish: OSError: [Errno 28] No space left on device; the run itself "
             "finished: its last checkpoint, step_000001, and metrics.jsonl are complete") in output
     assert "--resume" not in output
+
+
+def test_metrics_jsonl_holds_this_start_s_steps_with_non_finite_values_as_null(tmp_path):
+    """A fresh start replaces an earlier attempt's metrics.jsonl; NaN and infinities are written as null (valid JSON),
+    each record starts with its step, and a step can be read back before the logger is closed."""
+    logger = MetricsLogger(tmp_path)
+    log_steps(logger, range(1, 4))
+    logger.close()
+    logger = MetricsLogger(tmp_path)
+    logger.log(1, {"a": float("nan"), "b": float("inf"), "c": -float("inf"), "d": 2.5, "e": 3, "f": "x"})
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert read_metrics(tmp_path) == [{"step": 1, "a": None, "b": None, "c": None, "d": 2.5, "e": 3, "f": "x"}]
+    assert list(json.loads(text)) == ["step", "a", "b", "c", "d", "e", "f"]
+    logger.close()
+    logger.close()  # a second close does nothing
+
+
+def test_read_metrics_leaves_out_only_a_last_line_cut_short(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "x": 0.5}\n\n{"step": 2, "x": 0.25}\n{"step": 3, "x": 0.')
+    assert read_metrics(tmp_path) == [{"step": 1, "x": 0.5}, {"step": 2, "x": 0.25}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "x": 0.5}\n{"step": 2, "x\n{"step": 3, "x": 0.125}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON"):
+        read_metrics(tmp_path)
+    # a resume keeps the complete steps up to the checkpoint and drops the cut line
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "x": 0.5}\n{"step": 2, "x": 0.25}\n{"step": 3, "x": 0.')
+    MetricsLogger(tmp_path, resume_step=2).close()
+    assert [record["step"] for record in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_trackers_are_sent_finite_numbers_only(tmp_path, trackers):
+    _, trackio = trackers
+    logger = MetricsLogger(tmp_path, tensorboard=True, wandb=True, trackio=True)
+    logger.log(1, {"a": float("nan"), "b": float("inf"), "c": 0.5, "d": 4, "e": "text"})
+    logger.close()
+    assert FakeTrackers.wandb_runs[0].logged == [(1, {"c": 0.5, "d": 4}, True)]
+    assert ("log", 1, {"c": 0.5, "d": 4}) in trackio.calls
+
+
+def test_a_fresh_start_opens_new_tracker_runs_even_where_an_earlier_attempt_left_its_markers(tmp_path, trackers):
+    _, trackio = trackers
+    (tmp_path / "wandb_run_id").write_text("earlier-run")
+    (tmp_path / "trackio_run").write_text("run-20260101-000000\n")
+    trackio.runs["run-20260101-000000"] = [1, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is held by the new runs: nothing to warn about
+        logger = MetricsLogger(tmp_path, wandb=True, trackio=True, run_name="run")
+        log_steps(logger, [1, 2])
+    logger.close()
+    (run,) = FakeTrackers.wandb_runs
+    assert run.options["id"] is None and [step for step, _, _ in run.logged] == [1, 2]
+    (init,) = [call[1] for call in trackio.calls if call[0] == "init"]
+    assert init["resume"] == "never" and init["name"] != "run-20260101-000000"
+    assert (tmp_path / "wandb_run_id").read_text() == run.id

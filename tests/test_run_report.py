@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from entrorl.analysis.law import forecast_entropy_law
-from entrorl.analysis.run import (MetricRecords, analyse_records, beyond_an_accuracy, chance_sign_agreement,
-                                  fit_ceiling_shown, pearson, ratio, read_metrics_records)
+from entrorl.analysis.run import (LAW_COLUMNS, MetricRecords, analyse_records, beyond_an_accuracy, chance_sign_agreement,
+                                  edge_means, edge_phrase, fit_ceiling_shown, intervention_keys, last_steps_phrase,
+                                  law_cells, pearson, ratio, read_json, read_metrics_records)
 from entrorl.analysis.run_report import write_run_report
 
 
@@ -293,6 +294,7 @@ def test_the_law_s_end_points_count_the_fitted_points_not_the_steps(tmp_path):
     report = write_run_report(write_run(tmp_path / "run", records), figures=False)
     law = report["law"]["fit"]
     assert law["n_points"] == 15 and law["end_points"] == 2  # ceil(0.1 * 15), not ceil(0.1 * 30) = 3
+    assert "unit" not in law  # the points are steps, the notes' default
 
 
 def test_the_end_is_not_in_sample_when_it_follows_the_fitted_points(tmp_path):
@@ -330,7 +332,12 @@ def test_a_negative_intervention_value_is_an_action():
                for i in range(5)]
     analysis = analyse_records(_Records(records), 0.15, "entropy_advantage")
     (item,) = [i for i in analysis.interventions if i["key"] == "shape/entropy_advantage_bonus"]
-    assert item["active_steps"] == 5 and not analysis.never_acted
+    assert item["active_steps"] == 5 and item["max_abs"] == 0.1 and not analysis.never_acted
+    once = [{**record, "shape/entropy_advantage_bonus": -0.3 if i == 2 else 0.0} for i, record in enumerate(records)]
+    (item,) = [i for i in analyse_records(_Records(once), 0.15, "entropy_advantage").interventions
+               if i["key"] == "shape/entropy_advantage_bonus"]
+    assert item["active_steps"] == 1 and item["max_abs"] == 0.3
+    assert not analyse_records(_Records(once), 0.15, "entropy_advantage").never_acted  # one step is enough to have acted
 
 
 def test_step_records_are_ordered_by_step_whatever_the_line_order(tmp_path):
@@ -387,6 +394,8 @@ def test_no_headroom_is_given_for_a_forecast_whose_premise_fails():
     assert law["forecast"]["n_fit"] == 12 and law["forecast"]["fit"]["a"] == pytest.approx(-0.2)
     assert law["ceiling_minus_reached"] is None
     assert analyse_records(_Records(law_records(80)), 0.15).law["ceiling_minus_reached"] is not None
+    note = law_cells(law)[-1].text
+    assert "forecast a ≤ 0 on the first 12 steps: no forecast ceiling" in note
 
 
 def test_a_correlation_needs_three_steps():
@@ -395,3 +404,115 @@ def test_a_correlation_needs_three_steps():
     x, y = np.array([1.0, 2.0, 4.0]), np.array([3.0, 1.0, 2.0])
     assert pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
     assert math.isnan(pearson(x, np.full(3, 2.0)))
+
+
+def test_metric_lines_that_are_blank_not_an_object_or_not_utf8_are_handled(tmp_path):
+    """Blank lines are skipped silently; a line that is JSON but not an object, or whose bytes are not UTF-8 where they
+    break the JSON, is named as unreadable; bytes that are not UTF-8 inside a string leave the record readable."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b"\n".join([
+        b'{"step": 1, "entropy/mean": 0.5}',
+        b"",
+        b"[1, 2]",
+        b'\xff\xfe{"step": 9}',
+        b'{"step": 2, "entropy/mean": 0.4, "note": "\xff"}',
+        b"7",
+    ]) + b"\n")
+    records, unreadable = read_metrics_records(path)
+    assert [r["step"] for r in records] == [1, 2] and unreadable == [3, 4, 6]
+    assert read_metrics_records(tmp_path / "missing.jsonl") == ([], [])
+
+
+def test_a_json_file_that_cannot_be_read_or_parsed_is_none(tmp_path):
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    (tmp_path / "bad.json").write_text('{"a": ')
+    assert read_json(tmp_path / "ok.json") == {"a": 1}
+    assert read_json(tmp_path / "bad.json") is None and read_json(tmp_path / "missing.json") is None
+
+
+def test_steps_without_a_step_number_are_counted_from_1():
+    assert _Records([{"entropy/mean": 1.0}, {"entropy/mean": 0.9}, {"step": 7}]).steps.tolist() == [1.0, 2.0, 7.0]
+
+
+def test_a_step_0_record_keeps_step_0():
+    """A step-0 record (the evaluation before the first step, ``eval.at_start``) is at step 0, not at step 1."""
+    assert _Records([{"step": 0, "eval/avg_at_n": 0.25}, {"step": 1, "entropy/mean": 1.0}]).steps.tolist() == [0.0, 1.0]
+
+
+def test_the_reward_is_the_accuracy_unless_only_the_mean_reward_was_logged():
+    both = [{"step": 1, "reward/accuracy": 0.5, "reward/mean": 0.2}]
+    assert _Records(both).reward_key == "reward/accuracy"
+    assert _Records([{"step": 1, "reward/mean": 0.2}]).reward_key == "reward/mean"
+    assert _Records([{"step": 1, "entropy/mean": 1.0}]).reward_key == "reward/accuracy"
+
+
+def test_the_highest_reward_reached_is_the_best_5_step_trailing_mean():
+    """``reward_reached`` is the maximum of the trailing 5-step moving average (missing steps left out), not the
+    best single step: 3 steps at 1 among 0s reach 0.6."""
+    rewards = [None, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    records = [{"step": i + 1, "entropy/mean": 1.0 - 0.05 * i} for i in range(10)]
+    for record, reward in zip(records, rewards):
+        if reward is not None:
+            record["reward/accuracy"] = reward
+    assert analyse_records(_Records(records), 0.15).reward_reached == pytest.approx(0.6)
+
+
+def test_the_covariance_token_count_is_the_median_and_the_token_correlation_the_mean_over_steps():
+    records = [{"step": i + 1, "entropy/mean": 1.0, "cov/n_tokens": n, "entropy/delta_token_corr": c}
+               for i, (n, c) in enumerate([(100.0, 0.1), (1000.0, 0.9), (120.0, 0.2)])]
+    analysis = analyse_records(_Records(records), 0.15)
+    assert analysis.cov_tokens == 120.0 and analysis.change["token_corr_mean"] == pytest.approx(0.4)
+
+
+def test_edge_means_of_no_steps_and_over_the_finite_values_only():
+    start, end, n_edge = edge_means([])
+    assert math.isnan(start) and math.isnan(end) and n_edge == 0
+    # the means are over the finite values only: 20 steps, 2 a side
+    assert edge_means([math.inf, 1.0] + [0.5] * 16 + [3.0, -math.inf]) == (1.0, 3.0, 2)
+    analysis = analyse_records(_Records([]), 0.15)
+    assert analysis.n_steps == 0 and analysis.n_edge == 0 and math.isnan(analysis.entropy_start)
+
+
+def test_the_edge_and_last_steps_phrases_of_runs_of_no_step_one_step_a_side_or_different_lengths():
+    assert edge_phrase(10) == "the first and the last 10% of the 10 training steps (1 step each)"
+    assert last_steps_phrase({0}) == "the last 10% of steps"
+    assert last_steps_phrase({40}) == "the last 10% of steps"
+    assert last_steps_phrase({12}) == "the last 2 of the 12 steps (16.7%: 10% rounded up to whole steps)"
+    assert last_steps_phrase({12, 40}) == "the last 10% of steps (rounded up to whole steps)"
+
+
+def test_the_first_method_of_a_composition_decides_whether_interventions_are_checked():
+    """The first method gives the trainer its advantage estimator: clip_b+nsr trains with GRPO advantages and its parts
+    are checked (each once, although nsr and psr share their sign selector); nsr+clip_b trains with nsr's."""
+    clip_b = ["select/clip_b_frac", "reg/clip_b_coeff", "shape/clip_b_bonus"]
+    sign = ["select/advantage_sign_frac", "reg/advantage_sign_coeff", "shape/advantage_sign_bonus"]
+    assert intervention_keys("clip_b+nsr") == clip_b + sign
+    assert intervention_keys("clip_b+nsr+psr") == clip_b + sign
+    assert intervention_keys("nsr+clip_b") == []
+
+
+def test_law_notes_for_three_points_with_a_constant_reward_a_fit_error_and_a_failed_premise():
+    """With 3 points R² is undefined only because the reward never changed; a fit error is noted by its first clause; a
+    fit with a ≤ 0 says so, and not that its (inexistent) ceiling rests on too few steps."""
+    records = [{"step": i + 1, "entropy/mean": h, "reward/accuracy": 0.5} for i, h in enumerate([0.9, 0.6, 0.3])]
+    note = law_cells(analyse_records(_Records(records), 0.15).law)[-1].text
+    assert "R² undefined: the reward never changed" in note and "fewer than 3 points" not in note
+    flat = [{"step": i + 1, "entropy/mean": 0.7, "reward/accuracy": 0.1 * i} for i in range(5)]
+    note = law_cells(analyse_records(_Records(flat), 0.15).law)[-1].text
+    assert "fit: entropy is the same at all 5 points" in note
+    assert "fit over training steps at which entropy changes" not in note
+    falling = [{"step": i + 1, "entropy/mean": h, "reward/accuracy": 0.2 * math.exp(h)} for i, h in enumerate([0.9, 0.6, 0.3])]
+    note = law_cells(analyse_records(_Records(falling), 0.15).law)[-1].text
+    assert "a ≤ 0: reward did not rise as entropy fell" in note and "fitted on 3 steps only" not in note  # no ceiling to hide
+
+
+def test_the_law_cells_give_the_headroom_with_its_sign_and_the_forecast_rmse():
+    records = law_records(80)
+    for i, record in enumerate(records):
+        record["reward/accuracy"] += 0.01 * (-1) ** i  # off the law by 0.01 at every step
+    law = analyse_records(_Records(records), 0.15).law
+    assert law["ceiling_minus_reached"] > 0
+    cells = dict(zip(LAW_COLUMNS, law_cells(law)))
+    headroom = cells["forecast ceiling − reached"]
+    assert headroom.text.startswith("+") and headroom.value == pytest.approx(law["ceiling_minus_reached"])
+    assert cells["forecast RMSE"].value == pytest.approx(law["forecast"]["rmse"]) and law["forecast"]["rmse"] > 0.005

@@ -144,7 +144,8 @@ def test_lora_settings_are_checked_before_the_model_loads(tiny_model_dir, arithm
 def test_the_output_layer_a_tied_embedding_and_modules_the_model_lacks_are_refused(tmp_path, tiny_model_dir, arithmetic_files,
                                                                   parity_reward):
     train, _ = arithmetic_files
-    for targets, message in [(["q_proj", "lm_head"], "output layer"), (["no_such_proj"], "target_modules"),
+    for targets, message in [(["q_proj", "lm_head"], r"names the output layer \(lm_head\)"),
+                             (["no_such_proj"], "target_modules"),
                              (["embed_tokens"], r"input embedding \(embed_tokens\), whose weight this model shares")]:
         config = load_config(lora_config(tiny_model_dir, train, parity_reward,
                                          model={"lora": {**LORA, "target_modules": targets}}))
@@ -257,7 +258,9 @@ def test_bfloat16_base_with_float32_adapters_and_activation_checkpointing(tmp_pa
 
     adapters = resolve_model_directory(tmp_path / "run" / "checkpoints" / "step_000002" / "adapter")
     model = load_model_directory(adapters, dtype="bfloat16")
-    assert any(isinstance(module, LoraLayer) for module in model.modules())
+    assert any(isinstance(module, LoraLayer) for module in model.modules()) and not model.training
+    written = json.loads((tmp_path / "run" / "checkpoints" / "step_000002" / "model" / "config.json").read_text())
+    assert written.get("dtype", written.get("torch_dtype")) == "float32"  # the config names the weights' type
     ids = torch.randint(3, 20, (3, 9), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits(model, ids), logits(trainer.model, ids), rtol=0, atol=0)
 
@@ -281,6 +284,66 @@ def test_the_merged_model_holds_embedding_adapters_of_an_untied_model(tmp_path):
     torch.testing.assert_close(logits(merged, ids), adapted, rtol=1e-5, atol=1e-5)
     with adapter.disabled() as base:  # the same modules: what the adapters change is not negligible
         assert not torch.allclose(logits(base, ids), adapted, atol=1e-2)
+
+
+def test_module_names_match_whole_names_or_their_ends_after_a_dot():
+    """A name that only ends the output layer's name without a dot ("head" of "lm_head") does not name it."""
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    with pytest.raises(ValueError, match="model.lora.target_modules") as refused:
+        LoraAdapter(random_model(ARCHITECTURES["llama_bias"]()), rank=4, alpha=8.0, target_modules=["head"])
+    assert "output layer" not in str(refused.value)
+
+
+def test_saved_adapters_keep_a_base_name_that_is_no_directory_and_must_fit_the_model_they_load_into(tmp_path):
+    """save keeps the name of a base model that is no directory here (a hub id, a moved one) as it is; load refuses
+    adapter files that lack some of this model's adapters or hold others, naming them; the safetensors file is preferred
+    to a pickled one."""
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter, adapter_weights_file, read_adapter_config
+
+    def adapter(targets):
+        model = random_model(ARCHITECTURES["llama_bias"]())
+        model.name_or_path = "../no-such-base"  # no directory here
+        return LoraAdapter(model, rank=4, alpha=8.0, target_modules=targets)
+
+    adapter(["q_proj"]).save(tmp_path / "q")
+    adapter(["q_proj", "v_proj"]).save(tmp_path / "qv")
+    assert read_adapter_config(tmp_path / "q")["base_model_name_or_path"] == "../no-such-base"
+    with pytest.raises(ValueError, match=r"do not fit .*missing: .*v_proj.*; unexpected: none"):
+        adapter(["q_proj", "v_proj"]).load(tmp_path / "q")
+    with pytest.raises(ValueError, match=r"do not fit .*missing: none; unexpected: .*v_proj"):
+        adapter(["q_proj"]).load(tmp_path / "qv")
+    adapter(["q_proj"]).load(tmp_path / "q")  # the same adapters: no error
+    (tmp_path / "q" / "adapter_model.bin").write_bytes(b"older")
+    assert adapter_weights_file(tmp_path / "q") == tmp_path / "q" / "adapter_model.safetensors"
+    (tmp_path / "q" / "adapter_model.safetensors").write_bytes(b"")
+    assert adapter_weights_file(tmp_path / "q") == tmp_path / "q" / "adapter_model.bin"
+
+
+def test_eval_merges_adapters_on_the_output_layer_of_an_untied_bfloat16_base(tmp_path):
+    """Untied, the output layer's and the input embedding's adapters can be applied; the one on the output layer is
+    merged (the scoring path reads its weight), so the model comes back merged, in eval mode, whatever its type."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import load_adapted_causal_lm
+
+    random_model(ARCHITECTURES["llama_bias"]()).save_pretrained(tmp_path / "base")
+    base = load_causal_lm(tmp_path / "base", dtype="bfloat16")
+    adapted = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                              target_modules=["embed_tokens", "q_proj", "lm_head"]))
+    draw_adapters(adapted, 0.3)
+    adapted.save_pretrained(tmp_path / "adapters")
+    model = load_adapted_causal_lm(tmp_path / "adapters", tmp_path / "base", dtype="bfloat16")
+    assert not model.training and not any(isinstance(module, LoraLayer) for module in model.modules())
+    ids = torch.randint(2, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(logits(model, ids), logits(load_causal_lm(tmp_path / "base", dtype="bfloat16"), ids))
 
 
 def test_a_single_module_name_adapts_that_module(tmp_path, tiny_model_dir, arithmetic_files, parity_reward):

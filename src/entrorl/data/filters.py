@@ -143,7 +143,10 @@ def filter_by_pass_rate(
     inc = (bool(inclusive[0]), bool(inclusive[1]))
     _check_band(lo, hi, inc, "filter_by_pass_rate")
     if isinstance(pass_rates, torch.Tensor):
-        pass_rates = pass_rates.detach().cpu().numpy()
+        pass_rates = pass_rates.detach().cpu()
+        if pass_rates.is_floating_point():  # numpy has no bfloat16; float64 holds every float rate exactly
+            pass_rates = pass_rates.double()
+        pass_rates = pass_rates.numpy()
     try:
         rates = np.asarray(pass_rates, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -159,7 +162,7 @@ def filter_by_pass_rate(
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"filter_by_pass_rate: pass rate {rates[i]!r} of record {i} ({records[i].source}) is not in [0, 1]"
+            f"filter_by_pass_rate: pass rate {float(rates[i])!r} of record {i} ({records[i].source}) is not in [0, 1]"
         )
     above = rates >= lo if inc[0] else rates > lo
     below = rates <= hi if inc[1] else rates < hi
