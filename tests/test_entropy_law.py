@@ -133,10 +133,17 @@ def test_fit_validation(entropy, reward, fragment):
 
 def test_the_first_non_finite_point_is_named():
     nan, inf = float("nan"), float("inf")
-    with pytest.raises(ValueError, match=r"point 1 is \(entropy=\S*nan\S*, reward=\S*0\.2"):
+    with pytest.raises(ValueError, match=r"point 1 is \(entropy=nan, reward=0\.2\)"):
         fit_entropy_law([1.0, nan, 0.5, inf], [0.1, 0.2, 0.3, 0.4])
-    with pytest.raises(ValueError, match=r"point 2 is \(entropy=\S*0\.5\S*, reward=\S*-inf"):
+    with pytest.raises(ValueError, match=r"point 2 is \(entropy=0\.5, reward=-inf\)"):
         fit_entropy_law([1.0, 0.8, 0.5, 0.2], [0.1, 0.2, -inf, nan])
+
+
+def test_a_forecast_refuses_an_entropy_whose_exp_overflows_after_the_fitted_points():
+    """The fitted prefix is fine, a later point's exp(H) is not: refused, not predicted as -inf."""
+    with pytest.raises(ValueError, match=r"exp\(entropy\) overflows at point 4 \(entropy 800\)"):
+        forecast_entropy_law([1.0, 0.8, 0.6, 0.4, 800.0], [0.1, 0.2, 0.3, 0.4, 0.5], min_points=4)
+
 
 
 # --------------------------------------------------------------------------------------------

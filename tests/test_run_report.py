@@ -475,6 +475,7 @@ def test_edge_means_of_no_steps_and_over_the_finite_values_only():
 
 def test_the_edge_and_last_steps_phrases_of_runs_of_no_step_one_step_a_side_or_different_lengths():
     assert edge_phrase(10) == "the first and the last 10% of the 10 training steps (1 step each)"
+    assert edge_phrase(0) == "the training steps (none was logged)"
     assert last_steps_phrase({0}) == "the last 10% of steps"
     assert last_steps_phrase({40}) == "the last 10% of steps"
     assert last_steps_phrase({12}) == "the last 2 of the 12 steps (16.7%: 10% rounded up to whole steps)"

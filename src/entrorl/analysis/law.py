@@ -85,8 +85,8 @@ def _check_pair(entropy: Any, reward: Any) -> tuple[np.ndarray, np.ndarray]:
     if not np.all(np.isfinite(h)) or not np.all(np.isfinite(r)):
         bad = int(np.flatnonzero(~(np.isfinite(h) & np.isfinite(r)))[0])
         raise ValueError(
-            f"entropy and reward must be finite; point {bad} is (entropy={h[bad]!r}, "
-            f"reward={r[bad]!r}). Drop the steps with missing or diverged values."
+            f"entropy and reward must be finite; point {bad} is (entropy={float(h[bad])!r}, "
+            f"reward={float(r[bad])!r}). Drop the steps with missing or diverged values."
         )
     return h, r
 
@@ -253,8 +253,9 @@ def forecast_entropy_law(
         min_points: the fewest points to fit on (at least 2).
 
     Raises:
-        ValueError: invalid ``fit_fraction`` / ``min_points``, fewer than ``n_fit`` points, or
-            anything :func:`fit_entropy_law` rejects on the fitted prefix.
+        ValueError: invalid ``fit_fraction`` / ``min_points``, fewer than ``n_fit`` points, an entropy
+            so large that ``exp(H)`` overflows at any point, or anything :func:`fit_entropy_law`
+            rejects on the fitted prefix.
     """
     if not (0.0 < float(fit_fraction) <= 1.0):
         raise ValueError(f"fit_fraction must lie in (0, 1]; got {fit_fraction!r}")
@@ -268,6 +269,13 @@ def forecast_entropy_law(
         raise ValueError(
             f"the forecast fits on the first {n_fit} points (min_points={min_points}) but the run has "
             f"only {n}; log more evaluation points or lower min_points"
+        )
+    with np.errstate(over="ignore"):
+        overflowing = np.flatnonzero(~np.isfinite(np.exp(h)))
+    if overflowing.size:
+        raise ValueError(
+            f"exp(entropy) overflows at point {int(overflowing[0])} (entropy {float(h[overflowing[0]]):g}); entropy "
+            f"must be in nats and below ~700 — pass the mean per-token entropy, not a sum over tokens"
         )
     fit = fit_entropy_law(h[:n_fit], r[:n_fit])
     predicted = fit.predict(h[n_fit:])

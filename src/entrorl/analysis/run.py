@@ -45,6 +45,8 @@ def edge_phrase(n_steps: int) -> str:
     """The start and end of an ``n_steps`` run in words, saying what is really averaged: "the first and the last 10%
     of the 40 training steps (4 steps each)", or where that share is not a whole number of steps, "the first and
     the last 2 of the 12 training steps (16.7% each: 10% rounded up to whole steps)"."""
+    if n_steps <= 0:
+        return "the training steps (none was logged)"
     n_edge = edge_count(n_steps)
     steps = f"{n_edge} step{'s' if n_edge != 1 else ''}"
     if edge_is_exact(n_steps):
@@ -154,7 +156,8 @@ class MetricRecords:
 
     @property
     def steps(self) -> np.ndarray:
-        return np.array([finite(r.get("step")) or float(i + 1) for i, r in enumerate(self.records)], dtype=np.float64)
+        numbered = [finite(record.get("step")) for record in self.records]
+        return np.array([float(i + 1) if step is None else step for i, step in enumerate(numbered)], dtype=np.float64)
 
     @property
     def reward_key(self) -> str:
