@@ -155,10 +155,65 @@ def test_number_format_and_rules():
     assert fmt(None) == fmt(float("nan")) == fmt(float("inf")) == "n/a"
     assert fmt(0.05, signed=True) == "+0.05" and fmt(-0.05, signed=True) == "-0.05" and fmt(-0.0) == "0" and fmt(7) == "7"
     assert fmt(True) == "yes"
+    assert fmt(0, signed=True) == "0" and fmt(3, signed=True) == "+3"  # zero is not positive: no sign
     assert edge_count(40) == 4 and edge_count(30) == 3 and edge_count(5) == 1 and edge_count(12) == 2
     start, end, n = edge_means([1.0, float("nan"), 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
     assert (start, end, n) == (1.0, 10.0, 1)
     assert moving_average([1.0, 3.0, float("nan"), 5.0], window=2).tolist() == [1.0, 2.0, 3.0, 5.0]
+
+
+def test_finite_takes_numbers_only():
+    from entrorl.analysis.document import finite
+
+    assert finite(3) == 3.0 and finite("0.5") == 0.5 and finite(np.float32(0.25)) == 0.25
+    assert finite(True) is None and finite(False) is None  # a flag is not a number
+    assert finite(None) is finite("x") is finite(math.nan) is finite(-math.inf) is None
+
+
+def test_tables_align_numeric_columns_mark_cell_kinds_and_refuse_a_wrong_cell_count():
+    from entrorl.analysis.document import Table, missing, num, text
+
+    table = Table(["name", "value", "note"], title="t")
+    assert table.to_markdown().splitlines()[1] == "|---|---|---|"  # no rows: nothing to align
+    table.add([text("a"), num(1.5), num(2)])
+    table.add([text("b"), missing(), text("x")])
+    # right-aligned only where every cell of the column is a number
+    assert table.to_markdown().splitlines()[1] == "|---|---:|---|"
+    assert '<tr><td class="txt">a</td><td class="num">1.5</td><td class="num">2</td></tr>' in table.to_html()
+    for cells in ([text("c"), num(1.0)], [text("c"), num(1.0), num(2.0), num(3.0)]):
+        with pytest.raises(ValueError, match=f"table 't': {len(cells)} cells for 3 columns"):
+            table.add(cells)
+    assert len(table.rows) == 2
+
+
+def test_documents_keep_code_spans_as_code_link_their_sections_and_escape_text():
+    from entrorl.analysis.document import Heading, Section, one_line, render_html, render_markdown
+
+    section = Section("pass-at-k", "Pass@k")
+    section.say("The traceback is in `methods/<name>/error.log`; a <b> tag is text.")
+    section.blocks.append(Heading("model <i>"))
+    markdown = render_markdown("run <x>", [section])
+    assert "[Pass@k](#pass-at-k)" in markdown and '<a id="pass-at-k"></a>' in markdown
+    assert "The traceback is in `methods/<name>/error.log`; a \\<b\\> tag is text." in markdown
+    document = render_html("run <x>", [section])
+    assert "<title>run &lt;x&gt;</title>" in document and "<h1>run &lt;x&gt;</h1>" in document
+    assert "The traceback is in <code>methods/&lt;name&gt;/error.log</code>; a &lt;b&gt; tag is text." in document
+    assert "<h3>model &lt;i&gt;</h3>" in document
+    assert one_line("a\r\nb\rc\nd\te") == "a↵b↵c↵d⇥e"  # every line break, whichever its convention, and tabs
+
+
+def test_a_section_that_fails_says_so_and_is_recorded_under_its_anchor():
+    from entrorl.analysis.document import Section, build_section
+
+    def build(section):
+        section.say("before")
+        raise KeyError("pass_at_k")
+
+    errors = {}
+    section = build_section(Section("pass-at-k", "Pass@k"), build, errors)
+    assert errors == {"pass-at-k": "KeyError: 'pass_at_k'"}
+    assert [block.content for block in section.blocks] == [
+        "before", "This section could not be generated: KeyError: 'pass_at_k'"]
 
 
 def test_every_file_is_written(report_run):
@@ -458,10 +513,13 @@ def test_a_composition_whose_one_part_stayed_idle_is_flagged_for_that_part(tmp_p
     h = np.linspace(1.0, 0.5, STEPS)
     r = -0.3 * np.exp(h) + 0.9
     _write_metrics(out / "methods" / "grpo", h, r)
-    _write_metrics(out / "methods" / name, h, r, select__clip_b_frac=np.zeros(STEPS),
+    _write_metrics(out / "methods" / name, np.linspace(1.0, 0.9, STEPS), r, select__clip_b_frac=np.zeros(STEPS),
                    select__forking_tokens_frac=np.full(STEPS, 0.8))
     report = write_report(out, figures=False)
     assert report["never_acted"] == [name]
+    # it kept entropy through the part that acted: the headline does not put that on its surrogate
+    assert report["headline"]["kept_methods"] == [name]
+    assert not any("surrogate's doing" in paragraph for paragraph in report["headline"]["paragraphs"])
     row = next(r for r in report["summary"]["rows"] if r["method"] == name)
     assert row["note"] == f"never acted: select/clip_b_frac = 0 at all {STEPS} steps (its other parts acted)"
     assert f"{name} (`select/clip_b_frac` 0 at all {STEPS} steps; its other parts acted)" in (out / "report.md").read_text()
@@ -510,6 +568,11 @@ def test_wall_clock_sums_the_invocations_that_ran_something(tmp_path):
     report = write_report(out, figures=False)
     items = {row["item"]: row["value"] for row in report["reproduce"]["machine"]["rows"]}
     assert items[WALL_CLOCK_LABEL] == "175" and items["invocations counted / in all"] == "3 / 5"
+    more = [{"started_at": 30000.0, "finished_at": 30010.0, "ran": [], "base_evaluated": True},  # evaluated the base: counted
+            {"started_at": 40000.0, "finished_at": 39000.0, "ran": ["nsr"]}]  # clock set back, no monotonic time: 0 s
+    (out / "lab.json").write_text(json.dumps({**lab, "invocations": lab["invocations"] + more}))
+    items = {row["item"]: row["value"] for row in write_report(out, figures=False)["reproduce"]["machine"]["rows"]}
+    assert items[WALL_CLOCK_LABEL] == "185" and items["invocations counted / in all"] == "5 / 7"
     assert items[CPU_KERNELS_LABEL] == "AVX512, AVX2"  # the kernels of the invocations that trained, in order
     lab["base_model_cpu_kernels"] = "DEFAULT"  # a base model from a cache shared with another machine
     (out / "lab.json").write_text(json.dumps(lab))
@@ -640,6 +703,9 @@ def test_the_headline_falls_back_to_the_training_curve_without_a_base_entropy(tm
     assert headline["collapse"] is True and headline["reward_change"] == "did not change at the shown precision"
     _write_metrics(out / "methods" / "grpo", np.where(steps < 10, 1.0, 0.4), np.where(steps < 10, 0.3, 0.2))
     assert write_report(out, figures=False)["headline"]["reward_change"] == "fell"
+    # a rise the report cannot show (0.3 and 0.3001 are both "0.3") is not stated as one
+    _write_metrics(out / "methods" / "grpo", np.where(steps < 10, 1.0, 0.4), np.where(steps < 10, 0.3, 0.3001))
+    assert write_report(out, figures=False)["headline"]["reward_change"] == "did not change at the shown precision"
 
 
 def test_pass_at_k_columns_use_the_ks_every_model_has_and_the_best_ratio_is_named(tmp_path):
@@ -651,10 +717,134 @@ def test_pass_at_k_columns_use_the_ks_every_model_has_and_the_best_ratio_is_name
         _write_metrics(out / "methods" / name, np.where(steps < 10, 1.0, end), np.full(20, 0.3))
     evaluation = json.loads((out / "methods" / "nsr" / "final_eval.json").read_text())
     del evaluation["pass_at_k"]["16"]
+    evaluation["pass_at_k"]["mean"] = 0.5  # not a k: left out
     _write(out / "methods" / "nsr" / "final_eval.json", evaluation)
     report = write_report(out, figures=False)
     assert report["rules"]["largest_k"] == 8
     assert "Pass@8" in report["summary"]["columns"] and "Pass@16" not in report["summary"]["columns"]
+    assert report["summary"]["columns"].count("Pass@8") == 1  # the largest k is not repeated as the middle one
     assert report["headline"]["kept_methods"] == []
     assert any("No method kept entropy by this rule; the highest ratio is 0.45 (nsr)." in paragraph
                for paragraph in report["headline"]["paragraphs"])
+
+
+def test_a_method_failed_by_its_outcome_or_its_error_log_alone_is_listed_as_failed(tmp_path):
+    """Without error.log, the runner's outcomes.json says a method failed (its error's last line is given); a folder
+    under methods/ holding only an error.log is a method of the run too; an empty folder is not."""
+    out = build_run(tmp_path / "lab-outcomes", methods=("grpo", "nsr", "kl_cov"), failed=("kl_cov",))
+    (out / "methods" / "kl_cov" / "error.log").unlink()
+    _write(out / "outcomes.json", {"kl_cov": {"status": "failed", "error": "Traceback ...\n  ...\nValueError: boom\n\n"}})
+    (out / "methods" / "clip_b").mkdir()
+    (out / "methods" / "clip_b" / "error.log").write_text("RuntimeError: out of memory\n")
+    (out / "methods" / "empty").mkdir()
+    report = write_report(out, figures=False)
+    assert list(report["methods"]) == ["grpo", "nsr", "kl_cov", "clip_b"]
+    assert report["methods"]["kl_cov"]["status"] == "failed" and report["methods"]["kl_cov"]["error"] == "ValueError: boom"
+    assert report["methods"]["clip_b"]["status"] == "failed"
+    assert report["methods"]["clip_b"]["error"] == "RuntimeError: out of memory"
+
+
+def test_the_law_fit_fraction_defaults_to_the_preset_s(tmp_path):
+    from entrorl.lab.presets import LabPreset
+
+    out = build_run(tmp_path / "lab-fraction", methods=("grpo",), failed=())
+    lab = json.loads((out / "lab.json").read_text())
+    del lab["preset"]["law_fit_fraction"]  # a preset recorded before the setting existed
+    (out / "lab.json").write_text(json.dumps(lab))
+    report = write_report(out, figures=False)
+    assert report["rules"]["law_fit_fraction"] == LabPreset.model_fields["law_fit_fraction"].default
+
+
+def test_the_reproduce_command_names_what_differs_from_the_preset(tmp_path):
+    """The preset's methods in another order need no --methods; the workers of the invocations that ran are named
+    when they differ from the preset's, in a folder where an older invocation recorded no "ran"; a seed of 0 is a
+    seed."""
+    from entrorl.lab.presets import get_preset
+
+    methods = tuple(reversed(get_preset("quick").methods))
+    out = build_run(tmp_path / "lab-reproduce", methods=methods, failed=())
+    lab = json.loads((out / "lab.json").read_text())
+    lab["preset"]["rl_seed"] = 0
+    for name in methods:  # no method recorded its time
+        evaluation = json.loads((out / "methods" / name / "final_eval.json").read_text())
+        del evaluation["train_seconds"]
+        _write(out / "methods" / name / "final_eval.json", evaluation)
+    lab["invocations"] = [{"started_at": 0.0, "finished_at": 10.0, "workers": 2},  # an older version's: no "ran"
+                          {"started_at": 20.0, "finished_at": 30.0, "workers": 3, "ran": ["grpo"]}]
+    (out / "lab.json").write_text(json.dumps(lab))
+    reproduce = write_report(out, figures=False)["reproduce"]
+    assert reproduce["command"] == "entrorl lab --preset quick --workers 3 --rl-seed 0"
+    items = {row["item"]: row["value"] for row in reproduce["machine"]["rows"]}
+    assert items["train + eval time summed over methods (s)"] == "n/a"
+
+
+def test_distributions_and_pass_rates_are_the_final_evaluations(report_run):
+    """Token counts and the share of S (or D) below 0, every bin ending at or below 0 included, from the histograms;
+    the mean pass rate; and the range of the share of prompts at 0 or 1 over the trained methods, the base model
+    aside."""
+    out, report, markdown, _ = report_run
+    evaluations = {"base": json.loads((out / "base" / "final_eval.json").read_text())}
+    evaluations.update({name: json.loads((out / "methods" / name / "final_eval.json").read_text())
+                        for name in ("grpo", "clip_cov", "nsr")})
+    rows = {row["model"]: row for row in report["distributions"]["table"]["values"]}
+    ends = {}
+    for model, evaluation in evaluations.items():
+        counts = {key: np.array(value, dtype=float) for key, value in evaluation["distributions"].items()}
+        assert rows[model]["tokens correct"] == counts["disc/correct"].sum()
+        assert rows[model]["tokens wrong"] == counts["disc/wrong"].sum()
+        below = BINS[1:] <= 0  # the bin [-0.02, 0] is below 0 too
+        assert rows[model]["S<0 wrong"] == pytest.approx(counts["disc/wrong"][below].sum() / counts["disc/wrong"].sum())
+        assert rows[model]["D<0 correct"] == pytest.approx(
+            counts["disc_centered/correct"][below].sum() / counts["disc_centered/correct"].sum())
+        rates = np.array(evaluation["pass_rates"])
+        (shown,) = [r for r in report["pass_rates"]["values"] if r["model"] == model]
+        assert shown["mean pass rate"] == pytest.approx(rates.mean())
+        ends[model] = float(np.mean(rates == 0) + np.mean(rates == 1))
+    trained = {model: share for model, share in ends.items() if model != "base"}
+    low, high = min(trained, key=trained.get), max(trained, key=trained.get)
+    assert (f"The base model has {fmt(ends['base'])} of its prompts at 0 or 1; after training that share ranges from "
+            f"{fmt(trained[low])} ({low}) to {fmt(trained[high])} ({high}).") in " ".join(markdown.split())
+
+
+def test_the_curves_and_the_ranges_stated_are_those_of_the_runs(report_run):
+    """The start and end of each run in the curves table are the headline's; the sentences that give a range name
+    the lowest value first."""
+    _, report, markdown, _ = report_run
+    numbers = {row["quantity"]: row["value"] for row in report["headline"]["numbers"]["rows"]}
+    grpo = next(row for row in report["curves"]["rows"] if row["method"] == "grpo")
+    assert grpo["entropy start"] == numbers["GRPO training entropy start"]
+    assert grpo["entropy end"] == numbers["GRPO training entropy end"]
+    said = " ".join(markdown.split())
+    correlations = {row["method"]: row["correlation across steps"] for row in report["entropy_change"]["values"]}
+    low, high = min(correlations, key=correlations.get), max(correlations, key=correlations.get)
+    assert (f"The tabular prediction's correlation across steps ranges from {fmt(correlations[low])} ({low}) to "
+            f"{fmt(correlations[high])} ({high}).") in said
+    r2 = {name: law["fit"]["r2"] for name, law in report["law"]["fits"].items() if "fit" in law}
+    low, high = min(r2, key=r2.get), max(r2, key=r2.get)
+    assert f"R² ranges from {fmt(r2[low])} ({low}) to {fmt(r2[high])} ({high})" in said
+
+
+def test_the_law_section_gives_the_median_forecast_rmse(tmp_path):
+    out = build_run(tmp_path / "lab-rmse", methods=("grpo", "clip_cov", "nsr"), failed=())
+    h = np.linspace(1.0, 0.5, 40)
+    noise = np.random.default_rng(3).normal(0.0, 1.0, 40)
+    for name, scale in (("grpo", 0.001), ("clip_cov", 0.002), ("nsr", 0.05)):  # the mean RMSE is far from the median
+        _write_metrics(out / "methods" / name, h, -0.3 * np.exp(h) + 0.9 + scale * noise)
+    report = write_report(out, figures=False)
+    rmse = [report["law"]["fits"][name]["forecast"]["rmse"] for name in ("grpo", "clip_cov", "nsr")]
+    assert fmt(np.median(rmse)) != fmt(np.mean(rmse))
+    assert (f"the median forecast RMSE on the held-out steps is {fmt(np.median(rmse))} over 3 methods"
+            in " ".join((out / "report.md").read_text().split()))
+
+
+def test_the_scales_of_predicted_and_measured_change_are_compared_over_their_non_zero_steps(tmp_path):
+    out = build_run(tmp_path / "lab-scale", methods=("grpo",), failed=())
+    steps = np.arange(20)
+    sign = np.where(steps % 3 == 0, -1.0, 1.0)
+    predicted = np.where(steps % 2 == 0, 0.0, 2e-7 * sign)  # half the steps predict no change
+    _write_metrics(out / "methods" / "grpo", np.linspace(1.0, 0.5, 20), np.full(20, 0.3),
+                   entropy__predicted_delta=predicted, entropy__measured_delta=3e-3 * sign)
+    report = write_report(out, figures=False)
+    assert report["section_errors"] == {}
+    assert ("the tabular prediction's median size is 2e-07 nats a step against 0.003 measured, a factor of about 10^4."
+            in " ".join((out / "report.md").read_text().split()))

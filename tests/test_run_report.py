@@ -53,6 +53,8 @@ def test_the_law_s_fit_forecast_and_ceiling_recover_a_run_that_follows_it(tmp_pa
     summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
     assert summary["forecast ceiling (law at zero entropy)"] == pytest.approx(0.8, rel=1e-9)
     assert summary["steps logged"] == 80 and summary["method"] == "grpo"
+    shown = {r["quantity"]: r["value"] for r in report["summary"]["rows"]}
+    assert shown["predicted vs measured entropy change: sign agreement"] == "n/a"  # no change was logged
     # start and end: the means over the first and last 10% (8 steps)
     entropy = np.linspace(0.9, 0.2, 80)
     assert summary["entropy start (nats)"] == pytest.approx(entropy[:8].mean())
@@ -91,6 +93,10 @@ def test_a_forecast_on_too_few_steps_shows_no_ceiling_and_the_fit_fraction_is_th
     (cells,) = report["law"]["table"]["values"]
     assert cells["fit steps"] == 20 and cells["forecast ceiling"] == pytest.approx(0.8, rel=1e-9)
     assert report["fit_fraction"] == 0.5
+    assert "A ceiling is shown once its fit rests on at least 10 points." in (run / "report" / "report.md").read_text()
+    # the whole run is a valid fit fraction: (0, 1]
+    report = write_run_report(run, figures=False, fit_fraction=1.0)
+    assert report["fit_fraction"] == 1.0 and report["section_errors"] == {}
 
 
 def test_predicted_and_measured_entropy_change_agreement_is_counted_exactly(tmp_path):
@@ -99,7 +105,8 @@ def test_predicted_and_measured_entropy_change_agreement_is_counted_exactly(tmp_
     records = [{"step": i + 1, "entropy/mean": 1.0 - 0.01 * i, "reward/accuracy": 0.1 * (i % 3),
                 "entropy/predicted_delta": p, "entropy/measured_delta": m, "entropy/delta_token_corr": 0.5}
                for i, (p, m) in enumerate(zip(predicted, measured))]
-    report = write_run_report(write_run(tmp_path / "run", records), figures=False)
+    run = write_run(tmp_path / "run", records)
+    report = write_run_report(run, figures=False)
     (values,) = report["entropy_change"]["values"]
     (texts,) = report["entropy_change"]["rows"]
     assert values["steps"] == 10 and values["sign agreement"] == 0.75 and texts["sign agreement"] == "0.75 of 8"
@@ -107,6 +114,11 @@ def test_predicted_and_measured_entropy_change_agreement_is_counted_exactly(tmp_
     # by chance: 4 of the 8 predictions and 4 of the 8 measurements are positive, so half would agree
     assert values["by chance"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
     assert values["mean token correlation"] == 0.5 and values["first order: correlation"] is None
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["rows"]}
+    assert summary["predicted vs measured entropy change: sign agreement"] == "0.75 of 8 (0.5 by chance)"
+    # the predicted changes sum to 5e-7, the measured ones to 0.7
+    assert ("Summed over the 10 steps, the predicted change is +5e-07 nats a token and the measured one +0.7."
+            in (run / "report" / "report.md").read_text())
 
 
 def test_the_step_0_evaluation_is_an_evaluation_not_a_training_step(tmp_path):
@@ -125,6 +137,7 @@ def test_the_step_0_evaluation_is_an_evaluation_not_a_training_step(tmp_path):
     assert covariance["mean over steps"] == 1000.0 and covariance["step 1"] == 900.0
     table = report["evaluations"]
     assert [r["step"] for r in table["values"]] == [0, 10]
+    assert row(table, "step", 0)["solved by none"] == 0.5 and row(table, "step", 0)["solved by all"] == 0.0
     assert row(table, "step", 10) == {"step": 10, "prompts": 4, "n": 2, "Avg@n": 0.5, "Pass@1": 0.5, "Pass@2": 0.75,
                                       "solved by none": 0.25, "solved by all": 0.25}
     summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
@@ -135,10 +148,12 @@ def test_fork_tokens_latest_and_recurring(tmp_path):
     def fork(token, entropy):
         return {"token": token, "entropy": entropy, "before": "1+1=", "after": "\n#", "source": "eval.jsonl:3"}
 
-    forks = {5: [fork("2", 1.5), fork("+", 1.0)], 10: [fork("3", 2.0), fork("2", 0.5), fork("+", 0.25)]}
+    # a fork without an entropy is listed nowhere among the recurring ones
+    forks = {5: [fork("2", 1.5), fork("+", 1.0), fork("?", None)], 10: [fork("3", 2.0), fork("2", 0.5), fork("+", 0.25)]}
     report = write_run_report(write_run(tmp_path / "run", law_records(10), forks=forks), figures=False)
     latest = report["forks"]["latest"]
     assert latest["title"] == "Step 10" and [r["entropy"] for r in latest["values"]] == [2.0, 0.5, 0.25]
+    assert [r["rank"] for r in latest["values"]] == [1, 2, 3]
     assert latest["rows"][0]["context"] == "…1+1=⟦3⟧↵#…" and latest["rows"][0]["token"] == "'3'"
     recurring = {r["token"]: (r["times among the top positions"], r["mean entropy"]) for r in report["forks"]["recurring"]["values"]}
     assert recurring == {"'2'": (2, 1.0), "'+'": (2, 0.625), "'3'": (1, 2.0)}
@@ -146,13 +161,26 @@ def test_fork_tokens_latest_and_recurring(tmp_path):
 
 def test_interventions_and_a_method_whose_own_part_never_acted(tmp_path):
     records = [{"step": i + 1, "entropy/mean": 1.0, "reward/accuracy": 0.5, "select/clip_cov_frac": 0.0,
-                "clip/ppo_frac": [0.0, 0.1, 0.3][i]} for i in range(3)]
+                "clip/ppo_frac": [0.0, 0.1, 0.3][i], "shape/entropy_bonus": [0.2, None, 0.4][i]} for i in range(3)]
     run = write_run(tmp_path / "run", records, config={"method": {"method": "clip_cov", "params": {}}, "optim": {"steps": 3}})
     report = write_run_report(run, figures=False)
     assert report["method"] == "clip_cov"
     clip = row(report["interventions"], "metric", "clip/ppo_frac")
     assert clip["steps"] == 3 and clip["mean"] == pytest.approx(0.4 / 3) and clip["max"] == 0.3 and clip["steps not 0"] == 2
+    # an advantage shaper's bonus is an intervention too; a step that logged null is not counted
+    bonus = row(report["interventions"], "metric", "shape/entropy_bonus")
+    assert bonus["steps"] == 2 and bonus["mean"] == pytest.approx(0.3) and bonus["max"] == 0.4 and bonus["steps not 0"] == 2
     assert "`select/clip_cov_frac`): on this run it never acted" in (run / "report" / "report.md").read_text()
+
+
+def test_a_method_given_as_a_list_of_names_is_the_composition_they_make(tmp_path):
+    """An objective config may name its methods as a list (``method: [dapo, clip_b]``), which config.json keeps as a
+    list: the report names the composition as ``dapo+clip_b`` would and checks the same parts for never acting."""
+    records = [{"step": i + 1, "entropy/mean": 1.0, "reward/accuracy": 0.5, "select/clip_b_frac": 0.0} for i in range(5)]
+    run = write_run(tmp_path / "run", records, config={"method": {"method": ["dapo", "clip_b"]}, "optim": {"steps": 5}})
+    report = write_run_report(run, figures=False)
+    assert report["method"] == "dapo+clip_b"
+    assert "`select/clip_b_frac`): on this run it never acted" in (run / "report" / "report.md").read_text()
 
 
 def test_a_run_in_progress_with_a_line_cut_short(tmp_path):
@@ -163,6 +191,9 @@ def test_a_run_in_progress_with_a_line_cut_short(tmp_path):
     assert report["steps"] == 4 and "logged up to step 4 of 100" in markdown
     assert "not a JSON object were skipped: 5." in markdown
     assert report["section_errors"] == {}
+    finished = write_run(tmp_path / "finished", law_records(4), config={"method": "grpo", "optim": {"steps": 4}})
+    write_run_report(finished, figures=False)
+    assert "logged up to step" not in (finished / "report" / "report.md").read_text()
 
 
 def test_figures_are_drawn_and_an_empty_run_still_gets_a_report(tmp_path):
@@ -196,6 +227,8 @@ def test_what_is_not_a_run_directory_is_said(tmp_path):
     (checkpoint / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
     with pytest.raises(FileNotFoundError, match=r"is in checkpoint step_000003 of the run .*run: report on the run"):
         write_run_report(checkpoint)
+    with pytest.raises(FileNotFoundError, match=r"is in checkpoint step_000003 of the run .*run: report on the run"):
+        write_run_report(checkpoint.parent)  # the checkpoint's own folder
     model = tmp_path / "a-model"  # a Hugging Face model's folder: its config.json is not a run's
     model.mkdir()
     (model / "config.json").write_text((checkpoint / "config.json").read_text())
@@ -257,6 +290,58 @@ def test_a_trl_run_is_read_from_its_trainer_state(tmp_path):
     assert write_run_report(tmp_path / "checkpoint-2", figures=False)["steps"] == 2
 
 
+
+def test_the_newest_checkpoint_is_the_highest_numbered_and_the_plugin_s_own_reward_is_kept(tmp_path):
+    """checkpoint-10 is newer than checkpoint-9 (numbers, not text); where the plugin logged ``reward/mean`` TRL's
+    ``reward`` does not replace it; the log history is read ordered by step whatever its order in the file."""
+    def history(steps):
+        return [{"step": s, "reward": 0.0, "reward/mean": 0.1 * s, "entropy": 1.0 - 0.05 * s} for s in steps]
+
+    for step in (9, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        entries = history(range(step, 0, -1))  # newest first
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"log_history": entries}))
+    report = write_run_report(tmp_path, figures=False)
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
+    assert summary["read from"] == "checkpoint-10/trainer_state.json" and report["steps"] == 10
+    # 10 steps: start and end are steps 1 and 10
+    assert summary["reward start"] == pytest.approx(0.1) and summary["reward end"] == pytest.approx(1.0)
+    assert summary["entropy start (nats)"] == pytest.approx(0.95)
+
+
+def test_metrics_jsonl_is_read_before_a_trainer_state_beside_it(tmp_path):
+    run = write_run(tmp_path / "run", law_records(10))
+    (run / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "reward": 0.5, "entropy": 1.0}]}))
+    report = write_run_report(run, figures=False)
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
+    assert summary["read from"] == "metrics.jsonl" and report["steps"] == 10
+
+
+def test_evaluations_are_ordered_by_step_and_every_k_of_any_evaluation_is_a_column(tmp_path):
+    """Files are listed in no particular order: the table runs by step and the summary gives the last one. A k only
+    the earlier evaluations recorded still has its column (n/a where missing). A file that is not an evaluation (a
+    list, in eval/) and a Pass@k entry whose key is not a k are left out, not taken down with the section."""
+    evaluations = {step: {"avg_at_n": step / 100, "pass_at_k": {"1": step / 100, "4": step / 50}}
+                   for step in (30, 5, 20, 10, 15)}  # written out of order
+    evaluations[40] = {"avg_at_n": 0.4, "pass_at_k": {"1": 0.4, "mean": 0.4}}
+    evaluations[45] = [{"token": "x", "entropy": 1.0}]
+    report = write_run_report(write_run(tmp_path / "run", law_records(40), evaluations=evaluations), figures=False)
+    assert report["section_errors"] == {}
+    table = report["evaluations"]
+    assert [r["step"] for r in table["values"]] == [5, 10, 15, 20, 30, 40]
+    assert "Pass@4" in table["columns"] and "Pass@mean" not in table["columns"]
+    assert row(table, "step", 40)["Pass@4"] is None and row(table, "step", 30)["Pass@4"] == 0.6
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
+    assert summary["evaluation Avg@n at step 40"] == 0.4 and summary["evaluation Pass@1 at step 40"] == 0.4
+
+
+def test_only_the_top_forks_of_the_latest_evaluation_are_listed(tmp_path):
+    from entrorl.analysis.run import FORKS_SHOWN
+
+    forks = {10: [{"token": str(i), "entropy": 3.0 - 0.1 * i, "before": "", "after": ""} for i in range(FORKS_SHOWN + 2)]}
+    report = write_run_report(write_run(tmp_path / "run", law_records(10), forks=forks), figures=False)
+    assert [r["rank"] for r in report["forks"]["latest"]["values"]] == list(range(1, FORKS_SHOWN + 1))
+
 # boundaries and marginals: values exactly on a threshold, the chance level's two marginals
 def test_chance_agreement_takes_each_series_marginals_over_the_steps_without_a_zero(tmp_path):
     # signed steps (first 4): predicted + + + -  (p+ = 3/4), measured + - - - (m+ = 1/4); the last two have a zero
@@ -295,6 +380,12 @@ def test_the_law_s_end_points_count_the_fitted_points_not_the_steps(tmp_path):
     law = report["law"]["fit"]
     assert law["n_points"] == 15 and law["end_points"] == 2  # ceil(0.1 * 15), not ceil(0.1 * 30) = 3
     assert "unit" not in law  # the points are steps, the notes' default
+    # the forecast's baselines are taken on the same 15 points
+    reward = np.array([r["reward/accuracy"] for r in records if "reward/accuracy" in r])
+    n_fit = law["forecast"]["n_fit"]
+    (baselines,) = report["forecast_baselines"]["values"]
+    assert baselines["later steps"] == 15 - n_fit
+    assert baselines["constant RMSE"] == pytest.approx(np.sqrt(np.mean((reward[n_fit:] - reward[:n_fit].mean()) ** 2)))
 
 
 def test_the_end_is_not_in_sample_when_it_follows_the_fitted_points(tmp_path):

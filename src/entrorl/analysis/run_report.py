@@ -88,6 +88,8 @@ class _TrainingRun(MetricRecords):
         method = self.config.get("method")
         if isinstance(method, dict):
             method = method.get("method") or method.get("name")
+        if isinstance(method, (list, tuple)):  # ``method: [dapo, clip_b]`` composes as ``dapo+clip_b`` does
+            method = "+".join(str(name) for name in method)
         return str(method) if method else ""
 
     @property
