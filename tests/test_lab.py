@@ -261,9 +261,12 @@ def test_an_interrupted_laboratory_saves_what_it_trained_and_says_how_to_go_on(t
         result.output.split())
 
 
-def test_method_names_are_stripped_deduplicated_and_checked(tmp_path):
+def test_method_names_are_stripped_deduplicated_and_checked(tmp_path, monkeypatch):
+    from entrorl.lab import runner
     from entrorl.lab.presets import lab_method_names
     from entrorl.lab.runner import _requested_methods, run_lab
+
+    monkeypatch.setattr(runner, "build_base_model", lambda *args, **kwargs: pytest.fail("a base model was built"))
 
     assert _requested_methods(["grpo", " clip_b ", "grpo", "", "clip_b"]) == ["grpo", "clip_b"]
     assert _requested_methods("grpo, clip_b,grpo") == ["grpo", "clip_b"]
@@ -275,6 +278,8 @@ def test_method_names_are_stripped_deduplicated_and_checked(tmp_path):
     assert set(DEFAULT_METHODS) <= set(lab_method_names())
     for name in lab_method_names():
         assert f" {name}," in str(error.value) or str(error.value).endswith(f" {name}")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):  # one method asked for is the matrix too
+        run_lab("quick", methods="nope", out=tmp_path / "lab", cache_dir=tmp_path / "cache")
     assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
 
 
@@ -309,13 +314,38 @@ def test_workers_below_one_are_refused(tmp_path, workers):
     assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("rl_seed", [-1, 2**32, 1.5])
-def test_an_rl_seed_out_of_numpy_s_range_is_refused_before_anything_is_built(tmp_path, rl_seed):
+@pytest.mark.parametrize("rl_seed", [-1, 2**32, 1.5, True])
+def test_an_rl_seed_out_of_numpy_s_range_is_refused_before_anything_is_built(tmp_path, monkeypatch, rl_seed):
+    from entrorl.lab import runner
+
+    monkeypatch.setattr(runner, "build_base_model", lambda *args, **kwargs: pytest.fail("a base model was built"))
+    with pytest.raises(ValueError, match=r"--rl-seed must be a whole number from 0 to 2\*\*32 - 1"):
+        runner.run_lab("quick", methods=["grpo"], rl_seed=rl_seed, out=tmp_path / "lab", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("rl_seed", [float("inf"), float("nan")])
+def test_a_non_finite_rl_seed_is_refused_with_the_rl_seed_message(tmp_path, monkeypatch, rl_seed):
+    """Infinity and NaN are no whole numbers from 0 to 2**32 - 1: refused as -1 or 1.5 are (a ValueError naming
+    --rl-seed and its range), not with int()'s own OverflowError or ValueError."""
+    from entrorl.lab import runner
+
+    monkeypatch.setattr(runner, "build_base_model", lambda *args, **kwargs: pytest.fail("a base model was built"))
+    with pytest.raises(ValueError, match=r"--rl-seed must be a whole number from 0 to 2\*\*32 - 1"):
+        runner.run_lab("quick", methods=["grpo"], rl_seed=rl_seed, out=tmp_path / "lab", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("rl_seed", [0, 2**32 - 1, 7.0])
+def test_an_rl_seed_within_numpy_s_range_is_taken_as_a_whole_number(tmp_path, rl_seed):
+    """Accepted, it reaches the check of the folder's settings (which then refuses the folder's other rl_seed)."""
     from entrorl.lab.runner import run_lab
 
-    with pytest.raises(ValueError, match=r"--rl-seed must be a whole number from 0 to 2\*\*32 - 1"):
-        run_lab("quick", methods=["grpo"], rl_seed=rl_seed, out=tmp_path / "lab", cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
+    out = tmp_path / "lab"
+    out.mkdir()
+    (out / "lab.json").write_text(json.dumps({"preset": get_preset("quick").model_copy(update={"rl_seed": 1}).model_dump(mode="json")}))
+    with pytest.raises(ValueError, match=rf"\(rl_seed: 1 there, {int(rl_seed)} now\)"):
+        run_lab("quick", methods=["grpo"], rl_seed=rl_seed, out=out, cache_dir=tmp_path / "cache")
 
 
 def test_a_cache_that_cannot_be_written_is_named_before_the_run_directory_is_made(tmp_path):
@@ -595,6 +625,9 @@ def test_the_s_and_d_histograms_count_every_token_in_their_end_bins():
 
     counts = _histogram(torch.tensor([1.0, -1.0, 0.4, -0.4, 0.1, 0.0], dtype=torch.float32))
     assert sum(counts) == 6 and counts[0] == 2 and counts[-1] == 2
+    # 40 bins of width 0.02 from -0.4: -0.11 lies in bin 14, 0.11 in bin 25
+    counts = _histogram(torch.tensor([0.11, -0.11], dtype=torch.float64))
+    assert len(counts) == 40 and counts[14] == counts[25] == 1 and sum(counts) == 2
 
 
 def test_a_full_disk_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch):
@@ -628,3 +661,230 @@ def test_a_full_disk_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"the base model cannot be written into the cache .*StorageFull.*ENTRORL_CACHE"):
         base_model.build_base_model(BaseModelSpec(), cache_dir=tmp_path / "cache", rebuild=True)
     assert list((tmp_path / "cache" / "lab").iterdir()) == []  # nothing half-built is left
+
+
+def test_setting_differences_are_named_by_their_dotted_keys_also_when_one_side_lacks_them():
+    from entrorl.lab.runner import _setting_differences
+
+    recorded = {"steps": 1, "base": {"steps": 2, "lr": 0.1}, "dropped": 5, "methods": ["grpo"]}
+    current = {"steps": 1, "base": {"steps": 3, "lr": 0.1}, "added": 6, "methods": ["grpo"]}
+    assert _setting_differences(recorded, current) == [("added", None, 6), ("base.steps", 2, 3), ("dropped", 5, None)]
+    assert _setting_differences(current, current) == []
+
+
+def test_a_setting_value_is_shown_in_at_most_forty_characters():
+    from entrorl.lab.runner import _short_repr
+
+    assert _short_repr("x" * 38) == repr("x" * 38)  # 40 characters: shown whole
+    assert _short_repr("x" * 39) == "'" + "x" * 38 + "…"  # 41: cut to 39 and an ellipsis
+    assert len(_short_repr(list(range(100)))) == 40 and _short_repr(None) == "None"
+
+
+def test_a_record_that_is_missing_unreadable_or_not_an_object_reads_as_empty(tmp_path):
+    from entrorl.lab.runner import _read_json_object, failed_methods
+
+    path = tmp_path / "outcomes.json"
+    assert _read_json_object(path) == {} and failed_methods(tmp_path) == []
+    for text in ("[1, 2]", '"failed"', "null", '{"grpo": ', ""):
+        path.write_text(text)
+        assert _read_json_object(path) == {}
+    outcomes = {"grpo": {"status": "failed", "error": "boom"}, "nsr": {"status": "interrupted", "step": 2},
+                "clip_b": {"status": "cached"}, "dapo": {"status": "done"}, "odd": "failed", "rft": {"status": "failed"}}
+    path.write_text(json.dumps(outcomes))
+    assert _read_json_object(path) == outcomes
+    assert failed_methods(tmp_path) == ["grpo", "rft"]
+
+
+_SIX_CHANGES = {"steps": 13, "lr": 1.0, "warmup_steps": 9, "mini_batches": 7, "checkpoint_every": 5, "eval_n": 3}
+
+
+@pytest.mark.parametrize(("changes", "same_name", "expected"), [
+    ({"steps": 13}, False, "started with preset default, now quick (1 other setting differs: steps);"),
+    (_SIX_CHANGES, False, "now quick (6 other settings differ: checkpoint_every, eval_n, lr, mini_batches, steps, "
+                          "warmup_steps);"),
+    ({**_SIX_CHANGES, "top_forks": 2}, False, "now quick (7 other settings differ: checkpoint_every, eval_n, lr, "
+                                              "mini_batches, steps, top_forks and 1 more);"),
+    (_SIX_CHANGES, True, "(checkpoint_every: 5 there, {checkpoint_every} now; eval_n: 3 there, {eval_n} now; lr: 1.0 "
+                         "there, {lr} now; mini_batches: 7 there, {mini_batches} now; steps: 13 there, {steps} now; "
+                         "warmup_steps: 9 there, {warmup_steps} now);"),
+    ({**_SIX_CHANGES, "top_forks": 2}, True, "(checkpoint_every: 5 there, {checkpoint_every} now; eval_n: 3 there, "
+                                             "{eval_n} now; lr: 1.0 there, {lr} now; mini_batches: 7 there, "
+                                             "{mini_batches} now; steps: 13 there, {steps} now; top_forks: 2 there, "
+                                             "{top_forks} now; and 1 more);"),
+], ids=["other preset, 1 setting", "other preset, 6 settings", "other preset, 7 settings", "same preset, 6 settings",
+        "same preset, 7 settings"])
+def test_a_preset_mismatch_names_at_most_six_settings(tmp_path, changes, same_name, expected):
+    from entrorl.lab.runner import _check_same_preset
+
+    quick = get_preset("quick")
+    recorded = quick.model_copy(update={**changes, **({} if same_name else {"name": "default"})}).model_dump(mode="json")
+    with pytest.raises(ValueError) as error:
+        _check_same_preset(tmp_path, quick, {"preset": recorded})
+    assert expected.format(**quick.model_dump()) in str(error.value), str(error.value)
+
+
+def test_a_folder_is_resumed_with_other_methods_or_without_a_recorded_preset(tmp_path):
+    from entrorl.lab.runner import _check_same_preset
+
+    quick = get_preset("quick")
+    others = quick.model_copy(update={"methods": ["grpo", "nsr"]}).model_dump(mode="json")
+    for record in ({"preset": others}, {}, {"preset": "quick"}, {"preset": None}):
+        _check_same_preset(tmp_path, quick, record)
+
+
+def test_the_number_of_workers_is_the_preset_s_or_a_whole_number_of_at_least_one():
+    import numpy as np
+
+    from entrorl.lab.runner import _checked_workers
+
+    preset = get_preset("quick").model_copy(update={"workers": 3})
+    assert _checked_workers(None, preset) == 3 and _checked_workers(1, preset) == 1
+    counted = _checked_workers(np.int64(4), preset)
+    assert counted == 4 and type(counted) is int  # written to lab.json: a Python int
+    for wrong in (0, -2, True, 2.0, "2", np.int64(0)):
+        with pytest.raises(ValueError, match="--workers must be a whole number of at least 1"):
+            _checked_workers(wrong, preset)
+
+
+def test_a_run_directory_may_hold_hidden_files_and_is_left_as_it_was_found(tmp_path):
+    from entrorl.lab.runner import _prepare_run_directory
+
+    hidden = tmp_path / "hidden"
+    (hidden / ".git").mkdir(parents=True)
+    (hidden / ".notes").write_text("")
+    _prepare_run_directory(hidden)
+    assert sorted(entry.name for entry in hidden.iterdir()) == [".git", ".notes"]  # no write check left behind
+    new = tmp_path / "new" / "lab"
+    _prepare_run_directory(new)
+    assert new.is_dir() and list(new.iterdir()) == []
+    resumed = tmp_path / "resumed"  # a laboratory folder (lab.json) may hold files of the user's too
+    resumed.mkdir()
+    (resumed / "lab.json").write_text("{}")
+    (resumed / "notes.txt").write_text("")
+    _prepare_run_directory(resumed)
+    for names, listed in (("abc", r"\(a, b, c\) and no"), ("abcd", r"\(a, b, c, \.\.\.\) and no")):
+        folder = tmp_path / names
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_text("")
+        with pytest.raises(ValueError, match=listed):
+            _prepare_run_directory(folder)
+
+
+@pytest.mark.parametrize(("outcome", "trained"), [
+    (None, True),  # cut short while training it
+    ({"method": "grpo", "status": "done"}, True),
+    ({"method": "grpo", "status": "failed", "error": "boom"}, True),
+    ({"method": "grpo", "status": "interrupted", "step": 3}, True),
+    ({"method": "grpo", "status": "interrupted"}, False),  # never started
+    ({"method": "grpo", "status": "cached"}, False),
+])
+def test_an_invocation_trained_a_method_unless_it_found_it_finished_or_never_started_it(outcome, trained):
+    from entrorl.lab.runner import _trained_here
+
+    assert _trained_here(outcome) is trained
+
+
+def test_a_dead_worker_s_reason_names_its_signal_or_its_exit_status():
+    import signal
+
+    from entrorl.lab.runner import _death_of
+
+    assert _death_of(-signal.SIGKILL) == ("its worker process was killed by SIGKILL (the system's out-of-memory killer "
+                                          "sends it when memory runs out; fewer --workers use less)")
+    assert _death_of(-signal.SIGTERM) == "its worker process was killed by SIGTERM"
+    assert _death_of(-99) == "its worker process was killed by signal 99"
+    for status in (0, 1, None):
+        assert _death_of(status) == (f"its worker process exited with status {status} before returning an outcome "
+                                     "(what it printed, if anything, is above)")
+
+
+class _RecordingProgress:
+    """What the laboratory's progress display is told: each bar's last update, the bars stopped, the lines printed."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.updates, self.stopped, self.lines = {}, [], []
+        self.console = SimpleNamespace(print=self.lines.append)
+
+    def update(self, bar, **fields):
+        self.updates[bar] = fields
+
+    def stop_task(self, bar):
+        self.stopped.append(bar)
+
+
+def test_an_outcome_sets_its_bar_and_a_dead_worker_s_reason_becomes_its_error_log(tmp_path):
+    from entrorl.lab.runner import _record_outcome
+
+    methods = tmp_path / "methods"
+    for method, logged in (("grpo", 3), ("rft", 7)):
+        (methods / method).mkdir(parents=True)
+        (methods / method / "metrics.jsonl").write_text("{}\n" * logged)
+    (methods / "nsr").mkdir()
+    (methods / "nsr" / "error.log").write_text("the whole traceback\n")
+    outcomes, progress = {}, _RecordingProgress()
+    names = ("grpo", "rft", "nsr", "dapo", "clip_b", "kl_cov")
+    bars = {method: f"bar of {method}" for method in names}
+    for outcome in ({"method": "grpo", "status": "interrupted", "step": 3}, {"method": "rft", "status": "failed", "error": "x"},
+                    {"method": "nsr", "status": "failed", "error": "the traceback's end"}, {"method": "dapo", "status": "cached"},
+                    {"method": "clip_b", "status": "done"},
+                    {"method": "kl_cov", "status": "failed", "error": "its worker process was killed by SIGKILL", "died": True}):
+        _record_outcome(outcome, outcomes, progress, bars, tmp_path, steps=5, jobs=len(names))
+    assert list(outcomes) == list(names)
+    assert progress.updates == {
+        "bar of grpo": {"completed": 3, "status": "[yellow]interrupted"},
+        "bar of rft": {"completed": 5, "status": "[red]failed"},  # more lines than steps: a full bar, no more
+        "bar of nsr": {"completed": 0, "status": "[red]failed"},
+        "bar of dapo": {"completed": 5, "status": "done (cached)"},
+        "bar of clip_b": {"completed": 5, "status": "[green]done"},
+        "bar of kl_cov": {"completed": 0, "status": "[red]failed"},
+    }
+    assert progress.stopped == ["bar of grpo", "bar of rft", "bar of nsr", "bar of kl_cov"]
+    assert progress.lines[0] == "grpo: interrupted, saved at step 3 (1/6)" and progress.lines[-1] == "kl_cov: failed (6/6)"
+    assert (methods / "nsr" / "error.log").read_text() == "the whole traceback\n"  # a method that raised keeps its own
+    assert (methods / "kl_cov" / "error.log").read_text() == "its worker process was killed by SIGKILL\n"
+
+
+def test_a_method_s_trainer_configuration(tmp_path):
+    from entrorl.lab.runner import _trainer_config
+    from entrorl.lab.supervised import SFT_OBJECTIVE
+
+    preset = get_preset("quick")
+    data = {name: tmp_path / "data" / f"{name}.jsonl" for name in ("train", "eval", "forget")}
+    config = _trainer_config(preset, "grpo", tmp_path / "model", data, tmp_path / "methods" / "grpo")
+    assert config["seed"] == preset.seed and config["method"] == "grpo"
+    assert config["model"] == {"path": str(tmp_path / "model")} and config["data"] == {"train": str(data["train"])}
+    assert config["reward"] == {"name": "entrorl.lab.runner:task_reward", "kwargs": {"task": preset.train_task}}
+    assert config["logging"] == {"run_dir": str(tmp_path / "methods"), "name": "grpo", "progress": False}
+    assert config["optim"] == {"steps": preset.steps, "lr": preset.lr, "warmup_steps": preset.warmup_steps,
+                               "mini_batches": preset.mini_batches, "grad_clip": 1.0}
+    assert config["checkpoint"] == {"every": preset.checkpoint_every, "keep": 1}
+    reseeded = _trainer_config(preset.model_copy(update={"rl_seed": 5}), "sft", tmp_path / "model", data, tmp_path / "sft")
+    assert reseeded["seed"] == 5 and reseeded["method"] == SFT_OBJECTIVE
+
+
+def test_the_laboratory_data_files_are_written_once_from_the_preset_s_seed(tmp_path):
+    from entrorl.data import load_prompts
+    from entrorl.lab.runner import _prepare_data
+    from entrorl.lab.tasks import get_task
+
+    preset = get_preset("quick").model_copy(update={"train_problems": 6, "eval_problems": 4, "forgetting_problems": 3})
+    paths = _prepare_data(tmp_path / "lab", preset)
+    assert paths == {name: tmp_path / "lab" / "data" / f"{name}.jsonl" for name in ("train", "eval", "forget")}
+    train_task, forget_task = get_task(preset.train_task), get_task(preset.forgetting_task)
+    for name, task, count, split in (("train", train_task, 6, "train"), ("eval", train_task, 4, "eval"),
+                                     ("forget", forget_task, 3, "eval")):
+        expected = task.records(count, seed=preset.seed, split=split)
+        assert [(r.prompt, r.answer) for r in load_prompts(paths[name])] == [(r.prompt, r.answer) for r in expected], name
+    # the held-out prompts are not the training ones: the split matters
+    assert {r.prompt for r in train_task.records(4, seed=preset.seed, split="train")} != {
+        r.prompt for r in load_prompts(paths["eval"])}
+    # rl_seed changes the training randomness only, not the data
+    reseeded = _prepare_data(tmp_path / "reseeded", preset.model_copy(update={"rl_seed": 5}))
+    assert all(reseeded[name].read_text() == paths[name].read_text() for name in paths)
+    # a resumed folder keeps its files as they are
+    paths["train"].write_text('{"prompt": "kept", "answer": "1"}\n')
+    _prepare_data(tmp_path / "lab", preset)
+    assert paths["train"].read_text() == '{"prompt": "kept", "answer": "1"}\n'

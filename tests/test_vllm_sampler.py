@@ -94,6 +94,7 @@ def test_request_kwargs_follow_the_sampling_params():
     # entrorl's "no top-k" (0) is vLLM's -1; greedy stays temperature 0; no seed given, none sent
     greedy = vllm_sampling_kwargs(SamplingParams(max_new_tokens=4, temperature=0.0), [EOS])
     assert greedy["top_k"] == -1 and greedy["temperature"] == 0.0 and "seed" not in greedy
+    assert vllm_sampling_kwargs(params, [EOS], seed=0)["seed"] == 0  # seed 0 is a seed, not "none given"
     with pytest.raises(ValueError, match="eos"):
         vllm_sampling_kwargs(params, [])
 
@@ -131,6 +132,32 @@ def test_output_conversion_cuts_after_the_first_eos_and_rejects_missing_log_prob
         outputs_to_rollouts([[3]], [wrong_token], pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=4)
     with pytest.raises(ValueError, match="2 outputs for 1 prompts"):
         outputs_to_rollouts([[3]], [wrong_token, wrong_token], pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=4)
+    with pytest.raises(ValueError, match="1 outputs for 2 prompts"):
+        outputs_to_rollouts([[3], [4]], [wrong_token], pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=4)
+    two_completions = _request_output([7], [-1.0])
+    two_completions.outputs.append(_completion([8], [-2.0]))
+    with pytest.raises(ValueError, match=r"one completion per prompt \(n=1\), got 2 for row 0"):
+        outputs_to_rollouts([[3]], [two_completions], pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=4)
+
+
+def test_output_conversion_keeps_max_new_tokens_and_empty_responses():
+    """Tokens beyond max_new_tokens are cut (the response is truncated); an empty completion is an all-padding row
+    that is truncated (no EOS); log-probs given as plain numbers, 0.0 included, are read as they are."""
+    outputs = [_request_output([9, 9, 9, 9, 9, 9], [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0]), _request_output([], [])]
+    rollouts = outputs_to_rollouts([[3], [4]], outputs, pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=3)
+    assert rollouts.response_ids.tolist() == [[9, 9, 9], [PAD, PAD, PAD]]
+    assert rollouts.response_mask.tolist() == [[True, True, True], [False, False, False]]
+    assert rollouts.lengths.tolist() == [3, 0] and rollouts.truncated.tolist() == [True, True]
+    torch.testing.assert_close(rollouts.sampler_log_probs, torch.tensor([[-1.0, -2.0, -3.0], [0.0, 0.0, 0.0]]))
+
+    only_empty = outputs_to_rollouts([[3]], [_request_output([], [])], pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=3)
+    assert only_empty.response_ids.tolist() == [[PAD]] and only_empty.response_mask.tolist() == [[False]]
+    assert only_empty.truncated.tolist() == [True]
+
+    plain = _request_output([7, EOS], [0.0, -0.5])
+    plain.outputs[0].logprobs = [{7: 0.0}, {EOS: -0.5}]
+    rollouts = outputs_to_rollouts([[3]], [plain], pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=4)
+    assert rollouts.sampler_log_probs.tolist() == [[0.0, -0.5]] and rollouts.truncated.tolist() == [False]
 
 
 def test_sampler_builds_the_engine_and_requests(fake_vllm, tiny_model_dir):
@@ -161,6 +188,32 @@ def test_sampler_builds_the_engine_and_requests(fake_vllm, tiny_model_dir):
     assert [kw.kwargs["seed"] for kw in _FakeLLM.instances[-1].sampling[-1]] == [15]
     with pytest.raises(ValueError, match="at least one token"):
         sampler.generate([[]], params)
+    with pytest.raises(ValueError, match="at least one token"):
+        sampler.generate([[3], []], params)
+    with pytest.raises(ValueError, match="no prompts"):
+        sampler.generate([], params)
+
+
+def test_every_eos_id_of_the_sampler_ends_a_response(fake_vllm, tiny_model_dir):
+    sampler = VLLMSampler(tiny_model_dir, eos_token_id=[EOS2, EOS], pad_token_id=PAD)
+    rollouts = sampler.generate([[3], [4]], SamplingParams(max_new_tokens=8, temperature=1.0))
+    assert [kw.kwargs["stop_token_ids"] for kw in _FakeLLM.instances[-1].sampling[-1]] == [[EOS2, EOS]] * 2
+    assert rollouts.truncated.tolist() == [False, True]  # the first ends with EOS, the second id of the list
+
+
+def test_sampler_arguments_are_checked_before_an_engine_is_built(fake_vllm, tmp_path, tiny_model_dir):
+    for share in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"gpu_memory_utilization must be in \(0, 1\)"):
+            VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD, gpu_memory_utilization=share)
+    with pytest.raises(ValueError, match="at least one eos_token_id"):
+        VLLMSampler(tiny_model_dir, eos_token_id=[], pad_token_id=PAD)
+    with pytest.raises(ValueError, match="model_path"):
+        VLLMSampler(eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        VLLMSampler(tmp_path, eos_token_id=EOS, pad_token_id=PAD)
+    assert _FakeLLM.instances == []
+    built = _FakeLLM()
+    assert VLLMSampler(eos_token_id=EOS, pad_token_id=PAD, llm=built).llm is built  # a built engine needs no path
 
 
 def test_sync_weights_pushes_every_parameter_and_resets_the_prefix_cache(fake_vllm, tiny_model_dir):
@@ -207,10 +260,46 @@ def test_sync_weights_loads_given_weights_in_pieces(monkeypatch, fake_vllm, tiny
     assert llm.prefix_resets == 1
 
 
+class _AcceleratorTensor:
+    """Stands for a tensor on the GPU: ``cpu()`` gives its host copy."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def numel(self):
+        return self.value.numel()
+
+    def element_size(self):
+        return self.value.element_size()
+
+    def cpu(self):
+        return self.value.clone()
+
+    def clone(self):
+        return self
+
+
+@pytest.mark.parametrize(("multiprocessing", "on_host"), [(None, True), ("1", True), ("0", False)])
+def test_weights_go_to_engine_worker_processes_as_host_tensors(monkeypatch, fake_vllm, tiny_model_dir, multiprocessing, on_host):
+    """vLLM's engine runs in other processes unless VLLM_ENABLE_V1_MULTIPROCESSING=0: the weights are then sent as
+    host tensors (a pickled GPU tensor would be rebuilt on the GPU outside the engine's memory budget)."""
+    if multiprocessing is None:
+        monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", multiprocessing)
+    sampler = VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD)
+    llm = _FakeLLM.instances[-1]
+    sampler.sync_weights(torch.nn.Linear(1, 1), [("layer.weight", _AcceleratorTensor(torch.arange(4.0)))])
+    ((name, tensor),) = llm.engine_model.loaded
+    assert name == "layer.weight" and isinstance(tensor, torch.Tensor) == on_host
+
+
 def test_clear_errors_without_vllm_or_cuda(monkeypatch, fake_vllm, tiny_model_dir):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA GPU"):
         VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(RuntimeError, match="CUDA GPU"):
+        check_vllm_available()
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail
     with pytest.raises(ImportError, match=r"entrorl\[vllm\]"):
         check_vllm_available()
