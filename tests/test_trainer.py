@@ -144,8 +144,12 @@ def test_cli_train_writes_metrics_checkpoints_and_diagnostics(tmp_path, tiny_mod
 
 def environment_importing_from(folder) -> dict[str, str]:
     """This process's environment with ``folder`` first on the Python path (the rest of the path kept, so that a
-    subprocess imports the entrorl under test)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+    subprocess imports the entrorl under test), and ``folder/temporary`` as its temporary directory: a failing
+    reward's traceback file lands there, not in the system's."""
+    temporary = Path(folder) / "temporary"
+    temporary.mkdir(exist_ok=True)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])),
+            "TMPDIR": str(temporary)}
 
 
 @pytest.mark.slow
@@ -2025,15 +2029,13 @@ def test_cli_eval_reports_reward_errors_threshold_and_default_ks(tmp_path, tiny_
     --k, the ks are the powers of two up to --n and n (the old fixed 1,4,16 refused --n 8). Without --out, the first
     traceback goes to a new file in the temporary directory, named on the terminal."""
     _, held_out = arithmetic_files
-    temporary = tmp_path / "temporary"
-    temporary.mkdir()
     with importable_module(tmp_path, "flaky_reward", "def score(prompt, completion, answer, **meta):\n"
                            "    if prompt.startswith('1'):\n        raise RuntimeError('boom')\n    return 0.7\n"):
         result = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "3", "--max-new-tokens", "3",
                          "--reward", "flaky_reward:score", "--correct-threshold", "0.75", "--samples",
-                         str(tmp_path / "samples.jsonl"), env={**environment_importing_from(tmp_path), "TMPDIR": str(temporary)})
+                         str(tmp_path / "samples.jsonl"), env=environment_importing_from(tmp_path))
     assert result.returncode == 0, result.stderr
-    [log] = temporary.glob("entrorl-reward-errors-*.log")
+    [log] = (tmp_path / "temporary").glob("entrorl-reward-errors-*.log")
     assert f"its traceback is in {log}" in " ".join(result.stderr.split())
     assert "RuntimeError: boom" in log.read_text() and "Traceback (most recent call last)" in log.read_text()
     summary = json.loads(result.stdout)
@@ -2131,6 +2133,8 @@ def test_cli_eval_fails_when_the_reward_failed_on_every_sample(tmp_path, tiny_mo
                          "--max-new-tokens", "3", "--reward", "broken_reward:score", env=environment_importing_from(tmp_path))
     assert result.returncode == 2 and "the reward failed on all 16 samples" in result.stderr, result.stderr
     assert json.loads(result.stdout)["reward_errors"] == 16
+    [log] = (tmp_path / "temporary").glob("entrorl-reward-errors-*.log")  # the first traceback, kept out of the system's
+    assert "RuntimeError: boom" in log.read_text()
 
 
 def test_cli_eval_names_a_damaged_weight_or_tokenizer_file(tmp_path, tiny_model_dir, arithmetic_files):
