@@ -105,6 +105,73 @@ def test_bad_thresholds_are_refused():
         allocator.retain_freed_memory(mmap_threshold=allocator.MMAP_THRESHOLD_MAX + 1)
     with pytest.raises(ValueError, match="trim_threshold"):
         allocator.retain_freed_memory(trim_threshold=0)
+    with pytest.raises(ValueError, match="mmap_threshold"):
+        allocator.retain_freed_memory(mmap_threshold=0)
+    with pytest.raises(ValueError, match="mmap_threshold"):  # glibc's largest on 64-bit systems: HEAP_MAX_SIZE / 2
+        allocator.retain_freed_memory(mmap_threshold=32 * 1024 * 1024 + 1)
+
+
+class FakeLibc:
+    """A C library whose ``mallopt`` records its calls and answers ``answer(parameter)``; ``glibc``: whether it has
+    glibc's ``gnu_get_libc_version``."""
+
+    def __init__(self, glibc: bool = True, answer=lambda parameter: 1):
+        self.calls = []
+
+        def mallopt(parameter, value):
+            self.calls.append((parameter, value))
+            return answer(parameter)
+
+        self.mallopt = mallopt
+        if glibc:
+            self.gnu_get_libc_version = lambda: b"2.36"
+
+
+@pytest.fixture
+def fake_libc(monkeypatch):
+    """Installs a :class:`FakeLibc` built with the given options in place of the process's C library, with no
+    setting applied yet."""
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+
+    def install(**options) -> FakeLibc:
+        libc = FakeLibc(**options)
+        monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: libc)
+        return libc
+
+    return install
+
+
+def test_both_glibc_parameters_are_set_once_with_the_trim_threshold_kept_within_an_int(fake_libc):
+    """M_MMAP_THRESHOLD is -3 and M_TRIM_THRESHOLD -1 (malloc.h); mallopt takes a C int, so a larger trim threshold is
+    passed as the largest int; calling again with the same values does nothing more, with others sets them."""
+    libc = fake_libc()
+    assert allocator.retain_freed_memory(mmap_threshold=1 << 20, trim_threshold=1 << 40)
+    assert libc.calls == [(-3, 1 << 20), (-1, 2**31 - 1)]
+    assert allocator.retain_freed_memory(mmap_threshold=1 << 20, trim_threshold=1 << 40)
+    assert len(libc.calls) == 2
+    assert allocator.retain_freed_memory()  # the defaults: the largest mmap threshold, 1 GiB kept
+    assert libc.calls[2:] == [(-3, 32 * 1024 * 1024), (-1, 1 << 30)]
+
+
+@pytest.mark.parametrize("refused", [-3, -1], ids=["mmap-threshold-refused", "trim-threshold-refused"])
+def test_a_refused_setting_is_reported_and_not_remembered_as_applied(fake_libc, refused):
+    libc = fake_libc(answer=lambda parameter: 0 if parameter == refused else 1)
+    assert allocator.retain_freed_memory() is False
+    assert allocator._applied is None
+    asked = len(libc.calls)
+    assert allocator.retain_freed_memory() is False and len(libc.calls) == 2 * asked  # asked again, not taken as done
+
+
+def test_other_c_libraries_and_systems_are_left_alone(fake_libc, monkeypatch):
+    """A C library without glibc's version function (musl) and a system other than Linux: False, no mallopt call."""
+    musl = fake_libc(glibc=False)
+    assert allocator.retain_freed_memory() is False
+    assert musl.calls == [] and allocator._applied is None
+    linux_libc = fake_libc()
+    monkeypatch.setattr(allocator.sys, "platform", "darwin")
+    assert allocator.retain_freed_memory() is False
+    assert linux_libc.calls == [] and allocator._applied is None
 
 
 @pytest.mark.parametrize(("retain", "applied"), [(True, True), (False, False), (None, True)])  # None: on the CPU, yes

@@ -1220,6 +1220,32 @@ def test_cli_reasoning_gym_errors_are_one_line(tmp_path):
     assert not (tmp_path / "c.jsonl").exists()
 
 
+def test_cli_reasoning_gym_writes_the_prompts_of_the_seed_given_with_or_without_the_instruction(tmp_path):
+    """The same --seed writes the same prompts and another seed others; --no-instruction leaves out the instruction
+    that the prompts otherwise end with, the task's own question kept."""
+    pytest.importorskip("reasoning_gym")
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.rewards import REASONING_GYM_INSTRUCTION
+
+    def generated(name: str, *options: str) -> list[dict]:
+        out = tmp_path / f"{name}.jsonl"
+        result = CliRunner().invoke(app, ["data", "reasoning-gym", "basic_arithmetic", "--size", "4", "--out", str(out),
+                                          *options])
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    seeded = generated("seed-1", "--seed", "1")
+    assert len(seeded) == 4 and generated("seed-1-again", "--seed", "1") == seeded
+    assert [row["prompt"] for row in generated("seed-2", "--seed", "2")] != [row["prompt"] for row in seeded]
+    assert all(REASONING_GYM_INSTRUCTION in row["prompt"] for row in seeded)
+    bare = generated("bare", "--seed", "1", "--no-instruction")
+    assert not any(REASONING_GYM_INSTRUCTION in row["prompt"] for row in bare)
+    assert all(row["prompt"] in with_instruction["prompt"] and row["answer"] == with_instruction["answer"]
+               for row, with_instruction in zip(bare, seeded))
+
+
 def test_the_named_prompt_column_is_read_even_beside_a_column_called_prompt(tmp_path):
     path = tmp_path / "questions.jsonl"
     path.write_text(json.dumps({"question": "Q1", "prompt": "P1", "answer": "1"}) + "\n")

@@ -661,6 +661,35 @@ def test_cli_audit_counts_a_sample_correct_from_the_threshold_given(markup_data,
     assert rates == {0.5: 1.0, 0.6: 0.0}  # every reward is 0.5: correct at the default threshold, wrong above it
 
 
+def test_cli_data_check_samples_and_labels_with_the_options_given_and_records_them(markup_data, tiny_model_dir, monkeypatch):
+    """--seed, --n, --consensus, --low-pass-rate, --band and --keep-wrong reach the sampling, the labels and the summary, and the most
+    new tokens sampled without --max-new-tokens is the default, recorded as a number: the same seed samples the same
+    completions and another seed others; suspected-wrong rows in the band are kept only with --keep-wrong."""
+    import entrorl.cli
+    import entrorl.trainer.audit
+
+    monkeypatch.setattr(entrorl.cli, "DEFAULT_MAX_NEW_TOKENS", 3)
+    monkeypatch.setattr(entrorl.trainer.audit, "answer_tools", lambda reward: (lambda completion: "7", lambda a, b: a == b))
+
+    def run(out: str, *options: str) -> tuple[dict, list[list[str]]]:
+        result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(markup_data),
+                                          "--n", "3", "--reward", "entrorl_test_audit_rewards:flaky", "--out", out,
+                                          "--band", "[0, 1]", "--consensus", "0.6", "--low-pass-rate", "0.1", *options])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in (Path(out) / "audit.jsonl").read_text().splitlines()]
+        return json.loads((Path(out) / "summary.json").read_text()), [row["majority_examples"] for row in rows]
+
+    kept, examples = run("kept", "--seed", "3", "--keep-wrong")
+    assert kept["seed"] == 3 and kept["n"] == 3 and kept["sampling"]["max_new_tokens"] == 3
+    assert kept["thresholds"] == {"consensus": 0.6, "low_pass_rate": 0.1}
+    assert kept["counts"]["looks_wrong"] == 3  # every sample answers "7", which the reward never accepts
+    assert (kept["band"]["band"], kept["band"]["keep_wrong"], kept["band"]["kept"]) == ("[0, 1]", True, 3)
+    dropped, same_seed = run("dropped", "--seed", "3")
+    assert (dropped["band"]["keep_wrong"], dropped["band"]["kept"], dropped["band"]["dropped_as_wrong"]) == (False, 0, 3)
+    assert same_seed == examples
+    assert run("other-seed", "--seed", "4", "--keep-wrong")[1] != examples
+
+
 def test_cli_prints_data_verbatim_and_reward_failures_in_one_line(markup_data, tiny_model_dir, monkeypatch):
     """References, majority answers and reward errors holding rich markup are printed as they are; a reward failure is
     one line on the terminal (count, first error), its traceback kept in a file, for `data audit` and `eval` alike."""

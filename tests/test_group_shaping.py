@@ -64,14 +64,20 @@ def test_diversity_weights_scale_the_rewards_before_the_advantage(tmp_path, tiny
 
 def test_unlikeliness_option_matches_the_unlikely_estimator(tmp_path, tiny_model_dir, arithmetic_files, toy_module):
     train, _ = arithmetic_files
-    trainer = Trainer(load_config(config_dict(tiny_model_dir, train, tmp_path, unlikeliness={"beta_rank": 0.5})),
-                      run_dir=tmp_path / "run")
+    config = config_dict(tiny_model_dir, train, tmp_path, unlikeliness={"beta_rank": 0.5})
+    config["rollout"]["max_new_tokens"] = 40  # responses of different lengths: some end, some are cut
+    trainer = Trainer(load_config(config), run_dir=tmp_path / "run")
     scored = trainer.collect()
     plain = unshaped_rewards(trainer, scored)
     rollouts = scored.rollouts
+    assert len(set(rollouts.lengths.tolist())) > 1
+    # samples are ranked by their log-prob per token (docs), which a sum over tokens of unequal lengths would not give
+    total = rollouts.sampler_log_probs.sum(-1).float()
+    summed = compute_advantages("unlikely", plain, scored.group_ids, seq_log_prob=total, beta_rank=0.5)
     seq_log_prob = (rollouts.sampler_log_probs.sum(-1) / rollouts.lengths.clamp(min=1)).float()
     expected = compute_advantages("unlikely", plain, scored.group_ids, seq_log_prob=seq_log_prob, beta_rank=0.5)
     torch.testing.assert_close(scored.advantages, expected)
+    assert not torch.allclose(expected, summed)
     assert bool((plain > 0).any()), "the toy reward should give some non-zero rewards to shape"
 
 

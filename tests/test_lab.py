@@ -259,6 +259,14 @@ def test_an_interrupted_laboratory_saves_what_it_trained_and_says_how_to_go_on(t
     result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--out", str(tmp_path / "lab")])
     assert result.exit_code == 130 and "after every method had finished, before the report was written" in " ".join(
         result.output.split())
+    # the command that continues repeats the workers and the seed of the training runs, which the results depend on
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--methods", "nsr", "--out",
+                                      str(tmp_path / "lab"), "--workers", "3", "--rl-seed", "2"])
+    assert result.exit_code == 130 and (f"Continue with: entrorl lab --preset quick --methods grpo,nsr --out "
+                                        f"{tmp_path / 'lab'} --workers 3 --rl-seed 2") in " ".join(result.output.split())
+    # `--methods ""` names no method: refused, rather than running the whole matrix
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", " , ", "--out", str(tmp_path / "lab")])
+    assert result.exit_code == 2 and "--methods names no method" in result.output, result.output
 
 
 def test_method_names_are_stripped_deduplicated_and_checked(tmp_path, monkeypatch):

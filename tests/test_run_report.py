@@ -248,8 +248,16 @@ def test_the_report_command(tmp_path):
     assert (run / "report" / "report.html").is_file()
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "no run directory at" in result.output
-    result = CliRunner().invoke(app, ["report", str(run), "--fit-fraction", "0"])
-    assert result.exit_code == 2 and "--fit-fraction must be above 0 and at most 1" in result.output
+    for refused in ("0", "-0.5", "1.01"):
+        result = CliRunner().invoke(app, ["report", str(run), "--fit-fraction", refused])
+        assert result.exit_code == 2 and "--fit-fraction must be above 0 and at most 1" in result.output, refused
+    result = CliRunner().invoke(app, ["report", str(run), "--no-figures", "--fit-fraction", "1", "--out",
+                                      str(tmp_path / "whole")])  # the forecast fitted on every step
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "whole" / "report.json").read_text())["fit_fraction"] == 1
+    (tmp_path / "a_file").write_text("")
+    result = CliRunner().invoke(app, ["report", str(run), "--no-figures", "--out", str(tmp_path / "a_file" / "report")])
+    assert result.exit_code == 1 and result.output.startswith("error: ") and "a_file" in result.output, result.output
 
 
 def test_the_law_is_also_fitted_to_the_evaluations_with_the_entropy_of_the_policy_they_evaluated(tmp_path):

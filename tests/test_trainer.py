@@ -539,6 +539,9 @@ def test_learning_rate_schedules():
     assert factors["cosine"][:3] == pytest.approx([0.5, 1.0, 1.0])
     assert factors["cosine"][4] == pytest.approx(0.55) and factors["cosine"][5] == pytest.approx(0.1 + 0.9 * 0.5 * (1 - 0.5 ** 0.5))
     assert learning_rate_factor(9, 10, schedule="cosine") > 0  # no step is spent at the final rate
+    for name in ("linear", "cosine"):  # past the end (a resumed run made shorter) the rate stays at the final one
+        assert [learning_rate_factor(step, 6, warmup_steps=2, schedule=name, min_ratio=0.1)
+                for step in (6, 7, 10)] == pytest.approx([0.1, 0.1, 0.1])
 
 
 def test_activation_checkpointing_and_a_cosine_schedule_train_like_the_plain_run(tmp_path, tiny_model_dir, arithmetic_files):
@@ -794,6 +797,9 @@ def test_set_options_and_configuration_files_that_are_malformed_are_named(tmp_pa
     base = make_config(tmp_path / "no-model-needed", train, None)
     assert parse_set_option("data.prompt_template=Q={prompt}") == (["data", "prompt_template"], "Q={prompt}")
     assert parse_set_option("logging.name=") == (["logging", "name"], "")
+    assert parse_set_option(" optim.lr =1e-5") == (["optim", "lr"], 1e-5)  # spaces around the key are not part of it
+    with pytest.raises(ConfigError, match=r"--set expects key=value, got 'optim.lr'"):
+        load_config(base, ["optim.lr"])
     assert load_config(base, ["data.prompt_template=Q={prompt} A="]).data.prompt_template == "Q={prompt} A="
     with pytest.raises(ConfigError, match=r"--set has an empty key in '=3'"):
         load_config(base, ["=3"])
@@ -1253,6 +1259,20 @@ def test_the_train_command_says_how_to_go_on_after_an_interruption(tmp_path, tin
         assert result.exit_code == 130 and f"interrupted by SIGINT {expected}" in output, result.output
         assert "--set=optim.lr=0.001" in output and str(run_dir) in output
         assert output.rstrip().endswith("--resume") == (checkpoint is not None), result.output
+    # SIGTERM (a scheduler's pre-emption) exits 143, as the process would without the handler
+    monkeypatch.setattr(Trainer, "train", lambda self, **options: (_ for _ in ()).throw(
+        TrainingInterrupted(signal.SIGTERM, 1, tmp_path / "step_000001")))
+    result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run-term")])
+    assert result.exit_code == 128 + signal.SIGTERM and "interrupted by SIGTERM after step 1" in result.output, result.output
+    # a run that stopped itself on purpose (non-finite steps): exit 3, told apart from a refused configuration's 2
+    monkeypatch.setattr(Trainer, "train", lambda self, **options: (_ for _ in ()).throw(
+        TrainingStopped("3 non-finite steps in a row")))
+    result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run-stopped")])
+    assert result.exit_code == 3 and "error: 3 non-finite steps in a row" in result.output, result.output
+    # --resume without --run-dir needs logging.name to find the run
+    result = CliRunner().invoke(app, ["train", str(config), "--resume"])
+    assert result.exit_code == 2 and "--resume needs the run directory: pass --run-dir or set logging.name" in " ".join(
+        result.output.split()), result.output
 
 
 def test_a_composition_warning_is_given_once_by_the_configuration_not_again_by_the_trainer(tmp_path, tiny_model_dir,
@@ -1320,6 +1340,20 @@ def test_stop_signals_are_noted_once_then_stop_at_once_and_the_handlers_are_put_
     finally:
         restore()
     assert {number: signal.getsignal(number) for number in before} == before
+
+
+def test_the_line_a_finished_run_ends_with_compares_its_first_and_last_steps(tmp_path):
+    """`train`'s last line: entropy and reward at the first and the last training step (a step without entropy says
+    n/a), then the latest evaluation and its step."""
+    from entrorl.cli import _run_summary
+
+    records = [{"step": 0, "eval/n": 2, "eval/avg_at_n": 0.125},  # the evaluation before the first step
+               {"step": 1, "entropy/mean": 1.5, "reward/mean": 0.25},
+               {"step": 2, "entropy/mean": 1.25, "reward/mean": 0.5, "eval/n": 2, "eval/avg_at_n": 0.75},
+               {"step": 3, "reward/mean": 0.625}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert _run_summary(tmp_path) == (f"{tmp_path}; entropy 1.5 (step 1) -> n/a (step 3); reward 0.25 (step 1) -> 0.625 "
+                                      "(step 3); eval Avg@2 0.75 at step 2")
 
 
 def test_cli_resume_of_a_finished_run_and_unloadable_model_directories(tmp_path, tiny_model_dir, arithmetic_files):
@@ -1988,6 +2022,21 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     assert too_big.returncode == 2 and "exceeds --n" in too_big.stderr
 
 
+def test_the_methods_table_lists_the_parameters_a_method_sets_and_leaves_out_unset_ones():
+    """`entrorl methods`: each method's parameters with their defaults; one without a default (None) is not listed."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.objective import available_methods
+
+    (clip_b,) = [info for info in available_methods() if info.name == "clip_b"]
+    assert clip_b.params["clip_ratio_low"] == 0.2 and clip_b.params["mu_high"] is None
+    result = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("│ clip_b ")]
+    assert "│ clip_ratio_low=0.2, clip_ratio_high=0.2, " in row and "None" not in result.stdout
+
+
 def test_cli_eval_writes_every_sample_it_scored(tmp_path, tiny_model_dir, arithmetic_files):
     """--samples: one line per sample, prompt by prompt, from which Avg@n and every pass rate are recomputed; the
     generation batch size is an option and is recorded; --samples cannot be --out."""
@@ -2118,6 +2167,9 @@ def test_prompt_format_reads_each_setting_of_the_run_on_its_own(tmp_path, capsys
                                                  "rollout": {"max_new_tokens": True}}))
     assert _run_defaults(run, None, None, None) == ("{prompt}", True, DEFAULT_MAX_NEW_TOKENS)
     assert "does not give data.prompt_template or rollout.max_new_tokens" in capsys.readouterr().err
+    (run / "config.json").write_text(json.dumps({"rollout": {"max_new_tokens": 0}}))  # edited by hand: no length at all
+    assert _run_defaults(run, "A {prompt}", False, None) == ("A {prompt}", False, DEFAULT_MAX_NEW_TOKENS)
+    assert "does not give rollout.max_new_tokens; the default is used" in capsys.readouterr().err
     assert _run_defaults(run, "A {prompt}", False, 5) == ("A {prompt}", False, 5)  # all given: the run is not read
     assert not capsys.readouterr().err
     assert _run_defaults(tmp_path, None, None, None) == ("{prompt}", False, DEFAULT_MAX_NEW_TOKENS)  # no run
@@ -2169,6 +2221,89 @@ def test_cli_eval_rejects_bad_inputs_without_traceback(tmp_path, tiny_model_dir,
     ):
         result = run_cli(*base, *extra)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_k_values_are_sorted_once_each_and_refused_below_1(capsys):
+    """--k: comma-separated integers in any order, repeats and empty parts ignored; 0, a negative, a non-integer or no
+    value at all is refused with exit 2 and names what was given."""
+    import typer
+
+    from entrorl.cli import _parse_ks
+
+    assert _parse_ks("4, 1,2,2,") == [1, 2, 4] and _parse_ks(" 3 ") == [3]
+    for text, message in (("0,2", "--k values must be >= 1, got '0,2'"), ("2,-1", "--k values must be >= 1"),
+                          ("", "--k values must be >= 1, got ''"), (" , ", "--k values must be >= 1"),
+                          ("1,x", "--k expects comma-separated integers, got '1,x'"), ("1.5", "comma-separated integers")):
+        with pytest.raises(typer.Exit) as stopped:
+            _parse_ks(text)
+        assert stopped.value.exit_code == 2 and message in capsys.readouterr().err, text
+
+
+def test_cli_eval_takes_k_up_to_n_in_any_order_and_only_the_first_max_prompts(tmp_path, tiny_model_dir, arithmetic_files):
+    """--k equal to --n is allowed, the largest k (not the last written) is the one checked against --n, and
+    --max-prompts evaluates that many prompts from the top of the file; the summary records the settings used."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    _, held_out = arithmetic_files
+    base = ["eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--max-new-tokens", "2",
+            "--reward", "exact_match", "--max-prompts", "3"]
+    result = CliRunner().invoke(app, [*base, "--k", "2,1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert set(summary["pass_at_k"]) == {"1", "2"} and summary["n_problems"] == 3
+    assert summary["sources"] == [f"{held_out}:{line}" for line in (1, 2, 3)]
+    assert summary["settings"]["max_prompts"] == 3 and summary["settings"]["seed"] == 0
+    assert summary["settings"]["correct_threshold"] == summary["threshold"] == 0.5  # the reward's own, as applied
+    refused = CliRunner().invoke(app, [*base, "--k", "3,1"])
+    assert refused.exit_code == 2 and "--k 3 exceeds --n 2" in refused.output, refused.output
+
+
+def test_cli_eval_scores_rows_without_a_reference_answer_only_with_no_require_answer(tmp_path, tiny_model_dir):
+    """A row without an answer is refused, naming its line, unless --no-require-answer: the reward then gets None."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    data = tmp_path / "open.jsonl"
+    data.write_text('{"prompt": "1+1="}\n{"prompt": "2+2=", "answer": "4"}\n')
+    base = ["eval", "--model", str(tiny_model_dir), "--data", str(data), "--n", "2", "--k", "1", "--max-new-tokens", "2",
+            "--reward", "answerless_reward:score"]
+    with importable_module(tmp_path, "answerless_reward", "def score(prompt, completion, answer, **meta):\n"
+                           "    return float(answer is None)\n"):
+        refused = CliRunner().invoke(app, base)
+        assert refused.exit_code == 2 and f"{data}:1" in refused.output, refused.output
+        result = CliRunner().invoke(app, [*base, "--no-require-answer"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["pass_rates"] == [1.0, 0.0]
+
+
+def test_cli_eval_samples_with_the_seed_temperature_and_top_k_given(tmp_path, tiny_model_dir, arithmetic_files):
+    """The same --seed draws the same samples and another seed others; --temperature 0 (greedy) and --top-k 1 draw
+    one completion per prompt, n times."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    _, held_out = arithmetic_files
+    n = 4
+    base = ["eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", str(n), "--k", "1",
+            "--max-new-tokens", "4", "--reward", "exact_match", "--max-prompts", "3"]
+
+    def completions(name: str, *options: str) -> list[list[str]]:
+        samples = tmp_path / f"{name}.jsonl"
+        result = CliRunner().invoke(app, [*base, "--samples", str(samples), *options])
+        assert result.exit_code == 0, result.output
+        drawn = [json.loads(line)["completion"] for line in samples.read_text().splitlines()]
+        return [drawn[start: start + n] for start in range(0, len(drawn), n)]
+
+    seeded = completions("seed-1", "--seed", "1")
+    assert any(len(set(prompt)) > 1 for prompt in seeded)  # sampled at temperature 1: the samples differ
+    assert completions("seed-1-again", "--seed", "1") == seeded
+    assert completions("seed-2", "--seed", "2") != seeded
+    for name, greedy in (("greedy", ("--temperature", "0")), ("top-1", ("--top-k", "1"))):
+        assert all(len(set(prompt)) == 1 for prompt in completions(name, "--seed", "1", *greedy)), name
 
 
 def test_pass_rate_band_filters_training_prompts(tmp_path, tiny_model_dir):
@@ -2361,6 +2496,45 @@ def test_a_split_update_reports_the_whole_batch_metrics(loss_agg_mode):
         assert combined[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_micro_batch_shares_are_of_their_own_mini_batch_and_count_rows_with_a_token(loss_agg_mode):
+    """Micro-batches of a mini-batch (every other row of the batch, one row without a valid token): each one's loss
+    share is its part of the mini-batch's normaliser, tokens for token-mean, rows with a token for the seq-mean
+    modes, and the shares of the mini-batch's micro-batches add up to 1."""
+    from entrorl.trainer.loop import MicroBatchShares
+
+    lengths = torch.tensor([5, 9, 0, 5, 2, 7, 4, 1])
+    mask = torch.arange(9)[None] < lengths[:, None]
+    mini_batch = torch.tensor([0, 2, 4, 6])  # 5 + 0 + 2 + 4 = 11 tokens, 3 rows with a token
+    micros = mini_batch.split(2)
+    shares = [MicroBatchShares.of(micro, mini_batch, mask=mask, normaliser_mask=mask, loss_agg_mode=loss_agg_mode)
+              for micro in micros]
+    expected = [5 / 11, 6 / 11] if loss_agg_mode == "token-mean" else [1 / 3, 2 / 3]
+    assert [share.loss for share in shares] == pytest.approx(expected)
+    assert [share.aggregated for share in shares] == pytest.approx(expected)
+    assert [share.tokens for share in shares] == pytest.approx([5 / 11, 6 / 11])  # token statistics: by tokens
+    selector_shrunk = MicroBatchShares(loss=0.25, aggregated=0.5, tokens=0.75)
+    assert selector_shrunk.weight_of("loss/policy", frozenset()) == 0.25
+    assert selector_shrunk.weight_of("kl/ref", frozenset({"kl/ref"})) == 0.5
+    assert selector_shrunk.weight_of("ratio/mean", frozenset()) == 0.75
+    whole = MicroBatchShares.of(mini_batch, mini_batch, mask=mask, normaliser_mask=mask, loss_agg_mode=loss_agg_mode)
+    assert (whole.loss, whole.aggregated, whole.tokens) == (1.0, 1.0, 1.0)
+
+
+def test_metrics_of_micro_batches_leave_out_non_finite_values_and_placeholders_of_empty_ones():
+    """A micro-batch without valid tokens reports a placeholder maximum and NaN means: the mini-batch's maximum is
+    that of the micro-batches with tokens, its means those of the finite values, and counts add up per update."""
+    from entrorl.trainer.loop import MicroBatchShares, _mean_metrics
+
+    full = MicroBatchShares(loss=1.0, aggregated=1.0, tokens=1.0)
+    empty = MicroBatchShares(loss=0.0, aggregated=0.0, tokens=0.0)
+    records = [({"ratio/max": 1.5, "ratio/mean": 1.1, "loss/policy": 0.25, "tokens/valid": 12.0}, full),
+               ({"ratio/max": 9.0, "ratio/mean": math.nan, "loss/policy": math.nan, "tokens/valid": 0.0},
+                empty)]
+    means = _mean_metrics(records, aggregated=frozenset(), updates=1)
+    assert means == {"ratio/max": 1.5, "ratio/mean": 1.1, "loss/policy": 0.25, "tokens/valid": 12.0}
+
+
 def test_every_configured_mini_batch_is_an_update(tmp_path, tiny_model_dir, arithmetic_files):
     """8 rows in 5 mini-batches make 5 updates (rows 2, 2, 2, 1, 1), not the 4 that equal chunks of 2 would; more
     mini-batches than rows is refused before the model loads."""
@@ -2503,19 +2677,26 @@ def test_eval_exits_1_when_its_summary_cannot_be_written(tmp_path, tiny_model_di
     out.write_text('{"earlier": true}')
     write = checkpoint.atomic_write_text
 
+    samples = tmp_path / "samples.jsonl"
+
     def full_disk(path, text):
-        if Path(path) == out:
+        if Path(path) in (out, samples):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         write(path, text)
 
     monkeypatch.setattr(checkpoint, "atomic_write_text", full_disk)
-    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k",
-                                      "1,2", "--max-new-tokens", "2", "--reward", "exact_match", "--out", str(out)])
+    command = ["eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "1,2",
+               "--max-new-tokens", "2", "--reward", "exact_match", "--max-prompts", "2"]
+    result = CliRunner().invoke(app, [*command, "--out", str(out)])
     output = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
     assert (f"cannot write {out}: [Errno 28] No space left on device: '{out}' (it still holds an earlier result)"
             in output)
     assert json.loads(out.read_text()) == {"earlier": True}
+    # the samples file, likewise: the summary reaches stdout without naming it, and the exit is 1
+    result = CliRunner().invoke(app, [*command, "--samples", str(samples)])
+    assert result.exit_code == 1 and f"cannot write {samples}" in " ".join(result.output.split()), result.output
+    assert "samples_file" not in json.loads(result.stdout) and not samples.exists()
 
 
 def test_atomic_writes_leave_nothing_behind_and_name_their_file(tmp_path):

@@ -83,6 +83,48 @@ def test_the_non_finite_count_starts_again_after_a_good_step(tmp_path, tiny_mode
         trainer.train_step()
 
 
+class InfiniteGradient(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by inf: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, gradient):
+        return gradient * math.inf
+
+
+class InfiniteGradientLoss:
+    """A trainer's objective whose loss is finite but whose gradient is not."""
+
+    def __init__(self, objective):
+        self.objective = objective
+
+    def __call__(self, batch, **kwargs):
+        out = self.objective(batch, **kwargs)
+        out.loss = out.policy_loss = InfiniteGradient.apply(out.loss)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.objective, name)
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped_like_a_non_finite_loss(tmp_path, tiny_model_dir,
+                                                                                     arithmetic_files, parity,
+                                                                                     monkeypatch, trainer_for):
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          optim={"steps": 5, "lr": 1e-3, "max_consecutive_nonfinite": 2})
+    weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    monkeypatch.setattr(trainer, "objective", InfiniteGradientLoss(trainer.objective))
+    metrics = trainer.train_step()
+    assert metrics["train/skipped_updates"] == 1 and metrics["train/updates"] == 0
+    assert math.isnan(metrics["train/grad_norm"])
+    assert all(torch.equal(weights[name], p) for name, p in trainer.model.named_parameters())
+    assert trainer.consecutive_nonfinite == 1
+
+
 def test_skipped_total_counts_the_whole_run(tmp_path, tiny_model_dir, arithmetic_files, parity, monkeypatch,
                                             trainer_for):
     """train/skipped_total is the run's running count of skipped updates, not this step's."""
@@ -93,6 +135,31 @@ def test_skipped_total_counts_the_whole_run(tmp_path, tiny_model_dir, arithmetic
     first, second = trainer.train_step(), trainer.train_step()
     assert first["train/skipped_total"] == 1 and second["train/skipped_total"] == 2
     assert second["train/skipped_updates"] == 1
+
+
+def test_a_resumed_run_goes_on_counting_skipped_and_non_finite_steps(tmp_path, tiny_model_dir, arithmetic_files, parity,
+                                                                    monkeypatch):
+    """The run's counts (skipped updates, non-finite steps in a row) and the weights' norm at its start come back
+    from the checkpoint, so that a resume neither forgets nor restarts them."""
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, reward={"name": parity}, checkpoint={"every": 1},
+                                     optim={"steps": 5, "lr": 1e-3, "max_consecutive_nonfinite": 2}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    trainer.train_step()
+    monkeypatch.setattr(trainer, "objective", NaNLoss(trainer.objective))
+    trainer.train_step()
+    trainer.save()
+    trainer.close()
+    resumed = Trainer(config, run_dir=tmp_path / "run", resume=True)
+    try:
+        assert (resumed.step, resumed.skipped_steps, resumed.consecutive_nonfinite) == (2, 1, 1)
+        assert resumed.weight_norm_at_start == trainer.weight_norm_at_start != resumed.weight_norm
+        monkeypatch.setattr(resumed, "objective", NaNLoss(resumed.objective))
+        with pytest.raises(TrainingStopped, match=r"2 steps in a row \(steps 2-3\)"):
+            resumed.train_step()
+        assert resumed.skipped_steps == 2
+    finally:
+        resumed.close()
 
 
 def test_token_counts_average_over_the_updates_applied(tmp_path, tiny_model_dir, arithmetic_files, parity,
@@ -466,6 +533,62 @@ def test_cuda_generators_of_another_device_count_are_left_alone(monkeypatch):
     assert restored == [state["cuda"][:1]]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weight_norm_is_the_l2_norm_of_every_trained_weight_summed_in_float32(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                           parity, trainer_for, dtype):
+    """train/weight_norm: one L2 norm over all trained weights together (not a sum of per-tensor norms), accumulated in
+    float32 whatever the weights' precision."""
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          model={"path": str(tiny_model_dir), "dtype": dtype}, optim={"steps": 2, "lr": 1e-3})
+
+    def norm() -> float:
+        return math.sqrt(sum(float(p.detach().double().square().sum()) for p in trainer.model.parameters()
+                             if p.requires_grad))
+
+    assert (trainer.master is None) == (dtype == "float32")  # float32 copies only of weights narrower than float32
+    assert trainer.weight_norm_at_start == pytest.approx(norm(), rel=1e-5)
+    metrics = trainer.train_step()
+    assert metrics["train/weight_norm"] == pytest.approx(norm(), rel=1e-5)
+    assert metrics["train/weight_norm"] != trainer.weight_norm_at_start
+
+
+@pytest.mark.parametrize(("fraction", "rows"), [(0.3, [0, 2, 5]), (0.01, [0]), (1.0, list(range(8)))])
+def test_the_re_scored_rows_are_the_configured_share_rounded_up_and_evenly_spread(tmp_path, tiny_model_dir,
+                                                                                 arithmetic_files, parity, monkeypatch,
+                                                                                 trainer_for, fraction, rows):
+    """diagnostics.measure_fraction of the step's 8 rows, at least one, every k-th row."""
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          diagnostics={"measure_fraction": fraction}, optim={"steps": 2, "lr": 1e-3})
+    re_scored = []
+    original = trainer.token_stats
+
+    def spy(model, rollouts, selected, need=None, **options):
+        if need == ("entropy",) and not torch.is_grad_enabled():
+            re_scored.append(selected.tolist())
+        return original(model, rollouts, selected, **options) if need is None else original(model, rollouts, selected,
+                                                                                          need=need, **options)
+
+    monkeypatch.setattr(trainer, "token_stats", spy)
+    trainer.train_step()
+    assert re_scored == [rows]
+
+
+# ------------------------------------------------------------------------------------------ collection
+def test_zero_std_groups_is_the_share_of_groups_whose_rewards_are_all_equal(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                            parity, trainer_for):
+    """reward/zero_std_groups counts the groups that teach nothing (README): three groups, so the share is never 1/2
+    and cannot be mistaken for its complement."""
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity}, rollout={"prompts_per_step": 3})
+    scored = trainer.collect()
+    by_group = scored.rewards.view(3, 4)
+    all_equal = (by_group.max(1).values == by_group.min(1).values).float()
+    assert scored.metrics["reward/zero_std_groups"] == pytest.approx(float(all_equal.mean()))
+    assert scored.metrics["response/length_max"] == float(scored.rollouts.lengths.max())
+
+
 # ------------------------------------------------------------------------------------------ precision
 def test_master_weights_gradients_are_clipped(tmp_path, tiny_model_dir, arithmetic_files, parity, trainer_for):
     """A bfloat16 model with float32 master weights: the gradient norm is measured and clipped on the copies."""
@@ -478,6 +601,54 @@ def test_master_weights_gradients_are_clipped(tmp_path, tiny_model_dir, arithmet
     clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c.grad) for c in trainer.master.copies
                                                     if c.grad is not None]))
     assert float(clipped) <= 1.01e-6
+
+
+def test_master_weights_are_needed_for_trainable_low_precision_weights_only():
+    from entrorl.trainer.precision import needs_master_weights
+
+    for dtype, needed in ((torch.float32, False), (torch.float64, False), (torch.bfloat16, True), (torch.float16, True)):
+        assert needs_master_weights(torch.nn.Linear(3, 2).to(dtype)) is needed, dtype
+    frozen_base = torch.nn.Sequential(torch.nn.Linear(3, 2).to(torch.bfloat16).requires_grad_(False), torch.nn.Linear(2, 2))
+    assert not needs_master_weights(frozen_base)  # float32 adapters on a frozen bfloat16 base
+
+
+def test_master_weights_step_float32_copies_of_the_trainable_weights():
+    """Copies of the trainable weights only; the gradients move to the copies in float32 (none left on the model);
+    the saved state is the copies' float32 values, not the rounded weights; a state of another length or shape is
+    refused without touching the copies."""
+    from entrorl.trainer.precision import MasterWeights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(torch.bfloat16)
+    model[0].bias.requires_grad_(False)
+    master = MasterWeights(model)
+    assert [copy.shape for copy in master.copies] == [(3, 4), (2, 3), (2,)]
+    assert all(copy.dtype == torch.float32 for copy in master.copies)
+    model(torch.randn(5, 4, dtype=torch.bfloat16)).sum().backward()
+    expected = [p.grad.float() for p in master.parameters]
+    master.take_gradients()
+    assert all(p.grad is None for p in model.parameters())
+    for copy, gradient in zip(master.copies, expected):
+        assert copy.grad.dtype == torch.float32 and torch.equal(copy.grad, gradient)
+
+    with torch.no_grad():
+        for copy in master.copies:
+            copy.add_(1e-4)  # below bfloat16's rounding step for most weights
+    master.write_back()
+    saved = master.state_dict()
+    assert all(torch.equal(s, c) for s, c in zip(saved, master.copies))
+    assert not all(torch.equal(s, p.float()) for s, p in zip(saved, master.parameters))
+    for parameter, copy in zip(master.parameters, master.copies):
+        assert torch.equal(parameter, copy.to(torch.bfloat16))
+
+    kept = [c.clone() for c in master.copies]
+    for wrong in (saved[:2], [saved[0], saved[1], torch.zeros(1)], [saved[0], saved[1].T, saved[2]]):
+        with pytest.raises(ValueError, match="do not match"):
+            master.load_state_dict(wrong)
+        assert all(torch.equal(a, b) for a, b in zip(kept, master.copies))
+    moved = [s.clone() + 1 for s in saved]
+    master.load_state_dict(moved)
+    assert all(torch.equal(c, m) for c, m in zip(master.copies, moved))
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -500,6 +671,21 @@ def test_evaluation_groups_samples_by_prompt(tmp_path, tiny_model_dir, arithmeti
     assert metrics["eval/frac_solved_all"] == pytest.approx(0.25)
     assert metrics["eval/frac_solved_none"] == pytest.approx(0.75)
     assert sorted(key for key in metrics if key.startswith("eval/pass_at_")) == ["eval/pass_at_1", "eval/pass_at_3"]
+
+
+def test_a_reward_failure_in_an_evaluation_is_logged_with_the_step_evaluated(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                            trainer_for):
+    """reward_errors.log's first line names the step the failure belongs to: an evaluation after step N is step N's
+    (a resume from step N keeps it), here the evaluation before the first step, step 0."""
+    train, held_out = arithmetic_files
+    failing = "def score(prompt, completion, answer, **meta):\n    raise RuntimeError('no score')\n"
+    with importable_module(tmp_path, "failing_eval_reward", failing):
+        trainer = trainer_for(tmp_path, tiny_model_dir, train, held_out=held_out,
+                              reward={"name": "failing_eval_reward:score"},
+                              eval={"every": 0, "n": 2, "ks": [1], "max_prompts": 2, "top_forks": 0})
+        assert trainer.evaluate()["eval/reward_errors"] == 4
+    log = (tmp_path / "run" / "reward_errors.log").read_text()
+    assert log.startswith("step 0, ") and "no score" in log
 
 
 def test_evaluation_result_metrics_and_summary_come_from_its_summary():
@@ -543,6 +729,32 @@ def test_evaluation_fork_entropies_use_the_sampling_temperature(tmp_path, tiny_m
     trainer.evaluate()
     assert temperatures == [0.5]
     assert trainer.model.training
+
+
+def test_evaluations_and_checkpoints_follow_their_every_and_the_last_step_and_a_resume_does_not_repeat_them(
+        tmp_path, tiny_model_dir, arithmetic_files, parity, monkeypatch):
+    """eval.every 2 and checkpoint.every 2 over 3 steps: steps 2 and 3 (the last step always); eval.at_start
+    evaluates step 0 of a fresh run only, not again when a resumed run starts."""
+    train, held_out = arithmetic_files
+    evaluated, saved = [], []
+    original_evaluate, original_save = Trainer.evaluate, Trainer.save
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: evaluated.append(self.step) or original_evaluate(self))
+    monkeypatch.setattr(Trainer, "save", lambda self: saved.append(self.step) or original_save(self))
+
+    def run(steps: int, resume: bool) -> None:
+        config = load_config(make_config(tiny_model_dir, train, held_out, reward={"name": parity},
+                                         optim={"steps": steps, "lr": 1e-3}, checkpoint={"every": 2, "keep": 5},
+                                         eval={"every": 2, "n": 2, "ks": [1], "max_prompts": 2, "top_forks": 0,
+                                               "at_start": True}))
+        Trainer(config, run_dir=tmp_path / "run", resume=resume).train()
+
+    run(3, resume=False)
+    assert evaluated == [0, 2, 3] and saved == [2, 3]
+    assert sorted(path.name for path in (tmp_path / "run" / "eval").iterdir()) == [
+        "step_000000.json", "step_000002.json", "step_000003.json"]
+    evaluated.clear(), saved.clear()
+    run(4, resume=True)
+    assert evaluated == [4] and saved == [4]
 
 
 def test_a_latest_pointer_naming_the_newest_is_not_warned_about(tmp_path, tiny_model_dir, arithmetic_files, caplog,
