@@ -167,7 +167,10 @@ def test_sampling_params_validation():
 
 
 def test_sampling_params_refuse_a_negative_temperature_a_top_p_above_one_and_a_negative_top_k():
-    for kwargs, name in (({"temperature": -0.5}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k")):
+    """An infinite temperature would sample uniformly and a NaN one would divide every logit into NaN: both refused."""
+    for kwargs, name in (({"temperature": -0.5}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+                         ({"temperature": float("nan")}, "temperature"), ({"top_p": float("nan")}, "top_p"),
+                         ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k")):
         with pytest.raises(ValueError, match=name):
             SamplingParams(**kwargs)
 
