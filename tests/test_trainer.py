@@ -619,8 +619,8 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         assert str(info.value).splitlines()[1:] == [f"  {said}"]
     with pytest.raises(ConfigError, match="rollout.group_size"):
         load_config(base, ["rollout.group_size=0"])
-    for key in ("rollout.temperature", "eval.temperature"):  # an infinite temperature samples uniformly
-        for value in (".inf", ".nan"):
+    for key in ("rollout.temperature", "eval.temperature", "optim.lr", "optim.grad_clip", "reward.correct_threshold"):
+        for value in (".inf", ".nan"):  # an infinite temperature samples uniformly, a NaN lr trains nothing
             with pytest.raises(ConfigError, match=rf"{key}: Input should be a finite number"):
                 load_config(base, [f"{key}={value}"])
     with pytest.raises(ConfigError, match="unknown estimator"):

@@ -41,7 +41,8 @@ class ConfigWarning(UserWarning):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no setting is meaningful at inf or NaN (an infinite temperature samples uniformly, a NaN lr trains nothing)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -275,7 +276,7 @@ class RolloutConfig(_Section):
     prompts_per_step: int = Field(8, ge=1)
     group_size: int = Field(8, ge=1, description="responses per prompt (G)")
     max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1 = off); the sampler's log-probs (TIS, IcePop) "
                          "are then those of the filtered distribution")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off); as top_p for the log-probs")
@@ -358,7 +359,7 @@ class EvalConfig(_Section):
     n: int = Field(8, ge=1, description="samples per evaluation prompt")
     ks: list[int] | None = Field(None, description="the k of each Pass@k; None = powers of two up to eval.n, and n")
     max_prompts: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="sampling temperature of evaluations; 0 = greedy (n = 1 is then enough)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature of evaluations; 0 = greedy (n = 1 is then enough)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of evaluations (its own, not rollout.top_p; "
                          "1 = off, as in entrorl eval)")
     top_k: int = Field(0, ge=0, description="top-k sampling of evaluations (its own, not rollout.top_k; 0 = off)")
