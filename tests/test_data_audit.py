@@ -30,10 +30,11 @@ from entrorl.data.audit import (
     verdict_counts,
     write_selected_rows,
 )
-from entrorl.rewards import MathReward, RewardRunner, exact_match, get_reward
+from entrorl.rewards import MathReward, ReasoningGymReward, RewardRunner, exact_match, get_reward
 from entrorl.rollout import SamplingParams
 from entrorl.trainer.audit import (
     AuditResult,
+    TooLongPrompt,
     answer_tools,
     audit_records,
     default_audit_dir,
@@ -252,6 +253,13 @@ def test_math_answer_tools_count_equivalent_spellings_together():
     assert (audit.majority_share, audit.groups[0].count, len(audit.groups)) == (3 / 5, 3, 2)
     extract_exact, same = answer_tools(exact_match)
     assert extract_exact("Paris") == "Paris" and same("Paris ", "paris") and not same("0.5", "1/2")
+    assert extract_exact(" Paris\n") == "Paris" and extract_exact(" \n") is None
+    # the math reward's own options decide which answers are one
+    _, within_tolerance = answer_tools(MathReward(tolerance=0.1))
+    assert within_tolerance("1.0", "1.05") and not equivalent("1.0", "1.05")
+    # reasoning-gym answers are read as its reward reads them: the <answer> tags first, else the last line
+    extract_tagged, _ = answer_tools(ReasoningGymReward())
+    assert extract_tagged("\\boxed{12}\n<answer>13</answer>") == "13" and extract_tagged("step one\nfinal line") == "final line"
     # the audit extracts answers the way the reward does: a boxed-only reward sees no answer in unboxed text
     extract_boxed_only, _ = answer_tools(MathReward(extractors=["boxed"]))
     assert [extract_boxed_only(c) for c in completions] == ["\\frac{1}{2}", None, None, None, None]
@@ -470,17 +478,58 @@ def test_outputs_hold_the_histogram_the_suspects_the_band_and_the_summary(tmp_pa
     assert digest(data) == before
 
 
+def test_the_summary_counts_prompts_too_long_for_the_context_and_wrong_rows_only_within_the_band(tmp_path):
+    """A prompt too long to sample is not labelled: it is a prompt of the data but not of the pass rates, and its row is
+    dropped from the filtered file. Suspected-wrong rows outside the band are dropped by the band, not counted as
+    dropped for looking wrong. The reward's reasons for a 0 are counted per prompt, failures without one left out."""
+    data = tmp_path / "table.jsonl"
+    rows = [{"prompt": f"problem {i}", "answer": row[0], "row": i} for i, row in enumerate(TABLE)]
+    rows.append({"prompt": "a very long problem", "answer": "1", "row": 7})
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    sampled = hand_made_result(data)
+    records = load_prompts(data)
+    too_long = TooLongPrompt(7, records[7].source, 70, 64)
+    reasons = [[None] * 16 for _ in TABLE] + [[]]
+    reasons[2] = ["answer 3 differs from reference 5"] * 15 + [None]
+    result = AuditResult(records=records, audits=[*sampled.audits, None], completions=[*sampled.completions, []],
+                         answers=[*sampled.answers, []], too_long=[too_long], n=16, reasons=reasons)
+    # (0, 1]: rows 0, 1, 2 and 4 (rates 1, 5/16, 1/16, 4/16); row 2 looks wrong, row 3 looks wrong but is out of the band
+    outputs = write_audit_outputs(result, data, band="(0, 1]", thresholds=THRESHOLDS, plot=False)
+    assert [json.loads(line)["row"] for line in outputs.filtered.read_text().splitlines()] == [0, 1, 4]
+    summary = json.loads(outputs.summary_json.read_text())
+    assert (summary["prompts"], summary["audited"]) == (8, 7)
+    assert summary["counts"] == {"ok": 2, "hard": 3, "looks_wrong": 2, "too_long": 1}
+    assert summary["mean_pass_rate"] == pytest.approx((16 + 5 + 1 + 0 + 4 + 0 + 0) / 16 / 7)
+    assert (summary["frac_zero"], summary["frac_one"]) == (3 / 7, 1 / 7)
+    assert summary["band"] | {"file": None} == {
+        "band": "(0, 1]", "in_band": 4, "out_of_band": 3, "dropped_as_wrong": 1, "dropped_too_long": 1, "kept": 3,
+        "dropped": 5, "keep_wrong": False, "file": None,
+    }
+    assert summary["too_long"] == [{"index": 7, "source": f"{data}:8", "prompt_tokens": 70, "context_length": 64}]
+    suspects = [json.loads(line) for line in outputs.suspected_wrong.read_text().splitlines()]
+    assert suspects[0]["reject_reasons"] == [["answer 3 differs from reference 5", 15]] and suspects[1]["reject_reasons"] == []
+    assert len(outputs.per_prompt.read_text().splitlines()) == 7
+
+    # no prompt fit the context: nothing was sampled, so nothing failed either, and there is nothing to write
+    nothing = AuditResult(records=records, audits=[None] * 8, completions=[[] for _ in records], answers=[[] for _ in records],
+                          too_long=[TooLongPrompt(i, r.source, 70, 64) for i, r in enumerate(records)], n=16)
+    assert nothing.n_sampled == 0 and not nothing.reward_failed_everywhere
+    with pytest.raises(ValueError, match="no prompt could be audited"):
+        write_audit_outputs(nothing, data, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
 def test_a_saved_data_set_is_audited_into_a_new_directory(tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = [{"prompt": f"problem {i}", "answer": row[0], "row": i} for i, row in enumerate(TABLE)]
-    directory = tmp_path / "saved"
+    directory = tmp_path / "saved.v2"  # a folder's whole name, dot included, names its outputs
     datasets.Dataset.from_list(rows).save_to_disk(str(directory))
     listing = sorted((path.name, path.stat().st_size) for path in directory.iterdir())
     result = hand_made_result(directory)
     with pytest.raises(ValueError, match="would be written inside the input"):
         write_audit_outputs(result, directory, directory / "audit")
     outputs = write_audit_outputs(result, directory, band="[0, 1/2]", plot=False)
-    assert outputs.filtered == tmp_path / "saved.audit" / "saved.filtered"
+    assert outputs.filtered == tmp_path / "saved.v2.audit" / "saved.v2.filtered"
     assert [row["row"] for row in datasets.load_from_disk(str(outputs.filtered)).to_list()] == [1, 4, 5, 6]
     assert sorted((path.name, path.stat().st_size) for path in directory.iterdir()) == listing
 
@@ -515,6 +564,12 @@ def test_the_audit_output_is_checked_before_sampling(tmp_path):
         check_audit_output(data, a_file)
     with pytest.raises(ValueError, match="set.jsonl is not a directory"):
         check_audit_output(data, data / "audit")
+    with pytest.raises(ValueError, match="would be written inside the input"):
+        check_audit_output(data, data)
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="would be written inside the input"):
+        check_audit_output(folder, folder / "out")
     with pytest.raises(ValueError, match=r"cannot write rows of .*set\.txt \(unsupported format '\.txt'\)"):
         check_audit_output(tmp_path / "set.txt", tmp_path / "audit")
 
@@ -542,9 +597,68 @@ def test_prompts_longer_than_the_context_are_reported_not_sampled(tiny_model_dir
     assert [len(c) for c in result.completions] == [3, 0, 3, 3]
     assert calls == [(3, 9), (6, 9), (9, 9)]  # one prompt (3 rows) per call with batch_size 4
     assert result.counts()["too_long"] == 1 and sum(result.counts().values()) == 4
-    assert "mem:2: the prompt has 61 tokens" in result.too_long[0].message(4)
+    assert result.too_long[0].message(4) == ("mem:2: the prompt has 61 tokens; with max_new_tokens=4 it exceeds the "
+                                             "model's context of 64 tokens (not sampled)")
     with pytest.raises(ValueError, match="n must be >= 1"):
         audit_records(model, tokenizer, records, ids, RewardRunner("math"), n=0, sampling=SamplingParams())
+    with pytest.raises(ValueError, match="audit_records: batch_size must be >= 1, got 0"):
+        audit_records(model, tokenizer, records, ids, RewardRunner("math"), n=1, sampling=SamplingParams(), batch_size=0)
+    with pytest.raises(ValueError, match="4 records but 3 tokenized prompts"):
+        audit_records(model, tokenizer, records, ids[:3], RewardRunner("math"), n=1, sampling=SamplingParams())
+    with pytest.raises(ValueError, match="no prompts to audit"):
+        audit_records(model, tokenizer, [], [], RewardRunner("math"), n=1, sampling=SamplingParams())
+
+
+def test_a_model_of_unknown_context_length_has_every_prompt_sampled(tiny_model_dir, monkeypatch):
+    import entrorl.trainer.audit
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+
+    monkeypatch.setattr(entrorl.trainer.audit, "model_context_length", lambda model: None)
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir)
+    records = [PromptRecord("1+1=", "2", source="mem:1"), PromptRecord("2+2=", "4", source="mem:2")]
+    ids = [tokenizer(r.prompt)["input_ids"] for r in records]
+    result = audit_records(model, tokenizer, records, ids, RewardRunner("math"), n=2, sampling=SamplingParams(max_new_tokens=2))
+    assert result.too_long == [] and [a.n_samples for a in result.audits] == [2, 2]
+
+
+class _ScoredWithReason(float):
+    """A reward value with the reason for its score, as the math reward returns."""
+
+    def __new__(cls, score: float, reason: str):
+        value = super().__new__(cls, score)
+        value.reason = reason
+        return value
+
+
+def test_each_prompt_is_labelled_from_its_own_samples_across_generation_calls(tiny_model_dir):
+    """Two prompts (six rows) per generation call, two calls: every prompt gets its own three samples, scores, answers
+    and reasons; reward failures add up over the calls and the first one is kept; the extractor, the equivalence and the
+    thresholds given are the ones used."""
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+
+    def reward(prompt, completion, answer, **meta):
+        if prompt == "2+2=":
+            raise ValueError("two fails")
+        if prompt == "3+3=":
+            raise ValueError("three fails")
+        return 1.0 if prompt == "1+1=" else _ScoredWithReason(0.0, f"not {answer}")
+
+    spellings = iter(["7", "07", "8"] * 4)
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir)
+    records = [PromptRecord(f"{a}+{a}=", str(2 * a), source=f"mem:{a}") for a in (1, 2, 3, 4)]
+    ids = [tokenizer(r.prompt)["input_ids"] for r in records]
+    result = audit_records(model, tokenizer, records, ids, RewardRunner(reward), n=3, sampling=SamplingParams(max_new_tokens=2),
+                           batch_size=6, extract=lambda completion: next(spellings), equivalent=lambda a, b: int(a) == int(b),
+                           thresholds=AuditThresholds(consensus=0.7))
+    assert [a.pass_rate for a in result.audits] == [1.0, 0.0, 0.0, 0.0]
+    assert result.answers == [["7", "07", "8"]] * 4
+    # "7" and "07" are one answer held by 2 of 3 samples: below the consensus of 0.7, so not a suspected wrong reference
+    assert [(len(a.groups), a.majority_share) for a in result.audits[1:]] == [(2, 2 / 3)] * 3
+    assert [a.verdict for a in result.audits] == ["ok", "hard", "hard", "hard"]
+    assert result.reasons[0] == [None] * 3 and result.reasons[3] == ["not 8"] * 3
+    assert all("two fails" in reason for reason in result.reasons[1])
+    assert result.reward_errors == 6 and not result.reward_failed_everywhere
+    assert "two fails" in result.first_reward_error
 
 
 def test_cli_reports_malformed_rows_and_bad_options_before_sampling(tmp_path, tiny_model_dir):
@@ -827,3 +941,39 @@ def test_audit_finds_exactly_the_planted_wrong_references(tmp_path, letter_model
     assert (out / "pass_rate_histogram.png").read_bytes()[:4] == b"\x89PNG"
     histogram = json.loads((out / "pass_rate_histogram.json").read_text())
     assert sum(b["prompts"] for b in histogram["bins"]) == 15 and histogram["n_samples"] == 16
+
+
+def test_completions_are_decoded_without_special_tokens(tiny_model_dir):
+    """A model that ends every response at once answers nothing: its completions are empty, not the EOS token's text."""
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir)
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    head.bias.data[tokenizer.eos_token_id] = 100.0
+    model.lm_head = head
+    records = [PromptRecord("1+1=", "2", source="mem:1")]
+    ids = [tokenizer(r.prompt)["input_ids"] for r in records]
+    result = audit_records(model, tokenizer, records, ids, RewardRunner(exact_match), n=2, sampling=SamplingParams(max_new_tokens=3))
+    assert result.completions == [["", ""]] and result.answers == [[None, None]]
+
+
+def test_the_first_reward_failure_names_its_sample_among_all_the_samples(tiny_model_dir):
+    """Prompts are scored one generation call at a time, but the first failure is reported, on the terminal and in
+    reward_errors.log, as a sample of the whole run (as `entrorl eval` reports it): prompt 3's first sample is sample 6
+    of three samples per prompt, although it is the first row of the second call."""
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+
+    def reward(prompt, completion, answer, **meta):
+        if prompt == "3+3=":
+            raise ValueError("three fails")
+        return 0.0
+
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir)
+    records = [PromptRecord(f"{a}+{a}=", str(2 * a), source=f"mem:{a}") for a in (1, 2, 3, 4)]
+    ids = [tokenizer(r.prompt)["input_ids"] for r in records]
+    result = audit_records(model, tokenizer, records, ids, RewardRunner(reward), n=3, sampling=SamplingParams(max_new_tokens=2),
+                           batch_size=6)
+    assert result.reward_errors == 3
+    assert result.first_reward_error.startswith("reward raised for sample 6: ValueError: three fails")

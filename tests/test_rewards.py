@@ -224,8 +224,7 @@ def test_reasoning_gym_records_shape_and_determinism(arithmetic_records):
     assert len(arithmetic_records) == 5
     for rec in arithmetic_records:
         assert set(rec) == {"prompt", "answer", "meta"}
-        assert rec["prompt"].endswith(REASONING_GYM_INSTRUCTION)
-        assert rec["prompt"].startswith(rec["meta"]["entry"]["question"].rstrip())
+        assert rec["prompt"] == f"{rec['meta']['entry']['question'].rstrip()}\n\n{REASONING_GYM_INSTRUCTION}"
         assert rec["answer"] == rec["meta"]["entry"]["answer"]
         assert rec["meta"]["task"] == "basic_arithmetic"
     again = reasoning_gym_records("basic_arithmetic", size=5, seed=7, instruction=REASONING_GYM_INSTRUCTION)
@@ -287,6 +286,12 @@ def test_reasoning_gym_errors_surface(arithmetic_records):
         get_reward("reasoning_gym", task="no_such_task")
     with pytest.raises(ValueError, match="unknown reasoning-gym task"):
         check_reward_spec("reasoning_gym", task="no_such_task")
+    with pytest.raises(ValueError, match="task must be a dataset name, got ''"):
+        get_reward("reasoning_gym", task="")
+    with pytest.raises(ValueError, match="strict must be a bool, got 'yes'"):
+        get_reward("reasoning_gym", task="basic_arithmetic", strict="yes")
+    with pytest.raises(ValueError, match="config must be a mapping, got list"):
+        get_reward("reasoning_gym", task="basic_arithmetic", config=[("max_terms", 3)])
     check_reward_spec("reasoning_gym", task="basic_arithmetic")
 
 
@@ -307,6 +312,11 @@ def test_reasoning_gym_reward_pickles(arithmetic_records):
         ("step one\nfinal line\n\n", False, "final line"),
         ("step one\nfinal line", True, None),
         ("", False, None),
+        (None, False, None),
+        ("<answer>5</answer> and then <answer>", False, "5"),  # an opening tag after the last closing one is ignored
+        (r"\boxed{5} </answer>", False, "5"),  # a closing tag without an opening one is no answer
+        (r"\boxed{} The answer is 7", False, "7"),  # an empty box is no answer
+        (r"The answer is 3. Actually \boxed{4}", False, "4"),  # a box wins over the answer phrase
     ],
 )
 def test_extract_reasoning_gym_answer(completion, strict, expected):

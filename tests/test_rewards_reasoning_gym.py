@@ -15,17 +15,29 @@ from entrorl.rewards.reasoning_gym import entry_from_json, entry_to_json
 def test_entry_json_form_round_trips_tuples_sets_and_keys():
     entry = {
         "answer": "1 2\n3 4",
-        "metadata": {"input": ((1, 2), (3, 4)), "colours": {3, 1}, "by_size": {2: ["a"], (1, 2): "b"}, "plain": [1, [2]]},
+        "metadata": {"input": ((1, 2), (3, 4)), "colours": {3, 1}, "by_size": {2: ["a"], (1, 2): "b"}, "plain": [1, [2]],
+                     "cells": [(0, 1), (2, 3)], "mixed_keys": {"a": 1, 2: (3,)}},
     }
     written = json.loads(json.dumps(entry_to_json(entry)))
     restored = entry_from_json(written)
     assert restored == entry
     assert type(restored["metadata"]["input"]) is tuple and type(restored["metadata"]["input"][0]) is tuple
     assert type(restored["metadata"]["plain"]) is list
+    assert [type(cell) for cell in restored["metadata"]["cells"]] == [tuple, tuple]
+    assert type(restored["metadata"]["colours"]) is set
     assert entry_from_json({"__tuple__": "not a list", "other": 1}) == {"__tuple__": "not a list", "other": 1}
+    assert entry_from_json({"__tuple__": "not a list"}) == {"__tuple__": "not a list"}
+    assert entry_from_json({"__dict_items__": [[[1, 2], "b"]]}) == {(1, 2): "b"}  # a key written as a plain list
     frozen = {"m": {frozenset({1}): "a"}, "s": {frozenset({2, 3})}, "f": frozenset({4})}  # hashable inside sets and keys
     restored = entry_from_json(json.loads(json.dumps(entry_to_json(frozen))))
     assert restored == frozen and type(restored["f"]) is frozenset
+
+
+def test_equal_sets_have_one_json_form_whatever_their_insertion_order():
+    """1 and 9 share a slot of a small set's table, so {1, 9} and {9, 1} iterate in different orders; a record
+    written twice must read the same."""
+    assert list({1, 9}) != list({9, 1})
+    assert json.dumps(entry_to_json({1, 9})) == json.dumps(entry_to_json({9, 1})) == '{"__set__": [1, 9]}'
 
 
 @pytest.mark.parametrize("task", ["arc_agi", "basic_arithmetic"])
@@ -78,3 +90,87 @@ def test_a_verifier_failing_on_the_reference_too_raises_and_on_the_answer_alone_
     monkeypatch.setattr(ReasoningGymReward, "_scorer", lambda self, task, config: _VerifierFailingOn())
     with pytest.raises(ValueError, match="cannot parse"):
         ReasoningGymReward()("q", "<answer>7</answer>", "7", **meta)
+
+
+class _VerifierAcceptingAnything:
+    """A reasoning-gym dataset whose verifier gives full marks to any answer, None included."""
+
+    def score_answer(self, answer, entry):
+        return 1.0
+
+
+def test_a_completion_without_an_answer_scores_0_whatever_the_verifier_says(monkeypatch):
+    from entrorl.rewards.reasoning_gym import ReasoningGymReward
+
+    meta = {"entry": {"question": "q", "answer": "7", "metadata": {}}, "task": "basic_arithmetic", "config": {}}
+    monkeypatch.setattr(ReasoningGymReward, "_scorer", lambda self, task, config: _VerifierAcceptingAnything())
+    assert ReasoningGymReward()("q", "", "7", **meta) == 0.0
+    assert ReasoningGymReward()("q", "<answer>x</answer>", "7", **meta) == 1.0
+
+
+def test_the_verifier_is_built_with_the_rewards_config_else_the_records(monkeypatch):
+    """An explicit config wins over the record's, even an empty one (the task's defaults); without one the record's
+    config is used. The task comes from the entry's source_dataset when neither the reward nor the record names it."""
+    from entrorl.rewards.reasoning_gym import ReasoningGymReward
+
+    built = []
+
+    def scorer(self, task, config):
+        built.append((task, dict(config)))
+        return _VerifierAcceptingAnything()
+
+    monkeypatch.setattr(ReasoningGymReward, "_scorer", scorer)
+    entry = {"question": "q", "answer": "7", "metadata": {"source_dataset": "basic_arithmetic"}}
+    meta = {"entry": entry, "task": "basic_arithmetic", "config": {"max_terms": 3}}
+    for config in (None, {}, {"max_terms": 4}):
+        assert ReasoningGymReward(config=config)("q", "<answer>7</answer>", "7", **meta) == 1.0
+    assert ReasoningGymReward()("q", "<answer>7</answer>", "7", entry=entry) == 1.0
+    assert built == [("basic_arithmetic", {"max_terms": 3}), ("basic_arithmetic", {}), ("basic_arithmetic", {"max_terms": 4}),
+                     ("basic_arithmetic", {})]
+
+
+def test_each_config_gets_its_own_verifier_built_once():
+    from entrorl.rewards.reasoning_gym import ReasoningGymReward
+
+    reward = ReasoningGymReward()
+    default = reward._scorer("basic_arithmetic", {})
+    assert reward._scorer("basic_arithmetic", {}) is default
+    assert reward._scorer("basic_arithmetic", {"max_terms": 3}).config.max_terms == 3
+    with pytest.raises(TypeError, match="no_such_option"):  # a bad config fails when the reward is made, not mid-run
+        ReasoningGymReward("basic_arithmetic", config={"no_such_option": 1})
+
+
+def test_an_entry_written_as_a_json_string_is_read():
+    """A CSV or Parquet column holds the entry as a JSON string."""
+    record = reasoning_gym_records("basic_arithmetic", size=1, seed=0)[0]
+    reward = get_reward("reasoning_gym", task="basic_arithmetic")
+    meta = {**record["meta"], "entry": json.dumps(record["meta"]["entry"])}
+    assert reward(record["prompt"], f"<answer>{record['answer']}</answer>", record["answer"], **meta) == 1.0
+
+
+def test_records_keep_the_config_and_a_missing_answer_and_refuse_bad_sizes_and_seeds(monkeypatch):
+    import reasoning_gym
+
+    records = reasoning_gym_records("basic_arithmetic", size=2, seed=0, min_terms=2, max_terms=2)
+    assert [r["meta"]["config"] for r in records] == [{"min_terms": 2, "max_terms": 2}] * 2
+    for size in (0, -1, True, 1.0):
+        with pytest.raises(ValueError, match="size must be a positive integer"):
+            reasoning_gym_records("basic_arithmetic", size=size, seed=0)
+    for seed in (None, "0", True):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            reasoning_gym_records("basic_arithmetic", size=1, seed=seed)
+    # tasks whose answers are checked without a reference have none: None, not the text "None"
+    monkeypatch.setattr(reasoning_gym, "create_dataset", lambda task, size, seed, **config: [{"question": "q", "metadata": {}}] * size)
+    assert reasoning_gym_records("basic_arithmetic", size=1, seed=0)[0]["answer"] is None
+
+
+def test_a_verifier_is_probed_on_every_record_asked_for(monkeypatch):
+    from entrorl.rewards import reasoning_gym
+    from entrorl.rewards.reasoning_gym import verifier_accepts_nonsense
+
+    records = reasoning_gym_records("basic_arithmetic", size=3, seed=0)
+    first = records[0]["answer"]
+    monkeypatch.setattr(reasoning_gym.ReasoningGymReward, "__call__", lambda self, prompt, completion, answer, **meta:
+                        1.0 if answer == first else 0.0)
+    assert verifier_accepts_nonsense("basic_arithmetic", records, probes=1)
+    assert not verifier_accepts_nonsense("basic_arithmetic", records)

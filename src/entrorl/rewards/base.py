@@ -459,7 +459,8 @@ class RewardRunner:
     ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit``. A reward with a
     ``score_batch(prompts, completions, answers, metas)`` method (a judge) gets the whole batch in one call;
     other rewards are called sample by sample. Calls are not time-limited: a reward that may hang must bound
-    itself.
+    itself. ``first_sample`` numbers the batch's samples in ``first_error`` from that index, for a caller that scores
+    a longer list in parts.
     """
 
     def __init__(
@@ -533,6 +534,8 @@ class RewardRunner:
         answers: Sequence[str | None] | None = None,
         metas: Sequence[Mapping[str, Any] | None] | None = None,
         lengths: Sequence[int] | None = None,
+        *,
+        first_sample: int = 0,
     ) -> RewardResult:
         n = len(completions)
         if answers is None:
@@ -568,7 +571,7 @@ class RewardRunner:
                     reasons[i] = f"reward raised {type(exc).__name__}: {exc}"[:300]
                     if first_error is None:
                         headline = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-                        first_error = f"reward raised for sample {i}: {headline}\n{traceback.format_exc()}"
+                        first_error = f"reward raised for sample {first_sample + i}: {headline}\n{traceback.format_exc()}"
                     continue
             try:
                 if getattr(value, "failed", False) is True:  # a score that says it is none (a judge's timeout)
@@ -582,7 +585,7 @@ class RewardRunner:
                 failed[i] = True
                 reasons[i] = f"reward {exc}"[:300]
                 if first_error is None:
-                    first_error = f"reward for sample {i} {exc}"
+                    first_error = f"reward for sample {first_sample + i} {exc}"
                 continue
             scores[i] = score
 

@@ -220,7 +220,7 @@ def audit_records(
             )
             repeated = [records[i] for i in chunk for _ in range(n)]
             scored = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated],
-                            [r.meta for r in repeated], rollouts.lengths.tolist())
+                            [r.meta for r in repeated], rollouts.lengths.tolist(), first_sample=start * n)
             result.reward_errors += scored.errors
             result.first_reward_error = result.first_reward_error or scored.first_error
             correct = scored.correct.tolist()
