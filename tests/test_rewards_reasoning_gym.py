@@ -140,12 +140,16 @@ def test_each_config_gets_its_own_verifier_built_once():
         ReasoningGymReward("basic_arithmetic", config={"no_such_option": 1})
 
 
-def test_an_entry_written_as_a_json_string_is_read():
-    """A CSV or Parquet column holds the entry as a JSON string."""
-    record = reasoning_gym_records("basic_arithmetic", size=1, seed=0)[0]
+def test_an_entry_and_a_config_written_as_json_strings_are_read():
+    """A CSV or Parquet column holds the entry, and the task's config, as JSON text."""
+    record = reasoning_gym_records("basic_arithmetic", size=1, seed=0, min_terms=2, max_terms=2)[0]
     reward = get_reward("reasoning_gym", task="basic_arithmetic")
-    meta = {**record["meta"], "entry": json.dumps(record["meta"]["entry"])}
-    assert reward(record["prompt"], f"<answer>{record['answer']}</answer>", record["answer"], **meta) == 1.0
+    completion = f"<answer>{record['answer']}</answer>"
+    for config in (json.dumps(record["meta"]["config"]), "{}"):
+        meta = {**record["meta"], "entry": json.dumps(record["meta"]["entry"]), "config": config}
+        assert reward(record["prompt"], completion, record["answer"], **meta) == 1.0
+    with pytest.raises(ValueError, match=r"meta\['config'\] must be a mapping of the task's options, got list"):
+        reward(record["prompt"], completion, record["answer"], **{**record["meta"], "config": [["min_terms", 2]]})
 
 
 def test_records_keep_the_config_and_a_missing_answer_and_refuse_bad_sizes_and_seeds(monkeypatch):

@@ -213,7 +213,8 @@ class ReasoningGymReward:
     ``task`` — the dataset name; ``None`` reads it from ``meta["task"]`` (mixed-task data). A record
     whose ``meta["task"]`` differs from ``task`` raises (the runner counts it as an error).
     ``strict`` — only ``<answer>`` tags count (as in reasoning-gym's own evaluation).
-    ``config`` — the task config the records were generated with (default: ``meta["config"]``).
+    ``config`` — the task config the records were generated with (default: ``meta["config"]``, a mapping or its JSON
+    text, as ``meta["entry"]`` may be).
 
     A completion with no extractable answer scores 0.0; so does an answer the verifier chokes on.
     A missing or malformed entry raises ``ValueError``.
@@ -284,6 +285,10 @@ class ReasoningGymReward:
         if self.task is not None and meta_task is not None and meta_task != self.task:
             raise ValueError(f"record is from reasoning-gym task {meta_task!r} but the reward scores {self.task!r}")
         config = self.config if self.config is not None else (meta.get("config") or {})
+        if isinstance(config, str):  # a column written as JSON text (a CSV file, a converted table)
+            config = json.loads(config)
+        if not isinstance(config, Mapping):
+            raise ValueError(f"meta['config'] must be a mapping of the task's options, got {type(config).__name__}")
         scorer = self._scorer(task, config)
 
         predicted = extract_reasoning_gym_answer(completion, strict=self.strict)
