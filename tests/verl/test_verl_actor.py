@@ -58,6 +58,8 @@ def test_actor_token_stats_match_the_definitions(temperature):
 def test_actor_token_stats_rejects_unknown_statistics():
     with pytest.raises(ValueError, match="need must name some of"):
         actor_token_stats(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), need=("logprob",))
+    with pytest.raises(ValueError, match=r"need must name some of.*got \[\]"):
+        actor_token_stats(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), need=())
 
 
 class PackedLMEngine:
@@ -112,6 +114,7 @@ def _micro_batch(seed: int = 0, vocab: int = 17):
     per_token = {
         "old_log_probs": [-torch.rand(n, generator=generator) * 3 for n in response_lens],
         "ref_log_prob": [-torch.rand(n, generator=generator) * 3 for n in response_lens],
+        "rollout_log_probs": [-torch.rand(n, generator=generator) * 3 for n in response_lens],
         "advantages": [advantages[i].expand(n).clone() for i, n in enumerate(response_lens)],
         "response_mask": [torch.ones(n, dtype=torch.int64) for n in response_lens],
     }
@@ -149,6 +152,7 @@ def _direct_loss(method, params, data_parts, logits, temperature):
         advantages=_padded(per_token["advantages"], width), mask=_padded(per_token["response_mask"], width).bool(),
         entropy=_padded(stats["entropy"], width), disc=_padded(stats["disc"], width),
         disc_centered=_padded(stats["disc_centered"], width), ref_log_prob=_padded(per_token["ref_log_prob"], width),
+        rollout_log_prob=_padded(per_token["rollout_log_probs"], width),
     )
     # verl's ppo_loss hands the loss the mini-batch's global counts (here one micro-batch: the same numbers)
     n_tokens = sum(r.shape[0] for r in responses)
@@ -162,6 +166,7 @@ def _direct_loss(method, params, data_parts, logits, temperature):
     ("entropy_advantage", {}),
     ("entropy_bonus", {"entropy_coeff": 0.05}),
     ("kl_ref", {"kl_loss_coef": 0.3}),
+    ("tis", {}),  # reads verl's rollout_log_probs
 ])
 def test_engine_extension_feeds_verl_ppo_loss(method, entrorl, config_factory):
     """verl's real ppo_loss, called by an engine with the mixin, gives entrorl's loss and gradient."""
@@ -251,6 +256,19 @@ def test_statistics_carry_a_graph_only_for_entropy_regularisers(method, gradient
         TokenStatsEngineMixin._entrorl_token_stats = original
     assert seen and all(flag == gradient for flag in seen.values()), seen
     assert tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False) is gradient
+
+    # a forward-only pass has no backward: verl's settings are left untouched
+    data, logits, *_ = _micro_batch(seed=4)
+    seen.clear()
+    TokenStatsEngineMixin._entrorl_token_stats = spy
+    try:
+        with torch.no_grad():  # as verl computes log-probs
+            ExtendedEngine(logits, temperature=0.9).forward_step(
+                data, partial(ppo_loss, config=config_factory(f"entrorl_{method}")), forward_only=True)
+    finally:
+        TokenStatsEngineMixin._entrorl_token_stats = original
+    assert seen
+    assert tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False) is False
 
 
 @pytest.mark.slow
@@ -386,3 +404,15 @@ def test_a_fully_masked_micro_batch_keeps_verl_aggregation_working(config_factor
     metrics, _ = _train_step_metrics(sequences, logits, config, ranks=2, micro=2, empty=[(1, 2)])
     assert {"actor/reg/adaptive_entropy_coeff", "actor/reg/adaptive_entropy_below_target"} <= set(metrics)
     assert all(value == value for value in metrics.values())
+
+
+@pytest.mark.parametrize("value, requested", [("1", True), ("true", True), ("TRUE", True), (" Yes ", True), ("0", False),
+                                              ("false", False), ("", False), (None, False)])
+def test_the_environment_variable_asks_for_the_extension(value, requested, monkeypatch):
+    from entrorl.integrations.verl.actor import ACTOR_EXTENSION_ENV, actor_extension_requested
+
+    if value is None:
+        monkeypatch.delenv(ACTOR_EXTENSION_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ACTOR_EXTENSION_ENV, value)
+    assert actor_extension_requested() is requested

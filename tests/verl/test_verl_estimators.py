@@ -20,14 +20,15 @@ ESTIMATORS = [info.name for info in available_advantages()]
 
 
 def _rollouts(seed: int = 0):
-    """16 responses to 4 prompts (uids interleaved, as strings), rewards on the last valid token."""
+    """16 responses to 4 prompts (uids interleaved, as strings sharing a long prefix like verl's uuids), rewards on
+    the last valid token."""
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(2, 9, (16,), generator=generator)
     mask = torch.arange(8).unsqueeze(0) < lengths.unsqueeze(1)
     outcome = (torch.rand(16, generator=generator) > 0.5).float()
     token_level_rewards = torch.zeros(16, 8)
     token_level_rewards[torch.arange(16), lengths - 1] = outcome
-    uids = np.array([f"prompt-{i % 4}" for i in range(16)], dtype=object)
+    uids = np.array([f"3f2b8c1e-9d4a-4e7b-a1c0-00000000000{i % 4}" for i in range(16)], dtype=object)
     old_log_probs = -torch.rand(16, 8, generator=generator)
     return token_level_rewards, mask, uids, outcome, lengths, old_log_probs
 
@@ -162,11 +163,13 @@ def test_verl_releases_before_0_9_are_refused(monkeypatch):
             estimator(token_level_rewards=rewards, response_mask=mask, config=None, index=uids)
     finally:
         check_verl_version.cache_clear()
-    monkeypatch.setattr(verl, "__version__", "0.9.0.dev0")
-    try:
-        estimator(token_level_rewards=rewards, response_mask=mask, config=None, index=uids)
-    finally:
-        check_verl_version.cache_clear()
+    for version in ("0.9.0.dev0", "unknown"):  # a version that does not parse (a source checkout) is not refused
+        monkeypatch.setattr(verl, "__version__", version)
+        try:
+            estimator(token_level_rewards=rewards, response_mask=mask, config=None, index=uids)
+            assert check_verl_version() == version
+        finally:
+            check_verl_version.cache_clear()
 
 
 def test_the_entrorl_section_overrides_verl_s_norm_adv_by_std():
@@ -180,10 +183,41 @@ def test_the_entrorl_section_overrides_verl_s_norm_adv_by_std():
     torch.testing.assert_close(advantages[:, 0], torch.tensor([0.75, -0.25, -0.25, -0.25]))  # centred, not divided
 
 
-def test_an_index_longer_than_the_batch_is_refused():
+def test_an_index_of_another_length_than_the_batch_is_refused():
     from entrorl.integrations.verl.estimators import make_advantage_estimator
 
     with pytest.raises(ValueError, match="index has 5 uids for 4 responses"):
         make_advantage_estimator("grpo")(torch.zeros(4, 3), torch.ones(4, 3, dtype=torch.bool), config={},
                                          index=np.array(list("aabbc"), dtype=object))
+    with pytest.raises(ValueError, match="index has 3 uids for 4 responses"):
+        make_advantage_estimator("grpo")(torch.zeros(4, 3), torch.ones(4, 3, dtype=torch.bool), config={},
+                                         index=np.array(list("aab"), dtype=object))
 
+
+@pytest.mark.parametrize("name", ["grpo", "unlikely"])
+def test_padding_carries_no_reward_and_no_log_prob(name):
+    """The outcome reward and the mean old log-prob are over a response's valid tokens: whatever sits in the
+    padding (a stray reward, -inf log-probs) changes nothing. The advantages keep the rewards' dtype."""
+    from entrorl.integrations.verl.estimators import make_advantage_estimator
+
+    rewards, mask, uids, _, _, old_log_probs = _rollouts(seed=4)
+    rewards, old_log_probs = rewards.double(), old_log_probs.double()
+    assert bool((~mask).any())
+    estimator = make_advantage_estimator(name)
+    clean, _ = estimator(rewards, mask, config={}, index=uids, old_log_probs=old_log_probs)
+    noisy, _ = estimator(torch.where(mask, rewards, torch.full_like(rewards, 5.0)), mask, config={}, index=uids,
+                         old_log_probs=torch.where(mask, old_log_probs, torch.full_like(old_log_probs, float("-inf"))))
+    assert clean.dtype == torch.float64 and bool(clean.ne(0).any())
+    torch.testing.assert_close(noisy, clean)
+
+
+
+def test_a_response_without_valid_tokens_weighs_nothing_in_token_whitening():
+    """reinforce_pp whitens over tokens (weights = response lengths): an empty response has weight 0, not 1."""
+    from entrorl.integrations.verl.estimators import make_advantage_estimator
+
+    rewards, mask, uids, outcome, lengths, _ = _rollouts(seed=5)
+    mask[3], rewards[3], outcome[3], lengths[3] = False, 0.0, 0.0, 0
+    advantages, _ = make_advantage_estimator("reinforce_pp")(rewards, mask, config={}, index=uids)
+    expected = compute_advantages("reinforce_pp", outcome, torch.tensor([i % 4 for i in range(16)]), lengths=lengths)
+    torch.testing.assert_close(advantages, expected.unsqueeze(1) * mask)

@@ -37,9 +37,9 @@ def _grads(loss: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     return tuple(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves))
 
 
-def _verl_call(loss_mode: str, batch: dict, config, *, loss_agg_mode: str, mask=None, weights=None, extras=True):
+def _verl_call(loss_mode: str, batch: dict, config, *, loss_agg_mode: str, mask=None, weights=None, extras=True, **more):
     fn = core_algos.get_policy_loss_fn(loss_mode)
-    kwargs = {name: batch[name] for name in FIELDS} if extras else {}
+    kwargs = {**({name: batch[name] for name in FIELDS} if extras else {}), **more}
     return fn(
         old_log_prob=batch["old_log_prob"],
         log_prob=batch["log_prob"],
@@ -206,6 +206,14 @@ def test_parameters_come_from_verl_config_and_the_entrorl_section(batch_factory,
     torch.testing.assert_close(loss, expected(policy_batch).loss)
     assert not torch.allclose(expected(policy_batch).loss, other(policy_batch).loss)
 
+    # a parameter set in both places: policy_loss.entrorl comes last and wins over verl's key
+    both = config_factory("entrorl_clip_b", entrorl={"mu": 0.5, "clip_ratio_high": 0.05}, clip_ratio_low=0.1,
+                          clip_ratio_high=0.3, clip_ratio_c=4.0)
+    loss, _ = _verl_call("entrorl_clip_b", batch, both, loss_agg_mode="token-mean")
+    entrorl_wins = build_objective("clip_b", mu=0.5, clip_ratio_low=0.1, clip_ratio_high=0.05, clip_ratio_c=4.0)
+    torch.testing.assert_close(loss, entrorl_wins(policy_batch).loss)
+    assert not torch.allclose(entrorl_wins(policy_batch).loss, expected(policy_batch).loss)
+
 
 def test_hydra_style_config_with_the_entrorl_section(batch_factory):
     """The policy_loss section typed by ``_target_`` survives verl's own config conversion."""
@@ -251,6 +259,9 @@ def test_verl_settings_that_replace_the_methods_own_are_named_once(batch_factory
         warnings.simplefilter("error")
         published = config_factory("entrorl_gspo", clip_ratio_low=3e-4, clip_ratio_high=4e-4)
         _verl_call("entrorl_gspo", batch, published, loss_agg_mode="seq-mean-token-mean")
+        # set in policy_loss.entrorl, the ratios differ from the paper's by the user's own choice: nothing to say
+        chosen = config_factory("entrorl_gspo", entrorl={"clip_ratio_low": 3.1e-4, "clip_ratio_high": 4.1e-4})
+        _verl_call("entrorl_gspo", batch, chosen, loss_agg_mode="seq-mean-token-mean")
 
 
 def test_verl_terms_that_would_count_twice_are_refused(batch_factory, config_factory):
@@ -258,12 +269,16 @@ def test_verl_terms_that_would_count_twice_are_refused(batch_factory, config_fac
     with pytest.raises(ValueError, match=r"sets \['loss_agg_mode'\], which verl passes .*actor_rollout_ref.actor.loss_agg_mode"):
         _verl_call("entrorl_dr_grpo", batch, config_factory("entrorl_dr_grpo", entrorl={"loss_agg_mode": "seq-mean-token-sum-norm"}),
                    loss_agg_mode="token-mean")
+    with pytest.raises(ValueError, match=r"sets \['loss_scale_factor'\], which verl passes .*actor_rollout_ref.actor.loss_scale_factor"):
+        _verl_call("entrorl_dr_grpo", batch, config_factory("entrorl_dr_grpo", entrorl={"loss_scale_factor": 4.0}),
+                   loss_agg_mode="token-mean")
     wrong_type = {"policy_loss": {"loss_mode": "entrorl_clip_b", "entrorl": "mu=3"}}  # a mistyped override, as a plain mapping
     with pytest.raises(ValueError, match="policy_loss.entrorl must be a mapping"):
         _verl_call("entrorl_clip_b", batch, wrong_type, loss_agg_mode="token-mean")
-    with pytest.raises(ValueError, match=r"entrorl_entropy_bonus' has its own entropy term .*set actor_rollout_ref.actor.entropy_coeff=0"):
-        _verl_call("entrorl_entropy_bonus", batch, config_factory("entrorl_entropy_bonus", entropy_coeff=0.01),
-                   loss_agg_mode="token-mean")
+    for method in ("entropy_bonus", "adaptive_entropy"):
+        with pytest.raises(ValueError, match=rf"entrorl_{method}' has its own entropy term \({method}\).*set actor_rollout_ref.actor.entropy_coeff=0"):
+            _verl_call(f"entrorl_{method}", batch, config_factory(f"entrorl_{method}", entropy_coeff=0.01),
+                       loss_agg_mode="token-mean")
     with pytest.raises(ValueError, match=r"entrorl_kl_ref' has its own KL .*set actor_rollout_ref.actor.kl_loss_coef=0"):
         _verl_call("entrorl_kl_ref", batch, config_factory("entrorl_kl_ref", use_kl_loss=True, kl_loss_coef=0.001),
                    loss_agg_mode="token-mean")
@@ -288,8 +303,68 @@ def test_statistics_through_the_channel_equal_keywords(batch_factory, config_fac
     with provide_token_fields(disc_centered=batch["disc_centered"]):
         by_channel, _ = _verl_call("entrorl_clip_v", batch, config, loss_agg_mode="token-mean", extras=False)
     torch.testing.assert_close(by_channel, by_keyword)
+    # a keyword given by the caller takes the place of the channel's field of the same name
+    with provide_token_fields(disc_centered=-batch["disc_centered"]):
+        by_both, _ = _verl_call("entrorl_clip_v", batch, config, loss_agg_mode="token-mean")
+        by_negated, _ = _verl_call("entrorl_clip_v", batch, config, loss_agg_mode="token-mean", extras=False)
+    torch.testing.assert_close(by_both, by_keyword)
+    assert not torch.allclose(by_negated, by_keyword)  # the channel's field would give another loss
     with pytest.raises(ValueError, match="needs per-token"):  # the channel closes with the block
         _verl_call("entrorl_clip_v", batch, config, loss_agg_mode="token-mean", extras=False)
+
+
+def test_nested_channel_blocks_see_the_inner_fields_and_restore_the_outer():
+    from entrorl.integrations.verl import (collect_metric_aggregations, current_token_fields, provide_token_fields,
+                                           record_metric_aggregations)
+
+    entropy, disc = torch.ones(2, 3), torch.zeros(2, 3)
+    with provide_token_fields(entropy=entropy, disc_centered=None):
+        assert set(current_token_fields()) == {"entropy"}  # None entries are left out
+        with provide_token_fields(disc=disc):
+            assert set(current_token_fields()) == {"disc"}  # the inner fields only
+        assert set(current_token_fields()) == {"entropy"} and current_token_fields()["entropy"] is entropy
+    assert current_token_fields() == {}
+
+    assert not record_metric_aggregations({"actor/loss/total": "sum"})  # outside any block: nothing records it
+    with collect_metric_aggregations() as outer:
+        with collect_metric_aggregations() as inner:
+            assert record_metric_aggregations({"actor/loss/total": "sum"})
+        assert record_metric_aggregations({"actor/ratio/max": "max"})
+    assert inner == {"actor/loss/total": "sum"} and outer == {"actor/ratio/max": "max"}
+
+
+def test_the_channel_refuses_what_it_cannot_carry():
+    from entrorl.integrations.verl import collect_metric_aggregations, provide_token_fields, record_metric_aggregations
+
+    with pytest.raises(ValueError, match=r"unknown per-token field\(s\) \['entropies'\]"):
+        with provide_token_fields(entropies=torch.ones(2, 3)):
+            pass
+    for flat in (torch.ones(6), torch.ones(1, 2, 3)):
+        with pytest.raises(ValueError, match=r"'entropy' must be a \[B, T\] tensor like log_prob, got \("):
+            with provide_token_fields(entropy=flat):
+                pass
+    with pytest.raises(ValueError, match=r"unknown metric aggregation\(s\) \['mean'\]"):
+        with collect_metric_aggregations():
+            record_metric_aggregations({"actor/kl/ref": "mean"})
+
+
+# (adaptive_entropy's coefficient and clip_cov's random choice change from one call to the next)
+@pytest.mark.parametrize("method", [m for m in METHODS if build_objective(m).correction is None
+                                    and m not in ("adaptive_entropy", "clip_cov")])
+def test_unit_rollout_weights_leave_every_part_of_the_method_in_place(method, batch_factory, config_factory):
+    """verl's rollout_is_weights take the place of a correction only: with weights 1 the selectors, shapers and
+    regularisers act as without them, and loss and gradients are the same."""
+    batch = batch_factory(seed=12)
+    extra = {"use_kl_loss": True, "kl_loss_coef": 0.0} if method == "kl_ref" else {}
+    config = config_factory(f"entrorl_{method}", entrorl=ACTIVE.get(method), **extra)
+    unweighted, _ = _verl_call(f"entrorl_{method}", batch, config, loss_agg_mode="token-mean")
+    unweighted_grads = _grads(unweighted, batch)
+    weighted, metrics = _verl_call(f"entrorl_{method}", batch, config, loss_agg_mode="token-mean",
+                                   weights=torch.ones_like(batch["log_prob"]))
+    torch.testing.assert_close(weighted, unweighted)
+    for ours, theirs in zip(_grads(weighted, batch), unweighted_grads):
+        torch.testing.assert_close(ours, theirs)
+    assert metrics["actor/correction/verl_is_weight_mean"] == 1.0
 
 
 def test_rollout_weights_with_an_own_correction_are_refused(batch_factory, config_factory):
@@ -306,6 +381,17 @@ def test_unsupported_aggregation_and_missing_global_counts(batch_factory, config
     config = config_factory("entrorl_grpo", global_batch_info={"dp_size": 4, "batch_num_tokens": None})
     with pytest.raises(ValueError, match="dp_size=4 but no batch_num_tokens"):
         _verl_call("entrorl_grpo", batch, config, loss_agg_mode="token-mean")
+    # sequence aggregations are normalised by the global sequence count, not the token count
+    config = config_factory("entrorl_grpo", global_batch_info={"dp_size": 4, "batch_num_tokens": 100})
+    for mode in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        with pytest.raises(ValueError, match="dp_size=4 but no global_batch_size"):
+            _verl_call("entrorl_grpo", batch, config, loss_agg_mode=mode)
+    config = config_factory("entrorl_grpo", global_batch_info={"dp_size": 1, "num_tokens": 100})
+    with pytest.raises(ValueError, match=r"global_batch_info has keys \['num_tokens'\]"):
+        _verl_call("entrorl_grpo", batch, config, loss_agg_mode="token-mean")
+    with pytest.raises(TypeError, match=r"entrorl_grpo' got unexpected keyword\(s\) \['entropies'\]"):
+        _verl_call("entrorl_grpo", batch, config_factory("entrorl_grpo"), loss_agg_mode="token-mean", extras=False,
+                   entropies=batch["entropy"])
 
 
 def _empty_mask(batch):
@@ -358,13 +444,32 @@ def test_loss_terms_are_marked_as_sums_or_left_out(batch_factory, config_factory
     assert set(marked) - set(plain) == set(aggregations)
 
 
+@pytest.mark.parametrize("loss_agg_mode, info, partial", [
+    ("token-mean", {"batch_num_tokens": 90}, True),
+    ("token-mean", {"global_batch_size": 12}, False),  # token-mean ignores the sequence count: a whole loss
+    ("seq-mean-token-mean", {"global_batch_size": 12}, True),
+    ("seq-mean-token-mean", {"batch_num_tokens": 90}, False),  # a sequence mean ignores the token count
+])
+def test_a_loss_is_a_partial_sum_only_with_the_global_count_its_aggregation_uses(loss_agg_mode, info, partial, batch_factory):
+    batch = batch_factory(seed=4)
+    loss, metrics = _verl_call("entrorl_grpo", batch, {"global_batch_info": {"dp_size": 1, **info}},
+                               loss_agg_mode=loss_agg_mode, extras=False)
+    assert ("actor/loss/total" not in metrics) is partial
+    if not partial:
+        assert metrics["actor/loss/total"] == pytest.approx(float(loss))
+    # tokens/valid is the step's count of valid tokens wherever verl gives it, the micro-batch's otherwise
+    expected_tokens = info.get("batch_num_tokens", int(batch["response_mask"].sum()))
+    assert metrics["actor/tokens/valid"] == float(expected_tokens)
+
+
 def test_verl_kl_loss_type_selects_the_kl_ref_estimator(batch_factory, config_factory):
     """actor.kl_loss_type picks kl_ref's estimator where entrorl has the same one; verl's kl_penalty agrees."""
     from entrorl.integrations.verl import collect_metric_aggregations
 
     batch = batch_factory(seed=6)
     values = {}
-    for verl_type, estimator in (("low_var_kl", "k3"), ("k3", "k3"), ("kl", "k1"), ("k1", "k1"), ("mse", "k2"), ("k2+", "k2")):
+    for verl_type, estimator in (("low_var_kl", "k3"), ("k3", "k3"), ("kl", "k1"), ("k1", "k1"), ("mse", "k2"), ("k2", "k2"),
+                                  ("mse+", "k2"), ("k2+", "k2")):
         config = config_factory("entrorl_kl_ref", use_kl_loss=True, kl_loss_coef=0.0, kl_loss_type=verl_type, clip_ratio_c=3.0)
         with collect_metric_aggregations():
             _, metrics = _verl_call("entrorl_kl_ref", batch, config, loss_agg_mode="token-mean")
@@ -391,6 +496,11 @@ def test_w_reinforce_loss_mode_on_w_reinforce_advantages_warns(batch_factory, co
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", message=".*runs with verl's settings")
         _verl_call("entrorl_w_reinforce", {**batch, "advantages": signs * batch["response_mask"]}, config, loss_agg_mode="token-mean")
+        # other estimators' advantages: two positive values, or negatives other than -1
+        two_positive = torch.tensor([0.1, -1.0, 0.5, -1.0, -1.0, 0.1]).unsqueeze(1) * batch["response_mask"]
+        _verl_call("entrorl_w_reinforce", {**batch, "advantages": two_positive}, config, loss_agg_mode="token-mean")
+        not_minus_one = torch.where(signs > 0, 0.1, -0.5) * batch["response_mask"]
+        _verl_call("entrorl_w_reinforce", {**batch, "advantages": not_minus_one}, config, loss_agg_mode="token-mean")
     squared = torch.where(signs > 0, 0.1, -1.0) * batch["response_mask"]
     with pytest.warns(UserWarning, match=r"entrorl_w_reinforce.*\+0.1 / -1.*lambda squared.*adv_estimator=entrorl_signed_reward"):
         _verl_call("entrorl_w_reinforce", {**batch, "advantages": squared}, config, loss_agg_mode="token-mean")
@@ -411,6 +521,19 @@ def test_rollout_correction_bypass_is_refused_or_warned(batch_factory, config_fa
     config = config_factory("entrorl_icepop", clip_ratio_c=6.0)
     with pytest.warns(UserWarning, match=r"entrorl_icepop.*old and the rollout log-probs are equal.*bypass_mode=False"):
         _verl_call("entrorl_icepop", bypassed, config, loss_agg_mode="token-mean")
+    # equal on the valid tokens is enough: the padding differs (verl pads the rollout log-probs with 0)
+    padded = {**batch, "rollout_log_prob": torch.where(batch["response_mask"], batch["old_log_prob"], 0.0)}
+    assert not torch.equal(padded["rollout_log_prob"], batch["old_log_prob"])
+    with pytest.warns(UserWarning, match=r"entrorl_icepop.*old and the rollout log-probs are equal.*bypass_mode=False"):
+        _verl_call("entrorl_icepop", padded, config_factory("entrorl_icepop", clip_ratio_c=6.5), loss_agg_mode="token-mean")
+    # a fully masked micro-batch has no token to compare: no evidence of bypass mode
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*runs with verl's settings")
+        _verl_call("entrorl_icepop", bypassed, config_factory("entrorl_icepop", clip_ratio_c=6.6), loss_agg_mode="token-mean",
+                   mask=_empty_mask(batch))
 
 
 @pytest.mark.parametrize("method", ["gspo", "cispo", "grpo"])
@@ -429,10 +552,11 @@ def test_kl_cov_warns_after_on_policy_mini_batches_not_micro_batches(batch_facto
     def mini_batch(tokens, on_policy, config, zero_advantages=False):
         for seed in range(4):
             batch = batch_factory(seed=seed)
-            if on_policy:
-                batch["old_log_prob"] = batch["log_prob"].detach().clone()
+            mask = batch["response_mask"]
+            if on_policy:  # equal on the valid tokens; what the padding holds is no evidence
+                batch["old_log_prob"] = torch.where(mask, batch["log_prob"].detach(), 0.0)
             if zero_advantages:
-                batch["advantages"] = torch.zeros_like(batch["advantages"])
+                batch["advantages"] = torch.where(mask, 0.0, 1.0)
             config.global_batch_info.update({"dp_size": 1, "batch_num_tokens": tokens, "global_batch_size": 24})
             _verl_call("entrorl_kl_cov", batch, config, loss_agg_mode="token-mean")
 
@@ -478,6 +602,11 @@ def test_maxima_are_marked_as_maxima_even_without_global_counts(batch_factory):
         _, metrics = _verl_call("entrorl_grpo", batch_factory(), {}, loss_agg_mode="token-mean", extras=False)
     assert "actor/ratio/max" in metrics
     assert aggregations == {"actor/ratio/max": "max"}  # never averaged; no loss term is summed without global counts
+    # outside the block: one call is the whole loss, and its maximum is reported as it is
+    batch = batch_factory()
+    _, plain = _verl_call("entrorl_grpo", batch, {}, loss_agg_mode="token-mean", extras=False)
+    ratio = (batch["log_prob"].detach() - batch["old_log_prob"]).exp()[batch["response_mask"]]
+    assert plain["actor/ratio/max"] == pytest.approx(float(ratio.max()), rel=1e-6)
 
 
 def test_loss_scale_factor_falls_back_to_the_actor_config(batch_factory):
@@ -487,6 +616,10 @@ def test_loss_scale_factor_falls_back_to_the_actor_config(batch_factory):
     by_14, _ = _verl_call("entrorl_grpo", batch, {"loss_scale_factor": 14.0}, loss_agg_mode="seq-mean-token-sum-norm",
                           extras=False)
     assert float(by_7) != 0.0 and float(by_7) == pytest.approx(2 * float(by_14), rel=1e-6)
+    # verl's global_batch_info carries the step's factor, which wins over the actor config's
+    both, _ = _verl_call("entrorl_grpo", batch, {"loss_scale_factor": 7.0, "global_batch_info": {"loss_scale_factor": 14.0}},
+                         loss_agg_mode="seq-mean-token-sum-norm", extras=False)
+    assert float(both) == pytest.approx(float(by_14), rel=1e-6)
 
 
 def test_verl_clip_ratio_is_the_fallback_for_both_clip_bounds(batch_factory):

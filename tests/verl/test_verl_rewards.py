@@ -57,3 +57,44 @@ def test_bad_reward_settings_are_clear_errors():
         _verl_reward_fn("compute_score", {"reward": "math", "tolerance": 0.1})(data_source="d", solution_str="1", ground_truth="1")
     with pytest.raises(ValueError, match="unknown reward 'maths'"):
         _verl_reward_fn("compute_score", {"reward": "maths"})(data_source="d", solution_str="1", ground_truth="1")
+
+
+_SEEN: list[tuple] = []
+
+
+def _recording_reward(prompt, completion, answer, **metadata):
+    """A plain entrorl reward function that records what it is given."""
+    _SEEN.append((prompt, completion, answer, metadata))
+    return 1
+
+
+def test_a_reward_sees_the_prompt_and_extra_info_as_its_metadata():
+    _SEEN.clear()
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_recording_reward"})
+    assert fn(data_source="gsm8k", solution_str="4", ground_truth="4", extra_info={"prompt": 12, "index": 3}) == 1.0
+    assert fn(data_source="gsm8k", solution_str="5", ground_truth="4", extra_info={"data_source": "own"}) == 1.0
+    assert fn(data_source="gsm8k", solution_str="6", ground_truth="4") == 1.0
+    assert _SEEN == [
+        ("12", "4", "4", {"index": 3, "data_source": "gsm8k"}),  # the prompt as text, verl's data_source added
+        ("", "5", "4", {"data_source": "own"}),  # extra_info's own data_source is kept
+        ("", "6", "4", {"data_source": "gsm8k"}),
+    ]
+
+
+def test_compute_score_without_a_reward_name_scores_with_math():
+    fn = _verl_reward_fn("compute_score", {})
+    direct = get_reward("math")
+    assert [fn(data_source="d", solution_str=c, ground_truth=a) for c, a in CASES] == [
+        float(direct("", c, a)) for c, a in CASES]
+    assert fn(data_source="d", solution_str="\\boxed{\\frac{3}{6}}", ground_truth="0.5") == 1.0  # exact_match says 0
+
+
+def test_reasoning_gym_score_scores_with_the_task_verifier():
+    pytest.importorskip("reasoning_gym")
+    from entrorl.rewards import reasoning_gym_records
+
+    record = reasoning_gym_records("basic_arithmetic", size=1, seed=0)[0]
+    fn = _verl_reward_fn("reasoning_gym_score", {"reward_options": {"task": "basic_arithmetic"}})
+    extra_info = {"prompt": record["prompt"], **record["meta"]}
+    assert fn(data_source="rg", solution_str=record["answer"], ground_truth=record["answer"], extra_info=extra_info) == 1.0
+    assert fn(data_source="rg", solution_str="-1", ground_truth=record["answer"], extra_info=extra_info) == 0.0
