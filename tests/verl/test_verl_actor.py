@@ -416,3 +416,36 @@ def test_the_environment_variable_asks_for_the_extension(value, requested, monke
     else:
         monkeypatch.setenv(ACTOR_EXTENSION_ENV, value)
     assert actor_extension_requested() is requested
+
+
+def test_padded_layout_gives_each_sequence_its_own_temperature():
+    """With ``use_remove_padding=False`` verl hands the logits as ``[B, T, V]`` and one temperature per sequence: the
+    statistics are those of the packed layout with each sequence's temperature on each of its tokens."""
+    data, logits, prompts, responses, _ = _micro_batch(seed=3)
+    lengths = data["input_ids"].offsets().diff()
+    temperatures = torch.tensor([0.5, 0.8, 1.0, 1.3, 2.0])[: len(lengths)]
+    targets = torch.roll(data["input_ids"].values(), shifts=-1)
+    need = ("entropy", "disc")
+    engine = ExtendedEngine(logits, temperature=1.0)
+    engine._entrorl_need, engine._entrorl_entropy_gradient = need, False
+    packed = engine._entrorl_token_stats(
+        SimpleNamespace(logits=logits.unsqueeze(0)),
+        {"input_ids_rmpad_rolled": targets, "temperature_rmpad": torch.repeat_interleave(temperatures, lengths),
+         "pad_size": 0},
+        data,
+    )
+    rows = torch.split(logits.detach(), lengths.tolist())
+    padded_logits = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, int(lengths.max()) - row.shape[0]), value=9.0)
+                                 for row in rows])
+    tu.assign_non_tensor(data, use_remove_padding=False)
+    padded = engine._entrorl_token_stats(
+        SimpleNamespace(logits=padded_logits), {"input_ids_rmpad_rolled": targets, "temperature": temperatures},
+        data,
+    )
+    for name in need:
+        key = f"entrorl_{name}"
+        torch.testing.assert_close(padded[key].values(), packed[key].values())
+        assert torch.equal(padded[key].offsets(), packed[key].offsets())
+    reference = _reference_stats(logits.detach(), targets, torch.repeat_interleave(temperatures, lengths))
+    for name in need:
+        torch.testing.assert_close(packed[f"entrorl_{name}"].values(), reference[name].float())
