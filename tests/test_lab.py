@@ -181,6 +181,58 @@ def test_a_resumed_method_counts_the_train_time_of_its_interrupted_invocations(t
     assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "done"
     assert json.loads((run_dir / "final_eval.json").read_text())["train_seconds"] == pytest.approx(5.5)
 
+    # interrupted twice (3.5 s, then 3.5 s more), then finished in 2 s: 9 s; an earlier failure's error.log is gone
+    (run_dir / "final_eval.json").unlink()
+    (run_dir / runner._EARLIER_SECONDS).unlink()
+    monkeypatch.setattr(runner, "_train_and_evaluate", interrupted)
+    for _ in range(2):
+        assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "interrupted"
+    (run_dir / "error.log").write_text("ValueError: an earlier invocation's failure\n")
+    monkeypatch.setattr(runner, "_train_and_evaluate", finished)
+    assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "done"
+    assert json.loads((run_dir / "final_eval.json").read_text())["train_seconds"] == pytest.approx(9.0)
+    assert not (run_dir / "error.log").exists()
+
+
+def test_a_method_that_raises_fails_with_its_traceback_in_its_error_log(tmp_path, monkeypatch):
+    from entrorl.lab import runner
+
+    monkeypatch.setattr(runner, "_process_warmed_up", True)
+
+    def broken(job):
+        raise ValueError("the reward cannot be imported")
+
+    monkeypatch.setattr(runner, "_train_and_evaluate", broken)
+    run_dir = tmp_path / "methods" / "grpo"  # not made yet: the error still lands in it
+    outcome = runner._run_method({"method": "grpo", "run_dir": str(run_dir)})
+    assert outcome["method"] == "grpo" and outcome["status"] == "failed"
+    assert "ValueError: the reward cannot be imported" in outcome["error"]
+    logged = (run_dir / "error.log").read_text()
+    assert logged.startswith("Traceback") and "ValueError: the reward cannot be imported" in logged
+    assert not (run_dir / "final_eval.json").exists()
+
+
+@pytest.mark.parametrize("recorded", ["NaN", "Infinity", "-3.0", '"3.5"', "null"])
+def test_earlier_train_seconds_that_are_not_a_finite_non_negative_number_count_as_none(tmp_path, monkeypatch, recorded):
+    from types import SimpleNamespace
+
+    from entrorl.lab import runner
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(runner, "_process_warmed_up", True)
+    run_dir = tmp_path / "grpo"
+    run_dir.mkdir()
+    (run_dir / runner._EARLIER_SECONDS).write_text(f'{{"seconds": {recorded}}}')
+
+    def finished(job):
+        clock.now += 2.0
+        return {"pass_at_k": {"1": 0.5}}
+
+    monkeypatch.setattr(runner, "_train_and_evaluate", finished)
+    assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "done"
+    assert json.loads((run_dir / "final_eval.json").read_text())["train_seconds"] == 2.0
+
 
 @pytest.fixture
 def signal_handlers_restored():
@@ -224,6 +276,12 @@ def test_an_interrupted_laboratory_saves_what_it_trained_and_says_how_to_go_on(t
     stop.set_ = True
     monkeypatch.setattr(runner, "_train_and_evaluate", lambda job: pytest.fail("a method started after Ctrl-C"))
     assert runner._run_method({"method": "nsr", "run_dir": str(tmp_path / "nsr")})["status"] == "interrupted"
+    # Ctrl-C while the worker warms up (it ignores Ctrl-C then): the method does not start either
+    stop.set_ = False
+    monkeypatch.setattr(runner, "_process_warmed_up", False)
+    monkeypatch.setattr(runner, "_pay_one_off_costs", lambda job: setattr(stop, "set_", True))
+    assert runner._run_method({"method": "nsr", "run_dir": str(tmp_path / "nsr")})["status"] == "interrupted"
+    assert runner._process_warmed_up
 
     # a worker leaves a method with its Ctrl-C ignored and SIGTERM (the pool's end) at its default, whatever the
     # trainer left installed (its "exit at once" handlers once a signal's step is saved)
@@ -858,6 +916,12 @@ def test_a_method_s_trainer_configuration(tmp_path):
     assert config["optim"] == {"steps": preset.steps, "lr": preset.lr, "warmup_steps": preset.warmup_steps,
                                "mini_batches": preset.mini_batches, "grad_clip": 1.0}
     assert config["checkpoint"] == {"every": preset.checkpoint_every, "keep": 1}
+    # the report compares each step's measured entropy change with its first-order prediction
+    assert config["diagnostics"]["first_order"] is True
+    sampled = preset.model_copy(update={"prompts_per_step": 3, "group_size": 5, "max_new_tokens": 7, "temperature": 0.7})
+    rollout = _trainer_config(sampled, "grpo", tmp_path / "model", data, tmp_path / "methods" / "grpo")["rollout"]
+    assert {key: rollout[key] for key in ("prompts_per_step", "group_size", "max_new_tokens", "temperature")} == {
+        "prompts_per_step": 3, "group_size": 5, "max_new_tokens": 7, "temperature": 0.7}
     reseeded = _trainer_config(preset.model_copy(update={"rl_seed": 5}), "sft", tmp_path / "model", data, tmp_path / "sft")
     assert reseeded["seed"] == 5 and reseeded["method"] == SFT_OBJECTIVE
 
@@ -885,3 +949,334 @@ def test_the_laboratory_data_files_are_written_once_from_the_preset_s_seed(tmp_p
     paths["train"].write_text('{"prompt": "kept", "answer": "1"}\n')
     _prepare_data(tmp_path / "lab", preset)
     assert paths["train"].read_text() == '{"prompt": "kept", "answer": "1"}\n'
+
+
+def test_the_policy_evaluation_counts_each_prompt_s_samples_and_only_real_response_tokens(tmp_path, tiny_model_dir, monkeypatch):
+    """evaluate_policy draws eval_n samples per held-out prompt and forgetting_n per forgetting prompt, under its own
+    seed: the pass rates are per prompt, Pass@k runs up to k = eval_n, the S/D histograms of the correct and the
+    wrong samples count exactly their response tokens (padding left out), and the entropy and length means are
+    those of the real response tokens."""
+    from entrorl.data import PromptRecord, write_jsonl
+    from entrorl.lab import runner
+    from entrorl.modeling import bucketed_response_token_stats, load_causal_lm, load_tokenizer
+    from entrorl.rollout import HFSampler
+
+    eval_prompts, forget_prompts = ["1+1=", "2+2=", "3+3="], ["4+4=", "5+5="]
+    data = {"eval": tmp_path / "eval.jsonl", "forget": tmp_path / "forget.jsonl"}
+    write_jsonl([PromptRecord(prompt=p, answer="0") for p in eval_prompts], data["eval"])
+    write_jsonl([PromptRecord(prompt=p, answer="0") for p in forget_prompts], data["forget"])
+    graded = []
+
+    def verifier(prompt, completion, answer, **meta):  # right on the first prompt of each split only
+        graded.append(prompt)
+        return 1.0 if prompt in ("1+1=", "4+4=") else 0.0
+
+    monkeypatch.setattr(runner, "get_task", lambda name: verifier)
+    drawn = []
+    generate = HFSampler.generate
+    monkeypatch.setattr(HFSampler, "generate", lambda self, *args, **kwargs: drawn.append(generate(self, *args, **kwargs)) or drawn[-1])
+    preset = get_preset("quick").model_copy(update={"eval_n": 4, "forgetting_n": 3, "max_new_tokens": 12, "top_forks": 3})
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    torch.manual_seed(123)
+    result = runner.evaluate_policy(model, tokenizer, preset, data)
+
+    assert graded == [p for p in eval_prompts for _ in range(4)] + [p for p in forget_prompts for _ in range(3)]
+    assert result["pass_rates"] == [1.0, 0.0, 0.0] and set(result["pass_at_k"]) == {"1", "2", "4"}
+    assert result["forgetting_accuracy"] == pytest.approx(0.5)
+    rollouts = drawn[0]
+    mask = rollouts.response_mask
+    assert not mask.all(), "the test needs responses that end before max_new_tokens"
+    correct = torch.arange(len(mask)) < 4  # the samples of the first prompt
+    for name in ("disc", "disc_centered"):
+        assert len(result["distributions"][f"{name}/correct"]) == len(result["histogram_bins"]) - 1
+        assert sum(result["distributions"][f"{name}/correct"]) == int(mask[correct].sum())
+        assert sum(result["distributions"][f"{name}/wrong"]) == int(mask[~correct].sum())
+    with torch.no_grad():
+        stats = bucketed_response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
+                                              mask, temperature=preset.temperature, need=("entropy",))
+    assert result["entropy_mean"] == pytest.approx(float(stats.entropy[mask].mean()), rel=1e-5)
+    assert result["response_length_mean"] == pytest.approx(float(mask.sum(dim=1).float().mean()))
+    # the evaluation seeds its own sampling: the caller's random state does not change it
+    torch.manual_seed(7)
+    assert runner.evaluate_policy(model, tokenizer, preset, data) == result
+
+
+def test_a_method_is_trained_by_its_own_trainer_resumed_from_its_checkpoint_and_then_evaluated(tmp_path, monkeypatch):
+    """sft runs the supervised trainer on the training task, every other method the RL trainer; a method with a
+    checkpoint resumes from it; in a worker the trainer stops at a step's end when the laboratory stops; the trained
+    model is what is evaluated."""
+    from entrorl import trainer as trainer_package
+    from entrorl.lab import runner, supervised
+    from entrorl.lab.tasks import get_task
+    from entrorl.trainer import checkpoint
+
+    class RecordingTrainer:
+        def __init__(self, config, *, run_dir, resume):
+            self.config, self.run_dir, self.resume, self.task, self.trained = config, run_dir, resume, None, None
+            self.model, self.tokenizer = f"model of {run_dir.name}", f"tokenizer of {run_dir.name}"
+            built[run_dir.name] = self
+
+        def use_task(self, task):
+            self.task = task
+
+        def train(self, **options):
+            self.trained = options
+
+    class RecordingSFTTrainer(RecordingTrainer):
+        pass
+
+    built = {}
+    monkeypatch.setattr(trainer_package, "Trainer", RecordingTrainer)
+    monkeypatch.setattr(supervised, "SFTTrainer", RecordingSFTTrainer)
+    monkeypatch.setattr(checkpoint, "latest_checkpoint", lambda run_dir: run_dir / "checkpoints" / "step_000004"
+                        if run_dir.name == "sft" else None)
+    monkeypatch.setattr(runner, "evaluate_policy", lambda model, tokenizer, preset, data: {
+        "model": model, "tokenizer": tokenizer, "eval_n": preset.eval_n, "data": sorted(data)})
+    preset = get_preset("quick")
+    data = {name: str(tmp_path / "data" / f"{name}.jsonl") for name in ("train", "eval", "forget")}
+
+    def job(method):
+        return {"preset": preset.model_dump(mode="json"), "method": method, "run_dir": str(tmp_path / "methods" / method),
+                "model_dir": str(tmp_path / "model"), "data": data}
+
+    monkeypatch.setattr(runner, "_STOP", None)
+    assert runner._train_and_evaluate(job("sft")) == {"model": "model of sft", "tokenizer": "tokenizer of sft",
+                                                      "eval_n": preset.eval_n, "data": ["eval", "forget", "train"]}
+    sft = built["sft"]
+    assert type(sft) is RecordingSFTTrainer and sft.resume and sft.trained == {}
+    assert type(sft.task) is type(get_task(preset.train_task)) and sft.run_dir == tmp_path / "methods" / "sft"
+    assert sft.config.seed == preset.seed and sft.config.optim.steps == preset.steps
+    monkeypatch.setattr(runner, "_STOP", __import__("threading").Event())  # in a worker
+    assert runner._train_and_evaluate(job("grpo"))["model"] == "model of grpo"
+    grpo = built["grpo"]
+    assert type(grpo) is RecordingTrainer and not grpo.resume and grpo.task is None
+    assert grpo.trained == {"handle_signals": True, "should_stop": runner._laboratory_stopped}
+
+
+class _Pipe:
+    """A worker's end of the pipe as the laboratory sees it: ``messages`` become readable from the ``ready_after``-th
+    poll on (an outcome sent while the laboratory was looking at the process)."""
+
+    def __init__(self, messages, ready_after=1):
+        self.messages, self.ready_after, self.polls, self.sent, self.closed = list(messages), ready_after, 0, [], False
+
+    def poll(self):
+        self.polls += 1
+        return self.polls >= self.ready_after and bool(self.messages)
+
+    def recv(self):
+        return self.messages.pop(0)
+
+    def send(self, message):
+        self.sent.append(message)
+
+    def close(self):
+        self.closed = True
+
+
+class _RunProgress(_RecordingProgress):
+    """The progress display as the laboratory's loop drives it: bars started, lines printed with rich's options."""
+
+    tasks = ()
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.console = SimpleNamespace(print=lambda text, **options: self.lines.append(text))
+
+    def start_task(self, bar):
+        pass
+
+
+def test_a_worker_s_outcome_is_its_methods_own_even_when_sent_as_it_ended_and_is_given_once(tmp_path):
+    import signal
+    from types import SimpleNamespace
+
+    from entrorl.lab.runner import _death_of, _Worker
+
+    def worker_with(pipe, *, alive, exitcode=None):
+        worker = object.__new__(_Worker)
+        worker.connection, worker.job = pipe, {"method": "grpo", "run_dir": str(tmp_path / "grpo")}
+        worker.process = SimpleNamespace(is_alive=lambda: alive, exitcode=exitcode, join=lambda timeout=None: None)
+        return worker
+
+    running = worker_with(_Pipe([]), alive=True)
+    assert running.outcome() is None and running.method == "grpo"
+    sent = {"method": "grpo", "status": "done", "seconds": 1.5}
+    ended = worker_with(_Pipe([sent], ready_after=2), alive=False, exitcode=0)  # sent, then the process ended
+    assert ended.outcome() == sent
+    assert ended.job is None and ended.method is None and ended.outcome() is None  # given once
+    killed = worker_with(_Pipe([]), alive=False, exitcode=-signal.SIGKILL)
+    assert killed.outcome() == {"method": "grpo", "status": "failed", "error": _death_of(-signal.SIGKILL), "died": True}
+    (tmp_path / "grpo").mkdir()
+    (tmp_path / "grpo" / "final_eval.json").write_text('{"pass_at_k": {"1": 0.5}}')  # killed once evaluated: done
+    assert worker_with(_Pipe([]), alive=False, exitcode=-signal.SIGKILL).outcome() == {"method": "grpo", "status": "done"}
+
+
+def test_the_jobs_run_in_at_most_the_given_number_of_workers_and_each_outcome_is_recorded_once(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from entrorl.lab import runner
+
+    made, running = [], set()
+
+    class Worker:  # finishes its method at the poll after the one that started it
+        def __init__(self, context, stop, run):
+            self.connection, self.job, self.polled = _Pipe([]), None, False
+            self.process = SimpleNamespace(is_alive=lambda: True, join=lambda timeout=None: None, kill=lambda: None)
+            made.append(self)
+
+        @property
+        def method(self):
+            return self.job["method"] if self.job else None
+
+        def start(self, job):
+            self.job, self.polled = job, False
+            running.add(job["method"])
+            assert len(running) <= 2, f"more methods at once than workers: {sorted(running)}"
+
+        def outcome(self):
+            if self.job is None or not self.polled:
+                self.polled = True
+                return None
+            running.discard(self.job["method"])
+            outcome, self.job = {"method": self.job["method"], "status": "done"}, None
+            return outcome
+
+    monkeypatch.setattr(runner, "_Worker", Worker)
+    monkeypatch.setattr(runner.time, "sleep", lambda seconds: None)
+    methods = ["grpo", "nsr", "clip_b", "dapo", "rft"]
+    jobs = [{"method": method, "run_dir": str(tmp_path / "methods" / method)} for method in methods]
+    outcomes, progress = {}, _RunProgress()
+    stopped = runner._run_jobs(jobs, 2, outcomes, progress, {m: m for m in methods}, tmp_path, steps=4)
+    assert not stopped and len(made) == 2
+    assert outcomes == {method: {"method": method, "status": "done"} for method in methods}
+    assert sorted(line.split(":")[0] for line in progress.lines) == sorted(methods)
+    assert [line.split("(")[-1] for line in progress.lines] == [f"{i}/5)" for i in range(1, 6)]
+    assert all(worker.connection.sent == [None] and worker.connection.closed for worker in made)  # told to stop
+
+
+def test_a_second_ctrl_c_ends_the_workers_at_once_and_the_methods_not_started_are_interrupted(
+        tmp_path, monkeypatch, signal_handlers_restored):
+    """Ctrl-C pressed twice before the laboratory looked: KeyboardInterrupt, every worker ended at once (SIGTERM)
+    without waiting for its outcome, and the methods never started are recorded as interrupted."""
+    import signal
+    from types import SimpleNamespace
+
+    from entrorl.lab import runner
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    ended = []
+
+    class Worker:  # Ctrl-C is pressed twice while its method trains
+        def __init__(self, context, stop, run):
+            self.connection, self.job, self.polls = _Pipe([]), None, 0
+            self.process = SimpleNamespace(is_alive=lambda: not ended, join=lambda timeout=None: None,
+                                           terminate=lambda: ended.append("terminate"), kill=lambda: ended.append("kill"))
+
+        @property
+        def method(self):
+            return self.job["method"] if self.job else None
+
+        def start(self, job):
+            self.job = job
+
+        def outcome(self):
+            self.polls += 1
+            if self.polls == 1:
+                for _ in range(2):
+                    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the laboratory's own Ctrl-C handler
+                return None
+            outcome, self.job = {"method": self.job["method"], "status": "interrupted", "step": 1}, None
+            return outcome
+
+    monkeypatch.setattr(runner, "_Worker", Worker)
+    monkeypatch.setattr(runner.time, "sleep", lambda seconds: None)
+    outcomes = {}
+    jobs = [{"method": method, "run_dir": str(tmp_path / method)} for method in ("grpo", "nsr")]
+    with pytest.raises(KeyboardInterrupt):
+        runner._run_jobs(jobs, 1, outcomes, _RunProgress(), {"grpo": "grpo", "nsr": "nsr"}, tmp_path, steps=4)
+    assert ended == ["terminate"]
+    assert outcomes == {"nsr": {"method": "nsr", "status": "interrupted"}}  # grpo's outcome never came
+
+
+def test_a_worker_runs_each_job_it_receives_until_told_to_stop(monkeypatch, signal_handlers_restored):
+    """A worker sends back each job's outcome; it ends on None, once the laboratory has stopped (after sending the
+    outcome of the method it was running), when the laboratory's end of the pipe is gone, or on a second Ctrl-C
+    (no outcome then)."""
+    import threading
+
+    from entrorl.lab import runner
+
+    class Connection:
+        def __init__(self, jobs, *, send_fails=False):
+            self.jobs, self.send_fails, self.received, self.sent = list(jobs), send_fails, 0, []
+
+        def recv(self):
+            self.received += 1
+            if not self.jobs:
+                raise EOFError
+            return self.jobs.pop(0)
+
+        def send(self, outcome):
+            if self.send_fails:
+                raise OSError("the pipe is closed")
+            self.sent.append(outcome)
+
+    monkeypatch.setattr(runner, "_STOP", None)
+
+    def run(job):
+        if job["method"] == "stopping":
+            stop.set()
+        if job["method"] == "pressed":
+            raise KeyboardInterrupt
+        return {"method": job["method"], "status": "done"}
+
+    stop = threading.Event()
+    told = Connection([{"method": "grpo"}, {"method": "nsr"}, None, {"method": "never"}])
+    runner._worker_loop(told, stop, run)
+    assert told.sent == [{"method": "grpo", "status": "done"}, {"method": "nsr", "status": "done"}] and told.received == 3
+    stopped = Connection([{"method": "stopping"}, {"method": "never"}])
+    runner._worker_loop(stopped, stop, run)
+    assert stopped.sent == [{"method": "stopping", "status": "done"}] and stopped.received == 1
+    stop.clear()
+    for connection, received in ((Connection([{"method": "pressed"}, {"method": "never"}]), 1),
+                                 (Connection([{"method": "grpo"}, {"method": "never"}], send_fails=True), 1),
+                                 (Connection([]), 1)):
+        runner._worker_loop(connection, stop, run)
+        assert connection.sent == [] and connection.received == received
+
+
+@pytest.mark.parametrize("at_once", [False, True], ids=["told-to-stop", "at-once"])
+def test_ending_the_workers_tells_or_terminates_them_and_leaves_none_behind(at_once):
+    """Idle workers are sent None; ``at_once`` sets the laboratory's stop (so a worker exits once its trainer has
+    saved its step) and sends SIGTERM to every live worker; one still alive after the wait is killed; every pipe is
+    closed."""
+    import threading
+    from types import SimpleNamespace
+
+    from entrorl.lab.runner import _end_workers
+
+    def worker(*, alive, obeys):
+        state = {"alive": alive, "calls": []}
+
+        def ask(call):
+            state["calls"].append(call)
+            if obeys or call == "kill":
+                state["alive"] = False
+
+        process = SimpleNamespace(is_alive=lambda: state["alive"], join=lambda timeout=None: None,
+                                  terminate=lambda: ask("terminate"), kill=lambda: ask("kill"))
+        pipe = _Pipe([])
+        pipe.send = lambda message: (pipe.sent.append(message), ask("told") if message is None else None)
+        return SimpleNamespace(process=process, connection=pipe, state=state)
+
+    pool = [worker(alive=True, obeys=True), worker(alive=True, obeys=False), worker(alive=False, obeys=True)]
+    stop = threading.Event()
+    _end_workers(pool, stop, at_once)
+    assert stop.is_set() is at_once
+    first = "terminate" if at_once else "told"
+    assert [w.state["calls"] for w in pool] == [[first], [first, "kill"], []]
+    assert all(w.connection.closed for w in pool) and not any(w.state["alive"] for w in pool)
+    assert [w.connection.sent for w in pool] == ([[], [], []] if at_once else [[None], [None], []])

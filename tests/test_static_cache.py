@@ -354,10 +354,15 @@ def test_projections_are_concatenated_while_the_copy_is_at_most_the_byte_limit(m
 
 def test_a_forward_pre_hook_is_refused_like_a_forward_hook():
     """A pre-hook may rewrite a module's input (offloading, quantisation): the decoder, which never calls the
-    module, would skip it."""
+    module, would skip it. So may accelerate's hook, which replaces the module's forward (``_hf_hook``) rather than
+    registering a torch hook."""
     hooked = build("qwen2")
     hooked.model.layers[0].self_attn.register_forward_pre_hook(lambda module, args: None)
     assert "hooks" in static_cache_unsupported_reason(hooked, 16)
+    offloaded = build("qwen2")
+    offloaded.model.layers[1].mlp.down_proj._hf_hook = object()
+    assert static_cache_unsupported_reason(offloaded, 16) == (
+        "module model.layers.1.mlp.down_proj has forward hooks (adapter, quantisation or offloading)")
 
 
 def test_rms_norm_in_bfloat16_rounds_as_the_models_own():
@@ -372,6 +377,18 @@ def test_rms_norm_in_bfloat16_rounds_as_the_models_own():
         heads = hidden.view(4, 7, 4, 8)
         norm = model.model.layers[0].self_attn.k_norm
         assert torch.equal(_rms_norm(heads, norm), norm(heads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_uses_the_model_s_own_epsilon(dtype):
+    """A large epsilon (Llama-2 uses 1e-5, Qwen 1e-6) changes the normalised values: the decoder takes the norm's."""
+    from entrorl.rollout.static_cache import _rms_norm
+
+    norm = build("qwen2", dtype).model.norm
+    norm.variance_epsilon = 0.5
+    hidden = (0.5 * torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(_rms_norm(hidden, norm), norm(hidden), atol=1e-6, rtol=1e-6)
 
 
 def test_a_sliding_window_as_long_as_the_cache_masks_nothing_and_is_accepted():
@@ -390,3 +407,7 @@ def test_a_sliding_window_as_long_as_the_cache_masks_nothing_and_is_accepted():
         token = torch.tensor([3 + step, 20 + step])
         ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1)
         logits = decoder.decode(token)
+    # one more new token and the window would bite on the last one: the decoder refuses the batch
+    ids, mask = left_padded([[5, 6, 7, 8, 9], [10, 11, 12]])
+    with pytest.raises(ValueError, match="sliding window of 8 < the sequence length 9"):
+        StaticCacheDecoder(model, ids, mask, max_new_tokens=steps + 1)
