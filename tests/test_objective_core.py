@@ -211,6 +211,28 @@ def test_aggregation_empty_mask_gives_attached_zero(mode):
     assert torch.equal(grad, torch.zeros_like(loss))
 
 
+@pytest.mark.parametrize("method, kwargs", [
+    ("dapo+kl_ref", {"batch_num_tokens": 50, "dp_size": 2}),
+    ("grpo+entropy_bonus", {"global_batch_size": 9, "dp_size": 4}),
+    ("dr_grpo", {"global_batch_size": 7, "dp_size": 3}),
+])
+def test_objective_passes_the_global_normalisers_to_every_aggregation(method, kwargs):
+    """Data-parallel training (verl's global_batch_info): the policy loss and the regularisers' terms are divided by
+    the global token / sequence counts given and multiplied by dp_size."""
+    _, batch = full_batch(15)
+    objective = build_objective(method)
+    out = objective(batch, **kwargs)
+    mask = batch.mask.numpy()
+    ratio = np.exp(_np(batch.log_prob) - _np(batch.old_log_prob))
+    eps_high = 0.28 if method.startswith("dapo") else 0.2
+    expected = ref_aggregate(ref_ppo(ratio, _np(batch.advantages), 0.2, eps_high), mask, objective.loss_agg_mode, **kwargs)
+    if "kl_ref" in method:
+        expected += 1e-3 * ref_aggregate(_ref_kl(_np(batch.log_prob), _np(batch.ref_log_prob), "k3"), mask, "token-mean", **kwargs)
+    if "entropy_bonus" in method:
+        expected -= 1e-3 * ref_aggregate(_np(batch.entropy), mask, objective.loss_agg_mode, **kwargs)
+    assert float(out.loss) == pytest.approx(expected, rel=1e-5)
+
+
 def test_aggregation_unknown_mode_lists_modes():
     with pytest.raises(ValueError) as info:
         aggregate_loss(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), "token-sum-of-squares")
@@ -273,6 +295,8 @@ def test_dual_clip_caps_huge_ratio_with_negative_advantage():
 
     surrogate_out = build_objective("dual_clip").surrogate(batch, adv, {})
     np.testing.assert_allclose(_np(surrogate_out.per_token_loss), [[3 * 1.5, -2.0 * 1.2, 2.0]], rtol=1e-12)
+    # token 0's dual bound and token 1's clip range are active: both are clipped (no gradient), token 2 is not
+    assert surrogate_out.clipped.tolist() == [[True, True, False]]
 
     plain = build_objective("grpo").surrogate(batch, adv, {})
     assert float(plain.per_token_loss[0, 0]) == pytest.approx(1.5 * math.exp(5.0), rel=1e-12)
@@ -281,6 +305,20 @@ def test_dual_clip_caps_huge_ratio_with_negative_advantage():
     grad = _np(grad_of(out.loss, log_prob))
     np.testing.assert_allclose(grad, [[0.0, 0.0, 1.0 * 2.0 / 3]], rtol=1e-12, atol=1e-15)
     assert out.metrics["clip/dual_frac"] == pytest.approx(1 / 3)
+    assert out.metrics["clip/ppo_frac"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("method", [{"surrogate": "unclipped"}, "grpo"], ids=["unclipped", "grpo"])
+def test_log_ratio_is_clamped_at_twenty_before_the_exponential(method):
+    """As verl does, log r is clamped to [-20, 20] before exp: a float32 token with log r = 100 and A < 0 (which PPO
+    does not clip) costs -A e^20, finite, and its gradient is 0 (the clamp is active), instead of an infinite loss."""
+    log_prob = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=torch.tensor([[-100.0, -1.0]]),
+                        advantages=torch.tensor([[-1.0, 1.0]]), mask=torch.ones(1, 2, dtype=torch.bool))
+    out = build_objective(method, loss_agg_mode="token-mean")(batch)
+    assert float(out.loss) == pytest.approx((math.exp(20.0) - 1.0) / 2, rel=1e-6)
+    grad = grad_of(out.loss, log_prob)
+    assert torch.isfinite(grad).all() and float(grad[0, 0]) == 0.0
 
 
 @pytest.mark.parametrize("c", [1.0, 0.5, -3.0])
@@ -557,6 +595,24 @@ def test_adaptive_entropy_end_step_closes_the_step_at_once():
     assert lazy(follow).metrics == explicit(follow).metrics
 
 
+def test_adaptive_entropy_measures_the_token_mean_of_the_whole_step():
+    """e_k is the token-mean entropy of all of step k's valid tokens (arXiv 2505.22312): not the mean of the batches'
+    means, nor the loss aggregation's mean over sequences. Here 4 tokens at 0.1 and 1 at 0.5 in two rows, then a
+    batch of 1 token at 0.5: e = 1.4 / 6, above the target 0.2 (the means of means would be 0.34 and 0.33)."""
+    objective = build_objective("adaptive_entropy", loss_agg_mode="seq-mean-token-mean", entropy_coeff=2e-3, delta=1e-3)
+    first = PolicyBatch(log_prob=torch.zeros(2, 4, dtype=F64, requires_grad=True), old_log_prob=torch.zeros(2, 4, dtype=F64),
+                        advantages=torch.ones(2, 4, dtype=F64), mask=_ragged_mask((4, 1), 4),
+                        entropy=torch.tensor([[0.1] * 4, [0.5, 9.0, 9.0, 9.0]], dtype=F64, requires_grad=True), step=0)
+    second = PolicyBatch(log_prob=torch.zeros(1, 4, dtype=F64, requires_grad=True), old_log_prob=torch.zeros(1, 4, dtype=F64),
+                         advantages=torch.ones(1, 4, dtype=F64), mask=_ragged_mask((1,), 4),
+                         entropy=torch.tensor([[0.5, 9.0, 9.0, 9.0]], dtype=F64, requires_grad=True), step=0)
+    objective(first)
+    objective(second)
+    closed = objective.end_step()
+    assert closed["reg/adaptive_entropy_step_entropy"] == pytest.approx(1.4 / 6, rel=1e-12)
+    assert closed["reg/adaptive_entropy_next_coeff"] == pytest.approx(1e-3)
+
+
 def _entropy_batch(level: float, seed: int) -> tuple[PolicyBatch, torch.Tensor]:
     batch = make_batch(seed)
     g = _gen(seed + 1000)
@@ -643,6 +699,15 @@ def test_kl_estimates_k2_k3_non_negative_and_unknown_rejected():
     assert (kl_estimate(log_prob, ref, "k1") < 0).any()  # k1 can be negative
     with pytest.raises(ValueError, match="k1"):
         kl_estimate(log_prob, ref, "k4")
+
+
+def test_k3_is_clamped_to_ten_like_verls_low_var_kl():
+    """k3 = exp(-delta) + delta - 1 is clamped to [-10, 10] (verl's low_var_kl): delta = -15 would give ~3.3e6 and
+    delta = 30 gives 29; both are 10, with no gradient through the clamp."""
+    log_prob = torch.tensor([-15.0, 30.0, 0.5], dtype=F64, requires_grad=True)
+    got = kl_estimate(log_prob, torch.zeros(3, dtype=F64), "k3")
+    np.testing.assert_allclose(_np(got), [10.0, 10.0, math.exp(-0.5) + 0.5 - 1.0], rtol=1e-12)
+    np.testing.assert_allclose(_np(grad_of(got.sum(), log_prob)), [0.0, 0.0, 1.0 - math.exp(-0.5)], rtol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
@@ -739,11 +804,36 @@ def test_ambiguous_override_names_both_parts():
         ("forking_tokens", {"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
         ("grpo", {"loss_agg_mode": "token-sum-of-squares"}, "loss_agg_mode"),
         ("dr_grpo", {"loss_scale_factor": 0}, "loss_scale_factor"),
+        ("kl_ref", {"kl_loss_coef": -0.1}, "kl_loss_coef"),
+        ("entropy_advantage", {"kappa": 1.0}, "kappa"),  # kappa > 1 keeps a negative advantage negative
+        ("lopti_reweight", {"alpha": 1.5}, "alpha"),
+        ("clip_cov", {"clip_cov_ratio": 0.0}, "clip_cov_ratio"),
+        ("clip_cov", {"clip_cov_lb": 2.0, "clip_cov_ub": 2.0}, "clip_cov_lb"),  # an empty band
+        ("clip_v", {"max_frac": 2.0}, "max_frac"),
+        ("icepop", {"icepop_low": 5.0, "icepop_high": 0.5}, "icepop_low"),
+        ("adaptive_entropy", {"min_coeff": 1e-2, "max_coeff": 1e-3}, "min_coeff"),
     ],
 )
 def test_bad_parameter_value_names_the_parameter(method, overrides, param):
     with pytest.raises(ValueError, match=param):
         build_objective(method, **overrides)
+
+
+def test_malformed_batches_and_normalisers_are_refused():
+    """A field of another shape would broadcast silently, integer log-probs or advantages would truncate, float row
+    indices cannot index a population, and a non-positive loss_scale_factor would flip or blow up the loss."""
+    batch = make_batch(16)
+    fields = {"log_prob": batch.log_prob, "old_log_prob": batch.old_log_prob, "advantages": batch.advantages,
+              "mask": batch.mask}
+    with pytest.raises(ValueError, match=r"PolicyBatch.entropy must be a tensor of shape \(6, 10\)"):
+        PolicyBatch(**fields, entropy=torch.ones(6, 1, dtype=F64))
+    with pytest.raises(ValueError, match="PolicyBatch.advantages must be floating point"):
+        PolicyBatch(**{**fields, "advantages": torch.ones(6, 10, dtype=torch.long)})
+    with pytest.raises(ValueError, match="rows must be 6 integer row indices"):
+        PolicyBatch(**fields, population=batch, rows=torch.arange(6, dtype=F64))
+    for factor in (0.0, -4.0):
+        with pytest.raises(ValueError, match="loss_scale_factor must be > 0"):
+            aggregate_loss(batch.log_prob, batch.mask, "seq-mean-token-sum-norm", loss_scale_factor=factor)
 
 
 def test_invalid_config_key_rejected():
@@ -776,6 +866,14 @@ def test_dict_config_parts_merge_onto_methods():
     # a config with no method: the parts alone
     objective = build_objective(ObjectiveConfig(surrogate="cispo", selectors=["clip_b"]))
     assert [p.name for p in objective.parts] == ["cispo", "clip_b"]
+    # an explicit part's parameters override the method's own values for them
+    objective = build_objective({"method": "dapo", "surrogate": {"name": "ppo_clip", "clip_ratio_high": 0.3}})
+    assert (objective.surrogate.clip_ratio_low, objective.surrogate.clip_ratio_high) == (0.2, 0.3)
+    objective = build_objective({"method": "tis", "correction": {"name": "tis", "rollout_is_threshold": 3.0}})
+    assert objective.correction.rollout_is_threshold == 3.0
+    # with no method, the aggregation is the surrogate's own recommendation (GSPO's sequence mean, arXiv 2507.18071)
+    assert build_objective({"surrogate": "gspo"}).loss_agg_mode == "seq-mean-token-mean"
+    assert build_objective({"surrogate": "ppo_clip"}).loss_agg_mode == "token-mean"
 
 
 def test_later_method_does_not_override_first_surrogate():
@@ -983,6 +1081,15 @@ def test_method_aggregation_defaults():
     assert modes["dr_grpo"] == "seq-mean-token-sum-norm"
 
 
+def test_methods_pair_with_their_papers_advantage_estimators():
+    """Dr. GRPO drops the std division (arXiv 2503.20783), PSR / NSR / RFT train on 1 / -1 / 1-or-0 samples
+    (arXiv 2506.01347, 2304.06767), W-REINFORCE on +1 / -1 rewards with no baseline; the rest use GRPO's."""
+    estimators = {i.name: i.advantage_estimator for i in available_methods()}
+    special = {"dr_grpo": "dr_grpo", "psr": "psr", "nsr": "nsr", "rft": "psr", "w_reinforce": "signed_reward",
+               "unlikely_reward": "unlikely", "passk_advantage": "passk"}
+    assert estimators == {name: special.get(name, "grpo") for name in EXPECTED_METHODS}
+
+
 def test_every_part_cites_its_paper_in_its_help():
     """help(ClipB) shows the formula and where it comes from: each part's docstring carries its ``paper``."""
     import inspect
@@ -1182,6 +1289,7 @@ def test_padding_holding_nan_or_huge_values_reaches_neither_loss_nor_gradient(me
             warnings.simplefilter("ignore")  # KL-Cov's on-policy notice is not what this checks
             out = build_objective(method)(batch)
         out.loss.backward()
+        assert (out.advantages[~batch.mask] == 0).all(), "a shaper's advantage at padding reached the output"
         return float(out.loss), logits.grad
 
     clean_loss, clean_grad = run(None)
@@ -1191,7 +1299,7 @@ def test_padding_holding_nan_or_huge_values_reaches_neither_loss_nor_gradient(me
         assert torch.isfinite(grad).all() and torch.allclose(grad, clean_grad, rtol=1e-5, atol=1e-8), poison
 
 
-@pytest.mark.parametrize("method", sorted(EXPECTED_METHODS))
+@pytest.mark.parametrize("method", sorted(EXPECTED_METHODS) + [{"method": "kl_ref", "params": {"importance_weighted": True}}])
 def test_nan_log_probs_at_padding_give_finite_gradients(method):
     """A caller's own log-prob tensor may hold NaN where the mask is off (an unmasked log-softmax of padding): the
     gradient there is 0 and elsewhere finite, for every method (CISPO's used to be NaN at padding)."""
@@ -1218,3 +1326,59 @@ def test_parameters_that_cannot_work_together_are_refused():
     with pytest.raises(ValueError, match="lam must be >= 0"):
         compute_advantages("w_reinforce", torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]), lam=-5)
     assert compute_advantages("w_reinforce", torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]), lam=0).tolist() == [0, -1]
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_METHODS))
+def test_gradient_reaches_only_the_trained_log_probs_and_entropies(method):
+    """old, reference and rollout log-probs and the advantages are constants of the loss (stop-gradient): even when a
+    caller passes them with requires_grad, none gets a gradient and the log-prob gradient is the same."""
+    import dataclasses
+
+    _, batch = full_batch(13)
+    constants = ("old_log_prob", "ref_log_prob", "rollout_log_prob", "advantages")
+
+    def run(attached: bool):
+        fields = {name: getattr(batch, name).detach().clone().requires_grad_(attached) for name in constants}
+        log_prob = batch.log_prob.detach().clone().requires_grad_()
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = build_objective(method)(dataclasses.replace(batch, log_prob=log_prob, **fields))
+        leaves = [log_prob] + [fields[name] for name in constants if attached]
+        grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
+        return grads[0], dict(zip(constants, grads[1:]))
+
+    plain, _ = run(False)
+    grad, others = run(True)
+    torch.testing.assert_close(grad, plain, rtol=0, atol=0)
+    for name, other in others.items():
+        assert other is None or not other.any(), f"gradient reached {name}"
+
+
+def test_a_correction_weighs_the_per_token_regulariser_too():
+    """The mismatch weight multiplies each token's whole loss, KL-Cov's |log r| term included (verl multiplies the
+    per-token loss, penalty added, by rollout_is_weights): with every k_t = 1/2 the kl_cov+tis loss and gradient are
+    half of kl_cov's."""
+    batch = make_batch(14)
+    batch.rollout_log_prob = batch.old_log_prob + math.log(2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = build_objective("kl_cov", kl_cov_ratio=0.5)(batch)
+        weighted = build_objective("kl_cov+tis", kl_cov_ratio=0.5)(batch)
+    assert plain.metrics["select/kl_cov_frac"] > 0 and plain.metrics["kl_cov/abs_log_ratio"] > 0
+    assert float(weighted.loss) == pytest.approx(0.5 * float(plain.loss), rel=1e-12)
+    torch.testing.assert_close(grad_of(weighted.loss, batch.log_prob), 0.5 * grad_of(plain.loss, batch.log_prob))
+
+
+def test_a_dropped_token_with_minus_infinite_log_prob_costs_nothing():
+    """A token the selectors drop has no loss whatever its log-prob: PSR drops the A < 0 token whose log pi is -inf
+    (-A log pi would be -inf under CISPO), and the loss stays the kept tokens' (the dropped one stays in the
+    normaliser)."""
+    log_prob = torch.tensor([[-1.0, float("-inf"), -2.0]], dtype=F64, requires_grad=True)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach().nan_to_num(neginf=-3.0),
+                        advantages=torch.tensor([[1.0, -1.0, 0.5]], dtype=F64), mask=torch.ones(1, 3, dtype=torch.bool))
+    out = build_objective("cispo+psr")(batch)
+    assert out.trained_mask.tolist() == [[True, False, True]]
+    assert float(out.loss) == pytest.approx(-(1.0 * -1.0 + 0.5 * -2.0) / 3, rel=1e-12)
+    grad = grad_of(out.loss, log_prob)
+    np.testing.assert_allclose(_np(grad), [[-1.0 / 3, 0.0, -0.5 / 3]], rtol=1e-12)

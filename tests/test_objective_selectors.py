@@ -529,6 +529,8 @@ def test_kl_cov_penalises_exactly_the_top_covariance_tokens(dtype):
     out = build_objective("kl_cov", kl_cov_ratio=ratio, ppo_kl_coef=coef)(batch)
 
     assert out.metrics["select/kl_cov_frac"] == pytest.approx(k / n, abs=1e-15)
+    abs_log_ratio = np.abs(case.arrays["log_prob"] - case.arrays["old_log_prob"])
+    np.testing.assert_allclose(out.metrics["kl_cov/abs_log_ratio"], abs_log_ratio[case.mask].mean(), **tolerances(dtype))
     np.testing.assert_array_equal(out.trained_mask.numpy(), case.mask)
     np.testing.assert_array_equal(out.loss_mask.numpy(), case.mask)
     log_ratio = case.arrays["log_prob"] - case.arrays["old_log_prob"]
@@ -726,6 +728,9 @@ def test_entropy_advantage_is_a_capped_detached_bonus(dtype):
     out = build_objective("entropy_advantage")(batch)
 
     np.testing.assert_allclose(out.advantages.double().numpy(), shaped, **tolerances(dtype))
+    assert out.metrics["shape/entropy_advantage_bonus"] == pytest.approx((shaped - adv).mean(), rel=1e-6)
+    # the cap |A| / kappa binds where alpha H exceeds it: (0, 1), (0, 3), (0, 4) and (1, 3)
+    assert out.metrics["shape/entropy_advantage_capped_frac"] == pytest.approx(4 / 12)
     assert np.all(out.advantages.numpy()[adv == 0] == 0)
     assert np.all(out.advantages.numpy()[adv < 0] < 0)
     check_token_mean(out, batch, case, kept=case.mask, count=case.n_valid, loss=-shaped, grad=-shaped)
@@ -753,6 +758,12 @@ def test_lopti_reweight_and_w_reinforce_advantages(dtype):
         out, batch, case, kept=mask, count=case.n_valid,
         loss=ppo_loss(case, advantages=scaled), grad=ppo_grad(case, advantages=scaled),
     )
+
+    # shapers compose in order, each rewriting what the one before gave: Lopti's weight times the entropy advantage
+    entropy = case.arrays["entropy"]
+    out = build_objective("entropy_advantage+lopti_reweight")(case.batch())
+    chained = (0.3 * np.exp(old) + 0.7) * (adv + np.minimum(0.4 * entropy, np.abs(adv) / 2.0))
+    np.testing.assert_allclose(out.advantages.double().numpy()[mask], chained[mask], **tol)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1155,9 +1166,148 @@ def test_entropy_bonus_is_aggregated_like_the_policy_loss():
     assert float(out.loss) == pytest.approx(-2.0)
 
 
+def test_kl_ref_is_aggregated_like_the_policy_loss():
+    """GRPO's KL term is averaged like its loss (arXiv 2402.03300, Eq. 3): with seq-mean-token-mean the k1 estimates
+    [1, 1, 1, 1] and [3] give (1 + 3) / 2, not the token mean 7 / 5."""
+    batch = exact_batch([[0.0] * 4] * 2, [[0.0] * 4] * 2, [[True] * 4, [True, False, False, False]],
+                        ref_log_prob=[[-1.0] * 4, [-3.0, 0.0, 0.0, 0.0]])
+    out = build_objective("grpo+kl_ref", kl_loss_type="k1", kl_loss_coef=1.0)(batch)
+    assert out.metrics["kl/ref"] == pytest.approx(2.0) and float(out.loss) == pytest.approx(2.0)
+
+
 def test_icepop_band_includes_its_bounds():
     """IcePop keeps k in [alpha, beta], closed: k = 1 exactly with alpha = 1 is kept."""
     log_prob = [[-1.0, -2.0]]
     batch = exact_batch(log_prob, [[1.0, 1.0]], [[True, True]], rollout_log_prob=log_prob)
     out = build_objective("icepop", icepop_low=1.0, icepop_high=5.0)(batch)
     assert out.metrics["correction/icepop_masked_frac"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# 12. Budgets on small batches, the quantile, shaped advantages, populations in sequence
+# --------------------------------------------------------------------------------------------------
+
+
+def test_default_budgets_drop_one_token_when_the_fraction_of_n_rounds_to_zero():
+    """Clip-Cov drops max(1, floor(r N)) (arXiv 2505.22617) and Clip_V at most max(1, floor(max_frac N)): with the
+    default r = 2e-4 and max_frac = 1e-4 a batch of 10 tokens still loses exactly one."""
+    clip_cov_batch = exact_batch([[-1.0] * 5 + [-3.0] * 5], [[2.0] * 5 + [-2.0] * 5], [[True] * 10])  # every C_t = 2
+    assert dropped_count(clip_cov_batch, build_objective("clip_cov", seed=0)(clip_cov_batch)) == 1
+    clip_v_batch = exact_batch([[0.0] * 10], [[-1.0] * 10], [[True] * 10],
+                               disc_centered=[[-5.0, -4.0, -3.0, -2.0, -1.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
+    out = build_objective("clip_v", mu=0.1)(clip_v_batch)
+    assert dropped(out, clip_v_batch).tolist() == [[True] + [False] * 9]  # the most negative D
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_quantile_is_numpys_linear_interpolation_over_the_valid_values(dtype):
+    """The forking threshold tau is the (1 - rho) quantile with linear interpolation between order statistics
+    (numpy.quantile's default), over the valid tokens only, for positions with any fractional part."""
+    from entrorl.objective.batch import masked_quantile
+
+    case = random_case(41, dtype, shape=(5, 9))
+    entropy, mask = case.arrays["entropy"], case.mask
+    values = torch.tensor(entropy, dtype=dtype)
+    for q in np.linspace(0.0, 1.0, 41):
+        got = float(masked_quantile(values, torch.tensor(mask), float(q)))
+        np.testing.assert_allclose(got, np.quantile(entropy[mask], q), **tolerances(dtype))
+    # the selector keeps exactly the tokens at or above that threshold
+    rho = 0.37
+    tau = np.quantile(entropy[mask], 1.0 - rho)
+    assert_clear_of(entropy[mask], [tau])
+    batch = case.batch()
+    out = build_objective("forking_tokens", top_entropy_quantile=rho)(batch)
+    np.testing.assert_array_equal(dropped(out, batch), mask & (entropy < tau))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kl_cov_ratio_one_penalises_every_valid_token_and_no_padding(dtype):
+    """top-k by covariance ranks the valid tokens only: with kl_cov_ratio = 1 every valid token is among the top
+    N, including those with a negative C_t, which padding (C = 0 there) must not displace."""
+    case = random_case(42, dtype, shape=(6, 12))
+    assert (token_cov(case)[case.mask] < 0).any() and (~case.mask).any()
+    batch = case.batch()
+    out = build_objective("kl_cov", kl_cov_ratio=1.0, ppo_kl_coef=1.0)(batch)
+    assert out.metrics["select/kl_cov_frac"] == 1.0
+    log_ratio = case.arrays["log_prob"] - case.arrays["old_log_prob"]
+    adv = case.arrays["advantages"]
+    check_token_mean(out, batch, case, kept=case.mask, count=case.n_valid,
+                     loss=-adv * np.exp(log_ratio) + np.abs(log_ratio),
+                     grad=-adv * np.exp(log_ratio) + np.sign(log_ratio))
+
+
+def _shaped_cov(case: Case, advantages: np.ndarray) -> np.ndarray:
+    lp, mask = case.arrays["log_prob"], case.mask
+    return np.where(mask, (lp - lp[mask].mean()) * (advantages - advantages[mask].mean()), 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_covariance_methods_rank_tokens_by_the_shaped_advantages(dtype):
+    """A shaper rewrites the advantage every later part sees: Clip-Cov's band and KL-Cov's top-k take C_t from the
+    shaped advantages (here W-REINFORCE's lambda A on A > 0), not from the raw ones."""
+    case = random_case(43, dtype, shape=(6, 30))
+    rng = np.random.default_rng(43)
+    case.arrays["log_prob"] = quantize(np.where(case.mask, rng.uniform(-4.0, -0.05, case.mask.shape), 3.0), dtype)
+    case.arrays["advantages"] = quantize(np.where(case.mask, rng.normal(0.0, 2.0, case.mask.shape), -1e3), dtype)
+    case.arrays["old_log_prob"] = quantize(
+        np.where(case.mask, case.arrays["log_prob"] - rng.uniform(-0.1, 0.1, case.mask.shape), -50.0), dtype)
+    lam = 0.1
+    raw = case.arrays["advantages"]
+    shaped = np.where(raw > 0, lam * raw, raw)
+    cov, raw_cov = _shaped_cov(case, shaped), token_cov(case)
+    assert_clear_of(cov[case.mask], [1.0, 5.0])
+
+    band = case.mask & (cov > 1.0) & (cov < 5.0)  # clip_cov's surrogate (clip 1 / 1) clips nothing here
+    assert (band != (case.mask & (raw_cov > 1.0) & (raw_cov < 5.0))).any()  # well posed: the shaping matters
+    batch = case.batch()
+    out = build_objective({"method": "clip_cov", "shapers": [{"name": "positive_scale", "lam": lam}],
+                           "params": {"clip_cov_ratio": 1.0, "seed": 0}})(batch)
+    np.testing.assert_array_equal(dropped(out, batch), band)
+
+    k = 12
+    top = np.zeros_like(case.mask)
+    top.flat[np.argsort(-np.where(case.mask, cov, -np.inf), axis=None, kind="stable")[:k]] = True
+    raw_top = np.zeros_like(case.mask)
+    raw_top.flat[np.argsort(-np.where(case.mask, raw_cov, -np.inf), axis=None, kind="stable")[:k]] = True
+    assert (top != raw_top).any()
+    assert_clear_of(np.sort(cov[case.mask])[::-1][k - 1:k], np.sort(cov[case.mask])[::-1][k:k + 1], margin=1e-6)
+    batch = case.batch()
+    out = build_objective({"method": "kl_cov", "shapers": [{"name": "positive_scale", "lam": lam}],
+                           "params": {"kl_cov_ratio": k / case.n_valid + 1e-9}})(batch)
+    log_ratio = case.arrays["log_prob"] - case.arrays["old_log_prob"]
+    ratio = np.exp(log_ratio)
+    check_token_mean(out, batch, case, kept=case.mask, count=case.n_valid,
+                     loss=-shaped * ratio + np.where(top, np.abs(log_ratio), 0.0),
+                     grad=-shaped * ratio + np.where(top, np.sign(log_ratio), 0.0))
+
+
+def test_whole_batch_selectors_keeping_dropped_tokens_in_the_normaliser_weigh_every_token():
+    """Objective.normaliser_mask removes a population's dropped tokens only for selectors whose dropped tokens leave
+    the normaliser: with keep_in_normaliser=True every valid token still counts."""
+    case = clip_b_case(torch.float64)
+    population = case.batch()
+    leaving = build_objective("clip_b", mu=1.0)
+    drop = dropped(leaving(case.batch()), case.batch())
+    assert drop.any()
+    np.testing.assert_array_equal(leaving.normaliser_mask(population).numpy(), case.mask & ~drop)
+    staying = build_objective("clip_b", mu=1.0, keep_in_normaliser=True)
+    np.testing.assert_array_equal(staying.normaliser_mask(population).numpy(), case.mask)
+
+
+def test_a_new_population_gets_its_own_decision_without_end_step():
+    """A caller that never calls end_step still gets each step's decision from that step's population, not a
+    decision kept from an earlier one."""
+    objective = build_objective("clip_b", mu=1.0)
+    first, second = clip_b_case(torch.float64), random_case(44, torch.float64, shape=(8, 16))
+    second.set("disc", (5, 5), -0.8)
+    second.set("advantages", (5, 5), -1.0)
+    expected = {}
+    for name, case in (("first", first), ("second", second)):
+        whole = case.batch()
+        expected[name] = dropped(build_objective("clip_b", mu=1.0)(whole), whole)
+    assert (expected["first"] != expected["second"]).any()
+    for name, case in (("first", first), ("second", second)):
+        population = case.batch()
+        pieces = _pieces(case.batch(), population, 2)
+        got = np.concatenate([dropped(objective(piece), piece) for piece in pieces])
+        np.testing.assert_array_equal(got, expected[name])
