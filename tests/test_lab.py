@@ -42,6 +42,215 @@ def test_base_model_is_rebuilt_identically_from_its_seed(tmp_path):
     assert build_base_model(spec, cache_dir=tmp_path / "a") == first  # cached: not retrained
 
 
+def test_the_share_of_wrong_demonstrations_of_a_base_model_changes_its_trained_weights(tmp_path):
+    spec = BaseModelSpec(tasks=("sum_chain",), problems_per_task=8, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                         steps=1, batch_size=4)
+    right, wrong = (BaseModelSpec(**{**spec.__dict__, "wrong_fraction": share}) for share in (0.0, 0.75))
+    assert _weights_digest(build_base_model(right, cache_dir=tmp_path)) != _weights_digest(build_base_model(wrong, cache_dir=tmp_path))
+
+
+def test_the_base_model_s_cache_key_covers_every_setting_and_the_data_format(monkeypatch):
+    """A change to any setting, or to the data a specification trains on, must not find the old model in the cache."""
+    from dataclasses import fields, replace
+
+    from entrorl.lab import base_model
+
+    spec = BaseModelSpec()
+    changes = {"tasks": ("sum_chain",), "problems_per_task": 3001, "demos_per_problem": 3, "wrong_fraction": 0.25,
+               "hidden_size": 96, "num_layers": 3, "num_heads": 8, "num_kv_heads": 4, "max_position_embeddings": 512,
+               "steps": 1501, "batch_size": 32, "lr": 1e-3, "seed": 1, "extra": {"note": 1}}
+    assert set(changes) == {item.name for item in fields(BaseModelSpec)}  # a new setting gets a change here too
+    keys = {spec.key()} | {replace(spec, **{name: value}).key() for name, value in changes.items()}
+    assert len(keys) == len(changes) + 1
+    assert BaseModelSpec().key() == spec.key()
+    monkeypatch.setattr(base_model, "_FORMAT_VERSION", base_model._FORMAT_VERSION + 1)
+    assert spec.key() not in keys
+
+
+def test_a_cached_base_model_is_reused_only_when_complete_and_rebuilt_on_request(tmp_path, monkeypatch):
+    from entrorl.lab import base_model
+
+    trained = []
+
+    def train(spec, directory, progress=None):
+        trained.append(spec)
+        (directory / "weights").write_text(str(len(trained)))
+        return {"key": spec.key()}
+
+    monkeypatch.setattr(base_model, "_train", train)
+    spec = BaseModelSpec()
+    cache = tmp_path / "cache"
+    final = cache / "lab" / f"base-{spec.key()}"
+    final.mkdir(parents=True)  # left without its base.json: not a finished model
+    (final / "partial").write_text("")
+    assert build_base_model(spec, cache_dir=cache) == final and len(trained) == 1
+    assert sorted(path.name for path in final.iterdir()) == ["base.json", "weights"]
+    assert build_base_model(spec, cache_dir=cache) == final and len(trained) == 1
+    assert build_base_model(spec, cache_dir=cache, rebuild=True) == final and len(trained) == 2
+    assert (final / "weights").read_text() == "2" and list((cache / "lab").iterdir()) == [final]
+
+
+def test_the_cache_is_entrorl_cache_or_under_the_home_folder_and_is_made_only_when_asked(tmp_path, monkeypatch):
+    import os
+
+    from entrorl.lab.base_model import default_cache_dir, lab_cache_root
+
+    monkeypatch.setenv("ENTRORL_CACHE", str(tmp_path / "elsewhere"))
+    assert default_cache_dir() == tmp_path / "elsewhere"
+    assert lab_cache_root(create=False) == tmp_path / "elsewhere" / "lab" and not (tmp_path / "elsewhere").exists()
+    assert lab_cache_root() == tmp_path / "elsewhere" / "lab" and (tmp_path / "elsewhere" / "lab").is_dir()
+    monkeypatch.delenv("ENTRORL_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "entrorl"
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)  # a read-only filesystem
+    with pytest.raises(ValueError, match=r"cache .*elsewhere/lab cannot be written .*point ENTRORL_CACHE at a writable folder"):
+        lab_cache_root(tmp_path / "elsewhere", create=False)
+
+
+def test_sft_batches_hold_each_pair_once_per_pass_and_mark_only_the_completion_and_its_eos():
+    from entrorl.lab.base_model import sft_batches
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    pairs = [("1+2=", "3"), ("10+20=", "30"), ("7=", "seven"), ("a", "bc")]
+    batches = sft_batches(pairs, tokenizer, batch_size=2, seed=0)
+    seen = []
+    for _ in range(2):  # one pass over the four pairs
+        input_ids, attention, loss_mask = next(batches)
+        for ids, attend, mask in zip(input_ids, attention, loss_mask):
+            length = int(attend.sum())
+            assert attend[:length].all() and (ids[length:] == tokenizer.pad_token_id).all() and not mask[length:].any()
+            completion = ids[mask]
+            assert completion[-1] == tokenizer.eos_token_id
+            prompt_length = length - len(completion)
+            assert mask[prompt_length:length].all() and not mask[:prompt_length].any()
+            seen.append((tokenizer.decode(ids[:prompt_length]), tokenizer.decode(completion[:-1])))
+    assert sorted(seen) == sorted(pairs)
+
+    def first_pass(seed):
+        batches = sft_batches(pairs, tokenizer, batch_size=2, seed=seed)
+        return [next(batches)[0].tolist() for _ in range(2)]
+
+    assert first_pass(3) == first_pass(3)
+    assert len({json.dumps(first_pass(seed)) for seed in range(5)}) > 1  # the seed orders the pairs
+
+
+def test_sft_batches_from_fewer_pairs_than_a_batch_hold_them_all_and_a_bad_corpus_is_refused():
+    """A corpus smaller than one batch (a small ``problems_per_task`` with the default ``batch_size``) gives batches of
+    the whole corpus instead of leaving the base model's training waiting forever for its first batch; no pairs, a
+    batch size below 1 and a specification that could not train are refused."""
+    from entrorl.lab.base_model import BaseModelSpec, sft_batches
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    batches = sft_batches([("1+2=", "3"), ("2+2=", "4"), ("3+3=", "6")], tokenizer, batch_size=4, seed=0)
+    for _ in range(2):
+        input_ids, _, _ = next(batches)
+        assert sorted(tokenizer.decode(row[:4]) for row in input_ids) == ["1+2=", "2+2=", "3+3="]
+    with pytest.raises(ValueError, match="no prompt/completion pairs"):
+        next(sft_batches([], tokenizer, batch_size=4, seed=0))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        next(sft_batches([("1+2=", "3")], tokenizer, batch_size=0, seed=0))
+    for bad, message in (({"steps": 0}, "steps must be a positive integer, got 0"),
+                         ({"batch_size": 2.5}, "batch_size must be a positive integer, got 2.5"),
+                         ({"tasks": ()}, "tasks must name at least one task"),
+                         ({"wrong_fraction": 1.5}, r"wrong_fraction must be in \[0, 1\], got 1.5"),
+                         ({"lr": float("nan")}, "lr must be a finite number >= 0, got nan")):
+        with pytest.raises(ValueError, match=message):
+            BaseModelSpec(**bad)
+
+
+def test_the_supervised_loss_is_the_mean_negative_log_likelihood_of_the_marked_next_tokens():
+    from entrorl.lab.base_model import sft_batches, supervised_loss
+    from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
+    input_ids, attention, loss_mask = next(sft_batches([("1+2=", "3"), ("10+20=", "30 x")], tokenizer, batch_size=2, seed=0))
+    expected = []
+    with torch.no_grad():
+        loss = supervised_loss(model, input_ids, attention, loss_mask)
+        for ids, attend, mask in zip(input_ids, attention, loss_mask):
+            length = int(attend.sum())
+            log_probs = model(input_ids=ids[None, :length]).logits[0].float().log_softmax(-1)
+            expected += [-log_probs[position - 1, ids[position]] for position in range(1, length) if mask[position]]
+    assert len(expected) == 2 + 5  # "3" and "30 x", each with its EOS
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-5)
+
+
+def test_a_base_model_has_the_architecture_and_the_initial_weights_its_specification_names(tmp_path):
+    """With a learning rate of 0 the trained model is its initialisation: the spec's architecture from the spec's seed."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2
+
+    spec = BaseModelSpec(tasks=("sum_chain",), problems_per_task=10, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2,
+                         max_position_embeddings=48, steps=1, batch_size=4, lr=0.0, seed=3)
+    directory = build_base_model(spec, cache_dir=tmp_path)
+    tokenizer = build_char_tokenizer()
+    config = AutoConfig.from_pretrained(directory)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+            config.max_position_embeddings, config.vocab_size) == (16, 2, 4, 2, 48, len(tokenizer))
+    initial = build_tiny_qwen2(len(tokenizer), hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2,
+                               max_position_embeddings=48, seed=3).state_dict()
+    weights = load_file(directory / "model.safetensors")
+    assert weights and all(torch.equal(tensor, initial[name]) for name, tensor in weights.items())
+    info = json.loads((directory / "base.json").read_text())
+    assert len(info["loss_curve"]) == 1 and info["final_loss"] == info["loss_curve"][0]  # the mean of the steps there are
+
+
+def test_a_tiny_qwen2_is_seeded_with_tied_embeddings_and_leaves_the_global_random_state_alone():
+    from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2
+
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    model = build_tiny_qwen2(len(tokenizer), hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    again = build_tiny_qwen2(len(tokenizer), hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2, seed=5)
+    other = build_tiny_qwen2(len(tokenizer), hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2, seed=6)
+    assert all(torch.equal(tensor, again.state_dict()[name]) for name, tensor in model.state_dict().items())
+    assert not torch.equal(model.model.embed_tokens.weight, other.model.embed_tokens.weight)
+    config = model.config
+    assert config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert (config.vocab_size, config.num_attention_heads, config.num_key_value_heads) == (len(tokenizer), 4, 2)
+    assert (config.pad_token_id, config.eos_token_id, config.bos_token_id) == (0, 1, 2)
+
+
+def test_the_character_tokenizer_has_one_token_per_distinct_character_and_decodes_verbatim():
+    from entrorl.lab.tiny_model import SPECIAL_TOKENS, build_char_tokenizer
+
+    tokenizer = build_char_tokenizer("ab a")
+    assert SPECIAL_TOKENS[:3] == ("<pad>", "<eos>", "<bos>") and len(tokenizer) == len(SPECIAL_TOKENS) + 3
+    assert [tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id] == [0, 1, 2, 3]
+    assert tokenizer("ab ba?")["input_ids"] == [4, 5, 6, 5, 4, 3]  # "?" is not in the alphabet
+    tokenizer = build_char_tokenizer()
+    text = "1 . 2 , 3 ' s 4 ! x n't"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_a_saved_tiny_model_loads_back_as_built_and_leaves_the_progress_bars_as_they_were(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from entrorl.lab.tiny_model import build_tiny_qwen2, save_tiny_model
+
+    sizes = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
+    enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        for bars in (False, True):
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            directory = save_tiny_model(tmp_path / f"bars-{bars}", seed=4, **sizes)
+            assert hf_logging.is_progress_bar_enabled() == bars
+    finally:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+    assert (model.config.pad_token_id, model.config.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    built = build_tiny_qwen2(len(tokenizer), seed=4, **sizes).state_dict()
+    assert all(torch.equal(tensor, built[name]) for name, tensor in model.state_dict().items())
+
+
 def test_presets_cover_the_issue_matrix():
     default = get_preset("default")
     for method in ("grpo", "dapo", "clip_cov", "kl_cov", "forking_tokens", "clip_b", "clip_v", "nsr", "w_reinforce",
@@ -51,6 +260,25 @@ def test_presets_cover_the_issue_matrix():
     assert default.eval_n >= 64
     with pytest.raises(ValueError, match="unknown lab preset"):
         get_preset("huge")
+    from entrorl.lab.presets import PRESETS
+    from entrorl.lab.runner import _checked_workers
+
+    for preset in PRESETS.values():  # each runs as it is: its methods and its number of workers pass the checks
+        preset.check_methods()
+        assert _checked_workers(None, preset) == _checked_workers(preset.workers, preset) == preset.workers
+
+
+def test_a_preset_refuses_an_unknown_setting_and_an_rl_seed_outside_numpy_s_seed_range():
+    from pydantic import ValidationError
+
+    from entrorl.lab.presets import LabPreset
+
+    assert LabPreset(name="mine").rl_seed is None and LabPreset(name="mine", rl_seed=2**32 - 1).rl_seed == 2**32 - 1
+    for rl_seed in (-1, 2**32):
+        with pytest.raises(ValidationError, match="rl_seed"):
+            LabPreset(name="mine", rl_seed=rl_seed)
+    with pytest.raises(ValidationError, match="stepz"):
+        LabPreset(name="mine", stepz=3)
 
 
 @pytest.mark.slow
@@ -367,8 +595,9 @@ def test_compositions_of_methods_are_laboratory_methods():
     for malformed in ("dapo+clip_b+", "+dapo", "dapo++clip_b"):
         with pytest.raises(ValueError, match="empty part"):
             _requested_methods([malformed])
-    with pytest.raises(ValueError, match="without spaces or empty parts"):
-        preset.model_copy(update={"methods": ["dapo + clip_b"]}).check_methods()
+    for malformed in ("dapo + clip_b", "dapo+clip_b+", "+dapo", "dapo++clip_b"):
+        with pytest.raises(ValueError, match="without spaces or empty parts"):
+            preset.model_copy(update={"methods": [malformed]}).check_methods()
 
 
 @pytest.mark.parametrize("workers", [0, -1])
@@ -717,6 +946,20 @@ def test_a_full_disk_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch):
         base_model.build_base_model(BaseModelSpec(), cache_dir=tmp_path / "cache", rebuild=True)
     assert list((tmp_path / "cache" / "lab").iterdir()) == []  # nothing half-built is left
 
+    def no_space(spec, directory, progress=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(base_model, "_train", no_space)
+    with pytest.raises(OSError, match=r"the base model cannot be written into the cache .*No space left.*ENTRORL_CACHE"):
+        base_model.build_base_model(BaseModelSpec(), cache_dir=tmp_path / "cache", rebuild=True)
+
+    def refused(spec, directory, progress=None):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(base_model, "_train", refused)  # not a lack of room: raised as it is
+    with pytest.raises(PermissionError, match=r"^\[Errno 13\] Permission denied$"):
+        base_model.build_base_model(BaseModelSpec(), cache_dir=tmp_path / "cache", rebuild=True)
+
 
 def test_setting_differences_are_named_by_their_dotted_keys_also_when_one_side_lacks_them():
     from entrorl.lab.runner import _setting_differences
@@ -924,6 +1167,8 @@ def test_a_method_s_trainer_configuration(tmp_path):
         "prompts_per_step": 3, "group_size": 5, "max_new_tokens": 7, "temperature": 0.7}
     reseeded = _trainer_config(preset.model_copy(update={"rl_seed": 5}), "sft", tmp_path / "model", data, tmp_path / "sft")
     assert reseeded["seed"] == 5 and reseeded["method"] == SFT_OBJECTIVE
+    own_seed = _trainer_config(preset.model_copy(update={"seed": 3}), "grpo", tmp_path / "model", data, tmp_path / "grpo")
+    assert own_seed["seed"] == 3  # without an rl_seed the runs train with the preset's seed
 
 
 def test_the_laboratory_data_files_are_written_once_from_the_preset_s_seed(tmp_path):
@@ -1051,6 +1296,46 @@ def test_a_method_is_trained_by_its_own_trainer_resumed_from_its_checkpoint_and_
     grpo = built["grpo"]
     assert type(grpo) is RecordingTrainer and not grpo.resume and grpo.task is None
     assert grpo.trained == {"handle_signals": True, "should_stop": runner._laboratory_stopped}
+
+
+def test_the_supervised_trainer_trains_on_one_correct_reference_per_sample_drawn_anew_each_step(tmp_path, tiny_model_dir,
+                                                                                               monkeypatch):
+    """Each sample's response becomes a correct demonstration of its problem followed by EOS (padding masked out), with
+    reward and advantage 1; the policy's own samples still give the step's reward and entropy measurements."""
+    from entrorl.data import write_jsonl
+    from entrorl.lab.runner import _trainer_config
+    from entrorl.lab.supervised import SFTTrainer
+    from entrorl.lab.tasks import get_task
+    from entrorl.trainer import Trainer, load_config
+
+    task = get_task("sum_chain")
+    preset = get_preset("quick").model_copy(update={"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4})
+    data = {"train": tmp_path / "train.jsonl"}
+    write_jsonl(task.records(4, seed=0, split="train"), data["train"])
+    trainer = SFTTrainer(load_config(_trainer_config(preset, "sft", tiny_model_dir, data, tmp_path / "run")), run_dir=tmp_path / "run")
+    with pytest.raises(RuntimeError, match=r"use_task\(task\)"):
+        trainer.collect()
+    trainer.use_task(task)
+    sampled = Trainer.collect(trainer)
+    monkeypatch.setattr(Trainer, "collect", lambda self: sampled)
+    scored = trainer.collect()
+    tokenizer, rollouts = trainer.tokenizer, scored.rollouts
+    assert scored.records == sampled.records and torch.equal(rollouts.prompt_ids, sampled.rollouts.prompt_ids)
+    assert scored.rewards.tolist() == scored.advantages.tolist() == [1.0] * 4 and not rollouts.truncated.any()
+    for row, record in enumerate(scored.records):
+        length = int(rollouts.lengths[row])
+        ids = rollouts.response_ids[row]
+        assert rollouts.response_mask[row].tolist() == [True] * length + [False] * (ids.shape[0] - length)
+        assert ids[length - 1] == tokenizer.eos_token_id and (ids[length:] == tokenizer.pad_token_id).all()
+        assert task.score(record.prompt, tokenizer.decode(ids[: length - 1]), record.answer, **record.meta) == 1.0
+    assert {"reward/accuracy", "entropy/mean"} <= set(scored.metrics)
+    assert scored.metrics["reward/accuracy"] == sampled.metrics["reward/accuracy"]
+
+    def demonstrations(step):
+        trainer.step = step
+        return [tokenizer.decode(ids) for ids in trainer.collect().rollouts.response_ids]
+
+    assert demonstrations(0) == demonstrations(0) and demonstrations(0) != demonstrations(1)
 
 
 class _Pipe:

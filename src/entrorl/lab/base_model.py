@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -48,6 +49,20 @@ class BaseModelSpec:
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        counts = ("problems_per_task", "demos_per_problem", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                  "max_position_embeddings", "steps", "batch_size")
+        for name in counts:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BaseModelSpec.{name} must be a positive integer, got {value!r}")
+        if not self.tasks:
+            raise ValueError("BaseModelSpec.tasks must name at least one task")
+        if not 0.0 <= self.wrong_fraction <= 1.0:
+            raise ValueError(f"BaseModelSpec.wrong_fraction must be in [0, 1], got {self.wrong_fraction!r}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"BaseModelSpec.lr must be a finite number >= 0, got {self.lr!r}")
+
     def key(self) -> str:
         payload = json.dumps({"version": _FORMAT_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -60,7 +75,14 @@ def default_cache_dir() -> Path:
 
 def sft_batches(pairs: list[tuple[str, str]], tokenizer, *, batch_size: int, seed: int):
     """Endless shuffled batches of ``(input_ids, attention_mask, loss_mask)`` for prompt/completion pairs:
-    the loss covers the completion and the EOS token, never the prompt or the padding."""
+    the loss covers the completion and the EOS token, never the prompt or the padding. Each pass over the pairs
+    gives ``len(pairs) // batch_size`` batches (the rest waits for a later pass); fewer pairs than ``batch_size``
+    give batches of all of them."""
+    if not pairs:
+        raise ValueError("sft_batches: no prompt/completion pairs to train on")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"sft_batches: batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = min(batch_size, len(pairs))
     rng = random.Random(seed)
     encoded = []
     for prompt, completion in pairs:
