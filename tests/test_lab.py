@@ -1098,16 +1098,22 @@ def test_a_dead_worker_s_reason_names_its_signal_or_its_exit_status():
 
 
 class _RecordingProgress:
-    """What the laboratory's progress display is told: each bar's last update, the bars stopped, the lines printed."""
+    """What the laboratory's progress display is told: each bar's last update, the bars stopped, the lines printed
+    (with rich's options)."""
+
+    tasks = ()
 
     def __init__(self):
         from types import SimpleNamespace
 
         self.updates, self.stopped, self.lines = {}, [], []
-        self.console = SimpleNamespace(print=self.lines.append)
+        self.console = SimpleNamespace(print=lambda text, **options: self.lines.append(text))
 
     def update(self, bar, **fields):
         self.updates[bar] = fields
+
+    def start_task(self, bar):
+        pass
 
     def stop_task(self, bar):
         self.stopped.append(bar)
@@ -1359,21 +1365,6 @@ class _Pipe:
         self.closed = True
 
 
-class _RunProgress(_RecordingProgress):
-    """The progress display as the laboratory's loop drives it: bars started, lines printed with rich's options."""
-
-    tasks = ()
-
-    def __init__(self):
-        from types import SimpleNamespace
-
-        super().__init__()
-        self.console = SimpleNamespace(print=lambda text, **options: self.lines.append(text))
-
-    def start_task(self, bar):
-        pass
-
-
 def test_a_worker_s_outcome_is_its_methods_own_even_when_sent_as_it_ended_and_is_given_once(tmp_path):
     import signal
     from types import SimpleNamespace
@@ -1433,7 +1424,7 @@ def test_the_jobs_run_in_at_most_the_given_number_of_workers_and_each_outcome_is
     monkeypatch.setattr(runner.time, "sleep", lambda seconds: None)
     methods = ["grpo", "nsr", "clip_b", "dapo", "rft"]
     jobs = [{"method": method, "run_dir": str(tmp_path / "methods" / method)} for method in methods]
-    outcomes, progress = {}, _RunProgress()
+    outcomes, progress = {}, _RecordingProgress()
     stopped = runner._run_jobs(jobs, 2, outcomes, progress, {m: m for m in methods}, tmp_path, steps=4)
     assert not stopped and len(made) == 2
     assert outcomes == {method: {"method": method, "status": "done"} for method in methods}
@@ -1481,7 +1472,7 @@ def test_a_second_ctrl_c_ends_the_workers_at_once_and_the_methods_not_started_ar
     outcomes = {}
     jobs = [{"method": method, "run_dir": str(tmp_path / method)} for method in ("grpo", "nsr")]
     with pytest.raises(KeyboardInterrupt):
-        runner._run_jobs(jobs, 1, outcomes, _RunProgress(), {"grpo": "grpo", "nsr": "nsr"}, tmp_path, steps=4)
+        runner._run_jobs(jobs, 1, outcomes, _RecordingProgress(), {"grpo": "grpo", "nsr": "nsr"}, tmp_path, steps=4)
     assert ended == ["terminate"]
     assert outcomes == {"nsr": {"method": "nsr", "status": "interrupted"}}  # grpo's outcome never came
 

@@ -173,9 +173,11 @@ def population_stats(values: np.ndarray, mask: np.ndarray) -> tuple[float, float
     return float(valid.mean()), float(valid.std())  # numpy std is the population std (ddof=0)
 
 
-def token_cov(case: Case) -> np.ndarray:
-    """C_t = (log p_t - mean log p)(A_t - mean A), means over the valid tokens (arXiv 2505.22617, Eq. 10)."""
-    lp, adv, mask = case.arrays["log_prob"], case.arrays["advantages"], case.mask
+def token_cov(case: Case, advantages: np.ndarray | None = None) -> np.ndarray:
+    """C_t = (log p_t - mean log p)(A_t - mean A), means over the valid tokens (arXiv 2505.22617, Eq. 10); ``advantages``
+    replaces the case's own (a shaper's output)."""
+    lp, mask = case.arrays["log_prob"], case.mask
+    adv = case.arrays["advantages"] if advantages is None else advantages
     return np.where(mask, (lp - lp[mask].mean()) * (adv - adv[mask].mean()), 0.0)
 
 
@@ -1236,11 +1238,6 @@ def test_kl_cov_ratio_one_penalises_every_valid_token_and_no_padding(dtype):
                      grad=-adv * np.exp(log_ratio) + np.sign(log_ratio))
 
 
-def _shaped_cov(case: Case, advantages: np.ndarray) -> np.ndarray:
-    lp, mask = case.arrays["log_prob"], case.mask
-    return np.where(mask, (lp - lp[mask].mean()) * (advantages - advantages[mask].mean()), 0.0)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_covariance_methods_rank_tokens_by_the_shaped_advantages(dtype):
     """A shaper rewrites the advantage every later part sees: Clip-Cov's band and KL-Cov's top-k take C_t from the
@@ -1254,7 +1251,7 @@ def test_covariance_methods_rank_tokens_by_the_shaped_advantages(dtype):
     lam = 0.1
     raw = case.arrays["advantages"]
     shaped = np.where(raw > 0, lam * raw, raw)
-    cov, raw_cov = _shaped_cov(case, shaped), token_cov(case)
+    cov, raw_cov = token_cov(case, shaped), token_cov(case)
     assert_clear_of(cov[case.mask], [1.0, 5.0])
 
     band = case.mask & (cov > 1.0) & (cov < 5.0)  # clip_cov's surrogate (clip 1 / 1) clips nothing here

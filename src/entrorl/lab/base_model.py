@@ -30,6 +30,11 @@ __all__ = ["BaseModelSpec", "build_base_model", "default_cache_dir", "sft_batche
 _FORMAT_VERSION = 2
 
 
+def _require_positive_int(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class BaseModelSpec:
     """Everything that determines the base model's weights."""
@@ -53,9 +58,7 @@ class BaseModelSpec:
         counts = ("problems_per_task", "demos_per_problem", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                   "max_position_embeddings", "steps", "batch_size")
         for name in counts:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BaseModelSpec.{name} must be a positive integer, got {value!r}")
+            _require_positive_int(getattr(self, name), f"BaseModelSpec.{name}")
         if not self.tasks:
             raise ValueError("BaseModelSpec.tasks must name at least one task")
         if not 0.0 <= self.wrong_fraction <= 1.0:
@@ -80,8 +83,7 @@ def sft_batches(pairs: list[tuple[str, str]], tokenizer, *, batch_size: int, see
     give batches of all of them."""
     if not pairs:
         raise ValueError("sft_batches: no prompt/completion pairs to train on")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"sft_batches: batch_size must be a positive integer, got {batch_size!r}")
+    _require_positive_int(batch_size, "sft_batches: batch_size")
     batch_size = min(batch_size, len(pairs))
     rng = random.Random(seed)
     encoded = []
