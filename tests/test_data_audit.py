@@ -599,9 +599,9 @@ def test_prompts_longer_than_the_context_are_reported_not_sampled(tiny_model_dir
     assert result.counts()["too_long"] == 1 and sum(result.counts().values()) == 4
     assert result.too_long[0].message(4) == ("mem:2: the prompt has 61 tokens; with max_new_tokens=4 it exceeds the "
                                              "model's context of 64 tokens (not sampled)")
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match="audit_records: n must be a positive integer, got 0"):
         audit_records(model, tokenizer, records, ids, RewardRunner("math"), n=0, sampling=SamplingParams())
-    with pytest.raises(ValueError, match="audit_records: batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="audit_records: batch_size must be a positive integer, got 0"):
         audit_records(model, tokenizer, records, ids, RewardRunner("math"), n=1, sampling=SamplingParams(), batch_size=0)
     with pytest.raises(ValueError, match="4 records but 3 tokenized prompts"):
         audit_records(model, tokenizer, records, ids[:3], RewardRunner("math"), n=1, sampling=SamplingParams())

@@ -347,7 +347,7 @@ def test_registered_as_judge_and_options_are_validated(tmp_path, tiny_model_dir)
         ({"judge": RecordingJudge(), "judge_id": ""}, "judge_id must be a non-empty string"),
         ({"judge": "json:dumps", "template": "{completion}"}, "not to an imported callable"),
         ({"judge": str(tiny_model_dir), "max_length": 0}, "max_length must be a positive integer"),
-        ({"judge": RecordingJudge(), "cache_size": -1}, "cache_size must be an integer >= 0"),
+        ({"judge": RecordingJudge(), "cache_size": -1}, "cache_size must be a non-negative integer, got -1"),
         ({"judge": RecordingJudge(), "template": "{completion}"}, "apply to a model directory judge"),
         ({"judge": str(tmp_path / "missing")}, "neither an existing model directory nor an import path"),
         ({"judge": str(tmp_path)}, "no config.json"),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,6 +159,7 @@ def test_sft_batches_from_fewer_pairs_than_a_batch_hold_them_all_and_a_bad_corpu
                          ({"lr": float("nan")}, "lr must be a finite number >= 0, got nan")):
         with pytest.raises(ValueError, match=message):
             BaseModelSpec(**bad)
+    assert BaseModelSpec(steps=np.int64(300), batch_size=np.int32(16)).key() == BaseModelSpec(steps=300, batch_size=16).key()
 
 
 def test_the_supervised_loss_is_the_mean_negative_log_likelihood_of_the_marked_next_tokens():

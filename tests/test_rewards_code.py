@@ -10,6 +10,7 @@ import tempfile
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
 from entrorl.rewards import RewardRunner, check_reward_spec, get_reward
@@ -1076,6 +1077,9 @@ def test_sandbox_limits_reject_values_out_of_range(name, value):
 
 def test_sandbox_limits_accept_their_smallest_values_and_cases_are_checked():
     SandboxLimits(memory_mb=32, max_processes=1, max_file_mb=1, max_open_files=16)
+    from_numpy = SandboxLimits(memory_mb=np.int64(64), max_open_files=np.int32(20))
+    assert (from_numpy.memory_mb, from_numpy.max_open_files) == (64, 20)
+    assert type(from_numpy.memory_mb) is int and type(from_numpy.max_open_files) is int  # written to the child as JSON
     with pytest.raises(ValueError, match="kind"):
         SandboxCase("stdout", "")
     with pytest.raises(TypeError, match="string"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,8 +163,17 @@ def test_concat_and_select_repad():
 def test_sampling_params_validation():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        SamplingParams(max_new_tokens=0)
+    for bad in (0, 8.0, None):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be a positive integer, got {bad!r}"):
+            SamplingParams(max_new_tokens=bad)
+    with pytest.raises(ValueError, match="top_k must be a non-negative integer, got 2.5"):
+        SamplingParams(top_k=2.5)
+
+
+def test_sampling_params_take_numpy_integers_as_python_ints():
+    params = SamplingParams(max_new_tokens=np.int64(8), top_k=np.int32(5))
+    assert (params.max_new_tokens, params.top_k) == (8, 5)
+    assert type(params.max_new_tokens) is int and type(params.top_k) is int
 
 
 def test_sampling_params_refuse_a_negative_temperature_a_top_p_above_one_and_a_negative_top_k():
@@ -180,8 +190,9 @@ def test_a_sampler_without_eos_ids_or_with_an_empty_batch_is_refused_and_so_is_a
     model, _ = policy
     with pytest.raises(ValueError, match="at least one eos_token_id"):
         HFSampler(model, eos_token_id=[], pad_token_id=0)
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        HFSampler(model, eos_token_id=1, pad_token_id=0, batch_size=0)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {bad!r}"):
+            HFSampler(model, eos_token_id=1, pad_token_id=0, batch_size=bad)
     with pytest.raises(ValueError, match="no prompts"):
         HFSampler(model, eos_token_id=1, pad_token_id=0).generate([], SamplingParams(max_new_tokens=2))
 

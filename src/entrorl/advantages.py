@@ -41,6 +41,8 @@ from typing import Any, Callable
 
 import torch
 
+from entrorl._checks import check_int
+
 __all__ = [
     "AdvantageFn",
     "AdvantageInfo",
@@ -581,8 +583,7 @@ def passk(
     and all-wrong groups get 0; so does a group with N_neg < k (every k-subset passes: both numerators
     are exactly 0). A group with fewer than k samples raises ``ValueError``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"passk: k must be a positive integer, got {k!r}")
+    k = check_int(k, "passk: k", minimum=1)
     r, g = _check_rewards_groups(rewards, group_ids)
     correct = _is_correct(r, correct_threshold)
     adv = torch.zeros_like(r)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from entrorl._checks import check_int
+
 __all__ = ["STAT_NAMES", "TokenStats", "token_stats", "token_stats_from_hidden", "default_chunk_size"]
 
 STAT_NAMES = ("logprob", "entropy", "disc", "disc_centered")
@@ -424,9 +426,9 @@ def token_stats(
     flat_logits, flat_targets, rows = _flatten_inputs("logits", logits, targets, mask)
     vocab_size = flat_logits.shape[-1]
     _check_target_range(flat_targets, vocab_size)
-    chunk_size = int(chunk_size) if chunk_size is not None else default_chunk_size(vocab_size)
-    if chunk_size < 1:
-        raise ValueError(f"token_stats: chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(vocab_size)
+    chunk_size = check_int(chunk_size, "token_stats: chunk_size", minimum=1)
     outputs = _LogitsStats.apply(
         flat_logits, flat_targets, rows, inv_temperature, chunk_size, wanted[2], wanted[3]
     )
@@ -465,9 +467,9 @@ def token_stats_from_hidden(
         raise ValueError(f"token_stats_from_hidden: lm_head_bias must be [{lm_head_weight.shape[0]}], got {tuple(lm_head_bias.shape)}")
     vocab_size = lm_head_weight.shape[0]
     _check_target_range(flat_targets, vocab_size)
-    chunk_size = int(chunk_size) if chunk_size is not None else default_chunk_size(vocab_size)
-    if chunk_size < 1:
-        raise ValueError(f"token_stats_from_hidden: chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(vocab_size)
+    chunk_size = check_int(chunk_size, "token_stats_from_hidden: chunk_size", minimum=1)
     outputs = _HiddenStats.apply(
         flat_hidden, lm_head_weight, lm_head_bias, flat_targets, rows, inv_temperature, chunk_size, wanted[2], wanted[3]
     )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
+from entrorl._checks import check_int
 from entrorl.data.records import PromptRecord
 
 __all__ = ["PromptStream"]
@@ -30,11 +30,9 @@ class PromptStream:
         self._records = tuple(records)
         if not self._records:
             raise ValueError("PromptStream: no records; expected at least one")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(f"PromptStream: seed must be a non-negative integer, got {seed!r}")
+        self._seed = check_int(seed, "PromptStream: seed", minimum=0)
         if not isinstance(shuffle, bool):
             raise TypeError(f"PromptStream: shuffle must be True or False, got {shuffle!r}")
-        self._seed = int(seed)
         self._shuffle = shuffle
         self._epoch = 0
         self._position = 0
@@ -70,9 +68,7 @@ class PromptStream:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The record indices of ``epoch`` in the order they are dealt (a fresh int64 array)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
-            raise ValueError(f"PromptStream.epoch_order: epoch must be a non-negative integer, got {epoch!r}")
-        return self._order(int(epoch)).copy()
+        return self._order(check_int(epoch, "PromptStream.epoch_order: epoch", minimum=0)).copy()
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._cached is None or self._cached[0] != epoch:
@@ -88,9 +84,7 @@ class PromptStream:
 
     def next_batch(self, n: int) -> list[tuple[int, PromptRecord]]:
         """The next ``n`` records as ``(index into records, record)`` pairs."""
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-            raise ValueError(f"PromptStream.next_batch: n must be a non-negative integer, got {n!r}")
-        n = int(n)
+        n = check_int(n, "PromptStream.next_batch: n", minimum=0)
         size = len(self._records)
         out: list[tuple[int, PromptRecord]] = []
         while len(out) < n:
@@ -125,12 +119,8 @@ class PromptStream:
         for key in ("epoch", "position"):
             if key not in state:
                 raise ValueError(f"PromptStream.load_state_dict: state has no {key!r} (keys: {sorted(state)})")
-        epoch, position = state["epoch"], state["position"]
-        for key, value in (("epoch", epoch), ("position", position)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(
-                    f"PromptStream.load_state_dict: {key} must be a non-negative integer, got {value!r}"
-                )
+        epoch, position = (check_int(state[key], f"PromptStream.load_state_dict: {key}", minimum=0)
+                           for key in ("epoch", "position"))
         expected = {"seed": self._seed, "shuffle": self._shuffle, "num_records": len(self._records)}
         for key, mine in expected.items():
             if key in state and state[key] != mine:
@@ -142,5 +132,5 @@ class PromptStream:
             raise ValueError(
                 f"PromptStream.load_state_dict: position {position} is out of range for {len(self._records)} records"
             )
-        self._epoch = int(epoch)
-        self._position = int(position)
+        self._epoch = epoch
+        self._position = position

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from entrorl._checks import check_int
 from entrorl.lab.tasks import get_task, sft_corpus
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2, save_quietly
 from entrorl.trainer.checkpoint import nearest_existing
@@ -28,11 +29,6 @@ __all__ = ["BaseModelSpec", "build_base_model", "default_cache_dir", "sft_batche
 
 # part of every cache key: raised when the data a specification trains on changes (2: rg_arithmetic's split by parse tree)
 _FORMAT_VERSION = 2
-
-
-def _require_positive_int(value, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,7 @@ class BaseModelSpec:
         counts = ("problems_per_task", "demos_per_problem", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                   "max_position_embeddings", "steps", "batch_size")
         for name in counts:
-            _require_positive_int(getattr(self, name), f"BaseModelSpec.{name}")
+            object.__setattr__(self, name, check_int(getattr(self, name), f"BaseModelSpec.{name}", minimum=1))
         if not self.tasks:
             raise ValueError("BaseModelSpec.tasks must name at least one task")
         if not 0.0 <= self.wrong_fraction <= 1.0:
@@ -83,8 +79,7 @@ def sft_batches(pairs: list[tuple[str, str]], tokenizer, *, batch_size: int, see
     give batches of all of them."""
     if not pairs:
         raise ValueError("sft_batches: no prompt/completion pairs to train on")
-    _require_positive_int(batch_size, "sft_batches: batch_size")
-    batch_size = min(batch_size, len(pairs))
+    batch_size = min(check_int(batch_size, "sft_batches: batch_size", minimum=1), len(pairs))
     rng = random.Random(seed)
     encoded = []
     for prompt, completion in pairs:

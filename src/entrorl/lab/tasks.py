@@ -40,6 +40,7 @@ from functools import lru_cache
 from itertools import combinations_with_replacement, permutations
 from typing import Any, Literal
 
+from entrorl._checks import check_int
 from entrorl.data.records import PromptRecord
 from entrorl.evaluation import DEFAULT_THRESHOLD
 
@@ -92,14 +93,6 @@ def _parse_int(text: str | None) -> int | None:
     if text is None or not _INT.fullmatch(text):
         return None
     return int(text)
-
-
-def _check_int(value: Any, what: str, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_split(split: Any) -> Split:
@@ -220,8 +213,8 @@ class Task:
     def examples(self, n: int, *, seed: int, split: Split) -> list[TaskExample]:
         """``n`` problems of ``split``, deterministic for ``(seed, split)`` (a prefix of a longer call
         with the same seed); distinct until the split's problems run out."""
-        _check_int(n, "n", minimum=0)
-        _check_int(seed, "seed")
+        n = check_int(n, "n", minimum=0)
+        seed = check_int(seed, "seed")
         _check_split(split)
         if n == 0:
             return []
@@ -283,8 +276,8 @@ class SumChainTask(Task):
 
     def __init__(self, *, min_terms: int = 3, max_terms: int = 4, eval_fraction: float | None = None) -> None:
         super().__init__(eval_fraction=eval_fraction)
-        _check_int(min_terms, "min_terms", minimum=2)
-        _check_int(max_terms, "max_terms", minimum=min_terms)
+        min_terms = check_int(min_terms, "min_terms", minimum=2)
+        max_terms = check_int(max_terms, "max_terms", minimum=min_terms)
         if max_terms > 7:
             raise ValueError(f"max_terms must be <= 7 (the problem space is enumerated), got {max_terms}")
         self.min_terms, self.max_terms = min_terms, max_terms
@@ -475,8 +468,8 @@ class CountdownTask(Task):
         self, *, max_target: int = 100, max_weight: int = 4, eval_fraction: float | None = None
     ) -> None:
         super().__init__(eval_fraction=eval_fraction)
-        _check_int(max_target, "max_target", minimum=1)
-        _check_int(max_weight, "max_weight", minimum=1)
+        max_target = check_int(max_target, "max_target", minimum=1)
+        max_weight = check_int(max_weight, "max_weight", minimum=1)
         self.max_target, self.max_weight = max_target, max_weight
         self._pools: dict[str, tuple[list[tuple[tuple[int, ...], int, int]], _WeightedPool]] = {}
         self._lock = threading.Lock()
@@ -918,9 +911,9 @@ def sft_corpus(
         task = get_task(task)
     if not isinstance(task, Task):
         raise ValueError(f"task must be a Task or a task name, got {type(task).__name__}")
-    _check_int(n, "n", minimum=0)
-    _check_int(seed, "seed")
-    _check_int(demos_per_problem, "demos_per_problem", minimum=0)
+    n = check_int(n, "n", minimum=0)
+    seed = check_int(seed, "seed")
+    demos_per_problem = check_int(demos_per_problem, "demos_per_problem", minimum=0)
     if (
         isinstance(wrong_fraction, bool)
         or not isinstance(wrong_fraction, (int, float))

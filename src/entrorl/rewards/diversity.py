@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from entrorl._checks import check_int
 from entrorl.rewards.base import import_callable
 
 __all__ = [
@@ -63,8 +64,7 @@ def _group_ids_of(n: int, group_ids: Sequence[int] | torch.Tensor | None, group_
     if (group_ids is None) == (group_size is None):
         raise ValueError("give exactly one of group_ids (one id per sample) or group_size (contiguous groups)")
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+        group_size = check_int(group_size, "group_size", minimum=1)
         if n % group_size:
             raise ValueError(f"{n} samples do not split into groups of {group_size}")
         return torch.arange(n) // group_size
@@ -162,10 +162,8 @@ class SentenceEmbedder:
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise ValueError(f"{directory} is not a model directory (no config.json)")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.directory = directory
-        self.batch_size = batch_size
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         self.device = torch.device(device)
         self.pooling = self._pooling_mode(directory)
         self.tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -54,6 +54,7 @@ from typing import Any
 
 import torch
 
+from entrorl._checks import check_int
 from entrorl.modeling import encode_prompt, left_pad
 from entrorl.rewards.base import import_callable, register_reward
 
@@ -107,9 +108,7 @@ class JudgeCache:
     """
 
     def __init__(self, max_entries: int = 4096, path: str | Path | None = None) -> None:
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 0:
-            raise ValueError(f"cache_size must be an integer >= 0, got {max_entries!r}")
-        self.max_entries = max_entries
+        self.max_entries = check_int(max_entries, "cache_size", minimum=0)
         self.path = Path(path) if path is not None else None
         self.hits = 0
         self.misses = 0
@@ -388,12 +387,6 @@ def _scores_of(value: Any, expected: int) -> list[float]:
 _MODEL_OPTIONS = ("kind", "template", "yes", "no", "label", "max_length", "device")
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def check_judge_options(
     judge: JudgeFn | str,
     *,
@@ -406,13 +399,12 @@ def check_judge_options(
 ) -> None:
     """Validate the options of :class:`JudgeReward` without loading a model or calling the judge.
     Raises ``ValueError`` naming the bad option."""
-    _positive_int(batch_size, "batch_size")
+    check_int(batch_size, "batch_size", minimum=1)
     if timeout_s is not None and (
         isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not timeout_s > 0 or not math.isfinite(timeout_s)
     ):
         raise ValueError(f"timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
-    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-        raise ValueError(f"cache_size must be an integer >= 0, got {cache_size!r}")
+    check_int(cache_size, "cache_size", minimum=0)
     if judge_id is not None and (not isinstance(judge_id, str) or not judge_id):
         raise ValueError(f"judge_id must be a non-empty string, got {judge_id!r}")
     unknown = set(model_options) - set(_MODEL_OPTIONS)
@@ -432,7 +424,7 @@ def check_judge_options(
         if "template" in model_options:
             _check_template(model_options["template"])
         if "max_length" in model_options and model_options["max_length"] is not None:
-            _positive_int(model_options["max_length"], "max_length")
+            check_int(model_options["max_length"], "max_length", minimum=1)
         return
     if ":" not in judge:
         raise ValueError(f"judge {judge!r} is neither an existing model directory nor an import path 'package.module:callable'")

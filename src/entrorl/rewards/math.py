@@ -110,6 +110,7 @@ from fractions import Fraction
 from functools import cached_property
 from typing import Any
 
+from entrorl._checks import check_int
 from entrorl.rewards.base import register_reward
 
 __all__ = [
@@ -685,10 +686,8 @@ class MathOptions:
                 bound = "> 0" if name == "timeout" else ">= 0"
                 raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
         for name in ("approximation_digits", "float_rounding", "max_chars"):
-            value = getattr(self, name)
             low = 1 if name == "max_chars" else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            object.__setattr__(self, name, check_int(getattr(self, name), name, minimum=low))
 
 
 class JudgeTimeout(BaseException):

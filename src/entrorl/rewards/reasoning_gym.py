@@ -30,6 +30,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from entrorl._checks import check_int
 from entrorl.rewards.base import register_reward
 from entrorl.rewards.math import extract_answer_phrase, extract_boxed
 
@@ -151,10 +152,8 @@ def reasoning_gym_records(
     import reasoning_gym
 
     _check_task(task)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    size = check_int(size, "size", minimum=1)
+    seed = check_int(seed, "seed")
     dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **config)
     records = []
     for i in range(size):

@@ -72,6 +72,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from entrorl._checks import check_int
+
 __all__ = [
     "CaseOutcome",
     "SandboxCase",
@@ -142,9 +144,7 @@ class SandboxLimits:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 86_400:
                 raise ValueError(f"{name} must be a number of seconds in (0, 86400), got {value!r}")
         for name, low in (("memory_mb", 32), ("max_processes", 1), ("max_file_mb", 1), ("max_open_files", 16)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            object.__setattr__(self, name, check_int(getattr(self, name), name, minimum=low))
         switches = ("drop_privileges", "network_namespace", "read_only_filesystem", "audit_hook", "allow_subprocesses")
         for name in switches:
             if not isinstance(getattr(self, name), bool):

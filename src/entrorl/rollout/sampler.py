@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from entrorl._checks import check_int
 from entrorl.modeling import cache_argument, left_pad, length_dependent_rope, output_cache, reset_dynamic_rope, stop_token_ids
 from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
 
@@ -34,14 +35,12 @@ class SamplingParams:
     top_k: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "max_new_tokens", check_int(self.max_new_tokens, "max_new_tokens", minimum=1))
         if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN compares as neither
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        object.__setattr__(self, "top_k", check_int(self.top_k, "top_k", minimum=0))
 
 
 @dataclass
@@ -241,9 +240,7 @@ class HFSampler:
             raise ValueError("HFSampler needs at least one eos_token_id")
         self.eos_token_ids = torch.tensor(eos, dtype=torch.long)
         self.pad_token_id = int(pad_token_id)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
         self.decoder = decoder

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from entrorl._checks import check_int
 from entrorl.data import PromptRecord
 from entrorl.data.audit import (
     AuditThresholds,
@@ -180,10 +181,8 @@ def audit_records(
     number of samples done and to do after each call. The sampling seed is private: the caller's RNG state is restored.
     ``extract`` / ``equivalent`` default to :func:`answer_tools` of the reward.
     """
-    if n < 1:
-        raise ValueError(f"audit_records: n must be >= 1 samples per prompt, got {n}")
-    if batch_size < 1:
-        raise ValueError(f"audit_records: batch_size must be >= 1, got {batch_size}")
+    n = check_int(n, "audit_records: n", minimum=1)
+    batch_size = check_int(batch_size, "audit_records: batch_size", minimum=1)
     if len(prompt_ids) != len(records):
         raise ValueError(f"audit_records: {len(records)} records but {len(prompt_ids)} tokenized prompts")
     if not records:

@@ -1,0 +1,39 @@
+"""The integer check every layer uses for counts, sizes and seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from entrorl._checks import check_int
+
+
+@pytest.mark.parametrize("value", [3, np.int64(3), np.int8(3), np.uint16(3)])
+def test_python_and_numpy_integers_are_taken_as_python_ints(value):
+    checked = check_int(value, "size", minimum=1)
+    assert checked == 3 and type(checked) is int
+
+
+@pytest.mark.parametrize("value", [True, False, np.bool_(True), 3.0, "3", None, 2.5, float("nan")])
+def test_booleans_floats_and_text_are_not_integers(value):
+    with pytest.raises(ValueError, match=r"^size must be an integer, got "):
+        check_int(value, "size")
+
+
+@pytest.mark.parametrize(("minimum", "bad", "message"), [
+    (0, -1, "seed must be a non-negative integer, got -1"),
+    (1, 0, "seed must be a positive integer, got 0"),
+    (2, 1, "seed must be an integer >= 2, got 1"),
+    (-3, -4, "seed must be an integer >= -3, got -4"),
+    (None, "x", "seed must be an integer, got 'x'"),
+])
+def test_a_value_below_the_minimum_is_refused_naming_the_bound(minimum, bad, message):
+    with pytest.raises(ValueError) as raised:
+        check_int(bad, "seed", minimum=minimum)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("minimum", [0, 1, 2])
+def test_the_minimum_itself_is_accepted(minimum):
+    assert check_int(minimum, "n", minimum=minimum) == minimum
+    assert check_int(-(10**30), "n") == -(10**30)
