@@ -170,6 +170,33 @@ def test_finite_takes_numbers_only():
     assert finite(None) is finite("x") is finite(math.nan) is finite(-math.inf) is None
 
 
+def test_json_values_are_plain_python_with_none_for_what_is_not_finite():
+    """report.json keeps raw values: numpy flags, integers and floats become Python's own (which json can write), dict
+    keys become strings, and nan / inf become None."""
+    from entrorl.analysis.document import json_value
+
+    value = json_value({"flag": np.bool_(True), 2: np.int64(3), "share": np.float32(0.5), "gap": np.float64("nan"),
+                        "row": np.array([1.5, np.inf]), "pair": (np.bool_(False), -math.inf)})
+    assert value == {"flag": True, "2": 3, "share": 0.5, "gap": None, "row": [1.5, None], "pair": [False, None]}
+    assert [type(value[key]) for key in ("flag", "2", "share")] == [bool, int, float]
+    assert json.loads(json.dumps(value)) == value
+
+
+def test_a_subplot_grid_hides_exactly_the_axes_it_does_not_use():
+    """count panels in rows of at most ``columns`` (never more columns than panels): the unused cells of the last row
+    are hidden, the count returned are shown."""
+    from matplotlib.figure import Figure
+
+    from entrorl.analysis.document import subplot_grid
+
+    for count, columns, shape in ((5, 3, (2, 3)), (7, 2, (4, 2)), (2, 4, (1, 2)), (1, 1, (1, 1))):
+        figure = Figure()
+        axes = subplot_grid(figure, count, columns)
+        assert len(axes) == count and all(axis.get_visible() for axis in axes)
+        assert [axis.get_visible() for axis in figure.axes] == [True] * count + [False] * (shape[0] * shape[1] - count)
+        assert axes[0].get_gridspec().get_geometry() == shape
+
+
 def test_tables_align_numeric_columns_mark_cell_kinds_and_refuse_a_wrong_cell_count():
     from entrorl.analysis.document import Table, missing, num, text
 
@@ -654,7 +681,6 @@ def test_the_headline_s_rules_include_their_boundaries(tmp_path):
     assert headline["kept_methods"] == ["nsr"]
     assert any("the methods that kept entropy have 0 higher and 0 lower Pass@1" in paragraph
                for paragraph in headline["paragraphs"])
-
 
 
 def test_summary_and_headline_values_are_computed_from_the_run(report_run):

@@ -3,6 +3,7 @@ DAPO overlong shaping, the registry / spec resolution and the robust batch runne
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import subprocess
@@ -380,9 +381,11 @@ def test_overlong_penalty_validation(kwargs):
         overlong_penalty(5, **kwargs)
 
 
-def test_overlong_penalty_rejects_negative_length():
+@pytest.mark.parametrize("length", [-1, 8.5, 8.0, True, "8"])
+def test_overlong_penalty_rejects_a_length_that_is_not_a_token_count(length):
+    """A length is a whole number of tokens, >= 0 (as overlong_penalties refuses float and bool lengths)."""
     with pytest.raises(ValueError, match="length"):
-        overlong_penalty(-1, max_length=10, cache_length=2)
+        overlong_penalty(length, max_length=10, cache_length=2)
 
 
 def test_overlong_penalty_factor_zero_turns_the_penalty_off():
@@ -1030,6 +1033,30 @@ def test_overlong_penalties_of_many_lengths_equal_the_penalty_of_each_with_any_f
     penalties = overlong_penalties(lengths, **settings).tolist()
     assert penalties == pytest.approx([overlong_penalty(length, **settings) for length in lengths])
     assert penalties[-2:] == pytest.approx([-0.5, -0.5])
+    # each penalty is the scalar one rounded to float32 once, not a float32 computation rounded at every operation
+    odd = dict(max_length=10, cache_length=3, penalty_factor=0.3)
+    assert overlong_penalties(list(range(12)), **odd).tolist() == torch.tensor(
+        [overlong_penalty(length, **odd) for length in range(12)], dtype=torch.float32).tolist()
+
+
+@pytest.mark.parametrize("lengths", [torch.zeros(0, dtype=torch.long), []], ids=["empty tensor", "empty list"])
+def test_overlong_penalties_of_no_lengths_are_an_empty_float32_tensor(lengths):
+    """A batch without responses has no penalties: [n] with n = 0, whether the lengths come as a tensor or a list."""
+    penalties = overlong_penalties(lengths, max_length=10, cache_length=4)
+    assert penalties.dtype == torch.float32 and penalties.shape == (0,)
+
+
+def test_an_overlong_config_is_returned_with_plain_json_numbers_and_the_default_factor():
+    """validate_overlong gives a plain dict: integer lengths, a float factor (1.0 when not given), whatever number
+    types the config held, so that it can be written to JSON as it is."""
+    from entrorl.rewards.shaping import validate_overlong
+
+    config = validate_overlong({"max_length": np.int64(10), "cache_length": 4, "penalty_factor": np.float32(0.5)})
+    assert config == {"max_length": 10, "cache_length": 4, "penalty_factor": 0.5}
+    assert [type(value) for value in config.values()] == [int, int, float]
+    assert json.loads(json.dumps(config)) == config
+    assert validate_overlong({"max_length": 10, "cache_length": 4}) == {"max_length": 10, "cache_length": 4,
+                                                                        "penalty_factor": 1.0}
 
 
 def test_an_answer_in_the_overlong_interval_is_still_correct():

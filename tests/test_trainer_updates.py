@@ -709,6 +709,39 @@ def test_evaluation_result_metrics_and_summary_come_from_its_summary():
     assert result.to_dict()["threshold"] == 0.75 and result.to_dict()["reward_errors"] == 3
 
 
+def test_evaluate_model_keeps_each_sample_s_shaped_reward_length_and_index_prompt_by_prompt(tiny_model_dir):
+    """keep_samples lists n samples a prompt, prompt by prompt, each with its index among the prompt's samples, the
+    completion sampled from that prompt, its token count, whether it was cut, and its reward after the overlong
+    penalty (the score is a constant 1, so every sample stays correct). Greedy, the untrained model repeats a prompt's
+    last token: "1+2=" runs to max_new_tokens, a prompt ending in EOS stops at once. Scoring fork tokens leaves a
+    model in eval mode as it was."""
+    from entrorl.data import PromptRecord
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+    from entrorl.rewards import RewardRunner
+    from entrorl.rollout import SamplingParams
+    from entrorl.trainer.evaluate import evaluate_model
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    model.eval()
+    records = [PromptRecord("1+2=", "3", source="a:1"), PromptRecord("9" + tokenizer.eos_token, "9", source="a:2")]
+    prompt_ids = [tokenizer(record.prompt)["input_ids"] for record in records]
+    overlong = {"max_length": 7, "cache_length": 4, "penalty_factor": 1.0}  # 0 up to 3 tokens, -0.75 at 6
+    runner = RewardRunner(lambda prompt, completion, answer, **meta: 1.0, overlong=overlong)
+    result = evaluate_model(model, tokenizer, records, prompt_ids, runner, n=3, ks=[1], seed=0, keep_samples=True, top_forks=2,
+                            sampling=SamplingParams(max_new_tokens=6, temperature=0.0))
+    samples = result.samples
+    assert [(sample["source"], sample["sample"], sample["prompt"]) for sample in samples] == [
+        (record.source, index, record.prompt) for record in records for index in range(3)]
+    assert [sample["completion"] for sample in samples] == ["======"] * 3 + [""] * 3
+    assert [sample["length"] for sample in samples] == [6] * 3 + [1] * 3
+    assert [sample["truncated"] for sample in samples] == [True] * 3 + [False] * 3
+    assert [sample["reward"] for sample in samples] == pytest.approx([0.25] * 3 + [1.0] * 3)
+    assert all(sample["correct"] for sample in samples) and result.summary.avg_at_n == 1.0 and result.reward_errors == 0
+    assert len(result.forks) == 2 and not model.training
+    with pytest.raises(ValueError, match="evaluate_model: no prompts to evaluate"):
+        evaluate_model(model, tokenizer, [], [], runner, n=3, ks=[1], seed=0, sampling=SamplingParams(max_new_tokens=6))
+
+
 def test_evaluation_fork_entropies_use_the_sampling_temperature(tmp_path, tiny_model_dir, arithmetic_files, trainer_for,
                                                                 monkeypatch):
     """Fork tokens are scored at eval.temperature, and the model is left in the mode it was in."""

@@ -160,6 +160,20 @@ def test_output_conversion_keeps_max_new_tokens_and_empty_responses():
     assert rollouts.sampler_log_probs.tolist() == [[0.0, -0.5]] and rollouts.truncated.tolist() == [False]
 
 
+def test_prompts_and_responses_are_padded_with_the_given_pad_id():
+    """A tokenizer's pad id is rarely 0: prompts (left) and responses (right) are padded with the id given, and the
+    masks, not the pad id, say which positions are tokens."""
+    pad = 11
+    outputs = [_request_output([7, EOS], [-0.5, -0.25]), _request_output([9], [-1.0], finish_reason="length")]
+    rollouts = outputs_to_rollouts([[3, 4, 0], [6]], outputs, pad_token_id=pad, eos_token_ids=[EOS], max_new_tokens=1)
+    assert rollouts.prompt_ids.tolist() == [[3, 4, 0], [pad, pad, 6]]
+    assert rollouts.prompt_mask.tolist() == [[True, True, True], [False, False, True]]
+    assert rollouts.response_ids.tolist() == [[7], [9]] and rollouts.truncated.tolist() == [True, True]
+    rollouts = outputs_to_rollouts([[3, 4, 0], [6]], outputs, pad_token_id=pad, eos_token_ids=[EOS], max_new_tokens=4)
+    assert rollouts.response_ids.tolist() == [[7, EOS], [9, pad]] and rollouts.response_mask.tolist() == [[True, True], [True, False]]
+    assert rollouts.truncated.tolist() == [False, True]
+
+
 def test_sampler_builds_the_engine_and_requests(fake_vllm, tiny_model_dir):
     sampler = VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD, dtype="float32", gpu_memory_utilization=0.3, seed=11)
     llm = _FakeLLM.instances[-1]

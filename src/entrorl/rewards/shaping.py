@@ -78,7 +78,10 @@ def overlong_penalties(
 ) -> torch.Tensor:
     """:func:`overlong_penalty` of every length, as a float32 tensor ``[n]``."""
     max_length, cache_length, factor = _check(max_length, cache_length, penalty_factor)
-    t = torch.as_tensor(lengths)
+    if isinstance(lengths, torch.Tensor):
+        t = lengths
+    else:  # an empty list holds no integer to make torch's tensor an integer one
+        t = torch.as_tensor(lengths, dtype=torch.long if len(lengths) == 0 else None)
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 1:
         raise ValueError("lengths must be a 1-d sequence of integers")
     if t.numel() and int(t.min()) < 0:
