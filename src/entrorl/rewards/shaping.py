@@ -16,31 +16,21 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
+from entrorl._checks import check_int
 
 __all__ = ["overlong_penalty", "overlong_penalties", "validate_overlong"]
 
 _OVERLONG_KEYS = ("max_length", "cache_length", "penalty_factor")
 
 
-def _int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-
-
 def _check(max_length: Any, cache_length: Any, penalty_factor: Any) -> tuple[int, int, float]:
-    max_length = _int(max_length, "max_length")
-    cache_length = _int(cache_length, "cache_length")
-    if max_length <= 0:
-        raise ValueError(f"max_length must be positive, got {max_length}")
+    max_length = check_int(max_length, "max_length", minimum=1)
+    cache_length = check_int(cache_length, "cache_length")
     if not 0 < cache_length <= max_length:
         raise ValueError(f"cache_length must lie in (0, max_length={max_length}], got {cache_length}")
     if (
@@ -62,9 +52,7 @@ def overlong_penalty(length: int, *, max_length: int, cache_length: int, penalty
     ``penalty_factor >= 0``.
     """
     max_length, cache_length, factor = _check(max_length, cache_length, penalty_factor)
-    length = _int(length, "length")
-    if length < 0:
-        raise ValueError(f"length must be >= 0, got {length}")
+    length = check_int(length, "length", minimum=0)
     expected = max_length - cache_length
     if length <= expected:
         return 0.0
