@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from entrorl._checks import check_int
 
 
-@pytest.mark.parametrize("value", [3, np.int64(3), np.int8(3), np.uint16(3)])
-def test_python_and_numpy_integers_are_taken_as_python_ints(value):
+@pytest.mark.parametrize("value", [3, np.int64(3), np.int8(3), np.uint16(3), np.array(3), torch.tensor(3),
+                                   torch.tensor(3, dtype=torch.int16)])
+def test_python_and_numpy_integers_and_single_integer_tensors_are_taken_as_python_ints(value):
     checked = check_int(value, "size", minimum=1)
     assert checked == 3 and type(checked) is int
 
 
-@pytest.mark.parametrize("value", [True, False, np.bool_(True), 3.0, "3", None, 2.5, float("nan")])
-def test_booleans_floats_and_text_are_not_integers(value):
+@pytest.mark.parametrize("value", [True, False, np.bool_(True), torch.tensor(True), 3.0, np.float64(3.0),
+                                   torch.tensor(3.0), torch.tensor([3]), np.array([3]), "3", None, 2.5, float("nan")])
+def test_booleans_floats_text_and_tensors_of_a_dimension_are_not_integers(value):
     with pytest.raises(ValueError, match=r"^size must be an integer, got "):
         check_int(value, "size")
 
