@@ -884,6 +884,26 @@ def test_informative_groups_all_equal_groups_away_from_zero():
     got = informative_groups(torch.tensor([big, big + 1, big, big]), torch.tensor([0, 0, 1, 1]))
     assert got.tolist() == [True, True, False, False]
     assert informative_groups(torch.tensor([-5, -5, -5]), torch.tensor([4, 4, 4])).tolist() == [False] * 3
+    huge = 2**53  # float64 rounds huge + 1 to huge: integer rewards are compared as integers
+    got = informative_groups(torch.tensor([huge, huge + 1, huge, huge]), torch.tensor([0, 0, 1, 1]))
+    assert got.tolist() == [True, True, False, False]
+
+
+def test_rewards_and_group_ids_given_as_lists_keep_float64_and_an_empty_batch_is_accepted():
+    """Python floats are float64: as lists they are compared as the float64 tensor of them would be (torch's default
+    float32 would make 1 and 1 + 1e-12 equal), and an empty batch given as two empty lists has nothing to keep."""
+    assert informative_groups([1.0, 1.0 + 1e-12, 0.5, 0.5], [0, 0, 1, 1]).tolist() == [True, True, False, False]
+    assert informative_groups([1.0, 1.0 + 1e-12], [0, 0]).tolist() == informative_groups(
+        torch.tensor([1.0, 1.0 + 1e-12], dtype=torch.float64), torch.tensor([0, 0])).tolist()
+    assert informative_groups([], []).tolist() == [] and group_pass_rates([], []) == {}
+    assert group_pass_rates([True, False, True], [7, 7, 3]) == {3: 1.0, 7: 0.5}
+
+
+def test_group_ids_far_apart_need_no_table_spanning_them():
+    """Group ids are arbitrary integers: ids 2**62 apart (hashes of the prompts, say) work like 0 and 1."""
+    groups = torch.tensor([-(2**62), 2**62, -(2**62), 2**62])
+    assert informative_groups(torch.tensor([1.0, 0.0, 0.0, 0.0]), groups).tolist() == [True, False, True, False]
+    assert group_pass_rates(torch.tensor([True, True, False, True]), groups) == {-(2**62): 0.5, 2**62: 1.0}
 
 
 def test_informative_groups_validation():
@@ -897,6 +917,10 @@ def test_informative_groups_validation():
         informative_groups(torch.tensor([1.0, 2.0]), torch.tensor([True, True]))
     with pytest.raises(ValueError, match="rewards must be 1-D"):
         informative_groups(torch.tensor(1.0), torch.tensor([0]))
+    with pytest.raises(ValueError, match="rewards must be real"):
+        informative_groups(torch.tensor([1.0 + 0j, 1.0 + 1j]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="rewards is on meta but group_ids is on cpu"):
+        informative_groups(torch.zeros(2, device="meta"), torch.tensor([0, 0]))
 
 
 def test_group_pass_rates_exact():
@@ -957,6 +981,12 @@ def test_filter_by_pass_rate_tenths_on_open_edges():
     assert [r.meta["i"] for r in kept] == [2, 3]
     # exact: a rate just above the edge (the same number in float32) is outside the closed band
     assert filter_by_pass_rate(make_records(2), [0.5, 0.5 + 1e-12], low=0.0, high=0.5) == make_records(2)[:1]
+    # a float64 tensor keeps its precision too (float32 would round 0.1 above the open edge 0.1, and 0.5 + 1e-12 to 0.5)
+    low, high, inc = parse_band("(0.1, 0.3)")
+    kept = filter_by_pass_rate(recs, torch.tensor(rates, dtype=torch.float64), low=low, high=high, inclusive=inc)
+    assert [r.meta["i"] for r in kept] == [2]
+    rates64 = torch.tensor([0.5, 0.5 + 1e-12], dtype=torch.float64)
+    assert filter_by_pass_rate(make_records(2), rates64, low=0.0, high=0.5) == make_records(2)[:1]
 
 
 def test_filter_by_pass_rate_takes_a_bfloat16_tensor():

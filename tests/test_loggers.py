@@ -13,6 +13,7 @@ import sys
 import types
 import warnings
 
+import numpy as np
 import pytest
 
 from entrorl.trainer.loggers import MetricsLogger, TrackerError, read_metrics
@@ -91,10 +92,11 @@ def test_a_resumed_run_sends_each_step_once_to_w_and_b_and_trackio(tmp_path, tra
     assert first.logged[0][1] == {"entropy/mean": 1.0, "reward/mean": 0.1}
     assert (tmp_path / "wandb_run_id").read_text() == first.id
     with pytest.warns(UserWarning, match="W&B already holds steps 4 to 5 and trackio already holds steps 4 to 5, sent "
-                                         "before the run was interrupted; each takes a step once and keeps those values"):
+                                         "before the run was interrupted; each takes a step once and keeps those values") as said:
         resumed = MetricsLogger(tmp_path, resume_step=3, wandb=True, trackio=True, run_name="run", project="mine")
         log_steps(resumed, range(4, 8))
     resumed.close()
+    assert len([warning for warning in said if "already holds" in str(warning.message)]) == 1  # once, not per step
     second = FakeTrackers.wandb_runs[1]
     assert second.options["id"] == first.id and [step for step, _, _ in second.logged] == [6, 7]
     assert second.exit_code == 0
@@ -115,6 +117,7 @@ def test_a_tracker_turned_on_at_the_resume_or_that_lost_the_steps_gets_every_ste
         resumed = MetricsLogger(tmp_path, resume_step=3, wandb=True)
         log_steps(resumed, range(4, 6))
     resumed.close(failed=True)
+    resumed.close()  # a second close does nothing: the run stays marked as failed
     (run,) = FakeTrackers.wandb_runs
     assert [step for step, _, _ in run.logged] == [4, 5] and run.exit_code == 1
     # an interrupted attempt whose last steps never reached storage (a killed process's buffer): they are sent again
@@ -144,6 +147,22 @@ def test_each_tracker_skips_only_the_steps_it_holds_in_its_own_run(tmp_path, tra
     assert [step for step, _, _ in FakeTrackers.wandb_runs[-1].logged] == [6]
     other_name = (tmp_path / "elsewhere" / "run" / "trackio_run").read_text().strip()
     assert trackio.runs == {other_name: list(range(1, 10)), "run-20260101-000000": [1, 2, 3, 4, 5, 6]}
+
+
+def test_w_and_b_gets_the_steps_it_lacks_while_trackio_skips_those_it_holds(tmp_path, trackers):
+    """The other way round: trackio stored more steps than W&B before the interruption."""
+    _, trackio = trackers
+    logger = MetricsLogger(tmp_path, wandb=True, resume_step=0, run_name="run")
+    log_steps(logger, range(1, 4))
+    logger.close()
+    (tmp_path / "trackio_run").write_text("run-20260101-000000\n")
+    trackio.runs["run-20260101-000000"] = [1, 2, 3, 4, 5]
+    with pytest.warns(UserWarning, match=r"W&B already holds step 3 and trackio already holds steps 3 to 5, sent before"):
+        resumed = MetricsLogger(tmp_path, resume_step=2, wandb=True, trackio=True, run_name="run")
+        log_steps(resumed, range(3, 7))
+    resumed.close()
+    assert [step for step, _, _ in FakeTrackers.wandb_runs[-1].logged] == [4, 5, 6]
+    assert trackio.runs["run-20260101-000000"] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_fresh_start_leaves_no_earlier_w_and_b_files_and_a_failure_to_start_is_not_hidden(tmp_path, trackers,
@@ -177,10 +196,48 @@ def test_a_tracker_that_fails_is_named_and_the_others_are_still_closed(tmp_path,
     def broken():
         raise OSError(28, "No space left on device")
 
+    def finish_then_fail():
+        trackio.calls.append(("finish",))
+        raise ConnectionError("no server")
+
     logger._tensorboard.close = broken
+    trackio.finish = finish_then_fail
+    # the first sink's error is the one raised, after every sink was closed
     with pytest.raises(TrackerError, match=r"logging.tensorboard: TensorBoard could not write in .*tensorboard: OSError"):
         logger.close()
     assert trackio.calls[-1] == ("finish",)
+
+
+def test_a_resume_from_step_0_is_a_resume_not_a_fresh_start(tmp_path):
+    """Step 0 (the evaluation before the first update) is a step like the others: a resume from it keeps it in
+    metrics.jsonl and in TensorBoard, and drops only the steps after it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger.log(0, {"reward/mean": 0.0})
+    logger.log(1, {"reward/mean": 0.1})  # then killed, before the checkpoint of step 1
+    logger.close()
+    logger = MetricsLogger(tmp_path, tensorboard=True, resume_step=0)
+    assert read_metrics(tmp_path) == [{"step": 0, "reward/mean": 0.0}]
+    logger.log(1, {"reward/mean": 0.25})
+    logger.close()
+    assert [record["step"] for record in read_metrics(tmp_path)] == [0, 1]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("reward/mean")] == [(0, 0.0), (1, 0.25)]
+
+
+def test_running_out_of_memory_in_a_tracker_is_not_reported_as_the_tracker_s_failure(tmp_path, trackers):
+    _, trackio = trackers
+
+    def out_of_memory(data, step=None):
+        raise MemoryError
+
+    logger = MetricsLogger(tmp_path, trackio=True)
+    trackio.log = out_of_memory
+    with pytest.raises(MemoryError):
+        logger.log(1, {"x": 0.5})
+    logger.close()
 
 
 def test_a_fresh_start_removes_the_tensorboard_events_of_an_earlier_attempt(tmp_path):
@@ -283,13 +340,40 @@ def test_metrics_jsonl_holds_this_start_s_steps_with_non_finite_values_as_null(t
     log_steps(logger, range(1, 4))
     logger.close()
     logger = MetricsLogger(tmp_path)
-    logger.log(1, {"a": float("nan"), "b": float("inf"), "c": -float("inf"), "d": 2.5, "e": 3, "f": "x"})
+    logger.log(1, {"a": float("nan"), "b": float("inf"), "c": -float("inf"), "d": 2.5, "e": 3, "f": "x",
+                   "g": np.float64("nan"), "h": np.float64(-np.inf)})  # numpy's float64 is a float too
     text = (tmp_path / "metrics.jsonl").read_text()
     assert "NaN" not in text and "Infinity" not in text
-    assert read_metrics(tmp_path) == [{"step": 1, "a": None, "b": None, "c": None, "d": 2.5, "e": 3, "f": "x"}]
-    assert list(json.loads(text)) == ["step", "a", "b", "c", "d", "e", "f"]
+    assert read_metrics(tmp_path) == [{"step": 1, "a": None, "b": None, "c": None, "d": 2.5, "e": 3, "f": "x", "g": None,
+                                       "h": None}]
+    assert list(json.loads(text)) == ["step", "a", "b", "c", "d", "e", "f", "g", "h"]
     logger.close()
     logger.close()  # a second close does nothing
+
+
+def test_numpy_scalars_and_0d_tensors_are_written_as_the_numbers_they_hold_and_other_objects_are_refused(tmp_path):
+    """Metrics computed with numpy or torch need no conversion by the caller; an object JSON cannot write stops the step
+    before anything of it is written, naming the metric."""
+    import torch
+
+    logger = MetricsLogger(tmp_path)
+    logger.log(1, {"a": np.float32(0.5), "b": np.int64(3), "c": np.bool_(True), "d": torch.tensor(0.25),
+                   "e": torch.tensor(7), "f": np.float32("nan"), "g": torch.tensor(float("-inf"))})
+    with pytest.raises(TypeError, match=r"step 2: metrics must be numbers.*\{'h': 'Tensor'\}"):
+        logger.log(2, {"x": 1.0, "h": torch.tensor([1.0, 2.0])})
+    logger.close()
+    assert read_metrics(tmp_path) == [{"step": 1, "a": 0.5, "b": 3, "c": True, "d": 0.25, "e": 7, "f": None, "g": None}]
+    assert [type(value) for value in read_metrics(tmp_path)[0].values()][1:6] == [float, int, bool, float, int]
+
+
+def test_a_step_logged_after_metrics_jsonl_was_deleted_is_refused(tmp_path):
+    """The run directory removed during the run: the next step stops the run instead of going into an unlinked file."""
+    logger = MetricsLogger(tmp_path)
+    logger.log(1, {"x": 0.5})
+    (tmp_path / "metrics.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match=r"metrics.jsonl was deleted during the run .*since step 2 and the steps"):
+        logger.log(2, {"x": 0.25})
+    logger.close()
 
 
 def test_read_metrics_leaves_out_only_a_last_line_cut_short(tmp_path):
@@ -309,8 +393,10 @@ def test_trackers_are_sent_finite_numbers_only(tmp_path, trackers):
     logger = MetricsLogger(tmp_path, tensorboard=True, wandb=True, trackio=True)
     logger.log(1, {"a": float("nan"), "b": float("inf"), "c": 0.5, "d": 4, "e": "text"})
     logger.close()
+    logger.close()
     assert FakeTrackers.wandb_runs[0].logged == [(1, {"c": 0.5, "d": 4}, True)]
     assert ("log", 1, {"c": 0.5, "d": 4}) in trackio.calls
+    assert trackio.calls.count(("finish",)) == 1
 
 
 def test_a_fresh_start_opens_new_tracker_runs_even_where_an_earlier_attempt_left_its_markers(tmp_path, trackers):

@@ -286,6 +286,46 @@ def test_the_merged_model_holds_embedding_adapters_of_an_untied_model(tmp_path):
         assert not torch.allclose(logits(base, ids), adapted, atol=1e-2)
 
 
+def test_merged_weights_have_the_base_model_s_names_and_merged_parameters_takes_the_type_asked_for():
+    """merged_state_dict holds the base model's entries and nothing of the adapters; merged_parameters lists the base's
+    parameters, in the type asked for: float32 from a bfloat16 base gives the float32 merged sum, not the bfloat16 one.
+    Integer buffers keep their type."""
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    names = random_model(ARCHITECTURES["llama_bias"]())
+    model = random_model(ARCHITECTURES["llama_bias"]()).to(torch.bfloat16)
+    for each in (names, model):
+        each.model.register_buffer("token_counts", torch.arange(5))  # a buffer saved with the weights
+    adapter = LoraAdapter(model, rank=4, alpha=8.0, target_modules=["q_proj", "down_proj"])
+    draw_adapters(model, 0.2)
+    merged = adapter.merged_state_dict()
+    assert merged.keys() == names.state_dict().keys()
+    counts = merged.pop("model.token_counts")
+    assert counts.dtype == torch.int64 and torch.equal(counts, torch.arange(5))
+    assert {tensor.dtype for tensor in merged.values()} == {torch.float32}
+    wide = dict(adapter.merged_parameters(torch.float32))
+    assert list(wide) == [name for name, _ in names.named_parameters()]
+    for name, tensor in wide.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, merged[name]), name
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    narrow = dict(adapter.merged_parameters())  # the base's own type: the float32 sum rounded once
+    assert narrow[q_proj].dtype == torch.bfloat16 and torch.equal(narrow[q_proj], merged[q_proj].to(torch.bfloat16))
+    assert not torch.equal(narrow[q_proj].float(), merged[q_proj])
+
+
+def test_an_adapter_that_reaches_the_output_layer_under_a_name_not_foreseen_is_refused(monkeypatch):
+    """After peft has put the adapters in, the output layer is checked itself, whatever the names matched."""
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer import adapters
+
+    monkeypatch.setattr(adapters, "_named", lambda model, module, targets: [])  # a name the check does not recognise
+    with pytest.raises(ValueError, match="model.lora.target_modules reaches the output layer"):
+        adapters.LoraAdapter(random_model(ARCHITECTURES["llama_bias"]()), rank=4, alpha=8.0, target_modules=["lm_head"])
+
+
 def test_module_names_match_whole_names_or_their_ends_after_a_dot():
     """A name that only ends the output layer's name without a dot ("head" of "lm_head") does not name it."""
     from test_modeling import ARCHITECTURES, random_model

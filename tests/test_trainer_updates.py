@@ -651,6 +651,23 @@ def test_master_weights_step_float32_copies_of_the_trainable_weights():
     assert all(torch.equal(c, m) for c, m in zip(master.copies, moved))
 
 
+def test_master_weights_of_float32_parameters_are_copies_too():
+    """A model mixing bfloat16 and float32 trainable weights: stepping the copies leaves every weight of the model as
+    it was until write_back."""
+    from entrorl.trainer.precision import MasterWeights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3).to(torch.bfloat16), torch.nn.Linear(3, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    master = MasterWeights(model)
+    with torch.no_grad():
+        for copy in master.copies:
+            copy.add_(0.5)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    master.write_back()
+    assert all(torch.equal(p, (b.float() + 0.5).to(b.dtype)) for p, b in zip(model.parameters(), before))
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 FIRST_PROMPT_ONLY = ("def score(prompt, completion, answer, **meta):\n"
                      "    return 1.0 if prompt == {first!r} else 0.0\n")

@@ -26,6 +26,10 @@ class TrackerError(RuntimeError):
 
 
 def _clean(value: Any) -> Any:
+    """A metric as JSON writes it: a numpy scalar or a 0-d tensor as the Python number it holds, a non-finite float as
+    None."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -134,13 +138,19 @@ class MetricsLogger:
         if os.fstat(self._file.fileno()).st_nlink == 0:
             raise FileNotFoundError(f"{self.path} was deleted during the run (was the run directory removed?): stopping, "
                                     f"since step {step} and the steps after it could not be recorded")
-        record = {"step": step, **{key: _clean(value) for key, value in metrics.items()}}
+        metrics = {key: _clean(value) for key, value in metrics.items()}
         try:
-            self._file.write(json.dumps(record) + "\n")
+            line = json.dumps({"step": step, **metrics}) + "\n"
+        except TypeError as error:
+            kinds = {key: type(value).__name__ for key, value in metrics.items()
+                     if not isinstance(value, (str, int, float, bool, list, dict, type(None)))}
+            raise TypeError(f"step {step}: metrics must be numbers, text, lists or dicts; got {kinds} ({error})") from None
+        try:
+            self._file.write(line)
             self._file.flush()
         except OSError as error:  # a full disk: the error names no file by itself
             raise naming_file(error, self.path) from None
-        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self._tensorboard is not None:
             with _as_tracker_error("logging.tensorboard", "TensorBoard could not write", self.tensorboard_dir):
                 for key, value in numeric.items():
