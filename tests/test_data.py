@@ -1295,4 +1295,16 @@ def test_a_prompt_template_that_cannot_be_filled_is_refused_as_a_value_error():
             check_prompt_template(template)
     with pytest.raises(ValueError, match=r"has field\(s\) \['prompt\[0\]'\]"):
         check_prompt_template("{prompt[0]}")
+    with pytest.raises(ValueError, match=r"has no \{prompt\} field, so every prompt would be dropped"):
+        check_prompt_template("Answer the question.")  # no field at all
     assert check_prompt_template("{{x}}: {prompt}") == "{{x}}: {prompt}"
+
+
+def test_a_record_is_frozen_and_each_has_its_own_empty_meta_by_default():
+    """PromptRecord is a frozen dataclass whose ``meta`` is a dict, empty unless given, never shared between records."""
+    import dataclasses
+
+    first, second = PromptRecord("What is 1+1?", "2"), PromptRecord("What is 2+2?", None)
+    assert first.meta == {} and isinstance(first.meta, dict) and first.meta is not second.meta
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.answer = "3"

@@ -415,6 +415,7 @@ def test_overlong_penalties_refuse_what_is_not_a_list_of_token_counts(lengths, m
     [
         ({"max_length": 10}, "missing"),
         ({"cache_length": 2}, "missing"),
+        ({}, "missing"),  # an empty section is a mistake, not "no overlong penalty" (that is None)
         ([("max_length", 10), ("cache_length", 2)], "mapping"),
     ],
 )
@@ -439,6 +440,8 @@ def _fragile_reward(prompt, completion, answer, **meta):
         return None
     if completion == "str":
         return "1.0"
+    if completion == "numpy str":
+        return np.str_("1.0")
     return 1.0 if completion == answer else 0.0
 
 
@@ -480,6 +483,15 @@ def test_a_runner_warns_once_however_many_batches_fail(caplog):
     assert len(caplog.records) == 1
 
 
+def test_first_error_numbers_the_failing_sample_from_first_sample():
+    """A caller scoring a longer list in parts names the failing sample by its place in the whole list."""
+    runner = RewardRunner(_fragile_reward)
+    raised = runner(["p"] * 3, ["a", "a", "boom"], ["a"] * 3, first_sample=10)
+    assert rewards_base.error_headline(raised.first_error).startswith("reward raised for sample 12: RuntimeError")
+    returned = runner(["p"] * 2, ["a", "nan"], ["a"] * 2, first_sample=4)
+    assert returned.first_error.startswith("reward for sample 5 returned a non-finite value")
+
+
 def test_the_first_line_of_first_error_holds_a_multi_line_message_whole():
     def reward(prompt, completion, answer, **meta):
         raise ValueError("bad answer\n  expected 4\n  got 5")
@@ -510,6 +522,7 @@ def test_reward_results_concatenate_and_select_samples():
     assert kept.rewards.tolist() == [-1.0, 1.0] and kept.errors == 0 and kept.first_error is None
     assert kept.penalties.tolist() == [-1.0, 0.0] and kept.reasons == [both.reasons[1], both.reasons[3]]
     assert both.select(torch.tensor([4])).errors == 1 and both.select([4]).first_error == second.first_error
+    assert both.select([2]).reasons == [both.reasons[2]] and both.select([4, 0]).reasons == [both.reasons[4], None]
     assert len(both) == 5 and len(kept) == 2
 
 
@@ -595,7 +608,7 @@ def test_check_arguments_leaves_rewards_that_score_whole_batches_alone():
     assert runner(["p"], ["c"], ["a"], [{"level": 1}]).errors == 0
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf", "none", "str"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "none", "str", "numpy str"])
 def test_runner_counts_bad_return_values(bad):
     res = RewardRunner(_fragile_reward)(["p", "p"], [bad, "x"], ["x", "x"], [{}, {}], [1, 1])
     assert res.errors == 1
@@ -661,6 +674,39 @@ def test_runner_refuses_a_threshold_that_is_not_a_finite_number(threshold):
         RewardRunner(_fragile_reward, correct_threshold=threshold)
 
 
+def test_an_explicit_threshold_of_zero_is_kept_not_replaced_by_the_default():
+    """correct_threshold=0.0 is a threshold (every non-negative score is correct), not a missing one."""
+    class PartialCredit:
+        correct_threshold = 1.0
+
+        def __call__(self, prompt, completion, answer, **meta):
+            return {"right": 1.0, "partial": 0.25}.get(completion, 0.0)
+
+    completions = ["right", "partial", "wrong"]
+    runner = RewardRunner(PartialCredit(), correct_threshold=0.0)
+    assert runner.correct_threshold == 0.0
+    assert runner(["p"] * 3, completions, ["a"] * 3).correct.tolist() == [True, True, True]
+    assert RewardRunner(PartialCredit())(["p"] * 3, completions, ["a"] * 3).correct.tolist() == [True, False, False]
+
+
+def test_accuracy_is_the_share_of_correct_samples_and_score_mean_the_mean_score():
+    """reward/accuracy counts samples at or above the threshold; partial credit moves score_mean, not accuracy."""
+    scores = {"a": 0.75, "b": 0.5, "c": 0.25, "d": 0.0}
+    runner = RewardRunner(lambda prompt, completion, answer, **meta: scores[completion])
+    result = runner(["p"] * 4, list(scores), [None] * 4)
+    assert result.correct.tolist() == [True, True, False, False]  # 0.5, the default threshold, is correct
+    metrics = result.metrics()
+    assert metrics["reward/accuracy"] == 0.5 and metrics["reward/score_mean"] == pytest.approx(0.375)
+
+
+def test_the_overlong_penalty_factor_is_applied_once():
+    """rewards = scores + penalties, the penalty already scaled by penalty_factor: beyond max_length it is -factor."""
+    runner = RewardRunner(_fragile_reward, overlong={"max_length": 10, "cache_length": 4, "penalty_factor": 0.5})
+    result = runner(["p"] * 3, ["a", "a", "b"], ["a"] * 3, None, [6, 8, 12])
+    assert result.penalties.tolist() == [0.0, -0.25, -0.5]
+    assert result.rewards.tolist() == [1.0, 0.75, -0.5]
+
+
 def test_runner_refuses_a_reward_that_is_not_callable():
     with pytest.raises(TypeError, match="reward callable"):
         RewardRunner(42)
@@ -676,6 +722,15 @@ def test_runner_keeps_the_reason_of_a_returned_object_with_a_score():
 
     res = RewardRunner(reward)(["p", "p"], ["x", "y"], ["a", "a"])
     assert res.scores.tolist() == [0.75, 0.0] and res.reasons == ["close enough", None] and res.errors == 0
+
+    class ScoreWithReason(float):  # a number that says why, as the math reward's verdict does
+        reason = "boxed answer matches"
+
+    def number_reward(prompt, completion, answer, **meta):
+        return ScoreWithReason(1.0) if completion == "x" else Verdict(0.5, 42)  # a reason that is no string is dropped
+
+    res = RewardRunner(number_reward)(["p", "p"], ["x", "y"], ["a", "a"])
+    assert res.scores.tolist() == [1.0, 0.5] and res.reasons == ["boxed answer matches", None] and res.errors == 0
 
 
 def test_runner_with_builtin_math_and_spec_string():
@@ -766,8 +821,9 @@ def test_register_reward_function_and_factory(registry_sandbox):
         register_reward("length_bonus", description="again")(lambda p, c, a, **m: 0.0)
     with pytest.raises(ValueError, match="accepted options"):
         get_reward("scaled", factor=2)
-    with pytest.raises(ValueError, match="invalid reward name"):
-        register_reward("a:b", description="")
+    for bad_name in ("a:b", " padded", "padded ", "", "  "):
+        with pytest.raises(ValueError, match="invalid reward name"):
+            register_reward(bad_name, description="")
 
 
 def test_a_factory_that_returns_no_callable_is_refused(registry_sandbox):
@@ -850,6 +906,15 @@ def test_a_reward_module_in_the_working_directory_is_found_by_the_console_script
     with pytest.raises(ValueError) as info:
         get_reward("entrorl_test_broken_import:parity")
     assert "No module named 'entrorl_test_missing_dependency')" in str(info.value) and "looked for" not in str(info.value)
+    # such a module found on sys.path leaves the working directory out of it
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "entrorl_test_broken_elsewhere.py").write_text("import entrorl_test_missing_dependency\n")
+    monkeypatch.setattr(sys, "path", [str(elsewhere)] + [entry for entry in sys.path if entry != str(tmp_path)])
+    with pytest.raises(ValueError, match="entrorl_test_missing_dependency"):
+        get_reward("entrorl_test_broken_elsewhere:parity")
+    assert str(tmp_path) not in sys.path
+    sys.modules.pop("entrorl_test_broken_elsewhere", None)
     sys.modules.pop("entrorl_test_broken_import", None)
     sys.modules.pop("entrorl_test_cwd_rewards", None)
 
@@ -894,6 +959,9 @@ def test_import_path_specs(spec_module):
     assert get_reward(f"{spec_module}:marked_factory")("", "42", "42") == 1.0  # registered as a factory
     check_reward_spec(f"{spec_module}:contains_answer")
     check_reward_spec(f"{spec_module}:make_threshold", at=4)
+    # spaces around a name or the parts of an import path (as YAML or --set may leave them) are not part of it
+    assert get_reward(" exact_match ") is get_reward("exact_match")
+    assert get_reward(f" {spec_module} : contains_answer ") is fn
     with pytest.raises(ValueError, match="accepted options"):
         check_reward_spec(f"{spec_module}:make_threshold", nope=4)
     # runner with an import-path spec string
@@ -954,6 +1022,16 @@ def test_runner_catches_base_exceptions_but_not_interrupts():
     with pytest.raises(GeneratorExit):
         RewardRunner(reward)(["p"], ["generator exit"], [None], [{}], [1])
 
+    class InterruptedBatch:  # a judge's batch call interrupted: stopped, not retried sample by sample
+        def __call__(self, prompt, completion, answer, **meta):
+            return 1.0
+
+        def score_batch(self, prompts, completions, answers, metas):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        RewardRunner(InterruptedBatch())(["p"], ["c"], [None])
+
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
@@ -1010,8 +1088,9 @@ def test_runner_uses_a_batch_method_and_falls_back_to_samples_when_it_fails():
     assert result.scores.tolist() == [1.0, 0.0, 0.0] and result.errors == 1 and "bad sample" in result.reasons[1]
 
 
-def test_runner_scores_sample_by_sample_when_a_batch_method_returns_too_few_values():
-    class Short:
+@pytest.mark.parametrize("extra_values", [-1, 1], ids=["too few", "too many"])
+def test_runner_scores_sample_by_sample_when_a_batch_method_returns_the_wrong_number_of_values(extra_values):
+    class Miscounted:
         sample_calls = 0
 
         def __call__(self, prompt, completion, answer, **meta):
@@ -1019,11 +1098,11 @@ def test_runner_scores_sample_by_sample_when_a_batch_method_returns_too_few_valu
             return float(completion == answer)
 
         def score_batch(self, prompts, completions, answers, metas):
-            return [1.0] * (len(completions) - 1)
+            return [1.0] * (len(completions) + extra_values)
 
-    short = Short()
-    result = RewardRunner(short)(["p"] * 3, ["1", "2", "1"], ["1", "1", "1"])
-    assert short.sample_calls == 3 and result.scores.tolist() == [1.0, 0.0, 1.0] and result.errors == 0
+    miscounted = Miscounted()
+    result = RewardRunner(miscounted)(["p"] * 3, ["1", "2", "1"], ["1", "1", "1"])
+    assert miscounted.sample_calls == 3 and result.scores.tolist() == [1.0, 0.0, 1.0] and result.errors == 0
 
 
 def test_overlong_penalties_of_many_lengths_equal_the_penalty_of_each_with_any_factor():

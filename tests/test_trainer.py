@@ -731,6 +731,9 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
             (["eval.n=4"], r"eval.n has no effect: data.eval is not set, so no evaluation runs"),
             (["data.eval=", "eval.n=4"], r"eval.n has no effect: data.eval is not set"),  # empty: no evaluation data
             (["eval.top_k=5"], r"eval.top_k has no effect: data.eval is not set"),
+            *(([f"eval.{key}={value}"], rf"eval.{key} has no effect: data.eval is not set")
+              for key, value in (("ks", "[1]"), ("max_prompts", 2), ("temperature", 0), ("top_p", 0.9),
+                                 ("top_forks", 3))),
             (["diagnostics.measure_entropy_change=false", "diagnostics.measure_fraction=0.5"],
              r"diagnostics.measure_fraction has no effect with diagnostics.measure_entropy_change = false"),
             (["model.master_weights=false"], r"model.master_weights has no effect with model.dtype = 'float32'"),
@@ -763,12 +766,19 @@ def test_each_range_is_checked_at_its_edges(tmp_path, arithmetic_files):
                           ("rollout.max_sampling_rounds=0", "rollout.max_sampling_rounds"),
                           ("data.pass_rate_band=[0.1, 0.5, 0.9]", "data.pass_rate_band"),
                           ("reward.overlong={max_length: 6, cache_length: 7}", "reward.overlong"),
-                          ("reward.overlong={max_length: 10, cache_length: 4}", "reward.overlong: the penalty starts")):
+                          ("reward.overlong={max_length: 10, cache_length: 4}", "reward.overlong: the penalty starts"),
+                          ("optim.mini_batches=9", "optim.mini_batches = 9 is more than the 8 rows of a step"),
+                          ("reward.unlikeliness={beta_rank: 1.5}", "reward.unlikeliness.beta_rank")):
         with pytest.raises(ConfigError, match=re.escape(key)):
             load_config(base, [override])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_config(base, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+        assert load_config(base, ["optim.betas=[0.0, 0.0]"]).optim.betas == (0.0, 0.0)  # [0, 1): 0 is in
+        assert load_config(base, ["optim.mini_batches=8"]).optim.mini_batches == 8  # one row per update (2 prompts x 4)
+        assert load_config(base, ["reward.unlikeliness={beta_rank: 1}"]).reward.unlikeliness.beta_rank == 1.0
+        penalty_off = "reward.overlong={max_length: 6, cache_length: 4, penalty_factor: 0}"
+        assert load_config(base, [penalty_off]).reward.overlong.penalty_factor == 0.0
         for overlong in ("{max_length: 6, cache_length: 6}", "{max_length: 6, cache_length: 4}"):  # at the response limit
             assert load_config(base, [f"reward.overlong={overlong}"]).reward.overlong.max_length == 6
         assert load_config({**base, "data": {**base["data"], "eval": "  "}}).data.eval is None
@@ -801,6 +811,7 @@ def test_set_options_and_configuration_files_that_are_malformed_are_named(tmp_pa
     base = make_config(tmp_path / "no-model-needed", train, None)
     assert parse_set_option("data.prompt_template=Q={prompt}") == (["data", "prompt_template"], "Q={prompt}")
     assert parse_set_option("logging.name=") == (["logging", "name"], "")
+    assert parse_set_option("logging.name=  ") == (["logging", "name"], "")  # blank is empty too, not YAML's null
     assert parse_set_option(" optim.lr =1e-5") == (["optim", "lr"], 1e-5)  # spaces around the key are not part of it
     with pytest.raises(ConfigError, match=r"--set expects key=value, got 'optim.lr'"):
         load_config(base, ["optim.lr"])
@@ -837,6 +848,18 @@ def test_resume_compares_the_files_named_and_refuses_other_advantages(tmp_path, 
     refused, accepted = resume_changes(saved, current)
     assert [key for key, _, _ in refused] == ["advantage.params.epsilon"]
     assert [key for key, _, _ in accepted] == ["data.eval"]
+    # another method is refused, as one entry; where and how the model runs may change; a method written in full, and
+    # its own estimator named, are the ones it took
+    current = copy.deepcopy(saved)
+    current["method"] = "clip_b"
+    current["model"].update(device="cpu", activation_checkpointing=True)
+    refused, accepted = resume_changes(saved, current)
+    assert refused == [("method", "grpo", "clip_b")]
+    assert [key for key, _, _ in accepted] == ["model.activation_checkpointing", "model.device"]
+    named = copy.deepcopy(saved)
+    named["advantage"]["name"] = "grpo"
+    named["method"] = {"method": "grpo"}  # the method in its full form is the same method
+    assert resume_changes(saved, named) == ([], [])
 
     monkeypatch.chdir(tmp_path)
     dump = {"model": {"path": "model"}, "data": {"train": "linked.jsonl", "eval": "eval.jsonl"}}
@@ -2568,6 +2591,7 @@ def test_numbers_in_exponent_form_are_numbers_everywhere_in_the_config(tmp_path,
     assert parse_set_option("reward.kwargs.scale=1e1") == (["reward", "kwargs", "scale"], 10.0)
     assert parse_set_option("data.prompt_template='1e1'")[1] == "1e1"  # quoted: still text
     assert parse_set_option("x=1_000")[1] == 1000 and parse_set_option("x=.inf")[1] == float("inf")
+    assert parse_set_option("x=-1e-6")[1] == -1e-6 and parse_set_option("x=+2E1")[1] == 20.0  # signed exponents too
 
 
 def test_mask_truncated_leaves_cut_responses_out_of_the_loss_only(tmp_path, tiny_model_dir, arithmetic_files):

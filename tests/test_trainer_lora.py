@@ -141,6 +141,16 @@ def test_lora_settings_are_checked_before_the_model_loads(tiny_model_dir, arithm
                                 model={"lora": {"dropout": 1.0}, "disable_dropout": False}))
 
 
+def test_a_blank_module_name_given_as_a_string_is_refused_like_one_in_a_list(tiny_model_dir, arithmetic_files,
+                                                                            parity_reward):
+    """target_modules: '  ' names no module, as [' '] does: refused when the configuration is checked, before the model
+    loads, instead of reaching peft as a pattern that matches nothing."""
+    train, _ = arithmetic_files
+    for blank in ("", "  "):
+        with pytest.raises(ConfigError, match="target_modules: .*name at least one module"):
+            load_config(lora_config(tiny_model_dir, train, parity_reward, model={"lora": {"target_modules": blank}}))
+
+
 def test_the_output_layer_a_tied_embedding_and_modules_the_model_lacks_are_refused(tmp_path, tiny_model_dir, arithmetic_files,
                                                                   parity_reward):
     train, _ = arithmetic_files

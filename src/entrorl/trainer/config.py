@@ -89,7 +89,7 @@ class LoraConfig(_Section):
     @field_validator("target_modules")
     @classmethod
     def _some_module(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, str) and value.strip() and value != "all-linear":
+        if isinstance(value, str) and value != "all-linear":
             value = [value]  # one module's name (peft would read a lone string as a regular expression)
         if not value or (isinstance(value, list) and not all(isinstance(name, str) and name.strip() for name in value)):
             raise ValueError("name at least one module, or 'all-linear'")
