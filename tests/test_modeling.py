@@ -407,12 +407,17 @@ def test_stop_token_ids_gathers_every_declared_eos():
 
 
 def test_encode_prompt_fills_the_template_and_wraps_a_chat_turn_without_a_second_bos():
+    from tokenizers.processors import TemplateProcessing
+
     from entrorl.lab.tiny_model import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     plain = modeling.encode_prompt(tokenizer, "1+2=", template="Q: {prompt}")
     assert tokenizer.decode(plain, skip_special_tokens=True) == "Q: 1+2="
     tokenizer.chat_template = "{{ bos_token }}user: {{ messages[0]['content'] }}\nassistant: "
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)])  # the tokenizer adds a BOS itself too
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id
     chat = modeling.encode_prompt(tokenizer, "1+2=", chat_template=True)
     assert chat.count(tokenizer.bos_token_id) == 1 and chat[0] == tokenizer.bos_token_id
     assert tokenizer.decode(chat, skip_special_tokens=True) == "user: 1+2=\nassistant: "
@@ -433,6 +438,8 @@ def test_encode_prompt_keeps_the_bos_a_tokenizer_adds_and_leaves_out_an_eos_it_a
         single="<bos> $A <eos>", special_tokens=[("<bos>", bos), ("<eos>", eos)])
     assert tokenizer("1+2=")["input_ids"][-1] == eos
     assert modeling.encode_prompt(tokenizer, "1+2=") == [bos] + tokenizer("1+2=", add_special_tokens=False)["input_ids"]
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", eos)])
+    assert modeling.encode_prompt(tokenizer, "1+2=") == tokenizer("1+2=", add_special_tokens=False)["input_ids"]
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
     assert modeling.encode_prompt(tokenizer, "1+2=") == tokenizer("1+2=")["input_ids"]
     # another special token after the text belongs to the prompt (ChatGLM ends prompts with its own); only EOS goes
@@ -773,3 +780,60 @@ def test_out_of_memory_message_is_one_line_with_the_errors_first_line():
     assert "\n" not in message and "documentation" not in message
     assert "intact" not in str(modeling.out_of_memory_while("training step 3", error, files_read=False))
     assert "(MemoryError)" in str(modeling.out_of_memory_while("training step 3", MemoryError()))
+
+
+def test_a_plain_linear_head_model_is_scored_without_building_the_logits():
+    """Qwen2's statistics come from its final hidden states through the head's weight (the head module never runs over
+    the [B, R, V] logits); GPT-2, whose head is not in the list, runs its head over the response positions only."""
+    qwen2 = random_model(Qwen2Config(**COMMON)).eval()
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                                       bos_token_id=1, eos_token_id=1)).eval()
+    batch = ragged_batch(3, vocab=40)
+    for model, expected_positions in ((qwen2, []), (gpt2, [batch[2].shape[1] + 1])):
+        positions = []
+        hook = model.get_output_embeddings().register_forward_hook(
+            lambda module, inputs, output: positions.append(output.shape[1]))
+        try:
+            with torch.no_grad():
+                response_token_stats(model, *batch, need=("logprob",))
+        finally:
+            hook.remove()
+        assert positions == expected_positions
+
+
+def test_rows_of_a_length_dependent_rope_are_grouped_by_side_of_the_original_context():
+    """Within the original context (16) rows are length-bucketed as usual (one group with max_buckets=1); beyond it,
+    longrope rows (all on the long factors) share a group and dynamic-NTK rows share one only with rows of their length."""
+    prompt_lengths = torch.tensor([4, 6, 8, 10, 12, 6])
+    response_lengths = torch.tensor([6, 6, 12, 10, 10, 10])  # totals 10, 12, 20, 20, 22 and 16, at the context
+    for kind, expected in (("longrope", [[0, 1, 5], [2, 3, 4]]), ("dynamic", [[0, 1, 5], [2, 3], [4]])):
+        groups = modeling._rope_safe_buckets(prompt_lengths, response_lengths, (kind, 16), max_buckets=1, overhead_tokens=0)
+        assert [sorted(group.tolist()) for group in groups] == expected
+
+
+def test_the_behaviour_probes_judge_a_difference_against_the_logits_scale_but_never_below_one():
+    """float32 logits move by rounding only: below 1e-4 x max(1, largest logit), 5e-2 x that in half precision."""
+    from types import SimpleNamespace
+
+    full, half = SimpleNamespace(dtype=torch.float32), SimpleNamespace(dtype=torch.bfloat16)
+    small, large = torch.full((2, 3), 1e-2), torch.full((2, 3), 100.0)
+    assert modeling._probe_difference(full, small + 5e-5, small) is None  # small logits: the floor of 1 holds
+    assert modeling._probe_difference(full, small + 5e-3, small) == pytest.approx(5e-3)
+    assert modeling._probe_difference(full, large + 5e-3, large) is None  # 5e-3 < 1e-4 x 100
+    assert modeling._probe_difference(half, small + 2e-2, small) is None
+    assert modeling._probe_difference(half, large + 6.0, large) == pytest.approx(6.0)
+
+
+def test_a_left_padded_row_is_scored_as_alone_by_a_model_with_absolute_positions():
+    """Positions count from each row's first real token: GPT-2 adds a learned embedding per position, so a row shifted
+    right by its padding would be scored at other positions than it is sampled at."""
+    torch.manual_seed(0)
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                                       bos_token_id=1, eos_token_id=1)).eval()
+    prompt_ids, prompt_mask, response_ids, response_mask = ragged_batch(4, vocab=40)
+    with torch.no_grad():
+        stats = response_token_stats(gpt2, prompt_ids, prompt_mask, response_ids, response_mask, need=("logprob",))
+    for row in range(4):
+        prompt, response = prompt_ids[row][prompt_mask[row]], response_ids[row][response_mask[row]]
+        torch.testing.assert_close(stats.logprob[row, :len(response)], _row_alone_log_probs(gpt2, prompt, response),
+                                   atol=1e-5, rtol=0)

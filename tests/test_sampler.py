@@ -520,11 +520,14 @@ def test_no_decode_step_follows_the_last_token_of_a_truncated_batch(policy):
     assert rollouts.truncated.tolist() == [True, True]
 
 
-def test_prompts_and_finished_responses_are_padded_with_the_given_pad_id(policy):
-    """Shorter prompts are left-padded and responses right-padded after their EOS with pad_token_id, here 7."""
+@pytest.mark.parametrize("batch_size", [64, 1])
+def test_prompts_and_finished_responses_are_padded_with_the_given_pad_id(policy, batch_size):
+    """Shorter prompts are left-padded and responses right-padded after their EOS with pad_token_id, here 7, also
+    where the rows come from separate chunks (batch_size 1) joined afterwards."""
     model, _ = policy
-    sampler = HFSampler(model, eos_token_id=1, pad_token_id=7)
-    sampler._make_decoder = lambda ids, mask, max_new_tokens: _ScriptedDecoder(model, len(ids), [0, 2])
+    sampler = HFSampler(model, eos_token_id=1, pad_token_id=7, batch_size=batch_size)
+    finishes = iter([[0, 2]] if batch_size > 1 else [[0], [2]])  # each chunk's rows: EOS at step 0, then at step 2
+    sampler._make_decoder = lambda ids, mask, max_new_tokens: _ScriptedDecoder(model, len(ids), next(finishes))
     rollouts = sampler.generate([[5, 6], [5]], SamplingParams(max_new_tokens=4, temperature=0.0))
     assert rollouts.prompt_ids.tolist() == [[5, 6], [7, 5]]
     assert rollouts.prompt_mask.tolist() == [[True, True], [False, True]]
@@ -544,8 +547,9 @@ def test_concat_pads_sampler_log_probs_on_the_right():
     assert joined.sampler_log_probs.tolist() == [[-0.5, -0.5, -0.5], [-2.0, 0.0, 0.0]]
 
 
-def test_concat_keeps_each_rows_prompt_length_and_truncation_flag():
-    """Prompts are left-padded with the pad id, and every row keeps its own length and truncation flag."""
+def test_concat_and_select_keep_each_rows_prompt_length_and_truncation_flag():
+    """Prompts are left-padded with the pad id, and every row keeps its own length and truncation flag, through a
+    concatenation and a selection of rows."""
     def make(prompt, response, truncated):
         return Rollouts(
             prompt_ids=torch.tensor([prompt]), prompt_mask=torch.ones(1, len(prompt), dtype=torch.bool),
@@ -557,6 +561,10 @@ def test_concat_keeps_each_rows_prompt_length_and_truncation_flag():
     assert joined.prompt_ids.tolist() == [[9, 9, 3], [7, 8, 2]]
     assert joined.response_ids.tolist() == [[4, 5, 6], [1, 9, 9]]
     assert joined.lengths.tolist() == [3, 1] and joined.truncated.tolist() == [True, False]
+    picked = joined.select([1, 0])  # every field follows its row
+    assert picked.prompt_ids.tolist() == [[7, 8, 2], [9, 9, 3]] and picked.response_ids.tolist() == [[1, 9, 9], [4, 5, 6]]
+    assert picked.response_mask.tolist() == [[True, False, False], [True, True, True]]
+    assert picked.lengths.tolist() == [1, 3] and picked.truncated.tolist() == [False, True]
 
 
 def test_a_longrope_decoder_that_dropped_rows_rebuilds_its_cache_from_the_rows_it_kept():
@@ -592,3 +600,57 @@ def test_the_default_decoder_is_the_static_cache_where_it_can_run_and_the_models
     assert type(plain._make_decoder(ids, mask, 4)) is _TransformersDecoder
     longrope = HFSampler(_longrope_model(), eos_token_id=1, pad_token_id=0)
     assert type(longrope._make_decoder(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.bool), 4)) is _TransformersDecoder
+
+
+def test_for_model_stops_at_every_eos_the_model_declares_and_pads_with_the_tokenizers_pad():
+    """A chat model's end-of-turn token, declared in its generation config, ends a response as the tokenizer's EOS does."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[2, 9]), config=SimpleNamespace(eos_token_id=4))
+    sampler = HFSampler.for_model(model, SimpleNamespace(eos_token_id=2, pad_token_id=0), batch_size=5)
+    assert sampler.eos_token_ids.tolist() == [2, 9, 4]
+    assert (sampler.pad_token_id, sampler.batch_size) == (0, 5)
+
+
+def test_a_longrope_prompt_exactly_at_the_original_context_is_rebuilt_on_the_long_factors_at_its_first_new_token():
+    """A 12-token prompt (the original context) is prefilled on the short factors; the call that feeds position 12
+    passes the context, so the cache is rebuilt and the logits are those of one forward over all 13 tokens."""
+    from entrorl.rollout.sampler import _TransformersDecoder
+
+    model = _longrope_model()
+    prompt = list(range(3, 15))
+    with torch.no_grad():
+        decoder = _TransformersDecoder(model, *left_pad([prompt], 0))
+        prefill = decoder.prefill()
+        assert not decoder.long_factors
+        torch.testing.assert_close(prefill[0], model(input_ids=torch.tensor([prompt])).logits[0, -1], atol=1e-4, rtol=0)
+        logits = decoder.decode(torch.tensor([20]))
+        assert decoder.long_factors
+        expected = model(input_ids=torch.tensor([prompt + [20]])).logits[0, -1]
+    torch.testing.assert_close(logits[0], expected, atol=1e-4, rtol=0)
+
+
+def test_a_dynamic_ntk_model_samples_with_the_frequencies_its_prompt_gets_alone_whatever_ran_before():
+    """transformers keeps the dynamic-NTK frequencies of the longest call so far (40 tokens here): an 18-token prompt,
+    past the original 16, must still be run with the frequencies its own length gives, as a fresh model does."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                         pad_token_id=0, eos_token_id=1,
+                                         rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0, 0.3)  # sharp distributions, so that a wrong rotation shows
+    fresh = copy.deepcopy(model)
+    prompt = list(range(3, 21))
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 40, (1, 40), generator=torch.Generator().manual_seed(0)))
+        expected = fresh(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+    torch.manual_seed(0)
+    rollouts = HFSampler(model, eos_token_id=[1], pad_token_id=0).generate([prompt], SamplingParams(max_new_tokens=1))
+    torch.testing.assert_close(rollouts.sampler_log_probs[0, 0], expected[rollouts.response_ids[0, 0]], atol=1e-4, rtol=0)

@@ -411,3 +411,18 @@ def test_a_sliding_window_as_long_as_the_cache_masks_nothing_and_is_accepted():
     ids, mask = left_padded([[5, 6, 7, 8, 9], [10, 11, 12]])
     with pytest.raises(ValueError, match="sliding window of 8 < the sequence length 9"):
         StaticCacheDecoder(model, ids, mask, max_new_tokens=steps + 1)
+
+
+def test_the_default_decoder_falls_back_to_the_models_forward_when_the_new_tokens_would_pass_the_window():
+    """The window is checked against prompt + max_new_tokens, not the prompt alone: 5 + 3 tokens fit a window of 8 and
+    run on the static cache, 5 + 4 do not and run on the model's own forward (which applies the window)."""
+    from entrorl.rollout.sampler import _TransformersDecoder
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MistralConfig(**COMMON, sliding_window=8)).eval()
+    ids, mask = left_padded([[5, 6, 7, 8, 9], [10, 11, 12]])
+    sampler = HFSampler(model, eos_token_id=EOS, pad_token_id=PAD)
+    assert type(sampler._make_decoder(ids, mask, 3)) is StaticCacheDecoder
+    assert type(sampler._make_decoder(ids, mask, 4)) is _TransformersDecoder
+    rollouts = sampler.generate([[5, 6, 7, 8, 9], [10, 11, 12]], SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert len(rollouts) == 2 and rollouts.response_ids.shape[1] <= 4
