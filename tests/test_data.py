@@ -108,18 +108,26 @@ def test_parquet_round_trip(tmp_path):
     recs = load_prompts(p, **COLS)
     check_rows(recs)
     assert recs[1].source == f"{p}[1]"
+    # one row per row group: every row group is read, in order
+    groups = tmp_path / "groups.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), groups, row_group_size=1)
+    assert pq.ParquetFile(groups).num_row_groups == len(ROWS)
+    recs = load_prompts(groups, **COLS)
+    check_rows(recs)
+    assert [r.source for r in recs] == [f"{groups}[0]", f"{groups}[1]", f"{groups}[2]"]
 
 
 def test_parquet_numeric_answers_and_null_meta(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     p = tmp_path / "nums.parquet"
-    table = pa.table({"q": ["a", "b"], "ans": [42, 7], "score": [0.5, float("nan")], "note": ["n", None]})
+    table = pa.table({"q": ["a", "b"], "ans": [42, 7], "score": [0.5, float("nan")], "note": ["n", None],
+                      "peak": [float("inf"), float("-inf")]})
     pq.write_table(table, p)
     recs = load_prompts(p, prompt_column="q", answer_column="ans")
     assert [r.answer for r in recs] == ["42", "7"]
-    assert recs[0].meta == {"score": 0.5, "note": "n"}
-    assert recs[1].meta == {"score": None, "note": None}  # NaN becomes null
+    assert recs[0].meta == {"score": 0.5, "note": "n", "peak": None}  # infinities become null too
+    assert recs[1].meta == {"score": None, "note": None, "peak": None}  # NaN becomes null
 
 
 def test_arrow_file_and_stream(tmp_path):
@@ -133,6 +141,14 @@ def test_arrow_file_and_stream(tmp_path):
         recs = load_prompts(p, **COLS)
         check_rows(recs)
         assert recs[2].source == f"{p}[2]"
+    # a table written in several record batches: the rows of every batch are read, in order
+    p = tmp_path / "batches.arrow"
+    with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, table.schema) as out:
+        for batch in table.to_batches(max_chunksize=1):
+            out.write_batch(batch)
+    recs = load_prompts(p, **COLS)
+    check_rows(recs)
+    assert [r.source for r in recs] == [f"{p}[0]", f"{p}[1]", f"{p}[2]"]
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
     (shard,) = (tmp_path / "saved").glob("*.arrow")
@@ -178,6 +194,24 @@ def test_directory_that_is_not_a_dataset(tmp_path):
     d.mkdir()
     with pytest.raises(DataError, match="save_to_disk"):
         load_prompts(d)
+    # a state.json of some other tool (no "_data_files" list) is not a data set saved without rows
+    (d / "state.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(DataError, match=r"plain_dir: a directory that is not a saved data set"):
+        load_prompts(d)
+
+
+def test_a_saved_data_set_in_numpy_format_gives_python_answers_and_meta(tmp_path):
+    """A data set saved with the numpy format hands numpy values to the loader: an integer answer still becomes its
+    string, and list columns (ragged ones are arrays of arrays) become plain nested lists."""
+    datasets = pytest.importorskip("datasets")
+    d = tmp_path / "numpy_format"
+    rows = [{"prompt": "a", "answer": 3, "steps": [[1, 2], [3]], "tags": ["x", "y"]},
+            {"prompt": "b", "answer": 4, "steps": [[4]], "tags": []}]
+    datasets.Dataset.from_list(rows).with_format("numpy").save_to_disk(str(d))
+    recs = load_prompts(d)
+    assert [(r.prompt, r.answer, r.source) for r in recs] == [("a", "3", f"{d}[0]"), ("b", "4", f"{d}[1]")]
+    assert [r.meta for r in recs] == [{"steps": [[1, 2], [3]], "tags": ["x", "y"]}, {"steps": [[4]], "tags": []}]
+    assert json.loads(json.dumps([r.meta for r in recs])) == [r.meta for r in recs]
 
 
 def test_csv_and_json_with_a_byte_order_mark(tmp_path):
@@ -204,12 +238,13 @@ def test_parquet_decimal_answers_and_typed_meta_columns(tmp_path):
         "answer": pa.array([decimal.Decimal("1.50")], pa.decimal128(5, 2)),
         "when": [datetime.datetime(2024, 1, 2, 3, 4, 5)],
         "day": [datetime.date(2024, 1, 2)],
+        "at": [datetime.time(3, 4, 5)],
         "price": pa.array([decimal.Decimal("0.10")], pa.decimal128(5, 2)),
         "counts": pa.array([[("k", 1), ("j", 2)]], pa.map_(pa.string(), pa.int64())),
     }), p)
     (rec,) = load_prompts(p)
     assert rec.answer == "1.50"
-    assert rec.meta == {"when": "2024-01-02T03:04:05", "day": "2024-01-02", "price": "0.10",
+    assert rec.meta == {"when": "2024-01-02T03:04:05", "day": "2024-01-02", "at": "03:04:05", "price": "0.10",
                         "counts": [["k", 1], ["j", 2]]}
     json.dumps(rec.meta)  # every value is JSON-able
 
@@ -299,8 +334,9 @@ def test_a_meta_object_may_not_repeat_the_prompt_or_answer_column(tmp_path):
 
 def test_numeric_answers_become_strings(tmp_path):
     p = tmp_path / "n.jsonl"
-    write_lines(p, ['{"prompt": "a", "answer": 3}', '{"prompt": "b", "answer": 2.5}', '{"prompt": "c", "answer": -1}'])
-    assert [r.answer for r in load_prompts(p)] == ["3", "2.5", "-1"]
+    write_lines(p, ['{"prompt": "a", "answer": 3}', '{"prompt": "b", "answer": 2.5}', '{"prompt": "c", "answer": -1}',
+                    '{"prompt": "d", "answer": 3.0}'])
+    assert [r.answer for r in load_prompts(p)] == ["3", "2.5", "-1", "3.0"]  # str(value): a float keeps its ".0"
 
 
 def test_answer_optional(tmp_path):
@@ -315,6 +351,12 @@ def test_answer_optional(tmp_path):
     assert load_prompts(c, require_answer=False)[0].answer is None
     with pytest.raises(DataError, match=r"noans\.csv:1.*no answer column 'answer'"):
         load_prompts(c)
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    q = tmp_path / "noans.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "level": [1, 2], "topic": ["x", "y"]}), q)
+    recs = load_prompts(q, require_answer=False, meta_columns=["level"])
+    assert [(r.prompt, r.answer, r.meta) for r in recs] == [("a", None, {"level": 1}), ("b", None, {"level": 2})]
 
 
 def test_missing_and_empty_answers_are_told_apart(tmp_path):
@@ -550,6 +592,9 @@ def test_csv_malformations(tmp_path):
     p.write_text("prompt,answer\na,1\n,2\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.csv:3: prompt column 'prompt' is empty"):
         load_prompts(p)
+    p.write_text("prompt,answer\na,1\n,\n", encoding="utf-8")  # a record of empty fields is a record, not a blank line
+    with pytest.raises(DataError, match=r"bad\.csv:3: prompt column 'prompt' is empty"):
+        load_prompts(p)
     p.write_text("prompt,answer\na,\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.csv:2: answer column 'answer' is empty"):
         load_prompts(p)
@@ -650,6 +695,8 @@ def test_meta_columns_arguments_are_checked(tmp_path):
         load_prompts(p, meta_columns=["level", "level"], **COLS)
     with pytest.raises(ValueError, match="'question' is also the prompt or answer column"):
         load_prompts(p, meta_columns=["question"], **COLS)
+    with pytest.raises(TypeError, match="meta_columns must hold non-empty strings, got ''"):
+        load_prompts(p, meta_columns=["level", ""], **COLS)
 
 
 def test_loading_does_not_import_trainer_or_lab():
@@ -1108,6 +1155,20 @@ def test_write_jsonl_round_trip(tmp_path):
     ]
 
 
+def test_write_jsonl_round_trip_keeps_a_meta_field_named_meta(tmp_path):
+    """Loading what write_jsonl wrote gives the same meta, also for a record whose meta has a field called "meta"
+    holding an object (what a row {"prompt", "answer", "meta": {"meta": {...}}} loads as), beside a field of the same
+    name as one inside it."""
+    src = tmp_path / "in.jsonl"
+    write_lines(src, [json.dumps({"prompt": "q", "answer": "1", "meta": {"meta": {"k": 1}}}),
+                      json.dumps({"prompt": "r", "answer": "2", "k": 2, "meta": {"meta": {"k": 1}}}),
+                      json.dumps({"prompt": "s", "answer": "3", "meta": "text"})])
+    records = load_prompts(src)
+    assert [rec.meta for rec in records] == [{"meta": {"k": 1}}, {"k": 2, "meta": {"k": 1}}, {"meta": "text"}]
+    back = load_prompts(write_jsonl(records, tmp_path / "out.jsonl"))
+    assert [rec.meta for rec in back] == [rec.meta for rec in records]
+
+
 def test_write_jsonl_none_answer_round_trip(tmp_path):
     recs = [PromptRecord("q1", None, {"k": [1, {"a": None}]}, "x"), PromptRecord("q2", "4", {}, "y")]
     out = write_jsonl(recs, tmp_path / "o.jsonl")
@@ -1182,6 +1243,17 @@ def test_write_jsonl_over_an_existing_file_keeps_its_permissions(tmp_path):
     os.chmod(target, 0o600)
     write_jsonl(make_records(1), target)
     assert (target.stat().st_mode & 0o777) == 0o600 and len(load_prompts(target)) == 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_write_jsonl_gives_a_new_file_the_mode_the_umask_allows(tmp_path):
+    """A new file gets the bits of a file written plainly (0o666 less the umask), not mkstemp's 0o600."""
+    previous = os.umask(0o002)
+    try:
+        out = write_jsonl(make_records(1), tmp_path / "new.jsonl")
+    finally:
+        os.umask(previous)
+    assert (out.stat().st_mode & 0o777) == 0o664
 
 
 def test_write_then_stream_then_filter_pipeline(tmp_path):

@@ -63,6 +63,9 @@ def test_correct_samples_form_one_reference_group_whatever_their_spelling():
     groups = group_answers(answers, correct)
     assert [(g.answer, g.count, g.matches_reference) for g in groups] == [("4", 3, True), ("7", 3, False)]
     assert groups[0].spellings == ("4", "4.0")  # the unanswered correct sample joins no group
+    # a single correct sample is a group too
+    single = group_answers(["7", "4", "7"], [False, True, False])
+    assert [(g.answer, g.count, g.matches_reference) for g in single] == [("7", 2, False), ("4", 1, True)]
 
 
 def test_wrong_answers_group_by_canonical_spelling_then_by_equivalence():
@@ -111,6 +114,24 @@ def test_a_group_is_named_by_its_most_frequent_spelling_not_its_first():
         ("4", 3, True, ("4", "4.0")), ("X = 2", 3, False, ("X = 2", "x = 2"))]
 
 
+def test_the_equivalence_is_asked_with_the_earlier_group_first():
+    """equivalent(earlier, later) is called with the larger (earlier) group's spelling first, as documented, so that a
+    checker that is not symmetric (a reference first, a candidate second) is asked the right way round."""
+    calls = []
+
+    def prefix_of(a: str, b: str) -> bool:
+        calls.append((a, b))
+        return b.startswith(a)
+
+    groups = group_answers(["12", "1", "12"], [False] * 3, equivalent=prefix_of)
+    assert calls == [("12", "1")]
+    assert [(g.answer, g.count) for g in groups] == [("12", 2), ("1", 1)]
+    calls.clear()
+    groups = group_answers(["1", "12", "1"], [False] * 3, equivalent=prefix_of)
+    assert calls == [("1", "12")]
+    assert [(g.answer, g.count, g.spellings) for g in groups] == [("1", 3, ("1", "12"))]
+
+
 def test_the_largest_wrong_answer_gathers_its_equivalents_first():
     """Wrong answers are merged largest group first: with an equivalence that is not transitive (answers within 1 of
     each other), the most common answer takes in both neighbours even when a neighbour was seen first."""
@@ -156,6 +177,8 @@ def test_thresholds_and_classify_reject_bad_values():
         AuditThresholds(consensus=True)
     with pytest.raises(ValueError, match="pass_rate must be a number in"):
         classify(1.5, 0.5, False, THRESHOLDS)
+    with pytest.raises(ValueError, match="majority_share must be a number in"):
+        classify(0.0, -0.25, False, THRESHOLDS)
 
 
 def sixteen(counts: dict[str | None, int], reference: str) -> tuple[list[str | None], list[bool]]:
@@ -224,6 +247,9 @@ def test_a_tie_for_the_most_common_answer_is_no_consensus():
     assert audit_prompt(answers, correct, thresholds=THRESHOLDS).verdict == "looks_wrong"
     assert classify(0.0, 1.0, False, THRESHOLDS, majority_tied=True) == "hard"
     assert classify(0.0, 1.0, False, THRESHOLDS) == "looks_wrong"
+    # the two largest groups tie even when a smaller group follows them
+    three = audit_prompt(["5", "9", "5", "9", "1"], [False] * 5, thresholds=AuditThresholds(consensus=0.4))
+    assert (three.majority_answer, three.majority_share, three.majority_tied, three.verdict) == ("5", 0.4, True, "hard")
 
 
 def test_histogram_needs_one_sample_count():
@@ -288,6 +314,17 @@ def test_band_selection_reuses_the_band_notation_with_exact_edges():
         band_selection(records, rates[:6], "[0, 1]")
 
 
+def test_band_selection_marks_each_row_by_its_own_pass_rate_when_a_record_repeats():
+    """keep[i] follows pass_rates[i], also when the same record object stands at two positions (a prompt listed
+    twice, sampled twice)."""
+    from entrorl.data import pass_rate_band_mask
+
+    record = records_of(1)[0]
+    assert band_selection([record, record], [0.0, 0.5], "[0.4, 0.6]").keep == (False, True)
+    assert pass_rate_band_mask([record] * 3, [0.4, 0.5, 0.6], low=0.4, high=0.6, inclusive=(False, True)).tolist() == [
+        False, True, True]
+
+
 def test_jsonl_rows_are_copied_byte_for_byte_and_the_input_is_untouched(tmp_path):
     data = tmp_path / "set.jsonl"
     lines = [
@@ -299,24 +336,49 @@ def test_jsonl_rows_are_copied_byte_for_byte_and_the_input_is_untouched(tmp_path
     data.write_bytes(("\r\n".join(lines) + "\r\n").encode())
     before = digest(data)
     records = load_prompts(data)
-    out = write_selected_rows(data, records, [False, True, True], tmp_path / "out" / "kept.jsonl")
+    out = write_selected_rows(data, records, [False, True, True], tmp_path / "out" / "new" / "kept.jsonl")
     assert out.read_bytes() == (lines[2] + "\n" + lines[3] + "\n").encode()
     assert digest(data) == before
     with pytest.raises(ValueError, match="refusing to write over the input"):
         write_selected_rows(data, records, [True] * 3, data)
+    mask = torch.tensor([False, True, True]).numpy()  # flags as a numpy mask of numpy booleans
+    again = write_selected_rows(data, records, mask, tmp_path / "out" / "mask.jsonl")
+    assert again.read_bytes() == out.read_bytes()
     with pytest.raises(ValueError, match="3 records but 2 keep flags"):
         write_selected_rows(data, records, [True, True], tmp_path / "x.jsonl")
     with pytest.raises(ValueError, match="record 0 comes from 'mem:0'"):
         write_selected_rows(data, records_of(1), [True], tmp_path / "x.jsonl")
 
 
-def test_jsonl_copy_drops_the_bom_and_accepts_an_upper_case_extension(tmp_path):
-    """The copied first line loses the input's byte order mark; '.JSONL' is written like '.jsonl'."""
+def test_a_failed_copy_leaves_neither_the_target_nor_a_temporary_file(tmp_path, monkeypatch):
+    """The rows are written to a temporary file that replaces the target in one step: when that step fails, the
+    folder holds what it held before."""
+    data = tmp_path / "set.jsonl"
+    data.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "2"}\n', encoding="utf-8")
+    records = load_prompts(data)
+
+    def full_disk(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="disk full"):
+        write_selected_rows(data, records, [True, False], tmp_path / "kept.jsonl")
+    assert sorted(os.listdir(tmp_path)) == ["set.jsonl"]
+
+
+def test_jsonl_and_json_copies_drop_the_bom_and_accept_an_upper_case_extension(tmp_path):
+    """The copied first line loses the input's byte order mark; '.JSONL' is written like '.jsonl'. A JSON file with a
+    byte order mark (which load_prompts reads) is copied too."""
     data = tmp_path / "SET.JSONL"
     lines = ['{"prompt": "a", "answer": "1"}', '{"prompt": "b", "answer": "2"}']
     data.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
     out = write_selected_rows(data, load_prompts(data), [True, False], tmp_path / "kept.jsonl")
     assert out.read_bytes() == (lines[0] + "\n").encode()
+    rows = [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
+    document = tmp_path / "bom.json"
+    document.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    out = write_selected_rows(document, load_prompts(document), [False, True], tmp_path / "kept.json")
+    assert json.loads(out.read_bytes()) == rows[1:]
 
 
 def test_csv_copy_keeps_the_header_after_leading_blank_lines(tmp_path):
@@ -532,6 +594,17 @@ def test_a_saved_data_set_is_audited_into_a_new_directory(tmp_path):
     assert outputs.filtered == tmp_path / "saved.v2.audit" / "saved.v2.filtered"
     assert [row["row"] for row in datasets.load_from_disk(str(outputs.filtered)).to_list()] == [1, 4, 5, 6]
     assert sorted((path.name, path.stat().st_size) for path in directory.iterdir()) == listing
+
+
+def test_a_saved_dataset_dict_copy_takes_its_train_split_whatever_the_split_order(tmp_path):
+    """Rows are located in the 'train' split, the one load_prompts read, even when another split was saved first."""
+    datasets = pytest.importorskip("datasets")
+    train = datasets.Dataset.from_list([{"prompt": f"train {i}", "answer": str(i)} for i in range(3)])
+    test = datasets.Dataset.from_list([{"prompt": f"test {i}", "answer": str(i)} for i in range(3)])
+    directory = tmp_path / "splits"
+    datasets.DatasetDict({"test": test, "train": train}).save_to_disk(str(directory))
+    out = write_selected_rows(directory, load_prompts(directory), [True, False, True], tmp_path / "kept")
+    assert [row["prompt"] for row in datasets.load_from_disk(str(out)).to_list()] == ["train 0", "train 2"]
 
 
 def test_nothing_is_labelled_or_written_when_the_reward_failed_on_every_sample(tmp_path):

@@ -21,7 +21,7 @@ share of the ``n`` samples, and gives a verdict (:func:`classify`):
 
 The rest of the module turns per-prompt audits into a pass-rate histogram over ``0/n .. n/n``
 (:func:`pass_rate_histogram`), counts per verdict (:func:`verdict_counts`), the rows whose pass rate lies
-in a band (:func:`band_selection`, built on :func:`~entrorl.data.filters.filter_by_pass_rate`), and a
+in a band (:func:`band_selection`, built on :func:`~entrorl.data.filters.pass_rate_band_mask`), and a
 copy of the chosen rows of the input file in the input's own format (:func:`write_selected_rows`).
 
 Everything here is plain Python and numpy: sampling and scoring happen elsewhere
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from entrorl.data.filters import filter_by_pass_rate, parse_band
+from entrorl.data.filters import parse_band, pass_rate_band_mask
 from entrorl.data.loading import _LOADERS, _csv_fields_of_any_length_in, _default_file_mode, _read_text, read_arrow_ipc
 from entrorl.data.records import PromptRecord
 
@@ -371,9 +371,8 @@ def band_selection(records: Sequence[PromptRecord], pass_rates: Sequence[float],
     :func:`~entrorl.data.filters.parse_band`, e.g. ``"[0.1, 0.5]"`` or ``"(1/16, 15/16)"``).
     ``ValueError`` for a malformed band or mismatched lengths."""
     low, high, inclusive = parse_band(band)
-    kept = filter_by_pass_rate(records, pass_rates, low=low, high=high, inclusive=inclusive)
-    kept_ids = {id(record) for record in kept}
-    return BandSelection(band=band, keep=tuple(id(record) in kept_ids for record in records))
+    in_band = pass_rate_band_mask(list(records), pass_rates, low=low, high=high, inclusive=inclusive)
+    return BandSelection(band=band, keep=tuple(in_band.tolist()))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 
 from entrorl.data.records import PromptRecord
 
-__all__ = ["filter_by_pass_rate", "group_pass_rates", "informative_groups", "parse_band"]
+__all__ = ["filter_by_pass_rate", "group_pass_rates", "informative_groups", "parse_band", "pass_rate_band_mask"]
 
 
 def _as_tensor(values: Any, *, empty_dtype: Any = None) -> torch.Tensor:
@@ -141,6 +141,20 @@ def filter_by_pass_rate(
     ``0 <= low <= high <= 1`` and a non-empty band. Comparisons are exact (see the module notes).
     """
     records = list(records)
+    in_band = pass_rate_band_mask(records, pass_rates, low=low, high=high, inclusive=inclusive)
+    return [records[i] for i in np.flatnonzero(in_band).tolist()]
+
+
+def pass_rate_band_mask(
+    records: Sequence[PromptRecord],
+    pass_rates: Sequence[float] | np.ndarray | torch.Tensor,
+    *,
+    low: float,
+    high: float,
+    inclusive: tuple[bool, bool] = (True, True),
+) -> np.ndarray:
+    """``mask[i]``: whether ``pass_rates[i]`` lies in the band, as a bool array with one entry per record (the records
+    name a bad rate in the error). Arguments and errors as :func:`filter_by_pass_rate`'s."""
     lo = _check_bound(low, "low")
     hi = _check_bound(high, "high")
     if (
@@ -177,7 +191,7 @@ def filter_by_pass_rate(
         )
     above = rates >= lo if inc[0] else rates > lo
     below = rates <= hi if inc[1] else rates < hi
-    return [records[i] for i in np.flatnonzero(above & below).tolist()]
+    return above & below
 
 
 _BAND_RE = re.compile(r"^\s*([\[(])\s*([^,\[\]()]*?)\s*,\s*([^,\[\]()]*?)\s*([\])])\s*$")

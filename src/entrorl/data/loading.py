@@ -164,6 +164,8 @@ def write_jsonl(
                     f"the {'prompt' if key == prompt_column else 'answer'} column; rename the field or "
                     "choose other prompt_column / answer_column names"
                 )
+            if key == NESTED_META_COLUMN and isinstance(value, dict):
+                value = {NESTED_META_COLUMN: value}  # the loader spreads a 'meta' object: this one spreads back to itself
             obj[key] = value
         try:
             lines.append(json.dumps(obj, ensure_ascii=False, allow_nan=False))
