@@ -107,10 +107,13 @@ def test_fit_accepts_lists_and_tensors():
 
 def test_fit_to_dict_is_json():
     h = np.linspace(0.2, 1.8, 10)
-    d = fit_entropy_law(h, law(h)).to_dict()
+    fit = fit_entropy_law(h, law(h))
+    d = fit.to_dict()
     assert set(d) == {"a", "b", "r2", "ceiling", "ceiling_applies", "n_points"}
     back = json.loads(json.dumps(d, allow_nan=False))
     assert back["a"] == pytest.approx(A_TRUE) and back["n_points"] == 10
+    assert (back["a"], back["b"], back["r2"], back["ceiling"]) == (fit.a, fit.b, fit.r2, fit.ceiling)
+    assert back["b"] == pytest.approx(B_TRUE) and back["ceiling"] == pytest.approx(B_TRUE - A_TRUE)
 
 
 @pytest.mark.parametrize(
@@ -123,6 +126,7 @@ def test_fit_to_dict_is_json():
         ([0.7, 0.7, 0.7], [0.1, 0.2, 0.3], "entropy is the same"),
         ([1.0, 800.0], [0.1, 0.2], "overflows"),
         ([[1.0, 0.5]], [[0.1, 0.2]], "1-D"),
+        (0.5, 0.2, "1-D"),  # a single number is not a run of steps
         (["a", "b"], [0.1, 0.2], "sequence of numbers"),
     ],
 )
@@ -223,6 +227,8 @@ def test_forecast_to_dict_is_json():
     assert len(back["predicted"]) == len(back["actual"]) == 34
     assert back["fit"]["a"] == pytest.approx(fc.fit.a)
     assert back["predicted_ceiling"] == pytest.approx(fc.predicted_ceiling)
+    assert back["predicted"] == fc.predicted.tolist() and back["actual"] == fc.actual.tolist() == r[6:].tolist()
+    assert (back["rmse"], back["final_error"], back["reached"]) == (fc.rmse, fc.final_error, fc.reached)
 
 
 @pytest.mark.parametrize(
@@ -233,6 +239,8 @@ def test_forecast_to_dict_is_json():
         ({"min_points": 1}, 20, "min_points"),
         ({"min_points": 2.5}, 20, "min_points"),
         ({"min_points": 10}, 5, "only 5"),
+        ({"min_points": 6}, 5, "only 5"),  # one point more than the run has
+        ({"fit_fraction": float("nan")}, 20, "fit_fraction"),
         ({}, 1, "at least 2"),
     ],
 )
@@ -277,6 +285,8 @@ def test_forecast_reports_a_flat_prefix():
         [0.5, 0.5 + 1e-15, 0.5],  # a spread far below rounding of exp(H)
         [0.5, float(np.nextafter(0.5, 1.0)), 0.5],  # one ulp
         [0.5, 0.5 + 1e-12, 0.5 - 1e-12, 0.5],
+        [10.0, 10.0 + 1e-12, 10.0],  # exp(H) ~ 2e4: the spread is above 1e-9 in absolute terms, not relative ones
+        [-800.0, -900.0, -1000.0],  # exp(H) underflows to 0 at every point
     ],
 )
 def test_entropy_constant_up_to_rounding_is_not_fitted(entropy):
@@ -284,11 +294,13 @@ def test_entropy_constant_up_to_rounding_is_not_fitted(entropy):
         fit_entropy_law(entropy, [0.1, 0.2, 0.3, 0.4][: len(entropy)])
 
 
+@pytest.mark.parametrize("base", [0.5, 10.0])
 @pytest.mark.parametrize(("step", "fitted"), [(5e-10, False), (2e-9, True)])
-def test_the_constant_entropy_tolerance_is_1e_9_of_exp_entropy(step, fitted):
+def test_the_constant_entropy_tolerance_is_1e_9_of_exp_entropy(base, step, fitted):
     # exp(H) counts as constant when max - min is at most CONSTANT_ENTROPY_TOLERANCE = 1e-9 of max exp(H): for a small
-    # step d, exp(0.5 + d) / exp(0.5) - 1 ~ d, so a step of half the tolerance is not fitted, one of twice it is
-    entropy = [0.5, 0.5 + step, 0.5]
+    # step d, exp(H + d) / exp(H) - 1 ~ d, so a step of half the tolerance is not fitted, one of twice it is, whatever
+    # the size of exp(H)
+    entropy = [base, base + step, base]
     reward = [0.1, 0.2, 0.3]
     if fitted:
         assert fit_entropy_law(entropy, reward).n_points == 3

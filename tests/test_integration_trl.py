@@ -156,12 +156,17 @@ def test_accumulation_weight_formula():
     with pytest.raises(ValueError, match="must be >= 1"):
         accumulation_weight("seq-mean-token-mean", micro_valid_tokens=1, num_items_in_batch=1, num_processes=0,
                             gradient_accumulation_steps=1, steps_per_generation=1)
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            accumulation_weight(mode, micro_valid_tokens=1, num_items_in_batch=1, num_processes=1,
+                                gradient_accumulation_steps=1, steps_per_generation=0)
 
 
 @pytest.mark.parametrize("fused_head", [True, False])
 def test_loss_equals_objective_on_the_same_tensors(tokenizer, tmp_path, fused_head):
     trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+forking_tokens+clip_b", objective_params={"mu": 0.1},
                        fused_head=fused_head)
+    assert trainer._uses_fused_head(trainer.model) is fused_head  # the caller's choice, on a model that could fuse
     inputs = _inputs(tokenizer)
     loss, grads = _loss_and_grads(trainer, inputs)
 
@@ -272,6 +277,11 @@ def test_loss_type_must_describe_the_objective(tmp_path):
             check_trl_args(_config(tmp_path, loss_type=loss_type), build_objective("grpo"))
     with pytest.raises(ValueError, match=r"epsilon_high = 0.2 .* below 1"):  # TRL's cispo with its default cap
         objective_for_trl_loss(_config(tmp_path, loss_type="cispo"))
+    # a cap of exactly 1 is entrorl's cispo with clip_ratio_high = 0; just below 1 it has no equivalent
+    capped = objective_for_trl_loss(_config(tmp_path, loss_type="cispo", epsilon_high=1.0)).surrogate
+    assert (capped.clip_ratio_low, capped.clip_ratio_high) == (1.0, 0.0)
+    with pytest.raises(ValueError, match=r"epsilon_high = 0.99 .* below 1"):
+        objective_for_trl_loss(_config(tmp_path, loss_type="cispo", epsilon_high=0.99))
     for loss_type, method in (("dr_grpo", "grpo"), ("grpo", "dapo"), ("cispo", "dapo"), ("grpo", "kl_cov")):
         with pytest.raises(ValueError, match=rf"loss_type={loss_type!r} is not the objective's loss"):
             check_trl_args(_config(tmp_path, loss_type=loss_type), build_objective(method))
@@ -284,6 +294,22 @@ def test_loss_type_must_describe_the_objective(tmp_path):
     check_trl_args(_config(tmp_path, loss_type="cispo", epsilon_high=5.0), build_objective("cispo", clip_ratio_high=4.0))
     with pytest.raises(ValueError, match=r"loss_type='cispo' caps the IS weight at epsilon_high = 5.0"):
         check_trl_args(_config(tmp_path, loss_type="cispo", epsilon_high=5.0), build_objective("cispo"))
+    # the right cap but a lower bound TRL's cispo does not have
+    with pytest.raises(ValueError, match=r"cispo clips it to \[1 - 0.2, 1 \+ 4.0\]"):
+        check_trl_args(_config(tmp_path, loss_type="cispo", epsilon_high=5.0),
+                       build_objective("cispo", clip_ratio_low=0.2, clip_ratio_high=4.0))
+
+
+def test_trl_loss_objective_reads_grpo_config_defaults_and_takes_overrides(tmp_path):
+    """objective_for_trl_loss(None) is GRPOConfig's defaults (dapo, epsilon 0.2 on both sides); an args object that lacks
+    an option gets its default; objective_params override the parameters taken from TRL's options."""
+    default = objective_for_trl_loss(None)
+    assert default.name == "dapo" and default.loss_agg_mode == "token-mean"
+    assert (default.surrogate.clip_ratio_low, default.surrogate.clip_ratio_high) == (0.2, 0.2)
+    partial = objective_for_trl_loss(SimpleNamespace(loss_type="grpo"))
+    assert partial.name == "grpo" and (partial.surrogate.clip_ratio_low, partial.surrogate.clip_ratio_high) == (0.2, 0.2)
+    overridden = objective_for_trl_loss(_config(tmp_path, loss_type="grpo", epsilon=0.1), clip_ratio_high=0.3)
+    assert (overridden.surrogate.clip_ratio_low, overridden.surrogate.clip_ratio_high) == (0.1, 0.3)
 
 
 def test_beta_is_the_kl_coefficient(tokenizer, tmp_path, tiny_model_dir):
@@ -295,6 +321,7 @@ def test_beta_is_the_kl_coefficient(tokenizer, tmp_path, tiny_model_dir):
     assert trainer.objective.regularizers[0].importance_weighted is True  # TRL's default use_bias_correction_kl
     for objective, params in (("dapo+kl_ref", {"kl_loss_coef": 0.5}),
                               ({"method": "dapo+kl_ref", "params": {"kl_loss_coef": 0.5}}, None),
+                              ({"name": "dapo+kl_ref", "params": {"kl_loss_coef": 0.5}}, None),
                               ({"method": "dapo", "regularizers": [{"name": "kl_ref", "kl_loss_coef": 0.5}]}, None),
                               (build_objective("dapo+kl_ref"), None)):
         with pytest.raises(ValueError, match=r"beta = 0.04 and kl_ref's kl_loss_coef = (0.5|0.001) both set"):
@@ -338,6 +365,14 @@ def test_a_built_objective_is_not_changed_by_the_trainer(tokenizer, tmp_path):
     assert [trainer.objective.loss_scale_factor for trainer in trainers] == [6.0, 12.0]
     assert objective.loss_scale_factor is None
     assert all(trainer.objective is not objective for trainer in trainers)
+    # a scale the caller chose is kept: max_completion_length is only the default
+    chosen = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dr_grpo", objective_params={"loss_scale_factor": 3.0},
+                      config=_config(tmp_path, scale_rewards="none"))
+    assert chosen.objective.loss_scale_factor == 3.0
+    # parameters for a built objective would be silently lost: refused before any model is loaded
+    with pytest.raises(ValueError, match="objective_params applies to a method name or config, not to a built Objective"):
+        EntropyGRPOTrainer(model="not-loaded", args=_config(tmp_path), objective=objective,
+                           objective_params={"clip_ratio_high": 0.3})
 
 
 def test_mixed_precision_old_log_probs_match_with_a_float32_head(tokenizer, tmp_path, recwarn):
@@ -358,6 +393,16 @@ def test_mixed_precision_old_log_probs_match_with_a_float32_head(tokenizer, tmp_
             stats, _ = trainer._response_stats(trainer.model, input_ids, attention_mask, inputs["completion_ids"], mask)
         gaps[cast] = float((trl_old - stats.logprob)[mask].abs().max())
     assert gaps[False] > 1e-4 and gaps[True] < 1e-5
+
+
+def test_a_low_precision_head_warns_when_trl_scores_reference_log_probs(tokenizer, tmp_path, tiny_model_dir, recwarn):
+    """With one pass per generation TRL computes no old log-probs, but with beta != 0 it scores the reference's: a
+    bfloat16 head without cast_lm_head_to_fp32 warns then, and only then."""
+    for beta, objective in ((0.04, "dapo+kl_ref"), (0.0, "dapo")):
+        recwarn.clear()
+        config = _config(tmp_path, bf16=True, beta=beta, cast_lm_head_to_fp32=False)
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=objective, config=config, model=str(tiny_model_dir))
+        assert bool([w for w in recwarn if "cast_lm_head_to_fp32=True" in str(w.message)]) is (beta != 0.0)
 
 
 def test_trl_version_guard():
@@ -439,6 +484,32 @@ def test_objective_state_is_saved_with_checkpoints_and_restored(tokenizer, tmp_p
     resumed._load_optimizer_and_scheduler(str(checkpoint))
     assert resumed.objective.state_dict() == trainer.objective.state_dict()
     assert resumed.objective.regularizers[0].coefficient == pytest.approx(0.002)
+    # a checkpoint without the state file (GRPOTrainer's own): resuming from it puts the initial state back
+    fresh = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy",
+                     objective_params={"target_entropy": 100.0, "delta": 0.001})
+    fresh.create_optimizer_and_scheduler(num_training_steps=4)
+    fresh._save_checkpoint(fresh.model, None)
+    initial = Path(fresh.args.output_dir) / "checkpoint-0"
+    (initial / OBJECTIVE_STATE_FILE).unlink(missing_ok=True)
+    assert resumed.objective.state_dict() != fresh.objective.state_dict()
+    resumed._load_optimizer_and_scheduler(str(initial))
+    assert resumed.objective.state_dict() == fresh.objective.state_dict()
+    assert resumed.objective.regularizers[0].coefficient == fresh.objective.regularizers[0].coefficient
+
+
+def test_a_process_that_does_not_save_writes_no_objective_state(tokenizer, tmp_path, monkeypatch):
+    """Under data parallelism only the process TrainingArguments.should_save names writes the checkpoint's files."""
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy",
+                       objective_params={"target_entropy": 100.0, "delta": 0.001})
+    trainer.state.global_step = 0
+    _loss_and_grads(trainer, _inputs(tokenizer, rows=4, seed=11))
+    trainer.objective.end_step()
+    assert trainer.objective.state_dict()
+    trainer.state.global_step = 1
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    monkeypatch.setattr(GRPOConfig, "should_save", property(lambda self: False))
+    trainer._save_checkpoint(trainer.model, None)
+    assert not (Path(trainer.args.output_dir) / "checkpoint-1" / OBJECTIVE_STATE_FILE).exists()
 
 
 def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
@@ -447,10 +518,17 @@ def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
         check_trl_args(_config(tmp_path, top_entropy_quantile=0.2), objective)
     with pytest.raises(ValueError, match="entropy_bonus"):
         check_trl_args(_config(tmp_path, entropy_coef=0.01), objective)
+    with pytest.raises(ValueError, match="'adaptive_entropy' method"):
+        check_trl_args(_config(tmp_path, use_adaptive_entropy=True), objective)
+    with pytest.raises(ValueError, match="delta \\(two-sided clipping\\): use the 'dual_clip' method"):
+        check_trl_args(_config(tmp_path, delta=3.0), objective)
+    with pytest.raises(ValueError, match="off_policy_mask_threshold: not available"):
+        check_trl_args(_config(tmp_path, off_policy_mask_threshold=0.5), objective)
     with pytest.raises(ValueError, match="kl_ref"):
         check_trl_args(_config(tmp_path, beta=0.04), objective)
-    with pytest.raises(ValueError, match="beta"):
+    with pytest.raises(ValueError, match="beta") as refused:
         check_trl_args(_config(tmp_path, beta=0.0), build_objective("dapo+kl_ref"))
+    assert "use_bias_correction_kl" not in str(refused.value)  # TRL reads it only with beta != 0
     with pytest.raises(ValueError, match="leave it 'token'"):  # a per-token ratio cannot be made sequence-level
         check_trl_args(_config(tmp_path, importance_sampling_level="sequence"), build_objective("grpo"))
     # gspo's ratio is the sequence's: the option describes it
@@ -474,6 +552,12 @@ def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
             check_trl_args(_config(tmp_path, **options), build_objective(method))
     with pytest.raises(ValueError, match="sapo_temperature_pos, entropy_target: options of TRL's own loss"):
         check_trl_args(_config(tmp_path, sapo_temperature_pos=2.0, entropy_target=0.5), objective)
+    loss_only = {"sapo_temperature_neg": 2.0, "sapo_temperature_pos": 2.0, "vespo_k_pos": 1.0, "vespo_lambda_pos": 1.0,
+                 "vespo_k_neg": 1.0, "vespo_lambda_neg": 1.0, "entropy_coef_min": 0.1, "entropy_coef_max": 0.5,
+                 "entropy_coef_delta": 0.01, "entropy_target": 0.5}
+    for name, value in loss_only.items():
+        with pytest.raises(ValueError, match=rf"{name}: options of TRL's own loss"):
+            check_trl_args(_config(tmp_path, **{name: value}), objective)
     vllm_args = SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True)
     with pytest.raises(ValueError, match="'tis' or 'icepop'"):
         check_trl_args(vllm_args, objective)
@@ -487,6 +571,9 @@ def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
         check_trl_args(SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True,
                                        vllm_importance_sampling_mode="sequence_truncate",
                                        vllm_importance_sampling_clip_max=5.0), build_objective("dapo+tis"))
+    with pytest.raises(ValueError, match=r"vllm_importance_sampling_clip_min: the objective's rollout correction"):
+        check_trl_args(SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True,
+                                       vllm_importance_sampling_clip_min=0.5), build_objective("dapo+tis"))
     # a wrong method name fails before any model is built
     with pytest.raises(ValueError, match="unknown method"):
         EntropyGRPOTrainer(model="not-loaded", args=_config(tmp_path), objective="no_such_method")
@@ -694,12 +781,25 @@ def _loss_of(trainer, inputs, *, training: bool, accumulation_steps: int, steps_
         return float(trainer._compute_loss(trainer.model, inputs))
 
 
-def test_the_evaluation_loss_is_not_scaled_for_accumulation(tokenizer, tmp_path):
-    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo")
+@pytest.mark.parametrize("method", ["dapo", "grpo"])
+def test_the_evaluation_loss_is_not_scaled_for_accumulation(tokenizer, tmp_path, method):
+    """The evaluation loss is the training loss of one unaccumulated step, a row masked whole counted in the seq-mean
+    modes alike."""
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=method)
     inputs = _inputs(tokenizer)
+    inputs["completion_mask"][1] = 0
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
     train_loss = _loss_of(trainer, inputs, training=True, accumulation_steps=1, steps_per_generation=1)
     eval_loss = _loss_of(trainer, inputs, training=False, accumulation_steps=2, steps_per_generation=4)
     assert train_loss != 0.0 and eval_loss == pytest.approx(train_loss, rel=1e-5)
+
+
+def test_multimodal_inputs_are_refused_naming_the_keys(tokenizer, tmp_path):
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo")
+    inputs = _inputs(tokenizer)
+    for key in ("pixel_values", "image_grid_thw", "num_images"):
+        with pytest.raises(NotImplementedError, match=rf"text-only batches; got multimodal inputs \['{key}'\]"):
+            trainer._compute_loss(trainer.model, {**inputs, key: torch.ones(4, 1)})
 
 
 def test_a_tool_mask_only_removes_tokens(tokenizer, tmp_path):
@@ -734,21 +834,23 @@ def test_the_moe_aux_loss_is_scaled_for_accumulation_as_trl_does(tokenizer, tmp_
     without = _loss_of(trainer, inputs, training=True, accumulation_steps=2, steps_per_generation=2)
     original = trainer._response_stats
     trainer._response_stats = lambda *a, **k: (original(*a, **k)[0], torch.tensor(1.0))  # a router loss of 1
-    trainer.aux_loss_enabled, trainer.router_aux_loss_coef = True, 1.0
+    trainer.aux_loss_enabled, trainer.router_aux_loss_coef = True, 0.1
     with_aux = _loss_of(trainer, inputs, training=True, accumulation_steps=2, steps_per_generation=2)
-    assert with_aux - without == pytest.approx(0.5, rel=1e-5)  # coef * aux / gradient_accumulation_steps, as TRL
+    assert with_aux - without == pytest.approx(0.05, rel=1e-5)  # coef * aux / gradient_accumulation_steps, as TRL
+    assert trainer._metrics["train"]["aux_loss"][-1] == 1.0  # logged under TRL's own key
 
 
-def test_an_infinite_metric_of_a_micro_batch_is_left_out_of_trl_s_average(tokenizer, tmp_path):
+def test_an_infinite_or_undefined_metric_of_a_micro_batch_is_left_out_of_trl_s_average(tokenizer, tmp_path):
     """A metric that overflowed on one micro-batch (the largest importance ratio exp(log p - log p_old) of tokens far
-    off-policy) would make TRL's logged mean of it infinite for the whole optimizer step: left out. Finite values go in
-    as they are."""
+    off-policy) would make TRL's logged mean of it infinite for the whole optimizer step, and one undefined there (NaN:
+    a quantile of a micro-batch whose tokens are all masked) would make it NaN: both left out. Finite values go in as
+    they are."""
     from types import SimpleNamespace
 
     trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo", diagnostics=False)
     batch = SimpleNamespace(entropy=torch.tensor([[0.5, 1.5, 9.0]]), mask=torch.tensor([[True, True, False]]))
-    trainer._log_step("train", batch, {"ratio/max": float("inf"), "loss/pg": float("-inf"), "clip/ppo_frac": 0.25},
-                      torch.zeros(1))
+    trainer._log_step("train", batch, {"ratio/max": float("inf"), "loss/pg": float("-inf"), "clip/ppo_frac": 0.25,
+                                       "entropy/p90": float("nan")}, torch.zeros(1))
     logged = trainer._metrics["train"]
     assert logged["clip/ppo_frac"] == [0.25] and logged["entropy"] == [1.0]
-    assert "ratio/max" not in logged and "loss/pg" not in logged
+    assert "ratio/max" not in logged and "loss/pg" not in logged and "entropy/p90" not in logged

@@ -622,5 +622,5 @@ class EntropyGRPOTrainer(GRPOTrainer):
             entries.update(covariance_summary(batch.log_prob, token_advantages, mask))
         for key, value in entries.items():
             value = float(value)
-            if not math.isinf(value):
+            if math.isfinite(value):  # TRL logs each metric's plain mean over the micro-batches
                 metrics[key].append(value)
