@@ -13,7 +13,7 @@ from entrorl.analysis.law import forecast_entropy_law
 from entrorl.analysis.run import (LAW_COLUMNS, MetricRecords, analyse_records, beyond_an_accuracy, chance_sign_agreement,
                                   edge_means, edge_phrase, fit_ceiling_shown, intervention_keys, last_steps_phrase,
                                   law_cells, pearson, ratio, read_json, read_metrics_records)
-from entrorl.analysis.run_report import write_run_report
+from entrorl.analysis.run_report import RECURRING_FORKS_SHOWN, write_run_report
 
 
 def write_run(directory: Path, records: list[dict], *, config: dict | None = None, evaluations: dict | None = None,
@@ -67,6 +67,9 @@ def test_the_law_s_fit_forecast_and_ceiling_recover_a_run_that_follows_it(tmp_pa
     assert baselines["later steps"] == 68 and baselines["forecast RMSE"] == pytest.approx(0.0, abs=1e-12)
     assert baselines["constant RMSE"] == pytest.approx(np.sqrt(np.mean((reward[12:] - reward[:12].mean()) ** 2)))
     assert baselines["law fitted on every step: RMSE"] == pytest.approx(0.0, abs=1e-12)
+    # the reward rises at every step: the best 5-step trailing mean is the last one, above the mean of the last 8 steps
+    assert summary["reward reached (5-step moving average, max)"] == pytest.approx(reward[-5:].mean())
+    assert summary["reward end"] == pytest.approx(reward[-8:].mean())
 
 
 def test_a_ceiling_an_accuracy_cannot_reach_and_one_resting_on_few_steps_are_not_given_as_values(tmp_path):
@@ -102,9 +105,12 @@ def test_a_forecast_on_too_few_steps_shows_no_ceiling_and_the_fit_fraction_is_th
 def test_predicted_and_measured_entropy_change_agreement_is_counted_exactly(tmp_path):
     measured = [0.3, -0.2, 0.1, -0.4, 0.5, -0.1, 0.2, -0.3, 0.0, 0.6]
     predicted = [1e-7, -2e-7, -1e-7, -3e-7, 5e-7, 1e-7, 2e-7, -2e-7, 4e-7, 0.0]  # signs agree at 6 of the 8 non-zero pairs
+    # the first-order change agrees in sign with the measured one at all 9 steps where neither is 0
+    first_order = [0.1, -0.1, 0.2, -0.1, 0.1, -0.2, 0.1, -0.1, 0.3, 0.1]
     records = [{"step": i + 1, "entropy/mean": 1.0 - 0.01 * i, "reward/accuracy": 0.1 * (i % 3),
-                "entropy/predicted_delta": p, "entropy/measured_delta": m, "entropy/delta_token_corr": 0.5}
-               for i, (p, m) in enumerate(zip(predicted, measured))]
+                "entropy/predicted_delta": p, "entropy/measured_delta": m, "entropy/delta_token_corr": 0.5,
+                "entropy/first_order_delta": f}
+               for i, (p, m, f) in enumerate(zip(predicted, measured, first_order))]
     run = write_run(tmp_path / "run", records)
     report = write_run_report(run, figures=False)
     (values,) = report["entropy_change"]["values"]
@@ -113,7 +119,9 @@ def test_predicted_and_measured_entropy_change_agreement_is_counted_exactly(tmp_
     assert values["correlation across steps"] == pytest.approx(np.corrcoef(predicted, measured)[0, 1])
     # by chance: 4 of the 8 predictions and 4 of the 8 measurements are positive, so half would agree
     assert values["by chance"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
-    assert values["mean token correlation"] == 0.5 and values["first order: correlation"] is None
+    assert values["mean token correlation"] == 0.5
+    assert values["first order: correlation"] == pytest.approx(np.corrcoef(first_order, measured)[0, 1])
+    assert values["first order: sign agreement"] == 1.0 and texts["first order: sign agreement"] == "1 of 9"
     summary = {r["quantity"]: r["value"] for r in report["summary"]["rows"]}
     assert summary["predicted vs measured entropy change: sign agreement"] == "0.75 of 8 (0.5 by chance)"
     # the predicted changes sum to 5e-7, the measured ones to 0.7
@@ -148,8 +156,8 @@ def test_fork_tokens_latest_and_recurring(tmp_path):
     def fork(token, entropy):
         return {"token": token, "entropy": entropy, "before": "1+1=", "after": "\n#", "source": "eval.jsonl:3"}
 
-    # a fork without an entropy is listed nowhere among the recurring ones
-    forks = {5: [fork("2", 1.5), fork("+", 1.0), fork("?", None)], 10: [fork("3", 2.0), fork("2", 0.5), fork("+", 0.25)]}
+    # a fork without an entropy is listed nowhere among the recurring ones; an entry that is not a fork is skipped
+    forks = {5: [fork("2", 1.5), fork("+", 1.0), fork("?", None)], 10: [fork("3", 2.0), None, fork("2", 0.5), fork("+", 0.25)]}
     report = write_run_report(write_run(tmp_path / "run", law_records(10), forks=forks), figures=False)
     latest = report["forks"]["latest"]
     assert latest["title"] == "Step 10" and [r["entropy"] for r in latest["values"]] == [2.0, 0.5, 0.25]
@@ -157,11 +165,14 @@ def test_fork_tokens_latest_and_recurring(tmp_path):
     assert latest["rows"][0]["context"] == "…1+1=⟦3⟧↵#…" and latest["rows"][0]["token"] == "'3'"
     recurring = {r["token"]: (r["times among the top positions"], r["mean entropy"]) for r in report["forks"]["recurring"]["values"]}
     assert recurring == {"'2'": (2, 1.0), "'+'": (2, 0.625), "'3'": (1, 2.0)}
+    assert report["forks"]["recurring"]["title"] == "Recurring fork tokens over the 2 evaluation(s)"  # 3 tokens, 2 evaluations
+    assert "The highest-entropy positions of the evaluation at step 10 (top 10)" in (tmp_path / "run" / "report" / "report.md").read_text()
 
 
 def test_interventions_and_a_method_whose_own_part_never_acted(tmp_path):
     records = [{"step": i + 1, "entropy/mean": 1.0, "reward/accuracy": 0.5, "select/clip_cov_frac": 0.0,
-                "clip/ppo_frac": [0.0, 0.1, 0.3][i], "shape/entropy_bonus": [0.2, None, 0.4][i]} for i in range(3)]
+                "clip/ppo_frac": [0.0, 0.1, 0.3][i], "shape/entropy_bonus": [0.2, None, 0.4][i],
+                "reg/kl_coeff": [0.5, -0.7, 0.0][i]} for i in range(3)]
     run = write_run(tmp_path / "run", records, config={"method": {"method": "clip_cov", "params": {}}, "optim": {"steps": 3}})
     report = write_run_report(run, figures=False)
     assert report["method"] == "clip_cov"
@@ -170,6 +181,9 @@ def test_interventions_and_a_method_whose_own_part_never_acted(tmp_path):
     # an advantage shaper's bonus is an intervention too; a step that logged null is not counted
     bonus = row(report["interventions"], "metric", "shape/entropy_bonus")
     assert bonus["steps"] == 2 and bonus["mean"] == pytest.approx(0.3) and bonus["max"] == 0.4 and bonus["steps not 0"] == 2
+    # the largest value, wherever it falls, and a negative coefficient is not 0
+    coeff = row(report["interventions"], "metric", "reg/kl_coeff")
+    assert coeff["max"] == 0.5 and coeff["mean"] == pytest.approx(-0.2 / 3) and coeff["steps not 0"] == 2
     assert "`select/clip_cov_frac`): on this run it never acted" in (run / "report" / "report.md").read_text()
 
 
@@ -191,9 +205,21 @@ def test_a_run_in_progress_with_a_line_cut_short(tmp_path):
     assert report["steps"] == 4 and "logged up to step 4 of 100" in markdown
     assert "not a JSON object were skipped: 5." in markdown
     assert report["section_errors"] == {}
+    # a run that logs every other step is at the last step it logged, not at the number of steps logged
+    sparse = [{**record, "step": 2 * record["step"]} for record in law_records(4)]
+    write_run_report(write_run(tmp_path / "sparse", sparse, config={"method": "grpo", "optim": {"steps": 100}}), figures=False)
+    assert "logged up to step 8 of 100" in (tmp_path / "sparse" / "report" / "report.md").read_text()
     finished = write_run(tmp_path / "finished", law_records(4), config={"method": "grpo", "optim": {"steps": 4}})
     write_run_report(finished, figures=False)
     assert "logged up to step" not in (finished / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("bad_lines, listed", [(10, "4, 5, 6, 7, 8, 9, 10, 11, 12, 13."),
+                                                (11, "4, 5, 6, 7, 8, 9, 10, 11, 12, 13, ...")])
+def test_the_first_10_skipped_metric_lines_are_named_and_more_are_marked(tmp_path, bad_lines, listed):
+    run = write_run(tmp_path / "run", law_records(3), extra_lines=["[1]"] * bad_lines)
+    write_run_report(run, figures=False)
+    assert f"Lines of `metrics.jsonl` that are not a JSON object were skipped: {listed}" in (run / "report" / "report.md").read_text()
 
 
 def test_figures_are_drawn_and_an_empty_run_still_gets_a_report(tmp_path):
@@ -273,6 +299,12 @@ def test_the_law_is_also_fitted_to_the_evaluations_with_the_entropy_of_the_polic
     training, evaluated = report["law"]["table"]["values"]
     assert training["fitted on"] == "training steps (reward/accuracy)"
     assert evaluated["fitted on"] == "evaluations (eval/avg_at_n)" and evaluated["ceiling"] == pytest.approx(0.6)
+    # the Avg@n reached is the best evaluation's (evaluations are not smoothed)
+    best = max(evaluation["avg_at_n"] for evaluation in evaluations.values())
+    assert by_evaluations["reached"] == pytest.approx(best) and evaluated["reached"] == pytest.approx(best)
+    # its forecast refits on the caller's fraction of the evaluations, as the training steps' does
+    halves = write_run_report(write_run(tmp_path / "run", records, evaluations=evaluations), figures=False, fit_fraction=0.5)
+    assert halves["law"]["evaluations"]["forecast"]["n_fit"] == 6 and halves["law"]["fit"]["forecast"]["n_fit"] == 28
     assert "fitted on 12 evaluations" not in evaluated["note"]
     one = write_run_report(write_run(tmp_path / "one", records, evaluations={5: evaluations[5]}), figures=False)
     assert one["law"]["evaluations"] is None and len(one["law"]["table"]["values"]) == 1
@@ -283,7 +315,8 @@ def test_a_trl_run_is_read_from_its_trainer_state(tmp_path):
     checkpoint's trainer_state.json gives the steps (evaluation entries and the closing summary left out)."""
     history = [{"step": step, "loss": 0.1, "reward": 0.1 * step, "entropy": 1.0 - 0.1 * step,
                 "cov/top_0.02pct_ratio": 100.0 * step, "select/clip_cov_frac": 0.01} for step in (1, 2, 3)]
-    history += [{"step": 3, "eval_loss": 0.5}, {"step": 3, "train_runtime": 12.0, "train_loss": 0.1}]
+    history += [{"step": 3, "eval_loss": 0.5}, {"step": 3, "eval_reward": 0.9, "eval_runtime": 1.0},  # with or without a loss
+                {"step": 3, "train_runtime": 12.0, "train_loss": 0.1}]
     for step, entries in ((2, history[:2]), (3, history)):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"log_history": entries}))
@@ -331,13 +364,16 @@ def test_evaluations_are_ordered_by_step_and_every_k_of_any_evaluation_is_a_colu
     list, in eval/) and a Pass@k entry whose key is not a k are left out, not taken down with the section."""
     evaluations = {step: {"avg_at_n": step / 100, "pass_at_k": {"1": step / 100, "4": step / 50}}
                    for step in (30, 5, 20, 10, 15)}  # written out of order
-    evaluations[40] = {"avg_at_n": 0.4, "pass_at_k": {"1": 0.4, "mean": 0.4}}
+    evaluations[40] = {"avg_at_n": 0.4, "pass_at_k": {"1": 0.4, "mean": 0.4, "8": "n/a", "16": None}}  # no value for 8, 16
     evaluations[45] = [{"token": "x", "entropy": 1.0}]
-    report = write_run_report(write_run(tmp_path / "run", law_records(40), evaluations=evaluations), figures=False)
+    run = write_run(tmp_path / "run", law_records(40), evaluations=evaluations)
+    (run / "eval" / "step_000050.json.tmp").write_text(json.dumps({"avg_at_n": 0.9}))  # not a step file: left out
+    report = write_run_report(run, figures=False)
     assert report["section_errors"] == {}
     table = report["evaluations"]
     assert [r["step"] for r in table["values"]] == [5, 10, 15, 20, 30, 40]
     assert "Pass@4" in table["columns"] and "Pass@mean" not in table["columns"]
+    assert "Pass@8" not in table["columns"] and "Pass@16" not in table["columns"]
     assert row(table, "step", 40)["Pass@4"] is None and row(table, "step", 30)["Pass@4"] == 0.6
     summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
     assert summary["evaluation Avg@n at step 40"] == 0.4 and summary["evaluation Pass@1 at step 40"] == 0.4
@@ -349,6 +385,8 @@ def test_only_the_top_forks_of_the_latest_evaluation_are_listed(tmp_path):
     forks = {10: [{"token": str(i), "entropy": 3.0 - 0.1 * i, "before": "", "after": ""} for i in range(FORKS_SHOWN + 2)]}
     report = write_run_report(write_run(tmp_path / "run", law_records(10), forks=forks), figures=False)
     assert [r["rank"] for r in report["forks"]["latest"]["values"]] == list(range(1, FORKS_SHOWN + 1))
+    # the recurring tokens are the 10 most frequent of the 12 distinct ones
+    assert len(report["forks"]["recurring"]["values"]) == RECURRING_FORKS_SHOWN == 10
 
 # boundaries and marginals: values exactly on a threshold, the chance level's two marginals
 def test_chance_agreement_takes_each_series_marginals_over_the_steps_without_a_zero(tmp_path):
@@ -362,6 +400,16 @@ def test_chance_agreement_takes_each_series_marginals_over_the_steps_without_a_z
     report = write_run_report(write_run(tmp_path / "run", records), figures=False)
     (values,) = report["entropy_change"]["values"]
     assert values["by chance"] == pytest.approx(expected) and values["sign agreement"] == 0.5
+
+
+def test_the_summary_sentence_of_a_two_step_run_gives_start_and_end_in_order(tmp_path):
+    """From two steps on, the summary says where entropy and reward started and ended (each edge one step here)."""
+    records = [{"step": 1, "entropy/mean": 1.0, "reward/accuracy": 0.2}, {"step": 2, "entropy/mean": 0.8, "reward/accuracy": 0.6}]
+    run = write_run(tmp_path / "run", records)
+    write_run_report(run, figures=False)
+    said = " ".join((run / "report" / "report.md").read_text().split())
+    assert "went from 1 to 0.8 nats, 0.8 of its start" in said and "did not collapse" in said
+    assert "; the reward went from 0.2 to 0.6." in said
 
 
 def test_an_end_at_exactly_half_the_start_is_a_collapse(tmp_path):
