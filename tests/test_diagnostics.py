@@ -198,6 +198,21 @@ def test_readable_text_shows_the_bytes_of_a_split_character_instead_of_replaceme
     assert readable_text(tokenizer, after[first_byte + 1:]) == "<0x97><0xA5> b a"
 
 
+def test_a_padded_position_is_not_a_sample_of_its_decision_point():
+    """Rows "ab" and "a" (then padding) share the point after "a", but only the first samples there."""
+    class CharTokenizer:
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    prompt_ids = torch.tensor([[ord("Q")]] * 2)
+    response_ids = torch.tensor([[ord("a"), ord("b")], [ord("a"), 0]])
+    response_mask = torch.tensor([[True, True], [True, False]])
+    entropy = torch.tensor([[1.0, 2.0], [1.0, 5.0]])
+    forks = top_fork_tokens(CharTokenizer(), prompt_ids, torch.ones(2, 1, dtype=torch.bool), response_ids,
+                            response_mask, entropy, k=5)
+    assert [(f["position"], f["samples"], f["chosen"]) for f in forks] == [(1, 1, {"b": 1}), (0, 2, {"a": 2})]
+
+
 def test_top_fork_tokens_keeps_different_bytes_apart():
     """Two samples that chose different bytes at one decision point: two choices, not one U+FFFD counted twice."""
     tokenizer = _byte_level_bpe()
@@ -227,6 +242,8 @@ def test_first_order_change_keeps_a_change_far_below_the_weights_rounding():
     assert expected != 0.0 and change.after_update() == pytest.approx(expected, rel=1e-7)
     with pytest.raises(ValueError, match="1 gradients for 2 parameters"):
         FirstOrderEntropyChange(weights, gradient[:1])
+    with pytest.raises(ValueError, match="3 gradients for 2 parameters"):
+        FirstOrderEntropyChange(weights, gradient + [torch.ones(7)])
 
 
 def _two_rows_at_one_decision_point():
@@ -304,19 +321,26 @@ def test_an_empty_mask_predicts_and_measures_nothing():
     assert metrics == {"entropy/predicted_delta": 0.0, "entropy/predicted_delta_sum": 0.0,
                        "entropy/predicted_delta_batch": 0.0}
     assert torch.equal(predicted, torch.zeros(2, 3))
+    # responses of no tokens at all: no decision point either
+    empty = torch.zeros(2, 0)
+    metrics, predicted = predicted_vs_measured(empty, empty, empty, empty, torch.zeros(2, 0, dtype=torch.bool), lr=1.0,
+                                               temperature=1.0, points=torch.zeros(2, 0, dtype=torch.long))
+    assert metrics["entropy/predicted_delta_sum"] == 0.0 and predicted.shape == (2, 0)
 
 
 def test_first_order_change_covers_a_parameter_larger_than_one_slice():
-    """An embedding-sized parameter (over 2**22 entries) is read slice by slice; every slice counts."""
+    """An embedding-sized parameter (over 2**22 entries) is read slice by slice; every slice counts, and so does a
+    parameter of a single entry."""
     size = 2**22 + 1000
-    weights = [torch.zeros(size)]
-    gradient = [torch.zeros(size)]
+    weights = [torch.zeros(size), torch.zeros(1)]
+    gradient = [torch.zeros(size), torch.tensor([4.0])]
     gradient[0][:10] = 2.0
     gradient[0][-1000:] = 1.0
     change = FirstOrderEntropyChange(weights, gradient)
     with torch.no_grad():
         weights[0].add_(0.5)
-    assert change.after_update() == pytest.approx(0.5 * (2.0 * 10 + 1000))
+        weights[1].add_(0.5)
+    assert change.after_update() == pytest.approx(0.5 * (2.0 * 10 + 1000 + 4.0))
 
 
 def test_top_fork_tokens_never_lists_padding_and_cuts_the_context():
@@ -347,3 +371,21 @@ def test_readable_text_is_decode_when_it_has_no_replacement_character():
             return [["Ġa", "Ġb"][i] for i in ids]
 
     assert readable_text(CleaningTokenizer(), [0, 1]) == "a b"
+
+
+class _ReplacementTokenizer:
+    """A vocabulary of another kind whose decode shows U+FFFD: its pieces are neither byte pieces nor byte-level."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        return "x\ufffd"
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.pieces[i] for i in ids]
+
+
+@pytest.mark.parametrize("pieces", [["x", None], ["x", "\ufffd"], ["##x", "\u65e5"]])
+def test_readable_text_of_an_unknown_kind_of_vocabulary_is_decode(pieces):
+    assert readable_text(_ReplacementTokenizer(pieces), [0, 1]) == "x\ufffd"

@@ -92,6 +92,9 @@ def test_leading_dimensions_and_dtypes():
     tokens = torch.randint(0, 11, (2, 3), generator=_gen(2))
     s_k, d_k = dyn.token_discriminators(z, tokens)
     assert s_k.shape == (2, 3) and d_k.shape == (2, 3)
+    for narrow in (torch.int16, torch.int32):  # token ids of any integer dtype index the vocabulary
+        s_n, d_n = dyn.token_discriminators(z, tokens.to(narrow))
+        assert torch.equal(s_n, s_k) and torch.equal(d_n, d_k)
     assert dyn.entropy(z.float()).dtype == torch.float32
     assert dyn.entropy(z.to(torch.bfloat16)).dtype == torch.float32
     assert dyn.entropy(z).dtype == F64
@@ -369,6 +372,24 @@ def test_invalid_temperature():
             dyn.entropy(z, bad)
 
 
+def test_logits_must_be_a_tensor_with_a_vocabulary_dimension():
+    with pytest.raises(ValueError, match="at least one dimension"):
+        dyn.entropy(torch.tensor(1.0, dtype=F64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        dyn.entropy(np.zeros(4))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        dyn.vocab_discriminator([0.0, 1.0])
+
+
+def test_low_precision_logit_change_is_divided_by_the_temperature_at_full_precision():
+    """float64 logits are computed in float64: a bfloat16 delta_logits is converted before it is divided by T."""
+    z = _random_logits(2, 30, seed=75)
+    delta = torch.randn(2, 30, generator=_gen(76), dtype=F64).to(torch.bfloat16)
+    got = dyn.predicted_entropy_change_logits(z, delta, 0.7)
+    assert got.dtype == F64
+    torch.testing.assert_close(got, dyn.predicted_entropy_change_logits(z, delta.double(), 0.7), atol=1e-14, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------------
 # -inf (masked) and huge logits
 
@@ -490,6 +511,12 @@ def test_huge_logits_are_finite(dtype):
     p1 = torch.softmax(torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=F64), -1)
     assert H[1].item() == pytest.approx(float(-(p1 * p1.log()).sum()), abs=1e-6)
     assert torch.isfinite(dyn.entropy(z, temperature=0.05)).all()
+    # a -inf entry has p = 0 even beside logits far below zero: the row is the distribution of its finite entries
+    zm = torch.tensor([[-1e5, -1e5 + 1.0, float("-inf")]], dtype=dtype)
+    p2 = torch.softmax(torch.tensor([0.0, 1.0], dtype=F64), -1)
+    assert dyn.entropy(zm).item() == pytest.approx(float(-(p2 * p2.log()).sum()), abs=1e-6)
+    S_restricted = dyn.vocab_discriminator(torch.tensor([0.0, 1.0], dtype=F64))
+    torch.testing.assert_close(dyn.vocab_discriminator(zm)[0, :2].double(), S_restricted, atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -506,12 +533,12 @@ def _np_token_cov(lp: np.ndarray, adv: np.ndarray, mask: np.ndarray) -> np.ndarr
     return out
 
 
-@pytest.mark.parametrize("mask_kind", ["random", "all", "single", "empty", "int"])
+@pytest.mark.parametrize("mask_kind", ["random", "all", "single", "empty", "int", "nonzero"])
 def test_token_covariance_against_numpy(mask_kind):
     g = np.random.default_rng(90)
     lp = -np.abs(g.normal(size=(4, 9))) * 2
     adv = g.normal(size=(4, 9))
-    if mask_kind == "random" or mask_kind == "int":
+    if mask_kind in ("random", "int", "nonzero"):
         mask = g.random((4, 9)) < 0.6
     elif mask_kind == "all":
         mask = np.ones((4, 9), dtype=bool)
@@ -523,6 +550,8 @@ def test_token_covariance_against_numpy(mask_kind):
     # garbage outside the mask must not leak in
     lp_in = np.where(mask, lp, np.nan)
     mask_t = torch.tensor(mask.astype(np.int64)) if mask_kind == "int" else torch.tensor(mask)
+    if mask_kind == "nonzero":  # any non-zero entry is a valid token, a negative one included
+        mask_t = torch.tensor(np.where(mask, -2, 0))
     lp_t = torch.tensor(lp_in, requires_grad=True)
     c = dyn.token_covariance(lp_t, torch.tensor(adv), mask_t)
     assert c.dtype == torch.float32 and not c.requires_grad and c.shape == (4, 9)
@@ -604,8 +633,13 @@ def test_covariance_concentration_edge_cases():
     out = dyn.covariance_concentration(torch.tensor([1.0, 2.0]), torch.tensor([False, False]))
     assert out.n_tokens == 0 and math.isnan(out.overall_mean) and math.isnan(out.top_means[2.0])
     assert out.to_dict()["cov/n_tokens"] == 0.0
-    with pytest.raises(ValueError):
-        dyn.covariance_concentration(torch.tensor([1.0]), None, top_percents=(0.0,))
+    for bad in (0.0, -2.0, 100.5, 150.0):
+        with pytest.raises(ValueError, match="top_percents"):
+            dyn.covariance_concentration(torch.tensor([1.0]), None, top_percents=(bad,))
+    # the top 100% is every valid token
+    out = dyn.covariance_concentration(torch.tensor([3.0, -1.0, 1.0, 7.0]), torch.tensor([1, 1, 1, 0]),
+                                       top_percents=(100.0,))
+    assert out.top_counts[100.0] == 3 and out.top_means[100.0] == pytest.approx(1.0) and out.ratios[100.0] == 1.0
     # end to end with token_covariance: 10000 tokens, two confident rewarded outliers
     lp = torch.full((100, 100), -1.0)
     adv = torch.zeros(100, 100)
@@ -628,6 +662,8 @@ def test_batch_predicted_entropy_change():
     mask = torch.tensor([[1, 1, 1], [1, 0, 1]])
     total = -(0.1 * 1 - 0.2 * 2 - 0.3 + 0.05 * 0.5 - 0.4)
     assert dyn.batch_predicted_entropy_change(D, alpha, mask, "sum").item() == pytest.approx(total)
+    assert dyn.batch_predicted_entropy_change(D, alpha, mask).dtype == F64  # float64 in, float64 out
+    assert dyn.batch_predicted_entropy_change(D.float(), alpha, mask).dtype == torch.float32
     assert dyn.batch_predicted_entropy_change(D, alpha, mask).item() == pytest.approx(total / 5)
     assert dyn.batch_predicted_entropy_change(D, 0.5, mask, "sum").item() == pytest.approx(
         -0.5 * (0.1 - 0.2 + 0.3 + 0.05 - 0.4)
