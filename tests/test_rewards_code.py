@@ -14,8 +14,17 @@ import numpy as np
 import pytest
 
 from entrorl.rewards import RewardRunner, check_reward_spec, get_reward
-from entrorl.rewards.code import CodeOptions, CodeReward, CodeVerdict, extract_code, outputs_match, parse_tests
-from entrorl.rewards.sandbox import SandboxCase, SandboxError, SandboxLimits, run_in_sandbox
+from entrorl.rewards.code import (
+    CodeOptions,
+    CodeReward,
+    CodeTest,
+    CodeVerdict,
+    extract_code,
+    judge_run,
+    outputs_match,
+    parse_tests,
+)
+from entrorl.rewards.sandbox import CaseOutcome, SandboxCase, SandboxError, SandboxLimits, SandboxRun, run_in_sandbox
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="the sandbox needs Linux")
 
@@ -98,6 +107,14 @@ def test_extract_code_takes_the_last_python_block_and_falls_back_to_untagged_blo
     assert extract_code("```\nonly untagged\n```") == "only untagged\n"
     assert extract_code("```bash\nls\n```") is None
     assert extract_code("```cpp\nint main(){}\n```", languages=("cpp",)) == "int main(){}\n"
+    assert extract_code("1. Code:\n   ```python\n   print(1)\n   ```\n").strip() == "print(1)"  # fences in a list
+
+
+def test_extract_code_removes_the_indentation_of_a_fence_indented_in_a_list():
+    """A fenced block indented in a Markdown list item has its lines indented as much as its fence: that indentation
+    is the list's, not the program's (CommonMark removes it), and a program that keeps it does not compile."""
+    completion = "1. Code:\n   ```python\n   def f():\n       return 1\n   print(f())\n   ```\n"
+    assert extract_code(completion) == "def f():\n    return 1\nprint(f())\n"
 
 
 def test_extract_code_ignores_unclosed_fences_and_bare_text_unless_asked():
@@ -143,8 +160,12 @@ def test_parse_tests_reads_numbers_and_lists_of_lines_as_text():
     assert (test.input, test.expected) == ("1 2\n3 4\n", "3")
     [test] = parse_tests({"cases": [{"input": ["x"], "output": ["a", "b"]}]})
     assert (test.input, test.expected) == ("x\n", "a\nb\n")
+    [test] = parse_tests({"cases": [{"input": ("x", "y"), "output": ("a",)}]})  # a tuple of lines too
+    assert (test.input, test.expected) == ("x\ny\n", "a\n")
     [test] = parse_tests({"cases": [{"output": "ok"}]})  # no input: empty standard input
     assert (test.input, test.expected) == ("", "ok")
+    [test] = parse_tests({"cases": [{"input": [], "output": []}]})  # no lines at all: empty text, not one newline
+    assert (test.input, test.expected) == ("", "")
 
 
 @pytest.mark.parametrize(
@@ -154,12 +175,16 @@ def test_parse_tests_reads_numbers_and_lists_of_lines_as_text():
         ("1 2 -> 3", "a string spec must be JSON"),
         ({}, "no test case"),
         ({"inputs": ["1"]}, "together"),
+        ({"outputs": ["1"]}, "together"),
         ({"inputs": ["1"], "outputs": []}, "1 inputs but 0 outputs"),
         ({"cases": [{"input": "1"}]}, r"cases\[0\]"),
         ({"tests": []}, "unknown keys"),
         ({"asserts": [""]}, r"asserts\[0\]"),
         ({"asserts": ["   \n"]}, r"asserts\[0\]"),
         ({"asserts": [7]}, r"asserts\[0\]"),
+        # one string is not a list of asserts: each of its characters would become a case of its own
+        pytest.param({"asserts": "assert(f(1)==2)"}, "'asserts' must be a list, got str", id="asserts-as-one-string"),
+        ({"cases": {"input": "1", "output": "2"}}, "'cases' must be a list, got dict"),
         ({"inputs": "12", "outputs": "34"}, "must be lists"),
         ({"cases": [{"input": "", "output": True}]}, r"cases\[0\]\.output"),
         (42, "expected a dict"),
@@ -222,6 +247,95 @@ def test_a_verdict_status_must_be_one_of_the_documented_statuses():
 # --------------------------------------------------------------------------------------------
 
 
+def stdin_test(expected: str = "ok") -> CodeTest:
+    [test] = parse_tests({"cases": [{"input": "", "output": expected}]})
+    return test
+
+
+@pytest.mark.parametrize(
+    ("kind", "outcome", "status", "detail"),
+    [
+        ("stdin", CaseOutcome("error", "MemoryError"), "memory_limit", "MemoryError"),
+        ("stdin", CaseOutcome("error", "BlockingIOError: [Errno 11] Resource temporarily unavailable"),
+         "process_limit", None),
+        ("stdin", CaseOutcome("error", "RuntimeError: can't start new thread"), "process_limit", None),
+        ("stdin", CaseOutcome("error", "OSError: [Errno 27] File too large"), "output_limit", None),
+        ("stdin", CaseOutcome("error", "OSError: [Errno 101] Network is unreachable"), "network_blocked", None),
+        ("stdin", CaseOutcome("error", "gaierror: [Errno -3] Temporary failure in name resolution"), "network_blocked",
+         None),
+        ("stdin", CaseOutcome("error", "gaierror: [Errno -2] Name or service not known"), "network_blocked", None),
+        ("stdin", CaseOutcome("error", "ConnectionRefusedError: [Errno 111] Connection refused"), "runtime_error", None),
+        ("stdin", CaseOutcome("error", "AssertionError"), "runtime_error", None),
+        ("assert", CaseOutcome("error", "AssertionError"), "wrong_answer", None),
+        ("stdin", CaseOutcome("timeout", "ran past the 2 s time limit"), "timeout", "ran past the 2 s time limit"),
+        ("stdin", CaseOutcome("timeout", "CPU time limit (SIGXCPU)"), "timeout", None),
+        ("stdin", CaseOutcome("crashed"), "runtime_error", "crashed"),  # no message: the sandbox's own status says how
+        ("stdin", CaseOutcome("crashed", "killed by SIGSEGV"), "runtime_error", None),
+        ("stdin", CaseOutcome("ok", stdout="ko\n"), "wrong_answer", "expected 'ok', got 'ko\\n'"),
+        ("assert", CaseOutcome("ok"), "passed", None),
+    ],
+)
+def test_each_sandbox_outcome_is_judged_with_its_documented_status(kind, outcome, status, detail):
+    """The status of a case follows from what the sandbox saw: the limit an error message names, a failing assert
+    case as a wrong answer (an ``AssertionError`` in a stdin program is the program crashing), a timeout (wall clock
+    or CPU time), any other error or crash a runtime error."""
+    test = stdin_test() if kind == "stdin" else parse_tests(["assert f()"])[0]
+    verdict = judge_run([test], SandboxRun(outcomes=[outcome]))
+    assert verdict.cases[0][0] == status
+    assert verdict.status == status
+    assert verdict == (1.0 if status == "passed" else 0.0)
+    if detail is not None:
+        assert verdict.cases[0][1] == detail
+
+
+def test_a_judged_run_reports_the_fraction_the_first_failure_and_the_runs_own_time_and_layers():
+    """Three cases, the second failing and the third not run after a timeout: the score counts the one passed out of
+    every case, the reason names the first case that did not pass and the count passed, and the verdict keeps the
+    run's seconds and isolation report."""
+    tests = [stdin_test("a"), stdin_test("b"), stdin_test("c")]
+    run = SandboxRun(
+        outcomes=[CaseOutcome("ok", stdout="a"), CaseOutcome("timeout", "ran past the 1 s time limit"),
+                  CaseOutcome("not_run")],
+        isolation={"network_namespace": True}, seconds=1.25,
+    )
+    verdict = judge_run(tests, run)
+    assert verdict == pytest.approx(1 / 3)
+    assert (verdict.passed, verdict.total) == (1, 3)
+    assert verdict.status == "timeout"
+    assert verdict.reason == "timeout: case 1: ran past the 1 s time limit (1/3 passed)"
+    assert [status for status, _ in verdict.cases] == ["passed", "timeout", "not_run"]
+    assert verdict.seconds == 1.25 and verdict.isolation == {"network_namespace": True}
+
+
+def test_a_judged_syntax_error_scores_zero_and_keeps_the_case_count():
+    run = SandboxRun(outcomes=[CaseOutcome("not_run")] * 2, syntax_error="SyntaxError: invalid syntax", seconds=0.5)
+    verdict = judge_run([stdin_test(), stdin_test()], run)
+    assert verdict == 0.0 and verdict.status == "syntax_error"
+    assert verdict.reason == "syntax_error: SyntaxError: invalid syntax"
+    assert (verdict.passed, verdict.total, verdict.seconds) == (0, 2, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [("network", "network_blocked"), ("file_write", "forbidden_write"), ("process", "process_limit"),
+     ("proc_read", "forbidden_read"), ("ctypes", "forbidden_operation"), ("something_new", "forbidden_operation")],
+)
+def test_each_refused_kind_is_judged_with_its_status_and_scores_zero(kind, status):
+    """A refused act of each kind the sandbox reports names the verdict (an unknown kind is still forbidden), and
+    the case the program passed anyway does not count."""
+    run = SandboxRun(outcomes=[CaseOutcome("ok", stdout="ok")], violations=[(kind, "detail")])
+    verdict = judge_run([stdin_test()], run)
+    assert verdict == 0.0 and verdict.status == status and verdict.passed == 0
+    assert verdict.reason == f"{status}: detail"
+
+
+def test_compare_reaches_the_judged_outputs():
+    run = SandboxRun(outcomes=[CaseOutcome("ok", stdout="ok  \n")])
+    assert judge_run([stdin_test("ok")], run, "tokens") == 1.0
+    assert judge_run([stdin_test("ok")], run, "lines") == 1.0
+    assert judge_run([stdin_test("ok")], run, "exact").status == "wrong_answer"
+
+
 def test_correct_program_scores_one():
     verdict = reward()("add", fenced("a, b = map(int, input().split())\nprint(a + b)"), ADD_TESTS)
     assert verdict == 1.0 and verdict.score == 1.0
@@ -265,6 +379,8 @@ def test_the_answer_takes_precedence_over_meta_tests():
     verdict = reward()("rev", program, {"cases": [{"input": "abc", "output": "cba"}]},
                        tests={"cases": [{"input": "abc", "output": "abc"}]})
     assert verdict == 1.0, verdict.reason
+    with pytest.raises(ValueError, match="no test case"):  # an empty answer is still the answer: only None is none
+        reward()("rev", program, {}, tests={"cases": [{"input": "abc", "output": "cba"}]})
 
 
 def test_a_completion_without_code_still_reports_how_many_cases_there_were():
@@ -355,6 +471,13 @@ def test_broken_programs_score_zero_with_their_reason(completion, status):
     assert verdict.status == status and verdict.reason.startswith(status)
 
 
+def test_a_program_that_does_not_compile_runs_no_case():
+    """A syntax error is reported once, for the run; no case ran, so none is reported as crashed."""
+    run = run_in_sandbox("def broken(:\n    pass", stdin_cases(2) + [SandboxCase("assert", "assert True")])
+    assert run.syntax_error is not None and run.syntax_error.startswith("SyntaxError")
+    assert [outcome.status for outcome in run.outcomes] == ["not_run"] * 3
+
+
 def test_exit_zero_and_sys_exit_end_a_stdin_case_normally():
     verdict = reward()("p", fenced("import sys\nprint(42)\nsys.exit(0)"), {"cases": [{"input": "", "output": "42"}]})
     assert verdict == 1.0
@@ -423,6 +546,15 @@ def test_long_and_non_ascii_outputs_are_captured_whole():
     program = fenced("s = input()\nprint(s[::-1] * 20000)")
     verdict = reward()("p", program, {"cases": [{"input": "héllo→", "output": "→olléh" * 20000}]})
     assert verdict == 1.0, verdict.reason
+
+
+def test_output_that_is_not_utf8_is_compared_with_its_bad_bytes_replaced_not_dropped():
+    """Bytes of the output that are not UTF-8 stand as replacement characters: dropping them would let ``o\\xffk``
+    pass as ``ok``."""
+    program = fenced("import sys\nsys.stdout.buffer.write(b'o\\xffk\\n')")
+    verdict = reward()("p", program, {"cases": [{"input": "", "output": "ok"}]})
+    assert verdict.status == "wrong_answer"
+    assert verdict.cases[0][1] == "expected 'ok', got 'o\ufffdk\\n'"
 
 
 @pytest.mark.parametrize("program", [
@@ -822,6 +954,7 @@ def test_writing_inside_the_sandbox_directory_is_allowed_and_the_directory_is_re
     program = "import os\nopen('scratch.txt', 'w').write('x' * 100)\nos.mkdir('sub')\nprint(os.getcwd())"
     run = run_in_sandbox(program, stdin_cases(), SandboxLimits())
     assert run.outcomes[0].status == "ok" and not run.violations
+    assert run.outcomes[0].seconds > 0  # the case's own wall-clock time is measured
     assert os.path.realpath(run.outcomes[0].stdout.strip()) == os.path.realpath(run.workdir)
     assert not os.path.exists(run.workdir)
 

@@ -79,7 +79,15 @@ _VIOLATION_STATUS = {
 }
 
 _PYTHON_TAGS = ("python", "py", "python3")
-_FENCE_RE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)^[ \t]*```", re.DOTALL | re.MULTILINE)
+_FENCE_RE = re.compile(r"^([ \t]*)```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)^[ \t]*```", re.DOTALL | re.MULTILINE)
+
+
+def _without_fence_indent(body: str, width: int) -> str:
+    """``body`` with up to ``width`` leading blanks taken off each line: a fence indented in a list item indents its
+    code by as much (CommonMark removes the fence's indentation from the block's lines)."""
+    if not width:
+        return body
+    return "".join(line[min(width, len(line) - len(line.lstrip(" \t"))):] for line in body.splitlines(keepends=True))
 
 
 def extract_code(
@@ -100,7 +108,7 @@ def extract_code(
     wanted = {language.casefold() for language in languages}
     tagged, untagged = [], []
     for match in _FENCE_RE.finditer(completion):
-        tag, body = match.group(1).casefold(), match.group(2)
+        tag, body = match.group(2).casefold(), _without_fence_indent(match.group(3), len(match.group(1)))
         if tag in wanted:
             tagged.append(body)
         elif not tag:
@@ -156,6 +164,9 @@ def parse_tests(spec: Any) -> list[CodeTest]:
     unknown = set(spec) - {"cases", "inputs", "outputs", "asserts"}
     if unknown:
         raise ValueError(f"code tests: unknown keys {sorted(unknown)}; use 'cases', 'inputs'/'outputs', 'asserts'")
+    for key in ("cases", "asserts"):
+        if spec.get(key) is not None and not isinstance(spec[key], (list, tuple)):
+            raise ValueError(f"code tests: '{key}' must be a list, got {type(spec[key]).__name__}")
     for index, case in enumerate(spec.get("cases") or []):
         if not isinstance(case, Mapping) or "output" not in case:
             raise ValueError(f"code tests: cases[{index}] must be a dict with 'input' and 'output'")
