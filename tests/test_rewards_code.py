@@ -897,6 +897,34 @@ def test_changing_directory_does_not_make_relative_writes_allowed():
     assert not os.path.exists("/tmp/entrorl-relative-escape")
 
 
+def test_litter_removal_deletes_only_the_sandbox_user_s_entries(tmp_path, monkeypatch):
+    """Run on stand-in folders (the real ones are shared with every process of the machine): only what the sandbox
+    user owns goes, its folders with their contents; what the parent or anyone else owns stays."""
+    from entrorl.rewards import sandbox
+
+    if os.geteuid() != 0:
+        pytest.skip("giving files to another user needs root")
+    sandbox_uid, other_uid = 61_234, 61_235
+    shared = [tmp_path / "tmp", tmp_path / "shm"]
+    for folder in shared:
+        folder.mkdir()
+    litter_file, litter_folder = shared[0] / "left-by-program", shared[1] / "folder-of-program"
+    litter_file.write_text("x")
+    litter_folder.mkdir()
+    (litter_folder / "inside").write_text("x")
+    for path in (litter_file, litter_folder, litter_folder / "inside"):
+        os.chown(path, sandbox_uid, sandbox_uid)
+    kept = [shared[0] / "parents", shared[1] / "someone-elses"]
+    for path in kept:
+        path.write_text("keep")
+    os.chown(kept[1], other_uid, other_uid)
+    stand_ins = (*(str(folder) for folder in shared), str(tmp_path / "absent"))
+    monkeypatch.setattr(sandbox, "_SHARED_WRITABLE_DIRS", stand_ins)
+    assert sorted(sandbox._remove_litter(sandbox_uid)) == sorted([str(litter_file), str(litter_folder)])
+    assert not litter_file.exists() and not litter_folder.exists()
+    assert all(path.read_text() == "keep" for path in kept)
+
+
 def test_files_left_in_shared_temporary_directories_are_removed_when_the_view_is_writable():
     name = f"entrorl-litter-{os.urandom(4).hex()}"
     program = f"open('/dev/shm/{name}', 'w').write('x')\nprint('ok')"
