@@ -40,3 +40,16 @@ def test_a_value_below_the_minimum_is_refused_naming_the_bound(minimum, bad, mes
 def test_the_minimum_itself_is_accepted(minimum):
     assert check_int(minimum, "n", minimum=minimum) == minimum
     assert check_int(-(10**30), "n") == -(10**30)
+
+
+def test_an_empty_sequence_becomes_an_empty_integer_tensor_python_floats_stay_float64_and_a_tensor_is_as_given():
+    from entrorl._checks import as_tensor
+
+    for empty in ([], (), np.array([])):
+        converted = as_tensor(empty)
+        assert converted.dtype == torch.int64 and converted.shape == (0,)
+    assert as_tensor([3, 4]).tolist() == [3, 4] and as_tensor([3, 4]).dtype == torch.int64
+    assert as_tensor([1.0, 1.0 + 1e-12]).dtype == torch.float64 and as_tensor([1.0, 1.0 + 1e-12]).unique().numel() == 2
+    assert as_tensor([True, False]).dtype == torch.bool
+    given = torch.zeros(0)
+    assert as_tensor(given) is given

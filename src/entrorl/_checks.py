@@ -1,9 +1,12 @@
-"""Argument checks shared by every layer of the package (no dependencies beyond the standard library)."""
+"""Argument checks and conversions shared by every layer of the package (the standard library, numpy and torch only)."""
 
 from __future__ import annotations
 
 import operator
 from typing import Any
+
+import numpy as np
+import torch
 
 
 def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
@@ -39,3 +42,14 @@ def _integer_kind(minimum: int | None) -> str:
     if minimum == 1:
         return "a positive integer"
     return f"an integer >= {minimum}"
+
+
+def as_tensor(values: Any) -> torch.Tensor:
+    """``values`` as a tensor: a tensor as given; anything else as numpy reads it, so that Python floats stay float64
+    (torch would round them to float32, making 1 and 1 + 1e-12 one value) and an empty sequence, which holds no number
+    to give it a type, is int64 (torch would make it float32, which a check for integer ids or counts then refuses).
+    The caller checks the type and shape it needs."""
+    if isinstance(values, torch.Tensor):
+        return values
+    array = np.asarray(values)
+    return torch.as_tensor(array.astype(np.int64) if array.size == 0 else array)

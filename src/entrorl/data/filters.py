@@ -25,25 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from entrorl._checks import as_tensor
 from entrorl.data.records import PromptRecord
 
 __all__ = ["filter_by_pass_rate", "group_pass_rates", "informative_groups", "parse_band", "pass_rate_band_mask"]
 
 
-def _as_tensor(values: Any, *, empty_dtype: Any = None) -> torch.Tensor:
-    """A tensor as given; anything else as numpy reads it (Python floats in float64, where torch would round them to
-    float32 and make 1 and 1 + 1e-12 equal), an empty one as ``empty_dtype`` when given."""
-    if isinstance(values, torch.Tensor):
-        return values
-    array = np.asarray(values)
-    if array.size == 0 and empty_dtype is not None:
-        array = array.astype(empty_dtype)
-    return torch.as_tensor(array)
-
-
 def _check_pair(values: Any, group_ids: Any, fn: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    v = _as_tensor(values)
-    g = _as_tensor(group_ids, empty_dtype=np.int64)
+    v = as_tensor(values)
+    g = as_tensor(group_ids)
     if v.dim() != 1:
         raise ValueError(f"{fn}: {what} must be 1-D (one value per sample), got shape {tuple(v.shape)}")
     if g.dim() != 1 or g.shape[0] != v.shape[0]:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from entrorl._checks import check_int
+from entrorl._checks import as_tensor, check_int
 from entrorl.rewards.base import import_callable
 
 __all__ = [
@@ -68,9 +68,7 @@ def _group_ids_of(n: int, group_ids: Sequence[int] | torch.Tensor | None, group_
         if n % group_size:
             raise ValueError(f"{n} samples do not split into groups of {group_size}")
         return torch.arange(n) // group_size
-    ids = torch.as_tensor(group_ids)
-    if ids.numel() == 0 and not isinstance(group_ids, torch.Tensor):
-        ids = ids.long()  # an empty list holds no number, and torch makes it float32
+    ids = as_tensor(group_ids)
     if ids.dim() != 1 or ids.numel() != n or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(f"group_ids must be a 1-d sequence of {n} integers, got shape {tuple(ids.shape)} {ids.dtype}")
     return ids.cpu()

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from entrorl._checks import check_int
+from entrorl._checks import as_tensor, check_int
 
 __all__ = ["overlong_penalty", "overlong_penalties", "validate_overlong"]
 
@@ -66,10 +66,7 @@ def overlong_penalties(
 ) -> torch.Tensor:
     """:func:`overlong_penalty` of every length, as a float32 tensor ``[n]``."""
     max_length, cache_length, factor = _check(max_length, cache_length, penalty_factor)
-    if isinstance(lengths, torch.Tensor):
-        t = lengths
-    else:  # an empty list holds no integer to make torch's tensor an integer one
-        t = torch.as_tensor(lengths, dtype=torch.long if len(lengths) == 0 else None)
+    t = as_tensor(lengths)
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 1:
         raise ValueError("lengths must be a 1-d sequence of integers")
     if t.numel() and int(t.min()) < 0:
