@@ -639,3 +639,16 @@ def test_register_custom_estimator(monkeypatch):
         register_advantage("bad2", description="", paper="")(lambda rewards, group_ids, **kw: rewards)
     with pytest.raises(TypeError, match="exactly two positional"):
         register_advantage("bad3", description="", paper="")(lambda rewards, *, k=1: rewards)
+
+
+def test_rewards_ids_and_lengths_given_as_lists_are_read_as_their_tensors_are():
+    """Python floats are float64: a list of rewards gives the advantages of the float64 tensor of it (torch's default
+    float32 would make 1 and 1 + 1e-12 one reward), and an empty batch given as empty lists is an empty batch."""
+    rewards = [1.0, 1.0 + 1e-12, 0.25, 0.75]
+    as_tensors = compute_advantages("grpo", torch.tensor(rewards, dtype=torch.float64), torch.tensor([0, 0, 1, 1]))
+    assert torch.equal(compute_advantages("grpo", rewards, [0, 0, 1, 1]), as_tensors)
+    assert as_tensors[0] != 0
+    assert compute_advantages("grpo", [], []).shape == (0,)
+    lengths = compute_advantages("dr_grpo", [1.0, 0.0], [0, 0], lengths=[3, 5])
+    assert torch.equal(lengths, compute_advantages("dr_grpo", torch.tensor([1.0, 0.0]), torch.tensor([0, 0]),
+                                                   lengths=torch.tensor([3, 5])))

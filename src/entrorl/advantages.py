@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import torch
 
-from entrorl._checks import check_int
+from entrorl._checks import as_tensor, check_int
 
 __all__ = [
     "AdvantageFn",
@@ -203,11 +203,13 @@ def compute_advantages(
 # --------------------------------------------------------------------------------------------------
 
 
-def _as_tensor(x: Any, what: str) -> torch.Tensor:
+def _as_tensor(x: Any, what: str, *, exact: bool = False) -> torch.Tensor:
+    """``x`` as a tensor; with ``exact``, Python floats stay float64 and an empty list is integers
+    (:func:`entrorl._checks.as_tensor`), for inputs that are read in float64 or as ids anyway."""
     if isinstance(x, torch.Tensor):
         return x
     try:
-        return torch.as_tensor(x)
+        return as_tensor(x) if exact else torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{what} must be a tensor (or convertible to one): {e}") from None
 
@@ -232,8 +234,8 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
 def _check_rewards_groups(
     rewards: Any, group_ids: Any, what: str = "rewards"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r = _as_tensor(rewards, what)
-    g = _as_tensor(group_ids, "group_ids")
+    r = _as_tensor(rewards, what, exact=True)
+    g = _as_tensor(group_ids, "group_ids", exact=True)
     _check_1d(r, what)
     if r.is_complex():
         raise ValueError(f"{what} must be real numbers, got a complex tensor")
@@ -249,7 +251,7 @@ def _check_rewards_groups(
 
 
 def _check_lengths(lengths: Any, r: torch.Tensor) -> torch.Tensor:
-    ln = _as_tensor(lengths, "lengths")
+    ln = _as_tensor(lengths, "lengths", exact=True)
     _check_1d(ln, "lengths", r.shape[0])
     ln = ln.to(device=r.device, dtype=torch.float64)
     _check_finite(ln, "lengths")
