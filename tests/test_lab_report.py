@@ -404,13 +404,13 @@ def test_predicted_and_first_order_changes_are_compared_with_the_measured_one(re
     assert rows["grpo"]["correlation across steps"] == fmt(np.corrcoef(predicted[both], measured[both])[0, 1])
     signed = both & (predicted != 0) & (measured != 0)
     assert rows["grpo"]["sign agreement"] == (
-        f"{fmt(np.mean(np.sign(predicted[signed]) == np.sign(measured[signed])))} of {int(signed.sum())}")
+        f"{fmt(np.mean(np.sign(predicted[signed]) == np.sign(measured[signed])))} of {int(signed.sum())} steps")
     recorded = np.isfinite(first_order) & np.isfinite(measured)
     assert rows["grpo"]["first order: correlation"] == fmt(np.corrcoef(first_order[recorded], measured[recorded])[0, 1])
     assert float(rows["grpo"]["first order: correlation"]) > 0.9
     signed = recorded & (first_order != 0) & (measured != 0)
     assert rows["grpo"]["first order: sign agreement"] == (
-        f"{fmt(np.mean(np.sign(first_order[signed]) == np.sign(measured[signed])))} of {int(signed.sum())}")
+        f"{fmt(np.mean(np.sign(first_order[signed]) == np.sign(measured[signed])))} of {int(signed.sum())} steps")
     assert rows["clip_cov"]["first order: correlation"] == rows["clip_cov"]["first order: sign agreement"] == "n/a"
     assert "The first-order change's ranges from" in markdown
     nonzero = lambda values: np.abs(values[np.isfinite(values) & (values != 0)])  # noqa: E731

@@ -115,15 +115,15 @@ def test_predicted_and_measured_entropy_change_agreement_is_counted_exactly(tmp_
     report = write_run_report(run, figures=False)
     (values,) = report["entropy_change"]["values"]
     (texts,) = report["entropy_change"]["rows"]
-    assert values["steps"] == 10 and values["sign agreement"] == 0.75 and texts["sign agreement"] == "0.75 of 8"
+    assert values["steps"] == 10 and values["sign agreement"] == 0.75 and texts["sign agreement"] == "0.75 of 8 steps"
     assert values["correlation across steps"] == pytest.approx(np.corrcoef(predicted, measured)[0, 1])
     # by chance: 4 of the 8 predictions and 4 of the 8 measurements are positive, so half would agree
     assert values["by chance"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
     assert values["mean token correlation"] == 0.5
     assert values["first order: correlation"] == pytest.approx(np.corrcoef(first_order, measured)[0, 1])
-    assert values["first order: sign agreement"] == 1.0 and texts["first order: sign agreement"] == "1 of 9"
+    assert values["first order: sign agreement"] == 1.0 and texts["first order: sign agreement"] == "1 of 9 steps"
     summary = {r["quantity"]: r["value"] for r in report["summary"]["rows"]}
-    assert summary["predicted vs measured entropy change: sign agreement"] == "0.75 of 8 (0.5 by chance)"
+    assert summary["predicted vs measured entropy change: sign agreement"] == "0.75 of 8 steps (0.5 by chance)"
     # the predicted changes sum to 5e-7, the measured ones to 0.7
     assert ("Summed over the 10 steps, the predicted change is +5e-07 nats a token and the measured one +0.7."
             in (run / "report" / "report.md").read_text())

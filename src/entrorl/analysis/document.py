@@ -94,7 +94,7 @@ def missing() -> Cell:
 
 def agreement_cell(share: float, steps: int) -> Cell:
     """A sign agreement with the number of steps it counts: 0.5 of 4 steps is not 0.5 of 170."""
-    return Cell(f"{fmt(share)} of {steps}", json_value(share), True) if steps else missing()
+    return Cell(f"{fmt(share)} of {steps} {'step' if steps == 1 else 'steps'}", json_value(share), True) if steps else missing()
 
 
 @dataclass
