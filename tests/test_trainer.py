@@ -1541,6 +1541,41 @@ def test_resume_takes_the_new_schedule_and_optimiser_settings_and_refuses_a_diff
         Trainer(load_config({**changed, "model": {"path": str(tmp_path / "no-model-needed")}}), run_dir=run_dir, resume=True)
 
 
+def test_a_checkpoint_records_its_software_and_a_resume_under_other_versions_says_so(
+        tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
+    """Each checkpoint records the Python, entrorl, torch and transformers versions it was written with; a resume under
+    other ones continues but lists them, since the same-seed equality with an uninterrupted run needs the same ones."""
+    import platform
+
+    import transformers
+    from typer.testing import CliRunner
+
+    import entrorl
+    from entrorl.cli import app
+    from entrorl.trainer import checkpoint as checkpoints
+
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 2}))
+    run_dir = tmp_path / "run"
+    first = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(run_dir)])
+    assert first.exit_code == 0, first.output
+    software = checkpoints.load_trainer_state(run_dir / "checkpoints" / "step_000002")["software"]
+    assert software == {"python": platform.python_version(), "entrorl": entrorl.__version__, "torch": torch.__version__,
+                        "transformers": transformers.__version__}
+    assert checkpoints.software_changes(software) == [] and checkpoints.software_changes(None) == []
+
+    other = {**software, "torch": "9.9.9", "entrorl": "0.0.1"}
+    monkeypatch.setattr(checkpoints, "software_versions", lambda: other)
+    monkeypatch.setattr("entrorl.trainer.loop.software_versions", lambda: other)
+    resumed = CliRunner().invoke(app, ["train", str(config), "--set", "optim.steps=3", "--run-dir", str(run_dir), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    output = " ".join(resumed.output.split())
+    assert (f"software changed since that checkpoint: entrorl {entrorl.__version__} -> 0.0.1, torch {torch.__version__} "
+            "-> 9.9.9; the run continues") in output, resumed.output
+    # the checkpoint it writes records the versions of the process that wrote it
+    assert checkpoints.load_trainer_state(run_dir / "checkpoints" / "step_000003")["software"]["torch"] == "9.9.9"
+
+
 def test_a_moved_model_path_is_refused_on_resume_only_when_it_locates_a_reference_model(tiny_model_dir, arithmetic_files):
     """A resumed policy comes from its checkpoint; model.path then only says where the frozen reference loads from,
     so moving it changes the run exactly when a reference model is loaded (kl_ref, or optim.kl_reference)."""
@@ -2047,6 +2082,22 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     assert "loss aggregation" in table and "│ seq-mean-token-sum-norm │" in dr_grpo
     too_big = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "4")
     assert too_big.returncode == 2 and "exceeds --n" in too_big.stderr
+
+
+def test_version_option_prints_the_installed_version_and_runs_nothing(tmp_path):
+    """`entrorl --version` prints the package's version (the one its metadata declares) and exits 0, even when
+    a command follows it."""
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    import entrorl
+    from entrorl.cli import app
+
+    assert entrorl.__version__ == version("entrorl")
+    for arguments in (["--version"], ["--version", "train", str(tmp_path / "missing.yaml")]):
+        result = CliRunner().invoke(app, arguments)
+        assert result.exit_code == 0 and result.stdout == f"entrorl {entrorl.__version__}\n", result.output
 
 
 def test_the_methods_table_lists_the_parameters_a_method_sets_and_leaves_out_unset_ones():

@@ -26,6 +26,22 @@ console = Console(stderr=True)
 _python_show_warning = warnings.showwarning
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from entrorl import __version__
+
+        typer.echo(f"entrorl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="print entrorl's version and exit")] = False,
+) -> None:
+    """Entropy-aware reinforcement fine-tuning of language models."""
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     # plain text (a message may hold brackets), never wrapped: a path or file:line stays on one line
     console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
@@ -82,6 +98,10 @@ def train(
             before, now = trainer.resume_learning_rate
             console.print(f"  so the next step's learning rate is {now:.4g} (the checkpoint's schedule: {before:.4g})",
                           highlight=False, soft_wrap=True)
+        if trainer.software_changes:
+            changed = ", ".join(f"{name} {old} -> {new}" for name, old, new in trainer.software_changes)
+            console.print(Text(f"  software changed since that checkpoint: {changed}; the run continues, but it need not "
+                               "give the metrics an uninterrupted run would have"), soft_wrap=True)
     again = ["entrorl", "train", str(config), *(f"--set={option}" for option in set_ or []), "--run-dir",
              str(trainer.run_dir)]
 

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import pickle
+import platform
 import random
 import re
 import shutil
@@ -182,6 +183,27 @@ def capture_rng_state() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a checkpoint records (Python, entrorl, torch, transformers): a resume on the CPU with the same
+    seed gives the metrics of an uninterrupted run only under the same ones, since a release may change a kernel's
+    rounding or how a random stream is drawn."""
+    import transformers
+
+    from entrorl import __version__
+
+    return {"python": platform.python_version(), "entrorl": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def software_changes(saved: dict[str, str] | None) -> list[tuple[str, str, str]]:
+    """``(package, saved version, version now)`` for each package of :func:`software_versions` whose version differs
+    from the one ``saved`` records (a checkpoint's; ``None`` for a checkpoint written before they were recorded)."""
+    if not saved:
+        return []
+    now = software_versions()
+    return [(name, saved[name], now[name]) for name in now if name in saved and saved[name] != now[name]]
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:

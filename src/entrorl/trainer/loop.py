@@ -63,6 +63,8 @@ from entrorl.trainer.checkpoint import (
     remove_temporary_files,
     restore_rng_state,
     save_checkpoint,
+    software_changes,
+    software_versions,
 )
 from entrorl.trainer.config import OptimConfig, TrainConfig, resolve_device, resume_changes, with_resolved_paths
 from entrorl.trainer.diagnostics import (
@@ -148,6 +150,8 @@ class Trainer:
         self.needs_reference = config.needs_reference()
         self.resume_learning_rate: tuple[float, float] | None = None
         self.resume_changes = self._check_resume_changes(saved_state) if saved_state is not None else []
+        # (package, checkpoint's version, this process's): a resume then need not reproduce an uninterrupted run
+        self.software_changes = software_changes(saved_state.get("software")) if saved_state is not None else []
         self._seed_everything(config.seed)
 
         # what cannot fail late: data and reward before any model loads
@@ -468,6 +472,7 @@ class Trainer:
             "master_weights": self.master.state_dict() if self.master is not None else None,
             "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
             "config": with_resolved_paths(self.config.model_dump(mode="json")),  # what these steps were trained with
+            "software": software_versions(),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
