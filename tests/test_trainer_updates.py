@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from entrorl.trainer import Trainer, TrainingStopped, load_config
+from entrorl.trainer import Trainer, TrainingStopped, load_config, read_metrics
 
-from test_trainer import PARITY_REWARD, NaNLoss, importable_module, make_config  # noqa: E402
+from test_trainer import PARITY_REWARD, NaNLoss, comparable, importable_module, make_config  # noqa: E402
 
 
 @pytest.fixture()
@@ -123,6 +123,46 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_skipped_like_a_non_finite_l
     assert math.isnan(metrics["train/grad_norm"])
     assert all(torch.equal(weights[name], p) for name, p in trainer.model.named_parameters())
     assert trainer.consecutive_nonfinite == 1
+
+
+def test_the_schedule_moves_on_over_a_skipped_step(tmp_path, tiny_model_dir, arithmetic_files, parity, monkeypatch,
+                                                  trainer_for):
+    """The learning-rate schedule follows steps, not applied updates: after a step whose update was skipped, the next
+    step runs at its own place in the warm-up (as the uninterrupted schedule has it), not at the skipped one's."""
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          optim={"steps": 5, "lr": 1e-3, "warmup_steps": 4, "max_consecutive_nonfinite": 3})
+    objective = trainer.objective
+    assert trainer.train_step()["train/lr"] == pytest.approx(1e-3 / 4)
+    monkeypatch.setattr(trainer, "objective", NaNLoss(objective))
+    skipped = trainer.train_step()
+    assert skipped["train/skipped_updates"] == 1 and skipped["train/lr"] == pytest.approx(2e-3 / 4)
+    monkeypatch.setattr(trainer, "objective", objective)
+    assert trainer.train_step()["train/lr"] == pytest.approx(3e-3 / 4)
+
+
+def test_a_resumed_run_goes_on_counting_steps_whose_reward_failed_on_every_sample(tmp_path, tiny_model_dir,
+                                                                                   arithmetic_files):
+    """reward.max_failing_steps counts steps in a row across a resume: one failed step before the checkpoint and one
+    after it stop a run whose limit is 2, as they would have without the interruption."""
+    train, _ = arithmetic_files
+    failing = "def score(prompt, completion, answer, **meta):\n    raise RuntimeError('reward server down')\n"
+    with importable_module(tmp_path, "down_reward", failing):
+        config = load_config(make_config(tiny_model_dir, train, None, checkpoint={"every": 1},
+                                         reward={"name": "down_reward:score", "max_failing_steps": 2}))
+        trainer = Trainer(config, run_dir=tmp_path / "run")
+        try:
+            assert trainer.train_step()["reward/error_frac"] == 1.0 and trainer.consecutive_failed_rewards == 1
+            trainer.save()
+        finally:
+            trainer.close()
+        resumed = Trainer(config, run_dir=tmp_path / "run", resume=True)
+        try:
+            assert resumed.consecutive_failed_rewards == 1
+            with pytest.raises(TrainingStopped, match=r"the reward raised on every sample of 2 steps in a row \(up to step 2\)"):
+                resumed.train_step()
+        finally:
+            resumed.close()
 
 
 def test_skipped_total_counts_the_whole_run(tmp_path, tiny_model_dir, arithmetic_files, parity, monkeypatch,
@@ -313,6 +353,64 @@ def test_a_checkpoint_restores_every_generator():
     assert (torch.rand(3).tolist(), np.random.random(3).tolist(), [random.random() for _ in range(3)]) == expected
 
 
+def resumable_config(tiny_model_dir, train, parity, **optim):
+    """Four steps that move everything a checkpoint holds: rewards that vary (so AdamW's moments move), shuffled
+    prompts, two mini-batches in a random order, a warm-up then a linear decay, the adaptive entropy coefficient."""
+    method = {"method": "adaptive_entropy", "params": {"target_entropy": 10.0, "delta": 0.001, "max_coeff": 0.01}}
+    return load_config(make_config(tiny_model_dir, train, None, method=method, reward={"name": parity},
+                                   optim={"steps": 4, "lr": 1e-2, "mini_batches": 2, "warmup_steps": 2,
+                                          "lr_schedule": "linear", **optim},
+                                   checkpoint={"every": 2, "keep": 2}))
+
+
+def train_until_killed(config, run_dir, *, saved_at: int, killed_after: int) -> None:
+    """A run that checkpointed step ``saved_at``, logged steps up to ``killed_after`` and was then killed (its lock
+    let go, nothing else written)."""
+    trainer = Trainer(config, run_dir=run_dir)
+    try:
+        while trainer.step < killed_after:
+            trainer.logger.log(trainer.step + 1, trainer.train_step())
+            if trainer.step == saved_at:
+                trainer.save()
+    finally:
+        trainer.close()
+
+
+def test_a_resumed_run_logs_exactly_the_metrics_of_the_uninterrupted_run(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                         parity):
+    """Killed after step 3 with step 2 checkpointed, then resumed: on the CPU with the same seed every step's metrics
+    equal those of a run that never stopped, since the checkpoint gives back the data position, every generator, the
+    optimizer's moments, the schedule's place and the adaptive entropy coefficient."""
+    train, _ = arithmetic_files
+    config = resumable_config(tiny_model_dir, train, parity)
+    Trainer(config, run_dir=tmp_path / "straight").train()
+    straight = comparable(read_metrics(tmp_path / "straight"))
+    assert len({record["reward/mean"] for record in straight}) > 1 and all(r["train/updates"] == 2 for r in straight)
+    assert len({record["reg/adaptive_entropy_next_coeff"] for record in straight}) == 4
+
+    train_until_killed(config, tmp_path / "killed", saved_at=2, killed_after=3)
+    assert [record["step"] for record in read_metrics(tmp_path / "killed")] == [1, 2, 3]
+    Trainer(config, run_dir=tmp_path / "killed", resume=True).train()
+    assert comparable(read_metrics(tmp_path / "killed")) == straight
+
+
+def test_a_resumed_run_takes_the_betas_and_eps_of_its_own_configuration(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                        parity):
+    """AdamW's moments come from the checkpoint, its betas and eps from the resumed run's configuration, as its
+    learning rate and weight decay do."""
+    train, _ = arithmetic_files
+    config = resumable_config(tiny_model_dir, train, parity)
+    train_until_killed(config, tmp_path / "run", saved_at=1, killed_after=1)
+    changed = resumable_config(tiny_model_dir, train, parity, betas=[0.8, 0.9], eps=1e-6)
+    resumed = Trainer(changed, run_dir=tmp_path / "run", resume=True)
+    try:
+        assert {key for key, _, _ in resumed.resume_changes} == {"optim.betas", "optim.eps"}
+        assert [(tuple(group["betas"]), group["eps"]) for group in resumed.optimizer.param_groups] == [((0.8, 0.9), 1e-6)]
+        assert all(state["step"] == 2 for state in resumed.optimizer.state.values())  # the moments of two updates
+    finally:
+        resumed.close()
+
+
 def test_checkpoint_keep_keeps_exactly_that_many(tmp_path, tiny_model_dir, arithmetic_files, trainer_for):
     train, _ = arithmetic_files
     trainer = trainer_for(tmp_path, tiny_model_dir, train, optim={"steps": 9, "lr": 1e-3}, checkpoint={"every": 1, "keep": 2})
@@ -370,6 +468,22 @@ def test_pruning_counts_complete_checkpoints_only_and_never_removes_the_one_just
     made_checkpoint(later / "checkpoints", "step_000003")
     written = write_checkpoint(later, 2, tiny_policy, keep=1)
     assert written.is_dir() and sorted(p.name for p in (later / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
+
+
+def test_a_step_written_again_replaces_its_earlier_checkpoint(tmp_path, tiny_policy):
+    """A resumed run writes again the steps a killed run had checkpointed after the one it resumed from (an incomplete
+    one, say): the new checkpoint takes the place of the old folder, whatever is left of it."""
+    from entrorl.trainer.checkpoint import latest_checkpoint
+
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+    write_checkpoint(run_dir, 1, tiny_policy, keep=3)
+    write_checkpoint(run_dir, 2, tiny_policy, keep=3)
+    (root / "step_000002" / "model" / "model.safetensors").unlink()
+    (root / "step_000002" / "left-over").write_text("from the killed run")
+    assert latest_checkpoint(run_dir) == root / "step_000001"
+    assert write_checkpoint(run_dir, 2, tiny_policy, keep=3) == root / "step_000002"
+    assert latest_checkpoint(run_dir) == root / "step_000002" and not (root / "step_000002" / "left-over").exists()
 
 
 def test_latest_names_a_checkpoint_once_it_is_in_place_and_old_ones_go_only_after(tmp_path, tiny_policy, monkeypatch):
@@ -438,6 +552,27 @@ def test_the_full_disk_note_counts_every_weight_a_checkpoint_writes(tmp_path, mo
                         lambda path: collections.namedtuple("usage", "total used free")(10**9, 10**9 - 2**13, 2**13))
     with pytest.raises(checkpoint.CheckpointWriteError, match=r"probably a full disk: 0.0 MiB free there"):
         checkpoint.save_checkpoint(tmp_path / "run", 1, model=model, tokenizer=None, trainer_state={}, keep=1)
+
+
+def test_the_full_disk_note_is_given_exactly_when_the_free_room_is_below_what_the_checkpoint_takes(tmp_path, monkeypatch):
+    """A frozen float32 Linear(64, 64) takes (64 * 64 + 64) * 4 = 16,640 bytes: that much room free gets no guess of a
+    full disk, one byte less does."""
+    import collections
+
+    from entrorl.trainer import checkpoint
+
+    class FrozenModel(torch.nn.Linear):
+        def save_pretrained(self, directory):
+            raise RuntimeError("unexpected pos 100 vs 90")
+
+    model = FrozenModel(64, 64).requires_grad_(False)
+    (tmp_path / "run").mkdir()
+    for free, noted in ((16_640, False), (16_639, True)):
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                            lambda path, free=free: collections.namedtuple("usage", "total used free")(10**9, 10**9 - free, free))
+        with pytest.raises(checkpoint.CheckpointWriteError) as failed:
+            checkpoint.save_checkpoint(tmp_path / "run", 1, model=model, tokenizer=None, trainer_state={}, keep=1)
+        assert ("probably a full disk" in str(failed.value)) is noted
 
 
 def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
