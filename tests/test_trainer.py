@@ -1636,7 +1636,9 @@ def test_resume_skips_an_incomplete_checkpoint_and_names_an_unreadable_one(tmp_p
     caplog.clear()
     with caplog.at_level("WARNING"):
         resumed = Trainer(config, run_dir=run_dir, resume=True)
-    assert resumed.step == 2 and "step_000004 is incomplete" in caplog.text
+    assert resumed.step == 2 and "step_000003 is incomplete (model/model.safetensors is empty); using " \
+        "step_000002 instead" in caplog.text and "step_000004" not in caplog.text  # set aside by the first resume
+    assert (checkpoints / "latest").read_text() == "step_000002\n"
     resumed.close()
     # a tokenizer file lost: without it the resumed run could not encode its prompts
     (checkpoints / "step_000002" / "model" / "tokenizer_config.json").unlink()
@@ -1659,11 +1661,12 @@ def test_resume_skips_an_incomplete_checkpoint_and_names_an_unreadable_one(tmp_p
     trainer_state.write_bytes(b"x" * 100 + saved[100:])
     with pytest.raises(ValueError, match=r"step_000001/trainer.pt cannot be read .*delete step_000001 to resume"):
         Trainer(config, run_dir=run_dir, resume=True)
-    # cut short: no complete checkpoint is left, and the message says what is wrong with each
+    # cut short: no complete checkpoint is left, and the message says what is wrong with it, and which checkpoints the
+    # earlier resumes set aside
     trainer_state.write_bytes(saved[:100])
     with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint in .*checkpoints; incomplete: step_000001 "
-                                                r"\(trainer.pt has 100 bytes instead of the \d+ written\); step_000002 "
-                                                r"\(model/tokenizer_config.json is missing\); step_000003 \(model/model"):
+                                                r"\(trainer.pt has 100 bytes instead of the \d+ written\); set aside by "
+                                                r"earlier resumes in .*passed_over: step_000002, step_000003, step_000004$"):
         Trainer(config, run_dir=run_dir, resume=True)
 
 
@@ -1691,14 +1694,6 @@ def test_a_checkpoint_damaged_in_place_is_passed_over_by_resume_and_refused_by_e
     flip_a_byte(weights)
     flip_a_byte(checkpoints / "step_000002" / "trainer.pt")
     assert latest_checkpoint(run_dir) == checkpoints / "step_000003"  # without verify: sizes only
-    with caplog.at_level("WARNING"):
-        resumed = Trainer(config, run_dir=run_dir, resume=True)
-    assert resumed.step == 1 and resumed.resumed_from == checkpoints / "step_000001"
-    resumed.close()
-    assert re.search(r"step_000003 is damaged \(model/model.safetensors does not hold the bytes written: its CRC-32 is "
-                     r"[0-9a-f]{8} instead of [0-9a-f]{8}\); using step_000002 instead", caplog.text)
-    assert "step_000002 is damaged (trainer.pt does not hold the bytes written" in caplog.text
-    assert "using step_000001 instead" in caplog.text
 
     # a model reader takes step 2, whose model is intact; named, a damaged checkpoint is refused with the way on
     assert resolve_model_directory(run_dir).weights == checkpoints / "step_000002" / "model"
@@ -1713,10 +1708,61 @@ def test_a_checkpoint_damaged_in_place_is_passed_over_by_resume_and_refused_by_e
     with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint in .*; incomplete: step_000001 \(damaged: "
                                                 r"model/model.safetensors does not hold.*step_000002 \(damaged: trainer.pt"):
         Trainer(config, run_dir=run_dir, resume=True)
+    flip_a_byte(checkpoints / "step_000001" / "model" / "model.safetensors")  # the same bit back: intact again
+
+    with caplog.at_level("WARNING"):
+        resumed = Trainer(config, run_dir=run_dir, resume=True)
+    assert resumed.step == 1 and resumed.resumed_from == checkpoints / "step_000001"
+    resumed.close()
+    assert re.search(r"step_000003 is damaged \(model/model.safetensors does not hold the bytes written: its CRC-32 is "
+                     r"[0-9a-f]{8} instead of [0-9a-f]{8}\); using step_000002 instead", caplog.text)
+    assert "step_000002 is damaged (trainer.pt does not hold the bytes written" in caplog.text
+    assert "using step_000001 instead" in caplog.text
+    # the checkpoints it passed over are set aside, where no reader takes them for the run's newest
+    assert sorted(path.name for path in (checkpoints / "passed_over").iterdir()) == ["step_000002", "step_000003"]
+    assert latest_checkpoint(run_dir) == checkpoints / "step_000001"
     # a checkpoint written before checksums passes: its size is all there is to check
     listing_file = checkpoints / "step_000001" / "files.json"
     listing_file.write_text(json.dumps({"files": json.loads(listing_file.read_text())["files"]}))
     assert latest_checkpoint(run_dir, verify="all") == checkpoints / "step_000001"
+
+
+def test_after_a_resume_that_passed_over_checkpoints_the_resumed_run_s_own_are_the_newest(
+        tmp_path, tiny_model_dir, arithmetic_files):
+    """Step 2's and 3's trainer states are damaged, so the resume continues from step 1 and sets both aside, with a
+    warning naming them. The steps it trains then write the run's newest checkpoints: an evaluation of the run directory
+    takes them, not the abandoned step 3 whose model is intact, and the pruning keeps them and step 1. A later resume that
+    passes over a step of the same name again keeps both copies."""
+    from entrorl.trainer.checkpoint import latest_checkpoint, resolve_model_directory
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, "lr": 1e-3},
+                                     checkpoint={"every": 1, "keep": 3}))
+    run_dir = tmp_path / "run"
+    Trainer(config, run_dir=run_dir).train()
+    root = run_dir / "checkpoints"
+    flip_a_byte(root / "step_000002" / "trainer.pt")
+    flip_a_byte(root / "step_000003" / "trainer.pt")
+
+    with pytest.warns(UserWarning, match=r"moved the checkpoints this resume passed over \(incomplete or damaged\) to "
+                                         r".*passed_over: step_000002, step_000003"):
+        resumed = Trainer(config, run_dir=run_dir, resume=True)
+    try:
+        assert resumed.step == 1
+        resumed.train_step()
+        assert resumed.save() == root / "step_000002"
+    finally:
+        resumed.close()
+    assert latest_checkpoint(run_dir) == root / "step_000002"
+    assert resolve_model_directory(run_dir).weights == root / "step_000002" / "model"
+    assert sorted(path.name for path in root.iterdir() if path.is_dir()) == ["passed_over", "step_000001", "step_000002"]
+    assert (root / "latest").read_text() == "step_000002\n"
+
+    flip_a_byte(root / "step_000002" / "trainer.pt")
+    with pytest.warns(UserWarning, match=r"passed over .* step_000002.1$"):
+        Trainer(config, run_dir=run_dir, resume=True).close()
+    assert sorted(path.name for path in (root / "passed_over").iterdir()) == ["step_000002", "step_000002.1", "step_000003"]
+    assert (root / "latest").read_text() == "step_000001\n"
 
 
 def test_latest_pointer_problems_are_named_once(tmp_path, tiny_model_dir, arithmetic_files, caplog):

@@ -61,6 +61,7 @@ __all__ = ["CheckpointWriteError", "training_run_of", "save_checkpoint", "latest
            "ModelDirectory", "resolve_model_directory", "load_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files", "naming_file"]
 
 _PREFIX = "step_"
+PASSED_OVER = "passed_over"  # checkpoints/<this>/: the checkpoints a resume passed over
 _CHECKPOINT_NAME = re.compile(r"step_(\d+)")  # a checkpoint's folder; a copy (step_000040.bak) is none
 
 
@@ -583,6 +584,37 @@ def incomplete_checkpoints(run_dir: Path, *, verify: Verification | None = None)
         if wrong is not None:
             found.append((checkpoint, wrong))
     return found
+
+
+def set_aside_checkpoints_after(run_dir: Path, step: int | None) -> list[Path]:
+    """Move the checkpoints of steps after ``step`` (every one for ``None``, a fresh start) into
+    ``checkpoints/passed_over/``, where no resume, evaluation or pruning looks; returns where each went.
+
+    A resume continues from the newest intact checkpoint, so those after it are incomplete or damaged, and they belong
+    to the stretch of the run that it discards. Left in place, one whose files are all there would later be taken for
+    the run's newest checkpoint (by ``entrorl eval RUN_DIR``, say) over the resumed run's own, and would be kept by the
+    pruning in place of an intact one. ``latest`` then names the checkpoint of ``step`` (none on a fresh start)."""
+    root = Path(run_dir) / "checkpoints"
+    moved = []
+    for folder in _checkpoint_folders(root):
+        if step is not None and checkpoint_step(folder) <= step:
+            continue
+        aside = root / PASSED_OVER
+        aside.mkdir(exist_ok=True)
+        target, copies = aside / folder.name, 0
+        while target.exists():  # passed over once before, by an earlier resume
+            copies += 1
+            target = aside / f"{folder.name}.{copies}"
+        os.replace(folder, target)
+        moved.append(target)
+    if moved:
+        _sync_directory(root)
+        pointer = root / "latest"  # it named one of them, or will once the next checkpoint is written
+        if step is None:
+            pointer.unlink(missing_ok=True)
+        else:
+            atomic_write_text(pointer, f"{_PREFIX}{step:06d}\n")
+    return moved
 
 
 def _checkpoint_folders(root: Path) -> list[Path]:

@@ -52,6 +52,7 @@ from entrorl.rollout import HFSampler, Rollouts, SamplingParams
 from entrorl.trainer.adapters import ADAPTER_DIRECTORY, LoraAdapter
 from entrorl.trainer.allocator import retain_freed_memory
 from entrorl.trainer.checkpoint import (
+    PASSED_OVER,
     atomic_write_text,
     capture_rng_state,
     checkpoint_step,
@@ -63,6 +64,7 @@ from entrorl.trainer.checkpoint import (
     remove_temporary_files,
     restore_rng_state,
     save_checkpoint,
+    set_aside_checkpoints_after,
     software_changes,
     software_versions,
 )
@@ -140,8 +142,11 @@ class Trainer:
         checkpoint = latest_checkpoint(self.run_dir, verify="all" if resume else None)  # a resume reads every file
         if resume and checkpoint is None:
             damaged = incomplete_checkpoints(self.run_dir, verify="all")
+            aside = self.run_dir / "checkpoints" / PASSED_OVER
+            set_aside = sorted(path.name for path in aside.iterdir()) if aside.is_dir() else []
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}" + (
-                "; incomplete: " + "; ".join(f"{path.name} ({wrong})" for path, wrong in damaged) if damaged else ""))
+                "; incomplete: " + "; ".join(f"{path.name} ({wrong})" for path, wrong in damaged) if damaged else "")
+                + (f"; set aside by earlier resumes in {aside}: {', '.join(set_aside)}" if set_aside else ""))
         if not resume and checkpoint is not None:  # a fresh run here would prune that run's checkpoints
             raise FileExistsError(f"{self.run_dir} holds another run's checkpoints (latest: {checkpoint.name}); pass "
                                   "--resume to continue it, or choose another --run-dir / logging.name")
@@ -278,9 +283,15 @@ class Trainer:
     def _discard_files_after(self, step: int | None) -> None:
         """Remove the evaluations, fork tokens, samples and first reward traceback that an interrupted run wrote after
         ``step``, the checkpoint this run resumes from (``None``: a fresh start, which keeps none of them), so that the
-        run directory reads as if the run had never stopped, as ``metrics.jsonl`` does; and the half-written files of
-        a process killed while writing them."""
+        run directory reads as if the run had never stopped, as ``metrics.jsonl`` does; set aside the checkpoints after
+        it (see :func:`set_aside_checkpoints_after`); and remove the half-written files of a process killed while
+        writing them."""
         remove_temporary_files(self.run_dir)
+        moved = set_aside_checkpoints_after(self.run_dir, step)
+        if moved:
+            warnings.warn(f"moved the checkpoints {'this resume' if step is not None else 'this fresh start'} passed "
+                          f"over (incomplete or damaged) to {moved[0].parent}: {', '.join(path.name for path in moved)}",
+                          stacklevel=3)
         for folder in ("eval", "forks", "samples"):
             for path in (self.run_dir / folder).glob("step_*"):
                 match = self._STEP_FILE.fullmatch(path.name)
