@@ -811,6 +811,7 @@ def test_ambiguous_override_names_both_parts():
         ("clip_cov", {"clip_cov_lb": 2.0, "clip_cov_ub": 2.0}, "clip_cov_lb"),  # an empty band
         ("clip_v", {"max_frac": 2.0}, "max_frac"),
         ("icepop", {"icepop_low": 5.0, "icepop_high": 0.5}, "icepop_low"),
+        ("icepop", {"icepop_low": 2.0, "icepop_high": 2.0}, "icepop_low"),  # an empty band
         ("adaptive_entropy", {"min_coeff": 1e-2, "max_coeff": 1e-3}, "min_coeff"),
     ],
 )
@@ -1382,3 +1383,30 @@ def test_a_dropped_token_with_minus_infinite_log_prob_costs_nothing():
     assert float(out.loss) == pytest.approx(-(1.0 * -1.0 + 0.5 * -2.0) / 3, rel=1e-12)
     grad = grad_of(out.loss, log_prob)
     np.testing.assert_allclose(_np(grad), [[-1.0 / 3, 0.0, -0.5 / 3]], rtol=1e-12)
+
+
+def test_keyword_overrides_win_over_the_configs_params():
+    """build_objective(config, **overrides): the call's keywords are the last word over the config's ``params``."""
+    objective = build_objective({"method": "clip_b", "params": {"mu": 2.0, "mode": "paper"}}, mu=3.0)
+    assert (objective.selectors[0].mu, objective.selectors[0].mode) == (3.0, "paper")
+
+
+def test_a_dict_config_may_name_its_method_under_name():
+    assert build_objective({"name": "dapo+clip_b"}).describe() == build_objective("dapo+clip_b").describe()
+    assert build_objective({"name": "kl_cov"}).surrogate.name == "unclipped"
+
+
+def test_a_method_name_with_a_plus_cannot_be_registered():
+    from entrorl.objective import MethodSpec, register_method
+
+    with pytest.raises(ValueError, match="may not contain '\\+'"):
+        register_method(MethodSpec(name="dapo+mine", description="x", paper="arXiv 0000.00000"))
+    assert "dapo+mine" not in {info.name for info in available_methods()}
+
+
+def test_adaptive_entropy_accepts_equal_coefficient_bounds():
+    """min_coeff <= max_coeff: equal bounds fix the coefficient, and the controller cannot move it."""
+    objective = build_objective("adaptive_entropy", entropy_coeff=1e-3, min_coeff=1e-3, max_coeff=1e-3, delta=1e-3)
+    batch, _ = _entropy_batch(0.1, seed=310)
+    objective(batch)
+    assert objective.end_step()["reg/adaptive_entropy_next_coeff"] == pytest.approx(1e-3)

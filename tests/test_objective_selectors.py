@@ -1308,3 +1308,192 @@ def test_a_new_population_gets_its_own_decision_without_end_step():
         pieces = _pieces(case.batch(), population, 2)
         got = np.concatenate([dropped(objective(piece), piece) for piece in pieces])
         np.testing.assert_array_equal(got, expected[name])
+
+
+# --------------------------------------------------------------------------------------------------
+# 13. Closed and open bands at their edges, metrics over the valid tokens, population lifetime
+# --------------------------------------------------------------------------------------------------
+
+
+def test_icepop_band_includes_its_upper_bound():
+    """M(k) = k for alpha <= k <= beta (closed on both sides): k = 1 exactly with beta = 1 keeps its weight."""
+    log_prob = [[-1.0, -2.0]]
+    batch = exact_batch(log_prob, [[1.0, -0.5]], [[True, True]], rollout_log_prob=log_prob)
+    out = build_objective("icepop", icepop_low=0.5, icepop_high=1.0)(batch)
+    assert out.metrics["correction/icepop_masked_frac"] == 0.0
+    assert float(out.loss.detach()) == pytest.approx((-1.0 + 0.5) / 2, rel=1e-12)
+    np.testing.assert_allclose(grad_of_log_prob(out, batch), [[-0.5, 0.25]], rtol=1e-12)
+
+
+def grad_of_log_prob(out, batch: PolicyBatch) -> np.ndarray:
+    (grad,) = torch.autograd.grad(out.loss, batch.log_prob)
+    return grad.numpy()
+
+
+def test_tis_weight_at_its_threshold_is_not_counted_as_truncated():
+    """w = min(k, C): k = C exactly is the weight itself, not a truncation."""
+    log_prob = [[-1.0, -2.0, -0.5]]
+    batch = exact_batch(log_prob, [[1.0, -1.0, 0.5]], [[True] * 3], rollout_log_prob=log_prob)
+    out = build_objective("tis", rollout_is_threshold=1.0)(batch)
+    assert out.metrics["correction/tis_truncated_frac"] == 0.0
+    assert out.metrics["correction/tis_weight_mean"] == 1.0
+
+
+def test_correction_fractions_are_shares_of_the_valid_tokens():
+    """Padding has k = 1: with C = 0.5 (TIS) or a band [2, 5] (IcePop) every valid token is truncated / masked, and
+    the reported share is exactly 1, not inflated by the padded positions."""
+    log_prob = [[-1.0, -2.0, 0.0, 0.0], [-0.5, 0.0, 0.0, 0.0]]
+    mask = [[True, True, False, False], [True, False, False, False]]
+    batch = exact_batch(log_prob, [[1.0, -1.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]], mask, rollout_log_prob=log_prob)
+    tis = build_objective("tis", rollout_is_threshold=0.5)(batch)
+    assert tis.metrics["correction/tis_truncated_frac"] == 1.0
+    assert tis.metrics["correction/tis_weight_mean"] == 0.5
+    icepop = build_objective("icepop", icepop_low=2.0, icepop_high=5.0)(batch)
+    assert icepop.metrics["correction/icepop_masked_frac"] == 1.0
+
+
+def test_clip_cov_band_excludes_its_upper_bound():
+    """Candidates have lb < C_t < ub, strictly: every C_t here is exactly 5 = ub."""
+    batch = exact_batch([[-1.0, -3.0, -1.0, -3.0]], [[5.0, -5.0, 5.0, -5.0]], [[True] * 4])
+    out = build_objective("clip_cov", clip_cov_ratio=0.5, seed=0)(batch)
+    assert dropped_count(batch, out) == 0 and out.metrics["select/clip_cov_candidates_frac"] == 0.0
+    # just inside the band, the same budget drops 2 of the 4
+    inside = exact_batch([[-1.0, -3.0, -1.0, -3.0]], [[4.5, -4.5, 4.5, -4.5]], [[True] * 4])
+    assert dropped_count(inside, build_objective("clip_cov", clip_cov_ratio=0.5, seed=0)(inside)) == 2
+
+
+@pytest.mark.parametrize("mode", ["released", "paper"])
+def test_clip_b_keeps_tokens_exactly_at_mu_sigma(mode):
+    """S = [1, -1, 1, -1]: mean 0, population std 1, every deviation exactly +-1. The paper keeps
+    S - mean in [-mu sigma, mu sigma] (closed) and the released code keeps A < 0 tokens with z >= -mu sigma: mu = 1
+    drops nothing; mu = 0.5 drops both tails (paper) or the A < 0 low ones (released)."""
+    extra = {"mode": mode, **({"mu_high": None} if mode == "paper" else {})}
+
+    def run(mu):
+        batch = exact_batch([[0.0] * 4], [[-1.0, -1.0, 1.0, -1.0]], [[True] * 4], disc=[[1.0, -1.0, 1.0, -1.0]])
+        out = build_objective("clip_b", mu=mu, **extra)(batch)
+        assert out.metrics["clip_b/disc_std"] == 1.0 and out.metrics["clip_b/disc_mean"] == 0.0
+        return dropped(out, batch).tolist()
+
+    assert run(1.0) == [[False] * 4]
+    assert run(0.5) == ([[True] * 4] if mode == "paper" else [[False, True, False, True]])
+
+
+def test_clip_b_tiny_but_real_spread_still_drops_its_outlier():
+    """Only a spread below 1e-12 counts as none: S = nine 0s and one -1e-7 (std 3e-8) is the hand-worked z = -3 case
+    scaled down, and mu = 2.9 drops the low token."""
+    case = random_case(12, torch.float64, shape=(2, 6), lengths=[6, 4])
+    case.arrays["disc"][case.mask] = [0.0] * 9 + [-1e-7]
+    case.arrays["advantages"] = np.where(case.mask, -1.0, GARBAGE["advantages"])
+    batch = case.batch()
+    out = build_objective("clip_b", mu=2.9)(batch)
+    expected = np.zeros_like(case.mask)
+    expected[1, 3] = True
+    np.testing.assert_array_equal(dropped(out, batch), expected)
+    assert out.metrics["clip_b/disc_std"] == pytest.approx(3e-8, rel=1e-9)
+
+
+def test_float64_entropies_that_coincide_in_float32_stay_apart():
+    """The forking threshold is taken in the entropies' own float64: with H = [1, 1 + 1e-12, 2, 3, 4] and rho = 0.75
+    the 0.25 quantile is the token at 1 + 1e-12, kept, and the token at exactly 1 is dropped."""
+    entropy = [[1.0, 1.0 + 1e-12, 2.0, 3.0, 4.0]]
+    batch = exact_batch([[-1.0] * 5], [[1.0] * 5], [[True] * 5], entropy=entropy)
+    out = build_objective("forking_tokens", top_entropy_quantile=0.75)(batch)
+    assert out.trained_mask.tolist() == [[False, True, True, True, True]]
+    assert out.metrics["select/forking_tokens_threshold"] == 1.0 + 1e-12
+
+
+def test_lopti_weight_mean_is_over_the_valid_tokens():
+    """The logged mean weight (alpha pi_old + 1 - alpha) is over the valid tokens; padding (pi_old = e^-50) would pull
+    it towards 1 - alpha."""
+    case = random_case(62, torch.float64, shape=(4, 10), lengths=[10, 4, 6, 5])
+    out = build_objective("lopti_reweight")(case.batch())
+    weight = 0.3 * np.exp(case.arrays["old_log_prob"]) + 0.7
+    assert out.metrics["shape/lopti_weight_mean"] == pytest.approx(weight[case.mask].mean(), rel=1e-12)
+
+
+def test_advantages_mean_metric_is_of_the_shaped_advantages():
+    """``advantages/mean`` reports the advantages the surrogate trained on: after W-REINFORCE's lambda A on A > 0."""
+    case = random_case(63, torch.float64, shape=(4, 10))
+    adv = case.arrays["advantages"]
+    out = build_objective("w_reinforce")(case.batch())
+    shaped = np.where(adv > 0, 0.1 * adv, adv)
+    assert (shaped[case.mask].mean() - adv[case.mask].mean()) < -0.01  # well posed: the shaping moves the mean
+    assert out.metrics["advantages/mean"] == pytest.approx(shaped[case.mask].mean(), rel=1e-12)
+
+
+def test_ratio_metrics_are_over_the_valid_tokens():
+    """ratio/max, ratio/mean and kl/old_new = mean(log pi_old - log pi) over the valid tokens only: here every valid
+    ratio is below 1, so padding (r = 1 there) must not set the maximum."""
+    old = [[-1.0, -2.0, -0.5, -0.5], [-1.5, -1.0, -1.0, -1.0]]
+    log_prob = [[-1.1, -2.3, 5.0, 5.0], [-1.6, 7.0, 7.0, 7.0]]
+    mask = [[True, True, False, False], [True, False, False, False]]
+    batch = PolicyBatch(log_prob=torch.tensor(log_prob, dtype=torch.float64, requires_grad=True),
+                        old_log_prob=torch.tensor(old, dtype=torch.float64),
+                        advantages=torch.ones(2, 4, dtype=torch.float64), mask=torch.tensor(mask))
+    out = build_objective("dapo")(batch)
+    assert out.metrics["ratio/max"] == pytest.approx(np.exp(-0.1), rel=1e-12)
+    assert out.metrics["ratio/mean"] == pytest.approx(np.exp([-0.1, -0.3, -0.1]).mean(), rel=1e-12)
+    assert out.metrics["kl/old_new"] == pytest.approx((0.1 + 0.3 + 0.1) / 3, rel=1e-12)
+
+
+def test_cispo_clip_fraction_counts_weights_clipped_on_either_side():
+    """clip/cispo_frac is the share of tokens whose IS weight was clipped, below 1 - eps_low or above 1 + eps_high."""
+    log_ratio = np.log([[0.5, 1.0, 1.5, 1.1]])
+    batch = PolicyBatch(log_prob=torch.tensor(log_ratio - 1.0, requires_grad=True),
+                        old_log_prob=torch.full((1, 4), -1.0, dtype=torch.float64),
+                        advantages=torch.ones(1, 4, dtype=torch.float64), mask=torch.ones(1, 4, dtype=torch.bool))
+    out = build_objective("cispo", clip_ratio_low=0.2)(batch)
+    assert out.metrics["clip/cispo_frac"] == 0.5
+
+
+def test_kl_cov_judges_on_policy_by_its_selected_tokens():
+    """The warning is about the KL term: it does nothing when every *selected* token has log r = 0, even if other
+    tokens are off-policy (the penalty touches only the selected ones)."""
+    import dataclasses
+
+    case = random_case(35, torch.float64, shape=(4, 20))
+    top = np.unravel_index(np.argmax(np.where(case.mask, token_cov(case), -np.inf)), case.mask.shape)
+    old = case.arrays["log_prob"] - 0.1
+    old[top] = case.arrays["log_prob"][top]
+    case.arrays["old_log_prob"] = np.where(case.mask, old, GARBAGE["old_log_prob"])
+    batch = case.batch()
+    objective = build_objective("kl_cov")  # k N < 1: one token, the top-covariance one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in (1, 2):
+            out = objective(dataclasses.replace(batch, step=step))
+    assert out.metrics["select/kl_cov_frac"] == pytest.approx(1 / case.n_valid)
+    with pytest.warns(UserWarning, match="on-policy"):
+        objective(dataclasses.replace(batch, step=3))
+
+
+def test_adaptive_entropy_first_batch_at_its_target_is_not_below_it():
+    """With no finished step, the first batch decides the bonus: H exactly at the target keeps it off."""
+    objective = build_objective("adaptive_entropy", target_entropy=0.25, entropy_coeff=2e-3)
+    batch = exact_batch([[0.0, 0.0]], [[1.0, -1.0]], [[True, True]], entropy=[[0.25, 0.25]])
+    batch.entropy.requires_grad_(True)
+    out = objective(batch)
+    assert out.metrics["reg/adaptive_entropy_below_target"] == 0.0
+    assert out.metrics["reg/adaptive_entropy_coeff"] == 0.0
+    assert float(out.loss.detach()) == float(out.policy_loss.detach())
+
+
+def test_end_step_releases_the_step_population():
+    """A selector deciding over the step's population keeps it only until end_step: afterwards the population's
+    tensors can be freed."""
+    import gc
+    import weakref
+
+    objective = build_objective("clip_b", mu=1.0)
+    case = clip_b_case(torch.float64)
+    population = case.batch()
+    alive = weakref.ref(population)
+    for piece in _pieces(case.batch(), population, 2):
+        objective(piece)
+    del piece, population
+    gc.collect()
+    assert alive() is not None  # held for the step's other mini- and micro-batches
+    objective.end_step()
+    gc.collect()
+    assert alive() is None
