@@ -1015,6 +1015,33 @@ def test_clip_cov_random_state_round_trips_with_its_device(monkeypatch):
         build_objective("clip_cov", clip_cov_ratio=0.05, seed=5, **CLIP_COV_PPO).load_state_dict(cuda_state)
 
 
+def test_a_seeded_clip_cov_state_is_refused_by_an_unseeded_clip_cov():
+    """The saved random state of a private generator has nowhere to go in a Clip-Cov that draws from torch's global
+    generator: refused, naming the part and the cause, not an AttributeError."""
+    case, _, _ = clip_cov_case(torch.float64)
+    seeded = build_objective("clip_cov", clip_cov_ratio=0.05, seed=1, **CLIP_COV_PPO)
+    seeded(case.batch())
+    with pytest.raises(ValueError, match=r"selector 'clip_cov': the saved state holds the random state of a private "
+                                         r"generator .* give it the seed it was saved with"):
+        build_objective("clip_cov", clip_cov_ratio=0.05, **CLIP_COV_PPO).load_state_dict(seeded.state_dict())
+
+
+@pytest.mark.parametrize("ratio, expected", [(0.29, 28), (0.57, 56), (0.3, 30), (0.25, 25)])
+def test_clip_cov_and_kl_cov_counts_are_the_floor_of_the_float_product_as_in_verl(ratio, expected):
+    """``int(r * N)``, as verl computes it: 0.29 and 0.57 are doubles just below their decimals, so of 100 tokens,
+    all inside Clip-Cov's band, 28 and 56 are dropped (and selected by KL-Cov), not 29 and 57."""
+    assert int(ratio * 100) == expected
+    half = 50
+    log_prob = torch.tensor([[-1.0] * half + [-3.0] * half], dtype=torch.float64, requires_grad=True)
+    advantages = torch.tensor([[2.0] * half + [-2.0] * half], dtype=torch.float64)  # every C_t = 2
+    mask = torch.ones(1, 100, dtype=torch.bool)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach(), advantages=advantages, mask=mask)
+    out = build_objective("clip_cov", clip_cov_ratio=ratio, seed=0)(batch)
+    assert int((mask & ~out.trained_mask).sum()) == expected
+    off_policy = PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach() - 0.1, advantages=advantages, mask=mask)
+    assert build_objective("kl_cov", kl_cov_ratio=ratio)(off_policy).metrics["select/kl_cov_frac"] == expected / 100
+
+
 def test_restoring_a_state_taken_before_the_first_draw_reseeds_clip_cov():
     """A state saved before the generator existed (empty) restores a generator that has not drawn yet: what an
     evaluation or a skipped update that saved and restored the state leaves behind."""

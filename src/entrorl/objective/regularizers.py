@@ -188,7 +188,8 @@ class KLReference(Regularizer):
 class KLCov(Regularizer):
     """KL-Cov. With ``C_t = (log pi_t - mean log pi)(A_t - mean A)`` over the valid tokens, the top
     ``max(1, floor(kl_cov_ratio * N))`` tokens by ``C_t`` get ``+ ppo_kl_coef * |log pi - log pi_old|`` added to
-    their loss (the released code's KL term).
+    their loss (the released code's KL term). The floor is that of the floating-point product, as the released code
+    computes it (``int(k * N)``: 0.29 of 100 tokens selects 28).
 
     Strictly on-policy (one update per rollout, ``log pi == log pi_old``) the term is zero with zero
     gradient, so KL-Cov reduces to its surrogate: it acts only with several mini-batches or epochs per

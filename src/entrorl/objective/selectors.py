@@ -53,7 +53,9 @@ class AdvantageSign(Selector):
 class ClipCov(Selector):
     """Clip-Cov. With ``C_t = (log pi_t - mean log pi)(A_t - mean A)`` over the valid tokens, the candidates are
     the valid tokens with ``clip_cov_lb < C_t < clip_cov_ub`` that the surrogate has not already clipped; a
-    uniformly random ``min(max(1, floor(clip_cov_ratio * N)), #candidates)`` of them are dropped.
+    uniformly random ``min(max(1, floor(clip_cov_ratio * N)), #candidates)`` of them are dropped. The floor is that of
+    the floating-point product, as verl computes it (``int(r * N)``): a ratio whose double lies just below its decimal
+    value, such as 0.29, drops 28 of 100 tokens, not 29.
 
     Random, not top-k: the paper samples within the covariance band. The paper's Eq. 12 gives a dropped token a
     loss of 0 inside the mean over all tokens, and the released code multiplies its loss by zero: either way it stays
@@ -93,6 +95,10 @@ class ClipCov(Selector):
         if not state:
             self._generator = None  # not drawn from yet: the next call seeds it afresh
         if "generator" in state:
+            if self.seed is None:
+                raise ValueError(f"{self.kind} '{self.name}': the saved state holds the random state of a private "
+                                 "generator (a seed was given), but this one has no seed and draws from torch's global "
+                                 "generator; give it the seed it was saved with")
             device = torch.device(state.get("device", "cpu"))  # a CUDA generator's state only fits a CUDA generator
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"{self.kind} '{self.name}': the saved random state belongs to a CUDA generator; "
@@ -240,7 +246,8 @@ class ClipB(Selector):
 class ClipV(Selector):
     """Clip_V. ``D_t = S_t - E_{v~p_t}[S_v]`` (centred on the token's own vocabulary), ``σ_D`` its population std
     over the valid tokens. Candidates: tokens with ``A <= 0`` and ``D < -mu σ_D``; at most
-    ``max(1, floor(max_frac N))`` of them are dropped, the most negative ``D`` first. The threshold is on the raw
+    ``max(1, floor(max_frac N))`` of them (the floor of the floating-point product, as for Clip-Cov) are dropped, the
+    most negative ``D`` first. The threshold is on the raw
     ``D`` (its batch mean is ~0 on-policy, Cor. 3.5), as in the released code. Dropped tokens leave the
     normaliser. Given ``PolicyBatch.population`` (the step's whole batch), ``σ_D``, the cap and the choice are taken
     over the whole training batch, as the released code does before mini-batching."""
