@@ -1662,11 +1662,11 @@ def test_resume_skips_an_incomplete_checkpoint_and_names_an_unreadable_one(tmp_p
     with pytest.raises(ValueError, match=r"step_000001/trainer.pt cannot be read .*delete step_000001 to resume"):
         Trainer(config, run_dir=run_dir, resume=True)
     # cut short: no complete checkpoint is left, and the message says what is wrong with it, and which checkpoints the
-    # earlier resumes set aside
+    # earlier starts set aside
     trainer_state.write_bytes(saved[:100])
     with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint in .*checkpoints; incomplete: step_000001 "
                                                 r"\(trainer.pt has 100 bytes instead of the \d+ written\); set aside by "
-                                                r"earlier resumes in .*passed_over: step_000002, step_000003, step_000004$"):
+                                                r"earlier starts in .*passed_over: step_000002, step_000003, step_000004$"):
         Trainer(config, run_dir=run_dir, resume=True)
 
 

@@ -146,7 +146,7 @@ class Trainer:
             set_aside = sorted(path.name for path in aside.iterdir()) if aside.is_dir() else []
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}" + (
                 "; incomplete: " + "; ".join(f"{path.name} ({wrong})" for path, wrong in damaged) if damaged else "")
-                + (f"; set aside by earlier resumes in {aside}: {', '.join(set_aside)}" if set_aside else ""))
+                + (f"; set aside by earlier starts in {aside}: {', '.join(set_aside)}" if set_aside else ""))
         if not resume and checkpoint is not None:  # a fresh run here would prune that run's checkpoints
             raise FileExistsError(f"{self.run_dir} holds another run's checkpoints (latest: {checkpoint.name}); pass "
                                   "--resume to continue it, or choose another --run-dir / logging.name")
