@@ -202,6 +202,25 @@ def test_judge_errors_and_bad_outputs_score_zero_with_a_reason():
         assert reward.stats()["errors"] == 2 and len(reward.cache) == 0
 
 
+def test_infinite_scores_and_more_scores_than_samples_are_errors():
+    """An infinite score is no score, and a judge returning more scores than samples is misaligned: neither is
+    trusted nor cached."""
+    for bad, message in ((lambda s: [1.0, math.inf], "not a finite number"), (lambda s: [1.0, -math.inf], "not a finite number"),
+                         (lambda s: [1.0, 2.0, 3.0], "returned 3 scores for 2 samples")):
+        reward = JudgeReward(bad)
+        scores = reward.score_batch(["p", "q"], ["a", "b"])
+        assert all(s.score == 0.0 and s.failed and message in s.reason for s in scores), (message, scores)
+        assert reward.stats()["errors"] == 2 and len(reward.cache) == 0
+
+
+def test_default_batch_size_is_8_and_default_cache_holds_4096_entries():
+    judge = RecordingJudge()
+    reward = JudgeReward(judge)
+    reward.score_batch([f"q{i}" for i in range(9)], [f"c{i}" for i in range(9)])
+    assert [len(call) for call in judge.calls] == [8, 1]
+    assert reward.cache.max_entries == 4096 and JudgeCache().max_entries == 4096
+
+
 def test_identical_samples_of_a_failed_chunk_all_fail():
     """A sample repeated in the batch is judged once; when that call fails or times out, every copy gets the
     failed score."""
@@ -485,6 +504,37 @@ def test_causal_lm_judge_with_absolute_positions_matches_direct_computation_in_a
         log_yes = continuation_log_prob(model, tokenizer, question, " yes")
         log_no = continuation_log_prob(model, tokenizer, question, " no")
         assert score == pytest.approx(1.0 / (1.0 + math.exp(log_no - log_yes)), rel=1e-4)
+
+
+def test_a_yes_no_judge_reads_at_most_the_models_context_by_default(tmp_path):
+    """Without max_length the question is cut to the model's max_position_embeddings (128 here), so a question
+    longer than the context is scored from its end instead of overrunning the position embeddings."""
+    torch.set_num_threads(1)
+    save_tiny_gpt2(tmp_path)
+    judge = load_model_judge(tmp_path, template=TEMPLATE)
+    assert judge.max_length == 128
+    sample = ("p", "x" * 300, None)
+    assert judge([sample]) == pytest.approx(load_model_judge(tmp_path, template=TEMPLATE, max_length=128)([sample]), rel=1e-5)
+
+
+def test_a_reward_model_reads_at_most_the_models_context_by_default(tmp_path):
+    torch.set_num_threads(1)
+    save_tiny_reward_model(tmp_path, 1)
+    judge = load_model_judge(tmp_path)
+    assert isinstance(judge, RewardModelJudge) and judge.max_length == 128
+    sample = ("p", "y" * 150 + " so the answer is 4", None)
+    assert judge([sample]) == pytest.approx(load_model_judge(tmp_path, max_length=128)([sample]), rel=1e-5)
+
+
+def test_auto_kind_finds_a_classification_architecture_listed_after_another(tmp_path):
+    import json
+
+    torch.set_num_threads(1)
+    save_tiny_reward_model(tmp_path, 1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = ["Qwen2Model", "Qwen2ForSequenceClassification"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert isinstance(load_model_judge(tmp_path), RewardModelJudge)
 
 
 def test_model_judges_with_other_settings_do_not_share_cached_scores(tmp_path, tiny_model_dir):

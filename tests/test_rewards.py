@@ -160,6 +160,7 @@ def test_extract_boxed(text, expected):
         ("Thus the answer is $\\frac{1}{2}$.", r"\frac{1}{2}"),
         ("Final Answer: 3.5.", "3.5"),
         ("The answer is\n$$\n-4\n$$", "-4"),
+        ("The answer is\n\\[\n-4\n\\]", "-4"),
         ("value 1,234,567 total", "1234567"),
         ("temperatures -3 and \u22125", "-5"),
         ("ratio is 3 / 4", "3/4"),
@@ -204,6 +205,11 @@ def test_math_instruction_mentions_boxed():
         ("", "x", 0.0),
         ("Paris", None, 0.0),
         ("Lyon", ["Paris", "Lyon"], 1.0),
+        ("Lyon", ("Paris", "Lyon"), 1.0),  # a tuple lists references too
+        ("None", ["Paris", None], 0.0),  # a missing reference is not the text "None"
+        ("Straße", "STRASSE", 1.0),  # case-folded, not only lower-cased
+        ("STRASSE", "Straße", 1.0),
+        (None, "x", 0.0),
     ],
 )
 def test_exact_match(completion, answer, expected):

@@ -96,6 +96,9 @@ CASES = [
     ("How many apples are left?", r"\boxed{96\%}", "96", 0.0, "a percent sign means /100"),
     ("A 20% discount applies. What fraction of the price is paid?", r"\boxed{80\%}", "0.8", 1.0, ""),
     ("", r"\boxed{0.96}", r"96\%", 1.0, ""),
+    # a question asking for a percentage reads a reference "96%" as 96 percent only: 0.96 is 0.96 %
+    (PERCENT_QUESTION, r"\boxed{0.96}", r"96\%", 0.0, "the question asks for a percentage"),
+    (PERCENT_QUESTION, r"\boxed{\frac{1}{2}\%}", "0.5", 1.0, ""),  # a sign after a fraction is a unit too
     ("", r"\boxed{96}", r"96\%", 1.0, ""),
     ("", r"\boxed{0.96\%}", r"96\%", 0.0, "differs from reference"),
     # -- constants against decimal approximations ----------------------------------------------
@@ -131,12 +134,15 @@ CASES = [
     ("", r"\boxed{30^\circ}", "30", 1.0, ""),
     ("", r"\boxed{30^{\circ}}", "30", 1.0, ""),
     ("", r"\boxed{30°}", "30", 1.0, ""),
+    ("", r"\boxed{30°C, 40°C}", "30, 40", 1.0, ""),  # degrees Celsius in a list
+    ("", r"\boxed{€5}", "5", 1.0, ""),
     ("", r"\boxed{6 cm}", "5", 0.0, "answer 6 cm differs from reference 5"),
     ("", r"\boxed{2x}", "2", 0.0, "differs from reference 2"),  # x is a variable, not a unit
     ("", r"\boxed{\frac{\pi}{2}}", r"90^\circ", 0.0, "differs from reference"),  # no unit conversion
     # -- intervals ----------------------------------------------------------------------------
     ("", r"\boxed{[1,2)}", "[1, 2)", 1.0, ""),
     ("", r"\boxed{\left[1, 2\right)}", "[1,2)", 1.0, ""),
+    ("", r"\boxed{\bigl(1, 2\bigr)}", "(1, 2)", 1.0, ""),
     ("", r"\boxed{(-\infty, 3]}", "(-inf, 3]", 1.0, ""),
     ("", r"\boxed{[1,2]}", "[1,2)", 0.0, "answer [1,2] differs from reference [1,2)"),
     ("", r"\boxed{(1,2)}", "[1,2)", 0.0, "differs from reference"),
@@ -144,6 +150,7 @@ CASES = [
     # -- sets and lists of roots in any order ----------------------------------------------------
     ("", r"\boxed{x=1, x=-2}", "-2, 1", 1.0, ""),
     ("", r"\boxed{x = 1 \text{ or } x = -2}", "-2,1", 1.0, ""),
+    ("", r"\boxed{3.14 or 2.72}", r"\pi, e", 1.0, ""),  # a plain "or" separates a list of approximations
     ("", r"\boxed{\{2, 1\}}", r"\{1, 2\}", 1.0, ""),
     ("", r"The roots are \boxed{1, 2, 3}", "3,1,2", 1.0, ""),
     ("", r"\boxed{-1 \pm \sqrt{2}}", r"-1-\sqrt2, -1+\sqrt2", 1.0, ""),
@@ -167,6 +174,10 @@ CASES = [
     (COMPLEX_ROOTS_QUESTION, r"\boxed{i, -i, 1}", "1, -i, i", 1.0, ""),
     ("", r"\boxed{1, 2}", "1, 2, i, -i", 0.0, "the answer has 2 distinct value(s), the reference 4"),
     ("", r"\boxed{\frac{-1 + \sqrt{3}i}{2}, \frac{-1 - \sqrt{3}i}{2}}", r"-\frac12 \pm \frac{\sqrt3}{2}i", 1.0, ""),
+    # a value computed through complex numbers whose imaginary part is rounding noise is real
+    ("", r"\boxed{\frac{1}{1+i}+\frac{1}{1-i}, 2}", "1, 2", 1.0, ""),
+    # a reference without real roots is matched by no answer, not by any answer without real roots
+    (REAL_ROOTS_QUESTION, r"\boxed{5i}", "i, -i", 0.0, r"answer 5i differs from reference i, -i"),
     # -- a set is neither a pair nor an interval, whichever order it is written in -----------------
     ("", r"\boxed{\{1,2\}}", "(1,2)", 0.0, "a set is neither an ordered pair nor an interval"),
     ("", r"\boxed{\{2,1\}}", "(1,2)", 0.0, "a set is neither an ordered pair nor an interval"),
@@ -175,6 +186,9 @@ CASES = [
     # -- choices and text -----------------------------------------------------------------------
     ("", r"\boxed{\text{(B)}}", "B", 1.0, ""),
     ("", r"\boxed{\text{(C)}}", "B", 0.0, "differs from reference B"),
+    ("", r"\boxed{\text{YES}}", "yes", 1.0, ""),  # the string check ignores case
+    # infinities of opposite signs differ
+    ("", r"\boxed{\infty}", r"-\infty", 0.0, r"answer \infty differs from reference -\infty"),
     # -- bounded time: numbers too large to evaluate are refused, fast ----------------------------
     ("", r"\boxed{2^{3^{20}}}", "5", 0.0, "too large to evaluate"),
     ("", r"\boxed{10^{10^{10}}}", "5", 0.0, "too large to evaluate"),
@@ -182,6 +196,7 @@ CASES = [
     ("", r"\boxed{1001!}", "5", 0.0, "too large to evaluate"),
     ("", r"\boxed{(3!)!}", "720", 1.0, ""),
     ("", r"\boxed{1^{100000}}", "1", 1.0, ""),
+    ("", r"\boxed{0^{20000}}", "0", 1.0, ""),  # a power of 0 is small, however large its exponent
     ("", r"\boxed{(-1)^{20001}}", "-1", 1.0, ""),
     ("", r"\boxed{2^{10}}", "1024", 1.0, ""),
     ("", r"\boxed{(2^{10})^{3}}", "1073741824", 1.0, ""),
@@ -226,6 +241,14 @@ def test_missing_reference_and_several_references(reward):
     assert reward("", r"\boxed{2}", ["3", "2"]) == 1.0
     verdict = reward("", r"\boxed{4}", ["3", "2"])
     assert verdict == 0.0 and verdict.reason == "answer 4 differs from reference 3"
+
+
+def test_a_verdict_names_the_reference_it_matched_and_a_tuple_lists_references(reward):
+    verdict = reward.judge("", r"\boxed{2}", ["3", r"\boxed{2}"])
+    assert (verdict.score, verdict.reason, verdict.reference, verdict.extracted) == (1.0, None, "2", "2")
+    assert reward("", r"\boxed{2}", ("3", "2")) == 1.0
+    verdict = reward("", r"\boxed{4}", ("3", "2"))
+    assert verdict == 0.0 and verdict.reason == "answer 4 differs from reference 3" and verdict.reference == "3"
 
 
 def test_non_text_completion_scores_zero_with_reason(reward):
@@ -390,6 +413,11 @@ def test_filler_words_and_approximately_signs_are_not_part_of_the_answer(complet
         ("What is 1000/3 to the nearest integer?", QuestionHints(rounding=True)),
         (ROUNDING_QUESTION, QuestionHints(rounding=True)),
         ("Approximately how far is it, to the nearest mile?", QuestionHints(rounding=True)),
+        ("Give the answer to three significant figures.", QuestionHints(rounding=True)),
+        ("结果保留两位小数。", QuestionHints(rounding=True)),
+        ("利润率是百分之几？", QuestionHints(percent=True)),
+        (r"Find all $x \in \mathbb{R}$ with $x^4 = 16$.", QuestionHints(roots="real")),
+        (r"Find all $z \in \mathbb{C}$ with $z^4 = 16$.", QuestionHints(roots="complex")),
         ("", QuestionHints()),
         (None, QuestionHints()),
     ],
@@ -445,6 +473,28 @@ def test_normalize_answer_strips_one_enclosing_block_and_a_final_period():
     assert normalize_answer("**x = 5.**") == "x = 5"
     assert normalize_answer(r"$\$12$") == r"\$12"
     assert normalize_answer("$a$ and $b$") == "$a$ and $b$"
+
+
+def test_default_options_are_the_documented_ones():
+    """tolerance 1e-9, abs_tolerance 0, approximation_digits 3, float_rounding 6, timeout 5 s, max_chars 1000, in
+    the options and in the reward built without arguments."""
+    documented = MathOptions(tolerance=1e-9, abs_tolerance=0.0, approximation_digits=3, float_rounding=6, timeout=5.0,
+                             max_chars=1000)
+    assert MathOptions() == documented
+    assert MathReward().options == documented
+    assert get_reward("math").options == documented
+
+
+def test_float_rounding_option_reaches_math_verify():
+    assert math_equal("1.234", "1.2341", float_rounding=3)
+    assert not math_equal("1.234", "1.2341")
+
+
+def test_max_chars_bounds_the_answer_inclusively_and_the_reference_too():
+    assert get_reward("math", max_chars=7)("", r"\boxed{1+1+1+1}", "4") == 1.0  # exactly max_chars: parsed
+    assert get_reward("math", max_chars=6)("", r"\boxed{1+1+1+1}", "4") == 0.0
+    assert get_reward("math", max_chars=5)("", r"\boxed{4}", "1+1+1+1") == 0.0  # a longer reference: string check only
+    assert get_reward("math", max_chars=7)("", r"\boxed{4}", "1+1+1+1") == 1.0
 
 
 def test_approximation_digits_option():
