@@ -486,8 +486,40 @@ def test_default_options_are_the_documented_ones():
 
 
 def test_float_rounding_option_reaches_math_verify():
-    assert math_equal("1.234", "1.2341", float_rounding=3)
-    assert not math_equal("1.234", "1.2341")
+    """It rounds the floats of what only Math-Verify reads (here intervals); plain numbers keep the tolerance."""
+    assert math_equal("(1.234, 2]", "(1.2341, 2]", float_rounding=3)
+    assert not math_equal("(1.234, 2]", "(1.2341, 2]")
+    assert not math_equal("1.234", "1.2341", float_rounding=3)
+    assert math_equal("1.234", "1.2341", tolerance=1e-4)
+
+
+def test_decimals_differing_beyond_the_sixth_place_are_not_equal():
+    """Math-Verify rounds floats to six decimals; numbers on both sides are judged by the tolerance instead."""
+    verdict = MathReward()("", r"\boxed{0.0000001}", "0.0000002")  # half the reference
+    assert verdict == 0.0 and verdict.reason == "answer 0.0000001 differs from reference 0.0000002"
+    assert not math_equal("1.0000004", "1.0000001")
+    assert not math_equal("0.1234567", "0.1234571")
+    assert not math_equal("0.0000001, 1", "0.0000002, 1")
+    assert math_equal("0.30000000000000004", "0.3") and math_equal("0.0000001", r"\frac{1}{10^{7}}")
+
+
+def test_a_percent_sign_after_an_expression_means_per_hundred():
+    """Not only after a plain number: an expression followed by a percent sign is that many hundredths."""
+    assert math_equal(r"\frac{1}{2}\%", "0.005") and math_equal("(1/2)%", r"\frac{1}{200}")
+    assert MathReward()("", r"\boxed{\frac{1}{2}\%}", r"\frac{1}{200}") == 1.0
+    assert not math_equal(r"\frac{1}{2}\%", "0.5")
+    assert math_equal(r"\frac{1}{2}\%", "0.5", question="What percent of the votes did she get?")
+    assert canonical_answer(r"\%") == r"\%" and canonical_answer("x\\%") == r"\frac{x}{100}"
+
+
+def test_the_reason_names_the_side_that_is_too_long_or_has_no_real_value():
+    assert MathReward(max_chars=5)("", r"\boxed{4}", "1+1+1+1").reason == \
+        "could not parse reference 1+1+1+1: longer than max_chars=5"
+    assert MathReward(max_chars=5)("", r"\boxed{1+1+1+1}", "4").reason == \
+        "could not parse answer 1+1+1+1: longer than max_chars=5"
+    result = compare_answers("5i", "i, -i", question="Find all real roots of p(x) = 0.")
+    assert not result.equal and result.reason == \
+        "answer 5i differs from reference i, -i (the reference has no real value, and the question asks for real ones)"
 
 
 def test_max_chars_bounds_the_answer_inclusively_and_the_reference_too():

@@ -29,8 +29,9 @@ Three stages, each a small ordered table that later work extends:
    * **percent rule** — when the question asks for a percentage ("profit __%", "what percentage",
      "in %"), answers are numbers *of percent*: the sign is a unit, so ``96``, ``96%`` and ``96\\%``
      agree, while ``0.96`` (that is 0.96 %) does not. When the question does not, a percent sign means
-     "/100": ``25%`` equals ``0.25`` and ``1/4`` but not ``25`` — except that a reference written with a
-     percent sign (``96%``) accepts both readings of the answer (``96`` and ``0.96``).
+     "/100", after a number or an expression (``\\frac{1}{2}\\%`` is ``1/200``): ``25%`` equals ``0.25`` and
+     ``1/4`` but not ``25`` — except that a reference written with a percent sign (``96%``) accepts both
+     readings of the answer (``96`` and ``0.96``).
 
    Then the answers are equal when any checker says so:
 
@@ -74,7 +75,8 @@ Three stages, each a small ordered table that later work extends:
        names are ignored and the order of a list is free;
 
    * ``math_verify`` — HuggingFace Math-Verify on the canonical spellings: symbolic expressions, sets
-     and intervals, ``x = 3`` vs ``3``, fractions vs decimals.
+     and intervals, ``x = 3`` vs ``3``; not when both sides read as numbers, which ``numeric`` alone judges
+     (Math-Verify rounds floats to ``float_rounding`` decimals, so ``0.0000001`` would equal ``0.0000002``).
 
    A checker that fails on odd input counts as "not equal".
 
@@ -580,6 +582,7 @@ _PERCENT_SIGN = r"(?:\s*\\%|\s*%|\s*\\text\s*\{\s*\\?%\s*\}|\s+per\s?cent\b|\s*\
 _PERCENT_NUMBER_RE = re.compile(r"(?<![\d.])(-?(?:\d+(?:\.\d*)?|\.\d+))" + _PERCENT_SIGN)  # from a number's start:
 # without the look-behind a long run of digits is rescanned from each of its digits (quadratic)
 _PERCENT_ANY_RE = re.compile(_PERCENT_SIGN)
+_PERCENT_TAIL_RE = re.compile(r"^(?P<value>[^%]*?[^%\s\\{])" + _PERCENT_SIGN + r"$")  # an expression of percent: "\frac{1}{2}\%"
 _APPROXIMATELY_RE = re.compile(r"^(?:\\approx(?![A-Za-z])|≈|\\simeq(?![A-Za-z])|\\sim(?![A-Za-z])|~|approximately\b|about\b)\s*")
 _PI_WORD_RE = re.compile(r"(?<![A-Za-z\\])pi(?![A-Za-z])")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -627,6 +630,8 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
     s = _PERCENT_NUMBER_RE.sub(r"\1" if percent else r"\\frac{\1}{100}", s)
     if percent:
         s = _PERCENT_ANY_RE.sub("", s)
+    else:
+        s = _PERCENT_TAIL_RE.sub(r"\\frac{\g<value>}{100}", s)
     s = _DEGREE_RE.sub("", s)
     s = _TEXT_COMMAND_RE.sub(lambda m: f" {m.group(1).strip()} ", s)
     s = re.sub(r"\\[ ,;:]", " ", s)
@@ -661,7 +666,8 @@ class MathOptions:
       near 0);
     * ``approximation_digits`` — the fewest significant digits a decimal needs to count as an
       approximation of an exact value (``3.14`` for ``\\pi``); 0 turns the approximation rule off;
-    * ``float_rounding`` — decimals Math-Verify rounds floats to before comparing;
+    * ``float_rounding`` — decimals Math-Verify rounds floats to before comparing what only it reads
+      (intervals, equations, ...): when both sides read as numbers, the numeric checker's rules decide;
     * ``timeout`` — seconds one judgement may take (main thread only; see the module notes);
     * ``max_chars`` — longer answers only get the string check (no symbolic parsing of garbage).
     """
@@ -1377,6 +1383,10 @@ def check_math_verify(c: Comparison) -> bool:
         return False
     if not c.gold or not c.target:
         return False
+    if c.gold_numbers is not None and c.target_numbers is not None:
+        # numbers on both sides are the numeric checker's to judge: Math-Verify rounds floats to float_rounding
+        # decimals, which would make 0.0000001 equal 0.0000002 whatever the tolerance
+        return False
     if _is_list_of_values_set(c.prediction) != _is_list_of_values_set(c.reference) and (
             _is_bracketed(c.prediction) or _is_bracketed(c.reference)):
         c.detail = "a set is neither an ordered pair nor an interval"  # Math-Verify matches {1,2} to (1,2), not {2,1}
@@ -1437,7 +1447,11 @@ def _value_lists_match(
         if len(real) < len(pred_values):
             c.detail = "non-real values in the answer were left out: the reference lists real values only"
             pred_values = real
-    if not gold_values or len(gold_values) != len(pred_values):
+    if not gold_values:
+        c.detail = (f"the reference has no real value{of_name}, and the question asks for real ones" if hints.roots == "real"
+                    else f"the reference has no value{of_name}")
+        return False
+    if len(gold_values) != len(pred_values):
         c.detail = f"the answer has {len(pred_values)} distinct value(s){of_name}, the reference {len(gold_values)}"
         return False
     unmatched = list(pred_values)
@@ -1478,8 +1492,12 @@ def _difference_reason(c: Comparison) -> str:
     for side, text in (("answer", c.raw_prediction), ("reference", c.raw_reference)):
         if side in c.problems:
             return f"could not evaluate {side} {_short(text)}: {c.problems[side]}"
-    if not c.parsable:
-        return f"could not parse answer {_short(c.raw_prediction)}: longer than max_chars={c.options.max_chars}"
+    limit = c.options.max_chars
+    for side, canonical, text in (("answer", c.prediction, c.raw_prediction), ("reference", c.reference, c.raw_reference)):
+        if len(canonical) > limit:
+            return f"could not parse {side} {_short(text)}: longer than max_chars={limit}"
+        if not canonical:
+            return f"could not parse {side} {_short(text)}"
     if not c.gold and c.gold_numbers is None:
         return f"could not parse reference {_short(c.raw_reference)}"
     if not c.target and c.target_numbers is None:
