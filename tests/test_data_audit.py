@@ -844,6 +844,7 @@ def test_cli_audit_counts_a_sample_correct_from_the_threshold_given(markup_data,
                                           "--out", out, *(["--correct-threshold", threshold] if threshold else [])])
         assert result.exit_code == 0, result.output
         summary = json.loads((Path(out) / "summary.json").read_text())
+        assert json.loads(result.stdout) == summary  # the summary also goes to stdout, as JSON
         rates[summary["correct_threshold"]] = summary["mean_pass_rate"]
     assert rates == {0.5: 1.0, 0.6: 0.0}  # every reward is 0.5: correct at the default threshold, wrong above it
 

@@ -193,6 +193,15 @@ def test_pass_at_k_curve_on_hand_example():
         assert curve[k] == pytest.approx(want, abs=1e-15), k
 
 
+def test_pass_at_k_curve_keeps_the_order_the_ks_are_given_in():
+    counts = HAND.sum(axis=1)
+    curve = pass_at_k_curve(counts, 4, [4, 1, 2])
+    assert list(curve) == [4, 1, 2]
+    assert list(summarize_samples(HAND, ks=(3, 1)).pass_at_k) == [3, 1]
+    for k in (4, 1, 2):
+        assert curve[k] == pytest.approx(HAND_PASS[k], abs=1e-15), k
+
+
 def test_pass_at_k_curve_rejects_k_larger_than_n():
     with pytest.raises(ValueError, match=r"k=8 exceeds n=4"):
         pass_at_k_curve([1, 2], 4, [1, 8])
@@ -261,6 +270,23 @@ def test_summarize_samples_default_ks_and_rewards_with_threshold():
     assert strict.threshold == 1.0
 
 
+def test_avg_at_n_is_the_share_of_correct_samples_rounded_once():
+    """Avg@n is (correct samples) / (all samples), not a mean of per-problem means rounded on the way: for counts
+    [3, 0, 3, 3, 2, 0, 3] of n = 5 it is 14/35 = 0.4 exactly (the mean of the pass rates gives 0.39999999999999997)."""
+    counts = [3, 0, 3, 3, 2, 0, 3]
+    correct = np.array([[j < c for j in range(5)] for c in counts])
+    s = summarize_samples(correct, ks=(1,))
+    assert s.avg_at_n == 0.4 and s.to_dict()["avg_at_n"] == 0.4
+    assert avg_at_k(correct) == 0.4
+
+
+def test_summary_to_dict_keeps_pass_rates_unrounded():
+    correct = np.array([[True, False, False], [True, True, False]])
+    d = summarize_samples(correct, ks=(1, 3)).to_dict()
+    assert d["pass_rates"] == [1 / 3, 2 / 3]
+    assert d["pass_at_k"][1] == pytest.approx(0.5, abs=1e-15) and d["avg_at_n"] == 0.5
+
+
 def test_summarize_samples_validation():
     with pytest.raises(ValueError, match=r"k=8 exceeds n=4"):
         summarize_samples(HAND, ks=(1, 8))
@@ -309,6 +335,19 @@ def test_polarisation_rates_on_edges_fall_in_the_bin_they_open():
     pol = polarisation([k / 8 for k in range(9)], bins=4)
     np.testing.assert_array_equal(pol.histogram, [2, 2, 2, 3])
     np.testing.assert_array_equal(pol.bin_edges, [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+def test_polarisation_tolerance_only_covers_rounding_errors():
+    """Only a rounding error puts a rate on the edge above it: 0.3 - 5e-8 is in [0.2, 0.3), 0.3 - 1e-12 in [0.3, 0.4)."""
+    pol = polarisation([0.3 - 5e-8, 0.3 - 1e-12, 0.8 - 5e-8], bins=10)
+    np.testing.assert_array_equal(pol.histogram, [0, 0, 1, 1, 0, 0, 0, 1, 0, 0])
+
+
+def test_polarisation_bin_edges_are_exactly_i_over_bins():
+    for bins in (3, 5, 7, 10):
+        edges = polarisation([0.5], bins=bins).bin_edges
+        assert [float(edge) for edge in edges] == [i / bins for i in range(bins + 1)], bins
+    assert polarisation([0.5], bins=5).to_dict()["bin_edges"] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
 def test_polarisation_to_dict_is_json():

@@ -286,6 +286,21 @@ def test_the_report_command(tmp_path):
     assert result.exit_code == 1 and result.output.startswith("error: ") and "a_file" in result.output, result.output
 
 
+def test_report_prints_the_run_s_method_and_the_paths_of_the_files_it_wrote(tmp_path):
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    run = write_run(tmp_path / "run", law_records(80))
+    for out, target in ((None, run / "report"), (tmp_path / "elsewhere", tmp_path / "elsewhere")):
+        result = CliRunner().invoke(app, ["report", str(run), "--no-figures", *(["--out", str(out)] if out else [])])
+        assert result.exit_code == 0, result.output
+        output = " ".join(result.output.split())
+        assert "method: grpo" in output
+        assert f"report: {target / 'report.html'} ({target / 'report.md'})" in output
+        assert (target / "report.html").is_file() and (target / "report.md").is_file()
+
+
 def test_the_law_is_also_fitted_to_the_evaluations_with_the_entropy_of_the_policy_they_evaluated(tmp_path):
     records = law_records(56)  # steps 1..56
     entropy = {r["step"]: r["entropy/mean"] for r in records}

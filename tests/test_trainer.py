@@ -2159,6 +2159,7 @@ def test_the_methods_table_lists_the_parameters_a_method_sets_and_leaves_out_uns
     assert result.exit_code == 0, result.output
     (row,) = [line for line in result.stdout.splitlines() if line.startswith("│ clip_b ")]
     assert "│ clip_ratio_low=0.2, clip_ratio_high=0.2, " in row and "None" not in result.stdout
+    assert row.split("│")[-2].strip() == clip_b.paper and clip_b.paper.startswith("arXiv 2602.03392")
 
 
 def test_cli_eval_writes_every_sample_it_scored(tmp_path, tiny_model_dir, arithmetic_files):
@@ -2218,6 +2219,85 @@ def test_cli_eval_reports_reward_errors_threshold_and_default_ks(tmp_path, tiny_
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert {(round(sample["reward"], 6), sample["correct"]) for sample in samples} == {(0.7, False), (0.0, False)}
     assert set(summary["pass_at_k"]) == {"1", "2", "3"}
+
+
+def test_the_eval_command_prints_the_summary_s_metrics_under_the_checkpoint_and_data_names(tmp_path, tiny_model_dir):
+    """The table on stderr shows the summary's own Avg@n, Pass@k (only the ks asked for), shares solved by no / every
+    sample and histogram, under a title naming the checkpoint (step_N/model) and the data file as it is spelled,
+    brackets included; the settings record the sampling options given. The reward marks every second sample of the
+    first prompt, every sample of the second and none of the others right: pass rates 1/2, 1, 0, 0."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    model = tmp_path / "step_000003" / "model"
+    shutil.copytree(tiny_model_dir, model)
+    data = tmp_path / "[b]sums.jsonl"
+    data.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "2+2=", "answer": "4"}\n{"prompt": "3+2=", "answer": "5"}\n'
+                    '{"prompt": "4+2=", "answer": "6"}\n')
+    with importable_module(tmp_path, "second_prompt_reward", "calls = [0]\n\n\ndef score(prompt, completion, answer, **meta):\n"
+                           "    calls[0] += 1\n    return float(answer == '4' or (answer == '3' and calls[0] % 2 == 0))\n"):
+        result = CliRunner().invoke(app, ["eval", "--model", str(model), "--data", str(data), "--n", "4", "--k", "2",
+                                          "--max-new-tokens", "2", "--reward", "second_prompt_reward:score",
+                                          "--top-k", "3", "--top-p", "0.9", "--out", str(tmp_path / "new" / "e.json")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary == json.loads((tmp_path / "new" / "e.json").read_text())
+    assert summary["pass_rates"] == [0.5, 1.0, 0.0, 0.0] and list(summary["pass_at_k"]) == ["2"]
+    assert summary["pass_at_k"]["2"] == pytest.approx(11 / 24) and summary["avg_at_n"] == 0.375
+    assert summary["polarisation"]["histogram"] == [2, 0, 0, 0, 0, 1, 0, 0, 0, 1]
+    assert (summary["settings"]["top_k"], summary["settings"]["top_p"]) == (3, 0.9)
+    rows = [" ".join(line.strip("│ ").split()) for line in result.output.splitlines() if line.startswith("│")]
+    assert "step_000003/model on [b]sums.jsonl: 4 prompts x 4 samples" in " ".join(result.output.split())
+    assert [row.replace(" │ ", "|") for row in rows] == [
+        "Avg@4|0.3750", "Pass@2|0.4583", "solved by no sample|0.500", "solved by every sample|0.250",
+        "pass-rate histogram|2 0 0 0 0 1 0 0 0 1"]
+
+
+def test_the_eval_command_samples_16_per_prompt_in_batches_of_64_by_default(tmp_path, tiny_model_dir, arithmetic_files):
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    _, held_out = arithmetic_files
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--max-prompts",
+                                      "1", "--max-new-tokens", "1", "--reward", "exact_match"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_samples"] == summary["settings"]["n"] == 16 and summary["settings"]["batch_size"] == 64
+    assert list(summary["pass_at_k"]) == ["1", "2", "4", "8", "16"]
+
+
+def test_the_closing_line_of_a_run_gives_its_first_and_last_step_and_its_last_evaluation(tmp_path):
+    from entrorl.cli import _run_summary
+
+    records = [{"step": 0, "eval/avg_at_n": 0.125, "eval/n": 4.0, "eval/pass_at_1": 0.125},
+               {"step": 1, "reward/mean": 0.1, "entropy/mean": 1.5},
+               {"step": 2, "reward/mean": 0.2, "entropy/mean": 1.25, "eval/avg_at_n": 0.25, "eval/n": 4.0,
+                "eval/pass_at_1": 0.25, "eval/pass_at_4": 0.5, "eval/frac_solved_none": 0.5},
+               {"step": 3, "reward/mean": 0.3, "entropy/mean": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert _run_summary(tmp_path) == (f"{tmp_path}; entropy 1.5 (step 1) -> 1 (step 3); reward 0.1 (step 1) -> 0.3 "
+                                      "(step 3); eval Avg@4 0.25, Pass@1 0.25, Pass@4 0.5, solved by none 0.5 at step 2")
+
+
+def test_data_reasoning_gym_lists_tasks_on_stdout_and_writes_task_jsonl_by_default(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.data import load_prompts
+
+    monkeypatch.chdir(tmp_path)
+    listed = CliRunner().invoke(app, ["data", "reasoning-gym", "--list"])
+    assert listed.exit_code == 0 and "basic_arithmetic" in listed.stdout.split("\n"), listed.output
+    result = CliRunner().invoke(app, ["data", "reasoning-gym", "basic_arithmetic", "--size", "2"])
+    assert result.exit_code == 0, result.output
+    assert len(load_prompts(tmp_path / "basic_arithmetic.jsonl")) == 2
+    unnamed = CliRunner().invoke(app, ["data", "reasoning-gym"])
+    assert unnamed.exit_code == 2 and "name a task" in unnamed.output, unnamed.output
+    unknown = CliRunner().invoke(app, ["data", "reasoning-gym", "no_such_task"])
+    assert unknown.exit_code == 2 and "`entrorl data reasoning-gym --list` shows the installed ones" in " ".join(
+        unknown.output.split()), unknown.output
 
 
 def test_cli_writes_reasoning_gym_data_the_reward_scores(tmp_path):

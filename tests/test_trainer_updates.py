@@ -14,6 +14,7 @@ import os
 import random
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -892,6 +893,51 @@ def test_evaluate_model_keeps_each_sample_s_shaped_reward_length_and_index_promp
     assert len(result.forks) == 2 and not model.training
     with pytest.raises(ValueError, match="evaluate_model: no prompts to evaluate"):
         evaluate_model(model, tokenizer, [], [], runner, n=3, ks=[1], seed=0, sampling=SamplingParams(max_new_tokens=6))
+
+
+def test_evaluate_model_groups_each_prompt_s_own_samples_and_reports_the_ks_asked_for(tiny_model_dir):
+    """Pass rates, pass@k and the polarisation come from each prompt's own n samples (a reward that marks every sample
+    of the second prompt only right gives rates [0, 1, 0]), and only for the ks asked for (not the default ones)."""
+    from entrorl.data import PromptRecord
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+    from entrorl.rewards import RewardRunner
+    from entrorl.rollout import SamplingParams
+    from entrorl.trainer.evaluate import evaluate_model
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    records = [PromptRecord("1+2=", "3", source="a:1"), PromptRecord("2+2=", "4", source="a:2"),
+               PromptRecord("3+2=", "5", source="a:3")]
+    prompt_ids = [tokenizer(record.prompt)["input_ids"] for record in records]
+    runner = RewardRunner(lambda prompt, completion, answer, **meta: SimpleNamespace(score=float(answer == "4"),
+                                                                                     reason=f"checked {answer}"))
+    result = evaluate_model(model, tokenizer, records, prompt_ids, runner, n=4, ks=[2], seed=0, keep_samples=True,
+                            sampling=SamplingParams(max_new_tokens=2))
+    summary = result.summary
+    assert summary.pass_rates.tolist() == [0.0, 1.0, 0.0] and list(summary.pass_at_k) == [2]
+    assert summary.pass_at_k[2] == pytest.approx(1 / 3) and summary.avg_at_n == pytest.approx(1 / 3)
+    assert (summary.polarisation.frac_zero, summary.polarisation.frac_one) == (2 / 3, 1 / 3)
+    assert result.metrics()["eval/frac_solved_all"] == 1 / 3 and "eval/pass_at_1" not in result.metrics()
+    assert [sample["reason"] for sample in result.samples] == [f"checked {r.answer}" for r in records for _ in range(4)]
+    assert [sample["correct"] for sample in result.samples] == [False] * 4 + [True] * 4 + [False] * 4
+
+
+def test_evaluate_model_marks_truncated_only_the_samples_cut_at_max_new_tokens(tiny_model_dir):
+    """Greedy with one new token: "1+2=" is cut (the untrained model repeats "="), while "9<eos>" samples its EOS as
+    that one token, which ends the response: the same length, but not truncated."""
+    from entrorl.data import PromptRecord
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+    from entrorl.rewards import RewardRunner
+    from entrorl.rollout import SamplingParams
+    from entrorl.trainer.evaluate import evaluate_model
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    records = [PromptRecord("1+2=", "3", source="a:1"), PromptRecord("9" + tokenizer.eos_token, "9", source="a:2")]
+    prompt_ids = [tokenizer(record.prompt)["input_ids"] for record in records]
+    runner = RewardRunner(lambda prompt, completion, answer, **meta: 1.0)
+    result = evaluate_model(model, tokenizer, records, prompt_ids, runner, n=2, ks=[1], seed=0, keep_samples=True,
+                            sampling=SamplingParams(max_new_tokens=1, temperature=0.0))
+    assert [(s["completion"], s["length"], s["truncated"]) for s in result.samples] == [
+        ("=", 1, True), ("=", 1, True), ("", 1, False), ("", 1, False)]
 
 
 def test_evaluation_fork_entropies_use_the_sampling_temperature(tmp_path, tiny_model_dir, arithmetic_files, trainer_for,
