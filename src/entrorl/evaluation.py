@@ -283,8 +283,9 @@ def polarisation(pass_rates: Any, bins: int = 10) -> Polarisation:
     """Polarisation of per-problem pass rates (each in ``[0, 1]``).
 
     ``frac_zero`` / ``frac_one`` count rates that are *exactly* 0 / 1. The histogram has ``bins``
-    equal-width bins ``[i/bins, (i+1)/bins)``, the last one closed at 1; a rate within 1e-9 of an
-    edge is put on the edge (so ``3/10`` lands in ``[0.3, 0.4)`` despite rounding).
+    equal-width bins ``[i/bins, (i+1)/bins)``, the last one closed at 1; a rate less than ``1e-9 / bins`` below an
+    edge (a rounding error: ``rate * bins`` within 1e-9 of a whole number) is put on the edge, so ``3/10``
+    lands in ``[0.3, 0.4)`` despite rounding.
     """
     if isinstance(bins, (bool, np.bool_)) or int(bins) != bins or int(bins) < 1:
         raise ValueError(f"bins must be a positive integer; got bins={bins!r}")
