@@ -449,3 +449,76 @@ def test_padded_layout_gives_each_sequence_its_own_temperature():
     reference = _reference_stats(logits.detach(), targets, torch.repeat_interleave(temperatures, lengths))
     for name in need:
         torch.testing.assert_close(packed[f"entrorl_{name}"].values(), reference[name].float())
+
+
+def _packed_stats(engine, data, logits, temperature, pad_size=0, logits_type=None):
+    """The engine's statistics of a packed micro-batch whose logits, targets and temperatures carry ``pad_size``
+    trailing rows of padding (verl's bucket or sequence-parallel padding)."""
+    targets = torch.roll(data["input_ids"].values(), shifts=-1)
+    rows = logits.detach()
+    if pad_size:
+        rows = torch.cat([rows, torch.full((pad_size, rows.shape[1]), 5.0)])
+        targets = torch.cat([targets, torch.zeros(pad_size, dtype=targets.dtype)])
+    temperatures = torch.cat([torch.full((logits.shape[0],), temperature), torch.ones(pad_size)])
+    packed = rows.unsqueeze(0)
+    output = SimpleNamespace(logits=packed if logits_type is None else logits_type(packed))
+    return engine._entrorl_token_stats(
+        output, {"input_ids_rmpad_rolled": targets, "temperature_rmpad": temperatures, "pad_size": pad_size}, data)
+
+
+class _VocabSharded:
+    """Stands in for a vocabulary-sharded DTensor: only ``full_tensor()`` gives the logits."""
+
+    def __init__(self, tensor):
+        self._tensor = tensor
+
+    def full_tensor(self):
+        return self._tensor
+
+
+def test_packed_padding_and_sharded_logits_give_the_statistics_of_the_tokens():
+    data, logits, *_ = _micro_batch(seed=5)
+    engine = ExtendedEngine(logits, temperature=0.8)
+    engine._entrorl_need, engine._entrorl_entropy_gradient = ("entropy", "disc_centered"), False
+    plain = _packed_stats(engine, data, logits, 0.8)
+    targets = torch.roll(data["input_ids"].values(), shifts=-1)
+    reference = _reference_stats(logits.detach(), targets, torch.tensor([0.8]))
+    for name in engine._entrorl_need:
+        torch.testing.assert_close(plain[f"entrorl_{name}"].values(), reference[name].float())
+    for other in (_packed_stats(engine, data, logits, 0.8, pad_size=3),
+                  _packed_stats(engine, data, logits, 0.8, logits_type=_VocabSharded)):
+        for name in engine._entrorl_need:
+            key = f"entrorl_{name}"
+            torch.testing.assert_close(other[key].values(), plain[key].values())
+            assert torch.equal(other[key].offsets(), plain[key].offsets())
+
+
+def test_a_call_that_is_not_a_loss_call_goes_straight_through():
+    """verl also calls the loss function as a logits processor (``student_logits=..., data=...``)."""
+    from entrorl.integrations.verl import with_token_fields
+
+    seen = []
+
+    def processor(**kwargs):
+        seen.append(sorted(kwargs))
+        return {"out": 1}
+
+    data, logits, *_ = _micro_batch(seed=1)
+    assert with_token_fields(processor)(student_logits=logits, data=data) == {"out": 1}
+    assert seen == [["data", "student_logits"]]
+
+
+def test_the_actor_config_is_found_through_a_wrapped_loss_function(config_factory):
+    import functools
+
+    data, logits, *_ = _micro_batch(seed=2)
+    config = config_factory("entrorl_clip_b", entrorl={"mu": 0.5}, clip_ratio_c=3.0)
+    bound = partial(ppo_loss, config=config)
+
+    @functools.wraps(bound)
+    def decorated(*args, **kwargs):
+        return bound(*args, **kwargs)
+
+    direct, _ = ExtendedEngine(logits, temperature=0.8).forward_step(data, bound, forward_only=False)
+    through, _ = ExtendedEngine(logits, temperature=0.8).forward_step(data, decorated, forward_only=False)
+    torch.testing.assert_close(through, direct)

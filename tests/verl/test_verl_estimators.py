@@ -221,3 +221,25 @@ def test_a_response_without_valid_tokens_weighs_nothing_in_token_whitening():
     advantages, _ = make_advantage_estimator("reinforce_pp")(rewards, mask, config={}, index=uids)
     expected = compute_advantages("reinforce_pp", outcome, torch.tensor([i % 4 for i in range(16)]), lengths=lengths)
     torch.testing.assert_close(advantages, expected.unsqueeze(1) * mask)
+
+
+def test_an_empty_response_has_a_mean_old_log_prob_of_zero():
+    """A response without valid tokens averages no log-prob: 0, not 0 / 0, and its group's advantages stay finite."""
+    from entrorl.integrations.verl.estimators import make_advantage_estimator
+
+    rewards, mask, uids, outcome, lengths, old_log_probs = _rollouts(seed=6)
+    mask[5], rewards[5], outcome[5], lengths[5] = False, 0.0, 0.0, 0
+    advantages, _ = make_advantage_estimator("unlikely")(rewards, mask, config={}, index=uids, old_log_probs=old_log_probs)
+    seq_log_prob = (old_log_probs * mask).sum(-1) / lengths.clamp(min=1)
+    expected = compute_advantages("unlikely", outcome, torch.tensor([i % 4 for i in range(16)]), lengths=lengths,
+                                  seq_log_prob=seq_log_prob)
+    assert bool(advantages.isfinite().all())
+    torch.testing.assert_close(advantages, expected.unsqueeze(1) * mask)
+
+
+def test_registering_the_estimators_again_keeps_verl_s_functions():
+    from entrorl.integrations.verl import register_advantage_estimators
+
+    before = {name: core_algos.get_adv_estimator_fn(name) for name in (f"entrorl_{e}" for e in ESTIMATORS)}
+    assert register_advantage_estimators() == list(before)
+    assert all(core_algos.get_adv_estimator_fn(name) is fn for name, fn in before.items())

@@ -642,3 +642,90 @@ def test_the_verl_is_weight_mean_is_over_the_valid_tokens(batch_factory):
     _, metrics = _verl_call("entrorl_grpo", batch, {}, loss_agg_mode="token-mean", weights=weights, extras=False)
     assert metrics["actor/correction/verl_is_weight_mean"] == pytest.approx(0.5)
 
+
+
+def test_an_empty_micro_batch_reads_a_verl_weight_mean_of_one(batch_factory):
+    batch = batch_factory(seed=2)
+    weights = torch.full_like(batch["log_prob"], 0.5)
+    _, metrics = _verl_call("entrorl_grpo", batch, {}, loss_agg_mode="token-mean", weights=weights, extras=False,
+                            mask=_empty_mask(batch))
+    assert metrics["actor/correction/verl_is_weight_mean"] == 1.0
+
+
+@pytest.mark.parametrize("method", ["gspo", "cispo"])
+def test_a_surrogate_without_dual_clip_reports_no_lower_clip_fraction(method, batch_factory, config_factory):
+    """verl's pg_clipfrac_lower is the dual-clip share: 0 for a surrogate without dual clip, however much it clips."""
+    _, metrics = _verl_call(f"entrorl_{method}", batch_factory(seed=9, off_policy=0.8), config_factory(f"entrorl_{method}"),
+                            loss_agg_mode="token-mean")
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(metrics[f"actor/clip/{method}_frac"]) and metrics["actor/pg_clipfrac"] > 0
+    assert metrics["actor/pg_clipfrac_lower"] == 0.0
+
+
+def test_an_input_warning_is_given_once_per_loss_mode(batch_factory, config_factory):
+    import warnings
+
+    batch = batch_factory(seed=8)
+    bypassed = {**batch, "rollout_log_prob": batch["old_log_prob"].clone()}
+    config = config_factory("entrorl_icepop", clip_ratio_c=6.7)  # a setting of its own: a fresh loss mode
+    with pytest.warns(UserWarning, match=r"old and the rollout log-probs are equal"):
+        _verl_call("entrorl_icepop", bypassed, config, loss_agg_mode="token-mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _verl_call("entrorl_icepop", bypassed, config, loss_agg_mode="token-mean")
+
+
+def test_kl_cov_without_global_counts_counts_every_call_as_a_mini_batch(batch_factory, config_factory):
+    """Without verl's global counts nothing ties calls to a mini-batch: three on-policy calls in a row warn."""
+    import warnings
+
+    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.14, ppo_kl_coef=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed in range(3):
+            batch = batch_factory(seed=seed)
+            batch["old_log_prob"] = torch.where(batch["response_mask"], batch["log_prob"].detach(), 0.0)
+            _verl_call("entrorl_kl_cov", batch, config, loss_agg_mode="token-mean")
+    assert [w for w in caught if re.search(r"entrorl_kl_cov.*3 mini-batches in a row", str(w.message))]
+
+
+def test_the_loss_refuses_verl_releases_before_0_9(monkeypatch, batch_factory):
+    import verl
+
+    from entrorl.integrations.verl.losses import check_verl_version
+
+    check_verl_version.cache_clear()
+    monkeypatch.setattr(verl, "__version__", "0.8.2")
+    try:
+        with pytest.raises(RuntimeError, match=r"needs verl >= 0.9.*verl 0.8.2 is installed"):
+            _verl_call("entrorl_grpo", batch_factory(), {}, loss_agg_mode="token-mean", extras=False)
+    finally:
+        check_verl_version.cache_clear()
+
+
+@pytest.mark.parametrize("method", ["entropy_bonus", "adaptive_entropy"])
+def test_a_negative_verl_entropy_coeff_is_refused_next_to_an_own_entropy_term(method, batch_factory, config_factory):
+    with pytest.raises(ValueError, match=rf"entrorl_{method}' has its own entropy term.*entropy_coeff = -0.01"):
+        _verl_call(f"entrorl_{method}", batch_factory(), config_factory(f"entrorl_{method}", entropy_coeff=-0.01),
+                   loss_agg_mode="token-mean")
+
+
+def test_an_unknown_method_fails_when_its_loss_is_made():
+    from entrorl.integrations.verl import make_policy_loss
+
+    with pytest.raises(ValueError, match="no_such_method"):
+        make_policy_loss("no_such_method")
+
+
+def test_the_channel_s_fields_and_records_are_its_own():
+    """What current_token_fields returns is a copy: changing it leaves the open block's fields alone. Inside a
+    collecting block a record, even an empty one, is taken."""
+    from entrorl.integrations.verl import collect_metric_aggregations, current_token_fields, provide_token_fields, record_metric_aggregations
+
+    entropy = torch.ones(2, 3)
+    with provide_token_fields(entropy=entropy):
+        current_token_fields()["disc"] = torch.zeros(2, 3)
+        current_token_fields().pop("entropy")
+        assert set(current_token_fields()) == {"entropy"}
+    with collect_metric_aggregations() as collected:
+        assert record_metric_aggregations({}) is True
+    assert collected == {}

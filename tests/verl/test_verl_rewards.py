@@ -98,3 +98,13 @@ def test_reasoning_gym_score_scores_with_the_task_verifier():
     extra_info = {"prompt": record["prompt"], **record["meta"]}
     assert fn(data_source="rg", solution_str=record["answer"], ground_truth=record["answer"], extra_info=extra_info) == 1.0
     assert fn(data_source="rg", solution_str="-1", ground_truth=record["answer"], extra_info=extra_info) == 0.0
+
+
+def test_the_caller_s_extra_info_is_left_as_it_was():
+    _SEEN.clear()
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_recording_reward"})
+    extra_info = {"prompt": "q", "index": 3}
+    fn(data_source="gsm8k", solution_str="4", ground_truth="4", extra_info=extra_info)
+    fn(data_source="gsm8k", solution_str="4", ground_truth="4", extra_info=extra_info)
+    assert extra_info == {"prompt": "q", "index": 3}
+    assert [seen[0] for seen in _SEEN] == ["q", "q"]
