@@ -588,6 +588,42 @@ def test_kl_cov_warns_after_on_policy_mini_batches_not_micro_batches(batch_facto
         mini_batch(603, True, config)
 
 
+def test_kl_cov_tells_apart_mini_batches_whose_global_counts_are_equal(batch_factory, config_factory):
+    """Consecutive steps often have equal global counts (the same number of sequences; every response at its length
+    limit): a mini-batch then ends when its micro-batches have added up to the token count, so one mini-batch per step
+    still warns after three steps, and two per step (the second off-policy) never does."""
+    import warnings
+
+    micro_batches = [batch_factory(seed=seed) for seed in range(2)]
+    tokens = sum(int(batch["response_mask"].sum()) for batch in micro_batches)  # dp 1: the mini-batch's tokens
+
+    def mini_batch(config, on_policy):
+        for seed in range(2):
+            batch = batch_factory(seed=seed)
+            mask = batch["response_mask"]
+            batch["old_log_prob"] = torch.where(mask, batch["log_prob"].detach(), 0.0) if on_policy else \
+                batch["log_prob"].detach() - 0.1
+            config.global_batch_info.update({"dp_size": 1, "batch_num_tokens": tokens, "global_batch_size": 12})
+            _verl_call("entrorl_kl_cov", batch, config, loss_agg_mode="token-mean")
+
+    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.15, ppo_kl_coef=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            mini_batch(config, on_policy=True)
+    assert not [w for w in caught if "mini-batches in a row" in str(w.message)]  # two steps: not yet
+    with pytest.warns(UserWarning, match=r"entrorl_kl_cov.*3 mini-batches in a row.*no-op strictly on-policy"):
+        mini_batch(config, on_policy=True)
+
+    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.16, ppo_kl_coef=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            mini_batch(config, on_policy=True)
+            mini_batch(config, on_policy=False)
+    assert not [w for w in caught if "mini-batches in a row" in str(w.message)]
+
+
 # the actor configuration's fallbacks and the normalisers' edge cases
 def test_dp_size_2_without_the_global_token_count_is_refused(batch_factory):
     with pytest.raises(ValueError, match="dp_size=2 but no batch_num_tokens"):

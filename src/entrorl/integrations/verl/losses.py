@@ -263,7 +263,8 @@ class _LossMode:
     metric_names: dict[bool, frozenset[str]] = field(default_factory=dict)  # keyed by: verl passes rollout_is_weights
     warned: set[str] = field(default_factory=set)
     on_policy_mini_batches: int = 0
-    last_mini_batch: Any = None
+    last_mini_batch: Any = None  # the global counts of the mini-batch the last call belonged to
+    mini_batch_seen: int = 0  # the tokens (or rows) of that mini-batch this worker has seen so far
 
 
 _LOSS_MODES: dict[tuple[str, str], _LossMode] = {}
@@ -482,21 +483,36 @@ def _check_inputs(mode: str, state: _LossMode, batch: PolicyBatch, normalisers: 
                 "mode does this: set algorithm.rollout_correction.bypass_mode=False."))
     if any(part.name == "kl_cov" for part in objective.regularizers):
         on_policy = torch.equal(batch.log_prob.detach()[mask], batch.old_log_prob.detach()[mask].to(batch.log_prob.dtype))
-        # micro-batches of one mini-batch share its global counts; without them every call is a mini-batch
-        mini_batch = (normalisers["batch_num_tokens"], normalisers["global_batch_size"]) if partial_sums else object()
+        new_mini_batch = _starts_a_mini_batch(state, normalisers, mask, partial_sums)
         if not bool(batch.advantages.detach()[mask].ne(0).any()):
             pass  # advantages all 0: the policy loss moves no weight, so log r = 0 says nothing about the schedule
         elif not on_policy:
-            state.on_policy_mini_batches, state.last_mini_batch = 0, None
-        elif mini_batch != state.last_mini_batch:
+            state.on_policy_mini_batches = 0
+        elif new_mini_batch:
             state.on_policy_mini_batches += 1
-            state.last_mini_batch = mini_batch
         if state.on_policy_mini_batches >= _KL_COV_ON_POLICY_MINI_BATCHES:
             _warn_once(state, "kl_cov", (
                 f"verl loss_mode {mode!r}: log pi == log pi_old in {state.on_policy_mini_batches} mini-batches in a row, "
                 "so KL-Cov's |log r| term is zero with zero gradient (a no-op strictly on-policy): use several "
                 "mini-batches per step (actor_rollout_ref.actor.ppo_mini_batch_size below data.train_batch_size) or "
                 "ppo_epochs > 1."))
+
+
+def _starts_a_mini_batch(state: _LossMode, normalisers: dict[str, Any], mask: torch.Tensor, partial_sums: bool) -> bool:
+    """Whether this call is the first micro-batch of a mini-batch, and remember it in ``state``. The micro-batches of
+    one mini-batch share its global counts and add up to them at most (each worker sees its share of the tokens), so a
+    call opens a new mini-batch when the counts change or when its tokens (rows, without a token count) would take the
+    worker past them: consecutive steps with equal counts are told apart. Without global counts every call is one."""
+    if not partial_sums:
+        return True
+    counted_by_tokens = normalisers["batch_num_tokens"] is not None
+    size = int(mask.sum()) if counted_by_tokens else int(mask.any(dim=-1).sum())
+    total = normalisers["batch_num_tokens"] if counted_by_tokens else normalisers["global_batch_size"]
+    counts = (normalisers["batch_num_tokens"], normalisers["global_batch_size"])
+    starts = counts != state.last_mini_batch or (total is not None and state.mini_batch_seen + size > total)
+    state.last_mini_batch = counts
+    state.mini_batch_seen = size if starts else state.mini_batch_seen + size
+    return starts
 
 
 def make_policy_loss(method: str):
