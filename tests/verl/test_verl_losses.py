@@ -543,6 +543,21 @@ def test_every_clipped_surrogate_reports_verl_clip_fractions(method, batch_facto
     assert {"actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl"} <= set(metrics)
 
 
+def kl_cov_mini_batch(batch_factory, config, *, micro_batches: int, tokens: int, sequences: int, on_policy: bool,
+                      zero_advantages: bool = False) -> None:
+    """One mini-batch of ``entrorl_kl_cov`` loss calls, one per micro-batch, under verl's global counts ``tokens`` and
+    ``sequences``; ``on_policy``: old log-probs equal to the current ones on the valid tokens."""
+    for seed in range(micro_batches):
+        batch = batch_factory(seed=seed)
+        mask = batch["response_mask"]
+        if on_policy:  # equal on the valid tokens; what the padding holds is no evidence
+            batch["old_log_prob"] = torch.where(mask, batch["log_prob"].detach(), 0.0)
+        if zero_advantages:
+            batch["advantages"] = torch.where(mask, 0.0, 1.0)
+        config.global_batch_info.update({"dp_size": 1, "batch_num_tokens": tokens, "global_batch_size": sequences})
+        _verl_call("entrorl_kl_cov", batch, config, loss_agg_mode="token-mean")
+
+
 def test_kl_cov_warns_after_on_policy_mini_batches_not_micro_batches(batch_factory, config_factory):
     """In verl each step's first mini-batch is on-policy and every micro-batch is a loss call: four on-policy
     micro-batches followed by an off-policy mini-batch are KL-Cov working as intended. Three on-policy mini-batches
@@ -550,15 +565,8 @@ def test_kl_cov_warns_after_on_policy_mini_batches_not_micro_batches(batch_facto
     import warnings
 
     def mini_batch(tokens, on_policy, config, zero_advantages=False):
-        for seed in range(4):
-            batch = batch_factory(seed=seed)
-            mask = batch["response_mask"]
-            if on_policy:  # equal on the valid tokens; what the padding holds is no evidence
-                batch["old_log_prob"] = torch.where(mask, batch["log_prob"].detach(), 0.0)
-            if zero_advantages:
-                batch["advantages"] = torch.where(mask, 0.0, 1.0)
-            config.global_batch_info.update({"dp_size": 1, "batch_num_tokens": tokens, "global_batch_size": 24})
-            _verl_call("entrorl_kl_cov", batch, config, loss_agg_mode="token-mean")
+        kl_cov_mini_batch(batch_factory, config, micro_batches=4, tokens=tokens, sequences=24, on_policy=on_policy,
+                          zero_advantages=zero_advantages)
 
     config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.11, ppo_kl_coef=1.0)
     with warnings.catch_warnings(record=True) as caught:
@@ -598,13 +606,7 @@ def test_kl_cov_tells_apart_mini_batches_whose_global_counts_are_equal(batch_fac
     tokens = sum(int(batch["response_mask"].sum()) for batch in micro_batches)  # dp 1: the mini-batch's tokens
 
     def mini_batch(config, on_policy):
-        for seed in range(2):
-            batch = batch_factory(seed=seed)
-            mask = batch["response_mask"]
-            batch["old_log_prob"] = torch.where(mask, batch["log_prob"].detach(), 0.0) if on_policy else \
-                batch["log_prob"].detach() - 0.1
-            config.global_batch_info.update({"dp_size": 1, "batch_num_tokens": tokens, "global_batch_size": 12})
-            _verl_call("entrorl_kl_cov", batch, config, loss_agg_mode="token-mean")
+        kl_cov_mini_batch(batch_factory, config, micro_batches=2, tokens=tokens, sequences=12, on_policy=on_policy)
 
     config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.15, ppo_kl_coef=1.0)
     with warnings.catch_warnings(record=True) as caught:
