@@ -283,6 +283,18 @@ def test_a_preset_refuses_an_unknown_setting_and_an_rl_seed_outside_numpy_s_seed
         LabPreset(name="mine", stepz=3)
 
 
+def test_the_presets_train_two_methods_at_a_time_and_quick_is_the_default_matrix_at_a_smaller_scale():
+    """The README's promises: two processes at a time, the law fitted on the first 20% of steps, Pass@k up to 64 and
+    the 170 steps of the front-page run; quick runs the same methods, tasks and fit fraction, with fewer steps."""
+    default, quick = get_preset("default"), get_preset("quick")
+    assert default.workers == quick.workers == 2
+    assert default.law_fit_fraction == quick.law_fit_fraction == 0.2
+    assert (default.steps, default.eval_n) == (170, 64)
+    assert (default.train_task, default.forgetting_task) == ("sum_chain", "rg_arithmetic")
+    assert quick.methods == default.methods == DEFAULT_METHODS
+    assert (quick.train_task, quick.forgetting_task) == (default.train_task, default.forgetting_task)
+    assert quick.steps < default.steps and quick.base.steps < default.base.steps
+
 @pytest.mark.slow
 def test_rl_seed_changes_only_the_training_seed(tmp_path):
     from entrorl.lab.runner import _prepare_data, _trainer_config
@@ -589,6 +601,9 @@ def test_compositions_of_methods_are_laboratory_methods():
         preset.model_copy(update={"methods": ["grpo+nope"]}).check_methods()
     with pytest.raises(ValueError, match=r"method 'sft\+clip_b': sft, the supervised baseline, .* cannot be composed"):
         preset.model_copy(update={"methods": ["sft+clip_b"]}).check_methods()
+    for composed in ("clip_b+sft", "dapo+sft+clip_b"):  # wherever sft stands in the composition
+        with pytest.raises(ValueError, match=r"sft, the supervised baseline, .* cannot be composed"):
+            preset.model_copy(update={"methods": [composed]}).check_methods()
     with pytest.raises(ValueError, match=r"^method 'grpo\+grpo' names 'grpo' more than once"):  # not a run of its own
         preset.model_copy(update={"methods": ["grpo+grpo"]}).check_methods()
     from entrorl.lab.runner import _requested_methods
