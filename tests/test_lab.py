@@ -626,9 +626,10 @@ def test_workers_below_one_are_refused(tmp_path, workers):
     assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("rl_seed", [-1, 2**32, 1.5, True, float("inf"), float("nan")])
+@pytest.mark.parametrize("rl_seed", [-1, 2**32, 10**400, 1.5, True, float("inf"), float("nan"), "7"])
 def test_an_rl_seed_out_of_numpy_s_range_is_refused_before_anything_is_built(tmp_path, monkeypatch, rl_seed):
-    """Infinity and NaN too, with the same message (not int()'s own OverflowError or ValueError)."""
+    """Infinity, NaN and an int beyond a float's range too, with the same message (not int()'s or math.isfinite's own
+    OverflowError or ValueError)."""
     from entrorl.lab import runner
 
     monkeypatch.setattr(runner, "build_base_model", lambda *args, **kwargs: pytest.fail("a base model was built"))

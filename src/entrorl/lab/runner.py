@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import multiprocessing
+import numbers
 import os
 import signal
 import threading
@@ -703,8 +704,10 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
     if requested:
         preset = preset.model_copy(update={"methods": requested})
     if rl_seed is not None:
-        if (isinstance(rl_seed, bool) or not math.isfinite(rl_seed) or int(rl_seed) != rl_seed
-                or not 0 <= rl_seed <= 2**32 - 1):
+        # an int is compared as it is: math.isfinite would overflow on one beyond a float's range
+        whole = isinstance(rl_seed, numbers.Integral) or (
+            isinstance(rl_seed, numbers.Real) and math.isfinite(rl_seed) and float(rl_seed).is_integer())
+        if isinstance(rl_seed, bool) or not whole or not 0 <= rl_seed <= 2**32 - 1:
             raise ValueError(f"--rl-seed must be a whole number from 0 to 2**32 - 1 (numpy's seed range); got {rl_seed!r}")
         preset = preset.model_copy(update={"rl_seed": int(rl_seed)})
     preset.check_methods()
