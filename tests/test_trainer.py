@@ -831,6 +831,267 @@ def test_set_options_and_configuration_files_that_are_malformed_are_named(tmp_pa
     assert tuned.method.method == ["clip_b"] and tuned.method.params == {"mu": 3}
 
 
+def test_each_bound_is_refused_just_past_it_and_taken_at_it(tmp_path, arithmetic_files):
+    """Every documented lower or upper bound: the value just past it is refused naming its key, the bound itself (or
+    the smallest value allowed) is accepted, silently where the configuration reads it."""
+    import warnings
+
+    train, held_out = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)  # 2 prompts x 4 samples, max_new_tokens 6
+    with_eval = make_config(tmp_path / "no-model-needed", train, held_out)  # eval.n = 2, eval.ks = [1, 2]
+    for config, override, key in (
+            (base, "rollout.prompts_per_step=0", "rollout.prompts_per_step"),
+            (base, "rollout.max_new_tokens=0", "rollout.max_new_tokens"),
+            (base, "rollout.temperature=0", "rollout.temperature"),
+            (base, "rollout.generation_batch_size=0", "rollout.generation_batch_size"),
+            (base, "rollout.vllm_gpu_memory_utilization=1", "rollout.vllm_gpu_memory_utilization"),
+            (base, "rollout.vllm_gpu_memory_utilization=0", "rollout.vllm_gpu_memory_utilization"),
+            (base, "optim.lr=0", "optim.lr"),
+            (base, "optim.weight_decay=-0.1", "optim.weight_decay"),
+            (base, "optim.eps=0", "optim.eps"),
+            (base, "optim.warmup_steps=-1", "optim.warmup_steps"),
+            (base, "optim.min_lr_ratio=1.5", "optim.min_lr_ratio"),
+            (base, "optim.micro_batch_size=0", "optim.micro_batch_size"),
+            (base, "optim.length_buckets=0", "optim.length_buckets"),
+            (base, "optim.mini_batches=0", "optim.mini_batches"),
+            (base, "optim.epochs=0", "optim.epochs"),
+            (base, "optim.max_consecutive_nonfinite=0", "optim.max_consecutive_nonfinite"),
+            (with_eval, "eval.n=0", "eval.n"),
+            (with_eval, "eval.max_prompts=0", "eval.max_prompts"),
+            (with_eval, "eval.top_p=0", "eval.top_p"),
+            (with_eval, "eval.top_forks=-1", "eval.top_forks"),
+            (base, "diagnostics.measure_fraction=0", "diagnostics.measure_fraction"),
+            (base, "diagnostics.measure_fraction=1.5", "diagnostics.measure_fraction"),
+            (base, "logging.samples_every=-1", "logging.samples_every"),
+            (base, "checkpoint.every=-1", "checkpoint.every"),
+            (base, "torch_threads=0", "torch_threads"),
+            (base, "reward.max_failing_steps=-1", "reward.max_failing_steps"),
+            (base, "reward.diversity={enabled: true, batch_size: 0}", "reward.diversity.batch_size"),
+            (base, "reward.unlikeliness={beta_rank: -0.1}", "reward.unlikeliness.beta_rank"),
+            (base, "reward.overlong={max_length: 6, cache_length: 0}", "reward.overlong.cache_length"),
+            (base, "reward.overlong={max_length: 0, cache_length: 1}", "reward.overlong.max_length")):
+        with pytest.raises(ConfigError, match=rf"\n  {re.escape(key)}: Input should be"):
+            load_config(config, [override])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for config, overrides in (
+                (base, ["rollout.prompts_per_step=1"]), (base, ["rollout.max_new_tokens=1"]),
+                (base, ["rollout.generation_batch_size=1"]), (base, ["optim.lr_schedule=linear", "optim.min_lr_ratio=1"]),
+                (base, ["optim.micro_batch_size=1"]), (base, ["optim.length_buckets=1"]),
+                (base, ["optim.max_consecutive_nonfinite=1"]), (base, ["optim.weight_decay=0"]),
+                (base, ["diagnostics.measure_fraction=1"]), (base, ["checkpoint.every=0"]),
+                (base, ["logging.samples_every=0"]), (base, ["torch_threads=1"]),
+                (base, ["reward.max_failing_steps=0"]),  # 0 = never stop
+                (base, ["reward.unlikeliness={beta_rank: 0}"]),
+                (base, ["reward.overlong={max_length: 6, cache_length: 1}"]),
+                (base, ["reward.diversity={enabled: true, batch_size: 1}"]),
+                (with_eval, ["eval.n=1", "eval.ks=[1]"]), (with_eval, ["eval.max_prompts=1"]),
+                (with_eval, ["eval.top_forks=0"])):
+            load_config(config, overrides)
+
+
+def test_a_pass_rate_band_is_read_when_the_configuration_loads(tmp_path, arithmetic_files):
+    """An unquoted [a, b] is the closed band it spells; a band that does not parse is refused naming
+    data.pass_rate_band before any data is read."""
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)
+    assert load_config(base, ["data.pass_rate_band=[0.1, 0.5]"]).data.pass_rate_band == "[0.1, 0.5]"
+    assert load_config(base, ["data.pass_rate_band='(1/16, 15/16)'"]).data.pass_rate_band == "(1/16, 15/16)"
+    for band in ("'0.1-0.5'", "'[0.5, 0.1]'", "'[0.1, 2]'"):
+        with pytest.raises(ConfigError, match=r"\n  data.pass_rate_band: "):
+            load_config(base, [f"data.pass_rate_band={band}"])
+
+
+def test_a_diversity_embedder_is_checked_only_when_diversity_is_on_and_warned_about_when_off(tmp_path, arithmetic_files):
+    """reward.diversity.model must resolve once reward.diversity.enabled is true; while it is false, moving any of its
+    settings (model, batch_size, device) has no effect and says so."""
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)
+    with pytest.raises(ConfigError, match=r"\n  reward.diversity: unknown embedding model 'no-such-embedder'"):
+        load_config(base, ["reward.diversity={enabled: true, model: no-such-embedder}"])
+    for setting, value in (("model", "no-such-embedder"), ("batch_size", 8), ("device", "cuda")):
+        with pytest.warns(UserWarning, match=rf"reward.diversity.{setting} has no effect while reward.diversity.enabled "
+                                             "is false"):
+            load_config(base, [f"reward.diversity.{setting}={value}"])
+
+
+def test_diagnostics_first_order_is_warned_about_without_the_measurement(tmp_path, arithmetic_files):
+    import warnings
+
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)
+    with pytest.warns(UserWarning, match=r"diagnostics.first_order has no effect with diagnostics.measure_entropy_change "
+                                         r"= false"):
+        load_config(base, ["diagnostics.measure_entropy_change=false", "diagnostics.first_order=true"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(base, ["diagnostics.first_order=true"])
+
+
+def test_the_unlikeliness_reward_is_refused_twice_and_a_chosen_estimator_silences_the_pairing_warning(
+        tmp_path, arithmetic_files):
+    """reward.unlikeliness with the 'unlikely' estimator (the method's own or named) would apply it twice; a
+    composition whose advantage.name is set trains with that estimator, and no method is said to be unpaired."""
+    import warnings
+
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)
+    for overrides in (["method=unlikely_reward"], ["advantage.name=unlikely"]):
+        with pytest.raises(ConfigError, match="reward.unlikeliness and the 'unlikely' advantage estimator both apply"):
+            load_config(base, ["reward.unlikeliness={beta_rank: 0.5}", *overrides])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(base, ["reward.unlikeliness={beta_rank: 0.5}"]).advantage_estimator() == "grpo"
+        config = load_config(base, ["method=dapo+psr", "advantage.name=rloo"])
+        assert config.advantage_estimator() == "rloo"
+
+
+def test_an_objective_without_a_method_name_is_custom_and_takes_grpo_advantages(tmp_path, arithmetic_files):
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)
+    config = load_config(base, ["method={loss_agg_mode: token-mean}"])
+    assert config.method_names() == [] and config.method_label() == "custom"
+    assert config.advantage_estimator() == "grpo" and config.needs_reference() is False
+
+
+def test_a_section_left_empty_in_the_file_takes_set_options(tmp_path, arithmetic_files):
+    """YAML reads a section with nothing under it (`eval:`) as null: --set fills it as if it were absent."""
+    train, held_out = arithmetic_files
+    path = write_config(tmp_path / "run.yaml", make_config(tmp_path / "no-model-needed", train, held_out))
+    path.write_text(path.read_text() + "reward:\n  name: exact_match\n  overlong:\n")
+    config = load_config(path, ["reward.overlong.max_length=6", "reward.overlong.cache_length=2"])
+    assert (config.reward.overlong.max_length, config.reward.overlong.cache_length) == (6, 2)
+
+
+def test_an_error_names_its_source_and_shows_a_value_but_not_a_whole_section(tmp_path, arithmetic_files):
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)
+    with pytest.raises(ConfigError) as info:
+        load_config({**base, "optim": {**base["optim"], "lr": 0}})
+    assert str(info.value) == "invalid configuration in the given config:\n  optim.lr: Input should be greater than 0 (got 0)"
+    with pytest.raises(ConfigError) as info:
+        load_config(base, ["reward.overlong={max_length: 6, cache_length: 7}"])
+    assert str(info.value).splitlines()[1:] == ["  reward.overlong: cache_length must be <= max_length"]
+
+
+def test_resume_refuses_how_the_model_and_prompts_are_set_up_and_takes_rollouts_and_rewards(tmp_path, arithmetic_files):
+    """Under model. and data. only where the model runs, activation checkpointing and the evaluation data may change;
+    rollouts, rewards, optimiser, evaluation, logging and checkpoints may all change; each key once, in order."""
+    from entrorl.trainer.config import resume_changes
+
+    train, held_out = arithmetic_files
+    saved = load_config(make_config(tmp_path / "model", train, held_out)).model_dump(mode="json")
+    current = copy.deepcopy(saved)
+    current["model"].update(dtype="bfloat16", chat_template=True, disable_dropout=False, trust_remote_code=True)
+    current["data"].update(prompt_template="Q: {prompt}", shuffle=False, prompt_column="question")
+    current["rollout"].update(group_size=2, temperature=0.7)
+    current["reward"].update(name="math", correct_threshold=0.9)
+    current["eval"]["n"] = 4
+    current["logging"]["name"] = "other"
+    current["checkpoint"]["keep"] = 5
+    current["torch_threads"] = 2
+    refused, accepted = resume_changes(saved, current)
+    assert [key for key, _, _ in refused] == ["data.prompt_column", "data.prompt_template", "data.shuffle",
+                                              "model.chat_template", "model.disable_dropout", "model.dtype",
+                                              "model.trust_remote_code"]
+    assert [key for key, _, _ in accepted] == ["checkpoint.keep", "eval.n", "logging.name", "reward.correct_threshold",
+                                               "reward.name", "rollout.group_size", "rollout.temperature", "torch_threads"]
+    assert ("model.dtype", "float32", "bfloat16") in refused
+
+
+def test_a_checkpoint_with_settings_this_version_does_not_know_is_still_compared(tmp_path, arithmetic_files):
+    """A key that a later version wrote, or that this one no longer has, is no reason to fail the comparison: it is
+    listed as a change like any other."""
+    from entrorl.trainer.config import resume_changes
+
+    train, _ = arithmetic_files
+    current = load_config(make_config(tmp_path / "model", train, None)).model_dump(mode="json")
+    saved = copy.deepcopy(current)
+    saved["optim"]["retired_setting"] = 1
+    refused, accepted = resume_changes(saved, current)
+    assert ("optim.retired_setting", 1, None) in accepted
+
+
+def test_an_exponent_with_a_plus_sign_or_digit_separators_is_a_number():
+    """Free-form parameters receive numbers in every exponent form YAML 1.2 reads as one, not the text."""
+    from entrorl.trainer.config import parse_set_option
+
+    assert parse_set_option("advantage.params.epsilon=1e+2")[1] == 100.0
+    assert parse_set_option("advantage.params.epsilon=1_0e-7")[1] == pytest.approx(1e-6)
+    assert parse_set_option("x=5.e-1")[1] == 0.5
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb", "trackio"])
+def test_each_tracker_asked_for_must_be_installed(tmp_path, arithmetic_files, monkeypatch, tracker):
+    import importlib.util
+
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "no-model-needed", train, None)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == tracker else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=rf"logging.{tracker} needs the {tracker} package, which is not installed"):
+        load_config(base, [f"logging.{tracker}=true"])
+
+
+def _bare_settings(tmp_path) -> dict:
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    return {"model": {"path": str(tmp_path / "model")}, "data": {"train": str(train), "eval": str(train)},
+            "reward": {"name": "exact_match"}, "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6}}
+
+
+def test_resume_on_a_machine_without_the_checkpoint_s_gpu_lists_only_the_device(tmp_path, monkeypatch):
+    """model.device may change on resume. The checkpoint's 'cuda:1' need not exist here: it was compared as a raw dump
+    before, which listed the method and advantage.name, unchanged, as refused changes."""
+    from entrorl.trainer.config import resume_changes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    saved = load_config(_bare_settings(tmp_path), ["model.device=cuda:1"]).model_dump(mode="json")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    current = load_config(_bare_settings(tmp_path), ["model.device=cpu"]).model_dump(mode="json")
+    assert resume_changes(saved, current) == ([], [("model.device", "cuda:1", "cpu")])
+
+
+def test_a_checkpoint_key_this_version_does_not_know_is_the_only_change_listed(tmp_path):
+    from entrorl.trainer.config import resume_changes
+
+    current = load_config(_bare_settings(tmp_path)).model_dump(mode="json")
+    saved = copy.deepcopy(current)
+    saved["optim"]["retired_setting"] = 1
+    assert resume_changes(saved, current) == ([], [("optim.retired_setting", 1, None)])
+    saved["method"] = "clip_b"
+    assert resume_changes(saved, current)[0] == [("method", "clip_b", "grpo")]
+
+
+@pytest.mark.parametrize("spelled", ["method={method: [dapo, clip_b]}", "method=dapo + clip_b"])
+def test_the_same_composition_spelled_otherwise_is_no_change_on_resume(tmp_path, spelled):
+    from entrorl.trainer.config import resume_changes
+
+    saved = load_config(_bare_settings(tmp_path), ["method=dapo+clip_b"]).model_dump(mode="json")
+    current = load_config(_bare_settings(tmp_path), [spelled]).model_dump(mode="json")
+    assert resume_changes(saved, current) == ([], [])
+    other = load_config(_bare_settings(tmp_path), ["method=dapo+clip_v"]).model_dump(mode="json")
+    assert [key for key, _, _ in resume_changes(saved, other)[0]] == ["method"]
+
+
+def test_an_empty_eval_ks_is_refused_when_the_configuration_loads(tmp_path):
+    """Every evaluation would otherwise fail after the model has loaded, with 'ks is empty'."""
+    with pytest.raises(ConfigError, match=r"eval.ks: List should have at least 1 item"):
+        load_config(_bare_settings(tmp_path), ["eval.ks=[]"])
+
+
+def test_a_parameter_set_for_the_default_method_keeps_the_default_method(tmp_path):
+    """--set method.params.X with no method in the file sets a parameter of the default method (GRPO), as it does when
+    the file names one; it built an objective with no method at all ('custom', token-mean)."""
+    config = load_config(_bare_settings(tmp_path), ["method.params.clip_ratio_high=0.3"])
+    assert config.method_label() == "grpo"
+    from entrorl.objective import build_objective
+
+    objective = config.build_objective()
+    assert objective.loss_agg_mode == build_objective("grpo").loss_agg_mode and objective.surrogate.clip_ratio_high == 0.3
+
+
 def test_resume_compares_the_files_named_and_refuses_other_advantages(tmp_path, arithmetic_files, monkeypatch):
     """The evaluation data may change on resume, the advantage's parameters may not; a path is compared as the file it
     names (a link to the same file is no change); a checkpoint's settings compare the same on a machine without peft."""

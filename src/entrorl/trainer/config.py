@@ -123,8 +123,9 @@ class ModelConfig(_Section):
 
     @field_validator("device")
     @classmethod
-    def _device_exists(cls, value: str) -> str:
-        resolve_device(value)
+    def _device_exists(cls, value: str, info: ValidationInfo) -> str:
+        if not (info.context and info.context.get("settings_only")):  # a checkpoint's GPU need not be on this machine
+            resolve_device(value)
         return value
 
     @model_validator(mode="after")
@@ -357,7 +358,8 @@ class OptimConfig(_Section):
 class EvalConfig(_Section):
     every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end when eval data exists)")
     n: int = Field(8, ge=1, description="samples per evaluation prompt")
-    ks: list[int] | None = Field(None, description="the k of each Pass@k; None = powers of two up to eval.n, and n")
+    ks: list[int] | None = Field(None, min_length=1, description="the k of each Pass@k; None = powers of two up to "
+                                 "eval.n, and n")
     max_prompts: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, description="sampling temperature of evaluations; 0 = greedy (n = 1 is then enough)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of evaluations (its own, not rollout.top_p; "
@@ -636,15 +638,35 @@ def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
     """A configuration dump as :func:`resume_changes` compares it: completed with this version's defaults (keys a
     later version added do not count as changes), the method in its full form (``grpo`` and ``{method: grpo}`` are
     one method), the advantage estimator resolved, and paths resolved."""
-    try:  # without the cross-checks: a checkpoint's settings that a later version refuses are still its settings
-        config = TrainConfig.model_validate(dump, context={"settings_only": True})
-    except ValidationError:  # saved by a version whose keys this one does not know: compared as it is
-        return dump
+    unknown: dict[tuple, Any] = {}  # keys of a version this one does not know: compared as they are
+    dump = copy.deepcopy(dump)
+    while True:
+        try:  # without the cross-checks: a checkpoint's settings that a later version refuses are still its settings
+            config = TrainConfig.model_validate(dump, context={"settings_only": True})
+            break
+        except ValidationError as error:
+            extra = [e["loc"] for e in error.errors() if e["type"] == "extra_forbidden"]
+            if not extra or len(extra) != len(error.errors()):  # settings this version cannot read: as they are
+                return {**dump, **{".".join(map(str, loc)): value for loc, value in unknown.items()}}
+            for loc in extra:
+                parent = dump
+                for part in loc[:-1]:
+                    parent = parent[part]
+                unknown[loc] = parent.pop(loc[-1])
     compared = config.model_dump(mode="json")
     method = config.method if isinstance(config.method, ObjectiveConfig) else ObjectiveConfig(method=config.method)
     compared["method"] = method.model_dump(mode="json")
+    names = compared["method"].get("method")
+    if isinstance(names, str):  # 'dapo+clip_b', 'dapo + clip_b' and [dapo, clip_b] are one composition
+        compared["method"]["method"] = [name.strip() for name in names.split("+")]
     compared["advantage"]["name"] = config.advantage_estimator()
-    return with_resolved_paths(compared)
+    compared = with_resolved_paths(compared)
+    for loc, value in unknown.items():
+        parent = compared
+        for part in loc[:-1]:
+            parent = parent.setdefault(part, {})
+        parent[loc[-1]] = value
+    return compared
 
 
 def resume_changes(saved: dict[str, Any], current: dict[str, Any], *, loads_reference: bool = True,
@@ -705,7 +727,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for part in path[:-1]:
             child = node.get(part)
             if child is None:
-                child = node[part] = {}
+                # `--set method.params.mu=3` without a method in the file: the default method's parameter
+                child = node[part] = {"method": TrainConfig.model_fields["method"].default} if (
+                    node is data and part == "method") else {}
             if node is data and part == "method" and isinstance(child, (str, list)):
                 child = node[part] = {"method": child}  # `method: clip_b` then --set method.params.mu=3
             if not isinstance(child, dict):
