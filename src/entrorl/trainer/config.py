@@ -636,8 +636,10 @@ def with_resolved_paths(dump: dict[str, Any]) -> dict[str, Any]:
 
 def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
     """A configuration dump as :func:`resume_changes` compares it: completed with this version's defaults (keys a
-    later version added do not count as changes), the method in its full form (``grpo`` and ``{method: grpo}`` are
-    one method), the advantage estimator resolved, and paths resolved."""
+    later version added do not count as changes), the method in its full form with its parts listed (``grpo`` and
+    ``{method: grpo}`` are one method, and so are ``dapo+clip_b`` and ``[dapo, clip_b]``), the advantage estimator
+    resolved, and paths resolved. Keys this version does not know are kept as they are (each a change when the other
+    side lacks it); settings it cannot read at all leave the dump as it is."""
     unknown: dict[tuple, Any] = {}  # keys of a version this one does not know: compared as they are
     dump = copy.deepcopy(dump)
     while True:
