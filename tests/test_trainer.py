@@ -1062,6 +1062,12 @@ def test_a_checkpoint_key_this_version_does_not_know_is_the_only_change_listed(t
     assert resume_changes(saved, current) == ([], [("optim.retired_setting", 1, None)])
     saved["method"] = "clip_b"
     assert resume_changes(saved, current)[0] == [("method", "clip_b", "grpo")]
+    # one inside a list item (an extra reward's settings)
+    settings = {**_bare_settings(tmp_path), "reward": {"name": "exact_match", "extra": [{"name": "exact_match", "weight": 0.5}]}}
+    current = load_config(settings).model_dump(mode="json")
+    saved = copy.deepcopy(current)
+    saved["reward"]["extra"][0]["retired_setting"] = 3
+    assert resume_changes(saved, current) == ([], [("reward.extra", saved["reward"]["extra"], current["reward"]["extra"])])
 
 
 @pytest.mark.parametrize("spelled", ["method={method: [dapo, clip_b]}", "method=dapo + clip_b"])

@@ -641,34 +641,37 @@ def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
     resolved, and paths resolved. Keys this version does not know are kept as they are (each a change when the other
     side lacks it); settings it cannot read at all leave the dump as it is."""
     unknown: dict[tuple, Any] = {}  # keys of a version this one does not know: compared as they are
-    dump = copy.deepcopy(dump)
+    compared = copy.deepcopy(dump)
     while True:
         try:  # without the cross-checks: a checkpoint's settings that a later version refuses are still its settings
-            config = TrainConfig.model_validate(dump, context={"settings_only": True})
+            config = TrainConfig.model_validate(compared, context={"settings_only": True})
             break
         except ValidationError as error:
             extra = [e["loc"] for e in error.errors() if e["type"] == "extra_forbidden"]
             if not extra or len(extra) != len(error.errors()):  # settings this version cannot read: as they are
-                return {**dump, **{".".join(map(str, loc)): value for loc, value in unknown.items()}}
+                config = None
+                break
             for loc in extra:
-                parent = dump
-                for part in loc[:-1]:
-                    parent = parent[part]
-                unknown[loc] = parent.pop(loc[-1])
-    compared = config.model_dump(mode="json")
-    method = config.method if isinstance(config.method, ObjectiveConfig) else ObjectiveConfig(method=config.method)
-    compared["method"] = method.model_dump(mode="json")
-    names = compared["method"].get("method")
-    if isinstance(names, str):  # 'dapo+clip_b', 'dapo + clip_b' and [dapo, clip_b] are one composition
-        compared["method"]["method"] = [name.strip() for name in names.split("+")]
-    compared["advantage"]["name"] = config.advantage_estimator()
-    compared = with_resolved_paths(compared)
-    for loc, value in unknown.items():
-        parent = compared
-        for part in loc[:-1]:
-            parent = parent.setdefault(part, {})
-        parent[loc[-1]] = value
+                unknown[loc] = _parent_of(compared, loc).pop(loc[-1])
+    if config is not None:
+        compared = config.model_dump(mode="json")
+        method = config.method if isinstance(config.method, ObjectiveConfig) else ObjectiveConfig(method=config.method)
+        compared["method"] = method.model_dump(mode="json")
+        names = compared["method"].get("method")
+        if isinstance(names, str):  # 'dapo+clip_b', 'dapo + clip_b' and [dapo, clip_b] are one composition
+            compared["method"]["method"] = [name.strip() for name in names.split("+")]
+        compared["advantage"]["name"] = config.advantage_estimator()
+        compared = with_resolved_paths(compared)
+    for loc, value in unknown.items():  # the sections that held them are still there (in a list item too)
+        _parent_of(compared, loc)[loc[-1]] = value
     return compared
+
+
+def _parent_of(tree: Any, loc: tuple) -> Any:
+    """The section (dict, or list of sections) that holds the key at ``loc``, a pydantic error's location."""
+    for part in loc[:-1]:
+        tree = tree[part]
+    return tree
 
 
 def resume_changes(saved: dict[str, Any], current: dict[str, Any], *, loads_reference: bool = True,
