@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -679,3 +680,33 @@ def test_the_law_cells_give_the_headroom_with_its_sign_and_the_forecast_rmse():
     headroom = cells["forecast ceiling − reached"]
     assert headroom.text.startswith("+") and headroom.value == pytest.approx(law["ceiling_minus_reached"])
     assert cells["forecast RMSE"].value == pytest.approx(law["forecast"]["rmse"]) and law["forecast"]["rmse"] > 0.005
+
+
+def test_the_report_command_names_a_section_that_failed_and_where_else_a_report_can_go(tmp_path, monkeypatch):
+    """A section that raises is named with its error, printed as written (brackets are not console markup), and the
+    report is still written (exit 0); a default report folder that cannot be made says --out writes it elsewhere, an
+    --out that cannot be made does not."""
+    from typer.testing import CliRunner
+
+    from entrorl.analysis import run_report
+    from entrorl.cli import app
+
+    run = write_run(tmp_path / "run", law_records(80))
+
+    def broken(self, section):
+        raise ValueError("[bold]no[/bold] covariance")
+
+    monkeypatch.setattr(run_report._RunReport, "covariance", broken)
+    result = CliRunner().invoke(app, ["report", str(run), "--no-figures"])
+    assert result.exit_code == 0, result.output
+    assert "section covariance could not be generated: ValueError: [bold]no[/bold] covariance" in result.output
+    assert (run / "report" / "report.html").is_file()
+    monkeypatch.undo()
+    shutil.rmtree(run / "report")
+    (run / "report").write_text("")
+    result = CliRunner().invoke(app, ["report", str(run), "--no-figures"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and output.startswith("error: ") and output.endswith(
+        "; --out writes the report elsewhere"), output
+    result = CliRunner().invoke(app, ["report", str(run), "--no-figures", "--out", str(run / "report" / "inside")])
+    assert result.exit_code == 1 and "--out writes the report elsewhere" not in result.output, result.output

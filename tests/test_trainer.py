@@ -3255,3 +3255,72 @@ def test_memory_that_runs_out_during_training_is_one_line_with_the_way_on(tmp_pa
     assert result.exit_code == 2, result.output
     assert "error: out of memory while evaluating after step 2 ([enforce fail" in output
     assert "the last checkpoint, step_000001, is intact" in output
+
+
+def test_each_failure_of_a_run_ends_in_one_line_that_says_what_is_left_and_how_to_go_on(tmp_path, tiny_model_dir,
+                                                                                         arithmetic_files, monkeypatch):
+    """What `entrorl train` says when training fails, by what the run directory holds then: an intact checkpoint before
+    the last step (the resume command), the last step's checkpoint (the run itself finished: a failure while closing),
+    no checkpoint, or no run directory at all; a checkpoint that could not be written says how to go on only when an
+    earlier one is there; a run stopped on purpose exits 3."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.trainer.checkpoint import CheckpointWriteError
+    from entrorl.trainer.loggers import TrackerError
+
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 1},
+                                                             checkpoint={"every": 1}))
+    run_dir = tmp_path / "run"
+    assert CliRunner().invoke(app, ["train", str(config), "--run-dir", str(run_dir)]).exit_code == 0
+    trained = Trainer.train
+
+    def failing(error: Exception, *, first=lambda self: None):
+        def train(self, **options):
+            try:
+                first(self)
+                raise error
+            finally:
+                self.close(failed=True)  # as train does when it raises: the run directory is let go
+        return train
+
+    def invoke(*extra: str) -> tuple[int, str]:
+        result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(run_dir), *extra])
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        return result.exit_code, " ".join(result.output.split())
+
+    again = f"entrorl train {config} --set=optim.steps=2 --run-dir {run_dir} --resume"
+    monkeypatch.setattr(Trainer, "train", failing(TrackerError("logging.tensorboard: TensorBoard could not write")))
+    code, output = invoke("--set", "optim.steps=2", "--resume")
+    assert code == 2 and output.endswith("error: logging.tensorboard: TensorBoard could not write; the last checkpoint, "
+                                         f"step_000001, is intact: once the cause is fixed, continue with {again}"), output
+    monkeypatch.setattr(Trainer, "train", failing(CheckpointWriteError("writing checkpoint step_000002 failed")))
+    code, output = invoke("--set", "optim.steps=2", "--resume")
+    assert code == 2 and output.endswith(f"error: writing checkpoint step_000002 failed; once the cause is fixed, continue "
+                                         f"with {again}"), output
+    monkeypatch.setattr(Trainer, "train", failing(TrainingStopped("3 non-finite steps in a row")))
+    code, output = invoke("--set", "optim.steps=2", "--resume")
+    assert code == 3 and output.endswith("error: 3 non-finite steps in a row"), output
+
+    shutil.rmtree(run_dir)
+    monkeypatch.setattr(Trainer, "train", failing(TrackerError("logging.wandb: W&B could not finish"), first=trained))
+    code, output = invoke()
+    assert code == 2 and output.endswith("error: logging.wandb: W&B could not finish; the run itself finished: its last "
+                                         "checkpoint, step_000001, and metrics.jsonl are complete"), output
+
+    shutil.rmtree(run_dir)
+    monkeypatch.setattr(Trainer, "train", failing(CheckpointWriteError("writing checkpoint step_000001 failed")))
+    code, output = invoke()
+    assert code == 2 and output.endswith("error: writing checkpoint step_000001 failed"), output
+    monkeypatch.setattr(Trainer, "train", failing(OSError(28, "No space left on device", str(run_dir / "metrics.jsonl"))))
+    code, output = invoke()
+    assert code == 2 and output.endswith("no checkpoint had been written"), output
+    monkeypatch.setattr(Trainer, "train", failing(OSError(2, "No such file or directory", str(run_dir / "metrics.jsonl")),
+                                                  first=lambda self: shutil.rmtree(self.run_dir)))
+    code, output = invoke()
+    assert code == 2 and output.endswith(f"metrics.jsonl'; the run directory {run_dir} no longer exists"), output
+    monkeypatch.setattr(Trainer, "train", failing(CheckpointWriteError("the run directory is gone"),
+                                                  first=lambda self: shutil.rmtree(self.run_dir)))
+    code, output = invoke()
+    assert code == 2 and output.endswith("error: the run directory is gone"), output
