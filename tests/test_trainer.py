@@ -1994,6 +1994,30 @@ def test_a_checkpoint_damaged_in_place_is_passed_over_by_resume_and_refused_by_e
     assert latest_checkpoint(run_dir, verify="all") == checkpoints / "step_000001"
 
 
+def test_a_named_checkpoint_whose_model_was_cut_short_is_refused_with_the_sizes_and_the_one_before_it(
+        tmp_path, tiny_model_dir, arithmetic_files):
+    """A model file of another size than written (a copy or a write cut short) is said as such, with the newest intact
+    checkpoint before it, not as an unreadable weight file to save again; a cut trainer.pt does not stop a model
+    reader, which does not read it."""
+    from entrorl.trainer.checkpoint import resolve_model_directory
+
+    _, run_dir = run_with_a_checkpoint_per_step(tmp_path, tiny_model_dir, arithmetic_files[0], steps=2)
+    checkpoints = run_dir / "checkpoints"
+    weights = checkpoints / "step_000002" / "model" / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as file:
+        file.truncate(size // 2)
+    for given in (checkpoints / "step_000002", checkpoints / "step_000002" / "model"):
+        with pytest.raises(ValueError, match=rf"^checkpoint .*step_000002 is incomplete \(model/model.safetensors has "
+                                             rf"{size // 2} bytes instead of the {size} written\); the newest intact one "
+                                             r"before it is .*step_000001$"):
+            resolve_model_directory(given)
+    assert resolve_model_directory(run_dir).weights == checkpoints / "step_000001" / "model"
+    with (checkpoints / "step_000001" / "trainer.pt").open("r+b") as file:
+        file.truncate(100)
+    assert resolve_model_directory(checkpoints / "step_000001").weights == checkpoints / "step_000001" / "model"
+
+
 def test_after_a_resume_that_passed_over_checkpoints_the_resumed_run_s_own_are_the_newest(
         tmp_path, tiny_model_dir, arithmetic_files):
     """Step 2's and 3's trainer states are damaged, so the resume continues from step 1 and sets both aside, with a

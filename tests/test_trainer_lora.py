@@ -479,15 +479,21 @@ def test_eval_loads_adapters_onto_the_base_model_they_record(tmp_path, tiny_mode
     (tmp_path / "with-folder" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="has no weights"):
         resolve_model_directory(tmp_path / "with-folder")
-    # a power cut's empty adapter file, and a truncated one
-    weights = first / "adapter" / "adapter_model.safetensors"
-    saved = weights.read_bytes()
-    weights.write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="or an empty one"):
-        resolve_model_directory(first)
-    weights.write_bytes(saved[: len(saved) // 2])
-    with pytest.raises(ValueError, match="adapter_model.safetensors cannot be read"):
-        load_model_directory(resolve_model_directory(first))
+    # a power cut's empty adapter file, and a truncated one: in a checkpoint, the sizes it wrote say so before loading
+    loose = tmp_path / "loose-adapter"
+    shutil.copytree(first / "adapter", loose)
+    for adapters, empty, cut in (
+            (first / "adapter", r"checkpoint .*step_000002 is incomplete \(adapter/adapter_model.safetensors is empty\)",
+             r"checkpoint .*step_000002 is incomplete \(adapter/adapter_model.safetensors has \d+ bytes instead of"),
+            (loose, "or an empty one", "adapter_model.safetensors cannot be read")):
+        weights = adapters / "adapter_model.safetensors"
+        saved = weights.read_bytes()
+        weights.write_bytes(b"")
+        with pytest.raises((FileNotFoundError, ValueError), match=empty):
+            resolve_model_directory(adapters.parent if adapters.name == "adapter" else adapters)
+        weights.write_bytes(saved[: len(saved) // 2])
+        with pytest.raises(ValueError, match=cut):
+            load_model_directory(resolve_model_directory(adapters))
 
 
 def random_adapters(model_dir, directory, *, safe_serialization: bool = True, **lora):

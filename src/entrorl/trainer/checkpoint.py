@@ -437,13 +437,19 @@ def _checkpoint_model(path: Path) -> Path:
 
 
 def _check_intact(checkpoint: Path) -> None:
-    damage = _damage(checkpoint, "model")
+    """``ValueError`` when a file of the checkpoint's model or adapters is not as written: of another size (a copy or
+    a write cut short) or with other bytes; it names the newest intact checkpoint before it."""
+    missing = _what_is_missing(checkpoint, parts=_VERIFIED_PARTS["model"])
+    damage = f"is incomplete ({missing})" if missing is not None else None
+    if damage is None:
+        changed = _damage(checkpoint, "model")
+        damage = f"is damaged: {changed}" if changed is not None else None
     if damage is None:
         return
     run = training_run_of(checkpoint)
     earlier = (latest_checkpoint(run, before_step=checkpoint_step(checkpoint), verify="model")
                if run is not None and _CHECKPOINT_NAME.fullmatch(checkpoint.name) else None)
-    raise ValueError(f"checkpoint {checkpoint} is damaged: {damage}"
+    raise ValueError(f"checkpoint {checkpoint} {damage}"
                      + (f"; the newest intact one before it is {earlier}" if earlier is not None else ""))
 
 
@@ -534,19 +540,24 @@ def _read_file_list(checkpoint: Path) -> tuple[dict[str, int], dict[str, str]] |
     return sizes, checksums
 
 
-def _what_is_missing(checkpoint: Path) -> str | None:
+def _what_is_missing(checkpoint: Path, *, parts: tuple[str, ...] | None = None) -> str | None:
     """None when ``checkpoint`` holds everything a resume reads; else what is wrong, e.g. "model/tokenizer.json is
     missing". With a ``files.json``: every file it lists, at its size (a JSON or text file may have been edited, and
-    only has to be there and not empty). Without one (written before checkpoints had it): the trainer state, the
-    model's config and weights, none of them empty, and the adapters' files when it has adapters (whose checkpoints
-    may leave the weights out)."""
+    only has to be there and not empty); with ``parts`` (e.g. ``("model", "adapter")``), only the files in those. Without
+    one (written before checkpoints had it): the trainer state, the model's config and weights, none of them empty, and
+    the adapters' files when it has adapters (whose checkpoints may leave the weights out); with ``parts``, nothing
+    (the loaders say what they cannot read)."""
     try:
         listed = _read_file_list(checkpoint)
     except ValueError as error:
         return str(error)
+    if listed is None and parts is not None:
+        return None
     if listed is not None:
         sizes, _ = listed
         for name, size in sizes.items():
+            if parts is not None and name.split("/", 1)[0] not in parts:
+                continue
             try:
                 found = (checkpoint / name).stat().st_size
             except OSError:
