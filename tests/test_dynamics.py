@@ -745,3 +745,118 @@ def test_pg_step_alpha_is_the_signed_product():
     integer = dyn.pg_step_alpha(1, torch.tensor([1, -2]))
     assert integer.is_floating_point()
     torch.testing.assert_close(integer, torch.tensor([1.0, -2.0], dtype=integer.dtype))
+
+
+def test_sequence_level_mask_broadcasts_over_tokens():
+    """A mask shaped [B, 1] (one flag per sequence) counts every token of a valid sequence: the same results as the
+    expanded [B, T] mask in the covariance, its concentration and the batch prediction (a mean over B * T' tokens)."""
+    g = torch.Generator().manual_seed(110)
+    lp = -torch.rand(4, 6, generator=g, dtype=F64) * 3
+    adv = torch.randn(4, 6, generator=g, dtype=F64)
+    seq_mask = torch.tensor([[True], [False], [True], [True]])
+    full_mask = seq_mask.expand(4, 6)
+    c = dyn.token_covariance(lp, adv, seq_mask)
+    torch.testing.assert_close(c, dyn.token_covariance(lp, adv, full_mask), atol=0, rtol=0)
+    ref = _np_token_cov(lp.numpy(), adv.numpy(), full_mask.numpy())
+    np.testing.assert_allclose(c.numpy(), ref, rtol=1e-6, atol=1e-7)
+    conc = dyn.covariance_concentration(c, seq_mask, top_percents=(10.0,))
+    assert conc.n_tokens == 18 and conc.top_counts[10.0] == 1
+    assert conc.overall_mean == pytest.approx(float(c[full_mask].double().mean()), rel=1e-12)
+    D = torch.randn(4, 6, generator=g, dtype=F64)
+    got = dyn.batch_predicted_entropy_change(D, 0.5, seq_mask)
+    assert got.item() == pytest.approx(-0.5 * D[full_mask].mean().item(), rel=1e-12)
+
+
+def test_token_covariance_centres_float64_input_without_float32_rounding():
+    """Means and centring are taken in float64: sequence-level log-probs near -1000 that differ by 1e-4 (below the
+    float32 resolution there) still give the exact centred products, rounded to float32 only at the end."""
+    lp = torch.tensor([1e-4, -2e-4, 3e-4, 0.0], dtype=F64) - 1000.0
+    adv = torch.tensor([1.0, -1.0, 2.0, 0.0], dtype=F64)
+    c = dyn.token_covariance(lp, adv, None)
+    centred_lp = np.array([1e-4, -2e-4, 3e-4, 0.0]) - 0.5e-4
+    expected = centred_lp * (adv.numpy() - 0.5)
+    np.testing.assert_allclose(c.numpy(), expected, rtol=1e-6, atol=0)
+
+
+def test_batch_prediction_of_float64_input_is_exact_in_float64():
+    """float64 discriminators and step sizes are combined in float64: no rounding of alpha to float32."""
+    D = torch.tensor([[0.1, -0.2, 0.3], [0.05, 9.0, -0.4]], dtype=F64)
+    alpha = torch.full((2, 3), 1.0 / 3.0, dtype=F64) + torch.tensor([0.0, 1e-9, 2e-9], dtype=F64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    per_token = -(alpha * D)[mask.bool()]
+    got_sum = dyn.batch_predicted_entropy_change(D, alpha, mask, "sum")
+    got_mean = dyn.batch_predicted_entropy_change(D, alpha, mask)
+    assert got_sum.dtype == F64 and got_mean.dtype == F64
+    assert got_sum.item() == pytest.approx(per_token.sum().item(), rel=1e-14, abs=0)
+    assert got_mean.item() == pytest.approx(per_token.mean().item(), rel=1e-14, abs=0)
+    for bad in ("none", "max", ""):
+        with pytest.raises(ValueError, match="reduction"):
+            dyn.batch_predicted_entropy_change(D, alpha, mask, bad)
+
+
+def test_natural_and_vanilla_pg_predictions_are_exact_in_float64_and_follow_the_logits_dtype():
+    """Theorems 1-2 against the direct E[XY] - E[X]E[Y] covariance in float64 (advantages not rounded to float32),
+    and float32 logits give a float32 prediction whatever the advantages' dtype."""
+    z = _random_logits(3, 9, seed=111)
+    A = torch.randn(3, 9, generator=_gen(112), dtype=F64) / 3.0
+    p = torch.softmax(z, -1)
+    logp = torch.log_softmax(z, -1)
+
+    def cov(x):
+        return (p * logp * x).sum(-1) - (p * logp).sum(-1) * (p * x).sum(-1)
+
+    natural = dyn.predicted_entropy_change_natural_pg(z, A, 0.1)
+    vanilla = dyn.predicted_entropy_change_vanilla_pg(z, A, 0.1)
+    assert natural.dtype == F64 and vanilla.dtype == F64
+    torch.testing.assert_close(natural, -0.1 * cov(A), atol=1e-15, rtol=1e-13)
+    torch.testing.assert_close(vanilla, -0.1 * cov(p * A), atol=1e-15, rtol=1e-13)
+    for predict in (dyn.predicted_entropy_change_natural_pg, dyn.predicted_entropy_change_vanilla_pg):
+        low = predict(z.float(), A, 0.1)
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low, predict(z.float(), A.float(), 0.1))
+
+
+def test_masked_entries_of_the_centred_discriminator_are_minus_the_baseline():
+    """D at a masked (-inf) entry is the D a token with p = 0 would have: S = 0, so D = -E_p[S] (not 0)."""
+    zm, _, masked = _masked_logits()
+    D = dyn.centered_vocab_discriminator(zm)
+    ES = dyn.expected_discriminator(zm)
+    assert (ES.abs() > 1e-3).all()
+    for row in range(3):
+        torch.testing.assert_close(D[row][masked[row]], -ES[row].expand(int(masked[row].sum())), atol=1e-15, rtol=0)
+    s_k, d_k = dyn.token_discriminators(zm, torch.tensor([1, 0, 2]))
+    assert torch.equal(s_k, torch.zeros(3, dtype=F64))
+    torch.testing.assert_close(d_k, -ES, atol=1e-15, rtol=0)
+
+
+def test_dense_quantities_are_differentiable_by_finite_differences():
+    """The dense functions' gradients w.r.t. the logits (with a temperature) agree with finite differences."""
+    z = _random_logits(2, 5, seed=113).requires_grad_(True)
+    A = torch.randn(2, 5, generator=_gen(114), dtype=F64)
+    tokens = torch.tensor([1, 4])
+    for quantity in (
+        lambda x: dyn.entropy(x, 0.7),
+        lambda x: dyn.vocab_discriminator(x, 0.7),
+        lambda x: dyn.expected_discriminator(x, 0.7),
+        lambda x: dyn.centered_vocab_discriminator(x, 0.7),
+        lambda x: dyn.token_discriminators(x, tokens, 0.7),
+        lambda x: dyn.predicted_entropy_change_logits(x, A, 0.7),
+        lambda x: dyn.predicted_entropy_change_vanilla_pg(x, A, 0.3, 0.7),
+        lambda x: dyn.predicted_entropy_change_natural_pg(x, A, 0.3, 0.7),
+    ):
+        assert torch.autograd.gradcheck(quantity, (z,), fast_mode=True)
+
+
+def test_token_discriminators_reject_out_of_range_token_ids():
+    """A token id outside [0, V) is an error, never silently read from another vocabulary entry."""
+    z = _random_logits(2, 5, seed=115)
+    for bad in (torch.tensor([0, 5]), torch.tensor([7, 1])):
+        with pytest.raises((RuntimeError, IndexError)):
+            dyn.token_discriminators(z, bad)
+
+
+def test_covariance_concentration_of_no_tokens_counts_zero():
+    """With no valid token the top q% is no token: count 0, mean and ratio nan, for every q."""
+    out = dyn.covariance_concentration(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3, dtype=torch.bool))
+    assert out.top_counts == {0.02: 0, 0.2: 0, 2.0: 0, 20.0: 0}
+    assert all(math.isnan(v) for v in out.top_means.values()) and all(math.isnan(v) for v in out.ratios.values())

@@ -410,3 +410,108 @@ def test_input_validation_edges():
         token_stats(logits, at_vocab)
     with pytest.raises(ValueError, match=r"target ids must lie in \[0, 10\)"):
         token_stats_from_hidden(torch.randn(3, 4), torch.randn(10, 4), torch.tensor([0, 10, 1]))
+
+
+def test_default_request_is_logprob_and_entropy_only():
+    """Without `need`, both entry points return log-prob and entropy and leave S and D uncomputed (None)."""
+    logits, targets = random_case(19)
+    stats = token_stats(logits, targets)
+    assert stats.logprob is not None and stats.entropy is not None
+    assert stats.disc is None and stats.disc_centered is None
+    assert set(stats.as_dict()) == {"logprob", "entropy"}
+    fused = token_stats_from_hidden(torch.randn(4, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64),
+                                    torch.tensor([0, 8, 3, 1]))
+    assert set(fused.as_dict()) == {"logprob", "entropy"}
+
+
+def test_empty_batch_gives_empty_statistics_and_gradient():
+    """Zero rows (an empty micro-batch, or sequences of length 0) give empty statistics, not an error."""
+    for shape in ((0,), (2, 0)):
+        logits = torch.randn(*shape, 11, dtype=torch.float64, requires_grad=True)
+        targets = torch.zeros(shape, dtype=torch.long)
+        stats = token_stats(logits, targets, need=ALL)
+        for name in ALL:
+            assert getattr(stats, name).shape == shape
+        (stats.logprob.sum() + stats.entropy.sum()).backward()
+        assert logits.grad.shape == logits.shape
+        fused = token_stats_from_hidden(torch.randn(*shape, 3), torch.randn(11, 3), targets, need=ALL)
+        assert all(getattr(fused, name).shape == shape for name in ALL)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_narrow_integer_targets_equal_int64_targets(dtype):
+    """Token ids of any accepted integer dtype give exactly the statistics and gradients of int64 ids."""
+    logits, targets = random_case(20, shape=(3, 4), vocab=40)
+    wide = logits.clone().requires_grad_()
+    reference = token_stats(wide, targets, chunk_size=5, need=ALL)
+    (reference.logprob.sum() + reference.entropy.sum()).backward()
+    narrow = logits.clone().requires_grad_()
+    stats = token_stats(narrow, targets.to(dtype), chunk_size=5, need=ALL)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    for name in ALL:
+        assert torch.equal(getattr(stats, name), getattr(reference, name)), name
+    assert torch.equal(narrow.grad, wide.grad)
+
+
+def test_mask_with_a_single_valid_token():
+    """A mask with exactly one valid position (a one-token response) gives that token's statistics and gradient
+    and zeros everywhere else, on both entry points."""
+    logits, targets = random_case(21, shape=(2, 3))
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[1, 2] = True
+    leaf = logits.clone().requires_grad_()
+    stats = token_stats(leaf, targets, mask=mask, need=ALL)
+    reference = naive_stats(logits, targets)
+    for name in ALL:
+        value = getattr(stats, name)
+        torch.testing.assert_close(value[1, 2], reference[name][1, 2], atol=1e-12, rtol=1e-10)
+        assert torch.all(value[~mask] == 0)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    dense = logits.clone().requires_grad_()
+    naive = naive_stats(dense, targets)
+    (naive["logprob"][1, 2] + naive["entropy"][1, 2]).backward()
+    torch.testing.assert_close(leaf.grad, dense.grad, atol=1e-12, rtol=1e-10)
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
+    weight = torch.randn(37, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(23))
+    fused = token_stats_from_hidden(hidden, weight, targets, mask=mask, need=ALL)
+    projected = naive_stats(hidden @ weight.t(), targets)
+    for name in ALL:
+        torch.testing.assert_close(getattr(fused, name)[1, 2], projected[name][1, 2], atol=1e-12, rtol=1e-10)
+
+
+def test_from_hidden_each_subset_of_statistics_equals_the_full_request():
+    """The fused path honours `need` like token_stats: any subset of the statistics equals the full request."""
+    generator = torch.Generator().manual_seed(24)
+    hidden = torch.randn(3, 5, 6, dtype=torch.float64, generator=generator)
+    weight = torch.randn(23, 6, dtype=torch.float64, generator=generator)
+    targets = torch.randint(0, 23, (3, 5), generator=generator)
+    together = token_stats_from_hidden(hidden, weight, targets, temperature=0.9, chunk_size=4, need=ALL)
+    reference = naive_stats(hidden @ weight.t(), targets, 0.9)
+    for name in ALL:
+        torch.testing.assert_close(getattr(together, name), reference[name], atol=1e-12, rtol=1e-10)
+    for size in range(1, len(ALL) + 1):
+        for subset in itertools.combinations(ALL, size):
+            alone = token_stats_from_hidden(hidden, weight, targets, temperature=0.9, chunk_size=4, need=subset)
+            for name in ALL:
+                if name in subset:
+                    torch.testing.assert_close(getattr(alone, name), getattr(together, name), atol=0, rtol=0)
+                else:
+                    assert getattr(alone, name) is None, (subset, name)
+
+
+def test_from_hidden_rejects_a_bias_of_the_wrong_shape():
+    """A bias must have one entry per vocabulary row: a length-1 bias (which would broadcast silently) or one of the
+    wrong length is a ValueError."""
+    hidden, weight, targets = torch.randn(3, 4), torch.randn(10, 4), torch.tensor([0, 9, 2])
+    for bad in (torch.randn(1), torch.randn(11), torch.randn(1, 10)):
+        with pytest.raises(ValueError, match=r"lm_head_bias must be \[10\]"):
+            token_stats_from_hidden(hidden, weight, targets, lm_head_bias=bad)
+
+
+def test_default_chunk_size_for_large_vocabularies():
+    """The default chunk holds at most 4M elements and is as large as that allows, for real vocabulary sizes."""
+    for vocab in (50_257, 128_256, 151_936, 262_144):
+        rows = default_chunk_size(vocab)
+        assert rows == (1 << 22) // vocab
+        assert rows * vocab <= 1 << 22 < (rows + 1) * vocab
+    assert default_chunk_size(151_936) == 27
