@@ -860,3 +860,15 @@ def test_covariance_concentration_of_no_tokens_counts_zero():
     out = dyn.covariance_concentration(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3, dtype=torch.bool))
     assert out.top_counts == {0.02: 0, 0.2: 0, 2.0: 0, 20.0: 0}
     assert all(math.isnan(v) for v in out.top_means.values()) and all(math.isnan(v) for v in out.ratios.values())
+
+
+def test_a_python_float_step_size_keeps_float64_precision_and_a_tensor_learning_rate_is_detached():
+    """A Python-float alpha meets float64 discriminators at float64 (not first rounded to float32): 3 x 1/3 is 1 to
+    the last bit; pg_step_alpha is detached whatever carries a gradient, the learning rate included."""
+    discriminators = torch.tensor([3.0], dtype=torch.float64)
+    predicted = dyn.batch_predicted_entropy_change(discriminators, 1.0 / 3.0, None, "sum")
+    assert predicted.dtype == torch.float64 and predicted.item() == -1.0
+    lr = torch.tensor(0.1, requires_grad=True)
+    alpha = dyn.pg_step_alpha(lr, torch.tensor([1.0, -2.0], requires_grad=True), ratio=torch.ones(2, requires_grad=True))
+    assert not alpha.requires_grad
+    torch.testing.assert_close(alpha, torch.tensor([0.1, -0.2]))

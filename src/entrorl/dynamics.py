@@ -251,7 +251,7 @@ def pg_step_alpha(
     a = torch.as_tensor(advantages).detach()
     if not a.is_floating_point():
         a = a.to(torch.get_default_dtype())
-    alpha = a * lr
+    alpha = a * (lr.detach() if isinstance(lr, torch.Tensor) else lr)
     if ratio is not None:
         r = torch.as_tensor(ratio).detach()
         alpha = alpha * r
@@ -463,7 +463,7 @@ def batch_predicted_entropy_change(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     d = disc_centered.detach()
     d = d.to(_compute_dtype(d.dtype))
-    a = torch.as_tensor(alpha, device=d.device).detach().to(d.dtype)
+    a = torch.as_tensor(alpha, dtype=d.dtype, device=d.device).detach()  # a Python float straight to d's precision
     per_token = -a * d
     m = _valid_mask(mask, per_token.shape, per_token.device)
     zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
