@@ -1051,3 +1051,10 @@ def test_the_first_reward_failure_names_its_sample_among_all_the_samples(tiny_mo
                            batch_size=6)
     assert result.reward_errors == 3
     assert result.first_reward_error.startswith("reward raised for sample 6: ValueError: three fails")
+
+
+def test_the_pass_rate_bars_scale_to_the_widest_bin_and_show_every_non_empty_bin():
+    from entrorl.cli import _histogram_bar
+
+    assert [_histogram_bar(count, 100) for count in (0, 1, 2, 50, 100)] == ["", "#", "#", "#" * 12, "#" * 24]
+    assert _histogram_bar(3, 4, width=8) == "#" * 6 and _histogram_bar(0, 0) == ""

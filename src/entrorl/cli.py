@@ -762,10 +762,10 @@ def data_audit(
     table = Table(title=f"pass rates of {histogram.n_prompts} prompts x {n} samples")
     for column in ("pass rate", "prompts", "ok", "hard", "looks wrong", ""):
         table.add_column(column, justify="left" if not column else "right")
-    widest = max(histogram.counts) or 1
+    widest = max(histogram.counts)
     for correct, count in enumerate(histogram.counts):
         row = [histogram.by_verdict[verdict][correct] for verdict in ("ok", "hard", "looks_wrong")]
-        table.add_row(f"{correct}/{n}", str(count), *map(str, row), "#" * round(24 * count / widest))
+        table.add_row(f"{correct}/{n}", str(count), *map(str, row), _histogram_bar(count, widest))
     console.print(table)
 
     wrong = [(record, audit) for record, audit in zip(result.records, result.audits)
@@ -787,6 +787,14 @@ def data_audit(
     _print_reward_errors(result.reward_errors, result.n_sampled, result.first_reward_error, reward_log)
     console.print(Text.assemble(("audit", "green"), f": {outputs.directory}"), soft_wrap=True)
     sys.stdout.write(json.dumps(summary, indent=1) + "\n")
+
+
+def _histogram_bar(count: int, widest: int, width: int = 24) -> str:
+    """``count`` as a bar of ``#`` scaled so that ``widest`` fills ``width``; any count above zero shows at least one
+    ``#`` (a bin of 1 prompt next to one of 500 is not an empty bin)."""
+    if count <= 0:
+        return ""
+    return "#" * max(1, round(width * count / widest))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
