@@ -1574,3 +1574,243 @@ def test_ending_the_workers_tells_or_terminates_them_and_leaves_none_behind(at_o
     assert [w.state["calls"] for w in pool] == [[first], [first, "kill"], []]
     assert all(w.connection.closed for w in pool) and not any(w.state["alive"] for w in pool)
     assert [w.connection.sent for w in pool] == ([[], [], []] if at_once else [[None], [None], []])
+
+
+def test_an_rl_seed_of_zero_trains_with_seed_zero_also_when_the_preset_s_seed_is_not_zero(tmp_path):
+    from entrorl.lab.runner import _trainer_config
+
+    preset = get_preset("quick").model_copy(update={"seed": 3, "rl_seed": 0})
+    data = {name: tmp_path / "data" / f"{name}.jsonl" for name in ("train", "eval", "forget")}
+    assert _trainer_config(preset, "grpo", tmp_path / "model", data, tmp_path / "grpo")["seed"] == 0
+
+
+def test_a_method_trains_on_one_thread_with_the_preset_s_sampling_and_no_evaluation_of_its_own(tmp_path):
+    from entrorl.lab.runner import _trainer_config
+
+    preset = get_preset("quick")
+    data = {name: tmp_path / "data" / f"{name}.jsonl" for name in ("train", "eval", "forget")}
+    config = _trainer_config(preset, "grpo", tmp_path / "model", data, tmp_path / "methods" / "grpo")
+    assert config["torch_threads"] == 1 and config["eval"] == {"every": 0}
+    assert config["rollout"] == {"prompts_per_step": preset.prompts_per_step, "group_size": preset.group_size,
+                                 "max_new_tokens": preset.max_new_tokens, "temperature": preset.temperature,
+                                 "generation_batch_size": 256}
+
+
+class _ScoredByPosition:
+    """A verifier that scores a batch at once: the ``i``-th sample of a prompt is right when ``right[prompt][i]``."""
+
+    def __init__(self, right):
+        self.right = right
+
+    def __call__(self, prompt, completion, answer, **meta):
+        raise AssertionError("scored one by one")
+
+    def score_batch(self, prompts, completions, answers, metas):
+        seen = {}
+        scores = []
+        for prompt in prompts:
+            index = seen[prompt] = seen.get(prompt, -1) + 1
+            scores.append(1.0 if self.right[prompt][index] else 0.0)
+        return scores
+
+
+def _two_prompt_files(tmp_path):
+    from entrorl.data import PromptRecord, write_jsonl
+
+    data = {"eval": tmp_path / "eval.jsonl", "forget": tmp_path / "forget.jsonl"}
+    write_jsonl([PromptRecord(prompt=p, answer="0") for p in ("1+1=", "2+2=")], data["eval"])
+    write_jsonl([PromptRecord(prompt=p, answer="0") for p in ("4+4=", "5+5=")], data["forget"])
+    return data
+
+
+def test_the_policy_evaluation_gives_the_unbiased_pass_at_k_up_to_64_and_the_mean_forgetting_accuracy(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """64 samples of a prompt right 16 times and of one never right: Pass@k = (1 - C(48, k)/C(64, k)) / 2 for
+    k = 1, 2, ..., 64; the forgetting accuracy is the share of right samples (2 of 6), not of prompts solved once."""
+    import math
+
+    from entrorl.lab import runner
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+
+    data = _two_prompt_files(tmp_path)
+    right = {"1+1=": [i < 16 for i in range(64)], "2+2=": [False] * 64,
+             "4+4=": [True, False, True], "5+5=": [False] * 3}
+    monkeypatch.setattr(runner, "get_task", lambda name: _ScoredByPosition(right))
+    preset = get_preset("quick").model_copy(update={"eval_n": 64, "forgetting_n": 3, "max_new_tokens": 3, "top_forks": 2})
+    result = runner.evaluate_policy(load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir), preset, data)
+    assert result["pass_rates"] == [0.25, 0.0] and result["avg_at_n"] == pytest.approx(0.125)
+    expected = {str(k): (1 - math.comb(48, k) / math.comb(64, k)) / 2 for k in (1, 2, 4, 8, 16, 32, 64)}
+    assert result["pass_at_k"] == pytest.approx(expected) and list(result["pass_at_k"]) == list(expected)
+    assert result["forgetting_accuracy"] == pytest.approx(2 / 6)
+
+
+def test_the_policy_evaluation_samples_and_measures_entropy_at_the_preset_s_temperature_under_its_seed(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """At temperature 0.5 the sampler is asked for 0.5 and the entropy is that of the 0.5-tempered distribution;
+    the sampling seed follows the preset's seed; top_forks fork tokens are listed."""
+    from entrorl.lab import runner
+    from entrorl.modeling import bucketed_response_token_stats, load_causal_lm, load_tokenizer
+    from entrorl.rollout import HFSampler
+
+    data = _two_prompt_files(tmp_path)
+    monkeypatch.setattr(runner, "get_task", lambda name: (lambda prompt, completion, answer, **meta: 0.0))
+    drawn = []
+    generate = HFSampler.generate
+
+    def recorded(self, prompts, params):
+        drawn.append((params, torch.initial_seed(), generate(self, prompts, params)))
+        return drawn[-1][2]
+
+    monkeypatch.setattr(HFSampler, "generate", recorded)
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    preset = get_preset("quick").model_copy(update={"eval_n": 4, "forgetting_n": 2, "max_new_tokens": 8,
+                                                    "temperature": 0.5, "top_forks": 3})
+    result = runner.evaluate_policy(model, tokenizer, preset, data)
+    params, seed, rollouts = drawn[0]
+    assert (params.temperature, params.max_new_tokens) == (0.5, 8) and drawn[1][0].temperature == 0.5
+    entropy = {}
+    with torch.no_grad():
+        for temperature in (0.5, 1.0):
+            stats = bucketed_response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
+                                                  rollouts.response_mask, temperature=temperature, need=("entropy",))
+            entropy[temperature] = float(stats.entropy[rollouts.response_mask].mean())
+    assert abs(entropy[0.5] - entropy[1.0]) > 1e-3
+    assert result["entropy_mean"] == pytest.approx(entropy[0.5], rel=1e-5)
+    assert len(result["forks"]) == 3
+    drawn.clear()
+    runner.evaluate_policy(model, tokenizer, preset.model_copy(update={"seed": preset.seed + 5}), data)
+    assert drawn[0][1] == seed + 5
+
+
+def test_a_method_not_started_before_the_laboratory_stopped_does_not_pay_the_warm_up(tmp_path, monkeypatch):
+    import threading
+
+    from entrorl.lab import runner
+
+    stop = threading.Event()
+    stop.set()
+    monkeypatch.setattr(runner, "_STOP", stop)
+    monkeypatch.setattr(runner, "_process_warmed_up", False)
+    monkeypatch.setattr(runner, "_pay_one_off_costs", lambda job: pytest.fail("warmed up after the laboratory stopped"))
+    assert runner._run_method({"method": "grpo", "run_dir": str(tmp_path / "grpo")}) == {
+        "method": "grpo", "status": "interrupted"}
+    assert not runner._process_warmed_up
+
+
+def test_a_folder_holding_what_an_interrupted_laboratory_leaves_without_its_lab_json_is_one(tmp_path):
+    from entrorl.lab.runner import _prepare_run_directory
+
+    out = tmp_path / "lab"
+    for name in ("data", "base", "methods", "figures"):
+        (out / name).mkdir(parents=True)
+    for name in ("outcomes.json", "report.md", "report.html", "report.json"):
+        (out / name).write_text("{}")
+    _prepare_run_directory(out)
+
+
+@pytest.mark.parametrize("at_once", [False, True], ids=["told-to-stop", "at-once"])
+def test_ending_the_workers_waits_10_s_after_sigterm_and_30_s_after_telling_them(at_once):
+    import threading
+    from types import SimpleNamespace
+
+    from entrorl.lab.runner import _end_workers
+
+    waits = []
+    process = SimpleNamespace(is_alive=lambda: True, terminate=lambda: None, kill=lambda: None,
+                              join=lambda timeout=None: waits.append(timeout))
+    pool = [SimpleNamespace(process=process, connection=_Pipe([]))]
+    _end_workers(pool, threading.Event(), at_once)
+    assert (9 < waits[0] <= 10) if at_once else (29 < waits[0] <= 30)
+
+
+def test_a_bar_advances_by_the_logged_steps_up_to_its_total_and_its_clock_starts_at_the_first_step(tmp_path):
+    from types import SimpleNamespace
+
+    from entrorl.lab.runner import _show_progress
+
+    class Progress(_RecordingProgress):
+        def __init__(self):
+            super().__init__()
+            self.tasks = [SimpleNamespace(id="bar of nsr", started=True)]
+            self.begun = []
+
+        def start_task(self, bar):
+            self.begun.append(bar)
+
+    for method, logged in (("grpo", 7), ("clip_b", 0), ("nsr", 2)):
+        (tmp_path / "methods" / method).mkdir(parents=True)
+        (tmp_path / "methods" / method / "metrics.jsonl").write_text("{}\n" * logged)
+    progress = Progress()
+    _show_progress(["grpo", "clip_b", "nsr", "dapo"], progress, {m: f"bar of {m}" for m in ("grpo", "clip_b", "nsr", "dapo")},
+                   tmp_path, steps=5)
+    assert progress.begun == ["bar of grpo"]  # nsr's clock runs already; clip_b and dapo logged no step yet
+    assert progress.updates == {"bar of grpo": {"completed": 5}, "bar of clip_b": {"completed": 0},
+                                "bar of nsr": {"completed": 2}, "bar of dapo": {"completed": 0}}
+
+
+def test_a_laboratory_started_with_ctrl_c_ignored_keeps_ignoring_it(signal_handlers_restored):
+    import signal
+
+    from entrorl.lab.runner import _counting_ctrl_c
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with _counting_ctrl_c() as presses:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert presses == [0] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with _counting_ctrl_c() as presses:
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    assert presses == [1] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_resumed_invocation_records_the_folder_s_methods_in_order_and_its_outcomes_over_the_earlier_ones(
+        tmp_path, monkeypatch):
+    """The folder's methods keep their first order with the new ones after them; this invocation's outcomes replace
+    the earlier ones of the same methods and keep the others; its record says it evaluated the base model, what it
+    trained (not the method it found finished), its workers, and that it did not complete (a method failed); an
+    unreadable earlier record is dropped."""
+    import io
+
+    from rich.console import Console
+
+    from entrorl.lab import report, runner
+
+    out = tmp_path / "lab"
+    out.mkdir()
+    folder = ["grpo", "clip_cov", "nsr"]
+    earlier = {"started_at": 1.0, "finished_at": 2.0, "seconds": 1.0, "methods": folder, "ran": folder}
+    (out / "lab.json").write_text(json.dumps({"preset": get_preset("quick").model_copy(update={"methods": folder}).model_dump(mode="json"),
+                                              "methods": folder, "invocations": [earlier, "garbage"]}))
+    (out / "outcomes.json").write_text(json.dumps({"grpo": {"method": "grpo", "status": "failed", "error": "old"},
+                                                   "nsr": {"method": "nsr", "status": "failed", "error": "old"}}))
+    monkeypatch.setattr(runner, "build_base_model", lambda spec, cache_dir=None, progress=None: tmp_path / "base-model")
+    monkeypatch.setattr(runner, "_prepare_data", lambda out, preset: {k: out / "data" / f"{k}.jsonl" for k in ("train", "eval", "forget")})
+    monkeypatch.setattr("entrorl.modeling.load_causal_lm", lambda path: "model")
+    monkeypatch.setattr("entrorl.modeling.load_tokenizer", lambda path: "tokenizer")
+    monkeypatch.setattr(runner, "evaluate_policy", lambda model, tokenizer, preset, data: {"pass_at_k": {"1": 0.5}})
+    monkeypatch.setattr(report, "write_report", lambda out: None)
+    ran = []
+
+    def run_jobs(jobs, workers, outcomes, progress, bars, out, steps):
+        ran.append([job["method"] for job in jobs])
+        outcomes.update({"nsr": {"method": "nsr", "status": "cached"},
+                         "dapo": {"method": "dapo", "status": "failed", "error": "new"}})
+        return False
+
+    monkeypatch.setattr(runner, "_run_jobs", run_jobs)
+    console = Console(file=io.StringIO(), width=400)
+    runner.run_lab("quick", methods=["nsr", "dapo"], out=out, workers=3, console=console)
+    assert ran == [["nsr", "dapo"]]
+    recorded = json.loads((out / "lab.json").read_text())
+    assert recorded["methods"] == recorded["preset"]["methods"] == ["grpo", "clip_cov", "nsr", "dapo"]
+    assert recorded["workers"] == 3
+    assert recorded["invocations"][0] == earlier and len(recorded["invocations"]) == 2
+    now = recorded["invocations"][1]
+    assert (now["methods"], now["ran"], now["workers"]) == (["nsr", "dapo"], ["dapo"], 3)
+    assert now["base_evaluated"] is True and now["completed"] is False
+    assert json.loads((out / "outcomes.json").read_text()) == {
+        "grpo": {"method": "grpo", "status": "failed", "error": "old"}, "nsr": {"method": "nsr", "status": "cached"},
+        "dapo": {"method": "dapo", "status": "failed", "error": "new"}}
+    assert runner.failed_methods(out) == ["grpo", "dapo"]
+    printed = " ".join(console.file.getvalue().split())
+    assert "the report covers all 4 methods of" in printed and "(grpo, clip_cov, nsr, dapo)" in printed
