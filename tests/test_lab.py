@@ -1814,3 +1814,47 @@ def test_a_resumed_invocation_records_the_folder_s_methods_in_order_and_its_outc
     assert runner.failed_methods(out) == ["grpo", "dapo"]
     printed = " ".join(console.file.getvalue().split())
     assert "the report covers all 4 methods of" in printed and "(grpo, clip_cov, nsr, dapo)" in printed
+
+
+def test_the_policy_evaluation_gives_pass_at_n_also_when_n_is_not_a_power_of_two(tmp_path, tiny_model_dir, monkeypatch):
+    """eval_n = 6: Pass@k for k = 1, 2, 4 and 6 (the docstring's "k up to eval_n", n itself included)."""
+    import math
+
+    from entrorl.lab import runner
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+
+    data = _two_prompt_files(tmp_path)
+    right = {"1+1=": [True, False, True, False, False, False], "2+2=": [False] * 6, "4+4=": [True], "5+5=": [False]}
+    monkeypatch.setattr(runner, "get_task", lambda name: _ScoredByPosition(right))
+    preset = get_preset("quick").model_copy(update={"eval_n": 6, "forgetting_n": 1, "max_new_tokens": 3, "top_forks": 2})
+    result = runner.evaluate_policy(load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir), preset, data)
+    expected = {str(k): (1 - math.comb(4, k) / math.comb(6, k)) / 2 for k in (1, 2, 4, 6)}
+    assert result["pass_at_k"] == pytest.approx(expected) and list(result["pass_at_k"]) == list(expected)
+
+
+def test_train_seconds_count_an_invocation_that_failed_after_training(tmp_path, monkeypatch):
+    """An invocation that trained for 4 s and then failed, then one that finished the method in 2 s: train_seconds is
+    6 s (the failed one's steps were saved, and the second continued from them)."""
+    from types import SimpleNamespace
+
+    from entrorl.lab import runner
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(runner, "_process_warmed_up", True)
+    run_dir = tmp_path / "grpo"
+    run_dir.mkdir()
+
+    def trained_then_failed(job):
+        clock.now += 4.0
+        raise RuntimeError("an illegal memory access")
+
+    def finished(job):
+        clock.now += 2.0
+        return {"pass_at_k": {"1": 0.5}}
+
+    monkeypatch.setattr(runner, "_train_and_evaluate", trained_then_failed)
+    assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "failed"
+    monkeypatch.setattr(runner, "_train_and_evaluate", finished)
+    assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "done"
+    assert json.loads((run_dir / "final_eval.json").read_text())["train_seconds"] == pytest.approx(6.0)

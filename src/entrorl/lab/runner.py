@@ -127,7 +127,7 @@ def evaluate_policy(model, tokenizer, preset: LabPreset, data: dict[str, Path]) 
         if split == "forget":
             result["forgetting_accuracy"] = float(correct.mean())
             continue
-        ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
+        ks = sorted({2 ** power for power in range(n.bit_length())} | {n})  # 1, 2, 4, ... and n itself
         summary = summarize_samples(correct, ks=ks)
         stats = bucketed_response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
                                               rollouts.response_mask, temperature=preset.temperature,
@@ -253,8 +253,8 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
     """One method, in its own process: train (resuming when a checkpoint exists), then evaluate.
 
     ``train_seconds`` in ``final_eval.json`` is the time of the method's own set-up, training and final evaluation,
-    summed over the invocations that trained it (an interrupted one adds its time to :data:`_EARLIER_SECONDS`; one
-    killed outright cannot); the worker's one-off warm-up (:func:`_warm_up_process`) is paid before the clock
+    summed over the invocations that trained it (an interrupted or failed one adds its time to :data:`_EARLIER_SECONDS`;
+    one killed outright cannot); the worker's one-off warm-up (:func:`_warm_up_process`) is paid before the clock
     starts, so the times do not depend on which method a worker happens to run first."""
     from entrorl.trainer import TrainingInterrupted
 
@@ -286,6 +286,8 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
         with contextlib.suppress(OSError):  # a full disk: the outcome still carries the error
             (run_dir / "error.log").parent.mkdir(parents=True, exist_ok=True)
             (run_dir / "error.log").write_text(traceback.format_exc())
+            # the steps it trained and saved count when a later invocation finishes the method
+            _write_json(run_dir / _EARLIER_SECONDS, {"seconds": earlier + time.perf_counter() - started})
         return {"method": method, "status": "failed", "error": traceback.format_exc(limit=3)}
     finally:
         if _STOP is not None:  # a worker: the trainer's "exit at once" handlers are for a terminal's process,
