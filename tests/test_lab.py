@@ -395,7 +395,7 @@ def test_an_unusable_out_is_refused_before_anything_is_built(tmp_path):
     _prepare_run_directory(tmp_path / "early")
 
 
-def test_a_resumed_method_counts_the_train_time_of_its_interrupted_invocations(tmp_path, monkeypatch):
+def test_a_resumed_method_counts_the_train_time_of_its_interrupted_and_failed_invocations(tmp_path, monkeypatch):
     """A method interrupted after 3.5 s and finished by the next invocation in 2 s reports 5.5 s of train time, not
     the last invocation's 2 s."""
     from types import SimpleNamespace
@@ -434,6 +434,20 @@ def test_a_resumed_method_counts_the_train_time_of_its_interrupted_invocations(t
     assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "done"
     assert json.loads((run_dir / "final_eval.json").read_text())["train_seconds"] == pytest.approx(9.0)
     assert not (run_dir / "error.log").exists()
+
+    # failed after training 4 s (its steps saved), then finished in 2 s: 6 s
+    (run_dir / "final_eval.json").unlink()
+    (run_dir / runner._EARLIER_SECONDS).unlink()
+
+    def failed(job):
+        clock.now += 4.0
+        raise RuntimeError("an illegal memory access")
+
+    monkeypatch.setattr(runner, "_train_and_evaluate", failed)
+    assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "failed"
+    monkeypatch.setattr(runner, "_train_and_evaluate", finished)
+    assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "done"
+    assert json.loads((run_dir / "final_eval.json").read_text())["train_seconds"] == pytest.approx(6.0)
 
 
 def test_a_method_that_raises_fails_with_its_traceback_in_its_error_log(tmp_path, monkeypatch):
@@ -1831,30 +1845,3 @@ def test_the_policy_evaluation_gives_pass_at_n_also_when_n_is_not_a_power_of_two
     expected = {str(k): (1 - math.comb(4, k) / math.comb(6, k)) / 2 for k in (1, 2, 4, 6)}
     assert result["pass_at_k"] == pytest.approx(expected) and list(result["pass_at_k"]) == list(expected)
 
-
-def test_train_seconds_count_an_invocation_that_failed_after_training(tmp_path, monkeypatch):
-    """An invocation that trained for 4 s and then failed, then one that finished the method in 2 s: train_seconds is
-    6 s (the failed one's steps were saved, and the second continued from them)."""
-    from types import SimpleNamespace
-
-    from entrorl.lab import runner
-
-    clock = SimpleNamespace(now=100.0)
-    monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=lambda: clock.now))
-    monkeypatch.setattr(runner, "_process_warmed_up", True)
-    run_dir = tmp_path / "grpo"
-    run_dir.mkdir()
-
-    def trained_then_failed(job):
-        clock.now += 4.0
-        raise RuntimeError("an illegal memory access")
-
-    def finished(job):
-        clock.now += 2.0
-        return {"pass_at_k": {"1": 0.5}}
-
-    monkeypatch.setattr(runner, "_train_and_evaluate", trained_then_failed)
-    assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "failed"
-    monkeypatch.setattr(runner, "_train_and_evaluate", finished)
-    assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "done"
-    assert json.loads((run_dir / "final_eval.json").read_text())["train_seconds"] == pytest.approx(6.0)
