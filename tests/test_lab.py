@@ -1844,4 +1844,3 @@ def test_the_policy_evaluation_gives_pass_at_n_also_when_n_is_not_a_power_of_two
     result = runner.evaluate_policy(load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir), preset, data)
     expected = {str(k): (1 - math.comb(4, k) / math.comb(6, k)) / 2 for k in (1, 2, 4, 6)}
     assert result["pass_at_k"] == pytest.approx(expected) and list(result["pass_at_k"]) == list(expected)
-
