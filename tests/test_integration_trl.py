@@ -854,3 +854,210 @@ def test_an_infinite_or_undefined_metric_of_a_micro_batch_is_left_out_of_trl_s_a
     logged = trainer._metrics["train"]
     assert logged["clip/ppo_frac"] == [0.25] and logged["entropy"] == [1.0]
     assert "ratio/max" not in logged and "loss/pg" not in logged and "entropy/p90" not in logged
+
+
+def test_every_trl_1_13_release_passes_the_version_guard():
+    """The documented floor is TRL 1.13 (the first with the window-normalised dapo loss): its releases pass, the last
+    1.12 does not."""
+    for version in ("1.13", "1.13.0", "1.13.2", "1.14.0"):
+        check_trl_version(version)
+    with pytest.raises(ImportError, match=r"needs TRL >= 1\.13 "):
+        check_trl_version("1.12.99")
+
+
+def test_the_refusal_of_top_entropy_quantile_suggests_trl_s_own_clip_range(tmp_path):
+    """The suggested forking_tokens settings carry TRL's epsilon as clip_ratio_low and epsilon_high as clip_ratio_high."""
+    import ast
+
+    with pytest.raises(ValueError) as refused:
+        check_trl_args(_config(tmp_path, top_entropy_quantile=0.3, epsilon=0.1, epsilon_high=0.28), build_objective("dapo"))
+    suggested = re.search(r"objective='forking_tokens', objective_params=(\{.*?\})", str(refused.value))
+    assert ast.literal_eval(suggested.group(1)) == {"top_entropy_quantile": 0.3, "keep_in_normaliser": True,
+                                                    "clip_ratio_low": 0.1, "clip_ratio_high": 0.28}
+
+
+def test_advantage_warnings_name_every_foreign_estimator_point_at_the_caller_and_spare_grpo(tokenizer, tmp_path, recwarn):
+    """psr, nsr and rft train on TRL's group-normalised advantages too: each warns, as w_reinforce does; the warnings
+    name the caller's line. A method with GRPO's own estimator under TRL's default scale_rewards does not warn."""
+    for method in ("psr", "nsr", "rft", "w_reinforce"):
+        recwarn.clear()
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=method)
+        (warning,) = [w for w in recwarn if "advantage estimator" in str(w.message)]
+        assert warning.filename == __file__
+    recwarn.clear()
+    _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dr_grpo")
+    (warning,) = [w for w in recwarn if "scale_rewards='none'" in str(w.message)]
+    assert warning.filename == __file__
+    recwarn.clear()
+    for method in ("dapo", "grpo", "clip_cov"):
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=method)
+    assert not [w for w in recwarn if "advantage" in str(w.message) or "scale_rewards" in str(w.message)]
+
+
+@pytest.mark.parametrize(("method", "loss_type"), [("dapo", "dapo"), ("grpo", "grpo")])
+def test_on_policy_loss_and_gradient_equal_trl_s(tokenizer, tmp_path, method, loss_type):
+    """Without old log-probs (one pass per generation, TRL's default) the ratio's denominator is the detached current
+    log-prob: the gradient is the policy gradient, not zero, and equals TRL's."""
+    config = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2, loss_type=loss_type)
+    ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=method,
+                    objective_params={"clip_ratio_high": 0.2}, config=_config(tmp_path, **config))
+    theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=_config(tmp_path, **config))
+    inputs = _inputs(tokenizer, seed=3, off_policy=False)
+    assert "old_per_token_logps" not in inputs
+    _assert_accumulated_loss_is_trls(ours, theirs, inputs)
+    _, grads = _loss_and_grads(ours, inputs)
+    assert max(float(grad.abs().max()) for grad in grads.values()) > 1e-3
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_per_token_advantages_give_trl_s_loss(tokenizer, tmp_path, loss_type):
+    """TRL's loss takes [B, T] advantages (a subclass's per-token credit) as well as [B]; so does the trainer."""
+    config = _config(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=2, loss_type=loss_type)
+    ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, config=config)
+    theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=config)
+    inputs = _inputs(tokenizer, seed=3)
+    inputs["advantages"] = torch.randn(4, MAX_COMPLETION, generator=torch.Generator().manual_seed(8))
+    _assert_accumulated_loss_is_trls(ours, theirs, inputs)
+
+
+def test_the_token_mean_window_is_divided_among_processes_as_trl_s(tokenizer, tmp_path, monkeypatch):
+    """num_items_in_batch counts every process's tokens: with two processes each holds half the window, so the dapo
+    loss of a micro-batch doubles, as TRL's; the seq-mean grpo loss does not depend on the process count."""
+    from accelerate import Accelerator
+
+    shared = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    trainers = {loss_type: (_trainer(EntropyGRPOTrainer, tokenizer, tmp_path, config=_config(tmp_path, loss_type=loss_type, **shared)),
+                            _trainer(GRPOTrainer, tokenizer, tmp_path, config=_config(tmp_path, loss_type=loss_type, **shared)))
+                for loss_type in ("dapo", "grpo")}
+    inputs = _inputs(tokenizer, seed=3)
+    single = {loss_type: _assert_accumulated_loss_is_trls(*pair, inputs) for loss_type, pair in trainers.items()}
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    double = {loss_type: _assert_accumulated_loss_is_trls(*pair, inputs) for loss_type, pair in trainers.items()}
+    assert double["dapo"] == pytest.approx(2 * single["dapo"], rel=1e-6)
+    assert double["grpo"] == pytest.approx(single["grpo"], rel=1e-6)
+
+
+def test_logged_diagnostics_are_the_statistics_of_the_valid_tokens(tokenizer, tmp_path):
+    """entropy/*, disc/* (S), disc_centered/* (D) and cov/* are entrorl's summaries of the micro-batch's valid tokens,
+    with the advantage of each token's sequence: padding and tool-masked tokens are not in them."""
+    from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary
+
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo", fused_head=False)
+    inputs = _inputs(tokenizer, seed=3)
+    tool_mask = torch.ones_like(inputs["completion_mask"])
+    tool_mask[0, 2:4] = 0
+    _loss_and_grads(trainer, {**inputs, "tool_mask": tool_mask})
+    logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+
+    mask = inputs["completion_mask"].bool() & tool_mask.bool()
+    with torch.no_grad():
+        logits = _model(tokenizer)(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                                   attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)).logits
+    stats = token_stats(logits[:, -MAX_COMPLETION - 1 : -1], inputs["completion_ids"],
+                        need=("logprob", "entropy", "disc", "disc_centered"))
+    advantages = torch.where(mask, inputs["advantages"][:, None], 0.0)
+    expected = {**entropy_summary(stats.entropy, mask),
+                **discriminator_summary(stats.disc, stats.disc_centered, advantages, mask),
+                **covariance_summary(stats.logprob, advantages, mask)}
+    assert {"entropy/p10", "disc/mean", "disc_centered/mean", "disc/mean_neg_adv", "disc_centered/std"} <= set(expected)
+    assert expected["disc/mean"] != pytest.approx(expected["disc_centered/mean"], rel=1e-2)
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert logged["entropy"] == pytest.approx(float(stats.entropy[mask].mean()), rel=1e-5)
+
+
+def test_a_biased_lm_head_is_read_with_its_bias_on_the_fused_path(tokenizer, tmp_path):
+    """hidden @ W^T + b: the fused statistics take the head's bias, so both scoring paths give one loss, one gradient
+    (the bias's included) and one entropy."""
+    results = []
+    for fused_head in (True, False):
+        model = _model(tokenizer)
+        old_head = model.get_output_embeddings()
+        head = torch.nn.Linear(old_head.in_features, old_head.out_features, bias=True)
+        with torch.no_grad():
+            head.weight.copy_(old_head.weight)
+            head.bias.copy_(torch.randn(head.out_features, generator=torch.Generator().manual_seed(5)))
+        model.set_output_embeddings(head)
+        trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo", model=model, fused_head=fused_head)
+        assert trainer._uses_fused_head(trainer.model) is fused_head
+        loss, grads = _loss_and_grads(trainer, _inputs(tokenizer, seed=3))
+        assert any(name.endswith("lm_head.bias") for name in grads)
+        results.append((loss, grads, trainer._metrics["train"]["entropy"][-1]))
+    (fused_loss, fused_grads, fused_entropy), (plain_loss, plain_grads, plain_entropy) = results
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert fused_entropy == pytest.approx(plain_entropy, rel=1e-5)
+    _assert_grads_close(fused_grads, plain_grads)
+
+
+def test_a_head_subclassing_linear_is_not_fused_by_default(tokenizer, tmp_path):
+    """A subclass of nn.Linear (a quantised or adapted layer) may compute more than hidden @ W^T: only a plain
+    nn.Linear head is fused unless the caller says so."""
+
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, hidden):
+            return 2.0 * super().forward(hidden)
+
+    model = _model(tokenizer)
+    plain = model.get_output_embeddings()
+    head = ScaledHead(plain.in_features, plain.out_features, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(plain.weight)
+    model.set_output_embeddings(head)
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo", model=model)
+    assert not trainer._uses_fused_head(trainer.model)
+
+
+def test_a_processor_that_takes_images_is_refused_when_the_trainer_is_built(tokenizer, tmp_path):
+    import copy
+
+    processor = copy.deepcopy(tokenizer)
+    processor.image_processor = object()
+    with pytest.raises(NotImplementedError, match=r"scores text-only batches; this model's processor takes images"):
+        _trainer(EntropyGRPOTrainer, processor, tmp_path, objective="dapo")
+
+
+def test_a_low_precision_head_warns_for_every_way_trl_scores_old_log_probs(tokenizer, tmp_path, recwarn):
+    """TRL scores old log-probs when a generation spans more micro-steps than one optimizer step, and for vLLM's
+    correction; a head stored in bfloat16 is low precision even without bf16 autocast."""
+    def warned():
+        return bool([w for w in recwarn if "cast_lm_head_to_fp32=True" in str(w.message)])
+
+    # steps_per_generation > gradient_accumulation_steps: old log-probs are computed (TRL's own condition)
+    _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="grpo",
+             config=_config(tmp_path, bf16=True, steps_per_generation=2, gradient_accumulation_steps=1,
+                            cast_lm_head_to_fp32=False))
+    assert warned()
+    recwarn.clear()
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="grpo",
+                       config=_config(tmp_path, bf16=True, cast_lm_head_to_fp32=False))
+    assert not warned()  # one pass per generation, no reference: nothing is scored by TRL's head
+    trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+    trainer._warn_on_low_precision_head()
+    assert warned()
+    recwarn.clear()
+    trainer.vllm_importance_sampling_correction = False
+    trainer._warn_on_low_precision_head()
+    assert not warned()
+    # a bfloat16 head under float32 autocast settings
+    _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="grpo", model=_model(tokenizer).to(torch.bfloat16),
+             config=_config(tmp_path, num_iterations=2, cast_lm_head_to_fp32=False))
+    assert warned()
+
+
+def test_a_stateless_objective_writes_no_state_file_with_its_checkpoints(tokenizer, tmp_path):
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo")
+    trainer.state.global_step = 1
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    trainer._save_checkpoint(trainer.model, None)
+    checkpoint = Path(trainer.args.output_dir) / "checkpoint-1"
+    assert checkpoint.is_dir() and not (checkpoint / OBJECTIVE_STATE_FILE).exists()
+
+
+def test_an_args_object_without_use_bias_correction_kl_gets_trl_s_default(tmp_path):
+    """An options object lacking use_bias_correction_kl reads as GRPOConfig's default (True), as objective_for_trl_loss
+    reads it: kl_ref must then be importance-weighted."""
+    args = SimpleNamespace(beta=0.04)
+    assert objective_for_trl_loss(args).regularizers[0].importance_weighted is True
+    check_trl_args(args, build_objective("dapo+kl_ref", kl_loss_coef=0.04, importance_weighted=True))
+    with pytest.raises(ValueError, match="use_bias_correction_kl = True and kl_ref's importance_weighted = False"):
+        check_trl_args(args, build_objective("dapo+kl_ref", kl_loss_coef=0.04, importance_weighted=False))
