@@ -1003,3 +1003,39 @@ def test_a_latest_pointer_naming_the_newest_is_not_warned_about(tmp_path, tiny_m
     with caplog.at_level(logging.WARNING, logger="entrorl.trainer.checkpoint"):
         assert latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step_000002"
     assert caplog.records == []
+
+
+def test_covariance_and_discriminator_statistics_pair_log_probs_with_the_advantages_the_loss_used(
+        tmp_path, tiny_model_dir, arithmetic_files, parity, monkeypatch, trainer_for):
+    """With a method that reshapes advantages (entropy_advantage adds a clipped entropy term per token), cov/* and the
+    discriminators' advantage splits are statistics of the shaped advantages the update used (the objective's first
+    pass over each row, across two mini-batches), as the covariance theory and the objective's own selectors take
+    them, not of the estimator's."""
+    from entrorl.trainer import loop
+    from entrorl.trainer.diagnostics import covariance_summary
+
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity}, method="entropy_advantage",
+                          rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 12},
+                          optim={"steps": 2, "lr": 1e-3, "mini_batches": 2, "epochs": 2})
+    passes, given = [], {}
+    objective = trainer.objective
+    original_call = type(objective).__call__
+
+    def recording(self, batch):
+        out = original_call(self, batch)
+        passes.append((batch.advantages.detach().cpu(), out.advantages.detach().float().cpu()))
+        return out
+
+    monkeypatch.setattr(type(objective), "__call__", recording)
+    monkeypatch.setattr(loop, "covariance_summary", lambda logprob, advantages, mask: given.setdefault(
+        "cov", (logprob, advantages, mask)) and covariance_summary(logprob, advantages, mask))
+    metrics = trainer.train_step()
+    logprob, advantages, mask = given["cov"]
+    # every row's shaped advantages are among the first mini-batch passes (two per epoch, epoch 1 covers every row)
+    first_epoch = passes[:2]
+    for estimator, used in first_epoch:
+        assert not torch.equal(estimator, used)  # the shaping changed them
+    rows = {tuple(row.tolist()) for _, used in first_epoch for row in used}
+    assert {tuple(row.tolist()) for row in advantages} == rows
+    assert metrics["cov/mean"] == pytest.approx(covariance_summary(logprob, advantages, mask)["cov/mean"])

@@ -748,6 +748,9 @@ class Trainer:
         objective_metrics: list[tuple[dict[str, float], MicroBatchShares]] = []  # each update's micro-batches
         grad_norms, skipped = [], 0
         first_pass = {name: torch.zeros(mask.shape) for name in STAT_NAMES}
+        # the advantages the loss used, after the objective's shaping (its first pass over each row): what the covariance
+        # and discriminator statistics pair with log-probs, as the objective's own selectors do
+        used_advantages, shaped_rows = token_advantages.clone(), torch.zeros(n_rows, dtype=torch.bool)
         for epoch in range(config.optim.epochs):
             order = torch.randperm(n_rows) if config.optim.mini_batches > 1 else all_rows
             for mini_batch in order.tensor_split(min(config.optim.mini_batches, n_rows)):  # sizes differ by 1 at most
@@ -776,6 +779,11 @@ class Trainer:
                         population=population, rows=None if population is None else micro,
                     )
                     objective_out = self.objective(batch)
+                    first_time = micro[~shaped_rows[micro]]
+                    if len(first_time):
+                        shaped = objective_out.advantages.detach().float().cpu()
+                        used_advantages[first_time] = shaped[~shaped_rows[micro]]
+                        shaped_rows[first_time] = True
                     if not torch.isfinite(objective_out.loss):
                         losses_finite = False
                         continue
@@ -845,8 +853,8 @@ class Trainer:
         metrics.update(change)
         if first_order is not None and "entropy/measured_delta" in metrics:  # absent when no re-scored token was valid
             metrics["entropy/first_order_delta"] = first_order.after_update()
-        metrics.update(covariance_summary(logprob, token_advantages, mask))
-        metrics.update(discriminator_summary(disc, disc_centered_before, token_advantages, mask))
+        metrics.update(covariance_summary(logprob, used_advantages, mask))
+        metrics.update(discriminator_summary(disc, disc_centered_before, used_advantages, mask))
         metrics.update(_mean_metrics(objective_metrics, aggregated=self.objective.aggregated_metrics, updates=len(grad_norms)))
         metrics.update(step_metrics)
         if reference_log_prob is not None:
