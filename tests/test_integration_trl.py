@@ -292,6 +292,12 @@ def test_loss_type_must_describe_the_objective(tmp_path):
     check_trl_args(_config(tmp_path, loss_type="dapo"), build_objective("clip_cov"))
     check_trl_args(_config(tmp_path, loss_type="grpo", epsilon=3e-4, epsilon_high=4e-4), build_objective("gspo"))
     check_trl_args(_config(tmp_path, loss_type="cispo", epsilon_high=5.0), build_objective("cispo", clip_ratio_high=4.0))
+    for high in (0.14, 0.36, 0.57, 1.03):  # 1 + 0.14 is 1.1400000000000001 in binary: the cap as written still matches
+        check_trl_args(_config(tmp_path, loss_type="cispo", epsilon_high=round(1 + high, 2)),
+                       build_objective("cispo", clip_ratio_low=1.0, clip_ratio_high=high))
+    with pytest.raises(ValueError, match=r"caps the IS weight at epsilon_high = 1.15"):
+        check_trl_args(_config(tmp_path, loss_type="cispo", epsilon_high=1.15),
+                       build_objective("cispo", clip_ratio_low=1.0, clip_ratio_high=0.14))
     with pytest.raises(ValueError, match=r"loss_type='cispo' caps the IS weight at epsilon_high = 5.0"):
         check_trl_args(_config(tmp_path, loss_type="cispo", epsilon_high=5.0), build_objective("cispo"))
     # the right cap but a lower bound TRL's cispo does not have

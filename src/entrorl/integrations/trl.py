@@ -242,7 +242,8 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
         problems.extend(_loss_type_problems(loss_type, objective))
     if loss_type == "cispo" and isinstance(surrogate, CISPO):
         cap = _trl_clip_range(args)[1]
-        if (surrogate.clip_ratio_low, 1.0 + surrogate.clip_ratio_high) != (1.0, cap):
+        # compared to rounding: 1 + 0.14 is 1.1400000000000001, and a user writes 1.14
+        if surrogate.clip_ratio_low != 1.0 or not math.isclose(1.0 + surrogate.clip_ratio_high, cap, rel_tol=1e-12):
             problems.append(
                 f"loss_type='cispo' caps the IS weight at epsilon_high = {cap} with no lower bound, the objective's "
                 f"cispo clips it to [1 - {surrogate.clip_ratio_low}, 1 + {surrogate.clip_ratio_high}]: set "
