@@ -654,3 +654,99 @@ def test_a_dynamic_ntk_model_samples_with_the_frequencies_its_prompt_gets_alone_
     torch.manual_seed(0)
     rollouts = HFSampler(model, eos_token_id=[1], pad_token_id=0).generate([prompt], SamplingParams(max_new_tokens=1))
     torch.testing.assert_close(rollouts.sampler_log_probs[0, 0], expected[rollouts.response_ids[0, 0]], atol=1e-4, rtol=0)
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers_does():
+    """Top-k removes the tokens strictly below the k-th largest score: a tie at the k-th place keeps every tied
+    token (transformers' TopKLogitsWarper does the same), never an arbitrary one of them."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.0], [0.5, 0.5, 0.5, -1.0, 0.5]])
+    filtered = process_logits(logits, SamplingParams(top_k=2))
+    assert torch.isfinite(filtered).tolist() == [[False, True, True, True, False], [True, True, True, False, True]]
+    assert torch.equal(filtered, TopKLogitsWarper(top_k=2)(None, logits.clone()))
+    assert torch.equal(filtered[torch.isfinite(filtered)], logits[torch.isfinite(filtered)])
+
+
+def test_temperature_top_k_and_top_p_apply_together():
+    """Probabilities 0.4, 0.3, 0.2, 0.1 at temperature 2 with k = 3: the three largest logits halved, the last
+    removed; adding p = 0.5 on what is left (about 0.39, 0.34, 0.27) keeps the first two."""
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    minus_inf = float("-inf")
+    expected = torch.tensor([[math.log(0.4) / 2, math.log(0.3) / 2, math.log(0.2) / 2, minus_inf]])
+    torch.testing.assert_close(process_logits(logits, SamplingParams(temperature=2.0, top_k=3)), expected)
+    expected[0, 2] = minus_inf
+    torch.testing.assert_close(process_logits(logits, SamplingParams(temperature=2.0, top_k=3, top_p=0.5)), expected)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9, 0.97])
+def test_top_p_keeps_the_hand_computed_nucleus_of_random_distributions_over_many_tokens(top_p):
+    """Rows of 200 random probabilities, many of them close together: the kept tokens are exactly the nucleus
+    computed by hand in float64 (the running mass must not be rounded more coarsely than float32)."""
+    generator = torch.Generator().manual_seed(int(top_p * 100))
+    logits = 3 * torch.randn(6, 200, generator=generator)
+    probabilities = logits.double().softmax(-1)
+    filtered = process_logits(logits, SamplingParams(top_p=top_p))
+    assert torch.isfinite(filtered).tolist() == [_nucleus_reference(row, top_p) for row in probabilities.tolist()]
+    assert 6 < int(torch.isfinite(filtered).sum()) < 6 * 200
+
+
+def test_a_uniform_at_the_top_of_its_range_draws_the_last_token_of_positive_probability():
+    """Some generators give a uniform of exactly 1 (curand's range is (0, 1]): the draw must still be the last token
+    that has probability, not a trailing -inf token nor an index past the vocabulary."""
+    from entrorl.rollout.sampler import sample_from_log_probs
+
+    log_probs = torch.log(torch.tensor([[0.25, 0.75, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0]], dtype=torch.float64))
+    assert sample_from_log_probs(log_probs, torch.ones(2, 1, dtype=torch.float64)).tolist() == [1, 2]
+    just_below = torch.full((2, 1), 1 - 2.0**-53, dtype=torch.float64)
+    assert sample_from_log_probs(log_probs, just_below).tolist() == [1, 2]
+
+
+def _processed_log_probs_of_the_responses(model, rollouts: Rollouts, params: SamplingParams) -> torch.Tensor:
+    """Each response token's log-prob under process_logits(params) of a fresh unpadded forward, row by row."""
+    expected = torch.zeros_like(rollouts.sampler_log_probs)
+    for row in range(len(rollouts)):
+        prompt = rollouts.prompt_ids[row, rollouts.prompt_mask[row]]
+        length = int(rollouts.lengths[row])
+        ids = torch.cat([prompt, rollouts.response_ids[row, :length]])[None]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        log_probs = process_logits(logits, params).log_softmax(-1)
+        expected[row, :length] = log_probs.gather(-1, ids[0, len(prompt):, None])[:, 0]
+    return expected
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=6, temperature=0.7, top_k=5, top_p=0.8),
+                                    SamplingParams(max_new_tokens=6, temperature=0.0, top_k=3),
+                                    SamplingParams(max_new_tokens=6, temperature=0.0, top_p=0.3)],
+                         ids=["sampled", "greedy-top-k", "greedy-top-p"])
+def test_sampler_log_probs_are_those_of_the_filtered_renormalised_distribution(policy, params):
+    """With top-k / top-p the kept log-prob is the token's under the distribution the filters leave, renormalised
+    (at temperature 0, that of the temperature-1 logits): higher than the unfiltered model's wherever a filter
+    removed mass."""
+    model, tokenizer = policy
+    torch.manual_seed(0)
+    rollouts = HFSampler.for_model(model, tokenizer).generate(_prompts(tokenizer) * 2, params)
+    mask = rollouts.response_mask
+    expected = _processed_log_probs_of_the_responses(model, rollouts, params)
+    torch.testing.assert_close(rollouts.sampler_log_probs[mask], expected[mask], atol=2e-5, rtol=1e-5)
+    unfiltered = _processed_log_probs_of_the_responses(model, rollouts, SamplingParams(temperature=params.temperature))
+    assert bool((rollouts.sampler_log_probs[mask] > unfiltered[mask] + 1e-3).any())
+
+
+def test_left_padded_prompts_of_a_model_with_learned_positions_start_at_position_zero():
+    """GPT-2 looks up a learned embedding per position: through the model's own forward, a left-padded prompt's
+    first token is at position 0 and its padding never at a negative one, so each row's log-probs are those of an
+    unpadded forward over that row alone."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                        eos_token_id=1, pad_token_id=0)).eval()
+    params = SamplingParams(max_new_tokens=5)
+    torch.manual_seed(0)
+    rollouts = HFSampler(model, eos_token_id=[1], pad_token_id=0).generate([[5, 6, 7, 8, 9, 10], [11, 12], [13]], params)
+    assert rollouts.prompt_mask.sum(-1).tolist() == [6, 2, 1]
+    mask = rollouts.response_mask
+    expected = _processed_log_probs_of_the_responses(model, rollouts, params)
+    torch.testing.assert_close(rollouts.sampler_log_probs[mask], expected[mask], atol=2e-5, rtol=1e-5)

@@ -426,3 +426,120 @@ def test_the_default_decoder_falls_back_to_the_models_forward_when_the_new_token
     assert type(sampler._make_decoder(ids, mask, 4)) is _TransformersDecoder
     rollouts = sampler.generate([[5, 6, 7, 8, 9], [10, 11, 12]], SamplingParams(max_new_tokens=4, temperature=0.0))
     assert len(rollouts) == 2 and rollouts.response_ids.shape[1] <= 4
+
+
+ROPE_VARIANTS = {
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_VARIANTS))
+def test_rope_variants_that_do_not_depend_on_the_length_run_as_in_the_model(rope):
+    """YaRN scales cos and sin by its attention factor (about 1.14 at factor 4), Llama 3 and linear scaling change the
+    frequencies: the decoder takes the model's own rotary tables, so its logits stay the model's at every step."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**COMMON, rope_parameters=ROPE_VARIANTS[rope])).eval()
+    if rope == "yarn":
+        assert model.model.rotary_emb.attention_scaling > 1.1
+    ids, mask = left_padded(PROMPTS)
+    assert static_cache_unsupported_reason(model, ids.shape[1] + 3) is None
+    decoder = StaticCacheDecoder(model, ids, mask, max_new_tokens=3)
+    logits = decoder.prefill()
+    for token in (torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8]), None):
+        torch.testing.assert_close(logits.float(), reference_next_logits(model, ids, mask), atol=2e-5, rtol=2e-5)
+        if token is None:
+            break
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones(3, 1, dtype=torch.bool)], 1)
+        logits = decoder.decode(token)
+
+
+def test_a_window_named_in_the_config_but_used_by_no_layer_does_not_refuse_the_model():
+    """Qwen2 with use_sliding_window and max_window_layers = every layer runs full attention in all of them: the
+    window of 4 in its config masks nothing, so the decoder runs the model past 4 tokens and gives its logits. With
+    the second layer windowed, that layer is named."""
+    config = dict(**COMMON, use_sliding_window=True, sliding_window=4)
+    torch.manual_seed(0)
+    full = AutoModelForCausalLM.from_config(Qwen2Config(**config, max_window_layers=2)).eval()
+    assert full.config.sliding_window == 4 and set(full.config.layer_types) == {"full_attention"}
+    ids, mask = left_padded(PROMPTS)
+    assert static_cache_unsupported_reason(full, ids.shape[1] + 2) is None
+    decoder = StaticCacheDecoder(full, ids, mask, max_new_tokens=2)
+    torch.testing.assert_close(decoder.prefill().float(), reference_next_logits(full, ids, mask), atol=2e-5, rtol=2e-5)
+    token = torch.tensor([3, 4, 5])
+    logits = decoder.decode(token)
+    ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones(3, 1, dtype=torch.bool)], 1)
+    torch.testing.assert_close(logits.float(), reference_next_logits(full, ids, mask), atol=2e-5, rtol=2e-5)
+    windowed = AutoModelForCausalLM.from_config(Qwen2Config(**config, max_window_layers=1)).eval()
+    assert static_cache_unsupported_reason(windowed, 9) == "layer 1 has a sliding window of 4 < the sequence length 9"
+
+
+def test_a_gemma_model_is_left_to_its_own_forward():
+    """Gemma scales its embeddings by sqrt(hidden) and its norms by 1 + weight: not the Llama layer the decoder runs."""
+    from transformers import GemmaConfig
+
+    from entrorl.rollout.sampler import _TransformersDecoder
+
+    gemma = AutoModelForCausalLM.from_config(GemmaConfig(**COMMON, head_dim=8)).eval()
+    assert "model type 'gemma' is not one of" in static_cache_unsupported_reason(gemma, 16)
+    ids, mask = left_padded(PROMPTS)
+    assert type(HFSampler(gemma, eos_token_id=EOS, pad_token_id=PAD)._make_decoder(ids, mask, 2)) is _TransformersDecoder
+
+
+class _DoublingLinear(torch.nn.Linear):
+    """A subclass of nn.Linear whose forward is not ``W x + b`` (as a quantised layer's is not)."""
+
+    def forward(self, hidden):
+        return 2 * super().forward(hidden)
+
+
+class _DoublingEmbedding(torch.nn.Embedding):
+    def forward(self, ids):
+        return 2 * super().forward(ids)
+
+
+def _doubling(linear: torch.nn.Linear) -> _DoublingLinear:
+    replacement = _DoublingLinear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    replacement.load_state_dict(linear.state_dict())
+    return replacement
+
+
+def test_subclasses_of_linear_and_embedding_are_refused_as_projections_lora_base_layers_and_embeddings():
+    """The decoder computes ``W x + b`` and the embedding lookup from the weights and never calls the modules: a
+    subclass of nn.Linear or nn.Embedding (a quantised layer, a custom forward) must send the model to its own
+    forward, whether it is a projection, the base layer under a LoRA adapter or the token embedding."""
+    plain = build("qwen2")
+    plain.model.layers[1].mlp.down_proj = _doubling(plain.model.layers[1].mlp.down_proj)
+    assert "layer 1 has a projection that is neither" in static_cache_unsupported_reason(plain, 16)
+    adapted = build("qwen2")
+    with_lora(adapted, targets=["q_proj"])
+    query = adapted.model.layers[0].self_attn.q_proj
+    query.base_layer = _doubling(query.base_layer)
+    assert "layer 0 has a projection that is neither" in static_cache_unsupported_reason(adapted, 16)
+    scaled = build("qwen2")  # an embedding whose forward is not the lookup (Gemma 3 scales it, for one)
+    scaled.model.embed_tokens = _DoublingEmbedding(VOCAB, 32)
+    assert "not laid out as model.embed_tokens" in static_cache_unsupported_reason(scaled, 16)
+
+
+def test_an_active_adapter_that_skips_a_projection_leaves_the_others_on_the_static_cache():
+    """Two active adapters, the second on the value projection only: the query projection holds only the first, and
+    the decoder still runs the model, with both adapters where they are, as the model's forward does."""
+    peft = pytest.importorskip("peft")
+    model = build("qwen2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        wrapped.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["v_proj"]))
+        wrapped.base_model.set_adapter(["default", "second"])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+    attention = model.model.layers[0].self_attn
+    assert "second" not in attention.q_proj.lora_A and "second" in attention.v_proj.lora_A
+    assert static_cache_unsupported_reason(model, 32) is None
+    ids, mask = left_padded(PROMPTS)
+    torch.testing.assert_close(StaticCacheDecoder(model, ids, mask, max_new_tokens=1).prefill().float(),
+                               reference_next_logits(model, ids, mask), atol=2e-5, rtol=2e-5)
