@@ -197,6 +197,25 @@ def test_a_sampler_without_eos_ids_or_with_an_empty_batch_is_refused_and_so_is_a
         HFSampler(model, eos_token_id=1, pad_token_id=0).generate([], SamplingParams(max_new_tokens=2))
 
 
+def test_eos_and_pad_ids_are_taken_as_any_integer_and_refused_when_they_are_not_one(policy):
+    """One EOS id as a Python, numpy or 0-d tensor integer, several as a list or a tensor; a float, a negative id or a
+    missing pad (a tokenizer without a pad token) is named, not failed on later."""
+    import numpy as np
+
+    model, _ = policy
+    for one in (2, np.int64(2), torch.tensor(2)):
+        assert HFSampler(model, eos_token_id=one, pad_token_id=np.int32(0)).eos_token_ids.tolist() == [2]
+    for several in ([2, 5], (2, 5), torch.tensor([2, 5]), np.array([2, 5])):
+        assert HFSampler(model, eos_token_id=several, pad_token_id=0).eos_token_ids.tolist() == [2, 5]
+    for bad in (2.0, -1, [1, 2.5]):
+        with pytest.raises(ValueError, match="eos_token_id must be a non-negative integer"):
+            HFSampler(model, eos_token_id=bad, pad_token_id=0)
+    with pytest.raises(ValueError, match="needs a pad_token_id"):
+        HFSampler(model, eos_token_id=1, pad_token_id=None)
+    with pytest.raises(ValueError, match="pad_token_id must be a non-negative integer, got 1.5"):
+        HFSampler(model, eos_token_id=1, pad_token_id=1.5)
+
+
 def test_an_empty_prompt_beside_others_is_refused(policy):
     """It would be sampled as if its prompt were one padding token."""
     model, tokenizer = policy

@@ -235,11 +235,14 @@ class HFSampler:
     def __init__(self, model: torch.nn.Module, *, eos_token_id: int | Sequence[int], pad_token_id: int, batch_size: int = 64,
                  decoder: str = "auto", compact: bool = True):
         self.model = model
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        single = getattr(eos_token_id, "ndim", None) == 0 or not hasattr(eos_token_id, "__iter__")  # an int, numpy's or torch's
+        eos = [eos_token_id] if single else list(eos_token_id)
         if not eos:
             raise ValueError("HFSampler needs at least one eos_token_id")
-        self.eos_token_ids = torch.tensor(eos, dtype=torch.long)
-        self.pad_token_id = int(pad_token_id)
+        self.eos_token_ids = torch.tensor([check_int(value, "eos_token_id", minimum=0) for value in eos], dtype=torch.long)
+        if pad_token_id is None:
+            raise ValueError("HFSampler needs a pad_token_id (a tokenizer without a pad token: set one, e.g. its EOS)")
+        self.pad_token_id = check_int(pad_token_id, "pad_token_id", minimum=0)
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
