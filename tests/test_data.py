@@ -669,6 +669,64 @@ def test_invalid_utf8_after_a_bom_names_the_right_line(tmp_path):
     assert e.value.location == f"{c}:2"
 
 
+def test_a_byte_order_mark_is_skipped_only_at_the_start_of_a_jsonl_file(tmp_path):
+    """A BOM opening a later line (two files joined with cat) is not taken for the file's own: that line is refused."""
+    p = tmp_path / "joined.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": "1"}\n\xef\xbb\xbf{"prompt": "b", "answer": "2"}\n')
+    with pytest.raises(DataError, match=r"joined\.jsonl:2: not valid JSON") as e:
+        load_prompts(p)
+    assert e.value.location == f"{p}:2"
+
+
+def test_jsonl_errors_name_the_column_and_the_byte_within_the_line(tmp_path):
+    p = tmp_path / "cols.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": "1"}', '{"prompt": "b", "answer": 2,}'])
+    with pytest.raises(DataError, match=r"cols\.jsonl:2: not valid JSON \(.* at column 29\)"):
+        load_prompts(p)
+    p.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff", "answer": "1"}\n')
+    with pytest.raises(DataError, match=r"cols\.jsonl:2: not valid UTF-8 \(invalid start byte at byte 12 of the line\)"):
+        load_prompts(p)
+
+
+def test_invalid_utf8_just_before_a_newline_names_its_own_line(tmp_path):
+    """Without a BOM the reported line is counted up to the bad byte, not past it."""
+    c = tmp_path / "end.csv"
+    c.write_bytes(b"prompt,answer\na,1\n\xfe\nb,2\n")
+    with pytest.raises(DataError) as e:
+        load_prompts(c)
+    assert e.value.location == f"{c}:3" and str(e.value).startswith(f"{c}:3: not valid UTF-8")
+
+
+def test_a_false_answer_is_refused_like_a_true_one(tmp_path):
+    p = tmp_path / "flag.jsonl"
+    write_lines(p, ['{"prompt": "a", "answer": false}'])
+    with pytest.raises(DataError, match=r"flag\.jsonl:1: answer column 'answer' holds a boolean \(False\)"):
+        load_prompts(p, require_answer=False)
+
+
+def test_a_long_column_list_in_a_message_names_twenty_and_counts_the_rest(tmp_path):
+    p = tmp_path / "wide.csv"
+    names = [f"c{i}" for i in range(25)]
+    p.write_text(",".join(names) + "\n" + ",".join("x" * 25) + "\n", encoding="utf-8")
+    listed = ", ".join(repr(n) for n in names[:20])
+    with pytest.raises(DataError) as e:
+        load_prompts(p)
+    assert f"(columns: {listed}, ... (5 more))" in str(e.value)
+
+
+def test_an_empty_data_set_error_carries_its_path(tmp_path):
+    p = tmp_path / "none.jsonl"
+    p.write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_prompts(p)
+    assert (e.value.path, e.value.location) == (str(p), None)
+
+
+def test_write_jsonl_writes_non_ascii_text_as_utf8_not_escapes(tmp_path):
+    out = write_jsonl([PromptRecord("半分は? — Ünï", "½", {"tag": "é"}, "m")], tmp_path / "u.jsonl")
+    assert out.read_bytes() == '{"prompt": "半分は? — Ünï", "answer": "½", "tag": "é"}\n'.encode("utf-8")
+
+
 def test_bad_arguments(tmp_path):
     p = tmp_path / "ok.jsonl"
     write_lines(p, ['{"prompt": "a", "answer": "1"}'])
@@ -885,6 +943,32 @@ def test_stream_refuses_a_state_of_another_shuffle_setting_or_a_negative_epoch()
         PromptStream(make_records(5), seed=1).load_state_dict({"epoch": -1, "position": 0})
     with pytest.raises(ValueError, match="position must be a non-negative integer"):
         PromptStream(make_records(5), seed=1).load_state_dict({"epoch": 0, "position": True})
+
+
+def test_stream_state_without_an_epoch_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"state has no 'epoch'"):
+        PromptStream(make_records(5), seed=1).load_state_dict({"position": 2})
+
+
+def test_stream_a_refused_state_leaves_the_stream_where_it_was():
+    s = PromptStream(make_records(5), seed=1)
+    s.next_batch(2)
+    for bad in ({"epoch": 3, "position": 1, "seed": 2}, {"epoch": 3, "position": 1, "num_records": 4},
+                {"epoch": 3, "position": 7}, {"epoch": 3}):
+        with pytest.raises(ValueError):
+            s.load_state_dict(bad)
+        assert (s.epoch, s.position) == (0, 2)
+    assert s.epoch_order(0).tolist() == [4, 0, 1, 2, 3] and indices(s.next_batch(3)) == [1, 2, 3]
+
+
+def test_stream_deals_python_ints_and_keeps_its_records_as_a_tuple():
+    recs = make_records(4)
+    s = PromptStream(recs, seed=0)
+    batch = s.next_batch(6)
+    assert all(type(i) is int for i in indices(batch))
+    json.dumps(indices(batch))
+    recs.append(PromptRecord("extra", "x"))
+    assert isinstance(s.records, tuple) and len(s) == 4
 
 
 # --------------------------------------------------------------------------------------------------
