@@ -598,6 +598,27 @@ def test_csv_malformations(tmp_path):
     p.write_text("prompt,answer\na,\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.csv:2: answer column 'answer' is empty"):
         load_prompts(p)
+    # an unclosed quote would take the rest of the file as one field: named at the line its record starts on
+    p.write_text('prompt,answer\nWhat is 1+1?,2\nWhat is 2+2?,"4\nWhat is 3+3?,6\nWhat is 4+4?,8\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.csv:3: malformed CSV \(unexpected end of data\); expected "
+                                        r"comma-separated fields with balanced quotes"):
+        load_prompts(p)
+    p.write_text('prompt,answer\n"What is 2+2?"x,4\n', encoding="utf-8")  # text after a closing quote
+    with pytest.raises(DataError, match=r"bad\.csv:2: malformed CSV"):
+        load_prompts(p)
+    p.write_text('prompt,answer\nsay "hi",1\n"a ""quoted"" word",2\n', encoding="utf-8")  # quotes inside fields stay
+    assert [record.prompt for record in load_prompts(p)] == ['say "hi"', 'a "quoted" word']
+
+
+def test_a_json_object_that_repeats_a_key_is_refused_as_a_csv_header_is(tmp_path):
+    lines = tmp_path / "repeated.jsonl"
+    lines.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "4", "answer": "5"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"repeated\.jsonl:2: an object repeats the key 'answer'; expected unique keys"):
+        load_prompts(lines)
+    whole = tmp_path / "repeated.json"
+    whole.write_text('{"data": [{"prompt": "a", "answer": "1", "meta": {"x": 1, "x": 2}}]}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"repeated\.json: an object repeats the key 'x'"):
+        load_prompts(whole)
 
 
 def test_csv_blank_lines_are_skipped_and_lines_still_counted(tmp_path):

@@ -454,13 +454,15 @@ def _load_jsonl(p: Path, cols: _Columns) -> list[PromptRecord]:
                 location=where,
             ) from None
         try:
-            obj = json.loads(text)
+            obj = json.loads(text, object_pairs_hook=_object_of_unique_keys)
         except json.JSONDecodeError as exc:
             raise DataError(
                 f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line",
                 path=str(p),
                 location=where,
             ) from None
+        except _RepeatedKey as exc:
+            raise DataError(f"{where}: {exc}", path=str(p), location=where) from None
         if not isinstance(obj, dict):
             raise DataError(
                 f"{where}: a JSON {_json_kind(obj)} where a JSON object was expected (one object per line)",
@@ -478,7 +480,7 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
             f"{p}: empty file; expected a JSON list of objects or an object {{\"data\": [...]}}", path=str(p)
         )
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_object_of_unique_keys)
     except json.JSONDecodeError as exc:
         where = f"{p}:{exc.lineno}"
         raise DataError(
@@ -487,6 +489,8 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
             path=str(p),
             location=where,
         ) from None
+    except _RepeatedKey as exc:
+        raise DataError(f"{p}: {exc}", path=str(p)) from None
     if isinstance(obj, dict):
         if "data" not in obj:
             raise DataError(
@@ -520,6 +524,21 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
     return records
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _object_of_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing one that repeats a key (``json`` would keep the last value without a word,
+    where a CSV header or a Parquet schema that repeats a name is refused)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _RepeatedKey(f"an object repeats the key {key!r}; expected unique keys (which value is meant?)")
+        seen[key] = value
+    return seen
+
+
 @contextlib.contextmanager
 def _csv_fields_of_any_length_in(text: str) -> Iterator[None]:
     """Within the block, the csv module reads fields as long as ``text`` (no field of it is longer), where by default
@@ -540,7 +559,7 @@ def _load_csv(p: Path, cols: _Columns) -> list[PromptRecord]:
 
 
 def _csv_records(text: str, p: Path, cols: _Columns) -> list[PromptRecord]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is an error, not the rest of the file
     header: list[str] | None = None
     header_line = 0
     records = []
@@ -551,7 +570,7 @@ def _csv_records(text: str, p: Path, cols: _Columns) -> list[PromptRecord]:
         except StopIteration:
             break
         except csv.Error as exc:
-            where = f"{p}:{reader.line_num}"
+            where = f"{p}:{prev_end + 1}"  # the line the record starts on (an unclosed quote runs to the end)
             raise DataError(
                 f"{where}: malformed CSV ({exc}); expected comma-separated fields with balanced quotes",
                 path=str(p),
