@@ -16,6 +16,7 @@ from entrorl.lab.tasks import (
     RG_ARITHMETIC_CONFIG,
     TASKS,
     CountdownTask,
+    RgArithmeticTask,
     SumChainTask,
     Task,
     TaskExample,
@@ -793,3 +794,117 @@ def test_rg_arithmetic_fallback_wrong_answer_never_contains_the_reference():
         for _ in range(40):
             wrong = task.wrong_demonstration(example, rng)
             assert wrong.startswith("#") and answer not in wrong[1:], (answer, wrong)
+
+
+# --------------------------------------------------------------------------------------------
+# recorded generations, answer syntax, defaults and rare branches
+# --------------------------------------------------------------------------------------------
+
+RECORDED_PROMPTS = {
+    ("sum_chain", "train"): ["3+7+5=", "7+1+2+7=", "9+7+7+2=", "4+6+2="],
+    ("sum_chain", "eval"): ["8+2+9=", "3+6+4+5=", "3+3+1+5=", "6+9+9="],
+    ("countdown", "train"): ["3 8 9>99=", "7 2 11>29=", "23 7 3>19=", "2 5 7>33="],
+    ("countdown", "eval"): ["5 2 9>35=", "6 5 8>7=", "15 2 9>4=", "8 1 1>6="],
+    ("rg_arithmetic", "train"): ["(-8-8+-4)=", "(9+8+-1)=", "5*(-8--7)=", "(-8-6)--8="],
+    ("rg_arithmetic", "eval"): ["(-8--9)=", "-1--1*9=", "((9*-3))+9=", "-6*-9="],
+}
+
+
+@pytest.mark.parametrize(("name", "split"), sorted(RECORDED_PROMPTS))
+def test_examples_for_seed_zero_match_the_recorded_prompts(name, split):
+    """A seed names the same problems in every version: the split partition, the per-split generator seeds and the
+    held-out share are part of what a seed reproduces."""
+    task = get_task(name)
+    assert [e.prompt for e in task.examples(4, seed=0, split=split)] == RECORDED_PROMPTS[(name, split)]
+    assert task.eval_fraction == 0.2
+
+
+def test_sum_chain_pool_holds_every_ordering_of_every_multiset():
+    """The default sum_chain problems are all orderings of 3 or 4 terms from 1-9, split between train and eval."""
+    task = SumChainTask()
+    assert task.num_problems("train") + task.num_problems("eval") == 9**3 + 9**4
+
+
+@pytest.mark.parametrize("name", ["sum_chain", "countdown"])
+def test_integer_answers_reject_a_plus_sign_and_huge_numbers_without_raising(name):
+    """The final answer is a plain integer: ``#+17`` is not 17, surrounding whitespace is fine, and an absurdly long
+    number scores 0 instead of raising (Python refuses to parse integers of thousands of digits)."""
+    task = get_task(name)
+    prompt, steps, answer = ("7+3+5+2=", "", "17") if name == "sum_chain" else ("3 5 7>22=", "3*5=15 15+7=22 ", "22")
+    assert task.score(prompt, f"{steps}#{answer}", answer) == 1.0
+    assert task.score(prompt, f"{steps}#\t{answer}\n", answer) == 1.0
+    assert task.score(prompt, f"{steps}#+{answer}", answer) == 0.0
+    assert task.score(prompt, f"{steps}#{answer} {answer}", answer) == 0.0
+    assert task.score(prompt, f"{steps}#" + "9" * 5000, answer) == 0.0
+
+
+def test_sum_chain_single_term_demonstration_is_the_bare_answer():
+    """A one-term problem has no step to write: the demonstration is ``#<answer>`` with no leading space."""
+    task = get_task("sum_chain")
+    assert task.demonstration(TaskExample("5=", "5", {"terms": [5]}), random.Random(0)) == "#5"
+
+
+def test_sum_chain_wrong_demonstrations_miscopy_the_answer_one_time_in_five():
+    """Over many draws the share of wrong demonstrations whose steps are all right (a miscopied answer) is 1/5."""
+    task = get_task("sum_chain")
+    example = TaskExample("7+3+5+2=", "17", {"terms": [7, 3, 5, 2], "problem": "2+3+5+7"})
+    rng = random.Random(12)
+    draws = 4000
+    miscopies = 0
+    for _ in range(draws):
+        body = task.wrong_demonstration(example, rng).rsplit("#", 1)[0]
+        steps = [tuple(map(int, re.fullmatch(r"(\d+)\+(\d+)=(\d+)", s).groups())) for s in body.split()]
+        miscopies += all(a + b == r for a, b, r in steps)
+    assert 0.18 <= miscopies / draws <= 0.22, miscopies / draws
+
+
+def test_countdown_default_problem_space():
+    """The registered countdown task has targets up to 100 and caps a problem's weight at 4 solutions."""
+    task = get_task("countdown")
+    assert (task.max_target, task.max_weight) == (100, 4)
+    assert (CountdownTask().max_target, CountdownTask().max_weight) == (100, 4)
+
+
+def test_countdown_wrong_demonstrations_of_tiny_problems_still_score_zero():
+    """When no +-1/+-2 slip of a solution stays positive and misses the target (``1 1 2>1``: ``1*1=1 2-1=1``), the
+    wrong demonstration still is wrong."""
+    task = get_task("countdown")
+    rng = random.Random(0)
+    for numbers, target in (([1, 1, 2], 1), ([1, 2, 2], 1), ([2, 3, 4], 1)):
+        example = TaskExample(" ".join(map(str, numbers)) + f">{target}=", str(target),
+                              {"numbers": numbers, "target": target})
+        for _ in range(150):
+            wrong = task.wrong_demonstration(example, rng)
+            assert task.score(example.prompt, wrong, example.answer, **example.meta) == 0.0, (numbers, wrong)
+
+
+def test_rg_arithmetic_negated_parenthesised_number_is_a_literal():
+    """``-(5)`` is the number -5 (no ``0-5`` step), while a negated group is subtracted from 0."""
+    task = get_task("rg_arithmetic")
+    rng = random.Random(0)
+    assert task.demonstration(TaskExample("-(5)*2=", "-10", {"problem": "-(5)*2"}), rng) == "-5*2=-10 #-10"
+    assert task.demonstration(TaskExample("-(2)=", "-2", {"problem": "-(2)"}), rng) == "#-2"
+
+
+def test_rg_arithmetic_scores_an_entry_given_as_json_text():
+    """``meta["entry"]`` may arrive as JSON text (as stored in a dataset file): it is parsed, not ignored."""
+    task = get_task("rg_arithmetic")
+    example = task.examples(1, seed=0, split="train")[0]
+    entry_text = json.dumps(example.meta["entry"])
+    assert task.score(example.prompt, f"#{example.answer}", None, entry=entry_text) == 1.0
+    assert task.score(example.prompt, "#12345", None, entry=entry_text) == 0.0
+
+
+def test_rg_arithmetic_prompts_have_no_spaces_whatever_reasoning_gyms_whitespace():
+    """A configuration whose expressions reasoning-gym writes with spaces still gives space-free prompts and
+    problems (spaces would clash with the space-separated completion format)."""
+    task = RgArithmeticTask(config={**RG_ARITHMETIC_CONFIG, "whitespace": "single"})
+    examples = task.examples(3, seed=0, split="train")
+    assert " " in examples[0].meta["entry"]["metadata"]["expression"]
+    assert [e.prompt for e in examples] == RECORDED_PROMPTS[("rg_arithmetic", "train")][:3]
+    assert all(" " not in e.meta["problem"] for e in examples)
+
+
+def test_sft_corpus_defaults_are_two_demonstrations_and_thirty_percent_wrong():
+    assert sft_corpus("sum_chain", 50, seed=0) == sft_corpus("sum_chain", 50, seed=0, wrong_fraction=0.3,
+                                                               demos_per_problem=2)
