@@ -908,3 +908,17 @@ def test_rg_arithmetic_prompts_have_no_spaces_whatever_reasoning_gyms_whitespace
 def test_sft_corpus_defaults_are_two_demonstrations_and_thirty_percent_wrong():
     assert sft_corpus("sum_chain", 50, seed=0) == sft_corpus("sum_chain", 50, seed=0, wrong_fraction=0.3,
                                                                demos_per_problem=2)
+
+
+def test_a_sum_chain_task_describes_its_own_term_counts():
+    assert get_task("sum_chain").description.startswith("sums of 3-4 one-digit numbers")
+    assert SumChainTask(max_terms=5).description.startswith("sums of 3-5 one-digit numbers")
+
+
+def test_answers_and_steps_in_digits_of_another_script_score_zero():
+    """The verifiers read ASCII digits only (int() would read Arabic-Indic ones as the same number)."""
+    assert get_task("sum_chain").score("7+3+5+2=", "#\u0661\u0667", "17") == 0.0  # "#١٧"
+    assert get_task("sum_chain").score("7+3+5+2=", "#17", "17") == 1.0
+    assert get_task("countdown").score("3 5 7>22=", "3*5=15 15+7=22 #\u0662\u0662", "22") == 0.0
+    assert get_task("countdown").score("3 5 7>22=", "3*5=\u0661\u0665 15+7=22 #22", "22") == 0.0
+    assert get_task("countdown").score("3 5 7>22=", "3*5=15 15+7=22 #22", "22") == 1.0

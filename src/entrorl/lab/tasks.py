@@ -64,7 +64,8 @@ ANSWER_MARKER = "#"
 @dataclass(frozen=True)
 class TaskExample:
     """One problem: the ``prompt`` given to the model, the reference ``answer`` and the JSON-able
-    ``meta`` the verifier needs (always including ``"problem"``, the canonical problem string)."""
+    ``meta`` the verifier needs (always including ``"problem"``, the problem's text; :meth:`Task.canonical` gives the
+    form the train/eval partition hashes, the same string for most tasks)."""
 
     prompt: str
     answer: str
@@ -86,7 +87,7 @@ def _final_answer(completion: Any) -> str | None:
     return completion[index + 1 :].strip()
 
 
-_INT = re.compile(r"-?\d{1,12}")
+_INT = re.compile(r"-?[0-9]{1,12}")  # ASCII digits: int() would read any script's
 
 
 def _parse_int(text: str | None) -> int | None:
@@ -269,10 +270,6 @@ class SumChainTask(Task):
     """
 
     name = "sum_chain"
-    description = (
-        "sums of 3-5 one-digit numbers reduced pairwise in any order (many valid paths); "
-        "scored on the final answer"
-    )
 
     def __init__(self, *, min_terms: int = 3, max_terms: int = 4, eval_fraction: float | None = None) -> None:
         super().__init__(eval_fraction=eval_fraction)
@@ -281,6 +278,8 @@ class SumChainTask(Task):
         if max_terms > 7:
             raise ValueError(f"max_terms must be <= 7 (the problem space is enumerated), got {max_terms}")
         self.min_terms, self.max_terms = min_terms, max_terms
+        self.description = (f"sums of {min_terms}-{max_terms} one-digit numbers reduced pairwise in any order (many "
+                            "valid paths); scored on the final answer")
         self._pools: dict[str, tuple[list[tuple[int, ...]], _WeightedPool]] = {}
         self._lock = threading.Lock()
 
@@ -332,7 +331,7 @@ class SumChainTask(Task):
         terms = meta.get("terms")
         if isinstance(terms, (list, tuple)) and terms and all(isinstance(t, int) for t in terms):
             return [int(t) for t in terms]
-        if isinstance(prompt, str) and re.fullmatch(r"\d+(\+\d+)+=", prompt):
+        if isinstance(prompt, str) and re.fullmatch(r"[0-9]+(\+[0-9]+)+=", prompt):
             return [int(t) for t in prompt[:-1].split("+")]
         return None
 
@@ -396,7 +395,7 @@ class SumChainTask(Task):
 # --------------------------------------------------------------------------------------------
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-_STEP = re.compile(r"(\d{1,6})([+\-*])(\d{1,6})=(\d{1,9})")
+_STEP = re.compile(r"([0-9]{1,6})([+\-*])([0-9]{1,6})=([0-9]{1,9})")
 
 
 @lru_cache(maxsize=4096)
@@ -540,7 +539,7 @@ class CountdownTask(Task):
         ):
             return [int(x) for x in numbers], int(target)
         if isinstance(prompt, str):
-            match = re.fullmatch(r"(\d+(?: \d+)+)>(\d+)=", prompt)
+            match = re.fullmatch(r"([0-9]+(?: [0-9]+)+)>([0-9]+)=", prompt)
             if match:
                 return [int(x) for x in match.group(1).split()], int(match.group(2))
         raise ValueError("countdown cannot tell the problem: no meta['numbers']/meta['target'], no 'a b c>t=' prompt")
@@ -646,7 +645,7 @@ RG_ARITHMETIC_CONFIG: dict[str, Any] = {
 
 
 def _tokenize(expression: str) -> list[str] | None:
-    tokens = re.findall(r"\d+|[-+*()]|\S", expression.replace(" ", ""))
+    tokens = re.findall(r"[0-9]+|[-+*()]|\S", expression.replace(" ", ""))
     if any(not (t.isdigit() or t in "+-*()") for t in tokens):
         return None
     return tokens
