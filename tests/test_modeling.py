@@ -837,3 +837,160 @@ def test_a_left_padded_row_is_scored_as_alone_by_a_model_with_absolute_positions
         prompt, response = prompt_ids[row][prompt_mask[row]], response_ids[row][response_mask[row]]
         torch.testing.assert_close(stats.logprob[row, :len(response)], _row_alone_log_probs(gpt2, prompt, response),
                                    atol=1e-5, rtol=0)
+
+
+def test_stop_token_ids_keep_the_tokenizers_eos_first_then_the_declared_order_without_repeats():
+    """The tokenizer's EOS leads, then the generation config's ids in their own order, then the config's; each once."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[5, 2, 9, 5]), config=SimpleNamespace(eos_token_id=2))
+    assert modeling.stop_token_ids(model, SimpleNamespace(eos_token_id=9)) == [9, 5, 2]
+
+
+def test_left_pad_of_no_rows_or_of_an_empty_row():
+    """No sequences give a [0, 0] batch; an empty sequence is a row of padding only, masked out."""
+    ids, mask = modeling.left_pad([], 7)
+    assert ids.shape == mask.shape == (0, 0) and mask.dtype == torch.bool
+    ids, mask = modeling.left_pad([[], [3, 4]], 7)
+    assert ids.tolist() == [[7, 7], [3, 4]] and mask.tolist() == [[False, False], [True, True]]
+
+
+@pytest.mark.parametrize("message", [
+    "std::bad_alloc", "DefaultCPUAllocator: not enough memory: you tried to allocate 8 bytes",
+    "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"])
+def test_each_allocators_wording_of_a_refusal_is_out_of_memory(message):
+    assert modeling.is_out_of_memory(RuntimeError(message))
+    assert not modeling.is_out_of_memory(RuntimeError(message.replace("memory", "patience").replace("bad_alloc", "bad_cast")))
+
+
+def test_a_device_out_of_memory_error_counts_whatever_its_words_and_an_explicit_cause_is_followed_first():
+    assert modeling.is_out_of_memory(torch.OutOfMemoryError("Tried to allocate 2.00 GiB"))
+    try:
+        try:
+            raise KeyError("unrelated")
+        except KeyError:
+            raise ValueError("scoring failed") from MemoryError()
+    except ValueError as error:
+        assert modeling.is_out_of_memory(error)
+
+
+def test_out_of_memory_message_takes_the_first_line_with_words_of_the_error():
+    message = str(modeling.out_of_memory_while("scoring", RuntimeError("\n  CUDA out of memory.\nmore"), files_read=False))
+    assert message.startswith("out of memory while scoring (CUDA out of memory.): free memory")
+
+
+def test_a_checkpoint_directory_given_as_the_model_points_at_its_model_subdirectory(tmp_path, tiny_model_dir):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "step_000003" / "model")
+    (tmp_path / "step_000003" / "trainer.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"has no config.json: .* \(an entrorl checkpoint keeps its model in model/"):
+        load_causal_lm(tmp_path / "step_000003")
+    with pytest.raises(FileNotFoundError, match=r"has no config.json: it is not a Hugging Face model directory$"):
+        load_causal_lm(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt",
+                                  "spiece.model"])
+def test_any_one_saved_tokenizer_file_counts_as_a_tokenizer(tmp_path, name):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        modeling.check_model_files(tmp_path, weights=False)
+    (tmp_path / name).write_text("{}")
+    assert modeling.check_model_files(tmp_path, weights=False) == tmp_path
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("special_tokens_map.json", "[1]", r"special_tokens_map\.json holds a JSON array, not an object"),
+    ("added_tokens.json", "7", r"added_tokens\.json holds a JSON number, not an object"),
+    ("tokenizer_config.json", b"{\"a\": \"\xff\"}", r"tokenizer_config\.json is not valid UTF-8 JSON"),
+    ("tokenizer.json", '{"version": ', r"tokenizer\.json is not valid UTF-8 JSON"),
+])
+def test_every_damaged_tokenizer_file_is_named(tmp_path, tiny_model_dir, name, content, message):
+    import shutil
+
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, directory)
+    if name == "special_tokens_map.json":  # checked after tokenizer_config.json, whatever other file is absent
+        (directory / "added_tokens.json").unlink(missing_ok=True)
+    write = (directory / name).write_bytes if isinstance(content, bytes) else (directory / name).write_text
+    write(content)
+    with pytest.raises(ValueError, match=message):
+        modeling.load_tokenizer(directory)
+
+
+def test_memory_that_runs_out_while_loading_is_said_in_one_line(tiny_model_dir, monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(MemoryError, match=r"^out of memory while loading the model of .* \(MemoryError\): the files are intact"):
+        load_causal_lm(tiny_model_dir)
+
+
+def test_weights_missing_from_the_files_are_listed_five_at_most(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "num_hidden_layers": 1})).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = sorted(name for name in weights if name.startswith("model.layers.0."))[:7]
+    for count, more in ((6, " and 1 more"), (5, "")):
+        kept = {name: value for name, value in weights.items() if name not in dropped[:count]}
+        save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError) as refused:
+            load_causal_lm(tmp_path)
+        assert f"(missing: {', '.join(dropped[:5])}{more})" in str(refused.value)
+
+
+def test_the_probes_allow_float16_rounding_as_they_allow_bfloat16s():
+    from types import SimpleNamespace
+
+    small = torch.full((2, 3), 1e-2)
+    assert modeling._probe_difference(SimpleNamespace(dtype=torch.float16), small + 2e-2, small) is None
+
+
+def test_turning_off_dropout_covers_a_text_config_and_small_rates_and_a_model_without_randomness_gives_no_warning():
+    import warnings
+
+    model = random_model(Qwen2Config(**{**COMMON, "attention_dropout": 0.01}))
+    model.config.text_config = Qwen2Config(**COMMON, attention_dropout=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        modeling.turn_off_dropout(model)
+    assert model.config.attention_dropout == 0.0 and model.config.text_config.attention_dropout == 0.0
+    assert model.model.layers[0].self_attn.attention_dropout == 0.0
+
+
+def test_a_context_length_of_zero_is_no_declared_context():
+    from types import SimpleNamespace
+
+    assert modeling.model_context_length(SimpleNamespace(max_position_embeddings=0)) is None
+    modeling.check_prompts_fit(SimpleNamespace(max_position_embeddings=0), [[3] * 5], ["a:1"], max_new_tokens=4)
+
+
+def test_length_buckets_try_only_powers_of_two_group_counts():
+    """Three clusters of four rows would split best in 3 groups, but only k = 1, 2, 4, 8 are tried."""
+    prompt_lengths = torch.ones(12, dtype=torch.long)
+    response_lengths = torch.tensor([99, 9, 49, 9, 99, 49, 9, 49, 99, 9, 49, 99])
+    groups = length_buckets(prompt_lengths, response_lengths, max_buckets=8, overhead_tokens=100)
+    # k = 1: 1200; k = 2: 6 x 50 + 6 x 100 + 100 = 1000; k = 3 would be 640 + 200; k = 4: 780 + 300; k = 8: 640 + 500
+    assert [group.tolist() for group in groups] == [[1, 3, 6, 9, 2, 5], [7, 10, 0, 4, 8, 11]]
+
+
+def test_the_original_context_of_a_length_dependent_rope_is_its_parameters_first_then_the_config():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(original_max_position_embeddings=32, max_position_embeddings=64,
+                             rope_parameters={"rope_type": "longrope", "original_max_position_embeddings": 16})
+    assert modeling.length_dependent_rope(SimpleNamespace(config=config)) == ("longrope", 16)
+    per_type = SimpleNamespace(rope_parameters={"a": {"rope_type": "dynamic"},
+                                                "b": {"rope_type": "dynamic", "original_max_position_embeddings": 8}})
+    assert modeling.length_dependent_rope(SimpleNamespace(config=per_type)) == ("dynamic", 8)
+
+
+def test_a_model_with_some_sliding_window_layers_does_not_share_prompts():
+    model = random_model(Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=4, max_window_layers=1))
+    assert model.config.layer_types.count("full_attention") == 1
+    assert not shares_prompts(model)
