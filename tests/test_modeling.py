@@ -450,6 +450,25 @@ def test_encode_prompt_keeps_the_bos_a_tokenizer_adds_and_leaves_out_an_eos_it_a
     assert modeling.encode_prompt(tokenizer, "1+2=")[-1] == unk
 
 
+def test_an_empty_prompt_drops_the_appended_eos_and_keeps_a_leading_bos_that_is_also_the_eos():
+    """An empty text encodes to the special tokens alone: the EOS appended after it goes (so the prompt is seen as
+    empty, and refused as such), the tokens put before any text stay, a BOS that shares the EOS's id too."""
+    from tokenizers.processors import TemplateProcessing
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for single, special, expected in (
+            ("<bos> $A <eos>", [("<bos>", bos), ("<eos>", eos)], [bos]),
+            ("$A <eos>", [("<eos>", eos)], []),
+            ("<eos> $A", [("<eos>", eos)], [eos]),  # GPT-2's habit: the one special token as BOS
+            ("<eos> $A <eos>", [("<eos>", eos)], [eos])):
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=single, special_tokens=special)
+        assert modeling.encode_prompt(tokenizer, "") == expected, single
+        assert modeling.encode_prompt(tokenizer, "", template="{prompt}") == expected, single
+
+
 def test_a_checkpoint_tokenizer_declares_padding_only_when_its_source_did(tmp_path):
     """load_tokenizer lends EOS as padding for batching; a saved copy must not declare it (a collator that masks
     padding in the labels would mask every EOS of the saved model's training data)."""
@@ -994,3 +1013,29 @@ def test_a_model_with_some_sliding_window_layers_does_not_share_prompts():
     model = random_model(Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=4, max_window_layers=1))
     assert model.config.layer_types.count("full_attention") == 1
     assert not shares_prompts(model)
+
+
+def test_a_damaged_weight_file_is_named_even_when_the_load_failed_for_memory(tmp_path, monkeypatch):
+    """A cut header can ask for more memory than there is: the file whose header cannot be read is what to report,
+    not memory (the load's out-of-memory error is only what the header check runs while handling)."""
+    import shutil
+
+    import transformers
+
+    from entrorl.lab.tiny_model import save_tiny_model
+    from entrorl.modeling import DamagedWeightsError, load_causal_lm
+
+    directory = save_tiny_model(tmp_path / "model", seed=0, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                max_position_embeddings=32)
+    intact = tmp_path / "intact"
+    shutil.copytree(directory, intact)
+    (directory / "model.safetensors").write_bytes(b"garbage")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 900.00 GiB")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(DamagedWeightsError, match=r"model\.safetensors cannot be read"):
+        load_causal_lm(directory)
+    with pytest.raises(MemoryError, match=r"out of memory while loading the model of .*the files are intact"):
+        load_causal_lm(intact)

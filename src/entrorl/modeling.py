@@ -129,10 +129,10 @@ _OUT_OF_MEMORY_WORDS = ("cannot allocate memory", "can't allocate memory", "not 
                         "bad_alloc")
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` (or what it was raised from, or during) says that memory ran out: ``MemoryError``, an
-    allocator's or a memory map's refusal (``ENOMEM``, under ``ulimit -v`` too), a device's out-of-memory error; not
-    a damaged file."""
+def is_out_of_memory(error: BaseException, *, during: bool = True) -> bool:
+    """Whether ``error`` (or what it was raised from, or, with ``during``, what it was raised while handling) says that
+    memory ran out: ``MemoryError``, an allocator's or a memory map's refusal (``ENOMEM``, under ``ulimit -v`` too), a
+    device's out-of-memory error; not a damaged file."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -142,7 +142,7 @@ def is_out_of_memory(error: BaseException) -> bool:
             return True
         if isinstance(error, (RuntimeError, OSError)) and any(word in str(error).lower() for word in _OUT_OF_MEMORY_WORDS):
             return True  # a memory map or an allocator refused (torch, safetensors): said in words only
-        error = error.__cause__ or error.__context__
+        error = error.__cause__ or (error.__context__ if during else None)
     return False
 
 
@@ -169,7 +169,9 @@ def _unreadable_weight_file(directory: Path) -> Path | None:
             else:
                 torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as error:
-            if not is_out_of_memory(error):  # a memory map refused under a memory limit says nothing of the file
+            # a memory map refused under a memory limit says nothing of the file; the load's own failure, which this
+            # check runs while handling, is not the header's
+            if not is_out_of_memory(error, during=False):
                 return file
     return None
 
@@ -407,6 +409,20 @@ def read_model_config(path: str | Path, *, trust_remote_code: bool = False):
         return None
 
 
+def _end_of_text(tokenizer, ids: list[int], plain: list[int], added: int) -> int:
+    """Where the text's own tokens ``plain`` end within ``ids`` (the text with the tokenizer's special tokens); for an
+    empty text, after the special tokens the tokenizer puts before any text (found from a one-character text: a
+    BOS that is also the EOS stays)."""
+    if not plain:
+        probe = tokenizer("0")["input_ids"]
+        probe_plain = tokenizer("0", add_special_tokens=False)["input_ids"]
+        before = _end_of_text(tokenizer, probe, probe_plain, len(probe) - len(probe_plain)) - len(probe_plain) \
+            if probe_plain else 0
+        return min(max(before, 0), len(ids))
+    start = next((at for at in range(added + 1) if ids[at:at + len(plain)] == plain), None)
+    return len(ids) if start is None else start + len(plain)
+
+
 def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_template: bool = False) -> list[int]:
     """The token ids the policy sees for ``prompt``: ``template.format(prompt=prompt)``, wrapped as a user turn with
     the tokenizer's chat template when ``chat_template`` (the template then writes the special tokens itself, so
@@ -417,9 +433,8 @@ def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_te
         ids = tokenizer(text)["input_ids"]
         plain = tokenizer(text, add_special_tokens=False)["input_ids"]
         added = len(ids) - len(plain)
-        if plain and added > 0:
-            start = next((at for at in range(added + 1) if ids[at:at + len(plain)] == plain), None)
-            end = len(ids) if start is None else start + len(plain)
+        if added > 0:
+            end = _end_of_text(tokenizer, ids, plain, added)
             while len(ids) > end and ids[-1] == tokenizer.eos_token_id:
                 ids = ids[:-1]
         return ids
