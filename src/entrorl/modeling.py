@@ -409,18 +409,22 @@ def read_model_config(path: str | Path, *, trust_remote_code: bool = False):
         return None
 
 
-def _end_of_text(tokenizer, ids: list[int], plain: list[int], added: int) -> int:
+def _end_of_text(tokenizer, ids: list[int], plain: list[int]) -> int:
     """Where the text's own tokens ``plain`` end within ``ids`` (the text with the tokenizer's special tokens); for an
     empty text, after the special tokens the tokenizer puts before any text (found from a one-character text: a
     BOS that is also the EOS stays)."""
-    if not plain:
-        probe = tokenizer("0")["input_ids"]
-        probe_plain = tokenizer("0", add_special_tokens=False)["input_ids"]
-        before = _end_of_text(tokenizer, probe, probe_plain, len(probe) - len(probe_plain)) - len(probe_plain) \
-            if probe_plain else 0
-        return min(max(before, 0), len(ids))
-    start = next((at for at in range(added + 1) if ids[at:at + len(plain)] == plain), None)
-    return len(ids) if start is None else start + len(plain)
+    if plain:
+        start = _start_of_text(ids, plain)
+        return len(ids) if start is None else start + len(plain)
+    probe, probe_plain = tokenizer("0")["input_ids"], tokenizer("0", add_special_tokens=False)["input_ids"]
+    start = _start_of_text(probe, probe_plain) if probe_plain else None
+    return min(start or 0, len(ids))
+
+
+def _start_of_text(ids: list[int], plain: list[int]) -> int | None:
+    """The first position of ``plain`` (non-empty) within ``ids``, among the special tokens' places; None if absent."""
+    added = len(ids) - len(plain)
+    return next((at for at in range(added + 1) if ids[at:at + len(plain)] == plain), None)
 
 
 def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_template: bool = False) -> list[int]:
@@ -434,7 +438,7 @@ def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_te
         plain = tokenizer(text, add_special_tokens=False)["input_ids"]
         added = len(ids) - len(plain)
         if added > 0:
-            end = _end_of_text(tokenizer, ids, plain, added)
+            end = _end_of_text(tokenizer, ids, plain)
             while len(ids) > end and ids[-1] == tokenizer.eos_token_id:
                 ids = ids[:-1]
         return ids

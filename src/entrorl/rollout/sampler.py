@@ -235,7 +235,8 @@ class HFSampler:
     def __init__(self, model: torch.nn.Module, *, eos_token_id: int | Sequence[int], pad_token_id: int, batch_size: int = 64,
                  decoder: str = "auto", compact: bool = True):
         self.model = model
-        single = getattr(eos_token_id, "ndim", None) == 0 or not hasattr(eos_token_id, "__iter__")  # an int, numpy's or torch's
+        # one id (a Python, numpy or 0-d tensor integer) or several
+        single = getattr(eos_token_id, "ndim", None) == 0 or not hasattr(eos_token_id, "__iter__")
         eos = [eos_token_id] if single else list(eos_token_id)
         if not eos:
             raise ValueError("HFSampler needs at least one eos_token_id")
