@@ -748,9 +748,9 @@ class Trainer:
         objective_metrics: list[tuple[dict[str, float], MicroBatchShares]] = []  # each update's micro-batches
         grad_norms, skipped = [], 0
         first_pass = {name: torch.zeros(mask.shape) for name in STAT_NAMES}
-        # the advantages the loss used, after the objective's shaping (its first pass over each row): what the covariance
-        # and discriminator statistics pair with log-probs, as the objective's own selectors do
-        used_advantages, shaped_rows = token_advantages.clone(), torch.zeros(n_rows, dtype=torch.bool)
+        # the advantages the loss used, after the objective's shaping (the first epoch's, one pass over each row): what
+        # the covariance and discriminator statistics pair with log-probs, as the objective's own selectors do
+        used_advantages = token_advantages.clone()
         for epoch in range(config.optim.epochs):
             order = torch.randperm(n_rows) if config.optim.mini_batches > 1 else all_rows
             for mini_batch in order.tensor_split(min(config.optim.mini_batches, n_rows)):  # sizes differ by 1 at most
@@ -779,11 +779,8 @@ class Trainer:
                         population=population, rows=None if population is None else micro,
                     )
                     objective_out = self.objective(batch)
-                    first_time = micro[~shaped_rows[micro]]
-                    if len(first_time):
-                        shaped = objective_out.advantages.detach().float().cpu()
-                        used_advantages[first_time] = shaped[~shaped_rows[micro]]
-                        shaped_rows[first_time] = True
+                    if epoch == 0:
+                        used_advantages[micro] = objective_out.advantages.detach().float().cpu()
                     if not torch.isfinite(objective_out.loss):
                         losses_finite = False
                         continue
