@@ -330,6 +330,22 @@ def test_an_update_that_breaks_the_weights_stops_the_run_naming_the_checkpoint_t
         with pytest.raises(TrainingStopped, match=r"update of step 1 left 1 weight tensor\(s\) with inf or NaN values.*"
                                                   r"No checkpoint had been written"):
             trainer.train_step()
+        trainer.close()
+
+        # finite weights so large (1e30) that their float32 norm overflows are as broken: stopped before any save
+        trainer = Trainer(config, run_dir=tmp_path / "overflow")
+        original_step = trainer.optimizer.step
+
+        def step_far(*args, **kwargs):
+            original_step(*args, **kwargs)
+            with torch.no_grad():
+                next(trainer.model.parameters()).view(-1)[0] = 1e30
+
+        trainer.optimizer.step = step_far
+        with pytest.raises(TrainingStopped, match=r"update of step 1 moved the weights so far \(entries beyond about "
+                                                  r"1e19\) that their norm overflows .* optim.lr = 0.001 is far too "
+                                                  r"high for this model. Stopping. No checkpoint had been written"):
+            trainer.train_step()
 
 
 def test_skipped_updates_leave_adaptive_coefficients_and_count_per_step(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):

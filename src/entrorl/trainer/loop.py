@@ -932,13 +932,13 @@ class Trainer:
         if math.isfinite(self.weight_norm):
             return
         names = [name for name, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-        if names:
-            raise TrainingStopped(
-                f"the update of step {self.step + 1} left {len(names)} weight tensor(s) with inf or NaN values "
-                f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) although its gradient was finite: "
-                f"optim.lr = {self.config.optim.lr:g} is far too high for this model. Stopping. "
-                + self._last_checkpoint_phrase()
-            )
+        what = (f"left {len(names)} weight tensor(s) with inf or NaN values ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''})" if names
+                else "moved the weights so far (entries beyond about 1e19) that their norm overflows")
+        raise TrainingStopped(
+            f"the update of step {self.step + 1} {what} although its gradient was finite: optim.lr = "
+            f"{self.config.optim.lr:g} is far too high for this model. Stopping. " + self._last_checkpoint_phrase()
+        )
 
     def _last_checkpoint_phrase(self) -> str:
         latest = latest_checkpoint(self.run_dir)
