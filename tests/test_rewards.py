@@ -315,6 +315,8 @@ def test_reasoning_gym_reward_pickles(arithmetic_records):
         ("think <answer> 12 </answer> more <answer>13</answer>", False, "13"),
         ("<answer>\nmulti\nline\n</answer>", False, "multi\nline"),
         (r"so \boxed{7}", False, "7"),
+        (r"so \boxed{ 7 }", False, "7"),  # a box's content is stripped like a tag's
+        ("The answer is  cat ", False, "cat"),
         ("blah\nAnswer: cat\n", False, "cat"),
         ("step one\nfinal line\n\n", False, "final line"),
         ("step one\nfinal line", True, None),

@@ -178,3 +178,110 @@ def test_a_verifier_is_probed_on_every_record_asked_for(monkeypatch):
                         1.0 if answer == first else 0.0)
     assert verifier_accepts_nonsense("basic_arithmetic", records, probes=1)
     assert not verifier_accepts_nonsense("basic_arithmetic", records)
+
+
+def test_a_marker_whose_items_are_not_a_list_is_a_plain_dict():
+    """Only the JSON form's own shape, {marker: [...]}, is read back as a tuple, a set or a dict with other keys."""
+    for marker in ("__tuple__", "__set__", "__frozenset__", "__dict_items__"):
+        assert entry_from_json({marker: "ab"}) == {marker: "ab"}
+        assert entry_from_json({marker: {"k": [1]}}) == {marker: {"k": [1]}}
+
+
+def test_records_are_the_datasets_entries_of_the_seed_given():
+    import reasoning_gym
+
+    records = reasoning_gym_records("basic_arithmetic", size=2, seed=1)
+    assert [r["answer"] for r in records] == ["-4", "3"]
+    assert [r["prompt"] for r in records] == ["Calculate 5 - 3 - 6.", "Calculate 2 - -1."]
+    dataset = reasoning_gym.create_dataset("basic_arithmetic", size=2, seed=1)
+    assert [entry_from_json(r["meta"]["entry"]) for r in records] == [dataset[0], dataset[1]]
+
+
+def test_the_instruction_follows_the_question_after_one_blank_line_and_an_empty_one_adds_nothing():
+    """base_conversion's questions end in a newline: it is dropped before the blank line."""
+    (record,) = reasoning_gym_records("base_conversion", size=1, seed=0, instruction="Go.")
+    question = record["meta"]["entry"]["question"]
+    assert question.endswith("base-14\n")
+    assert record["prompt"] == f"{question.rstrip()}\n\nGo." and record["prompt"].endswith("base-14\n\nGo.")
+    (bare,) = reasoning_gym_records("base_conversion", size=1, seed=0, instruction="")
+    assert bare["prompt"] == question
+
+
+def test_records_hold_every_entry_asked_for_and_answers_as_text(monkeypatch):
+    import reasoning_gym
+
+    monkeypatch.setattr(reasoning_gym, "create_dataset", lambda task, size, seed, **config:
+                        [{"question": f"q{i}", "answer": i, "metadata": {}} for i in range(size)])
+    records = reasoning_gym_records("basic_arithmetic", size=1001, seed=0)
+    assert len(records) == 1001 and records[-1]["prompt"] == "q1000"
+    assert [r["answer"] for r in records[:3]] == ["0", "1", "2"]
+
+
+def test_a_task_that_is_not_a_name_is_refused_as_such():
+    with pytest.raises(ValueError, match="task must be a dataset name, got 3"):
+        get_reward("reasoning_gym", task=3)
+    with pytest.raises(ValueError, match=r"task must be a dataset name, got \['basic_arithmetic'\]"):
+        reasoning_gym_records(["basic_arithmetic"], size=1, seed=0)
+
+
+def test_partial_credit_for_the_nonsense_answer_is_not_full_marks(monkeypatch):
+    from entrorl.rewards import reasoning_gym
+    from entrorl.rewards.reasoning_gym import NONSENSE_ANSWER, verifier_accepts_nonsense
+
+    records = reasoning_gym_records("basic_arithmetic", size=2, seed=0)
+    seen = []
+
+    def nearly_full(self, prompt, completion, answer, **meta):
+        seen.append(completion)
+        return 0.99
+
+    monkeypatch.setattr(reasoning_gym.ReasoningGymReward, "__call__", nearly_full)
+    assert not verifier_accepts_nonsense("basic_arithmetic", records)
+    assert seen[0] == f"<answer>{NONSENSE_ANSWER}</answer>"
+    monkeypatch.setattr(reasoning_gym.ReasoningGymReward, "__call__", lambda self, *args, **meta: 1.0000000000000002)
+    assert verifier_accepts_nonsense("basic_arithmetic", records)  # above full marks is full marks
+
+
+def test_five_records_are_probed_by_default(monkeypatch):
+    """The verifier is asked about the first five records: a sixth that it scores right is not looked at."""
+    from entrorl.rewards import reasoning_gym
+    from entrorl.rewards.reasoning_gym import verifier_accepts_nonsense
+
+    records = [{"prompt": f"q{i}", "answer": str(i), "meta": {}} for i in range(6)]
+    for rejected, accepted in ((4, False), (5, True)):
+        monkeypatch.setattr(reasoning_gym.ReasoningGymReward, "__call__", lambda self, prompt, completion, answer, **meta:
+                            0.0 if answer == str(rejected) else 1.0)
+        assert verifier_accepts_nonsense("basic_arithmetic", records) is accepted
+
+
+def test_an_arc_entry_written_as_json_text_scores_its_reference_in_full():
+    """A CSV column holds the entry's JSON form as text: its tuples are rebuilt before ARC's verifier compares grids."""
+    record = reasoning_gym_records("arc_agi", size=1, seed=0)[0]
+    reward = get_reward("reasoning_gym", task="arc_agi")
+    meta = {**record["meta"], "entry": json.dumps(record["meta"]["entry"])}
+    assert reward(record["prompt"], f"<answer>{record['answer']}</answer>", record["answer"], **meta) == 1.0
+
+
+def test_the_rewards_name_says_its_task():
+    assert get_reward("reasoning_gym", task="basic_arithmetic").__name__ == "reasoning_gym[basic_arithmetic]"
+    assert get_reward("reasoning_gym").__name__ == "reasoning_gym"
+
+
+def test_a_null_config_is_the_tasks_defaults_and_a_record_naming_no_task_is_refused():
+    record = reasoning_gym_records("basic_arithmetic", size=1, seed=1)[0]
+    reward = get_reward("reasoning_gym")
+    completion = f"<answer>{record['answer']}</answer>"
+    assert reward(record["prompt"], completion, record["answer"], **{**record["meta"], "config": None}) == 1.0
+    entry = record["meta"]["entry"]
+    for nameless in ({k: v for k, v in entry.items() if k != "metadata"}, {**entry, "metadata": None},
+                     {**entry, "metadata": {"source_dataset": 3}}):
+        with pytest.raises(ValueError, match=r"reasoning_gym reward without a task needs meta\['task'\]"):
+            reward(record["prompt"], completion, record["answer"], entry=nameless)
+
+
+def test_the_instruction_asks_for_the_answer_tags_that_strict_mode_reads():
+    from entrorl.rewards import REASONING_GYM_INSTRUCTION
+    from entrorl.rewards.reasoning_gym import extract_reasoning_gym_answer
+
+    assert "<answer></answer> tags" in REASONING_GYM_INSTRUCTION
+    assert extract_reasoning_gym_answer(REASONING_GYM_INSTRUCTION, strict=True) == "42"  # its own example
