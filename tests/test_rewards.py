@@ -323,6 +323,8 @@ def test_reasoning_gym_reward_pickles(arithmetic_records):
         ("", False, None),
         (None, False, None),
         ("<answer>5</answer> and then <answer>", False, "5"),  # an opening tag after the last closing one is ignored
+        ("<answer>5</answer> (final) </answer>", True, "5"),  # a stray closing tag: the pair is the first one after
+        ("<answer>a <answer>b</answer>", True, "a <answer>b"),  # ... its opening tag, as reasoning-gym reads it
         (r"\boxed{5} </answer>", False, "5"),  # a closing tag without an opening one is no answer
         (r"\boxed{} The answer is 7", False, "7"),  # an empty box is no answer
         (r"The answer is 3. Actually \boxed{4}", False, "4"),  # a box wins over the answer phrase

@@ -285,3 +285,17 @@ def test_the_instruction_asks_for_the_answer_tags_that_strict_mode_reads():
 
     assert "<answer></answer> tags" in REASONING_GYM_INSTRUCTION
     assert extract_reasoning_gym_answer(REASONING_GYM_INSTRUCTION, strict=True) == "42"  # its own example
+
+
+def test_scores_stay_within_0_and_1_and_a_stray_closing_tag_stays_out_of_the_answer():
+    """spell_backward's verifier adds 1/9 nine times for a 9-letter answer with one more letter: 1.0000000000000002
+    (its own `reward == 1.0` check, meant to take 0.2 off, misses); the reward is the verifier's verdict within [0, 1],
+    as documented. A closing tag after the answer's own pair is text after the answer, as reasoning-gym reads it."""
+    record = reasoning_gym_records("spell_backward", size=1, seed=0)[0]
+    assert record["answer"] == "noremopyh"
+    reward = get_reward("reasoning_gym", task="spell_backward")
+    assert reward(record["prompt"], "<answer>noremopyhs</answer>", record["answer"], **record["meta"]) == 1.0
+    record = reasoning_gym_records("basic_arithmetic", size=1, seed=1)[0]
+    assert record["answer"] == "-4"
+    reward = get_reward("reasoning_gym", task="basic_arithmetic")
+    assert reward(record["prompt"], "<answer>-4</answer> is my answer</answer>", record["answer"], **record["meta"]) == 1.0

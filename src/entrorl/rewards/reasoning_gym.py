@@ -26,6 +26,7 @@ entry in a JSON form that says what each such value was (:func:`entry_to_json`),
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -53,6 +54,7 @@ REASONING_GYM_INSTRUCTION = (
 )
 
 _TAG_OPEN, _TAG_CLOSE = "<answer>", "</answer>"
+_TAGGED_ANSWER = re.compile(f"{re.escape(_TAG_OPEN)}(.*?){re.escape(_TAG_CLOSE)}", re.DOTALL)
 
 
 # markers of the values JSON cannot hold as they are; a one-key object {marker: [...]} stands for the value
@@ -118,16 +120,14 @@ def _check_task(task: Any) -> str:
 
 
 def extract_reasoning_gym_answer(completion: str, *, strict: bool = False) -> str | None:
-    """The model's answer in ``completion``: the content of the last ``<answer>...</answer>``
-    (whitespace-stripped); unless ``strict``, else the last ``\\boxed{}``, else "the answer is X" /
+    """The model's answer in ``completion``: the content of the last ``<answer>...</answer>``, each opening tag closed
+    by the first closing tag after it, as reasoning-gym's own ``extract_answer`` reads it (whitespace-stripped); unless ``strict``, else the last ``\\boxed{}``, else "the answer is X" /
     "Answer: X", else the last non-empty line. None if there is nothing."""
     if not isinstance(completion, str):
         return None
-    end = completion.rfind(_TAG_CLOSE)
-    if end != -1:
-        start = completion.rfind(_TAG_OPEN, 0, end)
-        if start != -1:
-            return completion[start + len(_TAG_OPEN) : end].strip()
+    tagged = _TAGGED_ANSWER.findall(completion)  # each <answer> to the first </answer> after it, as reasoning-gym reads
+    if tagged:
+        return tagged[-1].strip()
     if strict:
         return None
     for extractor in (extract_boxed, extract_answer_phrase):
@@ -294,7 +294,8 @@ class ReasoningGymReward:
         if predicted is None:
             return 0.0
         try:
-            return float(scorer.score_answer(predicted, dict(entry)))
+            # in [0, 1] as documented: a verifier's float sum can pass 1 (spell_backward: nine 1/9 make 1.0000000000000002)
+            return min(max(float(scorer.score_answer(predicted, dict(entry))), 0.0), 1.0)
         except Exception:
             # The verifier failed on the model's answer: 0 -- unless it also fails on the reference,
             # which means the entry itself is broken (then the error must surface).
