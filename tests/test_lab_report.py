@@ -1010,3 +1010,224 @@ def test_the_scales_of_predicted_and_measured_change_are_compared_over_their_non
     assert report["section_errors"] == {}
     assert f"the tabular prediction's median size is 2e-07 nats a step against {said}." in " ".join(
         (out / "report.md").read_text().split())
+
+
+def _set_evaluation(out: Path, path: str, **changes) -> dict:
+    evaluation = json.loads((out / path / "final_eval.json").read_text())
+    for key, value in changes.items():
+        if key == "pass_at_k":
+            evaluation["pass_at_k"].update(value)
+        else:
+            evaluation[key] = value
+    _write(out / path / "final_eval.json", evaluation)
+    return evaluation
+
+
+def test_the_methods_that_kept_entropy_are_compared_with_grpo_and_the_base_model_each_in_its_own_column(tmp_path):
+    """A kept method's row and sentence give its own Pass@1 and Pass@16 beside GRPO's and the base model's; the count
+    sentence compares it with GRPO's values, then with the base model's (here they point in opposite directions)."""
+    out = build_run(tmp_path / "lab-kept", methods=("grpo", "nsr"), failed=())
+    steps = np.arange(20)
+    _write_metrics(out / "methods" / "grpo", np.where(steps < 10, 1.0, 0.4), np.full(20, 0.3))  # ratio 0.4
+    _write_metrics(out / "methods" / "nsr", np.full(20, 1.0), np.full(20, 0.3))  # ratio 1: kept
+    _set_evaluation(out, "base", pass_at_k={"1": 0.9, "16": 0.5})
+    _set_evaluation(out, "methods/grpo", pass_at_k={"1": 0.2, "16": 0.95})
+    _set_evaluation(out, "methods/nsr", pass_at_k={"1": 0.5, "16": 0.9})
+    headline = write_report(out, figures=False)["headline"]
+    assert headline["kept_methods"] == ["nsr"]
+    assert headline["kept"]["rows"] == [{"method": "nsr", "entropy end/start": "1", "Pass@1": "0.5", "Pass@1 GRPO": "0.2",
+                                         "Pass@1 base": "0.9", "Pass@16": "0.9", "Pass@16 GRPO": "0.95",
+                                         "Pass@16 base": "0.5"}]
+    said = " ".join(headline["paragraphs"])
+    assert ("1 of 1 method kept entropy: nsr (ratio 1: Pass@1 0.5, Pass@16 0.9). For comparison, GRPO has Pass@1 0.2 and "
+            "Pass@16 0.95, the base model Pass@1 0.9 and Pass@16 0.5.") in said
+    assert ("Against GRPO, the methods that kept entropy have 1 higher and 0 lower Pass@1 and 0 higher and 1 lower Pass@16; "
+            "against the base model, 0 higher and 1 lower Pass@1 and 1 higher and 0 lower Pass@16 (comparing the values "
+            "as shown).") in said
+    markdown = (out / "report.md").read_text()
+    assert "### Methods that kept entropy\n" in markdown and "| nsr | 1 | 0.5 | 0.2 | 0.9 | 0.9 | 0.95 | 0.5 |" in markdown
+
+
+def test_the_summary_shows_pass_at_8_between_pass_at_1_and_the_largest_k_and_the_base_model_s_entropy(report_run):
+    """Pass@8 sits between Pass@1 and Pass@16; the base row gives its evaluation entropy; the summary's text says
+    'the last 10% of steps' from the finished runs' step counts (the failed one's 3 steps aside)."""
+    _, report, markdown, _ = report_run
+    columns = report["summary"]["columns"]
+    assert columns[:7] == ["method", "status", "entropy end/start", "reward end", "Pass@1", "Pass@8", "Pass@16"]
+    base = next(row for row in report["summary"]["rows"] if row["method"] == "base")
+    assert base["status"] == "base" and base["eval entropy"] == fmt(EVAL_ENTROPY["base"])
+    assert base["entropy end/start"] == base["law R²"] == base["train time (s)"] == "—"
+    assert ("Entropy end/start: `entropy/mean` averaged over the last 10% of steps divided by its average over as many "
+            "first steps; reward end: `reward/accuracy` over the last 10% of steps;") in " ".join(markdown.split())
+    assert "forecast error, end: the law fitted on the first 20% of steps, its predicted minus" in " ".join(markdown.split())
+
+
+def test_the_curves_table_gives_the_maximum_of_the_smoothed_reward_as_reached(tmp_path):
+    """A reward that peaks mid-run and falls back: 'reward reached' is the peak of its moving average, not its end."""
+    out = build_run(tmp_path / "lab-peak", methods=("grpo",), failed=())
+    reward = np.concatenate([np.linspace(0.2, 0.8, 10), np.linspace(0.8, 0.4, 10)])
+    _write_metrics(out / "methods" / "grpo", np.linspace(1.0, 0.5, 20), reward)
+    (grpo,) = write_report(out, figures=False)["curves"]["rows"]
+    assert grpo["reward reached"] == fmt(float(np.max(moving_average(reward))))
+    assert (grpo["reward start"], grpo["reward end"]) == (fmt(np.mean(reward[:2])), fmt(np.mean(reward[-2:])))
+    assert float(grpo["reward reached"]) > 0.7 > float(grpo["reward end"])
+
+
+def test_the_headline_states_each_entropy_in_its_place(report_run, tmp_path):
+    """GRPO's evaluation entropy is named as GRPO's and the base model's as the base model's, with their ratio; on the
+    training curve, the end is said before the start; a reward edge that is missing is not compared."""
+    _, report, _, _ = report_run
+    assert ("compares the mean token entropy of the final evaluation's samples, 0.3, against the base model's on the same "
+            "held-out prompts, 1 (ratio 0.3): it holds") in report["headline"]["paragraphs"][0]
+    numbers = {row["quantity"]: row["value"] for row in report["headline"]["numbers"]["rows"]}
+    assert numbers["collapse (final evaluation entropy ≤ 0.5 × the base model's)"] == "yes"
+    assert (numbers["GRPO training entropy end"], numbers["GRPO training entropy end/start"]) == ("0.272", "0.257")
+    out = build_run(tmp_path / "lab-curve", methods=("grpo",), failed=())
+    steps = np.arange(20)
+    _write_metrics(out / "methods" / "grpo", np.where(steps < 10, 1.0, 0.4), np.where(steps < 2, math.nan, 0.3))
+    _set_evaluation(out, "base", entropy_mean=None)
+    report = write_report(out, figures=False)
+    assert report["section_errors"] == {}
+    headline = report["headline"]
+    assert "compares the training curve's end against its start (0.4 against 1): it holds" in headline["paragraphs"][0]
+    numbers = {row["quantity"]: row["value"] for row in headline["numbers"]["rows"]}
+    assert numbers["collapse (training entropy end ≤ 0.5 × start)"] == "yes"
+    _write_metrics(out / "methods" / "grpo", np.where(steps < 10, 1.0, 0.6), np.where(steps < 2, math.nan, 0.3))
+    headline = write_report(out, figures=False)["headline"]
+    numbers = {row["quantity"]: row["value"] for row in headline["numbers"]["rows"]}
+    assert headline["collapse"] is False and numbers["collapse (training entropy end ≤ 0.5 × start)"] == "no"
+    assert "(0.6 against 1): it does not hold" in headline["paragraphs"][0]
+    assert headline["reward_change"] == "cannot be compared (missing values)"
+
+
+def test_failed_and_missing_methods_keep_their_place_and_are_counted_in_words(report_run, tmp_path):
+    """Rows follow the run's order of methods, a failed one included; two methods that did not finish 'are' left
+    out; the pointer to error.log is given when one of them failed, even if the other is only missing."""
+    _, report, _, _ = report_run
+    assert report["methods"]["kl_cov"]["steps"] == 3 and report["methods"]["grpo"]["steps"] == STEPS
+    out = build_run(tmp_path / "lab-order", methods=("grpo", "kl_cov", "clip_b", "nsr"), failed=("kl_cov", "clip_b"))
+    (out / "methods" / "clip_b" / "error.log").unlink()  # no error recorded: missing (interrupted)
+    report = write_report(out, figures=False)
+    assert [row["method"] for row in report["summary"]["rows"]] == ["base", "grpo", "kl_cov", "clip_b", "nsr"]
+    assert [report["methods"][name]["status"] for name in ("kl_cov", "clip_b")] == ["failed", "missing"]
+    for table in (report["summary"], report["failed"]):
+        statuses = {row["method"]: row["status"] for row in table["rows"]}
+        assert (statuses["kl_cov"], statuses["clip_b"]) == ("failed", "missing")
+    (clip_b,) = [row for row in report["failed"]["rows"] if row["method"] == "clip_b"]
+    assert clip_b["error (last line)"] == "no final_eval.json and no error.log (interrupted?)"
+    assert ("2 methods did not finish and are left out of every comparison: kl_cov, clip_b. The full error of a failed "
+            "one") in " ".join((out / "report.md").read_text().split())
+    (out / "methods" / "kl_cov" / "error.log").unlink()
+    write_report(out, figures=False)
+    said = " ".join((out / "report.md").read_text().split())
+    assert "2 methods did not finish and are left out of every comparison: kl_cov, clip_b." in said
+    assert "The full error of a failed one" not in said
+
+
+def test_the_default_preset_is_reproduced_with_make_lab(tmp_path):
+    from entrorl.lab.presets import get_preset
+
+    out = build_run(tmp_path / "lab-default", methods=tuple(get_preset("default").methods), failed=())
+    lab = json.loads((out / "lab.json").read_text())
+    lab["preset"]["name"] = "default"
+    lab["preset"]["workers"] = lab["workers"]
+    lab["preset"]["rescore"] = True  # a flag is written as recorded, not as a number
+    (out / "lab.json").write_text(json.dumps(lab))
+    reproduce = write_report(out, figures=False)["reproduce"]
+    assert reproduce["command"] == "entrorl lab --preset default" and reproduce["make"] == "make lab"
+    assert "Re-run with `entrorl lab --preset default` (or `make lab`);" in (out / "report.md").read_text()
+    settings = {row["setting"]: row["value"] for row in reproduce["preset"]["rows"]}
+    assert settings["rescore"] == "True" and settings["workers"] == "2" and settings["name"] == "default"
+    assert settings["base"] == '{"hidden_size": 64}' and settings["methods"] == json.dumps(list(get_preset("default").methods))
+
+
+def test_the_machine_table_without_a_finished_invocation(tmp_path):
+    """Two invocations killed before their end: no wall clock (n/a, not 0), both named in words; their two worker
+    counts are both listed; a base model trained with the same kernels is not named apart."""
+    from entrorl.lab.report import CPU_KERNELS_LABEL, WALL_CLOCK_LABEL
+
+    out = build_run(tmp_path / "lab-killed", methods=("grpo", "nsr"), failed=())
+    lab = json.loads((out / "lab.json").read_text())
+    lab["base_model_cpu_kernels"] = "AVX2"
+    lab["invocations"] = [{"started_at": 0.0, "ran": ["grpo"], "workers": 2, "cpu_kernels": "AVX2"},
+                          {"started_at": 10.0, "ran": ["nsr"], "workers": 3, "cpu_kernels": "AVX2"}]
+    (out / "lab.json").write_text(json.dumps(lab))
+    report = write_report(out, figures=False)
+    items = {row["item"]: row["value"] for row in report["reproduce"]["machine"]["rows"]}
+    assert items[WALL_CLOCK_LABEL] == "n/a" and items["invocations counted / in all"] == "0 / 2"
+    assert items["workers"] == "2, 3" and items[CPU_KERNELS_LABEL] == "AVX2"
+    assert "--workers" not in report["reproduce"]["command"]
+    assert ("2 invocations recorded no end (the process was killed) and are not counted"
+            in " ".join((out / "report.md").read_text().split()))
+
+
+def test_prompts_never_and_always_solved_are_in_their_own_columns_and_a_fork_without_entropy_is_missing(tmp_path):
+    out = build_run(tmp_path / "lab-ends", methods=("grpo",), failed=())
+    _set_evaluation(out, "methods/grpo", pass_rates=[0.0, 0.0, 0.0, 1.0, 0.5],
+                    forks=[{"token": "x", "before": "a", "after": "b"}])
+    report = write_report(out, figures=False)
+    (grpo,) = [row for row in report["pass_rates"]["rows"] if row["model"] == "grpo"]
+    assert (grpo["prompts"], grpo["rate 0"], grpo["rate 1"], grpo["mixed"], grpo["mean pass rate"]) == ("5", "0.6", "0.2", "0.2", "0.3")
+    assert report["forks"]["grpo"]["rows"] == [{"rank": "1", "token": "'x'", "entropy": "n/a", "context": "…a⟦x⟧b…"}]
+    base = json.loads((out / "base" / "final_eval.json").read_text())["pass_rates"]
+    share = fmt(np.mean(np.array(base) == 0) + np.mean(np.array(base) == 1))
+    assert (f"The base model has {share} of its prompts at 0 or 1; after training that share ranges from 0.8 (grpo)"
+            in " ".join((out / "report.md").read_text().split()))
+
+
+def test_two_parts_that_never_acted_are_both_noted(tmp_path):
+    out = build_run(tmp_path / "lab-two-idle", methods=("grpo", "clip_b"), failed=())
+    zeros = np.zeros(STEPS)
+    _write_metrics(out / "methods" / "clip_b", np.linspace(1.0, 0.5, STEPS), np.full(STEPS, 0.3),
+                   select__clip_b_frac=zeros, reg__clip_b_coeff=zeros)
+    report = write_report(out, figures=False)
+    (row,) = [r for r in report["summary"]["rows"] if r["method"] == "clip_b"]
+    assert row["note"] == (f"never acted: select/clip_b_frac = 0 at all {STEPS} steps; "
+                           f"never acted: reg/clip_b_coeff = 0 at all {STEPS} steps")
+    assert (f"1 method never applied its own intervention, or part of it, during training: clip_b (`select/clip_b_frac` "
+            f"and `reg/clip_b_coeff` 0 at all {STEPS} steps)." in " ".join((out / "report.md").read_text().split()))
+
+
+def test_a_model_without_fork_tokens_keeps_its_heading_and_says_so(tmp_path):
+    out = build_run(tmp_path / "lab-no-forks", methods=("grpo",), failed=())
+    _set_evaluation(out, "methods/grpo", forks=[])
+    report = write_report(out, figures=False)
+    assert report["forks"]["grpo"]["rows"] == [] and len(report["forks"]["base"]["rows"]) == 3
+    assert "### grpo\n\nNo fork tokens recorded." in (out / "report.md").read_text()
+
+
+def test_methods_follow_the_order_lab_json_records_before_the_preset_s(tmp_path):
+    out = build_run(tmp_path / "lab-order-of-lab", methods=("grpo", "nsr"), failed=())
+    lab = json.loads((out / "lab.json").read_text())
+    lab["methods"] = ["nsr", "grpo"]  # every invocation's methods, in the order they were asked for
+    (out / "lab.json").write_text(json.dumps(lab))
+    report = write_report(out, figures=False)
+    assert list(report["methods"]) == ["nsr", "grpo"]
+    assert [row["method"] for row in report["summary"]["rows"]] == ["base", "nsr", "grpo"]
+
+
+def test_the_summary_gives_each_model_s_own_pass_at_1_8_and_16(report_run):
+    out, report, _, _ = report_run
+    rows = {row["method"]: row for row in report["summary"]["rows"]}
+    for model, path in (("base", "base"), ("grpo", "methods/grpo"), ("clip_cov", "methods/clip_cov"), ("nsr", "methods/nsr")):
+        pass_at_k = json.loads((out / path / "final_eval.json").read_text())["pass_at_k"]
+        assert [rows[model][f"Pass@{k}"] for k in (1, 8, 16)] == [fmt(pass_at_k[str(k)]) for k in (1, 8, 16)], model
+
+
+def test_the_largest_k_is_one_the_base_model_has_too(tmp_path):
+    out = build_run(tmp_path / "lab-base-ks", methods=("grpo", "nsr"), failed=())
+    evaluation = json.loads((out / "base" / "final_eval.json").read_text())
+    del evaluation["pass_at_k"]["16"]
+    _write(out / "base" / "final_eval.json", evaluation)
+    report = write_report(out, figures=False)
+    assert report["rules"]["largest_k"] == 8
+    assert report["pass_at_k"]["columns"] == ["model", "Pass@1", "Pass@2", "Pass@4", "Pass@8"]
+
+
+def test_a_method_interrupted_by_the_runner_without_an_error_is_missing_not_failed(tmp_path):
+    out = build_run(tmp_path / "lab-interrupted", methods=("grpo", "nsr"), failed=("nsr",))
+    (out / "methods" / "nsr" / "error.log").unlink()
+    _write(out / "outcomes.json", {"nsr": {"method": "nsr", "status": "interrupted", "step": 2}})
+    report = write_report(out, figures=False)
+    assert report["methods"]["nsr"]["status"] == "missing"
+    assert report["methods"]["nsr"]["error"] == "no final_eval.json and no error.log (interrupted?)"
