@@ -1231,3 +1231,34 @@ def test_a_method_interrupted_by_the_runner_without_an_error_is_missing_not_fail
     report = write_report(out, figures=False)
     assert report["methods"]["nsr"]["status"] == "missing"
     assert report["methods"]["nsr"]["error"] == "no final_eval.json and no error.log (interrupted?)"
+
+
+def test_one_method_s_forecast_rmse_is_not_said_over_1_methods(tmp_path):
+    out = build_run(tmp_path / "lab-one", methods=("grpo",), failed=())
+    h = np.linspace(1.0, 0.5, 40)
+    _write_metrics(out / "methods" / "grpo", h, -0.3 * np.exp(h) + 0.9)
+    write_report(out, figures=False)
+    said = " ".join((out / "report.md").read_text().split())
+    assert "over 1 method." in said and "over 1 methods" not in said
+
+
+def test_an_evaluation_without_pass_at_k_leaves_the_others_columns_and_none_is_headed_pass_at_none(tmp_path):
+    """The base evaluation has no pass_at_k: the methods' common ks still head the columns (the base's cells are n/a)."""
+    out = build_run(tmp_path / "lab-no-k", methods=("grpo", "nsr"), failed=())
+    evaluation = json.loads((out / "base" / "final_eval.json").read_text())
+    del evaluation["pass_at_k"]
+    _write(out / "base" / "final_eval.json", evaluation)
+    report = write_report(out, figures=False)
+    assert not any("None" in column for column in report["summary"]["columns"])
+    assert not any("None" in column for column in report["headline"]["kept"]["columns"])
+
+
+def test_token_counts_of_an_evaluation_without_distributions_are_missing_not_0(tmp_path):
+    """'n/a = missing': an evaluation that recorded no S/D histograms has no token count (not 0)."""
+    out = build_run(tmp_path / "lab-no-dist", methods=("grpo",), failed=())
+    evaluation = json.loads((out / "base" / "final_eval.json").read_text())
+    del evaluation["distributions"]
+    _write(out / "base" / "final_eval.json", evaluation)
+    report = write_report(out, figures=False)
+    (base,) = [row for row in report["distributions"]["table"]["rows"] if row["model"] == "base"]
+    assert base["tokens correct"] == base["tokens wrong"] == "n/a"

@@ -171,16 +171,19 @@ class _Report:
         self.evals.update({name: self.runs[name].final for name in self.ok})
         self.ks = self._common_ks()
         self.k_max = self.ks[-1] if self.ks else None
+        self.k_label = str(self.k_max) if self.k_max is not None else "k"  # in column names: no evaluation has one
         self.colours = colours(self.ok)
         self.figures = Figures(out / "figures", enabled=figures)
         self.json: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- helpers
     def _common_ks(self) -> list[int]:
+        """The ks every evaluation that has Pass@k at all has (one without shows n/a, and does not empty the list)."""
         sets = []
         for evaluation in self.evals.values():
             keys = {int(k) for k, v in (evaluation.get("pass_at_k") or {}).items() if str(k).isdigit()}
-            sets.append(keys)
+            if keys:
+                sets.append(keys)
         return sorted(set.intersection(*sets)) if sets else []
 
     def pass_at(self, model: str, k: int | None) -> float:
@@ -277,7 +280,8 @@ class _Report:
         info["kept_rule"] = f"entropy end/start ratio >= {KEPT_MARGIN} x GRPO's ratio"
         k = self.k_max
         kept_table = Table(["method", "entropy end/start", "Pass@1", "Pass@1 GRPO", "Pass@1 base",
-                            f"Pass@{k}", f"Pass@{k} GRPO", f"Pass@{k} base"], title="Methods that kept entropy")
+                            f"Pass@{self.k_label}", f"Pass@{self.k_label} GRPO", f"Pass@{self.k_label} base"],
+                           title="Methods that kept entropy")
         if finite(threshold) is None:
             section.say("GRPO's entropy ratio is undefined, so no method is compared with it.")
         elif not others:
@@ -298,13 +302,13 @@ class _Report:
                     analysis = self.analyses[n]
                     # a method whose own part never acted trained with the surrogate it is built on alone
                     idle = bool(analysis.never_acted) and len(analysis.never_acted) == len(analysis.interventions)
-                    parts.append(f"{n} (ratio {fmt(analysis.entropy_ratio)}: Pass@1 {fmt(p1)}, Pass@{k} {fmt(pk)}"
+                    parts.append(f"{n} (ratio {fmt(analysis.entropy_ratio)}: Pass@1 {fmt(p1)}, Pass@{self.k_label} {fmt(pk)}"
                                  + ("; its own intervention never acted, so this is its surrogate's doing" if idle else "")
                                  + ")")
                     kept_table.add([text(n), num(self.analyses[n].entropy_ratio), num(p1), num(p1_g), num(p1_b), num(pk), num(pk_g), num(pk_b)])
                 section.say(f"{rule} {len(kept)} of {len(others)} method{'s' if len(others) != 1 else ''} kept entropy: "
-                            f"{'; '.join(parts)}. For comparison, GRPO has Pass@1 {fmt(p1_g)} and Pass@{k} {fmt(pk_g)}, "
-                            f"the base model Pass@1 {fmt(p1_b)} and Pass@{k} {fmt(pk_b)}.")
+                            f"{'; '.join(parts)}. For comparison, GRPO has Pass@1 {fmt(p1_g)} and Pass@{self.k_label} {fmt(pk_g)}, "
+                            f"the base model Pass@1 {fmt(p1_b)} and Pass@{self.k_label} {fmt(pk_b)}.")
                 section.say(self._count_sentence(kept, k, p1_g, pk_g, p1_b, pk_b))
         section.table(numbers)
         if kept_table.rows:
@@ -323,15 +327,16 @@ class _Report:
             lower = sum(1 for v in values if v is not None and v < ref)
             return f"{higher} higher and {lower} lower"
 
-        return (f"Against GRPO, the methods that kept entropy have {count(1, p1_g)} Pass@1 and {count(k, pk_g)} Pass@{k}; "
-                f"against the base model, {count(1, p1_b)} Pass@1 and {count(k, pk_b)} Pass@{k} (comparing the values as shown).")
+        return (f"Against GRPO, the methods that kept entropy have {count(1, p1_g)} Pass@1 and {count(k, pk_g)} Pass@{self.k_label}; "
+                f"against the base model, {count(1, p1_b)} Pass@1 and {count(k, pk_b)} Pass@{self.k_label} (comparing the values as shown).")
 
     # ---------------------------------------------------------------- 2. summary
     def summary(self, section: Section) -> None:
         k = self.k_max
         # a middle k as well: with many samples Pass@k_max saturates near 1 and hides the loss of diversity
         middle = [SUMMARY_MIDDLE_K] if SUMMARY_MIDDLE_K in self.ks and SUMMARY_MIDDLE_K not in (1, k) else []
-        columns = ["method", "status", "entropy end/start", "reward end", "Pass@1", *(f"Pass@{m}" for m in middle), f"Pass@{k}",
+        columns = ["method", "status", "entropy end/start", "reward end", "Pass@1", *(f"Pass@{m}" for m in middle),
+                   f"Pass@{self.k_label}",
                    "law R²", "forecast error, end", "forecast RMSE", "forgetting acc", "forgetting Δ", "eval entropy",
                    "train time (s)", "note"]
         table = Table(columns, title="")
@@ -360,7 +365,7 @@ class _Report:
         section.say(
             f"One row per method and one for the base model. Entropy end/start: `{ENTROPY_KEY}` averaged over {last} "
             f"divided by its average over as many first steps; reward end: {self.reward_label()} over {last}; "
-            f"Pass@1{''.join(f', Pass@{m}' for m in middle)} and Pass@{k} (the largest k evaluated): the unbiased estimator on "
+            f"Pass@1{''.join(f', Pass@{m}' for m in middle)} and Pass@{self.k_label} (the largest k evaluated): the unbiased estimator on "
             f"the held-out prompts; law R²: the fit of R = −a·exp(H) + b over all steps (n/a from fewer than 3 points); "
             f"forecast error, end: the law fitted on the first {fmt(100 * self.fit_fraction)}% of steps, its predicted minus "
             f"the measured reward averaged over {last}, and forecast RMSE its error on the steps after the fitted ones (the "
@@ -542,7 +547,8 @@ class _Report:
             best, worst = max(r2, key=lambda i: i[1]), min(r2, key=lambda i: i[1])
             sentence = f"R² ranges from {fmt(worst[1])} ({worst[0]}) to {fmt(best[1])} ({best[0]})"
             if rmse:
-                sentence += f"; the median forecast RMSE on the held-out steps is {fmt(float(np.median(rmse)))} over {len(rmse)} methods"
+                sentence += (f"; the median forecast RMSE on the held-out steps is {fmt(float(np.median(rmse)))} over "
+                             f"{len(rmse)} method{'s' if len(rmse) != 1 else ''}")
             section.say(sentence + ".")
         self.json["law"] = {"table": table.to_json(), "fits": json_value(fits), "fit_fraction": self.fit_fraction}
 
@@ -699,7 +705,7 @@ class _Report:
             cells = [text(model)]
             counts = {key: np.asarray(distributions.get(key) or [], dtype=float) for key in
                       ("disc/correct", "disc/wrong", "disc_centered/correct", "disc_centered/wrong")}
-            cells += [num(int(counts["disc/correct"].sum())), num(int(counts["disc/wrong"].sum()))]
+            cells += [num(int(counts[key].sum())) if key in distributions else missing() for key in ("disc/correct", "disc/wrong")]
             for key in ("disc/correct", "disc/wrong", "disc_centered/correct", "disc_centered/wrong"):
                 c = counts[key]
                 if c.size and c.size + 1 == edges.size and c.sum() > 0:
