@@ -83,6 +83,15 @@ def test_prefill_and_every_decode_step_equal_the_model_forward(name, fused, monk
         decoder.decode(token)
 
 
+def draw_lora_weights(model) -> None:
+    """Both factors of every LoRA adapter drawn at random (peft starts B at zero, which would hide the adapters), each
+    parameter from a seed of its own."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+
+
 def with_lora(model, *, dropout: float = 0.0, targets="all-linear"):
     """peft's LoRA (on every linear layer but the output, by default), both factors random (B starts at zero)."""
     peft = pytest.importorskip("peft")
@@ -90,10 +99,7 @@ def with_lora(model, *, dropout: float = 0.0, targets="all-linear"):
         warnings.simplefilter("ignore", FutureWarning)
         wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
                                                             target_modules=targets))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+    draw_lora_weights(model)
     return wrapped
 
 
@@ -283,10 +289,7 @@ def test_an_adapted_projection_computes_exactly_what_peft_does(variant):
         if variant == "bf16-two-adapters":
             wrapped.add_adapter("second", peft.LoraConfig(**{**config, "lora_alpha": 3}))
             wrapped.base_model.set_adapter(["default", "second"])
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+    draw_lora_weights(model)
     attention = model.model.layers[0].self_attn
     hidden = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0)).to(attention.q_proj.weight.dtype)
     with torch.no_grad():
@@ -326,10 +329,7 @@ def test_adapters_of_different_scales_keep_their_own_in_a_concatenated_projectio
         warnings.simplefilter("ignore", FutureWarning)
         peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, alpha_pattern={"k_proj": 2},
                                                    target_modules=["q_proj", "k_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+    draw_lora_weights(model)
     attention = model.model.layers[0].self_attn
     assert attention.k_proj.scaling["default"] != attention.q_proj.scaling["default"]
     ids, mask = left_padded(PROMPTS)
@@ -533,10 +533,7 @@ def test_an_active_adapter_that_skips_a_projection_leaves_the_others_on_the_stat
         wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
         wrapped.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["v_proj"]))
         wrapped.base_model.set_adapter(["default", "second"])
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+    draw_lora_weights(model)
     attention = model.model.layers[0].self_attn
     assert "second" not in attention.q_proj.lora_A and "second" in attention.v_proj.lora_A
     assert static_cache_unsupported_reason(model, 32) is None

@@ -221,19 +221,26 @@ def test_minus_inf_target_keeps_the_floor():
     assert torch.isfinite(leaf.grad).all()
 
 
-def test_each_subset_of_statistics_equals_the_full_request():
-    """Asking for any subset of the statistics (e.g. only D, as a selector does) returns exactly those fields,
-    equal to the ones computed together, and None for the others."""
-    logits, targets = random_case(16)
-    together = token_stats(logits, targets, temperature=0.9, chunk_size=4, need=ALL)
+def assert_each_subset_is_the_full_request(compute, together) -> None:
+    """``compute(need)`` for every non-empty subset of the statistics gives exactly ``together``'s values of those, and
+    None for the others."""
     for size in range(1, len(ALL) + 1):
         for subset in itertools.combinations(ALL, size):
-            alone = token_stats(logits, targets, temperature=0.9, chunk_size=4, need=subset)
+            alone = compute(subset)
             for name in ALL:
                 if name in subset:
                     torch.testing.assert_close(getattr(alone, name), getattr(together, name), atol=0, rtol=0)
                 else:
                     assert getattr(alone, name) is None, (subset, name)
+
+
+def test_each_subset_of_statistics_equals_the_full_request():
+    """Asking for any subset of the statistics (e.g. only D, as a selector does) returns exactly those fields,
+    equal to the ones computed together, and None for the others."""
+    logits, targets = random_case(16)
+    together = token_stats(logits, targets, temperature=0.9, chunk_size=4, need=ALL)
+    assert_each_subset_is_the_full_request(
+        lambda need: token_stats(logits, targets, temperature=0.9, chunk_size=4, need=need), together)
 
 
 def test_from_hidden_low_precision_gradients_match_reference():
@@ -489,14 +496,8 @@ def test_from_hidden_each_subset_of_statistics_equals_the_full_request():
     reference = naive_stats(hidden @ weight.t(), targets, 0.9)
     for name in ALL:
         torch.testing.assert_close(getattr(together, name), reference[name], atol=1e-12, rtol=1e-10)
-    for size in range(1, len(ALL) + 1):
-        for subset in itertools.combinations(ALL, size):
-            alone = token_stats_from_hidden(hidden, weight, targets, temperature=0.9, chunk_size=4, need=subset)
-            for name in ALL:
-                if name in subset:
-                    torch.testing.assert_close(getattr(alone, name), getattr(together, name), atol=0, rtol=0)
-                else:
-                    assert getattr(alone, name) is None, (subset, name)
+    assert_each_subset_is_the_full_request(
+        lambda need: token_stats_from_hidden(hidden, weight, targets, temperature=0.9, chunk_size=4, need=need), together)
 
 
 def test_from_hidden_rejects_a_bias_of_the_wrong_shape():
