@@ -196,17 +196,18 @@ def extract_boxed(text: str) -> str | None:
     return found
 
 
-_TAG_OPEN_RE = re.compile(r"<answer>", re.IGNORECASE)
-_TAG_CLOSE_RE = re.compile(r"</answer>", re.IGNORECASE)
+_TAGS = {False: (re.compile(r"<answer>", re.IGNORECASE), re.compile(r"</answer>", re.IGNORECASE)),
+         True: (re.compile(r"<answer>"), re.compile(r"</answer>"))}  # keyed by case_sensitive
 
 
-def extract_answer_tag(text: str) -> str | None:
-    """Content of the last ``<answer>...</answer>``, reading left to right: each opening tag pairs with the
-    first closing tag after it (so ``<answer>a<answer>b</answer>`` gives ``a<answer>b``). Time linear in
-    ``len(text)``."""
+def extract_answer_tag(text: str, *, case_sensitive: bool = False) -> str | None:
+    """Content of the last ``<answer>...</answer>`` (``<ANSWER>`` too unless ``case_sensitive``), reading left to
+    right: each opening tag pairs with the first closing tag after it (so ``<answer>a<answer>b</answer>`` gives
+    ``a<answer>b``), as reasoning-gym's own ``extract_answer`` reads it. Time linear in ``len(text)``."""
+    opening_re, closing_re = _TAGS[case_sensitive]
     found, position = None, 0
-    while (opening := _TAG_OPEN_RE.search(text, position)) is not None:
-        closing = _TAG_CLOSE_RE.search(text, opening.end())
+    while (opening := opening_re.search(text, position)) is not None:
+        closing = closing_re.search(text, opening.end())
         if closing is None:
             break
         found, position = text[opening.end() : closing.start()], closing.end()

@@ -26,14 +26,13 @@ entry in a JSON form that says what each such value was (:func:`entry_to_json`),
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 from entrorl._checks import check_int
 from entrorl.rewards.base import register_reward
-from entrorl.rewards.math import extract_answer_phrase, extract_boxed
+from entrorl.rewards.math import extract_answer_phrase, extract_answer_tag, extract_boxed
 
 __all__ = [
     "REASONING_GYM_INSTRUCTION",
@@ -54,7 +53,6 @@ REASONING_GYM_INSTRUCTION = (
 )
 
 _TAG_OPEN, _TAG_CLOSE = "<answer>", "</answer>"
-_TAGGED_ANSWER = re.compile(f"{re.escape(_TAG_OPEN)}(.*?){re.escape(_TAG_CLOSE)}", re.DOTALL)
 
 
 # markers of the values JSON cannot hold as they are; a one-key object {marker: [...]} stands for the value
@@ -125,9 +123,9 @@ def extract_reasoning_gym_answer(completion: str, *, strict: bool = False) -> st
     "Answer: X", else the last non-empty line. None if there is nothing."""
     if not isinstance(completion, str):
         return None
-    tagged = _TAGGED_ANSWER.findall(completion)  # each <answer> to the first </answer> after it, as reasoning-gym reads
-    if tagged:
-        return tagged[-1].strip()
+    tagged = extract_answer_tag(completion, case_sensitive=True)
+    if tagged is not None:
+        return tagged.strip()
     if strict:
         return None
     for extractor in (extract_boxed, extract_answer_phrase):
