@@ -127,8 +127,7 @@ def evaluate_policy(model, tokenizer, preset: LabPreset, data: dict[str, Path]) 
         if split == "forget":
             result["forgetting_accuracy"] = float(correct.mean())
             continue
-        ks = sorted({2 ** power for power in range(n.bit_length())} | {n})  # 1, 2, 4, ... and n itself
-        summary = summarize_samples(correct, ks=ks)
+        summary = summarize_samples(correct)  # Pass@k for k = 1, 2, 4, ... and n itself (default_ks)
         stats = bucketed_response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
                                               rollouts.response_mask, temperature=preset.temperature,
                                               need=("entropy", "disc", "disc_centered"))
