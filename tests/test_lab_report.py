@@ -1262,3 +1262,21 @@ def test_token_counts_of_an_evaluation_without_distributions_are_missing_not_0(t
     report = write_report(out, figures=False)
     (base,) = [row for row in report["distributions"]["table"]["rows"] if row["model"] == "base"]
     assert base["tokens correct"] == base["tokens wrong"] == "n/a"
+
+
+def test_the_collapse_and_kept_verdicts_agree_with_the_numbers_as_shown(tmp_path):
+    """A verdict stated beside rounded numbers compares those numbers: GRPO's evaluation entropy 0.50004 against half
+    the base model's 1.0 is shown as 0.5 against 0.5, so the collapse criterion (≤) holds; a ratio of 0.49999 against
+    the kept threshold 1.25 × 0.4 = 0.5 is shown as 0.5 against 0.5, so the method kept entropy (≥)."""
+    out = build_run(tmp_path / "lab-shown", methods=("grpo", "nsr"), failed=())
+    steps = np.arange(20)
+    _write_metrics(out / "methods" / "grpo", np.where(steps < 10, 1.0, 0.4), np.full(20, 0.3))  # ratio 0.4
+    _write_metrics(out / "methods" / "nsr", np.where(steps < 10, 1.0, 0.49999), np.full(20, 0.3))
+    _set_evaluation(out, "base", entropy_mean=1.0)
+    _set_evaluation(out, "methods/grpo", entropy_mean=0.50004)
+    headline = write_report(out, figures=False)["headline"]
+    said = " ".join(headline["paragraphs"])
+    assert headline["collapse"] is True
+    assert "0.5, against the base model's on the same held-out prompts, 1 (ratio 0.5): it holds" in said
+    assert headline["kept_methods"] == ["nsr"]
+    assert "(1.25 × 0.4 = 0.5). 1 of 1 method kept entropy: nsr (ratio 0.5" in said

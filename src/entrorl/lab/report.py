@@ -18,7 +18,8 @@ report is written by hand.
 The rules the report applies (and states) are module constants: start and end of a run are the means
 over the first and last :data:`EDGE_FRACTION` of its steps; GRPO's entropy has collapsed when its end
 is at most :data:`COLLAPSE_RATIO` times its start; a method *kept entropy* when its end/start entropy
-ratio is at least :data:`KEPT_MARGIN` times GRPO's; curves are smoothed with a trailing moving average of
+ratio is at least :data:`KEPT_MARGIN` times GRPO's (both verdicts compare the numbers as the report shows them, to
+3 significant figures, so a verdict never contradicts the values printed beside it); curves are smoothed with a trailing moving average of
 :data:`SMOOTH_WINDOW` steps; a method whose own intervention (:func:`intervention_keys`) was 0 at every logged
 step is flagged as never having acted.
 
@@ -231,7 +232,7 @@ class _Report:
         by_eval = finite(eval_start) is not None and finite(eval_end) is not None and eval_start > 0
         start, end = (eval_start, eval_end) if by_eval else (g.entropy_start, g.entropy_end)
         half = COLLAPSE_RATIO * start if finite(start) is not None else math.nan
-        collapsed = bool(end <= half) if finite(end) is not None and finite(half) is not None else None
+        collapsed = bool(_shown(end) <= _shown(half)) if finite(end) is not None and finite(half) is not None else None
         shown_start, shown_end = _shown(g.reward_start), _shown(g.reward_end)
         if shown_start is None or shown_end is None:
             reward_change = "cannot be compared (missing values)"
@@ -275,7 +276,7 @@ class _Report:
         numbers.add([text(f"kept-entropy threshold ({fmt(KEPT_MARGIN)} × GRPO's ratio)"), num(threshold)])
         others = [n for n in self.ok if n != REFERENCE]
         kept = [n for n in others if finite(threshold) is not None and finite(self.analyses[n].entropy_ratio) is not None
-                and self.analyses[n].entropy_ratio >= threshold]
+                and _shown(self.analyses[n].entropy_ratio) >= _shown(threshold)]
         info["kept_methods"] = kept
         info["kept_rule"] = f"entropy end/start ratio >= {KEPT_MARGIN} x GRPO's ratio"
         k = self.k_max
