@@ -15,7 +15,7 @@ import random
 
 import torch
 
-from entrorl.lab.tasks import Task
+from entrorl.lab.tasks import Task, TaskExample
 from entrorl.rollout import Rollouts
 from entrorl.trainer.diagnostics import entropy_summary
 from entrorl.trainer.loop import ScoredRollouts, Trainer
@@ -58,8 +58,6 @@ class SFTTrainer(Trainer):
         ones = torch.ones(len(demonstrations))
         return ScoredRollouts(rollouts, sampled.records, sampled.group_ids, ones, ones, metrics)
 
-    def task_example(self, record):
-        from entrorl.lab.tasks import TaskExample
-
+    def task_example(self, record) -> TaskExample:
         meta = {k: v for k, v in record.meta.items() if k != "task"}
         return TaskExample(prompt=record.prompt, answer=record.answer, meta=meta)
