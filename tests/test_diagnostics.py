@@ -389,3 +389,86 @@ class _ReplacementTokenizer:
 @pytest.mark.parametrize("pieces", [["x", None], ["x", "\ufffd"], ["##x", "\u65e5"]])
 def test_readable_text_of_an_unknown_kind_of_vocabulary_is_decode(pieces):
     assert readable_text(_ReplacementTokenizer(pieces), [0, 1]) == "x\ufffd"
+
+
+def test_a_fork_names_its_first_row_s_sample_and_source_and_lists_the_choices_most_common_first():
+    """The fork after "a" is reached by rows 1 to 3 (row 0 took "x"): its sample and source are row 1's, and its choices
+    come most common first ("c" twice before "b" once, though "b" was sampled first)."""
+    class CharTokenizer:
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    prompt_ids = torch.tensor([[ord("Q")]] * 4)
+    response_ids = torch.tensor([[ord(a), ord(b)] for a, b in ("xb", "ab", "ac", "ac")])
+    entropy = torch.tensor([[0.5, 0.1], [0.5, 2.0], [0.5, 2.0], [0.5, 2.0]])
+    forks = top_fork_tokens(CharTokenizer(), prompt_ids, torch.ones(4, 1, dtype=torch.bool), response_ids,
+                            torch.ones(4, 2, dtype=torch.bool), entropy, k=1, sources=[f"p.jsonl:{i}" for i in range(4)])
+    (fork,) = forks
+    assert (fork["sample"], fork["position"], fork["source"], fork["token"]) == (1, 1, "p.jsonl:1", "b")
+    assert list(fork["chosen"].items()) == [("c", 2), ("b", 1)] and fork["samples"] == 3
+
+
+def test_summaries_of_bfloat16_statistics_are_computed_in_double_precision():
+    """bfloat16 entropies and discriminators summarise to the same numbers as their exact float64 values (a bfloat16
+    mean keeps 3 significant digits)."""
+    generator = torch.Generator().manual_seed(0)
+    entropy = (torch.rand(4, 300, generator=generator) * 3).bfloat16()
+    disc = torch.randn(4, 300, generator=generator).bfloat16()
+    advantages = torch.randn(4, 1, generator=generator).expand(4, 300)
+    mask = torch.rand(4, 300, generator=generator) > 0.1
+    exact = entropy.double()[mask]
+    summary = entropy_summary(entropy, mask)
+    assert summary["entropy/mean"] == pytest.approx(float(exact.mean()), rel=1e-12)
+    assert summary["entropy/max"] == float(exact.max())
+    stats = discriminator_summary(disc, disc, advantages, mask)
+    valid = disc.double()[mask]
+    assert stats["disc/mean"] == pytest.approx(float(valid.mean()), rel=1e-12)
+    assert stats["disc/std"] == pytest.approx(float(valid.std(unbiased=False)), rel=1e-12)
+    positive = disc.double()[mask & (advantages > 0)]
+    assert stats["disc/mean_pos_adv"] == pytest.approx(float(positive.mean()), rel=1e-12)
+
+
+def test_the_per_token_prediction_comes_back_as_float32():
+    metrics, predicted = predicted_vs_measured(
+        torch.ones(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64), torch.zeros(2, 3),
+        torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), lr=0.5, temperature=1.0)
+    assert predicted.dtype == torch.float32 and predicted.tolist() == [[0.5] * 3] * 2
+    assert metrics["entropy/predicted_delta_sum"] == 3.0
+
+
+def test_a_measured_position_that_was_not_trained_is_predicted_its_decision_point_s_change():
+    """Row 1 is measured but not trained; it shares its decision point with row 0, which was: the point's logits moved
+    by row 0's update, so row 1 is predicted row 0's -alpha D (not 0)."""
+    metrics, predicted = predicted_vs_measured(
+        torch.tensor([[1.0], [1.0]]), torch.tensor([[1.0], [2.0]]), torch.zeros(2, 1), torch.full((2, 1), 0.5),
+        torch.tensor([[True], [True]]), lr=1.0, temperature=1.0, points=torch.tensor([[0], [0]]),
+        trained_mask=torch.tensor([[True], [False]]))
+    assert predicted.flatten().tolist() == [1.0, 1.0]
+    assert metrics["entropy/predicted_delta"] == 1.0 and metrics["entropy/predicted_delta_sum"] == 1.0
+
+
+def test_the_token_correlation_is_measured_however_small_the_predicted_changes():
+    """A small learning rate makes every predicted change tiny (here ~1e-15 nats): their correlation with the measured
+    changes is still computed (1 for measured changes proportional to them), not reported as undefined."""
+    disc = torch.tensor([[0.1, -0.2, 0.3, 0.05]], dtype=torch.float64)
+    measured = 1e-3 * disc
+    metrics, predicted = predicted_vs_measured(torch.ones(1, 4, dtype=torch.float64), disc, torch.zeros(1, 4),
+                                               measured, torch.ones(1, 4, dtype=torch.bool), lr=1e-14, temperature=1.0)
+    assert float(predicted.abs().max()) < 1e-14
+    assert metrics["entropy/delta_token_corr"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_top_fork_tokens_lists_a_zero_entropy_token_before_any_padding():
+    """A token sampled with certainty has entropy exactly 0, as padding scores no entropy: the valid tokens are all
+    listed, the padding never."""
+    class CharTokenizer:
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    response_ids = torch.tensor([[ord("a"), ord("b"), 0, 0], [ord("c"), 0, 0, 0]])
+    response_mask = torch.tensor([[True, True, False, False], [True, False, False, False]])
+    entropy = torch.tensor([[0.7, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    forks = top_fork_tokens(CharTokenizer(), torch.tensor([[ord("P")], [ord("Q")]]), torch.ones(2, 1, dtype=torch.bool),
+                            response_ids, response_mask, entropy, k=10)
+    assert [(f["sample"], f["position"], f["token"]) for f in forks][0] == (0, 0, "a")
+    assert sorted((f["sample"], f["position"], f["token"]) for f in forks) == [(0, 0, "a"), (0, 1, "b"), (1, 0, "c")]

@@ -354,3 +354,35 @@ def test_the_forecast_can_fit_on_two_points():
     assert fc.n_fit == 2 and fc.fit.n_points == 2
     assert fc.fit.a == pytest.approx(A_TRUE, rel=1e-9) and fc.fit.b == pytest.approx(B_TRUE, rel=1e-9)
     np.testing.assert_allclose(fc.predicted, law(h[2:]), atol=1e-12)
+
+
+@pytest.mark.parametrize("entropy", [{"step": 1.0}, [1 + 2j, 0.5], [1.0, object()]])
+def test_values_that_are_not_real_numbers_are_refused_as_a_value_error(entropy):
+    with pytest.raises(ValueError, match="entropy must be a sequence of numbers"):
+        fit_entropy_law(entropy, [0.1, 0.2])
+
+
+def test_an_overflowing_entropy_is_a_value_error_even_where_warnings_are_errors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="exp\\(entropy\\) overflows"):
+            fit_entropy_law([1.0, 800.0], [0.1, 0.2])
+        with pytest.raises(ValueError, match="exp\\(entropy\\) overflows at point 3"):
+            forecast_entropy_law([1.0, 0.8, 0.6, 900.0, 800.0], [0.1, 0.2, 0.3, 0.4, 0.5])
+
+
+def test_the_forecast_names_the_first_point_whose_exp_entropy_overflows():
+    with pytest.raises(ValueError, match=r"overflows at point 3 \(entropy 900\)"):
+        forecast_entropy_law([1.0, 0.8, 0.6, 900.0, 0.4, 800.0], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+
+
+def test_an_infinite_rmse_is_written_as_null():
+    """Held-out rewards so far off the law that the squared error overflows: the RMSE is inf, and JSON gets null."""
+    h = np.array([1.0, 0.8, 0.6, 0.4])
+    with np.errstate(over="ignore"):  # numpy's own warning about the square that overflows
+        fc = forecast_entropy_law(h, np.array([0.1, 0.2, 0.3, 1e200]), min_points=3)
+    assert fc.rmse == math.inf
+    assert fc.to_dict()["rmse"] is None
+    json.dumps(fc.to_dict(), allow_nan=False)

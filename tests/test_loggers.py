@@ -414,3 +414,115 @@ def test_a_fresh_start_opens_new_tracker_runs_even_where_an_earlier_attempt_left
     (init,) = [call[1] for call in trackio.calls if call[0] == "init"]
     assert init["resume"] == "never" and init["name"] != "run-20260101-000000"
     assert (tmp_path / "wandb_run_id").read_text() == run.id
+
+
+def test_sync_and_close_make_the_logged_steps_durable(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
+    logger = MetricsLogger(tmp_path)
+    logger.log(1, {"x": 0.5})
+    assert synced == []  # no fsync per step
+    descriptor = logger._file.fileno()
+    logger.sync()
+    assert synced == [descriptor]
+    logger.log(2, {"x": 0.25})
+    logger.close()
+    assert synced == [descriptor, descriptor]  # closing syncs the steps logged since
+    logger.close()
+    assert len(synced) == 2
+
+
+def test_a_resume_that_cannot_rewrite_metrics_jsonl_leaves_it_as_it_was_and_names_it(tmp_path, monkeypatch):
+    import pathlib
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "x": 0.5}\n{"step": 2, "x": 0.25}\n')
+    write_text = pathlib.Path.write_text
+
+    def disk_fills_up(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", disk_fills_up)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        MetricsLogger(tmp_path, resume_step=1)
+    monkeypatch.undo()
+    assert raised.value.filename == str(tmp_path / "metrics.jsonl")
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "x": 0.5}\n{"step": 2, "x": 0.25}\n'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left behind
+
+
+def test_a_step_that_cannot_be_written_names_metrics_jsonl(tmp_path):
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+            self.closed = False
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            self.file.flush()
+
+        def close(self):
+            self.closed = True
+            self.file.close()
+
+    logger = MetricsLogger(tmp_path)
+    logger._file = FullDisk(logger._file)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        logger.log(1, {"x": 0.5})
+    assert raised.value.filename == str(tmp_path / "metrics.jsonl")
+    logger.close()
+
+
+def test_a_resume_with_a_trackio_that_does_not_say_which_steps_it_holds_warns_and_sends_every_step(tmp_path, trackers):
+    _, trackio = trackers
+    starting = trackio.init
+    trackio.init = lambda **options: types.SimpleNamespace(name=starting(**options).name)  # no _next_step
+    (tmp_path / "trackio_run").write_text("run-20260101-000000\n")
+    trackio.runs["run-20260101-000000"] = [1, 2, 3]
+    with pytest.warns(UserWarning, match="this trackio version does not say which steps its run already holds"):
+        logger = MetricsLogger(tmp_path, resume_step=1, trackio=True, run_name="run")
+    log_steps(logger, [2, 3])
+    logger.close()
+    assert trackio.runs["run-20260101-000000"] == [1, 2, 3, 2, 3]
+    # a fresh start has nothing to resume: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MetricsLogger(tmp_path, trackio=True, run_name="run").close()
+
+
+def test_each_step_reaches_tensorboard_s_files_before_the_logger_is_closed(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger.log(1, {"reward/mean": 0.5})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("reward/mean")] == [(1, 0.5)]
+    logger.close()
+
+
+def test_a_fresh_start_without_w_and_b_keeps_the_w_and_b_files_in_the_run_directory(tmp_path):
+    (tmp_path / "wandb" / "offline-run-1-abc").mkdir(parents=True)
+    MetricsLogger(tmp_path).close()
+    MetricsLogger(tmp_path, tensorboard=True).close()
+    assert (tmp_path / "wandb" / "offline-run-1-abc").is_dir()
+    assert not (tmp_path / ".wandb-earlier").exists()
+
+
+def test_w_and_b_and_trackio_get_the_run_s_config_and_w_and_b_writes_into_the_run_directory(tmp_path, trackers):
+    _, trackio = trackers
+    config = {"method": "grpo", "optim": {"lr": 1e-6}}
+    MetricsLogger(tmp_path, wandb=True, trackio=True, run_name="run", project="mine", config=config).close()
+    (run,) = FakeTrackers.wandb_runs
+    assert {key: run.options[key] for key in ("project", "name", "config", "dir")} == {
+        "project": "mine", "name": "run", "config": config, "dir": str(tmp_path)}
+    (init,) = [call[1] for call in trackio.calls if call[0] == "init"]
+    assert init["config"] == config and init["project"] == "mine"
