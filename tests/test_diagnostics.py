@@ -472,3 +472,24 @@ def test_top_fork_tokens_lists_a_zero_entropy_token_before_any_padding():
                             response_ids, response_mask, entropy, k=10)
     assert [(f["sample"], f["position"], f["token"]) for f in forks][0] == (0, 0, "a")
     assert sorted((f["sample"], f["position"], f["token"]) for f in forks) == [(0, 0, "a"), (0, 1, "b"), (1, 0, "c")]
+
+
+@pytest.mark.parametrize(("context", "before", "after"), [(0, "", ""), (2, "ab", "d"), (5, "Qab", "de"), (24, "Qab", "def")])
+def test_a_fork_s_left_context_holds_exactly_the_last_context_tokens(context, before, after):
+    """``context`` tokens before the fork (prompt included), none for 0, all when fewer; ``context // 2`` after it."""
+    class CharTokenizer:
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    (fork,) = top_fork_tokens(CharTokenizer(), torch.tensor([[ord("Q")]]), torch.ones(1, 1, dtype=torch.bool),
+                              torch.tensor([[ord(c) for c in "abcdef"]]), torch.ones(1, 6, dtype=torch.bool),
+                              torch.tensor([[0.0, 0.0, 9.0, 0.0, 0.0, 0.0]]), k=1, context=context)
+    assert (fork["before"], fork["token"], fork["after"]) == (before, "c", after)
+
+
+@pytest.mark.parametrize("context", [-1, 2.5, True])
+def test_a_fork_context_that_is_not_a_count_is_refused(context):
+    with pytest.raises(ValueError, match="context"):
+        top_fork_tokens(None, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool),
+                        torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 2),
+                        k=1, context=context)

@@ -34,6 +34,7 @@ import re
 import numpy as np
 import torch
 
+from entrorl._checks import check_int
 from entrorl.dynamics import covariance_concentration, token_covariance
 
 __all__ = ["entropy_summary", "discriminator_summary", "decision_points", "predicted_vs_measured", "FirstOrderEntropyChange",
@@ -254,6 +255,7 @@ def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_m
     they picked there; ``sample``, ``token`` and ``after`` are those of its first row. ``sources[row]`` (e.g. the
     prompt's ``file:line``) is added as ``source`` when given.
     """
+    context = check_int(context, "top_fork_tokens: context", minimum=0)
     if k <= 0 or not response_mask.any():
         return []
     scores = torch.where(response_mask, entropy.detach().float(), torch.full_like(entropy.float(), -math.inf))
@@ -279,7 +281,7 @@ def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_m
             "sample": row,
             "position": position,
             "token": readable_text(tokenizer, [response[position]]),
-            "before": readable_text(tokenizer, (prompt + response[:position])[-context:]),
+            "before": readable_text(tokenizer, (prompt + response[:position])[max(0, len(prompt) + position - context):]),
             "after": readable_text(tokenizer, response[position + 1 : position + 1 + context // 2]),
             "samples": len(sharing),
             "chosen": dict(chosen.most_common()),
