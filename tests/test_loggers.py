@@ -526,3 +526,17 @@ def test_w_and_b_and_trackio_get_the_run_s_config_and_w_and_b_writes_into_the_ru
         "project": "mine", "name": "run", "config": config, "dir": str(tmp_path)}
     (init,) = [call[1] for call in trackio.calls if call[0] == "init"]
     assert init["config"] == config and init["project"] == "mine"
+
+
+def test_non_finite_values_inside_list_and_dict_metrics_are_written_as_null(tmp_path):
+    """A histogram or a table of metrics is JSON too: its NaN and infinities become null (json.dumps would write NaN /
+    Infinity, which no strict JSON reader takes)."""
+    logger = MetricsLogger(tmp_path)
+    logger.log(1, {"hist": [float("nan"), 1.0, (float("-inf"), 2)], "table": {"x": float("inf"), "y": {"z": np.float64("nan")}}})
+    logger.close()
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert record == {"step": 1, "hist": [None, 1.0, [None, 2]], "table": {"x": None, "y": {"z": None}}}

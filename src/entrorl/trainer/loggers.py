@@ -27,11 +27,15 @@ class TrackerError(RuntimeError):
 
 def _clean(value: Any) -> Any:
     """A metric as JSON writes it: a numpy scalar or a 0-d tensor as the Python number it holds, a non-finite float as
-    None."""
+    None, inside lists and dicts too (``json.dumps`` would write ``NaN`` / ``Infinity`` there, which is not JSON)."""
     if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, (list, tuple)):
+        return [_clean(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
     return value
 
 
