@@ -386,3 +386,19 @@ def test_an_infinite_rmse_is_written_as_null():
     assert fc.rmse == math.inf
     assert fc.to_dict()["rmse"] is None
     json.dumps(fc.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize(("setting", "value"), [("min_points", math.inf), ("min_points", None), ("min_points", math.nan),
+                                                ("min_points", "3"), ("fit_fraction", None), ("fit_fraction", "0.5"),
+                                                ("fit_fraction", True), ("fit_fraction", math.nan)])
+def test_a_forecast_setting_that_is_not_a_valid_number_is_a_value_error_naming_it(setting, value):
+    h = np.linspace(1.0, 0.1, 10)
+    with pytest.raises(ValueError, match=setting):
+        forecast_entropy_law(h, 1.0 - 0.3 * np.exp(h), **{setting: value})
+
+
+def test_whole_float_and_numpy_settings_are_accepted_by_the_forecast():
+    h = np.linspace(1.0, 0.1, 10)
+    reward = 1.0 - 0.3 * np.exp(h)
+    assert (forecast_entropy_law(h, reward, fit_fraction=np.float32(0.5), min_points=3.0).n_fit
+            == forecast_entropy_law(h, reward, fit_fraction=0.5, min_points=np.int64(3)).n_fit == 5)
