@@ -1485,3 +1485,25 @@ def test_a_record_is_frozen_and_each_has_its_own_empty_meta_by_default():
     assert first.meta == {} and isinstance(first.meta, dict) and first.meta is not second.meta
     with pytest.raises(dataclasses.FrozenInstanceError):
         first.answer = "3"
+
+
+def test_a_column_named_with_other_spaces_or_case_is_pointed_out(tmp_path):
+    """A header written ``prompt, answer`` has a column ' answer', not 'answer': the error says which column nearly
+    matches, in a CSV header and in a JSON row, for the prompt and for the answer; an unrelated name gets no hint."""
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("prompt, answer\n1+1=,2\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"no answer column 'answer' \(columns: 'prompt', ' answer'\), and ' answer' differs "
+                                        r"from it only in spaces or case;"):
+        load_prompts(spaced)
+    cased = tmp_path / "cased.jsonl"
+    write_lines(cased, ['{"Prompt ": "1+1=", "answer": "2"}'])
+    with pytest.raises(DataError, match=r"missing prompt column 'prompt' \(fields: 'Prompt ', 'answer'\), and 'Prompt ' differs"):
+        load_prompts(cased)
+    write_lines(cased, ['{"prompt": "1+1=", "ANSWER": "2"}'])
+    with pytest.raises(DataError, match=r"answer column 'answer' is missing, and 'ANSWER' differs from it only in spaces or case;"):
+        load_prompts(cased)
+    unrelated = tmp_path / "unrelated.csv"
+    unrelated.write_text("prompt,solution\n1+1=,2\n", encoding="utf-8")
+    with pytest.raises(DataError) as refused:
+        load_prompts(unrelated)
+    assert "differs from it" not in str(refused.value)

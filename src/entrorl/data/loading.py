@@ -284,18 +284,25 @@ class _NotFound(FileNotFoundError):
         return f"{self.strerror}: {self.filename}{where}"
 
 
+def _near_miss(name: str, columns: Sequence[str]) -> str:
+    """", and 'Answer ' differs from it only in spaces or case" when a column does (a header written ``prompt, answer``),
+    else nothing."""
+    near = [c for c in columns if isinstance(c, str) and c.strip().casefold() == name.strip().casefold()]
+    return f", and {near[0]!r} differs from it only in spaces or case" if near else ""
+
+
 def _check_schema(columns: Sequence[str], where: str, path: str, cols: _Columns) -> None:
     """Column-level checks for formats with a fixed schema (CSV header, Parquet, saved data sets)."""
     if cols.prompt not in columns:
         raise DataError(
-            f"{where}: no prompt column {cols.prompt!r} (columns: {_fmt_cols(columns)}); "
+            f"{where}: no prompt column {cols.prompt!r} (columns: {_fmt_cols(columns)}){_near_miss(cols.prompt, columns)}; "
             "expected a column of prompt strings — name it with prompt_column (data.prompt_column, --prompt-column)",
             path=path,
             location=where,
         )
     if cols.require_answer and cols.answer not in columns:
         raise DataError(
-            f"{where}: no answer column {cols.answer!r} (columns: {_fmt_cols(columns)}); "
+            f"{where}: no answer column {cols.answer!r} (columns: {_fmt_cols(columns)}){_near_miss(cols.answer, columns)}; "
             "expected a column of reference answers — name it with answer_column (data.answer_column, --answer-column), "
             "or allow data without answers with require_answer=False (data.require_answer: false in a training config, --no-require-answer for entrorl eval)",
             path=path,
@@ -319,7 +326,7 @@ def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) 
     if cols.prompt not in row:
         fields = _fmt_cols(row.keys())
         raise fail(
-            f"missing prompt column {cols.prompt!r} (fields: {fields}); expected a non-empty string "
+            f"missing prompt column {cols.prompt!r} (fields: {fields}){_near_miss(cols.prompt, list(row.keys()))}; expected a non-empty string "
             "there — name the column with prompt_column (data.prompt_column, --prompt-column)"
         )
     prompt = row[cols.prompt]
@@ -332,7 +339,7 @@ def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) 
 
     answer = _answer_value(row.get(cols.answer), cols.answer, fail)
     if answer is None and cols.require_answer:
-        state = "missing" if cols.answer not in row else "empty"
+        state = f"missing{_near_miss(cols.answer, list(row.keys()))}" if cols.answer not in row else "empty"
         raise fail(
             f"answer column {cols.answer!r} is {state}; expected a reference answer (a string or a number) "
             "— name the column with answer_column (data.answer_column, --answer-column), or allow rows without "
