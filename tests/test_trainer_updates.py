@@ -739,6 +739,35 @@ def test_master_weights_gradients_are_clipped(tmp_path, tiny_model_dir, arithmet
     assert float(clipped) <= 1.01e-6
 
 
+def test_master_weights_sum_the_micro_batches_gradients_in_float32(tmp_path, tiny_model_dir, arithmetic_files, parity,
+                                                                     trainer_for):
+    """A bfloat16 model stepped in micro-batches of one row: each micro-batch's gradient moves to the float32 copies as
+    soon as it is computed, so the update's gradient is their float32 sum, not a sum rounded to bfloat16 at every
+    addition."""
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          model={"path": str(tiny_model_dir), "dtype": "bfloat16", "master_weights": True},
+                          optim={"steps": 2, "lr": 1e-5, "grad_clip": None, "micro_batch_size": 1})
+    master, taken = trainer.master, []
+    original = master.take_gradients
+
+    def spy():
+        taken.append([None if p.grad is None else p.grad.float().clone() for p in master.parameters])
+        original()
+
+    master.take_gradients = spy
+    trainer.train_step()
+    rows = trainer.config.rollout.prompts_per_step * trainer.config.rollout.group_size
+    assert len(taken) == rows > 1
+    for index, copy in enumerate(master.copies):
+        gradients = [grads[index] for grads in taken if grads[index] is not None]
+        expected = gradients[0].clone()
+        for gradient in gradients[1:]:
+            expected += gradient
+        assert copy.grad.dtype == torch.float32 and torch.equal(copy.grad, expected)
+    assert all(p.grad is None for p in master.parameters)
+
+
 def test_master_weights_are_needed_for_trainable_low_precision_weights_only():
     from entrorl.trainer.precision import needs_master_weights
 
@@ -766,6 +795,11 @@ def test_master_weights_step_float32_copies_of_the_trainable_weights():
     assert all(p.grad is None for p in model.parameters())
     for copy, gradient in zip(master.copies, expected):
         assert copy.grad.dtype == torch.float32 and torch.equal(copy.grad, gradient)
+    model(torch.randn(5, 4, dtype=torch.bfloat16)).sum().backward()  # a second micro-batch: added in float32
+    second = [p.grad.float() for p in master.parameters]
+    master.take_gradients()
+    for copy, first, then in zip(master.copies, expected, second):
+        assert torch.equal(copy.grad, first + then)
 
     with torch.no_grad():
         for copy in master.copies:

@@ -792,10 +792,10 @@ class Trainer:
                     if objective_out.loss is not objective_out.policy_loss:
                         weighted = weighted + (objective_out.loss - objective_out.policy_loss) * shares.aggregated
                     weighted.backward()
+                    if self.master is not None:  # summed in float32 over the micro-batches
+                        self.master.take_gradients()
                     mini_coefficients[micro] = stats.logprob.grad.detach().float().cpu()
                     mini_metrics.append((objective_out.metrics, shares))
-                if losses_finite and self.master is not None:
-                    self.master.take_gradients()
                 grad_norm, clip_scale = self._clip_gradients() if losses_finite else (math.nan, 0.0)
                 if losses_finite and math.isfinite(grad_norm):
                     self.optimizer.step()

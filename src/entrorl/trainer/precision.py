@@ -22,17 +22,23 @@ def needs_master_weights(model: torch.nn.Module) -> bool:
 class MasterWeights:
     """Float32 copies of ``model``'s trainable parameters, for an optimizer to step on.
 
-    After the backward pass, :meth:`take_gradients` gives each copy its parameter's gradient in float32; after
-    the optimizer step, :meth:`write_back` rounds the copies into the model.
+    After each backward pass (each micro-batch), :meth:`take_gradients` adds each parameter's gradient to its copy's in
+    float32, so that gradients accumulated over micro-batches are summed in float32, not rounded to the parameter's
+    precision at every addition; after the optimizer step, :meth:`write_back` rounds the copies into the model.
     """
 
     def __init__(self, model: torch.nn.Module):
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.copies = [p.detach().float().clone() for p in self.parameters]
 
+    @torch.no_grad()
     def take_gradients(self) -> None:
+        """Move the parameters' gradients onto the copies in float32, adding them to what the copies hold."""
         for parameter, copy in zip(self.parameters, self.copies):
-            copy.grad = None if parameter.grad is None else parameter.grad.float()
+            if parameter.grad is None:
+                continue
+            gradient = parameter.grad.float()
+            copy.grad = gradient if copy.grad is None else copy.grad.add_(gradient)
             parameter.grad = None
 
     @torch.no_grad()
