@@ -24,6 +24,7 @@ from entrorl.data import (
     informative_groups,
     load_prompts,
     parse_band,
+    pass_rate_band_mask,
     write_jsonl,
 )
 
@@ -1191,6 +1192,23 @@ def test_filter_by_pass_rate_inclusive_must_be_booleans():
     assert kept == [recs[1], recs[2]]
 
 
+def test_filter_by_pass_rate_takes_the_inclusive_flags_as_a_list():
+    """A pair of flags read from a configuration file arrives as a list: it is taken like the tuple."""
+    recs = make_records(3)
+    kept = filter_by_pass_rate(recs, [0.0, 0.5, 1.0], low=0, high=1, inclusive=[False, True])
+    assert kept == [recs[1], recs[2]]
+    mask = pass_rate_band_mask(recs, [0.0, 0.5, 1.0], low=0, high=1, inclusive=[True, False])
+    assert mask.tolist() == [True, True, False]
+
+
+def test_filter_by_pass_rate_refuses_a_single_number_for_one_record():
+    """A bare number is not a list of pass rates, even for a single record."""
+    with pytest.raises(ValueError, match=r"pass_rates must be 1-D, got shape \(\)"):
+        filter_by_pass_rate(make_records(1), 0.5, low=0, high=1)
+    with pytest.raises(ValueError, match=r"pass_rates must be 1-D, got shape \(\)"):
+        filter_by_pass_rate(make_records(1), torch.tensor(0.5), low=0, high=1)
+
+
 @pytest.mark.parametrize(
     "text,expected",
     [
@@ -1222,11 +1240,27 @@ def test_parse_band_cases(text, expected):
         ("[, 0.5]", "lower edge .* is missing"),
         ("[0.1, 0.5] and more", "expected an interval with brackets"),
         ("[0.1, 0.5]]", "expected an interval with brackets"),
+        ("[0.1, 0.5", "expected an interval with brackets"),
+        ("(1/16, 15/16", "expected an interval with brackets"),
     ],
 )
 def test_parse_band_errors(text, pattern):
     with pytest.raises(ValueError, match=pattern):
         parse_band(text)
+
+
+def test_parse_band_refuses_a_non_string_saying_what_it_expects():
+    for value in (0.5, None, (0.1, 0.5)):
+        with pytest.raises(TypeError, match=r"parse_band: expected a string such as '\[0.1, 0.5\]', got "):
+            parse_band(value)
+
+
+def test_parse_band_errors_quote_the_band_as_written():
+    """An inverted or empty band is named as the user wrote it, not only by its parsed edges."""
+    with pytest.raises(ValueError, match=r"the lower edge 0.6 exceeds the upper edge 0.4 in '\[0.6, 0.4\]'; expected"):
+        parse_band("[0.6, 0.4]")
+    with pytest.raises(ValueError, match=r"the band in '\(1/2, 1/2\]' is empty \(low == high == 0.5 with an open edge\)"):
+        parse_band("(1/2, 1/2]")
 
 
 def test_parse_band_fraction_matches_division():

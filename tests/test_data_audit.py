@@ -291,6 +291,71 @@ def test_math_answer_tools_count_equivalent_spellings_together():
     assert [extract_boxed_only(c) for c in completions] == ["\\frac{1}{2}", None, None, None, None]
 
 
+def test_default_thresholds_are_a_consensus_of_half_and_a_low_pass_rate_of_a_quarter():
+    """Without thresholds, a prompt solved 4 times in 16 is still rarely solved (4/16 <= 0.25) and a wrong answer held by
+    half the samples is a consensus."""
+    assert (AuditThresholds().consensus, AuditThresholds().low_pass_rate) == (0.5, 0.25)
+    answers, correct = sixteen({"4": 4, "3": 8, "1": 4}, "4")
+    judged = audit_prompt(answers, correct)
+    assert (judged.pass_rate, judged.majority_answer, judged.majority_share, judged.verdict) == (0.25, "3", 0.5, "looks_wrong")
+    answers, correct = sixteen({"4": 5, "3": 11}, "4")
+    assert audit_prompt(answers, correct).verdict == "ok"
+
+
+def test_thresholds_that_are_not_finite_are_refused_as_not_numbers():
+    for name in ("consensus", "low_pass_rate"):
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"AuditThresholds: {name} must be a number, got {value!r}"):
+                AuditThresholds(**{name: value})
+
+
+def test_canonical_spelling_folds_case_beyond_ascii():
+    """Case folding, not lower-casing: 'STRASSE' and 'Straße' are one wrong answer."""
+    assert canonical_answer(" Straße ") == canonical_answer("STRASSE") == "strasse"
+    groups = group_answers(["STRASSE", "Straße", "Berlin"], [False] * 3)
+    assert [(g.answer, g.count, g.spellings) for g in groups] == [("STRASSE", 2, ("STRASSE", "Straße")), ("Berlin", 1, ("Berlin",))]
+
+
+def test_the_equivalence_compares_the_most_frequent_spellings_of_both_groups():
+    """Each wrong group is represented by its most frequent spelling, not its first sample, on both sides of the call."""
+    calls = []
+
+    def recorded(a: str, b: str) -> bool:
+        calls.append((a, b))
+        return False
+
+    groups = group_answers(["X", "x", "x", "x", "Y", "y", "y"], [False] * 7, equivalent=recorded)
+    assert calls == [("x", "y")]
+    assert [(g.answer, g.count, g.spellings) for g in groups] == [("x", 4, ("x", "X")), ("y", 3, ("y", "Y"))]
+
+
+def test_a_tie_is_decided_by_a_groups_earliest_sample_even_in_a_rarer_spelling():
+    """The group of 'b' (spelled 'B' once, first of all samples, then 'b' twice) ties with 'a' (three samples from the
+    second on): its earliest sample came first, although its most frequent spelling came last."""
+    groups = group_answers(["B", "a", "a", "b", "b", "a"], [False] * 6)
+    assert [(g.answer, g.count, g.spellings) for g in groups] == [("b", 3, ("b", "B")), ("a", 3, ("a",))]
+
+
+def test_a_tie_between_the_reference_and_a_wrong_answer_is_reported_as_tied():
+    """majority_tied says another group is as large as the majority's, whether or not the majority is the reference."""
+    judged = audit_prompt(["5", "9", "5", "9"], [True, False, True, False], thresholds=THRESHOLDS)
+    assert (judged.majority_answer, judged.majority_matches_reference, judged.majority_tied) == ("5", True, True)
+    assert judged.to_dict()["majority_tied"] is True
+    assert audit_prompt(["5", "9", "5"], [True, False, True]).majority_tied is False
+
+
+def test_correctness_flags_may_be_numpy_booleans_or_zeros_and_ones():
+    """A numpy mask (e.g. ``scores >= 0.5``) or 0/1 integers judge the samples as a list of bools does."""
+    import numpy as np
+
+    answers = ["4", "4.0", "7", None, "7"]
+    flags = [True, True, False, True, False]
+    expected = audit_prompt(answers, flags)
+    assert [(g.answer, g.count, g.matches_reference) for g in expected.groups] == [("4", 2, True), ("7", 2, False)]
+    for given in (np.array(flags), [int(f) for f in flags], torch.tensor(flags).numpy().tolist()):
+        assert audit_prompt(answers, given) == expected
+
+
 # --------------------------------------------------------------------------------------------------
 # band selection and writing rows back
 # --------------------------------------------------------------------------------------------------
@@ -323,6 +388,31 @@ def test_band_selection_marks_each_row_by_its_own_pass_rate_when_a_record_repeat
     assert band_selection([record, record], [0.0, 0.5], "[0.4, 0.6]").keep == (False, True)
     assert pass_rate_band_mask([record] * 3, [0.4, 0.5, 0.6], low=0.4, high=0.6, inclusive=(False, True)).tolist() == [
         False, True, True]
+
+
+def test_a_band_that_keeps_no_row_drops_every_row():
+    selection = band_selection(records_of(3), [0.0, 1.0, 0.0], "(0, 1)")
+    assert (selection.keep, selection.kept, selection.dropped) == ((False, False, False), 0, 3)
+    everything = band_selection(records_of(3), [0.0, 1.0, 0.5], "[0, 1]")
+    assert (everything.kept, everything.dropped) == (3, 0)
+
+
+def test_more_keep_flags_than_records_are_refused(tmp_path):
+    data = tmp_path / "set.jsonl"
+    data.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "2"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="2 records but 3 keep flags"):
+        write_selected_rows(data, load_prompts(data), [True, False, True], tmp_path / "kept.jsonl")
+    assert not (tmp_path / "kept.jsonl").exists()
+
+
+def test_json_copy_writes_non_ascii_text_as_it_is(tmp_path):
+    """The copied JSON holds the characters themselves (UTF-8), not \\u escapes."""
+    rows = [{"prompt": "ünï → ∑", "answer": "π"}, {"prompt": "b", "answer": "2"}]
+    data = tmp_path / "set.json"
+    data.write_text(json.dumps(rows), encoding="utf-8")
+    out = write_selected_rows(data, load_prompts(data), [True, False], tmp_path / "kept.json")
+    text = out.read_bytes().decode("utf-8")
+    assert "ünï → ∑" in text and "\\u" not in text and json.loads(text) == rows[:1]
 
 
 def test_jsonl_rows_are_copied_byte_for_byte_and_the_input_is_untouched(tmp_path):
@@ -579,6 +669,58 @@ def test_the_summary_counts_prompts_too_long_for_the_context_and_wrong_rows_only
     with pytest.raises(ValueError, match="no prompt could be audited"):
         write_audit_outputs(nothing, data, tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+def one_prompt_result(data: Path, answers, correct, reasons=None) -> AuditResult:
+    """An AuditResult for a data file of one prompt, sampled ``len(answers)`` times; completion i is 'c<i>'."""
+    records = load_prompts(data)
+    judged = audit_prompt(answers, correct, thresholds=THRESHOLDS)
+    return AuditResult(records=records, audits=[judged], completions=[[f"c{i}" for i in range(len(answers))]],
+                       answers=[list(answers)], too_long=[], n=len(answers), reasons=[reasons] if reasons else [])
+
+
+def test_majority_examples_are_completions_reaching_any_spelling_of_the_majority_answer(tmp_path):
+    """The majority group 'x = 2' is spelled two ways; its first two completions are shown whatever their spelling."""
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"prompt": "p", "answer": "7"}\n', encoding="utf-8")
+    result = one_prompt_result(data, ["X = 2", "9", "x = 2", "x = 2", None], [False] * 5)
+    assert result.audits[0].majority_answer == "x = 2"
+    outputs = write_audit_outputs(result, data, tmp_path / "out", plot=False)
+    (row,) = [json.loads(line) for line in outputs.per_prompt.read_text().splitlines()]
+    assert row["majority_examples"] == ["c0", "c2"]
+
+
+def test_the_three_most_common_reasons_for_a_zero_are_kept(tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"prompt": "p", "answer": "7"}\n', encoding="utf-8")
+    reasons = ["a"] * 4 + ["b"] * 3 + ["c"] * 2 + ["d"] + [None] * 2
+    result = one_prompt_result(data, ["3"] * 12, [False] * 12, reasons)
+    outputs = write_audit_outputs(result, data, tmp_path / "out", plot=False)
+    (row,) = [json.loads(line) for line in outputs.per_prompt.read_text().splitlines()]
+    assert row["reject_reasons"] == [["a", 4], ["b", 3], ["c", 2]]
+
+
+def test_the_default_band_keeps_rows_neither_never_nor_always_solved(tmp_path):
+    """Without a band, rows solved by no sample or by every sample are dropped: the default band is (0, 1)."""
+    data = tmp_path / "table.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"problem {i}", "answer": row[0], "row": i}) + "\n" for i, row in enumerate(TABLE)))
+    outputs = write_audit_outputs(hand_made_result(data), data, tmp_path / "out", keep_wrong=True, plot=False)
+    # pass rates 1, 5/16, 1/16, 0, 4/16, 0, 0
+    assert [json.loads(line)["row"] for line in outputs.filtered.read_text().splitlines()] == [1, 2, 4]
+    band = json.loads(outputs.summary_json.read_text())["band"]
+    assert (band["band"], band["in_band"], band["out_of_band"], band["kept"]) == ("(0, 1)", 3, 4, 3)
+
+
+def test_the_filtered_copy_keeps_the_inputs_extension_and_an_unplotted_histogram_has_no_file(tmp_path):
+    data = tmp_path / "Set.JSONL"
+    data.write_text('{"prompt": "p", "answer": "7"}\n', encoding="utf-8")
+    result = one_prompt_result(data, ["7", "3"], [True, False])
+    outputs = write_audit_outputs(result, data, plot=False)
+    assert outputs.filtered == tmp_path / "Set.audit" / "Set.filtered.JSONL"
+    summary = json.loads(outputs.summary_json.read_text())
+    assert summary["files"]["histogram_png"] is None and summary["files"]["filtered"] == str(outputs.filtered)
+    assert sorted(path.name for path in outputs.directory.iterdir()) == [
+        "Set.filtered.JSONL", "audit.jsonl", "pass_rate_histogram.json", "summary.json", "suspected_wrong.jsonl"]
 
 
 def test_a_saved_data_set_is_audited_into_a_new_directory(tmp_path):
