@@ -1200,3 +1200,14 @@ def test_the_pass_rate_bars_scale_to_the_widest_bin_and_show_every_non_empty_bin
 
     assert [_histogram_bar(count, 100) for count in (0, 1, 2, 50, 100)] == ["", "#", "#", "#" * 12, "#" * 24]
     assert _histogram_bar(3, 4, width=8) == "#" * 6 and _histogram_bar(0, 0) == ""
+
+
+def test_a_tie_goes_to_the_group_whose_own_first_sample_came_first():
+    """'5' is right alone and wrong inside a sentence (exact_match), so one spelling is in two groups: sample 0 is a
+    wrong '5', the wrong '9' group starts at sample 1 and the reference group at sample 3. The tie of two is decided
+    by each group's own first sample, not by the first time its spelling appeared anywhere."""
+    answers, correct = ["5", "9", "9", "5", "5"], [False, False, False, True, True]
+    groups = group_answers(answers, correct)
+    assert [(g.answer, g.count, g.matches_reference) for g in groups] == [("9", 2, False), ("5", 2, True), ("5", 1, False)]
+    audit = audit_prompt(answers, correct)
+    assert (audit.majority_answer, audit.majority_matches_reference) == ("9", False)

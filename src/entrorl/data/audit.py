@@ -188,34 +188,34 @@ def group_answers(
     for i, answer in enumerate(answers):
         if answer is not None and not isinstance(answer, str):
             raise TypeError(f"group_answers: answer {i} is a {type(answer).__name__}; expected a string or None")
-    first_seen: dict[str, int] = {}
-    for index, answer in enumerate(answers):
-        if answer is not None:
-            first_seen.setdefault(answer, index)
-    right = [a for a, ok in zip(answers, correct) if ok and a is not None]
-    wrong = [a for a, ok in zip(answers, correct) if not ok and a is not None]
+    right = [(i, a) for i, (a, ok) in enumerate(zip(answers, correct)) if ok and a is not None]
+    wrong = [(i, a) for i, (a, ok) in enumerate(zip(answers, correct)) if not ok and a is not None]
 
-    groups: list[AnswerGroup] = []
+    groups: list[tuple[int, AnswerGroup]] = []  # each with the index of its own first sample, for ties
     if right:
-        spellings = _by_frequency(right)
-        groups.append(AnswerGroup(spellings[0], len(right), True, tuple(spellings)))
+        spellings = _by_frequency([a for _, a in right])
+        groups.append((right[0][0], AnswerGroup(spellings[0], len(right), True, tuple(spellings))))
 
-    by_key: dict[str, list[str]] = {}
-    for answer in wrong:
-        by_key.setdefault(canonical_answer(answer), []).append(answer)
-    merged: list[list[str]] = []  # the samples of each wrong group
+    by_key: dict[str, list[tuple[int, str]]] = {}
+    for index, answer in wrong:
+        by_key.setdefault(canonical_answer(answer), []).append((index, answer))
+    merged: list[list[tuple[int, str]]] = []  # the samples of each wrong group
     for samples in sorted(by_key.values(), key=len, reverse=True):
         for kept in merged:
-            if equivalent is not None and _safe_equivalent(equivalent, _by_frequency(kept)[0], _by_frequency(samples)[0]):
+            if equivalent is not None and _safe_equivalent(equivalent, _most_frequent(kept), _most_frequent(samples)):
                 kept.extend(samples)
                 break
         else:
             merged.append(list(samples))
     for samples in merged:
-        spellings = _by_frequency(samples)
-        groups.append(AnswerGroup(spellings[0], len(samples), False, tuple(spellings)))
+        spellings = _by_frequency([a for _, a in sorted(samples)])
+        groups.append((min(i for i, _ in samples), AnswerGroup(spellings[0], len(samples), False, tuple(spellings))))
 
-    return sorted(groups, key=lambda g: (-g.count, min(first_seen[s] for s in g.spellings)))
+    return [group for _, group in sorted(groups, key=lambda pair: (-pair[1].count, pair[0]))]
+
+
+def _most_frequent(samples: list[tuple[int, str]]) -> str:
+    return _by_frequency([a for _, a in sorted(samples)])[0]
 
 
 def _safe_equivalent(equivalent: Equivalence, a: str, b: str) -> bool:
