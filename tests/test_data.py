@@ -1541,3 +1541,12 @@ def test_a_column_named_with_other_spaces_or_case_is_pointed_out(tmp_path):
     with pytest.raises(DataError) as refused:
         load_prompts(unrelated)
     assert "differs from it" not in str(refused.value)
+
+
+@pytest.mark.parametrize("rates", [["0.5", "1"], [True, 0.5], np.array([True, False]), np.array(["0.5", "1"])])
+def test_filter_by_pass_rate_refuses_text_and_flags_as_rates(rates):
+    """numpy would read "0.5" as 0.5 and True as 1.0; a pass rate is a number, so both are refused, naming the value."""
+    records = [PromptRecord("p", "1", source="m:1"), PromptRecord("q", "2", source="m:2")]
+    with pytest.raises(ValueError, match=r"pass_rates must be numbers \(got ('0.5', str|True, bool)\)"):
+        filter_by_pass_rate(records, rates, low=0, high=1)
+    assert len(filter_by_pass_rate(records, [Fraction(1, 2), np.float32(1)], low=0, high=1)) == 2

@@ -116,6 +116,24 @@ def _check_band(low: float, high: float, inclusive: tuple[bool, bool], fn: str, 
         )
 
 
+def _not_real(values: Any) -> str | None:
+    """None when every value is a real number (an integer or float array, or a sequence of Python / numpy numbers);
+    else the first value that is not one (a flag, text), quoted. A value that is itself a sequence is left to the
+    shape check."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind in "iuf":
+            return None
+        values = values.ravel().tolist()
+    if not isinstance(values, Sequence) or isinstance(values, str):
+        return None
+    for value in values:
+        if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str):
+            continue
+        if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+            return f"{value!r}, {type(value).__name__}"
+    return None
+
+
 def filter_by_pass_rate(
     records: Sequence[PromptRecord],
     pass_rates: Sequence[float] | np.ndarray | torch.Tensor,
@@ -163,6 +181,8 @@ def pass_rate_band_mask(
             pass_rates = pass_rates.double()
         pass_rates = pass_rates.numpy()
     try:
+        if (wrong := _not_real(pass_rates)) is not None:  # np.asarray(..., float64) would read "0.5" and True as rates
+            raise TypeError(f"got {wrong}")
         rates = np.asarray(pass_rates, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"filter_by_pass_rate: pass_rates must be numbers ({exc})") from None
