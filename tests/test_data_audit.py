@@ -676,7 +676,8 @@ def one_prompt_result(data: Path, answers, correct, reasons=None) -> AuditResult
     records = load_prompts(data)
     judged = audit_prompt(answers, correct, thresholds=THRESHOLDS)
     return AuditResult(records=records, audits=[judged], completions=[[f"c{i}" for i in range(len(answers))]],
-                       answers=[list(answers)], too_long=[], n=len(answers), reasons=[reasons] if reasons else [])
+                       answers=[list(answers)], too_long=[], n=len(answers), reasons=[reasons] if reasons else [],
+                       correct=[list(correct)])
 
 
 def test_majority_examples_are_completions_reaching_any_spelling_of_the_majority_answer(tmp_path):
@@ -688,6 +689,18 @@ def test_majority_examples_are_completions_reaching_any_spelling_of_the_majority
     outputs = write_audit_outputs(result, data, tmp_path / "out", plot=False)
     (row,) = [json.loads(line) for line in outputs.per_prompt.read_text().splitlines()]
     assert row["majority_examples"] == ["c0", "c2"]
+
+
+def test_majority_examples_are_judged_as_the_majority_group_was(tmp_path):
+    """'5' alone is right (sample 0) and wrong in three sentences (samples 1, 3, 4): the majority is the wrong '5'
+    group, so its examples are wrong completions, never the one the reward accepted with the same answer."""
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"prompt": "p", "answer": "5"}\n', encoding="utf-8")
+    result = one_prompt_result(data, ["5", "5", "9", "5", "5"], [True, False, False, False, False])
+    assert (result.audits[0].majority_answer, result.audits[0].majority_matches_reference) == ("5", False)
+    outputs = write_audit_outputs(result, data, tmp_path / "out", plot=False)
+    (row,) = [json.loads(line) for line in outputs.per_prompt.read_text().splitlines()]
+    assert row["majority_examples"] == ["c1", "c3"]
 
 
 def test_the_three_most_common_reasons_for_a_zero_are_kept(tmp_path):
@@ -809,7 +822,8 @@ def test_prompts_longer_than_the_context_are_reported_not_sampled(tiny_model_dir
     # context 64: 61 + 4 > 64 is too long, 60 + 4 fits
     assert [(t.index, t.source, t.prompt_tokens, t.context_length) for t in result.too_long] == [(1, "mem:2", 61, 64)]
     assert result.audits[1] is None and all(result.audits[i].n_samples == 3 for i in (0, 2, 3))
-    assert [len(c) for c in result.completions] == [3, 0, 3, 3]
+    assert [len(c) for c in result.completions] == [len(c) for c in result.correct] == [3, 0, 3, 3]
+    assert [sum(c) for c in result.correct] == [0 if a is None else round(a.pass_rate * a.n_samples) for a in result.audits]
     assert calls == [(3, 9), (6, 9), (9, 9)]  # one prompt (3 rows) per call with batch_size 4
     assert result.counts()["too_long"] == 1 and sum(result.counts().values()) == 4
     assert result.too_long[0].message(4) == ("mem:2: the prompt has 61 tokens; with max_new_tokens=4 it exceeds the "

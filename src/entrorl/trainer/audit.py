@@ -132,6 +132,7 @@ class AuditResult:
     too_long: list[TooLongPrompt]
     n: int
     reasons: list[list[str | None]] = field(default_factory=list)  # the reward's reason for each completion
+    correct: list[list[bool]] = field(default_factory=list)  # the reward's judgement of each completion
     reward_errors: int = 0
     first_reward_error: str | None = None
     wall_s: float = 0.0
@@ -204,7 +205,7 @@ def audit_records(
 
     result = AuditResult(
         records=list(records), audits=[None] * len(records), completions=[[] for _ in records],
-        answers=[[] for _ in records], too_long=too_long, n=n, reasons=[[] for _ in records],
+        answers=[[] for _ in records], too_long=too_long, n=n, reasons=[[] for _ in records], correct=[[] for _ in records],
     )
     sampler = HFSampler.for_model(model, tokenizer, batch_size=batch_size)
     prompts_per_call = max(1, batch_size // n)
@@ -229,6 +230,7 @@ def audit_records(
                 result.completions[index] = completions[own]
                 result.answers[index] = answers
                 result.reasons[index] = scored.reasons[own]
+                result.correct[index] = [bool(ok) for ok in correct[own]]
                 result.audits[index] = audit_prompt(answers, correct[own], equivalent=equivalent, thresholds=thresholds)
             done += len(chunk) * n
             if progress is not None:
@@ -272,11 +274,14 @@ def _check_out_dir(data: Path, out: Path) -> None:
 
 
 def _row(record: PromptRecord, audit: PromptAudit, completions: list[str], answers: list[str | None],
-         reasons: list[str | None]) -> dict[str, Any]:
+         reasons: list[str | None], correct: list[bool]) -> dict[str, Any]:
     """One line of ``audit.jsonl``: where the prompt is, the prompt and reference, the audit, up to two
-    completions that reached the majority answer, and the reward's most common reasons for a 0."""
+    completions that reached the majority answer (judged as that group was: one spelling can be right alone and
+    wrong in a sentence), and the reward's most common reasons for a 0."""
     majority = audit.groups[0] if audit.groups else None
-    examples = [c for c, a in zip(completions, answers) if majority is not None and a in majority.spellings][:2]
+    judged = correct or [None] * len(completions)  # a result built without the judgements: by spelling alone
+    examples = [c for c, a, ok in zip(completions, answers, judged) if majority is not None and a in majority.spellings
+                and (ok is None or ok == majority.matches_reference)][:2]
     return {
         "source": record.source,
         "prompt": record.prompt,
@@ -385,7 +390,7 @@ def write_audit_outputs(
 
     rows = [
         _row(result.records[i], result.audits[i], result.completions[i], result.answers[i],
-             result.reasons[i] if result.reasons else []) for i in audited_index
+             result.reasons[i] if result.reasons else [], result.correct[i] if result.correct else []) for i in audited_index
     ]
     per_prompt = directory / "audit.jsonl"
     atomic_write_text(per_prompt, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
