@@ -582,7 +582,8 @@ def hand_made_result(data: Path) -> AuditResult:
         audits.append(audit_prompt(sample_answers, correct, thresholds=THRESHOLDS))
         answers.append(sample_answers)
         completions.append([f"so {a}" if a is not None else "hmm" for a in sample_answers])
-    return AuditResult(records=records, audits=audits, completions=completions, answers=answers, too_long=[], n=16)
+    return AuditResult(records=records, audits=audits, completions=completions, answers=answers, too_long=[], n=16,
+                       thresholds=THRESHOLDS)
 
 
 def test_outputs_hold_the_histogram_the_suspects_the_band_and_the_summary(tmp_path):
@@ -644,7 +645,7 @@ def test_the_summary_counts_prompts_too_long_for_the_context_and_wrong_rows_only
     reasons = [[None] * 16 for _ in TABLE] + [[]]
     reasons[2] = ["answer 3 differs from reference 5"] * 15 + [None]
     result = AuditResult(records=records, audits=[*sampled.audits, None], completions=[*sampled.completions, []],
-                         answers=[*sampled.answers, []], too_long=[too_long], n=16, reasons=reasons)
+                         answers=[*sampled.answers, []], too_long=[too_long], n=16, reasons=reasons, thresholds=THRESHOLDS)
     # (0, 1]: rows 0, 1, 2 and 4 (rates 1, 5/16, 1/16, 4/16); row 2 looks wrong, row 3 looks wrong but is out of the band
     outputs = write_audit_outputs(result, data, band="(0, 1]", thresholds=THRESHOLDS, plot=False)
     assert [json.loads(line)["row"] for line in outputs.filtered.read_text().splitlines()] == [0, 1, 4]
@@ -677,7 +678,7 @@ def one_prompt_result(data: Path, answers, correct, reasons=None) -> AuditResult
     judged = audit_prompt(answers, correct, thresholds=THRESHOLDS)
     return AuditResult(records=records, audits=[judged], completions=[[f"c{i}" for i in range(len(answers))]],
                        answers=[list(answers)], too_long=[], n=len(answers), reasons=[reasons] if reasons else [],
-                       correct=[list(correct)])
+                       correct=[list(correct)], thresholds=THRESHOLDS)
 
 
 def test_majority_examples_are_completions_reaching_any_spelling_of_the_majority_answer(tmp_path):
@@ -1225,3 +1226,17 @@ def test_a_tie_goes_to_the_group_whose_own_first_sample_came_first():
     assert [(g.answer, g.count, g.matches_reference) for g in groups] == [("9", 2, False), ("5", 2, True), ("5", 1, False)]
     audit = audit_prompt(answers, correct)
     assert (audit.majority_answer, audit.majority_matches_reference) == ("9", False)
+
+
+def test_the_summary_gives_the_thresholds_the_verdicts_were_given_with(tmp_path):
+    """The verdicts come from the audit, so the summary states the audit's thresholds; thresholds given again must be
+    those, since the summary cannot describe verdicts given with others."""
+    data = tmp_path / "table.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"problem {i}", "answer": row[0], "row": i}) + "\n" for i, row in enumerate(TABLE)))
+    result = hand_made_result(data)
+    result.thresholds = AuditThresholds(consensus=0.6, low_pass_rate=0.3)
+    outputs = write_audit_outputs(result, data, tmp_path / "out", plot=False)
+    assert json.loads(outputs.summary_json.read_text())["thresholds"] == {"consensus": 0.6, "low_pass_rate": 0.3}
+    with pytest.raises(ValueError, match=r"the verdicts were given with .*low_pass_rate=0.3.*not .*low_pass_rate=0.1"):
+        write_audit_outputs(result, data, tmp_path / "other", thresholds=AuditThresholds(low_pass_rate=0.1), plot=False)
+    assert not (tmp_path / "other").exists()

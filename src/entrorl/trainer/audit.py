@@ -133,6 +133,7 @@ class AuditResult:
     n: int
     reasons: list[list[str | None]] = field(default_factory=list)  # the reward's reason for each completion
     correct: list[list[bool]] = field(default_factory=list)  # the reward's judgement of each completion
+    thresholds: AuditThresholds = field(default_factory=AuditThresholds)  # those the verdicts were given with
     reward_errors: int = 0
     first_reward_error: str | None = None
     wall_s: float = 0.0
@@ -206,6 +207,7 @@ def audit_records(
     result = AuditResult(
         records=list(records), audits=[None] * len(records), completions=[[] for _ in records],
         answers=[[] for _ in records], too_long=too_long, n=n, reasons=[[] for _ in records], correct=[[] for _ in records],
+        thresholds=thresholds,
     )
     sampler = HFSampler.for_model(model, tokenizer, batch_size=batch_size)
     prompts_per_call = max(1, batch_size // n)
@@ -350,9 +352,14 @@ def write_audit_outputs(
 
     ``band`` chooses the rows of the filtered file by pass rate; too-long prompts have none and are
     dropped; suspected-wrong rows are dropped too unless ``keep_wrong``. ``settings`` (model, reward,
-    sampling, ...) are copied into the summary. ``ValueError`` (and nothing written) for a malformed band, an
-    output directory inside the input, no prompt that fit the context, or a reward that failed on every sample.
+    sampling, ...) are copied into the summary, with the thresholds the verdicts were given with (``result``'s;
+    ``thresholds``, when given, must be those). ``ValueError`` (and nothing written) for a malformed band, other
+    thresholds than the result's, an output directory inside the input, no prompt that fit the context, or a reward
+    that failed on every sample.
     """
+    if thresholds is not None and thresholds != result.thresholds:
+        raise ValueError(f"write_audit_outputs: the verdicts were given with {result.thresholds}, not {thresholds}; "
+                         "audit again with those thresholds")
     data = Path(os.fspath(data))
     directory = Path(os.fspath(out)) if out is not None else default_audit_dir(data)
     _check_out_dir(data, directory)
@@ -401,7 +408,7 @@ def write_audit_outputs(
     )
     filtered = write_selected_rows(data, result.records, keep, directory / _filtered_name(data))
 
-    thresholds = thresholds or AuditThresholds()
+    thresholds = result.thresholds
     audits = result.audited()
     summary = {
         "data": str(data),
