@@ -927,6 +927,11 @@ def test_evaluate_model_keeps_each_sample_s_shaped_reward_length_and_index_promp
     assert len(result.forks) == 2 and not model.training
     with pytest.raises(ValueError, match="evaluate_model: no prompts to evaluate"):
         evaluate_model(model, tokenizer, [], [], runner, n=3, ks=[1], seed=0, sampling=SamplingParams(max_new_tokens=6))
+    with pytest.raises(ValueError, match="evaluate_model: n must be a positive integer, got 0"):
+        evaluate_model(model, tokenizer, records, prompt_ids, runner, n=0, ks=None, seed=0, sampling=SamplingParams(max_new_tokens=6))
+    with pytest.raises(ValueError, match="evaluate_model: 2 records but 1 tokenized prompts"):
+        evaluate_model(model, tokenizer, records, prompt_ids[:1], runner, n=3, ks=None, seed=0,
+                       sampling=SamplingParams(max_new_tokens=6))
 
 
 def test_evaluate_model_groups_each_prompt_s_own_samples_and_reports_the_ks_asked_for(tiny_model_dir):

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from entrorl._checks import check_int
 from entrorl.data import PromptRecord
 from entrorl.evaluation import EvalSummary, summarize_samples
 from entrorl.modeling import bucketed_response_token_stats
@@ -65,6 +66,9 @@ def evaluate_model(
     reason), prompt by prompt. The samples depend on ``batch_size`` (one random number per row of a batch per token)."""
     if not records:
         raise ValueError("evaluate_model: no prompts to evaluate")
+    n = check_int(n, "evaluate_model: n", minimum=1)
+    if len(prompt_ids) != len(records):
+        raise ValueError(f"evaluate_model: {len(records)} records but {len(prompt_ids)} tokenized prompts; expected one each")
     sampler = HFSampler.for_model(model, tokenizer, batch_size=batch_size)
     repeated_ids = [ids for ids in prompt_ids for _ in range(n)]
     repeated = [record for record in records for _ in range(n)]
