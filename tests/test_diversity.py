@@ -249,3 +249,37 @@ def test_a_repeated_completion_never_ends_above_a_distinct_one_with_the_same_rew
         shaped = diversity_adjusted_rewards([reward] * 4, completions, group_size=4, embedder=table_embedder(table))
         assert int(shaped.argmax()) == 2 and float(shaped[2]) == pytest.approx(reward)  # the distinct one keeps its reward
         assert float(shaped.min()) < float(shaped[2])
+
+
+def test_identical_completions_never_fall_below_one_over_the_group_size():
+    """R/G <= R' <= R: the normalised embeddings of identical completions may have a dot product a rounding error
+    above 1 ((1, 1, 1) gives 1 + 2.2e-16); cosines are capped at 1, so G identical completions get exactly 1/G."""
+    embed = lambda texts: torch.ones(len(texts), 3, dtype=torch.float64)  # noqa: E731
+    weights = diversity_weights(["same"] * 4, group_size=4, embedder=embed)
+    assert weights.tolist() == [0.25] * 4
+    assert diversity_adjusted_rewards([2.0] * 4, ["same"] * 4, group_size=4, embedder=embed).tolist() == [0.5] * 4
+
+
+def test_sentence_embedder_embeds_an_empty_list_as_zero_rows(tmp_path):
+    _tiny_sentence_model(tmp_path, None)
+    embedded = SentenceEmbedder(tmp_path)([])
+    assert embedded.shape == (0, 16) and embedded.dtype == torch.float32
+
+
+def test_load_embedder_runs_a_model_directory_in_batches_of_batch_size(tmp_path):
+    """The batch size given to load_embedder (reward.diversity.batch_size) bounds the rows of each model call."""
+    torch.set_num_threads(1)
+    _tiny_sentence_model(tmp_path, {"pooling_mode_mean_tokens": True})
+    embedder = load_embedder(str(tmp_path), batch_size=2)
+    rows = []
+    embedder.model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    assert embedder(["a", "bb", "ccc", "dddd", "eeeee"]).shape == (5, 16)
+    assert rows == [2, 2, 1]
+
+
+def test_a_group_size_below_one_is_refused_by_name():
+    embed = lambda texts: torch.ones(len(texts), 2)  # noqa: E731
+    for group_size in (0, -2, True):
+        with pytest.raises(ValueError, match="group_size must be a positive integer"):
+            diversity_weights(["a", "b"], group_size=group_size, embedder=embed)

@@ -379,3 +379,80 @@ def test_polarisation_to_dict_is_json():
 def test_polarisation_validation(rates, bins, fragment):
     with pytest.raises(ValueError, match=fragment):
         polarisation(rates, bins=bins)
+
+
+# --------------------------------------------------------------------------------------------
+# boundaries and input types
+# --------------------------------------------------------------------------------------------
+
+
+def test_pass_at_k_error_for_a_bad_k_names_the_array_index():
+    with pytest.raises(ValueError, match=r"k=5, n=4 \(at index \(1,\)\)"):
+        pass_at_k(4, 1, np.array([1, 5]))
+
+
+def test_numeric_strings_and_complex_numbers_are_not_read_as_rewards():
+    """Only booleans and real numbers are rewards: "0.7" (a CSV column read as text) or 0.7+0j is refused, not
+    parsed or cast."""
+    for bad in (np.array(["0.7", "0.2"]), np.array([0.7 + 0j, 0.2])):
+        with pytest.raises(ValueError, match="must hold booleans or rewards in"):
+            avg_at_k(bad)
+        with pytest.raises(ValueError, match="must hold booleans or rewards in"):
+            summarize_samples(bad[None, :])
+
+
+def test_summarize_samples_refuses_empty_matrices_by_shape():
+    for shape in ((0, 4), (2, 0)):
+        with pytest.raises(ValueError, match=rf"non-empty \[P, n\] matrix .*got shape \({shape[0]}, {shape[1]}\)"):
+            summarize_samples(np.zeros(shape, dtype=bool))
+
+
+def test_tensors_on_an_accelerator_are_moved_to_the_cpu_first():
+    """A tensor on a GPU has no numpy view until it is copied to the CPU; the metrics make that copy."""
+
+    class AcceleratorTensor:  # behaves like a CUDA tensor: .numpy() only after .cpu()
+        def __init__(self, values, on_cpu=False):
+            self.values, self.on_cpu = values, on_cpu
+
+        def detach(self):
+            return self
+
+        def cpu(self):
+            return AcceleratorTensor(self.values, on_cpu=True)
+
+        def numpy(self):
+            if not self.on_cpu:
+                raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+            return np.asarray(self.values)
+
+    assert avg_at_k(AcceleratorTensor([[0.2, 0.5, 0.9, 1.0]])) == 0.75
+    np.testing.assert_array_equal(polarisation(AcceleratorTensor([0.0, 0.5, 1.0]), bins=2).histogram, [1, 2])
+
+
+def test_polarisation_edge_tolerance_is_one_billionth_of_a_bin():
+    """A rate with rate * bins within 1e-9 below an edge is on the edge; 2e-9 below it is not."""
+    pol = polarisation([(3 - 5e-10) / 10, (3 - 2e-9) / 10, (7 - 5e-10) / 10, (7 - 2e-9) / 10], bins=10)
+    np.testing.assert_array_equal(pol.histogram, [0, 0, 1, 1, 0, 0, 1, 1, 0, 0])
+
+
+def test_polarisation_counts_only_exact_zeros_and_ones():
+    pol = polarisation([1.0 - 1e-12, 1e-12, 1.0, 0.0, 0.5], bins=10)
+    assert (pol.frac_zero, pol.frac_one, pol.frac_mixed) == (0.2, 0.2, 0.6)
+    np.testing.assert_array_equal(pol.histogram, [2, 0, 0, 0, 0, 1, 0, 0, 0, 2])
+
+
+def test_polarisation_frac_mixed_is_the_share_of_mixed_problems_rounded_once():
+    """frac_mixed is (P - zeros - ones) / P, not 1 - zeros/P - ones/P (which gives 0.33333333333333337 for 1 of 3)."""
+    assert polarisation([0.0, 0.5, 1.0]).frac_mixed == 1 / 3
+    assert polarisation([0.0] * 3 + [0.5] * 3 + [1.0]).frac_mixed == 3 / 7
+
+
+def test_polarisation_refuses_a_rate_a_rounding_error_above_one():
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        polarisation([0.5, 1.0 + 1e-12])
+
+
+def test_pass_at_k_accepts_unsigned_integer_counts():
+    assert pass_at_k(np.uint16(10), np.uint8(3), np.uint32(2)) == pass_at_k(10, 3, 2)
+    counts = np.array([1, 4, 0, 2], dtype=np.uint8)
+    assert pass_at_k_curve(counts, 4, [2]) == pytest.approx({2: HAND_PASS[2]}, abs=1e-15)

@@ -651,3 +651,103 @@ def test_reward_model_judge_with_a_chat_template_adds_no_second_bos(tmp_path):
         expected = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
         doubled = float(model(input_ids=torch.tensor([[tokenizer.bos_token_id, *ids]])).logits[0, 0])
     assert score == pytest.approx(expected, rel=1e-4) and score != pytest.approx(doubled, rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# option checks, empty inputs and cache identity
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", ["{} {completion}", "{0} {completion}", "{completion} {", "{completion} }"])
+def test_a_template_with_positional_fields_or_unpaired_braces_is_refused_by_name(tiny_model_dir, template):
+    """A positional field ({} or {0}) and an unpaired brace fail str.format with IndexError / ValueError: both are
+    reported as a bad template, like an unknown named field."""
+    with pytest.raises(ValueError, match="only use the fields"):
+        check_reward_spec("judge", judge=str(tiny_model_dir), template=template)
+
+
+def test_a_template_that_is_not_a_string_is_refused_by_name(tiny_model_dir):
+    with pytest.raises(ValueError, match="template must be a string, got int"):
+        check_reward_spec("judge", judge=str(tiny_model_dir), template=5)
+
+
+def test_load_model_judge_refuses_an_unknown_kind_a_missing_config_and_foreign_options(tmp_path, tiny_model_dir):
+    """load_model_judge checks its own arguments: an unknown kind is not silently read as a yes/no judge, a
+    directory without config.json is named, and yes/no options given to a reward model are refused by name
+    (also through JudgeReward, whose option check cannot know the model's kind before loading it)."""
+    with pytest.raises(ValueError, match="kind must be one of"):
+        load_model_judge(tiny_model_dir, kind="classifier")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"not a model directory \(no config.json\)"):
+        load_model_judge(empty, kind="yes_no")
+    reward_model_dir = tmp_path / "reward-model"
+    save_tiny_reward_model(reward_model_dir, 1)
+    with pytest.raises(ValueError, match=r"\['template'\] do not apply to a reward-model judge"):
+        load_model_judge(reward_model_dir, template=TEMPLATE)
+    with pytest.raises(ValueError, match=r"\['yes'\] do not apply to a reward-model judge"):
+        JudgeReward(str(reward_model_dir), yes=" ok")
+
+
+def test_model_judges_score_an_empty_list_as_an_empty_list(tmp_path, tiny_model_dir):
+    reward_model_dir = tmp_path / "reward-model"
+    save_tiny_reward_model(reward_model_dir, 1)
+    assert load_model_judge(tiny_model_dir, template=TEMPLATE)([]) == []
+    assert load_model_judge(reward_model_dir)([]) == []
+
+
+def test_metas_of_another_length_are_rejected():
+    with pytest.raises(ValueError, match=r"metas \(1\) must have the same length"):
+        JudgeReward(RecordingJudge()).score_batch(["p", "q"], ["a", "b"], None, [{}])
+    assert len(JudgeReward(RecordingJudge()).score_batch(["p", "q"], ["a", "b"], None, [{}, None])) == 2
+
+
+def test_a_reward_model_without_a_pad_token_in_its_config_scores_a_padded_batch(tmp_path):
+    """The classification head pools each row's last non-pad token, so it needs the pad id; a config without one
+    gets the tokenizer's, and rows of different lengths in one batch score as they do alone."""
+    import json
+
+    torch.set_num_threads(1)
+    model, tokenizer = save_tiny_reward_model(tmp_path, 1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["pad_token_id"] = None
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reward = JudgeReward(str(tmp_path))
+    prompts, completions = ["2+2=", "10+10="], ["4", "20 is the sum of them"]
+    scores = reward.score_batch(prompts, completions)
+    assert reward.stats()["errors"] == 0
+    for score, prompt, completion in zip(scores, prompts, completions):
+        with torch.no_grad():
+            expected = float(model(input_ids=torch.tensor([tokenizer(prompt + completion)["input_ids"]])).logits[0, 0])
+        assert score == JudgeScore(pytest.approx(expected, rel=1e-4))
+
+
+def test_a_two_label_reward_model_scores_the_probability_of_the_last_label(tmp_path):
+    """A binary classifier (bad / good) is scored by the softmax probability of its last label, not by a logit."""
+    torch.set_num_threads(1)
+    model, tokenizer = save_tiny_reward_model(tmp_path, 2)
+    prompts, completions = ["2+2=", "3+3="], ["4", "six"]
+    scores = [s.score for s in JudgeReward(str(tmp_path)).score_batch(prompts, completions)]
+    for score, prompt, completion in zip(scores, prompts, completions):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokenizer(prompt + completion)["input_ids"]])).logits[0]
+        assert score == pytest.approx(float(torch.softmax(logits, -1)[1]), rel=1e-4)
+        assert 0.0 < score < 1.0
+
+
+def test_callables_with_the_same_name_in_different_modules_do_not_share_cached_scores(tmp_path):
+    """The default judge_id is the callable's module and qualified name: two judges called `score` in two modules
+    keep their own entries in a shared cache file."""
+    def score_one(samples):
+        return [1.0] * len(samples)
+
+    def score_two(samples):
+        return [2.0] * len(samples)
+
+    score_two.__qualname__ = score_one.__qualname__
+    score_two.__module__ = "other_package.judges"
+    path = str(tmp_path / "judge.sqlite")
+    assert JudgeReward(score_one, cache_path=path)("p", "a") == JudgeScore(1.0)
+    other = JudgeReward(score_two, cache_path=path)
+    assert other.judge_id == f"callable:other_package.judges.{score_one.__qualname__}"
+    assert other("p", "a") == JudgeScore(2.0) and other.stats()["judged"] == 1
