@@ -3,6 +3,7 @@ asked yes/no, a tiny sequence-classification reward model) checked against direc
 
 from __future__ import annotations
 
+import hashlib
 import math
 import subprocess
 import sys
@@ -434,6 +435,8 @@ def test_causal_lm_yes_no_judge_matches_direct_computation(tiny_model_dir):
 
 
 def test_causal_lm_judge_keeps_the_end_of_a_question_longer_than_max_length(tiny_model_dir):
+    """The question is cut once, to max_length less the longer answer (" yes", 4 characters; " no", 3), so that both
+    answers are scored after the same question: P(yes | q) / (P(yes | q) + P(no | q))."""
     from transformers import AutoModelForCausalLM
 
     from entrorl.modeling import load_tokenizer
@@ -443,11 +446,12 @@ def test_causal_lm_judge_keeps_the_end_of_a_question_longer_than_max_length(tiny
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = load_tokenizer(tiny_model_dir)
     long_completion = "the sum of these two numbers is clearly twelve"
-    question_ids = tokenizer(f"1+2= {long_completion}?")["input_ids"]
+    question_ids = tokenizer(f"1+2= {long_completion}?")["input_ids"][-(20 - 4):]
+    assert (len(judge.yes_ids), len(judge.no_ids)) == (4, 3)
     log_p = {}
     for word in (" yes", " no"):
         answer_ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([question_ids[-(20 - len(answer_ids)):] + answer_ids])
+        ids = torch.tensor([question_ids + answer_ids])
         with torch.no_grad():
             log_probs = torch.log_softmax(model(input_ids=ids).logits[0], dim=-1)
         start = ids.shape[1] - len(answer_ids)
@@ -751,3 +755,11 @@ def test_callables_with_the_same_name_in_different_modules_do_not_share_cached_s
     other = JudgeReward(score_two, cache_path=path)
     assert other.judge_id == f"callable:other_package.judges.{score_one.__qualname__}"
     assert other("p", "a") == JudgeScore(2.0) and other.stats()["judged"] == 1
+
+
+def test_a_completion_with_a_lone_surrogate_is_scored_not_a_crash():
+    """Text decoded with errors='surrogateescape' can hold a lone surrogate, which UTF-8 cannot encode: the cache key
+    still takes it, so the judge scores the sample (a judge never kills the run); valid text keeps the key it had."""
+    reward = JudgeReward(lambda samples: [1.0] * len(samples))
+    assert reward.score_batch(["p"], ["bad \udc80 byte"]) == [JudgeScore(1.0)]
+    assert JudgeCache.key("j", "p", "é", None) == hashlib.sha256('["j","p","é",null]'.encode()).hexdigest()

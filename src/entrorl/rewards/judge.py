@@ -125,7 +125,7 @@ class JudgeCache:
     def key(judge_id: str, prompt: str, completion: str, answer: str | None) -> str:
         """SHA-256 hex digest of the JSON list ``[judge_id, prompt, completion, answer]``."""
         payload = json.dumps([judge_id, prompt, completion, answer], ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+        return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()  # text with a lone surrogate too
 
     def __len__(self) -> int:
         return len(self._memory)
@@ -195,8 +195,9 @@ class CausalLMJudge:
     """A causal LM asked ``template`` and scored ``P(yes) / (P(yes) + P(no))`` (see the module docstring).
 
     ``yes`` / ``no`` are the answer continuations (default ``" yes"`` / ``" no"``), encoded without
-    special tokens and appended to the encoded question; a question longer than ``max_length`` minus the
-    answer keeps its last tokens. Scores are in (0, 1).
+    special tokens and appended to the encoded question; a question longer than ``max_length`` minus the longer
+    answer keeps its last tokens (one cut for both, so that both are scored after the same question). Scores are in
+    (0, 1).
     """
 
     def __init__(
@@ -235,10 +236,10 @@ class CausalLMJudge:
         if not samples:
             return []
         sequences, answer_lengths = [], []
+        room = self.max_length - max(len(self.yes_ids), len(self.no_ids))  # one cut, so both answers follow one question
         for prompt, completion, answer in samples:
-            question = encode_prompt(self.tokenizer, _fill(self.template, prompt, completion, answer))
+            kept = encode_prompt(self.tokenizer, _fill(self.template, prompt, completion, answer))[-room:]
             for continuation in (self.yes_ids, self.no_ids):
-                kept = question[-(self.max_length - len(continuation)) :]
                 sequences.append(kept + continuation)
                 answer_lengths.append(len(continuation))
         # Left padding puts every answer at the end of its row, so only the last `keep` logits are needed
