@@ -456,3 +456,20 @@ def test_pass_at_k_accepts_unsigned_integer_counts():
     assert pass_at_k(np.uint16(10), np.uint8(3), np.uint32(2)) == pass_at_k(10, 3, 2)
     counts = np.array([1, 4, 0, 2], dtype=np.uint8)
     assert pass_at_k_curve(counts, 4, [2]) == pytest.approx({2: HAND_PASS[2]}, abs=1e-15)
+
+
+def test_pass_at_k_curve_refuses_a_number_of_samples_that_is_not_a_whole_number():
+    """As pass_at_k does: n = 4.5 is not read as 4; an array of ns is not one n."""
+    with pytest.raises(ValueError, match="n must hold whole numbers"):
+        pass_at_k_curve([1, 2], 4.5, [1])
+    with pytest.raises(ValueError, match="n must be one number"):
+        pass_at_k_curve([1, 2], [4, 4], [1])
+    assert pass_at_k_curve([1, 2], np.int64(4), [1]) == pass_at_k_curve([1, 2], 4.0, [1]) == {1: pytest.approx(0.375)}
+
+
+def test_default_ks_takes_a_numpy_integer_and_refuses_floats_and_flags():
+    assert default_ks(np.int64(8)) == default_ks(8) == (1, 2, 4, 8)
+    assert default_ks(np.uint8(6)) == (1, 2, 4, 6)
+    for bad in (8.0, True, "8"):
+        with pytest.raises(ValueError, match="n must be"):
+            default_ks(bad)

@@ -22,6 +22,7 @@ Rewards: a matrix of booleans is used as is. A numeric matrix is read as rewards
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -215,6 +216,12 @@ def _check_ks(ks: Iterable[Any], n: int) -> list[int]:
 
 def default_ks(n: int) -> tuple[int, ...]:
     """The ks reported when none are given: powers of two up to ``n``, and ``n`` itself."""
+    try:
+        if isinstance(n, (bool, np.bool_)):
+            raise TypeError
+        n = operator.index(n)  # a numpy integer too; not a float or a flag
+    except TypeError:
+        raise ValueError(f"n must be an integer >= 1; got n={n!r}") from None
     if n < 1:
         raise ValueError(f"n must be >= 1; got n={n}")
     ks = [1 << j for j in range(n.bit_length()) if (1 << j) <= n]
@@ -236,7 +243,9 @@ def pass_at_k_curve(correct_counts: Any, n: int, ks: Iterable[int]) -> dict[int,
     counts = _as_int_array(correct_counts, "correct_counts").reshape(-1)
     if counts.size == 0:
         raise ValueError("pass_at_k_curve: correct_counts is empty; pass one count per problem")
-    n = int(n)
+    if np.ndim(n) != 0:
+        raise ValueError(f"pass_at_k_curve: n must be one number of samples per problem; got shape {np.shape(n)}")
+    n = int(_as_int_array(n, "n"))
     ks_checked = _check_ks(ks, n)
     return {k: float(np.mean(pass_at_k(n, counts, k))) for k in ks_checked}
 
