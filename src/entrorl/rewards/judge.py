@@ -191,6 +191,9 @@ def _check_template(template: Any) -> str:
     return template
 
 
+_YES_NO_SCORING = 2  # 2: one cut of a long question for both answers
+
+
 class CausalLMJudge:
     """A causal LM asked ``template`` and scored ``P(yes) / (P(yes) + P(no))`` (see the module docstring).
 
@@ -228,7 +231,8 @@ class CausalLMJudge:
         if self.max_length <= max(len(self.yes_ids), len(self.no_ids)):
             raise ValueError(f"max_length {self.max_length} leaves no room for the question")
         self.pad_id = self.tokenizer.pad_token_id
-        digest = hashlib.sha256(json.dumps([template, yes, no, self.max_length]).encode()).hexdigest()[:16]
+        # the scoring's version is part of the key, so that a cache file never serves a score computed another way
+        digest = hashlib.sha256(json.dumps([template, yes, no, self.max_length, _YES_NO_SCORING]).encode()).hexdigest()[:16]
         self.judge_id = f"yes-no:{self.directory.resolve()}:{digest}"
 
     @torch.no_grad()
