@@ -607,7 +607,7 @@ def test_reward_model_judge_matches_direct_computation(tmp_path, num_labels):
     if num_labels == 3:
         first = JudgeReward(str(tmp_path), label=0).score_batch(prompts, completions)
         assert all(0 < s.score < 1 for s in first) and [s.score for s in first] != scores
-        for label in (3, -1):
+        for label in (3, -1, True, 1.0):
             with pytest.raises(ValueError, match=r"label must be an integer in \[0, 3\)"):
                 JudgeReward(str(tmp_path), label=label)
 

@@ -286,7 +286,7 @@ class RewardModelJudge:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = torch.device(device)
         n_labels = int(self.model.config.num_labels)
-        if label is not None and not (isinstance(label, int) and 0 <= label < n_labels):
+        if label is not None and not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < n_labels):
             raise ValueError(f"label must be an integer in [0, {n_labels}), got {label!r}")
         self.label = label if label is not None else n_labels - 1
         self.n_labels = n_labels
