@@ -12,7 +12,8 @@ Two deliberate choices, documented here once:
 
 * similarities are clamped at 0: the graph-cut function assumes a non-negative kernel, and without the
   clamp a group with many negative cosines could push the denominator to 0 or below and flip the sign of
-  the reward. The denominator therefore lies in ``[1, G]`` and ``R'`` between ``R / G`` and ``R``;
+  the reward. The denominator therefore lies in ``[1, G]``, and for ``R >= 0`` ``R'`` lies between ``R / G``
+  and ``R`` (a negative reward is scaled by ``2 - w`` instead, see :func:`diversity_adjusted_rewards`);
 * the sum runs over the prompt's own group (the paper's definition). The released code sums over every
   completion on a process, which may span several prompts.
 
