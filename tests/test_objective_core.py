@@ -667,6 +667,69 @@ def test_adaptive_entropy_controller_sequence_and_state_round_trip():
         fresh.load_state_dict({"regularizer/no_such_part": {"coefficient": 1.0}})
 
 
+
+def test_adaptive_entropy_restored_state_keeps_the_verdict_of_the_last_step():
+    """The bonus of a step follows the previous step's entropy (arXiv 2505.22312), and that verdict is state: a step
+    above the target turns the bonus off for the next step, even on an objective restored from a checkpoint whose
+    next batch has low entropy (it must not judge by that batch, as a first step would)."""
+    objective = build_objective("adaptive_entropy", entropy_coeff=2e-3, delta=1e-3)
+    high, _ = _entropy_batch(0.5, seed=600)
+    high.step = 0
+    objective(high)
+    objective.end_step()
+    restored = build_objective("adaptive_entropy", entropy_coeff=2e-3, delta=1e-3)
+    restored.load_state_dict(objective.state_dict())
+    for model in (objective, restored):
+        low, entropy = _entropy_batch(0.05, seed=601)
+        low.step = 1
+        out = model(low)
+        assert out.metrics["reg/adaptive_entropy_controller_coeff"] == pytest.approx(1e-3)
+        assert out.metrics["reg/adaptive_entropy_below_target"] == 0.0
+        assert out.metrics["reg/adaptive_entropy_coeff"] == 0.0
+        assert float(out.loss) == float(out.policy_loss)
+        grad = grad_of(out.loss, entropy)
+        assert not grad.any()
+
+
+def test_adaptive_entropy_state_is_a_snapshot_independent_of_the_objectives():
+    """state_dict() taken mid-step does not change as the objective goes on, and two objectives restored from one state
+    measure their own steps: neither counts the other's tokens."""
+    objective = build_objective("adaptive_entropy", entropy_coeff=2e-3, delta=1e-3)
+    first, entropy = _entropy_batch(0.1, seed=610)
+    first.step = 0
+    objective(first)
+    state = objective.state_dict()
+    saved = {key: dict(value, measuring=dict(value["measuring"])) for key, value in state.items()}
+    objective(first)  # a second mini-batch of the same step
+    assert state == saved
+    a = build_objective("adaptive_entropy", entropy_coeff=2e-3, delta=1e-3)
+    b = build_objective("adaptive_entropy", entropy_coeff=2e-3, delta=1e-3)
+    a.load_state_dict(state)
+    b.load_state_dict(state)
+    high, _ = _entropy_batch(0.5, seed=611)
+    high.step = 0
+    a(high)  # a's step now holds 0.1 and 0.5; b's still only the first batch
+    assert state == saved
+    measured = float(entropy.detach()[first.mask].mean())
+    assert b.end_step()["reg/adaptive_entropy_step_entropy"] == pytest.approx(measured, rel=1e-12)
+    assert a.end_step()["reg/adaptive_entropy_step_entropy"] > 0.2
+
+
+@pytest.mark.parametrize("method", ["entropy_bonus", "adaptive_entropy"])
+def test_entropy_regularisers_evaluate_without_autograd(method):
+    """Under torch.no_grad (evaluation) neither the log-probs nor the entropies carry a gradient: that is no detached
+    entropy by mistake, and the loss is the policy loss minus c times the aggregated entropy."""
+    logits, targets, mask, adv = _logit_batch(62)
+    with torch.no_grad():
+        stats = token_stats(logits, targets, need=("logprob", "entropy"))
+        batch = PolicyBatch(log_prob=stats.logprob, old_log_prob=stats.logprob, advantages=adv, mask=mask,
+                            entropy=stats.entropy)
+        out = build_objective(method, entropy_coeff=0.05, target_entropy=100.0)(batch) if method == "adaptive_entropy" \
+            else build_objective(method, entropy_coeff=0.05)(batch)
+    m = mask.to(F64)
+    expected = float((-adv * m).sum() / m.sum() - 0.05 * (stats.entropy * m).sum() / m.sum())
+    assert float(out.loss) == pytest.approx(expected, rel=1e-9)
+
 def _ref_kl(log_prob: np.ndarray, ref: np.ndarray, kind: str) -> np.ndarray:
     if kind == "k1":
         return log_prob - ref
@@ -832,7 +895,7 @@ def test_malformed_batches_and_normalisers_are_refused():
         PolicyBatch(**{**fields, "advantages": torch.ones(6, 10, dtype=torch.long)})
     with pytest.raises(ValueError, match="rows must be 6 integer row indices"):
         PolicyBatch(**fields, population=batch, rows=torch.arange(6, dtype=F64))
-    for factor in (0.0, -4.0):
+    for factor in (0.0, -4.0, float("nan")):
         with pytest.raises(ValueError, match="loss_scale_factor must be > 0"):
             aggregate_loss(batch.log_prob, batch.mask, "seq-mean-token-sum-norm", loss_scale_factor=factor)
 

@@ -1439,6 +1439,30 @@ def test_lopti_weight_mean_is_over_the_valid_tokens():
     assert out.metrics["shape/lopti_weight_mean"] == pytest.approx(weight[case.mask].mean(), rel=1e-12)
 
 
+
+def test_entropy_advantage_metrics_are_over_the_valid_tokens():
+    """shape/entropy_advantage_bonus and _capped_frac are means over the valid tokens: padding (A = 0 there, H = 1e6)
+    would add zero bonuses and count as capped."""
+    case = random_case(64, torch.float64, shape=(4, 10), lengths=[10, 4, 6, 5])
+    adv, h, mask = case.arrays["advantages"], case.arrays["entropy"], case.mask
+    out = build_objective("entropy_advantage")(case.batch())
+    bonus = np.minimum(0.4 * h, np.abs(adv) / 2.0)
+    capped = 0.4 * h > np.abs(adv) / 2.0
+    assert 0 < capped[mask].sum() < case.n_valid  # well posed: both branches occur
+    assert out.metrics["shape/entropy_advantage_bonus"] == pytest.approx(bonus[mask].mean(), rel=1e-12)
+    assert out.metrics["shape/entropy_advantage_capped_frac"] == pytest.approx(capped[mask].mean(), rel=1e-6)  # a float32 share
+
+
+@pytest.mark.parametrize("method", ["entropy_advantage", "lopti_reweight"])
+def test_shaped_advantages_keep_the_log_prob_dtype(method):
+    """Float64 entropies or old log-probs next to float32 log-probs do not turn the advantages into float64: a shaper
+    returns the dtype it was given."""
+    case = random_case(65, torch.float64, shape=(3, 8))
+    batch = case.batch()
+    batch.log_prob = batch.log_prob.detach().float().requires_grad_()
+    out = build_objective(method)(batch)
+    assert out.advantages.dtype == torch.float32
+
 def test_advantages_mean_metric_is_of_the_shaped_advantages():
     """``advantages/mean`` reports the advantages the surrogate trained on: after W-REINFORCE's lambda A on A > 0."""
     case = random_case(63, torch.float64, shape=(4, 10))
@@ -1494,6 +1518,42 @@ def test_kl_cov_judges_on_policy_by_its_selected_tokens():
     with pytest.warns(UserWarning, match="on-policy"):
         objective(dataclasses.replace(batch, step=3))
 
+
+
+def test_kl_cov_is_not_on_policy_while_any_selected_token_moved():
+    """Several selected tokens, only one of them with log r = 0: the KL term still acts on the others, so three
+    such steps in a row are no reason to warn."""
+    import dataclasses
+
+    case = random_case(36, torch.float64, shape=(4, 20))
+    order = np.argsort(np.where(case.mask, token_cov(case), -np.inf), axis=None)[::-1]
+    old = np.where(case.mask, case.arrays["log_prob"] - 0.1, GARBAGE["old_log_prob"])
+    top = np.unravel_index(order[0], case.mask.shape)
+    old[top] = case.arrays["log_prob"][top]
+    case.arrays["old_log_prob"] = old
+    batch = case.batch()
+    k = 3
+    objective = build_objective("kl_cov", kl_cov_ratio=(k + 0.5) / case.n_valid)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in (1, 2, 3, 4):
+            out = objective(dataclasses.replace(batch, step=step))
+    assert out.metrics["select/kl_cov_frac"] == pytest.approx(k / case.n_valid)
+
+
+def test_kl_cov_on_policy_warning_is_given_once():
+    """The no-op warning is said once, after the third on-policy step, not again at every later step."""
+    import dataclasses
+
+    case = random_case(37, torch.float64, shape=(4, 20))
+    case.arrays["old_log_prob"] = case.arrays["log_prob"].copy()
+    batch = case.batch()
+    objective = build_objective("kl_cov", kl_cov_ratio=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 8):
+            objective(dataclasses.replace(batch, step=step))
+    assert [str(w.message)[:7] for w in caught] == ["kl_cov:"]
 
 def test_adaptive_entropy_first_batch_at_its_target_is_not_below_it():
     """With no finished step, the first batch decides the bonus: H exactly at the target keeps it off."""
