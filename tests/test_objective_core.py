@@ -1473,3 +1473,49 @@ def test_adaptive_entropy_accepts_equal_coefficient_bounds():
     batch, _ = _entropy_batch(0.1, seed=310)
     objective(batch)
     assert objective.end_step()["reg/adaptive_entropy_next_coeff"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("importance_weighted", [False, True])
+@pytest.mark.parametrize("where_nan", ["log_prob", "ref_log_prob"])
+def test_kl_ref_gives_padding_a_zero_gradient_whatever_it_holds(estimator, importance_weighted, where_nan):
+    """NaN at padding, in the policy's or the reference's log-probs, reaches neither the KL term nor the gradient, for
+    every estimator (k2's backward multiplied the zero upstream gradient by the NaN difference)."""
+    log_prob = torch.tensor([[-1.0, -2.0, math.nan if where_nan == "log_prob" else -1.0]], dtype=torch.float64,
+                            requires_grad=True)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=torch.tensor([[-1.1, -2.1, -1.0]], dtype=torch.float64),
+                        advantages=torch.ones(1, 3, dtype=torch.float64), mask=torch.tensor([[True, True, False]]),
+                        ref_log_prob=torch.tensor([[-1.5, -2.5, math.nan if where_nan == "ref_log_prob" else -1.0]],
+                                                  dtype=torch.float64))
+    out = build_objective("kl_ref", kl_loss_type=estimator, importance_weighted=importance_weighted)(batch)
+    (grad,) = torch.autograd.grad(out.loss, log_prob)
+    assert math.isfinite(float(out.loss)) and torch.isfinite(grad).all() and grad[0, 2] == 0.0
+    clean = PolicyBatch(log_prob=log_prob.detach()[:, :2].clone().requires_grad_(), old_log_prob=batch.old_log_prob[:, :2],
+                        advantages=batch.advantages[:, :2], mask=batch.mask[:, :2], ref_log_prob=batch.ref_log_prob[:, :2])
+    expected = build_objective("kl_ref", kl_loss_type=estimator, importance_weighted=importance_weighted)(clean)
+    (expected_grad,) = torch.autograd.grad(expected.loss, clean.log_prob)
+    torch.testing.assert_close(out.loss, expected.loss)
+    torch.testing.assert_close(grad[:, :2], expected_grad)
+
+
+def test_token_mean_of_a_float16_loss_over_more_than_65504_tokens_is_its_mean():
+    """float16 holds no count above 65504: the token count and the sum are taken in float32, then the mean is given
+    back in float16 (it was 0: the count had become inf)."""
+    loss = torch.full((16, 4200), 0.5, dtype=torch.float16)
+    mean = aggregate_loss(loss, torch.ones(16, 4200, dtype=torch.bool), "token-mean")
+    assert mean.dtype == torch.float16 and float(mean) == 0.5
+
+
+def test_sequence_level_tis_weight_is_the_truncated_product_of_the_token_ratios():
+    """w_i = min(prod_t k_t, C): the token log-ratios are summed first, and only the sum is clamped to +-20 before the
+    exponential. log k = [-30, 25] gives e^-5 for both tokens (clamping each token first gave -20 + 20 = 0, w = 1)."""
+    from entrorl.objective.corrections import TruncatedIS
+
+    old = torch.tensor([[-31.0, -1.0]], dtype=torch.float64)
+    batch = PolicyBatch(log_prob=old.clone().requires_grad_(), old_log_prob=old, advantages=torch.ones(1, 2, dtype=torch.float64),
+                        mask=torch.ones(1, 2, dtype=torch.bool), rollout_log_prob=torch.tensor([[-1.0, -26.0]], dtype=torch.float64))
+    torch.testing.assert_close(TruncatedIS(level="sequence")(batch, {}), torch.full((1, 2), math.exp(-5.0), dtype=torch.float64))
+    far = PolicyBatch(log_prob=old.clone().requires_grad_(), old_log_prob=old, advantages=batch.advantages, mask=batch.mask,
+                      rollout_log_prob=torch.tensor([[-1.0, -1.0]], dtype=torch.float64))  # log k = [-30, 0]: clamped at -20
+    torch.testing.assert_close(TruncatedIS(level="sequence")(far, {}), torch.full((1, 2), math.exp(-20.0), dtype=torch.float64))
+    torch.testing.assert_close(TruncatedIS(level="token")(far, {}), torch.tensor([[math.exp(-20.0), 1.0]], dtype=torch.float64))

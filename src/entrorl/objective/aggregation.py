@@ -53,8 +53,10 @@ def aggregate_loss(
     mask = mask.bool()
     masked = torch.where(mask, per_token_loss, torch.zeros_like(per_token_loss))
     if mode == "token-mean":
-        count = mask.sum().to(masked.dtype) if batch_num_tokens is None else torch.as_tensor(float(batch_num_tokens))
-        return masked.sum() / count.clamp(min=1) * dp_size
+        # the count in float32 at least: float16 cannot hold a count above 65504
+        wide = torch.promote_types(masked.dtype, torch.float32)
+        count = mask.sum().to(wide) if batch_num_tokens is None else torch.as_tensor(float(batch_num_tokens))
+        return (masked.sum(dtype=wide) / count.clamp(min=1) * dp_size).to(masked.dtype)
     tokens_per_seq = mask.sum(dim=-1)
     n_seq = (tokens_per_seq > 0).sum().to(masked.dtype) if global_batch_size is None else torch.as_tensor(float(global_batch_size))
     n_seq = n_seq.clamp(min=1)

@@ -18,8 +18,9 @@ __all__ = ["TruncatedIS", "IcePop"]
 
 
 def _mismatch_log_ratio(batch: PolicyBatch) -> torch.Tensor:
+    """``log k_t`` at the valid tokens, 0 elsewhere; not clamped (``exp`` of it is taken after a clamp to +-20)."""
     log_ratio = batch.old_log_prob.detach() - batch.rollout_log_prob.detach()
-    return torch.where(batch.mask, log_ratio, torch.zeros_like(log_ratio)).clamp(-20.0, 20.0)
+    return torch.where(batch.mask, log_ratio, torch.zeros_like(log_ratio))
 
 
 @register_part(
@@ -36,9 +37,9 @@ class TruncatedIS(Correction):
 
     def __call__(self, batch: PolicyBatch, metrics: Metrics) -> torch.Tensor:
         log_ratio = _mismatch_log_ratio(batch)
-        if self.level == "sequence":
-            log_ratio = log_ratio.sum(dim=-1, keepdim=True).clamp(-20.0, 20.0).expand_as(log_ratio)
-        ratio = log_ratio.exp()
+        if self.level == "sequence":  # the product of the token ratios: their log-ratios summed, then clamped
+            log_ratio = log_ratio.sum(dim=-1, keepdim=True).expand_as(log_ratio)
+        ratio = log_ratio.clamp(-20.0, 20.0).exp()
         weight = ratio.clamp(max=self.rollout_is_threshold)
         metrics["correction/tis_weight_mean"] = float(masked_mean(weight, batch.mask))
         metrics["correction/tis_truncated_frac"] = fraction(ratio > self.rollout_is_threshold, batch.mask)
@@ -63,7 +64,7 @@ class IcePop(Correction):
         return self
 
     def __call__(self, batch: PolicyBatch, metrics: Metrics) -> torch.Tensor:
-        ratio = _mismatch_log_ratio(batch).exp()
+        ratio = _mismatch_log_ratio(batch).clamp(-20.0, 20.0).exp()
         inside = (ratio >= self.icepop_low) & (ratio <= self.icepop_high)
         metrics["correction/icepop_masked_frac"] = fraction(~inside, batch.mask)
         return torch.where(inside, ratio, torch.zeros_like(ratio))

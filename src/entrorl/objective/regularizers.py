@@ -172,7 +172,10 @@ class KLReference(Regularizer):
     importance_weighted: bool = Field(False, description="weigh each token's KL by pi / pi_old (DeepSeek-V3.2, arXiv 2512.02556)")
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
-        estimate = kl_estimate(batch.log_prob, batch.ref_log_prob, self.kl_loss_type)
+        # padding may hold anything (NaN included): k2's backward would multiply a zero upstream gradient by it
+        zero = torch.zeros((), dtype=batch.log_prob.dtype, device=batch.log_prob.device)
+        log_prob = torch.where(batch.mask, batch.log_prob, zero)
+        estimate = kl_estimate(log_prob, torch.where(batch.mask, batch.ref_log_prob.detach(), zero), self.kl_loss_type)
         if self.importance_weighted:
             estimate = estimate * policy_ratio(batch)[0]
         kl = aggregate(estimate, batch.mask)
