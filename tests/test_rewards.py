@@ -217,6 +217,16 @@ def test_exact_match(completion, answer, expected):
     assert get_reward("exact_match") is exact_match
 
 
+@pytest.mark.parametrize(
+    ("completion", "answer", "expected"),
+    [("The answer is 42", 42, 1.0), ("It is 7", [3, 7], 1.0), ("x = 2.5", 2.5, 1.0), ("x = 3", 4, 0.0)],
+)
+def test_exact_match_compares_a_numeric_reference_by_its_text_and_returns_a_float(completion, answer, expected):
+    score = exact_match("prompt", completion, answer)
+    assert type(score) is float and score == expected
+    assert type(exact_match("prompt", "Paris", "paris")) is float and type(exact_match("prompt", "a", "b")) is float
+
+
 # --------------------------------------------------------------------------------------------
 # reasoning-gym
 # --------------------------------------------------------------------------------------------
@@ -510,6 +520,7 @@ def test_the_first_line_of_first_error_holds_a_multi_line_message_whole():
     headline, _, traceback_text = res.first_error.partition("\n")
     assert headline == "reward raised for sample 0: ValueError: bad answer expected 4 got 5"
     assert rewards_base.error_headline(res.first_error) == headline and traceback_text.startswith("Traceback")
+    assert rewards_base.error_headline(None) == "" and rewards_base.error_headline("") == ""
 
 
 def test_a_failed_sample_still_takes_its_overlong_penalty():
@@ -603,6 +614,15 @@ def test_check_arguments_refuses_meta_a_reward_cannot_take():
     with pytest.raises(ValueError, match=r"\['prompt'\].*multiple values"):
         RewardRunner(keyword_prompt).check_arguments([{"prompt": "a column named prompt"}])
     RewardRunner(positional_only).check_arguments([{"prompt": "x", "answer": "y", "level": 2}])
+
+
+def test_check_arguments_refuses_a_reward_needing_a_meta_column_some_samples_lack():
+    def needs_level(prompt, completion, answer, level, **meta):
+        return float(level)
+
+    RewardRunner(needs_level).check_arguments([{"level": 1}, {"level": 2, "task": "t"}])
+    with pytest.raises(ValueError, match=r"reward 'needs_level'.*\[\].*missing a required argument: 'level'"):
+        RewardRunner(needs_level).check_arguments([{"level": 1}, {}])
 
 
 def test_check_arguments_leaves_rewards_that_score_whole_batches_alone():
@@ -1155,3 +1175,76 @@ def test_an_answer_in_the_overlong_interval_is_still_correct():
     result = runner(["p"], ["\\boxed{5}"], ["5"], None, [9])  # penalty (6 - 9) / 4 = -0.75
     assert float(result.scores[0]) == 1.0 and float(result.rewards[0]) == pytest.approx(0.25)
     assert bool(result.correct[0])
+
+
+def test_a_multi_element_tensor_or_array_returned_is_a_failed_sample_said_to_be_non_scalar():
+    values = [torch.tensor([0.5, 1.0]), np.array([0.5, 1.0]), 0.25]
+
+    def reward(prompt, completion, answer, **meta):
+        return values[meta["i"]]
+
+    res = RewardRunner(reward)(["p"] * 3, ["c"] * 3, None, [{"i": i} for i in range(3)])
+    assert res.failed.tolist() == [True, True, False] and res.errors == 2
+    assert res.scores.tolist() == [0.0, 0.0, 0.25]
+    assert res.reasons[:2] == ["reward returned a non-scalar Tensor", "reward returned a non-scalar ndarray"]
+    assert res.first_error == "reward for sample 0 returned a non-scalar Tensor"
+
+
+def test_a_runner_without_answers_or_metas_calls_the_reward_with_answer_none_and_no_meta():
+    seen = []
+
+    def reward(prompt, completion, answer, **meta):
+        seen.append((answer, meta))
+        return 1.0
+
+    assert RewardRunner(reward)(["p", "q"], ["a", "b"]).errors == 0
+    assert seen == [(None, {}), (None, {})]
+
+
+def test_a_batch_method_failing_with_a_base_exception_falls_back_to_scoring_sample_by_sample():
+    class _JudgeTimeout(BaseException):  # as Math-Verify's TimeoutException: not an Exception
+        pass
+
+    class Batched:
+        sample_calls = 0
+
+        def __call__(self, prompt, completion, answer, **meta):
+            self.sample_calls += 1
+            return float(completion == answer)
+
+        def score_batch(self, prompts, completions, answers, metas):
+            raise _JudgeTimeout("batch call timed out")
+
+    batched = Batched()
+    result = RewardRunner(batched)(["p"] * 2, ["1", "2"], ["1", "1"])
+    assert batched.sample_calls == 2 and result.scores.tolist() == [1.0, 0.0] and result.errors == 0
+
+
+def test_an_extra_reward_leaves_the_main_reason_of_samples_neither_reward_failed():
+    class Verdict:
+        def __init__(self, score, reason):
+            self.score, self.reason = score, reason
+
+    main = RewardRunner(lambda prompt, completion, answer, **meta: Verdict(0.0, "main: wrong answer"))(
+        ["p"] * 2, ["a", "b"], ["a"] * 2)
+    extra = RewardRunner(lambda prompt, completion, answer, **meta: Verdict(1.0, "format: ok"))(["p"] * 2, ["a", "b"])
+    both = main.with_extra("format", 0.5, extra)
+    assert both.reasons == ["main: wrong answer", "main: wrong answer"] and both.errors == 0
+    assert both.rewards.tolist() == [0.5, 0.5]
+
+
+def test_a_result_refuses_more_reasons_than_scores():
+    with pytest.raises(ValueError, match="3 reasons for 2 scores"):
+        RewardResult(scores=torch.zeros(2), rewards=torch.zeros(2), correct=torch.zeros(2, dtype=torch.bool),
+                     reasons=[None, None, None])
+
+
+def test_the_runner_keeps_each_score_exactly_as_returned():
+    values = [1 / 3, 0.125, 2 / 3, 0.999]
+
+    def reward(prompt, completion, answer, **meta):
+        return values[meta["i"]]
+
+    res = RewardRunner(reward)(["p"] * 4, ["c"] * 4, None, [{"i": i} for i in range(4)])
+    assert res.scores.tolist() == torch.tensor(values, dtype=torch.float32).tolist()
+    assert res.correct.tolist() == [False, False, True, True]

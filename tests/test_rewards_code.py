@@ -117,6 +117,13 @@ def test_extract_code_removes_the_indentation_of_a_fence_indented_in_a_list():
     assert extract_code(completion) == "def f():\n    return 1\nprint(f())\n"
 
 
+def test_a_line_indented_less_than_its_fence_loses_only_the_blanks_it_has():
+    """Up to the fence's indentation is taken off each line (CommonMark): a line with fewer leading blanks keeps all of
+    its code."""
+    completion = "1. Code:\n   ```python\n   print(1)\n print(2)\nprint(3)\n   ```\n"
+    assert extract_code(completion) == "print(1)\nprint(2)\nprint(3)\n"
+
+
 def test_extract_code_ignores_unclosed_fences_and_bare_text_unless_asked():
     assert extract_code("```python\nprint(1)\n") is None  # truncated completion
     assert extract_code("print(1)") is None
@@ -166,6 +173,8 @@ def test_parse_tests_reads_numbers_and_lists_of_lines_as_text():
     assert (test.input, test.expected) == ("", "ok")
     [test] = parse_tests({"cases": [{"input": [], "output": []}]})  # no lines at all: empty text, not one newline
     assert (test.input, test.expected) == ("", "")
+    [test] = parse_tests({"inputs": [2.5], "outputs": [0.75]})  # a decimal number is its text too
+    assert (test.input, test.expected) == ("2.5", "0.75")
 
 
 @pytest.mark.parametrize(
@@ -186,6 +195,8 @@ def test_parse_tests_reads_numbers_and_lists_of_lines_as_text():
         pytest.param({"asserts": "assert(f(1)==2)"}, "'asserts' must be a list, got str", id="asserts-as-one-string"),
         ({"cases": {"input": "1", "output": "2"}}, "'cases' must be a list, got dict"),
         ({"inputs": "12", "outputs": "34"}, "must be lists"),
+        # a list holding any case dict is a list of standard-input cases: the string in it is the malformed case
+        pytest.param([{"input": "1", "output": "2"}, "assert f()"], r"cases\[1\] must be a dict", id="mixed-list"),
         ({"cases": [{"input": "", "output": True}]}, r"cases\[0\]\.output"),
         (42, "expected a dict"),
     ],
@@ -336,6 +347,30 @@ def test_compare_reaches_the_judged_outputs():
     assert judge_run([stdin_test("ok")], run, "exact").status == "wrong_answer"
 
 
+def test_an_assert_case_passes_whatever_the_program_printed():
+    """An assert case passes when its code runs to its end: what the program printed on the way is no output to
+    compare (it has no expected output)."""
+    [test] = parse_tests(["assert f() == 1"])
+    verdict = judge_run([test], SandboxRun(outcomes=[CaseOutcome("ok", stdout="debug: f called\n")]))
+    assert verdict == 1.0 and verdict.status == "passed" and verdict.cases == (("passed", None),)
+
+
+def test_a_wrong_answer_reason_quotes_the_start_of_each_output():
+    expected, printed = "".join(f"{n}\n" for n in range(100)), "".join(f"{n}\n" for n in range(1, 101))
+    verdict = judge_run([stdin_test(expected)], SandboxRun(outcomes=[CaseOutcome("ok", stdout=printed)]))
+    assert verdict.cases[0] == ("wrong_answer", f"expected {expected[:80]!r}, got {printed[:80]!r}")
+    assert verdict.reason == f"wrong_answer: case 0: expected {expected[:80]!r}, got {printed[:80]!r} (0/1 passed)"
+
+
+def test_every_sandbox_option_of_the_reward_reaches_its_sandbox_limits():
+    sandbox = dict(time_limit=1.5, memory_mb=256, max_processes=4, max_file_mb=2, max_open_files=32, startup_time=3.0,
+                   drop_privileges=False, network_namespace=False, read_only_filesystem=False,
+                   allow_subprocesses=True)
+    limits = CodeOptions(**sandbox, compare="exact", block="first").limits()
+    assert type(limits) is SandboxLimits and limits == SandboxLimits(**sandbox)
+    assert reward(memory_mb=200).options.limits().memory_mb == 200
+
+
 def test_correct_program_scores_one():
     verdict = reward()("add", fenced("a, b = map(int, input().split())\nprint(a + b)"), ADD_TESTS)
     assert verdict == 1.0 and verdict.score == 1.0
@@ -388,6 +423,11 @@ def test_a_completion_without_code_still_reports_how_many_cases_there_were():
     assert verdict.status == "no_code" and (verdict.passed, verdict.total) == (0, 2)
 
 
+def test_the_score_method_returns_a_plain_float():
+    score = reward().score("add", "no code here", ADD_TESTS)
+    assert type(score) is float and score == 0.0
+
+
 def test_extraction_and_comparison_options_change_the_verdict():
     """``block``, ``allow_unfenced``, ``languages`` and ``compare`` each reach the reward's extraction and scoring."""
     tests = {"cases": [{"input": "", "output": "first"}]}
@@ -400,6 +440,14 @@ def test_extraction_and_comparison_options_change_the_verdict():
     spaced = fenced("print('first  ')")
     assert reward()("p", spaced, tests) == 1.0
     assert reward(compare="exact")("p", spaced, tests).status == "wrong_answer"
+
+
+def test_outputs_are_compared_by_tokens_unless_told_otherwise():
+    """The default ``compare`` is ``tokens``: the same words, however spaced or broken into lines, pass."""
+    verdict = reward()("p", fenced("print('3   4')\nprint('5')"), {"cases": [{"input": "", "output": "3 4 5\n"}]})
+    assert verdict == 1.0, verdict.reason
+    assert reward(compare="lines")("p", fenced("print('3   4')\nprint('5')"),
+                                   {"cases": [{"input": "", "output": "3 4 5\n"}]}).status == "wrong_answer"
 
 
 def test_sandbox_options_reach_the_sandbox(reachable_temp_dir):
