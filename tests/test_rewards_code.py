@@ -1293,3 +1293,18 @@ def test_sandbox_limits_accept_their_smallest_values_and_cases_are_checked():
         SandboxCase("stdout", "")
     with pytest.raises(TypeError, match="string"):
         SandboxCase("stdin", b"1 2\n")
+
+
+def test_a_code_verdict_survives_pickle_and_copy_with_everything_it_says():
+    """A verdict crosses a process pool or a cache by pickling: it comes back equal, with its status, reason, counts,
+    cases, sandbox layers and time (float's own pickling rebuilt it as CodeVerdict(score), without a status)."""
+    import copy
+    import pickle
+
+    verdict = CodeVerdict(0.5, "wrong_answer", "wrong_answer: case 1: ...", passed=1, total=2,
+                          cases=[("passed", None), ("wrong_answer", "x")], isolation={"audit_hook": True}, seconds=0.2)
+    for clone in (lambda v: pickle.loads(pickle.dumps(v)), copy.copy, copy.deepcopy):
+        again = clone(verdict)
+        assert type(again) is CodeVerdict and again == 0.5
+        assert (again.status, again.reason, again.passed, again.total, again.cases, again.isolation, again.seconds) == (
+            "wrong_answer", verdict.reason, 1, 2, (("passed", None), ("wrong_answer", "x")), {"audit_hook": True}, 0.2)

@@ -266,8 +266,17 @@ class CodeVerdict(float):
     def score(self) -> float:
         return float(self)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # float's own would rebuild it as CodeVerdict(score), without its status: pickling and copying need this
+        return (_rebuild_code_verdict, (float(self), self.status, self.reason, self.passed, self.total, self.cases,
+                                        dict(self.isolation), self.seconds))
+
     def __repr__(self) -> str:
         return f"CodeVerdict({float(self)!r}, status={self.status!r}, reason={self.reason!r})"
+
+
+def _rebuild_code_verdict(score, status, reason, passed, total, cases, isolation, seconds) -> CodeVerdict:
+    return CodeVerdict(score, status, reason, passed=passed, total=total, cases=cases, isolation=isolation, seconds=seconds)
 
 
 def _case_status(test: CodeTest, outcome: CaseOutcome, compare: str) -> tuple[str, str | None]:
