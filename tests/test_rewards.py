@@ -1248,3 +1248,17 @@ def test_the_runner_keeps_each_score_exactly_as_returned():
     res = RewardRunner(reward)(["p"] * 4, ["c"] * 4, None, [{"i": i} for i in range(4)])
     assert res.scores.tolist() == torch.tensor(values, dtype=torch.float32).tolist()
     assert res.correct.tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize(("flag", "failed"), [(True, True), (np.bool_(True), True), (False, False), (np.bool_(False), False),
+                                              ("yes", False), (1, False)])
+def test_a_returned_value_whose_failed_flag_is_a_true_boolean_counts_as_failed(flag, failed):
+    """A judge's placeholder score with ``failed`` true (a Python or a numpy boolean) is a failed sample, scored 0 and
+    counted; a ``failed`` that is not a boolean (some other object named so) does not make it one."""
+
+    class Score:
+        score, reason = 1.0, "judge timeout"
+
+    Score.failed = flag
+    result = RewardRunner(lambda prompt, completion, answer, **meta: Score())(["p"], ["c"])
+    assert (result.failed.tolist(), result.errors, result.scores.tolist()) == (([True], 1, [0.0]) if failed else ([False], 0, [1.0]))

@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from entrorl.evaluation import DEFAULT_THRESHOLD
@@ -439,6 +440,13 @@ def _as_float(value: Any) -> float:
     raise TypeError(f"returned a non-numeric value of type {type(value).__name__}: {value!r:.200}")
 
 
+def _says_failed(value: Any) -> bool:
+    """Whether a returned value carries a ``failed`` flag that is true: a Python or numpy boolean (not a method or
+    any other object that happens to be named so)."""
+    flag = getattr(value, "failed", False)
+    return isinstance(flag, (bool, np.bool_)) and bool(flag)
+
+
 class RewardRunner:
     """Score a batch with one reward function, robustly.
 
@@ -574,7 +582,7 @@ class RewardRunner:
                         first_error = f"reward raised for sample {first_sample + i}: {headline}\n{traceback.format_exc()}"
                     continue
             try:
-                if getattr(value, "failed", False) is True:  # a score that says it is none (a judge's timeout)
+                if _says_failed(value):  # a score that says it is none (a judge's timeout)
                     raise ValueError(f"failed: {getattr(value, 'reason', None) or 'no reason given'}")
                 value, reasons[i] = _score_and_reason(value)
                 score = _as_float(value)
