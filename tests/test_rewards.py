@@ -1262,3 +1262,20 @@ def test_a_returned_value_whose_failed_flag_is_a_true_boolean_counts_as_failed(f
     Score.failed = flag
     result = RewardRunner(lambda prompt, completion, answer, **meta: Score())(["p"], ["c"])
     assert (result.failed.tolist(), result.errors, result.scores.tolist()) == (([True], 1, [0.0]) if failed else ([False], 0, [1.0]))
+
+
+def test_a_reward_class_or_factory_given_as_an_object_is_built_as_its_import_path_would_be():
+    """get_reward(MathReward) builds the reward, as get_reward("entrorl.rewards.math:MathReward") does (the class
+    itself, called as fn(prompt, completion, answer), would construct a reward with those as options); a plain
+    function or a reward object is returned as it is."""
+    from entrorl.rewards.math import MathReward
+
+    built, by_path = get_reward(MathReward), get_reward("entrorl.rewards.math:MathReward")
+    assert type(built) is type(by_path) is MathReward
+    assert float(built("1+1=", "\\boxed{2}", "2")) == float(by_path("1+1=", "\\boxed{2}", "2")) == 1.0
+    assert get_reward(built) is built
+
+    def plain(prompt, completion, answer, **meta):
+        return 1.0
+
+    assert get_reward(plain) is plain

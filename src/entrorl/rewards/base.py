@@ -240,8 +240,8 @@ def _check_options(spec: str, obj: Callable[..., Any], kwargs: Mapping[str, Any]
 
 def _resolve(spec: Any, kwargs: Mapping[str, Any]) -> tuple[Callable[..., Any], bool, Callable[..., None] | None]:
     """(object, is_factory, validate) for a spec; raises ValueError for unknown / bad specs."""
-    if callable(spec) and not isinstance(spec, str):
-        return spec, _is_factory(spec, kwargs) if kwargs else False, None
+    if callable(spec) and not isinstance(spec, str):  # as its import path would be: a class or a factory is built
+        return spec, _is_factory(spec, kwargs), None
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a reward spec is a registered name or 'package.module:function', got {spec!r}")
     spec = spec.strip()
