@@ -545,6 +545,11 @@ def test_reward_results_concatenate_and_select_samples():
     assert both.select(torch.tensor([4])).errors == 1 and both.select([4]).first_error == second.first_error
     assert both.select([2]).reasons == [both.reasons[2]] and both.select([4, 0]).reasons == [both.reasons[4], None]
     assert len(both) == 5 and len(kept) == 2
+    masked = both.select(torch.tensor([False, True, False, True, False]))  # a mask: its true rows, not rows 0 and 1
+    assert masked.rewards.tolist() == kept.rewards.tolist() and masked.reasons == kept.reasons
+    assert both.select([True, False, False, False, True]).errors == 1
+    with pytest.raises(ValueError, match="a mask of shape \\(2,\\) for 5 samples"):
+        both.select([True, False])
 
 
 def test_concatenated_results_keep_the_first_failing_part_s_first_error():

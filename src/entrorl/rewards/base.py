@@ -364,9 +364,14 @@ class RewardResult:
         )
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> "RewardResult":
-        """The samples ``rows`` only: ``errors`` counts their failures; ``first_error`` stays the whole batch's
-        first failure when one of them failed (None otherwise)."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
+        """The samples ``rows`` only (row numbers, or a boolean mask over the samples): ``errors`` counts their
+        failures; ``first_error`` stays the whole batch's first failure when one of them failed (None otherwise)."""
+        rows = torch.as_tensor(rows)
+        if rows.dtype == torch.bool:  # a mask: as long as the batch, its true rows (as_tensor(long) read it as 0s and 1s)
+            if rows.shape != self.scores.shape:
+                raise ValueError(f"select: a mask of shape {tuple(rows.shape)} for {self.scores.numel()} samples")
+            rows = rows.nonzero().flatten()
+        rows = rows.to(torch.long)
         assert self.penalties is not None and self.failed is not None and self.reasons is not None
         failed = self.failed[rows]
         return RewardResult(
