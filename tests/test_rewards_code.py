@@ -318,6 +318,14 @@ def test_a_judged_run_reports_the_fraction_the_first_failure_and_the_runs_own_ti
     assert verdict.seconds == 1.25 and verdict.isolation == {"network_namespace": True}
 
 
+def test_a_run_with_another_number_of_outcomes_than_tests_is_refused_naming_both():
+    """One outcome per test: fewer would leave tests unjudged (and ended in a bare StopIteration), more would judge
+    outcomes of no test."""
+    for outcomes in ([CaseOutcome("ok", stdout="x\n")], [CaseOutcome("ok", stdout="x\n")] * 3):
+        with pytest.raises(ValueError, match=f"judge_run: {len(outcomes)} case outcomes for 2 tests"):
+            judge_run([stdin_test(), stdin_test()], SandboxRun(outcomes=outcomes))
+
+
 def test_a_judged_syntax_error_scores_zero_and_keeps_the_case_count():
     run = SandboxRun(outcomes=[CaseOutcome("not_run")] * 2, syntax_error="SyntaxError: invalid syntax", seconds=0.5)
     verdict = judge_run([stdin_test(), stdin_test()], run)

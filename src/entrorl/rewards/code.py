@@ -308,6 +308,8 @@ def judge_run(tests: Sequence[CodeTest], run: SandboxRun, compare: str = "tokens
     common = {"total": len(tests), "isolation": run.isolation, "seconds": run.seconds}
     if run.syntax_error is not None:
         return CodeVerdict(0.0, "syntax_error", f"syntax_error: {run.syntax_error}", **common)
+    if len(run.outcomes) != len(tests):
+        raise ValueError(f"judge_run: {len(run.outcomes)} case outcomes for {len(tests)} tests; expected one per test")
     cases = [_case_status(test, outcome, compare) for test, outcome in zip(tests, run.outcomes)]
     passed = sum(status == "passed" for status, _ in cases)
     if run.violations:
