@@ -253,6 +253,205 @@ def test_a_saved_tiny_model_loads_back_as_built_and_leaves_the_progress_bars_as_
     assert all(torch.equal(tensor, built[name]) for name, tensor in model.state_dict().items())
 
 
+_COUNT_SETTINGS = ("problems_per_task", "demos_per_problem", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                   "max_position_embeddings", "steps", "batch_size")
+
+
+@pytest.mark.parametrize("name", _COUNT_SETTINGS)
+def test_every_count_of_a_base_model_specification_must_be_a_whole_number_of_at_least_one(name):
+    with pytest.raises(ValueError, match=rf"BaseModelSpec\.{name} must be a positive integer, got 0"):
+        BaseModelSpec(**{name: 0})
+    with pytest.raises(ValueError, match=rf"BaseModelSpec\.{name} must be a positive integer, got 1.5"):
+        BaseModelSpec(**{name: 1.5})
+    assert getattr(BaseModelSpec(**{name: np.int64(1)}), name) == 1
+
+
+def test_the_share_of_wrong_demonstrations_may_be_anything_from_0_to_1_inclusive():
+    assert BaseModelSpec(wrong_fraction=0.0).wrong_fraction == 0.0
+    assert BaseModelSpec(wrong_fraction=1.0).wrong_fraction == 1.0
+    for bad in (-0.01, 1.01, float("nan")):
+        with pytest.raises(ValueError, match=r"wrong_fraction must be in \[0, 1\]"):
+            BaseModelSpec(wrong_fraction=bad)
+
+
+def test_the_base_model_s_learning_rate_must_be_finite_and_may_be_zero():
+    assert BaseModelSpec(lr=0.0).lr == 0.0
+    for bad in (float("inf"), -1e-3, float("nan")):
+        with pytest.raises(ValueError, match=r"lr must be a finite number >= 0"):
+            BaseModelSpec(lr=bad)
+
+def test_the_cache_key_is_16_hex_digits_whatever_the_order_of_the_extra_settings():
+    """The key names the cache folder: equal specifications (dicts compare without their order) share one."""
+    import re
+
+    first, second = BaseModelSpec(extra={"a": 1, "b": {"x": 1, "y": 2}}), BaseModelSpec(extra={"b": {"y": 2, "x": 1}, "a": 1})
+    assert first == second and first.key() == second.key()
+    assert re.fullmatch(r"[0-9a-f]{16}", first.key())
+    assert first.key() != BaseModelSpec(extra={"a": 1, "b": {"x": 1, "y": 3}}).key()
+
+
+def test_sft_batches_hold_batch_size_pairs_each_and_shuffle_the_pairs_anew_every_pass():
+    """Five pairs in batches of two: every batch holds two pairs, a pass is two batches of four distinct pairs (the
+    fifth waits), and the passes do not all repeat the first one's order."""
+    from entrorl.lab.base_model import sft_batches
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    pairs = [(f"{i}+{i}=", str(2 * i)) for i in range(5)]
+    batches = sft_batches(pairs, tokenizer, batch_size=2, seed=0)
+    passes = []
+    for _ in range(8):
+        prompts = []
+        for _ in range(2):
+            input_ids, _, _ = next(batches)
+            assert input_ids.shape[0] == 2
+            prompts += [tokenizer.decode(row[:4]) for row in input_ids]
+        assert len(set(prompts)) == 4
+        passes.append(prompts)
+    assert len({tuple(p) for p in passes}) > 1
+    assert {prompt for p in passes for prompt in p} == {prompt for prompt, _ in pairs}
+
+
+def test_the_supervised_loss_is_zero_without_marked_tokens_and_taken_in_float32_for_a_bfloat16_model():
+    from entrorl.lab.base_model import sft_batches, supervised_loss
+    from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
+    input_ids, attention, loss_mask = next(sft_batches([("1+2=", "3"), ("10+20=", "30 x")], tokenizer, batch_size=2, seed=0))
+    with torch.no_grad():
+        nothing = supervised_loss(model, input_ids, attention, torch.zeros_like(loss_mask))
+        assert nothing.item() == 0.0
+        model = model.to(torch.bfloat16)
+        loss = supervised_loss(model, input_ids, attention, loss_mask)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+        nll = -logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        expected = nll[loss_mask[:, 1:]].mean()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_base_model_is_its_seeded_initialisation_after_its_steps_of_adamw_on_its_tasks_corpora(tmp_path):
+    """20 steps replayed by hand: the corpus of each task from the seed plus 7919 per task, batches from the seed,
+    AdamW without weight decay, gradients clipped to norm 1, the learning rate warmed up over 50 steps and decayed
+    linearly to a floor of 10%; progress hears of every step, and base.json records the corpus size, the loss of each
+    step (100 points at most) and the mean of the last 50."""
+    from safetensors.torch import load_file
+
+    from entrorl.lab.base_model import sft_batches, supervised_loss
+    from entrorl.lab.tasks import get_task, sft_corpus
+    from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2
+
+    spec = BaseModelSpec(tasks=("sum_chain", "rg_arithmetic"), problems_per_task=4, demos_per_problem=2, wrong_fraction=0.5,
+                         hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, max_position_embeddings=128, steps=20,
+                         batch_size=3, lr=1e-2, seed=2)
+    heard = []
+    directory = build_base_model(spec, cache_dir=tmp_path, progress=lambda *args: heard.append(args))
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                             max_position_embeddings=128, seed=2)
+    pairs = [pair for index, name in enumerate(spec.tasks)
+             for pair in sft_corpus(get_task(name), 4, seed=2 + 7919 * index, wrong_fraction=0.5, demos_per_problem=2)]
+    batches = sft_batches(pairs, tokenizer, batch_size=3, seed=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for step in range(20):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2 * min(1.0, (step + 1) / 50) * max(0.1, 1.0 - step / 20)
+        loss = supervised_loss(model, *next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    expected = model.state_dict()
+    weights = load_file(directory / "model.safetensors")
+    assert weights and all(torch.allclose(tensor, expected[name], rtol=0, atol=1e-7) for name, tensor in weights.items())
+    assert heard == [(step + 1, 20, pytest.approx(loss, rel=1e-5)) for step, loss in enumerate(losses)]
+    info = json.loads((directory / "base.json").read_text())
+    assert info["corpus_pairs"] == len(pairs) > 3
+    assert info["loss_curve"] == pytest.approx(losses, rel=1e-5)
+    assert info["final_loss"] == pytest.approx(sum(losses) / 20, rel=1e-5)
+
+
+def test_a_cache_folder_that_cannot_be_entered_is_refused(tmp_path, monkeypatch):
+    """Writing into a folder needs its search (x) permission as well as its write permission."""
+    import os
+
+    from entrorl.lab.base_model import lab_cache_root
+
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.X_OK)
+    with pytest.raises(ValueError, match=r"cache .*/lab cannot be written .*point ENTRORL_CACHE at a writable folder"):
+        lab_cache_root(tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_folder_that_cannot_be_made_is_named_before_a_base_model_is_trained(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from entrorl.lab import base_model
+
+    def refused(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(base_model, "_train", lambda *args, **kwargs: pytest.fail("trained"))
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(ValueError, match=r"cache .*/lab cannot be created \(Read-only file system\); point ENTRORL_CACHE"):
+        base_model.build_base_model(BaseModelSpec(), cache_dir=tmp_path / "cache")
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EFBIG"])
+def test_a_base_model_that_finds_no_room_in_its_cache_names_the_cache(tmp_path, monkeypatch, code):
+    """A full disk, a quota reached and a file too large all say to free space or move ENTRORL_CACHE; nothing is left."""
+    import errno
+
+    from entrorl.lab import base_model
+
+    def no_room(spec, directory, progress=None):
+        raise OSError(getattr(errno, code), "no room")
+
+    monkeypatch.setattr(base_model, "_train", no_room)
+    with pytest.raises(OSError, match=r"the base model cannot be written into the cache .*no room.*ENTRORL_CACHE"):
+        base_model.build_base_model(BaseModelSpec(), cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache" / "lab").iterdir()) == []
+
+
+def test_the_character_tokenizer_gives_each_unknown_character_its_own_unk_token():
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer("ab")
+    assert tokenizer("a??b\t")["input_ids"] == [4, 3, 3, 5, 3]
+
+
+def test_a_tiny_qwen2_s_feed_forward_is_four_times_its_hidden_size_unless_given():
+    from entrorl.lab.tiny_model import build_tiny_qwen2
+
+    sizes = {"num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
+    assert build_tiny_qwen2(20, hidden_size=16, **sizes).config.intermediate_size == 64
+    model = build_tiny_qwen2(20, hidden_size=16, intermediate_size=24, **sizes)
+    assert model.config.intermediate_size == 24 and model.model.layers[0].mlp.up_proj.weight.shape == (24, 16)
+
+
+def test_a_tiny_model_is_saved_without_progress_bars(tmp_path):
+    """save_quietly turns transformers' progress bars off while the model and the tokenizer are written."""
+    from transformers.utils import logging as hf_logging
+
+    from entrorl.lab.tiny_model import save_quietly
+
+    seen = []
+
+    class Recording:
+        def save_pretrained(self, directory):
+            seen.append(hf_logging.is_progress_bar_enabled())
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        save_quietly(Recording(), Recording(), tmp_path)
+        assert seen == [False, False] and hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+
 def test_presets_cover_the_issue_matrix():
     default = get_preset("default")
     for method in ("grpo", "dapo", "clip_cov", "kl_cov", "forking_tokens", "clip_b", "clip_v", "nsr", "w_reinforce",
@@ -1844,3 +2043,27 @@ def test_the_policy_evaluation_gives_pass_at_n_also_when_n_is_not_a_power_of_two
     result = runner.evaluate_policy(load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir), preset, data)
     expected = {str(k): (1 - math.comb(4, k) / math.comb(6, k)) / 2 for k in (1, 2, 4, 6)}
     assert result["pass_at_k"] == pytest.approx(expected) and list(result["pass_at_k"]) == list(expected)
+
+
+def test_the_supervised_trainer_draws_its_demonstrations_from_the_run_s_seed(tmp_path, tiny_model_dir, monkeypatch):
+    """The same step of runs with another seed trains on other demonstrations (each run its own draw)."""
+    from entrorl.data import write_jsonl
+    from entrorl.lab.runner import _trainer_config
+    from entrorl.lab.supervised import SFTTrainer
+    from entrorl.lab.tasks import get_task
+    from entrorl.trainer import Trainer, load_config
+
+    task = get_task("sum_chain")
+    preset = get_preset("quick").model_copy(update={"prompts_per_step": 4, "group_size": 2, "max_new_tokens": 2})
+    data = {"train": tmp_path / "train.jsonl"}
+    write_jsonl(task.records(4, seed=0, split="train"), data["train"])
+    trainer = SFTTrainer(load_config(_trainer_config(preset, "sft", tiny_model_dir, data, tmp_path / "run")), run_dir=tmp_path / "run")
+    trainer.use_task(task)
+    sampled = Trainer.collect(trainer)
+    monkeypatch.setattr(Trainer, "collect", lambda self: sampled)
+
+    def demonstrations(seed):
+        trainer.config = trainer.config.model_copy(update={"seed": seed})
+        return [trainer.tokenizer.decode(ids) for ids in trainer.collect().rollouts.response_ids]
+
+    assert demonstrations(0) == demonstrations(0) and demonstrations(0) != demonstrations(1)

@@ -777,6 +777,15 @@ def test_master_weights_are_needed_for_trainable_low_precision_weights_only():
     assert not needs_master_weights(frozen_base)  # float32 adapters on a frozen bfloat16 base
 
 
+def test_master_weights_are_needed_when_any_trainable_weight_is_narrower_than_float32():
+    from entrorl.trainer.precision import needs_master_weights
+
+    mixed = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2).to(torch.bfloat16))
+    assert needs_master_weights(mixed)
+    mixed[1].requires_grad_(False)
+    assert not needs_master_weights(mixed)
+
+
 def test_master_weights_step_float32_copies_of_the_trainable_weights():
     """Copies of the trainable weights only; the gradients move to the copies in float32 (none left on the model);
     the saved state is the copies' float32 values, not the rounded weights; a state of another length or shape is
@@ -836,6 +845,24 @@ def test_master_weights_of_float32_parameters_are_copies_too():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     master.write_back()
     assert all(torch.equal(p, (b.float() + 0.5).to(b.dtype)) for p, b in zip(model.parameters(), before))
+
+
+def test_master_weights_keep_the_gradient_of_a_weight_left_out_of_a_later_micro_batch():
+    """A weight that gets no gradient in the second micro-batch keeps the first micro-batch's on its copy."""
+    from entrorl.trainer.precision import MasterWeights
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(3, 2).to(torch.bfloat16), torch.nn.Linear(3, 2).to(torch.bfloat16)
+    model = torch.nn.ModuleList([first, second])
+    master = MasterWeights(model)
+    (first(torch.randn(4, 3, dtype=torch.bfloat16)).sum() + second(torch.randn(4, 3, dtype=torch.bfloat16)).sum()).backward()
+    gradients = [p.grad.float().clone() for p in master.parameters]
+    master.take_gradients()
+    first(torch.randn(4, 3, dtype=torch.bfloat16)).sum().backward()  # the second layer is not used
+    more = [p.grad.float().clone() for p in first.parameters()]
+    master.take_gradients()
+    assert torch.equal(master.copies[0].grad, gradients[0] + more[0]) and torch.equal(master.copies[1].grad, gradients[1] + more[1])
+    assert torch.equal(master.copies[2].grad, gradients[2]) and torch.equal(master.copies[3].grad, gradients[3])
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -978,6 +1005,76 @@ def test_evaluate_model_marks_truncated_only_the_samples_cut_at_max_new_tokens(t
     assert [(s["completion"], s["length"], s["truncated"]) for s in result.samples] == [
         ("=", 1, True), ("=", 1, True), ("", 1, False), ("", 1, False)]
 
+
+def _evaluate_tiny(tiny_model_dir, **options):
+    from entrorl.data import PromptRecord
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+    from entrorl.rewards import RewardRunner
+    from entrorl.rollout import SamplingParams
+    from entrorl.trainer.evaluate import evaluate_model
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    records = [PromptRecord("1+2=", "3", source="p.jsonl:1"), PromptRecord("2+7=", "9", source="p.jsonl:2")]
+    prompt_ids = [tokenizer(record.prompt)["input_ids"] for record in records]
+    runner = options.pop("runner", None) or RewardRunner(lambda prompt, completion, answer, **meta: 0.0)
+    options = {"n": 6, "ks": [1], "seed": 0, "keep_samples": True, "sampling": SamplingParams(max_new_tokens=4), **options}
+    return model, evaluate_model(model, tokenizer, records, prompt_ids, runner, **options)
+
+
+def test_evaluate_model_samples_under_its_own_seed_and_leaves_the_caller_s_random_stream_as_it_was(tiny_model_dir):
+    """The same seed gives the same samples whatever the caller's random state, another seed others; torch's
+    global stream goes on afterwards as if no evaluation had run. The default batch holds 64 rows."""
+    def completions(seed, **options):
+        return [sample["completion"] for sample in _evaluate_tiny(tiny_model_dir, seed=seed, **options)[1].samples]
+
+    torch.manual_seed(11)
+    first = completions(5)
+    after = torch.rand(3)
+    torch.manual_seed(11)
+    torch.rand(3)  # another caller state
+    assert completions(5) == first
+    torch.manual_seed(11)
+    completions(6)
+    assert torch.equal(torch.rand(3), after)
+    assert completions(6) != first and completions(5, batch_size=64) == first
+
+
+def test_evaluate_model_reports_the_reward_s_threshold_the_forks_sources_and_its_sampling_progress(tiny_model_dir):
+    """The result keeps the reward runner's correctness threshold, each fork token names the file and line of its
+    prompt, and progress hears the rows sampled so far, one call per batch of batch_size rows."""
+    from entrorl.rewards import RewardRunner
+
+    heard = []
+    runner = RewardRunner(lambda prompt, completion, answer, **meta: 0.8, correct_threshold=0.9)
+    _, result = _evaluate_tiny(tiny_model_dir, runner=runner, top_forks=40, batch_size=5, progress=heard.append)
+    assert result.correct_threshold == 0.9 and result.to_dict()["threshold"] == 0.9 and result.summary.avg_at_n == 0.0
+    assert {fork["source"] for fork in result.forks} == {"p.jsonl:1", "p.jsonl:2"}
+    assert heard == [5, 10, 12]
+
+
+def test_evaluate_model_scores_fork_tokens_in_eval_mode_and_puts_a_training_model_back_in_training(tiny_model_dir,
+                                                                                                  monkeypatch):
+    """Fork entropies are those of the model without dropout; a model that was training is training again after."""
+    from entrorl.data import PromptRecord
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+    from entrorl.rewards import RewardRunner
+    from entrorl.rollout import SamplingParams
+    from entrorl.trainer import evaluate as evaluate_module
+
+    modes = []
+    original = evaluate_module.bucketed_response_token_stats
+
+    def spy(model, *args, **options):
+        modes.append(model.training)
+        return original(model, *args, **options)
+
+    monkeypatch.setattr(evaluate_module, "bucketed_response_token_stats", spy)
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    model.train()
+    result = evaluate_module.evaluate_model(model, tokenizer, [PromptRecord("1+2=", "3")], [tokenizer("1+2=")["input_ids"]],
+                                            RewardRunner(lambda prompt, completion, answer, **meta: 0.0), n=2, ks=[1],
+                                            seed=0, top_forks=1, sampling=SamplingParams(max_new_tokens=3))
+    assert modes == [False] and model.training and len(result.forks) == 1
 
 def test_evaluation_fork_entropies_use_the_sampling_temperature(tmp_path, tiny_model_dir, arithmetic_files, trainer_for,
                                                                 monkeypatch):
