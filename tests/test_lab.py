@@ -2067,3 +2067,54 @@ def test_the_supervised_trainer_draws_its_demonstrations_from_the_run_s_seed(tmp
         return [trainer.tokenizer.decode(ids) for ids in trainer.collect().rollouts.response_ids]
 
     assert demonstrations(0) == demonstrations(0) and demonstrations(0) != demonstrations(1)
+
+
+@pytest.mark.parametrize(("a", "b"), [({"lr": 1}, {"lr": 1.0}), ({"wrong_fraction": 0}, {"wrong_fraction": 0.0}),
+                                      ({"lr": np.float32(0.5)}, {"lr": 0.5})])
+def test_equal_specifications_share_one_cache_key(a, b):
+    """1 and 1.0, or a numpy 0.5 and 0.5, are one setting: one key, so one cached model (a numpy float made the key's
+    JSON fail, an int made another key)."""
+    assert BaseModelSpec(**a) == BaseModelSpec(**b)
+    assert BaseModelSpec(**a).key() == BaseModelSpec(**b).key()
+    assert BaseModelSpec().key() == BaseModelSpec(lr=3e-3, wrong_fraction=0.3).key()
+
+
+def test_an_empty_entrorl_cache_means_the_default_cache(monkeypatch, tmp_path):
+    """ENTRORL_CACHE set but empty is unset (it put the cache in the working directory)."""
+    from entrorl.lab.base_model import default_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("ENTRORL_CACHE", "")
+    assert default_cache_dir() == tmp_path / ".cache" / "entrorl"
+    monkeypatch.setenv("ENTRORL_CACHE", str(tmp_path / "elsewhere"))
+    assert default_cache_dir() == tmp_path / "elsewhere"
+
+
+def test_a_finished_base_model_in_a_read_only_cache_is_used(tmp_path, monkeypatch):
+    """A cache that already holds the model is only read: a read-only one is fine (it was refused as unwritable); one
+    without the model is still refused before any training."""
+    import os
+
+    from entrorl.lab import base_model
+
+    spec = BaseModelSpec()
+    final = tmp_path / "lab" / f"base-{spec.key()}"
+    final.mkdir(parents=True)
+    (final / "base.json").write_text(json.dumps({"key": spec.key()}))
+    monkeypatch.setattr(base_model, "_train", lambda *args, **kwargs: pytest.fail("trained again"))
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)  # a read-only filesystem
+    assert base_model.build_base_model(spec, cache_dir=tmp_path) == final
+    with pytest.raises(ValueError, match="cannot be written"):
+        base_model.build_base_model(BaseModelSpec(seed=1), cache_dir=tmp_path)
+
+
+def test_training_a_base_model_leaves_the_caller_s_random_stream_as_it_was(tmp_path, monkeypatch):
+    from entrorl.lab import base_model
+
+    monkeypatch.setattr(base_model, "_train_seeded", lambda spec, directory, progress=None: {"drawn": torch.rand(1).item()})
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = base_model._train(BaseModelSpec(seed=5), tmp_path)
+    assert torch.equal(torch.rand(3), expected)
+    assert base_model._train(BaseModelSpec(seed=5), tmp_path) == first  # seeded by the spec, inside

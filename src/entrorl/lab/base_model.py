@@ -61,6 +61,8 @@ class BaseModelSpec:
             raise ValueError(f"BaseModelSpec.wrong_fraction must be in [0, 1], got {self.wrong_fraction!r}")
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(f"BaseModelSpec.lr must be a finite number >= 0, got {self.lr!r}")
+        for name in ("wrong_fraction", "lr"):  # as Python floats, so that equal specifications share one cache key
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     def key(self) -> str:
         payload = json.dumps({"version": _FORMAT_VERSION, **asdict(self)}, sort_keys=True)
@@ -69,7 +71,7 @@ class BaseModelSpec:
 
 def default_cache_dir() -> Path:
     """``$ENTRORL_CACHE`` or ``~/.cache/entrorl``."""
-    return Path(os.environ.get("ENTRORL_CACHE", Path.home() / ".cache" / "entrorl"))
+    return Path(os.environ.get("ENTRORL_CACHE") or Path.home() / ".cache" / "entrorl")  # set but empty: the default
 
 
 def sft_batches(pairs: list[tuple[str, str]], tokenizer, *, batch_size: int, seed: int):
@@ -112,7 +114,12 @@ def supervised_loss(model, input_ids: torch.Tensor, attention: torch.Tensor, los
 
 
 def _train(spec: BaseModelSpec, directory: Path, progress=None) -> dict:
-    torch.manual_seed(spec.seed)
+    with torch.random.fork_rng(devices=[]):  # seeded for the run, leaving the caller's generator as it was
+        torch.manual_seed(spec.seed)
+        return _train_seeded(spec, directory, progress)
+
+
+def _train_seeded(spec: BaseModelSpec, directory: Path, progress=None) -> dict:
     tokenizer = build_char_tokenizer()
     model = build_tiny_qwen2(
         len(tokenizer), hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=spec.num_heads,
@@ -168,11 +175,12 @@ def lab_cache_root(cache_dir: Path | None = None, *, create: bool = True) -> Pat
 
 
 def build_base_model(spec: BaseModelSpec, *, cache_dir: Path | None = None, rebuild: bool = False, progress=None) -> Path:
-    """The cached base model directory for ``spec`` (trained on first use, atomically)."""
-    root = lab_cache_root(cache_dir)
-    final = root / f"base-{spec.key()}"
+    """The cached base model directory for ``spec`` (trained on first use, atomically; a cache that holds it is only
+    read, so it may be read-only)."""
+    final = (cache_dir or default_cache_dir()) / "lab" / f"base-{spec.key()}"
     if final.is_dir() and (final / "base.json").is_file() and not rebuild:
         return final
+    root = lab_cache_root(cache_dir)
     temporary = root / f".base-{spec.key()}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
