@@ -187,3 +187,27 @@ def test_trainer_applies_the_setting_only_when_asked(tmp_path, tiny_model_dir, a
                           "logging": {"progress": False}})
     Trainer(config, run_dir=tmp_path / "run")
     assert calls == ([True] if applied else [])
+
+
+def test_a_c_library_that_cannot_be_loaded_is_left_alone(fake_libc, monkeypatch):
+    """ctypes cannot open the C library: False, nothing remembered as applied, no error."""
+    fake_libc()
+
+    def cannot_open(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", cannot_open)
+    assert allocator.retain_freed_memory() is False
+    assert allocator._applied is None
+
+
+@pytest.mark.parametrize(("found", "opened"), [("libc.so.6.1", "libc.so.6.1"), (None, "libc.so.6")])
+def test_the_c_library_opened_is_the_one_the_system_names(fake_libc, monkeypatch, found, opened):
+    """The C library's file is what ctypes.util.find_library("c") names (libc.so.6.1 on some systems), libc.so.6
+    when it names none."""
+    libc = fake_libc()
+    names = []
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: names.append(name) or libc)
+    monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: found if name == "c" else None)
+    assert allocator.retain_freed_memory()
+    assert names == [opened] and len(libc.calls) == 2

@@ -392,6 +392,7 @@ def test_overlong_penalty_dapo_values_and_factor():
         {"max_length": 10.5, "cache_length": 2},
         {"max_length": 10, "cache_length": 2, "penalty_factor": -1.0},
         {"max_length": 10, "cache_length": 2, "penalty_factor": float("nan")},
+        {"max_length": 10, "cache_length": 2, "penalty_factor": float("inf")},
         {"max_length": 10, "cache_length": 2, "penalty_factor": True},
         {"max_length": True, "cache_length": 1},
     ],
@@ -406,6 +407,19 @@ def test_overlong_penalty_rejects_a_length_that_is_not_a_token_count(length):
     """A length is a whole number of tokens, >= 0 (as overlong_penalties refuses float and bool lengths)."""
     with pytest.raises(ValueError, match="length"):
         overlong_penalty(length, max_length=10, cache_length=2)
+
+
+@pytest.mark.parametrize("cache_length", [1, 3, 7])
+@pytest.mark.parametrize("penalty_factor", [0.1, 0.3, 0.7, 1.3])
+def test_overlong_penalty_at_max_length_is_exactly_minus_the_factor(cache_length, penalty_factor):
+    """Continuous at L_max: the ramp ends at exactly -penalty_factor, the value beyond it (the difference is divided by
+    cache_length before it is scaled, so that it is -1 there, exactly)."""
+    settings = dict(max_length=9, cache_length=cache_length, penalty_factor=penalty_factor)
+    assert overlong_penalty(9, **settings) == -penalty_factor
+    assert overlong_penalty(10, **settings) == -penalty_factor
+    assert overlong_penalty(9 - cache_length, **settings) == 0.0
+    assert overlong_penalties([9 - cache_length, 9, 10], **settings).tolist() == torch.tensor(
+        [0.0, -penalty_factor, -penalty_factor], dtype=torch.float32).tolist()
 
 
 def test_overlong_penalty_factor_zero_turns_the_penalty_off():

@@ -610,3 +610,122 @@ def test_cli_eval_samples_the_adapted_model(tmp_path, tiny_model_dir, arithmetic
     assert adapted != completions("--model", str(tmp_path / "base"))
     refused = run_cli("eval", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--data", str(held_out))
     assert refused.returncode == 2 and "leave --base out" in refused.stderr
+
+
+def test_the_merged_weight_is_the_base_weight_plus_alpha_over_rank_times_b_a():
+    """W + (alpha / r) B A, with the scale alpha / r (6 / 4 = 1.5 here, not alpha, not 1), for the merged model and for
+    the weights given to an inference engine; the layers not adapted keep their weights."""
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    model = random_model(ARCHITECTURES["llama_bias"]())
+    adapter = LoraAdapter(model, rank=4, alpha=6.0, target_modules=["q_proj"])
+    draw_adapters(model, 0.2)
+    layer = model.model.layers[1].self_attn.q_proj
+    expected = layer.base_layer.weight + 1.5 * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+    merged = adapter.merged_state_dict()
+    torch.testing.assert_close(merged["model.layers.1.self_attn.q_proj.weight"], expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dict(adapter.merged_parameters())["model.layers.1.self_attn.q_proj.weight"], expected,
+                               rtol=1e-6, atol=1e-6)
+    k_proj = model.model.layers[1].self_attn.k_proj.weight
+    assert torch.equal(merged["model.layers.1.self_attn.k_proj.weight"], k_proj)
+
+
+def test_the_adapters_take_the_dropout_rate_asked_for():
+    """model.lora.dropout reaches the adapters (off by default)."""
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    for dropout, expected in ((0.25, 0.25), (0.0, None)):
+        model = random_model(ARCHITECTURES["llama_bias"]())
+        LoraAdapter(model, rank=4, alpha=8.0, dropout=dropout, target_modules=["q_proj"])
+        for layer in model.model.layers:
+            applied = layer.self_attn.q_proj.lora_dropout["default"]
+            assert (applied.p if isinstance(applied, torch.nn.Dropout) else None) == expected
+
+
+def test_one_module_name_given_to_the_adapter_as_a_string_is_a_name_not_a_pattern():
+    """LoraAdapter(target_modules="q_proj") adapts the q_proj layers, as ["q_proj"] does (peft would read a string as a
+    regular expression over full module names, which "q_proj" matches none of)."""
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    model = random_model(ARCHITECTURES["llama_bias"]())
+    LoraAdapter(model, rank=4, alpha=8.0, target_modules="q_proj")
+    adapted = {name.split(".lora_")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {f"model.layers.{layer}.self_attn.q_proj" for layer in range(len(model.model.layers))}
+
+
+def test_adapters_loaded_for_eval_onto_another_base_directory_are_frozen_and_load_without_a_warning(tmp_path):
+    """Kept apart on a bfloat16 base, the adapters are loaded for inference (no parameter asks for a gradient); the base
+    given (not the one the adapters record) is the one peft is told of, so it does not warn of a renamed base."""
+    import shutil
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import load_adapted_causal_lm
+
+    random_model(ARCHITECTURES["llama_bias"]()).save_pretrained(tmp_path / "base")
+    shutil.copytree(tmp_path / "base", tmp_path / "copy")
+    adapted = get_peft_model(load_causal_lm(tmp_path / "base", dtype="bfloat16"),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    adapted.save_pretrained(tmp_path / "adapters")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_adapted_causal_lm(tmp_path / "adapters", tmp_path / "copy", dtype="bfloat16")
+    assert not [str(warning.message) for warning in caught if "renamed" in str(warning.message)]
+    assert any(isinstance(module, LoraLayer) for module in model.modules())
+    assert not [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("damage", ["not a pickle", "cut short"])
+def test_a_damaged_pickled_adapter_file_cannot_be_read(tmp_path, damage):
+    """An adapter_model.bin (older peft) that holds no pickle, or a legacy-format one cut short: ValueError naming the
+    file and what its reader said."""
+    import io
+
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    adapter = LoraAdapter(random_model(ARCHITECTURES["llama_bias"]()), rank=4, alpha=8.0, target_modules=["q_proj"])
+    adapter.peft_model.save_pretrained(tmp_path / "adapters", safe_serialization=False)
+    weights = tmp_path / "adapters" / "adapter_model.bin"
+    legacy = io.BytesIO()
+    torch.save(torch.load(weights, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    weights.write_bytes(b"x" * 100 if damage == "not a pickle" else legacy.getvalue()[:10])
+    reader = "UnpicklingError" if damage == "not a pickle" else "EOFError"
+    with pytest.raises(ValueError, match=rf"adapter_model.bin cannot be read \({reader}"):
+        adapter.load(tmp_path / "adapters")
+
+
+def test_the_merged_model_of_a_float64_base_is_float64_and_its_config_says_so(tmp_path):
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    adapter = LoraAdapter(random_model(ARCHITECTURES["llama_bias"]()).double(), rank=4, alpha=8.0,
+                          target_modules=["q_proj"])
+    assert adapter.merged_dtype() == torch.float64
+    adapter.save_merged(tmp_path / "merged")
+    written = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert written.get("dtype", written.get("torch_dtype")) == "float64"
+
+
+def test_without_peft_the_adapter_says_what_to_install(monkeypatch):
+    import sys
+
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft then fails
+    with pytest.raises(ImportError, match=r"model.lora needs the peft package: pip install 'entrorl\[lora\]'"):
+        LoraAdapter(random_model(ARCHITECTURES["llama_bias"]()), rank=4, alpha=8.0)
