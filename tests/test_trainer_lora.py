@@ -729,3 +729,40 @@ def test_without_peft_the_adapter_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft then fails
     with pytest.raises(ImportError, match=r"model.lora needs the peft package: pip install 'entrorl\[lora\]'"):
         LoraAdapter(random_model(ARCHITECTURES["llama_bias"]()), rank=4, alpha=8.0)
+
+
+def _llama_adapter(rank: int = 4):
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    return LoraAdapter(random_model(ARCHITECTURES["llama_bias"]()), rank=rank, alpha=8.0, target_modules=["q_proj"])
+
+
+def test_a_pickled_adapter_file_cut_short_cannot_be_read_and_is_not_taken_for_another_model_s(tmp_path):
+    """adapter_model.bin as torch.save writes it today (a zip archive), cut short: torch says RuntimeError, which is a
+    damaged file (not adapters that 'do not fit the model'), for LoraAdapter.load and for an eval's loader alike."""
+    from peft import LoraConfig, get_peft_model
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.modeling import load_causal_lm
+    from entrorl.trainer.adapters import load_adapted_causal_lm
+
+    random_model(ARCHITECTURES["llama_bias"]()).save_pretrained(tmp_path / "base")
+    get_peft_model(load_causal_lm(tmp_path / "base"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])) \
+        .save_pretrained(tmp_path / "adapters", safe_serialization=False)
+    weights = tmp_path / "adapters" / "adapter_model.bin"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"adapter_model\.bin cannot be read \(RuntimeError: "):
+        _llama_adapter().load(tmp_path / "adapters")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin cannot be read") as refused:
+        load_adapted_causal_lm(tmp_path / "adapters", tmp_path / "base")
+    assert "do not fit" not in str(refused.value)
+
+
+def test_adapters_of_another_rank_do_not_fit_as_a_value_error(tmp_path):
+    """LoraAdapter.load says ValueError when the adapters do not fit: rank-4 weights into rank-8 adapters (torch's
+    size mismatch was a RuntimeError)."""
+    _llama_adapter(rank=4).save(tmp_path / "rank4")
+    with pytest.raises(ValueError, match=r"the adapters in .*rank4 do not fit this model's adapter settings: .*size mismatch"):
+        _llama_adapter(rank=8).load(tmp_path / "rank4")

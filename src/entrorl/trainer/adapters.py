@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from entrorl.modeling import is_out_of_memory
+
 __all__ = ["LoraAdapter", "ADAPTER_DIRECTORY", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "read_adapter_config",
            "adapter_weights_file", "load_adapted_causal_lm"]
 
@@ -177,6 +179,14 @@ def adapter_weights_file(directory: Path) -> Path | None:
     return None
 
 
+class _ShapesDoNotFit(ValueError):
+    """Saved adapter weights whose shapes are not those of the adapters they are loaded into."""
+
+    def __init__(self, directory: Path, detail: str):
+        super().__init__(f"the adapters in {directory} do not fit this model's adapter settings: {detail}")
+        self.detail = detail
+
+
 def _load_adapter_weights(peft_model, directory: Path) -> None:
     """The adapter weights saved in ``directory`` into ``peft_model``, whose adapters must be exactly those:
     ``ValueError`` naming the first missing and unexpected ones otherwise (peft itself only warns)."""
@@ -190,9 +200,16 @@ def _load_adapter_weights(peft_model, directory: Path) -> None:
     try:
         state: dict[str, Any] = (load_file(weights) if weights.name == ADAPTER_WEIGHTS
                                  else torch.load(weights, map_location="cpu", weights_only=True))
-    except (SafetensorError, pickle.UnpicklingError, EOFError) as error:  # a truncated file
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:  # damaged or cut short
+        if isinstance(error, RuntimeError) and is_out_of_memory(error):  # torch.load's own, for a zip archive cut short
+            raise
         raise ValueError(f"{weights} cannot be read ({type(error).__name__}: {error})") from None
-    result = peft.set_peft_model_state_dict(peft_model, state)
+    try:
+        result = peft.set_peft_model_state_dict(peft_model, state)
+    except RuntimeError as error:  # weights of other shapes: adapters of another rank, or of another model
+        if is_out_of_memory(error):
+            raise
+        raise _ShapesDoNotFit(directory, " ".join(str(error).split())) from None  # torch's lines, as one
     unexpected = list(getattr(result, "unexpected_keys", None) or [])
     expected = {key for key, _ in peft.get_peft_model_state_dict(peft_model).items()}
     missing = sorted(expected - set(state))
@@ -224,7 +241,7 @@ def load_adapted_causal_lm(adapters: Path, base: Path, *, dtype: str = "float32"
     costs what the base model's does. A bfloat16 / float16 base keeps them as separate float32 layers, as in training,
     since the merged weights rounded to the base's precision would lose most of an update that is small next to
     ``W``; the static-cache decoder runs them itself. Adapters on the output layer are merged whatever the type."""
-    from entrorl.modeling import load_causal_lm
+    from entrorl.modeling import load_causal_lm  # looked up when called (tests stand in for the model reader)
 
     peft = _import_peft()
     adapters = Path(adapters)
@@ -252,8 +269,8 @@ def load_adapted_causal_lm(adapters: Path, base: Path, *, dtype: str = "float32"
                          f"weight in the model in {base}: entrorl cannot apply them exactly")
     try:
         _load_adapter_weights(peft_model, adapters)
-    except RuntimeError as error:  # weights of other shapes: adapters of another model
-        raise ValueError(f"the adapters in {adapters} do not fit the model in {base}: {str(error).strip()}") from None
+    except _ShapesDoNotFit as error:  # adapters of another model
+        raise ValueError(f"the adapters in {adapters} do not fit the model in {base}: {error.detail}") from None
     # the scoring path reads the output layer's weight (modeling.token_stats_from_hidden): an adapter there is merged
     if full_precision or isinstance(model.get_output_embeddings(), LoraLayer):
         return peft_model.merge_and_unload().eval()
