@@ -211,3 +211,21 @@ def test_the_c_library_opened_is_the_one_the_system_names(fake_libc, monkeypatch
     monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: found if name == "c" else None)
     assert allocator.retain_freed_memory()
     assert names == [opened] and len(libc.calls) == 2
+
+
+def test_a_refused_trim_threshold_leaves_no_setting_taken_for_applied(monkeypatch):
+    """The mmap threshold is set, then the trim threshold refused: the call returns False, and asking again for the
+    values applied before sets them again (the mmap threshold had changed meanwhile), instead of taking them as set."""
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    refuse_trim = [False]
+    libc = FakeLibc(answer=lambda parameter: 0 if refuse_trim[0] and parameter == -1 else 1)
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: libc)
+    assert allocator.retain_freed_memory(1 << 20, 1 << 20)
+    refuse_trim[0] = True
+    assert allocator.retain_freed_memory(2 << 20, 1 << 21) is False
+    assert libc.calls[-2:] == [(-3, 2 << 20), (-1, 1 << 21)]
+    refuse_trim[0] = False
+    before = len(libc.calls)
+    assert allocator.retain_freed_memory(1 << 20, 1 << 20)
+    assert libc.calls[before:] == [(-3, 1 << 20), (-1, 1 << 20)]

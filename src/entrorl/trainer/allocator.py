@@ -33,8 +33,9 @@ def retain_freed_memory(mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold
     bytes of freed heap memory instead of returning it to the kernel (``mallopt(M_MMAP_THRESHOLD)`` and
     ``mallopt(M_TRIM_THRESHOLD)``).
 
-    Returns True when both settings took effect; False, changing nothing, on a C library without ``mallopt``
-    (macOS, Windows, musl) or when glibc refuses a value. Calling it again with the same values is a no-op.
+    Returns True when both settings took effect; False on a C library without ``mallopt`` (macOS, Windows, musl),
+    changing nothing, or when glibc refuses a value (a refused trim threshold comes after the mmap threshold took
+    effect). Calling it again with the values last applied is a no-op.
     """
     global _applied
     if not 0 < mmap_threshold <= MMAP_THRESHOLD_MAX:
@@ -54,7 +55,10 @@ def retain_freed_memory(mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
     trim = min(trim_threshold, 2**31 - 1)
-    if libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, trim) != 1:
+    if libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) != 1:
+        return False
+    if libc.mallopt(_M_TRIM_THRESHOLD, trim) != 1:
+        _applied = None  # the mmap threshold did change: what was applied before no longer holds
         return False
     _applied = (mmap_threshold, trim_threshold)
     return True
