@@ -1175,3 +1175,84 @@ def test_covariance_and_discriminator_statistics_pair_log_probs_with_the_advanta
     rows = {tuple(row.tolist()) for _, used in first_epoch for row in used}
     assert {tuple(row.tolist()) for row in advantages} == rows
     assert metrics["cov/mean"] == pytest.approx(covariance_summary(logprob, advantages, mask)["cov/mean"])
+
+
+def test_a_file_s_crc32_runs_on_across_the_chunks_it_is_read_in(tmp_path, monkeypatch):
+    """A weight file larger than one read is checked as a whole: the CRC-32 of every chunk after the first goes on from
+    the one before, as zlib's of the whole file."""
+    import zlib
+
+    from entrorl.trainer import checkpoint
+
+    data = bytes(range(256)) * 3
+    (tmp_path / "weights.bin").write_bytes(data)
+    monkeypatch.setattr(checkpoint, "_READ_CHUNK", 100)
+    assert checkpoint._crc32(tmp_path / "weights.bin") == f"{zlib.crc32(data):08x}"
+    assert checkpoint._crc32(tmp_path / "weights.bin") != f"{zlib.crc32(data[700:]):08x}"
+
+
+def test_a_checkpoint_from_before_files_json_with_an_unreadable_weight_index_is_incomplete(tmp_path):
+    """Without files.json, a sharded model's index that is not JSON cannot say which shards there are: its weights are
+    not taken for whole."""
+    from entrorl.trainer.checkpoint import incomplete_checkpoints, latest_checkpoint
+
+    checkpoint = tmp_path / "checkpoints" / "step_000001"
+    for path, data in {"trainer.pt": b"state", "model/config.json": b"{}", "model/model.safetensors.index.json": b"{",
+                       "model/model-1.safetensors": b"w"}.items():
+        (checkpoint / path).parent.mkdir(parents=True, exist_ok=True)
+        (checkpoint / path).write_bytes(data)
+    assert incomplete_checkpoints(tmp_path) == [(checkpoint, "the model's weights: missing or empty")]
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_setting_aside_the_checkpoints_of_a_fresh_start_removes_the_latest_pointer(tmp_path):
+    """On a fresh start every checkpoint goes to passed_over/ and ``latest`` goes with them (it would name a folder
+    that is not there); after a resumed step it names that step's checkpoint, with six digits."""
+    from entrorl.trainer.checkpoint import latest_checkpoint, set_aside_checkpoints_after
+
+    root = tmp_path / "checkpoints"
+    for name in ("step_000001", "step_000002", "step_000003"):
+        made_checkpoint(root, name)
+    (root / "latest").write_text("step_000003\n")
+    assert set_aside_checkpoints_after(tmp_path, 1) == [root / "passed_over" / "step_000002",
+                                                         root / "passed_over" / "step_000003"]
+    assert (root / "latest").read_text() == "step_000001\n"
+    assert set_aside_checkpoints_after(tmp_path, None) == [root / "passed_over" / "step_000001"]
+    assert not (root / "latest").exists() and latest_checkpoint(tmp_path) is None
+    assert sorted(path.name for path in root.iterdir()) == ["passed_over"]
+    assert set_aside_checkpoints_after(tmp_path, None) == [] and not (root / "latest").exists()
+
+
+def test_a_checkpoint_from_before_files_json_is_read_as_a_model_without_its_trainer_state(tmp_path, tiny_model_dir):
+    """A model reader does not read trainer.pt: a checkpoint written before files.json whose trainer state is empty
+    still stands for its model/."""
+    import shutil
+
+    from entrorl.trainer.checkpoint import resolve_model_directory
+
+    checkpoint = tmp_path / "checkpoints" / "step_000001"
+    shutil.copytree(tiny_model_dir, checkpoint / "model")
+    (checkpoint / "trainer.pt").write_bytes(b"")
+    resolved = resolve_model_directory(checkpoint)
+    assert (resolved.weights, resolved.tokenizer, resolved.adapters) == (checkpoint / "model", checkpoint / "model", None)
+
+
+def test_a_damaged_copy_of_a_checkpoint_is_refused_without_naming_an_earlier_one(tmp_path, tiny_policy):
+    """A copy (step_000002.bak) is no checkpoint of the run: given with a damaged model, it is refused as damaged, and
+    no checkpoint before it is looked for (its name has no step)."""
+    import shutil
+
+    from entrorl.trainer.checkpoint import resolve_model_directory
+
+    run_dir = tmp_path / "run"
+    write_checkpoint(run_dir, 1, tiny_policy, keep=2)
+    written = write_checkpoint(run_dir, 2, tiny_policy, keep=2)
+    (run_dir / "config.json").write_text(json.dumps({"seed": 7}))
+    copy = shutil.copytree(written, run_dir / "checkpoints" / "step_000002.bak")
+    weights = copy / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"^checkpoint .*step_000002\.bak is damaged: model/model.safetensors does not "
+                                         r"hold the bytes written: its CRC-32 is [0-9a-f]{8} instead of [0-9a-f]{8}$"):
+        resolve_model_directory(copy)
