@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -1256,3 +1257,44 @@ def test_a_damaged_copy_of_a_checkpoint_is_refused_without_naming_an_earlier_one
     with pytest.raises(ValueError, match=r"^checkpoint .*step_000002\.bak is damaged: model/model.safetensors does not "
                                          r"hold the bytes written: its CRC-32 is [0-9a-f]{8} instead of [0-9a-f]{8}$"):
         resolve_model_directory(copy)
+
+
+def _flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_last_intact_one_not_a_damaged_one(tmp_path, tiny_policy, monkeypatch):
+    """Step 2's weights were changed in place (its CRC-32 no longer matches), so the checkpoint a resume would take
+    is step 1: a failed write names that one as intact, not step 2."""
+    from entrorl.trainer import checkpoint
+
+    run = tmp_path / "run"
+    for step in (1, 2):
+        write_checkpoint(run, step, tiny_policy, keep=3)
+    _flip_a_byte(run / "checkpoints" / "step_000002" / "model" / "model.safetensors")
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("unexpected pos 10 vs 5")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    model, tokenizer = tiny_policy
+    with pytest.raises(checkpoint.CheckpointWriteError) as failure:
+        checkpoint.save_checkpoint(run, 3, model=model, tokenizer=tokenizer, trainer_state={}, keep=3)
+    assert str(failure.value).endswith("the last complete checkpoint, step_000001, is intact")
+
+
+def test_a_checkpoint_whose_trainer_state_was_deleted_still_stands_for_its_model(tmp_path, tiny_policy):
+    """A model reader never reads trainer.pt: a checkpoint without it (deleted to save room) gives its model/, as the
+    checkpoint's model/ itself does; a folder that merely holds a model/ is no checkpoint."""
+    from entrorl.trainer.checkpoint import resolve_model_directory
+
+    written = write_checkpoint(tmp_path / "run", 1, tiny_policy, keep=1)
+    (written / "trainer.pt").unlink()
+    assert resolve_model_directory(written / "model").weights == written / "model"
+    assert resolve_model_directory(written).weights == written / "model"
+    other = tmp_path / "other"
+    shutil.copytree(written / "model", other / "model")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        resolve_model_directory(other)

@@ -300,7 +300,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
         _sync_tree(temporary)
     except Exception as error:  # torch.save reports a full disk as a RuntimeError, safetensors as its own error
         shutil.rmtree(temporary, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
+        previous = latest_checkpoint(run_dir, verify="all")  # what a resume would take: complete, with its bytes
         raise CheckpointWriteError(
             f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}){_disk_space_note(root, model, adapter, merged)}; "
             + (f"the last complete checkpoint, {previous.name}, is intact" if previous is not None else "no checkpoint was written before")
@@ -420,7 +420,8 @@ def _checkpoint_model(path: Path) -> Path:
     or its ``checkpoints/`` (``FileNotFoundError`` when it has none), else ``path`` itself. A checkpoint given itself,
     or through its ``model/`` or ``adapter/``, whose model or adapter files have changed since they were written is
     refused (``ValueError`` naming the file)."""
-    if (path / "model" / "config.json").is_file() and (path / "trainer.pt").is_file():
+    # a checkpoint: its trainer state, or (that deleted to save room) the list of the files written into it
+    if (path / "model" / "config.json").is_file() and ((path / "trainer.pt").is_file() or (path / _FILE_LIST).is_file()):
         _check_intact(path)
         return path / "model"
     if path.name in ("model", ADAPTER_DIRECTORY) and (path.parent / _FILE_LIST).is_file() \
