@@ -241,7 +241,7 @@ def load_adapted_causal_lm(adapters: Path, base: Path, *, dtype: str = "float32"
     costs what the base model's does. A bfloat16 / float16 base keeps them as separate float32 layers, as in training,
     since the merged weights rounded to the base's precision would lose most of an update that is small next to
     ``W``; the static-cache decoder runs them itself. Adapters on the output layer are merged whatever the type."""
-    from entrorl.modeling import load_causal_lm  # looked up when called (tests stand in for the model reader)
+    from entrorl.modeling import load_causal_lm
 
     peft = _import_peft()
     adapters = Path(adapters)
