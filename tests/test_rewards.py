@@ -1137,15 +1137,19 @@ def test_runner_uses_a_batch_method_and_falls_back_to_samples_when_it_fails():
     assert result.scores.tolist() == [1.0, 0.0, 0.0] and result.errors == 1 and "bad sample" in result.reasons[1]
 
 
+class SampleCountingReward:
+    """Exact match, counting the samples it scores one at a time; subclasses add a batch method."""
+
+    sample_calls = 0
+
+    def __call__(self, prompt, completion, answer, **meta):
+        self.sample_calls += 1
+        return float(completion == answer)
+
+
 @pytest.mark.parametrize("extra_values", [-1, 1], ids=["too few", "too many"])
 def test_runner_scores_sample_by_sample_when_a_batch_method_returns_the_wrong_number_of_values(extra_values):
-    class Miscounted:
-        sample_calls = 0
-
-        def __call__(self, prompt, completion, answer, **meta):
-            self.sample_calls += 1
-            return float(completion == answer)
-
+    class Miscounted(SampleCountingReward):
         def score_batch(self, prompts, completions, answers, metas):
             return [1.0] * (len(completions) + extra_values)
 
@@ -1224,13 +1228,7 @@ def test_a_batch_method_failing_with_a_base_exception_falls_back_to_scoring_samp
     class _JudgeTimeout(BaseException):  # as Math-Verify's TimeoutException: not an Exception
         pass
 
-    class Batched:
-        sample_calls = 0
-
-        def __call__(self, prompt, completion, answer, **meta):
-            self.sample_calls += 1
-            return float(completion == answer)
-
+    class Batched(SampleCountingReward):
         def score_batch(self, prompts, completions, answers, metas):
             raise _JudgeTimeout("batch call timed out")
 
