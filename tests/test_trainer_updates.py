@@ -1298,3 +1298,14 @@ def test_a_checkpoint_whose_trainer_state_was_deleted_still_stands_for_its_model
     shutil.copytree(written / "model", other / "model")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         resolve_model_directory(other)
+
+
+def test_a_stopped_run_calls_intact_the_checkpoint_a_resume_would_take(tmp_path, tiny_policy):
+    """The message of a run that stops (non-finite updates, weights broken by the step) names the last checkpoint as
+    intact: with step 2's weights changed in place, that is step 1."""
+    run = tmp_path / "run"
+    for step in (1, 2):
+        write_checkpoint(run, step, tiny_policy, keep=3)
+    _flip_a_byte(run / "checkpoints" / "step_000002" / "model" / "model.safetensors")
+    phrase = Trainer._last_checkpoint_phrase(SimpleNamespace(run_dir=run))
+    assert phrase == f"The last checkpoint, {run / 'checkpoints' / 'step_000001'}, is intact."

@@ -109,7 +109,7 @@ def train(
         """``message``, then the last checkpoint and the command that continues from it."""
         if not trainer.run_dir.is_dir():
             return f"{message}; the run directory {trainer.run_dir} no longer exists"
-        latest = latest_checkpoint(trainer.run_dir)
+        latest = latest_checkpoint(trainer.run_dir, verify="all")  # called intact: the one a resume would take
         if latest is not None and checkpoint_step(latest) >= train_config.optim.steps:  # failed while closing
             return (f"{message}; the run itself finished: its last checkpoint, {latest.name}, and metrics.jsonl are "
                     "complete")
@@ -123,7 +123,7 @@ def train(
     except TrainingStopped as error:
         _fail(str(error), code=3)
     except CheckpointWriteError as error:  # a full disk, a removed run directory: the message names the intact one
-        latest = latest_checkpoint(trainer.run_dir) if trainer.run_dir.is_dir() else None
+        latest = latest_checkpoint(trainer.run_dir, verify="all") if trainer.run_dir.is_dir() else None
         _fail(f"{error}" + (f"; once the cause is fixed, continue with {shlex.join([*again, '--resume'])}"
                             if latest is not None else ""))
     except TrackerError as error:  # TensorBoard, W&B or trackio (the message names which)

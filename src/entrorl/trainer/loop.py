@@ -941,7 +941,7 @@ class Trainer:
         )
 
     def _last_checkpoint_phrase(self) -> str:
-        latest = latest_checkpoint(self.run_dir)
+        latest = latest_checkpoint(self.run_dir, verify="all")  # called intact: the one a resume would take
         return (f"The last checkpoint, {latest}, is intact." if latest is not None
                 else "No checkpoint had been written (checkpoint.every).")
 
