@@ -408,13 +408,12 @@ def write_audit_outputs(
     )
     filtered = write_selected_rows(data, result.records, keep, directory / _filtered_name(data))
 
-    thresholds = result.thresholds
     audits = result.audited()
     summary = {
         "data": str(data),
         **(settings or {}),
         "n": result.n,
-        "thresholds": asdict(thresholds),
+        "thresholds": asdict(result.thresholds),
         "prompts": len(result.records),
         "audited": len(audits),
         "counts": result.counts(),
