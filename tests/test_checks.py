@@ -53,3 +53,12 @@ def test_an_empty_sequence_becomes_an_empty_integer_tensor_python_floats_stay_fl
     assert as_tensor([True, False]).dtype == torch.bool
     given = torch.zeros(0)
     assert as_tensor(given) is given
+
+
+def test_a_real_number_is_any_real_but_not_a_boolean():
+    from fractions import Fraction
+
+    from entrorl._checks import is_real_number
+
+    assert all(is_real_number(v) for v in (0, 1.5, np.int64(3), np.float32(0.5), Fraction(1, 3), float("nan")))
+    assert not any(is_real_number(v) for v in (True, np.bool_(False), "0.5", None, 1j, [1.0], torch.tensor(1.0)))

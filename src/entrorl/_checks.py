@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Any
 
@@ -21,6 +22,12 @@ def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
     if number is None or (minimum is not None and number < minimum):
         raise ValueError(f"{name} must be {_integer_kind(minimum)}, got {value!r}")
     return number
+
+
+def is_real_number(value: Any) -> bool:
+    """Whether ``value`` is one real number: any ``numbers.Real`` (a Python or numpy int or float, a ``Fraction``) but
+    not a boolean, Python's or numpy's (a flag given for a number is usually a slip upstream)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _as_int(value: Any) -> int | None:

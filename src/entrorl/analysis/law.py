@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from entrorl._checks import is_real_number
+
 __all__ = ["EntropyLawFit", "LawForecast", "fit_entropy_law", "forecast_entropy_law", "CONSTANT_ENTROPY_TOLERANCE",
            "MIN_POINTS_FOR_R2"]
 
@@ -233,11 +235,6 @@ class LawForecast:
         }
 
 
-def _is_real(value: Any) -> bool:
-    """A real number: a Python or numpy int or float, not a flag, not text."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
 def forecast_entropy_law(
     entropy: Any,
     reward: Any,
@@ -262,9 +259,9 @@ def forecast_entropy_law(
             so large that ``exp(H)`` overflows at any point, or anything :func:`fit_entropy_law`
             rejects on the fitted prefix.
     """
-    if not (_is_real(fit_fraction) and 0.0 < float(fit_fraction) <= 1.0):
+    if not (is_real_number(fit_fraction) and 0.0 < float(fit_fraction) <= 1.0):
         raise ValueError(f"fit_fraction must lie in (0, 1]; got {fit_fraction!r}")
-    if not (_is_real(min_points) and math.isfinite(min_points) and int(min_points) == min_points and min_points >= 2):
+    if not (is_real_number(min_points) and math.isfinite(min_points) and int(min_points) == min_points and min_points >= 2):
         raise ValueError(f"min_points must be an integer >= 2 (the law has 2 parameters); got {min_points!r}")
     h, r = _check_pair(entropy, reward)
     n = int(h.size)

@@ -16,7 +16,6 @@ edge ``1/16``.
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from collections.abc import Sequence
 from fractions import Fraction
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from entrorl._checks import as_tensor
+from entrorl._checks import as_tensor, is_real_number
 from entrorl.data.records import PromptRecord
 
 __all__ = ["filter_by_pass_rate", "group_pass_rates", "informative_groups", "parse_band", "pass_rate_band_mask"]
@@ -97,7 +96,7 @@ def group_pass_rates(correct: torch.Tensor, group_ids: torch.Tensor) -> dict[int
 
 
 def _check_bound(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real_number(value):
         raise ValueError(f"filter_by_pass_rate: {name} must be a number in [0, 1], got {value!r}")
     v = float(value)
     if not (0.0 <= v <= 1.0):
@@ -129,7 +128,7 @@ def _not_real(values: Any) -> str | None:
     for value in values:
         if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str):
             continue
-        if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        if not is_real_number(value):
             return f"{value!r}, {type(value).__name__}"
     return None
 
