@@ -23,7 +23,7 @@ import torch
 
 from entrorl.trainer import Trainer, TrainingStopped, load_config, read_metrics
 
-from test_trainer import PARITY_REWARD, NaNLoss, comparable, importable_module, make_config  # noqa: E402
+from test_trainer import PARITY_REWARD, NaNLoss, comparable, flip_a_byte, importable_module, make_config  # noqa: E402
 
 
 @pytest.fixture()
@@ -1241,8 +1241,6 @@ def test_a_checkpoint_from_before_files_json_is_read_as_a_model_without_its_trai
 def test_a_damaged_copy_of_a_checkpoint_is_refused_without_naming_an_earlier_one(tmp_path, tiny_policy):
     """A copy (step_000002.bak) is no checkpoint of the run: given with a damaged model, it is refused as damaged, and
     no checkpoint before it is looked for (its name has no step)."""
-    import shutil
-
     from entrorl.trainer.checkpoint import resolve_model_directory
 
     run_dir = tmp_path / "run"
@@ -1250,19 +1248,10 @@ def test_a_damaged_copy_of_a_checkpoint_is_refused_without_naming_an_earlier_one
     written = write_checkpoint(run_dir, 2, tiny_policy, keep=2)
     (run_dir / "config.json").write_text(json.dumps({"seed": 7}))
     copy = shutil.copytree(written, run_dir / "checkpoints" / "step_000002.bak")
-    weights = copy / "model" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    weights.write_bytes(bytes(data))
+    flip_a_byte(copy / "model" / "model.safetensors")
     with pytest.raises(ValueError, match=r"^checkpoint .*step_000002\.bak is damaged: model/model.safetensors does not "
                                          r"hold the bytes written: its CRC-32 is [0-9a-f]{8} instead of [0-9a-f]{8}$"):
         resolve_model_directory(copy)
-
-
-def _flip_a_byte(path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def test_a_checkpoint_that_cannot_be_written_names_the_last_intact_one_not_a_damaged_one(tmp_path, tiny_policy, monkeypatch):
@@ -1273,7 +1262,7 @@ def test_a_checkpoint_that_cannot_be_written_names_the_last_intact_one_not_a_dam
     run = tmp_path / "run"
     for step in (1, 2):
         write_checkpoint(run, step, tiny_policy, keep=3)
-    _flip_a_byte(run / "checkpoints" / "step_000002" / "model" / "model.safetensors")
+    flip_a_byte(run / "checkpoints" / "step_000002" / "model" / "model.safetensors")
 
     def full_disk(*args, **kwargs):
         raise RuntimeError("unexpected pos 10 vs 5")
@@ -1306,6 +1295,6 @@ def test_a_stopped_run_calls_intact_the_checkpoint_a_resume_would_take(tmp_path,
     run = tmp_path / "run"
     for step in (1, 2):
         write_checkpoint(run, step, tiny_policy, keep=3)
-    _flip_a_byte(run / "checkpoints" / "step_000002" / "model" / "model.safetensors")
+    flip_a_byte(run / "checkpoints" / "step_000002" / "model" / "model.safetensors")
     phrase = Trainer._last_checkpoint_phrase(SimpleNamespace(run_dir=run))
     assert phrase == f"The last checkpoint, {run / 'checkpoints' / 'step_000001'}, is intact."
