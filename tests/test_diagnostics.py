@@ -22,6 +22,13 @@ from entrorl.trainer.diagnostics import (
 )
 
 
+class CharTokenizer:
+    """Decodes each id as the character of that code point."""
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("method", ["grpo", "dapo+clip_b", "entropy_advantage"])
 def test_prediction_matches_a_tabular_sgd_step(temperature, method):
@@ -122,10 +129,6 @@ def test_summaries_on_a_hand_example():
 
 
 def test_top_fork_tokens_decodes_in_context():
-    class CharTokenizer:
-        def decode(self, ids):
-            return "".join(chr(i) for i in ids)
-
     prompt_ids = torch.tensor([[0, ord("Q")]])
     prompt_mask = torch.tensor([[False, True]])
     response_ids = torch.tensor([[ord("a"), ord("b"), ord("c"), 0]])
@@ -137,10 +140,6 @@ def test_top_fork_tokens_decodes_in_context():
 
 
 def test_top_fork_tokens_lists_each_decision_point_once():
-    class CharTokenizer:
-        def decode(self, ids):
-            return "".join(chr(i) for i in ids)
-
     # three samples of one prompt: "ab", "ac", "xb"; position 0 is one state for all, position 1 after "a" is one
     # state for the first two rows (where they chose b and c), position 1 after "x" is the third row's alone
     prompt_ids = torch.tensor([[ord("Q")]] * 3)
@@ -200,10 +199,6 @@ def test_readable_text_shows_the_bytes_of_a_split_character_instead_of_replaceme
 
 def test_a_padded_position_is_not_a_sample_of_its_decision_point():
     """Rows "ab" and "a" (then padding) share the point after "a", but only the first samples there."""
-    class CharTokenizer:
-        def decode(self, ids):
-            return "".join(chr(i) for i in ids)
-
     prompt_ids = torch.tensor([[ord("Q")]] * 2)
     response_ids = torch.tensor([[ord("a"), ord("b")], [ord("a"), 0]])
     response_mask = torch.tensor([[True, True], [True, False]])
@@ -344,10 +339,6 @@ def test_first_order_change_covers_a_parameter_larger_than_one_slice():
 
 
 def test_top_fork_tokens_never_lists_padding_and_cuts_the_context():
-    class CharTokenizer:
-        def decode(self, ids):
-            return "".join(chr(i) for i in ids)
-
     prompt_ids = torch.tensor([[ord("Q")]])
     prompt_mask = torch.ones(1, 1, dtype=torch.bool)
     response_ids = torch.tensor([[ord(c) for c in "abcdefghij"] + [0, 0]])
@@ -394,10 +385,6 @@ def test_readable_text_of_an_unknown_kind_of_vocabulary_is_decode(pieces):
 def test_a_fork_names_its_first_row_s_sample_and_source_and_lists_the_choices_most_common_first():
     """The fork after "a" is reached by rows 1 to 3 (row 0 took "x"): its sample and source are row 1's, and its choices
     come most common first ("c" twice before "b" once, though "b" was sampled first)."""
-    class CharTokenizer:
-        def decode(self, ids):
-            return "".join(chr(i) for i in ids)
-
     prompt_ids = torch.tensor([[ord("Q")]] * 4)
     response_ids = torch.tensor([[ord(a), ord(b)] for a, b in ("xb", "ab", "ac", "ac")])
     entropy = torch.tensor([[0.5, 0.1], [0.5, 2.0], [0.5, 2.0], [0.5, 2.0]])
@@ -461,10 +448,6 @@ def test_the_token_correlation_is_measured_however_small_the_predicted_changes()
 def test_top_fork_tokens_lists_a_zero_entropy_token_before_any_padding():
     """A token sampled with certainty has entropy exactly 0, as padding scores no entropy: the valid tokens are all
     listed, the padding never."""
-    class CharTokenizer:
-        def decode(self, ids):
-            return "".join(chr(i) for i in ids)
-
     response_ids = torch.tensor([[ord("a"), ord("b"), 0, 0], [ord("c"), 0, 0, 0]])
     response_mask = torch.tensor([[True, True, False, False], [True, False, False, False]])
     entropy = torch.tensor([[0.7, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
@@ -477,10 +460,6 @@ def test_top_fork_tokens_lists_a_zero_entropy_token_before_any_padding():
 @pytest.mark.parametrize(("context", "before", "after"), [(0, "", ""), (2, "ab", "d"), (5, "Qab", "de"), (24, "Qab", "def")])
 def test_a_fork_s_left_context_holds_exactly_the_last_context_tokens(context, before, after):
     """``context`` tokens before the fork (prompt included), none for 0, all when fewer; ``context // 2`` after it."""
-    class CharTokenizer:
-        def decode(self, ids):
-            return "".join(chr(i) for i in ids)
-
     (fork,) = top_fork_tokens(CharTokenizer(), torch.tensor([[ord("Q")]]), torch.ones(1, 1, dtype=torch.bool),
                               torch.tensor([[ord(c) for c in "abcdef"]]), torch.ones(1, 6, dtype=torch.bool),
                               torch.tensor([[0.0, 0.0, 9.0, 0.0, 0.0, 0.0]]), k=1, context=context)
