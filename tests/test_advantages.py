@@ -402,6 +402,10 @@ def test_unlikeliness_accepts_beta_rank_one():
     assert shaped.tolist() == pytest.approx([0.25, 1.0, 0.5, 0.75])
     got = compute_advantages("unlikely", torch.ones(4), torch.zeros(4, dtype=torch.long), seq_log_prob=lp, beta_rank=1.0)
     assert torch.isfinite(got).all() and int(got.argmax()) == 1
+    assert unlikeliness_shaped_rewards(torch.ones(4), torch.zeros(4, dtype=torch.long), lp,
+                                       beta_rank=np.float32(1.0)).tolist() == shaped.tolist()  # numpy's numbers too
+    with pytest.raises(ValueError, match="beta_rank"):
+        unlikeliness_shaped_rewards(torch.ones(4), torch.zeros(4, dtype=torch.long), lp, beta_rank=np.True_)
 
 
 def test_unlikeliness_with_negative_rewards_still_ranks_the_likely_sample_lower():

@@ -12,6 +12,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -175,6 +176,10 @@ def test_thresholds_and_classify_reject_bad_values():
         AuditThresholds(low_pass_rate=1.0)
     with pytest.raises(ValueError, match="consensus must be a number"):
         AuditThresholds(consensus=True)
+    with pytest.raises(ValueError, match="consensus must be a number"):
+        AuditThresholds(consensus=np.True_)
+    assert AuditThresholds(consensus=np.float32(0.75)).consensus == 0.75  # any real number, numpy's too
+    assert classify(np.float32(0.0), np.float32(1.0), False, THRESHOLDS) == "looks_wrong"
     with pytest.raises(ValueError, match="pass_rate must be a number in"):
         classify(1.5, 0.5, False, THRESHOLDS)
     with pytest.raises(ValueError, match="majority_share must be a number in"):

@@ -402,6 +402,13 @@ def test_overlong_penalty_validation(kwargs):
         overlong_penalty(5, **kwargs)
 
 
+def test_overlong_penalty_takes_a_numpy_factor_and_refuses_a_numpy_flag():
+    """Any real number is a factor (a numpy float32 from a config array too); a numpy boolean is refused like True."""
+    assert overlong_penalty(10, max_length=10, cache_length=2, penalty_factor=np.float32(0.5)) == -0.5
+    with pytest.raises(ValueError, match="penalty_factor"):
+        overlong_penalty(5, max_length=10, cache_length=2, penalty_factor=np.True_)
+
+
 @pytest.mark.parametrize("length", [-1, 8.5, 8.0, True, "8"])
 def test_overlong_penalty_rejects_a_length_that_is_not_a_token_count(length):
     """A length is a whole number of tokens, >= 0 (as overlong_penalties refuses float and bool lengths)."""

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable
 
 import torch
 
-from entrorl._checks import as_tensor, check_int
+from entrorl._checks import as_tensor, check_int, is_real_number
 
 __all__ = [
     "AdvantageFn",
@@ -331,8 +330,7 @@ def expand_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 
 def _is_correct(rewards: torch.Tensor, correct_threshold: float) -> torch.Tensor:
-    if isinstance(correct_threshold, bool) or not isinstance(correct_threshold, numbers.Real) \
-            or not math.isfinite(correct_threshold):
+    if not is_real_number(correct_threshold) or not math.isfinite(correct_threshold):
         raise ValueError(f"correct_threshold must be a finite number (a reward at or above it is correct), "
                          f"got {correct_threshold!r}")
     return rewards >= correct_threshold
@@ -629,7 +627,7 @@ def unlikeliness_shaped_rewards(
     if seq_log_prob is None:
         raise ValueError(_MISSING_LOGP)
     lp = _check_seq_log_prob(seq_log_prob, r)
-    if not (isinstance(beta_rank, (int, float)) and not isinstance(beta_rank, bool) and 0.0 <= beta_rank <= 1.0):
+    if not (is_real_number(beta_rank) and 0.0 <= beta_rank <= 1.0):
         raise ValueError(f"beta_rank must be a number in [0, 1] (the paper uses 0.25; above 1 a likely correct sample "
                          f"would end below a wrong one), got {beta_rank!r}")
     n = r.numel()

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from entrorl._checks import is_real_number
 from entrorl.data.filters import parse_band, pass_rate_band_mask
 from entrorl.data.loading import _LOADERS, _csv_fields_of_any_length_in, _default_file_mode, _read_text, read_arrow_ipc
 from entrorl.data.records import PromptRecord
@@ -87,7 +88,7 @@ class AuditThresholds:
     def __post_init__(self) -> None:
         for name in ("consensus", "low_pass_rate"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_real_number(value) or not math.isfinite(value):
                 raise ValueError(f"AuditThresholds: {name} must be a number, got {value!r}")
         if not 0.0 < self.consensus <= 1.0:
             raise ValueError(f"AuditThresholds: consensus must be in (0, 1], got {self.consensus!r}")
@@ -236,7 +237,7 @@ def classify(
     """The verdict of one prompt (see the module notes): ``"looks_wrong"``, ``"hard"`` or ``"ok"``.
     ``majority_tied``: another answer is as common as the majority answer, which is then no consensus."""
     for name, value in (("pass_rate", pass_rate), ("majority_share", majority_share)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        if not is_real_number(value) or not 0.0 <= value <= 1.0:
             raise ValueError(f"classify: {name} must be a number in [0, 1], got {value!r}")
     if pass_rate > thresholds.low_pass_rate:
         return "ok"

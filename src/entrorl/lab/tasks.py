@@ -40,7 +40,7 @@ from functools import lru_cache
 from itertools import combinations_with_replacement, permutations
 from typing import Any, Literal
 
-from entrorl._checks import check_int
+from entrorl._checks import check_int, is_real_number
 from entrorl.data.records import PromptRecord
 from entrorl.evaluation import DEFAULT_THRESHOLD
 
@@ -181,7 +181,7 @@ class Task:
 
     def __init__(self, *, eval_fraction: float | None = None) -> None:
         if eval_fraction is not None:
-            if not isinstance(eval_fraction, (int, float)) or isinstance(eval_fraction, bool):
+            if not is_real_number(eval_fraction):
                 raise ValueError(f"eval_fraction must be a number, got {eval_fraction!r}")
             if not 0.0 < float(eval_fraction) < 1.0:
                 raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
@@ -914,8 +914,7 @@ def sft_corpus(
     seed = check_int(seed, "seed")
     demos_per_problem = check_int(demos_per_problem, "demos_per_problem", minimum=0)
     if (
-        isinstance(wrong_fraction, bool)
-        or not isinstance(wrong_fraction, (int, float))
+        not is_real_number(wrong_fraction)
         or not 0.0 <= wrong_fraction <= 1.0
     ):
         raise ValueError(f"wrong_fraction must be a number in [0, 1], got {wrong_fraction!r}")

@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from entrorl._checks import check_int
+from entrorl._checks import check_int, is_real_number
 from entrorl.modeling import encode_prompt, left_pad
 from entrorl.rewards.base import import_callable, register_reward
 
@@ -406,7 +406,7 @@ def check_judge_options(
     Raises ``ValueError`` naming the bad option."""
     check_int(batch_size, "batch_size", minimum=1)
     if timeout_s is not None and (
-        isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not timeout_s > 0 or not math.isfinite(timeout_s)
+        not is_real_number(timeout_s) or not timeout_s > 0 or not math.isfinite(timeout_s)
     ):
         raise ValueError(f"timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
     check_int(cache_size, "cache_size", minimum=0)

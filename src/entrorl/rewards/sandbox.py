@@ -72,7 +72,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from entrorl._checks import check_int
+from entrorl._checks import check_int, is_real_number
 
 __all__ = [
     "CaseOutcome",
@@ -141,7 +141,7 @@ class SandboxLimits:
     def __post_init__(self) -> None:
         for name in ("time_limit", "startup_time"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 86_400:
+            if not is_real_number(value) or not 0 < value < 86_400:
                 raise ValueError(f"{name} must be a number of seconds in (0, 86400), got {value!r}")
         for name, low in (("memory_mb", 32), ("max_processes", 1), ("max_file_mb", 1), ("max_open_files", 16)):
             object.__setattr__(self, name, check_int(getattr(self, name), name, minimum=low))

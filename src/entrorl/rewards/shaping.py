@@ -15,13 +15,12 @@ scaled by ``penalty_factor`` and added to the task reward. The penalty is contin
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from entrorl._checks import as_tensor, check_int
+from entrorl._checks import as_tensor, check_int, is_real_number
 
 __all__ = ["overlong_penalty", "overlong_penalties", "validate_overlong"]
 
@@ -34,8 +33,7 @@ def _check(max_length: Any, cache_length: Any, penalty_factor: Any) -> tuple[int
     if not 0 < cache_length <= max_length:
         raise ValueError(f"cache_length must lie in (0, max_length={max_length}], got {cache_length}")
     if (
-        isinstance(penalty_factor, bool)
-        or not isinstance(penalty_factor, numbers.Real)
+        not is_real_number(penalty_factor)
         or not math.isfinite(penalty_factor)
         or penalty_factor < 0
     ):
