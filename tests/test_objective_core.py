@@ -1519,3 +1519,262 @@ def test_sequence_level_tis_weight_is_the_truncated_product_of_the_token_ratios(
                       rollout_log_prob=torch.tensor([[-1.0, -1.0]], dtype=torch.float64))  # log k = [-30, 0]: clamped at -20
     torch.testing.assert_close(TruncatedIS(level="sequence")(far, {}), torch.full((1, 2), math.exp(-20.0), dtype=torch.float64))
     torch.testing.assert_close(TruncatedIS(level="token")(far, {}), torch.tensor([[math.exp(-20.0), 1.0]], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. the objective's plumbing, the registries and the batch's checks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_metrics_count_every_valid_token_and_every_dropped_one_whatever_the_normaliser():
+    """``tokens/valid`` counts the valid tokens, dropped ones included, and ``select/dropped_frac`` counts every dropped
+    token, also those PSR keeps in the normaliser: with A = [1, -1, -2, 3 | -1, pad] PSR drops 3 of 5 tokens."""
+    log_prob = torch.zeros(2, 3, dtype=F64, requires_grad=True)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=torch.zeros(2, 3, dtype=F64),
+                        advantages=torch.tensor([[1.0, -1.0, -2.0], [3.0, -1.0, 9.0]], dtype=F64),
+                        mask=torch.tensor([[True, True, True], [True, True, False]]))
+    out = build_objective("psr")(batch)
+    assert out.metrics["tokens/valid"] == 5.0
+    assert out.metrics["select/dropped_frac"] == pytest.approx(3 / 5)
+    assert out.loss_mask.tolist() == batch.mask.tolist()  # PSR's dropped tokens stay in the normaliser
+    assert float(out.loss) == pytest.approx(-(1.0 + 3.0) / 5, rel=1e-12)
+
+
+def test_policy_loss_metric_leaves_out_the_scalar_regulariser_terms():
+    """``loss/policy`` is the aggregated surrogate, ``loss/total`` adds the entropy bonus -c mean(H)."""
+    logits, batch = full_batch(140)
+    plain = build_objective("grpo", loss_agg_mode="token-mean")(batch)
+    out = build_objective("entropy_bonus", entropy_coeff=0.5)(batch)
+    mean_entropy = float(batch.entropy[batch.mask].mean())
+    assert out.metrics["loss/policy"] == pytest.approx(float(plain.loss), rel=1e-6)
+    assert out.metrics["loss/total"] == pytest.approx(float(plain.loss) - 0.5 * mean_entropy, rel=1e-6)
+    assert float(out.policy_loss) == pytest.approx(out.metrics["loss/policy"], rel=1e-12)
+
+
+def test_end_step_gathers_the_metrics_of_every_part():
+    """The adaptive controller's end-of-step metrics survive the selectors after it, and those of any other part that
+    reports one are kept beside them."""
+    from entrorl.objective import Objective, Shaper
+    from entrorl.objective.parts import make_part
+
+    objective = build_objective("adaptive_entropy+clip_b")
+    batch, _ = _entropy_batch(0.1, seed=311)
+    batch.disc = torch.zeros_like(batch.log_prob)
+    objective(batch)
+    assert "reg/adaptive_entropy_next_coeff" in objective.end_step()
+
+    class Counting(Shaper):
+        def __call__(self, batch, advantages, metrics):
+            return advantages
+
+        def end_step(self):
+            return {"shape/steps_seen": 1.0}
+
+    custom = Objective(surrogate=make_part("surrogate", "ppo_clip", {}), shapers=[Counting()],
+                       regularizers=[make_part("regularizer", "adaptive_entropy", {})])
+    custom(_entropy_batch(0.1, seed=312)[0])
+    assert {"shape/steps_seen", "reg/adaptive_entropy_next_coeff"} <= set(custom.end_step())
+
+
+def test_a_custom_correction_weight_is_a_constant_of_the_loss():
+    """The mismatch weight is detached: even a correction computed from the trained log-probs scales the gradient
+    without differentiating through itself (d(w L)/d log pi = w dL/d log pi)."""
+    from entrorl.objective import Correction, Objective
+    from entrorl.objective.parts import make_part
+
+    class FromLogProb(Correction):
+        def __call__(self, batch, metrics):
+            return batch.log_prob.exp()
+
+    batch = make_batch(141)
+    batch.rollout_log_prob = batch.old_log_prob.clone()
+    surrogate = make_part("surrogate", "unclipped", {})
+    plain = Objective(surrogate=surrogate)(batch)
+    weighted = Objective(surrogate=surrogate, correction=FromLogProb())(batch)
+    weight = batch.log_prob.detach().exp()
+    count = batch.mask.sum()
+    ratio = (batch.log_prob - batch.old_log_prob).detach().exp()
+    expected = torch.where(batch.mask, -batch.advantages * ratio * weight, 0.0).sum() / count
+    assert float(weighted.loss) == pytest.approx(float(expected), rel=1e-12)
+    torch.testing.assert_close(grad_of(weighted.loss, batch.log_prob),
+                               torch.where(batch.mask, weight, 0.0) * grad_of(plain.loss, batch.log_prob))
+
+
+def test_a_regulariser_term_may_give_both_a_per_token_and_a_scalar_part():
+    from entrorl.objective import Objective, Regularizer, RegularizerTerm
+    from entrorl.objective.parts import make_part
+
+    class Both(Regularizer):
+        def __call__(self, batch, advantages, aggregate, metrics):
+            return RegularizerTerm(per_token=torch.ones_like(batch.log_prob), scalar=torch.tensor(10.0, dtype=F64))
+
+    batch = make_batch(142)
+    surrogate = make_part("surrogate", "ppo_clip", {})
+    plain = Objective(surrogate=surrogate)(batch)
+    out = Objective(surrogate=surrogate, regularizers=[Both()])(batch)
+    assert float(out.loss) == pytest.approx(float(plain.loss) + 1.0 + 10.0, rel=1e-12)
+
+
+def test_an_objective_built_directly_refuses_an_unknown_aggregation():
+    from entrorl.objective import Objective
+    from entrorl.objective.parts import make_part
+
+    with pytest.raises(ValueError, match="unknown loss_agg_mode 'mean'"):
+        Objective(surrogate=make_part("surrogate", "ppo_clip", {}), loss_agg_mode="mean")
+
+
+def test_required_fields_name_each_field_once():
+    objective = build_objective("entropy_advantage+forking_tokens+entropy_bonus+tis")
+    assert objective.required_fields == ("entropy", "rollout_log_prob")
+    assert build_objective("grpo").required_fields == ()
+
+
+def test_the_objective_is_named_after_its_whole_composition():
+    objective = build_objective(["dapo", "clip_b", "forking_tokens"])
+    assert objective.name == "dapo+clip_b+forking_tokens"
+    assert repr(objective).startswith("Objective('dapo+clip_b+forking_tokens', surrogate:ppo_clip, selector:clip_b")
+    assert build_objective({"surrogate": "cispo"}).name == "custom"
+
+
+def test_a_stateless_part_refuses_a_saved_state():
+    objective = build_objective("dapo+clip_b")
+    with pytest.raises(ValueError, match="selector 'clip_b' is stateless but a state \\['x'\\] was given"):
+        objective.load_state_dict({"selector/clip_b": {"x": 1}})
+    objective.load_state_dict({})  # no state at all is every stateless part's own
+
+
+def test_a_later_method_with_the_surrogate_but_another_aggregation_is_refused():
+    """Dr. GRPO after GRPO is the same ppo_clip with another aggregation: keeping GRPO's would drop it silently."""
+    with pytest.raises(ValueError, match=re.escape("build_objective('grpo', loss_agg_mode='seq-mean-token-sum-norm')")):
+        build_objective("grpo+dr_grpo")
+
+
+def test_a_dict_config_naming_its_method_twice_is_refused():
+    with pytest.raises(ValueError, match="name: Extra inputs are not permitted"):
+        build_objective({"method": "dapo", "name": "grpo"})
+
+
+def test_a_part_name_must_be_exact():
+    with pytest.raises(ValueError, match="unknown selector ' clip_b'"):
+        build_objective({"method": "dapo", "selectors": [" clip_b"]})
+
+
+def test_build_objective_refuses_other_types_with_a_type_error():
+    with pytest.raises(TypeError, match="got int"):
+        build_objective(3)
+
+
+def test_the_config_itself_refuses_a_non_positive_loss_scale_factor():
+    from pydantic import ValidationError
+
+    for factor in (0.0, -1.0):
+        with pytest.raises(ValidationError, match="loss_scale_factor"):
+            ObjectiveConfig(method="dr_grpo", loss_scale_factor=factor)
+
+
+def test_a_method_whose_surrogate_is_the_compositions_own_is_not_warned_about(monkeypatch):
+    """A registered method bringing Clip-Cov's selector with the surrogate the first method already has trains as its
+    recipe says: no warning that its surrogate was set aside."""
+    from entrorl.objective import MethodSpec, methods, register_method
+
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))
+    clip_one = ("ppo_clip", {"clip_ratio_low": 1.0, "clip_ratio_high": 1.0})
+    register_method(MethodSpec(name="clip_one", description="x", paper="arXiv 0000.00000", surrogate=clip_one))
+    register_method(MethodSpec(name="cov_band", description="x", paper="arXiv 0000.00000", surrogate=clip_one,
+                               selectors=(("clip_cov", {}),), surrogate_is_the_method=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        objective = build_objective("clip_one+cov_band")
+    assert objective.surrogate.clip_ratio_high == 1.0 and [s.name for s in objective.selectors] == ["clip_cov"]
+
+
+def test_a_method_name_cannot_be_registered_twice_with_another_recipe():
+    from entrorl.objective import MethodSpec, register_method
+
+    assert register_method(get_method("dapo")) is get_method("dapo")  # the same recipe again is harmless
+    with pytest.raises(ValueError, match="a method named 'dapo' is already registered"):
+        register_method(MethodSpec(name="dapo", description="another", paper="arXiv 0000.00000"))
+    assert get_method("dapo").surrogate[1]["clip_ratio_high"] == 0.28
+
+
+def test_a_part_name_cannot_be_registered_twice_and_a_part_needs_a_kind():
+    from entrorl.objective.parts import Part, get_part_class
+
+    with pytest.raises(ValueError, match="a selector named 'clip_b' is already registered \\(ClipB\\)"):
+        @register_part("clip_b", description="x")
+        class _Other(Selector):
+            pass
+    assert get_part_class("selector", "clip_b").__name__ == "ClipB"
+    with pytest.raises(TypeError, match="must subclass one of Shaper"):
+        @register_part("kindless", description="x")
+        class _Kindless(Part):
+            pass
+
+
+def test_a_registered_part_keeps_its_docstring_and_cites_its_paper():
+    import inspect
+
+    from entrorl.objective.parts import get_part_class
+
+    doc = inspect.getdoc(get_part_class("surrogate", "ppo_clip"))
+    assert doc.startswith("``L = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))``")
+    assert doc.endswith("Paper: arXiv 1707.06347; decoupled clip: DAPO arXiv 2503.14476; dual-clip: arXiv 1912.09729.")
+
+
+def test_an_unknown_part_parameter_lists_the_valid_ones():
+    from entrorl.objective.parts import make_part
+
+    with pytest.raises(ValueError, match=re.escape("selector 'clip_b' has no parameter(s) ['muu']; its parameters are "
+                                                   "['keep_in_normaliser', 'mu', 'mode', 'mu_high']")):
+        make_part("selector", "clip_b", {"muu": 2.0})
+
+
+def test_available_parts_lists_every_kind_with_defaults_and_parameter_docs():
+    from entrorl.objective import available_parts
+    from entrorl.objective.parts import PART_KINDS
+
+    infos = available_parts()
+    assert {info.kind for info in infos} == set(PART_KINDS)
+    by_key = {(info.kind, info.name): info for info in infos}
+    clip_b = by_key[("selector", "clip_b")]
+    assert clip_b.params == {"keep_in_normaliser": False, "mu": 2.5, "mode": "released", "mu_high": None}
+    assert "arXiv 2602.03392" in clip_b.param_docs["mu"]
+    assert by_key[("correction", "tis")].params["rollout_is_threshold"] == 2.0
+    assert [info.name for info in available_parts("correction")] == ["icepop", "tis"]
+
+
+def test_a_batch_refuses_a_mask_advantages_or_rows_of_another_shape():
+    fields = {"log_prob": torch.zeros(2, 3), "old_log_prob": torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match=re.escape("PolicyBatch.mask must be a tensor of shape (2, 3), got (2, 1)")):
+        PolicyBatch(**fields, advantages=torch.ones(2, 3), mask=torch.ones(2, 1, dtype=torch.bool))
+    for length in (1, 3):  # one advantage per sequence means one per row, not one for all
+        with pytest.raises(ValueError, match=re.escape(f"or (2,), one per sequence, got ({length},)")):
+            PolicyBatch(**fields, advantages=torch.ones(length), mask=torch.ones(2, 3, dtype=torch.bool))
+    population = PolicyBatch(log_prob=torch.zeros(4, 3), old_log_prob=torch.zeros(4, 3), advantages=torch.ones(4),
+                             mask=torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="rows must be 2 integer row indices into the population, got \\(3,\\)"):
+        PolicyBatch(**fields, advantages=torch.ones(2), mask=torch.ones(2, 3, dtype=torch.bool), population=population,
+                    rows=torch.arange(3))
+    batch = PolicyBatch(**fields, advantages=torch.tensor([1.0, -2.0]), mask=torch.tensor([[1, 1, 0], [1, 0, 0]]))
+    assert batch.num_valid == 3 and batch.advantages.tolist() == [[1.0] * 3, [-2.0] * 3]
+
+
+def test_float16_log_probs_are_computed_in_float32():
+    """float16 is half precision too: its log-probs are taken in float32, and the gradient reaches the float16 leaf."""
+    log_prob = torch.tensor([[-1.0, -2.0]], dtype=torch.float16, requires_grad=True)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=torch.tensor([[-1.0, -2.5]], dtype=torch.float16),
+                        advantages=torch.tensor([1.0]), mask=torch.ones(1, 2, dtype=torch.bool))
+    assert batch.log_prob.dtype == batch.old_log_prob.dtype == torch.float32
+    out = build_objective("gspo")(batch)
+    assert out.loss.dtype == torch.float32
+    assert grad_of(out.loss, log_prob).dtype == torch.float16
+
+
+def test_log_ratio_is_clamped_at_minus_twenty_too():
+    """log r = -100 gives r = e^-20 (verl's clamp is two-sided), not e^-100: -A r with A = -1 costs e^-20."""
+    log_prob = torch.tensor([[-100.0]], dtype=F64, requires_grad=True)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=torch.zeros(1, 1, dtype=F64),
+                        advantages=torch.tensor([[-1.0]], dtype=F64), mask=torch.ones(1, 1, dtype=torch.bool))
+    out = build_objective({"surrogate": "unclipped"})(batch)
+    assert float(out.loss) == pytest.approx(math.exp(-20.0), rel=1e-12)
+    assert out.metrics["ratio/mean"] == pytest.approx(math.exp(-20.0), rel=1e-12)

@@ -1584,3 +1584,61 @@ def test_end_step_releases_the_step_population():
     objective.end_step()
     gc.collect()
     assert alive() is None
+
+
+# --------------------------------------------------------------------------------------------------
+# 14. Whole-batch selectors next to per-batch ones, and the quantile's edge cases
+# --------------------------------------------------------------------------------------------------
+
+
+def test_only_whole_batch_selectors_decide_over_the_population_and_leave_its_normaliser():
+    """``takes_step_statistics`` holds when any selector decides over the whole batch (Clip_B), not for per-batch
+    selectors alone nor for none; ``normaliser_mask`` removes only the whole-batch selectors' drops: the 80/20 and
+    PSR selectors decide per micro-batch, so they neither ask the population nor shrink its normaliser."""
+    case = clip_b_case(torch.float64)
+    population = case.batch()
+    composed = build_objective("dapo+clip_b+forking_tokens+psr", mu=1.0)
+    assert composed.takes_step_statistics
+    assert not build_objective("dapo+forking_tokens").takes_step_statistics
+    assert not build_objective("grpo").takes_step_statistics
+    clip_b_drop = dropped(build_objective("clip_b", mu=1.0)(case.batch()), case.batch())
+    assert clip_b_drop.any()
+    np.testing.assert_array_equal(composed.normaliser_mask(population).numpy(), case.mask & ~clip_b_drop)
+    np.testing.assert_array_equal(build_objective("dapo+forking_tokens").normaliser_mask(population).numpy(), case.mask)
+
+
+def test_a_population_decision_drops_only_valid_tokens_of_the_batch():
+    """A mini-batch takes the population's decision on its rows, restricted to its own valid tokens: a token the
+    population drops but the mini-batch masks out is not among the selector's drops."""
+    case = clip_b_case(torch.float64)
+    population = case.batch()
+    selector = build_objective("clip_b", mu=1.0).selectors[0]
+    whole_drop = selector.decide(population, population.advantages)[0]
+    assert bool(whole_drop[0, 0]) and bool(whole_drop[1, 1])
+    rows = torch.tensor([0, 1])
+    mask = population.mask[rows].clone()
+    mask[0, 0] = False  # the first planted outlier is padding in this mini-batch
+    piece = PolicyBatch(**{name: getattr(population, name)[rows] for name in FIELDS}, mask=mask, population=population,
+                        rows=rows)
+    surrogate = SurrogateOutput(per_token_loss=torch.zeros_like(mask, dtype=torch.float64),
+                                clipped=torch.zeros_like(mask), ratio=torch.ones_like(mask, dtype=torch.float64))
+    drop = selector(piece, piece.advantages, surrogate, {})
+    np.testing.assert_array_equal(drop.numpy(), whole_drop[rows].numpy() & mask.numpy())
+    assert not bool(drop[0, 0]) and bool(drop[1, 1])
+
+
+def test_masked_quantile_of_no_values_is_nan_and_never_carries_a_gradient():
+    from entrorl.objective.batch import masked_quantile
+
+    values = torch.tensor([[3.0, 1.0, 2.0]], requires_grad=True)
+    assert torch.isnan(masked_quantile(values, torch.zeros(1, 3, dtype=torch.bool), 0.5))
+    threshold = masked_quantile(values, torch.tensor([[True, True, False]]), 0.25)
+    assert float(threshold) == pytest.approx(1.5) and not threshold.requires_grad
+    assert float(masked_quantile(values, torch.ones(1, 3, dtype=torch.bool), 1.0)) == 3.0
+
+
+def test_the_80_20_methods_train_with_dapos_clip_higher():
+    """The 80/20 paper (arXiv 2506.01939) trains both its method and its ablation on DAPO's clip-higher 0.2 / 0.28."""
+    for method in ("forking_tokens", "low_entropy_tokens"):
+        surrogate = build_objective(method).surrogate
+        assert (surrogate.name, surrogate.clip_ratio_low, surrogate.clip_ratio_high) == ("ppo_clip", 0.2, 0.28)
