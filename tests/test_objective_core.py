@@ -209,6 +209,19 @@ def test_aggregation_empty_mask_gives_attached_zero(mode):
     assert got.requires_grad
     grad = grad_of(got, loss)
     assert torch.equal(grad, torch.zeros_like(loss))
+    # responses of no tokens at all (padded width 0): Dr. GRPO's default divisor is that width
+    empty = torch.zeros(3, 0, dtype=F64, requires_grad=True)
+    got = aggregate_loss(empty, torch.zeros(3, 0, dtype=torch.bool), mode)
+    assert float(got) == 0.0 and got.requires_grad
+
+
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo"])
+def test_a_batch_of_responses_without_tokens_gives_an_attached_zero(method):
+    log_prob = torch.zeros(2, 0, requires_grad=True)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach(), advantages=torch.ones(2),
+                        mask=torch.zeros(2, 0, dtype=torch.bool))
+    loss = build_objective(method)(batch).loss
+    assert float(loss) == 0.0 and loss.requires_grad
 
 
 @pytest.mark.parametrize("method, kwargs", [

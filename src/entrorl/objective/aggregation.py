@@ -65,7 +65,8 @@ def aggregate_loss(
         return per_seq.sum() / n_seq * dp_size
     if mode == "seq-mean-token-sum":
         return masked.sum() / n_seq * dp_size
-    scale = float(mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    # responses of no tokens at all (T = 0): the sum is an empty 0, whatever it is divided by
+    scale = float(max(mask.shape[-1], 1) if loss_scale_factor is None else loss_scale_factor)
     if not scale > 0:
         raise ValueError(f"loss_scale_factor must be > 0, got {loss_scale_factor}")
     return masked.sum() / n_seq / scale * dp_size
