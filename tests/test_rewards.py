@@ -303,6 +303,8 @@ def test_reasoning_gym_errors_surface(arithmetic_records):
         get_reward("reasoning_gym", task="no_such_task")
     with pytest.raises(ValueError, match="unknown reasoning-gym task"):
         check_reward_spec("reasoning_gym", task="no_such_task")
+    with pytest.raises(ValueError, match="unknown reasoning-gym task 'leg_countin'; did you mean 'leg_counting'\\? available"):
+        check_reward_spec("reasoning_gym", task="leg_countin")
     with pytest.raises(ValueError, match="task must be a dataset name, got ''"):
         get_reward("reasoning_gym", task="")
     with pytest.raises(ValueError, match="strict must be a bool, got 'yes'"):

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from entrorl.trainer import ConfigError, Trainer, TrainingStopped, load_config, read_metrics
+from entrorl.trainer.config import parse_set_option
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -528,8 +529,9 @@ def test_greedy_evaluation(tmp_path, tiny_model_dir, arithmetic_files):
     """eval.temperature 0 samples greedily: every sample of a prompt is the same, so each prompt is solved by all or
     none of them; fork entropies come from the model's own distribution."""
     train, held_out = arithmetic_files
-    config = load_config(make_config(tiny_model_dir, train, held_out,
-                                     eval={"every": 0, "n": 3, "ks": [1, 3], "max_prompts": 4, "top_forks": 3, "temperature": 0}))
+    with pytest.warns(UserWarning, match="one answer repeated"):  # as this test checks
+        config = load_config(make_config(tiny_model_dir, train, held_out, eval={
+            "every": 0, "n": 3, "ks": [1, 3], "max_prompts": 4, "top_forks": 3, "temperature": 0}))
     trainer = Trainer(config, run_dir=tmp_path / "run")
     from entrorl.rollout import HFSampler
 
@@ -660,6 +662,16 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
     assert load_config(base, ['data.prompt_template="{{x}}: {prompt}"']).data.prompt_template == "{{x}}: {prompt}"
     with pytest.raises(ConfigError, match=r"--set 'optim.lr=\[1': the value is not valid YAML"):
         load_config(base, ["optim.lr=[1"])
+    # a key given twice in one mapping: PyYAML would keep the last one, dropping the first section's settings
+    repeated = tmp_path / "repeated.yaml"
+    repeated.write_text(yaml.safe_dump(base, sort_keys=False) + "optim:\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"repeated.yaml is not valid YAML: line \d+: the key 'optim' is given a "
+                                          r"second time \(first on line \d+\)"):
+        load_config(repeated)
+    with pytest.raises(ConfigError, match="the key 'p' is given a second time"):
+        load_config(base, ["reward.kwargs={p: 1, p: 2}"])
+    assert parse_set_option("reward.kwargs={a: &d {x: 1, y: 1}, b: {<<: *d, x: 2}}")[1] == {
+        "a": {"x": 1, "y": 1}, "b": {"x": 2, "y": 1}}  # a merge key's values may be overridden: not a repetition
     # DAPO's overlong penalty that no response can reach (max_new_tokens is 6 here); above the limit, a warning
     with pytest.raises(ConfigError, match=r"reward.overlong: the penalty starts after max_length - cache_length = 10 "
                                           r"tokens.*rollout.max_new_tokens = 6, so it would never apply"):
@@ -725,6 +737,9 @@ def test_a_later_method_paired_with_other_advantages_is_warned_about(tmp_path, a
         warnings.simplefilter("error")
         assert load_config(base, ["method=dapo+psr", "advantage.name=psr"]).advantage_estimator() == "psr"
         assert load_config(base, ["method=dapo+clip_b+forking_tokens"]).advantage_estimator() == "grpo"
+        listed = load_config({**base, "method": ["dapo", "clip_b"]})  # a list of names is their composition
+        assert (listed.method, listed.method_names()) == ("dapo+clip_b", ["dapo", "clip_b"])
+        assert load_config(base, ["method=[dapo, clip_b]"]).method == "dapo+clip_b"
         assert load_config(base, ["method=unlikely_reward"]).advantage_estimator() == "unlikely"
         assert load_config(base, ["method=passk_advantage"]).advantage_estimator() == "passk"
 
@@ -757,12 +772,16 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
             (["logging.project=mine"], r"logging.project has no effect without logging.wandb or logging.trackio")):
         with pytest.warns(UserWarning, match=problem):
             load_config(base, overrides)
+    evaluated = make_config(tmp_path / "no-model-needed", train, held_out)
+    with pytest.warns(UserWarning, match=r"eval.n = 2 samples at eval.temperature = 0 \(greedy\) are one answer repeated"):
+        load_config(evaluated, ["eval.temperature=0"])
     with warnings.catch_warnings():  # each of them where it does take effect: silent
         warnings.simplefilter("error")
         load_config(base, ["optim.min_lr_ratio=0.1", "optim.lr_schedule=cosine", "optim.warmup_steps=3",
                            "rollout.dynamic_sampling=true", "rollout.max_sampling_rounds=5", "data.pass_rate_column=rate",
                            "data.pass_rate_band=[0.1, 0.9]", "model.dtype=bfloat16", "model.master_weights=false"])
-        load_config(make_config(tmp_path / "no-model-needed", train, held_out), ["eval.n=4", "eval.top_k=5"])
+        load_config(evaluated, ["eval.n=4", "eval.top_k=5"])
+        load_config(evaluated, ["eval.n=1", "eval.ks=[1]", "eval.temperature=0"])
     for override in ("eval.ks=[1, true]", "optim.betas=[true, 0.9]"):
         with pytest.raises(ConfigError, match=r"expected numbers, not booleans"):
             load_config(base, [override])
@@ -821,7 +840,6 @@ def test_settings_read_only_with_another_setting_are_silent_with_it(tmp_path, ar
 def test_set_options_and_configuration_files_that_are_malformed_are_named(tmp_path, arithmetic_files):
     """--set splits at its first '=' and an empty value is the empty string; an empty key, a key below a value, a
     folder, a file that is no mapping, and an empty file (no model, no data) are ConfigErrors naming what is wrong."""
-    from entrorl.trainer.config import parse_set_option
 
     train, _ = arithmetic_files
     base = make_config(tmp_path / "no-model-needed", train, None)
@@ -834,6 +852,9 @@ def test_set_options_and_configuration_files_that_are_malformed_are_named(tmp_pa
     assert load_config(base, ["data.prompt_template=Q={prompt} A="]).data.prompt_template == "Q={prompt} A="
     with pytest.raises(ConfigError, match=r"--set has an empty key in '=3'"):
         load_config(base, ["=3"])
+    for option in ("optim..lr=0.5", ".optim.lr=0.5", "optim.lr.=0.5"):
+        with pytest.raises(ConfigError, match=rf"--set '{re.escape(option)}': the key '.*' has an empty part"):
+            load_config(base, [option])
     with pytest.raises(ConfigError, match=r"--set 'optim.lr.x=1': 'lr' is not a section \(it holds 0.001\)"):
         load_config(base, ["optim.lr.x=1"])
     with pytest.raises(ConfigError, match="is a directory; expected a YAML configuration file"):
@@ -973,7 +994,9 @@ def test_an_objective_without_a_method_name_is_custom_and_takes_grpo_advantages(
 def test_a_section_left_empty_in_the_file_takes_set_options(tmp_path, arithmetic_files):
     """YAML reads a section with nothing under it (`eval:`) as null: --set fills it as if it were absent."""
     train, held_out = arithmetic_files
-    path = write_config(tmp_path / "run.yaml", make_config(tmp_path / "no-model-needed", train, held_out))
+    settings = make_config(tmp_path / "no-model-needed", train, held_out)
+    settings.pop("reward", None)
+    path = write_config(tmp_path / "run.yaml", settings)
     path.write_text(path.read_text() + "reward:\n  name: exact_match\n  overlong:\n")
     config = load_config(path, ["reward.overlong.max_length=6", "reward.overlong.cache_length=2"])
     assert (config.reward.overlong.max_length, config.reward.overlong.cache_length) == (6, 2)
@@ -1030,7 +1053,6 @@ def test_a_checkpoint_with_settings_this_version_does_not_know_is_still_compared
 
 def test_an_exponent_with_a_plus_sign_or_digit_separators_is_a_number():
     """Free-form parameters receive numbers in every exponent form YAML 1.2 reads as one, not the text."""
-    from entrorl.trainer.config import parse_set_option
 
     assert parse_set_option("advantage.params.epsilon=1e+2")[1] == 100.0
     assert parse_set_option("advantage.params.epsilon=1_0e-7")[1] == pytest.approx(1e-6)
@@ -1516,14 +1538,19 @@ def test_a_signal_during_a_checkpoint_write_stops_after_that_step(tmp_path, tiny
 def test_a_signal_during_the_evaluation_at_the_start_stops_before_the_first_step(tmp_path, tiny_model_dir,
                                                                                  arithmetic_files, monkeypatch):
     """Ctrl-C during ``eval.at_start`` trains no step: the run stops with the evaluation logged, no checkpoint, and
-    the same directory starts afresh."""
+    the same directory starts afresh. The signal's note says so, rather than promising a checkpoint."""
+    import io
+
+    from rich.console import Console
+
     from entrorl.trainer import TrainingInterrupted
 
     train, held_out = arithmetic_files
     config = load_config(make_config(tiny_model_dir, train, held_out, optim={"steps": 3, "lr": 1e-3},
                                      eval={"every": 0, "n": 2, "ks": [1], "max_prompts": 2, "top_forks": 0,
                                            "at_start": True}))
-    trainer = Trainer(config, run_dir=tmp_path / "run")
+    said = io.StringIO()
+    trainer = Trainer(config, run_dir=tmp_path / "run", console=Console(file=said, width=300))
     evaluate = trainer.evaluate
 
     def evaluate_interrupted():
@@ -1541,6 +1568,8 @@ def test_a_signal_during_the_evaluation_at_the_start_stops_before_the_first_step
             signal.signal(number, handler)
     assert stopped.value.step == 0 and stopped.value.checkpoint is None
     assert "before the first step" in str(stopped.value)
+    assert ("SIGINT: finishing the evaluation at the start, then stopping before the first step (nothing to save yet)"
+            in said.getvalue()) and "saving a checkpoint" not in said.getvalue()
     assert [record["step"] for record in read_metrics(tmp_path / "run")] == [0]
     assert Trainer(config, run_dir=tmp_path / "run").step == 0  # no checkpoint: a fresh start is allowed there
 
@@ -1680,6 +1709,11 @@ def test_cli_resume_of_a_finished_run_and_unloadable_model_directories(tmp_path,
                     "--set", "optim.lr=0.5")
     assert again.returncode == 0 and "already at step 1 of optim.steps = 1: nothing to do" in again.stderr
     assert (run_dir / "config.json").read_text() == before
+    # what a resume may not change is refused on a finished run too (not "nothing to do" and status 0)
+    changed = run_cli("train", str(config), "--run-dir", str(run_dir), "--resume", "--set", "seed=1")
+    said = " ".join(changed.stderr.split())
+    assert changed.returncode == 2 and "--resume cannot change what the run was trained with: seed: 7 in the " \
+        "checkpoint, 1 now" in said and "nothing to do" not in said, changed.stderr
     # a file the run cannot write (here a file where samples/ goes) names the checkpoint to resume from, and how
     (run_dir / "samples").write_text("in the way")
     blocked = run_cli("train", str(config), "--run-dir", str(run_dir), "--resume", "--set", "optim.steps=2",
@@ -2605,6 +2639,10 @@ def test_data_reasoning_gym_lists_tasks_on_stdout_and_writes_task_jsonl_by_defau
     unknown = CliRunner().invoke(app, ["data", "reasoning-gym", "no_such_task"])
     assert unknown.exit_code == 2 and "`entrorl data reasoning-gym --list` shows the installed ones" in " ".join(
         unknown.output.split()), unknown.output
+    misspelt = CliRunner().invoke(app, ["data", "reasoning-gym", "basic_arithmatic"])
+    assert misspelt.exit_code == 2 and "unknown reasoning-gym task 'basic_arithmatic'; did you mean 'basic_arithmetic'?" \
+        in " ".join(misspelt.output.split()), misspelt.output
+    assert "did you mean" not in unknown.output  # nothing near 'no_such_task'
 
 
 def test_cli_writes_reasoning_gym_data_the_reward_scores(tmp_path):
@@ -2792,7 +2830,7 @@ def test_cli_eval_scores_rows_without_a_reference_answer_only_with_no_require_an
 
 def test_cli_eval_samples_with_the_seed_temperature_and_top_k_given(tmp_path, tiny_model_dir, arithmetic_files):
     """The same --seed draws the same samples and another seed others; --temperature 0 (greedy) and --top-k 1 draw
-    one completion per prompt, n times."""
+    one completion per prompt, n times (with --temperature 0 the command says so)."""
     from typer.testing import CliRunner
 
     from entrorl.cli import app
@@ -2802,10 +2840,13 @@ def test_cli_eval_samples_with_the_seed_temperature_and_top_k_given(tmp_path, ti
     base = ["eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", str(n), "--k", "1",
             "--max-new-tokens", "4", "--reward", "exact_match", "--max-prompts", "3"]
 
+    said = {}
+
     def completions(name: str, *options: str) -> list[list[str]]:
         samples = tmp_path / f"{name}.jsonl"
         result = CliRunner().invoke(app, [*base, "--samples", str(samples), *options])
         assert result.exit_code == 0, result.output
+        said[name] = " ".join(result.output.split())
         drawn = [json.loads(line)["completion"] for line in samples.read_text().splitlines()]
         return [drawn[start: start + n] for start in range(0, len(drawn), n)]
 
@@ -2815,6 +2856,8 @@ def test_cli_eval_samples_with_the_seed_temperature_and_top_k_given(tmp_path, ti
     assert completions("seed-2", "--seed", "2") != seeded
     for name, greedy in (("greedy", ("--temperature", "0")), ("top-1", ("--top-k", "1"))):
         assert all(len(set(prompt)) == 1 for prompt in completions(name, "--seed", "1", *greedy)), name
+    assert "note: --temperature 0 samples greedily, so the 4 samples of a prompt are one answer repeated" in said["greedy"]
+    assert "samples greedily" not in said["seed-1"]
 
 
 def test_pass_rate_band_filters_training_prompts(tmp_path, tiny_model_dir):
@@ -3064,7 +3107,6 @@ def test_every_configured_mini_batch_is_an_update(tmp_path, tiny_model_dir, arit
 def test_numbers_in_exponent_form_are_numbers_everywhere_in_the_config(tmp_path, tiny_model_dir, arithmetic_files):
     """PyYAML reads 1e-6 as a string (YAML 1.1 wants a dot); typed fields would convert it, free-form parameters would
     not: an advantage parameter was refused with "got '1e-6'" and a reward factory multiplied by the text."""
-    from entrorl.trainer.config import parse_set_option
 
     train, _ = arithmetic_files
     path = write_config(tmp_path / "config.yaml", make_config(tiny_model_dir, train, None))

@@ -11,7 +11,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -59,6 +59,7 @@ def train(
     from entrorl.modeling import is_out_of_memory, out_of_memory_while
     from entrorl.trainer import ConfigError, Trainer, TrainingInterrupted, TrainingStopped, load_config
     from entrorl.trainer.checkpoint import CheckpointWriteError, checkpoint_step, latest_checkpoint
+    from entrorl.trainer.loop import check_resume_settings
     from entrorl.trainer.loggers import TrackerError
 
     try:
@@ -71,6 +72,12 @@ def train(
         directory = run_dir if run_dir is not None else Path(train_config.logging.run_dir) / train_config.logging.name
         latest = latest_checkpoint(directory)
         if latest is not None and checkpoint_step(latest) >= train_config.optim.steps:
+            saved_config = _read_json_object(directory / "config.json")  # that of the run's latest start
+            if saved_config is not None:
+                try:
+                    check_resume_settings(saved_config, train_config)
+                except ValueError as error:
+                    _fail(str(error))
             console.print(f"{escape(str(directory))} is already at step {checkpoint_step(latest)} of optim.steps = "
                           f"{train_config.optim.steps}: nothing to do (raise optim.steps with --set to train further; "
                           "a decaying lr_schedule then stretches over the new total)", soft_wrap=True, highlight=False)
@@ -290,6 +297,24 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     return records, reward_runner, tokenizer, policy, prompt_ids, directory, (prompt_template, chat_template), sampling
 
 
+def _note_if_greedy_samples_repeat(n: int, temperature: float) -> None:
+    """Say so when ``--temperature 0`` (greedy decoding) meets ``--n`` above 1: each prompt's samples are then one
+    answer repeated, and --n 1 gives the same figures in a fraction of the time."""
+    if temperature == 0 and n > 1:
+        console.print(Text(f"note: --temperature 0 samples greedily, so the {n} samples of a prompt are one answer "
+                           f"repeated (every Pass@k is Pass@1, every pass rate 0 or 1): --n 1 gives the same figures"),
+                      soft_wrap=True)
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool | None,
                   max_new_tokens: int | None) -> tuple[str, bool, int]:
     """The prompt template, chat-template switch and most new tokens to sample with: those given, else, when ``model``
@@ -302,13 +327,10 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
     if run is None:
         return (("{prompt}" if prompt_template is None else prompt_template), bool(chat_template),
                 DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
-    try:
-        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        config = {}
+    config = _read_json_object(run / "config.json") or {}
 
     def recorded(section: str, name: str, kind: type):
-        part = config.get(section) if isinstance(config, dict) else None
+        part = config.get(section)
         value = part.get(name) if isinstance(part, dict) else None
         return value if isinstance(value, kind) else None
 
@@ -426,6 +448,7 @@ def evaluate(
     ks = None if k is None else _parse_ks(k)
     if ks is not None and ks[-1] > n:
         _fail(f"--k {ks[-1]} exceeds --n {n}: Pass@k needs at least k samples per prompt")
+    _note_if_greedy_samples_repeat(n, temperature)
     outputs = {option: path for option, path in (("--out", out), ("--samples", samples)) if path is not None}
     taken = {data.resolve(): "--data"}
     if out is not None:
@@ -635,7 +658,11 @@ def data_reasoning_gym(
     from entrorl.data import PromptRecord, write_jsonl
     from entrorl.data.loading import check_output_file
     from entrorl.rewards import REASONING_GYM_INSTRUCTION, reasoning_gym_records
-    from entrorl.rewards.reasoning_gym import available_reasoning_gym_tasks, verifier_accepts_nonsense
+    from entrorl.rewards.reasoning_gym import (
+        available_reasoning_gym_tasks,
+        closest_reasoning_gym_task,
+        verifier_accepts_nonsense,
+    )
 
     if list_tasks:
         sys.stdout.write("\n".join(available_reasoning_gym_tasks()) + "\n")
@@ -651,7 +678,9 @@ def data_reasoning_gym(
         _fail(f"--out {target}: the prompts are written as JSON lines, so the file must end in .jsonl (a .csv or "
               ".parquet name would hold JSON lines that no reader takes for that format)")
     if task not in available_reasoning_gym_tasks():
-        _fail(f"unknown reasoning-gym task {task!r}; `entrorl data reasoning-gym --list` shows the installed ones")
+        close = closest_reasoning_gym_task(task)
+        _fail(f"unknown reasoning-gym task {task!r}; " + (f"did you mean {close!r}? " if close else "")
+              + "`entrorl data reasoning-gym --list` shows the installed ones")
     try:
         generated = reasoning_gym_records(task, size=size, seed=seed,
                                           instruction=REASONING_GYM_INSTRUCTION if instruction else None)
@@ -716,6 +745,7 @@ def data_audit(
     from entrorl.trainer.audit import audit_records, check_audit_output, default_audit_dir, write_audit_outputs
 
     directory = out if out is not None else default_audit_dir(data)
+    _note_if_greedy_samples_repeat(n, temperature)
     try:  # the options, named as the user typed them (not as the functions that read them)
         parse_band(band)
     except ValueError as error:

@@ -428,13 +428,22 @@ class TrainConfig(_Section):
     data: DataConfig
     reward: RewardConfig = Field(default_factory=RewardConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    method: str | ObjectiveConfig = Field("grpo", description="a method name, 'a+b+c', or an objective config")
+    method: str | ObjectiveConfig = Field("grpo", description="a method name, 'a+b+c' (or the list [a, b, c]), or an "
+                                                             "objective config")
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_list_as_one_name(cls, value):
+        """``[dapo, clip_b]`` is ``dapo+clip_b``, as :func:`entrorl.objective.build_objective` takes either."""
+        if isinstance(value, list) and value and all(isinstance(name, str) for name in value):
+            return "+".join(value)
+        return value
 
     @field_validator("method")
     @classmethod
@@ -563,6 +572,9 @@ class TrainConfig(_Section):
             unused.append("data.pass_rate_column has no effect without data.pass_rate_band")
         if self.logging.project != "entrorl" and not (self.logging.wandb or self.logging.trackio):
             unused.append("logging.project has no effect without logging.wandb or logging.trackio")
+        if data.eval is not None and self.eval.temperature == 0 and self.eval.n > 1:
+            unused.append(f"eval.n = {self.eval.n} samples at eval.temperature = 0 (greedy) are one answer repeated: "
+                          "every Pass@k is Pass@1, and eval.n = 1 gives the same figures")
         if data.eval is None:
             unused += [f"eval.{name} has no effect: data.eval is not set, so no evaluation runs"
                        for name in moved(self.eval, "n", "ks", "max_prompts", "temperature", "top_p", "top_k", "top_forks")]
@@ -695,10 +707,34 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any], *, loads_refe
     return refused, accepted
 
 
+class _RepeatedKey(yaml.YAMLError):
+    """A mapping of the configuration gives one key twice (YAML requires keys to be unique)."""
+
+
 class _ConfigLoader(yaml.SafeLoader):
-    """YAML 1.1 (PyYAML's) reads ``1e-6`` and ``1e1`` as strings, for want of a dot; YAML 1.2 and every reader of
-    numbers take them as floats. A typed field would convert the string, but free-form parameters (reward kwargs,
-    advantage params) would receive it as text."""
+    """PyYAML's safe loader with two changes. YAML 1.1 (PyYAML's) reads ``1e-6`` and ``1e1`` as strings, for want of a
+    dot; YAML 1.2 and every reader of numbers take them as floats. A typed field would convert the string, but
+    free-form parameters (reward kwargs, advantage params) would receive it as text. And a key given twice in one
+    mapping is refused: PyYAML keeps the last value, so a section written twice would lose the first one's settings
+    without a word (a merge key's ``<<: *defaults`` values may still be overridden)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in first_line
+                except TypeError:  # an unhashable key: the base constructor names it
+                    continue
+                if repeated:
+                    raise _RepeatedKey(f"line {key_node.start_mark.line + 1}: the key {key!r} is given a second time "
+                                       f"(first on line {first_line[key] + 1}); YAML would keep only the last, "
+                                       "dropping the first one's value")
+                first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _ConfigLoader.add_implicit_resolver(
@@ -714,9 +750,11 @@ def parse_set_option(option: str) -> tuple[list[str], Any]:
     if "=" not in option:
         raise ConfigError(f"--set expects key=value, got {option!r}")
     key, raw = option.split("=", 1)
-    path = [part for part in key.strip().split(".") if part]
-    if not path:
+    if not key.strip():
         raise ConfigError(f"--set has an empty key in {option!r}")
+    path = key.strip().split(".")
+    if "" in path:
+        raise ConfigError(f"--set {option!r}: the key {key.strip()!r} has an empty part (two dots, or a dot at an end)")
     try:
         value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:

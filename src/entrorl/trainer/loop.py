@@ -312,18 +312,8 @@ class Trainer:
             saved_config = json.loads(config_file.read_text()) if config_file.is_file() else None
         if saved_config is None:
             return []
-        # model.path names the base model of the adapters, and the reference model
-        reads_model_path = self.needs_reference or self.config.model.lora is not None
-        refused, accepted = resume_changes(saved_config, self.config.model_dump(mode="json"),
-                                           loads_reference=reads_model_path)
+        accepted = check_resume_settings(saved_config, self.config)
         self.resume_learning_rate = self._next_learning_rates(saved_config, saved_state["step"], accepted)
-        if refused:
-            listed = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in refused)
-            raise ValueError(
-                f"--resume cannot change what the run was trained with:\n{listed}\nput those back, or start a new run "
-                "(another --run-dir) from the checkpoint's model directory; a resumed run may change its length, "
-                "learning-rate schedule, optimiser settings, rollouts, rewards, evaluation, logging and checkpoints"
-            )
         return accepted
 
     def _next_learning_rates(self, saved_config: dict[str, Any], step: int,
@@ -1024,13 +1014,19 @@ class Trainer:
         progress = _StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
                                  enabled=config.logging.progress)
         received: list[int] = []
-        restore_handlers = _catch_stop_signals(received, progress.console) if handle_signals else (lambda: None)
+        evaluating_at_start = False
+        restore_handlers = _catch_stop_signals(received, progress.console, plan=lambda: (
+            "finishing the evaluation at the start, then stopping before the first step (nothing to save yet)"
+            if evaluating_at_start else _FINISH_THE_STEP)
+        ) if handle_signals else (lambda: None)
         saved_since_signal = False  # a second signal raised out of a step instead: the handlers go back
         finished = False
         try:
             with progress:
                 if config.eval.at_start and self.eval_records and self.step == 0:
+                    evaluating_at_start = True
                     evaluated = self.evaluate()
+                    evaluating_at_start = False
                     self.logger.log(0, evaluated)
                     progress.note_evaluation(0, evaluated)
                     if received:
@@ -1073,6 +1069,23 @@ class Trainer:
         return self.run_dir
 
 
+def check_resume_settings(saved_config: dict[str, Any], config: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """The settings ``config`` changes from ``saved_config`` (the configuration a checkpoint was trained with, as
+    ``TrainConfig.model_dump(mode="json")``), as ``(key, saved, now)``; ``ValueError`` naming every one a resumed run
+    may not change (see :func:`entrorl.trainer.config.resume_changes`)."""
+    # model.path names the base model of the adapters, and the reference model
+    reads_model_path = config.needs_reference() or config.model.lora is not None
+    refused, accepted = resume_changes(saved_config, config.model_dump(mode="json"), loads_reference=reads_model_path)
+    if refused:
+        listed = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in refused)
+        raise ValueError(
+            f"--resume cannot change what the run was trained with:\n{listed}\nput those back, or start a new run "
+            "(another --run-dir) from the checkpoint's model directory; a resumed run may change its length, "
+            "learning-rate schedule, optimiser settings, rollouts, rewards, evaluation, logging and checkpoints"
+        )
+    return accepted
+
+
 def _say_in_a_signal_handler(console, message: str) -> None:
     """``message`` on ``console``, in yellow. A signal handler runs between two bytecodes of the main thread, which may
     be inside a write to the same stream: Python refuses the nested write ("reentrant call"), so the message then
@@ -1111,9 +1124,12 @@ def _exit_at_once_on_another_signal(console, run_dir: Path, *, resumable: bool =
 _SCHEDULE_KEYS = ("optim.lr", "optim.steps", "optim.warmup_steps", "optim.lr_schedule", "optim.min_lr_ratio")
 
 
-def _catch_stop_signals(received: list[int], console):
+_FINISH_THE_STEP = "finishing the current step, then saving a checkpoint"
+
+
+def _catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] = lambda: _FINISH_THE_STEP):
     """Make SIGINT and SIGTERM append their number to ``received`` (the loop stops after the step it is in) and say
-    so on ``console``; a second one stops at once (``KeyboardInterrupt`` for SIGINT, exit status 143 for SIGTERM).
+    on ``console`` what happens next, as ``plan()`` puts it then; a second one stops at once (``KeyboardInterrupt`` for SIGINT, exit status 143 for SIGTERM).
     Returns a function that puts the previous handlers back. Does nothing outside the main thread, where Python
     cannot install handlers."""
     if threading.current_thread() is not threading.main_thread():
@@ -1128,8 +1144,7 @@ def _catch_stop_signals(received: list[int], console):
                 raise KeyboardInterrupt
             raise SystemExit(128 + number)
         received.append(number)
-        _say_in_a_signal_handler(console, f"{signal.Signals(number).name}: finishing the current step, then saving a "
-                                 "checkpoint (send it again to stop at once, without one)")
+        _say_in_a_signal_handler(console, f"{signal.Signals(number).name}: {plan()} (send it again to stop at once)")
 
     for number in (signal.SIGINT, signal.SIGTERM):
         previous[number] = signal.signal(number, handler)
