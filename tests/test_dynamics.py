@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -745,6 +746,19 @@ def test_pg_step_alpha_is_the_signed_product():
     integer = dyn.pg_step_alpha(1, torch.tensor([1, -2]))
     assert integer.is_floating_point()
     torch.testing.assert_close(integer, torch.tensor([1.0, -2.0], dtype=integer.dtype))
+
+
+@pytest.mark.parametrize("mask_shape", [(4,), (6,), (4, 2), (1, 4, 6)])
+def test_a_mask_that_is_not_per_token_or_per_sequence_is_refused(mask_shape):
+    """A [B] mask would broadcast along the token axis (masking columns, not sequences): refused, as are shapes that
+    do not broadcast, by each function that takes a mask."""
+    values = torch.randn(4, 6, generator=torch.Generator().manual_seed(111), dtype=F64)
+    mask = torch.ones(mask_shape, dtype=torch.bool)
+    for name, call in (("token_covariance", lambda: dyn.token_covariance(values, values, mask)),
+                       ("covariance_concentration", lambda: dyn.covariance_concentration(values, mask)),
+                       ("batch_predicted_entropy_change", lambda: dyn.batch_predicted_entropy_change(values, 0.1, mask))):
+        with pytest.raises(ValueError, match=rf"{name}: mask has shape {re.escape(str(mask_shape))}, the tokens \(4, 6\)"):
+            call()
 
 
 def test_sequence_level_mask_broadcasts_over_tokens():

@@ -185,6 +185,17 @@ def test_torch_tensors_that_require_grad_are_accepted():
     np.testing.assert_array_equal(pol.histogram, [1, 2])
 
 
+
+def test_bfloat16_tensors_are_read_like_any_other_floats():
+    """numpy has no bfloat16: such rewards and pass rates (a bf16 model's) are widened, not refused with a TypeError."""
+    torch = pytest.importorskip("torch")
+    rewards = torch.tensor([[0.25, 0.5, 1.0, 0.0]], dtype=torch.bfloat16)
+    assert avg_at_k(rewards) == 0.5
+    assert summarize_samples(rewards).avg_at_n == 0.5
+    pol = polarisation(torch.tensor([0.0, 0.5, 1.0], dtype=torch.bfloat16), bins=2)
+    np.testing.assert_array_equal(pol.histogram, [1, 2])
+
+
 def test_pass_at_k_curve_on_hand_example():
     counts = HAND.sum(axis=1)
     curve = pass_at_k_curve(counts, 4, [1, 2, 3, 4, 2])

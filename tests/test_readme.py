@@ -17,6 +17,13 @@ def test_method_table_matches_registry():
     assert {info.name for info in available_methods()} <= listed
 
 
+def test_the_verl_guide_counts_every_method():
+    """docs/verl.md says how many methods become verl policy losses (every registered one)."""
+    text = (README.parent / "docs" / "verl.md").read_text(encoding="utf-8")
+    counts = [int(number) for number in re.findall(r"\ball (\d+)(?:,| methods)", text)]
+    assert counts and set(counts) == {len(available_methods())}
+
+
 def test_python_examples_run(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
     assert blocks

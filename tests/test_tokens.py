@@ -396,6 +396,19 @@ def test_input_validation_messages():
         token_stats(logits, targets, chunk_size=0)
     with pytest.raises(ValueError, match="lm_head_weight must be"):
         token_stats_from_hidden(torch.randn(3, 4), torch.randn(10, 5), torch.zeros(3, dtype=torch.long))
+    # no vocabulary (or no hidden size): named, not a reshape error from inside
+    with pytest.raises(ValueError, match=r"logits must have a last dimension above 0, got shape \(2, 0\)"):
+        token_stats(torch.zeros(2, 0), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"hidden must have a last dimension above 0"):
+        token_stats_from_hidden(torch.zeros(3, 0), torch.zeros(10, 0), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"lm_head_weight must be \[V, 4\] with V >= 1"):
+        token_stats_from_hidden(torch.randn(3, 4), torch.zeros(0, 4), torch.zeros(3, dtype=torch.long))
+    # a head of another dtype than the hidden states: named, not torch's matmul error
+    with pytest.raises(ValueError, match=r"lm_head_weight is torch.float64 and hidden torch.float32; give them one dtype"):
+        token_stats_from_hidden(torch.randn(3, 4), torch.randn(10, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"lm_head_bias is torch.bfloat16 and hidden torch.float32"):
+        token_stats_from_hidden(torch.randn(3, 4), torch.randn(10, 4), torch.zeros(3, dtype=torch.long),
+                                lm_head_bias=torch.zeros(10, dtype=torch.bfloat16))
 
 
 def test_input_validation_edges():

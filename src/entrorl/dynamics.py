@@ -319,12 +319,18 @@ def measured_entropy_change(
 # batch-level covariance diagnostics (arXiv 2505.22617)
 
 
-def _valid_mask(mask: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor:
+def _valid_mask(mask: torch.Tensor | None, shape: torch.Size, device: torch.device, *, caller: str) -> torch.Tensor:
+    """``mask`` as booleans of ``shape``: of that shape, or of as many dimensions with 1 where it is the same for
+    every token along one (``[B, 1]``: one flag per sequence). ``ValueError`` otherwise: a ``[B]`` mask would
+    broadcast along the token axis, masking columns instead of sequences."""
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
     m = torch.as_tensor(mask, device=device)
     m = m if m.dtype == torch.bool else m != 0
     if m.shape != shape:
+        if m.dim() != len(shape) or any(size not in (1, full) for size, full in zip(m.shape, shape)):
+            raise ValueError(f"{caller}: mask has shape {tuple(m.shape)}, the tokens {tuple(shape)}; give one flag per "
+                             "token, or [B, 1] for one per sequence")
         m = torch.broadcast_to(m, shape)
     return m
 
@@ -340,14 +346,14 @@ def token_covariance(
     over the valid tokens is the (population) covariance of log-prob and advantage across tokens.
 
     ``logprob`` is ``[B, T]`` or ``[N]`` (any shape works); ``advantages`` has the same shape or broadcasts
-    to it (e.g. ``[B, 1]`` sequence advantages); ``mask`` is bool or 0/1 of the same shape, or ``None`` for
-    all valid. The result is 0 outside the mask (whatever the inputs hold there, NaN included), and all
+    to it (e.g. ``[B, 1]`` sequence advantages); ``mask`` is bool or 0/1 of the same shape (or ``[B, 1]``, one
+    flag per sequence), or ``None`` for all valid. The result is 0 outside the mask (whatever the inputs hold there, NaN included), and all
     zeros for an empty mask.
     """
     lp = logprob.detach().to(torch.float64)
     adv = torch.as_tensor(advantages, device=lp.device).detach().to(torch.float64)
     lp, adv = torch.broadcast_tensors(lp, adv)
-    m = _valid_mask(mask, lp.shape, lp.device)
+    m = _valid_mask(mask, lp.shape, lp.device, caller="token_covariance")
     zero = torch.zeros((), dtype=torch.float64, device=lp.device)
     lp = torch.where(m, lp, zero)
     adv = torch.where(m, adv, zero)
@@ -419,7 +425,7 @@ def covariance_concentration(
     :class:`CovarianceConcentration` for the fields and why a ratio is ``nan`` when the mean is ``<= 0``.
     """
     values = cov.detach().to(torch.float64)
-    m = _valid_mask(mask, values.shape, values.device)
+    m = _valid_mask(mask, values.shape, values.device, caller="covariance_concentration")
     valid = values[m]
     n = int(valid.numel())
     top_means: dict[float, float] = {}
@@ -465,7 +471,7 @@ def batch_predicted_entropy_change(
     d = d.to(_compute_dtype(d.dtype))
     a = torch.as_tensor(alpha, dtype=d.dtype, device=d.device).detach()  # a Python float straight to d's precision
     per_token = -a * d
-    m = _valid_mask(mask, per_token.shape, per_token.device)
+    m = _valid_mask(mask, per_token.shape, per_token.device, caller="batch_predicted_entropy_change")
     zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
     total = torch.where(m, per_token, zero).sum()
     if reduction == "sum":

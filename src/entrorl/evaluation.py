@@ -157,13 +157,23 @@ def pass_at_k(n: Any, c: Any, k: Any) -> float | np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+def _from_tensor(value: Any) -> Any:
+    """A torch tensor (recognised without importing torch) as a numpy array, widened to float32 when numpy has no type
+    for its own (bfloat16, float8); anything else as given."""
+    if not hasattr(value, "detach"):
+        return value
+    value = value.detach().cpu()
+    try:
+        return value.numpy()
+    except TypeError:
+        return value.float().numpy()
+
+
 def _as_correct(correct: Any, threshold: float, *, name: str = "correct") -> np.ndarray:
     """Boolean correctness from booleans or from rewards in [0, 1] (correct iff reward >= threshold)."""
     if not (0.0 < float(threshold) <= 1.0):
         raise ValueError(f"threshold must lie in (0, 1]; got threshold={threshold!r}")
-    if hasattr(correct, "detach"):  # a torch tensor, without importing torch
-        correct = correct.detach().cpu().numpy()
-    arr = np.asarray(correct)
+    arr = np.asarray(_from_tensor(correct))
     if arr.dtype == np.bool_:
         return arr
     if arr.dtype.kind not in "iuf":
@@ -299,9 +309,7 @@ def polarisation(pass_rates: Any, bins: int = 10) -> Polarisation:
     if isinstance(bins, (bool, np.bool_)) or int(bins) != bins or int(bins) < 1:
         raise ValueError(f"bins must be a positive integer; got bins={bins!r}")
     bins = int(bins)
-    if hasattr(pass_rates, "detach"):
-        pass_rates = pass_rates.detach().cpu().numpy()
-    given = np.asarray(pass_rates)
+    given = np.asarray(_from_tensor(pass_rates))
     if given.dtype == np.bool_ or given.ndim > 1:
         raise ValueError(
             f"polarisation takes one pass rate per problem (a 1-D array), got {'booleans' if given.dtype == np.bool_ else 'an array'} "

@@ -364,6 +364,8 @@ def _flatten_inputs(name: str, values: torch.Tensor, targets: torch.Tensor, mask
         raise ValueError(f"token_stats: {name} must be a tensor [B, T, X] or [N, X], got shape {tuple(getattr(values, 'shape', ()))}")
     if not values.is_floating_point():
         raise ValueError(f"token_stats: {name} must be floating point, got {values.dtype}")
+    if values.shape[-1] == 0:
+        raise ValueError(f"token_stats: {name} must have a last dimension above 0, got shape {tuple(values.shape)}")
     if not torch.is_tensor(targets) or tuple(targets.shape) != tuple(values.shape[:-1]):
         raise ValueError(
             f"token_stats: targets must have shape {tuple(values.shape[:-1])} (the {name} without the last dim), "
@@ -458,13 +460,17 @@ def token_stats_from_hidden(
     wanted = _validate_need(need)
     inv_temperature = 1.0 / _validate_temperature(temperature)
     flat_hidden, flat_targets, rows = _flatten_inputs("hidden", hidden, targets, mask)
-    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != flat_hidden.shape[-1]:
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != flat_hidden.shape[-1] or lm_head_weight.shape[0] == 0:
         raise ValueError(
-            f"token_stats_from_hidden: lm_head_weight must be [V, {flat_hidden.shape[-1]}] to match hidden, "
+            f"token_stats_from_hidden: lm_head_weight must be [V, {flat_hidden.shape[-1]}] with V >= 1 to match hidden, "
             f"got {tuple(lm_head_weight.shape)}"
         )
     if lm_head_bias is not None and tuple(lm_head_bias.shape) != (lm_head_weight.shape[0],):
         raise ValueError(f"token_stats_from_hidden: lm_head_bias must be [{lm_head_weight.shape[0]}], got {tuple(lm_head_bias.shape)}")
+    for part, tensor in (("lm_head_weight", lm_head_weight), ("lm_head_bias", lm_head_bias)):
+        if tensor is not None and tensor.dtype != flat_hidden.dtype:
+            raise ValueError(f"token_stats_from_hidden: {part} is {tensor.dtype} and hidden {flat_hidden.dtype}; give "
+                             "them one dtype (the projection multiplies them)")
     vocab_size = lm_head_weight.shape[0]
     _check_target_range(flat_targets, vocab_size)
     if chunk_size is None:
