@@ -1742,6 +1742,15 @@ def test_an_unknown_part_parameter_lists_the_valid_ones():
         make_part("selector", "clip_b", {"muu": 2.0})
 
 
+def test_a_boolean_for_a_numeric_part_parameter_is_refused():
+    """pydantic reads True as 1: clip_ratio_low=True would have clipped at a ratio of 1; a switch takes booleans."""
+    with pytest.raises(ValueError, match=r"clip_ratio_low: Value error, expected a number, not a boolean \(got True\)"):
+        build_objective("dapo", clip_ratio_low=True)
+    with pytest.raises(ValueError, match="expected a number, not a boolean"):
+        build_objective("clip_b", mu=False)
+    assert build_objective("clip_b", keep_in_normaliser=True).selectors[0].keep_in_normaliser is True
+
+
 def test_available_parts_lists_every_kind_with_defaults_and_parameter_docs():
     from entrorl.objective import available_parts
     from entrorl.objective.parts import PART_KINDS

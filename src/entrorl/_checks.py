@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numbers
 import operator
+import types
+import typing
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,30 @@ def is_real_number(value: Any) -> bool:
     """Whether ``value`` is one real number: any ``numbers.Real`` (a Python or numpy int or float, a ``Fraction``) but
     not a boolean, Python's or numpy's (a flag given for a number is usually a slip upstream)."""
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def refuse_booleans_for_numbers(value: Any, annotation: Any) -> Any:
+    """``value`` as given, unless it is a boolean for a setting of type ``annotation`` that takes numbers but no
+    booleans (``int``, ``float | None``, ``list[int]``, ...): ``ValueError`` then. For a pydantic ``mode="before"``
+    validator: pydantic reads ``True`` as 1 for a number (a count of one step, Pass@1, a clip ratio of 1)."""
+    if isinstance(value, bool) and _takes_numbers_only(_alternatives(annotation)):
+        raise ValueError("expected a number, not a boolean")
+    if isinstance(value, (list, tuple)) and any(isinstance(item, bool) for item in value):
+        elements = {element for alternative in _alternatives(annotation)
+                    if typing.get_origin(alternative) in (list, tuple) for element in typing.get_args(alternative)}
+        if _takes_numbers_only(elements - {Ellipsis}):
+            raise ValueError("expected numbers, not booleans")
+    return value
+
+
+def _alternatives(annotation: Any) -> set:
+    """The types of a union annotation (``int | None`` → ``{int, None}``), or the annotation alone."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return set(typing.get_args(annotation)) if union else {annotation}
+
+
+def _takes_numbers_only(accepted: set) -> bool:
+    return bool(accepted & {int, float}) and bool not in accepted
 
 
 def _as_int(value: Any) -> int | None:

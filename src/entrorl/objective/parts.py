@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
 
+from entrorl._checks import refuse_booleans_for_numbers
 from entrorl.objective.batch import PolicyBatch
 
 __all__ = [
@@ -53,6 +54,12 @@ class Part(BaseModel):
     """Base of every part. Subclasses declare their parameters as pydantic fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True, arbitrary_types_allowed=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info) -> Any:
+        """pydantic would take ``True`` as 1 for a number (``clip_ratio_low=True`` a clip ratio of 1)."""
+        return refuse_booleans_for_numbers(value, cls.model_fields[info.field_name].annotation)
 
     kind: ClassVar[str] = ""
     name: ClassVar[str] = ""

@@ -6,8 +6,6 @@ import copy
 import importlib.util
 import os
 import re
-import types
-import typing
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +14,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from entrorl._checks import refuse_booleans_for_numbers
 from entrorl.advantages import GROUP_BASELINE_ESTIMATORS, available_advantages, compute_advantages
 from entrorl.objective import ObjectiveConfig, build_objective, get_method
 
@@ -49,25 +48,7 @@ class _Section(BaseModel):
     def _no_booleans_for_numbers(cls, value: Any, info) -> Any:
         """pydantic would take ``true`` as 1 for a number (``optim.steps: true`` ran one step, ``eval.ks: [true]``
         computed Pass@1)."""
-        annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, bool) and _takes_numbers_only(_alternatives(annotation)):
-            raise ValueError("expected a number, not a boolean")
-        if isinstance(value, (list, tuple)) and any(isinstance(item, bool) for item in value):
-            elements = {element for alternative in _alternatives(annotation)
-                        if typing.get_origin(alternative) in (list, tuple) for element in typing.get_args(alternative)}
-            if _takes_numbers_only(elements - {Ellipsis}):
-                raise ValueError("expected numbers, not booleans")
-        return value
-
-
-def _alternatives(annotation: Any) -> set:
-    """The types of a union annotation (``int | None`` → ``{int, None}``), or the annotation alone."""
-    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    return set(typing.get_args(annotation)) if union else {annotation}
-
-
-def _takes_numbers_only(accepted: set) -> bool:
-    return bool(accepted & {int, float}) and bool not in accepted
+        return refuse_booleans_for_numbers(value, cls.model_fields[info.field_name].annotation)
 
 
 class LoraConfig(_Section):
