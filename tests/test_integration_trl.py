@@ -554,8 +554,9 @@ def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
             check_trl_args(_config(tmp_path, **options), build_objective(method))
     check_trl_args(_config(tmp_path, epsilon=0.1), build_objective("grpo", clip_ratio_low=0.1, clip_ratio_high=0.1))
     for method, options in (("kl_cov", {"epsilon": 0.1}), ("cispo", {"epsilon_high": 5.0})):  # no such range there
-        with pytest.raises(ValueError, match=r"does not clip the ratio .*leave them at their defaults"):
+        with pytest.raises(ValueError, match=r"does not clip the ratio .*leave them at their defaults") as refused:
             check_trl_args(_config(tmp_path, **options), build_objective(method))
+        assert ("TRL's CISPO caps the weight" in str(refused.value)) == (method == "cispo")  # said only of cispo
     with pytest.raises(ValueError, match="sapo_temperature_pos, entropy_target: options of TRL's own loss"):
         check_trl_args(_config(tmp_path, sapo_temperature_pos=2.0, entropy_target=0.5), objective)
     loss_only = {"sapo_temperature_neg": 2.0, "sapo_temperature_pos": 2.0, "vespo_k_pos": 1.0, "vespo_lambda_pos": 1.0,

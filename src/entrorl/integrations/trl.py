@@ -253,11 +253,12 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
         low, high = _trl_clip_range(args)
         own = (getattr(surrogate, "clip_ratio_low", None), getattr(surrogate, "clip_ratio_high", None))
         if not isinstance(surrogate, _RATIO_CLIPPED_SURROGATES):  # no clip range, or one that means something else
+            cispo_note = (" (TRL's CISPO caps the weight at epsilon_high itself, entrorl's cispo at 1 + clip_ratio_high)"
+                          if isinstance(surrogate, CISPO) else "")
             problems.append(
                 f"epsilon / epsilon_high: the objective's surrogate ({type(surrogate).__name__}) does not clip the ratio "
-                "to [1 - epsilon, 1 + epsilon_high] (TRL's CISPO caps the weight at epsilon_high itself, entrorl's "
-                "cispo at 1 + clip_ratio_high); leave them at their defaults and set the surrogate's parameters "
-                "through objective_params"
+                f"to [1 - epsilon, 1 + epsilon_high]{cispo_note}; leave them at their defaults and set the surrogate's "
+                "parameters through objective_params"
             )
         elif own != (low, high):
             problems.append(
