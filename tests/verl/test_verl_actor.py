@@ -407,7 +407,7 @@ def test_a_fully_masked_micro_batch_keeps_verl_aggregation_working(config_factor
 
 
 @pytest.mark.parametrize("value, requested", [("1", True), ("true", True), ("TRUE", True), (" Yes ", True), ("0", False),
-                                              ("false", False), ("", False), (None, False)])
+                                              ("on", False), ("false", False), ("", False), (None, False)])
 def test_the_environment_variable_asks_for_the_extension(value, requested, monkeypatch):
     from entrorl.integrations.verl.actor import ACTOR_EXTENSION_ENV, actor_extension_requested
 
@@ -522,3 +522,82 @@ def test_the_actor_config_is_found_through_a_wrapped_loss_function(config_factor
     direct, _ = ExtendedEngine(logits, temperature=0.8).forward_step(data, bound, forward_only=False)
     through, _ = ExtendedEngine(logits, temperature=0.8).forward_step(data, decorated, forward_only=False)
     torch.testing.assert_close(through, direct)
+
+
+def test_distinct_temperatures_scale_bf16_logits_as_verl_does():
+    """verl divides the logits by ``temperature.to(logits.dtype)``: with one temperature per row the statistics are
+    those of the logits scaled that way (in the logits' dtype), returned in float32."""
+    generator = torch.Generator().manual_seed(7)
+    logits = (torch.randn(30, 19, generator=generator) * 3).to(torch.bfloat16)
+    targets = torch.randint(0, 19, (30,), generator=generator)
+    temperatures = torch.rand(30, generator=generator) + 0.5
+    stats = actor_token_stats(logits, targets, temperature=temperatures)
+    scaled = logits / temperatures.unsqueeze(-1).to(logits.dtype)
+    expected = token_stats(scaled, targets, temperature=1.0, need=("entropy", "disc", "disc_centered"))
+    for name in ("entropy", "disc", "disc_centered"):
+        assert stats[name].dtype == torch.float32
+        torch.testing.assert_close(stats[name], getattr(expected, name))
+
+
+def test_a_recorded_aggregation_of_a_metric_the_loss_did_not_return_is_skipped():
+    from verl.utils.metric import AggregationType, Metric
+
+    from entrorl.integrations.verl import record_metric_aggregations, with_token_fields
+
+    def loss_function(model_output, data, dp_group=None):
+        record_metric_aggregations({"actor/loss/total": "sum", "actor/ratio/max": "max"})
+        return torch.tensor(1.0), {"actor/ratio/max": 2.5, "actor/select/dropped_frac": 0.1}
+
+    data, *_ = _micro_batch(seed=1)
+    loss, metrics = with_token_fields(loss_function)(model_output={}, data=data, dp_group=None)
+    assert float(loss) == 1.0 and set(metrics) == {"actor/ratio/max", "actor/select/dropped_frac"}
+    assert isinstance(metrics["actor/ratio/max"], Metric) and metrics["actor/ratio/max"].aggregation == AggregationType.MAX
+    assert metrics["actor/ratio/max"].aggregate() == 2.5 and metrics["actor/select/dropped_frac"] == 0.1
+
+
+def test_the_actor_config_is_found_through_a_partial_of_a_wrapped_loss_function(config_factory):
+    import functools
+
+    data, logits, *_ = _micro_batch(seed=2)
+    config = config_factory("entrorl_clip_b", entrorl={"mu": 0.5}, clip_ratio_c=3.0)
+    bound = partial(ppo_loss, config=config)
+
+    @functools.wraps(bound)
+    def decorated(*args, **kwargs):
+        return bound(*args, **kwargs)
+
+    direct, _ = ExtendedEngine(logits, temperature=0.8).forward_step(data, bound, forward_only=False)
+    through, _ = ExtendedEngine(logits, temperature=0.8).forward_step(data, partial(decorated, dp_group=None),
+                                                                       forward_only=False)
+    torch.testing.assert_close(through, direct)
+
+
+def test_enable_actor_extension_leaves_engines_other_than_verl_fsdp_alone():
+    from verl.workers.engine.base import EngineRegistry
+
+    class OtherEngine:  # another backend's engine (Megatron's, say): no FSDPEngineWithLMHead
+        pass
+
+    engines = EngineRegistry._engines["language_model"]
+    saved = {backend: dict(by_device) for backend, by_device in engines.items()}
+    engines["other_backend"] = {"cuda": OtherEngine}
+    try:
+        replaced = enable_actor_extension()
+        assert not [key for key in replaced if key.startswith("other_backend/")]
+        assert engines["other_backend"]["cuda"] is OtherEngine
+    finally:
+        engines.clear()
+        engines.update(saved)
+
+
+def test_padded_logits_take_one_temperature_per_sequence():
+    """``[B, T, V]`` logits with a ``[B]`` tensor of distinct temperatures: each sequence's rows are scaled by its own."""
+    generator = torch.Generator().manual_seed(9)
+    logits = torch.randn(3, 5, 13, generator=generator) * 2
+    targets = torch.randint(0, 13, (3, 5), generator=generator)
+    temperatures = torch.tensor([0.5, 1.0, 1.7])
+    stats = actor_token_stats(logits, targets, temperature=temperatures)
+    reference = _reference_stats(logits, targets, temperatures)
+    for name in ("entropy", "disc", "disc_centered"):
+        assert stats[name].shape == (3, 5)
+        torch.testing.assert_close(stats[name].double(), reference[name], atol=2e-6, rtol=1e-5)

@@ -243,3 +243,24 @@ def test_registering_the_estimators_again_keeps_verl_s_functions():
     before = {name: core_algos.get_adv_estimator_fn(name) for name in (f"entrorl_{e}" for e in ESTIMATORS)}
     assert register_advantage_estimators() == list(before)
     assert all(core_algos.get_adv_estimator_fn(name) is fn for name, fn in before.items())
+
+
+def test_an_entrorl_section_that_is_not_a_mapping_is_a_clear_error():
+    from entrorl.integrations.verl.estimators import make_advantage_estimator
+
+    with pytest.raises(ValueError, match=r"algorithm.entrorl must be a mapping of 'passk' parameters, got str"):
+        make_advantage_estimator("passk")(torch.zeros(4, 3), torch.ones(4, 3, dtype=torch.bool), config={"entrorl": "k=2"},
+                                          index=np.array(list("aabb"), dtype=object))
+
+
+def test_the_outcome_reward_is_the_sum_of_token_level_rewards():
+    """verl's token-level rewards may be spread over a response (a per-token KL penalty, partial scores): the outcome
+    is their sum over the valid tokens, as verl's outcome estimators take it."""
+    from entrorl.integrations.verl.estimators import make_advantage_estimator
+
+    rewards, mask, uids, *_ = _rollouts(seed=7)
+    generator = torch.Generator().manual_seed(8)
+    spread = torch.where(mask, torch.rand(rewards.shape, generator=generator) * 0.5, 0.0)
+    advantages, _ = make_advantage_estimator("grpo")(spread, mask, config={}, index=uids)
+    verl_adv, _ = core_algos.compute_grpo_outcome_advantage(token_level_rewards=spread, response_mask=mask.float(), index=uids)
+    torch.testing.assert_close(advantages, verl_adv, atol=1e-5, rtol=1e-5)

@@ -767,3 +767,83 @@ def test_the_channel_s_fields_and_records_are_its_own():
     with collect_metric_aggregations() as collected:
         assert record_metric_aggregations({}) is True
     assert collected == {}
+
+
+def test_a_keyword_given_as_none_leaves_the_channel_s_field_in_place(batch_factory, config_factory):
+    """A caller passing ``disc_centered=None`` gives nothing: the channel's field is used, as when it is left out."""
+    from entrorl.integrations.verl import provide_token_fields
+
+    batch = batch_factory(seed=4)
+    config = config_factory("entrorl_clip_v", entrorl=ACTIVE["clip_v"])
+    by_keyword, _ = _verl_call("entrorl_clip_v", batch, config, loss_agg_mode="token-mean")
+    with provide_token_fields(disc_centered=batch["disc_centered"]):
+        by_channel, _ = _verl_call("entrorl_clip_v", batch, config, loss_agg_mode="token-mean", extras=False,
+                                   disc_centered=None)
+    torch.testing.assert_close(by_channel, by_keyword)
+
+
+def test_registered_loss_modes_are_the_entrorl_modes_of_verl_s_registry():
+    from entrorl.integrations.verl import registered_loss_modes
+
+    modes = registered_loss_modes()
+    assert modes == sorted(name for name in core_algos.POLICY_LOSS_REGISTRY if name.startswith("entrorl_"))
+    assert {f"entrorl_{m}" for m in METHODS} <= set(modes)
+    assert not {"vanilla", "clip_cov", "kl_cov", "gspo"} & set(modes)  # verl's own modes are not entrorl's
+
+
+def test_kl_cov_without_a_token_count_counts_the_rows_that_have_valid_tokens(batch_factory, config_factory):
+    """With only verl's sequence count, a mini-batch ends when its micro-batches' non-empty rows add up to it: a
+    fully masked row is no sequence. Two micro-batches of 5 valid rows (and one empty row each) under a count of 10
+    are one mini-batch, so one on-policy mini-batch per step warns after the third step, not the second."""
+    import warnings
+
+    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.17, ppo_kl_coef=1.0)
+
+    def step():
+        for seed in range(2):
+            batch = batch_factory(seed=seed)
+            mask = batch["response_mask"].clone()
+            mask[-1] = False  # an empty row
+            batch["old_log_prob"] = torch.where(mask, batch["log_prob"].detach(), 0.0)
+            config.global_batch_info.update({"dp_size": 1, "batch_num_tokens": None, "global_batch_size": 10})
+            _verl_call("entrorl_kl_cov", batch, config, loss_agg_mode="seq-mean-token-mean", mask=mask)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step()
+        step()
+    assert not [w for w in caught if "mini-batches in a row" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"entrorl_kl_cov.*3 mini-batches in a row"):
+        step()
+
+
+def test_the_bypass_warning_needs_log_probs_that_are_equal_not_close(batch_factory, config_factory):
+    """Rollout log-probs 1e-6 away from the old ones come from another engine (no bypass mode): no warning."""
+    import warnings
+
+    batch = batch_factory(seed=8)
+    close = {**batch, "rollout_log_prob": batch["old_log_prob"] + 1e-6}
+    assert not torch.equal(close["rollout_log_prob"], batch["old_log_prob"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*runs with verl's settings")
+        _verl_call("entrorl_icepop", close, config_factory("entrorl_icepop", clip_ratio_c=6.8), loss_agg_mode="token-mean")
+
+
+def test_verl_weights_of_another_dtype_keep_the_loss_in_the_log_prob_dtype(batch_factory):
+    batch = batch_factory(seed=2)
+    weights = torch.rand(batch["log_prob"].shape, generator=torch.Generator().manual_seed(3)) + 0.5
+    as_float32, _ = _verl_call("entrorl_grpo", batch, {}, loss_agg_mode="token-mean", weights=weights, extras=False)
+    as_float64, _ = _verl_call("entrorl_grpo", batch, {}, loss_agg_mode="token-mean", weights=weights.double(),
+                               extras=False)
+    assert as_float64.dtype == batch["log_prob"].dtype == torch.float32
+    torch.testing.assert_close(as_float64, as_float32)
+
+
+def test_a_fractional_loss_scale_factor_divides_as_given(batch_factory):
+    batch = batch_factory()
+    by_2_5, _ = _verl_call("entrorl_grpo", batch, {"global_batch_info": {"loss_scale_factor": 2.5}},
+                           loss_agg_mode="seq-mean-token-sum-norm", extras=False)
+    by_5, _ = _verl_call("entrorl_grpo", batch, {"global_batch_info": {"loss_scale_factor": 5}},
+                         loss_agg_mode="seq-mean-token-sum-norm", extras=False)
+    assert float(by_5.detach()) != 0.0 and float(by_2_5.detach()) == pytest.approx(2 * float(by_5.detach()), rel=1e-6)

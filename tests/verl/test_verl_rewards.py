@@ -108,3 +108,11 @@ def test_the_caller_s_extra_info_is_left_as_it_was():
     fn(data_source="gsm8k", solution_str="4", ground_truth="4", extra_info=extra_info)
     assert extra_info == {"prompt": "q", "index": 3}
     assert [seen[0] for seen in _SEEN] == ["q", "q"]
+
+
+def test_scores_reach_verl_as_plain_floats():
+    """The math reward returns a verdict object; verl is handed a plain float of its value."""
+    fn = _verl_reward_fn("math_score")
+    direct = get_reward("math")("", "\\boxed{12}", "12")
+    score = fn(data_source="d", solution_str="\\boxed{12}", ground_truth="12")
+    assert type(score) is float and score == float(direct) == 1.0
