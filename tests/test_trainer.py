@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import re
@@ -293,9 +294,17 @@ def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_
     norm = f"{first['train/weight_norm']:.4g}"
     with pytest.raises(TrainingStopped, match=r"2 steps in a row \(steps 2-3\) had a non-finite loss or gradient.*The last "
                        rf"checkpoint, .*step_000001, is intact. The trained weights' norm: {norm} now, "
-                       rf"{trainer.weight_norm_at_start:.4g} at the start of the run, {norm} in step_000001 \("):
+                       rf"{trainer.weight_norm_at_start:.4g} at the start of the run, {norm} in step_000001 \(") as stopped:
         trainer.train_step()
     assert (saved / "trainer.pt").is_file()
+    assert "bfloat16" not in str(stopped.value) and "model.dtype" not in str(stopped.value)  # a float32 run
+    assert stopped.value.step == 3 and stopped.value.metrics["train/skipped_total"] == 2
+    # run by train(), the step that stops the run is written to metrics.jsonl (train_step alone logs nothing)
+    with pytest.raises(TrainingStopped, match=r"had a non-finite loss or gradient"):
+        trainer.train()
+    (record,) = read_metrics(tmp_path / "run")
+    assert record["step"] == 3 and record["train/skipped_updates"] >= 1 and record["train/skipped_total"] == 3
+    assert record["train/updates"] == 0 and "reward/mean" in record
 
 
 def test_an_update_that_breaks_the_weights_stops_the_run_naming_the_checkpoint_to_resume(tmp_path, tiny_model_dir,
@@ -2235,7 +2244,7 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path, tiny_model_
     assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step_000001"
 
 
-def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arithmetic_files):
+def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arithmetic_files, caplog):
     train, _ = arithmetic_files
     failing = "def score(prompt, completion, answer, **meta):\n    raise RuntimeError('reward server down')\n"
     with importable_module(tmp_path, "flaky_reward", failing):
@@ -2247,15 +2256,23 @@ def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arith
         assert "reward server down" in (tmp_path / "run" / "reward_errors.log").read_text()
         # a reward that fails on every sample step after step leaves nothing to train on: the run stops, saying why
         with pytest.raises(TrainingStopped, match=r"the reward raised on every sample of 2 steps in a row .*reward_errors.log"):
-            trainer.train_step()
+            trainer.train()
         assert (tmp_path / "run" / "reward_errors.log").read_text().startswith("step 1, ")  # the first failure stays
+        # the step it stopped in is in the record, as far as it got: its rewards (train_step alone logs nothing)
+        (record,) = read_metrics(tmp_path / "run")
+        assert record["step"] == 2 and record["reward/error_frac"] == 1.0 and record["reward/errors"] == 8
     # an extra reward that always fails is counted, but the main reward still tells the samples apart: no stop
     with importable_module(tmp_path, "flaky_extra", failing):
         config = load_config(make_config(tiny_model_dir, train, None, reward={
             "name": "exact_match", "max_failing_steps": 1, "extra": [{"name": "flaky_extra:score", "weight": 0.1}]}))
         trainer = Trainer(config, run_dir=tmp_path / "extra-run")
-        metrics = trainer.train_step()
+        with caplog.at_level(logging.WARNING, logger="entrorl.rewards.base"):
+            metrics = trainer.train_step()
     assert metrics["reward/errors"] == 8 and metrics["reward/error_frac"] == 0.0
+    # which reward failed is said: in the terminal's line and in the kept traceback
+    assert "reward 'flaky_extra:score' failed on 8 of 8 samples (scored 0)" in caplog.text
+    assert (tmp_path / "extra-run" / "reward_errors.log").read_text().startswith(
+        "step 1, extra reward 'flaky_extra:score': reward raised for sample 0: RuntimeError: reward server down")
 
 
 def test_evaluation_samples_with_its_own_top_k_and_top_p(tmp_path, tiny_model_dir, arithmetic_files):

@@ -282,7 +282,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     check_prompt_template(prompt_template)
     records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
                            require_answer=require_answer)[:max_prompts]
-    reward_runner = RewardRunner(get_reward(reward), correct_threshold=correct_threshold)
+    reward_runner = RewardRunner(get_reward(reward), correct_threshold=correct_threshold, name=reward)
     reward_runner.check_arguments([record.meta for record in records])
     if check_outputs is not None:
         check_outputs()

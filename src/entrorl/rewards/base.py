@@ -358,7 +358,8 @@ class RewardResult:
                    in zip(self.reasons, self.failed.tolist(), extra.failed.tolist(), extra.reasons or [])]
         return RewardResult(
             scores=self.scores, rewards=self.rewards + weight * extra.scores, correct=self.correct,
-            errors=int(failed.sum()), first_error=self.first_error or extra.first_error,
+            errors=int(failed.sum()),
+            first_error=self.first_error or (f"extra reward {name!r}: {extra.first_error}" if extra.first_error else None),
             penalties=self.penalties, failed=failed, reasons=reasons,
             extras={**(self.extras or {}), name: extra.scores},
         )
@@ -482,7 +483,10 @@ class RewardRunner:
         *,
         overlong: Mapping[str, Any] | None = None,
         correct_threshold: float | None = None,
+        name: str | None = None,
     ) -> None:
+        if name is None:  # what the warnings call it: the spec it was made from, else the function's own name
+            name = fn if isinstance(fn, str) else getattr(fn, "__name__", type(fn).__name__)
         if isinstance(fn, str):
             fn = get_reward(fn)
         if not callable(fn):
@@ -491,7 +495,7 @@ class RewardRunner:
             correct_threshold = getattr(fn, "correct_threshold", DEFAULT_THRESHOLD)
         if not isinstance(correct_threshold, numbers.Real) or not math.isfinite(correct_threshold):
             raise ValueError(f"correct_threshold must be a finite number, got {correct_threshold!r}")
-        self.fn = fn
+        self.fn, self.name = fn, str(name)
         self.overlong = validate_overlong(overlong) if overlong is not None else None
         self.correct_threshold = float(correct_threshold)
         self._warned = False
@@ -605,7 +609,7 @@ class RewardRunner:
         if first_error is not None and not self._warned:
             self._warned = True
             logger.warning(  # one line: the traceback is the caller's to keep (the trainer's reward_errors.log)
-                "reward function failed on %d of %d samples (scored 0); first failure: %s", errors, n,
+                "reward %r failed on %d of %d samples (scored 0); first failure: %s", self.name, errors, n,
                 error_headline(first_error),
             )
 

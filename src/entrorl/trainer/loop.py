@@ -86,7 +86,14 @@ __all__ = ["Trainer", "TrainingStopped", "TrainingInterrupted", "ScoredRollouts"
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (e.g. too many non-finite steps in a row); the last checkpoint is intact."""
+    """The run stopped on purpose (e.g. too many non-finite steps in a row); the last checkpoint is intact.
+
+    ``step`` and ``metrics``, when given: the record of the step the run stopped in, as far as that step got (its
+    rewards, its skipped updates), which :meth:`Trainer.train` writes to ``metrics.jsonl`` before it stops."""
+
+    def __init__(self, message: str, *, step: int | None = None, metrics: dict[str, float] | None = None):
+        super().__init__(message)
+        self.step, self.metrics = step, metrics
 
 
 class TrainingInterrupted(RuntimeError):
@@ -181,9 +188,9 @@ class Trainer:
         self.reward = RewardRunner(
             get_reward(config.reward.name, **config.reward.kwargs),
             overlong=config.reward.overlong.model_dump() if config.reward.overlong else None,
-            correct_threshold=config.reward.correct_threshold,
+            correct_threshold=config.reward.correct_threshold, name=config.reward.name,
         )
-        self.extra_rewards = [(extra.name, extra.weight, RewardRunner(get_reward(extra.name, **extra.kwargs)))
+        self.extra_rewards = [(extra.name, extra.weight, RewardRunner(get_reward(extra.name, **extra.kwargs), name=extra.name))
                               for extra in config.reward.extra]
         for runner in [self.reward] + [runner for _, _, runner in self.extra_rewards]:
             runner.check_arguments([record.meta for record in self.train_records + self.eval_records])
@@ -631,16 +638,18 @@ class Trainer:
             rewards = unlikeliness_shaped_rewards(rewards, group_ids, seq_log_prob, beta_rank=beta_rank).float()
         return rewards
 
-    def _stop_if_the_reward_keeps_failing(self, error_frac: float) -> None:
+    def _stop_if_the_reward_keeps_failing(self, collected: dict[str, float]) -> None:
         """Stop when the (main) reward raised on every sample of ``reward.max_failing_steps`` steps in a row: their
-        scores are all 0, so nothing tells their samples apart, and the run would go on training on nothing."""
-        self.consecutive_failed_rewards = self.consecutive_failed_rewards + 1 if error_frac >= 1.0 else 0
+        scores are all 0, so nothing tells their samples apart, and the run would go on training on nothing.
+        ``collected``: the step's metrics from collection, its record when it stops."""
+        failed_everywhere = collected.get("reward/error_frac", 0.0) >= 1.0
+        self.consecutive_failed_rewards = self.consecutive_failed_rewards + 1 if failed_everywhere else 0
         limit = self.config.reward.max_failing_steps
         if limit and self.consecutive_failed_rewards >= limit:
             raise TrainingStopped(
                 f"the reward raised on every sample of {self.consecutive_failed_rewards} steps in a row (up to step "
                 f"{self.step + 1}); stopping. The first traceback is in {self.run_dir / 'reward_errors.log'}. "
-                + self._last_checkpoint_phrase()
+                + self._last_checkpoint_phrase(), step=self.step + 1, metrics=dict(collected)
             )
 
     def _note_reward_error(self, traceback_text: str, *, step: int) -> None:
@@ -692,7 +701,7 @@ class Trainer:
 
         # 1-3. rollouts, rewards, advantages
         scored = self.collect()
-        self._stop_if_the_reward_keeps_failing(scored.metrics.get("reward/error_frac", 0.0))
+        self._stop_if_the_reward_keeps_failing(scored.metrics)
         rollouts = scored.rollouts
         generated = time.perf_counter()
         mask = rollouts.response_mask
@@ -806,10 +815,15 @@ class Trainer:
         if self.consecutive_nonfinite >= config.optim.max_consecutive_nonfinite:
             first, last = self.step + 2 - self.consecutive_nonfinite, self.step + 1
             which = f"{last - first + 1} steps in a row (steps {first}-{last})" if first < last else f"step {last}"
+            record = {**scored.metrics, "train/lr": self.scheduler.get_last_lr()[0], "train/updates": float(len(grad_norms)),
+                      "train/skipped_updates": float(skipped), "train/skipped_total": float(self.skipped_steps),
+                      "time/step_s": time.perf_counter() - started}
+            half_precision = config.model.dtype in ("bfloat16", "float16")
             raise TrainingStopped(
-                f"{which} had a non-finite loss or gradient; stopping: lower optim.lr, check the reward values, or "
-                "use bfloat16-safe settings. "
-                + self._last_checkpoint_phrase() + " " + self._weight_norm_phrase()
+                f"{which} had a non-finite loss or gradient; stopping: lower optim.lr"
+                + (", check the reward values, or train in float32 (model.dtype). " if half_precision
+                   else " or check the reward values. ")
+                + self._last_checkpoint_phrase() + " " + self._weight_norm_phrase(), step=self.step + 1, metrics=record
             )
         if config.rollout.backend == "vllm":
             self._sync_sampler()  # the next rollouts come from the updated policy
@@ -1034,7 +1048,12 @@ class Trainer:
                         raise TrainingInterrupted(received[0], 0, None)
                     progress.restart_clock()
                 while self.step < config.optim.steps:
-                    metrics = self.train_step()
+                    try:
+                        metrics = self.train_step()
+                    except TrainingStopped as stopped:
+                        if stopped.metrics is not None:  # the step it stopped in, as far as it got
+                            self.logger.log(stopped.step, stopped.metrics)
+                        raise
                     self._warn_if_nothing_trained(metrics)
                     last = self.step == config.optim.steps
                     if self.eval_records and ((config.eval.every and self.step % config.eval.every == 0) or last):
