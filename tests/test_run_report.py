@@ -167,7 +167,12 @@ def test_fork_tokens_latest_and_recurring(tmp_path):
     recurring = {r["token"]: (r["times among the top positions"], r["mean entropy"]) for r in report["forks"]["recurring"]["values"]}
     assert recurring == {"'2'": (2, 1.0), "'+'": (2, 0.625), "'3'": (1, 2.0)}
     assert report["forks"]["recurring"]["title"] == "Recurring fork tokens over the 2 evaluation(s)"  # 3 tokens, 2 evaluations
-    assert "The highest-entropy positions of the evaluation at step 10 (top 10)" in (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "The highest-entropy positions of the evaluation at step 10 (the top 3)," in (
+        tmp_path / "run" / "report" / "report.md").read_text()  # as many as were saved
+    # evaluations with eval.top_forks = 0 save empty lists: no positions, and no empty table under a heading
+    report = write_run_report(write_run(tmp_path / "none", law_records(10), forks={5: [], 10: []}), figures=False)
+    assert report["forks"] == {}
+    assert "No fork tokens were found in `forks/`" in (tmp_path / "none" / "report" / "report.md").read_text()
 
 
 def test_interventions_and_a_method_whose_own_part_never_acted(tmp_path):
@@ -401,6 +406,7 @@ def test_only_the_top_forks_of_the_latest_evaluation_are_listed(tmp_path):
     forks = {10: [{"token": str(i), "entropy": 3.0 - 0.1 * i, "before": "", "after": ""} for i in range(FORKS_SHOWN + 2)]}
     report = write_run_report(write_run(tmp_path / "run", law_records(10), forks=forks), figures=False)
     assert [r["rank"] for r in report["forks"]["latest"]["values"]] == list(range(1, FORKS_SHOWN + 1))
+    assert f"(the top {FORKS_SHOWN} of the {FORKS_SHOWN + 2} saved)" in (tmp_path / "run" / "report" / "report.md").read_text()
     # the recurring tokens are the 10 most frequent of the 12 distinct ones
     assert len(report["forks"]["recurring"]["values"]) == RECURRING_FORKS_SHOWN == 10
 

@@ -479,15 +479,18 @@ class _RunReport:
 
     # ---------------------------------------------------------------- forks
     def forks(self, section: Section) -> None:
-        forks = self.run.forks
+        # evaluations that saved positions (eval.top_forks = 0 writes empty lists)
+        forks = {step: kept for step, records in self.run.forks.items()
+                 if (kept := [fork for fork in records if isinstance(fork, dict)])}
         if not forks:
             section.say("No fork tokens were found in `forks/` (each evaluation saves its `eval.top_forks` "
                         "highest-entropy positions).")
             self.json["forks"] = {}
             return
         step, latest = list(forks.items())[-1]
-        latest = [f for f in latest if isinstance(f, dict)]
-        section.say(f"The highest-entropy positions of the evaluation at step {step} (top {FORKS_SHOWN}), each decoded in "
+        shown = min(len(latest), FORKS_SHOWN)
+        section.say(f"The highest-entropy positions of the evaluation at step {step} (the top {shown}"
+                    + (f" of the {len(latest)} saved" if len(latest) > shown else "") + "), each decoded in "
                     "context: the text before the token, the token between ⟦ ⟧, and what followed; ↵ marks a line break. "
                     "These are the forks arXiv 2506.01939 trains on: where a reasoning path can go one way or another.")
         table = Table(["rank", "token", "entropy", "context", "prompt"], title=f"Step {step}")
@@ -499,7 +502,7 @@ class _RunReport:
         entropies: dict[str, list[float]] = {}
         for records in forks.values():
             for fork in records:
-                if isinstance(fork, dict) and finite(fork.get("entropy")) is not None:
+                if finite(fork.get("entropy")) is not None:
                     token = str(fork.get("token", ""))
                     counts[token] += 1
                     entropies.setdefault(token, []).append(float(fork["entropy"]))

@@ -771,7 +771,7 @@ class _Report:
     # ---------------------------------------------------------------- 10. forks
     def forks(self, section: Section) -> None:
         section.say(
-            f"The highest-entropy positions of the final evaluation's responses (top {FORKS_SHOWN} per model), each decoded in "
+            f"The highest-entropy positions of the final evaluation's responses (up to {FORKS_SHOWN} per model), each decoded in "
             "context: the text before the token, the token between ⟦ ⟧, and what followed; ↵ marks a line break. The token "
             "column is its Python repr."
         )
