@@ -18,7 +18,8 @@ never builds the logits at all: each chunk is ``hidden @ W^T`` computed, used an
 
 Numerics: each row is shifted by its maximum, so logits of any magnitude (``±1e4``) are safe, and
 entries equal to ``-inf`` (top-k / top-p filtered vocabularies) have probability exactly 0 and
-contribute nothing to any sum. A row whose every entry is ``-inf`` yields zeros.
+contribute nothing to any sum. A row whose every entry is ``-inf`` yields zeros. A ``+inf`` or NaN logit
+describes no distribution: its row's statistics are NaN (or ``-inf`` log-probs), never a made-up number.
 """
 
 from __future__ import annotations
