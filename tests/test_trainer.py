@@ -2877,6 +2877,22 @@ def test_cli_eval_samples_with_the_seed_temperature_and_top_k_given(tmp_path, ti
     assert "samples greedily" not in said["seed-1"]
 
 
+def test_the_train_command_says_how_many_prompts_the_pass_rate_band_keeps(tmp_path, tiny_model_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1), "pass_rate": rate}) + "\n"
+                            for i, rate in enumerate([0.0, 0.25, 0.5, 1.0])))
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, data, None))
+    monkeypatch.setattr(Trainer, "train", lambda self, **options: self.run_dir)  # the set-up is what is checked
+    result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run"),
+                                      "--set", "data.pass_rate_band=(0, 1)"])
+    assert "data.pass_rate_band (0, 1): 2 of the 4 training prompts are in the band" in " ".join(result.output.split()), \
+        result.output
+
+
 def test_pass_rate_band_filters_training_prompts(tmp_path, tiny_model_dir):
     data = tmp_path / "prompts.jsonl"
     rates = [0.0, 1 / 16, 0.25, 0.5, 15 / 16, 1.0]
@@ -2884,7 +2900,7 @@ def test_pass_rate_band_filters_training_prompts(tmp_path, tiny_model_dir):
                             for i, rate in enumerate(rates)))
     config = load_config(make_config(tiny_model_dir, data, None), ["data.pass_rate_band=(1/16, 15/16)"])
     trainer = Trainer(config, run_dir=tmp_path / "run")
-    assert [r.meta["pass_rate"] for r in trainer.train_records] == [0.25, 0.5]
+    assert [r.meta["pass_rate"] for r in trainer.train_records] == [0.25, 0.5] and trainer.train_prompts_read == 6
     with pytest.raises(ConfigError, match="pass_rate_band"):
         load_config(make_config(tiny_model_dir, data, None), ["data.pass_rate_band=[0.5, 0.1]"])
     # a CSV cell is a string, and an unquoted [a, b] in YAML is a list: both are read as what they spell

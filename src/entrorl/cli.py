@@ -91,6 +91,9 @@ def train(
             raise
         _fail(str(error) if str(error).startswith("out of memory") else str(out_of_memory_while("setting up the run", error, files_read=False)))
     console.print(Text(f"run directory: {trainer.run_dir}"), soft_wrap=True)
+    if train_config.data.pass_rate_band is not None:
+        console.print(Text(f"data.pass_rate_band {train_config.data.pass_rate_band}: {len(trainer.train_records)} of the "
+                           f"{trainer.train_prompts_read} training prompts are in the band"), soft_wrap=True)
     if trainer.adapter is not None:
         lora = train_config.model.lora
         total = sum(parameter.numel() for parameter in trainer.model.parameters())

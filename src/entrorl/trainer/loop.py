@@ -174,6 +174,7 @@ class Trainer:
             meta_columns=config.data.meta_columns,
             require_answer=config.data.require_answer,
         )
+        self.train_prompts_read = len(self.train_records)  # before data.pass_rate_band keeps some of them
         if config.data.pass_rate_band is not None:
             self.train_records = self._filter_by_pass_rate(self.train_records)
         if len(self.train_records) < config.rollout.prompts_per_step:
