@@ -707,6 +707,9 @@ def test_runner_overlong_and_metrics():
         }
     )
     assert all(isinstance(v, float) for v in metrics.values())
+    # rewards near float32's largest value: their mean is one of them, not an overflowed sum's inf
+    huge = RewardRunner(lambda prompt, completion, answer, **meta: 3e38)(["p"] * 4, ["a"] * 4, ["a"] * 4)
+    assert huge.metrics()["reward/mean"] == pytest.approx(3e38, rel=1e-6)
 
 
 def test_runner_input_validation_and_empty_batch():

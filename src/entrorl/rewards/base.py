@@ -402,7 +402,7 @@ class RewardResult:
         are 0.0 for an empty batch)."""
 
         def mean(t: torch.Tensor) -> float:
-            return float(t.float().mean()) if t.numel() else 0.0
+            return float(t.double().mean()) if t.numel() else 0.0  # a float32 sum of large rewards could overflow
 
         assert self.penalties is not None
         return {
