@@ -453,6 +453,16 @@ def test_only_the_top_forks_of_each_final_evaluation_are_listed(tmp_path):
     assert [r["rank"] for r in rows] == list(range(1, FORKS_SHOWN + 1)) and rows[-1]["token"] == repr(str(FORKS_SHOWN - 1))
 
 
+def test_the_distributions_figure_names_the_models_it_shows(report_run, tmp_path):
+    """Two methods besides GRPO finished (kl_cov failed): both are shown and named, not 'the 3 other methods'."""
+    said = " ".join(report_run[2].split())
+    assert re.search(r"The figure shows the base model, GRPO and the 2 other methods \((clip_cov, nsr|nsr, clip_cov)\);", said)
+    out = build_run(tmp_path / "lab-one", methods=("grpo", "nsr"), failed=())
+    write_report(out, figures=False)
+    said = " ".join((out / "report.md").read_text(encoding="utf-8").split())
+    assert "The figure shows the base model, GRPO and the other method (nsr);" in said
+
+
 def test_reproduce_section(report_run):
     _, report, markdown, _ = report_run
     reproduce = report["reproduce"]

@@ -61,7 +61,7 @@ def test_the_law_s_fit_forecast_and_ceiling_recover_a_run_that_follows_it(tmp_pa
     assert summary["entropy start (nats)"] == pytest.approx(entropy[:8].mean())
     assert summary["entropy end/start"] == pytest.approx(entropy[-8:].mean() / entropy[:8].mean())
     markdown = (run / "report" / "report.md").read_text()
-    assert "by the laboratory's criterion entropy collapsed" in markdown  # 0.238 / 0.865 <= 0.5
+    assert "by the laboratory's threshold, applied to the training curve (the laboratory compares evaluations when it has them), entropy collapsed" in markdown  # 0.238 / 0.865 <= 0.5
     # the forecast against a constant (the fitted steps' mean reward) and the law fitted on every step, on the 68 later steps
     reward = np.array([r["reward/accuracy"] for r in law_records(80)])
     (baselines,) = report["forecast_baselines"]["values"]
@@ -175,6 +175,32 @@ def test_fork_tokens_latest_and_recurring(tmp_path):
     assert "No fork tokens were found in `forks/`" in (tmp_path / "none" / "report" / "report.md").read_text()
 
 
+def test_a_composition_one_of_whose_parts_never_acted_is_not_said_to_train_as_its_base(tmp_path):
+    """dapo+clip_b+forking_tokens where Clip_B never dropped a token but the 80/20 selector dropped 80% at every step:
+    the report names the idle part and the parts that acted."""
+    records = [{**record, "select/clip_b_frac": 0.0, "select/forking_tokens_frac": 0.8} for record in law_records(6)]
+    run = write_run(tmp_path / "run", records, config={"method": "dapo+clip_b+forking_tokens", "optim": {"steps": 6}})
+    write_run_report(run, figures=False)
+    said = " ".join((run / "report" / "report.md").read_text().split())
+    assert "trained as its base objective does" not in said
+    assert ("Part of the method's own intervention was 0 at every logged step (`select/clip_b_frac`): that part never "
+            "acted on this run; its other parts did (`select/forking_tokens_frac`).") in said
+
+
+def test_the_covariance_column_is_the_first_training_step_whatever_its_number(tmp_path):
+    """A run that logs from step 10 on (a TRL run with logging_steps = 10) heads the column step 10, and a step-0 record
+    (the evaluation before training) is not the first step."""
+    records = [{"step": 10 * (i + 1), "entropy/mean": 1.0, "reward/accuracy": 0.5, "cov/top_0.02pct_ratio": 1000.0 + i}
+               for i in range(4)]
+    report = write_run_report(write_run(tmp_path / "late", records), figures=False)
+    assert report["covariance"]["values"][0]["step 10"] == 1000.0
+    assert "are the dots" not in (tmp_path / "late" / "report" / "report.md").read_text()  # no evaluation, no dots
+    records = [{"step": 0, "eval/avg_at_n": 0.5}] + [{"step": i + 1, "entropy/mean": 1.0, "reward/accuracy": 0.5,
+                                                        "cov/top_0.02pct_ratio": 500.0 + i} for i in range(3)]
+    report = write_run_report(write_run(tmp_path / "at-start", records), figures=False)
+    assert report["covariance"]["values"][0]["step 1"] == 500.0
+
+
 def test_interventions_and_a_method_whose_own_part_never_acted(tmp_path):
     records = [{"step": i + 1, "entropy/mean": 1.0, "reward/accuracy": 0.5, "select/clip_cov_frac": 0.0,
                 "clip/ppo_frac": [0.0, 0.1, 0.3][i], "shape/entropy_bonus": [0.2, None, 0.4][i],
@@ -252,6 +278,14 @@ def test_what_is_not_a_run_directory_is_said(tmp_path):
     (tmp_path / "lab.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="is a laboratory folder: its report is"):
         write_run_report(tmp_path)
+    # the command it names re-runs that folder as it was started (a bare `entrorl lab --out` would take the default
+    # preset and its whole matrix): its preset, methods and RL seed
+    (tmp_path / "lab.json").write_text(json.dumps({"preset": {"name": "quick", "seed": 0, "rl_seed": 2},
+                                                   "methods": ["grpo", "dapo+clip_b"]}))
+    with pytest.raises(FileNotFoundError) as refused:
+        write_run_report(tmp_path)
+    assert f"(`entrorl lab --preset quick --methods grpo,dapo+clip_b --out {tmp_path} --rl-seed 2` writes it again)" \
+        in str(refused.value)
     with pytest.raises(ValueError, match="fit_fraction"):
         write_run_report(write_run(tmp_path / "run", law_records(3)), fit_fraction=0.0)
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000003" / "model"
@@ -439,7 +473,7 @@ def test_an_end_at_exactly_half_the_start_is_a_collapse(tmp_path):
     records = [{"step": i + 1, "entropy/mean": h, "reward/accuracy": 0.1 * i} for i, h in enumerate(entropy)]
     run = write_run(tmp_path / "run", records)
     write_run_report(run, figures=False)
-    assert "by the laboratory's criterion entropy collapsed" in (run / "report" / "report.md").read_text()
+    assert "by the laboratory's threshold, applied to the training curve (the laboratory compares evaluations when it has them), entropy collapsed" in (run / "report" / "report.md").read_text()
 
 
 def test_a_zero_entropy_at_the_start_gives_no_ratio_and_no_crash(tmp_path):

@@ -201,6 +201,7 @@ class RunAnalysis:
     change: dict[str, Any] = field(default_factory=dict)
     cov: dict[str, Any] = field(default_factory=dict)
     cov_tokens: float = math.nan  # median response tokens a step, over which the top-q% shares are taken
+    first_step: float = math.nan  # the first training step logged (1, unless logging started later): cov's "first"
     interventions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -309,10 +310,14 @@ def analyse_records(run: MetricRecords, fit_fraction: float, method: str = "") -
     })
 
     # covariance concentration
+    # the first training step's value: step 0 is the evaluation before training, and a run may log from a later step
+    trained = np.flatnonzero(run.steps >= 1)
+    first = int(trained[0]) if trained.size else None
+    result.first_step = float(run.steps[first]) if first is not None else math.nan
     cov = {}
     for q in COV_PERCENTS:
         values = run.series(f"cov/top_{q}pct_ratio")
-        cov[q] = {"mean": nanmean(values), "step1": float(values[0]) if values.size else math.nan}
+        cov[q] = {"mean": nanmean(values), "first": float(values[first]) if first is not None else math.nan}
     result.cov = cov
     result.cov_tokens = nanmedian(run.series("cov/n_tokens"))
     return result

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 from collections import Counter
 from functools import cached_property
 from pathlib import Path
@@ -195,7 +196,8 @@ class _RunReport:
             if finite(a.entropy_ratio) is not None:
                 collapsed = a.entropy_ratio <= COLLAPSE_RATIO
                 sentence += (f", {fmt(a.entropy_ratio)} of its start: {'at most' if collapsed else 'more than'} "
-                             f"{fmt(COLLAPSE_RATIO)}, so by the laboratory's criterion entropy "
+                             f"{fmt(COLLAPSE_RATIO)}, so by the laboratory's threshold, applied to the training curve "
+                             f"(the laboratory compares evaluations when it has them), entropy "
                              f"{'collapsed' if collapsed else 'did not collapse'}")
             section.say(sentence + f"; the reward went from {fmt(a.reward_start)} to {fmt(a.reward_end)}.")
         if planned is not None and a.n_steps and max(run.steps) < planned:
@@ -232,7 +234,8 @@ class _RunReport:
         run = self.run
         section.say(f"Per training step: the mean token entropy of the step's samples (`{ENTROPY_KEY}`, nats) and the "
                     f"reward `{run.reward_key}`; thick lines are a trailing moving average over {SMOOTH_WINDOW} steps, thin "
-                    "lines the raw values. Evaluations (Avg@n on the held-out prompts) are the dots.")
+                    "lines the raw values."
+                    + (" Evaluations (Avg@n on the held-out prompts) are the dots." if run.evaluations else ""))
 
         def paint(figure):
             if not run.records:
@@ -412,9 +415,10 @@ class _RunReport:
             f"tokens. The paper reports the top 0.02% carrying more than 1000 times the mean. A step has "
             f"{fmt(self.analysis.cov_tokens)} response tokens (median over steps)."
         )
-        table = Table(["q", "mean over steps", "step 1"])
+        first = self.analysis.first_step
+        table = Table(["q", "mean over steps", f"step {fmt(first)}" if math.isfinite(first) else "first step"])
         for q in COV_PERCENTS:
-            table.add([text(f"top {q}%"), num(cov[q]["mean"]), num(cov[q]["step1"])])
+            table.add([text(f"top {q}%"), num(cov[q]["mean"]), num(cov[q]["first"])])
         section.table(table)
         self.json["covariance"] = table.to_json()
 
@@ -439,8 +443,13 @@ class _RunReport:
         idle = self.analysis.never_acted
         if idle:
             keys = ", ".join(f"`{item['key']}`" for item in idle)
-            section.say(f"The method's own intervention was 0 at every logged step ({keys}): on this run it never acted, so "
-                        "it trained as its base objective does.")
+            if len(idle) == len(self.analysis.interventions):
+                section.say(f"The method's own intervention was 0 at every logged step ({keys}): on this run it never "
+                            "acted, so it trained as its base objective does.")
+            else:
+                acted = ", ".join(f"`{item['key']}`" for item in self.analysis.interventions if item["active_steps"])
+                section.say(f"Part of the method's own intervention was 0 at every logged step ({keys}): that part never "
+                            f"acted on this run; its other parts did ({acted}).")
         self.json["interventions"] = table.to_json()
 
     # ---------------------------------------------------------------- evaluations
@@ -544,6 +553,22 @@ class NotARunDirectory(FileNotFoundError):
     """The directory given is not a training run's (missing, a laboratory folder, a checkpoint, something else)."""
 
 
+def _lab_command(lab_dir: Path) -> str | None:
+    """The ``entrorl lab`` command that goes on with (or, finished, only re-reports) the laboratory folder ``lab_dir``:
+    its preset, its methods and its seed of the RL runs, as its ``lab.json`` records them; None when that is unreadable."""
+    record = read_json(lab_dir / "lab.json")
+    preset = record.get("preset") if isinstance(record, dict) else None
+    methods = record.get("methods") if isinstance(record, dict) else None
+    if not isinstance(preset, dict) or not isinstance(preset.get("name"), str) or not isinstance(methods, list) \
+            or not all(isinstance(name, str) for name in methods):
+        return None
+    command = ["entrorl", "lab", "--preset", preset["name"], "--methods", ",".join(methods), "--out", str(lab_dir)]
+    rl_seed = preset.get("rl_seed")
+    if isinstance(rl_seed, int) and rl_seed != preset.get("seed"):
+        command += ["--rl-seed", str(rl_seed)]
+    return shlex.join(command)
+
+
 def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_fraction: float = DEFAULT_FIT_FRACTION,
                      figures: bool = True) -> dict[str, Any]:
     """Write ``report.md``, ``report.html`` (self-contained), ``report.json`` and ``figures/*.png`` for the training
@@ -570,8 +595,10 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
     trainer_state = None if has_metrics else trainer_state_file(run_dir)
     if not has_metrics and not a_run_config and trainer_state is None:
         if (run_dir / "lab.json").exists():
-            raise NotARunDirectory(f"{run_dir} is a laboratory folder: its report is {run_dir / 'report.md'} (`entrorl lab "
-                                   f"--out {run_dir}` writes it again); each method's run is in {run_dir / 'methods'}/<method>")
+            again = _lab_command(run_dir)
+            raise NotARunDirectory(f"{run_dir} is a laboratory folder: its report is {run_dir / 'report.md'}"
+                                   + (f" (`{again}` writes it again)" if again else "")
+                                   + f"; each method's run is in {run_dir / 'methods'}/<method>")
         raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl, config.json or trainer_state.json: not a training run "
                                "directory (`entrorl train ... --run-dir DIR` writes one; so does TRL's GRPOTrainer with the "
                                "entrorl plugin, in its output_dir)")

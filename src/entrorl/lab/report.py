@@ -16,8 +16,9 @@ same cells, so the three cannot disagree. The prose is generated from the same v
 report is written by hand.
 
 The rules the report applies (and states) are module constants: start and end of a run are the means
-over the first and last :data:`EDGE_FRACTION` of its steps; GRPO's entropy has collapsed when its end
-is at most :data:`COLLAPSE_RATIO` times its start; a method *kept entropy* when its end/start entropy
+over the first and last :data:`EDGE_FRACTION` of its steps; GRPO's entropy has collapsed when the mean token
+entropy of its final evaluation is at most :data:`COLLAPSE_RATIO` times the base model's on the same evaluation (when
+either is missing: the end of its training curve against the curve's start); a method *kept entropy* when its end/start entropy
 ratio is at least :data:`KEPT_MARGIN` times GRPO's (both verdicts compare the numbers as the report shows them, to
 3 significant figures, so a verdict never contradicts the values printed beside it); curves are smoothed with a trailing moving average of
 :data:`SMOOTH_WINDOW` steps; a method whose own intervention (:func:`intervention_keys`) was 0 at every logged
@@ -623,7 +624,7 @@ class _Report:
         section.say(
             "Concentration of the token covariance C = (log p − mean)·(A − mean) (arXiv 2505.22617, Table 1): "
             "`cov/top_{q}pct_ratio` is the mean of C over the top q% of the step's tokens divided by its mean over all tokens "
-            "(undefined when that mean is not positive). Shown: the mean over steps, and the value at step 1."
+            "(undefined when that mean is not positive). Shown: the mean over steps, and the value at the first training step."
         )
         tokens = [self.analyses[n].cov_tokens for n in self.ok if finite(self.analyses[n].cov_tokens) is not None]
         if tokens:
@@ -652,11 +653,13 @@ class _Report:
             axis.legend(frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
 
         section.blocks.append(self.figures.draw("covariance.png", "Mean over steps of the top-q% covariance ratio (log scale).", 8.0, 2.8, paint))
-        columns = ["method"] + [f"top {q}% mean" for q in COV_PERCENTS] + [f"top {q}% step 1" for q in COV_PERCENTS]
+        firsts = {self.analyses[n].first_step for n in self.ok}
+        first = f"step {fmt(firsts.pop())}" if len(firsts) == 1 and all(map(math.isfinite, firsts)) else "first step"
+        columns = ["method"] + [f"top {q}% mean" for q in COV_PERCENTS] + [f"top {q}% {first}" for q in COV_PERCENTS]
         table = Table(columns)
         for name in self.ok:
             cov = self.analyses[name].cov
-            table.add([text(name)] + [num(cov[q]["mean"]) for q in COV_PERCENTS] + [num(cov[q]["step1"]) for q in COV_PERCENTS])
+            table.add([text(name)] + [num(cov[q]["mean"]) for q in COV_PERCENTS] + [num(cov[q]["first"]) for q in COV_PERCENTS])
         section.table(table)
         top = [(n, self.analyses[n].cov[COV_PERCENTS[0]]["mean"]) for n in self.ok if finite(self.analyses[n].cov[COV_PERCENTS[0]]["mean"]) is not None]
         if top:
@@ -670,12 +673,18 @@ class _Report:
         ranked = sorted((n for n in self.ok if n != REFERENCE),
                         key=lambda n: -(finite(self.analyses[n].entropy_ratio) if finite(self.analyses[n].entropy_ratio) is not None else -math.inf))
         chosen = [m for m in ["base", REFERENCE] + ranked[:SD_OTHERS] if m in self.evals and self.evals[m].get("distributions")]
+        others = [m for m in chosen if m not in ("base", REFERENCE)]
+        shown = [label for model, label in (("base", "the base model"), (REFERENCE, "GRPO")) if model in chosen]
+        if others:
+            which = " with the highest entropy end/start ratio" if len(others) < len(ranked) else ""
+            shown.append(f"{'the other method' if len(others) == 1 else f'the {len(others)} other methods'}{which} "
+                         f"({', '.join(others)})")
+        shown_text = ", ".join(shown[:-1]) + " and " + shown[-1] if len(shown) > 1 else (shown[0] if shown else "no model")
         section.say(
             "Per-token statistics of the final evaluation's samples, split by whether the sample was correct: the entropy "
             "discriminator S = p(log p + H) and its vocabulary-centred form D = S − E_v[S_v] (arXiv 2602.03392), histogrammed "
-            "and clamped to the histogram's range. The figure shows the base model, GRPO and the "
-            f"{SD_OTHERS} other methods with the highest entropy end/start ratio; the table gives every model's share of tokens "
-            "below 0."
+            f"and clamped to the histogram's range. The figure shows {shown_text}; the table gives every model's share of "
+            "tokens below 0."
         )
 
         def paint(figure):
