@@ -801,6 +801,8 @@ def test_method_names_are_stripped_deduplicated_and_checked(tmp_path, monkeypatc
         assert f" {name}," in str(error.value) or str(error.value).endswith(f" {name}")
     with pytest.raises(ValueError, match="unknown method 'nope'"):  # one method asked for is the matrix too
         run_lab("quick", methods="nope", out=tmp_path / "lab", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="unknown method 'grpoo'; did you mean 'grpo'\\? the laboratory runs"):
+        run_lab("quick", methods="grpoo", out=tmp_path / "lab", cache_dir=tmp_path / "cache")
     assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from entrorl.lab.base_model import BaseModelSpec
@@ -70,7 +72,9 @@ class LabPreset(BaseModel):
             try:
                 get_method(method)
             except ValueError:
-                raise ValueError(f"unknown method '{method}'; the laboratory runs: {', '.join(lab_method_names())}, "
+                close = difflib.get_close_matches(method, lab_method_names(), n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"unknown method '{method}'; {hint}the laboratory runs: {', '.join(lab_method_names())}, "
                                  "and compositions of them such as dapo+clip_b") from None
 
 
