@@ -70,8 +70,9 @@ class BaseModelSpec:
 
 
 def default_cache_dir() -> Path:
-    """``$ENTRORL_CACHE`` or ``~/.cache/entrorl``."""
-    return Path(os.environ.get("ENTRORL_CACHE") or Path.home() / ".cache" / "entrorl")  # set but empty: the default
+    """``$ENTRORL_CACHE`` (``~`` expanded, made absolute: the runs record where their model is) or ``~/.cache/entrorl``."""
+    given = os.environ.get("ENTRORL_CACHE")  # set but empty: the default
+    return Path(os.path.abspath(os.path.expanduser(given))) if given else Path.home() / ".cache" / "entrorl"
 
 
 def sft_batches(pairs: list[tuple[str, str]], tokenizer, *, batch_size: int, seed: int):
