@@ -98,6 +98,11 @@ def test_the_cache_is_entrorl_cache_or_under_the_home_folder_and_is_made_only_wh
 
     monkeypatch.setenv("ENTRORL_CACHE", str(tmp_path / "elsewhere"))
     assert default_cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.setenv("ENTRORL_CACHE", "~/mine")  # as a shell would not expand it inside quotes
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ENTRORL_CACHE", "relative")
+    assert default_cache_dir() == tmp_path / "relative"
     assert lab_cache_root(create=False) == tmp_path / "elsewhere" / "lab" and not (tmp_path / "elsewhere").exists()
     assert lab_cache_root() == tmp_path / "elsewhere" / "lab" and (tmp_path / "elsewhere" / "lab").is_dir()
     monkeypatch.delenv("ENTRORL_CACHE")
@@ -2082,7 +2087,8 @@ def test_equal_specifications_share_one_cache_key(a, b):
 
 
 def test_an_empty_entrorl_cache_means_the_default_cache(monkeypatch, tmp_path):
-    """ENTRORL_CACHE set but empty is unset (it put the cache in the working directory)."""
+    """ENTRORL_CACHE set but empty is unset (it put the cache in the working directory); '~' is the home folder, and a
+    relative path is taken from the working directory once, as an absolute one."""
     from entrorl.lab.base_model import default_cache_dir
 
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -2090,6 +2096,11 @@ def test_an_empty_entrorl_cache_means_the_default_cache(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / ".cache" / "entrorl"
     monkeypatch.setenv("ENTRORL_CACHE", str(tmp_path / "elsewhere"))
     assert default_cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.setenv("ENTRORL_CACHE", "~/mine")  # as a shell would not expand it inside quotes
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ENTRORL_CACHE", "relative")
+    assert default_cache_dir() == tmp_path / "relative"
 
 
 def test_a_finished_base_model_in_a_read_only_cache_is_used(tmp_path, monkeypatch):
