@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,17 @@ import torch
 
 from entrorl.trainer import Trainer, TrainingStopped, load_config, read_metrics
 
-from test_trainer import PARITY_REWARD, NaNLoss, comparable, flip_a_byte, importable_module, make_config  # noqa: E402
+from test_trainer import (  # noqa: E402
+    PARITY_REWARD,
+    THREE_SAMPLING_ROUNDS,
+    NaNLoss,
+    call_counting_reward,
+    comparable,
+    flip_a_byte,
+    importable_module,
+    make_config,
+    trainer_sampling_three_rounds,
+)
 
 
 @pytest.fixture()
@@ -1298,3 +1309,270 @@ def test_a_stopped_run_calls_intact_the_checkpoint_a_resume_would_take(tmp_path,
     flip_a_byte(run / "checkpoints" / "step_000002" / "model" / "model.safetensors")
     phrase = Trainer._last_checkpoint_phrase(SimpleNamespace(run_dir=run))
     assert phrase == f"The last checkpoint, {run / 'checkpoints' / 'step_000001'}, is intact."
+
+
+# ------------------------------------------------------------------------------------------ the record of a stopped step
+def test_a_stop_on_non_finite_updates_records_the_step_s_applied_and_skipped_updates_and_its_rate(
+        tmp_path, tiny_model_dir, arithmetic_files, parity, monkeypatch, trainer_for):
+    """Two mini-batches, the second one's loss NaN on two steps in a row: the record of the step that stops the run
+    counts that step's one applied and one skipped update, the run's skipped total, and the warm-up rate it ran at."""
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          optim={"steps": 5, "lr": 1e-3, "mini_batches": 2, "warmup_steps": 4,
+                                 "max_consecutive_nonfinite": 2})
+    objective = trainer.objective
+    monkeypatch.setattr(trainer, "objective", NaNLoss(objective, calls={1}))
+    first = trainer.train_step()
+    assert (first["train/updates"], first["train/skipped_updates"]) == (1, 1)
+    monkeypatch.setattr(trainer, "objective", NaNLoss(objective, calls={1}))
+    with pytest.raises(TrainingStopped, match=r"2 steps in a row \(steps 1-2\)") as stopped:
+        trainer.train_step()
+    record = stopped.value.metrics
+    assert stopped.value.step == 2
+    assert record["train/updates"] == 1 and record["train/skipped_updates"] == 1 and record["train/skipped_total"] == 2
+    assert record["train/lr"] == pytest.approx(2e-3 / 4)  # step 2 of a 4-step warm-up
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_non_finite_stop_of_a_half_precision_model_suggests_training_in_float32(tmp_path, tiny_model_dir,
+                                                                                  arithmetic_files, parity,
+                                                                                  monkeypatch, trainer_for, dtype):
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          model={"path": str(tiny_model_dir), "dtype": dtype},
+                          optim={"steps": 2, "lr": 1e-3, "max_consecutive_nonfinite": 1})
+    monkeypatch.setattr(trainer, "objective", NaNLoss(trainer.objective))
+    with pytest.raises(TrainingStopped, match=r"step 1 had a non-finite loss or gradient; stopping: lower optim.lr, check "
+                                              r"the reward values, or train in float32 \(model.dtype\)\. "):
+        trainer.train_step()
+
+
+# ------------------------------------------------------------------------------------------ what a step records
+def test_the_samples_file_holds_each_row_s_advantage_answer_length_and_truncation(tmp_path, tiny_model_dir,
+                                                                                  arithmetic_files, parity,
+                                                                                  monkeypatch, trainer_for):
+    """samples/step_<N>.jsonl rows are the step's rollouts in order, each with the advantage it was trained with (not
+    its reward), its prompt's reference answer, its length and whether it was cut; response/truncated_frac is the
+    share of cut rows."""
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          rollout={"max_new_tokens": 12}, logging={"progress": False, "samples_every": 1})
+    collected = []
+    original = trainer.collect
+    monkeypatch.setattr(trainer, "collect", lambda: collected.append(original()) or collected[-1])
+    metrics = trainer.train_step()
+    scored = collected[0]
+    rollouts = scored.rollouts
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step_000001.jsonl").read_text().splitlines()]
+    assert 0 < float(rollouts.truncated.float().mean()) < 1  # some responses ended, some were cut
+    assert not torch.equal(scored.advantages, scored.rewards)
+    assert [row["advantage"] for row in rows] == pytest.approx(scored.advantages.tolist())
+    assert [row["reward"] for row in rows] == pytest.approx(scored.rewards.tolist())
+    assert [row["answer"] for row in rows] == [record.answer for record in scored.records]
+    assert all(row["answer"] for row in rows)
+    assert [row["truncated"] for row in rows] == rollouts.truncated.tolist()
+    assert [row["length"] for row in rows] == rollouts.lengths.tolist()
+    assert metrics["response/truncated_frac"] == pytest.approx(float(rollouts.truncated.float().mean()))
+
+
+def test_zero_std_groups_and_the_shaped_mean_are_of_the_rewards_after_group_shaping(tmp_path, tiny_model_dir,
+                                                                                   arithmetic_files, trainer_for):
+    """A reward of 1 everywhere with reward.unlikeliness (beta_rank 0.5, groups of 4): the rewards the advantages see
+    are 1 - 0.5 rank / 4 for ranks 0..3, unequal within every group, so no group is zero-std, and their mean is
+    1 - 0.5 * 1.5 / 4; reward/mean stays the reward's own."""
+    train, _ = arithmetic_files
+    with importable_module(tmp_path, "always_one", "def score(prompt, completion, answer, **meta):\n    return 1.0\n"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = trainer_for(tmp_path, tiny_model_dir, train,
+                                  reward={"name": "always_one:score", "unlikeliness": {"beta_rank": 0.5}})
+        scored = trainer.collect()
+    assert sorted(scored.rewards.tolist()) == [0.625] * 2 + [0.75] * 2 + [0.875] * 2 + [1.0] * 2
+    assert scored.metrics["reward/mean"] == 1.0
+    assert scored.metrics["reward/shaped_mean"] == pytest.approx(0.8125)
+    assert scored.metrics["reward/zero_std_groups"] == 0.0
+
+
+def test_the_step_s_time_is_split_into_generation_update_and_diagnostics(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                         parity, monkeypatch, trainer_for):
+    """The first-order pass runs between generation and the update but counts as diagnostics: the three parts add up
+    to the step's time, and a slow first-order pass shows in time/diagnostics_s, not in time/update_s."""
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          diagnostics={"first_order": True, "measure_fraction": 0.5})
+    original = trainer._entropy_gradient
+
+    def slow(rollouts, rows):
+        time.sleep(0.3)
+        return original(rollouts, rows)
+
+    monkeypatch.setattr(trainer, "_entropy_gradient", slow)
+    metrics = trainer.train_step()
+    parts = metrics["time/generate_s"] + metrics["time/update_s"] + metrics["time/diagnostics_s"]
+    assert parts == pytest.approx(metrics["time/step_s"], abs=0.05)
+    assert metrics["time/diagnostics_s"] >= 0.3 and metrics["time/update_s"] >= 0
+
+
+def test_a_step_with_every_response_cut_and_mask_truncated_has_no_kl_and_is_reported(tmp_path, tiny_model_dir,
+                                                                                    arithmetic_files, parity):
+    """rollout.mask_truncated with every response of the first step cut at max_new_tokens (2 here): no token is trained
+    on, kl/ref_k1 is 0 (not NaN), and the run says that nothing was trained and why."""
+    import io
+
+    from rich.console import Console
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, reward={"name": parity},
+                                     method={"method": "grpo+kl_ref", "params": {"kl_loss_coef": 0.1}},
+                                     rollout={"max_new_tokens": 2, "mask_truncated": True},
+                                     optim={"steps": 2, "lr": 1e-3}, checkpoint={"every": 0}))
+    output = io.StringIO()
+    Trainer(config, run_dir=tmp_path / "run", console=Console(file=output, width=300)).train()
+    first = read_metrics(tmp_path / "run")[0]
+    assert first["tokens/valid"] == 0.0 and first["kl/ref_k1"] == 0.0
+    # the throughput counts every sampled token (8 rows of 2), trained on or not
+    assert first["time/tokens_per_s"] * first["time/step_s"] == pytest.approx(16, rel=0.01)
+    said = output.getvalue()
+    assert said.count("at step 1 no token was left to train on (tokens/valid = 0)") == 1
+    assert "every response was cut at rollout.max_new_tokens, and rollout.mask_truncated leaves such responses out" in said
+
+
+def test_covariance_takes_the_first_epoch_s_shaped_advantages_when_later_epochs_shape_them_otherwise(
+        tmp_path, tiny_model_dir, arithmetic_files, parity, monkeypatch, trainer_for):
+    """entropy_advantage with a small alpha (its entropy term below the |A| / kappa cap): the second epoch's entropies,
+    after the first epoch's updates, shape the advantages otherwise; cov/* pairs log-probs with the first epoch's."""
+    from entrorl.trainer import loop
+
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          method={"method": "entropy_advantage", "params": {"alpha": 0.01}},
+                          rollout={"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 12},
+                          optim={"steps": 2, "lr": 1e-2, "mini_batches": 2, "epochs": 2})
+    passes, given = [], {}
+    original_call = type(trainer.objective).__call__
+
+    def recording(self, batch):
+        out = original_call(self, batch)
+        passes.append(out.advantages.detach().float().cpu())
+        return out
+
+    monkeypatch.setattr(type(trainer.objective), "__call__", recording)
+    monkeypatch.setattr(loop, "covariance_summary", lambda logprob, advantages, mask: given.setdefault(
+        "advantages", advantages) is not None and {})
+    trainer.train_step()
+    rows_of = lambda shaped: {tuple(row.tolist()) for used in shaped for row in used}  # noqa: E731
+    first_epoch, second_epoch = rows_of(passes[:2]), rows_of(passes[2:])
+    assert first_epoch != second_epoch
+    assert {tuple(row.tolist()) for row in given["advantages"]} == first_epoch
+
+
+def test_an_evaluation_file_names_the_step_it_evaluated(tmp_path, tiny_model_dir, arithmetic_files, parity,
+                                                        trainer_for):
+    train, held_out = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, held_out=held_out, reward={"name": parity})
+    trainer.train_step()
+    trainer.evaluate()
+    assert json.loads((tmp_path / "run" / "eval" / "step_000001.json").read_text())["step"] == 1
+
+
+def test_a_resumed_run_s_stop_gives_the_norm_of_the_checkpoint_it_resumed_from(tmp_path, tiny_model_dir,
+                                                                               arithmetic_files, parity, monkeypatch):
+    """After a resume the non-finite stop names the norm held in the checkpoint resumed from; a checkpoint of a version
+    that did not record the norm at the start of the run leaves that one out rather than take the checkpoint's."""
+    from entrorl.trainer import loop
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, reward={"name": parity}, checkpoint={"every": 1},
+                                     optim={"steps": 5, "lr": 1e-3, "max_consecutive_nonfinite": 1}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    start = trainer.weight_norm_at_start
+    trainer.train_step()
+    trainer.save()
+    trainer.close()
+    resumed = Trainer(config, run_dir=tmp_path / "run", resume=True)
+    try:
+        norm = f"{resumed.weight_norm:.4g}"
+        monkeypatch.setattr(resumed, "objective", NaNLoss(resumed.objective))
+        with pytest.raises(TrainingStopped, match=rf"The trained weights' norm: {norm} now, {start:.4g} at the start of "
+                                                  rf"the run, {norm} in step_000001 \("):
+            resumed.train_step()
+    finally:
+        resumed.close()
+    load_trainer_state = loop.load_trainer_state
+
+    def older(checkpoint):
+        state = load_trainer_state(checkpoint)
+        del state["weight_norm_at_start"]
+        return state
+
+    monkeypatch.setattr(loop, "load_trainer_state", older)
+    resumed = Trainer(config, run_dir=tmp_path / "run", resume=True)
+    try:
+        assert resumed.weight_norm_at_start is None
+        monkeypatch.setattr(resumed, "objective", NaNLoss(resumed.objective))
+        with pytest.raises(TrainingStopped, match=rf"The trained weights' norm: {norm} now, {norm} in step_000001 \("):
+            resumed.train_step()
+    finally:
+        resumed.close()
+
+
+def test_the_failing_reward_count_starts_again_after_a_step_whose_reward_scored_a_sample(tmp_path, tiny_model_dir,
+                                                                                       arithmetic_files):
+    """reward.max_failing_steps counts steps IN A ROW: failing everywhere, then scoring, then failing everywhere again
+    with a limit of 2 must not stop."""
+    train, _ = arithmetic_files
+    body = "if 8 < calls[0] <= 16:\n    return float(calls[0] % 2)\nraise RuntimeError('reward server down')\n"
+    with importable_module(tmp_path, "down_up_down", call_counting_reward(body)):
+        config = load_config(make_config(tiny_model_dir, train, None,
+                                         reward={"name": "down_up_down:score", "max_failing_steps": 2}))
+        trainer = Trainer(config, run_dir=tmp_path / "run")
+        try:
+            errors = [trainer.train_step()["reward/error_frac"] for _ in range(3)]  # no TrainingStopped
+        finally:
+            trainer.close()
+    assert errors == [1.0, 0.0, 1.0] and trainer.consecutive_failed_rewards == 1
+
+
+# ------------------------------------------------------------------------------------------ dynamic sampling
+def test_the_sampled_reward_and_accuracy_cover_every_round_s_rows_and_the_mean_has_the_extra_reward(
+        tmp_path, tiny_model_dir, arithmetic_files):
+    """Round 1: groups (1, 0, 0, 0) and (0, 0, 0, 0); round 2: (1, 0, 1, 0) twice; an extra reward of 1 at weight
+    0.25. reward/sampled_accuracy is 5 of the 16 rows sampled (the kept 8 have 3), reward/sampled_mean adds the extra
+    reward to the same rows' scores."""
+    train, _ = arithmetic_files
+    body = "if calls[0] <= 8:\n    return 1.0 if calls[0] == 1 else 0.0\nreturn float(calls[0] % 2)\n"
+    source = call_counting_reward(body) + "\ndef bonus(prompt, completion, answer, **meta):\n    return 1.0\n"
+    with importable_module(tmp_path, "rounds_with_bonus", source):
+        config = load_config(make_config(tiny_model_dir, train, None, rollout={**THREE_SAMPLING_ROUNDS, "max_new_tokens": 4},
+                                         reward={"name": "rounds_with_bonus:score",
+                                                 "extra": [{"name": "rounds_with_bonus:bonus", "weight": 0.25}]}))
+        trainer = Trainer(config, run_dir=tmp_path / "run")
+        try:
+            scored = trainer.collect()
+        finally:
+            trainer.close()
+    metrics = scored.metrics
+    assert metrics["data/sampling_rounds"] == 2.0 and metrics["reward/accuracy"] == 3 / 8
+    assert metrics["reward/sampled_accuracy"] == 5 / 16
+    assert metrics["reward/sampled_mean"] == pytest.approx(5 / 16 + 0.25)
+
+
+def test_a_step_without_any_informative_group_trains_on_one_round_s_rows(tmp_path, tiny_model_dir, arithmetic_files):
+    """Three rounds of all-zero rewards: nothing informative, so the step takes the first prompts_per_step x
+    group_size rows, not the three rounds' 24."""
+    train, _ = arithmetic_files
+    with trainer_sampling_three_rounds(tmp_path, tiny_model_dir, train, "zero_rounds", "return 0.0\n") as trainer:
+        try:
+            scored = trainer.collect()
+        finally:
+            trainer.close()
+    assert scored.metrics["data/sampling_rounds"] == 3.0 and scored.metrics["data/informative_groups"] == 0.0
+    assert len(scored.rollouts) == 8 and len(scored.records) == 8 and scored.group_ids.tolist() == [0] * 4 + [1] * 4
+
+
+def test_the_evaluation_line_lists_pass_at_k_in_numeric_order():
+    from entrorl.trainer.loop import format_evaluation
+
+    metrics = {"eval/n": 16.0, "eval/avg_at_n": 0.25, "eval/pass_at_16": 0.75, "eval/pass_at_2": 0.5,
+               "eval/pass_at_1": 0.25}
+    assert format_evaluation(metrics) == "eval Avg@16 0.25, Pass@1 0.25, Pass@2 0.5, Pass@16 0.75"
