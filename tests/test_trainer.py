@@ -305,6 +305,7 @@ def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_
     (record,) = read_metrics(tmp_path / "run")
     assert record["step"] == 3 and record["train/skipped_updates"] >= 1 and record["train/skipped_total"] == 3
     assert record["train/updates"] == 0 and "reward/mean" in record
+    assert record["train/weight_norm"] == pytest.approx(first["train/weight_norm"])  # the norm its message quotes
 
 
 def test_an_update_that_breaks_the_weights_stops_the_run_naming_the_checkpoint_to_resume(tmp_path, tiny_model_dir,

@@ -818,6 +818,7 @@ class Trainer:
             which = f"{last - first + 1} steps in a row (steps {first}-{last})" if first < last else f"step {last}"
             record = {**scored.metrics, "train/lr": self.scheduler.get_last_lr()[0], "train/updates": float(len(grad_norms)),
                       "train/skipped_updates": float(skipped), "train/skipped_total": float(self.skipped_steps),
+                      "train/weight_norm": self.weight_norm,  # the norm the stop's message quotes
                       "time/step_s": time.perf_counter() - started}
             half_precision = config.model.dtype in ("bfloat16", "float16")
             raise TrainingStopped(
