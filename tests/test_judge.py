@@ -196,7 +196,10 @@ def test_judge_errors_and_bad_outputs_score_zero_with_a_reason():
     scores = JudgeReward(raising).score_batch(["p", "q"], ["a", "b"])
     assert scores == [JudgeScore(0.0, "judge error: RuntimeError: service unavailable", failed=True)] * 2
     for bad, message in ((lambda s: [1.0], "returned 1 scores for 2 samples"), (lambda s: [1.0, math.nan], "nan"),
-                         (lambda s: ["1", "2"], "not a finite number"), (lambda s: None, "not a list")):
+                         (lambda s: ["1", "2"], "not a finite number"), (lambda s: None, "not a list"),
+                         # iterable, but no scores in order: a dict's keys would have been the scores
+                         (lambda s: {0: 0.5, 1: 0.75}, "returned a dict, not a list of 2 scores"),
+                         (lambda s: "01", "returned a str, not a list of 2 scores")):
         reward = JudgeReward(bad)
         scores = reward.score_batch(["p", "q"], ["a", "b"])
         assert all(s.score == 0.0 and s.failed and message in s.reason for s in scores), (message, scores)

@@ -8,6 +8,7 @@ import os
 import socket
 import tempfile
 import textwrap
+import sys
 import time
 
 import numpy as np
@@ -228,6 +229,16 @@ def test_options_are_validated_and_registered():
         check_reward_spec("code", no_such_option=1)
     check_reward_spec("code", time_limit=1.5, memory_mb=256)
     assert isinstance(get_reward("code", time_limit=1.0), CodeReward)
+
+
+def test_the_interpreter_and_the_working_folder_are_checked_when_the_reward_is_made(tmp_path):
+    """Not at the first sample, after a model has loaded and sampled: a missing interpreter or folder fails at once."""
+    with pytest.raises(ValueError, match=r"python '.*no-such-python' is not an interpreter"):
+        check_reward_spec("code", python=str(tmp_path / "no-such-python"))
+    with pytest.raises(ValueError, match=r"temp_dir '.*missing' is not an existing folder"):
+        get_reward("code", temp_dir=str(tmp_path / "missing"))
+    assert CodeOptions(python=sys.executable, temp_dir=str(tmp_path)).temp_dir == str(tmp_path)
+    assert CodeOptions(python="python3").python == "python3"  # a command on the PATH
 
 
 @pytest.mark.parametrize(

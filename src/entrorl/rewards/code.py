@@ -32,7 +32,9 @@ isolation layers that were active. :meth:`CodeReward.score` is the plain-float p
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -355,6 +357,12 @@ class CodeOptions(SandboxLimits):
             raise ValueError(f"languages must be non-empty fence tags, got {self.languages!r}")
         if not isinstance(self.allow_unfenced, bool):
             raise ValueError(f"allow_unfenced must be true or false, got {self.allow_unfenced!r}")
+        # where the sandbox starts: checked now, not at the first sample after a model has loaded
+        if self.python is not None and shutil.which(self.python) is None:
+            raise ValueError(f"python {self.python!r} is not an interpreter: neither an executable file nor a command "
+                             "on the PATH")
+        if self.temp_dir is not None and not os.path.isdir(self.temp_dir):
+            raise ValueError(f"temp_dir {self.temp_dir!r} is not an existing folder")
 
     def limits(self) -> SandboxLimits:
         """The sandbox limits these options describe."""

@@ -373,6 +373,8 @@ def _call_with_timeout(judge: JudgeFn, samples: list[Sample], timeout_s: float |
 def _scores_of(value: Any, expected: int) -> list[float]:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().reshape(-1).tolist()
+    if isinstance(value, (Mapping, str, bytes, set, frozenset)):  # iterable, but their items are no scores in order
+        raise ValueError(f"returned a {type(value).__name__}, not a list of {expected} scores")
     try:
         scores = list(value)
     except TypeError:
