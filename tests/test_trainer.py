@@ -3440,3 +3440,133 @@ def test_each_failure_of_a_run_ends_in_one_line_that_says_what_is_left_and_how_t
                                                   first=lambda self: shutil.rmtree(self.run_dir)))
     code, output = invoke()
     assert code == 2 and output.endswith("error: the run directory is gone"), output
+
+
+def test_a_key_given_twice_names_the_line_of_each(tmp_path, arithmetic_files):
+    """The repeated key's own line and that of its first occurrence, counted from 1; a key YAML cannot hash (a list)
+    is the YAML error it always was, not a traceback."""
+    train, _ = arithmetic_files
+    config = tmp_path / "twice.yaml"
+    config.write_text(f"model:\n  path: {tmp_path}\ndata:\n  train: {train}\noptim:\n  steps: 4\n  lr: 0.1\n  steps: 8\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML: line 8: the key 'steps' is given a second "
+                                          r"time \(first on line 6\); YAML would keep only the last, dropping the first "
+                                          r"one's value$"):
+        load_config(config)
+    with pytest.raises(ConfigError, match=r"--set 'reward.kwargs=\{p: 1, p: 2\}': the value is not valid YAML \(line 1: "
+                                          r"the key 'p' is given a second time \(first on line 1\)"):
+        load_config(make_config(tmp_path, train, None), ["reward.kwargs={p: 1, p: 2}"])
+    unhashable = tmp_path / "unhashable.yaml"
+    unhashable.write_text(f"model:\n  path: {tmp_path}\ndata:\n  train: {train}\n? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match=r"(?s)unhashable.yaml is not valid YAML: .*found unhashable key"):
+        load_config(unhashable)
+
+
+def test_a_set_option_whose_key_is_blank_has_an_empty_key(tmp_path, arithmetic_files):
+    train, _ = arithmetic_files
+    with pytest.raises(ConfigError, match=r"^--set has an empty key in ' =3'$"):
+        load_config(make_config(tmp_path, train, None), [" =3"])
+
+
+def test_a_method_list_that_is_empty_or_holds_other_than_names_is_refused_naming_method(tmp_path, arithmetic_files):
+    train, _ = arithmetic_files
+    base = make_config(tmp_path, train, None)
+    for given in ([], ["dapo", 1]):
+        with pytest.raises(ConfigError, match=rf"  method: Input should be a valid string \(got {re.escape(repr(given))}\)"):
+            load_config({**base, "method": given})
+
+
+def test_greedy_evaluation_of_several_samples_is_warned_about_only_when_an_evaluation_runs(tmp_path, arithmetic_files):
+    """With data.eval, eval.temperature 0 and eval.n above 1 warn that the samples repeat one answer; without it, the
+    evaluation settings only have no effect, which is all that is said."""
+    train, held_out = arithmetic_files
+    with pytest.warns(UserWarning) as caught:
+        load_config(make_config(tmp_path, train, held_out), ["eval.temperature=0"])
+    assert [str(warning.message) for warning in caught] == [
+        "eval.n = 2 samples at eval.temperature = 0 (greedy) are one answer repeated: every Pass@k is Pass@1, and "
+        "eval.n = 1 gives the same figures"]
+    with pytest.warns(UserWarning) as caught:
+        load_config(make_config(tmp_path, train, None), ["eval.temperature=0"])
+    assert [str(warning.message) for warning in caught] == [
+        "eval.temperature has no effect: data.eval is not set, so no evaluation runs"]
+
+
+def test_the_hint_to_quote_a_set_value_shows_it_without_surrounding_spaces(tmp_path, arithmetic_files):
+    train, _ = arithmetic_files
+    with pytest.raises(ConfigError, match=r"put it in quotes as you wrote it, --set 'logging.name=\"2024\"'$"):
+        load_config(make_config(tmp_path, train, None), ["logging.name= 2024 "])
+
+
+@pytest.mark.parametrize("sampled_with", ["eval", "the data command that takes a pass-rate band"])
+def test_both_sampling_commands_note_greedy_repeats_only_for_temperature_0_and_more_than_one_sample(tmp_path,
+                                                                                                    sampled_with):
+    """`eval` and the data command that samples a model to sort prompts by pass rate: the note comes before anything
+    loads (here the model directory is missing, and the command then fails)."""
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app, data_app
+
+    command = ["eval"] if sampled_with == "eval" else ["data", next(
+        registered.name for registered in data_app.registered_commands
+        if "band" in inspect.signature(registered.callback).parameters)]
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    said = {}
+    for n, temperature in (("2", "0"), ("1", "0"), ("2", "0.5")):
+        result = CliRunner().invoke(app, [*command, "--model", str(tmp_path / "missing"), "--data", str(data),
+                                          "--n", n, "--temperature", temperature, "--reward", "exact_match",
+                                          "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2, result.output
+        said[n, temperature] = " ".join(result.output.split())
+    assert ("note: --temperature 0 samples greedily, so the 2 samples of a prompt are one answer repeated (every "
+            "Pass@k is Pass@1, every pass rate 0 or 1): --n 1 gives the same figures") in said["2", "0"]
+    assert "note:" not in said["1", "0"] and "note:" not in said["2", "0.5"]
+
+
+def test_the_train_command_says_nothing_of_a_pass_rate_band_without_one(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                       monkeypatch):
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None))
+    monkeypatch.setattr(Trainer, "train", lambda self, **options: self.run_dir)  # the set-up is what is checked
+    result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0 and "run directory:" in result.output, result.output
+    assert "pass_rate_band" not in result.output and "in the band" not in result.output
+
+
+def test_resume_of_a_finished_run_names_its_step_and_optim_steps_and_reads_past_an_unreadable_config_json(
+        tmp_path, arithmetic_files, monkeypatch):
+    """A run at step 2 resumed with optim.steps = 1 has nothing to do, whatever its config.json holds (a file that is
+    no JSON object is not compared); a readable one that differs in the seed is refused, with exit status 2."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.trainer import checkpoint
+    from entrorl.trainer.config import with_resolved_paths
+
+    train, _ = arithmetic_files
+    settings = make_config(tmp_path, train, None, optim={"steps": 1, "lr": 1e-3})
+    config = write_config(tmp_path / "run.yaml", settings)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.setattr(checkpoint, "latest_checkpoint", lambda *args, **kwargs: run_dir / "checkpoints" / "step_000002")
+
+    def resume(*options: str):
+        result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(run_dir), "--resume", *options])
+        return result.exit_code, " ".join(result.output.split())
+
+    for text in ("{not json", "[1, 2]", None):
+        if text is not None:
+            (run_dir / "config.json").write_text(text)
+        code, said = resume()
+        assert code == 0 and f"{run_dir} is already at step 2 of optim.steps = 1: nothing to do" in said, (text, said)
+    (run_dir / "config.json").write_text(json.dumps(with_resolved_paths(load_config(settings).model_dump(mode="json"))))
+    assert resume()[0] == 0
+    code, said = resume("--set", "seed=1")
+    assert code == 2 and "error: --resume cannot change what the run was trained with: seed: 7 in the checkpoint, " \
+        "1 now" in said and "nothing to do" not in said, said
