@@ -3452,8 +3452,10 @@ def test_a_key_given_twice_names_the_line_of_each(tmp_path, arithmetic_files):
                                           r"time \(first on line 6\); YAML would keep only the last, dropping the first "
                                           r"one's value$"):
         load_config(config)
-    with pytest.raises(ConfigError, match=r"--set 'reward.kwargs=\{p: 1, p: 2\}': the value is not valid YAML \(line 1: "
-                                          r"the key 'p' is given a second time \(first on line 1\)"):
+    # a --set mapping that repeats a key: told to give it once, not to quote it (which would make it a string)
+    with pytest.raises(ConfigError, match=r"--set 'reward.kwargs=\{p: 1, p: 2\}': line 1: the key 'p' is given a second "
+                                          r"time \(first on line 1\); YAML would keep only the last, dropping the first "
+                                          r"one's value; give each key once$"):
         load_config(make_config(tmp_path, train, None), ["reward.kwargs={p: 1, p: 2}"])
     unhashable = tmp_path / "unhashable.yaml"
     unhashable.write_text(f"model:\n  path: {tmp_path}\ndata:\n  train: {train}\n? [a, b]\n: 1\n")

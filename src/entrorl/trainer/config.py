@@ -738,6 +738,8 @@ def parse_set_option(option: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {option!r}: the key {key.strip()!r} has an empty part (two dots, or a dot at an end)")
     try:
         value = _load_yaml(raw) if raw.strip() else ""
+    except _RepeatedKey as error:  # a mapping, meant as one: quoting it would make it a string
+        raise ConfigError(f"--set {option!r}: {error}; give each key once") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"--set {option!r}: the value is not valid YAML ({error}); quote it to pass a string") from None
     return path, value
