@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from entrorl._checks import check_int
+from entrorl._checks import check_int, did_you_mean
 
 
 @pytest.mark.parametrize("value", [3, np.int64(3), np.int8(3), np.uint16(3), np.array(3), torch.tensor(3),
@@ -62,3 +62,9 @@ def test_a_real_number_is_any_real_but_not_a_boolean():
 
     assert all(is_real_number(v) for v in (0, 1.5, np.int64(3), np.float32(0.5), Fraction(1, 3), float("nan")))
     assert not any(is_real_number(v) for v in (True, np.bool_(False), "0.5", None, 1j, [1.0], torch.tensor(1.0)))
+
+
+def test_did_you_mean_names_the_nearest_choice_or_nothing():
+    assert did_you_mean("clipb", ["clip_b", "clip_cov", "grpo"]) == "did you mean 'clip_b'? "
+    assert did_you_mean("zzz", ["clip_b", "grpo"]) == ""
+    assert did_you_mean("grpoo", iter(["grpo"])) == "did you mean 'grpo'? "  # any iterable of names

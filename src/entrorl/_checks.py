@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import numbers
 import operator
 import types
 import typing
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -54,6 +56,13 @@ def _alternatives(annotation: Any) -> set:
 
 def _takes_numbers_only(accepted: set) -> bool:
     return bool(accepted & {int, float}) and bool not in accepted
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``"did you mean 'x'? "`` for the choice nearest to a misspelt ``name`` (difflib's closest match), else ``""``:
+    the hint an error message puts before the list of valid names."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def _as_int(value: Any) -> int | None:

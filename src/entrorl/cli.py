@@ -661,11 +661,8 @@ def data_reasoning_gym(
     from entrorl.data import PromptRecord, write_jsonl
     from entrorl.data.loading import check_output_file
     from entrorl.rewards import REASONING_GYM_INSTRUCTION, reasoning_gym_records
-    from entrorl.rewards.reasoning_gym import (
-        available_reasoning_gym_tasks,
-        closest_reasoning_gym_task,
-        verifier_accepts_nonsense,
-    )
+    from entrorl._checks import did_you_mean
+    from entrorl.rewards.reasoning_gym import available_reasoning_gym_tasks, verifier_accepts_nonsense
 
     if list_tasks:
         sys.stdout.write("\n".join(available_reasoning_gym_tasks()) + "\n")
@@ -681,9 +678,8 @@ def data_reasoning_gym(
         _fail(f"--out {target}: the prompts are written as JSON lines, so the file must end in .jsonl (a .csv or "
               ".parquet name would hold JSON lines that no reader takes for that format)")
     if task not in available_reasoning_gym_tasks():
-        close = closest_reasoning_gym_task(task)
-        _fail(f"unknown reasoning-gym task {task!r}; " + (f"did you mean {close!r}? " if close else "")
-              + "`entrorl data reasoning-gym --list` shows the installed ones")
+        _fail(f"unknown reasoning-gym task {task!r}; {did_you_mean(task, available_reasoning_gym_tasks())}"
+              "`entrorl data reasoning-gym --list` shows the installed ones")
     try:
         generated = reasoning_gym_records(task, size=size, seed=seed,
                                           instruction=REASONING_GYM_INSTRUCTION if instruction else None)

@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import difflib
-
 from pydantic import BaseModel, ConfigDict, Field
 
+from entrorl._checks import did_you_mean
 from entrorl.lab.base_model import BaseModelSpec
 from entrorl.objective import get_method
 
@@ -72,8 +71,7 @@ class LabPreset(BaseModel):
             try:
                 get_method(method)
             except ValueError:
-                close = difflib.get_close_matches(method, lab_method_names(), n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
+                hint = did_you_mean(method, lab_method_names())
                 raise ValueError(f"unknown method '{method}'; {hint}the laboratory runs: {', '.join(lab_method_names())}, "
                                  "and compositions of them such as dapo+clip_b") from None
 

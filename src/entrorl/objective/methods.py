@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from entrorl._checks import did_you_mean
 from entrorl.objective.aggregation import LOSS_AGG_MODES, check_loss_agg_mode
 from entrorl.objective.core import Objective
 from entrorl.objective.parts import Part, get_part_class, make_part
@@ -87,9 +87,8 @@ def get_method(name: str) -> MethodSpec:
     try:
         return _METHODS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(_METHODS), n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ValueError(f"unknown method '{name}'; {hint}available methods: {sorted(_METHODS)}") from None
+        raise ValueError(f"unknown method '{name}'; {did_you_mean(name, _METHODS)}available methods: "
+                         f"{sorted(_METHODS)}") from None
 
 
 class PartSpec(BaseModel):

@@ -25,13 +25,12 @@ entry in a JSON form that says what each such value was (:func:`entry_to_json`),
 
 from __future__ import annotations
 
-import difflib
 import json
 import threading
 from collections.abc import Mapping
 from typing import Any
 
-from entrorl._checks import check_int
+from entrorl._checks import check_int, did_you_mean
 from entrorl.rewards.base import register_reward
 from entrorl.rewards.math import extract_answer_phrase, extract_answer_tag, extract_boxed
 
@@ -109,20 +108,12 @@ def available_reasoning_gym_tasks() -> list[str]:
     return sorted(DATASETS)
 
 
-def closest_reasoning_gym_task(task: str) -> str | None:
-    """The installed task whose name is nearest to ``task`` (a likely misspelling of it), if any is near."""
-    close = difflib.get_close_matches(task, available_reasoning_gym_tasks(), n=1)
-    return close[0] if close else None
-
-
 def _check_task(task: Any) -> str:
     if not isinstance(task, str) or not task:
         raise ValueError(f"reasoning_gym task must be a dataset name, got {task!r}")
     tasks = available_reasoning_gym_tasks()
     if task not in tasks:
-        close = closest_reasoning_gym_task(task)
-        hint = f"did you mean {close!r}? " if close else ""
-        raise ValueError(f"unknown reasoning-gym task {task!r}; {hint}available: {', '.join(tasks)}")
+        raise ValueError(f"unknown reasoning-gym task {task!r}; {did_you_mean(task, tasks)}available: {', '.join(tasks)}")
     return task
 
 
