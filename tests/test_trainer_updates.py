@@ -317,6 +317,14 @@ def test_grad_norm_is_the_mean_over_the_updates(tmp_path, tiny_model_dir, arithm
 
 
 # ------------------------------------------------------------------------------------------ metrics on the right mask
+def keep_what_collect_returns(trainer, monkeypatch) -> list:
+    """The list that each later ``trainer.collect()`` appends its scored rollouts to."""
+    collected = []
+    original = trainer.collect
+    monkeypatch.setattr(trainer, "collect", lambda: collected.append(original()) or collected[-1])
+    return collected
+
+
 def test_kl_and_covariance_are_over_the_trained_tokens(tmp_path, tiny_model_dir, arithmetic_files, parity,
                                                              monkeypatch, trainer_for):
     """With rollout.mask_truncated, kl/ref_k1 and cov/* are statistics of the trained tokens (mask), not of every
@@ -330,9 +338,7 @@ def test_kl_and_covariance_are_over_the_trained_tokens(tmp_path, tiny_model_dir,
                           optim={"steps": 3, "lr": 1e-2})
     trainer.train_step()  # moves the policy away from the reference
     snapshot = copy.deepcopy(trainer.model)
-    collected = []
-    original = trainer.collect
-    monkeypatch.setattr(trainer, "collect", lambda: collected.append(original()) or collected[-1])
+    collected = keep_what_collect_returns(trainer, monkeypatch)
     metrics = trainer.train_step()
     scored = collected[0]
     rollouts = scored.rollouts
@@ -1357,9 +1363,7 @@ def test_the_samples_file_holds_each_row_s_advantage_answer_length_and_truncatio
     train, _ = arithmetic_files
     trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
                           rollout={"max_new_tokens": 12}, logging={"progress": False, "samples_every": 1})
-    collected = []
-    original = trainer.collect
-    monkeypatch.setattr(trainer, "collect", lambda: collected.append(original()) or collected[-1])
+    collected = keep_what_collect_returns(trainer, monkeypatch)
     metrics = trainer.train_step()
     scored = collected[0]
     rollouts = scored.rollouts

@@ -508,7 +508,7 @@ def test_a_call_that_is_not_a_loss_call_goes_straight_through():
     assert seen == [["data", "student_logits"]]
 
 
-def test_the_actor_config_is_found_through_a_wrapped_loss_function(config_factory):
+def test_the_actor_config_is_found_through_a_wrapped_loss_function_or_a_partial_of_one(config_factory):
     import functools
 
     data, logits, *_ = _micro_batch(seed=2)
@@ -521,6 +521,10 @@ def test_the_actor_config_is_found_through_a_wrapped_loss_function(config_factor
 
     direct, _ = ExtendedEngine(logits, temperature=0.8).forward_step(data, bound, forward_only=False)
     through, _ = ExtendedEngine(logits, temperature=0.8).forward_step(data, decorated, forward_only=False)
+    torch.testing.assert_close(through, direct)
+    # and through a partial of the wrapped function
+    through, _ = ExtendedEngine(logits, temperature=0.8).forward_step(data, partial(decorated, dp_group=None),
+                                                                       forward_only=False)
     torch.testing.assert_close(through, direct)
 
 
@@ -553,23 +557,6 @@ def test_a_recorded_aggregation_of_a_metric_the_loss_did_not_return_is_skipped()
     assert float(loss) == 1.0 and set(metrics) == {"actor/ratio/max", "actor/select/dropped_frac"}
     assert isinstance(metrics["actor/ratio/max"], Metric) and metrics["actor/ratio/max"].aggregation == AggregationType.MAX
     assert metrics["actor/ratio/max"].aggregate() == 2.5 and metrics["actor/select/dropped_frac"] == 0.1
-
-
-def test_the_actor_config_is_found_through_a_partial_of_a_wrapped_loss_function(config_factory):
-    import functools
-
-    data, logits, *_ = _micro_batch(seed=2)
-    config = config_factory("entrorl_clip_b", entrorl={"mu": 0.5}, clip_ratio_c=3.0)
-    bound = partial(ppo_loss, config=config)
-
-    @functools.wraps(bound)
-    def decorated(*args, **kwargs):
-        return bound(*args, **kwargs)
-
-    direct, _ = ExtendedEngine(logits, temperature=0.8).forward_step(data, bound, forward_only=False)
-    through, _ = ExtendedEngine(logits, temperature=0.8).forward_step(data, partial(decorated, dp_group=None),
-                                                                       forward_only=False)
-    torch.testing.assert_close(through, direct)
 
 
 def test_enable_actor_extension_leaves_engines_other_than_verl_fsdp_alone():
