@@ -199,6 +199,8 @@ def test_the_covariance_column_is_the_first_training_step_whatever_its_number(tm
                                                         "cov/top_0.02pct_ratio": 500.0 + i} for i in range(3)]
     report = write_run_report(write_run(tmp_path / "at-start", records), figures=False)
     assert report["covariance"]["values"][0]["step 1"] == 500.0
+    report = write_run_report(write_run(tmp_path / "eval-only", [{"step": 0, "eval/avg_at_n": 0.5}]), figures=False)
+    assert "first step" in report["covariance"]["values"][0]  # no training step logged: no number to head it with
 
 
 def test_interventions_and_a_method_whose_own_part_never_acted(tmp_path):

@@ -658,10 +658,10 @@ def data_reasoning_gym(
     Each line holds the prompt, the reference answer (null for tasks whose verifier needs none: train with
     data.require_answer false) and the task's entry, name and config, which the reward's verifier reads.
     """
+    from entrorl._checks import did_you_mean
     from entrorl.data import PromptRecord, write_jsonl
     from entrorl.data.loading import check_output_file
     from entrorl.rewards import REASONING_GYM_INSTRUCTION, reasoning_gym_records
-    from entrorl._checks import did_you_mean
     from entrorl.rewards.reasoning_gym import available_reasoning_gym_tasks, verifier_accepts_nonsense
 
     if list_tasks:

@@ -202,6 +202,11 @@ class RunAnalysis:
     cov: dict[str, Any] = field(default_factory=dict)
     cov_tokens: float = math.nan  # median response tokens a step, over which the top-q% shares are taken
     first_step: float = math.nan  # the first training step logged (1, unless logging started later): cov's "first"
+
+    @property
+    def first_step_label(self) -> str:
+        """How a column of values at :attr:`first_step` is headed: ``step 1``, or ``first step`` when it is unknown."""
+        return f"step {fmt(self.first_step)}" if math.isfinite(self.first_step) else "first step"
     interventions: list[dict[str, Any]] = field(default_factory=list)
 
     @property

@@ -415,8 +415,7 @@ class _RunReport:
             f"tokens. The paper reports the top 0.02% carrying more than 1000 times the mean. A step has "
             f"{fmt(self.analysis.cov_tokens)} response tokens (median over steps)."
         )
-        first = self.analysis.first_step
-        table = Table(["q", "mean over steps", f"step {fmt(first)}" if math.isfinite(first) else "first step"])
+        table = Table(["q", "mean over steps", self.analysis.first_step_label])
         for q in COV_PERCENTS:
             table.add([text(f"top {q}%"), num(cov[q]["mean"]), num(cov[q]["first"])])
         section.table(table)

@@ -653,8 +653,8 @@ class _Report:
             axis.legend(frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
 
         section.blocks.append(self.figures.draw("covariance.png", "Mean over steps of the top-q% covariance ratio (log scale).", 8.0, 2.8, paint))
-        firsts = {self.analyses[n].first_step for n in self.ok}
-        first = f"step {fmt(firsts.pop())}" if len(firsts) == 1 and all(map(math.isfinite, firsts)) else "first step"
+        labels = {self.analyses[n].first_step_label for n in self.ok}
+        first = labels.pop() if len(labels) == 1 else "first step"
         columns = ["method"] + [f"top {q}% mean" for q in COV_PERCENTS] + [f"top {q}% {first}" for q in COV_PERCENTS]
         table = Table(columns)
         for name in self.ok:
