@@ -752,3 +752,31 @@ def test_the_report_command_names_a_section_that_failed_and_where_else_a_report_
         "; --out writes the report elsewhere"), output
     result = CliRunner().invoke(app, ["report", str(run), "--no-figures", "--out", str(run / "report" / "inside")])
     assert result.exit_code == 1 and "--out writes the report elsewhere" not in result.output, result.output
+
+
+def test_a_laboratory_method_folder_s_final_evaluation_is_its_evaluation_after_the_last_step(tmp_path):
+    """`entrorl lab` evaluates each method once, after training, into `final_eval.json` (no `eval/` folder): the report
+    shows it and its fork tokens at the last logged step. With `eval/` files it is left out (another prompt set)."""
+    summary = {"n_problems": 8, "n_samples": 4, "avg_at_n": 0.375, "pass_at_k": {"1": 0.375, "2": 0.5, "4": 0.625},
+               "pass_rates": [0.25] * 8, "polarisation": {"frac_zero": 0.25, "frac_one": 0.125}, "threshold": 0.5}
+    final = {"summary": summary, "avg_at_n": 0.375, "forgetting_accuracy": 0.5,
+             "forks": [{"token": "7", "entropy": 1.25, "before": "3+4=", "after": "", "source": "eval.jsonl:1"}]}
+    run = write_run(tmp_path / "lab" / "methods" / "grpo", law_records(12))
+    (run / "final_eval.json").write_text(json.dumps(final))
+    report = write_run_report(run, figures=False)
+    assert report["section_errors"] == {}
+    (evaluation,) = report["evaluations"]["values"]
+    assert evaluation == {"step": 12, "prompts": 8, "n": 4, "Avg@n": 0.375, "Pass@1": 0.375, "Pass@2": 0.5, "Pass@4": 0.625,
+                          "solved by none": 0.25, "solved by all": 0.125}
+    assert report["forks"]["latest"]["title"] == "Step 12" and report["forks"]["latest"]["values"][0]["entropy"] == 1.25
+    assert "The laboratory's final evaluation (`final_eval.json`, after step 12)" in (run / "report" / "report.md").read_text()
+    # the trainer's own evaluations come first: then the laboratory's is not mixed into their series
+    evaluations = {6: {"n_problems": 2, "n_samples": 1, "avg_at_n": 0.5, "pass_at_k": {"1": 0.5}}}
+    run = write_run(tmp_path / "trained", law_records(12), evaluations=evaluations)
+    (run / "final_eval.json").write_text(json.dumps(final))
+    report = write_run_report(run, figures=False)
+    assert [r["step"] for r in report["evaluations"]["values"]] == [6] and report["forks"] == {}
+    # a final_eval.json without a summary (an older or foreign file), or a run that logged no step, gives no evaluation
+    run = write_run(tmp_path / "foreign", law_records(12))
+    (run / "final_eval.json").write_text(json.dumps({"avg_at_n": 0.375}))
+    assert write_run_report(run, figures=False)["evaluations"]["values"] == []

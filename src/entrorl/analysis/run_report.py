@@ -7,6 +7,7 @@ Inputs (written by :class:`entrorl.trainer.Trainer`)::
     metrics.jsonl          one JSON object per training step
     eval/step_<N>.json     each evaluation: Avg@n, unbiased Pass@k, the pass-rate polarisation
     forks/step_<N>.json    each evaluation's highest-entropy response positions, decoded in context
+    final_eval.json        a laboratory method folder's final evaluation and fork tokens, read when eval/ holds none
 
 or, for a run of TRL's ``GRPOTrainer`` with the entrorl plugin, the log history of its ``trainer_state.json``
 (the output directory's, or its newest checkpoint's).
@@ -47,6 +48,7 @@ RECURRING_FORKS_SHOWN = 10
 ACTIVITY_PREFIXES = ("select/", "clip/", "reg/", "shape/")
 _STEP_FILE = re.compile(r"step_(\d+)\.json")
 TRAINER_STATE = "trainer_state.json"
+LAB_FINAL_EVALUATION = "final_eval.json"  # written in each method folder of ``entrorl lab``
 
 RUN_REPORT_SECTIONS = (
     ("summary", "Summary"),
@@ -83,6 +85,23 @@ class _TrainingRun(MetricRecords):
         self.config = config if isinstance(config, dict) else {}
         self.evaluations = _step_files(run_dir / "eval", dict)
         self.forks = _step_files(run_dir / "forks", list)
+        self.evaluation_source = "eval/"
+        if not self.evaluations:
+            self._read_laboratory_evaluation(run_dir / LAB_FINAL_EVALUATION)
+
+    def _read_laboratory_evaluation(self, path: Path) -> None:
+        """A laboratory method folder's final evaluation (:func:`entrorl.lab.runner.evaluate_policy`), when ``eval/``
+        holds none: its summary, and its fork tokens when ``forks/`` holds none, stand as the evaluation after the last
+        logged step. Only then: the laboratory samples its own held-out split, so the two are not one series."""
+        final = read_json(path) if path.is_file() else None
+        summary = final.get("summary") if isinstance(final, dict) else None
+        steps = [int(step) for record in self.records if (step := finite(record.get("step"))) is not None]
+        if not isinstance(summary, dict) or not steps:
+            return
+        self.evaluations = {max(steps): summary}
+        self.evaluation_source = LAB_FINAL_EVALUATION
+        if not self.forks and isinstance(final.get("forks"), list):
+            self.forks = {max(steps): final["forks"]}
 
     @property
     def method(self) -> str:
@@ -460,8 +479,10 @@ class _RunReport:
             self.json["evaluations"] = Table(["step"]).to_json()
             return
         ks = sorted(set().union(*(_pass_at(e) for e in evaluations.values())))
-        section.say("Each evaluation of `eval/`: Avg@n and unbiased Pass@k on the held-out prompts, and the share of "
-                    "prompts no sample solved and every sample solved (the pass-rate polarisation).")
+        what = ("Each evaluation of `eval/`" if self.run.evaluation_source == "eval/" else
+                f"The laboratory's final evaluation (`{self.run.evaluation_source}`, after step {next(iter(evaluations))})")
+        section.say(f"{what}: Avg@n and unbiased Pass@k on the held-out prompts, and the share of prompts no sample solved "
+                    "and every sample solved (the pass-rate polarisation).")
         table = Table(["step", "prompts", "n", "Avg@n", *[f"Pass@{k}" for k in ks], "solved by none", "solved by all"])
         for step, evaluation in evaluations.items():
             polar = evaluation.get("polarisation") if isinstance(evaluation.get("polarisation"), dict) else {}
