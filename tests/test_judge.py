@@ -121,13 +121,52 @@ def test_a_cached_score_of_zero_is_reused(tmp_path):
         return [0.0] * len(samples)
 
     path = str(tmp_path / "judge.sqlite")
-    reward = JudgeReward(never_right, cache_path=path)
+    reward = JudgeReward(never_right, judge_id="never-right", cache_path=path)
     assert reward.score_batch(["p", "q"], ["a", "b"]) == [JudgeScore(0.0)] * 2
     assert reward.score_batch(["p", "q"], ["a", "b"]) == [JudgeScore(0.0)] * 2
     assert len(calls) == 1 and reward.stats()["hits"] == 2
-    again = JudgeReward(never_right, cache_path=path)
+    again = JudgeReward(never_right, judge_id="never-right", cache_path=path)
     assert again.score_batch(["p", "q"], ["a", "b"]) == [JudgeScore(0.0)] * 2
     assert len(calls) == 1 and again.stats() == {"hits": 2, "misses": 0, "judged": 0, "timeouts": 0, "errors": 0}
+
+
+def test_a_judge_whose_cache_id_others_share_is_warned_about_with_a_persistent_cache(tmp_path):
+    """The default cache id is the callable's qualified name: every lambda, every partial of one function, every
+    instance of one class and every closure one factory makes share it, so a SQLite cache would serve one's scores
+    to another. Without a file the cache is the instance's own; a judge_id, a plain function or a closure-free
+    nested one is not warned about."""
+    import functools
+    import warnings
+
+    path = str(tmp_path / "judge.sqlite")
+
+    def threshold_judge(samples, threshold):
+        return [float(len(c) > threshold) for _, c, _ in samples]
+
+    def make_judge(threshold):
+        def judge(samples):
+            return threshold_judge(samples, threshold)
+        return judge
+
+    def plain(samples):
+        return [1.0] * len(samples)
+
+    shared = {"a lambda": (lambda samples: [1.0] * len(samples), "lambda"),
+              "a partial": (functools.partial(threshold_judge, threshold=3), "partial object"),
+              "an instance": (RecordingJudge(), "RecordingJudge object"),
+              "a closure": (make_judge(3), "from that call's values")}
+    for what, (judge, reason) in shared.items():
+        with pytest.warns(UserWarning, match="give judge_id= a name of its own") as caught:
+            JudgeReward(judge, cache_path=path)
+        assert reason in str(caught[0].message) and path in str(caught[0].message), what
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            JudgeReward(judge)  # in memory only
+            JudgeReward(judge, judge_id=f"{what}-v1", cache_path=path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        JudgeReward(plain, cache_path=path)
+        JudgeReward(expected_score, cache_path=path)
 
 
 def test_cache_size_zero_judges_every_time():

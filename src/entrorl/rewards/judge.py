@@ -46,6 +46,7 @@ import math
 import numbers
 import sqlite3
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -445,6 +446,20 @@ def _callable_id(judge: Any) -> str:
     return f"callable:{getattr(judge, '__module__', None) or type(judge).__module__}.{name}"
 
 
+def _shared_id_reason(judge: Any) -> str | None:
+    """Why :func:`_callable_id` of ``judge`` may be another judge's too, or ``None``: a lambda, a function made inside
+    another around that call's values (they are not in the name), an instance of a callable class or a ``functools.partial`` (their
+    settings are not in the type's name)."""
+    name = getattr(judge, "__qualname__", None)
+    if name is None:
+        return f"it is a {type(judge).__qualname__} object, named by its type whatever its settings"
+    if "<lambda>" in name:
+        return "it is a lambda, and every lambda of its module gets that name"
+    if "<locals>" in name and getattr(judge, "__closure__", None):
+        return "it is made inside a function from that call's values, and each one made there gets that name"
+    return None
+
+
 @register_reward(
     "judge",
     description="reward model / LLM-as-judge (local HF model or callable): batched, time-limited, cached",
@@ -480,6 +495,9 @@ class JudgeReward:
             judge = load_model_judge(judge, **model_options) if Path(judge).is_dir() else import_callable(judge, "judge")
         self.judge = judge
         self.judge_id = judge_id or getattr(judge, "judge_id", None) or _callable_id(judge)
+        if cache_path is not None and judge_id is None and not hasattr(judge, "judge_id") and (why := _shared_id_reason(judge)):
+            warnings.warn(f"the judge's cache id {self.judge_id!r} may be another judge's ({why}): scores that one cached "
+                          f"in {cache_path} would be reused for this one; give judge_id= a name of its own", stacklevel=2)
         self.batch_size = batch_size
         self.timeout_s = None if timeout_s is None else float(timeout_s)
         self.cache = JudgeCache(cache_size, cache_path)
