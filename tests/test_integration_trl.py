@@ -1068,3 +1068,57 @@ def test_an_args_object_without_use_bias_correction_kl_gets_trl_s_default(tmp_pa
     check_trl_args(args, build_objective("dapo+kl_ref", kl_loss_coef=0.04, importance_weighted=True))
     with pytest.raises(ValueError, match="use_bias_correction_kl = True and kl_ref's importance_weighted = False"):
         check_trl_args(args, build_objective("dapo+kl_ref", kl_loss_coef=0.04, importance_weighted=False))
+
+
+def test_a_sequence_level_gspo_objective_takes_an_unweighted_kl_as_trl_s_or_is_refused(tokenizer, tmp_path, tiny_model_dir):
+    """With importance_sampling_level='sequence' TRL weighs the KL by the sequence's ratio (use_bias_correction_kl,
+    its default) and kl_ref can only weigh it by each token's: refused with objective='gspo+kl_ref' as without an
+    objective. Unweighted, the loss and gradient are TRL's; at the token level the gspo surrogate is the ratio's level."""
+    gspo = dict(loss_type="grpo", epsilon=3e-4, epsilon_high=4e-4, beta=0.1)
+    for objective in (None, "gspo+kl_ref"):
+        with pytest.raises(ValueError, match="weighs the KL by the sequence's ratio, kl_ref by each token's"):
+            _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=objective, model=str(tiny_model_dir),
+                     config=_config(tmp_path, importance_sampling_level="sequence", **gspo))
+    token_level = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="gspo+kl_ref", model=str(tiny_model_dir),
+                           config=_config(tmp_path, **gspo))
+    assert token_level.objective.regularizers[0].importance_weighted is True
+    config = _config(tmp_path, importance_sampling_level="sequence", use_bias_correction_kl=False, **gspo)
+    ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="gspo+kl_ref", config=config, model=str(tiny_model_dir))
+    theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=config, model=str(tiny_model_dir))
+    inputs = _inputs(tokenizer, seed=5)
+    with torch.no_grad():  # a reference near the policy, so that no token's k3 reaches entrorl's clamp at 10
+        logits = theirs.model(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                              attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)).logits
+    log_probs = token_stats(logits[:, -MAX_COMPLETION - 1 : -1], inputs["completion_ids"], need=("logprob",)).logprob
+    inputs["ref_per_token_logps"] = log_probs + 0.5 * torch.randn(log_probs.shape, generator=torch.Generator().manual_seed(5))
+    loss_ours, grads_ours = _loss_and_grads(ours, inputs)
+    loss_theirs, grads_theirs = _loss_and_grads(theirs, inputs)
+    assert ours._metrics["train"]["kl/ref"][-1] > 0.1  # the KL term weighs in the comparison
+    assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
+    _assert_grads_close(grads_ours, grads_theirs)
+
+
+def test_a_half_precision_model_with_a_float32_head_is_scored_through_the_fused_head(tokenizer, tmp_path, tiny_model_dir):
+    """cast_lm_head_to_fp32=True on a bfloat16 model (what the low-precision warning advises) makes the head float32
+    over bfloat16 hidden states: the fused path projects them in float32, as TRL's head does, equal to the logits'
+    path, and the model trains."""
+    config = _config(tmp_path, num_iterations=2, cast_lm_head_to_fp32=True, model_init_kwargs={"dtype": "bfloat16"},
+                     max_steps=1)
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo", config=config, model=str(tiny_model_dir))
+    assert trainer.model.get_output_embeddings().weight.dtype == torch.float32
+    assert trainer.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    inputs = _inputs(tokenizer, seed=7)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    mask = inputs["completion_mask"].bool()
+    stats = {}
+    with torch.no_grad():
+        for fused in (True, False):
+            trainer.fused_head = fused
+            stats[fused], _ = trainer._response_stats(trainer.model, input_ids, attention_mask, inputs["completion_ids"], mask)
+        trl_log_probs, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, MAX_COMPLETION)
+    torch.testing.assert_close(stats[True].logprob[mask], stats[False].logprob[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[True].logprob[mask], trl_log_probs[mask].float(), rtol=1e-5, atol=1e-5)
+    trainer.fused_head = None
+    trainer.train()
+    assert trainer.state.global_step == 1 and math.isfinite(trainer.state.log_history[0]["loss"])

@@ -31,7 +31,8 @@ coefficient. Selectors decide
 on each micro-batch alone (as verl does), and those that take dropped tokens out of the normaliser (80/20,
 Clip_B, Clip_V) use the micro-batch's kept count; entrorl's own trainer gives Clip_B and Clip_V the whole batch.
 
-State. Stateful parts (the ``adaptive_entropy`` coefficient, Clip-Cov's generator) are saved with each
+State. Stateful parts (the ``adaptive_entropy`` coefficient, the generator of a Clip-Cov given a ``seed``; without
+one it draws from torch's global generator, which the checkpoint's RNG state restores) are saved with each
 checkpoint (``entrorl_objective_state.pt``) and restored on ``resume_from_checkpoint``. The adaptive coefficient
 moves once per optimizer step (the micro-batches of one ``state.global_step``), as TRL's own adaptive entropy
 does; each process measures its own micro-batches, so under data parallelism the processes' coefficients can
@@ -294,6 +295,12 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
             f"{kl_reference.importance_weighted} both say whether the KL is weighed by pi / pi_old: give it once "
             "(use_bias_correction_kl alone, or importance_weighted equal to it)"
         )
+    if (beta != 0.0 and kl_reference is not None and kl_reference.importance_weighted
+            and getattr(args, "importance_sampling_level", "token") == "sequence"):
+        problems.append("importance_sampling_level='sequence' with use_bias_correction_kl: TRL weighs the KL by the "
+                        "sequence's ratio, kl_ref by each token's; set use_bias_correction_kl=False (an unweighted KL, "
+                        "as TRL's then), or leave importance_sampling_level at 'token' (the gspo surrogate sets the "
+                        "ratio's level itself)")
     use_vllm = getattr(args, "use_vllm", False)
     vllm_correction = use_vllm and getattr(args, "vllm_importance_sampling_correction", False)
     correction = objective.correction
@@ -528,9 +535,12 @@ class EntropyGRPOTrainer(GRPOTrainer):
         if fused:
             hidden = outputs.hidden_states[-1][:, -width - 1 : -1]
             head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            # cast_lm_head_to_fp32 on a half-precision model: a float32 head, which TRL feeds float32 hidden states
+            dtype = torch.promote_types(hidden.dtype, head.weight.dtype)
+            bias = None if head.bias is None else head.bias.to(dtype)
             stats = token_stats_from_hidden(
-                hidden, head.weight, completion_ids, lm_head_bias=head.bias, temperature=self.temperature, mask=mask,
-                need=STAT_NAMES,
+                hidden.to(dtype), head.weight.to(dtype), completion_ids, lm_head_bias=bias, temperature=self.temperature,
+                mask=mask, need=STAT_NAMES,
             )
         else:
             logits = outputs.logits[:, -width - 1 : -1]
