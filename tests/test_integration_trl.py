@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -701,6 +702,8 @@ def test_trains_a_tiny_model_and_logs_entrorl_diagnostics(tokenizer, tmp_path, m
     trainer.save_state()
     report = write_run_report(trainer.args.output_dir, figures=False)
     assert report["section_errors"] == {} and report["steps"] == 2
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
+    assert summary["method"] == method and summary["steps planned (max_steps)"] == 2
     intervention = next(v for v in report["interventions"]["values"] if v["metric"] == selector_key)
     assert intervention["mean"] == pytest.approx(sum(entry[selector_key] for entry in logs) / 2)
 
@@ -1058,6 +1061,8 @@ def test_a_stateless_objective_writes_no_state_file_with_its_checkpoints(tokeniz
     trainer._save_checkpoint(trainer.model, None)
     checkpoint = Path(trainer.args.output_dir) / "checkpoint-1"
     assert checkpoint.is_dir() and not (checkpoint / OBJECTIVE_STATE_FILE).exists()
+    # the method's name is written with every checkpoint, for `entrorl report`
+    assert json.loads((checkpoint / "entrorl_objective.json").read_text()) == {"method": "dapo"}
 
 
 def test_an_args_object_without_use_bias_correction_kl_gets_trl_s_default(tmp_path):

@@ -380,12 +380,22 @@ def test_a_trl_run_is_read_from_its_trainer_state(tmp_path):
     report = write_run_report(tmp_path, figures=False)
     summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
     assert summary["read from"] == "checkpoint-3/trainer_state.json" and report["steps"] == 3
-    assert summary["reward"] == "reward/mean" and summary["method"] == "n/a"
+    assert summary["reward"] == "reward/mean" and summary["method"] == "n/a"  # no entrorl_objective.json beside it
+    assert summary["steps planned (max_steps)"] is None
     assert report["law"]["fit"]["n_points"] == 3
     assert row(report["covariance"], "q", "top 0.02%")["mean over steps"] == 200.0
     assert row(report["interventions"], "metric", "select/clip_cov_frac")["steps"] == 3
     # a checkpoint folder is a run directory of its own, up to its step
     assert write_run_report(tmp_path / "checkpoint-2", figures=False)["steps"] == 2
+    # the plugin's entrorl_objective.json names the method; TRL's max_steps are the planned steps; the folder's
+    # config.json is the model's, not a run's
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": 100}))
+    (tmp_path / "checkpoint-3" / "entrorl_objective.json").write_text(json.dumps({"method": "dapo+clip_cov"}))
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"log_history": history, "max_steps": 5}))
+    report = write_run_report(tmp_path, figures=False)
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
+    assert summary["method"] == "dapo+clip_cov" and summary["steps planned (max_steps)"] == 5
+    assert "A TRL run keeps no Pass@k evaluation" in (tmp_path / "report" / "report.md").read_text()
 
 
 

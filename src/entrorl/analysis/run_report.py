@@ -10,7 +10,8 @@ Inputs (written by :class:`entrorl.trainer.Trainer`)::
     final_eval.json        a laboratory method folder's final evaluation and fork tokens, read when eval/ holds none
 
 or, for a run of TRL's ``GRPOTrainer`` with the entrorl plugin, the log history of its ``trainer_state.json``
-(the output directory's, or its newest checkpoint's).
+(the output directory's, or its newest checkpoint's), with its ``max_steps`` and the plugin's ``entrorl_objective.json``
+beside it (the method).
 
 What it checks on the user's own run: the entropy–performance law ``R = -a exp(H) + b`` fitted over every step and
 forecast from the first steps, with its ceiling ``b - a`` (arXiv 2505.22617, Eq. 6); the predicted entropy change of
@@ -49,6 +50,8 @@ ACTIVITY_PREFIXES = ("select/", "clip/", "reg/", "shape/")
 _STEP_FILE = re.compile(r"step_(\d+)\.json")
 TRAINER_STATE = "trainer_state.json"
 LAB_FINAL_EVALUATION = "final_eval.json"  # written in each method folder of ``entrorl lab``
+#: Written by the TRL plugin beside each ``trainer_state.json`` it saves: ``{"method": the objective's name}``.
+TRL_OBJECTIVE_FILE = "entrorl_objective.json"
 
 RUN_REPORT_SECTIONS = (
     ("summary", "Summary"),
@@ -72,9 +75,15 @@ class _TrainingRun(MetricRecords):
         ``trainer_state.json`` to read the steps from, for a run without ``metrics.jsonl``."""
         self.directory = run_dir
         metrics = run_dir / "metrics.jsonl"
+        self.from_trainer_state = trainer_state is not None  # a TRL run's log history
         if trainer_state is not None:
             records, self.unreadable_lines = _log_history_records(trainer_state), []
             self.source = str(trainer_state.relative_to(run_dir))
+            # the folder's config.json is the model's: the method and the planned steps come from the plugin and TRL
+            objective = read_json(trainer_state.parent / TRL_OBJECTIVE_FILE)
+            state = read_json(trainer_state)
+            config = {"method": objective.get("method") if isinstance(objective, dict) else None,
+                      "optim": {"steps": state.get("max_steps") if isinstance(state, dict) else None}}
         else:
             if metrics.exists():
                 metrics.open("rb").close()  # one that cannot be read is an error, not an empty run
@@ -184,7 +193,7 @@ class _RunReport:
                         "training steps are empty until the run has trained.")
         table = Table(["quantity", "value"])
         rows = [("method", text(run.method or "n/a")), ("read from", text(run.source)), ("steps logged", num(a.n_steps)),
-                ("steps planned (optim.steps)", num(planned) if planned is not None else missing()),
+                (f"steps planned ({'max_steps' if run.from_trainer_state else 'optim.steps'})", num(planned) if planned is not None else missing()),
                 ("entropy start (nats)", num(a.entropy_start)), ("entropy end (nats)", num(a.entropy_end)),
                 ("entropy end/start", num(a.entropy_ratio)), ("reward", text(run.reward_key)),
                 ("reward start", num(a.reward_start)), ("reward end", num(a.reward_end)),
@@ -475,7 +484,9 @@ class _RunReport:
         evaluations = self.run.evaluations
         if not evaluations:
             section.say("No evaluation was found in `eval/` (`eval.every` and `data.eval` run them; `eval.at_start` adds a "
-                        "step-0 baseline).")
+                        "step-0 baseline)." if not self.run.from_trainer_state else
+                        "A TRL run keeps no Pass@k evaluation: `entrorl eval --model` on one of its `checkpoint-<N>` "
+                        "folders gives one.")
             self.json["evaluations"] = Table(["step"]).to_json()
             return
         ks = sorted(set().union(*(_pass_at(e) for e in evaluations.values())))

@@ -57,9 +57,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import json
 import math
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,11 +74,13 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without trl
     raise ImportError("entrorl.integrations.trl needs TRL: pip install 'entrorl[trl]'") from error
 
+from entrorl.analysis.run_report import TRL_OBJECTIVE_FILE
 from entrorl.modeling import FUSED_HEAD_MODEL_TYPES
 from entrorl.objective import Objective, ObjectiveConfig, PolicyBatch, build_objective, get_method
 from entrorl.objective.regularizers import KLReference
 from entrorl.objective.surrogates import CISPO, GSPO, PPOClip
 from entrorl.tokens import STAT_NAMES, TokenStats, token_stats, token_stats_from_hidden
+from entrorl.trainer.checkpoint import atomic_write_text
 from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary
 
 __all__ = [
@@ -496,10 +500,20 @@ class EntropyGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
-        state = self.objective.state_dict()
-        if state and self.args.should_save:
+        if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(state, os.path.join(folder, OBJECTIVE_STATE_FILE))
+            self._write_objective_name(folder)
+            if state := self.objective.state_dict():
+                torch.save(state, os.path.join(folder, OBJECTIVE_STATE_FILE))
+
+    def save_state(self) -> None:
+        super().save_state()
+        if self.args.should_save:
+            self._write_objective_name(self.args.output_dir)
+
+    def _write_objective_name(self, folder: str) -> None:
+        """The objective's name beside the ``trainer_state.json`` written there, for ``entrorl report``."""
+        atomic_write_text(Path(folder) / TRL_OBJECTIVE_FILE, json.dumps({"method": self.objective.name}))
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
