@@ -4,6 +4,7 @@ statistics and gradients as one padded pass."""
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -605,6 +606,50 @@ def test_check_prompts_fit_refuses_empty_prompts_and_prompts_past_the_context():
     modeling.check_prompts_fit(SimpleNamespace(), [[3] * 500], ["a:1"], max_new_tokens=4)  # no declared context
     with pytest.raises(ValueError, match="zero tokens"):
         modeling.check_prompts_fit(SimpleNamespace(), [[]], ["a:1"], max_new_tokens=4)
+
+
+def test_check_prompts_fit_refuses_token_ids_past_the_model_s_embedding():
+    """A tokenizer given tokens the model was not resized for encodes ids the input embedding has no row for: each
+    prompt holding one, and a padding token past it, is named (the embedding's own size wins over the config's)."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(vocab_size=100, max_position_embeddings=64)
+    modeling.check_prompts_fit(config, [[3, 99], [4]], ["a:1", "a:2"], max_new_tokens=4, pad_token_id=99)  # ids 0-99
+    with pytest.raises(ValueError) as refused:
+        modeling.check_prompts_fit(config, [[3, 99], [4, 100, 7], [], [120]], ["a:1", "a:2", "a:3", "a:4"],
+                                   max_new_tokens=4, pad_token_id=100)
+    lines = str(refused.value).splitlines()
+    assert lines[:4] == ["the model's input embedding has 100 rows (token ids 0-99), and the tokenizer gives larger ids:",
+                         "  the tokenizer's padding token: id 100", "  a:2: token id 100", "  a:4: token id 120"]
+    assert "model.resize_token_embeddings(len(tokenizer))" in lines[-1]
+    model = torch.nn.Module()
+    model.config, model.get_input_embeddings = config, lambda: torch.nn.Embedding(50, 4)
+    with pytest.raises(ValueError, match="has 50 rows"):
+        modeling.check_prompts_fit(model, [[60]], ["a:1"], max_new_tokens=4)
+    modeling.check_prompts_fit(SimpleNamespace(), [[10 ** 6]], ["a:1"], max_new_tokens=4, pad_token_id=10 ** 6)  # no size
+    composite = SimpleNamespace(get_text_config=lambda: SimpleNamespace(vocab_size=8))
+    with pytest.raises(ValueError, match="has 8 rows"):
+        modeling.check_prompts_fit(composite, [[8]], ["a:1"], max_new_tokens=4)
+
+
+def test_eval_refuses_a_tokenizer_with_tokens_the_model_has_no_embedding_for(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens(["<sep>"])  # without model.resize_token_embeddings
+    tokenizer.save_pretrained(model)
+    data = tmp_path / "sums.jsonl"
+    data.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "1<sep>2=", "answer": "3"}\n')
+    result = CliRunner().invoke(app, ["eval", "--model", str(model), "--data", str(data), "--n", "1", "--max-new-tokens", "1"])
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert f"embedding has {len(tokenizer) - 1} rows" in output and "sums.jsonl:2: token id" in output
+    assert "Traceback" not in result.output
 
 
 def test_encode_prompt_keeps_an_eos_that_the_text_itself_ends_with():

@@ -293,10 +293,12 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
     declared = read_model_config(directory.weights, trust_remote_code=trust_remote_code) if check_fit else None
     if declared is not None:
-        check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
+        check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
+                          pad_token_id=tokenizer.pad_token_id)
     policy = load_model_directory(directory, dtype=dtype, trust_remote_code=trust_remote_code, device=resolve_device(device))
     if check_fit and declared is None:
-        check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens)
+        check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
+                          pad_token_id=tokenizer.pad_token_id)
     return records, reward_runner, tokenizer, policy, prompt_ids, directory, (prompt_template, chat_template), sampling
 
 

@@ -21,7 +21,7 @@ __all__ = [
     "DamagedWeightsError", "is_out_of_memory", "out_of_memory_while",
     "load_tokenizer", "save_tokenizer", "load_causal_lm", "check_causal", "turn_off_dropout", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
     "prompt_groups", "shares_prompts", "length_dependent_rope", "reset_dynamic_rope", "cache_argument", "output_cache", "left_pad", "model_context_length", "read_model_config",
-    "check_prompts_fit", "stop_token_ids", "encode_prompt",
+    "check_prompts_fit", "model_vocab_size", "stop_token_ids", "encode_prompt",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
 
@@ -458,10 +458,35 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(int(token) for token in ids if token is not None))
 
 
-def check_prompts_fit(model, prompt_ids, sources, *, max_new_tokens: int) -> None:
+def model_vocab_size(model) -> int | None:
+    """The number of token ids the input embedding of a model (or its ``transformers`` config) has rows for, or None
+    when it declares none."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(getattr(embedding, "num_embeddings", None), int):
+        return embedding.num_embeddings
+    config = getattr(model, "config", model)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(config, "vocab_size", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_prompts_fit(model, prompt_ids, sources, *, max_new_tokens: int, pad_token_id: int | None = None) -> None:
     """``ValueError`` listing every prompt that encodes to no tokens, or whose tokens plus ``max_new_tokens``
     exceed the context of ``model`` (a model or its config, :func:`model_context_length`): prompts are never
-    truncated, since a cut prompt is a different question."""
+    truncated, since a cut prompt is a different question. Before that, a ``pad_token_id`` or prompt token id past the
+    model's input embedding (a tokenizer given tokens the model was not resized for) is refused, naming them."""
+    vocab = model_vocab_size(model)
+    if vocab is not None:
+        outside = [f"{source}: token id {max(ids)}" for ids, source in zip(prompt_ids, sources) if len(ids) and max(ids) >= vocab]
+        if pad_token_id is not None and pad_token_id >= vocab:
+            outside.insert(0, f"the tokenizer's padding token: id {pad_token_id}")
+        if outside:
+            shown = "\n  ".join(outside[:10])
+            more = f"\n  ... and {len(outside) - 10} more" if len(outside) > 10 else ""
+            raise ValueError(f"the model's input embedding has {vocab} rows (token ids 0-{vocab - 1}), and the tokenizer "
+                             f"gives larger ids:\n  {shown}{more}\nA tokenizer given tokens after the model was saved "
+                             "needs the model's embeddings resized (model.resize_token_embeddings(len(tokenizer))) and "
+                             "saved beside it.")
     context = model_context_length(model)
     problems = []
     for ids, source in zip(prompt_ids, sources):

@@ -462,7 +462,7 @@ class Trainer:
             encoded = [encode_prompt(self.tokenizer, record.prompt, template=data.prompt_template,
                                      chat_template=model.chat_template) for record in records]
             check_prompts_fit(context_of, encoded, [record.source for record in records],
-                              max_new_tokens=self.config.rollout.max_new_tokens)
+                              max_new_tokens=self.config.rollout.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
             setattr(self, attribute, encoded)
 
     # ------------------------------------------------------------------------------------------------ state
