@@ -296,6 +296,39 @@ def test_the_merged_model_holds_embedding_adapters_of_an_untied_model(tmp_path):
         assert not torch.allclose(logits(base, ids), adapted, atol=1e-2)
 
 
+def test_the_merged_model_holds_the_adapters_on_a_mixture_of_experts_fused_weights(tmp_path):
+    """On fused experts (Mixtral in transformers 5) all-linear also adapts the experts' 3-D weights through peft's
+    parameter wrappers, nested one per weight (experts.base_layer.base_layer.gate_up_proj): the merged model holds
+    each under its own name with its update, and loads whole."""
+    from test_modeling import COMMON
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MixtralConfig(**COMMON, num_local_experts=2, num_experts_per_tok=1))
+    expert_weights = {name for name, _ in model.named_parameters() if ".experts." in name}
+    adapter = LoraAdapter(model, rank=2, alpha=4.0)
+    assert any(".experts.base_layer.base_layer." in name for name, _ in model.named_parameters())
+    draw_adapters(model, 0.2)
+    merged_names = set(adapter.merged_state_dict())
+    assert expert_weights <= merged_names and not any("base_layer" in name for name in merged_names)
+    assert {name for name, _ in adapter.merged_parameters()} <= merged_names
+    adapter.save_merged(tmp_path / "merged")
+    (tmp_path / "merged" / "generation_config.json").unlink(missing_ok=True)
+    merged, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.randint(2, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    adapted = logits(model, ids)
+    torch.testing.assert_close(logits(merged.eval(), ids), adapted, rtol=1e-5, atol=1e-5)
+    with adapter.disabled() as base:  # the experts' adapters among the rest change the model
+        assert not torch.allclose(logits(base, ids), adapted, atol=1e-2)
+    # peft's parameter wrappers take no dropout: the setting that cannot be honoured is the one named
+    model = AutoModelForCausalLM.from_config(MixtralConfig(**COMMON, num_local_experts=2, num_experts_per_tok=1))
+    with pytest.raises(ValueError, match=r"^model\.lora\.dropout: .*lora_dropout"):
+        LoraAdapter(model, rank=2, alpha=4.0, dropout=0.1)
+
+
 def test_merged_weights_have_the_base_model_s_names_and_merged_parameters_takes_the_type_asked_for():
     """merged_state_dict holds the base model's entries and nothing of the adapters; merged_parameters lists the base's
     parameters, in the type asked for: float32 from a bfloat16 base gives the float32 merged sum, not the bfloat16 one.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _ADAPTER_WEIGHTS_PICKLED = "adapter_model.bin"  # older peft, or safe_serialization=False
 _ADAPTER_NAME = "default"
+# the levels peft puts between a module and the weight it adapts: q_proj.base_layer.weight, or for nested parameter
+# wrappers experts.base_layer.base_layer.gate_up_proj
+_WRAPPER_LEVELS = re.compile(r"(?:\.base_layer)+(?=\.)")
 
 
 def _import_peft():
@@ -75,8 +79,9 @@ class LoraAdapter:
             with warnings.catch_warnings():  # peft asks transformers through a name it deprecates
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 self.peft_model = peft.get_peft_model(model, config)
-        except ValueError as error:  # a target module that the model does not have
-            raise ValueError(f"model.lora.target_modules: {error}") from None
+        except ValueError as error:  # a target module that the model does not have, or dropout on a wrapped weight
+            setting = "dropout" if "lora_dropout" in str(error) else "target_modules"
+            raise ValueError(f"model.lora.{setting}: {error}") from None
         self.model = model
         from peft.tuners.lora import LoraLayer
 
@@ -97,36 +102,45 @@ class LoraAdapter:
         dtype = next(p.dtype for p in self.model.parameters() if not p.requires_grad and p.is_floating_point())
         return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
-    def _adapted_layers(self) -> dict[str, Any]:
-        """The adapted layers (linear or embedding), by the name of their base weight (``...base_layer.weight``)."""
-        from peft.tuners.lora import LoraLayer
+    def _adapted_weights(self) -> dict[int, Any]:
+        """The adapted layers by the identity of the base weight their update adds to: a linear or embedding layer's
+        ``weight``, or the parameter a ``ParamWrapper`` wraps (peft's ``target_parameters``, which ``all-linear``
+        uses for a mixture of experts' fused weights, nesting one wrapper per parameter)."""
+        from peft.tuners.lora import LoraLayer, ParamWrapper
 
-        return {f"{name}.base_layer.weight": module for name, module in self.model.named_modules()
-                if isinstance(module, LoraLayer)
-                and (_ADAPTER_NAME in module.lora_A or _ADAPTER_NAME in getattr(module, "lora_embedding_A", {}))}
+        adapted = {}
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer) and (_ADAPTER_NAME in module.lora_A
+                                                  or _ADAPTER_NAME in getattr(module, "lora_embedding_A", {})):
+                base = module.get_param() if isinstance(module, ParamWrapper) else module.get_base_layer().weight
+                adapted[id(base)] = module
+        return adapted
 
     @staticmethod
-    def _merged(key: str, value: torch.Tensor, adapted: dict[str, Any], dtype: torch.dtype) -> tuple[str, torch.Tensor]:
-        """``(base name, weight)`` of one entry: ``W + (alpha / r) * B A`` summed in float32 or wider and rounded once
-        to ``dtype`` for an adapted layer's weight, the value in ``dtype`` otherwise (floating values only)."""
-        if key in adapted:
+    def _merged(key: str, value: torch.Tensor, adapted: dict[int, Any], dtype: torch.dtype) -> tuple[str, torch.Tensor]:
+        """``(base name, weight)`` of one entry (``value`` as the model holds it, for its identity): ``W + (alpha / r)
+        * B A`` summed in float32 or wider and rounded once to ``dtype`` for an adapted weight, the value in ``dtype``
+        otherwise (floating values only). The base name drops every ``.base_layer`` peft's wrappers put in."""
+        layer = adapted.get(id(value))
+        value = value.detach()
+        if layer is not None:
             wide = torch.promote_types(value.dtype, torch.float32)
-            value = (value.to(wide) + adapted[key].get_delta_weight(_ADAPTER_NAME).to(wide)).to(dtype)
+            value = (value.to(wide) + layer.get_delta_weight(_ADAPTER_NAME).to(wide)).to(dtype)
         elif value.is_floating_point():
             value = value.to(dtype)
-        return key.replace(".base_layer.", "."), value
+        return _WRAPPER_LEVELS.sub("", key), value
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights of the merged model, ``W + (alpha / r) * B A`` for every adapted layer (linear or embedding),
-        under the base model's own names, on the CPU in :meth:`merged_dtype`; the model is not changed. One layer's
-        update at a time is computed on the model's device."""
-        adapted, dtype = self._adapted_layers(), self.merged_dtype()
+        """The weights of the merged model, ``W + (alpha / r) * B A`` for every adapted weight (linear, embedding or a
+        wrapped parameter), under the base model's own names, on the CPU in :meth:`merged_dtype`; the model is not
+        changed. One layer's update at a time is computed on the model's device."""
+        adapted, dtype = self._adapted_weights(), self.merged_dtype()
         merged = {}
-        for key, value in self.model.state_dict().items():
+        for key, value in self.model.state_dict(keep_vars=True).items():
             if ".lora_" not in key:
                 name, value = self._merged(key, value, adapted, dtype)
-                merged[name] = value.detach().to("cpu").contiguous()
+                merged[name] = value.to("cpu").contiguous()
         return merged
 
     @torch.no_grad()
@@ -135,10 +149,10 @@ class LoraAdapter:
         base model's names, one at a time on the model's device: each adapted weight computed when it is reached, in
         ``dtype`` (default: the base's own type, the merged sum rounded once to it), the others as they are. For an
         inference engine that takes the policy's weights after every update (``VLLMSampler.sync_weights``)."""
-        adapted = self._adapted_layers()
+        adapted = self._adapted_weights()
         for key, value in self.model.named_parameters():
             if ".lora_" not in key:
-                yield self._merged(key, value.detach(), adapted, dtype or value.dtype)
+                yield self._merged(key, value, adapted, dtype or value.dtype)
 
     def save_merged(self, directory: Path) -> None:
         """The merged model as a plain Hugging Face model directory (weights and config; no adapter files), its
