@@ -4,6 +4,7 @@ statistics and gradients as one padded pass."""
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import pytest
@@ -247,6 +248,37 @@ def test_load_causal_lm_turns_off_dropout_kept_as_plain_rates_under_other_names(
     kept = load_causal_lm(tmp_path, disable_dropout=False).train()
     with torch.no_grad():
         assert not torch.equal(kept(input_ids=ids).logits, kept(input_ids=ids).logits)
+
+
+def test_a_checkpoint_keeps_the_dropout_rates_of_the_model_it_was_loaded_from(tmp_path):
+    """Training runs without dropout, but a checkpoint is a plain directory another trainer may fine-tune: its
+    config.json holds the original rates (the model's and its modules' stay 0 while and after it is written), with
+    or without adapters."""
+    from transformers import GPT2Config
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+    from entrorl.trainer.adapters import LoraAdapter
+    from entrorl.trainer.checkpoint import save_checkpoint
+
+    rates = {"resid_pdrop": 0.1, "embd_pdrop": 0.2, "attn_pdrop": 0.3}
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                                **rates)).save_pretrained(tmp_path / "base")
+    for lora in (False, True):
+        model = load_causal_lm(tmp_path / "base")
+        assert all(getattr(model.config, name) == 0.0 for name in rates)
+        adapter = LoraAdapter(model, rank=2, alpha=4.0, target_modules=["c_attn"]) if lora else None
+        run = tmp_path / f"run-{lora}"
+        run.mkdir()
+        written = save_checkpoint(run, 1, model=model, tokenizer=build_char_tokenizer(), trainer_state={}, keep=1,
+                                  adapter=adapter)
+        saved = json.loads((written / "model" / "config.json").read_text())
+        assert {name: saved[name] for name in rates} == rates
+        assert all(getattr(model.config, name) == 0.0 for name in rates)
+        model.train()
+        ids = torch.randint(0, 40, (2, 7))
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_randomness_under_an_unknown_name_is_reported(tmp_path):

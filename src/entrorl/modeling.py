@@ -10,6 +10,7 @@ import json
 import pickle
 import warnings
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -358,11 +359,35 @@ def _is_random_rate(name: str) -> bool:
     return "drop" in name or "jitter" in name
 
 
-def _zero_random_rates(holder) -> None:
-    """Set every positive float attribute of ``holder`` (a module or a config) that :func:`_is_random_rate` to 0."""
+def _zero_random_rates(holder) -> dict[str, float]:
+    """Set every positive float attribute of ``holder`` (a module or a config) that :func:`_is_random_rate` to 0;
+    returns what they were."""
+    zeroed = {}
     for name, value in list(vars(holder).items()):
         if isinstance(value, float) and value > 0 and _is_random_rate(name):
+            zeroed[name] = value
             setattr(holder, name, 0.0)
+    return zeroed
+
+
+_ZEROED_CONFIG_RATES = "_entrorl_zeroed_config_rates"
+
+
+@contextlib.contextmanager
+def config_rates_restored(model) -> Iterator[None]:
+    """The random rates :func:`turn_off_dropout` zeroed on ``model``'s configs put back for the time of the block,
+    so that a checkpoint saved in it is the original model's configuration: a plain directory another trainer fine-tunes
+    with the dropout its authors chose."""
+    zeroed = getattr(model, _ZEROED_CONFIG_RATES, [])
+    for config, rates in zeroed:
+        for name, value in rates.items():
+            setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for config, rates in zeroed:
+            for name in rates:
+                setattr(config, name, 0.0)
 
 
 def turn_off_dropout(model, source: str | Path = "the model") -> None:
@@ -375,9 +400,9 @@ def turn_off_dropout(model, source: str | Path = "the model") -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         _zero_random_rates(module)
-    for config in (model.config, getattr(model.config, "text_config", None)):
-        if config is not None:
-            _zero_random_rates(config)
+    zeroed = [(config, rates) for config in (model.config, getattr(model.config, "text_config", None))
+              if config is not None and (rates := _zero_random_rates(config))]
+    setattr(model, _ZEROED_CONFIG_RATES, getattr(model, _ZEROED_CONFIG_RATES, []) + zeroed)
     vocab, length, device = _probe_shape(model)
     if vocab < 1:
         return

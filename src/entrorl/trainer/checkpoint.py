@@ -50,8 +50,8 @@ except ImportError:  # not a POSIX system: runs are not locked there
 import numpy as np
 import torch
 
-from entrorl.modeling import (TOKENIZER_FILES, check_model_files, declares_a_model, is_out_of_memory, load_causal_lm,
-                              out_of_memory_while, save_tokenizer)
+from entrorl.modeling import (TOKENIZER_FILES, check_model_files, config_rates_restored, declares_a_model, is_out_of_memory,
+                              load_causal_lm, out_of_memory_while, save_tokenizer)
 from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER_WEIGHTS, adapter_weights_file,
                                      load_adapted_causal_lm, read_adapter_config)
 
@@ -286,14 +286,15 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
     temporary = root / f".{name}.tmp-{os.getpid()}"
     try:
         temporary.mkdir()
-        if adapter is not None:
-            if merged:
-                adapter.save_merged(temporary / "model")
+        with config_rates_restored(model):
+            if adapter is not None:
+                if merged:
+                    adapter.save_merged(temporary / "model")
+                else:
+                    model.config.save_pretrained(temporary / "model")
+                adapter.save(temporary / ADAPTER_DIRECTORY)
             else:
-                model.config.save_pretrained(temporary / "model")
-            adapter.save(temporary / ADAPTER_DIRECTORY)
-        else:
-            model.save_pretrained(temporary / "model")
+                model.save_pretrained(temporary / "model")
         save_tokenizer(tokenizer, temporary / "model")
         torch.save(trainer_state, temporary / "trainer.pt")
         _write_file_list(temporary)
