@@ -281,6 +281,34 @@ def test_a_checkpoint_keeps_the_dropout_rates_of_the_model_it_was_loaded_from(tm
             assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_the_probes_give_an_attention_mask_to_a_forward_that_takes_one():
+    """GPT-2 warns that the ids may be padded when a forward without a mask meets its padding id: the load-time probes
+    pass a mask of ones, except to a forward that takes none."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    class Masked(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            calls.append(attention_mask)
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 3))
+
+    class Keywords(Masked):
+        def forward(self, input_ids, **kwargs):
+            return super().forward(input_ids, kwargs.get("attention_mask"))
+
+    class Unmasked(torch.nn.Module):
+        def forward(self, input_ids):
+            calls.append("none")
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 3))
+
+    ids = torch.tensor([[0, 1, 2]])
+    for model in (Masked(), Keywords(), Unmasked()):
+        assert modeling._probe_logits(model, ids).shape == (1, 3, 3)
+    assert torch.equal(calls[0], torch.ones_like(ids)) and torch.equal(calls[1], torch.ones_like(ids))
+    assert calls[2] == "none"
+
+
 def test_randomness_under_an_unknown_name_is_reported(tmp_path):
     model = AutoModelForCausalLM.from_config(Qwen2Config(**COMMON))
     model.model.norm.register_forward_hook(lambda module, args, output: output + module.training * torch.randn_like(output))

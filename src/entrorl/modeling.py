@@ -294,6 +294,15 @@ def _probe_difference(model, logits: torch.Tensor, reference: torch.Tensor) -> f
     return change if change > tolerance * max(1.0, float(reference.abs().max())) else None
 
 
+def _probe_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of one unpadded ``[1, T]`` probe, with an attention mask of ones where the forward takes one (GPT-2
+    warns about a missing mask whenever the ids hold its padding id)."""
+    parameters = inspect.signature(model.forward).parameters
+    if "attention_mask" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    return model(input_ids=ids).logits
+
+
 def check_causal(model, source: str | Path = "the model") -> None:
     """``ValueError`` unless the model's prediction at a position ignores the tokens after it.
 
@@ -308,7 +317,7 @@ def check_causal(model, source: str | Path = "the model") -> None:
     second = first.clone()
     second[length // 2:] = (second[length // 2:] + 1) % vocab
     with _probing(model, training=False):
-        shared = [model(input_ids=ids[None]).logits[0, : length // 2] for ids in (first, second)]
+        shared = [_probe_logits(model, ids[None])[0, : length // 2] for ids in (first, second)]
     change = _probe_difference(model, shared[1], shared[0])
     if change is not None:
         raise ValueError(
@@ -408,7 +417,7 @@ def turn_off_dropout(model, source: str | Path = "the model") -> None:
         return
     ids = torch.arange(length, device=device)[None] % vocab
     with _probing(model, training=True):
-        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+        first, second = _probe_logits(model, ids), _probe_logits(model, ids)
     if not torch.equal(first, second):
         warnings.warn(f"{source}: the model's train-mode forward is still random with its dropout rates at 0 "
                       f"(logits moved by {float((first - second).abs().max()):.3g} between two identical calls): it keeps "
