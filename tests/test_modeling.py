@@ -485,6 +485,9 @@ def test_encode_prompt_fills_the_template_and_wraps_a_chat_turn_without_a_second
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="the tokenizer has none"):
         modeling.encode_prompt(tokenizer, "1+2=", chat_template=True)
+    tokenizer.name_or_path = "models/base"  # as loaded from a directory: the message names it
+    with pytest.raises(ValueError, match="the tokenizer in models/base has none"):
+        modeling.encode_prompt(tokenizer, "1+2=", chat_template=True)
 
 
 def test_encode_prompt_keeps_the_bos_a_tokenizer_adds_and_leaves_out_an_eos_it_appends():

@@ -477,7 +477,8 @@ def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_te
                 ids = ids[:-1]
         return ids
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("a chat template was asked for, but the tokenizer has none")
+        source = getattr(tokenizer, "name_or_path", "")
+        raise ValueError(f"a chat template was asked for, but the tokenizer{f' in {source}' if source else ''} has none")
     text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
