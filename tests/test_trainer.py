@@ -3539,6 +3539,30 @@ def test_the_train_command_says_nothing_of_a_pass_rate_band_without_one(tmp_path
     result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 0 and "run directory:" in result.output, result.output
     assert "pass_rate_band" not in result.output and "in the band" not in result.output
+    assert "stores" not in result.output  # a float32 model trained in float32
+
+
+def test_the_train_command_says_when_half_precision_weights_are_trained_and_saved_in_float32(
+        tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    declared = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**declared, "dtype": "bfloat16"}))
+    train, _ = arithmetic_files
+    monkeypatch.setattr(Trainer, "train", lambda self, **options: self.run_dir)  # the set-up is what is checked
+    said = {}
+    for dtype in ("float32", "bfloat16"):
+        config = write_config(tmp_path / f"{dtype}.yaml", make_config(model, train, None, model={"dtype": dtype}))
+        result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / dtype)])
+        assert result.exit_code == 0, result.output
+        said[dtype] = " ".join(result.output.split())
+    assert ("model.path stores bfloat16 weights: they are trained in float32 (model.dtype) and the checkpoints hold "
+            "float32, twice the size; model.dtype: bfloat16 keeps them in bfloat16") in said["float32"]
+    assert "stores" not in said["bfloat16"]
 
 
 def test_resume_of_a_finished_run_names_its_step_and_optim_steps_and_reads_past_an_unreadable_config_json(

@@ -99,6 +99,11 @@ def train(
         total = sum(parameter.numel() for parameter in trainer.model.parameters())
         console.print(f"LoRA adapters (rank {lora.rank}, alpha {lora.alpha:g}): {trainer.adapter.trainable_parameters():,} "
                       f"trained parameters of {total:,}", highlight=False)
+    stored = _stored_dtype(Path(train_config.model.path))
+    if stored in ("bfloat16", "float16") and train_config.model.dtype == "float32":
+        console.print(Text(f"model.path stores {stored} weights: they are trained in float32 (model.dtype) and the "
+                           f"checkpoints hold float32, twice the size; model.dtype: {stored} keeps them in {stored}"),
+                      soft_wrap=True)
     if trainer.resumed_from is not None:
         console.print(f"resuming from {escape(trainer.resumed_from.name)} (step {trainer.step} of "
                       f"{train_config.optim.steps})", highlight=False)
@@ -318,6 +323,14 @@ def _read_json_object(path: Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _stored_dtype(model: Path) -> str | None:
+    """The weights' type a model directory's ``config.json`` declares (``dtype``, or ``torch_dtype`` before
+    transformers 5), or None."""
+    config = _read_json_object(model / "config.json") or {}
+    declared = config.get("dtype", config.get("torch_dtype"))
+    return declared if isinstance(declared, str) else None
 
 
 def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool | None,
