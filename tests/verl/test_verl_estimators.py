@@ -183,6 +183,27 @@ def test_the_entrorl_section_overrides_verl_s_norm_adv_by_std():
     torch.testing.assert_close(advantages[:, 0], torch.tensor([0.75, -0.25, -0.25, -0.25]))  # centred, not divided
 
 
+def test_reinforce_pp_refuses_a_discount_verl_s_own_would_apply():
+    """verl's reinforce_plus_plus discounts returns-to-go by algorithm.gamma; entrorl's REINFORCE++ is undiscounted, so
+    a gamma other than 1 is refused instead of left out; at 1, or unset, the two agree."""
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo import core_algos
+
+    from entrorl.integrations.verl.estimators import make_advantage_estimator
+
+    rewards, mask, uids, *_ = _rollouts(3)
+    ours = make_advantage_estimator("reinforce_pp")
+    with pytest.raises(ValueError, match=r"algorithm.gamma = 0.5 would discount .*set algorithm.gamma=1.0"):
+        ours(rewards, mask, config=OmegaConf.create({"gamma": 0.5}), index=uids)
+    verl_own = core_algos.get_adv_estimator_fn("reinforce_plus_plus")
+    expected, _ = verl_own(token_level_rewards=rewards, response_mask=mask.float(), config=OmegaConf.create({"gamma": 1.0}))
+    for config in (OmegaConf.create({"gamma": 1.0}), {}):
+        advantages, _ = ours(rewards, mask, config=config, index=uids)
+        torch.testing.assert_close(advantages[mask], expected[mask], rtol=1e-5, atol=1e-5)
+    for other in ("grpo", "rloo"):  # the outcome-level estimators verl itself computes without gamma
+        make_advantage_estimator(other)(rewards, mask, config=OmegaConf.create({"gamma": 0.5}), index=uids)
+
+
 def test_an_index_of_another_length_than_the_batch_is_refused():
     from entrorl.integrations.verl.estimators import make_advantage_estimator
 

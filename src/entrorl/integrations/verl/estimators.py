@@ -8,7 +8,8 @@ put on every valid token, and the returns equal the advantages (as verl's GRPO d
 
 Parameters: the estimator's defaults, then verl's ``algorithm.norm_adv_by_std_in_grpo`` for ``entrorl_grpo``,
 then the mapping ``algorithm.entrorl`` (``+algorithm.entrorl.k=8``; an unknown name is an error listing the
-valid ones). ``entrorl_unlikely`` needs the old policy's log-probs, which verl passes to no custom estimator: it
+valid ones). ``entrorl_reinforce_pp`` is undiscounted: an ``algorithm.gamma`` other than 1 (which verl's own
+``reinforce_plus_plus`` applies to returns-to-go) is refused. ``entrorl_unlikely`` needs the old policy's log-probs, which verl passes to no custom estimator: it
 raises unless its caller passes ``old_log_probs``.
 
 The driver looks estimators up, and the actor extension is not imported there: load this module in the driver
@@ -121,6 +122,12 @@ def make_advantage_estimator(estimator: str):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         check_verl_version()
         _refuse_silent_pairings(estimator, config)
+        gamma = config_get(config, "gamma")
+        if estimator == "reinforce_pp" and gamma is not None and gamma != 1:
+            raise ValueError(
+                f"verl adv_estimator {estimator_name(estimator)!r} computes REINFORCE++ from each response's outcome "
+                f"reward, undiscounted; algorithm.gamma = {gamma} would discount the returns-to-go of verl's own "
+                "reinforce_plus_plus: set algorithm.gamma=1.0, or use adv_estimator=reinforce_plus_plus")
         mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
         rewards = torch.where(mask, token_level_rewards, torch.zeros_like(token_level_rewards)).sum(dim=-1)
         group_ids = _group_ids(index, rewards.shape[0], estimator_name(estimator)).to(rewards.device)
