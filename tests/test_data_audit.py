@@ -69,6 +69,30 @@ def test_correct_samples_form_one_reference_group_whatever_their_spelling():
     assert [(g.answer, g.count, g.matches_reference) for g in single] == [("7", 2, False), ("4", 1, True)]
 
 
+def test_an_answer_that_is_the_reference_joins_the_reference_group_even_when_the_reward_rejected_it():
+    """A reward stricter than its answer extraction (a format rule) scores the reference's own answer 0: such samples
+    are the reference's group (same canonical spelling, or equivalent to the reference), so a model that agrees with
+    the reference makes the prompt hard, never looks_wrong. Without a reference, the reward alone decides."""
+    answers = ["7", " 7 ", "7", "9"]
+    correct = [False, False, False, False]
+    assert audit_prompt(answers, correct).verdict == "looks_wrong"  # the reward's judgement alone
+    audit = audit_prompt(answers, correct, reference="7")
+    assert (audit.verdict, audit.majority_answer, audit.majority_share, audit.majority_matches_reference) == (
+        "hard", "7", 0.75, True)
+    assert audit.pass_rate == 0.0  # the pass rate is still the reward's
+    groups = group_answers(["1/2", "0.5", "3", "0.5"], [True, False, False, False], reference="1/2",
+                           equivalent=lambda a, b: {a, b} <= {"1/2", "0.5"})
+    assert [(g.answer, g.count, g.matches_reference) for g in groups] == [("0.5", 3, True), ("3", 1, False)]
+    calls = []
+
+    def counting(a, b):
+        calls.append((a, b))
+        return False
+
+    group_answers(["3", "3 ", "4", "3"], [False] * 4, reference="5", equivalent=counting)
+    assert [call for call in calls if call[0] == "5"] == [("5", "3"), ("5", "4")]  # once per canonical spelling
+
+
 def test_wrong_answers_group_by_canonical_spelling_then_by_equivalence():
     answers = ["X = 2", "x  =  2", "0.5", "1/2", ".5", "9", "oops"]
     correct = [False] * 7
@@ -1082,6 +1106,29 @@ def test_cli_audit_refuses_to_label_when_the_reward_failed_on_every_sample(marku
     assert "no prompt was labelled and no filtered file was written" in line and "aud/reward_errors.log" in line
     assert "Traceback" not in result.output
     assert sorted(path.name for path in Path("aud").iterdir()) == ["reward_errors.log"]
+
+
+def test_an_audit_into_the_folder_of_an_earlier_one_keeps_no_file_that_is_not_its_own(markup_data, tiny_model_dir):
+    """Re-run into the same --out: a run whose reward never failed removes the earlier run's reward_errors.log (its
+    summary says 0 errors); one whose reward failed everywhere writes nothing and says the folder holds an earlier
+    audit's files, which it leaves as they were."""
+    def audit(reward: str):
+        return CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(markup_data),
+                                        "--n", "2", "--max-new-tokens", "2", "--reward",
+                                        f"entrorl_test_audit_rewards:{reward}", "--out", "aud", "--band", "[0, 1]"])
+
+    assert audit("flaky").exit_code == 0 and Path("aud/reward_errors.log").is_file()
+    result = audit("half")
+    assert result.exit_code == 0, result.output
+    assert json.loads(Path("aud/summary.json").read_text())["reward_errors"] == 0
+    assert not Path("aud/reward_errors.log").exists()
+    earlier = {path.name: path.read_bytes() for path in Path("aud").iterdir()}
+    result = audit("broken")
+    assert result.exit_code == 2, result.output
+    line = " ".join(result.output.split())
+    assert "no filtered file was written" in line and "aud still holds the files of an earlier audit, summary.json from" in line
+    assert {name: Path("aud", name).read_bytes() for name in earlier} == earlier
+    assert sorted(path.name for path in Path("aud").iterdir()) == sorted([*earlier, "reward_errors.log"])
 
 
 # --------------------------------------------------------------------------------------------------

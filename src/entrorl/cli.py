@@ -8,6 +8,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -800,7 +801,12 @@ def data_audit(
                                       settings=settings)
     except (ValueError, OSError) as error:
         where = f"; its traceback is in {reward_log}" if result.reward_failed_everywhere and reward_log else ""
-        _fail(f"{error}{where}")
+        earlier = directory / "summary.json"
+        kept = (f" ({directory} still holds the files of an earlier audit, summary.json from "
+                f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(earlier.stat().st_mtime))})" if earlier.is_file() else "")
+        _fail(f"{error}{where}{kept}")
+    if reward_log is None:  # the traceback of an earlier audit into this folder is not this one's
+        (directory / "reward_errors.log").unlink(missing_ok=True)
 
     histogram = result.histogram()
     table = Table(title=f"pass rates of {histogram.n_prompts} prompts x {n} samples")

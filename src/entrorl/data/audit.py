@@ -101,7 +101,8 @@ class AnswerGroup:
     """Samples whose answers are equivalent.
 
     ``answer`` is the group's most frequent spelling (the first seen on ties), ``count`` the number of
-    samples, ``matches_reference`` whether the reward judged these samples correct, and ``spellings``
+    samples, ``matches_reference`` whether the reward judged these samples correct (or their answer is the
+    reference, see :func:`group_answers`), and ``spellings``
     every distinct spelling in the group, most frequent first.
     """
 
@@ -169,14 +170,20 @@ def _by_frequency(spellings: Sequence[str]) -> list[str]:
 
 
 def group_answers(
-    answers: Sequence[str | None], correct: Sequence[bool], *, equivalent: Equivalence | None = None
+    answers: Sequence[str | None],
+    correct: Sequence[bool],
+    *,
+    equivalent: Equivalence | None = None,
+    reference: str | None = None,
 ) -> list[AnswerGroup]:
     """Group one prompt's sampled answers, largest group first (on ties, the group seen first).
 
     ``answers[i]`` is sample ``i``'s extracted answer (``None`` when nothing was extracted: such samples
     join no group) and ``correct[i]`` the reward's judgement. Every correct answered sample goes to one
     group that matches the reference, however it is spelled: the reward is the judge of agreement with
-    the reference. Incorrect answers are grouped first by :func:`canonical_answer`; then each such group,
+    the reference. So does an incorrect answer that is the ``reference`` itself (the same
+    :func:`canonical_answer`, or ``equivalent`` to it): a reward stricter than its answer extraction (on
+    the format around the answer) rejects it, and that is no sign of a wrong reference. Incorrect answers are grouped first by :func:`canonical_answer`; then each such group,
     largest first, joins the first earlier group for which ``equivalent(earlier, later)`` holds on their
     most frequent spellings (without ``equivalent`` only the canonical keys group answers; an
     equivalence that raises counts as "not equivalent"). Cost: at most ``d * (d - 1) / 2`` calls for
@@ -189,8 +196,17 @@ def group_answers(
     for i, answer in enumerate(answers):
         if answer is not None and not isinstance(answer, str):
             raise TypeError(f"group_answers: answer {i} is a {type(answer).__name__}; expected a string or None")
-    right = [(i, a) for i, (a, ok) in enumerate(zip(answers, correct)) if ok and a is not None]
-    wrong = [(i, a) for i, (a, ok) in enumerate(zip(answers, correct)) if not ok and a is not None]
+    is_reference: dict[str, bool] = {}  # by canonical spelling: one equivalence check each
+
+    def the_reference(answer: str) -> bool:
+        key = canonical_answer(answer)
+        if reference is not None and key not in is_reference:
+            is_reference[key] = key == canonical_answer(reference) or (
+                equivalent is not None and _safe_equivalent(equivalent, reference, answer))
+        return is_reference.get(key, False)
+
+    right = [(i, a) for i, (a, ok) in enumerate(zip(answers, correct)) if a is not None and (ok or the_reference(a))]
+    wrong = [(i, a) for i, (a, ok) in enumerate(zip(answers, correct)) if a is not None and not ok and not the_reference(a)]
 
     groups: list[tuple[int, AnswerGroup]] = []  # each with the index of its own first sample, for ties
     if right:
@@ -252,8 +268,10 @@ def audit_prompt(
     *,
     equivalent: Equivalence | None = None,
     thresholds: AuditThresholds | None = None,
+    reference: str | None = None,
 ) -> PromptAudit:
-    """Audit one prompt from its samples' extracted answers and correctness (see :func:`group_answers`).
+    """Audit one prompt from its samples' extracted answers and correctness, and its ``reference`` answer (see
+    :func:`group_answers`).
 
     The pass rate is ``n_correct / n`` over all ``n`` samples (a correct sample without an extractable
     answer still counts as correct); the majority share is the largest group's count over ``n``.
@@ -262,7 +280,7 @@ def audit_prompt(
     n = len(answers)
     if n == 0:
         raise ValueError("audit_prompt: no samples; expected at least one sampled answer per prompt")
-    groups = group_answers(answers, correct, equivalent=equivalent)
+    groups = group_answers(answers, correct, equivalent=equivalent, reference=reference)
     n_correct = sum(1 for ok in correct if ok)
     pass_rate = n_correct / n
     top = groups[0] if groups else None

@@ -233,7 +233,8 @@ def audit_records(
                 result.answers[index] = answers
                 result.reasons[index] = scored.reasons[own]
                 result.correct[index] = [bool(ok) for ok in correct[own]]
-                result.audits[index] = audit_prompt(answers, correct[own], equivalent=equivalent, thresholds=thresholds)
+                result.audits[index] = audit_prompt(answers, correct[own], equivalent=equivalent, thresholds=thresholds,
+                                                    reference=records[index].answer)
             done += len(chunk) * n
             if progress is not None:
                 progress(done, len(todo) * n)
