@@ -503,6 +503,16 @@ def test_runner_survives_a_raising_reward():
     assert res.scores.dtype == torch.float32 and res.correct.dtype == torch.bool
 
 
+@pytest.mark.parametrize("threshold", [0.0, -1.0])
+def test_a_failed_sample_is_wrong_at_any_threshold(threshold):
+    """A sample the reward failed on scores 0 and counts as wrong: with a threshold of 0 or below, where a score of 0
+    passes, it still does not (Avg@n, Pass@k and dynamic sampling would count a broken reward as right answers)."""
+    runner = RewardRunner(_fragile_reward, correct_threshold=threshold)
+    res = runner(["p"] * 3, ["a", "boom", "b"], ["a"] * 3, [{}] * 3, [1, 2, 3])
+    assert res.failed.tolist() == [False, True, False] and res.scores.tolist() == [1.0, 0.0, 0.0]
+    assert res.correct.tolist() == [True, False, True]
+
+
 def test_a_failing_reward_is_logged_in_one_line_and_its_traceback_kept_in_first_error(caplog):
     """The terminal of `train`, `eval` and `data audit` gets one line per runner (which sample, the exception); the
     traceback stays in ``first_error``, which the trainer keeps in reward_errors.log."""

@@ -311,7 +311,7 @@ class RewardResult:
     * ``rewards`` — float32 ``[n]``, ``scores + penalties`` (the training reward; a failed sample's overlong
       penalty still applies, since it depends on the response's length only: a reward that fails on overlong
       answers must not let them escape their penalty);
-    * ``correct`` — bool ``[n]``, ``scores >= correct_threshold``;
+    * ``correct`` — bool ``[n]``, ``scores >= correct_threshold`` on the samples that did not fail;
     * ``errors`` / ``first_error`` — how many samples failed (raised, or returned a non-numeric or
       non-finite value) and the first failure: a one-line summary (which sample, the exception's type and
       message, or what was wrong with the value returned), then, for a reward that raised, its traceback;
@@ -620,13 +620,14 @@ class RewardRunner:
             pen_t = torch.tensor(pen, dtype=torch.float32)
         else:
             pen_t = torch.zeros(n, dtype=torch.float32)
+        failed_t = torch.tensor(failed, dtype=torch.bool)
         return RewardResult(
             scores=score_t,
             rewards=score_t + pen_t,
-            correct=score_t >= self.correct_threshold,
+            correct=(score_t >= self.correct_threshold) & ~failed_t,  # a failure is wrong at any threshold, 0 or below too
             errors=errors,
             first_error=first_error,
             penalties=pen_t,
-            failed=torch.tensor(failed, dtype=torch.bool),
+            failed=failed_t,
             reasons=reasons,
         )
