@@ -559,6 +559,8 @@ def test_eval_refuses_adapters_it_cannot_apply_saying_why(tmp_path, tiny_model_d
     config_file.write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "moved")}))
     with pytest.raises(FileNotFoundError, match="base model .*moved, which is not a directory here.*--base"):
         resolve_model_directory(tmp_path / "adapters")
+    with pytest.raises(FileNotFoundError, match=r"^--base .*elsewhere is not a directory: .* \(they record .*moved\)$"):
+        resolve_model_directory(tmp_path / "adapters", base=tmp_path / "elsewhere")  # the option, not the record
     shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
     assert resolve_model_directory(tmp_path / "adapters", base=tmp_path / "elsewhere").weights == tmp_path / "elsewhere"
     for recorded in (None, 5):
