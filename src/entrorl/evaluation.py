@@ -25,6 +25,7 @@ import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -75,27 +76,22 @@ def _as_int_array(value: Any, name: str) -> np.ndarray:
 
 
 def _pass_at_k_scalar(n: int, c: int, k: int) -> float:
-    """``1 - C(n-c, k) / C(n, k)`` for validated ints, in the stable product form.
-
-    The product ``prod_{i=n-c+1}^{n} (1 - k/i)`` is accumulated as a sum of ``log1p(-k/i)`` and
-    the result taken with ``-expm1``: the same product, but accurate to a few ulps even when
-    pass@k is tiny (where ``1 - prod`` would cancel).
-    """
+    """``1 - C(n-c, k) / C(n, k)`` for validated ints, computed exactly in integers and rounded once to a float: the
+    nearest float to the estimate, ``c / n``'s at ``k = 1`` and accurate when pass@k is tiny (where a floating
+    ``1 - prod`` would cancel)."""
     if n - c < k:
         return 1.0
     if c == 0:
         return 0.0
-    i = np.arange(n - c + 1, n + 1, dtype=np.float64)  # every i > k here, so k / i < 1
-    log_prod = float(np.sum(np.log1p(-k / i)))
-    return float(-math.expm1(log_prod))
+    return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
 
 
 def pass_at_k(n: Any, c: Any, k: Any) -> float | np.ndarray:
     """Unbiased pass@k of Chen et al. 2021 (arXiv 2107.03374) for one or many problems.
 
     ``pass@k = 1 - C(n - c, k) / C(n, k)``: the probability that at least one of ``k`` samples
-    drawn without replacement from ``n`` samples, ``c`` of them correct, is correct. Computed in
-    the stable product form: ``1.0`` if ``n - c < k``, else ``1 - prod_{i=n-c+1}^{n} (1 - k / i)``.
+    drawn without replacement from ``n`` samples, ``c`` of them correct, is correct. Computed exactly
+    (integer binomials, one rounding to float): ``1.0`` if ``n - c < k``, ``0.0`` if ``c = 0``.
 
     Args:
         n: number of samples drawn for the problem (int or integer array).
