@@ -526,7 +526,8 @@ class RewardRunner:
                 raise ValueError(
                     f"the reward {name!r} cannot be called as fn(prompt, completion, answer, **meta) with the data's "
                     f"meta columns {list(keys)}: {exc}. Give it a **meta parameter (and put '/' after its first three "
-                    "parameters if a column shares their names), or choose the columns it gets with data.meta_columns."
+                    "parameters if a column shares their names), or choose the columns it gets (data.meta_columns in a "
+                    "training configuration; for eval and data audit, a data file without the others)."
                 ) from None
 
     def _score_batch(self, prompts, completions, answers, metas) -> list[Any] | None:
