@@ -2799,7 +2799,8 @@ def test_k_values_are_sorted_once_each_and_refused_below_1(capsys):
 
     assert _parse_ks("4, 1,2,2,") == [1, 2, 4] and _parse_ks(" 3 ") == [3]
     for text, message in (("0,2", "--k values must be >= 1, got '0,2'"), ("2,-1", "--k values must be >= 1"),
-                          ("", "--k values must be >= 1, got ''"), (" , ", "--k values must be >= 1"),
+                          ("", "--k needs at least one k (comma-separated integers such as 1,4,16), got ''"),
+                          (" , ", "--k needs at least one k"),
                           ("1,x", "--k expects comma-separated integers, got '1,x'"), ("1.5", "comma-separated integers")):
         with pytest.raises(typer.Exit) as stopped:
             _parse_ks(text)

@@ -214,7 +214,9 @@ def _parse_ks(text: str) -> list[int]:
         ks = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
         _fail(f"--k expects comma-separated integers, got {text!r}")
-    if not ks or ks[0] < 1:
+    if not ks:
+        _fail(f"--k needs at least one k (comma-separated integers such as 1,4,16), got {text!r}")
+    if ks[0] < 1:
         _fail(f"--k values must be >= 1, got {text!r}")
     return ks
 
