@@ -3517,15 +3517,18 @@ def test_both_sampling_commands_note_greedy_repeats_only_for_temperature_0_and_m
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
     said = {}
-    for n, temperature in (("2", "0"), ("1", "0"), ("2", "0.5")):
+    for n, temperature, top_k in (("2", "0", ()), ("1", "0", ()), ("2", "0.5", ()), ("2", "0.5", ("--top-k", "1")),
+                                  ("1", "0.5", ("--top-k", "1")), ("2", "0.5", ("--top-k", "2"))):
         result = CliRunner().invoke(app, [*command, "--model", str(tmp_path / "missing"), "--data", str(data),
-                                          "--n", n, "--temperature", temperature, "--reward", "exact_match",
+                                          "--n", n, "--temperature", temperature, *top_k, "--reward", "exact_match",
                                           "--out", str(tmp_path / "out")])
         assert result.exit_code == 2, result.output
-        said[n, temperature] = " ".join(result.output.split())
+        said[n, temperature, top_k] = " ".join(result.output.split())
     assert ("note: --temperature 0 samples greedily, so the 2 samples of a prompt are one answer repeated (every "
-            "Pass@k is Pass@1, every pass rate 0 or 1): --n 1 gives the same figures") in said["2", "0"]
-    assert "note:" not in said["1", "0"] and "note:" not in said["2", "0.5"]
+            "Pass@k is Pass@1, every pass rate 0 or 1): --n 1 gives the same figures") in said["2", "0", ()]
+    assert "note: --top-k 1 samples greedily, so the 2 samples" in said["2", "0.5", ("--top-k", "1")]
+    assert all("note:" not in said[key] for key in (("1", "0", ()), ("2", "0.5", ()), ("1", "0.5", ("--top-k", "1")),
+                                                     ("2", "0.5", ("--top-k", "2"))))
 
 
 def test_the_train_command_says_nothing_of_a_pass_rate_band_without_one(tmp_path, tiny_model_dir, arithmetic_files,

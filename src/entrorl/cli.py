@@ -310,11 +310,12 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     return records, reward_runner, tokenizer, policy, prompt_ids, directory, (prompt_template, chat_template), sampling
 
 
-def _note_if_greedy_samples_repeat(n: int, temperature: float) -> None:
-    """Say so when ``--temperature 0`` (greedy decoding) meets ``--n`` above 1: each prompt's samples are then one
-    answer repeated, and --n 1 gives the same figures in a fraction of the time."""
-    if temperature == 0 and n > 1:
-        console.print(Text(f"note: --temperature 0 samples greedily, so the {n} samples of a prompt are one answer "
+def _note_if_greedy_samples_repeat(n: int, temperature: float, top_k: int | None = None) -> None:
+    """Say so when greedy decoding (``--temperature 0``, or ``--top-k 1``) meets ``--n`` above 1: each prompt's samples
+    are then one answer repeated, and --n 1 gives the same figures in a fraction of the time."""
+    greedy = "--temperature 0" if temperature == 0 else "--top-k 1" if top_k == 1 else None
+    if greedy is not None and n > 1:
+        console.print(Text(f"note: {greedy} samples greedily, so the {n} samples of a prompt are one answer "
                            f"repeated (every Pass@k is Pass@1, every pass rate 0 or 1): --n 1 gives the same figures"),
                       soft_wrap=True)
 
@@ -469,7 +470,7 @@ def evaluate(
     ks = None if k is None else _parse_ks(k)
     if ks is not None and ks[-1] > n:
         _fail(f"--k {ks[-1]} exceeds --n {n}: Pass@k needs at least k samples per prompt")
-    _note_if_greedy_samples_repeat(n, temperature)
+    _note_if_greedy_samples_repeat(n, temperature, top_k)
     outputs = {option: path for option, path in (("--out", out), ("--samples", samples)) if path is not None}
     taken = {data.resolve(): "--data"}
     if out is not None:
@@ -762,7 +763,7 @@ def data_audit(
     from entrorl.trainer.audit import audit_records, check_audit_output, default_audit_dir, write_audit_outputs
 
     directory = out if out is not None else default_audit_dir(data)
-    _note_if_greedy_samples_repeat(n, temperature)
+    _note_if_greedy_samples_repeat(n, temperature, top_k)
     try:  # the options, named as the user typed them (not as the functions that read them)
         parse_band(band)
     except ValueError as error:
