@@ -206,6 +206,14 @@ def test_pass_at_k_curve_on_hand_example():
         assert curve[k] == pytest.approx(want, abs=1e-15), k
 
 
+def test_pass_at_k_curve_refuses_ks_that_are_not_a_sequence():
+    """A string would be read character by character (the ks 1 and 2 for "12"), a bare number not at all."""
+    for ks in ("12", b"12", 2):
+        with pytest.raises(ValueError, match="ks must be a sequence of whole numbers"):
+            pass_at_k_curve([1, 2], 4, ks)
+    assert pass_at_k_curve([1, 2], 4, np.array([2])) == pass_at_k_curve([1, 2], 4, (2,))
+
+
 def test_pass_at_k_curve_keeps_the_order_the_ks_are_given_in():
     counts = HAND.sum(axis=1)
     curve = pass_at_k_curve(counts, 4, [4, 1, 2])

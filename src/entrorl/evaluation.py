@@ -201,6 +201,8 @@ def avg_at_k(correct: Any, *, threshold: float = DEFAULT_THRESHOLD) -> float:
 
 
 def _check_ks(ks: Iterable[Any], n: int) -> list[int]:
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):  # "12" would be read as the ks 1 and 2
+        raise ValueError(f"ks must be a sequence of whole numbers such as (1, 4), got {ks!r}")
     out: list[int] = []
     for k in ks:
         if isinstance(k, (bool, np.bool_)) or not float(k).is_integer():
