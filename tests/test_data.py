@@ -364,7 +364,7 @@ def test_missing_and_empty_answers_are_told_apart(tmp_path):
     """A row without the answer column says 'missing'; a null answer says 'empty'."""
     p = tmp_path / "ans.jsonl"
     write_lines(p, ['{"prompt": "a", "answer": "1"}', '{"prompt": "b"}'])
-    with pytest.raises(DataError, match=r"ans\.jsonl:2: answer column 'answer' is missing;"):
+    with pytest.raises(DataError, match=r"ans\.jsonl:2: answer column 'answer' is missing \(fields: 'prompt'\);"):
         load_prompts(p)
     write_lines(p, ['{"prompt": "a", "answer": null}'])
     with pytest.raises(DataError, match=r"ans\.jsonl:1: answer column 'answer' is empty;"):
@@ -1534,7 +1534,7 @@ def test_a_column_named_with_other_spaces_or_case_is_pointed_out(tmp_path):
     with pytest.raises(DataError, match=r"missing prompt column 'prompt' \(fields: 'Prompt ', 'answer'\), and 'Prompt ' differs"):
         load_prompts(cased)
     write_lines(cased, ['{"prompt": "1+1=", "ANSWER": "2"}'])
-    with pytest.raises(DataError, match=r"answer column 'answer' is missing, and 'ANSWER' differs from it only in spaces or case;"):
+    with pytest.raises(DataError, match=r"answer column 'answer' is missing \(fields: 'prompt', 'ANSWER'\), and 'ANSWER' differs from it only in spaces or case;"):
         load_prompts(cased)
     unrelated = tmp_path / "unrelated.csv"
     unrelated.write_text("prompt,solution\n1+1=,2\n", encoding="utf-8")

@@ -339,7 +339,8 @@ def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) 
 
     answer = _answer_value(row.get(cols.answer), cols.answer, fail)
     if answer is None and cols.require_answer:
-        state = f"missing{_near_miss(cols.answer, list(row.keys()))}" if cols.answer not in row else "empty"
+        state = (f"missing (fields: {_fmt_cols(row.keys())}){_near_miss(cols.answer, list(row.keys()))}"
+                 if cols.answer not in row else "empty")
         raise fail(
             f"answer column {cols.answer!r} is {state}; expected a reference answer (a string or a number) "
             "— name the column with answer_column (data.answer_column, --answer-column), or allow rows without "
