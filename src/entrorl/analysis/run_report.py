@@ -192,8 +192,9 @@ class _RunReport:
             section.say("No training step has been logged yet (`metrics.jsonl` holds none): the sections drawn from the "
                         "training steps are empty until the run has trained.")
         table = Table(["quantity", "value"])
+        planned_key = "max_steps" if run.from_trainer_state else "optim.steps"
         rows = [("method", text(run.method or "n/a")), ("read from", text(run.source)), ("steps logged", num(a.n_steps)),
-                (f"steps planned ({'max_steps' if run.from_trainer_state else 'optim.steps'})", num(planned) if planned is not None else missing()),
+                (f"steps planned ({planned_key})", num(planned) if planned is not None else missing()),
                 ("entropy start (nats)", num(a.entropy_start)), ("entropy end (nats)", num(a.entropy_end)),
                 ("entropy end/start", num(a.entropy_ratio)), ("reward", text(run.reward_key)),
                 ("reward start", num(a.reward_start)), ("reward end", num(a.reward_end)),

@@ -183,11 +183,12 @@ def group_answers(
     group that matches the reference, however it is spelled: the reward is the judge of agreement with
     the reference. So does an incorrect answer that is the ``reference`` itself (the same
     :func:`canonical_answer`, or ``equivalent`` to it): a reward stricter than its answer extraction (on
-    the format around the answer) rejects it, and that is no sign of a wrong reference. Incorrect answers are grouped first by :func:`canonical_answer`; then each such group,
-    largest first, joins the first earlier group for which ``equivalent(earlier, later)`` holds on their
-    most frequent spellings (without ``equivalent`` only the canonical keys group answers; an
-    equivalence that raises counts as "not equivalent"). Cost: at most ``d * (d - 1) / 2`` calls for
-    ``d`` distinct canonical wrong answers.
+    the format around the answer) rejects it, and that is no sign of a wrong reference. Incorrect answers
+    are grouped first by :func:`canonical_answer`; then each such group, largest first, joins the first
+    earlier group for which ``equivalent(earlier, later)`` holds on their most frequent spellings (without
+    ``equivalent`` only the canonical keys group answers; an equivalence that raises counts as "not
+    equivalent"). Cost: at most ``d * (d - 1) / 2`` calls for ``d`` distinct canonical wrong answers, and
+    one per distinct spelling to compare it with the ``reference``.
     """
     if len(answers) != len(correct):
         raise ValueError(

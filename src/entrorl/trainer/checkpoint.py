@@ -379,8 +379,9 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
     if base is None and not (recorded and isinstance(recorded, str)):
         raise ValueError(f"{adapters} holds LoRA adapters that do not record their base model: give its directory with --base")
     if base is not None and not Path(base).is_dir():
+        record = f" (they record {recorded})" if recorded and isinstance(recorded, str) else ""
         raise FileNotFoundError(f"--base {base} is not a directory: give the directory of the base model the LoRA "
-                                f"adapters in {adapters} were trained on" + (f" (they record {recorded})" if recorded and isinstance(recorded, str) else ""))
+                                f"adapters in {adapters} were trained on{record}")
     base = Path(base if base is not None else recorded)
     if not base.is_dir():
         raise FileNotFoundError(f"{adapters} holds LoRA adapters of the base model {base}, which is not a directory here: "
