@@ -402,3 +402,26 @@ def test_whole_float_and_numpy_settings_are_accepted_by_the_forecast():
     reward = 1.0 - 0.3 * np.exp(h)
     assert (forecast_entropy_law(h, reward, fit_fraction=np.float32(0.5), min_points=3.0).n_fit
             == forecast_entropy_law(h, reward, fit_fraction=0.5, min_points=np.int64(3)).n_fit == 5)
+
+
+def test_a_forecast_with_nothing_held_out_warns_of_nothing():
+    """Fitted on every point there is no later point: the RMSE is nan by definition, not the mean of an empty array
+    (which numpy warns about)."""
+    import warnings
+
+    h, r = synthetic_run(20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fc = forecast_entropy_law(h, r, fit_fraction=1.0)
+    assert math.isnan(fc.rmse) and fc.n_fit == 20
+
+
+def test_the_forecast_ceiling_is_b_minus_a_whatever_the_sign_of_a():
+    """The predicted ceiling is the fit's ``b - a`` also where the premise fails (a < 0): then b - a lies below b."""
+    h = np.linspace(1.0, 0.2, 12)
+    reward = 0.3 * np.exp(h) - 0.2  # reward falls as entropy falls: a = -0.3, b = -0.2
+    fc = forecast_entropy_law(h, reward, fit_fraction=0.5)
+    assert fc.fit.a == pytest.approx(-0.3, rel=1e-9) and not fc.fit.ceiling_applies
+    assert fc.predicted_ceiling == fc.fit.ceiling == fc.fit.b - fc.fit.a
+    assert fc.predicted_ceiling == pytest.approx(0.1, rel=1e-9)
+    assert fc.to_dict()["predicted_ceiling"] == pytest.approx(0.1, rel=1e-9)

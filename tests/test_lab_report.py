@@ -1290,3 +1290,36 @@ def test_the_collapse_and_kept_verdicts_agree_with_the_numbers_as_shown(tmp_path
     assert "0.5, against the base model's on the same held-out prompts, 1 (ratio 0.5): it holds" in said
     assert headline["kept_methods"] == ["nsr"]
     assert "(1.25 × 0.4 = 0.5). 1 of 1 method kept entropy: nsr (ratio 0.5" in said
+
+
+def test_an_agreement_cell_says_step_for_one_step_and_steps_for_more():
+    from entrorl.analysis.document import agreement_cell
+
+    assert agreement_cell(1.0, 1).text == "1 of 1 step" and agreement_cell(1.0, 1).value == 1.0
+    assert agreement_cell(0.5, 2).text == "0.5 of 2 steps"
+    assert agreement_cell(math.nan, 0).text == "n/a" and agreement_cell(math.nan, 0).value is None
+
+
+def test_more_than_10_colours_take_the_strong_shades_first_then_their_light_pairs():
+    import matplotlib
+
+    from entrorl.analysis.document import colours
+
+    names = [f"m{i}" for i in range(12)]
+    got = colours(names)
+    tab10, tab20 = matplotlib.colormaps["tab10"], matplotlib.colormaps["tab20"]
+    assert [got[name] for name in names[:10]] == [tab20(2 * i) for i in range(10)] == [tab10(i) for i in range(10)]
+    assert (got["m10"], got["m11"]) == (tab20(1), tab20(3))
+    assert colours(names[:3]) == {name: tab10(i) for i, name in enumerate(names[:3])}
+
+
+def test_a_table_s_json_keeps_every_row_as_text_and_as_value():
+    from entrorl.analysis.document import Table, num, text
+
+    table = Table(["i", "share"], title="t")
+    for i in range(60):
+        table.add([text(str(i)), num(i / 60)])
+    data = table.to_json()
+    assert data["title"] == "t" and data["columns"] == ["i", "share"]
+    assert len(data["rows"]) == len(data["values"]) == 60
+    assert data["rows"][59] == {"i": "59", "share": "0.983"} and data["values"][59] == {"i": "59", "share": 59 / 60}

@@ -13,7 +13,7 @@ import pytest
 from entrorl.analysis.law import forecast_entropy_law
 from entrorl.analysis.run import (LAW_COLUMNS, MetricRecords, analyse_records, beyond_an_accuracy, chance_sign_agreement,
                                   edge_means, edge_phrase, fit_ceiling_shown, intervention_keys, last_steps_phrase,
-                                  law_cells, pearson, ratio, read_json, read_metrics_records)
+                                  law_cells, law_of, pearson, ratio, read_json, read_metrics_records)
 from entrorl.analysis.run_report import RECURRING_FORKS_SHOWN, write_run_report
 
 
@@ -790,3 +790,150 @@ def test_a_laboratory_method_folder_s_final_evaluation_is_its_evaluation_after_t
     run = write_run(tmp_path / "foreign", law_records(12))
     (run / "final_eval.json").write_text(json.dumps({"avg_at_n": 0.375}))
     assert write_run_report(run, figures=False)["evaluations"]["values"] == []
+
+
+def test_a_ratio_to_a_negative_or_zero_start_is_undefined():
+    """end/start is a share of the start only for a positive start: a negative or zero one gives nan, not a negative
+    share that would read as a collapse."""
+    assert math.isnan(ratio(0.3, -0.6)) and math.isnan(ratio(0.3, 0.0)) and math.isnan(ratio(math.nan, 1.0))
+    assert ratio(0.3, 0.6) == 0.5
+
+
+def test_a_correlation_with_a_constant_series_is_nan_without_a_warning():
+    import warnings
+
+    x = np.array([1.0, 2.0, 4.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(pearson(x, np.full(3, 2.0))) and math.isnan(pearson(np.full(3, 2.0), x))
+
+
+def test_the_first_training_step_of_records_that_start_with_a_step_0_evaluation_is_step_1():
+    """analyse_records on records holding the step-0 evaluation: the covariance's "first" value and the first step are
+    those of step 1, not of the step-0 record."""
+    records = [{"step": 0, "eval/avg_at_n": 0.25, "cov/top_0.02pct_ratio": 7.0}]
+    records += [{"step": i + 1, "entropy/mean": 1.0 - 0.1 * i, "cov/top_0.02pct_ratio": 900.0 + i} for i in range(3)]
+    analysis = analyse_records(_Records(records), 0.15)
+    assert analysis.first_step == 1.0 and analysis.first_step_label == "step 1"
+    assert analysis.cov["0.02"]["first"] == 900.0
+    assert analysis.cov["0.02"]["mean"] == pytest.approx((7.0 + 900.0 + 901.0 + 902.0) / 4)
+
+
+def test_a_reward_that_never_changed_is_noted_as_a_failed_premise():
+    """A constant reward is fitted with a = 0: the law's premise a > 0 fails, and the note says so."""
+    records = [{"step": i + 1, "entropy/mean": h, "reward/accuracy": 0.5} for i, h in enumerate([0.9, 0.6, 0.3])]
+    law = analyse_records(_Records(records), 0.15).law
+    assert law["fit"]["a"] == 0.0 and law["forecast"]["fit"]["a"] == 0.0
+    note = law_cells(law)[-1].text
+    assert "a ≤ 0: reward did not rise as entropy fell" in note
+    assert "forecast a ≤ 0 on the first 3 steps: no forecast ceiling" in note
+
+
+def test_a_forecast_on_a_flat_start_has_no_ceiling_and_says_why():
+    """The reward is flat over the 3 fitted steps and rises afterwards: the forecast's a is 0, so it gives no ceiling,
+    and the note says the premise failed, not that the ceiling rests on too few steps."""
+    records = law_records(20)
+    for record in records[:3]:
+        record["reward/accuracy"] = 0.1
+    law = analyse_records(_Records(records), 0.15).law
+    assert law["forecast"]["n_fit"] == 3 and law["forecast"]["fit"]["a"] == 0.0 and law["fit"]["a"] > 0
+    note = law_cells(law)[-1].text
+    assert "forecast a ≤ 0 on the first 3 steps: no forecast ceiling" in note
+    assert "forecast fitted on 3 steps only" not in note
+
+
+def test_a_ceiling_above_1_that_is_not_shown_is_not_flagged():
+    """On 8 steps neither ceiling is shown (fewer than 10), so none is said to be above 1, although both are (1.3)."""
+    law = analyse_records(_Records(law_records(8, a=0.2, b=1.5)), 0.15).law
+    assert law["fit"]["ceiling"] == pytest.approx(1.3) and law["forecast"]["predicted_ceiling"] == pytest.approx(1.3)
+    cells = dict(zip(LAW_COLUMNS, law_cells(law)))
+    assert "above 1" not in cells["note"].text and "fitted on 8 steps only" in cells["note"].text
+    assert cells["ceiling"].text == cells["forecast ceiling"].text == "—"
+    shown = analyse_records(_Records(law_records(20, a=0.2, b=1.5)), 0.5).law
+    assert "ceiling and forecast ceiling above 1" in law_cells(shown)[-1].text
+
+
+def test_the_law_of_evaluations_names_its_points_evaluations():
+    entropy = np.linspace(0.9, 0.3, 5)
+    law = law_of(entropy, 1.2 - 0.4 * np.exp(entropy), reward_key="eval/avg_at_n", reached=0.7, fit_fraction=0.15,
+                 unit="evaluations")
+    assert law["unit"] == "evaluations" and law["n_points"] == 5 and law["forecast"]["n_fit"] == 3
+    note = law_cells(law)[-1].text
+    assert "fitted on 5 evaluations only (fewer than 10)" in note
+    assert "forecast fitted on 3 evaluations only (fewer than 10)" in note
+    assert " steps" not in note
+
+
+def test_a_finished_run_that_logged_every_other_step_is_not_said_to_be_in_progress(tmp_path):
+    sparse = [{**record, "step": 2 * record["step"]} for record in law_records(4)]  # steps 2, 4, 6, 8 of 8
+    run = write_run(tmp_path / "run", sparse, config={"method": "grpo", "optim": {"steps": 8}})
+    write_run_report(run, figures=False)
+    assert "logged up to step" not in (run / "report" / "report.md").read_text()
+
+
+def test_planned_steps_given_as_a_flag_are_not_a_number(tmp_path):
+    run = write_run(tmp_path / "run", law_records(4), config={"method": "grpo", "optim": {"steps": True}})
+    summary = {r["quantity"]: r["value"] for r in write_run_report(run, figures=False)["summary"]["values"]}
+    assert summary["steps planned (optim.steps)"] is None
+
+
+def test_a_one_step_run_gives_no_start_to_end_sentence(tmp_path):
+    run = write_run(tmp_path / "run", [{"step": 1, "entropy/mean": 1.0, "reward/accuracy": 0.2}])
+    report = write_run_report(run, figures=False)
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
+    assert summary["entropy start (nats)"] == summary["entropy end (nats)"] == 1.0
+    markdown = (run / "report" / "report.md").read_text()
+    assert "went from" not in markdown and "Start and end are the means" not in markdown
+
+
+def test_a_laboratory_final_evaluation_of_a_sparse_run_is_at_its_last_logged_step(tmp_path):
+    """Steps 2, 4, ..., 24: the final evaluation stands after step 24, not after the 12th record."""
+    final = {"summary": {"n_problems": 2, "n_samples": 1, "avg_at_n": 0.5, "pass_at_k": {"1": 0.5}},
+             "forks": [{"token": "7", "entropy": 1.25, "before": "", "after": ""}]}
+    sparse = [{**record, "step": 2 * record["step"]} for record in law_records(12)]
+    run = write_run(tmp_path / "run", sparse)
+    (run / "final_eval.json").write_text(json.dumps(final))
+    report = write_run_report(run, figures=False)
+    assert [r["step"] for r in report["evaluations"]["values"]] == [24]
+    assert report["forks"]["latest"]["title"] == "Step 24"
+
+
+def test_the_fork_tokens_of_forks_are_kept_over_those_of_a_laboratory_final_evaluation(tmp_path):
+    final = {"summary": {"n_problems": 2, "n_samples": 1, "avg_at_n": 0.5, "pass_at_k": {"1": 0.5}},
+             "forks": [{"token": "7", "entropy": 1.25, "before": "", "after": ""}]}
+    forks = {5: [{"token": "x", "entropy": 2.0, "before": "", "after": ""}]}
+    run = write_run(tmp_path / "run", law_records(12), forks=forks)
+    (run / "final_eval.json").write_text(json.dumps(final))
+    report = write_run_report(run, figures=False)
+    assert [r["step"] for r in report["evaluations"]["values"]] == [12]  # the evaluation is still the laboratory's
+    assert report["forks"]["latest"]["title"] == "Step 5"
+    assert [r["token"] for r in report["forks"]["latest"]["values"]] == ["'x'"]
+
+
+def test_a_checkpoint_without_a_trainer_state_is_passed_over(tmp_path):
+    """checkpoint-3 holds no trainer_state.json (a save cut short): the newest checkpoint that has one is read."""
+    (tmp_path / "checkpoint-2").mkdir()
+    history = [{"step": s, "reward": 0.1 * s, "entropy": 1.0 - 0.1 * s} for s in (1, 2)]
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (tmp_path / "checkpoint-3").mkdir()
+    report = write_run_report(tmp_path, figures=False)
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
+    assert summary["read from"] == "checkpoint-2/trainer_state.json" and report["steps"] == 2
+
+
+def test_recurring_fork_tokens_are_listed_most_frequent_first(tmp_path):
+    def fork(token):
+        return {"token": token, "entropy": 1.0, "before": "", "after": ""}
+
+    forks = {5: [fork("a"), fork("b")], 10: [fork("b"), fork("c")], 15: [fork("c"), fork("b")]}
+    report = write_run_report(write_run(tmp_path / "run", law_records(15), forks=forks), figures=False)
+    recurring = [(r["token"], r["times among the top positions"]) for r in report["forks"]["recurring"]["values"]]
+    assert recurring == [("'b'", 3), ("'c'", 2), ("'a'", 1)]
+
+
+def test_the_laboratory_command_gives_the_rl_seed_only_where_it_is_not_the_preset_s_seed(tmp_path):
+    (tmp_path / "lab.json").write_text(json.dumps({"preset": {"name": "quick", "seed": 3, "rl_seed": 3},
+                                                   "methods": ["grpo"]}))
+    with pytest.raises(FileNotFoundError) as refused:
+        write_run_report(tmp_path)
+    assert f"(`entrorl lab --preset quick --methods grpo --out {tmp_path}` writes it again)" in str(refused.value)
