@@ -425,3 +425,24 @@ def test_the_forecast_ceiling_is_b_minus_a_whatever_the_sign_of_a():
     assert fc.predicted_ceiling == fc.fit.ceiling == fc.fit.b - fc.fit.a
     assert fc.predicted_ceiling == pytest.approx(0.1, rel=1e-9)
     assert fc.to_dict()["predicted_ceiling"] == pytest.approx(0.1, rel=1e-9)
+
+
+def test_entropies_whose_squared_exponential_overflows_are_still_fitted_by_least_squares():
+    """exp(H) is finite up to H ~ 709, but the squares of its deviations overflow from H ~ 355: the fit is computed on
+    exp(H - max H) and scaled back, so it is the least-squares line (as polyfit on the scaled regressor gives), with
+    no warning."""
+    import warnings
+
+    h, r = np.array([400.0, 399.0, 398.0]), np.array([0.1, 0.2, 0.3])
+    x = np.exp(h - h.max())
+    slope, intercept = np.polyfit(x, r, 1)
+    resid = r - (slope * x + intercept)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = fit_entropy_law(h, r)
+    assert fit.a == pytest.approx(-slope * math.exp(-400.0), rel=1e-9) and fit.a > 0
+    assert fit.b == pytest.approx(intercept, rel=1e-9)
+    assert fit.r2 == pytest.approx(1 - resid @ resid / np.sum((r - r.mean()) ** 2), rel=1e-9)
+    # the same entropies 400 nats lower give the same line in exp(H) units
+    low = fit_entropy_law(h - 400.0, r)
+    assert low.a * math.exp(-400.0) == pytest.approx(fit.a, rel=1e-9) and low.b == pytest.approx(fit.b, rel=1e-9)

@@ -288,8 +288,9 @@ def test_what_is_not_a_run_directory_is_said(tmp_path):
         write_run_report(tmp_path)
     assert f"(`entrorl lab --preset quick --methods grpo,dapo+clip_b --out {tmp_path} --rl-seed 2` writes it again)" \
         in str(refused.value)
-    with pytest.raises(ValueError, match="fit_fraction"):
-        write_run_report(write_run(tmp_path / "run", law_records(3)), fit_fraction=0.0)
+    for flag_or_text in (0.0, True, np.bool_(True), "0.5"):  # a flag is not the fraction 1, nor a string a number
+        with pytest.raises(ValueError, match=r"fit_fraction must be a number in \(0, 1\]"):
+            write_run_report(write_run(tmp_path / "run", law_records(3)), fit_fraction=flag_or_text)
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000003" / "model"
     checkpoint.mkdir(parents=True)
     (checkpoint / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
@@ -937,3 +938,17 @@ def test_the_laboratory_command_gives_the_rl_seed_only_where_it_is_not_the_prese
     with pytest.raises(FileNotFoundError) as refused:
         write_run_report(tmp_path)
     assert f"(`entrorl lab --preset quick --methods grpo --out {tmp_path}` writes it again)" in str(refused.value)
+
+
+def test_numpy_flags_are_flags_not_numbers_in_the_report():
+    from entrorl.analysis.document import finite, fmt
+
+    assert finite(np.bool_(True)) is None and finite(True) is None and finite(np.float32(0.5)) == 0.5
+    assert fmt(np.bool_(True)) == "yes" and fmt(np.bool_(False)) == "no"
+
+
+def test_metric_lines_without_a_step_number_are_training_steps_numbered_from_1(tmp_path):
+    """A hand-written log without step numbers: each line is a training step, as MetricRecords numbers them."""
+    records = [{key: value for key, value in record.items() if key != "step"} for record in law_records(10)]
+    report = write_run_report(write_run(tmp_path / "run", records), figures=False)
+    assert report["steps"] == 10 and report["law"]["fit"]["n_points"] == 10

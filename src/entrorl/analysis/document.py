@@ -22,7 +22,7 @@ NOT_APPLICABLE = "—"  # does not apply (e.g. a training statistic of the base 
 
 def finite(value: Any) -> float | None:
     """A finite float, or None (for None, nan, inf and anything not numeric)."""
-    if value is None or isinstance(value, bool):
+    if value is None or isinstance(value, (bool, np.bool_)):
         return None
     try:
         number = float(value)
@@ -34,7 +34,7 @@ def finite(value: Any) -> float | None:
 def fmt(value: Any, *, signed: bool = False) -> str:
     """The one number format of the report: 3 significant figures, whole numbers from 100 up, ``n/a`` for
     missing or non-finite values; ``signed`` puts a ``+`` in front of positive values (for differences)."""
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     if isinstance(value, (int, np.integer)):
         text = str(int(value))

@@ -182,15 +182,18 @@ def fit_entropy_law(entropy: Any, reward: Any) -> EntropyLawFit:
         # constant reward: the flat line b = R fits exactly, and r2 is undefined (SS_tot = 0)
         b = float(r[0])
         return EntropyLawFit(a=0.0, b=b, r2=float("nan"), ceiling=b, n_points=n)
-    x_mean, r_mean = float(x.mean()), float(r.mean())
-    xc, rc = x - x_mean, r - r_mean
-    slope = float(np.dot(xc, rc)) / float(np.dot(xc, xc))
-    b = r_mean - slope * x_mean
-    a = -slope
+    # least squares on exp(H - max H), in (0, 1]: the same line, whose sums of squares cannot overflow however large
+    # exp(H) is (squares of exp(H) overflow above H ~ 355); the slope is scaled back by exp(-max H)
+    scaled = np.exp(h - h.max())
+    s_mean, r_mean = float(scaled.mean()), float(r.mean())
+    sc, rc = scaled - s_mean, r - r_mean
+    scaled_slope = float(np.dot(sc, rc)) / float(np.dot(sc, sc))
+    b = r_mean - scaled_slope * s_mean
+    a = -scaled_slope * math.exp(-float(h.max()))
     if n < MIN_POINTS_FOR_R2:
         r2 = float("nan")
     else:
-        resid = rc - slope * xc
+        resid = rc - scaled_slope * sc
         r2 = min(1.0, max(0.0, 1.0 - float(np.dot(resid, resid)) / float(np.dot(rc, rc))))
     return EntropyLawFit(a=a, b=b, r2=r2, ceiling=b - a, n_points=n)
 

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from entrorl._checks import is_real_number
 from entrorl.analysis.document import (Cell, Figures, Section, Table, agreement_cell, build_section, dash, finite, fmt,
                                        fork_context, json_value, missing, num, power_of_ten, render_html, render_markdown,
                                        text)
@@ -90,7 +91,8 @@ class _TrainingRun(MetricRecords):
             records, self.unreadable_lines = read_metrics_records(metrics)
             self.source = metrics.name
         # training steps count from 1; a step-0 record holds only the evaluation before training (eval.at_start)
-        self.records = [record for record in records if (finite(record.get("step")) or 0.0) >= 1]
+        self.records = [record for record in records  # a record without a step number is counted as a step
+                        if record.get("step") is None or (finite(record.get("step")) or 0.0) >= 1]
         self.config = config if isinstance(config, dict) else {}
         self.evaluations = _step_files(run_dir / "eval", dict)
         self.forks = _step_files(run_dir / "forks", list)
@@ -613,8 +615,8 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
         ValueError: ``fit_fraction`` outside (0, 1].
     """
     run_dir = Path(run_dir)
-    if not (0.0 < fit_fraction <= 1.0):
-        raise ValueError(f"fit_fraction must lie in (0, 1]; got {fit_fraction!r}")
+    if not is_real_number(fit_fraction) or not (0.0 < fit_fraction <= 1.0):
+        raise ValueError(f"fit_fraction must be a number in (0, 1]; got {fit_fraction!r}")
     if not run_dir.is_dir():
         raise NotARunDirectory(f"no run directory at {run_dir}")
     for parent in (run_dir, *run_dir.parents):
