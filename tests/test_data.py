@@ -1052,6 +1052,12 @@ def test_rewards_and_group_ids_given_as_lists_keep_float64_and_an_empty_batch_is
     assert group_pass_rates([True, False, True], [7, 7, 3]) == {3: 1.0, 7: 0.5}
 
 
+
+def test_an_empty_batch_is_answered_on_the_device_of_the_rewards():
+    """Even with nothing to keep, the mask is a bool tensor on the rewards' device (meta stands in for an accelerator)."""
+    got = informative_groups(torch.zeros(0, dtype=torch.long, device="meta"), torch.zeros(0, dtype=torch.long, device="meta"))
+    assert (got.device.type, got.dtype, tuple(got.shape)) == ("meta", torch.bool, (0,))
+
 def test_group_ids_far_apart_need_no_table_spanning_them():
     """Group ids are arbitrary integers: ids 2**62 apart (hashes of the prompts, say) work like 0 and 1."""
     groups = torch.tensor([-(2**62), 2**62, -(2**62), 2**62])

@@ -93,6 +93,16 @@ def test_an_answer_that_is_the_reference_joins_the_reference_group_even_when_the
     assert [call for call in calls if call[0] == "5"] == [("5", "3"), ("5", "4")]  # once per canonical spelling
 
 
+
+def test_a_rejected_answer_is_the_reference_by_canonical_spelling_whichever_spelling_comes_first():
+    """'Paris ' and 'PARIS' are the reference 'Paris' up to whitespace and case, without any equivalence: rejected by
+    the reward, they still join the reference group, also when a spelling other than the reference's comes first."""
+    groups = group_answers(["Paris ", "PARIS", "Rome", "Paris"], [False] * 4, reference="Paris")
+    assert [(g.answer, g.count, g.matches_reference, g.spellings) for g in groups] == [
+        ("Paris ", 3, True, ("Paris ", "PARIS", "Paris")), ("Rome", 1, False, ("Rome",))]
+    audit = audit_prompt(["  paris", "Rome", "paris  "], [False] * 3, reference="Paris", thresholds=THRESHOLDS)
+    assert (audit.majority_matches_reference, audit.majority_share, audit.verdict) == (True, 2 / 3, "hard")
+
 def test_wrong_answers_group_by_canonical_spelling_then_by_equivalence():
     answers = ["X = 2", "x  =  2", "0.5", "1/2", ".5", "9", "oops"]
     correct = [False] * 7
@@ -365,6 +375,20 @@ def test_a_tie_is_decided_by_a_groups_earliest_sample_even_in_a_rarer_spelling()
     assert [(g.answer, g.count, g.spellings) for g in groups] == [("b", 3, ("b", "B")), ("a", 3, ("a",))]
 
 
+
+def test_a_merged_group_is_named_and_compared_by_its_first_seen_spelling_on_ties():
+    """'a'/'A' (samples 1, 2) is the largest wrong group and takes in 'b' (sample 0): three spellings once each, so the
+    merged group is named by the one seen first, 'b', and is 'b' when later compared with 'c'."""
+    calls = []
+
+    def letters_ab(x: str, y: str) -> bool:
+        calls.append((x, y))
+        return {x.lower(), y.lower()} <= {"a", "b"}
+
+    groups = group_answers(["b", "a", "A", "c"], [False] * 4, equivalent=letters_ab)
+    assert calls == [("a", "b"), ("b", "c")]
+    assert [(g.answer, g.count, g.spellings) for g in groups] == [("b", 3, ("b", "a", "A")), ("c", 1, ("c",))]
+
 def test_a_tie_between_the_reference_and_a_wrong_answer_is_reported_as_tied():
     """majority_tied says another group is as large as the majority's, whether or not the majority is the reference."""
     judged = audit_prompt(["5", "9", "5", "9"], [True, False, True, False], thresholds=THRESHOLDS)
@@ -469,6 +493,21 @@ def test_jsonl_rows_are_copied_byte_for_byte_and_the_input_is_untouched(tmp_path
         write_selected_rows(data, records_of(1), [True], tmp_path / "x.jsonl")
 
 
+
+def test_the_input_is_never_written_over_when_its_path_is_spelled_another_way(tmp_path):
+    """The input is recognised as the file it is, not by the text of its path: through '..' or through a link."""
+    data = tmp_path / "set.jsonl"
+    data.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "2"}\n', encoding="utf-8")
+    before = digest(data)
+    records = load_prompts(data)
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(data)
+    for same_file in (tmp_path / "sub" / ".." / "set.jsonl", link):
+        with pytest.raises(ValueError, match="refusing to write over the input"):
+            write_selected_rows(data, records, [True, False], same_file)
+    assert digest(data) == before
+
 def test_a_failed_copy_leaves_neither_the_target_nor_a_temporary_file(tmp_path, monkeypatch):
     """The rows are written to a temporary file that replaces the target in one step: when that step fails, the
     folder holds what it held before."""
@@ -518,6 +557,15 @@ def test_csv_copy_keeps_line_breaks_inside_quoted_fields_byte_for_byte(tmp_path)
     out = write_selected_rows(data, records, [True, True, False], tmp_path / "kept.csv")
     assert [record.prompt for record in load_prompts(out)] == ["line one\r\nline two", "a\rb"]
 
+
+
+def test_csv_copy_ends_every_row_with_one_kind_of_line_break(tmp_path):
+    """Rows are ended by '\n' whether or not a field holds a carriage return (those rows are quoted in full); line
+    breaks inside quoted fields are kept as they are."""
+    data = tmp_path / "crlf.csv"
+    data.write_bytes(b'prompt,answer\r\n"line one\r\nline two",1\r\n"a\rb",2\r\nplain,3\r\n')
+    out = write_selected_rows(data, load_prompts(data), [True, True, True], tmp_path / "kept.csv")
+    assert out.read_bytes() == b'prompt,answer\n"line one\r\nline two","1"\n"a\rb","2"\nplain,3\n'
 
 def test_csv_copy_keeps_a_prompt_longer_than_the_csv_modules_default_field_limit(tmp_path):
     """A prompt of 200 000 characters (the csv module refuses fields over 131 072 by default) is copied whole."""

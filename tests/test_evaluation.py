@@ -198,6 +198,17 @@ def test_bfloat16_tensors_are_read_like_any_other_floats():
     np.testing.assert_array_equal(pol.histogram, [1, 2])
 
 
+
+def test_bfloat16_pass_rates_keep_values_below_the_half_precision_range():
+    """A bfloat16 rate of 1e-10 (bfloat16 reaches 1e-38, float16 only 6e-8) is a mixed problem, not a zero: bfloat16 is
+    widened to float32, which holds every bfloat16 value exactly."""
+    torch = pytest.importorskip("torch")
+    rates = torch.tensor([1e-10, 1.0], dtype=torch.bfloat16)
+    pol = polarisation(rates, bins=4)
+    assert (pol.frac_zero, pol.frac_one, pol.frac_mixed) == (0.0, 0.5, 0.5)
+    np.testing.assert_array_equal(pol.histogram, [1, 0, 0, 1])
+    assert avg_at_k(torch.tensor([1e-10, 1.0], dtype=torch.bfloat16), threshold=1e-12) == 1.0
+
 def test_pass_at_k_curve_on_hand_example():
     counts = HAND.sum(axis=1)
     curve = pass_at_k_curve(counts, 4, [1, 2, 3, 4, 2])
@@ -411,6 +422,14 @@ def test_pass_at_k_error_for_a_bad_k_names_the_array_index():
     with pytest.raises(ValueError, match=r"k=5, n=4 \(at index \(1,\)\)"):
         pass_at_k(4, 1, np.array([1, 5]))
 
+
+
+def test_pass_at_k_errors_for_one_problem_name_no_array_index():
+    """With scalar n, c and k there is no index to name: the message ends with the offending values."""
+    with pytest.raises(ValueError, match=r"got c=5, n=4$"):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError, match=r"got k=5, n=4\. Draw more samples"):
+        pass_at_k(4, 1, 5)
 
 def test_numeric_strings_and_complex_numbers_are_not_read_as_rewards():
     """Only booleans and real numbers are rewards: "0.7" (a CSV column read as text) or 0.7+0j is refused, not
