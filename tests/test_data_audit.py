@@ -1340,3 +1340,19 @@ def test_the_summary_gives_the_thresholds_the_verdicts_were_given_with(tmp_path)
     with pytest.raises(ValueError, match=r"the verdicts were given with .*low_pass_rate=0.3.*not .*low_pass_rate=0.1"):
         write_audit_outputs(result, data, tmp_path / "other", thresholds=AuditThresholds(low_pass_rate=0.1), plot=False)
     assert not (tmp_path / "other").exists()
+
+
+def test_the_majority_examples_are_the_majority_group_s_own_samples_also_when_the_reward_rejected_them(tmp_path):
+    """Three samples answered the reference '5' and a stricter reward scored them 0: the majority group is the
+    reference's, and audit.jsonl shows two of its completions (a hard prompt whose format a person must see)."""
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"prompt": "p", "answer": "5"}\n', encoding="utf-8")
+    answers, correct = ["9", "5", "5", "5"], [False] * 4
+    audit = audit_prompt(answers, correct, reference="5")
+    assert (audit.majority_answer, audit.majority_matches_reference, audit.groups[0].samples) == ("5", True, (1, 2, 3))
+    assert audit.groups[1].samples == (0,)
+    result = AuditResult(records=load_prompts(data), audits=[audit], completions=[["c0", "c1", "c2", "c3"]],
+                         answers=[answers], too_long=[], n=4, correct=[correct])
+    outputs = write_audit_outputs(result, data, tmp_path / "out", plot=False)
+    (row,) = [json.loads(line) for line in outputs.per_prompt.read_text().splitlines()]
+    assert row["majority_examples"] == ["c1", "c2"]

@@ -513,3 +513,17 @@ def test_default_ks_takes_a_numpy_integer_and_refuses_floats_and_flags():
     for bad in (8.0, True, "8"):
         with pytest.raises(ValueError, match="n must be"):
             default_ks(bad)
+
+
+@pytest.mark.parametrize("rates", [np.array(["0.5", "1"]), np.array([0.5 + 0.9j, 1.0])])
+def test_polarisation_refuses_text_and_complex_pass_rates(rates):
+    """As avg_at_k and summarize_samples do: text is not parsed, nor an imaginary part dropped."""
+    with pytest.raises(ValueError, match="pass rates must be real numbers"):
+        polarisation(rates)
+
+
+def test_ks_given_as_text_are_refused_not_parsed():
+    with pytest.raises(ValueError, match="ks must hold whole numbers"):
+        pass_at_k_curve([1, 2], 4, ["1", "2"])
+    with pytest.raises(ValueError, match="ks must hold whole numbers"):
+        summarize_samples(np.array([[True, False]]), ks=["2"])

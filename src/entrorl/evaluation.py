@@ -205,7 +205,7 @@ def _check_ks(ks: Iterable[Any], n: int) -> list[int]:
         raise ValueError(f"ks must be a sequence of whole numbers such as (1, 4), got {ks!r}")
     out: list[int] = []
     for k in ks:
-        if isinstance(k, (bool, np.bool_)) or not float(k).is_integer():
+        if isinstance(k, (bool, np.bool_, str, bytes)) or not float(k).is_integer():
             raise ValueError(f"ks must hold whole numbers; got k={k!r}")
         k = int(k)
         if k < 1:
@@ -313,6 +313,8 @@ def polarisation(pass_rates: Any, bins: int = 10) -> Polarisation:
             f"polarisation takes one pass rate per problem (a 1-D array), got {'booleans' if given.dtype == np.bool_ else 'an array'} "
             f"of shape {given.shape}; for a correctness matrix correct[P, n] pass its row means, correct.mean(axis=1)"
         )
+    if given.size and given.dtype.kind not in "iuf":  # text is not parsed, nor a complex part dropped
+        raise ValueError(f"polarisation: pass rates must be real numbers; got dtype {given.dtype}")
     rates = given.astype(np.float64).reshape(-1)
     if rates.size == 0:
         raise ValueError("polarisation: pass_rates is empty; pass one pass rate per problem")

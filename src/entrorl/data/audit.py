@@ -102,14 +102,15 @@ class AnswerGroup:
 
     ``answer`` is the group's most frequent spelling (the first seen on ties), ``count`` the number of
     samples, ``matches_reference`` whether the reward judged these samples correct (or their answer is the
-    reference, see :func:`group_answers`), and ``spellings``
-    every distinct spelling in the group, most frequent first.
+    reference, see :func:`group_answers`), ``spellings`` every distinct spelling in the group, most
+    frequent first, and ``samples`` the indices of its samples, in order.
     """
 
     answer: str
     count: int
     matches_reference: bool
     spellings: tuple[str, ...]
+    samples: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,8 @@ def group_answers(
     groups: list[tuple[int, AnswerGroup]] = []  # each with the index of its own first sample, for ties
     if right:
         spellings = _by_frequency([a for _, a in right])
-        groups.append((right[0][0], AnswerGroup(spellings[0], len(right), True, tuple(spellings))))
+        groups.append((right[0][0], AnswerGroup(spellings[0], len(right), True, tuple(spellings),
+                                                tuple(i for i, _ in right))))
 
     by_key: dict[str, list[tuple[int, str]]] = {}
     for index, answer in wrong:
@@ -227,7 +229,8 @@ def group_answers(
             merged.append(list(samples))
     for samples in merged:
         spellings = _by_frequency([a for _, a in sorted(samples)])
-        groups.append((min(i for i, _ in samples), AnswerGroup(spellings[0], len(samples), False, tuple(spellings))))
+        groups.append((min(i for i, _ in samples), AnswerGroup(spellings[0], len(samples), False, tuple(spellings),
+                                                              tuple(sorted(i for i, _ in samples)))))
 
     return [group for _, group in sorted(groups, key=lambda pair: (-pair[1].count, pair[0]))]
 

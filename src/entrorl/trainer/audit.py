@@ -279,12 +279,15 @@ def _check_out_dir(data: Path, out: Path) -> None:
 def _row(record: PromptRecord, audit: PromptAudit, completions: list[str], answers: list[str | None],
          reasons: list[str | None], correct: list[bool]) -> dict[str, Any]:
     """One line of ``audit.jsonl``: where the prompt is, the prompt and reference, the audit, up to two
-    completions that reached the majority answer (judged as that group was: one spelling can be right alone and
-    wrong in a sentence), and the reward's most common reasons for a 0."""
+    completions that reached the majority answer (the majority group's own samples: one spelling can be right alone
+    and wrong in a sentence), and the reward's most common reasons for a 0."""
     majority = audit.groups[0] if audit.groups else None
-    judged = correct or [None] * len(completions)  # a result built without the judgements: by spelling alone
-    examples = [c for c, a, ok in zip(completions, answers, judged) if majority is not None and a in majority.spellings
-                and (ok is None or ok == majority.matches_reference)][:2]
+    if majority is not None and majority.samples:
+        examples = [completions[i] for i in majority.samples[:2]]
+    else:  # groups built without their samples: by spelling, judged as the group was
+        judged = correct or [None] * len(completions)
+        examples = [c for c, a, ok in zip(completions, answers, judged) if majority is not None and a in majority.spellings
+                    and (ok is None or ok == majority.matches_reference)][:2]
     return {
         "source": record.source,
         "prompt": record.prompt,
