@@ -1662,6 +1662,17 @@ def test_a_later_method_with_the_surrogate_but_another_aggregation_is_refused():
         build_objective("grpo+dr_grpo")
 
 
+def test_a_method_parameter_beside_the_method_in_a_dict_config_is_pointed_to_params():
+    with pytest.raises(ValueError, match=r"mu: Extra inputs are not permitted.*A method's parameters go under 'params': "
+                                         r"\{'method': 'dapo\+clip_b', 'params': \{'mu': \.\.\.\}\}\.$"):
+        build_objective({"method": "dapo+clip_b", "mu": 1.0})
+    for config in ({"surrogate": {"name": "ppo_clip"}, "mu": 1.0}, {"method": "dapo", "name": "grpo"}):
+        with pytest.raises(ValueError) as refused:  # without a method, or a second name: no parameter to point to
+            build_objective(config)
+        assert "go under 'params'" not in str(refused.value)
+    assert build_objective({"method": "dapo+clip_b", "params": {"mu": 1.0}}).name == "dapo+clip_b"
+
+
 def test_a_dict_config_naming_its_method_twice_is_refused():
     with pytest.raises(ValueError, match="name: Extra inputs are not permitted"):
         build_objective({"method": "dapo", "name": "grpo"})

@@ -263,7 +263,12 @@ def _to_config(name_or_config: Any) -> ObjectiveConfig:
             return ObjectiveConfig(**data)
         except ValidationError as error:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-            raise ValueError(f"invalid objective config — {problems}. Valid keys: {list(ObjectiveConfig.model_fields)}") from None
+            extra = [str(e["loc"][0]) for e in error.errors()  # 'name' beside 'method' is a second name, not a parameter
+                     if e["type"] == "extra_forbidden" and len(e["loc"]) == 1 and e["loc"][0] != "name"]
+            hint = (f" A method's parameters go under 'params': {{'method': {data.get('method')!r}, 'params': "
+                    f"{{{', '.join(repr(key) + ': ...' for key in extra)}}}}}." if extra and "method" in data else "")
+            raise ValueError(f"invalid objective config — {problems}. Valid keys: {list(ObjectiveConfig.model_fields)}"
+                             f".{hint}") from None
     raise TypeError(f"build_objective takes a method name, a list of names, a dict or an ObjectiveConfig, got {type(name_or_config).__name__}")
 
 
