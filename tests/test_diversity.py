@@ -283,3 +283,13 @@ def test_a_group_size_below_one_is_refused_by_name():
     for group_size in (0, -2, True):
         with pytest.raises(ValueError, match="group_size must be a positive integer"):
             diversity_weights(["a", "b"], group_size=group_size, embedder=embed)
+
+
+def test_rewards_given_as_a_column_are_refused_not_broadcast_against_the_weights():
+    # [2, 1] rewards hold one value per completion but are not 1-d: broadcasting them against the [2] weights
+    # would return a [2, 2] matrix of mixed rewards instead of one adjusted reward per completion
+    embed = table_embedder({"a": [1.0, 0.0], "b": [0.0, 1.0]})
+    with pytest.raises(ValueError, match=r"rewards must be 1-d .* got shape \(2, 1\)"):
+        diversity_adjusted_rewards(torch.tensor([[1.0], [0.5]]), ["a", "b"], group_size=2, embedder=embed)
+    adjusted = diversity_adjusted_rewards(torch.tensor([1.0, 0.5]), ["a", "b"], group_size=2, embedder=embed)
+    assert adjusted.shape == (2,) and adjusted.tolist() == [1.0, 0.5]  # orthogonal: nothing shared, nothing lost

@@ -624,6 +624,15 @@ def test_a_sample_failing_in_the_main_and_an_extra_reward_is_one_failure_told_by
     assert both.first_error == main.first_error != extra.first_error
 
 
+
+def test_an_extra_reward_s_failure_is_the_first_error_when_the_main_reward_had_none():
+    main = RewardRunner(_fragile_reward)(["p"] * 2, ["a", "b"], ["a"] * 2, [{}] * 2)
+    extra = RewardRunner(_fragile_reward)(["p"] * 2, ["a", "boom"], ["a"] * 2, [{}] * 2)
+    assert main.first_error is None and extra.first_error is not None
+    both = main.with_extra("fragile", 1.0, extra)
+    assert both.errors == 1 and both.failed.tolist() == [False, True]
+    assert both.first_error == f"extra reward 'fragile': {extra.first_error}"
+
 def test_extra_rewards_add_their_weighted_scores_and_keep_each_name():
     main = RewardRunner(_fragile_reward)(["p"] * 2, ["a", "b"], ["a"] * 2, [{}] * 2)
     overlong = {"max_length": 10, "cache_length": 4}

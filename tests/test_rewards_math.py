@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import signal
+import sys
 import threading
 import time
 
@@ -551,6 +552,40 @@ def test_use_question_false_ignores_the_prompt():
     verdict = get_reward("math", use_question=False)(PERCENT_QUESTION, r"\boxed{96\%}", "96")
     assert verdict == 0.0 and "a percent sign means /100" in verdict.reason
 
+
+
+def test_a_math_verify_that_cannot_be_imported_raises_instead_of_scoring_zero(monkeypatch):
+    # installed when the reward was built, unimportable when it judges (a broken dependency): the ImportError
+    # surfaces, where any other failure would score 0 with a reason
+    reward = MathReward()
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    with pytest.raises(ImportError):
+        reward("", r"\boxed{x^2+2x}", "x(x+2)")
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("The answer is 42\nbecause 6 times 7 is 42", "42"),  # the phrase's answer ends with its line
+        ("The answer is 42. It took 3 steps", "42"),  # or with the sentence
+        ("Final answer: 3.5. Done", "3.5"),  # a decimal point is not a sentence end
+    ],
+)
+def test_the_answer_phrase_ends_at_the_end_of_its_line_or_sentence(completion, expected):
+    assert find_final_answer(completion) == ("answer_phrase", expected)
+
+
+@pytest.mark.parametrize("prediction", ["", "   ", "$ $", "."])
+def test_an_empty_prediction_is_no_final_answer_whatever_the_reference(prediction):
+    for reference in ("7", " "):
+        result = compare_answers(prediction, reference)
+        assert not result.equal and result.reason == "no final answer found"
+
+
+def test_math_equal_refuses_options_given_twice():
+    with pytest.raises(ValueError, match="either options or option keyword arguments"):
+        math_equal("0.5", "1/2", options=MathOptions(), tolerance=1e-3)
+    assert math_equal("0.5", "1/2", options=MathOptions()) and math_equal("0.5", "1/2", tolerance=1e-3)
 
 def _slow_checker(comparison) -> bool:
     time.sleep(3.0)
