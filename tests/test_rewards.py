@@ -210,6 +210,11 @@ def test_math_instruction_mentions_boxed():
         ("Straße", "STRASSE", 1.0),  # case-folded, not only lower-cased
         ("STRASSE", "Straße", 1.0),
         (None, "x", 0.0),
+        ("", "", 0.0),  # a blank reference is no reference: an empty answer must not earn the reward
+        ("   ", "", 0.0),
+        ("", " ", 0.0),
+        ("", [""], 0.0),
+        ("x", ["", "x"], 1.0),
     ],
 )
 def test_exact_match(completion, answer, expected):
@@ -416,6 +421,13 @@ def test_overlong_penalty_rejects_a_length_that_is_not_a_token_count(length):
     """A length is a whole number of tokens, >= 0 (as overlong_penalties refuses float and bool lengths)."""
     with pytest.raises(ValueError, match="length"):
         overlong_penalty(length, max_length=10, cache_length=2)
+
+
+def test_the_runner_refuses_a_fractional_length_instead_of_truncating_it():
+    runner = RewardRunner(lambda prompt, completion, answer, **meta: 1.0, overlong={"max_length": 10, "cache_length": 4})
+    with pytest.raises(ValueError, match="length"):
+        runner(["p"], ["c"], lengths=[8.9])  # not the penalty of 8 tokens
+    assert runner(["p"], ["c"], lengths=[9]).penalties.tolist() == [-0.75]  # (10 - 4 - 9) / 4
 
 
 @pytest.mark.parametrize("cache_length", [1, 3, 7])

@@ -617,7 +617,7 @@ class RewardRunner:
         score_t = torch.tensor(scores, dtype=torch.float32)
         if self.overlong is not None:
             assert lengths is not None
-            pen = [overlong_penalty(int(length), **self.overlong) for length in lengths]
+            pen = [overlong_penalty(length, **self.overlong) for length in lengths]  # a fractional length is refused
             pen_t = torch.tensor(pen, dtype=torch.float32)
         else:
             pen_t = torch.zeros(n, dtype=torch.float32)

@@ -179,11 +179,14 @@ class SentenceEmbedder:
         if not pooling:
             return "mean"
         config = json.loads((directory / pooling[0]["path"] / "config.json").read_text(encoding="utf-8"))
-        if config.get("pooling_mode_mean_tokens"):
+        modes = [key for key, on in config.items() if key.startswith("pooling_mode_") and on]
+        if modes == ["pooling_mode_mean_tokens"]:
             return "mean"
-        if config.get("pooling_mode_cls_token"):
+        if modes == ["pooling_mode_cls_token"]:
             return "cls"
-        raise ValueError(f"{directory}: only mean-token or CLS pooling is supported, the pooling config is {config}")
+        # sentence-transformers concatenates every mode that is on: one alone is what these embeddings can be
+        raise ValueError(f"{directory}: only mean-token or CLS pooling, alone, is supported; the pooling config turns on "
+                         f"{modes or 'no mode'}")
 
     def _max_length(self, directory: Path) -> int:
         sbert_config = directory / "sentence_bert_config.json"

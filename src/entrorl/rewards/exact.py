@@ -19,7 +19,8 @@ __all__ = ["exact_match"]
 def exact_match(prompt: str, completion: str, answer: Any, /, **meta: Any) -> float:
     """1.0 if the final answer of ``completion`` (see :func:`entrorl.rewards.math.extract_final_answer`;
     the whole completion when nothing is extracted) equals ``answer`` after ``strip()`` and
-    ``casefold()``, else 0.0. A list / tuple ``answer`` accepts any of its items; ``None`` scores 0.0."""
+    ``casefold()``, else 0.0. A list / tuple ``answer`` accepts any of its items; ``None`` or a blank reference
+    scores 0.0."""
     if answer is None or not isinstance(completion, str):
         return 0.0
     references = answer if isinstance(answer, (list, tuple)) else [answer]
@@ -27,4 +28,6 @@ def exact_match(prompt: str, completion: str, answer: Any, /, **meta: Any) -> fl
     if predicted is None:
         predicted = completion
     key = predicted.strip().casefold()
-    return 1.0 if any(ref is not None and str(ref).strip().casefold() == key for ref in references) else 0.0
+    # a blank reference is no reference (as for `math`): an empty completion must not match it
+    return 1.0 if any(ref is not None and str(ref).strip() and str(ref).strip().casefold() == key
+                      for ref in references) else 0.0
