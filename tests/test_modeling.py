@@ -4,6 +4,7 @@ statistics and gradients as one padded pass."""
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import shutil
 
@@ -1147,3 +1148,67 @@ def test_a_damaged_weight_file_is_named_even_when_the_load_failed_for_memory(tmp
         load_causal_lm(directory)
     with pytest.raises(MemoryError, match=r"out of memory while loading the model of .*the files are intact"):
         load_causal_lm(intact)
+
+
+def test_turning_off_dropout_twice_still_restores_the_original_rates_for_a_checkpoint():
+    """A second turn_off_dropout finds the config's rates already at 0: the rates the first call zeroed must still be
+    the ones config_rates_restored puts back (and takes away again after the block)."""
+    model = random_model(Qwen2Config(**{**COMMON, "attention_dropout": 0.25}))
+    modeling.turn_off_dropout(model)
+    modeling.turn_off_dropout(model)
+    assert model.config.attention_dropout == 0.0
+    with modeling.config_rates_restored(model):
+        assert model.config.attention_dropout == 0.25
+    assert model.config.attention_dropout == 0.0
+
+
+def test_an_error_raised_while_handling_out_of_memory_counts_only_when_asked_to_look_at_what_it_handled():
+    """An error raised inside ``except MemoryError`` (an implicit context, no ``from``) is out of memory by default,
+    and not with ``during=False``; an unrelated chain is not; a cycle of contexts ends the walk."""
+    try:
+        try:
+            raise MemoryError()
+        except MemoryError:
+            raise OSError(errno.EIO, "read failed")
+    except OSError as error:
+        handled = error
+    assert modeling.is_out_of_memory(handled)
+    assert not modeling.is_out_of_memory(handled, during=False)
+    assert modeling.is_out_of_memory(OSError(errno.ENOMEM, "mmap refused"), during=False)
+    first, second = RuntimeError("a"), RuntimeError("b")
+    first.__context__, second.__context__ = second, first
+    assert not modeling.is_out_of_memory(first)
+
+
+def test_a_model_that_reports_checkpointing_under_the_older_name_does_not_share_prompts():
+    """Before transformers 5.24 a model says is_gradient_checkpointing (no is_activation_checkpointing): its
+    checkpointed layers would drop the prompt cache, so it must not share prompts; without checkpointing it does."""
+    from types import SimpleNamespace
+
+    for checkpointing, shared in ((True, False), (False, True)):
+        older = SimpleNamespace(config=Qwen2Config(**COMMON), model=None, is_gradient_checkpointing=checkpointing)
+        assert shares_prompts(older) is shared
+
+
+def test_a_model_with_a_three_token_context_that_ignores_the_padding_mask_is_still_refused():
+    """Three positions are enough for the left-padding probe (one token beside three): a forward that sums over the
+    padding, as a recurrent state does, is refused even at that context."""
+    from types import SimpleNamespace
+
+    class Running(torch.nn.Module):
+        dtype = torch.float32
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(10, 4)
+            self.config = SimpleNamespace(max_position_embeddings=3, model_type="running")
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            return SimpleNamespace(logits=self.embed(input_ids).cumsum(1))
+
+    with pytest.raises(ValueError, match="does not handle left padding"):
+        modeling.check_left_padding(Running())

@@ -3600,3 +3600,93 @@ def test_resume_of_a_finished_run_names_its_step_and_optim_steps_and_reads_past_
     code, said = resume("--set", "seed=1")
     assert code == 2 and "error: --resume cannot change what the run was trained with: seed: 7 in the checkpoint, " \
         "1 now" in said and "nothing to do" not in said, said
+
+
+def test_software_changes_compare_only_the_versions_a_checkpoint_recorded():
+    """A checkpoint that recorded some of the versions is compared on those alone: a package it did not record is no
+    change, and one it recorded otherwise is listed as (package, saved, now)."""
+    from entrorl.trainer.checkpoint import software_changes, software_versions
+
+    now = software_versions()
+    assert software_changes({"torch": now["torch"]}) == []
+    assert software_changes({"torch": "0.0.1"}) == [("torch", "0.0.1", now["torch"])]
+    assert software_changes(None) == [] and software_changes({}) == []
+
+
+def test_the_full_disk_note_for_a_trained_half_precision_weight_counts_its_float32_master_copy(tmp_path, monkeypatch):
+    """A trained bfloat16 Linear(64, 64) writes (64 * 64 + 64) * 2 bytes of weights, and its optimizer state is
+    AdamW's two float32 moments and a float32 master copy, 12 bytes a weight: 4,160 * 14 = 58,240 bytes in all."""
+    import collections
+
+    from entrorl.trainer import checkpoint
+
+    class HalfModel(torch.nn.Linear):
+        def save_pretrained(self, directory):
+            raise RuntimeError("unexpected pos 100 vs 90")
+
+    model = HalfModel(64, 64).to(torch.bfloat16)
+    (tmp_path / "run").mkdir()
+    for free, noted in ((58_240, False), (58_239, True)):
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                            lambda path, free=free: collections.namedtuple("usage", "total used free")(10**9, 10**9 - free, free))
+        with pytest.raises(checkpoint.CheckpointWriteError) as failed:
+            checkpoint.save_checkpoint(tmp_path / "run", 1, model=model, tokenizer=None, trainer_state={}, keep=1)
+        assert ("probably a full disk" in str(failed.value)) is noted
+
+
+def test_a_damaged_checkpoint_names_as_the_one_before_it_only_a_checkpoint_whose_model_is_intact(tmp_path, tiny_model_dir):
+    """Refusing a checkpoint whose weights changed in place, the error points at the newest earlier checkpoint whose
+    model files still hold their bytes, passing over an earlier one damaged the same way."""
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+    from entrorl.trainer.checkpoint import resolve_model_directory, save_checkpoint
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"optim": {"steps": 3}}))
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    written = [save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, trainer_state={"step": step}, keep=3)
+               for step in (1, 2, 3)]
+
+    def damage(checkpoint):
+        weights = checkpoint / "model" / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-100] ^= 0xFF
+        weights.write_bytes(bytes(data))
+
+    damage(written[2])
+    with pytest.raises(ValueError, match=r"step_000003 is damaged: .*the newest intact one before it is .*step_000002$"):
+        resolve_model_directory(written[2])
+    damage(written[1])
+    with pytest.raises(ValueError, match=r"step_000003 is damaged: .*the newest intact one before it is .*step_000001$"):
+        resolve_model_directory(written[2])
+
+
+def test_a_folder_of_lora_adapters_is_no_run_whatever_else_it_holds(tmp_path):
+    """Adapters saved beside a checkpoints/ folder, or beside a config.json and a metrics.jsonl (another trainer's
+    output directory), are adapters to evaluate, not an entrorl run."""
+    from entrorl.trainer.checkpoint import training_run_of
+
+    folder = tmp_path / "adapters"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"seed": 7}))
+    (folder / "metrics.jsonl").write_text("")
+    assert training_run_of(folder) == folder.resolve()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    assert training_run_of(folder) is None
+    (folder / "checkpoints").rmdir()
+    assert training_run_of(folder) is None
+
+
+def test_cuda_generator_states_are_restored_only_onto_as_many_gpus_as_they_were_saved_from(monkeypatch):
+    """A checkpoint written on two GPUs resumes on one (or on none) without touching the CUDA generators; on as many
+    GPUs as it was written from, they are restored."""
+    from entrorl.trainer.checkpoint import capture_rng_state, restore_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = {**capture_rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    for gpus, expected in ((1, []), (2, [state["cuda"]])):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        restore_rng_state(state)
+        assert restored == expected

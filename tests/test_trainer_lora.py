@@ -801,3 +801,52 @@ def test_adapters_of_another_rank_do_not_fit_as_a_value_error(tmp_path):
     _llama_adapter(rank=4).save(tmp_path / "rank4")
     with pytest.raises(ValueError, match=r"the adapters in .*rank4 do not fit this model's adapter settings: .*size mismatch"):
         _llama_adapter(rank=8).load(tmp_path / "rank4")
+
+
+def test_adapters_whose_configuration_says_training_mode_still_load_frozen_for_eval(tmp_path):
+    """An adapter_config.json with inference_mode false (as a training script may leave it) still loads for
+    inference: kept apart on a bfloat16 base, no adapter weight asks for a gradient."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import load_adapted_causal_lm
+
+    random_model(ARCHITECTURES["llama_bias"]()).save_pretrained(tmp_path / "base")
+    adapted = get_peft_model(load_causal_lm(tmp_path / "base", dtype="bfloat16"),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    adapted.save_pretrained(tmp_path / "adapters")
+    config_file = tmp_path / "adapters" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["inference_mode"] = False
+    config_file.write_text(json.dumps(config))
+    model = load_adapted_causal_lm(tmp_path / "adapters", tmp_path / "base", dtype="bfloat16")
+    assert any(isinstance(module, LoraLayer) for module in model.modules())
+    assert not [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def test_memory_that_runs_out_while_reading_adapters_is_not_called_a_damaged_file(tmp_path, monkeypatch):
+    """A reader's out-of-memory RuntimeError propagates as it is; any other RuntimeError of the reader is a file that
+    cannot be read (ValueError naming it)."""
+    import safetensors.torch
+
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    adapter = LoraAdapter(random_model(ARCHITECTURES["llama_bias"]()), rank=4, alpha=8.0, target_modules=["q_proj"])
+    adapter.save(tmp_path / "adapters")
+
+    def refused(message):
+        def load_file(*args, **kwargs):
+            raise RuntimeError(message)
+        return load_file
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refused("DefaultCPUAllocator: not enough memory"))
+    with pytest.raises(RuntimeError, match="not enough memory") as raised:
+        adapter.load(tmp_path / "adapters")
+    assert not isinstance(raised.value, ValueError)
+    monkeypatch.setattr(safetensors.torch, "load_file", refused("invalid header"))
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors cannot be read \(RuntimeError: invalid header"):
+        adapter.load(tmp_path / "adapters")
