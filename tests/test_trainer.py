@@ -3613,27 +3613,6 @@ def test_software_changes_compare_only_the_versions_a_checkpoint_recorded():
     assert software_changes(None) == [] and software_changes({}) == []
 
 
-def test_the_full_disk_note_for_a_trained_half_precision_weight_counts_its_float32_master_copy(tmp_path, monkeypatch):
-    """A trained bfloat16 Linear(64, 64) writes (64 * 64 + 64) * 2 bytes of weights, and its optimizer state is
-    AdamW's two float32 moments and a float32 master copy, 12 bytes a weight: 4,160 * 14 = 58,240 bytes in all."""
-    import collections
-
-    from entrorl.trainer import checkpoint
-
-    class HalfModel(torch.nn.Linear):
-        def save_pretrained(self, directory):
-            raise RuntimeError("unexpected pos 100 vs 90")
-
-    model = HalfModel(64, 64).to(torch.bfloat16)
-    (tmp_path / "run").mkdir()
-    for free, noted in ((58_240, False), (58_239, True)):
-        monkeypatch.setattr(checkpoint.shutil, "disk_usage",
-                            lambda path, free=free: collections.namedtuple("usage", "total used free")(10**9, 10**9 - free, free))
-        with pytest.raises(checkpoint.CheckpointWriteError) as failed:
-            checkpoint.save_checkpoint(tmp_path / "run", 1, model=model, tokenizer=None, trainer_state={}, keep=1)
-        assert ("probably a full disk" in str(failed.value)) is noted
-
-
 def test_a_damaged_checkpoint_names_as_the_one_before_it_only_a_checkpoint_whose_model_is_intact(tmp_path, tiny_model_dir):
     """Refusing a checkpoint whose weights changed in place, the error points at the newest earlier checkpoint whose
     model files still hold their bytes, passing over an earlier one damaged the same way."""

@@ -573,20 +573,23 @@ def test_the_full_disk_note_counts_every_weight_a_checkpoint_writes(tmp_path, mo
         checkpoint.save_checkpoint(tmp_path / "run", 1, model=model, tokenizer=None, trainer_state={}, keep=1)
 
 
-def test_the_full_disk_note_is_given_exactly_when_the_free_room_is_below_what_the_checkpoint_takes(tmp_path, monkeypatch):
-    """A frozen float32 Linear(64, 64) takes (64 * 64 + 64) * 4 = 16,640 bytes: that much room free gets no guess of a
-    full disk, one byte less does."""
+@pytest.mark.parametrize(("trained_in_bfloat16", "needed"), [(False, 16_640), (True, 58_240)])
+def test_the_full_disk_note_is_given_exactly_when_the_free_room_is_below_what_the_checkpoint_takes(
+        tmp_path, monkeypatch, trained_in_bfloat16, needed):
+    """A frozen float32 Linear(64, 64) takes (64 * 64 + 64) * 4 = 16,640 bytes; a trained bfloat16 one writes its 2-byte
+    weights and an optimizer state of AdamW's two float32 moments and a float32 master copy, 14 bytes a weight:
+    58,240. That much room free gets no guess of a full disk, one byte less does."""
     import collections
 
     from entrorl.trainer import checkpoint
 
-    class FrozenModel(torch.nn.Linear):
+    class UnwritableModel(torch.nn.Linear):
         def save_pretrained(self, directory):
             raise RuntimeError("unexpected pos 100 vs 90")
 
-    model = FrozenModel(64, 64).requires_grad_(False)
+    model = UnwritableModel(64, 64).to(torch.bfloat16) if trained_in_bfloat16 else UnwritableModel(64, 64).requires_grad_(False)
     (tmp_path / "run").mkdir()
-    for free, noted in ((16_640, False), (16_639, True)):
+    for free, noted in ((needed, False), (needed - 1, True)):
         monkeypatch.setattr(checkpoint.shutil, "disk_usage",
                             lambda path, free=free: collections.namedtuple("usage", "total used free")(10**9, 10**9 - free, free))
         with pytest.raises(checkpoint.CheckpointWriteError) as failed:
