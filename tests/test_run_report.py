@@ -952,3 +952,19 @@ def test_metric_lines_without_a_step_number_are_training_steps_numbered_from_1(t
     records = [{key: value for key, value in record.items() if key != "step"} for record in law_records(10)]
     report = write_run_report(write_run(tmp_path / "run", records), figures=False)
     assert report["steps"] == 10 and report["law"]["fit"]["n_points"] == 10
+
+
+def test_a_chance_level_needs_two_steps_with_a_sign(tmp_path):
+    """Over one step the chance agreement can only be 0 or 1 and says nothing: the summary gives the agreement alone
+    and the table no chance level; from two steps on, both."""
+    record = {"step": 1, "entropy/mean": 1.0, "reward/accuracy": 0.5, "entropy/predicted_delta": 1e-7,
+              "entropy/measured_delta": -0.2}
+    report = write_run_report(write_run(tmp_path / "one", [record]), figures=False)
+    summary = {r["quantity"]: r["value"] for r in report["summary"]["rows"]}
+    assert summary["predicted vs measured entropy change: sign agreement"] == "0 of 1 step"
+    (values,) = report["entropy_change"]["values"]
+    assert values["sign agreement"] == 0.0 and values["by chance"] is None
+    two = [record, {**record, "step": 2, "entropy/measured_delta": 0.3}]
+    summary = {r["quantity"]: r["value"] for r in write_run_report(write_run(tmp_path / "two", two), figures=False)
+               ["summary"]["rows"]}
+    assert summary["predicted vs measured entropy change: sign agreement"] == "0.5 of 2 steps (0.5 by chance)"

@@ -243,14 +243,17 @@ class _RunReport:
         """The sign agreement of predicted and measured entropy change, with the share that would agree by chance."""
         change = self.analysis.change
         cell = agreement_cell(change["sign_agreement"], change["sign_steps"])
-        if not change["sign_steps"]:
+        if change["sign_steps"] < 2:
             return cell
         return Cell(f"{cell.text} ({fmt(self._chance_agreement)} by chance)", cell.value, True)
 
     @cached_property
     def _chance_agreement(self) -> float:
-        """The share of steps whose predicted and measured entropy changes would agree in sign by chance."""
+        """The share of steps whose predicted and measured entropy changes would agree in sign by chance; nan from fewer
+        than 2 steps with a sign, where it can only be 0 or 1 and says nothing."""
         change = self.analysis.change
+        if change["sign_steps"] < 2:
+            return math.nan
         return chance_sign_agreement(np.asarray(change["predicted"]), np.asarray(change["measured"]))
 
     @cached_property
