@@ -78,11 +78,11 @@ class _TrainingRun(MetricRecords):
         metrics = run_dir / "metrics.jsonl"
         self.from_trainer_state = trainer_state is not None  # a TRL run's log history
         if trainer_state is not None:
-            records, self.unreadable_lines = _log_history_records(trainer_state), []
+            state = read_json(trainer_state)
+            records, self.unreadable_lines = _log_history_records(state), []
             self.source = str(trainer_state.relative_to(run_dir))
             # the folder's config.json is the model's: the method and the planned steps come from the plugin and TRL
             objective = read_json(trainer_state.parent / TRL_OBJECTIVE_FILE)
-            state = read_json(trainer_state)
             config = {"method": objective.get("method") if isinstance(objective, dict) else None,
                       "optim": {"steps": state.get("max_steps") if isinstance(state, dict) else None}}
         else:
@@ -106,13 +106,13 @@ class _TrainingRun(MetricRecords):
         logged step. Only then: the laboratory samples its own held-out split, so the two are not one series."""
         final = read_json(path) if path.is_file() else None
         summary = final.get("summary") if isinstance(final, dict) else None
-        steps = [int(step) for record in self.records if (step := finite(record.get("step"))) is not None]
-        if not isinstance(summary, dict) or not steps:
+        if not isinstance(summary, dict) or not self.records:
             return
-        self.evaluations = {max(steps): summary}
+        last = int(self.steps.max())
+        self.evaluations = {last: summary}
         self.evaluation_source = LAB_FINAL_EVALUATION
         if not self.forks and isinstance(final.get("forks"), list):
-            self.forks = {max(steps): final["forks"]}
+            self.forks = {last: final["forks"]}
 
     @property
     def method(self) -> str:
@@ -139,11 +139,10 @@ def trainer_state_file(run_dir: Path) -> Path | None:
     return max(checkpoints)[1] / TRAINER_STATE if checkpoints else None
 
 
-def _log_history_records(path: Path) -> list[dict[str, Any]]:
-    """The training entries of a ``trainer_state.json``'s log history as step records: TRL's ``reward`` and
-    ``entropy`` stand for ``reward/mean`` and ``entropy/mean`` where the entrorl plugin's diagnostics did not log those;
-    evaluation entries and the closing summary are left out."""
-    state = read_json(path)
+def _log_history_records(state: Any) -> list[dict[str, Any]]:
+    """The training entries of a ``trainer_state.json``'s log history (``state``, the file's content) as step records:
+    TRL's ``reward`` and ``entropy`` stand for ``reward/mean`` and ``entropy/mean`` where the entrorl plugin's
+    diagnostics did not log those; evaluation entries and the closing summary are left out."""
     history = state.get("log_history") if isinstance(state, dict) else None
     records = []
     for entry in history if isinstance(history, list) else []:
