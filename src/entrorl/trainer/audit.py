@@ -276,18 +276,11 @@ def _check_out_dir(data: Path, out: Path) -> None:
         raise ValueError(f"the audit output path {out} exists and is not a directory; choose another --out")
 
 
-def _row(record: PromptRecord, audit: PromptAudit, completions: list[str], answers: list[str | None],
-         reasons: list[str | None], correct: list[bool]) -> dict[str, Any]:
+def _row(record: PromptRecord, audit: PromptAudit, completions: list[str], reasons: list[str | None]) -> dict[str, Any]:
     """One line of ``audit.jsonl``: where the prompt is, the prompt and reference, the audit, up to two
     completions that reached the majority answer (the majority group's own samples: one spelling can be right alone
     and wrong in a sentence), and the reward's most common reasons for a 0."""
-    majority = audit.groups[0] if audit.groups else None
-    if majority is not None and majority.samples:
-        examples = [completions[i] for i in majority.samples[:2]]
-    else:  # groups built without their samples: by spelling, judged as the group was
-        judged = correct or [None] * len(completions)
-        examples = [c for c, a, ok in zip(completions, answers, judged) if majority is not None and a in majority.spellings
-                    and (ok is None or ok == majority.matches_reference)][:2]
+    examples = [completions[i] for i in audit.groups[0].samples[:2]] if audit.groups else []
     return {
         "source": record.source,
         "prompt": record.prompt,
@@ -400,8 +393,8 @@ def write_audit_outputs(
         )
 
     rows = [
-        _row(result.records[i], result.audits[i], result.completions[i], result.answers[i],
-             result.reasons[i] if result.reasons else [], result.correct[i] if result.correct else []) for i in audited_index
+        _row(result.records[i], result.audits[i], result.completions[i], result.reasons[i] if result.reasons else [])
+        for i in audited_index
     ]
     per_prompt = directory / "audit.jsonl"
     atomic_write_text(per_prompt, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
