@@ -743,7 +743,7 @@ def data_audit(
     answer_column: AnswerColumnOption = "answer",
     prompt_template: PromptTemplateOption = None,
     chat_template: ChatTemplateOption = None,
-    max_prompts: Annotated[Optional[int], typer.Option(min=1, help="audit only the first N prompts")] = None,
+    max_prompts: Annotated[Optional[int], typer.Option(min=1, help="audit only the first N prompts (the filtered file and the summary cover only those)")] = None,
     correct_threshold: CorrectThresholdOption = None,
     batch_size: Annotated[int, typer.Option(min=1, help="sequences per generation call")] = 64,
     seed: SeedOption = 0,
