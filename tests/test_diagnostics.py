@@ -472,3 +472,25 @@ def test_a_fork_context_that_is_not_a_count_is_refused(context):
         top_fork_tokens(None, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool),
                         torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 2),
                         k=1, context=context)
+
+
+@pytest.mark.parametrize("case", ["constant-prediction", "constant-measure", "one-token"])
+def test_the_token_correlation_is_nan_without_a_warning_when_either_side_does_not_vary(case):
+    """A correlation with a constant side (or of one token) is undefined: NaN, without a division-by-zero warning."""
+    import warnings
+
+    disc = torch.tensor([[0.1, -0.2, 0.3]], dtype=torch.float64)
+    after = torch.tensor([[0.4, 0.1, 0.2]], dtype=torch.float64)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    if case == "constant-prediction":
+        disc = torch.full((1, 3), 0.25, dtype=torch.float64)
+    elif case == "constant-measure":
+        after = torch.full((1, 3), 0.5, dtype=torch.float64)
+    else:
+        mask = torch.tensor([[False, True, False]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics, _ = predicted_vs_measured(torch.ones(1, 3, dtype=torch.float64), disc, torch.zeros(1, 3), after, mask,
+                                           lr=1.0, temperature=1.0)
+    assert math.isnan(metrics["entropy/delta_token_corr"])
+    assert metrics["entropy/measured_delta"] == pytest.approx(float(after[mask].mean()))

@@ -271,6 +271,8 @@ def test_private_seed_draws_the_same_and_leaves_the_callers_stream_alone():
     with private_seed(7):
         assert torch.equal(torch.rand(2), inside)
     assert torch.equal(torch.rand(3), expected_next)  # as if the seeded blocks had never run
+    torch.manual_seed(7)  # the body draws what torch.manual_seed(seed) would have it draw
+    assert torch.equal(torch.rand(2), inside)
 
 
 def _greedy_and_log_probs_against_the_model(model, prompt: list[int], max_new_tokens: int):
@@ -769,3 +771,13 @@ def test_left_padded_prompts_of_a_model_with_learned_positions_start_at_position
     mask = rollouts.response_mask
     expected = _processed_log_probs_of_the_responses(model, rollouts, params)
     torch.testing.assert_close(rollouts.sampler_log_probs[mask], expected[mask], atol=2e-5, rtol=1e-5)
+
+
+def test_greedy_sampling_draws_no_random_numbers(policy):
+    """Greedy decoding needs no uniform: the caller's random stream goes on as if it had not run."""
+    sampler, _ = _scripted_sampler(policy, finish=[2, 3])
+    torch.manual_seed(11)
+    expected_next = torch.rand(3)
+    torch.manual_seed(11)
+    sampler.generate([[5, 6]] * 2, SamplingParams(max_new_tokens=5, temperature=0.0))
+    assert torch.equal(torch.rand(3), expected_next)

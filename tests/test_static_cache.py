@@ -264,13 +264,19 @@ def test_dropping_finished_rows_leaves_every_sample_unchanged(name, decoder):
             assert len(batches[True]) == len(batches[False])
 
 
-def test_lora_variants_are_left_to_transformers():
-    """DoRA rescales the adapted weight's columns: not the W x + s B A x the decoder computes."""
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"alora_invocation_tokens": [5]}], ids=["dora", "alora"])
+def test_lora_variants_are_left_to_transformers(variant):
+    """DoRA rescales the adapted weight's columns, and activated LoRA adapts only the tokens after its invocation
+    sequence: neither is the W x + s B A x the decoder computes."""
     peft = pytest.importorskip("peft")
     model = build("qwen2")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"]))
+        warnings.simplefilter("ignore")
+        try:
+            config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **variant)
+        except TypeError:
+            pytest.skip(f"this peft has no {next(iter(variant))}")
+        peft.get_peft_model(model, config)
     assert "nor a plain LoRA layer" in static_cache_unsupported_reason(model, 32)
 
 
@@ -336,6 +342,30 @@ def test_adapters_of_different_scales_keep_their_own_in_a_concatenated_projectio
     decoder = StaticCacheDecoder(model, ids, mask, max_new_tokens=1)
     assert len(decoder.layers[0].qkv) == 1
     torch.testing.assert_close(decoder.prefill().float(), reference_next_logits(model, ids, mask), atol=2e-5, rtol=2e-5)
+
+
+def test_adapters_of_different_dtypes_keep_their_own_in_a_concatenated_projection():
+    """A bfloat16 adapter on the key projection beside float32 ones on the query and value: peft runs each in its own
+    dtype, so the concatenated projection must not stack them into one float32 adapter."""
+    peft = pytest.importorskip("peft")
+    from entrorl.rollout.static_cache import _Linear
+
+    model = build("qwen2", torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+    draw_lora_weights(model)
+    attention = model.model.layers[0].self_attn
+    attention.k_proj.lora_A["default"].to(torch.bfloat16)
+    attention.k_proj.lora_B["default"].to(torch.bfloat16)
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    hidden = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        concatenated = _Linear.concatenated(projections)
+        assert [adapter.down_weight.dtype for adapter in concatenated.adapters] == [torch.float32, torch.bfloat16,
+                                                                                   torch.float32]
+        torch.testing.assert_close(concatenated(hidden), torch.cat([projection(hidden) for projection in projections], -1),
+                                   rtol=2.0 ** -7, atol=1e-6)
 
 
 def test_projections_are_concatenated_while_the_copy_is_at_most_the_byte_limit(monkeypatch):
@@ -540,3 +570,18 @@ def test_an_active_adapter_that_skips_a_projection_leaves_the_others_on_the_stat
     ids, mask = left_padded(PROMPTS)
     torch.testing.assert_close(StaticCacheDecoder(model, ids, mask, max_new_tokens=1).prefill().float(),
                                reference_next_logits(model, ids, mask), atol=2e-5, rtol=2e-5)
+
+
+def test_the_prefill_mask_lets_every_query_attend_and_a_padding_query_only_itself():
+    """A padding query whose every key were masked would leave attention an all -inf row (NaN, or whatever a kernel
+    makes of it, in the cache): it attends to itself alone, and every real query to the real tokens up to it."""
+    ids, mask = left_padded(PROMPTS)
+    decoder = StaticCacheDecoder(build("qwen2"), ids, mask, max_new_tokens=1)
+    allowed = decoder.prefill_mask[:, 0]
+    width = ids.shape[1]
+    assert allowed.shape == (len(PROMPTS), width, width) and bool(allowed.any(dim=-1).all())
+    for row in range(len(PROMPTS)):
+        for query in range(width):
+            expected = [key == query if not mask[row, query] else bool(mask[row, key]) and key <= query
+                        for key in range(width)]
+            assert allowed[row, query].tolist() == expected, (row, query)
