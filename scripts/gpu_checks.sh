@@ -2,8 +2,8 @@
 # The checks that need a CUDA GPU, in one go: an environment with vLLM (which brings its own CUDA build of
 # torch, so it never shares the CPU environment), then the tests that skip without a GPU: vLLM's log-probs
 # against the trainer's forward pass, before and after a weight sync and with LoRA adapters' merged weights
-# (tests/test_vllm_sampler.py), and training
-# on the GPU (tests/test_trainer.py).
+# (tests/test_vllm_sampler.py), training on the GPU (tests/test_trainer.py), and the diagnostics that the TRL
+# integration computes on the accelerator's micro-batches (tests/test_diagnostics.py).
 # Usage: bash scripts/gpu_checks.sh   (or make test-gpu); GPU_VENV and GPU_PYTHON choose the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ if [ ! -x "$GPU_VENV/bin/python" ]; then
 fi
 "$GPU_VENV/bin/python" -c "import torch, vllm; assert torch.cuda.is_available(); print('torch', torch.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name())"
 # -rs lists skipped tests: on a GPU machine the vLLM test must run, so a skip here is a failure
-"$GPU_VENV/bin/python" -m pytest tests/test_vllm_sampler.py tests/test_trainer.py -k "vllm or cuda" -rs -p no:cacheprovider | tee "${OUT:-.}/gpu_checks.log"
+"$GPU_VENV/bin/python" -m pytest tests/test_vllm_sampler.py tests/test_trainer.py tests/test_diagnostics.py -k "vllm or cuda" -rs -p no:cacheprovider | tee "${OUT:-.}/gpu_checks.log"
 if grep -Eq "SKIPPED.*needs (vllm and )?a CUDA GPU" "${OUT:-.}/gpu_checks.log"; then
     echo "gpu_checks: a GPU test was skipped on a GPU machine" >&2
     exit 3

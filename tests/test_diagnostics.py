@@ -466,15 +466,18 @@ def test_a_fork_s_left_context_holds_exactly_the_last_context_tokens(context, be
     assert (fork["before"], fork["token"], fork["after"]) == (before, "c", after)
 
 
-@pytest.mark.parametrize("context", [-1, 2.5, True])
-def test_a_fork_context_that_is_not_a_count_is_refused(context):
-    with pytest.raises(ValueError, match="context"):
+@pytest.mark.parametrize("argument", ["context", "k"])
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_a_fork_context_or_count_that_is_not_a_count_is_refused(argument, value):
+    counts = {"k": 1, "context": 2, argument: value}
+    with pytest.raises(ValueError, match=f"top_fork_tokens: {argument}"):
         top_fork_tokens(None, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool),
                         torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 2),
-                        k=1, context=context)
+                        **counts)
 
 
-@pytest.mark.parametrize("case", ["constant-prediction", "constant-measure", "one-token"])
+@pytest.mark.parametrize("case", ["constant-prediction", "constant-prediction-whose-std-rounds", "constant-measure",
+                                  "one-token"])
 def test_the_token_correlation_is_nan_without_a_warning_when_either_side_does_not_vary(case):
     """A correlation with a constant side (or of one token) is undefined: NaN, without a division-by-zero warning."""
     import warnings
@@ -484,6 +487,8 @@ def test_the_token_correlation_is_nan_without_a_warning_when_either_side_does_no
     mask = torch.ones(1, 3, dtype=torch.bool)
     if case == "constant-prediction":
         disc = torch.full((1, 3), 0.25, dtype=torch.float64)
+    elif case == "constant-prediction-whose-std-rounds":  # the mean of three 0.2s rounds: std() is about 3e-17
+        disc = torch.full((1, 3), 0.2, dtype=torch.float64)
     elif case == "constant-measure":
         after = torch.full((1, 3), 0.5, dtype=torch.float64)
     else:
@@ -494,3 +499,23 @@ def test_the_token_correlation_is_nan_without_a_warning_when_either_side_does_no
                                            lr=1.0, temperature=1.0)
     assert math.isnan(metrics["entropy/delta_token_corr"])
     assert metrics["entropy/measured_delta"] == pytest.approx(float(after[mask].mean()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_diagnostics_of_a_batch_on_cuda_equal_those_of_the_same_batch_on_the_cpu():
+    """The TRL integration logs the entropy, S / D and covariance statistics of micro-batches that live on the
+    accelerator: every tensor those functions build goes to the batch's device, and the numbers are the CPU's."""
+    generator = torch.Generator().manual_seed(0)
+    entropy, disc, centered, logprob = (torch.rand(3, 7, generator=generator) for _ in range(4))
+    advantages = torch.randn(3, 1, generator=generator).expand(3, 7).contiguous()
+    mask = torch.rand(3, 7, generator=generator) > 0.3
+
+    def summaries(device):
+        on = [tensor.to(device) for tensor in (entropy, disc, centered, logprob, advantages, mask)]
+        return {**entropy_summary(on[0], on[5]), **discriminator_summary(on[1], on[2], on[4], on[5]),
+                **covariance_summary(on[3], on[4], on[5])}
+
+    on_cpu, on_cuda = summaries("cpu"), summaries("cuda")
+    assert on_cuda.keys() == on_cpu.keys() and "entropy/p50" in on_cuda
+    for key, value in on_cpu.items():
+        assert on_cuda[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key

@@ -586,6 +586,10 @@ def test_concat_and_select_keep_each_rows_prompt_length_and_truncation_flag():
     assert picked.prompt_ids.tolist() == [[7, 8, 2], [9, 9, 3]] and picked.response_ids.tolist() == [[1, 9, 9], [4, 5, 6]]
     assert picked.response_mask.tolist() == [[True, False, False], [True, True, True]]
     assert picked.lengths.tolist() == [1, 3] and picked.truncated.tolist() == [False, True]
+    masked = joined.select(torch.tensor([False, True]))  # a boolean mask keeps the rows it marks
+    assert masked.prompt_ids.tolist() == [[7, 8, 2]] and masked.lengths.tolist() == [1]
+    with pytest.raises(ValueError, match=r"one entry per row \(2\), got shape \(3,\)"):
+        joined.select(torch.tensor([True, False, True]))
 
 
 def test_a_longrope_decoder_that_dropped_rows_rebuilds_its_cache_from_the_rows_it_kept():

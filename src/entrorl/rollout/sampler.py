@@ -64,7 +64,14 @@ class Rollouts:
         return self.response_ids.shape[0]
 
     def select(self, index: torch.Tensor | Sequence[int]) -> "Rollouts":
-        index = torch.as_tensor(index, dtype=torch.long)
+        """The rows ``index`` names: row numbers, or a boolean mask over the rows."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            if index.shape != (len(self),):
+                raise ValueError(f"a boolean mask selecting rollouts needs one entry per row ({len(self)}), got shape "
+                                 f"{tuple(index.shape)}")
+            index = index.nonzero().flatten()
+        index = index.long()
         return Rollouts(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
 
     @staticmethod

@@ -45,13 +45,18 @@ def _valid(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values.detach()[mask].double()
 
 
+def _varies(values: torch.Tensor) -> bool:
+    """Whether ``values`` holds two different numbers (a constant vector's std need not round to 0)."""
+    return bool(values.max() > values.min())
+
+
 def entropy_summary(entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """Mean, max and the 10/50/90% quantiles of the per-token entropy (nats) over ``mask``, and ``low_frac``: the share
     of tokens below 0.01 nats, positions the policy has all but decided (a collapsing run's share grows)."""
     values = _valid(entropy, mask)
     if values.numel() == 0:
         return {}
-    quantiles = torch.quantile(values.float(), torch.tensor([0.1, 0.5, 0.9])) if values.numel() < 16_000_000 else None
+    quantiles = torch.quantile(values.float(), torch.tensor([0.1, 0.5, 0.9], device=values.device)) if values.numel() < 16_000_000 else None
     summary = {"entropy/mean": float(values.mean()), "entropy/max": float(values.max()), "entropy/low_frac": float((values < 1e-2).double().mean())}
     if quantiles is not None:
         summary.update({"entropy/p10": float(quantiles[0]), "entropy/p50": float(quantiles[1]), "entropy/p90": float(quantiles[2])})
@@ -141,7 +146,7 @@ def predicted_vs_measured(
         measured = (entropy_after.detach().double() - entropy_before.detach().double())[mask]
         metrics["entropy/measured_delta"] = float(measured.mean())
         pred = predicted[mask]
-        if measured.numel() > 1 and float(pred.std()) > 0 and float(measured.std()) > 0:
+        if measured.numel() > 1 and _varies(pred) and _varies(measured):
             stacked = torch.stack([pred, measured])
             metrics["entropy/delta_token_corr"] = float(torch.corrcoef(stacked)[0, 1])
         else:
@@ -255,6 +260,7 @@ def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_m
     they picked there; ``sample``, ``token`` and ``after`` are those of its first row. ``sources[row]`` (e.g. the
     prompt's ``file:line``) is added as ``source`` when given.
     """
+    k = check_int(k, "top_fork_tokens: k", minimum=0)
     context = check_int(context, "top_fork_tokens: context", minimum=0)
     if k <= 0 or not response_mask.any():
         return []
