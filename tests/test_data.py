@@ -4,6 +4,7 @@ sampling helpers, pass-rate band filtering, and write_jsonl."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -898,6 +899,16 @@ def test_stream_load_state_validation():
     state = s.state_dict()
     with pytest.raises(ValueError, match="num_records"):
         PromptStream(make_records(6), seed=1).load_state_dict(state)
+    # as many records, one answer edited: another stream; read from elsewhere (another source), the same one
+    edited = make_records(5)
+    edited[3] = dataclasses.replace(edited[3], answer="33")
+    with pytest.raises(ValueError, match="saved over other records"):
+        PromptStream(edited, seed=1).load_state_dict(state)
+    moved = [dataclasses.replace(record, source=f"copy.jsonl:{n}") for n, record in enumerate(make_records(5), 1)]
+    PromptStream(moved, seed=1).load_state_dict(state)
+    assert PromptStream(moved, seed=1).records_digest == state["records_digest"]
+    meta_changed = [dataclasses.replace(record, meta={"i": -1}) for record in make_records(5)]
+    assert PromptStream(meta_changed, seed=1).records_digest != state["records_digest"]
     with pytest.raises(ValueError, match="seed"):
         PromptStream(make_records(5), seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="'position'"):

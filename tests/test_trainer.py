@@ -1868,6 +1868,24 @@ def test_resume_takes_the_new_schedule_and_optimiser_settings_and_refuses_a_diff
         Trainer(load_config({**changed, "model": {"path": str(tmp_path / "no-model-needed")}}), run_dir=run_dir, resume=True)
 
 
+def test_resume_refuses_prompts_edited_in_place_and_accepts_the_same_rows_rewritten(tmp_path, tiny_model_dir, arithmetic_files):
+    """The same data.train with as many rows, one answer changed, is another run's data: refused before training; the
+    same rows written again (another file's bytes, the same prompts and answers) resume."""
+    train = tmp_path / "train.jsonl"
+    rows = [json.loads(line) for line in arithmetic_files[0].read_text().splitlines()]
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_dir = tmp_path / "run"
+    Trainer(load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1})), run_dir=run_dir).train()
+    resumed = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 2}))
+    train.write_text("".join(json.dumps(row, indent=None, separators=(",", ":")) + "\n" for row in rows))
+    Trainer(resumed, run_dir=run_dir, resume=True).close()
+    rows[5]["answer"] = str(int(rows[5]["answer"]) + 1)
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"--resume: the prompts of data.train are not those the checkpoint was trained "
+                                         r"on: the state was saved over other records \(as many, but"):
+        Trainer(resumed, run_dir=run_dir, resume=True)
+
+
 def test_a_checkpoint_records_its_software_and_a_resume_under_other_versions_says_so(
         tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
     """Each checkpoint records the Python, entrorl, torch and transformers versions it was written with; a resume under
@@ -2013,7 +2031,7 @@ def test_a_checkpoint_damaged_in_place_is_passed_over_by_resume_and_refused_by_e
     config, run_dir = run_with_a_checkpoint_per_step(tmp_path, tiny_model_dir, arithmetic_files[0], steps=3)
     checkpoints = run_dir / "checkpoints"
     listing = json.loads((checkpoints / "step_000003" / "files.json").read_text())
-    assert set(listing["crc32"]) == {name for name in listing["files"] if not name.endswith((".json", ".txt", ".jinja"))}
+    assert set(listing["crc32"]) == {name for name in listing["files"] if not name.endswith((".json", ".txt", ".jinja", ".md"))}
     assert {"trainer.pt", "model/model.safetensors"} <= set(listing["crc32"])
     weights = checkpoints / "step_000003" / "model" / "model.safetensors"
     assert listing["crc32"]["model/model.safetensors"] == f"{zlib.crc32(weights.read_bytes()):08x}" == _crc32(weights)

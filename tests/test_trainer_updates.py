@@ -489,6 +489,35 @@ def test_pruning_counts_complete_checkpoints_only_and_never_removes_the_one_just
     assert written.is_dir() and sorted(p.name for p in (later / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
 
 
+def test_a_checkpoint_whose_pruning_is_cut_short_is_gone_from_the_checkpoints_and_removed_by_the_next_save(
+        tmp_path, tiny_policy, monkeypatch):
+    """A kill while an old checkpoint is deleted (here: the deletion stops after one file) leaves no half-deleted
+    ``step_*`` folder, which no pruning would count or remove: the checkpoint was renamed to a temporary name first,
+    and the next save removes that."""
+    from entrorl.trainer import checkpoint
+
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+    write_checkpoint(run_dir, 1, tiny_policy, keep=2)
+    write_checkpoint(run_dir, 2, tiny_policy, keep=2)
+    real_rmtree = shutil.rmtree
+
+    def dies_after_one_file(path, *args, **kwargs):
+        path = Path(path)
+        if "step_000001" in path.name and path.is_dir():
+            next(file for file in path.rglob("*") if file.is_file()).unlink()
+            raise KeyboardInterrupt  # the process ends here
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", dies_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(run_dir, 3, tiny_policy, keep=2)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    assert sorted(path.name for path in root.glob("step_*")) == ["step_000002", "step_000003"]
+    write_checkpoint(run_dir, 4, tiny_policy, keep=2)
+    assert sorted(path.name for path in root.iterdir()) == ["latest", "step_000003", "step_000004"]
+
+
 def test_a_step_written_again_replaces_its_earlier_checkpoint(tmp_path, tiny_policy):
     """A resumed run writes again the steps a killed run had checkpointed after the one it resumed from (an incomplete
     one, say): the new checkpoint takes the place of the old folder, whatever is left of it."""
@@ -616,15 +645,16 @@ def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
 
 def test_a_checkpoint_is_complete_while_its_files_keep_their_written_sizes(tmp_path):
     """Empty as written is whole; a weight or state file of another size is not, larger or smaller; text files a user
-    may edit (JSON, .txt, a .jinja chat template) only have to be there and not empty; a files.json that cannot be
+    may edit (JSON, .txt, a .jinja chat template, a .md model card) only have to be there and not empty; a files.json that cannot be
     read makes the checkpoint incomplete, however it is wrong."""
     from entrorl.trainer.checkpoint import incomplete_checkpoints
 
     files = {"trainer.pt": b"state", "model/model.safetensors": b"weights", "model/added.txt": b"",
-             "model/merges.txt": b"a b\n", "model/chat_template.jinja": b"{{ x }}"}
+             "model/merges.txt": b"a b\n", "model/chat_template.jinja": b"{{ x }}", "adapter/README.md": b"# card\n"}
     whole = made_checkpoint(tmp_path / "checkpoints", "step_000001", files)
     (whole / "model" / "merges.txt").write_text("a b\nc d\n")
     (whole / "model" / "chat_template.jinja").write_text("{{ messages }}")
+    (whole / "adapter" / "README.md").write_text("# card\n\nTrained on arithmetic.\n")
     grown = made_checkpoint(tmp_path / "checkpoints", "step_000002", files)
     (grown / "trainer.pt").write_bytes(b"state and more")
     for step, listing in enumerate(("{", "[]", '{"files": []}', '{"files": {"trainer.pt": "many"}}'), start=3):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -66,6 +69,17 @@ class PromptStream:
         """The number of records (one epoch)."""
         return len(self._records)
 
+    @cached_property
+    def records_digest(self) -> str:
+        """SHA-256 of the records' prompts, answers and fields, in order (not of where they were read from): two
+        streams over the same rows have the same digest, a row edited in place gives another."""
+        digest = hashlib.sha256()
+        for record in self._records:
+            digest.update(json.dumps([record.prompt, record.answer, record.meta], sort_keys=True, default=str,
+                                     ensure_ascii=False).encode("utf-8"))
+            digest.update(b"\n")
+        return digest.hexdigest()
+
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The record indices of ``epoch`` in the order they are dealt (a fresh int64 array)."""
         return self._order(check_int(epoch, "PromptStream.epoch_order: epoch", minimum=0)).copy()
@@ -101,19 +115,20 @@ class PromptStream:
     # ---- checkpointing ----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able state: ``epoch`` and ``position`` (what resuming needs), plus ``seed``,
-        ``shuffle`` and ``num_records`` (checked on load, so a state is not applied to another stream)."""
+        """JSON-able state: ``epoch`` and ``position`` (what resuming needs), plus ``seed``, ``shuffle``,
+        ``num_records`` and ``records_digest`` (checked on load, so a state is not applied to another stream)."""
         return {
             "epoch": self._epoch,
             "position": self._position,
             "seed": self._seed,
             "shuffle": self._shuffle,
             "num_records": len(self._records),
+            "records_digest": self.records_digest,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a :meth:`state_dict`. ``epoch`` and ``position`` are required; ``seed``,
-        ``shuffle`` and ``num_records``, when present, must match this stream (``ValueError`` otherwise)."""
+        """Continue from a :meth:`state_dict`. ``epoch`` and ``position`` are required; ``seed``, ``shuffle``,
+        ``num_records`` and ``records_digest``, when present, must match this stream (``ValueError`` otherwise)."""
         if not isinstance(state, Mapping):
             raise TypeError(f"PromptStream.load_state_dict: expected a mapping, got {type(state).__name__}")
         for key in ("epoch", "position"):
@@ -128,6 +143,11 @@ class PromptStream:
                     f"PromptStream.load_state_dict: the state was saved with {key}={state[key]!r} but this stream "
                     f"has {key}={mine!r}; resuming would not continue the same sequence"
                 )
+        if "records_digest" in state and state["records_digest"] != self.records_digest:
+            raise ValueError(
+                "PromptStream.load_state_dict: the state was saved over other records (as many, but a prompt, an "
+                "answer or a field differs); resuming would not continue the same sequence"
+            )
         if position >= len(self._records):
             raise ValueError(
                 f"PromptStream.load_state_dict: position {position} is out of range for {len(self._records)} records"

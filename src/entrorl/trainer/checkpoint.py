@@ -13,12 +13,13 @@ Layout of a run directory::
 
 A checkpoint is written into a hidden temporary directory, synced to disk (so that a machine that loses power
 cannot leave a renamed checkpoint with empty files) and renamed into place (``os.replace`` is atomic on one
-filesystem); ``latest`` is then rewritten the same way. Only then are old checkpoints pruned. A checkpoint counts as
-complete when every file its ``files.json`` lists is there with the size it was written with, or, for a JSON or text
-file a user may edit, is not empty (a checkpoint from before ``files.json``: when its trainer state, model config and
+filesystem); ``latest`` is then rewritten the same way. Only then are old checkpoints pruned, each renamed to a
+temporary name before it is deleted (a kill meanwhile leaves no half-deleted checkpoint). A checkpoint counts as
+complete when every file its ``files.json`` lists is there with the size it was written with, or, for a JSON, text or
+Markdown file a user may edit, is not empty (a checkpoint from before ``files.json``: when its trainer state, model config and
 weights are there and not empty); a resume, ``entrorl eval`` of a run and pruning pass over incomplete ones. A
 complete checkpoint is also *intact* when the files a reader takes from it still have the CRC-32 they were written
-with (a JSON or text file a user may edit excepted): a resume checks every file, ``entrorl eval`` the model's and the
+with (a JSON, text or Markdown file a user may edit excepted): a resume checks every file, ``entrorl eval`` the model's and the
 adapters', and both pass over a checkpoint damaged in place (bytes changed, size kept) to the newest intact one
 before it, with a warning, where loading it would have read wrong weights or failed late. A write that fails (a full
 disk) removes its temporary directory and raises :class:`CheckpointWriteError`; the previous checkpoint stays.
@@ -307,15 +308,24 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
             + (f"the last complete checkpoint, {previous.name}, is intact" if previous is not None else "no checkpoint was written before")
         ) from error
     if final.exists():
-        shutil.rmtree(final)
+        _remove_checkpoint(final)
     os.replace(temporary, final)
     _sync_directory(root)  # the rename itself
     atomic_write_text(root / "latest", name + "\n")
     complete = _complete_checkpoints(root)
     for old in complete[:-keep]:  # incomplete leftovers are not counted, so they can never push this one out
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
     return final
+
+
+def _remove_checkpoint(checkpoint: Path) -> None:
+    """Delete ``checkpoint`` so that a kill at any moment leaves it whole or gone from the checkpoints: it is first
+    renamed to a temporary name (which the next save, or a resume, removes), then deleted."""
+    doomed = checkpoint.with_name(f".{checkpoint.name}.removed.tmp-{os.getpid()}")  # not the name a save writes into
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -483,7 +493,7 @@ def _write_file_list(checkpoint: Path) -> None:
     (checkpoint / _FILE_LIST).write_text(json.dumps(listing, indent=1) + "\n", encoding="utf-8")
 
 
-_EDITABLE_SUFFIXES = (".json", ".txt", ".jinja")  # configuration a user may edit in place (a chat template, say)
+_EDITABLE_SUFFIXES = (".json", ".txt", ".jinja", ".md")  # what a user may edit in place: a chat template, a model card
 _CHECKSUMS = "crc32"  # files.json's key for the files' CRC-32, 8 hex digits each
 _READ_CHUNK = 16 * 2**20
 
@@ -548,7 +558,7 @@ def _read_file_list(checkpoint: Path) -> tuple[dict[str, int], dict[str, str]] |
 
 def _what_is_missing(checkpoint: Path, *, parts: tuple[str, ...] | None = None) -> str | None:
     """None when ``checkpoint`` holds everything a resume reads; else what is wrong, e.g. "model/tokenizer.json is
-    missing". With a ``files.json``: every file it lists, at its size (a JSON or text file may have been edited, and
+    missing". With a ``files.json``: every file it lists, at its size (a JSON, text or Markdown file may have been edited, and
     only has to be there and not empty); with ``parts`` (e.g. ``("model", "adapter")``), only the files in those. Without
     one (written before checkpoints had it): the trainer state, the model's config and weights, none of them empty, and
     the adapters' files when it has adapters (whose checkpoints may leave the weights out); with ``parts``, nothing

@@ -491,7 +491,13 @@ class Trainer:
         for group in self.optimizer.param_groups:  # ... which give way to the current configuration's
             group.update(betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
         self.scheduler = self._build_scheduler(self.optimizer, step=self.step)
-        self.stream.load_state_dict(state["stream"])
+        try:
+            self.stream.load_state_dict(state["stream"])
+        except ValueError as error:
+            kept = " (those data.pass_rate_band keeps)" if self.config.data.pass_rate_band is not None else ""
+            raise ValueError(f"--resume: the prompts of data.train{kept} are not those the checkpoint was trained on: "
+                             f"{str(error).removeprefix('PromptStream.load_state_dict: ')}; put the data back, or "
+                             "start a new run from the checkpoint's model directory") from None
         self.objective.load_state_dict(state["objective"])
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
         self.consecutive_failed_rewards = state.get("consecutive_failed_rewards", 0)
