@@ -68,3 +68,5 @@ def test_did_you_mean_names_the_nearest_choice_or_nothing():
     assert did_you_mean("clipb", ["clip_b", "clip_cov", "grpo"]) == "did you mean 'clip_b'? "
     assert did_you_mean("zzz", ["clip_b", "grpo"]) == ""
     assert did_you_mean("grpoo", iter(["grpo"])) == "did you mean 'grpo'? "  # any iterable of names
+    assert did_you_mean("GRPO", ["clip_b", "grpo"]) == "did you mean 'grpo'? "  # letter case aside
+    assert did_you_mean("Clip_B", ["Clip_b", "clip_b"]) == "did you mean 'Clip_b'? "

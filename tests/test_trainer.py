@@ -1355,8 +1355,8 @@ def test_files_of_steps_after_the_resumed_checkpoint_are_removed(tmp_path, tiny_
 
 def test_a_run_directory_in_use_is_refused_and_what_killed_writes_left_is_removed(tmp_path, tiny_model_dir,
                                                                                    arithmetic_files, monkeypatch):
-    """Two trainers in one directory (the same command started twice): the second stops before writing anything,
-    naming the first's process; once the first is done the directory is free. A start also removes the hidden
+    """Two trainers in one directory (the same command started twice, or in one process from Python): the second
+    stops before writing anything, naming the first's process or asking to close the first Trainer; once the first is done the directory is free. A start also removes the hidden
     temporary files of writes killed half-way (kill -9), which only the lock's holder can know to be dead."""
     train, _ = arithmetic_files
     config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1, "lr": 1e-3}))
@@ -1364,7 +1364,7 @@ def test_a_run_directory_in_use_is_refused_and_what_killed_writes_left_is_remove
     first = Trainer(config, run_dir=run_dir)
     config_text = (run_dir / "config.json").read_text()
     with monkeypatch.context() as patched, \
-            pytest.raises(OSError, match=f"is in use by another run \\(process {os.getpid()}\\)"):
+            pytest.raises(OSError, match=r"is in use by another Trainer of this process; close\(\) it"):
         patched.setattr(Trainer, "_load_policy", lambda *args: pytest.fail("refused only after loading the model"))
         Trainer(config, run_dir=run_dir)
     assert (run_dir / "config.json").read_text() == config_text and run_dir.is_dir()
@@ -1474,7 +1474,10 @@ def test_a_lock_refused_as_access_denied_is_a_run_in_use_and_the_lock_file_holds
         raise OSError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(checkpoint.fcntl, "flock", held)
-    with pytest.raises(OSError, match=f"is in use by another run \\(process {os.getpid()}\\)"):
+    with pytest.raises(OSError, match="is in use by another Trainer of this process"):
+        checkpoint.lock_run_directory(tmp_path)
+    (tmp_path / ".lock").write_text("4242424\n")
+    with pytest.raises(OSError, match=r"is in use by another run \(process 4242424\); wait for it to end"):
         checkpoint.lock_run_directory(tmp_path)
 
 
@@ -1636,9 +1639,10 @@ def test_a_composition_warning_is_given_once_by_the_configuration_not_again_by_t
         Trainer(config, run_dir=tmp_path / "run").close()
 
 
-def test_should_stop_ends_the_run_at_a_steps_end_with_it_saved(tmp_path, tiny_model_dir, arithmetic_files):
+def test_should_stop_ends_the_run_at_a_steps_end_with_it_saved(tmp_path, tiny_model_dir, arithmetic_files, capfd):
     """The laboratory's stop, asked after each step, ends the run as a caught SIGINT does: the step saved,
-    TrainingInterrupted; the handlers of a run stopped by a second signal go back instead of staying 'exit at once'."""
+    TrainingInterrupted; the handlers of a run stopped by a second signal go back instead of staying 'exit at once',
+    and a run without a checkpoint yet says that there is nothing to resume."""
     from entrorl.trainer import TrainingInterrupted
 
     train, _ = arithmetic_files
@@ -1659,8 +1663,12 @@ def test_should_stop_ends_the_run_at_a_steps_end_with_it_saved(tmp_path, tiny_mo
             handler(signal.SIGINT, None)  # the second: KeyboardInterrupt out of the step, nothing saved
 
         trainer.train_step = second_signal
+        capfd.readouterr()
         with pytest.raises(KeyboardInterrupt):
             trainer.train(handle_signals=True)
+        said = " ".join(capfd.readouterr().err.split())
+        assert "SIGINT again: stopping now, without waiting for the step under way to be saved (no checkpoint was " \
+               "written yet: there is nothing to resume)" in said, said
         assert {number: signal.getsignal(number) for number in before} == before
     finally:
         for number, handler in before.items():
@@ -2274,7 +2282,7 @@ def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arith
         assert (tmp_path / "run" / "reward_errors.log").read_text().startswith("step 1, ")
         assert "reward server down" in (tmp_path / "run" / "reward_errors.log").read_text()
         # a reward that fails on every sample step after step leaves nothing to train on: the run stops, saying why
-        with pytest.raises(TrainingStopped, match=r"the reward raised on every sample of 2 steps in a row .*reward_errors.log"):
+        with pytest.raises(TrainingStopped, match=r"the reward failed \(raised, or gave no number\) on every sample of 2 steps in a row .*reward_errors.log"):
             trainer.train()
         assert (tmp_path / "run" / "reward_errors.log").read_text().startswith("step 1, ")  # the first failure stays
         # the step it stopped in is in the record, as far as it got: its rewards (train_step alone logs nothing)

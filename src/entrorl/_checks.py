@@ -59,10 +59,12 @@ def _takes_numbers_only(accepted: set) -> bool:
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """``"did you mean 'x'? "`` for the choice nearest to a misspelt ``name`` (difflib's closest match), else ``""``:
-    the hint an error message puts before the list of valid names."""
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f"did you mean {close[0]!r}? " if close else ""
+    """``"did you mean 'x'? "`` for the choice nearest to a misspelt ``name`` (difflib's closest match, letter case
+    aside: ``GRPO`` finds ``grpo``), else ``""``: the hint an error message puts before the list of valid names."""
+    choices = list(choices)
+    by_folded = {choice.casefold(): choice for choice in reversed(choices)}  # the first of names folding alike
+    close = difflib.get_close_matches(name.casefold(), list(by_folded), n=1)
+    return f"did you mean {by_folded[close[0]]!r}? " if close else ""
 
 
 def _as_int(value: Any) -> int | None:

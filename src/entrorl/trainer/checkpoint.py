@@ -138,6 +138,9 @@ def lock_run_directory(run_dir: Path) -> io.TextIOWrapper | None:
                 _UNLOCKABLE_DIRECTORIES.add(str(run_dir.resolve()))
                 logger.warning("cannot lock %s (%s); two runs there would not be kept apart", run_dir, error)
             return None
+        if holder == str(os.getpid()):  # the Python API: an earlier Trainer of this process, not closed
+            raise OSError(f"{run_dir} is in use by another Trainer of this process; close() it (or let its train() "
+                          "finish) first, or choose another run_dir / logging.name") from None
         raise OSError(f"{run_dir} is in use by another run (process {holder}); wait for it to end, or choose another "
                       "--run-dir / logging.name") from None
     handle.seek(0)

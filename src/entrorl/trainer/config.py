@@ -242,8 +242,8 @@ class RewardConfig(_Section):
         None, description="a sample is correct (accuracy, dynamic sampling, Pass@k) when its score reaches this; None = "
         "the reward's own: 1.0 for reasoning_gym and code, whose partial credit is not a right answer, else 0.5")
     max_failing_steps: int = Field(
-        3, ge=0, description="stop the run when the reward raised on every sample of this many steps in a row (their "
-        "rewards, and so their advantages, are all 0); 0 = never")
+        3, ge=0, description="stop the run when the reward failed (raised, or gave no number) on every sample of this "
+        "many steps in a row (their rewards, and so their advantages, are all 0); 0 = never")
 
     @field_validator("extra")
     @classmethod

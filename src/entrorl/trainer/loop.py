@@ -654,7 +654,8 @@ class Trainer:
         limit = self.config.reward.max_failing_steps
         if limit and self.consecutive_failed_rewards >= limit:
             raise TrainingStopped(
-                f"the reward raised on every sample of {self.consecutive_failed_rewards} steps in a row (up to step "
+                f"the reward failed (raised, or gave no number) on every sample of {self.consecutive_failed_rewards} "
+                f"steps in a row (up to step "
                 f"{self.step + 1}); stopping. The first traceback is in {self.run_dir / 'reward_errors.log'}. "
                 + self._last_checkpoint_phrase(), step=self.step + 1, metrics=dict(collected)
             )
@@ -1039,7 +1040,9 @@ class Trainer:
         evaluating_at_start = False
         restore_handlers = _catch_stop_signals(received, progress.console, plan=lambda: (
             "finishing the evaluation at the start, then stopping before the first step (nothing to save yet)"
-            if evaluating_at_start else _FINISH_THE_STEP)
+            if evaluating_at_start else _FINISH_THE_STEP), resumes_from=lambda: (
+            f"--resume continues from the checkpoint of step {self.checkpoint_weight_norm[0]}"
+            if self.checkpoint_weight_norm is not None else "no checkpoint was written yet: there is nothing to resume")
         ) if handle_signals else (lambda: None)
         saved_since_signal = False  # a second signal raised out of a step instead: the handlers go back
         finished = False
@@ -1154,9 +1157,11 @@ _SCHEDULE_KEYS = ("optim.lr", "optim.steps", "optim.warmup_steps", "optim.lr_sch
 _FINISH_THE_STEP = "finishing the current step, then saving a checkpoint"
 
 
-def _catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] = lambda: _FINISH_THE_STEP):
+def _catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] = lambda: _FINISH_THE_STEP,
+                        resumes_from: Callable[[], str] = lambda: "the last complete checkpoint"):
     """Make SIGINT and SIGTERM append their number to ``received`` (the loop stops after the step it is in) and say
-    on ``console`` what happens next, as ``plan()`` puts it then; a second one stops at once (``KeyboardInterrupt`` for SIGINT, exit status 143 for SIGTERM).
+    on ``console`` what happens next, as ``plan()`` puts it then; a second one stops at once (``KeyboardInterrupt`` for
+    SIGINT, exit status 143 for SIGTERM), saying what ``--resume`` would continue from (``resumes_from()``).
     Returns a function that puts the previous handlers back. Does nothing outside the main thread, where Python
     cannot install handlers."""
     if threading.current_thread() is not threading.main_thread():
@@ -1166,7 +1171,7 @@ def _catch_stop_signals(received: list[int], console, *, plan: Callable[[], str]
     def handler(number, frame):
         if received:
             _say_in_a_signal_handler(console, f"{signal.Signals(number).name} again: stopping now, without waiting for "
-                                     "the step under way to be saved (--resume continues from the last complete checkpoint)")
+                                     f"the step under way to be saved ({resumes_from()})")
             if number == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + number)
