@@ -1751,6 +1751,50 @@ def test_cli_resume_of_a_finished_run_and_unloadable_model_directories(tmp_path,
     assert not (tmp_path / "bad-run").exists()  # a run that could not start leaves no directory behind
 
 
+CUSTOM_METHOD_MODULE = """
+from pydantic import Field
+
+from entrorl.objective import MethodSpec, Selector, register_method, register_part
+
+
+@register_part("drop_long_responses_tail", description="drops response positions from max_position on", paper="none")
+class DropLongResponsesTail(Selector):
+    max_position: int = Field(2, ge=0)
+
+    def __call__(self, batch, advantages, surrogate, metrics):
+        import torch
+
+        positions = torch.arange(batch.mask.shape[1], device=batch.mask.device).expand_as(batch.mask)
+        return batch.mask & (positions >= self.max_position)
+
+
+register_method(MethodSpec(name="short_grpo", description="grpo on each response's first tokens", paper="none",
+                           selectors=(("drop_long_responses_tail", {}),)))
+"""
+
+
+def test_imports_register_a_method_of_ones_own_that_the_configuration_then_names(tmp_path, tiny_model_dir, arithmetic_files):
+    """``imports`` loads a module that registers a selector and a method using it, before the method is read: the run
+    trains with it (each response keeps its first max_position tokens); without the import, or with a module that is
+    not there, the configuration is refused naming the method or the module."""
+    (tmp_path / "my_methods.py").write_text(CUSTOM_METHOD_MODULE)
+    train, _ = arithmetic_files
+    settings = make_config(tiny_model_dir, train, None, optim={"steps": 1}, method={"method": "short_grpo", "params": {"max_position": 1}},
+                           imports=["my_methods"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run_dir = tmp_path / "run"
+    trained = run_cli("train", str(write_config(tmp_path / "run.yaml", settings)), "--run-dir", str(run_dir), env=env)
+    assert trained.returncode == 0, trained.stderr
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["select/dropped_frac"] == pytest.approx(1 - 8 / record["tokens/valid"])  # 8 responses, 1 token each
+    assert json.loads((run_dir / "config.json").read_text())["imports"] == ["my_methods"]
+
+    for imports, said in (([], "unknown method 'short_grpo'"),
+                          (["no_such_methods"], "imports: cannot import module 'no_such_methods' (ModuleNotFoundError")):
+        refused = run_cli("train", str(write_config(tmp_path / "bad.yaml", {**settings, "imports": imports})), env=env)
+        assert refused.returncode == 2 and said in " ".join(refused.stderr.split()) and "Traceback" not in refused.stderr
+
+
 def test_cli_reports_config_errors_without_traceback(tmp_path, arithmetic_files):
     train, _ = arithmetic_files
     config = write_config(tmp_path / "run.yaml", make_config(tmp_path / "missing-model", train, None))

@@ -161,6 +161,16 @@ def _import_module_or_from_working_directory(module_name: str) -> Any:
             raise
 
 
+def import_named_module(module_name: str, what: str) -> Any:
+    """The module ``module_name`` (looked for on ``sys.path``, then in the working directory); ``ValueError`` naming
+    ``what`` asked for it and why it could not be imported."""
+    try:
+        return _import_module_or_from_working_directory(module_name)
+    except Exception as exc:  # ImportError, or the module's own code failing
+        kind = "ModuleNotFoundError" if isinstance(exc, _NotFoundAnywhere) else type(exc).__name__
+        raise ValueError(f"{what}: cannot import module {module_name!r} ({kind}: {exc})") from exc
+
+
 def import_callable(spec: str, what: str = "reward") -> Any:
     """The callable named by an import path ``'package.module:attribute'`` (dotted attributes allowed);
     ValueError naming ``what`` (reward, judge, embedder) and what went wrong."""
@@ -168,12 +178,7 @@ def import_callable(spec: str, what: str = "reward") -> Any:
     module_name, attr_path = module_name.strip(), attr_path.strip()
     if not module_name or not attr_path:
         raise ValueError(f"{what} spec {spec!r}: an import path must look like 'package.module:function'")
-    try:
-        module = _import_module_or_from_working_directory(module_name)
-    except Exception as exc:  # ImportError, or the module's own code failing
-        kind = "ModuleNotFoundError" if isinstance(exc, _NotFoundAnywhere) else type(exc).__name__
-        raise ValueError(f"{what} spec {spec!r}: cannot import module {module_name!r} ({kind}: {exc})") from exc
-    obj: Any = module
+    obj: Any = import_named_module(module_name, f"{what} spec {spec!r}")
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)

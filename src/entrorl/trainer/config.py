@@ -399,6 +399,11 @@ class CheckpointConfig(_Section):
 
 
 class TrainConfig(_Section):
+    imports: list[str] = Field(
+        default_factory=list, description="Python modules imported before the rest of the configuration is read, to "
+        "register methods, objective parts, advantage estimators or rewards of your own (entrorl.objective."
+        "register_method / register_part, entrorl.advantages.register_advantage, entrorl.rewards.register_reward); "
+        "a module beside the configuration is found from the working directory")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds sampling, shuffling and initialisation (numpy's range)")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default")
     retain_freed_memory: bool | None = Field(
@@ -417,6 +422,25 @@ class TrainConfig(_Section):
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_first(cls, data: Any, info: ValidationInfo) -> Any:
+        """Import ``imports`` before any field is validated: the names they register are then known to ``method``,
+        ``advantage`` and ``reward``. Not for a checkpoint's settings read back to compare them (the running
+        configuration has imported its own)."""
+        names = data.get("imports") if isinstance(data, dict) else None
+        if not names or (info.context and info.context.get("settings_only")):
+            return data
+        if isinstance(names, str) or not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"imports: expected a list of module names, got {names!r}")
+        from entrorl.rewards.base import import_named_module
+
+        for name in names:
+            if not name.strip() or ":" in name:
+                raise ValueError(f"imports: {name!r} is not a module name (write 'package.module')")
+            import_named_module(name.strip(), "imports")
+        return data
 
     @field_validator("method", mode="before")
     @classmethod
