@@ -280,6 +280,18 @@ def test_saved_dataset_without_the_prompt_column_names_the_columns(tmp_path):
         load_prompts(d, meta_columns=["lvl"], **COLS)
 
 
+def test_saved_dataset_columns_left_out_by_meta_columns_are_not_decoded(tmp_path):
+    """An image column that cannot be decoded does not stop a saved data set from loading when meta_columns leaves
+    it out (it is never read)."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("PIL")
+    d = tmp_path / "images"
+    features = datasets.Features(prompt=datasets.Value("string"), answer=datasets.Value("string"), image=datasets.Image())
+    datasets.Dataset.from_dict({"prompt": ["a"], "answer": ["1"], "image": [{"bytes": b"not an image", "path": None}]},
+                               features=features).save_to_disk(str(d))
+    assert [(r.prompt, r.answer, r.meta) for r in load_prompts(d, meta_columns=[])] == [("a", "1", {})]
+
+
 def test_saved_dataset_without_rows_is_an_empty_data_set(tmp_path):
     """A saved data set with no rows (which datasets.load_from_disk cannot read: no data file) is refused as an empty
     data set, like an empty file of any other format; so is a DatasetDict whose 'train' split has none. Another split
@@ -321,6 +333,20 @@ def test_a_meta_object_column_is_spread_into_the_meta_fields(tmp_path):
     write_lines(p, [json.dumps({"prompt": "q", "answer": "1", "task": "a", "meta": {"task": "b"}})])
     with pytest.raises(DataError, match=r"nested\.jsonl:1.*repeats the column\(s\) 'task'"):
         load_prompts(p)
+
+
+def test_a_meta_object_column_is_spread_in_parquet_and_when_meta_columns_chooses_it(tmp_path):
+    """A struct column called meta in a Parquet file is spread as a JSON object is; so is a meta object kept by
+    naming it in meta_columns."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    q = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"prompt": ["q"], "answer": ["1"], "level": [2], "meta": [{"task": "t", "size": 3}]}), q)
+    assert [r.meta for r in load_prompts(q)] == [{"level": 2, "task": "t", "size": 3}]
+    assert [r.meta for r in load_prompts(q, meta_columns=["meta"])] == [{"task": "t", "size": 3}]
+    p = tmp_path / "nested.jsonl"
+    write_lines(p, [json.dumps({"prompt": "q", "answer": "1", "level": 2, "meta": {"task": "t"}})])
+    assert [r.meta for r in load_prompts(p, meta_columns=["meta"])] == [{"task": "t"}]
 
 
 def test_a_meta_object_may_not_repeat_the_prompt_or_answer_column(tmp_path):
@@ -501,6 +527,15 @@ def test_not_a_parquet_file(tmp_path):
     p.write_text("hello", encoding="utf-8")
     with pytest.raises(DataError, match=r"fake\.parquet: cannot be read as Parquet"):
         load_prompts(p)
+    # a Parquet file whose footer is damaged: pyarrow raises a plain OSError ("Couldn't deserialize thrift")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    damaged = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"prompt": ["a"] * 20, "answer": ["1"] * 20}), damaged)
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[:-12] + data[-8:])  # four bytes of the footer's metadata cut out
+    with pytest.raises(DataError, match=r"(?s)damaged\.parquet: cannot be read as Parquet \(.*\); expected a Parquet file"):
+        load_prompts(damaged)
 
 
 def test_empty_files(tmp_path):
@@ -565,6 +600,7 @@ def test_json_shapes(tmp_path):
     cases = [
         ('{"rows": []}', r"without a \"data\" field.*'rows'"),
         ('{"data": 3}', r"\"data\" holds a JSON number"),
+        ('{"data": {"prompt": "a", "answer": "1"}}', r"\"data\" holds a JSON object; expected a list of objects"),
         ('"text"', r"top level is a JSON string"),
         ('[{"prompt": "a", "answer": "1"}, 7]', r"\[1\]: row 1 is a JSON number; expected a JSON object"),
         ('[{"prompt": "a", "answer": "1"},\n {"prompt": "b" "answer": "2"}]', r"bad\.json:2: not valid JSON"),
@@ -735,6 +771,10 @@ def test_a_long_column_list_in_a_message_names_twenty_and_counts_the_rest(tmp_pa
     with pytest.raises(DataError) as e:
         load_prompts(p)
     assert f"(columns: {listed}, ... (5 more))" in str(e.value)
+    p.write_text(",".join(names[:20]) + "\n" + ",".join("x" * 20) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_prompts(p)
+    assert f"(columns: {listed}); expected" in str(e.value)  # twenty names: all of them, nothing counted
 
 
 def test_an_empty_data_set_error_carries_its_path(tmp_path):
@@ -1330,6 +1370,8 @@ def test_write_jsonl_none_answer_round_trip(tmp_path):
     out = write_jsonl(recs, tmp_path / "o.jsonl")
     back = load_prompts(out, require_answer=False)
     assert [(r.prompt, r.answer, r.meta) for r in back] == [(r.prompt, r.answer, r.meta) for r in recs]
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [
+        {"prompt": "q1", "answer": None, "k": [1, {"a": None}]}, {"prompt": "q2", "answer": "4"}]  # None is null
 
 
 def test_write_jsonl_is_atomic_and_leaves_no_temp_files(tmp_path):
@@ -1363,6 +1405,17 @@ def test_write_jsonl_atomic_on_interrupted_write(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl"]
 
 
+def test_write_jsonl_syncs_the_new_file_before_it_replaces_the_target(tmp_path, monkeypatch):
+    """The new content is on disk (fsync) before os.replace puts it in place: a crash leaves the old file or the new
+    one, never an empty file under the target's name."""
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), replace(a, b))[1])
+    write_jsonl(make_records(2), tmp_path / "out.jsonl")
+    assert calls == ["fsync", "replace"]
+
+
 def test_write_jsonl_refuses_to_overwrite_its_input(tmp_path):
     cases = [("in.jsonl", '{"prompt": "a", "answer": "1"}\n'), ("in.json", '[{"prompt": "a", "answer": "1"}]')]
     for name, text in cases:
@@ -1372,6 +1425,11 @@ def test_write_jsonl_refuses_to_overwrite_its_input(tmp_path):
         with pytest.raises(ValueError, match="refusing"):
             write_jsonl(recs, src)
         assert src.read_text(encoding="utf-8") == text
+    # the path of an input is refused even once the input itself is gone (the paths are compared)
+    src.unlink()
+    with pytest.raises(ValueError, match="refusing"):
+        write_jsonl(recs, src)
+    assert not src.exists()
 
 
 def test_write_jsonl_meta_collision(tmp_path):
@@ -1523,6 +1581,8 @@ def test_a_prompt_template_that_cannot_be_filled_is_refused_as_a_value_error():
             check_prompt_template(template)
     with pytest.raises(ValueError, match=r"has field\(s\) \['prompt\[0\]'\]"):
         check_prompt_template("{prompt[0]}")
+    with pytest.raises(ValueError, match=r"has field\(s\) \[''\]; only \{prompt\} is filled in"):
+        check_prompt_template("{} {prompt}")  # a positional field is another field
     with pytest.raises(ValueError, match=r"has no \{prompt\} field, so every prompt would be dropped"):
         check_prompt_template("Answer the question.")  # no field at all
     assert check_prompt_template("{{x}}: {prompt}") == "{{x}}: {prompt}"
@@ -1534,6 +1594,7 @@ def test_a_record_is_frozen_and_each_has_its_own_empty_meta_by_default():
 
     first, second = PromptRecord("What is 1+1?", "2"), PromptRecord("What is 2+2?", None)
     assert first.meta == {} and isinstance(first.meta, dict) and first.meta is not second.meta
+    assert first.source == second.source == "<memory>"
     with pytest.raises(dataclasses.FrozenInstanceError):
         first.answer = "3"
 

@@ -509,6 +509,18 @@ def test_each_step_reaches_tensorboard_s_files_before_the_logger_is_closed(tmp_p
     logger.close()
 
 
+def test_every_step_is_flushed_to_tensorboard_not_only_the_first(tmp_path):
+    """TensorBoard's writer flushes its first event at once and the others every two minutes: the logger flushes it
+    after each step, so a crash loses no step that metrics.jsonl holds."""
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    flushed = []
+    flush = logger._tensorboard.flush
+    logger._tensorboard.flush = lambda: (flushed.append(True), flush())[1]
+    log_steps(logger, [1, 2, 3])
+    assert len(flushed) == 3
+    logger.close()
+
+
 def test_a_fresh_start_without_w_and_b_keeps_the_w_and_b_files_in_the_run_directory(tmp_path):
     (tmp_path / "wandb" / "offline-run-1-abc").mkdir(parents=True)
     MetricsLogger(tmp_path).close()
