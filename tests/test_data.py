@@ -202,14 +202,15 @@ def test_directory_that_is_not_a_dataset(tmp_path):
         load_prompts(d)
 
 
-def test_a_saved_data_set_in_numpy_format_gives_python_answers_and_meta(tmp_path):
-    """A data set saved with the numpy format hands numpy values to the loader: an integer answer still becomes its
-    string, and list columns (ragged ones are arrays of arrays) become plain nested lists."""
+@pytest.mark.parametrize("output_format", ["numpy", "torch", "pandas", "arrow"])
+def test_a_saved_data_set_with_an_output_format_gives_python_answers_and_meta(tmp_path, output_format):
+    """A data set saved with an output format (numpy, torch, pandas, arrow: a view of its rows) loads as one saved
+    without it: an integer answer becomes its string, and list columns (ragged ones too) plain nested lists."""
     datasets = pytest.importorskip("datasets")
-    d = tmp_path / "numpy_format"
+    d = tmp_path / f"{output_format}_format"
     rows = [{"prompt": "a", "answer": 3, "steps": [[1, 2], [3]], "tags": ["x", "y"]},
             {"prompt": "b", "answer": 4, "steps": [[4]], "tags": []}]
-    datasets.Dataset.from_list(rows).with_format("numpy").save_to_disk(str(d))
+    datasets.Dataset.from_list(rows).with_format(output_format).save_to_disk(str(d))
     recs = load_prompts(d)
     assert [(r.prompt, r.answer, r.source) for r in recs] == [("a", "3", f"{d}[0]"), ("b", "4", f"{d}[1]")]
     assert [r.meta for r in recs] == [{"steps": [[1, 2], [3]], "tags": ["x", "y"]}, {"steps": [[4]], "tags": []}]

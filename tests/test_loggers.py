@@ -382,6 +382,9 @@ def test_read_metrics_leaves_out_only_a_last_line_cut_short(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "x": 0.5}\n{"step": 2, "x\n{"step": 3, "x": 0.125}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON"):
         read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "x": 0.5}\n\n{"step": 2, "x\n{"step": 3, "x": 0.125}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 3 is not JSON"):  # the file's line, blank ones counted
+        read_metrics(tmp_path)
     # a resume keeps the complete steps up to the checkpoint and drops the cut line
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "x": 0.5}\n{"step": 2, "x": 0.25}\n{"step": 3, "x": 0.')
     MetricsLogger(tmp_path, resume_step=2).close()

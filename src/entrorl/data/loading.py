@@ -726,7 +726,8 @@ def _load_saved_dataset(p: Path, cols: _Columns) -> list[PromptRecord]:
     selected = _selected_columns(columns, cols)
     if selected != columns:
         ds = ds.select_columns(selected)
-    return list(_rows_to_records(iter(ds), p, cols))
+    # an output format saved with it (numpy, torch, pandas, arrow) is a view of the rows: they are read as Python values
+    return list(_rows_to_records(iter(ds.with_format(None)), p, cols))
 
 
 _LOADERS = {

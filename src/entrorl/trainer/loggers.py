@@ -246,14 +246,15 @@ def _as_tracker_error(key: str, what: str, path: Path | None = None, *, advice: 
 
 def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """``(line, record)`` for every line of a metrics file; a last line cut short by a crash is left out."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+             if line.strip()]
     records = []
-    for index, line in enumerate(lines):
+    for index, (number, line) in enumerate(lines):
         try:
             records.append((line, json.loads(line)))
         except json.JSONDecodeError:
             if index < len(lines) - 1:
-                raise ValueError(f"{path}: line {index + 1} is not JSON: {line[:80]!r}") from None
+                raise ValueError(f"{path}: line {number} is not JSON: {line[:80]!r}") from None
     return records
 
 
