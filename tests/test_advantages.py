@@ -152,6 +152,8 @@ def test_expand_to_tokens_zero_outside_mask():
     assert torch.equal(out, expected)
     assert torch.equal(expand_to_tokens(a, mask.float()), expected)  # 0/1 numeric mask too
     assert torch.equal(expand_to_tokens(a, -mask.long()), expected)  # any nonzero number is valid
+    wide = expand_to_tokens(a.double() / 3, mask)  # float64 advantages stay float64, to the last bit
+    assert wide.dtype == torch.float64 and torch.equal(wide, expected.double() / 3)
     with pytest.raises(ValueError, match=r"mask must be \[n, T\]"):
         expand_to_tokens(a, mask[:2])
 
@@ -283,6 +285,9 @@ def test_psr_nsr():
     assert torch.equal(compute_advantages("w_reinforce", r, g, lam=0.0), compute_advantages("nsr", r, g))
     # the +1 / -1 reward of the paper is W-REINFORCE with lam = 1
     assert compute_advantages("signed_reward", r, g).tolist() == [1.0, -1.0, -1.0, 1.0, 1.0]
+    assert compute_advantages("signed_reward", r, g, correct_threshold=0.8).tolist() == [1.0, -1.0, -1.0, 1.0, -1.0]
+    assert compute_advantages("psr", r, g, correct_threshold=0.8).tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert compute_advantages("w_reinforce", r, g, correct_threshold=-1.0).tolist() == pytest.approx([0.1] * 5)
     assert torch.equal(compute_advantages("signed_reward", r, g), w1)
 
 
@@ -348,6 +353,18 @@ def test_passk_degenerate_groups_are_zero():
     assert torch.equal(got, torch.zeros(12))
 
 
+def test_passk_counts_a_sample_correct_from_the_correct_threshold():
+    # rewards in [0, 1] (partial credit): with threshold 0.7 only 1.0 and 0.75 are correct -> N = 4, N_neg = 2, k = 2,
+    # the hand example above (A_pos = 1/sqrt(5), A_neg = -1/sqrt(5)); with the default 0.5, 0.6 is correct too
+    r = torch.tensor([1.0, 0.6, 0.3, 0.75])
+    g = torch.zeros(4, dtype=torch.long)
+    a = 1 / 6 / (math.sqrt(5) / 6 + 1e-6)
+    got = compute_advantages("passk", r, g, k=2, correct_threshold=0.7)
+    assert torch.allclose(got.double(), torch.tensor([a, -a, -a, a], dtype=torch.float64), atol=1e-6)
+    expected = compute_advantages("passk", torch.tensor([1.0, 1.0, 0.0, 1.0]), g, k=2)
+    assert torch.equal(compute_advantages("passk", r, g, k=2), expected)
+
+
 def test_passk_group_smaller_than_k_raises():
     r = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
     g = torch.tensor([0, 0, 0, 0, 42])
@@ -393,6 +410,13 @@ def test_unlikely_matches_reference(seed):
     np.testing.assert_allclose(got.numpy(), ref_grpo(shaped, gid), rtol=1e-5, atol=1e-6)
     got = compute_advantages("unlikely", t(r), t(gid), seq_log_prob=t(logp), epsilon=0.5)
     np.testing.assert_allclose(got.numpy(), ref_grpo(shaped, gid, eps=0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_unlikeliness_ranks_float64_log_probs_at_full_precision():
+    # log-probs 1e-12 apart are not a tie: the second sample is the less likely one (rank 0) whatever its index
+    lp = torch.tensor([-0.5, -0.5 - 1e-12], dtype=torch.float64)
+    shaped = unlikeliness_shaped_rewards(torch.ones(2), torch.zeros(2, dtype=torch.long), lp)
+    assert shaped.tolist() == [1.0 - 0.25 / 2, 1.0]
 
 
 def test_unlikeliness_accepts_beta_rank_one():
@@ -563,6 +587,7 @@ def test_input_validation_messages(rewards, group_ids, kw, match):
 
 @pytest.mark.parametrize("estimator, kw, match", [
     ("grpo", {"norm_adv_by_std_in_grpo": "no"}, "norm_adv_by_std_in_grpo must be True or False, got 'no'"),
+    ("grpo", {"norm_adv_by_std_in_grpo": 2}, "norm_adv_by_std_in_grpo must be True or False, got 2"),
     ("w_reinforce", {"lam": -0.1}, "lam must be >= 0"),
     ("psr", {"correct_threshold": None}, "correct_threshold must be a finite number"),
     ("w_reinforce", {"correct_threshold": float("nan")}, "correct_threshold must be a finite number"),

@@ -371,6 +371,11 @@ def test_invalid_temperature():
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError):
             dyn.entropy(z, bad)
+        # the step size too: a negative T would pass through T^2 unnoticed, T = 0 would divide by zero
+        with pytest.raises(ValueError, match="temperature"):
+            dyn.pg_step_alpha(0.1, torch.tensor([1.0, -2.0]), temperature=bad)
+        with pytest.raises(ValueError, match="temperature"):
+            dyn.predicted_entropy_change_logits(z, torch.ones(4, dtype=F64), bad)
 
 
 def test_logits_must_be_a_tensor_with_a_vocabulary_dimension():
@@ -630,6 +635,11 @@ def test_covariance_concentration_edge_cases():
     assert out.overall_mean == 0.0 and math.isnan(out.ratios[0.02])
     out = dyn.covariance_concentration(torch.tensor([-3.0, -1.0]), None, top_percents=(50.0,))
     assert out.top_means[50.0] == -1.0 and math.isnan(out.ratios[50.0])
+    # the flat metrics carry the same nan ratio (not top / mean = 1.0), and a zero mean gives nan, not an error
+    assert out.to_dict()["cov/top_50pct_mean"] == -1.0 and math.isnan(out.to_dict()["cov/top_50pct_ratio"])
+    zero_mean = dyn.covariance_concentration(torch.tensor([3.0, -1.0, -2.0]), None, top_percents=(50.0,)).to_dict()
+    assert zero_mean["cov/mean"] == 0.0 and zero_mean["cov/top_50pct_mean"] == 3.0
+    assert math.isnan(zero_mean["cov/top_50pct_ratio"])
     # empty
     out = dyn.covariance_concentration(torch.tensor([1.0, 2.0]), torch.tensor([False, False]))
     assert out.n_tokens == 0 and math.isnan(out.overall_mean) and math.isnan(out.top_means[2.0])

@@ -390,6 +390,14 @@ def test_input_validation_messages():
         token_stats(logits, targets + 100)
     with pytest.raises(ValueError, match="integer token ids"):
         token_stats(logits, targets.double())
+    with pytest.raises(ValueError, match="integer token ids"):  # a boolean is a flag, not a token id
+        token_stats(logits, targets > 5)
+    with pytest.raises(ValueError, match="logits must be floating point"):
+        token_stats(logits.round().long(), targets)
+    huge = targets.clone()
+    huge[0, 0] = 2**32 + 1  # not read modulo 2**32 as token 1
+    with pytest.raises(ValueError, match=r"target ids must lie in \[0, 37\)"):
+        token_stats(logits, huge)
     with pytest.raises(ValueError, match="mask must have the shape"):
         token_stats(logits, targets, mask=torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="chunk_size"):
@@ -529,3 +537,66 @@ def test_default_chunk_size_for_large_vocabularies():
         assert rows == (1 << 22) // vocab
         assert rows * vocab <= 1 << 22 < (rows + 1) * vocab
     assert default_chunk_size(151_936) == 27
+
+
+def test_padding_targets_outside_the_vocabulary_are_ignored_under_the_mask():
+    """Padding ids at masked positions may be any integer (the vocabulary size, a huge id, -100): they are never
+    range-checked nor gathered, and give exactly the statistics and gradient of in-range padding."""
+    logits, targets = random_case(25, shape=(3, 5), vocab=37)
+    mask = torch.rand(3, 5, generator=torch.Generator().manual_seed(26)) > 0.4
+    clean = logits.clone().requires_grad_()
+    reference = token_stats(clean, torch.where(mask, targets, torch.zeros_like(targets)), mask=mask, chunk_size=2, need=ALL)
+    (reference.logprob.sum() + reference.entropy.sum()).backward()
+    for pad in (37, 10**6, -100):
+        leaf = logits.clone().requires_grad_()
+        padded = torch.where(mask, targets, torch.full_like(targets, pad))
+        stats = token_stats(leaf, padded, mask=mask, chunk_size=2, need=ALL)
+        for name in ALL:
+            assert torch.equal(getattr(stats, name), getattr(reference, name)), (pad, name)
+        (stats.logprob.sum() + stats.entropy.sum()).backward()
+        assert torch.equal(leaf.grad, clean.grad), pad
+        hidden = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(27))
+        weight = torch.randn(37, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(28))
+        fused = token_stats_from_hidden(hidden, weight, padded, mask=mask, need=ALL)
+        projected = naive_stats(hidden @ weight.t(), torch.where(mask, targets, torch.zeros_like(targets)))
+        for name in ALL:
+            torch.testing.assert_close(getattr(fused, name)[mask], projected[name][mask], atol=1e-12, rtol=1e-10)
+
+
+def test_from_hidden_bias_gradient_is_accumulated_across_chunks_in_float32():
+    """bfloat16 LM head with a bias, one row per chunk, per-token loss weights of both signs that nearly cancel:
+    the bias gradient is the float64 sum rounded once to bfloat16, not a sum of bfloat16-rounded chunk sums."""
+    generator = torch.Generator().manual_seed(32)
+    n, vocab, target = 64, 16, 3
+    hidden = torch.randn(1, 8, generator=generator).expand(n, 8).bfloat16().contiguous().requires_grad_()
+    weight = (torch.randn(vocab, 8, generator=generator) * 0.3).bfloat16().requires_grad_()
+    bias = (torch.randn(vocab, generator=generator) * 0.3).bfloat16().requires_grad_()
+    loss_weights = torch.tensor([1.0, -1.0]).repeat(n // 2) * (3.0 + 0.1 * torch.arange(n) / n)
+    stats = token_stats_from_hidden(hidden, weight, torch.full((n,), target), lm_head_bias=bias, chunk_size=1)
+    (stats.logprob * loss_weights).sum().backward()
+    assert bias.grad.dtype == torch.bfloat16
+    # every row has the same logits z, so d/d bias of sum_i w_i log p_y = (sum_i w_i) (onehot_y - p)
+    logits = torch.nn.functional.linear(hidden.detach()[:1], weight.detach(), bias.detach()).double()[0]
+    expected = loss_weights.double().sum() * (torch.nn.functional.one_hot(torch.tensor(target), vocab).double()
+                                              - torch.softmax(logits, dim=-1))
+    # within bfloat16 rounding of the result itself (8 significant bits)
+    assert torch.all((bias.grad.double() - expected).abs() <= expected.abs() * 2.0**-8 + 1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_plus_inf_or_nan_logit_gives_nan_in_its_row_only_values_and_gradient(bad):
+    """A +inf or NaN logit describes no distribution: its row's statistics and gradient are NaN (never zeros that
+    pass for a masked row), while the other rows keep their exact values and gradients."""
+    logits, targets = random_case(29, shape=(4,), vocab=9)
+    logits[1, 4] = bad
+    leaf = logits.clone().requires_grad_()
+    stats = token_stats(leaf, targets, chunk_size=3, need=ALL)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    assert torch.isnan(stats.entropy[1]) and torch.isnan(leaf.grad[1]).all()
+    good = torch.tensor([0, 2, 3])
+    dense = logits[good].clone().requires_grad_()
+    reference = naive_stats(dense, targets[good])
+    (reference["logprob"].sum() + reference["entropy"].sum()).backward()
+    for name in ALL:
+        torch.testing.assert_close(getattr(stats, name)[good], reference[name], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(leaf.grad[good], dense.grad, atol=1e-12, rtol=1e-10)
