@@ -417,6 +417,11 @@ def test_unlikeliness_ranks_float64_log_probs_at_full_precision():
     lp = torch.tensor([-0.5, -0.5 - 1e-12], dtype=torch.float64)
     shaped = unlikeliness_shaped_rewards(torch.ones(2), torch.zeros(2, dtype=torch.long), lp)
     assert shaped.tolist() == [1.0 - 0.25 / 2, 1.0]
+    # given as a list, as rewards may be: read in float64 as well, not rounded to a tie
+    assert unlikeliness_shaped_rewards([1.0, 1.0], [0, 0], lp.tolist()).tolist() == shaped.tolist()
+    as_list = compute_advantages("unlikely", [1.0, 1.0, 0.0], [0, 0, 0], seq_log_prob=lp.tolist() + [-1.0])
+    assert torch.equal(as_list, compute_advantages("unlikely", [1.0, 1.0, 0.0], [0, 0, 0],
+                                                   seq_log_prob=torch.cat([lp, lp.new_tensor([-1.0])])))
 
 
 def test_unlikeliness_accepts_beta_rank_one():
@@ -588,7 +593,11 @@ def test_input_validation_messages(rewards, group_ids, kw, match):
 @pytest.mark.parametrize("estimator, kw, match", [
     ("grpo", {"norm_adv_by_std_in_grpo": "no"}, "norm_adv_by_std_in_grpo must be True or False, got 'no'"),
     ("grpo", {"norm_adv_by_std_in_grpo": 2}, "norm_adv_by_std_in_grpo must be True or False, got 2"),
-    ("w_reinforce", {"lam": -0.1}, "lam must be >= 0"),
+    ("w_reinforce", {"lam": -0.1}, "lam must be a finite number >= 0"),
+    ("w_reinforce", {"lam": float("inf")}, "lam must be a finite number >= 0"),
+    ("w_reinforce", {"lam": True}, r"lam must be a finite number >= 0 \(lam = 0 is NSR\), got True"),
+    ("grpo", {"epsilon": True}, "epsilon must be a finite number >= 0, got True"),
+    ("reinforce_pp", {"epsilon": np.True_}, "epsilon must be a finite number >= 0"),
     ("psr", {"correct_threshold": None}, "correct_threshold must be a finite number"),
     ("w_reinforce", {"correct_threshold": float("nan")}, "correct_threshold must be a finite number"),
     ("unlikely", {"beta_rank": 5.0}, r"beta_rank must be a number in \[0, 1\]"),

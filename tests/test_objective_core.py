@@ -1400,7 +1400,7 @@ def test_parameters_that_cannot_work_together_are_refused():
 
     with pytest.raises(ValueError, match=r"clip_cov_lb \(5\.0\) must be below clip_cov_ub \(1\.0\)"):
         build_objective("clip_cov", clip_cov_lb=5, clip_cov_ub=1)
-    with pytest.raises(ValueError, match="lam must be >= 0"):
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
         compute_advantages("w_reinforce", torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]), lam=-5)
     assert compute_advantages("w_reinforce", torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]), lam=0).tolist() == [0, -1]
 

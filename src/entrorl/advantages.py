@@ -260,7 +260,7 @@ def _check_lengths(lengths: Any, r: torch.Tensor) -> torch.Tensor:
 
 
 def _check_seq_log_prob(seq_log_prob: Any, r: torch.Tensor) -> torch.Tensor:
-    lp = _as_tensor(seq_log_prob, "seq_log_prob")
+    lp = _as_tensor(seq_log_prob, "seq_log_prob", exact=True)
     _check_1d(lp, "seq_log_prob", r.shape[0])
     lp = lp.to(device=r.device, dtype=torch.float64)
     _check_finite(lp, "seq_log_prob")
@@ -360,7 +360,7 @@ def _token_whiten(x: torch.Tensor, lengths: torch.Tensor | None, epsilon: float)
 
 
 def _check_eps(epsilon: float, name: str) -> None:
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
+    if not (is_real_number(epsilon) and math.isfinite(epsilon) and epsilon >= 0):
         raise ValueError(f"{name}: epsilon must be a finite number >= 0, got {epsilon!r}")
 
 
@@ -503,8 +503,8 @@ def w_reinforce(
     The ``w_reinforce`` *method* gets the same advantages another way: ``signed_reward``'s ±1, whose positive part its
     ``positive_scale`` shaper multiplies by ``lam``. Give this estimator to a method without that shaper (``grpo``,
     ``dapo``); with the ``w_reinforce`` method the correct samples would get ``lam ** 2``."""
-    if not float(lam) >= 0.0:  # as the objective's positive_scale: a negative lam would penalise correct samples
-        raise ValueError(f"w_reinforce: lam must be >= 0 (lam = 0 is NSR), got {lam}")
+    if not (is_real_number(lam) and math.isfinite(lam) and lam >= 0.0):  # a negative lam would penalise correct samples
+        raise ValueError(f"w_reinforce: lam must be a finite number >= 0 (lam = 0 is NSR), got {lam!r}")
     r, _ = _check_rewards_groups(rewards, group_ids)
     correct = _is_correct(r, correct_threshold)
     return torch.where(correct, torch.full_like(r, float(lam)), torch.full_like(r, -1.0)).to(torch.float32)
