@@ -504,19 +504,41 @@ def test_objective_state_is_saved_with_checkpoints_and_restored(tokenizer, tmp_p
     assert resumed.objective.regularizers[0].coefficient == fresh.objective.regularizers[0].coefficient
 
 
-def test_a_process_that_does_not_save_writes_no_objective_state(tokenizer, tmp_path, monkeypatch):
-    """Under data parallelism only the process TrainingArguments.should_save names writes the checkpoint's files."""
-    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy",
-                       objective_params={"target_entropy": 100.0, "delta": 0.001})
+def test_under_data_parallelism_each_process_saves_and_restores_its_own_objective_state(tokenizer, tmp_path, monkeypatch):
+    """Only the process TrainingArguments.should_save names writes the shared files; every process writes its own
+    objective state (its coefficient moved on its own micro-batches) and a resume gives each its own back. A
+    checkpoint without a process's file gives it the saving process's state, with a warning."""
+    from accelerate import Accelerator
+
+    def adaptive_trainer():
+        return _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy",
+                        objective_params={"target_entropy": 100.0, "delta": 0.001})
+
+    trainer = adaptive_trainer()
     trainer.state.global_step = 0
     _loss_and_grads(trainer, _inputs(tokenizer, rows=4, seed=11))
     trainer.objective.end_step()
-    assert trainer.objective.state_dict()
+    assert trainer.objective.regularizers[0].coefficient == pytest.approx(0.001)
     trainer.state.global_step = 1
     trainer.create_optimizer_and_scheduler(num_training_steps=4)
     monkeypatch.setattr(GRPOConfig, "should_save", property(lambda self: False))
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(Accelerator, "process_index", property(lambda self: 1))
     trainer._save_checkpoint(trainer.model, None)
-    assert not (Path(trainer.args.output_dir) / "checkpoint-1" / OBJECTIVE_STATE_FILE).exists()
+    checkpoint = Path(trainer.args.output_dir) / "checkpoint-1"
+    assert not (checkpoint / OBJECTIVE_STATE_FILE).exists() and (checkpoint / "entrorl_objective_state_1.pt").is_file()
+
+    other = adaptive_trainer()  # the saving process's state, in its coefficient's initial value
+    torch.save(other.objective.state_dict(), checkpoint / OBJECTIVE_STATE_FILE)
+    resumed = adaptive_trainer()
+    resumed.create_optimizer_and_scheduler(num_training_steps=4)
+    resumed._load_optimizer_and_scheduler(str(checkpoint))
+    assert resumed.objective.state_dict() == trainer.objective.state_dict()
+    monkeypatch.setattr(Accelerator, "process_index", property(lambda self: 0))
+    with pytest.warns(UserWarning, match="holds no objective state of process 0 .* it takes the state of the process "
+                                         "that saved the checkpoint"):
+        resumed._load_optimizer_and_scheduler(str(checkpoint))
+    assert resumed.objective.state_dict() == other.objective.state_dict()
 
 
 def test_rejects_trl_loss_options_the_objective_replaces(tokenizer, tmp_path):
@@ -832,10 +854,14 @@ def test_a_tool_mask_only_removes_tokens(tokenizer, tmp_path):
                     accumulation_steps=1, steps_per_generation=1)
     expected = -float((inputs["advantages"][:, None] * kept).sum()) / float(kept.sum())
     assert loss == pytest.approx(expected, rel=1e-5)
-    # a micro-batch whose tokens are all masked logs an entropy of 0, not NaN
+    # a micro-batch whose tokens are all masked logs an entropy of 0, not NaN, and none of the objective's metrics
+    # (its ratio mean, its shares would read 0 and pull the step's means down)
+    logged = {key: len(values) for key, values in trainer._metrics["train"].items()}
+    assert logged["ratio/mean"] and logged["clip/ppo_frac"]
     _loss_of(trainer, {**inputs, "tool_mask": torch.zeros_like(tool_mask)}, training=True, accumulation_steps=1,
              steps_per_generation=1)
     assert trainer._metrics["train"]["entropy"][-1] == 0.0
+    assert {key: len(values) for key, values in trainer._metrics["train"].items()} == {**logged, "entropy": logged["entropy"] + 1}
 
 
 def test_the_moe_aux_loss_is_scaled_for_accumulation_as_trl_does(tokenizer, tmp_path):
@@ -1127,3 +1153,92 @@ def test_a_half_precision_model_with_a_float32_head_is_scored_through_the_fused_
     trainer.fused_head = None
     trainer.train()
     assert trainer.state.global_step == 1 and math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+TWO_PROCESS_RUN = '''
+import json, random, sys
+
+import torch
+from datasets import Dataset
+from trl import GRPOConfig
+
+from entrorl.integrations.trl import EntropyGRPOTrainer
+
+model_dir, output_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+resume = sys.argv[4] if len(sys.argv) > 4 else None
+torch.set_num_threads(1)
+
+
+class FixedCompletions(EntropyGRPOTrainer):
+    """Completions drawn from the prompt, the sample's place in its group and the step: the same on every attempt."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        seen, completions = {}, []
+        for ids in prompt_ids:
+            index = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
+            draw = random.Random(hash((tuple(ids), index, self.state.global_step)) & 0xFFFFFFFF)
+            completions.append([draw.randint(4, len(self.processing_class) - 1) for _ in range(draw.randint(2, 8))])
+        return completions, None
+
+
+def digits(completions, **kwargs):
+    return [float(sum(character.isdigit() for character in text)) + 0.1 * len(text) for text in completions]
+
+
+args = GRPOConfig(output_dir=output_dir, use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=4,
+                  num_generations=4, max_completion_length=8, logging_steps=1, seed=0, learning_rate=0.5, optim="sgd",
+                  max_grad_norm=0.0, lr_scheduler_type="constant", max_steps=steps, save_strategy="steps",
+                  save_steps=1, disable_tqdm=True)
+trainer = FixedCompletions(model=model_dir, reward_funcs=digits, args=args, processing_class=None,
+                           train_dataset=Dataset.from_list([{"prompt": f"{a}+{b}="} for a in range(4) for b in range(4)]),
+                           objective="adaptive_entropy",
+                           objective_params={"target_entropy": 4.5961, "delta": 0.05, "max_coeff": 1.0})
+trainer.train(resume_from_checkpoint=resume)
+rank = trainer.accelerator.process_index
+weights = torch.cat([p.detach().flatten() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()])
+with open(f"{output_dir}/rank{rank}.json", "w") as handle:
+    json.dump({"coefficient": trainer.objective.regularizers[0].coefficient, "weights_sum": float(weights.double().sum()),
+               "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]}, handle)
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_each_resume_their_own_adaptive_coefficient_and_continue_as_an_uninterrupted_run(tmp_path):
+    """Under data parallelism (2 CPU processes, gloo) each process's adaptive_entropy coefficient moves on its own
+    micro-batches; a run resumed from a checkpoint continues exactly as the uninterrupted one, on every process."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from entrorl.lab.tiny_model import save_tiny_model
+
+    model_dir = tmp_path / "model"
+    save_tiny_model(model_dir, seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    max_position_embeddings=64)
+    script = tmp_path / "run.py"
+    script.write_text(TWO_PROCESS_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false",
+           "TRL_EXPERIMENTAL_SILENCE": "1"}
+
+    def launch(output_dir, *arguments):
+        with socket.socket() as probe:  # a free port for the processes' rendezvous
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                   "--master_port", str(port), str(script), str(model_dir), str(output_dir), "3", *arguments]
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        return [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+    whole = launch(tmp_path / "whole")
+    assert whole[0]["coefficient"] != whole[1]["coefficient"]  # the processes' coefficients drifted apart
+    assert sorted(path.name for path in (tmp_path / "whole" / "checkpoint-2").glob("entrorl_objective_state*")) == [
+        "entrorl_objective_state.pt", "entrorl_objective_state_0.pt", "entrorl_objective_state_1.pt"]
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = launch(tmp_path / "resumed", str(tmp_path / "resumed" / "checkpoint-2"))
+    for rank in (0, 1):
+        assert resumed[rank]["coefficient"] == whole[rank]["coefficient"]
+        assert resumed[rank]["weights_sum"] == whole[rank]["weights_sum"]
+        assert resumed[rank]["losses"][-1] == whole[rank]["losses"][-1]

@@ -36,7 +36,8 @@ one it draws from torch's global generator, which the checkpoint's RNG state res
 checkpoint (``entrorl_objective_state.pt``) and restored on ``resume_from_checkpoint``. The adaptive coefficient
 moves once per optimizer step (the micro-batches of one ``state.global_step``), as TRL's own adaptive entropy
 does; each process measures its own micro-batches, so under data parallelism the processes' coefficients can
-drift apart. Evaluation batches leave every state as training left it.
+drift apart: each process then saves and restores its own state too (``entrorl_objective_state_<process>.pt``).
+Evaluation batches leave every state as training left it.
 
 Metrics. TRL's loss-side metrics (``clip_ratio/*``, ``kl``) are not computed, since its loss is not; instead every
 micro-step appends to TRL's metrics (averaged by ``log``) the objective's metrics (``select/*``, ``clip/*``,
@@ -109,6 +110,12 @@ check_trl_version(trl.__version__)
 
 #: The file in each checkpoint directory that holds the objective's state (adaptive coefficients, generators).
 OBJECTIVE_STATE_FILE = "entrorl_objective_state.pt"
+
+
+def objective_state_file(process_index: int) -> str:
+    """The file of one process's objective state in a checkpoint written by several processes (each measures its own
+    micro-batches, so their adaptive coefficients and generators differ)."""
+    return f"entrorl_objective_state_{process_index}.pt"
 
 # surrogates that clip the ratio to [1 - eps_low, 1 + eps_high] as TRL's epsilon / epsilon_high do
 _RATIO_CLIPPED_SURROGATES = (PPOClip, GSPO)
@@ -227,7 +234,8 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
             f"top_entropy_quantile = {quantile:g}: use the 'forking_tokens' method; TRL's entropy mask keeps the dropped "
             "tokens in the loss's normaliser, so TRL's loss is objective='forking_tokens', objective_params="
             f"{{'top_entropy_quantile': {quantile:g}, 'keep_in_normaliser': True, 'clip_ratio_low': {low:g}, "
-            f"'clip_ratio_high': {high:g}}}")
+            f"'clip_ratio_high': {high:g}}} (the same loss on one process; under data parallelism TRL takes the "
+            "quantile over every process's tokens, forking_tokens over each process's micro-batch)")
     if getattr(args, "entropy_coef", 0.0) or getattr(args, "use_adaptive_entropy", False):
         problems.append("entropy_coef / use_adaptive_entropy: use the 'entropy_bonus' method (its coefficient: "
                         "objective_params={'entropy_coeff': ...}) or the 'adaptive_entropy' method")
@@ -500,11 +508,15 @@ class EntropyGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        state = self.objective.state_dict()
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             self._write_objective_name(folder)
-            if state := self.objective.state_dict():
+            if state:
                 torch.save(state, os.path.join(folder, OBJECTIVE_STATE_FILE))
+        if state and self.accelerator.num_processes > 1:  # each process's own, as transformers keeps its RNG states
+            os.makedirs(folder, exist_ok=True)
+            torch.save(state, os.path.join(folder, objective_state_file(self.accelerator.process_index)))
 
     def save_state(self) -> None:
         super().save_state()
@@ -518,7 +530,13 @@ class EntropyGRPOTrainer(GRPOTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
-            path = os.path.join(checkpoint, OBJECTIVE_STATE_FILE)
+            own = os.path.join(checkpoint, objective_state_file(self.accelerator.process_index))
+            shared = os.path.join(checkpoint, OBJECTIVE_STATE_FILE)
+            if self.accelerator.num_processes > 1 and not os.path.exists(own) and os.path.exists(shared):
+                warnings.warn(f"{checkpoint} holds no objective state of process {self.accelerator.process_index} "
+                              f"(saved by {self.accelerator.num_processes} processes?): it takes the state of the "
+                              "process that saved the checkpoint", stacklevel=2)
+            path = own if self.accelerator.num_processes > 1 and os.path.exists(own) else shared
             self.objective.load_state_dict(torch.load(path, weights_only=True) if os.path.exists(path) else {})
 
     # ------------------------------------------------------------------------------------------------ scoring
@@ -640,7 +658,9 @@ class EntropyGRPOTrainer(GRPOTrainer):
         totals = torch.stack([torch.where(mask, batch.entropy.detach(), 0.0).sum(), mask.sum().float()])
         totals = self.accelerator.reduce(totals, reduction="sum")
         metrics["entropy"].append(float(totals[0] / totals[1].clamp(min=1.0)))
-        entries = dict(objective_metrics)  # the loss's own (clipping, selection, KL): TRL's loss-side metrics are not computed
+        # the loss's own (clipping, selection, KL): TRL's loss-side metrics are not computed. A micro-batch without a
+        # valid token has none (its ratio mean, its entropy quantile, its shares would read 0): left out of the mean
+        entries = dict(objective_metrics) if bool(mask.any()) else {}
         if self.diagnostics:
             token_advantages = torch.where(mask, advantages, 0.0)
             entries.update(entropy_summary(batch.entropy, mask))
