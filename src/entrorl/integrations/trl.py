@@ -537,6 +537,9 @@ class EntropyGRPOTrainer(GRPOTrainer):
                               f"(saved by {self.accelerator.num_processes} processes?): it takes the state of the "
                               "process that saved the checkpoint", stacklevel=2)
             path = own if self.accelerator.num_processes > 1 and os.path.exists(own) else shared
+            if not os.path.exists(path) and self.objective.state_dict():
+                warnings.warn(f"{checkpoint} holds no objective state (a checkpoint of GRPOTrainer, or of another "
+                              f"objective): {self.objective.name}'s state starts afresh", stacklevel=2)
             self.objective.load_state_dict(torch.load(path, weights_only=True) if os.path.exists(path) else {})
 
     # ------------------------------------------------------------------------------------------------ scoring
