@@ -343,10 +343,15 @@ def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Compositi
     if not _only_a_surrogate(_spec_refs(get_method(first))):  # a first method that is only a surrogate cannot follow
         options.append(f"put '{name}' first ('{'+'.join([name, *before])}')")
     if comp.surrogate is not None and comp.surrogate[0] == surrogate[0]:
-        # advice only where those settings change the composition's own
-        if (any(comp.surrogate[1].get(key) != value for key, value in surrogate[1].items())
-                or refs["loss_agg_mode"] not in (None, comp.loss_agg_mode)):
-            options.append(f"give the composition those settings: build_objective('{so_far}', {described})")
+        # advice only where those settings change the composition's own: the surrogate's that differ, or else the
+        # aggregation (the first method's stays, so GRPO with dual-clip keeps GRPO's)
+        own = make_part("surrogate", comp.surrogate[0], comp.surrogate[1]).params()
+        changed = {key: value for key, value in surrogate[1].items() if own.get(key) != value}
+        if not changed and refs["loss_agg_mode"] not in (None, comp.loss_agg_mode):
+            changed = {"loss_agg_mode": refs["loss_agg_mode"]}
+        if changed:
+            advice = ", ".join(f"{key}={value!r}" for key, value in changed.items())
+            options.append(f"give the composition those settings: build_objective('{so_far}', {advice})")
     if not options:
         options.append(f"choose one of '{first}' and '{name}': both are a surrogate alone")
     raise ValueError(
@@ -376,7 +381,8 @@ def _warn_surrogate_set_aside(name: str, own: PartRef, used: PartRef, *, first: 
 
 def _refuse_selectors_that_keep_nothing(comp: _Composition) -> None:
     """``forking_tokens`` keeps the top ``rho_f`` of the entropies and ``low_entropy_tokens`` the bottom ``1 - rho_l``;
-    with ``rho_f <= rho_l`` the two keep disjoint tokens and the objective would train on none."""
+    with ``rho_f <= rho_l`` the two keep disjoint tokens (but for ties at the threshold, which both keep) and the
+    objective would train on next to none."""
     chosen = {name: params for name, params in comp.selectors if name in ("forking_tokens", "low_entropy_tokens")}
     if len(chosen) < 2:
         return
@@ -385,7 +391,8 @@ def _refuse_selectors_that_keep_nothing(comp: _Composition) -> None:
     if high <= low:
         raise ValueError(
             f"forking_tokens keeps the top {high:g} of the token entropies and low_entropy_tokens drops the top {low:g}: "
-            "together they keep no token, so nothing would be trained; use one of them (or give forking_tokens the "
+            "together they keep no token (but those tied exactly at the threshold), so next to nothing would be trained; "
+            "use one of them (or give forking_tokens the "
             "larger top_entropy_quantile to keep the band between)"
         )
 
