@@ -494,6 +494,21 @@ def test_the_presets_train_two_methods_at_a_time_and_quick_is_the_default_matrix
     assert (quick.train_task, quick.forgetting_task) == (default.train_task, default.forgetting_task)
     assert quick.steps < default.steps and quick.base.steps < default.base.steps
 
+@pytest.mark.parametrize(("name", "expected"), [
+    ("default", {"steps": 170, "prompts_per_step": 8, "group_size": 8, "max_new_tokens": 40, "temperature": 1.0, "lr": 2e-4,
+                 "warmup_steps": 10, "mini_batches": 2, "checkpoint_every": 20, "eval_n": 64, "forgetting_n": 8,
+                 "top_forks": 20, "train_problems": 2000, "eval_problems": 40, "forgetting_problems": 40}),
+    ("quick", {"steps": 12, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 32, "temperature": 1.0, "lr": 2e-4,
+               "warmup_steps": 2, "mini_batches": 2, "checkpoint_every": 6, "eval_n": 16, "forgetting_n": 4,
+               "top_forks": 10, "train_problems": 400, "eval_problems": 12, "forgetting_problems": 12}),
+])
+def test_each_preset_trains_and_evaluates_with_its_published_budget(name, expected):
+    """The front page's numbers are a default run's, reproduced to every printed digit only under the same budget;
+    quick saves a checkpoint half-way, so that an interrupted quick run resumes from there."""
+    preset = get_preset(name)
+    assert {key: getattr(preset, key) for key in expected} == expected
+
+
 @pytest.mark.slow
 def test_rl_seed_changes_only_the_training_seed(tmp_path):
     from entrorl.lab.runner import _prepare_data, _trainer_config
@@ -1406,6 +1421,8 @@ def test_a_method_s_trainer_configuration(tmp_path):
         "prompts_per_step": 3, "group_size": 5, "max_new_tokens": 7, "temperature": 0.7}
     reseeded = _trainer_config(preset.model_copy(update={"rl_seed": 5}), "sft", tmp_path / "model", data, tmp_path / "sft")
     assert reseeded["seed"] == 5 and reseeded["method"] == SFT_OBJECTIVE
+    # sft maximises the likelihood of every demonstration token alike: the mean over all tokens of the batch
+    assert SFT_OBJECTIVE == {"surrogate": {"name": "log_likelihood"}, "loss_agg_mode": "token-mean"}
     own_seed = _trainer_config(preset.model_copy(update={"seed": 3}), "grpo", tmp_path / "model", data, tmp_path / "grpo")
     assert own_seed["seed"] == 3  # without an rl_seed the runs train with the preset's seed
 
@@ -1535,6 +1552,8 @@ def test_a_method_is_trained_by_its_own_trainer_resumed_from_its_checkpoint_and_
     grpo = built["grpo"]
     assert type(grpo) is RecordingTrainer and not grpo.resume and grpo.task is None
     assert grpo.trained == {"handle_signals": True, "should_stop": runner._laboratory_stopped}
+    runner._train_and_evaluate(job("rft"))  # the other supervised baseline is an ordinary method of the RL trainer
+    assert type(built["rft"]) is RecordingTrainer and built["rft"].task is None
 
 
 def test_the_supervised_trainer_trains_on_one_correct_reference_per_sample_drawn_anew_each_step(tmp_path, tiny_model_dir,
@@ -1892,6 +1911,7 @@ def test_the_policy_evaluation_samples_and_measures_entropy_at_the_preset_s_temp
     assert abs(entropy[0.5] - entropy[1.0]) > 1e-3
     assert result["entropy_mean"] == pytest.approx(entropy[0.5], rel=1e-5)
     assert len(result["forks"]) == 3
+    assert seed == preset.seed + 17  # the seed the published evaluations were drawn under
     drawn.clear()
     runner.evaluate_policy(model, tokenizer, preset.model_copy(update={"seed": preset.seed + 5}), data)
     assert drawn[0][1] == seed + 5
@@ -2029,6 +2049,29 @@ def test_a_resumed_invocation_records_the_folder_s_methods_in_order_and_its_outc
     assert runner.failed_methods(out) == ["grpo", "dapo"]
     printed = " ".join(console.file.getvalue().split())
     assert "the report covers all 4 methods of" in printed and "(grpo, clip_cov, nsr, dapo)" in printed
+
+
+def test_an_invocation_whose_base_evaluation_failed_is_recorded_as_not_completed(tmp_path, monkeypatch):
+    """The base model's evaluation raises before any method starts: the invocation is recorded, with its end, as not
+    completed (no method finished), and the error reaches the caller."""
+    from entrorl.lab import runner
+
+    out = tmp_path / "lab"
+    monkeypatch.setattr(runner, "build_base_model", lambda spec, cache_dir=None, progress=None: tmp_path / "base-model")
+    monkeypatch.setattr(runner, "_prepare_data", lambda out, preset: {k: out / "data" / f"{k}.jsonl" for k in ("train", "eval", "forget")})
+    monkeypatch.setattr("entrorl.modeling.load_causal_lm", lambda path: "model")
+    monkeypatch.setattr("entrorl.modeling.load_tokenizer", lambda path: "tokenizer")
+
+    def failing(model, tokenizer, preset, data):
+        raise RuntimeError("the base evaluation ran out of memory")
+
+    monkeypatch.setattr(runner, "evaluate_policy", failing)
+    monkeypatch.setattr(runner, "_run_jobs", lambda *args: pytest.fail("no method starts after the base evaluation failed"))
+    with pytest.raises(RuntimeError, match="ran out of memory"):
+        runner.run_lab("quick", methods=["grpo", "nsr"], out=out)
+    invocation = json.loads((out / "lab.json").read_text())["invocations"][-1]
+    assert invocation["base_evaluated"] is True and "finished_at" in invocation
+    assert invocation["completed"] is False
 
 
 def test_the_policy_evaluation_gives_pass_at_n_also_when_n_is_not_a_power_of_two(tmp_path, tiny_model_dir, monkeypatch):

@@ -1088,6 +1088,9 @@ def test_evaluate_model_samples_under_its_own_seed_and_leaves_the_caller_s_rando
     completions(6)
     assert torch.equal(torch.rand(3), after)
     assert completions(6) != first and completions(5, batch_size=64) == first
+    heard = []
+    _evaluate_tiny(tiny_model_dir, n=35, progress=heard.append)  # 70 rows: one full batch of 64, then 6
+    assert heard == [64, 70]
 
 
 def test_evaluate_model_reports_the_reward_s_threshold_the_forks_sources_and_its_sampling_progress(tiny_model_dir):
