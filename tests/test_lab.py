@@ -636,6 +636,16 @@ def test_a_resumed_method_counts_the_train_time_of_its_interrupted_and_failed_in
     monkeypatch.setattr(runner, "_train_and_evaluate", finished)
     assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "done"
     assert json.loads((run_dir / "final_eval.json").read_text())["train_seconds"] == pytest.approx(5.5)
+    # its final_eval.json cut short: evaluated again (1 s), adding to the 5.5 s of the invocations that trained it
+    (run_dir / "final_eval.json").write_text('{"pass_at_k": {"1": 0.')
+
+    def evaluated_again(job):
+        clock.now += 1.0
+        return {"pass_at_k": {"1": 0.5}}
+
+    monkeypatch.setattr(runner, "_train_and_evaluate", evaluated_again)
+    assert runner._run_method({"method": "grpo", "run_dir": str(run_dir)})["status"] == "done"
+    assert json.loads((run_dir / "final_eval.json").read_text())["train_seconds"] == pytest.approx(6.5)
 
     # interrupted twice (3.5 s, then 3.5 s more), then finished in 2 s: 9 s; an earlier failure's error.log is gone
     (run_dir / "final_eval.json").unlink()
@@ -2051,9 +2061,11 @@ def test_a_resumed_invocation_records_the_folder_s_methods_in_order_and_its_outc
     assert "the report covers all 4 methods of" in printed and "(grpo, clip_cov, nsr, dapo)" in printed
 
 
-def test_an_invocation_whose_base_evaluation_failed_is_recorded_as_not_completed(tmp_path, monkeypatch):
-    """The base model's evaluation raises before any method starts: the invocation is recorded, with its end, as not
-    completed (no method finished), and the error reaches the caller."""
+@pytest.mark.parametrize("stop", [RuntimeError("the base evaluation ran out of memory"), KeyboardInterrupt()])
+def test_an_invocation_whose_base_evaluation_failed_is_recorded_as_not_completed(tmp_path, monkeypatch, stop):
+    """The base model's evaluation raises (or is stopped with Ctrl-C) before any method starts: the invocation is
+    recorded, with its end, as not completed (no method finished) and as having run no method, and the error reaches
+    the caller."""
     from entrorl.lab import runner
 
     out = tmp_path / "lab"
@@ -2063,15 +2075,15 @@ def test_an_invocation_whose_base_evaluation_failed_is_recorded_as_not_completed
     monkeypatch.setattr("entrorl.modeling.load_tokenizer", lambda path: "tokenizer")
 
     def failing(model, tokenizer, preset, data):
-        raise RuntimeError("the base evaluation ran out of memory")
+        raise stop
 
     monkeypatch.setattr(runner, "evaluate_policy", failing)
     monkeypatch.setattr(runner, "_run_jobs", lambda *args: pytest.fail("no method starts after the base evaluation failed"))
-    with pytest.raises(RuntimeError, match="ran out of memory"):
+    with pytest.raises(type(stop)):
         runner.run_lab("quick", methods=["grpo", "nsr"], out=out)
     invocation = json.loads((out / "lab.json").read_text())["invocations"][-1]
     assert invocation["base_evaluated"] is True and "finished_at" in invocation
-    assert invocation["completed"] is False
+    assert invocation["completed"] is False and invocation["ran"] == []
 
 
 def test_the_policy_evaluation_gives_pass_at_n_also_when_n_is_not_a_power_of_two(tmp_path, tiny_model_dir, monkeypatch):

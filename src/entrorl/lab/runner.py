@@ -244,7 +244,8 @@ def _init_worker(stop: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-# a method's folder: the seconds its interrupted invocations spent, which its train time adds up
+# a method's folder: the seconds its earlier invocations spent (interrupted, failed, or the one that finished it),
+# which its train time adds up
 _EARLIER_SECONDS = "earlier_train_seconds.json"
 
 
@@ -276,6 +277,8 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
         evaluation = _train_and_evaluate(job)
         evaluation["train_seconds"] = earlier + time.perf_counter() - started
         _write_json(final_path, evaluation)
+        # kept for an evaluation made again (final_eval.json cut short), which adds its own time to it
+        _write_json(run_dir / _EARLIER_SECONDS, {"seconds": evaluation["train_seconds"]})
         return {"method": method, "status": "done", "seconds": time.perf_counter() - started}
     except TrainingInterrupted as stopped:  # its step saved: the next invocation continues from there
         if run_dir.is_dir():
@@ -750,6 +753,7 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
 
         data = _prepare_data(out, preset)
         record_lab()
+        methods_started = False  # a stop during the base evaluation comes before any method
         try:
             base_eval = out / "base" / "final_eval.json"
             if not base_eval.exists():
@@ -764,6 +768,7 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
                      "model_dir": str(model_dir), "data": {k: str(v) for k, v in data.items()}} for method in preset.methods]
             bars = {job["method"]: progress.add_task(job["method"], total=preset.steps, status="", start=False)
                     for job in jobs}
+            methods_started = True
             stopped = _run_jobs(jobs, max(1, min(workers, len(jobs))), outcomes, progress, bars, out, preset.steps)
             if stopped:  # every method may have finished meanwhile: the user still asked to stop
                 raise LabInterrupted(out, [m for m, outcome in outcomes.items() if outcome["status"] == "interrupted"])
@@ -771,7 +776,7 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
             invocation["finished_at"] = time.time()
             invocation["seconds"] = time.monotonic() - running_since
             # what this invocation trained or was training: not the finished ones it found, nor those it never started
-            invocation["ran"] = [m for m in preset.methods if _trained_here(outcomes.get(m))]
+            invocation["ran"] = [m for m in preset.methods if methods_started and _trained_here(outcomes.get(m))]
             invocation["completed"] = (len(outcomes) == len(preset.methods)
                                        and all(o["status"] in ("done", "cached") for o in outcomes.values()))
             record_lab()
