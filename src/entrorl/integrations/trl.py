@@ -117,6 +117,7 @@ def objective_state_file(process_index: int) -> str:
     micro-batches, so their adaptive coefficients and generators differ)."""
     return f"entrorl_objective_state_{process_index}.pt"
 
+
 # surrogates that clip the ratio to [1 - eps_low, 1 + eps_high] as TRL's epsilon / epsilon_high do
 _RATIO_CLIPPED_SURROGATES = (PPOClip, GSPO)
 

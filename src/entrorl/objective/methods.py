@@ -391,9 +391,8 @@ def _refuse_selectors_that_keep_nothing(comp: _Composition) -> None:
     if high <= low:
         raise ValueError(
             f"forking_tokens keeps the top {high:g} of the token entropies and low_entropy_tokens drops the top {low:g}: "
-            "together they keep no token (but those tied exactly at the threshold), so next to nothing would be trained; "
-            "use one of them (or give forking_tokens the "
-            "larger top_entropy_quantile to keep the band between)"
+            "together they keep no token (but those tied exactly at the threshold), so next to nothing would be "
+            "trained; use one of them (or give forking_tokens the larger top_entropy_quantile to keep the band between)"
         )
 
 

@@ -11,18 +11,18 @@ Layout of a run directory::
     run_dir/checkpoints/latest                    name of the newest complete checkpoint
     run_dir/.lock                                 held by the process that runs there (:func:`lock_run_directory`)
 
-A checkpoint is written into a hidden temporary directory, synced to disk (so that a machine that loses power
-cannot leave a renamed checkpoint with empty files) and renamed into place (``os.replace`` is atomic on one
-filesystem); ``latest`` is then rewritten the same way. Only then are old checkpoints pruned, each renamed to a
-temporary name before it is deleted (a kill meanwhile leaves no half-deleted checkpoint). A checkpoint counts as
-complete when every file its ``files.json`` lists is there with the size it was written with, or, for a JSON, text or
-Markdown file a user may edit, is not empty (a checkpoint from before ``files.json``: when its trainer state, model config and
-weights are there and not empty); a resume, ``entrorl eval`` of a run and pruning pass over incomplete ones. A
-complete checkpoint is also *intact* when the files a reader takes from it still have the CRC-32 they were written
-with (a JSON, text or Markdown file a user may edit excepted): a resume checks every file, ``entrorl eval`` the model's and the
-adapters', and both pass over a checkpoint damaged in place (bytes changed, size kept) to the newest intact one
-before it, with a warning, where loading it would have read wrong weights or failed late. A write that fails (a full
-disk) removes its temporary directory and raises :class:`CheckpointWriteError`; the previous checkpoint stays.
+A checkpoint is written into a hidden temporary directory, synced to disk (so that a machine that loses power cannot
+leave a renamed checkpoint with empty files) and renamed into place (``os.replace`` is atomic on one filesystem);
+``latest`` is then rewritten the same way. Only then are old checkpoints pruned, each renamed to a temporary name
+before it is deleted (a kill meanwhile leaves no half-deleted checkpoint). A checkpoint counts as complete when every
+file its ``files.json`` lists is there with the size it was written with, or, for a JSON, text or Markdown file a user
+may edit, is not empty (a checkpoint from before ``files.json``: when its trainer state, model config and weights are
+there and not empty); a resume, ``entrorl eval`` of a run and pruning pass over incomplete ones. A complete checkpoint
+is also *intact* when the files a reader takes from it still have the CRC-32 they were written with (a JSON, text or
+Markdown file a user may edit excepted): a resume checks every file, ``entrorl eval`` the model's and the adapters',
+and both pass over a checkpoint damaged in place (bytes changed, size kept) to the newest intact one before it, with a
+warning, where loading it would have read wrong weights or failed late. A write that fails (a full disk) removes its
+temporary directory and raises :class:`CheckpointWriteError`; the previous checkpoint stays.
 """
 
 from __future__ import annotations
@@ -561,11 +561,11 @@ def _read_file_list(checkpoint: Path) -> tuple[dict[str, int], dict[str, str]] |
 
 def _what_is_missing(checkpoint: Path, *, parts: tuple[str, ...] | None = None) -> str | None:
     """None when ``checkpoint`` holds everything a resume reads; else what is wrong, e.g. "model/tokenizer.json is
-    missing". With a ``files.json``: every file it lists, at its size (a JSON, text or Markdown file may have been edited, and
-    only has to be there and not empty); with ``parts`` (e.g. ``("model", "adapter")``), only the files in those. Without
-    one (written before checkpoints had it): the trainer state, the model's config and weights, none of them empty, and
-    the adapters' files when it has adapters (whose checkpoints may leave the weights out); with ``parts``, nothing
-    (the loaders say what they cannot read)."""
+    missing". With a ``files.json``: every file it lists, at its size (a JSON, text or Markdown file may have been
+    edited, and only has to be there and not empty); with ``parts`` (e.g. ``("model", "adapter")``), only the files in
+    those. Without one (written before checkpoints had it): the trainer state, the model's config and weights, none of
+    them empty, and the adapters' files when it has adapters (whose checkpoints may leave the weights out); with
+    ``parts``, nothing (the loaders say what they cannot read)."""
     try:
         listed = _read_file_list(checkpoint)
     except ValueError as error:

@@ -56,7 +56,8 @@ def entropy_summary(entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, floa
     values = _valid(entropy, mask)
     if values.numel() == 0:
         return {}
-    quantiles = torch.quantile(values.float(), torch.tensor([0.1, 0.5, 0.9], device=values.device)) if values.numel() < 16_000_000 else None
+    levels = torch.tensor([0.1, 0.5, 0.9], device=values.device)
+    quantiles = torch.quantile(values.float(), levels) if values.numel() < 16_000_000 else None
     summary = {"entropy/mean": float(values.mean()), "entropy/max": float(values.max()), "entropy/low_frac": float((values < 1e-2).double().mean())}
     if quantiles is not None:
         summary.update({"entropy/p10": float(quantiles[0]), "entropy/p50": float(quantiles[1]), "entropy/p90": float(quantiles[2])})
