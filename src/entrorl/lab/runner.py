@@ -361,7 +361,8 @@ def _check_same_preset(out: Path, preset: LabPreset, record: dict[str, Any]) -> 
 def _requested_methods(methods: list[str] | str | None) -> list[str] | None:
     """The method names asked for, stripped of spaces (around each part of a composition too: ``dapo + clip_b`` is
     ``dapo+clip_b``, one run folder), empty ones dropped and repeats removed (the first kept, order kept); ``None``
-    when none was asked for (the preset's matrix). A string is split on commas."""
+    when none was asked for (``methods=None``: the preset's matrix). A string is split on commas; a list or string
+    that names no method (``[]``, ``""``) is refused."""
     if methods is None:
         return None
     if isinstance(methods, str):
@@ -371,9 +372,9 @@ def _requested_methods(methods: list[str] | str | None) -> list[str] | None:
         if "+" in name and not all(name.split("+")):
             raise ValueError(f"--methods: '{name}' has an empty part; write a composition as dapo+clip_b")
     names = list(dict.fromkeys(name for name in stripped if name))
-    if methods and not names:
+    if not names:
         raise ValueError("--methods names no method; give method names separated by commas, e.g. --methods grpo,clip_b")
-    return names or None
+    return names
 
 
 def failed_methods(out: Path) -> list[str]:
