@@ -1173,7 +1173,7 @@ torch.set_num_threads(1)
 class FixedCompletions(EntropyGRPOTrainer):
     """Completions drawn from the prompt, the sample's place in its group and the step: the same on every attempt."""
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def _generate_single_turn(self, prompt_ids, *args, **kwargs):  # (completion ids, sampler log-probs)
         seen, completions = {}, []
         for ids in prompt_ids:
             index = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
