@@ -1162,6 +1162,31 @@ def test_a_method_stopped_by_a_signal_of_its_own_is_not_reported_as_finished(tmp
     assert not (out / "report.md").exists()
 
 
+def _finishes_grpo_then_is_interrupted(job):
+    """grpo trains to the end; the next method is stopped by a signal of its own after saving step 2."""
+    if job["method"] == "grpo":
+        return {"method": "grpo", "status": "done"}
+    return {"method": job["method"], "status": "interrupted", "step": 2}
+
+
+def test_an_interrupted_laboratory_records_the_outcomes_it_has(tmp_path, monkeypatch):
+    """Methods that failed before and were retried by an invocation that was then interrupted are no longer listed as
+    failed: one finished since, the other was interrupted (not failed) on its way."""
+    from entrorl.lab import runner
+
+    out = _finished_folder(tmp_path, monkeypatch)
+    for method in ("grpo", "clip_cov"):
+        (out / "methods" / method / "final_eval.json").unlink()
+    (out / "outcomes.json").write_text(json.dumps({m: {"method": m, "status": "failed", "error": "ValueError: before"}
+                                                   for m in ("grpo", "clip_cov")}))
+    monkeypatch.setattr(runner, "_run_method", _finishes_grpo_then_is_interrupted)
+    with pytest.raises(runner.LabInterrupted):
+        runner.run_lab("quick", methods=["grpo", "clip_cov"], out=out, workers=1)
+    assert runner.failed_methods(out) == []
+    outcomes = json.loads((out / "outcomes.json").read_text())
+    assert outcomes["grpo"]["status"] == "done" and outcomes["clip_cov"] == {"method": "clip_cov", "status": "interrupted", "step": 2}
+
+
 def test_the_s_and_d_histograms_count_every_token_in_their_end_bins():
     """Values beyond +-0.4 (and 0.4 itself, which float32 rounds above the float64 edge) land in the end bins."""
     from entrorl.lab.runner import _histogram

@@ -781,8 +781,10 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
             invocation["completed"] = (len(outcomes) == len(preset.methods)
                                        and all(o["status"] in ("done", "cached") for o in outcomes.values()))
             record_lab()
+            # an interrupted invocation's outcomes too: a method that failed before and has finished since is no
+            # longer listed as failed
+            _write_json(out / "outcomes.json", {**_read_json_object(out / "outcomes.json"), **outcomes})
     failed = {m: o["error"] for m, o in outcomes.items() if o["status"] == "failed"}
-    _write_json(out / "outcomes.json", {**_read_json_object(out / "outcomes.json"), **outcomes})
     if console is not None:
         console.print("writing the report and its figures")
     write_report(out)
