@@ -656,7 +656,15 @@ def test_a_json_object_that_repeats_a_key_is_refused_as_a_csv_header_is(tmp_path
         load_prompts(lines)
     whole = tmp_path / "repeated.json"
     whole.write_text('{"data": [{"prompt": "a", "answer": "1", "meta": {"x": 1, "x": 2}}]}', encoding="utf-8")
-    with pytest.raises(DataError, match=r"repeated\.json: an object repeats the key 'x'"):
+    with pytest.raises(DataError, match=r"repeated\.json\[0\]: an object repeats the key 'x'") as refused:
+        load_prompts(whole)
+    assert refused.value.location == f"{whole}[0]"
+    whole.write_text('[{"prompt": "a", "answer": "1"},\n {"prompt": "b", "answer": "4", "answer": "3"}]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"repeated\.json\[1\]: an object repeats the key 'answer'") as refused:
+        load_prompts(whole)
+    assert refused.value.location == f"{whole}[1]"
+    whole.write_text('{"data": [{"prompt": "a", "answer": "1"}], "data": []}', encoding="utf-8")  # no row to name
+    with pytest.raises(DataError, match=r"repeated\.json: an object repeats the key 'data'"):
         load_prompts(whole)
 
 

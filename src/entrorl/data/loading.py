@@ -488,7 +488,7 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
             f"{p}: empty file; expected a JSON list of objects or an object {{\"data\": [...]}}", path=str(p)
         )
     try:
-        obj = json.loads(text, object_pairs_hook=_object_of_unique_keys)
+        obj = json.loads(text, object_pairs_hook=_RepeatingKeys.of)
     except json.JSONDecodeError as exc:
         where = f"{p}:{exc.lineno}"
         raise DataError(
@@ -497,8 +497,8 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
             path=str(p),
             location=where,
         ) from None
-    except _RepeatedKey as exc:
-        raise DataError(f"{p}: {exc}", path=str(p)) from None
+    if isinstance(obj, _RepeatingKeys):  # the file's own object: no row to name
+        raise DataError(f"{p}: {obj.refusal}", path=str(p))
     if isinstance(obj, dict):
         if "data" not in obj:
             raise DataError(
@@ -522,6 +522,9 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
     records = []
     for i, row in enumerate(rows):
         where = f"{p}[{i}]"
+        repeating = _RepeatingKeys.within(row)
+        if repeating is not None:
+            raise DataError(f"{where}: {repeating.refusal}", path=str(p), location=where)
         if not isinstance(row, dict):
             raise DataError(
                 f"{where}: row {i} is a JSON {_json_kind(row)}; expected a JSON object",
@@ -542,9 +545,38 @@ def _object_of_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise _RepeatedKey(f"an object repeats the key {key!r}; expected unique keys (which value is meant?)")
+            raise _RepeatedKey(_repeated_key_refusal(key))
         seen[key] = value
     return seen
+
+
+def _repeated_key_refusal(key: str) -> str:
+    return f"an object repeats the key {key!r}; expected unique keys (which value is meant?)"
+
+
+class _RepeatingKeys(dict):
+    """A JSON object that repeats a key, kept while a whole ``.json`` file is parsed, so that the row holding it can
+    be named when it is refused (the parser gives no position)."""
+
+    refusal: str
+
+    @classmethod
+    def of(cls, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        repeated = next((key for key, _ in pairs if key in seen or seen.add(key)), None)
+        if repeated is None:
+            return dict(pairs)
+        repeating = cls(pairs)
+        repeating.refusal = _repeated_key_refusal(repeated)
+        return repeating
+
+    @classmethod
+    def within(cls, value: Any) -> "_RepeatingKeys | None":
+        """The first object under ``value`` (itself included) that repeats a key, or None."""
+        if isinstance(value, cls):
+            return value
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        return next((found for child in children if (found := cls.within(child)) is not None), None)
 
 
 @contextlib.contextmanager
