@@ -617,7 +617,7 @@ def methods(
 
 @app.command()
 def lab(
-    preset: Annotated[str, typer.Option(help="default (about 9 minutes on two cores once the base model is built) or "
+    preset: Annotated[str, typer.Option(help="default (10 to 15 minutes on two cores once the base model is built) or "
                                               "quick (the same matrix at toy scale, a few minutes)")] = "default",
     methods: Annotated[Optional[list[str]], typer.Option("--methods", help="methods to run, comma-separated or repeated, compositions included (dapo+clip_b); default: the preset's matrix")] = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory; an existing one is resumed")] = None,

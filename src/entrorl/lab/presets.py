@@ -1,5 +1,5 @@
-"""Laboratory presets: ``default`` (the front-page run, about 9 minutes on two cores) and ``quick``
-(the same matrix at toy scale, a few minutes; CI runs it end to end)."""
+"""Laboratory presets: ``default`` (the front-page run, 10 to 15 minutes on two cores once its base model is built)
+and ``quick`` (the same matrix at toy scale, a few minutes; CI runs it end to end)."""
 
 from __future__ import annotations
 
