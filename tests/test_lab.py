@@ -2207,3 +2207,24 @@ def test_training_a_base_model_leaves_the_caller_s_random_stream_as_it_was(tmp_p
     first = base_model._train(BaseModelSpec(seed=5), tmp_path)
     assert torch.equal(torch.rand(3), expected)
     assert base_model._train(BaseModelSpec(seed=5), tmp_path) == first  # seeded by the spec, inside
+
+
+def test_a_left_over_temporary_folder_of_the_same_process_id_does_not_stop_a_base_model_build(tmp_path, monkeypatch):
+    """A build killed earlier may leave ``.base-<key>.tmp-<pid>``; a later process with the same id clears it first, and
+    none of its files reach the finished model."""
+    import os
+
+    from entrorl.lab import base_model
+
+    def train(spec, directory, progress=None):
+        (directory / "weights").write_text("new")
+        return {"key": spec.key()}
+
+    monkeypatch.setattr(base_model, "_train", train)
+    spec = BaseModelSpec()
+    stale = tmp_path / "lab" / f".base-{spec.key()}.tmp-{os.getpid()}"
+    stale.mkdir(parents=True)
+    (stale / "half-written").write_text("old")
+    final = base_model.build_base_model(spec, cache_dir=tmp_path)
+    assert sorted(path.name for path in final.iterdir()) == ["base.json", "weights"]
+    assert [path.name for path in (tmp_path / "lab").iterdir()] == [final.name]

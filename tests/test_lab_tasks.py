@@ -55,6 +55,8 @@ def test_registry_and_get_task():
         get_task("nope")
     with pytest.raises(ValueError, match="unknown lab task"):
         get_task(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown lab task"):
+        get_task(["sum_chain"])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -867,7 +869,7 @@ def test_countdown_default_problem_space():
 
 def test_countdown_wrong_demonstrations_of_tiny_problems_still_score_zero():
     """When no +-1/+-2 slip of a solution stays positive and misses the target (``1 1 2>1``: ``1*1=1 2-1=1``), the
-    wrong demonstration still is wrong."""
+    wrong demonstration still is wrong, and every result it writes stays positive (no slip to 0)."""
     task = get_task("countdown")
     rng = random.Random(0)
     for numbers, target in (([1, 1, 2], 1), ([1, 2, 2], 1), ([2, 3, 4], 1)):
@@ -876,6 +878,7 @@ def test_countdown_wrong_demonstrations_of_tiny_problems_still_score_zero():
         for _ in range(150):
             wrong = task.wrong_demonstration(example, rng)
             assert task.score(example.prompt, wrong, example.answer, **example.meta) == 0.0, (numbers, wrong)
+            assert all(int(step.rsplit("=", 1)[1]) > 0 for step in wrong.rsplit("#", 1)[0].split()), (numbers, wrong)
 
 
 def test_rg_arithmetic_negated_parenthesised_number_is_a_literal():
@@ -922,3 +925,56 @@ def test_answers_and_steps_in_digits_of_another_script_score_zero():
     assert get_task("countdown").score("3 5 7>22=", "3*5=15 15+7=22 #\u0662\u0662", "22") == 0.0
     assert get_task("countdown").score("3 5 7>22=", "3*5=\u0661\u0665 15+7=22 #22", "22") == 0.0
     assert get_task("countdown").score("3 5 7>22=", "3*5=15 15+7=22 #22", "22") == 1.0
+
+
+def test_sum_chain_wrong_demonstrations_of_one_plus_one_are_every_documented_slip_and_miscopy():
+    """``1+1``: a slip of -1, +1 or +2 in the one addition (never a result below 1), or the right step and an answer
+    miscopied by -2, -1, +1 or +2 (never below 0): exactly these seven completions."""
+    task = SumChainTask(min_terms=2, max_terms=2)
+    example = TaskExample("1+1=", "2", {"terms": [1, 1], "problem": "1+1"})
+    rng = random.Random(0)
+    seen = {task.wrong_demonstration(example, rng) for _ in range(400)}
+    assert seen == {"1+1=1 #1", "1+1=3 #3", "1+1=4 #4", "1+1=2 #0", "1+1=2 #1", "1+1=2 #3", "1+1=2 #4"}
+
+
+@pytest.mark.parametrize(("eval_fraction", "split", "big"), [(0.025, "eval", True), (0.995, "train", False)])
+def test_countdown_draws_from_the_only_number_kind_a_split_has(eval_fraction, split, big):
+    """With targets up to 1 and an extreme held-out share, one split holds problems of one number kind only: it
+    draws them (each solvable, target 1) instead of refusing an empty other half."""
+    task = CountdownTask(max_target=1, eval_fraction=eval_fraction)
+    examples = task.examples(6, seed=0, split=split)
+    assert len(examples) == 6
+    for example in examples:
+        numbers = example.meta["numbers"]
+        assert example.meta["target"] == 1 and (max(numbers) >= 10) == big
+        assert task.score(example.prompt, task.demonstration(example, random.Random(0)), example.answer, **example.meta) == 1.0
+
+
+@pytest.mark.parametrize("meta", [{"numbers": [True, 5, 7], "target": 22}, {"numbers": [3, 5, 7], "target": True}])
+def test_countdown_meta_with_a_boolean_is_ignored_for_the_prompt(meta):
+    """A boolean is no number of the problem: the problem is read from the prompt instead."""
+    task = get_task("countdown")
+    assert task.score("3 5 7>22=", "3*5=15 15+7=22 #22", "22", **meta) == 1.0
+
+
+def test_rg_arithmetic_wrong_demonstrations_are_one_slip_carried_on():
+    """Each wrong demonstration of a parseable problem has one step per operation, exactly one of them off by 1 or 2,
+    later steps computed from the written (wrong) results, and a final number that does not contain the reference."""
+    task = get_task("rg_arithmetic")
+    rng = random.Random(4)
+    ops = {"+": lambda p, q: p + q, "-": lambda p, q: p - q, "*": lambda p, q: p * q}
+    stepwise = 0
+    examples = task.examples(100, seed=1, split="train")
+    for example in examples:
+        wrong = task.wrong_demonstration(example, rng)
+        body, final = wrong.rsplit("#", 1)
+        assert example.answer not in final, wrong
+        if not body.strip():
+            continue  # every slip happened to contain the reference: a bare wrong number
+        steps = [re.fullmatch(r"(-?\d+)([+\-*])(-?\d+)=(-?\d+)", s).groups() for s in body.split()]
+        assert len(steps) == len(task.demonstration(example, rng).rsplit("#", 1)[0].split()), wrong
+        errors = [int(v) - ops[op](int(a), int(b)) for a, op, b, v in steps]
+        assert sorted(map(abs, errors))[-1] in (1, 2) and sum(e != 0 for e in errors) == 1, wrong
+        assert steps[-1][3] == final, wrong
+        stepwise += 1
+    assert stepwise >= 0.9 * len(examples), stepwise
