@@ -154,8 +154,8 @@ def test_sft_batches_from_fewer_pairs_than_a_batch_hold_them_all_and_a_bad_corpu
         next(sft_batches([("1+2=", "3")], tokenizer, batch_size=0, seed=0))
     for bad, message in (({"steps": 0}, "steps must be a positive integer, got 0"),
                          ({"batch_size": 2.5}, "batch_size must be a positive integer, got 2.5"),
-                         ({"tasks": ()}, "tasks must name at least one task"),
-                         ({"wrong_fraction": 1.5}, r"wrong_fraction must be in \[0, 1\], got 1.5"),
+                         ({"tasks": ()}, r"tasks must be a list of lab task names \(.*\), got \(\)"),
+                         ({"wrong_fraction": 1.5}, r"wrong_fraction must be a number in \[0, 1\], got 1.5"),
                          ({"lr": float("nan")}, "lr must be a finite number >= 0, got nan")):
         with pytest.raises(ValueError, match=message):
             BaseModelSpec(**bad)
@@ -269,16 +269,32 @@ def test_every_count_of_a_base_model_specification_must_be_a_whole_number_of_at_
 def test_the_share_of_wrong_demonstrations_may_be_anything_from_0_to_1_inclusive():
     assert BaseModelSpec(wrong_fraction=0.0).wrong_fraction == 0.0
     assert BaseModelSpec(wrong_fraction=1.0).wrong_fraction == 1.0
-    for bad in (-0.01, 1.01, float("nan")):
-        with pytest.raises(ValueError, match=r"wrong_fraction must be in \[0, 1\]"):
+    for bad in (-0.01, 1.01, float("nan"), True, "0.3"):
+        with pytest.raises(ValueError, match=r"wrong_fraction must be a number in \[0, 1\]"):
             BaseModelSpec(wrong_fraction=bad)
 
 
 def test_the_base_model_s_learning_rate_must_be_finite_and_may_be_zero():
     assert BaseModelSpec(lr=0.0).lr == 0.0
-    for bad in (float("inf"), -1e-3, float("nan")):
+    for bad in (float("inf"), -1e-3, float("nan"), True, "0.003"):
         with pytest.raises(ValueError, match=r"lr must be a finite number >= 0"):
             BaseModelSpec(lr=bad)
+
+
+def test_the_base_model_s_seed_is_an_integer_and_its_tasks_are_lab_task_names():
+    """Refused when the specification is made, before a cache folder is named after it: a seed given as a flag, a
+    float or a string; tasks given as one string (it would be read letter by letter) or naming no lab task."""
+    assert BaseModelSpec(seed=np.int64(1)).key() == BaseModelSpec(seed=1).key()
+    for bad in (1.5, True, "1"):
+        with pytest.raises(ValueError, match=r"BaseModelSpec\.seed must be an integer"):
+            BaseModelSpec(seed=bad)
+    assert BaseModelSpec(tasks=["sum_chain"]).key() == BaseModelSpec(tasks=("sum_chain",)).key()
+    for bad in ("sum_chain", (), None):
+        with pytest.raises(ValueError, match=r"BaseModelSpec\.tasks must be a list of lab task names \(countdown, "):
+            BaseModelSpec(tasks=bad)
+    for bad in (("nope",), ("sum_chain", 3)):
+        with pytest.raises(ValueError, match=r"unknown lab task"):
+            BaseModelSpec(tasks=bad)
 
 def test_the_cache_key_is_16_hex_digits_whatever_the_order_of_the_extra_settings():
     """The key names the cache folder: equal specifications (dicts compare without their order) share one."""

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from entrorl._checks import check_int
-from entrorl.lab.tasks import get_task, sft_corpus
+from entrorl._checks import check_int, is_real_number
+from entrorl.lab.tasks import available_tasks, get_task, sft_corpus
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2, save_quietly
 from entrorl.trainer.checkpoint import nearest_existing
 
@@ -55,11 +55,16 @@ class BaseModelSpec:
                   "max_position_embeddings", "steps", "batch_size")
         for name in counts:
             object.__setattr__(self, name, check_int(getattr(self, name), f"BaseModelSpec.{name}", minimum=1))
-        if not self.tasks:
-            raise ValueError("BaseModelSpec.tasks must name at least one task")
-        if not 0.0 <= self.wrong_fraction <= 1.0:
-            raise ValueError(f"BaseModelSpec.wrong_fraction must be in [0, 1], got {self.wrong_fraction!r}")
-        if not (math.isfinite(self.lr) and self.lr >= 0):
+        object.__setattr__(self, "seed", check_int(self.seed, "BaseModelSpec.seed"))
+        if isinstance(self.tasks, str) or not isinstance(self.tasks, (tuple, list)) or not self.tasks:
+            raise ValueError(f"BaseModelSpec.tasks must be a list of lab task names ({', '.join(available_tasks())}), "
+                             f"got {self.tasks!r}")
+        for task in self.tasks:
+            get_task(task)  # an unknown name is refused here, before a cache folder is made for it
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if not (is_real_number(self.wrong_fraction) and 0.0 <= self.wrong_fraction <= 1.0):
+            raise ValueError(f"BaseModelSpec.wrong_fraction must be a number in [0, 1], got {self.wrong_fraction!r}")
+        if not (is_real_number(self.lr) and math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(f"BaseModelSpec.lr must be a finite number >= 0, got {self.lr!r}")
         for name in ("wrong_fraction", "lr"):  # as Python floats, so that equal specifications share one cache key
             object.__setattr__(self, name, float(getattr(self, name)))
