@@ -291,6 +291,26 @@ def test_examples_are_deterministic(name):
     assert task.wrong_demonstration(example, random.Random(9)) == task.wrong_demonstration(example, random.Random(9))
 
 
+def test_examples_stay_a_prefix_of_a_longer_call_once_the_split_runs_out():
+    """rg_arithmetic with 2-term sums has a few dozen held-out problems: a call for more repeats them, and the shorter
+    call's repeats are the longer call's (the point from which repeats are allowed does not depend on n)."""
+    task = RgArithmeticTask(config={**RG_ARITHMETIC_CONFIG, "max_terms": 2, "operators": ["+"], "allow_parentheses": False})
+    short = [e.prompt for e in task.examples(40, seed=0, split="eval")]
+    long = [e.prompt for e in task.examples(120, seed=0, split="eval")]
+    assert len(set(long)) < 40 and short == long[:40]
+
+
+def test_a_split_without_problems_has_none_and_says_so_when_asked_for_some():
+    """No countdown problem with target 1 falls in a 2% held-out share: the split has 0 problems, and asking it for
+    examples names the split, not the sampler's internals."""
+    task = CountdownTask(max_target=1, eval_fraction=0.02)
+    assert task.num_problems("eval") == 0 and task.num_problems("train") > 0
+    assert task.examples(0, seed=0, split="eval") == []
+    with pytest.raises(ValueError, match=r"the eval split of countdown holds no problem with these settings "
+                                         r"\(eval_fraction 0\.02\): there is nothing to draw 1 problem"):
+        task.examples(1, seed=0, split="eval")
+
+
 def test_examples_are_deterministic_across_processes():
     script = (
         "import json\n"

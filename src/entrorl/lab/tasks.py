@@ -109,8 +109,8 @@ class _WeightedPool:
 
     def __init__(self, weights: Sequence[int]) -> None:
         self._weights = [int(w) for w in weights]
-        if not self._weights or any(w <= 0 for w in self._weights):
-            raise ValueError("a weighted pool needs at least one item and positive weights")
+        if any(w <= 0 for w in self._weights):
+            raise ValueError("a weighted pool needs positive weights")
         size = len(self._weights)
         tree = [0] * (size + 1)
         for i, w in enumerate(self._weights, start=1):
@@ -119,7 +119,7 @@ class _WeightedPool:
             if parent <= size:
                 tree[parent] += tree[i]
         self._template = tree
-        self._top = 1 << (size.bit_length() - 1)
+        self._top = 1 << (size.bit_length() - 1) if size else 0  # an empty split's pool is never drawn from
         self._total_template = sum(self._weights)
         self.reset()
 
@@ -219,6 +219,9 @@ class Task:
         _check_split(split)
         if n == 0:
             return []
+        if self.num_problems(split) == 0:
+            raise ValueError(f"the {split} split of {self.name} holds no problem with these settings (eval_fraction "
+                             f"{self.eval_fraction}): there is nothing to draw {n} problem(s) from")
         rng = random.Random(f"entrorl.lab:{self.name}:{split}:{seed}")
         return self._generate(n, rng, split, seed)
 
@@ -799,7 +802,9 @@ class RgArithmeticTask(Task):
         dataset = self._dataset(self.config, seed=base, size=2**31 - 1)
         out: list[TaskExample] = []
         seen: set[str] = set()
-        index, budget = 0, 200 * n + 2000  # after that, allow repeats (the split is nearly exhausted)
+        # a repeat is skipped until this many of the split's problems in a row were repeats (the split is then
+        # nearly exhausted): a rule of what was drawn so far, not of n, so a shorter call gives a prefix of a longer one
+        index, repeats_in_a_row, patience = 0, 0, 2000
         while len(out) < n:
             entry = json.loads(json.dumps(dataset[index]))
             index += 1
@@ -810,8 +815,12 @@ class RgArithmeticTask(Task):
             canonical = _tree_text(tree)
             if self.split_of(canonical) != split:
                 continue
-            if canonical in seen and index < budget:
-                continue
+            if canonical in seen:
+                repeats_in_a_row += 1
+                if repeats_in_a_row <= patience:
+                    continue
+            else:
+                repeats_in_a_row = 0
             seen.add(canonical)
             out.append(
                 TaskExample(
