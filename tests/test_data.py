@@ -668,6 +668,26 @@ def test_a_json_object_that_repeats_a_key_is_refused_as_a_csv_header_is(tmp_path
         load_prompts(whole)
 
 
+def test_a_lone_surrogate_is_refused_with_its_row_and_a_surrogate_pair_is_read(tmp_path):
+    """JSON's ``\\ud800`` escape decodes to half of a UTF-16 pair, which no UTF-8 text can hold (the tokenizer, the
+    samples and the checkpoints would each fail on it later): refused at load, naming the row, the column and where;
+    both halves of a pair are one character."""
+    lines = tmp_path / "lone.jsonl"
+    lines.write_text('{"prompt": "ok \\ud83d\\ude00 x=", "answer": "1"}\n{"prompt": "x=", "answer": "1 \\ud800"}\n',
+                     encoding="utf-8")
+    with pytest.raises(DataError, match=r"lone\.jsonl:2: column 'answer' holds a lone surrogate \(\\ud800, at "
+                                        r"character 2\): half of a UTF-16 pair") as refused:
+        load_prompts(lines)
+    assert refused.value.location == f"{lines}:2"
+    lines.write_text('{"prompt": "ok \\ud83d\\ude00 x=", "answer": "1"}\n', encoding="utf-8")
+    assert load_prompts(lines)[0].prompt == "ok \U0001f600 x="
+    whole = tmp_path / "lone.json"
+    for row in ('{"prompt": "\\udfff", "answer": "1"}', '{"prompt": "p", "answer": "1", "tags": [{"\\udc00": 1}]}'):
+        whole.write_text(f"[{row}]", encoding="utf-8")
+        with pytest.raises(DataError, match=r"lone\.json\[0\]: column '(prompt|tags)' holds a lone surrogate"):
+            load_prompts(whole)
+
+
 def test_csv_blank_lines_are_skipped_and_lines_still_counted(tmp_path):
     """Blank lines before the header and between records are skipped; sources and the header line stay exact."""
     p = tmp_path / "gaps.csv"

@@ -369,7 +369,31 @@ def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) 
             raise fail(f"the {NESTED_META_COLUMN!r} object repeats the column(s) {_fmt_cols(clashes)}; "
                        "expected each field once, either as a column or inside it")
         meta.update(nested)
+    for column, value in ((cols.prompt, prompt), (cols.answer, answer), *meta.items()):
+        _refuse_lone_surrogates(value, column, fail)
     return PromptRecord(prompt=prompt, answer=answer, meta=meta, source=where)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_lone_surrogates(value: Any, column: str, fail: Any) -> None:
+    """Refuse a string (or a key or string within a list or object) holding half of a UTF-16 surrogate pair, which a
+    JSON escape such as ``"\\ud800"`` decodes to: no UTF-8 text can hold it, so the tokenizer would refuse the prompt
+    and every file written after it (samples, checkpoints, audit outputs) would fail, after the work was done."""
+    if isinstance(value, str):
+        found = _LONE_SURROGATE.search(value)
+        if found is not None:
+            raise fail(f"column {column!r} holds a lone surrogate ({ascii(found.group())[1:-1]}, at character "
+                       f"{found.start()}): half of a UTF-16 pair, which no UTF-8 text can hold; expected valid Unicode "
+                       "text (the character itself, or both halves of its pair)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, column, fail)
+            _refuse_lone_surrogates(item, column, fail)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_lone_surrogates(item, column, fail)
 
 
 def _answer_value(value: Any, column: str, fail: Any) -> str | None:
