@@ -214,7 +214,7 @@ def test_tables_align_numeric_columns_mark_cell_kinds_and_refuse_a_wrong_cell_co
 
 
 def test_documents_keep_code_spans_as_code_link_their_sections_and_escape_text():
-    from entrorl.analysis.document import Heading, Section, one_line, render_html, render_markdown
+    from entrorl.analysis.document import Heading, Section, md_escape, one_line, render_html, render_markdown
 
     section = Section("pass-at-k", "Pass@k")
     section.say("The traceback is in `methods/<name>/error.log`; a <b> tag is text.")
@@ -226,6 +226,8 @@ def test_documents_keep_code_spans_as_code_link_their_sections_and_escape_text()
     assert "<title>run &lt;x&gt;</title>" in document and "<h1>run &lt;x&gt;</h1>" in document
     assert "The traceback is in <code>methods/&lt;name&gt;/error.log</code>; a &lt;b&gt; tag is text." in document
     assert "<h3>model &lt;i&gt;</h3>" in document
+    # an entity and a formula in text stay as written: "&amp;" would render as "&", "$$x$$" as math on GitHub
+    assert md_escape("a &amp; b, $$x$$ | c") == "a \\&amp; b, \\$\\$x\\$\\$ \\| c"
     assert one_line("a\r\nb\rc\nd\te") == "a↵b↵c↵d⇥e"  # every line break, whichever its convention, and tabs
 
 

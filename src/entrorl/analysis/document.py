@@ -135,7 +135,7 @@ class Table:
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|~#])")
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|~#&$])")  # & would start an entity, $ a formula (GitHub)
 _MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
 
 
