@@ -70,3 +70,14 @@ def test_did_you_mean_names_the_nearest_choice_or_nothing():
     assert did_you_mean("grpoo", iter(["grpo"])) == "did you mean 'grpo'? "  # any iterable of names
     assert did_you_mean("GRPO", ["clip_b", "grpo"]) == "did you mean 'grpo'? "  # letter case aside
     assert did_you_mean("Clip_B", ["Clip_b", "clip_b"]) == "did you mean 'Clip_b'? "
+
+
+def test_visible_controls_writes_what_would_drive_a_terminal_as_escapes():
+    """Escape sequences, carriage returns, NUL, DEL, C1 controls and bidirectional overrides become their escapes;
+    tab, newline and every other character (accents, CJK, emoji, markup) stay as they are."""
+    from entrorl._checks import visible_controls
+
+    assert visible_controls("\x1b[2J\x1b]0;t\x07 a\rb\x00\x7f\x85 \u202eevil\u2066") == (
+        "\\x1b[2J\\x1b]0;t\\x07 a\\rb\\x00\\x7f\\x85 \\u202eevil\\u2066")
+    kept = "tab\tline\nçé 中文 😀 [b]x</td>"
+    assert visible_controls(kept) == kept

@@ -1043,7 +1043,7 @@ def test_cli_audits_an_arrow_file_into_an_arrow_copy(tmp_path, tiny_model_dir):
 REWARDS_MODULE = """
 def flaky(prompt, completion, answer, **meta):
     if prompt.startswith("3"):
-        raise ValueError("[i]bad[/i] thing")
+        raise ValueError("[i]bad[/i] \x1b]0;title\x07thing")
     return 0.0
 
 def broken(prompt, completion, answer, **meta):
@@ -1062,7 +1062,7 @@ def markup_data(tmp_path, monkeypatch):
     (tmp_path / "entrorl_test_audit_rewards.py").write_text(REWARDS_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    rows = [{"prompt": "1+1=", "answer": "[/i]"}, {"prompt": "2+2=", "answer": "[bold]x"}, {"prompt": "3+3=", "answer": "6"}]
+    rows = [{"prompt": "1+1=", "answer": "[/i]"}, {"prompt": "2+2=", "answer": "[bold]x\x1b[2J"}, {"prompt": "3+3=", "answer": "6"}]
     Path("m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     yield Path("m.jsonl")
     sys.modules.pop("entrorl_test_audit_rewards", None)
@@ -1113,8 +1113,9 @@ def test_cli_data_check_samples_and_labels_with_the_options_given_and_records_th
 
 
 def test_cli_prints_data_verbatim_and_reward_failures_in_one_line(markup_data, tiny_model_dir, monkeypatch):
-    """References, majority answers and reward errors holding rich markup are printed as they are; a reward failure is
-    one line on the terminal (count, first error), its traceback kept in a file, for `data audit` and `eval` alike."""
+    """References, majority answers and reward errors holding rich markup are printed as they are, their control
+    characters as escapes (no sequence clears the screen or retitles the terminal); a reward failure is one line on the
+    terminal (count, first error), its traceback kept in a file, for `data audit` and `eval` alike."""
     import entrorl.trainer.audit
 
     monkeypatch.setattr(entrorl.trainer.audit, "answer_tools", lambda reward: (lambda completion: "[/b]7", lambda a, b: a == b))
@@ -1123,13 +1124,14 @@ def test_cli_prints_data_verbatim_and_reward_failures_in_one_line(markup_data, t
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     assert "looks wrong 3" in result.output  # every sample answered "[/b]7", which the reward never accepted
-    for text in ("[/i]", "[bold]x", "[/b]7", "m.jsonl:1"):
+    for text in ("[/i]", "[bold]x\\x1b[2J", "[/b]7", "m.jsonl:1"):
         assert text in result.output, text
+    assert "\x1b" not in result.output and "\x07" not in result.output  # no escape sequence reaches the terminal
     (line,) = [line for line in result.output.splitlines() if line.startswith("reward errors")]
     assert line == ("reward errors: the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample "
-                    "4: ValueError: [i]bad[/i] thing; its traceback is in aud/reward_errors.log")
+                    "4: ValueError: [i]bad[/i] \\x1b]0;title\\x07thing; its traceback is in aud/reward_errors.log")
     log = Path("aud/reward_errors.log").read_text()
-    assert "Traceback (most recent call last)" in log and "ValueError: [i]bad[/i] thing" in log
+    assert "Traceback (most recent call last)" in log and "ValueError: [i]bad[/i] \x1b]0;title\x07thing" in log
     assert json.loads(Path("aud/summary.json").read_text())["reward_errors"] == 2
 
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "2",
@@ -1138,11 +1140,11 @@ def test_cli_prints_data_verbatim_and_reward_failures_in_one_line(markup_data, t
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     assert ("the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample 4: ValueError: "
-            "[i]bad[/i] thing; its traceback is in eval/e.reward_errors.log") in result.output
+            "[i]bad[/i] \\x1b]0;title\\x07thing; its traceback is in eval/e.reward_errors.log") in result.output
     assert "Traceback (most recent call last)" in Path("eval/e.reward_errors.log").read_text()
     summary = json.loads(Path("eval/e.json").read_text())
     assert summary["reward_errors"] == 2 and summary["reward_errors_log"] == "eval/e.reward_errors.log"
-    assert summary["first_reward_error"] == "reward raised for sample 4: ValueError: [i]bad[/i] thing"
+    assert summary["first_reward_error"] == "reward raised for sample 4: ValueError: [i]bad[/i] \x1b]0;title\x07thing"
 
 
 def test_cli_audit_refuses_to_label_when_the_reward_failed_on_every_sample(markup_data, tiny_model_dir):

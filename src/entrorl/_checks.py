@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import numbers
 import operator
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -26,6 +27,17 @@ def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
     if number is None or (minimum is not None and number < minimum):
         raise ValueError(f"{name} must be {_integer_kind(minimum)}, got {value!r}")
     return number
+
+
+# C0 controls but tab and newline, DEL, C1 controls, and the marks that reorder bidirectional text
+_INVISIBLE_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible_controls(text: str) -> str:
+    """``text`` for a terminal: its control characters (but tab and newline) and bidirectional overrides written as
+    escapes (``\\x1b``, ``\\u202e``), so that text from a data file or a reward's error cannot clear the screen,
+    retitle the terminal, move the cursor or reverse the line it is printed on."""
+    return _INVISIBLE_CONTROLS.sub(lambda found: ascii(found.group())[1:-1], text)
 
 
 def is_real_number(value: Any) -> bool:

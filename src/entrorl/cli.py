@@ -44,8 +44,10 @@ def _options(
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
+    from entrorl._checks import visible_controls
+
     # plain text (a message may hold brackets), never wrapped: a path or file:line stays on one line
-    console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    console.print(Text.assemble(("error:", "bold red"), " ", visible_controls(message)), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -415,6 +417,7 @@ def _keep_reward_traceback(first_error: str | None, log: Path | None) -> Path | 
 
 def _print_reward_errors(errors: int, samples: int, first_error: str | None, log: Path | None) -> None:
     """One line: how many samples the reward failed on, the first failure, and where its traceback is."""
+    from entrorl._checks import visible_controls
     from entrorl.rewards import error_headline
 
     if not errors:
@@ -422,7 +425,8 @@ def _print_reward_errors(errors: int, samples: int, first_error: str | None, log
     where = f"; its traceback is in {log}" if log is not None else ""
     console.print(Text.assemble(
         ("reward errors", "yellow"),
-        f": the reward failed on {errors} of {samples} samples, which scored 0; first: {error_headline(first_error)}{where}",
+        f": the reward failed on {errors} of {samples} samples, which scored 0; "
+        f"first: {visible_controls(error_headline(first_error))}{where}",
     ), soft_wrap=True)
 
 
@@ -758,6 +762,7 @@ def data_audit(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from entrorl._checks import visible_controls
     from entrorl.data import parse_band
     from entrorl.data.audit import AuditThresholds
     from entrorl.trainer.audit import audit_records, check_audit_output, default_audit_dir, write_audit_outputs
@@ -828,7 +833,7 @@ def data_audit(
         for column in ("where", "reference", "majority answer", "share", "pass rate"):
             suspects.add_column(column, overflow="fold")
         for record, audit in wrong[:20]:
-            suspects.add_row(Text(record.source), Text(str(record.answer)), Text(str(audit.majority_answer)),
+            suspects.add_row(*(Text(visible_controls(str(text))) for text in (record.source, record.answer, audit.majority_answer)),
                              f"{audit.majority_share:.2f}", f"{audit.n_correct}/{audit.n_samples}")
         console.print(suspects)
     summary = outputs.summary

@@ -42,6 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from entrorl._checks import visible_controls
 from entrorl.evaluation import DEFAULT_THRESHOLD
 from entrorl.rewards.shaping import overlong_penalty, validate_overlong
 
@@ -616,7 +617,7 @@ class RewardRunner:
             self._warned = True
             logger.warning(  # one line: the traceback is the caller's to keep (the trainer's reward_errors.log)
                 "reward %r failed on %d of %d samples (scored 0); first failure: %s", self.name, errors, n,
-                error_headline(first_error),
+                visible_controls(error_headline(first_error)),
             )
 
         score_t = torch.tensor(scores, dtype=torch.float32)
