@@ -892,9 +892,10 @@ def test_with_subprocesses_allowed_the_program_may_stop_its_own_children():
         ("import os\nos.system('true')", "process"),
         ("import os\nos.execv('/bin/true', ['true'])", "process"),
         ("import cffi", "ctypes"),
+        ("import os\nos.killpg(1, 0)", "process"),
     ],
     ids=["os.open", "open-x", "sibling-folder", "rename-out", "remove", "chmod", "connect", "bind", "getaddrinfo",
-         "gethostbyname", "subprocess", "os.system", "exec", "cffi"],
+         "gethostbyname", "subprocess", "os.system", "exec", "cffi", "killpg-outside"],
 )
 def test_each_forbidden_operation_is_refused_and_reported(tmp_path, program, kind):
     """Each operation the module documents as refused raises in the program and is reported with its kind; the
@@ -915,12 +916,14 @@ def test_each_forbidden_operation_is_refused_and_reported(tmp_path, program, kin
         "import os\nopen(f'/proc/{os.getpid()}/status').read()",
         "import tempfile\nwith tempfile.TemporaryFile() as handle:\n    handle.write(b'x')",
         "import os\nopen(os.path.expanduser('~/notes.txt'), 'w').write('x')",
+        "import os\nos.kill(0, 0)",
+        "import os\nos.kill(os.getpid(), 0)",
     ],
-    ids=["dev-null", "own-proc", "tempfile", "home"],
+    ids=["dev-null", "own-proc", "tempfile", "home", "signal-own-group", "signal-itself"],
 )
 def test_harmless_operations_are_allowed(program):
-    """Writing to ``/dev/null``, reading the program's own ``/proc`` entry, and temporary or home-directory files
-    (both are the working directory) are no violations."""
+    """Writing to ``/dev/null``, reading the program's own ``/proc`` entry, temporary or home-directory files (both are
+    the working directory), and signalling itself or its own process group (pid 0) are no violations."""
     run = run_in_sandbox(program + "\nprint('ok')", stdin_cases())
     assert run.violations == [] and run.outcomes[0].stdout == "ok\n", run.outcomes[0]
 
@@ -966,7 +969,8 @@ def test_changing_directory_does_not_make_relative_writes_allowed():
 
 def test_litter_removal_deletes_only_the_sandbox_user_s_entries(tmp_path, monkeypatch):
     """Run on stand-in folders (the real ones are shared with every process of the machine): only what the sandbox
-    user owns goes, its folders with their contents; what the parent or anyone else owns stays."""
+    user owns goes, its folders with their contents; what the parent or anyone else owns stays. A link the sandbox
+    user left is judged by its own owner, not its target's, and goes without what it points at."""
     from entrorl.rewards import sandbox
 
     if os.geteuid() != 0:
@@ -985,11 +989,19 @@ def test_litter_removal_deletes_only_the_sandbox_user_s_entries(tmp_path, monkey
     for path in kept:
         path.write_text("keep")
     os.chown(kept[1], other_uid, other_uid)
+    parents_folder = tmp_path / "parents-folder"
+    parents_folder.mkdir()
+    (parents_folder / "inside").write_text("keep")
+    links = [shared[0] / "link-to-parents-file", shared[1] / "link-to-parents-folder"]
+    for link, target in zip(links, (kept[0], parents_folder)):
+        link.symlink_to(target)
+        os.lchown(link, sandbox_uid, sandbox_uid)
     stand_ins = (*(str(folder) for folder in shared), str(tmp_path / "absent"))
     monkeypatch.setattr(sandbox, "_SHARED_WRITABLE_DIRS", stand_ins)
-    assert sorted(sandbox._remove_litter(sandbox_uid)) == sorted([str(litter_file), str(litter_folder)])
+    assert sorted(sandbox._remove_litter(sandbox_uid)) == sorted([str(litter_file), str(litter_folder), *map(str, links)])
     assert not litter_file.exists() and not litter_folder.exists()
-    assert all(path.read_text() == "keep" for path in kept)
+    assert not any(os.path.lexists(link) for link in links)
+    assert all(path.read_text() == "keep" for path in (*kept, parents_folder / "inside"))
 
 
 def test_files_left_in_shared_temporary_directories_are_removed_when_the_view_is_writable():
@@ -1312,6 +1324,10 @@ def test_sandbox_limits_accept_their_smallest_values_and_cases_are_checked():
         SandboxCase("stdout", "")
     with pytest.raises(TypeError, match="string"):
         SandboxCase("stdin", b"1 2\n")
+    with pytest.raises(TypeError, match="cases must be SandboxCase objects"):
+        run_in_sandbox("print(1)", [("stdin", "")])
+    with pytest.raises(TypeError, match="program must be a string, got bytes"):
+        run_in_sandbox(b"print(1)", stdin_cases())
 
 
 def test_a_code_verdict_survives_pickle_and_copy_with_everything_it_says():
@@ -1327,3 +1343,59 @@ def test_a_code_verdict_survives_pickle_and_copy_with_everything_it_says():
         assert type(again) is CodeVerdict and again == 0.5
         assert (again.status, again.reason, again.passed, again.total, again.cases, again.isolation, again.seconds) == (
             "wrong_answer", verdict.reason, 1, 2, (("passed", None), ("wrong_answer", "x")), {"audit_hook": True}, 0.2)
+
+
+def test_the_sandbox_and_code_option_defaults_are_the_documented_ones():
+    """docs/rewards-code.md lists the defaults: 2 s per case, 512 MB, 16 processes, 16 MB files, 64 open files, 5 s
+    to start, every isolation layer on, subprocesses off; the reward compares tokens of the last Python block."""
+    limits = SandboxLimits()
+    assert (limits.time_limit, limits.memory_mb, limits.max_processes, limits.max_file_mb, limits.max_open_files,
+            limits.startup_time) == (2.0, 512, 16, 16, 64, 5.0)
+    assert (limits.drop_privileges, limits.network_namespace, limits.read_only_filesystem, limits.audit_hook,
+            limits.allow_subprocesses, limits.python, limits.temp_dir) == (True, True, True, True, False, None, None)
+    options = CodeOptions()
+    assert options.limits() == limits
+    assert (options.compare, options.languages, options.block, options.allow_unfenced) == (
+        "tokens", ("python", "py", "python3"), "last", False)
+
+
+@pytest.mark.parametrize(("whose", "violations"), [("os.getpid()", []), ("os.getppid()", [("proc_read", "status")])])
+def test_a_forked_child_may_read_its_own_proc_entry_but_not_its_parents(whose, violations):
+    """"Another process's /proc entries" are judged from the process that reads them: a child the program forked
+    (subprocesses allowed) reads its own entry freely, and its parent's (the program's) is another process's."""
+    program = (f"import os\npid = os.fork()\nif pid == 0:\n    open(f'/proc/{{{whose}}}/status').read()\n    os._exit(0)\n"
+               "os.waitpid(pid, 0)\nprint('ok')")
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits(allow_subprocesses=True))
+    assert [(kind, detail.rsplit("/", 1)[-1].strip("'")) for kind, detail in run.violations] == violations
+    assert run.outcomes[0].stdout == "ok\n", run.outcomes[0]
+
+
+def test_the_process_limit_is_per_sandbox_uid_or_added_to_a_shared_uids_tasks(monkeypatch):
+    """With a uid of its own the program gets ``max_processes``; sharing a non-root user's uid it gets that user's
+    current tasks plus ``max_processes`` (RLIMIT_NPROC counts them all); as root without a uid of its own, none."""
+    from entrorl.rewards import sandbox
+
+    limits = SandboxLimits(max_processes=3)
+    assert sandbox._process_limit(2_100_000_007, limits)[0] == 3
+    monkeypatch.setattr(sandbox, "_count_tasks_of", lambda uid: 40)
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    assert sandbox._process_limit(None, limits) == (43, "RLIMIT_NPROC=43 (shared uid: the user's current tasks + 3)")
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
+    assert sandbox._process_limit(None, limits)[0] is None
+
+
+def test_a_case_output_with_a_second_hard_link_is_not_read():
+    """A case's output is read only as a plain file of the program's own with no other name: one the program gave a
+    second name (a hard link, which could as well have been to another file) fails its case, the later case is read."""
+    program = "import os\nprint('ok', flush=True)\nif not os.path.exists('copy'):\n    os.link('case0.out', 'copy')"
+    run = run_in_sandbox(program, stdin_cases(2))
+    assert run.violations == []
+    assert [outcome.stdout for outcome in run.outcomes] == ["", "ok\n"]
+
+
+def test_the_working_directory_is_the_programs_alone_and_its_folder_only_passable():
+    """Other users (another run's sandbox uid among them) can neither list nor read a run's working directory, and
+    the folder above it, the parent's, can only be passed through."""
+    run = run_in_sandbox("import os\nprint(oct(os.stat('.').st_mode & 0o777), oct(os.stat('..').st_mode & 0o777))",
+                         stdin_cases())
+    assert run.outcomes[0].stdout == "0o700 0o711\n", run.outcomes[0]
