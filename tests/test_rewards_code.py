@@ -139,6 +139,8 @@ def test_extract_code_compares_language_tags_without_case_and_knows_python3():
     assert extract_code("```Python\nprint(1)\n```") == "print(1)\n"
     assert extract_code("```python3\nprint(3)\n```") == "print(3)\n"
     assert extract_code("```cpp\nint x;\n```", languages=("CPP",)) == "int x;\n"
+    # one string is one tag, as in CodeOptions (not the tags "p" and "y")
+    assert extract_code("```py\nprint(1)\n```\n```p\nprint(2)\n```", languages="py") == "print(1)\n"
 
 
 def test_extract_code_finds_no_program_in_blank_text_a_truncated_fence_or_a_non_string():

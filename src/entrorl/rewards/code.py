@@ -100,14 +100,14 @@ def extract_code(
     allow_unfenced: bool = False,
 ) -> str | None:
     """The program in ``completion``: the ``which`` (``"last"`` or ``"first"``) complete fenced block
-    whose language tag is in ``languages`` (case-insensitive); without one, the ``which`` untagged
-    fenced block; without one, the whole completion when ``allow_unfenced`` (else None). An
+    whose language tag is in ``languages`` (case-insensitive; one string is one tag); without one, the ``which``
+    untagged fenced block; without one, the whole completion when ``allow_unfenced`` (else None). An
     unclosed fence (a truncated completion) does not count. Blank programs are None."""
     if which not in ("last", "first"):
         raise ValueError(f"which must be 'last' or 'first', got {which!r}")
     if not isinstance(completion, str):
         return None
-    wanted = {language.casefold() for language in languages}
+    wanted = {language.casefold() for language in ((languages,) if isinstance(languages, str) else languages)}
     tagged, untagged = [], []
     for match in _FENCE_RE.finditer(completion):
         tag, body = match.group(2).casefold(), _without_fence_indent(match.group(3), len(match.group(1)))
