@@ -1372,6 +1372,18 @@ def test_a_forked_child_may_read_its_own_proc_entry_but_not_its_parents(whose, v
     assert run.outcomes[0].stdout == "ok\n", run.outcomes[0]
 
 
+def test_another_process_s_proc_entry_is_refused_however_its_path_is_spelled():
+    """The hook judges the entry a path names, not its spelling: a doubled slash, a detour through ``self`` and a
+    relative path to the parent's entry are each refused and reported, ``self`` and the program's own entry are not."""
+    spellings = ["/proc//{ppid}/status", "/proc/self/../{ppid}/status", "../" * 12 + "proc/{ppid}/status",
+                 "/proc/self/status", "/proc//{pid}/status"]
+    program = ("import os\nfor path in %r:\n    try:\n        open(path.format(ppid=os.getppid(), pid=os.getpid())).close()\n"
+               "    except PermissionError:\n        print('refused')\n    else:\n        print('read')" % spellings)
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits())
+    assert [kind for kind, _ in run.violations] == ["proc_read"] * 3, run.violations
+    assert run.outcomes[0].stdout.split() == ["refused"] * 3 + ["read"] * 2, run.outcomes[0]
+
+
 def test_the_process_limit_is_per_sandbox_uid_or_added_to_a_shared_uids_tasks(monkeypatch):
     """With a uid of its own the program gets ``max_processes``; sharing a non-root user's uid it gets that user's
     current tasks plus ``max_processes`` (RLIMIT_NPROC counts them all); as root without a uid of its own, none."""

@@ -34,7 +34,8 @@ off, never silently assumed):
   or loading ``cffi`` (either could step around the hook; importing ``ctypes`` itself is allowed, numpy
   does it). A refused operation raises ``PermissionError`` in the program *and* is reported to the
   parent at once, so catching the exception does not hide it. An audit hook is a tripwire, not a
-  security boundary: the kernel layers above are what contain a determined program;
+  security boundary: it judges a path by its name, so an operation relative to a directory descriptor
+  (``dir_fd``) passes it, and the kernel layers above are what contain a determined program;
 * **wall clock and cleanup** — the parent enforces a wall-clock limit per test case and, whatever
   happened (success included), kills the whole process group with ``SIGKILL``, then every process
   still running as the sandbox uid or carrying the run's marker (which catches children that left
@@ -348,8 +349,10 @@ def install_audit_hook():
                 refuse("file_write", "open %r for writing" % (path,))
             if isinstance(path, (str, bytes)):
                 text = os.fsdecode(path)
-                if text.startswith("/proc/"):
-                    part = text.split("/")[2]
+                # the entry named, however it is spelled: /proc//1, /proc/self/../1, ../../proc/1
+                real = os.path.realpath(text) if "proc" in text else ""
+                if real.startswith("/proc/"):
+                    part = real.split("/")[2]
                     if part.isdigit() and part != str(os.getpid()):
                         refuse("proc_read", "open %r" % (text,))
         elif event in PATH_EVENTS:
