@@ -889,6 +889,9 @@ def test_pass_at_k_columns_use_the_ks_every_model_has_and_the_best_ratio_is_name
     assert report["rules"]["largest_k"] == 8
     assert "Pass@8" in report["summary"]["columns"] and "Pass@16" not in report["summary"]["columns"]
     assert report["summary"]["columns"].count("Pass@8") == 1  # the largest k is not repeated as the middle one
+    # a k whose value one evaluation did not record keeps its column: that cell alone is n/a
+    assert report["pass_at_k"]["columns"] == ["model", "Pass@1", "Pass@2", "Pass@4", "Pass@8"]
+    assert next(row for row in report["pass_at_k"]["rows"] if row["model"] == "nsr")["Pass@1"] == "n/a"
     assert report["headline"]["kept_methods"] == []
     assert any("No method kept entropy by this rule; the highest ratio is 0.45 (nsr)." in paragraph
                for paragraph in report["headline"]["paragraphs"])
@@ -1022,6 +1025,9 @@ def test_the_scales_of_predicted_and_measured_change_are_compared_over_their_non
     assert report["section_errors"] == {}
     assert f"the tabular prediction's median size is 2e-07 nats a step against {said}." in " ".join(
         (out / "report.md").read_text().split())
+    # the signs are compared on the 10 steps where the prediction is not 0
+    (grpo,) = report["entropy_change"]["rows"]
+    assert (grpo["steps"], grpo["sign agreement"]) == ("20", "1 of 10 steps")
 
 
 def _set_evaluation(out: Path, path: str, **changes) -> dict:
@@ -1325,3 +1331,160 @@ def test_a_table_s_json_keeps_every_row_as_text_and_as_value():
     assert data["title"] == "t" and data["columns"] == ["i", "share"]
     assert len(data["rows"]) == len(data["values"]) == 60
     assert data["rows"][59] == {"i": "59", "share": "0.983"} and data["values"][59] == {"i": "59", "share": 59 / 60}
+
+
+def test_the_rules_in_report_json_are_the_documented_constants(report_run):
+    _, report, _, _ = report_run
+    assert report["rules"] == {
+        "entropy_key": "entropy/mean", "reward_key": "reward/accuracy", "fallback_reward_key": "reward/mean",
+        "edge_fraction": 0.1, "collapse_ratio": 0.5, "kept_margin": 1.25, "smoothing_window": 5,
+        "law_fit_fraction": 0.2, "largest_k": 16,
+        "number_format": "3 significant figures; whole numbers from 100; n/a = missing, — = not applicable",
+    }
+
+
+def test_the_summary_gives_each_method_s_own_evaluation_values_and_one_failed_method_is_left_out_in_the_singular(report_run):
+    """Forgetting accuracy, evaluation entropy and train time of each row are that method's final evaluation's."""
+    out, report, markdown, _ = report_run
+    rows = {row["method"]: row for row in report["summary"]["rows"]}
+    for index, name in enumerate(("grpo", "clip_cov", "nsr")):
+        evaluation = json.loads((out / "methods" / name / "final_eval.json").read_text())
+        assert rows[name]["forgetting acc"] == fmt(evaluation["forgetting_accuracy"]), name
+        assert rows[name]["eval entropy"] == fmt(EVAL_ENTROPY[name]), name
+        assert rows[name]["train time (s)"] == fmt(30.0 + index) == fmt(evaluation["train_seconds"]), name
+    assert "1 method did not finish and is left out of every comparison: kl_cov." in " ".join(markdown.split())
+
+
+def test_the_ranges_of_the_first_order_correlation_and_of_the_top_covariance_share_are_the_tables(report_run):
+    """The first-order sentence gives the first-order correlation (only grpo recorded it); the covariance sentence
+    ranges the smallest q's mean over steps, not its first step's value."""
+    _, report, markdown, _ = report_run
+    said = " ".join(markdown.split())
+    (grpo,) = [row for row in report["entropy_change"]["rows"] if row["method"] == "grpo"]
+    first_order = grpo["first order: correlation"]
+    assert first_order != grpo["correlation across steps"]
+    assert f"The first-order change's ranges from {first_order} (grpo) to {first_order} (grpo)." in said
+    means = {row["method"]: row["top 0.02% mean"] for row in report["covariance"]["values"]}
+    low, high = min(means, key=means.get), max(means, key=means.get)
+    assert (f"the top 0.02% of tokens carry from {fmt(means[low])}× ({low}) to {fmt(means[high])}× ({high}) the mean "
+            "covariance.") in said
+
+
+def test_the_kept_count_is_out_of_every_other_finished_method_and_grpo_alone_is_compared_with_none(tmp_path):
+    out = build_run(tmp_path / "lab-kept-one", methods=("grpo", "clip_cov", "nsr"), failed=())
+    steps = np.arange(20)
+    for name, end in (("grpo", 0.4), ("clip_cov", 0.45), ("nsr", 0.9)):  # threshold 0.5: nsr alone kept entropy
+        _write_metrics(out / "methods" / name, np.where(steps < 10, 1.0, end), np.full(20, 0.3))
+    headline = write_report(out, figures=False)["headline"]
+    assert headline["kept_methods"] == ["nsr"]
+    assert "(1.25 × 0.4 = 0.5). 1 of 2 methods kept entropy: nsr (ratio 0.9:" in " ".join(headline["paragraphs"])
+    solo = build_run(tmp_path / "lab-solo", methods=("grpo", "nsr"), failed=("nsr",))
+    headline = write_report(solo, figures=False)["headline"]
+    assert headline["paragraphs"][1:] == ["No other method finished, so none is compared with GRPO."]
+
+
+def test_grpo_without_an_evaluation_entropy_falls_back_to_its_curve_and_without_any_entropy_is_not_judged(tmp_path):
+    out = build_run(tmp_path / "lab-no-eval-entropy", methods=("grpo", "nsr"), failed=())
+    steps = np.arange(20)
+    _write_metrics(out / "methods" / "grpo", np.where(steps < 10, 1.0, 0.4), np.full(20, 0.3))
+    _set_evaluation(out, "methods/grpo", entropy_mean=None)  # the base model has one, GRPO's evaluation has not
+    headline = write_report(out, figures=False)["headline"]
+    numbers = {row["quantity"]: row["value"] for row in headline["numbers"]["rows"]}
+    assert headline["collapse"] is True and numbers["collapse (training entropy end ≤ 0.5 × start)"] == "yes"
+    assert "compares the training curve's end against its start (0.4 against 1): it holds" in headline["paragraphs"][0]
+    records = [{"step": i + 1, "entropy/mean": None, "reward/accuracy": 0.3} for i in range(20)]
+    (out / "methods" / "grpo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = write_report(out, figures=False)
+    headline = report["headline"]
+    assert report["section_errors"] == {}
+    numbers = {row["quantity"]: row["value"] for row in headline["numbers"]["rows"]}
+    assert headline["collapse"] is None and numbers["collapse (training entropy end ≤ 0.5 × start)"] == "n/a"
+    assert "(n/a against n/a): it cannot be checked (missing entropy);" in headline["paragraphs"][0]
+    assert headline["paragraphs"][1] == "GRPO's entropy ratio is undefined, so no method is compared with it."
+
+
+def test_a_method_without_an_entropy_ratio_is_not_counted_as_keeping_entropy(tmp_path):
+    out = build_run(tmp_path / "lab-no-ratio", methods=("grpo", "clip_cov", "nsr"), failed=())
+    steps = np.arange(20)
+    _write_metrics(out / "methods" / "grpo", np.where(steps < 10, 1.0, 0.4), np.full(20, 0.3))
+    _write_metrics(out / "methods" / "clip_cov", np.full(20, 1.0), np.full(20, 0.3))
+    records = [{"step": i + 1, "entropy/mean": None, "reward/accuracy": 0.3} for i in range(20)]
+    (out / "methods" / "nsr" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = write_report(out, figures=False)
+    assert report["section_errors"] == {}
+    assert report["headline"]["kept_methods"] == ["clip_cov"]
+    assert "1 of 2 methods kept entropy: clip_cov (ratio 1:" in report["headline"]["paragraphs"][1]
+
+
+def test_an_intervention_logged_at_some_steps_is_said_idle_over_the_steps_it_was_logged(tmp_path):
+    out = build_run(tmp_path / "lab-idle-part", methods=("grpo", "clip_b"), failed=())
+    records = [{"step": i + 1, "entropy/mean": 1.0 - i / 80, "reward/accuracy": 0.3,
+                "select/clip_b_frac": 0.0 if i < 30 else None} for i in range(STEPS)]
+    (out / "methods" / "clip_b" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = write_report(out, figures=False)
+    (row,) = [r for r in report["summary"]["rows"] if r["method"] == "clip_b"]
+    assert row["note"] == "never acted: select/clip_b_frac = 0 at all 30 steps"
+    assert ("1 method never applied its own intervention, or part of it, during training: clip_b (`select/clip_b_frac` "
+            "0 at all 30 steps).") in " ".join((out / "report.md").read_text().split())
+
+
+def test_the_law_section_ranges_r2_over_the_fits_that_have_one(tmp_path):
+    out = build_run(tmp_path / "lab-r2", methods=("grpo", "nsr"), failed=())
+    h = np.linspace(1.0, 0.5, 20)
+    _write_metrics(out / "methods" / "grpo", h, -0.3 * np.exp(h) + 0.9)
+    _write_metrics(out / "methods" / "nsr", [1.0, 0.5], [0.2, 0.4])  # two points: a fit without R²
+    report = write_report(out, figures=False)
+    assert report["section_errors"] == {}
+    assert report["law"]["fits"]["nsr"]["fit"]["r2"] is None
+    assert "R² ranges from 1 (grpo) to 1 (grpo)" in " ".join((out / "report.md").read_text().split())
+
+
+def test_the_law_fit_fraction_recorded_in_the_preset_is_the_one_used_and_stated(tmp_path):
+    out = build_run(tmp_path / "lab-quarter", methods=("grpo",), failed=())
+    lab = json.loads((out / "lab.json").read_text())
+    lab["preset"]["law_fit_fraction"] = 0.25
+    (out / "lab.json").write_text(json.dumps(lab))
+    report = write_report(out, figures=False)
+    assert report["rules"]["law_fit_fraction"] == report["law"]["fit_fraction"] == 0.25
+    assert report["law"]["fits"]["grpo"]["forecast"]["n_fit"] == STEPS // 4
+    assert "the law fitted on the first 25% of steps" in " ".join((out / "report.md").read_text().split())
+
+
+@pytest.mark.parametrize("invocations, workers, flag", [
+    ([{"started_at": 0.0, "finished_at": 5.0, "workers": 3, "ran": [], "base_evaluated": True},  # evaluated the base
+      {"started_at": 9.0, "finished_at": 9.5, "workers": 5, "ran": []}], "3", " --workers 3"),  # found all done
+    ([{"started_at": 0.0, "finished_at": 5.0, "workers": 3, "ran": ["grpo"]},
+      {"started_at": 9.0, "finished_at": 19.0, "workers": 4, "ran": ["nsr"]}], "3, 4", ""),  # no single count to name
+])
+def test_the_workers_named_are_those_of_the_invocations_that_did_something(tmp_path, invocations, workers, flag):
+    out = build_run(tmp_path / "lab-workers", methods=("grpo", "nsr"), failed=())
+    lab = json.loads((out / "lab.json").read_text())
+    lab["invocations"] = invocations
+    (out / "lab.json").write_text(json.dumps(lab))
+    reproduce = write_report(out, figures=False)["reproduce"]
+    items = {row["item"]: row["value"] for row in reproduce["machine"]["rows"]}
+    assert items["workers"] == workers
+    assert reproduce["command"] == "entrorl lab --preset quick --methods grpo,nsr" + flag
+
+
+def test_an_empty_error_log_marks_a_failure_and_an_evaluation_that_is_not_an_object_is_no_evaluation(tmp_path):
+    out = build_run(tmp_path / "lab-odd-files", methods=("grpo", "nsr", "kl_cov"), failed=("kl_cov",))
+    (out / "methods" / "kl_cov" / "error.log").write_text("")  # killed before it wrote a line
+    (out / "methods" / "nsr" / "final_eval.json").write_text("[1, 2]")
+    (out / "base" / "final_eval.json").write_text("[1, 2]")
+    report = write_report(out, figures=False)
+    assert report["section_errors"] == {}
+    assert (report["methods"]["kl_cov"]["status"], report["methods"]["kl_cov"]["error"]) == ("failed", "error.log is empty")
+    assert report["methods"]["nsr"]["status"] == "missing"
+    assert [row["method"] for row in report["summary"]["rows"]] == ["grpo", "nsr", "kl_cov"]
+
+
+def test_a_run_without_a_base_evaluation_writes_every_section_without_the_base_model(tmp_path):
+    out = build_run(tmp_path / "lab-no-base", methods=("grpo", "nsr"), failed=())
+    (out / "base" / "final_eval.json").unlink()
+    report = write_report(out, figures=False)
+    assert report["section_errors"] == {}
+    assert [row["method"] for row in report["summary"]["rows"]] == ["grpo", "nsr"]
+    assert [row["model"] for row in report["pass_rates"]["rows"]] == ["grpo", "nsr"]
+    assert "The base model has" not in (out / "report.md").read_text()
+    assert report["headline"]["collapse"] is not None  # judged on GRPO's training curve
