@@ -1428,6 +1428,42 @@ def test_an_intervention_logged_at_some_steps_is_said_idle_over_the_steps_it_was
             "0 at all 30 steps).") in " ".join((out / "report.md").read_text().split())
 
 
+def test_each_idle_part_is_said_idle_over_the_steps_it_was_itself_logged(tmp_path):
+    """Two parts of a method that never acted, logged at 40 and at 30 steps: the sentence gives each its own count, as
+    the summary's note does."""
+    out = build_run(tmp_path / "lab-idle-parts", methods=("grpo", "clip_b"), failed=())
+    _write_metrics(out / "methods" / "clip_b", np.linspace(1, .5, 40), np.full(40, .3), select__clip_b_frac=np.zeros(40),
+                   reg__clip_b_coeff=np.where(np.arange(40) < 30, 0.0, np.nan))
+    report = write_report(out, figures=False)
+    (row,) = [r for r in report["summary"]["rows"] if r["method"] == "clip_b"]
+    assert row["note"].endswith("reg/clip_b_coeff = 0 at all 30 steps")
+    assert ("clip_b (`select/clip_b_frac` 0 at all 40 steps and `reg/clip_b_coeff` 0 at all 30 steps)"
+            in " ".join((out / "report.md").read_text().split()))
+
+
+def test_evaluations_without_pass_at_k_are_not_said_to_be_missing(tmp_path):
+    out = build_run(tmp_path / "lab-no-pass", methods=("grpo",), failed=())
+    for path in ("base", "methods/grpo"):
+        evaluation = json.loads((out / path / "final_eval.json").read_text())
+        del evaluation["pass_at_k"]
+        _write(out / path / "final_eval.json", evaluation)
+    write_report(out, figures=False)
+    assert "No Pass@k values: no final evaluation holds any." in (out / "report.md").read_text()
+    for path in ("base/final_eval.json", "methods/grpo/final_eval.json"):
+        (out / path).unlink()
+    write_report(out, figures=False)
+    assert "No Pass@k values: no final evaluation was found." in (out / "report.md").read_text()
+
+
+def test_no_highest_ratio_is_named_when_no_other_method_has_an_entropy_ratio(tmp_path):
+    out = build_run(tmp_path / "lab-no-ratio", methods=("grpo", "nsr"), failed=())
+    (out / "methods" / "nsr" / "metrics.jsonl").write_text("")
+    said = " ".join(write_report(out, figures=False)["headline"]["paragraphs"])
+    assert "the highest ratio" not in said
+    assert ("No other method has an entropy ratio (its entropy was not logged at the start and the end of its run), so "
+            "none kept entropy by this rule.") in said
+
+
 def test_the_law_section_ranges_r2_over_the_fits_that_have_one(tmp_path):
     out = build_run(tmp_path / "lab-r2", methods=("grpo", "nsr"), failed=())
     h = np.linspace(1.0, 0.5, 20)

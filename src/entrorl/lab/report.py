@@ -291,8 +291,12 @@ class _Report:
         else:
             rule = (f"A method kept entropy when its end/start entropy ratio is at least {fmt(KEPT_MARGIN)} × GRPO's "
                     f"({fmt(KEPT_MARGIN)} × {fmt(g.entropy_ratio)} = {fmt(threshold)}).")
-            if not kept:
-                best = max(others, key=lambda n: finite(self.analyses[n].entropy_ratio) if finite(self.analyses[n].entropy_ratio) is not None else -math.inf)
+            rated = [n for n in others if finite(self.analyses[n].entropy_ratio) is not None]
+            if not kept and not rated:
+                section.say(f"{rule} No other method has an entropy ratio (its entropy was not logged at the start and "
+                            "the end of its run), so none kept entropy by this rule.")
+            elif not kept:
+                best = max(rated, key=lambda n: finite(self.analyses[n].entropy_ratio))
                 section.say(f"{rule} No method kept entropy by this rule; the highest ratio is "
                             f"{fmt(self.analyses[best].entropy_ratio)} ({best}).")
             else:
@@ -385,10 +389,13 @@ class _Report:
             parts = []
             for name in idle:
                 analysis = self.analyses[name]
-                keys = " and ".join(f"`{i['key']}`" for i in analysis.never_acted)
-                steps = analysis.never_acted[0]["steps"]
+                steps = {i["steps"] for i in analysis.never_acted}
+                if len(steps) == 1:  # logged at the same steps: one count for all
+                    idle_parts = " and ".join(f"`{i['key']}`" for i in analysis.never_acted) + f" 0 at all {steps.pop()} steps"
+                else:
+                    idle_parts = " and ".join(f"`{i['key']}` 0 at all {i['steps']} steps" for i in analysis.never_acted)
                 others = "" if len(analysis.never_acted) == len(analysis.interventions) else "; its other parts acted"
-                parts.append(f"{name} ({keys} 0 at all {steps} steps{others})")
+                parts.append(f"{name} ({idle_parts}{others})")
             many = len(idle) != 1
             section.say(f"{len(idle)} method{'s' if many else ''} never applied {'their' if many else 'its'} own intervention, "
                         f"or part of it, during training: {'; '.join(parts)}. A run none of whose parts acted trained with "
@@ -470,7 +477,7 @@ class _Report:
     # ---------------------------------------------------------------- 4. pass@k
     def pass_at_k(self, section: Section) -> None:
         if not self.ks:
-            section.say("No Pass@k values: no final evaluation was found.")
+            section.say("No Pass@k values: " + ("no final evaluation holds any." if self.evals else "no final evaluation was found."))
             self.json["pass_at_k"] = Table(["model"]).to_json()
             return
         section.say(f"Unbiased Pass@k on the held-out prompts of the final evaluation, k = {', '.join(map(str, self.ks))}; "
