@@ -666,6 +666,9 @@ def test_a_json_object_that_repeats_a_key_is_refused_as_a_csv_header_is(tmp_path
     whole.write_text('{"data": [{"prompt": "a", "answer": "1"}], "data": []}', encoding="utf-8")  # no row to name
     with pytest.raises(DataError, match=r"repeated\.json: an object repeats the key 'data'"):
         load_prompts(whole)
+    whole.write_text('{"data": [{"prompt": "a", "answer": "1"}], "about": {"v": 1, "v": 2}}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"repeated\.json: an object repeats the key 'v'"):
+        load_prompts(whole)
 
 
 def test_a_lone_surrogate_is_refused_with_its_row_and_a_surrogate_pair_is_read(tmp_path):

@@ -556,6 +556,9 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
                 location=where,
             )
         records.append(_make_record(row, where, str(p), cols))
+    repeating = _RepeatingKeys.within(obj)  # in a top-level field beside "data"
+    if repeating is not None:
+        raise DataError(f"{p}: {repeating.refusal}", path=str(p))
     return records
 
 
