@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -485,6 +486,8 @@ def test_objective_state_is_saved_with_checkpoints_and_restored(tokenizer, tmp_p
     trainer._save_checkpoint(trainer.model, None)
     checkpoint = Path(trainer.args.output_dir) / "checkpoint-1"
     assert (checkpoint / OBJECTIVE_STATE_FILE).is_file()
+    # one process: the shared file alone, no per-process copies (those are for data parallelism)
+    assert sorted(path.name for path in checkpoint.glob("entrorl_objective_state*")) == [OBJECTIVE_STATE_FILE]
     resumed = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy",
                        objective_params={"target_entropy": 100.0, "delta": 0.001})
     resumed.create_optimizer_and_scheduler(num_training_steps=4)
@@ -823,8 +826,13 @@ def test_the_evaluation_loss_is_not_scaled_for_accumulation(tokenizer, tmp_path,
     inputs["completion_mask"][1] = 0
     inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
     train_loss = _loss_of(trainer, inputs, training=True, accumulation_steps=1, steps_per_generation=1)
+    logged = {key: list(values) for key, values in trainer._metrics["train"].items()}
     eval_loss = _loss_of(trainer, inputs, training=False, accumulation_steps=2, steps_per_generation=4)
     assert train_loss != 0.0 and eval_loss == pytest.approx(train_loss, rel=1e-5)
+    # the evaluation's metrics go to TRL's eval log (logged as eval_*), the training log is left as it was
+    assert {key: list(values) for key, values in trainer._metrics["train"].items()} == logged
+    evaluated = trainer._metrics["eval"]
+    assert evaluated["loss/policy"] == logged["loss/policy"] and evaluated["entropy"] == logged["entropy"]
 
 
 def test_multimodal_inputs_are_refused_naming_the_keys(tokenizer, tmp_path):
@@ -974,12 +982,14 @@ def test_the_token_mean_window_is_divided_among_processes_as_trl_s(tokenizer, tm
     assert double["grpo"] == pytest.approx(single["grpo"], rel=1e-6)
 
 
-def test_logged_diagnostics_are_the_statistics_of_the_valid_tokens(tokenizer, tmp_path):
+@pytest.mark.parametrize("method", ["dapo", "entropy_advantage"])
+def test_logged_diagnostics_are_the_statistics_of_the_valid_tokens(tokenizer, tmp_path, method):
     """entropy/*, disc/* (S), disc_centered/* (D) and cov/* are entrorl's summaries of the micro-batch's valid tokens,
-    with the advantage of each token's sequence: padding and tool-masked tokens are not in them."""
+    with the advantages the loss used (each token's sequence's, after the method's shaping: entropy_advantage adds an
+    entropy bonus): padding and tool-masked tokens are not in them."""
     from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary
 
-    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo", fused_head=False)
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=method, fused_head=False)
     inputs = _inputs(tokenizer, seed=3)
     tool_mask = torch.ones_like(inputs["completion_mask"])
     tool_mask[0, 2:4] = 0
@@ -992,7 +1002,12 @@ def test_logged_diagnostics_are_the_statistics_of_the_valid_tokens(tokenizer, tm
                                    attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)).logits
     stats = token_stats(logits[:, -MAX_COMPLETION - 1 : -1], inputs["completion_ids"],
                         need=("logprob", "entropy", "disc", "disc_centered"))
-    advantages = torch.where(mask, inputs["advantages"][:, None], 0.0)
+    advantages = build_objective(method)(PolicyBatch(
+        log_prob=stats.logprob, old_log_prob=inputs["old_per_token_logps"].float(), advantages=inputs["advantages"],
+        mask=mask, entropy=stats.entropy, disc=stats.disc, disc_centered=stats.disc_centered,
+    )).advantages
+    raw = torch.where(mask, inputs["advantages"][:, None], 0.0)
+    assert torch.equal(advantages, raw) is (method == "dapo")
     expected = {**entropy_summary(stats.entropy, mask),
                 **discriminator_summary(stats.disc, stats.disc_centered, advantages, mask),
                 **covariance_summary(stats.logprob, advantages, mask)}
@@ -1090,6 +1105,11 @@ def test_a_stateless_objective_writes_no_state_file_with_its_checkpoints(tokeniz
     assert checkpoint.is_dir() and not (checkpoint / OBJECTIVE_STATE_FILE).exists()
     # the method's name is written with every checkpoint, for `entrorl report`
     assert json.loads((checkpoint / "entrorl_objective.json").read_text()) == {"method": "dapo"}
+    # resuming it: there is no state to miss, so no warning that one starts afresh
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        trainer._load_optimizer_and_scheduler(str(checkpoint))
+    assert not [w for w in raised if "holds no objective state" in str(w.message)]
 
 
 def test_an_args_object_without_use_bias_correction_kl_gets_trl_s_default(tmp_path):
@@ -1243,3 +1263,68 @@ def test_two_processes_each_resume_their_own_adaptive_coefficient_and_continue_a
         assert resumed[rank]["coefficient"] == whole[rank]["coefficient"]
         assert resumed[rank]["weights_sum"] == whole[rank]["weights_sum"]
         assert resumed[rank]["losses"][-1] == whole[rank]["losses"][-1]
+
+
+@pytest.mark.parametrize("quantile", [0.5, 0.9, 0.99])
+def test_every_top_entropy_quantile_below_one_is_refused(tmp_path, quantile):
+    """TRL applies its entropy mask for any top_entropy_quantile < 1: each such value is refused naming forking_tokens
+    with that quantile; 1.0 (TRL's default, no mask) passes."""
+    with pytest.raises(ValueError, match=rf"top_entropy_quantile = {quantile:g}: use the 'forking_tokens' method"):
+        check_trl_args(_config(tmp_path, top_entropy_quantile=quantile), build_objective("dapo"))
+    check_trl_args(_config(tmp_path, top_entropy_quantile=1.0), build_objective("dapo"))
+
+
+@pytest.mark.parametrize("method", ["cispo", "kl_cov", "dr_grpo+forking_tokens"])
+def test_a_sequence_level_ratio_is_refused_for_every_surrogate_but_gspo(tmp_path, method):
+    """importance_sampling_level='sequence' describes only gspo's ratio: an objective with any other surrogate (CISPO's
+    weight, kl_cov's unclipped ratio, a per-token PPO composition) is refused."""
+    with pytest.raises(ValueError, match=r"importance_sampling_level='sequence': the objective's surrogate sets the "
+                                         r"ratio's level, and this one's is per token"):
+        check_trl_args(_config(tmp_path, importance_sampling_level="sequence"), build_objective(method))
+
+
+@pytest.mark.parametrize(("method", "options", "suggested"), [
+    ("grpo", {"epsilon_high": 0.28}, {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28}),
+    ("grpo", {"epsilon": 0.1}, {"clip_ratio_low": 0.1, "clip_ratio_high": 0.1}),
+    ("dapo", {"epsilon": 0.15, "epsilon_high": 0.3}, {"clip_ratio_low": 0.15, "clip_ratio_high": 0.3}),
+])
+def test_the_refusal_of_epsilon_suggests_the_clip_ratios_that_pass(tmp_path, method, options, suggested):
+    """A clip range of TRL's that differs from the objective's is refused with epsilon as clip_ratio_low and
+    epsilon_high (epsilon when unset) as clip_ratio_high; those objective_params then pass the same options."""
+    import ast
+
+    config = _config(tmp_path, **options)
+    objective = build_objective(method)
+    with pytest.raises(ValueError) as refused:
+        check_trl_args(config, objective)
+    own = (objective.surrogate.clip_ratio_low, objective.surrogate.clip_ratio_high)
+    assert (f"the objective clips with its own ratios (PPOClip: clip_ratio_low = {own[0]}, clip_ratio_high = {own[1]})"
+            in str(refused.value))
+    params = ast.literal_eval(re.search(r"pass objective_params=(\{.*?\})", str(refused.value)).group(1))
+    assert params == suggested
+    check_trl_args(config, build_objective(method, **params))
+
+
+def test_the_low_precision_warning_covers_float16_uneven_accumulation_and_points_at_the_caller(tokenizer, tmp_path, recwarn):
+    """fp16 is a half-precision head as bf16 is; TRL scores old log-probs whenever gradient_accumulation_steps is not a
+    multiple of steps_per_generation * num_iterations (3 steps of a 2-step generation), not when it is (4 of 2); the
+    warning names the line that built the trainer."""
+    def head_warned(trainer):
+        with warnings.catch_warnings(record=True) as raised:
+            warnings.simplefilter("always")
+            trainer._warn_on_low_precision_head()
+        return bool([w for w in raised if "cast_lm_head_to_fp32=True" in str(w.message)])
+
+    _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="grpo",
+             config=_config(tmp_path, bf16=True, num_iterations=2, cast_lm_head_to_fp32=False))
+    (warning,) = [w for w in recwarn if "cast_lm_head_to_fp32=True" in str(w.message)]
+    assert warning.filename == __file__
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="grpo",
+                       config=_config(tmp_path, num_iterations=2, cast_lm_head_to_fp32=False))
+    assert not head_warned(trainer)  # a float32 head without autocast: nothing to warn about
+    trainer.args.fp16 = True
+    assert head_warned(trainer)
+    trainer.args.fp16, trainer.args.bf16, trainer.num_iterations = False, True, 1
+    for accumulation, steps_per_generation, warns in ((3, 2, True), (4, 2, False), (2, 2, False)):
+        trainer.args.gradient_accumulation_steps, trainer.args.steps_per_generation = accumulation, steps_per_generation
+        assert head_warned(trainer) is warns, (accumulation, steps_per_generation)
