@@ -189,6 +189,35 @@ def test_trainer_applies_the_setting_only_when_asked(tmp_path, tiny_model_dir, a
     assert calls == ([True] if applied else [])
 
 
+class _StopAfterTheAllocatorSetting(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("retain", "applied"), [(True, True), (False, False), (None, False)])  # None: on a GPU, no
+def test_trainer_on_a_gpu_keeps_glibcs_defaults_unless_asked(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch,
+                                                             retain, applied):
+    """Training on a GPU leaves the CPU allocator alone by default; retain_freed_memory: true applies it there too."""
+    import torch
+
+    from entrorl.trainer import load_config, loop
+
+    calls = []
+    monkeypatch.setattr(loop, "retain_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(loop, "resolve_device", lambda name: torch.device("cuda"))
+
+    def stop(run_dir):  # the setting is decided before the run directory is checked: no model needs to load
+        raise _StopAfterTheAllocatorSetting
+
+    monkeypatch.setattr(loop, "check_run_directory_writable", stop)
+    train, _ = arithmetic_files
+    config = load_config({"model": {"path": str(tiny_model_dir), "device": "cpu"}, "data": {"train": str(train)},
+                          "reward": {"name": "exact_match"}, "rollout": {"max_new_tokens": 6},
+                          "retain_freed_memory": retain, "logging": {"progress": False}})
+    with pytest.raises(_StopAfterTheAllocatorSetting):
+        loop.Trainer(config, run_dir=tmp_path / "run")
+    assert calls == ([True] if applied else [])
+
+
 def test_a_c_library_that_cannot_be_loaded_is_left_alone(fake_libc, monkeypatch):
     """ctypes cannot open the C library: False, nothing remembered as applied, no error."""
     fake_libc()

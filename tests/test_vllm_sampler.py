@@ -51,13 +51,14 @@ class _FakeLLM:
 
     def __init__(self, **kwargs):
         self.init_kwargs = kwargs
-        self.requests, self.sampling, self.prefix_resets = [], [], 0
+        self.requests, self.sampling, self.prefix_resets, self.progress_bars = [], [], 0, []
         self.engine_model = _FakeEngineModel()
         _FakeLLM.instances.append(self)
 
     def generate(self, requests, sampling_params=None, use_tqdm=True):
         self.requests.append(requests)
         self.sampling.append(sampling_params)
+        self.progress_bars.append(use_tqdm)
         outputs = []
         for index, request in enumerate(requests):
             tokens, log_probs = _FakeLLM.script[index % len(_FakeLLM.script)]
@@ -99,6 +100,13 @@ def test_request_kwargs_follow_the_sampling_params():
         vllm_sampling_kwargs(params, [])
 
 
+@pytest.mark.parametrize(("top_k", "sent"), [(0, -1), (1, 1), (2, 2), (50, 50)])
+def test_only_top_k_zero_becomes_vllms_no_filter(top_k, sent):
+    """top_k = 1 is a filter (the most likely token only), not "no filter": only entrorl's 0 becomes vLLM's -1."""
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=top_k)
+    assert vllm_sampling_kwargs(params, [EOS], seed=0)["top_k"] == sent
+
+
 def test_outputs_become_padded_rollouts():
     prompts = [[3, 4], [6], [2, 3, 4]]
     outputs = [
@@ -116,6 +124,9 @@ def test_outputs_become_padded_rollouts():
     expected = torch.tensor([[-0.5, -1.0, -0.25, 0.0], [-2.0, -2.5, -3.0, -3.5], [-0.1, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(rollouts.sampler_log_probs, expected)
     assert rollouts.sampler_log_probs.dtype == torch.float32 and rollouts.response_mask.dtype == torch.bool
+    # the dtypes HFSampler gives, so that rollouts of either backend concatenate and index alike
+    assert rollouts.lengths.dtype == torch.long and rollouts.truncated.dtype == torch.bool
+    assert rollouts.prompt_ids.dtype == torch.long and rollouts.response_ids.dtype == torch.long
 
 
 def test_output_conversion_cuts_after_the_first_eos_and_rejects_missing_log_probs():
@@ -194,6 +205,7 @@ def test_sampler_builds_the_engine_and_requests(fake_vllm, tiny_model_dir):
     assert rollouts.response_ids.tolist() == [[7, 8, EOS, PAD, PAD], [9, 9, 9, 9, 9], [7, 8, EOS, PAD, PAD]]
     assert rollouts.truncated.tolist() == [False, True, False]
     assert done == [3]
+    assert llm.progress_bars == [False]  # entrorl reports progress itself; no vLLM bar in the middle of its own
     sampler.generate([[6]], params)
     assert [kw.kwargs["seed"] for kw in llm.sampling[-1]] == [14]  # seeds never repeat across calls
     resumed = VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD, dtype="float32", seed=11)
@@ -206,6 +218,38 @@ def test_sampler_builds_the_engine_and_requests(fake_vllm, tiny_model_dir):
         sampler.generate([[3], []], params)
     with pytest.raises(ValueError, match="no prompts"):
         sampler.generate([], params)
+
+
+def test_engine_gets_the_context_bound_and_further_engine_arguments(fake_vllm, tiny_model_dir):
+    VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD, max_model_len=96, enforce_eager=True,
+                enable_prefix_caching=False)
+    kwargs = _FakeLLM.instances[-1].init_kwargs
+    assert (kwargs["max_model_len"], kwargs["enforce_eager"], kwargs["enable_prefix_caching"]) == (96, True, False)
+    VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD)
+    kwargs = _FakeLLM.instances[-1].init_kwargs
+    assert kwargs["max_model_len"] is None and "enforce_eager" not in kwargs  # the model's own bound, vLLM's defaults
+    assert (kwargs["dtype"], kwargs["gpu_memory_utilization"], kwargs["seed"]) == ("auto", 0.4, 0)
+
+
+def test_a_serialization_setting_made_before_the_engine_is_built_is_kept(monkeypatch, fake_vllm, tiny_model_dir):
+    """VLLM_ALLOW_INSECURE_SERIALIZATION is set to 1 only where it is not set already."""
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "0")
+    VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=PAD)
+    assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "0"
+
+
+def test_sampled_rollouts_are_padded_with_the_samplers_pad_id(fake_vllm, tiny_model_dir):
+    """generate pads prompts (left) and responses (right) with the pad id the sampler was given, not with 0."""
+    pad = 11
+    sampler = VLLMSampler(tiny_model_dir, eos_token_id=EOS, pad_token_id=pad)
+    long_prompt = [2 + index % 9 for index in range(40)]
+    rollouts = sampler.generate([long_prompt, [6]], SamplingParams(max_new_tokens=5, temperature=1.0))
+    assert _FakeLLM.instances[-1].requests[-1] == [{"prompt_token_ids": long_prompt}, {"prompt_token_ids": [6]}]
+    assert rollouts.prompt_ids.tolist() == [long_prompt, [pad] * 39 + [6]]
+    assert rollouts.prompt_mask.tolist() == [[True] * 40, [False] * 39 + [True]]
+    assert rollouts.response_ids.tolist() == [[7, 8, EOS, pad, pad], [9, 9, 9, 9, 9]]
+    assert rollouts.response_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    torch.testing.assert_close(rollouts.sampler_log_probs, torch.tensor([[-0.5, -1.0, -0.25, 0.0, 0.0], [-2.0] * 5]))
 
 
 def test_every_eos_id_of_the_sampler_ends_a_response(fake_vllm, tiny_model_dir):
