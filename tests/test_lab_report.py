@@ -683,9 +683,11 @@ def test_wall_clock_sums_the_invocations_that_ran_something(tmp_path):
 def test_a_method_acting_through_its_advantages_is_not_flagged():
     from entrorl.lab.report import intervention_keys
 
-    assert intervention_keys("clip_b") == ["select/clip_b_frac", "reg/clip_b_coeff", "shape/clip_b_bonus"]
+    assert intervention_keys("clip_b") == ["select/clip_b_frac", "reg/clip_b_coeff", "shape/clip_b_bonus",
+                                           "correction/clip_b_masked_frac", "clip_b/abs_log_ratio"]
     assert "reg/adaptive_entropy_coeff" in intervention_keys("adaptive_entropy")
-    assert "select/kl_cov_frac" in intervention_keys("kl_cov")
+    assert {"select/kl_cov_frac", "kl_cov/abs_log_ratio"} <= set(intervention_keys("kl_cov"))
+    assert "correction/icepop_masked_frac" in intervention_keys("dapo+icepop")
     # nsr's estimator leaves no positive advantage for its sign selector to drop: the selector idles, nsr acts
     assert intervention_keys("nsr") == intervention_keys("psr") == intervention_keys("w_reinforce") == []
     assert intervention_keys("grpo") == intervention_keys("sft") == []

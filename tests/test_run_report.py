@@ -221,6 +221,29 @@ def test_interventions_and_a_method_whose_own_part_never_acted(tmp_path):
     assert "`select/clip_cov_frac`): on this run it never acted" in (run / "report" / "report.md").read_text()
 
 
+@pytest.mark.parametrize(("method", "logged", "idle"), [
+    # IcePop masked every token: a row of its own, and it acted
+    ("dapo+icepop", {"correction/icepop_masked_frac": 1.0}, None),
+    ("dapo+icepop", {"correction/icepop_masked_frac": 0.0}, "correction/icepop_masked_frac"),
+    # TIS and kl_ref act at every step: rows of their own, never "never acted"
+    ("dapo+tis", {"correction/tis_weight_mean": 1.0, "correction/tis_truncated_frac": 0.0}, None),
+    ("kl_ref", {"kl/ref": 0.003, "kl/ref_k1": 0.002}, None),
+    # KL-Cov selects tokens at every step, but its term is 0 while the policy has not moved (strictly on-policy)
+    ("kl_cov", {"select/kl_cov_frac": 0.008, "kl_cov/abs_log_ratio": 0.0}, "kl_cov/abs_log_ratio"),
+    ("kl_cov", {"select/kl_cov_frac": 0.008, "kl_cov/abs_log_ratio": 0.01}, None),
+])
+def test_corrections_the_reference_kl_and_kl_cov_s_term_are_shown_and_judged(tmp_path, method, logged, idle):
+    records = [{"step": i + 1, "entropy/mean": 1.0, "reward/accuracy": 0.5, **logged} for i in range(3)]
+    run = write_run(tmp_path / "run", records, config={"method": method, "optim": {"steps": 3}})
+    report = write_run_report(run, figures=False)
+    assert {values["metric"] for values in report["interventions"]["values"]} == set(logged)
+    said = " ".join((run / "report" / "report.md").read_text().split())
+    if idle is None:
+        assert "never acted" not in said
+    else:
+        assert f"(`{idle}`): on this run it never acted" in said
+
+
 def test_a_method_given_as_a_list_of_names_is_the_composition_they_make(tmp_path):
     """An objective config may name its methods as a list (``method: [dapo, clip_b]``), which config.json keeps as a
     list: the report names the composition as ``dapo+clip_b`` would and checks the same parts for never acting."""
@@ -701,8 +724,9 @@ def test_the_edge_and_last_steps_phrases_of_runs_of_no_step_one_step_a_side_or_d
 def test_the_first_method_of_a_composition_decides_whether_interventions_are_checked():
     """The first method gives the trainer its advantage estimator: clip_b+nsr trains with GRPO advantages and its parts
     are checked (each once, although nsr and psr share their sign selector); nsr+clip_b trains with nsr's."""
-    clip_b = ["select/clip_b_frac", "reg/clip_b_coeff", "shape/clip_b_bonus"]
-    sign = ["select/advantage_sign_frac", "reg/advantage_sign_coeff", "shape/advantage_sign_bonus"]
+    clip_b = ["select/clip_b_frac", "reg/clip_b_coeff", "shape/clip_b_bonus", "correction/clip_b_masked_frac",
+              "clip_b/abs_log_ratio"]
+    sign = [key.replace("clip_b", "advantage_sign") for key in clip_b]
     assert intervention_keys("clip_b+nsr") == clip_b + sign
     assert intervention_keys("clip_b+nsr+psr") == clip_b + sign
     assert intervention_keys("nsr+clip_b") == []

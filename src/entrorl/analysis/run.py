@@ -26,7 +26,8 @@ COLLAPSE_RATIO = 0.5  # entropy has collapsed when its end is at most this share
 SMOOTH_WINDOW = 5
 FORKS_SHOWN = 10
 COV_PERCENTS = ("0.02", "0.2", "2", "20")
-INTERVENTION_KEY_PATTERNS = ("select/{}_frac", "reg/{}_coeff", "shape/{}_bonus")
+INTERVENTION_KEY_PATTERNS = ("select/{}_frac", "reg/{}_coeff", "shape/{}_bonus", "correction/{}_masked_frac",
+                             "{}/abs_log_ratio")
 # a forecast ceiling extrapolates the law fitted on the first steps to zero entropy: on fewer steps than this it is
 # noise (a 2-parameter fit on 3 nearly equal points can promise any reward)
 MIN_CEILING_STEPS = 10
@@ -166,10 +167,14 @@ class MetricRecords:
 
 def intervention_keys(method: str) -> list[str]:
     """The metric keys that show whether a method's own intervention acted at a step, for each part the method adds
-    to its surrogate (token selectors, regularisers, advantage shapers): ``select/<part>_frac`` (share of tokens the
-    part selected), ``reg/<part>_coeff`` (the coefficient in force) and ``shape/<part>_bonus`` (mean advantage bonus);
-    only the keys a run logged are checked. Empty for a method without such parts (GRPO, the supervised baselines) or
-    one the registry does not know, and for a method with an advantage estimator of its own (nsr, psr, w_reinforce):
+    to its surrogate (token selectors, regularisers, advantage shapers, a rollout correction): ``select/<part>_frac``
+    (share of tokens the part selected), ``reg/<part>_coeff`` (the coefficient in force), ``shape/<part>_bonus`` (mean
+    advantage bonus), ``correction/<part>_masked_frac`` (IcePop's share of tokens masked) and
+    ``<part>/abs_log_ratio`` (KL-Cov's mean |log pi - log pi_old| on its selected tokens: its term is 0 strictly
+    on-policy, however many tokens it selects, so this key, when logged, stands for the part instead of its
+    ``select/`` key); only the keys a run logged are checked. Empty for a method without such parts (GRPO, the
+    supervised baselines) or one the registry does not know, and for a method with an advantage estimator of its own
+    (nsr, psr, w_reinforce):
     that estimator changes the advantages at every step, so an idle part (NSR's sign selector, which its estimator
     leaves nothing to drop) does not mean the method never acted."""
     try:
@@ -180,7 +185,8 @@ def intervention_keys(method: str) -> list[str]:
         return []
     if specs[0].advantage_estimator != "grpo":  # the first method gives the trainer its advantage estimator
         return []
-    parts = dict.fromkeys(ref[0] for spec in specs for ref in (*spec.selectors, *spec.regularizers, *spec.shapers))
+    parts = dict.fromkeys(ref[0] for spec in specs
+                          for ref in (*spec.selectors, *spec.regularizers, *spec.shapers, *filter(None, [spec.correction])))
     return [pattern.format(part) for part in parts for pattern in INTERVENTION_KEY_PATTERNS]
 
 
@@ -283,7 +289,11 @@ def analyse_records(run: MetricRecords, fit_fraction: float, method: str = "") -
     law = law_of(entropy, reward, reward_key=run.reward_key, reached=result.reward_reached, fit_fraction=fit_fraction)
     result.law = law
 
-    for key in intervention_keys(method) if method else []:
+    keys = intervention_keys(method) if method else []
+    for key in keys:
+        part = key.removeprefix("select/").removesuffix("_frac") if key.startswith("select/") else None
+        if part is not None and f"{part}/abs_log_ratio" in keys and run.has(f"{part}/abs_log_ratio"):
+            continue  # its term, not its selection, says whether it acted
         values = run.series(key)
         values = values[np.isfinite(values)]
         if values.size:

@@ -47,7 +47,7 @@ __all__ = ["write_run_report", "NotARunDirectory", "RUN_REPORT_SECTIONS", "DEFAU
 
 DEFAULT_FIT_FRACTION = 0.15  # the paper fits the law on the first ~15% of training (arXiv 2505.22617, Sec. 3)
 RECURRING_FORKS_SHOWN = 10
-ACTIVITY_PREFIXES = ("select/", "clip/", "reg/", "shape/")
+ACTIVITY_PREFIXES = ("select/", "clip/", "reg/", "shape/", "correction/", "kl/ref", "kl_cov/")
 _STEP_FILE = re.compile(r"step_(\d+)\.json")
 TRAINER_STATE = "trainer_state.json"
 LAB_FINAL_EVALUATION = "final_eval.json"  # written in each method folder of ``entrorl lab``
@@ -459,12 +459,15 @@ class _RunReport:
         run = self.run
         keys = sorted({key for record in run.records for key in record if key.startswith(ACTIVITY_PREFIXES)})
         if not keys:
-            section.say("The run logged no selector, clipping, regulariser or advantage-shaping metric.")
+            section.say("The run logged no selector, clipping, regulariser, advantage-shaping or correction metric.")
             self.json["interventions"] = Table(["metric"]).to_json()
             return
         section.say("What the method's parts did at each step, over the logged steps: `select/*_frac` the share of tokens a "
-                    "selector kept or dropped, `clip/*` the share PPO's clipping cut, `reg/*_coeff` a regulariser's "
-                    "coefficient, `shape/*_bonus` an advantage shaper's mean bonus.")
+                    "selector dropped (KL-Cov's: the share its KL term covers), `clip/*` the share PPO's clipping cut, "
+                    "`reg/*` a regulariser's coefficient or bonus, `kl/ref` the KL to the reference model that `kl_ref` "
+                    "penalises, `kl_cov/abs_log_ratio` the mean |log π − log π_old| on KL-Cov's tokens (0 strictly "
+                    "on-policy), `shape/*_bonus` an advantage shaper's mean bonus, `correction/*` what a rollout "
+                    "correction did (TIS's mean weight and truncated share, IcePop's masked share).")
         table = Table(["metric", "steps", "mean", "max", "steps not 0"])
         for key in keys:
             values = run.series(key)
