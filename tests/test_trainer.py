@@ -664,6 +664,10 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         load_config(base, ["advantage.params={epsilonn: 1}"])
     with pytest.raises(ConfigError, match=r"advantage.params: passk: group 0 has 4 sample\(s\), fewer than k = 8"):
         load_config(base, ["advantage.name=passk", "advantage.params={k: 8}"])
+    # a group of exactly k samples: its one k-subset is the whole group, and every advantage is 0
+    with pytest.raises(ConfigError, match=r"rollout.group_size = 4 is the 'passk' advantage's k: the only k-subset"):
+        load_config(base, ["advantage.name=passk"])
+    assert load_config(base, ["advantage.name=passk", "advantage.params={k: 2}"]).advantage.params == {"k": 2}
     for template, problem in (("Q: {prompt} {other}", r"field\(s\) \['other'\]"), ("{prompt} {", "not a valid format"),
                               ("{{prompt}} ok", r"no \{prompt\} field.*literal"), ("{prompt:{width}}", "KeyError: 'width'"),
                               ("{prompt:d}", "cannot be filled"), ("{prompt!x}", "cannot be filled")):
@@ -751,7 +755,7 @@ def test_a_later_method_paired_with_other_advantages_is_warned_about(tmp_path, a
         assert (listed.method, listed.method_names()) == ("dapo+clip_b", ["dapo", "clip_b"])
         assert load_config(base, ["method=[dapo, clip_b]"]).method == "dapo+clip_b"
         assert load_config(base, ["method=unlikely_reward"]).advantage_estimator() == "unlikely"
-        assert load_config(base, ["method=passk_advantage"]).advantage_estimator() == "passk"
+        assert load_config(base, ["method=passk_advantage", "rollout.group_size=8"]).advantage_estimator() == "passk"
 
 
 def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arithmetic_files):
