@@ -892,7 +892,8 @@ class Trainer:
 
     def _save_samples(self, scored: ScoredRollouts) -> Path:
         """``samples/step_<step>.jsonl``: one line per rollout of the step with its prompt, completion, reference
-        answer, reward, correctness, advantage, length and the reward's reason (why it scored what it did)."""
+        answer, reward (after the group transforms: what the advantages see), correctness, advantage (the estimator's,
+        before the objective's shapers), length and the reward's reason (why it scored what it did)."""
         folder = self.run_dir / "samples"
         folder.mkdir(exist_ok=True)
         rollouts = scored.rollouts
