@@ -1039,11 +1039,19 @@ def test_the_refusal_of_a_surrogate_only_method_says_what_would_work():
         build_objective("dapo+clip_b+dr_grpo")
     assert build_objective("dapo+clip_b", loss_agg_mode="seq-mean-token-sum-norm").selectors[0].name == "clip_b"
     # GRPO with dual-clip: the surrogate's setting alone, GRPO keeping its own aggregation
-    with pytest.raises(ValueError, match=re.escape("those settings: build_objective('grpo', clip_ratio_c=3.0)")):
+    with pytest.raises(ValueError, match=re.escape("the settings that differ: build_objective('grpo', clip_ratio_c=3.0) "
+                                                   "(it keeps the aggregation of 'grpo', 'seq-mean-token-mean'; add "
+                                                   "loss_agg_mode='token-mean' for that of 'dual_clip')")):
         build_objective("grpo+dual_clip")
     assert build_objective("grpo", clip_ratio_c=3.0).loss_agg_mode == build_objective("grpo").loss_agg_mode
-    with pytest.raises(ValueError, match=re.escape("those settings: build_objective('dapo', clip_ratio_c=3.0)")):
+    with pytest.raises(ValueError, match=re.escape("the settings that differ: build_objective('dapo', clip_ratio_c=3.0)")) as refused:
         build_objective("dapo+dual_clip")
+    assert "aggregation" not in str(refused.value).split(";")[-1]  # both token-mean: nothing more to say
+    # GRPO with DAPO's clip-higher: DAPO's aggregation is named, not imposed
+    with pytest.raises(ValueError, match=re.escape("build_objective('grpo', clip_ratio_high=0.28) (it keeps the aggregation "
+                                                   "of 'grpo', 'seq-mean-token-mean'; add loss_agg_mode='token-mean' "
+                                                   "for that of 'dapo')")):
+        build_objective("grpo+dapo")
     with pytest.raises(ValueError, match="choose one of 'dapo' and 'cispo'") as refused:
         build_objective("dapo+cispo")
     assert "first" not in str(refused.value).split(";")[-1]  # 'cispo+dapo' is refused as well: no such advice
