@@ -352,9 +352,10 @@ def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Compositi
         if changed:
             advice = ", ".join(f"{key}={value!r}" for key, value in changed.items())
             aggregation = refs["loss_agg_mode"]
-            kept = (f" (it keeps the aggregation of '{first}', {comp.loss_agg_mode!r}; add loss_agg_mode={aggregation!r} "
-                    f"for that of '{name}')" if "loss_agg_mode" not in changed and aggregation not in (None, comp.loss_agg_mode)
-                    else "")
+            kept = ""
+            if "loss_agg_mode" not in changed and aggregation not in (None, comp.loss_agg_mode):
+                kept = (f" (it keeps the aggregation of '{first}', {comp.loss_agg_mode!r}; add "
+                        f"loss_agg_mode={aggregation!r} for that of '{name}')")
             options.append(f"give the composition the settings that differ: build_objective('{so_far}', {advice}){kept}")
     if not options:
         options.append(f"choose one of '{first}' and '{name}': both are a surrogate alone")
