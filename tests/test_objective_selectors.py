@@ -1642,3 +1642,61 @@ def test_the_80_20_methods_train_with_dapos_clip_higher():
     for method in ("forking_tokens", "low_entropy_tokens"):
         surrogate = build_objective(method).surrogate
         assert (surrogate.name, surrogate.clip_ratio_low, surrogate.clip_ratio_high) == ("ppo_clip", 0.2, 0.28)
+
+
+# --------------------------------------------------------------------------------------------------
+# 14. Parts called on their own: drops within the mask, detached weights, Clip_V's closed edge
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, params", [
+    ("psr", {}),
+    ("nsr", {}),
+    ("forking_tokens", {}),
+    ("low_entropy_tokens", {}),
+    ("clip_cov", {"clip_cov_ratio": 1.0, "clip_cov_lb": -1e9, "clip_cov_ub": 1e9, "seed": 0}),
+    ("clip_b", {"mode": "paper", "mu": 0.5}),
+    ("clip_v", {"mu": 0.5, "max_frac": 1.0}),
+])
+def test_a_selector_returns_only_valid_tokens_among_its_drops(method, params):
+    """Each selector's own output (not only the objective's) names tokens of the mask: the padding holds garbage
+    (A = -1e3, H = 1e6, S = D = -1e6) that every rule would select, yet no padded position is returned."""
+    case = random_case(21, torch.float64, shape=(4, 12), lengths=[12, 7, 3, 9])
+    batch = case.batch()
+    selector = build_objective(method, **params).selectors[0]
+    drop = selector(batch, batch.advantages, no_surrogate(batch), {})
+    assert drop.dtype == torch.bool and drop.shape == batch.mask.shape
+    assert drop.any()
+    assert not (drop & ~batch.mask).any(), "a padded position was returned as dropped"
+
+
+@pytest.mark.parametrize("method, level", [("tis", "token"), ("tis", "sequence"), ("icepop", None)])
+def test_correction_weights_are_detached_even_from_log_probs_that_carry_gradient(method, level):
+    """k_t = exp(old_log_prob - rollout_log_prob) is a constant weight: given log-probs that require grad, the
+    weights carry none, and their values are min(k, C) (token), min(prod k, C) (sequence) or k inside [0.5, 5]."""
+    old = torch.tensor([[-1.0, -2.0, -0.5, 7.0]], dtype=torch.float64, requires_grad=True)
+    rollout = torch.tensor([[-1.5, -0.5, -0.5, -9.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, True, True, False]])
+    batch = PolicyBatch(log_prob=old.detach().clone().requires_grad_(True), old_log_prob=old,
+                        advantages=torch.ones(1, 4, dtype=torch.float64), mask=mask, rollout_log_prob=rollout)
+    params = {} if level is None else {"level": level}
+    weight = build_objective(method, **params).correction(batch, {})
+    assert not weight.requires_grad and weight.grad_fn is None
+    k = np.exp([0.5, -1.5, 0.0])  # the valid tokens; the padded log-ratio (16) stays out of the sequence's product
+    expected = {"token": np.minimum(k, 2.0), "sequence": np.full(3, min(np.exp(-1.0), 2.0)),
+                None: np.where((k >= 0.5) & (k <= 5.0), k, 0.0)}[level]
+    np.testing.assert_allclose(weight.numpy()[0, :3], expected, rtol=1e-12)
+
+
+def test_clip_v_keeps_tokens_exactly_at_minus_mu_sigma():
+    """D = [1, -1, 1, -1] (all A <= 0): population std 1, and the released code drops A <= 0 tokens with
+    D < -mu std, strictly: mu = 1 puts both -1 tokens exactly on the edge and keeps them; mu = 0.5 drops them."""
+
+    def run(mu):
+        batch = exact_batch([[0.0] * 4], [[-1.0, 0.0, -1.0, -1.0]], [[True] * 4], disc_centered=[[1.0, -1.0, 1.0, -1.0]])
+        out = build_objective("clip_v", mu=mu, max_frac=1.0)(batch)
+        assert out.metrics["clip_v/disc_centered_std"] == 1.0
+        return dropped(out, batch).tolist()
+
+    assert run(1.0) == [[False] * 4]
+    assert run(0.5) == [[False, True, False, True]]
