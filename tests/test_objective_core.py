@@ -1526,12 +1526,19 @@ def test_kl_ref_gives_padding_a_zero_gradient_whatever_it_holds(estimator, impor
     torch.testing.assert_close(grad[:, :2], expected_grad)
 
 
-def test_token_mean_of_a_float16_loss_over_more_than_65504_tokens_is_its_mean():
-    """float16 holds no count above 65504: the token count and the sum are taken in float32, then the mean is given
-    back in float16 (it was 0: the count had become inf)."""
-    loss = torch.full((16, 4200), 0.5, dtype=torch.float16)
-    mean = aggregate_loss(loss, torch.ones(16, 4200, dtype=torch.bool), "token-mean")
-    assert mean.dtype == torch.float16 and float(mean) == 0.5
+@pytest.mark.parametrize(("shape", "mode", "expected"), [
+    ((16, 4200), "token-mean", 0.5), ((16, 4200), "seq-mean-token-sum", 2100.0),
+    ((16, 4200), "seq-mean-token-sum-norm", 0.5), ((1, 70000), "seq-mean-token-mean", 0.5)])
+def test_every_aggregation_of_a_float16_loss_over_more_than_65504_tokens_is_exact(shape, mode, expected):
+    """float16 holds no sum or count above 65504: they are taken in float32, then the result is given back in float16
+    (token-mean and a row's token mean gave 0, the count having become inf; the sums gave inf)."""
+    loss, mask = torch.full(shape, 0.5, dtype=torch.float16), torch.ones(shape, dtype=torch.bool)
+    result = aggregate_loss(loss, mask, mode)
+    assert result.dtype == torch.float16 and float(result) == expected
+    # a global batch size (verl's normaliser) neither overflows nor changes the dtype
+    if mode != "token-mean":
+        scaled = aggregate_loss(loss, mask, mode, global_batch_size=shape[0])
+        assert scaled.dtype == torch.float16 and float(scaled) == expected
 
 
 def test_sequence_level_tis_weight_is_the_truncated_product_of_the_token_ratios():

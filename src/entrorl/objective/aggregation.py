@@ -52,21 +52,22 @@ def aggregate_loss(
     check_loss_agg_mode(mode)
     mask = mask.bool()
     masked = torch.where(mask, per_token_loss, torch.zeros_like(per_token_loss))
+    # sums and counts in float32 at least: float16 cannot hold one above 65504; the result in the loss's dtype
+    wide = torch.promote_types(masked.dtype, torch.float32)
     if mode == "token-mean":
-        # the count in float32 at least: float16 cannot hold a count above 65504
-        wide = torch.promote_types(masked.dtype, torch.float32)
         count = mask.sum().to(wide) if batch_num_tokens is None else torch.as_tensor(float(batch_num_tokens))
         return (masked.sum(dtype=wide) / count.clamp(min=1) * dp_size).to(masked.dtype)
     tokens_per_seq = mask.sum(dim=-1)
-    n_seq = (tokens_per_seq > 0).sum().to(masked.dtype) if global_batch_size is None else torch.as_tensor(float(global_batch_size))
+    n_seq = ((tokens_per_seq > 0).sum().to(wide) if global_batch_size is None
+             else torch.as_tensor(float(global_batch_size), dtype=wide))
     n_seq = n_seq.clamp(min=1)
     if mode == "seq-mean-token-mean":
-        per_seq = masked.sum(dim=-1) / tokens_per_seq.clamp(min=1).to(masked.dtype)
-        return per_seq.sum() / n_seq * dp_size
+        per_seq = masked.sum(dim=-1, dtype=wide) / tokens_per_seq.clamp(min=1).to(wide)
+        return (per_seq.sum() / n_seq * dp_size).to(masked.dtype)
     if mode == "seq-mean-token-sum":
-        return masked.sum() / n_seq * dp_size
+        return (masked.sum(dtype=wide) / n_seq * dp_size).to(masked.dtype)
     # responses of no tokens at all (T = 0): the sum is an empty 0, whatever it is divided by
     scale = float(max(mask.shape[-1], 1) if loss_scale_factor is None else loss_scale_factor)
     if not scale > 0:
         raise ValueError(f"loss_scale_factor must be > 0, got {loss_scale_factor}")
-    return masked.sum() / n_seq / scale * dp_size
+    return (masked.sum(dtype=wide) / n_seq / scale * dp_size).to(masked.dtype)
