@@ -321,6 +321,26 @@ def test_dual_clip_caps_huge_ratio_with_negative_advantage():
     assert out.metrics["clip/ppo_frac"] == pytest.approx(2 / 3)
 
 
+def test_ppo_clip_metrics_leave_out_tokens_with_zero_advantage():
+    """A token with A = 0 (every group's reward equal, a common case in GRPO) has loss 0 and no gradient whatever its
+    ratio, and is clipped on neither side nor by the dual bound: only the A > 0 token above 1 + eps_high and the A < 0
+    tokens below 1 - eps_low or above c count in the clip fractions."""
+    ratios = [2.0, 0.5, 5.0, 2.0, 0.5, 5.0, 1.1]
+    adv = torch.tensor([[0.0, 0.0, 0.0, 1.0, -1.0, -2.0, 0.5]], dtype=F64)
+    log_prob = torch.tensor([[math.log(r) for r in ratios]], dtype=F64, requires_grad=True)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=torch.zeros(1, 7, dtype=F64), advantages=adv,
+                        mask=torch.ones(1, 7, dtype=torch.bool))
+    out = build_objective("dual_clip", loss_agg_mode="token-mean")(batch)
+    per_token = ref_ppo(np.array(ratios), _np(adv)[0], 0.2, 0.2, 3.0)
+    np.testing.assert_allclose(per_token, [0, 0, 0, -1.2, 0.8, 6.0, -0.55], rtol=1e-12, atol=1e-15)
+    assert float(out.loss) == pytest.approx(per_token.sum() / 7, rel=1e-12)
+    np.testing.assert_allclose(_np(grad_of(out.loss, log_prob)), [[0, 0, 0, 0, 0, 0, -0.5 * 1.1 / 7]], rtol=1e-12, atol=1e-15)
+    assert out.metrics["clip/ppo_high_frac"] == pytest.approx(1 / 7)
+    assert out.metrics["clip/ppo_low_frac"] == pytest.approx(1 / 7)
+    assert out.metrics["clip/dual_frac"] == pytest.approx(1 / 7)
+    assert out.metrics["clip/ppo_frac"] == pytest.approx(3 / 7)
+
+
 @pytest.mark.parametrize("method", [{"surrogate": "unclipped"}, "grpo"], ids=["unclipped", "grpo"])
 def test_log_ratio_is_clamped_at_twenty_before_the_exponential(method):
     """As verl does, log r is clamped to [-20, 20] before exp: a float32 token with log r = 100 and A < 0 (which PPO
@@ -413,6 +433,39 @@ def test_gspo_sequence_ratio_clip_and_token_gradient():
     np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-15)
     clipped_tokens = (clipped_seq[:, None] & mask).sum() / mask.sum()
     assert out.metrics["clip/gspo_frac"] == pytest.approx(clipped_tokens)
+
+
+def test_gspo_log_sequence_ratio_is_clamped_above_at_ten_only():
+    """As verl does, log s is clamped at 10 from above only: a sequence with log s = 12 and A < 0 costs -A e^10 with
+    no gradient, while one with log s = -12 and A > 0 keeps its tiny ratio e^-12 and its token-wise gradient
+    -A s / (n_seq |y|). The old/new KL metric is the mean of the unclamped token log-ratios."""
+    lengths = (3, 2, 0)
+    mask = _ragged_mask(lengths, 4)
+    old = -torch.rand(3, 4, generator=_gen(32), dtype=F64)
+    shift = torch.tensor([12.0, -12.0, 0.0], dtype=F64).unsqueeze(1)
+    log_prob = (old + shift).requires_grad_()
+    adv = torch.tensor([-1.5, 2.0, 1.0], dtype=F64)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=old, advantages=adv, mask=mask)
+    objective = build_objective("gspo")
+    out = objective(batch)
+    expected_loss = (1.5 * math.exp(10.0) - 2.0 * math.exp(-12.0)) / 2
+    assert float(out.loss) == pytest.approx(expected_loss, rel=1e-10)
+    expected_grad = np.zeros((3, 4))
+    expected_grad[1, :2] = -2.0 * math.exp(-12.0) / (2 * 2)
+    np.testing.assert_allclose(_np(grad_of(out.loss, log_prob)), expected_grad, rtol=1e-9, atol=1e-30)
+    assert out.metrics["kl/old_new"] == pytest.approx(-(12.0 * 3 - 12.0 * 2) / 5, rel=1e-9)
+    assert out.metrics["ratio/max"] == pytest.approx(math.exp(10.0), rel=1e-10)
+    assert out.metrics["clip/gspo_frac"] == 0.0
+
+
+@pytest.mark.parametrize("overrides", [{"method": "dual_clip"}, {"method": "gspo"}, {"method": "dapo"}], ids=str)
+def test_surrogates_never_mark_padding_as_clipped(overrides):
+    """SurrogateOutput.clipped names valid tokens only (a custom selector reads it): padding holding a large
+    advantage of the clipped sequence's sign is not reported as clipped."""
+    batch = _gspo_batch() if overrides["method"] == "gspo" else make_batch(33, spread=1.0, per_seq_adv=True)
+    surrogate_out = build_objective(overrides["method"]).surrogate(batch, batch.advantages, {})
+    assert surrogate_out.clipped[batch.mask].any()
+    assert not surrogate_out.clipped[~batch.mask].any()
 
 
 @pytest.mark.parametrize("method", ["gspo", "dapo", "grpo"])
@@ -756,14 +809,15 @@ def _ref_kl(log_prob: np.ndarray, ref: np.ndarray, kind: str) -> np.ndarray:
 def test_kl_estimators_match_formulas(kind):
     g = _gen(80)
     log_prob = (-2.0 * torch.rand(4, 7, generator=g, dtype=F64)).requires_grad_()
-    ref = log_prob.detach() + 0.8 * torch.randn(4, 7, generator=g, dtype=F64)
+    ref = (log_prob.detach() + 0.8 * torch.randn(4, 7, generator=g, dtype=F64)).requires_grad_()
     got = kl_estimate(log_prob, ref, kind)
     np.testing.assert_allclose(_np(got), _ref_kl(_np(log_prob), _np(ref), kind), rtol=1e-12, atol=1e-14)
-    # gradients: k1 -> 1, k2 -> delta, k3 -> 1 - exp(ref - log pi); none reaches ref
+    # gradients: k1 -> 1, k2 -> delta, k3 -> 1 - exp(ref - log pi); none reaches ref, even one that carries a gradient
     grad = _np(grad_of(got.sum(), log_prob))
     delta = _np(log_prob) - _np(ref)
     expected = {"k1": np.ones_like(delta), "k2": delta, "k3": 1.0 - np.exp(-delta)}[kind]
     np.testing.assert_allclose(grad, expected, rtol=1e-12, atol=1e-14)
+    assert not grad_of(got.sum(), ref).any()
 
 
 def test_kl_estimates_k2_k3_non_negative_and_unknown_rejected():
@@ -779,11 +833,12 @@ def test_kl_estimates_k2_k3_non_negative_and_unknown_rejected():
 
 def test_k3_is_clamped_to_ten_like_verls_low_var_kl():
     """k3 = exp(-delta) + delta - 1 is clamped to [-10, 10] (verl's low_var_kl): delta = -15 would give ~3.3e6 and
-    delta = 30 gives 29; both are 10, with no gradient through the clamp."""
-    log_prob = torch.tensor([-15.0, 30.0, 0.5], dtype=F64, requires_grad=True)
-    got = kl_estimate(log_prob, torch.zeros(3, dtype=F64), "k3")
-    np.testing.assert_allclose(_np(got), [10.0, 10.0, math.exp(-0.5) + 0.5 - 1.0], rtol=1e-12)
-    np.testing.assert_allclose(_np(grad_of(got.sum(), log_prob)), [0.0, 0.0, 1.0 - math.exp(-0.5)], rtol=1e-12)
+    delta = 30 gives 29; both are 10, with no gradient through the clamp. delta = -1000, whose exp(-delta) overflows
+    even float64, is 10 too, with a zero (not NaN) gradient: -delta is clamped to [-20, 20] before the exponential."""
+    log_prob = torch.tensor([-15.0, 30.0, 0.5, -1000.0], dtype=F64, requires_grad=True)
+    got = kl_estimate(log_prob, torch.zeros(4, dtype=F64), "k3")
+    np.testing.assert_allclose(_np(got), [10.0, 10.0, math.exp(-0.5) + 0.5 - 1.0, 10.0], rtol=1e-12)
+    np.testing.assert_allclose(_np(grad_of(got.sum(), log_prob)), [0.0, 0.0, 1.0 - math.exp(-0.5), 0.0], rtol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
@@ -889,6 +944,11 @@ def test_ambiguous_override_names_both_parts():
         ("icepop", {"icepop_low": 5.0, "icepop_high": 0.5}, "icepop_low"),
         ("icepop", {"icepop_low": 2.0, "icepop_high": 2.0}, "icepop_low"),  # an empty band
         ("adaptive_entropy", {"min_coeff": 1e-2, "max_coeff": 1e-3}, "min_coeff"),
+        ("w_reinforce", {"lam": -0.1}, "lam"),  # a negative lambda would push correct samples down
+        ("dapo", {"clip_ratio_low": -0.1}, "clip_ratio_low"),  # a lower clip bound above 1
+        ("dapo", {"clip_ratio_high": -0.1}, "clip_ratio_high"),
+        ("gspo", {"clip_ratio_low": -3e-4}, "clip_ratio_low"),
+        ("cispo", {"clip_ratio_high": -0.1}, "clip_ratio_high"),
     ],
 )
 def test_bad_parameter_value_names_the_parameter(method, overrides, param):
