@@ -790,7 +790,8 @@ def test_entropy_regularisers_evaluate_without_autograd(method):
         stats = token_stats(logits, targets, need=("logprob", "entropy"))
         batch = PolicyBatch(log_prob=stats.logprob, old_log_prob=stats.logprob, advantages=adv, mask=mask,
                             entropy=stats.entropy)
-        out = build_objective(method, entropy_coeff=0.05, target_entropy=100.0)(batch) if method == "adaptive_entropy" \
+        out = build_objective(method, entropy_coeff=0.05, target_entropy=100.0, max_coeff=0.05)(batch) \
+            if method == "adaptive_entropy" \
             else build_objective(method, entropy_coeff=0.05)(batch)
     m = mask.to(F64)
     expected = float((-adv * m).sum() / m.sum() - 0.05 * (stats.entropy * m).sum() / m.sum())
@@ -1561,6 +1562,17 @@ def test_adaptive_entropy_accepts_equal_coefficient_bounds():
     batch, _ = _entropy_batch(0.1, seed=310)
     objective(batch)
     assert objective.end_step()["reg/adaptive_entropy_next_coeff"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(("start", "in_force"), [(1e-2, 5e-3), (0.0, 1e-3), (2e-3, 2e-3)])
+def test_adaptive_entropy_s_first_step_trains_with_its_starting_coefficient_clipped_to_the_bounds(start, in_force):
+    """c_0 is clipped to [min_coeff, max_coeff] like every later c_k: a starting 1e-2 above max_coeff = 5e-3 trained
+    the first step at twice the maximum; the default c_0 = 0 below min_coeff = 1e-3 trained it without the bonus."""
+    objective = build_objective("adaptive_entropy", entropy_coeff=start, min_coeff=1e-3, max_coeff=5e-3)
+    batch, _ = _entropy_batch(0.1, seed=311)  # below the target: the bonus is on at the first step
+    out = objective(batch)
+    assert out.metrics["reg/adaptive_entropy_coeff"] == pytest.approx(in_force)
+    assert objective.regularizers[0].state_dict()["coefficient"] == pytest.approx(in_force)
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])

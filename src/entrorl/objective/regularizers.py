@@ -66,7 +66,8 @@ class AdaptiveEntropy(Regularizer):
 
     target_entropy: float = Field(0.2, ge=0.0, description="H_tgt = 0.2 nats (arXiv 2505.22312, released scripts)")
     delta: float = Field(1e-4, ge=0.0, description="coefficient step = 1e-4 (released code; the paper text says 5e-3)")
-    entropy_coeff: float = Field(0.0, ge=0.0, description="initial coefficient c_0 = 0 (released scripts)")
+    entropy_coeff: float = Field(0.0, ge=0.0, description="initial coefficient c_0 = 0 (released scripts), clipped "
+                                 "to [min_coeff, max_coeff] like every later one")
     min_coeff: float = Field(0.0, ge=0.0, description="lower clip of c = 0")
     max_coeff: float = Field(5e-3, ge=0.0, description="upper clip of c = 5e-3 (released scripts)")
 
@@ -82,7 +83,11 @@ class AdaptiveEntropy(Regularizer):
 
     @property
     def coefficient(self) -> float:
-        return self.entropy_coeff if self._coeff is None else self._coeff
+        """The coefficient in force: ``entropy_coeff`` clipped to ``[min_coeff, max_coeff]`` until the first step
+        moves it (so the first step too trains within the bounds)."""
+        if self._coeff is None:
+            return min(max(self.entropy_coeff, self.min_coeff), self.max_coeff)
+        return self._coeff
 
     def state_dict(self) -> dict[str, Any]:
         return {"coefficient": self.coefficient, "below_target": self._below_target,
