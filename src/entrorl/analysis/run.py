@@ -174,9 +174,8 @@ def intervention_keys(method: str) -> list[str]:
     on-policy, however many tokens it selects, so this key, when logged, stands for the part instead of its
     ``select/`` key); only the keys a run logged are checked. Empty for a method without such parts (GRPO, the
     supervised baselines) or one the registry does not know, and for a method with an advantage estimator of its own
-    (nsr, psr, w_reinforce):
-    that estimator changes the advantages at every step, so an idle part (NSR's sign selector, which its estimator
-    leaves nothing to drop) does not mean the method never acted."""
+    (nsr, psr, w_reinforce): that estimator changes the advantages at every step, so an idle part (NSR's sign
+    selector, which its estimator leaves nothing to drop) does not mean the method never acted."""
     try:
         from entrorl.objective.methods import get_method
 
@@ -185,8 +184,8 @@ def intervention_keys(method: str) -> list[str]:
         return []
     if specs[0].advantage_estimator != "grpo":  # the first method gives the trainer its advantage estimator
         return []
-    parts = dict.fromkeys(ref[0] for spec in specs
-                          for ref in (*spec.selectors, *spec.regularizers, *spec.shapers, *filter(None, [spec.correction])))
+    parts = dict.fromkeys(ref[0] for spec in specs for ref in (*spec.selectors, *spec.regularizers, *spec.shapers,
+                                                               *filter(None, [spec.correction])))
     return [pattern.format(part) for part in parts for pattern in INTERVENTION_KEY_PATTERNS]
 
 
