@@ -486,15 +486,15 @@ def _load_jsonl(p: Path, cols: _Columns) -> list[PromptRecord]:
                 location=where,
             ) from None
         try:
-            obj = json.loads(text, object_pairs_hook=_object_of_unique_keys)
+            obj, repeating = _loads_keeping_repeated_keys(text)
         except json.JSONDecodeError as exc:
             raise DataError(
                 f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line",
                 path=str(p),
                 location=where,
             ) from None
-        except _RepeatedKey as exc:
-            raise DataError(f"{where}: {exc}", path=str(p), location=where) from None
+        if repeating is not None:
+            raise DataError(f"{where}: {repeating.refusal}", path=str(p), location=where)
         if not isinstance(obj, dict):
             raise DataError(
                 f"{where}: a JSON {_json_kind(obj)} where a JSON object was expected (one object per line)",
@@ -512,7 +512,7 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
             f"{p}: empty file; expected a JSON list of objects or an object {{\"data\": [...]}}", path=str(p)
         )
     try:
-        obj = json.loads(text, object_pairs_hook=_RepeatingKeys.of)
+        obj, repeating = _loads_keeping_repeated_keys(text)
     except json.JSONDecodeError as exc:
         where = f"{p}:{exc.lineno}"
         raise DataError(
@@ -546,9 +546,9 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
     records = []
     for i, row in enumerate(rows):
         where = f"{p}[{i}]"
-        repeating = _RepeatingKeys.within(row)
-        if repeating is not None:
-            raise DataError(f"{where}: {repeating.refusal}", path=str(p), location=where)
+        in_row = _RepeatingKeys.within(row) if repeating is not None else None
+        if in_row is not None:
+            raise DataError(f"{where}: {in_row.refusal}", path=str(p), location=where)
         if not isinstance(row, dict):
             raise DataError(
                 f"{where}: row {i} is a JSON {_json_kind(row)}; expected a JSON object",
@@ -556,45 +556,41 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
                 location=where,
             )
         records.append(_make_record(row, where, str(p), cols))
-    repeating = _RepeatingKeys.within(obj)  # in a top-level field beside "data"
-    if repeating is not None:
-        raise DataError(f"{p}: {repeating.refusal}", path=str(p))
+    if repeating is not None:  # in a top-level field beside "data"
+        raise DataError(f"{p}: {_RepeatingKeys.within(obj).refusal}", path=str(p))
     return records
 
 
-class _RepeatedKey(ValueError):
-    pass
+def _loads_keeping_repeated_keys(text: str) -> tuple[Any, "_RepeatingKeys | None"]:
+    """``json.loads(text)``, and the first object of it that repeats a key (or None). ``json`` would keep the last
+    value without a word, where a CSV header or a Parquet schema that repeats a name is refused: such an object is
+    kept as a :class:`_RepeatingKeys`, for the caller to refuse, naming the line or row that holds it."""
+    repeating: list[_RepeatingKeys] = []
 
+    def noting_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = _RepeatingKeys.of(pairs)
+        if isinstance(obj, _RepeatingKeys):
+            repeating.append(obj)
+        return obj
 
-def _object_of_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object as a dict, refusing one that repeats a key (``json`` would keep the last value without a word,
-    where a CSV header or a Parquet schema that repeats a name is refused)."""
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _RepeatedKey(_repeated_key_refusal(key))
-        seen[key] = value
-    return seen
-
-
-def _repeated_key_refusal(key: str) -> str:
-    return f"an object repeats the key {key!r}; expected unique keys (which value is meant?)"
+    return json.loads(text, object_pairs_hook=noting_repeats), (repeating[0] if repeating else None)
 
 
 class _RepeatingKeys(dict):
-    """A JSON object that repeats a key, kept while a whole ``.json`` file is parsed, so that the row holding it can
-    be named when it is refused (the parser gives no position)."""
+    """A JSON object that repeats a key, kept while a file is parsed, so that the row holding it can be named when it
+    is refused (the parser gives no position)."""
 
     refusal: str
 
     @classmethod
     def of(cls, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
         seen: set[str] = set()
-        repeated = next((key for key, _ in pairs if key in seen or seen.add(key)), None)
-        if repeated is None:
-            return dict(pairs)
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
         repeating = cls(pairs)
-        repeating.refusal = _repeated_key_refusal(repeated)
+        repeating.refusal = f"an object repeats the key {repeated!r}; expected unique keys (which value is meant?)"
         return repeating
 
     @classmethod
