@@ -833,7 +833,8 @@ def data_audit(
         for column in ("where", "reference", "majority answer", "share", "pass rate"):
             suspects.add_column(column, overflow="fold")
         for record, audit in wrong[:20]:
-            suspects.add_row(*(Text(visible_controls(str(text))) for text in (record.source, record.answer, audit.majority_answer)),
+            shown = (record.source, record.answer, audit.majority_answer)
+            suspects.add_row(*(Text(visible_controls(str(text))) for text in shown),
                              f"{audit.majority_share:.2f}", f"{audit.n_correct}/{audit.n_samples}")
         console.print(suspects)
     summary = outputs.summary

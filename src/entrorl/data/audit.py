@@ -465,9 +465,9 @@ def write_selected_rows(
     original column kept.
 
     ``records`` must be what :func:`~entrorl.data.load_prompts` returned for ``data`` (their ``source``
-    locates each row). ``.jsonl``: the kept lines are copied byte for byte, but for
-    their line ends (``\n``, a ``\r\n`` losing its ``\r``) and a leading byte-order mark (dropped). ``.json``: the kept objects
-    (inside ``{"data": [...]}`` with the other top-level fields when the input was so wrapped).
+    locates each row). ``.jsonl``: the kept lines are copied byte for byte, but for their line ends (``\n``, a
+    ``\r\n`` losing its ``\r``) and a leading byte-order mark (dropped). ``.json``: the kept objects (inside
+    ``{"data": [...]}`` with the other top-level fields when the input was so wrapped).
     ``.csv``: the header and the kept rows. ``.parquet``: the kept rows of the table. ``.arrow``: the kept rows
     of the table, with its schema, as an Arrow IPC file (or stream, when the input was one). A saved data set
     directory: ``Dataset.select`` of the kept rows, saved with ``save_to_disk``. The input is only read;

@@ -391,7 +391,8 @@ class _Report:
                 analysis = self.analyses[name]
                 steps = {i["steps"] for i in analysis.never_acted}
                 if len(steps) == 1:  # logged at the same steps: one count for all
-                    idle_parts = " and ".join(f"`{i['key']}`" for i in analysis.never_acted) + f" 0 at all {steps.pop()} steps"
+                    keys = " and ".join(f"`{i['key']}`" for i in analysis.never_acted)
+                    idle_parts = f"{keys} 0 at all {steps.pop()} steps"
                 else:
                     idle_parts = " and ".join(f"`{i['key']}` 0 at all {i['steps']} steps" for i in analysis.never_acted)
                 others = "" if len(analysis.never_acted) == len(analysis.interventions) else "; its other parts acted"
@@ -477,7 +478,8 @@ class _Report:
     # ---------------------------------------------------------------- 4. pass@k
     def pass_at_k(self, section: Section) -> None:
         if not self.ks:
-            section.say("No Pass@k values: " + ("no final evaluation holds any." if self.evals else "no final evaluation was found."))
+            section.say("No Pass@k values: " + ("no final evaluation holds any." if self.evals
+                                                else "no final evaluation was found."))
             self.json["pass_at_k"] = Table(["model"]).to_json()
             return
         section.say(f"Unbiased Pass@k on the held-out prompts of the final evaluation, k = {', '.join(map(str, self.ks))}; "

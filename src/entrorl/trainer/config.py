@@ -492,9 +492,9 @@ class TrainConfig(_Section):
         except (ValueError, TypeError) as error:
             raise ValueError(f"advantage.params: {error}") from None
         if estimator == "passk" and group == self.advantage.params.get("k", 4):
-            raise ValueError(f"rollout.group_size = {group} is the 'passk' advantage's k: the only k-subset of a group is "
-                             "the whole group, so every advantage would be 0; sample more than k responses per prompt "
-                             "or lower advantage.params.k")
+            raise ValueError(f"rollout.group_size = {group} is the 'passk' advantage's k: the only k-subset of a group "
+                             "is the whole group, so every advantage would be 0; sample more than k responses per "
+                             "prompt or lower advantage.params.k")
         from entrorl.rewards import check_reward_spec
 
         try:
