@@ -716,6 +716,40 @@ def test_eval_refuses_a_tokenizer_with_tokens_the_model_has_no_embedding_for(tmp
     assert "Traceback" not in result.output
 
 
+def test_unknown_token_note_names_the_prompts_the_tokenizer_cannot_write_and_their_characters(tiny_model_dir):
+    """The lab's tokenizer has no token for '×' or '€': a prompt holding them encodes them as <unk>, which the note
+    counts (one prompt of three), and names by the first prompt's source and its characters, in order, once each."""
+    from types import SimpleNamespace
+
+    from entrorl.data import PromptRecord
+
+    tokenizer = modeling.load_tokenizer(tiny_model_dir)
+    records = [PromptRecord(prompt=text, answer="1", source=f"p.jsonl:{line}")
+               for line, text in enumerate(["1+2=", "3×4€×=", "5€="], start=1)]
+    encoded = [modeling.encode_prompt(tokenizer, record.prompt) for record in records]
+    assert [ids.count(tokenizer.unk_token_id) for ids in encoded] == [0, 3, 1]
+    note = modeling.unknown_token_note(tokenizer, encoded, records, what="data.train")
+    assert note == ("2 of the 3 prompts of data.train hold text the tokenizer turns into its unknown token '<unk>' (the "
+                    "model sees one token for any such character); the first is p.jsonl:2, whose '×' '€' the "
+                    "vocabulary cannot write: check the data's encoding, or use a tokenizer that covers these characters")
+    assert modeling.unknown_token_note(tokenizer, encoded[:1], records[:1], what="data.train") is None
+    assert modeling.unknown_token_note(SimpleNamespace(unk_token_id=None), encoded, records, what="x") is None
+
+
+def test_eval_warns_of_prompts_the_tokenizer_turns_into_its_unknown_token(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    data = tmp_path / "sums.jsonl"
+    data.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "1€2=", "answer": "3"}\n', encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"1 of the 2 prompts of .*sums\.jsonl hold text .* the first is .*sums\.jsonl:2, "
+                                         r"whose '€' the vocabulary cannot write"):
+        result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(data), "--n", "1",
+                                          "--max-new-tokens", "1"])
+    assert result.exit_code == 0, result.output
+
+
 def test_encode_prompt_keeps_an_eos_that_the_text_itself_ends_with():
     """Only the EOS the post-processor appends is left out: a prompt whose own text ends with the EOS token keeps it."""
     from tokenizers.processors import TemplateProcessing

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -1442,6 +1443,27 @@ def test_fewer_training_prompts_than_a_step_takes_is_warned_about(tmp_path, tiny
     with pytest.warns(UserWarning, match=r"data.train has 1 prompt\(s\), fewer than rollout.prompts_per_step = 2"), \
             pytest.raises(Loaded):
         Trainer(config, run_dir=tmp_path / "run")
+
+
+def test_prompts_the_tokenizer_turns_into_its_unknown_token_are_warned_about(tmp_path, tiny_model_dir, monkeypatch):
+    """A held-out prompt with a character the tokenizer has no token for ('€') is named before the weights load; the
+    training prompts, all written in the tokenizer's characters, are not."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{a}+2=", "answer": str(a + 2)}) + "\n" for a in range(2)))
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "1€2=", "answer": "3"}\n', encoding="utf-8")
+    config = load_config(make_config(tiny_model_dir, train, held_out, optim={"steps": 1, "lr": 1e-3}))
+
+    class Loaded(Exception):
+        pass
+
+    monkeypatch.setattr(Trainer, "_load_policy", lambda *args: (_ for _ in ()).throw(Loaded()))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(Loaded):
+        warnings.simplefilter("always")
+        Trainer(config, run_dir=tmp_path / "run")
+    notes = [str(warning.message) for warning in caught if "unknown token" in str(warning.message)]
+    assert len(notes) == 1 and notes[0].startswith("1 of the 2 prompts of data.eval hold text")
+    assert f"the first is {held_out}:2, whose '€' the vocabulary cannot write" in notes[0]
 
 
 def test_a_filesystem_without_locks_is_warned_about_once(tmp_path, monkeypatch, caplog):

@@ -282,7 +282,8 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     when config.json declares the context). ``check_outputs`` runs once the data and the reward are checked, before
     the model loads: a place to refuse an output that could not be written, before the sampling it would lose."""
     from entrorl.data import check_prompt_template, load_prompts
-    from entrorl.modeling import check_prompts_fit, encode_prompt, load_tokenizer, read_model_config
+    from entrorl.modeling import (check_prompts_fit, encode_prompt, load_tokenizer, read_model_config,
+                                   unknown_token_note)
     from entrorl.rewards import RewardRunner, get_reward
     from entrorl.rollout import SamplingParams
     from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
@@ -301,6 +302,9 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
         check_outputs()
     tokenizer = load_tokenizer(directory.tokenizer, trust_remote_code=trust_remote_code)
     prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
+    note = unknown_token_note(tokenizer, prompt_ids, records, what=str(data))
+    if note is not None:
+        warnings.warn(note, stacklevel=2)
     declared = read_model_config(directory.weights, trust_remote_code=trust_remote_code) if check_fit else None
     if declared is not None:
         check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,

@@ -22,7 +22,7 @@ __all__ = [
     "DamagedWeightsError", "is_out_of_memory", "out_of_memory_while",
     "load_tokenizer", "save_tokenizer", "load_causal_lm", "check_causal", "turn_off_dropout", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
     "prompt_groups", "shares_prompts", "length_dependent_rope", "reset_dynamic_rope", "cache_argument", "output_cache", "left_pad", "model_context_length", "read_model_config",
-    "check_prompts_fit", "model_vocab_size", "stop_token_ids", "encode_prompt",
+    "check_prompts_fit", "unknown_token_note", "model_vocab_size", "stop_token_ids", "encode_prompt",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
 
@@ -534,6 +534,27 @@ def check_prompts_fit(model, prompt_ids, sources, *, max_new_tokens: int, pad_to
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise ValueError(f"{len(problems)} prompt(s) do not fit the model's context:\n  {shown}{more}\n"
                          "Shorten them, filter them out, or lower max_new_tokens.")
+
+
+def unknown_token_note(tokenizer, prompt_ids, records, *, what: str) -> str | None:
+    """A sentence naming the prompts whose tokens hold the tokenizer's unknown token (``<unk>``: a character its
+    vocabulary cannot write, which the model then sees as one and the same token whatever it was), the first one's
+    source and the characters of it that turn into it; None when there are none, or the tokenizer has no such token.
+    ``records`` are the prompts' :class:`entrorl.data.PromptRecord` (their text and source), ``what`` names the set."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:
+        return None
+    hit = [record for ids, record in zip(prompt_ids, records) if unknown in ids]
+    if not hit:
+        return None
+    first = hit[0]
+    characters = [character for character in dict.fromkeys(first.prompt)
+                  if unknown in tokenizer(character, add_special_tokens=False)["input_ids"]]
+    shown = " ".join(repr(character) for character in characters[:10]) + (" ..." if len(characters) > 10 else "")
+    return (f"{len(hit)} of the {len(prompt_ids)} prompts of {what} hold text the tokenizer turns into its unknown token "
+            f"{tokenizer.unk_token!r} (the model sees one token for any such character); the first is "
+            f"{first.source}" + (f", whose {shown} the vocabulary cannot write" if characters else "")
+            + ": check the data's encoding, or use a tokenizer that covers these characters")
 
 
 def cache_argument(module) -> str:

@@ -43,6 +43,7 @@ from entrorl.modeling import (
     out_of_memory_while,
     read_model_config,
     stop_token_ids,
+    unknown_token_note,
 )
 from entrorl.objective import PolicyBatch
 from entrorl.rewards import RewardResult, RewardRunner, get_reward
@@ -458,11 +459,15 @@ class Trainer:
         """Tokenise every train and eval prompt once (``train_prompt_ids``, ``eval_prompt_ids``); prompts that leave no
         room for the response in the context of ``context_of`` (the model or its config) are reported, not truncated."""
         data, model = self.config.data, self.config.model
-        for records, attribute in ((self.train_records, "train_prompt_ids"), (self.eval_records, "eval_prompt_ids")):
+        for records, attribute, what in ((self.train_records, "train_prompt_ids", "data.train"),
+                                         (self.eval_records, "eval_prompt_ids", "data.eval")):
             encoded = [encode_prompt(self.tokenizer, record.prompt, template=data.prompt_template,
                                      chat_template=model.chat_template) for record in records]
             check_prompts_fit(context_of, encoded, [record.source for record in records],
                               max_new_tokens=self.config.rollout.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+            note = unknown_token_note(self.tokenizer, encoded, records, what=what)
+            if note is not None:
+                warnings.warn(note, stacklevel=3)
             setattr(self, attribute, encoded)
 
     # ------------------------------------------------------------------------------------------------ state
