@@ -1466,6 +1466,36 @@ def test_prompts_the_tokenizer_turns_into_its_unknown_token_are_warned_about(tmp
     assert f"the first is {held_out}:2, whose '€' the vocabulary cannot write" in notes[0]
 
 
+def test_held_out_prompts_past_eval_max_prompts_are_checked_but_not_tokenised(tmp_path, tiny_model_dir, monkeypatch):
+    """eval.max_prompts: 2 keeps the first two held-out prompts; the third, past it, is not tokenised (its '€' is not
+    warned about), while a malformed row past it is still refused."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{a}+2=", "answer": str(a + 2)}) + "\n" for a in range(2)))
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "2+2=", "answer": "4"}\n'
+                        '{"prompt": "1€2=", "answer": "3"}\n', encoding="utf-8")
+    config = load_config(make_config(tiny_model_dir, train, held_out, eval={"max_prompts": 2}))
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def stop(trainer, *args):
+        seen.update(records=[record.prompt for record in trainer.eval_records], encoded=len(trainer.eval_prompt_ids))
+        raise Loaded()
+
+    monkeypatch.setattr(Trainer, "_load_policy", stop)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Loaded):
+            Trainer(config, run_dir=tmp_path / "run")
+    assert seen == {"records": ["1+2=", "2+2="], "encoded": 2}
+    with held_out.open("a") as file:
+        file.write('{"prompt": "3+3="}\n')
+    with pytest.raises(ValueError, match=r"held_out.jsonl:4"):
+        Trainer(config, run_dir=tmp_path / "run2")
+
+
 def test_a_filesystem_without_locks_is_warned_about_once(tmp_path, monkeypatch, caplog):
     """Where the filesystem refuses flock (some network mounts) the run goes on unlocked, and says so once, not at the
     trainer's probe and again at its lock."""

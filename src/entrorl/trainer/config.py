@@ -341,7 +341,7 @@ class EvalConfig(_Section):
     n: int = Field(8, ge=1, description="samples per evaluation prompt")
     ks: list[int] | None = Field(None, min_length=1, description="the k of each Pass@k; None = powers of two up to "
                                  "eval.n, and n")
-    max_prompts: int | None = Field(None, ge=1)
+    max_prompts: int | None = Field(None, ge=1, description="evaluate the first N prompts of data.eval only (None = all)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature of evaluations; 0 = greedy (n = 1 is then enough)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of evaluations (its own, not rollout.top_p; "
                          "1 = off, as in entrorl eval)")

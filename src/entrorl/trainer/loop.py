@@ -182,10 +182,10 @@ class Trainer:
             warnings.warn(f"data.train has {len(self.train_records)} prompt(s), fewer than rollout.prompts_per_step = "
                           f"{config.rollout.prompts_per_step}: every step samples some prompt in two or more groups",
                           stacklevel=2)
-        self.eval_records = (
+        self.eval_records = (  # every row is checked; those past eval.max_prompts are neither tokenised nor sampled
             load_prompts(config.data.eval, prompt_column=config.data.prompt_column, answer_column=config.data.answer_column,
                          meta_columns=config.data.meta_columns, require_answer=config.data.require_answer)
-            if config.data.eval else []
+            [:config.eval.max_prompts] if config.data.eval else []
         )
         self.reward = RewardRunner(
             get_reward(config.reward.name, **config.reward.kwargs),
@@ -983,13 +983,12 @@ class Trainer:
         """Avg@n, unbiased Pass@k and polarisation on the eval prompts; saves the summary and the top fork tokens."""
         self.activity = f"evaluating after step {self.step}" if self.step else "evaluating before the first step"
         config = self.config.eval
-        count = min(len(self.eval_records), config.max_prompts or len(self.eval_records))
-        if count == 0:
+        if not self.eval_records:
             return {}
         sampling = SamplingParams(max_new_tokens=self.config.rollout.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, top_k=config.top_k)
         result = evaluate_model(
-            self.model, self.tokenizer, self.eval_records[:count], self.eval_prompt_ids[:count], self.reward,
+            self.model, self.tokenizer, self.eval_records, self.eval_prompt_ids, self.reward,
             n=config.n, ks=config.ks, sampling=sampling, seed=self.config.seed + 1_000_003 * (self.step + 1),
             batch_size=self.config.rollout.generation_batch_size, top_forks=config.top_forks,
         )
