@@ -117,7 +117,11 @@ def test_a_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, tiny_model_dir
     assert (stopped_at / "model" / "config.json").is_file() and (stopped_at / "model" / "tokenizer.json").is_file()
     assert (stopped_at / "model" / "model.safetensors").is_file() is (merged == "every")
     Trainer(load_config(settings), run_dir=tmp_path / "interrupted", resume=True).train()
-    assert (tmp_path / "interrupted" / "checkpoints" / "step_000004" / "model" / "model.safetensors").is_file()
+    last = tmp_path / "interrupted" / "checkpoints" / "step_000004" / "model"
+    assert (last / "model.safetensors").is_file()
+    # how the model generates (its EOS ids) is kept with or without the merged weights
+    assert json.loads((stopped_at / "model" / "generation_config.json").read_text()) == json.loads(
+        (last / "generation_config.json").read_text())
 
     def comparable(run):
         return [{k: v for k, v in record.items() if not k.startswith("time/")} for record in read_metrics(run)]

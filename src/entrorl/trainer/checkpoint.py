@@ -3,7 +3,7 @@
 Layout of a run directory::
 
     run_dir/checkpoints/step_000040/model/        save_pretrained: weights, config, tokenizer (with LoRA: merged, or
-                                                  the config and tokenizer alone with model.lora.merged: last)
+                                                  without weights with model.lora.merged: last)
     run_dir/checkpoints/step_000040/adapter/      with LoRA only: the adapters, in peft's format
     run_dir/checkpoints/step_000040/trainer.pt    optimizer, scheduler, RNG states, data position, objective state
     run_dir/checkpoints/step_000040/files.json    every file above with its size and CRC-32, written last: what
@@ -275,7 +275,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
                     adapter=None, merged: bool = True) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the ``keep`` newest. With ``adapter`` (a
     :class:`entrorl.trainer.adapters.LoraAdapter` put into ``model``), ``adapter/`` holds the adapters and ``model/``
-    the merged model, or without ``merged`` only the model's config (with the tokenizer, as always).
+    the merged model, or without ``merged`` only the model's config and generation config (with the tokenizer, as
+    always).
 
     The run directory must exist (a run directory removed during the run is not silently recreated)."""
     run_dir = Path(run_dir)
@@ -294,8 +295,10 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
             if adapter is not None:
                 if merged:
                     adapter.save_merged(temporary / "model")
-                else:
+                else:  # what tools read beside the weights: the config and how it generates (its EOS ids)
                     model.config.save_pretrained(temporary / "model")
+                    if getattr(model, "generation_config", None) is not None:
+                        model.generation_config.save_pretrained(temporary / "model")
                 adapter.save(temporary / ADAPTER_DIRECTORY)
             else:
                 model.save_pretrained(temporary / "model")
