@@ -642,6 +642,34 @@ def test_adaptive_entropy_controller_moves_once_per_step():
         assert model(follow).metrics["reg/adaptive_entropy_controller_coeff"] == pytest.approx(c + delta)
 
 
+def test_adaptive_entropy_s_first_step_tests_the_whole_batch_when_given_it():
+    """The first step's verdict is the step's own: given PolicyBatch.population (the whole step batch, as a trainer
+    splitting the step passes it), its token-mean entropy decides, not the first piece's. Here the first piece sits
+    at 0.1 (below the target 0.2) and the whole batch at 0.3: the bonus stays off for every piece. The objective reads
+    the population only until a step has been measured."""
+    objective = build_objective("adaptive_entropy", entropy_coeff=2e-3)
+    assert objective.takes_step_statistics
+    pieces = [_entropy_batch(level, seed=600 + index)[0] for index, level in enumerate((0.1, 0.5))]
+    whole = PolicyBatch(log_prob=torch.cat([p.log_prob.detach() for p in pieces]),
+                        old_log_prob=torch.cat([p.old_log_prob for p in pieces]),
+                        advantages=torch.cat([p.advantages for p in pieces]), mask=torch.cat([p.mask for p in pieces]),
+                        entropy=torch.cat([p.entropy.detach() for p in pieces]))
+    whole_entropy = float(whole.entropy[whole.mask].mean())
+    assert 0.2 < whole_entropy < 0.5
+    start = 0
+    for piece in pieces:
+        rows = torch.arange(start, start + len(piece.mask))
+        start += len(piece.mask)
+        piece.step, piece.population, piece.rows = 0, whole, rows
+        assert objective(piece).metrics["reg/adaptive_entropy_coeff"] == 0.0
+    alone = build_objective("adaptive_entropy", entropy_coeff=2e-3)  # without the population: the first piece decides
+    first, _ = _entropy_batch(0.1, seed=600)
+    first.step = 0
+    assert alone(first).metrics["reg/adaptive_entropy_coeff"] == pytest.approx(2e-3)
+    objective.end_step()
+    assert not objective.takes_step_statistics
+
+
 def test_adaptive_entropy_end_step_closes_the_step_at_once():
     """end_step() (what the trainer calls after a step's updates) moves the coefficient as the next step's first batch
     would, and reports the step's entropy; a second call does nothing."""

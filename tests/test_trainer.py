@@ -504,6 +504,46 @@ def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arit
         torch.testing.assert_close(micro_grads[name], gradient, rtol=1e-4, atol=1e-5 * float(gradient.abs().max()))
 
 
+def test_adaptive_entropy_decides_its_first_step_on_the_whole_batch_with_micro_batches(tmp_path, tiny_model_dir,
+                                                                                          arithmetic_files, monkeypatch):
+    """With no earlier step measured, the adaptive entropy controller tests the first step's own entropy: with
+    micro-batches that is the whole batch's (the trainer gives it), not the first micro-batch's. A target between the
+    two would otherwise switch the bonus off under micro-batching alone."""
+    from entrorl.objective.regularizers import AdaptiveEntropy
+
+    train, _ = arithmetic_files
+    first_batch_entropy = []
+    original = AdaptiveEntropy.__call__
+
+    def spy(self, batch, *args):
+        first_batch_entropy.append(float(batch.entropy.detach()[batch.mask].double().mean()))
+        return original(self, batch, *args)
+
+    monkeypatch.setattr(AdaptiveEntropy, "__call__", spy)
+
+    def one_step(target: float, micro_batch_size: int | None, run: str):
+        method = {"method": "adaptive_entropy", "params": {"target_entropy": target, "entropy_coeff": 0.5, "max_coeff": 1.0}}
+        config = load_config(make_config(tiny_model_dir, train, None, method=method, reward={"name": "parity_reward:score"},
+                                         rollout={"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 40},
+                                         optim={"steps": 1, "lr": 1e-2, "micro_batch_size": micro_batch_size}))
+        trainer = Trainer(config, run_dir=tmp_path / run)
+        first_batch_entropy.clear()
+        metrics = trainer.train_step()
+        return metrics, {name: p.grad.clone() for name, p in trainer.model.named_parameters()}, first_batch_entropy[0]
+
+    with importable_module(tmp_path, "parity_reward", PARITY_REWARD):
+        probe, _, first_micro_batch = one_step(0.0, 3, "probe")
+        whole_batch = probe["reg/adaptive_entropy_step_entropy"]
+        assert first_micro_batch != pytest.approx(whole_batch, rel=1e-6)
+        target = (first_micro_batch + whole_batch) / 2  # the whole batch and the first micro-batch on either side
+        (whole, whole_grads, _), (micro, micro_grads, _) = (one_step(target, size, f"run-{size}") for size in (None, 3))
+    expected = 0.5 if whole_batch < target else 0.0
+    assert whole["reg/adaptive_entropy_coeff"] == micro["reg/adaptive_entropy_coeff"] == expected
+    assert micro["reg/adaptive_entropy_step_entropy"] == pytest.approx(whole_batch, rel=1e-5)
+    for name, gradient in whole_grads.items():
+        torch.testing.assert_close(micro_grads[name], gradient, rtol=1e-4, atol=1e-5 * float(gradient.abs().max()))
+
+
 def test_bfloat16_model_keeps_small_updates_in_float32_master_weights(tmp_path, tiny_model_dir, arithmetic_files):
     """At a fine-tuning learning rate most bfloat16 weights would not move at all; the float32 copies move, accumulate,
     are written back rounded, and survive a resume exactly."""

@@ -149,8 +149,10 @@ class Objective:
 
     @property
     def takes_step_statistics(self) -> bool:
-        """Whether a selector decides over the whole step batch (``PolicyBatch.population``) when given it."""
-        return any(selector.step_statistics for selector in self.selectors)
+        """Whether a part reads the whole step batch (``PolicyBatch.population``) when given it: a selector deciding
+        over it, or a regulariser that needs it for the coming step (the adaptive entropy controller's first)."""
+        return (any(selector.step_statistics for selector in self.selectors)
+                or any(regularizer.reads_step_statistics for regularizer in self.regularizers))
 
     def normaliser_mask(self, population: PolicyBatch) -> torch.Tensor:
         """The population's tokens that stay in the loss normaliser once the selectors deciding over it have

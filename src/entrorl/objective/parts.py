@@ -125,6 +125,11 @@ class Regularizer(Part):
     #: that splits an update combines them the way it combines the loss.
     aggregated_metrics: ClassVar[tuple[str, ...]] = ()
 
+    @property
+    def reads_step_statistics(self) -> bool:
+        """Whether the coming call reads ``PolicyBatch.population`` (the step's whole batch) when given it."""
+        return False
+
     def __call__(
         self,
         batch: PolicyBatch,

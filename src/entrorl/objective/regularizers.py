@@ -58,7 +58,8 @@ class EntropyBonus(Regularizer):
 class AdaptiveEntropy(Regularizer):
     """Skywork-OR1's controller, acting once per training step. With ``e_k`` the token-mean entropy of all of step
     ``k``'s batches and ``c_k`` the coefficient, step ``k`` adds ``-c_k * 1[e_{k-1} < target] * agg(H)`` to the loss
-    (the first step, with no earlier measurement, tests its first batch), and after it
+    (the first step, with no earlier measurement, tests its own entropy: that of ``PolicyBatch.population``, the whole
+    step batch, when a trainer splitting the step gives it, else that of the step's first batch), and after it
     ``c_{k+1} = clip(c_k + delta if e_k < target else c_k - delta, min_coeff, max_coeff)``. A step is the run of calls
     that share ``PolicyBatch.step``, so mini-batches, epochs and micro-batches move the coefficient once; a batch
     without a step is a step of its own. The coefficient, the entropy of the step being measured and the last
@@ -80,6 +81,10 @@ class AdaptiveEntropy(Regularizer):
         if not self.min_coeff <= self.max_coeff:
             raise ValueError(f"min_coeff must be <= max_coeff, got {self.min_coeff} > {self.max_coeff}")
         return self
+
+    @property
+    def reads_step_statistics(self) -> bool:
+        return self._below_target is None  # the first step's verdict, before any step has been measured
 
     @property
     def coefficient(self) -> float:
@@ -118,8 +123,12 @@ class AdaptiveEntropy(Regularizer):
             tokens = float(batch.mask.sum())
             measured = float(masked_mean(entropy.detach(), batch.mask))
             if self._measuring is None:
-                # with no finished step yet, the step's first batch decides the bonus for the whole step
-                first_verdict = measured < self.target_entropy if self._below_target is None else None
+                # with no finished step yet, the step itself decides the bonus: its whole batch when given it
+                first_verdict = None
+                if self._below_target is None:
+                    whole = batch.population
+                    first_verdict = (measured if whole is None or whole.entropy is None or not whole.mask.any()
+                                     else float(masked_mean(whole.entropy.detach(), whole.mask))) < self.target_entropy
                 self._measuring = {"step": batch.step, "entropy_sum": 0.0, "tokens": 0.0, "first_verdict": first_verdict}
             self._measuring["entropy_sum"] += measured * tokens
             self._measuring["tokens"] += tokens

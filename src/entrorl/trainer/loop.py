@@ -727,19 +727,20 @@ class Trainer:
         on_device = {"mask": mask.to(self.device), "advantages": token_advantages.to(self.device),
                      "rollout_log_prob": rollouts.sampler_log_probs.to(self.device)}
 
-        # 4. scoring under the policy before the update (old log-probs, entropy, S, D; reference log-probs); selectors
-        # that decide over the whole batch (Clip_B, Clip_V) see it too when the update is split into pieces
+        # 4. scoring under the policy before the update (old log-probs, entropy, S, D; reference log-probs); parts that
+        # read the whole batch (Clip_B, Clip_V, the adaptive entropy's first step) see it too when the update is split
         on_policy = config.optim.mini_batches == 1 and config.optim.epochs == 1
         split = not on_policy or (config.optim.micro_batch_size or n_rows) < n_rows
-        whole_batch_selectors = split and self.objective.takes_step_statistics
+        whole_batch_parts = split and self.objective.takes_step_statistics
         before = population = None
-        if not on_policy or whole_batch_selectors:
+        if not on_policy or whole_batch_parts:
             with torch.no_grad():
                 before = self.token_stats(self.model, rollouts, all_rows)
         normaliser_mask = mask  # the tokens each micro-batch's share of the loss is counted in
-        if whole_batch_selectors:
+        if whole_batch_parts:
             population = PolicyBatch(log_prob=before.logprob, old_log_prob=before.logprob, advantages=on_device["advantages"],
-                                     mask=on_device["mask"], disc=before.disc, disc_centered=before.disc_centered)
+                                     mask=on_device["mask"], entropy=before.entropy, disc=before.disc,
+                                     disc_centered=before.disc_centered)
             normaliser_mask = self.objective.normaliser_mask(population).cpu()
         reference_log_prob = None
         if self.needs_reference:
