@@ -1175,6 +1175,24 @@ def test_string_list_and_dict_compositions_agree():
     assert all(loss == losses[0] for loss in losses)
 
 
+def test_advantage_shapers_apply_in_the_composition_s_order():
+    """Each shaper takes the advantages the one before it left: 'entropy_advantage+lopti_reweight' reweighs the
+    entropy-shaped advantages, the reverse adds the entropy term to reweighted ones; the two differ."""
+    import dataclasses
+
+    _, batch = full_batch(91)
+
+    def one_after_the_other(first: str, second: str) -> torch.Tensor:
+        shaped = build_objective(first)(batch).advantages.detach()
+        return build_objective(second)(dataclasses.replace(batch, advantages=shaped)).advantages
+
+    for first, second in (("entropy_advantage", "lopti_reweight"), ("lopti_reweight", "entropy_advantage")):
+        composed = build_objective(f"{first}+{second}")(batch).advantages
+        torch.testing.assert_close(composed, one_after_the_other(first, second), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(one_after_the_other("entropy_advantage", "lopti_reweight"),
+                              one_after_the_other("lopti_reweight", "entropy_advantage"))
+
+
 def test_compositions_that_would_undo_a_method_are_refused():
     """Two methods giving one part different settings, or each bringing a rollout correction, cannot both hold: the
     composition is refused instead of keeping one silently (so is a method named twice); the config's explicit parts
