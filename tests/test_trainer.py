@@ -464,11 +464,15 @@ WHOLE_BATCH_SELECTORS = [{"method": "clip_b", "params": {"mu": 0.5}},
 
 
 ENTROPY_BONUS = {"method": "grpo+entropy_bonus", "params": {"entropy_coeff": 0.5}}
+# k1's gradient is that of log pi even where the policy still equals the reference (the first step)
+KL_REFERENCE = {"method": "grpo+kl_ref", "params": {"kl_loss_coef": 0.5, "kl_loss_type": "k1",
+                                                    "loss_agg_mode": "seq-mean-token-sum"}}
 
 
-@pytest.mark.parametrize("method", ["grpo", "dapo", "dr_grpo", ENTROPY_BONUS, *WHOLE_BATCH_SELECTORS],
-                         ids=["grpo", "dapo", "dr_grpo", "entropy_bonus", "clip_b", "clip_v", "clip_b+bonus"])  # the three loss
-                         # aggregations, a term aggregated like the loss, and selectors deciding over the batch
+@pytest.mark.parametrize("method", ["grpo", "dapo", "dr_grpo", ENTROPY_BONUS, KL_REFERENCE, *WHOLE_BATCH_SELECTORS],
+                         ids=["grpo", "dapo", "dr_grpo", "entropy_bonus", "kl_ref", "clip_b", "clip_v",
+                              "clip_b+bonus"])  # the four loss aggregations, terms aggregated like the loss (one read
+                         # from the reference model), and selectors deciding over the batch
 def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arithmetic_files, method):
     """Gradient accumulation over micro-batches of 3 rows (cutting across groups) makes the same update as one pass,
     whatever the loss aggregation; Clip_B and Clip_V take their statistics (and Clip_V its cap) over the whole batch,
@@ -496,7 +500,7 @@ def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arit
     token_statistics = ["advantages/mean", "select/dropped_frac", "ratio/mean"]
     if selector:
         token_statistics.append(f"select/{selector}_frac")
-    aggregated = ["reg/entropy_bonus"] if "entropy_bonus" in str(method) else []
+    aggregated = ["reg/entropy_bonus"] if "entropy_bonus" in str(method) else ["kl/ref"] if method is KL_REFERENCE else []
     for key in ("loss/policy", "loss/total", "tokens/valid", "entropy/measured_delta", *token_statistics, *aggregated):
         assert micro[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-6), key
     for name, gradient in whole_grads.items():  # the clipped gradient the optimizer stepped with (float32 sums in
