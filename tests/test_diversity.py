@@ -302,3 +302,11 @@ def test_rewards_given_as_a_column_are_refused_not_broadcast_against_the_weights
         diversity_adjusted_rewards(torch.tensor([[1.0], [0.5]]), ["a", "b"], group_size=2, embedder=embed)
     adjusted = diversity_adjusted_rewards(torch.tensor([1.0, 0.5]), ["a", "b"], group_size=2, embedder=embed)
     assert adjusted.shape == (2,) and adjusted.tolist() == [1.0, 0.5]  # orthogonal: nothing shared, nothing lost
+
+
+def test_an_empty_batch_keeps_the_documented_dtypes():
+    """Weights are float64 and adjusted rewards float32, for an empty batch as for any other."""
+    embed = lambda texts: torch.ones(len(texts), 2)  # noqa: E731
+    assert diversity_weights([], group_size=2, embedder=embed).dtype == torch.float64
+    assert diversity_weights(["a", "b"], group_size=2, embedder=embed).dtype == torch.float64
+    assert diversity_adjusted_rewards([], [], group_size=2, embedder=embed).dtype == torch.float32

@@ -1339,3 +1339,13 @@ def test_a_reward_class_or_factory_given_as_an_object_is_built_as_its_import_pat
         return 1.0
 
     assert get_reward(plain) is plain
+
+
+def test_an_overlong_budget_of_zero_tokens_is_refused_by_its_own_name():
+    """max_length 0 is refused as max_length (a positive integer), before cache_length is checked against it."""
+    from entrorl.rewards.shaping import validate_overlong
+
+    with pytest.raises(ValueError, match="max_length must be a positive integer, got 0"):
+        overlong_penalty(5, max_length=0, cache_length=1)
+    with pytest.raises(ValueError, match="max_length must be a positive integer, got 0"):
+        validate_overlong({"max_length": 0, "cache_length": 1})

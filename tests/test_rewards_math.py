@@ -970,3 +970,92 @@ def test_answers_longer_than_max_chars_only_get_the_string_check():
     assert verdict == 0.0 and "longer than max_chars=5" in verdict.reason
     assert get_reward("math", max_chars=5)("", r"\boxed{1+1+1+1}", "1+1+1+1") == 1.0
     assert get_reward("math")("", r"\boxed{1+1+1+1}", "4") == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# more edges: powers in prose, separators, units, roots, plus-minus, reasons
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("completion", ["There are 2^n subsets in all", "so the count is 10_"])
+def test_a_number_written_before_a_power_or_an_index_is_no_final_answer(completion):
+    """Outside math spans a number against ``^`` or ``_`` is part of an expression, on either side of it: the base
+    of ``2^n`` is not the answer."""
+    assert find_final_answer(completion) is None
+    assert MathReward()("", completion, "2").reason == "no final answer found"
+
+
+def test_a_separator_before_four_digits_is_not_a_thousands_separator():
+    """``1{,}000`` and ``1\\,000`` are 1000; ``1{,}2345`` groups four digits, so it is not 12345."""
+    assert canonical_answer(r"1{,}000{,}000") == "1000000" and canonical_answer(r"1\,000") == "1000"
+    assert canonical_answer(r"1{,}2345") == r"1{,}2345"
+    assert canonical_answer(r"1\,2345") == "1 2345"
+    assert not math_equal(r"1{,}2345", "12345")
+
+
+@pytest.mark.parametrize("letter", sorted("mgshlLKCFAVWJN"))
+def test_a_single_letter_unit_after_a_number_is_dropped(letter):
+    assert canonical_answer(f"5 {letter}") == "5"
+    assert MathReward()("", rf"\boxed{{5 {letter}}}", "5") == 1.0
+
+
+@pytest.mark.parametrize("letter", ["x", "y", "n", "i", "e"])
+def test_a_single_letter_variable_after_a_number_is_kept(letter):
+    assert canonical_answer(f"5 {letter}") == f"5 {letter}"
+    assert MathReward()("", rf"\boxed{{5 {letter}}}", "5") == 0.0
+
+
+def test_abs_tolerance_also_decides_which_values_are_real():
+    """An imaginary part within ``abs_tolerance`` is rounding noise: the value is real and is compared, not left out
+    as a non-real value of the answer."""
+    assert math_equal("1, 2+0.001i", "1, 2", abs_tolerance=0.01)
+    assert not math_equal("1, 2+0.001i", "1, 2")
+    assert compare_answers("1, 2+0.001i", "1, 2").reason == \
+        "answer 1, 2+0.001i differs from reference 1, 2 (the answer has 1 distinct value(s), the reference 2)"
+
+
+def test_non_real_values_count_when_the_question_asks_for_complex_roots():
+    """Only a question naming no domain leaves out the answer's non-real values against a real reference."""
+    assert math_equal("1, 2, i", "1, 2")
+    result = compare_answers("1, 2, i", "1, 2", question=COMPLEX_ROOTS_QUESTION)
+    assert not result.equal
+    assert result.reason == "answer 1, 2, i differs from reference 1, 2 (the answer has 3 distinct value(s), the reference 2)"
+
+
+def test_a_bare_plus_minus_is_the_value_and_its_negation():
+    assert math_equal(r"\pm 2", "-2, 2") and math_equal("2, -2", r"\pm 2")
+    assert math_equal(r"\pm \frac{1}{2}", r"\{-0.5, 0.5\}")
+    assert not math_equal(r"\pm 2", "2")
+    assert compare_answers(r"\pm 2", "2").reason == \
+        r"answer \pm 2 differs from reference 2 (the answer has 2 distinct value(s), the reference 1)"
+
+
+def test_the_reason_for_a_percent_reference_reads_it_as_numbers_of_percent_first():
+    """A reference with percent signs is tried as numbers of percent, then as hundredths; the reason of a miss is the
+    first reading's, whose values are the ones the reference writes."""
+    result = compare_answers("50, 70", r"50\%, 60\%")
+    assert not result.equal
+    assert result.reason == r"answer 50, 70 differs from reference 50\%, 60\% (reference value 60 is not in the answer)"
+    assert math_equal("50, 60", r"50\%, 60\%") and math_equal("0.5, 0.6", r"50\%, 60\%")
+
+
+def test_leading_zeros_of_a_decimal_are_not_significant_digits():
+    """``0.012`` has two significant digits, too few to approximate 1/81 = 0.0123...; ``0.0123`` has three."""
+    assert not math_equal("0.012", r"\frac{1}{81}")
+    assert math_equal("0.0123", r"\frac{1}{81}")
+    assert math_equal("0.012", r"\frac{1}{81}", question="Round to three decimal places.")
+
+
+def test_the_string_check_also_compares_the_answers_as_written():
+    """Equal as written (up to case and spacing) is equal, even where the canonical spellings part: ``m`` is a unit
+    that canonical spelling drops, ``M`` is not."""
+    assert canonical_answer("5 m") == "5" and canonical_answer("5 M") == "5 M"
+    result = compare_answers("5 M", "5 m")
+    assert result.equal and result.checker == "string"
+    assert compare_answers("PI", "pi").checker == "string"
+
+
+@pytest.mark.parametrize("written", [r"\$5", "$5", "US$5", "USD 5", "€5", "£5", "¥5", r"\euro 5", r"\pounds 5"])
+def test_a_currency_sign_before_the_number_is_dropped(written):
+    assert canonical_answer(written) == "5"
+    assert canonical_answer(f"-{written}") == "-5"
