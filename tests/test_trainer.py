@@ -548,6 +548,34 @@ def test_adaptive_entropy_decides_its_first_step_on_the_whole_batch_with_micro_b
         torch.testing.assert_close(micro_grads[name], gradient, rtol=1e-4, atol=1e-5 * float(gradient.abs().max()))
 
 
+def test_eval_of_a_checkpoint_with_the_run_s_evaluation_seed_draws_the_run_s_samples(tmp_path, tiny_model_dir,
+                                                                                      arithmetic_files):
+    """README: the run's evaluation after step s is what `entrorl eval --seed seed + 1000003 (s + 1)` of that step's
+    checkpoint draws, with the run's batch size and eval settings; another seed draws other samples."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    train, held_out = arithmetic_files
+    with importable_module(tmp_path, "parity_reward", PARITY_REWARD):
+        config = load_config(make_config(tiny_model_dir, train, held_out, reward={"name": "parity_reward:score"},
+                                         optim={"steps": 2, "lr": 1e-2}, eval={"n": 4, "max_prompts": 6}))
+        run = Trainer(config, run_dir=tmp_path / "run").train()
+        in_run = json.loads((run / "eval" / "step_000002.json").read_text())
+        rates = {}
+        for seed in (7 + 1000003 * 3, 0):
+            out = tmp_path / f"eval-{seed}.json"
+            result = CliRunner().invoke(app, ["eval", "--model", str(run / "checkpoints" / "step_000002" / "model"),
+                                              "--data", str(held_out), "--reward", "parity_reward:score", "--n", "4",
+                                              "--max-prompts", "6", "--seed", str(seed), "--batch-size",
+                                              str(config.rollout.generation_batch_size), "--out", str(out)])
+            assert result.exit_code == 0, result.output
+            rates[seed] = json.loads(out.read_text())["pass_rates"]
+    assert 0 < sum(in_run["pass_rates"]) < len(in_run["pass_rates"])  # rates that samples could change
+    assert rates[7 + 1000003 * 3] == in_run["pass_rates"]
+    assert rates[0] != in_run["pass_rates"]
+
+
 def test_bfloat16_model_keeps_small_updates_in_float32_master_weights(tmp_path, tiny_model_dir, arithmetic_files):
     """At a fine-tuning learning rate most bfloat16 weights would not move at all; the float32 copies move, accumulate,
     are written back rounded, and survive a resume exactly."""
