@@ -2687,6 +2687,36 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     assert too_big.returncode == 2 and "exceeds --n" in too_big.stderr
 
 
+def test_methods_with_a_method_lists_every_parameter_of_its_parts_with_its_meaning():
+    """`entrorl methods dapo+clip_b` shows each part's parameters, those left at None too (clip_b's mu_high, ppo_clip's
+    clip_ratio_c), with the composition's values (DAPO's clip-higher 0.28) and their fields' descriptions; the
+    configuration it suggests is one the trainer's configuration reads. An unknown name fails listing the valid ones."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.objective.selectors import ClipB
+    from entrorl.trainer.config import TrainConfig
+
+    described = CliRunner().invoke(app, ["methods", "dapo+clip_b", "--json"])
+    assert described.exit_code == 0, described.output
+    described = json.loads(described.output)
+    assert [m["name"] for m in described["methods"]] == ["dapo", "clip_b"]
+    assert (described["loss_agg_mode"], described["advantage_estimator"]) == ("token-mean", "grpo")
+    params = {(part["name"], p["name"]): (p["value"], p["description"]) for part in described["parts"] for p in part["params"]}
+    assert params[("ppo_clip", "clip_ratio_high")][0] == 0.28 and params[("ppo_clip", "clip_ratio_c")][0] is None
+    assert params[("clip_b", "mu_high")] == (None, ClipB.model_fields["mu_high"].description)
+    assert set(params) == {("ppo_clip", name) for name in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c")} | {
+        ("clip_b", name) for name in ClipB.model_fields}
+    table = CliRunner().invoke(app, ["methods", "clip_b"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "mu_high" in table.output and "upper bound mu^+" in table.output
+    assert "method: {method: clip_b, params: {clip_ratio_low: 0.2}}" in table.output
+    config = TrainConfig.model_validate({"model": {"path": "m"}, "data": {"train": "t.jsonl"},
+                                         "method": {"method": "clip_b", "params": {"clip_ratio_low": 0.1}}})
+    assert config.build_objective().surrogate.clip_ratio_low == 0.1
+    unknown = CliRunner().invoke(app, ["methods", "dapo+nope"])
+    assert unknown.exit_code == 2 and "unknown method 'nope'" in unknown.output and "clip_b" in unknown.output
+
+
 def test_version_option_prints_the_installed_version_and_runs_nothing(tmp_path):
     """`entrorl --version` prints the package's version (the one its metadata declares) and exits 0, even when
     a command follows it."""

@@ -603,11 +603,16 @@ def report(
 
 @app.command()
 def methods(
+    method: Annotated[Optional[str], typer.Argument(help="one method, or a composition such as dapo+clip_b: every "
+                                                        "parameter of its parts, with its default and meaning")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
-    """List every method with its parameters, defaults and paper."""
+    """List every method with its parameters, defaults and paper; with METHOD, every parameter of that one."""
     from entrorl.objective import available_methods
 
+    if method is not None:
+        _describe_method(method, as_json=as_json)
+        return
     infos = available_methods()
     if as_json:
         sys.stdout.write(json.dumps([info.__dict__ for info in infos], indent=1, default=str) + "\n")
@@ -621,6 +626,52 @@ def methods(
     # off a terminal rich assumes 80 columns, where the descriptions would take a line per word
     piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
     Console(width=160 if piped else None).print(table)
+
+
+def _describe_method(method: str, *, as_json: bool) -> None:
+    """``entrorl methods METHOD``: what each method of the composition does, its aggregation and advantages, and
+    every parameter of its parts (those left at None included) with its value and its field's description."""
+    from entrorl.objective import ObjectiveConfig, build_objective, get_method
+
+    try:
+        with warnings.catch_warnings():  # a later method's own surrogate set aside: the table shows what is used
+            warnings.simplefilter("ignore", UserWarning)
+            objective = build_objective(method)
+        specs = [get_method(name) for name in ObjectiveConfig(method=method).method_names()]
+    except ValueError as error:
+        _fail(str(error))
+    parts = [{"kind": part.kind, "name": part.name,
+              "params": [{"name": key, "value": value, "description": type(part).model_fields[key].description or ""}
+                         for key, value in part.params().items()]} for part in objective.parts]
+    described = {"method": objective.name,
+                 "methods": [{"name": spec.name, "description": spec.description, "paper": spec.paper,
+                              "notes": spec.notes} for spec in specs],
+                 "loss_agg_mode": objective.loss_agg_mode, "advantage_estimator": specs[0].advantage_estimator,
+                 "parts": parts}
+    if as_json:
+        sys.stdout.write(json.dumps(described, indent=1, default=str) + "\n")
+        return
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    out = Console(width=160 if piped else None)
+    for spec in specs:
+        out.print(Text.assemble((spec.name, "bold"), f": {spec.description} ({spec.paper})"), soft_wrap=True)
+        if spec.notes:
+            out.print(Text(f"  {spec.notes}"), soft_wrap=True)
+    out.print(Text(f"loss aggregation {objective.loss_agg_mode}; advantages {specs[0].advantage_estimator} "
+                   f"(advantage.name)"), soft_wrap=True)
+    table = Table(title=f"parameters of {objective.name}")
+    for column in ("part", "parameter", "default", "meaning"):
+        table.add_column(column, overflow="fold", no_wrap=column != "meaning")
+    for part in parts:
+        for param in part["params"]:
+            table.add_row(f"{part['kind']} {part['name']}", param["name"], str(param["value"]), param["description"])
+    out.print(table)
+    example = next((param for part in parts for param in part["params"] if param["value"] is not None), None)
+    if example is not None:
+        setting = f"{example['name']}: {example['value']}"
+        out.print(Text(f"set one in a configuration as method: {{method: {objective.name}, params: {{{setting}}}}}, "
+                       f"or in Python as build_objective({objective.name!r}, {example['name']}={example['value']!r})"),
+                  soft_wrap=True)
 
 
 @app.command()
