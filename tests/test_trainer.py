@@ -1755,6 +1755,38 @@ def test_the_train_command_says_how_to_go_on_after_an_interruption(tmp_path, tin
         result.output.split()), result.output
 
 
+def test_ctrl_c_while_the_run_is_set_up_says_nothing_was_trained_and_how_to_go_on(tmp_path, tiny_model_dir,
+                                                                                   arithmetic_files, monkeypatch):
+    """A KeyboardInterrupt while the model loads, before train() catches signals, exits 130 with a line saying that no
+    step was taken and the command to run: the same one (a fresh start, or with --resume a resume), not a silence."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 2}))
+    run_dir = tmp_path / "run"
+    Trainer(load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1})), run_dir=run_dir).train()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_load_policy", interrupted)
+    for resume, expected in ((False, "(nothing trained). Start again with: entrorl train"),
+                             (True, "(nothing trained, no checkpoint changed). Continue with: entrorl train")):
+        directory = run_dir if resume else tmp_path / "fresh"
+        args = ["train", str(config), "--set", "optim.lr=0.001", "--run-dir", str(directory), *(["--resume"] * resume)]
+        result = CliRunner().invoke(app, args)
+        output = " ".join(result.output.split())
+        assert result.exit_code == 130, result.output
+        assert f"interrupted while the run was being set up, before any step {expected}" in output, output
+        assert "--set=optim.lr=0.001" in output and str(directory) in output
+        assert output.rstrip().endswith("--resume") is resume
+    monkeypatch.undo()  # the advice holds: the interrupted fresh start's folder takes the same command again
+    result = CliRunner().invoke(app, ["train", str(config), "--set", "optim.lr=0.001", "--run-dir", str(tmp_path / "fresh")])
+    assert result.exit_code == 0 and (tmp_path / "fresh" / "checkpoints" / "step_000002").is_dir(), result.output
+
+
 def test_a_composition_warning_is_given_once_by_the_configuration_not_again_by_the_trainer(tmp_path, tiny_model_dir,
                                                                                             arithmetic_files):
     import warnings

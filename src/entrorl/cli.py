@@ -87,6 +87,14 @@ def train(
             return
     try:
         trainer = Trainer(train_config, run_dir=run_dir, resume=resume, console=console)
+    except KeyboardInterrupt:  # Ctrl-C while the data, the reward and the model load: no step was taken
+        command = ["entrorl", "train", str(config), *(f"--set={option}" for option in set_ or []),
+                   *(["--run-dir", str(run_dir)] if run_dir is not None else []), *(["--resume"] if resume else [])]
+        console.print(Text.assemble(("interrupted", "bold yellow"), " while the run was being set up, before any step "
+                                    f"(nothing trained{', no checkpoint changed' if resume else ''}). "
+                                    f"{'Continue' if resume else 'Start again'} with: {shlex.join(command)}"),
+                      soft_wrap=True)
+        raise typer.Exit(128 + signal.SIGINT) from None
     except (ValueError, OSError, TrackerError) as error:  # OSError: missing files, and unreadable ones
         _fail(str(error))
     except (MemoryError, RuntimeError) as error:  # e.g. the optimizer's state under a memory limit
