@@ -17,6 +17,18 @@ def test_method_table_matches_registry():
     assert {info.name for info in available_methods()} <= listed
 
 
+def test_the_configuration_reference_matches_the_code():
+    """docs/configuration.md lists every key of TrainConfig, with its default and meaning: a key added or changed
+    without regenerating it fails here. Every leaf key has a meaning."""
+    from entrorl.trainer.config import configuration_markdown
+
+    reference = (README.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert reference == configuration_markdown(), "stale: write configuration_markdown() to docs/configuration.md"
+    rows = re.findall(r"^\| `([a-z_.\[\]]+)` \| [^|]+ \| `[^`]*` \| (.*) \|$", reference, flags=re.M)
+    assert len(rows) > 90 and all(meaning.strip() for _, meaning in rows), [key for key, m in rows if not m.strip()]
+    assert {"checkpoint.keep", "data.shuffle", "reward.extra[].weight", "model.lora.rank"} <= {key for key, _ in rows}
+
+
 def test_the_verl_guide_counts_every_method():
     """docs/verl.md says how many methods become verl policy losses (every registered one)."""
     text = (README.parent / "docs" / "verl.md").read_text(encoding="utf-8")

@@ -694,8 +694,13 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
 
     train, _ = arithmetic_files
     base = make_config(tmp_path / "no-model-needed", train, None)
-    with pytest.raises(ConfigError, match="optim.lrr: unknown key"):
+    with pytest.raises(ConfigError, match="optim.lrr: unknown key; did you mean 'lr'\\?"):
         load_config(base, ["optim.lrr=1e-5"])
+    # the nearest keys of the section, inside a list of sections too; none near: the section's keys
+    with pytest.raises(ConfigError, match=r"reward.extra.0.wieght: unknown key; did you mean 'weight'\?"):
+        load_config(base, ["reward.extra=[{name: exact_match, wieght: 2}]"])
+    with pytest.raises(ConfigError, match=r"checkpoint.zzz: unknown key; the keys here are every, keep$"):
+        load_config(base, ["checkpoint.zzz=1"])
     with pytest.raises(ConfigError, match="unknown method 'clip_z'"):
         load_config({**base, "method": "clip_z"})
     with pytest.raises(ConfigError, match="unknown parameter 'muu'"):

@@ -58,7 +58,8 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint of the run directory")] = False,
     run_dir: Annotated[Optional[Path], typer.Option(help="run directory (default: logging.run_dir/logging.name)")] = None,
 ) -> None:
-    """Train a local Hugging Face model with an entrorl method; writes metrics.jsonl and checkpoints."""
+    """Train a local Hugging Face model with an entrorl method; writes metrics.jsonl and checkpoints. Every key of the
+    configuration: docs/configuration.md."""
     from entrorl.modeling import is_out_of_memory, out_of_memory_while
     from entrorl.trainer import ConfigError, Trainer, TrainingInterrupted, TrainingStopped, load_config
     from entrorl.trainer.checkpoint import CheckpointWriteError, checkpoint_step, latest_checkpoint

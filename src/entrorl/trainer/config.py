@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import re
+import types
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +30,7 @@ __all__ = [
     "ConfigWarning",
     "load_config",
     "apply_overrides",
+    "configuration_markdown",
     "parse_set_option",
 ]
 
@@ -64,7 +68,7 @@ class LoraConfig(_Section):
         "ends with '.' and it")
     merged: Literal["every", "last"] = Field(
         "every", description="which checkpoints hold the merged model in model/: 'every' one, or only the run's 'last' "
-        "(the others hold the adapters, and model/ only the config and tokenizer; a merged float32 copy of a bfloat16 "
+        "(the others hold the adapters, and model/ only the configs and tokenizer; a merged float32 copy of a bfloat16 "
         "base takes 4 bytes per weight)")
 
     @field_validator("target_modules")
@@ -85,13 +89,16 @@ class LoraConfig(_Section):
 
 class ModelConfig(_Section):
     path: str = Field(description="local Hugging Face model directory (config.json, weights, tokenizer)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the type the policy's weights are loaded, trained and saved in")
     master_weights: bool = Field(True, description="with dtype bfloat16 / float16: the optimizer steps float32 copies of "
                                  "the weights and rounds them into the model, so that updates smaller than the "
                                  "low-precision rounding step are not lost (about 10 more bytes per parameter: the "
                                  "float32 copies, gradients and Adam state)")
-    disable_dropout: bool = True
-    trust_remote_code: bool = False
+    disable_dropout: bool = Field(True, description="set every dropout rate of the model to 0, so that the log-probs "
+                                  "of the update are those the rollouts were scored with")
+    trust_remote_code: bool = Field(False, description="run the model directory's own model and tokenizer code (auto_map "
+                                    "in its config); read it first")
     chat_template: bool = Field(False, description="wrap prompts with the tokenizer's chat template")
     activation_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward pass "
                                            "instead of keeping them: less memory for about a third more compute (prompts "
@@ -137,14 +144,16 @@ class DataConfig(_Section):
     train: str = Field(description="prompt file: .jsonl, .json, .csv, .parquet, .arrow or a datasets save_to_disk "
                        "directory (a DatasetDict's train split)")
     eval: str | None = Field(None, description="held-out prompt file for evaluation; None = no evaluation data")
-    prompt_column: str = "prompt"
-    answer_column: str = "answer"
-    meta_columns: list[str] | None = None
+    prompt_column: str = Field("prompt", description="the data files' column that holds the prompt")
+    answer_column: str = Field("answer", description="the column that holds the reference answer given to the reward")
+    meta_columns: list[str] | None = Field(None, description="the other columns passed to the reward as keyword "
+                                           "arguments; None = every other column")
     require_answer: bool = Field(True, description="refuse a row without a reference answer; false for tasks whose "
                                  "reward checks answers without one (some reasoning-gym tasks)")
     prompt_template: str = Field("{prompt}", description="format string applied to each prompt: {prompt} is the prompt, "
                                  "{{ and }} are literal braces")
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="deal the training prompts in a new order each epoch (a permutation seeded "
+                          "by seed and the epoch, which a resume continues); false = file order")
     pass_rate_band: str | None = Field(
         None, description="keep only training prompts whose pass rate lies in this band, e.g. '[0.1, 0.5]' or '(1/16, 15/16)'"
     )
@@ -185,7 +194,7 @@ class DataConfig(_Section):
 class OverlongConfig(_Section):
     max_length: int = Field(gt=0, description="L_max, responses longer than this get -penalty_factor (DAPO)")
     cache_length: int = Field(gt=0, description="L_cache, the soft-penalty window below L_max (DAPO)")
-    penalty_factor: float = Field(1.0, ge=0)
+    penalty_factor: float = Field(1.0, ge=0, description="the penalty at and past max_length (DAPO: 1)")
 
     @model_validator(mode="after")
     def _window(self) -> "OverlongConfig":
@@ -217,7 +226,7 @@ class UnlikelinessConfig(_Section):
 class ExtraRewardConfig(_Section):
     name: str = Field(description="a registered reward or 'package.module:function'")
     weight: float = Field(1.0, description="its scores are multiplied by this before they join the training reward")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments the reward is built with")
 
     @model_validator(mode="after")
     def _resolves(self) -> "ExtraRewardConfig":
@@ -229,11 +238,13 @@ class ExtraRewardConfig(_Section):
 
 class RewardConfig(_Section):
     name: str = Field("math", description="a registered reward (entrorl rewards) or 'package.module:function'")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments the reward is built with "
+                                   "(e.g. tolerance for math)")
     extra: list[ExtraRewardConfig] = Field(
         default_factory=list, description="more rewards whose weighted scores are added to the training reward (e.g. a "
         "format reward); accuracy, dynamic sampling and evaluation keep to the main reward")
-    overlong: OverlongConfig | None = None
+    overlong: OverlongConfig | None = Field(None, description="DAPO's soft overlong punishment added to the reward "
+                                            "(arXiv 2503.14476); None = off")
     diversity: DiversityConfig = Field(default_factory=DiversityConfig)
     unlikeliness: UnlikelinessConfig | None = Field(
         None, description="unlikeliness reward shaping before any advantage estimator; None = off"
@@ -255,14 +266,15 @@ class RewardConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    prompts_per_step: int = Field(8, ge=1)
+    prompts_per_step: int = Field(8, ge=1, description="prompts sampled each step, each in a group of group_size")
     group_size: int = Field(8, ge=1, description="responses per prompt (G)")
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(256, ge=1, description="the longest response; a response cut here counts as truncated")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1 = off); the sampler's log-probs (TIS, IcePop) "
                          "are then those of the filtered distribution")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off); as top_p for the log-probs")
-    generation_batch_size: int = Field(64, ge=1)
+    generation_batch_size: int = Field(64, ge=1, description="sequences per generation call (the samples drawn depend "
+                                       "on it, their distribution does not)")
     mask_truncated: bool = Field(False, description="DAPO's overlong filtering (arXiv 2503.14476, Sec. 3.4): a response "
                                  "cut at max_new_tokens takes no part in the loss (it still counts in its group's "
                                  "advantages and in the reward metrics)")
@@ -297,21 +309,23 @@ class RolloutConfig(_Section):
 
 class AdvantageConfig(_Section):
     name: str | None = Field(None, description="advantage estimator; None = the method's own (see `entrorl methods`)")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, description="the estimator's parameters (e.g. k for passk; "
+                                   "see entrorl.advantages.available_advantages)")
 
 
 class OptimConfig(_Section):
-    steps: int = Field(100, ge=1)
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    steps: int = Field(100, ge=1, description="training steps: each samples, scores and trains on one rollout batch")
+    lr: float = Field(1e-5, gt=0, description="AdamW's learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's beta1, beta2, each in [0, 1)")
-    eps: float = Field(1e-8, gt=0)
+    eps: float = Field(1e-8, gt=0, description="AdamW's epsilon")
     warmup_steps: int = Field(0, ge=0, description="steps over which the learning rate rises linearly to lr")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="after warm-up: keep lr, or decay it linearly or along a half cosine to "
         "min_lr_ratio * lr at optim.steps")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="where a decaying schedule ends, as a share of lr")
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="largest gradient norm of an update (clipped to it); "
+                                    "None = no clipping")
     mini_batches: int = Field(1, ge=1, description="optimizer updates per rollout batch (off-policy when > 1)")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
     micro_batch_size: int | None = Field(
@@ -378,7 +392,8 @@ class LoggingConfig(_Section):
     trackio: bool = Field(False, description="mirror them to trackio (stored under TRACKIO_DIR, by default in the "
                           "Hugging Face cache)")
     project: str = Field("entrorl", min_length=1, description="the W&B / trackio project the run is logged to")
-    progress: bool = True
+    progress: bool = Field(True, description="show the steps' progress with each step's reward, accuracy and entropy: "
+                           "a live bar on a terminal, a line every 30 s in a log")
     samples_every: int = Field(0, ge=0, description="every N steps write samples/step_<step>.jsonl: each rollout's prompt, "
                                "completion, answer, reward, advantage and the reward's reason (0 = never)")
 
@@ -631,6 +646,62 @@ RESUME_FIXED_PREFIXES = ("seed", "model.", "data.", "method", "advantage.")
 RESUME_ADJUSTABLE = ("model.device", "model.activation_checkpointing", "data.eval")
 
 
+def _type_name(annotation: Any) -> str:
+    """A field's type as the configuration's reader writes it: ``float32 / bfloat16``, ``int or None``, ``list of str``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " / ".join(str(arg) for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        kept = [_type_name(arg) for arg in args if arg is not type(None)]
+        return " or ".join(kept) + (" or None" if type(None) in args else "")
+    if origin in (list, tuple):
+        inner = sorted({_type_name(arg) for arg in args if arg is not Ellipsis})
+        return f"{'list' if origin is list else 'pair'} of {' or '.join(inner)}"
+    if origin is dict:
+        return "mapping"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section" if annotation is not ObjectiveConfig else "objective"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    default = field.get_default(call_default_factory=True)
+    return "its defaults" if isinstance(default, BaseModel) else json.dumps(default)  # as YAML reads it: true, null
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md: every key of :class:`TrainConfig`, section by section, with its type, default and
+    meaning, generated from the fields (a test keeps the file equal to it)."""
+    lines = ["# Configuration reference", "",
+             "Every key `entrorl train` reads, generated from `entrorl.trainer.config.TrainConfig` (a test keeps this",
+             "file equal to the code). Set a key in the YAML or with `--set section.key=value`; a key that is not",
+             "listed is refused, with the nearest valid names. Defaults are written as YAML reads them (`null` is",
+             "Python's None). `method` takes a method's name, a composition or an objective: see the README's",
+             "methods and `entrorl methods METHOD` for every parameter of one.", ""]
+
+    def section(model: type[BaseModel], prefix: str) -> None:
+        rows, nested = [], []
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            members = [annotation, *typing.get_args(annotation)]
+            sub = next((t for t in members if isinstance(t, type) and issubclass(t, BaseModel)
+                        and t is not ObjectiveConfig), None)
+            key = f"{prefix}{name}"
+            meaning = field.description or (f"the `{key}` section below" if sub is not None else "")
+            rows.append(f"| `{key}` | {_type_name(annotation)} | `{_default_text(field)}` | {meaning.replace('|', '/')} |")
+            if sub is not None:  # a list of sections (reward.extra): each item's keys
+                nested.append((sub, f"{key}[]." if typing.get_origin(annotation) is list else f"{key}."))
+        lines.extend([f"## `{prefix[:-1]}`" if prefix else "## top level", "", "| key | type | default | meaning |",
+                      "|---|---|---|---|", *rows, ""])
+        for sub, sub_prefix in nested:
+            section(sub, sub_prefix)
+
+    section(TrainConfig, "")
+    return "\n".join(lines)
+
+
 def flatten_settings(data: Any, prefix: str = "") -> dict[str, Any]:
     """``{"optim": {"lr": 1}}`` → ``{"optim.lr": 1}``; an empty section adds nothing, lists are values."""
     if isinstance(data, dict):
@@ -834,6 +905,29 @@ def _readable_errors(error: ValidationError) -> list[dict[str, Any]]:
     return items
 
 
+def _nearest_keys(loc: tuple) -> str:
+    """For an unknown key at ``loc``: the valid keys of its section that are spelled most like it (``; did you mean
+    'keep'?``), or, when none is, every key of the section."""
+    import difflib
+
+    model: type[BaseModel] = TrainConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections (reward.extra)
+            continue
+        field = model.model_fields.get(str(part))
+        members = [] if field is None else [field.annotation, *typing.get_args(field.annotation)]
+        members += [inner for member in members for inner in typing.get_args(member)]
+        section = next((t for t in members if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if section is None:
+            return ""
+        model = section
+    keys = list(model.model_fields)
+    near = difflib.get_close_matches(str(loc[-1]), keys, n=3, cutoff=0.7)
+    if near:
+        return "; did you mean " + " or ".join(repr(key) for key in near) + "?"
+    return f"; the keys here are {', '.join(keys)}"
+
+
 def _format_errors(error: ValidationError, source: str, given: dict[str, str] | None = None) -> str:
     """One line per problem, each naming its key. ``given``: the text of each ``--set`` value by its key, for a string
     setting that YAML read as a number or boolean (the hint to quote it shows the value as typed)."""
@@ -851,7 +945,7 @@ def _format_errors(error: ValidationError, source: str, given: dict[str, str] | 
                 lines.append(f"  {message}")
                 continue
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + _nearest_keys(item["loc"])
         shown = (item["type"] not in ("missing", "extra_forbidden", "unknown_method_key")
                  and not isinstance(item["input"], dict))  # not a whole section
         hint = ""
