@@ -365,6 +365,40 @@ def test_passk_counts_a_sample_correct_from_the_correct_threshold():
     assert torch.equal(compute_advantages("passk", r, g, k=2), expected)
 
 
+@pytest.mark.parametrize("name", ["psr", "nsr", "signed_reward", "w_reinforce", "passk"])
+def test_given_verdicts_decide_what_is_correct_whatever_the_rewards(name):
+    """``correct`` (the reward's own verdicts) replaces ``rewards >= correct_threshold``: rewards that shaping moved
+    across the threshold change nothing; estimators that do not split right from wrong ignore it."""
+    r = torch.tensor([0.2, 0.9, 0.1, 0.95])  # shaped: the first and third are right, the others wrong
+    g = torch.zeros(4, dtype=torch.long)
+    correct = torch.tensor([True, False, True, False])
+    given = compute_advantages(name, r, g, correct=correct, **({"k": 2} if name == "passk" else {}))
+    assert torch.equal(given, compute_advantages(name, correct.float(), g, **({"k": 2} if name == "passk" else {})))
+    assert not torch.equal(given, compute_advantages(name, r, g, **({"k": 2} if name == "passk" else {})))
+
+
+def test_given_verdicts_are_checked_and_ignored_by_estimators_that_do_not_judge():
+    r, g = torch.tensor([0.2, 0.9]), torch.zeros(2, dtype=torch.long)
+    assert torch.equal(compute_advantages("grpo", r, g, correct=torch.tensor([True, True])), compute_advantages("grpo", r, g))
+    with pytest.raises(ValueError, match="correct must be a boolean tensor"):
+        compute_advantages("psr", r, g, correct=torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="correct"):
+        compute_advantages("psr", r, g, correct=torch.tensor([True]))
+    with pytest.raises(ValueError, match="correct_threshold must be a finite number"):
+        compute_advantages("psr", r, g, correct=torch.tensor([True, False]), correct_threshold=math.nan)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_reward_at_the_threshold_is_correct_in_the_reward_s_own_precision(dtype):
+    """A float32 (or bfloat16) 0.7 is 0.699999988 in float64: compared in the rewards' own precision, as the reward
+    runner compares it, it reaches a threshold of 0.7; Python floats are compared exactly."""
+    g = torch.zeros(2, dtype=torch.long)
+    at = torch.tensor([0.7, 0.3], dtype=dtype)
+    assert compute_advantages("psr", at, g, correct_threshold=0.7).tolist() == [1.0, 0.0]
+    assert compute_advantages("nsr", at, g, correct_threshold=0.7).tolist() == [0.0, -1.0]
+    assert compute_advantages("psr", [0.7, 0.69999], g, correct_threshold=0.7).tolist() == [1.0, 0.0]
+
+
 def test_passk_group_smaller_than_k_raises():
     r = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
     g = torch.tensor([0, 0, 0, 0, 42])

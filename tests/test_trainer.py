@@ -398,7 +398,7 @@ def test_adaptive_entropy_coefficient_moves_once_per_step_whatever_the_updates(t
 
 def test_correct_threshold_reaches_the_estimators_that_split_right_from_wrong(tmp_path, tiny_model_dir, arithmetic_files):
     """PSR trains on correct samples only; "correct" is the reward's threshold, the same as accuracy's, unless the
-    estimator's own parameter says otherwise."""
+    estimator's own parameter says otherwise: then the main reward's scores are judged against it."""
     train, _ = arithmetic_files
     with importable_module(tmp_path, "half_reward", "def score(prompt, completion, answer, **meta):\n    return 0.5\n"):
         advantages = {}
@@ -409,6 +409,64 @@ def test_correct_threshold_reaches_the_estimators_that_split_right_from_wrong(tm
             scored = Trainer(config, run_dir=tmp_path / label.replace(" ", "-").replace("'", "")).collect()
             advantages[label] = (scored.advantages.unique().tolist(), scored.metrics["reward/accuracy"])
     assert advantages == {"default": ([1.0], 1.0), "full marks": ([0.0], 0.0), "estimator's own": ([1.0], 0.0)}
+
+
+VERDICT_REWARDS = """
+import torch
+
+def zero(prompt, completion, answer, **meta):
+    return 0.0
+
+def one(prompt, completion, answer, **meta):
+    return 1.0
+
+def seven_tenths(prompt, completion, answer, **meta):
+    return 0.7
+
+def minus_one_on_odd(prompt, completion, answer, **meta):
+    return -1.0 if len(set(completion)) % 2 else 0.0
+
+def same_embedding(texts):
+    return torch.ones(len(texts), 4)
+"""
+
+CORRECT_FROM_THE_REWARD = {  # method and reward settings; what every sample's advantage must be, given its verdict
+    # wrong answers that earned only the extra format reward: PSR must not reinforce them
+    "psr, extra reward": ("psr", {"name": "verdicts:zero", "extra": [{"name": "verdicts:one", "weight": 1.0}]}, {}),
+    # right answers pushed under the threshold by the overlong penalty: still +1
+    "w_reinforce, overlong": ("w_reinforce", {"name": "verdicts:one", "overlong": {"max_length": 6, "cache_length": 6}},
+                              {}),
+    # full marks needed, and the unlikeliness rank scales all but one sample of a group below it
+    "w_reinforce, unlikeliness": ("w_reinforce", {"name": "verdicts:one", "correct_threshold": 1.0,
+                                                  "unlikeliness": {"beta_rank": 0.25}}, {}),
+    # identical completions' embeddings divide every reward by the group's size
+    "psr, diversity": ("psr", {"name": "verdicts:one", "diversity": {"enabled": True, "model": "verdicts:same_embedding"}},
+                       {}),
+    # an all-correct group has no Pass@k advantage, whatever an extra reward makes of its rewards
+    "passk, extra reward": ("passk_advantage", {"name": "verdicts:one", "extra": [{"name": "verdicts:minus_one_on_odd",
+                                                                                    "weight": 1.0}]}, {"k": 2}),
+    # a float32 score of 0.7 at a threshold of 0.7 is correct for accuracy, and so for the estimators
+    "psr, score at the threshold": ("psr", {"name": "verdicts:seven_tenths", "correct_threshold": 0.7}, {}),
+    "nsr, score at the threshold": ("nsr", {"name": "verdicts:seven_tenths", "correct_threshold": 0.7}, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRECT_FROM_THE_REWARD))
+def test_estimators_that_split_right_from_wrong_take_the_reward_s_verdicts_not_the_shaped_reward(
+        tmp_path, tiny_model_dir, arithmetic_files, case):
+    """PSR, NSR, W-REINFORCE and Pass@k judge a sample right or wrong as accuracy does: extra rewards, the overlong
+    penalty, diversity and unlikeliness shaping change the training reward, not that verdict."""
+    method, reward, params = CORRECT_FROM_THE_REWARD[case]
+    expected = {"psr": lambda c: c.float(), "nsr": lambda c: c.float() - 1.0, "w_reinforce": lambda c: c.float() * 2 - 1,
+                "passk_advantage": lambda c: torch.zeros(len(c))}[method]  # passk: every group here is all right
+    train, _ = arithmetic_files
+    with importable_module(tmp_path, "verdicts", VERDICT_REWARDS):
+        config = load_config(make_config(tiny_model_dir, train, None, method=method, reward=reward,
+                                         advantage={"params": params}))
+        scored = Trainer(config, run_dir=tmp_path / "run").collect()
+    assert scored.metrics["reward/accuracy"] == float(scored.correct.float().mean())
+    assert not torch.equal(scored.rewards, scored.correct.float()) or "threshold" in case  # the reward was shaped
+    torch.testing.assert_close(scored.advantages, expected(scored.correct))
 
 
 def test_a_step_whose_selectors_drop_every_token_is_reported_once(tmp_path, tiny_model_dir, arithmetic_files):

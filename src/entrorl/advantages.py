@@ -26,8 +26,11 @@ A new estimator is one decorated function::
     def my_adv(rewards, group_ids, *, lengths=None, seq_log_prob=None, scale: float = 1.0):
         ...
 
-Its keyword-only parameters with defaults (other than the data inputs ``lengths`` and
-``seq_log_prob``) are its tunable parameters; :func:`available_advantages` reads them from the signature.
+Its keyword-only parameters with defaults (other than the data inputs ``lengths``, ``seq_log_prob`` and
+``correct``) are its tunable parameters; :func:`available_advantages` reads them from the signature. An estimator
+that splits correct from wrong samples takes ``correct`` (bool ``[n]``, given by :func:`compute_advantages`) beside a
+``correct_threshold`` parameter: a trainer passes the reward's own verdicts, which shaping the reward (extra rewards,
+penalties, diversity) leaves as they are.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ AdvantageFn = Callable[..., torch.Tensor]
 GROUP_BASELINE_ESTIMATORS = frozenset({"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "passk", "unlikely"})
 
 # Keyword arguments that carry batch data rather than tunable parameters.
-_DATA_KWARGS = ("lengths", "seq_log_prob")
+_DATA_KWARGS = ("lengths", "seq_log_prob", "correct")
 
 
 @dataclass(frozen=True)
@@ -173,12 +176,17 @@ def compute_advantages(
     *,
     lengths: torch.Tensor | None = None,
     seq_log_prob: torch.Tensor | None = None,
+    correct: torch.Tensor | None = None,
     **params: Any,
 ) -> torch.Tensor:
     """Validate the inputs and run estimator ``name``; returns float32 advantages ``[n]``.
 
-    ``lengths`` / ``seq_log_prob`` are validated when given and passed only to estimators that use them
-    (so a trainer can always pass both). Unknown ``params`` raise ``ValueError`` listing the valid ones.
+    ``lengths`` / ``seq_log_prob`` / ``correct`` are validated when given and passed only to estimators that use them
+    (so a trainer can always pass them). ``correct`` (bool ``[n]``) says which samples are right for the estimators
+    that split right from wrong (``psr``, ``nsr``, ``signed_reward``, ``w_reinforce``, ``passk``); without it they
+    compare ``rewards`` with ``correct_threshold`` in the rewards' own precision (a float32 0.7 reaches a threshold of
+    0.7, as it does in :class:`entrorl.rewards.RewardRunner`). Unknown ``params`` raise ``ValueError`` listing the
+    valid ones.
     """
     entry = _entry(name)
     unknown = sorted(set(params) - set(entry.info.params))
@@ -191,7 +199,12 @@ def compute_advantages(
     data: dict[str, torch.Tensor | None] = {
         "lengths": None if lengths is None else _check_lengths(lengths, r),
         "seq_log_prob": None if seq_log_prob is None else _check_seq_log_prob(seq_log_prob, r),
+        "correct": None if correct is None else _check_correct(correct, r),
     }
+    if data["correct"] is None and "correct" in entry.data_kwargs and "correct_threshold" in entry.info.params:
+        threshold = params.get("correct_threshold", entry.info.params["correct_threshold"])
+        given = _as_tensor(rewards, "rewards", exact=True)
+        data["correct"] = _is_correct(given if given.is_floating_point() else r, threshold).to(r.device)
     kwargs = {k: data[k] for k in entry.data_kwargs}
     out = entry.fn(r, g, **kwargs, **params)
     return out.to(torch.float32)
@@ -247,6 +260,14 @@ def _check_rewards_groups(
             "map prompt uids to integers first"
         )
     return r, g.to(device=r.device, dtype=torch.int64)
+
+
+def _check_correct(correct: Any, r: torch.Tensor) -> torch.Tensor:
+    c = _as_tensor(correct, "correct", exact=True)
+    _check_1d(c, "correct", r.shape[0])
+    if c.dtype != torch.bool:
+        raise ValueError(f"correct must be a boolean tensor (is each sample right), got dtype {c.dtype}")
+    return c.to(r.device)
 
 
 def _check_lengths(lengths: Any, r: torch.Tensor) -> torch.Tensor:
@@ -334,6 +355,12 @@ def _is_correct(rewards: torch.Tensor, correct_threshold: float) -> torch.Tensor
         raise ValueError(f"correct_threshold must be a finite number (a reward at or above it is correct), "
                          f"got {correct_threshold!r}")
     return rewards >= correct_threshold
+
+
+def _verdicts(r: torch.Tensor, correct: torch.Tensor | None, correct_threshold: float) -> torch.Tensor:
+    """``correct`` as given, else ``r >= correct_threshold``; the threshold is checked either way."""
+    judged = _is_correct(r, correct_threshold)
+    return judged if correct is None else correct
 
 
 def _token_whiten(x: torch.Tensor, lengths: torch.Tensor | None, epsilon: float) -> torch.Tensor:
@@ -493,11 +520,12 @@ def w_reinforce(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,
     *,
+    correct: torch.Tensor | None = None,
     lam: float = 0.1,
     correct_threshold: float = 0.5,
 ) -> torch.Tensor:
     """W-REINFORCE (arXiv 2506.01347, Eq. 9, ``L = lam L_PSR + L_NSR``): ``A = +lam`` if
-    ``R >= correct_threshold`` else ``-1``. No baseline, no std. ``lam = 1`` is REINFORCE with ±1
+    ``R >= correct_threshold`` (or ``correct``, when given) else ``-1``. No baseline, no std. ``lam = 1`` is REINFORCE with ±1
     rewards, ``lam = 0`` is NSR. The default threshold 0.5 works for 0/1 and ±1 rewards.
 
     The ``w_reinforce`` *method* gets the same advantages another way: ``signed_reward``'s ±1, whose positive part its
@@ -506,7 +534,7 @@ def w_reinforce(
     if not (is_real_number(lam) and math.isfinite(lam) and lam >= 0.0):  # a negative lam would penalise correct samples
         raise ValueError(f"w_reinforce: lam must be a finite number >= 0 (lam = 0 is NSR), got {lam!r}")
     r, _ = _check_rewards_groups(rewards, group_ids)
-    correct = _is_correct(r, correct_threshold)
+    correct = _verdicts(r, correct, correct_threshold)
     return torch.where(correct, torch.full_like(r, float(lam)), torch.full_like(r, -1.0)).to(torch.float32)
 
 
@@ -515,12 +543,13 @@ def w_reinforce(
     description="REINFORCE on +1 / -1 rewards: +1 for correct, -1 for incorrect, no baseline.",
     paper="The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning, arXiv 2506.01347",
 )
-def signed_reward(rewards: torch.Tensor, group_ids: torch.Tensor, *, correct_threshold: float = 0.5) -> torch.Tensor:
+def signed_reward(rewards: torch.Tensor, group_ids: torch.Tensor, *, correct: torch.Tensor | None = None,
+                  correct_threshold: float = 0.5) -> torch.Tensor:
     """The reward ``r(x, y) in {-1, +1}`` of arXiv 2506.01347 (Eq. 1) used directly as the advantage:
     ``A = +1`` if ``R >= correct_threshold`` else ``-1``. The ``w_reinforce`` method scales its positive part
     by lambda inside the objective; ``psr`` / ``nsr`` keep one sign."""
     r, _ = _check_rewards_groups(rewards, group_ids)
-    return _is_correct(r, correct_threshold).to(torch.float32) * 2.0 - 1.0
+    return _verdicts(r, correct, correct_threshold).to(torch.float32) * 2.0 - 1.0
 
 
 @register_advantage(
@@ -528,11 +557,12 @@ def signed_reward(rewards: torch.Tensor, group_ids: torch.Tensor, *, correct_thr
     description="Positive-sample reinforcement only: A = 1 for correct, 0 for incorrect.",
     paper="The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning, arXiv 2506.01347",
 )
-def psr(rewards: torch.Tensor, group_ids: torch.Tensor, *, correct_threshold: float = 0.5) -> torch.Tensor:
+def psr(rewards: torch.Tensor, group_ids: torch.Tensor, *, correct: torch.Tensor | None = None,
+        correct_threshold: float = 0.5) -> torch.Tensor:
     """PSR (arXiv 2506.01347): ``A = 1`` if ``R >= correct_threshold`` else ``0`` (trains on correct
     samples only; sharpens the distribution)."""
     r, _ = _check_rewards_groups(rewards, group_ids)
-    return _is_correct(r, correct_threshold).to(torch.float32)
+    return _verdicts(r, correct, correct_threshold).to(torch.float32)
 
 
 @register_advantage(
@@ -540,11 +570,12 @@ def psr(rewards: torch.Tensor, group_ids: torch.Tensor, *, correct_threshold: fl
     description="Negative-sample reinforcement only: A = 0 for correct, -1 for incorrect.",
     paper="The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning, arXiv 2506.01347",
 )
-def nsr(rewards: torch.Tensor, group_ids: torch.Tensor, *, correct_threshold: float = 0.5) -> torch.Tensor:
+def nsr(rewards: torch.Tensor, group_ids: torch.Tensor, *, correct: torch.Tensor | None = None,
+        correct_threshold: float = 0.5) -> torch.Tensor:
     """NSR (arXiv 2506.01347): ``A = 0`` if ``R >= correct_threshold`` else ``-1`` (trains on incorrect
     samples only; keeps entropy near the base model's)."""
     r, _ = _check_rewards_groups(rewards, group_ids)
-    return _is_correct(r, correct_threshold).to(torch.float32) - 1.0
+    return _verdicts(r, correct, correct_threshold).to(torch.float32) - 1.0
 
 
 def _passk_group(n: int, n_neg: int, k: int) -> tuple[float, float]:
@@ -568,11 +599,12 @@ def passk(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,
     *,
+    correct: torch.Tensor | None = None,
     k: int = 4,
     correct_threshold: float = 0.5,
 ) -> torch.Tensor:
     """Pass@k training (arXiv 2508.10751), analytic advantage. Per group of N samples, N_neg incorrect
-    (``R < correct_threshold``)::
+    (``R < correct_threshold``, or not ``correct`` when given)::
 
         R_bar = 1 - C(N_neg, k) / C(N, k)          (expected pass@k reward of a k-subset)
         sigma = sqrt(R_bar (1 - R_bar))
@@ -585,7 +617,7 @@ def passk(
     """
     k = check_int(k, "passk: k", minimum=1)
     r, g = _check_rewards_groups(rewards, group_ids)
-    correct = _is_correct(r, correct_threshold)
+    correct = _verdicts(r, correct, correct_threshold)
     adv = torch.zeros_like(r)
     if r.numel() == 0:
         return adv.to(torch.float32)

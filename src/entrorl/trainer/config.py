@@ -250,7 +250,8 @@ class RewardConfig(_Section):
         None, description="unlikeliness reward shaping before any advantage estimator; None = off"
     )
     correct_threshold: float | None = Field(
-        None, description="a sample is correct (accuracy, dynamic sampling, Pass@k) when its score reaches this; None = "
+        None, description="a sample is correct (accuracy, dynamic sampling, Pass@k, and the advantage estimators that "
+        "split right from wrong: psr, nsr, w_reinforce, passk) when its main score reaches this; None = "
         "the reward's own: 1.0 for reasoning_gym and code, whose partial credit is not a right answer, else 0.5")
     max_failing_steps: int = Field(
         3, ge=0, description="stop the run when the reward failed (raised, or gave no number) on every sample of this "
@@ -283,7 +284,9 @@ class RolloutConfig(_Section):
     dynamic_sampling_metric: Literal["accuracy", "reward"] = Field(
         "accuracy", description="what dynamic sampling compares within a group: 'accuracy' (DAPO: keep groups with "
         "0 < correct < G) or 'reward' (keep groups whose main rewards, overlong penalty included, are not all equal)")
-    max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: the most sampling rounds in a step, the first one included (1 only drops uninformative groups, never resamples)")
+    max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: the most sampling rounds in a step, the first one "
+                                     "included (1 only drops uninformative groups, never resamples); when no round gave an "
+                                     "informative group, the step trains on the first round's rows")
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="who samples: 'hf' (the training model itself) or 'vllm' (a vLLM engine on the GPU, weights synced "
         "after every update; pip install 'entrorl[vllm]')"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from entrorl.advantages import available_advantages, compute_advantages, unlikeliness_shaped_rewards
+from entrorl.advantages import compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts, parse_band
 from entrorl.modeling import (
     DamagedWeightsError,
@@ -202,10 +202,10 @@ class Trainer:
             self.objective.loss_scale_factor = float(config.rollout.max_new_tokens)
         self.advantage_name = config.advantage_estimator()
         self.advantage_params = dict(config.advantage.params)
-        estimator_params = next(info.params for info in available_advantages() if info.name == self.advantage_name)
-        if "correct_threshold" in estimator_params and "correct_threshold" not in self.advantage_params:
-            # estimators that split correct from wrong samples (PSR, NSR, W-REINFORCE) agree with the reward's accuracy
-            self.advantage_params["correct_threshold"] = self.reward.correct_threshold
+        # estimators that split correct from wrong samples (PSR, NSR, W-REINFORCE, Pass@k) take the reward's verdicts,
+        # as accuracy does (shaping the reward does not change them), or, given their own correct_threshold, the main
+        # reward's scores against it
+        self.estimator_threshold = self.advantage_params.pop("correct_threshold", None)
         # a checkpoint's model/ holds no weights when its adapters were saved without the merged model
         model_path = check_model_files(checkpoint / "model" if checkpoint is not None else config.model.path,
                                        weights=checkpoint is None or config.model.lora is None)
@@ -612,9 +612,10 @@ class Trainer:
         rewards, reasons = result.rewards, list(result.reasons)
         seq_log_prob = (rollouts.sampler_log_probs.sum(-1) / rollouts.lengths.clamp(min=1)).float()
         rewards = self._shape_group_rewards(rewards, completions, group_ids, seq_log_prob, metrics)
+        correct = result.correct if self.estimator_threshold is None else result.scores >= self.estimator_threshold
         advantages = compute_advantages(
             self.advantage_name, rewards, group_ids, lengths=rollouts.lengths, seq_log_prob=seq_log_prob,
-            **self.advantage_params,
+            correct=correct, **self.advantage_params,
         )
         if rewards is not result.rewards:  # group-level shaping changed the rewards the advantages see
             metrics["reward/shaped_mean"] = float(rewards.mean())
