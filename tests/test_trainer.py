@@ -3033,6 +3033,10 @@ def test_cli_eval_of_a_run_samples_with_the_run_s_prompt_format(tmp_path, tiny_m
     assert given.returncode == 0, given.stderr
     assert json.loads(given.stdout)["settings"]["prompt_template"] == "{prompt}"
     assert "data.prompt_template" not in given.stderr and "model.chat_template = false" in given.stderr
+    own_reward = run_cli("eval", "--data", str(held_out), "--n", "1", "--max-new-tokens", "3", "--model", str(tmp_path / "run"))
+    assert own_reward.returncode == 0, own_reward.stderr  # no --reward: the run's (exact_match), not math
+    assert json.loads(own_reward.stdout)["settings"]["reward"] == "exact_match"
+    assert "reward.name = 'exact_match'" in " ".join(own_reward.stderr.split())
     plain = run_cli(*base, "--model", str(tiny_model_dir))  # a model directory: no run to follow
     assert plain.returncode == 0 and "settings of the run" not in plain.stderr, plain.stderr
     assert json.loads(plain.stdout)["settings"]["prompt_template"] == "{prompt}"
@@ -3050,20 +3054,45 @@ def test_prompt_format_reads_each_setting_of_the_run_on_its_own(tmp_path, capsys
     (run / "config.json").write_text(json.dumps({"seed": 1, "data": {"prompt_template": "Q: {prompt}"}, "model": {},
                                                   "rollout": {"max_new_tokens": 12}}))
     model = run / "checkpoints" / "step_000001" / "model"
-    assert _run_defaults(model, None, None, None) == ("Q: {prompt}", False, 12)
+    assert _run_defaults(model, None, None, None, "math")[:3] == ("Q: {prompt}", False, 12)
     err = capsys.readouterr().err
     assert "data.prompt_template = 'Q: {prompt}'" in err and "does not give model.chat_template" in err
     (run / "config.json").write_text(json.dumps({"data": {"prompt_template": 3}, "model": {"chat_template": True},
                                                  "rollout": {"max_new_tokens": True}}))
-    assert _run_defaults(run, None, None, None) == ("{prompt}", True, DEFAULT_MAX_NEW_TOKENS)
+    assert _run_defaults(run, None, None, None, "math")[:3] == ("{prompt}", True, DEFAULT_MAX_NEW_TOKENS)
     assert "does not give data.prompt_template or rollout.max_new_tokens" in capsys.readouterr().err
     (run / "config.json").write_text(json.dumps({"rollout": {"max_new_tokens": 0}}))  # edited by hand: no length at all
-    assert _run_defaults(run, "A {prompt}", False, None) == ("A {prompt}", False, DEFAULT_MAX_NEW_TOKENS)
+    assert _run_defaults(run, "A {prompt}", False, None, "math")[:3] == ("A {prompt}", False, DEFAULT_MAX_NEW_TOKENS)
     assert "does not give rollout.max_new_tokens; the default is used" in capsys.readouterr().err
-    assert _run_defaults(run, "A {prompt}", False, 5) == ("A {prompt}", False, 5)  # all given: the run is not read
+    assert _run_defaults(run, "A {prompt}", False, 5, "math")[:3] == ("A {prompt}", False, 5)  # all given: not read
     assert not capsys.readouterr().err
-    assert _run_defaults(tmp_path, None, None, None) == ("{prompt}", False, DEFAULT_MAX_NEW_TOKENS)  # no run
+    assert _run_defaults(tmp_path, None, None, None) == ("{prompt}", False, DEFAULT_MAX_NEW_TOKENS, "math", {}, None)  # no run
     assert not capsys.readouterr().err
+
+
+def test_eval_of_a_run_scores_with_the_run_s_reward_and_its_settings(tmp_path, capsys, monkeypatch):
+    """Without --reward, a run's reward.name, reward.kwargs and reward.correct_threshold (after its imports) score the
+    samples, as they scored the run's own evaluations, and are said; --reward gives another reward with its own
+    defaults, and --correct-threshold overrides the run's threshold."""
+    from entrorl.cli import _run_defaults
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "registers_a_reward.py").write_text("IMPORTED = True\n")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({
+        "imports": ["registers_a_reward"], "data": {"prompt_template": "{prompt}"}, "model": {"chat_template": False},
+        "rollout": {"max_new_tokens": 8}, "reward": {"name": "math", "kwargs": {"tolerance": 0.01}, "correct_threshold": 0.75}}))
+    assert _run_defaults(run, None, None, None)[3:] == ("math", {"tolerance": 0.01}, 0.75)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "reward.name = 'math', reward.kwargs = {'tolerance': 0.01}, reward.correct_threshold = 0.75" in said
+    import registers_a_reward  # noqa: F401  (imported by the run's imports)
+
+    assert _run_defaults(run, None, None, None, None, 0.5)[3:] == ("math", {"tolerance": 0.01}, 0.5)
+    assert _run_defaults(run, None, None, None, "exact_match")[3:] == ("exact_match", {}, None)
+    (run / "config.json").write_text(json.dumps({"imports": ["no_such_module_here"], "reward": {"name": "mine:score"}}))
+    with pytest.raises(ValueError, match="no_such_module_here.*run from the directory the run was trained from"):
+        _run_defaults(run, "{prompt}", False, 8)
 
 
 def test_cli_eval_fails_when_the_reward_failed_on_every_sample(tmp_path, tiny_model_dir, arithmetic_files):

@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, NamedTuple, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -259,7 +259,8 @@ TopKOption = Annotated[int, typer.Option(min=0, help="keep only the k most likel
 PromptColumnOption = Annotated[str, typer.Option(help="the data's column holding the prompt")]
 AnswerColumnOption = Annotated[str, typer.Option(help="the data's column holding the reference answer")]
 SeedOption = Annotated[int, typer.Option(help="sampling seed")]
-RewardOption = Annotated[str, typer.Option("--reward", help="reward name or package.module:function")]
+RewardOption = Annotated[Optional[str], typer.Option("--reward", help="reward name or package.module:function "
+                                                     "(default: a run's own reward, with its settings, else math)")]
 CorrectThresholdOption = Annotated[Optional[float], typer.Option(
     help="a sample is correct when its reward reaches this (default: the reward's own; 1.0 for reasoning_gym and "
     "code, 0.5 otherwise)")]
@@ -276,16 +277,16 @@ TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help
                                                      "and tokenizer code (auto_map in its config); read it first")]
 
 
-def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str, answer_column: str,
+def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_column: str, answer_column: str,
                      prompt_template: str | None, chat_template: bool | None, max_new_tokens: int | None,
                      temperature: float, top_p: float, top_k: int,
                      max_prompts: int | None, device: str, dtype: str, base: Path | None = None,
                      check_fit: bool = False, trust_remote_code: bool = False, require_answer: bool = True,
                      correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
-    the tokenizer, the model in eval mode, the encoded prompts, the model directory resolved, the prompt format used
-    (template, chat template) and the sampling parameters (their most new tokens, like the prompt format, the run's
-    unless given: see :func:`_run_defaults`); ValueError / FileNotFoundError on bad input. The model is a complete model directory or LoRA adapters on ``base`` (see
+    the tokenizer, the model in eval mode, the encoded prompts, the model directory resolved, the settings used
+    (prompt format, reward and its settings: the run's unless given, see :func:`_run_defaults`) and the sampling
+    parameters (their most new tokens, like the prompt format, the run's unless given); ValueError / FileNotFoundError on bad input. The model is a complete model directory or LoRA adapters on ``base`` (see
     :func:`entrorl.trainer.checkpoint.resolve_model_directory`). With
     ``check_fit`` every prompt must leave the most new tokens of the context (checked before the weights load
     when config.json declares the context). ``check_outputs`` runs once the data and the reward are checked, before
@@ -299,13 +300,14 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     from entrorl.trainer.config import resolve_device
 
     directory = resolve_model_directory(model, base=base)
-    prompt_template, chat_template, max_new_tokens = _run_defaults(model, prompt_template, chat_template,
-                                                                   max_new_tokens)
+    defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold)
+    prompt_template, chat_template, max_new_tokens = defaults.prompt_template, defaults.chat_template, defaults.max_new_tokens
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     check_prompt_template(prompt_template)
     records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
                            require_answer=require_answer)[:max_prompts]
-    reward_runner = RewardRunner(get_reward(reward), correct_threshold=correct_threshold, name=reward)
+    reward_runner = RewardRunner(get_reward(defaults.reward, **defaults.reward_kwargs),
+                                 correct_threshold=defaults.correct_threshold, name=defaults.reward)
     reward_runner.check_arguments([record.meta for record in records])
     if check_outputs is not None:
         check_outputs()
@@ -322,7 +324,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str, *, prompt_column: str
     if check_fit and declared is None:
         check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
                           pad_token_id=tokenizer.pad_token_id)
-    return records, reward_runner, tokenizer, policy, prompt_ids, directory, (prompt_template, chat_template), sampling
+    return records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling
 
 
 def _note_if_greedy_samples_repeat(n: int, temperature: float, top_k: int | None = None) -> None:
@@ -352,18 +354,29 @@ def _stored_dtype(model: Path) -> str | None:
     return declared if isinstance(declared, str) else None
 
 
-def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool | None,
-                  max_new_tokens: int | None) -> tuple[str, bool, int]:
-    """The prompt template, chat-template switch and most new tokens to sample with: those given, else, when ``model``
-    is a training run or one of its checkpoints, the run's own (``data.prompt_template``, ``model.chat_template``,
-    ``rollout.max_new_tokens`` in its config.json, said in one line), else ``"{prompt}"`` without the chat template
-    and :data:`DEFAULT_MAX_NEW_TOKENS`."""
+class _SamplingDefaults(NamedTuple):
+    prompt_template: str
+    chat_template: bool
+    max_new_tokens: int
+    reward: str
+    reward_kwargs: dict[str, Any]
+    correct_threshold: float | None
+
+
+def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool | None, max_new_tokens: int | None,
+                  reward: str | None = None, correct_threshold: float | None = None) -> _SamplingDefaults:
+    """The prompt template, chat-template switch, most new tokens and reward to sample and score with: those given,
+    else, when ``model`` is a training run or one of its checkpoints, the run's own (``data.prompt_template``,
+    ``model.chat_template``, ``rollout.max_new_tokens``, and ``reward.name`` with its ``reward.kwargs`` and, unless
+    given, ``reward.correct_threshold``, after the run's ``imports``, in its config.json; said in one line), else
+    ``"{prompt}"`` without the chat template, :data:`DEFAULT_MAX_NEW_TOKENS` and ``math``."""
     from entrorl.trainer.checkpoint import training_run_of
 
-    run = training_run_of(model) if None in (prompt_template, chat_template, max_new_tokens) else None
+    run = training_run_of(model) if None in (prompt_template, chat_template, max_new_tokens, reward) else None
     if run is None:
-        return (("{prompt}" if prompt_template is None else prompt_template), bool(chat_template),
-                DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
+        return _SamplingDefaults("{prompt}" if prompt_template is None else prompt_template, bool(chat_template),
+                                 DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
+                                 "math" if reward is None else reward, {}, correct_threshold)
     config = _read_json_object(run / "config.json") or {}
 
     def recorded(section: str, name: str, kind: type):
@@ -388,13 +401,39 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
     chat_template = setting(chat_template, "model.chat_template", bool, False, shown=lambda value: str(value).lower())
     max_new_tokens = setting(max_new_tokens, "rollout.max_new_tokens", int, DEFAULT_MAX_NEW_TOKENS, shown=str,
                              valid=lambda value: not isinstance(value, bool) and value >= 1)
+    reward_kwargs: dict[str, Any] = {}
+    if reward is None:  # the run's reward, as its own evaluations scored with it
+        reward = setting(None, "reward.name", str, "math")
+        if recorded("reward", "name", str) is not None:
+            reward_kwargs = recorded("reward", "kwargs", dict) or {}
+            if reward_kwargs:
+                taken.append(f"reward.kwargs = {reward_kwargs!r}")
+            threshold = recorded("reward", "correct_threshold", (int, float))
+            if correct_threshold is None and threshold is not None and not isinstance(threshold, bool):
+                correct_threshold = float(threshold)
+                taken.append(f"reward.correct_threshold = {threshold!r}")
+            _import_the_run_s_modules(config.get("imports"), run)
     if taken:
         console.print(Text(f"settings of the run in {run} (its config.json): {', '.join(taken)}; --prompt-template, "
-                           "--chat-template / --no-chat-template and --max-new-tokens override them"), soft_wrap=True)
+                           "--chat-template / --no-chat-template, --max-new-tokens, --reward and --correct-threshold "
+                           "override them"), soft_wrap=True)
     if unread:
         console.print(Text.assemble(("warning", "yellow"), f": {run / 'config.json'} does not give "
                                     f"{' or '.join(unread)}; the default is used"), soft_wrap=True)
-    return prompt_template, chat_template, max_new_tokens
+    return _SamplingDefaults(prompt_template, chat_template, max_new_tokens, reward, reward_kwargs, correct_threshold)
+
+
+def _import_the_run_s_modules(names: Any, run: Path) -> None:
+    """The run's ``imports`` (modules that register its reward, among others), imported as its training did: from
+    the Python path, then the working directory; ``ValueError`` naming the run when one cannot be imported."""
+    from entrorl.rewards.base import import_named_module
+
+    for name in names if isinstance(names, list) else []:
+        if isinstance(name, str) and name.strip():
+            try:
+                import_named_module(name.strip(), f"the imports of the run in {run}")
+            except ValueError as error:
+                raise ValueError(f"{error}; run from the directory the run was trained from, or pass --reward") from None
 
 
 def _model_settings(directory) -> dict[str, str]:
@@ -451,7 +490,7 @@ def evaluate(
     base: BaseModelOption = None,
     k: Annotated[Optional[str], typer.Option(help="comma-separated k values for Pass@k, each at most --n "
                                                   "(default: powers of two up to n, and n)")] = None,
-    reward: RewardOption = "math",
+    reward: RewardOption = None,
     max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
@@ -502,7 +541,7 @@ def evaluate(
             check_output_file(path, what=option)
 
     try:
-        records, reward_runner, tokenizer, policy, prompt_ids, directory, prompt_format, sampling = _sampling_inputs(
+        records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
             chat_template=chat_template, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base, check_fit=True,
@@ -518,11 +557,12 @@ def evaluate(
                                 progress=lambda done: progress.update(task, completed=done))
     summary = result.to_dict()
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
-    summary["settings"] = {"model": str(model), **_model_settings(directory), "data": str(data), "reward": reward, "n": n,
+    summary["settings"] = {"model": str(model), **_model_settings(directory), "data": str(data), "reward": reward_runner.name,
+                           "reward_kwargs": defaults.reward_kwargs, "n": n,
                            "max_new_tokens": max_new_tokens,
                            "temperature": temperature, "top_p": top_p, "top_k": top_k, "prompt_column": prompt_column,
-                           "answer_column": answer_column, "prompt_template": prompt_format[0],
-                           "chat_template": prompt_format[1],
+                           "answer_column": answer_column, "prompt_template": defaults.prompt_template,
+                           "chat_template": defaults.chat_template,
                            "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold,
                            "dtype": dtype, "seed": seed, "batch_size": batch_size}
     summary["sources"] = [record.source for record in records]
@@ -797,7 +837,7 @@ def data_audit(
     data: DataFileOption,
     n: SamplesOption = 16,
     base: BaseModelOption = None,
-    reward: RewardOption = "math",
+    reward: RewardOption = None,
     band: Annotated[str, typer.Option(help="keep rows whose pass rate lies in this band, e.g. '[0.1,0.5]' or '(1/16,15/16)'")] = "(0, 1)",
     consensus: Annotated[float, typer.Option(help="majority share from which a wrong majority answer makes a prompt look wrong")] = 0.5,
     low_pass_rate: Annotated[float, typer.Option(help="pass rates at or below this are rarely solved (hard or wrong)")] = 0.25,
@@ -843,7 +883,7 @@ def data_audit(
         message = str(error).removeprefix("AuditThresholds: ")
         _fail(f"--{message.replace('low_pass_rate', 'low-pass-rate')}")
     try:
-        records, reward_runner, tokenizer, policy, prompt_ids, model_directory, prompt_format, sampling = _sampling_inputs(
+        records, reward_runner, tokenizer, policy, prompt_ids, model_directory, defaults, sampling = _sampling_inputs(
             model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
             chat_template=chat_template, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
@@ -863,9 +903,10 @@ def data_audit(
         console.print(Text.assemble(("skipped", "yellow"), " ", item.message(max_new_tokens)), soft_wrap=True)
     if len(result.too_long) > 20:
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
-    settings = {"model": str(model), **_model_settings(model_directory), "reward": reward,
+    settings = {"model": str(model), **_model_settings(model_directory), "reward": reward_runner.name,
+                "reward_kwargs": defaults.reward_kwargs,
                 "correct_threshold": reward_runner.correct_threshold, "seed": seed,
-                "prompt_template": prompt_format[0], "chat_template": prompt_format[1],
+                "prompt_template": defaults.prompt_template, "chat_template": defaults.chat_template,
                 "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}}
     reward_log = _keep_reward_traceback(result.first_reward_error, directory / "reward_errors.log")
     try:
