@@ -984,7 +984,22 @@ def test_settings_read_only_with_another_setting_are_silent_with_it(tmp_path, ar
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_config(base, ["logging.trackio=true", "logging.project=mine"])
-        load_config(base, ["model.dtype=float16", "model.master_weights=false"])
+        load_config(base, ["model.dtype=float16", "model.master_weights=true"])
+        load_config(base, ["model.dtype=float16", "model.master_weights=false", "model.lora.rank=4"])  # float32 adapters
+
+
+def test_float16_weights_without_master_weights_are_refused():
+    """AdamW's moments in float16: eps = 1e-8 and squared gradients under 6e-8 round to 0, and m / (sqrt(v) + eps)
+    grows without bound (a float16 weight stepped by AdamW with gradient 1e-4 becomes -inf). bfloat16 has float32's
+    range, and LoRA trains float32 adapters: both are allowed."""
+    weight = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    weight.grad = torch.full((4,), 1e-4, dtype=torch.float16)
+    torch.optim.AdamW([weight], lr=1e-3).step()
+    assert not torch.isfinite(weight).any()  # the reason for the refusal
+    base = {"model": {"path": "m", "dtype": "float16", "master_weights": False}, "data": {"train": "t.jsonl"}}
+    with pytest.raises(ConfigError, match="dtype float16 with master_weights: false would keep AdamW's moments in float16"):
+        load_config(base)
+    load_config({**base, "model": {**base["model"], "dtype": "bfloat16"}})
 
 
 def test_set_options_and_configuration_files_that_are_malformed_are_named(tmp_path, arithmetic_files):

@@ -94,7 +94,8 @@ class ModelConfig(_Section):
     master_weights: bool = Field(True, description="with dtype bfloat16 / float16: the optimizer steps float32 copies of "
                                  "the weights and rounds them into the model, so that updates smaller than the "
                                  "low-precision rounding step are not lost (about 10 more bytes per parameter: the "
-                                 "float32 copies, gradients and Adam state)")
+                                 "float32 copies, gradients and Adam state); needed with float16 (refused without), where AdamW's eps and "
+                                 "small squared gradients would round to 0")
     disable_dropout: bool = Field(True, description="set every dropout rate of the model to 0, so that the log-probs "
                                   "of the update are those the rollouts were scored with")
     trust_remote_code: bool = Field(False, description="run the model directory's own model and tokenizer code (auto_map "
@@ -115,6 +116,14 @@ class ModelConfig(_Section):
         if not (info.context and info.context.get("settings_only")):  # a checkpoint's GPU need not be on this machine
             resolve_device(value)
         return value
+
+    @model_validator(mode="after")
+    def _float16_steps_through_float32(self) -> "ModelConfig":
+        if self.dtype == "float16" and not self.master_weights and self.lora is None:
+            raise ValueError("dtype float16 with master_weights: false would keep AdamW's moments in float16, "
+                             "where its eps (1e-8) and small squared gradients round to 0 and an update can grow without "
+                             "bound; keep model.master_weights: true, or train in bfloat16 (float32's range) or float32")
+        return self
 
     @model_validator(mode="after")
     def _deterministic_adapters(self) -> "ModelConfig":
