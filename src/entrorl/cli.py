@@ -905,7 +905,8 @@ def data_audit(
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
     settings = {"model": str(model), **_model_settings(model_directory), "reward": reward_runner.name,
                 "reward_kwargs": defaults.reward_kwargs,
-                "correct_threshold": reward_runner.correct_threshold, "seed": seed,
+                "correct_threshold": reward_runner.correct_threshold, "seed": seed, "batch_size": batch_size,
+                "device": device, "dtype": dtype,
                 "prompt_template": defaults.prompt_template, "chat_template": defaults.chat_template,
                 "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}}
     reward_log = _keep_reward_traceback(result.first_reward_error, directory / "reward_errors.log")
