@@ -621,7 +621,10 @@ def test_extra_rewards_add_to_the_training_reward_only():
     assert both.correct.tolist() == main.correct.tolist() and both.errors == 1 == both.select([0, 1, 2]).errors
     failing_extra = RewardRunner(_fragile_reward)(["p"] * 3, ["boom", "a", "a"], ["a"] * 3, [{}] * 3)
     mixed = main.with_extra("fragile", 1.0, failing_extra)
-    assert mixed.errors == 2 == mixed.select([0, 1, 2]).errors and mixed.reasons[0].startswith("reward raised")
+    assert mixed.errors == 2 == mixed.select([0, 1, 2]).errors
+    # sample 0 only the extra failed on (its reason names it), sample 2 the main reward (its own reason)
+    assert mixed.reasons[0] == f"extra reward 'fragile': {failing_extra.reasons[0]}" and failing_extra.reasons[0]
+    assert mixed.reasons[2] == main.reasons[2] and mixed.reasons[2].startswith("reward raised")
     assert both.metrics()["reward/extra/length_mean"] == pytest.approx(2.0)
     assert both.select([2]).extras["length"].tolist() == [3.0]
     assert RewardResult.concat([both, both]).extras["length"].tolist() == [1.0, 2.0, 3.0] * 2
@@ -632,7 +635,7 @@ def test_a_sample_failing_in_the_main_and_an_extra_reward_is_one_failure_told_by
     extra = RewardRunner(_fragile_reward)(["p"] * 3, ["nan", "boom", "a"], ["a"] * 3, [{}] * 3)
     both = main.with_extra("fragile", 1.0, extra)
     assert both.errors == 2 and both.failed.tolist() == [True, True, False]
-    assert both.reasons[0] == main.reasons[0] and both.reasons[1] == extra.reasons[1]
+    assert both.reasons[0] == main.reasons[0] and both.reasons[1] == f"extra reward 'fragile': {extra.reasons[1]}"
     assert both.first_error == main.first_error != extra.first_error
 
 

@@ -359,7 +359,7 @@ class RewardResult:
         reward next to the correctness one); ``scores`` and ``correct`` stay this result's, failures add up."""
         assert self.failed is not None and extra.failed is not None and self.reasons is not None
         failed = self.failed | extra.failed
-        reasons = [own if own_failed or not extra_failed else extra_reason  # a failure says which reward failed
+        reasons = [own if own_failed or not extra_failed else f"extra reward {name!r}: {extra_reason}"  # which failed
                    for own, own_failed, extra_failed, extra_reason
                    in zip(self.reasons, self.failed.tolist(), extra.failed.tolist(), extra.reasons or [])]
         return RewardResult(
