@@ -469,6 +469,49 @@ def test_estimators_that_split_right_from_wrong_take_the_reward_s_verdicts_not_t
     torch.testing.assert_close(scored.advantages, expected(scored.correct))
 
 
+def _documented_metric_patterns() -> dict[str, re.Pattern]:
+    """docs/metrics.md's keys (the backticked names of each table row's first cell), placeholders as patterns."""
+    text = (REPO / "docs" / "metrics.md").read_text(encoding="utf-8")
+    patterns = {}
+    for cell in re.findall(r"^\| (`[^|]+`) \|", text, flags=re.M):
+        for key in re.findall(r"`([^`]+)`", cell):
+            patterns[key] = re.compile(re.escape(key).replace("<name>", "[^/]+").replace("<k>", r"\d+")
+                                       .replace("<q>", r"[0-9.]+"))
+    return patterns
+
+
+def test_every_metric_a_run_logs_is_in_the_metrics_reference(tmp_path, tiny_model_dir, arithmetic_files):
+    """docs/metrics.md is the contract of metrics.jsonl: runs that use every kind of part, dynamic sampling, extra and
+    overlong rewards, unlikeliness, a reference model, several updates a step, the first-order change and evaluations
+    log no key it does not list, and every key it names without a placeholder is logged by one of them (but the
+    diversity embedder's two)."""
+    train, held_out = arithmetic_files
+    runs = [
+        dict(method="dapo+clip_b+forking_tokens+tis+entropy_bonus", rollout={"dynamic_sampling": True},
+             reward={"name": "parity_metrics:score", "extra": [{"name": "parity_metrics:score", "weight": 0.5}],
+                     "overlong": {"max_length": 6, "cache_length": 3}},
+             diagnostics={"first_order": True}, eval={"at_start": True}),
+        dict(method="kl_cov+adaptive_entropy+lopti_reweight", optim={"steps": 1, "lr": 1e-3, "mini_batches": 2},
+             reward={"name": "parity_metrics:score", "unlikeliness": {"beta_rank": 0.25}}),
+        dict(method="grpo+kl_ref+entropy_advantage+clip_cov+icepop+clip_v",
+             optim={"steps": 1, "lr": 1e-3, "epochs": 2, "micro_batch_size": 3}),
+        dict(method="cispo+low_entropy_tokens"), dict(method="gspo+nsr"), dict(method="dual_clip"),
+    ]
+    logged: set[str] = set()
+    with importable_module(tmp_path, "parity_metrics", PARITY_REWARD), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for index, sections in enumerate(runs):
+            sections = {"reward": {"name": "parity_metrics:score"}, "optim": {"steps": 1, "lr": 1e-3}, **sections}
+            config = load_config(make_config(tiny_model_dir, train, held_out, **sections))
+            run = Trainer(config, run_dir=tmp_path / f"run-{index}").train()
+            logged |= {key for record in read_metrics(run) for key in record}
+    patterns = _documented_metric_patterns()
+    undocumented = sorted(key for key in logged if not any(p.fullmatch(key) for p in patterns.values()))
+    assert not undocumented, f"metrics missing from docs/metrics.md: {undocumented}"
+    never_logged = sorted(key for key in patterns if "<" not in key and key not in logged)
+    assert never_logged == ["reward/diversity_weight_mean", "time/diversity_s"], never_logged
+
+
 def test_a_step_whose_selectors_drop_every_token_is_reported_once(tmp_path, tiny_model_dir, arithmetic_files):
     """NSR keeps the negative advantages; given PSR's advantages (1 for a correct sample) and a reward that marks every
     sample correct, it keeps nothing, and the run says so once instead of silently training on nothing."""
