@@ -469,6 +469,40 @@ def test_estimators_that_split_right_from_wrong_take_the_reward_s_verdicts_not_t
     torch.testing.assert_close(scored.advantages, expected(scored.correct))
 
 
+VARIED_REWARD = ("import hashlib\n"
+                 "def score(prompt, completion, answer, **meta):\n"
+                 "    return (int(hashlib.md5(completion.encode()).hexdigest()[:8], 16) % 1000) / 999.0\n")
+
+
+def test_the_unlikeliness_rank_is_the_policy_s_likelihood_when_the_sampler_filters(tmp_path, tiny_model_dir,
+                                                                                   arithmetic_files):
+    """arXiv 2506.02355 ranks a group's samples by the old policy's likelihood. With rollout.top_k the sampler's
+    log-probs are those of the truncated, renormalised distribution, whose ranks differ: the policy scores the
+    responses instead (for the `unlikely` estimator, as for reward.unlikeliness, which reads the same ranks)."""
+    from entrorl.advantages import compute_advantages
+
+    train, _ = arithmetic_files
+    with importable_module(tmp_path, "varied", VARIED_REWARD):
+        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "varied:score"},
+                                         advantage={"name": "unlikely"},
+                                         rollout={"prompts_per_step": 3, "group_size": 6, "max_new_tokens": 6, "top_k": 3}))
+        trainer = Trainer(config, run_dir=tmp_path / "run")
+        scored = trainer.collect()
+    rollouts, mask = scored.rollouts, scored.rollouts.response_mask
+    with torch.no_grad():
+        logprob = trainer.token_stats(trainer.model, rollouts, torch.arange(len(rollouts)), need=("logprob",)).logprob
+    lengths = mask.sum(-1).clamp(min=1)
+    policy = ((logprob * mask).sum(-1) / lengths).float()
+    sampler = (rollouts.sampler_log_probs.sum(-1) / lengths).float()
+
+    def unlikely(seq_log_prob):
+        return compute_advantages("unlikely", scored.rewards, scored.group_ids, seq_log_prob=seq_log_prob)
+
+    torch.testing.assert_close(scored.advantages, unlikely(policy), rtol=0, atol=1e-5)
+    assert not torch.allclose(unlikely(policy), unlikely(sampler), atol=1e-3)  # the filter's ranks would differ
+    assert trainer._sequence_log_probs(rollouts).tolist() == pytest.approx(policy.tolist(), abs=1e-5)
+
+
 def _documented_metric_patterns() -> dict[str, re.Pattern]:
     """docs/metrics.md's keys (the backticked names of each table row's first cell), placeholders as patterns."""
     text = (REPO / "docs" / "metrics.md").read_text(encoding="utf-8")

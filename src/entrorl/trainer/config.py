@@ -260,7 +260,8 @@ class RewardConfig(_Section):
     )
     correct_threshold: float | None = Field(
         None, description="a sample is correct (accuracy, dynamic sampling, Pass@k, and the advantage estimators that "
-        "split right from wrong: psr, nsr, w_reinforce, passk) when its main score reaches this; None = "
+        "split right from wrong: psr, nsr, signed_reward, w_reinforce, passk) when its main score reaches "
+        "this; None = "
         "the reward's own: 1.0 for reasoning_gym and code, whose partial credit is not a right answer, else 0.5")
     max_failing_steps: int = Field(
         3, ge=0, description="stop the run when the reward failed (raised, or gave no number) on every sample of this "
@@ -287,7 +288,8 @@ class RolloutConfig(_Section):
                                        "on it, their distribution does not)")
     mask_truncated: bool = Field(False, description="DAPO's overlong filtering (arXiv 2503.14476, Sec. 3.4): a response "
                                  "cut at max_new_tokens takes no part in the loss (it still counts in its group's "
-                                 "advantages and in the reward metrics)")
+                                 "advantages, in the batch whitening of reinforce_pp and reinforce_pp_baseline, "
+                                 "and in the reward metrics)")
     dynamic_sampling: bool = Field(False, description="DAPO (arXiv 2503.14476): drop groups that all solved or all failed "
                                    "the prompt and sample more")
     dynamic_sampling_metric: Literal["accuracy", "reward"] = Field(

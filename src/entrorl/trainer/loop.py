@@ -610,7 +610,7 @@ class Trainer:
         metrics.update(result.metrics())
         metrics["reward/error_frac"] = main_failures / sampled_rows  # the main reward's, every row sampled this step
         rewards, reasons = result.rewards, list(result.reasons)
-        seq_log_prob = (rollouts.sampler_log_probs.sum(-1) / rollouts.lengths.clamp(min=1)).float()
+        seq_log_prob = self._sequence_log_probs(rollouts)
         rewards = self._shape_group_rewards(rewards, completions, group_ids, seq_log_prob, metrics)
         correct = result.correct if self.estimator_threshold is None else result.scores >= self.estimator_threshold
         advantages = compute_advantages(
@@ -626,6 +626,20 @@ class Trainer:
             "response/truncated_frac": float(rollouts.truncated.float().mean()),
         })
         return ScoredRollouts(rollouts, records, group_ids, rewards, advantages, metrics, completions, reasons, result.correct)
+
+    def _sequence_log_probs(self, rollouts: Rollouts) -> torch.Tensor:
+        """Each response's length-normalised log-prob under the policy that sampled it, what the unlikeliness rank
+        orders a group by (arXiv 2506.02355): the sampler's own, unless it drew from a filtered distribution
+        (``rollout.top_k`` / ``top_p``) or is another engine (vLLM), whose log-probs are not the policy's; then, when
+        the rank is used, the policy scores the responses."""
+        rollout = self.config.rollout
+        log_probs = rollouts.sampler_log_probs
+        ranked = self.advantage_name == "unlikely" or self.config.reward.unlikeliness is not None
+        if ranked and (rollout.top_k or rollout.top_p < 1.0 or rollout.backend != "hf"):
+            with torch.no_grad():
+                scored = self.token_stats(self.model, rollouts, torch.arange(len(rollouts)), need=("logprob",))
+            log_probs = torch.where(rollouts.response_mask, scored.logprob.float().cpu(), torch.zeros(()))
+        return (log_probs.sum(-1) / rollouts.lengths.clamp(min=1)).float()
 
     def _informative(self, results: list[RewardResult], group_ids: torch.Tensor) -> torch.Tensor:
         """Rows of groups that dynamic sampling keeps: groups whose accuracy is neither 0 nor 1 (DAPO, arXiv
