@@ -875,7 +875,8 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         load_config(bad_reward)
     with pytest.raises(ConfigError, match=r"advantage.params: unknown parameter\(s\) epsilonn"):
         load_config(base, ["advantage.params={epsilonn: 1}"])
-    with pytest.raises(ConfigError, match=r"advantage.params: passk: group 0 has 4 sample\(s\), fewer than k = 8"):
+    with pytest.raises(ConfigError, match=r"rollout.group_size = 4 is smaller than the 'passk' advantage's k = 8: a group "
+                                          r"needs at least k samples"):
         load_config(base, ["advantage.name=passk", "advantage.params={k: 8}"])
     # a group of exactly k samples: its one k-subset is the whole group, and every advantage is 0
     with pytest.raises(ConfigError, match=r"rollout.group_size = 4 is the 'passk' advantage's k: the only k-subset"):

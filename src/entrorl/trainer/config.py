@@ -519,6 +519,11 @@ class TrainConfig(_Section):
                                lengths=torch.arange(1, group + 1), seq_log_prob=-torch.arange(1.0, group + 1),
                                **self.advantage.params)
         except (ValueError, TypeError) as error:
+            k = self.advantage.params.get("k", 4)
+            if estimator == "passk" and isinstance(k, int) and not isinstance(k, bool) and k > group:
+                raise ValueError(f"rollout.group_size = {group} is smaller than the 'passk' advantage's k = {k}: a "
+                                 "group needs at least k samples; sample more responses per prompt or lower "
+                                 "advantage.params.k") from None
             raise ValueError(f"advantage.params: {error}") from None
         if estimator == "passk" and group == self.advantage.params.get("k", 4):
             raise ValueError(f"rollout.group_size = {group} is the 'passk' advantage's k: the only k-subset of a group "
