@@ -525,8 +525,8 @@ def w_reinforce(
     correct_threshold: float = 0.5,
 ) -> torch.Tensor:
     """W-REINFORCE (arXiv 2506.01347, Eq. 9, ``L = lam L_PSR + L_NSR``): ``A = +lam`` if
-    ``R >= correct_threshold`` (or ``correct``, when given) else ``-1``. No baseline, no std. ``lam = 1`` is REINFORCE with ±1
-    rewards, ``lam = 0`` is NSR. The default threshold 0.5 works for 0/1 and ±1 rewards.
+    ``R >= correct_threshold`` (or ``correct``, when given) else ``-1``. No baseline, no std. ``lam = 1`` is
+    REINFORCE with ±1 rewards, ``lam = 0`` is NSR. The default threshold 0.5 works for 0/1 and ±1 rewards.
 
     The ``w_reinforce`` *method* gets the same advantages another way: ``signed_reward``'s ±1, whose positive part its
     ``positive_scale`` shaper multiplies by ``lam``. Give this estimator to a method without that shaper (``grpo``,

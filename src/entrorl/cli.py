@@ -286,9 +286,9 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
     the tokenizer, the model in eval mode, the encoded prompts, the model directory resolved, the settings used
     (prompt format, reward and its settings: the run's unless given, see :func:`_run_defaults`) and the sampling
-    parameters (their most new tokens, like the prompt format, the run's unless given); ValueError / FileNotFoundError on bad input. The model is a complete model directory or LoRA adapters on ``base`` (see
-    :func:`entrorl.trainer.checkpoint.resolve_model_directory`). With
-    ``check_fit`` every prompt must leave the most new tokens of the context (checked before the weights load
+    parameters (their most new tokens, like the prompt format, the run's unless given); ValueError /
+    FileNotFoundError on bad input. The model is a complete model directory or LoRA adapters on ``base`` (see
+    :func:`entrorl.trainer.checkpoint.resolve_model_directory`). With ``check_fit`` every prompt must leave the most new tokens of the context (checked before the weights load
     when config.json declares the context). ``check_outputs`` runs once the data and the reward are checked, before
     the model loads: a place to refuse an output that could not be written, before the sampling it would lose."""
     from entrorl.data import check_prompt_template, load_prompts
@@ -301,7 +301,8 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
 
     directory = resolve_model_directory(model, base=base)
     defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold)
-    prompt_template, chat_template, max_new_tokens = defaults.prompt_template, defaults.chat_template, defaults.max_new_tokens
+    prompt_template, chat_template = defaults.prompt_template, defaults.chat_template
+    max_new_tokens = defaults.max_new_tokens
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     check_prompt_template(prompt_template)
     records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
@@ -433,7 +434,8 @@ def _import_the_run_s_modules(names: Any, run: Path) -> None:
             try:
                 import_named_module(name.strip(), f"the imports of the run in {run}")
             except ValueError as error:
-                raise ValueError(f"{error}; run from the directory the run was trained from, or pass --reward") from None
+                raise ValueError(f"{error}; run from the directory the run was trained from, or pass --reward") \
+                    from None
 
 
 def _model_settings(directory) -> dict[str, str]:
@@ -557,8 +559,8 @@ def evaluate(
                                 progress=lambda done: progress.update(task, completed=done))
     summary = result.to_dict()
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
-    summary["settings"] = {"model": str(model), **_model_settings(directory), "data": str(data), "reward": reward_runner.name,
-                           "reward_kwargs": defaults.reward_kwargs, "n": n,
+    summary["settings"] = {"model": str(model), **_model_settings(directory), "data": str(data),
+                           "reward": reward_runner.name, "reward_kwargs": defaults.reward_kwargs, "n": n,
                            "max_new_tokens": max_new_tokens,
                            "temperature": temperature, "top_p": top_p, "top_k": top_k, "prompt_column": prompt_column,
                            "answer_column": answer_column, "prompt_template": defaults.prompt_template,

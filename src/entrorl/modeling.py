@@ -551,8 +551,8 @@ def unknown_token_note(tokenizer, prompt_ids, records, *, what: str) -> str | No
     characters = [character for character in dict.fromkeys(first.prompt)
                   if unknown in tokenizer(character, add_special_tokens=False)["input_ids"]]
     shown = " ".join(repr(character) for character in characters[:10]) + (" ..." if len(characters) > 10 else "")
-    return (f"{len(hit)} of the {len(prompt_ids)} prompts of {what} hold text the tokenizer turns into its unknown token "
-            f"{tokenizer.unk_token!r} (the model sees one token for any such character); the first is "
+    return (f"{len(hit)} of the {len(prompt_ids)} prompts of {what} hold text the tokenizer turns into its unknown "
+            f"token {tokenizer.unk_token!r} (the model sees one token for any such character); the first is "
             f"{first.source}" + (f", whose {shown} the vocabulary cannot write" if characters else "")
             + ": check the data's encoding, or use a tokenizer that covers these characters")
 

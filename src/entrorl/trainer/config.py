@@ -94,12 +94,12 @@ class ModelConfig(_Section):
     master_weights: bool = Field(True, description="with dtype bfloat16 / float16: the optimizer steps float32 copies of "
                                  "the weights and rounds them into the model, so that updates smaller than the "
                                  "low-precision rounding step are not lost (about 10 more bytes per parameter: the "
-                                 "float32 copies, gradients and Adam state); needed with float16 (refused without), where AdamW's eps and "
-                                 "small squared gradients would round to 0")
+                                 "float32 copies, gradients and Adam state); needed with float16 (refused without), "
+                                 "where AdamW's eps and small squared gradients would round to 0")
     disable_dropout: bool = Field(True, description="set every dropout rate of the model to 0, so that the log-probs "
                                   "of the update are those the rollouts were scored with")
-    trust_remote_code: bool = Field(False, description="run the model directory's own model and tokenizer code (auto_map "
-                                    "in its config); read it first")
+    trust_remote_code: bool = Field(False, description="run the model directory's own model and tokenizer code "
+                                    "(auto_map in its config); read it first")
     chat_template: bool = Field(False, description="wrap prompts with the tokenizer's chat template")
     activation_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward pass "
                                            "instead of keeping them: less memory for about a third more compute (prompts "
@@ -121,8 +121,9 @@ class ModelConfig(_Section):
     def _float16_steps_through_float32(self) -> "ModelConfig":
         if self.dtype == "float16" and not self.master_weights and self.lora is None:
             raise ValueError("dtype float16 with master_weights: false would keep AdamW's moments in float16, "
-                             "where its eps (1e-8) and small squared gradients round to 0 and an update can grow without "
-                             "bound; keep model.master_weights: true, or train in bfloat16 (float32's range) or float32")
+                             "where its eps (1e-8) and small squared gradients round to 0 and an update can grow "
+                             "without bound; keep model.master_weights: true, or train in bfloat16 (float32's range) "
+                             "or float32")
         return self
 
     @model_validator(mode="after")
@@ -295,9 +296,9 @@ class RolloutConfig(_Section):
     dynamic_sampling_metric: Literal["accuracy", "reward"] = Field(
         "accuracy", description="what dynamic sampling compares within a group: 'accuracy' (DAPO: keep groups with "
         "0 < correct < G) or 'reward' (keep groups whose main rewards, overlong penalty included, are not all equal)")
-    max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: the most sampling rounds in a step, the first one "
-                                     "included (1 only drops uninformative groups, never resamples); when no round gave an "
-                                     "informative group, the step trains on the first round's rows")
+    max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: the most sampling rounds in a step, the "
+                                     "first one included (1 only drops uninformative groups, never resamples); when no "
+                                     "round gave an informative group, the step trains on the first round's rows")
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="who samples: 'hf' (the training model itself) or 'vllm' (a vLLM engine on the GPU, weights synced "
         "after every update; pip install 'entrorl[vllm]')"
@@ -369,7 +370,8 @@ class EvalConfig(_Section):
     n: int = Field(8, ge=1, description="samples per evaluation prompt")
     ks: list[int] | None = Field(None, min_length=1, description="the k of each Pass@k; None = powers of two up to "
                                  "eval.n, and n")
-    max_prompts: int | None = Field(None, ge=1, description="evaluate the first N prompts of data.eval only (None = all)")
+    max_prompts: int | None = Field(None, ge=1, description="evaluate the first N prompts of data.eval only "
+                                    "(None = all)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature of evaluations; 0 = greedy (n = 1 is then enough)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of evaluations (its own, not rollout.top_p; "
                          "1 = off, as in entrorl eval)")
@@ -666,7 +668,8 @@ RESUME_ADJUSTABLE = ("model.device", "model.activation_checkpointing", "data.eva
 
 
 def _type_name(annotation: Any) -> str:
-    """A field's type as the configuration's reader writes it: ``float32 / bfloat16``, ``int or None``, ``list of str``."""
+    """A field's type as the configuration's reader writes it: ``float32 / bfloat16``, ``int or None``,
+    ``list of str``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
         return " / ".join(str(arg) for arg in args)
@@ -709,7 +712,8 @@ def configuration_markdown() -> str:
                         and t is not ObjectiveConfig), None)
             key = f"{prefix}{name}"
             meaning = field.description or (f"the `{key}` section below" if sub is not None else "")
-            rows.append(f"| `{key}` | {_type_name(annotation)} | `{_default_text(field)}` | {meaning.replace('|', '/')} |")
+            rows.append(f"| `{key}` | {_type_name(annotation)} | `{_default_text(field)}` | "
+                        f"{meaning.replace('|', '/')} |")
             if sub is not None:  # a list of sections (reward.extra): each item's keys
                 nested.append((sub, f"{key}[]." if typing.get_origin(annotation) is list else f"{key}."))
         lines.extend([f"## `{prefix[:-1]}`" if prefix else "## top level", "", "| key | type | default | meaning |",
