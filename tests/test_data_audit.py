@@ -708,6 +708,31 @@ def test_outputs_hold_the_histogram_the_suspects_the_band_and_the_summary(tmp_pa
     assert digest(data) == before
 
 
+@pytest.mark.parametrize("name", ["audit.jsonl", "summary.json", "suspected_wrong.jsonl", "data.jsonl"])
+def test_an_input_named_like_an_audit_file_in_the_output_directory_is_never_overwritten(tmp_path, name):
+    """--out naming the input's own folder is allowed while no file the audit writes there is the input: an input
+    called audit.jsonl (or summary.json, suspected_wrong.jsonl) is refused, untouched; an input of another name is
+    left alone beside the audit's files."""
+    from entrorl.trainer.audit import check_audit_output
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    data = folder / name
+    rows = [{"prompt": f"problem {i}", "answer": row[0], "row": i} for i, row in enumerate(TABLE)]
+    data.write_text(json.dumps(rows) if data.suffix == ".json" else "".join(json.dumps(row) + "\n" for row in rows))
+    before = data.read_bytes()
+    result = hand_made_result(data)
+    if name == "data.jsonl":
+        outputs = write_audit_outputs(result, data, folder, plot=False)
+        assert outputs.per_prompt == folder / "audit.jsonl" and data.read_bytes() == before
+        return
+    with pytest.raises(ValueError, match=rf"the audit would write its {name} into .*, over the input"):
+        check_audit_output(data, folder)
+    with pytest.raises(ValueError, match="over the input"):
+        write_audit_outputs(result, data, folder, plot=False)
+    assert data.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == [name]
+
+
 def test_the_summary_counts_prompts_too_long_for_the_context_and_wrong_rows_only_within_the_band(tmp_path):
     """A prompt too long to sample is not labelled: it is a prompt of the data but not of the pass rates, and its row is
     dropped from the filtered file. Suspected-wrong rows outside the band are dropped by the band, not counted as

@@ -265,12 +265,22 @@ def check_audit_output(data: str | os.PathLike[str], out: str | os.PathLike[str]
     return directory
 
 
+#: the files an audit writes into its output directory, besides the filtered copy of the input
+AUDIT_FILES = ("pass_rate_histogram.json", "pass_rate_histogram.png", "audit.jsonl", "suspected_wrong.jsonl",
+               "summary.json", "reward_errors.log")
+
+
 def _check_out_dir(data: Path, out: Path) -> None:
     data_resolved, out_resolved = data.resolve(), out.resolve()
     if out_resolved == data_resolved or (data.is_dir() and data_resolved in out_resolved.parents):
         raise ValueError(
             f"the audit output directory {out} would be written inside the input {data}; "
             "choose another --out (the input is never modified)"
+        )
+    if data_resolved.parent == out_resolved and data.name in (*AUDIT_FILES, _filtered_name(data)):
+        raise ValueError(
+            f"the audit would write its {data.name} into {out}, over the input {data}; choose another --out (the "
+            "input is never modified)"
         )
     if out.exists() and not out.is_dir():
         raise ValueError(f"the audit output path {out} exists and is not a directory; choose another --out")
