@@ -690,7 +690,7 @@ def test_outputs_hold_the_histogram_the_suspects_the_band_and_the_summary(tmp_pa
         "band": "[0, 1/2]", "in_band": 6, "out_of_band": 1, "dropped_as_wrong": 2, "dropped_too_long": 0, "kept": 4,
         "dropped": 3, "keep_wrong": False, "file": None,
     }
-    assert summary["model"] == "m" and summary["n"] == 16 and summary["thresholds"] == {"consensus": 0.5, "low_pass_rate": 0.25}
+    assert summary["settings"] == {"model": "m"} and summary["n"] == 16 and summary["thresholds"] == {"consensus": 0.5, "low_pass_rate": 0.25}
     histogram = json.loads(outputs.histogram_json.read_text())
     assert [b["prompts"] for b in histogram["bins"]][:6] == [3, 1, 0, 0, 1, 1]
     assert outputs.histogram_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -1104,9 +1104,9 @@ def test_cli_audit_counts_a_sample_correct_from_the_threshold_given(markup_data,
         assert result.exit_code == 0, result.output
         summary = json.loads((Path(out) / "summary.json").read_text())
         assert json.loads(result.stdout) == summary  # the summary also goes to stdout, as JSON
-        rates[summary["correct_threshold"]] = summary["mean_pass_rate"]
+        rates[summary["settings"]["correct_threshold"]] = summary["mean_pass_rate"]
         # what sampled and scored, for a later look: the model's precision and device, the reward and its options
-        assert {key: summary[key] for key in ("dtype", "device", "batch_size", "reward", "reward_kwargs")} == {
+        assert {key: summary["settings"][key] for key in ("dtype", "device", "batch_size", "reward", "reward_kwargs")} == {
             "dtype": "float32", "device": "auto", "batch_size": 64, "reward": "entrorl_test_audit_rewards:half",
             "reward_kwargs": {}}
     assert rates == {0.5: 1.0, 0.6: 0.0}  # every reward is 0.5: correct at the default threshold, wrong above it
@@ -1131,7 +1131,8 @@ def test_cli_data_check_samples_and_labels_with_the_options_given_and_records_th
         return json.loads((Path(out) / "summary.json").read_text()), [row["majority_examples"] for row in rows]
 
     kept, examples = run("kept", "--seed", "3", "--keep-wrong")
-    assert kept["seed"] == 3 and kept["n"] == 3 and kept["sampling"]["max_new_tokens"] == 3
+    assert kept["settings"]["seed"] == 3 and kept["n"] == kept["settings"]["n"] == 3
+    assert kept["settings"]["max_new_tokens"] == 3
     assert kept["thresholds"] == {"consensus": 0.6, "low_pass_rate": 0.1}
     assert kept["counts"]["looks_wrong"] == 3  # every sample answers "7", which the reward never accepts
     assert (kept["band"]["band"], kept["band"]["keep_wrong"], kept["band"]["kept"]) == ("[0, 1]", True, 3)

@@ -908,9 +908,10 @@ def data_audit(
     settings = {"model": str(model), **_model_settings(model_directory), "reward": reward_runner.name,
                 "reward_kwargs": defaults.reward_kwargs,
                 "correct_threshold": reward_runner.correct_threshold, "seed": seed, "batch_size": batch_size,
-                "device": device, "dtype": dtype,
+                "device": device, "dtype": dtype, "n": n,
                 "prompt_template": defaults.prompt_template, "chat_template": defaults.chat_template,
-                "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}}
+                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                "prompt_column": prompt_column, "answer_column": answer_column, "max_prompts": max_prompts}
     reward_log = _keep_reward_traceback(result.first_reward_error, directory / "reward_errors.log")
     try:
         outputs = write_audit_outputs(result, data, directory, band=band, keep_wrong=keep_wrong, thresholds=thresholds,

@@ -359,7 +359,7 @@ def write_audit_outputs(
 
     ``band`` chooses the rows of the filtered file by pass rate; too-long prompts have none and are
     dropped; suspected-wrong rows are dropped too unless ``keep_wrong``. ``settings`` (model, reward,
-    sampling, ...) are copied into the summary, with the thresholds the verdicts were given with (``result``'s;
+    sampling, ...) are the summary's ``settings``, as in ``entrorl eval``'s summary; beside them, the thresholds the verdicts were given with (``result``'s;
     ``thresholds``, when given, must be those). ``ValueError`` (and nothing written) for a malformed band, other
     thresholds than the result's, an output directory inside the input, no prompt that fit the context, or a reward
     that failed on every sample.
@@ -418,7 +418,7 @@ def write_audit_outputs(
     audits = result.audited()
     summary = {
         "data": str(data),
-        **(settings or {}),
+        "settings": dict(settings or {}),
         "n": result.n,
         "thresholds": asdict(result.thresholds),
         "prompts": len(result.records),
