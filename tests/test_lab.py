@@ -937,7 +937,8 @@ def test_the_cli_exits_1_when_a_method_failed_after_writing_the_report(tmp_path,
         monkeypatch.setattr(runner, "run_lab", lambda preset, outcomes=outcomes, **kwargs: fake_run_lab(preset, outcomes=outcomes, **kwargs))
         result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--out", str(out)])
         assert result.exit_code == status, result.output
-        assert "report" in result.output
+        # the report's paths whole on one line, however narrow the console (a CI log, a captured stderr)
+        assert f"report: {out / 'report.html'}  ({out / 'report.md'})" in result.output.splitlines()
         if status:
             assert "1 method(s) failed and are left out of the report's comparisons: nsr" in " ".join(result.output.split())
 

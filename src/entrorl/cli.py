@@ -761,7 +761,8 @@ def lab(
         console.print(Text.assemble(("interrupted", "bold yellow"), f"{unfinished}: finished methods and each method's "
                                     f"last checkpoint are kept in {out}. Continue with: {again}"), soft_wrap=True)
         raise typer.Exit(130) from None
-    console.print(f"[green]report[/green]: {escape(str(run_dir / 'report.html'))}  ({escape(str(run_dir / 'report.md'))})")
+    console.print(Text.assemble(("report", "green"), f": {run_dir / 'report.html'}  ({run_dir / 'report.md'})"),
+                  soft_wrap=True)  # paths on one line, whatever the width
     failed = failed_methods(run_dir)
     if failed:  # the report is written, but a script running the laboratory must see that it is not whole
         _fail(f"{len(failed)} method(s) failed and are left out of the report's comparisons: {', '.join(failed)} "
