@@ -736,6 +736,33 @@ def test_unknown_token_note_names_the_prompts_the_tokenizer_cannot_write_and_the
     assert modeling.unknown_token_note(SimpleNamespace(unk_token_id=None), encoded, records, what="x") is None
 
 
+def test_unknown_token_note_shows_ten_characters_at_most_and_none_when_no_single_character_is_unknown():
+    """The note names at most ten of the characters (then '...'), in the order they first appear; when no single
+    character of the prompt turns into <unk> on its own (the tokenizer made it of a longer piece), it names none."""
+    from entrorl.data import PromptRecord
+
+    class Letters:  # knows a, b and c; every other character is <unk> (id 0)
+        unk_token_id, unk_token = 0, "<unk>"
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1 if character in "abc" else 0 for character in text]}
+
+    unknown = "defghijklmn"  # eleven characters the vocabulary cannot write
+    records = [PromptRecord(prompt=f"ab{unknown}d", answer="1", source="q.jsonl:1")]
+    note = modeling.unknown_token_note(Letters(), [[1, 1, 0]], records, what="data.eval")
+    shown = " ".join(repr(character) for character in unknown[:10])
+    assert note == (f"1 of the 1 prompts of data.eval hold text the tokenizer turns into its unknown token '<unk>' (the "
+                    f"model sees one token for any such character); the first is q.jsonl:1, whose {shown} ... the "
+                    "vocabulary cannot write: check the data's encoding, or use a tokenizer that covers these characters")
+    ten = [PromptRecord(prompt=unknown[:10], answer="1", source="q.jsonl:2")]
+    assert f"whose {shown} the vocabulary" in modeling.unknown_token_note(Letters(), [[0]], ten, what="data.eval")
+    known = [PromptRecord(prompt="abc", answer="1", source="q.jsonl:3")]  # the ids hold <unk>, no character is one
+    assert modeling.unknown_token_note(Letters(), [[1, 0]], known, what="data.eval") == (
+        "1 of the 1 prompts of data.eval hold text the tokenizer turns into its unknown token '<unk>' (the model sees "
+        "one token for any such character); the first is q.jsonl:3: check the data's encoding, or use a tokenizer "
+        "that covers these characters")
+
+
 def test_eval_warns_of_prompts_the_tokenizer_turns_into_its_unknown_token(tmp_path, tiny_model_dir):
     from typer.testing import CliRunner
 

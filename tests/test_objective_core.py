@@ -670,6 +670,23 @@ def test_adaptive_entropy_s_first_step_tests_the_whole_batch_when_given_it():
     assert not objective.takes_step_statistics
 
 
+def test_adaptive_entropy_s_first_verdict_is_the_whole_batch_s_masked_mean_strictly_below_the_target():
+    """1[e < target] over the whole batch's valid tokens only: its padding (entropy 0, or 10) takes no part, and a
+    batch whose mean is exactly the target is not below it (bonus off), while one just under it is (bonus on). The
+    piece's own entropy (0.1, well below) does not decide once the whole batch is given."""
+    target, coeff = 0.5, 2e-3
+    for valid_level, padding, expected in ((0.5, 0.0, 0.0), (0.5 - 1e-6, 10.0, coeff)):
+        objective = build_objective("adaptive_entropy", target_entropy=target, entropy_coeff=coeff)
+        piece, _ = _entropy_batch(0.1, seed=650)
+        assert not piece.mask.all()  # padding to leave out
+        whole = PolicyBatch(log_prob=piece.log_prob.detach(), old_log_prob=piece.old_log_prob,
+                            advantages=piece.advantages, mask=piece.mask,
+                            entropy=torch.where(piece.mask, torch.full_like(piece.entropy.detach(), valid_level),
+                                                torch.full_like(piece.entropy.detach(), padding)))
+        piece.step, piece.population, piece.rows = 0, whole, torch.arange(len(piece.mask))
+        assert objective(piece).metrics["reg/adaptive_entropy_coeff"] == pytest.approx(expected, abs=0.0)
+
+
 def test_adaptive_entropy_end_step_closes_the_step_at_once():
     """end_step() (what the trainer calls after a step's updates) moves the coefficient as the next step's first batch
     would, and reports the step's entropy; a second call does nothing."""

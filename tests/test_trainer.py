@@ -474,35 +474,6 @@ VARIED_REWARD = ("import hashlib\n"
                  "    return (int(hashlib.md5(completion.encode()).hexdigest()[:8], 16) % 1000) / 999.0\n")
 
 
-def test_the_unlikeliness_rank_is_the_policy_s_likelihood_when_the_sampler_filters(tmp_path, tiny_model_dir,
-                                                                                   arithmetic_files):
-    """arXiv 2506.02355 ranks a group's samples by the old policy's likelihood. With rollout.top_k the sampler's
-    log-probs are those of the truncated, renormalised distribution, whose ranks differ: the policy scores the
-    responses instead (for the `unlikely` estimator, as for reward.unlikeliness, which reads the same ranks)."""
-    from entrorl.advantages import compute_advantages
-
-    train, _ = arithmetic_files
-    with importable_module(tmp_path, "varied", VARIED_REWARD):
-        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "varied:score"},
-                                         advantage={"name": "unlikely"},
-                                         rollout={"prompts_per_step": 3, "group_size": 6, "max_new_tokens": 6, "top_k": 3}))
-        trainer = Trainer(config, run_dir=tmp_path / "run")
-        scored = trainer.collect()
-    rollouts, mask = scored.rollouts, scored.rollouts.response_mask
-    with torch.no_grad():
-        logprob = trainer.token_stats(trainer.model, rollouts, torch.arange(len(rollouts)), need=("logprob",)).logprob
-    lengths = mask.sum(-1).clamp(min=1)
-    policy = ((logprob * mask).sum(-1) / lengths).float()
-    sampler = (rollouts.sampler_log_probs.sum(-1) / lengths).float()
-
-    def unlikely(seq_log_prob):
-        return compute_advantages("unlikely", scored.rewards, scored.group_ids, seq_log_prob=seq_log_prob)
-
-    torch.testing.assert_close(scored.advantages, unlikely(policy), rtol=0, atol=1e-5)
-    assert not torch.allclose(unlikely(policy), unlikely(sampler), atol=1e-3)  # the filter's ranks would differ
-    assert trainer._sequence_log_probs(rollouts).tolist() == pytest.approx(policy.tolist(), abs=1e-5)
-
-
 def _documented_metric_patterns() -> dict[str, re.Pattern]:
     """docs/metrics.md's keys (the backticked names of each table row's first cell), placeholders as patterns."""
     text = (REPO / "docs" / "metrics.md").read_text(encoding="utf-8")
@@ -544,6 +515,66 @@ def test_every_metric_a_run_logs_is_in_the_metrics_reference(tmp_path, tiny_mode
     assert not undocumented, f"metrics missing from docs/metrics.md: {undocumented}"
     never_logged = sorted(key for key in patterns if "<" not in key and key not in logged)
     assert never_logged == ["reward/diversity_weight_mean", "time/diversity_s"], never_logged
+
+
+def test_an_estimator_s_own_correct_threshold_judges_the_main_score_not_the_reward_with_its_extras(
+        tmp_path, tiny_model_dir, arithmetic_files):
+    """advantage.params.correct_threshold compares the main reward's scores (0.5 here, under 1.0: wrong), not the
+    training reward that an extra reward raised to 1.5: PSR gives every sample 0."""
+    train, _ = arithmetic_files
+    with importable_module(tmp_path, "verdicts", VERDICT_REWARDS), importable_module(
+            tmp_path, "half_reward", "def score(prompt, completion, answer, **meta):\n    return 0.5\n"):
+        config = load_config(make_config(tiny_model_dir, train, None, method="psr",
+                                         advantage={"params": {"correct_threshold": 1.0}},
+                                         reward={"name": "half_reward:score", "correct_threshold": 0.5,
+                                                 "extra": [{"name": "verdicts:one", "weight": 1.0}]}))
+        scored = Trainer(config, run_dir=tmp_path / "run").collect()
+    assert scored.rewards.unique().tolist() == [1.5] and scored.metrics["reward/accuracy"] == 1.0
+    assert scored.advantages.unique().tolist() == [0.0]
+
+
+@pytest.mark.parametrize("ranked_by", ["unlikely estimator, top_k", "unlikely estimator, top_p",
+                                       "unlikeliness shaping, top_k"])
+def test_the_unlikeliness_rank_is_the_policy_s_likelihood_when_the_sampler_filters(
+        tmp_path, tiny_model_dir, arithmetic_files, ranked_by):
+    """arXiv 2506.02355 ranks a group's samples by the old policy's likelihood. With rollout.top_k / top_p the
+    sampler's log-probs are those of the truncated, renormalised distribution, whose ranks differ: the policy scores
+    the responses instead, for the `unlikely` estimator and for reward.unlikeliness (shaping before any estimator)."""
+    import hashlib
+
+    from entrorl.advantages import compute_advantages, unlikeliness_shaped_rewards
+
+    shaping = ranked_by.startswith("unlikeliness shaping")
+    rollout = {"prompts_per_step": 3, "group_size": 6, "max_new_tokens": 6,
+               **({"top_p": 0.1} if ranked_by.endswith("top_p") else {"top_k": 3})}
+    sections = ({"reward": {"name": "varied:score", "unlikeliness": {"beta_rank": 0.5}}} if shaping else
+                {"reward": {"name": "varied:score"}, "advantage": {"name": "unlikely"}})
+    train, _ = arithmetic_files
+    with importable_module(tmp_path, "varied", VARIED_REWARD):
+        trainer = Trainer(load_config(make_config(tiny_model_dir, train, None, rollout=rollout, **sections)),
+                          run_dir=tmp_path / "run")
+        scored = trainer.collect()
+    rollouts, mask = scored.rollouts, scored.rollouts.response_mask
+    with torch.no_grad():
+        logprob = trainer.token_stats(trainer.model, rollouts, torch.arange(len(rollouts)), need=("logprob",)).logprob
+    lengths = mask.sum(-1).clamp(min=1)
+    policy = ((logprob * mask).sum(-1) / lengths).float()
+    sampler = (rollouts.sampler_log_probs.sum(-1) / lengths).float()
+    if shaping:
+        raw = torch.tensor([(int(hashlib.md5(c.encode()).hexdigest()[:8], 16) % 1000) / 999.0 for c in scored.completions])
+
+        def ranked(seq_log_prob):
+            return unlikeliness_shaped_rewards(raw, scored.group_ids, seq_log_prob, beta_rank=0.5).float()
+
+        observed = scored.rewards
+    else:
+        def ranked(seq_log_prob):
+            return compute_advantages("unlikely", scored.rewards, scored.group_ids, seq_log_prob=seq_log_prob)
+
+        observed = scored.advantages
+    torch.testing.assert_close(observed, ranked(policy), rtol=0, atol=1e-5)
+    assert not torch.allclose(ranked(policy), ranked(sampler), atol=1e-3)  # the filter's ranks would differ
+    assert trainer._sequence_log_probs(rollouts).tolist() == pytest.approx(policy.tolist(), abs=1e-5)
 
 
 def test_a_step_whose_selectors_drop_every_token_is_reported_once(tmp_path, tiny_model_dir, arithmetic_files):
@@ -1078,6 +1109,23 @@ def test_float16_weights_without_master_weights_are_refused():
     with pytest.raises(ConfigError, match="dtype float16 with master_weights: false would keep AdamW's moments in float16"):
         load_config(base)
     load_config({**base, "model": {**base["model"], "dtype": "bfloat16"}})
+
+
+def test_unknown_keys_suggest_every_near_key_and_transposed_letters():
+    """An unknown key names each of the section's keys spelled like it (top_q: top_p and top_k), and a key with two
+    letters swapped (kepe) still finds the one meant."""
+    base = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}}
+    with pytest.raises(ConfigError, match=r"rollout.top_q: unknown key; did you mean 'top_p' or 'top_k'\?"):
+        load_config(base, ["rollout.top_q=3"])
+    with pytest.raises(ConfigError, match=r"checkpoint.kepe: unknown key; did you mean 'keep'\?"):
+        load_config(base, ["checkpoint.kepe=3"])
+
+
+def test_a_passk_k_left_at_its_default_of_four_over_the_group_size_is_named():
+    """Without advantage.params.k, passk's k is its default 4: a group of 3 is refused naming that k."""
+    base = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "rollout": {"group_size": 3}}
+    with pytest.raises(ConfigError, match=r"rollout.group_size = 3 is smaller than the 'passk' advantage's k = 4"):
+        load_config(base, ["advantage.name=passk"])
 
 
 def test_set_options_and_configuration_files_that_are_malformed_are_named(tmp_path, arithmetic_files):
@@ -1941,6 +1989,27 @@ def test_ctrl_c_while_the_run_is_set_up_says_nothing_was_trained_and_how_to_go_o
     monkeypatch.undo()  # the advice holds: the interrupted fresh start's folder takes the same command again
     result = CliRunner().invoke(app, ["train", str(config), "--set", "optim.lr=0.001", "--run-dir", str(tmp_path / "fresh")])
     assert result.exit_code == 0 and (tmp_path / "fresh" / "checkpoints" / "step_000002").is_dir(), result.output
+
+
+def test_ctrl_c_while_the_run_is_set_up_gives_back_the_whole_command(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                    monkeypatch):
+    """The command the interruption suggests, read back as a shell reads it, is the one that was run: its
+    configuration file, each --set and the run directory."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "my run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 1}))
+    monkeypatch.setattr(Trainer, "_load_policy", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    result = CliRunner().invoke(app, ["train", str(config), "--set", "optim.lr=0.001", "--set", "seed=3",
+                                      "--run-dir", str(tmp_path / "fresh")])
+    assert result.exit_code == 130, result.output
+    suggested = " ".join(result.output.split()).split("Start again with: ", 1)[1]
+    assert shlex.split(suggested) == ["entrorl", "train", str(config), "--set=optim.lr=0.001", "--set=seed=3",
+                                      "--run-dir", str(tmp_path / "fresh")]
 
 
 def test_a_composition_warning_is_given_once_by_the_configuration_not_again_by_the_trainer(tmp_path, tiny_model_dir,
@@ -2905,6 +2974,21 @@ def test_methods_with_a_method_lists_every_parameter_of_its_parts_with_its_meani
     assert unknown.exit_code == 2 and "unknown method 'nope'" in unknown.output and "clip_b" in unknown.output
 
 
+def test_methods_with_a_composition_names_the_advantages_its_training_uses():
+    """The advantages `entrorl methods A+B` names are those a configuration with that method trains with: the first
+    method's (nsr+clip_b: nsr; clip_b+nsr: grpo)."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.trainer.config import TrainConfig
+
+    for method, expected in (("nsr+clip_b", "nsr"), ("clip_b+nsr", "grpo")):
+        described = CliRunner().invoke(app, ["methods", method, "--json"])
+        assert described.exit_code == 0, described.output
+        config = TrainConfig.model_validate({"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "method": method})
+        assert json.loads(described.output)["advantage_estimator"] == config.advantage_estimator() == expected
+
+
 def test_version_option_prints_the_installed_version_and_runs_nothing(tmp_path):
     """`entrorl --version` prints the package's version (the one its metadata declares) and exits 0, even when
     a command follows it."""
@@ -3186,6 +3270,47 @@ def test_eval_of_a_run_scores_with_the_run_s_reward_and_its_settings(tmp_path, c
     (run / "config.json").write_text(json.dumps({"imports": ["no_such_module_here"], "reward": {"name": "mine:score"}}))
     with pytest.raises(ValueError, match="no_such_module_here.*run from the directory the run was trained from"):
         _run_defaults(run, "{prompt}", False, 8)
+
+
+CONSTANT_REWARD = """
+class Constant:
+    def __init__(self, value: float = 0.0):
+        self.value = value
+
+    def __call__(self, prompt, completion, answer, **meta):
+        return self.value
+"""
+
+
+def test_eval_of_a_run_builds_the_run_s_reward_with_its_kwargs_and_threshold(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                            monkeypatch):
+    """Without --reward, eval of a run's checkpoint scores with the run's reward built with reward.kwargs (every score
+    0.6, not the factory's default 0) and judged against reward.correct_threshold (0.75: none right, where the
+    reward's own 0.5 would count them all), and its summary records both."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    _, held_out = arithmetic_files
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "constant_reward.py").write_text(CONSTANT_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    model = run / "checkpoints" / "step_000001" / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (run / "config.json").write_text(json.dumps({
+        "data": {"prompt_template": "{prompt}"}, "model": {"chat_template": False}, "rollout": {"max_new_tokens": 2},
+        "reward": {"name": "constant_reward:Constant", "kwargs": {"value": 0.6}, "correct_threshold": 0.75}}))
+    out, samples = tmp_path / "eval.json", tmp_path / "samples.jsonl"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model), "--data", str(held_out), "--n", "2",
+                                      "--max-prompts", "2", "--out", str(out), "--samples", str(samples)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert summary["settings"]["reward_kwargs"] == {"value": 0.6}
+    assert summary["settings"]["correct_threshold"] == 0.75
+    scored = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [(sample["reward"], sample["correct"]) for sample in scored] == [(pytest.approx(0.6), False)] * 4
+    assert summary["avg_at_n"] == 0.0 and summary["pass_rates"] == [0.0, 0.0]
 
 
 def test_cli_eval_fails_when_the_reward_failed_on_every_sample(tmp_path, tiny_model_dir, arithmetic_files):
