@@ -3986,9 +3986,10 @@ def test_each_failure_of_a_run_ends_in_one_line_that_says_what_is_left_and_how_t
     code, output = invoke("--set", "optim.steps=2", "--resume")
     assert code == 2 and output.endswith(f"error: writing checkpoint step_000002 failed; once the cause is fixed, continue "
                                          f"with {again}"), output
-    monkeypatch.setattr(Trainer, "train", failing(TrainingStopped("3 non-finite steps in a row")))
+    monkeypatch.setattr(Trainer, "train", failing(TrainingStopped("3 non-finite steps in a row.")))
     code, output = invoke("--set", "optim.steps=2", "--resume")
-    assert code == 3 and output.endswith("error: 3 non-finite steps in a row"), output
+    assert code == 3 and output.endswith(f"error: 3 non-finite steps in a row. Once the cause is fixed, continue with: "
+                                         f"{again}"), output
 
     shutil.rmtree(run_dir)
     monkeypatch.setattr(Trainer, "train", failing(TrackerError("logging.wandb: W&B could not finish"), first=trained))

@@ -147,8 +147,10 @@ def train(
     _quiet_tensorboard_writer_thread()
     try:
         trainer.train(handle_signals=True)
-    except TrainingStopped as error:
-        _fail(str(error), code=3)
+    except TrainingStopped as error:  # its message names the last intact checkpoint, if any
+        resumable = trainer.run_dir.is_dir() and latest_checkpoint(trainer.run_dir, verify="all") is not None
+        _fail(f"{error}" + (f" Once the cause is fixed, continue with: {shlex.join([*again, '--resume'])}"
+                            if resumable else ""), code=3)
     except CheckpointWriteError as error:  # a full disk, a removed run directory: the message names the intact one
         latest = latest_checkpoint(trainer.run_dir, verify="all") if trainer.run_dir.is_dir() else None
         _fail(f"{error}" + (f"; once the cause is fixed, continue with {shlex.join([*again, '--resume'])}"
