@@ -1175,6 +1175,12 @@ def test_cli_prints_data_verbatim_and_reward_failures_in_one_line(markup_data, t
     summary = json.loads(Path("eval/e.json").read_text())
     assert summary["reward_errors"] == 2 and summary["reward_errors_log"] == "eval/e.reward_errors.log"
     assert summary["first_reward_error"] == "reward raised for sample 4: ValueError: [i]bad[/i] \x1b]0;title\x07thing"
+    # a later evaluation into the same --out without a failure leaves no earlier traceback beside it
+    again = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "2",
+                                     "--max-new-tokens", "2", "--reward", "exact_match", "--out", "eval/e.json"])
+    assert again.exit_code == 0, again.output
+    assert not Path("eval/e.reward_errors.log").exists() and "reward_errors_log" not in json.loads(
+        Path("eval/e.json").read_text())
 
 
 def test_cli_audit_refuses_to_label_when_the_reward_failed_on_every_sample(markup_data, tiny_model_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -574,6 +575,9 @@ def evaluate(
     if result.reward_errors:
         summary["first_reward_error"] = error_headline(result.first_reward_error)
         summary["reward_errors_log"] = None if reward_log is None else str(reward_log)
+    elif out is not None:  # the traceback of an earlier evaluation into this --out is not this one's
+        with contextlib.suppress(OSError):
+            _reward_log_path(out).unlink(missing_ok=True)
     # what was loaded, named by the absolute path's last parts (`--model model`, or a run directory: its checkpoint)
     named = (directory.adapters or directory.weights).resolve()
     # a checkpoint's step_N/model or step_N/adapter
