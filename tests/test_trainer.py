@@ -2957,7 +2957,7 @@ def test_methods_with_a_method_lists_every_parameter_of_its_parts_with_its_meani
     described = CliRunner().invoke(app, ["methods", "dapo+clip_b", "--json"])
     assert described.exit_code == 0, described.output
     described = json.loads(described.output)
-    assert [m["name"] for m in described["methods"]] == ["dapo", "clip_b"]
+    assert described["name"] == "dapo+clip_b" and [m["name"] for m in described["methods"]] == ["dapo", "clip_b"]
     assert (described["loss_agg_mode"], described["advantage_estimator"]) == ("token-mean", "grpo")
     params = {(part["name"], p["name"]): (p["value"], p["description"]) for part in described["parts"] for p in part["params"]}
     assert params[("ppo_clip", "clip_ratio_high")][0] == 0.28 and params[("ppo_clip", "clip_ratio_c")][0] is None

@@ -700,7 +700,7 @@ def _describe_method(method: str, *, as_json: bool) -> None:
     parts = [{"kind": part.kind, "name": part.name,
               "params": [{"name": key, "value": value, "description": type(part).model_fields[key].description or ""}
                          for key, value in part.params().items()]} for part in objective.parts]
-    described = {"method": objective.name,
+    described = {"name": objective.name,
                  "methods": [{"name": spec.name, "description": spec.description, "paper": spec.paper,
                               "notes": spec.notes} for spec in specs],
                  "loss_agg_mode": objective.loss_agg_mode, "advantage_estimator": specs[0].advantage_estimator,
