@@ -1183,6 +1183,27 @@ def test_cli_prints_data_verbatim_and_reward_failures_in_one_line(markup_data, t
         Path("eval/e.json").read_text())
 
 
+def test_ctrl_c_while_eval_or_audit_samples_says_so_and_writes_nothing(markup_data, tiny_model_dir, monkeypatch):
+    """A KeyboardInterrupt during the sampling ends eval and data audit with exit 130 and one line saying what became
+    of the work, after the progress bar, without a traceback; no output file is written."""
+    import entrorl.trainer.audit
+    import entrorl.trainer.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entrorl.trainer.evaluate, "evaluate_model", interrupted)
+    monkeypatch.setattr(entrorl.trainer.audit, "audit_records", interrupted)
+    common = ["--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "1", "--max-new-tokens", "2",
+              "--reward", "exact_match"]
+    for command, out, said in ((["eval"], "e.json", "interrupted while sampling: nothing was written"),
+                               (["data", "audit"], "aud", "interrupted while sampling: nothing was written into aud")):
+        result = CliRunner().invoke(app, [*command, *common, "--out", out])
+        assert result.exit_code == 130, result.output
+        assert said in " ".join(result.output.split()) and "Traceback" not in result.output
+        assert not Path(out).exists()
+
+
 def test_cli_audit_refuses_to_label_when_the_reward_failed_on_every_sample(markup_data, tiny_model_dir):
     result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "2",
                                       "--max-new-tokens", "2", "--reward", "entrorl_test_audit_rewards:broken", "--out", "aud"])

@@ -331,6 +331,17 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     return records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling
 
 
+@contextlib.contextmanager
+def _said_when_interrupted(what: str):
+    """Ctrl-C inside: one line saying so and what became of the work (after the progress bar has let go of the
+    terminal), then exit 130, as Python's own KeyboardInterrupt would, without its traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(Text.assemble(("interrupted", "bold yellow"), f" {what}"), soft_wrap=True)
+        raise typer.Exit(128 + signal.SIGINT) from None
+
+
 def _note_if_greedy_samples_repeat(n: int, temperature: float, top_k: int | None = None) -> None:
     """Say so when greedy decoding (``--temperature 0``, or ``--top-k 1``) meets ``--n`` above 1: each prompt's samples
     are then one answer repeated, and --n 1 gives the same figures in a fraction of the time."""
@@ -555,7 +566,7 @@ def evaluate(
     except (ValueError, OSError, ImportError, MemoryError) as error:  # ImportError: adapters without peft
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens
-    with Progress(console=console) as progress:
+    with _said_when_interrupted("while sampling: nothing was written"), Progress(console=console) as progress:
         task = progress.add_task("sampling", total=len(records) * n)
         result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks, sampling=sampling,
                                 seed=seed, batch_size=batch_size, keep_samples=samples is not None,
@@ -903,7 +914,8 @@ def data_audit(
     max_new_tokens = sampling.max_new_tokens
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with _said_when_interrupted(f"while sampling: nothing was written into {directory}"), \
+            Progress(*columns, console=console) as progress:
         task = progress.add_task("sampling", total=len(records) * n)
         result = audit_records(policy, tokenizer, records, prompt_ids, reward_runner, n=n, sampling=sampling,
                                thresholds=thresholds, seed=seed, batch_size=batch_size,
