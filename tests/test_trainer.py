@@ -3678,6 +3678,9 @@ def test_micro_batch_shares_are_of_their_own_mini_batch_and_count_rows_with_a_to
     assert selector_shrunk.weight_of("ratio/mean", frozenset()) == 0.75
     whole = MicroBatchShares.of(mini_batch, mini_batch, mask=mask, normaliser_mask=mask, loss_agg_mode=loss_agg_mode)
     assert (whole.loss, whole.aggregated, whole.tokens) == (1.0, 1.0, 1.0)
+    emptied = torch.tensor([2])  # a whole mini-batch without a valid token: its token statistics weigh nothing
+    nothing = MicroBatchShares.of(emptied, emptied, mask=mask, normaliser_mask=mask, loss_agg_mode=loss_agg_mode)
+    assert (nothing.loss, nothing.aggregated, nothing.tokens) == (1.0, 1.0, 0.0)
 
 
 def test_metrics_of_micro_batches_leave_out_non_finite_values_and_placeholders_of_empty_ones():
@@ -3692,6 +3695,16 @@ def test_metrics_of_micro_batches_leave_out_non_finite_values_and_placeholders_o
                 empty)]
     means = _mean_metrics(records, aggregated=frozenset(), updates=1)
     assert means == {"ratio/max": 1.5, "ratio/mean": 1.1, "loss/policy": 0.25, "tokens/valid": 12.0}
+    # two updates, the second without a valid token (placeholders 0 and 1): the step's statistics are the first's,
+    # its count the mean over the updates; with no valid token in the whole step, a statistic is NaN (null)
+    empty_update = MicroBatchShares(loss=1.0, aggregated=1.0, tokens=0.0)
+    placeholder = {"ratio/max": 1.0, "ratio/mean": 0.0, "kl/old_new": 0.0, "loss/policy": 0.0, "tokens/valid": 0.0}
+    means = _mean_metrics([({"ratio/max": 1.5, "ratio/mean": 1.1, "kl/old_new": 0.02, "loss/policy": 0.25,
+                             "tokens/valid": 12.0}, full), (placeholder, empty_update)], aggregated=frozenset(), updates=2)
+    assert means == {"ratio/max": 1.5, "ratio/mean": 1.1, "kl/old_new": 0.02, "loss/policy": 0.125, "tokens/valid": 6.0}
+    means = _mean_metrics([(placeholder, empty_update)] * 2, aggregated=frozenset(), updates=2)
+    assert math.isnan(means.pop("ratio/max")) and math.isnan(means.pop("ratio/mean")) and math.isnan(means.pop("kl/old_new"))
+    assert means == {"loss/policy": 0.0, "tokens/valid": 0.0}
 
 
 def test_every_configured_mini_batch_is_an_update(tmp_path, tiny_model_dir, arithmetic_files):

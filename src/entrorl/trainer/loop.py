@@ -1335,9 +1335,10 @@ class MicroBatchShares:
     @classmethod
     def of(cls, micro: torch.Tensor, mini_batch: torch.Tensor, *, mask: torch.Tensor, normaliser_mask: torch.Tensor,
            loss_agg_mode: str) -> "MicroBatchShares":
+        valid = bool(mask[micro].any())  # a statistic of no token (a placeholder 0) weighs nothing
         return cls(loss=_micro_batch_share(normaliser_mask, micro, mini_batch, loss_agg_mode),
                    aggregated=_micro_batch_share(mask, micro, mini_batch, loss_agg_mode),
-                   tokens=_micro_batch_share(mask, micro, mini_batch, "token-mean"))
+                   tokens=_micro_batch_share(mask, micro, mini_batch, "token-mean") if valid else 0.0)
 
     def weight_of(self, key: str, aggregated: frozenset[str]) -> float:
         """This micro-batch's weight for metric ``key`` (``aggregated``: the metrics aggregated like the loss)."""
@@ -1353,7 +1354,8 @@ def _mean_metrics(records: list[tuple[dict[str, float], MicroBatchShares]], *, a
     total loss and the other ``aggregated`` metrics by their shares of the valid tokens' aggregation, so they come out
     as the whole mini-batch's; counts (``tokens/*``) add up and maxima (``*/max``) are maxima; every other metric is a
     statistic of the valid tokens, weighted by the micro-batch's count of them: a fraction or a token mean comes out
-    as the mini-batch's (a threshold that each micro-batch took on its own tokens, as their token-weighted mean)."""
+    as the mini-batch's (a threshold that each micro-batch took on its own tokens, as their token-weighted mean), and
+    an update without a valid token does not count in it; with none in the whole step, such a statistic is NaN."""
     regularizers = "loss/total - loss/policy"  # aggregated like the regularisers' terms, then added back
     records = [({**record, regularizers: record["loss/total"] - record["loss/policy"]}
                 if "loss/total" in record and "loss/policy" in record else record, shares) for record, shares in records]
@@ -1366,12 +1368,13 @@ def _mean_metrics(records: list[tuple[dict[str, float], MicroBatchShares]], *, a
         total_weight = sum(weight for _, weight in pairs)
         if not pairs:
             means[key] = math.nan
-        elif key.endswith("/max"):  # a micro-batch without valid tokens reports a placeholder
-            means[key] = max(value for value, weight in pairs if weight > 0 or total_weight == 0)
         elif key.startswith("tokens/"):
             means[key] = sum(value for value, _ in pairs) / max(1, updates)
-        elif total_weight == 0:  # no valid token in any micro-batch
-            means[key] = sum(value for value, _ in pairs) / len(pairs)
+        elif total_weight == 0:  # no valid token in any micro-batch: a statistic of them is undefined, a loss is 0
+            statistic = key not in aggregated and not key.startswith("loss/")
+            means[key] = math.nan if statistic else sum(value for value, _ in pairs) / len(pairs)
+        elif key.endswith("/max"):  # a micro-batch without valid tokens reports a placeholder
+            means[key] = max(value for value, weight in pairs if weight > 0)
         else:
             means[key] = sum(value * weight for value, weight in pairs) / total_weight
     if regularizers in means:
