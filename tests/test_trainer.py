@@ -2919,6 +2919,14 @@ def test_reward_that_cannot_take_the_data_columns_fails_before_the_model_loads(t
             Trainer(config, run_dir=tmp_path / "run")
 
 
+def test_one_meta_column_can_be_named_alone_as_one_lora_module_can():
+    """data.meta_columns: level is [level], in YAML and with --set; a list and null are as they were."""
+    base = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}}
+    for given, expected in (("level", ["level"]), (["level", "topic"], ["level", "topic"]), (None, None)):
+        assert load_config({**base, "data": {**base["data"], "meta_columns": given}}).data.meta_columns == expected
+    assert load_config(base, ["data.meta_columns=level"]).data.meta_columns == ["level"]
+
+
 def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     _, held_out = arithmetic_files
     out = tmp_path / "eval.json"

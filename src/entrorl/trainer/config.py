@@ -157,7 +157,7 @@ class DataConfig(_Section):
     prompt_column: str = Field("prompt", description="the data files' column that holds the prompt")
     answer_column: str = Field("answer", description="the column that holds the reference answer given to the reward")
     meta_columns: list[str] | None = Field(None, description="the other columns passed to the reward as keyword "
-                                           "arguments; None = every other column")
+                                           "arguments (a lone name is a list of one); None = every other column")
     require_answer: bool = Field(True, description="refuse a row without a reference answer; false for tasks whose "
                                  "reward checks answers without one (some reasoning-gym tasks)")
     prompt_template: str = Field("{prompt}", description="format string applied to each prompt: {prompt} is the prompt, "
@@ -168,6 +168,11 @@ class DataConfig(_Section):
         None, description="keep only training prompts whose pass rate lies in this band, e.g. '[0.1, 0.5]' or '(1/16, 15/16)'"
     )
     pass_rate_column: str = Field("pass_rate", description="the column holding each prompt's pass rate (e.g. from a data audit)")
+
+    @field_validator("meta_columns", mode="before")
+    @classmethod
+    def _one_column_as_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # as model.lora.target_modules takes one name
 
     @field_validator("eval", mode="before")
     @classmethod
@@ -336,8 +341,8 @@ class OptimConfig(_Section):
     eps: float = Field(1e-8, gt=0, description="AdamW's epsilon")
     warmup_steps: int = Field(0, ge=0, description="steps over which the learning rate rises linearly to lr")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="after warm-up: keep lr, or decay it linearly or along a half cosine to "
-        "min_lr_ratio * lr at optim.steps")
+        "constant", description="after warm-up: keep lr, or decay it linearly or along a half cosine towards "
+        "min_lr_ratio * lr, reached just after the last step (no step is spent at the final rate)")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="where a decaying schedule ends, as a share of lr")
     grad_clip: float | None = Field(1.0, gt=0, description="largest gradient norm of an update (clipped to it); "
                                     "None = no clipping")
