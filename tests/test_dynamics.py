@@ -896,3 +896,27 @@ def test_a_python_float_step_size_keeps_float64_precision_and_a_tensor_learning_
     alpha = dyn.pg_step_alpha(lr, torch.tensor([1.0, -2.0], requires_grad=True), ratio=torch.ones(2, requires_grad=True))
     assert not alpha.requires_grad
     torch.testing.assert_close(alpha, torch.tensor([0.1, -0.2]))
+
+
+def test_a_masked_entry_contributes_zero_beside_a_logit_near_the_float32_maximum():
+    """A -inf entry has p = 0 and log p taken as 0, whatever the other logits: next to a logit of 3e38 (its log p
+    would overflow to -inf) the row is still the one-hot distribution of its finite entries, H = 0 and S = 0."""
+    z = torch.tensor([[3e38, 0.0, float("-inf")]])
+    assert dyn.entropy(z).item() == 0.0
+    assert torch.equal(dyn.vocab_discriminator(z).abs(), torch.zeros(1, 3))
+    assert dyn.predicted_entropy_change_logits(z, torch.ones(1, 3)).item() == 0.0
+
+
+def test_an_infinite_advantage_where_p_underflows_to_zero_leaves_the_vanilla_pg_gradient_finite():
+    """Theorem 1's update is p(a) A(a): an action whose probability underflows to 0 carries no weight even with an
+    infinite advantage, in the prediction (the covariance of the other two actions) and in its gradient."""
+    z = torch.tensor([0.0, 1.0, -1000.0], dtype=F64, requires_grad=True)
+    advantages = torch.tensor([0.5, -1.0, float("inf")], dtype=F64)
+    predicted = dyn.predicted_entropy_change_vanilla_pg(z, advantages, 0.1)
+    predicted.backward()
+    p = torch.softmax(z.detach()[:2], -1)
+    logp = p.log()
+    x = p * advantages[:2]
+    expected = -0.1 * ((p * logp * x).sum() - (p * logp).sum() * (p * x).sum())
+    assert predicted.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert torch.isfinite(z.grad).all() and z.grad[2].item() == 0.0

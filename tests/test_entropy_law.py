@@ -446,3 +446,10 @@ def test_entropies_whose_squared_exponential_overflows_are_still_fitted_by_least
     # the same entropies 400 nats lower give the same line in exp(H) units
     low = fit_entropy_law(h - 400.0, r)
     assert low.a * math.exp(-400.0) == pytest.approx(fit.a, rel=1e-9) and low.b == pytest.approx(fit.b, rel=1e-9)
+
+
+def test_the_first_non_finite_point_is_named_whether_its_entropy_or_its_reward_is_bad():
+    """The error names the earliest step with a non-finite value in either series: a bad reward at point 1 comes
+    before a bad entropy at point 2."""
+    with pytest.raises(ValueError, match=r"point 1 is \(entropy=0\.8, reward=inf\)"):
+        fit_entropy_law([1.0, 0.8, float("nan")], [0.1, float("inf"), 0.3])

@@ -1526,3 +1526,48 @@ def test_a_run_without_a_base_evaluation_writes_every_section_without_the_base_m
     assert [row["model"] for row in report["pass_rates"]["rows"]] == ["grpo", "nsr"]
     assert "The base model has" not in (out / "report.md").read_text()
     assert report["headline"]["collapse"] is not None  # judged on GRPO's training curve
+
+
+def test_markdown_escaping_covers_headings_emphasis_edge_underscores_and_line_breaks():
+    """Markdown-significant characters are backslash-escaped (a leading ``#`` would make a heading, ``*`` emphasis);
+    an underscore is escaped at a word's edge but not inside a word (``snake_case``); a line break becomes ``↵`` so a
+    table cell stays on its row."""
+    from entrorl.analysis.document import Table, md_escape, text
+
+    assert md_escape("# a *b* _c_ snake_case x_\nnext") == "\\# a \\*b\\* \\_c\\_ snake_case x\\_↵next"
+    assert md_escape("_lead and trail_") == "\\_lead and trail\\_"
+    table = Table(["token"])
+    table.add([text("line one\nline two")])
+    assert table.to_markdown().splitlines() == ["| token |", "|---|", "| line one↵line two |"]
+
+
+def test_headings_navigation_and_figure_captions_are_escaped_in_markdown_and_html():
+    """Every piece of text reaches the document escaped: a table title (a Markdown heading), the section titles of the
+    HTML navigation, and a figure's caption in its ``alt`` attribute, where a quote would end the attribute."""
+    from entrorl.analysis.document import FigureBlock, Heading, Section, render_html, render_markdown
+
+    section = Section("forks", "Forks <top>")
+    section.blocks.append(Heading("top *20%* of_tokens_"))
+    section.blocks.append(FigureBlock("f.png", 'entropy "before" <and> after', b"\x89PNG"))
+    markdown = render_markdown("run", [section])
+    assert "### top \\*20%\\* of_tokens\\_" in markdown.splitlines()  # the inner underscore is in a word
+    assert "![entropy \"before\" \\<and\\> after](figures/f.png)" in markdown
+    document = render_html("run", [section])
+    assert '<nav><a href="#forks">Forks &lt;top&gt;</a></nav>' in document
+    assert ('<img alt="entropy &quot;before&quot; &lt;and&gt; after" src="data:image/png;base64,iVBORw==">'
+            "<figcaption>entropy &quot;before&quot; &lt;and&gt; after</figcaption>") in document
+
+
+def test_a_number_cell_keeps_a_plain_json_value_and_html_tables_have_a_head_and_a_body():
+    """``num`` stores the value report.json writes: numpy numbers as Python ones, nan as None; the HTML table puts its
+    column names in ``<thead>`` and its rows in ``<tbody>``."""
+    from entrorl.analysis.document import Table, num, text
+
+    cells = [num(np.float32(0.5)), num(np.int64(3)), num(math.nan), num(-math.inf, signed=True)]
+    assert [cell.value for cell in cells] == [0.5, 3, None, None]
+    assert [type(cell.value) for cell in cells[:2]] == [float, int]
+    assert [cell.text for cell in cells] == ["0.5", "3", "n/a", "n/a"]
+    table = Table(["a", "b"])
+    table.add([text("x"), num(1)])
+    assert table.to_html() == ('<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td class="txt">x</td>'
+                               '<td class="num">1</td></tr></tbody></table>')
