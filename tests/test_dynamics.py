@@ -920,3 +920,33 @@ def test_an_infinite_advantage_where_p_underflows_to_zero_leaves_the_vanilla_pg_
     expected = -0.1 * ((p * logp * x).sum() - (p * logp).sum() * (p * x).sum())
     assert predicted.item() == pytest.approx(expected.item(), rel=1e-12)
     assert torch.isfinite(z.grad).all() and z.grad[2].item() == 0.0
+
+
+def test_per_sequence_values_given_without_their_token_axis_are_refused():
+    """A [B] tensor of advantages (token_covariance) or step sizes (batch_predicted_entropy_change) beside [B, T]
+    tokens would broadcast along the token axis, silently when B == T: refused, as a [B] mask is; [B, 1] is one value
+    per sequence, and a scalar one for all."""
+    logprob = -torch.arange(1.0, 10.0, dtype=torch.float64).reshape(3, 3) / 10
+    per_sequence = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    with pytest.raises(ValueError,
+                       match=r"token_covariance: advantages has shape \(3,\), the tokens \(3, 3\); .*\[B, 1\]"):
+        dyn.token_covariance(logprob, per_sequence, None)
+    expected = dyn.token_covariance(logprob, per_sequence[:, None].expand(3, 3).clone(), None)
+    torch.testing.assert_close(dyn.token_covariance(logprob, per_sequence[:, None], None), expected)
+    with pytest.raises(ValueError, match=r"batch_predicted_entropy_change: alpha has shape \(3,\)"):
+        dyn.batch_predicted_entropy_change(logprob, per_sequence, None, "sum")
+    column = dyn.batch_predicted_entropy_change(logprob, per_sequence[:, None], None, "sum")
+    assert float(column) == pytest.approx(float(-(per_sequence[:, None] * logprob).sum()), rel=1e-12)
+    scalar = dyn.batch_predicted_entropy_change(logprob, 0.5, None, "sum")
+    assert float(scalar) == pytest.approx(float(-0.5 * logprob.sum()))
+
+
+def test_finite_logits_too_far_apart_for_float32_give_an_exact_zero_entropy():
+    """log p = -6e38 overflows float32 to -inf; that entry's p is 0 and it drops out, as a masked one does, instead
+    of 0 * -inf making the row NaN."""
+    z = torch.tensor([[3e38, -3e38]])
+    assert dyn.entropy(z).item() == 0.0 and dyn.vocab_discriminator(z).tolist() == [[0.0, 0.0]]
+    z = torch.tensor([[3e38, -3e38, 3e38]], requires_grad=True)
+    h = dyn.entropy(z)
+    h.sum().backward()
+    assert h.item() == pytest.approx(math.log(2)) and torch.isfinite(z.grad).all()

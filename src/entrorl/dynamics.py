@@ -101,7 +101,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _log_policy(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p, p)`` of ``softmax(logits / T)``, with ``log p = 0`` and ``p = 0`` at masked (``-inf``) entries.
+    """``(log p, p)`` of ``softmax(logits / T)``, with ``log p = 0`` and ``p = 0`` at masked (``-inf``) entries and at
+    entries whose ``log p`` overflows to ``-inf``.
 
     Every ``p * f(log p)`` is then an exact 0 at a masked entry, and so is the gradient through it; an all-``-inf``
     row gets zeros throughout, gradient included. A ``+inf`` or NaN logit is not a distribution: its row
@@ -119,6 +120,9 @@ def _log_policy(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.T
     # masked entries enter the softmax as the lowest finite number: an all-masked row is then a finite uniform row
     # (zeroed below) instead of 0/0, whose NaN would reach the gradient
     logp = torch.log_softmax(torch.where(masked, torch.finfo(x.dtype).min, x), dim=-1)
+    # an entry so far below the row's largest that its log p overflows to -inf (finite logits 6e38 apart in float32)
+    # has p = 0 too: left as -inf, 0 * -inf would make the row NaN
+    masked = masked | torch.isneginf(logp)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(masked, zero, logp)
     p = torch.where(masked, zero, logp.exp())
@@ -335,6 +339,14 @@ def _valid_mask(mask: torch.Tensor | None, shape: torch.Size, device: torch.devi
     return m
 
 
+def _refuse_fewer_axes(values: torch.Tensor, shape: torch.Size, *, caller: str, what: str) -> None:
+    """A ``[B]`` tensor beside ``[B, T]`` tokens would broadcast along the token axis (silently, when ``B == T``):
+    per-sequence values must be given as ``[B, 1]``, as a mask's are."""
+    if 0 < values.dim() < len(shape):
+        raise ValueError(f"{caller}: {what} has shape {tuple(values.shape)}, the tokens {tuple(shape)}; give one value "
+                         "per token, or [B, 1] for one per sequence")
+
+
 def token_covariance(
     logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -346,12 +358,13 @@ def token_covariance(
     over the valid tokens is the (population) covariance of log-prob and advantage across tokens.
 
     ``logprob`` is ``[B, T]`` or ``[N]`` (any shape works); ``advantages`` has the same shape or broadcasts
-    to it (e.g. ``[B, 1]`` sequence advantages); ``mask`` is bool or 0/1 of the same shape (or ``[B, 1]``, one
+    to it (e.g. ``[B, 1]`` sequence advantages; a ``[B]`` one is refused, since it would broadcast along the tokens); ``mask`` is bool or 0/1 of the same shape (or ``[B, 1]``, one
     flag per sequence), or ``None`` for all valid. The result is 0 outside the mask (whatever the inputs hold there, NaN included), and all
     zeros for an empty mask.
     """
     lp = logprob.detach().to(torch.float64)
     adv = torch.as_tensor(advantages, device=lp.device).detach().to(torch.float64)
+    _refuse_fewer_axes(adv, lp.shape, caller="token_covariance", what="advantages")
     lp, adv = torch.broadcast_tensors(lp, adv)
     m = _valid_mask(mask, lp.shape, lp.device, caller="token_covariance")
     zero = torch.zeros((), dtype=torch.float64, device=lp.device)
@@ -470,6 +483,7 @@ def batch_predicted_entropy_change(
     d = disc_centered.detach()
     d = d.to(_compute_dtype(d.dtype))
     a = torch.as_tensor(alpha, dtype=d.dtype, device=d.device).detach()  # a Python float straight to d's precision
+    _refuse_fewer_axes(a, d.shape, caller="batch_predicted_entropy_change", what="alpha")
     per_token = -a * d
     m = _valid_mask(mask, per_token.shape, per_token.device, caller="batch_predicted_entropy_change")
     zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
