@@ -691,6 +691,13 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The section class a field holds: itself, or inside ``X | None``, ``list[X]`` or ``list[X] | None``."""
+    members = [annotation, *typing.get_args(annotation)]
+    members += [inner for member in members for inner in typing.get_args(member)]
+    return next((t for t in members if isinstance(t, type) and issubclass(t, BaseModel)), None)
+
+
 def _default_text(field: Any) -> str:
     if field.is_required():
         return "required"
@@ -712,9 +719,8 @@ def configuration_markdown() -> str:
         rows, nested = [], []
         for name, field in model.model_fields.items():
             annotation = field.annotation
-            members = [annotation, *typing.get_args(annotation)]
-            sub = next((t for t in members if isinstance(t, type) and issubclass(t, BaseModel)
-                        and t is not ObjectiveConfig), None)
+            sub = _section_of(annotation)
+            sub = None if sub is ObjectiveConfig else sub  # `method`: see `entrorl methods`
             key = f"{prefix}{name}"
             meaning = field.description or (f"the `{key}` section below" if sub is not None else "")
             rows.append(f"| `{key}` | {_type_name(annotation)} | `{_default_text(field)}` | "
@@ -943,9 +949,7 @@ def _nearest_keys(loc: tuple) -> str:
         if isinstance(part, int):  # an item of a list of sections (reward.extra)
             continue
         field = model.model_fields.get(str(part))
-        members = [] if field is None else [field.annotation, *typing.get_args(field.annotation)]
-        members += [inner for member in members for inner in typing.get_args(member)]
-        section = next((t for t in members if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        section = None if field is None else _section_of(field.annotation)
         if section is None:
             return ""
         model = section
