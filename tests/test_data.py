@@ -1076,6 +1076,44 @@ def test_stream_deals_python_ints_and_keeps_its_records_as_a_tuple():
     assert isinstance(s.records, tuple) and len(s) == 4
 
 
+
+def test_stream_digest_does_not_depend_on_the_order_of_meta_keys():
+    """The same rows read with their fields in another order (another file format, another writer) are the same
+    records: their digest is the same and a state saved over one resumes over the other."""
+    forward = [PromptRecord(f"p{i}", str(i), meta={"a": i, "b": -i, "c": [i]}) for i in range(4)]
+    backward = [PromptRecord(f"p{i}", str(i), meta={"c": [i], "b": -i, "a": i}) for i in range(4)]
+    saved = PromptStream(forward, seed=3)
+    saved.next_batch(2)
+    resumed = PromptStream(backward, seed=3)
+    assert resumed.records_digest == saved.records_digest
+    resumed.load_state_dict(saved.state_dict())
+    assert indices(resumed.next_batch(5)) == indices(saved.next_batch(5))
+
+
+def test_stream_records_digest_is_the_sha256_of_one_json_line_per_record():
+    """The digest saved in a state is SHA-256 over one line per record: the JSON array [prompt, answer, meta], keys
+    sorted, non-ASCII text written as itself (UTF-8), each line ended by a newline; a state saved by one run is
+    accepted by another only if this value does not drift."""
+    import hashlib
+
+    recs = [PromptRecord("Combien font 2×3 ?", "6", meta={"z": 1, "a": "é"}), PromptRecord("p", None)]
+    text = '["Combien font 2×3 ?", "6", {"a": "é", "z": 1}]\n["p", null, {}]\n'
+    assert PromptStream(recs).records_digest == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    assert PromptStream(recs).state_dict()["records_digest"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_stream_order_follows_the_whole_seed_beyond_32_bits():
+    """The documented order, range(n) shuffled by default_rng((seed, epoch)), holds for any non-negative seed: a seed
+    of 2**40 + 3 deals its own order, not that of seed 3."""
+    seed = 2**40 + 3
+    s = PromptStream(make_records(12), seed=seed)
+    for e in range(2):
+        expect = np.arange(12)
+        np.random.default_rng((seed, e)).shuffle(expect)
+        assert indices(s.next_batch(12)) == expect.tolist()
+    assert s.epoch_order(0).tolist() != PromptStream(make_records(12), seed=3).epoch_order(0).tolist()
+    assert s.state_dict()["seed"] == seed
+
 # --------------------------------------------------------------------------------------------------
 # dynamic sampling helpers
 # --------------------------------------------------------------------------------------------------
@@ -1237,6 +1275,18 @@ def test_filter_by_pass_rate_takes_a_bfloat16_tensor():
     rates = torch.tensor([0.25, 0.5, 0.75], dtype=torch.bfloat16)
     assert filter_by_pass_rate(recs, rates, low=0.0, high=0.5) == recs[:2]
 
+
+
+def test_filter_by_pass_rate_takes_a_tensor_that_requires_grad():
+    """Pass rates computed by a differentiable model (a tensor that requires grad, float32 or bfloat16) are read as
+    numbers; the tensor's graph is left alone."""
+    recs = make_records(4)
+    for dtype in (torch.float32, torch.bfloat16):
+        rates = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=dtype, requires_grad=True)
+        assert filter_by_pass_rate(recs, rates * 1, low=0.25, high=0.5) == recs[1:3]
+        assert pass_rate_band_mask(recs, rates, low=0.0, high=0.5, inclusive=(False, True)).tolist() == [
+            False, True, True, False]
+        assert rates.grad is None and rates.requires_grad
 
 def test_filter_by_pass_rate_names_a_bad_rate_as_a_plain_number():
     with pytest.raises(ValueError, match=r"pass rate 1.2 of record 1 \(mem:2\) is not in \[0, 1\]"):
