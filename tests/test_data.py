@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -1710,3 +1711,20 @@ def test_filter_by_pass_rate_refuses_text_and_flags_as_rates(rates):
     with pytest.raises(ValueError, match=r"pass_rates must be numbers \(got ('0.5', str|True, bool)\)"):
         filter_by_pass_rate(records, rates, low=0, high=1)
     assert len(filter_by_pass_rate(records, [Fraction(1, 2), np.float32(1)], low=0, high=1)) == 2
+
+
+@pytest.mark.parametrize("template", [None, 3, b"Q: {prompt}"])
+def test_check_prompt_template_refuses_a_non_string_with_a_value_error_naming_it(template):
+    from entrorl.data import check_prompt_template
+
+    with pytest.raises(ValueError, match=rf"prompt template {re.escape(repr(template))} is a {type(template).__name__}, "
+                                         r"not a string"):
+        check_prompt_template(template)
+
+
+def test_prompt_stream_refuses_records_that_are_not_prompt_records_when_built():
+    """Strings dealt as records only failed at the first checkpoint (their digest reads .prompt): refused up front."""
+    from entrorl.data import PromptStream
+
+    with pytest.raises(TypeError, match=r"records must be PromptRecords .*; record 1 is a str"):
+        PromptStream([PromptRecord(prompt="p", answer="1"), "y"])

@@ -11,7 +11,11 @@ __all__ = ["DataError", "PromptRecord", "check_prompt_template"]
 
 def check_prompt_template(template: str) -> str:
     """``template`` if ``template.format(prompt=...)`` inserts the prompt and needs nothing else; ``ValueError``
-    otherwise (another field such as ``{question}``, a lone brace, or ``{{prompt}}``, which is a literal)."""
+    otherwise (not a string, another field such as ``{question}``, a lone brace, or ``{{prompt}}``, which is a
+    literal)."""
+    if not isinstance(template, str):
+        raise ValueError(f"prompt template {template!r} is a {type(template).__name__}, not a string with a {{prompt}} "
+                         "field")
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as error:

@@ -33,6 +33,10 @@ class PromptStream:
         self._records = tuple(records)
         if not self._records:
             raise ValueError("PromptStream: no records; expected at least one")
+        strangers = [index for index, record in enumerate(self._records) if not isinstance(record, PromptRecord)]
+        if strangers:
+            raise TypeError(f"PromptStream: records must be PromptRecords (entrorl.data.load_prompts makes them); "
+                            f"record {strangers[0]} is a {type(self._records[strangers[0]]).__name__}")
         self._seed = check_int(seed, "PromptStream: seed", minimum=0)
         if not isinstance(shuffle, bool):
             raise TypeError(f"PromptStream: shuffle must be True or False, got {shuffle!r}")
