@@ -70,13 +70,14 @@ def _takes_numbers_only(accepted: set) -> bool:
     return bool(accepted & {int, float}) and bool not in accepted
 
 
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
+def did_you_mean(name: str, choices: Iterable[str], *, n: int = 1, cutoff: float = 0.6) -> str:
     """``"did you mean 'x'? "`` for the choice nearest to a misspelt ``name`` (difflib's closest match, letter case
-    aside: ``GRPO`` finds ``grpo``), else ``""``: the hint an error message puts before the list of valid names."""
+    aside: ``GRPO`` finds ``grpo``), or ``"did you mean 'x' or 'y'? "`` for the ``n`` nearest at least ``cutoff``
+    alike, else ``""``: the hint an error message puts before the list of valid names."""
     choices = list(choices)
     by_folded = {choice.casefold(): choice for choice in reversed(choices)}  # the first of names folding alike
-    close = difflib.get_close_matches(name.casefold(), list(by_folded), n=1)
-    return f"did you mean {by_folded[close[0]]!r}? " if close else ""
+    close = difflib.get_close_matches(name.casefold(), list(by_folded), n=n, cutoff=cutoff)
+    return f"did you mean {' or '.join(repr(by_folded[choice]) for choice in close)}? " if close else ""
 
 
 def _as_int(value: Any) -> int | None:

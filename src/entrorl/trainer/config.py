@@ -17,7 +17,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from entrorl._checks import refuse_booleans_for_numbers
+from entrorl._checks import did_you_mean, refuse_booleans_for_numbers
 from entrorl.advantages import GROUP_BASELINE_ESTIMATORS, available_advantages, compute_advantages
 from entrorl.objective import ObjectiveConfig, build_objective, get_method
 
@@ -521,18 +521,20 @@ class TrainConfig(_Section):
         if self.optim.mini_batches > rows:
             raise ValueError(f"optim.mini_batches = {self.optim.mini_batches} is more than the {rows} rows of a step "
                              f"(rollout.prompts_per_step x rollout.group_size): an update needs at least one row")
+        # passk's k: the one given, else the estimator's own default
+        k = self.advantage.params.get("k", next(info.params.get("k") for info in available_advantages()
+                                                if info.name == estimator))
         try:  # a dry run on one group, so that a wrong parameter name or value fails now, not after the model loads
             compute_advantages(estimator, torch.arange(group) % 2.0, torch.zeros(group, dtype=torch.long),
                                lengths=torch.arange(1, group + 1), seq_log_prob=-torch.arange(1.0, group + 1),
                                **self.advantage.params)
         except (ValueError, TypeError) as error:
-            k = self.advantage.params.get("k", 4)
             if estimator == "passk" and isinstance(k, int) and not isinstance(k, bool) and k > group:
                 raise ValueError(f"rollout.group_size = {group} is smaller than the 'passk' advantage's k = {k}: a "
                                  "group needs at least k samples; sample more responses per prompt or lower "
                                  "advantage.params.k") from None
             raise ValueError(f"advantage.params: {error}") from None
-        if estimator == "passk" and group == self.advantage.params.get("k", 4):
+        if estimator == "passk" and group == k:
             raise ValueError(f"rollout.group_size = {group} is the 'passk' advantage's k: the only k-subset of a group "
                              "is the whole group, so every advantage would be 0; sample more than k responses per "
                              "prompt or lower advantage.params.k")
@@ -942,8 +944,6 @@ def _readable_errors(error: ValidationError) -> list[dict[str, Any]]:
 def _nearest_keys(loc: tuple) -> str:
     """For an unknown key at ``loc``: the valid keys of its section that are spelled most like it (``; did you mean
     'keep'?``), or, when none is, every key of the section."""
-    import difflib
-
     model: type[BaseModel] = TrainConfig
     for part in loc[:-1]:
         if isinstance(part, int):  # an item of a list of sections (reward.extra)
@@ -954,10 +954,8 @@ def _nearest_keys(loc: tuple) -> str:
             return ""
         model = section
     keys = list(model.model_fields)
-    near = difflib.get_close_matches(str(loc[-1]), keys, n=3, cutoff=0.7)
-    if near:
-        return "; did you mean " + " or ".join(repr(key) for key in near) + "?"
-    return f"; the keys here are {', '.join(keys)}"
+    near = did_you_mean(str(loc[-1]), keys, n=3, cutoff=0.7)
+    return f"; {near.rstrip()}" if near else f"; the keys here are {', '.join(keys)}"
 
 
 def _format_errors(error: ValidationError, source: str, given: dict[str, str] | None = None) -> str:
