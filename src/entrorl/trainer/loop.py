@@ -1342,9 +1342,15 @@ class MicroBatchShares:
 
     def weight_of(self, key: str, aggregated: frozenset[str]) -> float:
         """This micro-batch's weight for metric ``key`` (``aggregated``: the metrics aggregated like the loss)."""
-        if key in aggregated:
-            return self.aggregated
-        return self.loss if key.startswith("loss/") else self.tokens
+        if _is_token_statistic(key, aggregated):
+            return self.tokens
+        return self.aggregated if key in aggregated else self.loss
+
+
+def _is_token_statistic(key: str, aggregated: frozenset[str]) -> bool:
+    """Whether metric ``key`` is a statistic of the valid tokens (a fraction, a token mean), not a loss or a term
+    aggregated like it."""
+    return key not in aggregated and not key.startswith("loss/")
 
 
 def _mean_metrics(records: list[tuple[dict[str, float], MicroBatchShares]], *, aggregated: frozenset[str],
@@ -1371,8 +1377,7 @@ def _mean_metrics(records: list[tuple[dict[str, float], MicroBatchShares]], *, a
         elif key.startswith("tokens/"):
             means[key] = sum(value for value, _ in pairs) / max(1, updates)
         elif total_weight == 0:  # no valid token in any micro-batch: a statistic of them is undefined, a loss is 0
-            statistic = key not in aggregated and not key.startswith("loss/")
-            means[key] = math.nan if statistic else sum(value for value, _ in pairs) / len(pairs)
+            means[key] = math.nan if _is_token_statistic(key, aggregated) else sum(value for value, _ in pairs) / len(pairs)
         elif key.endswith("/max"):  # a micro-batch without valid tokens reports a placeholder
             means[key] = max(value for value, weight in pairs if weight > 0)
         else:
