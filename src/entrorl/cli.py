@@ -87,16 +87,18 @@ def train(
                           f"{train_config.optim.steps}: nothing to do (raise optim.steps with --set to train further; "
                           "a decaying lr_schedule then stretches over the new total)", soft_wrap=True, highlight=False)
             return
+    def command(directory: Path | None) -> list[str]:
+        """This command again, in run directory ``directory`` (without --resume)."""
+        return ["entrorl", "train", str(config), *(f"--set={option}" for option in set_ or []),
+                *(["--run-dir", str(directory)] if directory is not None else [])]
+
+    # Ctrl-C while the data, the reward and the model load: no step was taken
+    interrupted = (f"while the run was being set up, before any step (nothing trained"
+                   f"{', no checkpoint changed' if resume else ''}). {'Continue' if resume else 'Start again'} with: "
+                   f"{shlex.join([*command(run_dir), *(['--resume'] if resume else [])])}")
     try:
-        trainer = Trainer(train_config, run_dir=run_dir, resume=resume, console=console)
-    except KeyboardInterrupt:  # Ctrl-C while the data, the reward and the model load: no step was taken
-        command = ["entrorl", "train", str(config), *(f"--set={option}" for option in set_ or []),
-                   *(["--run-dir", str(run_dir)] if run_dir is not None else []), *(["--resume"] if resume else [])]
-        console.print(Text.assemble(("interrupted", "bold yellow"), " while the run was being set up, before any step "
-                                    f"(nothing trained{', no checkpoint changed' if resume else ''}). "
-                                    f"{'Continue' if resume else 'Start again'} with: {shlex.join(command)}"),
-                      soft_wrap=True)
-        raise typer.Exit(128 + signal.SIGINT) from None
+        with _said_when_interrupted(interrupted):
+            trainer = Trainer(train_config, run_dir=run_dir, resume=resume, console=console)
     except (ValueError, OSError, TrackerError) as error:  # OSError: missing files, and unreadable ones
         _fail(str(error))
     except (MemoryError, RuntimeError) as error:  # e.g. the optimizer's state under a memory limit
@@ -130,8 +132,7 @@ def train(
             changed = ", ".join(f"{name} {old} -> {new}" for name, old, new in trainer.software_changes)
             console.print(Text(f"  software changed since that checkpoint: {changed}; the run continues, but it need not "
                                "give the metrics an uninterrupted run would have"), soft_wrap=True)
-    again = ["entrorl", "train", str(config), *(f"--set={option}" for option in set_ or []), "--run-dir",
-             str(trainer.run_dir)]
+    again = command(trainer.run_dir)
 
     def with_the_way_on(message: str) -> str:
         """``message``, then the last checkpoint and the command that continues from it."""
@@ -452,6 +453,20 @@ def _import_the_run_s_modules(names: Any, run: Path) -> None:
                     from None
 
 
+def _sampling_settings(model: Path, directory, reward_runner, defaults: _SamplingDefaults, sampling, *, n: int,
+                       prompt_column: str, answer_column: str, max_prompts: int | None, seed: int, batch_size: int,
+                       dtype: str) -> dict[str, Any]:
+    """What `eval` and `data audit` record of how they sampled and scored (their summaries' ``settings``, one set of
+    keys for both)."""
+    return {"model": str(model), **_model_settings(directory), "reward": reward_runner.name,
+            "reward_kwargs": defaults.reward_kwargs, "n": n, "max_new_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+            "prompt_column": prompt_column, "answer_column": answer_column,
+            "prompt_template": defaults.prompt_template, "chat_template": defaults.chat_template,
+            "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold, "dtype": dtype,
+            "seed": seed, "batch_size": batch_size}
+
+
 def _model_settings(directory) -> dict[str, str]:
     """For a summary's settings: what ``--model`` resolved to, as absolute paths: the model directory loaded (a run
     directory's newest checkpoint, say), or the LoRA adapters and the base model they were put on."""
@@ -573,14 +588,9 @@ def evaluate(
                                 progress=lambda done: progress.update(task, completed=done))
     summary = result.to_dict()
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
-    summary["settings"] = {"model": str(model), **_model_settings(directory), "data": str(data),
-                           "reward": reward_runner.name, "reward_kwargs": defaults.reward_kwargs, "n": n,
-                           "max_new_tokens": max_new_tokens,
-                           "temperature": temperature, "top_p": top_p, "top_k": top_k, "prompt_column": prompt_column,
-                           "answer_column": answer_column, "prompt_template": defaults.prompt_template,
-                           "chat_template": defaults.chat_template,
-                           "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold,
-                           "dtype": dtype, "seed": seed, "batch_size": batch_size}
+    summary["settings"] = {"data": str(data), **_sampling_settings(
+        model, directory, reward_runner, defaults, sampling, n=n, prompt_column=prompt_column,
+        answer_column=answer_column, max_prompts=max_prompts, seed=seed, batch_size=batch_size, dtype=dtype)}
     summary["sources"] = [record.source for record in records]
     reward_log = _keep_reward_traceback(result.first_reward_error, None if out is None else _reward_log_path(out))
     if result.reward_errors:
@@ -889,7 +899,8 @@ def data_audit(
     from entrorl._checks import visible_controls
     from entrorl.data import parse_band
     from entrorl.data.audit import AuditThresholds
-    from entrorl.trainer.audit import audit_records, check_audit_output, default_audit_dir, write_audit_outputs
+    from entrorl.trainer.audit import (REWARD_ERRORS_LOG, audit_records, check_audit_output, default_audit_dir,
+                                       write_audit_outputs)
 
     directory = out if out is not None else default_audit_dir(data)
     _note_if_greedy_samples_repeat(n, temperature, top_k)
@@ -924,14 +935,10 @@ def data_audit(
         console.print(Text.assemble(("skipped", "yellow"), " ", item.message(max_new_tokens)), soft_wrap=True)
     if len(result.too_long) > 20:
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
-    settings = {"model": str(model), **_model_settings(model_directory), "reward": reward_runner.name,
-                "reward_kwargs": defaults.reward_kwargs,
-                "correct_threshold": reward_runner.correct_threshold, "seed": seed, "batch_size": batch_size,
-                "device": device, "dtype": dtype, "n": n,
-                "prompt_template": defaults.prompt_template, "chat_template": defaults.chat_template,
-                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-                "prompt_column": prompt_column, "answer_column": answer_column, "max_prompts": max_prompts}
-    reward_log = _keep_reward_traceback(result.first_reward_error, directory / "reward_errors.log")
+    settings = {**_sampling_settings(model, model_directory, reward_runner, defaults, sampling, n=n,
+                                     prompt_column=prompt_column, answer_column=answer_column, max_prompts=max_prompts,
+                                     seed=seed, batch_size=batch_size, dtype=dtype), "device": device}
+    reward_log = _keep_reward_traceback(result.first_reward_error, directory / REWARD_ERRORS_LOG)
     try:
         outputs = write_audit_outputs(result, data, directory, band=band, keep_wrong=keep_wrong, thresholds=thresholds,
                                       settings=settings)
@@ -942,7 +949,7 @@ def data_audit(
                 f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(earlier.stat().st_mtime))})" if earlier.is_file() else "")
         _fail(f"{error}{where}{kept}")
     if reward_log is None:  # the traceback of an earlier audit into this folder is not this one's
-        (directory / "reward_errors.log").unlink(missing_ok=True)
+        (directory / REWARD_ERRORS_LOG).unlink(missing_ok=True)
 
     histogram = result.histogram()
     table = Table(title=f"pass rates of {histogram.n_prompts} prompts x {n} samples")

@@ -265,9 +265,11 @@ def check_audit_output(data: str | os.PathLike[str], out: str | os.PathLike[str]
     return directory
 
 
+#: where `entrorl data audit` keeps the reward's first traceback, in the output directory
+REWARD_ERRORS_LOG = "reward_errors.log"
 #: the files an audit writes into its output directory, besides the filtered copy of the input
 AUDIT_FILES = ("pass_rate_histogram.json", "pass_rate_histogram.png", "audit.jsonl", "suspected_wrong.jsonl",
-               "summary.json", "reward_errors.log")
+               "summary.json", REWARD_ERRORS_LOG)
 
 
 def _check_out_dir(data: Path, out: Path) -> None:
@@ -359,7 +361,8 @@ def write_audit_outputs(
 
     ``band`` chooses the rows of the filtered file by pass rate; too-long prompts have none and are
     dropped; suspected-wrong rows are dropped too unless ``keep_wrong``. ``settings`` (model, reward,
-    sampling, ...) are the summary's ``settings``, as in ``entrorl eval``'s summary; beside them, the thresholds the verdicts were given with (``result``'s;
+    sampling, ...) are the summary's ``settings``, as in ``entrorl eval``'s summary; beside them, the thresholds the
+    verdicts were given with (``result``'s;
     ``thresholds``, when given, must be those). ``ValueError`` (and nothing written) for a malformed band, other
     thresholds than the result's, an output directory inside the input, no prompt that fit the context, or a reward
     that failed on every sample.
