@@ -1293,6 +1293,22 @@ def test_a_section_left_empty_in_the_file_takes_set_options(tmp_path, arithmetic
     assert (config.reward.overlong.max_length, config.reward.overlong.cache_length) == (6, 2)
 
 
+def test_a_set_option_reaches_an_item_of_a_list_of_sections_by_its_position(tmp_path, arithmetic_files):
+    """`reward.extra.1.weight=0.5` changes the second extra reward's weight only; a position past the end or a word
+    where a position belongs is named."""
+    train, held_out = arithmetic_files
+    settings = make_config(tmp_path / "no-model-needed", train, held_out)
+    settings["reward"] = {"name": "exact_match", "extra": [{"name": "math", "weight": 0.2},
+                                                            {"name": "exact_match", "weight": 0.3}]}
+    config = load_config(settings, ["reward.extra.1.weight=0.5", "reward.extra.0.kwargs={tolerance: 0.01}"])
+    assert [(extra.name, extra.weight, extra.kwargs) for extra in config.reward.extra] == [
+        ("math", 0.2, {"tolerance": 0.01}), ("exact_match", 0.5, {})]
+    with pytest.raises(ConfigError, match=r"position 2 is past the end of a list of 2 items"):
+        load_config(settings, ["reward.extra.2.weight=0.5"])
+    with pytest.raises(ConfigError, match=r"'first' is not a position in a list of 2 items"):
+        load_config(settings, ["reward.extra.first.weight=0.5"])
+
+
 def test_an_error_names_its_source_and_shows_a_value_but_not_a_whole_section(tmp_path, arithmetic_files):
     train, _ = arithmetic_files
     base = make_config(tmp_path / "no-model-needed", train, None)

@@ -55,7 +55,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="YAML training configuration")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key, e.g. --set optim.lr=1e-5 (repeatable)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key, e.g. --set optim.lr=1e-5 or --set reward.extra.0.weight=0.5 (repeatable)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint of the run directory")] = False,
     run_dir: Annotated[Optional[Path], typer.Option(help="run directory (default: logging.run_dir/logging.name)")] = None,
 ) -> None:

@@ -712,7 +712,8 @@ def configuration_markdown() -> str:
     meaning, generated from the fields (a test keeps the file equal to it)."""
     lines = ["# Configuration reference", "",
              "Every key `entrorl train` reads, generated from `entrorl.trainer.config.TrainConfig` (a test keeps this",
-             "file equal to the code). Set a key in the YAML or with `--set section.key=value`; a key that is not",
+             "file equal to the code). Set a key in the YAML or with `--set section.key=value` (a number picks an",
+             "item of a list: `--set reward.extra.0.weight=0.5`); a key that is not",
              "listed is refused, with the nearest valid names. Defaults are written as YAML reads them (`null` is",
              "Python's None). `method` takes a method's name, a composition or an objective: see the README's",
              "methods and `entrorl methods METHOD` for every parameter of one.", ""]
@@ -880,12 +881,29 @@ def parse_set_option(option: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _list_index(option: str, items: list, part: str) -> int:
+    """The position ``part`` names in a list of sections (``reward.extra.0.weight``: 0), or a ConfigError."""
+    if not part.isdigit():
+        raise ConfigError(f"--set {option!r}: '{part}' is not a position in a list of {len(items)} items "
+                          "(write a number, counting from 0)")
+    if int(part) >= len(items):
+        raise ConfigError(f"--set {option!r}: position {part} is past the end of a list of {len(items)} items "
+                          "(a new item is added by giving the whole list)")
+    return int(part)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides to a raw config dict (creating sections as needed)."""
+    """Apply ``key.sub=value`` overrides to a raw config dict (creating sections as needed); a number picks an item of
+    a list of sections (``reward.extra.0.weight=0.5``)."""
     for option in overrides:
         path, value = parse_set_option(option)
-        node = data
+        node: Any = data
         for part in path[:-1]:
+            if isinstance(node, list):
+                node = node[_list_index(option, node, part)]
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {option!r}: item {part} is not a section (it holds {node!r})")
+                continue
             child = node.get(part)
             if child is None:
                 # `--set method.params.mu=3` without a method in the file: the default method's parameter
@@ -893,10 +911,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     node is data and part == "method") else {}
             if node is data and part == "method" and isinstance(child, (str, list)):
                 child = node[part] = {"method": child}  # `method: clip_b` then --set method.params.mu=3
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"--set {option!r}: '{part}' is not a section (it holds {child!r})")
             node = child
-        node[path[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(option, node, path[-1])] = value
+        else:
+            node[path[-1]] = value
     return data
 
 
