@@ -1166,6 +1166,43 @@ def test_one_ctrl_c_keeps_every_outcome_and_starts_nothing_more(tmp_path, monkey
     assert recorded["ran"] == ["grpo"]
 
 
+def test_sigterm_stops_the_laboratory_as_ctrl_c_does_and_the_command_exits_143(tmp_path, monkeypatch,
+                                                                                signal_handlers_restored):
+    """A job scheduler's SIGTERM: the method being trained saves its step, the queued one does not start, the
+    laboratory says what it kept and how to go on, and exits with 128 + SIGTERM (not killed mid-write, silent)."""
+    import os
+    import signal
+    import threading
+
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.lab import runner
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    out = _finished_folder(tmp_path, monkeypatch)
+    for method in ("grpo", "clip_cov"):
+        (out / "methods" / method / "final_eval.json").unlink()
+    monkeypatch.setattr(runner, "_run_method", _waits_for_ctrl_c)
+
+    def send_sigterm_once_started():
+        while not (out / "methods" / "grpo" / "started").exists():
+            __import__("time").sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_sigterm_once_started, daemon=True).start()
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo,clip_cov", "--out", str(out),
+                                      "--workers", "1"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert "SIGTERM: each method being trained finishes its step and saves it" in output
+    assert "grpo: interrupted, saved at step 2" in output and "clip_cov: interrupted" in output
+    assert "not finished): finished methods and each method's last checkpoint are kept" in output
+    assert "Continue with: entrorl lab --preset quick --methods grpo,clip_cov" in output
+    assert not (out / "methods" / "clip_cov" / "started").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
 def test_a_method_stopped_by_a_signal_of_its_own_is_not_reported_as_finished(tmp_path, monkeypatch):
     """A worker that stopped its method (its step saved) by a signal this process did not get: the laboratory stops
     as after Ctrl-C (the next method does not train) and writes no report."""
@@ -1731,7 +1768,7 @@ def test_the_jobs_run_in_at_most_the_given_number_of_workers_and_each_outcome_is
     jobs = [{"method": method, "run_dir": str(tmp_path / "methods" / method)} for method in methods]
     outcomes, progress = {}, _RecordingProgress()
     stopped = runner._run_jobs(jobs, 2, outcomes, progress, {m: m for m in methods}, tmp_path, steps=4)
-    assert not stopped and len(made) == 2
+    assert stopped is None and len(made) == 2
     assert outcomes == {method: {"method": method, "status": "done"} for method in methods}
     assert sorted(line.split(":")[0] for line in progress.lines) == sorted(methods)
     assert [line.split("(")[-1] for line in progress.lines] == [f"{i}/5)" for i in range(1, 6)]
@@ -2039,16 +2076,29 @@ def test_a_bar_advances_by_the_logged_steps_up_to_its_total_and_its_clock_starts
 def test_a_laboratory_started_with_ctrl_c_ignored_keeps_ignoring_it(signal_handlers_restored):
     import signal
 
-    from entrorl.lab.runner import _counting_ctrl_c
+    from entrorl.lab.runner import _counting_stop_signals
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with _counting_ctrl_c() as presses:
+    with _counting_stop_signals() as requests:
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    assert presses == [0] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert requests.count == 0 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    with _counting_ctrl_c() as presses:
+    with _counting_stop_signals() as requests:
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-    assert presses == [1] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert requests.count == 1 and requests.said_as == "Ctrl-C"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_to_the_laboratory_counts_as_a_request_to_stop_and_its_handler_is_put_back(signal_handlers_restored):
+    import signal
+
+    from entrorl.lab.runner import _counting_stop_signals
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with _counting_stop_signals() as requests:
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    assert (requests.count, requests.said_as) == (1, "SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_a_resumed_invocation_records_the_folder_s_methods_in_order_and_its_outcomes_over_the_earlier_ones(
@@ -2083,7 +2133,7 @@ def test_a_resumed_invocation_records_the_folder_s_methods_in_order_and_its_outc
         ran.append([job["method"] for job in jobs])
         outcomes.update({"nsr": {"method": "nsr", "status": "cached"},
                          "dapo": {"method": "dapo", "status": "failed", "error": "new"}})
-        return False
+        return None
 
     monkeypatch.setattr(runner, "_run_jobs", run_jobs)
     console = Console(file=io.StringIO(), width=400)

@@ -787,7 +787,7 @@ def lab(
                           else " after every method had finished, before the report was written")
         console.print(Text.assemble(("interrupted", "bold yellow"), f"{unfinished}: finished methods and each method's "
                                     f"last checkpoint are kept in {out}. Continue with: {again}"), soft_wrap=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + getattr(error, "signal_number", signal.SIGINT)) from None
     console.print(Text.assemble(("report", "green"), f": {run_dir / 'report.html'}  ({run_dir / 'report.md'})"),
                   soft_wrap=True)  # paths on one line, whatever the width
     failed = failed_methods(run_dir)

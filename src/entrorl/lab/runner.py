@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -450,12 +450,12 @@ def default_run_directory() -> Path:
 
 
 class LabInterrupted(RuntimeError):
-    """Ctrl-C stopped the laboratory: ``methods`` were left unfinished (each saved at its last complete step, or not
-    started; none when every method had finished and only the report was left); running the same command again on
-    ``out`` continues them and writes the report."""
+    """Ctrl-C (or the signal ``signal_number``, e.g. SIGTERM) stopped the laboratory: ``methods`` were left unfinished
+    (each saved at its last complete step, or not started; none when every method had finished and only the report was
+    left); running the same command again on ``out`` continues them and writes the report."""
 
-    def __init__(self, out: Path, methods: list[str]):
-        self.out, self.methods = out, methods
+    def __init__(self, out: Path, methods: list[str], signal_number: int = signal.SIGINT):
+        self.out, self.methods, self.signal_number = out, methods, signal_number
         super().__init__(f"interrupted: {', '.join(methods)} not finished in {out}" if methods
                          else f"interrupted before the report of {out} was written")
 
@@ -606,31 +606,50 @@ def _show_progress(methods: list[str], progress, bars: dict[str, Any], out: Path
         progress.update(bars[method], completed=min(logged, steps))
 
 
+@dataclass
+class _StopRequests:
+    """How many times the laboratory was asked to stop (Ctrl-C, SIGTERM), and by which signal last."""
+
+    count: int = 0
+    signal_number: int = signal.SIGINT
+
+    @property
+    def said_as(self) -> str:
+        return "Ctrl-C" if self.signal_number == signal.SIGINT else signal.Signals(self.signal_number).name
+
+
 @contextlib.contextmanager
-def _counting_ctrl_c():
-    """Count Ctrl-C presses in the block instead of raising ``KeyboardInterrupt`` wherever one lands (between a
-    message's receipt and its bookkeeping, it would lose a method's outcome); yields a list holding the count. A
-    process that ignores SIGINT (started in the background by a script) keeps ignoring it."""
-    presses = [0]
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield presses
+def _counting_stop_signals():
+    """Count Ctrl-C presses and SIGTERMs (a job scheduler's "stop") in the block instead of raising
+    ``KeyboardInterrupt`` or ending the process wherever one lands (between a message's receipt and its bookkeeping,
+    it would lose a method's outcome; killed outright, the laboratory would say nothing of what it kept); yields the
+    :class:`_StopRequests`. A signal the process ignores (SIGINT, when a script starts it in the background) stays
+    ignored."""
+    requests = _StopRequests()
+    if threading.current_thread() is not threading.main_thread():
+        yield requests
         return
 
     def count(signum, frame):
-        presses[0] += 1
+        requests.count += 1
+        requests.signal_number = signum
 
-    previous = signal.signal(signal.SIGINT, count)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(number, count)
     try:
-        yield presses
+        yield requests
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any], progress, bars: dict[str, Any],
-              out: Path, steps: int) -> bool:
-    """Train the methods of ``jobs`` in up to ``workers`` processes, filling ``outcomes``; returns whether the
-    laboratory was asked to stop (Ctrl-C, or a signal that stopped a method): methods not started then do not start.
-    A second Ctrl-C ends the workers at once and raises ``KeyboardInterrupt``."""
+              out: Path, steps: int) -> int | None:
+    """Train the methods of ``jobs`` in up to ``workers`` processes, filling ``outcomes``; returns the number of the
+    signal that asked the laboratory to stop (Ctrl-C's SIGINT, SIGTERM, or a signal that stopped a method), or None:
+    methods not started then do not start. A second one ends the workers at once and raises ``KeyboardInterrupt``."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     queue, pool = list(jobs), []
@@ -640,15 +659,15 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
         _record_outcome(outcome, outcomes, progress, bars, out, steps, len(jobs))
 
     try:
-        with _counting_ctrl_c() as presses:
+        with _counting_stop_signals() as requests:
             while queue or any(worker.job for worker in pool):
-                if presses[0] >= 2:  # the workers are ended at once (below)
+                if requests.count >= 2:  # the workers are ended at once (below)
                     raise KeyboardInterrupt
-                if presses[0] and not stop.is_set():
+                if requests.count and not stop.is_set():
                     stop.set()
                     progress.console.print(
-                        "[yellow]Ctrl-C[/yellow]: each method being trained finishes its step and saves it, the "
-                        "others do not start (Ctrl-C again to stop at once)", highlight=False)
+                        f"[yellow]{requests.said_as}[/yellow]: each method being trained finishes its step and saves "
+                        f"it, the others do not start ({requests.said_as} again to stop at once)", highlight=False)
                 for worker in pool:
                     outcome = worker.outcome()
                     if outcome is not None:
@@ -663,7 +682,7 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
                     progress.console.print("[yellow]a method was stopped by a signal[/yellow]: the others finish "
                                            "their step and save it, the rest do not start (Ctrl-C to stop at once)",
                                            highlight=False)
-                    presses[0] = max(presses[0], 1)
+                    requests.count = max(requests.count, 1)
                 if stop.is_set():
                     while queue:
                         record({"method": queue.pop(0)["method"], "status": "interrupted"})
@@ -687,7 +706,7 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
         _end_workers(pool, stop, at_once)
         for job in queue:  # never started
             outcomes.setdefault(job["method"], {"method": job["method"], "status": "interrupted"})
-    return stop.is_set()
+    return requests.signal_number if stop.is_set() else None
 
 
 def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = None, out: Path | None = None,
@@ -770,9 +789,10 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
             bars = {job["method"]: progress.add_task(job["method"], total=preset.steps, status="", start=False)
                     for job in jobs}
             methods_started = True
-            stopped = _run_jobs(jobs, max(1, min(workers, len(jobs))), outcomes, progress, bars, out, preset.steps)
-            if stopped:  # every method may have finished meanwhile: the user still asked to stop
-                raise LabInterrupted(out, [m for m, outcome in outcomes.items() if outcome["status"] == "interrupted"])
+            stopped_by = _run_jobs(jobs, max(1, min(workers, len(jobs))), outcomes, progress, bars, out, preset.steps)
+            if stopped_by is not None:  # every method may have finished meanwhile: the user still asked to stop
+                raise LabInterrupted(out, [m for m, outcome in outcomes.items() if outcome["status"] == "interrupted"],
+                                     signal_number=stopped_by)
         finally:  # also when interrupted: the time this invocation ran is recorded
             invocation["finished_at"] = time.time()
             invocation["seconds"] = time.monotonic() - running_since
