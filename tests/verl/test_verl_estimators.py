@@ -216,9 +216,9 @@ def test_an_index_of_another_length_than_the_batch_is_refused():
 
 
 @pytest.mark.parametrize("name", ["grpo", "unlikely"])
-def test_padding_carries_no_reward_and_no_log_prob(name):
-    """The outcome reward and the mean old log-prob are over a response's valid tokens: whatever sits in the
-    padding (a stray reward, -inf log-probs) changes nothing. The advantages keep the rewards' dtype."""
+def test_padding_carries_no_log_prob_and_the_advantages_keep_a_float_reward_dtype(name):
+    """The mean old log-prob is over a response's valid tokens: -inf log-probs in the padding change nothing. The
+    advantages keep float32 / float64 rewards' dtype."""
     from entrorl.integrations.verl.estimators import make_advantage_estimator
 
     rewards, mask, uids, _, _, old_log_probs = _rollouts(seed=4)
@@ -226,11 +226,40 @@ def test_padding_carries_no_reward_and_no_log_prob(name):
     assert bool((~mask).any())
     estimator = make_advantage_estimator(name)
     clean, _ = estimator(rewards, mask, config={}, index=uids, old_log_probs=old_log_probs)
-    noisy, _ = estimator(torch.where(mask, rewards, torch.full_like(rewards, 5.0)), mask, config={}, index=uids,
+    noisy, _ = estimator(rewards, mask, config={}, index=uids,
                          old_log_probs=torch.where(mask, old_log_probs, torch.full_like(old_log_probs, float("-inf"))))
     assert clean.dtype == torch.float64 and bool(clean.ne(0).any())
     torch.testing.assert_close(noisy, clean)
 
+
+def test_a_reward_verl_placed_outside_the_response_mask_counts_as_in_verl_s_grpo():
+    """verl scores a response on its last attention-mask position, which need not be a response token: an empty
+    response's at column -1, an agent loop's that ended on tool output on a masked tool token. verl's grpo sums every
+    token-level reward; so does entrorl_grpo (dropping it would also move the advantages of the rest of the group)."""
+    rewards = torch.zeros(3, 4)
+    rewards[0, 3] = 1.0  # on the last valid token
+    rewards[1, 3] = 1.0  # on a masked token
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.float32)
+    index = np.array(["a", "a", "a"], dtype=object)
+    verl_adv, _ = core_algos.compute_grpo_outcome_advantage(token_level_rewards=rewards, response_mask=mask, index=index)
+    ours, _ = core_algos.get_adv_estimator_fn("entrorl_grpo")(token_level_rewards=rewards, response_mask=mask,
+                                                             config=None, index=index)
+    torch.testing.assert_close(ours, verl_adv, atol=1e-5, rtol=1e-5)
+    assert ours[:, 0].tolist() == pytest.approx([3 ** -0.5, 3 ** -0.5, -2 * 3 ** -0.5], abs=1e-5)
+
+
+def test_bf16_rewards_give_float32_advantages_as_verl_s_grpo_does():
+    """Computed from the bf16 rewards in float32 (verl's grpo returns float32 too, after some bf16 arithmetic)."""
+    rewards, mask, uids, outcome, *_ = _rollouts(seed=9)
+    rewards = (rewards * 0.7).bfloat16()
+    verl_adv, _ = core_algos.compute_grpo_outcome_advantage(token_level_rewards=rewards, response_mask=mask.float(),
+                                                            index=uids)
+    ours, _ = core_algos.get_adv_estimator_fn("entrorl_grpo")(token_level_rewards=rewards, response_mask=mask,
+                                                             config=None, index=uids)
+    assert ours.dtype == verl_adv.dtype == torch.float32
+    expected = compute_advantages("grpo", (outcome * 0.7).bfloat16().float(), torch.tensor([i % 4 for i in range(16)]))
+    torch.testing.assert_close(ours, expected.unsqueeze(1) * mask)
+    torch.testing.assert_close(ours, verl_adv, atol=1e-2, rtol=1e-2)
 
 
 def test_a_response_without_valid_tokens_weighs_nothing_in_token_whitening():

@@ -129,7 +129,9 @@ def make_advantage_estimator(estimator: str):
                 f"reward, undiscounted; algorithm.gamma = {gamma} would discount the returns-to-go of verl's own "
                 "reinforce_plus_plus: set algorithm.gamma=1.0, or use adv_estimator=reinforce_plus_plus")
         mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-        rewards = torch.where(mask, token_level_rewards, torch.zeros_like(token_level_rewards)).sum(dim=-1)
+        # every position counts, as in verl's own estimators: verl may score a response on a token outside its mask
+        # (an empty response's at column -1; an agent loop that ended on tool output, on the last tool token)
+        rewards = token_level_rewards.sum(dim=-1)
         group_ids = _group_ids(index, rewards.shape[0], estimator_name(estimator)).to(rewards.device)
         lengths = mask.sum(dim=-1)
         seq_log_prob = None
@@ -148,7 +150,8 @@ def make_advantage_estimator(estimator: str):
             )
         except ValueError as error:
             raise ValueError(f"verl adv_estimator {estimator_name(estimator)!r}: {error} (parameters go in algorithm.entrorl)") from None
-        advantages = expand_to_tokens(per_response.to(token_level_rewards.device), mask).to(token_level_rewards.dtype)
+        advantages = expand_to_tokens(per_response.to(token_level_rewards.device), mask).to(
+            torch.promote_types(token_level_rewards.dtype, torch.float32))  # bf16 rewards: float32 advantages, as verl's
         return advantages, advantages.clone()
 
     advantage_estimator.__name__ = advantage_estimator.__qualname__ = f"compute_{estimator_name(estimator)}_advantage"
