@@ -1204,6 +1204,37 @@ def test_ctrl_c_while_eval_or_audit_samples_says_so_and_writes_nothing(markup_da
         assert not Path(out).exists()
 
 
+def test_sigterm_while_eval_or_audit_samples_says_so_exits_143_and_writes_nothing(markup_data, tiny_model_dir,
+                                                                                    monkeypatch):
+    """A job scheduler's SIGTERM during the sampling: one line saying so, exit 128 + 15, no traceback, no output file;
+    the process's own SIGTERM handling is put back afterwards."""
+    import os
+    import signal
+    import time
+
+    import entrorl.trainer.audit
+    import entrorl.trainer.evaluate
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(entrorl.trainer.evaluate, "evaluate_model", terminated)
+    monkeypatch.setattr(entrorl.trainer.audit, "audit_records", terminated)
+    common = ["--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "1", "--max-new-tokens", "2",
+              "--reward", "exact_match"]
+    before = signal.getsignal(signal.SIGTERM)
+    for command, out, said in ((["eval"], "e.json", "terminated (SIGTERM) while sampling: nothing was written"),
+                               (["data", "audit"], "aud",
+                                "terminated (SIGTERM) while sampling: nothing was written into aud")):
+        result = CliRunner().invoke(app, [*command, *common, "--out", out])
+        assert result.exit_code == 128 + signal.SIGTERM, result.output
+        assert said in " ".join(result.output.split()) and "Traceback" not in result.output
+        assert not Path(out).exists()
+        assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_cli_audit_refuses_to_label_when_the_reward_failed_on_every_sample(markup_data, tiny_model_dir):
     result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "2",
                                       "--max-new-tokens", "2", "--reward", "entrorl_test_audit_rewards:broken", "--out", "aud"])

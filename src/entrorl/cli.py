@@ -9,6 +9,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -332,15 +333,31 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     return records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived (a job scheduler's "stop") inside :func:`_said_when_interrupted`."""
+
+
 @contextlib.contextmanager
 def _said_when_interrupted(what: str):
-    """Ctrl-C inside: one line saying so and what became of the work (after the progress bar has let go of the
-    terminal), then exit 130, as Python's own KeyboardInterrupt would, without its traceback."""
+    """Ctrl-C or SIGTERM inside: one line saying so and what became of the work (after the progress bar has let go of
+    the terminal), then exit 128 + the signal's number (130, 143), as the signal itself would, without a traceback."""
+
+    def terminated(signum, frame):
+        raise _Terminated
+
+    handles_sigterm = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminated) if handles_sigterm else None
     try:
         yield
     except KeyboardInterrupt:
         console.print(Text.assemble(("interrupted", "bold yellow"), f" {what}"), soft_wrap=True)
         raise typer.Exit(128 + signal.SIGINT) from None
+    except _Terminated:
+        console.print(Text.assemble(("terminated", "bold yellow"), f" (SIGTERM) {what}"), soft_wrap=True)
+        raise typer.Exit(128 + signal.SIGTERM) from None
+    finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _note_if_greedy_samples_repeat(n: int, temperature: float, top_k: int | None = None) -> None:
