@@ -1235,6 +1235,35 @@ def test_sigterm_while_eval_or_audit_samples_says_so_exits_143_and_writes_nothin
         assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_eval_and_audit_of_a_bf16_run_s_checkpoint_load_it_in_bf16_unless_dtype_is_given(markup_data, tiny_model_dir,
+                                                                                        monkeypatch):
+    """A run trained with model.dtype bfloat16 is sampled in bfloat16, as its own evaluations were, said and recorded;
+    --dtype overrides it."""
+    import shutil
+
+    import entrorl.trainer.audit
+    import entrorl.trainer.evaluate
+
+    checkpoint_model = Path("run") / "checkpoints" / "step_000001" / "model"
+    shutil.copytree(tiny_model_dir, checkpoint_model)
+    Path("run/config.json").write_text(json.dumps({"model": {"dtype": "bfloat16"}, "rollout": {"max_new_tokens": 2}}))
+    loaded = []
+
+    def sample_nothing(policy, *args, **kwargs):
+        loaded.append(next(policy.parameters()).dtype)
+        raise KeyboardInterrupt  # what is loaded is all this test looks at
+
+    monkeypatch.setattr(entrorl.trainer.evaluate, "evaluate_model", sample_nothing)
+    monkeypatch.setattr(entrorl.trainer.audit, "audit_records", sample_nothing)
+    common = ["--model", str(checkpoint_model), "--data", str(markup_data), "--n", "1", "--reward", "exact_match"]
+    for command in (["eval"], ["data", "audit", "--out", "aud"]):
+        result = CliRunner().invoke(app, [*command, *common])
+        assert result.exit_code == 130 and "model.dtype = bfloat16" in " ".join(result.output.split()), result.output
+        result = CliRunner().invoke(app, [*command, *common, "--dtype", "float32"])
+        assert result.exit_code == 130 and "model.dtype" not in result.output, result.output
+    assert loaded == [torch.bfloat16, torch.float32] * 2
+
+
 def test_cli_audit_refuses_to_label_when_the_reward_failed_on_every_sample(markup_data, tiny_model_dir):
     result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "2",
                                       "--max-new-tokens", "2", "--reward", "entrorl_test_audit_rewards:broken", "--out", "aud"])

@@ -3252,22 +3252,30 @@ def test_prompt_format_reads_each_setting_of_the_run_on_its_own(tmp_path, capsys
     (storage / "step_000001" / "model").mkdir(parents=True)
     run.mkdir()
     (run / "checkpoints").symlink_to(storage, target_is_directory=True)
-    (run / "config.json").write_text(json.dumps({"seed": 1, "data": {"prompt_template": "Q: {prompt}"}, "model": {},
-                                                  "rollout": {"max_new_tokens": 12}}))
+    (run / "config.json").write_text(json.dumps({"seed": 1, "data": {"prompt_template": "Q: {prompt}"},
+                                                  "model": {"dtype": "bfloat16"}, "rollout": {"max_new_tokens": 12}}))
     model = run / "checkpoints" / "step_000001" / "model"
-    assert _run_defaults(model, None, None, None, "math")[:3] == ("Q: {prompt}", False, 12)
+    defaults = _run_defaults(model, None, None, None, "math")
+    assert (*defaults[:3], defaults.dtype) == ("Q: {prompt}", False, 12, "bfloat16")
     err = capsys.readouterr().err
     assert "data.prompt_template = 'Q: {prompt}'" in err and "does not give model.chat_template" in err
-    (run / "config.json").write_text(json.dumps({"data": {"prompt_template": 3}, "model": {"chat_template": True},
-                                                 "rollout": {"max_new_tokens": True}}))
-    assert _run_defaults(run, None, None, None, "math")[:3] == ("{prompt}", True, DEFAULT_MAX_NEW_TOKENS)
-    assert "does not give data.prompt_template or rollout.max_new_tokens" in capsys.readouterr().err
+    assert "model.dtype = bfloat16" in err
+    assert _run_defaults(model, None, None, None, "math", dtype="float32").dtype == "float32"  # --dtype wins
+    capsys.readouterr()
+    (run / "config.json").write_text(json.dumps({"data": {"prompt_template": 3}, "model": {"chat_template": True,
+                                                 "dtype": "float8"}, "rollout": {"max_new_tokens": True}}))
+    defaults = _run_defaults(run, None, None, None, "math")
+    assert (*defaults[:3], defaults.dtype) == ("{prompt}", True, DEFAULT_MAX_NEW_TOKENS, "float32")
+    assert ("does not give data.prompt_template or rollout.max_new_tokens or model.dtype"
+            in " ".join(capsys.readouterr().err.split()))
     (run / "config.json").write_text(json.dumps({"rollout": {"max_new_tokens": 0}}))  # edited by hand: no length at all
-    assert _run_defaults(run, "A {prompt}", False, None, "math")[:3] == ("A {prompt}", False, DEFAULT_MAX_NEW_TOKENS)
+    assert _run_defaults(run, "A {prompt}", False, None, "math", dtype="float16")[:3] == (
+        "A {prompt}", False, DEFAULT_MAX_NEW_TOKENS)
     assert "does not give rollout.max_new_tokens; the default is used" in capsys.readouterr().err
-    assert _run_defaults(run, "A {prompt}", False, 5, "math")[:3] == ("A {prompt}", False, 5)  # all given: not read
+    assert _run_defaults(run, "A {prompt}", False, 5, "math", dtype="float16")[:3] == ("A {prompt}", False, 5)  # all given: not read
     assert not capsys.readouterr().err
-    assert _run_defaults(tmp_path, None, None, None) == ("{prompt}", False, DEFAULT_MAX_NEW_TOKENS, "math", {}, None)  # no run
+    assert _run_defaults(tmp_path, None, None, None) == ("{prompt}", False, DEFAULT_MAX_NEW_TOKENS, "math", {}, None,
+                                                         "float32")  # no run
     assert not capsys.readouterr().err
 
 
@@ -3284,16 +3292,16 @@ def test_eval_of_a_run_scores_with_the_run_s_reward_and_its_settings(tmp_path, c
     (run / "config.json").write_text(json.dumps({
         "imports": ["registers_a_reward"], "data": {"prompt_template": "{prompt}"}, "model": {"chat_template": False},
         "rollout": {"max_new_tokens": 8}, "reward": {"name": "math", "kwargs": {"tolerance": 0.01}, "correct_threshold": 0.75}}))
-    assert _run_defaults(run, None, None, None)[3:] == ("math", {"tolerance": 0.01}, 0.75)
+    assert _run_defaults(run, None, None, None, dtype="float32")[3:6] == ("math", {"tolerance": 0.01}, 0.75)
     said = " ".join(capsys.readouterr().err.split())
     assert "reward.name = 'math', reward.kwargs = {'tolerance': 0.01}, reward.correct_threshold = 0.75" in said
     import registers_a_reward  # noqa: F401  (imported by the run's imports)
 
-    assert _run_defaults(run, None, None, None, None, 0.5)[3:] == ("math", {"tolerance": 0.01}, 0.5)
-    assert _run_defaults(run, None, None, None, "exact_match")[3:] == ("exact_match", {}, None)
+    assert _run_defaults(run, None, None, None, None, 0.5, "float32")[3:6] == ("math", {"tolerance": 0.01}, 0.5)
+    assert _run_defaults(run, None, None, None, "exact_match", dtype="float32")[3:6] == ("exact_match", {}, None)
     (run / "config.json").write_text(json.dumps({"imports": ["no_such_module_here"], "reward": {"name": "mine:score"}}))
     with pytest.raises(ValueError, match="no_such_module_here.*run from the directory the run was trained from"):
-        _run_defaults(run, "{prompt}", False, 8)
+        _run_defaults(run, "{prompt}", False, 8, dtype="float32")
 
 
 CONSTANT_REWARD = """

@@ -277,7 +277,9 @@ ChatTemplateOption = Annotated[Optional[bool], typer.Option(
     "model.chat_template does in training (default: the run's model.chat_template when --model is a run or one of its "
     "checkpoints, else off)")]
 DeviceOption = Annotated[str, typer.Option("--device", help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'")]
-DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
+DtypeOption = Annotated[Optional[str], typer.Option(
+    "--dtype", help="float32, bfloat16 or float16 [default: the run's model.dtype when --model is a training run or "
+    "one of its checkpoints, else float32]", show_default=False)]
 TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help="run the model directory's own model "
                                                      "and tokenizer code (auto_map in its config); read it first")]
 
@@ -285,7 +287,7 @@ TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help
 def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_column: str, answer_column: str,
                      prompt_template: str | None, chat_template: bool | None, max_new_tokens: int | None,
                      temperature: float, top_p: float, top_k: int,
-                     max_prompts: int | None, device: str, dtype: str, base: Path | None = None,
+                     max_prompts: int | None, device: str, dtype: str | None, base: Path | None = None,
                      check_fit: bool = False, trust_remote_code: bool = False, require_answer: bool = True,
                      correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
@@ -305,7 +307,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     from entrorl.trainer.config import resolve_device
 
     directory = resolve_model_directory(model, base=base)
-    defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold)
+    defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold, dtype)
     prompt_template, chat_template = defaults.prompt_template, defaults.chat_template
     max_new_tokens = defaults.max_new_tokens
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
@@ -326,7 +328,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     if declared is not None:
         check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
                           pad_token_id=tokenizer.pad_token_id)
-    policy = load_model_directory(directory, dtype=dtype, trust_remote_code=trust_remote_code, device=resolve_device(device))
+    policy = load_model_directory(directory, dtype=defaults.dtype, trust_remote_code=trust_remote_code, device=resolve_device(device))
     if check_fit and declared is None:
         check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
                           pad_token_id=tokenizer.pad_token_id)
@@ -394,22 +396,26 @@ class _SamplingDefaults(NamedTuple):
     reward: str
     reward_kwargs: dict[str, Any]
     correct_threshold: float | None
+    dtype: str
 
 
 def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool | None, max_new_tokens: int | None,
-                  reward: str | None = None, correct_threshold: float | None = None) -> _SamplingDefaults:
-    """The prompt template, chat-template switch, most new tokens and reward to sample and score with: those given,
-    else, when ``model`` is a training run or one of its checkpoints, the run's own (``data.prompt_template``,
-    ``model.chat_template``, ``rollout.max_new_tokens``, and ``reward.name`` with its ``reward.kwargs`` and, unless
-    given, ``reward.correct_threshold``, after the run's ``imports``, in its config.json; said in one line), else
-    ``"{prompt}"`` without the chat template, :data:`DEFAULT_MAX_NEW_TOKENS` and ``math``."""
+                  reward: str | None = None, correct_threshold: float | None = None,
+                  dtype: str | None = None) -> _SamplingDefaults:
+    """The prompt template, chat-template switch, most new tokens, reward and weights' type to sample and score with:
+    those given, else, when ``model`` is a training run or one of its checkpoints, the run's own
+    (``data.prompt_template``, ``model.chat_template``, ``rollout.max_new_tokens``, ``model.dtype``, and
+    ``reward.name`` with its ``reward.kwargs`` and, unless given, ``reward.correct_threshold``, after the run's
+    ``imports``, in its config.json; said in one line), else ``"{prompt}"`` without the chat template,
+    :data:`DEFAULT_MAX_NEW_TOKENS`, ``math`` and float32."""
     from entrorl.trainer.checkpoint import training_run_of
 
-    run = training_run_of(model) if None in (prompt_template, chat_template, max_new_tokens, reward) else None
+    run = training_run_of(model) if None in (prompt_template, chat_template, max_new_tokens, reward, dtype) else None
     if run is None:
         return _SamplingDefaults("{prompt}" if prompt_template is None else prompt_template, bool(chat_template),
                                  DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
-                                 "math" if reward is None else reward, {}, correct_threshold)
+                                 "math" if reward is None else reward, {}, correct_threshold,
+                                 "float32" if dtype is None else dtype)
     config = _read_json_object(run / "config.json") or {}
 
     def recorded(section: str, name: str, kind: type):
@@ -434,6 +440,8 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
     chat_template = setting(chat_template, "model.chat_template", bool, False, shown=lambda value: str(value).lower())
     max_new_tokens = setting(max_new_tokens, "rollout.max_new_tokens", int, DEFAULT_MAX_NEW_TOKENS, shown=str,
                              valid=lambda value: not isinstance(value, bool) and value >= 1)
+    dtype = setting(dtype, "model.dtype", str, "float32", shown=str,
+                    valid=lambda value: value in ("float32", "bfloat16", "float16"))
     reward_kwargs: dict[str, Any] = {}
     if reward is None:  # the run's reward, as its own evaluations scored with it
         reward = setting(None, "reward.name", str, "math")
@@ -448,12 +456,13 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
             _import_the_run_s_modules(config.get("imports"), run)
     if taken:
         console.print(Text(f"settings of the run in {run} (its config.json): {', '.join(taken)}; --prompt-template, "
-                           "--chat-template / --no-chat-template, --max-new-tokens, --reward and --correct-threshold "
-                           "override them"), soft_wrap=True)
+                           "--chat-template / --no-chat-template, --max-new-tokens, --reward, --correct-threshold "
+                           "and --dtype override them"), soft_wrap=True)
     if unread:
         console.print(Text.assemble(("warning", "yellow"), f": {run / 'config.json'} does not give "
                                     f"{' or '.join(unread)}; the default is used"), soft_wrap=True)
-    return _SamplingDefaults(prompt_template, chat_template, max_new_tokens, reward, reward_kwargs, correct_threshold)
+    return _SamplingDefaults(prompt_template, chat_template, max_new_tokens, reward, reward_kwargs, correct_threshold,
+                             dtype)
 
 
 def _import_the_run_s_modules(names: Any, run: Path) -> None:
@@ -471,8 +480,8 @@ def _import_the_run_s_modules(names: Any, run: Path) -> None:
 
 
 def _sampling_settings(model: Path, directory, reward_runner, defaults: _SamplingDefaults, sampling, *, n: int,
-                       prompt_column: str, answer_column: str, max_prompts: int | None, seed: int, batch_size: int,
-                       dtype: str) -> dict[str, Any]:
+                       prompt_column: str, answer_column: str, max_prompts: int | None, seed: int,
+                       batch_size: int) -> dict[str, Any]:
     """What `eval` and `data audit` record of how they sampled and scored (their summaries' ``settings``, one set of
     keys for both)."""
     return {"model": str(model), **_model_settings(directory), "reward": reward_runner.name,
@@ -480,7 +489,7 @@ def _sampling_settings(model: Path, directory, reward_runner, defaults: _Samplin
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
             "prompt_column": prompt_column, "answer_column": answer_column,
             "prompt_template": defaults.prompt_template, "chat_template": defaults.chat_template,
-            "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold, "dtype": dtype,
+            "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold, "dtype": defaults.dtype,
             "seed": seed, "batch_size": batch_size}
 
 
@@ -560,7 +569,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(min=1, help="sequences per generation call (the samples drawn depend on "
                                                        "it, the distribution does not)")] = 64,
     device: DeviceOption = "auto",
-    dtype: DtypeOption = "float32",
+    dtype: DtypeOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Avg@n, unbiased Pass@k and the pass-rate histogram of a model on a prompt file."""
@@ -607,7 +616,7 @@ def evaluate(
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
     summary["settings"] = {"data": str(data), **_sampling_settings(
         model, directory, reward_runner, defaults, sampling, n=n, prompt_column=prompt_column,
-        answer_column=answer_column, max_prompts=max_prompts, seed=seed, batch_size=batch_size, dtype=dtype)}
+        answer_column=answer_column, max_prompts=max_prompts, seed=seed, batch_size=batch_size)}
     summary["sources"] = [record.source for record in records]
     reward_log = _keep_reward_traceback(result.first_reward_error, None if out is None else _reward_log_path(out))
     if result.reward_errors:
@@ -903,7 +912,7 @@ def data_audit(
     batch_size: Annotated[int, typer.Option(min=1, help="sequences per generation call")] = 64,
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
-    dtype: DtypeOption = "float32",
+    dtype: DtypeOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Sample a model on every prompt and separate hard prompts from ones whose reference looks wrong.
@@ -954,7 +963,7 @@ def data_audit(
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
     settings = {**_sampling_settings(model, model_directory, reward_runner, defaults, sampling, n=n,
                                      prompt_column=prompt_column, answer_column=answer_column, max_prompts=max_prompts,
-                                     seed=seed, batch_size=batch_size, dtype=dtype), "device": device}
+                                     seed=seed, batch_size=batch_size), "device": device}
     reward_log = _keep_reward_traceback(result.first_reward_error, directory / REWARD_ERRORS_LOG)
     try:
         outputs = write_audit_outputs(result, data, directory, band=band, keep_wrong=keep_wrong, thresholds=thresholds,
