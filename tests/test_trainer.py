@@ -3541,9 +3541,35 @@ def test_samples_log_keeps_each_rollout_with_its_reward_reason(tmp_path, tiny_mo
     assert sum(row["reward"] for row in rows) / len(rows) == pytest.approx(metrics[1]["reward/mean"])
     for row in rows:
         assert row["completion"] is not None and row["length"] >= 0 and isinstance(row["truncated"], bool)
+        assert len(row["completion_ids"]) == row["length"]
+        assert trainer.tokenizer.decode(row["completion_ids"], skip_special_tokens=True) == row["completion"]
+        assert row["sampler_log_prob"] <= 0.0 and (row["sampler_log_prob"] < 0.0) == (row["length"] > 0)
         if row["reward"] == 0.0:  # a random-init model answers wrongly: the record says why
             assert isinstance(row["reason"], str) and row["reason"]
     assert any(row["reward"] == 0.0 for row in rows)
+
+
+def test_samples_log_gives_the_token_ids_sampled_and_their_log_probability_under_the_sampling_model(
+        tmp_path, tiny_model_dir, arithmetic_files):
+    """At temperature 1 without truncation the sampler's log-probability of a completion is the starting model's
+    log p(completion_ids | prompt): recomputed here from the ids written, as a reader of the file would."""
+    from entrorl.modeling import encode_prompt, load_causal_lm
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, logging={"progress": False, "samples_every": 1},
+                                     rollout={"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 5,
+                                              "temperature": 1.0}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    trainer.train_step()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step_000001.jsonl").read_text().splitlines()]
+    model = load_causal_lm(tiny_model_dir).eval()
+    for row in rows:
+        prompt_ids = encode_prompt(trainer.tokenizer, row["prompt"], template=config.data.prompt_template)
+        ids = torch.tensor([prompt_ids + row["completion_ids"]])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1:-1].double(), dim=-1)
+        expected = log_probs.gather(-1, torch.tensor(row["completion_ids"]).unsqueeze(-1)).sum().item()
+        assert row["sampler_log_prob"] == pytest.approx(expected, abs=1e-3)
 
 
 def test_device_setting_is_checked_before_any_model_loads(tmp_path, arithmetic_files, monkeypatch):

@@ -912,17 +912,23 @@ class Trainer:
         return metrics
 
     def _save_samples(self, scored: ScoredRollouts) -> Path:
-        """``samples/step_<step>.jsonl``: one line per rollout of the step with its prompt, completion, reference
-        answer, reward (after the group transforms: what the advantages see), correctness, advantage (the estimator's,
-        before the objective's shapers), length and the reward's reason (why it scored what it did)."""
+        """``samples/step_<step>.jsonl``: one line per rollout of the step with its prompt, completion (and its token
+        ids, which its text may not give back when re-tokenised, with its log-probability under the sampler, the sum
+        of its tokens'), reference answer, reward (after the group transforms: what the advantages see), correctness,
+        advantage (the estimator's, before the objective's shapers), length and the reward's reason (why it scored
+        what it did)."""
         folder = self.run_dir / "samples"
         folder.mkdir(exist_ok=True)
         rollouts = scored.rollouts
         lines = []
+        response_ids, response_mask = rollouts.response_ids.cpu(), rollouts.response_mask.cpu()
+        sequence_log_probs = (rollouts.sampler_log_probs.float() * rollouts.response_mask).sum(-1).tolist()
         for row, record in enumerate(scored.records):
             lines.append(json.dumps({
                 "step": self.step, "group": int(scored.group_ids[row]), "source": record.source, "prompt": record.prompt,
-                "completion": scored.completions[row] if scored.completions else None, "answer": record.answer,
+                "completion": scored.completions[row] if scored.completions else None,
+                "completion_ids": response_ids[row][response_mask[row]].tolist(),
+                "sampler_log_prob": sequence_log_probs[row], "answer": record.answer,
                 "reward": float(scored.rewards[row]),
                 "correct": bool(scored.correct[row]) if scored.correct is not None else None,
                 "advantage": float(scored.advantages[row]),
