@@ -785,3 +785,14 @@ def test_greedy_sampling_draws_no_random_numbers(policy):
     torch.manual_seed(11)
     sampler.generate([[5, 6]] * 2, SamplingParams(max_new_tokens=5, temperature=0.0))
     assert torch.equal(torch.rand(3), expected_next)
+
+
+def test_completion_ids_drop_the_padding_and_sequence_log_probs_sum_the_valid_tokens():
+    rollouts = Rollouts(
+        prompt_ids=torch.zeros(3, 1, dtype=torch.long), prompt_mask=torch.ones(3, 1, dtype=torch.bool),
+        response_ids=torch.tensor([[5, 6, 2], [7, 0, 0], [0, 0, 0]]),
+        response_mask=torch.tensor([[True, True, True], [True, False, False], [False, False, False]]),
+        sampler_log_probs=torch.tensor([[-0.5, -1.0, -0.25], [-2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+        lengths=torch.tensor([3, 1, 0]), truncated=torch.tensor([False, False, False]))
+    assert rollouts.completion_ids() == [[5, 6, 2], [7], []]
+    assert rollouts.sequence_log_probs() == [-1.75, -2.0, 0.0]

@@ -3066,6 +3066,7 @@ def test_cli_eval_writes_every_sample_it_scored(tmp_path, tiny_model_dir, arithm
         assert line["reward"] == float(exact(line["prompt"], line["completion"], line["answer"]))
         assert line["correct"] == (line["reward"] >= summary["threshold"]) and 1 <= line["length"] <= 5
         assert not line["truncated"] or line["length"] == 5  # cut at --max-new-tokens
+        assert len(line["completion_ids"]) == line["length"] and line["sampler_log_prob"] < 0
     assert any(line["truncated"] for line in lines)  # the untrained model rarely stops within 5 tokens
     assert summary["avg_at_n"] == pytest.approx(sum(line["correct"] for line in lines) / len(lines))
     assert summary["pass_rates"] == pytest.approx([sum(line["correct"] for line in lines[3 * i: 3 * i + 3]) / 3

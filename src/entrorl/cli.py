@@ -564,7 +564,8 @@ def evaluate(
     seed: SeedOption = 0,
     out: Annotated[Optional[Path], typer.Option(help="write the JSON summary here")] = None,
     samples: Annotated[Optional[Path], typer.Option(
-        help="write every sample here, one JSON line each: its prompt's source (file:line), prompt, completion, "
+        help="write every sample here, one JSON line each: its prompt's source (file:line), prompt, completion (with "
+        "its token ids and their log-probability under the sampler), "
         "reference answer, reward, correctness, length, truncation and the reward's reason")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="sequences per generation call (the samples drawn depend on "
                                                        "it, the distribution does not)")] = 64,

@@ -63,6 +63,15 @@ class Rollouts:
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
+    def completion_ids(self) -> list[list[int]]:
+        """Each response's token ids without its padding (its EOS kept), as lists."""
+        ids, mask = self.response_ids.cpu(), self.response_mask.cpu()
+        return [row[keep].tolist() for row, keep in zip(ids, mask)]
+
+    def sequence_log_probs(self) -> list[float]:
+        """Each response's log-probability under the sampler: the sum of its tokens' ``sampler_log_probs``."""
+        return (self.sampler_log_probs.float() * self.response_mask).sum(-1).tolist()
+
     def select(self, index: torch.Tensor | Sequence[int]) -> "Rollouts":
         """The rows ``index`` names: row numbers, or a boolean mask over the rows."""
         index = torch.as_tensor(index)

@@ -216,10 +216,7 @@ def audit_records(
         for start in range(0, len(todo), prompts_per_call):
             chunk = todo[start : start + prompts_per_call]
             rollouts = sampler.generate([prompt_ids[i] for i in chunk for _ in range(n)], sampling)
-            completions = tokenizer.batch_decode(
-                [row[mask].tolist() for row, mask in zip(rollouts.response_ids, rollouts.response_mask)],
-                skip_special_tokens=True,
-            )
+            completions = tokenizer.batch_decode(rollouts.completion_ids(), skip_special_tokens=True)
             repeated = [records[i] for i in chunk for _ in range(n)]
             scored = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated],
                             [r.meta for r in repeated], rollouts.lengths.tolist(), first_sample=start * n)

@@ -62,8 +62,8 @@ def evaluate_model(
     """Sample ``n`` responses per prompt with a private seed (the caller's RNG state is left untouched), score
     them, and summarise. With ``top_forks`` the highest-entropy response positions are decoded in context (their
     entropy at the sampling temperature, or at temperature 1 for greedy sampling). With ``keep_samples`` the result
-    lists every sample (prompt, completion, reference answer, reward, correctness, length, truncation, the reward's
-    reason), prompt by prompt. The samples depend on ``batch_size`` (one random number per row of a batch per token)."""
+    lists every sample (prompt, completion with its token ids and their log-probability under the sampler, reference
+    answer, reward, correctness, length, truncation, the reward's reason), prompt by prompt. The samples depend on ``batch_size`` (one random number per row of a batch per token)."""
     if not records:
         raise ValueError("evaluate_model: no prompts to evaluate")
     n = check_int(n, "evaluate_model: n", minimum=1)
@@ -74,17 +74,18 @@ def evaluate_model(
     repeated = [record for record in records for _ in range(n)]
     with private_seed(seed, next(model.parameters()).device):
         rollouts = sampler.generate(repeated_ids, sampling, progress=progress)
-    completions = tokenizer.batch_decode(
-        [row[mask].tolist() for row, mask in zip(rollouts.response_ids, rollouts.response_mask)], skip_special_tokens=True
-    )
+    completion_ids = rollouts.completion_ids()
+    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     result = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated], [r.meta for r in repeated],
                     rollouts.lengths.tolist())
     summary = summarize_samples(result.correct.view(len(records), n).numpy(), ks=ks)
     samples = []
     if keep_samples:
+        sequence_log_probs = rollouts.sequence_log_probs()
         for row, record in enumerate(repeated):
             samples.append({
                 "source": record.source, "sample": row % n, "prompt": record.prompt, "completion": completions[row],
+                "completion_ids": completion_ids[row], "sampler_log_prob": sequence_log_probs[row],
                 "answer": record.answer, "reward": float(result.rewards[row]), "correct": bool(result.correct[row]),
                 "length": int(rollouts.lengths[row]), "truncated": bool(rollouts.truncated[row]),
                 "reason": result.reasons[row] if result.reasons else None,

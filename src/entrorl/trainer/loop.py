@@ -561,9 +561,7 @@ class Trainer:
                               + where + ("" if self.step == 0 else " " + self._weight_norm_phrase()))
 
     def _score(self, rollouts: Rollouts, records: list[PromptRecord]):
-        completions = self.tokenizer.batch_decode(
-            [row[mask].tolist() for row, mask in zip(rollouts.response_ids, rollouts.response_mask)], skip_special_tokens=True
-        )
+        completions = self.tokenizer.batch_decode(rollouts.completion_ids(), skip_special_tokens=True)
         inputs = ([r.prompt for r in records], completions, [r.answer for r in records], [r.meta for r in records])
         result = self.reward(*inputs, rollouts.lengths.tolist())
         main_failures = result.errors  # the main reward's alone: an extra reward that fails leaves the score standing
@@ -921,13 +919,12 @@ class Trainer:
         folder.mkdir(exist_ok=True)
         rollouts = scored.rollouts
         lines = []
-        response_ids, response_mask = rollouts.response_ids.cpu(), rollouts.response_mask.cpu()
-        sequence_log_probs = (rollouts.sampler_log_probs.float() * rollouts.response_mask).sum(-1).tolist()
+        completion_ids, sequence_log_probs = rollouts.completion_ids(), rollouts.sequence_log_probs()
         for row, record in enumerate(scored.records):
             lines.append(json.dumps({
                 "step": self.step, "group": int(scored.group_ids[row]), "source": record.source, "prompt": record.prompt,
                 "completion": scored.completions[row] if scored.completions else None,
-                "completion_ids": response_ids[row][response_mask[row]].tolist(),
+                "completion_ids": completion_ids[row],
                 "sampler_log_prob": sequence_log_probs[row], "answer": record.answer,
                 "reward": float(scored.rewards[row]),
                 "correct": bool(scored.correct[row]) if scored.correct is not None else None,
