@@ -1469,7 +1469,10 @@ def test_a_step_with_every_response_cut_and_mask_truncated_has_no_kl_and_is_repo
     output = io.StringIO()
     Trainer(config, run_dir=tmp_path / "run", console=Console(file=output, width=300)).train()
     first = read_metrics(tmp_path / "run")[0]
-    assert first["tokens/valid"] == 0.0 and first["kl/ref_k1"] == 0.0
+    assert first["tokens/valid"] == 0.0
+    # a mean over no token is written as null, not as a 0 that would read "the policy equals the reference"
+    assert first["kl/ref_k1"] is None and first["entropy/predicted_delta_batch"] is None
+    assert first["entropy/predicted_delta_sum"] == 0.0  # nothing trained: no change predicted anywhere
     # the throughput counts every sampled token (8 rows of 2), trained on or not
     assert first["time/tokens_per_s"] * first["time/step_s"] == pytest.approx(16, rel=0.01)
     said = output.getvalue()

@@ -139,9 +139,9 @@ def predicted_vs_measured(
         summed = torch.zeros(int(points.max()) + 1, dtype=torch.float64).index_add_(0, points[trained], own[trained])
         predicted = summed[points]
     metrics = {
-        "entropy/predicted_delta": float(predicted[mask].mean()) if mask.any() else 0.0,
+        "entropy/predicted_delta": float(predicted[mask].mean()) if mask.any() else math.nan,  # no token: no mean
         "entropy/predicted_delta_sum": float(own[trained].sum()),
-        "entropy/predicted_delta_batch": float(predicted[trained].mean()) if trained.any() else 0.0,
+        "entropy/predicted_delta_batch": float(predicted[trained].mean()) if trained.any() else math.nan,
     }
     if entropy_after is not None and mask.any():
         measured = (entropy_after.detach().double() - entropy_before.detach().double())[mask]

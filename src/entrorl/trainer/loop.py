@@ -888,7 +888,7 @@ class Trainer:
         metrics.update(step_metrics)
         if reference_log_prob is not None:
             log_ratio = (logprob - reference_log_prob.float().cpu())[mask]
-            metrics["kl/ref_k1"] = float(log_ratio.mean()) if log_ratio.numel() else 0.0
+            metrics["kl/ref_k1"] = float(log_ratio.mean()) if log_ratio.numel() else math.nan  # no token: no mean
         metrics.update(scored.metrics)  # what collection measured (rewards, lengths; a subclass may add more)
         tokens = float(valid.sum())
         metrics.update({
