@@ -39,7 +39,8 @@ METHOD_SPECS = (
         surrogate=("ppo_clip", {}),
         loss_agg_mode="seq-mean-token-sum-norm",
         advantage_estimator="dr_grpo",
-        notes="Set loss_scale_factor to the maximum generation length (default: the padded length T).",
+        notes="loss_scale_factor is the maximum generation length: entrorl train sets it to rollout.max_new_tokens; "
+              "in Python, unset, it is each batch's padded length T, which varies with the batch.",
     ),
     MethodSpec(
         name="clip_cov",

@@ -117,15 +117,27 @@ class ObjectiveConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: str | list[str] | None = None
-    surrogate: PartSpec | None = None
-    shapers: list[PartSpec] = Field(default_factory=list)
-    regularizers: list[PartSpec] = Field(default_factory=list)
-    selectors: list[PartSpec] = Field(default_factory=list)
-    correction: PartSpec | None = None
-    loss_agg_mode: str | None = None
-    loss_scale_factor: float | None = Field(None, gt=0)
-    params: dict[str, Any] = Field(default_factory=dict)
+    method: str | list[str] | None = Field(
+        None, description="a method's name, 'a+b+c' or the list [a, b, c]: the first gives the surrogate and the "
+        "aggregation, the others add their parts; none: only the parts below (on PPO-clip)")
+    surrogate: PartSpec | None = Field(
+        None, description="the surrogate in place of the method's: a part's name, or {name: ..., <parameter>: ...}")
+    shapers: list[PartSpec] = Field(default_factory=list, description="advantage shapers added (a part the method has "
+                                    "already takes these parameters)")
+    regularizers: list[PartSpec] = Field(default_factory=list, description="loss terms added (entropy bonus, KL), "
+                                         "as shapers are")
+    selectors: list[PartSpec] = Field(default_factory=list, description="token selectors added (which tokens train), "
+                                      "as shapers are")
+    correction: PartSpec | None = Field(None, description="the off-policy correction (tis, icepop) in place of the "
+                                        "method's")
+    loss_agg_mode: str | None = Field(
+        None, description="how token losses become the loss, by verl's names: token-mean, seq-mean-token-mean, "
+        "seq-mean-token-sum, seq-mean-token-sum-norm (default: the method's)")
+    loss_scale_factor: float | None = Field(
+        None, gt=0, description="the divisor of seq-mean-token-sum-norm (Dr. GRPO's constant; entrorl train's "
+        "default: rollout.max_new_tokens)")
+    params: dict[str, Any] = Field(default_factory=dict, description="any parameter of the composed parts by its "
+                                   "name, e.g. {mu: 3.0, clip_ratio_high: 0.28} (`entrorl methods METHOD` lists them)")
 
     @field_validator("loss_agg_mode")
     @classmethod

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from entrorl._checks import did_you_mean, refuse_booleans_for_numbers
 from entrorl.advantages import GROUP_BASELINE_ESTIMATORS, available_advantages, compute_advantages
-from entrorl.objective import ObjectiveConfig, build_objective, get_method
+from entrorl.objective import ObjectiveConfig, PartSpec, build_objective, get_method
 
 __all__ = [
     "TrainConfig",
@@ -451,7 +451,7 @@ class TrainConfig(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     method: str | ObjectiveConfig = Field("grpo", description="a method name, 'a+b+c' (or the list [a, b, c]), or an "
-                                                             "objective config")
+                                                             "objective: the `method` section below")
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -689,7 +689,7 @@ def _type_name(annotation: Any) -> str:
     if origin is dict:
         return "mapping"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "section" if annotation is not ObjectiveConfig else "objective"
+        return {ObjectiveConfig: "objective", PartSpec: "part"}.get(annotation, "section")
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -714,16 +714,17 @@ def configuration_markdown() -> str:
              "Every key `entrorl train` reads, generated from `entrorl.trainer.config.TrainConfig` (a test keeps this",
              "file equal to the code). Set a key in the YAML or with `--set section.key=value` (a number picks an",
              "item of a list: `--set reward.extra.0.weight=0.5`); a key that is not",
-             "listed is refused, with the nearest valid names. Defaults are written as YAML reads them (`null` is",
-             "Python's None). `method` takes a method's name, a composition or an objective: see the README's",
-             "methods and `entrorl methods METHOD` for every parameter of one.", ""]
+             "listed is refused, with the valid names spelled most like it (or all of its section's when none is).",
+             "Defaults are written as YAML reads them (`null` is Python's None). `method` takes a method's name, a",
+             "composition or an objective (its keys are under `method` below): see the README's methods and",
+             "`entrorl methods METHOD` for every parameter of one.", ""]
 
     def section(model: type[BaseModel], prefix: str) -> None:
         rows, nested = [], []
         for name, field in model.model_fields.items():
             annotation = field.annotation
             sub = _section_of(annotation)
-            sub = None if sub is ObjectiveConfig else sub  # `method`: see `entrorl methods`
+            sub = None if model is ObjectiveConfig else sub  # its parts: see `entrorl methods`
             key = f"{prefix}{name}"
             meaning = field.description or (f"the `{key}` section below" if sub is not None else "")
             rows.append(f"| `{key}` | {_type_name(annotation)} | `{_default_text(field)}` | "
