@@ -52,3 +52,28 @@ def test_example_configs_validate():
     assert examples
     for path in examples:
         load_config(path)
+
+
+def test_the_migration_guide_names_only_keys_methods_and_parameters_that_exist():
+    """docs/migrating.md: every configuration key, `method: X` and `method.params.P` / `advantage.params.P` it names
+    is one `entrorl train` reads (a key renamed without the guide following fails here)."""
+    from entrorl.advantages import available_advantages
+    from entrorl.trainer.config import configuration_markdown
+
+    guide = (README.parent / "docs" / "migrating.md").read_text(encoding="utf-8")
+    # the tables' first column, and a key said to be verl's, name TRL's and verl's settings
+    ours = re.sub(r"^\| [^|]+ \|", "|", guide, flags=re.M).replace("verl's `", "verl's ")
+    keys = set(re.findall(r"^\| `([a-z_.\[\]]+)` \|", configuration_markdown(), flags=re.M))
+    sections = {key.split(".")[0] for key in keys}
+    named = set(re.findall(r"`((?:" + "|".join(sorted(sections)) + r")\.[a-z_.]+)", ours))
+    method_parameters = {name for info in available_methods() for name in info.params}
+    estimator_parameters = {name for info in available_advantages() for name in info.params}
+    unknown = [key for key in sorted(named) if key not in keys and not (
+        key.startswith("method.params.") and key.removeprefix("method.params.") in method_parameters) and not (
+        key.startswith("advantage.params.") and key.removeprefix("advantage.params.") in estimator_parameters)]
+    assert len(named) > 30 and not unknown, unknown
+    methods = {info.name for info in available_methods()}
+    for composition in re.findall(r"`method: ([a-z_+]+)`", guide):
+        assert set(composition.split("+")) <= methods, composition
+    bare_parameters = re.findall(r"`method\.params\.[a-z_]+`, `([a-z_]+)`", guide)
+    assert bare_parameters and set(bare_parameters) <= method_parameters, bare_parameters
