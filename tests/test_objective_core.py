@@ -887,6 +887,16 @@ def test_k3_is_clamped_to_ten_like_verls_low_var_kl():
     np.testing.assert_allclose(_np(grad_of(got.sum(), log_prob)), [0.0, 0.0, 1.0 - math.exp(-0.5), 0.0], rtol=1e-12)
 
 
+@pytest.mark.parametrize("verl_name, kind", [("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3")])
+def test_kl_ref_takes_verl_s_estimator_names(verl_name, kind):
+    """A recipe from verl can keep its kl_loss_type: the same estimator, the same loss."""
+    batch = make_batch(84)
+    batch.ref_log_prob = batch.old_log_prob + 0.5 * torch.randn(batch.log_prob.shape, generator=_gen(85), dtype=F64)
+    by_verl_name = build_objective("grpo+kl_ref", kl_loss_type=verl_name)
+    assert by_verl_name.regularizers[0].kl_loss_type == kind
+    assert float(by_verl_name(batch).loss) == float(build_objective("grpo+kl_ref", kl_loss_type=kind)(batch).loss)
+
+
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
 def test_kl_ref_regulariser(kind):
     assert build_objective("kl_ref").regularizers[0].kl_loss_coef == 1e-3

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from entrorl.dynamics import token_covariance
 from entrorl.objective.batch import PolicyBatch, fraction, masked_mean, policy_ratio
@@ -165,6 +165,10 @@ def kl_estimate(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, estimator: s
     raise ValueError(f"unknown KL estimator '{estimator}'; choose k1, k2 or k3")
 
 
+# verl's ``kl_loss_type`` names for the estimators (its ``low_var_kl`` is the clamped k3 of kl_estimate)
+VERL_KL_NAMES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
+
+
 @register_part(
     "kl_ref",
     description="beta * KL(pi || pi_ref) to a frozen reference policy, estimator k1 / k2 / k3",
@@ -182,8 +186,14 @@ class KLReference(Regularizer):
     aggregated_metrics: ClassVar[tuple[str, ...]] = ("kl/ref",)
 
     kl_loss_coef: float = Field(1e-3, ge=0.0, description="beta = 1e-3 (verl's kl_loss_coef default)")
-    kl_loss_type: Literal["k1", "k2", "k3"] = Field("k3", description="estimator; k3 as in GRPO (arXiv 2402.03300)")
+    kl_loss_type: Literal["k1", "k2", "k3"] = Field(
+        "k3", description="estimator; k3 as in GRPO (arXiv 2402.03300); verl's names kl, mse, low_var_kl are k1, k2, k3")
     importance_weighted: bool = Field(False, description="weigh each token's KL by pi / pi_old (DeepSeek-V3.2, arXiv 2512.02556)")
+
+    @field_validator("kl_loss_type", mode="before")
+    @classmethod
+    def _verl_names(cls, value: Any) -> Any:
+        return VERL_KL_NAMES.get(value, value) if isinstance(value, str) else value
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:
         # padding may hold anything (NaN included): k2's backward would multiply a zero upstream gradient by it
