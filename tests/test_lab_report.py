@@ -1571,3 +1571,15 @@ def test_a_number_cell_keeps_a_plain_json_value_and_html_tables_have_a_head_and_
     table.add([text("x"), num(1)])
     assert table.to_html() == ('<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td class="txt">x</td>'
                                '<td class="num">1</td></tr></tbody></table>')
+
+
+def test_every_key_of_report_json_is_in_the_reports_guide(report_run):
+    """docs/reports.md names each key `entrorl lab`'s report.json has, and those of its rules, methods, headline,
+    law fits and reproduce sections."""
+    _, report, _, _ = report_run
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "reports.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"`([a-z_0-9]+)`", guide[guide.index("## `entrorl lab`"):]))
+    documented |= set(re.findall(r"`([a-z_0-9]+)`", guide[guide.index("`law.fit` holds"):guide.index("## `entrorl lab`")]))
+    written = {*report, *report["rules"], *report["methods"]["grpo"], *report["headline"], *report["law"],
+               *report["law"]["fits"]["grpo"], *report["distributions"], *report["reproduce"]}
+    assert written - documented == set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -992,3 +993,17 @@ def test_a_chance_level_needs_two_steps_with_a_sign(tmp_path):
     summary = {r["quantity"]: r["value"] for r in write_run_report(write_run(tmp_path / "two", two), figures=False)
                ["summary"]["rows"]}
     assert summary["predicted vs measured entropy change: sign agreement"] == "0.5 of 2 steps (0.5 by chance)"
+
+
+def test_every_key_of_report_json_is_in_the_reports_guide(tmp_path):
+    """docs/reports.md names each key `entrorl report` writes, and each of the law's: a key added or renamed without
+    the guide following fails here."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "reports.md").read_text(encoding="utf-8")
+    section = guide[guide.index("## `entrorl report RUN_DIR`"):guide.index("## `entrorl lab`")]
+    documented = set(re.findall(r"`([a-z_0-9]+)`", section))
+    run = write_run(tmp_path / "run", law_records(40), evaluations={40: {"avg_at_n": 0.5, "pass_at_k": {"1": 0.5}}},
+                    forks={40: [{"token": "x", "entropy": 1.2, "source": "f:1"}]})
+    report = write_run_report(run, figures=False)
+    law = report["law"]["fit"]
+    written = {*report, *report["law"], *report["forks"], *law, *law["fit"], *law["forecast"]}
+    assert written - documented == set()
