@@ -173,6 +173,30 @@ def test_grpo_matches_reference(seed):
     np.testing.assert_allclose(got.numpy(), ref_grpo(r, gid, eps=0.5), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grpo_with_the_batch_s_std_divides_each_group_s_centred_rewards_by_one_std(seed):
+    """std_scope='batch' (Lite PPO, arXiv 2508.08221; TRL's scale_rewards='batch'): A = (R - mean_g) / (std_batch +
+    eps), the unbiased std of every reward; a singleton keeps the mean-0 convention; a group of equal rewards gets 0."""
+    r, gid, _, _ = make_batch(seed)
+    r[gid == gid[0]] = 0.7  # one group of equal rewards
+    expected = ref_grpo(r, gid, norm=False) / (r.std(ddof=1) + 1e-6)
+    expected[gid == gid[0]] = 0.0
+    got = compute_advantages("grpo", t(r), t(gid), std_scope="batch")
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(compute_advantages("grpo", t(r), t(gid), std_scope="batch", norm_adv_by_std_in_grpo=False),
+                               ref_grpo(r, gid, norm=False), rtol=1e-5, atol=1e-6)  # no std: the scope changes nothing
+
+
+def test_grpo_with_the_batch_s_std_on_equal_or_single_rewards_and_a_scope_it_does_not_know():
+    assert compute_advantages("grpo", t([0.5, 0.5, 0.5, 0.5]), t([0, 0, 1, 1]), std_scope="batch").tolist() == [0.0] * 4
+    # no std to divide by (one reward, or equal singletons): 1, as for a singleton group under the group scope
+    assert compute_advantages("grpo", t([2.0]), t([0]), std_scope="batch").tolist() == [pytest.approx(2.0 / (1 + 1e-6))]
+    assert compute_advantages("grpo", t([0.5, 0.5]), t([0, 1]), std_scope="batch").tolist() == [
+        pytest.approx(0.5 / (1 + 1e-6))] * 2
+    with pytest.raises(ValueError, match="std_scope must be 'group' or 'batch', got 'prompt'"):
+        compute_advantages("grpo", t([1.0, 0.0]), t([0, 0]), std_scope="prompt")
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_dr_grpo_and_grpo_without_std(seed):
     r, gid, _, _ = make_batch(seed)
@@ -674,7 +698,7 @@ def test_available_advantages_lists_every_estimator_with_paper_and_defaults():
     }
     for name, arxiv in papers.items():
         assert arxiv in infos[name].paper, name
-    assert infos["grpo"].params == {"norm_adv_by_std_in_grpo": True, "epsilon": 1e-6}
+    assert infos["grpo"].params == {"norm_adv_by_std_in_grpo": True, "epsilon": 1e-6, "std_scope": "group"}
     assert infos["dr_grpo"].params == {} and infos["rloo"].params == {}
     assert infos["reinforce_pp"].params == {"epsilon": 1e-8}
     assert infos["reinforce_pp_baseline"].params == {"epsilon": 1e-8}

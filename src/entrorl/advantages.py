@@ -398,7 +398,8 @@ def _check_eps(epsilon: float, name: str) -> None:
 
 @register_advantage(
     "grpo",
-    description="Group-normalised advantage (R - mean_g) / (std_g + eps); std optional (False = Dr. GRPO).",
+    description="Group-normalised advantage (R - mean_g) / (std_g + eps); std optional (False = Dr. GRPO), or the "
+                "batch's (std_scope='batch', Lite PPO / TRL's scale_rewards='batch').",
     paper="DeepSeekMath / GRPO, arXiv 2402.03300",
 )
 def grpo(
@@ -407,23 +408,32 @@ def grpo(
     *,
     norm_adv_by_std_in_grpo: bool = True,
     epsilon: float = 1e-6,
+    std_scope: str = "group",
 ) -> torch.Tensor:
     """GRPO outcome advantage (arXiv 2402.03300): ``A_i = (R_i - mean_g) / (std_g + epsilon)``.
 
     ``std_g`` is the unbiased (N - 1) group std, as verl's ``torch.std``. With
     ``norm_adv_by_std_in_grpo=False``: ``A_i = R_i - mean_g``. A singleton group gets mean 0 and std 1
     (verl's convention), i.e. ``A = R / (1 + epsilon)`` (``A = R`` without std). A group of equal rewards
-    gets exactly 0.
+    gets exactly 0. ``std_scope="batch"`` divides by the unbiased std of every reward of the batch instead (group
+    mean, batch std: Lite PPO, arXiv 2508.08221; TRL's ``scale_rewards="batch"``), singletons included; a batch
+    without a std (one reward, or equal ones) takes std 1, as a singleton group does.
     """
     _check_eps(epsilon, "grpo")
     if norm_adv_by_std_in_grpo not in (True, False):
         raise ValueError(f"norm_adv_by_std_in_grpo must be True or False, got {norm_adv_by_std_in_grpo!r}")
+    if std_scope not in ("group", "batch"):
+        raise ValueError(f"std_scope must be 'group' or 'batch', got {std_scope!r}")
     r, g = _check_rewards_groups(rewards, group_ids)
     st = _group_stats(r, g)
     single = st.count == 1
     mean = torch.where(single, torch.zeros_like(st.mean), st.mean)
     adv = r - mean
-    if norm_adv_by_std_in_grpo:
+    if norm_adv_by_std_in_grpo and std_scope == "batch":
+        values = r.to(torch.float64)
+        batch_std = values.std() if values.numel() > 1 and bool((values != values[0]).any()) else values.new_ones(())
+        adv = adv / (batch_std + epsilon)
+    elif norm_adv_by_std_in_grpo:
         std = torch.where(single, torch.ones_like(st.std), st.std)
         adv = adv / (std + epsilon)
     adv = torch.where(st.constant & ~single, torch.zeros_like(adv), adv)
