@@ -884,12 +884,13 @@ def parse_set_option(option: str) -> tuple[list[str], Any]:
 
 def _list_index(option: str, items: list, part: str) -> int:
     """The position ``part`` names in a list of sections (``reward.extra.0.weight``: 0), or a ConfigError."""
+    count = f"{len(items)} item{'' if len(items) == 1 else 's'}"
     if not part.isdigit():
-        raise ConfigError(f"--set {option!r}: '{part}' is not a position in a list of {len(items)} items "
-                          "(write a number, counting from 0)")
+        raise ConfigError(f"--set {option!r}: '{part}' is not a position in a list of {count} (write a number, "
+                          "counting from 0)")
     if int(part) >= len(items):
-        raise ConfigError(f"--set {option!r}: position {part} is past the end of a list of {len(items)} items "
-                          "(a new item is added by giving the whole list)")
+        raise ConfigError(f"--set {option!r}: position {part} is past the end of a list of {count} (a new item is "
+                          "added by giving the whole list)")
     return int(part)
 
 
