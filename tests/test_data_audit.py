@@ -1475,3 +1475,169 @@ def test_the_majority_examples_are_the_majority_group_s_own_samples_also_when_th
     outputs = write_audit_outputs(result, data, tmp_path / "out", plot=False)
     (row,) = [json.loads(line) for line in outputs.per_prompt.read_text().splitlines()]
     assert row["majority_examples"] == ["c1", "c2"]
+
+
+# --------------------------------------------------------------------------------------------------
+# what the command prints, its defaults, and the files named
+# --------------------------------------------------------------------------------------------------
+
+TABLE_REWARDS_MODULE = """
+def first_right(prompt, completion, answer, **meta):
+    if prompt.startswith("3"):
+        raise ValueError("three")
+    return 1.0 if prompt.startswith("1") else 0.0
+"""
+
+
+def _table_rows(output: str) -> list[list[str]]:
+    """The cells of every row of the rich tables printed (lines between vertical bars)."""
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in output.splitlines() if line.startswith("│")]
+
+
+def test_cli_data_audit_prints_the_pass_rate_table_the_suspects_and_counts_over_the_prompts_it_sampled(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """Three prompts fit the context and one does not (63 tokens + 2 > 64): the too-long prompt is listed and the
+    others sampled (not refused as `eval` refuses it). The pass-rate table labels its rows c/n and scales its bars to
+    the widest bin; the suspects table gives each pass rate as c/n; the closing line counts the kept rows among all
+    the rows read; the reward failures are counted among the samples drawn, not those of the too-long prompt."""
+    import entrorl.trainer.audit
+
+    (tmp_path / "entrorl_test_data_audit_table_rewards.py").write_text(TABLE_REWARDS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(entrorl.trainer.audit, "answer_tools", lambda reward: (lambda completion: "7", lambda a, b: a == b))
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}, {"prompt": "3+3=", "answer": "6"},
+            {"prompt": "9" * 63, "answer": "9"}]
+    Path("t.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    try:
+        result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", "t.jsonl", "--n", "2",
+                                          "--max-new-tokens", "2", "--reward", "entrorl_test_data_audit_table_rewards:first_right",
+                                          "--out", "aud"])
+    finally:
+        sys.modules.pop("entrorl_test_data_audit_table_rewards", None)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert ("skipped t.jsonl:4: the prompt has 63 tokens; with max_new_tokens=2 it exceeds the model's context of 64 "
+            "tokens (not sampled)") in lines
+    cells = _table_rows(result.output)
+    histogram = {row[0]: row[1:] for row in cells if row[0] in ("0/2", "1/2", "2/2")}
+    assert histogram == {"0/2": ["2", "0", "0", "2", "#" * 24], "1/2": ["0", "0", "0", "0", ""],
+                         "2/2": ["1", "1", "0", "0", "#" * 12]}
+    assert [row for row in cells if row[0].startswith("t.jsonl:")] == [["t.jsonl:2", "4", "7", "1.00", "0/2"],
+                                                                       ["t.jsonl:3", "6", "7", "1.00", "0/2"]]
+    assert "ok 1, hard 0, looks wrong 2, too long 1; band (0, 1): kept 0 of 4 rows -> aud/t.filtered.jsonl" in lines
+    assert ("reward errors: the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample 4: "
+            "ValueError: three; its traceback is in aud/reward_errors.log") in lines
+
+
+def test_cli_lists_the_first_20_prompts_too_long_for_the_context_and_counts_the_others(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch):
+    """Without --max-new-tokens `data audit` samples up to 256 new tokens, more than the tiny model's context of 64, so no
+    prompt fits: the first 20 are listed one per line with the most new tokens used, the others counted in one line,
+    and the command stops with exit 2, writing nothing."""
+    monkeypatch.chdir(tmp_path)
+    Path("long.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(21)))
+    said = {}
+    for option in ([], ["--max-prompts", "20"]):
+        result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", "long.jsonl", "--n",
+                                          "1", "--reward", "exact_match", "--out", "aud", *option])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert "error: no prompt could be audited" in result.output
+        said[bool(option)] = [line for line in result.output.splitlines() if line.startswith("skipped")]
+    listed = [f"skipped long.jsonl:{i + 1}: the prompt has {len(f'{i}+{i}=')} tokens; with max_new_tokens=256 it exceeds "
+              "the model's context of 64 tokens (not sampled)" for i in range(20)]
+    assert said[False] == [*listed, "skipped ... and 1 more prompts too long for the context"]
+    assert said[True] == listed
+    assert not Path("aud").exists()
+
+
+def test_cli_lists_at_most_20_suspected_wrong_prompts_under_a_title_counting_them_all(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch):
+    import entrorl.trainer.audit
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(entrorl.trainer.audit, "answer_tools", lambda reward: (lambda completion: "7", lambda a, b: a == b))
+    Path("d.jsonl").write_text("".join(json.dumps({"prompt": f"{i}=", "answer": f"r{i}"}) + "\n" for i in range(21)))
+    result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", "d.jsonl", "--n", "1",
+                                      "--max-new-tokens", "1", "--reward", "exact_match", "--out", "aud"])
+    assert result.exit_code == 0, result.output
+    assert "21 prompts whose reference looks wrong" in result.output and "looks wrong 21" in result.output
+    listed = [row[1] for row in _table_rows(result.output) if row[0].startswith("d.jsonl:")]
+    assert listed == [f"r{i}" for i in range(20)]
+
+
+def test_cli_data_audit_defaults_are_16_samples_the_open_band_and_the_documented_thresholds(markup_data, tiny_model_dir):
+    """Without --n, --band, --consensus and --low-pass-rate: 16 samples per prompt, the band (0, 1) (a prompt every
+    sample solves is dropped), a consensus of 0.5 and a low pass rate of 0.25, as docs/data-audit.md says."""
+    result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(markup_data),
+                                      "--max-new-tokens", "1", "--reward", "entrorl_test_audit_rewards:half", "--out", "aud"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(Path("aud/summary.json").read_text())
+    assert summary["n"] == summary["settings"]["n"] == 16 and summary["counts"]["ok"] == 3
+    assert summary["thresholds"] == {"consensus": 0.5, "low_pass_rate": 0.25}
+    # every reward is 0.5, correct at the reward's threshold: pass rate 1 everywhere, outside the open band
+    assert (summary["band"]["band"], summary["band"]["in_band"], summary["band"]["kept"]) == ("(0, 1)", 0, 0)
+
+
+@pytest.mark.parametrize("name", ["pass_rate_histogram.png", "reward_errors.log"])
+def test_a_saved_data_set_named_like_an_output_file_is_refused_as_output_beside_it(tmp_path, name):
+    """A saved data set directory called pass_rate_histogram.png or reward_errors.log, given to data audit with its own folder as
+    --out, would have an output file written over it: refused before sampling and before writing, the input untouched."""
+    datasets = pytest.importorskip("datasets")
+    from entrorl.trainer.audit import check_audit_output
+
+    rows = [{"prompt": f"problem {i}", "answer": row[0], "row": i} for i, row in enumerate(TABLE)]
+    data = tmp_path / name
+    datasets.Dataset.from_list(rows).save_to_disk(str(data))
+    before = sorted(path.name for path in data.iterdir())
+    with pytest.raises(ValueError, match=rf"the audit would write its {name} into .*, over the input"):
+        check_audit_output(data, tmp_path)
+    with pytest.raises(ValueError, match="over the input"):
+        write_audit_outputs(hand_made_result(data), data, tmp_path, plot=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [name] and sorted(p.name for p in data.iterdir()) == before
+
+
+def test_the_histogram_figure_is_pass_rate_histogram_png_titled_with_the_data_and_its_counts(tmp_path, monkeypatch):
+    import entrorl.trainer.audit
+
+    titles = []
+    plot = entrorl.trainer.audit.plot_pass_rate_histogram
+
+    def recorded(histogram, path, *, title=""):
+        titles.append(title)
+        return plot(histogram, path, title=title)
+
+    monkeypatch.setattr(entrorl.trainer.audit, "plot_pass_rate_histogram", recorded)
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"prompt": "p", "answer": "7"}\n', encoding="utf-8")
+    outputs = write_audit_outputs(one_prompt_result(data, ["7", "3"], [True, False]), data, tmp_path / "out")
+    assert outputs.histogram_png == tmp_path / "out" / "pass_rate_histogram.png"
+    assert outputs.histogram_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(outputs.summary_json.read_text())["files"]["histogram_png"] == str(outputs.histogram_png)
+    assert titles == ["one.jsonl: 1 prompts x 2 samples"]
+
+
+def test_a_sampled_answer_that_is_the_reference_makes_a_prompt_hard_even_when_the_reward_rejects_it(tiny_model_dir):
+    """audit_records gives each prompt's reference to its audit: every sample answers the reference '2' and a strict
+    reward scores them all 0, so the majority is the reference's answer and the prompt is hard, not wrong."""
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+
+    def strict(prompt, completion, answer, **meta):
+        return 0.0
+
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir)
+    records = [PromptRecord("1+1=", "2", source="mem:1")]
+    ids = [tokenizer(r.prompt)["input_ids"] for r in records]
+    result = audit_records(model, tokenizer, records, ids, RewardRunner(strict), n=3, sampling=SamplingParams(max_new_tokens=1),
+                           extract=lambda completion: "2")
+    (judged,) = result.audits
+    assert (judged.majority_answer, judged.majority_matches_reference, judged.pass_rate, judged.verdict) == ("2", True, 0.0, "hard")
+
+
+def test_answers_of_any_other_reward_are_one_answer_up_to_case_and_surrounding_spaces():
+    def custom(prompt, completion, answer, **meta):
+        return 0.0
+
+    extract, same = answer_tools(custom)
+    assert extract("so the answer is \\boxed{Paris}") == "Paris" and extract("no idea") is None
+    assert same(" Paris ", "paris") and same("PARIS", "Paris") and not same("Paris", "Lyon")

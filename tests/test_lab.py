@@ -232,6 +232,32 @@ def test_the_character_tokenizer_has_one_token_per_distinct_character_and_decode
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
 
 
+def test_a_tiny_qwen2_s_default_architecture_is_64_wide_2_layers_4_heads_2_kv_heads_512_positions_no_dropout():
+    from entrorl.lab.tiny_model import build_tiny_qwen2
+
+    config = build_tiny_qwen2(100).config
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads,
+            config.num_key_value_heads, config.max_position_embeddings, config.vocab_size) == (64, 256, 2, 4, 2, 512, 100)
+    assert config.attention_dropout == 0.0
+
+
+def test_the_default_alphabet_gives_printable_ascii_and_the_newline_a_token_each_and_spaces_are_decoded_as_written():
+    """100 tokens: the four specials, then one per printable ASCII character (space included) and the newline; a
+    multi-line prompt has no unknown token. The tokenizer never cleans up spaces (transformers 4 would drop the one
+    before punctuation when asked to)."""
+    import string
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    characters = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    assert len(characters) == 96 and len(tokenizer) == 100
+    ids = [tokenizer(character)["input_ids"] for character in characters]
+    assert all(len(one) == 1 for one in ids) and sorted(one[0] for one in ids) == list(range(4, 100))
+    assert tokenizer.unk_token_id not in tokenizer("line 1\nline 2")["input_ids"]
+    assert tokenizer.clean_up_tokenization_spaces is False
+
+
 def test_a_saved_tiny_model_loads_back_as_built_and_leaves_the_progress_bars_as_they_were(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

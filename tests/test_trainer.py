@@ -3212,6 +3212,22 @@ def test_cli_writes_reasoning_gym_data_the_reward_scores(tmp_path):
     assert table.returncode == 2 and "must end in .jsonl" in table.stderr and not (tmp_path / "arithmetic.csv").exists()
 
 
+def test_reasoning_gym_prompts_go_to_a_jsonl_file_of_any_case_and_to_no_other_format(tmp_path):
+    pytest.importorskip("reasoning_gym")
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    result = CliRunner().invoke(app, ["data", "reasoning-gym", "basic_arithmetic", "--size", "2", "--out",
+                                      str(tmp_path / "set.JSONL")])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "set.JSONL").read_text().splitlines()) == 2
+    refused = CliRunner().invoke(app, ["data", "reasoning-gym", "basic_arithmetic", "--size", "2", "--out",
+                                       str(tmp_path / "set.csv")])
+    assert refused.exit_code == 2 and "the file must end in .jsonl" in " ".join(refused.output.split()), refused.output
+    assert not (tmp_path / "set.csv").exists()
+
+
 def test_cli_eval_of_a_run_samples_with_the_run_s_prompt_format(tmp_path, tiny_model_dir, arithmetic_files):
     """--model naming a run or one of its checkpoints: prompts are formatted as the run trained on them (its
     data.prompt_template and model.chat_template) and responses as long as its rollouts (rollout.max_new_tokens),
@@ -3303,6 +3319,21 @@ def test_eval_of_a_run_scores_with_the_run_s_reward_and_its_settings(tmp_path, c
     (run / "config.json").write_text(json.dumps({"imports": ["no_such_module_here"], "reward": {"name": "mine:score"}}))
     with pytest.raises(ValueError, match="no_such_module_here.*run from the directory the run was trained from"):
         _run_defaults(run, "{prompt}", False, 8, dtype="float32")
+
+
+def test_a_run_s_settings_that_are_true_or_false_instead_of_numbers_are_not_taken_for_1(tmp_path, capsys):
+    """A config.json holding `true` for rollout.max_new_tokens or reward.correct_threshold (a hand-edited file) gives no
+    1: the most new tokens is the default, with a warning naming the key, and the reward's own threshold is kept."""
+    from entrorl.cli import DEFAULT_MAX_NEW_TOKENS, _run_defaults
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"rollout": {"max_new_tokens": True},
+                                                 "reward": {"name": "math", "correct_threshold": True}}))
+    defaults = _run_defaults(run, "{prompt}", False, None, dtype="float32")
+    assert (defaults.max_new_tokens, defaults.reward, defaults.correct_threshold) == (DEFAULT_MAX_NEW_TOKENS, "math", None)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "does not give rollout.max_new_tokens; the default is used" in said and "correct_threshold" not in said
 
 
 CONSTANT_REWARD = """
@@ -4210,6 +4241,16 @@ def test_the_train_command_says_when_half_precision_weights_are_trained_and_save
     assert ("model.path stores bfloat16 weights: they are trained in float32 (model.dtype) and the checkpoints hold "
             "float32, twice the size; model.dtype: bfloat16 keeps them in bfloat16") in said["float32"]
     assert "stores" not in said["bfloat16"]
+
+
+def test_the_stored_weight_type_is_read_from_dtype_or_from_torch_dtype_as_transformers_4_writes_it(tmp_path):
+    from entrorl.cli import _stored_dtype
+
+    for declared, expected in (({"torch_dtype": "bfloat16"}, "bfloat16"), ({"dtype": "float16", "torch_dtype": "float32"},
+                               "float16"), ({"dtype": None}, None), ({}, None)):
+        (tmp_path / "config.json").write_text(json.dumps(declared))
+        assert _stored_dtype(tmp_path) == expected, declared
+    assert _stored_dtype(tmp_path / "missing") is None
 
 
 def test_resume_of_a_finished_run_names_its_step_and_optim_steps_and_reads_past_an_unreadable_config_json(
