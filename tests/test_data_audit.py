@@ -1641,3 +1641,20 @@ def test_answers_of_any_other_reward_are_one_answer_up_to_case_and_surrounding_s
     extract, same = answer_tools(custom)
     assert extract("so the answer is \\boxed{Paris}") == "Paris" and extract("no idea") is None
     assert same(" Paris ", "paris") and same("PARIS", "Paris") and not same("Paris", "Lyon")
+
+
+def test_the_default_output_of_the_working_directory_s_data_set_is_beside_it_named_after_it(tmp_path, monkeypatch):
+    """`entrorl data audit --data .` inside a saved data set: the outputs go to ../<its name>.audit, and the filtered
+    copy is <its name>.filtered, as for `--data ../saved` (not ./.audit inside the input, a hidden .filtered)."""
+    datasets = pytest.importorskip("datasets")
+    from entrorl.trainer.audit import _filtered_name, check_audit_output
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"prompt": "1+1=", "answer": "2"}]).save_to_disk(str(saved))
+    monkeypatch.chdir(saved)
+    for given in (".", "./", "../saved"):
+        assert default_audit_dir(given).resolve() == tmp_path / "saved.audit"
+        assert check_audit_output(given).resolve() == tmp_path / "saved.audit"
+        assert _filtered_name(Path(given)) == "saved.filtered"
+    monkeypatch.chdir(saved / "..")
+    assert default_audit_dir("saved/..").resolve() == tmp_path.parent / f"{tmp_path.name}.audit"
