@@ -2988,9 +2988,12 @@ def test_methods_with_a_method_lists_every_parameter_of_its_parts_with_its_meani
     assert params[("clip_b", "mu_high")] == (None, ClipB.model_fields["mu_high"].description)
     assert set(params) == {("ppo_clip", name) for name in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c")} | {
         ("clip_b", name) for name in ClipB.model_fields}
+    assert described["advantage"]["params"] == {"norm_adv_by_std_in_grpo": True, "epsilon": 1e-6, "std_scope": "group"}
     table = CliRunner().invoke(app, ["methods", "clip_b"], env={"COLUMNS": "200"})
     assert table.exit_code == 0 and "mu_high" in table.output and "upper bound mu^+" in table.output
     assert "method: {method: clip_b, params: {clip_ratio_low: 0.2}}" in table.output
+    assert ('its parameters, set under advantage.params (defaults): norm_adv_by_std_in_grpo: true, epsilon: 1e-06, '
+            'std_scope: "group"') in " ".join(table.output.split())
     config = TrainConfig.model_validate({"model": {"path": "m"}, "data": {"train": "t.jsonl"},
                                          "method": {"method": "clip_b", "params": {"clip_ratio_low": 0.1}}})
     assert config.build_objective().surrogate.clip_ratio_low == 0.1

@@ -734,8 +734,10 @@ def methods(
 
 
 def _describe_method(method: str, *, as_json: bool) -> None:
-    """``entrorl methods METHOD``: what each method of the composition does, its aggregation and advantages, and
-    every parameter of its parts (those left at None included) with its value and its field's description."""
+    """``entrorl methods METHOD``: what each method of the composition does, its aggregation and advantage estimator
+    (with the estimator's parameters, set under ``advantage.params``), and every parameter of its parts (those left at
+    None included) with its value and its field's description."""
+    from entrorl.advantages import available_advantages
     from entrorl.objective import ObjectiveConfig, build_objective, get_method
 
     try:
@@ -748,10 +750,13 @@ def _describe_method(method: str, *, as_json: bool) -> None:
     parts = [{"kind": part.kind, "name": part.name,
               "params": [{"name": key, "value": value, "description": type(part).model_fields[key].description or ""}
                          for key, value in part.params().items()]} for part in objective.parts]
+    estimator = next(info for info in available_advantages() if info.name == specs[0].advantage_estimator)
     described = {"name": objective.name,
                  "methods": [{"name": spec.name, "description": spec.description, "paper": spec.paper,
                               "notes": spec.notes} for spec in specs],
-                 "loss_agg_mode": objective.loss_agg_mode, "advantage_estimator": specs[0].advantage_estimator,
+                 "loss_agg_mode": objective.loss_agg_mode, "advantage_estimator": estimator.name,
+                 "advantage": {"description": estimator.description, "paper": estimator.paper,
+                               "params": estimator.params},
                  "parts": parts}
     if as_json:
         sys.stdout.write(json.dumps(described, indent=1, default=str) + "\n")
@@ -762,8 +767,11 @@ def _describe_method(method: str, *, as_json: bool) -> None:
         out.print(Text.assemble((spec.name, "bold"), f": {spec.description} ({spec.paper})"), soft_wrap=True)
         if spec.notes:
             out.print(Text(f"  {spec.notes}"), soft_wrap=True)
-    out.print(Text(f"loss aggregation {objective.loss_agg_mode}; advantages {specs[0].advantage_estimator} "
-                   f"(advantage.name)"), soft_wrap=True)
+    out.print(Text(f"loss aggregation {objective.loss_agg_mode}; advantages {estimator.name} (advantage.name): "
+                   f"{estimator.description} ({estimator.paper})"), soft_wrap=True)
+    if estimator.params:
+        settings = ", ".join(f"{key}: {json.dumps(value)}" for key, value in estimator.params.items())
+        out.print(Text(f"  its parameters, set under advantage.params (defaults): {settings}"), soft_wrap=True)
     table = Table(title=f"parameters of {objective.name}")
     for column in ("part", "parameter", "default", "meaning"):
         table.add_column(column, overflow="fold", no_wrap=column != "meaning")
