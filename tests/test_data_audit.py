@@ -1658,3 +1658,21 @@ def test_the_default_output_of_the_working_directory_s_data_set_is_beside_it_nam
         assert _filtered_name(Path(given)) == "saved.filtered"
     monkeypatch.chdir(saved / "..")
     assert default_audit_dir("saved/..").resolve() == tmp_path.parent / f"{tmp_path.name}.audit"
+
+
+def test_data_audit_audits_rows_without_a_reference_answer_with_no_require_answer(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    """For a reward that checks answers without a reference: refused by default, naming the option; with
+    --no-require-answer every row is sampled and audited, and the filtered copy keeps the rows as they were."""
+    monkeypatch.chdir(tmp_path)
+    Path("d.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n{"prompt": "3+3=", "answer": null}\n')
+    common = ["data", "audit", "--model", str(tiny_model_dir), "--data", "d.jsonl", "--n", "2", "--max-new-tokens", "2",
+              "--reward", "exact_match", "--band", "[0, 1]", "--out", "aud"]
+    refused = CliRunner().invoke(app, common)
+    assert refused.exit_code == 2 and "--no-require-answer for entrorl eval and data audit" in " ".join(
+        refused.output.split()) and not Path("aud").exists()
+    result = CliRunner().invoke(app, [*common, "--no-require-answer"])
+    assert result.exit_code == 0, result.output
+    audited = [json.loads(line) for line in Path("aud/audit.jsonl").read_text().splitlines()]
+    assert len(audited) == 3
+    assert Path("aud/d.filtered.jsonl").read_text() == Path("d.jsonl").read_text()  # the band [0, 1] keeps every row

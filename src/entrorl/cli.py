@@ -280,6 +280,9 @@ DeviceOption = Annotated[str, typer.Option("--device", help="'auto' (a CUDA GPU 
 DtypeOption = Annotated[Optional[str], typer.Option(
     "--dtype", help="float32, bfloat16 or float16 [default: the run's model.dtype when --model is a training run or "
     "one of its checkpoints, else float32]", show_default=False)]
+RequireAnswerOption = Annotated[bool, typer.Option(
+    help="refuse rows without a reference answer (--no-require-answer for tasks whose reward checks answers without "
+    "one)")]
 TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help="run the model directory's own model "
                                                      "and tokenizer code (auto_map in its config); read it first")]
 
@@ -558,9 +561,7 @@ def evaluate(
     chat_template: ChatTemplateOption = None,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="evaluate only the first N prompts")] = None,
     correct_threshold: CorrectThresholdOption = None,
-    require_answer: Annotated[bool, typer.Option(
-        help="refuse rows without a reference answer (--no-require-answer for tasks whose reward checks answers "
-        "without one)")] = True,
+    require_answer: RequireAnswerOption = True,
     seed: SeedOption = 0,
     out: Annotated[Optional[Path], typer.Option(help="write the JSON summary here")] = None,
     samples: Annotated[Optional[Path], typer.Option(
@@ -918,6 +919,7 @@ def data_audit(
     chat_template: ChatTemplateOption = None,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="audit only the first N prompts (the filtered file and the summary cover only those)")] = None,
     correct_threshold: CorrectThresholdOption = None,
+    require_answer: RequireAnswerOption = True,
     batch_size: Annotated[int, typer.Option(min=1, help="sequences per generation call")] = 64,
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
@@ -954,7 +956,8 @@ def data_audit(
             chat_template=chat_template, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
             trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
-            correct_threshold=correct_threshold, check_outputs=lambda: check_audit_output(data, directory))
+            require_answer=require_answer, correct_threshold=correct_threshold,
+            check_outputs=lambda: check_audit_output(data, directory))
     except (ValueError, OSError, ImportError, MemoryError) as error:  # OSError: missing files, unreadable model directories
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens

@@ -304,7 +304,7 @@ def _check_schema(columns: Sequence[str], where: str, path: str, cols: _Columns)
         raise DataError(
             f"{where}: no answer column {cols.answer!r} (columns: {_fmt_cols(columns)}){_near_miss(cols.answer, columns)}; "
             "expected a column of reference answers — name it with answer_column (data.answer_column, --answer-column), "
-            "or allow data without answers with require_answer=False (data.require_answer: false in a training config, --no-require-answer for entrorl eval)",
+            "or allow data without answers with require_answer=False (data.require_answer: false in a training config, --no-require-answer for entrorl eval and data audit)",
             path=path,
             location=where,
         )
@@ -344,7 +344,7 @@ def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) 
         raise fail(
             f"answer column {cols.answer!r} is {state}; expected a reference answer (a string or a number) "
             "— name the column with answer_column (data.answer_column, --answer-column), or allow rows without "
-            "answers with require_answer=False (data.require_answer: false in a training config, --no-require-answer for entrorl eval)"
+            "answers with require_answer=False (data.require_answer: false in a training config, --no-require-answer for entrorl eval and data audit)"
         )
 
     if cols.meta is None:
