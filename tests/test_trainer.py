@@ -1307,6 +1307,11 @@ def test_a_set_option_reaches_an_item_of_a_list_of_sections_by_its_position(tmp_
         load_config(settings, ["reward.extra.2.weight=0.5"])
     with pytest.raises(ConfigError, match=r"'first' is not a position in a list of 2 items"):
         load_config(settings, ["reward.extra.first.weight=0.5"])
+    with pytest.raises(ConfigError, match=r"'\u00b2' is not a position in a list of 2 items"):  # a digit int() refuses
+        load_config(settings, ["reward.extra.\u00b2.weight=0.5"])
+    settings["reward"] = {"name": "exact_match"}  # reward.extra left at its default, the empty list
+    with pytest.raises(ConfigError, match=r"position 0 is past the end of a list of 0 items"):
+        load_config(settings, ["reward.extra.0.weight=0.5"])
 
 
 def test_an_error_names_its_source_and_shows_a_value_but_not_a_whole_section(tmp_path, arithmetic_files):

@@ -885,7 +885,7 @@ def parse_set_option(option: str) -> tuple[list[str], Any]:
 def _list_index(option: str, items: list, part: str) -> int:
     """The position ``part`` names in a list of sections (``reward.extra.0.weight``: 0), or a ConfigError."""
     count = f"{len(items)} item{'' if len(items) == 1 else 's'}"
-    if not part.isdigit():
+    if not (part.isascii() and part.isdigit()):
         raise ConfigError(f"--set {option!r}: '{part}' is not a position in a list of {count} (write a number, "
                           "counting from 0)")
     if int(part) >= len(items):
@@ -900,14 +900,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for option in overrides:
         path, value = parse_set_option(option)
         node: Any = data
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
             if isinstance(node, list):
                 node = node[_list_index(option, node, part)]
                 if not isinstance(node, dict):
                     raise ConfigError(f"--set {option!r}: item {part} is not a section (it holds {node!r})")
                 continue
             child = node.get(part)
-            if child is None:
+            if child is None and path[depth + 1].isascii() and path[depth + 1].isdigit():
+                child = []  # a position in a list left at its default (reward.extra): past the end of it, said so
+            elif child is None:
                 # `--set method.params.mu=3` without a method in the file: the default method's parameter
                 child = node[part] = {"method": TrainConfig.model_fields["method"].default} if (
                     node is data and part == "method") else {}
