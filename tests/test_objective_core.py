@@ -887,7 +887,8 @@ def test_k3_is_clamped_to_ten_like_verls_low_var_kl():
     np.testing.assert_allclose(_np(grad_of(got.sum(), log_prob)), [0.0, 0.0, 1.0 - math.exp(-0.5), 0.0], rtol=1e-12)
 
 
-@pytest.mark.parametrize("verl_name, kind", [("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3")])
+@pytest.mark.parametrize("verl_name, kind", [("kl", "k1"), ("mse", "k2"), ("mse+", "k2"), ("k2+", "k2"),
+                                             ("low_var_kl", "k3")])
 def test_kl_ref_takes_verl_s_estimator_names(verl_name, kind):
     """A recipe from verl can keep its kl_loss_type: the same estimator, the same loss."""
     batch = make_batch(84)
@@ -895,6 +896,12 @@ def test_kl_ref_takes_verl_s_estimator_names(verl_name, kind):
     by_verl_name = build_objective("grpo+kl_ref", kl_loss_type=verl_name)
     assert by_verl_name.regularizers[0].kl_loss_type == kind
     assert float(by_verl_name(batch).loss) == float(build_objective("grpo+kl_ref", kl_loss_type=kind)(batch).loss)
+
+
+@pytest.mark.parametrize("verl_name", ["low_var_kl+", "k3+", "k1+", "abs", "full"])
+def test_kl_ref_names_verl_s_estimators_it_has_no_equivalent_of(verl_name):
+    with pytest.raises(ValueError, match=rf"verl's '{re.escape(verl_name)}' has no estimator here.*choose k1, k2 or k3"):
+        build_objective("grpo+kl_ref", kl_loss_type=verl_name)
 
 
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])

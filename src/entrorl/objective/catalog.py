@@ -66,6 +66,8 @@ METHOD_SPECS = (
         paper="arXiv 2506.01939",
         surrogate=_CLIP_HIGHER,
         selectors=(("forking_tokens", {}),),
+        notes="TRL's top_entropy_quantile keeps the dropped tokens in the loss's normaliser: keep_in_normaliser: true "
+              "gives its numbers.",
     ),
     MethodSpec(
         name="low_entropy_tokens",

@@ -165,8 +165,9 @@ def kl_estimate(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, estimator: s
     raise ValueError(f"unknown KL estimator '{estimator}'; choose k1, k2 or k3")
 
 
-# verl's ``kl_loss_type`` names for the estimators (its ``low_var_kl`` is the clamped k3 of kl_estimate)
-VERL_KL_NAMES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
+# verl's ``kl_loss_type`` names for the estimators (its ``low_var_kl`` is the clamped k3 of kl_estimate; a '+' suffix
+# takes k2's gradient, which for k2 itself is k2)
+VERL_KL_NAMES = {"kl": "k1", "mse": "k2", "mse+": "k2", "k2+": "k2", "low_var_kl": "k3"}
 
 
 @register_part(
@@ -193,6 +194,9 @@ class KLReference(Regularizer):
     @field_validator("kl_loss_type", mode="before")
     @classmethod
     def _verl_names(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in VERL_KL_NAMES and (value.endswith("+") or value in ("abs", "full")):
+            raise ValueError(f"verl's {value!r} has no estimator here (the straight-through '+' variants, abs and full "
+                             "are verl's own); choose k1, k2 or k3 (verl's kl, mse, low_var_kl)")
         return VERL_KL_NAMES.get(value, value) if isinstance(value, str) else value
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, aggregate: Aggregate, metrics: Metrics) -> RegularizerTerm:

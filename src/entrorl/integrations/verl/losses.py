@@ -90,7 +90,7 @@ VERL_PARAMETER_SOURCES: dict[str, tuple[str, str]] = {
 
 # verl's actor.kl_loss_type -> the estimator of entrorl's kl_ref that computes the same per-token value and gradient
 # (verl's low_var_kl is k3 clamped to [-10, 10], as entrorl's k3; a '+' suffix gives k2's gradient, which for k2 is k2).
-VERL_KL_LOSS_TYPES = {"k1": "k1", "k2": "k2", "k3": "k3", **VERL_KL_NAMES, "mse+": "k2", "k2+": "k2"}
+VERL_KL_LOSS_TYPES = {"k1": "k1", "k2": "k2", "k3": "k3", **VERL_KL_NAMES}
 
 # The first verl release whose loss aggregation (seq-mean-token-sum-norm divides by the sequence count) and
 # global_batch_info this integration follows; verl 0.8 aggregates differently.
