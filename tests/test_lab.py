@@ -1222,7 +1222,7 @@ def test_sigterm_stops_the_laboratory_as_ctrl_c_does_and_the_command_exits_143(t
     output = " ".join(result.output.split())
     assert result.exit_code == 128 + signal.SIGTERM, result.output
     assert "SIGTERM: each method being trained finishes its step and saves it" in output
-    assert "grpo: interrupted, saved at step 2" in output and "clip_cov: interrupted" in output
+    assert "grpo: interrupted, saved at step 2" in output and "clip_cov: interrupted before it started" in output
     assert "not finished): finished methods and each method's last checkpoint are kept" in output
     assert "Continue with: entrorl lab --preset quick --methods grpo,clip_cov" in output
     assert not (out / "methods" / "clip_cov" / "started").exists()

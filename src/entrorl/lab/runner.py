@@ -592,7 +592,8 @@ def _record_outcome(outcome: dict[str, Any], outcomes: dict[str, Any], progress,
                             "interrupted": "[yellow]interrupted"}[status])
     if status not in ("done", "cached"):
         progress.stop_task(bars[method])  # its clock stops with it
-    saved = f", saved at step {outcome['step']}" if outcome.get("step") is not None else ""
+    saved = (f", saved at step {outcome['step']}" if outcome.get("step") is not None
+             else " before it started" if status == "interrupted" else "")
     progress.console.print(f"{method}: {status}{saved} ({len(outcomes)}/{jobs})")
 
 
