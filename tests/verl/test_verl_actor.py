@@ -588,3 +588,22 @@ def test_padded_logits_take_one_temperature_per_sequence():
     for name in ("entropy", "disc", "disc_centered"):
         assert stats[name].shape == (3, 5)
         torch.testing.assert_close(stats[name].double(), reference[name], atol=2e-6, rtol=1e-5)
+
+
+def test_an_empty_temperature_tensor_reads_as_temperature_one():
+    """No rows, no temperatures: the statistics of nothing, empty, not an error about a temperature of 0."""
+    stats = actor_token_stats(torch.zeros(0, 7), torch.zeros(0, dtype=torch.long), temperature=torch.zeros(0))
+    assert set(stats) == {"entropy", "disc", "disc_centered"}
+    assert all(value.shape == (0,) for value in stats.values())
+
+
+def test_a_forward_pass_without_logits_names_the_fused_kernels_setting():
+    """verl's fused kernels return log-probs without logits: the statistics cannot be computed, and the error says
+    which setting to change."""
+    data, logits, *_ = _micro_batch(seed=6)
+    engine = ExtendedEngine(logits, temperature=1.0)
+    engine._entrorl_need, engine._entrorl_entropy_gradient = ("disc",), False
+    targets = torch.roll(data["input_ids"].values(), shifts=-1)
+    with pytest.raises(ValueError, match=r"needs \['disc'\] from the logits.*use_fused_kernels=False"):
+        engine._entrorl_token_stats(SimpleNamespace(logits=None), {
+            "input_ids_rmpad_rolled": targets, "temperature_rmpad": torch.ones(targets.shape[0]), "pad_size": 0}, data)

@@ -314,3 +314,22 @@ def test_the_outcome_reward_is_the_sum_of_token_level_rewards():
     advantages, _ = make_advantage_estimator("grpo")(spread, mask, config={}, index=uids)
     verl_adv, _ = core_algos.compute_grpo_outcome_advantage(token_level_rewards=spread, response_mask=mask.float(), index=uids)
     torch.testing.assert_close(advantages, verl_adv, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [0.99, 1.01])
+def test_reinforce_pp_refuses_any_discount_other_than_one(gamma):
+    from entrorl.integrations.verl.estimators import make_advantage_estimator
+
+    rewards, mask, uids, *_ = _rollouts(3)
+    with pytest.raises(ValueError, match=rf"algorithm.gamma = {gamma} would discount .*set algorithm.gamma=1.0"):
+        make_advantage_estimator("reinforce_pp")(rewards, mask, config={"gamma": gamma}, index=uids)
+
+
+def test_a_configured_loss_mode_of_a_method_this_process_does_not_know_is_left_to_the_actor():
+    """The driver may not know an entrorl method the workers register: the estimator computes its advantages."""
+    rewards, mask, uids, outcome, *_ = _rollouts(seed=2)
+    estimator = core_algos.get_adv_estimator_fn("entrorl_grpo")
+    advantages, _ = estimator(token_level_rewards=rewards, response_mask=mask, index=uids,
+                              config=_trainer_algorithm_section("entrorl_method_of_another_process", True))
+    expected = compute_advantages("grpo", outcome, torch.tensor([i % 4 for i in range(16)]))
+    torch.testing.assert_close(advantages, expected.unsqueeze(1) * mask)

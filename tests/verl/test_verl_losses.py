@@ -847,3 +847,52 @@ def test_a_fractional_loss_scale_factor_divides_as_given(batch_factory):
     by_5, _ = _verl_call("entrorl_grpo", batch, {"global_batch_info": {"loss_scale_factor": 5}},
                          loss_agg_mode="seq-mean-token-sum-norm", extras=False)
     assert float(by_5.detach()) != 0.0 and float(by_2_5.detach()) == pytest.approx(2 * float(by_5.detach()), rel=1e-6)
+
+
+def test_each_verl_key_sets_the_parameter_of_the_same_name(config_factory):
+    """verl's actor and policy_loss keys reach every method that owns a parameter of that name, with the value verl
+    holds (values here unlike any method's default), and no method that does not."""
+    from entrorl.integrations.verl import entrorl_parameters
+
+    values = {"clip_ratio_low": 0.11, "clip_ratio_high": 0.31, "clip_ratio_c": 4.5, "clip_cov_ratio": 0.07,
+              "clip_cov_lb": -0.3, "clip_cov_ub": 0.9, "kl_cov_ratio": 0.13, "ppo_kl_coef": 0.6}
+    for method in METHODS:
+        owned = {name for part in build_objective(method).parts for name in type(part).model_fields}
+        params = entrorl_parameters(method, config_factory(f"entrorl_{method}", **values))
+        assert {key: params[key] for key in values if key in params} == {
+            key: value for key, value in values.items() if key in owned}, method
+    assert {"clip_cov_lb", "clip_cov_ub", "clip_cov_ratio"} <= set(entrorl_parameters("clip_cov", config_factory(
+        "entrorl_clip_cov", **values)))
+
+
+def test_a_negative_verl_kl_loss_coef_is_refused_next_to_kl_ref(batch_factory, config_factory):
+    """verl adds kl_loss_coef times its KL whatever the sign: next to kl_ref's own KL it would count twice."""
+    with pytest.raises(ValueError, match=r"entrorl_kl_ref' has its own KL .*set actor_rollout_ref.actor.kl_loss_coef=0"):
+        _verl_call("entrorl_kl_ref", batch_factory(),
+                   config_factory("entrorl_kl_ref", use_kl_loss=True, kl_loss_coef=-0.001), loss_agg_mode="token-mean")
+
+
+def test_rollout_log_probs_equal_to_the_old_ones_leave_a_method_without_correction_alone(batch_factory, config_factory):
+    """The actor extension forwards verl's rollout log-probs to every method: equal to the old ones (bypass mode), they
+    are no concern of a method that does not correct by them: no warning, and the loss of the method as it is."""
+    import warnings
+
+    batch = batch_factory(seed=8)
+    bypassed = {**batch, "rollout_log_prob": batch["old_log_prob"].clone()}
+    config = config_factory("entrorl_grpo", clip_ratio_c=6.9)  # a setting of its own: a fresh loss mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*runs with verl's settings")
+        loss, _ = _verl_call("entrorl_grpo", bypassed, config, loss_agg_mode="token-mean")
+    objective = build_objective("grpo", clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=6.9,
+                                loss_agg_mode="token-mean")
+    expected = objective(PolicyBatch(log_prob=batch["log_prob"], old_log_prob=batch["old_log_prob"],
+                                     advantages=batch["advantages"], mask=batch["response_mask"])).loss
+    torch.testing.assert_close(loss, expected)
+
+
+def test_an_invalid_parameter_value_names_the_loss_mode_and_where_to_set_it(batch_factory, config_factory):
+    with pytest.raises(ValueError, match=r"^verl loss_mode 'entrorl_clip_b': .*mu.*greater than 0.*"
+                                         r"\(set entrorl parameters in actor_rollout_ref.actor.policy_loss.entrorl\)$"):
+        _verl_call("entrorl_clip_b", batch_factory(), config_factory("entrorl_clip_b", entrorl={"mu": -2.5}),
+                   loss_agg_mode="token-mean")
