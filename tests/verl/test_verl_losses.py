@@ -544,9 +544,10 @@ def test_every_clipped_surrogate_reports_verl_clip_fractions(method, batch_facto
 
 
 def kl_cov_mini_batch(batch_factory, config, *, micro_batches: int, tokens: int, sequences: int, on_policy: bool,
-                      zero_advantages: bool = False) -> None:
+                      zero_advantages: bool = False, dp_size: int = 1) -> None:
     """One mini-batch of ``entrorl_kl_cov`` loss calls, one per micro-batch, under verl's global counts ``tokens`` and
-    ``sequences``; ``on_policy``: old log-probs equal to the current ones on the valid tokens."""
+    ``sequences`` over ``dp_size`` workers; ``on_policy``: old log-probs equal to the current ones on the valid
+    tokens."""
     for seed in range(micro_batches):
         batch = batch_factory(seed=seed)
         mask = batch["response_mask"]
@@ -554,7 +555,7 @@ def kl_cov_mini_batch(batch_factory, config, *, micro_batches: int, tokens: int,
             batch["old_log_prob"] = torch.where(mask, batch["log_prob"].detach(), 0.0)
         if zero_advantages:
             batch["advantages"] = torch.where(mask, 0.0, 1.0)
-        config.global_batch_info.update({"dp_size": 1, "batch_num_tokens": tokens, "global_batch_size": sequences})
+        config.global_batch_info.update({"dp_size": dp_size, "batch_num_tokens": tokens, "global_batch_size": sequences})
         _verl_call("entrorl_kl_cov", batch, config, loss_agg_mode="token-mean")
 
 
@@ -596,19 +597,22 @@ def test_kl_cov_warns_after_on_policy_mini_batches_not_micro_batches(batch_facto
         mini_batch(603, True, config)
 
 
-def test_kl_cov_tells_apart_mini_batches_whose_global_counts_are_equal(batch_factory, config_factory):
+@pytest.mark.parametrize("dp_size", [1, 2])
+def test_kl_cov_tells_apart_mini_batches_whose_global_counts_are_equal(batch_factory, config_factory, dp_size):
     """Consecutive steps often have equal global counts (the same number of sequences; every response at its length
-    limit): a mini-batch then ends when its micro-batches have added up to the token count, so one mini-batch per step
-    still warns after three steps, and two per step (the second off-policy) never does."""
+    limit): a mini-batch then ends when this worker's micro-batches have added up to its share of the token count, so
+    one mini-batch per step still warns after three steps, and two per step (the second off-policy) never does; with
+    data parallelism as without (each worker sees 1 / dp_size of the tokens)."""
     import warnings
 
     micro_batches = [batch_factory(seed=seed) for seed in range(2)]
-    tokens = sum(int(batch["response_mask"].sum()) for batch in micro_batches)  # dp 1: the mini-batch's tokens
+    tokens = dp_size * sum(int(batch["response_mask"].sum()) for batch in micro_batches)  # every worker's tokens
 
     def mini_batch(config, on_policy):
-        kl_cov_mini_batch(batch_factory, config, micro_batches=2, tokens=tokens, sequences=12, on_policy=on_policy)
+        kl_cov_mini_batch(batch_factory, config, micro_batches=2, tokens=tokens, sequences=12 * dp_size,
+                          on_policy=on_policy, dp_size=dp_size)
 
-    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.15, ppo_kl_coef=1.0)
+    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.15 + dp_size / 100, ppo_kl_coef=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -617,7 +621,7 @@ def test_kl_cov_tells_apart_mini_batches_whose_global_counts_are_equal(batch_fac
     with pytest.warns(UserWarning, match=r"entrorl_kl_cov.*3 mini-batches in a row.*no-op strictly on-policy"):
         mini_batch(config, on_policy=True)
 
-    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.16, ppo_kl_coef=1.0)
+    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.18 + dp_size / 100, ppo_kl_coef=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(5):

@@ -74,10 +74,12 @@ def test_a_reward_sees_the_prompt_and_extra_info_as_its_metadata():
     assert fn(data_source="gsm8k", solution_str="4", ground_truth="4", extra_info={"prompt": 12, "index": 3}) == 1.0
     assert fn(data_source="gsm8k", solution_str="5", ground_truth="4", extra_info={"data_source": "own"}) == 1.0
     assert fn(data_source="gsm8k", solution_str="6", ground_truth="4") == 1.0
+    assert fn(data_source="gsm8k", solution_str="7", ground_truth="4", extra_info={"prompt": None}) == 1.0
     assert _SEEN == [
         ("12", "4", "4", {"index": 3, "data_source": "gsm8k"}),  # the prompt as text, verl's data_source added
         ("", "5", "4", {"data_source": "own"}),  # extra_info's own data_source is kept
         ("", "6", "4", {"data_source": "gsm8k"}),
+        ("", "7", "4", {"data_source": "gsm8k"}),  # Parquet's None for a row without the field: no prompt
     ]
 
 

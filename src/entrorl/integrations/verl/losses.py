@@ -500,16 +500,18 @@ def _check_inputs(mode: str, state: _LossMode, batch: PolicyBatch, normalisers: 
 
 def _starts_a_mini_batch(state: _LossMode, normalisers: dict[str, Any], mask: torch.Tensor, partial_sums: bool) -> bool:
     """Whether this call is the first micro-batch of a mini-batch, and remember it in ``state``. The micro-batches of
-    one mini-batch share its global counts and add up to them at most (each worker sees its share of the tokens), so a
-    call opens a new mini-batch when the counts change or when its tokens (rows, without a token count) would take the
-    worker past them: consecutive steps with equal counts are told apart. Without global counts every call is one."""
+    one mini-batch share its global counts, and a worker's add up to its share of them (verl balances the tokens over
+    the ``dp_size`` workers), so a call opens a new mini-batch when the counts change or when its tokens (rows, without
+    a token count) would take the worker past its share: consecutive steps with equal counts are told apart. Without
+    global counts every call is one."""
     if not partial_sums:
         return True
     counted_by_tokens = normalisers["batch_num_tokens"] is not None
     size = int(mask.sum()) if counted_by_tokens else int(mask.any(dim=-1).sum())
     total = normalisers["batch_num_tokens"] if counted_by_tokens else normalisers["global_batch_size"]
+    share = None if total is None else total / normalisers["dp_size"]
     counts = (normalisers["batch_num_tokens"], normalisers["global_batch_size"])
-    starts = counts != state.last_mini_batch or (total is not None and state.mini_batch_seen + size > total)
+    starts = counts != state.last_mini_batch or (share is not None and state.mini_batch_seen + size > share)
     state.last_mini_batch = counts
     state.mini_batch_seen = size if starts else state.mini_batch_seen + size
     return starts

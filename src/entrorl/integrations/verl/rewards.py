@@ -57,7 +57,8 @@ def compute_score(
             "reward_kwargs.reward_options, the reward's name in reward_kwargs.reward"
         )
     meta = dict(extra_info or {})
-    prompt = meta.pop("prompt", "")
+    prompt = meta.pop("prompt", None)
+    prompt = "" if prompt is None else prompt  # Parquet fills a field a row lacks with None: no prompt, not "None"
     meta.setdefault("data_source", data_source)
     fn = _reward_fn(reward, reward_options or {})
     return float(fn(prompt if isinstance(prompt, str) else str(prompt), solution_str, ground_truth, **meta))
