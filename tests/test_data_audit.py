@@ -1076,6 +1076,12 @@ def broken(prompt, completion, answer, **meta):
 
 def half(prompt, completion, answer, **meta):
     return 0.5
+
+def terminated(prompt, completion, answer, **meta):
+    import os, signal, time
+    os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop while the samples are scored
+    time.sleep(5)
+    return 1.0
 """
 
 
@@ -1204,26 +1210,14 @@ def test_ctrl_c_while_eval_or_audit_samples_says_so_and_writes_nothing(markup_da
         assert not Path(out).exists()
 
 
-def test_sigterm_while_eval_or_audit_samples_says_so_exits_143_and_writes_nothing(markup_data, tiny_model_dir,
-                                                                                    monkeypatch):
-    """A job scheduler's SIGTERM during the sampling: one line saying so, exit 128 + 15, no traceback, no output file;
+def test_sigterm_while_eval_or_audit_samples_says_so_exits_143_and_writes_nothing(markup_data, tiny_model_dir):
+    """A job scheduler's SIGTERM while the samples are scored (inside the reward, whose failures are caught and
+    scored 0: the signal must not be one of them): one line saying so, exit 128 + 15, no traceback, no output file;
     the process's own SIGTERM handling is put back afterwards."""
-    import os
     import signal
-    import time
 
-    import entrorl.trainer.audit
-    import entrorl.trainer.evaluate
-
-    def terminated(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler raises before this ends
-        raise AssertionError("SIGTERM was not handled")
-
-    monkeypatch.setattr(entrorl.trainer.evaluate, "evaluate_model", terminated)
-    monkeypatch.setattr(entrorl.trainer.audit, "audit_records", terminated)
     common = ["--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "1", "--max-new-tokens", "2",
-              "--reward", "exact_match"]
+              "--reward", "entrorl_test_audit_rewards:terminated"]
     before = signal.getsignal(signal.SIGTERM)
     for command, out, said in ((["eval"], "e.json", "terminated (SIGTERM) while sampling: nothing was written"),
                                (["data", "audit"], "aud",

@@ -338,28 +338,32 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     return records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived (a job scheduler's "stop") inside :func:`_said_when_interrupted`."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a job scheduler's "stop") inside :func:`_said_when_interrupted`: a KeyboardInterrupt, so that
+    it passes wherever Ctrl-C does (a reward's or an import's ``except Exception`` does not swallow it)."""
 
 
 @contextlib.contextmanager
 def _said_when_interrupted(what: str):
     """Ctrl-C or SIGTERM inside: one line saying so and what became of the work (after the progress bar has let go of
-    the terminal), then exit 128 + the signal's number (130, 143), as the signal itself would, without a traceback."""
+    the terminal), then exit 128 + the signal's number (130, 143), as the signal itself would, without a traceback. A
+    process started with SIGTERM ignored keeps ignoring it."""
 
     def terminated(signum, frame):
         raise _Terminated
 
-    handles_sigterm = threading.current_thread() is threading.main_thread()
+    handles_sigterm = (threading.current_thread() is threading.main_thread()
+                       and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
     previous = signal.signal(signal.SIGTERM, terminated) if handles_sigterm else None
     try:
         yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one while this is said: no traceback
+        console.print(Text.assemble(("terminated", "bold yellow"), f" (SIGTERM) {what}"), soft_wrap=True)
+        raise typer.Exit(128 + signal.SIGTERM) from None
     except KeyboardInterrupt:
         console.print(Text.assemble(("interrupted", "bold yellow"), f" {what}"), soft_wrap=True)
         raise typer.Exit(128 + signal.SIGINT) from None
-    except _Terminated:
-        console.print(Text.assemble(("terminated", "bold yellow"), f" (SIGTERM) {what}"), soft_wrap=True)
-        raise typer.Exit(128 + signal.SIGTERM) from None
     finally:
         if handles_sigterm:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
