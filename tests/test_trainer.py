@@ -1312,6 +1312,10 @@ def test_a_set_option_reaches_an_item_of_a_list_of_sections_by_its_position(tmp_
     settings["reward"] = {"name": "exact_match"}  # reward.extra left at its default, the empty list
     with pytest.raises(ConfigError, match=r"position 0 is past the end of a list of 0 items"):
         load_config(settings, ["reward.extra.0.weight=0.5"])
+    settings.pop("optim", None)  # optim.betas at its default (0.9, 0.999): a position changes one of them
+    assert load_config(settings, ["optim.betas.1=0.99"]).optim.betas == (0.9, 0.99)
+    with pytest.raises(ConfigError, match=r"model.lora.target_modules is no list \(its default: 'all-linear'\)"):
+        load_config(settings, ["model.lora.target_modules.0=q_proj"])
 
 
 def test_an_error_names_its_source_and_shows_a_value_but_not_a_whole_section(tmp_path, arithmetic_files):

@@ -894,6 +894,25 @@ def _list_index(option: str, items: list, part: str) -> int:
     return int(part)
 
 
+def _default_list(option: str, key: list[str]) -> list | None:
+    """For ``--set`` naming a position in ``key``, a key the configuration leaves at its default: that default as a
+    list (``--set optim.betas.1=0.99`` keeps beta1's default; a position past its end is said so), or a ConfigError
+    when the default is no list; None for a key :class:`TrainConfig` does not have (validation names it)."""
+    model: Any = TrainConfig
+    field = None
+    for part in key:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = _section_of(field.annotation)
+    default = None if field.is_required() else field.get_default(call_default_factory=True)
+    if isinstance(default, (list, tuple)):
+        return list(default)
+    shown = ".".join(key)
+    raise ConfigError(f"--set {option!r}: {shown} is no list (its default: {default!r}), so no position of it can be "
+                      f"set: give it whole (--set {shown}=[...])")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides to a raw config dict (creating sections as needed); a number picks an item of
     a list of sections (``reward.extra.0.weight=0.5``)."""
@@ -908,8 +927,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 continue
             child = node.get(part)
             if child is None and path[depth + 1].isascii() and path[depth + 1].isdigit():
-                child = []  # a position in a list left at its default (reward.extra): past the end of it, said so
-            elif child is None:
+                child = _default_list(option, path[:depth + 1])  # a position in a list left at its default
+                if child is not None:
+                    node[part] = child
+            if child is None:
                 # `--set method.params.mu=3` without a method in the file: the default method's parameter
                 child = node[part] = {"method": TrainConfig.model_fields["method"].default} if (
                     node is data and part == "method") else {}
