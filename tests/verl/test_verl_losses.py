@@ -597,22 +597,24 @@ def test_kl_cov_warns_after_on_policy_mini_batches_not_micro_batches(batch_facto
         mini_batch(603, True, config)
 
 
-@pytest.mark.parametrize("dp_size", [1, 2])
-def test_kl_cov_tells_apart_mini_batches_whose_global_counts_are_equal(batch_factory, config_factory, dp_size):
+@pytest.mark.parametrize("dp_size, others_tokens", [(1, 0), (2, 1), (2, 3)])
+def test_kl_cov_tells_apart_mini_batches_whose_global_counts_are_equal(batch_factory, config_factory, dp_size,
+                                                                       others_tokens):
     """Consecutive steps often have equal global counts (the same number of sequences; every response at its length
-    limit): a mini-batch then ends when this worker's micro-batches have added up to its share of the token count, so
-    one mini-batch per step still warns after three steps, and two per step (the second off-policy) never does; with
-    data parallelism as without (each worker sees 1 / dp_size of the tokens)."""
+    limit): a mini-batch then ends when this worker's micro-batches have added up to its share of the rows, so one
+    mini-batch per step still warns after three steps, and two per step (the second off-policy) never does; with data
+    parallelism as without, the other worker holding as many tokens as this one or three times as many (verl deals
+    rows out evenly, not tokens)."""
     import warnings
 
     micro_batches = [batch_factory(seed=seed) for seed in range(2)]
-    tokens = dp_size * sum(int(batch["response_mask"].sum()) for batch in micro_batches)  # every worker's tokens
+    tokens = (1 + others_tokens) * sum(int(batch["response_mask"].sum()) for batch in micro_batches)
 
     def mini_batch(config, on_policy):
         kl_cov_mini_batch(batch_factory, config, micro_batches=2, tokens=tokens, sequences=12 * dp_size,
                           on_policy=on_policy, dp_size=dp_size)
 
-    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.15 + dp_size / 100, ppo_kl_coef=1.0)
+    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.15 + (dp_size + others_tokens) / 100, ppo_kl_coef=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -621,7 +623,7 @@ def test_kl_cov_tells_apart_mini_batches_whose_global_counts_are_equal(batch_fac
     with pytest.warns(UserWarning, match=r"entrorl_kl_cov.*3 mini-batches in a row.*no-op strictly on-policy"):
         mini_batch(config, on_policy=True)
 
-    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.18 + dp_size / 100, ppo_kl_coef=1.0)
+    config = config_factory("entrorl_kl_cov", kl_cov_ratio=0.45 + (dp_size + others_tokens) / 100, ppo_kl_coef=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(5):

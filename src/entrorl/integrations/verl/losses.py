@@ -264,7 +264,7 @@ class _LossMode:
     warned: set[str] = field(default_factory=set)
     on_policy_mini_batches: int = 0
     last_mini_batch: Any = None  # the global counts of the mini-batch the last call belonged to
-    mini_batch_seen: int = 0  # the tokens (or rows) of that mini-batch this worker has seen so far
+    mini_batch_seen: int = 0  # the rows (or tokens) of that mini-batch this worker has seen so far
 
 
 _LOSS_MODES: dict[tuple[str, str], _LossMode] = {}
@@ -500,15 +500,15 @@ def _check_inputs(mode: str, state: _LossMode, batch: PolicyBatch, normalisers: 
 
 def _starts_a_mini_batch(state: _LossMode, normalisers: dict[str, Any], mask: torch.Tensor, partial_sums: bool) -> bool:
     """Whether this call is the first micro-batch of a mini-batch, and remember it in ``state``. The micro-batches of
-    one mini-batch share its global counts, and a worker's add up to its share of them (verl balances the tokens over
-    the ``dp_size`` workers), so a call opens a new mini-batch when the counts change or when its tokens (rows, without
-    a token count) would take the worker past its share: consecutive steps with equal counts are told apart. Without
-    global counts every call is one."""
+    one mini-batch share its global counts, and a worker's rows add up to ``global_batch_size / dp_size`` (verl deals
+    the rows out evenly; tokens, when only their count is given, to about ``batch_num_tokens / dp_size``), so a call
+    opens a new mini-batch when the counts change or when its rows would take the worker past its share: consecutive
+    steps with equal counts are told apart. Without global counts every call is one."""
     if not partial_sums:
         return True
-    counted_by_tokens = normalisers["batch_num_tokens"] is not None
-    size = int(mask.sum()) if counted_by_tokens else int(mask.any(dim=-1).sum())
-    total = normalisers["batch_num_tokens"] if counted_by_tokens else normalisers["global_batch_size"]
+    by_rows = normalisers["global_batch_size"] is not None
+    size = int(mask.any(dim=-1).sum()) if by_rows else int(mask.sum())  # rows: those with a valid token, as verl counts
+    total = normalisers["global_batch_size"] if by_rows else normalisers["batch_num_tokens"]
     share = None if total is None else total / normalisers["dp_size"]
     counts = (normalisers["batch_num_tokens"], normalisers["global_batch_size"])
     starts = counts != state.last_mini_batch or (share is not None and state.mini_batch_seen + size > share)
