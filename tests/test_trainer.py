@@ -885,7 +885,11 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         load_config(base, ["reward.name=math", "reward.kwargs.tolerance=-1"])
     for overrides, said in ((["method={name: clip_b}"],
                              "method.name: unknown key; the method's name goes under method.method (--set method.method=...)"),
-                            (["method=clip_b", "method.nope=1"], "method.nope: unknown key")):  # not clip_b's: no hint
+                            (["method=clip_b", "method.loss_agg_mod=token-mean"],
+                             "method.loss_agg_mod: unknown key; did you mean 'loss_agg_mode'?"),
+                            (["method=clip_b", "method.nope=1"],  # not clip_b's, nor spelled like a key: all of them
+                             "method.nope: unknown key; the keys here are method, surrogate, shapers, regularizers, "
+                             "selectors, correction, loss_agg_mode, loss_scale_factor, params")):
         with pytest.raises(ConfigError) as info:
             load_config(base, overrides)
         assert str(info.value).splitlines()[1:] == [f"  {said}"]

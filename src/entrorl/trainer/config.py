@@ -1020,7 +1020,7 @@ def _format_errors(error: ValidationError, source: str, given: dict[str, str] | 
             elif re.match(r"[a-z_]+(?:\.[a-z_0-9]+)+ ", message):  # a sentence about its keys: no location needed
                 lines.append(f"  {message}")
                 continue
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" or (item["type"] == "unknown_method_key" and message == "unknown key"):
             message = "unknown key" + _nearest_keys(item["loc"])
         shown = (item["type"] not in ("missing", "extra_forbidden", "unknown_method_key")
                  and not isinstance(item["input"], dict))  # not a whole section
