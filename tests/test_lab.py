@@ -1229,6 +1229,49 @@ def test_sigterm_stops_the_laboratory_as_ctrl_c_does_and_the_command_exits_143(t
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
+def _trains_on_regardless(job):
+    """A worker's method that signals it has started, then trains on whatever the laboratory asks."""
+    import time
+
+    (Path(job["run_dir"]) / "started").write_text("")
+    time.sleep(60)
+    return {"method": job["method"], "status": "done"}
+
+
+def test_a_second_sigterm_stops_the_laboratory_at_once_and_exits_143(tmp_path, monkeypatch, signal_handlers_restored):
+    """Two SIGTERMs (a scheduler that does not wait): the workers are ended at once, and the exit status is still
+    SIGTERM's, 128 + 15."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.lab import runner
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    out = _finished_folder(tmp_path, monkeypatch)
+    (out / "methods" / "grpo" / "final_eval.json").unlink()
+    monkeypatch.setattr(runner, "_run_method", _trains_on_regardless)
+
+    def send_sigterm_twice_once_started():
+        while not (out / "methods" / "grpo" / "started").exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)  # the laboratory's loop sees the first before the second
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_sigterm_twice_once_started, daemon=True).start()
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--out", str(out),
+                                      "--workers", "1"])
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert time.monotonic() - started < 30  # not the method's 60 s: its worker was ended
+    assert "Continue with: entrorl lab --preset quick --methods grpo" in " ".join(result.output.split())
+
+
 def test_a_method_stopped_by_a_signal_of_its_own_is_not_reported_as_finished(tmp_path, monkeypatch):
     """A worker that stopped its method (its step saved) by a signal this process did not get: the laboratory stops
     as after Ctrl-C (the next method does not train) and writes no report."""

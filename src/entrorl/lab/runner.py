@@ -460,6 +460,14 @@ class LabInterrupted(RuntimeError):
                          else f"interrupted before the report of {out} was written")
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM (``signal_number``) ended the laboratory's workers at once."""
+
+    def __init__(self, signal_number: int):
+        super().__init__()
+        self.signal_number = signal_number
+
+
 def _death_of(exitcode: int | None) -> str:
     """Why a worker process ended without an outcome, from its exit status (``-N``: killed by signal N)."""
     if exitcode is not None and exitcode < 0:
@@ -649,8 +657,9 @@ def _counting_stop_signals():
 def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any], progress, bars: dict[str, Any],
               out: Path, steps: int) -> int | None:
     """Train the methods of ``jobs`` in up to ``workers`` processes, filling ``outcomes``; returns the number of the
-    signal that asked the laboratory to stop (Ctrl-C's SIGINT, SIGTERM, or a signal that stopped a method), or None:
-    methods not started then do not start. A second one ends the workers at once and raises ``KeyboardInterrupt``."""
+    signal that asked the laboratory to stop (Ctrl-C's SIGINT or SIGTERM; SIGINT for a signal that stopped a method
+    without reaching this process), or None: methods not started then do not start. A second one ends the workers at
+    once and raises :class:`StoppedAtOnce`."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     queue, pool = list(jobs), []
@@ -663,7 +672,7 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
         with _counting_stop_signals() as requests:
             while queue or any(worker.job for worker in pool):
                 if requests.count >= 2:  # the workers are ended at once (below)
-                    raise KeyboardInterrupt
+                    raise StoppedAtOnce(requests.signal_number)
                 if requests.count and not stop.is_set():
                     stop.set()
                     progress.console.print(
