@@ -748,3 +748,11 @@ def test_rewards_ids_and_lengths_given_as_lists_are_read_as_their_tensors_are():
     lengths = compute_advantages("dr_grpo", [1.0, 0.0], [0, 0], lengths=[3, 5])
     assert torch.equal(lengths, compute_advantages("dr_grpo", torch.tensor([1.0, 0.0]), torch.tensor([0, 0]),
                                                    lengths=torch.tensor([3, 5])))
+
+
+def test_advantage_info_describes_one_estimator_and_names_the_valid_ones_for_an_unknown_name():
+    from entrorl.advantages import advantage_info
+
+    assert advantage_info("passk") == next(info for info in available_advantages() if info.name == "passk")
+    with pytest.raises(ValueError, match="unknown advantage estimator 'grpoo'; valid names: grpo, "):
+        advantage_info("grpoo")

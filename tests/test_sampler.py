@@ -787,7 +787,7 @@ def test_greedy_sampling_draws_no_random_numbers(policy):
     assert torch.equal(torch.rand(3), expected_next)
 
 
-def test_completion_ids_drop_the_padding_and_sequence_log_probs_sum_the_valid_tokens():
+def test_completion_ids_drop_the_padding_and_summed_sampler_log_probs_add_up_the_valid_tokens():
     rollouts = Rollouts(
         prompt_ids=torch.zeros(3, 1, dtype=torch.long), prompt_mask=torch.ones(3, 1, dtype=torch.bool),
         response_ids=torch.tensor([[5, 6, 2], [7, 0, 0], [0, 0, 0]]),
@@ -795,4 +795,4 @@ def test_completion_ids_drop_the_padding_and_sequence_log_probs_sum_the_valid_to
         sampler_log_probs=torch.tensor([[-0.5, -1.0, -0.25], [-2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
         lengths=torch.tensor([3, 1, 0]), truncated=torch.tensor([False, False, False]))
     assert rollouts.completion_ids() == [[5, 6, 2], [7], []]
-    assert rollouts.sequence_log_probs() == [-1.75, -2.0, 0.0]
+    assert rollouts.summed_sampler_log_probs() == [-1.75, -2.0, 0.0]

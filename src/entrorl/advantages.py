@@ -50,6 +50,7 @@ __all__ = [
     "AdvantageInfo",
     "register_advantage",
     "available_advantages",
+    "advantage_info",
     "get_advantage_fn",
     "compute_advantages",
     "group_mean_std",
@@ -149,10 +150,14 @@ def register_advantage(name: str, *, description: str, paper: str) -> Callable[[
 
 def available_advantages() -> list[AdvantageInfo]:
     """All registered estimators, in registration order, with their papers and default parameters."""
-    return [
-        AdvantageInfo(e.info.name, e.info.description, e.info.paper, dict(e.info.params))
-        for e in _REGISTRY.values()
-    ]
+    return [advantage_info(name) for name in _REGISTRY]
+
+
+def advantage_info(name: str) -> AdvantageInfo:
+    """What :func:`available_advantages` tells about estimator ``name`` (``ValueError`` listing valid names if
+    unknown)."""
+    info = _entry(name).info
+    return AdvantageInfo(info.name, info.description, info.paper, dict(info.params))
 
 
 def _entry(name: str) -> _Entry:

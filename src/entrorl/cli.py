@@ -742,7 +742,7 @@ def _describe_method(method: str, *, as_json: bool) -> None:
     """``entrorl methods METHOD``: what each method of the composition does, its aggregation and advantage estimator
     (with the estimator's parameters, set under ``advantage.params``), and every parameter of its parts (those left at
     None included) with its value and its field's description."""
-    from entrorl.advantages import available_advantages
+    from entrorl.advantages import advantage_info
     from entrorl.objective import ObjectiveConfig, build_objective, get_method
 
     try:
@@ -755,7 +755,10 @@ def _describe_method(method: str, *, as_json: bool) -> None:
     parts = [{"kind": part.kind, "name": part.name,
               "params": [{"name": key, "value": value, "description": type(part).model_fields[key].description or ""}
                          for key, value in part.params().items()]} for part in objective.parts]
-    estimator = next(info for info in available_advantages() if info.name == specs[0].advantage_estimator)
+    try:
+        estimator = advantage_info(specs[0].advantage_estimator)
+    except ValueError as error:  # a method registered with an estimator that is not
+        _fail(f"method {specs[0].name!r}: {error}")
     described = {"name": objective.name,
                  "methods": [{"name": spec.name, "description": spec.description, "paper": spec.paper,
                               "notes": spec.notes} for spec in specs],

@@ -68,7 +68,7 @@ class Rollouts:
         ids, mask = self.response_ids.cpu(), self.response_mask.cpu()
         return [row[keep].tolist() for row, keep in zip(ids, mask)]
 
-    def sequence_log_probs(self) -> list[float]:
+    def summed_sampler_log_probs(self) -> list[float]:
         """Each response's log-probability under the sampler: the sum of its tokens' ``sampler_log_probs``."""
         return (self.sampler_log_probs.float() * self.response_mask).sum(-1).tolist()
 

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from entrorl._checks import did_you_mean, refuse_booleans_for_numbers
-from entrorl.advantages import GROUP_BASELINE_ESTIMATORS, available_advantages, compute_advantages
+from entrorl.advantages import GROUP_BASELINE_ESTIMATORS, advantage_info, available_advantages, compute_advantages
 from entrorl.objective import ObjectiveConfig, PartSpec, build_objective, get_method
 
 __all__ = [
@@ -522,8 +522,7 @@ class TrainConfig(_Section):
             raise ValueError(f"optim.mini_batches = {self.optim.mini_batches} is more than the {rows} rows of a step "
                              f"(rollout.prompts_per_step x rollout.group_size): an update needs at least one row")
         # passk's k: the one given, else the estimator's own default
-        k = self.advantage.params.get("k", next(info.params.get("k") for info in available_advantages()
-                                                if info.name == estimator))
+        k = self.advantage.params.get("k", advantage_info(estimator).params.get("k"))
         try:  # a dry run on one group, so that a wrong parameter name or value fails now, not after the model loads
             compute_advantages(estimator, torch.arange(group) % 2.0, torch.zeros(group, dtype=torch.long),
                                lengths=torch.arange(1, group + 1), seq_log_prob=-torch.arange(1.0, group + 1),

@@ -81,7 +81,7 @@ def evaluate_model(
     summary = summarize_samples(result.correct.view(len(records), n).numpy(), ks=ks)
     samples = []
     if keep_samples:
-        sequence_log_probs = rollouts.sequence_log_probs()
+        sequence_log_probs = rollouts.summed_sampler_log_probs()
         for row, record in enumerate(repeated):
             samples.append({
                 "source": record.source, "sample": row % n, "prompt": record.prompt, "completion": completions[row],

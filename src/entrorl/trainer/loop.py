@@ -919,7 +919,7 @@ class Trainer:
         folder.mkdir(exist_ok=True)
         rollouts = scored.rollouts
         lines = []
-        completion_ids, sequence_log_probs = rollouts.completion_ids(), rollouts.sequence_log_probs()
+        completion_ids, sequence_log_probs = rollouts.completion_ids(), rollouts.summed_sampler_log_probs()
         for row, record in enumerate(scored.records):
             lines.append(json.dumps({
                 "step": self.step, "group": int(scored.group_ids[row]), "source": record.source, "prompt": record.prompt,

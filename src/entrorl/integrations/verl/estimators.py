@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from entrorl.advantages import available_advantages, compute_advantages, expand_to_tokens
+from entrorl.advantages import advantage_info, available_advantages, compute_advantages, expand_to_tokens
 from entrorl.integrations.verl.losses import LOSS_MODE_PREFIX, check_verl_version, config_get
 from entrorl.objective import build_objective
 from verl.trainer.ppo.core_algos import register_adv_est
@@ -108,9 +108,11 @@ def _refuse_silent_pairings(estimator: str, config: Any) -> None:
 
 def make_advantage_estimator(estimator: str):
     """A verl advantage-estimator function computing entrorl estimator ``estimator`` (see the module docstring)."""
-    info = next((i for i in available_advantages() if i.name == estimator), None)
-    if info is None:
-        raise ValueError(f"unknown entrorl advantage estimator {estimator!r}; valid: {[i.name for i in available_advantages()]}")
+    try:
+        info = advantage_info(estimator)
+    except ValueError:
+        raise ValueError(f"unknown entrorl advantage estimator {estimator!r}; valid: "
+                         f"{[i.name for i in available_advantages()]}") from None
 
     def advantage_estimator(
         token_level_rewards: torch.Tensor,
