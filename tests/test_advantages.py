@@ -183,8 +183,8 @@ def test_grpo_with_the_batch_s_std_divides_each_group_s_centred_rewards_by_one_s
     expected[gid == gid[0]] = 0.0
     got = compute_advantages("grpo", t(r), t(gid), std_scope="batch")
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(compute_advantages("grpo", t(r), t(gid), std_scope="batch", norm_adv_by_std_in_grpo=False),
-                               ref_grpo(r, gid, norm=False), rtol=1e-5, atol=1e-6)  # no std: the scope changes nothing
+    with pytest.raises(ValueError, match="std_scope='batch' says which std to divide by"):  # and there is none
+        compute_advantages("grpo", t(r), t(gid), std_scope="batch", norm_adv_by_std_in_grpo=False)
 
 
 def test_grpo_with_the_batch_s_std_on_equal_or_single_rewards_and_a_scope_it_does_not_know():

@@ -429,12 +429,15 @@ def grpo(
         raise ValueError(f"norm_adv_by_std_in_grpo must be True or False, got {norm_adv_by_std_in_grpo!r}")
     if std_scope not in ("group", "batch"):
         raise ValueError(f"std_scope must be 'group' or 'batch', got {std_scope!r}")
+    if std_scope == "batch" and not norm_adv_by_std_in_grpo:
+        raise ValueError("std_scope='batch' says which std to divide by, and norm_adv_by_std_in_grpo=False divides by "
+                         "none: leave std_scope at 'group', or divide by the std")
     r, g = _check_rewards_groups(rewards, group_ids)
     st = _group_stats(r, g)
     single = st.count == 1
     mean = torch.where(single, torch.zeros_like(st.mean), st.mean)
     adv = r - mean
-    if norm_adv_by_std_in_grpo and std_scope == "batch":
+    if std_scope == "batch":
         values = r.to(torch.float64)
         batch_std = values.std() if values.numel() > 1 and bool((values != values[0]).any()) else values.new_ones(())
         adv = adv / (batch_std + epsilon)

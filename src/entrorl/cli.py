@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple, NoReturn, Optional
+from typing import Annotated, Any, NamedTuple, NoReturn, Optional, get_args
 
 import typer
 from rich.console import Console
@@ -416,6 +416,7 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
     ``imports``, in its config.json; said in one line), else ``"{prompt}"`` without the chat template,
     :data:`DEFAULT_MAX_NEW_TOKENS`, ``math`` and float32."""
     from entrorl.trainer.checkpoint import training_run_of
+    from entrorl.trainer.config import ModelConfig
 
     run = training_run_of(model) if None in (prompt_template, chat_template, max_new_tokens, reward, dtype) else None
     if run is None:
@@ -448,7 +449,7 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
     max_new_tokens = setting(max_new_tokens, "rollout.max_new_tokens", int, DEFAULT_MAX_NEW_TOKENS, shown=str,
                              valid=lambda value: not isinstance(value, bool) and value >= 1)
     dtype = setting(dtype, "model.dtype", str, "float32", shown=str,
-                    valid=lambda value: value in ("float32", "bfloat16", "float16"))
+                    valid=lambda value: value in get_args(ModelConfig.model_fields["dtype"].annotation))
     reward_kwargs: dict[str, Any] = {}
     if reward is None:  # the run's reward, as its own evaluations scored with it
         reward = setting(None, "reward.name", str, "math")
@@ -570,7 +571,7 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="write the JSON summary here")] = None,
     samples: Annotated[Optional[Path], typer.Option(
         help="write every sample here, one JSON line each: its prompt's source (file:line), prompt, completion (with "
-        "its token ids and their log-probability under the sampler), "
+        "its token ids and their log-probability under the sampler, at temperature 1 for greedy sampling), "
         "reference answer, reward, correctness, length, truncation and the reward's reason")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="sequences per generation call (the samples drawn depend on "
                                                        "it, the distribution does not)")] = 64,

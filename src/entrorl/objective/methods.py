@@ -122,8 +122,8 @@ class ObjectiveConfig(BaseModel):
         "aggregation, the others add their parts; none: only the parts below (on PPO-clip)")
     surrogate: PartSpec | None = Field(
         None, description="the surrogate in place of the method's: a part's name, or {name: ..., <parameter>: ...}")
-    shapers: list[PartSpec] = Field(default_factory=list, description="advantage shapers added (a part the method has "
-                                    "already takes these parameters)")
+    shapers: list[PartSpec] = Field(default_factory=list, description="advantage shapers added (naming one the method "
+                                    "already has sets that one's parameters instead of adding it twice)")
     regularizers: list[PartSpec] = Field(default_factory=list, description="loss terms added (entropy bonus, KL), "
                                          "as shapers are")
     selectors: list[PartSpec] = Field(default_factory=list, description="token selectors added (which tokens train), "

@@ -239,7 +239,7 @@ def audit_records(
     return result
 
 
-def _named(data: str | os.PathLike[str]) -> Path:
+def _with_folder_name(data: str | os.PathLike[str]) -> Path:
     """``data`` as a path whose last part is its name: ``.`` or ``..`` (a saved data set one is in) as the absolute
     path, whose last part is the folder's own name."""
     path = Path(os.fspath(data))
@@ -248,13 +248,13 @@ def _named(data: str | os.PathLike[str]) -> Path:
 
 def default_audit_dir(data: str | os.PathLike[str]) -> Path:
     """Where the outputs go by default: ``<data's folder>/<data's name without extension>.audit``."""
-    data = _named(data)
+    data = _with_folder_name(data)
     stem = data.name if data.is_dir() else data.stem
     return data.parent / f"{stem}.audit"
 
 
 def _filtered_name(data: Path) -> str:
-    data = _named(data)
+    data = _with_folder_name(data)
     return f"{data.name}.filtered" if data.is_dir() else f"{data.stem}.filtered{data.suffix}"
 
 

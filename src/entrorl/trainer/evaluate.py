@@ -63,7 +63,8 @@ def evaluate_model(
     them, and summarise. With ``top_forks`` the highest-entropy response positions are decoded in context (their
     entropy at the sampling temperature, or at temperature 1 for greedy sampling). With ``keep_samples`` the result
     lists every sample (prompt, completion with its token ids and their log-probability under the sampler, reference
-    answer, reward, correctness, length, truncation, the reward's reason), prompt by prompt. The samples depend on ``batch_size`` (one random number per row of a batch per token)."""
+    answer, reward, correctness, length, truncation, the reward's reason), prompt by prompt. The samples depend on
+    ``batch_size`` (one random number per row of a batch per token)."""
     if not records:
         raise ValueError("evaluate_model: no prompts to evaluate")
     n = check_int(n, "evaluate_model: n", minimum=1)

@@ -153,7 +153,7 @@ def make_advantage_estimator(estimator: str):
         except ValueError as error:
             raise ValueError(f"verl adv_estimator {estimator_name(estimator)!r}: {error} (parameters go in algorithm.entrorl)") from None
         advantages = expand_to_tokens(per_response.to(token_level_rewards.device), mask).to(
-            torch.promote_types(token_level_rewards.dtype, torch.float32))  # bf16 rewards: float32 advantages, as verl's
+            torch.promote_types(token_level_rewards.dtype, torch.float32))  # bf16 rewards: float32 advantages
         return advantages, advantages.clone()
 
     advantage_estimator.__name__ = advantage_estimator.__qualname__ = f"compute_{estimator_name(estimator)}_advantage"
