@@ -1328,3 +1328,105 @@ def test_the_low_precision_warning_covers_float16_uneven_accumulation_and_points
     for accumulation, steps_per_generation, warns in ((3, 2, True), (4, 2, False), (2, 2, False)):
         trainer.args.gradient_accumulation_steps, trainer.args.steps_per_generation = accumulation, steps_per_generation
         assert head_warned(trainer) is warns, (accumulation, steps_per_generation)
+
+
+def test_an_epsilon_high_of_zero_is_kept_and_only_an_unset_one_falls_back_to_epsilon(tmp_path):
+    """TRL's upper clip is epsilon_high when it is not None, else epsilon: 0.0 is an upper clip of 1 + 0, not unset."""
+    zero = objective_for_trl_loss(_config(tmp_path, loss_type="grpo", epsilon=0.2, epsilon_high=0.0)).surrogate
+    assert (zero.clip_ratio_low, zero.clip_ratio_high) == (0.2, 0.0)
+    unset = objective_for_trl_loss(_config(tmp_path, loss_type="grpo", epsilon=0.15)).surrogate
+    assert (unset.clip_ratio_low, unset.clip_ratio_high) == (0.15, 0.15)
+    check_trl_args(_config(tmp_path, loss_type="grpo", epsilon_high=0.0),
+                   build_objective("grpo", clip_ratio_low=0.2, clip_ratio_high=0.0))
+
+
+@pytest.mark.parametrize(("options", "problem"), [
+    # TRL applies these whenever they are not None, zero included: OPSM with threshold 0, coef_1 capped at 0
+    ({"off_policy_mask_threshold": 0.0}, "off_policy_mask_threshold: not available"),
+    ({"delta": 0.0}, r"delta \(two-sided clipping\)"),
+    # a negative entropy_coef is an entropy penalty in TRL's loss, still not the objective's
+    ({"entropy_coef": -0.01}, "entropy_coef / use_adaptive_entropy"),
+    # a level TRL does not know is not the token level either
+    ({"importance_sampling_level": "seq"}, "leave it 'token'"),
+])
+def test_trl_loss_options_that_trl_applies_at_zero_negative_or_unknown_values_are_refused(tmp_path, options, problem):
+    with pytest.raises(ValueError, match=problem):
+        check_trl_args(_config(tmp_path, **options), build_objective("dapo"))
+
+
+def test_a_vllm_cap_removed_by_setting_it_to_none_is_refused_beside_a_rollout_correction():
+    """vllm_importance_sampling_clip_max=None differs from TRL's default (3.0) as much as any other value does."""
+    args = SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True,
+                           vllm_importance_sampling_clip_max=None)
+    with pytest.raises(ValueError, match=r"vllm_importance_sampling_clip_max: the objective's rollout correction"):
+        check_trl_args(args, build_objective("dapo+tis"))
+
+
+@pytest.mark.parametrize("objective", [{"method": "dapo+kl_ref"}, {"name": "dapo+kl_ref"},
+                                       {"method": "dapo", "regularizers": [{"name": "kl_ref"}]}])
+def test_a_config_objective_with_kl_ref_takes_beta_and_use_bias_correction_kl(tokenizer, tmp_path, tiny_model_dir,
+                                                                             objective):
+    """A dict objective that leaves kl_ref's coefficient and weighting unset gets beta and use_bias_correction_kl, as a
+    method name does (instead of being refused for kl_ref's own default coefficient)."""
+    for bias_correction in (True, False):
+        config = _config(tmp_path, beta=0.04, use_bias_correction_kl=bias_correction)
+        trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=objective, config=config,
+                           model=str(tiny_model_dir))
+        kl_reference = trainer.objective.regularizers[0]
+        assert (kl_reference.kl_loss_coef, kl_reference.importance_weighted) == (0.04, bias_correction)
+
+
+def test_a_custom_objective_without_a_method_name_builds_without_an_advantage_warning(tokenizer, tmp_path, recwarn):
+    """An objective given by its parts alone (no catalogue method, so named 'custom') has no estimator of its own to
+    warn about, and trains on TRL's advantages."""
+    objective = build_objective({"surrogate": {"name": "ppo_clip", "clip_ratio_high": 0.28}})
+    assert objective.name == "custom"
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=objective)
+    assert not [w for w in recwarn if "advantage" in str(w.message) or "scale_rewards" in str(w.message)]
+    loss, _ = _loss_and_grads(trainer, _inputs(tokenizer, seed=3))
+    dapo = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo")
+    reference, _ = _loss_and_grads(dapo, _inputs(tokenizer, seed=3))
+    assert loss == pytest.approx(reference, rel=1e-6)  # ppo_clip at 0.2 / 0.28, token-mean: dapo's loss
+
+
+def test_under_data_parallelism_a_checkpoint_without_any_objective_state_only_says_it_starts_afresh(
+        tokenizer, tmp_path, monkeypatch):
+    """A GRPOTrainer checkpoint resumed on 2 processes holds neither the shared nor the process's own state file: the
+    state starts afresh with that one warning, and no claim that it takes the state of the saving process."""
+    from accelerate import Accelerator
+
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy",
+                       objective_params={"target_entropy": 100.0, "delta": 0.001})
+    trainer.state.global_step = 0
+    _loss_and_grads(trainer, _inputs(tokenizer, rows=4, seed=11))
+    trainer.objective.end_step()
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    checkpoint = tmp_path / "grpo-checkpoint"
+    checkpoint.mkdir()
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        trainer._load_optimizer_and_scheduler(str(checkpoint))
+    messages = [str(w.message) for w in raised if "objective state" in str(w.message)]
+    assert len(messages) == 1 and "adaptive_entropy's state starts afresh" in messages[0]
+    assert trainer.objective.regularizers[0].coefficient == 0.0
+
+
+def test_inputs_of_other_float_dtypes_give_the_float32_loss_of_float32_inputs(tokenizer, tmp_path, tiny_model_dir):
+    """TRL's old, reference and sampler log-probs (and advantages) may come in another float dtype: the loss is the
+    float32 loss of the same values in float32, bit for bit."""
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+tis+kl_ref",
+                       config=_config(tmp_path, beta=0.04), model=str(tiny_model_dir),
+                       rollout_func=lambda prompts, trainer: None)
+    inputs = _inputs(tokenizer, seed=3)
+    inputs["sampling_per_token_logps"] = inputs["old_per_token_logps"] - 0.3
+    inputs["ref_per_token_logps"] = inputs["old_per_token_logps"] + 0.2
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps, trainer.args.steps_per_generation = 1, 1
+    for key in ("old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps", "advantages"):
+        for dtype in (torch.float64, torch.bfloat16):
+            values = inputs[key].to(dtype)
+            with torch.no_grad():
+                loss = trainer._compute_loss(trainer.model, {**inputs, key: values})
+                expected = trainer._compute_loss(trainer.model, {**inputs, key: values.float()})
+            assert loss.dtype == torch.float32 and float(loss) == float(expected), (key, dtype)
