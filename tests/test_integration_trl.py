@@ -1430,3 +1430,18 @@ def test_inputs_of_other_float_dtypes_give_the_float32_loss_of_float32_inputs(to
                 loss = trainer._compute_loss(trainer.model, {**inputs, key: values})
                 expected = trainer._compute_loss(trainer.model, {**inputs, key: values.float()})
             assert loss.dtype == torch.float32 and float(loss) == float(expected), (key, dtype)
+
+
+def test_an_args_object_without_an_option_reads_as_trl_s_default_in_every_check():
+    """check_trl_args on an object lacking GRPOConfig options (a SimpleNamespace): epsilon reads as 0.2 in the clip
+    range's refusal (not an AttributeError), and use_vllm without vllm_importance_sampling_correction as TRL's default
+    correction, which needs tis or icepop."""
+    from types import SimpleNamespace
+
+    from entrorl.integrations.trl import check_trl_args
+    from entrorl.objective import build_objective
+
+    with pytest.raises(ValueError, match=r"objective_params=\{'clip_ratio_low': 0.2, 'clip_ratio_high': 0.3\}"):
+        check_trl_args(SimpleNamespace(epsilon_high=0.3), build_objective("grpo"))
+    with pytest.raises(ValueError, match="'tis' or 'icepop'"):
+        check_trl_args(SimpleNamespace(use_vllm=True), build_objective("dapo"))

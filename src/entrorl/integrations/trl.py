@@ -276,7 +276,8 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
             )
         elif own != (low, high):
             problems.append(
-                f"epsilon = {args.epsilon}, epsilon_high = {args.epsilon_high}: the objective clips with its own ratios "
+                f"epsilon = {_trl_option(args, 'epsilon')}, epsilon_high = {_trl_option(args, 'epsilon_high')}: the "
+                "objective clips with its own ratios "
                 f"({type(surrogate).__name__}: clip_ratio_low = {own[0]}, clip_ratio_high = {own[1]}); pass "
                 f"objective_params={{'clip_ratio_low': {low}, 'clip_ratio_high': {high}}} or leave epsilon and "
                 "epsilon_high at their defaults"
@@ -315,7 +316,7 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
                         "as TRL's then), or leave importance_sampling_level at 'token' (the gspo surrogate sets the "
                         "ratio's level itself)")
     use_vllm = getattr(args, "use_vllm", False)
-    vllm_correction = use_vllm and getattr(args, "vllm_importance_sampling_correction", False)
+    vllm_correction = use_vllm and _trl_option(args, "vllm_importance_sampling_correction")
     correction = objective.correction
     if vllm_correction and correction is None:
         problems.append(
