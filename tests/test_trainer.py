@@ -895,6 +895,9 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
         assert str(info.value).splitlines()[1:] == [f"  {said}"]
     with pytest.raises(ConfigError, match="rollout.group_size"):
         load_config(base, ["rollout.group_size=0"])
+    with pytest.raises(ConfigError) as info:  # the value shown once
+        load_config(base, ["optim.betas=[1.0, 0.5]"])
+    assert str(info.value).splitlines()[1:] == ["  optim.betas: each beta must lie in [0, 1) (got [1.0, 0.5])"]
     for key in ("rollout.temperature", "eval.temperature", "optim.lr", "optim.grad_clip", "reward.correct_threshold"):
         for value in (".inf", ".nan"):  # an infinite temperature samples uniformly, a NaN lr trains nothing
             with pytest.raises(ConfigError, match=rf"{key}: Input should be a finite number"):
@@ -3562,6 +3565,23 @@ def test_pass_rate_band_filters_training_prompts(tmp_path, tiny_model_dir):
     assert config.data.pass_rate_band == "[0.25, 0.5]"
     trainer = Trainer(config, run_dir=tmp_path / "run-csv")
     assert [r.meta["pass_rate"] for r in trainer.train_records] == ["0.25", "0.5"]
+
+
+def test_pass_rate_band_reads_its_column_when_meta_columns_leave_it_out_and_the_reward_does_not_see_it(
+        tmp_path, tiny_model_dir):
+    """data.meta_columns names what the reward gets; the band still reads data.pass_rate_column, and the reward's
+    keyword arguments stay those named (a column listed there keeps it)."""
+    data = tmp_path / "prompts.jsonl"
+    rates = [0.0, 1 / 16, 0.25, 0.5, 15 / 16, 1.0]
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1), "pass_rate": rate, "level": i})
+                            + "\n" for i, rate in enumerate(rates)))
+    band = "data.pass_rate_band=(1/16, 15/16)"
+    trainer = Trainer(load_config(make_config(tiny_model_dir, data, None), [band, "data.meta_columns=[level]"]),
+                      run_dir=tmp_path / "run")
+    assert [r.meta for r in trainer.train_records] == [{"level": 2}, {"level": 3}]
+    trainer = Trainer(load_config(make_config(tiny_model_dir, data, None), [band, "data.meta_columns=[level, pass_rate]"]),
+                      run_dir=tmp_path / "run-both")
+    assert [r.meta for r in trainer.train_records] == [{"level": 2, "pass_rate": 0.25}, {"level": 3, "pass_rate": 0.5}]
 
 
 def test_tensorboard_mirror(tmp_path, tiny_model_dir, arithmetic_files):

@@ -366,7 +366,7 @@ class OptimConfig(_Section):
     @classmethod
     def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
         if not all(0.0 <= beta < 1.0 for beta in value):
-            raise ValueError(f"each beta must lie in [0, 1), got {list(value)}")
+            raise ValueError("each beta must lie in [0, 1)")  # the value is shown beside the message
         return value
 
 

@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -168,16 +168,20 @@ class Trainer:
         self._seed_everything(config.seed)
 
         # what cannot fail late: data and reward before any model loads
+        meta_columns = config.data.meta_columns
+        # data.pass_rate_band reads its column whether or not data.meta_columns passes it to the reward
+        rate_read_only = (config.data.pass_rate_band is not None and meta_columns is not None
+                          and config.data.pass_rate_column not in meta_columns)
         self.train_records = load_prompts(
             config.data.train,
             prompt_column=config.data.prompt_column,
             answer_column=config.data.answer_column,
-            meta_columns=config.data.meta_columns,
+            meta_columns=[*meta_columns, config.data.pass_rate_column] if rate_read_only else meta_columns,
             require_answer=config.data.require_answer,
         )
         self.train_prompts_read = len(self.train_records)  # before data.pass_rate_band keeps some of them
         if config.data.pass_rate_band is not None:
-            self.train_records = self._filter_by_pass_rate(self.train_records)
+            self.train_records = self._filter_by_pass_rate(self.train_records, keep_column=not rate_read_only)
         if len(self.train_records) < config.rollout.prompts_per_step:
             warnings.warn(f"data.train has {len(self.train_records)} prompt(s), fewer than rollout.prompts_per_step = "
                           f"{config.rollout.prompts_per_step}: every step samples some prompt in two or more groups",
@@ -442,7 +446,9 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def _filter_by_pass_rate(self, records: list[PromptRecord]) -> list[PromptRecord]:
+    def _filter_by_pass_rate(self, records: list[PromptRecord], *, keep_column: bool = True) -> list[PromptRecord]:
+        """The records whose pass rate (``data.pass_rate_column`` of their ``meta``) is in ``data.pass_rate_band``;
+        without ``keep_column`` the rate is taken out of their ``meta`` (it was read for this filter only)."""
         column = self.config.data.pass_rate_column
         rates = [_as_number(r.meta.get(column)) for r in records]
         missing = [r.source for r, rate in zip(records, rates) if rate is None]
@@ -453,6 +459,8 @@ class Trainer:
         kept = filter_by_pass_rate(records, rates, low=low, high=high, inclusive=inclusive)
         if not kept:
             raise ValueError(f"data.pass_rate_band {self.config.data.pass_rate_band} keeps none of the {len(records)} prompts")
+        if not keep_column:
+            kept = [replace(record, meta={k: v for k, v in record.meta.items() if k != column}) for record in kept]
         return kept
 
     def _encode_prompts(self, context_of) -> None:
