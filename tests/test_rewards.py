@@ -1352,3 +1352,18 @@ def test_an_overlong_budget_of_zero_tokens_is_refused_by_its_own_name():
         overlong_penalty(5, max_length=0, cache_length=1)
     with pytest.raises(ValueError, match="max_length must be a positive integer, got 0"):
         validate_overlong({"max_length": 0, "cache_length": 1})
+
+
+def test_a_verdict_at_another_threshold_never_counts_a_failed_score_and_follows_selection_and_extras():
+    """correct_at(t): scores >= t, except where the reward itself failed (its 0 is no score) — at t <= 0 too; an
+    extra reward's failure leaves the main score's verdict standing; select and concat keep which scores failed."""
+    main = RewardResult(scores=torch.tensor([-1.0, 0.0, 0.5]), rewards=torch.tensor([-1.0, 0.0, 0.5]),
+                        correct=torch.tensor([False, False, True]), failed=torch.tensor([False, True, False]))
+    assert main.correct_at(0.0).tolist() == [False, False, True]
+    assert main.correct_at(-2.0).tolist() == [True, False, True]
+    extra = RewardResult(scores=torch.zeros(3), rewards=torch.zeros(3), correct=torch.zeros(3, dtype=torch.bool),
+                         failed=torch.tensor([True, False, True]))
+    both = main.with_extra("format", 1.0, extra)
+    assert both.failed.tolist() == [True, True, True] and both.correct_at(-2.0).tolist() == [True, False, True]
+    assert both.select([2, 1]).correct_at(-2.0).tolist() == [True, False]
+    assert RewardResult.concat([both, both.select([1, 0, 2])]).correct_at(-2.0).tolist() == [True, False, True, False, True, True]

@@ -533,6 +533,29 @@ def test_an_estimator_s_own_correct_threshold_judges_the_main_score_not_the_rewa
     assert scored.advantages.unique().tolist() == [0.0]
 
 
+def test_an_estimator_s_own_correct_threshold_never_counts_a_sample_whose_reward_failed(
+        tmp_path, tiny_model_dir, arithmetic_files):
+    """A signed reward (-1) that raises on some samples, PSR with correct_threshold 0: the failed samples score 0,
+    which reaches the threshold, but a failure is wrong at any threshold (as in reward/accuracy), so PSR gives them 0,
+    not the +1 of a right answer; an extra reward's failure leaves the main score's verdict standing."""
+    failing = ("def score(prompt, completion, answer, **meta):\n"
+               "    if sum(map(ord, completion)) % 2:\n        raise RuntimeError('flaky')\n    return -1.0\n"
+               "def fails_on_even(prompt, completion, answer, **meta):\n"
+               "    if sum(map(ord, completion)) % 2 == 0:\n        raise RuntimeError('extra')\n    return 0.0\n")
+    train, _ = arithmetic_files
+    with importable_module(tmp_path, "signed_flaky", failing):
+        config = load_config(make_config(tiny_model_dir, train, None, method="psr",
+                                         advantage={"params": {"correct_threshold": 0.0}},
+                                         reward={"name": "signed_flaky:score", "max_failing_steps": 0,
+                                                 "extra": [{"name": "signed_flaky:fails_on_even", "weight": 1.0}]}))
+        scored = Trainer(config, run_dir=tmp_path / "run").collect()
+    parities = [sum(map(ord, completion)) % 2 for completion in scored.completions]
+    main_failed = torch.tensor([parity == 1 for parity in parities])
+    assert bool(main_failed.any()) and bool((~main_failed).any()), parities
+    assert scored.advantages[main_failed].unique().tolist() == [0.0]  # failed: never reinforced as right
+    assert scored.advantages[~main_failed].unique().tolist() == [0.0]  # -1 < 0: wrong, extra's failure or not
+
+
 @pytest.mark.parametrize("ranked_by", ["unlikely estimator, top_k", "unlikely estimator, top_p",
                                        "unlikeliness shaping, top_k"])
 def test_the_unlikeliness_rank_is_the_policy_s_likelihood_when_the_sampler_filters(

@@ -323,6 +323,8 @@ class RewardResult:
       message, or what was wrong with the value returned), then, for a reward that raised, its traceback;
     * ``penalties`` — float32 ``[n]``, the overlong penalty (zeros when not configured);
     * ``failed`` — bool ``[n]``, which samples failed;
+    * ``score_failed`` — bool ``[n]``, which samples' own (main) reward failed, so that their score says nothing
+      (``failed`` less an extra reward's failures; ``failed`` when not given);
     * ``reasons`` — per sample, the reason the reward gave (``.reason`` of its return value; None for a
       plain number) or, for a failed sample, what went wrong;
     * ``extras`` — the scores of each extra reward added by :meth:`with_extra`, by name.
@@ -337,6 +339,7 @@ class RewardResult:
     failed: torch.Tensor | None = None
     reasons: list[str | None] | None = None
     extras: dict[str, torch.Tensor] | None = None
+    score_failed: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.scores.shape[0]
@@ -344,6 +347,8 @@ class RewardResult:
             self.penalties = torch.zeros(n, dtype=torch.float32)
         if self.failed is None:
             self.failed = torch.zeros(n, dtype=torch.bool)
+        if self.score_failed is None:
+            self.score_failed = self.failed
         if self.extras is None:
             self.extras = {}
         if self.reasons is None:
@@ -353,6 +358,12 @@ class RewardResult:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def correct_at(self, threshold: float) -> torch.Tensor:
+        """Which samples' score reaches ``threshold`` (an estimator's own ``correct_threshold``); one whose reward
+        failed never does, whatever the threshold (its 0 is no score), as in ``correct``."""
+        assert self.score_failed is not None
+        return (self.scores >= threshold) & ~self.score_failed
 
     def with_extra(self, name: str, weight: float, extra: "RewardResult") -> "RewardResult":
         """These samples with ``weight`` times ``extra``'s scores added to their training reward (a format or length
@@ -367,7 +378,7 @@ class RewardResult:
             errors=int(failed.sum()),
             first_error=self.first_error or (f"extra reward {name!r}: {extra.first_error}" if extra.first_error else None),
             penalties=self.penalties, failed=failed, reasons=reasons,
-            extras={**(self.extras or {}), name: extra.scores},
+            extras={**(self.extras or {}), name: extra.scores}, score_failed=self.score_failed,
         )
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> "RewardResult":
@@ -380,11 +391,13 @@ class RewardResult:
             rows = rows.nonzero().flatten()
         rows = rows.to(torch.long)
         assert self.penalties is not None and self.failed is not None and self.reasons is not None
+        assert self.score_failed is not None
         failed = self.failed[rows]
         return RewardResult(
             scores=self.scores[rows], rewards=self.rewards[rows], correct=self.correct[rows], errors=int(failed.sum()),
             first_error=self.first_error if bool(failed.any()) else None, penalties=self.penalties[rows], failed=failed,
             reasons=[self.reasons[i] for i in rows.tolist()], extras={name: v[rows] for name, v in (self.extras or {}).items()},
+            score_failed=self.score_failed[rows],
         )
 
     @staticmethod
@@ -400,6 +413,7 @@ class RewardResult:
             failed=torch.cat([p.failed for p in parts]),
             reasons=[reason for p in parts for reason in p.reasons],
             extras={name: torch.cat([p.extras[name] for p in parts]) for name in (parts[0].extras or {})},
+            score_failed=torch.cat([p.score_failed for p in parts]),
         )
 
     def metrics(self) -> dict[str, float]:

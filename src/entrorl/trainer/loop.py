@@ -618,7 +618,7 @@ class Trainer:
         rewards, reasons = result.rewards, list(result.reasons)
         seq_log_prob = self._sequence_log_probs(rollouts)
         rewards = self._shape_group_rewards(rewards, completions, group_ids, seq_log_prob, metrics)
-        correct = result.correct if self.estimator_threshold is None else result.scores >= self.estimator_threshold
+        correct = result.correct if self.estimator_threshold is None else result.correct_at(self.estimator_threshold)
         advantages = compute_advantages(
             self.advantage_name, rewards, group_ids, lengths=rollouts.lengths, seq_log_prob=seq_log_prob,
             correct=correct, **self.advantage_params,
