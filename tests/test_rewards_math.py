@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import signal
 import sys
 import threading
@@ -593,12 +594,14 @@ def _slow_checker(comparison) -> bool:
 
 
 def test_a_slow_judgement_is_stopped_with_a_timeout_reason():
-    options = MathOptions(timeout=0.2)
+    options = MathOptions(timeout=0.02)
     handler_before = signal.getsignal(signal.SIGALRM)
     started = time.monotonic()
     result = compare_answers("1", "2", options=options, checkers=[("slow", _slow_checker)])
     assert time.monotonic() - started < 1.5
     assert not result.equal and result.reason.startswith("timeout")
+    stopped_at = float(re.search(r"stopped at ([0-9.e-]+) s", result.reason).group(1))
+    assert 0.02 <= stopped_at < 1.5  # two significant figures, not 0.0 for a short limit
     # the alarm is disarmed and the previous handler restored afterwards
     assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
     assert signal.getsignal(signal.SIGALRM) is handler_before

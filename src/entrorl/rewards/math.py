@@ -1568,7 +1568,7 @@ def _compare(
 
 def _timeout_reason(doing: str, options: MathOptions, started: float) -> str:
     elapsed = time.monotonic() - started
-    return f"timeout: {doing} took more than {options.timeout:g} s (stopped at {elapsed:.1f} s)"
+    return f"timeout: {doing} took more than {options.timeout:g} s (stopped at {elapsed:.2g} s)"
 
 
 def _comparison_timeout_reason(prediction: Any, options: MathOptions, started: float) -> str:
