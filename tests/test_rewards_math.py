@@ -1062,3 +1062,14 @@ def test_the_string_check_also_compares_the_answers_as_written():
 def test_a_currency_sign_before_the_number_is_dropped(written):
     assert canonical_answer(written) == "5"
     assert canonical_answer(f"-{written}") == "-5"
+
+
+def test_the_registry_names_every_place_math_and_exact_match_look_for_an_answer():
+    from entrorl.rewards import available_rewards
+    from entrorl.rewards.math import ANSWER_EXTRACTORS
+
+    assert [name for name, _ in ANSWER_EXTRACTORS] == ["boxed", "answer_tag", "answer_phrase", "hashes", "last_number"]
+    descriptions = dict(available_rewards())
+    for reward in ("math", "exact_match"):
+        assert all(place in descriptions[reward] for place in ("\\boxed{}", "<answer>", "'the answer is'", "####",
+                                                               "last number")), descriptions[reward]

@@ -13,7 +13,7 @@ __all__ = ["exact_match"]
 
 @register_reward(
     "exact_match",
-    description="1.0 if the completion's final answer (\\boxed{}, <answer>, 'the answer is', last number; "
+    description="1.0 if the completion's final answer (\\boxed{}, <answer>, 'the answer is', ####, last number; "
     "else the whole completion) equals the reference after whitespace strip and case-fold, else 0.0",
 )
 def exact_match(prompt: str, completion: str, answer: Any, /, **meta: Any) -> float:

@@ -1656,7 +1656,7 @@ def _validate_math(**kwargs: Any) -> None:
 
 @register_reward(
     "math",
-    description="1.0 if the completion's final answer (\\boxed{}, 'the answer is', last number) is "
+    description="1.0 if the completion's final answer (\\boxed{}, <answer>, 'the answer is', ####, last number) is "
     "mathematically equivalent to the reference (Math-Verify, percent / units / roots / approximation "
     "rules read from the question), else 0.0 with the reason",
     factory=True,
