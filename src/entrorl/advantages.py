@@ -355,17 +355,23 @@ def expand_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return torch.where(m, a.unsqueeze(1), torch.zeros((), dtype=a.dtype, device=a.device))
 
 
-def _is_correct(rewards: torch.Tensor, correct_threshold: float) -> torch.Tensor:
+def _check_threshold(correct_threshold: float) -> None:
     if not is_real_number(correct_threshold) or not math.isfinite(correct_threshold):
         raise ValueError(f"correct_threshold must be a finite number (a reward at or above it is correct), "
                          f"got {correct_threshold!r}")
+
+
+def _is_correct(rewards: torch.Tensor, correct_threshold: float) -> torch.Tensor:
+    _check_threshold(correct_threshold)
     return rewards >= correct_threshold
 
 
 def _verdicts(r: torch.Tensor, correct: torch.Tensor | None, correct_threshold: float) -> torch.Tensor:
     """``correct`` as given, else ``r >= correct_threshold``; the threshold is checked either way."""
-    judged = _is_correct(r, correct_threshold)
-    return judged if correct is None else correct
+    if correct is None:
+        return _is_correct(r, correct_threshold)
+    _check_threshold(correct_threshold)
+    return correct
 
 
 def _token_whiten(x: torch.Tensor, lengths: torch.Tensor | None, epsilon: float) -> torch.Tensor:

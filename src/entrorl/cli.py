@@ -298,8 +298,8 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     (prompt format, reward and its settings: the run's unless given, see :func:`_run_defaults`) and the sampling
     parameters (their most new tokens, like the prompt format, the run's unless given); ValueError /
     FileNotFoundError on bad input. The model is a complete model directory or LoRA adapters on ``base`` (see
-    :func:`entrorl.trainer.checkpoint.resolve_model_directory`). With ``check_fit`` every prompt must leave the most new tokens of the context (checked before the weights load
-    when config.json declares the context). ``check_outputs`` runs once the data and the reward are checked, before
+    :func:`entrorl.trainer.checkpoint.resolve_model_directory`). With ``check_fit`` every prompt must leave the most
+    new tokens of the context (checked before the weights load when config.json declares the context). ``check_outputs`` runs once the data and the reward are checked, before
     the model loads: a place to refuse an output that could not be written, before the sampling it would lose."""
     from entrorl.data import check_prompt_template, load_prompts
     from entrorl.modeling import (check_prompts_fit, encode_prompt, load_tokenizer, read_model_config,

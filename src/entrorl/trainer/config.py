@@ -10,6 +10,7 @@ import re
 import types
 import typing
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -893,17 +894,29 @@ def _list_index(option: str, items: list, part: str) -> int:
     return int(part)
 
 
+def _section_at(path: Sequence[str | int]) -> type[BaseModel] | None:
+    """The section class whose keys sit under ``path`` (``("reward", "overlong")``: OverlongConfig; an int, an item of
+    a list of sections, stays in that section), or None where no section is."""
+    model: type[BaseModel] = TrainConfig
+    for part in path:
+        if isinstance(part, int):  # an item of a list of sections (reward.extra)
+            continue
+        field = model.model_fields.get(str(part))
+        section = None if field is None else _section_of(field.annotation)
+        if section is None:
+            return None
+        model = section
+    return model
+
+
 def _default_list(option: str, key: list[str]) -> list | None:
     """For ``--set`` naming a position in ``key``, a key the configuration leaves at its default: that default as a
     list (``--set optim.betas.1=0.99`` keeps beta1's default; a position past its end is said so), or a ConfigError
     when the default is no list; None for a key :class:`TrainConfig` does not have (validation names it)."""
-    model: Any = TrainConfig
-    field = None
-    for part in key:
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return None
-        model = _section_of(field.annotation)
+    section = _section_at(key[:-1])
+    field = None if section is None else section.model_fields.get(key[-1])
+    if field is None:
+        return None
     default = None if field.is_required() else field.get_default(call_default_factory=True)
     if isinstance(default, (list, tuple)):
         return list(default)
@@ -989,15 +1002,9 @@ def _readable_errors(error: ValidationError) -> list[dict[str, Any]]:
 def _nearest_keys(loc: tuple) -> str:
     """For an unknown key at ``loc``: the valid keys of its section that are spelled most like it (``; did you mean
     'keep'?``), or, when none is, every key of the section."""
-    model: type[BaseModel] = TrainConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):  # an item of a list of sections (reward.extra)
-            continue
-        field = model.model_fields.get(str(part))
-        section = None if field is None else _section_of(field.annotation)
-        if section is None:
-            return ""
-        model = section
+    model = _section_at(loc[:-1])
+    if model is None:
+        return ""
     keys = list(model.model_fields)
     near = did_you_mean(str(loc[-1]), keys, n=3, cutoff=0.7)
     return f"; {near.rstrip()}" if near else f"; the keys here are {', '.join(keys)}"
