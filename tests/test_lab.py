@@ -1162,12 +1162,28 @@ def _waits_for_ctrl_c(job):
     return {"method": job["method"], "status": "interrupted", "step": 2}
 
 
+def _signal_once_started(started: Path, *signals: int, pause: float = 1.0) -> None:
+    """From another thread: once ``started`` exists (a method began), send this process each of ``signals``, ``pause``
+    seconds apart (the laboratory's loop sees one before the next)."""
+    import os
+    import threading
+    import time
+
+    def send():
+        while not started.exists():
+            time.sleep(0.05)
+        for position, number in enumerate(signals):
+            if position:
+                time.sleep(pause)
+            os.kill(os.getpid(), number)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
 def test_one_ctrl_c_keeps_every_outcome_and_starts_nothing_more(tmp_path, monkeypatch, signal_handlers_restored):
     """Ctrl-C is counted, not raised wherever it lands (it could lose an outcome received but not yet recorded): the
     method being trained saves its step, the queued one does not start, and the laboratory reports both."""
-    import os
     import signal
-    import threading
 
     from entrorl.lab import runner
 
@@ -1177,12 +1193,7 @@ def test_one_ctrl_c_keeps_every_outcome_and_starts_nothing_more(tmp_path, monkey
         (out / "methods" / method / "final_eval.json").unlink()
     monkeypatch.setattr(runner, "_run_method", _waits_for_ctrl_c)
 
-    def press_ctrl_c_once_started():
-        while not (out / "methods" / "grpo" / "started").exists():
-            __import__("time").sleep(0.05)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=press_ctrl_c_once_started, daemon=True).start()
+    _signal_once_started(out / "methods" / "grpo" / "started", signal.SIGINT)
     with pytest.raises(runner.LabInterrupted) as interrupted:
         runner.run_lab("quick", methods=["grpo", "clip_cov"], out=out, workers=1)
     assert sorted(interrupted.value.methods) == ["clip_cov", "grpo"]
@@ -1196,9 +1207,7 @@ def test_sigterm_stops_the_laboratory_as_ctrl_c_does_and_the_command_exits_143(t
                                                                                 signal_handlers_restored):
     """A job scheduler's SIGTERM: the method being trained saves its step, the queued one does not start, the
     laboratory says what it kept and how to go on, and exits with 128 + SIGTERM (not killed mid-write, silent)."""
-    import os
     import signal
-    import threading
 
     from typer.testing import CliRunner
 
@@ -1211,12 +1220,7 @@ def test_sigterm_stops_the_laboratory_as_ctrl_c_does_and_the_command_exits_143(t
         (out / "methods" / method / "final_eval.json").unlink()
     monkeypatch.setattr(runner, "_run_method", _waits_for_ctrl_c)
 
-    def send_sigterm_once_started():
-        while not (out / "methods" / "grpo" / "started").exists():
-            __import__("time").sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=send_sigterm_once_started, daemon=True).start()
+    _signal_once_started(out / "methods" / "grpo" / "started", signal.SIGTERM)
     result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo,clip_cov", "--out", str(out),
                                       "--workers", "1"])
     output = " ".join(result.output.split())
@@ -1241,9 +1245,7 @@ def _trains_on_regardless(job):
 def test_a_second_sigterm_stops_the_laboratory_at_once_and_exits_143(tmp_path, monkeypatch, signal_handlers_restored):
     """Two SIGTERMs (a scheduler that does not wait): the workers are ended at once, and the exit status is still
     SIGTERM's, 128 + 15."""
-    import os
     import signal
-    import threading
     import time
 
     from typer.testing import CliRunner
@@ -1256,14 +1258,7 @@ def test_a_second_sigterm_stops_the_laboratory_at_once_and_exits_143(tmp_path, m
     (out / "methods" / "grpo" / "final_eval.json").unlink()
     monkeypatch.setattr(runner, "_run_method", _trains_on_regardless)
 
-    def send_sigterm_twice_once_started():
-        while not (out / "methods" / "grpo" / "started").exists():
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1.0)  # the laboratory's loop sees the first before the second
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=send_sigterm_twice_once_started, daemon=True).start()
+    _signal_once_started(out / "methods" / "grpo" / "started", signal.SIGTERM, signal.SIGTERM)
     started = time.monotonic()
     result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--out", str(out),
                                       "--workers", "1"])
