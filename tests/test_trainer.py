@@ -3363,6 +3363,62 @@ def test_eval_of_a_run_scores_with_the_run_s_reward_and_its_settings(tmp_path, c
         _run_defaults(run, "{prompt}", False, 8, dtype="float32")
 
 
+def test_reward_args_go_over_the_run_s_reward_kwargs_or_are_the_options_of_the_reward_given(tmp_path, capsys):
+    """``--reward-arg`` options: over the run's reward.kwargs (key by key) when the run's reward scores, the only
+    options of a reward given with --reward, and of the default reward without a run; dotted keys nest, values are
+    YAML, and a malformed option is refused naming --reward-arg."""
+    from entrorl.cli import _reward_options, _run_defaults
+    from entrorl.trainer.config import ConfigError
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"reward": {"name": "math", "kwargs": {"tolerance": 0.01, "x": 1}}}))
+    taken = _run_defaults(run, "{prompt}", False, 8, dtype="float32", reward_args={"tolerance": 0.5})
+    assert (taken.reward, taken.reward_kwargs) == ("math", {"tolerance": 0.5, "x": 1})
+    given = _run_defaults(run, "{prompt}", False, 8, "exact_match", dtype="float32", reward_args={"y": 2})
+    assert (given.reward, given.reward_kwargs) == ("exact_match", {"y": 2})
+    assert _run_defaults(tmp_path, None, None, None, reward_args={"tolerance": 0.5}).reward_kwargs == {"tolerance": 0.5}
+    capsys.readouterr()
+
+    assert _reward_options(["task=basic_arithmetic", "config.size=3", "config.seed=1", "note='2'", "empty="]) == {
+        "task": "basic_arithmetic", "config": {"size": 3, "seed": 1}, "note": "2", "empty": ""}
+    for option, message in (("task", "--reward-arg expects key=value"), ("=1", "--reward-arg has an empty key"),
+                            ("a..b=1", "--reward-arg 'a..b=1': the key 'a..b' has an empty part"),
+                            ("x={a: 1, a: 2}", "--reward-arg 'x={a: 1, a: 2}'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            _reward_options([option])
+    with pytest.raises(ConfigError, match="'a' was given a value, so it cannot hold options"):
+        _reward_options(["a=1", "a.b=2"])
+
+
+def test_cli_eval_and_audit_build_the_reward_with_the_reward_args_given(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                       monkeypatch):
+    """``--reward X --reward-arg value=0.6`` builds X with that option (every score 0.6, not the factory's default 0)
+    in eval and in data audit, and both summaries record it; an option the reward does not take is refused before
+    sampling, naming it."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    _, held_out = arithmetic_files
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "constant_reward.py").write_text(CONSTANT_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--max-prompts", "2",
+              "--max-new-tokens", "2", "--reward", "constant_reward:Constant"]
+    result = CliRunner().invoke(app, ["eval", *common, "--reward-arg", "value=0.6", "--out", "eval.json",
+                                      "--samples", "samples.jsonl"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(Path("eval.json").read_text())["settings"]["reward_kwargs"] == {"value": 0.6}
+    assert [json.loads(line)["reward"] for line in Path("samples.jsonl").read_text().splitlines()] == [
+        pytest.approx(0.6)] * 4
+    result = CliRunner().invoke(app, ["data", "audit", *common, "--reward-arg", "value=0.6", "--out", "aud"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((Path("aud") / "summary.json").read_text())["settings"]["reward_kwargs"] == {"value": 0.6}
+    result = CliRunner().invoke(app, ["eval", *common, "--reward-arg", "valeu=0.6"])
+    assert result.exit_code == 2 and "valeu" in result.output and "sampling" not in result.output, result.output
+
+
 def test_a_run_s_settings_that_are_true_or_false_instead_of_numbers_are_not_taken_for_1(tmp_path, capsys):
     """A config.json holding `true` for rollout.max_new_tokens or reward.correct_threshold (a hand-edited file) gives no
     1: the most new tokens is the default, with a warning naming the key, and the reward's own threshold is kept."""

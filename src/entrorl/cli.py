@@ -266,6 +266,9 @@ AnswerColumnOption = Annotated[str, typer.Option(help="the data's column holding
 SeedOption = Annotated[int, typer.Option(help="sampling seed")]
 RewardOption = Annotated[Optional[str], typer.Option("--reward", help="reward name or package.module:function "
                                                      "(default: a run's own reward, with its settings, else math)")]
+RewardArgOption = Annotated[Optional[list[str]], typer.Option(
+    "--reward-arg", help="an option of the reward, KEY=VALUE with a YAML value, repeatable (--reward-arg "
+    "task=basic_arithmetic); over a run's own reward.kwargs when --reward is not given", show_default=False)]
 CorrectThresholdOption = Annotated[Optional[float], typer.Option(
     help="a sample is correct when its reward reaches this (default: the reward's own; 1.0 for reasoning_gym and "
     "code, 0.5 otherwise)")]
@@ -292,10 +295,12 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
                      temperature: float, top_p: float, top_k: int,
                      max_prompts: int | None, device: str, dtype: str | None, base: Path | None = None,
                      check_fit: bool = False, trust_remote_code: bool = False, require_answer: bool = True,
-                     correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None):
+                     correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None,
+                     reward_args: list[str] | None = None):
     """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
     the tokenizer, the model in eval mode, the encoded prompts, the model directory resolved, the settings used
-    (prompt format, reward and its settings: the run's unless given, see :func:`_run_defaults`) and the sampling
+    (prompt format, reward and its settings: the run's unless given, see :func:`_run_defaults`; ``reward_args`` are
+    ``--reward-arg`` options) and the sampling
     parameters (their most new tokens, like the prompt format, the run's unless given); ValueError /
     FileNotFoundError on bad input. The model is a complete model directory or LoRA adapters on ``base`` (see
     :func:`entrorl.trainer.checkpoint.resolve_model_directory`). With ``check_fit`` every prompt must leave the most
@@ -310,7 +315,8 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     from entrorl.trainer.config import resolve_device
 
     directory = resolve_model_directory(model, base=base)
-    defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold, dtype)
+    defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold, dtype,
+                             reward_args=_reward_options(reward_args or []))
     prompt_template, chat_template = defaults.prompt_template, defaults.chat_template
     max_new_tokens = defaults.max_new_tokens
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
@@ -406,23 +412,42 @@ class _SamplingDefaults(NamedTuple):
     dtype: str
 
 
+def _reward_options(options: list[str]) -> dict[str, Any]:
+    """``--reward-arg KEY=VALUE`` options as the reward's keyword arguments (a dotted key makes a nested mapping,
+    values are YAML); ValueError naming the option on a malformed one."""
+    from entrorl.trainer.config import ConfigError, parse_set_option
+
+    options_by_name: dict[str, Any] = {}
+    for option in options:
+        path, value = parse_set_option(option, flag="--reward-arg")
+        node = options_by_name
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--reward-arg {option!r}: '{part}' was given a value, so it cannot hold options")
+        node[path[-1]] = value
+    return options_by_name
+
+
 def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool | None, max_new_tokens: int | None,
                   reward: str | None = None, correct_threshold: float | None = None,
-                  dtype: str | None = None) -> _SamplingDefaults:
+                  dtype: str | None = None, reward_args: dict[str, Any] | None = None) -> _SamplingDefaults:
     """The prompt template, chat-template switch, most new tokens, reward and weights' type to sample and score with:
     those given, else, when ``model`` is a training run or one of its checkpoints, the run's own
     (``data.prompt_template``, ``model.chat_template``, ``rollout.max_new_tokens``, ``model.dtype``, and
     ``reward.name`` with its ``reward.kwargs`` and, unless given, ``reward.correct_threshold``, after the run's
     ``imports``, in its config.json; said in one line), else ``"{prompt}"`` without the chat template,
-    :data:`DEFAULT_MAX_NEW_TOKENS`, ``math`` and float32."""
+    :data:`DEFAULT_MAX_NEW_TOKENS`, ``math`` and float32. ``reward_args`` are the reward's options: over the run's
+    ``reward.kwargs`` when the run's reward is taken, else all of them."""
     from entrorl.trainer.checkpoint import training_run_of
     from entrorl.trainer.config import ModelConfig
 
+    reward_args = reward_args or {}
     run = training_run_of(model) if None in (prompt_template, chat_template, max_new_tokens, reward, dtype) else None
     if run is None:
         return _SamplingDefaults("{prompt}" if prompt_template is None else prompt_template, bool(chat_template),
                                  DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
-                                 "math" if reward is None else reward, {}, correct_threshold,
+                                 "math" if reward is None else reward, reward_args, correct_threshold,
                                  "float32" if dtype is None else dtype)
     config = _read_json_object(run / "config.json") or {}
 
@@ -462,10 +487,11 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
                 correct_threshold = float(threshold)
                 taken.append(f"reward.correct_threshold = {threshold!r}")
             _import_the_run_s_modules(config.get("imports"), run)
+    reward_kwargs = {**reward_kwargs, **reward_args}
     if taken:
         console.print(Text(f"settings of the run in {run} (its config.json): {', '.join(taken)}; --prompt-template, "
                            "--chat-template / --no-chat-template, --max-new-tokens, --reward, --correct-threshold "
-                           "and --dtype override them"), soft_wrap=True)
+                           "and --dtype override them, and --reward-arg one reward option"), soft_wrap=True)
     if unread:
         console.print(Text.assemble(("warning", "yellow"), f": {run / 'config.json'} does not give "
                                     f"{' or '.join(unread)}; the default is used"), soft_wrap=True)
@@ -556,6 +582,7 @@ def evaluate(
     k: Annotated[Optional[str], typer.Option(help="comma-separated k values for Pass@k, each at most --n "
                                                   "(default: powers of two up to n, and n)")] = None,
     reward: RewardOption = None,
+    reward_arg: RewardArgOption = None,
     max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
@@ -610,7 +637,7 @@ def evaluate(
             chat_template=chat_template, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base, check_fit=True,
             trust_remote_code=trust_remote_code, require_answer=require_answer, correct_threshold=correct_threshold,
-            check_outputs=check_outputs)
+            check_outputs=check_outputs, reward_args=reward_arg)
     except (ValueError, OSError, ImportError, MemoryError) as error:  # ImportError: adapters without peft
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens
@@ -912,6 +939,7 @@ def data_audit(
     n: SamplesOption = 16,
     base: BaseModelOption = None,
     reward: RewardOption = None,
+    reward_arg: RewardArgOption = None,
     band: Annotated[str, typer.Option(help="keep rows whose pass rate lies in this band, e.g. '[0.1,0.5]' or '(1/16,15/16)'")] = "(0, 1)",
     consensus: Annotated[float, typer.Option(help="majority share from which a wrong majority answer makes a prompt look wrong")] = 0.5,
     low_pass_rate: Annotated[float, typer.Option(help="pass rates at or below this are rarely solved (hard or wrong)")] = 0.25,
@@ -965,7 +993,7 @@ def data_audit(
             top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
             trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
             require_answer=require_answer, correct_threshold=correct_threshold,
-            check_outputs=lambda: check_audit_output(data, directory))
+            check_outputs=lambda: check_audit_output(data, directory), reward_args=reward_arg)
     except (ValueError, OSError, ImportError, MemoryError) as error:  # OSError: missing files, unreadable model directories
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens

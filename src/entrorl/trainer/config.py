@@ -863,22 +863,22 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_ConfigLoader)
 
 
-def parse_set_option(option: str) -> tuple[list[str], Any]:
-    """``"optim.lr=1e-5"`` → (["optim", "lr"], 1e-5); values are parsed as YAML."""
+def parse_set_option(option: str, flag: str = "--set") -> tuple[list[str], Any]:
+    """``"optim.lr=1e-5"`` → (["optim", "lr"], 1e-5); values are parsed as YAML. ``flag`` names the option in errors."""
     if "=" not in option:
-        raise ConfigError(f"--set expects key=value, got {option!r}")
+        raise ConfigError(f"{flag} expects key=value, got {option!r}")
     key, raw = option.split("=", 1)
     if not key.strip():
-        raise ConfigError(f"--set has an empty key in {option!r}")
+        raise ConfigError(f"{flag} has an empty key in {option!r}")
     path = key.strip().split(".")
     if "" in path:
-        raise ConfigError(f"--set {option!r}: the key {key.strip()!r} has an empty part (two dots, or a dot at an end)")
+        raise ConfigError(f"{flag} {option!r}: the key {key.strip()!r} has an empty part (two dots, or a dot at an end)")
     try:
         value = _load_yaml(raw) if raw.strip() else ""
     except _RepeatedKey as error:  # a mapping, meant as one: quoting it would make it a string
-        raise ConfigError(f"--set {option!r}: {error}; give each key once") from None
+        raise ConfigError(f"{flag} {option!r}: {error}; give each key once") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"--set {option!r}: the value is not valid YAML ({error}); quote it to pass a string") from None
+        raise ConfigError(f"{flag} {option!r}: the value is not valid YAML ({error}); quote it to pass a string") from None
     return path, value
 
 
