@@ -3661,6 +3661,17 @@ def test_pass_rate_band_reads_its_column_when_meta_columns_leave_it_out_and_the_
     trainer = Trainer(load_config(make_config(tiny_model_dir, data, None), [band, "data.meta_columns=[level, pass_rate]"]),
                       run_dir=tmp_path / "run-both")
     assert [r.meta for r in trainer.train_records] == [{"level": 2, "pass_rate": 0.25}, {"level": 3, "pass_rate": 0.5}]
+    # a rate column missing from a row is the band's error, not one of meta_columns (which never named it)
+    data.write_text(data.read_text() + json.dumps({"prompt": "6+1=", "answer": "7", "level": 6}) + "\n")
+    with pytest.raises(ValueError, match=r"^data.pass_rate_band needs a numeric 'pass_rate' column; missing at "
+                                         r".*prompts.jsonl:7$"):
+        Trainer(load_config(make_config(tiny_model_dir, data, None), [band, "data.meta_columns=[level]"]),
+                run_dir=tmp_path / "run-no-rate")
+    # a column of meta_columns that is missing is still said to be one of them
+    data.write_text(data.read_text() + json.dumps({"prompt": "7+1=", "answer": "8", "pass_rate": 0.5}) + "\n")
+    with pytest.raises(ValueError, match=r"prompts.jsonl:8: meta column\(s\) 'level' missing"):
+        Trainer(load_config(make_config(tiny_model_dir, data, None), [band, "data.meta_columns=[level]"]),
+                run_dir=tmp_path / "run-no-level")
 
 
 def test_tensorboard_mirror(tmp_path, tiny_model_dir, arithmetic_files):

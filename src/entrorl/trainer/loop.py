@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -30,7 +31,8 @@ import torch
 from pydantic import ValidationError
 
 from entrorl.advantages import compute_advantages, unlikeliness_shaped_rewards
-from entrorl.data import PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts, parse_band
+from entrorl.data import (DataError, PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts,
+                          parse_band)
 from entrorl.modeling import (
     DamagedWeightsError,
     bucketed_response_token_stats,
@@ -172,13 +174,7 @@ class Trainer:
         # data.pass_rate_band reads its column whether or not data.meta_columns passes it to the reward
         rate_read_only = (config.data.pass_rate_band is not None and meta_columns is not None
                           and config.data.pass_rate_column not in meta_columns)
-        self.train_records = load_prompts(
-            config.data.train,
-            prompt_column=config.data.prompt_column,
-            answer_column=config.data.answer_column,
-            meta_columns=[*meta_columns, config.data.pass_rate_column] if rate_read_only else meta_columns,
-            require_answer=config.data.require_answer,
-        )
+        self.train_records = self._load_train_prompts(rate_read_only)
         self.train_prompts_read = len(self.train_records)  # before data.pass_rate_band keeps some of them
         if config.data.pass_rate_band is not None:
             self.train_records = self._filter_by_pass_rate(self.train_records, keep_column=not rate_read_only)
@@ -445,6 +441,22 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+    def _load_train_prompts(self, rate_read_only: bool) -> list[PromptRecord]:
+        """``data.train``'s records, with ``data.pass_rate_column`` in their meta too when ``rate_read_only`` (the band
+        reads it though ``data.meta_columns`` leaves it out). A rate column missing there is the band's error, not one
+        of the user's meta_columns."""
+        data = self.config.data
+        load = functools.partial(load_prompts, data.train, prompt_column=data.prompt_column,
+                                 answer_column=data.answer_column, require_answer=data.require_answer)
+        if not rate_read_only:
+            return load(meta_columns=data.meta_columns)
+        try:
+            return load(meta_columns=[*data.meta_columns, data.pass_rate_column])
+        except DataError as error:
+            load(meta_columns=data.meta_columns)  # fails again, with the user's own meta_columns: the error is theirs
+            raise ValueError(f"data.pass_rate_band needs a numeric '{data.pass_rate_column}' column; "
+                             f"missing at {error.location or error.path}") from None
 
     def _filter_by_pass_rate(self, records: list[PromptRecord], *, keep_column: bool = True) -> list[PromptRecord]:
         """The records whose pass rate (``data.pass_rate_column`` of their ``meta``) is in ``data.pass_rate_band``;
