@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from entrorl.trainer import ConfigError, Trainer, TrainingStopped, load_config, read_metrics
-from entrorl.trainer.config import parse_set_option
+from entrorl.trainer.config import apply_overrides, parse_set_option
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1344,8 +1344,14 @@ def test_a_set_option_reaches_an_item_of_a_list_of_sections_by_its_position(tmp_
         load_config(settings, ["reward.extra.0.weight=0.5"])
     settings.pop("optim", None)  # optim.betas at its default (0.9, 0.999): a position changes one of them
     assert load_config(settings, ["optim.betas.1=0.99"]).optim.betas == (0.9, 0.99)
+    for position in ("\u0661", "-1"):  # named as no position, as in a list written in the file
+        with pytest.raises(ConfigError, match=rf"'{position}' is not a position in a list of 2 items"):
+            load_config(settings, [f"optim.betas.{position}=0.99"])
     with pytest.raises(ConfigError, match=r"model.lora.target_modules is no list \(its default: 'all-linear'\)"):
         load_config(settings, ["model.lora.target_modules.0=q_proj"])
+    # a mapping left at its default is that empty mapping: a key of digits is a key there, as in `kwargs: {}`
+    assert apply_overrides({}, ["reward.kwargs.0=1"]) == apply_overrides({"reward": {"kwargs": {}}}, ["reward.kwargs.0=1"]) \
+        == {"reward": {"kwargs": {"0": 1}}}
 
 
 def test_an_error_names_its_source_and_shows_a_value_but_not_a_whole_section(tmp_path, arithmetic_files):

@@ -909,10 +909,12 @@ def _section_at(path: Sequence[str | int]) -> type[BaseModel] | None:
     return model
 
 
-def _default_list(option: str, key: list[str]) -> list | None:
-    """For ``--set`` naming a position in ``key``, a key the configuration leaves at its default: that default as a
-    list (``--set optim.betas.1=0.99`` keeps beta1's default; a position past its end is said so), or a ConfigError
-    when the default is no list; None for a key :class:`TrainConfig` does not have (validation names it)."""
+def _default_list(option: str, key: list[str], below: str) -> list | None:
+    """For ``--set`` naming ``below`` under ``key``, a key the configuration leaves at its default: that default when it
+    is a list (``--set optim.betas.1=0.99`` keeps beta1's default; a part that is no position of it, or a position past
+    its end, is said so by the caller); None when the default is a mapping or a section (the empty mapping the caller
+    makes stands for it) or for a key :class:`TrainConfig` does not have (validation names it); a ConfigError when
+    ``below`` is a position and the default is neither."""
     section = _section_at(key[:-1])
     field = None if section is None else section.model_fields.get(key[-1])
     if field is None:
@@ -920,6 +922,8 @@ def _default_list(option: str, key: list[str]) -> list | None:
     default = None if field.is_required() else field.get_default(call_default_factory=True)
     if isinstance(default, (list, tuple)):
         return list(default)
+    if isinstance(default, (dict, BaseModel)) or not (below.isascii() and below.isdigit()):
+        return None
     shown = ".".join(key)
     raise ConfigError(f"--set {option!r}: {shown} is no list (its default: {default!r}), so no position of it can be "
                       f"set: give it whole (--set {shown}=[...])")
@@ -938,8 +942,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     raise ConfigError(f"--set {option!r}: item {part} is not a section (it holds {node!r})")
                 continue
             child = node.get(part)
-            if child is None and path[depth + 1].isascii() and path[depth + 1].isdigit():
-                child = _default_list(option, path[:depth + 1])  # a position in a list left at its default
+            if child is None:
+                child = _default_list(option, path[:depth + 1], path[depth + 1])  # a list left at its default
                 if child is not None:
                     node[part] = child
             if child is None:
