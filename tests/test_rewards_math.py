@@ -602,6 +602,12 @@ def test_a_slow_judgement_is_stopped_with_a_timeout_reason():
     assert not result.equal and result.reason.startswith("timeout")
     stopped_at = float(re.search(r"stopped at ([0-9.e-]+) s", result.reason).group(1))
     assert 0.02 <= stopped_at < 1.5  # two significant figures, not 0.0 for a short limit
+    # a longer one keeps its tenths, in plain notation: not "stopped at 5 s" after a 5 s limit, nor 1.2e+02
+    from entrorl.rewards.math import _timeout_reason
+
+    for limit, elapsed, shown in ((5.0, 5.04, "5.0"), (100.0, 123.44, "123.4")):
+        assert _timeout_reason("comparing", MathOptions(timeout=limit), time.monotonic() - elapsed).endswith(
+            f"took more than {limit:g} s (stopped at {shown} s)")
     # the alarm is disarmed and the previous handler restored afterwards
     assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
     assert signal.getsignal(signal.SIGALRM) is handler_before

@@ -1568,7 +1568,8 @@ def _compare(
 
 def _timeout_reason(doing: str, options: MathOptions, started: float) -> str:
     elapsed = time.monotonic() - started
-    return f"timeout: {doing} took more than {options.timeout:g} s (stopped at {elapsed:.2g} s)"
+    shown = f"{elapsed:.1f}" if elapsed >= 1 else f"{elapsed:.2g}"  # 5.0, 123.4, 0.021
+    return f"timeout: {doing} took more than {options.timeout:g} s (stopped at {shown} s)"
 
 
 def _comparison_timeout_reason(prediction: Any, options: MathOptions, started: float) -> str:
