@@ -1233,6 +1233,32 @@ def test_sigterm_stops_the_laboratory_as_ctrl_c_does_and_the_command_exits_143(t
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
+def test_sigterm_while_the_base_model_is_built_is_said_and_exits_143(tmp_path, monkeypatch, signal_handlers_restored):
+    """SIGTERM outside the methods' runs (the base model's training, minutes on first use): the laboratory says it was
+    interrupted and how to go on, and exits 143, as within a method, not killed without a word."""
+    import os
+    import signal
+
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.lab import runner
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    out = _finished_folder(tmp_path, monkeypatch)
+
+    def terminated_while_building(spec, cache_dir=None, progress=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        __import__("time").sleep(30)  # the signal lands here
+        raise AssertionError("SIGTERM did not stop the laboratory")
+
+    monkeypatch.setattr(runner, "build_base_model", terminated_while_building)
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--out", str(out)])
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert "Continue with: entrorl lab --preset quick --methods grpo" in " ".join(result.output.split())
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
 def _trains_on_regardless(job):
     """A worker's method that signals it has started, then trains on whatever the laboratory asks."""
     import time

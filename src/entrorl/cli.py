@@ -345,15 +345,17 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (a job scheduler's "stop") inside :func:`_said_when_interrupted`: a KeyboardInterrupt, so that
+    """SIGTERM arrived (a job scheduler's "stop") inside :func:`_sigterm_as_interrupt`: a KeyboardInterrupt, so that
     it passes wherever Ctrl-C does (a reward's or an import's ``except Exception`` does not swallow it)."""
+
+    signal_number = signal.SIGTERM
 
 
 @contextlib.contextmanager
-def _said_when_interrupted(what: str):
-    """Ctrl-C or SIGTERM inside: one line saying so and what became of the work (after the progress bar has let go of
-    the terminal), then exit 128 + the signal's number (130, 143), as the signal itself would, without a traceback. A
-    process started with SIGTERM ignored keeps ignoring it."""
+def _sigterm_as_interrupt():
+    """Inside, SIGTERM raises :class:`_Terminated`, as Ctrl-C raises KeyboardInterrupt: in the main thread, unless the
+    process was started with SIGTERM ignored. The handler before is put back on the way out (a second SIGTERM while
+    the first is being said then ends the process as it would have, without a traceback)."""
 
     def terminated(signum, frame):
         raise _Terminated
@@ -363,16 +365,24 @@ def _said_when_interrupted(what: str):
     previous = signal.signal(signal.SIGTERM, terminated) if handles_sigterm else None
     try:
         yield
+    finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _said_when_interrupted(what: str):
+    """Ctrl-C or SIGTERM inside: one line saying so and what became of the work (after the progress bar has let go of
+    the terminal), then exit 128 + the signal's number (130, 143), as the signal itself would, without a traceback."""
+    try:
+        with _sigterm_as_interrupt():
+            yield
     except _Terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one while this is said: no traceback
         console.print(Text.assemble(("terminated", "bold yellow"), f" (SIGTERM) {what}"), soft_wrap=True)
         raise typer.Exit(128 + signal.SIGTERM) from None
     except KeyboardInterrupt:
         console.print(Text.assemble(("interrupted", "bold yellow"), f" {what}"), soft_wrap=True)
         raise typer.Exit(128 + signal.SIGINT) from None
-    finally:
-        if handles_sigterm:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _note_if_greedy_samples_repeat(n: int, temperature: float, top_k: int | None = None) -> None:
@@ -845,7 +855,9 @@ def lab(
                         "--out", str(out), *(["--workers", str(workers)] if workers is not None else []),
                         *(["--rl-seed", str(rl_seed)] if rl_seed is not None else [])])
     try:
-        run_dir = run_lab(preset, methods=names or None, out=out, workers=workers, console=console, rl_seed=rl_seed)
+        with _sigterm_as_interrupt():  # while the base model is built and the report written (the methods' runs count it)
+            run_dir = run_lab(preset, methods=names or None, out=out, workers=workers, console=console,
+                              rl_seed=rl_seed)
     except ValueError as error:
         _fail(str(error))
     except OSError as error:  # a full disk: the report or the laboratory's own record could not be written
