@@ -1350,6 +1350,11 @@ def test_a_set_option_reaches_an_item_of_a_list_of_sections_by_its_position(tmp_
     with pytest.raises(ConfigError, match=r"model.lora.target_modules is no list \(its default: 'all-linear'\)"):
         load_config(settings, ["model.lora.target_modules.0=q_proj"])
     # a mapping left at its default is that empty mapping: a key of digits is a key there, as in `kwargs: {}`
+    # a composition's part, by its position, whether the method is the list itself or under method.method
+    for method, key in ((["dapo", "clip_b"], "method.1"), ({"method": ["dapo", "clip_b"]}, "method.method.1")):
+        composed = load_config({**settings, "method": method}, [f"{key}=clip_v"])
+        named = composed.method if isinstance(composed.method, str) else composed.method.method
+        assert named in ("dapo+clip_v", ["dapo", "clip_v"])
     assert apply_overrides({}, ["reward.kwargs.0=1"]) == apply_overrides({"reward": {"kwargs": {}}}, ["reward.kwargs.0=1"]) \
         == {"reward": {"kwargs": {"0": 1}}}
 

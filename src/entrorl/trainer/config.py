@@ -882,10 +882,15 @@ def parse_set_option(option: str, flag: str = "--set") -> tuple[list[str], Any]:
     return path, value
 
 
+def _is_position(part: str) -> bool:
+    """Whether a part of a ``--set`` key is written as a position in a list (ASCII digits: int() would take others)."""
+    return part.isascii() and part.isdigit()
+
+
 def _list_index(option: str, items: list, part: str) -> int:
     """The position ``part`` names in a list of sections (``reward.extra.0.weight``: 0), or a ConfigError."""
     count = f"{len(items)} item{'' if len(items) == 1 else 's'}"
-    if not (part.isascii() and part.isdigit()):
+    if not _is_position(part):
         raise ConfigError(f"--set {option!r}: '{part}' is not a position in a list of {count} (write a number, "
                           "counting from 0)")
     if int(part) >= len(items):
@@ -922,7 +927,7 @@ def _default_list(option: str, key: list[str], below: str) -> list | None:
     default = None if field.is_required() else field.get_default(call_default_factory=True)
     if isinstance(default, (list, tuple)):
         return list(default)
-    if isinstance(default, (dict, BaseModel)) or not (below.isascii() and below.isdigit()):
+    if isinstance(default, (dict, BaseModel)) or not _is_position(below):
         return None
     shown = ".".join(key)
     raise ConfigError(f"--set {option!r}: {shown} is no list (its default: {default!r}), so no position of it can be "
@@ -950,7 +955,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 # `--set method.params.mu=3` without a method in the file: the default method's parameter
                 child = node[part] = {"method": TrainConfig.model_fields["method"].default} if (
                     node is data and part == "method") else {}
-            if node is data and part == "method" and isinstance(child, (str, list)):
+            if node is data and part == "method" and (
+                    isinstance(child, str) or isinstance(child, list) and not _is_position(path[depth + 1])):
                 child = node[part] = {"method": child}  # `method: clip_b` then --set method.params.mu=3
             if not isinstance(child, (dict, list)):
                 raise ConfigError(f"--set {option!r}: '{part}' is not a section (it holds {child!r})")
