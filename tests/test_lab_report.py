@@ -506,6 +506,35 @@ def _write_metrics(run: Path, entropy, reward, **series) -> None:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def test_the_forecast_error_at_the_end_is_said_to_average_the_points_it_averages(tmp_path):
+    """With a step whose entropy is not finite, the law's points are fewer than the steps: 'forecast error, end' then
+    averages the last 10% of those points (law.fits.<method>.end_points), and the report says so instead of naming
+    a number of the run's steps; with every step finite it names the steps."""
+    out = build_run(tmp_path / "lab-gaps", methods=("grpo", "nsr"), failed=())
+    h = np.linspace(1.0, 0.5, 60)
+    reward = -0.3 * np.exp(h) + 0.9
+    reward[-6:] -= 0.02 * np.arange(1, 7)  # the end leaves the law, by a different amount at each step
+    entropy = h.copy()
+    entropy[-20] = np.nan  # 59 points of 60 steps: 6 end points either way, but not the same 6 steps
+    entropy[-3] = np.nan
+    for name in ("grpo", "nsr"):
+        _write_metrics(out / "methods" / name, entropy, reward)
+    report = write_report(out, figures=False)
+    law = report["law"]["fits"]["grpo"]
+    finite = np.isfinite(entropy)
+    assert law["n_points"] == 58 and law["end_points"] == 6
+    # the first steps follow the law exactly, so the forecast is the law: its error is the offsets at the last 6 points
+    assert law["end_error"] == pytest.approx(float(np.mean(0.9 - 0.3 * np.exp(h[finite][-6:]) - reward[finite][-6:])),
+                                             abs=1e-9)
+    said = " ".join((out / "report.md").read_text().split())
+    assert said.count("reward averaged over the last 10% of the steps where both are finite") == 2  # summary, law
+    _write_metrics(out / "methods" / "grpo", h, reward)
+    _write_metrics(out / "methods" / "nsr", h, reward)
+    write_report(out, figures=False)
+    said = " ".join((out / "report.md").read_text().split())
+    assert "where both are finite (rounded" not in said and said.count("reward averaged over the last 10% of steps") == 2
+
+
 def test_law_columns_are_honest_forecasts(tmp_path):
     out = build_run(tmp_path / "lab-law", methods=("grpo", "nsr"), failed=())
     h = np.linspace(1.0, 0.5, 60)  # a forecast fitted on the first 20% = 12 steps

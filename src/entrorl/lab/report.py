@@ -207,6 +207,14 @@ class _Report:
         keys = sorted({self.analyses[n].run.reward_key for n in self.ok}) or [REWARD_KEY]
         return " / ".join(f"`{k}`" for k in keys)
 
+    def law_end_phrase(self) -> str:
+        """The points the law's 'forecast error, end' averages: the last steps, in words, when every method's entropy
+        and reward are finite at every step; else the last share of the steps where both are (``law_of``)."""
+        if all(self.analyses[n].law.get("n_points") == self.analyses[n].n_steps for n in self.ok):
+            return last_steps_phrase({self.analyses[n].n_steps for n in self.ok})
+        return (f"the last {fmt(100 * EDGE_FRACTION)}% of the steps where both are finite (rounded up to whole steps; "
+                "report.json's law.fits.<method>.end_points)")
+
     def guarded(self, section: Section, build: Callable[[Section], None]) -> Section:
         return build_section(section, build, self.errors)
 
@@ -374,7 +382,7 @@ class _Report:
             f"Pass@1{''.join(f', Pass@{m}' for m in middle)} and Pass@{self.k_label} (the largest k evaluated): the unbiased estimator on "
             f"the held-out prompts; law R²: the fit of R = −a·exp(H) + b over all steps (n/a from fewer than 3 points); "
             f"forecast error, end: the law fitted on the first {fmt(100 * self.fit_fraction)}% of steps, its predicted minus "
-            f"the measured reward averaged over {last}, and forecast RMSE its error on the steps after the fitted ones (the "
+            f"the measured reward averaged over {self.law_end_phrase()}, and forecast RMSE its error on the steps after the fitted ones (the "
             f"ceilings are in the law section); forgetting acc: accuracy "
             f"on the untrained task (`{self.preset.get('forgetting_task', NA)}`), Δ relative to the base model; eval entropy: mean "
             f"token entropy of the final evaluation's samples; train time: seconds of the method's set-up, training and final "
@@ -505,7 +513,6 @@ class _Report:
 
     # ---------------------------------------------------------------- 5. the law
     def law(self, section: Section) -> None:
-        last = last_steps_phrase({self.analyses[n].n_steps for n in self.ok})
         section.say(
             f"The entropy–performance law R = −a·exp(H) + b (arXiv 2505.22617, Eq. 6), with H = `{ENTROPY_KEY}` and R = "
             f"{self.reward_label()}, fitted by least squares of R on exp(H) (`fit_entropy_law`) over every step where both are "
@@ -514,7 +521,7 @@ class _Report:
             f"{NOT_APPLICABLE} (does not apply). The forecast (`forecast_entropy_law`) refits on the first "
             f"{fmt(100 * self.fit_fraction)}% of those steps (at least 3) and predicts the rest from their measured entropies: "
             f"'forecast RMSE' is its error on the steps after the fitted ones, and 'forecast error, end' its predicted minus "
-            f"measured reward averaged over {last} (in-sample where those steps were fitted, as the note says). 'reached' is "
+            f"measured reward averaged over {self.law_end_phrase()} (in-sample where those steps were fitted, as the note says). 'reached' is "
             f"the maximum of the {SMOOTH_WINDOW}-step moving average of R. No run comes near zero entropy, so 'forecast "
             "ceiling − reached' is the headroom the law still promises at the end of the run, not an error of the forecast."
         )
