@@ -69,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"no report.json in: {', '.join(missing)}")
     reports = [json.loads((run / "report.json").read_text()) for run in args.runs]
-    seeds = [json.loads((run / "lab.json").read_text())["preset"].get("rl_seed") for run in args.runs]
-    names = [f"{run.name} (rl_seed {seed if seed is not None else 'preset'})" for run, seed in zip(args.runs, seeds)]
+    presets = [json.loads((run / "lab.json").read_text())["preset"] for run in args.runs]
+    # without --rl-seed the runs train with the preset's seed: `--rl-seed 0` is the same training as the default
+    seeds = [preset.get("rl_seed") if preset.get("rl_seed") is not None else preset.get("seed", 0) for preset in presets]
+    names = [f"{run.name} (rl_seed {seed}{'' if preset.get('rl_seed') is not None else ', the preset seed'})"
+             for run, seed, preset in zip(args.runs, seeds, presets)]
     if len(set(seeds)) < len(seeds):
         print("warning: some runs share their rl_seed, so their spread is not a spread over seeds", file=sys.stderr)
     print(f"{len(reports)} runs: " + ", ".join(names))

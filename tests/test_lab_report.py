@@ -742,6 +742,29 @@ def test_the_seed_spread_script_reads_the_headline_numbers_of_a_report(report_ru
     assert all(cell != "—" for column, cell in zip(header, grpo) if column in pass_columns)
 
 
+def test_the_seed_spread_script_warns_when_two_runs_trained_with_the_same_seed(tmp_path, capsys):
+    """A run without --rl-seed trains with the preset's seed: beside one with --rl-seed 0 (the same training, as the
+    laboratory itself accepts) the spread is not one over seeds, and the script says so; 0 and 1 are two seeds."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "lab_seed_spread.py"
+    spec = importlib.util.spec_from_file_location("lab_seed_spread", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = {"summary": {"values": [{"method": "grpo", "reward end": 0.4}]}, "headline": {"numbers": {"rows": []}}}
+    for seeds, warned in (((None, 0), True), ((None, 1), False)):
+        runs = []
+        for position, rl_seed in enumerate(seeds):
+            run = tmp_path / f"{seeds}-{position}"
+            _write(run / "lab.json", {"preset": {"name": "quick", "seed": 0, "rl_seed": rl_seed}})
+            _write(run / "report.json", report)
+            runs.append(str(run))
+        assert module.main(runs) == 0
+        said = capsys.readouterr()
+        assert ("share their rl_seed" in said.err) is warned
+        assert "(rl_seed 0, the preset seed)" in said.out
+
+
 def test_the_entropy_change_axes_carry_their_power_of_ten_in_their_labels():
     """The scale of a panel goes into its axis labels (matplotlib's offset text sat on the panel's title)."""
     from entrorl.analysis.document import power_of_ten
