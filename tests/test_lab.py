@@ -1331,6 +1331,29 @@ def test_an_interrupted_laboratory_records_the_outcomes_it_has(tmp_path, monkeyp
     assert outcomes["grpo"]["status"] == "done" and outcomes["clip_cov"] == {"method": "clip_cov", "status": "interrupted", "step": 2}
 
 
+def test_a_method_interrupted_earlier_and_not_continued_makes_the_command_exit_1_with_the_way_on(
+        tmp_path, monkeypatch):
+    """A method interrupted by an earlier invocation and left out of this one's --methods is missing from the report's
+    comparisons, as a failed one is: the command writes the report, then exits 1 naming it and the command that
+    continues it (with this invocation's --rl-seed, which the folder requires)."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.lab import runner
+
+    out = _finished_folder(tmp_path, monkeypatch)
+    (out / "methods" / "clip_cov" / "final_eval.json").unlink()
+    (out / "outcomes.json").write_text(json.dumps({"clip_cov": {"method": "clip_cov", "status": "interrupted", "step": 2}}))
+    monkeypatch.setattr(runner, "_run_method", _finishes_grpo_then_is_interrupted)
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--out", str(out)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert (out / "report.md").is_file()
+    assert ("1 method(s) of " in said and "were interrupted earlier and are left out of the report's comparisons: "
+            "clip_cov; continue them with entrorl lab --preset quick --methods clip_cov --out" in said)
+    assert runner.interrupted_methods(out) == ["clip_cov"] and runner.failed_methods(out) == []
+
+
 def test_the_s_and_d_histograms_count_every_token_in_their_end_bins():
     """Values beyond +-0.4 (and 0.4 itself, which float32 rounds above the float64 edge) land in the end bins."""
     from entrorl.lab.runner import _histogram

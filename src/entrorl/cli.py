@@ -844,16 +844,21 @@ def lab(
                                                    "evaluation): repeat with 1, 2, ... to see the spread across seeds")] = None,
 ) -> None:
     """The entropy laboratory: train the built-in tiny model with every method side by side, then write a report."""
-    from entrorl.lab.runner import LabInterrupted, default_run_directory, failed_methods, run_lab
+    from entrorl.lab.runner import (LabInterrupted, default_run_directory, failed_methods, interrupted_methods,
+                                    run_lab)
 
     names = [name.strip() for item in (methods or []) for name in item.split(",") if name.strip()]
     if methods is not None and not names:  # `--methods ""` would otherwise run the whole matrix
         _fail("--methods names no method; leave it out to run the preset's matrix")
     if out is None:
         out = default_run_directory()
-    again = shlex.join(["entrorl", "lab", "--preset", preset, *(["--methods", ",".join(names)] if names else []),
-                        "--out", str(out), *(["--workers", str(workers)] if workers is not None else []),
-                        *(["--rl-seed", str(rl_seed)] if rl_seed is not None else [])])
+
+    def command_for(methods: list[str]) -> str:
+        return shlex.join(["entrorl", "lab", "--preset", preset, *(["--methods", ",".join(methods)] if methods else []),
+                           "--out", str(out), *(["--workers", str(workers)] if workers is not None else []),
+                           *(["--rl-seed", str(rl_seed)] if rl_seed is not None else [])])
+
+    again = command_for(names)
     try:
         with _sigterm_as_interrupt():  # while the base model is built and the report written (the methods' runs count it)
             run_dir = run_lab(preset, methods=names or None, out=out, workers=workers, console=console,
@@ -873,10 +878,14 @@ def lab(
         raise typer.Exit(128 + getattr(error, "signal_number", signal.SIGINT)) from None
     console.print(Text.assemble(("report", "green"), f": {run_dir / 'report.html'}  ({run_dir / 'report.md'})"),
                   soft_wrap=True)  # paths on one line, whatever the width
-    failed = failed_methods(run_dir)
-    if failed:  # the report is written, but a script running the laboratory must see that it is not whole
+    # the report is written, but a script running the laboratory must see that it is not whole
+    failed, unfinished = failed_methods(run_dir), interrupted_methods(run_dir)
+    if failed:
         _fail(f"{len(failed)} method(s) failed and are left out of the report's comparisons: {', '.join(failed)} "
               f"(each one's error in {run_dir / 'methods'}/<name>/error.log)", code=1)
+    if unfinished:  # interrupted by an earlier invocation, and not among the methods this one ran
+        _fail(f"{len(unfinished)} method(s) of {run_dir} were interrupted earlier and are left out of the report's "
+              f"comparisons: {', '.join(unfinished)}; continue them with {command_for(unfinished)}", code=1)
 
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and clean prompt data sets.")

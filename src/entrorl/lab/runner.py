@@ -379,8 +379,17 @@ def _requested_methods(methods: list[str] | str | None) -> list[str] | None:
 
 def failed_methods(out: Path) -> list[str]:
     """The methods of the laboratory folder ``out`` whose last run failed (``outcomes.json``)."""
+    return _methods_whose_last_run(out, "failed")
+
+
+def interrupted_methods(out: Path) -> list[str]:
+    """The methods of the laboratory folder ``out`` whose last run was interrupted and not continued since."""
+    return _methods_whose_last_run(out, "interrupted")
+
+
+def _methods_whose_last_run(out: Path, status: str) -> list[str]:
     outcomes = _read_json_object(Path(out) / "outcomes.json")
-    return [method for method, outcome in outcomes.items() if isinstance(outcome, dict) and outcome.get("status") == "failed"]
+    return [method for method, outcome in outcomes.items() if isinstance(outcome, dict) and outcome.get("status") == status]
 
 
 def _checked_workers(workers: int | None, preset: LabPreset) -> int:
