@@ -566,17 +566,18 @@ def test_rl_seed_changes_only_the_training_seed(tmp_path):
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path):
-    from entrorl.lab.runner import run_lab
+    from entrorl.lab.runner import _check_same_preset, run_lab
 
     out = tmp_path / "lab"
     out.mkdir()
     preset = get_preset("quick")
     (out / "lab.json").write_text(json.dumps({"preset": preset.model_dump(mode="json")}))
-    with pytest.raises(ValueError, match=r"rl_seed: 0 there, 3 now.*same options"):
+    with pytest.raises(ValueError, match=r"rl_seed: 0 \(without --rl-seed: the preset's seed\) there, 3 now.*same options"):
         run_lab("quick", out=out, rl_seed=3)
+    reseeded = {"preset": preset.model_copy(update={"rl_seed": 3}).model_dump(mode="json")}
+    with pytest.raises(ValueError, match=r"rl_seed: 3 there, 0 \(without --rl-seed: the preset's seed\) now"):
+        _check_same_preset(out, preset, reseeded)  # resumed without the --rl-seed it was started with
     # no rl_seed trains with seed (0 here): --rl-seed 0 runs the same training, and is accepted
-    from entrorl.lab.runner import _check_same_preset
-
     _check_same_preset(out, preset.model_copy(update={"rl_seed": 0}), {"preset": preset.model_dump(mode="json")})
     changed = preset.model_copy(update={"steps": preset.steps + 1}).model_dump(mode="json")
     (out / "lab.json").write_text(json.dumps({"preset": changed}))

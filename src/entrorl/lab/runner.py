@@ -352,7 +352,12 @@ def _check_same_preset(out: Path, preset: LabPreset, record: dict[str, Any]) -> 
         what = (f"this folder was started with preset {recorded.get('name')}, now {current.get('name')}"
                 + (f" ({len(keys)} other setting{'s' if len(keys) != 1 else ''} differ{'s' if len(keys) == 1 else ''}: {shown})" if keys else ""))
     else:
-        shown = "; ".join(f"{key}: {_short_repr(then)} there, {_short_repr(now)} now" for key, then, now in differing[:_DIFFERENCES_SHOWN])
+        def said(value: Any, settings: dict[str, Any], key: str) -> str:
+            seeded = key == "rl_seed" and settings.get("rl_seed") is None
+            return _short_repr(value) + (" (without --rl-seed: the preset's seed)" if seeded else "")
+
+        shown = "; ".join(f"{key}: {said(then, recorded, key)} there, {said(now, current, key)} now"
+                          for key, then, now in differing[:_DIFFERENCES_SHOWN])
         more = f"; and {len(differing) - _DIFFERENCES_SHOWN} more" if len(differing) > _DIFFERENCES_SHOWN else ""
         what = f"this folder was started with other settings ({shown}{more})"
     raise ValueError(f"{out}: {what}; resume it with the same options or choose another --out")
