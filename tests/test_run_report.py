@@ -733,6 +733,27 @@ def test_the_first_method_of_a_composition_decides_whether_interventions_are_che
     assert intervention_keys("nsr+clip_b") == []
 
 
+def test_a_method_with_parts_added_is_named_with_them_and_its_parts_interventions_are_checked(tmp_path):
+    """A method written as a mapping that adds parts (``{method: grpo, regularizers: [entropy_bonus]}``) is named
+    ``grpo+entropy_bonus`` in the report, not ``grpo``, and the part's own metric is checked: an entropy bonus whose
+    coefficient stayed 0 is said never to have acted. A surrogate put in place adds no intervention of its own."""
+    assert intervention_keys("grpo+entropy_bonus") == [
+        "select/entropy_bonus_frac", "reg/entropy_bonus_coeff", "shape/entropy_bonus_bonus",
+        "correction/entropy_bonus_masked_frac", "entropy_bonus/abs_log_ratio"]
+    assert intervention_keys("grpo+cispo") == [] and intervention_keys("grpo+no_such_part") == []
+    records = [{"step": i + 1, "entropy/mean": 0.5, "reward/accuracy": 0.1 * i, "reg/entropy_bonus_coeff": 0.0}
+               for i in range(5)]
+    config = {"method": {"method": "grpo", "regularizers": [{"name": "entropy_bonus", "entropy_coeff": 0.0}],
+                         "params": {}}, "optim": {"steps": 5}}
+    report = write_run_report(write_run(tmp_path / "run", records, config=config), figures=False)
+    assert report["method"] == "grpo+entropy_bonus"
+    said = " ".join((tmp_path / "run" / "report" / "report.md").read_text().split())
+    assert "The method's own intervention was 0 at every logged step (`reg/entropy_bonus_coeff`)" in said
+    # a hand-edited mapping that is no valid method is named by what it gives
+    config["method"] = {"method": "grpo", "regularizers": "not a list"}
+    assert write_run_report(write_run(tmp_path / "odd", records, config=config), figures=False)["method"] == "grpo"
+
+
 def test_law_notes_for_three_points_with_a_constant_reward_a_fit_error_and_a_failed_premise():
     """With 3 points R² is undefined only because the reward never changed; a fit error is noted by its first clause; a
     fit with a ≤ 0 says so, and not that its (inexistent) ceiling rests on too few steps."""

@@ -1309,6 +1309,12 @@ def test_an_objective_without_a_method_name_is_custom_and_takes_grpo_advantages(
     base = make_config(tmp_path / "no-model-needed", train, None)
     config = load_config(base, ["method={loss_agg_mode: token-mean}"])
     assert config.method_names() == [] and config.method_label() == "custom"
+    # parts added to a method, or in place of one, name it (the run folder, the progress bar, the report)
+    for method, label in (("{method: grpo, regularizers: [entropy_bonus]}", "grpo+entropy_bonus"),
+                          ("{method: [dapo, clip_b], selectors: [forking_tokens]}", "dapo+clip_b+forking_tokens"),
+                          ("{surrogate: cispo, regularizers: [entropy_bonus]}", "cispo+entropy_bonus"),
+                          ("{method: clip_b, params: {mu: 3}}", "clip_b")):
+        assert load_config(base, [f"method={method}"]).method_label() == label
     assert config.advantage_estimator() == "grpo" and config.needs_reference() is False
 
 

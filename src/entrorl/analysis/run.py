@@ -175,18 +175,29 @@ def intervention_keys(method: str) -> list[str]:
     ``select/`` key); only the keys a run logged are checked. Empty for a method without such parts (GRPO, the
     supervised baselines) or one the registry does not know, and for a method with an advantage estimator of its own
     (nsr, psr, w_reinforce): that estimator changes the advantages at every step, so an idle part (NSR's sign
-    selector, which its estimator leaves nothing to drop) does not mean the method never acted."""
-    try:
-        from entrorl.objective.methods import get_method
+    selector, which its estimator leaves nothing to drop) does not mean the method never acted. A part's name among
+    the methods' (the label of ``{method: grpo, regularizers: [entropy_bonus]}``, ``grpo+entropy_bonus``) is that
+    part."""
+    from entrorl.objective.methods import get_method
+    from entrorl.objective.parts import available_parts
 
-        specs = [get_method(name) for name in method.split("+")]
-    except Exception:  # noqa: BLE001 — not a registered method (e.g. sft): nothing to check
-        return []
-    if specs[0].advantage_estimator != "grpo":  # the first method gives the trainer its advantage estimator
-        return []
-    parts = dict.fromkeys(ref[0] for spec in specs for ref in (*spec.selectors, *spec.regularizers, *spec.shapers,
-                                                               *filter(None, [spec.correction])))
-    return [pattern.format(part) for part in parts for pattern in INTERVENTION_KEY_PATTERNS]
+    kinds: dict[str, set[str]] = {}
+    for info in available_parts():
+        kinds.setdefault(info.name, set()).add(info.kind)
+    parts: list[str] = []
+    for position, name in enumerate(method.split("+")):
+        try:
+            spec = get_method(name)
+        except ValueError:  # a part added to the methods (``grpo+entropy_bonus``), or no method (e.g. sft)
+            if name not in kinds:
+                return []
+            if kinds[name] != {"surrogate"}:
+                parts.append(name)
+            continue
+        if position == 0 and spec.advantage_estimator != "grpo":  # the first method gives the advantage estimator
+            return []
+        parts += [ref[0] for ref in (*spec.selectors, *spec.regularizers, *spec.shapers, *filter(None, [spec.correction]))]
+    return [pattern.format(part) for part in dict.fromkeys(parts) for pattern in INTERVENTION_KEY_PATTERNS]
 
 
 @dataclass

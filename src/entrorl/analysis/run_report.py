@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from pydantic import ValidationError
 
 from entrorl._checks import is_real_number
 from entrorl.analysis.document import (Cell, Figures, Section, Table, agreement_cell, build_section, dash, finite, fmt,
@@ -41,6 +42,7 @@ from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, ENTROPY_KEY, EVA
                                   MIN_CEILING_STEPS, SMOOTH_WINDOW, MetricRecords, analyse_records, beyond_an_accuracy,
                                   chance_sign_agreement, edge_phrase, forecast_ceiling_shown, law_cells, law_of,
                                   moving_average, read_json, read_metrics_records)
+from entrorl.objective import ObjectiveConfig
 from entrorl.trainer.checkpoint import atomic_write_text
 
 __all__ = ["write_run_report", "NotARunDirectory", "RUN_REPORT_SECTIONS", "DEFAULT_FIT_FRACTION"]
@@ -117,8 +119,11 @@ class _TrainingRun(MetricRecords):
     @property
     def method(self) -> str:
         method = self.config.get("method")
-        if isinstance(method, dict):
-            method = method.get("method") or method.get("name")
+        if isinstance(method, dict):  # a method with parameters or parts added: its methods, then the parts
+            try:
+                return ObjectiveConfig.model_validate(method).label()
+            except ValidationError:  # a hand-edited file: the names it gives
+                method = method.get("method") or method.get("name")
         if isinstance(method, (list, tuple)):  # ``method: [dapo, clip_b]`` composes as ``dapo+clip_b`` does
             method = "+".join(str(name) for name in method)
         return str(method) if method else ""

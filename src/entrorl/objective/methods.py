@@ -166,6 +166,13 @@ class ObjectiveConfig(BaseModel):
         names = self.method.split("+") if isinstance(self.method, str) else list(self.method)
         return [name.strip() for name in names]
 
+    def label(self) -> str:
+        """A short name of the objective: its methods then the parts it adds, joined by '+' (``grpo+entropy_bonus``
+        for ``{method: grpo, regularizers: [entropy_bonus]}``), or ``custom`` when it names none."""
+        parts = [self.surrogate, self.correction, *self.shapers, *self.regularizers, *self.selectors]
+        names = [*self.method_names(), *(part.name for part in parts if part is not None)]
+        return "+".join(dict.fromkeys(names)) or "custom"
+
 
 @dataclass
 class _Composition:

@@ -651,7 +651,8 @@ class TrainConfig(_Section):
         return get_method(names[0]).advantage_estimator if names else "grpo"
 
     def method_label(self) -> str:
-        return "+".join(self.method_names()) or "custom"
+        config = self.method if isinstance(self.method, ObjectiveConfig) else ObjectiveConfig(method=self.method)
+        return config.label()
 
     def needs_reference(self) -> bool:
         """Whether a run of this configuration loads the starting model as a frozen reference: ``optim.kl_reference``,
