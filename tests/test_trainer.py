@@ -3102,6 +3102,11 @@ def test_the_methods_table_lists_the_parameters_a_method_sets_and_leaves_out_uns
     (row,) = [line for line in result.stdout.splitlines() if line.startswith("│ clip_b ")]
     assert "│ clip_ratio_low=0.2, clip_ratio_high=0.2, " in row and "None" not in result.stdout
     assert row.split("│")[-2].strip() == clip_b.paper and clip_b.paper.startswith("arXiv 2602.03392")
+    # the laboratory's supervised baseline is named under the table, and asked for alone it is explained
+    assert result.stdout.splitlines()[-1].startswith("entrorl lab also runs sft, its supervised baseline")
+    result = CliRunner().invoke(app, ["methods", "sft"])
+    assert result.exit_code == 2 and "sft is not a training method but the laboratory's supervised baseline" in (
+        " ".join(result.output.split()))
 
 
 def test_cli_eval_writes_every_sample_it_scored(tmp_path, tiny_model_dir, arithmetic_files):

@@ -749,6 +749,10 @@ def report(
                   soft_wrap=True)
 
 
+# what `entrorl methods` says of the laboratory's one method that is no training objective
+SFT_BASELINE = "fine-tuning on a reference demonstration of each sampled prompt; its update reads no reward"
+
+
 @app.command()
 def methods(
     method: Annotated[Optional[str], typer.Argument(help="one method, or a composition such as dapo+clip_b: every "
@@ -758,6 +762,9 @@ def methods(
     """List every method with its parameters, defaults and paper; with METHOD, every parameter of that one."""
     from entrorl.objective import available_methods
 
+    if method is not None and method.strip() == "sft":  # the laboratory's, not a training objective
+        _fail(f"sft is not a training method but the laboratory's supervised baseline: {SFT_BASELINE}; run it with "
+              "entrorl lab --methods sft,grpo")
     if method is not None:
         _describe_method(method, as_json=as_json)
         return
@@ -773,7 +780,10 @@ def methods(
         table.add_row(info.name, info.description, params, info.loss_agg_mode, info.advantage_estimator, info.paper)
     # off a terminal rich assumes 80 columns, where the descriptions would take a line per word
     piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
-    Console(width=160 if piped else None).print(table)
+    out = Console(width=160 if piped else None)
+    out.print(table)
+    out.print(Text(f"entrorl lab also runs sft, its supervised baseline ({SFT_BASELINE}): entrorl lab --methods "
+                   "sft,grpo"), soft_wrap=True)
 
 
 def _describe_method(method: str, *, as_json: bool) -> None:
