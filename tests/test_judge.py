@@ -387,6 +387,13 @@ def test_works_inside_reward_runner_with_reasons():
 
     result = RewardRunner(JudgeReward(unreachable))(["p"] * 3, ["a", "b", "c"], ["x"] * 3)
     assert result.errors == 3 and "ConnectionError: judge API unreachable" in result.first_error
+    # the judge's traceback follows the first failure's line, as a reward's that raised does (reward_errors.log)
+    headline, _, details = result.first_error.partition("\n")
+    assert headline == "reward for sample 0 failed: judge error: ConnectionError: judge API unreachable"
+    assert details.startswith("Traceback (most recent call last):") and "in unreachable" in details
+    for timeout in (None, 5.0):  # raised in the judge's own thread too
+        judged = RewardRunner(JudgeReward(unreachable, timeout_s=timeout))(["p"], ["a"], ["x"])
+        assert "in unreachable" in judged.first_error
     assert RewardRunner(JudgeReward(lambda samples: [True, False]))(["p", "q"], ["a", "b"]).scores.tolist() == [1.0, 0.0]
 
 
@@ -417,13 +424,18 @@ def test_registered_as_judge_and_options_are_validated(tmp_path, tiny_model_dir)
         ({"judge": str(tiny_model_dir), "template": "{prompt} {oops}"}, "only use the fields"),
         ({"judge": str(tiny_model_dir), "template": "{prompt}"}, "must contain '{completion}'"),
         ({"judge": str(tiny_model_dir), "kind": "classifier"}, "kind must be one of"),
-        ({"judge": str(tiny_model_dir), "colour": "red"}, "unknown judge option"),
+        ({"judge": str(tiny_model_dir), "colour": "red"}, r"unknown judge option\(s\) \['colour'\]; the judge's "
+         r"options: judge, judge_id, .*cache_path and, for a model directory, kind, template, yes, no, label, "
+         r"max_length, device$"),
     ]
     for options, message in bad:
         with pytest.raises(ValueError, match=message):
             check_reward_spec("judge", **options)
-    with pytest.raises(ValueError, match="judge"):
-        check_reward_spec("judge")
+    # without a judge, the options listed are a model directory's too (taken through **model_options)
+    with pytest.raises(ValueError, match=r"missing a required argument: 'judge'; accepted options: \['judge', "
+                                         r".*'cache_path', 'kind', 'template', 'yes', 'no', 'label', 'max_length', "
+                                         r"'device'\]"):
+        check_reward_spec("judge", template="{completion}")
 
 
 def test_mismatched_batch_lengths_are_rejected():

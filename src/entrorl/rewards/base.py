@@ -240,7 +240,7 @@ def _check_options(spec: str, obj: Callable[..., Any], kwargs: Mapping[str, Any]
             raise _plain_function_error(spec, kwargs) from None
         accepted = [
             p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        ]
+        ] + list(getattr(obj, "extra_options", ()))  # a factory's options taken through **kwargs
         raise ValueError(f"invalid options for reward {spec!r}: {exc}; accepted options: {accepted}") from exc
 
 
@@ -488,7 +488,8 @@ class RewardRunner:
     line, a summary, is logged as a warning once per runner; the traceback is not); its reason says so.
     A reward may return an object with ``.score`` and ``.reason`` instead of a number: the reason is
     kept in ``RewardResult.reasons``; with ``.failed`` true as well (a judge's timeout or error) the sample
-    counts as failed, like one that raised. Nothing raised by
+    counts as failed, like one that raised (and its ``.details``, a judge's traceback, follow the first failure's
+    line in ``first_error``). Nothing raised by
     the reward function propagates, ``BaseException`` subclasses included, except
     ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit``. A reward with a
     ``score_batch(prompts, completions, answers, metas)`` method (a judge) gets the whole batch in one call;
@@ -622,8 +623,10 @@ class RewardRunner:
                 errors += 1
                 failed[i] = True
                 reasons[i] = f"reward {exc}"[:300]
-                if first_error is None:
-                    first_error = f"reward for sample {first_sample + i} {exc}"
+                if first_error is None:  # with what a failed score tells of its failure (a judge's traceback)
+                    details = getattr(value, "details", None)
+                    first_error = f"reward for sample {first_sample + i} {exc}" + (
+                        f"\n{details}" if isinstance(details, str) and details else "")
                 continue
             scores[i] = score
 

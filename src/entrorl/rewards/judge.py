@@ -46,10 +46,11 @@ import math
 import numbers
 import sqlite3
 import threading
+import traceback
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +90,13 @@ DEFAULT_JUDGE_TEMPLATE = (
 class JudgeScore:
     """The judge's score of one sample; ``reason`` says why it is not a judged score (timeout, error), and then
     ``failed`` is True: :class:`~entrorl.rewards.RewardRunner` counts the sample as a failed reward (``reward/errors``,
-    the first one in ``reward_errors.log``), as it does a reward that raises."""
+    the first one in ``reward_errors.log``, with ``details``: the judge's traceback when it raised), as it does a reward
+    that raises."""
 
     score: float
     reason: str | None = None
     failed: bool = False
+    details: str | None = field(default=None, compare=False, repr=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +420,8 @@ def check_judge_options(
         raise ValueError(f"judge_id must be a non-empty string, got {judge_id!r}")
     unknown = set(model_options) - set(_MODEL_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown judge option(s) {sorted(unknown)}")
+        raise ValueError(f"unknown judge option(s) {sorted(unknown)}; the judge's options: judge, judge_id, batch_size, "
+                         f"timeout_s, cache_size, cache_path and, for a model directory, {', '.join(_MODEL_OPTIONS)}")
     if callable(judge):
         if model_options:
             raise ValueError(f"option(s) {sorted(model_options)} apply to a model directory judge, not to a callable")
@@ -477,6 +481,9 @@ class JudgeReward:
     calls the judge in the caller's thread, without a limit. ``cache_size = 0`` turns the in-memory
     cache off; ``cache_path`` adds a persistent SQLite cache.
     """
+
+    #: the options taken through ``**model_options`` (a model directory's), which the signature does not list
+    extra_options = _MODEL_OPTIONS
 
     def __init__(
         self,
@@ -576,4 +583,4 @@ class JudgeReward:
             self.errors += len(samples)
             reason = f"judge error: {type(error).__name__}: {error}"
             logger.warning("judge %s failed on %d samples (scored 0): %s", self.judge_id, len(samples), reason)
-            return JudgeScore(0.0, reason, failed=True)
+            return JudgeScore(0.0, reason, failed=True, details=traceback.format_exc())
