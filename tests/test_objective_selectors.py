@@ -1249,6 +1249,32 @@ def test_masked_quantile_is_numpys_linear_interpolation_over_the_valid_values(dt
     np.testing.assert_array_equal(dropped(out, batch), mask & (entropy < tau))
 
 
+def test_kl_cov_under_forking_tokens_reports_the_tokens_whose_loss_carries_its_term():
+    """Composed with forking_tokens, KL-Cov chooses its top-k by covariance over every valid token, and the 80/20
+    selector then drops the loss (the term with it) of the low-entropy ones: select/kl_cov_frac is the share of the
+    chosen tokens that stay in training, those whose gradient carries sign(log r), not of every chosen one."""
+    case = random_case(7, torch.float64, shape=(6, 20))
+    ratio, rho = 0.2, 0.2
+    mask, h = case.mask, case.arrays["entropy"]
+    cov = token_cov(case)
+    n_chosen = int(np.floor(ratio * case.n_valid))
+    chosen = np.zeros_like(mask)
+    chosen.flat[np.argsort(np.where(mask, cov, -np.inf).ravel())[::-1][:n_chosen]] = True
+    kept = mask & (h >= np.quantile(h[mask], 1.0 - rho))
+    assert 0 < (chosen & kept).sum() < n_chosen  # the selector drops some chosen tokens, not all
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kl_cov composed after grpo trains with grpo's surrogate
+        objective = build_objective("grpo+forking_tokens+kl_cov", kl_cov_ratio=ratio, top_entropy_quantile=rho,
+                                    loss_agg_mode="token-mean")
+    batch = case.batch()
+    out = objective(batch)
+    assert out.metrics["select/kl_cov_frac"] == pytest.approx((chosen & kept).sum() / case.n_valid, abs=1e-15)
+    log_ratio = case.arrays["log_prob"] - case.arrays["old_log_prob"]
+    check_token_mean(out, batch, case, kept=kept, count=kept.sum(),
+                     loss=ppo_loss(case) + np.where(chosen, np.abs(log_ratio), 0.0),
+                     grad=ppo_grad(case) + np.where(chosen, np.sign(log_ratio), 0.0))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kl_cov_ratio_one_penalises_every_valid_token_and_no_padding(dtype):
     """top-k by covariance ranks the valid tokens only: with kl_cov_ratio = 1 every valid token is among the top

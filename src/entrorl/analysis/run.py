@@ -170,7 +170,7 @@ def intervention_keys(method: str) -> list[str]:
     to its surrogate (token selectors, regularisers, advantage shapers, a rollout correction): ``select/<part>_frac``
     (share of tokens the part selected), ``reg/<part>_coeff`` (the coefficient in force), ``shape/<part>_bonus`` (mean
     advantage bonus), ``correction/<part>_masked_frac`` (IcePop's share of tokens masked) and
-    ``<part>/abs_log_ratio`` (KL-Cov's mean |log pi - log pi_old| on its selected tokens: its term is 0 strictly
+    ``<part>/abs_log_ratio`` (KL-Cov's mean |log pi - log pi_old| over the valid tokens: its term is 0 strictly
     on-policy, however many tokens it selects, so this key, when logged, stands for the part instead of its
     ``select/`` key); only the keys a run logged are checked. Empty for a method without such parts (GRPO, the
     supervised baselines) or one the registry does not know, and for a method with an advantage estimator of its own

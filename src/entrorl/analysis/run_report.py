@@ -470,7 +470,7 @@ class _RunReport:
         section.say("What the method's parts did at each step, over the logged steps: `select/*_frac` the share of tokens a "
                     "selector dropped (KL-Cov's: the share its KL term covers), `clip/*` the share PPO's clipping cut, "
                     "`reg/*` a regulariser's coefficient or bonus, `kl/ref` the KL to the reference model that `kl_ref` "
-                    "penalises, `kl_cov/abs_log_ratio` the mean |log π − log π_old| on KL-Cov's tokens (0 strictly "
+                    "penalises, `kl_cov/abs_log_ratio` the mean |log π − log π_old| over the valid tokens (0 strictly "
                     "on-policy), `shape/*_bonus` an advantage shaper's mean bonus, `correction/*` what a rollout "
                     "correction did (TIS's mean weight and truncated share, IcePop's masked share).")
         table = Table(["metric", "steps", "mean", "max", "steps not 0"])

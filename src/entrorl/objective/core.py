@@ -99,12 +99,15 @@ class Objective:
 
         # 3. regularisers: per-token terms join the policy loss, scalar terms wait for aggregation
         scalar_terms = []
+        covered: dict[str, torch.Tensor] = {}
         for regularizer in self.regularizers:
             term = regularizer(batch, advantages, aggregate, metrics)
             if term.per_token is not None:
                 per_token_loss = per_token_loss + term.per_token
             if term.scalar is not None:
                 scalar_terms.append(term.scalar)
+            if term.covers is not None:
+                covered[regularizer.name] = term.covers
 
         # 4. token selection: dropped tokens lose loss and gradient; some also leave the normaliser
         dropped = torch.zeros_like(mask)
@@ -123,6 +126,8 @@ class Objective:
         trained = mask & ~dropped
         loss_mask = mask & ~left_normaliser
         per_token_loss = torch.where(trained, per_token_loss, torch.zeros_like(per_token_loss))
+        for name, covers in covered.items():  # a dropped token's term is gone with its loss
+            metrics[f"select/{name}_frac"] = fraction(covers & trained, mask)
         policy_loss = aggregate(per_token_loss, loss_mask)
         loss = policy_loss + sum(scalar_terms) if scalar_terms else policy_loss
 

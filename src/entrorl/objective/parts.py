@@ -113,10 +113,13 @@ class Surrogate(Part):
 
 @dataclass
 class RegularizerTerm:
-    """``per_token`` is added to the policy loss before aggregation; ``scalar`` to the aggregated loss."""
+    """``per_token`` is added to the policy loss before aggregation; ``scalar`` to the aggregated loss. ``covers``,
+    for a term on chosen tokens (KL-Cov's), are those tokens: the objective reports the share of them that the
+    selectors leave in training as ``select/<name>_frac``, the tokens whose loss carries the term."""
 
     per_token: torch.Tensor | None = None
     scalar: torch.Tensor | None = None
+    covers: torch.Tensor | None = None
 
 
 class Regularizer(Part):

@@ -256,9 +256,8 @@ class KLCov(Regularizer):
         # updates too; such a batch says nothing about whether the updates are on-policy, and is not counted
         if n_valid and bool(advantages.detach()[mask].ne(0).any()):
             self._count_on_policy(on_policy, batch.step)
-        metrics["select/kl_cov_frac"] = fraction(selected, mask)
         metrics["kl_cov/abs_log_ratio"] = float(masked_mean(abs_log_ratio.detach(), mask))
-        return RegularizerTerm(per_token=penalty)
+        return RegularizerTerm(per_token=penalty, covers=selected)  # its share: select/kl_cov_frac
 
     def _count_on_policy(self, on_policy: bool, step: int | None) -> None:
         """Warn once after :data:`_ON_POLICY_WARN_AFTER` steps in a row (calls, without ``step``) of on-policy calls:
