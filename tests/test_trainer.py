@@ -1767,6 +1767,20 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_the_model_load
     with pytest.raises(PermissionError, match=f"{read_only}, where it would be created, is not writable"):
         Trainer(config, run_dir=read_only / "runs" / "x")
     assert list(read_only.iterdir()) == []
+    # a link to a folder that is not there (a scratch disk not mounted), itself or above: named with its target
+    unmounted = tmp_path / "scratch-link"
+    unmounted.symlink_to(tmp_path / "not-mounted")
+    for run_dir in (unmounted, unmounted / "runs" / "x"):
+        with pytest.raises(FileNotFoundError, match=f"{unmounted} is a link to {tmp_path / 'not-mounted'}, which does "
+                                                    "not exist"):
+            Trainer(config, run_dir=run_dir)
+    # a model's folder (the run directory given as model.path, by a slip): its config.json would be replaced
+    model_copy = tmp_path / "model-copy"
+    shutil.copytree(tiny_model_dir, model_copy)
+    before = (model_copy / "config.json").read_text()
+    with pytest.raises(FileExistsError, match=f"the run directory {model_copy} holds a model"):
+        Trainer(config, run_dir=model_copy)
+    assert (model_copy / "config.json").read_text() == before and not (model_copy / "metrics.jsonl").exists()
 
 
 def test_a_folder_that_can_be_written_but_not_entered_is_no_run_directory(tmp_path, monkeypatch):
@@ -2579,6 +2593,22 @@ def test_a_checkpoint_damaged_in_place_is_passed_over_by_resume_and_refused_by_e
     listing_file = checkpoints / "step_000001" / "files.json"
     listing_file.write_text(json.dumps({"files": json.loads(listing_file.read_text())["files"]}))
     assert latest_checkpoint(run_dir, verify="all") == checkpoints / "step_000001"
+
+
+def test_resume_of_a_finished_run_whose_last_checkpoint_is_damaged_redoes_its_step(tmp_path, tiny_model_dir,
+                                                                                     arithmetic_files):
+    """The finished-run shortcut of `entrorl train --resume` ("nothing to do") checks every file of the last checkpoint,
+    as the trainer's resume does: one bit changed in its weights, and the step is trained again from the one before."""
+    from entrorl.trainer.checkpoint import latest_checkpoint
+
+    config, run_dir = run_with_a_checkpoint_per_step(tmp_path, tiny_model_dir, arithmetic_files[0], steps=2)
+    checkpoints = run_dir / "checkpoints"
+    flip_a_byte(checkpoints / "step_000002" / "model" / "model.safetensors")
+    yaml_config = write_config(tmp_path / "run.yaml", config.model_dump(mode="json"))
+    result = run_cli("train", str(yaml_config), "--run-dir", str(run_dir), "--resume", "--set", "logging.progress=false")
+    assert result.returncode == 0 and "nothing to do" not in result.stderr, result.stderr
+    assert latest_checkpoint(run_dir, verify="all") == checkpoints / "step_000002"
+    assert [path.name for path in (checkpoints / "passed_over").iterdir()] == ["step_000002"]
 
 
 def test_a_named_checkpoint_whose_model_was_cut_short_is_refused_with_the_sizes_and_the_one_before_it(
@@ -3859,6 +3889,20 @@ def test_a_logger_that_fails_to_start_leaves_no_run_directory_and_nothing_open(t
     recorded = json.loads((trainer.run_dir / "config.json").read_text())
     assert recorded["data"]["train"] == os.path.realpath(train) and os.path.isabs(recorded["model"]["path"])
     trainer.close()
+
+
+def test_a_resume_that_fails_to_start_keeps_the_record_of_the_run_s_last_start(tmp_path, tiny_model_dir,
+                                                                             arithmetic_files):
+    """config.json records the settings of the run's latest start, which eval and data audit take: a resume that
+    fails while starting (a metrics.jsonl damaged in its middle) must not leave there settings no step trained with."""
+    config, run_dir = run_with_a_checkpoint_per_step(tmp_path, tiny_model_dir, arithmetic_files[0], steps=2)
+    recorded = (run_dir / "config.json").read_text()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    changed = config.model_copy(update={"rollout": config.rollout.model_copy(update={"max_new_tokens": 3})})
+    with pytest.raises(ValueError, match="metrics.jsonl: line 2 is not JSON"):
+        Trainer(changed, run_dir=run_dir, resume=True)
+    assert (run_dir / "config.json").read_text() == recorded
 
 
 @pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])

@@ -104,7 +104,17 @@ def nearest_existing(path: Path) -> Path:
 def check_run_directory_writable(run_dir: Path) -> None:
     """Raise ``OSError`` naming the problem if ``run_dir`` cannot be a run directory: it is a file, or it (or, when it
     does not exist yet, the nearest folder above it that does) cannot be written (permissions, a read-only
-    filesystem). Cheap, so a trainer checks before it loads a model, not when it first writes."""
+    filesystem), it is a link to a folder that does not exist (a disk not mounted), or it holds a Hugging Face model
+    (whose config.json the run's would replace). Cheap, so a trainer checks before it loads a model, not when it first
+    writes."""
+    dangling = next((Path(path) for path in (run_dir, *Path(run_dir).parents) if Path(path).is_symlink()
+                     and not Path(path).exists()), None)
+    if dangling is not None:
+        raise FileNotFoundError(f"the run directory {run_dir} cannot be created: {dangling} is a link to "
+                                f"{os.readlink(dangling)}, which does not exist (a disk that is not mounted?)")
+    if declares_a_model(Path(run_dir) / "config.json"):
+        raise FileExistsError(f"the run directory {run_dir} holds a model (its config.json declares one), which the "
+                              "run's config.json would replace; choose another --run-dir / logging.run_dir")
     existing = nearest_existing(run_dir)
     if not existing.is_dir():
         raise NotADirectoryError(f"the run directory {run_dir} cannot be created: {existing} is a file, not a folder")

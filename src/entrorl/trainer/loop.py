@@ -257,15 +257,16 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no directory
         self._lock = lock_run_directory(self.run_dir)  # raises before anything is written if another run holds it
         try:  # ... not even when a logger (a W&B login, a tracking server) fails to start
-            # absolute paths, so that the record names the same files from any working directory
-            # renamed into place: a full disk leaves the previous run's record, never a truncated one
-            atomic_write_text(self.run_dir / "config.json", json.dumps(with_resolved_paths(config.model_dump(mode="json")), indent=2))
             self.logger = MetricsLogger(
                 self.run_dir, resume_step=self.step if checkpoint is not None else None,
                 tensorboard=config.logging.tensorboard, wandb=config.logging.wandb, trackio=config.logging.trackio,
                 run_name=self.run_dir.name, project=config.logging.project, config=config.model_dump(mode="json"),
             )
             self._discard_files_after(self.step if checkpoint is not None else None)
+            # last, so that a start that fails (an unreadable metrics.jsonl) leaves the record of the run's last start;
+            # absolute paths, so that the record names the same files from any working directory;
+            # renamed into place: a full disk leaves the previous run's record, never a truncated one
+            atomic_write_text(self.run_dir / "config.json", json.dumps(with_resolved_paths(config.model_dump(mode="json")), indent=2))
         except BaseException:
             with contextlib.suppress(Exception):  # the failure to start is the one to report
                 self.close(failed=True)
