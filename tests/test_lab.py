@@ -1353,6 +1353,15 @@ def test_a_method_interrupted_earlier_and_not_continued_makes_the_command_exit_1
     assert ("1 method(s) of " in said and "were interrupted earlier and are left out of the report's comparisons: "
             "clip_cov; continue them with entrorl lab --preset quick --methods clip_cov --out" in said)
     assert runner.interrupted_methods(out) == ["clip_cov"] and runner.failed_methods(out) == []
+    # beside a method that failed, both are said
+    outcomes = json.loads((out / "outcomes.json").read_text())
+    (out / "outcomes.json").write_text(json.dumps({**outcomes, "nsr": {"method": "nsr", "status": "failed",
+                                                                        "error": "ValueError: boom"}}))
+    (out / "methods" / "nsr" / "final_eval.json").unlink()
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--out", str(out)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "1 method(s) failed and are left out of the report's comparisons: nsr" in said
+    assert "interrupted earlier and are left out of the report's comparisons: clip_cov; continue them with" in said
 
 
 def test_the_s_and_d_histograms_count_every_token_in_their_end_bins():

@@ -3424,12 +3424,18 @@ def test_reward_args_go_over_the_run_s_reward_kwargs_or_are_the_options_of_the_r
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"reward": {"name": "math", "kwargs": {"tolerance": 0.01, "x": 1}}}))
-    taken = _run_defaults(run, "{prompt}", False, 8, dtype="float32", reward_args={"tolerance": 0.5})
-    assert (taken.reward, taken.reward_kwargs) == ("math", {"tolerance": 0.5, "x": 1})
-    given = _run_defaults(run, "{prompt}", False, 8, "exact_match", dtype="float32", reward_args={"y": 2})
+    (run / "config.json").write_text(json.dumps({"reward": {"name": "math", "kwargs": {
+        "tolerance": 0.01, "x": 1, "config": {"min_terms": 2, "max_terms": 4}}}}))
+    taken = _run_defaults(run, "{prompt}", False, 8, dtype="float32",
+                          reward_args=["tolerance=0.5", "config.max_terms=5"])
+    # one key each: a nested mapping of the run's keeps its other keys
+    assert (taken.reward, taken.reward_kwargs) == ("math", {"tolerance": 0.5, "x": 1,
+                                                            "config": {"min_terms": 2, "max_terms": 5}})
+    given = _run_defaults(run, "{prompt}", False, 8, "exact_match", dtype="float32", reward_args=["y=2"])
     assert (given.reward, given.reward_kwargs) == ("exact_match", {"y": 2})
-    assert _run_defaults(tmp_path, None, None, None, reward_args={"tolerance": 0.5}).reward_kwargs == {"tolerance": 0.5}
+    assert _run_defaults(tmp_path, None, None, None, reward_args=["tolerance=0.5"]).reward_kwargs == {"tolerance": 0.5}
+    with pytest.raises(ConfigError, match="'x' was given a value, so it cannot hold options"):
+        _run_defaults(run, "{prompt}", False, 8, dtype="float32", reward_args=["x.y=1"])
     capsys.readouterr()
 
     assert _reward_options(["task=basic_arithmetic", "config.size=3", "config.seed=1", "note='2'", "empty="]) == {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shlex
@@ -316,7 +317,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
 
     directory = resolve_model_directory(model, base=base)
     defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold, dtype,
-                             reward_args=_reward_options(reward_args or []))
+                             reward_args=reward_args)
     prompt_template, chat_template = defaults.prompt_template, defaults.chat_template
     max_new_tokens = defaults.max_new_tokens
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
@@ -422,12 +423,13 @@ class _SamplingDefaults(NamedTuple):
     dtype: str
 
 
-def _reward_options(options: list[str]) -> dict[str, Any]:
-    """``--reward-arg KEY=VALUE`` options as the reward's keyword arguments (a dotted key makes a nested mapping,
-    values are YAML); ValueError naming the option on a malformed one."""
+def _reward_options(options: list[str], onto: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The reward's keyword arguments ``onto`` (a run's ``reward.kwargs``) with ``--reward-arg KEY=VALUE`` options set
+    in them, one key each (a dotted key reaches into a nested mapping, keeping its other keys; values are YAML);
+    ValueError naming the option on a malformed one."""
     from entrorl.trainer.config import ConfigError, parse_set_option
 
-    options_by_name: dict[str, Any] = {}
+    options_by_name: dict[str, Any] = copy.deepcopy(onto or {})
     for option in options:
         path, value = parse_set_option(option, flag="--reward-arg")
         node = options_by_name
@@ -441,23 +443,23 @@ def _reward_options(options: list[str]) -> dict[str, Any]:
 
 def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool | None, max_new_tokens: int | None,
                   reward: str | None = None, correct_threshold: float | None = None,
-                  dtype: str | None = None, reward_args: dict[str, Any] | None = None) -> _SamplingDefaults:
+                  dtype: str | None = None, reward_args: list[str] | None = None) -> _SamplingDefaults:
     """The prompt template, chat-template switch, most new tokens, reward and weights' type to sample and score with:
     those given, else, when ``model`` is a training run or one of its checkpoints, the run's own
     (``data.prompt_template``, ``model.chat_template``, ``rollout.max_new_tokens``, ``model.dtype``, and
     ``reward.name`` with its ``reward.kwargs`` and, unless given, ``reward.correct_threshold``, after the run's
     ``imports``, in its config.json; said in one line), else ``"{prompt}"`` without the chat template,
-    :data:`DEFAULT_MAX_NEW_TOKENS`, ``math`` and float32. ``reward_args`` are the reward's options: over the run's
-    ``reward.kwargs`` when the run's reward is taken, else all of them."""
+    :data:`DEFAULT_MAX_NEW_TOKENS`, ``math`` and float32. ``reward_args`` (``--reward-arg`` options) set the reward's
+    options: in the run's ``reward.kwargs`` when the run's reward is taken, else from none."""
     from entrorl.trainer.checkpoint import training_run_of
     from entrorl.trainer.config import ModelConfig
 
-    reward_args = reward_args or {}
+    reward_args = reward_args or []
     run = training_run_of(model) if None in (prompt_template, chat_template, max_new_tokens, reward, dtype) else None
     if run is None:
         return _SamplingDefaults("{prompt}" if prompt_template is None else prompt_template, bool(chat_template),
                                  DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
-                                 "math" if reward is None else reward, reward_args, correct_threshold,
+                                 "math" if reward is None else reward, _reward_options(reward_args), correct_threshold,
                                  "float32" if dtype is None else dtype)
     config = _read_json_object(run / "config.json") or {}
 
@@ -497,7 +499,7 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
                 correct_threshold = float(threshold)
                 taken.append(f"reward.correct_threshold = {threshold!r}")
             _import_the_run_s_modules(config.get("imports"), run)
-    reward_kwargs = {**reward_kwargs, **reward_args}
+    reward_kwargs = _reward_options(reward_args, onto=reward_kwargs)
     if taken:
         console.print(Text(f"settings of the run in {run} (its config.json): {', '.join(taken)}; --prompt-template, "
                            "--chat-template / --no-chat-template, --max-new-tokens, --reward, --correct-threshold "
@@ -890,12 +892,15 @@ def lab(
                   soft_wrap=True)  # paths on one line, whatever the width
     # the report is written, but a script running the laboratory must see that it is not whole
     failed, unfinished = failed_methods(run_dir), interrupted_methods(run_dir)
+    said = []
     if failed:
-        _fail(f"{len(failed)} method(s) failed and are left out of the report's comparisons: {', '.join(failed)} "
-              f"(each one's error in {run_dir / 'methods'}/<name>/error.log)", code=1)
+        said.append(f"{len(failed)} method(s) failed and are left out of the report's comparisons: {', '.join(failed)} "
+                    f"(each one's error in {run_dir / 'methods'}/<name>/error.log)")
     if unfinished:  # interrupted by an earlier invocation, and not among the methods this one ran
-        _fail(f"{len(unfinished)} method(s) of {run_dir} were interrupted earlier and are left out of the report's "
-              f"comparisons: {', '.join(unfinished)}; continue them with {command_for(unfinished)}", code=1)
+        said.append(f"{len(unfinished)} method(s) of {run_dir} were interrupted earlier and are left out of the report's "
+                    f"comparisons: {', '.join(unfinished)}; continue them with {command_for(unfinished)}")
+    if said:
+        _fail("; ".join(said), code=1)
 
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and clean prompt data sets.")
