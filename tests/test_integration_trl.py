@@ -1110,6 +1110,12 @@ def test_a_stateless_objective_writes_no_state_file_with_its_checkpoints(tokeniz
         warnings.simplefilter("always")
         trainer._load_optimizer_and_scheduler(str(checkpoint))
     assert not [w for w in raised if "holds no objective state" in str(w.message)]
+    # a method with parts added is named with them, as entrorl train names its run
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path / "parts", objective={
+        "method": "dapo", "regularizers": [{"name": "entropy_bonus", "entropy_coeff": 0.001}]})
+    trainer.save_state()
+    assert json.loads((Path(trainer.args.output_dir) / "entrorl_objective.json").read_text()) == {
+        "method": "dapo+entropy_bonus"}
 
 
 def test_an_args_object_without_use_bias_correction_kl_gets_trl_s_default(tmp_path):

@@ -710,10 +710,10 @@ def test_wall_clock_sums_the_invocations_that_ran_something(tmp_path):
 
 
 def test_a_method_acting_through_its_advantages_is_not_flagged():
+    from entrorl.analysis.run import INTERVENTION_KEY_PATTERNS
     from entrorl.lab.report import intervention_keys
 
-    assert intervention_keys("clip_b") == ["select/clip_b_frac", "reg/clip_b_coeff", "shape/clip_b_bonus",
-                                           "correction/clip_b_masked_frac", "clip_b/abs_log_ratio"]
+    assert intervention_keys("clip_b") == [pattern.format("clip_b") for pattern in INTERVENTION_KEY_PATTERNS]
     assert "reg/adaptive_entropy_coeff" in intervention_keys("adaptive_entropy")
     assert {"select/kl_cov_frac", "kl_cov/abs_log_ratio"} <= set(intervention_keys("kl_cov"))
     assert "correction/icepop_masked_frac" in intervention_keys("dapo+icepop")

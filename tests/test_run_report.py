@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from entrorl.analysis.law import forecast_entropy_law
-from entrorl.analysis.run import (LAW_COLUMNS, MetricRecords, analyse_records, beyond_an_accuracy, chance_sign_agreement,
+from entrorl.analysis.run import (INTERVENTION_KEY_PATTERNS, LAW_COLUMNS, MetricRecords, analyse_records, beyond_an_accuracy, chance_sign_agreement,
                                   edge_means, edge_phrase, fit_ceiling_shown, intervention_keys, last_steps_phrase,
                                   law_cells, law_of, pearson, ratio, read_json, read_metrics_records)
 from entrorl.analysis.run_report import RECURRING_FORKS_SHOWN, write_run_report
@@ -725,9 +726,8 @@ def test_the_edge_and_last_steps_phrases_of_runs_of_no_step_one_step_a_side_or_d
 def test_the_first_method_of_a_composition_decides_whether_interventions_are_checked():
     """The first method gives the trainer its advantage estimator: clip_b+nsr trains with GRPO advantages and its parts
     are checked (each once, although nsr and psr share their sign selector); nsr+clip_b trains with nsr's."""
-    clip_b = ["select/clip_b_frac", "reg/clip_b_coeff", "shape/clip_b_bonus", "correction/clip_b_masked_frac",
-              "clip_b/abs_log_ratio"]
-    sign = [key.replace("clip_b", "advantage_sign") for key in clip_b]
+    clip_b = [pattern.format("clip_b") for pattern in INTERVENTION_KEY_PATTERNS]
+    sign = [pattern.format("advantage_sign") for pattern in INTERVENTION_KEY_PATTERNS]
     assert intervention_keys("clip_b+nsr") == clip_b + sign
     assert intervention_keys("clip_b+nsr+psr") == clip_b + sign
     assert intervention_keys("nsr+clip_b") == []
@@ -736,19 +736,27 @@ def test_the_first_method_of_a_composition_decides_whether_interventions_are_che
 def test_a_method_with_parts_added_is_named_with_them_and_its_parts_interventions_are_checked(tmp_path):
     """A method written as a mapping that adds parts (``{method: grpo, regularizers: [entropy_bonus]}``) is named
     ``grpo+entropy_bonus`` in the report, not ``grpo``, and the part's own metric is checked: an entropy bonus whose
-    coefficient stayed 0 is said never to have acted. A surrogate put in place adds no intervention of its own."""
-    assert intervention_keys("grpo+entropy_bonus") == [
-        "select/entropy_bonus_frac", "reg/entropy_bonus_coeff", "shape/entropy_bonus_bonus",
-        "correction/entropy_bonus_masked_frac", "entropy_bonus/abs_log_ratio"]
+    coefficient stayed 0 is said never to have acted, by the term it logs. A surrogate put in place adds no
+    intervention of its own, and a part the registry does not know (a run's own) leaves the others checked."""
+    from entrorl.objective import PolicyBatch, build_objective
+
+    assert "reg/entropy_bonus" in intervention_keys("grpo+entropy_bonus")
     assert intervention_keys("grpo+cispo") == [] and intervention_keys("grpo+no_such_part") == []
-    records = [{"step": i + 1, "entropy/mean": 0.5, "reward/accuracy": 0.1 * i, "reg/entropy_bonus_coeff": 0.0}
+    assert intervention_keys("clip_b+no_such_part") == intervention_keys("clip_b")
+    # the keys checked include one the part really logs
+    batch = PolicyBatch(log_prob=torch.zeros(2, 3), old_log_prob=torch.zeros(2, 3), advantages=torch.tensor([1.0, -1.0]),
+                        mask=torch.ones(2, 3, dtype=torch.bool), entropy=torch.ones(2, 3, requires_grad=True))
+    logged = build_objective({"method": "grpo", "regularizers": [{"name": "entropy_bonus", "entropy_coeff": 0.0}]})(
+        batch).metrics
+    assert set(logged) & set(intervention_keys("grpo+entropy_bonus")) == {"reg/entropy_bonus"}
+    records = [{"step": i + 1, "entropy/mean": 0.5, "reward/accuracy": 0.1 * i, "reg/entropy_bonus": 0.0}
                for i in range(5)]
     config = {"method": {"method": "grpo", "regularizers": [{"name": "entropy_bonus", "entropy_coeff": 0.0}],
                          "params": {}}, "optim": {"steps": 5}}
     report = write_run_report(write_run(tmp_path / "run", records, config=config), figures=False)
     assert report["method"] == "grpo+entropy_bonus"
     said = " ".join((tmp_path / "run" / "report" / "report.md").read_text().split())
-    assert "The method's own intervention was 0 at every logged step (`reg/entropy_bonus_coeff`)" in said
+    assert "The method's own intervention was 0 at every logged step (`reg/entropy_bonus`)" in said
     # a hand-edited mapping that is no valid method is named by what it gives
     config["method"] = {"method": "grpo", "regularizers": "not a list"}
     assert write_run_report(write_run(tmp_path / "odd", records, config=config), figures=False)["method"] == "grpo"

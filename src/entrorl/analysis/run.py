@@ -26,7 +26,7 @@ COLLAPSE_RATIO = 0.5  # entropy has collapsed when its end is at most this share
 SMOOTH_WINDOW = 5
 FORKS_SHOWN = 10
 COV_PERCENTS = ("0.02", "0.2", "2", "20")
-INTERVENTION_KEY_PATTERNS = ("select/{}_frac", "reg/{}_coeff", "shape/{}_bonus", "correction/{}_masked_frac",
+INTERVENTION_KEY_PATTERNS = ("select/{}_frac", "reg/{}_coeff", "reg/{}", "shape/{}_bonus", "correction/{}_masked_frac",
                              "{}/abs_log_ratio")
 # a forecast ceiling extrapolates the law fitted on the first steps to zero entropy: on fewer steps than this it is
 # noise (a 2-parameter fit on 3 nearly equal points can promise any reward)
@@ -168,8 +168,9 @@ class MetricRecords:
 def intervention_keys(method: str) -> list[str]:
     """The metric keys that show whether a method's own intervention acted at a step, for each part the method adds
     to its surrogate (token selectors, regularisers, advantage shapers, a rollout correction): ``select/<part>_frac``
-    (share of tokens the part selected), ``reg/<part>_coeff`` (the coefficient in force), ``shape/<part>_bonus`` (mean
-    advantage bonus), ``correction/<part>_masked_frac`` (IcePop's share of tokens masked) and
+    (share of tokens the part selected), ``reg/<part>_coeff`` (the coefficient in force), ``reg/<part>`` (the entropy
+    bonus's term), ``shape/<part>_bonus`` (mean advantage bonus), ``correction/<part>_masked_frac`` (IcePop's share of
+    tokens masked) and
     ``<part>/abs_log_ratio`` (KL-Cov's mean |log pi - log pi_old| over the valid tokens: its term is 0 strictly
     on-policy, however many tokens it selects, so this key, when logged, stands for the part instead of its
     ``select/`` key); only the keys a run logged are checked. Empty for a method without such parts (GRPO, the
@@ -177,7 +178,7 @@ def intervention_keys(method: str) -> list[str]:
     (nsr, psr, w_reinforce): that estimator changes the advantages at every step, so an idle part (NSR's sign
     selector, which its estimator leaves nothing to drop) does not mean the method never acted. A part's name among
     the methods' (the label of ``{method: grpo, regularizers: [entropy_bonus]}``, ``grpo+entropy_bonus``) is that
-    part."""
+    part; one the registry does not know (a run's own, registered by its imports) is left out."""
     from entrorl.objective.methods import get_method
     from entrorl.objective.parts import available_parts
 
@@ -189,9 +190,9 @@ def intervention_keys(method: str) -> list[str]:
         try:
             spec = get_method(name)
         except ValueError:  # a part added to the methods (``grpo+entropy_bonus``), or no method (e.g. sft)
-            if name not in kinds:
+            if position == 0 and name not in kinds:  # no method of the registry's: nothing known to check
                 return []
-            if kinds[name] != {"surrogate"}:
+            if kinds.get(name, {"surrogate"}) != {"surrogate"}:  # a part of the run's own imports is not known here
                 parts.append(name)
             continue
         if position == 0 and spec.advantage_estimator != "grpo":  # the first method gives the advantage estimator

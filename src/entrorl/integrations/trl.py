@@ -526,8 +526,9 @@ class EntropyGRPOTrainer(GRPOTrainer):
             self._write_objective_name(self.args.output_dir)
 
     def _write_objective_name(self, folder: str) -> None:
-        """The objective's name beside the ``trainer_state.json`` written there, for ``entrorl report``."""
-        atomic_write_text(Path(folder) / TRL_OBJECTIVE_FILE, json.dumps({"method": self.objective.name}))
+        """The objective's name (with the parts added to its methods) beside the ``trainer_state.json`` written there,
+        for ``entrorl report``."""
+        atomic_write_text(Path(folder) / TRL_OBJECTIVE_FILE, json.dumps({"method": self.objective.label}))
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)

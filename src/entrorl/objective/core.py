@@ -33,7 +33,9 @@ class Objective:
     """A composed policy objective. Build it with :func:`entrorl.objective.build_objective`.
 
     Call it on a :class:`PolicyBatch`; for data-parallel training pass the global normalisers
-    (``batch_num_tokens``, ``global_batch_size``, ``dp_size``, as verl's ``global_batch_info``).
+    (``batch_num_tokens``, ``global_batch_size``, ``dp_size``, as verl's ``global_batch_info``). ``name`` joins the
+    methods composed (``custom`` for none), ``label`` adds the parts a config added to them (``grpo+entropy_bonus``):
+    what reports call it.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class Objective:
         loss_agg_mode: str = "token-mean",
         loss_scale_factor: float | None = None,
         name: str = "custom",
+        label: str | None = None,
     ) -> None:
         self.surrogate = surrogate
         self.shapers = list(shapers)
@@ -56,6 +59,7 @@ class Objective:
         self.loss_agg_mode = check_loss_agg_mode(loss_agg_mode)
         self.loss_scale_factor = loss_scale_factor
         self.name = name
+        self.label = name if label is None else label
 
     @property
     def parts(self) -> list[Part]:

@@ -471,6 +471,7 @@ def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective
         loss_agg_mode=check_loss_agg_mode(loss_agg_mode),
         loss_scale_factor=loss_scale_factor,
         name="+".join(names) if names else "custom",
+        label=config.label(),
     )
 
 
