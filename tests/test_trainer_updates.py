@@ -1336,6 +1336,15 @@ def test_a_checkpoint_whose_trainer_state_was_deleted_still_stands_for_its_model
     (written / "trainer.pt").unlink()
     assert resolve_model_directory(written / "model").weights == written / "model"
     assert resolve_model_directory(written).weights == written / "model"
+    # the run, or its checkpoints/, whose every checkpoint lost its trainer state: the newest model, which a resume,
+    # needing the trainer state, does not take
+    from entrorl.trainer.checkpoint import latest_checkpoint
+
+    newer = write_checkpoint(tmp_path / "run", 2, tiny_policy, keep=2)
+    (newer / "trainer.pt").unlink()
+    for given in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
+        assert resolve_model_directory(given).weights == newer / "model"
+    assert latest_checkpoint(tmp_path / "run") is None and latest_checkpoint(tmp_path / "run", verify="all") is None
     other = tmp_path / "other"
     shutil.copytree(written / "model", other / "model")
     with pytest.raises(FileNotFoundError, match="has no config.json"):

@@ -458,7 +458,7 @@ def _checkpoint_model(path: Path) -> Path:
     if path.name in ("model", ADAPTER_DIRECTORY) and (path.parent / _FILE_LIST).is_file() \
             and _CHECKPOINT_NAME.fullmatch(path.parent.name):
         _check_intact(path.parent)
-    if path.name == "checkpoints" and any(path.glob(f"{_PREFIX}*/trainer.pt")):
+    if path.name == "checkpoints" and any(path.glob(f"{_PREFIX}*/{name}") for name in ("trainer.pt", _FILE_LIST)):
         path = path.parent
     if _is_run_directory(path):
         checkpoint = latest_checkpoint(path, verify="model")
@@ -612,8 +612,8 @@ def _what_is_missing(checkpoint: Path, *, parts: tuple[str, ...] | None = None) 
     return None
 
 
-def _complete(checkpoint: Path) -> bool:
-    return _what_is_missing(checkpoint) is None
+def _complete(checkpoint: Path, parts: tuple[str, ...] | None = None) -> bool:
+    return _what_is_missing(checkpoint, parts=parts) is None
 
 
 def incomplete_checkpoints(run_dir: Path, *, verify: Verification | None = None) -> list[tuple[Path, str]]:
@@ -667,9 +667,10 @@ def _checkpoint_folders(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()), key=checkpoint_step)
 
 
-def _complete_checkpoints(root: Path) -> list[Path]:
-    """The complete checkpoints in ``root`` (a run's ``checkpoints``), oldest first."""
-    return [p for p in _checkpoint_folders(root) if _complete(p)]
+def _complete_checkpoints(root: Path, parts: tuple[str, ...] | None = None) -> list[Path]:
+    """The complete checkpoints in ``root`` (a run's ``checkpoints``), oldest first; with ``parts``, complete in
+    those (see :func:`_what_is_missing`)."""
+    return [p for p in _checkpoint_folders(root) if _complete(p, parts)]
 
 
 def latest_checkpoint(run_dir: Path, *, before_step: int | None = None, verify: Verification | None = None) -> Path | None:
@@ -680,11 +681,13 @@ def latest_checkpoint(run_dir: Path, *, before_step: int | None = None, verify: 
 
     With ``verify`` ("model": its model and adapters, for a reader of the model; "all": every file, for a resume), the
     chosen checkpoint's files are also compared with their CRC-32 (reading them), and a damaged one is passed over, with
-    a warning, for the newest intact one before it."""
-    chosen = _latest_complete_checkpoint(Path(run_dir), before_step)
+    a warning, for the newest intact one before it. For a reader of the model, a checkpoint is complete when its model
+    and adapters are (its trainer state may have been deleted to save room)."""
+    parts = _VERIFIED_PARTS["model"] if verify == "model" else None
+    chosen = _latest_complete_checkpoint(Path(run_dir), before_step, parts)
     while verify is not None and chosen is not None and (damage := _damage(chosen, verify)) is not None:
         damaged = chosen
-        chosen = _latest_complete_checkpoint(Path(run_dir), checkpoint_step(damaged))
+        chosen = _latest_complete_checkpoint(Path(run_dir), checkpoint_step(damaged), parts)
         _warn_once(f"checkpoint {damaged} is damaged ({damage})",
                    f"using {chosen.name} instead" if chosen is not None else "no intact checkpoint is left")
     return chosen
@@ -696,19 +699,20 @@ def _warn_once(problem: str, instead: str) -> None:
         logger.warning("%s; %s", problem, instead)
 
 
-def _latest_complete_checkpoint(run_dir: Path, before_step: int | None) -> Path | None:
-    """:func:`latest_checkpoint` without ``verify``."""
+def _latest_complete_checkpoint(run_dir: Path, before_step: int | None,
+                                parts: tuple[str, ...] | None = None) -> Path | None:
+    """:func:`latest_checkpoint` without ``verify``, complete in ``parts`` (all of it: None)."""
     root = run_dir / "checkpoints"
     if before_step is not None:
-        earlier = [p for p in _complete_checkpoints(root) if checkpoint_step(p) < before_step]
+        earlier = [p for p in _complete_checkpoints(root, parts) if checkpoint_step(p) < before_step]
         return earlier[-1] if earlier else None
     pointer = root / "latest"
     named_as = pointer.read_text(encoding="utf-8", errors="replace").strip() if pointer.is_file() else ""
     named = root / named_as if named_as else None
     names_a_checkpoint = _CHECKPOINT_NAME.fullmatch(named_as) is not None  # a copy (step_000040.bak) is none
     there = names_a_checkpoint and named.is_dir()
-    wrong = _what_is_missing(named) if there else None
-    complete = _complete_checkpoints(root)
+    wrong = _what_is_missing(named, parts=parts) if there else None
+    complete = _complete_checkpoints(root, parts)
     chosen = complete[-1] if complete else None
     named_is_newest = (chosen is None or checkpoint_step(chosen) <= checkpoint_step(named)) if there else False
     if there and wrong is None and named_is_newest:
