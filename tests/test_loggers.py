@@ -457,6 +457,26 @@ def test_a_resume_that_cannot_rewrite_metrics_jsonl_leaves_it_as_it_was_and_name
     assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left behind
 
 
+def test_a_resume_says_which_steps_the_checkpoint_trained_that_metrics_jsonl_does_not_hold(tmp_path):
+    """metrics.jsonl cut back (or deleted) since the checkpoint was written: the resume warns of the gap the run's
+    curves will have, naming the steps; a whole file warns of nothing."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": step, "x": 0.5}) for step in (0, 1, 2, 3, 4, 5)]
+    for kept, said in ((lines, None), (lines[:3], "holds no record of 2 of the 4 steps the checkpoint trained (steps 3 "
+                                                   "to 4)"),
+                       ([lines[0], lines[2], lines[4]], "holds no record of 2 of the 4 steps the checkpoint trained "
+                                                         "(some of steps 1 to 3)"),
+                       (None, "metrics.jsonl is missing (steps 1 to 4)")):
+        path.unlink(missing_ok=True)
+        if kept is not None:
+            path.write_text("".join(line + "\n" for line in kept))
+        with warnings.catch_warnings(record=True) as raised:
+            warnings.simplefilter("always")
+            MetricsLogger(tmp_path, resume_step=4).close()
+        gaps = [str(warning.message) for warning in raised if "have a gap there" in str(warning.message)]
+        assert gaps == ([] if said is None else [gaps[0]]) and (said is None or said in gaps[0]), (said, gaps)
+
+
 def test_a_step_that_cannot_be_written_names_metrics_jsonl(tmp_path):
     class FullDisk:
         def __init__(self, file):

@@ -56,7 +56,9 @@ class MetricsLogger:
                  run_name: str = "", project: str = "entrorl", config: dict[str, Any] | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [line for line, record in _records(self.path) if record.get("step", 0) <= resume_step]
+            records = [(line, record) for line, record in _records(self.path) if record.get("step", 0) <= resume_step]
+            _warn_of_missing_steps(self.path, {record.get("step") for _, record in records}, resume_step)
+            kept = [line for line, _ in records]
             temporary = self.path.with_suffix(".jsonl.tmp")
             try:
                 temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
@@ -66,6 +68,8 @@ class MetricsLogger:
             os.replace(temporary, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
+        elif resume_step is not None:
+            _warn_of_missing_steps(self.path, set(), resume_step)
         self.tensorboard_dir = Path(run_dir) / "tensorboard"
         self.wandb_dir = Path(run_dir) / "wandb"
         # an earlier attempt's files on a fresh start: TensorBoard would merge its events, `wandb sync` upload its run
@@ -213,6 +217,18 @@ class MetricsLogger:
         self._tensorboard = self._wandb = self._trackio = None
         if errors:
             raise errors[0]
+
+
+def _warn_of_missing_steps(path: Path, logged: set[Any], resume_step: int) -> None:
+    """Warn when the metrics file ``path`` of a run resumed at ``resume_step`` lacks steps that the checkpoint
+    trained (the file cut back or deleted since): the run's curves, and its report, have a gap there."""
+    missing = [step for step in range(1, resume_step + 1) if step not in logged]
+    if missing:
+        where = (f"{path} is missing" if not path.exists() else
+                 f"{path} holds no record of {len(missing)} of the {resume_step} steps the checkpoint trained")
+        some = "some of " if len(missing) < missing[-1] - missing[0] + 1 else ""
+        warnings.warn(f"{where} ({some}{_steps(missing[0], missing[-1])}): the run's curves and `entrorl report` have "
+                      "a gap there", stacklevel=3)
 
 
 def _earlier_run(marker: Path, resume_step: int | None) -> str:
