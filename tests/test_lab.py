@@ -1234,6 +1234,31 @@ def test_sigterm_stops_the_laboratory_as_ctrl_c_does_and_the_command_exits_143(t
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
+def test_the_laboratory_gives_the_caller_its_torch_threads_back(tmp_path, monkeypatch):
+    """run_lab trains with one torch thread in its own process; a notebook that called it keeps its own number
+    after it, whether it returned or raised."""
+    import torch
+
+    from entrorl.lab import runner
+
+    out = _finished_folder(tmp_path, monkeypatch)
+    seen = []
+
+    def fails_while_building(spec, cache_dir=None, progress=None):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("no room for the base model")
+
+    monkeypatch.setattr(runner, "build_base_model", fails_while_building)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with pytest.raises(RuntimeError, match="no room"):
+            runner.run_lab("quick", methods=["grpo"], out=out, workers=1)
+        assert seen == [1] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_sigterm_while_the_base_model_is_built_is_said_and_exits_143(tmp_path, monkeypatch, signal_handlers_restored):
     """SIGTERM outside the methods' runs (the base model's training, minutes on first use): the laboratory says it was
     interrupted and how to go on, and exits 143, as within a method, not killed without a word."""

@@ -272,6 +272,43 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resume_loses_nothing(tmp_path, ti
     assert comparable(read_metrics(interrupted)) == comparable(read_metrics(straight))
 
 
+def test_a_trainer_driven_step_by_step_logs_saves_and_is_refused_once_closed(tmp_path, tiny_model_dir,
+                                                                           arithmetic_files):
+    """A loop of one's own: train_step returns the metrics, log appends them to metrics.jsonl (which entrorl report
+    reads), save checkpoints. Once closed (by close, or by train when it returns or raises), the trainer trains,
+    evaluates, logs and saves no more, and says how to continue, before anything is sampled; a config that is no
+    TrainConfig, or overrides given as one string, are named."""
+    from entrorl.trainer.loggers import read_metrics
+
+    train, held_out = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, held_out, optim={"steps": 2, "lr": 1e-3}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    for _ in range(2):
+        metrics = trainer.train_step()
+        trainer.log({**metrics, **trainer.evaluate()})
+    trainer.save()
+    trainer.close()
+    assert [record["step"] for record in read_metrics(tmp_path / "run")] == [1, 2]
+    assert "eval/avg_at_n" in read_metrics(tmp_path / "run")[-1]
+    sampled = []
+    trainer.collect = lambda: sampled.append(True)  # nothing may be sampled by a closed trainer
+    for call in (trainer.train_step, trainer.evaluate, trainer.save, trainer.train, lambda: trainer.log({"x": 1.0})):
+        with pytest.raises(RuntimeError, match=r"is closed .*continue the run with a new Trainer\(config, "
+                                               r"run_dir=\.\.\., resume=True\)"):
+            call()
+    assert not sampled and trainer.step == 2 and len(read_metrics(tmp_path / "run")) == 2
+    # train() closes the trainer when it returns: raising optim.steps and calling it again is refused, not half-run
+    resumed = Trainer(config.model_copy(update={"optim": config.optim.model_copy(update={"steps": 3})}),
+                      run_dir=tmp_path / "run", resume=True)
+    resumed.train()
+    with pytest.raises(RuntimeError, match="is closed"):
+        resumed.train()
+    with pytest.raises(TypeError, match=r"Trainer takes a TrainConfig, got dict: build one with load_config"):
+        Trainer(make_config(tiny_model_dir, train, None), run_dir=tmp_path / "other")
+    with pytest.raises(TypeError, match=r"overrides is a list of key=value strings, got the string 'optim.lr=0.1'"):
+        load_config(make_config(tiny_model_dir, train, None), "optim.lr=0.1")
+
+
 def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
     train, _ = arithmetic_files
     with importable_module(tmp_path, "parity_guard_reward", PARITY_REWARD):  # rewards that vary: the first step trains

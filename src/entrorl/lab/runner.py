@@ -733,6 +733,18 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
     return requests.signal_number if stop.is_set() else None
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """One torch thread inside, the caller's number again after: tiny matrices gain nothing from more, and two busy
+    processes on two cores each spinning two threads slow every small operation down by orders of magnitude."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = None, out: Path | None = None,
             workers: int | None = None, console=None, cache_dir: Path | None = None, rl_seed: int | None = None) -> Path:
     """Run the laboratory and write its report; returns the run directory. Re-running on an existing
@@ -768,13 +780,10 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
     # the folder's methods are all those run in it so far and now: the report covers them all
     run_methods = list(dict.fromkeys([*(str(m) for m in recorded.get("methods") or []), *preset.methods]))
     invocations = [i for i in recorded.get("invocations") or [] if isinstance(i, dict)]
-    # one thread per process: tiny matrices gain nothing from more, and two busy processes on two cores each
-    # spinning two threads slow every small operation down by orders of magnitude
-    torch.set_num_threads(1)
     progress = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[status]}"), console=console)
     outcomes: dict[str, Any] = {}
-    with progress:
+    with progress, _one_torch_thread():
         base_task = progress.add_task("base model", total=preset.base.steps, status="")
         model_dir = build_base_model(preset.base, cache_dir=cache_dir,
                                      progress=lambda done, total, loss: progress.update(base_task, completed=done, status=f"loss {loss:.3f}"))

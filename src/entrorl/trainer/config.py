@@ -1068,6 +1068,9 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
         label = str(path)
+    if isinstance(overrides, str):  # one override, not a list of characters
+        raise TypeError(f"load_config: overrides is a list of key=value strings, got the string {overrides!r} (write "
+                        f"[{overrides!r}])")
     data = apply_overrides(data, overrides or [])
     if overrides:  # the value a message names may come from either
         label += " with its --set options"

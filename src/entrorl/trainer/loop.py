@@ -136,7 +136,11 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, *, run_dir: str | Path | None = None, resume: bool = False, console=None):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"Trainer takes a TrainConfig, got {type(config).__name__}: build one with "
+                            "load_config(path or dict, overrides) or TrainConfig(**settings)")
         self.config = config
+        self._closed = False
         self.console = console
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
@@ -277,7 +281,9 @@ class Trainer:
     def close(self, *, failed: bool = False) -> None:
         """Close the loggers (``failed``: the W&B run is marked failed) and let go of the run directory (another run may
         use it from then on). ``train`` does it when it returns or raises; a trainer driven step by step calls it when
-        done."""
+        done. A closed trainer trains, evaluates and saves no more: a new ``Trainer(config, run_dir=...,
+        resume=True)`` continues the run."""
+        self._closed = True
         try:
             if getattr(self, "logger", None) is not None:
                 self.logger.close(failed=failed)
@@ -535,9 +541,23 @@ class Trainer:
             self.sampler.load_state_dict(state["sampler"])  # vLLM seeds each request from a running count
         restore_rng_state(state["rng"])
 
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise RuntimeError(f"this Trainer of {self.run_dir} is closed (train() closes it when it returns or raises, "
+                               "and lets go of the run directory): continue the run with a new Trainer(config, "
+                               "run_dir=..., resume=True)")
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Append the current step's ``metrics`` to ``metrics.jsonl`` (and the TensorBoard / W&B / trackio mirrors):
+        ``train`` does it after each step; a loop of its own calls it with what ``train_step`` (and ``evaluate``)
+        returned, before ``save``."""
+        self._check_open()
+        self.logger.log(self.step, metrics)
+
     def save(self) -> Path:
         """Checkpoint the current step; with adapters and ``model.lora.merged: last``, the merged model only at the
         run's last step."""
+        self._check_open()
         self.activity = f"writing the checkpoint of step {self.step}"
         self.logger.sync()  # the metrics of every step the checkpoint covers are on disk before it is
         lora = self.config.model.lora
@@ -740,7 +760,9 @@ class Trainer:
         return FirstOrderEntropyChange(trained, gradient)
 
     def train_step(self) -> dict[str, float]:
-        """One step: prompts → rollouts → rewards → advantages → scoring → updates → diagnostics."""
+        """One step: prompts → rollouts → rewards → advantages → scoring → updates → diagnostics. Returns the step's
+        metrics, which ``log`` records (``train`` does both)."""
+        self._check_open()
         self.activity = f"training step {self.step + 1}"
         config = self.config
         temperature = config.rollout.temperature
@@ -1021,6 +1043,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
         """Avg@n, unbiased Pass@k and polarisation on the eval prompts; saves the summary and the top fork tokens."""
+        self._check_open()
         self.activity = f"evaluating after step {self.step}" if self.step else "evaluating before the first step"
         config = self.config.eval
         if not self.eval_records:
@@ -1078,6 +1101,7 @@ class Trainer:
         128 + the signal's number), quietly, for as long as it runs. ``should_stop``, asked after each step, stops the
         run the same way (as SIGINT) when it returns true: a signal the process could not catch yet (the laboratory's
         workers ignore Ctrl-C until they train) still ends the run at a step's end."""
+        self._check_open()
         config = self.config
         progress = _StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
                                  enabled=config.logging.progress)
@@ -1116,7 +1140,7 @@ class Trainer:
                         evaluated = self.evaluate()
                         metrics.update(evaluated)
                         progress.note_evaluation(self.step, evaluated)
-                    self.logger.log(self.step, metrics)
+                    self.log(metrics)
                     if not received and should_stop is not None and should_stop():
                         received.append(signal.SIGINT)
                     saved = None
