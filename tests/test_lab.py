@@ -68,6 +68,49 @@ def test_the_base_model_s_cache_key_covers_every_setting_and_the_data_format(mon
     assert spec.key() not in keys
 
 
+def built_and_locks(cache_lab) -> tuple[list[str], int]:
+    """What a lab cache folder holds: its entries other than the builds' lock files, and how many lock files."""
+    names = sorted(path.name for path in cache_lab.iterdir())
+    return [name for name in names if not name.endswith(".lock")], sum(name.endswith(".lock") for name in names)
+
+
+def test_two_processes_needing_one_uncached_base_model_train_it_once(tmp_path, monkeypatch):
+    """The second waits for the first's build (a lock file in the cache), saying so, then reads the model it built."""
+    import threading
+
+    from entrorl.lab import base_model
+
+    started, release, trained = threading.Event(), threading.Event(), []
+
+    def train(spec, directory, progress=None):
+        trained.append(directory)
+        started.set()
+        assert release.wait(30)
+        (directory / "weights").write_text("built once")
+        return {"key": spec.key()}
+
+    monkeypatch.setattr(base_model, "_train", train)
+    spec, results = BaseModelSpec(), []
+    first = threading.Thread(target=lambda: results.append(build_base_model(spec, cache_dir=tmp_path)))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=lambda: results.append(build_base_model(spec, cache_dir=tmp_path)))
+    with pytest.MonkeyPatch.context() as waiting:
+        said = []
+        waiting.setattr(base_model.logger, "warning", lambda message, *args: said.append(message % args))
+        second.start()
+        for _ in range(300):  # until the second one is waiting for the lock
+            if said:
+                break
+            __import__("time").sleep(0.01)
+        release.set()
+        first.join(30)
+        second.join(30)
+    assert len(trained) == 1 and results == [tmp_path / "lab" / f"base-{spec.key()}"] * 2
+    assert said == [f"process {__import__('os').getpid()} is building the base model base-{spec.key()}; waiting for it"]
+    assert (results[0] / "weights").read_text() == "built once"
+
+
 def test_a_cached_base_model_is_reused_only_when_complete_and_rebuilt_on_request(tmp_path, monkeypatch):
     from entrorl.lab import base_model
 
@@ -88,7 +131,7 @@ def test_a_cached_base_model_is_reused_only_when_complete_and_rebuilt_on_request
     assert sorted(path.name for path in final.iterdir()) == ["base.json", "weights"]
     assert build_base_model(spec, cache_dir=cache) == final and len(trained) == 1
     assert build_base_model(spec, cache_dir=cache, rebuild=True) == final and len(trained) == 2
-    assert (final / "weights").read_text() == "2" and list((cache / "lab").iterdir()) == [final]
+    assert (final / "weights").read_text() == "2" and built_and_locks(cache / "lab") == ([final.name], 1)
 
 
 def test_the_cache_is_entrorl_cache_or_under_the_home_folder_and_is_made_only_when_asked(tmp_path, monkeypatch):
@@ -455,7 +498,7 @@ def test_a_base_model_that_finds_no_room_in_its_cache_names_the_cache(tmp_path, 
     monkeypatch.setattr(base_model, "_train", no_room)
     with pytest.raises(OSError, match=r"the base model cannot be written into the cache .*no room.*ENTRORL_CACHE"):
         base_model.build_base_model(BaseModelSpec(), cache_dir=tmp_path / "cache")
-    assert list((tmp_path / "cache" / "lab").iterdir()) == []
+    assert built_and_locks(tmp_path / "cache" / "lab") == ([], 1)
 
 
 def test_the_character_tokenizer_gives_each_unknown_character_its_own_unk_token():
@@ -1430,7 +1473,7 @@ def test_a_full_disk_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch):
     monkeypatch.setattr(base_model, "_train", no_room)
     with pytest.raises(OSError, match=r"the base model cannot be written into the cache .*StorageFull.*ENTRORL_CACHE"):
         base_model.build_base_model(BaseModelSpec(), cache_dir=tmp_path / "cache", rebuild=True)
-    assert list((tmp_path / "cache" / "lab").iterdir()) == []  # nothing half-built is left
+    assert built_and_locks(tmp_path / "cache" / "lab") == ([], 1)  # nothing half-built is left
 
     def no_space(spec, directory, progress=None):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -2442,4 +2485,4 @@ def test_a_left_over_temporary_folder_of_the_same_process_id_does_not_stop_a_bas
     (stale / "half-written").write_text("old")
     final = base_model.build_base_model(spec, cache_dir=tmp_path)
     assert sorted(path.name for path in final.iterdir()) == ["base.json", "weights"]
-    assert [path.name for path in (tmp_path / "lab").iterdir()] == [final.name]
+    assert built_and_locks(tmp_path / "lab") == ([final.name], 1)

@@ -7,9 +7,11 @@ once per specification and cached; the same specification and seed rebuild ident
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -24,6 +26,13 @@ from entrorl._checks import check_int, is_real_number
 from entrorl.lab.tasks import available_tasks, get_task, sft_corpus
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2, save_quietly
 from entrorl.trainer.checkpoint import nearest_existing
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: builds are not serialised
+    fcntl = None
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["BaseModelSpec", "build_base_model", "default_cache_dir", "sft_batches", "supervised_loss"]
 
@@ -182,11 +191,45 @@ def lab_cache_root(cache_dir: Path | None = None, *, create: bool = True) -> Pat
 
 def build_base_model(spec: BaseModelSpec, *, cache_dir: Path | None = None, rebuild: bool = False, progress=None) -> Path:
     """The cached base model directory for ``spec`` (trained on first use, atomically; a cache that holds it is only
-    read, so it may be read-only)."""
+    read, so it may be read-only). Processes that need the same uncached model at once train it once: the others wait
+    for it (a lock file in the cache) and read it."""
     final = (cache_dir or default_cache_dir()) / "lab" / f"base-{spec.key()}"
     if final.is_dir() and (final / "base.json").is_file() and not rebuild:
         return final
     root = lab_cache_root(cache_dir)
+    with _building(root / f".base-{spec.key()}.lock", final):
+        if final.is_dir() and (final / "base.json").is_file() and not rebuild:
+            return final  # built by the process this one waited for
+        return _build(spec, final, root, progress)
+
+
+@contextlib.contextmanager
+def _building(lock_path: Path, final: Path):
+    """Hold the lock of building ``final`` (an exclusive ``flock`` of ``lock_path``, which holds the builder's process
+    id), waiting, with a word, while another process holds it."""
+    if fcntl is None:
+        yield
+        return
+    with open(lock_path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a filesystem without locks
+                yield
+                return
+            handle.seek(0)
+            logger.warning("process %s is building the base model %s; waiting for it", handle.read().strip() or "?",
+                           final.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield  # the lock goes with the file's closing, however the build ends
+
+
+def _build(spec: BaseModelSpec, final: Path, root: Path, progress) -> Path:
+    """Train the base model of ``spec`` into a temporary folder of ``root``, then rename it to ``final``."""
     temporary = root / f".base-{spec.key()}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
