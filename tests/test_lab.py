@@ -1277,6 +1277,33 @@ def test_sigterm_stops_the_laboratory_as_ctrl_c_does_and_the_command_exits_143(t
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
+def test_a_second_laboratory_in_a_folder_in_use_is_refused_naming_the_first_one_s_process(tmp_path, monkeypatch):
+    """Two laboratories on one --out would overwrite each other's record and outcomes: the second is refused before
+    anything is built, naming the process of the first (which holds the folder's lock), and the first's files stay."""
+    import subprocess
+    import sys
+
+    from entrorl.lab import runner
+
+    out = _finished_folder(tmp_path, monkeypatch)
+    before = (out / "lab.json").read_text()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"handle = open({str(out / '.lock')!r}, 'a+')\n"
+        "fcntl.flock(handle, fcntl.LOCK_EX); handle.seek(0); handle.truncate(); handle.write('4242\\n'); handle.flush()\n"
+        "print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(runner, "build_base_model", lambda *args, **kwargs: pytest.fail("built"))
+        with pytest.raises(ValueError, match=rf"--out {out} is in use by another run \(process 4242\); wait for it to "
+                                             r"end, or choose another --out$"):
+            runner.run_lab("quick", methods=["grpo"], out=out, workers=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / "lab.json").read_text() == before
+
+
 def test_the_laboratory_gives_the_caller_its_torch_threads_back(tmp_path, monkeypatch):
     """run_lab trains with one torch thread in its own process; a notebook that called it keeps its own number
     after it, whether it returned or raised."""

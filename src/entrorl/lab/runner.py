@@ -42,7 +42,7 @@ from entrorl.lab.base_model import build_base_model, lab_cache_root
 from entrorl.lab.presets import LabPreset, get_preset
 from entrorl.lab.supervised import SFT_OBJECTIVE
 from entrorl.lab.tasks import get_task
-from entrorl.trainer.checkpoint import atomic_write_text
+from entrorl.trainer.checkpoint import atomic_write_text, lock_run_directory
 from entrorl.trainer.config import flatten_settings
 
 __all__ = ["run_lab", "evaluate_policy", "task_reward", "SUPERVISED_BASELINES"]
@@ -753,12 +753,9 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
 
     Raises:
         ValueError: an unknown preset or method, ``workers`` below 1, an ``out`` that cannot be a run directory,
-            or an existing run directory started with other settings; all before anything is built.
+            an existing run directory started with other settings, or one another laboratory is running in (its
+            process named); all before anything is built.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from entrorl.lab.report import write_report
-
     preset = get_preset(preset_name)
     requested = _requested_methods(methods)
     if requested:
@@ -775,6 +772,23 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
     out = Path(out) if out is not None else default_run_directory()
     lab_cache_root(cache_dir, create=False)  # a cache that cannot be written fails now, before the run directory is made
     _prepare_run_directory(out)
+    try:
+        lock = lock_run_directory(out, options="--out")  # two laboratories in one folder would overwrite each other
+    except OSError as error:
+        raise ValueError(f"--out {error}") from None
+    try:
+        return _run_in_folder(preset, out, workers=workers, console=console, cache_dir=cache_dir)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_in_folder(preset: LabPreset, out: Path, *, workers: int, console, cache_dir: Path | None) -> Path:
+    """:func:`run_lab` in its checked and locked folder ``out``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from entrorl.lab.report import write_report
+
     recorded = _read_json_object(out / "lab.json")
     _check_same_preset(out, preset, recorded)
     # the folder's methods are all those run in it so far and now: the report covers them all

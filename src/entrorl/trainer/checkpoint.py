@@ -128,11 +128,12 @@ _UNLOCKABLE_DIRECTORIES: set[str] = set()  # run directories whose filesystem re
 _WARNED: set[tuple[str, str]] = set()  # (problem, what was done) of latest checkpoints already warned about
 
 
-def lock_run_directory(run_dir: Path) -> io.TextIOWrapper | None:
+def lock_run_directory(run_dir: Path, *, options: str = "--run-dir / logging.name") -> io.TextIOWrapper | None:
     """Take the run directory's lock (an exclusive ``flock`` of ``run_dir/.lock``, which holds the process id) and
     return the open lock file: the lock lasts until it is closed or the process ends, however it ends. A second run
     in the same directory (the same command started twice, a ``--resume`` while the first still runs) gets
-    ``OSError`` naming the process that holds it, instead of writing its files between the other run's. ``None``
+    ``OSError`` naming the process that holds it (and ``options``, those that choose another folder), instead of
+    writing its files between the other run's. ``None
     where ``flock`` does not exist (not a POSIX system) or the filesystem refuses it (warned once per directory)."""
     if fcntl is None:
         return None
@@ -152,7 +153,7 @@ def lock_run_directory(run_dir: Path) -> io.TextIOWrapper | None:
             raise OSError(f"{run_dir} is in use by another Trainer of this process; close() it (or let its train() "
                           "finish) first, or choose another run_dir / logging.name") from None
         raise OSError(f"{run_dir} is in use by another run (process {holder}); wait for it to end, or choose another "
-                      "--run-dir / logging.name") from None
+                      f"{options}") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
