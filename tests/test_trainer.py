@@ -2648,6 +2648,42 @@ def test_resume_of_a_finished_run_whose_last_checkpoint_is_damaged_redoes_its_st
     assert [path.name for path in (checkpoints / "passed_over").iterdir()] == ["step_000002"]
 
 
+def test_eval_of_a_run_that_prunes_the_checkpoint_it_loads_takes_the_next_newest(tmp_path, tiny_model_dir,
+                                                                                  arithmetic_files, monkeypatch):
+    """A run that is training writes step N+1 and prunes step N while `entrorl eval --model RUN` loads step N: eval
+    takes the newest checkpoint again, says so, and records the one it evaluated."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.trainer import checkpoint
+
+    _, run_dir = run_with_a_checkpoint_per_step(tmp_path, tiny_model_dir, arithmetic_files[0], steps=2)
+    checkpoints = run_dir / "checkpoints"
+    real_load = checkpoint.load_model_directory
+    loads = []
+
+    def pruned_while_loading(directory, **kwargs):
+        loads.append(directory.weights)
+        if len(loads) == 1:  # the run writes step 3 and prunes step 2, which this was loading
+            shutil.copytree(checkpoints / "step_000002", checkpoints / "step_000003")
+            (checkpoints / "latest").write_text("step_000003\n")
+            shutil.rmtree(checkpoints / "step_000002")
+            raise FileNotFoundError(2, "No such file or directory", str(directory.weights / "model.safetensors"))
+        return real_load(directory, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_model_directory", pruned_while_loading)
+    result = CliRunner().invoke(app, ["eval", "--model", str(run_dir), "--data", str(arithmetic_files[1]), "--n", "1",
+                                      "--max-prompts", "2", "--max-new-tokens", "2", "--reward", "exact_match",
+                                      "--out", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    assert loads == [checkpoints / "step_000002" / "model", checkpoints / "step_000003" / "model"]
+    said = " ".join(result.output.split())
+    assert f"{checkpoints / 'step_000002' / 'model'} was removed while it loaded (the run pruned its checkpoints): " \
+           f"taking {checkpoints / 'step_000003' / 'model'}" in said
+    settings = json.loads((tmp_path / "eval.json").read_text())["settings"]
+    assert settings["model_directory"] == str((checkpoints / "step_000003" / "model").resolve())
+
+
 def test_a_named_checkpoint_whose_model_was_cut_short_is_refused_with_the_sizes_and_the_one_before_it(
         tmp_path, tiny_model_dir, arithmetic_files):
     """A model file of another size than written (a copy or a write cut short) is said as such, with the newest intact

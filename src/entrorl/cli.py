@@ -329,20 +329,43 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     reward_runner.check_arguments([record.meta for record in records])
     if check_outputs is not None:
         check_outputs()
-    tokenizer = load_tokenizer(directory.tokenizer, trust_remote_code=trust_remote_code)
-    prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template) for r in records]
-    note = unknown_token_note(tokenizer, prompt_ids, records, what=str(data))
-    if note is not None:
-        warnings.warn(note, stacklevel=2)
-    declared = read_model_config(directory.weights, trust_remote_code=trust_remote_code) if check_fit else None
-    if declared is not None:
-        check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
-                          pad_token_id=tokenizer.pad_token_id)
-    policy = load_model_directory(directory, dtype=defaults.dtype, trust_remote_code=trust_remote_code, device=resolve_device(device))
-    if check_fit and declared is None:
-        check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
-                          pad_token_id=tokenizer.pad_token_id)
+
+    def load(directory):
+        tokenizer = load_tokenizer(directory.tokenizer, trust_remote_code=trust_remote_code)
+        prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template)
+                      for r in records]
+        note = unknown_token_note(tokenizer, prompt_ids, records, what=str(data))
+        if note is not None:
+            warnings.warn(note, stacklevel=3)
+        declared = read_model_config(directory.weights, trust_remote_code=trust_remote_code) if check_fit else None
+        if declared is not None:
+            check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
+                              pad_token_id=tokenizer.pad_token_id)
+        policy = load_model_directory(directory, dtype=defaults.dtype, trust_remote_code=trust_remote_code,
+                                      device=resolve_device(device))
+        if check_fit and declared is None:
+            check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
+                              pad_token_id=tokenizer.pad_token_id)
+        return tokenizer, prompt_ids, policy
+
+    for attempt in range(_PRUNED_RETRIES + 1):
+        try:
+            tokenizer, prompt_ids, policy = load(directory)
+            break
+        except (OSError, ValueError):  # a run that is training may prune the checkpoint chosen while it loads
+            if attempt == _PRUNED_RETRIES or directory.weights.exists():
+                raise
+            newer = resolve_model_directory(model, base=base)
+            if newer == directory:
+                raise
+            console.print(Text(f"{directory.weights} was removed while it loaded (the run pruned its checkpoints): "
+                               f"taking {newer.weights}"), soft_wrap=True)
+            directory = newer
     return records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling
+
+
+# how many times eval and data audit take the next newest checkpoint of a run that pruned the one they were loading
+_PRUNED_RETRIES = 3
 
 
 class _Terminated(KeyboardInterrupt):
