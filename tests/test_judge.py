@@ -169,6 +169,40 @@ def test_a_judge_whose_cache_id_others_share_is_warned_about_with_a_persistent_c
         JudgeReward(expected_score, cache_path=path)
 
 
+def test_a_cache_file_that_cannot_be_used_is_named_and_one_held_later_is_passed_by(tmp_path, monkeypatch, caplog):
+    """A cache_path that is no SQLite database, or that another process holds longer than the wait, is refused naming
+    the file (not a bare sqlite3 traceback); one that another process holds once the run has started costs no score:
+    the judge judges, and its scores are kept in memory, with one warning."""
+    import sqlite3
+
+    from entrorl.rewards import judge as judge_module
+
+    not_a_database = tmp_path / "notes.txt"
+    not_a_database.write_text("these are notes, not a database\n" * 100)
+    with pytest.raises(ValueError, match=rf"judge cache_path {not_a_database} cannot be used: file is not a database"):
+        JudgeReward(RecordingJudge(), cache_path=str(not_a_database), judge_id="recording")
+    monkeypatch.setattr(judge_module, "_SQLITE_WAIT_S", 0.05)
+    path = tmp_path / "cache.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(ValueError, match=rf"judge cache_path {path} cannot be used: database is locked \(.*over 0.05 s\)"):
+        JudgeReward(RecordingJudge(), cache_path=str(path), judge_id="recording")
+    holder.execute("ROLLBACK")
+
+    judge = RecordingJudge()
+    reward = JudgeReward(judge, cache_path=str(path), cache_size=0, judge_id="recording")
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds the file from now on
+    with caplog.at_level("WARNING"):
+        scores = reward.score_batch(["p", "q"], ["a", "b"], [None, None])
+        again = reward.score_batch(["p"], ["a"], [None])
+    assert [score.failed for score in scores + again] == [False] * 3 and len(judge.calls) == 2
+    assert caplog.text.count(f"judge cache {path}: database is locked") == 1
+    holder.execute("ROLLBACK")
+    holder.close()
+    reward.score_batch(["p"], ["a"], [None])  # the file is free again: the score is written
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM judge_scores").fetchone()[0] == 1
+
+
 def test_cache_size_zero_judges_every_time():
     judge = RecordingJudge()
     reward = JudgeReward(judge, cache_size=0)

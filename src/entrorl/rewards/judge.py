@@ -38,6 +38,7 @@ Called on one sample (``reward(prompt, completion, answer, **meta)``) it returns
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -104,11 +105,17 @@ class JudgeScore:
 # --------------------------------------------------------------------------------------------
 
 
+_SQLITE_WAIT_S = 30.0  # how long a process waits for another that holds the judge cache's SQLite file
+
+
 class JudgeCache:
     """Scores by sample key: an in-memory LRU of ``max_entries`` (0 = none) in front of an optional
     SQLite file ``path`` (table ``judge_scores(key, score)``, created if missing).
 
-    ``hits`` / ``misses`` count :meth:`get` lookups (a disk hit is a hit and refreshes the LRU).
+    ``hits`` / ``misses`` count :meth:`get` lookups (a disk hit is a hit and refreshes the LRU). Processes that share
+    the file wait up to :data:`_SQLITE_WAIT_S` for one another; a file that cannot be opened is a ``ValueError`` naming
+    it, and one that fails later (held longer by another process) is passed by, with a warning: the judge scores on,
+    its scores are kept in memory only.
     """
 
     def __init__(self, max_entries: int = 4096, path: str | Path | None = None) -> None:
@@ -119,11 +126,18 @@ class JudgeCache:
         self._memory: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._warned = False
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False)
-            self._db.execute("CREATE TABLE IF NOT EXISTS judge_scores (key TEXT PRIMARY KEY, score REAL NOT NULL)")
-            self._db.commit()
+            try:
+                self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=_SQLITE_WAIT_S)
+                self._db.execute("CREATE TABLE IF NOT EXISTS judge_scores (key TEXT PRIMARY KEY, score REAL NOT NULL)")
+                self._db.commit()
+            except sqlite3.Error as error:
+                if self._db is not None:
+                    self._db.close()
+                raise ValueError(f"judge cache_path {self.path} cannot be used: {error} (a file that is not a SQLite "
+                                 f"database, or one another process held for over {_SQLITE_WAIT_S:g} s)") from None
 
     @staticmethod
     def key(judge_id: str, prompt: str, completion: str, answer: str | None) -> str:
@@ -149,7 +163,8 @@ class JudgeCache:
                 self.hits += 1
                 return self._memory[key]
             if self._db is not None:
-                row = self._db.execute("SELECT score FROM judge_scores WHERE key = ?", (key,)).fetchone()
+                row = self._on_disk(lambda db: db.execute("SELECT score FROM judge_scores WHERE key = ?",
+                                                          (key,)).fetchone())
                 if row is not None:
                     self.hits += 1
                     self._remember(key, float(row[0]))
@@ -162,8 +177,22 @@ class JudgeCache:
             for key, score in items.items():
                 self._remember(key, score)
             if self._db is not None and items:
-                self._db.executemany("INSERT OR REPLACE INTO judge_scores (key, score) VALUES (?, ?)", list(items.items()))
-                self._db.commit()
+                self._on_disk(lambda db: (db.executemany("INSERT OR REPLACE INTO judge_scores (key, score) VALUES (?, ?)",
+                                                         list(items.items())), db.commit()))
+
+    def _on_disk(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """``work`` on the SQLite file; None, with a warning the first time, when the file fails (held by another
+        process for over :data:`_SQLITE_WAIT_S`): the cache is memory only for that lookup or write."""
+        assert self._db is not None
+        try:
+            return work(self._db)
+        except sqlite3.Error as error:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.rollback()
+            if not self._warned:
+                self._warned = True
+                logger.warning("judge cache %s: %s; the scores go on being judged and kept in memory", self.path, error)
+            return None
 
     def close(self) -> None:
         with self._lock:
