@@ -224,6 +224,20 @@ def test_an_empty_prompt_beside_others_is_refused(policy):
         sampler.generate([_prompts(tokenizer)[0], []], SamplingParams(max_new_tokens=2))
 
 
+def test_a_prompt_token_outside_the_model_s_vocabulary_is_named(policy):
+    """A tokenizer of another model: an id past the embedding table (or a negative one) is refused with the id and
+    the vocabulary's size, not an IndexError from inside the model; padding, whatever its id, is not checked."""
+    model, tokenizer = policy
+    rows = model.get_input_embeddings().num_embeddings
+    sampler = HFSampler.for_model(model, tokenizer)
+    good = _prompts(tokenizer)[0]
+    for bad in (rows, -1):
+        with pytest.raises(ValueError, match=rf"a prompt holds token id {bad}, outside the model's vocabulary of "
+                                             rf"{rows} ids: a tokenizer of another model\?"):
+            sampler.generate([good, [*good[:-1], bad]], SamplingParams(max_new_tokens=2))
+    assert sampler.generate([good, good[:1]], SamplingParams(max_new_tokens=2)).response_ids.shape[0] == 2
+
+
 def test_loading_errors(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         load_causal_lm(tmp_path / "missing")

@@ -292,6 +292,18 @@ class HFSampler:
             self.model.train(was_training)
         return parts[0] if len(parts) == 1 else Rollouts.concat(parts, self.pad_token_id)
 
+    def _check_vocabulary(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """ValueError for a prompt token id outside the model's embedding table (a tokenizer of another model), which
+        would fail deep in the model as an IndexError."""
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        rows = getattr(embeddings, "num_embeddings", None)
+        if rows is None:
+            return
+        outside = prompt_mask.bool() & ((prompt_ids < 0) | (prompt_ids >= rows))
+        if bool(outside.any()):
+            raise ValueError(f"a prompt holds token id {int(prompt_ids[outside][0])}, outside the model's vocabulary of "
+                             f"{rows} ids: a tokenizer of another model?")
+
     def _make_decoder(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
         if self.decoder != "transformers":
             reason = static_cache_unsupported_reason(self.model, prompt_ids.shape[1] + max_new_tokens)
@@ -307,6 +319,7 @@ class HFSampler:
     def _generate_chunk(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollouts:
         device = next(self.model.parameters()).device
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
+        self._check_vocabulary(prompt_ids, prompt_mask)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         eos_ids = self.eos_token_ids.to(device)
 
