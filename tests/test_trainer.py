@@ -287,7 +287,9 @@ def test_a_trainer_driven_step_by_step_logs_saves_and_is_refused_once_closed(tmp
         metrics = trainer.train_step()
         trainer.log({**metrics, **trainer.evaluate()})
     trainer.save()
+    assert repr(trainer) == f"Trainer('grpo', run_dir={str(tmp_path / 'run')!r}, step 2 of 2)"
     trainer.close()
+    assert repr(trainer).endswith("step 2 of 2, closed)")
     assert [record["step"] for record in read_metrics(tmp_path / "run")] == [1, 2]
     assert "eval/avg_at_n" in read_metrics(tmp_path / "run")[-1]
     sampled = []

@@ -541,6 +541,11 @@ class Trainer:
             self.sampler.load_state_dict(state["sampler"])  # vLLM seeds each request from a running count
         restore_rng_state(state["rng"])
 
+    def __repr__(self) -> str:
+        closed = ", closed" if getattr(self, "_closed", False) else ""
+        return (f"Trainer({self.config.method_label()!r}, run_dir={str(self.run_dir)!r}, step {self.step} of "
+                f"{self.config.optim.steps}{closed})")
+
     def _check_open(self) -> None:
         if getattr(self, "_closed", False):
             raise RuntimeError(f"this Trainer of {self.run_dir} is closed (train() closes it when it returns or raises, "
