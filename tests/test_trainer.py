@@ -292,6 +292,7 @@ def test_a_trainer_driven_step_by_step_logs_saves_and_is_refused_once_closed(tmp
     assert repr(trainer).endswith("step 2 of 2, closed)")
     assert [record["step"] for record in read_metrics(tmp_path / "run")] == [1, 2]
     assert "eval/avg_at_n" in read_metrics(tmp_path / "run")[-1]
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == read_metrics(tmp_path / "run")  # the file itself too
     sampled = []
     trainer.collect = lambda: sampled.append(True)  # nothing may be sampled by a closed trainer
     for call in (trainer.train_step, trainer.evaluate, trainer.save, trainer.train, lambda: trainer.log({"x": 1.0})):

@@ -275,5 +275,7 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every step's record of a run's ``metrics.jsonl`` (a last line cut short by a crash is left out)."""
-    return [record for _, record in _records(Path(run_dir) / "metrics.jsonl")]
+    """Every step's record of a run's ``metrics.jsonl`` (a last line cut short by a crash is left out); ``run_dir`` is
+    the run directory or that file itself."""
+    path = Path(run_dir)
+    return [record for _, record in _records(path if path.is_file() else path / "metrics.jsonl")]
