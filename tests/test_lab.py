@@ -1302,6 +1302,16 @@ def test_a_second_laboratory_in_a_folder_in_use_is_refused_naming_the_first_one_
         holder.kill()
         holder.wait()
     assert (out / "lab.json").read_text() == before
+    # a laboratory of this process (another thread of a notebook) is named as such, in the laboratory's words
+    from entrorl.trainer.checkpoint import lock_run_directory
+
+    held = lock_run_directory(out, options="--out", user="laboratory")
+    try:
+        with pytest.raises(ValueError, match=rf"--out {out} is in use by another laboratory of this process; let it "
+                                             r"finish first, or choose another --out$"):
+            runner.run_lab("quick", methods=["grpo"], out=out, workers=1)
+    finally:
+        held.close()
 
 
 def test_the_laboratory_gives_the_caller_its_torch_threads_back(tmp_path, monkeypatch):

@@ -2651,6 +2651,26 @@ def test_resume_of_a_finished_run_whose_last_checkpoint_is_damaged_redoes_its_st
     assert [path.name for path in (checkpoints / "passed_over").iterdir()] == ["step_000002"]
 
 
+def prune_step_2_while_it_loads(checkpoints: Path, monkeypatch, part: str) -> list[Path]:
+    """Make the first model load find step 2 pruned, as a training run that writes step 3 and prunes step 2 does; the
+    ``part`` (``weights``, ``adapters``) of each load is appended to the list returned."""
+    from entrorl.trainer import checkpoint
+
+    real_load, loads = checkpoint.load_model_directory, []
+
+    def pruned_while_loading(directory, **kwargs):
+        loads.append(getattr(directory, part))
+        if len(loads) == 1:
+            shutil.copytree(checkpoints / "step_000002", checkpoints / "step_000003")
+            (checkpoints / "latest").write_text("step_000003\n")
+            shutil.rmtree(checkpoints / "step_000002")
+            raise FileNotFoundError(2, "No such file or directory", str(getattr(directory, part)))
+        return real_load(directory, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_model_directory", pruned_while_loading)
+    return loads
+
+
 def test_eval_of_a_run_that_prunes_the_checkpoint_it_loads_takes_the_next_newest(tmp_path, tiny_model_dir,
                                                                                   arithmetic_files, monkeypatch):
     """A run that is training writes step N+1 and prunes step N while `entrorl eval --model RUN` loads step N: eval
@@ -2658,23 +2678,10 @@ def test_eval_of_a_run_that_prunes_the_checkpoint_it_loads_takes_the_next_newest
     from typer.testing import CliRunner
 
     from entrorl.cli import app
-    from entrorl.trainer import checkpoint
 
     _, run_dir = run_with_a_checkpoint_per_step(tmp_path, tiny_model_dir, arithmetic_files[0], steps=2)
     checkpoints = run_dir / "checkpoints"
-    real_load = checkpoint.load_model_directory
-    loads = []
-
-    def pruned_while_loading(directory, **kwargs):
-        loads.append(directory.weights)
-        if len(loads) == 1:  # the run writes step 3 and prunes step 2, which this was loading
-            shutil.copytree(checkpoints / "step_000002", checkpoints / "step_000003")
-            (checkpoints / "latest").write_text("step_000003\n")
-            shutil.rmtree(checkpoints / "step_000002")
-            raise FileNotFoundError(2, "No such file or directory", str(directory.weights / "model.safetensors"))
-        return real_load(directory, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "load_model_directory", pruned_while_loading)
+    loads = prune_step_2_while_it_loads(checkpoints, monkeypatch, "weights")
     result = CliRunner().invoke(app, ["eval", "--model", str(run_dir), "--data", str(arithmetic_files[1]), "--n", "1",
                                       "--max-prompts", "2", "--max-new-tokens", "2", "--reward", "exact_match",
                                       "--out", str(tmp_path / "eval.json")])

@@ -15,7 +15,7 @@ from entrorl.modeling import load_causal_lm  # noqa: E402
 from entrorl.trainer import ConfigError, Trainer, load_config, read_metrics  # noqa: E402
 from entrorl.trainer.loop import TrainingInterrupted  # noqa: E402
 
-from test_trainer import PARITY_REWARD, make_config  # noqa: E402
+from test_trainer import PARITY_REWARD, make_config, prune_step_2_while_it_loads  # noqa: E402
 
 LORA = {"rank": 4, "alpha": 8.0}
 
@@ -34,6 +34,28 @@ def lora_config(model_dir, train, reward, **sections) -> dict:
     for key, value in sections.items():
         settings[key] = {**settings[key], **value} if isinstance(settings.get(key), dict) else value
     return make_config(model_dir, train, None, **settings)
+
+
+def test_eval_of_a_lora_run_that_prunes_the_adapters_it_loads_takes_the_next_newest(
+        tmp_path, tiny_model_dir, arithmetic_files, parity_reward, monkeypatch):
+    """With model.lora.merged: last, a run's checkpoint holds adapters on the base model, which is never pruned: the
+    adapters (and tokenizer) eval was loading, pruned by the training run, are replaced by the newest checkpoint's."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    config = load_config(lora_config(tiny_model_dir, arithmetic_files[0], parity_reward, optim={"steps": 3},
+                                     checkpoint={"every": 1, "keep": 3}, model={"lora": {**LORA, "merged": "last"}}))
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    with pytest.raises(TrainingInterrupted):
+        trainer.train(should_stop=lambda: trainer.step == 2)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    loads = prune_step_2_while_it_loads(checkpoints, monkeypatch, "adapters")
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "run"), "--data", str(arithmetic_files[1]),
+                                      "--n", "1", "--max-prompts", "2", "--max-new-tokens", "2", "--reward", "exact_match"])
+    assert result.exit_code == 0, result.output
+    assert loads == [checkpoints / "step_000002" / "adapter", checkpoints / "step_000003" / "adapter"]
+    assert f"{checkpoints / 'step_000002' / 'adapter'} was removed while it loaded" in " ".join(result.output.split())
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

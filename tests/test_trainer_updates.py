@@ -1345,6 +1345,16 @@ def test_a_checkpoint_whose_trainer_state_was_deleted_still_stands_for_its_model
     for given in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
         assert resolve_model_directory(given).weights == newer / "model"
     assert latest_checkpoint(tmp_path / "run") is None and latest_checkpoint(tmp_path / "run", verify="all") is None
+    # a checkpoint written before files.json, whose weights are gone, is passed over by a model reader too
+    for checkpoint_dir in (written, newer):
+        (checkpoint_dir / "files.json").unlink()
+    (newer / "model" / "model.safetensors").unlink()
+    assert latest_checkpoint(tmp_path / "run", verify="model") == written
+    assert resolve_model_directory(tmp_path / "run").weights == written / "model"
+    # a model saved in a folder named checkpoints is the model it is, not a run's checkpoints
+    named_so = tmp_path / "checkpoints"
+    shutil.copytree(written / "model", named_so)
+    assert resolve_model_directory(named_so).weights == named_so
     other = tmp_path / "other"
     shutil.copytree(written / "model", other / "model")
     with pytest.raises(FileNotFoundError, match="has no config.json"):

@@ -353,13 +353,14 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
             tokenizer, prompt_ids, policy = load(directory)
             break
         except (OSError, ValueError):  # a run that is training may prune the checkpoint chosen while it loads
-            if attempt == _PRUNED_RETRIES or directory.weights.exists():
+            if attempt == _PRUNED_RETRIES or all(path.exists() for path in (
+                    directory.weights, directory.tokenizer, directory.adapters) if path is not None):
                 raise
             newer = resolve_model_directory(model, base=base)
             if newer == directory:
                 raise
-            console.print(Text(f"{directory.weights} was removed while it loaded (the run pruned its checkpoints): "
-                               f"taking {newer.weights}"), soft_wrap=True)
+            console.print(Text(f"{directory.adapters or directory.weights} was removed while it loaded (the run "
+                               f"pruned its checkpoints): taking {newer.adapters or newer.weights}"), soft_wrap=True)
             directory = newer
     return records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling
 

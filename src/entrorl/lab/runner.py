@@ -773,7 +773,8 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
     lab_cache_root(cache_dir, create=False)  # a cache that cannot be written fails now, before the run directory is made
     _prepare_run_directory(out)
     try:
-        lock = lock_run_directory(out, options="--out")  # two laboratories in one folder would overwrite each other
+        # two laboratories in one folder would overwrite each other's record and outcomes
+        lock = lock_run_directory(out, options="--out", user="laboratory")
     except OSError as error:
         raise ValueError(f"--out {error}") from None
     try:

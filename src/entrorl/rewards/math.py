@@ -1568,7 +1568,7 @@ def _compare(
 
 def _timeout_reason(doing: str, options: MathOptions, started: float) -> str:
     elapsed = time.monotonic() - started
-    shown = f"{elapsed:.1f}" if elapsed >= 0.95 else f"{elapsed:.2g}"  # 5.0, 123.4, 0.021 (and 1.0, not 1)
+    shown = f"{elapsed:.1f}" if elapsed >= 0.995 else f"{elapsed:.2g}"  # 5.0, 123.4, 0.021, 0.96 (and 1.0, not 1)
     return f"timeout: {doing} took more than {options.timeout:g} s (stopped at {shown} s)"
 
 

@@ -128,12 +128,14 @@ _UNLOCKABLE_DIRECTORIES: set[str] = set()  # run directories whose filesystem re
 _WARNED: set[tuple[str, str]] = set()  # (problem, what was done) of latest checkpoints already warned about
 
 
-def lock_run_directory(run_dir: Path, *, options: str = "--run-dir / logging.name") -> io.TextIOWrapper | None:
+def lock_run_directory(run_dir: Path, *, options: str = "--run-dir / logging.name",
+                       user: str = "Trainer") -> io.TextIOWrapper | None:
     """Take the run directory's lock (an exclusive ``flock`` of ``run_dir/.lock``, which holds the process id) and
     return the open lock file: the lock lasts until it is closed or the process ends, however it ends. A second run
     in the same directory (the same command started twice, a ``--resume`` while the first still runs) gets
-    ``OSError`` naming the process that holds it (and ``options``, those that choose another folder), instead of
-    writing its files between the other run's. ``None
+    ``OSError`` naming the process that holds it (and ``options``, those that choose another folder; ``user``, what
+    holds it when that process is this one: a ``Trainer`` or a ``laboratory`` of the Python API), instead of writing
+    its files between the other run's. ``None
     where ``flock`` does not exist (not a POSIX system) or the filesystem refuses it (warned once per directory)."""
     if fcntl is None:
         return None
@@ -149,9 +151,11 @@ def lock_run_directory(run_dir: Path, *, options: str = "--run-dir / logging.nam
                 _UNLOCKABLE_DIRECTORIES.add(str(run_dir.resolve()))
                 logger.warning("cannot lock %s (%s); two runs there would not be kept apart", run_dir, error)
             return None
-        if holder == str(os.getpid()):  # the Python API: an earlier Trainer of this process, not closed
-            raise OSError(f"{run_dir} is in use by another Trainer of this process; close() it (or let its train() "
-                          "finish) first, or choose another run_dir / logging.name") from None
+        if holder == str(os.getpid()):  # the Python API: an earlier Trainer of this process not closed, a laboratory
+            remedy, choose = (("close() it (or let its train() finish) first", "run_dir / logging.name")
+                              if user == "Trainer" else ("let it finish first", options))
+            raise OSError(f"{run_dir} is in use by another {user} of this process; {remedy}, or choose another "
+                          f"{choose}") from None
         raise OSError(f"{run_dir} is in use by another run (process {holder}); wait for it to end, or choose another "
                       f"{options}") from None
     handle.seek(0)
@@ -459,7 +463,8 @@ def _checkpoint_model(path: Path) -> Path:
     if path.name in ("model", ADAPTER_DIRECTORY) and (path.parent / _FILE_LIST).is_file() \
             and _CHECKPOINT_NAME.fullmatch(path.parent.name):
         _check_intact(path.parent)
-    if path.name == "checkpoints" and any(path.glob(f"{_PREFIX}*/{name}") for name in ("trainer.pt", _FILE_LIST)):
+    if path.name == "checkpoints" and any(next(path.glob(f"{_PREFIX}*/{name}"), None) is not None
+                                          for name in ("trainer.pt", _FILE_LIST)):
         path = path.parent
     if _is_run_directory(path):
         checkpoint = latest_checkpoint(path, verify="model")
@@ -577,15 +582,13 @@ def _what_is_missing(checkpoint: Path, *, parts: tuple[str, ...] | None = None) 
     """None when ``checkpoint`` holds everything a resume reads; else what is wrong, e.g. "model/tokenizer.json is
     missing". With a ``files.json``: every file it lists, at its size (a JSON, text or Markdown file may have been
     edited, and only has to be there and not empty); with ``parts`` (e.g. ``("model", "adapter")``), only the files in
-    those. Without one (written before checkpoints had it): the trainer state, the model's config and weights, none of
-    them empty, and the adapters' files when it has adapters (whose checkpoints may leave the weights out); with
-    ``parts``, nothing (the loaders say what they cannot read)."""
+    those. Without one (written before checkpoints had it): the trainer state (not with ``parts``), the model's config
+    and weights, none of them empty, and the adapters' files when it has adapters (whose checkpoints may leave the
+    weights out)."""
     try:
         listed = _read_file_list(checkpoint)
     except ValueError as error:
         return str(error)
-    if listed is None and parts is not None:
-        return None
     if listed is not None:
         sizes, _ = listed
         for name, size in sizes.items():
@@ -605,7 +608,8 @@ def _what_is_missing(checkpoint: Path, *, parts: tuple[str, ...] | None = None) 
     adapters_whole = all(_non_empty(adapter / name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
     # an adapters' checkpoint written without the merged model has no weight file at all; one with it, whole ones
     weights_whole = _weights_present(model) or (has_adapters and not any((model / name).exists() for name in _WEIGHT_FILES))
-    for whole, what in ((_non_empty(checkpoint / "trainer.pt"), "trainer.pt"),
+    trainer_state = [] if parts is not None else [(_non_empty(checkpoint / "trainer.pt"), "trainer.pt")]
+    for whole, what in (*trainer_state,
                         (_non_empty(model / "config.json"), "model/config.json"), (weights_whole, "the model's weights"),
                         (not has_adapters or adapters_whole, "the adapters' files")):
         if not whole:
