@@ -197,6 +197,7 @@ def test_a_cache_file_that_cannot_be_used_is_named_and_one_held_later_is_passed_
         again = reward.score_batch(["p"], ["a"], [None])
     assert [score.failed for score in scores + again] == [False] * 3 and len(judge.calls) == 2
     assert caplog.text.count(f"judge cache {path}: database is locked") == 1
+    assert "kept in memory" not in caplog.text  # cache_size 0: nowhere
     holder.execute("ROLLBACK")
     holder.close()
     reward.score_batch(["p"], ["a"], [None])  # the file is free again: the score is written

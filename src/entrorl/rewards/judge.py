@@ -191,7 +191,8 @@ class JudgeCache:
                 self._db.rollback()
             if not self._warned:
                 self._warned = True
-                logger.warning("judge cache %s: %s; the scores go on being judged and kept in memory", self.path, error)
+                kept = " and kept in memory" if self.max_entries else ""  # cache_size 0 keeps none
+                logger.warning("judge cache %s: %s; the scores go on being judged%s", self.path, error, kept)
             return None
 
     def close(self) -> None:

@@ -316,6 +316,7 @@ def _with_verl_weights(objective: Objective, weights: torch.Tensor) -> Objective
         loss_agg_mode=objective.loss_agg_mode,
         loss_scale_factor=objective.loss_scale_factor,
         name=objective.name,
+        label=objective.label,
     )
 
 
