@@ -679,18 +679,20 @@ def test_a_token_without_a_sampler_log_prob_is_left_uncorrected_and_missing_ones
             trainer._compute_loss(trainer.model, inputs)
 
 
-def test_the_refusal_of_top_entropy_quantile_names_trl_s_own_loss(tokenizer, tmp_path):
-    """The forking_tokens settings that the refusal of GRPOConfig.top_entropy_quantile suggests give TRL's loss with
-    that option (its entropy mask keeps the masked tokens in the normaliser), gradients included."""
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_the_refusal_of_top_entropy_quantile_names_trl_s_own_loss(tokenizer, tmp_path, loss_type):
+    """The objective and settings that the refusal of GRPOConfig.top_entropy_quantile suggests (the loss_type's own
+    method with forking_tokens) give TRL's loss with that option (its entropy mask keeps the masked tokens in the
+    normaliser), gradients included, whatever the loss_type."""
     import ast
 
     with pytest.raises(ValueError) as refused:
-        check_trl_args(_config(tmp_path, top_entropy_quantile=0.2), build_objective("dapo"))
-    suggested = re.search(r"objective='forking_tokens', objective_params=(\{.*?\})", str(refused.value))
-    params = ast.literal_eval(suggested.group(1))
-    assert params["top_entropy_quantile"] == 0.2
-    shared = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2, num_generations=4)
-    ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens", objective_params=params,
+        check_trl_args(_config(tmp_path, top_entropy_quantile=0.2, loss_type=loss_type), build_objective(loss_type))
+    suggested = re.search(r"objective='([a-z_+]+)', objective_params=(\{.*?\})", str(refused.value))
+    objective, params = suggested.group(1), ast.literal_eval(suggested.group(2))
+    assert objective == f"{loss_type}+forking_tokens" and params["top_entropy_quantile"] == 0.2
+    shared = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2, num_generations=4, loss_type=loss_type)
+    ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=objective, objective_params=params,
                     config=_config(tmp_path, **shared))
     theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=_config(tmp_path, top_entropy_quantile=0.2, **shared))
     _assert_accumulated_loss_is_trls(ours, theirs, _inputs(tokenizer, seed=3))
@@ -916,7 +918,7 @@ def test_the_refusal_of_top_entropy_quantile_suggests_trl_s_own_clip_range(tmp_p
 
     with pytest.raises(ValueError) as refused:
         check_trl_args(_config(tmp_path, top_entropy_quantile=0.3, epsilon=0.1, epsilon_high=0.28), build_objective("dapo"))
-    suggested = re.search(r"objective='forking_tokens', objective_params=(\{.*?\})", str(refused.value))
+    suggested = re.search(r"objective='dapo\+forking_tokens', objective_params=(\{.*?\})", str(refused.value))
     assert ast.literal_eval(suggested.group(1)) == {"top_entropy_quantile": 0.3, "keep_in_normaliser": True,
                                                     "clip_ratio_low": 0.1, "clip_ratio_high": 0.28}
 

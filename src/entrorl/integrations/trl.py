@@ -178,6 +178,12 @@ def objective_for_trl_loss(args: Any, **objective_params: Any) -> Objective:
     its parameters. Refused: a ``loss_type`` without an entrorl method of the same loss, ``cispo`` capping the weight
     below 1 (entrorl's cap is ``1 + clip_ratio_high``) or at the sequence level, and a sequence-level ratio weighing
     the KL (``use_bias_correction_kl`` with ``beta != 0``), which kl_ref weighs per token."""
+    method, params = _trl_loss_composition(args)
+    return build_objective(method, **{**params, **objective_params})
+
+
+def _trl_loss_composition(args: Any) -> tuple[str, dict[str, Any]]:
+    """The methods and parameters of :func:`objective_for_trl_loss` (ValueError for a loss it cannot express)."""
     loss_type = _trl_option(args, "loss_type")
     method = TRL_LOSS_TYPE_METHODS.get(loss_type)
     if method is None:
@@ -209,7 +215,7 @@ def objective_for_trl_loss(args: Any, **objective_params: Any) -> Objective:
         method = f"{method}+kl_ref"
         params = {**params, "kl_loss_coef": beta, "kl_loss_type": "k3",
                   "importance_weighted": bool(_trl_option(args, "use_bias_correction_kl"))}
-    return build_objective(method, **{**params, **objective_params})
+    return method, params
 
 
 def _kl_setting_given(name: str, objective: Any, objective_params: dict[str, Any]) -> bool:
@@ -230,13 +236,19 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
     objectives that need what this configuration does not provide (a rollout correction without sampler log-probs)."""
     problems = []
     if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
-        quantile, (low, high) = args.top_entropy_quantile, _trl_clip_range(args)
+        quantile = args.top_entropy_quantile
+        try:  # TRL's loss with the entropy mask: that of its loss_type, plus forking_tokens
+            method, params = _trl_loss_composition(args)
+            said = f"objective='{method}+forking_tokens', objective_params=" + repr(
+                {"top_entropy_quantile": quantile, "keep_in_normaliser": True, **params})
+        except ValueError:  # a loss_type entrorl cannot express is refused on its own
+            said = f"objective='...+forking_tokens', objective_params={{'top_entropy_quantile': {quantile:g}, " \
+                   "'keep_in_normaliser': True}"
         problems.append(
             f"top_entropy_quantile = {quantile:g}: use the 'forking_tokens' method; TRL's entropy mask keeps the dropped "
-            "tokens in the loss's normaliser, so TRL's loss is objective='forking_tokens', objective_params="
-            f"{{'top_entropy_quantile': {quantile:g}, 'keep_in_normaliser': True, 'clip_ratio_low': {low:g}, "
-            f"'clip_ratio_high': {high:g}}} (the same loss on one process; under data parallelism TRL takes the "
-            "quantile over every process's tokens, forking_tokens over each process's micro-batch)")
+            f"tokens in the loss's normaliser, so TRL's loss is {said} (the same loss on one process; under data "
+            "parallelism TRL takes the quantile over every process's tokens, forking_tokens over each process's "
+            "micro-batch)")
     if getattr(args, "entropy_coef", 0.0) or getattr(args, "use_adaptive_entropy", False):
         problems.append("entropy_coef / use_adaptive_entropy: use the 'entropy_bonus' method (its coefficient: "
                         "objective_params={'entropy_coeff': ...}) or the 'adaptive_entropy' method")
