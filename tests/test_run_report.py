@@ -421,7 +421,11 @@ def test_a_trl_run_is_read_from_its_trainer_state(tmp_path):
     report = write_run_report(tmp_path, figures=False)
     summary = {r["quantity"]: r["value"] for r in report["summary"]["values"]}
     assert summary["method"] == "dapo+clip_cov" and summary["steps planned (max_steps)"] == 5
-    assert "A TRL run keeps no Pass@k evaluation" in (tmp_path / "report" / "report.md").read_text()
+    said = " ".join((tmp_path / "report" / "report.md").read_text().split())
+    assert "A TRL run keeps no Pass@k evaluation" in said
+    # stopped before its max_steps: continued the way TRL continues a run, not with entrorl train
+    assert "logged up to step 3 of 5: it is still training or was stopped (`trainer.train(" \
+           "resume_from_checkpoint=True)` continues it)" in said and "entrorl train" not in said
 
 
 

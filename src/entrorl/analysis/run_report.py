@@ -236,8 +236,10 @@ class _RunReport:
                              f"{'collapsed' if collapsed else 'did not collapse'}")
             section.say(sentence + f"; the reward went from {fmt(a.reward_start)} to {fmt(a.reward_end)}.")
         if planned is not None and a.n_steps and max(run.steps) < planned:
+            continues = ("`trainer.train(resume_from_checkpoint=True)` continues it" if run.from_trainer_state
+                         else "`entrorl train ... --resume` continues it")
             section.say(f"The run logged up to step {int(max(run.steps))} of {planned}: it is still training or was stopped "
-                        "(`entrorl train ... --resume` continues it); this report covers the steps logged so far.")
+                        f"({continues}); this report covers the steps logged so far.")
         if run.unreadable_lines:
             lines = ", ".join(map(str, run.unreadable_lines[:10])) + (", ..." if len(run.unreadable_lines) > 10 else "")
             section.say(f"Lines of `metrics.jsonl` that are not a JSON object were skipped: {lines}.")
