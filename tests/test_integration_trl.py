@@ -923,6 +923,13 @@ def test_the_refusal_of_top_entropy_quantile_suggests_trl_s_own_clip_range(tmp_p
                                                     "clip_ratio_low": 0.1, "clip_ratio_high": 0.28}
 
 
+def test_a_refusal_names_an_objective_with_the_parts_added_to_its_method(tmp_path):
+    """{method: dapo, regularizers: [entropy_bonus]} is named dapo+entropy_bonus, as entrorl train and report name it."""
+    objective = build_objective({"method": "dapo", "regularizers": [{"name": "entropy_bonus", "entropy_coeff": 0.01}]})
+    with pytest.raises(ValueError, match=r"the entrorl objective 'dapo\+entropy_bonus' replaces"):
+        check_trl_args(_config(tmp_path, entropy_coef=0.01), objective)
+
+
 def test_advantage_warnings_name_every_foreign_estimator_point_at_the_caller_and_spare_grpo(tokenizer, tmp_path, recwarn):
     """psr, nsr and rft train on TRL's group-normalised advantages too: each warns, as w_reinforce does; the warnings
     name the caller's line. A method with GRPO's own estimator under TRL's default scale_rewards does not warn."""

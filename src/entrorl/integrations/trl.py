@@ -351,7 +351,7 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
             )
     if problems:
         raise ValueError(
-            f"EntropyGRPOTrainer: GRPOConfig options that the entrorl objective {objective.name!r} replaces:\n  - "
+            f"EntropyGRPOTrainer: GRPOConfig options that the entrorl objective {objective.label!r} replaces:\n  - "
             + "\n  - ".join(problems)
         )
 
@@ -484,7 +484,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
         foreign = sorted(estimators - _TRL_COMPATIBLE_ESTIMATORS)
         if foreign:
             warnings.warn(
-                f"objective {self.objective.name!r} is paired with the advantage estimator(s) {foreign}, but "
+                f"objective {self.objective.label!r} is paired with the advantage estimator(s) {foreign}, but "
                 "EntropyGRPOTrainer uses TRL's group-normalised advantages (scale_rewards); the loss is the method's, "
                 "the advantages are not",
                 stacklevel=3,
@@ -492,7 +492,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
         scale_rewards = str(getattr(self.args, "scale_rewards", "group")).lower()
         if "dr_grpo" in estimators and scale_rewards not in ("none", "false"):
             warnings.warn(
-                f"objective {self.objective.name!r} uses Dr. GRPO advantages (no std division): set "
+                f"objective {self.objective.label!r} uses Dr. GRPO advantages (no std division): set "
                 f"GRPOConfig(scale_rewards='none'), got scale_rewards={scale_rewards!r}",
                 stacklevel=3,
             )
