@@ -120,6 +120,7 @@ def test_math_reward_returns_floats_and_never_raises(math_reward):
         value = math_reward("", completion, answer)
         assert isinstance(value, float)
     assert math_reward("", r"\boxed{2}", ["3", "2"]) == 1.0  # any of several references
+    assert math_reward("", r"\boxed{2}", np.array(["3", "2"], dtype=object)) == 1.0  # a Parquet / pandas list column
 
 
 def test_math_timeout_option_bounds_pathological_answers():
@@ -206,6 +207,8 @@ def test_math_instruction_mentions_boxed():
         ("Paris", None, 0.0),
         ("Lyon", ["Paris", "Lyon"], 1.0),
         ("Lyon", ("Paris", "Lyon"), 1.0),  # a tuple lists references too
+        ("Lyon", np.array(["Paris", "Lyon"], dtype=object), 1.0),  # and an array (a Parquet / pandas list column)
+        ("Lyon", np.array("Lyon"), 1.0),  # a 0-d array is the one answer it holds
         ("None", ["Paris", None], 0.0),  # a missing reference is not the text "None"
         ("Straße", "STRASSE", 1.0),  # case-folded, not only lower-cased
         ("STRASSE", "Straße", 1.0),

@@ -124,6 +124,14 @@ def register_reward(
     return decorator
 
 
+def reference_answers(answer: Any) -> list[Any]:
+    """The reference answers ``answer`` gives: the items of a list, tuple or one-dimensional array (a Parquet or pandas
+    column of several accepted answers arrives as a numpy array), else ``answer`` alone."""
+    if isinstance(answer, np.ndarray):
+        return answer.tolist() if answer.ndim == 1 else [answer.item() if answer.ndim == 0 else answer]
+    return list(answer) if isinstance(answer, (list, tuple)) else [answer]
+
+
 def available_rewards() -> list[tuple[str, str]]:
     """``(name, description)`` of every registered reward, sorted by name."""
     return [(e.name, e.description) for e in sorted(_REGISTRY.values(), key=lambda e: e.name)]

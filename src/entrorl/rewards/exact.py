@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from entrorl.rewards.base import register_reward
+from entrorl.rewards.base import reference_answers, register_reward
 from entrorl.rewards.math import extract_final_answer
 
 __all__ = ["exact_match"]
@@ -19,11 +19,11 @@ __all__ = ["exact_match"]
 def exact_match(prompt: str, completion: str, answer: Any, /, **meta: Any) -> float:
     """1.0 if the final answer of ``completion`` (see :func:`entrorl.rewards.math.extract_final_answer`;
     the whole completion when nothing is extracted) equals ``answer`` after ``strip()`` and
-    ``casefold()``, else 0.0. A list / tuple ``answer`` accepts any of its items; ``None`` or a blank reference
+    ``casefold()``, else 0.0. A list / tuple / array ``answer`` accepts any of its items; ``None`` or a blank reference
     scores 0.0."""
     if answer is None or not isinstance(completion, str):
         return 0.0
-    references = answer if isinstance(answer, (list, tuple)) else [answer]
+    references = reference_answers(answer)
     predicted = extract_final_answer(completion)
     if predicted is None:
         predicted = completion

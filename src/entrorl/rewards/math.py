@@ -113,7 +113,7 @@ from functools import cached_property
 from typing import Any
 
 from entrorl._checks import check_int
-from entrorl.rewards.base import register_reward
+from entrorl.rewards.base import reference_answers, register_reward
 
 __all__ = [
     "ANSWER_EXTRACTORS",
@@ -1734,7 +1734,7 @@ class MathReward:
 
     def _judge(self, prompt: str, completion: str, answer: Any, started: float) -> MathVerdict:
         """:meth:`judge` within its time limit; a timeout while finding the answers propagates."""
-        references = list(answer) if isinstance(answer, (list, tuple)) else [answer]
+        references = reference_answers(answer)
         references = [prepare_reference(str(ref)) for ref in references if ref is not None]
         references = [ref for ref in references if ref]
         if not references:
