@@ -209,6 +209,7 @@ def test_math_instruction_mentions_boxed():
         ("Lyon", ("Paris", "Lyon"), 1.0),  # a tuple lists references too
         ("Lyon", np.array(["Paris", "Lyon"], dtype=object), 1.0),  # and an array (a Parquet / pandas list column)
         ("Lyon", np.array("Lyon"), 1.0),  # a 0-d array is the one answer it holds
+        ("The answer is 0.1", np.array([0.1, 7.0], dtype=np.float32), 1.0),  # each item read as it is alone: 0.1
         ("None", ["Paris", None], 0.0),  # a missing reference is not the text "None"
         ("Straße", "STRASSE", 1.0),  # case-folded, not only lower-cased
         ("STRASSE", "Straße", 1.0),

@@ -127,8 +127,8 @@ def register_reward(
 def reference_answers(answer: Any) -> list[Any]:
     """The reference answers ``answer`` gives: the items of a list, tuple or one-dimensional array (a Parquet or pandas
     column of several accepted answers arrives as a numpy array), else ``answer`` alone."""
-    if isinstance(answer, np.ndarray):
-        return answer.tolist() if answer.ndim == 1 else [answer.item() if answer.ndim == 0 else answer]
+    if isinstance(answer, np.ndarray):  # its items as numpy scalars: a float32 0.1 reads "0.1", as it does alone
+        return list(answer) if answer.ndim == 1 else [answer[()] if answer.ndim == 0 else answer]
     return list(answer) if isinstance(answer, (list, tuple)) else [answer]
 
 

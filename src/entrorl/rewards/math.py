@@ -1673,7 +1673,7 @@ class MathReward:
     judgement) and ``max_chars`` are :class:`MathOptions` fields. ``extractors`` names the answer
     extractors to try, in order (default: all of :data:`ANSWER_EXTRACTORS`; ``["boxed"]`` makes
     unboxed answers score 0). ``use_question=False`` ignores the prompt (no percent / rounding / roots
-    rules from it). A reference given as a list / tuple accepts any of its items. Nothing raises on bad
+    rules from it). A reference given as a list / tuple / array accepts any of its items. Nothing raises on bad
     input except a missing math-verify installation.
     """
 
