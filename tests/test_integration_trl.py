@@ -506,6 +506,12 @@ def test_objective_state_is_saved_with_checkpoints_and_restored(tokenizer, tmp_p
         resumed._load_optimizer_and_scheduler(str(initial))
     assert resumed.objective.state_dict() == fresh.objective.state_dict()
     assert resumed.objective.regularizers[0].coefficient == fresh.objective.regularizers[0].coefficient
+    # the state that starts afresh is named by the part that holds it, when it was added to a method
+    added = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path / "added", objective={
+        "method": "dapo", "regularizers": [{"name": "adaptive_entropy", "target_entropy": 100.0}]})
+    added.create_optimizer_and_scheduler(num_training_steps=4)
+    with pytest.warns(UserWarning, match="holds no objective state .*: dapo\\+adaptive_entropy's state starts afresh"):
+        added._load_optimizer_and_scheduler(str(initial))
 
 
 def test_under_data_parallelism_each_process_saves_and_restores_its_own_objective_state(tokenizer, tmp_path, monkeypatch):

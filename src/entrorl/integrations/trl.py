@@ -554,7 +554,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             path = own if self.accelerator.num_processes > 1 and os.path.exists(own) else shared
             if not os.path.exists(path) and self.objective.state_dict():
                 warnings.warn(f"{checkpoint} holds no objective state (a checkpoint of GRPOTrainer, or of another "
-                              f"objective): {self.objective.name}'s state starts afresh", stacklevel=2)
+                              f"objective): {self.objective.label}'s state starts afresh", stacklevel=2)
             self.objective.load_state_dict(torch.load(path, weights_only=True) if os.path.exists(path) else {})
 
     # ------------------------------------------------------------------------------------------------ scoring
