@@ -823,6 +823,19 @@ def test_the_report_command_names_a_section_that_failed_and_where_else_a_report_
     assert result.exit_code == 1 and "--out writes the report elsewhere" not in result.output, result.output
 
 
+def test_a_stopped_laboratory_method_is_said_to_continue_with_its_laboratory_s_command(tmp_path):
+    """A laboratory method's folder that logged fewer steps than planned: the laboratory's command goes on with it (its
+    preset, methods and folder, from lab.json), not `entrorl train --resume` of a folder it did not write."""
+    lab = tmp_path / "lab"
+    run = write_run(lab / "methods" / "grpo", law_records(6), config={"method": "grpo", "optim": {"steps": 12}})
+    (lab / "lab.json").write_text(json.dumps({"preset": {"name": "quick", "seed": 0, "rl_seed": None},
+                                              "methods": ["grpo", "clip_cov"]}))
+    write_run_report(run, figures=False)
+    said = " ".join((run / "report" / "report.md").read_text().split())
+    assert (f"logged up to step 6 of 12: it is still training or was stopped (`entrorl lab --preset quick --methods "
+            f"grpo,clip_cov --out {lab}` continues it)") in said
+
+
 def test_a_laboratory_method_folder_s_final_evaluation_is_its_evaluation_after_the_last_step(tmp_path):
     """`entrorl lab` evaluates each method once, after training, into `final_eval.json` (no `eval/` folder): the report
     shows it and its fork tokens at the last logged step. With `eval/` files it is left out (another prompt set)."""

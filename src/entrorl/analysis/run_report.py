@@ -236,7 +236,10 @@ class _RunReport:
                              f"{'collapsed' if collapsed else 'did not collapse'}")
             section.say(sentence + f"; the reward went from {fmt(a.reward_start)} to {fmt(a.reward_end)}.")
         if planned is not None and a.n_steps and max(run.steps) < planned:
+            lab = run.directory.parent.parent if run.directory.parent.name == "methods" else None
+            again = _lab_command(lab) if lab is not None and (lab / "lab.json").is_file() else None
             continues = ("`trainer.train(resume_from_checkpoint=True)` continues it" if run.from_trainer_state
+                         else f"`{again}` continues it" if again is not None  # a laboratory method's folder
                          else "`entrorl train ... --resume` continues it")
             section.say(f"The run logged up to step {int(max(run.steps))} of {planned}: it is still training or was stopped "
                         f"({continues}); this report covers the steps logged so far.")
