@@ -115,7 +115,7 @@ class JudgeCache:
     ``hits`` / ``misses`` count :meth:`get` lookups (a disk hit is a hit and refreshes the LRU). Processes that share
     the file wait up to :data:`_SQLITE_WAIT_S` for one another; a file that cannot be opened is a ``ValueError`` naming
     it, and one that fails later (held longer by another process) is passed by, with a warning: the judge scores on,
-    its scores are kept in memory only.
+    its scores are kept in memory only (not at all with ``max_entries`` 0).
     """
 
     def __init__(self, max_entries: int = 4096, path: str | Path | None = None) -> None:
