@@ -133,6 +133,42 @@ def test_parquet_numeric_answers_and_null_meta(tmp_path):
     assert recs[1].meta == {"score": None, "note": None, "peak": None}  # NaN becomes null
 
 
+def test_float32_and_float16_columns_read_as_the_numbers_written(tmp_path):
+    """A float32 (or float16) answer or meta column reads as the number written, as the same value in a JSON file does:
+    0.1, not its float64 widening 0.10000000149011612, which no reward would match; in Parquet, Arrow and a saved
+    data set alike."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    table = pa.table({"prompt": ["a", "b", "c"], "answer": pa.array([0.1, 2.675, float("nan")], type=pa.float32()),
+                      "weight": pa.array([0.1, 1.5, None], type=pa.float16()),
+                      "score": pa.array([0.3, float("inf"), 1.0], type=pa.float32())})
+    parquet, saved = tmp_path / "f32.parquet", tmp_path / "f32_saved"
+    pq.write_table(table, parquet)
+    datasets.Dataset(table).save_to_disk(str(saved))
+    jsonl = tmp_path / "f32.jsonl"
+    jsonl.write_text('{"prompt": "a", "answer": 0.1, "weight": 0.1, "score": 0.3}\n')
+    for path in (parquet, saved):
+        recs = load_prompts(path, require_answer=False)
+        assert [r.answer for r in recs] == ["0.1", "2.675", None]
+        assert [r.meta for r in recs] == [{"weight": 0.1, "score": 0.3}, {"weight": 1.5, "score": None},
+                                          {"weight": None, "score": 1.0}]
+        assert recs[0].answer == load_prompts(jsonl)[0].answer
+
+
+@pytest.mark.parametrize("name, text", [("huge.jsonl", '{"prompt": "a", "answer": "1"}\n{"prompt": "x=", "answer": N}\n'),
+                                         ("huge.json", '[{"prompt": "x=", "answer": N}]')])
+def test_a_number_too_long_for_python_is_a_data_error_naming_the_file(tmp_path, name, text):
+    """json reads a whole number of over 4300 digits as a ValueError, not a JSONDecodeError: it is a DataError naming
+    the file (and line) with the way to keep it, not a bare error without a place."""
+    path = tmp_path / name
+    path.write_text(text.replace("N", "9" * 5000))
+    where = f"{path}:2" if name.endswith(".jsonl") else str(path)
+    with pytest.raises(DataError, match=rf"^{re.escape(where)}: a number too long to read \(Exceeds the limit .*write it "
+                                        r"as a string, in quotes"):
+        load_prompts(path)
+
+
 def test_arrow_file_and_stream(tmp_path):
     """An Arrow IPC file, an IPC stream, and the .arrow shard that datasets.save_to_disk writes."""
     pa = pytest.importorskip("pyarrow")

@@ -397,6 +397,8 @@ def _refuse_lone_surrogates(value: Any, column: str, fail: Any) -> None:
 
 
 def _answer_value(value: Any, column: str, fail: Any) -> str | None:
+    if isinstance(value, np.floating) and value.dtype != np.float64 and math.isfinite(value):
+        return str(value)  # the number written: float32's 0.1 reads "0.1", not its float64 widening
     if isinstance(value, np.generic):
         value = value.item()
     if value is None:
@@ -426,6 +428,8 @@ def _jsonable(value: Any, column: str, fail: Any) -> Any:
         return value if math.isfinite(value) else None
     if isinstance(value, np.ndarray):
         return _jsonable(value.tolist(), column, fail)
+    if isinstance(value, np.floating) and value.dtype != np.float64:
+        return _jsonable(float(str(value)), column, fail)  # the number written (float32's 0.1 is 0.1)
     if isinstance(value, np.generic):
         return _jsonable(value.item(), column, fail)
     if isinstance(value, (list, tuple)):
@@ -493,6 +497,8 @@ def _load_jsonl(p: Path, cols: _Columns) -> list[PromptRecord]:
                 path=str(p),
                 location=where,
             ) from None
+        except ValueError as exc:  # a whole number past Python's digit limit for reading one
+            raise DataError(f"{where}: {_unreadable_number(exc)}", path=str(p), location=where) from None
         if repeating is not None:
             raise DataError(f"{where}: {repeating.refusal}", path=str(p), location=where)
         if not isinstance(obj, dict):
@@ -503,6 +509,12 @@ def _load_jsonl(p: Path, cols: _Columns) -> list[PromptRecord]:
             )
         records.append(_make_record(obj, where, str(p), cols))
     return records
+
+
+def _unreadable_number(error: ValueError) -> str:
+    """What to say of a number that ``json`` could not read (one of more digits than Python reads into an int)."""
+    return (f"a number too long to read ({str(error).split(';')[0].rstrip('.')}); write it as a string, in quotes, to "
+            "keep it as the answer's text")
 
 
 def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
@@ -521,6 +533,8 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
             path=str(p),
             location=where,
         ) from None
+    except ValueError as exc:  # a whole number past Python's digit limit for reading one
+        raise DataError(f"{p}: {_unreadable_number(exc)}", path=str(p)) from None
     if isinstance(obj, _RepeatingKeys):  # the file's own object: no row to name
         raise DataError(f"{p}: {obj.refusal}", path=str(p))
     if isinstance(obj, dict):
@@ -730,8 +744,24 @@ def _refuse_repeated_columns(columns: Sequence[str], p: Path) -> None:
 
 
 def _iter_arrow_rows(table: Any) -> Iterator[dict[str, Any]]:
+    narrow = {field.name: _NARROW_FLOATS[str(field.type)] for field in table.schema if str(field.type) in _NARROW_FLOATS}
     for batch in table.to_batches():
-        yield from batch.to_pylist()
+        yield from _as_written(batch.to_pylist(), narrow)
+
+
+# float columns narrower than Python's float: a value read from one is widened (float32's 0.1 becomes 0.10000000149...)
+_NARROW_FLOATS = {"float": np.float32, "float32": np.float32, "halffloat": np.float16, "float16": np.float16}
+
+
+def _as_written(rows: Iterable[dict[str, Any]], narrow: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """``rows`` with the values of the ``narrow`` float columns (name: numpy type) as the numbers written: the shortest
+    decimal that the narrow type reads back as the same value (float32's 0.1 is 0.1), as a JSON file would give it."""
+    for row in rows:
+        for name, kind in narrow.items():
+            value = row.get(name)
+            if isinstance(value, float) and math.isfinite(value):
+                row[name] = float(str(kind(value)))
+        yield row
 
 
 def _rows_to_records(rows: Iterable[Mapping[str, Any]], p: Path, cols: _Columns) -> Iterator[PromptRecord]:
@@ -782,7 +812,9 @@ def _load_saved_dataset(p: Path, cols: _Columns) -> list[PromptRecord]:
     if selected != columns:
         ds = ds.select_columns(selected)
     # an output format saved with it (numpy, torch, pandas, arrow) is a view of the rows: they are read as Python values
-    return list(_rows_to_records(iter(ds.with_format(None)), p, cols))
+    narrow = {name: _NARROW_FLOATS[feature.dtype] for name, feature in ds.features.items()
+              if getattr(feature, "dtype", None) in _NARROW_FLOATS}
+    return list(_rows_to_records(_as_written(iter(ds.with_format(None)), narrow), p, cols))
 
 
 _LOADERS = {
