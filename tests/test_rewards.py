@@ -121,6 +121,7 @@ def test_math_reward_returns_floats_and_never_raises(math_reward):
         assert isinstance(value, float)
     assert math_reward("", r"\boxed{2}", ["3", "2"]) == 1.0  # any of several references
     assert math_reward("", r"\boxed{2}", np.array(["3", "2"], dtype=object)) == 1.0  # a Parquet / pandas list column
+    assert math_reward("", r"\boxed{nan}", float("nan")) == 0.0  # a missing answer as a data frame spells it
 
 
 def test_math_timeout_option_bounds_pathological_answers():
@@ -210,6 +211,11 @@ def test_math_instruction_mentions_boxed():
         ("Lyon", np.array(["Paris", "Lyon"], dtype=object), 1.0),  # and an array (a Parquet / pandas list column)
         ("Lyon", np.array("Lyon"), 1.0),  # a 0-d array is the one answer it holds
         ("The answer is 0.1", np.array([0.1, 7.0], dtype=np.float32), 1.0),  # each item read as it is alone: 0.1
+        ("nan", float("nan"), 0.0),  # NaN is how a data frame spells a missing answer: no reference, no match
+        ("nan", np.float64("nan"), 0.0),
+        ("nan", np.array([np.nan]), 0.0),
+        ("nan", [float("nan")], 0.0),
+        ("7", [float("nan"), "7"], 1.0),
         ("None", ["Paris", None], 0.0),  # a missing reference is not the text "None"
         ("Straße", "STRASSE", 1.0),  # case-folded, not only lower-cased
         ("STRASSE", "Straße", 1.0),

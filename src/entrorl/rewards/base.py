@@ -126,10 +126,18 @@ def register_reward(
 
 def reference_answers(answer: Any) -> list[Any]:
     """The reference answers ``answer`` gives: the items of a list, tuple or one-dimensional array (a Parquet or pandas
-    column of several accepted answers arrives as a numpy array), else ``answer`` alone."""
+    column of several accepted answers arrives as a numpy array), else ``answer`` alone; missing ones (None, NaN,
+    pandas' NA: how a data frame spells a missing answer) left out."""
     if isinstance(answer, np.ndarray):  # its items as numpy scalars: a float32 0.1 reads "0.1", as it does alone
-        return list(answer) if answer.ndim == 1 else [answer[()] if answer.ndim == 0 else answer]
-    return list(answer) if isinstance(answer, (list, tuple)) else [answer]
+        answers = list(answer) if answer.ndim == 1 else [answer[()] if answer.ndim == 0 else answer]
+    else:
+        answers = list(answer) if isinstance(answer, (list, tuple)) else [answer]
+    return [item for item in answers if not _missing(item)]
+
+
+def _missing(value: Any) -> bool:
+    return (value is None or type(value).__name__ == "NAType"
+            or (isinstance(value, (float, np.floating)) and math.isnan(value)))
 
 
 def available_rewards() -> list[tuple[str, str]]:
