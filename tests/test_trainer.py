@@ -3785,6 +3785,15 @@ def test_pass_rate_band_filters_training_prompts(tmp_path, tiny_model_dir):
     assert config.data.pass_rate_band == "[0.25, 0.5]"
     trainer = Trainer(config, run_dir=tmp_path / "run-csv")
     assert [r.meta["pass_rate"] for r in trainer.train_records] == ["0.25", "0.5"]
+    # a cell may spell a fraction as the band's edges may (a rate of n samples); "nan" is no rate
+    table.write_text("prompt,answer,pass_rate\n" + "".join(f"{i}+1=,{i + 1},{rate}\n" for i, rate in
+                                                           enumerate(["0", "1/16", "4/16", " 8 / 16 ", "15/16", "1"])))
+    config = load_config(make_config(tiny_model_dir, table, None), ["data.pass_rate_band=(1/16, 15/16)"])
+    assert [r.meta["pass_rate"] for r in Trainer(config, run_dir=tmp_path / "run-fractions").train_records] == [
+        "4/16", " 8 / 16 "]
+    table.write_text("prompt,answer,pass_rate\n1+1=,2,nan\n")
+    with pytest.raises(ValueError, match=r"needs a numeric 'pass_rate' column; missing or not a number at .*prompts.csv:2"):
+        Trainer(config, run_dir=tmp_path / "run-nan")
 
 
 def test_pass_rate_band_reads_its_column_when_meta_columns_leave_it_out_and_the_reward_does_not_see_it(

@@ -168,7 +168,8 @@ class DataConfig(_Section):
     pass_rate_band: str | None = Field(
         None, description="keep only training prompts whose pass rate lies in this band, e.g. '[0.1, 0.5]' or '(1/16, 15/16)'"
     )
-    pass_rate_column: str = Field("pass_rate", description="the column holding each prompt's pass rate (e.g. from a data audit)")
+    pass_rate_column: str = Field("pass_rate", description="the column holding each prompt's pass rate (e.g. from a data "
+                                  "audit): a number, or text spelling a decimal or a fraction (0.25, 4/16)")
 
     @field_validator("meta_columns", mode="before")
     @classmethod

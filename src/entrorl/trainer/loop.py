@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -1353,11 +1354,12 @@ def _schedule_factor(optim: OptimConfig, step: int) -> float:
 
 
 def _as_number(value) -> float | None:
-    """A number, or the number a string spells (CSV cells are strings); None for anything else."""
+    """A number, or the number a string spells, as a decimal or a fraction as the band's edges may be ("0.25", "1/16":
+    CSV cells are strings); None for anything else, NaN and infinities included."""
     if isinstance(value, str):
         try:
-            return float(value)
-        except ValueError:
+            return float(Fraction("".join(value.split())))
+        except (ValueError, ZeroDivisionError):
             return None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
