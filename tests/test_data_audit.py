@@ -855,14 +855,19 @@ def test_a_saved_data_set_is_audited_into_a_new_directory(tmp_path):
 
 
 def test_a_saved_dataset_dict_copy_takes_its_train_split_whatever_the_split_order(tmp_path):
-    """Rows are located in the 'train' split, the one load_prompts read, even when another split was saved first."""
+    """Rows are located in the 'train' split, the one load_prompts read, even when another split was saved first; the
+    copy is a DatasetDict of the same splits, the others as they were."""
     datasets = pytest.importorskip("datasets")
     train = datasets.Dataset.from_list([{"prompt": f"train {i}", "answer": str(i)} for i in range(3)])
     test = datasets.Dataset.from_list([{"prompt": f"test {i}", "answer": str(i)} for i in range(3)])
     directory = tmp_path / "splits"
     datasets.DatasetDict({"test": test, "train": train}).save_to_disk(str(directory))
     out = write_selected_rows(directory, load_prompts(directory), [True, False, True], tmp_path / "kept")
-    assert [row["prompt"] for row in datasets.load_from_disk(str(out)).to_list()] == ["train 0", "train 2"]
+    copy = datasets.load_from_disk(str(out))
+    assert isinstance(copy, datasets.DatasetDict) and sorted(copy) == ["test", "train"]
+    assert [row["prompt"] for row in copy["train"].to_list()] == ["train 0", "train 2"]
+    assert copy["test"].to_list() == test.to_list()
+    assert [record.prompt for record in load_prompts(out)] == ["train 0", "train 2"]
 
 
 def test_nothing_is_labelled_or_written_when_the_reward_failed_on_every_sample(tmp_path):

@@ -470,7 +470,8 @@ def write_selected_rows(
     ``{"data": [...]}`` with the other top-level fields when the input was so wrapped).
     ``.csv``: the header and the kept rows. ``.parquet``: the kept rows of the table. ``.arrow``: the kept rows
     of the table, with its schema, as an Arrow IPC file (or stream, when the input was one). A saved data set
-    directory: ``Dataset.select`` of the kept rows, saved with ``save_to_disk``. The input is only read;
+    directory: ``Dataset.select`` of the kept rows, saved with ``save_to_disk`` (a ``DatasetDict``: its splits, the
+    ``train`` split, the one read, filtered, the others as they were). The input is only read;
     ``out`` must be another path (``ValueError`` otherwise). Returns ``out``.
     """
     data, target = Path(os.fspath(data)), Path(os.fspath(out))
@@ -486,9 +487,10 @@ def write_selected_rows(
 
         rows = _locations(chosen, _ROW_SOURCE, "row", data)
         loaded = datasets.load_from_disk(str(data))
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = loaded["train"]
-        loaded.select(rows).save_to_disk(str(target))
+        if isinstance(loaded, datasets.DatasetDict):  # the same splits: 'train' (the one read) filtered
+            datasets.DatasetDict({**loaded, "train": loaded["train"].select(rows)}).save_to_disk(str(target))
+        else:
+            loaded.select(rows).save_to_disk(str(target))
         return target
 
     suffix = data.suffix.lower()
