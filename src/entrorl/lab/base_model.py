@@ -25,12 +25,7 @@ from safetensors import SafetensorError
 from entrorl._checks import check_int, is_real_number
 from entrorl.lab.tasks import available_tasks, get_task, sft_corpus
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2, save_quietly
-from entrorl.trainer.checkpoint import nearest_existing
-
-try:
-    import fcntl
-except ImportError:  # not a POSIX system: builds are not serialised
-    fcntl = None
+from entrorl.trainer.checkpoint import UnlockableFile, lock_file, nearest_existing
 
 logger = logging.getLogger(__name__)
 
@@ -206,26 +201,16 @@ def build_base_model(spec: BaseModelSpec, *, cache_dir: Path | None = None, rebu
 @contextlib.contextmanager
 def _building(lock_path: Path, final: Path):
     """Hold the lock of building ``final`` (an exclusive ``flock`` of ``lock_path``, which holds the builder's process
-    id), waiting, with a word, while another process holds it."""
-    if fcntl is None:
+    id), waiting, with a word, while another process holds it; without locks (not POSIX, or a filesystem without
+    them) builds are not serialised."""
+    try:
+        handle, _ = lock_file(lock_path, waiting=lambda holder: logger.warning(
+            "process %s is building the base model %s; waiting for it", holder, final.name))
+    except UnlockableFile:
         yield
         return
-    with open(lock_path, "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a filesystem without locks
-                yield
-                return
-            handle.seek(0)
-            logger.warning("process %s is building the base model %s; waiting for it", handle.read().strip() or "?",
-                           final.name)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield  # the lock goes with the file's closing, however the build ends
+    with handle:  # the lock goes with the file's closing, however the build ends
+        yield
 
 
 def _build(spec: BaseModelSpec, final: Path, root: Path, progress) -> Path:

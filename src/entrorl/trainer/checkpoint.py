@@ -39,6 +39,7 @@ import random
 import re
 import shutil
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -128,6 +129,43 @@ _UNLOCKABLE_DIRECTORIES: set[str] = set()  # run directories whose filesystem re
 _WARNED: set[tuple[str, str]] = set()  # (problem, what was done) of latest checkpoints already warned about
 
 
+class UnlockableFile(OSError):
+    """The system (no ``flock``: not POSIX) or the filesystem cannot lock a file: nothing can be guarded with it."""
+
+
+def lock_file(path: Path, *, waiting: Callable[[str], None] | None = None) -> tuple[io.TextIOWrapper | None, str]:
+    """Take the exclusive ``flock`` of ``path`` (created if need be) and write this process's id into it: ``(the open
+    file, "")``, the lock lasting until the file is closed or the process ends. When another process holds it: without
+    ``waiting``, ``(None, its id as the file gives it, "unknown" when it gives none)``; with it, ``waiting(that id)`` is
+    called and the lock waited for. :class:`UnlockableFile` where locks cannot be taken; OSError when the file cannot
+    be opened."""
+    if fcntl is None:
+        raise UnlockableFile(f"cannot lock {path}: this system has no flock")
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        if error.errno not in (errno.EAGAIN, errno.EACCES):  # a filesystem without locks
+            handle.close()
+            raise UnlockableFile(error.errno, error.strerror) from None
+        if waiting is None:
+            handle.close()
+            return None, holder
+        waiting(holder)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except BaseException:
+            handle.close()
+            raise
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle, ""
+
+
 def lock_run_directory(run_dir: Path, *, options: str = "--run-dir / logging.name",
                        user: str = "Trainer") -> io.TextIOWrapper | None:
     """Take the run directory's lock (an exclusive ``flock`` of ``run_dir/.lock``, which holds the process id) and
@@ -139,30 +177,21 @@ def lock_run_directory(run_dir: Path, *, options: str = "--run-dir / logging.nam
     where ``flock`` does not exist (not a POSIX system) or the filesystem refuses it (warned once per directory)."""
     if fcntl is None:
         return None
-    handle = open(run_dir / ".lock", "a+", encoding="utf-8")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        if error.errno not in (errno.EAGAIN, errno.EACCES):  # a filesystem without locks: nothing to guard with
-            if str(run_dir.resolve()) not in _UNLOCKABLE_DIRECTORIES:
-                _UNLOCKABLE_DIRECTORIES.add(str(run_dir.resolve()))
-                logger.warning("cannot lock %s (%s); two runs there would not be kept apart", run_dir, error)
-            return None
-        if holder == str(os.getpid()):  # the Python API: an earlier Trainer of this process not closed, a laboratory
-            remedy, choose = (("close() it (or let its train() finish) first", "run_dir / logging.name")
-                              if user == "Trainer" else ("let it finish first", options))
-            raise OSError(f"{run_dir} is in use by another {user} of this process; {remedy}, or choose another "
-                          f"{choose}") from None
-        raise OSError(f"{run_dir} is in use by another run (process {holder}); wait for it to end, or choose another "
-                      f"{options}") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+        handle, holder = lock_file(run_dir / ".lock")
+    except UnlockableFile as error:  # nothing to guard with
+        if str(run_dir.resolve()) not in _UNLOCKABLE_DIRECTORIES:
+            _UNLOCKABLE_DIRECTORIES.add(str(run_dir.resolve()))
+            logger.warning("cannot lock %s (%s); two runs there would not be kept apart", run_dir, error)
+        return None
+    if handle is not None:
+        return handle
+    if holder == str(os.getpid()):  # the Python API: an earlier Trainer of this process not closed, a laboratory
+        remedy, choose = (("close() it (or let its train() finish) first", "run_dir / logging.name")
+                          if user == "Trainer" else ("let it finish first", options))
+        raise OSError(f"{run_dir} is in use by another {user} of this process; {remedy}, or choose another {choose}")
+    raise OSError(f"{run_dir} is in use by another run (process {holder}); wait for it to end, or choose another "
+                  f"{options}")
 
 
 def _written_by_another_live_process(temporary: Path) -> bool:
