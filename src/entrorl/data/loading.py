@@ -396,11 +396,17 @@ def _refuse_lone_surrogates(value: Any, column: str, fail: Any) -> None:
             _refuse_lone_surrogates(item, column, fail)
 
 
+def _as_python(value: np.generic) -> Any:
+    """A numpy scalar as the Python value it stands for; a float narrower than Python's as the number written: the
+    shortest decimal its own type reads back (float32's 0.1 is 0.1, not its float64 widening 0.10000000149011612)."""
+    if isinstance(value, np.floating) and value.dtype.itemsize < 8:
+        return float(str(value))
+    return value.item()
+
+
 def _answer_value(value: Any, column: str, fail: Any) -> str | None:
-    if isinstance(value, np.floating) and value.dtype != np.float64 and math.isfinite(value):
-        return str(value)  # the number written: float32's 0.1 reads "0.1", not its float64 widening
     if isinstance(value, np.generic):
-        value = value.item()
+        value = _as_python(value)
     if value is None:
         return None
     if isinstance(value, bool):
@@ -428,10 +434,8 @@ def _jsonable(value: Any, column: str, fail: Any) -> Any:
         return value if math.isfinite(value) else None
     if isinstance(value, np.ndarray):
         return _jsonable(value.tolist(), column, fail)
-    if isinstance(value, np.floating) and value.dtype != np.float64:
-        return _jsonable(float(str(value)), column, fail)  # the number written (float32's 0.1 is 0.1)
     if isinstance(value, np.generic):
-        return _jsonable(value.item(), column, fail)
+        return _jsonable(_as_python(value), column, fail)
     if isinstance(value, (list, tuple)):
         return [_jsonable(v, column, fail) for v in value]
     if isinstance(value, dict):
@@ -754,13 +758,13 @@ _NARROW_FLOATS = {"float": np.float32, "float32": np.float32, "halffloat": np.fl
 
 
 def _as_written(rows: Iterable[dict[str, Any]], narrow: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    """``rows`` with the values of the ``narrow`` float columns (name: numpy type) as the numbers written: the shortest
-    decimal that the narrow type reads back as the same value (float32's 0.1 is 0.1), as a JSON file would give it."""
+    """``rows`` with the values of the ``narrow`` float columns (name: numpy type) as the numbers written (see
+    :func:`_as_python`), as a JSON file would give them."""
     for row in rows:
         for name, kind in narrow.items():
             value = row.get(name)
-            if isinstance(value, float) and math.isfinite(value):
-                row[name] = float(str(kind(value)))
+            if isinstance(value, float):
+                row[name] = _as_python(kind(value))
         yield row
 
 
