@@ -543,12 +543,12 @@ class Trainer:
         restore_rng_state(state["rng"])
 
     def __repr__(self) -> str:
-        closed = ", closed" if getattr(self, "_closed", False) else ""
+        closed = ", closed" if self._closed else ""
         return (f"Trainer({self.config.method_label()!r}, run_dir={str(self.run_dir)!r}, step {self.step} of "
                 f"{self.config.optim.steps}{closed})")
 
     def _check_open(self) -> None:
-        if getattr(self, "_closed", False):
+        if self._closed:
             raise RuntimeError(f"this Trainer of {self.run_dir} is closed (train() closes it when it returns or raises, "
                                "and lets go of the run directory): continue the run with a new Trainer(config, "
                                "run_dir=..., resume=True)")
