@@ -880,6 +880,7 @@ def lab(
                                                    "evaluation): repeat with 1, 2, ... to see the spread across seeds")] = None,
 ) -> None:
     """The entropy laboratory: train the built-in tiny model with every method side by side, then write a report."""
+    from entrorl.analysis.run_report import lab_command
     from entrorl.lab.runner import (LabInterrupted, default_run_directory, failed_methods, interrupted_methods,
                                     run_lab)
 
@@ -890,9 +891,7 @@ def lab(
         out = default_run_directory()
 
     def command_for(methods: list[str]) -> str:
-        return shlex.join(["entrorl", "lab", "--preset", preset, *(["--methods", ",".join(methods)] if methods else []),
-                           "--out", str(out), *(["--workers", str(workers)] if workers is not None else []),
-                           *(["--rl-seed", str(rl_seed)] if rl_seed is not None else [])])
+        return lab_command(preset, methods, out, workers=workers, rl_seed=rl_seed)
 
     again = command_for(names)
     try:

@@ -611,11 +611,19 @@ def _lab_command(lab_dir: Path) -> str | None:
     if not isinstance(preset, dict) or not isinstance(preset.get("name"), str) or not isinstance(methods, list) \
             or not all(isinstance(name, str) for name in methods):
         return None
-    command = ["entrorl", "lab", "--preset", preset["name"], "--methods", ",".join(methods), "--out", str(lab_dir)]
     rl_seed = preset.get("rl_seed")
-    if isinstance(rl_seed, int) and rl_seed != preset.get("seed"):
-        command += ["--rl-seed", str(rl_seed)]
-    return shlex.join(command)
+    return lab_command(preset["name"], methods, lab_dir,
+                       rl_seed=rl_seed if isinstance(rl_seed, int) and rl_seed != preset.get("seed") else None)
+
+
+def lab_command(preset: str, methods: list[str], out: str | Path | None, *, workers: int | None = None,
+                rl_seed: int | None = None) -> str:
+    """The ``entrorl lab`` command line (quoted for a POSIX shell) that runs, or goes on with, ``methods`` (none: the
+    preset's matrix) of ``preset`` in the folder ``out`` (None: a new folder of its own)."""
+    return shlex.join(["entrorl", "lab", "--preset", preset, *(["--methods", ",".join(methods)] if methods else []),
+                       *(["--out", str(out)] if out is not None else []),
+                       *(["--workers", str(workers)] if workers is not None else []),
+                       *(["--rl-seed", str(rl_seed)] if rl_seed is not None else [])])
 
 
 def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_fraction: float = DEFAULT_FIT_FRACTION,
