@@ -238,6 +238,33 @@ def test_a_prompt_token_outside_the_model_s_vocabulary_is_named(policy):
     assert sampler.generate([good, good[:1]], SamplingParams(max_new_tokens=2)).response_ids.shape[0] == 2
 
 
+@pytest.mark.parametrize("decoder", ["static_cache", "transformers"])
+def test_a_pad_token_outside_the_model_s_vocabulary_is_named(policy, decoder):
+    """A pad token added to the tokenizer without resizing the embeddings pads the shorter prompts with an id the
+    model has no row for: refused naming it, not an IndexError from inside the model."""
+    model, tokenizer = policy
+    rows = model.get_input_embeddings().num_embeddings
+    sampler = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=rows + 3, decoder=decoder)
+    with pytest.raises(ValueError, match=rf"pad_token_id {rows + 3} is outside the model's vocabulary of {rows} ids"):
+        sampler.generate(_prompts(tokenizer)[:2], SamplingParams(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("decoder", ["static_cache", "transformers"])
+def test_a_temperature_near_zero_samples_as_greedy_with_finite_log_probs(policy, decoder):
+    """At temperature 1e-39 the logits divided by it overflow float32; shifted by their maximum first, every token
+    but the most likely one goes to -inf, as the limit says, instead of NaN probabilities (and token 0 drawn)."""
+    model, tokenizer = policy
+    sampler = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        decoder=decoder)
+    prompts = _prompts(tokenizer)
+    greedy = sampler.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0))
+    torch.manual_seed(0)
+    near_zero = sampler.generate(prompts, SamplingParams(max_new_tokens=6, temperature=1e-39))
+    assert near_zero.completion_ids() == greedy.completion_ids()
+    assert torch.equal(near_zero.sampler_log_probs[near_zero.response_mask],
+                       torch.zeros(int(near_zero.response_mask.sum())))
+
+
 def test_loading_errors(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         load_causal_lm(tmp_path / "missing")

@@ -108,10 +108,20 @@ class Rollouts:
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) on ``[B, V]`` logits; filtered entries become ``-inf``."""
+    """Temperature, then top-k, then top-p (nucleus) on ``[B, V]`` logits; filtered entries become ``-inf``.
+
+    A row that the division by a temperature close to 0 overflows to ``inf`` (which would give NaN probabilities) is
+    shifted by its maximum first (softmax does not see the shift): its most likely token is 0 and every other one
+    ``-inf``, as the limit says."""
     scores = logits.float()
     if params.temperature > 0 and params.temperature != 1.0:
-        scores = scores / params.temperature
+        scaled = scores / params.temperature
+        if params.temperature < 1.0:
+            overflowed = (torch.isinf(scaled) & torch.isfinite(scores)).any(dim=-1, keepdim=True)
+            if bool(overflowed.any()):
+                shifted = (scores - scores.amax(dim=-1, keepdim=True)) / params.temperature
+                scaled = torch.where(overflowed, shifted, scaled)
+        scores = scaled
     if params.top_k and params.top_k < scores.shape[-1]:
         kth = scores.topk(params.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -299,6 +309,9 @@ class HFSampler:
         rows = getattr(embeddings, "num_embeddings", None)
         if rows is None:
             return
+        if self.pad_token_id >= rows:
+            raise ValueError(f"pad_token_id {self.pad_token_id} is outside the model's vocabulary of {rows} ids: a pad "
+                             "token added to the tokenizer without model.resize_token_embeddings?")
         outside = prompt_mask.bool() & ((prompt_ids < 0) | (prompt_ids >= rows))
         if bool(outside.any()):
             raise ValueError(f"a prompt holds token id {int(prompt_ids[outside][0])}, outside the model's vocabulary of "
