@@ -349,6 +349,36 @@ def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tmp_path, tiny_
     assert record["train/weight_norm"] == pytest.approx(first["train/weight_norm"])  # the norm its message quotes
 
 
+def test_a_model_that_gives_nan_log_probs_is_not_evaluated(tmp_path, tiny_model_dir, arithmetic_files):
+    """NaN logits draw token 0 at every position and score every sample wrong: `eval` and a run's evaluation say
+    the model is broken instead of writing such a summary (and NaN into the samples' JSON)."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+
+    train, held_out = arithmetic_files
+    broken = tmp_path / "broken"
+    model = load_causal_lm(tiny_model_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    load_tokenizer(tiny_model_dir).save_pretrained(broken)
+    out, samples = tmp_path / "eval.json", tmp_path / "samples.jsonl"
+    result = CliRunner().invoke(app, ["eval", "--model", str(broken), "--data", str(held_out), "--n", "2",
+                                      "--reward", "exact_match", "--max-new-tokens", "3", "--out", str(out),
+                                      "--samples", str(samples)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and re.search(r"the model gives inf or NaN log-probs to \d+ of its \d+ sampled tokens "
+                                               r"\(weights that overflow, or a broken checkpoint\): nothing to evaluate; "
+                                               r"nothing was written", said), said
+    assert not out.exists() and not samples.exists()
+    config = load_config(make_config(broken, train, held_out, eval={"at_start": True, "n": 1, "ks": [1]}))
+    with pytest.raises(TrainingStopped, match=r"evaluating the model as loaded: the model gives inf or NaN log-probs.*"
+                                              r"No checkpoint had been written"):
+        Trainer(config, run_dir=tmp_path / "run").train()
+
+
 def test_an_update_that_breaks_the_weights_stops_the_run_naming_the_checkpoint_to_resume(tmp_path, tiny_model_dir,
                                                                                           arithmetic_files):
     """lr 1e10 with AdamW: a finite gradient steps the weights to about 1e10, finite, but the next forward overflows.

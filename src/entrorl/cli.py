@@ -648,7 +648,7 @@ def evaluate(
     from entrorl.data.loading import check_output_file
     from entrorl.rewards import error_headline
     from entrorl.trainer.checkpoint import atomic_write_text
-    from entrorl.trainer.evaluate import evaluate_model
+    from entrorl.trainer.evaluate import NonFiniteLogProbs, evaluate_model
 
     ks = None if k is None else _parse_ks(k)
     if ks is not None and ks[-1] > n:
@@ -677,11 +677,15 @@ def evaluate(
     except (ValueError, OSError, ImportError, MemoryError) as error:  # ImportError: adapters without peft
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens
-    with _said_when_interrupted("while sampling: nothing was written"), Progress(console=console) as progress:
-        task = progress.add_task("sampling", total=len(records) * n)
-        result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks, sampling=sampling,
-                                seed=seed, batch_size=batch_size, keep_samples=samples is not None,
-                                progress=lambda done: progress.update(task, completed=done))
+    try:
+        with _said_when_interrupted("while sampling: nothing was written"), Progress(console=console) as progress:
+            task = progress.add_task("sampling", total=len(records) * n)
+            result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks,
+                                    sampling=sampling, seed=seed, batch_size=batch_size,
+                                    keep_samples=samples is not None,
+                                    progress=lambda done: progress.update(task, completed=done))
+    except NonFiniteLogProbs as error:
+        _fail(f"{error}; nothing was written")
     summary = result.to_dict()
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
     summary["settings"] = {"data": str(data), **_sampling_settings(

@@ -42,6 +42,10 @@ class EvaluationResult:
         return metrics
 
 
+class NonFiniteLogProbs(ValueError):
+    """The model gave inf or NaN log-probs to tokens it sampled: its samples say nothing."""
+
+
 @torch.no_grad()
 def evaluate_model(
     model,
@@ -75,6 +79,10 @@ def evaluate_model(
     repeated = [record for record in records for _ in range(n)]
     with private_seed(seed, next(model.parameters()).device):
         rollouts = sampler.generate(repeated_ids, sampling, progress=progress)
+    broken = int((~torch.isfinite(rollouts.sampler_log_probs[rollouts.response_mask])).sum())
+    if broken:  # NaN logits: every draw would be token 0, every sample scored wrong
+        raise NonFiniteLogProbs(f"the model gives inf or NaN log-probs to {broken} of its {int(rollouts.response_mask.sum())} "
+                         "sampled tokens (weights that overflow, or a broken checkpoint): nothing to evaluate")
     completion_ids = rollouts.completion_ids()
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     result = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated], [r.meta for r in repeated],

@@ -81,7 +81,7 @@ from entrorl.trainer.diagnostics import (
     FirstOrderEntropyChange,
     predicted_vs_measured,
 )
-from entrorl.trainer.evaluate import evaluate_model
+from entrorl.trainer.evaluate import NonFiniteLogProbs, evaluate_model
 from entrorl.trainer.loggers import MetricsLogger, TrackerError
 from entrorl.trainer.precision import MasterWeights, needs_master_weights
 
@@ -1056,11 +1056,15 @@ class Trainer:
             return {}
         sampling = SamplingParams(max_new_tokens=self.config.rollout.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, top_k=config.top_k)
-        result = evaluate_model(
-            self.model, self.tokenizer, self.eval_records, self.eval_prompt_ids, self.reward,
-            n=config.n, ks=config.ks, sampling=sampling, seed=self.config.seed + 1_000_003 * (self.step + 1),
-            batch_size=self.config.rollout.generation_batch_size, top_forks=config.top_forks,
-        )
+        try:
+            result = evaluate_model(
+                self.model, self.tokenizer, self.eval_records, self.eval_prompt_ids, self.reward,
+                n=config.n, ks=config.ks, sampling=sampling, seed=self.config.seed + 1_000_003 * (self.step + 1),
+                batch_size=self.config.rollout.generation_batch_size, top_forks=config.top_forks,
+            )
+        except NonFiniteLogProbs as error:
+            raise TrainingStopped(f"evaluating {'the model as loaded' if self.step == 0 else f'after step {self.step}'}"
+                                  f": {error}. {self._last_checkpoint_phrase()}") from None
         if result.first_reward_error:
             self._note_reward_error(result.first_reward_error, step=self.step)
         for folder, payload in (("eval", {"step": self.step, **result.to_dict()}), ("forks", result.forks)):
