@@ -45,6 +45,15 @@ def ragged_batch(rows: int, vocab: int, seed: int = 0):
     return prompt_ids, prompt_mask, response_ids, response_mask
 
 
+def test_a_peft_wrapper_takes_the_cache_under_its_model_s_name(tiny_model_dir):
+    """PeftModel.forward takes **kwargs: the name is the wrapped model's, not the deprecated past_key_values."""
+    peft = pytest.importorskip("peft")
+    model = load_causal_lm(tiny_model_dir)
+    expected = modeling.cache_argument(model)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    assert modeling.cache_argument(wrapped) == expected
+
+
 def test_length_buckets_partition_the_rows_and_cut_padding():
     prompt_lengths = torch.tensor([5, 5, 5, 5, 5, 5, 5, 5])
     response_lengths = torch.tensor([100, 3, 90, 2, 4, 95, 1, 3])

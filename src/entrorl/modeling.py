@@ -559,8 +559,10 @@ def unknown_token_note(tokenizer, prompt_ids, records, *, what: str) -> str | No
 
 def cache_argument(module) -> str:
     """The name under which ``module``'s forward takes a key/value cache: ``cache`` from transformers 5.24 on,
-    ``past_key_values`` before (the old name still works there, with a deprecation warning)."""
-    return _cache_argument_of(type(module))
+    ``past_key_values`` before (the old name still works there, with a deprecation warning). A peft wrapper, whose
+    forward takes ``**kwargs`` on to the model it wraps, is asked about that model."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return _cache_argument_of(type(base))
 
 
 @functools.lru_cache(maxsize=None)
