@@ -349,9 +349,15 @@ def test_the_report_command(tmp_path):
                                       str(tmp_path / "whole")])  # the forecast fitted on every step
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "whole" / "report.json").read_text())["fit_fraction"] == 1
-    (tmp_path / "a_file").write_text("")
-    result = CliRunner().invoke(app, ["report", str(run), "--no-figures", "--out", str(tmp_path / "a_file" / "report")])
-    assert result.exit_code == 1 and result.output.startswith("error: ") and "a_file" in result.output, result.output
+    (tmp_path / "a_file").write_text("kept")
+    for figures in ("--figures", "--no-figures"):  # refused before anything is written, naming the option
+        result = CliRunner().invoke(app, ["report", str(run), figures, "--out", str(tmp_path / "a_file" / "report")])
+        assert result.exit_code == 2 and " ".join(result.output.split()) == (
+            f"error: --out {tmp_path / 'a_file' / 'report'} cannot be written: {tmp_path / 'a_file'} is not a directory")
+        result = CliRunner().invoke(app, ["report", str(run), figures, "--out", str(tmp_path / "a_file")])
+        assert result.exit_code == 2 and " ".join(result.output.split()) == (
+            f"error: --out {tmp_path / 'a_file'} exists and is not a directory; expected a directory")
+    assert (tmp_path / "a_file").read_text() == "kept"
 
 
 def test_report_prints_the_run_s_method_and_the_paths_of_the_files_it_wrote(tmp_path):
@@ -820,7 +826,8 @@ def test_the_report_command_names_a_section_that_failed_and_where_else_a_report_
     assert result.exit_code == 1 and output.startswith("error: ") and output.endswith(
         "; --out writes the report elsewhere"), output
     result = CliRunner().invoke(app, ["report", str(run), "--no-figures", "--out", str(run / "report" / "inside")])
-    assert result.exit_code == 1 and "--out writes the report elsewhere" not in result.output, result.output
+    assert result.exit_code == 2 and "--out writes the report elsewhere" not in result.output, result.output
+    assert f"--out {run / 'report' / 'inside'} cannot be written" in " ".join(result.output.split())
 
 
 def test_a_stopped_laboratory_method_is_said_to_continue_with_its_laboratory_s_command(tmp_path):

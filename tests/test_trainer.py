@@ -2240,6 +2240,33 @@ def test_stop_signals_are_noted_once_then_stop_at_once_and_the_handlers_are_put_
     assert {number: signal.getsignal(number) for number in before} == before
 
 
+def test_a_stop_signal_the_process_ignores_stays_ignored():
+    """A shell's background job ignores SIGINT (and a launcher may ignore SIGTERM): the trainer neither catches such
+    a signal nor, once a checkpoint is saved, turns it into "exit at once"; the other one it catches as usual."""
+    import io
+
+    from rich.console import Console
+
+    from entrorl.trainer.loop import _catch_stop_signals, _exit_at_once_on_another_signal
+
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        received = []
+        restore = _catch_stop_signals(received, Console(file=io.StringIO()))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert received == [signal.SIGTERM]
+        _exit_at_once_on_another_signal(Console(file=io.StringIO()), Path("run"))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) not in (before[signal.SIGTERM], signal.SIG_IGN)
+        restore()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
 def test_the_line_a_finished_run_ends_with_compares_its_first_and_last_steps(tmp_path):
     """`train`'s last line: entropy and reward at the first and the last training step (a step without entropy says
     n/a), then the latest evaluation and its step."""
@@ -2277,7 +2304,7 @@ def test_cli_resume_of_a_finished_run_and_unloadable_model_directories(tmp_path,
     (run_dir / "samples").write_text("in the way")
     blocked = run_cli("train", str(config), "--run-dir", str(run_dir), "--resume", "--set", "optim.steps=2",
                       "--set", "logging.samples_every=1")
-    assert blocked.returncode == 2 and "Traceback" not in blocked.stderr, blocked.stderr
+    assert blocked.returncode == 1 and "Traceback" not in blocked.stderr, blocked.stderr
     assert re.search(r"error: \[Errno 17\] File exists: .*samples'; the last checkpoint, step_000001, is intact: once "
                      r"the cause is fixed, continue with entrorl train .* --resume", " ".join(blocked.stderr.split()))
 
@@ -2347,6 +2374,24 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, arithmetic_files)
     warned = run_cli("train", str(config), "--set", "optim.min_lr_ratio=0.1")
     assert warned.returncode == 2 and "missing-model" in warned.stderr
     assert "warning: optim.min_lr_ratio = 0.1 has no effect" in warned.stderr and "pydantic" not in warned.stderr
+
+
+def test_a_config_file_that_is_not_utf8_or_has_a_key_that_is_not_text_is_named(tmp_path, arithmetic_files):
+    """An editor's UTF-16 file, and a top-level key YAML reads as a boolean (`on:`) or a number: a ConfigError naming
+    the file or the key, not a UnicodeDecodeError or TypeError ("keywords must be strings")."""
+    train, _ = arithmetic_files
+    config = tmp_path / "run.yaml"
+    config.write_bytes(f"model:\n  path: m\ndata:\n  train: {train}\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(config))} is not UTF-8 text \(byte 0 cannot be decoded\): "
+                                          "save it as UTF-8"):
+        load_config(config)
+    config.write_text(f"model:\n  path: m\ndata:\n  train: {train}\non: 1\n")
+    with pytest.raises(ConfigError, match=r"  True: a key must be text; YAML reads an unquoted on / off / yes / no as "
+                                          r"a boolean: quote it, or remove the line$"):
+        load_config(config)
+    config.write_text(f"model:\n  path: m\n  3: x\ndata:\n  train: {train}\n")
+    with pytest.raises(ConfigError, match=r"  model.3: a key must be text$"):
+        load_config(config)
 
 
 def test_a_string_setting_that_yaml_read_as_a_number_says_to_quote_it(tmp_path, arithmetic_files):
@@ -4199,7 +4244,7 @@ def test_a_file_that_cannot_grow_is_named_and_the_way_on_is_given(tmp_path, tiny
     result = subprocess.run([sys.executable, "-m", "entrorl.cli", "train", str(config), "--run-dir", str(tmp_path / "run")],
                             cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=limited)
     output = " ".join(result.stderr.split())
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
     assert f"error: [Errno 27] File too large: '{tmp_path / 'run' / 'metrics.jsonl'}'; no checkpoint had been written" in output
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "run").glob(".*.tmp-*"))
@@ -4347,7 +4392,7 @@ def test_memory_that_runs_out_during_training_is_one_line_with_the_way_on(tmp_pa
     monkeypatch.setattr(Trainer, "train", out_of_memory)
     result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(run_dir)])
     output = " ".join(result.output.split())
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output
     assert "error: out of memory while training step 1 ([enforce fail" in output and "files are intact" not in output
     assert output.endswith("use a smaller model or batch; no checkpoint had been written")
     monkeypatch.setattr(Trainer, "train", lambda self, **options: (_ for _ in ()).throw(RuntimeError("a bug")))
@@ -4362,7 +4407,7 @@ def test_memory_that_runs_out_during_training_is_one_line_with_the_way_on(tmp_pa
                                                              eval={"every": 2}, checkpoint={"every": 1}))
     result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run-3")])
     output = " ".join(result.output.split())
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output
     assert "error: out of memory while evaluating after step 2 ([enforce fail" in output
     assert "the last checkpoint, step_000001, is intact" in output
 
@@ -4372,7 +4417,7 @@ def test_each_failure_of_a_run_ends_in_one_line_that_says_what_is_left_and_how_t
     """What `entrorl train` says when training fails, by what the run directory holds then: an intact checkpoint before
     the last step (the resume command), the last step's checkpoint (the run itself finished: a failure while closing),
     no checkpoint, or no run directory at all; a checkpoint that could not be written says how to go on only when an
-    earlier one is there; a run stopped on purpose exits 3."""
+    earlier one is there. A failure of the machine (disk, tracker) exits 1; a run stopped on purpose exits 3."""
     from typer.testing import CliRunner
 
     from entrorl.cli import app
@@ -4403,11 +4448,11 @@ def test_each_failure_of_a_run_ends_in_one_line_that_says_what_is_left_and_how_t
     again = f"entrorl train {config} --set=optim.steps=2 --run-dir {run_dir} --resume"
     monkeypatch.setattr(Trainer, "train", failing(TrackerError("logging.tensorboard: TensorBoard could not write")))
     code, output = invoke("--set", "optim.steps=2", "--resume")
-    assert code == 2 and output.endswith("error: logging.tensorboard: TensorBoard could not write; the last checkpoint, "
+    assert code == 1 and output.endswith("error: logging.tensorboard: TensorBoard could not write; the last checkpoint, "
                                          f"step_000001, is intact: once the cause is fixed, continue with {again}"), output
     monkeypatch.setattr(Trainer, "train", failing(CheckpointWriteError("writing checkpoint step_000002 failed")))
     code, output = invoke("--set", "optim.steps=2", "--resume")
-    assert code == 2 and output.endswith(f"error: writing checkpoint step_000002 failed; once the cause is fixed, continue "
+    assert code == 1 and output.endswith(f"error: writing checkpoint step_000002 failed; once the cause is fixed, continue "
                                          f"with {again}"), output
     monkeypatch.setattr(Trainer, "train", failing(TrainingStopped("3 non-finite steps in a row.")))
     code, output = invoke("--set", "optim.steps=2", "--resume")
@@ -4417,24 +4462,24 @@ def test_each_failure_of_a_run_ends_in_one_line_that_says_what_is_left_and_how_t
     shutil.rmtree(run_dir)
     monkeypatch.setattr(Trainer, "train", failing(TrackerError("logging.wandb: W&B could not finish"), first=trained))
     code, output = invoke()
-    assert code == 2 and output.endswith("error: logging.wandb: W&B could not finish; the run itself finished: its last "
+    assert code == 1 and output.endswith("error: logging.wandb: W&B could not finish; the run itself finished: its last "
                                          "checkpoint, step_000001, and metrics.jsonl are complete"), output
 
     shutil.rmtree(run_dir)
     monkeypatch.setattr(Trainer, "train", failing(CheckpointWriteError("writing checkpoint step_000001 failed")))
     code, output = invoke()
-    assert code == 2 and output.endswith("error: writing checkpoint step_000001 failed"), output
+    assert code == 1 and output.endswith("error: writing checkpoint step_000001 failed"), output
     monkeypatch.setattr(Trainer, "train", failing(OSError(28, "No space left on device", str(run_dir / "metrics.jsonl"))))
     code, output = invoke()
-    assert code == 2 and output.endswith("no checkpoint had been written"), output
+    assert code == 1 and output.endswith("no checkpoint had been written"), output
     monkeypatch.setattr(Trainer, "train", failing(OSError(2, "No such file or directory", str(run_dir / "metrics.jsonl")),
                                                   first=lambda self: shutil.rmtree(self.run_dir)))
     code, output = invoke()
-    assert code == 2 and output.endswith(f"metrics.jsonl'; the run directory {run_dir} no longer exists"), output
+    assert code == 1 and output.endswith(f"metrics.jsonl'; the run directory {run_dir} no longer exists"), output
     monkeypatch.setattr(Trainer, "train", failing(CheckpointWriteError("the run directory is gone"),
                                                   first=lambda self: shutil.rmtree(self.run_dir)))
     code, output = invoke()
-    assert code == 2 and output.endswith("error: the run directory is gone"), output
+    assert code == 1 and output.endswith("error: the run directory is gone"), output
 
 
 def test_a_key_given_twice_names_the_line_of_each(tmp_path, arithmetic_files):

@@ -106,7 +106,8 @@ def train(
     except (MemoryError, RuntimeError) as error:  # e.g. the optimizer's state under a memory limit
         if not is_out_of_memory(error):
             raise
-        _fail(str(error) if str(error).startswith("out of memory") else str(out_of_memory_while("setting up the run", error, files_read=False)))
+        _fail(str(error) if str(error).startswith("out of memory") else str(out_of_memory_while("setting up the run", error, files_read=False)),
+              code=1)
     console.print(Text(f"run directory: {trainer.run_dir}"), soft_wrap=True)
     if train_config.data.pass_rate_band is not None:
         console.print(Text(f"data.pass_rate_band {train_config.data.pass_rate_band}: {len(trainer.train_records)} of the "
@@ -158,13 +159,13 @@ def train(
     except CheckpointWriteError as error:  # a full disk, a removed run directory: the message names the intact one
         latest = latest_checkpoint(trainer.run_dir, verify="all") if trainer.run_dir.is_dir() else None
         _fail(f"{error}" + (f"; once the cause is fixed, continue with {shlex.join([*again, '--resume'])}"
-                            if latest is not None else ""))
+                            if latest is not None else ""), code=1)
     except TrackerError as error:  # TensorBoard, W&B or trackio (the message names which)
-        _fail(with_the_way_on(str(error)))
+        _fail(with_the_way_on(str(error)), code=1)
     except OSError as error:  # any other file the run writes (metrics, evaluations, samples)
         if is_out_of_memory(error):  # ENOMEM: a memory map or a process refused, not a file
             error = out_of_memory_while(trainer.activity, error, files_read=False)
-        _fail(with_the_way_on(str(error)))
+        _fail(with_the_way_on(str(error)), code=1)
     except TrainingInterrupted as error:
         by = f" by {signal.Signals(error.signal_number).name}"
         if error.checkpoint is None:
@@ -179,7 +180,7 @@ def train(
     except (MemoryError, RuntimeError) as error:  # after TrainingInterrupted, a RuntimeError too
         if not is_out_of_memory(error):
             raise
-        _fail(with_the_way_on(str(out_of_memory_while(trainer.activity, error, files_read=False))))
+        _fail(with_the_way_on(str(out_of_memory_while(trainer.activity, error, files_read=False))), code=1)
     console.print(Text.assemble(("done", "green"), f": {_run_summary(trainer.run_dir)}"), soft_wrap=True)
 
 
@@ -754,10 +755,16 @@ def report(
     """Check the entropy theory on a training run: law fit and ceiling forecast, predicted vs measured entropy change,
     covariance concentration, interventions, evaluations and fork tokens, as report.md / report.html / report.json."""
     from entrorl.analysis.run_report import NotARunDirectory, write_run_report
+    from entrorl.data.loading import check_output_directory
 
     if not 0.0 < fit_fraction <= 1.0:
         _fail(f"--fit-fraction must be above 0 and at most 1 (the share of the run's first steps the law's forecast is "
               f"fitted on); got {fit_fraction}")
+    if out is not None:
+        try:
+            check_output_directory(out, what="--out")
+        except ValueError as error:
+            _fail(str(error))
     try:
         result = write_run_report(run_dir, out=out, fit_fraction=fit_fraction, figures=figures)
     except NotARunDirectory as error:

@@ -221,6 +221,8 @@ def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
     if _STOP is None:
         trainer.train()
     else:  # in a worker: Ctrl-C, or the laboratory's stop before the trainer could catch it, ends at a step's end
+        # the trainer leaves an ignored SIGINT ignored; one before its handler is in place is the laboratory's stop
+        signal.signal(signal.SIGINT, lambda number, frame: None)
         trainer.train(handle_signals=True, should_stop=_laboratory_stopped)
     return evaluate_policy(trainer.model, trainer.tokenizer, preset, data)
 

@@ -1005,6 +1005,11 @@ def _readable_errors(error: ValidationError) -> list[dict[str, Any]]:
             if item["type"] == "extra_forbidden" and len(item["loc"]) == 2:
                 item = {**item, "msg": _unknown_method_key_message(str(item["loc"][1]), given_method),
                         "type": "unknown_method_key"}
+        if item["type"] == "invalid_key":  # the location pydantic gives is the key as a number (1 for true)
+            key = item["input"]
+            item = {**item, "loc": (*item["loc"][:-1], repr(key)), "msg": "a key must be text" + (
+                "; YAML reads an unquoted on / off / yes / no as a boolean: quote it, or remove the line"
+                if isinstance(key, bool) else "")}
         if item["type"] == "string_type" and isinstance(item["input"], dict):  # YAML read "{question}" as a mapping
             item = {**item, "msg": item["msg"] + "; YAML reads an unquoted {...} as a mapping: quote the text"}
         items.append(item)
@@ -1040,7 +1045,7 @@ def _format_errors(error: ValidationError, source: str, given: dict[str, str] | 
                 continue
         if item["type"] == "extra_forbidden" or (item["type"] == "unknown_method_key" and message == "unknown key"):
             message = "unknown key" + _nearest_keys(item["loc"])
-        shown = (item["type"] not in ("missing", "extra_forbidden", "unknown_method_key")
+        shown = (item["type"] not in ("missing", "extra_forbidden", "unknown_method_key", "invalid_key")
                  and not isinstance(item["input"], dict))  # not a whole section
         hint = ""
         if item["type"] == "string_type" and isinstance(item["input"], (bool, int, float)):
@@ -1066,6 +1071,11 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
             data = _load_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {error.start} cannot be decoded): save it as UTF-8") \
+                from None
+        except OSError as error:
+            raise ConfigError(f"{path} cannot be read: {error.strerror or error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
         label = str(path)
@@ -1076,7 +1086,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
     if overrides:  # the value a message names may come from either
         label += " with its --set options"
     try:
-        return TrainConfig(**data)
+        return TrainConfig.model_validate(data)  # not TrainConfig(**data): a key YAML read as a number or bool is named
     except ValidationError as error:
         typed = {".".join(parse_set_option(option)[0]): option.split("=", 1)[1] for option in overrides or []}
         raise ConfigError(_format_errors(error, label, typed)) from None

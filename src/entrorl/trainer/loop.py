@@ -1106,8 +1106,8 @@ class Trainer:
         """Run to ``optim.steps``; checkpoint every ``checkpoint.every`` steps and at the end. Returns the run dir.
 
         With ``handle_signals`` (the ``train`` command sets it), SIGINT and SIGTERM let the current step finish, save
-        a checkpoint and raise :class:`TrainingInterrupted`, so that ``--resume`` loses nothing; a second signal stops
-        at once, as without it. Once the checkpoint is saved, a further signal ends the process at once (status
+        a checkpoint and raise :class:`TrainingInterrupted`, so that ``--resume`` loses nothing (one the process was
+        started ignoring stays ignored); a second signal stops at once, as without it. Once the checkpoint is saved, a further signal ends the process at once (status
         128 + the signal's number), quietly, for as long as it runs. ``should_stop``, asked after each step, stops the
         run the same way (as SIGINT) when it returns true: a signal the process could not catch yet (the laboratory's
         workers ignore Ctrl-C until they train) still ends the run at a step's end."""
@@ -1226,7 +1226,8 @@ def _exit_at_once_on_another_signal(console, run_dir: Path, *, resumable: bool =
 
     if threading.current_thread() is threading.main_thread():
         for number in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(number, exit_now)
+            if signal.getsignal(number) is not signal.SIG_IGN:  # ignored by whoever started the process: it stays so
+                signal.signal(number, exit_now)
 
 
 # the settings that decide a step's learning rate
@@ -1242,7 +1243,8 @@ def _catch_stop_signals(received: list[int], console, *, plan: Callable[[], str]
     on ``console`` what happens next, as ``plan()`` puts it then; a second one stops at once (``KeyboardInterrupt`` for
     SIGINT, exit status 143 for SIGTERM), saying what ``--resume`` would continue from (``resumes_from()``).
     Returns a function that puts the previous handlers back. Does nothing outside the main thread, where Python
-    cannot install handlers."""
+    cannot install handlers, and leaves a signal the process ignores ignored (a background job of a shell ignores
+    SIGINT, as Python's own Ctrl-C handling does then)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {}
@@ -1258,7 +1260,8 @@ def _catch_stop_signals(received: list[int], console, *, plan: Callable[[], str]
         _say_in_a_signal_handler(console, f"{signal.Signals(number).name}: {plan()} (send it again to stop at once)")
 
     for number in (signal.SIGINT, signal.SIGTERM):
-        previous[number] = signal.signal(number, handler)
+        if signal.getsignal(number) is not signal.SIG_IGN:
+            previous[number] = signal.signal(number, handler)
 
     def restore() -> None:
         for number, old in previous.items():  # None: a handler installed outside Python, which cannot be put back
