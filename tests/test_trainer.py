@@ -190,16 +190,69 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_model_dir, ar
     assert comparable(read_metrics(interrupted)) == comparable(read_metrics(straight))
 
 
-def test_a_signal_that_interrupts_a_write_to_the_terminal_is_still_said_and_obeyed(tmp_path, capfd, monkeypatch):
+def test_a_second_ctrl_c_during_the_first_ones_message_stops_the_run_and_is_not_a_reward_error(tmp_path):
+    """Two Ctrl-C in quick succession while a reward runs: the first handler's rich print imports
+    rich._emoji_codes on first use; the second SIGINT lands during that import, its own print finds the module
+    half-initialised and raises ImportError, which escapes both handlers into the interrupted code (the reward).
+    The second signal then did not stop the run, the reward was scored 0 for "ImportError: cannot import name 'EMOJI'
+    from partially initialized module", and the step was checkpointed with it. The second signal stops at once."""
+    script = textwrap.dedent("""
+        import importlib.abc, importlib.util, signal, sys
+        from rich.console import Console
+        from entrorl.trainer import loop
+
+        class SignalDuringImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            # the second Ctrl-C arrives while rich._emoji_codes is being imported by the first handler's print
+            def find_spec(self, name, path, target=None):
+                if name != "rich._emoji_codes":
+                    return None
+                sys.meta_path.remove(self)
+                self.real = importlib.util.find_spec(name)
+                return importlib.util.spec_from_loader(name, self, origin=self.real.origin)
+            def create_module(self, spec):
+                return None
+            def exec_module(self, module):
+                signal.raise_signal(signal.SIGINT)
+                self.real.loader.exec_module(module)
+
+        assert "rich._emoji_codes" not in sys.modules
+        sys.meta_path.insert(0, SignalDuringImport())
+        received = []
+        loop._catch_stop_signals(received, Console(stderr=True))
+
+        def reward():  # what the main thread was doing when Ctrl-C came
+            signal.raise_signal(signal.SIGINT)
+            return 1.0
+
+        try:
+            reward()
+        except KeyboardInterrupt:
+            print("OUTCOME: KeyboardInterrupt")
+        except Exception as error:
+            print(f"OUTCOME: {type(error).__name__}: {error}")
+        else:
+            print("OUTCOME: nothing")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    outcome = [line for line in result.stdout.splitlines() if line.startswith("OUTCOME:")]
+    assert outcome == ["OUTCOME: KeyboardInterrupt"], (outcome, result.stderr[-2000:])
+
+
+@pytest.mark.parametrize("error", [RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>"),
+                                   ImportError("cannot import name 'EMOJI' from partially initialized module")],
+                         ids=["reentrant-write", "half-imported"])
+def test_a_signal_that_interrupts_a_write_to_the_terminal_is_still_said_and_obeyed(tmp_path, capfd, monkeypatch, error):
     """A signal handler runs between two bytecodes of the main thread, possibly inside a write to stderr, where
-    Python refuses a nested write: the handlers then write to the file descriptor and still stop or exit."""
+    Python refuses a nested write, or inside the import a first print makes: the handlers then write to the file
+    descriptor and still stop or exit; the console's error never reaches the interrupted code."""
     from entrorl.trainer import loop
 
     class ConsoleInTheMiddleOfAWrite:
         file = None  # no descriptor of its own: standard error's
 
         def print(self, *args, **options):
-            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+            raise error
 
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     received = []

@@ -1198,10 +1198,12 @@ def check_resume_settings(saved_config: dict[str, Any], config: TrainConfig) -> 
 def _say_in_a_signal_handler(console, message: str) -> None:
     """``message`` on ``console``, in yellow. A signal handler runs between two bytecodes of the main thread, which may
     be inside a write to the same stream: Python refuses the nested write ("reentrant call"), so the message then
-    goes straight to the stream's file descriptor, unbuffered and unstyled."""
+    goes straight to the stream's file descriptor, unbuffered and unstyled. So it does on any other error of the
+    console (a second signal inside the import rich's first print makes): nothing from the message may reach the
+    code the signal interrupted (a reward would score 0 for it)."""
     try:
         console.print(message, style="yellow", highlight=False, soft_wrap=True)
-    except RuntimeError:
+    except Exception:
         with contextlib.suppress(Exception):
             try:
                 descriptor = console.file.fileno()
