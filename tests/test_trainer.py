@@ -1904,6 +1904,15 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_the_model_load
     with pytest.raises(FileExistsError, match=f"the run directory {model_copy} holds a model"):
         Trainer(config, run_dir=model_copy)
     assert (model_copy / "config.json").read_text() == before and not (model_copy / "metrics.jsonl").exists()
+    # inside another run's checkpoints/ (a slip of tab completion): that run's pruning would delete it
+    earlier = tmp_path / "earlier"
+    (earlier / "checkpoints" / "step_000001").mkdir(parents=True)
+    (earlier / "config.json").write_text(json.dumps({"method": "grpo"}))
+    for run_dir in (earlier / "checkpoints", earlier / "checkpoints" / "step_000001" / "run"):
+        with pytest.raises(FileExistsError, match=f"the run directory {run_dir} is inside the checkpoints of the run "
+                                                  f"{earlier}, which that run prunes"):
+            Trainer(config, run_dir=run_dir)
+    assert sorted(path.name for path in earlier.rglob("*")) == ["checkpoints", "config.json", "step_000001"]
 
 
 def test_a_folder_that_can_be_written_but_not_entered_is_no_run_directory(tmp_path, monkeypatch):

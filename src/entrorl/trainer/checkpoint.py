@@ -105,8 +105,8 @@ def nearest_existing(path: Path) -> Path:
 def check_run_directory_writable(run_dir: Path) -> None:
     """Raise ``OSError`` naming the problem if ``run_dir`` cannot be a run directory: it is a file, or it (or, when it
     does not exist yet, the nearest folder above it that does) cannot be written (permissions, a read-only
-    filesystem), it is a link to a folder that does not exist (a disk not mounted), or it holds a Hugging Face model
-    (whose config.json the run's would replace). Cheap, so a trainer checks before it loads a model, not when it first
+    filesystem), it is a link to a folder that does not exist (a disk not mounted), it holds a Hugging Face model
+    (whose config.json the run's would replace), or it lies in another run's ``checkpoints/``. Cheap, so a trainer checks before it loads a model, not when it first
     writes."""
     dangling = next((Path(path) for path in (run_dir, *Path(run_dir).parents) if Path(path).is_symlink()
                      and not Path(path).exists()), None)
@@ -116,6 +116,13 @@ def check_run_directory_writable(run_dir: Path) -> None:
     if declares_a_model(Path(run_dir) / "config.json"):
         raise FileExistsError(f"the run directory {run_dir} holds a model (its config.json declares one), which the "
                               "run's config.json would replace; choose another --run-dir / logging.run_dir")
+    absolute = Path(os.path.abspath(run_dir))
+    owner = next((folder.parent for folder in (absolute, *absolute.parents)
+                  if folder.name == "checkpoints" and (folder.parent / "config.json").is_file()
+                  and _is_run_directory(folder.parent)), None)
+    if owner is not None:
+        raise FileExistsError(f"the run directory {run_dir} is inside the checkpoints of the run {owner}, which that "
+                              "run prunes and resumes from; choose another --run-dir / logging.run_dir")
     existing = nearest_existing(run_dir)
     if not existing.is_dir():
         raise NotADirectoryError(f"the run directory {run_dir} cannot be created: {existing} is a file, not a folder")
