@@ -1215,6 +1215,22 @@ def test_ctrl_c_while_eval_or_audit_samples_says_so_and_writes_nothing(markup_da
         assert not Path(out).exists()
 
 
+def test_ctrl_c_while_eval_or_audit_loads_says_so_and_writes_nothing(markup_data, tiny_model_dir, monkeypatch):
+    """Loading a large model takes a while: Ctrl-C then is one line saying nothing was written, exit 130."""
+    import entrorl.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entrorl.cli, "_sampling_inputs", interrupted)
+    common = ["--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "1", "--reward", "exact_match"]
+    for command, out in ((["eval"], "e.json"), (["data", "audit"], "aud")):
+        result = CliRunner().invoke(app, [*command, *common, "--out", out])
+        assert result.exit_code == 130 and " ".join(result.output.split()) == (
+            "interrupted while loading the model and the prompts: nothing was written"), result.output
+        assert not Path(out).exists()
+
+
 def test_sigterm_while_eval_or_audit_samples_says_so_exits_143_and_writes_nothing(markup_data, tiny_model_dir):
     """A job scheduler's SIGTERM while the samples are scored (inside the reward, whose failures are caught and
     scored 0: the signal must not be one of them): one line saying so, exit 128 + 15, no traceback, no output file;

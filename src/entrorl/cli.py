@@ -669,14 +669,16 @@ def evaluate(
             check_output_file(path, what=option)
 
     try:
-        records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling = _sampling_inputs(
-            model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base, check_fit=True,
-            trust_remote_code=trust_remote_code, require_answer=require_answer, correct_threshold=correct_threshold,
-            check_outputs=check_outputs, reward_args=reward_arg)
+        with _said_when_interrupted("while loading the model and the prompts: nothing was written"):
+            inputs = _sampling_inputs(
+                model, data, reward, prompt_column=prompt_column, answer_column=answer_column,
+                prompt_template=prompt_template, chat_template=chat_template, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype,
+                base=base, check_fit=True, trust_remote_code=trust_remote_code, require_answer=require_answer,
+                correct_threshold=correct_threshold, check_outputs=check_outputs, reward_args=reward_arg)
     except (ValueError, OSError, ImportError, MemoryError) as error:  # ImportError: adapters without peft
         _fail(str(error))
+    records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling = inputs
     max_new_tokens = sampling.max_new_tokens
     try:
         with _said_when_interrupted("while sampling: nothing was written"), Progress(console=console) as progress:
@@ -1057,15 +1059,17 @@ def data_audit(
         message = str(error).removeprefix("AuditThresholds: ")
         _fail(f"--{message.replace('low_pass_rate', 'low-pass-rate')}")
     try:
-        records, reward_runner, tokenizer, policy, prompt_ids, model_directory, defaults, sampling = _sampling_inputs(
-            model, data, reward, prompt_column=prompt_column, answer_column=answer_column, prompt_template=prompt_template,
-            chat_template=chat_template, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
-            trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
-            require_answer=require_answer, correct_threshold=correct_threshold,
-            check_outputs=lambda: check_audit_output(data, directory), reward_args=reward_arg)
+        with _said_when_interrupted("while loading the model and the prompts: nothing was written"):
+            inputs = _sampling_inputs(
+                model, data, reward, prompt_column=prompt_column, answer_column=answer_column,
+                prompt_template=prompt_template, chat_template=chat_template, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
+                trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
+                require_answer=require_answer, correct_threshold=correct_threshold,
+                check_outputs=lambda: check_audit_output(data, directory), reward_args=reward_arg)
     except (ValueError, OSError, ImportError, MemoryError) as error:  # OSError: missing files, unreadable model directories
         _fail(str(error))
+    records, reward_runner, tokenizer, policy, prompt_ids, model_directory, defaults, sampling = inputs
     max_new_tokens = sampling.max_new_tokens
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
