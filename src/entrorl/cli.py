@@ -106,8 +106,8 @@ def train(
     except (MemoryError, RuntimeError) as error:  # e.g. the optimizer's state under a memory limit
         if not is_out_of_memory(error):
             raise
-        _fail(str(error) if str(error).startswith("out of memory") else str(out_of_memory_while("setting up the run", error, files_read=False)),
-              code=1)
+        _fail(str(error) if str(error).startswith("out of memory")
+              else str(out_of_memory_while("setting up the run", error, files_read=False)), code=1)
     console.print(Text(f"run directory: {trainer.run_dir}"), soft_wrap=True)
     if train_config.data.pass_rate_band is not None:
         console.print(Text(f"data.pass_rate_band {train_config.data.pass_rate_band}: {len(trainer.train_records)} of the "
@@ -1063,8 +1063,8 @@ def data_audit(
             inputs = _sampling_inputs(
                 model, data, reward, prompt_column=prompt_column, answer_column=answer_column,
                 prompt_template=prompt_template, chat_template=chat_template, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype, base=base,
-                trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
+                temperature=temperature, top_p=top_p, top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype,
+                base=base, trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
                 require_answer=require_answer, correct_threshold=correct_threshold,
                 check_outputs=lambda: check_audit_output(data, directory), reward_args=reward_arg)
     except (ValueError, OSError, ImportError, MemoryError) as error:  # OSError: missing files, unreadable model directories

@@ -820,10 +820,10 @@ class _Report:
         name = self.preset.get("name", "default")
         preset_methods = self._preset_methods(name)
         used_workers = self._workers()
-        command = lab_command(
-            name, list(self.names) if preset_methods is None or set(self.names) != set(preset_methods) else [], None,
-            workers=used_workers[0] if len(used_workers) == 1 and used_workers[0] != self.preset.get("workers") else None,
-            rl_seed=self.preset.get("rl_seed"))
+        other_methods = preset_methods is None or set(self.names) != set(preset_methods)
+        other_workers = len(used_workers) == 1 and used_workers[0] != self.preset.get("workers")
+        command = lab_command(name, list(self.names) if other_methods else [], None,
+                              workers=used_workers[0] if other_workers else None, rl_seed=self.preset.get("rl_seed"))
         make = "make lab" if command == "entrorl lab --preset default" else None
         section.say(f"Re-run with `{command}`" + (f" (or `{make}`)" if make else "") + "; an existing run directory given with "
                     "`--out` is resumed. The settings below are the preset as recorded in `lab.json`.")

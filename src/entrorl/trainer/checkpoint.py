@@ -106,8 +106,8 @@ def check_run_directory_writable(run_dir: Path) -> None:
     """Raise ``OSError`` naming the problem if ``run_dir`` cannot be a run directory: it is a file, or it (or, when it
     does not exist yet, the nearest folder above it that does) cannot be written (permissions, a read-only
     filesystem), it is a link to a folder that does not exist (a disk not mounted), it holds a Hugging Face model
-    (whose config.json the run's would replace), or it lies in another run's ``checkpoints/``. Cheap, so a trainer checks before it loads a model, not when it first
-    writes."""
+    (whose config.json the run's would replace), or it lies in another run's ``checkpoints/``. Cheap, so a trainer
+    checks before it loads a model, not when it first writes."""
     dangling = next((Path(path) for path in (run_dir, *Path(run_dir).parents) if Path(path).is_symlink()
                      and not Path(path).exists()), None)
     if dangling is not None:

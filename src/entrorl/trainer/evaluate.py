@@ -81,8 +81,9 @@ def evaluate_model(
         rollouts = sampler.generate(repeated_ids, sampling, progress=progress)
     broken = int((~torch.isfinite(rollouts.sampler_log_probs[rollouts.response_mask])).sum())
     if broken:  # NaN logits: every draw would be token 0, every sample scored wrong
-        raise NonFiniteLogProbs(f"the model gives inf or NaN log-probs to {broken} of its {int(rollouts.response_mask.sum())} "
-                         "sampled tokens (weights that overflow, or a broken checkpoint): nothing to evaluate")
+        raise NonFiniteLogProbs(f"the model gives inf or NaN log-probs to {broken} of its "
+                                f"{int(rollouts.response_mask.sum())} sampled tokens (weights that overflow, or a broken "
+                                "checkpoint): nothing to evaluate")
     completion_ids = rollouts.completion_ids()
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     result = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated], [r.meta for r in repeated],

@@ -1107,8 +1107,8 @@ class Trainer:
 
         With ``handle_signals`` (the ``train`` command sets it), SIGINT and SIGTERM let the current step finish, save
         a checkpoint and raise :class:`TrainingInterrupted`, so that ``--resume`` loses nothing (one the process was
-        started ignoring stays ignored); a second signal stops at once, as without it. Once the checkpoint is saved, a further signal ends the process at once (status
-        128 + the signal's number), quietly, for as long as it runs. ``should_stop``, asked after each step, stops the
+        started ignoring stays ignored); a second signal stops at once, as without it. Once the checkpoint is saved, a
+        further signal ends the process at once (status 128 + the signal's number), quietly, for as long as it runs. ``should_stop``, asked after each step, stops the
         run the same way (as SIGINT) when it returns true: a signal the process could not catch yet (the laboratory's
         workers ignore Ctrl-C until they train) still ends the run at a step's end."""
         self._check_open()
