@@ -426,6 +426,11 @@ def test_a_model_that_gives_nan_log_probs_is_not_evaluated(tmp_path, tiny_model_
                                                r"\(weights that overflow, or a broken checkpoint\): nothing to evaluate; "
                                                r"nothing was written", said), said
     assert not out.exists() and not samples.exists()
+    audited = CliRunner().invoke(app, ["data", "audit", "--model", str(broken), "--data", str(held_out), "--n", "2",
+                                       "--reward", "exact_match", "--max-new-tokens", "3", "--out", str(tmp_path / "aud")])
+    said = " ".join(audited.output.split())
+    assert audited.exit_code == 2 and said.endswith(f"nothing to evaluate; nothing was written into {tmp_path / 'aud'}")
+    assert not (tmp_path / "aud").exists()
     config = load_config(make_config(broken, train, held_out, eval={"at_start": True, "n": 1, "ks": [1]}))
     with pytest.raises(TrainingStopped, match=r"evaluating the model as loaded: the model gives inf or NaN log-probs.*"
                                               r"No checkpoint had been written"):
@@ -2454,6 +2459,25 @@ def test_a_config_file_that_is_not_utf8_or_has_a_key_that_is_not_text_is_named(t
     config.write_text(f"model:\n  path: m\n  3: x\ndata:\n  train: {train}\n")
     with pytest.raises(ConfigError, match=r"  model.3: a key must be text$"):
         load_config(config)
+
+
+def test_a_temperature_whose_inverse_overflows_float32_is_refused(arithmetic_files):
+    """The update scores the rollouts' tokens at rollout.temperature, and an evaluation its fork tokens at
+    eval.temperature, through 1 / temperature: below 1 / float32's max that is inf, and every log-prob NaN."""
+    from entrorl.tokens import MIN_TEMPERATURE, token_stats
+
+    train, held_out = arithmetic_files
+    base = make_config(Path("model"), train, held_out)
+    for key, said in (("rollout.temperature", "must be at least 2.94e-39"),
+                      ("eval.temperature", "must be 0 (greedy) or at least 2.94e-39")):
+        with pytest.raises(ConfigError, match=rf"{key}: {re.escape(said)}, where 1 / temperature is a float32 number"):
+            load_config(base, [f"{key}=1e-39"])
+        assert getattr(load_config(base, [f"{key}={MIN_TEMPERATURE!r}"]), key.split(".")[0]).temperature == MIN_TEMPERATURE
+    assert load_config(base, ["eval.temperature=0", "eval.n=1", "eval.ks=[1]"]).eval.temperature == 0
+    with pytest.raises(ValueError, match="temperature 1e-39 is below 2.94e-39, where 1 / temperature overflows float32"):
+        token_stats(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), temperature=1e-39)
+    stats = token_stats(torch.tensor([[[0.0, 1.0, 2.0]]]), torch.tensor([[2]]), temperature=MIN_TEMPERATURE)
+    assert stats.logprob.item() == 0.0 and stats.entropy.item() == 0.0
 
 
 def test_a_string_setting_that_yaml_read_as_a_number_says_to_quote_it(tmp_path, arithmetic_files):

@@ -1046,6 +1046,7 @@ def data_audit(
     from entrorl.data.audit import AuditThresholds
     from entrorl.trainer.audit import (REWARD_ERRORS_LOG, audit_records, check_audit_output, default_audit_dir,
                                        write_audit_outputs)
+    from entrorl.trainer.evaluate import NonFiniteLogProbs
 
     directory = out if out is not None else default_audit_dir(data)
     _note_if_greedy_samples_repeat(n, temperature, top_k)
@@ -1073,12 +1074,15 @@ def data_audit(
     max_new_tokens = sampling.max_new_tokens
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with _said_when_interrupted(f"while sampling: nothing was written into {directory}"), \
-            Progress(*columns, console=console) as progress:
-        task = progress.add_task("sampling", total=len(records) * n)
-        result = audit_records(policy, tokenizer, records, prompt_ids, reward_runner, n=n, sampling=sampling,
-                               thresholds=thresholds, seed=seed, batch_size=batch_size,
-                               progress=lambda done, total: progress.update(task, completed=done, total=total))
+    try:
+        with _said_when_interrupted(f"while sampling: nothing was written into {directory}"), \
+                Progress(*columns, console=console) as progress:
+            task = progress.add_task("sampling", total=len(records) * n)
+            result = audit_records(policy, tokenizer, records, prompt_ids, reward_runner, n=n, sampling=sampling,
+                                   thresholds=thresholds, seed=seed, batch_size=batch_size,
+                                   progress=lambda done, total: progress.update(task, completed=done, total=total))
+    except NonFiniteLogProbs as error:
+        _fail(f"{error}; nothing was written into {directory}")
     for item in result.too_long[:20]:
         console.print(Text.assemble(("skipped", "yellow"), " ", item.message(max_new_tokens)), soft_wrap=True)
     if len(result.too_long) > 20:

@@ -63,6 +63,7 @@ from entrorl.rewards import (
 from entrorl.modeling import model_context_length
 from entrorl.rollout import HFSampler, SamplingParams, private_seed
 from entrorl.trainer.checkpoint import atomic_write_text
+from entrorl.trainer.evaluate import refuse_non_finite_log_probs
 
 __all__ = [
     "AuditOutputs",
@@ -216,6 +217,7 @@ def audit_records(
         for start in range(0, len(todo), prompts_per_call):
             chunk = todo[start : start + prompts_per_call]
             rollouts = sampler.generate([prompt_ids[i] for i in chunk for _ in range(n)], sampling)
+            refuse_non_finite_log_probs(rollouts)
             completions = tokenizer.batch_decode(rollouts.completion_ids(), skip_special_tokens=True)
             repeated = [records[i] for i in chunk for _ in range(n)]
             scored = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated],

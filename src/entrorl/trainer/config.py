@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from entrorl._checks import did_you_mean, refuse_booleans_for_numbers
 from entrorl.advantages import GROUP_BASELINE_ESTIMATORS, advantage_info, available_advantages, compute_advantages
 from entrorl.objective import ObjectiveConfig, PartSpec, build_objective, get_method
+from entrorl.tokens import MIN_TEMPERATURE
 
 __all__ = [
     "TrainConfig",
@@ -284,6 +285,15 @@ class RewardConfig(_Section):
         return value
 
 
+def _scorable_temperature(value: float, alternative: str = "") -> float:
+    """``value`` unless it is above 0 but so small that 1 / value, which scales the logits the tokens are scored at,
+    overflows float32."""
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be {alternative} at least {MIN_TEMPERATURE:.3g}".replace("  ", " ")
+                         + ", where 1 / temperature is a float32 number")
+    return value
+
+
 class RolloutConfig(_Section):
     prompts_per_step: int = Field(8, ge=1, description="prompts sampled each step, each in a group of group_size")
     group_size: int = Field(8, ge=1, description="responses per prompt (G)")
@@ -311,6 +321,11 @@ class RolloutConfig(_Section):
         "after every update; pip install 'entrorl[vllm]')"
     )
     vllm_gpu_memory_utilization: float = Field(0.4, gt=0, lt=1, description="share of GPU memory the vLLM engine may take")
+
+    @field_validator("temperature")
+    @classmethod
+    def _a_temperature_to_score_at(cls, value: float) -> float:  # the update scores the tokens at it
+        return _scorable_temperature(value)
 
     def filters_tokens(self) -> bool:
         """Whether sampling leaves tokens out of the distribution (top-k or top-p)."""
@@ -380,6 +395,11 @@ class EvalConfig(_Section):
     max_prompts: int | None = Field(None, ge=1, description="evaluate the first N prompts of data.eval only "
                                     "(None = all)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature of evaluations; 0 = greedy (n = 1 is then enough)")
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_a_temperature_to_score_at(cls, value: float) -> float:  # the fork tokens' entropies are taken at it
+        return _scorable_temperature(value, "0 (greedy) or")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of evaluations (its own, not rollout.top_p; "
                          "1 = off, as in entrorl eval)")
     top_k: int = Field(0, ge=0, description="top-k sampling of evaluations (its own, not rollout.top_k; 0 = off)")

@@ -46,6 +46,16 @@ class NonFiniteLogProbs(ValueError):
     """The model gave inf or NaN log-probs to tokens it sampled: its samples say nothing."""
 
 
+def refuse_non_finite_log_probs(rollouts) -> None:
+    """:class:`NonFiniteLogProbs` when a sampled token's log-prob is inf or NaN: NaN logits draw token 0 at every
+    position, and every sample would be scored wrong."""
+    broken = int((~torch.isfinite(rollouts.sampler_log_probs[rollouts.response_mask])).sum())
+    if broken:
+        raise NonFiniteLogProbs(f"the model gives inf or NaN log-probs to {broken} of its "
+                                f"{int(rollouts.response_mask.sum())} sampled tokens (weights that overflow, or a broken "
+                                "checkpoint): nothing to evaluate")
+
+
 @torch.no_grad()
 def evaluate_model(
     model,
@@ -79,11 +89,7 @@ def evaluate_model(
     repeated = [record for record in records for _ in range(n)]
     with private_seed(seed, next(model.parameters()).device):
         rollouts = sampler.generate(repeated_ids, sampling, progress=progress)
-    broken = int((~torch.isfinite(rollouts.sampler_log_probs[rollouts.response_mask])).sum())
-    if broken:  # NaN logits: every draw would be token 0, every sample scored wrong
-        raise NonFiniteLogProbs(f"the model gives inf or NaN log-probs to {broken} of its "
-                                f"{int(rollouts.response_mask.sum())} sampled tokens (weights that overflow, or a broken "
-                                "checkpoint): nothing to evaluate")
+    refuse_non_finite_log_probs(rollouts)
     completion_ids = rollouts.completion_ids()
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     result = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated], [r.meta for r in repeated],
