@@ -432,9 +432,19 @@ def test_a_model_that_gives_nan_log_probs_is_not_evaluated(tmp_path, tiny_model_
     assert audited.exit_code == 2 and said.endswith(f"nothing to evaluate; nothing was written into {tmp_path / 'aud'}")
     assert not (tmp_path / "aud").exists()
     config = load_config(make_config(broken, train, held_out, eval={"at_start": True, "n": 1, "ks": [1]}))
-    with pytest.raises(TrainingStopped, match=r"evaluating the model as loaded: the model gives inf or NaN log-probs.*"
-                                              r"No checkpoint had been written"):
+    with pytest.raises(TrainingStopped, match=r"^evaluating the model as loaded: the model gives inf or NaN log-probs "
+                                              r"to \d+ of its \d+ sampled tokens .*nothing to evaluate$"):
         Trainer(config, run_dir=tmp_path / "run").train()
+    # an update whose weights overflow the evaluation's forward (lr 1e10): the cause, and the step's record is kept
+    with importable_module(tmp_path, "parity_eval_reward", PARITY_REWARD):
+        config = load_config(make_config(tiny_model_dir, train, held_out, reward={"name": "parity_eval_reward:score"},
+                                         optim={"steps": 3, "lr": 1e10}, eval={"every": 1, "n": 1, "ks": [1]}))
+        with pytest.raises(TrainingStopped, match=r"^evaluating after the update of step 1 \(optim.lr = 1e\+10: too "
+                                                  r"high\?\): the model gives inf or NaN .*No checkpoint had been "
+                                                  r"written \(checkpoint.every\). The trained weights' norm: "):
+            Trainer(config, run_dir=tmp_path / "huge").train()
+    (record,) = read_metrics(tmp_path / "huge")
+    assert record["step"] == 1 and record["train/weight_norm"] > 1e8 and "eval/avg_at_n" not in record
 
 
 def test_an_update_that_breaks_the_weights_stops_the_run_naming_the_checkpoint_to_resume(tmp_path, tiny_model_dir,

@@ -1063,8 +1063,11 @@ class Trainer:
                 batch_size=self.config.rollout.generation_batch_size, top_forks=config.top_forks,
             )
         except NonFiniteLogProbs as error:
-            raise TrainingStopped(f"evaluating {'the model as loaded' if self.step == 0 else f'after step {self.step}'}"
-                                  f": {error}. {self._last_checkpoint_phrase()}") from None
+            if self.step == 0:
+                raise TrainingStopped(f"evaluating the model as loaded: {error}") from None
+            raise TrainingStopped(f"evaluating after the update of step {self.step} (optim.lr = "
+                                  f"{self.config.optim.lr:g}: too high?): {error}. {self._last_checkpoint_phrase()} "
+                                  f"{self._weight_norm_phrase()}") from None
         if result.first_reward_error:
             self._note_reward_error(result.first_reward_error, step=self.step)
         for folder, payload in (("eval", {"step": self.step, **result.to_dict()}), ("forks", result.forks)):
@@ -1147,7 +1150,11 @@ class Trainer:
                     self._warn_if_nothing_trained(metrics)
                     last = self.step == config.optim.steps
                     if self.eval_records and ((config.eval.every and self.step % config.eval.every == 0) or last):
-                        evaluated = self.evaluate()
+                        try:
+                            evaluated = self.evaluate()
+                        except TrainingStopped:  # the step trained: its record is kept
+                            self.log(metrics)
+                            raise
                         metrics.update(evaluated)
                         progress.note_evaluation(self.step, evaluated)
                     self.log(metrics)
