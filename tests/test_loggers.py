@@ -361,6 +361,9 @@ def test_numpy_scalars_and_0d_tensors_are_written_as_the_numbers_they_hold_and_o
                    "e": torch.tensor(7), "f": np.float32("nan"), "g": torch.tensor(float("-inf"))})
     with pytest.raises(TypeError, match=r"step 2: metrics must be numbers.*\{'h': 'Tensor'\}"):
         logger.log(2, {"x": 1.0, "h": torch.tensor([1.0, 2.0])})
+    # a metric named step would relabel the record in metrics.jsonl, while the trackers keep the step it was logged at
+    with pytest.raises(ValueError, match="step 2: a metric may not be named 'step', the record's own key; rename it"):
+        logger.log(2, {"step": 99, "x": 1.0})
     logger.close()
     assert read_metrics(tmp_path) == [{"step": 1, "a": 0.5, "b": 3, "c": True, "d": 0.25, "e": 7, "f": None, "g": None}]
     assert [type(value) for value in read_metrics(tmp_path)[0].values()][1:6] == [float, int, bool, float, int]

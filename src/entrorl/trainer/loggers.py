@@ -146,6 +146,8 @@ class MetricsLogger:
         if os.fstat(self._file.fileno()).st_nlink == 0:
             raise FileNotFoundError(f"{self.path} was deleted during the run (was the run directory removed?): stopping, "
                                     f"since step {step} and the steps after it could not be recorded")
+        if "step" in metrics:  # it would relabel the record in metrics.jsonl, not in the trackers
+            raise ValueError(f"step {step}: a metric may not be named 'step', the record's own key; rename it")
         metrics = {key: _clean(value) for key, value in metrics.items()}
         try:
             line = json.dumps({"step": step, **metrics}) + "\n"
