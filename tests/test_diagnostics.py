@@ -353,6 +353,71 @@ def test_top_fork_tokens_never_lists_padding_and_cuts_the_context():
     assert top_fork_tokens(CharTokenizer(), prompt_ids, prompt_mask, response_ids, response_mask, entropy, k=0) == []
 
 
+def _llama_style_tokenizer():
+    """A Llama-2-shaped tokenizer: BPE with byte fallback, Metaspace pre-tokenizer, and Llama's decoder
+    (Replace '▁' -> ' ', ByteFallback, Fuse, Strip one leading space), BOS added by the post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)],
+              "▁", "T", "h", "e", "Th", "The", "▁The", "a", "n", "s", "w", "r", "an", "ans", "answ", "answe", "answer",
+              "▁answer", "i", "▁i", "▁is", "Q", ":", "A", "?", "1", "2", "3", "4", "5", "6", "7", "8", "9", "0"]
+    vocab = {piece: index for index, piece in enumerate(pieces)}
+    merges = [("T", "h"), ("Th", "e"), ("▁", "The"), ("a", "n"), ("an", "s"), ("ans", "w"), ("answ", "e"),
+              ("answe", "r"), ("▁", "answer"), ("▁", "i"), ("▁i", "s")]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_fork_tokens_keep_sentencepiece_word_boundary():
+    """A sentencepiece decoder strips the leading space of what it decodes: decoded alone, '▁The' and 'The' both read
+    'The', and '▁' reads ''. Decoded after the token before them, the two picks at one decision point stay apart
+    and the lone space shows."""
+    from entrorl.trainer.diagnostics import top_fork_tokens
+
+    tokenizer = _llama_style_tokenizer()
+    vocab = tokenizer.get_vocab()
+    prompt = tokenizer("Q:")["input_ids"]
+    prompt_ids = torch.tensor([prompt, prompt])
+    prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
+    response_ids = torch.tensor([[vocab["▁The"], vocab["▁answer"]], [vocab["The"], vocab["▁"]]])
+    response_mask = torch.ones_like(response_ids, dtype=torch.bool)
+    entropy = torch.tensor([[3.0, 1.0], [3.0, 2.0]])
+    forks = top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask, entropy, k=3)
+    first = forks[0]
+    assert first["position"] == 0 and first["samples"] == 2
+    assert first["chosen"] == {" The": 1, "The": 1} and first["token"] == " The" and first["after"] == " answer"
+    lone_space = next(fork for fork in forks if fork["sample"] == 1 and fork["position"] == 1)
+    assert lone_space["token"] == " " and lone_space["before"] == "<s> Q:The"
+
+
+def test_fork_context_shows_partial_bytes_next_to_deepseek_style_special_tokens():
+    """A byte-level BPE whose special tokens hold characters outside the byte alphabet (DeepSeek-R1's '<｜Assistant｜>',
+    with full-width bars): the special token reads as itself and the byte next to it as <0xE6>, not U+FFFD."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from entrorl.trainer.diagnostics import readable_text
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {character: index for index, character in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken("<｜Assistant｜>", special=True, normalized=False),
+                                AddedToken("<|im_start|>", special=True, normalized=False),
+                                AddedToken("<|endoftext|>", special=True, normalized=False)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    first_byte = tokenizer("日", add_special_tokens=False)["input_ids"][0]
+    ascii_special = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    deepseek_special = tokenizer.convert_tokens_to_ids("<｜Assistant｜>")
+    assert readable_text(tokenizer, [ascii_special, first_byte]) == "<|im_start|><0xE6>"
+    assert readable_text(tokenizer, [deepseek_special, first_byte]) == "<｜Assistant｜><0xE6>"
+
 def test_readable_text_is_decode_when_it_has_no_replacement_character():
     class CleaningTokenizer:
         """A byte-level vocabulary whose decode strips the leading space (``Ġ``) of a text."""

@@ -216,14 +216,27 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {character: byte for byte, character in bytes_to_unicode().items()}
 
 
-def readable_text(tokenizer, ids: list[int]) -> str:
+def readable_text(tokenizer, ids: list[int], *, following: int | None = None) -> str:
     """``tokenizer.decode(ids)``, except that bytes which do not complete a UTF-8 character show as ``<0xE4>``.
 
     A byte-level BPE or a byte-fallback vocabulary splits a character such as ``日`` over several tokens; decoded on
     its own, each piece (and a context cut in the middle of a character) is U+FFFD, so different tokens would read
     alike. Here the pieces' bytes are put back together, decoded as UTF-8, and only the bytes of an unfinished
-    character are written as ``<0xNN>`` (sentencepiece's spelling). Tokenizers of other kinds, and text without
-    U+FFFD, come back as ``decode`` gives them."""
+    character are written as ``<0xNN>`` (sentencepiece's spelling); added and special tokens read as themselves.
+    Tokenizers of other kinds, and text without U+FFFD, come back as ``decode`` gives them.
+
+    ``following``: the id of the token the text follows. A sentencepiece decoder (Llama, Mistral) strips the leading
+    space of what it decodes, so that ``▁The`` and ``The`` would both read ``The``: decoded after that token, the
+    text keeps the space it has in the sequence."""
+    if following is not None:
+        anchor = _readable_text(tokenizer, [following])
+        anchored = _readable_text(tokenizer, [following, *ids])
+        if anchored.startswith(anchor):
+            return anchored[len(anchor):]
+    return _readable_text(tokenizer, ids)
+
+
+def _readable_text(tokenizer, ids: list[int]) -> str:
     text = tokenizer.decode(ids)
     convert = getattr(tokenizer, "convert_ids_to_tokens", None)
     if "\ufffd" not in text or convert is None:
@@ -234,9 +247,16 @@ def readable_text(tokenizer, ids: list[int]) -> str:
     byte_pieces = [_BYTE_PIECE.fullmatch(piece) for piece in pieces]
     if not any(byte_pieces):  # a byte-level BPE's pieces, or another kind
         alphabet = _byte_level_alphabet()
-        if not all(character in alphabet for piece in pieces for character in piece):
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}  # e.g. DeepSeek's <｜Assistant｜>: as written
+        if not all(character in alphabet for token, piece in zip(ids, pieces) if token not in added
+                   for character in piece):
             return text
-        return bytes(alphabet[character] for piece in pieces for character in piece).decode("utf-8", "entrorl.byte_pieces")
+        parts = []
+        for is_added, run in itertools.groupby(zip(ids, pieces), key=lambda item: item[0] in added):
+            run = list(run)
+            parts.append(tokenizer.decode([token for token, _ in run]) if is_added else bytes(
+                alphabet[character] for _, piece in run for character in piece).decode("utf-8", "entrorl.byte_pieces"))
+        return "".join(parts)
     parts = []  # runs of byte pieces as bytes, the runs between them as the tokenizer decodes them
     for is_byte, run in itertools.groupby(range(len(ids)), key=lambda index: byte_pieces[index] is not None):
         run = list(run)
@@ -282,14 +302,18 @@ def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_m
             continue
         seen.add(point)
         sharing = (points[:, position] == point).nonzero().squeeze(-1).tolist()
-        chosen = collections.Counter(readable_text(tokenizer, [responses[other][position]]) for other in sharing)
+        sequence = prompt + response[:position]  # the rows sharing the decision point share it
+        cut = max(0, len(sequence) - context)
+        chosen = collections.Counter(readable_text(tokenizer, [responses[other][position]], following=sequence[-1])
+                                     for other in sharing)
         fork = {
             "entropy": float(flat_scores[flat_index]),
             "sample": row,
             "position": position,
-            "token": readable_text(tokenizer, [response[position]]),
-            "before": readable_text(tokenizer, (prompt + response[:position])[max(0, len(prompt) + position - context):]),
-            "after": readable_text(tokenizer, response[position + 1 : position + 1 + context // 2]),
+            "token": readable_text(tokenizer, [response[position]], following=sequence[-1]),
+            "before": readable_text(tokenizer, sequence[cut:], following=sequence[cut - 1] if cut else None),
+            "after": readable_text(tokenizer, response[position + 1 : position + 1 + context // 2],
+                                   following=response[position]),
             "samples": len(sharing),
             "chosen": dict(chosen.most_common()),
         }
