@@ -498,6 +498,14 @@ def test_encode_prompt_fills_the_template_and_wraps_a_chat_turn_without_a_second
     tokenizer.name_or_path = "models/base"  # as loaded from a directory: the message names it
     with pytest.raises(ValueError, match="the tokenizer in models/base has none"):
         modeling.encode_prompt(tokenizer, "1+2=", chat_template=True)
+    # a template with a typo, or one that refuses the turn itself: a ValueError naming it, as bad input is
+    tokenizer.chat_template = "{{ messages[0]['content'] }"
+    with pytest.raises(ValueError, match=r"the chat template of the tokenizer in models/base cannot render a user turn: "
+                                         r"TemplateSyntaxError: "):
+        modeling.encode_prompt(tokenizer, "1+2=", chat_template=True)
+    tokenizer.chat_template = "{{ raise_exception('system turn first') }}"
+    with pytest.raises(ValueError, match=r"cannot render a user turn: TemplateError: system turn first$"):
+        modeling.encode_prompt(tokenizer, "1+2=", chat_template=True)
 
 
 def test_encode_prompt_keeps_the_bos_a_tokenizer_adds_and_leaves_out_an_eos_it_appends():
@@ -743,6 +751,16 @@ def test_unknown_token_note_names_the_prompts_the_tokenizer_cannot_write_and_the
                     "vocabulary cannot write: check the data's encoding, or use a tokenizer that covers these characters")
     assert modeling.unknown_token_note(tokenizer, encoded[:1], records[:1], what="data.train") is None
     assert modeling.unknown_token_note(SimpleNamespace(unk_token_id=None), encoded, records, what="x") is None
+    # characters of the prompt template: named as the template's, alone or after the prompt's
+    template = "€ {prompt} ×"
+    encoded = [modeling.encode_prompt(tokenizer, record.prompt, template=template) for record in records]
+    note = modeling.unknown_token_note(tokenizer, encoded, records, what="data.train", template=template)
+    assert note.endswith("the first is p.jsonl:1, the prompt template '€ {prompt} ×' holds '€' '×', which the vocabulary "
+                         "cannot write: change the template, or use a tokenizer that covers these characters")
+    note = modeling.unknown_token_note(tokenizer, encoded[2:], records[2:], what="data.train", template=template)
+    assert note.endswith("the first is p.jsonl:3, whose '€' the vocabulary cannot write; the prompt template "
+                         "'€ {prompt} ×' holds '×', which it cannot write either: change the template and check the "
+                         "data's encoding, or use a tokenizer that covers these characters")
 
 
 def test_unknown_token_note_shows_ten_characters_at_most_and_none_when_no_single_character_is_unknown():

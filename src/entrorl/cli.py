@@ -335,7 +335,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
         tokenizer = load_tokenizer(directory.tokenizer, trust_remote_code=trust_remote_code)
         prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template)
                       for r in records]
-        note = unknown_token_note(tokenizer, prompt_ids, records, what=str(data))
+        note = unknown_token_note(tokenizer, prompt_ids, records, what=str(data), template=prompt_template)
         if note is not None:
             warnings.warn(note, stacklevel=3)
         declared = read_model_config(directory.weights, trust_remote_code=trust_remote_code) if check_fit else None

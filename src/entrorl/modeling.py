@@ -476,10 +476,17 @@ def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_te
             while len(ids) > end and ids[-1] == tokenizer.eos_token_id:
                 ids = ids[:-1]
         return ids
+    source = getattr(tokenizer, "name_or_path", "")
     if not getattr(tokenizer, "chat_template", None):
-        source = getattr(tokenizer, "name_or_path", "")
         raise ValueError(f"a chat template was asked for, but the tokenizer{f' in {source}' if source else ''} has none")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    except TemplateError as error:  # a typo in the template, or its own raise_exception(...)
+        raise ValueError(f"the chat template of the tokenizer{f' in {source}' if source else ''} cannot render a user "
+                         f"turn: {type(error).__name__}: {error}") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -536,11 +543,12 @@ def check_prompts_fit(model, prompt_ids, sources, *, max_new_tokens: int, pad_to
                          "Shorten them, filter them out, or lower max_new_tokens.")
 
 
-def unknown_token_note(tokenizer, prompt_ids, records, *, what: str) -> str | None:
+def unknown_token_note(tokenizer, prompt_ids, records, *, what: str, template: str = "{prompt}") -> str | None:
     """A sentence naming the prompts whose tokens hold the tokenizer's unknown token (``<unk>``: a character its
     vocabulary cannot write, which the model then sees as one and the same token whatever it was), the first one's
-    source and the characters of it that turn into it; None when there are none, or the tokenizer has no such token.
-    ``records`` are the prompts' :class:`entrorl.data.PromptRecord` (their text and source), ``what`` names the set."""
+    source and the characters of it that turn into it, and those of the prompt ``template`` (``{prompt}`` in it
+    stands for the prompt); None when there are none, or the tokenizer has no such token. ``records`` are the
+    prompts' :class:`entrorl.data.PromptRecord` (their text and source), ``what`` names the set."""
     unknown = getattr(tokenizer, "unk_token_id", None)
     if unknown is None:
         return None
@@ -548,13 +556,25 @@ def unknown_token_note(tokenizer, prompt_ids, records, *, what: str) -> str | No
     if not hit:
         return None
     first = hit[0]
-    characters = [character for character in dict.fromkeys(first.prompt)
-                  if unknown in tokenizer(character, add_special_tokens=False)["input_ids"]]
-    shown = " ".join(repr(character) for character in characters[:10]) + (" ..." if len(characters) > 10 else "")
-    return (f"{len(hit)} of the {len(prompt_ids)} prompts of {what} hold text the tokenizer turns into its unknown "
+
+    def unwritable(text: str) -> list[str]:
+        return [character for character in dict.fromkeys(text)
+                if unknown in tokenizer(character, add_special_tokens=False)["input_ids"]]
+
+    def shown(characters: list[str]) -> str:
+        return " ".join(repr(character) for character in characters[:10]) + (" ..." if len(characters) > 10 else "")
+
+    in_prompt = unwritable(first.prompt)
+    in_template = [character for character in unwritable(template.format(prompt="")) if character not in in_prompt]
+    note = (f"{len(hit)} of the {len(prompt_ids)} prompts of {what} hold text the tokenizer turns into its unknown "
             f"token {tokenizer.unk_token!r} (the model sees one token for any such character); the first is "
-            f"{first.source}" + (f", whose {shown} the vocabulary cannot write" if characters else "")
-            + ": check the data's encoding, or use a tokenizer that covers these characters")
+            f"{first.source}" + (f", whose {shown(in_prompt)} the vocabulary cannot write" if in_prompt else ""))
+    if not in_template:
+        return f"{note}: check the data's encoding, or use a tokenizer that covers these characters"
+    template_part = (f"the prompt template {template!r} holds {shown(in_template)}, which "
+                     + ("it cannot write either" if in_prompt else "the vocabulary cannot write"))
+    advice = "change the template" + (" and check the data's encoding" if in_prompt else "")
+    return f"{note}{'; ' if in_prompt else ', '}{template_part}: {advice}, or use a tokenizer that covers these characters"
 
 
 def cache_argument(module) -> str:

@@ -493,7 +493,7 @@ class Trainer:
                                      chat_template=model.chat_template) for record in records]
             check_prompts_fit(context_of, encoded, [record.source for record in records],
                               max_new_tokens=self.config.rollout.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
-            note = unknown_token_note(self.tokenizer, encoded, records, what=what)
+            note = unknown_token_note(self.tokenizer, encoded, records, what=what, template=data.prompt_template)
             if note is not None:
                 warnings.warn(note, stacklevel=3)
             setattr(self, attribute, encoded)
