@@ -219,6 +219,9 @@ def test_math_instruction_mentions_boxed():
         ("None", ["Paris", None], 0.0),  # a missing reference is not the text "None"
         ("Straße", "STRASSE", 1.0),  # case-folded, not only lower-cased
         ("STRASSE", "Straße", 1.0),
+        ("Caf\u00e9", "cafe\u0301", 1.0),  # one character or a letter and its combining accent: the same text (NFC)
+        ("CAFE\u0301", "caf\u00e9", 1.0),
+        ("cafe", "caf\u00e9", 0.0),
         (None, "x", 0.0),
         ("", "", 0.0),  # a blank reference is no reference: an empty answer must not earn the reward
         ("   ", "", 0.0),

@@ -1,8 +1,9 @@
 """The ``exact_match`` reward: the extracted final answer equals the reference, up to surrounding
-whitespace and case."""
+whitespace, case and Unicode's composition of characters."""
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from entrorl.rewards.base import reference_answers, register_reward
@@ -14,12 +15,12 @@ __all__ = ["exact_match"]
 @register_reward(
     "exact_match",
     description="1.0 if the completion's final answer (\\boxed{}, <answer>, 'the answer is', ####, last number; "
-    "else the whole completion) equals the reference after whitespace strip and case-fold, else 0.0",
+    "else the whole completion) equals the reference after whitespace strip, case-fold and Unicode NFC, else 0.0",
 )
 def exact_match(prompt: str, completion: str, answer: Any, /, **meta: Any) -> float:
     """1.0 if the final answer of ``completion`` (see :func:`entrorl.rewards.math.extract_final_answer`;
-    the whole completion when nothing is extracted) equals ``answer`` after ``strip()`` and
-    ``casefold()``, else 0.0. A list / tuple / array ``answer`` accepts any of its items; ``None`` or a blank reference
+    the whole completion when nothing is extracted) equals ``answer`` after ``strip()``, ``casefold()`` and Unicode
+    NFC (``e`` + U+0301 is ``é``), else 0.0. A list / tuple / array ``answer`` accepts any of its items; ``None`` or a blank reference
     scores 0.0."""
     if answer is None or not isinstance(completion, str):
         return 0.0
@@ -27,7 +28,11 @@ def exact_match(prompt: str, completion: str, answer: Any, /, **meta: Any) -> fl
     predicted = extract_final_answer(completion)
     if predicted is None:
         predicted = completion
-    key = predicted.strip().casefold()
+    key = _comparable(predicted)
     # a blank reference is no reference (as for `math`): an empty completion must not match it
-    return 1.0 if any(ref is not None and str(ref).strip() and str(ref).strip().casefold() == key
+    return 1.0 if any(ref is not None and str(ref).strip() and _comparable(str(ref)) == key
                       for ref in references) else 0.0
+
+
+def _comparable(text: str) -> str:
+    return unicodedata.normalize("NFC", text.strip().casefold())
