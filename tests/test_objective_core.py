@@ -1948,6 +1948,8 @@ def test_available_parts_lists_every_kind_with_defaults_and_parameter_docs():
     assert "arXiv 2602.03392" in clip_b.param_docs["mu"]
     assert by_key[("correction", "tis")].params["rollout_is_threshold"] == 2.0
     assert [info.name for info in available_parts("correction")] == ["icepop", "tis"]
+    with pytest.raises(ValueError, match=r"unknown part kind 'bogus'; kinds are \["):
+        available_parts("bogus")
 
 
 def test_a_batch_refuses_a_mask_advantages_or_rows_of_another_shape():

@@ -970,6 +970,12 @@ def test_learning_rate_schedules():
     for name in ("linear", "cosine"):  # past the end (a resumed run made shorter) the rate stays at the final one
         assert [learning_rate_factor(step, 6, warmup_steps=2, schedule=name, min_ratio=0.1)
                 for step in (6, 7, 10)] == pytest.approx([0.1, 0.1, 0.1])
+    # a misspelled schedule fails at the first step, not once the warm-up is over
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'cosin'; choose one of constant, linear, cosine"):
+        learning_rate_factor(0, 10, warmup_steps=2, schedule="cosin")
+    for step, min_ratio in ((-1, 0.0), (3, 1.5), (3, -0.1)):
+        with pytest.raises(ValueError, match="step must be >= 0 and min_ratio in \\[0, 1\\]"):
+            learning_rate_factor(step, 10, schedule="linear", min_ratio=min_ratio)
 
 
 def test_activation_checkpointing_and_a_cosine_schedule_train_like_the_plain_run(tmp_path, tiny_model_dir, arithmetic_files):

@@ -7,9 +7,8 @@ Everything here works on plain numbers (numpy + the standard library): a boolean
   (the pass@1 estimate).
 * **Pass@k** — the unbiased estimator of Chen et al. 2021 (Codex, arXiv 2107.03374):
   ``pass@k = 1 - C(n - c, k) / C(n, k)`` for a problem with ``c`` correct answers among ``n >= k``
-  samples, averaged over problems. It is computed in the stable product form
-  ``1 - prod_{i = n-c+1}^{n} (1 - k / i)`` (and ``1`` when ``n - c < k``), so no binomial
-  coefficient is ever formed.
+  samples, averaged over problems. It is computed exactly, from integer binomial coefficients with one
+  rounding to float at the end (``1`` when ``n - c < k``).
 * **Polarisation** — the histogram of per-problem pass rates, with the share of problems that are
   never solved (rate exactly 0) and always solved (rate exactly 1). RL fine-tuning tends to push
   pass rates to the two ends; these prompts give GRPO-style advantages no signal.

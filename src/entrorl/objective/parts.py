@@ -251,6 +251,9 @@ def part_info(cls: type[Part]) -> PartInfo:
 
 
 def available_parts(kind: str | None = None) -> list[PartInfo]:
+    """Every registered part of ``kind`` (one of ``PART_KINDS``; None: of every kind), sorted by name."""
+    if kind is not None and kind not in _REGISTRY:
+        raise ValueError(f"unknown part kind '{kind}'; kinds are {list(PART_KINDS)}")
     kinds = PART_KINDS if kind is None else (kind,)
     return [part_info(cls) for k in kinds for _, cls in sorted(_REGISTRY[k].items())]
 
