@@ -139,7 +139,7 @@ def write_jsonl(
 ) -> Path:
     """Write records as JSONL: one object per record with the prompt, the answer (``null`` when
     ``None``) and the meta fields flattened beside them. Loading the file back with the same column
-    names gives the same prompts, answers and meta.
+    names gives the same prompts, answers and meta (``require_answer=False`` when an answer is ``None``).
 
     The write is atomic (a temporary file in the target directory, then ``os.replace``); the parent
     directory is created. Writing over a file that any of the records were loaded from is refused
