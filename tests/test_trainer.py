@@ -1929,11 +1929,19 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_the_model_load
     earlier = tmp_path / "earlier"
     (earlier / "checkpoints" / "step_000001").mkdir(parents=True)
     (earlier / "config.json").write_text(json.dumps({"method": "grpo"}))
-    for run_dir in (earlier / "checkpoints", earlier / "checkpoints" / "step_000001" / "run"):
+    linked = tmp_path / "linked"
+    linked.symlink_to(earlier / "checkpoints" / "step_000001")
+    for run_dir in (earlier / "checkpoints", earlier / "checkpoints" / "step_000001" / "run", linked / "run"):
         with pytest.raises(FileExistsError, match=f"the run directory {run_dir} is inside the checkpoints of the run "
                                                   f"{earlier}, which that run prunes"):
             Trainer(config, run_dir=run_dir)
     assert sorted(path.name for path in earlier.rglob("*")) == ["checkpoints", "config.json", "step_000001"]
+    # a project whose training configuration is config.json and whose runs go into checkpoints/: no run owns that
+    project = tmp_path / "project"
+    (project / "checkpoints" / "run1" / "checkpoints" / "step_000001").mkdir(parents=True)
+    (project / "config.json").write_text(json.dumps({"method": "grpo", "logging": {"run_dir": "checkpoints"}}))
+    for run_dir in (project / "checkpoints" / "run1", project / "checkpoints" / "run2"):
+        checkpoint.check_run_directory_writable(run_dir)
 
 
 def test_a_folder_that_can_be_written_but_not_entered_is_no_run_directory(tmp_path, monkeypatch):
@@ -2477,23 +2485,28 @@ def test_a_config_file_that_is_not_utf8_or_has_a_key_that_is_not_text_is_named(t
         load_config(config)
 
 
-def test_a_temperature_whose_inverse_overflows_float32_is_refused(arithmetic_files):
+def test_a_temperature_that_overflows_the_scored_logits_is_refused(arithmetic_files):
     """The update scores the rollouts' tokens at rollout.temperature, and an evaluation its fork tokens at
-    eval.temperature, through 1 / temperature: below 1 / float32's max that is inf, and every log-prob NaN."""
+    eval.temperature: the shifted logits (floored at -1e4) divided by a temperature below 1e4 / float32's max
+    overflow, and the log-probs or their gradients are NaN."""
     from entrorl.tokens import MIN_TEMPERATURE, token_stats
 
     train, held_out = arithmetic_files
     base = make_config(Path("model"), train, held_out)
-    for key, said in (("rollout.temperature", "must be at least 2.94e-39"),
-                      ("eval.temperature", "must be 0 (greedy) or at least 2.94e-39")):
-        with pytest.raises(ConfigError, match=rf"{key}: {re.escape(said)}, where 1 / temperature is a float32 number"):
-            load_config(base, [f"{key}=1e-39"])
+    for key, said in (("rollout.temperature", "must be at least 2.94e-35"),
+                      ("eval.temperature", "must be 0 (greedy) or at least 2.94e-35")):
+        with pytest.raises(ConfigError, match=rf"{key}: {re.escape(said)}, where the logits divided by it are float32 "
+                                              "numbers"):
+            load_config(base, [f"{key}=1e-36"])
         assert getattr(load_config(base, [f"{key}={MIN_TEMPERATURE!r}"]), key.split(".")[0]).temperature == MIN_TEMPERATURE
     assert load_config(base, ["eval.temperature=0", "eval.n=1", "eval.ks=[1]"]).eval.temperature == 0
-    with pytest.raises(ValueError, match="temperature 1e-39 is below 2.94e-39, where 1 / temperature overflows float32"):
-        token_stats(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), temperature=1e-39)
-    stats = token_stats(torch.tensor([[[0.0, 1.0, 2.0]]]), torch.tensor([[2]]), temperature=MIN_TEMPERATURE)
-    assert stats.logprob.item() == 0.0 and stats.entropy.item() == 0.0
+    with pytest.raises(ValueError, match="temperature 1e-36 is below 2.94e-35, where the logits divided by it overflow "
+                                         "float32"):
+        token_stats(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), temperature=1e-36)
+    logits = torch.tensor([[[0.0, 1.0, 2.0]]], requires_grad=True)
+    stats = token_stats(logits, torch.tensor([[1]]), temperature=MIN_TEMPERATURE)
+    (stats.logprob.sum() + stats.entropy.sum()).backward()
+    assert stats.entropy.item() == 0.0 and math.isfinite(stats.logprob.item()) and torch.isfinite(logits.grad).all()
 
 
 def test_a_string_setting_that_yaml_read_as_a_number_says_to_quote_it(tmp_path, arithmetic_files):

@@ -116,10 +116,10 @@ def check_run_directory_writable(run_dir: Path) -> None:
     if declares_a_model(Path(run_dir) / "config.json"):
         raise FileExistsError(f"the run directory {run_dir} holds a model (its config.json declares one), which the "
                               "run's config.json would replace; choose another --run-dir / logging.run_dir")
-    absolute = Path(os.path.abspath(run_dir))
-    owner = next((folder.parent for folder in (absolute, *absolute.parents)
-                  if folder.name == "checkpoints" and (folder.parent / "config.json").is_file()
-                  and _is_run_directory(folder.parent)), None)
+    owner = next((folder.parent for given in dict.fromkeys((Path(os.path.abspath(run_dir)), Path(run_dir).resolve()))
+                  for folder in (given, *given.parents)
+                  if folder.name == "checkpoints" and _holds_checkpoints(folder)
+                  and (folder.parent / "config.json").is_file() and _is_run_directory(folder.parent)), None)
     if owner is not None:
         raise FileExistsError(f"the run directory {run_dir} is inside the checkpoints of the run {owner}, which that "
                               "run prunes and resumes from; choose another --run-dir / logging.run_dir")
@@ -460,6 +460,12 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
     tokenizer = path if any((path / name).is_file() for name in TOKENIZER_FILES) else base
     check_model_files(tokenizer, weights=False)
     return ModelDirectory(weights=base, tokenizer=tokenizer, adapters=adapters)
+
+
+def _holds_checkpoints(folder: Path) -> bool:
+    """Whether ``folder`` (a run's ``checkpoints/``) holds a checkpoint or the pointer to the latest one."""
+    return folder.is_dir() and ((folder / "latest").exists()
+                                or any(child.name.startswith(_PREFIX) for child in folder.iterdir()))
 
 
 def _is_run_directory(path: Path) -> bool:
