@@ -564,8 +564,8 @@ def unknown_token_note(tokenizer, prompt_ids, records, *, what: str, template: s
     def shown(characters: list[str]) -> str:
         return " ".join(repr(character) for character in characters[:10]) + (" ..." if len(characters) > 10 else "")
 
-    in_prompt = unwritable(first.prompt)
-    in_template = [character for character in unwritable(template.format(prompt="")) if character not in in_prompt]
+    in_template = unwritable(template.format(prompt=""))  # in every prompt: named first, as the template's
+    in_prompt = [character for character in unwritable(first.prompt) if character not in in_template]
     note = (f"{len(hit)} of the {len(prompt_ids)} prompts of {what} hold text the tokenizer turns into its unknown "
             f"token {tokenizer.unk_token!r} (the model sees one token for any such character); the first is "
             f"{first.source}" + (f", whose {shown(in_prompt)} the vocabulary cannot write" if in_prompt else ""))

@@ -34,8 +34,9 @@ from entrorl._checks import check_int
 __all__ = ["MIN_TEMPERATURE", "STAT_NAMES", "TokenStats", "token_stats", "token_stats_from_hidden", "default_chunk_size"]
 
 STAT_NAMES = ("logprob", "entropy", "disc", "disc_centered")
-# the smallest temperature whose inverse, which scales the logits and their gradient, is a float32 number
-MIN_TEMPERATURE = 1.0 / float(torch.finfo(torch.float32).max)
+# the smallest temperature at which the shifted logits (floored at -1e4) divided by it, and their gradients, are
+# float32 numbers
+MIN_TEMPERATURE = 1.0e4 / float(torch.finfo(torch.float32).max)
 
 # Shifted logits are clamped here before use: exp(-1e4) is exactly 0 in float32 and float64, so the
 # clamp changes no probability but keeps 0 * (-inf) out of every sum.
@@ -77,8 +78,8 @@ def _validate_temperature(temperature: float) -> float:
     if not temperature > 0.0 or temperature != temperature or temperature == float("inf"):
         raise ValueError(f"token_stats: temperature must be a finite number > 0, got {temperature}")
     if temperature < MIN_TEMPERATURE:
-        raise ValueError(f"token_stats: temperature {temperature:g} is below {MIN_TEMPERATURE:.3g}, where 1 / temperature "
-                         "overflows float32")
+        raise ValueError(f"token_stats: temperature {temperature:g} is below {MIN_TEMPERATURE:.3g}, where the logits "
+                         "divided by it overflow float32")
     return temperature
 
 

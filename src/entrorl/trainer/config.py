@@ -286,11 +286,11 @@ class RewardConfig(_Section):
 
 
 def _scorable_temperature(value: float, alternative: str = "") -> float:
-    """``value`` unless it is above 0 but so small that 1 / value, which scales the logits the tokens are scored at,
-    overflows float32."""
+    """``value`` unless it is above 0 but so small that the logits the tokens are scored at, divided by it, overflow
+    float32."""
     if 0 < value < MIN_TEMPERATURE:
         raise ValueError(f"must be {alternative} at least {MIN_TEMPERATURE:.3g}".replace("  ", " ")
-                         + ", where 1 / temperature is a float32 number")
+                         + ", where the logits divided by it are float32 numbers")
     return value
 
 
