@@ -423,17 +423,17 @@ def test_a_model_that_gives_nan_log_probs_is_not_evaluated(tmp_path, tiny_model_
                                       "--samples", str(samples)])
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and re.search(r"the model gives inf or NaN log-probs to \d+ of its \d+ sampled tokens "
-                                               r"\(weights that overflow, or a broken checkpoint\): nothing to evaluate; "
+                                               r"\(weights that overflow, or a broken checkpoint\); "
                                                r"nothing was written", said), said
     assert not out.exists() and not samples.exists()
     audited = CliRunner().invoke(app, ["data", "audit", "--model", str(broken), "--data", str(held_out), "--n", "2",
                                        "--reward", "exact_match", "--max-new-tokens", "3", "--out", str(tmp_path / "aud")])
     said = " ".join(audited.output.split())
-    assert audited.exit_code == 2 and said.endswith(f"nothing to evaluate; nothing was written into {tmp_path / 'aud'}")
+    assert audited.exit_code == 2 and said.endswith(f"a broken checkpoint); nothing was written into {tmp_path / 'aud'}")
     assert not (tmp_path / "aud").exists()
     config = load_config(make_config(broken, train, held_out, eval={"at_start": True, "n": 1, "ks": [1]}))
     with pytest.raises(TrainingStopped, match=r"^evaluating the model as loaded: the model gives inf or NaN log-probs "
-                                              r"to \d+ of its \d+ sampled tokens .*nothing to evaluate$"):
+                                              r"to \d+ of its \d+ sampled tokens .*a broken checkpoint\)$"):
         Trainer(config, run_dir=tmp_path / "run").train()
     # an update whose weights overflow the evaluation's forward (lr 1e10): the cause, and the step's record is kept
     with importable_module(tmp_path, "parity_eval_reward", PARITY_REWARD):

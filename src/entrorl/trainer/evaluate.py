@@ -53,7 +53,7 @@ def refuse_non_finite_log_probs(rollouts) -> None:
     if broken:
         raise NonFiniteLogProbs(f"the model gives inf or NaN log-probs to {broken} of its "
                                 f"{int(rollouts.response_mask.sum())} sampled tokens (weights that overflow, or a broken "
-                                "checkpoint): nothing to evaluate")
+                                "checkpoint)")
 
 
 @torch.no_grad()
