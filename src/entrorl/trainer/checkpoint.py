@@ -116,10 +116,7 @@ def check_run_directory_writable(run_dir: Path) -> None:
     if declares_a_model(Path(run_dir) / "config.json"):
         raise FileExistsError(f"the run directory {run_dir} holds a model (its config.json declares one), which the "
                               "run's config.json would replace; choose another --run-dir / logging.run_dir")
-    owner = next((folder.parent for given in dict.fromkeys((Path(os.path.abspath(run_dir)), Path(run_dir).resolve()))
-                  for folder in (given, *given.parents)
-                  if folder.name == "checkpoints" and _holds_checkpoints(folder)
-                  and (folder.parent / "config.json").is_file() and _is_run_directory(folder.parent)), None)
+    owner = _run_whose_checkpoints_hold(run_dir)
     if owner is not None:
         raise FileExistsError(f"the run directory {run_dir} is inside the checkpoints of the run {owner}, which that "
                               "run prunes and resumes from; choose another --run-dir / logging.run_dir")
@@ -460,6 +457,17 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
     tokenizer = path if any((path / name).is_file() for name in TOKENIZER_FILES) else base
     check_model_files(tokenizer, weights=False)
     return ModelDirectory(weights=base, tokenizer=tokenizer, adapters=adapters)
+
+
+def _run_whose_checkpoints_hold(path: Path) -> Path | None:
+    """The training run in whose ``checkpoints/`` folder ``path`` lies, as given or with links resolved; None if none."""
+    for given in dict.fromkeys((Path(os.path.abspath(path)), Path(path).resolve())):
+        for folder in (given, *given.parents):
+            run = folder.parent
+            if folder.name == "checkpoints" and _holds_checkpoints(folder) and (run / "config.json").is_file() \
+                    and _is_run_directory(run):
+                return run
+    return None
 
 
 def _holds_checkpoints(folder: Path) -> bool:
