@@ -758,8 +758,9 @@ def test_unknown_token_note_names_the_prompts_the_tokenizer_cannot_write_and_the
     assert note.endswith("the first is p.jsonl:1, the prompt template '€ {prompt} ×' holds '€' '×', which the vocabulary "
                          "cannot write: change the template, or use a tokenizer that covers these characters")
     note = modeling.unknown_token_note(tokenizer, encoded[2:], records[2:], what="data.train", template=template)
-    assert note.endswith("the first is p.jsonl:3, the prompt template '€ {prompt} ×' holds '€' '×', which the "
-                         "vocabulary cannot write: change the template, or use a tokenizer that covers these characters")
+    assert note.endswith("the first is p.jsonl:3, whose '€' the vocabulary cannot write; the prompt template "
+                         "'€ {prompt} ×' holds '€' '×', which it cannot write either: change the template and check the "
+                         "data's encoding, or use a tokenizer that covers these characters")
     template = "× {prompt}"  # the prompt's own € besides
     encoded = [modeling.encode_prompt(tokenizer, record.prompt, template=template) for record in records]
     note = modeling.unknown_token_note(tokenizer, encoded[2:], records[2:], what="data.train", template=template)

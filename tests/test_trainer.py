@@ -1942,6 +1942,16 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_the_model_load
     (project / "config.json").write_text(json.dumps({"method": "grpo", "logging": {"run_dir": "checkpoints"}}))
     for run_dir in (project / "checkpoints" / "run1", project / "checkpoints" / "run2"):
         checkpoint.check_run_directory_writable(run_dir)
+    # a shared checkpoints/ this user may enter but not list (mode 0711) holds none of their checkpoints
+    real_iterdir = Path.iterdir
+
+    def unlistable(path):
+        if path == earlier / "checkpoints":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", unlistable)
+    checkpoint.check_run_directory_writable(earlier / "checkpoints" / "mine")
 
 
 def test_a_folder_that_can_be_written_but_not_entered_is_no_run_directory(tmp_path, monkeypatch):
@@ -2495,18 +2505,18 @@ def test_a_temperature_that_overflows_the_scored_logits_is_refused(arithmetic_fi
     base = make_config(Path("model"), train, held_out)
     for key, said in (("rollout.temperature", "must be at least 2.94e-35"),
                       ("eval.temperature", "must be 0 (greedy) or at least 2.94e-35")):
-        with pytest.raises(ConfigError, match=rf"{key}: {re.escape(said)}, where the logits divided by it are float32 "
-                                              "numbers"):
+        with pytest.raises(ConfigError, match=rf"{key}: {re.escape(said)}: scoring tokens at a lower one overflows "
+                                              "float32"):
             load_config(base, [f"{key}=1e-36"])
         assert getattr(load_config(base, [f"{key}={MIN_TEMPERATURE!r}"]), key.split(".")[0]).temperature == MIN_TEMPERATURE
     assert load_config(base, ["eval.temperature=0", "eval.n=1", "eval.ks=[1]"]).eval.temperature == 0
-    with pytest.raises(ValueError, match="temperature 1e-36 is below 2.94e-35, where the logits divided by it overflow "
-                                         "float32"):
+    with pytest.raises(ValueError, match="temperature 1e-36 is below 2.94e-35: scoring tokens at it overflows float32"):
         token_stats(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), temperature=1e-36)
-    logits = torch.tensor([[[0.0, 1.0, 2.0]]], requires_grad=True)
-    stats = token_stats(logits, torch.tensor([[1]]), temperature=MIN_TEMPERATURE)
-    (stats.logprob.sum() + stats.entropy.sum()).backward()
-    assert stats.entropy.item() == 0.0 and math.isfinite(stats.logprob.item()) and torch.isfinite(logits.grad).all()
+    for entropy_weight in (1.0, 2.0, -50.0):  # a slope above the row's normaliser overflowed into 0 * inf
+        logits = torch.tensor([[[0.0, 1.0, 2.0]]], requires_grad=True)
+        stats = token_stats(logits, torch.tensor([[1]]), temperature=MIN_TEMPERATURE)
+        (stats.logprob.sum() + entropy_weight * stats.entropy.sum()).backward()
+        assert stats.entropy.item() == 0.0 and math.isfinite(stats.logprob.item()) and torch.isfinite(logits.grad).all()
 
 
 def test_a_string_setting_that_yaml_read_as_a_number_says_to_quote_it(tmp_path, arithmetic_files):

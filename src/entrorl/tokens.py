@@ -34,13 +34,15 @@ from entrorl._checks import check_int
 __all__ = ["MIN_TEMPERATURE", "STAT_NAMES", "TokenStats", "token_stats", "token_stats_from_hidden", "default_chunk_size"]
 
 STAT_NAMES = ("logprob", "entropy", "disc", "disc_centered")
-# the smallest temperature at which the shifted logits (floored at -1e4) divided by it, and their gradients, are
-# float32 numbers
+# the smallest temperature tokens are scored at: the logits' scale 1 / T and the gradients it multiplies stay float32
+# numbers (with room for a loss weight up to 1e4)
 MIN_TEMPERATURE = 1.0e4 / float(torch.finfo(torch.float32).max)
 
 # Shifted logits are clamped here before use: exp(-1e4) is exactly 0 in float32 and float64, so the
 # clamp changes no probability but keeps 0 * (-inf) out of every sum.
 _LOGIT_FLOOR = -1.0e4
+# below this 1 / temperature, |d loss / d H| * (1 / T) * 1e4 stays far inside float32 for any loss's weights
+_SCALE_THAT_CAN_OVERFLOW = 1.0e20
 # About 16 MiB of float32 per temporary per chunk: small next to any logits worth chunking.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -78,8 +80,8 @@ def _validate_temperature(temperature: float) -> float:
     if not temperature > 0.0 or temperature != temperature or temperature == float("inf"):
         raise ValueError(f"token_stats: temperature must be a finite number > 0, got {temperature}")
     if temperature < MIN_TEMPERATURE:
-        raise ValueError(f"token_stats: temperature {temperature:g} is below {MIN_TEMPERATURE:.3g}, where the logits "
-                         "divided by it overflow float32")
+        raise ValueError(f"token_stats: temperature {temperature:g} is below {MIN_TEMPERATURE:.3g}: scoring tokens at "
+                         "it overflows float32")
     return temperature
 
 
@@ -206,6 +208,8 @@ def _chunk_logit_grad(
         shifted.fill_(1.0).mul_((-g * row_scale).unsqueeze(-1))
     grad = shifted if out is None or out.dtype != shifted.dtype else out
     torch.mul(shifted, weights, out=grad)
+    if inv_temperature > _SCALE_THAT_CAN_OVERFLOW:  # a slope times a floored logit may be inf, times a weight of 0: NaN
+        grad.masked_fill_(weights == 0, 0.0)
     if grad_logprob is not None:
         grad.scatter_add_(-1, targets_chunk.unsqueeze(-1), (g * inv_temperature).unsqueeze(-1).to(grad.dtype))
     if bool(empty_row.any()):

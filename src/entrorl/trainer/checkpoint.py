@@ -464,16 +464,19 @@ def _run_whose_checkpoints_hold(path: Path) -> Path | None:
     for given in dict.fromkeys((Path(os.path.abspath(path)), Path(path).resolve())):
         for folder in (given, *given.parents):
             run = folder.parent
-            if folder.name == "checkpoints" and _holds_checkpoints(folder) and (run / "config.json").is_file() \
-                    and _is_run_directory(run):
+            if folder.name == "checkpoints" and (run / "config.json").is_file() and _is_run_directory(run) \
+                    and _holds_checkpoints(folder):
                 return run
     return None
 
 
 def _holds_checkpoints(folder: Path) -> bool:
-    """Whether ``folder`` (a run's ``checkpoints/``) holds a checkpoint or the pointer to the latest one."""
-    return folder.is_dir() and ((folder / "latest").exists()
-                                or any(child.name.startswith(_PREFIX) for child in folder.iterdir()))
+    """Whether ``folder`` (a run's ``checkpoints/``) holds a checkpoint or the pointer to the latest one; a shared
+    folder this user may enter but not list holds none of theirs."""
+    try:
+        return (folder / "latest").exists() or any(child.name.startswith(_PREFIX) for child in folder.iterdir())
+    except OSError:
+        return False
 
 
 def _is_run_directory(path: Path) -> bool:

@@ -286,11 +286,10 @@ class RewardConfig(_Section):
 
 
 def _scorable_temperature(value: float, alternative: str = "") -> float:
-    """``value`` unless it is above 0 but so small that the logits the tokens are scored at, divided by it, overflow
-    float32."""
+    """``value`` unless it is above 0 but so small that scoring tokens at it overflows float32."""
     if 0 < value < MIN_TEMPERATURE:
         raise ValueError(f"must be {alternative} at least {MIN_TEMPERATURE:.3g}".replace("  ", " ")
-                         + ", where the logits divided by it are float32 numbers")
+                         + ": scoring tokens at a lower one overflows float32")
     return value
 
 
