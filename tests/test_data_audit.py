@@ -351,6 +351,9 @@ def test_thresholds_that_are_not_finite_are_refused_as_not_numbers():
 def test_canonical_spelling_folds_case_beyond_ascii():
     """Case folding, not lower-casing: 'STRASSE' and 'Straße' are one wrong answer."""
     assert canonical_answer(" Straße ") == canonical_answer("STRASSE") == "strasse"
+    # as exact_match: one character or a letter and its accent, marks in either order (NFC on both sides of casefold)
+    assert canonical_answer("caf\u00e9") == canonical_answer("CAFE\u0301")
+    assert canonical_answer("\u03b1\u0345\u0301") == canonical_answer("\u03b1\u0301\u0345")
     groups = group_answers(["STRASSE", "Straße", "Berlin"], [False] * 3)
     assert [(g.answer, g.count, g.spellings) for g in groups] == [("STRASSE", 2, ("STRASSE", "Straße")), ("Berlin", 1, ("Berlin",))]
 

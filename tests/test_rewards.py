@@ -222,6 +222,7 @@ def test_math_instruction_mentions_boxed():
         ("Caf\u00e9", "cafe\u0301", 1.0),  # one character or a letter and its combining accent: the same text (NFC)
         ("CAFE\u0301", "caf\u00e9", 1.0),
         ("cafe", "caf\u00e9", 0.0),
+        ("\u03b1\u0345\u0301", "\u03b1\u0301\u0345", 1.0),  # casefold turns U+0345 into iota: NFC before it too
         (None, "x", 0.0),
         ("", "", 0.0),  # a blank reference is no reference: an empty answer must not earn the reward
         ("   ", "", 0.0),

@@ -37,6 +37,7 @@ import math
 import os
 import re
 import tempfile
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,8 +159,10 @@ _SPACES = re.compile(r"\s+")
 
 def canonical_answer(answer: str) -> str:
     """The spelling key answers are first grouped by: surrounding whitespace dropped, inner runs of
-    whitespace collapsed to one space, case folded (``" X  = 2 "`` and ``"x = 2"`` share a key)."""
-    return _SPACES.sub(" ", answer.strip()).casefold()
+    whitespace collapsed to one space, case folded, Unicode NFC (``" X  = 2 "`` and ``"x = 2"`` share a key, and so
+    do ``é`` and ``e`` + U+0301, as for ``exact_match``)."""
+    folded = _SPACES.sub(" ", unicodedata.normalize("NFC", answer).strip()).casefold()
+    return unicodedata.normalize("NFC", folded)
 
 
 def _by_frequency(spellings: Sequence[str]) -> list[str]:

@@ -35,4 +35,5 @@ def exact_match(prompt: str, completion: str, answer: Any, /, **meta: Any) -> fl
 
 
 def _comparable(text: str) -> str:
-    return unicodedata.normalize("NFC", text.strip().casefold())
+    # NFC on both sides of casefold, which may turn a combining mark into a letter (U+0345 into iota)
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).strip().casefold())

@@ -89,7 +89,7 @@ def answer_tools(reward_fn: Any) -> tuple[Extractor, Equivalence]:
     with the reward's own options (so ``0.5``, ``1/2`` and ``\\frac{1}{2}`` are one answer);
     ``reasoning_gym``: its ``<answer>`` extractor and equality of spellings; ``exact_match`` and any
     other reward: the final-answer extractor (the whole completion when it finds nothing, for
-    ``exact_match``) and equality of spellings up to case and whitespace.
+    ``exact_match``) and equality of spellings up to case, whitespace and Unicode NFC.
     """
     if isinstance(reward_fn, MathReward):
         options, extractors = reward_fn.options, reward_fn.extractors  # the reward's own extractors, in its order
