@@ -4228,7 +4228,7 @@ def test_a_split_update_reports_the_whole_batch_metrics(loss_agg_mode):
     records = [(objective(PolicyBatch(**{name: value[micro] for name, value in fields.items()})).metrics,
                 MicroBatchShares.of(micro, all_rows, mask=mask, normaliser_mask=mask, loss_agg_mode=loss_agg_mode))
                for micro in all_rows.split(3)]
-    combined = _mean_metrics(records, aggregated=objective.aggregated_metrics, updates=1)
+    combined = _mean_metrics([records], aggregated=objective.aggregated_metrics)
     assert {"kl/ref", "reg/entropy_bonus", "clip/ppo_frac", "ratio/mean", "advantages/mean"} <= whole.keys()
     assert combined.keys() == whole.keys()
     for key, value in whole.items():
@@ -4265,7 +4265,8 @@ def test_micro_batch_shares_are_of_their_own_mini_batch_and_count_rows_with_a_to
 
 def test_metrics_of_micro_batches_leave_out_non_finite_values_and_placeholders_of_empty_ones():
     """A micro-batch without valid tokens reports a placeholder maximum and NaN means: the mini-batch's maximum is
-    that of the micro-batches with tokens, its means those of the finite values, and counts add up per update."""
+    that of the micro-batches with tokens, its means those of the finite values, and counts add up per update; the
+    step's value of each metric is the mean of its updates' values."""
     from entrorl.trainer.loop import MicroBatchShares, _mean_metrics
 
     full = MicroBatchShares(loss=1.0, aggregated=1.0, tokens=1.0)
@@ -4273,16 +4274,21 @@ def test_metrics_of_micro_batches_leave_out_non_finite_values_and_placeholders_o
     records = [({"ratio/max": 1.5, "ratio/mean": 1.1, "loss/policy": 0.25, "tokens/valid": 12.0}, full),
                ({"ratio/max": 9.0, "ratio/mean": math.nan, "loss/policy": math.nan, "tokens/valid": 0.0},
                 empty)]
-    means = _mean_metrics(records, aggregated=frozenset(), updates=1)
+    means = _mean_metrics([records], aggregated=frozenset())
     assert means == {"ratio/max": 1.5, "ratio/mean": 1.1, "loss/policy": 0.25, "tokens/valid": 12.0}
     # two updates, the second without a valid token (placeholders 0 and 1): the step's statistics are the first's,
     # its count the mean over the updates; with no valid token in the whole step, a statistic is NaN (null)
     empty_update = MicroBatchShares(loss=1.0, aggregated=1.0, tokens=0.0)
     placeholder = {"ratio/max": 1.0, "ratio/mean": 0.0, "kl/old_new": 0.0, "loss/policy": 0.0, "tokens/valid": 0.0}
-    means = _mean_metrics([({"ratio/max": 1.5, "ratio/mean": 1.1, "kl/old_new": 0.02, "loss/policy": 0.25,
-                             "tokens/valid": 12.0}, full), (placeholder, empty_update)], aggregated=frozenset(), updates=2)
+    first = {"ratio/max": 1.5, "ratio/mean": 1.1, "kl/old_new": 0.02, "loss/policy": 0.25, "tokens/valid": 12.0}
+    means = _mean_metrics([[(first, full)], [(placeholder, empty_update)]], aggregated=frozenset())
     assert means == {"ratio/max": 1.5, "ratio/mean": 1.1, "kl/old_new": 0.02, "loss/policy": 0.125, "tokens/valid": 6.0}
-    means = _mean_metrics([(placeholder, empty_update)] * 2, aggregated=frozenset(), updates=2)
+    # the same empty update split in two micro-batches (shares 0): the same step metrics, its loss 0 counted
+    assert _mean_metrics([[(first, full)], [(placeholder, empty), (placeholder, empty)]], aggregated=frozenset()) == means
+    # a maximum is each update's, then their mean (as every objective metric), not the step's maximum
+    second = {**first, "ratio/max": 3.5}
+    assert _mean_metrics([[(first, full)], [(second, full)]], aggregated=frozenset())["ratio/max"] == 2.5
+    means = _mean_metrics([[(placeholder, empty_update)]] * 2, aggregated=frozenset())
     assert math.isnan(means.pop("ratio/max")) and math.isnan(means.pop("ratio/mean")) and math.isnan(means.pop("kl/old_new"))
     assert means == {"loss/policy": 0.0, "tokens/valid": 0.0}
 

@@ -820,7 +820,7 @@ class Trainer:
 
         # 5. updates: epochs x mini-batches, each optionally split into micro-batches
         grad_coefficients = torch.zeros(mask.shape, dtype=torch.float32)
-        objective_metrics: list[tuple[dict[str, float], MicroBatchShares]] = []  # each update's micro-batches
+        objective_metrics: list[list[tuple[dict[str, float], MicroBatchShares]]] = []  # each update's micro-batches
         grad_norms, skipped = [], 0
         first_pass = {name: torch.zeros(mask.shape) for name in STAT_NAMES}
         # the advantages the loss used, after the objective's shaping (the first epoch's, one pass over each row): what
@@ -880,7 +880,7 @@ class Trainer:
                     grad_norms.append(grad_norm)
                     # d loss / d log p of the update actually applied, clipping included
                     grad_coefficients += mini_coefficients * clip_scale
-                    objective_metrics += mini_metrics
+                    objective_metrics.append(mini_metrics)
                 else:  # skipped: no weight moves, and the objective's state (adaptive coefficients) stays as it was
                     self._zero_grad()
                     self.objective.load_state_dict(objective_state)
@@ -933,7 +933,7 @@ class Trainer:
             metrics["entropy/first_order_delta"] = first_order.after_update()
         metrics.update(covariance_summary(logprob, used_advantages, mask))
         metrics.update(discriminator_summary(disc, disc_centered_before, used_advantages, mask))
-        metrics.update(_mean_metrics(objective_metrics, aggregated=self.objective.aggregated_metrics, updates=len(grad_norms)))
+        metrics.update(_mean_metrics(objective_metrics, aggregated=self.objective.aggregated_metrics))
         metrics.update(step_metrics)
         if reference_log_prob is not None:
             log_ratio = (logprob - reference_log_prob.float().cpu())[mask]
@@ -1431,35 +1431,51 @@ def _is_token_statistic(key: str, aggregated: frozenset[str]) -> bool:
     return key not in aggregated and not key.startswith("loss/")
 
 
-def _mean_metrics(records: list[tuple[dict[str, float], MicroBatchShares]], *, aggregated: frozenset[str],
-                  updates: int) -> dict[str, float]:
-    """The objective's metrics over a step: per update, its micro-batches combined into the mini-batch's value, then
-    the mean over the ``updates``. The policy loss is weighted by the loss shares and the regularisers' part of the
-    total loss and the other ``aggregated`` metrics by their shares of the valid tokens' aggregation, so they come out
-    as the whole mini-batch's; counts (``tokens/*``) add up and maxima (``*/max``) are maxima; every other metric is a
-    statistic of the valid tokens, weighted by the micro-batch's count of them: a fraction or a token mean comes out
-    as the mini-batch's (a threshold that each micro-batch took on its own tokens, as their token-weighted mean), and
-    an update without a valid token does not count in it; with none in the whole step, such a statistic is NaN."""
+def _mean_metrics(updates: list[list[tuple[dict[str, float], MicroBatchShares]]], *,
+                  aggregated: frozenset[str]) -> dict[str, float]:
+    """The objective's metrics over a step: each update's micro-batches combined into the mini-batch's value (see
+    :func:`_update_metrics`), then the mean over the updates, as docs/metrics.md says. A statistic of the valid
+    tokens (a fraction, a token mean, a maximum) is left out for an update without a valid token, and is NaN when no
+    update had one; a loss is 0 for such an update and counts; counts (``tokens/*``) are means per update."""
+    per_update = [_update_metrics(records, aggregated) for records in updates]
+    keys = {key for values in per_update for key in values}
+    means = {}
+    for key in sorted(keys):
+        values = [values[key] for values in per_update if key in values]
+        defined = [value for value in values if not math.isnan(value)]
+        means[key] = sum(defined) / len(defined) if defined else math.nan
+    return means
+
+
+def _update_metrics(records: list[tuple[dict[str, float], MicroBatchShares]],
+                    aggregated: frozenset[str]) -> dict[str, float]:
+    """One update's metrics from those of its micro-batches: the policy loss weighted by the loss shares, the
+    regularisers' part of the total loss and the other ``aggregated`` metrics by their shares of the valid tokens'
+    aggregation, so that they come out as the whole mini-batch's; counts (``tokens/*``) add up and maxima
+    (``*/max``) are maxima; every other metric is a statistic of the valid tokens, weighted by the micro-batch's
+    count of them (a threshold that each micro-batch took on its own tokens comes out as their token-weighted mean).
+    A statistic of no valid token is NaN; a loss of no valid token is its micro-batches' value (0). Non-finite
+    values are left out."""
     regularizers = "loss/total - loss/policy"  # aggregated like the regularisers' terms, then added back
     records = [({**record, regularizers: record["loss/total"] - record["loss/policy"]}
                 if "loss/total" in record and "loss/policy" in record else record, shares) for record, shares in records]
     aggregated = aggregated | {regularizers}
     keys = {key for record, _ in records for key in record}
-    means = {}
+    combined = {}
     for key in sorted(keys):
         pairs = [(record[key], shares.weight_of(key, aggregated)) for record, shares in records
                  if key in record and np.isfinite(record[key])]
         total_weight = sum(weight for _, weight in pairs)
         if not pairs:
-            means[key] = math.nan
+            combined[key] = math.nan
         elif key.startswith("tokens/"):
-            means[key] = sum(value for value, _ in pairs) / max(1, updates)
-        elif total_weight == 0:  # no valid token in any micro-batch: a statistic of them is undefined, a loss is 0
-            means[key] = math.nan if _is_token_statistic(key, aggregated) else sum(value for value, _ in pairs) / len(pairs)
+            combined[key] = sum(value for value, _ in pairs)
+        elif total_weight == 0:  # no valid token in the update: a statistic of them is undefined, a loss is 0
+            combined[key] = math.nan if _is_token_statistic(key, aggregated) else sum(value for value, _ in pairs) / len(pairs)
         elif key.endswith("/max"):  # a micro-batch without valid tokens reports a placeholder
-            means[key] = max(value for value, weight in pairs if weight > 0)
+            combined[key] = max(value for value, weight in pairs if weight > 0)
         else:
-            means[key] = sum(value * weight for value, weight in pairs) / total_weight
-    if regularizers in means:
-        means["loss/total"] = means["loss/policy"] + means.pop(regularizers)
-    return means
+            combined[key] = sum(value * weight for value, weight in pairs) / total_weight
+    if regularizers in combined:
+        combined["loss/total"] = combined["loss/policy"] + combined.pop(regularizers)
+    return combined
