@@ -1062,6 +1062,8 @@ def test_the_string_check_also_compares_the_answers_as_written():
     result = compare_answers("5 M", "5 m")
     assert result.equal and result.checker == "string"
     assert compare_answers("PI", "pi").checker == "string"
+    # a letter and its combining accent is the composed letter (NFC), as for exact_match and the data audit
+    assert compare_answers("CAFE\u0301", "caf\u00e9").equal and not compare_answers("cafe", "caf\u00e9").equal
 
 
 @pytest.mark.parametrize("written", [r"\$5", "$5", "US$5", "USD 5", "€5", "£5", "¥5", r"\euro 5", r"\pounds 5"])

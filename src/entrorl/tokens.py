@@ -35,7 +35,7 @@ __all__ = ["MIN_TEMPERATURE", "STAT_NAMES", "TokenStats", "token_stats", "token_
 
 STAT_NAMES = ("logprob", "entropy", "disc", "disc_centered")
 # the smallest temperature tokens are scored at: the logits' scale 1 / T and the gradients it multiplies stay float32
-# numbers (with room for a loss weight up to 1e4)
+# numbers (with room for a loss weight below 1e4)
 MIN_TEMPERATURE = 1.0e4 / float(torch.finfo(torch.float32).max)
 
 # Shifted logits are clamped here before use: exp(-1e4) is exactly 0 in float32 and float64, so the

@@ -105,6 +105,7 @@ import re
 import signal
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1368,11 +1369,12 @@ Checker = Callable[[Comparison], bool]
 
 
 def _canon(s: str) -> str:
-    return re.sub(r"\s+|\$|\\[,!;: ]", "", s).casefold()
+    folded = re.sub(r"\s+|\$|\\[,!;: ]", "", unicodedata.normalize("NFC", s)).casefold()
+    return unicodedata.normalize("NFC", folded)
 
 
 def check_string(c: Comparison) -> bool:
-    """Equal after dropping whitespace, ``$``, LaTeX spacing commands and case."""
+    """Equal after dropping whitespace, ``$``, LaTeX spacing commands and case, in Unicode NFC (as ``exact_match``)."""
     return _canon(c.prediction) == _canon(c.reference) or _canon(c.raw_prediction) == _canon(c.raw_reference)
 
 
