@@ -1865,9 +1865,32 @@ def test_build_objective_refuses_other_types_with_a_type_error():
 def test_the_config_itself_refuses_a_non_positive_loss_scale_factor():
     from pydantic import ValidationError
 
-    for factor in (0.0, -1.0):
+    for factor in (0.0, -1.0, float("inf"), float("nan"), True):  # inf trained nothing, True was a divisor of 1
         with pytest.raises(ValidationError, match="loss_scale_factor"):
             ObjectiveConfig(method="dr_grpo", loss_scale_factor=factor)
+
+
+@pytest.mark.parametrize("factor", [0.0, float("inf"), float("nan"), True, [1], "abc"])
+def test_build_objective_names_a_bad_loss_scale_factor(factor):
+    with pytest.raises(ValueError, match=r"loss_scale_factor must be a finite number > 0, got "):
+        build_objective("dr_grpo", loss_scale_factor=factor)
+    assert build_objective("dr_grpo", loss_scale_factor=np.float32(512)).loss_scale_factor == 512.0
+
+
+@pytest.mark.parametrize("mode", ["", 0, False])
+def test_a_wrong_loss_agg_mode_that_reads_as_false_is_refused_not_taken_for_the_default(mode):
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        build_objective("dr_grpo", loss_agg_mode=mode)
+
+
+@pytest.mark.parametrize(("method", "name"), [("grpo+entropy_bonus", "entropy_coeff"), ("grpo+kl_ref", "kl_loss_coef"),
+                                              ("kl_cov", "ppo_kl_coef"), ("w_reinforce", "lam"),
+                                              ("entropy_advantage", "alpha")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_coefficient_of_inf_or_nan_is_refused_naming_it(method, name, value):
+    """A coefficient of inf or NaN makes the loss so: refused when the objective is built, as every setting is."""
+    with pytest.raises(ValueError, match=rf"{name}: Input should be a finite number"):
+        build_objective(method, **{name: value})
 
 
 def test_a_method_whose_surrogate_is_the_compositions_own_is_not_warned_about(monkeypatch):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from entrorl._checks import did_you_mean
+from entrorl._checks import did_you_mean, is_real_number, refuse_booleans_for_numbers
 from entrorl.objective.aggregation import LOSS_AGG_MODES, check_loss_agg_mode
 from entrorl.objective.core import Objective
 from entrorl.objective.parts import Part, get_part_class, make_part
@@ -115,7 +116,7 @@ class ObjectiveConfig(BaseModel):
     Explicit parts are merged on top (a part already present gets its parameters updated), and ``params`` overrides
     any parameter by its unique name."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: str | list[str] | None = Field(
         None, description="a method's name, 'a+b+c' or the list [a, b, c]: the first gives the surrogate and the "
@@ -138,6 +139,11 @@ class ObjectiveConfig(BaseModel):
         "default: rollout.max_new_tokens)")
     params: dict[str, Any] = Field(default_factory=dict, description="any parameter of the composed parts by its "
                                    "name, e.g. {mu: 3.0, clip_ratio_high: 0.28} (`entrorl methods METHOD` lists them)")
+
+    @field_validator("loss_scale_factor", mode="before")
+    @classmethod
+    def _no_boolean_for_the_scale(cls, value: Any) -> Any:
+        return refuse_booleans_for_numbers(value, float | None)
 
     @field_validator("loss_agg_mode")
     @classmethod
@@ -454,10 +460,13 @@ def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective
 
     surrogate_cls = get_part_class("surrogate", comp.surrogate[0])
     default_mode = getattr(surrogate_cls, "recommended_loss_agg_mode", "token-mean")
-    loss_agg_mode = top_level.get("loss_agg_mode") or comp.loss_agg_mode or default_mode
+    given_mode = top_level.get("loss_agg_mode")  # a wrong one ("", 0) is refused, not taken for "the default"
+    loss_agg_mode = given_mode if given_mode is not None else comp.loss_agg_mode or default_mode
     loss_scale_factor = top_level.get("loss_scale_factor", config.loss_scale_factor)
-    if loss_scale_factor is not None and not float(loss_scale_factor) > 0:
-        raise ValueError(f"loss_scale_factor must be > 0, got {loss_scale_factor}")
+    if loss_scale_factor is not None:
+        if not is_real_number(loss_scale_factor) or not (math.isfinite(loss_scale_factor) and loss_scale_factor > 0):
+            raise ValueError(f"loss_scale_factor must be a finite number > 0, got {loss_scale_factor!r}")
+        loss_scale_factor = float(loss_scale_factor)
 
     def build(kind: str, ref: PartRef) -> Part:
         return make_part(kind, ref[0], ref[1])

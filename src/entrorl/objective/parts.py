@@ -53,7 +53,9 @@ _REGISTRY: dict[str, dict[str, type["Part"]]] = {kind: {} for kind in PART_KINDS
 class Part(BaseModel):
     """Base of every part. Subclasses declare their parameters as pydantic fields."""
 
-    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True, arbitrary_types_allowed=True)
+    # no parameter is meaningful at inf or NaN (a coefficient of inf or NaN makes the loss so); None turns a bound off
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True, arbitrary_types_allowed=True,
+                              allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
