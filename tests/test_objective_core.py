@@ -1006,6 +1006,7 @@ def test_ambiguous_override_names_both_parts():
         ("clip_v", {"max_frac": 2.0}, "max_frac"),
         ("icepop", {"icepop_low": 5.0, "icepop_high": 0.5}, "icepop_low"),
         ("icepop", {"icepop_low": 2.0, "icepop_high": 2.0}, "icepop_low"),  # an empty band
+        ("icepop", {"icepop_low": 2.0, "icepop_high": 5.0}, "must hold 1"),  # every on-policy token masked
         ("adaptive_entropy", {"min_coeff": 1e-2, "max_coeff": 1e-3}, "min_coeff"),
         ("w_reinforce", {"lam": -0.1}, "lam"),  # a negative lambda would push correct samples down
         ("dapo", {"clip_ratio_low": -0.1}, "clip_ratio_low"),  # a lower clip bound above 1

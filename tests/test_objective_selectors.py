@@ -1393,15 +1393,18 @@ def test_tis_weight_at_its_threshold_is_not_counted_as_truncated():
 
 
 def test_correction_fractions_are_shares_of_the_valid_tokens():
-    """Padding has k = 1: with C = 0.5 (TIS) or a band [2, 5] (IcePop) every valid token is truncated / masked, and
-    the reported share is exactly 1, not inflated by the padded positions."""
+    """Padding has k = 1: with C = 0.5 (TIS), or sampler log-probs 3 below the trainer's (IcePop's band [0.5, 5]),
+    every valid token is truncated / masked, and the reported share is exactly 1, not inflated by the padded
+    positions."""
     log_prob = [[-1.0, -2.0, 0.0, 0.0], [-0.5, 0.0, 0.0, 0.0]]
     mask = [[True, True, False, False], [True, False, False, False]]
     batch = exact_batch(log_prob, [[1.0, -1.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]], mask, rollout_log_prob=log_prob)
     tis = build_objective("tis", rollout_is_threshold=0.5)(batch)
     assert tis.metrics["correction/tis_truncated_frac"] == 1.0
     assert tis.metrics["correction/tis_weight_mean"] == 0.5
-    icepop = build_objective("icepop", icepop_low=2.0, icepop_high=5.0)(batch)
+    far = [[-4.0, -5.0, 0.0, 0.0], [-3.5, 0.0, 0.0, 0.0]]  # ratio e^3 on every valid token, 1 on the padding
+    far_batch = exact_batch(log_prob, [[1.0, -1.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]], mask, rollout_log_prob=far)
+    icepop = build_objective("icepop", icepop_low=0.5, icepop_high=5.0)(far_batch)
     assert icepop.metrics["correction/icepop_masked_frac"] == 1.0
 
 

@@ -124,7 +124,7 @@ METHOD_SPECS = (
     ),
     MethodSpec(
         name="adaptive_entropy",
-        description="entropy bonus only while H < target; the coefficient steps by +-delta within [0, c_max]",
+        description="entropy bonus only while H < target; the coefficient steps by +-delta within [min_coeff, max_coeff]",
         paper="arXiv 2505.22312",
         regularizers=(("adaptive_entropy", {}),),
     ),

@@ -61,6 +61,9 @@ class IcePop(Correction):
     def _check_band(self) -> "IcePop":
         if not self.icepop_low < self.icepop_high:
             raise ValueError(f"icepop_low must be < icepop_high, got {self.icepop_low} >= {self.icepop_high}")
+        if not self.icepop_low <= 1.0 <= self.icepop_high:  # a token the trainer and the sampler agree on is kept
+            raise ValueError(f"the band [icepop_low, icepop_high] = [{self.icepop_low}, {self.icepop_high}] must hold 1: "
+                             "without it, every token whose probability the trainer and the sampler agree on is masked")
         return self
 
     def __call__(self, batch: PolicyBatch, metrics: Metrics) -> torch.Tensor:
