@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from fractions import Fraction
 from typing import ClassVar
 
 import numpy as np
@@ -1032,8 +1033,8 @@ def test_malformed_batches_and_normalisers_are_refused():
         PolicyBatch(**{**fields, "advantages": torch.ones(6, 10, dtype=torch.long)})
     with pytest.raises(ValueError, match="rows must be 6 integer row indices"):
         PolicyBatch(**fields, population=batch, rows=torch.arange(6, dtype=F64))
-    for factor in (0.0, -4.0, float("nan")):
-        with pytest.raises(ValueError, match="loss_scale_factor must be > 0"):
+    for factor in (0.0, -4.0, float("nan"), float("inf"), True, 10**400, Fraction(1, 10**400)):  # inf: a loss of 0
+        with pytest.raises(ValueError, match="loss_scale_factor must be a finite number > 0"):
             aggregate_loss(batch.log_prob, batch.mask, "seq-mean-token-sum-norm", loss_scale_factor=factor)
 
 
@@ -1866,12 +1867,12 @@ def test_build_objective_refuses_other_types_with_a_type_error():
 def test_the_config_itself_refuses_a_non_positive_loss_scale_factor():
     from pydantic import ValidationError
 
-    for factor in (0.0, -1.0, float("inf"), float("nan"), True):  # inf trained nothing, True was a divisor of 1
+    for factor in (0.0, -1.0, float("inf"), float("nan"), True, np.True_):  # inf trained nothing, True was 1
         with pytest.raises(ValidationError, match="loss_scale_factor"):
             ObjectiveConfig(method="dr_grpo", loss_scale_factor=factor)
 
 
-@pytest.mark.parametrize("factor", [0.0, float("inf"), float("nan"), True, [1], "abc"])
+@pytest.mark.parametrize("factor", [0.0, float("inf"), float("nan"), True, [1], "abc", 10**400, Fraction(1, 10**400)])
 def test_build_objective_names_a_bad_loss_scale_factor(factor):
     with pytest.raises(ValueError, match=r"loss_scale_factor must be a finite number > 0, got "):
         build_objective("dr_grpo", loss_scale_factor=factor)

@@ -50,9 +50,9 @@ def refuse_booleans_for_numbers(value: Any, annotation: Any) -> Any:
     """``value`` as given, unless it is a boolean for a setting of type ``annotation`` that takes numbers but no
     booleans (``int``, ``float | None``, ``list[int]``, ...): ``ValueError`` then. For a pydantic ``mode="before"``
     validator: pydantic reads ``True`` as 1 for a number (a count of one step, Pass@1, a clip ratio of 1)."""
-    if isinstance(value, bool) and _takes_numbers_only(_alternatives(annotation)):
+    if isinstance(value, (bool, np.bool_)) and _takes_numbers_only(_alternatives(annotation)):
         raise ValueError("expected a number, not a boolean")
-    if isinstance(value, (list, tuple)) and any(isinstance(item, bool) for item in value):
+    if isinstance(value, (list, tuple)) and any(isinstance(item, (bool, np.bool_)) for item in value):
         elements = {element for alternative in _alternatives(annotation)
                     if typing.get_origin(alternative) in (list, tuple) for element in typing.get_args(alternative)}
         if _takes_numbers_only(elements - {Ellipsis}):

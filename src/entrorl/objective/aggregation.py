@@ -21,9 +21,13 @@ sequence counts by global ones and ``dp_size`` undoes the gradient averaging acr
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["LOSS_AGG_MODES", "aggregate_loss", "check_loss_agg_mode"]
+from entrorl._checks import is_real_number
+
+__all__ = ["LOSS_AGG_MODES", "aggregate_loss", "check_loss_agg_mode", "check_loss_scale_factor"]
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -32,6 +36,21 @@ def check_loss_agg_mode(mode: str) -> str:
     if mode not in LOSS_AGG_MODES:
         raise ValueError(f"unknown loss_agg_mode '{mode}'; choose one of {list(LOSS_AGG_MODES)}")
     return mode
+
+
+def check_loss_scale_factor(value) -> float | None:
+    """``value`` as the float that divides ``seq-mean-token-sum-norm``'s sum (None: the response length);
+    ``ValueError`` naming it unless that float is finite and > 0 (not a boolean, not a number that rounds to 0 or
+    overflows)."""
+    if value is None:
+        return None
+    try:
+        scale = float(value) if is_real_number(value) else math.nan
+    except OverflowError:
+        scale = math.inf
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"loss_scale_factor must be a finite number > 0, got {value!r}")
+    return scale
 
 
 def aggregate_loss(
@@ -67,7 +86,5 @@ def aggregate_loss(
     if mode == "seq-mean-token-sum":
         return (masked.sum(dtype=wide) / n_seq * dp_size).to(masked.dtype)
     # responses of no tokens at all (T = 0): the sum is an empty 0, whatever it is divided by
-    scale = float(max(mask.shape[-1], 1) if loss_scale_factor is None else loss_scale_factor)
-    if not scale > 0:
-        raise ValueError(f"loss_scale_factor must be > 0, got {loss_scale_factor}")
+    scale = float(max(mask.shape[-1], 1)) if loss_scale_factor is None else check_loss_scale_factor(loss_scale_factor)
     return (masked.sum(dtype=wide) / n_seq / scale * dp_size).to(masked.dtype)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from entrorl._checks import did_you_mean, is_real_number, refuse_booleans_for_numbers
-from entrorl.objective.aggregation import LOSS_AGG_MODES, check_loss_agg_mode
+from entrorl._checks import did_you_mean, refuse_booleans_for_numbers
+from entrorl.objective.aggregation import LOSS_AGG_MODES, check_loss_agg_mode, check_loss_scale_factor
 from entrorl.objective.core import Objective
 from entrorl.objective.parts import Part, get_part_class, make_part
 
@@ -463,10 +462,7 @@ def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective
     given_mode = top_level.get("loss_agg_mode")  # a wrong one ("", 0) is refused, not taken for "the default"
     loss_agg_mode = given_mode if given_mode is not None else comp.loss_agg_mode or default_mode
     loss_scale_factor = top_level.get("loss_scale_factor", config.loss_scale_factor)
-    if loss_scale_factor is not None:
-        if not is_real_number(loss_scale_factor) or not (math.isfinite(loss_scale_factor) and loss_scale_factor > 0):
-            raise ValueError(f"loss_scale_factor must be a finite number > 0, got {loss_scale_factor!r}")
-        loss_scale_factor = float(loss_scale_factor)
+    loss_scale_factor = check_loss_scale_factor(loss_scale_factor)
 
     def build(kind: str, ref: PartRef) -> Part:
         return make_part(kind, ref[0], ref[1])

@@ -35,7 +35,7 @@ Three stages, each a small ordered table that later work extends:
 
    Then the answers are equal when any checker says so:
 
-   * ``string`` — equal after dropping whitespace, ``$``, LaTeX spacing and case;
+   * ``string`` — equal after dropping whitespace, ``$``, LaTeX spacing and case, in Unicode NFC;
    * ``numeric`` — each side read as one number or an unordered list of numbers (``{1,2}``,
      ``x=1, x=-2``, ``1 \\pm \\sqrt2``, complex values with ``i``), compared with
 
