@@ -1220,12 +1220,12 @@ def test_ctrl_c_while_eval_or_audit_samples_says_so_and_writes_nothing(markup_da
 
 def test_ctrl_c_while_eval_or_audit_loads_says_so_and_writes_nothing(markup_data, tiny_model_dir, monkeypatch):
     """Loading a large model takes a while: Ctrl-C then is one line saying nothing was written, exit 130."""
-    import entrorl.cli
+    import entrorl.trainer.checkpoint
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(entrorl.cli, "_sampling_inputs", interrupted)
+    monkeypatch.setattr(entrorl.trainer.checkpoint, "resolve_model_directory", interrupted)
     common = ["--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "1", "--reward", "exact_match"]
     for command, out in ((["eval"], "e.json"), (["data", "audit"], "aud")):
         result = CliRunner().invoke(app, [*command, *common, "--out", out])

@@ -306,8 +306,10 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     parameters (their most new tokens, like the prompt format, the run's unless given); ValueError /
     FileNotFoundError on bad input. The model is a complete model directory or LoRA adapters on ``base`` (see
     :func:`entrorl.trainer.checkpoint.resolve_model_directory`). With ``check_fit`` every prompt must leave the most
-    new tokens of the context (checked before the weights load when config.json declares the context). ``check_outputs`` runs once the data and the reward are checked, before
-    the model loads: a place to refuse an output that could not be written, before the sampling it would lose."""
+    new tokens of the context (checked before the weights load when config.json declares the context).
+    ``check_outputs`` runs once the data and the reward are checked, before the model loads: a place to refuse an
+    output that could not be written, before the sampling it would lose. Ctrl-C or SIGTERM meanwhile: one line saying
+    nothing was written, exit 130 / 143."""
     from entrorl.data import check_prompt_template, load_prompts
     from entrorl.modeling import (check_prompts_fit, encode_prompt, load_tokenizer, read_model_config,
                                    unknown_token_note)
@@ -316,53 +318,54 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
     from entrorl.trainer.config import resolve_device
 
-    directory = resolve_model_directory(model, base=base)
-    defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold, dtype,
-                             reward_args=reward_args)
-    prompt_template, chat_template = defaults.prompt_template, defaults.chat_template
-    max_new_tokens = defaults.max_new_tokens
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-    check_prompt_template(prompt_template)
-    records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
-                           require_answer=require_answer)[:max_prompts]
-    reward_runner = RewardRunner(get_reward(defaults.reward, **defaults.reward_kwargs),
-                                 correct_threshold=defaults.correct_threshold, name=defaults.reward)
-    reward_runner.check_arguments([record.meta for record in records])
-    if check_outputs is not None:
-        check_outputs()
+    with _said_when_interrupted("while loading the model and the prompts: nothing was written"):
+        directory = resolve_model_directory(model, base=base)
+        defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold, dtype,
+                                 reward_args=reward_args)
+        prompt_template, chat_template = defaults.prompt_template, defaults.chat_template
+        max_new_tokens = defaults.max_new_tokens
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        check_prompt_template(prompt_template)
+        records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
+                               require_answer=require_answer)[:max_prompts]
+        reward_runner = RewardRunner(get_reward(defaults.reward, **defaults.reward_kwargs),
+                                     correct_threshold=defaults.correct_threshold, name=defaults.reward)
+        reward_runner.check_arguments([record.meta for record in records])
+        if check_outputs is not None:
+            check_outputs()
 
-    def load(directory):
-        tokenizer = load_tokenizer(directory.tokenizer, trust_remote_code=trust_remote_code)
-        prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template)
-                      for r in records]
-        note = unknown_token_note(tokenizer, prompt_ids, records, what=str(data), template=prompt_template)
-        if note is not None:
-            warnings.warn(note, stacklevel=3)
-        declared = read_model_config(directory.weights, trust_remote_code=trust_remote_code) if check_fit else None
-        if declared is not None:
-            check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
-                              pad_token_id=tokenizer.pad_token_id)
-        policy = load_model_directory(directory, dtype=defaults.dtype, trust_remote_code=trust_remote_code,
-                                      device=resolve_device(device))
-        if check_fit and declared is None:
-            check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
-                              pad_token_id=tokenizer.pad_token_id)
-        return tokenizer, prompt_ids, policy
+        def load(directory):
+            tokenizer = load_tokenizer(directory.tokenizer, trust_remote_code=trust_remote_code)
+            prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template)
+                          for r in records]
+            note = unknown_token_note(tokenizer, prompt_ids, records, what=str(data), template=prompt_template)
+            if note is not None:
+                warnings.warn(note, stacklevel=3)
+            declared = read_model_config(directory.weights, trust_remote_code=trust_remote_code) if check_fit else None
+            if declared is not None:
+                check_prompts_fit(declared, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
+                                  pad_token_id=tokenizer.pad_token_id)
+            policy = load_model_directory(directory, dtype=defaults.dtype, trust_remote_code=trust_remote_code,
+                                          device=resolve_device(device))
+            if check_fit and declared is None:
+                check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
+                                  pad_token_id=tokenizer.pad_token_id)
+            return tokenizer, prompt_ids, policy
 
-    for attempt in range(_PRUNED_RETRIES + 1):
-        try:
-            tokenizer, prompt_ids, policy = load(directory)
-            break
-        except (OSError, ValueError):  # a run that is training may prune the checkpoint chosen while it loads
-            if attempt == _PRUNED_RETRIES or all(path.exists() for path in (
-                    directory.weights, directory.tokenizer, directory.adapters) if path is not None):
-                raise
-            newer = resolve_model_directory(model, base=base)
-            if newer == directory:
-                raise
-            console.print(Text(f"{directory.adapters or directory.weights} was removed while it loaded (the run "
-                               f"pruned its checkpoints): taking {newer.adapters or newer.weights}"), soft_wrap=True)
-            directory = newer
+        for attempt in range(_PRUNED_RETRIES + 1):
+            try:
+                tokenizer, prompt_ids, policy = load(directory)
+                break
+            except (OSError, ValueError):  # a run that is training may prune the checkpoint chosen while it loads
+                if attempt == _PRUNED_RETRIES or all(path.exists() for path in (
+                        directory.weights, directory.tokenizer, directory.adapters) if path is not None):
+                    raise
+                newer = resolve_model_directory(model, base=base)
+                if newer == directory:
+                    raise
+                console.print(Text(f"{directory.adapters or directory.weights} was removed while it loaded (the run "
+                                   f"pruned its checkpoints): taking {newer.adapters or newer.weights}"), soft_wrap=True)
+                directory = newer
     return records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling
 
 
@@ -669,16 +672,14 @@ def evaluate(
             check_output_file(path, what=option)
 
     try:
-        with _said_when_interrupted("while loading the model and the prompts: nothing was written"):
-            inputs = _sampling_inputs(
-                model, data, reward, prompt_column=prompt_column, answer_column=answer_column,
-                prompt_template=prompt_template, chat_template=chat_template, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype,
-                base=base, check_fit=True, trust_remote_code=trust_remote_code, require_answer=require_answer,
-                correct_threshold=correct_threshold, check_outputs=check_outputs, reward_args=reward_arg)
+        records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling = _sampling_inputs(
+            model, data, reward, prompt_column=prompt_column, answer_column=answer_column,
+            prompt_template=prompt_template, chat_template=chat_template, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype,
+            base=base, check_fit=True, trust_remote_code=trust_remote_code, require_answer=require_answer,
+            correct_threshold=correct_threshold, check_outputs=check_outputs, reward_args=reward_arg)
     except (ValueError, OSError, ImportError, MemoryError) as error:  # ImportError: adapters without peft
         _fail(str(error))
-    records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling = inputs
     max_new_tokens = sampling.max_new_tokens
     try:
         with _said_when_interrupted("while sampling: nothing was written"), Progress(console=console) as progress:
@@ -1060,17 +1061,15 @@ def data_audit(
         message = str(error).removeprefix("AuditThresholds: ")
         _fail(f"--{message.replace('low_pass_rate', 'low-pass-rate')}")
     try:
-        with _said_when_interrupted("while loading the model and the prompts: nothing was written"):
-            inputs = _sampling_inputs(
-                model, data, reward, prompt_column=prompt_column, answer_column=answer_column,
-                prompt_template=prompt_template, chat_template=chat_template, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype,
-                base=base, trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
-                require_answer=require_answer, correct_threshold=correct_threshold,
-                check_outputs=lambda: check_audit_output(data, directory), reward_args=reward_arg)
+        records, reward_runner, tokenizer, policy, prompt_ids, model_directory, defaults, sampling = _sampling_inputs(
+            model, data, reward, prompt_column=prompt_column, answer_column=answer_column,
+            prompt_template=prompt_template, chat_template=chat_template, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype,
+            base=base, trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
+            require_answer=require_answer, correct_threshold=correct_threshold,
+            check_outputs=lambda: check_audit_output(data, directory), reward_args=reward_arg)
     except (ValueError, OSError, ImportError, MemoryError) as error:  # OSError: missing files, unreadable model directories
         _fail(str(error))
-    records, reward_runner, tokenizer, policy, prompt_ids, model_directory, defaults, sampling = inputs
     max_new_tokens = sampling.max_new_tokens
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
