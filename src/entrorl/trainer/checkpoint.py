@@ -177,8 +177,8 @@ def lock_run_directory(run_dir: Path, *, options: str = "--run-dir / logging.nam
     in the same directory (the same command started twice, a ``--resume`` while the first still runs) gets
     ``OSError`` naming the process that holds it (and ``options``, those that choose another folder; ``user``, what
     holds it when that process is this one: a ``Trainer`` or a ``laboratory`` of the Python API), instead of writing
-    its files between the other run's. ``None
-    where ``flock`` does not exist (not a POSIX system) or the filesystem refuses it (warned once per directory)."""
+    its files between the other run's. ``None`` where ``flock`` does not exist (not a POSIX system) or the filesystem
+    refuses it (warned once per directory)."""
     if fcntl is None:
         return None
     try:

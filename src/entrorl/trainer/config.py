@@ -285,11 +285,13 @@ class RewardConfig(_Section):
         return value
 
 
-def _scorable_temperature(value: float, alternative: str = "") -> float:
-    """``value`` unless it is above 0 but so small that scoring tokens at it overflows float32."""
+def _scorable_temperature(value: float, alternative: str | None = None) -> float:
+    """``value`` unless it is above 0 but so small that scoring tokens at it overflows float32 (the message offers
+    ``alternative`` too, when given)."""
     if 0 < value < MIN_TEMPERATURE:
-        raise ValueError(f"must be {alternative} at least {MIN_TEMPERATURE:.3g}".replace("  ", " ")
-                         + ": scoring tokens at a lower one overflows float32")
+        offered = f"{alternative} or " if alternative else ""
+        raise ValueError(f"must be {offered}at least {MIN_TEMPERATURE:.3g}: scoring tokens at a lower one overflows "
+                         "float32")
     return value
 
 
@@ -398,7 +400,7 @@ class EvalConfig(_Section):
     @field_validator("temperature")
     @classmethod
     def _greedy_or_a_temperature_to_score_at(cls, value: float) -> float:  # the fork tokens' entropies are taken at it
-        return _scorable_temperature(value, "0 (greedy) or")
+        return _scorable_temperature(value, "0 (greedy)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of evaluations (its own, not rollout.top_p; "
                          "1 = off, as in entrorl eval)")
     top_k: int = Field(0, ge=0, description="top-k sampling of evaluations (its own, not rollout.top_k; 0 = off)")

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -1111,9 +1112,10 @@ class Trainer:
         With ``handle_signals`` (the ``train`` command sets it), SIGINT and SIGTERM let the current step finish, save
         a checkpoint and raise :class:`TrainingInterrupted`, so that ``--resume`` loses nothing (one the process was
         started ignoring stays ignored); a second signal stops at once, as without it. Once the checkpoint is saved, a
-        further signal ends the process at once (status 128 + the signal's number), quietly, for as long as it runs. ``should_stop``, asked after each step, stops the
-        run the same way (as SIGINT) when it returns true: a signal the process could not catch yet (the laboratory's
-        workers ignore Ctrl-C until they train) still ends the run at a step's end."""
+        further signal ends the process at once (status 128 + the signal's number), quietly, for as long as it runs.
+        ``should_stop``, asked after each step, stops the run the same way (as SIGINT) when it returns true: a signal
+        the process could not catch yet (the laboratory's workers ignore Ctrl-C until they train) still ends the run at
+        a step's end."""
         self._check_open()
         config = self.config
         progress = _StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
@@ -1344,7 +1346,7 @@ def format_evaluation(metrics: dict[str, float]) -> str:
     return "eval " + ", ".join(parts)
 
 
-_LR_SCHEDULES = ("constant", "linear", "cosine")
+_LR_SCHEDULES = typing.get_args(OptimConfig.model_fields["lr_schedule"].annotation)  # constant, linear, cosine
 
 
 def learning_rate_factor(step: int, total_steps: int, *, warmup_steps: int = 0, schedule: str = "constant",
@@ -1441,8 +1443,7 @@ def _mean_metrics(updates: list[list[tuple[dict[str, float], MicroBatchShares]]]
     keys = {key for values in per_update for key in values}
     means = {}
     for key in sorted(keys):
-        values = [values[key] for values in per_update if key in values]
-        defined = [value for value in values if not math.isnan(value)]
+        defined = [update[key] for update in per_update if key in update and not math.isnan(update[key])]
         means[key] = sum(defined) / len(defined) if defined else math.nan
     return means
 
