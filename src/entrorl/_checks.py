@@ -8,6 +8,7 @@ import operator
 import re
 import types
 import typing
+import unicodedata
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,6 +32,13 @@ def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
 
 # C0 controls but tab and newline, DEL, C1 controls, and the marks that reorder bidirectional text
 _INVISIBLE_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def caseless(text: str) -> str:
+    """``text`` to compare without case or Unicode's composition of characters: NFC, case-folded, NFC again (folding
+    may turn a combining mark into a letter: U+0345 into iota), so that ``é`` and ``e`` + U+0301, or marks written in
+    either order, compare equal, as ``STRASSE`` and ``Straße`` do."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold())
 
 
 def visible_controls(text: str) -> str:

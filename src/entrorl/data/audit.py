@@ -37,13 +37,12 @@ import math
 import os
 import re
 import tempfile
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from entrorl._checks import is_real_number
+from entrorl._checks import caseless, is_real_number
 from entrorl.data.filters import parse_band, pass_rate_band_mask
 from entrorl.data.loading import _LOADERS, _csv_fields_of_any_length_in, _default_file_mode, _read_text, read_arrow_ipc
 from entrorl.data.records import PromptRecord
@@ -161,8 +160,7 @@ def canonical_answer(answer: str) -> str:
     """The spelling key answers are first grouped by: surrounding whitespace dropped, inner runs of
     whitespace collapsed to one space, case folded, Unicode NFC (``" X  = 2 "`` and ``"x = 2"`` share a key, and so
     do ``é`` and ``e`` + U+0301, as for ``exact_match``)."""
-    folded = _SPACES.sub(" ", unicodedata.normalize("NFC", answer).strip()).casefold()
-    return unicodedata.normalize("NFC", folded)
+    return caseless(_SPACES.sub(" ", answer.strip()))
 
 
 def _by_frequency(spellings: Sequence[str]) -> list[str]:

@@ -3,9 +3,9 @@ whitespace, case and Unicode's composition of characters."""
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Any
 
+from entrorl._checks import caseless
 from entrorl.rewards.base import reference_answers, register_reward
 from entrorl.rewards.math import extract_final_answer
 
@@ -28,12 +28,8 @@ def exact_match(prompt: str, completion: str, answer: Any, /, **meta: Any) -> fl
     predicted = extract_final_answer(completion)
     if predicted is None:
         predicted = completion
-    key = _comparable(predicted)
+    key = caseless(predicted.strip())
     # a blank reference is no reference (as for `math`): an empty completion must not match it
-    return 1.0 if any(ref is not None and str(ref).strip() and _comparable(str(ref)) == key
+    return 1.0 if any(ref is not None and str(ref).strip() and caseless(str(ref).strip()) == key
                       for ref in references) else 0.0
 
-
-def _comparable(text: str) -> str:
-    # NFC on both sides of casefold, which may turn a combining mark into a letter (U+0345 into iota)
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).strip().casefold())

@@ -105,7 +105,6 @@ import re
 import signal
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -113,7 +112,7 @@ from fractions import Fraction
 from functools import cached_property
 from typing import Any
 
-from entrorl._checks import check_int
+from entrorl._checks import caseless, check_int
 from entrorl.rewards.base import reference_answers, register_reward
 
 __all__ = [
@@ -1369,8 +1368,7 @@ Checker = Callable[[Comparison], bool]
 
 
 def _canon(s: str) -> str:
-    folded = re.sub(r"\s+|\$|\\[,!;: ]", "", unicodedata.normalize("NFC", s)).casefold()
-    return unicodedata.normalize("NFC", folded)
+    return caseless(re.sub(r"\s+|\$|\\[,!;: ]", "", s))
 
 
 def check_string(c: Comparison) -> bool:
