@@ -20,8 +20,8 @@ __all__ = ["exact_match"]
 def exact_match(prompt: str, completion: str, answer: Any, /, **meta: Any) -> float:
     """1.0 if the final answer of ``completion`` (see :func:`entrorl.rewards.math.extract_final_answer`;
     the whole completion when nothing is extracted) equals ``answer`` after ``strip()``, ``casefold()`` and Unicode
-    NFC (``e`` + U+0301 is ``é``), else 0.0. A list / tuple / array ``answer`` accepts any of its items; ``None`` or a blank reference
-    scores 0.0."""
+    NFC (``e`` + U+0301 is ``é``), else 0.0. A list / tuple / array ``answer`` accepts any of its items; ``None`` or a
+    blank reference scores 0.0."""
     if answer is None or not isinstance(completion, str):
         return 0.0
     references = reference_answers(answer)
