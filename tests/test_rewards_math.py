@@ -1064,6 +1064,8 @@ def test_the_string_check_also_compares_the_answers_as_written():
     assert compare_answers("PI", "pi").checker == "string"
     # a letter and its combining accent is the composed letter (NFC), as for exact_match and the data audit
     assert compare_answers("CAFE\u0301", "caf\u00e9").equal and not compare_answers("cafe", "caf\u00e9").equal
+    # in NFC before the spacing commands are dropped: U+037E is ";", so "a\<U+037E>b" is "a\;b", which is "ab"
+    assert compare_answers("a\\\u037eb", "ab").equal and compare_answers("a\\\u037eb", "a\\;b").equal
 
 
 @pytest.mark.parametrize("written", [r"\$5", "$5", "US$5", "USD 5", "€5", "£5", "¥5", r"\euro 5", r"\pounds 5"])

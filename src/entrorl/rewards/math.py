@@ -105,6 +105,7 @@ import re
 import signal
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1368,7 +1369,7 @@ Checker = Callable[[Comparison], bool]
 
 
 def _canon(s: str) -> str:
-    return caseless(re.sub(r"\s+|\$|\\[,!;: ]", "", s))
+    return caseless(re.sub(r"\s+|\$|\\[,!;: ]", "", unicodedata.normalize("NFC", s)))  # NFC first: U+037E is ";"
 
 
 def check_string(c: Comparison) -> bool:
