@@ -666,6 +666,15 @@ def test_loss_scale_factor_falls_back_to_the_actor_config(batch_factory):
     assert float(both) == pytest.approx(float(by_14), rel=1e-6)
 
 
+@pytest.mark.parametrize("factor", [True, 10**400, "abc", 0, float("inf")])
+def test_a_loss_scale_factor_that_is_not_a_finite_positive_number_is_refused_naming_it(batch_factory, factor):
+    """From the actor config or verl's global_batch_info, as everywhere else: True is no divisor of 1."""
+    batch = batch_factory()
+    for config in ({"loss_scale_factor": factor}, {"global_batch_info": {"loss_scale_factor": factor}}):
+        with pytest.raises(ValueError, match="loss_scale_factor must be a finite number > 0"):
+            _verl_call("entrorl_grpo", batch, config, loss_agg_mode="seq-mean-token-sum-norm", extras=False)
+
+
 def test_verl_clip_ratio_is_the_fallback_for_both_clip_bounds(batch_factory):
     batch = batch_factory(seed=1)
     loss, _ = _verl_call("entrorl_grpo", batch, {"clip_ratio": 0.05}, loss_agg_mode="token-mean", extras=False)

@@ -51,6 +51,7 @@ import torch
 from pydantic import ConfigDict
 
 from entrorl.objective import LOSS_AGG_MODES, Correction, Objective, PolicyBatch, available_methods, build_objective
+from entrorl.objective.aggregation import check_loss_scale_factor
 from entrorl.objective.parts import Metrics
 from entrorl.objective.regularizers import VERL_KL_NAMES
 from entrorl.integrations.verl.channel import TOKEN_FIELDS, current_token_fields, record_metric_aggregations
@@ -369,7 +370,7 @@ def _normalisers(config: Any, loss_agg_mode: str) -> dict[str, Any]:
         "dp_size": dp_size,
         "batch_num_tokens": info.get("batch_num_tokens"),
         "global_batch_size": info.get("global_batch_size"),
-        "loss_scale_factor": None if scale is None else float(scale),
+        "loss_scale_factor": check_loss_scale_factor(scale),
     }
 
 
