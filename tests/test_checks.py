@@ -81,3 +81,24 @@ def test_visible_controls_writes_what_would_drive_a_terminal_as_escapes():
         "\\x1b[2J\\x1b]0;t\\x07 a\\rb\\x00\\x7f\\x85 \\u202eevil\\u2066")
     kept = "tab\tline\nçé 中文 😀 [b]x</td>"
     assert visible_controls(kept) == kept
+
+
+@pytest.mark.parametrize("flag", [True, np.bool_(True), torch.tensor(True), torch.tensor([True]), np.array(True)])
+def test_a_boolean_of_any_kind_is_refused_for_a_number(flag):
+    from entrorl._checks import refuse_booleans_for_numbers
+
+    with pytest.raises(ValueError, match="expected a number, not a boolean"):
+        refuse_booleans_for_numbers(flag, float | None)
+    assert refuse_booleans_for_numbers(flag, bool | float) is flag  # a setting that takes a switch
+
+
+@pytest.mark.parametrize("array", [torch.tensor([2.0]), np.array([2.0]), torch.ones(1, 1)])
+def test_a_one_element_array_is_refused_for_one_number_as_numpy_and_torch_alike(array):
+    """pydantic reads a one-element tensor of any shape as its number but refuses a numpy array."""
+    from entrorl._checks import refuse_booleans_for_numbers
+
+    with pytest.raises(ValueError, match=r"expected one number, not an array of shape \["):
+        refuse_booleans_for_numbers(array, float)
+    scalar = torch.tensor(2.0)
+    assert refuse_booleans_for_numbers(scalar, float) is scalar
+

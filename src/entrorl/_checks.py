@@ -54,13 +54,23 @@ def is_real_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def is_boolean(value: Any) -> bool:
+    """Whether ``value`` is a boolean or holds booleans: Python's, numpy's, or a boolean array or tensor."""
+    return isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+
+
 def refuse_booleans_for_numbers(value: Any, annotation: Any) -> Any:
-    """``value`` as given, unless it is a boolean for a setting of type ``annotation`` that takes numbers but no
-    booleans (``int``, ``float | None``, ``list[int]``, ...): ``ValueError`` then. For a pydantic ``mode="before"``
-    validator: pydantic reads ``True`` as 1 for a number (a count of one step, Pass@1, a clip ratio of 1)."""
-    if isinstance(value, (bool, np.bool_)) and _takes_numbers_only(_alternatives(annotation)):
-        raise ValueError("expected a number, not a boolean")
-    if isinstance(value, (list, tuple)) and any(isinstance(item, (bool, np.bool_)) for item in value):
+    """``value`` as given, unless it is a boolean (Python's, numpy's, a boolean tensor) for a setting of type
+    ``annotation`` that takes numbers but no booleans (``int``, ``float | None``, ``list[int]``, ...), or a tensor or
+    array of one or more dimensions for one number: ``ValueError`` then. For a pydantic ``mode="before"`` validator:
+    pydantic reads ``True`` as 1 for a number (a count of one step, Pass@1, a clip ratio of 1), and a one-element
+    tensor of any shape as its number (a numpy array it refuses)."""
+    if _takes_numbers_only(_alternatives(annotation)):
+        if is_boolean(value):
+            raise ValueError("expected a number, not a boolean")
+        if getattr(value, "ndim", 0) != 0:
+            raise ValueError(f"expected one number, not an array of shape {list(value.shape)}")
+    if isinstance(value, (list, tuple)) and any(is_boolean(item) for item in value):
         elements = {element for alternative in _alternatives(annotation)
                     if typing.get_origin(alternative) in (list, tuple) for element in typing.get_args(alternative)}
         if _takes_numbers_only(elements - {Ellipsis}):
@@ -89,7 +99,7 @@ def did_you_mean(name: str, choices: Iterable[str], *, n: int = 1, cutoff: float
 
 
 def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+    if is_boolean(value):
         return None
     if getattr(value, "ndim", 0) != 0:  # torch reads a one-element tensor of any shape as an index
         return None
