@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from decimal import Decimal
 from fractions import Fraction
 from typing import ClassVar
 
@@ -1131,6 +1132,16 @@ def test_selectors_that_together_keep_no_token_are_refused():
     assert 0.3 < kept < 0.5  # about the 0.6 - 0.2 band of the valid tokens
 
 
+def test_the_selectors_overlap_is_judged_on_the_values_the_parts_accept():
+    """"0.5" is a valid top_entropy_quantile for either selector: the check compared the raw values (a TypeError)."""
+    objective = build_objective({"method": "grpo", "selectors": [
+        {"name": "forking_tokens", "top_entropy_quantile": "0.5"}, {"name": "low_entropy_tokens", "top_entropy_quantile": 0.2}]})
+    assert [part.top_entropy_quantile for part in objective.selectors] == [0.5, 0.2]
+    with pytest.raises(ValueError, match="together they keep no token"):
+        build_objective({"method": "grpo", "selectors": [{"name": "forking_tokens", "top_entropy_quantile": "0.2"},
+                                                         {"name": "low_entropy_tokens", "top_entropy_quantile": "0.5"}]})
+
+
 def test_empty_and_repeated_method_names_are_refused_and_near_misses_get_a_suggestion():
     for method in ("", "dapo+", "dapo++clip_b", ["dapo", " "]):
         with pytest.raises(ValueError, match="has an empty name"):
@@ -1879,6 +1890,20 @@ def test_build_objective_names_a_bad_loss_scale_factor(factor):
     assert build_objective("dr_grpo", loss_scale_factor=np.float32(512)).loss_scale_factor == 512.0
 
 
+@pytest.mark.parametrize("value", [512, "512", " 512 ", Decimal("512"), torch.tensor(512.0), np.int64(512)])
+def test_a_loss_scale_factor_reads_alike_as_a_field_a_keyword_and_a_parameter(value):
+    """The config's field reads it as pydantic reads a float; the keyword and ``params`` paths did not take a string."""
+    built = [build_objective({"method": "dr_grpo", "loss_scale_factor": value}),
+             build_objective("dr_grpo", loss_scale_factor=value),
+             build_objective({"method": "dr_grpo", "params": {"loss_scale_factor": value}})]
+    assert [objective.loss_scale_factor for objective in built] == [512.0] * 3
+    for flag in (torch.tensor(True), np.True_):
+        with pytest.raises(ValueError, match="loss_scale_factor"):
+            ObjectiveConfig(method="dr_grpo", loss_scale_factor=flag)
+        with pytest.raises(ValueError, match="loss_scale_factor must be a finite number > 0"):
+            build_objective("dr_grpo", loss_scale_factor=flag)
+
+
 @pytest.mark.parametrize("mode", ["", 0, False])
 def test_a_wrong_loss_agg_mode_that_reads_as_false_is_refused_not_taken_for_the_default(mode):
     with pytest.raises(ValueError, match="loss_agg_mode"):
@@ -1954,6 +1979,9 @@ def test_an_unknown_part_parameter_lists_the_valid_ones():
 
 def test_a_boolean_for_a_numeric_part_parameter_is_refused():
     """pydantic reads True as 1: clip_ratio_low=True would have clipped at a ratio of 1; a switch takes booleans."""
+    for flag in (torch.tensor(True), np.array(True)):  # a boolean tensor is the same flag
+        with pytest.raises(ValueError, match=r"mu: Value error, expected a number, not a boolean"):
+            build_objective("clip_b", mu=flag)
     with pytest.raises(ValueError, match=r"clip_ratio_low: Value error, expected a number, not a boolean \(got True\)"):
         build_objective("dapo", clip_ratio_low=True)
     with pytest.raises(ValueError, match="expected a number, not a boolean"):

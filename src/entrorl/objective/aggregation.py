@@ -25,11 +25,14 @@ import math
 
 import torch
 
-from entrorl._checks import is_real_number
+from pydantic import TypeAdapter
+
+from entrorl._checks import refuse_booleans_for_numbers
 
 __all__ = ["LOSS_AGG_MODES", "aggregate_loss", "check_loss_agg_mode", "check_loss_scale_factor"]
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+_AS_FLOAT = TypeAdapter(float)
 
 
 def check_loss_agg_mode(mode: str) -> str:
@@ -39,15 +42,15 @@ def check_loss_agg_mode(mode: str) -> str:
 
 
 def check_loss_scale_factor(value) -> float | None:
-    """``value`` as the float that divides ``seq-mean-token-sum-norm``'s sum (None: the response length);
-    ``ValueError`` naming it unless that float is finite and > 0 (not a boolean, not a number that rounds to 0 or
-    overflows)."""
+    """``value`` as the float that divides ``seq-mean-token-sum-norm``'s sum (None: the response length), read as a
+    configuration's number field reads it (``512``, ``"512"``, ``Decimal("512")``, a 0-d tensor); ``ValueError``
+    naming it unless that float is finite and > 0 (not a boolean, not a number that rounds to 0 or overflows)."""
     if value is None:
         return None
     try:
-        scale = float(value) if is_real_number(value) else math.nan
-    except OverflowError:
-        scale = math.inf
+        scale = _AS_FLOAT.validate_python(refuse_booleans_for_numbers(value, float))
+    except ValueError:  # pydantic's ValidationError is one
+        scale = math.nan
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"loss_scale_factor must be a finite number > 0, got {value!r}")
     return scale

@@ -408,15 +408,15 @@ def _warn_surrogate_set_aside(name: str, own: PartRef, used: PartRef, *, first: 
     warnings.warn(told + " (setting the surrogate's parameters silences this)", UserWarning, stacklevel=3)
 
 
-def _refuse_selectors_that_keep_nothing(comp: _Composition) -> None:
+def _refuse_selectors_that_keep_nothing(selectors: list[Part]) -> None:
     """``forking_tokens`` keeps the top ``rho_f`` of the entropies and ``low_entropy_tokens`` the bottom ``1 - rho_l``;
     with ``rho_f <= rho_l`` the two keep disjoint tokens (but for ties at the threshold, which both keep) and the
-    objective would train on next to none."""
-    chosen = {name: params for name, params in comp.selectors if name in ("forking_tokens", "low_entropy_tokens")}
+    objective would train on next to none. Read from the built parts: their values as validated ("0.5" is 0.5)."""
+    chosen = {part.name: part for part in selectors if part.name in ("forking_tokens", "low_entropy_tokens")}
     if len(chosen) < 2:
         return
-    high = chosen["forking_tokens"].get("top_entropy_quantile", 0.2)
-    low = chosen["low_entropy_tokens"].get("top_entropy_quantile", 0.2)
+    high = chosen["forking_tokens"].top_entropy_quantile
+    low = chosen["low_entropy_tokens"].top_entropy_quantile
     if high <= low:
         raise ValueError(
             f"forking_tokens keeps the top {high:g} of the token entropies and low_entropy_tokens drops the top {low:g}: "
@@ -454,7 +454,6 @@ def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective
     if config.surrogate is None and not any(key in surrogate_params for key in {**config.params, **overrides}):
         for name, own in set_aside:
             _warn_surrogate_set_aside(name, own, comp.surrogate, first=names[0])
-    _refuse_selectors_that_keep_nothing(comp)
     top_level = _apply_overrides(comp, {**config.params, **overrides})
 
     surrogate_cls = get_part_class("surrogate", comp.surrogate[0])
@@ -467,11 +466,16 @@ def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective
     def build(kind: str, ref: PartRef) -> Part:
         return make_part(kind, ref[0], ref[1])
 
+    surrogate = build("surrogate", comp.surrogate)
+    shapers = [build("shaper", ref) for ref in comp.shapers]
+    regularizers = [build("regularizer", ref) for ref in comp.regularizers]
+    selectors = [build("selector", ref) for ref in comp.selectors]
+    _refuse_selectors_that_keep_nothing(selectors)
     return Objective(
-        surrogate=build("surrogate", comp.surrogate),
-        shapers=[build("shaper", ref) for ref in comp.shapers],
-        regularizers=[build("regularizer", ref) for ref in comp.regularizers],
-        selectors=[build("selector", ref) for ref in comp.selectors],
+        surrogate=surrogate,
+        shapers=shapers,
+        regularizers=regularizers,
+        selectors=selectors,
         correction=build("correction", comp.correction) if comp.correction is not None else None,
         loss_agg_mode=check_loss_agg_mode(loss_agg_mode),
         loss_scale_factor=loss_scale_factor,
