@@ -1383,6 +1383,27 @@ def test_a_vllm_cap_removed_by_setting_it_to_none_is_refused_beside_a_rollout_co
         check_trl_args(args, build_objective("dapo+tis"))
 
 
+@pytest.mark.parametrize("objective", ["grpo+kl_ref", {"method": "grpo+kl_ref"}, None])
+@pytest.mark.parametrize("beta", [-0.04, float("inf")])
+def test_a_bad_beta_is_refused_as_kl_refs_coefficient_naming_beta(tmp_path, objective, beta):
+    """With or without a kl_ref objective: the part's own message (it was pydantic's raw assignment error with one),
+    and the GRPOConfig option behind the parameter."""
+    with pytest.raises(ValueError) as refused:
+        EntropyGRPOTrainer._own_objective(objective, {}, _config(tmp_path, beta=beta))
+    message = str(refused.value)
+    assert message.startswith("regularizer 'kl_ref': invalid parameter value — kl_loss_coef: ")
+    assert message.endswith("(kl_loss_coef is GRPOConfig's beta)") and "pydantic.dev" not in message
+
+
+def test_a_bad_epsilon_is_named_as_grpo_configs_option(tmp_path):
+    with pytest.raises(ValueError, match=r"clip_ratio_low: .*\(clip_ratio_high is GRPOConfig's epsilon_high "
+                                         r"\(epsilon when unset\); clip_ratio_low is GRPOConfig's epsilon\)$"):
+        objective_for_trl_loss(_config(tmp_path, epsilon=float("nan")))
+    with pytest.raises(ValueError) as refused:  # a parameter the caller set is the caller's own
+        objective_for_trl_loss(_config(tmp_path), clip_ratio_low=float("nan"))
+    assert "GRPOConfig" not in str(refused.value)
+
+
 @pytest.mark.parametrize("objective", [{"method": "dapo+kl_ref"}, {"name": "dapo+kl_ref"},
                                        {"method": "dapo", "regularizers": [{"name": "kl_ref"}]}])
 def test_a_config_objective_with_kl_ref_takes_beta_and_use_bias_correction_kl(tokenizer, tmp_path, tiny_model_dir,

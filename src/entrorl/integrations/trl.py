@@ -78,6 +78,7 @@ except ImportError as error:  # pragma: no cover - exercised only without trl
 from entrorl.analysis.run_report import TRL_OBJECTIVE_FILE
 from entrorl.modeling import FUSED_HEAD_MODEL_TYPES
 from entrorl.objective import Objective, ObjectiveConfig, PolicyBatch, build_objective, get_method
+from entrorl.objective.parts import make_part
 from entrorl.objective.regularizers import KLReference
 from entrorl.objective.surrogates import CISPO, GSPO, PPOClip
 from entrorl.tokens import STAT_NAMES, TokenStats, token_stats, token_stats_from_hidden
@@ -179,7 +180,23 @@ def objective_for_trl_loss(args: Any, **objective_params: Any) -> Objective:
     below 1 (entrorl's cap is ``1 + clip_ratio_high``) or at the sequence level, and a sequence-level ratio weighing
     the KL (``use_bias_correction_kl`` with ``beta != 0``), which kl_ref weighs per token."""
     method, params = _trl_loss_composition(args)
-    return build_objective(method, **{**params, **objective_params})
+    try:
+        return build_objective(method, **{**params, **objective_params})
+    except ValueError as error:
+        raise _naming_trl_options(error, set(params) - set(objective_params)) from None
+
+
+# the objective's parameters that GRPOConfig's options set, by the option
+_TRL_OPTION_OF_PARAMETER = {"clip_ratio_low": "epsilon", "clip_ratio_high": "epsilon_high (epsilon when unset)",
+                            "kl_loss_coef": "beta"}
+
+
+def _naming_trl_options(error: ValueError, from_trl: set[str]) -> ValueError:
+    """``error`` (an objective's bad parameter) with the ``GRPOConfig`` option behind each parameter it names among
+    ``from_trl``, since a TRL user set ``epsilon`` or ``beta``, not ``clip_ratio_low`` or ``kl_loss_coef``."""
+    named = [f"{name} is GRPOConfig's {_TRL_OPTION_OF_PARAMETER[name]}" for name in sorted(from_trl)
+             if name in _TRL_OPTION_OF_PARAMETER and f"{name}:" in str(error)]
+    return ValueError(f"{error} ({'; '.join(named)})") if named else error
 
 
 def _trl_loss_composition(args: Any) -> tuple[str, dict[str, Any]]:
@@ -473,7 +490,10 @@ class EntropyGRPOTrainer(GRPOTrainer):
         beta = _trl_option(grpo_args, "beta")
         if kl_reference is not None and beta:
             if not _kl_setting_given("kl_loss_coef", objective, objective_params):
-                kl_reference.kl_loss_coef = beta
+                try:  # checked as the part's own parameters are, with its message
+                    kl_reference.kl_loss_coef = make_part("regularizer", "kl_ref", {"kl_loss_coef": beta}).kl_loss_coef
+                except ValueError as error:
+                    raise _naming_trl_options(error, {"kl_loss_coef"}) from None
             if not _kl_setting_given("importance_weighted", objective, objective_params):
                 kl_reference.importance_weighted = bool(_trl_option(grpo_args, "use_bias_correction_kl"))
         return own
