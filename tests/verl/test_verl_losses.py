@@ -908,6 +908,14 @@ def test_rollout_log_probs_equal_to_the_old_ones_leave_a_method_without_correcti
 
 def test_an_invalid_parameter_value_names_the_loss_mode_and_where_to_set_it(batch_factory, config_factory):
     with pytest.raises(ValueError, match=r"^verl loss_mode 'entrorl_clip_b': .*mu.*greater than 0.*"
-                                         r"\(set entrorl parameters in actor_rollout_ref.actor.policy_loss.entrorl\)$"):
+                                         r"\(set in actor_rollout_ref.actor.policy_loss.entrorl.mu\)$"):
         _verl_call("entrorl_clip_b", batch_factory(), config_factory("entrorl_clip_b", entrorl={"mu": -2.5}),
                    loss_agg_mode="token-mean")
+    # a value from one of verl's own keys: that key, not policy_loss.entrorl
+    with pytest.raises(ValueError, match=r"clip_ratio_high: .*\(set in actor_rollout_ref.actor.clip_ratio_high "
+                                         r"\(clip_ratio when it is unset\)\)$"):
+        _verl_call("entrorl_dapo", batch_factory(), config_factory("entrorl_dapo", clip_ratio_high=float("nan")),
+                   loss_agg_mode="token-mean")
+    with pytest.raises(ValueError, match=r"\(set in actor_rollout_ref.actor.policy_loss.clip_cov_ratio\)$"):
+        _verl_call("entrorl_clip_cov", batch_factory(),
+                   config_factory("entrorl_clip_cov", clip_cov_ratio=-1.0), loss_agg_mode="token-mean")

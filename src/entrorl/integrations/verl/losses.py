@@ -215,6 +215,23 @@ def entrorl_parameters(method: str, config: Any) -> dict[str, Any]:
     return params
 
 
+def _where_verl_sets(message: str, settings: dict[str, Any], explicit: frozenset[str]) -> str:
+    """Where verl's configuration set each parameter that ``message`` (an objective's error) names: its key in
+    ``policy_loss.entrorl`` or the verl key that carries it (:data:`VERL_PARAMETER_SOURCES`)."""
+    places = []
+    for name in settings:
+        if f"{name}:" not in message:
+            continue
+        if name in explicit or name not in VERL_PARAMETER_SOURCES:
+            places.append(f"actor_rollout_ref.actor.policy_loss.entrorl.{name}")
+            continue
+        section, key = VERL_PARAMETER_SOURCES[name]
+        fallback = " (clip_ratio when it is unset)" if key in ("clip_ratio_low", "clip_ratio_high") else ""
+        places.append(f"actor_rollout_ref.actor.{'policy_loss.' if section == 'policy_loss' else ''}{key}{fallback}")
+    return ("set in " + "; ".join(places) if places
+            else "set entrorl parameters in actor_rollout_ref.actor.policy_loss.entrorl")
+
+
 def _kl_estimator(method: str, kl_loss_type: Any) -> str:
     """kl_ref's estimator for verl's ``actor.kl_loss_type``; a verl type with no entrorl equivalent is refused."""
     estimator = VERL_KL_LOSS_TYPES.get(str(kl_loss_type))
@@ -282,10 +299,8 @@ def _loss_mode_state(method: str, params: dict[str, Any], loss_agg_mode: str, lo
         try:
             objective = build_objective(method, **settings)
         except ValueError as error:
-            raise ValueError(
-                f"verl loss_mode {loss_mode_name(method)!r}: {error} (set entrorl parameters in "
-                "actor_rollout_ref.actor.policy_loss.entrorl)"
-            ) from None
+            raise ValueError(f"verl loss_mode {loss_mode_name(method)!r}: {error} "
+                             f"({_where_verl_sets(str(error), settings, explicit)})") from None
         for part in objective.regularizers:
             if part.name == "kl_cov":
                 # KL-Cov's own on-policy warning counts calls, and in verl every micro-batch of the (on-policy) first
