@@ -1626,6 +1626,22 @@ def test_the_same_composition_spelled_otherwise_is_no_change_on_resume(tmp_path,
     assert [key for key, _, _ in resume_changes(saved, other)[0]] == ["method"]
 
 
+def test_a_method_written_otherwise_but_building_the_same_objective_is_no_change_on_resume(tmp_path):
+    """The method is compared as the objective it builds: a default written out, or a number given as text."""
+    from entrorl.trainer.config import resume_changes
+
+    def dump(*overrides):
+        return load_config(_bare_settings(tmp_path), list(overrides)).model_dump(mode="json")
+
+    assert resume_changes(dump("method=clip_b"), dump("method={method: clip_b, params: {mu: 2.5}}")) == ([], [])
+    assert resume_changes(dump("method={method: clip_b, params: {mu: 3}}"),
+                          dump("method={method: clip_b, params: {mu: '3'}}")) == ([], [])
+    assert resume_changes(dump("method=dr_grpo", "method.loss_scale_factor=512"),
+                          dump("method=dr_grpo", "method.params.loss_scale_factor=512")) == ([], [])
+    refused, _ = resume_changes(dump("method={method: clip_b, params: {mu: 3}}"), dump("method=clip_b"))
+    assert [(key, saved["params"], now) for key, saved, now in refused] == [("method", {"mu": 3}, "clip_b")]  # as written
+
+
 def test_an_empty_eval_ks_is_refused_when_the_configuration_loads(tmp_path):
     """Every evaluation would otherwise fail after the model has loaded, with 'ks is empty'."""
     with pytest.raises(ConfigError, match=r"eval.ks: List should have at least 1 item"):

@@ -789,8 +789,9 @@ def with_resolved_paths(dump: dict[str, Any]) -> dict[str, Any]:
 
 def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
     """A configuration dump as :func:`resume_changes` compares it: completed with this version's defaults (keys a
-    later version added do not count as changes), the method in its full form with its parts listed (``grpo`` and
-    ``{method: grpo}`` are one method, and so are ``dapo+clip_b`` and ``[dapo, clip_b]``), the advantage estimator
+    later version added do not count as changes), the method as the objective it builds, every part with every
+    parameter (``grpo`` and ``{method: grpo}`` are one method, and so are ``dapo+clip_b`` and ``[dapo, clip_b]``, or
+    ``clip_b`` and its default ``mu`` written out), the advantage estimator
     resolved, and paths resolved. Keys this version does not know are kept as they are (each a change when the other
     side lacks it); settings it cannot read at all leave the dump as it is."""
     unknown: dict[tuple, Any] = {}  # keys of a version this one does not know: compared as they are
@@ -809,7 +810,7 @@ def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
     if config is not None:
         compared = config.model_dump(mode="json")
         method = config.method if isinstance(config.method, ObjectiveConfig) else ObjectiveConfig(method=config.method)
-        compared["method"] = method.model_dump(mode="json")
+        compared["method"] = _built_objective(method) or method.model_dump(mode="json")
         names = compared["method"].get("method")
         if isinstance(names, str):  # 'dapo+clip_b', 'dapo + clip_b' and [dapo, clip_b] are one composition
             compared["method"]["method"] = [name.strip() for name in names.split("+")]
@@ -818,6 +819,18 @@ def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
     for loc, value in unknown.items():  # the sections that held them are still there (in a list item too)
         _parent_of(compared, loc)[loc[-1]] = value
     return compared
+
+
+def _built_objective(method: ObjectiveConfig) -> dict[str, Any] | None:
+    """The objective ``method`` builds, every part with every parameter (``Objective.describe``): one objective
+    however it is written (``clip_b`` and ``{method: clip_b, params: {mu: 2.5}}``, ``mu: 3`` and ``mu: "3"``); None
+    when this version does not build it (a checkpoint's method of another version)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            return build_objective(method).describe()
+        except ValueError:
+            return None
 
 
 def _parent_of(tree: Any, loc: tuple) -> Any:
