@@ -1980,9 +1980,9 @@ def test_an_unknown_part_parameter_lists_the_valid_ones():
 def test_a_boolean_for_a_numeric_part_parameter_is_refused():
     """pydantic reads True as 1: clip_ratio_low=True would have clipped at a ratio of 1; a switch takes booleans."""
     for flag in (torch.tensor(True), np.array(True)):  # a boolean tensor is the same flag
-        with pytest.raises(ValueError, match=r"mu: Value error, expected a number, not a boolean"):
+        with pytest.raises(ValueError, match=r"mu: expected a number, not a boolean"):
             build_objective("clip_b", mu=flag)
-    with pytest.raises(ValueError, match=r"clip_ratio_low: Value error, expected a number, not a boolean \(got True\)"):
+    with pytest.raises(ValueError, match=r"clip_ratio_low: expected a number, not a boolean \(got True\)"):
         build_objective("dapo", clip_ratio_low=True)
     with pytest.raises(ValueError, match="expected a number, not a boolean"):
         build_objective("clip_b", mu=False)
