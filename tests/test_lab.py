@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from entrorl.lab.base_model import BaseModelSpec, build_base_model
 from entrorl.lab.presets import DEFAULT_METHODS, get_preset
+from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2
 from entrorl.trainer import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +134,50 @@ def test_a_cached_base_model_is_reused_only_when_complete_and_rebuilt_on_request
     assert build_base_model(spec, cache_dir=cache) == final and len(trained) == 1
     assert build_base_model(spec, cache_dir=cache, rebuild=True) == final and len(trained) == 2
     assert (final / "weights").read_text() == "2" and built_and_locks(cache / "lab") == ([final.name], 1)
+
+
+def test_a_cached_base_model_whose_weights_are_damaged_is_built_again(tmp_path, monkeypatch):
+    """A truncated weight file beside a whole base.json (a disk error, a copy cut short) failed the base evaluation
+    with 'save the model again', which a laboratory user never did."""
+    from entrorl.lab import base_model
+
+    trained = []
+
+    def train(spec, directory, progress=None):
+        trained.append(spec)
+        build_tiny_qwen2(len(build_char_tokenizer()), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                         intermediate_size=32).save_pretrained(directory)
+        return {"key": spec.key()}
+
+    monkeypatch.setattr(base_model, "_train", train)
+    spec, cache, said = BaseModelSpec(), tmp_path / "cache", []
+    monkeypatch.setattr(base_model.logger, "warning", lambda message, *args: said.append(message % args))
+    final = build_base_model(spec, cache_dir=cache)
+    assert base_model.cached_base_model(spec, cache) == final and len(trained) == 1
+    weights = final / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert base_model.cached_base_model(spec, cache) is None
+    assert said == [f"the cached base model's {weights} cannot be read (damaged or truncated): building it again"]
+    assert build_base_model(spec, cache_dir=cache) == final and len(trained) == 2
+    assert base_model.cached_base_model(spec, cache) == final
+
+
+def test_a_read_only_cache_that_holds_the_base_model_is_used(tmp_path, monkeypatch):
+    """Only a cache that must take a new base model must be writable (a shared, read-only one is read)."""
+    from entrorl.lab import runner
+
+    out = _finished_folder(tmp_path, monkeypatch)
+    cached = tmp_path / "cache" / "lab" / "base-x"
+    cached.mkdir(parents=True)
+    monkeypatch.setattr(runner, "cached_base_model", lambda spec, cache_dir=None: cached)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *args, **kwargs: False if str(path).startswith(
+        str(tmp_path / "cache")) and mode & os.W_OK else real_access(path, mode, *args, **kwargs))
+    monkeypatch.setattr(runner, "_run_method", _dies_on_clip_cov)  # grpo: found finished
+    assert runner.run_lab("quick", methods=["grpo"], out=out, workers=1, cache_dir=tmp_path / "cache") == out
+    monkeypatch.setattr(runner, "cached_base_model", lambda spec, cache_dir=None: None)  # one to build: refused at once
+    with pytest.raises(ValueError, match="cannot be written"):
+        runner.run_lab("quick", methods=["grpo"], out=out, workers=1, cache_dir=tmp_path / "cache")
 
 
 def test_the_cache_is_entrorl_cache_or_under_the_home_folder_and_is_made_only_when_asked(tmp_path, monkeypatch):
@@ -1397,6 +1443,22 @@ def test_a_second_sigterm_stops_the_laboratory_at_once_and_exits_143(tmp_path, m
     assert result.exit_code == 128 + signal.SIGTERM, result.output
     assert time.monotonic() - started < 30  # not the method's 60 s: its worker was ended
     assert "Continue with: entrorl lab --preset quick --methods grpo" in " ".join(result.output.split())
+    # the method ended at once is recorded as interrupted, for the next invocation that leaves it out to say so
+    assert json.loads((out / "outcomes.json").read_text())["grpo"]["status"] == "interrupted"
+    assert runner.interrupted_methods(out) == ["grpo"]
+
+
+def test_a_method_without_an_outcome_or_a_final_evaluation_was_interrupted(tmp_path, monkeypatch):
+    """The laboratory killed (kill -9) while a method trained records no outcome: the method is still unfinished."""
+    from entrorl.lab import runner
+
+    out = _finished_folder(tmp_path, monkeypatch)
+    (out / "outcomes.json").unlink(missing_ok=True)
+    assert runner.interrupted_methods(out) == []  # finished, every one
+    (out / "methods" / "clip_cov" / "final_eval.json").unlink()
+    assert runner.interrupted_methods(out) == ["clip_cov"]
+    (out / "outcomes.json").write_text(json.dumps({"clip_cov": {"method": "clip_cov", "status": "failed", "error": "x"}}))
+    assert runner.interrupted_methods(out) == [] and runner.failed_methods(out) == ["clip_cov"]
 
 
 def test_a_method_stopped_by_a_signal_of_its_own_is_not_reported_as_finished(tmp_path, monkeypatch):
@@ -2006,7 +2068,7 @@ def test_the_jobs_run_in_at_most_the_given_number_of_workers_and_each_outcome_is
 def test_a_second_ctrl_c_ends_the_workers_at_once_and_the_methods_not_started_are_interrupted(
         tmp_path, monkeypatch, signal_handlers_restored):
     """Ctrl-C pressed twice before the laboratory looked: KeyboardInterrupt, every worker ended at once (SIGTERM)
-    without waiting for its outcome, and the methods never started are recorded as interrupted."""
+    without waiting for its outcome, and the methods under way and those never started are recorded as interrupted."""
     import signal
     from types import SimpleNamespace
 
@@ -2044,7 +2106,8 @@ def test_a_second_ctrl_c_ends_the_workers_at_once_and_the_methods_not_started_ar
     with pytest.raises(KeyboardInterrupt):
         runner._run_jobs(jobs, 1, outcomes, _RecordingProgress(), {"grpo": "grpo", "nsr": "nsr"}, tmp_path, steps=4)
     assert ended == ["terminate"]
-    assert outcomes == {"nsr": {"method": "nsr", "status": "interrupted"}}  # grpo's outcome never came
+    # grpo's outcome never came: it was under way, so it is interrupted too (a later invocation says so)
+    assert outcomes == {"grpo": {"method": "grpo", "status": "interrupted"}, "nsr": {"method": "nsr", "status": "interrupted"}}
 
 
 def test_a_worker_runs_each_job_it_receives_until_told_to_stop(monkeypatch, signal_handlers_restored):

@@ -156,7 +156,7 @@ def out_of_memory_while(doing: str, error: BaseException, *, files_read: bool = 
                        "(ulimit -v, a scheduler's memory request) or use a smaller model or batch")
 
 
-def _unreadable_weight_file(directory: Path) -> Path | None:
+def unreadable_weight_file(directory: Path) -> Path | None:
     """The first of ``directory``'s weight files whose index of tensors cannot be read (a damaged or truncated file),
     or None when every one reads. Only the header is read: safetensors' for ``*.safetensors``, the archive's for a
     ``*.bin`` (memory-mapped, weights only)."""
@@ -237,7 +237,7 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     except MemoryError as error:
         raise out_of_memory_while(f"loading the model of {path}", error) from error
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError) as error:
-        damaged = _unreadable_weight_file(path)  # a file whose header cannot be read, memory refusals aside
+        damaged = unreadable_weight_file(path)  # a file whose header cannot be read, memory refusals aside
         if damaged is None and is_out_of_memory(error):
             raise out_of_memory_while(f"loading the model of {path}", error) from error
         if damaged is None:  # every file's header reads: not a damaged file

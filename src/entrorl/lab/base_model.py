@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from entrorl._checks import check_int, is_real_number
 from entrorl.lab.tasks import available_tasks, get_task, sft_corpus
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2, save_quietly
+from entrorl.modeling import unreadable_weight_file
 from entrorl.trainer.checkpoint import UnlockableFile, lock_file, nearest_existing
 
 logger = logging.getLogger(__name__)
@@ -184,17 +185,32 @@ def lab_cache_root(cache_dir: Path | None = None, *, create: bool = True) -> Pat
     return root
 
 
-def build_base_model(spec: BaseModelSpec, *, cache_dir: Path | None = None, rebuild: bool = False, progress=None) -> Path:
-    """The cached base model directory for ``spec`` (trained on first use, atomically; a cache that holds it is only
-    read, so it may be read-only). Processes that need the same uncached model at once train it once: the others wait
-    for it (a lock file in the cache) and read it."""
+def cached_base_model(spec: BaseModelSpec, cache_dir: Path | None = None) -> Path | None:
+    """The cache's directory of the base model of ``spec`` when it holds a whole one (its ``base.json`` is written
+    last, and each weight file's header reads), else None; an entry whose weights are damaged is said, to be rebuilt."""
     final = (cache_dir or default_cache_dir()) / "lab" / f"base-{spec.key()}"
-    if final.is_dir() and (final / "base.json").is_file() and not rebuild:
-        return final
+    if not (final.is_dir() and (final / "base.json").is_file()):
+        return None
+    damaged = unreadable_weight_file(final)
+    if damaged is not None:
+        logger.warning("the cached base model's %s cannot be read (damaged or truncated): building it again", damaged)
+        return None
+    return final
+
+
+def build_base_model(spec: BaseModelSpec, *, cache_dir: Path | None = None, rebuild: bool = False, progress=None) -> Path:
+    """The cached base model directory for ``spec`` (trained on first use, atomically, and again when its weights are
+    damaged; a cache that holds it is only read, so it may be read-only). Processes that need the same uncached model
+    at once train it once: the others wait for it (a lock file in the cache) and read it."""
+    cached = None if rebuild else cached_base_model(spec, cache_dir)
+    if cached is not None:
+        return cached
     root = lab_cache_root(cache_dir)
+    final = root / f"base-{spec.key()}"
     with _building(root / f".base-{spec.key()}.lock", final):
-        if final.is_dir() and (final / "base.json").is_file() and not rebuild:
-            return final  # built by the process this one waited for
+        cached = None if rebuild else cached_base_model(spec, cache_dir)
+        if cached is not None:
+            return cached  # built by the process this one waited for
         return _build(spec, final, root, progress)
 
 

@@ -38,7 +38,7 @@ import torch
 from rich.text import Text
 
 from entrorl.data import load_prompts, write_jsonl
-from entrorl.lab.base_model import build_base_model, lab_cache_root
+from entrorl.lab.base_model import build_base_model, cached_base_model, lab_cache_root
 from entrorl.lab.presets import LabPreset, get_preset
 from entrorl.lab.supervised import SFT_OBJECTIVE
 from entrorl.lab.tasks import get_task
@@ -390,8 +390,15 @@ def failed_methods(out: Path) -> list[str]:
 
 
 def interrupted_methods(out: Path) -> list[str]:
-    """The methods of the laboratory folder ``out`` whose last run was interrupted and not continued since."""
-    return _methods_whose_last_run(out, "interrupted")
+    """The methods of the laboratory folder ``out`` whose last run was interrupted and not continued since, and those
+    of its methods that have neither an outcome nor a final evaluation (the laboratory was killed before it could
+    record one)."""
+    out = Path(out)
+    recorded = _read_json_object(out / "outcomes.json")
+    methods = _read_json_object(out / "lab.json").get("methods")
+    unrecorded = [method for method in methods if isinstance(method, str) and method not in recorded
+                  and not (out / "methods" / method / "final_eval.json").is_file()] if isinstance(methods, list) else []
+    return _methods_whose_last_run(out, "interrupted") + unrecorded
 
 
 def _methods_whose_last_run(out: Path, status: str) -> list[str]:
@@ -729,9 +736,10 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
                 time.sleep(0.5)
         at_once = False
     finally:
+        under_way = [worker.method for worker in pool if worker.job is not None]  # stopped at once: no outcome came
         _end_workers(pool, stop, at_once)
-        for job in queue:  # never started
-            outcomes.setdefault(job["method"], {"method": job["method"], "status": "interrupted"})
+        for method in under_way + [job["method"] for job in queue]:  # and those never started
+            outcomes.setdefault(method, {"method": method, "status": "interrupted"})
     return requests.signal_number if stop.is_set() else None
 
 
@@ -772,7 +780,8 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
     preset.check_methods()
     workers = _checked_workers(workers, preset)
     out = Path(out) if out is not None else default_run_directory()
-    lab_cache_root(cache_dir, create=False)  # a cache that cannot be written fails now, before the run directory is made
+    if cached_base_model(preset.base, cache_dir) is None:  # a cache that cannot be written, and must be, fails now,
+        lab_cache_root(cache_dir, create=False)  # before the run directory is made
     _prepare_run_directory(out)
     try:
         # two laboratories in one folder would overwrite each other's record and outcomes
