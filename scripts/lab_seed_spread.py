@@ -30,8 +30,9 @@ def _fmt(value: float) -> str:
 
 
 def spread_table(reports: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per method present in every run; cells ``mean [min, max]``; the Pass@k columns those
-    of the first run's summary (every k it reports)."""
+    """Header and rows: one row per method present in every run; cells ``mean [min, max]``, followed by
+    ``(n of N runs)`` when only n of the runs have the number (a method that failed or was interrupted in the others);
+    the Pass@k columns those of the first run's summary (every k it reports)."""
     per_run = [{row["method"]: row for row in report["summary"]["values"]} for report in reports]
     methods = [name for name in per_run[0] if all(name in run for run in per_run[1:])]
     first = next(iter(per_run[0].values()), {})
@@ -43,7 +44,9 @@ def spread_table(reports: list[dict]) -> tuple[list[str], list[list[str]]]:
         for column in columns:
             values = [run[method].get(column) for run in per_run]
             values = [value for value in values if isinstance(value, (int, float))]
-            cells.append(f"{_fmt(statistics.fmean(values))} [{_fmt(min(values))}, {_fmt(max(values))}]" if values else "—")
+            partial = f" ({len(values)} of {len(per_run)} runs)" if 0 < len(values) < len(per_run) else ""
+            cells.append(f"{_fmt(statistics.fmean(values))} [{_fmt(min(values))}, {_fmt(max(values))}]{partial}"
+                         if values else "—")
         rows.append(cells)
     return header, rows
 
@@ -51,7 +54,11 @@ def spread_table(reports: list[dict]) -> tuple[list[str], list[list[str]]]:
 def collapse_lines(reports: list[dict], names: list[str]) -> list[str]:
     lines = []
     for name, report in zip(names, reports):
-        numbers = {row["quantity"]: row["value"] for row in report["headline"]["numbers"]["rows"]}
+        headline = report.get("headline") or {}
+        if "numbers" not in headline:  # GRPO not in the run, failed or interrupted: the report says which
+            lines.append(f"{name}: no collapse criterion ({headline.get('skipped', 'GRPO has no results')})")
+            continue
+        numbers = {row["quantity"]: row["value"] for row in headline["numbers"]["rows"]}
         collapse = next(((quantity, value) for quantity, value in numbers.items()
                          if quantity.startswith(HEADLINE_COLLAPSE_PREFIX)), ("collapse", "?"))
         lines.append(f"{name}: {HEADLINE_EVAL_ENTROPY_RATIO} {numbers.get(HEADLINE_EVAL_ENTROPY_RATIO, '?')}, "

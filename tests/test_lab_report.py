@@ -765,6 +765,30 @@ def test_the_seed_spread_script_warns_when_two_runs_trained_with_the_same_seed(t
         assert "(rl_seed 0, the preset seed)" in said.out
 
 
+def test_the_seed_spread_script_names_a_run_without_grpo_results_and_a_number_only_some_runs_have(tmp_path, capsys):
+    """A run whose GRPO was interrupted or failed has a headline without numbers (the script died with a KeyError),
+    and its cells are not a spread over every run."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "lab_seed_spread.py"
+    spec = importlib.util.spec_from_file_location("lab_seed_spread", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    finished = {"summary": {"values": [{"method": "grpo", "reward end": 0.4}]}, "headline": {"numbers": {"rows": []}}}
+    stopped = {"summary": {"values": [{"method": "grpo", "reward end": None}]},
+               "headline": {"skipped": "grpo interrupted", "paragraphs": []}}
+    runs = []
+    for rl_seed, report in ((0, finished), (1, stopped)):
+        run = tmp_path / f"seed{rl_seed}"
+        _write(run / "lab.json", {"preset": {"name": "quick", "seed": 0, "rl_seed": rl_seed}})
+        _write(run / "report.json", report)
+        runs.append(str(run))
+    assert module.main(runs) == 0
+    said = capsys.readouterr().out
+    assert "0.4 [0.4, 0.4] (1 of 2 runs)" in said
+    assert "seed1 (rl_seed 1): no collapse criterion (grpo interrupted)" in said
+
+
 def test_the_entropy_change_axes_carry_their_power_of_ten_in_their_labels():
     """The scale of a panel goes into its axis labels (matplotlib's offset text sat on the panel's title)."""
     from entrorl.analysis.document import power_of_ten
