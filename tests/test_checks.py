@@ -102,3 +102,12 @@ def test_a_one_element_array_is_refused_for_one_number_as_numpy_and_torch_alike(
     scalar = torch.tensor(2.0)
     assert refuse_booleans_for_numbers(scalar, float) is scalar
 
+
+@pytest.mark.parametrize("value", [3 + 0j, np.complex128(3 + 4j), torch.tensor(2 + 1j)])
+def test_a_complex_number_is_refused_for_a_real_one(value):
+    """numpy's and torch's complex numbers read as floats without their imaginary part (and a warning at most)."""
+    from entrorl._checks import refuse_booleans_for_numbers
+
+    with pytest.raises(ValueError, match="expected a real number, not a complex one"):
+        refuse_booleans_for_numbers(value, float | None)
+
