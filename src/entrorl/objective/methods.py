@@ -286,7 +286,8 @@ def _to_config(name_or_config: Any) -> ObjectiveConfig:
         try:
             return ObjectiveConfig(**data)
         except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                                 for e in error.errors())
             extra = [str(e["loc"][0]) for e in error.errors()  # 'name' beside 'method' is a second name, not a parameter
                      if e["type"] == "extra_forbidden" and len(e["loc"]) == 1 and e["loc"][0] != "name"]
             hint = (f" A method's parameters go under 'params': {{'method': {data.get('method')!r}, 'params': "
