@@ -671,7 +671,9 @@ def test_a_loss_scale_factor_that_is_not_a_finite_positive_number_is_refused_nam
     """From the actor config or verl's global_batch_info, as everywhere else: True is no divisor of 1."""
     batch = batch_factory()
     for config in ({"loss_scale_factor": factor}, {"global_batch_info": {"loss_scale_factor": factor}}):
-        with pytest.raises(ValueError, match="loss_scale_factor must be a finite number > 0"):
+        where = "global_batch_info's" if "global_batch_info" in config else "actor_rollout_ref.actor."
+        with pytest.raises(ValueError, match=rf"^verl: loss_scale_factor must be a finite number > 0, got .* \(from "
+                                             rf"{where}"):
             _verl_call("entrorl_grpo", batch, config, loss_agg_mode="seq-mean-token-sum-norm", extras=False)
 
 
@@ -915,6 +917,14 @@ def test_an_invalid_parameter_value_names_the_loss_mode_and_where_to_set_it(batc
     with pytest.raises(ValueError, match=r"clip_ratio_high: .*\(set in actor_rollout_ref.actor.clip_ratio_high "
                                          r"\(clip_ratio when it is unset\)\)$"):
         _verl_call("entrorl_dapo", batch_factory(), config_factory("entrorl_dapo", clip_ratio_high=float("nan")),
+                   loss_agg_mode="token-mean")
+    # a check across two parameters names both, and where each came from
+    with pytest.raises(ValueError, match=r"clip_cov_lb.*clip_cov_ub.*\(set in actor_rollout_ref.actor.policy_loss."
+                                         r"clip_cov_lb; actor_rollout_ref.actor.policy_loss.clip_cov_ub\)$"):
+        _verl_call("entrorl_clip_cov", batch_factory(),
+                   config_factory("entrorl_clip_cov", clip_cov_lb=6.0, clip_cov_ub=5.0), loss_agg_mode="token-mean")
+    with pytest.raises(ValueError, match=r"\(set in actor_rollout_ref.actor.clip_ratio_c\)$"):
+        _verl_call("entrorl_dual_clip", batch_factory(), config_factory("entrorl_dual_clip", clip_ratio_c=0.5),
                    loss_agg_mode="token-mean")
     with pytest.raises(ValueError, match=r"\(set in actor_rollout_ref.actor.policy_loss.clip_cov_ratio\)$"):
         _verl_call("entrorl_clip_cov", batch_factory(),

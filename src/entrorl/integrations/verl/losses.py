@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -216,11 +217,12 @@ def entrorl_parameters(method: str, config: Any) -> dict[str, Any]:
 
 
 def _where_verl_sets(message: str, settings: dict[str, Any], explicit: frozenset[str]) -> str:
-    """Where verl's configuration set each parameter that ``message`` (an objective's error) names: its key in
-    ``policy_loss.entrorl`` or the verl key that carries it (:data:`VERL_PARAMETER_SOURCES`)."""
+    """Where verl's configuration set each parameter that ``message`` (an objective's error, about one parameter or
+    several together) names: its key in ``policy_loss.entrorl`` or the verl key that carries it
+    (:data:`VERL_PARAMETER_SOURCES`)."""
     places = []
     for name in settings:
-        if f"{name}:" not in message:
+        if not re.search(rf"\b{re.escape(name)}\b", message):
             continue
         if name in explicit or name not in VERL_PARAMETER_SOURCES:
             places.append(f"actor_rollout_ref.actor.policy_loss.entrorl.{name}")
@@ -385,8 +387,17 @@ def _normalisers(config: Any, loss_agg_mode: str) -> dict[str, Any]:
         "dp_size": dp_size,
         "batch_num_tokens": info.get("batch_num_tokens"),
         "global_batch_size": info.get("global_batch_size"),
-        "loss_scale_factor": check_loss_scale_factor(scale),
+        "loss_scale_factor": _checked_scale(scale, "global_batch_info's loss_scale_factor"
+                                            if info.get("loss_scale_factor") is not None
+                                            else "actor_rollout_ref.actor.loss_scale_factor"),
     }
+
+
+def _checked_scale(scale: Any, where: str) -> float | None:
+    try:
+        return check_loss_scale_factor(scale)
+    except ValueError as error:
+        raise ValueError(f"verl: {error} (from {where})") from None
 
 
 def _partial_sums(normalisers: dict[str, Any], loss_agg_mode: str) -> bool:
