@@ -1392,12 +1392,12 @@ def test_a_bad_beta_is_refused_as_kl_refs_coefficient_naming_beta(tmp_path, obje
         EntropyGRPOTrainer._own_objective(objective, {}, _config(tmp_path, beta=beta))
     message = str(refused.value)
     assert message.startswith("regularizer 'kl_ref': invalid parameter value — kl_loss_coef: ")
-    assert message.endswith("(kl_loss_coef is GRPOConfig's beta)") and "pydantic.dev" not in message
+    assert message.endswith("(kl_loss_coef comes from GRPOConfig's beta)") and "pydantic.dev" not in message
 
 
 def test_a_bad_epsilon_is_named_as_grpo_configs_option(tmp_path):
-    with pytest.raises(ValueError, match=r"clip_ratio_low: .*\(clip_ratio_high is GRPOConfig's epsilon_high "
-                                         r"\(epsilon when unset\); clip_ratio_low is GRPOConfig's epsilon\)$"):
+    with pytest.raises(ValueError, match=r"clip_ratio_low: .*\(clip_ratio_high comes from GRPOConfig's epsilon_high "
+                                         r"\(epsilon when unset\); clip_ratio_low comes from GRPOConfig's epsilon\)$"):
         objective_for_trl_loss(_config(tmp_path, epsilon=float("nan")))
     with pytest.raises(ValueError) as refused:  # a parameter the caller set is the caller's own
         objective_for_trl_loss(_config(tmp_path), clip_ratio_low=float("nan"))

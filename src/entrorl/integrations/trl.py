@@ -61,6 +61,7 @@ import inspect
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -194,8 +195,8 @@ _TRL_OPTION_OF_PARAMETER = {"clip_ratio_low": "epsilon", "clip_ratio_high": "eps
 def _naming_trl_options(error: ValueError, from_trl: set[str]) -> ValueError:
     """``error`` (an objective's bad parameter) with the ``GRPOConfig`` option behind each parameter it names among
     ``from_trl``, since a TRL user set ``epsilon`` or ``beta``, not ``clip_ratio_low`` or ``kl_loss_coef``."""
-    named = [f"{name} is GRPOConfig's {_TRL_OPTION_OF_PARAMETER[name]}" for name in sorted(from_trl)
-             if name in _TRL_OPTION_OF_PARAMETER and f"{name}:" in str(error)]
+    named = [f"{name} comes from GRPOConfig's {_TRL_OPTION_OF_PARAMETER[name]}" for name in sorted(from_trl)
+             if name in _TRL_OPTION_OF_PARAMETER and re.search(rf"\b{name}\b", str(error))]
     return ValueError(f"{error} ({'; '.join(named)})") if named else error
 
 
