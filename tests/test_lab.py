@@ -129,8 +129,11 @@ def test_a_cached_base_model_is_reused_only_when_complete_and_rebuilt_on_request
     final = cache / "lab" / f"base-{spec.key()}"
     final.mkdir(parents=True)  # left without its base.json: not a finished model
     (final / "partial").write_text("")
+    killed_build = cache / "lab" / f".base-{spec.key()}.tmp-{2**22 + 12345}"  # of a build killed on its way
+    killed_build.mkdir()
     assert build_base_model(spec, cache_dir=cache) == final and len(trained) == 1
     assert sorted(path.name for path in final.iterdir()) == ["base.json", "weights"]
+    assert not killed_build.exists()
     assert build_base_model(spec, cache_dir=cache) == final and len(trained) == 1
     assert build_base_model(spec, cache_dir=cache, rebuild=True) == final and len(trained) == 2
     assert (final / "weights").read_text() == "2" and built_and_locks(cache / "lab") == ([final.name], 1)

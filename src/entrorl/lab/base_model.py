@@ -26,7 +26,7 @@ from entrorl._checks import check_int, is_real_number
 from entrorl.lab.tasks import available_tasks, get_task, sft_corpus
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2, save_quietly
 from entrorl.modeling import unreadable_weight_file
-from entrorl.trainer.checkpoint import UnlockableFile, lock_file, nearest_existing
+from entrorl.trainer.checkpoint import UnlockableFile, lock_file, nearest_existing, remove_temporary_files
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def _building(lock_path: Path, final: Path):
 def _build(spec: BaseModelSpec, final: Path, root: Path, progress) -> Path:
     """Train the base model of ``spec`` into a temporary folder of ``root``, then rename it to ``final``."""
     temporary = root / f".base-{spec.key()}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
+    remove_temporary_files(root)  # and those of builds killed on their way (kill -9), whose process is gone
     temporary.mkdir()
     try:
         info = _train(spec, temporary, progress=progress)
