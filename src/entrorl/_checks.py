@@ -62,9 +62,9 @@ def is_boolean(value: Any) -> bool:
 def refuse_booleans_for_numbers(value: Any, annotation: Any) -> Any:
     """``value`` as given, unless it is a boolean (Python's, numpy's, a boolean tensor) for a setting of type
     ``annotation`` that takes numbers but no booleans (``int``, ``float | None``, ``list[int]``, ...), a complex
-    number, or a tensor or array of one or more dimensions for one number: ``ValueError`` then. For a pydantic ``mode="before"`` validator:
-    pydantic reads ``True`` as 1 for a number (a count of one step, Pass@1, a clip ratio of 1), and a one-element
-    tensor of any shape as its number (a numpy array it refuses)."""
+    number, or a tensor or array of one or more dimensions for one number: ``ValueError`` then. For a pydantic
+    ``mode="before"`` validator: pydantic reads ``True`` as 1 for a number (a count of one step, Pass@1, a clip ratio
+    of 1), and a one-element tensor of any shape as its number (a numpy array it refuses)."""
     if _takes_numbers_only(_alternatives(annotation)):
         if is_boolean(value):
             raise ValueError("expected a number, not a boolean")

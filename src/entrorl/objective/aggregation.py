@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from pydantic import TypeAdapter
 
 from entrorl._checks import refuse_booleans_for_numbers

@@ -394,6 +394,7 @@ def _normalisers(config: Any, loss_agg_mode: str) -> dict[str, Any]:
 
 
 def _checked_scale(scale: Any, where: str) -> float | None:
+    """``scale`` through :func:`check_loss_scale_factor`, its error naming ``where`` verl's configuration set it."""
     try:
         return check_loss_scale_factor(scale)
     except ValueError as error:
