@@ -791,9 +791,9 @@ def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
     """A configuration dump as :func:`resume_changes` compares it: completed with this version's defaults (keys a
     later version added do not count as changes), the method as the objective it builds, every part with every
     parameter (``grpo`` and ``{method: grpo}`` are one method, and so are ``dapo+clip_b`` and ``[dapo, clip_b]``, or
-    ``clip_b`` and its default ``mu`` written out), the advantage estimator
-    resolved, and paths resolved. Keys this version does not know are kept as they are (each a change when the other
-    side lacks it); settings it cannot read at all leave the dump as it is."""
+    ``clip_b`` and its default ``mu`` written out), the advantage estimator resolved, and paths resolved. Keys this
+    version does not know are kept as they are (each a change when the other side lacks it); settings it cannot read
+    at all leave the dump as it is."""
     unknown: dict[tuple, Any] = {}  # keys of a version this one does not know: compared as they are
     compared = copy.deepcopy(dump)
     while True:
