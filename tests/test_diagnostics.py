@@ -156,6 +156,12 @@ def test_top_fork_tokens_lists_each_decision_point_once():
     same = torch.tensor([[ord("a"), ord("b")]] * 3)
     greedy = top_fork_tokens(CharTokenizer(), prompt_ids, prompt_mask, same, response_mask, entropy, k=5)
     assert [(f["position"], f["samples"]) for f in greedy] == [(0, 3), (1, 3)]
+    # rows of one decision point scored in other batches differ by float32's rounding: the fork is its first row's
+    rounded = torch.tensor([[3.0, 2.0], [3.0 + 1e-6, 2.0], [3.0 - 1e-6, 1.0]])
+    forks = top_fork_tokens(CharTokenizer(), prompt_ids, prompt_mask, response_ids, response_mask, rounded, k=5,
+                            sources=["p.jsonl:1", "p.jsonl:2", "p.jsonl:3"])
+    assert [(f["sample"], f["entropy"], f["token"], f["after"], f["source"]) for f in forks[:1]] == [
+        (0, 3.0, "a", "b", "p.jsonl:1")]
 
 
 def _byte_level_bpe():

@@ -278,8 +278,8 @@ def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_m
     A decision point is a prompt plus the response tokens before a position. Rows that reach the same one (the
     samples of a prompt all share position 0; greedy samples share every position) face the same next-token
     distribution, so it is listed once: ``samples`` is how many rows reached it and ``chosen`` counts the tokens
-    they picked there; ``sample``, ``token`` and ``after`` are those of its first row. ``sources[row]`` (e.g. the
-    prompt's ``file:line``) is added as ``source`` when given.
+    they picked there; ``entropy``, ``sample``, ``token`` and ``after`` are those of its first row (the lowest index).
+    ``sources[row]`` of that row (e.g. the prompt's ``file:line``) is added as ``source`` when given.
     """
     k = check_int(k, "top_fork_tokens: k", minimum=0)
     context = check_int(context, "top_fork_tokens: context", minimum=0)
@@ -296,18 +296,21 @@ def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_m
     forks = []
     for flat_index in order:
         row, position = divmod(flat_index, width)
-        prompt, response = prompts[row], responses[row]
         point = int(points[row, position])
         if point in seen:
             continue
         seen.add(point)
         sharing = (points[:, position] == point).nonzero().squeeze(-1).tolist()
+        # its first row, not the one whose entropy rounded highest (rows of one decision point differ by float32's
+        # rounding in another batch), so that the same responses give the same fork
+        row = sharing[0]
+        prompt, response = prompts[row], responses[row]
         sequence = prompt + response[:position]  # the rows sharing the decision point share it
         cut = max(0, len(sequence) - context)
         chosen = collections.Counter(readable_text(tokenizer, [responses[other][position]], following=sequence[-1])
                                      for other in sharing)
         fork = {
-            "entropy": float(flat_scores[flat_index]),
+            "entropy": float(scores[row, position]),
             "sample": row,
             "position": position,
             "token": readable_text(tokenizer, [response[position]], following=sequence[-1]),
