@@ -3278,6 +3278,52 @@ def test_a_resampling_round_brings_groups_of_its_own(tmp_path, tiny_model_dir, a
     assert scored.metrics["data/sampling_rounds"] == 2.0 and len(set(scored.group_ids.tolist())) == 2
 
 
+def test_under_passk_dynamic_sampling_drops_a_group_with_fewer_wrong_samples_than_k(tmp_path, tiny_model_dir,
+                                                                                     arithmetic_files):
+    """With fewer than k wrong samples every k-subset passes and every pass@k advantage of the group is 0: such a group
+    was kept as informative and the step trained on nothing."""
+    train, _ = arithmetic_files
+    # round 1 (calls 1-4): (1, 1, 1, 0), one wrong, k = 2; round 2: (1, 0, 1, 0)
+    rounds = "if calls[0] <= 4:\n    return 0.0 if calls[0] == 4 else 1.0\nreturn float(calls[0] % 2)\n"
+    with importable_module(tmp_path, "passk_rounds_reward", call_counting_reward(rounds)):
+        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "passk_rounds_reward:score"},
+                                         method="passk_advantage", advantage={"params": {"k": 2}},
+                                         rollout={**THREE_SAMPLING_ROUNDS, "prompts_per_step": 1, "max_new_tokens": 4}))
+        scored = Trainer(config, run_dir=tmp_path / "run").collect()
+    assert scored.metrics["data/sampling_rounds"] == 2.0 and scored.rewards.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert bool((scored.advantages != 0).all())
+
+
+@pytest.mark.parametrize("estimator", ["nsr", "psr", "w_reinforce", "signed_reward", "reinforce_pp", "unlikely"])
+def test_dynamic_sampling_with_an_estimator_that_trains_on_equal_groups_is_warned_of(tmp_path, estimator):
+    """An all-wrong group has NSR's advantage -1 everywhere (a batch baseline, a rank, ... give other ones): dynamic
+    sampling would throw away samples the estimator learns from."""
+    from entrorl.trainer import ConfigWarning
+
+    bare = _bare_settings(tmp_path)
+    settings = {**bare, "advantage": {"name": estimator}, "rollout": {**bare["rollout"], "dynamic_sampling": True}}
+    with pytest.warns(ConfigWarning, match=rf"rollout.dynamic_sampling drops .* but the '{estimator}' advantage trains "
+                                           "on them"):
+        load_config(settings)
+    for group_baseline in ("grpo", "dr_grpo", "rloo", "passk", "reinforce_pp_baseline"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConfigWarning)
+            load_config({**settings, "advantage": {"name": group_baseline, "params": {"k": 2} if group_baseline == "passk" else {}}})
+
+
+def test_tokens_per_second_counts_every_sampled_token_of_the_step(tmp_path, tiny_model_dir, arithmetic_files):
+    """Those of the groups dynamic sampling dropped too: they were sampled in the step's time."""
+    train, _ = arithmetic_files
+    rounds = "if calls[0] <= 8:\n    return 0.0\nreturn float(calls[0] % 2)\n"  # round 1 uninformative, round 2 full
+    with trainer_sampling_three_rounds(tmp_path, tiny_model_dir, train, "tokens_rounds_reward", rounds) as trainer:
+        sampled, generate = [], trainer.sampler.generate
+        trainer.sampler.generate = lambda *a, **k: sampled.append(generate(*a, **k)) or sampled[-1]
+        metrics = trainer.train_step()
+    assert metrics["data/sampling_rounds"] == 2.0 and len(sampled) == 2
+    counted = metrics["time/tokens_per_s"] * metrics["time/step_s"]
+    assert counted == pytest.approx(sum(int(rollouts.lengths.sum()) for rollouts in sampled), rel=0.02)
+
+
 def test_max_sampling_rounds_counts_the_first_round(tmp_path, tiny_model_dir, arithmetic_files):
     train, _ = arithmetic_files
     config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "exact_match"},
@@ -4010,6 +4056,9 @@ def test_pass_rate_band_filters_training_prompts(tmp_path, tiny_model_dir):
     table.write_text("prompt,answer,pass_rate\n1+1=,2,nan\n")
     with pytest.raises(ValueError, match=r"needs a numeric 'pass_rate' column; missing or not a number at .*prompts.csv:2"):
         Trainer(config, run_dir=tmp_path / "run-nan")
+    table.write_text("prompt,answer,pass_rate\n1+1=,2,1e400\n")  # too large for a float: no rate either
+    with pytest.raises(ValueError, match=r"needs a numeric 'pass_rate' column; missing or not a number at .*prompts.csv:2"):
+        Trainer(config, run_dir=tmp_path / "run-overflow")
 
 
 def test_pass_rate_band_reads_its_column_when_meta_columns_leave_it_out_and_the_reward_does_not_see_it(

@@ -310,7 +310,8 @@ class RolloutConfig(_Section):
                                  "advantages, in the batch whitening of reinforce_pp and reinforce_pp_baseline, "
                                  "and in the reward metrics)")
     dynamic_sampling: bool = Field(False, description="DAPO (arXiv 2503.14476): drop groups that all solved or all failed "
-                                   "the prompt and sample more")
+                                   "the prompt (under the passk advantage also those with fewer than k wrong samples, "
+                                   "whose advantages are 0) and sample more")
     dynamic_sampling_metric: Literal["accuracy", "reward"] = Field(
         "accuracy", description="what dynamic sampling compares within a group: 'accuracy' (DAPO: keep groups with "
         "0 < correct < G) or 'reward' (keep groups whose main rewards, overlong penalty included, are not all equal)")
@@ -556,6 +557,8 @@ class TrainConfig(_Section):
                                  "group needs at least k samples; sample more responses per prompt or lower "
                                  "advantage.params.k") from None
             raise ValueError(f"advantage.params: {error}") from None
+        if self.rollout.dynamic_sampling and group > 1:
+            _warn_if_the_estimator_trains_on_equal_groups(estimator, group, self.advantage.params)
         if estimator == "passk" and group == k:
             raise ValueError(f"rollout.group_size = {group} is the 'passk' advantage's k: the only k-subset of a group "
                              "is the whole group, so every advantage would be 0; sample more than k responses per "
@@ -785,6 +788,24 @@ def with_resolved_paths(dump: dict[str, Any]) -> dict[str, Any]:
         if isinstance(resolved.get(section), dict) and resolved[section].get(key) is not None:
             resolved[section][key] = os.path.realpath(resolved[section][key])
     return resolved
+
+
+def _warn_if_the_estimator_trains_on_equal_groups(estimator: str, group: int, params: dict[str, Any]) -> None:
+    """Dynamic sampling drops the groups whose samples all solved or all failed the prompt, which a group baseline
+    (GRPO's) gives no advantage; an estimator that gives them one (NSR's -1 to every wrong sample, a batch baseline,
+    a rank within the group) would have trained on them: said, from a dry run on one all-right and one all-wrong
+    group."""
+    rewards = torch.cat([torch.ones(group), torch.zeros(group)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        advantages = compute_advantages(estimator, rewards, torch.arange(2).repeat_interleave(group),
+                                        lengths=torch.arange(1, 2 * group + 1), correct=rewards.bool(),
+                                        seq_log_prob=-torch.arange(1.0, 2 * group + 1), **params)
+    if bool((advantages != 0).any()):
+        warnings.warn(f"rollout.dynamic_sampling drops the groups whose samples all solved or all failed the prompt, "
+                      f"but the {estimator!r} advantage trains on them (they get advantages other than 0), so samples "
+                      "it would learn from are thrown away; leave rollout.dynamic_sampling off, unless that is meant",
+                      ConfigWarning, stacklevel=3)
 
 
 def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:

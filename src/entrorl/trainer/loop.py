@@ -128,6 +128,7 @@ class ScoredRollouts:
     completions: list[str] = field(default_factory=list)
     reasons: list[str | None] = field(default_factory=list)  # why each sample got its score, when the reward says
     correct: torch.Tensor | None = None  # bool per sample: score >= reward.correct_threshold
+    sampled_tokens: int | None = None  # response tokens sampled for the step, rows dynamic sampling dropped included
 
 
 class Trainer:
@@ -626,6 +627,7 @@ class Trainer:
         result, completions, main_failures = self._score(rollouts, records)
         metrics: dict[str, float] = {}
         sampled_rows = len(rollouts)
+        sampled_tokens = int(rollouts.lengths.sum())
         if config.dynamic_sampling:
             results = [result]
             keep = self._informative(results, group_ids)
@@ -641,7 +643,7 @@ class Trainer:
                 keep = self._informative(results, group_ids)
             result = RewardResult.concat(results)
             sampled, sampled_errors = result.metrics(), result.errors  # every row sampled this step, kept or not
-            sampled_rows = len(result.rewards)
+            sampled_rows, sampled_tokens = len(result.rewards), int(rollouts.lengths.sum())
             metrics.update({"data/sampling_rounds": float(len(results)), "reward/sampled_mean": sampled["reward/mean"],
                             "reward/sampled_accuracy": sampled["reward/accuracy"]})
             kept_rows = keep.nonzero().squeeze(-1)[: config.prompts_per_step * config.group_size]
@@ -671,7 +673,8 @@ class Trainer:
             "response/length_max": float(rollouts.lengths.max()),
             "response/truncated_frac": float(rollouts.truncated.float().mean()),
         })
-        return ScoredRollouts(rollouts, records, group_ids, rewards, advantages, metrics, completions, reasons, result.correct)
+        return ScoredRollouts(rollouts, records, group_ids, rewards, advantages, metrics, completions, reasons, result.correct,
+                              sampled_tokens=sampled_tokens)
 
     def _sequence_log_probs(self, rollouts: Rollouts) -> torch.Tensor:
         """Each response's length-normalised log-prob under the policy that sampled it, what the unlikeliness rank
@@ -689,12 +692,20 @@ class Trainer:
 
     def _informative(self, results: list[RewardResult], group_ids: torch.Tensor) -> torch.Tensor:
         """Rows of groups that dynamic sampling keeps: groups whose accuracy is neither 0 nor 1 (DAPO, arXiv
-        2503.14476), or whose rewards are not all equal with ``rollout.dynamic_sampling_metric: reward``."""
+        2503.14476), or whose rewards are not all equal with ``rollout.dynamic_sampling_metric: reward``; under the
+        ``passk`` advantage also groups with at least k wrong samples, since with fewer every k-subset passes and
+        every advantage of the group is 0."""
         if self.config.rollout.dynamic_sampling_metric == "accuracy":
             values = torch.cat([result.correct for result in results]).float()
         else:
             values = torch.cat([result.scores + result.penalties for result in results])  # the main reward only
-        return informative_groups(values, group_ids)
+        keep = informative_groups(values, group_ids)
+        if self.advantage_name == "passk":
+            result = RewardResult.concat(results)
+            correct = result.correct if self.estimator_threshold is None else result.correct_at(self.estimator_threshold)
+            advantages = compute_advantages("passk", result.rewards, group_ids, correct=correct, **self.advantage_params)
+            keep &= informative_groups(advantages, group_ids)  # the right and the wrong samples' advantages differ
+        return keep
 
     def _shape_group_rewards(self, rewards, completions: list[str], group_ids, seq_log_prob, metrics: dict[str, float]):
         """Group-level reward shaping before the advantage (each takes a share of ``|R|`` off, so their order does
@@ -940,7 +951,7 @@ class Trainer:
             log_ratio = (logprob - reference_log_prob.float().cpu())[mask]
             metrics["kl/ref_k1"] = float(log_ratio.mean()) if log_ratio.numel() else math.nan  # no token: no mean
         metrics.update(scored.metrics)  # what collection measured (rewards, lengths; a subclass may add more)
-        tokens = float(valid.sum())
+        tokens = float(valid.sum() if scored.sampled_tokens is None else scored.sampled_tokens)
         metrics.update({
             "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else math.nan,
             "train/weight_norm": self.weight_norm,
@@ -1380,13 +1391,14 @@ def _schedule_factor(optim: OptimConfig, step: int) -> float:
 
 def _as_number(value) -> float | None:
     """A number, or the number a string spells, as a decimal or a fraction as the band's edges may be ("0.25", "1/16":
-    CSV cells are strings); None for anything else, NaN and infinities included."""
-    if isinstance(value, str):
-        try:
+    CSV cells are strings); None for anything else, one too large for a float included (NaN and infinities pass, for
+    the caller's finiteness check)."""
+    try:
+        if isinstance(value, str):
             return float(Fraction("".join(value.split())))
-        except (ValueError, ZeroDivisionError):
-            return None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
 
 
 def _micro_batch_share(mask: torch.Tensor, micro: torch.Tensor, mini_batch: torch.Tensor, loss_agg_mode: str) -> float:
