@@ -3329,8 +3329,14 @@ def test_max_sampling_rounds_counts_the_first_round(tmp_path, tiny_model_dir, ar
     config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "exact_match"},
                                      rollout={"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6,
                                               "temperature": 1.0, "dynamic_sampling": True, "max_sampling_rounds": 1}))
-    metrics = Trainer(config, run_dir=tmp_path / "run").train_step()
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    with pytest.warns(UserWarning, match=r"at step 1 dynamic sampling found 0 informative group\(s\) of the 2 a step "
+                                         r"takes within rollout.max_sampling_rounds = 1; the step trained on the first "
+                                         r"round's groups") as said:
+        trainer.train()
+    metrics = read_metrics(tmp_path / "run")[0]
     assert metrics["data/sampling_rounds"] == 1.0  # a random-init model never answers right: no informative group
+    assert sum("dynamic sampling found" in str(warning.message) for warning in said) == 1  # once, not every step
 
 
 def test_dynamic_sampling_stops_once_the_batch_is_full_and_cuts_an_overshooting_round(tmp_path, tiny_model_dir,

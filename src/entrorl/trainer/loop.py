@@ -247,6 +247,7 @@ class Trainer:
         self.consecutive_failed_rewards = 0  # steps in a row whose every sample's reward raised
         self.skipped_steps = 0
         self._warned_nothing_trained = False
+        self._warned_dynamic_sampling = False  # fewer informative groups than a step takes: said once
         self.weight_norm_at_start: float | None = None
         if saved_state is not None:
             self._restore(saved_state)
@@ -1091,7 +1092,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the run
     def _warn_if_nothing_trained(self, metrics: dict[str, float]) -> None:
         """Say once when the selectors dropped every token of a step: such an update trains on nothing, as a
-        composition of selectors that keep disjoint tokens (forking_tokens + low_entropy_tokens) always does."""
+        composition of selectors that keep disjoint tokens (forking_tokens + low_entropy_tokens) always does. Say once,
+        too, when dynamic sampling found fewer informative groups than a step takes."""
+        self._warn_if_dynamic_sampling_fell_short(metrics)
         if self._warned_nothing_trained:
             return
         if metrics.get("select/dropped_frac", 0.0) >= 1.0:
@@ -1110,12 +1113,28 @@ class Trainer:
         else:
             return
         self._warned_nothing_trained = True
+        self._warn(message)
+
+    def _warn_if_dynamic_sampling_fell_short(self, metrics: dict[str, float]) -> None:
+        rollout = self.config.rollout
+        found = metrics.get("data/informative_groups")
+        if self._warned_dynamic_sampling or found is None or found >= rollout.prompts_per_step:
+            return
+        self._warned_dynamic_sampling = True
+        trained = (f"the step trained on those {int(found)} group(s)" if found else
+                   "the step trained on the first round's groups, whose samples all solved or all failed their prompt")
+        self._warn(f"warning: at step {self.step} dynamic sampling found {int(found)} informative group(s) of the "
+                   f"{rollout.prompts_per_step} a step takes within rollout.max_sampling_rounds = "
+                   f"{rollout.max_sampling_rounds}; {trained} (data/informative_groups; said once)")
+
+    def _warn(self, message: str) -> None:
+        """``message`` on the console, in yellow, or as a warning without one."""
         if self.console is not None:
             from rich.text import Text
 
             self.console.print(Text(message, style="yellow"), soft_wrap=True)
         else:
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(message, stacklevel=3)
 
     def train(self, *, handle_signals: bool = False, should_stop: Callable[[], bool] | None = None) -> Path:
         """Run to ``optim.steps``; checkpoint every ``checkpoint.every`` steps and at the end. Returns the run dir.
