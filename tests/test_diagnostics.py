@@ -162,6 +162,10 @@ def test_top_fork_tokens_lists_each_decision_point_once():
                             sources=["p.jsonl:1", "p.jsonl:2", "p.jsonl:3"])
     assert [(f["sample"], f["entropy"], f["token"], f["after"], f["source"]) for f in forks[:1]] == [
         (0, 3.0, "a", "b", "p.jsonl:1")]
+    # and it is ranked by that row's entropy: row 2's own point (3.0 + 2e-7 there) comes first
+    rounded = torch.tensor([[3.0, 2.0], [3.0 + 4e-7, 2.0], [3.0, 3.0 + 2e-7]])
+    forks = top_fork_tokens(CharTokenizer(), prompt_ids, prompt_mask, response_ids, response_mask, rounded, k=1)
+    assert [(f["sample"], f["position"]) for f in forks] == [(2, 1)]
 
 
 def _byte_level_bpe():

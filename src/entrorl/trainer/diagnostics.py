@@ -278,32 +278,32 @@ def top_fork_tokens(tokenizer, prompt_ids, prompt_mask, response_ids, response_m
     A decision point is a prompt plus the response tokens before a position. Rows that reach the same one (the
     samples of a prompt all share position 0; greedy samples share every position) face the same next-token
     distribution, so it is listed once: ``samples`` is how many rows reached it and ``chosen`` counts the tokens
-    they picked there; ``entropy``, ``sample``, ``token`` and ``after`` are those of its first row (the lowest index).
+    they picked there; it is ranked by its first row's entropy (the row of lowest index), and ``entropy``, ``sample``,
+    ``token`` and ``after`` are that row's.
     ``sources[row]`` of that row (e.g. the prompt's ``file:line``) is added as ``source`` when given.
     """
     k = check_int(k, "top_fork_tokens: k", minimum=0)
     context = check_int(context, "top_fork_tokens: context", minimum=0)
     if k <= 0 or not response_mask.any():
         return []
-    scores = torch.where(response_mask, entropy.detach().float(), torch.full_like(entropy.float(), -math.inf))
-    flat_scores = scores.flatten()
-    order = flat_scores.argsort(descending=True)[: int(response_mask.sum())].tolist()
     width = response_ids.shape[1]
     prompts = [ids[mask].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
     responses = [ids[mask].tolist() for ids, mask in zip(response_ids, response_mask)]
     points = torch.where(response_mask.bool().cpu(), decision_points(prompt_ids, prompt_mask, response_ids), -1)
-    seen: set[int] = set()
+    # each decision point is ranked and reported by its first row (the lowest index), not by the row whose entropy
+    # rounded highest (rows of one point scored in other batches differ by float32's rounding): the same responses
+    # give the same forks
+    row_of = torch.arange(len(points))[:, None].expand_as(points)
+    valid = points >= 0
+    first_row = torch.full((points.numel(),), len(points)).scatter_reduce(0, points[valid], row_of[valid], reduce="amin")
+    is_first = valid & (first_row[points.clamp(min=0)] == row_of)
+    scores = torch.where(is_first, entropy.detach().float().cpu(), -math.inf)
+    order = scores.flatten().argsort(descending=True, stable=True)[: int(is_first.sum())].tolist()
     forks = []
     for flat_index in order:
         row, position = divmod(flat_index, width)
         point = int(points[row, position])
-        if point in seen:
-            continue
-        seen.add(point)
         sharing = (points[:, position] == point).nonzero().squeeze(-1).tolist()
-        # its first row, not the one whose entropy rounded highest (rows of one decision point differ by float32's
-        # rounding in another batch), so that the same responses give the same fork
-        row = sharing[0]
         prompt, response = prompts[row], responses[row]
         sequence = prompt + response[:position]  # the rows sharing the decision point share it
         cut = max(0, len(sequence) - context)
