@@ -110,4 +110,6 @@ def test_a_complex_number_is_refused_for_a_real_one(value):
 
     with pytest.raises(ValueError, match="expected a real number, not a complex one"):
         refuse_booleans_for_numbers(value, float | None)
+    with pytest.raises(ValueError, match="expected real numbers, not booleans or complex numbers"):
+        refuse_booleans_for_numbers((value, 0.999), tuple[float, float])  # AdamW's betas
 

@@ -1900,11 +1900,11 @@ def test_a_loss_scale_factor_reads_alike_as_a_field_a_keyword_and_a_parameter(va
     for flag in (torch.tensor(True), np.True_):
         with pytest.raises(ValueError, match="loss_scale_factor"):
             ObjectiveConfig(method="dr_grpo", loss_scale_factor=flag)
+        with pytest.raises(ValueError, match="loss_scale_factor must be a finite number > 0"):
+            build_objective("dr_grpo", loss_scale_factor=flag)
     with pytest.raises(ValueError, match=r"^invalid objective config — loss_scale_factor: expected a number, not a "
                                          r"boolean\. Valid keys"):  # without pydantic's 'Value error, '
         build_objective({"method": "dr_grpo", "loss_scale_factor": True})
-        with pytest.raises(ValueError, match="loss_scale_factor must be a finite number > 0"):
-            build_objective("dr_grpo", loss_scale_factor=flag)
 
 
 @pytest.mark.parametrize("mode", ["", 0, False])

@@ -1216,7 +1216,7 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
         load_config(evaluated, ["eval.n=4", "eval.top_k=5"])
         load_config(evaluated, ["eval.n=1", "eval.ks=[1]", "eval.temperature=0"])
     for override in ("eval.ks=[1, true]", "optim.betas=[true, 0.9]"):
-        with pytest.raises(ConfigError, match=r"expected numbers, not booleans"):
+        with pytest.raises(ConfigError, match=r"expected real numbers, not booleans or complex numbers"):
             load_config(base, [override])
 
 
@@ -3309,6 +3309,11 @@ def test_dynamic_sampling_with_an_estimator_that_trains_on_equal_groups_is_warne
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConfigWarning)
             load_config({**settings, "advantage": {"name": group_baseline, "params": {"k": 2} if group_baseline == "passk" else {}}})
+    # GRPO after the unlikeliness rank: an all-right group's rewards differ, so it has advantages too
+    shaped = {**settings, "advantage": {"name": "grpo"}, "reward": {"name": "exact_match", "unlikeliness": {}}}
+    with pytest.warns(ConfigWarning, match=r"rollout.dynamic_sampling drops .* but reward.unlikeliness give the samples "
+                                           r"of an all-right group unequal rewards"):
+        load_config(shaped)
 
 
 def test_tokens_per_second_counts_every_sampled_token_of_the_step(tmp_path, tiny_model_dir, arithmetic_files):

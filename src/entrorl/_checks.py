@@ -68,17 +68,21 @@ def refuse_booleans_for_numbers(value: Any, annotation: Any) -> Any:
     if _takes_numbers_only(_alternatives(annotation)):
         if is_boolean(value):
             raise ValueError("expected a number, not a boolean")
-        if (isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real)) or "complex" in str(
-                getattr(value, "dtype", "")):  # numpy's and torch's would lose their imaginary part without a word
+        if _is_complex(value):  # numpy's and torch's would lose their imaginary part without a word
             raise ValueError("expected a real number, not a complex one")
         if getattr(value, "ndim", 0) != 0:
             raise ValueError(f"expected one number, not an array of shape {list(value.shape)}")
-    if isinstance(value, (list, tuple)) and any(is_boolean(item) for item in value):
+    if isinstance(value, (list, tuple)) and any(is_boolean(item) or _is_complex(item) for item in value):
         elements = {element for alternative in _alternatives(annotation)
                     if typing.get_origin(alternative) in (list, tuple) for element in typing.get_args(alternative)}
         if _takes_numbers_only(elements - {Ellipsis}):
-            raise ValueError("expected numbers, not booleans")
+            raise ValueError("expected real numbers, not booleans or complex numbers")
     return value
+
+
+def _is_complex(value: Any) -> bool:
+    return (isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real)) or "complex" in str(
+        getattr(value, "dtype", ""))
 
 
 def _alternatives(annotation: Any) -> set:

@@ -558,7 +558,9 @@ class TrainConfig(_Section):
                                  "advantage.params.k") from None
             raise ValueError(f"advantage.params: {error}") from None
         if self.rollout.dynamic_sampling and group > 1:
-            _warn_if_the_estimator_trains_on_equal_groups(estimator, group, self.advantage.params)
+            shaping = [name for name, on in (("reward.unlikeliness", self.reward.unlikeliness is not None),
+                                             ("reward.diversity", self.reward.diversity.enabled)) if on]
+            _warn_if_the_estimator_trains_on_equal_groups(estimator, group, self.advantage.params, shaping)
         if estimator == "passk" and group == k:
             raise ValueError(f"rollout.group_size = {group} is the 'passk' advantage's k: the only k-subset of a group "
                              "is the whole group, so every advantage would be 0; sample more than k responses per "
@@ -790,11 +792,19 @@ def with_resolved_paths(dump: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def _warn_if_the_estimator_trains_on_equal_groups(estimator: str, group: int, params: dict[str, Any]) -> None:
+def _warn_if_the_estimator_trains_on_equal_groups(estimator: str, group: int, params: dict[str, Any],
+                                                  shaping: list[str]) -> None:
     """Dynamic sampling drops the groups whose samples all solved or all failed the prompt, which a group baseline
     (GRPO's) gives no advantage; an estimator that gives them one (NSR's -1 to every wrong sample, a batch baseline,
-    a rank within the group) would have trained on them: said, from a dry run on one all-right and one all-wrong
-    group."""
+    a rank within the group) would have trained on them, and so would any estimator after group ``shaping`` of the
+    rewards (the unlikeliness rank, diversity weights), which makes an all-right group's rewards unequal: said, from
+    a dry run on one all-right and one all-wrong group."""
+    if shaping:
+        warnings.warn(f"rollout.dynamic_sampling drops the groups whose samples all solved or all failed the prompt, "
+                      f"but {' and '.join(shaping)} give the samples of an all-right group unequal rewards, which the "
+                      "advantage trains on, so samples it would learn from are thrown away; leave "
+                      "rollout.dynamic_sampling off, unless that is meant", ConfigWarning, stacklevel=3)
+        return
     rewards = torch.cat([torch.ones(group), torch.zeros(group)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

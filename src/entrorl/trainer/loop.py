@@ -1122,7 +1122,7 @@ class Trainer:
             return
         self._warned_dynamic_sampling = True
         trained = (f"the step trained on those {int(found)} group(s)" if found else
-                   "the step trained on the first round's groups, whose samples all solved or all failed their prompt")
+                   "the step trained on the first round's groups, none of them informative")
         self._warn(f"warning: at step {self.step} dynamic sampling found {int(found)} informative group(s) of the "
                    f"{rollout.prompts_per_step} a step takes within rollout.max_sampling_rounds = "
                    f"{rollout.max_sampling_rounds}; {trained} (data/informative_groups; said once)")
