@@ -131,12 +131,14 @@ def test_a_cached_base_model_is_reused_only_when_complete_and_rebuilt_on_request
     (final / "partial").write_text("")
     killed_build = cache / "lab" / f".base-{spec.key()}.tmp-{2**22 + 12345}"  # of a build killed on its way
     killed_build.mkdir()
+    other_spec = cache / "lab" / f".base-{'0' * 16}.tmp-{2**22 + 12345}"  # another spec's: maybe another machine's
+    other_spec.mkdir()
     assert build_base_model(spec, cache_dir=cache) == final and len(trained) == 1
     assert sorted(path.name for path in final.iterdir()) == ["base.json", "weights"]
-    assert not killed_build.exists()
+    assert not killed_build.exists() and other_spec.exists()
     assert build_base_model(spec, cache_dir=cache) == final and len(trained) == 1
     assert build_base_model(spec, cache_dir=cache, rebuild=True) == final and len(trained) == 2
-    assert (final / "weights").read_text() == "2" and built_and_locks(cache / "lab") == ([final.name], 1)
+    assert (final / "weights").read_text() == "2" and built_and_locks(cache / "lab") == (sorted([other_spec.name, final.name]), 1)
 
 
 def test_a_cached_base_model_whose_weights_are_damaged_is_built_again(tmp_path, monkeypatch):
@@ -161,7 +163,7 @@ def test_a_cached_base_model_whose_weights_are_damaged_is_built_again(tmp_path, 
     weights.write_bytes(weights.read_bytes()[:1000])
     assert base_model.cached_base_model(spec, cache) is None
     assert said == [f"the cached base model's {weights} cannot be read (damaged or truncated): building it again"]
-    assert build_base_model(spec, cache_dir=cache) == final and len(trained) == 2
+    assert build_base_model(spec, cache_dir=cache) == final and len(trained) == 2 and len(said) == 2  # once a build
     assert base_model.cached_base_model(spec, cache) == final
 
 
@@ -172,13 +174,13 @@ def test_a_read_only_cache_that_holds_the_base_model_is_used(tmp_path, monkeypat
     out = _finished_folder(tmp_path, monkeypatch)
     cached = tmp_path / "cache" / "lab" / "base-x"
     cached.mkdir(parents=True)
-    monkeypatch.setattr(runner, "cached_base_model", lambda spec, cache_dir=None: cached)
+    monkeypatch.setattr(runner, "cached_base_model", lambda spec, cache_dir=None, say=True: cached)
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode, *args, **kwargs: False if str(path).startswith(
         str(tmp_path / "cache")) and mode & os.W_OK else real_access(path, mode, *args, **kwargs))
     monkeypatch.setattr(runner, "_run_method", _dies_on_clip_cov)  # grpo: found finished
     assert runner.run_lab("quick", methods=["grpo"], out=out, workers=1, cache_dir=tmp_path / "cache") == out
-    monkeypatch.setattr(runner, "cached_base_model", lambda spec, cache_dir=None: None)  # one to build: refused at once
+    monkeypatch.setattr(runner, "cached_base_model", lambda spec, cache_dir=None, say=True: None)  # one to build: refused at once
     with pytest.raises(ValueError, match="cannot be written"):
         runner.run_lab("quick", methods=["grpo"], out=out, workers=1, cache_dir=tmp_path / "cache")
 

@@ -26,7 +26,7 @@ from entrorl._checks import check_int, is_real_number
 from entrorl.lab.tasks import available_tasks, get_task, sft_corpus
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2, save_quietly
 from entrorl.modeling import unreadable_weight_file
-from entrorl.trainer.checkpoint import UnlockableFile, lock_file, nearest_existing, remove_temporary_files
+from entrorl.trainer.checkpoint import UnlockableFile, lock_file, nearest_existing, written_by_another_live_process
 
 logger = logging.getLogger(__name__)
 
@@ -185,15 +185,18 @@ def lab_cache_root(cache_dir: Path | None = None, *, create: bool = True) -> Pat
     return root
 
 
-def cached_base_model(spec: BaseModelSpec, cache_dir: Path | None = None) -> Path | None:
+def cached_base_model(spec: BaseModelSpec, cache_dir: Path | None = None, *, say: bool = True) -> Path | None:
     """The cache's directory of the base model of ``spec`` when it holds a whole one (its ``base.json`` is written
-    last, and each weight file's header reads), else None; an entry whose weights are damaged is said, to be rebuilt."""
+    last, and each weight file's header reads), else None; an entry whose weights are damaged is said (with
+    ``say``), to be rebuilt."""
     final = (cache_dir or default_cache_dir()) / "lab" / f"base-{spec.key()}"
     if not (final.is_dir() and (final / "base.json").is_file()):
         return None
     damaged = unreadable_weight_file(final)
     if damaged is not None:
-        logger.warning("the cached base model's %s cannot be read (damaged or truncated): building it again", damaged)
+        if say:
+                logger.warning("the cached base model's %s cannot be read (damaged or truncated): building it again",
+                           damaged)
         return None
     return final
 
@@ -208,7 +211,7 @@ def build_base_model(spec: BaseModelSpec, *, cache_dir: Path | None = None, rebu
     root = lab_cache_root(cache_dir)
     final = root / f"base-{spec.key()}"
     with _building(root / f".base-{spec.key()}.lock", final):
-        cached = None if rebuild else cached_base_model(spec, cache_dir)
+        cached = None if rebuild else cached_base_model(spec, cache_dir, say=False)
         if cached is not None:
             return cached  # built by the process this one waited for
         return _build(spec, final, root, progress)
@@ -232,7 +235,9 @@ def _building(lock_path: Path, final: Path):
 def _build(spec: BaseModelSpec, final: Path, root: Path, progress) -> Path:
     """Train the base model of ``spec`` into a temporary folder of ``root``, then rename it to ``final``."""
     temporary = root / f".base-{spec.key()}.tmp-{os.getpid()}"
-    remove_temporary_files(root)  # and those of builds killed on their way (kill -9), whose process is gone
+    for stale in root.glob(f".base-{spec.key()}.tmp-*"):  # this one's, and those of builds killed on their way
+        if not written_by_another_live_process(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     temporary.mkdir()
     try:
         info = _train(spec, temporary, progress=progress)

@@ -780,7 +780,7 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
     preset.check_methods()
     workers = _checked_workers(workers, preset)
     out = Path(out) if out is not None else default_run_directory()
-    if cached_base_model(preset.base, cache_dir) is None:  # a cache that cannot be written, and must be, fails now,
+    if cached_base_model(preset.base, cache_dir, say=False) is None:  # a cache that cannot be written, and must be, fails now,
         lab_cache_root(cache_dir, create=False)  # before the run directory is made
     _prepare_run_directory(out)
     try:

@@ -60,7 +60,7 @@ from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointWriteError", "training_run_of", "save_checkpoint", "latest_checkpoint", "incomplete_checkpoints", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text",
-           "ModelDirectory", "resolve_model_directory", "load_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files", "naming_file"]
+           "ModelDirectory", "resolve_model_directory", "load_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files", "written_by_another_live_process", "naming_file"]
 
 _PREFIX = "step_"
 PASSED_OVER = "passed_over"  # checkpoints/<this>/: the checkpoints a resume passed over
@@ -198,7 +198,7 @@ def lock_run_directory(run_dir: Path, *, options: str = "--run-dir / logging.nam
                   f"{options}")
 
 
-def _written_by_another_live_process(temporary: Path) -> bool:
+def written_by_another_live_process(temporary: Path) -> bool:
     """Whether the process whose id ends a ``.NAME.tmp-PID`` name is running and is not this one: a process writing
     into the run directory without holding its lock (``entrorl eval --out run_dir/...``), whose file is in use."""
     pid = temporary.name.rpartition(".tmp-")[2]
@@ -222,7 +222,7 @@ def remove_temporary_files(run_dir: Path) -> None:
     (run_dir / "metrics.jsonl.tmp").unlink(missing_ok=True)  # the metrics file cut back to a resumed step
     for folder in (run_dir, *(path for path in run_dir.iterdir() if path.is_dir() and not path.name.startswith("."))):
         for stale in folder.glob(_TEMPORARY):
-            if _written_by_another_live_process(stale):
+            if written_by_another_live_process(stale):
                 continue
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
