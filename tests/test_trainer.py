@@ -3433,6 +3433,10 @@ def test_methods_with_a_method_lists_every_parameter_of_its_parts_with_its_meani
     assert described["advantage"]["params"] == {"norm_adv_by_std_in_grpo": True, "epsilon": 1e-6, "std_scope": "group"}
     table = CliRunner().invoke(app, ["methods", "clip_b"], env={"COLUMNS": "200"})
     assert table.exit_code == 0 and "mu_high" in table.output and "upper bound mu^+" in table.output
+    # descriptions are printed as written, not as rich markup (which took "[min_coeff, max_coeff]" for a style)
+    bracketed = CliRunner().invoke(app, ["methods", "adaptive_entropy"], env={"COLUMNS": "300"})
+    catalogue = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "300"})
+    assert "clipped to [min_coeff, max_coeff]" in bracketed.output and "[min_coeff," in catalogue.output
     assert "method: {method: clip_b, params: {clip_ratio_low: 0.2}}" in table.output
     assert ('its parameters, set under advantage.params (defaults): norm_adv_by_std_in_grpo: true, epsilon: 1e-06, '
             'std_scope: "group"') in " ".join(table.output.split())

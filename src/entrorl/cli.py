@@ -817,7 +817,8 @@ def methods(
         table.add_column(column, overflow="fold", no_wrap=column in ("method", "loss aggregation", "advantages"))
     for info in infos:
         params = ", ".join(f"{key}={value}" for key, value in info.params.items() if value is not None)
-        table.add_row(info.name, info.description, params, info.loss_agg_mode, info.advantage_estimator, info.paper)
+        table.add_row(*map(Text, (info.name, info.description, params, info.loss_agg_mode, info.advantage_estimator,
+                                  info.paper)))  # as written: "[min_coeff, max_coeff]" is no markup
     # off a terminal rich assumes 80 columns, where the descriptions would take a line per word
     piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
     out = Console(width=160 if piped else None)
@@ -873,7 +874,8 @@ def _describe_method(method: str, *, as_json: bool) -> None:
         table.add_column(column, overflow="fold", no_wrap=column != "meaning")
     for part in parts:
         for param in part["params"]:
-            table.add_row(f"{part['kind']} {part['name']}", param["name"], str(param["value"]), param["description"])
+            table.add_row(*map(Text, (f"{part['kind']} {part['name']}", param["name"], str(param["value"]),
+                                      param["description"])))
     out.print(table)
     example = next((param for part in parts for param in part["params"] if param["value"] is not None), None)
     if example is not None:
