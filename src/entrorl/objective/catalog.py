@@ -185,7 +185,7 @@ METHOD_SPECS = (
     ),
     MethodSpec(
         name="icepop",
-        description="zero tokens whose train/rollout ratio leaves [0.5, 5]; compose as 'dapo+icepop'",
+        description="weight each token by its train/rollout probability ratio, zeroing those whose ratio leaves [0.5, 5]; compose as 'dapo+icepop'",
         paper="arXiv 2510.18855",
         correction=("icepop", {}),
     ),
