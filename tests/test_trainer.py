@@ -2434,6 +2434,16 @@ def test_cli_resume_of_a_finished_run_and_unloadable_model_directories(tmp_path,
         result = run_cli(*command)
         assert result.returncode == 2 and "has no weights" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "bad-run").exists()  # a run that could not start leaves no directory behind
+    # a seed torch.manual_seed cannot take is refused with the options, not after the model has loaded
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    for seed in (2**64, -(2**63) - 1):
+        common = ["--model", str(tiny_model_dir), "--data", str(held_out), "--n", "1", "--seed", str(seed)]
+        for command in (["eval", *common], ["data", "audit", *common, "--out", str(tmp_path / "audit")]):
+            result = CliRunner().invoke(app, command)
+            assert result.exit_code == 2 and "--seed" in result.output, result.output
 
 
 CUSTOM_METHOD_MODULE = """

@@ -265,7 +265,8 @@ TopPOption = Annotated[float, typer.Option(callback=_probability_above_zero, hel
 TopKOption = Annotated[int, typer.Option(min=0, help="keep only the k most likely tokens (0 = off)")]
 PromptColumnOption = Annotated[str, typer.Option(help="the data's column holding the prompt")]
 AnswerColumnOption = Annotated[str, typer.Option(help="the data's column holding the reference answer")]
-SeedOption = Annotated[int, typer.Option(help="sampling seed")]
+SeedOption = Annotated[int, typer.Option(help="sampling seed (what torch.manual_seed takes: -2**63 to 2**64 - 1)",
+                                         min=-(2**63), max=2**64 - 1)]
 RewardOption = Annotated[Optional[str], typer.Option("--reward", help="reward name or package.module:function "
                                                      "(default: a run's own reward, with its settings, else math)")]
 RewardArgOption = Annotated[Optional[list[str]], typer.Option(
