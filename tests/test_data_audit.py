@@ -1121,7 +1121,7 @@ def test_cli_audit_counts_a_sample_correct_from_the_threshold_given(markup_data,
         rates[summary["settings"]["correct_threshold"]] = summary["mean_pass_rate"]
         # what sampled and scored, for a later look: the model's precision and device, the reward and its options
         assert {key: summary["settings"][key] for key in ("dtype", "device", "batch_size", "reward", "reward_kwargs")} == {
-            "dtype": "float32", "device": "auto", "batch_size": 64, "reward": "entrorl_test_audit_rewards:half",
+            "dtype": "float32", "device": "cpu", "batch_size": 64, "reward": "entrorl_test_audit_rewards:half",
             "reward_kwargs": {}}
     assert rates == {0.5: 1.0, 0.6: 0.0}  # every reward is 0.5: correct at the default threshold, wrong above it
 

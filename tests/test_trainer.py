@@ -3403,7 +3403,7 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     assert result.returncode == 0, result.stderr
     summary = json.loads(out.read_text())
     assert summary["n_problems"] == 8 and set(summary["pass_at_k"]) == {"1", "2", "4"}
-    assert summary["settings"]["n"] == 4 and summary["settings"]["reward"] == "exact_match"
+    assert summary["settings"]["n"] == 4 and summary["settings"]["reward"] == "exact_match" and summary["settings"]["device"] == "cpu"
     assert summary["settings"]["model_directory"] == str(tiny_model_dir.resolve())  # what --model resolved to
     assert summary["sources"] == [f"{held_out}:{line}" for line in range(1, 9)] and len(summary["pass_rates"]) == 8
     assert json.loads(result.stdout) == summary

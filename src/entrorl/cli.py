@@ -556,16 +556,16 @@ def _import_the_run_s_modules(names: Any, run: Path) -> None:
 
 def _sampling_settings(model: Path, directory, reward_runner, defaults: _SamplingDefaults, sampling, *, n: int,
                        prompt_column: str, answer_column: str, max_prompts: int | None, seed: int,
-                       batch_size: int) -> dict[str, Any]:
+                       batch_size: int, policy) -> dict[str, Any]:
     """What `eval` and `data audit` record of how they sampled and scored (their summaries' ``settings``, one set of
-    keys for both)."""
+    keys for both; ``device``: the one ``policy`` ran on, not ``--device`` as typed)."""
     return {"model": str(model), **_model_settings(directory), "reward": reward_runner.name,
             "reward_kwargs": defaults.reward_kwargs, "n": n, "max_new_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
             "prompt_column": prompt_column, "answer_column": answer_column,
             "prompt_template": defaults.prompt_template, "chat_template": defaults.chat_template,
             "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold, "dtype": defaults.dtype,
-            "seed": seed, "batch_size": batch_size}
+            "seed": seed, "batch_size": batch_size, "device": str(next(policy.parameters()).device)}
 
 
 def _model_settings(directory) -> dict[str, str]:
@@ -695,7 +695,7 @@ def evaluate(
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
     summary["settings"] = {"data": str(data), **_sampling_settings(
         model, directory, reward_runner, defaults, sampling, n=n, prompt_column=prompt_column,
-        answer_column=answer_column, max_prompts=max_prompts, seed=seed, batch_size=batch_size)}
+        answer_column=answer_column, max_prompts=max_prompts, seed=seed, batch_size=batch_size, policy=policy)}
     summary["sources"] = [record.source for record in records]
     reward_log = _keep_reward_traceback(result.first_reward_error, None if out is None else _reward_log_path(out))
     if result.reward_errors:
@@ -1091,7 +1091,7 @@ def data_audit(
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
     settings = {**_sampling_settings(model, model_directory, reward_runner, defaults, sampling, n=n,
                                      prompt_column=prompt_column, answer_column=answer_column, max_prompts=max_prompts,
-                                     seed=seed, batch_size=batch_size), "device": device}
+                                     seed=seed, batch_size=batch_size, policy=policy)}
     reward_log = _keep_reward_traceback(result.first_reward_error, directory / REWARD_ERRORS_LOG)
     try:
         outputs = write_audit_outputs(result, data, directory, band=band, keep_wrong=keep_wrong, thresholds=thresholds,
