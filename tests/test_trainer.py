@@ -4325,6 +4325,33 @@ def test_a_split_update_reports_the_whole_batch_metrics(loss_agg_mode):
         assert combined[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
+def test_clip_b_sign_fractions_of_a_split_update_are_the_whole_batch_s():
+    """Clip_B's dropped shares by advantage sign are shares of every valid token, as the other fractions: micro-batches
+    of one sign each combine into the mini-batch's value (a share among one sign's tokens would not)."""
+    from entrorl.objective import PolicyBatch, build_objective
+    from entrorl.trainer.loop import MicroBatchShares, _mean_metrics
+
+    rows, width = 4, 4
+    mask = torch.ones(rows, width, dtype=torch.bool)
+    advantages = torch.tensor([-1.0, -1.0, 1.0, 1.0])[:, None].expand(rows, width).clone()
+    disc = torch.zeros(rows, width)
+    disc[0, 0] = -10.0  # a negative-advantage token of low S: Clip_B drops it
+    log_prob = torch.full((rows, width), -1.0)
+    fields = {"log_prob": log_prob, "old_log_prob": log_prob, "advantages": advantages, "mask": mask, "disc": disc}
+    objective = build_objective("clip_b", mu=2.0)
+    whole_batch = PolicyBatch(**fields)
+    whole = objective(whole_batch).metrics
+    assert (whole["select/clip_b_frac_neg"], whole["select/clip_b_frac_pos"]) == (1 / 16, 0.0)
+    all_rows = torch.arange(rows)
+    records = [(objective(PolicyBatch(**{name: value[micro] for name, value in fields.items()}, population=whole_batch,
+                                      rows=micro)).metrics,
+                MicroBatchShares.of(micro, all_rows, mask=mask, normaliser_mask=mask, loss_agg_mode="token-mean"))
+               for micro in all_rows.split(2)]  # rows 0-1 of negative advantages, rows 2-3 of positive ones
+    combined = _mean_metrics([records], aggregated=objective.aggregated_metrics)
+    for key in ("select/clip_b_frac", "select/clip_b_frac_neg", "select/clip_b_frac_pos"):
+        assert combined[key] == pytest.approx(whole[key]), key
+
+
 @pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_micro_batch_shares_are_of_their_own_mini_batch_and_count_rows_with_a_token(loss_agg_mode):
     """Micro-batches of a mini-batch (every other row of the batch, one row without a valid token): each one's loss

@@ -231,8 +231,9 @@ class ClipB(Selector):
         mask = batch.mask
         drop, mean, std = self.decision(batch, advantages)
         metrics["select/clip_b_frac"] = fraction(drop, mask)
-        metrics["select/clip_b_frac_pos"] = fraction(drop, mask & (advantages > 0))  # among those tokens, as Trinity-RFT
-        metrics["select/clip_b_frac_neg"] = fraction(drop, mask & (advantages < 0))
+        # shares of every valid token, as every fraction (so that micro-batches combine by their token counts)
+        metrics["select/clip_b_frac_pos"] = fraction(drop & (advantages > 0), mask)
+        metrics["select/clip_b_frac_neg"] = fraction(drop & (advantages < 0), mask)
         metrics["clip_b/disc_mean"] = float(mean)
         metrics["clip_b/disc_std"] = float(std)
         return drop
