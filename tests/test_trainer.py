@@ -3319,11 +3319,15 @@ def test_dynamic_sampling_with_an_estimator_that_trains_on_equal_groups_is_warne
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConfigWarning)
             load_config({**settings, "advantage": {"name": group_baseline, "params": {"k": 2} if group_baseline == "passk" else {}}})
-    # GRPO after the unlikeliness rank: an all-right group's rewards differ, so it has advantages too
+    # GRPO after the unlikeliness rank: an all-right group's rewards differ, so it has advantages too; passk reads the
+    # verdicts, which the rank leaves as they are
     shaped = {**settings, "advantage": {"name": "grpo"}, "reward": {"name": "exact_match", "unlikeliness": {}}}
-    with pytest.warns(ConfigWarning, match=r"rollout.dynamic_sampling drops .* but reward.unlikeliness give the samples "
-                                           r"of an all-right group unequal rewards"):
+    with pytest.warns(ConfigWarning, match=r"rollout.dynamic_sampling drops .* but the 'grpo' advantage after "
+                                           r"reward.unlikeliness \(which make an all-right group's rewards unequal\)"):
         load_config(shaped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        load_config({**shaped, "advantage": {"name": "passk", "params": {"k": 2}}})
 
 
 def test_tokens_per_second_counts_every_sampled_token_of_the_step(tmp_path, tiny_model_dir, arithmetic_files):

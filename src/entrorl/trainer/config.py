@@ -796,26 +796,22 @@ def _warn_if_the_estimator_trains_on_equal_groups(estimator: str, group: int, pa
                                                   shaping: list[str]) -> None:
     """Dynamic sampling drops the groups whose samples all solved or all failed the prompt, which a group baseline
     (GRPO's) gives no advantage; an estimator that gives them one (NSR's -1 to every wrong sample, a batch baseline,
-    a rank within the group) would have trained on them, and so would any estimator after group ``shaping`` of the
-    rewards (the unlikeliness rank, diversity weights), which makes an all-right group's rewards unequal: said, from
-    a dry run on one all-right and one all-wrong group."""
-    if shaping:
-        warnings.warn(f"rollout.dynamic_sampling drops the groups whose samples all solved or all failed the prompt, "
-                      f"but {' and '.join(shaping)} give the samples of an all-right group unequal rewards, which the "
-                      "advantage trains on, so samples it would learn from are thrown away; leave "
-                      "rollout.dynamic_sampling off, unless that is meant", ConfigWarning, stacklevel=3)
-        return
-    rewards = torch.cat([torch.ones(group), torch.zeros(group)])
+    a rank within the group) would have trained on them, and so would one that reads the rewards after group
+    ``shaping`` (the unlikeliness rank, diversity weights), which makes an all-right group's rewards unequal (those
+    that read the verdicts, passk, do not see it): said, from a dry run on one all-right and one all-wrong group."""
+    right = torch.ones(group) - (torch.arange(group) / (4 * group) if shaping else 0.0)
+    rewards = torch.cat([right, torch.zeros(group)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         advantages = compute_advantages(estimator, rewards, torch.arange(2).repeat_interleave(group),
-                                        lengths=torch.arange(1, 2 * group + 1), correct=rewards.bool(),
+                                        lengths=torch.arange(1, 2 * group + 1), correct=rewards > 0,
                                         seq_log_prob=-torch.arange(1.0, 2 * group + 1), **params)
     if bool((advantages != 0).any()):
+        after = f" after {' and '.join(shaping)} (which make an all-right group's rewards unequal)" if shaping else ""
         warnings.warn(f"rollout.dynamic_sampling drops the groups whose samples all solved or all failed the prompt, "
-                      f"but the {estimator!r} advantage trains on them (they get advantages other than 0), so samples "
-                      "it would learn from are thrown away; leave rollout.dynamic_sampling off, unless that is meant",
-                      ConfigWarning, stacklevel=3)
+                      f"but the {estimator!r} advantage{after} trains on them (they get advantages other than 0), so "
+                      "samples it would learn from are thrown away; leave rollout.dynamic_sampling off, unless that "
+                      "is meant", ConfigWarning, stacklevel=3)
 
 
 def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
