@@ -48,7 +48,7 @@ class TruncatedIS(Correction):
 
 @register_part(
     "icepop",
-    description="zero the tokens whose train/rollout probability ratio leaves [alpha, beta]",
+    description="weight each token by its train/rollout probability ratio, zeroing those whose ratio leaves [alpha, beta]",
     paper="Ring-1T, arXiv 2510.18855 (IcePop)",
 )
 class IcePop(Correction):
