@@ -202,6 +202,23 @@ def test_resume_refuses_a_moved_base_model(tmp_path, tiny_model_dir, arithmetic_
         Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True)
 
 
+def test_resume_may_change_which_checkpoints_hold_the_merged_model(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                    parity_reward):
+    """model.lora.merged only decides which checkpoints hold the merged model/: a checkpoint setting, as the refusal
+    of the other model.lora keys says a resumed run may change."""
+    train, _ = arithmetic_files
+    settings = lora_config(tiny_model_dir, train, parity_reward, optim={"steps": 1},
+                           checkpoint={"every": 1, "keep": 3})
+    Trainer(load_config(settings), run_dir=tmp_path / "run").train()
+    settings["optim"]["steps"], settings["model"]["lora"] = 3, {**settings["model"]["lora"], "merged": "last"}
+    trainer = Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True)
+    assert [key for key, _, _ in trainer.resume_changes] == ["model.lora.merged", "optim.steps"]
+    trainer.train()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [(checkpoints / f"step_00000{step}" / "model" / "model.safetensors").is_file() for step in (1, 2, 3)] == [
+        True, False, True]
+
+
 def test_damaged_adapters_name_the_checkpoint_to_delete(tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
     train, _ = arithmetic_files
     settings = lora_config(tiny_model_dir, train, parity_reward, optim={"steps": 2})
@@ -267,7 +284,7 @@ def test_shared_prompt_scoring_gives_the_adapters_the_gradient_of_one_padded_pas
 
 
 def test_bfloat16_base_with_float32_adapters_and_activation_checkpointing(tmp_path, tiny_model_dir, arithmetic_files,
-                                                                         parity_reward):
+                                                                         parity_reward, monkeypatch):
     """A low-precision base keeps float32 adapters, which the optimizer steps directly (no master weights); with
     activation checkpointing the adapters still get their gradient."""
     train, _ = arithmetic_files
@@ -299,6 +316,21 @@ def test_bfloat16_base_with_float32_adapters_and_activation_checkpointing(tmp_pa
     assert written.get("dtype", written.get("torch_dtype")) == "float32"  # the config names the weights' type
     ids = torch.randint(3, 20, (3, 9), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits(model, ids), logits(trainer.model, ids), rtol=0, atol=0)
+    # and so does `eval --model` of the run or a checkpoint, in the run's bfloat16: its float32 merged model/ rounded
+    # to bfloat16 lost about half of the update
+    from typer.testing import CliRunner
+
+    import entrorl.trainer.checkpoint as checkpoint_module
+    from entrorl.cli import app
+
+    loaded, load = [], checkpoint_module.load_model_directory
+    monkeypatch.setattr(checkpoint_module, "load_model_directory", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    for model_argument in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_000002"):
+        result = CliRunner().invoke(app, ["eval", "--model", str(model_argument), "--data", str(train), "--n", "1",
+                                          "--max-prompts", "1", "--max-new-tokens", "1", "--reward", "exact_match"])
+        assert result.exit_code == 0, result.output
+        torch.testing.assert_close(logits(loaded[-1], ids), logits(trainer.model, ids), rtol=0, atol=0)
+    assert resolve_model_directory(tmp_path / "run").adapters is None  # without the half-precision reason: model/
 
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import shlex
@@ -323,6 +324,9 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
         directory = resolve_model_directory(model, base=base)
         defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold, dtype,
                                  reward_args=reward_args)
+        if directory.adapters is None and defaults.dtype in ("bfloat16", "float16") and importlib.util.find_spec("peft"):
+            # a LoRA checkpoint's merged model/ is float32: in half precision it would lose most of the update
+            directory = resolve_model_directory(model, base=base, prefer_adapters=True)
         prompt_template, chat_template = defaults.prompt_template, defaults.chat_template
         max_new_tokens = defaults.max_new_tokens
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)

@@ -418,7 +418,8 @@ class ModelDirectory:
     adapters: Path | None = None
 
 
-def resolve_model_directory(path: str | Path, *, base: str | Path | None = None) -> ModelDirectory:
+def resolve_model_directory(path: str | Path, *, base: str | Path | None = None,
+                            prefer_adapters: bool = False) -> ModelDirectory:
     """What the model directory ``path`` stands for, its files checked (``FileNotFoundError`` / ``ValueError``
     naming what is missing) before anything loads:
 
@@ -428,11 +429,15 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None)
       the working directory when relative); the tokenizer is the adapters' own when they have one, else the base's;
     - a checkpoint's ``model/`` written without the merged model (``model.lora.merged: last``): the checkpoint's
       ``adapter/`` on the base model, with the tokenizer of ``model/``;
-    - a checkpoint (``step_000100``), for its ``model/``, or a run directory, for its newest complete checkpoint's."""
+    - a checkpoint (``step_000100``), for its ``model/``, or a run directory, for its newest complete checkpoint's.
+
+    With ``prefer_adapters`` a checkpoint's ``model/`` that holds the merged model is also read as its ``adapter/`` on
+    the base model: the model as it trained, for a half-precision base whose merged model (saved in float32) would lose
+    most of an update when loaded in the base's precision."""
     path = _checkpoint_model(Path(path))
     if (path / ADAPTER_CONFIG).is_file() and (base is not None or not _weights_present(path)):
         adapters = path
-    elif (path / "config.json").is_file() and not _weights_present(path) \
+    elif (path / "config.json").is_file() and (prefer_adapters or not _weights_present(path)) \
             and (path.parent / ADAPTER_DIRECTORY / ADAPTER_CONFIG).is_file():
         adapters = path.parent / ADAPTER_DIRECTORY
     else:

@@ -699,7 +699,7 @@ class TrainConfig(_Section):
 # and its advantages (their state is in the checkpoint, and a run mixing two of them is neither one); keys under these
 # prefixes are fixed except the ones in RESUME_ADJUSTABLE
 RESUME_FIXED_PREFIXES = ("seed", "model.", "data.", "method", "advantage.")
-RESUME_ADJUSTABLE = ("model.device", "model.activation_checkpointing", "data.eval")
+RESUME_ADJUSTABLE = ("model.device", "model.activation_checkpointing", "model.lora.merged", "data.eval")
 
 
 def _type_name(annotation: Any) -> str:
