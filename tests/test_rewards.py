@@ -644,6 +644,20 @@ def test_extra_rewards_add_to_the_training_reward_only():
     assert RewardResult.concat([both, both]).extras["length"].tolist() == [1.0, 2.0, 3.0] * 2
 
 
+def test_a_score_or_a_weighted_extra_beyond_float32_s_range_is_a_failure_not_an_inf_reward():
+    """Rewards are kept in float32: 1e39 was stored as inf, and the advantages then refused the step's rewards."""
+    huge = RewardRunner(lambda prompt, completion, answer, **meta: 1e39 if completion == "big" else 1.0, name="huge")
+    result = huge(["p"] * 2, ["big", "small"], ["a"] * 2, [{}] * 2)
+    assert result.failed.tolist() == [True, False] and result.rewards.tolist() == [0.0, 1.0] and result.errors == 1
+    assert result.reasons[0].startswith("reward returned 1e+39, beyond float32's range")
+    main = RewardRunner(lambda prompt, completion, answer, **meta: 1.0)(["p"] * 2, ["a", "b"], ["a"] * 2, [{}] * 2)
+    extra = RewardRunner(lambda prompt, completion, answer, **meta: 3e38)(["p"] * 2, ["a", "b"], ["a"] * 2, [{}] * 2)
+    both = main.with_extra("large", 2.0, extra)  # 2 x 3e38 overflows
+    assert both.rewards.tolist() == [1.0, 1.0] and both.failed.tolist() == [True, True] and both.errors == 2
+    assert both.reasons[0] == "extra reward 'large': 2 x its score is beyond float32's range"
+    assert both.extras["large"].tolist() == [0.0, 0.0]
+
+
 def test_a_sample_failing_in_the_main_and_an_extra_reward_is_one_failure_told_by_the_main_one():
     main = RewardRunner(_fragile_reward)(["p"] * 3, ["boom", "a", "b"], ["a"] * 3, [{}] * 3)
     extra = RewardRunner(_fragile_reward)(["p"] * 3, ["nan", "boom", "a"], ["a"] * 3, [{}] * 3)

@@ -59,6 +59,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards are kept in float32
+
 
 @runtime_checkable
 class RewardFn(Protocol):
@@ -385,16 +387,22 @@ class RewardResult:
         """These samples with ``weight`` times ``extra``'s scores added to their training reward (a format or length
         reward next to the correctness one); ``scores`` and ``correct`` stay this result's, failures add up."""
         assert self.failed is not None and extra.failed is not None and self.reasons is not None
-        failed = self.failed | extra.failed
-        reasons = [own if own_failed or not extra_failed else f"extra reward {name!r}: {extra_reason}"  # which failed
-                   for own, own_failed, extra_failed, extra_reason
-                   in zip(self.reasons, self.failed.tolist(), extra.failed.tolist(), extra.reasons or [])]
+        extra_scores, extra_failed, extra_reasons = extra.scores, extra.failed, list(extra.reasons or [""] * len(extra.failed))
+        overflow = (self.rewards.double() + weight * extra_scores.double()).abs() > _FLOAT32_MAX
+        if overflow.any():  # the weighted sum would be inf in float32: a failure of the extra reward, scored 0
+            extra_scores, extra_failed = torch.where(overflow, torch.zeros_like(extra_scores), extra_scores), extra_failed | overflow
+            extra_reasons = [f"{weight:g} x its score is beyond float32's range" if over else reason
+                             for reason, over in zip(extra_reasons, overflow.tolist())]
+        failed = self.failed | extra_failed
+        reasons = [own if own_failed or not failed_extra else f"extra reward {name!r}: {extra_reason}"  # which failed
+                   for own, own_failed, failed_extra, extra_reason
+                   in zip(self.reasons, self.failed.tolist(), extra_failed.tolist(), extra_reasons)]
         return RewardResult(
-            scores=self.scores, rewards=self.rewards + weight * extra.scores, correct=self.correct,
+            scores=self.scores, rewards=self.rewards + weight * extra_scores, correct=self.correct,
             errors=int(failed.sum()),
             first_error=self.first_error or (f"extra reward {name!r}: {extra.first_error}" if extra.first_error else None),
             penalties=self.penalties, failed=failed, reasons=reasons,
-            extras={**(self.extras or {}), name: extra.scores}, score_failed=self.score_failed,
+            extras={**(self.extras or {}), name: extra_scores}, score_failed=self.score_failed,
         )
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> "RewardResult":
@@ -635,6 +643,8 @@ class RewardRunner:
                 score = _as_float(value)
                 if not math.isfinite(score):
                     raise ValueError(f"returned a non-finite value {score!r}")
+                if abs(score) > _FLOAT32_MAX:  # kept in float32, it would be inf
+                    raise ValueError(f"returned {score!r}, beyond float32's range (+-{_FLOAT32_MAX:.4g})")
             except Exception as exc:  # noqa: BLE001 - odd return values are counted, not raised
                 errors += 1
                 failed[i] = True
