@@ -556,6 +556,13 @@ def test_equal_rewards_per_group_with_zero_epsilon_no_nan():
     assert torch.equal(rb, torch.zeros(5))
 
 
+def test_reinforce_pp_baseline_centres_in_float64_so_rewards_near_float32_s_largest_stay_finite():
+    rewards = torch.tensor([3e38, -3e38, 1.5e38])  # centred in float32 they overflowed, and whitened to NaN
+    groups = torch.zeros(3, dtype=torch.long)
+    got = compute_advantages("reinforce_pp_baseline", rewards, groups)
+    torch.testing.assert_close(got, compute_advantages("reinforce_pp", rewards, groups))  # one group: the same
+
+
 def test_singleton_groups_have_no_baseline():
     r = torch.tensor([0.7, -1.2, 3.0])
     g = torch.tensor([10, 20, 30])

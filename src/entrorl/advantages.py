@@ -439,10 +439,8 @@ def grpo(
         raise ValueError("std_scope='batch' says which std to divide by, and norm_adv_by_std_in_grpo=False divides by "
                          "none: leave std_scope at 'group', or divide by the std")
     r, g = _check_rewards_groups(rewards, group_ids)
-    st = _group_stats(r, g)
+    adv, st = _group_centred(r, g)
     single = st.count == 1
-    mean = torch.where(single, torch.zeros_like(st.mean), st.mean)
-    adv = r - mean
     if std_scope == "batch":
         values = r.to(torch.float64)
         batch_std = values.std() if values.numel() > 1 and bool((values != values[0]).any()) else values.new_ones(())
@@ -450,8 +448,17 @@ def grpo(
     elif norm_adv_by_std_in_grpo:
         std = torch.where(single, torch.ones_like(st.std), st.std)
         adv = adv / (std + epsilon)
-    adv = torch.where(st.constant & ~single, torch.zeros_like(adv), adv)
+    adv = torch.where(st.constant & ~single, torch.zeros_like(adv), adv)  # 0 / 0 with epsilon = 0
     return adv.to(torch.float32)
+
+
+def _group_centred(r: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, _GroupStats]:
+    """``R_i - mean_g`` in float64 (a singleton group's baseline is 0, a constant group gives exactly 0), and the
+    group statistics."""
+    st = _group_stats(r, g)
+    single = st.count == 1
+    centred = r.to(torch.float64) - torch.where(single, torch.zeros_like(st.mean), st.mean)
+    return torch.where(st.constant & ~single, torch.zeros_like(centred), centred), st
 
 
 @register_advantage(
@@ -531,7 +538,7 @@ def reinforce_pp_baseline(
     _check_eps(epsilon, "reinforce_pp_baseline")
     r, g = _check_rewards_groups(rewards, group_ids)
     ln = None if lengths is None else _check_lengths(lengths, r)
-    centred = grpo(r, g, norm_adv_by_std_in_grpo=False).to(torch.float64)
+    centred, _ = _group_centred(r, g)  # in float64: centring in float32 overflowed rewards near its largest
     return _token_whiten(centred, ln, epsilon).to(torch.float32)
 
 
