@@ -91,6 +91,17 @@ def test_singletons_and_empty_batch_are_unchanged():
     assert diversity_adjusted_rewards([], [], group_size=4, embedder=embed).numel() == 0
 
 
+def test_tiny_embeddings_have_their_true_cosine_and_only_a_zero_one_has_none():
+    """normalize()'s eps (1e-12) divided a shorter vector by the eps: two equal embeddings of norm 1e-13 had cosine
+    0.01, not 1."""
+    for scale in (1.0, 1e-13, 1e-300):
+        same = torch.tensor([[scale, 0.0], [scale, 0.0]], dtype=torch.float64)
+        weights = diversity_weights(["a", "b"], group_size=2, embedder=lambda texts, e=same: e)
+        torch.testing.assert_close(weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    zero = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    assert diversity_weights(["a", "b"], group_size=2, embedder=lambda texts: zero).tolist() == [1.0, 1.0]
+
+
 def test_an_empty_batch_needs_nothing_from_the_embedder():
     """An empty batch gives empty weights without asking the embedder, which may not handle an empty list (a table
     lookup through numpy returns shape (0,), not (0, d))."""

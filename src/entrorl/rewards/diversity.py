@@ -113,7 +113,12 @@ def diversity_weights(
         return torch.zeros(0, dtype=torch.float64)
     if not all(isinstance(text, str) for text in completions):
         raise ValueError("completions must be strings")
-    embeddings = torch.nn.functional.normalize(_embeddings_of(embedder, completions), dim=1)
+    raw = _embeddings_of(embedder, completions)
+    # each row scaled to a largest entry of 1 first, so that its norm neither underflows nor overflows; not
+    # normalize(), which divides a norm below its eps (1e-12) by the eps
+    peak = raw.abs().amax(dim=1, keepdim=True)
+    scaled = torch.where(peak > 0, raw / torch.where(peak > 0, peak, 1.0), 0.0)
+    embeddings = scaled / scaled.norm(dim=1, keepdim=True).clamp(min=1.0)  # a scaled row's norm is 0 or at least 1
     cosine = (embeddings @ embeddings.T).clamp(min=0.0, max=1.0)
     siblings = (ids[:, None] == ids[None, :]) & ~torch.eye(n, dtype=torch.bool)
     return 1.0 / (1.0 + (cosine * siblings).sum(dim=1))
