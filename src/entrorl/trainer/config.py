@@ -269,8 +269,8 @@ class RewardConfig(_Section):
     )
     correct_threshold: float | None = Field(
         None, description="a sample is correct (accuracy, dynamic sampling, Pass@k, and the advantage estimators that "
-        "split right from wrong: psr, nsr, signed_reward, w_reinforce, passk) when its main score reaches "
-        "this; None = "
+        "split right from wrong: psr, nsr, signed_reward, w_reinforce, passk, unless advantage.params.correct_threshold "
+        "gives them their own) when its main score reaches this; None = "
         "the reward's own: 1.0 for reasoning_gym and code, whose partial credit is not a right answer, else 0.5")
     max_failing_steps: int = Field(
         3, ge=0, description="stop the run when the reward failed (raised, or gave no number) on every sample of this "
