@@ -656,6 +656,13 @@ def test_a_score_or_a_weighted_extra_beyond_float32_s_range_is_a_failure_not_an_
     assert both.rewards.tolist() == [1.0, 1.0] and both.failed.tolist() == [True, True] and both.errors == 2
     assert both.reasons[0] == "extra reward 'large': 2 x its score is beyond float32's range"
     assert both.extras["large"].tolist() == [0.0, 0.0]
+    assert both.first_error == "extra reward 'large': for sample 0: 2 x its score is beyond float32's range"
+    # the sum is taken in float64: a product beyond float32 with a total within it, and a weight beyond it times 0
+    negative = RewardRunner(lambda prompt, completion, answer, **meta: -3e38)(["p"], ["a"], ["a"], [{}])
+    assert negative.with_extra("large", 2.0, extra.select([0])).rewards.tolist() == [pytest.approx(3e38, rel=1e-6)]
+    zero = RewardRunner(lambda prompt, completion, answer, **meta: 0.0)(["p"], ["a"], ["a"], [{}])
+    heavy = main.select([0]).with_extra("zero", 1e39, zero)
+    assert heavy.rewards.tolist() == [1.0] and heavy.failed.tolist() == [False]
 
 
 def test_a_sample_failing_in_the_main_and_an_extra_reward_is_one_failure_told_by_the_main_one():

@@ -388,19 +388,23 @@ class RewardResult:
         reward next to the correctness one); ``scores`` and ``correct`` stay this result's, failures add up."""
         assert self.failed is not None and extra.failed is not None and self.reasons is not None
         extra_scores, extra_failed, extra_reasons = extra.scores, extra.failed, list(extra.reasons or [""] * len(extra.failed))
-        overflow = (self.rewards.double() + weight * extra_scores.double()).abs() > _FLOAT32_MAX
+        extra_first_error = extra.first_error
+        rewards = self.rewards.double() + weight * extra_scores.double()  # in float64: a weight of 1e39 is inf in float32
+        overflow = rewards.abs() > _FLOAT32_MAX
         if overflow.any():  # the weighted sum would be inf in float32: a failure of the extra reward, scored 0
             extra_scores, extra_failed = torch.where(overflow, torch.zeros_like(extra_scores), extra_scores), extra_failed | overflow
-            extra_reasons = [f"{weight:g} x its score is beyond float32's range" if over else reason
-                             for reason, over in zip(extra_reasons, overflow.tolist())]
+            said = f"{weight:g} x its score is beyond float32's range"
+            extra_reasons = [said if over else reason for reason, over in zip(extra_reasons, overflow.tolist())]
+            rewards = torch.where(overflow, self.rewards.double(), rewards)
+            extra_first_error = extra_first_error or f"for sample {int(overflow.nonzero()[0])}: {said}"
         failed = self.failed | extra_failed
         reasons = [own if own_failed or not failed_extra else f"extra reward {name!r}: {extra_reason}"  # which failed
                    for own, own_failed, failed_extra, extra_reason
                    in zip(self.reasons, self.failed.tolist(), extra_failed.tolist(), extra_reasons)]
         return RewardResult(
-            scores=self.scores, rewards=self.rewards + weight * extra_scores, correct=self.correct,
+            scores=self.scores, rewards=rewards.to(self.rewards.dtype), correct=self.correct,
             errors=int(failed.sum()),
-            first_error=self.first_error or (f"extra reward {name!r}: {extra.first_error}" if extra.first_error else None),
+            first_error=self.first_error or (f"extra reward {name!r}: {extra_first_error}" if extra_first_error else None),
             penalties=self.penalties, failed=failed, reasons=reasons,
             extras={**(self.extras or {}), name: extra_scores}, score_failed=self.score_failed,
         )
