@@ -334,6 +334,37 @@ def test_bfloat16_base_with_float32_adapters_and_activation_checkpointing(tmp_pa
 
 
 
+def test_eval_of_a_half_precision_lora_checkpoint_takes_base_and_falls_back_to_the_merged_model_without_it(
+        tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
+    """--base with a checkpoint loads its adapters on that base; without the base at hand, the merged model/ (said)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    train, _ = arithmetic_files
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    config = load_config(lora_config(base, train, parity_reward, model={"dtype": "bfloat16"}, optim={"steps": 1},
+                                     checkpoint={"every": 1}))
+    Trainer(config, run_dir=tmp_path / "run").train()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000001"
+    moved = base.rename(tmp_path / "moved")
+
+    def evaluate(*extra):
+        result = CliRunner().invoke(app, ["eval", "--model", str(checkpoint), "--data", str(train), "--n", "1",
+                                          "--max-prompts", "1", "--max-new-tokens", "1", "--reward", "exact_match",
+                                          "--out", str(tmp_path / "eval.json"), *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / "eval.json").read_text())["settings"], " ".join(result.output.split())
+
+    settings, _ = evaluate("--base", str(moved))
+    assert settings["adapters"] == str((checkpoint / "adapter").resolve())
+    settings, said = evaluate()
+    assert "adapters" not in settings and settings["model_directory"] == str((checkpoint / "model").resolve())
+    assert "loading the merged" in said and "(--dtype float32 keeps it" in said
+
+
 def test_the_merged_model_holds_embedding_adapters_of_an_untied_model(tmp_path):
     """peft keeps an embedding's adapters apart from a linear layer's (lora_embedding_A / B); both are merged."""
     from test_modeling import ARCHITECTURES, random_model

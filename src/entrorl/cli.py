@@ -317,16 +317,13 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
                                    unknown_token_note)
     from entrorl.rewards import RewardRunner, get_reward
     from entrorl.rollout import SamplingParams
-    from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
+    from entrorl.trainer.checkpoint import load_model_directory
     from entrorl.trainer.config import resolve_device
 
     with _said_when_interrupted("while loading the model and the prompts: nothing was written"):
-        directory = resolve_model_directory(model, base=base)
         defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold, dtype,
                                  reward_args=reward_args)
-        if directory.adapters is None and defaults.dtype in ("bfloat16", "float16") and importlib.util.find_spec("peft"):
-            # a LoRA checkpoint's merged model/ is float32: in half precision it would lose most of the update
-            directory = resolve_model_directory(model, base=base, prefer_adapters=True)
+        directory = _model_directory(model, base, defaults.dtype)
         prompt_template, chat_template = defaults.prompt_template, defaults.chat_template
         max_new_tokens = defaults.max_new_tokens
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
@@ -365,13 +362,34 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
                 if attempt == _PRUNED_RETRIES or all(path.exists() for path in (
                         directory.weights, directory.tokenizer, directory.adapters) if path is not None):
                     raise
-                newer = resolve_model_directory(model, base=base)
+                newer = _model_directory(model, base, defaults.dtype)
                 if newer == directory:
                     raise
                 console.print(Text(f"{directory.adapters or directory.weights} was removed while it loaded (the run "
                                    f"pruned its checkpoints): taking {newer.adapters or newer.weights}"), soft_wrap=True)
                 directory = newer
     return records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling
+
+
+def _model_directory(model: Path, base: Path | None, dtype: str):
+    """What ``--model`` (and ``--base``) stand for (see :func:`entrorl.trainer.checkpoint.resolve_model_directory`),
+    for weights of ``dtype``: a LoRA run's checkpoint is its adapters on the base model, as it trained, when ``--base``
+    names the base or in bfloat16 / float16, where its merged ``model/`` (float32) would lose most of the update; in
+    half precision without the base at hand, the merged ``model/``, said."""
+    from entrorl.trainer.checkpoint import resolve_model_directory
+
+    if base is not None:
+        return resolve_model_directory(model, base=base, prefer_adapters=True)
+    if dtype not in ("bfloat16", "float16") or importlib.util.find_spec("peft") is None:
+        return resolve_model_directory(model)
+    try:
+        return resolve_model_directory(model, prefer_adapters=True)
+    except (FileNotFoundError, ValueError) as error:
+        merged = resolve_model_directory(model)  # the error of a model that cannot be read at all
+        console.print(Text.assemble(("warning", "yellow"), f": {error}; loading the merged {merged.weights} in {dtype} "
+                                    "instead, which rounds away part of the update trained on the adapters (--dtype "
+                                    "float32 keeps it, --base loads the adapters on the base)"), soft_wrap=True)
+        return merged
 
 
 # how many times eval and data audit take the next newest checkpoint of a run that pruned the one they were loading
