@@ -335,8 +335,9 @@ def test_bfloat16_base_with_float32_adapters_and_activation_checkpointing(tmp_pa
 
 
 def test_eval_of_a_half_precision_lora_checkpoint_takes_base_and_falls_back_to_the_merged_model_without_it(
-        tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
-    """--base with a checkpoint loads its adapters on that base; without the base at hand, the merged model/ (said)."""
+        tmp_path, tiny_model_dir, arithmetic_files, parity_reward, monkeypatch):
+    """--base with a checkpoint loads its adapters on that base; without the base at hand, or without peft, the merged
+    model/ (said)."""
     import shutil
 
     from typer.testing import CliRunner
@@ -363,6 +364,13 @@ def test_eval_of_a_half_precision_lora_checkpoint_takes_base_and_falls_back_to_t
     settings, said = evaluate()
     assert "adapters" not in settings and settings["model_directory"] == str((checkpoint / "model").resolve())
     assert "loading the merged" in said and "(--dtype float32 keeps it" in said
+    moved.rename(base)
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    settings, said = evaluate()
+    assert "adapters" not in settings and "needs the peft package" in said and "loading the merged" in said
 
 
 def test_the_merged_model_holds_embedding_adapters_of_an_untied_model(tmp_path):

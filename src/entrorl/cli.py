@@ -252,7 +252,8 @@ DEFAULT_MAX_NEW_TOKENS = 256
 ModelDirOption = Annotated[Path, typer.Option("--model", help="local Hugging Face model directory, a training checkpoint "
                                               "or run directory (its newest checkpoint), or LoRA adapters in peft's "
                                               "format (a checkpoint's adapter/) on the base model they record")]
-BaseModelOption = Annotated[Optional[Path], typer.Option("--base", help="with --model naming LoRA adapters: the base "
+BaseModelOption = Annotated[Optional[Path], typer.Option("--base", help="with --model naming LoRA adapters, or a LoRA "
+                                                         "run or checkpoint (then its adapters are loaded): the base "
                                                          "model's directory, instead of the one the adapters record")]
 DataFileOption = Annotated[Path, typer.Option("--data", help="prompt file (.jsonl, .json, .csv, .parquet, .arrow, "
                                                           "datasets directory)")]
@@ -376,19 +377,24 @@ def _model_directory(model: Path, base: Path | None, dtype: str):
     for weights of ``dtype``: a LoRA run's checkpoint is its adapters on the base model, as it trained, when ``--base``
     names the base or in bfloat16 / float16, where its merged ``model/`` (float32) would lose most of the update; in
     half precision without the base at hand, the merged ``model/``, said."""
+    from entrorl.trainer.adapters import ADAPTER_DIRECTORY
     from entrorl.trainer.checkpoint import resolve_model_directory
 
     if base is not None:
         return resolve_model_directory(model, base=base, prefer_adapters=True)
-    if dtype not in ("bfloat16", "float16") or importlib.util.find_spec("peft") is None:
+    if dtype not in ("bfloat16", "float16"):
         return resolve_model_directory(model)
     try:
+        if importlib.util.find_spec("peft") is None:
+            raise ImportError("loading the adapters needs the peft package (pip install peft)")
         return resolve_model_directory(model, prefer_adapters=True)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         merged = resolve_model_directory(model)  # the error of a model that cannot be read at all
-        console.print(Text.assemble(("warning", "yellow"), f": {error}; loading the merged {merged.weights} in {dtype} "
-                                    "instead, which rounds away part of the update trained on the adapters (--dtype "
-                                    "float32 keeps it, --base loads the adapters on the base)"), soft_wrap=True)
+        beside = merged.weights.parent / ADAPTER_DIRECTORY
+        if merged.adapters is None and merged.weights.name == "model" and beside.is_dir():  # a LoRA checkpoint's
+            console.print(Text.assemble(("warning", "yellow"), f": {error}; loading the merged {merged.weights} in "
+                                        f"{dtype} instead, which rounds away part of the update trained on the adapters "
+                                        "(--dtype float32 keeps it, --base loads the adapters on the base)"), soft_wrap=True)
         return merged
 
 
