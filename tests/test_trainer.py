@@ -3328,6 +3328,7 @@ def test_dynamic_sampling_with_an_estimator_that_trains_on_equal_groups_is_warne
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)
         load_config({**shaped, "advantage": {"name": "passk", "params": {"k": 2}}})
+        load_config({**shaped, "reward": {"name": "exact_match", "unlikeliness": {"beta_rank": 0}}})  # shapes nothing
 
 
 def test_tokens_per_second_counts_every_sampled_token_of_the_step(tmp_path, tiny_model_dir, arithmetic_files):

@@ -558,7 +558,8 @@ class TrainConfig(_Section):
                                  "advantage.params.k") from None
             raise ValueError(f"advantage.params: {error}") from None
         if self.rollout.dynamic_sampling and group > 1:
-            shaping = [name for name, on in (("reward.unlikeliness", self.reward.unlikeliness is not None),
+            unlikeliness = self.reward.unlikeliness
+            shaping = [name for name, on in (("reward.unlikeliness", unlikeliness is not None and unlikeliness.beta_rank > 0),
                                              ("reward.diversity", self.reward.diversity.enabled)) if on]
             _warn_if_the_estimator_trains_on_equal_groups(estimator, group, self.advantage.params, shaping)
         if estimator == "passk" and group == k:
