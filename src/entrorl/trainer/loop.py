@@ -1092,9 +1092,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the run
     def _warn_if_nothing_trained(self, metrics: dict[str, float]) -> None:
         """Say once when the selectors dropped every token of a step: such an update trains on nothing, as a
-        composition of selectors that keep disjoint tokens (forking_tokens + low_entropy_tokens) always does. Say once,
-        too, when dynamic sampling found fewer informative groups than a step takes."""
-        self._warn_if_dynamic_sampling_fell_short(metrics)
+        composition of selectors that keep disjoint tokens (forking_tokens + low_entropy_tokens) always does."""
         if self._warned_nothing_trained:
             return
         if metrics.get("select/dropped_frac", 0.0) >= 1.0:
@@ -1116,6 +1114,7 @@ class Trainer:
         self._warn(message)
 
     def _warn_if_dynamic_sampling_fell_short(self, metrics: dict[str, float]) -> None:
+        """Say once when dynamic sampling found fewer informative groups than a step takes."""
         rollout = self.config.rollout
         found = metrics.get("data/informative_groups")
         if self._warned_dynamic_sampling or found is None or found >= rollout.prompts_per_step:
@@ -1179,6 +1178,7 @@ class Trainer:
                         if stopped.metrics is not None:  # the step it stopped in, as far as it got
                             self.logger.log(stopped.step, stopped.metrics)
                         raise
+                    self._warn_if_dynamic_sampling_fell_short(metrics)
                     self._warn_if_nothing_trained(metrics)
                     last = self.step == config.optim.steps
                     if self.eval_records and ((config.eval.every and self.step % config.eval.every == 0) or last):
