@@ -386,7 +386,7 @@ def _requested_methods(methods: list[str] | str | None) -> list[str] | None:
 
 def failed_methods(out: Path) -> list[str]:
     """The methods of the laboratory folder ``out`` whose last run failed (``outcomes.json``)."""
-    return _methods_whose_last_run(out, "failed")
+    return _methods_whose_last_run(_read_json_object(Path(out) / "outcomes.json"), "failed")
 
 
 def interrupted_methods(out: Path) -> list[str]:
@@ -398,11 +398,11 @@ def interrupted_methods(out: Path) -> list[str]:
     methods = _read_json_object(out / "lab.json").get("methods")
     unrecorded = [method for method in methods if isinstance(method, str) and method not in recorded
                   and not (out / "methods" / method / "final_eval.json").is_file()] if isinstance(methods, list) else []
-    return _methods_whose_last_run(out, "interrupted") + unrecorded
+    return _methods_whose_last_run(recorded, "interrupted") + unrecorded
 
 
-def _methods_whose_last_run(out: Path, status: str) -> list[str]:
-    outcomes = _read_json_object(Path(out) / "outcomes.json")
+def _methods_whose_last_run(outcomes: dict[str, Any], status: str) -> list[str]:
+    """The methods whose outcome in ``outcomes`` (``outcomes.json``'s object) has ``status``."""
     return [method for method, outcome in outcomes.items() if isinstance(outcome, dict) and outcome.get("status") == status]
 
 
