@@ -54,6 +54,12 @@ def is_real_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def validation_message(item: dict[str, Any]) -> str:
+    """A pydantic error's message (one item of ``ValidationError.errors()``) as its validator wrote it, without the
+    ``"Value error, "`` that pydantic puts before a ``ValueError``'s."""
+    return item["msg"].removeprefix("Value error, ")
+
+
 def is_boolean(value: Any) -> bool:
     """Whether ``value`` is a boolean or holds booleans: Python's, numpy's, or a boolean array or tensor."""
     return isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from entrorl._checks import did_you_mean, refuse_booleans_for_numbers
+from entrorl._checks import did_you_mean, refuse_booleans_for_numbers, validation_message
 from entrorl.objective.aggregation import LOSS_AGG_MODES, check_loss_agg_mode, check_loss_scale_factor
 from entrorl.objective.core import Objective
 from entrorl.objective.parts import Part, get_part_class, make_part
@@ -278,7 +278,7 @@ def _to_config(name_or_config: Any) -> ObjectiveConfig:
         try:
             return ObjectiveConfig(method=name_or_config if isinstance(name_or_config, str) else list(name_or_config))
         except ValidationError as error:
-            raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())) from None
+            raise ValueError("; ".join(validation_message(e) for e in error.errors())) from None
     if isinstance(name_or_config, dict):
         data = dict(name_or_config)
         if "name" in data and "method" not in data:
@@ -286,8 +286,7 @@ def _to_config(name_or_config: Any) -> ObjectiveConfig:
         try:
             return ObjectiveConfig(**data)
         except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-                                 for e in error.errors())
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {validation_message(e)}" for e in error.errors())
             extra = [str(e["loc"][0]) for e in error.errors()  # 'name' beside 'method' is a second name, not a parameter
                      if e["type"] == "extra_forbidden" and len(e["loc"]) == 1 and e["loc"][0] != "name"]
             hint = (f" A method's parameters go under 'params': {{'method': {data.get('method')!r}, 'params': "

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
 
-from entrorl._checks import refuse_booleans_for_numbers
+from entrorl._checks import refuse_booleans_for_numbers, validation_message
 from entrorl.objective.batch import PolicyBatch
 
 __all__ = [
@@ -271,7 +271,7 @@ def make_part(kind: str, name: str, params: dict[str, Any]) -> Part:
         return cls(**params)
     except ValidationError as error:
         problems = "; ".join(  # a check across parameters has no location and its input is every parameter
-            f"{'.'.join(str(p) for p in item['loc'])}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})"
-            if item["loc"] else item["msg"].removeprefix("Value error, ") for item in error.errors()
+            f"{'.'.join(str(p) for p in item['loc'])}: {validation_message(item)} (got {item.get('input')!r})"
+            if item["loc"] else validation_message(item) for item in error.errors()
         )
         raise ValueError(f"{kind} '{name}': invalid parameter value — {problems}") from None

@@ -18,7 +18,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from entrorl._checks import did_you_mean, refuse_booleans_for_numbers
+from entrorl._checks import did_you_mean, refuse_booleans_for_numbers, validation_message
 from entrorl.advantages import GROUP_BASELINE_ESTIMATORS, advantage_info, available_advantages, compute_advantages
 from entrorl.objective import ObjectiveConfig, PartSpec, build_objective, get_method
 from entrorl.tokens import MIN_TEMPERATURE
@@ -1095,9 +1095,7 @@ def _format_errors(error: ValidationError, source: str, given: dict[str, str] | 
     lines = []
     for item in _readable_errors(error):
         location = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"]
-        if item["type"] == "value_error":
-            message = message.removeprefix("Value error, ")
+        message = validation_message(item) if item["type"] == "value_error" else item["msg"]
         if not item["loc"] and item["type"] == "value_error":  # a cross-check whose message starts with the key it is about
             named = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)*): ", message)
             if named and named.group(1).split(".")[0] in TrainConfig.model_fields:
