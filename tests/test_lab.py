@@ -2591,3 +2591,29 @@ def test_a_left_over_temporary_folder_of_the_same_process_id_does_not_stop_a_bas
     final = base_model.build_base_model(spec, cache_dir=tmp_path)
     assert sorted(path.name for path in final.iterdir()) == ["base.json", "weights"]
     assert built_and_locks(tmp_path / "lab") == ([final.name], 1)
+
+
+def test_a_worker_does_not_repeat_the_warning_the_laboratory_gave_when_it_checked_its_methods(monkeypatch):
+    """``dapo+kl_cov`` trains with DAPO's clipped surrogate, not KL-Cov's unclipped one: the laboratory says so once,
+    when it checks its methods; the worker that builds the objective again stays quiet about it, and about nothing
+    else."""
+    import signal
+    import warnings
+
+    from entrorl.lab import runner
+    from entrorl.objective import SurrogateSetAsideWarning, build_objective
+
+    preset = get_preset("quick").model_copy(update={"methods": ["dapo+kl_cov"]})
+    with pytest.warns(SurrogateSetAsideWarning, match="'kl_cov' after 'dapo' trains with dapo's surrogate"):
+        preset.check_methods()
+    monkeypatch.setattr(runner, "_STOP", None)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runner._init_worker(None)
+            build_objective("dapo+kl_cov")
+            warnings.warn("another warning", UserWarning)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert [str(w.message) for w in caught] == ["another warning"]

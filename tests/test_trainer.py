@@ -1710,6 +1710,7 @@ def test_the_cli_prints_entrorl_s_warnings_as_one_line_and_others_as_python_does
     import warnings
 
     from entrorl import cli
+    from entrorl.objective import SurrogateSetAsideWarning
     from entrorl.trainer import ConfigWarning
 
     monkeypatch.setattr(cli, "_python_show_warning", lambda message, category, filename, lineno, *rest: sys.stderr.write(
@@ -1719,8 +1720,10 @@ def test_the_cli_prints_entrorl_s_warnings_as_one_line_and_others_as_python_does
     cli._show_warning(UserWarning("nothing was trained"), UserWarning, inside, 10)
     cli._show_warning(FutureWarning("`foo` is deprecated"), FutureWarning, inside, 12)
     cli._show_warning(UserWarning("a plugin's"), UserWarning, inside.replace("entrorl", "entrorl_plugin"), 3)
+    cli._show_warning(SurrogateSetAsideWarning("'kl_cov' after 'dapo'"), SurrogateSetAsideWarning, "/somewhere/lab.py", 5)
     printed = capsys.readouterr().err
     assert "warning: optim.x has no effect\nwarning: nothing was trained\n" in printed
+    assert "warning: 'kl_cov' after 'dapo'\n" in printed
     assert f"{inside}:12: FutureWarning: `foo` is deprecated" in printed and "UserWarning: a plugin's" in printed
 
 

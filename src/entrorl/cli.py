@@ -861,11 +861,11 @@ def _describe_method(method: str, *, as_json: bool) -> None:
     (with the estimator's parameters, set under ``advantage.params``), and every parameter of its parts (those left at
     None included) with its value and its field's description."""
     from entrorl.advantages import advantage_info
-    from entrorl.objective import ObjectiveConfig, build_objective, get_method
+    from entrorl.objective import ObjectiveConfig, SurrogateSetAsideWarning, build_objective, get_method
 
     try:
         with warnings.catch_warnings():  # a later method's own surrogate set aside: the table shows what is used
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", SurrogateSetAsideWarning)
             objective = build_objective(method)
         specs = [get_method(name) for name in ObjectiveConfig(method=method).method_names()]
     except ValueError as error:
@@ -1176,10 +1176,11 @@ def _histogram_bar(count: int, widest: int, width: int = 24) -> str:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """entrorl's own warnings as one ``warning:`` line (pydantic's validator or a library's frame, where the warning
     surfaces, says nothing to the user); other libraries' warnings as Python prints them."""
+    from entrorl.objective import SurrogateSetAsideWarning
     from entrorl.trainer import ConfigWarning
 
     ours = category is UserWarning and Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
-    if issubclass(category, ConfigWarning) or ours:  # a library's deprecation raised through an entrorl line is not
+    if issubclass(category, (ConfigWarning, SurrogateSetAsideWarning)) or ours:  # a library's deprecation raised through an entrorl line is not
         console.print(Text.assemble(("warning:", "bold yellow"), f" {message}"), soft_wrap=True)
     else:
         _python_show_warning(message, category, filename, lineno, file, line)

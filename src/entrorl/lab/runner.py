@@ -28,6 +28,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -240,10 +241,14 @@ def _laboratory_stopped() -> bool:
 def _init_worker(stop: Any) -> None:
     """Set up a worker process. Ctrl-C reaches every process of the terminal's group: a worker ignores it except while
     it trains, where its trainer finishes the step under way and saves it; a method not yet started when the
-    laboratory is interrupted (``stop`` set) does not start."""
+    laboratory is interrupted (``stop`` set) does not start. A composition whose later method's surrogate is set aside
+    was said once, when the laboratory checked its methods: the worker that builds it again does not say it twice."""
+    from entrorl.objective import SurrogateSetAsideWarning
+
     global _STOP
     _STOP = stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.filterwarnings("ignore", category=SurrogateSetAsideWarning)
 
 
 # a method's folder: the seconds its earlier invocations spent (interrupted, failed, or the one that finished it),

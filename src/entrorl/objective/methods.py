@@ -390,6 +390,12 @@ def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Compositi
     )
 
 
+class SurrogateSetAsideWarning(UserWarning):
+    """A composition's later method trains with the first method's surrogate instead of its own (``dapo+kl_cov``):
+    its own category, so that a caller who has already told the user (the laboratory checks its methods before its
+    workers build them again) can silence the repeat without silencing other warnings."""
+
+
 def _warn_surrogate_set_aside(name: str, own: PartRef, used: PartRef, *, first: str) -> None:
     """A later method whose recipe has its own surrogate (KL-Cov's unclipped one, Clip-Cov's clip range of 1) loses
     it to the first method's: allowed (the first method gives the surrogate), but said, since the method then does
@@ -405,7 +411,7 @@ def _warn_surrogate_set_aside(name: str, own: PartRef, used: PartRef, *, first: 
         told = (f"'{name}' after '{first}' trains with {first}'s surrogate '{used[0]}', not its own '{own[0]}': the "
                 f"first method of a composition gives the surrogate; name the surrogate in the config "
                 f"({{'method': ..., 'surrogate': '{own[0]}'}}) to train with {name}'s")
-    warnings.warn(told + " (setting the surrogate's parameters silences this)", UserWarning, stacklevel=3)
+    warnings.warn(told + " (setting the surrogate's parameters silences this)", SurrogateSetAsideWarning, stacklevel=3)
 
 
 def _refuse_selectors_that_keep_nothing(selectors: list[Part]) -> None:
