@@ -1402,3 +1402,15 @@ def test_a_verdict_at_another_threshold_never_counts_a_failed_score_and_follows_
     assert both.failed.tolist() == [True, True, True] and both.correct_at(-2.0).tolist() == [True, False, True]
     assert both.select([2, 1]).correct_at(-2.0).tolist() == [True, False]
     assert RewardResult.concat([both, both.select([1, 0, 2])]).correct_at(-2.0).tolist() == [True, False, True, False, True, True]
+
+
+@pytest.mark.parametrize(("score", "threshold"), [(0.49999999, 0.5), (0.3, 0.30000001), (1 - 1e-8, 1.0)])
+def test_a_score_just_below_the_threshold_is_not_correct_though_float32_rounds_it_up_to_it(score, threshold):
+    """Scores are kept in float32, where 0.49999999 is 0.5; correctness compares the score the reward returned."""
+    result = RewardRunner(lambda prompt, completion, answer, **meta: score, correct_threshold=threshold)(
+        ["p", "p"], ["c", "c"], ["a", "a"])
+    assert float(result.scores[0]) >= threshold  # rounded, it would reach the threshold
+    assert not result.correct.any() and not result.correct_at(threshold).any()
+    assert result.correct_at(score).all()
+    picked = RewardResult.concat([result.select([1]), result.with_extra("format", 1.0, result).select([0])])
+    assert not picked.correct_at(threshold).any() and picked.correct_at(score).all()

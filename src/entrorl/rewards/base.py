@@ -335,7 +335,7 @@ class RewardResult:
     * ``rewards`` — float32 ``[n]``, ``scores + penalties`` (the training reward; a failed sample's overlong
       penalty still applies, since it depends on the response's length only: a reward that fails on overlong
       answers must not let them escape their penalty);
-    * ``correct`` — bool ``[n]``, ``scores >= correct_threshold`` on the samples that did not fail;
+    * ``correct`` — bool ``[n]``, ``exact_scores >= correct_threshold`` on the samples that did not fail;
     * ``errors`` / ``first_error`` — how many samples failed (raised, or returned a non-numeric or
       non-finite value) and the first failure: a one-line summary (which sample, the exception's type and
       message, or what was wrong with the value returned), then, for a reward that raised, its traceback;
@@ -345,7 +345,9 @@ class RewardResult:
       (``failed`` less an extra reward's failures; ``failed`` when not given);
     * ``reasons`` — per sample, the reason the reward gave (``.reason`` of its return value; None for a
       plain number) or, for a failed sample, what went wrong;
-    * ``extras`` — the scores of each extra reward added by :meth:`with_extra`, by name.
+    * ``extras`` — the scores of each extra reward added by :meth:`with_extra`, by name;
+    * ``exact_scores`` — float64 ``[n]``, the scores before float32 rounds them, which thresholds are compared with
+      (rounded, 0.49999999 would reach 0.5 and a partial credit of 1 - 1e-8 full marks); ``scores`` when not given.
     """
 
     scores: torch.Tensor
@@ -358,9 +360,12 @@ class RewardResult:
     reasons: list[str | None] | None = None
     extras: dict[str, torch.Tensor] | None = None
     score_failed: torch.Tensor | None = None
+    exact_scores: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.scores.shape[0]
+        if self.exact_scores is None:
+            self.exact_scores = self.scores.double()
         if self.penalties is None:
             self.penalties = torch.zeros(n, dtype=torch.float32)
         if self.failed is None:
@@ -380,8 +385,8 @@ class RewardResult:
     def correct_at(self, threshold: float) -> torch.Tensor:
         """Which samples' score reaches ``threshold`` (an estimator's own ``correct_threshold``); one whose reward
         failed never does, whatever the threshold (its 0 is no score), as in ``correct``."""
-        assert self.score_failed is not None
-        return (self.scores >= threshold) & ~self.score_failed
+        assert self.score_failed is not None and self.exact_scores is not None
+        return (self.exact_scores >= threshold) & ~self.score_failed
 
     def with_extra(self, name: str, weight: float, extra: "RewardResult") -> "RewardResult":
         """These samples with ``weight`` times ``extra``'s scores added to their training reward (a format or length
@@ -407,6 +412,7 @@ class RewardResult:
             first_error=self.first_error or (f"extra reward {name!r}: {extra_first_error}" if extra_first_error else None),
             penalties=self.penalties, failed=failed, reasons=reasons,
             extras={**(self.extras or {}), name: extra_scores}, score_failed=self.score_failed,
+            exact_scores=self.exact_scores,
         )
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> "RewardResult":
@@ -419,13 +425,13 @@ class RewardResult:
             rows = rows.nonzero().flatten()
         rows = rows.to(torch.long)
         assert self.penalties is not None and self.failed is not None and self.reasons is not None
-        assert self.score_failed is not None
+        assert self.score_failed is not None and self.exact_scores is not None
         failed = self.failed[rows]
         return RewardResult(
             scores=self.scores[rows], rewards=self.rewards[rows], correct=self.correct[rows], errors=int(failed.sum()),
             first_error=self.first_error if bool(failed.any()) else None, penalties=self.penalties[rows], failed=failed,
             reasons=[self.reasons[i] for i in rows.tolist()], extras={name: v[rows] for name, v in (self.extras or {}).items()},
-            score_failed=self.score_failed[rows],
+            score_failed=self.score_failed[rows], exact_scores=self.exact_scores[rows],
         )
 
     @staticmethod
@@ -442,6 +448,7 @@ class RewardResult:
             reasons=[reason for p in parts for reason in p.reasons],
             extras={name: torch.cat([p.extras[name] for p in parts]) for name in (parts[0].extras or {})},
             score_failed=torch.cat([p.score_failed for p in parts]),
+            exact_scores=torch.cat([p.exact_scores for p in parts]),
         )
 
     def metrics(self) -> dict[str, float]:
@@ -667,7 +674,8 @@ class RewardRunner:
                 visible_controls(error_headline(first_error)),
             )
 
-        score_t = torch.tensor(scores, dtype=torch.float32)
+        exact_scores = torch.tensor(scores, dtype=torch.float64)
+        score_t = exact_scores.float()
         if self.overlong is not None:
             assert lengths is not None
             pen = [overlong_penalty(length, **self.overlong) for length in lengths]  # a fractional length is refused
@@ -678,10 +686,11 @@ class RewardRunner:
         return RewardResult(
             scores=score_t,
             rewards=score_t + pen_t,
-            correct=(score_t >= self.correct_threshold) & ~failed_t,  # a failure is wrong at any threshold, 0 or below too
+            correct=(exact_scores >= self.correct_threshold) & ~failed_t,  # a failure is wrong at any threshold, 0 or below too
             errors=errors,
             first_error=first_error,
             penalties=pen_t,
             failed=failed_t,
             reasons=reasons,
+            exact_scores=exact_scores,
         )
