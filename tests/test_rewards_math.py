@@ -197,6 +197,12 @@ CASES = [
     ("", r"\boxed{(10^{6})!}", "5", 0.0, "too large to evaluate"),
     ("", r"\boxed{1001!}", "5", 0.0, "too large to evaluate"),
     ("", r"\boxed{(3!)!}", "720", 1.0, ""),
+    ("", r"\boxed{\binom{10}{3}}", "120", 1.0, ""),
+    ("", r"\boxed{{10 \choose 3}}", "120", 1.0, ""),
+    ("", r"\boxed{\binom{10^9}{2}}", "499999999500000000", 1.0, ""),  # a large top, a small coefficient
+    ("", r"\boxed{\Gamma(1001)}", "1000!", 1.0, ""),
+    ("", r"\boxed{\sum_{k=1}^{100} k}", "5050", 1.0, ""),
+    ("", r"\boxed{\sum_{k=1}^{\infty} \frac{1}{k^2}}", r"\frac{\pi^2}{6}", 1.0, ""),  # summed by formula
     ("", r"\boxed{1^{100000}}", "1", 1.0, ""),
     ("", r"\boxed{0^{20000}}", "0", 1.0, ""),  # a power of 0 is small, however large its exponent
     ("", r"\boxed{(-1)^{20001}}", "-1", 1.0, ""),
@@ -634,7 +640,11 @@ def test_judge_timeout_is_not_an_exception():
 
 @pytest.mark.parametrize(
     "completion", [r"\boxed{2^{3^{20}}}", r"\boxed{9^{9^{9^{9}}}}", r"\boxed{(10^{9})!}", r"\boxed{2^{100000}}",
-                   r"\boxed{{{{2^{9999}}^{9999}}^{9999}}}"]  # each exponent small, the tower's value not
+                   r"\boxed{{{{2^{9999}}^{9999}}^{9999}}}",  # each exponent small, the tower's value not
+                   # binomial coefficients and Gamma values: those of integers the parser itself computes as it reads
+                   r"\boxed{\binom{10^9}{5\cdot 10^8}}", r"\boxed{\binom{1000000}{500000}}", r"\boxed{\binom{10^6}{500000}}",
+                   r"\boxed{{10^9 \choose 10^8}}", r"\boxed{{1000000 \choose 500000}}", r"\boxed{\Gamma(10^6)}",
+                   r"\boxed{\Gamma\left(1000000\right)}", r"\boxed{\prod_{k=1}^{10^6} k}", r"\boxed{\sum_{k=1}^{10^7} k^k}"]
 )
 def test_pathological_answers_are_refused_quickly_in_any_thread(reward, completion):
     out = []
@@ -643,7 +653,7 @@ def test_pathological_answers_are_refused_quickly_in_any_thread(reward, completi
         started = time.monotonic()
         out.append((reward(REAL_ROOTS_QUESTION, completion, "5"), time.monotonic() - started))
 
-    thread = threading.Thread(target=judge)
+    thread = threading.Thread(target=judge, daemon=True)  # one that never ends must not keep the tests from exiting
     thread.start()
     thread.join(timeout=20)
     assert not thread.is_alive()

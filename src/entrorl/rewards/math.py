@@ -752,6 +752,98 @@ def _time_limit(seconds: float) -> Iterator[None]:
 _MAX_EXPONENT = 10_000
 _MAX_POWER_BITS = 1 << 20  # about 315,000 decimal digits: built in milliseconds
 _MAX_FACTORIAL = 1_000
+_MAX_BINOMIAL_BITS = 1 << 16  # sympy's C(10^5, 5*10^4), 10^5 bits, takes about a second
+_MAX_TERMS = 1_000  # of a sum or product with numeric limits, as many as the largest factorial's factors
+
+# Binomial coefficients and Gamma values, which Math-Verify's parser computes while it parses whenever their operands
+# come out as integers (C(10^6, 5*10^5) alone takes it over a minute), before any parsed expression can be checked.
+_PARSE_TIME_EVALUATED_RE = re.compile(r"\\(?:[dt]?binom|choose|Gamma)(?![a-zA-Z])")
+
+
+def _binomial_bits(n: float, k: float) -> float:
+    """An upper bound on the bits of ``C(n, k)``: ``min(n, k' log2 n)`` with ``k' = min(k, n - k)`` (0 when ``k``
+    is outside ``[0, n]``, where the coefficient is 0)."""
+    if not 0 <= k <= n:
+        return 0.0
+    smaller = min(k, n - k)
+    return min(n, smaller * math.log2(max(n, 2.0)))
+
+
+def _closing(s: str, start: int, opening: str, closing: str) -> int:
+    """The index just past the bracket that closes the one at ``s[start]`` (the end of ``s`` when none does)."""
+    depth = 0
+    for index in range(start, len(s)):
+        if s[index] == opening:
+            depth += 1
+        elif s[index] == closing:
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return len(s)
+
+
+def _argument_after(s: str, index: int) -> tuple[str, int]:
+    """The argument of a LaTeX command that ends at ``index``: a brace group's or parenthesis's inside (after an
+    optional ``\\left``), else one character; and the index past it."""
+    while index < len(s) and s[index].isspace():
+        index += 1
+    if s.startswith("\\left", index):
+        index += len("\\left")
+        while index < len(s) and s[index].isspace():
+            index += 1
+    if index < len(s) and s[index] in "{(":
+        end = _closing(s, index, s[index], "}" if s[index] == "{" else ")")
+        return s[index + 1:end - 1], end
+    return s[index:index + 1], index + 1
+
+
+def _enclosing_group(s: str, start: int, end: int) -> tuple[str, str]:
+    """What stands before ``s[start:end]`` and after it within the brace group around it (``\\choose``'s
+    operands)."""
+    depth, left = 0, start
+    while left > 0 and not (s[left - 1] == "{" and depth == 0):
+        depth += {"}": 1, "{": -1}.get(s[left - 1], 0)
+        left -= 1
+    depth, right = 0, end
+    while right < len(s) and not (s[right] == "}" and depth == 0):
+        depth += {"{": 1, "}": -1}.get(s[right], 0)
+        right += 1
+    return s[left:start], s[end:right]
+
+
+def _operand_value(text: str) -> float | None:
+    """``|text|`` when the operand ``text`` is a number (its own parts checked first), else None."""
+    stripped = text.strip()
+    if re.fullmatch(r"\+?\d+", stripped):
+        if len(stripped) > 300:  # float() of it would overflow
+            raise _TooLarge("an integer of more than 300 digits")
+        return float(stripped)
+    for item in _parse_latex(stripped):
+        if not isinstance(item, str):
+            _check_size(item)
+            return _magnitude(item) if getattr(item, "is_number", False) else None
+    return None
+
+
+def _check_parse_time_sizes(s: str) -> None:
+    """Raise :class:`_TooLarge` for a binomial coefficient of more than ``_MAX_BINOMIAL_BITS`` bits or a Gamma
+    value above ``Gamma(_MAX_FACTORIAL + 1)`` (``\\binom{10^6}{500000}``, ``{10 \\choose 3}``, ``\\Gamma(10^5)``),
+    which the parser would compute as it reads them."""
+    for match in _PARSE_TIME_EVALUATED_RE.finditer(s):
+        command = match[0]
+        if command == "\\Gamma":
+            argument = _operand_value(_argument_after(s, match.end())[0])
+            if argument is not None and argument > _MAX_FACTORIAL + 1:
+                raise _TooLarge(f"a factorial above {_MAX_FACTORIAL}")
+            continue
+        if command == "\\choose":
+            top, bottom = _enclosing_group(s, match.start(), match.end())
+        else:
+            top, after_top = _argument_after(s, match.end())
+            bottom = _argument_after(s, after_top)[0]
+        n, k = _operand_value(top), _operand_value(bottom)
+        if n is not None and k is not None and _binomial_bits(n, k) > _MAX_BINOMIAL_BITS:
+            raise _TooLarge(f"a binomial coefficient of more than {_MAX_BINOMIAL_BITS} bits")
 
 
 def _magnitude(expr: Any) -> float:
@@ -762,8 +854,9 @@ def _magnitude(expr: Any) -> float:
 def _check_size(expr: Any) -> None:
     """Raise :class:`_TooLarge` if evaluating sympy ``expr`` could build an enormous integer: a power of
     a number other than +-1 (or 0) to an exponent above ``_MAX_EXPONENT`` or whose value would take more than
-    ``_MAX_POWER_BITS`` bits (its inner powers checked first, so towers are caught), or a factorial above
-    ``_MAX_FACTORIAL``. Inner expressions are checked before they are evaluated, so ``2^{3^{20}}`` is
+    ``_MAX_POWER_BITS`` bits (its inner powers checked first, so towers are caught), a factorial (or Gamma value)
+    above ``_MAX_FACTORIAL``'s, a binomial coefficient of more than ``_MAX_BINOMIAL_BITS`` bits, or a sum or product
+    over more than ``_MAX_TERMS`` values of its index. Inner expressions are checked before they are evaluated, so ``2^{3^{20}}`` is
     refused without computing ``3^{20}`` twice over and ``(3!)!`` is accepted."""
     import sympy
 
@@ -785,6 +878,19 @@ def _check_size(expr: Any) -> None:
         argument = expr.args[0]
         if argument.is_number and _magnitude(argument) > _MAX_FACTORIAL:
             raise _TooLarge(f"a factorial above {_MAX_FACTORIAL}")
+    elif isinstance(expr, sympy.gamma):  # Gamma(n) = (n - 1)!
+        argument = expr.args[0]
+        if argument.is_number and _magnitude(argument) > _MAX_FACTORIAL + 1:
+            raise _TooLarge(f"a factorial above {_MAX_FACTORIAL}")
+    elif isinstance(expr, sympy.binomial):
+        top, bottom = expr.args
+        if top.is_number and bottom.is_number and _binomial_bits(_magnitude(top), _magnitude(bottom)) > _MAX_BINOMIAL_BITS:
+            raise _TooLarge(f"a binomial coefficient of more than {_MAX_BINOMIAL_BITS} bits")
+    elif isinstance(expr, (sympy.Sum, sympy.Product)):
+        for _, lower, upper in expr.limits:  # an infinite series is summed by formula, not term by term
+            span = upper - lower
+            if span.is_number and span.is_finite and _magnitude(span) >= _MAX_TERMS:
+                raise _TooLarge(f"a sum or product of more than {_MAX_TERMS} terms")
 
 
 # --------------------------------------------------------------------------------------------
@@ -984,6 +1090,7 @@ def _parse_latex(s: str) -> list[Any]:
     """Math-Verify's parse of ``s`` as LaTeX (falling back to free text); [] when unparsable."""
     from math_verify import parse
 
+    _check_parse_time_sizes(s)
     parsed = parse(s if "$" in s else f"${s}$", parsing_timeout=None)
     if not parsed:
         parsed = parse(s, parsing_timeout=None)
