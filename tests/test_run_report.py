@@ -1060,3 +1060,41 @@ def test_every_key_of_report_json_is_in_the_reports_guide(tmp_path):
     law = report["law"]["fit"]
     written = {*report, *report["law"], *report["forks"], *law, *law["fit"], *law["forecast"]}
     assert written - documented == set()
+
+
+def _trl_trainer_state(steps: int, max_steps: int) -> dict:
+    history = [{"step": step, "loss": 0.0, "reward": 0.1 + 0.02 * step, "entropy": 2.0 - 0.05 * step}
+               for step in range(1, steps + 1)]
+    return {"global_step": steps, "max_steps": max_steps, "log_history": history}
+
+
+def test_a_trl_run_continued_after_save_state_is_read_from_its_newer_checkpoint(tmp_path):
+    """Trained to step 6 and saved with save_state (the output directory's trainer_state.json), then continued in the
+    same folder to max_steps 30: its checkpoint-12 went further than the folder's own file, and is what is read."""
+    (tmp_path / "checkpoint-6").mkdir()
+    (tmp_path / "checkpoint-12").mkdir()
+    (tmp_path / "trainer_state.json").write_text(json.dumps(_trl_trainer_state(6, 6)))
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text(json.dumps(_trl_trainer_state(6, 6)))
+    (tmp_path / "checkpoint-12" / "trainer_state.json").write_text(json.dumps(_trl_trainer_state(12, 30)))
+    report = write_run_report(tmp_path, out=tmp_path / "report", figures=False)
+    summary = {row["quantity"]: row["value"] for row in report["summary"]["values"]}
+    assert summary["read from"] == "checkpoint-12/trainer_state.json" and report["steps"] == 12
+    assert summary["steps planned (max_steps)"] == 30
+    (tmp_path / "trainer_state.json").write_text(json.dumps(_trl_trainer_state(12, 30)))  # saved again at the end
+    report = write_run_report(tmp_path, out=tmp_path / "report", figures=False)
+    assert {row["quantity"]: row["value"] for row in report["summary"]["values"]}["read from"] == "trainer_state.json"
+
+
+@pytest.mark.parametrize(("written", "said"), [
+    ('{"method": "grpo", "optim": {"steps": 3', "its config.json cannot be read as JSON"),
+    (json.dumps({"model_type": "qwen2", "hidden_size": 32}), "its config.json is a model's configuration"),
+    (json.dumps({"note": "hand-written"}), "its config.json names no training method"),
+])
+def test_a_folder_whose_config_json_is_not_a_run_s_is_refused_saying_why(tmp_path, written, said):
+    """A config.json cut short, a model's, or another file of that name: the error says what is wrong with it, rather
+    than that the folder holds no config.json."""
+    from entrorl.analysis.run_report import NotARunDirectory
+
+    (tmp_path / "config.json").write_text(written)
+    with pytest.raises(NotARunDirectory, match=re.escape(f"holds no metrics.jsonl or trainer_state.json, and {said}")):
+        write_run_report(tmp_path, out=tmp_path / "report", figures=False)

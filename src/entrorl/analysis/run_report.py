@@ -10,7 +10,7 @@ Inputs (written by :class:`entrorl.trainer.Trainer`)::
     final_eval.json        a laboratory method folder's final evaluation and fork tokens, read when eval/ holds none
 
 or, for a run of TRL's ``GRPOTrainer`` with the entrorl plugin, the log history of its ``trainer_state.json``
-(the output directory's, or its newest checkpoint's), with its ``max_steps`` and the plugin's ``entrorl_objective.json``
+(the output directory's or a checkpoint's, whichever went furthest), with its ``max_steps`` and the plugin's ``entrorl_objective.json``
 beside it (the method).
 
 What it checks on the user's own run: the entropy–performance law ``R = -a exp(H) + b`` fitted over every step and
@@ -135,13 +135,21 @@ class _TrainingRun(MetricRecords):
 
 
 def trainer_state_file(run_dir: Path) -> Path | None:
-    """A transformers Trainer's ``trainer_state.json`` in ``run_dir``: its own (``save_state``), else that of its
-    newest ``checkpoint-<N>`` (the folder may be such a checkpoint itself)."""
-    if (run_dir / TRAINER_STATE).is_file():
-        return run_dir / TRAINER_STATE
-    checkpoints = [(int(p.name[len("checkpoint-"):]), p) for p in run_dir.glob("checkpoint-*")
-                   if p.name[len("checkpoint-"):].isdigit() and (p / TRAINER_STATE).is_file()]
-    return max(checkpoints)[1] / TRAINER_STATE if checkpoints else None
+    """The transformers Trainer's ``trainer_state.json`` in ``run_dir`` that went furthest (the highest
+    ``global_step``): its own (``save_state``), or that of one of its ``checkpoint-<N>`` folders (the folder may be
+    such a checkpoint itself). A run saved with ``save_state`` and then continued in the same folder has newer
+    checkpoints than its own file; on a tie its own file, written last, is taken, then the newest checkpoint's."""
+    candidates = [(2**63, run_dir / TRAINER_STATE)] + [
+        (int(p.name[len("checkpoint-"):]), p / TRAINER_STATE) for p in run_dir.glob("checkpoint-*")
+        if p.name[len("checkpoint-"):].isdigit()]
+    readable = []
+    for order, path in candidates:
+        if path.is_file():
+            state = read_json(path)
+            step = state.get("global_step") if isinstance(state, dict) else None
+            step = step if isinstance(step, int) and not isinstance(step, bool) else -1  # unreadable: taken last
+            readable.append((step, order, path))
+    return max(readable, key=lambda item: item[:2])[2] if readable else None
 
 
 def _log_history_records(state: Any) -> list[dict[str, Any]]:
@@ -656,9 +664,16 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
             raise NotARunDirectory(f"{run_dir} is a laboratory folder: its report is {run_dir / 'report.md'}"
                                    + (f" (`{again}` writes it again)" if again else "")
                                    + f"; each method's run is in {run_dir / 'methods'}/<method>")
+        writers = ("(`entrorl train ... --run-dir DIR` writes one; so does TRL's GRPOTrainer with the entrorl plugin, in "
+                   "its output_dir)")
+        if (run_dir / "config.json").exists():
+            said = ("cannot be read as JSON (a write cut short, or a hand edit?)" if config is None
+                    else "is a model's configuration" if isinstance(config, dict) and "model_type" in config
+                    else "names no training method")
+            raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl or trainer_state.json, and its config.json {said}: "
+                                   f"not a training run directory {writers}")
         raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl, config.json or trainer_state.json: not a training run "
-                               "directory (`entrorl train ... --run-dir DIR` writes one; so does TRL's GRPOTrainer with the "
-                               "entrorl plugin, in its output_dir)")
+                               f"directory {writers}")
     out = Path(out) if out is not None else run_dir / "report"
     return _RunReport(_TrainingRun(run_dir, config=config, trainer_state=trainer_state), out, float(fit_fraction),
                       figures).build()
