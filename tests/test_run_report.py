@@ -1098,3 +1098,22 @@ def test_a_folder_whose_config_json_is_not_a_run_s_is_refused_saying_why(tmp_pat
     (tmp_path / "config.json").write_text(written)
     with pytest.raises(NotARunDirectory, match=re.escape(f"holds no metrics.jsonl or trainer_state.json, and {said}")):
         write_run_report(tmp_path, out=tmp_path / "report", figures=False)
+
+
+def test_skipped_updates_are_said_and_a_run_that_never_updated_is_called_so(tmp_path):
+    """Every update of every step skipped (non-finite): the report says the policy never changed; a run with some
+    steps skipped counts them; a run without skips says neither."""
+    records = law_records(6)
+    never = write_run(tmp_path / "never", [{**r, "train/updates": 0.0, "train/skipped_updates": 2.0} for r in records])
+    write_run_report(never, figures=False)
+    markdown = (never / "report" / "report.md").read_text()
+    assert "6 of 6 steps skipped updates whose loss or gradient was not finite (12 updates in all)" in markdown
+    assert "No update was applied at any step" in markdown
+    some = write_run(tmp_path / "some", [{**r, "train/updates": 2.0 - (i == 3), "train/skipped_updates": float(i == 3)}
+                                         for i, r in enumerate(records)])
+    write_run_report(some, figures=False)
+    markdown = (some / "report" / "report.md").read_text()
+    assert "1 of 6 steps skipped updates" in markdown and "No update was applied" not in markdown
+    clean = write_run(tmp_path / "clean", [{**r, "train/updates": 2.0, "train/skipped_updates": 0.0} for r in records])
+    write_run_report(clean, figures=False)
+    assert "skipped updates" not in (clean / "report" / "report.md").read_text()

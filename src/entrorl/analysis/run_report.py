@@ -254,6 +254,13 @@ class _RunReport:
         if run.unreadable_lines:
             lines = ", ".join(map(str, run.unreadable_lines[:10])) + (", ..." if len(run.unreadable_lines) > 10 else "")
             section.say(f"Lines of `metrics.jsonl` that are not a JSON object were skipped: {lines}.")
+        skipped, applied = np.nan_to_num(run.series("train/skipped_updates")), run.series("train/updates")
+        if (skipped > 0).any():
+            section.say(f"{int((skipped > 0).sum())} of {len(skipped)} steps skipped updates whose loss or gradient was "
+                        f"not finite ({int(skipped.sum())} updates in all).")
+        if len(applied) and np.isfinite(applied).all() and not (applied > 0).any():
+            section.say("No update was applied at any step: the policy never changed, so these curves are the "
+                        "starting policy's.")
         self.json["summary"] = table.to_json()
 
     def _agreement_with_chance(self) -> Cell:
