@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -1414,3 +1415,14 @@ def test_a_score_just_below_the_threshold_is_not_correct_though_float32_rounds_i
     assert result.correct_at(score).all()
     picked = RewardResult.concat([result.select([1]), result.with_extra("format", 1.0, result).select([0])])
     assert not picked.correct_at(threshold).any() and picked.correct_at(score).all()
+
+
+@pytest.mark.parametrize(("spec", "said"), [
+    ("my_rewards.py:score", "'my_rewards:score' finds my_rewards.py in the working directory"),
+    ("./my_rewards.py:score", "'my_rewards:score' finds my_rewards.py in the working directory"),
+    ("some/folder/my_rewards.py:score", "(or, from anywhere, with some/folder on PYTHONPATH)"),
+])
+def test_a_reward_named_by_its_file_is_refused_with_the_import_path_to_write(spec, said):
+    """verl names a custom reward by file and function; entrorl by import path: the error gives the one to write."""
+    with pytest.raises(ValueError, match="name the module by its import path, not by its file: " + ".*" + re.escape(said)):
+        check_reward_spec(spec)

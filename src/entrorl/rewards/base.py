@@ -37,6 +37,7 @@ import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -197,7 +198,16 @@ def import_callable(spec: str, what: str = "reward") -> Any:
     module_name, attr_path = module_name.strip(), attr_path.strip()
     if not module_name or not attr_path:
         raise ValueError(f"{what} spec {spec!r}: an import path must look like 'package.module:function'")
-    obj: Any = import_named_module(module_name, f"{what} spec {spec!r}")
+    try:
+        obj: Any = import_named_module(module_name, f"{what} spec {spec!r}")
+    except ValueError:
+        if not (module_name.endswith(".py") or "/" in module_name or "\\" in module_name):
+            raise
+        file = Path(module_name)  # a file and a function, as verl names a custom reward
+        raise ValueError(f"{what} spec {spec!r}: name the module by its import path, not by its file: "
+                         f"'{file.stem}:{attr_path}' finds {file.name} in the working directory"
+                         + (f" (or, from anywhere, with {file.parent} on PYTHONPATH)" if str(file.parent) != "." else "")
+                         ) from None
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)
