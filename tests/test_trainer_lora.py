@@ -202,6 +202,32 @@ def test_resume_refuses_a_moved_base_model(tmp_path, tiny_model_dir, arithmetic_
         Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True)
 
 
+def test_resume_warns_when_the_base_model_was_replaced_in_place(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                 parity_reward):
+    """Same model.path, other weights in it (another model saved over it): the adapters would sit on another base, and
+    the resumed run says so; the same files again (copied elsewhere and back) say nothing."""
+    import shutil
+    import warnings
+
+    from entrorl.lab.tiny_model import save_tiny_model
+
+    train, _ = arithmetic_files
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    settings = lora_config(base, train, parity_reward)
+    Trainer(load_config(settings), run_dir=tmp_path / "run").train()
+    settings["optim"]["steps"] = 3
+    shutil.copytree(base, tmp_path / "kept")
+    shutil.rmtree(base)
+    shutil.copytree(tmp_path / "kept", base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True).close()
+    save_tiny_model(base, seed=1, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+    with pytest.warns(UserWarning, match=r"the model in model.path \(.*\) is not the one step_000002 was trained with: "
+                                         r"its weight files changed since, and the LoRA adapters' base model is read"):
+        Trainer(load_config(settings), run_dir=tmp_path / "run", resume=True).close()
+
+
 def test_resume_may_change_which_checkpoints_hold_the_merged_model(tmp_path, tiny_model_dir, arithmetic_files,
                                                                     parity_reward):
     """model.lora.merged only decides which checkpoints hold the merged model/: a checkpoint setting, as the refusal

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -257,6 +258,31 @@ def software_changes(saved: dict[str, str] | None) -> list[tuple[str, str, str]]
         return []
     now = software_versions()
     return [(name, saved[name], now[name]) for name in now if name in saved and saved[name] != now[name]]
+
+
+_FINGERPRINT_EDGE = 1 << 20  # bytes read from each end of a weight file
+
+
+def model_fingerprint(model_dir: Path) -> str | None:
+    """A digest of the model directory's configuration and weight files (each one's name, size, and first and last
+    MiB: a different model's weights differ there, and a multi-GB file is not read whole), which a resumed run compares
+    with its checkpoint's, since LoRA adapters and the ``kl_ref`` reference are read from ``model.path`` again; None
+    when the folder cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        files = sorted(path for path in Path(model_dir).iterdir() if path.is_file() and (
+            path.name == "config.json" or path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json")))
+        for path in files:
+            size = path.stat().st_size
+            digest.update(f"{path.name}\0{size}\0".encode())
+            with path.open("rb") as handle:
+                digest.update(handle.read(_FINGERPRINT_EDGE))
+                if size > _FINGERPRINT_EDGE:
+                    handle.seek(max(_FINGERPRINT_EDGE, size - _FINGERPRINT_EDGE))
+                    digest.update(handle.read())
+    except OSError:
+        return None
+    return digest.hexdigest() if files else None
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:

@@ -66,6 +66,7 @@ from entrorl.trainer.checkpoint import (
     load_trainer_state,
     check_run_directory_writable,
     lock_run_directory,
+    model_fingerprint,
     remove_temporary_files,
     restore_rng_state,
     save_checkpoint,
@@ -174,6 +175,17 @@ class Trainer:
         self.resume_changes = self._check_resume_changes(saved_state) if saved_state is not None else []
         # (package, checkpoint's version, this process's): a resume then need not reproduce an uninterrupted run
         self.software_changes = software_changes(saved_state.get("software")) if saved_state is not None else []
+        # adapters and the reference are read from model.path again: the model there must be the one they were read from
+        reads_model_path = config.needs_reference() or config.model.lora is not None
+        self.base_model_fingerprint = model_fingerprint(Path(config.model.path)) if reads_model_path else None
+        saved_fingerprint = saved_state.get("base_model") if saved_state is not None else None
+        if saved_fingerprint and self.base_model_fingerprint and saved_fingerprint != self.base_model_fingerprint:
+            read = [what for what, reads in (("the LoRA adapters' base model", config.model.lora is not None),
+                                             ("the kl_ref reference", config.needs_reference())) if reads]
+            warnings.warn(f"the model in model.path ({config.model.path}) is not the one {checkpoint.name} was trained "
+                          f"with: its weight files changed since, and {' and '.join(read)} "
+                          f"{'are' if len(read) > 1 else 'is'} read from it; the run continues on the model there now",
+                          stacklevel=2)
         self._seed_everything(config.seed)
 
         # what cannot fail late: data and reward before any model loads
@@ -518,6 +530,7 @@ class Trainer:
             "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
             "config": with_resolved_paths(self.config.model_dump(mode="json")),  # what these steps were trained with
             "software": software_versions(),
+            "base_model": self.base_model_fingerprint,  # model.path's files, when adapters or the reference read it
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
