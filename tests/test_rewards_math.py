@@ -1093,3 +1093,23 @@ def test_the_registry_names_every_place_math_and_exact_match_look_for_an_answer(
     for reward in ("math", "exact_match"):
         assert all(place in descriptions[reward] for place in ("\\boxed{}", "<answer>", "'the answer is'", "####",
                                                                "last number")), descriptions[reward]
+
+
+@pytest.mark.parametrize(("completion", "reference", "score", "reason"), [
+    (r"\boxed{\binom{-10^6}{999999}}", "1", 0.0, "too large to evaluate (a binomial coefficient"),  # -C(1999998, 999999)
+    (r"\boxed{\binom{1000000}{-500000}}", "0", 1.0, ""),  # a negative bottom: 0, whatever the top
+    (r"\boxed{\binom{10^{400}}{1}}", "10^{400}", 1.0, ""),  # a huge top, a small coefficient
+    (r"\boxed{\binom{1000!}{1}}", "1000!", 1.0, ""),
+    (r"\boxed{\sum_{k=1}^{2} 2^{10^{9} k}}", "1", 0.0, "too large to evaluate (an exponent above"),  # its term, at k = 2
+    (r"\boxed{\prod_{k=1}^{999} k^{k^2}}", "1", 0.0, "too large to evaluate (an exponent above"),
+    (r"\boxed{\sum_{j=1}^{999}\sum_{k=1}^{999} k^j}", "1", 0.0, "too large to evaluate (sums or products of more than"),
+    (r"\boxed{\sum_{j=1}^{10}\sum_{k=1}^{j} k}", "220", 1.0, ""),  # an inner range that depends on the outer index
+])
+def test_binomials_sums_and_products_are_sized_by_their_values_and_their_terms(reward, completion, reference, score,
+                                                                             reason):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(reward("", completion, reference)), daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+    assert float(out[0]) == score and reason in (out[0].reason or "")

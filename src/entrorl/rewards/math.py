@@ -98,6 +98,7 @@ bound the time.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -760,13 +761,27 @@ _MAX_TERMS = 1_000  # of a sum or product with numeric limits, as many as the la
 _PARSE_TIME_EVALUATED_RE = re.compile(r"\\(?:[dt]?binom|choose|Gamma)(?![a-zA-Z])")
 
 
-def _binomial_bits(n: float, k: float) -> float:
-    """An upper bound on the bits of ``C(n, k)``: ``min(n, k' log2 n)`` with ``k' = min(k, n - k)`` (0 when ``k``
-    is outside ``[0, n]``, where the coefficient is 0)."""
-    if not 0 <= k <= n:
+def _binomial_bits(n: Any, k: Any) -> float:
+    """An upper bound on the bits of sympy's ``C(n, k)`` for numbers ``n`` and ``k`` already checked by
+    :func:`_check_size`. An integer ``k >= 0`` makes it a product of ``k`` factors: for an integer ``n >= 0``,
+    ``min(n, k' log2 n)`` with ``k' = min(k, n - k)`` (0 when ``k > n``); for a negative integer, whose coefficient
+    is ``(-1)^k C(|n| + k - 1, k)``, ``k log2(|n| + k)``; for any other ``n``, ``k`` times the bits of ``|n| + k``
+    and of ``n``'s denominator. Any other ``k`` costs nothing: the coefficient is 0 (``k < 0``) or Gamma values in
+    floating point."""
+    import sympy
+
+    n, k = sympy.sympify(n), sympy.sympify(k)
+    if not k.is_integer or k.is_negative:
         return 0.0
-    smaller = min(k, n - k)
-    return min(n, smaller * math.log2(max(n, 2.0)))
+    factors = int(k)
+    if n.is_integer:
+        top = int(n)
+        if top >= 0:
+            smaller = min(factors, top - factors)
+            return 0.0 if smaller < 0 else float(min(top, smaller * max(top.bit_length(), 1)))
+        return float(factors * (factors - top).bit_length())
+    denominator = int(n.q).bit_length() if n.is_Rational else 0
+    return factors * (math.log2(_magnitude(n) + factors + 2) + denominator)
 
 
 def _closing(s: str, start: int, opening: str, closing: str) -> int:
@@ -811,17 +826,19 @@ def _enclosing_group(s: str, start: int, end: int) -> tuple[str, str]:
     return s[left:start], s[end:right]
 
 
-def _operand_value(text: str) -> float | None:
-    """``|text|`` when the operand ``text`` is a number (its own parts checked first), else None."""
+def _operand_value(text: str) -> Any:
+    """The operand ``text`` as a sympy number when it is one (its own parts checked first), else None."""
+    import sympy
+
     stripped = text.strip()
     if re.fullmatch(r"\+?\d+", stripped):
-        if len(stripped) > 300:  # float() of it would overflow
-            raise _TooLarge("an integer of more than 300 digits")
-        return float(stripped)
+        with contextlib.suppress(ValueError):  # beyond Python's digits for an int: the parser cannot read it either
+            return sympy.Integer(int(stripped))
+        return None
     for item in _parse_latex(stripped):
         if not isinstance(item, str):
             _check_size(item)
-            return _magnitude(item) if getattr(item, "is_number", False) else None
+            return item if getattr(item, "is_number", False) else None
     return None
 
 
@@ -833,7 +850,7 @@ def _check_parse_time_sizes(s: str) -> None:
         command = match[0]
         if command == "\\Gamma":
             argument = _operand_value(_argument_after(s, match.end())[0])
-            if argument is not None and argument > _MAX_FACTORIAL + 1:
+            if argument is not None and _magnitude(argument) > _MAX_FACTORIAL + 1:
                 raise _TooLarge(f"a factorial above {_MAX_FACTORIAL}")
             continue
         if command == "\\choose":
@@ -851,19 +868,20 @@ def _magnitude(expr: Any) -> float:
     return float(abs(complex(expr.evalf(15))))
 
 
-def _check_size(expr: Any) -> None:
+def _check_size(expr: Any, terms: float = 1.0) -> None:
     """Raise :class:`_TooLarge` if evaluating sympy ``expr`` could build an enormous integer: a power of
     a number other than +-1 (or 0) to an exponent above ``_MAX_EXPONENT`` or whose value would take more than
     ``_MAX_POWER_BITS`` bits (its inner powers checked first, so towers are caught), a factorial (or Gamma value)
-    above ``_MAX_FACTORIAL``'s, a binomial coefficient of more than ``_MAX_BINOMIAL_BITS`` bits, or a sum or product
-    over more than ``_MAX_TERMS`` values of its index. Inner expressions are checked before they are evaluated, so ``2^{3^{20}}`` is
-    refused without computing ``3^{20}`` twice over and ``(3!)!`` is accepted."""
+    above ``_MAX_FACTORIAL``'s, a binomial coefficient of more than ``_MAX_BINOMIAL_BITS`` bits, or sums and products
+    of more than ``_MAX_TERMS`` terms in all (``terms``: those of the sums ``expr`` stands in) or with a term too
+    large at one end of their indices' ranges. Inner expressions are checked before they are evaluated, so
+    ``2^{3^{20}}`` is refused without computing ``3^{20}`` twice over and ``(3!)!`` is accepted."""
     import sympy
 
     if not isinstance(expr, sympy.Basic):
         return
     for argument in expr.args:
-        _check_size(argument)
+        _check_size(argument, terms)
     if isinstance(expr, sympy.Pow):
         base, exponent = expr.args
         if exponent.is_number and base.is_number and _magnitude(base) not in (0.0, 1.0):
@@ -884,13 +902,30 @@ def _check_size(expr: Any) -> None:
             raise _TooLarge(f"a factorial above {_MAX_FACTORIAL}")
     elif isinstance(expr, sympy.binomial):
         top, bottom = expr.args
-        if top.is_number and bottom.is_number and _binomial_bits(_magnitude(top), _magnitude(bottom)) > _MAX_BINOMIAL_BITS:
+        if top.is_number and bottom.is_number and _binomial_bits(top, bottom) > _MAX_BINOMIAL_BITS:
             raise _TooLarge(f"a binomial coefficient of more than {_MAX_BINOMIAL_BITS} bits")
     elif isinstance(expr, (sympy.Sum, sympy.Product)):
-        for _, lower, upper in expr.limits:  # an infinite series is summed by formula, not term by term
-            span = upper - lower
-            if span.is_number and span.is_finite and _magnitude(span) >= _MAX_TERMS:
-                raise _TooLarge(f"a sum or product of more than {_MAX_TERMS} terms")
+        _check_series(expr, terms)
+
+
+def _check_series(series: Any, terms: float) -> None:
+    """:func:`_check_size` of a sum or product inside ``terms`` terms of outer ones: its terms count with theirs, and
+    its term is checked with each index at either end of its range (unevaluated: ``k^{k^2}`` at ``k = 999`` is a power
+    to check, not to compute). An infinite or symbolic range is summed by formula, not term by term."""
+    import sympy
+
+    ends: list[dict[Any, Any]] = [{}]
+    for index, lower, upper in series.limits:
+        span = upper - lower
+        if span.is_number and span.is_finite:
+            terms *= _magnitude(span) + 1
+            ends = [{**chosen, index: bound} for chosen in ends for bound in (lower, upper)]
+    if terms > _MAX_TERMS:
+        raise _TooLarge(f"sums or products of more than {_MAX_TERMS} terms")
+    for chosen in ends if len(ends) > 1 else []:
+        with sympy.evaluate(False):
+            term = series.function.xreplace(chosen)
+        _check_size(term, terms)
 
 
 # --------------------------------------------------------------------------------------------
