@@ -1417,12 +1417,35 @@ def test_a_score_just_below_the_threshold_is_not_correct_though_float32_rounds_i
     assert not picked.correct_at(threshold).any() and picked.correct_at(score).all()
 
 
-@pytest.mark.parametrize(("spec", "said"), [
-    ("my_rewards.py:score", "'my_rewards:score' finds my_rewards.py in the working directory"),
-    ("./my_rewards.py:score", "'my_rewards:score' finds my_rewards.py in the working directory"),
-    ("some/folder/my_rewards.py:score", "(or, from anywhere, with some/folder on PYTHONPATH)"),
+@pytest.mark.parametrize(("spec", "written"), [
+    ("my_rewards.py:score", "my_rewards:score"),
+    ("./my_rewards.py:score", "my_rewards:score"),
+    ("some/folder/my_rewards.py:score", "some.folder.my_rewards:score"),
+    ("{cwd}/some/folder/my_rewards.py:score", "some.folder.my_rewards:score"),
+    ("pkg/__init__.py:score", "pkg:score"),
 ])
-def test_a_reward_named_by_its_file_is_refused_with_the_import_path_to_write(spec, said):
-    """verl names a custom reward by file and function; entrorl by import path: the error gives the one to write."""
-    with pytest.raises(ValueError, match="name the module by its import path, not by its file: " + ".*" + re.escape(said)):
-        check_reward_spec(spec)
+def test_a_reward_named_by_its_file_is_refused_with_the_import_path_to_write(tmp_path, monkeypatch, spec, written):
+    """verl names a custom reward by file and function; entrorl by import path: the error gives the one to write,
+    and that one imports the reward from the working directory."""
+    for folder in (tmp_path / "some" / "folder", tmp_path, tmp_path / "pkg"):
+        folder.mkdir(parents=True, exist_ok=True)
+    source = "def score(prompt, completion, answer, **meta):\n    return 1.0\n"
+    (tmp_path / "some" / "folder" / "my_rewards.py").write_text(source)
+    (tmp_path / "my_rewards.py").write_text(source)
+    (tmp_path / "pkg" / "__init__.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [name for name in sys.modules if name.split(".")[0] in ("some", "my_rewards", "pkg")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ValueError, match="name the module by its import path, not by its file: "
+                                         + re.escape(f"'{written}' (from the working directory)")):
+        check_reward_spec(spec.format(cwd=tmp_path))
+    check_reward_spec(written)
+
+
+def test_a_reward_file_outside_the_working_directory_is_named_with_its_folder_for_pythonpath(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(ValueError, match=re.escape(f"'my_rewards:score' with {tmp_path / 'elsewhere'} on PYTHONPATH")):
+        check_reward_spec(f"{tmp_path}/elsewhere/my_rewards.py:score")

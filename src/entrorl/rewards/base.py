@@ -191,6 +191,22 @@ def import_named_module(module_name: str, what: str) -> Any:
         raise ValueError(f"{what}: cannot import module {module_name!r} ({kind}: {exc})") from exc
 
 
+def _import_path_of_file(file: Path, attribute: str) -> str:
+    """The spec that imports ``attribute`` of the Python file ``file``: its dotted path from the working directory when
+    the file is under it (a package's ``__init__.py`` by the package's), else its name with its folder on PYTHONPATH."""
+    path = Path(os.path.abspath(file))
+    parts = list(path.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    try:
+        dotted = ".".join(Path(*parts).relative_to(os.getcwd()).parts)
+    except ValueError:  # outside the working directory
+        dotted = ""
+    if dotted:
+        return f"'{dotted}:{attribute}' (from the working directory)"
+    return f"'{parts[-1]}:{attribute}' with {Path(*parts).parent} on PYTHONPATH"
+
+
 def import_callable(spec: str, what: str = "reward") -> Any:
     """The callable named by an import path ``'package.module:attribute'`` (dotted attributes allowed);
     ValueError naming ``what`` (reward, judge, embedder) and what went wrong."""
@@ -203,11 +219,8 @@ def import_callable(spec: str, what: str = "reward") -> Any:
     except ValueError:
         if not (module_name.endswith(".py") or "/" in module_name or "\\" in module_name):
             raise
-        file = Path(module_name)  # a file and a function, as verl names a custom reward
         raise ValueError(f"{what} spec {spec!r}: name the module by its import path, not by its file: "
-                         f"'{file.stem}:{attr_path}' finds {file.name} in the working directory"
-                         + (f" (or, from anywhere, with {file.parent} on PYTHONPATH)" if str(file.parent) != "." else "")
-                         ) from None
+                         + _import_path_of_file(Path(module_name), attr_path)) from None
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)
