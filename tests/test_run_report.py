@@ -1117,3 +1117,15 @@ def test_skipped_updates_are_said_and_a_run_that_never_updated_is_called_so(tmp_
     clean = write_run(tmp_path / "clean", [{**r, "train/updates": 2.0, "train/skipped_updates": 0.0} for r in records])
     write_run_report(clean, figures=False)
     assert "skipped updates" not in (clean / "report" / "report.md").read_text()
+
+
+def test_a_trl_run_s_entropy_is_the_global_one_not_the_main_process_s(tmp_path):
+    """Under data parallelism the plugin's entropy/mean is the main process's micro-batch's, its entropy the token mean
+    over every process: the report's entropy (start, end, the law's fit) is the global one."""
+    history = [{"step": step, "reward": 0.1 * step, "entropy": 2.0 - 0.1 * step, "entropy/mean": 5.0 - 0.1 * step}
+               for step in range(1, 11)]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 10, "max_steps": 10, "log_history": history}))
+    report = write_run_report(tmp_path, out=tmp_path / "report", figures=False)
+    summary = {row["quantity"]: row["value"] for row in report["summary"]["values"]}
+    start = next(value for quantity, value in summary.items() if quantity.startswith("entropy start"))
+    assert start == pytest.approx(1.9)

@@ -154,8 +154,9 @@ def trainer_state_file(run_dir: Path) -> Path | None:
 
 def _log_history_records(state: Any) -> list[dict[str, Any]]:
     """The training entries of a ``trainer_state.json``'s log history (``state``, the file's content) as step records:
-    TRL's ``reward`` and ``entropy`` stand for ``reward/mean`` and ``entropy/mean`` where the entrorl plugin's
-    diagnostics did not log those; evaluation entries and the closing summary are left out."""
+    TRL's ``reward`` stands for ``reward/mean`` where the entrorl plugin's diagnostics did not log it, and ``entropy``,
+    the token mean over every process, for ``entropy/mean``, which under data parallelism is the main process's
+    micro-batch's alone; evaluation entries and the closing summary are left out."""
     history = state.get("log_history") if isinstance(state, dict) else None
     records = []
     for entry in history if isinstance(history, list) else []:
@@ -163,9 +164,10 @@ def _log_history_records(state: Any) -> list[dict[str, Any]]:
                 or any(str(key).startswith("eval_") for key in entry)):
             continue
         record = dict(entry)
-        for ours, theirs in (("reward/mean", "reward"), (ENTROPY_KEY, "entropy")):
-            if ours not in record and theirs in record:
-                record[ours] = record[theirs]
+        if "reward/mean" not in record and "reward" in record:
+            record["reward/mean"] = record["reward"]
+        if "entropy" in record:  # the plugin's global token mean; its entropy/mean is the main process's micro-batch's
+            record[ENTROPY_KEY] = record["entropy"]
         records.append(record)
     return sorted(records, key=lambda record: float(record["step"]))
 
