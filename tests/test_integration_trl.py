@@ -1074,6 +1074,27 @@ def test_a_head_subclassing_linear_is_not_fused_by_default(tokenizer, tmp_path):
     assert not trainer._uses_fused_head(trainer.model)
 
 
+def test_the_head_is_not_fused_when_fsdp_or_zero3_shard_the_parameters(tokenizer, tmp_path, monkeypatch):
+    """Outside the forward a process holds its shard of lm_head.weight alone: the model's own logits are used, and
+    fused_head=True is refused."""
+    from types import SimpleNamespace
+
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo")
+    assert trainer._uses_fused_head(trainer.model)
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    assert not trainer._uses_fused_head(trainer.model)
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", False)
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+    state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))
+    monkeypatch.setattr(trainer.accelerator, "state", state)
+    assert trainer._uses_fused_head(trainer.model)  # ZeRO-2 shards the optimizer's state, not the weights
+    state.deepspeed_plugin.zero_stage = 3
+    assert not trainer._uses_fused_head(trainer.model)
+    monkeypatch.setattr(EntropyGRPOTrainer, "_parameters_are_sharded", lambda self: True)
+    with pytest.raises(ValueError, match="fused_head=True reads lm_head.weight outside the model's forward"):
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo", fused_head=True)
+
+
 def test_a_processor_that_takes_images_is_refused_when_the_trainer_is_built(tokenizer, tmp_path):
     import copy
 

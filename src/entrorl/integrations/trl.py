@@ -428,7 +428,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
         fused_head: compute the statistics from the final hidden states and the LM-head weight without building
             the logits; ``None`` = when the architecture's logits are exactly ``hidden @ W^T`` (Qwen2/3, Llama, ...).
             A head that is not a plain ``nn.Linear`` (an adapter on ``lm_head``) is not fused by default; ``True``
-            would read its base weight alone.
+            would read its base weight alone. Nor are parameters that FSDP or DeepSpeed ZeRO-3 shard, whose weight
+            a process holds a shard of outside the forward (``True`` is refused there).
         diagnostics: append entrorl's entropy / S / D / covariance statistics to the logged metrics (the objective's
             own metrics, clipping and selection fractions, are logged either way).
 
@@ -470,6 +471,10 @@ class EntropyGRPOTrainer(GRPOTrainer):
         if objective is not None:  # without one the loss is TRL's own loss_type, as GRPOTrainer's
             self._warn_on_advantage_mismatch()
         self._warn_on_low_precision_head()
+        if fused_head and self._parameters_are_sharded():
+            raise ValueError("fused_head=True reads lm_head.weight outside the model's forward, where FSDP and DeepSpeed "
+                             "ZeRO-3 hold only this process's shard of it; leave fused_head to None (the model's own "
+                             "logits are used)")
         self.fused_head = fused_head
         self.diagnostics = diagnostics
 
@@ -579,9 +584,19 @@ class EntropyGRPOTrainer(GRPOTrainer):
             self.objective.load_state_dict(torch.load(path, weights_only=True) if os.path.exists(path) else {})
 
     # ------------------------------------------------------------------------------------------------ scoring
+    def _parameters_are_sharded(self) -> bool:
+        """Whether FSDP or DeepSpeed ZeRO-3 shards the parameters over the processes (outside a forward each process
+        holds its shard alone)."""
+        if getattr(self, "is_fsdp_enabled", False):
+            return True
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if getattr(self, "is_deepspeed_enabled", False) else None
+        return getattr(plugin, "zero_stage", None) == 3
+
     def _uses_fused_head(self, model: torch.nn.Module) -> bool:
         if self.fused_head is not None:
             return self.fused_head
+        if self._parameters_are_sharded():
+            return False
         unwrapped = self.accelerator.unwrap_model(model)
         # a head that is not a plain nn.Linear (a LoRA adapter on lm_head, ...) computes more than hidden @ W^T
         if type(unwrapped.get_output_embeddings()) is not torch.nn.Linear:
