@@ -1089,13 +1089,19 @@ def test_a_trl_run_continued_after_save_state_is_read_from_its_newer_checkpoint(
     ('{"method": "grpo", "optim": {"steps": 3', "its config.json cannot be read as JSON"),
     (json.dumps({"model_type": "qwen2", "hidden_size": 32}), "its config.json is a model's configuration"),
     (json.dumps({"note": "hand-written"}), "its config.json names no training method"),
+    ("null", "its config.json holds null"),
+    ("[1, 2]", "its config.json holds a JSON list, not an object"),
+    (None, "its config.json is a folder"),
 ])
 def test_a_folder_whose_config_json_is_not_a_run_s_is_refused_saying_why(tmp_path, written, said):
     """A config.json cut short, a model's, or another file of that name: the error says what is wrong with it, rather
     than that the folder holds no config.json."""
     from entrorl.analysis.run_report import NotARunDirectory
 
-    (tmp_path / "config.json").write_text(written)
+    if written is None:
+        (tmp_path / "config.json").mkdir()
+    else:
+        (tmp_path / "config.json").write_text(written)
     with pytest.raises(NotARunDirectory, match=re.escape(f"holds no metrics.jsonl or trainer_state.json, and {said}")):
         write_run_report(tmp_path, out=tmp_path / "report", figures=False)
 

@@ -134,6 +134,23 @@ class _TrainingRun(MetricRecords):
         return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 
+def _what_is_wrong_with_config(path: Path, content: Any) -> str:
+    """Why the ``config.json`` at ``path`` (read as ``content``, None when it could not be) is not a training run's."""
+    if path.is_dir():
+        return "is a folder"
+    if content is None:
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except OSError as error:
+            return f"cannot be read ({error.strerror or error})"
+        except ValueError:
+            return "cannot be read as JSON (a write cut short, or a hand edit?)"
+        return "holds null"
+    if not isinstance(content, dict):
+        return f"holds a JSON {type(content).__name__}, not an object"
+    return "is a model's configuration" if "model_type" in content else "names no training method"
+
+
 def trainer_state_file(run_dir: Path) -> Path | None:
     """The transformers Trainer's ``trainer_state.json`` in ``run_dir`` that went furthest (the highest
     ``global_step``): its own (``save_state``), or that of one of its ``checkpoint-<N>`` folders (the folder may be
@@ -676,9 +693,7 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
         writers = ("(`entrorl train ... --run-dir DIR` writes one; so does TRL's GRPOTrainer with the entrorl plugin, in "
                    "its output_dir)")
         if (run_dir / "config.json").exists():
-            said = ("cannot be read as JSON (a write cut short, or a hand edit?)" if config is None
-                    else "is a model's configuration" if isinstance(config, dict) and "model_type" in config
-                    else "names no training method")
+            said = _what_is_wrong_with_config(run_dir / "config.json", config)
             raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl or trainer_state.json, and its config.json {said}: "
                                    f"not a training run directory {writers}")
         raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl, config.json or trainer_state.json: not a training run "
