@@ -1116,6 +1116,22 @@ def test_a_later_methods_own_surrogate_is_set_aside_with_a_warning_unless_the_us
     assert [str(w.message).split(" after")[0] for w in caught] == ["'kl_cov'", "'clip_cov'"]
 
 
+@pytest.mark.parametrize("first", ["kl_cov", "gspo", "rft"])
+def test_the_surrogate_the_set_aside_warning_offers_is_the_later_method_s_own_with_its_parameters(first):
+    """After a method with another surrogate, Clip-Cov's own is PPO-clip at 1/1, not PPO-clip's defaults: the
+    warning's advice names those parameters, and following it builds Clip-Cov's surrogate, silently."""
+    import ast
+
+    with pytest.warns(UserWarning, match=r"'surrogate': \{'name': 'ppo_clip', 'clip_ratio_low': 1.0, "
+                                         r"'clip_ratio_high': 1.0\}") as caught:
+        build_objective(f"{first}+clip_cov")
+    offered = ast.literal_eval(re.search(r"'surrogate': (\{.*?\})\}", str(caught[0].message))[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        followed = build_objective({"method": f"{first}+clip_cov", "surrogate": offered})
+    assert followed.describe()["surrogate"] == build_objective("clip_cov").describe()["surrogate"]
+
+
 def test_selectors_that_together_keep_no_token_are_refused():
     """forking_tokens keeps the top rho_f of the entropies, low_entropy_tokens the bottom 1 - rho_l: with
     rho_f <= rho_l nothing is left to train; with rho_f > rho_l the band between them is."""

@@ -408,9 +408,12 @@ def _warn_surrogate_set_aside(name: str, own: PartRef, used: PartRef, *, first: 
         told = (f"'{name}' after '{first}' trains with {first}'s {ours}, not its own {theirs}: the first method of a "
                 f"composition gives the surrogate; pass {theirs} to train with {name}'s")
     else:
+        defaults = make_part("surrogate", own[0], {}).params()
+        differ = {key: value for key, value in own[1].items() if defaults.get(key) != value}
+        named = repr({"name": own[0], **differ}) if differ else repr(own[0])  # with the recipe's own parameters
         told = (f"'{name}' after '{first}' trains with {first}'s surrogate '{used[0]}', not its own '{own[0]}': the "
                 f"first method of a composition gives the surrogate; name the surrogate in the config "
-                f"({{'method': ..., 'surrogate': '{own[0]}'}}) to train with {name}'s")
+                f"({{'method': ..., 'surrogate': {named}}}) to train with {name}'s")
     warnings.warn(told + " (setting the surrogate's parameters silences this)", SurrogateSetAsideWarning, stacklevel=3)
 
 
