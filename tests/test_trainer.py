@@ -1170,6 +1170,7 @@ def test_a_later_method_paired_with_other_advantages_is_warned_about(tmp_path, a
         warnings.simplefilter("error")
         assert load_config(base, ["method=dapo+psr", "advantage.name=psr"]).advantage_estimator() == "psr"
         assert load_config(base, ["method=dapo+clip_b+forking_tokens"]).advantage_estimator() == "grpo"
+        assert load_config(base, ["method=dr_grpo+forking_tokens"]).advantage_estimator() == "dr_grpo"
         listed = load_config({**base, "method": ["dapo", "clip_b"]})  # a list of names is their composition
         assert (listed.method, listed.method_names()) == ("dapo+clip_b", ["dapo", "clip_b"])
         assert load_config(base, ["method=[dapo, clip_b]"]).method == "dapo+clip_b"

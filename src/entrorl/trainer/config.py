@@ -615,7 +615,8 @@ class TrainConfig(_Section):
                 ConfigWarning, stacklevel=2)
         if self.advantage.name is None:
             unpaired = [(name, get_method(name).advantage_estimator) for name in self.method_names()[1:]]
-            unpaired = [(name, paired) for name, paired in unpaired if paired != estimator]
+            # grpo is every method's estimator unless it has its own: a later method on grpo asks for nothing else
+            unpaired = [(name, paired) for name, paired in unpaired if paired not in (estimator, "grpo")]
             if unpaired:
                 pairs = ", ".join(f"{name!r} is paired with {paired!r}" for name, paired in unpaired)
                 warnings.warn(
