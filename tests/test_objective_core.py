@@ -1208,6 +1208,14 @@ def test_the_refusal_of_a_surrogate_only_method_says_what_would_work():
     with pytest.raises(ValueError, match="choose one of 'dapo' and 'cispo'") as refused:
         build_objective("dapo+cispo")
     assert "first" not in str(refused.value).split(";")[-1]  # 'cispo+dapo' is refused as well: no such advice
+    # in a configuration, the same settings under params
+    with pytest.raises(ValueError, match=re.escape("(in a configuration: method: {method: dapo, params: {clip_ratio_c: 3.0}})")):
+        build_objective("dapo+dual_clip")
+    assert build_objective({"method": "dapo", "params": {"clip_ratio_c": 3.0}}).surrogate.clip_ratio_c == 3.0
+    # a later method on grpo's advantages, every method's default, brings no advantages of its own to train with
+    with pytest.raises(ValueError) as refused:
+        build_objective("w_reinforce+dual_clip")
+    assert "for its advantages" not in str(refused.value) and "put 'dual_clip' first" in str(refused.value)
 
 
 @pytest.mark.parametrize("later, estimator", [("unlikely_reward", "unlikely"), ("passk_advantage", "passk")])

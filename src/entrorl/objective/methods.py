@@ -361,7 +361,8 @@ def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Compositi
     described = ", ".join(f"{key}={value!r}" for key, value in settings.items())
     options = []
     estimator, first_estimator = get_method(name).advantage_estimator, get_method(first).advantage_estimator
-    if estimator != first_estimator:  # what such a method brings may be its advantages (Dr. GRPO's, pass@k's)
+    # what such a method brings may be its advantages (Dr. GRPO's, pass@k's); grpo is every method's default
+    if estimator not in (first_estimator, "grpo"):
         options.append(f"for its advantages, train '{so_far}' with the '{estimator}' advantage estimator (a trainer's "
                        f"advantage.name)")
     if not _only_a_surrogate(_spec_refs(get_method(first))):  # a first method that is only a surrogate cannot follow
@@ -380,7 +381,9 @@ def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Compositi
             if "loss_agg_mode" not in changed and aggregation not in (None, comp.loss_agg_mode):
                 kept = (f" (it keeps the aggregation of '{first}', {comp.loss_agg_mode!r}; add "
                         f"loss_agg_mode={aggregation!r} for that of '{name}')")
-            options.append(f"give the composition the settings that differ: build_objective('{so_far}', {advice}){kept}")
+            in_yaml = ", ".join(f"{key}: {value}" for key, value in changed.items())
+            options.append(f"give the composition the settings that differ: build_objective('{so_far}', {advice}){kept}"
+                           f" (in a configuration: method: {{method: {so_far}, params: {{{in_yaml}}}}})")
     if not options:
         options.append(f"choose one of '{first}' and '{name}': both are a surrogate alone")
     raise ValueError(
