@@ -1237,6 +1237,7 @@ def test_string_list_and_dict_compositions_agree():
         build_objective({"method": "dapo+clip_b+forking_tokens"}),
         build_objective({"method": ["dapo", "clip_b", "forking_tokens"]}),
         build_objective(ObjectiveConfig(method="dapo + clip_b + forking_tokens")),
+        build_objective(["dapo+clip_b", "forking_tokens"]),
     ]
     described = [o.describe() for o in variants]
     assert all(d == described[0] for d in described)

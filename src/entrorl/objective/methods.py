@@ -154,6 +154,8 @@ class ObjectiveConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _no_empty_names(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list):  # ["dapo+clip_b", "forking_tokens"] is dapo+clip_b+forking_tokens
+            value = [part for name in value for part in str(name).split("+")]
         names = value.split("+") if isinstance(value, str) else value
         if names is not None and (not names or any(not str(name).strip() for name in names)):
             raise ValueError(f"method {value!r} has an empty name: write methods joined by '+', such as 'dapo+clip_b' "
