@@ -1470,6 +1470,12 @@ def test_lopti_weight_mean_is_over_the_valid_tokens():
     assert out.metrics["shape/lopti_weight_mean"] == pytest.approx(weight[case.mask].mean(), rel=1e-12)
 
 
+def test_positive_scale_reports_the_share_of_valid_tokens_it_scaled():
+    case = random_case(63, torch.float64, shape=(4, 10), lengths=[10, 4, 6, 5])
+    out = build_objective("w_reinforce")(case.batch())
+    advantages = np.broadcast_to(case.arrays["advantages"], case.mask.shape)
+    assert out.metrics["shape/positive_scale_frac"] == pytest.approx((advantages[case.mask] > 0).mean(), rel=1e-12)
+
 
 def test_entropy_advantage_metrics_are_over_the_valid_tokens():
     """shape/entropy_advantage_bonus and _capped_frac are means over the valid tokens: padding (A = 0 there, H = 1e6)

@@ -69,4 +69,6 @@ class PositiveScale(Shaper):
     lam: float = Field(0.1, ge=0.0, description="lambda = 0.1 (arXiv 2506.01347, Eq. 9)")
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> torch.Tensor:
-        return torch.where(advantages > 0, advantages * self.lam, advantages)
+        positive = advantages > 0
+        metrics["shape/positive_scale_frac"] = float(masked_mean(positive.to(advantages.dtype), batch.mask))
+        return torch.where(positive, advantages * self.lam, advantages)
