@@ -3481,6 +3481,21 @@ def test_methods_with_a_composition_names_the_advantages_its_training_uses():
         assert json.loads(described.output)["advantage_estimator"] == config.advantage_estimator() == expected
 
 
+def test_methods_says_what_a_later_method_trains_with_when_its_own_surrogate_is_set_aside():
+    """dapo+clip_cov trains Clip-Cov with DAPO's clip range, not its recipe's 1/1: `entrorl methods` says so beside
+    clip_cov (and in --json), and says nothing of the kind for a composition that sets nothing aside."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    shown = CliRunner().invoke(app, ["methods", "dapo+clip_cov"])
+    assert shown.exit_code == 0 and "warning" not in shown.output
+    assert "  here: 'clip_cov' after 'dapo' trains with dapo's clip_ratio_low=0.2" in shown.output
+    described = json.loads(CliRunner().invoke(app, ["methods", "dapo+clip_cov", "--json"]).output)
+    assert [entry["in_composition"][:27] for entry in described["methods"]] == ["", "'clip_cov' after 'dapo' tra"]
+    assert "here:" not in CliRunner().invoke(app, ["methods", "dapo+clip_b"]).output
+
+
 def test_version_option_prints_the_installed_version_and_runs_nothing(tmp_path):
     """`entrorl --version` prints the package's version (the one its metadata declares) and exits 0, even when
     a command follows it."""

@@ -864,8 +864,8 @@ def _describe_method(method: str, *, as_json: bool) -> None:
     from entrorl.objective import ObjectiveConfig, SurrogateSetAsideWarning, build_objective, get_method
 
     try:
-        with warnings.catch_warnings():  # a later method's own surrogate set aside: the table shows what is used
-            warnings.simplefilter("ignore", SurrogateSetAsideWarning)
+        with warnings.catch_warnings(record=True) as set_aside:  # said beside the method, not as a warning
+            warnings.simplefilter("always", SurrogateSetAsideWarning)
             objective = build_objective(method)
         specs = [get_method(name) for name in ObjectiveConfig(method=method).method_names()]
     except ValueError as error:
@@ -877,9 +877,12 @@ def _describe_method(method: str, *, as_json: bool) -> None:
         estimator = advantage_info(specs[0].advantage_estimator)
     except ValueError as error:  # a method registered with an estimator that is not
         _fail(f"method {specs[0].name!r}: {error}")
+    # a later method whose own surrogate the first method's replaces: what it trains with in this composition
+    in_composition = {spec.name: next((str(caught.message) for caught in set_aside
+                                       if str(caught.message).startswith(f"'{spec.name}' after ")), "") for spec in specs}
     described = {"name": objective.name,
                  "methods": [{"name": spec.name, "description": spec.description, "paper": spec.paper,
-                              "notes": spec.notes} for spec in specs],
+                              "notes": spec.notes, "in_composition": in_composition[spec.name]} for spec in specs],
                  "loss_agg_mode": objective.loss_agg_mode, "advantage_estimator": estimator.name,
                  "advantage": {"description": estimator.description, "paper": estimator.paper,
                                "params": estimator.params},
@@ -893,6 +896,8 @@ def _describe_method(method: str, *, as_json: bool) -> None:
         out.print(Text.assemble((spec.name, "bold"), f": {spec.description} ({spec.paper})"), soft_wrap=True)
         if spec.notes:
             out.print(Text(f"  {spec.notes}"), soft_wrap=True)
+        if in_composition[spec.name]:
+            out.print(Text(f"  here: {in_composition[spec.name]}"), soft_wrap=True)
     out.print(Text(f"loss aggregation {objective.loss_agg_mode}; advantages {estimator.name} (advantage.name): "
                    f"{estimator.description} ({estimator.paper})"), soft_wrap=True)
     if estimator.params:
