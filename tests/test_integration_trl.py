@@ -1219,7 +1219,7 @@ def test_a_half_precision_model_with_a_float32_head_is_scored_through_the_fused_
 
 
 TWO_PROCESS_RUN = '''
-import json, random, sys
+import json, os, random, sys
 
 import torch
 from datasets import Dataset
@@ -1248,7 +1248,8 @@ def digits(completions, **kwargs):
     return [float(sum(character.isdigit() for character in text)) + 0.1 * len(text) for text in completions]
 
 
-args = GRPOConfig(output_dir=output_dir, use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=4,
+per_device = int(os.environ.get("PER_DEVICE", "4"))
+args = GRPOConfig(output_dir=output_dir, use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=per_device,
                   num_generations=4, max_completion_length=8, logging_steps=1, seed=0, learning_rate=0.5, optim="sgd",
                   max_grad_norm=0.0, lr_scheduler_type="constant", max_steps=steps, save_strategy="steps",
                   save_steps=1, disable_tqdm=True)
@@ -1261,14 +1262,17 @@ rank = trainer.accelerator.process_index
 weights = torch.cat([p.detach().flatten() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()])
 with open(f"{output_dir}/rank{rank}.json", "w") as handle:
     json.dump({"coefficient": trainer.objective.regularizers[0].coefficient, "weights_sum": float(weights.double().sum()),
-               "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]}, handle)
+               "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+               "coefficients": [entry["reg/adaptive_entropy_controller_coeff"] for entry in trainer.state.log_history
+                                if "reg/adaptive_entropy_controller_coeff" in entry]}, handle)
 '''
 
 
 @pytest.mark.slow
-def test_two_processes_each_resume_their_own_adaptive_coefficient_and_continue_as_an_uninterrupted_run(tmp_path):
-    """Under data parallelism (2 CPU processes, gloo) each process's adaptive_entropy coefficient moves on its own
-    micro-batches; a run resumed from a checkpoint continues exactly as the uninterrupted one, on every process."""
+def test_two_processes_move_one_adaptive_coefficient_and_resume_as_an_uninterrupted_run(tmp_path):
+    """Under data parallelism (2 CPU processes, gloo) the adaptive_entropy controller measures both processes' tokens:
+    one coefficient, the one a single process with the same global batch moves; a run resumed from a checkpoint
+    continues exactly as the uninterrupted one, on every process."""
     import os
     import shutil
     import socket
@@ -1285,18 +1289,21 @@ def test_two_processes_each_resume_their_own_adaptive_coefficient_and_continue_a
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false",
            "TRL_EXPERIMENTAL_SILENCE": "1"}
 
-    def launch(output_dir, *arguments):
+    def launch(output_dir, *arguments, processes=2):
         with socket.socket() as probe:  # a free port for the processes' rendezvous
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                   "--master_port", str(port), str(script), str(model_dir), str(output_dir), "3", *arguments]
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+                   "127.0.0.1", "--master_port", str(port), str(script), str(model_dir), str(output_dir), "3", *arguments]
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                                  env={**env, "PER_DEVICE": str(8 // processes)})
         assert finished.returncode == 0, finished.stderr[-3000:]
-        return [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+        return [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in range(processes)]
 
     whole = launch(tmp_path / "whole")
-    assert whole[0]["coefficient"] != whole[1]["coefficient"]  # the processes' coefficients drifted apart
+    assert whole[0]["coefficients"] == whole[1]["coefficients"] and len(set(whole[0]["coefficients"])) > 1
+    alone = launch(tmp_path / "alone", processes=1)  # the same 8 rows a step in one process
+    assert alone[0]["coefficients"] == whole[0]["coefficients"]
     assert sorted(path.name for path in (tmp_path / "whole" / "checkpoint-2").glob("entrorl_objective_state*")) == [
         "entrorl_objective_state.pt", "entrorl_objective_state_0.pt", "entrorl_objective_state_1.pt"]
     shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")

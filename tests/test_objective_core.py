@@ -644,6 +644,36 @@ def test_adaptive_entropy_controller_moves_once_per_step():
         assert model(follow).metrics["reg/adaptive_entropy_controller_coeff"] == pytest.approx(c + delta)
 
 
+def test_adaptive_entropy_shared_over_processes_decides_and_moves_by_every_process_s_tokens():
+    """share_measurement with a total over two processes (here the other one's numbers added by hand): the first
+    step is decided by both processes' first micro-batches, and the step closes with both processes' entropy, so the
+    coefficient moves as for the whole batch, not as this process's tokens alone would move it."""
+    delta, target = 5e-4, 0.2
+    objective = build_objective("adaptive_entropy", delta=delta, entropy_coeff=2e-3)
+    controller = objective.regularizers[0]
+    other = {"held": (0.0, 0.0), "first": (0.6 * 30, 30.0)}  # the other process: 30 tokens at 0.6 in its first batch
+
+    def total(local):
+        assert local.dtype == torch.float64 and local.shape == (4,)
+        return local + torch.tensor([*other["held"], *other["first"]], dtype=torch.float64)
+
+    batch, entropy = _entropy_batch(0.1, seed=400)  # this process: below the target
+    batch.step = 0
+    tokens = int(batch.mask.sum())
+    mine = float(entropy.detach()[batch.mask].double().sum())
+    controller.share_measurement(batch, total)
+    out = objective(batch)
+    both = (mine + 0.6 * 30) / (tokens + 30)
+    assert (both < target) is False and out.metrics["reg/adaptive_entropy_coeff"] == 0.0  # alone it would be on
+    # the next step's first micro-batch closes step 0 with both processes' sums: 0.6 on 30 tokens again, above
+    other.update(held=(0.6 * 30, 30.0), first=(0.0, 0.0))
+    follow, _ = _entropy_batch(0.1, seed=401)
+    follow.step = 1
+    controller.share_measurement(follow, total)
+    assert controller.coefficient == pytest.approx(2e-3 - delta)  # this process alone measured 0.1: it would rise
+    assert objective(follow).metrics["reg/adaptive_entropy_coeff"] == 0.0
+
+
 def test_adaptive_entropy_s_first_step_tests_the_whole_batch_when_given_it():
     """The first step's verdict is the step's own: given PolicyBatch.population (the whole step batch, as a trainer
     splitting the step passes it), its token-mean entropy decides, not the first piece's. Here the first piece sits

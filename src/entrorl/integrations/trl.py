@@ -35,8 +35,9 @@ State. Stateful parts (the ``adaptive_entropy`` coefficient, the generator of a 
 one it draws from torch's global generator, which the checkpoint's RNG state restores) are saved with each
 checkpoint (``entrorl_objective_state.pt``) and restored on ``resume_from_checkpoint``. The adaptive coefficient
 moves once per optimizer step (the micro-batches of one ``state.global_step``), as TRL's own adaptive entropy
-does; each process measures its own micro-batches, so under data parallelism the processes' coefficients can
-drift apart: each process then saves and restores its own state too (``entrorl_objective_state_<process>.pt``).
+does; under data parallelism it measures every process's tokens (the processes sum their entropy and token counts
+at the first micro-batch of each step), so one coefficient moves on every process; each process also saves and
+restores its own state (``entrorl_objective_state_<process>.pt``), whose partial measurement is its own.
 Evaluation batches leave every state as training left it.
 
 Metrics. TRL's loss-side metrics (``clip_ratio/*``, ``kl``) are not computed, since its loss is not; instead every
@@ -80,7 +81,7 @@ from entrorl.analysis.run_report import TRL_OBJECTIVE_FILE
 from entrorl.modeling import FUSED_HEAD_MODEL_TYPES
 from entrorl.objective import Objective, ObjectiveConfig, PolicyBatch, build_objective, get_method
 from entrorl.objective.parts import make_part
-from entrorl.objective.regularizers import KLReference
+from entrorl.objective.regularizers import AdaptiveEntropy, KLReference
 from entrorl.objective.surrogates import CISPO, GSPO, PPOClip
 from entrorl.tokens import STAT_NAMES, TokenStats, token_stats, token_stats_from_hidden
 from entrorl.trainer.checkpoint import atomic_write_text
@@ -477,6 +478,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
                              "logits are used)")
         self.fused_head = fused_head
         self.diagnostics = diagnostics
+        self._shared_step: int | None = None  # the last step whose first micro-batch shared the controllers' statistics
 
     @staticmethod
     def _own_objective(objective: Any, objective_params: dict[str, Any], grpo_args: Any) -> Objective:
@@ -634,6 +636,18 @@ class EntropyGRPOTrainer(GRPOTrainer):
         aux_loss = getattr(outputs, "aux_loss", None) if self.aux_loss_enabled else None
         return stats, aux_loss
 
+    def _share_step_statistics(self, batch: PolicyBatch) -> None:
+        """Under data parallelism, at the first micro-batch of each step: the adaptive entropy controllers measure
+        every process's tokens (:meth:`AdaptiveEntropy.share_measurement`), so that one coefficient moves on every
+        process, as TRL's own controller and Skywork-OR1's verl code measure the whole batch. Every process runs the
+        same micro-batches, so each makes the same collectives."""
+        if self.accelerator.num_processes < 2 or self._shared_step == self.state.global_step:
+            return
+        self._shared_step = self.state.global_step
+        for part in self.objective.regularizers:
+            if isinstance(part, AdaptiveEntropy):
+                part.share_measurement(batch, lambda local: self.accelerator.reduce(local, reduction="sum"))
+
     def _sampler_log_prob(self, inputs: dict[str, Any], old_log_prob: torch.Tensor) -> torch.Tensor | None:
         """The sampler's per-token log-probs for the objective's rollout correction (None without a correction). TRL
         marks a token the engine returned no log-prob for as NaN and leaves it uncorrected: it gets the old log-prob
@@ -683,6 +697,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
         # the seq-mean modes average over every row of the micro-batch, empty ones included, as TRL's grpo and dr_grpo do
         rows = float(mask.size(0))
         if training:
+            self._share_step_statistics(batch)
             out = self.objective(batch, global_batch_size=rows)
         else:  # an evaluation leaves stateful parts (adaptive coefficients, RNGs) as training left them
             state = copy.deepcopy(self.objective.state_dict())

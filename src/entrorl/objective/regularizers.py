@@ -103,6 +103,27 @@ class AdaptiveEntropy(Regularizer):
         self._below_target = state.get("below_target")
         self._measuring = None if state.get("measuring") is None else dict(state["measuring"])
 
+    def share_measurement(self, batch: PolicyBatch, total: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Under data parallelism, make the controller measure every process's tokens: called on every process, once
+        at the first micro-batch ``batch`` of each step and before the loss, with ``total`` summing a tensor over the
+        processes (one collective per call, whatever this process holds). The step measured so far closes with the
+        entropy sum and token count of every process, so every coefficient moves alike; before any step is decided,
+        the first micro-batches of every process decide the first step."""
+        measuring = self._measuring
+        undecided = self._below_target is None and measuring is None
+        first = (0.0, 0.0)
+        if undecided and batch.entropy is not None and bool(batch.mask.any()):
+            entropy = torch.where(batch.mask, batch.entropy.detach().double(), 0.0)
+            first = (float(entropy.sum()), float(batch.mask.sum()))
+        held = (measuring["entropy_sum"], measuring["tokens"]) if measuring is not None else (0.0, 0.0)
+        summed = total(torch.tensor([*held, *first], dtype=torch.float64, device=batch.mask.device)).tolist()
+        if summed[1] > 0:
+            self._measuring = {"step": None if measuring is None else measuring["step"], "entropy_sum": summed[0],
+                               "tokens": summed[1], "first_verdict": None}
+            self.end_step()
+        if self._below_target is None and summed[3] > 0:
+            self._below_target = summed[2] / summed[3] < self.target_entropy
+
     def end_step(self) -> Metrics:
         """Close the measured step: its entropy decides the next coefficient and whether the bonus is on."""
         if self._measuring is None:
