@@ -1104,12 +1104,28 @@ def test_the_registry_names_every_place_math_and_exact_match_look_for_an_answer(
     (r"\boxed{\prod_{k=1}^{999} k^{k^2}}", "1", 0.0, "too large to evaluate (an exponent above"),
     (r"\boxed{\sum_{j=1}^{999}\sum_{k=1}^{999} k^j}", "1", 0.0, "too large to evaluate (sums or products of more than"),
     (r"\boxed{\sum_{j=1}^{10}\sum_{k=1}^{j} k}", "220", 1.0, ""),  # an inner range that depends on the outer index
+    (r"\boxed{\binom{1000000}{500000.0}}", "1", 0.0, "too large to evaluate (a binomial coefficient"),  # 500000.0 is whole
+    (r"\boxed{\prod_{k=1}^{999} 10^{10000}}", "1", 0.0, "too large to evaluate (a product of more than"),  # 33M bits
+    (r"\boxed{\prod_{k=1}^{5} 10^{400}}", "10^{2000}", 1.0, ""),  # 6645 bits: terms beyond a float, a product within
+    ("\\boxed{" + r"\sum_{a=1}^{1}" * 20 + "a}", "1", 1.0, ""),  # 20 one-term ranges: one end each, not 2^20
 ])
 def test_binomials_sums_and_products_are_sized_by_their_values_and_their_terms(reward, completion, reference, score,
                                                                              reason):
+    """Each in a thread, where no timer bounds the judgement: refused at once, or judged."""
     out = []
     thread = threading.Thread(target=lambda: out.append(reward("", completion, reference)), daemon=True)
     thread.start()
     thread.join(timeout=20)
     assert not thread.is_alive()
     assert float(out[0]) == score and reason in (out[0].reason or "")
+
+
+def test_a_timed_out_judgement_of_a_sum_leaves_sympy_evaluating():
+    """A sum's terms are sized numerically, not built with sympy's process-wide evaluate switch turned off, which a
+    timeout landing at the wrong moment would leave off for every later judgement."""
+    from sympy.core.parameters import global_parameters
+
+    for _ in range(20):
+        compare_answers(r"\sum_{a=1}^{1}" * 14 + "a", "1", options=MathOptions(timeout=0.3))
+        assert global_parameters.evaluate is True
+    assert compare_answers("2^{10}", "1024").equal and compare_answers("x+x", "2x").equal

@@ -107,7 +107,7 @@ import signal
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -767,10 +767,12 @@ def _binomial_bits(n: Any, k: Any) -> float:
     ``min(n, k' log2 n)`` with ``k' = min(k, n - k)`` (0 when ``k > n``); for a negative integer, whose coefficient
     is ``(-1)^k C(|n| + k - 1, k)``, ``k log2(|n| + k)``; for any other ``n``, ``k`` times the bits of ``|n| + k``
     and of ``n``'s denominator. Any other ``k`` costs nothing: the coefficient is 0 (``k < 0``) or Gamma values in
-    floating point."""
+    floating point. A whole number written with a decimal point (``500000.0``) counts as the integer it is, since
+    sympy's coefficient builds it as one."""
     import sympy
 
-    n, k = sympy.sympify(n), sympy.sympify(k)
+    n, k = (value if not (value.is_Float and (value % 1).is_zero) else sympy.Integer(int(value))
+            for value in (sympy.sympify(n), sympy.sympify(k)))
     if not k.is_integer or k.is_negative:
         return 0.0
     factors = int(k)
@@ -863,69 +865,96 @@ def _check_parse_time_sizes(s: str) -> None:
             raise _TooLarge(f"a binomial coefficient of more than {_MAX_BINOMIAL_BITS} bits")
 
 
-def _magnitude(expr: Any) -> float:
-    """``|expr|`` of a numeric sympy expression already checked by :func:`_check_size`."""
-    return float(abs(complex(expr.evalf(15))))
+def _magnitude(expr: Any, values: Mapping[Any, Any] | None = None) -> float:
+    """``|expr|`` of a numeric sympy expression already checked by :func:`_check_size`, its free symbols (the
+    indices of the sums it stands in) at ``values``: evaluated in floating point, so no big integer is built."""
+    return float(abs(complex(expr.evalf(15, subs=values) if values else expr.evalf(15))))
 
 
-def _check_size(expr: Any, terms: float = 1.0) -> None:
+def _numeric(expr: Any, values: Mapping[Any, Any] | None) -> bool:
+    """Whether ``expr`` is a number once its free symbols take ``values``."""
+    return bool(expr.is_number) or (bool(values) and expr.free_symbols <= set(values))
+
+
+def _check_size(expr: Any, terms: float = 1.0, values: Mapping[Any, Any] | None = None) -> None:
     """Raise :class:`_TooLarge` if evaluating sympy ``expr`` could build an enormous integer: a power of
     a number other than +-1 (or 0) to an exponent above ``_MAX_EXPONENT`` or whose value would take more than
     ``_MAX_POWER_BITS`` bits (its inner powers checked first, so towers are caught), a factorial (or Gamma value)
     above ``_MAX_FACTORIAL``'s, a binomial coefficient of more than ``_MAX_BINOMIAL_BITS`` bits, or sums and products
-    of more than ``_MAX_TERMS`` terms in all (``terms``: those of the sums ``expr`` stands in) or with a term too
-    large at one end of their indices' ranges. Inner expressions are checked before they are evaluated, so
-    ``2^{3^{20}}`` is refused without computing ``3^{20}`` twice over and ``(3!)!`` is accepted."""
+    of more than ``_MAX_TERMS`` terms in all (``terms``: those of the sums ``expr`` stands in), with a term too large
+    at one end of their indices' ranges, or products of more than ``_MAX_POWER_BITS`` bits. ``values``: the indices
+    of the sums ``expr`` stands in, at one end of their ranges. Inner expressions are checked before they are
+    evaluated, so ``2^{3^{20}}`` is refused without computing ``3^{20}`` twice over and ``(3!)!`` is accepted."""
     import sympy
 
     if not isinstance(expr, sympy.Basic):
         return
     for argument in expr.args:
-        _check_size(argument, terms)
+        _check_size(argument, terms, values)
     if isinstance(expr, sympy.Pow):
         base, exponent = expr.args
-        if exponent.is_number and base.is_number and _magnitude(base) not in (0.0, 1.0):
-            size = _magnitude(exponent)
+        if _numeric(exponent, values) and _numeric(base, values) and _magnitude(base, values) not in (0.0, 1.0):
+            size = _magnitude(exponent, values)
             if size > _MAX_EXPONENT:
                 raise _TooLarge(f"an exponent above {_MAX_EXPONENT}")
             # the result's size, not only the exponent's: (2^{9999})^{9999} has 10^8 bits
-            bits = size * abs(float(sympy.log(sympy.Abs(base), 2).evalf(15)))
+            log_base = sympy.log(sympy.Abs(base), 2)
+            bits = size * abs(float(log_base.evalf(15, subs=values) if values else log_base.evalf(15)))
             if not bits <= _MAX_POWER_BITS:
                 raise _TooLarge(f"a power of more than {_MAX_POWER_BITS} bits")
     elif isinstance(expr, (sympy.factorial, sympy.factorial2)):
         argument = expr.args[0]
-        if argument.is_number and _magnitude(argument) > _MAX_FACTORIAL:
+        if _numeric(argument, values) and _magnitude(argument, values) > _MAX_FACTORIAL:
             raise _TooLarge(f"a factorial above {_MAX_FACTORIAL}")
     elif isinstance(expr, sympy.gamma):  # Gamma(n) = (n - 1)!
         argument = expr.args[0]
-        if argument.is_number and _magnitude(argument) > _MAX_FACTORIAL + 1:
+        if _numeric(argument, values) and _magnitude(argument, values) > _MAX_FACTORIAL + 1:
             raise _TooLarge(f"a factorial above {_MAX_FACTORIAL}")
     elif isinstance(expr, sympy.binomial):
         top, bottom = expr.args
-        if top.is_number and bottom.is_number and _binomial_bits(top, bottom) > _MAX_BINOMIAL_BITS:
-            raise _TooLarge(f"a binomial coefficient of more than {_MAX_BINOMIAL_BITS} bits")
+        if _numeric(top, values) and _numeric(bottom, values):
+            if values:
+                top, bottom = top.evalf(30, subs=values), bottom.evalf(30, subs=values)
+            if _binomial_bits(top, bottom) > _MAX_BINOMIAL_BITS:
+                raise _TooLarge(f"a binomial coefficient of more than {_MAX_BINOMIAL_BITS} bits")
     elif isinstance(expr, (sympy.Sum, sympy.Product)):
-        _check_series(expr, terms)
+        _check_series(expr, terms, values or {})
 
 
-def _check_series(series: Any, terms: float) -> None:
-    """:func:`_check_size` of a sum or product inside ``terms`` terms of outer ones: its terms count with theirs, and
-    its term is checked with each index at either end of its range (unevaluated: ``k^{k^2}`` at ``k = 999`` is a power
-    to check, not to compute). An infinite or symbolic range is summed by formula, not term by term."""
+def _check_series(series: Any, terms: float, values: Mapping[Any, Any]) -> None:
+    """:func:`_check_size` of a sum or product inside ``terms`` terms of outer ones, whose indices take ``values``:
+    its terms count with theirs, and its term is checked with each index at either end of its range (numerically:
+    ``k^{k^2}`` at ``k = 999`` is a power to check, not to compute); a product's terms add their bits. An infinite or
+    symbolic range is summed by formula, not term by term."""
     import sympy
 
-    ends: list[dict[Any, Any]] = [{}]
+    ends: list[dict[Any, Any]] = [dict(values)]
     for index, lower, upper in series.limits:
         span = upper - lower
-        if span.is_number and span.is_finite:
-            terms *= _magnitude(span) + 1
-            ends = [{**chosen, index: bound} for chosen in ends for bound in (lower, upper)]
-    if terms > _MAX_TERMS:
-        raise _TooLarge(f"sums or products of more than {_MAX_TERMS} terms")
-    for chosen in ends if len(ends) > 1 else []:
-        with sympy.evaluate(False):
-            term = series.function.xreplace(chosen)
-        _check_size(term, terms)
+        if span.has(sympy.oo, -sympy.oo, sympy.zoo):
+            continue
+        counted = [chosen for chosen in ends if _numeric(span, chosen)]
+        if not counted:
+            continue
+        terms *= max(_magnitude(span, chosen) for chosen in counted) + 1
+        if terms > _MAX_TERMS:
+            raise _TooLarge(f"sums or products of more than {_MAX_TERMS} terms")
+        widened = []
+        for chosen in counted:
+            low, high = (bound.evalf(30, subs=chosen) if chosen else bound.evalf(30) for bound in (lower, upper))
+            # an end once: a one-term range does not double the ends
+            widened += [{**chosen, index: end} for end in ([low] if low == high else [low, high])]
+        ends = widened
+    if len(ends) == 1 and ends[0].keys() == values.keys():
+        return  # no finite range: nothing is computed term by term
+    largest = 0.0
+    for chosen in ends:
+        _check_size(series.function, terms, chosen)
+        if isinstance(series, sympy.Product) and _numeric(series.function, chosen):
+            bits = sympy.log(sympy.Abs(series.function), 2).evalf(15, subs=chosen)
+            largest = max(largest, float(bits) if bits.is_real else math.inf)
+    if isinstance(series, sympy.Product) and not terms * largest <= _MAX_POWER_BITS:
+        raise _TooLarge(f"a product of more than {_MAX_POWER_BITS} bits")
 
 
 # --------------------------------------------------------------------------------------------
