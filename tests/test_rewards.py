@@ -1443,6 +1443,22 @@ def test_a_reward_named_by_its_file_is_refused_with_the_import_path_to_write(tmp
     check_reward_spec(written)
 
 
+@pytest.mark.parametrize("folder", ["test", "v1.2"])
+def test_a_reward_file_in_a_folder_no_import_path_reaches_is_named_with_its_folder_for_pythonpath(tmp_path, monkeypatch,
+                                                                                                   folder):
+    """'test' is the standard library's package and 'v1.2' no identifier: test.my_rewards / v1.2.my_rewards would not
+    import the file, so the advice is its folder on PYTHONPATH, and that works."""
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "my_rewards.py").write_text("def score(prompt, completion, answer, **meta):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)
+    with pytest.raises(ValueError, match=re.escape(f"'my_rewards:score' with {tmp_path / folder} on PYTHONPATH")):
+        check_reward_spec(f"{folder}/my_rewards.py:score")
+    sys.path.insert(0, str(tmp_path / folder))
+    check_reward_spec("my_rewards:score")
+
+
 def test_a_reward_file_outside_the_working_directory_is_named_with_its_folder_for_pythonpath(tmp_path, monkeypatch):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "here").mkdir()

@@ -28,6 +28,7 @@ configured and returns a :class:`RewardResult` of tensors plus flat metrics and 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import logging
 import math
@@ -191,19 +192,37 @@ def import_named_module(module_name: str, what: str) -> Any:
         raise ValueError(f"{what}: cannot import module {module_name!r} ({kind}: {exc})") from exc
 
 
+def _found_elsewhere(top_level: str, directory: Path) -> bool:
+    """Whether importing ``top_level`` finds a module or package other than the one in ``directory`` (the standard
+    library's ``test`` before a folder ``test`` there)."""
+    try:
+        spec = importlib.util.find_spec(top_level)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    here = (directory / top_level).resolve()
+    places = [spec.origin] if spec.origin not in (None, "namespace", "built-in", "frozen") else []
+    places += list(spec.submodule_search_locations or [])
+    return not any(Path(place).resolve() in (here, here.with_suffix(".py")) or here in Path(place).resolve().parents
+                   for place in places)
+
+
 def _import_path_of_file(file: Path, attribute: str) -> str:
     """The spec that imports ``attribute`` of the Python file ``file``: its dotted path from the working directory when
-    the file is under it (a package's ``__init__.py`` by the package's), else its name with its folder on PYTHONPATH."""
+    the file is under it (a package's ``__init__.py`` by the package's) and that path imports it, else its name with
+    its folder on PYTHONPATH (a folder name that is no identifier, or that another module answers to)."""
     path = Path(os.path.abspath(file))
     parts = list(path.with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
+    working_directory = Path(os.getcwd())
     try:
-        dotted = ".".join(Path(*parts).relative_to(os.getcwd()).parts)
+        dotted = list(Path(*parts).relative_to(working_directory).parts)
     except ValueError:  # outside the working directory
-        dotted = ""
-    if dotted:
-        return f"'{dotted}:{attribute}' (from the working directory)"
+        dotted = []
+    if dotted and all(part.isidentifier() for part in dotted) and not _found_elsewhere(dotted[0], working_directory):
+        return f"'{'.'.join(dotted)}:{attribute}' (from the working directory)"
     return f"'{parts[-1]}:{attribute}' with {Path(*parts).parent} on PYTHONPATH"
 
 
