@@ -3496,6 +3496,25 @@ def test_methods_says_what_a_later_method_trains_with_when_its_own_surrogate_is_
     assert "here:" not in CliRunner().invoke(app, ["methods", "dapo+clip_b"]).output
 
 
+def test_methods_passes_on_warnings_other_than_a_set_aside_surrogate(monkeypatch):
+    import warnings
+
+    from typer.testing import CliRunner
+
+    import entrorl.objective
+    from entrorl.cli import app
+
+    built = entrorl.objective.build_objective
+
+    def warning_build(method):
+        warnings.warn("another warning", UserWarning)
+        return built(method)
+
+    monkeypatch.setattr(entrorl.objective, "build_objective", warning_build)
+    with pytest.warns(UserWarning, match="another warning"):
+        assert CliRunner().invoke(app, ["methods", "dapo+clip_cov"]).exit_code == 0
+
+
 def test_version_option_prints_the_installed_version_and_runs_nothing(tmp_path):
     """`entrorl --version` prints the package's version (the one its metadata declares) and exits 0, even when
     a command follows it."""

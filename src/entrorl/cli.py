@@ -864,9 +864,13 @@ def _describe_method(method: str, *, as_json: bool) -> None:
     from entrorl.objective import ObjectiveConfig, SurrogateSetAsideWarning, build_objective, get_method
 
     try:
-        with warnings.catch_warnings(record=True) as set_aside:  # said beside the method, not as a warning
+        with warnings.catch_warnings(record=True) as raised:  # a set-aside surrogate is said beside the method
             warnings.simplefilter("always", SurrogateSetAsideWarning)
             objective = build_objective(method)
+        set_aside = [caught for caught in raised if issubclass(caught.category, SurrogateSetAsideWarning)]
+        for caught in raised:  # any other warning is the user's to see
+            if caught not in set_aside:
+                warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
         specs = [get_method(name) for name in ObjectiveConfig(method=method).method_names()]
     except ValueError as error:
         _fail(str(error))
