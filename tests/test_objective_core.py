@@ -185,6 +185,32 @@ def test_aggregation_global_normalisers(mode, kwargs):
     assert float(got) == pytest.approx(ref_aggregate(_np(loss), mask.numpy(), mode, **kwargs), rel=1e-12, abs=1e-14)
 
 
+@pytest.mark.parametrize(("name", "value", "said"), [
+    ("dp_size", -1, "dp_size must be"), ("dp_size", 0, "dp_size must be"), ("dp_size", 2.5, "dp_size must be"),
+    ("dp_size", True, "dp_size must be"),
+    ("batch_num_tokens", -6, "batch_num_tokens must be a finite number >= 0"),
+    ("batch_num_tokens", float("nan"), "batch_num_tokens must be a finite number >= 0"),
+    ("batch_num_tokens", True, "batch_num_tokens must be a finite number >= 0"),
+    ("global_batch_size", -2, "global_batch_size must be a finite number >= 0"),
+    ("global_batch_size", float("inf"), "global_batch_size must be a finite number >= 0"),
+])
+def test_counts_that_would_turn_zero_or_poison_the_loss_are_refused_before_any_part_moves(name, value, said):
+    """A negative dp_size or count turns the loss's sign, dp_size 0 zeroes it, a NaN count makes it NaN: refused, by
+    the objective before its stateful parts measure anything, and by aggregate_loss itself."""
+    objective = build_objective("adaptive_entropy")
+    batch = make_batch(64)
+    batch.step = 0
+    before = objective.state_dict()
+    with pytest.raises(ValueError, match=re.escape(said)):
+        objective(batch, **{name: value})
+    assert objective.state_dict() == before
+    with pytest.raises(ValueError, match=re.escape(said)):
+        aggregate_loss(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), "token-mean", **{name: value})
+    # a count of 0 (an empty batch everywhere) and a numpy integer are counts
+    assert float(aggregate_loss(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), "token-mean", batch_num_tokens=0,
+                                dp_size=np.int64(2))) == 12.0
+
+
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_aggregation_ignores_non_finite_masked_values(mode):
     loss = torch.randn(6, T, generator=_gen(3), dtype=F64)

@@ -26,7 +26,7 @@ import math
 import torch
 from pydantic import TypeAdapter
 
-from entrorl._checks import refuse_booleans_for_numbers
+from entrorl._checks import check_int, refuse_booleans_for_numbers
 
 __all__ = ["LOSS_AGG_MODES", "aggregate_loss", "check_loss_agg_mode", "check_loss_scale_factor"]
 
@@ -40,19 +40,36 @@ def check_loss_agg_mode(mode: str) -> str:
     return mode
 
 
+def _as_number(value) -> float:
+    """``value`` as a float, read as a configuration's number field reads it; NaN when it is none (a boolean, text)."""
+    try:
+        return _AS_FLOAT.validate_python(refuse_booleans_for_numbers(value, float))
+    except ValueError:  # pydantic's ValidationError is one
+        return math.nan
+
+
 def check_loss_scale_factor(value) -> float | None:
     """``value`` as the float that divides ``seq-mean-token-sum-norm``'s sum (None: the response length), read as a
     configuration's number field reads it (``512``, ``"512"``, ``Decimal("512")``, a 0-d tensor); ``ValueError``
     naming it unless that float is finite and > 0 (not a boolean, not a number that rounds to 0 or overflows)."""
     if value is None:
         return None
-    try:
-        scale = _AS_FLOAT.validate_python(refuse_booleans_for_numbers(value, float))
-    except ValueError:  # pydantic's ValidationError is one
-        scale = math.nan
+    scale = _as_number(value)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"loss_scale_factor must be a finite number > 0, got {value!r}")
     return scale
+
+
+def check_global_count(value, name: str) -> float | None:
+    """``value``, a count over the whole batch (``batch_num_tokens``, ``global_batch_size``; None: the micro-batch's
+    own), as a float; ``ValueError`` naming ``name`` unless it is a finite number >= 0 (not a boolean): a negative one
+    would turn the loss's sign, a NaN make it NaN."""
+    if value is None:
+        return None
+    count = _as_number(value)
+    if not (math.isfinite(count) and count >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0 (a count over the whole batch), got {value!r}")
+    return count
 
 
 def aggregate_loss(
@@ -71,6 +88,9 @@ def aggregate_loss(
     a zero that is still attached to the graph (zero gradients, no NaN).
     """
     check_loss_agg_mode(mode)
+    batch_num_tokens = check_global_count(batch_num_tokens, "batch_num_tokens")
+    global_batch_size = check_global_count(global_batch_size, "global_batch_size")
+    dp_size = check_int(dp_size, "dp_size", minimum=1)
     mask = mask.bool()
     masked = torch.where(mask, per_token_loss, torch.zeros_like(per_token_loss))
     # sums and counts in float32 at least: float16 cannot hold one above 65504; the result in the loss's dtype

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from entrorl.objective.aggregation import aggregate_loss, check_loss_agg_mode
+from entrorl._checks import check_int
+from entrorl.objective.aggregation import aggregate_loss, check_global_count, check_loss_agg_mode
 from entrorl.objective.batch import PolicyBatch, fraction, masked_mean
 from entrorl.objective.parts import Correction, Metrics, Part, Regularizer, Selector, Shaper, Surrogate
 
@@ -78,6 +79,10 @@ class Objective:
         global_batch_size: float | None = None,
         dp_size: int = 1,
     ) -> ObjectiveOutput:
+        # before any stateful part moves: a negative count would turn the loss's sign, dp_size 0 zero it
+        batch_num_tokens = check_global_count(batch_num_tokens, "batch_num_tokens")
+        global_batch_size = check_global_count(global_batch_size, "global_batch_size")
+        dp_size = check_int(dp_size, "dp_size", minimum=1)
         for part in self.parts:
             part.check_batch(batch)
         mask = batch.mask
