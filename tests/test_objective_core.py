@@ -206,6 +206,10 @@ def test_counts_that_would_turn_zero_or_poison_the_loss_are_refused_before_any_p
     assert objective.state_dict() == before
     with pytest.raises(ValueError, match=re.escape(said)):
         aggregate_loss(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), "token-mean", **{name: value})
+    with pytest.raises(ValueError, match=r"dp_size=2 without batch_num_tokens: under data parallelism the token-mean"):
+        build_objective("dapo")(make_batch(65), dp_size=2)
+    with pytest.raises(ValueError, match=r"dp_size=2 without global_batch_size: .* seq-mean-token-mean loss"):
+        build_objective("grpo")(make_batch(65), dp_size=2, batch_num_tokens=10)
     # a count of 0 (an empty batch everywhere) and a numpy integer are counts
     assert float(aggregate_loss(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), "token-mean", batch_num_tokens=0,
                                 dp_size=np.int64(2))) == 12.0
@@ -2124,3 +2128,18 @@ def test_log_ratio_is_clamped_at_minus_twenty_too():
     out = build_objective({"surrogate": "unclipped"})(batch)
     assert float(out.loss) == pytest.approx(math.exp(-20.0), rel=1e-12)
     assert out.metrics["ratio/mean"] == pytest.approx(math.exp(-20.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("stray", [0.5, 2.0, float("nan")])
+def test_a_mask_holding_values_other_than_0_and_1_is_refused(stray):
+    """bool() reads 0.5 or 2 as True: a numeric mask is taken only when it holds 0s and 1s, by PolicyBatch and by
+    token_stats."""
+    from entrorl.tokens import token_stats
+
+    zeros = torch.zeros(2, 3, dtype=F64)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, stray]], dtype=F64)
+    with pytest.raises(ValueError, match="PolicyBatch.mask must be bool or hold only 0 and 1"):
+        PolicyBatch(log_prob=zeros, old_log_prob=zeros, advantages=zeros, mask=mask)
+    with pytest.raises(ValueError, match="token_stats: mask must be bool or hold only 0 and 1"):
+        token_stats(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), mask=mask)
+    assert PolicyBatch(log_prob=zeros, old_log_prob=zeros, advantages=zeros, mask=(mask == 1).long()).mask.dtype == torch.bool

@@ -132,6 +132,16 @@ def _integer_kind(minimum: int | None) -> str:
     return f"an integer >= {minimum}"
 
 
+def as_bool_mask(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """``mask`` as a bool tensor: a bool one as it is, a numeric one whose values are all 0 or 1 converted;
+    ``ValueError`` naming ``name`` for any other value (0.5 is no verdict on a token, though ``bool()`` reads it as
+    True)."""
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        stray = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError(f"{name} must be bool or hold only 0 and 1, got {stray!r}")
+    return mask.bool()
+
+
 def as_tensor(values: Any) -> torch.Tensor:
     """``values`` as a tensor: a tensor as given; anything else as numpy reads it, so that Python floats stay float64
     (torch would round them to float32, making 1 and 1 + 1e-12 one value) and an empty sequence, which holds no number

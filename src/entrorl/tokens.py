@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from entrorl._checks import check_int
+from entrorl._checks import as_bool_mask, check_int
 
 __all__ = ["MIN_TEMPERATURE", "STAT_NAMES", "TokenStats", "token_stats", "token_stats_from_hidden", "default_chunk_size"]
 
@@ -390,7 +390,7 @@ def _flatten_inputs(name: str, values: torch.Tensor, targets: torch.Tensor, mask
     if mask is not None:
         if tuple(mask.shape) != tuple(targets.shape):
             raise ValueError(f"token_stats: mask must have the shape of targets {tuple(targets.shape)}, got {tuple(mask.shape)}")
-        valid = mask.reshape(-1).bool()
+        valid = as_bool_mask(mask, "token_stats: mask").reshape(-1)
         rows = valid.nonzero().squeeze(-1)
         # Targets outside the mask may be padding ids (even negative): only valid rows are gathered.
         flat_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))

@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from entrorl._checks import as_bool_mask
+
 __all__ = ["PolicyBatch", "OPTIONAL_FIELDS", "policy_ratio", "masked_mean", "masked_population_std", "masked_quantile", "fraction"]
 
 # How to obtain each optional field; used in the error raised when a method needs one the batch lacks.
@@ -65,7 +67,7 @@ class PolicyBatch:
         shape = tuple(self.log_prob.shape)
         if not torch.is_tensor(self.mask) or tuple(self.mask.shape) != shape:
             raise ValueError(f"PolicyBatch.mask must be a tensor of shape {shape}, got {tuple(getattr(self.mask, 'shape', ()))}")
-        self.mask = self.mask.bool().contiguous()  # selectors write their choices through a flat view of its shape
+        self.mask = as_bool_mask(self.mask, "PolicyBatch.mask").contiguous()  # selectors write through a flat view
         if torch.is_tensor(self.advantages) and self.advantages.dim() == 1 and self.advantages.shape[0] == shape[0]:
             self.advantages = self.advantages.unsqueeze(-1).expand(shape)
         for field in fields(self):

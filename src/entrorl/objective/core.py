@@ -83,6 +83,10 @@ class Objective:
         batch_num_tokens = check_global_count(batch_num_tokens, "batch_num_tokens")
         global_batch_size = check_global_count(global_batch_size, "global_batch_size")
         dp_size = check_int(dp_size, "dp_size", minimum=1)
+        needed = "batch_num_tokens" if self.loss_agg_mode == "token-mean" else "global_batch_size"
+        if dp_size > 1 and (batch_num_tokens if needed == "batch_num_tokens" else global_batch_size) is None:
+            raise ValueError(f"dp_size={dp_size} without {needed}: under data parallelism the {self.loss_agg_mode} loss "
+                             f"is normalised by the count over every process; give it ({needed}=...)")
         for part in self.parts:
             part.check_batch(batch)
         mask = batch.mask
