@@ -1306,3 +1306,44 @@ def test_a_model_with_a_three_token_context_that_ignores_the_padding_mask_is_sti
 
     with pytest.raises(ValueError, match="does not handle left padding"):
         modeling.check_left_padding(Running())
+
+
+def _tiny_moe_asking_for_router_logits(directory, model_type: str):
+    """A random-init Mixtral or Qwen2-MoE whose config asks for the router's logits (output_router_logits: true, as a
+    model fine-tuned with the load-balancing loss is saved), with a character tokenizer."""
+    import transformers
+
+    from entrorl.lab.tiny_model import build_char_tokenizer, save_quietly
+
+    tokenizer = build_char_tokenizer()
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                  bos_token_id=tokenizer.bos_token_id, output_router_logits=True)
+    config = (transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common) if model_type == "mixtral"
+              else transformers.Qwen2MoeConfig(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                                               num_experts_per_tok=2, **common))
+    torch.manual_seed(0)
+    save_quietly(AutoModelForCausalLM.from_config(config), tokenizer, directory)
+    return directory
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_a_moe_model_asking_for_router_logits_samples_without_them_and_saves_them_asked_for(tmp_path, model_type):
+    """With output_router_logits on, transformers' load-balancing loss fails on a one-token decode step (its mask is
+    the whole sequence's): entrorl runs the model without them, says so, and a checkpoint's config keeps the setting."""
+    from entrorl.modeling import load_tokenizer
+    from entrorl.rollout.sampler import HFSampler, SamplingParams
+
+    directory = _tiny_moe_asking_for_router_logits(tmp_path / model_type, model_type)
+    with pytest.warns(UserWarning, match="sets output_router_logits: entrorl samples and scores without the router's"):
+        model = load_causal_lm(directory)
+    tokenizer = load_tokenizer(directory)
+    prompts = [tokenizer("1+2=", add_special_tokens=False)["input_ids"], tokenizer("3+45=", add_special_tokens=False)["input_ids"]]
+    torch.manual_seed(0)
+    rollouts = HFSampler.for_model(model, tokenizer, batch_size=4).generate(prompts, SamplingParams(max_new_tokens=4))
+    assert rollouts.response_ids.shape[0] == 2 and model.config.output_router_logits is False
+    with modeling.config_rates_restored(model):
+        model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["output_router_logits"] is True
+    assert model.config.output_router_logits is False

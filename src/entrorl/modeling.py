@@ -12,6 +12,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -253,6 +254,7 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
                          "at random. Is it a causal language model's directory, saved whole?")
     if device is not None:
         model = model.to(device)
+    _run_without_router_logits(model, path)
     check_causal(model, path)
     check_left_padding(model, path)
     if disable_dropout:
@@ -379,24 +381,47 @@ def _zero_random_rates(holder) -> dict[str, float]:
     return zeroed
 
 
-_ZEROED_CONFIG_RATES = "_entrorl_zeroed_config_rates"
+# (config, its own values, the values entrorl runs it with) of each setting changed on a loaded model's configs
+_CHANGED_CONFIG_SETTINGS = "_entrorl_changed_config_settings"
+
+
+def _remember_changed_settings(model, changes: list[tuple[Any, dict[str, Any], dict[str, Any]]]) -> None:
+    setattr(model, _CHANGED_CONFIG_SETTINGS, getattr(model, _CHANGED_CONFIG_SETTINGS, []) + changes)
 
 
 @contextlib.contextmanager
 def config_rates_restored(model) -> Iterator[None]:
-    """The random rates :func:`turn_off_dropout` zeroed on ``model``'s configs put back for the time of the block,
-    so that a checkpoint saved in it is the original model's configuration: a plain directory another trainer fine-tunes
-    with the dropout its authors chose."""
-    zeroed = getattr(model, _ZEROED_CONFIG_RATES, [])
-    for config, rates in zeroed:
-        for name, value in rates.items():
+    """The settings entrorl changed on ``model``'s configs (the random rates :func:`turn_off_dropout` zeroed, the
+    router logits :func:`load_causal_lm` turns off) put back for the time of the block, so that a checkpoint saved in
+    it is the original model's configuration: a plain directory another trainer fine-tunes with the dropout and the
+    load-balancing loss its authors chose."""
+    changed = getattr(model, _CHANGED_CONFIG_SETTINGS, [])
+    for config, own, _ in changed:
+        for name, value in own.items():
             setattr(config, name, value)
     try:
         yield
     finally:
-        for config, rates in zeroed:
-            for name in rates:
-                setattr(config, name, 0.0)
+        for config, _, running in changed:
+            for name, value in running.items():
+                setattr(config, name, value)
+
+
+def _run_without_router_logits(model, source: str | Path) -> None:
+    """Turn off a mixture-of-experts model's ``output_router_logits``: the router's logits feed the load-balancing
+    loss, which entrorl's trainer does not add (verl's actor does not either), and with them on a one-token decode
+    step fails in transformers' loss, whose mask covers the whole sequence. Said once; checkpoints keep the setting."""
+    configs = [config for config in (model.config, getattr(model.config, "text_config", None))
+               if config is not None and getattr(config, "output_router_logits", False)]
+    if not configs:
+        return
+    for config in configs:
+        config.output_router_logits = False
+    _remember_changed_settings(model, [(config, {"output_router_logits": True}, {"output_router_logits": False})
+                                       for config in configs])
+    warnings.warn(f"{source} sets output_router_logits: entrorl samples and scores without the router's logits and "
+                  "adds no load-balancing loss to the objective (as verl's actor); its checkpoints keep the setting",
+                  stacklevel=3)
 
 
 def turn_off_dropout(model, source: str | Path = "the model") -> None:
@@ -409,9 +434,9 @@ def turn_off_dropout(model, source: str | Path = "the model") -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         _zero_random_rates(module)
-    zeroed = [(config, rates) for config in (model.config, getattr(model.config, "text_config", None))
+    zeroed = [(config, rates, dict.fromkeys(rates, 0.0)) for config in (model.config, getattr(model.config, "text_config", None))
               if config is not None and (rates := _zero_random_rates(config))]
-    setattr(model, _ZEROED_CONFIG_RATES, getattr(model, _ZEROED_CONFIG_RATES, []) + zeroed)
+    _remember_changed_settings(model, zeroed)
     vocab, length, device = _probe_shape(model)
     if vocab < 1:
         return
