@@ -1108,6 +1108,11 @@ def test_the_registry_names_every_place_math_and_exact_match_look_for_an_answer(
     (r"\boxed{\prod_{k=1}^{999} 10^{10000}}", "1", 0.0, "too large to evaluate (a product of more than"),  # 33M bits
     (r"\boxed{\prod_{k=1}^{5} 10^{400}}", "10^{2000}", 1.0, ""),  # 6645 bits: terms beyond a float, a product within
     ("\\boxed{" + r"\sum_{a=1}^{1}" * 20 + "a}", "1", 1.0, ""),  # 20 one-term ranges: one end each, not 2^20
+    (r"\boxed{\prod_{k=0}^{5} k}", "0", 1.0, ""),  # a zero term adds no bits: the product is 0
+    (r"\boxed{\sum_{k=1}^{3}\prod_{j=0}^{k} j}", "0", 1.0, ""),
+    (r"\boxed{\prod_{k=1}^{999} 10^{-10000}}", "1", 0.0, "too large to evaluate (a product of more than"),  # its denominator
+    (r"\boxed{\prod_{k=n}^{n+998} 10^{10000}}", "1", 0.0, "too large to evaluate (a product of more than"),  # ends symbolic
+    (r"\boxed{\prod_{k=10^9}^{10^9} 2^{k}}", "1", 0.0, "too large to evaluate (an exponent above"),  # one term, sized
 ])
 def test_binomials_sums_and_products_are_sized_by_their_values_and_their_terms(reward, completion, reference, score,
                                                                              reason):
@@ -1129,3 +1134,14 @@ def test_a_timed_out_judgement_of_a_sum_leaves_sympy_evaluating():
         compare_answers(r"\sum_{a=1}^{1}" * 14 + "a", "1", options=MathOptions(timeout=0.3))
         assert global_parameters.evaluate is True
     assert compare_answers("2^{10}", "1024").equal and compare_answers("x+x", "2x").equal
+
+
+@pytest.mark.parametrize(("answer", "reference"), [
+    (r"\sum_{k=n}^{n+2} 2^k", r"\sum_{k=n}^{n+2} 2^{k}"), (r"\sum_{k=a}^{a+1} k^2", r"\sum_{k=a}^{a+1} k^{2}"),
+    (r"\prod_{k=n}^{n+1} k", r"\prod_{k=n}^{n+1} k"),
+])
+def test_sums_and_products_with_symbolic_bounds_are_judged(answer, reference):
+    """The range from n to n + 2 has 3 terms, but its ends are no numbers to size a term at: the term is judged as
+    written, not converted to a float (a TypeError) nor refused as too large."""
+    result = compare_answers(answer, reference)
+    assert result.equal, result.reason

@@ -929,6 +929,7 @@ def _check_series(series: Any, terms: float, values: Mapping[Any, Any]) -> None:
     import sympy
 
     ends: list[dict[Any, Any]] = [dict(values)]
+    finite_range = False
     for index, lower, upper in series.limits:
         span = upper - lower
         if span.has(sympy.oo, -sympy.oo, sympy.zoo):
@@ -936,23 +937,30 @@ def _check_series(series: Any, terms: float, values: Mapping[Any, Any]) -> None:
         counted = [chosen for chosen in ends if _numeric(span, chosen)]
         if not counted:
             continue
+        finite_range = True
         terms *= max(_magnitude(span, chosen) for chosen in counted) + 1
         if terms > _MAX_TERMS:
             raise _TooLarge(f"sums or products of more than {_MAX_TERMS} terms")
         widened = []
         for chosen in counted:
             low, high = (bound.evalf(30, subs=chosen) if chosen else bound.evalf(30) for bound in (lower, upper))
+            if not (low.is_number and high.is_number):  # k from n to n + 2: counted, its ends left symbolic
+                widened.append(chosen)
+                continue
             # an end once: a one-term range does not double the ends
             widened += [{**chosen, index: end} for end in ([low] if low == high else [low, high])]
         ends = widened
-    if len(ends) == 1 and ends[0].keys() == values.keys():
-        return  # no finite range: nothing is computed term by term
+    if not finite_range:
+        return  # nothing is computed term by term
     largest = 0.0
     for chosen in ends:
         _check_size(series.function, terms, chosen)
         if isinstance(series, sympy.Product) and _numeric(series.function, chosen):
-            bits = sympy.log(sympy.Abs(series.function), 2).evalf(15, subs=chosen)
-            largest = max(largest, float(bits) if bits.is_real else math.inf)
+            if series.function.evalf(15, subs=chosen or None) == 0:  # a zero term: the product is 0
+                continue
+            # a term's bits either way: 10^{-10000}'s denominator counts as 10^{10000} does
+            bits = sympy.log(sympy.Abs(series.function), 2).evalf(15, subs=chosen or None)
+            largest = max(largest, abs(float(bits)) if bits.is_real else math.inf)
     if isinstance(series, sympy.Product) and not terms * largest <= _MAX_POWER_BITS:
         raise _TooLarge(f"a product of more than {_MAX_POWER_BITS} bits")
 
