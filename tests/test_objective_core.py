@@ -2142,4 +2142,6 @@ def test_a_mask_holding_values_other_than_0_and_1_is_refused(stray):
         PolicyBatch(log_prob=zeros, old_log_prob=zeros, advantages=zeros, mask=mask)
     with pytest.raises(ValueError, match="token_stats: mask must be bool or hold only 0 and 1"):
         token_stats(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), mask=mask)
+    with pytest.raises(ValueError, match="aggregate_loss: mask must be bool or hold only 0 and 1"):
+        aggregate_loss(zeros, mask)
     assert PolicyBatch(log_prob=zeros, old_log_prob=zeros, advantages=zeros, mask=(mask == 1).long()).mask.dtype == torch.bool

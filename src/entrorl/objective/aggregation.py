@@ -26,7 +26,7 @@ import math
 import torch
 from pydantic import TypeAdapter
 
-from entrorl._checks import check_int, refuse_booleans_for_numbers
+from entrorl._checks import as_bool_mask, check_int, refuse_booleans_for_numbers
 
 __all__ = ["LOSS_AGG_MODES", "aggregate_loss", "check_loss_agg_mode", "check_loss_scale_factor"]
 
@@ -91,7 +91,7 @@ def aggregate_loss(
     batch_num_tokens = check_global_count(batch_num_tokens, "batch_num_tokens")
     global_batch_size = check_global_count(global_batch_size, "global_batch_size")
     dp_size = check_int(dp_size, "dp_size", minimum=1)
-    mask = mask.bool()
+    mask = as_bool_mask(mask, "aggregate_loss: mask")
     masked = torch.where(mask, per_token_loss, torch.zeros_like(per_token_loss))
     # sums and counts in float32 at least: float16 cannot hold one above 65504; the result in the loss's dtype
     wide = torch.promote_types(masked.dtype, torch.float32)
