@@ -514,9 +514,34 @@ def test_objective_state_is_saved_with_checkpoints_and_restored(tokenizer, tmp_p
         added._load_optimizer_and_scheduler(str(initial))
 
 
+def test_the_controllers_statistics_are_shared_once_a_step_and_again_in_a_second_train(tokenizer, tmp_path, monkeypatch):
+    """Under data parallelism the first micro-batch of each step sums the controllers' statistics over the processes
+    (one collective a step); a second train() starts a new TrainerState whose step 0 shares again."""
+    from accelerate import Accelerator
+    from transformers import TrainerState
+
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy")
+    reduced = []
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(trainer.accelerator, "reduce", lambda tensor, reduction: reduced.append(reduction) or tensor)
+    from entrorl.objective import PolicyBatch
+
+    zeros = torch.zeros(1, 2)
+    batch = PolicyBatch(log_prob=zeros, old_log_prob=zeros, advantages=zeros, mask=torch.zeros(1, 2, dtype=torch.bool))
+    trainer.state.global_step = 0
+    trainer._share_step_statistics(batch)
+    trainer._share_step_statistics(batch)  # a later micro-batch of step 0
+    assert reduced == ["sum"]
+    trainer.state = TrainerState()  # a second train(), from step 0 again
+    trainer._share_step_statistics(batch)
+    trainer.state.global_step = 1
+    trainer._share_step_statistics(batch)
+    assert reduced == ["sum", "sum", "sum"]
+
+
 def test_under_data_parallelism_each_process_saves_and_restores_its_own_objective_state(tokenizer, tmp_path, monkeypatch):
     """Only the process TrainingArguments.should_save names writes the shared files; every process writes its own
-    objective state (its coefficient moved on its own micro-batches) and a resume gives each its own back. A
+    objective state (its part of the step being measured is its own) and a resume gives each its own back. A
     checkpoint without a process's file gives it the saving process's state, with a warning."""
     from accelerate import Accelerator
 

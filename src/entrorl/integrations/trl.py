@@ -478,7 +478,9 @@ class EntropyGRPOTrainer(GRPOTrainer):
                              "logits are used)")
         self.fused_head = fused_head
         self.diagnostics = diagnostics
-        self._shared_step: int | None = None  # the last step whose first micro-batch shared the controllers' statistics
+        # (the run's TrainerState, its step) whose first micro-batch shared the controllers' statistics: a second train()
+        # starts a new state, whose step 0 shares again
+        self._shared_step: tuple[int, int] | None = None
 
     @staticmethod
     def _own_objective(objective: Any, objective_params: dict[str, Any], grpo_args: Any) -> Objective:
@@ -641,9 +643,10 @@ class EntropyGRPOTrainer(GRPOTrainer):
         every process's tokens (:meth:`AdaptiveEntropy.share_measurement`), so that one coefficient moves on every
         process, as TRL's own controller and Skywork-OR1's verl code measure the whole batch. Every process runs the
         same micro-batches, so each makes the same collectives."""
-        if self.accelerator.num_processes < 2 or self._shared_step == self.state.global_step:
+        step = (id(self.state), self.state.global_step)
+        if self.accelerator.num_processes < 2 or self._shared_step == step:
             return
-        self._shared_step = self.state.global_step
+        self._shared_step = step
         for part in self.objective.regularizers:
             if isinstance(part, AdaptiveEntropy):
                 part.share_measurement(batch, lambda local: self.accelerator.reduce(local, reduction="sum"))
