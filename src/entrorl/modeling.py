@@ -421,7 +421,7 @@ def _run_without_router_logits(model, source: str | Path) -> None:
                                        for config in configs])
     warnings.warn(f"{source} sets output_router_logits: entrorl samples and scores without the router's logits and "
                   "adds no load-balancing loss to the objective (as verl's actor); its checkpoints keep the setting",
-                  stacklevel=3)
+                  stacklevel=1)  # here, so that the policy and its reference, loaded from one folder, say it once
 
 
 def turn_off_dropout(model, source: str | Path = "the model") -> None:

@@ -479,8 +479,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
         self.fused_head = fused_head
         self.diagnostics = diagnostics
         # (the run's TrainerState, its step) whose first micro-batch shared the controllers' statistics: a second train()
-        # starts a new state, whose step 0 shares again
-        self._shared_step: tuple[int, int] | None = None
+        # starts a new state, whose step 0 shares again (the state itself is kept: a dead one's id may be reused)
+        self._shared_step: tuple[Any, int] | None = None
 
     @staticmethod
     def _own_objective(objective: Any, objective_params: dict[str, Any], grpo_args: Any) -> Objective:
@@ -643,10 +643,11 @@ class EntropyGRPOTrainer(GRPOTrainer):
         every process's tokens (:meth:`AdaptiveEntropy.share_measurement`), so that one coefficient moves on every
         process, as TRL's own controller and Skywork-OR1's verl code measure the whole batch. Every process runs the
         same micro-batches, so each makes the same collectives."""
-        step = (id(self.state), self.state.global_step)
-        if self.accelerator.num_processes < 2 or self._shared_step == step:
+        shared = self._shared_step
+        if self.accelerator.num_processes < 2 or (
+                shared is not None and shared[0] is self.state and shared[1] == self.state.global_step):
             return
-        self._shared_step = step
+        self._shared_step = (self.state, self.state.global_step)
         for part in self.objective.regularizers:
             if isinstance(part, AdaptiveEntropy):
                 part.share_measurement(batch, lambda local: self.accelerator.reduce(local, reduction="sum"))
