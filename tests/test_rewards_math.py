@@ -1111,6 +1111,8 @@ def test_the_registry_names_every_place_math_and_exact_match_look_for_an_answer(
     (r"\boxed{\prod_{k=0}^{5} k}", "0", 1.0, ""),  # a zero term adds no bits: the product is 0
     (r"\boxed{\sum_{k=1}^{3}\prod_{j=0}^{k} j}", "0", 1.0, ""),
     (r"\boxed{\prod_{k=1}^{999} 10^{-10000}}", "1", 0.0, "too large to evaluate (a product of more than"),  # its denominator
+    (r"\boxed{\prod_{k=1}^{999} \frac{10^{9999}+1}{10^{9999}}}", "1", 0.0, "too large to evaluate (a product of more"),
+    (r"\boxed{\prod_{k=1}^{3} \frac{k+1}{k}}", "4", 1.0, ""),
     (r"\boxed{\prod_{k=n}^{n+998} 10^{10000}}", "1", 0.0, "too large to evaluate (a product of more than"),  # ends symbolic
     (r"\boxed{\prod_{k=10^9}^{10^9} 2^{k}}", "1", 0.0, "too large to evaluate (an exponent above"),  # one term, sized
 ])

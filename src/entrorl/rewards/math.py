@@ -921,6 +921,21 @@ def _check_size(expr: Any, terms: float = 1.0, values: Mapping[Any, Any] | None 
         _check_series(expr, terms, values or {})
 
 
+def _term_bits(term: Any, values: Mapping[Any, Any]) -> float:
+    """The bits a product's ``term`` (its index at ``values``) adds: those of its numerator and of its denominator,
+    each either way (``10^{-10000}`` as ``10^{10000}``, ``(10^{9999} + 1) / 10^{9999}`` as both); 0 for a zero term
+    (the product is 0) or a zero denominator (no number to build)."""
+    import sympy
+
+    bits = 0.0
+    for part in sympy.fraction(term):
+        if part.evalf(15, subs=values or None) == 0:
+            return 0.0
+        size = sympy.log(sympy.Abs(part), 2).evalf(15, subs=values or None)
+        bits += abs(float(size)) if size.is_real else math.inf
+    return bits
+
+
 def _check_series(series: Any, terms: float, values: Mapping[Any, Any]) -> None:
     """:func:`_check_size` of a sum or product inside ``terms`` terms of outer ones, whose indices take ``values``:
     its terms count with theirs, and its term is checked with each index at either end of its range (numerically:
@@ -956,11 +971,7 @@ def _check_series(series: Any, terms: float, values: Mapping[Any, Any]) -> None:
     for chosen in ends:
         _check_size(series.function, terms, chosen)
         if isinstance(series, sympy.Product) and _numeric(series.function, chosen):
-            if series.function.evalf(15, subs=chosen or None) == 0:  # a zero term: the product is 0
-                continue
-            # a term's bits either way: 10^{-10000}'s denominator counts as 10^{10000} does
-            bits = sympy.log(sympy.Abs(series.function), 2).evalf(15, subs=chosen or None)
-            largest = max(largest, abs(float(bits)) if bits.is_real else math.inf)
+            largest = max(largest, _term_bits(series.function, chosen))
     if isinstance(series, sympy.Product) and not terms * largest <= _MAX_POWER_BITS:
         raise _TooLarge(f"a product of more than {_MAX_POWER_BITS} bits")
 
