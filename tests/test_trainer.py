@@ -1203,7 +1203,11 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
              r"diagnostics.measure_fraction has no effect with diagnostics.measure_entropy_change = false"),
             (["model.master_weights=false"], r"model.master_weights has no effect with model.dtype = 'float32'"),
             (["reward.diversity.batch_size=8"], r"reward.diversity.batch_size has no effect while reward.diversity.enabled is false"),
-            (["logging.project=mine"], r"logging.project has no effect without logging.wandb or logging.trackio")):
+            (["logging.project=mine"], r"logging.project has no effect without logging.wandb or logging.trackio"),
+            (["method={method: grpo, loss_scale_factor: 12}"],
+             r"method.loss_scale_factor = 12 has no effect: the loss aggregation is 'seq-mean-token-mean'"),
+            (["method={method: dapo, params: {loss_scale_factor: 12}}"],
+             r"method.loss_scale_factor = 12 has no effect: the loss aggregation is 'token-mean'")):
         with pytest.warns(UserWarning, match=problem):
             load_config(base, overrides)
     evaluated = make_config(tmp_path / "no-model-needed", train, held_out)
@@ -1216,6 +1220,7 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
                            "data.pass_rate_band=[0.1, 0.9]", "model.dtype=bfloat16", "model.master_weights=false"])
         load_config(evaluated, ["eval.n=4", "eval.top_k=5"])
         load_config(evaluated, ["eval.n=1", "eval.ks=[1]", "eval.temperature=0"])
+        load_config(base, ["method={method: grpo, loss_agg_mode: seq-mean-token-sum-norm, loss_scale_factor: 12}"])
     for override in ("eval.ks=[1, true]", "optim.betas=[true, 0.9]"):
         with pytest.raises(ConfigError, match=r"expected real numbers, not booleans or complex numbers"):
             load_config(base, [override])
