@@ -1113,6 +1113,9 @@ def test_the_registry_names_every_place_math_and_exact_match_look_for_an_answer(
     (r"\boxed{\prod_{k=1}^{999} 10^{-10000}}", "1", 0.0, "too large to evaluate (a product of more than"),  # its denominator
     (r"\boxed{\prod_{k=1}^{999} \frac{10^{9999}+1}{10^{9999}}}", "1", 0.0, "too large to evaluate (a product of more"),
     (r"\boxed{\prod_{k=1}^{3} \frac{k+1}{k}}", "4", 1.0, ""),
+    (r"\boxed{\prod_{k=1}^{999} \frac{10^{10000}}{0^{k}}}", "1", 0.0, "too large to evaluate (a product of more"),  # / 0
+    (r"\boxed{\prod_{k=1}^{999} \frac{10^{9999}}{10^{9999}}}", "1", 1.0, ""),  # each term reduces to 1
+    (r"\boxed{\prod_{k=1}^{999} \frac{2^{1000} k}{2^{1000}}}", "999!", 1.0, ""),
     (r"\boxed{\prod_{k=n}^{n+998} 10^{10000}}", "1", 0.0, "too large to evaluate (a product of more than"),  # ends symbolic
     (r"\boxed{\prod_{k=10^9}^{10^9} 2^{k}}", "1", 0.0, "too large to evaluate (an exponent above"),  # one term, sized
 ])

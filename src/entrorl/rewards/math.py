@@ -771,8 +771,7 @@ def _binomial_bits(n: Any, k: Any) -> float:
     sympy's coefficient builds it as one."""
     import sympy
 
-    n, k = (value if not (value.is_Float and (value % 1).is_zero) else sympy.Integer(int(value))
-            for value in (sympy.sympify(n), sympy.sympify(k)))
+    n, k = (_exact_if_whole(sympy.sympify(value)) for value in (n, k))
     if not k.is_integer or k.is_negative:
         return 0.0
     factors = int(k)
@@ -921,19 +920,29 @@ def _check_size(expr: Any, terms: float = 1.0, values: Mapping[Any, Any] | None 
         _check_series(expr, terms, values or {})
 
 
-def _term_bits(term: Any, values: Mapping[Any, Any]) -> float:
-    """The bits a product's ``term`` (its index at ``values``) adds: those of its numerator and of its denominator,
-    each either way (``10^{-10000}`` as ``10^{10000}``, ``(10^{9999} + 1) / 10^{9999}`` as both); 0 for a zero term
-    (the product is 0) or a zero denominator (no number to build)."""
+def _exact_if_whole(value: Any) -> Any:
+    """A floating-point whole number as the sympy integer it is (an index's end, so that a term at it is exact)."""
     import sympy
 
-    bits = 0.0
-    for part in sympy.fraction(term):
-        if part.evalf(15, subs=values or None) == 0:
-            return 0.0
-        size = sympy.log(sympy.Abs(part), 2).evalf(15, subs=values or None)
-        bits += abs(float(size)) if size.is_real else math.inf
-    return bits
+    return sympy.Integer(int(value)) if value.is_Float and (value % 1).is_zero else value
+
+
+def _term_bits(term: Any, values: Mapping[Any, Any]) -> float:
+    """The bits a product's ``term`` adds with its indices at ``values`` (one end of their ranges; :func:`_check_size`
+    has sized the term there, so it is built exactly): a rational term's reduced numerator and denominator
+    (``10^{-10000}`` counts as ``10^{10000}``, ``(10^{9999} + 1) / 10^{9999}`` as both, ``10^{9999} / 10^{9999}`` as 1);
+    0 for a zero term (the product is 0); infinitely many for a division by zero; ``|log2|`` of any other value."""
+    import sympy
+
+    value = (term.xreplace(dict(values)) if values else term).doit()
+    if value.is_Rational:
+        return float(abs(value.p).bit_length() + value.q.bit_length()) if value != 0 else 0.0
+    if value.has(sympy.zoo, sympy.nan, sympy.oo):
+        return math.inf
+    if value.evalf(15) == 0:
+        return 0.0
+    bits = sympy.log(sympy.Abs(value), 2).evalf(15)
+    return abs(float(bits)) if bits.is_real else math.inf
 
 
 def _check_series(series: Any, terms: float, values: Mapping[Any, Any]) -> None:
@@ -958,7 +967,8 @@ def _check_series(series: Any, terms: float, values: Mapping[Any, Any]) -> None:
             raise _TooLarge(f"sums or products of more than {_MAX_TERMS} terms")
         widened = []
         for chosen in counted:
-            low, high = (bound.evalf(30, subs=chosen) if chosen else bound.evalf(30) for bound in (lower, upper))
+            low, high = (_exact_if_whole(bound.evalf(30, subs=chosen) if chosen else bound.evalf(30))
+                         for bound in (lower, upper))
             if not (low.is_number and high.is_number):  # k from n to n + 2: counted, its ends left symbolic
                 widened.append(chosen)
                 continue
