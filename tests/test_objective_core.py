@@ -2145,3 +2145,15 @@ def test_a_mask_holding_values_other_than_0_and_1_is_refused(stray):
     with pytest.raises(ValueError, match="aggregate_loss: mask must be bool or hold only 0 and 1"):
         aggregate_loss(zeros, mask)
     assert PolicyBatch(log_prob=zeros, old_log_prob=zeros, advantages=zeros, mask=(mask == 1).long()).mask.dtype == torch.bool
+
+
+def test_a_loss_scale_factor_that_the_aggregation_never_reads_is_said_to_have_no_effect():
+    """Only seq-mean-token-sum-norm divides by loss_scale_factor: given with another aggregation, in the library as in
+    a configuration or the plugins, it warns."""
+    with pytest.warns(UserWarning, match=r"loss_scale_factor = 12 has no effect: the loss aggregation is 'token-mean'"):
+        build_objective("dapo", loss_scale_factor=12)
+    with pytest.warns(UserWarning, match=r"aggregation is 'seq-mean-token-mean'"):
+        build_objective({"method": "grpo", "loss_scale_factor": 12})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_objective("dr_grpo", loss_scale_factor=12).loss_scale_factor == 12.0

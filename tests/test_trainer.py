@@ -1205,9 +1205,9 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
             (["reward.diversity.batch_size=8"], r"reward.diversity.batch_size has no effect while reward.diversity.enabled is false"),
             (["logging.project=mine"], r"logging.project has no effect without logging.wandb or logging.trackio"),
             (["method={method: grpo, loss_scale_factor: 12}"],
-             r"method.loss_scale_factor = 12 has no effect: the loss aggregation is 'seq-mean-token-mean'"),
+             r"loss_scale_factor = 12 has no effect: the loss aggregation is 'seq-mean-token-mean'"),
             (["method={method: dapo, params: {loss_scale_factor: 12}}"],
-             r"method.loss_scale_factor = 12 has no effect: the loss aggregation is 'token-mean'")):
+             r"loss_scale_factor = 12 has no effect: the loss aggregation is 'token-mean'")):
         with pytest.warns(UserWarning, match=problem):
             load_config(base, overrides)
     evaluated = make_config(tmp_path / "no-model-needed", train, held_out)

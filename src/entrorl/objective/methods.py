@@ -485,6 +485,9 @@ def build_objective(name_or_config: Any = "grpo", **overrides: Any) -> Objective
     regularizers = [build("regularizer", ref) for ref in comp.regularizers]
     selectors = [build("selector", ref) for ref in comp.selectors]
     _refuse_selectors_that_keep_nothing(selectors)
+    if loss_scale_factor is not None and loss_agg_mode != "seq-mean-token-sum-norm":
+        warnings.warn(f"loss_scale_factor = {loss_scale_factor:g} has no effect: the loss aggregation is {loss_agg_mode!r}, "
+                      "and only 'seq-mean-token-sum-norm' divides by it", UserWarning, stacklevel=2)
     return Objective(
         surrogate=surrogate,
         shapers=shapers,

@@ -667,10 +667,6 @@ class TrainConfig(_Section):
         if not self.reward.diversity.enabled:
             unused += [f"reward.diversity.{name} has no effect while reward.diversity.enabled is false"
                        for name in moved(self.reward.diversity, "model", "batch_size", "device")]
-        objective = self.build_objective()
-        if objective.loss_scale_factor is not None and objective.loss_agg_mode != "seq-mean-token-sum-norm":
-            unused.append(f"method.loss_scale_factor = {objective.loss_scale_factor:g} has no effect: the loss aggregation "
-                          f"is {objective.loss_agg_mode!r}, and only 'seq-mean-token-sum-norm' divides by it")
         return unused
 
     def method_names(self) -> list[str]:
