@@ -690,6 +690,11 @@ class TrainConfig(_Section):
             return self.optim.kl_reference
         return "ref_log_prob" in self.build_objective().required_fields
 
+    def reads_model_path_again(self) -> bool:
+        """Whether a resumed run reads ``model.path`` again, beside its checkpoint: as the LoRA adapters' base model, or
+        as the ``kl_ref`` reference."""
+        return self.needs_reference() or self.model.lora is not None
+
     def build_objective(self):
         """The objective of ``method``, built without repeating the warnings that validating ``method`` gave."""
         with warnings.catch_warnings():

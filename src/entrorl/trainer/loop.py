@@ -176,8 +176,8 @@ class Trainer:
         # (package, checkpoint's version, this process's): a resume then need not reproduce an uninterrupted run
         self.software_changes = software_changes(saved_state.get("software")) if saved_state is not None else []
         # adapters and the reference are read from model.path again: the model there must be the one they were read from
-        reads_model_path = config.needs_reference() or config.model.lora is not None
-        self.base_model_fingerprint = model_fingerprint(Path(config.model.path)) if reads_model_path else None
+        self.base_model_fingerprint = (model_fingerprint(Path(config.model.path)) if config.reads_model_path_again()
+                                       else None)
         saved_fingerprint = saved_state.get("base_model") if saved_state is not None else None
         if saved_fingerprint and self.base_model_fingerprint and saved_fingerprint != self.base_model_fingerprint:
             read = [what for what, reads in (("the LoRA adapters' base model", config.model.lora is not None),
@@ -1235,8 +1235,8 @@ def check_resume_settings(saved_config: dict[str, Any], config: TrainConfig) -> 
     ``TrainConfig.model_dump(mode="json")``), as ``(key, saved, now)``; ``ValueError`` naming every one a resumed run
     may not change (see :func:`entrorl.trainer.config.resume_changes`)."""
     # model.path names the base model of the adapters, and the reference model
-    reads_model_path = config.needs_reference() or config.model.lora is not None
-    refused, accepted = resume_changes(saved_config, config.model_dump(mode="json"), loads_reference=reads_model_path)
+    refused, accepted = resume_changes(saved_config, config.model_dump(mode="json"),
+                                       loads_reference=config.reads_model_path_again())
     if refused:
         listed = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in refused)
         raise ValueError(
