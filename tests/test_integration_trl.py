@@ -1290,6 +1290,9 @@ with open(f"{output_dir}/rank{rank}.json", "w") as handle:
                "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
                "coefficients": [entry["reg/adaptive_entropy_controller_coeff"] for entry in trainer.state.log_history
                                 if "reg/adaptive_entropy_controller_coeff" in entry]}, handle)
+if torch.distributed.is_initialized():  # left to the interpreter's exit, gloo's threads may abort the process
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 '''
 
 
