@@ -72,6 +72,13 @@ def check_global_count(value, name: str) -> float | None:
     return count
 
 
+def check_normalisers(batch_num_tokens, global_batch_size, dp_size) -> tuple[float | None, float | None, int]:
+    """The global counts (:func:`check_global_count`) and ``dp_size`` (a whole number >= 1) as numbers, each refused
+    naming it otherwise: a negative one would turn the loss's sign, a dp_size of 0 zero it."""
+    return (check_global_count(batch_num_tokens, "batch_num_tokens"),
+            check_global_count(global_batch_size, "global_batch_size"), check_int(dp_size, "dp_size", minimum=1))
+
+
 def aggregate_loss(
     per_token_loss: torch.Tensor,
     mask: torch.Tensor,
@@ -88,9 +95,7 @@ def aggregate_loss(
     a zero that is still attached to the graph (zero gradients, no NaN).
     """
     check_loss_agg_mode(mode)
-    batch_num_tokens = check_global_count(batch_num_tokens, "batch_num_tokens")
-    global_batch_size = check_global_count(global_batch_size, "global_batch_size")
-    dp_size = check_int(dp_size, "dp_size", minimum=1)
+    batch_num_tokens, global_batch_size, dp_size = check_normalisers(batch_num_tokens, global_batch_size, dp_size)
     mask = as_bool_mask(mask, "aggregate_loss: mask")
     masked = torch.where(mask, per_token_loss, torch.zeros_like(per_token_loss))
     # sums and counts in float32 at least: float16 cannot hold one above 65504; the result in the loss's dtype

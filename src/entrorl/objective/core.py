@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from entrorl._checks import check_int
-from entrorl.objective.aggregation import aggregate_loss, check_global_count, check_loss_agg_mode
+from entrorl.objective.aggregation import aggregate_loss, check_loss_agg_mode, check_normalisers
 from entrorl.objective.batch import PolicyBatch, fraction, masked_mean
 from entrorl.objective.parts import Correction, Metrics, Part, Regularizer, Selector, Shaper, Surrogate
 
@@ -79,12 +78,11 @@ class Objective:
         global_batch_size: float | None = None,
         dp_size: int = 1,
     ) -> ObjectiveOutput:
-        # before any stateful part moves: a negative count would turn the loss's sign, dp_size 0 zero it
-        batch_num_tokens = check_global_count(batch_num_tokens, "batch_num_tokens")
-        global_batch_size = check_global_count(global_batch_size, "global_batch_size")
-        dp_size = check_int(dp_size, "dp_size", minimum=1)
-        needed = "batch_num_tokens" if self.loss_agg_mode == "token-mean" else "global_batch_size"
-        if dp_size > 1 and (batch_num_tokens if needed == "batch_num_tokens" else global_batch_size) is None:
+        # before any stateful part moves
+        batch_num_tokens, global_batch_size, dp_size = check_normalisers(batch_num_tokens, global_batch_size, dp_size)
+        needed, count = (("batch_num_tokens", batch_num_tokens) if self.loss_agg_mode == "token-mean"
+                         else ("global_batch_size", global_batch_size))
+        if dp_size > 1 and count is None:
             raise ValueError(f"dp_size={dp_size} without {needed}: under data parallelism the {self.loss_agg_mode} loss "
                              f"is normalised by the count over every process; give it ({needed}=...)")
         for part in self.parts:
