@@ -883,7 +883,7 @@ def _describe_method(method: str, *, as_json: bool) -> None:
         _fail(f"method {specs[0].name!r}: {error}")
     # a later method whose own surrogate the first method's replaces: what it trains with in this composition
     in_composition = {spec.name: next((str(caught.message) for caught in set_aside
-                                       if str(caught.message).startswith(f"'{spec.name}' after ")), "") for spec in specs}
+                                       if getattr(caught.message, "method", None) == spec.name), "") for spec in specs}
     described = {"name": objective.name,
                  "methods": [{"name": spec.name, "description": spec.description, "paper": spec.paper,
                               "notes": spec.notes, "in_composition": in_composition[spec.name]} for spec in specs],

@@ -398,7 +398,12 @@ def _refuse_if_it_adds_nothing(name: str, refs: dict[str, Any], comp: _Compositi
 class SurrogateSetAsideWarning(UserWarning):
     """A composition's later method trains with the first method's surrogate instead of its own (``dapo+kl_cov``):
     its own category, so that a caller who has already told the user (the laboratory checks its methods before its
-    workers build them again) can silence the repeat without silencing other warnings."""
+    workers build them again) can silence the repeat without silencing other warnings. ``method`` names the method
+    whose surrogate is set aside."""
+
+    def __init__(self, message: str, method: str | None = None):
+        super().__init__(message)
+        self.method = method
 
 
 def _warn_surrogate_set_aside(name: str, own: PartRef, used: PartRef, *, first: str) -> None:
@@ -419,7 +424,8 @@ def _warn_surrogate_set_aside(name: str, own: PartRef, used: PartRef, *, first: 
         told = (f"'{name}' after '{first}' trains with {first}'s surrogate '{used[0]}', not its own '{own[0]}': the "
                 f"first method of a composition gives the surrogate; name the surrogate in the config "
                 f"({{'method': ..., 'surrogate': {named}}}) to train with {name}'s")
-    warnings.warn(told + " (setting the surrogate's parameters silences this)", SurrogateSetAsideWarning, stacklevel=3)
+    warnings.warn(SurrogateSetAsideWarning(told + " (setting the surrogate's parameters silences this)", method=name),
+                  stacklevel=3)
 
 
 def _refuse_selectors_that_keep_nothing(selectors: list[Part]) -> None:
