@@ -181,7 +181,7 @@ class Trainer:
         saved_fingerprint = saved_state.get("base_model") if saved_state is not None else None
         if saved_fingerprint and self.base_model_fingerprint and saved_fingerprint != self.base_model_fingerprint:
             read = [what for what, reads in (("the LoRA adapters' base model", config.model.lora is not None),
-                                             ("the kl_ref reference", config.needs_reference())) if reads]
+                                             ("the kl_ref reference", self.needs_reference)) if reads]
             warnings.warn(f"the model in model.path ({config.model.path}) is not the one {checkpoint.name} was trained "
                           f"with: its weight files changed since, and {' and '.join(read)} "
                           f"{'are' if len(read) > 1 else 'is'} read from it; the run continues on the model there now",
