@@ -763,3 +763,15 @@ def test_advantage_info_describes_one_estimator_and_names_the_valid_ones_for_an_
     assert advantage_info("passk") == next(info for info in available_advantages() if info.name == "passk")
     with pytest.raises(ValueError, match="unknown advantage estimator 'grpoo'; valid names: grpo, "):
         advantage_info("grpoo")
+
+
+@pytest.mark.parametrize("name,rewards", [
+    ("rloo", [3.4e38, -3.4e38]),  # G/(G-1) (R - mean) = 6.8e38
+    ("dr_grpo", [3.4e38, -3.4e38, -3.4e38]),  # R - mean = 4.5e38
+])
+def test_advantages_beyond_float32_are_refused_instead_of_returned_as_inf(name, rewards):
+    r = torch.tensor(rewards)
+    with pytest.raises(ValueError, match=rf"{name}.*non-finite advantages.*rescale the rewards"):
+        compute_advantages(name, r, torch.zeros(len(rewards), dtype=torch.long))
+    # halved, the same rewards give finite advantages
+    assert torch.isfinite(compute_advantages(name, r / 2, torch.zeros(len(rewards), dtype=torch.long))).all()

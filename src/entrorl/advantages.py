@@ -191,7 +191,7 @@ def compute_advantages(
     that split right from wrong (``psr``, ``nsr``, ``signed_reward``, ``w_reinforce``, ``passk``); without it they
     compare ``rewards`` with ``correct_threshold`` in the rewards' own precision (a float32 0.7 reaches a threshold of
     0.7, as it does in :class:`entrorl.rewards.RewardRunner`). Unknown ``params`` raise ``ValueError`` listing the
-    valid ones.
+    valid ones; so do advantages that overflow float32 (rewards near its largest value), rather than train on ``inf``.
     """
     entry = _entry(name)
     unknown = sorted(set(params) - set(entry.info.params))
@@ -211,8 +211,15 @@ def compute_advantages(
         given = _as_tensor(rewards, "rewards", exact=True)
         data["correct"] = _is_correct(given if given.is_floating_point() else r, threshold).to(r.device)
     kwargs = {k: data[k] for k in entry.data_kwargs}
-    out = entry.fn(r, g, **kwargs, **params)
-    return out.to(torch.float32)
+    out = entry.fn(r, g, **kwargs, **params).to(torch.float32)
+    if not bool(torch.isfinite(out).all()):
+        largest = float(r.abs().max())
+        raise ValueError(
+            f"advantage estimator {name!r} gave non-finite advantages (rewards up to |R| = {largest:.3g}: a difference "
+            f"of rewards beyond float32's largest, {torch.finfo(torch.float32).max:.3g}, cannot be stored); rescale the "
+            "rewards"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
