@@ -1179,6 +1179,74 @@ def test_a_stateless_objective_writes_no_state_file_with_its_checkpoints(tokeniz
         "method": "dapo+entropy_bonus"}
 
 
+class _Killed(BaseException):
+    """Stands for the process being killed at that moment."""
+
+
+def test_a_crash_at_any_moment_of_a_checkpoint_leaves_a_resumable_one_that_holds_the_objective_state(
+        tokenizer, tmp_path, monkeypatch):
+    """The objective's state goes into the checkpoint folder before TRL writes trainer_state.json (what makes a folder
+    a checkpoint to resume from) and prunes the older ones (save_total_limit): killed right after the pruning, the run
+    resumes from the new checkpoint with that step's state. Written after TRL's files, the state was missing there
+    while the checkpoint that held the previous one was already deleted: the coefficient started afresh."""
+    import transformers.trainer
+
+    params = {"target_entropy": 100.0, "delta": 0.001}
+    config = dict(save_strategy="steps", save_steps=1, save_total_limit=1, max_steps=2)
+    first = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy", objective_params=params,
+                     config=_config(tmp_path, **config))
+    prune = transformers.trainer.rotate_checkpoints
+
+    def prune_then_die(*args, **kwargs):
+        prune(*args, **kwargs)
+        if first.state.global_step == 2:
+            raise _Killed
+
+    monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", prune_then_die)
+    with pytest.raises(_Killed):
+        first.train()
+    monkeypatch.undo()
+    at_step_2 = first.objective.state_dict()
+    assert at_step_2 != build_objective("adaptive_entropy", **params).state_dict()  # the controller has moved
+    assert sorted(path.name for path in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2"]
+
+    resumed = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy", objective_params=params,
+                       config=_config(tmp_path, **config))
+    load = resumed._load_optimizer_and_scheduler
+    restored = {}
+
+    def load_and_stop(checkpoint):
+        load(checkpoint)
+        restored["checkpoint"], restored["state"] = checkpoint, resumed.objective.state_dict()
+        raise _Killed
+
+    resumed._load_optimizer_and_scheduler = load_and_stop
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "holds no objective state ... starts afresh" would fail here
+        with pytest.raises(_Killed):
+            resumed.train(resume_from_checkpoint=True)
+    assert restored["checkpoint"].endswith("checkpoint-2") and restored["state"] == at_step_2
+
+
+def test_a_stateless_objective_writing_over_an_earlier_checkpoint_removes_its_objective_state(tokenizer, tmp_path):
+    """A run started again in an output directory used before writes over TRL's files of checkpoint-N; a stateless
+    objective must also take out the earlier run's state file, which resuming would otherwise load (or refuse)."""
+    stateful = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy")
+    stateful.state.global_step = 1
+    stateful.create_optimizer_and_scheduler(num_training_steps=4)
+    stateful._save_checkpoint(stateful.model, None)
+    checkpoint = Path(stateful.args.output_dir) / "checkpoint-1"
+    assert (checkpoint / OBJECTIVE_STATE_FILE).is_file()
+    stateless = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo")
+    stateless.state.global_step = 1
+    stateless.create_optimizer_and_scheduler(num_training_steps=4)
+    stateless._save_checkpoint(stateless.model, None)
+    assert not (checkpoint / OBJECTIVE_STATE_FILE).exists()
+    assert json.loads((checkpoint / "entrorl_objective.json").read_text()) == {"method": "dapo"}
+    stateless._load_optimizer_and_scheduler(str(checkpoint))  # raised "entries ... for parts this objective lacks"
+    assert not list(checkpoint.glob(".*.tmp-*"))  # the state is written through a temporary file, renamed into place
+
+
 def test_an_args_object_without_use_bias_correction_kl_gets_trl_s_default(tmp_path):
     """An options object lacking use_bias_correction_kl reads as GRPOConfig's default (True), as objective_for_trl_loss
     reads it: kl_ref must then be importance-weighted."""

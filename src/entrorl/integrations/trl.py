@@ -84,7 +84,7 @@ from entrorl.objective.parts import make_part
 from entrorl.objective.regularizers import AdaptiveEntropy, KLReference
 from entrorl.objective.surrogates import CISPO, GSPO, PPOClip
 from entrorl.tokens import STAT_NAMES, TokenStats, token_stats, token_stats_from_hidden
-from entrorl.trainer.checkpoint import atomic_write_text
+from entrorl.trainer.checkpoint import atomic_torch_save, atomic_write_text
 from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary
 
 __all__ = [
@@ -551,16 +551,24 @@ class EntropyGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        """The objective's state and name go into the checkpoint folder before TRL's files: TRL writes
+        ``trainer_state.json`` (what makes a folder a checkpoint to resume from) and then prunes older checkpoints
+        (``save_total_limit``) last, so a crash at any moment leaves a resumable checkpoint that holds the state. A
+        stale state file (a stateless objective writing over an earlier run's checkpoint) is removed."""
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         state = self.objective.state_dict()
-        if self.args.should_save:
-            self._write_objective_name(folder)
+        files = [OBJECTIVE_STATE_FILE] if self.args.should_save else []
+        if self.accelerator.num_processes > 1:  # each process's own, as transformers keeps its RNG states
+            files.append(objective_state_file(self.accelerator.process_index))
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in files:
             if state:
-                torch.save(state, os.path.join(folder, OBJECTIVE_STATE_FILE))
-        if state and self.accelerator.num_processes > 1:  # each process's own, as transformers keeps its RNG states
-            os.makedirs(folder, exist_ok=True)
-            torch.save(state, os.path.join(folder, objective_state_file(self.accelerator.process_index)))
+                atomic_torch_save(state, folder / name)
+            else:
+                (folder / name).unlink(missing_ok=True)
+        if self.args.should_save:
+            self._write_objective_name(str(folder))
+        super()._save_checkpoint(model, trial)
 
     def save_state(self) -> None:
         super().save_state()

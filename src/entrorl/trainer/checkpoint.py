@@ -74,10 +74,20 @@ _TEMPORARY = ".*.tmp-*"  # the hidden files and directories that atomic writes r
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file renamed over it: ``path`` holds the old text or the new
     one, never part of either. The temporary file goes when the write fails (a full disk); the error names ``path``."""
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)`` through a temporary file renamed over ``path``, as :func:`atomic_write_text`: a crash
+    leaves the old file or the new one, never a truncated archive."""
+    _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(temporary, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
