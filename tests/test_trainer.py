@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import logging
 import math
@@ -12,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -956,6 +958,37 @@ def test_greedy_evaluation(tmp_path, tiny_model_dir, arithmetic_files):
     assert metrics["eval/frac_solved_none"] + metrics["eval/frac_solved_all"] == 1.0
     forks = json.loads((tmp_path / "run" / "forks" / "step_000000.json").read_text())
     assert len(forks) == 3 and forks[0]["entropy"] > 0.1
+
+
+def test_the_evaluation_s_fork_pass_keeps_to_the_micro_batch_size(tmp_path, tiny_model_dir, arithmetic_files):
+    """The fork tokens' entropies are scored in pieces of optim.micro_batch_size rows (the size the user made fit in
+    memory), not every evaluation row (prompts x eval.n) in one forward, and the forks are the same either way."""
+    train, held_out = arithmetic_files
+    forks = {}
+    for micro_batch_size in (None, 3):
+        config = load_config(make_config(tiny_model_dir, train, held_out, optim={"micro_batch_size": micro_batch_size},
+                                         rollout={"generation_batch_size": 4},
+                                         eval={"every": 0, "n": 4, "ks": [1], "max_prompts": 5, "top_forks": 5}))
+        trainer = Trainer(config, run_dir=tmp_path / f"run-{micro_batch_size}")
+        rows_per_forward = []
+        hook = trainer.model.get_decoder().register_forward_pre_hook(
+            lambda module, args, kwargs: rows_per_forward.append(
+                (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[0]),
+            with_kwargs=True)
+        try:
+            trainer.evaluate()
+        finally:
+            hook.remove()
+            trainer.close()
+        # sampling runs generation_batch_size (4) rows at a time; the fork pass its 20 rows in pieces of the
+        # micro-batch size, or of the generation batch size without one (it ran them in one forward)
+        assert max(rows_per_forward) == 4, rows_per_forward
+        assert rows_per_forward[-7:] == [3] * 6 + [2] if micro_batch_size else rows_per_forward[-5:] == [4] * 5
+        forks[micro_batch_size] = json.loads((tmp_path / f"run-{micro_batch_size}" / "forks" / "step_000000.json").read_text())
+    assert len(forks[3]) == 5
+    assert [(f["sample"], f["position"], f["token"]) for f in forks[3]] == [
+        (f["sample"], f["position"], f["token"]) for f in forks[None]]
+    assert [f["entropy"] for f in forks[3]] == pytest.approx([f["entropy"] for f in forks[None]], rel=1e-5)
 
 
 def test_learning_rate_schedules():
@@ -4010,7 +4043,8 @@ def test_k_values_are_sorted_once_each_and_refused_below_1(capsys):
     for text, message in (("0,2", "--k values must be >= 1, got '0,2'"), ("2,-1", "--k values must be >= 1"),
                           ("", "--k needs at least one k (comma-separated integers such as 1,4,16), got ''"),
                           (" , ", "--k needs at least one k"),
-                          ("1,x", "--k expects comma-separated integers, got '1,x'"), ("1.5", "comma-separated integers")):
+                          ("1,x", "--k expects comma-separated integers, got '1,x'"), ("1.5", "comma-separated integers"),
+                          ("1_6", "comma-separated integers"), ("\uff18", "comma-separated integers")):  # int() reads both
         with pytest.raises(typer.Exit) as stopped:
             _parse_ks(text)
         assert stopped.value.exit_code == 2 and message in capsys.readouterr().err, text
@@ -4655,6 +4689,73 @@ def test_a_failed_rename_names_the_target_and_an_error_without_a_number_is_left_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
     plain = OSError("cannot write")
     assert naming_file(plain, target) is plain
+
+
+def test_atomic_writes_follow_symbolic_links_and_write_into_pipes_and_devices(tmp_path):
+    """A link is followed (the file it names gets the text, the link stays a link); a named pipe (as /dev/null or
+    /dev/stdout) is written into, not replaced by a regular file."""
+    import threading
+
+    from entrorl.trainer.checkpoint import atomic_torch_save, atomic_write_text
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "summary.json").write_text("old")
+    link = tmp_path / "summary.json"
+    link.symlink_to(results / "summary.json")
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and (results / "summary.json").read_text() == "new"
+    assert sorted(p.name for p in results.iterdir()) == ["summary.json"]
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()))
+    reader.start()
+    atomic_torch_save({"coefficient": 0.5}, pipe)
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    assert torch.load(io.BytesIO(received[0]), weights_only=True) == {"coefficient": 0.5}
+
+
+def test_eval_and_audit_print_plain_progress_lines_away_from_a_terminal(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                        monkeypatch):
+    """In a log (no terminal) a rich bar shows only when it ends: `eval` and `data audit` print a plain line of the
+    sequences sampled at most every PROGRESS_LINE_EVERY_S seconds (here 0: after every generation batch)."""
+    from typer.testing import CliRunner
+
+    import entrorl.trainer.loop
+    from entrorl.cli import app
+
+    monkeypatch.setattr(entrorl.trainer.loop, "PROGRESS_LINE_EVERY_S", 0.0)
+    _, held_out = arithmetic_files
+    common = ["--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--reward", "exact_match",
+              "--max-new-tokens", "2", "--batch-size", "4"]
+    evaluated = CliRunner().invoke(app, ["eval", *common, "--k", "1"])
+    audited = CliRunner().invoke(app, ["data", "audit", *common, "--out", str(tmp_path / "audit")])
+    for result in (evaluated, audited):
+        assert result.exit_code == 0, result.output
+        lines = re.findall(r"sampling: (\d+)/16 sequences, \d+ s", result.output)
+        assert lines == ["4", "8", "12"], result.output
+
+
+def test_cli_eval_writes_its_outputs_through_symbolic_links(tmp_path, tiny_model_dir, arithmetic_files):
+    """--out and --samples given as links write the files they name (results kept in a shared folder); a link to
+    --out given as --samples is the same file, refused."""
+    _, held_out = arithmetic_files
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("summary.json", "samples.jsonl"):
+        (results / name).write_text('{"old": true}\n')
+        (tmp_path / name).symlink_to(results / name)
+    base = ("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "1", "--reward",
+            "exact_match", "--max-new-tokens", "2")
+    result = run_cli(*base, "--out", str(tmp_path / "summary.json"), "--samples", str(tmp_path / "samples.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "summary.json").is_symlink() and (tmp_path / "samples.jsonl").is_symlink()
+    assert json.loads((results / "summary.json").read_text())["n_problems"] == 8
+    assert len((results / "samples.jsonl").read_text().splitlines()) == 8 * 2
+    refused = run_cli(*base, "--out", str(tmp_path / "summary.json"), "--samples", str(results / "summary.json"))
+    assert refused.returncode == 2 and "is --out" in refused.stderr, refused.stderr
 
 
 def test_a_folder_is_a_run_only_with_checkpoints_or_both_its_configuration_and_metrics(tmp_path):

@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -229,10 +230,10 @@ def _run_summary(run_dir: Path) -> str:
 
 
 def _parse_ks(text: str) -> list[int]:
-    try:
-        ks = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(re.fullmatch(r"[-+]?[0-9]+", part) for part in parts):  # int() would also read 1_6 and other digits
         _fail(f"--k expects comma-separated integers, got {text!r}")
+    ks = sorted({int(part) for part in parts})
     if not ks:
         _fail(f"--k needs at least one k (comma-separated integers such as 1,4,16), got {text!r}")
     if ks[0] < 1:
@@ -642,6 +643,32 @@ def _print_reward_errors(errors: int, samples: int, first_error: str | None, log
     ), soft_wrap=True)
 
 
+@contextlib.contextmanager
+def _sampling_progress(total: int, *, elapsed: bool = False):
+    """A bar of the sequences sampled, ``advance(done, total=None)`` moving it: live on a terminal; elsewhere (a log
+    file, a batch job) a plain line at most every ``PROGRESS_LINE_EVERY_S`` seconds, as training prints, so that a long
+    evaluation shows it advancing. ``elapsed`` shows the count and the time spent rather than rich's default columns."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from entrorl.trainer.loop import PROGRESS_LINE_EVERY_S
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) if elapsed else ()
+    started = last_line = time.perf_counter()
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("sampling", total=total)
+
+        def advance(done: int, new_total: int | None = None) -> None:
+            nonlocal last_line, total
+            total = new_total if new_total is not None else total
+            progress.update(task, completed=done, total=total)
+            now = time.perf_counter()
+            if not (console.is_terminal or console.is_jupyter) and done < total and now - last_line >= PROGRESS_LINE_EVERY_S:
+                last_line = now
+                console.print(f"sampling: {done}/{total} sequences, {now - started:.0f} s", highlight=False)
+
+        yield advance
+
+
 @app.command("eval")
 def evaluate(
     model: ModelDirOption,
@@ -676,8 +703,6 @@ def evaluate(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Avg@n, unbiased Pass@k and the pass-rate histogram of a model on a prompt file."""
-    from rich.progress import Progress
-
     from entrorl.data.loading import check_output_file
     from entrorl.rewards import error_headline
     from entrorl.trainer.checkpoint import atomic_write_text
@@ -711,12 +736,11 @@ def evaluate(
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens
     try:
-        with _said_when_interrupted("while sampling: nothing was written"), Progress(console=console) as progress:
-            task = progress.add_task("sampling", total=len(records) * n)
+        with _said_when_interrupted("while sampling: nothing was written"), \
+                _sampling_progress(len(records) * n) as advance:
             result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks,
                                     sampling=sampling, seed=seed, batch_size=batch_size,
-                                    keep_samples=samples is not None,
-                                    progress=lambda done: progress.update(task, completed=done))
+                                    keep_samples=samples is not None, progress=advance)
     except NonFiniteLogProbs as error:
         _fail(f"{error}; nothing was written")
     summary = result.to_dict()
@@ -1080,8 +1104,6 @@ def data_audit(
     Writes into --out: the pass-rate histogram (JSON and PNG), the suspected-wrong prompts, every
     prompt's audit, the rows in --band in the input's format, and summary.json. The input is only read.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from entrorl._checks import visible_controls
     from entrorl.data import parse_band
     from entrorl.data.audit import AuditThresholds
@@ -1112,14 +1134,11 @@ def data_audit(
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with _said_when_interrupted(f"while sampling: nothing was written into {directory}"), \
-                Progress(*columns, console=console) as progress:
-            task = progress.add_task("sampling", total=len(records) * n)
+                _sampling_progress(len(records) * n, elapsed=True) as advance:
             result = audit_records(policy, tokenizer, records, prompt_ids, reward_runner, n=n, sampling=sampling,
-                                   thresholds=thresholds, seed=seed, batch_size=batch_size,
-                                   progress=lambda done, total: progress.update(task, completed=done, total=total))
+                                   thresholds=thresholds, seed=seed, batch_size=batch_size, progress=advance)
     except NonFiniteLogProbs as error:
         _fail(f"{error}; nothing was written into {directory}")
     for item in result.too_long[:20]:

@@ -73,7 +73,9 @@ _TEMPORARY = ".*.tmp-*"  # the hidden files and directories that atomic writes r
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file renamed over it: ``path`` holds the old text or the new
-    one, never part of either. The temporary file goes when the write fails (a full disk); the error names ``path``."""
+    one, never part of either. The temporary file goes when the write fails (a full disk); the error names ``path``.
+    A symbolic link is followed (the file it names is replaced, the link stays); a path that is not a regular file
+    (``/dev/null``, ``/dev/stdout``, a named pipe) is written to directly, as it cannot be replaced."""
     _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
@@ -84,13 +86,21 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    target = Path(os.path.realpath(path))
+    if target.exists() and not (target.is_file() or target.is_dir()):  # a device or a pipe
+        try:
+            with open(target, "wb") as handle:
+                write(handle)
+        except OSError as error:
+            raise naming_file(error, path, instead_of=target) from None
+        return
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with open(temporary, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except OSError as error:
         with contextlib.suppress(OSError):
             temporary.unlink()

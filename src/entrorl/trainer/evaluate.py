@@ -72,13 +72,15 @@ def evaluate_model(
     top_forks: int = 0,
     keep_samples: bool = False,
     progress=None,
+    scoring_batch_size: int | None = None,
 ) -> EvaluationResult:
     """Sample ``n`` responses per prompt with a private seed (the caller's RNG state is left untouched), score
     them, and summarise. With ``top_forks`` the highest-entropy response positions are decoded in context (their
     entropy at the sampling temperature, or at temperature 1 for greedy sampling). With ``keep_samples`` the result
     lists every sample (prompt, completion with its token ids and their log-probability under the sampler, reference
     answer, reward, correctness, length, truncation, the reward's reason), prompt by prompt. The samples depend on
-    ``batch_size`` (one random number per row of a batch per token)."""
+    ``batch_size`` (one random number per row of a batch per token). The fork tokens' entropies are computed in
+    pieces of ``scoring_batch_size`` rows (default ``batch_size``), as many as the caller can score in one forward."""
     if not records:
         raise ValueError("evaluate_model: no prompts to evaluate")
     n = check_int(n, "evaluate_model: n", minimum=1)
@@ -110,12 +112,15 @@ def evaluate_model(
     if top_forks:
         was_training = model.training
         model.eval()
-        stats = bucketed_response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
-                                              rollouts.response_mask, temperature=sampling.temperature or 1.0,
-                                              need=("entropy",))
+        pieces = torch.arange(len(repeated)).split(check_int(scoring_batch_size or batch_size, "evaluate_model: "
+                                                              "scoring_batch_size", minimum=1))
+        entropy = torch.cat([bucketed_response_token_stats(
+            model, rollouts.prompt_ids[piece], rollouts.prompt_mask[piece], rollouts.response_ids[piece],
+            rollouts.response_mask[piece], temperature=sampling.temperature or 1.0, need=("entropy",),
+        ).entropy.float().cpu() for piece in pieces])
         model.train(was_training)
         forks = top_fork_tokens(tokenizer, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
-                                rollouts.response_mask, stats.entropy.float().cpu(), k=top_forks,
+                                rollouts.response_mask, entropy, k=top_forks,
                                 sources=[record.source for record in repeated])
     return EvaluationResult(summary=summary, forks=forks, samples=samples, reward_errors=result.errors, first_reward_error=result.first_error,
                             correct_threshold=reward.correct_threshold)

@@ -1087,6 +1087,7 @@ class Trainer:
                 self.model, self.tokenizer, self.eval_records, self.eval_prompt_ids, self.reward,
                 n=config.n, ks=config.ks, sampling=sampling, seed=self.config.seed + 1_000_003 * (self.step + 1),
                 batch_size=self.config.rollout.generation_batch_size, top_forks=config.top_forks,
+                scoring_batch_size=self.config.optim.micro_batch_size,
             )
         except NonFiniteLogProbs as error:
             if self.step == 0:
@@ -1324,12 +1325,14 @@ def _catch_stop_signals(received: list[int], console, *, plan: Callable[[], str]
     return restore
 
 
+#: Away from a terminal (a log file, a batch job), long work prints a plain line at most this often, in seconds.
+PROGRESS_LINE_EVERY_S = 30.0
+
+
 class _StepProgress:
     """The training loop's progress: a live bar on a terminal; elsewhere (a log file, a batch job) one plain line
-    at the first and last steps and at most every :attr:`LINE_EVERY_S` seconds between them, so that a run's log
-    shows it advancing."""
-
-    LINE_EVERY_S = 30.0
+    at the first and last steps and at most every :data:`PROGRESS_LINE_EVERY_S` seconds between them, so that a run's
+    log shows it advancing."""
 
     def __init__(self, console, description: str, total: int, done: int, *, enabled: bool):
         from rich.console import Console
@@ -1370,7 +1373,7 @@ class _StepProgress:
         now = time.perf_counter()
         if self.live or not self.enabled:
             return
-        if step - 1 == self.first_step or step == self.total or now - self.last_line >= self.LINE_EVERY_S:
+        if step - 1 == self.first_step or step == self.total or now - self.last_line >= PROGRESS_LINE_EVERY_S:
             self.last_line = now
             rate = (step - self.first_step) / max(now - self.started, 1e-9)
             self.console.print(f"{self.description}: step {step}/{self.total}  {status}  {rate:.2f} steps/s",
