@@ -771,7 +771,14 @@ def test_advantage_info_describes_one_estimator_and_names_the_valid_ones_for_an_
 ])
 def test_advantages_beyond_float32_are_refused_instead_of_returned_as_inf(name, rewards):
     r = torch.tensor(rewards)
-    with pytest.raises(ValueError, match=rf"{name}.*non-finite advantages.*rescale the rewards"):
+    with pytest.raises(ValueError, match=rf"{name}.*beyond float32's largest value.*\|R\| = 3.4e\+38\): rescale the "
+                                         "rewards$"):
         compute_advantages(name, r, torch.zeros(len(rewards), dtype=torch.long))
     # halved, the same rewards give finite advantages
     assert torch.isfinite(compute_advantages(name, r / 2, torch.zeros(len(rewards), dtype=torch.long))).all()
+
+
+def test_advantages_beyond_float32_through_a_parameter_name_it():
+    with pytest.raises(ValueError, match=r"'w_reinforce'.*\(rewards up to \|R\| = 1, lam=1e\+39\): rescale the rewards "
+                                         r"or the parameters"):
+        compute_advantages("w_reinforce", torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.zeros(4, dtype=torch.long), lam=1e39)

@@ -1228,6 +1228,42 @@ def test_a_crash_at_any_moment_of_a_checkpoint_leaves_a_resumable_one_that_holds
     assert restored["checkpoint"].endswith("checkpoint-2") and restored["state"] == at_step_2
 
 
+def test_resume_from_checkpoint_true_passes_over_a_checkpoint_whose_save_was_cut_short(tokenizer, tmp_path,
+                                                                                        monkeypatch):
+    """Killed while transformers writes the model of checkpoint-2 (its folder then holds entrorl's files and part of
+    the model, no trainer_state.json), a run resumes from checkpoint-1, which pruning has not yet removed, with a
+    warning; transformers' own search takes the newest folder and fails ("Can't find a valid checkpoint")."""
+    params = {"target_entropy": 100.0, "delta": 0.001}
+    config = dict(save_strategy="steps", save_steps=1, save_total_limit=1, max_steps=2)
+    first = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy", objective_params=params,
+                     config=_config(tmp_path, **config))
+    save_model = first.save_model
+
+    def killed_at_step_2(*args, **kwargs):
+        if first.state.global_step == 2:
+            raise _Killed
+        return save_model(*args, **kwargs)
+
+    first.save_model = killed_at_step_2
+    with pytest.raises(_Killed):
+        first.train()
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    resumed = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy", objective_params=params,
+                       config=_config(tmp_path, **config))
+    load = resumed._load_optimizer_and_scheduler
+    restored = []
+    resumed._load_optimizer_and_scheduler = lambda checkpoint: load(checkpoint) or restored.append(checkpoint)
+    with pytest.warns(UserWarning, match=r"checkpoint-2 holds no trainer_state.json \(its save was cut short\): "
+                                         r"resuming from an earlier checkpoint"):
+        resumed.train(resume_from_checkpoint=True)
+    assert [Path(path).name for path in restored] == ["checkpoint-1"] and resumed.state.global_step == 2
+    empty = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path / "empty", objective="dapo",
+                     config=_config(tmp_path / "empty", **config))
+    assert empty.latest_complete_checkpoint() is None
+    with pytest.raises(ValueError, match="No valid checkpoint found"):  # transformers' own message
+        empty.train(resume_from_checkpoint=True)
+
+
 def test_a_stateless_objective_writing_over_an_earlier_checkpoint_removes_its_objective_state(tokenizer, tmp_path):
     """A run started again in an output directory used before writes over TRL's files of checkpoint-N; a stateless
     objective must also take out the earlier run's state file, which resuming would otherwise load (or refuse)."""

@@ -977,6 +977,14 @@ def test_the_evaluation_s_fork_pass_keeps_to_the_micro_batch_size(tmp_path, tiny
             with_kwargs=True)
         try:
             trainer.evaluate()
+            hook.remove()
+            from entrorl.rollout import SamplingParams
+            from entrorl.trainer.evaluate import evaluate_model
+
+            with pytest.raises(ValueError, match="evaluate_model: scoring_batch_size must be a positive integer, got 0"):
+                evaluate_model(trainer.model, trainer.tokenizer, trainer.eval_records, trainer.eval_prompt_ids,
+                               trainer.reward, n=1, ks=[1], sampling=SamplingParams(max_new_tokens=2), seed=0,
+                               top_forks=1, scoring_batch_size=0)
         finally:
             hook.remove()
             trainer.close()
@@ -989,6 +997,22 @@ def test_the_evaluation_s_fork_pass_keeps_to_the_micro_batch_size(tmp_path, tiny
     assert [(f["sample"], f["position"], f["token"]) for f in forks[3]] == [
         (f["sample"], f["position"], f["token"]) for f in forks[None]]
     assert [f["entropy"] for f in forks[3]] == pytest.approx([f["entropy"] for f in forks[None]], rel=1e-5)
+
+
+def test_rewards_whose_advantages_overflow_float32_stop_the_run_with_the_cause(tmp_path, tiny_model_dir, arithmetic_files):
+    """RLOO's G/(G-1) (R - mean) of rewards +-3.4e38 is beyond float32: the run stops saying so (not a traceback, nor
+    an update on inf advantages), and the step's record is kept."""
+    train, _ = arithmetic_files
+    huge = "def score(prompt, completion, answer, **meta):\n    return 3.4e38 if sum(map(ord, completion)) % 2 else -3.4e38\n"
+    with importable_module(tmp_path, "huge_reward", huge):
+        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "huge_reward:score"},
+                                         advantage={"name": "rloo"}, checkpoint={"every": 0}))
+        with pytest.raises(TrainingStopped, match=r"^step 1: advantage estimator 'rloo' gave advantages beyond float32's "
+                                                  r"largest value, 3.4e\+38 \(rewards up to \|R\| = 3.4e\+38\): rescale "
+                                                  r"the rewards; stopping. No checkpoint had been written"):
+            Trainer(config, run_dir=tmp_path / "run").train()
+    (record,) = read_metrics(tmp_path / "run")
+    assert record["step"] == 1 and record["reward/mean"] != 0
 
 
 def test_learning_rate_schedules():
@@ -4679,7 +4703,8 @@ def test_atomic_writes_leave_nothing_behind_and_name_their_file(tmp_path):
 
 def test_a_failed_rename_names_the_target_and_an_error_without_a_number_is_left_as_it_is(tmp_path):
     """os.replace's error names the temporary file: the error says the file that was to be written instead."""
-    from entrorl.trainer.checkpoint import atomic_write_text, naming_file
+    from entrorl._files import naming_file
+    from entrorl.trainer.checkpoint import atomic_write_text
 
     target = tmp_path / "summary.json"
     (target / "in-the-way").mkdir(parents=True)  # a folder where the file goes: the rename fails
@@ -4736,6 +4761,70 @@ def test_eval_and_audit_print_plain_progress_lines_away_from_a_terminal(tmp_path
         assert result.exit_code == 0, result.output
         lines = re.findall(r"sampling: (\d+)/16 sequences, \d+ s", result.output)
         assert lines == ["4", "8", "12"], result.output
+
+
+@pytest.mark.parametrize("stdout", ["pipe", "file"])
+def test_atomic_writes_to_dev_stdout_write_into_the_process_s_output(tmp_path, stdout):
+    """`--out /dev/stdout | jq` and `--out /dev/stdout >> log`: /dev/stdout links through /proc/self/fd/1 to a pipe or
+    to the log file; the text goes into it (appended to a file), which is neither replaced nor truncated."""
+    script = ("from pathlib import Path\nfrom entrorl.trainer.checkpoint import atomic_write_text\n"
+              "print('before', flush=True)\natomic_write_text(Path('/dev/stdout'), 'JSON\\n')\n"
+              "print('after', flush=True)\n")
+    if stdout == "pipe":
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "before\nJSON\nafter\n"
+    else:
+        log = tmp_path / "results.log"
+        log.write_text("earlier\n")
+        with open(log, "a") as handle:
+            result = subprocess.run([sys.executable, "-c", script], stdout=handle, stderr=subprocess.PIPE, text=True,
+                                    timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert log.read_text() == "earlier\nbefore\nJSON\nafter\n"
+
+
+def test_a_pipe_named_by_its_descriptor_is_an_output_written_into(tmp_path):
+    """`--out >(jq .)` gives /dev/fd/N: checked as writable and written into, not replaced."""
+    from entrorl.data.loading import check_output_file
+    from entrorl.trainer.checkpoint import atomic_write_text
+
+    read, write = os.pipe()
+    try:
+        assert check_output_file(f"/dev/fd/{write}", what="--out") == Path(f"/dev/fd/{write}")
+        atomic_write_text(Path(f"/dev/fd/{write}"), "through the pipe\n")
+        os.close(write)
+        write = None
+        assert os.read(read, 1000) == b"through the pipe\n"
+    finally:
+        os.close(read)
+        if write is not None:
+            os.close(write)
+
+
+def test_an_output_linked_into_a_folder_that_takes_no_files_is_refused_before_any_work(tmp_path, monkeypatch):
+    """The file a link names is replaced in its own folder: that folder is the one checked (here one whose new files
+    are refused, as a read-only mount's; permission bits alone do not stop root)."""
+    import tempfile
+
+    from entrorl.data.loading import check_output_file
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "summary.json").write_text("{}")
+    (tmp_path / "summary.json").symlink_to(locked / "summary.json")
+    make_temporary = tempfile.mkstemp
+
+    def refused_in_locked(*args, dir=None, **kwargs):
+        if Path(dir) == locked:
+            raise PermissionError(13, "Permission denied")
+        return make_temporary(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused_in_locked)
+    with pytest.raises(ValueError, match=rf"--out {re.escape(str(tmp_path / 'summary.json'))} cannot be written: "
+                                         rf"the folder {re.escape(str(locked))} does not take new files"):
+        check_output_file(tmp_path / "summary.json", what="--out")
+    assert check_output_file(tmp_path / "elsewhere.json", what="--out") == tmp_path / "elsewhere.json"
 
 
 def test_cli_eval_writes_its_outputs_through_symbolic_links(tmp_path, tiny_model_dir, arithmetic_files):

@@ -47,6 +47,7 @@ from entrorl._checks import as_tensor, check_int, is_real_number
 
 __all__ = [
     "AdvantageFn",
+    "AdvantageOverflow",
     "AdvantageInfo",
     "register_advantage",
     "available_advantages",
@@ -174,6 +175,10 @@ def get_advantage_fn(name: str) -> AdvantageFn:
     return _entry(name).fn
 
 
+class AdvantageOverflow(ValueError):
+    """Advantages beyond float32's range (rewards, or an estimator's parameter, near its largest value)."""
+
+
 def compute_advantages(
     name: str,
     rewards: torch.Tensor,
@@ -213,11 +218,11 @@ def compute_advantages(
     kwargs = {k: data[k] for k in entry.data_kwargs}
     out = entry.fn(r, g, **kwargs, **params).to(torch.float32)
     if not bool(torch.isfinite(out).all()):
-        largest = float(r.abs().max())
-        raise ValueError(
-            f"advantage estimator {name!r} gave non-finite advantages (rewards up to |R| = {largest:.3g}: a difference "
-            f"of rewards beyond float32's largest, {torch.finfo(torch.float32).max:.3g}, cannot be stored); rescale the "
-            "rewards"
+        given = "".join(f", {key}={value!r}" for key, value in params.items())
+        raise AdvantageOverflow(
+            f"advantage estimator {name!r} gave advantages beyond float32's largest value, "
+            f"{torch.finfo(torch.float32).max:.3g} (rewards up to |R| = {float(r.abs().max()):.3g}{given}): rescale "
+            "the rewards" + (" or the parameters" if params else "")
         )
     return out
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from entrorl.trainer.checkpoint import naming_file
+from entrorl._files import naming_file
 
 NA = "n/a"  # missing or undefined
 NOT_APPLICABLE = "—"  # does not apply (e.g. a training statistic of the base model)

@@ -36,15 +36,15 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from entrorl._checks import caseless, is_real_number
+from entrorl._files import write_atomically
 from entrorl.data.filters import parse_band, pass_rate_band_mask
-from entrorl.data.loading import _LOADERS, _csv_fields_of_any_length_in, _default_file_mode, _read_text, read_arrow_ipc
+from entrorl.data.loading import _LOADERS, _csv_fields_of_any_length_in, _read_text, read_arrow_ipc
 from entrorl.data.records import PromptRecord
 
 __all__ = [
@@ -422,15 +422,7 @@ def _locations(records: Sequence[PromptRecord], pattern: re.Pattern[str], group:
 
 def _atomic_write_bytes(target: Path, payload: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.chmod(tmp, _default_file_mode())  # the mode of a file written plainly, not mkstemp's 0600
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(target, lambda handle: handle.write(payload))
 
 
 #: The file formats :func:`write_selected_rows` writes (besides saved data set directories): every format

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import re
-import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from entrorl._files import write_atomically, written_in_place
 from entrorl.data.records import DataError, PromptRecord
 
 __all__ = [
@@ -177,25 +177,8 @@ def write_jsonl(
     _refuse_overwriting_sources(target, records)
     if target.is_dir():
         raise IsADirectoryError(errno.EISDIR, "write_jsonl: the target is a directory", str(target))
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    mode = stat.S_IMODE(os.stat(target).st_mode) if target.exists() else _default_file_mode()
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for line in lines:
-                fh.write(line)
-                fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(target, lambda handle: handle.write("".join(line + "\n" for line in lines).encode("utf-8")))
     return target
 
 
@@ -867,7 +850,12 @@ def check_output_file(path: str | os.PathLike[str], *, what: str = "output file"
     target = Path(os.fspath(path))
     if target.is_dir():
         raise ValueError(f"{what} {target} is a directory; expected the path of a file")
-    _try_writing_in(Path(os.path.abspath(target)).parent, target, what)  # abspath: 'x/../y' is y, x need not exist
+    if written_in_place(target):  # /dev/null, /dev/stdout, a pipe: opened for writing, not replaced
+        if not os.access(target, os.W_OK):
+            raise ValueError(f"{what} {target} cannot be written: permission denied")
+        return target
+    # realpath: a link's file is replaced in its own folder; 'x/../y' is y, and x need not exist
+    _try_writing_in(Path(os.path.realpath(target)).parent, target, what)
     return target
 
 
@@ -914,9 +902,3 @@ def _try_writing_in(folder: Path, target: Path, what: str) -> None:
                 directory.rmdir()
             except OSError:
                 pass
-
-
-def _default_file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask

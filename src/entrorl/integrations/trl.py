@@ -72,6 +72,7 @@ from packaging.version import Version
 
 try:
     import trl
+    from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as error:  # pragma: no cover - exercised only without trl
@@ -113,6 +114,7 @@ check_trl_version(trl.__version__)
 
 #: The file in each checkpoint directory that holds the objective's state (adaptive coefficients, generators).
 OBJECTIVE_STATE_FILE = "entrorl_objective_state.pt"
+_CHECKPOINT_FOLDER = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")  # as transformers names them
 
 
 def objective_state_file(process_index: int) -> str:
@@ -550,11 +552,35 @@ class EntropyGRPOTrainer(GRPOTrainer):
             )
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``GRPOTrainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint of
+        ``output_dir`` (:meth:`latest_complete_checkpoint`) where transformers takes the newest folder."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self.latest_complete_checkpoint() or True  # True: transformers says none is there
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def latest_complete_checkpoint(self) -> str | None:
+        """The newest ``checkpoint-N`` folder of ``args.output_dir`` that holds ``trainer_state.json``, which a save
+        writes after everything but the pruning of older checkpoints; a newer folder without it (a save cut short by a
+        crash) is passed over with a warning. None when there is none."""
+        folder = self.args.output_dir
+        numbered = sorted(((int(match[1]), name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                           if (match := _CHECKPOINT_FOLDER.fullmatch(name)) and os.path.isdir(os.path.join(folder, name))),
+                          reverse=True)
+        for _, name in numbered:
+            checkpoint = os.path.join(folder, name)
+            if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+                return checkpoint
+            warnings.warn(f"{checkpoint} holds no {TRAINER_STATE_NAME} (its save was cut short): resuming from an "
+                          "earlier checkpoint", stacklevel=3)
+        return None
+
     def _save_checkpoint(self, model, trial) -> None:
         """The objective's state and name go into the checkpoint folder before TRL's files: TRL writes
-        ``trainer_state.json`` (what makes a folder a checkpoint to resume from) and then prunes older checkpoints
-        (``save_total_limit``) last, so a crash at any moment leaves a resumable checkpoint that holds the state. A
-        stale state file (a stateless objective writing over an earlier run's checkpoint) is removed."""
+        ``trainer_state.json`` (what makes a folder a complete checkpoint, see :meth:`latest_complete_checkpoint`) and
+        then prunes older checkpoints (``save_total_limit``) last, so a crash at any moment leaves a complete checkpoint
+        that holds the state. A stale state file (a stateless objective writing over an earlier run's checkpoint) is
+        removed."""
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         state = self.objective.state_dict()
         files = [OBJECTIVE_STATE_FILE] if self.args.should_save else []

@@ -27,7 +27,6 @@ temporary directory and raises :class:`CheckpointWriteError`; the previous check
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
@@ -53,6 +52,7 @@ except ImportError:  # not a POSIX system: runs are not locked there
 import numpy as np
 import torch
 
+from entrorl._files import write_atomically
 from entrorl.modeling import (TOKENIZER_FILES, check_model_files, config_rates_restored, declares_a_model, is_out_of_memory,
                               load_causal_lm, out_of_memory_while, save_tokenizer)
 from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER_WEIGHTS, adapter_weights_file,
@@ -61,7 +61,7 @@ from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointWriteError", "training_run_of", "save_checkpoint", "latest_checkpoint", "incomplete_checkpoints", "checkpoint_step", "load_trainer_state", "capture_rng_state", "restore_rng_state", "atomic_write_text",
-           "ModelDirectory", "resolve_model_directory", "load_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files", "written_by_another_live_process", "naming_file"]
+           "ModelDirectory", "resolve_model_directory", "load_model_directory", "check_run_directory_writable", "lock_run_directory", "remove_temporary_files", "written_by_another_live_process"]
 
 _PREFIX = "step_"
 PASSED_OVER = "passed_over"  # checkpoints/<this>/: the checkpoints a resume passed over
@@ -72,47 +72,15 @@ _TEMPORARY = ".*.tmp-*"  # the hidden files and directories that atomic writes r
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed over it: ``path`` holds the old text or the new
-    one, never part of either. The temporary file goes when the write fails (a full disk); the error names ``path``.
-    A symbolic link is followed (the file it names is replaced, the link stays); a path that is not a regular file
-    (``/dev/null``, ``/dev/stdout``, a named pipe) is written to directly, as it cannot be replaced."""
-    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    """Write ``text`` (UTF-8) to ``path`` as one rename (:func:`entrorl._files.write_atomically`): ``path`` holds the
+    old text or the new one, never part of either; a link is followed, a device or ``/dev/stdout`` written into."""
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save(obj, path)`` through a temporary file renamed over ``path``, as :func:`atomic_write_text`: a crash
-    leaves the old file or the new one, never a truncated archive."""
-    _atomic_write(path, lambda handle: torch.save(obj, handle))
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    target = Path(os.path.realpath(path))
-    if target.exists() and not (target.is_file() or target.is_dir()):  # a device or a pipe
-        try:
-            with open(target, "wb") as handle:
-                write(handle)
-        except OSError as error:
-            raise naming_file(error, path, instead_of=target) from None
-        return
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise naming_file(error, path, instead_of=temporary) from None
-
-
-def naming_file(error: OSError, path: Path, *, instead_of: Path | None = None) -> OSError:
-    """``error`` with ``path`` as its file name when it names none (a full disk's write error names no file), or
-    names ``instead_of`` (the temporary file of an atomic write): "[Errno 28] No space left on device: 'path'"."""
-    if error.errno is None or error.filename not in (None, None if instead_of is None else str(instead_of)):
-        return error
-    return type(error)(error.errno, error.strerror, str(path))
+    """``torch.save(obj, path)`` as one rename, as :func:`atomic_write_text`: a crash leaves the old file or the new
+    one, never a truncated archive."""
+    write_atomically(path, lambda handle: torch.save(obj, handle))
 
 
 def nearest_existing(path: Path) -> Path:

@@ -112,8 +112,8 @@ def evaluate_model(
     if top_forks:
         was_training = model.training
         model.eval()
-        pieces = torch.arange(len(repeated)).split(check_int(scoring_batch_size or batch_size, "evaluate_model: "
-                                                              "scoring_batch_size", minimum=1))
+        piece_rows = batch_size if scoring_batch_size is None else scoring_batch_size
+        pieces = torch.arange(len(repeated)).split(check_int(piece_rows, "evaluate_model: scoring_batch_size", minimum=1))
         entropy = torch.cat([bucketed_response_token_stats(
             model, rollouts.prompt_ids[piece], rollouts.prompt_mask[piece], rollouts.response_ids[piece],
             rollouts.response_mask[piece], temperature=sampling.temperature or 1.0, need=("entropy",),

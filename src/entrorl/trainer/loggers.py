@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from entrorl.trainer.checkpoint import naming_file
+from entrorl._files import naming_file
 
 __all__ = ["MetricsLogger", "TrackerError", "read_metrics"]
 

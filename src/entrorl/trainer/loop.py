@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from entrorl.advantages import compute_advantages, unlikeliness_shaped_rewards
+from entrorl.advantages import AdvantageOverflow, compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import (DataError, PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts,
                           parse_band)
 from entrorl.modeling import (
@@ -675,10 +675,14 @@ class Trainer:
         seq_log_prob = self._sequence_log_probs(rollouts)
         rewards = self._shape_group_rewards(rewards, completions, group_ids, seq_log_prob, metrics)
         correct = result.correct if self.estimator_threshold is None else result.correct_at(self.estimator_threshold)
-        advantages = compute_advantages(
-            self.advantage_name, rewards, group_ids, lengths=rollouts.lengths, seq_log_prob=seq_log_prob,
-            correct=correct, **self.advantage_params,
-        )
+        try:
+            advantages = compute_advantages(
+                self.advantage_name, rewards, group_ids, lengths=rollouts.lengths, seq_log_prob=seq_log_prob,
+                correct=correct, **self.advantage_params,
+            )
+        except AdvantageOverflow as error:
+            raise TrainingStopped(f"step {self.step + 1}: {error}; stopping. {self._last_checkpoint_phrase()}",
+                                  step=self.step + 1, metrics=dict(metrics)) from None
         if rewards is not result.rewards:  # group-level shaping changed the rewards the advantages see
             metrics["reward/shaped_mean"] = float(rewards.mean())
         metrics.update({
