@@ -1253,14 +1253,18 @@ def test_resume_from_checkpoint_true_passes_over_a_checkpoint_whose_save_was_cut
     load = resumed._load_optimizer_and_scheduler
     restored = []
     resumed._load_optimizer_and_scheduler = lambda checkpoint: load(checkpoint) or restored.append(checkpoint)
-    with pytest.warns(UserWarning, match=r"checkpoint-2 holds no trainer_state.json \(its save was cut short\): "
-                                         r"resuming from an earlier checkpoint"):
+    with pytest.warns(UserWarning, match=r"checkpoint-2 hold\(s\) no trainer_state.json \(a save cut short\): "
+                                         r"resuming from .*checkpoint-1$"):
         resumed.train(resume_from_checkpoint=True)
     assert [Path(path).name for path in restored] == ["checkpoint-1"] and resumed.state.global_step == 2
     empty = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path / "empty", objective="dapo",
                      config=_config(tmp_path / "empty", **config))
     assert empty.latest_complete_checkpoint() is None
     with pytest.raises(ValueError, match="No valid checkpoint found"):  # transformers' own message
+        empty.train(resume_from_checkpoint=True)
+    (tmp_path / "empty" / "out" / "checkpoint-3").mkdir(parents=True)  # only a save cut short
+    with pytest.raises(ValueError, match=r"no complete checkpoint in .*out: .*checkpoint-3 hold\(s\) no "
+                                         r"trainer_state.json \(a save cut short\); train without resume_from_checkpoint"):
         empty.train(resume_from_checkpoint=True)
 
 

@@ -984,7 +984,7 @@ def test_the_evaluation_s_fork_pass_keeps_to_the_micro_batch_size(tmp_path, tiny
             with pytest.raises(ValueError, match="evaluate_model: scoring_batch_size must be a positive integer, got 0"):
                 evaluate_model(trainer.model, trainer.tokenizer, trainer.eval_records, trainer.eval_prompt_ids,
                                trainer.reward, n=1, ks=[1], sampling=SamplingParams(max_new_tokens=2), seed=0,
-                               top_forks=1, scoring_batch_size=0)
+                               top_forks=0, scoring_batch_size=0)  # refused before sampling, forks or not
         finally:
             hook.remove()
             trainer.close()
@@ -1011,8 +1011,16 @@ def test_rewards_whose_advantages_overflow_float32_stop_the_run_with_the_cause(t
                                                   r"largest value, 3.4e\+38 \(rewards up to \|R\| = 3.4e\+38\): rescale "
                                                   r"the rewards; stopping. No checkpoint had been written"):
             Trainer(config, run_dir=tmp_path / "run").train()
-    (record,) = read_metrics(tmp_path / "run")
-    assert record["step"] == 1 and record["reward/mean"] != 0
+        # the unlikeliness rank scales a negative reward up by as much as 1 + beta_rank: past float32 too
+        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "huge_reward:score",
+                                                                              "unlikeliness": {"beta_rank": 0.25}},
+                                         checkpoint={"every": 0}))
+        with pytest.raises(TrainingStopped, match=r"^step 1: the reward shaping took rewards beyond float32's largest "
+                                                  r"value, 3.4e\+38: rescale the rewards; stopping. No checkpoint"):
+            Trainer(config, run_dir=tmp_path / "shaped").train()
+    for run in ("run", "shaped"):
+        (record,) = read_metrics(tmp_path / run)
+        assert record["step"] == 1 and record["reward/mean"] != 0
 
 
 def test_learning_rate_schedules():
@@ -4661,10 +4669,10 @@ def test_eval_exits_1_when_its_summary_cannot_be_written(tmp_path, tiny_model_di
 
     samples = tmp_path / "samples.jsonl"
 
-    def full_disk(path, text):
+    def full_disk(path, text, **options):
         if Path(path) in (out, samples):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        write(path, text)
+        write(path, text, **options)
 
     monkeypatch.setattr(checkpoint, "atomic_write_text", full_disk)
     command = ["eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "1,2",
@@ -4731,6 +4739,14 @@ def test_atomic_writes_follow_symbolic_links_and_write_into_pipes_and_devices(tm
     atomic_write_text(link, "new")
     assert link.is_symlink() and (results / "summary.json").read_text() == "new"
     assert sorted(p.name for p in results.iterdir()) == ["summary.json"]
+    # a link into a folder not made yet: check_output_file accepts it, and the write makes the folder
+    from entrorl.data.loading import check_output_file
+
+    (tmp_path / "later.json").symlink_to(tmp_path / "not-yet" / "deeper" / "later.json")
+    check_output_file(tmp_path / "later.json", what="--out")
+    assert not (tmp_path / "not-yet").exists()
+    atomic_write_text(tmp_path / "later.json", "made", make_folder=True)
+    assert (tmp_path / "not-yet" / "deeper" / "later.json").read_text() == "made"
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
     received = []
@@ -4763,10 +4779,11 @@ def test_eval_and_audit_print_plain_progress_lines_away_from_a_terminal(tmp_path
         assert lines == ["4", "8", "12"], result.output
 
 
-@pytest.mark.parametrize("stdout", ["pipe", "file"])
+@pytest.mark.parametrize("stdout", ["pipe", "file", "appended file"])
 def test_atomic_writes_to_dev_stdout_write_into_the_process_s_output(tmp_path, stdout):
-    """`--out /dev/stdout | jq` and `--out /dev/stdout >> log`: /dev/stdout links through /proc/self/fd/1 to a pipe or
-    to the log file; the text goes into it (appended to a file), which is neither replaced nor truncated."""
+    """`--samples /dev/stdout | jq`, `> log` and `>> log`: /dev/stdout links through /proc/self/fd/1 to a pipe or to
+    the log file; the text goes through the descriptor itself, in order with what the process writes before and
+    after it, and the file is neither replaced nor truncated."""
     script = ("from pathlib import Path\nfrom entrorl.trainer.checkpoint import atomic_write_text\n"
               "print('before', flush=True)\natomic_write_text(Path('/dev/stdout'), 'JSON\\n')\n"
               "print('after', flush=True)\n")
@@ -4777,11 +4794,11 @@ def test_atomic_writes_to_dev_stdout_write_into_the_process_s_output(tmp_path, s
     else:
         log = tmp_path / "results.log"
         log.write_text("earlier\n")
-        with open(log, "a") as handle:
+        with open(log, "a" if stdout == "appended file" else "w") as handle:
             result = subprocess.run([sys.executable, "-c", script], stdout=handle, stderr=subprocess.PIPE, text=True,
                                     timeout=120)
         assert result.returncode == 0, result.stderr
-        assert log.read_text() == "earlier\nbefore\nJSON\nafter\n"
+        assert log.read_text() == ("earlier\n" if stdout == "appended file" else "") + "before\nJSON\nafter\n"
 
 
 def test_a_pipe_named_by_its_descriptor_is_an_output_written_into(tmp_path):

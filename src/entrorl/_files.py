@@ -13,13 +13,15 @@ import contextlib
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = ["naming_file", "write_atomically", "written_in_place"]
 
-_DESCRIPTOR = re.compile(r"/proc/[^/]+/fd/[^/]+|/dev/fd/[^/]+")  # /proc/self/fd/1, /proc/<pid>/fd/1, /dev/fd/1
+# /proc/self/fd/1, /proc/<pid>/fd/1, /dev/fd/1 (the last is this process's)
+_DESCRIPTOR = re.compile(r"(?:/proc/(?P<owner>[^/]+)|/dev)/fd/(?P<number>[^/]+)")
 _MAX_LINKS = 40  # as the kernel's own limit on the links one path may follow
 
 
@@ -27,13 +29,8 @@ def written_in_place(path: str | os.PathLike[str]) -> bool:
     """Whether a write to ``path`` goes into what is there rather than replacing it: ``path`` is, or links through, a
     process's descriptor (``/dev/stdout`` links to ``/proc/self/fd/1``, which may name a pipe or a redirected file),
     or names something other than a regular file or a folder (a device, a pipe, a socket)."""
-    hop = os.path.abspath(path)
-    for _ in range(_MAX_LINKS):
-        if _DESCRIPTOR.fullmatch(hop):
-            return True
-        if not os.path.islink(hop):
-            break
-        hop = os.path.normpath(os.path.join(os.path.dirname(hop), os.readlink(hop)))
+    if _own_descriptor(path) is not None or _descriptor_path(path):
+        return True
     try:
         mode = os.stat(path).st_mode
     except OSError:  # nothing there yet, or a dangling link: a new file
@@ -41,18 +38,52 @@ def written_in_place(path: str | os.PathLike[str]) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
+def _descriptor_path(path: str | os.PathLike[str]) -> str | None:
+    """The ``/proc/<pid>/fd/<n>`` or ``/dev/fd/<n>`` that ``path`` is or links through, else None."""
+    hop = os.path.abspath(path)
+    for _ in range(_MAX_LINKS):
+        if _DESCRIPTOR.fullmatch(hop):
+            return hop
+        if not os.path.islink(hop):
+            return None
+        hop = os.path.normpath(os.path.join(os.path.dirname(hop), os.readlink(hop)))
+    return None
+
+
+def _own_descriptor(path: str | os.PathLike[str]) -> int | None:
+    """The number of this process's descriptor that ``path`` names (``/dev/stdout``: 1), else None."""
+    hop = _descriptor_path(path)
+    match = None if hop is None else _DESCRIPTOR.fullmatch(hop)
+    if match is None or match["owner"] not in (None, "self", str(os.getpid())) or not match["number"].isdigit():
+        return None
+    return int(match["number"])
+
+
+def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any], *, make_folder: bool = False) -> None:
     """Call ``write`` with a binary file whose content then replaces ``path``'s as one rename (see the module's
-    description for links, devices and descriptors, which are written into). A file replaced keeps its permission
-    bits. When the write fails the temporary file goes, and an ``OSError`` names ``path`` (a full disk's names none)."""
+    description for links, devices and descriptors, which are written into: one of this process's own, such as
+    ``/dev/stdout``, through the descriptor itself, so that what the process writes next follows the text). A file
+    replaced keeps its permission bits; ``make_folder`` creates the folder it goes into (a link's target's). When the
+    write fails the temporary file goes, and an ``OSError`` names ``path`` (a full disk's names none)."""
     if written_in_place(path):
         try:
-            with open(path, "ab") as handle:
+            descriptor = _own_descriptor(path)
+            if descriptor is None:
+                with open(path, "ab") as handle:
+                    write(handle)
+                return
+            for stream in (sys.stdout, sys.stderr):  # what Python holds for the descriptor goes first
+                with contextlib.suppress(AttributeError, OSError, ValueError):
+                    if stream.fileno() == descriptor:
+                        stream.flush()
+            with os.fdopen(os.dup(descriptor), "wb") as handle:  # the dup shares the descriptor's position
                 write(handle)
         except OSError as error:
             raise naming_file(error, Path(path)) from None
         return
     target = Path(os.path.realpath(path))
+    if make_folder:
+        target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with open(temporary, "wb") as handle:

@@ -605,9 +605,12 @@ def _model_settings(directory) -> dict[str, str]:
     return {"adapters": str(directory.adapters.resolve()), "base": str(directory.weights.resolve())}
 
 
-def _reward_log_path(out: Path) -> Path:
-    """Where `entrorl eval --out FILE` keeps the first reward traceback: beside FILE."""
-    return out.with_name(f"{out.stem}.reward_errors.log")
+def _reward_log_path(out: Path | None) -> Path | None:
+    """Where `entrorl eval --out FILE` keeps the first reward traceback: beside FILE; None without ``--out``, or when
+    it is a device, a pipe or a descriptor (``/dev/stdout``), beside which nothing is written (a temporary file then)."""
+    from entrorl._files import written_in_place
+
+    return None if out is None or written_in_place(out) else out.with_name(f"{out.stem}.reward_errors.log")
 
 
 def _keep_reward_traceback(first_error: str | None, log: Path | None) -> Path | None:
@@ -714,8 +717,9 @@ def evaluate(
     _note_if_greedy_samples_repeat(n, temperature, top_k)
     outputs = {option: path for option, path in (("--out", out), ("--samples", samples)) if path is not None}
     taken = {data.resolve(): "--data"}
-    if out is not None:
-        taken[_reward_log_path(out).resolve()] = f"the reward errors' log of --out ({_reward_log_path(out)})"
+    reward_log_path = _reward_log_path(out)
+    if reward_log_path is not None:
+        taken[reward_log_path.resolve()] = f"the reward errors' log of --out ({reward_log_path})"
     for option, path in outputs.items():
         if path.resolve() in taken:
             _fail(f"{option} {path} is {taken[path.resolve()]}; give each file its own path")
@@ -749,13 +753,13 @@ def evaluate(
         model, directory, reward_runner, defaults, sampling, n=n, prompt_column=prompt_column,
         answer_column=answer_column, max_prompts=max_prompts, seed=seed, batch_size=batch_size, policy=policy)}
     summary["sources"] = [record.source for record in records]
-    reward_log = _keep_reward_traceback(result.first_reward_error, None if out is None else _reward_log_path(out))
+    reward_log = _keep_reward_traceback(result.first_reward_error, reward_log_path)
     if result.reward_errors:
         summary["first_reward_error"] = error_headline(result.first_reward_error)
         summary["reward_errors_log"] = None if reward_log is None else str(reward_log)
-    elif out is not None:  # the traceback of an earlier evaluation into this --out is not this one's
+    elif reward_log_path is not None:  # the traceback of an earlier evaluation into this --out is not this one's
         with contextlib.suppress(OSError):
-            _reward_log_path(out).unlink(missing_ok=True)
+            reward_log_path.unlink(missing_ok=True)
     # what was loaded, named by the absolute path's last parts (`--model model`, or a run directory: its checkpoint)
     named = (directory.adapters or directory.weights).resolve()
     # a checkpoint's step_N/model or step_N/adapter
@@ -777,8 +781,8 @@ def evaluate(
     not_written = False  # the samples or the summary
     if samples is not None:
         try:
-            samples.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(samples, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in result.samples))
+            atomic_write_text(samples, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in result.samples),
+                              make_folder=True)
             summary["samples_file"] = str(samples)
         except OSError as error:  # checked before sampling, so rare; the summary still reaches stdout, and the exit is 1
             console.print(Text.assemble(("error:", "bold red"), f" cannot write {samples}: {error}"), soft_wrap=True)
@@ -786,8 +790,7 @@ def evaluate(
     text = json.dumps(summary, indent=1)
     if out is not None:
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out, text)
+            atomic_write_text(out, text, make_folder=True)
         except OSError as error:  # checked before sampling (a full disk is not): the summary still reaches stdout
             console.print(Text.assemble(("error:", "bold red"), f" cannot write {out}: {error}"
                                         + (" (it still holds an earlier result)" if out.is_file() else "")), soft_wrap=True)

@@ -421,8 +421,7 @@ def _locations(records: Sequence[PromptRecord], pattern: re.Pattern[str], group:
 
 
 def _atomic_write_bytes(target: Path, payload: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(target, lambda handle: handle.write(payload))
+    write_atomically(target, lambda handle: handle.write(payload), make_folder=True)
 
 
 #: The file formats :func:`write_selected_rows` writes (besides saved data set directories): every format

@@ -561,18 +561,25 @@ class EntropyGRPOTrainer(GRPOTrainer):
 
     def latest_complete_checkpoint(self) -> str | None:
         """The newest ``checkpoint-N`` folder of ``args.output_dir`` that holds ``trainer_state.json``, which a save
-        writes after everything but the pruning of older checkpoints; a newer folder without it (a save cut short by a
-        crash) is passed over with a warning. None when there is none."""
+        writes after everything but the pruning of older checkpoints; newer folders without it (saves cut short by a
+        crash) are passed over with a warning. None when ``output_dir`` holds no checkpoint folder; ``ValueError`` when
+        it holds only incomplete ones."""
         folder = self.args.output_dir
         numbered = sorted(((int(match[1]), name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
                            if (match := _CHECKPOINT_FOLDER.fullmatch(name)) and os.path.isdir(os.path.join(folder, name))),
                           reverse=True)
+        incomplete = []
         for _, name in numbered:
             checkpoint = os.path.join(folder, name)
             if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+                if incomplete:
+                    warnings.warn(f"{', '.join(incomplete)} hold(s) no {TRAINER_STATE_NAME} (a save cut short): "
+                                  f"resuming from {checkpoint}", stacklevel=2)
                 return checkpoint
-            warnings.warn(f"{checkpoint} holds no {TRAINER_STATE_NAME} (its save was cut short): resuming from an "
-                          "earlier checkpoint", stacklevel=3)
+            incomplete.append(checkpoint)
+        if incomplete:
+            raise ValueError(f"no complete checkpoint in {folder}: {', '.join(incomplete)} hold(s) no {TRAINER_STATE_NAME} "
+                             "(a save cut short); train without resume_from_checkpoint to start afresh")
         return None
 
     def _save_checkpoint(self, model, trial) -> None:

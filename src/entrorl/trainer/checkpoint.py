@@ -71,10 +71,11 @@ _CHECKPOINT_NAME = re.compile(r"step_(\d+)")  # a checkpoint's folder; a copy (s
 _TEMPORARY = ".*.tmp-*"  # the hidden files and directories that atomic writes rename into place
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, *, make_folder: bool = False) -> None:
     """Write ``text`` (UTF-8) to ``path`` as one rename (:func:`entrorl._files.write_atomically`): ``path`` holds the
-    old text or the new one, never part of either; a link is followed, a device or ``/dev/stdout`` written into."""
-    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
+    old text or the new one, never part of either; a link is followed, a device or ``/dev/stdout`` written into.
+    ``make_folder`` creates the folder the file goes into."""
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")), make_folder=make_folder)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -84,6 +84,8 @@ def evaluate_model(
     if not records:
         raise ValueError("evaluate_model: no prompts to evaluate")
     n = check_int(n, "evaluate_model: n", minimum=1)
+    piece_rows = check_int(batch_size if scoring_batch_size is None else scoring_batch_size,
+                           "evaluate_model: scoring_batch_size", minimum=1)
     if len(prompt_ids) != len(records):
         raise ValueError(f"evaluate_model: {len(records)} records but {len(prompt_ids)} tokenized prompts; expected one each")
     sampler = HFSampler.for_model(model, tokenizer, batch_size=batch_size)
@@ -112,8 +114,7 @@ def evaluate_model(
     if top_forks:
         was_training = model.training
         model.eval()
-        piece_rows = batch_size if scoring_batch_size is None else scoring_batch_size
-        pieces = torch.arange(len(repeated)).split(check_int(piece_rows, "evaluate_model: scoring_batch_size", minimum=1))
+        pieces = torch.arange(len(repeated)).split(piece_rows)
         entropy = torch.cat([bucketed_response_token_stats(
             model, rollouts.prompt_ids[piece], rollouts.prompt_mask[piece], rollouts.response_ids[piece],
             rollouts.response_mask[piece], temperature=sampling.temperature or 1.0, need=("entropy",),

@@ -738,6 +738,10 @@ class Trainer:
         if self.config.reward.unlikeliness is not None:
             beta_rank = self.config.reward.unlikeliness.beta_rank
             rewards = unlikeliness_shaped_rewards(rewards, group_ids, seq_log_prob, beta_rank=beta_rank).float()
+        if not bool(torch.isfinite(rewards).all()):  # a negative reward grows: up to 2x (diversity), 1 + beta_rank
+            raise TrainingStopped(f"step {self.step + 1}: the reward shaping took rewards beyond float32's largest value, "
+                                  f"{torch.finfo(torch.float32).max:.3g}: rescale the rewards; stopping. "
+                                  + self._last_checkpoint_phrase(), step=self.step + 1, metrics=dict(metrics))
         return rewards
 
     def _stop_if_the_reward_keeps_failing(self, collected: dict[str, float]) -> None:
