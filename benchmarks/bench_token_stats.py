@@ -347,7 +347,7 @@ def _worker(spec: dict) -> dict:
         result["paired_logsumexp_times_s"] = baseline_wall
         result["paired_logsumexp_cpu_times_s"] = baseline_cpu
         result["ratio_vs_paired_logsumexp"] = statistics.median(t / b for t, b in zip(wall, baseline_wall))
-        result["cpu_ratio_vs_paired_logsumexp"] = statistics.median(cpu) / statistics.median(baseline_cpu)
+        result["cpu_ratio_vs_paired_logsumexp"] = statistics.median(c / max(b, 1e-9) for c, b in zip(cpu, baseline_cpu))
     result["extra_peak_mib"] = (peak - baseline) / MIB
     result["extra_peak_pct"] = 100.0 * (peak - baseline) / logits_bytes
     if with_grad:
@@ -655,6 +655,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         _worker_main(args.worker)
         return 0
+    if args.tokens < 1 or min(args.vocab) < 2 or (args.repeats is not None and args.repeats < 1) or args.warmup < 0:
+        parser.error("--tokens and --repeats must be >= 1, --vocab >= 2 and --warmup >= 0")
+    if args.timeout <= 0 or args.memory_margin_gib < 0:
+        parser.error("--timeout must be > 0 and --memory-margin-gib >= 0")
 
     if args.quick:
         args.tokens, args.vocab = 512, [4096]
@@ -686,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"{name}: not installed, skipped ({info['reasons'].get(name, '')})")
     impls = available
-    if "entrorl" not in impls:
+    if "entrorl" in args.impl and "entrorl" not in impls:
         log("entrorl itself cannot be imported: run with PYTHONPATH=src or install the package")
         return 2
 
@@ -706,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     check = None
     started = time.perf_counter()
     log(f"load average before the run: {_load_average()} (other processes on the machine disturb the timings)")
-    if not args.skip_check:
+    if not args.skip_check and "entrorl" in impls:
         check_vocab = min(args.vocab)
         log(f"[check] token_stats vs naive on all {args.tokens} rows, V={check_vocab}, float32 (values and gradients) ...")
         check = _spawn({"mode": "check", "tokens": args.tokens, "vocab": check_vocab, "seed": args.seed,
@@ -722,13 +726,21 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append("token_stats differs from the naive approach")
 
     results = {}
+    interrupted = False
     for number, spec in enumerate(jobs, 1):
+        if interrupted:
+            break
         available_bytes = _mem_available_bytes()
         if available_bytes is not None:
             spec["memory_budget"] = max(0, available_bytes - int(args.memory_margin_gib * GIB))
         label = f"[{number}/{len(jobs)}] {spec['impl']:<9} V={spec['vocab']:<6} {spec['dtype']:<8} {spec['direction']:<7}"
         log(f"{label} ...")
-        result = _spawn(spec, timeout=args.timeout, in_process=args.quick)
+        try:
+            result = _spawn(spec, timeout=args.timeout, in_process=args.quick)
+        except KeyboardInterrupt:
+            log(f"interrupted: reporting the {number - 1} measurement(s) finished")
+            interrupted = True
+            continue
         results[(spec["impl"], spec["vocab"], spec["dtype"], spec["direction"])] = result
         if result.get("status") == "ok":
             detail = f"median {result['median_s']:.3f} s (CPU {result['median_cpu_s']:.3f} s, fresh pages {_fresh_pages(result)}), extra peak {result['extra_peak_mib']:.0f} MiB ({result['extra_peak_pct']:.1f}% of logits)"
@@ -765,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as handle:
             json.dump({"machine": machine, "info": info, "check": check,
                        "results": [value for value in results.values()]}, handle, indent=2)
+    if interrupted:
+        return 130
     if failures:
         log("FAILED: " + "; ".join(failures))
         return 1

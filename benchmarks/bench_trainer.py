@@ -717,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps, --rounds and --threads must be >= 1 and --warmup >= 0")
     if args.group_size < 2:
         parser.error("--group-size must be >= 2 (GRPO needs groups)")
+    if min(args.prompts_per_step, args.max_new_tokens) < 1 or args.timeout <= 0:
+        parser.error("--prompts-per-step and --max-new-tokens must be >= 1 and --timeout > 0")
+    if args.measure_fraction is not None and not 0 < args.measure_fraction <= 1:
+        parser.error("--measure-fraction must be in (0, 1]")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
 
     arms = list(args.arms)
     if "trl" in arms:
@@ -738,7 +744,8 @@ def main(argv: list[str] | None = None) -> int:
     args.vocab_size = len(SPECIAL_TOKENS) + len(dict.fromkeys(DEFAULT_ALPHABET))
     machine = _machine()
     results: dict[str, list[dict]] = {}
-    failures = 0
+    failures: list[str] = []
+    interrupted = False
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as work:
         work_dir = Path(work)
         model_dir = save_tiny_model(
@@ -749,44 +756,56 @@ def main(argv: list[str] | None = None) -> int:
         prompts = work_dir / "prompts.jsonl"
         # enough distinct prompts that no arm wraps around an epoch inside its run
         write_prompts(prompts, max(256, 2 * args.prompts_per_step * (args.warmup + args.steps)), args.seed)
-        for round_index in range(args.rounds):
-            for arm in arms:
-                spec = {
-                    "arm": arm, "round": round_index, "model_dir": str(model_dir), "prompts": str(prompts),
-                    "work_dir": str(work_dir), "threads": args.threads, "seed": args.seed, "lr": args.lr,
-                    "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
-                    "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "steps": args.steps,
-                    "profile": args.profile, "measure_fraction": args.measure_fraction,
-                    "entrorl_set": args.entrorl_set,
-                }
-                started = time.perf_counter()
-                result = _spawn(spec, args.timeout)
-                if not result.get("ok"):
-                    failures += 1
-                    print(f"[round {round_index + 1}/{args.rounds}] {arm}: FAILED: {result.get('error')}", file=sys.stderr)
-                    if result.get("traceback"):
-                        print(result["traceback"], file=sys.stderr)
-                    continue
-                if result.get("threads_seen") != args.threads:
-                    print(f"warning: {arm} ran with {result.get('threads_seen')} torch threads, not {args.threads}",
-                          file=sys.stderr)
-                results.setdefault(arm, []).append(result)
-                foreign = result.get("foreign_cpus")
-                print(f"[round {round_index + 1}/{args.rounds}] {arm}: {result['steps_per_s']:.2f} steps/s, "
-                      f"{result['tokens_per_s']:.0f} completion tok/s, mean length {result['mean_completion_length']:.1f} "
-                      f"({time.perf_counter() - started:.0f} s with start-up"
-                      + (f"; other processes kept {foreign:.2f} CPUs busy meanwhile" if foreign is not None else "") + ")",
-                      file=sys.stderr, flush=True)
-                if foreign is not None and foreign > 0.25:
-                    print(f"warning: other processes used {foreign:.2f} CPUs while {arm} ran; its timings are disturbed",
-                          file=sys.stderr)
+        try:
+            _run_rounds(args, arms, model_dir, prompts, work_dir, results, failures)
+        except KeyboardInterrupt:
+            interrupted = True
+            print(f"interrupted: reporting the {sum(map(len, results.values()))} finished measurement(s)", file=sys.stderr)
 
     if results:
         print(report(results, args, machine))
     if args.json:
         payload = {"machine": machine, "args": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results}
         Path(args.json).write_text(json.dumps(payload, indent=1))
+    if interrupted:
+        return 130
     return 1 if failures or not results else 0
+
+
+def _run_rounds(args, arms, model_dir, prompts, work_dir, results: dict[str, list[dict]], failures: list[str]) -> None:
+    """Every arm once per round, each in its own worker: its measurement into ``results``, a failure into
+    ``failures``; progress on stderr."""
+    for round_index in range(args.rounds):
+        for arm in arms:
+            spec = {
+                "arm": arm, "round": round_index, "model_dir": str(model_dir), "prompts": str(prompts),
+                "work_dir": str(work_dir), "threads": args.threads, "seed": args.seed, "lr": args.lr,
+                "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
+                "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "steps": args.steps,
+                "profile": args.profile, "measure_fraction": args.measure_fraction,
+                "entrorl_set": args.entrorl_set,
+            }
+            started = time.perf_counter()
+            result = _spawn(spec, args.timeout)
+            if not result.get("ok"):
+                failures.append(f"{arm} round {round_index + 1}")
+                print(f"[round {round_index + 1}/{args.rounds}] {arm}: FAILED: {result.get('error')}", file=sys.stderr)
+                if result.get("traceback"):
+                    print(result["traceback"], file=sys.stderr)
+                continue
+            if result.get("threads_seen") != args.threads:
+                print(f"warning: {arm} ran with {result.get('threads_seen')} torch threads, not {args.threads}",
+                      file=sys.stderr)
+            results.setdefault(arm, []).append(result)
+            foreign = result.get("foreign_cpus")
+            print(f"[round {round_index + 1}/{args.rounds}] {arm}: {result['steps_per_s']:.2f} steps/s, "
+                  f"{result['tokens_per_s']:.0f} completion tok/s, mean length {result['mean_completion_length']:.1f} "
+                  f"({time.perf_counter() - started:.0f} s with start-up"
+                  + (f"; other processes kept {foreign:.2f} CPUs busy meanwhile" if foreign is not None else "") + ")",
+                  file=sys.stderr, flush=True)
+            if foreign is not None and foreign > args.max_foreign_cpus:
+                print(f"warning: other processes used {foreign:.2f} CPUs while {arm} ran; its timings are disturbed",
+                      file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,106 @@
+"""The benchmark scripts' own logic (argument checks, how ratios are formed, interruption), on stand-in workers or the
+smallest sizes: the measurements themselves live in docs/benchmarks.md, not in tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    """The benchmark script ``name`` as a module (its ``main`` takes the command line as a list)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def _measurement(foreign_cpus: float) -> dict:
+    """What a bench_trainer worker reports for one arm and round: two timed steps."""
+    steps = [{"step_s": 0.1, "cpu_s": 0.1, "generate_s": 0.05, "update_s": 0.05, "diagnostics_s": None, "tokens": 16,
+              "rows": 4, "reward_mean": 0.0} for _ in range(2)]
+    return {"ok": True, "records": steps, "threads_seen": 1, "foreign_cpus": foreign_cpus, "steps_per_s": 10.0,
+            "tokens_per_s": 160.0, "mean_completion_length": 4.0}
+
+
+TINY_TRAINER_RUN = ["--steps", "2", "--warmup", "0", "--arms", "floor", "--hidden-size", "32", "--prompts-per-step",
+                    "2", "--group-size", "2", "--max-new-tokens", "4"]
+
+
+@pytest.mark.parametrize("arguments", [["--repeats", "0"], ["--tokens", "0"], ["--warmup", "-1"], ["--vocab", "1"]])
+def test_token_stats_refuses_sizes_that_measure_nothing(arguments):
+    with pytest.raises(SystemExit) as refused:
+        _script("bench_token_stats").main(["--quick", *arguments, "--impl", "entrorl", "--skip-check"])
+    assert refused.value.code == 2
+
+
+def test_token_stats_runs_the_implementations_chosen_without_entrorl(capsys):
+    status = _script("bench_token_stats").main(["--quick", "--impl", "naive", "--direction", "fwd", "--no-bf16",
+                                                "--skip-check"])
+    assert status == 0 and "cannot be imported" not in capsys.readouterr().err
+
+
+def test_token_stats_cpu_ratio_is_the_median_of_the_paired_ratios(monkeypatch):
+    """Like the wall-time one: calls whose CPU time doubles with their paired baseline's count as 1x."""
+    bench = _script("bench_token_stats")
+    timings = iter([(1.0, 1.0), (1.0, 1.0),  # (wall, CPU) of the paired logsumexp pass, then of the call: 1x
+                    (1.0, 1.0), (2.0, 2.0),  # 2x
+                    (10.0, 10.0), (10.0, 10.0)])  # 1x; the ratio of the medians would be 2x
+
+    def timed(call):
+        value = call()
+        bench._FAULTS.append(0)
+        return (value, *next(timings))
+
+    monkeypatch.setattr(bench, "_timed", timed)
+    result = bench._worker({"impl": "entrorl", "direction": "fwd", "vocab": 64, "tokens": 16, "dtype": "float32",
+                            "seed": 0, "warmup": 0, "repeats": 3})
+    assert result["ratio_vs_paired_logsumexp"] == pytest.approx(1.0)
+    assert result["cpu_ratio_vs_paired_logsumexp"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("foreign_cpus, disturbed", [(0.5, False), (1.5, True)])
+def test_trainer_calls_a_round_disturbed_past_max_foreign_cpus(monkeypatch, capsys, foreign_cpus, disturbed):
+    bench = _script("bench_trainer")
+    monkeypatch.setattr(bench, "_spawn", lambda spec, timeout: _measurement(foreign_cpus))
+    assert bench.main(["--rounds", "1", "--max-foreign-cpus", "1.0", *TINY_TRAINER_RUN]) == 0
+    assert ("its timings are disturbed" in capsys.readouterr().err) == disturbed
+
+
+def test_trainer_interrupted_reports_and_saves_the_rounds_it_finished(monkeypatch, capsys, tmp_path):
+    bench = _script("bench_trainer")
+    started = []
+
+    def worker(spec, timeout):
+        started.append(spec["round"])
+        if len(started) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second round
+        return _measurement(0.0)
+
+    monkeypatch.setattr(bench, "_spawn", worker)
+    saved = tmp_path / "bench.json"
+    assert bench.main(["--rounds", "3", "--json", str(saved), *TINY_TRAINER_RUN]) == 130
+    captured = capsys.readouterr()
+    assert "interrupted: reporting the 1 finished measurement(s)" in captured.err and "floor" in captured.out
+    assert started == [0, 1] and len(json.loads(saved.read_text())["results"]["floor"]) == 1
+
+
+@pytest.mark.parametrize("arguments", [["--max-new-tokens", "0"], ["--measure-fraction", "1.5"],
+                                       ["--json", "no/such/folder/bench.json"]])
+def test_trainer_refuses_bad_settings_before_any_round(monkeypatch, arguments):
+    bench = _script("bench_trainer")
+    monkeypatch.setattr(bench, "_spawn", lambda spec, timeout: pytest.fail("a round ran"))
+    with pytest.raises(SystemExit) as refused:
+        bench.main([*TINY_TRAINER_RUN, *arguments])
+    assert refused.value.code == 2
+
