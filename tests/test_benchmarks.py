@@ -37,7 +37,8 @@ TINY_TRAINER_RUN = ["--steps", "2", "--warmup", "0", "--arms", "floor", "--hidde
                     "2", "--group-size", "2", "--max-new-tokens", "4"]
 
 
-@pytest.mark.parametrize("arguments", [["--repeats", "0"], ["--tokens", "0"], ["--warmup", "-1"], ["--vocab", "1"]])
+@pytest.mark.parametrize("arguments", [["--repeats", "0"], ["--tokens", "0"], ["--warmup", "-1"], ["--vocab", "1"],
+                                       ["--timeout", "nan"]])
 def test_token_stats_refuses_sizes_that_measure_nothing(arguments):
     with pytest.raises(SystemExit) as refused:
         _script("bench_token_stats").main(["--quick", *arguments, "--impl", "entrorl", "--skip-check"])
@@ -45,9 +46,10 @@ def test_token_stats_refuses_sizes_that_measure_nothing(arguments):
 
 
 def test_token_stats_runs_the_implementations_chosen_without_entrorl(capsys):
-    status = _script("bench_token_stats").main(["--quick", "--impl", "naive", "--direction", "fwd", "--no-bf16",
-                                                "--skip-check"])
-    assert status == 0 and "cannot be imported" not in capsys.readouterr().err
+    status = _script("bench_token_stats").main(["--quick", "--impl", "naive", "--direction", "fwd", "--no-bf16"])
+    said = capsys.readouterr().err
+    assert status == 0 and "cannot be imported" not in said
+    assert "[check] skipped: it compares entrorl's token_stats, which --impl leaves out" in said
 
 
 def test_token_stats_cpu_ratio_is_the_median_of_the_paired_ratios(monkeypatch):
@@ -95,7 +97,7 @@ def test_trainer_interrupted_reports_and_saves_the_rounds_it_finished(monkeypatc
     assert started == [0, 1] and len(json.loads(saved.read_text())["results"]["floor"]) == 1
 
 
-@pytest.mark.parametrize("arguments", [["--max-new-tokens", "0"], ["--measure-fraction", "1.5"],
+@pytest.mark.parametrize("arguments", [["--max-new-tokens", "0"], ["--measure-fraction", "1.5"], ["--timeout", "nan"],
                                        ["--json", "no/such/folder/bench.json"]])
 def test_trainer_refuses_bad_settings_before_any_round(monkeypatch, arguments):
     bench = _script("bench_trainer")

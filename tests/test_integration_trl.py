@@ -1254,8 +1254,13 @@ def test_resume_from_checkpoint_true_passes_over_a_checkpoint_whose_save_was_cut
     restored = []
     resumed._load_optimizer_and_scheduler = lambda checkpoint: load(checkpoint) or restored.append(checkpoint)
     with pytest.warns(UserWarning, match=r"checkpoint-2 hold\(s\) no trainer_state.json \(a save cut short\): "
-                                         r"resuming from .*checkpoint-1$"):
+                                         r"resuming from .*checkpoint-1$") as warned:
         resumed.train(resume_from_checkpoint=True)
+    assert [w.filename for w in warned if "cut short" in str(w.message)] == [__file__]  # the call's line, not ours
+    (tmp_path / "out" / "checkpoint-9").mkdir()  # the resumed run rewrote checkpoint-2 whole; another cut short
+    with pytest.warns(UserWarning, match=r"checkpoint-9 hold.* \(a save cut short\)") as warned:
+        assert Path(resumed.latest_complete_checkpoint()).name == "checkpoint-2"
+    assert [w.filename for w in warned] == [__file__]
     assert [Path(path).name for path in restored] == ["checkpoint-1"] and resumed.state.global_step == 2
     empty = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path / "empty", objective="dapo",
                      config=_config(tmp_path / "empty", **config))

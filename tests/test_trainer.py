@@ -981,6 +981,10 @@ def test_the_evaluation_s_fork_pass_keeps_to_the_micro_batch_size(tmp_path, tiny
             from entrorl.rollout import SamplingParams
             from entrorl.trainer.evaluate import evaluate_model
 
+            with pytest.raises(ValueError, match="evaluate_model: batch_size must be a positive integer, got 0"):
+                evaluate_model(trainer.model, trainer.tokenizer, trainer.eval_records, trainer.eval_prompt_ids,
+                               trainer.reward, n=1, ks=[1], sampling=SamplingParams(max_new_tokens=2), seed=0,
+                               batch_size=0)
             with pytest.raises(ValueError, match="evaluate_model: scoring_batch_size must be a positive integer, got 0"):
                 evaluate_model(trainer.model, trainer.tokenizer, trainer.eval_records, trainer.eval_prompt_ids,
                                trainer.reward, n=1, ks=[1], sampling=SamplingParams(max_new_tokens=2), seed=0,
@@ -1003,7 +1007,9 @@ def test_rewards_whose_advantages_overflow_float32_stop_the_run_with_the_cause(t
     """RLOO's G/(G-1) (R - mean) of rewards +-3.4e38 is beyond float32: the run stops saying so (not a traceback, nor
     an update on inf advantages), and the step's record is kept."""
     train, _ = arithmetic_files
-    huge = "def score(prompt, completion, answer, **meta):\n    return 3.4e38 if sum(map(ord, completion)) % 2 else -3.4e38\n"
+    huge = ("import torch\n"
+            "def score(prompt, completion, answer, **meta):\n    return 3.4e38 if sum(map(ord, completion)) % 2 else -3.4e38\n"
+            "def same_embedding(texts):\n    return torch.ones(len(texts), 4)\n")
     with importable_module(tmp_path, "huge_reward", huge):
         config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "huge_reward:score"},
                                          advantage={"name": "rloo"}, checkpoint={"every": 0}))
@@ -1015,10 +1021,16 @@ def test_rewards_whose_advantages_overflow_float32_stop_the_run_with_the_cause(t
         config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "huge_reward:score",
                                                                               "unlikeliness": {"beta_rank": 0.25}},
                                          checkpoint={"every": 0}))
-        with pytest.raises(TrainingStopped, match=r"^step 1: the reward shaping took rewards beyond float32's largest "
+        with pytest.raises(TrainingStopped, match=r"^step 1: reward.unlikeliness took rewards beyond float32's largest "
                                                   r"value, 3.4e\+38: rescale the rewards; stopping. No checkpoint"):
             Trainer(config, run_dir=tmp_path / "shaped").train()
-    for run in ("run", "shaped"):
+        # the diversity weights double a negative reward of identical samples, before the unlikeliness rank runs
+        config = load_config(make_config(tiny_model_dir, train, None, reward={
+            "name": "huge_reward:score", "unlikeliness": {"beta_rank": 0.25},
+            "diversity": {"enabled": True, "model": "huge_reward:same_embedding"}}, checkpoint={"every": 0}))
+        with pytest.raises(TrainingStopped, match=r"^step 1: reward.diversity took rewards beyond float32's largest"):
+            Trainer(config, run_dir=tmp_path / "diverse").train()
+    for run in ("run", "shaped", "diverse"):
         (record,) = read_metrics(tmp_path / run)
         assert record["step"] == 1 and record["reward/mean"] != 0
 

@@ -18,6 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no /proc or /dev/fd descriptors either
+    fcntl = None
+
 __all__ = ["naming_file", "write_atomically", "written_in_place"]
 
 # /proc/self/fd/1, /proc/<pid>/fd/1, /dev/fd/1 (the last is this process's)
@@ -51,12 +56,21 @@ def _descriptor_path(path: str | os.PathLike[str]) -> str | None:
 
 
 def _own_descriptor(path: str | os.PathLike[str]) -> int | None:
-    """The number of this process's descriptor that ``path`` names (``/dev/stdout``: 1), else None."""
+    """The number of this process's open, writable descriptor that ``path`` names (``/dev/stdout``: 1), else None."""
     hop = _descriptor_path(path)
     match = None if hop is None else _DESCRIPTOR.fullmatch(hop)
-    if match is None or match["owner"] not in (None, "self", str(os.getpid())) or not match["number"].isdigit():
+    if match is None or match["owner"] not in (None, "self", str(os.getpid())):
         return None
-    return int(match["number"])
+    if not re.fullmatch(r"0|[1-9][0-9]{0,8}", match["number"], flags=re.ASCII):  # the kernel's names, nothing else
+        return None
+    number = int(match["number"])
+    if fcntl is None:
+        return number
+    try:
+        writable = fcntl.fcntl(number, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    except OSError:  # not open: opening the path says so
+        return None
+    return number if writable else None  # a read-only one (a pipe's reading end) is opened anew for writing
 
 
 def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any], *, make_folder: bool = False) -> None:

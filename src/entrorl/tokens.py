@@ -11,7 +11,8 @@ For every response position with distribution ``p = softmax(z / T)`` and sampled
 and carry no gradient. All statistics are float32 whatever the dtype of the logits (float64 logits,
 used for exact checks, give float64).
 
-Memory: the logits are read chunk by chunk (a few thousand vocabulary rows' worth at a time) and the
+Memory: the logits are read a chunk of rows at a time (about 4M elements: 131 rows at V = 32 000, 27 at
+V = 152 064), in place even when they are a slice no view can flatten (``logits[:, :-1]``), and the
 backward pass recomputes each chunk from the saved logits, so neither direction holds another
 ``[N, V]`` tensor beside the logits and their gradient. :func:`token_stats_from_hidden` goes further and
 never builds the logits at all: each chunk is ``hidden @ W^T`` computed, used and discarded.
@@ -85,6 +86,26 @@ def _validate_temperature(temperature: float) -> float:
     return temperature
 
 
+def _inverse_temperature(temperature: float | torch.Tensor, targets: torch.Tensor) -> float | torch.Tensor:
+    """``1 / T``: a number, or, for a tensor of one temperature per position (shaped like ``targets``), a float64
+    tensor [N] of them, each checked as a number would be."""
+    if not torch.is_tensor(temperature):
+        return 1.0 / _validate_temperature(temperature)
+    if tuple(temperature.shape) != tuple(targets.shape) or not temperature.is_floating_point():
+        raise ValueError(f"token_stats: a temperature tensor must hold floats shaped like targets {tuple(targets.shape)}, "
+                         f"got {temperature.dtype} {tuple(temperature.shape)}")
+    values = temperature.detach().reshape(-1).to(device=targets.device, dtype=torch.float64)
+    if values.numel():
+        _validate_temperature(float(values.min()))
+        _validate_temperature(float(values.max()))
+    return 1.0 / values
+
+
+def _chunk_scale(inv_temperature: float | torch.Tensor, index: slice | torch.Tensor) -> float | torch.Tensor:
+    """The inverse temperature of a chunk's rows: the number, or the chunk's entries of the per-row tensor."""
+    return _take(inv_temperature, index) if torch.is_tensor(inv_temperature) else inv_temperature
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 logits are reduced in float64 (for exact checks); everything else in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -118,7 +139,9 @@ def _shifted_scaled(
         row_max = logits_chunk.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         shifted = logits_chunk - row_max if workspace is None else torch.sub(logits_chunk, row_max, out=workspace.get(0, rows))
-    if inv_temperature != 1.0:
+    if torch.is_tensor(inv_temperature):
+        shifted.mul_(inv_temperature.to(shifted.dtype).unsqueeze(-1))
+    elif inv_temperature != 1.0:
         shifted.mul_(inv_temperature)
     return shifted.clamp_(min=_LOGIT_FLOOR), row_max
 
@@ -130,7 +153,8 @@ def _target_shifted(
     whose logit is ``-inf`` keeps the floor, so its log-prob is about -1e4 instead of ``-inf``."""
     floored = shifted.gather(-1, targets_chunk.unsqueeze(-1)).squeeze(-1)
     raw_target = logits_chunk.gather(-1, targets_chunk.unsqueeze(-1)).squeeze(-1).to(shifted.dtype)
-    exact = (raw_target - row_max.squeeze(-1)) * inv_temperature
+    scale = inv_temperature.to(shifted.dtype) if torch.is_tensor(inv_temperature) else inv_temperature
+    exact = (raw_target - row_max.squeeze(-1)) * scale
     return torch.where(torch.isfinite(exact), exact, floored)
 
 
@@ -195,6 +219,8 @@ def _chunk_logit_grad(
     empty_row = total <= 0
     total = torch.where(empty_row, torch.ones_like(total), total)
     log_total = total.log()
+    if torch.is_tensor(inv_temperature):
+        inv_temperature = inv_temperature.to(total.dtype)
     row_scale = inv_temperature / total
     zeros = torch.zeros_like(total)
     g = zeros if grad_logprob is None else grad_logprob.to(total.dtype)
@@ -208,7 +234,8 @@ def _chunk_logit_grad(
         shifted.fill_(1.0).mul_((-g * row_scale).unsqueeze(-1))
     grad = shifted if out is None or out.dtype != shifted.dtype else out
     torch.mul(shifted, weights, out=grad)
-    if inv_temperature > _SCALE_THAT_CAN_OVERFLOW:  # a slope times a floored logit may be inf, times a weight of 0: NaN
+    if bool(torch.as_tensor(inv_temperature > _SCALE_THAT_CAN_OVERFLOW).any()):  # a slope times a floored logit may be
+        # inf, times a weight of 0: NaN
         grad.masked_fill_(weights == 0, 0.0)
     if grad_logprob is not None:
         grad.scatter_add_(-1, targets_chunk.unsqueeze(-1), (g * inv_temperature).unsqueeze(-1).to(grad.dtype))
@@ -232,7 +259,34 @@ def _row_count(rows: torch.Tensor | None, n_rows: int) -> int:
 
 
 def _take(tensor: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``tensor``: [N, X] (a view for a slice), or [B, T, X] read as its B * T rows (a copy of
+    those rows alone; see :func:`_as_rows`)."""
+    if tensor.dim() == 3:
+        positions = torch.arange(index.start, index.stop, device=tensor.device) if isinstance(index, slice) else index
+        return tensor[positions // tensor.shape[1], positions % tensor.shape[1]]
     return tensor[index] if isinstance(index, slice) else tensor.index_select(0, index)
+
+
+def _as_rows(values: torch.Tensor) -> torch.Tensor:
+    """``values`` as [N, X] rows: a view when its layout allows one; else [B, T, X] as it is, read a chunk of rows at a
+    time by :func:`_take`. A model's shifted ``logits[:, :-1]`` cannot be viewed as [N, V]: ``reshape`` would copy all
+    of it, a second [N, V] tensor, kept for the backward too."""
+    if values.dim() == 2:
+        return values
+    try:
+        return values.view(-1, values.shape[-1])
+    except RuntimeError:
+        return values
+
+
+def _row_total(tensor: torch.Tensor) -> int:
+    return tensor.shape[0] * tensor.shape[1] if tensor.dim() == 3 else tensor.shape[0]
+
+
+def _zero_rows_like(tensor: torch.Tensor, *, fill: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A contiguous gradient shaped like ``tensor`` (zeros, or uninitialised without ``fill``) and its [N, X] view."""
+    grad = (torch.zeros if fill else torch.empty)(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    return grad, grad.view(-1, tensor.shape[-1])
 
 
 def _take_optional(tensor: torch.Tensor | None, index: slice | torch.Tensor) -> torch.Tensor | None:
@@ -248,7 +302,8 @@ def _stats_by_chunk(logits_for, targets, rows, n_rows, like, inv_temperature, ch
             logits_chunk = logits_for(index)
             workspace = workspace or _Workspace(min(chunk_size, _row_count(rows, n_rows)), logits_chunk.shape[-1],
                                                 _compute_dtype(logits_chunk.dtype), logits_chunk.device)
-            results = _chunk_forward(logits_chunk, _take(targets, index), inv_temperature, want_disc, want_centered, workspace)
+            results = _chunk_forward(logits_chunk, _take(targets, index), _chunk_scale(inv_temperature, index), want_disc,
+                                     want_centered, workspace)
             for buffer, value in zip(out, results):
                 if value is not None:
                     buffer[index] = value
@@ -268,7 +323,7 @@ def _logit_grads_by_chunk(
         yield index, _chunk_logit_grad(
             logits_chunk,
             _take(targets, index),
-            inv_temperature,
+            _chunk_scale(inv_temperature, index),
             _take_optional(grad_logprob, index),
             _take_optional(grad_entropy, index),
             entropy=None if grad_entropy is None else _take(entropy, index),
@@ -294,7 +349,7 @@ class _LogitsStats(torch.autograd.Function):
     def forward(ctx, logits, targets, rows, inv_temperature, chunk_size, want_disc, want_centered):
         ctx.set_materialize_grads(False)
         out = _stats_by_chunk(
-            lambda index: _take(logits, index), targets, rows, logits.shape[0], logits,
+            lambda index: _take(logits, index), targets, rows, _row_total(logits), logits,
             inv_temperature, chunk_size, want_disc, want_centered,
         )
         ctx.save_for_backward(logits, targets, _NO_ROWS if rows is None else rows, out[1])
@@ -307,18 +362,18 @@ class _LogitsStats(torch.autograd.Function):
             return (None,) * 7
         logits, targets, rows, entropy = ctx.saved_tensors
         rows = rows if ctx.has_rows else None
-        grad_logits = torch.zeros_like(logits) if rows is not None else torch.empty_like(logits)
+        grad_logits, grad_rows = _zero_rows_like(logits, fill=rows is not None)
 
         def destination(index):
-            return grad_logits[index] if isinstance(index, slice) else None
+            return grad_rows[index] if isinstance(index, slice) else None
 
         chunks = _logit_grads_by_chunk(
-            lambda index: _take(logits, index), targets, rows, logits.shape[0],
+            lambda index: _take(logits, index), targets, rows, _row_total(logits),
             ctx.inv_temperature, ctx.chunk_size, grad_logprob, grad_entropy, entropy, out_for=destination,
         )
         for index, grad_chunk in chunks:
-            if not isinstance(index, slice) or grad_chunk.data_ptr() != grad_logits[index].data_ptr():
-                grad_logits[index] = grad_chunk.to(logits.dtype)
+            if not isinstance(index, slice) or grad_chunk.data_ptr() != grad_rows[index].data_ptr():
+                grad_rows[index] = grad_chunk.to(logits.dtype)
         return grad_logits, None, None, None, None, None, None
 
 
@@ -330,7 +385,7 @@ class _HiddenStats(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         out = _stats_by_chunk(
             lambda index: torch.nn.functional.linear(_take(hidden, index), weight, bias), targets, rows,
-            hidden.shape[0], hidden, inv_temperature, chunk_size, want_disc, want_centered,
+            _row_total(hidden), hidden, inv_temperature, chunk_size, want_disc, want_centered,
         )
         ctx.save_for_backward(
             hidden, weight, _NO_ROWS if bias is None else bias, targets, _NO_ROWS if rows is None else rows, out[1]
@@ -348,16 +403,16 @@ class _HiddenStats(torch.autograd.Function):
         rows = rows if ctx.has_rows else None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         accumulate_dtype = _compute_dtype(weight.dtype)
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_hidden, grad_hidden_rows = _zero_rows_like(hidden) if need_hidden else (None, None)
         grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=accumulate_dtype, device=weight.device) if need_bias else None
         chunks = _logit_grads_by_chunk(
             lambda index: torch.nn.functional.linear(_take(hidden, index), weight, bias), targets, rows,
-            hidden.shape[0], ctx.inv_temperature, ctx.chunk_size, grad_logprob, grad_entropy, entropy,
+            _row_total(hidden), ctx.inv_temperature, ctx.chunk_size, grad_logprob, grad_entropy, entropy,
         )
         for index, grad_chunk in chunks:
             if need_hidden:
-                grad_hidden[index] = (grad_chunk.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden_rows[index] = (grad_chunk.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:
                 grad_weight.addmm_(grad_chunk.t(), _take(hidden, index).to(accumulate_dtype))
             if need_bias:
@@ -370,7 +425,8 @@ class _HiddenStats(torch.autograd.Function):
 
 
 def _flatten_inputs(name: str, values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None):
-    """Check shapes and flatten to rows; return (values [N, X], targets [N], valid row indices or None)."""
+    """Check shapes and flatten to rows; return (values as rows (:func:`_as_rows`), targets [N], valid row indices or
+    None)."""
     if not torch.is_tensor(values) or values.dim() not in (2, 3):
         raise ValueError(f"token_stats: {name} must be a tensor [B, T, X] or [N, X], got shape {tuple(getattr(values, 'shape', ()))}")
     if not values.is_floating_point():
@@ -384,7 +440,7 @@ def _flatten_inputs(name: str, values: torch.Tensor, targets: torch.Tensor, mask
         )
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"token_stats: targets must hold integer token ids, got {targets.dtype}")
-    flat_values = values.reshape(-1, values.shape[-1])
+    flat_values = _as_rows(values)
     flat_targets = targets.reshape(-1).long()
     rows = None
     if mask is not None:
@@ -413,7 +469,7 @@ def token_stats(
     logits: torch.Tensor,
     targets: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     need: Iterable[str] = ("logprob", "entropy"),
@@ -425,6 +481,8 @@ def token_stats(
         targets: sampled token ids shaped like ``logits`` without the last dim.
         temperature: the sampling temperature T. The statistics are those of the full-vocabulary ``softmax(z / T)``;
             a sampler that also filters (top-k, top-p) drew from a truncated distribution that they do not describe.
+            A float tensor shaped like ``targets`` gives each position its own T (verl's per-row temperatures),
+            applied chunk by chunk in the compute dtype: no scaled copy of the logits.
         mask: optional bool/0-1 tensor shaped like ``targets``; statistics are computed only at valid
             positions and are 0 elsewhere (gradients too).
         chunk_size: rows per chunk; default keeps one float32 chunk near 4M elements.
@@ -435,8 +493,8 @@ def token_stats(
         ``logprob`` and ``entropy`` are differentiable w.r.t. ``logits``; ``disc`` and ``disc_centered`` are not.
     """
     wanted = _validate_need(need)
-    inv_temperature = 1.0 / _validate_temperature(temperature)
     flat_logits, flat_targets, rows = _flatten_inputs("logits", logits, targets, mask)
+    inv_temperature = _inverse_temperature(temperature, targets)
     vocab_size = flat_logits.shape[-1]
     _check_target_range(flat_targets, vocab_size)
     if chunk_size is None:
@@ -454,7 +512,7 @@ def token_stats_from_hidden(
     targets: torch.Tensor,
     *,
     lm_head_bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     need: Iterable[str] = ("logprob", "entropy"),
@@ -469,8 +527,8 @@ def token_stats_from_hidden(
         targets, temperature, mask, chunk_size, need: as in :func:`token_stats`.
     """
     wanted = _validate_need(need)
-    inv_temperature = 1.0 / _validate_temperature(temperature)
     flat_hidden, flat_targets, rows = _flatten_inputs("hidden", hidden, targets, mask)
+    inv_temperature = _inverse_temperature(temperature, targets)
     if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != flat_hidden.shape[-1] or lm_head_weight.shape[0] == 0:
         raise ValueError(
             f"token_stats_from_hidden: lm_head_weight must be [V, {flat_hidden.shape[-1]}] with V >= 1 to match hidden, "

@@ -55,6 +55,23 @@ def test_actor_token_stats_match_the_definitions(temperature):
     torch.testing.assert_close(ours.double(), theirs.double(), atol=1e-5, rtol=1e-4)
 
 
+def test_a_row_s_statistics_do_not_depend_on_the_other_rows_temperatures_in_bfloat16():
+    """Distinct per-row temperatures on bfloat16 logits: each row is scored in float32 at its own T (dividing the
+    logits in bfloat16 moved the T = 0.6 rows' entropy by up to 0.09 nats once one row's T changed)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(8, 4000, generator=generator) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, 4000, (8,), generator=generator)
+    uniform = actor_token_stats(logits, targets, temperature=torch.full((8,), 0.6))
+    mixed_temperatures = torch.full((8,), 0.6)
+    mixed_temperatures[3] = 1.0
+    mixed = actor_token_stats(logits, targets, temperature=mixed_temperatures)
+    others = torch.arange(8) != 3
+    for name in ("entropy", "disc", "disc_centered"):
+        torch.testing.assert_close(mixed[name][others], uniform[name][others], atol=1e-6, rtol=1e-6)
+    reference = _reference_stats(logits.double(), targets, mixed_temperatures.double())
+    torch.testing.assert_close(mixed["entropy"].double(), reference["entropy"], atol=2e-5, rtol=1e-5)
+
+
 def test_actor_token_stats_rejects_unknown_statistics():
     with pytest.raises(ValueError, match="need must name some of"):
         actor_token_stats(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), need=("logprob",))
@@ -528,19 +545,21 @@ def test_the_actor_config_is_found_through_a_wrapped_loss_function_or_a_partial_
     torch.testing.assert_close(through, direct)
 
 
-def test_distinct_temperatures_scale_bf16_logits_as_verl_does():
-    """verl divides the logits by ``temperature.to(logits.dtype)``: with one temperature per row the statistics are
-    those of the logits scaled that way (in the logits' dtype), returned in float32."""
+def test_distinct_temperatures_score_each_row_in_float32_as_one_temperature_does():
+    """With one temperature per row, each row's statistics are those of its own temperature applied in float32, as a
+    single temperature is (not verl's division of the bfloat16 logits by ``temperature.to(logits.dtype)``, which
+    rounds the scaled logits: a row's entropy then moved with the other rows' temperatures)."""
     generator = torch.Generator().manual_seed(7)
     logits = (torch.randn(30, 19, generator=generator) * 3).to(torch.bfloat16)
     targets = torch.randint(0, 19, (30,), generator=generator)
     temperatures = torch.rand(30, generator=generator) + 0.5
     stats = actor_token_stats(logits, targets, temperature=temperatures)
-    scaled = logits / temperatures.unsqueeze(-1).to(logits.dtype)
-    expected = token_stats(scaled, targets, temperature=1.0, need=("entropy", "disc", "disc_centered"))
-    for name in ("entropy", "disc", "disc_centered"):
-        assert stats[name].dtype == torch.float32
-        torch.testing.assert_close(stats[name], getattr(expected, name))
+    for row in range(30):
+        alone = token_stats(logits[row : row + 1], targets[row : row + 1], temperature=float(temperatures[row]),
+                            need=("entropy", "disc", "disc_centered"))
+        for name in ("entropy", "disc", "disc_centered"):
+            assert stats[name].dtype == torch.float32
+            torch.testing.assert_close(stats[name][row : row + 1], getattr(alone, name), atol=1e-6, rtol=1e-6)
 
 
 def test_a_recorded_aggregation_of_a_metric_the_loss_did_not_return_is_skipped():

@@ -555,8 +555,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """``GRPOTrainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint of
         ``output_dir`` (:meth:`latest_complete_checkpoint`) where transformers takes the newest folder."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = self.latest_complete_checkpoint() or True  # True: transformers says none is there
+        if resume_from_checkpoint is True:  # True again when there is none: transformers says so
+            resume_from_checkpoint = self._latest_complete_checkpoint() or True
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def latest_complete_checkpoint(self) -> str | None:
@@ -564,6 +564,11 @@ class EntropyGRPOTrainer(GRPOTrainer):
         writes after everything but the pruning of older checkpoints; newer folders without it (saves cut short by a
         crash) are passed over with a warning. None when ``output_dir`` holds no checkpoint folder; ``ValueError`` when
         it holds only incomplete ones."""
+        return self._latest_complete_checkpoint()
+
+    def _latest_complete_checkpoint(self) -> str | None:
+        """:meth:`latest_complete_checkpoint`, called by it or by :meth:`train`: either way the warning points two
+        frames up, at the user's call."""
         folder = self.args.output_dir
         numbered = sorted(((int(match[1]), name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
                            if (match := _CHECKPOINT_FOLDER.fullmatch(name)) and os.path.isdir(os.path.join(folder, name))),
@@ -574,7 +579,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
                 if incomplete:
                     warnings.warn(f"{', '.join(incomplete)} hold(s) no {TRAINER_STATE_NAME} (a save cut short): "
-                                  f"resuming from {checkpoint}", stacklevel=2)
+                                  f"resuming from {checkpoint}", stacklevel=3)
                 return checkpoint
             incomplete.append(checkpoint)
         if incomplete:

@@ -84,8 +84,9 @@ def evaluate_model(
     if not records:
         raise ValueError("evaluate_model: no prompts to evaluate")
     n = check_int(n, "evaluate_model: n", minimum=1)
-    piece_rows = check_int(batch_size if scoring_batch_size is None else scoring_batch_size,
-                           "evaluate_model: scoring_batch_size", minimum=1)
+    batch_size = check_int(batch_size, "evaluate_model: batch_size", minimum=1)
+    piece_rows = batch_size if scoring_batch_size is None else check_int(
+        scoring_batch_size, "evaluate_model: scoring_batch_size", minimum=1)
     if len(prompt_ids) != len(records):
         raise ValueError(f"evaluate_model: {len(records)} records but {len(prompt_ids)} tokenized prompts; expected one each")
     sampler = HFSampler.for_model(model, tokenizer, batch_size=batch_size)

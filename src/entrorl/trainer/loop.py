@@ -735,14 +735,20 @@ class Trainer:
             rewards = (rewards.double() - (1.0 - weights) * rewards.double().abs()).float()  # see diversity_adjusted_rewards
             metrics["reward/diversity_weight_mean"] = float(weights.mean())
             metrics["time/diversity_s"] = time.perf_counter() - started
+            self._stop_if_shaped_past_float32(rewards, "reward.diversity", metrics)
         if self.config.reward.unlikeliness is not None:
             beta_rank = self.config.reward.unlikeliness.beta_rank
             rewards = unlikeliness_shaped_rewards(rewards, group_ids, seq_log_prob, beta_rank=beta_rank).float()
-        if not bool(torch.isfinite(rewards).all()):  # a negative reward grows: up to 2x (diversity), 1 + beta_rank
-            raise TrainingStopped(f"step {self.step + 1}: the reward shaping took rewards beyond float32's largest value, "
+            self._stop_if_shaped_past_float32(rewards, "reward.unlikeliness", metrics)
+        return rewards
+
+    def _stop_if_shaped_past_float32(self, rewards: torch.Tensor, shaping: str, metrics: dict[str, float]) -> None:
+        """A negative reward grows under shaping (up to 2x under the diversity weights, 1 + beta_rank under the
+        unlikeliness rank): near float32's largest value it becomes inf, on which no advantage can be computed."""
+        if not bool(torch.isfinite(rewards).all()):
+            raise TrainingStopped(f"step {self.step + 1}: {shaping} took rewards beyond float32's largest value, "
                                   f"{torch.finfo(torch.float32).max:.3g}: rescale the rewards; stopping. "
                                   + self._last_checkpoint_phrase(), step=self.step + 1, metrics=dict(metrics))
-        return rewards
 
     def _stop_if_the_reward_keeps_failing(self, collected: dict[str, float]) -> None:
         """Stop when the (main) reward raised on every sample of ``reward.max_failing_steps`` steps in a row: their

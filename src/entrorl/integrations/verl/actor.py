@@ -79,8 +79,10 @@ def actor_token_stats(
     ``softmax(logits / temperature)`` at ``targets``, shaped like ``targets``.
 
     ``logits`` is ``[N, V]`` (verl's packed layout) or ``[B, T, V]``; ``temperature`` a number or a per-row tensor
-    (verl's ``temperature_rmpad``): equal values are passed on as one number, so no scaled copy of the logits is
-    made; distinct ones scale a copy. ``entropy`` is differentiable w.r.t. the logits, S and D are not.
+    (verl's ``temperature_rmpad``): equal values are passed on as one number, distinct ones as one temperature per
+    position, which :func:`entrorl.tokens.token_stats` applies chunk by chunk in float32 (no scaled copy of the
+    logits, and a row's statistics do not depend on the others' temperatures). ``entropy`` is differentiable w.r.t.
+    the logits, S and D are not.
     """
     need = tuple(need)
     unknown = [name for name in need if name not in LOGIT_STATS]
@@ -90,10 +92,11 @@ def actor_token_stats(
         values = temperature.detach().reshape(-1)
         if values.numel() == 0 or bool((values == values[0]).all()):
             temperature = float(values[0]) if values.numel() else 1.0
-        else:
-            logits = logits / temperature.reshape(*temperature.shape, *([1] * (logits.dim() - temperature.dim()))).to(logits.dtype)
-            temperature = 1.0
-    stats = token_stats(logits, targets, temperature=float(temperature), chunk_size=chunk_size, need=need)
+        else:  # one per row of targets (or per leading entry of it): one per position
+            temperature = temperature.detach().reshape(*temperature.shape, *([1] * (targets.dim() - temperature.dim())))
+            temperature = temperature.expand(targets.shape).to(torch.float64)
+    stats = token_stats(logits, targets, temperature=temperature if torch.is_tensor(temperature) else float(temperature),
+                        chunk_size=chunk_size, need=need)
     return {name: getattr(stats, name) for name in need}
 
 
