@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.tokens < 1 or min(args.vocab) < 2 or (args.repeats is not None and args.repeats < 1) or args.warmup < 0:
         parser.error("--tokens and --repeats must be >= 1, --vocab >= 2 and --warmup >= 0")
-    if args.timeout <= 0 or args.memory_margin_gib < 0:
+    if not args.timeout > 0 or not args.memory_margin_gib >= 0:  # not: NaN fails too
         parser.error("--timeout must be > 0 and --memory-margin-gib >= 0")
 
     if args.quick:
@@ -710,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     check = None
     started = time.perf_counter()
     log(f"load average before the run: {_load_average()} (other processes on the machine disturb the timings)")
+    if not args.skip_check and "entrorl" not in impls:
+        log("[check] skipped: it compares entrorl's token_stats, which --impl leaves out")
     if not args.skip_check and "entrorl" in impls:
         check_vocab = min(args.vocab)
         log(f"[check] token_stats vs naive on all {args.tokens} rows, V={check_vocab}, float32 (values and gradients) ...")

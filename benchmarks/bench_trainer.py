@@ -717,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps, --rounds and --threads must be >= 1 and --warmup >= 0")
     if args.group_size < 2:
         parser.error("--group-size must be >= 2 (GRPO needs groups)")
-    if min(args.prompts_per_step, args.max_new_tokens) < 1 or args.timeout <= 0:
+    if min(args.prompts_per_step, args.max_new_tokens) < 1 or not args.timeout > 0:  # not: NaN fails too
         parser.error("--prompts-per-step and --max-new-tokens must be >= 1 and --timeout > 0")
     if args.measure_fraction is not None and not 0 < args.measure_fraction <= 1:
         parser.error("--measure-fraction must be in (0, 1]")
