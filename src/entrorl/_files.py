@@ -4,7 +4,7 @@ A file is written through a temporary file beside it (``.NAME.tmp-PID``), flushe
 that a crash leaves the old file or the new one, never part of either. A symbolic link is followed: the file it names
 is replaced and the link stays. What cannot be replaced is written into as it is: a device, a pipe or a socket
 (``/dev/null``), and a process's open descriptors (``/dev/stdout``, ``/dev/fd/1``: a pipe, or a file the shell
-redirected into, which gets the text appended).
+redirected into, which gets the text where the process's own output has reached).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def written_in_place(path: str | os.PathLike[str]) -> bool:
     """Whether a write to ``path`` goes into what is there rather than replacing it: ``path`` is, or links through, a
     process's descriptor (``/dev/stdout`` links to ``/proc/self/fd/1``, which may name a pipe or a redirected file),
     or names something other than a regular file or a folder (a device, a pipe, a socket)."""
-    if _own_descriptor(path) is not None or _descriptor_path(path):
+    if _descriptor_path(path) is not None:
         return True
     try:
         mode = os.stat(path).st_mode
