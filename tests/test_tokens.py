@@ -429,6 +429,19 @@ def test_a_temperature_per_position_equals_each_row_scored_at_its_own(dtype):
                          (torch.ones(2, 5, dtype=torch.long), "must hold floats")):
         with pytest.raises(ValueError, match=message):
             token_stats(logits, targets, temperature=bad)
+    # a one-element tensor is one temperature, as a number is
+    for one in (torch.tensor(0.7), torch.tensor([0.7])):
+        assert torch.equal(token_stats(logits, targets, temperature=one).entropy,
+                           token_stats(logits, targets, temperature=0.7).entropy)
+    # masked positions' temperatures are not read (padding of 0); the valid ones' statistics are unchanged
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    padded = temperature.clone()
+    padded[1, 3:] = 0.0
+    masked = token_stats(logits, targets, temperature=padded, mask=mask, need=STAT_NAMES)
+    for name in STAT_NAMES:
+        assert torch.equal(getattr(masked, name)[mask], getattr(stats, name)[mask].detach()), name
+        assert not getattr(masked, name)[~mask].any()
 
 
 def test_default_chunk_size():

@@ -86,15 +86,19 @@ def _validate_temperature(temperature: float) -> float:
     return temperature
 
 
-def _inverse_temperature(temperature: float | torch.Tensor, targets: torch.Tensor) -> float | torch.Tensor:
-    """``1 / T``: a number, or, for a tensor of one temperature per position (shaped like ``targets``), a float64
-    tensor [N] of them, each checked as a number would be."""
-    if not torch.is_tensor(temperature):
-        return 1.0 / _validate_temperature(temperature)
+def _inverse_temperature(temperature: float | torch.Tensor, targets: torch.Tensor,
+                         rows: torch.Tensor | None) -> float | torch.Tensor:
+    """``1 / T``: a number (a one-element tensor is one too), or, for a tensor of one temperature per position
+    (shaped like ``targets``), a float64 tensor [N] of them, those of the valid ``rows`` checked as a number would be
+    (a masked position's, padding perhaps, is not read)."""
+    if not torch.is_tensor(temperature) or (temperature.numel() == 1 and tuple(temperature.shape) != tuple(targets.shape)):
+        return 1.0 / _validate_temperature(float(temperature))
     if tuple(temperature.shape) != tuple(targets.shape) or not temperature.is_floating_point():
         raise ValueError(f"token_stats: a temperature tensor must hold floats shaped like targets {tuple(targets.shape)}, "
                          f"got {temperature.dtype} {tuple(temperature.shape)}")
     values = temperature.detach().reshape(-1).to(device=targets.device, dtype=torch.float64)
+    if rows is not None:
+        values = torch.ones_like(values).index_copy_(0, rows, values.index_select(0, rows))
     if values.numel():
         _validate_temperature(float(values.min()))
         _validate_temperature(float(values.max()))
@@ -482,7 +486,7 @@ def token_stats(
         temperature: the sampling temperature T. The statistics are those of the full-vocabulary ``softmax(z / T)``;
             a sampler that also filters (top-k, top-p) drew from a truncated distribution that they do not describe.
             A float tensor shaped like ``targets`` gives each position its own T (verl's per-row temperatures),
-            applied chunk by chunk in the compute dtype: no scaled copy of the logits.
+            applied chunk by chunk in the compute dtype: no scaled copy of the logits; masked positions' are not read.
         mask: optional bool/0-1 tensor shaped like ``targets``; statistics are computed only at valid
             positions and are 0 elsewhere (gradients too).
         chunk_size: rows per chunk; default keeps one float32 chunk near 4M elements.
@@ -494,7 +498,7 @@ def token_stats(
     """
     wanted = _validate_need(need)
     flat_logits, flat_targets, rows = _flatten_inputs("logits", logits, targets, mask)
-    inv_temperature = _inverse_temperature(temperature, targets)
+    inv_temperature = _inverse_temperature(temperature, targets, rows)
     vocab_size = flat_logits.shape[-1]
     _check_target_range(flat_targets, vocab_size)
     if chunk_size is None:
@@ -528,7 +532,7 @@ def token_stats_from_hidden(
     """
     wanted = _validate_need(need)
     flat_hidden, flat_targets, rows = _flatten_inputs("hidden", hidden, targets, mask)
-    inv_temperature = _inverse_temperature(temperature, targets)
+    inv_temperature = _inverse_temperature(temperature, targets, rows)
     if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != flat_hidden.shape[-1] or lm_head_weight.shape[0] == 0:
         raise ValueError(
             f"token_stats_from_hidden: lm_head_weight must be [V, {flat_hidden.shape[-1]}] with V >= 1 to match hidden, "

@@ -70,6 +70,18 @@ def test_a_row_s_statistics_do_not_depend_on_the_other_rows_temperatures_in_bflo
         torch.testing.assert_close(mixed[name][others], uniform[name][others], atol=1e-6, rtol=1e-6)
     reference = _reference_stats(logits.double(), targets, mixed_temperatures.double())
     torch.testing.assert_close(mixed["entropy"].double(), reference["entropy"], atol=2e-5, rtol=1e-5)
+    # verl divides by temperature_rmpad.unsqueeze(-1): [N, 1] is one per row too, as are [B], [B, 1, 1], [B, T, 1]
+    torch.testing.assert_close(actor_token_stats(logits, targets, temperature=mixed_temperatures.unsqueeze(-1))["entropy"],
+                               mixed["entropy"])
+    batched, batch_targets = logits.view(2, 4, 4000), targets.view(2, 4)
+    per_row = torch.tensor([0.6, 1.0])
+    expected = torch.stack([actor_token_stats(batched[b], batch_targets[b], temperature=float(per_row[b]))["entropy"]
+                            for b in range(2)])
+    for shape in ((2,), (2, 1, 1)):
+        torch.testing.assert_close(actor_token_stats(batched, batch_targets, temperature=per_row.view(shape))["entropy"],
+                                   expected)
+    per_position = per_row.view(2, 1).expand(2, 4).unsqueeze(-1)
+    torch.testing.assert_close(actor_token_stats(batched, batch_targets, temperature=per_position)["entropy"], expected)
 
 
 def test_actor_token_stats_rejects_unknown_statistics():

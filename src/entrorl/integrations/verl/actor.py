@@ -92,8 +92,11 @@ def actor_token_stats(
         values = temperature.detach().reshape(-1)
         if values.numel() == 0 or bool((values == values[0]).all()):
             temperature = float(values[0]) if values.numel() else 1.0
-        else:  # one per row of targets (or per leading entry of it): one per position
-            temperature = temperature.detach().reshape(*temperature.shape, *([1] * (targets.dim() - temperature.dim())))
+        else:  # one per row of targets, or per leading entry ([B] for [B, T, V]), or verl's [N, 1]: one per position
+            temperature = temperature.detach()
+            while temperature.dim() > targets.dim() and temperature.shape[-1] == 1:
+                temperature = temperature.squeeze(-1)
+            temperature = temperature.reshape(*temperature.shape, *([1] * (targets.dim() - temperature.dim())))
             temperature = temperature.expand(targets.shape).to(torch.float64)
     stats = token_stats(logits, targets, temperature=temperature if torch.is_tensor(temperature) else float(temperature),
                         chunk_size=chunk_size, need=need)
