@@ -1292,6 +1292,36 @@ def test_a_stateless_objective_writing_over_an_earlier_checkpoint_removes_its_ob
     assert not list(checkpoint.glob(".*.tmp-*"))  # the state is written through a temporary file, renamed into place
 
 
+@pytest.mark.parametrize("method", ["adaptive_entropy", "dapo"])
+def test_a_save_on_fewer_processes_removes_the_per_process_states_of_the_others(tokenizer, tmp_path, monkeypatch, method):
+    """A 1-process run writing over a 2-process run's checkpoint: the old entrorl_objective_state_<i>.pt files go, or
+    a 2-process resume would load the other run's coefficients (or refuse them, for a stateless method); a 3-process
+    run's extra file goes under 2 processes, and each process's own stays."""
+    from accelerate import Accelerator
+
+    earlier = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="adaptive_entropy",
+                       objective_params={"target_entropy": 100.0, "delta": 0.3})
+    checkpoint = Path(earlier.args.output_dir) / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    for index in range(3):
+        torch.save(earlier.objective.state_dict(), checkpoint / f"entrorl_objective_state_{index}.pt")
+    later = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=method)
+    later.state.global_step = 1
+    later.create_optimizer_and_scheduler(num_training_steps=4)
+    later._save_checkpoint(later.model, None)
+    assert not list(checkpoint.glob("entrorl_objective_state_*.pt"))
+    assert (checkpoint / OBJECTIVE_STATE_FILE).is_file() == (method == "adaptive_entropy")
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    for index in range(3):
+        torch.save(earlier.objective.state_dict(), checkpoint / f"entrorl_objective_state_{index}.pt")
+    later._save_checkpoint(later.model, None)  # as process 0 of 2: its own file is rewritten, process 1's left to it
+    kept = sorted(path.name for path in checkpoint.glob("entrorl_objective_state_*.pt"))
+    assert kept == (["entrorl_objective_state_0.pt", "entrorl_objective_state_1.pt"] if method == "adaptive_entropy"
+                    else ["entrorl_objective_state_1.pt"])
+    if method == "adaptive_entropy":
+        assert torch.load(checkpoint / "entrorl_objective_state_0.pt", weights_only=True) == later.objective.state_dict()
+
+
 def test_an_args_object_without_use_bias_correction_kl_gets_trl_s_default(tmp_path):
     """An options object lacking use_bias_correction_kl reads as GRPOConfig's default (True), as objective_for_trl_loss
     reads it: kl_ref must then be importance-weighted."""

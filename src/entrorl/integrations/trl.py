@@ -123,6 +123,9 @@ def objective_state_file(process_index: int) -> str:
     return f"entrorl_objective_state_{process_index}.pt"
 
 
+_PROCESS_STATE_FILE = re.compile(r"entrorl_objective_state_(\d+)\.pt")  # objective_state_file's names
+
+
 # surrogates that clip the ratio to [1 - eps_low, 1 + eps_high] as TRL's epsilon / epsilon_high do
 _RATIO_CLIPPED_SURROGATES = (PPOClip, GSPO)
 
@@ -591,14 +594,20 @@ class EntropyGRPOTrainer(GRPOTrainer):
         """The objective's state and name go into the checkpoint folder before TRL's files: TRL writes
         ``trainer_state.json`` (what makes a folder a complete checkpoint, see :meth:`latest_complete_checkpoint`) and
         then prunes older checkpoints (``save_total_limit``) last, so a crash at any moment leaves a complete checkpoint
-        that holds the state. A stale state file (a stateless objective writing over an earlier run's checkpoint) is
-        removed."""
+        that holds the state. Stale state files are removed: a stateless objective's, and the per-process files of
+        processes this run does not have (a run on fewer processes writing over an earlier run's checkpoint), which a
+        resume on more processes would otherwise load."""
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         state = self.objective.state_dict()
         files = [OBJECTIVE_STATE_FILE] if self.args.should_save else []
         if self.accelerator.num_processes > 1:  # each process's own, as transformers keeps its RNG states
             files.append(objective_state_file(self.accelerator.process_index))
         folder.mkdir(parents=True, exist_ok=True)
+        if self.args.should_save:
+            own_files = self.accelerator.num_processes if self.accelerator.num_processes > 1 else 0
+            for stale in folder.iterdir():
+                if (match := _PROCESS_STATE_FILE.fullmatch(stale.name)) and int(match[1]) >= own_files:
+                    stale.unlink(missing_ok=True)
         for name in files:
             if state:
                 atomic_torch_save(state, folder / name)
