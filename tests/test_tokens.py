@@ -430,9 +430,11 @@ def test_a_temperature_per_position_equals_each_row_scored_at_its_own(dtype):
         with pytest.raises(ValueError, match=message):
             token_stats(logits, targets, temperature=bad)
     # a one-element tensor is one temperature, as a number is
-    for one in (torch.tensor(0.7), torch.tensor([0.7])):
+    for one in (torch.tensor(0.7), torch.tensor([0.7]), torch.tensor([0.7], requires_grad=True)):  # read without a warning
         assert torch.equal(token_stats(logits, targets, temperature=one).entropy,
                            token_stats(logits, targets, temperature=0.7).entropy)
+    single = token_stats(logits[:1, 0], targets[:1, 0], temperature=torch.tensor([2])).entropy  # however targets look
+    assert torch.equal(single, token_stats(logits[:1, 0], targets[:1, 0], temperature=2).entropy)
     # masked positions' temperatures are not read (padding of 0); the valid ones' statistics are unchanged
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1, 3:] = False

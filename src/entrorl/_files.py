@@ -4,7 +4,8 @@ A file is written through a temporary file beside it (``.NAME.tmp-PID``), flushe
 that a crash leaves the old file or the new one, never part of either. A symbolic link is followed: the file it names
 is replaced and the link stays. What cannot be replaced is written into as it is: a device, a pipe or a socket
 (``/dev/null``), and a process's open descriptors (``/dev/stdout``, ``/dev/fd/1``: a pipe, or a file the shell
-redirected into, which gets the text where the process's own output has reached).
+redirected into, which gets the text where this process's own output has reached; another process's descriptor, or
+a read-only one, is opened anew and gets it at the end).
 """
 
 from __future__ import annotations

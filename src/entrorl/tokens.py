@@ -91,8 +91,8 @@ def _inverse_temperature(temperature: float | torch.Tensor, targets: torch.Tenso
     """``1 / T``: a number (a one-element tensor is one too), or, for a tensor of one temperature per position
     (shaped like ``targets``), a float64 tensor [N] of them, those of the valid ``rows`` checked as a number would be
     (a masked position's, padding perhaps, is not read)."""
-    if not torch.is_tensor(temperature) or (temperature.numel() == 1 and tuple(temperature.shape) != tuple(targets.shape)):
-        return 1.0 / _validate_temperature(float(temperature))
+    if not torch.is_tensor(temperature) or temperature.numel() == 1:
+        return 1.0 / _validate_temperature(float(temperature.detach() if torch.is_tensor(temperature) else temperature))
     if tuple(temperature.shape) != tuple(targets.shape) or not temperature.is_floating_point():
         raise ValueError(f"token_stats: a temperature tensor must hold floats shaped like targets {tuple(targets.shape)}, "
                          f"got {temperature.dtype} {tuple(temperature.shape)}")
