@@ -302,9 +302,10 @@ def test_bfloat16_logits_match_float32_statistics():
     assert leaf.grad.dtype == torch.bfloat16 and torch.isfinite(leaf.grad.float()).all()
 
 
+@pytest.mark.parametrize("vocab_chunk", [None, 1, 4, 28, 29])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("chunk_size", [1, 4, None])
-def test_from_hidden_matches_logits_path(with_bias, chunk_size):
+def test_from_hidden_matches_logits_path(with_bias, chunk_size, vocab_chunk):
     generator = torch.Generator().manual_seed(13)
     hidden = torch.randn(3, 5, 8, dtype=torch.float64, generator=generator, requires_grad=True)
     weight = torch.randn(29, 8, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -314,7 +315,8 @@ def test_from_hidden_matches_logits_path(with_bias, chunk_size):
     g_lp, g_h = torch.randn(2, 3, 5, dtype=torch.float64, generator=generator)
 
     fused = token_stats_from_hidden(
-        hidden, weight, targets, lm_head_bias=bias, temperature=0.8, mask=mask, chunk_size=chunk_size, need=ALL
+        hidden, weight, targets, lm_head_bias=bias, temperature=0.8, mask=mask, chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk, need=ALL,
     )
     (fused.logprob * g_lp + fused.entropy * g_h).sum().backward()
     fused_grads = [t.grad.clone() for t in (hidden, weight, bias) if t is not None]
@@ -332,23 +334,137 @@ def test_from_hidden_matches_logits_path(with_bias, chunk_size):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
 
 
-def test_from_hidden_never_builds_full_logits(monkeypatch):
-    """Every projection inside the fused path covers one chunk of rows, never all N."""
+def _fused_and_dense(hidden, weight, bias, targets, grads, **options):
+    """Statistics and gradients of the fused path and of token_stats on the projected logits, same options."""
+    results = []
+    for fused in (True, False):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+        if fused:
+            stats = token_stats_from_hidden(leaves[0], leaves[1], targets, lm_head_bias=leaves[2], need=ALL, **options)
+        else:
+            options = {key: value for key, value in options.items() if key != "vocab_chunk_size"}
+            logits = torch.nn.functional.linear(leaves[0], leaves[1], leaves[2])
+            stats = token_stats(logits, targets, need=ALL, **options)
+        (stats.logprob * grads[0] + stats.entropy * grads[1]).sum().backward()
+        results.append((stats, [t.grad for t in leaves if t is not None]))
+    return results
+
+
+@pytest.mark.parametrize("vocab_chunk", [1, 2, 5, 64])
+def test_from_hidden_tiles_carry_the_maximum_across_the_vocabulary(vocab_chunk):
+    """Rows whose largest logit lies in a late tile (the running maximum rises tile after tile, by hundreds of nats),
+    a -inf bias masking columns (whole tiles of them), a row whose every logit is -inf, per-position temperatures and
+    a mask: every statistic and gradient equals the dense path's."""
+    generator = torch.Generator().manual_seed(41)
+    vocab, dim = 64, 6
+    hidden = torch.randn(4, 6, dim, dtype=torch.float64, generator=generator)
+    weight = torch.randn(vocab, dim, dtype=torch.float64, generator=generator)
+    bias = torch.linspace(-300.0, 300.0, vocab, dtype=torch.float64)  # rising maxima from tile to tile
+    bias[10:30] = float("-inf")
+    targets = torch.randint(0, vocab, (4, 6), generator=generator)
+    targets[1, 1] = 12  # a target whose logit is -inf: log-prob floored, finite
+    mask = torch.rand(4, 6, generator=generator) > 0.2
+    mask[1, 1] = True
+    temperature = 0.5 + torch.rand(4, 6, generator=generator, dtype=torch.float64)
+    grads = torch.randn(2, 4, 6, dtype=torch.float64, generator=generator)
+    (fused, fused_grads), (dense, dense_grads) = _fused_and_dense(
+        hidden, weight, bias, targets, grads, temperature=temperature, mask=mask, chunk_size=5,
+        vocab_chunk_size=vocab_chunk,
+    )
+    for name in ALL:
+        torch.testing.assert_close(getattr(fused, name), getattr(dense, name), atol=1e-9, rtol=1e-9)
+    for got, want in zip(fused_grads, dense_grads):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+    # every column masked: the row's statistics and gradients are zeros, as on the dense path
+    all_masked = torch.full((vocab,), float("-inf"), dtype=torch.float64)
+    (fused, fused_grads), (dense, dense_grads) = _fused_and_dense(
+        hidden[:1], weight, all_masked, targets[:1], grads[:, :1], chunk_size=2, vocab_chunk_size=vocab_chunk)
+    for name in ALL:
+        assert torch.equal(getattr(fused, name), torch.zeros_like(getattr(fused, name))), name
+        assert torch.equal(getattr(dense, name), getattr(fused, name)), name
+    assert not fused_grads[0].any() and not fused_grads[1].any()
+
+
+@pytest.mark.parametrize("vocab_chunk", [3, 50, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_hidden_tiles_at_low_precision_match_a_float64_reference(vocab_chunk, dtype):
+    """Across tiles, float32 and bfloat16 heads give the float64 statistics of the logits they round to, and gradients
+    within the precision of one product in their dtype."""
+    generator = torch.Generator().manual_seed(42)
+    hidden = torch.randn(96, 16, generator=generator).to(dtype).requires_grad_()
+    weight = (torch.randn(300, 16, generator=generator) * 0.7).to(dtype).requires_grad_()
+    targets = torch.randint(0, 300, (96,), generator=generator)
+    stats = token_stats_from_hidden(hidden, weight, targets, temperature=0.7, chunk_size=32,
+                                    vocab_chunk_size=vocab_chunk, need=ALL)
+    (stats.logprob.sum() + 0.5 * stats.entropy.sum()).backward()
+    logits = torch.nn.functional.linear(hidden.detach(), weight.detach()).double().requires_grad_()
+    reference = naive_stats(logits, targets, 0.7)
+    (reference["logprob"].sum() + 0.5 * reference["entropy"].sum()).backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-4
+    for name in ALL:
+        torch.testing.assert_close(getattr(stats, name).double(), reference[name].detach(), atol=tolerance, rtol=tolerance)
+    for got, want in ((weight.grad, logits.grad.t() @ hidden.detach().double()),
+                      (hidden.grad, logits.grad @ weight.detach().double())):
+        assert got.dtype == dtype
+        limit = (1e-5 if dtype == torch.float32 else 1e-2) * float(want.abs().max())
+        torch.testing.assert_close(got.double(), want, atol=limit, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_from_hidden_a_non_finite_logit_in_any_tile_gives_nan_in_its_row_only(bad):
+    """A +inf or NaN logit in a late tile (a broken head column reached by one row) makes that row's statistics NaN,
+    not a number computed from the tiles before it; the other rows are untouched."""
+    generator = torch.Generator().manual_seed(43)
+    hidden = torch.randn(3, 4, dtype=torch.float64, generator=generator)
+    weight = torch.randn(20, 4, dtype=torch.float64, generator=generator)
+    weight[17, 0] = 1e200
+    hidden[1, 0] = 1e200 if bad == float("inf") else bad  # row 1's logit 17 is +inf, or all its logits are NaN
+    targets = torch.tensor([3, 4, 5])
+    grads = torch.randn(2, 3, dtype=torch.float64, generator=generator)
+    (fused, fused_grads), (dense, dense_grads) = _fused_and_dense(hidden, weight, None, targets, grads,
+                                                                  vocab_chunk_size=4)
+    assert torch.isnan(fused.entropy[1]) and torch.isnan(fused.disc_centered[1])
+    assert not torch.isfinite(fused.logprob[1]) and torch.isnan(fused_grads[0][1]).all()
+    for name in ALL:
+        torch.testing.assert_close(getattr(fused, name)[[0, 2]], getattr(dense, name)[[0, 2]], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(fused_grads[0][[0, 2]], dense_grads[0][[0, 2]], atol=1e-12, rtol=1e-10)
+
+
+def test_from_hidden_default_tile_is_4m_elements_and_the_width_is_checked():
+    """At a 152k vocabulary the default tile is 1024 rows by 4096 columns; a width below 1 is a ValueError."""
+    import entrorl.tokens as tokens
+
+    assert default_chunk_size(min(151_936, tokens._VOCAB_TILE)) == 1024
+    with pytest.raises(ValueError, match="vocab_chunk_size"):
+        token_stats_from_hidden(torch.randn(3, 4), torch.randn(10, 4), torch.zeros(3, dtype=torch.long),
+                                vocab_chunk_size=0)
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 16, 50])
+def test_from_hidden_never_builds_full_logits(monkeypatch, vocab_chunk):
+    """Every projection inside the fused path covers one tile: at most `chunk_size` rows by `vocab_chunk_size`
+    columns, never all N rows nor (with a narrower tile) all V columns; each tile once forward, once backward."""
+    import entrorl.tokens as tokens
+
     n_rows, vocab, chunk = 64, 50, 8
     hidden = torch.randn(n_rows, 16, requires_grad=True)
     weight = torch.randn(vocab, 16, requires_grad=True)
     targets = torch.randint(0, vocab, (n_rows,))
-    seen_rows = []
-    original_linear = torch.nn.functional.linear
+    seen = []
+    original_project = tokens._project
 
-    def spying_linear(x, w, b=None):
-        seen_rows.append(x.shape[0])
-        return original_linear(x, w, b)
+    def spying_project(hidden_rows, weight, bias, columns, workspace):
+        logits = original_project(hidden_rows, weight, bias, columns, workspace)
+        seen.append(tuple(logits.shape))
+        return logits
 
-    monkeypatch.setattr(torch.nn.functional, "linear", spying_linear)
-    stats = token_stats_from_hidden(hidden, weight, targets, chunk_size=chunk)
+    monkeypatch.setattr(tokens, "_project", spying_project)
+    stats = token_stats_from_hidden(hidden, weight, targets, chunk_size=chunk, vocab_chunk_size=vocab_chunk)
     (stats.logprob.sum() + stats.entropy.sum()).backward()
-    assert seen_rows and max(seen_rows) == chunk and len(seen_rows) == 2 * n_rows // chunk
+    width = vocab if vocab_chunk is None else vocab_chunk
+    tiles = -(-vocab // width)
+    assert max(rows for rows, _ in seen) == chunk and max(columns for _, columns in seen) == width
+    assert len(seen) == 2 * (n_rows // chunk) * tiles
 
 
 def test_backward_holds_no_second_full_size_tensor():

@@ -15,7 +15,9 @@ Memory: the logits are read a chunk of rows at a time (about 4M elements: 131 ro
 V = 152 064), in place even when they are a slice no view can flatten (``logits[:, :-1]``), and the
 backward pass recomputes each chunk from the saved logits, so neither direction holds another
 ``[N, V]`` tensor beside the logits and their gradient. :func:`token_stats_from_hidden` goes further and
-never builds the logits at all: each chunk is ``hidden @ W^T`` computed, used and discarded.
+never builds the logits at all: a tile of rows by head columns (1024 x 4096 at V = 152 064) is
+``hidden @ W_tile^T`` computed, reduced and discarded, the row sums carried from tile to tile as an online
+log-sum-exp, so the head is read once per 1024 rows, not once per 27.
 
 Numerics: each row is shifted by its maximum, so logits of any magnitude (``±1e4``) are safe, and
 entries equal to ``-inf`` (top-k / top-p filtered vocabularies) have probability exactly 0 and
@@ -46,6 +48,9 @@ _LOGIT_FLOOR = -1.0e4
 _SCALE_THAT_CAN_OVERFLOW = 1.0e20
 # About 16 MiB of float32 per temporary per chunk: small next to any logits worth chunking.
 _CHUNK_ELEMENTS = 1 << 22
+# Head columns projected at once by token_stats_from_hidden: rows per tile are then 4M / 4096 = 1024, enough for each
+# tile's matrix product to be bound by arithmetic rather than by reading the head again.
+_VOCAB_TILE = 4096
 
 
 @dataclass
@@ -120,10 +125,15 @@ class _Workspace:
     often served by new pages from the OS, whose first-touch faults can cost more than the arithmetic."""
 
     def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.dtype = dtype
         self._buffers = [torch.empty((rows, vocab), dtype=dtype, device=device) for _ in range(2)]
 
-    def get(self, slot: int, rows: int) -> torch.Tensor:
-        return self._buffers[slot][:rows]
+    def get(self, slot: int, rows: int, columns: int | None = None) -> torch.Tensor:
+        """A contiguous ``[rows, columns]`` view of buffer ``slot`` (``columns`` defaults to the buffer's width)."""
+        buffer = self._buffers[slot]
+        if columns is None or columns == buffer.shape[1]:
+            return buffer[:rows]
+        return buffer.view(-1)[: rows * columns].view(rows, columns)
 
 
 def _shifted_scaled(
@@ -381,51 +391,202 @@ class _LogitsStats(torch.autograd.Function):
         return grad_logits, None, None, None, None, None, None
 
 
+def _head_tiles(vocab_size: int, width: int) -> list[slice]:
+    return [slice(start, min(start + width, vocab_size)) for start in range(0, vocab_size, width)]
+
+
+def _finite_or_zero(values: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(values), values, torch.zeros_like(values))
+
+
+def _project(hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, columns: slice,
+             workspace: _Workspace) -> torch.Tensor:
+    """The logits ``hidden_rows @ W[columns]^T (+ b[columns])`` of one tile, in the compute dtype, in workspace slot 0
+    (a half-precision head multiplies in its own dtype, as the model's output layer does, then converts)."""
+    out = workspace.get(0, hidden_rows.shape[0], columns.stop - columns.start)
+    if hidden_rows.dtype == out.dtype:
+        torch.mm(hidden_rows, weight[columns].t(), out=out)
+        if bias is not None:
+            out.add_(bias[columns])
+    else:
+        out.copy_(torch.nn.functional.linear(hidden_rows, weight[columns], None if bias is None else bias[columns]))
+    return out
+
+
+def _column_scale(scale: float | torch.Tensor, dtype: torch.dtype) -> float | torch.Tensor:
+    """A chunk's inverse temperature ready to multiply a tile: the number, or its rows' as a ``[rows, 1]`` column."""
+    return scale.to(dtype).unsqueeze(-1) if torch.is_tensor(scale) else scale
+
+
+def _target_columns(targets_rows: torch.Tensor, columns: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rows' targets fall in the tile, and each row's target column inside it (clamped for the others)."""
+    in_tile = (targets_rows >= columns.start) & (targets_rows < columns.stop)
+    return in_tile, (targets_rows - columns.start).clamp(0, columns.stop - columns.start - 1).unsqueeze(-1)
+
+
+def _hidden_chunk_forward(hidden_rows, weight, bias, targets_rows, scale, tiles, want_disc, want_centered, workspace):
+    """The statistics of one chunk of rows, the head projected one tile of columns at a time (an online log-sum-exp),
+    plus what the backward pass needs: each row's maximum logit and ``log s``.
+
+    With ``m`` the running row maximum of the logits, ``u = (z - m) / T`` floored at -1e4 and ``e = exp(u)``, the
+    sums ``s = sum e``, ``t = sum e u`` (and, for D, ``q = sum e^2``, ``r = sum e^2 u``) are carried from tile to
+    tile; when the maximum rises from ``m`` to ``m'``, with ``d = (m - m') / T`` and ``c = exp(d)``:
+    ``s <- c s``, ``t <- c (t + d s)``, ``q <- c^2 q``, ``r <- c^2 (r + d q)``. At the end ``H = log s - t / s``.
+    """
+    rows = hidden_rows.shape[0]
+    like = dict(dtype=workspace.dtype, device=hidden_rows.device)
+    running_max = torch.full((rows,), float("-inf"), **like)
+    target_logit = torch.full((rows,), float("-inf"), **like)
+    total, weighted = torch.zeros(rows, **like), torch.zeros(rows, **like)
+    square_total, square_weighted = torch.zeros(rows, **like), torch.zeros(rows, **like)
+    row_scale = scale.to(workspace.dtype) if torch.is_tensor(scale) else scale
+    tile_scale = _column_scale(scale, workspace.dtype)
+    for columns in tiles:
+        logits = _project(hidden_rows, weight, bias, columns, workspace)  # z
+        in_tile, column = _target_columns(targets_rows, columns)
+        target_logit = torch.where(in_tile, logits.gather(-1, column).squeeze(-1), target_logit)
+        new_max = torch.maximum(running_max, logits.amax(dim=-1))
+        shift = _finite_or_zero(new_max)
+        step = (_finite_or_zero(running_max) - shift) * row_scale  # d <= 0
+        carry = torch.where(total > 0, step.exp(), torch.zeros_like(step))  # c: nothing to carry before a finite logit
+        shifted = logits.sub_(shift.unsqueeze(-1)).mul_(tile_scale).clamp_(min=_LOGIT_FLOOR)  # u
+        weights = torch.exp(shifted, out=workspace.get(1, rows, shifted.shape[1]))  # e
+        tile_weighted = shifted.mul_(weights).sum(dim=-1)  # sum e u; shifted holds e u from here
+        weighted = torch.where(carry > 0, carry * (weighted + step * total), torch.zeros_like(carry)) + tile_weighted
+        if want_centered:
+            carry_squared = carry * carry
+            tile_square_weighted = shifted.mul_(weights).sum(dim=-1)  # sum e^2 u
+            square_weighted = torch.where(
+                carry_squared > 0, carry_squared * (square_weighted + step * square_total), torch.zeros_like(carry)
+            ) + tile_square_weighted
+            square_total = carry_squared * square_total + torch.linalg.vector_norm(weights, dim=-1).square()
+        total = carry * total + weights.sum(dim=-1)
+        running_max = new_max
+    # a +inf or NaN logit: no distribution, the row's statistics are NaN
+    broken = torch.isnan(running_max) | (running_max == float("inf"))
+    empty_row = (total <= 0) & ~broken
+    log_total = torch.where(empty_row, torch.ones_like(total), total).log()
+    log_total = torch.where(broken, torch.full_like(total, float("nan")), log_total)
+    entropy = torch.where(empty_row, torch.zeros_like(total), log_total - weighted / total)
+    row_max = _finite_or_zero(running_max)
+    exact = (target_logit - row_max) * row_scale
+    logprob = torch.where(torch.isfinite(exact), exact, torch.full_like(exact, _LOGIT_FLOOR)) - log_total
+    logprob = torch.where(empty_row, torch.zeros_like(logprob), logprob)
+    disc = centered = None
+    if want_disc or want_centered:
+        disc = torch.where(empty_row, torch.zeros_like(logprob), logprob.exp() * (logprob + entropy))
+    if want_centered:
+        expected_disc = (square_weighted + (entropy - log_total) * square_total) / (total * total)
+        centered = torch.where(empty_row, torch.zeros_like(disc), disc - expected_disc)
+    return (logprob, entropy, disc, centered), (row_max, log_total, empty_row)
+
+
+def _hidden_chunk_backward(hidden_rows, weight, bias, targets_rows, scale, tiles, grad_logprob, grad_entropy, entropy,
+                           row_max, log_total, empty_row, workspace):
+    """Yields ``(columns, d loss / d z of the tile)`` for one chunk of rows, each tile recomputed from the head.
+
+    ``dz = p (a log p + b) + g onehot_y / T`` with per-row ``a = -h / T``, ``b = -(g + h H) / T`` (``g`` = d loss /
+    d log p_y, ``h`` = d loss / d H), and ``log p = (z - m) / T - log s`` from the forward pass's ``m`` and ``log s``.
+    The tile lives in the workspace: the caller consumes it before the next one is computed."""
+    dtype = workspace.dtype
+    zeros = torch.zeros(hidden_rows.shape[0], dtype=dtype, device=hidden_rows.device)
+    g = zeros if grad_logprob is None else torch.where(empty_row, zeros, grad_logprob.to(dtype))
+    h = zeros if grad_entropy is None else torch.where(empty_row, zeros, grad_entropy.to(dtype))
+    row_scale = scale.to(dtype) if torch.is_tensor(scale) else scale
+    slope = (-h * row_scale).unsqueeze(-1)
+    offset = (-(g + h * entropy.to(dtype)) * row_scale).unsqueeze(-1) if grad_entropy is not None else \
+        (-g * row_scale).unsqueeze(-1)
+    target_grad = g * row_scale
+    tile_scale = _column_scale(scale, dtype)
+    can_overflow = bool(torch.as_tensor(scale > _SCALE_THAT_CAN_OVERFLOW).any())
+    for columns in tiles:
+        logits = _project(hidden_rows, weight, bias, columns, workspace)
+        log_p = logits.sub_(row_max.unsqueeze(-1)).mul_(tile_scale).sub_(log_total.unsqueeze(-1)).clamp_(min=_LOGIT_FLOOR)
+        probs = torch.exp(log_p, out=workspace.get(1, *log_p.shape))
+        grad = torch.addcmul(offset, log_p, slope, out=log_p).mul_(probs)
+        if can_overflow:  # a slope times a floored log-prob may be inf, times a probability of 0: NaN
+            grad.masked_fill_(probs == 0, 0.0)
+        in_tile, column = _target_columns(targets_rows, columns)
+        if bool(in_tile.any()):
+            grad.scatter_add_(-1, column, torch.where(in_tile, target_grad, zeros).unsqueeze(-1))
+        yield columns, grad
+
+
 class _HiddenStats(torch.autograd.Function):
-    """Chunked statistics from hidden states [N, D] and an LM head [V, D]; logits exist one chunk at a time."""
+    """Chunked statistics from hidden states [N, D] and an LM head [V, D]; logits exist one tile at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows, inv_temperature, chunk_size, want_disc, want_centered):
+    def forward(ctx, hidden, weight, bias, targets, rows, inv_temperature, chunk_size, vocab_tile, want_disc,
+                want_centered):
         ctx.set_materialize_grads(False)
-        out = _stats_by_chunk(
-            lambda index: torch.nn.functional.linear(_take(hidden, index), weight, bias), targets, rows,
-            _row_total(hidden), hidden, inv_temperature, chunk_size, want_disc, want_centered,
-        )
-        ctx.save_for_backward(
-            hidden, weight, _NO_ROWS if bias is None else bias, targets, _NO_ROWS if rows is None else rows, out[1]
-        )
+        n_rows = _row_total(hidden)
+        dtype = _compute_dtype(hidden.dtype)
+        out = [torch.zeros(n_rows, dtype=dtype, device=hidden.device) for _ in range(4)]
+        row_max, log_total = torch.zeros(n_rows, dtype=dtype, device=hidden.device), torch.zeros_like(out[0])
+        empty_row = torch.zeros(n_rows, dtype=torch.bool, device=hidden.device)
+        tiles = _head_tiles(weight.shape[0], vocab_tile)
+        workspace = _Workspace(min(chunk_size, _row_count(rows, n_rows)), min(vocab_tile, weight.shape[0]), dtype,
+                               hidden.device)
+        with torch.no_grad():
+            for index in _row_chunks(rows, n_rows, chunk_size):
+                results, normalizer = _hidden_chunk_forward(
+                    _take(hidden, index), weight, bias, _take(targets, index), _chunk_scale(inv_temperature, index),
+                    tiles, want_disc, want_centered, workspace,
+                )
+                for buffer, value in zip(out, results):
+                    if value is not None:
+                        buffer[index] = value
+                for buffer, value in zip((row_max, log_total, empty_row), normalizer):
+                    buffer[index] = value
+        ctx.save_for_backward(hidden, weight, _NO_ROWS if bias is None else bias, targets,
+                              _NO_ROWS if rows is None else rows, out[1], row_max, log_total, empty_row)
         ctx.has_bias = bias is not None
+        ctx.vocab_tile = vocab_tile
         _save_context(ctx, rows, inv_temperature, chunk_size, out)
         return tuple(out)
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy, _grad_disc, _grad_centered):
         if grad_logprob is None and grad_entropy is None:
-            return (None,) * 9
-        hidden, weight, bias, targets, rows, entropy = ctx.saved_tensors
+            return (None,) * 10
+        hidden, weight, bias, targets, rows, entropy, row_max, log_total, empty_row = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         rows = rows if ctx.has_rows else None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        accumulate_dtype = _compute_dtype(weight.dtype)
+        n_rows = _row_total(hidden)
+        dtype = _compute_dtype(hidden.dtype)
         grad_hidden, grad_hidden_rows = _zero_rows_like(hidden) if need_hidden else (None, None)
-        grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=accumulate_dtype, device=weight.device) if need_bias else None
-        chunks = _logit_grads_by_chunk(
-            lambda index: torch.nn.functional.linear(_take(hidden, index), weight, bias), targets, rows,
-            _row_total(hidden), ctx.inv_temperature, ctx.chunk_size, grad_logprob, grad_entropy, entropy,
-        )
-        for index, grad_chunk in chunks:
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_bias else None
+        tiles = _head_tiles(weight.shape[0], ctx.vocab_tile)
+        workspace = _Workspace(min(ctx.chunk_size, _row_count(rows, n_rows)), min(ctx.vocab_tile, weight.shape[0]),
+                               dtype, hidden.device)
+        for index in _row_chunks(rows, n_rows, ctx.chunk_size):
+            hidden_rows = _take(hidden, index)
+            hidden_in_compute = hidden_rows.to(dtype) if need_weight else None
+            chunk_grad_hidden = torch.zeros(hidden_rows.shape, dtype=dtype, device=hidden.device) if need_hidden else None
+            tile_grads = _hidden_chunk_backward(
+                hidden_rows, weight, bias, _take(targets, index), _chunk_scale(ctx.inv_temperature, index), tiles,
+                _take_optional(grad_logprob, index), _take_optional(grad_entropy, index), _take(entropy, index),
+                _take(row_max, index), _take(log_total, index), _take(empty_row, index), workspace,
+            )
+            for columns, grad in tile_grads:
+                if need_hidden:
+                    if weight.dtype == dtype:
+                        chunk_grad_hidden.addmm_(grad, weight[columns])
+                    else:
+                        chunk_grad_hidden.add_(grad.to(weight.dtype) @ weight[columns])
+                if need_weight:
+                    grad_weight[columns].addmm_(grad.t(), hidden_in_compute)
+                if need_bias:
+                    grad_bias[columns].add_(grad.sum(dim=0))
             if need_hidden:
-                grad_hidden_rows[index] = (grad_chunk.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_weight:
-                grad_weight.addmm_(grad_chunk.t(), _take(hidden, index).to(accumulate_dtype))
-            if need_bias:
-                grad_bias.add_(grad_chunk.sum(dim=0))
+                grad_hidden_rows[index] = chunk_grad_hidden.to(hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _flatten_inputs(name: str, values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None):
@@ -519,16 +680,22 @@ def token_stats_from_hidden(
     temperature: float | torch.Tensor = 1.0,
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
     need: Iterable[str] = ("logprob", "entropy"),
 ) -> TokenStats:
     """The statistics of :func:`token_stats` for ``logits = hidden @ lm_head_weight.T (+ bias)``, never
-    materialising the full logits: each chunk of rows is projected, reduced and discarded, forward and
-    backward. Gradients flow to ``hidden``, ``lm_head_weight`` and ``lm_head_bias``.
+    materialising the full logits: a tile of ``chunk_size`` rows by ``vocab_chunk_size`` head columns is projected,
+    reduced and discarded at a time, forward and backward, the row sums carried across a row's tiles as an online
+    log-sum-exp (the softmax normaliser of arXiv 1805.02867). Gradients flow to ``hidden``, ``lm_head_weight`` and
+    ``lm_head_bias``.
 
     Args:
         hidden: ``[B, T, D]`` or ``[N, D]`` final hidden states (after the last norm).
         lm_head_weight: ``[V, D]``, e.g. ``model.get_output_embeddings().weight``.
-        targets, temperature, mask, chunk_size, need: as in :func:`token_stats`.
+        chunk_size: rows per tile; the default keeps one float32 tile near 4M elements (1024 rows at the default
+            width), so the head is read once per 1024 rows in each direction.
+        vocab_chunk_size: head columns per tile, 4096 by default (the whole head when it has fewer).
+        targets, temperature, mask, need: as in :func:`token_stats`.
     """
     wanted = _validate_need(need)
     flat_hidden, flat_targets, rows = _flatten_inputs("hidden", hidden, targets, mask)
@@ -546,10 +713,14 @@ def token_stats_from_hidden(
                              "them one dtype (the projection multiplies them)")
     vocab_size = lm_head_weight.shape[0]
     _check_target_range(flat_targets, vocab_size)
+    if vocab_chunk_size is None:
+        vocab_chunk_size = _VOCAB_TILE
+    vocab_chunk_size = check_int(vocab_chunk_size, "token_stats_from_hidden: vocab_chunk_size", minimum=1)
     if chunk_size is None:
-        chunk_size = default_chunk_size(vocab_size)
+        chunk_size = default_chunk_size(min(vocab_size, vocab_chunk_size))
     chunk_size = check_int(chunk_size, "token_stats_from_hidden: chunk_size", minimum=1)
     outputs = _HiddenStats.apply(
-        flat_hidden, lm_head_weight, lm_head_bias, flat_targets, rows, inv_temperature, chunk_size, wanted[2], wanted[3]
+        flat_hidden, lm_head_weight, lm_head_bias, flat_targets, rows, inv_temperature, chunk_size, vocab_chunk_size,
+        wanted[2], wanted[3],
     )
     return _assemble(outputs, targets.shape, wanted)
