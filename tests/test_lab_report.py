@@ -1659,3 +1659,22 @@ def test_every_key_of_report_json_is_in_the_reports_guide(report_run):
     written = {*report, *report["rules"], *report["methods"]["grpo"], *report["headline"], *report["law"],
                *report["law"]["fits"]["grpo"], *report["distributions"], *report["reproduce"]}
     assert written - documented == set()
+
+
+def _falling_steps(n: int) -> list[dict]:
+    return [{"step": i + 1, "entropy/mean": 1.0 - 0.05 * i, "reward/accuracy": 0.1 + 0.03 * i} for i in range(n)]
+
+
+def test_a_lab_method_whose_final_eval_json_is_cut_short_is_not_said_to_have_none(tmp_path):
+    """A laboratory method folder holding a final_eval.json that cannot be parsed (a write cut short, a full disk) is
+    listed as 'no final_eval.json and no error.log (interrupted?)': the file is there; the report should say that it
+    cannot be read (lab/report.py, _load_run)."""
+    lab = tmp_path / "lab"
+    method = lab / "methods" / "dapo"
+    method.mkdir(parents=True)
+    (lab / "lab.json").write_text(json.dumps({"preset": {"name": "quick"}, "methods": ["dapo"]}))
+    (method / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _falling_steps(12)))
+    (method / "final_eval.json").write_text('{"summary": {"avg_at_n": 0.5}, "pass_at_k": {"1": 0.')
+    report = write_report(lab, figures=False)
+    (row,) = report["failed"]["rows"]
+    assert "no final_eval.json" not in row["error (last line)"], row

@@ -261,16 +261,16 @@ def test_a_run_in_progress_with_a_line_cut_short(tmp_path):
                     extra_lines=['{"step": 5, "entro'])
     report = write_run_report(run, figures=False)
     markdown = (run / "report" / "report.md").read_text()
-    assert report["steps"] == 4 and "logged up to step 4 of 100" in markdown
+    assert report["steps"] == 4 and "got to step 4 of 100" in markdown
     assert "not a JSON object were skipped: 5." in markdown
     assert report["section_errors"] == {}
     # a run that logs every other step is at the last step it logged, not at the number of steps logged
     sparse = [{**record, "step": 2 * record["step"]} for record in law_records(4)]
     write_run_report(write_run(tmp_path / "sparse", sparse, config={"method": "grpo", "optim": {"steps": 100}}), figures=False)
-    assert "logged up to step 8 of 100" in (tmp_path / "sparse" / "report" / "report.md").read_text()
+    assert "got to step 8 of 100" in (tmp_path / "sparse" / "report" / "report.md").read_text()
     finished = write_run(tmp_path / "finished", law_records(4), config={"method": "grpo", "optim": {"steps": 4}})
     write_run_report(finished, figures=False)
-    assert "logged up to step" not in (finished / "report" / "report.md").read_text()
+    assert "got to step" not in (finished / "report" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("bad_lines, listed", [(10, "4, 5, 6, 7, 8, 9, 10, 11, 12, 13."),
@@ -430,7 +430,7 @@ def test_a_trl_run_is_read_from_its_trainer_state(tmp_path):
     said = " ".join((tmp_path / "report" / "report.md").read_text().split())
     assert "A TRL run keeps no Pass@k evaluation" in said
     # stopped before its max_steps: continued the way TRL continues a run, not with entrorl train
-    assert "logged up to step 3 of 5: it is still training or was stopped (`trainer.train(" \
+    assert "got to step 3 of 5: it is still training or was stopped (`trainer.train(" \
            "resume_from_checkpoint=True)` continues it)" in said and "entrorl train" not in said
 
 
@@ -839,7 +839,7 @@ def test_a_stopped_laboratory_method_is_said_to_continue_with_its_laboratory_s_c
                                               "methods": ["grpo", "clip_cov"]}))
     write_run_report(run, figures=False)
     said = " ".join((run / "report" / "report.md").read_text().split())
-    assert (f"logged up to step 6 of 12: it is still training or was stopped (`entrorl lab --preset quick --methods "
+    assert (f"got to step 6 of 12: it is still training or was stopped (`entrorl lab --preset quick --methods "
             f"grpo,clip_cov --out {lab}` continues it)") in said
 
 
@@ -947,7 +947,7 @@ def test_a_finished_run_that_logged_every_other_step_is_not_said_to_be_in_progre
     sparse = [{**record, "step": 2 * record["step"]} for record in law_records(4)]  # steps 2, 4, 6, 8 of 8
     run = write_run(tmp_path / "run", sparse, config={"method": "grpo", "optim": {"steps": 8}})
     write_run_report(run, figures=False)
-    assert "logged up to step" not in (run / "report" / "report.md").read_text()
+    assert "got to step" not in (run / "report" / "report.md").read_text()
 
 
 def test_planned_steps_given_as_a_flag_are_not_a_number(tmp_path):
@@ -1135,3 +1135,69 @@ def test_a_trl_run_s_entropy_is_the_global_one_not_the_main_process_s(tmp_path):
     summary = {row["quantity"]: row["value"] for row in report["summary"]["values"]}
     start = next(value for quantity, value in summary.items() if quantity.startswith("entropy start"))
     assert start == pytest.approx(1.9)
+
+
+def _falling_steps(n: int) -> list[dict]:
+    return [{"step": i + 1, "entropy/mean": 1.0 - 0.05 * i, "reward/accuracy": 0.1 + 0.03 * i} for i in range(n)]
+
+
+def _write_small_run(directory: Path, records: list[dict], config: dict | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (directory / "config.json").write_text(json.dumps(config or {"method": "grpo", "optim": {"steps": len(records)}}))
+    return directory
+
+
+def test_a_finished_trl_run_whose_logging_steps_do_not_divide_max_steps_is_not_called_stopped(tmp_path):
+    """TRL logs every `logging_steps` (GRPOConfig's default is 10), so a finished run of 12 steps logs at 5 and 10 only;
+    its trainer_state.json says global_step 12 of max_steps 12 and holds the closing `train_runtime` entry at step 12.
+    The report must not say the run 'is still training or was stopped' and tell the user to resume it."""
+    out = tmp_path / "trl-out"
+    out.mkdir()
+    history = [{"step": s, "epoch": s / 12, "loss": 0.0, "reward": 0.1 * s / 5, "entropy": 2.0 - 0.1 * s}
+               for s in (5, 10)]
+    history.append({"step": 12, "epoch": 1.0, "train_runtime": 3.0, "train_loss": 0.0})
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 12, "max_steps": 12, "log_history": history}))
+    (out / "entrorl_objective.json").write_text(json.dumps({"method": "grpo"}))
+    write_run_report(out, figures=False)
+    markdown = (out / "report" / "report.md").read_text()
+    assert "still training or was stopped" not in markdown, [l for l in markdown.splitlines() if "still training" in l]
+
+
+def test_an_evaluation_file_that_cannot_be_read_is_said_not_silently_dropped(tmp_path):
+    """The run's files are 'read leniently: what cannot be read is left out and said' (run_report._TrainingRun). A
+    final evaluation whose file was cut short (eval/step_000004.json) vanishes from the report without a word: the
+    summary then quotes the evaluation at step 2 as the last one."""
+    run = _write_small_run(tmp_path / "run", _falling_steps(4))
+    (run / "eval").mkdir()
+    good = {"avg_at_n": 0.25, "n_problems": 4, "n_samples": 4, "pass_at_k": {"1": 0.25, "4": 0.5}}
+    (run / "eval" / "step_000002.json").write_text(json.dumps(good))
+    (run / "eval" / "step_000004.json").write_text(json.dumps(good)[:20])  # a write cut short
+    write_run_report(run, figures=False)
+    markdown = (run / "report" / "report.md").read_text()
+    assert "step_000004.json" in markdown
+
+
+def test_a_config_json_that_cannot_be_read_is_said_not_silently_dropped(tmp_path):
+    """With metrics.jsonl present and config.json cut short, the report shows method 'n/a' and no planned steps and
+    checks no intervention, without saying that config.json could not be read."""
+    run = _write_small_run(tmp_path / "run", _falling_steps(4))
+    (run / "config.json").write_text('{"method": "clip_b", "optim": {"ste')
+    write_run_report(run, figures=False)
+    markdown = (run / "report" / "report.md").read_text()
+    assert "config.json" in markdown
+
+
+def test_a_trl_run_logged_every_few_steps_is_not_said_to_have_as_many_training_steps_as_log_entries(tmp_path):
+    """With TRL's logging_steps = 5 over 12 optimizer steps the log history has 2 entries (steps 5 and 10). The summary
+    says 'the first and the last 1 of the 2 training steps': the run trained 12 steps; 2 is the number of log entries
+    (each already a mean over a 5-step window)."""
+    out = tmp_path / "trl-out"
+    out.mkdir()
+    history = [{"step": s, "loss": 0.0, "reward": 0.1 * s / 5, "entropy": 2.0 - 0.1 * s} for s in (5, 10)]
+    history.append({"step": 12, "train_runtime": 3.0, "train_loss": 0.0})
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 12, "max_steps": 12, "log_history": history}))
+    (out / "entrorl_objective.json").write_text(json.dumps({"method": "grpo"}))
+    write_run_report(out, figures=False)
+    markdown = (out / "report" / "report.md").read_text()
+    assert "of the 2 training steps" not in markdown

@@ -42,18 +42,20 @@ def edge_is_exact(n_steps: int) -> bool:
     return n_steps > 0 and edge_count(n_steps) == round(EDGE_FRACTION * n_steps, 9)
 
 
-def edge_phrase(n_steps: int) -> str:
+def edge_phrase(n_steps: int, *, unit: tuple[str, str] = ("step", "training steps")) -> str:
     """The start and end of an ``n_steps`` run in words, saying what is really averaged: "the first and the last 10%
     of the 40 training steps (4 steps each)", or where that share is not a whole number of steps, "the first and
-    the last 2 of the 12 training steps (16.7% each: 10% rounded up to whole steps)"."""
+    the last 2 of the 12 training steps (16.7% each: 10% rounded up to whole steps)". ``unit``: what each record is,
+    singular and plural (a TRL log history's entries each average ``logging_steps`` steps)."""
+    one, many = unit
     if n_steps <= 0:
-        return "the training steps (none was logged)"
+        return f"the {many} (none was logged)"
     n_edge = edge_count(n_steps)
-    steps = f"{n_edge} step{'s' if n_edge != 1 else ''}"
+    edge = f"{n_edge} {one if n_edge == 1 else many.split()[-1]}"
     if edge_is_exact(n_steps):
-        return f"the first and the last {fmt(100 * EDGE_FRACTION)}% of the {n_steps} training steps ({steps} each)"
-    return (f"the first and the last {n_edge} of the {n_steps} training steps ({fmt(100 * n_edge / n_steps)}% each: "
-            f"{fmt(100 * EDGE_FRACTION)}% rounded up to whole steps)")
+        return f"the first and the last {fmt(100 * EDGE_FRACTION)}% of the {n_steps} {many} ({edge} each)"
+    return (f"the first and the last {n_edge} of the {n_steps} {many} ({fmt(100 * n_edge / n_steps)}% each: "
+            f"{fmt(100 * EDGE_FRACTION)}% rounded up to whole {many.split()[-1]})")
 
 
 def last_steps_phrase(step_counts: set[int]) -> str:

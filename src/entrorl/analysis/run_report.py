@@ -79,12 +79,22 @@ class _TrainingRun(MetricRecords):
         self.directory = run_dir
         metrics = run_dir / "metrics.jsonl"
         self.from_trainer_state = trainer_state is not None  # a TRL run's log history
+        # what one record is: a TRL log entry averages logging_steps steps
+        self.record_unit = ("log entry", "log entries") if self.from_trainer_state else ("step", "training steps")
+        self.unreadable_files: list[str] = []  # files there that could not be read as what they should hold
+        # the step the run got to: a TRL run logs every logging_steps, so its last entry may come before its last step
+        self.last_step: int | None = None
         if trainer_state is not None:
             state = read_json(trainer_state)
             records, self.unreadable_lines = _log_history_records(state), []
             self.source = str(trainer_state.relative_to(run_dir))
+            global_step = state.get("global_step") if isinstance(state, dict) else None
+            self.last_step = global_step if isinstance(global_step, int) and not isinstance(global_step, bool) else None
             # the folder's config.json is the model's: the method and the planned steps come from the plugin and TRL
-            objective = read_json(trainer_state.parent / TRL_OBJECTIVE_FILE)
+            objective_file = trainer_state.parent / TRL_OBJECTIVE_FILE
+            objective = read_json(objective_file)
+            if objective_file.exists() and not isinstance(objective, dict):
+                self.unreadable_files.append(str(objective_file.relative_to(run_dir)))
             config = {"method": objective.get("method") if isinstance(objective, dict) else None,
                       "optim": {"steps": state.get("max_steps") if isinstance(state, dict) else None}}
         else:
@@ -92,15 +102,35 @@ class _TrainingRun(MetricRecords):
                 metrics.open("rb").close()  # one that cannot be read is an error, not an empty run
             records, self.unreadable_lines = read_metrics_records(metrics)
             self.source = metrics.name
+            if (run_dir / "config.json").exists() and not isinstance(config, dict):
+                self.unreadable_files.append("config.json")
         # training steps count from 1; a step-0 record holds only the evaluation before training (eval.at_start)
         self.records = [record for record in records  # a record without a step number is counted as a step
                         if record.get("step") is None or (finite(record.get("step")) or 0.0) >= 1]
         self.config = config if isinstance(config, dict) else {}
-        self.evaluations = _step_files(run_dir / "eval", dict)
-        self.forks = _step_files(run_dir / "forks", list)
+        self.evaluations = self._step_files(run_dir / "eval", dict)
+        self.forks = self._step_files(run_dir / "forks", list)
         self.evaluation_source = "eval/"
+        if self.records and self.last_step is None:
+            self.last_step = int(self.steps.max())
         if not self.evaluations:
             self._read_laboratory_evaluation(run_dir / LAB_FINAL_EVALUATION)
+
+    def _step_files(self, folder: Path, kind: type) -> dict[int, Any]:
+        """``{step: content}`` of the ``step_<N>.json`` files of ``folder`` whose content is a ``kind``, by step; the
+        others are noted in :attr:`unreadable_files`."""
+        found = {}
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                match = _STEP_FILE.fullmatch(path.name)
+                if match is None:
+                    continue
+                content = read_json(path)
+                if isinstance(content, kind):
+                    found[int(match.group(1))] = content
+                else:
+                    self.unreadable_files.append(str(path.relative_to(self.directory)))
+        return dict(sorted(found.items()))
 
     def _read_laboratory_evaluation(self, path: Path) -> None:
         """A laboratory method folder's final evaluation (:func:`entrorl.lab.runner.evaluate_policy`), when ``eval/``
@@ -108,6 +138,8 @@ class _TrainingRun(MetricRecords):
         logged step. Only then: the laboratory samples its own held-out split, so the two are not one series."""
         final = read_json(path) if path.is_file() else None
         summary = final.get("summary") if isinstance(final, dict) else None
+        if path.exists() and not isinstance(summary, dict):
+            self.unreadable_files.append(path.name)
         if not isinstance(summary, dict) or not self.records:
             return
         last = int(self.steps.max())
@@ -189,18 +221,6 @@ def _log_history_records(state: Any) -> list[dict[str, Any]]:
     return sorted(records, key=lambda record: float(record["step"]))
 
 
-def _step_files(folder: Path, kind: type) -> dict[int, Any]:
-    """``{step: content}`` of the ``step_<N>.json`` files of ``folder`` whose content is a ``kind``, by step."""
-    found = {}
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = _STEP_FILE.fullmatch(path.name)
-            content = read_json(path) if match else None
-            if isinstance(content, kind):
-                found[int(match.group(1))] = content
-    return dict(sorted(found.items()))
-
-
 def _pass_at(evaluation: dict[str, Any]) -> dict[int, float]:
     values = evaluation.get("pass_at_k") if isinstance(evaluation.get("pass_at_k"), dict) else {}
     return {int(k): float(v) for k, v in values.items() if str(k).isdigit() and finite(v) is not None}
@@ -226,12 +246,14 @@ class _RunReport:
                         "training steps are empty until the run has trained.")
         table = Table(["quantity", "value"])
         planned_key = "max_steps" if run.from_trainer_state else "optim.steps"
-        rows = [("method", text(run.method or "n/a")), ("read from", text(run.source)), ("steps logged", num(a.n_steps)),
+        logged = "log entries" if run.from_trainer_state else "steps logged"
+        rows = [("method", text(run.method or "n/a")), ("read from", text(run.source)), (logged, num(a.n_steps)),
                 (f"steps planned ({planned_key})", num(planned) if planned is not None else missing()),
                 ("entropy start (nats)", num(a.entropy_start)), ("entropy end (nats)", num(a.entropy_end)),
                 ("entropy end/start", num(a.entropy_ratio)), ("reward", text(run.reward_key)),
                 ("reward start", num(a.reward_start)), ("reward end", num(a.reward_end)),
-                (f"reward reached ({SMOOTH_WINDOW}-step moving average, max)", num(a.reward_reached))]
+                (f"reward reached ({SMOOTH_WINDOW}-{run.record_unit[0].split()[-1]} moving average, max)",
+                 num(a.reward_reached))]
         law = a.law
         fit, forecast = law.get("fit") or {}, law.get("forecast") or {}
         ceiling = forecast.get("predicted_ceiling")
@@ -253,7 +275,8 @@ class _RunReport:
             table.add([text(quantity), cell])
         section.table(table)
         if a.n_steps >= 2 and finite(a.entropy_start) is not None and finite(a.entropy_end) is not None:
-            sentence = (f"Start and end are the means over {edge_phrase(a.n_steps)}. The mean token entropy "
+            sentence = (f"Start and end are the means over {edge_phrase(a.n_steps, unit=run.record_unit)}. The mean "
+                        "token entropy "
                         f"(`{ENTROPY_KEY}`) went from {fmt(a.entropy_start)} to {fmt(a.entropy_end)} nats")
             if finite(a.entropy_ratio) is not None:
                 collapsed = a.entropy_ratio <= COLLAPSE_RATIO
@@ -262,14 +285,17 @@ class _RunReport:
                              f"(the laboratory compares evaluations when it has them), entropy "
                              f"{'collapsed' if collapsed else 'did not collapse'}")
             section.say(sentence + f"; the reward went from {fmt(a.reward_start)} to {fmt(a.reward_end)}.")
-        if planned is not None and a.n_steps and max(run.steps) < planned:
+        if planned is not None and a.n_steps and run.last_step < planned:
             lab = run.directory.parent.parent if run.directory.parent.name == "methods" else None
             again = _lab_command(lab) if lab is not None and (lab / "lab.json").is_file() else None
             continues = ("`trainer.train(resume_from_checkpoint=True)` continues it" if run.from_trainer_state
                          else f"`{again}` continues it" if again is not None  # a laboratory method's folder
                          else "`entrorl train ... --resume` continues it")
-            section.say(f"The run logged up to step {int(max(run.steps))} of {planned}: it is still training or was stopped "
+            section.say(f"The run got to step {run.last_step} of {planned}: it is still training or was stopped "
                         f"({continues}); this report covers the steps logged so far.")
+        if run.unreadable_files:
+            section.say("Files that could not be read (cut short, or not what they should hold) were left out: "
+                        + ", ".join(f"`{name}`" for name in run.unreadable_files) + ".")
         if run.unreadable_lines:
             lines = ", ".join(map(str, run.unreadable_lines[:10])) + (", ..." if len(run.unreadable_lines) > 10 else "")
             section.say(f"Lines of `metrics.jsonl` that are not a JSON object were skipped: {lines}.")
@@ -309,8 +335,10 @@ class _RunReport:
     # ---------------------------------------------------------------- curves
     def curves(self, section: Section) -> None:
         run = self.run
-        section.say(f"Per training step: the mean token entropy of the step's samples (`{ENTROPY_KEY}`, nats) and the "
-                    f"reward `{run.reward_key}`; thick lines are a trailing moving average over {SMOOTH_WINDOW} steps, thin "
+        each, window = ("log entry (each a mean over TRL's `logging_steps` steps)", f"{SMOOTH_WINDOW} entries") \
+            if run.from_trainer_state else ("training step", f"{SMOOTH_WINDOW} steps")
+        section.say(f"Per {each}: the mean token entropy of the step's samples (`{ENTROPY_KEY}`, nats) and the "
+                    f"reward `{run.reward_key}`; thick lines are a trailing moving average over {window}, thin "
                     "lines the raw values."
                     + (" Evaluations (Avg@n on the held-out prompts) are the dots." if run.evaluations else ""))
 
@@ -330,7 +358,8 @@ class _RunReport:
             axes[1].set(title="reward", xlabel="step")
             axes[1].legend(frameon=False, loc="best")
 
-        section.blocks.append(self.figures.draw("curves.png", f"Entropy and reward per step ({SMOOTH_WINDOW}-step moving average).",
+        section.blocks.append(self.figures.draw("curves.png", f"Entropy and reward per step ({SMOOTH_WINDOW}-{run.record_unit[0].split()[-1]} "
+                                                f"moving average).",
                                                 8.0, 2.8, paint))
 
     # ---------------------------------------------------------------- law

@@ -146,6 +146,9 @@ def _load_run(out: Path, name: str, outcomes: dict[str, Any]) -> Run:
         error = lines[-1].strip() if lines else "failed"
     if error is not None:
         return Run(name, "failed", records, None, error, unreadable)
+    if (directory / "final_eval.json").exists():
+        return Run(name, "missing", records, None, "final_eval.json cannot be read (cut short?) and there is no "
+                   "error.log", unreadable)
     return Run(name, "missing", records, None, "no final_eval.json and no error.log (interrupted?)", unreadable)
 
 
