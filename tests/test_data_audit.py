@@ -1694,3 +1694,71 @@ def test_data_audit_audits_rows_without_a_reference_answer_with_no_require_answe
     audited = [json.loads(line) for line in Path("aud/audit.jsonl").read_text().splitlines()]
     assert len(audited) == 3
     assert Path("aud/d.filtered.jsonl").read_text() == Path("d.jsonl").read_text()  # the band [0, 1] keeps every row
+
+
+def _small_jsonl(path, n=4):
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(n)))
+    return path
+
+
+def test_audit_refuses_an_input_reached_through_a_link_that_it_would_overwrite(tmp_path):
+    """The input is a link (prev.jsonl) to a file named audit.jsonl inside --out: the audit's own audit.jsonl is
+    written over it (through os.replace on the resolved path), modifying the input, which the docs say is "only
+    read, never modified". The same input given by its real path is refused; through a link it is not, because
+    _check_out_dir compares the link's name, not the resolved file's, with the audit's file names."""
+    from entrorl.trainer.audit import check_audit_output
+
+    out = tmp_path / "run1.audit"
+    out.mkdir()
+    real = _small_jsonl(out / "audit.jsonl")
+    link = tmp_path / "prev.jsonl"
+    link.symlink_to(real)
+    with pytest.raises(ValueError):  # as check_audit_output(real, out) does
+        check_audit_output(real, out)
+    with pytest.raises(ValueError):
+        check_audit_output(link, out)
+
+
+def test_audit_checks_before_sampling_that_the_filtered_copy_can_be_written(tmp_path):
+    """check_audit_output promises to check "before sampling that write_audit_outputs can write into out ... and a
+    filtered copy that can be written in the input's format". A directory standing where the filtered copy goes
+    (out/small.filtered.jsonl) passes the check; the CLI then samples every prompt and only fails at the end
+    ("[Errno 21] Is a directory"), leaving audit.jsonl / the histogram / suspected_wrong.jsonl without a summary."""
+    from entrorl.trainer.audit import check_audit_output
+
+    data = _small_jsonl(tmp_path / "small.jsonl")
+    out = tmp_path / "small.audit"
+    (out / "small.filtered.jsonl").mkdir(parents=True)
+    with pytest.raises(ValueError):
+        check_audit_output(data, out)
+
+
+def test_filtered_saved_dataset_is_not_left_half_written_when_interrupted(tmp_path, monkeypatch):
+    """Every file format's filtered copy is written atomically (old or new content, never part of either); a saved
+    data set directory is written with save_to_disk straight into the target. A Ctrl-C while a re-audit writes it
+    destroys the earlier, complete filtered copy: its old state.json now points at a truncated shard, and the
+    directory reads as an empty data set."""
+    import datasets
+    import datasets.arrow_writer as arrow_writer
+
+    from entrorl.data import load_prompts
+    from entrorl.data.audit import write_selected_rows
+
+    source = tmp_path / "src"
+    datasets.Dataset.from_dict({"prompt": [f"p{i}" for i in range(50)],
+                                "answer": [str(i) for i in range(50)]}).save_to_disk(str(source))
+    records = load_prompts(source)
+    target = tmp_path / "src.filtered"
+    write_selected_rows(source, records, [i % 2 == 0 for i in range(50)], target)
+    assert len(load_prompts(target)) == 25
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(arrow_writer.ArrowWriter, "write_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_selected_rows(source, records, [i < 5 for i in range(50)], target)
+    monkeypatch.undo()
+    # the earlier complete copy is still there (or, at the least, no broken directory is)
+    if os.path.exists(target):
+        assert [r.prompt for r in load_prompts(target)] == [f"p{i}" for i in range(0, 50, 2)]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from entrorl._files import write_atomically, written_in_place
+from entrorl._files import write_atomically, write_folder_atomically, written_in_place
 from entrorl.data.loading import check_output_file
 
 
@@ -69,3 +69,38 @@ def test_a_regular_file_is_replaced_with_its_permission_bits_kept(tmp_path):
     with pytest.raises(ZeroDivisionError):  # any failure: the old content stays, no temporary file is left
         write_atomically(target, lambda handle: handle.write(b"half") and 1 / 0)
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_folder_written_atomically_replaces_the_old_one_or_leaves_it(tmp_path):
+    """write_folder_atomically: the new folder replaces the old one whole (no file of the old one left); a write that
+    fails or is interrupted leaves the old folder as it was and no temporary folder; a link is followed."""
+    target = tmp_path / "copy"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+
+    def write_new(folder):
+        folder.mkdir()
+        (folder / "new.txt").write_text("new")
+
+    write_folder_atomically(target, write_new)
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+
+    def interrupted(folder):
+        write_new(folder)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_folder_atomically(target, interrupted)
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+    def failing(folder):
+        folder.mkdir()
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="copy"):
+        write_folder_atomically(target, failing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    write_folder_atomically(link, lambda folder: (folder.mkdir(), (folder / "third.txt").write_text("3")))
+    assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ["third.txt"]

@@ -1,4 +1,4 @@
-"""Writing a file whole, shared by every layer of the package (the standard library only).
+"""Writing a file (or a folder) whole, shared by every layer of the package (the standard library only).
 
 A file is written through a temporary file beside it (``.NAME.tmp-PID``), flushed to disk and renamed over it, so
 that a crash leaves the old file or the new one, never part of either. A symbolic link is followed: the file it names
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import stat
 import sys
 from collections.abc import Callable
@@ -24,7 +25,7 @@ try:
 except ImportError:  # not a POSIX system: no /proc or /dev/fd descriptors either
     fcntl = None
 
-__all__ = ["naming_file", "write_atomically", "written_in_place"]
+__all__ = ["naming_file", "write_atomically", "write_folder_atomically", "written_in_place"]
 
 # /proc/self/fd/1, /proc/<pid>/fd/1, /dev/fd/1 (the last is this process's)
 _DESCRIPTOR = re.compile(r"(?:/proc/(?P<owner>[^/]+)|/dev)/fd/(?P<number>[^/]+)")
@@ -111,6 +112,35 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], A
     except BaseException as error:
         with contextlib.suppress(OSError):
             temporary.unlink()
+        if isinstance(error, OSError):
+            raise naming_file(error, Path(path), instead_of=temporary) from None
+        raise
+
+
+def write_folder_atomically(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> None:
+    """Call ``write`` with a new folder beside ``path`` (``.NAME.tmp-PID``), then move it to ``path``: a crash or a
+    Ctrl-C while writing leaves what was at ``path`` as it was. A folder already at ``path`` is moved aside and removed
+    once the new one is in place (two renames: between them, for an instant, ``path`` is missing; a crash there leaves
+    the old folder as ``.NAME.old-PID``). A link is followed: the folder it names is replaced."""
+    target = Path(os.path.realpath(path))
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        write(temporary)
+        if target.is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(target, aside)
+            try:
+                os.replace(temporary, target)
+            except BaseException:
+                os.replace(aside, target)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(temporary, target)
+    except BaseException as error:
+        shutil.rmtree(temporary, ignore_errors=True)
         if isinstance(error, OSError):
             raise naming_file(error, Path(path), instead_of=temporary) from None
         raise

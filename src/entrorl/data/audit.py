@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from entrorl._checks import caseless, is_real_number
-from entrorl._files import write_atomically
+from entrorl._files import write_atomically, write_folder_atomically
 from entrorl.data.filters import parse_band, pass_rate_band_mask
 from entrorl.data.loading import _LOADERS, _csv_fields_of_any_length_in, _read_text, read_arrow_ipc
 from entrorl.data.records import PromptRecord
@@ -480,9 +480,12 @@ def write_selected_rows(
         rows = _locations(chosen, _ROW_SOURCE, "row", data)
         loaded = datasets.load_from_disk(str(data))
         if isinstance(loaded, datasets.DatasetDict):  # the same splits: 'train' (the one read) filtered
-            datasets.DatasetDict({**loaded, "train": loaded["train"].select(rows)}).save_to_disk(str(target))
+            selected = datasets.DatasetDict({**loaded, "train": loaded["train"].select(rows)})
         else:
-            loaded.select(rows).save_to_disk(str(target))
+            selected = loaded.select(rows)
+        # save_to_disk writes into the folder in place: a Ctrl-C would leave an earlier copy's state.json naming
+        # shards cut short
+        write_folder_atomically(target, lambda folder: selected.save_to_disk(str(folder)))
         return target
 
     suffix = data.suffix.lower()

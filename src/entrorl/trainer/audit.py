@@ -269,6 +269,7 @@ def check_audit_output(data: str | os.PathLike[str], out: str | os.PathLike[str]
     _check_out_dir(data, directory)
     check_selected_rows_format(data)
     check_output_directory(directory, what="the audit output directory")
+    _check_output_paths(data, directory)
     return directory
 
 
@@ -286,13 +287,30 @@ def _check_out_dir(data: Path, out: Path) -> None:
             f"the audit output directory {out} would be written inside the input {data}; "
             "choose another --out (the input is never modified)"
         )
-    if data_resolved.parent == out_resolved and data.name in (*AUDIT_FILES, _filtered_name(data)):
+    if data_resolved.parent == out_resolved and data_resolved.name in (*AUDIT_FILES, _filtered_name(data)):
         raise ValueError(
-            f"the audit would write its {data.name} into {out}, over the input {data}; choose another --out (the "
-            "input is never modified)"
+            f"the audit would write its {data_resolved.name} into {out}, over the input {data}"
+            + (f" (a link to {data_resolved})" if data_resolved.name != data.name else "")
+            + "; choose another --out (the input is never modified)"
         )
     if out.exists() and not out.is_dir():
         raise ValueError(f"the audit output path {out} exists and is not a directory; choose another --out")
+
+
+def _check_output_paths(data: Path, out: Path) -> None:
+    """No folder stands where the audit writes one of its files, and for the filtered copy, no file where a saved data
+    set's copy (a folder) goes or folder where a file's goes: found after sampling, it would cost the whole audit."""
+    if not out.is_dir():
+        return
+    for name in AUDIT_FILES:
+        if (out / name).is_dir():
+            raise ValueError(f"{out / name} is a folder, where the audit writes its {name}; move it or choose another "
+                             "--out")
+    filtered = out / _filtered_name(data)
+    if filtered.exists() and filtered.is_dir() != data.is_dir():
+        raise ValueError(f"{filtered} is a {'folder' if filtered.is_dir() else 'file'}, where the audit writes the "
+                         f"filtered copy of {data} (a {'folder' if data.is_dir() else 'file'}); move it or choose "
+                         "another --out")
 
 
 def _row(record: PromptRecord, audit: PromptAudit, completions: list[str], reasons: list[str | None]) -> dict[str, Any]:
