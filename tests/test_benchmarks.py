@@ -106,3 +106,40 @@ def test_trainer_refuses_bad_settings_before_any_round(monkeypatch, arguments):
         bench.main([*TINY_TRAINER_RUN, *arguments])
     assert refused.value.code == 2
 
+
+
+@pytest.mark.parametrize("arguments", [["--tokens", "0"], ["--vocab", "0"], ["--repeats", "0"], ["--hidden", "-2"],
+                                       ["--threads", "0"]])
+def test_fused_head_refuses_sizes_that_measure_nothing(arguments):
+    with pytest.raises(SystemExit) as refused:
+        _script("bench_fused_head").main(["--quick", *arguments])
+    assert refused.value.code == 2
+
+
+@pytest.mark.parametrize("direction", ["fwd+bwd", "fwd"])
+def test_fused_head_arms_compute_the_float64_statistics(direction):
+    """Each arm's worker, run in this process at a small size whose tiles and row chunks both split the head: every
+    arm's log-probs and entropies are the float64 ones."""
+    bench = _script("bench_fused_head")
+    for arm in bench.ARMS:
+        result = bench._worker({"arm": arm, "direction": direction, "dtype": "float32", "vocab": 5000, "hidden": 8,
+                                "tokens": 1200, "repeats": 1, "seed": 0, "threads": None})
+        assert result["status"] == "ok" and result["max_error"] < 1e-4, (arm, result)
+
+
+def test_fused_head_ratios_are_over_the_dense_arm_and_a_wrong_arm_fails_the_run(monkeypatch, capsys):
+    bench = _script("bench_fused_head")
+    seconds = {"dense": 2.0, "fused": 1.0, "fused-rows": 4.0}
+
+    def stand_in(spec, timeout):
+        error = 0.5 if spec["arm"] == "fused-rows" and spec["direction"] == "fwd" else 1e-6
+        return {"spec": spec, "status": "ok", "median_s": seconds[spec["arm"]], "extra_peak_mib": 1.0, "max_error": error}
+
+    monkeypatch.setattr(bench, "_run_worker", stand_in)
+    assert bench.main(["--vocab", "100", "--markdown"]) == 1
+    table = capsys.readouterr()
+    assert "| 100 | float32 | fwd+bwd | fused | 1.000 | 0.50x |" in table.out
+    assert "| 100 | float32 | fwd+bwd | fused-rows | 4.000 | 2.00x |" in table.out
+    assert "statistics are off from float64" in table.err
+    monkeypatch.setattr(bench, "_run_worker", lambda spec, timeout: {**stand_in(spec, timeout), "max_error": 0.0})
+    assert bench.main(["--vocab", "100"]) == 0

@@ -472,6 +472,9 @@ def _hidden_chunk_forward(hidden_rows, weight, bias, targets_rows, scale, tiles,
     exact = (target_logit - row_max) * row_scale
     logprob = torch.where(torch.isfinite(exact), exact, torch.full_like(exact, _LOGIT_FLOOR)) - log_total
     logprob = torch.where(empty_row, torch.zeros_like(logprob), logprob)
+    # as token_stats gives: a +inf logit takes all the mass, so a finite target's log-prob is -inf
+    finite_target_beside_infinity = (running_max == float("inf")) & (target_logit < float("inf"))
+    logprob = torch.where(finite_target_beside_infinity, torch.full_like(logprob, float("-inf")), logprob)
     disc = centered = None
     if want_disc or want_centered:
         disc = torch.where(empty_row, torch.zeros_like(logprob), logprob.exp() * (logprob + entropy))
