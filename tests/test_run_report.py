@@ -1201,3 +1201,85 @@ def test_a_trl_run_logged_every_few_steps_is_not_said_to_have_as_many_training_s
     write_run_report(out, figures=False)
     markdown = (out / "report" / "report.md").read_text()
     assert "of the 2 training steps" not in markdown
+
+
+def _verl_log(path: Path, steps: int = 30, *, sources=("gsm8k",), extra_lines: str = "") -> Path:
+    """What verl's file logger writes: one {"step", "data"} object per line, a validation before training at step 0,
+    then training steps whose metrics carry verl's names (and the entrorl plugin's, under actor/)."""
+    lines = [{"step": 0, "data": {f"val-core/{source}/acc/mean@4": 0.2 for source in sources}}]
+    for step in range(1, steps + 1):
+        entropy = 1.2 * math.exp(-step / 10) + 0.1
+        data = {"actor/entropy": entropy, "critic/score/mean": 0.8 - 0.5 * math.exp(entropy - 1.3),
+                "actor/pg_loss": 0.01, "actor/select/clip_b_frac": 0.02 if step > 1 else 0.0,
+                "response_length/mean": 100 + step}
+        if step % 10 == 0:
+            data.update({f"val-core/{source}/acc/mean@4": 0.2 + 0.01 * step + 0.1 * i
+                         for i, source in enumerate(sources)})
+            data["val-aux/num_turns/mean"] = 1
+        lines.append({"step": step, "data": data})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + extra_lines)
+    return path
+
+
+def test_a_verl_file_logger_log_is_reported_on(tmp_path):
+    """verl's `file` logger's JSON lines: actor/entropy is the entropy, critic/score/mean the reward, the plugin's
+    actor/select/* its select/*; the validation before training is an evaluation, not a step; the law is the least-squares
+    fit of the reward on exp(entropy); the report goes beside the log as NAME.report."""
+    log = _verl_log(tmp_path / "entrorl" / "exp1.jsonl", extra_lines='{"step": 31, "da\n')
+    report = write_run_report(log, figures=False)
+    out = tmp_path / "entrorl" / "exp1.report"
+    assert report["out"] == str(out) and (out / "report.html").is_file()
+    assert report["steps"] == 30 and report["reward_key"] == "reward/mean"
+    entropy = np.array([1.2 * math.exp(-step / 10) + 0.1 for step in range(1, 31)])
+    reward = 0.8 - 0.5 * np.exp(entropy - 1.3)
+    slope, intercept = np.polyfit(np.exp(entropy), reward, 1)
+    fit = report["law"]["fit"]["fit"]
+    assert fit["a"] == pytest.approx(-slope) and fit["b"] == pytest.approx(intercept) and fit["r2"] == pytest.approx(1.0)
+    evaluations = {row["step"]: row["Avg@n"] for row in report["evaluations"]["values"]}
+    assert evaluations == pytest.approx({0: 0.2, 10: 0.3, 20: 0.4, 30: 0.5})
+    activity = {row["metric"]: row for row in report["interventions"]["values"]}
+    assert activity["select/clip_b_frac"]["steps not 0"] == 29
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# entrorl run — exp1") and "steps planned (trainer.total_training_steps)" in markdown
+    assert "Lines of `exp1.jsonl` that are not verl's" in markdown and ": 32." in markdown
+    assert "A verl run saves no fork tokens." in markdown
+
+
+def test_a_folder_holding_one_verl_log_is_that_run_and_several_are_named(tmp_path):
+    """A folder (verl's <root>/<project>) with one verl log is reported on as that log; with several, the error names
+    them; a file that is no verl log is refused, saying what is read."""
+    from entrorl.analysis.run_report import NotARunDirectory
+
+    project = tmp_path / "project"
+    _verl_log(project / "exp1.jsonl", steps=12, sources=("gsm8k", "math"))
+    report = write_run_report(project, figures=False)
+    assert report["out"] == str(project / "exp1.report") and report["steps"] == 12
+    # two data sources: Avg@n is their mean
+    assert {row["step"]: row["Avg@n"] for row in report["evaluations"]["values"]} == pytest.approx({0: 0.2, 10: 0.35})
+    _verl_log(project / "exp2.jsonl", steps=3)
+    with pytest.raises(NotARunDirectory, match=r"several verl logs \(exp1.jsonl, exp2.jsonl\): name the one"):
+        write_run_report(project, figures=False)
+    other = tmp_path / "notes.jsonl"
+    other.write_text('{"step": 1, "entropy/mean": 1.0}\n')
+    with pytest.raises(NotARunDirectory, match="is a file: `entrorl report` reads a run directory, or the JSON lines of "
+                                               "verl's file logger"):
+        write_run_report(other, figures=False)
+
+
+def test_the_report_command_takes_a_verl_log_and_a_trl_run_s_log_entries(tmp_path):
+    """`entrorl report LOG.jsonl` reports a verl run beside its log; a TRL run's summary line counts log entries."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    log = _verl_log(tmp_path / "exp1.jsonl", steps=12)
+    result = CliRunner().invoke(app, ["report", str(log), "--no-figures"])
+    assert result.exit_code == 0, result.output
+    assert "steps logged: 12" in result.output and str(tmp_path / "exp1.report" / "report.html") in result.output
+    trl = tmp_path / "trl-out"
+    trl.mkdir()
+    history = [{"step": step, "loss": 0.0, "reward": 0.1 * step, "entropy": 2.0 - 0.1 * step} for step in (5, 10, 15)]
+    (trl / "trainer_state.json").write_text(json.dumps({"global_step": 15, "max_steps": 15, "log_history": history}))
+    result = CliRunner().invoke(app, ["report", str(trl), "--no-figures"])
+    assert result.exit_code == 0 and "log entries: 3" in result.output, result.output

@@ -805,8 +805,10 @@ def evaluate(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="a training run directory (entrorl train --run-dir)")],
-    out: Annotated[Optional[Path], typer.Option(help="where to write the report (default: RUN_DIR/report)")] = None,
+    run_dir: Annotated[Path, typer.Argument(help="a training run directory (entrorl train --run-dir, or TRL's output_dir "
+                                                 "with the entrorl plugin), or verl's file-logger JSON lines")],
+    out: Annotated[Optional[Path], typer.Option(help="where to write the report (default: RUN_DIR/report; for verl's "
+                                                     "NAME.jsonl, NAME.report beside it)")] = None,
     fit_fraction: Annotated[float, typer.Option(help="share of the first steps the law's forecast is fitted on, "
                                                       "above 0 and at most 1 (the paper's 15%)")] = 0.15,
     figures: Annotated[bool, typer.Option(help="draw the PNG figures")] = True,
@@ -829,12 +831,13 @@ def report(
     except NotARunDirectory as error:
         _fail(str(error))
     except OSError as error:  # a run file that cannot be read, or a report that cannot be written: the message names it
-        written = out if out is not None else run_dir / "report"
+        written = out if out is not None else (run_dir.with_name(f"{run_dir.stem}.report") if run_dir.is_file()
+                                               else run_dir / "report")
         unwritable = out is None and str(getattr(error, "filename", "") or "").startswith(str(written))
         _fail(f"{error}" + ("; --out writes the report elsewhere" if unwritable else ""), code=1)
     target = Path(result["out"])
     summary = {row["quantity"]: row["value"] for row in (result.get("summary") or {}).get("rows", [])}
-    shown = ("method", "steps logged", "entropy end/start", "law R² (every step)", "forecast ceiling (law at zero entropy)",
+    shown = ("method", "steps logged", "log entries", "entropy end/start", "law R² (every step)", "forecast ceiling (law at zero entropy)",
              "predicted vs measured entropy change: sign agreement")
     for quantity in shown:
         if quantity in summary:

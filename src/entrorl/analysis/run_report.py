@@ -11,7 +11,9 @@ Inputs (written by :class:`entrorl.trainer.Trainer`)::
 
 or, for a run of TRL's ``GRPOTrainer`` with the entrorl plugin, the log history of its ``trainer_state.json``
 (the output directory's or a checkpoint's, whichever went furthest), with its ``max_steps`` and the plugin's ``entrorl_objective.json``
-beside it (the method).
+beside it (the method); or, for a verl run, the JSON lines of verl's ``file`` logger (``{"step": N, "data": {...}}``:
+``actor/entropy`` is the entropy, ``critic/score/mean`` the reward, ``val-core/<source>/<acc or reward>/mean@<n>`` the
+evaluations, and the entrorl plugin's ``actor/<name>`` metrics its ``<name>`` ones).
 
 What it checks on the user's own run: the entropy–performance law ``R = -a exp(H) + b`` fitted over every step and
 forecast from the first steps, with its ceiling ``b - a`` (arXiv 2505.22617, Eq. 6); the predicted entropy change of
@@ -55,6 +57,10 @@ TRAINER_STATE = "trainer_state.json"
 LAB_FINAL_EVALUATION = "final_eval.json"  # written in each method folder of ``entrorl lab``
 #: Written by the TRL plugin beside each ``trainer_state.json`` it saves: ``{"method": the objective's name}``.
 TRL_OBJECTIVE_FILE = "entrorl_objective.json"
+#: verl's metrics read as entrorl's (verl's ``actor/entropy``: the token entropy of the step's rollouts under the policy
+#: that sampled them, aggregated as the loss is)
+VERL_ALIASES = {"actor/entropy": ENTROPY_KEY, "critic/score/mean": "reward/mean"}
+_VERL_VALIDATION = re.compile(r"val-core/.+/(?:acc|reward)/mean@(?P<n>\d+)")
 
 RUN_REPORT_SECTIONS = (
     ("summary", "Summary"),
@@ -73,12 +79,16 @@ class _TrainingRun(MetricRecords):
     the log history of a transformers Trainer's ``trainer_state.json`` (TRL's ``GRPOTrainer`` with the entrorl plugin,
     :mod:`entrorl.integrations.trl`) gives the steps."""
 
-    def __init__(self, run_dir: Path, *, config: Any, trainer_state: Path | None):
+    def __init__(self, run_dir: Path, *, config: Any, trainer_state: Path | None, verl_log: Path | None = None):
         """``config``: the content of ``run_dir/config.json`` (``None`` when it cannot be read); ``trainer_state``: the
-        ``trainer_state.json`` to read the steps from, for a run without ``metrics.jsonl``."""
+        ``trainer_state.json`` to read the steps from, for a run without ``metrics.jsonl``; ``verl_log``: verl's file
+        logger's JSON lines, for a verl run (``run_dir`` is then the folder holding them)."""
         self.directory = run_dir
         metrics = run_dir / "metrics.jsonl"
         self.from_trainer_state = trainer_state is not None  # a TRL run's log history
+        self.from_verl_log = verl_log is not None
+        # the run's name: its folder's (a relative "." named by the folder it is), or the experiment's, verl's log's
+        self.name = verl_log.stem if verl_log is not None else run_dir.resolve().name
         # what one record is: a TRL log entry averages logging_steps steps
         self.record_unit = ("log entry", "log entries") if self.from_trainer_state else ("step", "training steps")
         self.unreadable_files: list[str] = []  # files there that could not be read as what they should hold
@@ -97,6 +107,10 @@ class _TrainingRun(MetricRecords):
                 self.unreadable_files.append(str(objective_file.relative_to(run_dir)))
             config = {"method": objective.get("method") if isinstance(objective, dict) else None,
                       "optim": {"steps": state.get("max_steps") if isinstance(state, dict) else None}}
+        elif verl_log is not None:
+            records, self.unreadable_lines, verl_evaluations = _verl_records(verl_log)
+            self.source = verl_log.name
+            config = {}  # verl's configuration is not in its log: no method, no planned steps
         else:
             if metrics.exists():
                 metrics.open("rb").close()  # one that cannot be read is an error, not an empty run
@@ -108,12 +122,15 @@ class _TrainingRun(MetricRecords):
         self.records = [record for record in records  # a record without a step number is counted as a step
                         if record.get("step") is None or (finite(record.get("step")) or 0.0) >= 1]
         self.config = config if isinstance(config, dict) else {}
-        self.evaluations = self._step_files(run_dir / "eval", dict)
-        self.forks = self._step_files(run_dir / "forks", list)
-        self.evaluation_source = "eval/"
+        if verl_log is not None:
+            self.evaluations, self.forks, self.evaluation_source = verl_evaluations, {}, verl_log.name
+        else:
+            self.evaluations = self._step_files(run_dir / "eval", dict)
+            self.forks = self._step_files(run_dir / "forks", list)
+            self.evaluation_source = "eval/"
         if self.records and self.last_step is None:
             self.last_step = int(self.steps.max())
-        if not self.evaluations:
+        if not self.evaluations and verl_log is None:
             self._read_laboratory_evaluation(run_dir / LAB_FINAL_EVALUATION)
 
     def _step_files(self, folder: Path, kind: type) -> dict[int, Any]:
@@ -221,6 +238,58 @@ def _log_history_records(state: Any) -> list[dict[str, Any]]:
     return sorted(records, key=lambda record: float(record["step"]))
 
 
+def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int, dict[str, Any]]]:
+    """The step records of verl's file logger's JSON lines at ``path`` (each ``{"step": N, "data": {...}}``), the
+    numbers of the lines that are not such an object, and the evaluations: at each step that logged
+    ``val-core/<source>/<acc or reward>/mean@<n>``, their mean over the data sources as Avg@n. A step's metrics are
+    kept under verl's names, under entrorl's for those of :data:`VERL_ALIASES`, and without the ``actor/`` prefix (the
+    entrorl plugin's ``actor/select/...`` as ``select/...``); a line holding only validation metrics (verl's
+    evaluation before training, or ``val_only``) is an evaluation, not a training step."""
+    records, evaluations, unreadable = [], {}, []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        data = entry.get("data") if isinstance(entry, dict) else None
+        step = finite(entry.get("step")) if isinstance(entry, dict) else None
+        if not isinstance(data, dict) or step is None:
+            unreadable.append(number)
+            continue
+        validation = [(int(match.group("n")), value) for key, value in data.items()
+                      if (match := _VERL_VALIDATION.fullmatch(str(key))) and finite(value) is not None]
+        if validation:
+            sizes = {n for n, _ in validation}
+            evaluations[int(step)] = {"avg_at_n": float(np.mean([finite(value) for _, value in validation])),
+                                      "n_samples": sizes.pop() if len(sizes) == 1 else None}
+        if all(str(key).startswith(("val-core/", "val-aux/")) for key in data):
+            continue
+        record = {"step": step}
+        for key, value in data.items():
+            if str(key).startswith("actor/"):
+                record.setdefault(str(key)[len("actor/"):], value)
+        record.update(data)
+        record.update({alias: data[key] for key, alias in VERL_ALIASES.items() if key in data})
+        records.append(record)
+    records.sort(key=lambda record: record["step"])
+    return records, unreadable, dict(sorted(evaluations.items()))
+
+
+def is_verl_log(path: Path) -> bool:
+    """Whether ``path`` is a file of JSON lines whose first object is verl's file logger's ``{"step", "data"}``."""
+    try:
+        with path.open("r", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.strip():
+                    entry = json.loads(line)
+                    return isinstance(entry, dict) and "step" in entry and isinstance(entry.get("data"), dict)
+    except (OSError, ValueError):
+        return False
+    return False
+
+
 def _pass_at(evaluation: dict[str, Any]) -> dict[int, float]:
     values = evaluation.get("pass_at_k") if isinstance(evaluation.get("pass_at_k"), dict) else {}
     return {int(k): float(v) for k, v in values.items() if str(k).isdigit() and finite(v) is not None}
@@ -245,7 +314,8 @@ class _RunReport:
             section.say("No training step has been logged yet (`metrics.jsonl` holds none): the sections drawn from the "
                         "training steps are empty until the run has trained.")
         table = Table(["quantity", "value"])
-        planned_key = "max_steps" if run.from_trainer_state else "optim.steps"
+        planned_key = ("max_steps" if run.from_trainer_state else "trainer.total_training_steps" if run.from_verl_log
+                       else "optim.steps")
         logged = "log entries" if run.from_trainer_state else "steps logged"
         rows = [("method", text(run.method or "n/a")), ("read from", text(run.source)), (logged, num(a.n_steps)),
                 (f"steps planned ({planned_key})", num(planned) if planned is not None else missing()),
@@ -298,7 +368,8 @@ class _RunReport:
                         + ", ".join(f"`{name}`" for name in run.unreadable_files) + ".")
         if run.unreadable_lines:
             lines = ", ".join(map(str, run.unreadable_lines[:10])) + (", ..." if len(run.unreadable_lines) > 10 else "")
-            section.say(f"Lines of `metrics.jsonl` that are not a JSON object were skipped: {lines}.")
+            what = "verl's `{\"step\", \"data\"}` object" if run.from_verl_log else "a JSON object"
+            section.say(f"Lines of `{run.source}` that are not {what} were skipped: {lines}.")
         skipped, applied = np.nan_to_num(run.series("train/skipped_updates")), run.series("train/updates")
         if (skipped > 0).any():
             section.say(f"{int((skipped > 0).sum())} of {len(skipped)} steps skipped updates whose loss or gradient was "
@@ -564,17 +635,24 @@ class _RunReport:
     def evaluations(self, section: Section) -> None:
         evaluations = self.run.evaluations
         if not evaluations:
-            section.say("No evaluation was found in `eval/` (`eval.every` and `data.eval` run them; `eval.at_start` adds a "
-                        "step-0 baseline)." if not self.run.from_trainer_state else
-                        "A TRL run keeps no Pass@k evaluation: `entrorl eval --model` on one of its `checkpoint-<N>` "
-                        "folders gives one.")
+            section.say("A TRL run keeps no Pass@k evaluation: `entrorl eval --model` on one of its `checkpoint-<N>` "
+                        "folders gives one." if self.run.from_trainer_state else
+                        "verl logged no `val-core/.../mean@<n>` validation (`trainer.test_freq` runs them)."
+                        if self.run.from_verl_log else
+                        "No evaluation was found in `eval/` (`eval.every` and `data.eval` run them; `eval.at_start` adds a "
+                        "step-0 baseline).")
             self.json["evaluations"] = Table(["step"]).to_json()
             return
         ks = sorted(set().union(*(_pass_at(e) for e in evaluations.values())))
-        what = ("Each evaluation of `eval/`" if self.run.evaluation_source == "eval/" else
-                f"The laboratory's final evaluation (`{self.run.evaluation_source}`, after step {next(iter(evaluations))})")
-        section.say(f"{what}: Avg@n and unbiased Pass@k on the held-out prompts, and the share of prompts no sample solved "
-                    "and every sample solved (the pass-rate polarisation).")
+        if self.run.from_verl_log:
+            section.say("Each validation verl logged: Avg@n is the mean of its `val-core/<source>/<acc or reward>/mean@<n>` "
+                        "over the data sources (verl logs no unbiased Pass@k nor pass-rate polarisation).")
+        else:
+            what = ("Each evaluation of `eval/`" if self.run.evaluation_source == "eval/" else
+                    f"The laboratory's final evaluation (`{self.run.evaluation_source}`, after step "
+                    f"{next(iter(evaluations))})")
+            section.say(f"{what}: Avg@n and unbiased Pass@k on the held-out prompts, and the share of prompts no sample "
+                        "solved and every sample solved (the pass-rate polarisation).")
         table = Table(["step", "prompts", "n", "Avg@n", *[f"Pass@{k}" for k in ks], "solved by none", "solved by all"])
         for step, evaluation in evaluations.items():
             polar = evaluation.get("polarisation") if isinstance(evaluation.get("polarisation"), dict) else {}
@@ -604,7 +682,9 @@ class _RunReport:
         forks = {step: kept for step, records in self.run.forks.items()
                  if (kept := [fork for fork in records if isinstance(fork, dict)])}
         if not forks:
-            section.say("No fork tokens were found in `forks/` (each evaluation saves its `eval.top_forks` "
+            section.say(f"A {'TRL' if self.run.from_trainer_state else 'verl'} run saves no fork tokens."
+                        if self.run.from_trainer_state or self.run.from_verl_log else
+                        "No fork tokens were found in `forks/` (each evaluation saves its `eval.top_forks` "
                         "highest-entropy positions).")
             self.json["forks"] = {}
             return
@@ -640,7 +720,7 @@ class _RunReport:
                     "covariance": self.covariance, "interventions": self.interventions, "evaluations": self.evaluations,
                     "forks": self.forks}
         sections = [self.guarded(Section(anchor, title), builders[anchor]) for anchor, title in RUN_REPORT_SECTIONS]
-        title = f"entrorl run — {self.run.directory.name}"
+        title = f"entrorl run — {self.run.name}"
         report = json_value({
             "schema_version": 1,
             "run_dir": str(self.run.directory),
@@ -692,17 +772,24 @@ def lab_command(preset: str, methods: list[str], out: str | Path | None, *, work
 def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_fraction: float = DEFAULT_FIT_FRACTION,
                      figures: bool = True) -> dict[str, Any]:
     """Write ``report.md``, ``report.html`` (self-contained), ``report.json`` and ``figures/*.png`` for the training
-    run in ``run_dir`` (default: into ``run_dir/report``); returns the content of ``report.json``.
+    run in ``run_dir`` (default: into ``run_dir/report``); returns the content of ``report.json``. ``run_dir`` may
+    also be verl's file logger's JSON lines, or a folder whose one such file is the run (default ``out`` then:
+    ``<the file's name without .jsonl>.report`` beside it).
 
     Raises:
-        NotARunDirectory: ``run_dir`` is not a directory, or holds no ``metrics.jsonl``, ``config.json`` or
-            ``trainer_state.json``
+        NotARunDirectory: ``run_dir`` is not a directory, or holds no ``metrics.jsonl``, ``config.json``,
+            ``trainer_state.json`` or verl log, or holds several verl logs
             (a laboratory folder and a checkpoint are named as such, with the way to what was meant).
         ValueError: ``fit_fraction`` outside (0, 1].
     """
     run_dir = Path(run_dir)
     if not is_real_number(fit_fraction) or not (0.0 < fit_fraction <= 1.0):
         raise ValueError(f"fit_fraction must be a number in (0, 1]; got {fit_fraction!r}")
+    if run_dir.is_file():
+        if not is_verl_log(run_dir):
+            raise NotARunDirectory(f"{run_dir} is a file: `entrorl report` reads a run directory, or the JSON lines of "
+                                   "verl's file logger (`{\"step\": N, \"data\": {...}}` on each line), which it is not")
+        return _verl_report(run_dir, out, fit_fraction, figures)
     if not run_dir.is_dir():
         raise NotARunDirectory(f"no run directory at {run_dir}")
     for parent in (run_dir, *run_dir.parents):
@@ -714,13 +801,19 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
     has_metrics = (run_dir / "metrics.jsonl").exists()
     trainer_state = None if has_metrics else trainer_state_file(run_dir)
     if not has_metrics and not a_run_config and trainer_state is None:
+        verl_logs = sorted(path for path in run_dir.glob("*.jsonl") if is_verl_log(path))
+        if len(verl_logs) == 1:
+            return _verl_report(verl_logs[0], out, fit_fraction, figures)
+        if verl_logs:
+            raise NotARunDirectory(f"{run_dir} holds several verl logs ({', '.join(path.name for path in verl_logs)}): "
+                                   "name the one to report on")
         if (run_dir / "lab.json").exists():
             again = _lab_command(run_dir)
             raise NotARunDirectory(f"{run_dir} is a laboratory folder: its report is {run_dir / 'report.md'}"
                                    + (f" (`{again}` writes it again)" if again else "")
                                    + f"; each method's run is in {run_dir / 'methods'}/<method>")
         writers = ("(`entrorl train ... --run-dir DIR` writes one; so does TRL's GRPOTrainer with the entrorl plugin, in "
-                   "its output_dir)")
+                   "its output_dir; verl's file logger writes JSON lines that can be named instead)")
         if (run_dir / "config.json").exists():
             said = _what_is_wrong_with_config(run_dir / "config.json", config)
             raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl or trainer_state.json, and its config.json {said}: "
@@ -729,4 +822,10 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
                                f"directory {writers}")
     out = Path(out) if out is not None else run_dir / "report"
     return _RunReport(_TrainingRun(run_dir, config=config, trainer_state=trainer_state), out, float(fit_fraction),
+                      figures).build()
+
+
+def _verl_report(log: Path, out: str | Path | None, fit_fraction: float, figures: bool) -> dict[str, Any]:
+    out = Path(out) if out is not None else log.with_name(f"{log.stem}.report")
+    return _RunReport(_TrainingRun(log.parent, config=None, trainer_state=None, verl_log=log), out, float(fit_fraction),
                       figures).build()
