@@ -143,3 +143,50 @@ def test_fused_head_ratios_are_over_the_dense_arm_and_a_wrong_arm_fails_the_run(
     assert "statistics are off from float64" in table.err
     monkeypatch.setattr(bench, "_run_worker", lambda spec, timeout: {**stand_in(spec, timeout), "max_error": 0.0})
     assert bench.main(["--vocab", "100"]) == 0
+
+
+def test_fused_head_interrupted_keeps_the_arms_measured_in_the_interrupted_group(monkeypatch, capsys):
+    """A Ctrl-C while the third arm runs: 'interrupted: the rows measured so far follow', then an empty table -- the
+    dense and fused arms already measured sit in `results` and are only appended to `rows` after the last arm.
+    (Seen with a real SIGINT: the table printed had no row.)"""
+    bench = _script("bench_fused_head")
+
+    def worker(spec, timeout):
+        if spec["arm"] == "fused-rows":
+            raise KeyboardInterrupt
+        return {"spec": spec, "status": "ok", "median_s": 1.0, "extra_peak_mib": 1.0, "max_error": 0.0}
+
+    monkeypatch.setattr(bench, "_run_worker", worker)
+    assert bench.main(["--vocab", "100", "--direction", "fwd", "--markdown"]) == 130
+    table = capsys.readouterr().out
+    assert "| dense |" in table and "| fused |" in table, table
+
+
+def test_fused_head_a_nan_error_fails_the_run(monkeypatch, capsys):
+    """'the script exits with status 1 if one is off': an arm whose max error is NaN (NaN statistics) passes,
+    because `nan > tolerance` is False."""
+    bench = _script("bench_fused_head")
+    monkeypatch.setattr(bench, "_run_worker", lambda spec, timeout: {
+        "spec": spec, "status": "ok", "median_s": 1.0, "extra_peak_mib": 1.0,
+        "max_error": float("nan") if spec["arm"] == "fused" else 0.0})
+    assert bench.main(["--vocab", "100", "--direction", "fwd"]) == 1
+
+
+def test_fused_head_worker_does_not_hide_nan_entropies_behind_the_log_prob_error(monkeypatch):
+    """_worker takes max(logprob error, entropy error) with Python's max: a NaN entropy error second is dropped
+    (max(1e-7, nan) == 1e-7), so an arm whose entropies are all NaN reports a tiny max error."""
+    import torch
+
+    bench = _script("bench_fused_head")
+    real = bench._statistics
+
+    def nan_entropy(arm, hidden, weight, targets):
+        stats = real(arm, hidden, weight, targets)
+        stats.entropy = stats.entropy * float("nan")
+        return stats
+
+    monkeypatch.setattr(bench, "_statistics", nan_entropy)
+    result = bench._worker({"arm": "fused", "direction": "fwd", "dtype": "float32", "vocab": 300, "hidden": 8,
+                            "tokens": 70, "repeats": 1, "seed": 0, "threads": None})
+    error = result["max_error"]
+    assert not (error <= 1e-3), error

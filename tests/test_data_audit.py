@@ -1762,3 +1762,55 @@ def test_filtered_saved_dataset_is_not_left_half_written_when_interrupted(tmp_pa
     # the earlier complete copy is still there (or, at the least, no broken directory is)
     if os.path.exists(target):
         assert [r.prompt for r in load_prompts(target)] == [f"p{i}" for i in range(0, 50, 2)]
+
+
+def test_an_audit_file_that_is_a_link_to_the_input_does_not_overwrite_the_input(tmp_path, tiny_model_dir, monkeypatch):
+    """c33df86 refuses an input reached through a link to one of the audit's files, but not the mirror case: an
+    audit output (here --out/audit.jsonl) that is a link to the input. write_atomically follows the link and the
+    input is replaced by the audit's rows, though the input 'is never modified'."""
+    monkeypatch.chdir(tmp_path)
+    data = Path("d.jsonl")
+    original = '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n'
+    data.write_text(original)
+    Path("aud").mkdir()
+    (Path("aud") / "audit.jsonl").symlink_to(data.resolve())
+    result = CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", "d.jsonl", "--n", "2",
+                                      "--max-new-tokens", "2", "--reward", "exact_match", "--band", "[0, 1]",
+                                      "--out", "aud"])
+    assert data.read_text() == original, result.output
+
+
+def test_a_filtered_copy_that_is_a_link_to_the_input_is_refused_before_sampling(tmp_path):
+    """out/d.filtered.jsonl is a link to the input d.jsonl: check_audit_output ('found after sampling, it would cost
+    the whole audit') lets it pass; write_selected_rows refuses it only after every prompt was sampled."""
+    from entrorl.trainer.audit import check_audit_output
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    out = tmp_path / "aud"
+    out.mkdir()
+    (out / "d.filtered.jsonl").symlink_to(data)
+    with pytest.raises(ValueError):
+        check_audit_output(data, out)
+
+
+def test_a_saved_data_set_s_filtered_copy_linked_to_the_input_s_folder_does_not_delete_the_input(tmp_path):
+    """write_folder_atomically follows the link out/ds.filtered -> d and replaces d whole, deleting the input d/ds
+    (and d/notes.txt) with it. Before c33df86, save_to_disk wrote its three files into d and left the input there;
+    write_selected_rows's own guard (_same_path) only compares the input with the target itself."""
+    datasets = pytest.importorskip("datasets")
+    from entrorl.data import load_prompts
+    from entrorl.data.audit import write_selected_rows
+
+    folder = tmp_path / "d"
+    source = folder / "ds"
+    datasets.Dataset.from_dict({"prompt": [f"p{i}" for i in range(10)],
+                                "answer": [str(i) for i in range(10)]}).save_to_disk(str(source))
+    (folder / "notes.txt").write_text("mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ds.filtered").symlink_to(folder)
+    records = load_prompts(source)
+    with pytest.raises((ValueError, OSError)):  # refusing is fine; deleting the input is not
+        write_selected_rows(source, records, [i < 3 for i in range(10)], out / "ds.filtered")
+    assert source.is_dir() and (folder / "notes.txt").read_text() == "mine"

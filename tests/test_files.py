@@ -104,3 +104,25 @@ def test_a_folder_written_atomically_replaces_the_old_one_or_leaves_it(tmp_path)
     link.symlink_to(target)
     write_folder_atomically(link, lambda folder: (folder.mkdir(), (folder / "third.txt").write_text("3")))
     assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ["third.txt"]
+
+
+def test_a_folder_write_stopped_between_its_two_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """A Ctrl-C after the old folder was moved aside and before the new one took its place: the old one is back."""
+    import entrorl._files as files
+
+    target = tmp_path / "copy"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def interrupted_second_rename(source, destination):
+        calls.append(source)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(source, destination)
+
+    monkeypatch.setattr(files.os, "replace", interrupted_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_folder_atomically(target, lambda folder: (folder.mkdir(), (folder / "new.txt").write_text("new")))
+    monkeypatch.undo()
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["copy"]

@@ -1678,3 +1678,23 @@ def test_a_lab_method_whose_final_eval_json_is_cut_short_is_not_said_to_have_non
     report = write_report(lab, figures=False)
     (row,) = report["failed"]["rows"]
     assert "no final_eval.json" not in row["error (last line)"], row
+
+
+def test_the_lab_report_names_a_base_model_evaluation_it_cannot_read(tmp_path):
+    """e2245dd names a lab method's final_eval.json that cannot be read; base/final_eval.json cut short is still
+    dropped silently, while the report says 'One row per method and one for the base model' and draws 'the base
+    model' as the dashed line."""
+    lab = tmp_path / "lab"
+    method = lab / "methods" / "dapo"
+    method.mkdir(parents=True)
+    (lab / "lab.json").write_text(json.dumps({"preset": {"name": "quick"}, "methods": ["dapo"]}))
+    (method / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i + 1, "entropy/mean": 1.0 - 0.05 * i, "reward/accuracy": 0.1 + 0.03 * i}) + "\n"
+        for i in range(12)))
+    good = {"summary": {"avg_at_n": 0.5, "n_samples": 4}, "pass_at_k": {"1": 0.5, "4": 0.7}}
+    (method / "final_eval.json").write_text(json.dumps(good))
+    (lab / "base").mkdir()
+    (lab / "base" / "final_eval.json").write_text(json.dumps(good)[:25])
+    write_report(lab, figures=False)
+    said = " ".join((lab / "report.md").read_text().split())
+    assert "base/final_eval.json" in said

@@ -1283,3 +1283,42 @@ def test_the_report_command_takes_a_verl_log_and_a_trl_run_s_log_entries(tmp_pat
     (trl / "trainer_state.json").write_text(json.dumps({"global_step": 15, "max_steps": 15, "log_history": history}))
     result = CliRunner().invoke(app, ["report", str(trl), "--no-figures"])
     assert result.exit_code == 0 and "log entries: 3" in result.output, result.output
+
+
+def _trl_run_logged_every(out: Path, *, logging_steps: int = 3, max_steps: int = 31) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    history = [{"step": s, "loss": 0.0, "reward": 0.02 * s, "entropy": 2.0 - 0.05 * s}
+               for s in range(logging_steps, max_steps + 1, logging_steps)]
+    history.append({"step": max_steps, "train_runtime": 3.0, "train_loss": 0.0})
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": max_steps, "max_steps": max_steps,
+                                                        "logging_steps": logging_steps, "log_history": history}))
+    (out / "entrorl_objective.json").write_text(json.dumps({"method": "grpo"}))
+    return out
+
+
+def test_a_trl_run_whose_own_trainer_state_json_is_cut_short_names_it(tmp_path):
+    """docs/reports.md: 'A file that cannot be read (cut short, ...) is left out and named in the summary'. A TRL
+    output folder whose own (final) trainer_state.json is cut short is reported from checkpoint-15's, said to have
+    'got to step 15 of 31: it is still training or was stopped', and the unreadable file is named nowhere."""
+    out = _trl_run_logged_every(tmp_path / "trl")
+    state = json.loads((out / "trainer_state.json").read_text())
+    checkpoint = out / "checkpoint-15"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps(
+        {**state, "global_step": 15, "log_history": [h for h in state["log_history"]
+                                                     if h["step"] <= 15 and "train_runtime" not in h]}))
+    (checkpoint / "entrorl_objective.json").write_text(json.dumps({"method": "grpo"}))
+    text = (out / "trainer_state.json").read_text()
+    (out / "trainer_state.json").write_text(text[: len(text) // 2])
+    write_run_report(out, figures=False)
+    said = " ".join((out / "report" / "report.md").read_text().split())
+    assert "could not be read" in said and "`trainer_state.json`" in said
+
+
+def test_a_trl_run_s_law_table_does_not_call_its_log_entries_training_steps(tmp_path):
+    """e2245dd: 'its log entries are not called training steps' -- the summary now says 'log entries', but the law
+    table of the same report still labels its 10 points (of a 31-step run logged every 3 steps) 'training steps'."""
+    out = _trl_run_logged_every(tmp_path / "trl")
+    report = write_run_report(out, figures=False)
+    labels = [row[next(iter(row))] for row in report["law"]["table"]["rows"]]
+    assert not any(str(label).startswith("training steps") for label in labels), labels

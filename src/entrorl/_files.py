@@ -120,26 +120,25 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], A
 def write_folder_atomically(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> None:
     """Call ``write`` with a new folder beside ``path`` (``.NAME.tmp-PID``), then move it to ``path``: a crash or a
     Ctrl-C while writing leaves what was at ``path`` as it was. A folder already at ``path`` is moved aside and removed
-    once the new one is in place (two renames: between them, for an instant, ``path`` is missing; a crash there leaves
-    the old folder as ``.NAME.old-PID``). A link is followed: the folder it names is replaced."""
+    once the new one is in place (two renames: an exception between them puts the old one back; a process killed there
+    leaves it as ``.NAME.old-PID``). A link is followed: the folder it names is replaced."""
     target = Path(os.path.realpath(path))
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     aside = target.with_name(f".{target.name}.old-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
+    moved_aside = False
     try:
         write(temporary)
         if target.is_dir():
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(target, aside)
-            try:
-                os.replace(temporary, target)
-            except BaseException:
-                os.replace(aside, target)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(temporary, target)
+            moved_aside = True
+        os.replace(temporary, target)
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException as error:
+        if moved_aside and not target.exists():  # stopped between the two renames: the old folder goes back
+            with contextlib.suppress(OSError):
+                os.replace(aside, target)
         shutil.rmtree(temporary, ignore_errors=True)
         if isinstance(error, OSError):
             raise naming_file(error, Path(path), instead_of=temporary) from None

@@ -288,9 +288,10 @@ def law_of(entropy: np.ndarray, reward: np.ndarray, *, reward_key: str, reached:
     return law
 
 
-def analyse_records(run: MetricRecords, fit_fraction: float, method: str = "") -> RunAnalysis:
+def analyse_records(run: MetricRecords, fit_fraction: float, method: str = "", *, unit: str = "steps") -> RunAnalysis:
     """Everything :class:`RunAnalysis` holds, from the run's step records; ``method`` (a registered method or a
-    composition) names the interventions to check (none when empty or unknown)."""
+    composition) names the interventions to check (none when empty or unknown); ``unit`` names the records in the
+    law's notes (a TRL run's are ``log entries``)."""
     result = RunAnalysis(run=run, n_steps=len(run.records))
     entropy, reward = run.series(ENTROPY_KEY), run.series(run.reward_key)
     result.entropy_start, result.entropy_end, result.n_edge = edge_means(entropy)
@@ -299,7 +300,8 @@ def analyse_records(run: MetricRecords, fit_fraction: float, method: str = "") -
     result.reward_reached = nanmax(moving_average(reward))
 
     # the entropy–reward law, over the steps where both are finite
-    law = law_of(entropy, reward, reward_key=run.reward_key, reached=result.reward_reached, fit_fraction=fit_fraction)
+    law = law_of(entropy, reward, reward_key=run.reward_key, reached=result.reward_reached, fit_fraction=fit_fraction,
+                 unit=unit)
     result.law = law
 
     keys = intervention_keys(method) if method else []

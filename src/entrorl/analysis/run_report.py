@@ -101,6 +101,9 @@ class _TrainingRun(MetricRecords):
             global_step = state.get("global_step") if isinstance(state, dict) else None
             self.last_step = global_step if isinstance(global_step, int) and not isinstance(global_step, bool) else None
             # the folder's config.json is the model's: the method and the planned steps come from the plugin and TRL
+            # the run's own state, or a checkpoint's, cut short: the report comes from another one, and says so
+            self.unreadable_files += [str(path.relative_to(run_dir)) for path in _trainer_state_candidates(run_dir)
+                                      if path.is_file() and not isinstance(read_json(path), dict)]
             objective_file = trainer_state.parent / TRL_OBJECTIVE_FILE
             objective = read_json(objective_file)
             if objective_file.exists() and not isinstance(objective, dict):
@@ -200,16 +203,22 @@ def _what_is_wrong_with_config(path: Path, content: Any) -> str:
     return "is a model's configuration" if "model_type" in content else "names no training method"
 
 
+def _trainer_state_candidates(run_dir: Path, *, ordered: bool = False) -> list:
+    """The ``trainer_state.json`` files a TRL run's folder may hold: its own, then its ``checkpoint-<N>`` folders'; with
+    ``ordered``, as ``(order, path)`` pairs, the run's own file first in order (written last)."""
+    candidates = [(2**63, run_dir / TRAINER_STATE)] + sorted(
+        (int(p.name[len("checkpoint-"):]), p / TRAINER_STATE) for p in run_dir.glob("checkpoint-*")
+        if p.name[len("checkpoint-"):].isdigit())
+    return candidates if ordered else [path for _, path in candidates]
+
+
 def trainer_state_file(run_dir: Path) -> Path | None:
     """The transformers Trainer's ``trainer_state.json`` in ``run_dir`` that went furthest (the highest
     ``global_step``): its own (``save_state``), or that of one of its ``checkpoint-<N>`` folders (the folder may be
     such a checkpoint itself). A run saved with ``save_state`` and then continued in the same folder has newer
     checkpoints than its own file; on a tie its own file, written last, is taken, then the newest checkpoint's."""
-    candidates = [(2**63, run_dir / TRAINER_STATE)] + [
-        (int(p.name[len("checkpoint-"):]), p / TRAINER_STATE) for p in run_dir.glob("checkpoint-*")
-        if p.name[len("checkpoint-"):].isdigit()]
     readable = []
-    for order, path in candidates:
+    for order, path in _trainer_state_candidates(run_dir, ordered=True):
         if path.is_file():
             state = read_json(path)
             step = state.get("global_step") if isinstance(state, dict) else None
@@ -298,7 +307,8 @@ def _pass_at(evaluation: dict[str, Any]) -> dict[int, float]:
 class _RunReport:
     def __init__(self, run: _TrainingRun, out: Path, fit_fraction: float, figures: bool):
         self.run, self.out, self.fit_fraction = run, out, fit_fraction
-        self.analysis = analyse_records(run, fit_fraction, run.method)
+        self.analysis = analyse_records(run, fit_fraction, run.method,
+                                        unit="log entries" if run.from_trainer_state else "steps")
         self.figures = Figures(out / "figures", enabled=figures, disabled_by="--no-figures")
         self.errors: dict[str, str] = {}
         self.json: dict[str, Any] = {}
@@ -449,7 +459,7 @@ class _RunReport:
         )
         evaluation_law = self._evaluation_law()
         table = Table(["fitted on", *LAW_COLUMNS], title="Fit and forecast")
-        table.add([text(f"training steps ({run.reward_key})"), *law_cells(law)])
+        table.add([text(f"{run.record_unit[1]} ({run.reward_key})"), *law_cells(law)])
         if evaluation_law is not None:
             table.add([text(f"evaluations ({EVAL_REWARD_KEY})"), *law_cells(evaluation_law)])
         section.table(table)
@@ -459,8 +469,11 @@ class _RunReport:
                 "How good the forecast is, against two baselines on the same later steps: a constant (the mean reward of "
                 "the fitted steps), which knows nothing of entropy, and the law fitted on every step, the best any fit of "
                 "the law can do there. The paper forecasts validation accuracy from the first 15% of training to about 1% "
-                "RMSE; here R is each step's training reward, a mean over one batch of samples, so it carries that batch's "
-                "sampling noise: where even the law fitted on every step is barely better than the constant, that noise, "
+                + ("RMSE; here R is each log entry's training reward, a mean over TRL's `logging_steps` steps' batches, so "
+                   "it carries their sampling noise: where" if self.run.from_trainer_state else
+                   "RMSE; here R is each step's training reward, a mean over one batch of samples, so it carries that "
+                   "batch's sampling noise: where")
+                + " even the law fitted on every step is barely better than the constant, that noise, "
                 "not the law, sets the RMSE."
             )
             section.table(baselines)

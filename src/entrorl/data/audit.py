@@ -450,6 +450,14 @@ def _same_path(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
+def overlaps_input(data: str | os.PathLike[str], target: str | os.PathLike[str]) -> bool:
+    """Whether writing ``target`` (links followed) would write over the input ``data``: the same file or folder, a path
+    inside the input's folder, or a folder (replaced whole) that holds the input."""
+    data_path, target_path = Path(os.path.realpath(data)), Path(os.path.realpath(target))
+    return (data_path == target_path or data_path in target_path.parents or target_path in data_path.parents
+            or (target_path.exists() and _same_path(data_path, target_path)))
+
+
 def write_selected_rows(
     data: str | os.PathLike[str], records: Sequence[PromptRecord], keep: Sequence[bool], out: str | os.PathLike[str]
 ) -> Path:
@@ -469,8 +477,9 @@ def write_selected_rows(
     data, target = Path(os.fspath(data)), Path(os.fspath(out))
     if len(keep) != len(records):
         raise ValueError(f"write_selected_rows: {len(records)} records but {len(keep)} keep flags")
-    if target.exists() and _same_path(data, target):
-        raise ValueError(f"write_selected_rows: refusing to write over the input {data}; choose another path")
+    if overlaps_input(data, target):
+        raise ValueError(f"write_selected_rows: refusing to write over the input {data} ({target} is it, holds it or "
+                         "lies inside it, links followed); choose another path")
     check_selected_rows_format(data)
     chosen = [r for r, k in zip(records, keep) if k]
 

@@ -169,6 +169,8 @@ class _Report:
         self.runs = {name: _load_run(out, name, self.outcomes) for name in self.names}
         base = read_json(out / "base" / "final_eval.json")
         self.base = base if isinstance(base, dict) else None
+        # the base model's evaluation, there but cut short: left out, and said
+        self.base_unreadable = self.base is None and (out / "base" / "final_eval.json").exists()
         self.fit_fraction = finite(self.preset.get("law_fit_fraction")) or 0.2
         self.analyses = {name: analyse_records(run, self.fit_fraction, name) for name, run in self.runs.items() if run.status == "ok"}
         self.ok = [name for name in self.names if name in self.analyses]
@@ -381,7 +383,7 @@ class _Report:
                        num(self.eval_value(name, "entropy_mean")), num(self.eval_value(name, "train_seconds")), text(note)])
         last = last_steps_phrase({self.analyses[n].n_steps for n in self.ok})
         section.say(
-            f"One row per method and one for the base model. Entropy end/start: `{ENTROPY_KEY}` averaged over {last} "
+            f"One row per method{' and one for the base model' if self.base else ''}. Entropy end/start: `{ENTROPY_KEY}` averaged over {last} "
             f"divided by its average over as many first steps; reward end: {self.reward_label()} over {last}; "
             f"Pass@1{''.join(f', Pass@{m}' for m in middle)} and Pass@{self.k_label} (the largest k evaluated): the unbiased estimator on "
             f"the held-out prompts; law R²: the fit of R = −a·exp(H) + b over all steps (n/a from fewer than 3 points); "
@@ -448,6 +450,9 @@ class _Report:
             section.say(f"Lines of `methods/<name>/metrics.jsonl` that could not be read (a write cut short, e.g. when "
                         f"the process was killed) were left out: {listed}.")
         self.json["unreadable_metrics_lines"] = unreadable
+        if self.base_unreadable:
+            section.say("`base/final_eval.json` cannot be read (cut short?): the base model is left out of the tables "
+                        "and figures.")
         self.json["summary"] = table.to_json()
 
     # ---------------------------------------------------------------- 3. curves

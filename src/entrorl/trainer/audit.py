@@ -45,6 +45,7 @@ from entrorl.data.audit import (
     band_selection,
     canonical_answer,
     check_selected_rows_format,
+    overlaps_input,
     pass_rate_histogram,
     verdict_counts,
     write_selected_rows,
@@ -302,6 +303,11 @@ def _check_output_paths(data: Path, out: Path) -> None:
     set's copy (a folder) goes or folder where a file's goes: found after sampling, it would cost the whole audit."""
     if not out.is_dir():
         return
+    for path in (*(out / name for name in AUDIT_FILES), out / _filtered_name(data)):
+        if overlaps_input(data, path):
+            raise ValueError(f"{path} is a link to the input {data} (or to a path that holds it or lies in it): the "
+                             "audit would write over the input; remove the link or choose another --out (the input is "
+                             "never modified)")
     for name in AUDIT_FILES:
         if (out / name).is_dir():
             raise ValueError(f"{out / name} is a folder, where the audit writes its {name}; move it or choose another "
