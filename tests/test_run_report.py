@@ -1231,6 +1231,7 @@ def test_a_verl_file_logger_log_is_reported_on(tmp_path):
     out = tmp_path / "entrorl" / "exp1.report"
     assert report["out"] == str(out) and (out / "report.html").is_file()
     assert report["steps"] == 30 and report["reward_key"] == "reward/mean"
+    assert report["unreadable_lines"] == [32] and report["unreadable_files"] == []
     entropy = np.array([1.2 * math.exp(-step / 10) + 0.1 for step in range(1, 31)])
     reward = 0.8 - 0.5 * np.exp(entropy - 1.3)
     slope, intercept = np.polyfit(np.exp(entropy), reward, 1)

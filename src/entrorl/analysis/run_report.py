@@ -742,6 +742,8 @@ class _RunReport:
             "steps": self.analysis.n_steps,
             "reward_key": self.run.reward_key,
             "fit_fraction": self.fit_fraction,
+            "unreadable_files": list(self.run.unreadable_files),
+            "unreadable_lines": list(self.run.unreadable_lines),
             **self.json,
             "figures": dict(self.figures.saved),
             "figures_note": self.figures.unavailable,
