@@ -2617,3 +2617,42 @@ def test_a_worker_does_not_repeat_the_warning_the_laboratory_gave_when_it_checke
     finally:
         signal.signal(signal.SIGINT, handler)
     assert [str(w.message) for w in caught] == ["another warning"]
+
+
+def _lab_sft_run(tmp_path):
+    """One step of the laboratory's sft baseline on a random tiny Qwen2, configured as the laboratory does."""
+    from entrorl.data import write_jsonl
+    from entrorl.lab.presets import get_preset
+    from entrorl.lab.runner import _trainer_config
+    from entrorl.lab.supervised import SFTTrainer
+    from entrorl.lab.tasks import get_task
+    from entrorl.lab.tiny_model import save_tiny_model
+    from entrorl.trainer import load_config
+
+    model_dir = save_tiny_model(tmp_path / "model", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    task = get_task("sum_chain")
+    data = {"train": tmp_path / "train.jsonl"}
+    write_jsonl(task.records(16, seed=0, split="train"), data["train"])
+    preset = get_preset("quick").model_copy(update={"steps": 2, "prompts_per_step": 2, "group_size": 2,
+                                                    "max_new_tokens": 6, "warmup_steps": 0})
+    run_dir = tmp_path / "sft"
+    config = load_config(_trainer_config(preset, "sft", model_dir, data, run_dir))
+    trainer = SFTTrainer(config, run_dir=run_dir)
+    trainer.use_task(task)
+    trainer.train()
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lab_sft_tokens_per_s_counts_the_sampled_tokens(tmp_path):
+    """docs/metrics.md: ``time/tokens_per_s`` is "sampled response tokens per second of the step". The laboratory's
+    ``sft`` baseline samples the policy every step (its reward, accuracy and ``response/length_mean`` are those
+    samples'), but SFTTrainer.collect (entrorl/lab/supervised.py, the ScoredRollouts it returns) drops the
+    ``sampled_tokens`` of the sampled rollouts, so train_step (trainer/loop.py: ``tokens = valid.sum() if
+    scored.sampled_tokens is None``) counts the reference demonstrations' tokens instead."""
+    torch.manual_seed(0)
+    rows = _lab_sft_run(tmp_path)
+    for row in rows:
+        sampled = row["response/length_mean"] * 4  # 2 prompts x 2 samples, every one sampled this step
+        counted = row["time/tokens_per_s"] * row["time/step_s"]
+        assert counted == pytest.approx(sampled, rel=1e-3), (
+            f"time/tokens_per_s x time/step_s = {counted:.1f} tokens, but the step sampled {sampled:.1f}")

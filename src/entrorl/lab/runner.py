@@ -116,7 +116,7 @@ def evaluate_policy(model, tokenizer, preset: LabPreset, data: dict[str, Path]) 
     for split, task_name, n in (("eval", preset.train_task, preset.eval_n), ("forget", preset.forgetting_task, preset.forgetting_n)):
         records = load_prompts(data[split])
         task = get_task(task_name)
-        prompts = [encode_prompt(tokenizer, r.prompt) for r in records for _ in range(n)]
+        prompts = [ids for r in records for ids in [encode_prompt(tokenizer, r.prompt)] * n]  # each prompt encoded once
         repeated = [r for r in records for _ in range(n)]
         torch.manual_seed(preset.seed + 17)
         rollouts = sampler.generate(prompts, params)

@@ -56,7 +56,9 @@ class SFTTrainer(Trainer):
             lengths=lengths, truncated=torch.zeros(len(demonstrations), dtype=torch.bool),
         )
         ones = torch.ones(len(demonstrations))
-        return ScoredRollouts(rollouts, sampled.records, sampled.group_ids, ones, ones, metrics)
+        # the tokens the policy sampled this step, as the RL methods count them (not the demonstrations')
+        return ScoredRollouts(rollouts, sampled.records, sampled.group_ids, ones, ones, metrics,
+                              sampled_tokens=sampled.sampled_tokens)
 
     def task_example(self, record) -> TaskExample:
         meta = {k: v for k, v in record.meta.items() if k != "task"}
