@@ -74,6 +74,10 @@ def test_parameters_from_the_algorithm_section():
     torch.testing.assert_close(k2, expected_k2.unsqueeze(1) * mask)
     with pytest.raises(ValueError, match=r"entrorl_passk.*unknown parameter\(s\) kk.*algorithm.entrorl"):
         passk(token_level_rewards=rewards, response_mask=mask, config=OmegaConf.create({"entrorl": {"kk": 2}}), index=uids)
+    # 4 responses per prompt: k = 8 names a prompt uid and verl's setting, not an internal group number
+    with pytest.raises(ValueError, match=r"prompt uid .* has 4 response\(s\), fewer than k = 8 \(4 prompts in all\): set "
+                                         r"actor_rollout_ref.rollout.n to at least k"):
+        passk(token_level_rewards=rewards, response_mask=mask, config=OmegaConf.create({"entrorl": {"k": 8}}), index=uids)
 
 
 def test_missing_groups_and_log_probs_are_clear_errors():

@@ -60,6 +60,22 @@ def _group_ids(index: Any, n: int, name: str) -> torch.Tensor:
     return torch.tensor([ids.setdefault(uid, len(ids)) for uid in uids.tolist()], dtype=torch.int64)
 
 
+def _check_group_sizes(index: Any, k: Any, name: str) -> None:
+    """Each prompt uid has at least ``k`` responses (Pass@k advantages need k of them), else an error naming the uid
+    and verl's setting, not a group number of entrorl's own."""
+    if not isinstance(k, int) or isinstance(k, bool):
+        return  # the estimator's own check names the bad value
+    counts: dict[Any, int] = {}
+    for uid in np.asarray(index, dtype=object).reshape(-1).tolist():
+        counts[uid] = counts.get(uid, 0) + 1
+    short = [(uid, n) for uid, n in counts.items() if n < k]
+    if short:
+        uid, n = short[0]
+        raise ValueError(f"verl adv_estimator {name!r}: prompt uid {uid!r} has {n} response(s), fewer than k = {k}"
+                         + (f" ({len(short)} prompts in all)" if len(short) > 1 else "")
+                         + ": set actor_rollout_ref.rollout.n to at least k, or algorithm.entrorl.k lower")
+
+
 def _parameters(estimator: str, defaults: Mapping[str, Any], config: Any) -> dict[str, Any]:
     params = {key: config_get(config, key) for key in _VERL_ALGORITHM_KEYS if key in defaults and config_get(config, key) is not None}
     explicit = config_get(config, "entrorl") or {}
@@ -146,6 +162,8 @@ def make_advantage_estimator(estimator: str):
                 "makes it work there; use another estimator, or call this function with old_log_probs yourself"
             )
         params = _parameters(estimator, info.params, config)
+        if "k" in info.params:
+            _check_group_sizes(index, params.get("k", info.params["k"]), estimator_name(estimator))
         try:
             per_response = compute_advantages(
                 estimator, rewards, group_ids, lengths=lengths, seq_log_prob=seq_log_prob, **params
