@@ -1814,3 +1814,29 @@ def test_a_saved_data_set_s_filtered_copy_linked_to_the_input_s_folder_does_not_
     with pytest.raises((ValueError, OSError)):  # refusing is fine; deleting the input is not
         write_selected_rows(source, records, [i < 3 for i in range(10)], out / "ds.filtered")
     assert source.is_dir() and (folder / "notes.txt").read_text() == "mine"
+
+
+def test_write_audit_outputs_does_not_write_through_a_link_to_the_input(tmp_path):
+    """9c3b745 refuses audit outputs that link to the input in check_audit_output (the CLI's pre-sampling check),
+    but write_audit_outputs -- the Python API docs/data-audit.md names, 'the input is only read' -- does not run
+    that check: out/pass_rate_histogram.json linking to the input gets the histogram written over the input."""
+    from entrorl.data import load_prompts
+    from entrorl.data.audit import audit_prompt
+    from entrorl.trainer.audit import AuditResult, write_audit_outputs
+
+    data = tmp_path / "d.jsonl"
+    original = '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n'
+    data.write_text(original)
+    records = list(load_prompts(data))
+    answers, correct = [["2", "3"], ["4", "4"]], [[True, False], [True, True]]
+    audits = [audit_prompt(a, c, reference=r.answer) for a, c, r in zip(answers, correct, records)]
+    result = AuditResult(records=records, audits=audits, completions=answers, answers=answers, too_long=[], n=2,
+                         correct=correct)
+    out = tmp_path / "aud"
+    out.mkdir()
+    (out / "pass_rate_histogram.json").symlink_to(data)
+    try:
+        write_audit_outputs(result, data, out, band="[0, 1]")
+    except (ValueError, OSError):
+        pass  # refusing is fine
+    assert data.read_text() == original

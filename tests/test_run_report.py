@@ -1323,3 +1323,110 @@ def test_a_trl_run_s_law_table_does_not_call_its_log_entries_training_steps(tmp_
     report = write_run_report(out, figures=False)
     labels = [row[next(iter(row))] for row in report["law"]["table"]["rows"]]
     assert not any(str(label).startswith("training steps") for label in labels), labels
+
+
+def _verl_line(step, data) -> str:
+    # what verl's FileLogger writes: orjson.dumps({"step": step, "data": data}) + "\n" (non-ASCII kept raw)
+    return json.dumps({"step": step, "data": data}, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _verl_train_step(step: int) -> dict:
+    entropy = 1.5 / step ** 0.3
+    return {"actor/entropy": entropy, "critic/score/mean": 0.9 - 0.3 * math.exp(entropy)}
+
+
+def _markdown_section(markdown: str, title: str) -> str:
+    start = markdown.index(f"## {title}")
+    end = markdown.find("\n## ", start + 1)
+    return " ".join(markdown[start:end if end >= 0 else None].split())
+
+
+def test_verl_val_only_log_does_not_say_metrics_jsonl_holds_no_step(tmp_path):
+    """A verl `val_only` run (or one still in its validation before training) logs one val-core line at step 0. The
+    summary says "`metrics.jsonl` holds none": the run has no metrics.jsonl; the file read is the verl log."""
+    log = tmp_path / "proj" / "exp.jsonl"
+    log.parent.mkdir()
+    log.write_text(_verl_line(0, {"val-core/gsm8k/acc/mean@1": 0.4, "val-aux/gsm8k/reward/mean@1": 0.1}))
+    report = write_run_report(log, figures=False)
+    assert report["steps"] == 0
+    markdown = (tmp_path / "proj" / "exp.report" / "report.md").read_text()
+    assert "metrics.jsonl" not in markdown
+
+
+def test_verl_log_just_created_is_not_called_not_a_verl_log(tmp_path):
+    """verl's FileLogger creates <project>/<experiment>.jsonl (empty) when Tracking starts, before the validation
+    before training (minutes). `entrorl report` on it says the file is not verl's file logger's JSON lines ("which it
+    is not"), where a run still training should be reported on (no step yet) or the log said to be empty."""
+    from entrorl.analysis.run_report import NotARunDirectory, write_run_report
+
+    log = tmp_path / "proj" / "exp.jsonl"
+    log.parent.mkdir()
+    log.write_bytes(b"")
+    try:
+        report = write_run_report(log, figures=False)
+    except NotARunDirectory as error:
+        assert "empty" in str(error), str(error)
+    else:
+        assert report["steps"] == 0
+
+
+def test_verl_log_line_holding_a_unicode_line_separator_is_read_whole(tmp_path):
+    """orjson (verl's FileLogger) writes U+2028 raw inside a JSON string (here a data source's name in a val-core key).
+    is_verl_log reads the file by '\\n' lines and accepts it, but _verl_records splits with str.splitlines(), which
+    also splits at U+2028: the step-0 validation is lost and lines 1 and 2 are reported unreadable though line 2 is
+    fine (the numbers no longer match the file's lines)."""
+    log = tmp_path / "exp.jsonl"
+    log.write_text(_verl_line(0, {"val-core/math\u2028v2/acc/mean@1": 0.5, "val-core/gsm8k/acc/mean@1": 0.3})
+                   + "".join(_verl_line(step, _verl_train_step(step)) for step in range(1, 6)), encoding="utf-8")
+    assert log.read_text(encoding="utf-8").count("\n") == 6
+    report = write_run_report(log, figures=False)
+    assert report["unreadable_lines"] == []
+    assert {row["step"]: row["Avg@n"] for row in report["evaluations"]["values"]} == pytest.approx({0: 0.4})
+
+
+def test_verl_log_of_a_resumed_run_says_where_it_starts(tmp_path):
+    """verl resumes by default (trainer.resume_mode=auto) and its FileLogger opens the log with "wb": a resumed run's
+    log holds the validation at the resumed step 50 and steps 51.. only. The report calls step 51-52 the entropy
+    "start" and rules on collapse from them without saying the log begins at step 51 (steps 1-50 are not in it)."""
+    log = tmp_path / "exp.jsonl"
+    log.write_text(_verl_line(50, {"val-core/gsm8k/acc/mean@1": 0.4})
+                   + "".join(_verl_line(step, _verl_train_step(step)) for step in range(51, 71)))
+    write_run_report(log, figures=False)
+    summary = _markdown_section((tmp_path / "exp.report" / "report.md").read_text(), "Summary")
+    assert "51" in summary, summary
+
+
+def test_report_command_on_a_folder_holding_a_verl_log_hints_out_when_its_report_cannot_be_written(tmp_path):
+    """The CLI names --out when the default report folder cannot be written; for a folder holding one verl log the
+    default is <folder>/<experiment>.report, but the handler compares with <folder>/report, so the hint is lost
+    (it is given when the log file itself is named)."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "exp.jsonl").write_text("".join(_verl_line(step, _verl_train_step(step)) for step in range(1, 13)))
+    (project / "exp.report").write_text("a file where the report folder goes")
+    named = CliRunner().invoke(app, ["report", str(project / "exp.jsonl"), "--no-figures"])
+    assert named.exit_code == 1 and "--out writes the report elsewhere" in named.output, named.output
+    folder = CliRunner().invoke(app, ["report", str(project), "--no-figures"])
+    assert folder.exit_code == 1
+    assert "--out writes the report elsewhere" in folder.output, folder.output
+
+
+def test_trl_law_tables_do_not_count_log_entries_as_steps(tmp_path):
+    """9c3b745 calls a TRL run's law points log entries ('fitted on: log entries', notes 'fitted on 3 log entries'),
+    but the same row's column 'fit steps' shows 3 (3 log entries = 9 steps) and the baseline table's 'later steps'
+    shows 7 (7 log entries = 21 steps)."""
+    out = tmp_path / "trl"
+    out.mkdir()
+    history = [{"step": s, "loss": 0.0, "reward": 0.02 * s, "entropy": 2.0 - 0.05 * s} for s in range(3, 32, 3)]
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 31, "max_steps": 31, "logging_steps": 3,
+                                                        "log_history": history}))
+    (out / "entrorl_objective.json").write_text(json.dumps({"method": "grpo"}))
+    report = write_run_report(out, figures=False)
+    (row,) = report["law"]["table"]["rows"]
+    assert row["fitted on"].startswith("log entries") and "3 log entries" in row["note"]
+    columns = report["law"]["table"]["columns"] + report["forecast_baselines"]["columns"]
+    assert not [column for column in columns if column in ("fit steps", "later steps")], columns

@@ -815,7 +815,7 @@ def report(
 ) -> None:
     """Check the entropy theory on a training run: law fit and ceiling forecast, predicted vs measured entropy change,
     covariance concentration, interventions, evaluations and fork tokens, as report.md / report.html / report.json."""
-    from entrorl.analysis.run_report import NotARunDirectory, write_run_report
+    from entrorl.analysis.run_report import NotARunDirectory, default_report_dir, write_run_report
     from entrorl.data.loading import check_output_directory
 
     if not 0.0 < fit_fraction <= 1.0:
@@ -831,8 +831,7 @@ def report(
     except NotARunDirectory as error:
         _fail(str(error))
     except OSError as error:  # a run file that cannot be read, or a report that cannot be written: the message names it
-        written = out if out is not None else (run_dir.with_name(f"{run_dir.stem}.report") if run_dir.is_file()
-                                               else run_dir / "report")
+        written = out if out is not None else default_report_dir(run_dir)
         unwritable = out is None and str(getattr(error, "filename", "") or "").startswith(str(written))
         _fail(f"{error}" + ("; --out writes the report elsewhere" if unwritable else ""), code=1)
     target = Path(result["out"])

@@ -129,7 +129,7 @@ def read_metrics_records(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     which are skipped."""
     records, unreadable = [], []
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")  # not splitlines(): U+2028 in a string
     except OSError:
         return [], []
     for number, line in enumerate(lines, start=1):
@@ -374,6 +374,13 @@ def beyond_an_accuracy(law: dict[str, Any], value: Any) -> bool:
 
 LAW_COLUMNS = ["points", "a", "b", "R²", "ceiling", "fit steps", "forecast ceiling", "reached", "forecast ceiling − reached",
                "forecast error, end", "forecast RMSE", "note"]
+
+
+def law_columns(law: dict[str, Any]) -> list[str]:
+    """:data:`LAW_COLUMNS`, with ``fit steps`` named after the law's points when they are not steps (``fit log
+    entries`` for a TRL run's log history)."""
+    unit = law.get("unit", "steps")
+    return [f"fit {unit}" if column == "fit steps" and unit != "evaluations" else column for column in LAW_COLUMNS]
 
 
 def law_cells(law: dict[str, Any]) -> list[Cell]:

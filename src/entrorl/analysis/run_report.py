@@ -42,12 +42,12 @@ from entrorl.analysis.document import (Cell, Figures, Section, Table, agreement_
                                        text)
 from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, ENTROPY_KEY, EVAL_REWARD_KEY, FORKS_SHOWN, LAW_COLUMNS,
                                   MIN_CEILING_STEPS, SMOOTH_WINDOW, MetricRecords, analyse_records, beyond_an_accuracy,
-                                  chance_sign_agreement, edge_phrase, forecast_ceiling_shown, law_cells, law_of,
+                                  chance_sign_agreement, edge_phrase, forecast_ceiling_shown, law_cells, law_columns, law_of,
                                   moving_average, read_json, read_metrics_records)
 from entrorl.objective import ObjectiveConfig
 from entrorl.trainer.checkpoint import atomic_write_text
 
-__all__ = ["write_run_report", "NotARunDirectory", "RUN_REPORT_SECTIONS", "DEFAULT_FIT_FRACTION"]
+__all__ = ["write_run_report", "default_report_dir", "NotARunDirectory", "RUN_REPORT_SECTIONS", "DEFAULT_FIT_FRACTION"]
 
 DEFAULT_FIT_FRACTION = 0.15  # the paper fits the law on the first ~15% of training (arXiv 2505.22617, Sec. 3)
 RECURRING_FORKS_SHOWN = 10
@@ -255,7 +255,8 @@ def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int
     entrorl plugin's ``actor/select/...`` as ``select/...``); a line holding only validation metrics (verl's
     evaluation before training, or ``val_only``) is an evaluation, not a training step."""
     records, evaluations, unreadable = [], {}, []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    # lines end at "\n" alone: orjson writes U+2028 and U+0085 raw inside strings, where splitlines() would cut
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -321,7 +322,7 @@ class _RunReport:
         run, a = self.run, self.analysis
         planned = run.planned_steps
         if not run.records:
-            section.say("No training step has been logged yet (`metrics.jsonl` holds none): the sections drawn from the "
+            section.say(f"No training step has been logged yet (`{run.source}` holds none): the sections drawn from the "
                         "training steps are empty until the run has trained.")
         table = Table(["quantity", "value"])
         planned_key = ("max_steps" if run.from_trainer_state else "trainer.total_training_steps" if run.from_verl_log
@@ -373,6 +374,12 @@ class _RunReport:
                          else "`entrorl train ... --resume` continues it")
             section.say(f"The run got to step {run.last_step} of {planned}: it is still training or was stopped "
                         f"({continues}); this report covers the steps logged so far.")
+        if run.records and run.steps.min() > 1 and not run.from_trainer_state:  # TRL logs from logging_steps on
+            first = int(run.steps.min())
+            section.say(f"`{run.source}` begins at step {first}: the steps before it are not in it"
+                        + (" (verl's file logger starts its file again when a run resumes)" if run.from_verl_log else "")
+                        + ", so start and end, the law's forecast and the collapse verdict cover the steps from "
+                        f"{first} on.")
         if run.unreadable_files:
             section.say("Files that could not be read (cut short, or not what they should hold) were left out: "
                         + ", ".join(f"`{name}`" for name in run.unreadable_files) + ".")
@@ -458,7 +465,7 @@ class _RunReport:
             "step, whose samples that policy drew; of the same step for an evaluation after the last one)."
         )
         evaluation_law = self._evaluation_law()
-        table = Table(["fitted on", *LAW_COLUMNS], title="Fit and forecast")
+        table = Table(["fitted on", *law_columns(self.analysis.law)], title="Fit and forecast")
         table.add([text(f"{run.record_unit[1]} ({run.reward_key})"), *law_cells(law)])
         if evaluation_law is not None:
             table.add([text(f"evaluations ({EVAL_REWARD_KEY})"), *law_cells(evaluation_law)])
@@ -548,7 +555,8 @@ class _RunReport:
         def rmse(predicted: np.ndarray) -> float:
             return float(np.sqrt(np.mean((predicted - later) ** 2)))
 
-        table = Table(["later steps", "forecast RMSE", "constant RMSE", "law fitted on every step: RMSE"],
+        later_label = "later log entries" if self.run.from_trainer_state else "later steps"
+        table = Table([later_label, "forecast RMSE", "constant RMSE", "law fitted on every step: RMSE"],
                       title="The forecast against two baselines")
         table.add([num(later.size), num(forecast["rmse"]), num(rmse(np.full(later.shape, r[:n_fit].mean()))),
                    num(rmse(whole["b"] - whole["a"] * np.exp(h[n_fit:])))])
@@ -801,6 +809,9 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
     if not is_real_number(fit_fraction) or not (0.0 < fit_fraction <= 1.0):
         raise ValueError(f"fit_fraction must be a number in (0, 1]; got {fit_fraction!r}")
     if run_dir.is_file():
+        if not run_dir.read_bytes().strip():
+            raise NotARunDirectory(f"{run_dir} is empty: nothing has been logged yet (verl's file logger writes its "
+                                   "first line after the validation before training, or after the first step)")
         if not is_verl_log(run_dir):
             raise NotARunDirectory(f"{run_dir} is a file: `entrorl report` reads a run directory, or the JSON lines of "
                                    "verl's file logger (`{\"step\": N, \"data\": {...}}` on each line), which it is not")
@@ -816,7 +827,7 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
     has_metrics = (run_dir / "metrics.jsonl").exists()
     trainer_state = None if has_metrics else trainer_state_file(run_dir)
     if not has_metrics and not a_run_config and trainer_state is None:
-        verl_logs = sorted(path for path in run_dir.glob("*.jsonl") if is_verl_log(path))
+        verl_logs = _verl_logs_in(run_dir)
         if len(verl_logs) == 1:
             return _verl_report(verl_logs[0], out, fit_fraction, figures)
         if verl_logs:
@@ -838,6 +849,23 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
     out = Path(out) if out is not None else run_dir / "report"
     return _RunReport(_TrainingRun(run_dir, config=config, trainer_state=trainer_state), out, float(fit_fraction),
                       figures).build()
+
+
+def _verl_logs_in(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.glob("*.jsonl") if is_verl_log(path))
+
+
+def default_report_dir(run_dir: str | Path) -> Path:
+    """Where :func:`write_run_report` writes without ``out``: ``run_dir/report``, or for verl's log ``NAME.jsonl`` (named,
+    or the one such file of a folder that is no entrorl or TRL run), ``NAME.report`` beside it."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return run_dir.with_name(f"{run_dir.stem}.report")
+    config = read_json(run_dir / "config.json")
+    an_other_run = ((run_dir / "metrics.jsonl").exists() or (isinstance(config, dict) and "method" in config)
+                    or trainer_state_file(run_dir) is not None)
+    verl_logs = [] if an_other_run or not run_dir.is_dir() else _verl_logs_in(run_dir)
+    return verl_logs[0].with_name(f"{verl_logs[0].stem}.report") if len(verl_logs) == 1 else run_dir / "report"
 
 
 def _verl_report(log: Path, out: str | Path | None, fit_fraction: float, figures: bool) -> dict[str, Any]:

@@ -170,7 +170,7 @@ class _Report:
         base = read_json(out / "base" / "final_eval.json")
         self.base = base if isinstance(base, dict) else None
         # the base model's evaluation, there but cut short: left out, and said
-        self.base_unreadable = self.base is None and (out / "base" / "final_eval.json").exists()
+        self.base_unreadable = not self.base and (out / "base" / "final_eval.json").exists()
         self.fit_fraction = finite(self.preset.get("law_fit_fraction")) or 0.2
         self.analyses = {name: analyse_records(run, self.fit_fraction, name) for name, run in self.runs.items() if run.status == "ok"}
         self.ok = [name for name in self.names if name in self.analyses]
@@ -451,8 +451,9 @@ class _Report:
                         f"the process was killed) were left out: {listed}.")
         self.json["unreadable_metrics_lines"] = unreadable
         if self.base_unreadable:
-            section.say("`base/final_eval.json` cannot be read (cut short?): the base model is left out of the tables "
-                        "and figures.")
+            section.say("`base/final_eval.json` cannot be read (cut short?) or holds no evaluation: the base model's "
+                        "rows and lines are missing, its columns read n/a, and the collapse verdict reads the training "
+                        "curves.")
         self.json["summary"] = table.to_json()
 
     # ---------------------------------------------------------------- 3. curves

@@ -404,6 +404,7 @@ def write_audit_outputs(
     data = Path(os.fspath(data))
     directory = Path(os.fspath(out)) if out is not None else default_audit_dir(data)
     _check_out_dir(data, directory)
+    _check_output_paths(data, directory)  # also here: the Python API may be called without check_audit_output
     audited_index = [i for i, a in enumerate(result.audits) if a is not None]
     if not audited_index:
         raise ValueError("no prompt could be audited: no prompt leaves room in the model's context for its response "
