@@ -578,3 +578,42 @@ def test_non_finite_values_inside_list_and_dict_metrics_are_written_as_null(tmp_
 
     record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
     assert record == {"step": 1, "hist": [None, 1.0, [None, 2]], "table": {"x": None, "y": {"z": None}}}
+
+
+def _metrics_with_line_separator(run_dir):
+    """A metrics.jsonl whose records hold a raw U+2028 inside a string (what json.dumps(..., ensure_ascii=False),
+    orjson or jq write): four steps, one JSON object per '\\n'-ended line."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "reward/mean": 0.1 * s, "note": "a\u2028b"}, ensure_ascii=False) + "\n"
+                            for s in range(1, 5)), encoding="utf-8")
+    return path
+
+
+def test_read_metrics_reads_a_line_holding_u2028_as_read_metrics_records_does(tmp_path):
+    """3579fc5 made read_metrics_records (entrorl report, the lab report) split metrics.jsonl at '\\n' only, because
+    splitlines() also cuts at U+2028 inside a string; the trainer's own reader, trainer/loggers.py _records (behind
+    entrorl.trainer.read_metrics and the CLI's end-of-run summary), still uses splitlines() and raises
+    'line 1 is not JSON' on the same file."""
+    from entrorl.analysis.run import read_metrics_records
+    from entrorl.trainer import read_metrics
+
+    path = _metrics_with_line_separator(tmp_path / "run")
+    records, unreadable = read_metrics_records(path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and unreadable == []
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_resume_truncates_a_metrics_file_holding_u2028(tmp_path):
+    """MetricsLogger(resume_step=...) (trainer/loggers.py:59, the resume truncation of metrics.jsonl) reads the file
+    with the same splitlines()-based _records: a resume fails with 'line 1 is not JSON' on a file entrorl report reads."""
+    from entrorl.trainer.loggers import MetricsLogger
+
+    path = _metrics_with_line_separator(tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger = MetricsLogger(tmp_path / "run", resume_step=2)
+        logger.close()
+    kept = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    assert [r["step"] for r in kept] == [1, 2]
+    assert kept[0]["note"] == "a\u2028b"

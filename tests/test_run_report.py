@@ -1430,3 +1430,21 @@ def test_trl_law_tables_do_not_count_log_entries_as_steps(tmp_path):
     assert row["fitted on"].startswith("log entries") and "3 log entries" in row["note"]
     columns = report["law"]["table"]["columns"] + report["forecast_baselines"]["columns"]
     assert not [column for column in columns if column in ("fit steps", "later steps")], columns
+
+
+def test_report_on_a_verl_project_folder_whose_log_is_still_empty_says_it_is_empty(tmp_path):
+    """verl's FileLogger creates <project>/<experiment>.jsonl empty at start. 3579fc5 says so when the file is named
+    ('... is empty: nothing has been logged yet'), but `entrorl report <project>` on the same folder says it holds
+    no run and that 'verl's file logger writes JSON lines that can be named instead' -- the folder holds exactly
+    that file (_verl_logs_in / is_verl_log drops an empty file)."""
+    from entrorl.analysis.run_report import NotARunDirectory, write_run_report
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "exp.jsonl").write_bytes(b"")
+    with pytest.raises(NotARunDirectory) as named:
+        write_run_report(project / "exp.jsonl", figures=False)
+    assert "empty" in str(named.value)
+    with pytest.raises(NotARunDirectory) as folder:
+        write_run_report(project, figures=False)
+    assert "empty" in str(folder.value), str(folder.value)

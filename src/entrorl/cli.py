@@ -831,7 +831,10 @@ def report(
     except NotARunDirectory as error:
         _fail(str(error))
     except OSError as error:  # a run file that cannot be read, or a report that cannot be written: the message names it
-        written = out if out is not None else default_report_dir(run_dir)
+        try:
+            written = out if out is not None else default_report_dir(run_dir)
+        except OSError:  # the run's folder itself cannot be read: the error above says so
+            written = run_dir / "report"
         unwritable = out is None and str(getattr(error, "filename", "") or "").startswith(str(written))
         _fail(f"{error}" + ("; --out writes the report elsewhere" if unwritable else ""), code=1)
     target = Path(result["out"])

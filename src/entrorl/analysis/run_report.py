@@ -287,6 +287,12 @@ def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int
     return records, unreadable, dict(sorted(evaluations.items()))
 
 
+def _holds_nothing(path: Path) -> bool:
+    """Whether the file holds only white space (read up to its first other line)."""
+    with path.open("rb") as handle:
+        return not any(line.strip() for line in handle)
+
+
 def is_verl_log(path: Path) -> bool:
     """Whether ``path`` is a file of JSON lines whose first object is verl's file logger's ``{"step", "data"}``."""
     try:
@@ -809,7 +815,7 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
     if not is_real_number(fit_fraction) or not (0.0 < fit_fraction <= 1.0):
         raise ValueError(f"fit_fraction must be a number in (0, 1]; got {fit_fraction!r}")
     if run_dir.is_file():
-        if not run_dir.read_bytes().strip():
+        if _holds_nothing(run_dir):
             raise NotARunDirectory(f"{run_dir} is empty: nothing has been logged yet (verl's file logger writes its "
                                    "first line after the validation before training, or after the first step)")
         if not is_verl_log(run_dir):
@@ -844,6 +850,12 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
             said = _what_is_wrong_with_config(run_dir / "config.json", config)
             raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl or trainer_state.json, and its config.json {said}: "
                                    f"not a training run directory {writers}")
+        empty_logs = [path.name for path in sorted(run_dir.glob("*.jsonl")) if _holds_nothing(path)]
+        if empty_logs:
+            raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl, config.json or trainer_state.json, and "
+                                   f"{', '.join(empty_logs)} {'is' if len(empty_logs) == 1 else 'are'} empty: nothing has "
+                                   "been logged yet (verl's file logger writes its first line after the validation "
+                                   "before training, or after the first step)")
         raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl, config.json or trainer_state.json: not a training run "
                                f"directory {writers}")
     out = Path(out) if out is not None else run_dir / "report"
