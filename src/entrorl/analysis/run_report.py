@@ -504,7 +504,7 @@ class _RunReport:
             if "forecast" in law:
                 forecast = law["forecast"]
                 f = forecast["fit"]
-                label = f"fit, first {forecast['n_fit']} steps"
+                label = f"fit, first {forecast['n_fit']} {self.run.record_unit[1].split()[-1]}"
                 axes[0].plot(grid, f["b"] - f["a"] * grid, "--", color="C0", label=label)
                 axes[1].plot(steps, f["b"] - f["a"] * x, "--", color="C0", label=f"forecast ({label})")
                 axes[1].axvline(steps[forecast["n_fit"] - 1], color="0.8", linewidth=0.6)
