@@ -1686,3 +1686,51 @@ def test_an_args_object_without_an_option_reads_as_trl_s_default_in_every_check(
         check_trl_args(SimpleNamespace(epsilon_high=0.3), build_objective("grpo"))
     with pytest.raises(ValueError, match="'tis' or 'icepop'"):
         check_trl_args(SimpleNamespace(use_vllm=True), build_objective("dapo"))
+
+
+def _tiny_model_at(tmp_path):
+    from entrorl.lab.tiny_model import save_tiny_model
+
+    return save_tiny_model(tmp_path / "tiny", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                           max_position_embeddings=64)
+
+
+def test_trl_logits_path_under_autocast_with_float32_head_gives_ratio_one(tmp_path):
+    """docs/trl.md: with bf16 autocast, cast_lm_head_to_fp32=True makes TRL's old log-probs and the objective's current
+    ones "both come from float32 logits (equal to about 1e-6, tested)". On the logits path (fused_head=False, which is
+    also what FSDP / ZeRO-3 and non-listed architectures get) the objective's logits are computed by the model's head
+    inside accelerator.autocast(), i.e. in bfloat16, while TRL's come from a float32 head outside autocast: the
+    on-policy first pass's ratio is off 1 by bfloat16 rounding."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig
+
+    from entrorl.integrations.trl import EntropyGRPOTrainer
+
+    model_dir = _tiny_model_at(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=True, report_to="none",
+                        per_device_train_batch_size=4, num_generations=4, max_completion_length=6, save_strategy="no",
+                        logging_steps=1, seed=0, learning_rate=1e-2, disable_tqdm=True, num_iterations=2,
+                        cast_lm_head_to_fp32=True)
+    trainer = EntropyGRPOTrainer(
+        model=str(model_dir), reward_funcs=lambda completions, **kw: [float(len(c) % 2) for c in completions],
+        args=config, train_dataset=Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(4) for b in range(4)]}),
+        processing_class=tokenizer, objective="grpo", fused_head=False,
+    )
+    generator = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(4, len(tokenizer), (4, 4), generator=generator)
+    completion_ids = torch.randint(4, len(tokenizer), (4, 6), generator=generator)
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention_mask = torch.ones_like(input_ids)
+    mask = torch.ones_like(completion_ids, dtype=torch.bool)
+    with torch.no_grad():
+        trl_old, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, 6)
+        stats, _ = trainer._response_stats(trainer.model, input_ids, attention_mask, completion_ids, mask)
+        trainer.fused_head = True
+        fused, _ = trainer._response_stats(trainer.model, input_ids, attention_mask, completion_ids, mask)
+    fused_gap = float((trl_old.float() - fused.logprob)[mask].abs().max())
+    logits_gap = float((trl_old.float() - stats.logprob)[mask].abs().max())
+    assert fused_gap < 1e-5  # the fused path does what the docs say
+    assert logits_gap < 1e-5, f"logits path: old vs current log-prob differ by {logits_gap:.3g} on-policy"

@@ -1280,7 +1280,8 @@ def test_a_model_that_reports_checkpointing_under_the_older_name_does_not_share_
     from types import SimpleNamespace
 
     for checkpointing, shared in ((True, False), (False, True)):
-        older = SimpleNamespace(config=Qwen2Config(**COMMON), model=None, is_gradient_checkpointing=checkpointing)
+        older = SimpleNamespace(config=Qwen2Config(**COMMON), get_decoder=object, is_gradient_checkpointing=checkpointing,
+                                get_output_embeddings=lambda: torch.nn.Linear(2, 2))
         assert shares_prompts(older) is shared
 
 
@@ -1347,3 +1348,33 @@ def test_a_moe_model_asking_for_router_logits_samples_without_them_and_saves_the
         model.save_pretrained(tmp_path / "saved")
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["output_router_logits"] is True
     assert model.config.output_router_logits is False
+
+
+def _tiny_model_at(tmp_path):
+    from entrorl.lab.tiny_model import save_tiny_model
+
+    return save_tiny_model(tmp_path / "tiny", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                           max_position_embeddings=64)
+
+
+def test_response_token_stats_on_a_peft_model_uses_the_backbone(tmp_path):
+    """entrorl.modeling.response_token_stats (public) picks the fused head for qwen2 when ``hasattr(model, "model")``;
+    on a peft PeftModel ``model.model`` is the whole Qwen2ForCausalLM (peft forwards the attribute), whose output has
+    no ``last_hidden_state``: the default call raises AttributeError, where fused_head=False works. The statistics by
+    default must equal the logits path's."""
+    peft = pytest.importorskip("peft")
+    from entrorl.modeling import bucketed_response_token_stats, load_causal_lm, response_token_stats
+
+    model = load_causal_lm(_tiny_model_at(tmp_path))
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(4, 60, (2, 3), generator=generator)
+    prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
+    response_ids = torch.randint(4, 60, (2, 5), generator=generator)
+    response_mask = torch.ones_like(response_ids, dtype=torch.bool)
+    with torch.no_grad():
+        reference = response_token_stats(wrapped, prompt_ids, prompt_mask, response_ids, response_mask, fused_head=False)
+        default = response_token_stats(wrapped, prompt_ids, prompt_mask, response_ids, response_mask)
+        bucketed = bucketed_response_token_stats(wrapped, prompt_ids, prompt_mask, response_ids, response_mask)
+    torch.testing.assert_close(default.logprob, reference.logprob, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bucketed.entropy, reference.entropy, rtol=1e-5, atol=1e-5)

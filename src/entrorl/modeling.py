@@ -633,8 +633,21 @@ def left_pad(sequences, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def _backbone(model):
+    """The decoder stack under the output layer (a transformers CausalLM's ``model``), reached through a wrapper too:
+    a peft ``PeftModel`` forwards ``get_decoder`` to the model it wraps, where its own ``.model`` is the whole CausalLM."""
+    get_decoder = getattr(model, "get_decoder", None)
+    backbone = get_decoder() if callable(get_decoder) else None
+    return backbone if backbone is not None and backbone is not model else None
+
+
 def _uses_fused_head(model) -> bool:
-    return getattr(model.config, "model_type", None) in FUSED_HEAD_MODEL_TYPES and hasattr(model, "model")
+    """Whether the statistics can come from the final hidden states and the head's weight: a plain-linear-head
+    architecture whose head is a plain ``nn.Linear`` (not a LoRA layer, which computes more than ``hidden @ W^T``)."""
+    if getattr(model.config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES or _backbone(model) is None:
+        return False
+    get_head = getattr(model, "get_output_embeddings", None)
+    return callable(get_head) and type(get_head()) is torch.nn.Linear
 
 
 def response_token_stats(
@@ -665,7 +678,7 @@ def response_token_stats(
     if fused_head is None:
         fused_head = _uses_fused_head(model)
     if fused_head:
-        hidden = model.model(input_ids=input_ids, attention_mask=attention, position_ids=positions).last_hidden_state
+        hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention, position_ids=positions).last_hidden_state
         hidden = hidden[:, prompt_width - 1 : prompt_width + response_width - 1]
         return _stats_through_head(model, hidden, targets, mask, temperature=temperature, need=need)
     logits = model(
@@ -878,7 +891,7 @@ def _distinct_prompt_pass(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
     width = max(1, int(prompt_mask.sum(-1).max()))
     input_ids, attention = prompt_ids[:, -width:].to(device), prompt_mask[:, -width:].to(device).long()
     positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
-    output = model.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    output = _backbone(model)(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
     layers = [(entry[0], entry[1]) for entry in output_cache(output)]
     return layers, output.last_hidden_state[:, -1]
 
@@ -900,8 +913,9 @@ def _response_stats_on_cached_prompts(model, prompt_pass, distinct: torch.Tensor
         cache.update(keys[distinct, :, -prompt_width:], values[distinct, :, -prompt_width:], index)
     attention = torch.cat([prompt_mask, response_mask], dim=1).to(device).long()
     positions = prompt_mask.sum(-1, keepdim=True).to(device) + torch.arange(response_ids.shape[1], device=device)
-    hidden = model.model(input_ids=response_ids.to(device), attention_mask=attention, position_ids=positions,
-                         use_cache=True, **{cache_argument(model.model): cache}).last_hidden_state
+    backbone = _backbone(model)
+    hidden = backbone(input_ids=response_ids.to(device), attention_mask=attention, position_ids=positions,
+                      use_cache=True, **{cache_argument(backbone): cache}).last_hidden_state
     # the hidden state before response token j: the prompt's last for j = 0, response token j - 1's after that
     hidden = torch.cat([last_prompt_hidden[distinct][:, None], hidden[:, :-1]], dim=1)
     return _stats_through_head(model, hidden, response_ids.to(device), response_mask.to(device), temperature=temperature,

@@ -56,6 +56,7 @@ Advantages are TRL's: a method whose own estimator is not GRPO's (``w_reinforce`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -421,6 +422,28 @@ def accumulation_weight(
     return 1.0 / gradient_accumulation_steps
 
 
+@contextlib.contextmanager
+def _outside_autocast(head: torch.nn.Module, device_type: str):
+    """The output layer runs with autocast off, on float32 inputs, while the rest of the model keeps it: how TRL's
+    ``cast_lm_head_to_fp32`` scores its head, where a plain forward under autocast would run the head in bfloat16."""
+    enabled: list[bool] = []
+
+    def before(module, args):
+        enabled.append(torch.is_autocast_enabled(device_type))
+        torch.set_autocast_enabled(device_type, False)
+        return tuple(value.float() if torch.is_tensor(value) and value.is_floating_point() else value for value in args)
+
+    def after(module, args, output):
+        torch.set_autocast_enabled(device_type, enabled.pop())
+
+    handles = [head.register_forward_pre_hook(before), head.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class EntropyGRPOTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` whose loss is an entrorl objective, with entrorl's entropy diagnostics in its logs.
 
@@ -671,11 +694,14 @@ class EntropyGRPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             forward_kwargs["output_router_logits"] = True
         fused = self._uses_fused_head(model)
+        float32_head = not fused and getattr(self.args, "cast_lm_head_to_fp32", False)
         with self.accelerator.autocast():
             if fused:
                 outputs = model(**forward_kwargs, output_hidden_states=True, logits_to_keep=1)
             else:
-                outputs = model(**forward_kwargs, logits_to_keep=width + 1)
+                head = self.accelerator.unwrap_model(model).get_output_embeddings()
+                with _outside_autocast(head, input_ids.device.type) if float32_head else contextlib.nullcontext():
+                    outputs = model(**forward_kwargs, logits_to_keep=width + 1)
         # the statistics are reduced in float32 whatever the autocast dtype of the forward pass
         if fused:
             hidden = outputs.hidden_states[-1][:, -width - 1 : -1]
