@@ -6,16 +6,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from entrorl.lab import presets as lab_presets_module
 from entrorl.lab.base_model import BaseModelSpec, build_base_model
 from entrorl.lab.presets import DEFAULT_METHODS, get_preset
+from entrorl.lab.runner import run_lab
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2
 from entrorl.trainer import read_metrics
 
@@ -900,8 +905,9 @@ def test_an_interrupted_laboratory_saves_what_it_trained_and_says_how_to_go_on(t
     assert runner._run_method({"method": "nsr", "run_dir": str(tmp_path / "nsr")})["status"] == "interrupted"
     assert runner._process_warmed_up
 
-    # a worker leaves a method with its Ctrl-C ignored and SIGTERM (the pool's end) at its default, whatever the
-    # trainer left installed (its "exit at once" handlers once a signal's step is saved)
+    # a worker leaves a method with its Ctrl-C ignored and SIGTERM handled as outside training (a first one is the
+    # laboratory's stop, ignored; once stop is set it ends the worker), whatever the trainer left installed (its "exit at
+    # once" handlers once a signal's step is saved)
     import signal
 
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
@@ -915,7 +921,8 @@ def test_an_interrupted_laboratory_saves_what_it_trained_and_says_how_to_go_on(t
     (tmp_path / "rft").mkdir()
     try:
         assert runner._run_method({"method": "rft", "run_dir": str(tmp_path / "rft")})["status"] == "done"
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is runner._terminated_outside_training
     finally:
         for number, handler in before.items():
             signal.signal(number, handler)
@@ -2095,6 +2102,9 @@ def test_a_second_ctrl_c_ends_the_workers_at_once_and_the_methods_not_started_ar
         def start(self, job):
             self.job = job
 
+        def _received(self):  # nothing sent on its way out
+            return None
+
         def outcome(self):
             self.polls += 1
             if self.polls == 1:
@@ -2111,8 +2121,9 @@ def test_a_second_ctrl_c_ends_the_workers_at_once_and_the_methods_not_started_ar
     with pytest.raises(KeyboardInterrupt):
         runner._run_jobs(jobs, 1, outcomes, _RecordingProgress(), {"grpo": "grpo", "nsr": "nsr"}, tmp_path, steps=4)
     assert ended == ["terminate"]
-    # grpo's outcome never came: it was under way, so it is interrupted too (a later invocation says so)
-    assert outcomes == {"grpo": {"method": "grpo", "status": "interrupted"}, "nsr": {"method": "nsr", "status": "interrupted"}}
+    # grpo's outcome never came: it was under way (so this invocation trained it), interrupted too
+    assert outcomes == {"grpo": {"method": "grpo", "status": "interrupted", "under_way": True},
+                        "nsr": {"method": "nsr", "status": "interrupted"}}
 
 
 def test_a_worker_runs_each_job_it_receives_until_told_to_stop(monkeypatch, signal_handlers_restored):
@@ -2184,7 +2195,7 @@ def test_ending_the_workers_tells_or_terminates_them_and_leaves_none_behind(at_o
                                   terminate=lambda: ask("terminate"), kill=lambda: ask("kill"))
         pipe = _Pipe([])
         pipe.send = lambda message: (pipe.sent.append(message), ask("told") if message is None else None)
-        return SimpleNamespace(process=process, connection=pipe, state=state)
+        return SimpleNamespace(process=process, connection=pipe, state=state, job=None)
 
     pool = [worker(alive=True, obeys=True), worker(alive=True, obeys=False), worker(alive=False, obeys=True)]
     stop = threading.Event()
@@ -2339,7 +2350,7 @@ def test_ending_the_workers_waits_10_s_after_sigterm_and_30_s_after_telling_them
     waits = []
     process = SimpleNamespace(is_alive=lambda: True, terminate=lambda: None, kill=lambda: None,
                               join=lambda timeout=None: waits.append(timeout))
-    pool = [SimpleNamespace(process=process, connection=_Pipe([]))]
+    pool = [SimpleNamespace(process=process, connection=_Pipe([]), job=None)]
     _end_workers(pool, threading.Event(), at_once)
     assert (9 < waits[0] <= 10) if at_once else (29 < waits[0] <= 30)
 
@@ -2656,3 +2667,122 @@ def test_lab_sft_tokens_per_s_counts_the_sampled_tokens(tmp_path):
         counted = row["time/tokens_per_s"] * row["time/step_s"]
         assert counted == pytest.approx(sampled, rel=1e-3), (
             f"time/tokens_per_s x time/step_s = {counted:.1f} tokens, but the step sampled {sampled:.1f}")
+
+
+def _tiny_preset(monkeypatch, *, steps: int = 4) -> "lab_presets_module.LabPreset":
+    preset = lab_presets_module.LabPreset(
+        name="tiny",
+        base=BaseModelSpec(tasks=("sum_chain", "rg_arithmetic"), problems_per_task=40, hidden_size=32, num_layers=1,
+                           num_heads=2, num_kv_heads=1, steps=5, batch_size=8, lr=5e-3),
+        train_problems=40, eval_problems=4, forgetting_problems=4, steps=steps, prompts_per_step=2, group_size=2,
+        max_new_tokens=12, warmup_steps=1, checkpoint_every=2, eval_n=4, forgetting_n=2, top_forks=3, workers=1,
+    )
+    monkeypatch.setitem(lab_presets_module.PRESETS, "tiny", preset)
+    return preset
+
+
+def _press_ctrl_c_twice_when(metrics, lines: int):
+    def press():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if metrics.exists() and metrics.read_text().count("\n") >= lines:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # two separate deliveries
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=press, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_an_invocation_stopped_at_once_records_the_method_it_was_training(tmp_path, monkeypatch):
+    """runner.py's module docstring: each invocation in lab.json records `ran`, "the methods it trained or was
+    training". A second Ctrl-C while grpo trains (it had trained and saved steps in this invocation) records
+    `ran: []`: the method under way gets the outcome {"status": "interrupted"} without a step
+    (runner._run_jobs' finally), which _trained_here takes for "stopped before it started". Consequence: a resumed
+    invocation stopped at once is left out of the report's wall clock ("summed over the invocations that ran
+    something") and of its worker counts, though it trained (its seconds are in the method's train time)."""
+    _tiny_preset(monkeypatch, steps=200)
+    out, cache = tmp_path / "lab", tmp_path / "cache"
+    metrics = out / "methods" / "grpo" / "metrics.jsonl"
+    presser = _press_ctrl_c_twice_when(metrics, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)
+    presser.join()
+    assert metrics.read_text().count("\n") >= 2  # it trained steps in this invocation
+    invocation = json.loads((out / "lab.json").read_text())["invocations"][-1]
+    assert "grpo" in invocation["ran"], invocation
+
+
+def _worker_pids() -> list[int]:
+    """This process's multiprocessing workers (not its resource tracker)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and "spawn_main" in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def test_sigterm_to_the_process_group_while_a_worker_starts_is_a_stop_not_a_failure(tmp_path, monkeypatch):
+    """README: "Ctrl-C (or SIGTERM, exit status 143) lets each method being trained finish and save its step (the
+    others do not start)". SIGTERM sent to the whole process group (what GNU `timeout`, Slurm's scancel or a systemd
+    stop do) while a worker is starting (importing, warming up) or making its final evaluation kills that worker: the
+    method is recorded as failed with "its worker process was killed by SIGTERM" (error.log, outcomes.json, exit
+    status 1 later), and the CLI says "interrupted after every method had finished, before the report was written".
+    With Ctrl-C at the same moment the method is "interrupted before it started" (or finishes its evaluation).
+    Cause: a worker ignores SIGINT but leaves SIGTERM at its default outside the trainer's handler
+    (runner._init_worker, _Worker.__init__'s _ignoring_ctrl_c, _run_method's finally)."""
+    _tiny_preset(monkeypatch, steps=4)
+    out, cache = tmp_path / "lab", tmp_path / "cache"
+    sent = []
+
+    def terminate_group_while_worker_starts():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            workers = _worker_pids()
+            if workers:
+                time.sleep(0.3)  # the worker is importing / warming up, its trainer not yet built
+                for pid in workers:
+                    os.kill(pid, signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+                sent.extend(workers)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=terminate_group_while_worker_starts, daemon=True)
+    thread.start()
+    with pytest.raises(BaseException) as stopped:
+        run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)
+    thread.join()
+    assert sent, "no worker was seen"
+    assert getattr(stopped.value, "signal_number", None) == signal.SIGTERM
+    outcome = json.loads((out / "outcomes.json").read_text())["grpo"]
+    assert outcome["status"] != "failed", outcome
+    assert not (out / "methods" / "grpo" / "error.log").exists()
+
+
+def test_an_unreadable_base_evaluation_is_made_again_on_resume(tmp_path, monkeypatch):
+    """A method's final_eval.json that cannot be read is evaluated again when the laboratory is re-run (runner.py:
+    "one that cannot be read is evaluated again"), but base/final_eval.json is reused whenever it exists
+    (runner._run_in_folder: `if not base_eval.exists()`): an empty or cut-short one stays for ever, the report says
+    "`base/final_eval.json` cannot be read (cut short?) ... the base model's rows and lines are missing", and re-running
+    the command, the remedy the laboratory gives for everything else, changes nothing (exit 0)."""
+    _tiny_preset(monkeypatch, steps=2)
+    out, cache = tmp_path / "lab", tmp_path / "cache"
+    run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)
+    base_eval = out / "base" / "final_eval.json"
+    whole = json.loads(base_eval.read_text())
+    base_eval.write_text(base_eval.read_text()[:100])  # cut short (a disk error, a copy interrupted)
+    run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)
+    assert json.loads(base_eval.read_text()) == whole

@@ -1326,7 +1326,9 @@ def test_a_method_interrupted_by_the_runner_without_an_error_is_missing_not_fail
     _write(out / "outcomes.json", {"nsr": {"method": "nsr", "status": "interrupted", "step": 2}})
     report = write_report(out, figures=False)
     assert report["methods"]["nsr"]["status"] == "missing"
-    assert report["methods"]["nsr"]["error"] == "no final_eval.json and no error.log (interrupted?)"
+    # outcomes.json says how it stopped and where it saved: the report says so, and how to go on
+    assert report["methods"]["nsr"]["error"] == ("interrupted, saved at step 2: running the laboratory's command again "
+                                                 "continues it")
 
 
 def test_one_method_s_forecast_rmse_is_not_said_over_1_methods(tmp_path):
@@ -1698,3 +1700,4 @@ def test_the_lab_report_names_a_base_model_evaluation_it_cannot_read(tmp_path):
     write_report(lab, figures=False)
     said = " ".join((lab / "report.md").read_text().split())
     assert "base/final_eval.json" in said
+

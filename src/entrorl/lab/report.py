@@ -149,6 +149,11 @@ def _load_run(out: Path, name: str, outcomes: dict[str, Any]) -> Run:
     if (directory / "final_eval.json").exists():
         return Run(name, "missing", records, None, "final_eval.json cannot be read (cut short?) and there is no "
                    "error.log", unreadable)
+    outcome = outcomes.get(name) if isinstance(outcomes.get(name), dict) else {}
+    if outcome.get("status") == "interrupted":
+        saved = f", saved at step {outcome['step']}" if isinstance(outcome.get("step"), int) else ""
+        return Run(name, "missing", records, None, f"interrupted{saved}: running the laboratory's command again "
+                   "continues it", unreadable)
     return Run(name, "missing", records, None, "no final_eval.json and no error.log (interrupted?)", unreadable)
 
 

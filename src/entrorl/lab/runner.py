@@ -217,6 +217,7 @@ def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
     resume = latest_checkpoint(run_dir) is not None
     trainer_class = SFTTrainer if method == "sft" else Trainer
     trainer = trainer_class(config, run_dir=run_dir, resume=resume)
+    trainer.resumed_by = "running the laboratory's command again"
     if method == "sft":
         trainer.use_task(get_task(preset.train_task))
     if _STOP is None:
@@ -248,7 +249,18 @@ def _init_worker(stop: Any) -> None:
     global _STOP
     _STOP = stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _terminated_outside_training)
     warnings.filterwarnings("ignore", category=SurrogateSetAsideWarning)
+
+
+def _terminated_outside_training(number: int, frame: Any) -> None:
+    """SIGTERM to a worker that is not training (starting, evaluating, between methods). Sent to the whole process
+    group (GNU ``timeout``, Slurm, systemd), it is the laboratory's first stop request, as Ctrl-C is, which the worker
+    ignores: the laboratory sets ``stop``, a method not started does not start, an evaluation under way finishes.
+    Once ``stop`` is set (a second request, or the laboratory ending its workers at once) it ends the worker."""
+    if _STOP is not None and _STOP.is_set():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # a method's folder: the seconds its earlier invocations spent (interrupted, failed, or the one that finished it),
@@ -299,9 +311,9 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
             _write_json(run_dir / _EARLIER_SECONDS, {"seconds": earlier + time.perf_counter() - started})
         return {"method": method, "status": "failed", "error": traceback.format_exc(limit=3)}
     finally:
-        if _STOP is not None:  # a worker: the trainer's "exit at once" handlers are for a terminal's process,
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # and the laboratory ends its workers with SIGTERM
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if _STOP is not None:  # a worker: the trainer's "exit at once" handlers are for a terminal's process
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, _terminated_outside_training)
 
 
 def _count_lines(path: Path) -> int:
@@ -453,23 +465,25 @@ def _prepare_run_directory(out: Path) -> None:
 def _trained_here(outcome: dict[str, Any] | None) -> bool:
     """Whether an invocation trained (or was training) the method of ``outcome``: not when it found it finished
     (cached), nor when Ctrl-C came before it started; an invocation cut short without an outcome was training it."""
-    if outcome is None:
+    if outcome is None or outcome.get("under_way"):
         return True
     return outcome["status"] != "cached" and not (outcome["status"] == "interrupted" and outcome.get("step") is None)
 
 
 @contextlib.contextmanager
-def _ignoring_ctrl_c():
-    """Ignore SIGINT for the block (in the main thread; elsewhere it cannot be changed): processes spawned in it
-    inherit that, so a Ctrl-C while they import cannot kill them mid-start."""
+def _ignoring_stop_signals():
+    """Ignore SIGINT and SIGTERM for the block (in the main thread; elsewhere they cannot be changed): processes
+    spawned in it inherit that, so a Ctrl-C, or a SIGTERM to the process group, while they import cannot kill them
+    mid-start (the worker then installs its own handling, :func:`_init_worker`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def default_run_directory() -> Path:
@@ -542,7 +556,7 @@ class _Worker:
     def __init__(self, context: Any, stop: Any, run: Callable[[dict[str, Any]], dict[str, Any]]):
         self.connection, child_end = context.Pipe()
         try:
-            with _ignoring_ctrl_c():  # the worker starts with Ctrl-C ignored (no traceback from its imports)
+            with _ignoring_stop_signals():  # the worker starts with them ignored (no traceback from its imports)
                 self.process = context.Process(target=_worker_loop, args=(child_end, stop, run), daemon=True)
                 self.process.start()
         except BaseException:
@@ -589,10 +603,10 @@ class _Worker:
         return outcome
 
 
-def _end_workers(pool: list[_Worker], stop: Any, at_once: bool) -> None:
+def _end_workers(pool: list[_Worker], stop: Any, at_once: bool) -> dict[str, dict[str, Any]]:
     """End every worker. Idle ones are told to stop; ``at_once`` sends SIGTERM to all of them together (a trainer
     saves the step under way, then its worker exits, ``stop`` being set), and SIGKILL to those still running 10 s
-    later. Nothing is left behind."""
+    later. Nothing is left behind. Returns the outcomes the busy ones sent on their way out, by method."""
     if at_once:
         stop.set()
     for worker in pool:
@@ -605,11 +619,15 @@ def _end_workers(pool: list[_Worker], stop: Any, at_once: bool) -> None:
     deadline = time.monotonic() + (10 if at_once else 30)
     for worker in pool:
         worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+    sent = {}
     for worker in pool:
         if worker.process.is_alive():
             worker.process.kill()
             worker.process.join()
+        if worker.job is not None and (outcome := worker._received()) is not None:
+            sent[outcome["method"]] = outcome
         worker.connection.close()
+    return sent
 
 
 def _record_outcome(outcome: dict[str, Any], outcomes: dict[str, Any], progress, bars: dict[str, Any], out: Path,
@@ -742,9 +760,11 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
         at_once = False
     finally:
         under_way = [worker.method for worker in pool if worker.job is not None]  # stopped at once: no outcome came
-        _end_workers(pool, stop, at_once)
-        for method in under_way + [job["method"] for job in queue]:  # and those never started
-            outcomes.setdefault(method, {"method": method, "status": "interrupted"})
+        sent = _end_workers(pool, stop, at_once)
+        for method in under_way:  # what its worker said on its way out (the step it saved), else: it was training
+            outcomes.setdefault(method, sent.get(method) or {"method": method, "status": "interrupted", "under_way": True})
+        for job in queue:  # those never started
+            outcomes.setdefault(job["method"], {"method": job["method"], "status": "interrupted"})
     return requests.signal_number if stop.is_set() else None
 
 
@@ -840,7 +860,7 @@ def _run_in_folder(preset: LabPreset, out: Path, *, workers: int, console, cache
         methods_started = False  # a stop during the base evaluation comes before any method
         try:
             base_eval = out / "base" / "final_eval.json"
-            if not base_eval.exists():
+            if not _read_json_object(base_eval):  # one cut short is made again, as a method's final evaluation is
                 from entrorl.modeling import load_causal_lm, load_tokenizer
 
                 base_eval.parent.mkdir(parents=True, exist_ok=True)

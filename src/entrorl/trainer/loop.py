@@ -146,6 +146,8 @@ class Trainer:
         self.config = config
         self._closed = False
         self.console = console
+        # what continues an interrupted run, in the message of a second Ctrl-C ("running the laboratory again")
+        self.resumed_by = "--resume"
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         retain = config.retain_freed_memory
@@ -1182,7 +1184,7 @@ class Trainer:
         restore_handlers = _catch_stop_signals(received, progress.console, plan=lambda: (
             "finishing the evaluation at the start, then stopping before the first step (nothing to save yet)"
             if evaluating_at_start else _FINISH_THE_STEP), resumes_from=lambda: (
-            f"--resume continues from the checkpoint of step {self.checkpoint_weight_norm[0]}"
+            f"{self.resumed_by} continues from the checkpoint of step {self.checkpoint_weight_norm[0]}"
             if self.checkpoint_weight_norm is not None else "no checkpoint was written yet: there is nothing to resume")
         ) if handle_signals else (lambda: None)
         saved_since_signal = False  # a second signal raised out of a step instead: the handlers go back
