@@ -646,6 +646,10 @@ def _uses_fused_head(model) -> bool:
     architecture whose head is a plain ``nn.Linear`` (not a LoRA layer, which computes more than ``hidden @ W^T``)."""
     if getattr(model.config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES or _backbone(model) is None:
         return False
+    # a peft prompt-learning wrapper (prompt or prefix tuning) adds its virtual tokens in its own forward, which a call
+    # of the backbone would skip
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return False
     get_head = getattr(model, "get_output_embeddings", None)
     return callable(get_head) and type(get_head()) is torch.nn.Linear
 

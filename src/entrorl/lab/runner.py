@@ -471,19 +471,27 @@ def _trained_here(outcome: dict[str, Any] | None) -> bool:
 
 
 @contextlib.contextmanager
-def _ignoring_stop_signals():
-    """Ignore SIGINT and SIGTERM for the block (in the main thread; elsewhere they cannot be changed): processes
-    spawned in it inherit that, so a Ctrl-C, or a SIGTERM to the process group, while they import cannot kill them
-    mid-start (the worker then installs its own handling, :func:`_init_worker`)."""
+def _ignoring_ctrl_c():
+    """Ignore SIGINT for the block (in the main thread; elsewhere it cannot be changed): processes spawned in it
+    inherit that, so a Ctrl-C while they import cannot kill them mid-start. SIGTERM keeps its default there, so that
+    the laboratory can end a starting worker at once; one that kills a starting worker while the laboratory is asked
+    to stop counts as the stop (:func:`_stopped_not_failed`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stopped_not_failed(outcome: dict[str, Any], process: Any, stop_requested: bool) -> dict[str, Any]:
+    """A worker ``process`` that died of SIGTERM while the laboratory was asked to stop (a SIGTERM to the whole process
+    group reaching it before it could handle one: still importing) was stopped, not failed: its method is interrupted."""
+    if outcome.get("died") and stop_requested and process.exitcode == -signal.SIGTERM:
+        return {"method": outcome["method"], "status": "interrupted", "under_way": True}
+    return outcome
 
 
 def default_run_directory() -> Path:
@@ -556,7 +564,7 @@ class _Worker:
     def __init__(self, context: Any, stop: Any, run: Callable[[dict[str, Any]], dict[str, Any]]):
         self.connection, child_end = context.Pipe()
         try:
-            with _ignoring_stop_signals():  # the worker starts with them ignored (no traceback from its imports)
+            with _ignoring_ctrl_c():  # the worker starts with Ctrl-C ignored (no traceback from its imports)
                 self.process = context.Process(target=_worker_loop, args=(child_end, stop, run), daemon=True)
                 self.process.start()
         except BaseException:
@@ -727,7 +735,7 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
                 for worker in pool:
                     outcome = worker.outcome()
                     if outcome is not None:
-                        record(outcome)
+                        record(_stopped_not_failed(outcome, worker.process, requests.count > 0))
                 for worker in [w for w in pool if w.job is None and not w.process.is_alive()]:
                     worker.connection.close()  # ended between two methods: a new one is started when needed
                     pool.remove(worker)
@@ -757,6 +765,10 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
                     worker.start(queue.pop(0))
                 _show_progress([w.method for w in pool if w.job], progress, bars, out, steps)
                 time.sleep(0.5)
+            if requests.count >= 2:  # asked twice during the last wait: the workers are ended at once
+                raise StoppedAtOnce(requests.signal_number)
+            if requests.count and not stop.is_set():  # asked once during the last wait, every method having ended
+                stop.set()
         at_once = False
     finally:
         under_way = [worker.method for worker in pool if worker.job is not None]  # stopped at once: no outcome came

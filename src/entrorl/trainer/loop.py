@@ -1236,7 +1236,8 @@ class Trainer:
         finally:
             if received and handle_signals and saved_since_signal:
                 # all is saved: closing the loggers and Python's exit can take seconds
-                _exit_at_once_on_another_signal(progress.console, self.run_dir, resumable=self.step > 0)
+                _exit_at_once_on_another_signal(progress.console, self.run_dir, resumable=self.step > 0,
+                                                resumed_by=self.resumed_by)
             else:
                 restore_handlers()
             if finished:
@@ -1281,11 +1282,13 @@ def _say_in_a_signal_handler(console, message: str) -> None:
             os.write(descriptor, (message + "\n").encode("utf-8", "replace"))
 
 
-def _exit_at_once_on_another_signal(console, run_dir: Path, *, resumable: bool = True) -> None:
+def _exit_at_once_on_another_signal(console, run_dir: Path, *, resumable: bool = True,
+                                    resumed_by: str = "--resume") -> None:
     """After an interrupted run's checkpoint is saved (or, stopped before its first step, when there is none to
     save), make SIGINT / SIGTERM end the process at once: what is left (closing the loggers, Python's shutdown) can
-    take seconds, and a second Ctrl-C there would print a traceback."""
-    said = (f"the checkpoint is saved (continue with --resume --run-dir {run_dir})" if resumable
+    take seconds, and a second Ctrl-C there would print a traceback. ``resumed_by``: what continues the run."""
+    how = f"--resume --run-dir {run_dir}" if resumed_by == "--resume" else resumed_by
+    said = (f"the checkpoint is saved (continue with {how})" if resumable
             else "no step was trained, so there is nothing to resume")
 
     def exit_now(number, frame) -> None:
