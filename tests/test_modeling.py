@@ -1357,16 +1357,11 @@ def _tiny_model_at(tmp_path):
                            max_position_embeddings=64)
 
 
-def test_response_token_stats_on_a_peft_model_uses_the_backbone(tmp_path):
-    """entrorl.modeling.response_token_stats (public) picks the fused head for qwen2 when ``hasattr(model, "model")``;
-    on a peft PeftModel ``model.model`` is the whole Qwen2ForCausalLM (peft forwards the attribute), whose output has
-    no ``last_hidden_state``: the default call raises AttributeError, where fused_head=False works. The statistics by
-    default must equal the logits path's."""
-    peft = pytest.importorskip("peft")
-    from entrorl.modeling import bucketed_response_token_stats, load_causal_lm, response_token_stats
+def _peft_model_agrees_with_its_logits_path(wrapped) -> None:
+    """The default statistics of ``wrapped`` (fused or not, as :func:`response_token_stats` decides), and those of the
+    bucketed path, equal the logits path's."""
+    from entrorl.modeling import bucketed_response_token_stats, response_token_stats
 
-    model = load_causal_lm(_tiny_model_at(tmp_path))
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
     generator = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(4, 60, (2, 3), generator=generator)
     prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
@@ -1376,27 +1371,29 @@ def test_response_token_stats_on_a_peft_model_uses_the_backbone(tmp_path):
         reference = response_token_stats(wrapped, prompt_ids, prompt_mask, response_ids, response_mask, fused_head=False)
         default = response_token_stats(wrapped, prompt_ids, prompt_mask, response_ids, response_mask)
         bucketed = bucketed_response_token_stats(wrapped, prompt_ids, prompt_mask, response_ids, response_mask)
-    torch.testing.assert_close(default.logprob, reference.logprob, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(bucketed.entropy, reference.entropy, rtol=1e-5, atol=1e-5)
+    for stats in (default, bucketed):
+        torch.testing.assert_close(stats.logprob, reference.logprob, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.entropy, reference.entropy, rtol=1e-5, atol=1e-5)
+
+
+def test_response_token_stats_on_a_peft_model_uses_the_backbone(tmp_path):
+    """On a peft PeftModel ``model.model`` is the whole Qwen2ForCausalLM (peft forwards the attribute), whose output
+    has no ``last_hidden_state``: the fused path must reach the backbone (``get_decoder``), and give the logits path's
+    statistics."""
+    peft = pytest.importorskip("peft")
+    from entrorl.modeling import load_causal_lm
+
+    model = load_causal_lm(_tiny_model_at(tmp_path))
+    _peft_model_agrees_with_its_logits_path(peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"])))
 
 
 @pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
 def test_response_token_stats_of_a_prompt_learning_peft_model_match_its_logits_path(tmp_path, kind):
+    """A prompt-learning wrapper adds its virtual tokens (or prefix keys and values) in its own forward, which a call
+    of the backbone skips: such a model is not fused."""
     peft = pytest.importorskip("peft")
-    from entrorl.modeling import bucketed_response_token_stats, load_causal_lm, response_token_stats
+    from entrorl.modeling import load_causal_lm
 
     config = (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4) if kind == "prompt_tuning"
               else peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    wrapped = peft.get_peft_model(load_causal_lm(_tiny_model_at(tmp_path)), config)
-    generator = torch.Generator().manual_seed(0)
-    prompt_ids = torch.randint(4, 60, (2, 3), generator=generator)
-    prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
-    response_ids = torch.randint(4, 60, (2, 5), generator=generator)
-    response_mask = torch.ones_like(response_ids, dtype=torch.bool)
-    with torch.no_grad():
-        reference = response_token_stats(wrapped, prompt_ids, prompt_mask, response_ids, response_mask, fused_head=False)
-        default = response_token_stats(wrapped, prompt_ids, prompt_mask, response_ids, response_mask)
-        bucketed = bucketed_response_token_stats(wrapped, prompt_ids, prompt_mask, response_ids, response_mask)
-    # on the current code the default differs by ~0.12-0.16 nats: the soft prompt / prefix is left out
-    torch.testing.assert_close(default.logprob, reference.logprob, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(bucketed.logprob, reference.logprob, rtol=1e-5, atol=1e-5)
+    _peft_model_agrees_with_its_logits_path(peft.get_peft_model(load_causal_lm(_tiny_model_at(tmp_path)), config))
