@@ -2943,3 +2943,45 @@ def test_stopping_at_once_does_not_wait_for_a_starting_worker(tmp_path, monkeypa
             worker.process.kill()
             worker.process.join()
     assert took < 2.0, f"stopping at once took {took:.1f} s: the starting worker ignored the laboratory's SIGTERM"
+
+
+def test_sigterm_to_the_group_while_a_worker_imports_does_not_count_the_method_as_ran(tmp_path, monkeypatch,
+                                                                                      stop_handlers_restored):
+    _tiny_preset(monkeypatch, steps=4)
+    # a worker's start-up (the interpreter's imports) made slow, so that the signal surely lands while it imports
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent("""
+        import sys, time
+        if "--multiprocessing-fork" in sys.argv:
+            time.sleep(4)
+    """))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    out, cache = tmp_path / "lab", tmp_path / "cache"
+    sent = []
+
+    def terminate_the_group_while_the_worker_imports():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            workers = _worker_pids()
+            if workers:
+                time.sleep(0.5)  # inside its 4 s start-up: nothing of entrorl imported yet
+                for pid in workers:
+                    os.kill(pid, signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+                sent.extend(workers)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=terminate_the_group_while_the_worker_imports, daemon=True)
+    thread.start()
+    with pytest.raises(BaseException) as stopped:
+        run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)
+    thread.join()
+    assert sent, "no worker was seen"
+    assert getattr(stopped.value, "signal_number", None) == signal.SIGTERM
+    outcome = json.loads((out / "outcomes.json").read_text())["grpo"]
+    assert outcome["status"] == "interrupted", outcome
+    assert not (out / "methods" / "grpo" / "metrics.jsonl").exists()  # it never trained a step
+    invocation = json.loads((out / "lab.json").read_text())["invocations"][-1]
+    assert invocation["ran"] == [], (invocation, outcome)

@@ -488,9 +488,10 @@ def _ignoring_ctrl_c():
 
 def _stopped_not_failed(outcome: dict[str, Any], process: Any, stop_requested: bool) -> dict[str, Any]:
     """A worker ``process`` that died of SIGTERM while the laboratory was asked to stop (a SIGTERM to the whole process
-    group reaching it before it could handle one: still importing) was stopped, not failed: its method is interrupted."""
+    group reaching it before it could handle one: still importing) was stopped, not failed: its method is interrupted,
+    before it started (a worker past its start ignores a first SIGTERM outside training)."""
     if outcome.get("died") and stop_requested and process.exitcode == -signal.SIGTERM:
-        return {"method": outcome["method"], "status": "interrupted", "under_way": True}
+        return {"method": outcome["method"], "status": "interrupted"}
     return outcome
 
 
