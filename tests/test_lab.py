@@ -2736,6 +2736,36 @@ def _worker_pids() -> list[int]:
     return pids
 
 
+def _run_lab_terminating_its_group(tmp_path, *, after_s: float):
+    """Run the tiny laboratory (grpo) and, ``after_s`` seconds after its worker appears, send SIGTERM to the worker
+    and to this process, as a job scheduler stopping the process group does; returns the output folder once the
+    laboratory has raised its stop."""
+    out, cache = tmp_path / "lab", tmp_path / "cache"
+    sent = []
+
+    def terminate_the_group():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            workers = _worker_pids()
+            if workers:
+                time.sleep(after_s)
+                for pid in workers:
+                    os.kill(pid, signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+                sent.extend(workers)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=terminate_the_group, daemon=True)
+    thread.start()
+    with pytest.raises(BaseException) as stopped:
+        run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)
+    thread.join()
+    assert sent, "no worker was seen"
+    assert getattr(stopped.value, "signal_number", None) == signal.SIGTERM
+    return out
+
+
 def test_sigterm_to_the_process_group_while_a_worker_starts_is_a_stop_not_a_failure(tmp_path, monkeypatch):
     """README: "Ctrl-C (or SIGTERM, exit status 143) lets each method being trained finish and save its step (the
     others do not start)". SIGTERM sent to the whole process group (what GNU `timeout`, Slurm's scancel or a systemd
@@ -2746,29 +2776,7 @@ def test_sigterm_to_the_process_group_while_a_worker_starts_is_a_stop_not_a_fail
     Cause: a worker ignores SIGINT but leaves SIGTERM at its default outside the trainer's handler
     (runner._init_worker, _Worker.__init__'s _ignoring_ctrl_c, _run_method's finally)."""
     _tiny_preset(monkeypatch, steps=4)
-    out, cache = tmp_path / "lab", tmp_path / "cache"
-    sent = []
-
-    def terminate_group_while_worker_starts():
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            workers = _worker_pids()
-            if workers:
-                time.sleep(0.3)  # the worker is importing / warming up, its trainer not yet built
-                for pid in workers:
-                    os.kill(pid, signal.SIGTERM)
-                os.kill(os.getpid(), signal.SIGTERM)
-                sent.extend(workers)
-                return
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=terminate_group_while_worker_starts, daemon=True)
-    thread.start()
-    with pytest.raises(BaseException) as stopped:
-        run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)
-    thread.join()
-    assert sent, "no worker was seen"
-    assert getattr(stopped.value, "signal_number", None) == signal.SIGTERM
+    out = _run_lab_terminating_its_group(tmp_path, after_s=0.3)  # the worker is importing / warming up
     outcome = json.loads((out / "outcomes.json").read_text())["grpo"]
     assert outcome["status"] != "failed", outcome
     assert not (out / "methods" / "grpo" / "error.log").exists()
@@ -2957,29 +2965,7 @@ def test_sigterm_to_the_group_while_a_worker_imports_does_not_count_the_method_a
             time.sleep(4)
     """))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    out, cache = tmp_path / "lab", tmp_path / "cache"
-    sent = []
-
-    def terminate_the_group_while_the_worker_imports():
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            workers = _worker_pids()
-            if workers:
-                time.sleep(0.5)  # inside its 4 s start-up: nothing of entrorl imported yet
-                for pid in workers:
-                    os.kill(pid, signal.SIGTERM)
-                os.kill(os.getpid(), signal.SIGTERM)
-                sent.extend(workers)
-                return
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=terminate_the_group_while_the_worker_imports, daemon=True)
-    thread.start()
-    with pytest.raises(BaseException) as stopped:
-        run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)
-    thread.join()
-    assert sent, "no worker was seen"
-    assert getattr(stopped.value, "signal_number", None) == signal.SIGTERM
+    out = _run_lab_terminating_its_group(tmp_path, after_s=0.5)  # inside its 4 s start-up: no entrorl imported yet
     outcome = json.loads((out / "outcomes.json").read_text())["grpo"]
     assert outcome["status"] == "interrupted", outcome
     assert not (out / "methods" / "grpo" / "metrics.jsonl").exists()  # it never trained a step
