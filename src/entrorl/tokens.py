@@ -308,7 +308,7 @@ def _take_optional(tensor: torch.Tensor | None, index: slice | torch.Tensor) -> 
 
 
 def _stats_by_chunk(logits_for, targets, rows, n_rows, like, inv_temperature, chunk_size, want_disc, want_centered):
-    """Forward pass shared by both Functions: ``logits_for(index)`` yields one chunk of logits."""
+    """Forward pass of :class:`_LogitsStats`: ``logits_for(index)`` yields one chunk of rows of the logits."""
     out = [torch.zeros(n_rows, dtype=_compute_dtype(like.dtype), device=like.device) for _ in range(4)]
     workspace = None
     with torch.no_grad():
@@ -327,7 +327,7 @@ def _stats_by_chunk(logits_for, targets, rows, n_rows, like, inv_temperature, ch
 def _logit_grads_by_chunk(
     logits_for, targets, rows, n_rows, inv_temperature, chunk_size, grad_logprob, grad_entropy, entropy, out_for=None
 ):
-    """Backward pass shared by both Functions: yields ``(index, d loss / d logits of that chunk)``."""
+    """Backward pass of :class:`_LogitsStats`: yields ``(index, d loss / d logits of that chunk)``."""
     workspace = None
     for index in _row_chunks(rows, n_rows, chunk_size):
         logits_chunk = logits_for(index)
