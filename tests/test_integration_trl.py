@@ -1688,14 +1688,7 @@ def test_an_args_object_without_an_option_reads_as_trl_s_default_in_every_check(
         check_trl_args(SimpleNamespace(use_vllm=True), build_objective("dapo"))
 
 
-def _tiny_model_at(tmp_path):
-    from entrorl.lab.tiny_model import save_tiny_model
-
-    return save_tiny_model(tmp_path / "tiny", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                           max_position_embeddings=64)
-
-
-def test_trl_logits_path_under_autocast_with_float32_head_gives_ratio_one(tmp_path):
+def test_trl_logits_path_under_autocast_with_float32_head_gives_ratio_one(tmp_path, tiny_model_dir):
     """docs/trl.md: with bf16 autocast, cast_lm_head_to_fp32=True makes TRL's old log-probs and the objective's current
     ones "both come from float32 logits (equal to about 1e-6, tested)". On the logits path (fused_head=False, which is
     also what FSDP / ZeRO-3 and non-listed architectures get) the objective's logits are computed by the model's head
@@ -1708,7 +1701,7 @@ def test_trl_logits_path_under_autocast_with_float32_head_gives_ratio_one(tmp_pa
 
     from entrorl.integrations.trl import EntropyGRPOTrainer
 
-    model_dir = _tiny_model_at(tmp_path)
+    model_dir = tiny_model_dir
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=True, report_to="none",
                         per_device_train_batch_size=4, num_generations=4, max_completion_length=6, save_strategy="no",

@@ -2798,15 +2798,8 @@ def test_an_unreadable_base_evaluation_is_made_again_on_resume(tmp_path, monkeyp
     assert json.loads(base_eval.read_text()) == whole
 
 
-def _tiny_lab_model_at(tmp_path: Path) -> Path:
-    from entrorl.lab.tiny_model import save_tiny_model
-
-    return save_tiny_model(tmp_path / "tiny", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                           max_position_embeddings=64)
-
-
-def test_a_lab_worker_s_exit_now_message_names_the_laboratory_s_command(tmp_path):
-    model_dir = _tiny_lab_model_at(tmp_path)
+def test_a_lab_worker_s_exit_now_message_names_the_laboratory_s_command(tmp_path, tiny_model_dir):
+    model_dir = tiny_model_dir
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
                              for a in range(4) for b in range(4)))
@@ -2838,32 +2831,7 @@ def test_a_lab_worker_s_exit_now_message_names_the_laboratory_s_command(tmp_path
     assert "laboratory" in said, said[-2000:]
 
 
-class _PrintingProgress:
-    tasks = ()
-
-    def __init__(self):
-        self.lines = []
-        self.console = SimpleNamespace(print=lambda text, **options: self.lines.append(text))
-
-    def update(self, bar, **fields):
-        pass
-
-    def start_task(self, bar):
-        pass
-
-    def stop_task(self, bar):
-        pass
-
-
-@pytest.fixture
-def stop_handlers_restored():
-    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for number, handler in before.items():
-        signal.signal(number, handler)
-
-
-def test_stop_requests_during_the_last_poll_are_not_dropped(tmp_path, monkeypatch, stop_handlers_restored):
+def test_stop_requests_during_the_last_poll_are_not_dropped(tmp_path, monkeypatch, signal_handlers_restored):
     from entrorl.lab import runner
 
     signal.signal(signal.SIGTERM, lambda number, frame: None)  # a handler to replace (as the CLI's)
@@ -2906,7 +2874,7 @@ def test_stop_requests_during_the_last_poll_are_not_dropped(tmp_path, monkeypatc
     outcomes = {}
     jobs = [{"method": "grpo", "run_dir": str(tmp_path / "grpo")}]
     try:
-        stopped_by = runner._run_jobs(jobs, 1, outcomes, _PrintingProgress(), {"grpo": "grpo"}, tmp_path, steps=4)
+        stopped_by = runner._run_jobs(jobs, 1, outcomes, _RecordingProgress(), {"grpo": "grpo"}, tmp_path, steps=4)
     except KeyboardInterrupt as error:  # StoppedAtOnce: also a right answer to two requests
         stopped_by = getattr(error, "signal_number", None)
     assert len(sleeps) >= 2, "the loop never waited after the outcome"
@@ -2954,7 +2922,7 @@ def test_stopping_at_once_does_not_wait_for_a_starting_worker(tmp_path, monkeypa
 
 
 def test_sigterm_to_the_group_while_a_worker_imports_does_not_count_the_method_as_ran(tmp_path, monkeypatch,
-                                                                                      stop_handlers_restored):
+                                                                                      signal_handlers_restored):
     _tiny_preset(monkeypatch, steps=4)
     # a worker's start-up (the interpreter's imports) made slow, so that the signal surely lands while it imports
     hook = tmp_path / "hook"

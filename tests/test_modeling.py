@@ -1350,13 +1350,6 @@ def test_a_moe_model_asking_for_router_logits_samples_without_them_and_saves_the
     assert model.config.output_router_logits is False
 
 
-def _tiny_model_at(tmp_path):
-    from entrorl.lab.tiny_model import save_tiny_model
-
-    return save_tiny_model(tmp_path / "tiny", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                           max_position_embeddings=64)
-
-
 def _peft_model_agrees_with_its_logits_path(wrapped) -> None:
     """The default statistics of ``wrapped`` (fused or not, as :func:`response_token_stats` decides), and those of the
     bucketed path, equal the logits path's."""
@@ -1376,19 +1369,19 @@ def _peft_model_agrees_with_its_logits_path(wrapped) -> None:
         torch.testing.assert_close(stats.entropy, reference.entropy, rtol=1e-5, atol=1e-5)
 
 
-def test_response_token_stats_on_a_peft_model_uses_the_backbone(tmp_path):
+def test_response_token_stats_on_a_peft_model_uses_the_backbone(tiny_model_dir):
     """On a peft PeftModel ``model.model`` is the whole Qwen2ForCausalLM (peft forwards the attribute), whose output
     has no ``last_hidden_state``: the fused path must reach the backbone (``get_decoder``), and give the logits path's
     statistics."""
     peft = pytest.importorskip("peft")
     from entrorl.modeling import load_causal_lm
 
-    model = load_causal_lm(_tiny_model_at(tmp_path))
+    model = load_causal_lm(tiny_model_dir)
     _peft_model_agrees_with_its_logits_path(peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"])))
 
 
 @pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
-def test_response_token_stats_of_a_prompt_learning_peft_model_match_its_logits_path(tmp_path, kind):
+def test_response_token_stats_of_a_prompt_learning_peft_model_match_its_logits_path(tiny_model_dir, kind):
     """A prompt-learning wrapper adds its virtual tokens (or prefix keys and values) in its own forward, which a call
     of the backbone skips: such a model is not fused."""
     peft = pytest.importorskip("peft")
@@ -1396,4 +1389,4 @@ def test_response_token_stats_of_a_prompt_learning_peft_model_match_its_logits_p
 
     config = (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4) if kind == "prompt_tuning"
               else peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    _peft_model_agrees_with_its_logits_path(peft.get_peft_model(load_causal_lm(_tiny_model_at(tmp_path)), config))
+    _peft_model_agrees_with_its_logits_path(peft.get_peft_model(load_causal_lm(tiny_model_dir), config))
