@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -43,6 +42,7 @@ from bench_token_stats import (  # noqa: E402  (the sibling script's process hel
     _render,
     _reset_peak,
     _rss_bytes,
+    _spawn,
 )
 
 ARMS = ("dense", "fused", "fused-rows")
@@ -193,19 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_worker(spec: dict, timeout: float) -> dict:
     """``spec`` measured in a fresh Python process running this script."""
-    environment = dict(os.environ)
-    if spec.get("threads"):
-        environment["OMP_NUM_THREADS"] = str(spec["threads"])
-    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
-    except subprocess.TimeoutExpired:
-        return {"spec": spec, "status": "timeout"}
-    for line in reversed(completed.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    tail = " | ".join((completed.stderr or completed.stdout).strip().splitlines()[-3:])[:400]
-    return {"spec": spec, "status": "killed" if completed.returncode < 0 else f"error: {tail}"}
+    return _spawn(spec, timeout, script=__file__)
 
 
 if __name__ == "__main__":

@@ -420,14 +420,16 @@ def _worker_main(payload: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _spawn(spec: dict, timeout: float | None, in_process: bool = False) -> dict:
+def _spawn(spec: dict, timeout: float | None, in_process: bool = False, script: str = __file__) -> dict:
+    """``spec`` measured by ``script --worker SPEC`` in a fresh Python process (this script's own by default), its
+    ``RESULT_PREFIX`` line read back; or, ``in_process``, here."""
     environment = dict(os.environ)
     if spec.get("threads"):
         environment["OMP_NUM_THREADS"] = str(spec["threads"])
     if in_process:  # --quick: no isolation, no address-space cap; figures are only a smoke test
         spec = {key: value for key, value in spec.items() if key != "memory_budget"}
         return _worker(spec) if spec["mode"] == "bench" else _check_worker(spec)
-    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    command = [sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)]
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
     except subprocess.TimeoutExpired:
