@@ -124,21 +124,30 @@ def read_json(path: Path) -> Any:
         return None
 
 
+def json_lines(path: Path) -> list[tuple[int, Any]]:
+    """``(line number, parsed value)`` of each non-blank line of ``path``, the value None for a line that is not JSON.
+    Lines end at "\n" alone: ``splitlines()`` would also cut at a U+2028 inside a string (orjson writes it raw).
+    Raises ``OSError`` when the file cannot be read."""
+    parsed = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            parsed.append((number, json.loads(line)))
+        except ValueError:
+            parsed.append((number, None))
+    return parsed
+
+
 def read_metrics_records(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     """The step records, ordered by step, and the numbers of the lines that could not be read (a write cut short),
     which are skipped."""
     records, unreadable = [], []
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")  # not splitlines(): U+2028 in a string
+        lines = json_lines(path)
     except OSError:
         return [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
+    for number, record in lines:
         if isinstance(record, dict):
             records.append(record)
         else:

@@ -42,8 +42,8 @@ from entrorl.analysis.document import (Cell, Figures, Section, Table, agreement_
                                        text)
 from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, ENTROPY_KEY, EVAL_REWARD_KEY, FORKS_SHOWN, LAW_COLUMNS,
                                   MIN_CEILING_STEPS, SMOOTH_WINDOW, MetricRecords, analyse_records, beyond_an_accuracy,
-                                  chance_sign_agreement, edge_phrase, forecast_ceiling_shown, law_cells, law_columns, law_of,
-                                  moving_average, read_json, read_metrics_records)
+                                  chance_sign_agreement, edge_phrase, forecast_ceiling_shown, json_lines, law_cells, law_columns,
+                                  law_of, moving_average, read_json, read_metrics_records)
 from entrorl.objective import ObjectiveConfig
 from entrorl.trainer.checkpoint import atomic_write_text
 
@@ -255,14 +255,7 @@ def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int
     entrorl plugin's ``actor/select/...`` as ``select/...``); a line holding only validation metrics (verl's
     evaluation before training, or ``val_only``) is an evaluation, not a training step."""
     records, evaluations, unreadable = [], {}, []
-    # lines end at "\n" alone: orjson writes U+2028 and U+0085 raw inside strings, where splitlines() would cut
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            entry = None
+    for number, entry in json_lines(path):
         data = entry.get("data") if isinstance(entry, dict) else None
         step = finite(entry.get("step")) if isinstance(entry, dict) else None
         if not isinstance(data, dict) or step is None:
