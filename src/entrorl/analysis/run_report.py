@@ -29,6 +29,7 @@ import math
 import re
 import shlex
 from collections import Counter
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -79,10 +80,12 @@ class _TrainingRun(MetricRecords):
     the log history of a transformers Trainer's ``trainer_state.json`` (TRL's ``GRPOTrainer`` with the entrorl plugin,
     :mod:`entrorl.integrations.trl`) gives the steps."""
 
-    def __init__(self, run_dir: Path, *, config: Any, trainer_state: Path | None, verl_log: Path | None = None):
+    def __init__(self, run_dir: Path, *, config: Any, trainer_state: Path | None, verl_log: Path | None = None,
+                 unreadable_states: Iterable[Path] = ()):
         """``config``: the content of ``run_dir/config.json`` (``None`` when it cannot be read); ``trainer_state``: the
-        ``trainer_state.json`` to read the steps from, for a run without ``metrics.jsonl``; ``verl_log``: verl's file
-        logger's JSON lines, for a verl run (``run_dir`` is then the folder holding them)."""
+        ``trainer_state.json`` to read the steps from, for a run without ``metrics.jsonl``, and ``unreadable_states``
+        those of the folder that could not be read; ``verl_log``: verl's file logger's JSON lines, for a verl run
+        (``run_dir`` is then the folder holding them)."""
         self.directory = run_dir
         metrics = run_dir / "metrics.jsonl"
         self.from_trainer_state = trainer_state is not None  # a TRL run's log history
@@ -102,8 +105,7 @@ class _TrainingRun(MetricRecords):
             self.last_step = global_step if isinstance(global_step, int) and not isinstance(global_step, bool) else None
             # the folder's config.json is the model's: the method and the planned steps come from the plugin and TRL
             # the run's own state, or a checkpoint's, cut short: the report comes from another one, and says so
-            self.unreadable_files += [str(path.relative_to(run_dir)) for path in _trainer_state_candidates(run_dir)
-                                      if path.is_file() and not isinstance(read_json(path), dict)]
+            self.unreadable_files += [str(path.relative_to(run_dir)) for path in unreadable_states]
             objective_file = trainer_state.parent / TRL_OBJECTIVE_FILE
             objective = read_json(objective_file)
             if objective_file.exists() and not isinstance(objective, dict):
@@ -203,28 +205,25 @@ def _what_is_wrong_with_config(path: Path, content: Any) -> str:
     return "is a model's configuration" if "model_type" in content else "names no training method"
 
 
-def _trainer_state_candidates(run_dir: Path, *, ordered: bool = False) -> list:
-    """The ``trainer_state.json`` files a TRL run's folder may hold: its own, then its ``checkpoint-<N>`` folders'; with
-    ``ordered``, as ``(order, path)`` pairs, the run's own file first in order (written last)."""
-    candidates = [(2**63, run_dir / TRAINER_STATE)] + sorted(
-        (int(p.name[len("checkpoint-"):]), p / TRAINER_STATE) for p in run_dir.glob("checkpoint-*")
-        if p.name[len("checkpoint-"):].isdigit())
-    return candidates if ordered else [path for _, path in candidates]
-
-
-def trainer_state_file(run_dir: Path) -> Path | None:
+def trainer_states(run_dir: Path) -> tuple[Path | None, list[Path]]:
     """The transformers Trainer's ``trainer_state.json`` in ``run_dir`` that went furthest (the highest
     ``global_step``): its own (``save_state``), or that of one of its ``checkpoint-<N>`` folders (the folder may be
-    such a checkpoint itself). A run saved with ``save_state`` and then continued in the same folder has newer
-    checkpoints than its own file; on a tie its own file, written last, is taken, then the newest checkpoint's."""
-    readable = []
-    for order, path in _trainer_state_candidates(run_dir, ordered=True):
+    such a checkpoint itself), and the ones that could not be read. A run saved with ``save_state`` and then continued
+    in the same folder has newer checkpoints than its own file; on a tie its own file, written last, is taken, then the
+    newest checkpoint's; one that cannot be read is taken only when no other can be."""
+    candidates = [(2**63, run_dir / TRAINER_STATE)] + [
+        (int(p.name[len("checkpoint-"):]), p / TRAINER_STATE) for p in run_dir.glob("checkpoint-*")
+        if p.name[len("checkpoint-"):].isdigit()]
+    found, unreadable = [], []
+    for order, path in candidates:
         if path.is_file():
             state = read_json(path)
+            if not isinstance(state, dict):
+                unreadable.append(path)
             step = state.get("global_step") if isinstance(state, dict) else None
-            step = step if isinstance(step, int) and not isinstance(step, bool) else -1  # unreadable: taken last
-            readable.append((step, order, path))
-    return max(readable, key=lambda item: item[:2])[2] if readable else None
+            step = step if isinstance(step, int) and not isinstance(step, bool) else -1
+            found.append((step, order, path))
+    return (max(found, key=lambda item: item[:2])[2] if found else None), sorted(unreadable)
 
 
 def _log_history_records(state: Any) -> list[dict[str, Any]]:
@@ -821,43 +820,52 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
         if parent.parent.name == "checkpoints" and (parent.parent.parent / "metrics.jsonl").exists():
             raise NotARunDirectory(f"{run_dir} is in checkpoint {parent.name} of the run {parent.parent.parent}: "
                                    "report on the run")
+    config, trainer_state, unreadable_states, verl_logs, an_entrorl_or_trl_run = _run_files(run_dir)
+    if an_entrorl_or_trl_run:
+        out = Path(out) if out is not None else run_dir / "report"
+        return _RunReport(_TrainingRun(run_dir, config=config, trainer_state=trainer_state,
+                                       unreadable_states=unreadable_states), out, float(fit_fraction), figures).build()
+    if len(verl_logs) == 1:
+        return _verl_report(verl_logs[0], out, fit_fraction, figures)
+    if verl_logs:
+        raise NotARunDirectory(f"{run_dir} holds several verl logs ({', '.join(path.name for path in verl_logs)}): "
+                               "name the one to report on")
+    if (run_dir / "lab.json").exists():
+        again = _lab_command(run_dir)
+        raise NotARunDirectory(f"{run_dir} is a laboratory folder: its report is {run_dir / 'report.md'}"
+                               + (f" (`{again}` writes it again)" if again else "")
+                               + f"; each method's run is in {run_dir / 'methods'}/<method>")
+    writers = ("(`entrorl train ... --run-dir DIR` writes one; so does TRL's GRPOTrainer with the entrorl plugin, in "
+               "its output_dir; verl's file logger writes JSON lines that can be named instead)")
+    if (run_dir / "config.json").exists():
+        said = _what_is_wrong_with_config(run_dir / "config.json", config)
+        raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl or trainer_state.json, and its config.json {said}: "
+                               f"not a training run directory {writers}")
+    empty_logs = [path.name for path in sorted(run_dir.glob("*.jsonl")) if _holds_nothing(path)]
+    if empty_logs:
+        raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl, config.json or trainer_state.json, and "
+                               f"{', '.join(empty_logs)} {'is' if len(empty_logs) == 1 else 'are'} empty: nothing has "
+                               "been logged yet (verl's file logger writes its first line after the validation "
+                               "before training, or after the first step)")
+    raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl, config.json or trainer_state.json: not a training run "
+                           f"directory {writers}")
+
+
+def _run_files(run_dir: Path) -> tuple[Any, Path | None, list[Path], list[Path], bool]:
+    """What a folder holds, each read once: ``config.json``'s content, the ``trainer_state.json`` to read (none beside
+    a ``metrics.jsonl``) and those that could not be read, its verl logs (none in an entrorl or TRL run's folder), and
+    whether it is an entrorl or a TRL run's folder (``metrics.jsonl``, a run's ``config.json``, a trainer state)."""
     config = read_json(run_dir / "config.json")
-    a_run_config = isinstance(config, dict) and "method" in config  # a training run's, not a model's config.json
     has_metrics = (run_dir / "metrics.jsonl").exists()
-    trainer_state = None if has_metrics else trainer_state_file(run_dir)
-    if not has_metrics and not a_run_config and trainer_state is None:
-        verl_logs = _verl_logs_in(run_dir)
-        if len(verl_logs) == 1:
-            return _verl_report(verl_logs[0], out, fit_fraction, figures)
-        if verl_logs:
-            raise NotARunDirectory(f"{run_dir} holds several verl logs ({', '.join(path.name for path in verl_logs)}): "
-                                   "name the one to report on")
-        if (run_dir / "lab.json").exists():
-            again = _lab_command(run_dir)
-            raise NotARunDirectory(f"{run_dir} is a laboratory folder: its report is {run_dir / 'report.md'}"
-                                   + (f" (`{again}` writes it again)" if again else "")
-                                   + f"; each method's run is in {run_dir / 'methods'}/<method>")
-        writers = ("(`entrorl train ... --run-dir DIR` writes one; so does TRL's GRPOTrainer with the entrorl plugin, in "
-                   "its output_dir; verl's file logger writes JSON lines that can be named instead)")
-        if (run_dir / "config.json").exists():
-            said = _what_is_wrong_with_config(run_dir / "config.json", config)
-            raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl or trainer_state.json, and its config.json {said}: "
-                                   f"not a training run directory {writers}")
-        empty_logs = [path.name for path in sorted(run_dir.glob("*.jsonl")) if _holds_nothing(path)]
-        if empty_logs:
-            raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl, config.json or trainer_state.json, and "
-                                   f"{', '.join(empty_logs)} {'is' if len(empty_logs) == 1 else 'are'} empty: nothing has "
-                                   "been logged yet (verl's file logger writes its first line after the validation "
-                                   "before training, or after the first step)")
-        raise NotARunDirectory(f"{run_dir} holds no metrics.jsonl, config.json or trainer_state.json: not a training run "
-                               f"directory {writers}")
-    out = Path(out) if out is not None else run_dir / "report"
-    return _RunReport(_TrainingRun(run_dir, config=config, trainer_state=trainer_state), out, float(fit_fraction),
-                      figures).build()
+    trainer_state, unreadable_states = (None, []) if has_metrics else trainer_states(run_dir)
+    a_run_config = isinstance(config, dict) and "method" in config  # a training run's, not a model's config.json
+    a_run = has_metrics or a_run_config or trainer_state is not None
+    verl_logs = [] if a_run else sorted(path for path in run_dir.glob("*.jsonl") if is_verl_log(path))
+    return config, trainer_state, unreadable_states, verl_logs, a_run
 
 
-def _verl_logs_in(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.glob("*.jsonl") if is_verl_log(path))
+def _report_beside(log: Path) -> Path:
+    return log.with_name(f"{log.stem}.report")
 
 
 def default_report_dir(run_dir: str | Path) -> Path:
@@ -865,15 +873,12 @@ def default_report_dir(run_dir: str | Path) -> Path:
     or the one such file of a folder that is no entrorl or TRL run), ``NAME.report`` beside it."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
-        return run_dir.with_name(f"{run_dir.stem}.report")
-    config = read_json(run_dir / "config.json")
-    an_other_run = ((run_dir / "metrics.jsonl").exists() or (isinstance(config, dict) and "method" in config)
-                    or trainer_state_file(run_dir) is not None)
-    verl_logs = [] if an_other_run or not run_dir.is_dir() else _verl_logs_in(run_dir)
-    return verl_logs[0].with_name(f"{verl_logs[0].stem}.report") if len(verl_logs) == 1 else run_dir / "report"
+        return _report_beside(run_dir)
+    verl_logs = _run_files(run_dir)[3] if run_dir.is_dir() else []
+    return _report_beside(verl_logs[0]) if len(verl_logs) == 1 else run_dir / "report"
 
 
 def _verl_report(log: Path, out: str | Path | None, fit_fraction: float, figures: bool) -> dict[str, Any]:
-    out = Path(out) if out is not None else log.with_name(f"{log.stem}.report")
+    out = Path(out) if out is not None else _report_beside(log)
     return _RunReport(_TrainingRun(log.parent, config=None, trainer_state=None, verl_log=log), out, float(fit_fraction),
                       figures).build()
