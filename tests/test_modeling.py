@@ -1390,3 +1390,31 @@ def test_response_token_stats_of_a_prompt_learning_peft_model_match_its_logits_p
     config = (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4) if kind == "prompt_tuning"
               else peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     _peft_model_agrees_with_its_logits_path(peft.get_peft_model(load_causal_lm(tiny_model_dir), config))
+
+
+@pytest.mark.parametrize("transformers_bars, hub_bars", [(True, True), (False, False), (False, True)])
+def test_loading_and_saving_a_model_leave_the_progress_bar_settings_as_they_were(tiny_model_dir, tmp_path, capfd,
+                                                                                   transformers_bars, hub_bars):
+    """No bar per weight file while a model loads or a checkpoint is written, and transformers' and huggingface_hub's
+    own settings put back afterwards: a notebook's later downloads keep their bars, a user's "off" stays off."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    from entrorl.modeling import load_tokenizer
+    from entrorl.trainer.checkpoint import save_checkpoint
+
+    (hf_logging.enable_progress_bar if transformers_bars else hf_logging.disable_progress_bar)()
+    (hub_utils.enable_progress_bars if hub_bars else hub_utils.disable_progress_bars)()
+    try:
+        model = load_causal_lm(tiny_model_dir)
+        assert (hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()) == (transformers_bars,
+                                                                                                      hub_bars)
+        (tmp_path / "run").mkdir()
+        capfd.readouterr()
+        save_checkpoint(tmp_path / "run", 1, model=model, tokenizer=load_tokenizer(tiny_model_dir), trainer_state={},
+                        keep=1)
+        assert "%|" not in capfd.readouterr().err
+        assert (hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()) == (transformers_bars,
+                                                                                                      hub_bars)
+    finally:
+        hf_logging.enable_progress_bar()

@@ -213,6 +213,27 @@ def save_tokenizer(tokenizer, directory: str | Path) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """transformers' and huggingface_hub's progress bars off in the block (loading or writing a model shows a bar per
+    weight file otherwise, under the caller's own progress), each put back as it was: a library user's later
+    downloads keep theirs."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    transformers_bars, hub_bars = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # both
+    try:
+        yield
+    finally:
+        if transformers_bars:
+            hf_logging.enable_progress_bar()  # both again
+        if hub_bars:
+            hub_utils.enable_progress_bars()
+        else:
+            hub_utils.disable_progress_bars()
+
+
 def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout: bool = True, trust_remote_code: bool = False,
                    device: str | torch.device | None = None):
     """``AutoModelForCausalLM`` from a local directory (never the hub), on ``device`` (default: where
@@ -222,16 +243,15 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     random), a model that is not causal (:func:`check_causal`) or that ignores the padding mask
     (:func:`check_left_padding`). The checks run a few 8-token forwards, on ``device``."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # weight loading and checkpoint writes print a bar per tiny file otherwise
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
     path = check_model_files(path, tokenizer=False)
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=trust_remote_code, output_loading_info=True
-        )
+        with quiet_progress_bars():
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=trust_remote_code,
+                output_loading_info=True)
     except ValueError as error:
         _refuse_custom_code(path, error, trust_remote_code)
         raise

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from entrorl.modeling import quiet_progress_bars
+
 __all__ = ["DEFAULT_ALPHABET", "SPECIAL_TOKENS", "build_char_tokenizer", "build_tiny_qwen2", "save_tiny_model"]
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -99,13 +101,6 @@ def save_tiny_model(directory: str | Path, *, alphabet: str = DEFAULT_ALPHABET, 
 def save_quietly(model, tokenizer, directory: Path) -> None:
     """``save_pretrained`` of both into ``directory`` without transformers' "Writing model shards" progress bar (one
     bar per tiny weight file, or under the caller's own), which is put back as it was."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_progress_bars():
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from entrorl._checks import as_tensor, check_int
+from entrorl.modeling import quiet_progress_bars
 from entrorl.rewards.base import import_callable
 
 __all__ = [
@@ -171,7 +172,8 @@ class SentenceEmbedder:
         self.device = torch.device(device)
         self.pooling = self._pooling_mode(directory)
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        self.model = AutoModel.from_pretrained(directory).to(self.device).eval()
+        with quiet_progress_bars():
+            self.model = AutoModel.from_pretrained(directory).to(self.device).eval()
         self.max_length = max_length or self._max_length(directory)
 
     @staticmethod

@@ -249,12 +249,13 @@ class CausalLMJudge:
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        from entrorl.modeling import load_tokenizer
+        from entrorl.modeling import load_tokenizer, quiet_progress_bars
 
         self.directory = Path(directory)
         self.template = _check_template(template)
         self.tokenizer = load_tokenizer(self.directory)
-        self.model = AutoModelForCausalLM.from_pretrained(self.directory, dtype=torch.float32, local_files_only=True)
+        with quiet_progress_bars():
+            self.model = AutoModelForCausalLM.from_pretrained(self.directory, dtype=torch.float32, local_files_only=True)
         self.model = self.model.to(device).eval()
         self.device = torch.device(device)
         self.yes_ids = self.tokenizer(yes, add_special_tokens=False)["input_ids"]
@@ -309,12 +310,14 @@ class RewardModelJudge:
     def __init__(self, directory: str | Path, *, label: int | None = None, max_length: int | None = None, device: str = "cpu"):
         from transformers import AutoModelForSequenceClassification
 
-        from entrorl.modeling import load_tokenizer
+        from entrorl.modeling import load_tokenizer, quiet_progress_bars
 
         self.directory = Path(directory)
         self.tokenizer = load_tokenizer(self.directory)
         self.tokenizer.truncation_side = "left"
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.directory, dtype=torch.float32, local_files_only=True)
+        with quiet_progress_bars():
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.directory, dtype=torch.float32,
+                                                                            local_files_only=True)
         self.model = self.model.to(device).eval()
         if self.model.config.pad_token_id is None:  # the head pools the last non-pad token of each row
             self.model.config.pad_token_id = self.tokenizer.pad_token_id

@@ -54,7 +54,7 @@ import torch
 
 from entrorl._files import write_atomically
 from entrorl.modeling import (TOKENIZER_FILES, check_model_files, config_rates_restored, declares_a_model, is_out_of_memory,
-                              load_causal_lm, out_of_memory_while, save_tokenizer)
+                              load_causal_lm, out_of_memory_while, quiet_progress_bars, save_tokenizer)
 from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER_WEIGHTS, adapter_weights_file,
                                      load_adapted_causal_lm, read_adapter_config)
 
@@ -354,7 +354,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
     temporary = root / f".{name}.tmp-{os.getpid()}"
     try:
         temporary.mkdir()
-        with config_rates_restored(model):
+        with config_rates_restored(model), quiet_progress_bars():
             if adapter is not None:
                 if merged:
                     adapter.save_merged(temporary / "model")
