@@ -1150,3 +1150,20 @@ def test_sums_and_products_with_symbolic_bounds_are_judged(answer, reference):
     written, not converted to a float (a TypeError) nor refused as too large."""
     result = compare_answers(answer, reference)
     assert result.equal, result.reason
+
+
+@pytest.mark.parametrize("reference, completion, expected", [
+    ("#### 1,000", "#### 1,000", 1.0),
+    ("#### 1,000", "\\boxed{1000}", 1.0),
+    ("#### 1,000", "The answer is 1,000", 1.0),
+    ("#### 1,000", "\\boxed{100}", 0.0),
+    # GSM8K's answer column: a worked solution, then the answer after ####
+    ("Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $<<0.2*50=10>>10.\n"
+     "#### 10", "#### 10", 1.0),
+    ("Total = 1,200 + 34 = 1,234\n#### 1234", "\\boxed{1234}", 1.0),
+    ("139+74=213, 213-4=209\n#### 209", "\\boxed{213}", 0.0),
+    ("\\boxed{7}, not #### 8", "\\boxed{7}", 1.0),  # a box comes first
+])
+def test_a_gsm8k_reference_is_read_after_its_hashes(reference, completion, expected):
+    verdict = get_reward("math")("How many?", completion, reference)
+    assert float(verdict) == expected, verdict.reason

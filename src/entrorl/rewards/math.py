@@ -484,10 +484,13 @@ def select_extractors(names: Sequence[str]) -> list[tuple[str, Callable[[str], s
 
 
 def prepare_reference(reference: str) -> str:
-    """A reference answer ready for comparison: the content of its last ``\\boxed{}`` if it has one,
-    normalized."""
-    boxed = extract_boxed(reference)
-    return normalize_answer(boxed if boxed is not None else reference)
+    """A reference answer ready for comparison, normalized: the content of its last ``\\boxed{}`` if it has one,
+    else what follows its last ``####`` (GSM8K's answer column: a worked solution, then ``#### 72``), else the whole
+    text."""
+    answer = extract_boxed(reference)
+    if answer is None:
+        answer = extract_hashes(reference)
+    return normalize_answer(answer if answer is not None and answer.strip() else reference)
 
 # --------------------------------------------------------------------------------------------
 # what the question asks for
