@@ -1234,6 +1234,28 @@ def test_config_errors_name_the_key_before_loading_a_model(tmp_path, arithmetic_
     assert load_config(base, ["method=w_reinforce", "advantage.name=w_reinforce", "advantage.params={lam: 1.0}"])
 
 
+def test_a_top_k_that_keeps_the_whole_vocabulary_is_no_filter(tmp_path, arithmetic_files, tiny_model_dir):
+    """The sampler applies top-k only below the vocabulary's size: top_k = 10 x V keeps every token, so neither the
+    TIS/IcePop warning nor the truncated-entropy one is said (the model directory's config.json declares V); top-k
+    below V still is."""
+    import warnings
+
+    from entrorl.modeling import declared_vocab_size
+
+    train, _ = arithmetic_files
+    vocab = declared_vocab_size(tiny_model_dir)
+    assert vocab == json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    base = make_config(tiny_model_dir, train, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in ("dapo+tis", "forking_tokens"):
+            config = load_config(base, [f"method={method}", f"rollout.top_k={10 * vocab}"])
+            assert not config.rollout.filters_tokens(vocab) and config.rollout.filters_tokens()
+        load_config(base, ["method=dapo+tis", f"rollout.top_k={vocab}"])
+    with pytest.warns(UserWarning, match=f"rollout.top_k = {vocab - 1}"):
+        load_config(base, ["method=dapo+tis", f"rollout.top_k={vocab - 1}"])
+
+
 def test_a_later_method_paired_with_other_advantages_is_warned_about(tmp_path, arithmetic_files):
     """A composition trains with its first method's advantage estimator: 'dapo+psr' keeps the samples above their
     group's mean (GRPO advantages), not PSR's 1 / 0 ones. Said, unless advantage.name chooses."""

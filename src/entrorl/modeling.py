@@ -23,7 +23,7 @@ __all__ = [
     "DamagedWeightsError", "is_out_of_memory", "out_of_memory_while",
     "load_tokenizer", "save_tokenizer", "load_causal_lm", "check_causal", "turn_off_dropout", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
     "prompt_groups", "shares_prompts", "length_dependent_rope", "reset_dynamic_rope", "cache_argument", "output_cache", "left_pad", "model_context_length", "read_model_config",
-    "check_prompts_fit", "unknown_token_note", "model_vocab_size", "stop_token_ids", "encode_prompt",
+    "check_prompts_fit", "unknown_token_note", "model_vocab_size", "declared_vocab_size", "stop_token_ids", "encode_prompt",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
 
@@ -63,6 +63,19 @@ def _check_model_dir(path: str | Path) -> Path:
                       "adapter_config.json; entrorl eval --model takes adapters)")
         raise FileNotFoundError(f"{path} has no config.json: it is not a Hugging Face model directory{inside}")
     return path
+
+
+def declared_vocab_size(model_path: str | Path) -> int | None:
+    """The vocabulary size the ``config.json`` of the model directory ``model_path`` declares (a multimodal model's:
+    its text model's); None when there is none to read."""
+    try:
+        declared = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(declared, dict) and "vocab_size" not in declared and isinstance(declared.get("text_config"), dict):
+        declared = declared["text_config"]
+    size = declared.get("vocab_size") if isinstance(declared, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 def declares_a_model(config_file: Path) -> bool:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from entrorl._checks import did_you_mean, refuse_booleans_for_numbers, validation_message
 from entrorl.advantages import GROUP_BASELINE_ESTIMATORS, advantage_info, available_advantages, compute_advantages
+from entrorl.modeling import declared_vocab_size
 from entrorl.objective import ObjectiveConfig, PartSpec, build_objective, get_method
 from entrorl.tokens import MIN_TEMPERATURE
 
@@ -329,9 +330,10 @@ class RolloutConfig(_Section):
     def _a_temperature_to_score_at(cls, value: float) -> float:  # the update scores the tokens at it
         return _scorable_temperature(value)
 
-    def filters_tokens(self) -> bool:
-        """Whether sampling leaves tokens out of the distribution (top-k or top-p)."""
-        return self.top_k > 0 or self.top_p < 1.0
+    def filters_tokens(self, vocab_size: int | None = None) -> bool:
+        """Whether sampling leaves tokens out of the distribution: top-p, or top-k below the vocabulary's
+        ``vocab_size`` tokens (when it is known; a top-k of the vocabulary's size or more keeps every token)."""
+        return self.top_p < 1.0 or 0 < self.top_k < (vocab_size or self.top_k + 1)
 
     @field_validator("backend")
     @classmethod
@@ -598,7 +600,8 @@ class TrainConfig(_Section):
                 f"reward.overlong.max_length = {overlong.max_length} is above rollout.max_new_tokens = "
                 f"{self.rollout.max_new_tokens}: a response cut at the limit gets only part of the penalty (DAPO sets "
                 "max_length to the response limit)", ConfigWarning, stacklevel=2)
-        if self.rollout.filters_tokens() and "rollout_log_prob" in required:
+        filters_tokens = self.rollout.filters_tokens(declared_vocab_size(self.model.path))
+        if filters_tokens and "rollout_log_prob" in required:
             warnings.warn(
                 f"method {self.method_label()!r} compares the trainer's log-probs (the full distribution at "
                 f"rollout.temperature) with the sampler's, which rollout.top_k = {self.rollout.top_k} / top_p = "
@@ -606,7 +609,7 @@ class TrainConfig(_Section):
                 "the filter kept, not only the sampler/trainer mismatch (TIS weights below 1; IcePop may mask most "
                 "tokens)", ConfigWarning, stacklevel=2)
         entropy_statistics = sorted({"entropy", "disc", "disc_centered"} & set(required))
-        if self.rollout.filters_tokens() and entropy_statistics:
+        if filters_tokens and entropy_statistics:
             warnings.warn(
                 f"method {self.method_label()!r} reads {', '.join(entropy_statistics)} of the full distribution at "
                 f"rollout.temperature, while rollout.top_k = {self.rollout.top_k} / top_p = {self.rollout.top_p} draw the "

@@ -44,6 +44,7 @@ from entrorl.modeling import (
     is_out_of_memory,
     load_causal_lm,
     load_tokenizer,
+    model_vocab_size,
     out_of_memory_while,
     read_model_config,
     stop_token_ids,
@@ -1137,7 +1138,7 @@ class Trainer:
             message = (f"warning: at step {self.step} IcePop masked every token (correction/icepop_masked_frac = 1), so "
                        "the update trained on nothing: the trainer's and the sampler's log-probs disagree beyond its "
                        "band" + (" (rollout.top_k / top_p make the sampler's those of the filtered distribution)"
-                                 if self.config.rollout.filters_tokens() else ""))
+                                 if self.config.rollout.filters_tokens(model_vocab_size(self.model)) else ""))
         else:
             return
         self._warned_nothing_trained = True
