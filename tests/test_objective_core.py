@@ -2047,6 +2047,43 @@ def test_a_part_name_cannot_be_registered_twice_and_a_part_needs_a_kind():
             pass
 
 
+@pytest.mark.parametrize("spec_changes, message", [
+    ({"name": ""}, "a method's name must be a non-empty string without spaces around it, got ''"),
+    ({"name": " lead"}, "got ' lead'"),
+    ({"name": "trail "}, "got 'trail '"),
+    ({"name": "m_badparam", "surrogate": ("ppo_clip", {"nope": 1})}, "method 'm_badparam' cannot be built: .*nope"),
+    ({"name": "m_badvalue", "selectors": (("clip_b", {"mu": -1.0}),)}, "method 'm_badvalue' cannot be built: .*mu"),
+])
+def test_a_method_that_cannot_be_built_is_refused_when_registered(monkeypatch, spec_changes, message):
+    """Every listing of the methods (``entrorl methods``, the README's table, verl's registration) builds each one: a
+    spec that cannot be built is refused at once, and the registry is left as it was."""
+    from entrorl.objective import MethodSpec, available_methods, methods, register_method
+
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))
+    before = dict(methods._METHODS)
+    with pytest.raises(ValueError, match=message):
+        register_method(MethodSpec(**{"description": "x", "paper": "arXiv 0000.00000", **spec_changes}))
+    assert methods._METHODS == before
+    assert {info.name for info in available_methods()} == EXPECTED_METHODS
+
+
+def test_a_part_needs_a_default_for_every_parameter_and_a_plain_name(monkeypatch):
+    from pydantic import Field
+
+    from entrorl.objective import parts
+
+    monkeypatch.setattr(parts, "_REGISTRY", {kind: dict(registry) for kind, registry in parts._REGISTRY.items()})
+    with pytest.raises(TypeError, match=r"selector 'no_default' \(_NoDefault\): parameter\(s\) \['threshold'\] have no "
+                                        "default"):
+        @register_part("no_default", description="x")
+        class _NoDefault(Selector):
+            threshold: float = Field(description="no default")
+    for name in ("", " padded"):
+        with pytest.raises(ValueError, match="a part's name must be a non-empty string without spaces around it"):
+            register_part(name, description="x")
+    assert "no_default" not in parts._REGISTRY["selector"]
+
+
 def test_a_registered_part_keeps_its_docstring_and_cites_its_paper():
     import inspect
 

@@ -19,6 +19,7 @@ from entrorl.objective.methods import (
     available_methods,
     build_objective,
     get_method,
+    method_modules,
     methods_markdown_table,
     register_method,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "available_methods",
     "build_objective",
     "get_method",
+    "method_modules",
     "methods_markdown_table",
     "register_method",
     "Correction",

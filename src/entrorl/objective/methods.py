@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = [
     "ObjectiveConfig",
     "register_method",
     "get_method",
+    "method_modules",
     "available_methods",
     "build_objective",
     "methods_markdown_table",
@@ -64,10 +66,16 @@ class MethodInfo:
 
 
 _METHODS: dict[str, MethodSpec] = {}
+_REGISTERED_BY: dict[str, str] = {}  # method name -> the module whose code registered it
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    """Register a named method; its parts must already be registered."""
+    """Register a named method; its parts must already be registered. Refused with ``ValueError``, the registry left
+    as it was: an empty name, one with spaces around it or a ``+`` (which composes methods), a name another method
+    has, and a spec :func:`build_objective` cannot build (a parameter its part does not have, a value out of range):
+    every listing of the methods builds each one."""
+    if not isinstance(spec.name, str) or not spec.name or spec.name != spec.name.strip():
+        raise ValueError(f"a method's name must be a non-empty string without spaces around it, got {spec.name!r}")
     if spec.name in _METHODS and _METHODS[spec.name] != spec:
         raise ValueError(f"a method named '{spec.name}' is already registered")
     if "+" in spec.name:
@@ -79,8 +87,34 @@ def register_method(spec: MethodSpec) -> MethodSpec:
             get_part_class(kind, ref[0])
     if spec.correction is not None:
         get_part_class("correction", spec.correction[0])
+    previous = _METHODS.get(spec.name)
     _METHODS[spec.name] = spec
+    registrant = sys._getframe(1).f_globals.get("__name__", "")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            build_objective(spec.name)
+    except (ValueError, TypeError) as error:
+        if previous is None:
+            del _METHODS[spec.name]
+        else:
+            _METHODS[spec.name] = previous
+        raise ValueError(f"method '{spec.name}' cannot be built: {error}") from None
+    _REGISTERED_BY.setdefault(spec.name, registrant)
     return spec
+
+
+def method_modules(name: str) -> list[str]:
+    """The modules, entrorl's own left out, that registered method ``name`` and the parts it names: what a new
+    process (the laboratory's workers) imports to build it. ``__main__`` for one registered by a script or an
+    interactive session."""
+    spec = get_method(name)
+    refs = [("surrogate", spec.surrogate), *(("shaper", ref) for ref in spec.shapers),
+            *(("regularizer", ref) for ref in spec.regularizers), *(("selector", ref) for ref in spec.selectors),
+            *([("correction", spec.correction)] if spec.correction is not None else [])]
+    modules = [_REGISTERED_BY.get(name, ""), *(get_part_class(kind, ref[0]).__module__ for kind, ref in refs)]
+    return [module for module in dict.fromkeys(modules)
+            if module and module != "entrorl" and not module.startswith("entrorl.")]
 
 
 def get_method(name: str) -> MethodSpec:

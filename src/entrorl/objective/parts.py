@@ -202,12 +202,20 @@ class Correction(Part):
 
 def register_part(name: str, *, description: str, paper: str = "") -> Callable[[type[Part]], type[Part]]:
     """Class decorator registering a part under ``name`` for its kind (its base class). ``paper`` (the arXiv id)
-    is also appended to the class's docstring, so that ``help()`` on the part cites its source."""
+    is also appended to the class's docstring, so that ``help()`` on the part cites its source. Refused: an empty
+    name or one with spaces around it (``ValueError``), a parameter without a default (``TypeError``)."""
+
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"a part's name must be a non-empty string without spaces around it, got {name!r}")
 
     def decorate(cls: type[Part]) -> type[Part]:
         kind = cls.kind
         if kind not in _REGISTRY:
             raise TypeError(f"{cls.__name__} must subclass one of Shaper, Surrogate, Regularizer, Selector, Correction")
+        required = [field_name for field_name, info in cls.model_fields.items() if info.is_required()]
+        if required:  # a method names a part without its parameters: each needs the paper's value as its default
+            raise TypeError(f"{kind} '{name}' ({cls.__name__}): parameter(s) {required} have no default; every "
+                            "parameter needs the paper's default value")
         if name in _REGISTRY[kind] and _REGISTRY[kind][name] is not cls:
             raise ValueError(f"a {kind} named '{name}' is already registered ({_REGISTRY[kind][name].__name__})")
         cls.name = name
