@@ -2939,3 +2939,79 @@ def test_sigterm_to_the_group_while_a_worker_imports_does_not_count_the_method_a
     assert not (out / "methods" / "grpo" / "metrics.jsonl").exists()  # it never trained a step
     invocation = json.loads((out / "lab.json").read_text())["invocations"][-1]
     assert invocation["ran"] == [], (invocation, outcome)
+
+
+@pytest.fixture
+def own_registry(monkeypatch):
+    """Methods registered in the test are forgotten after it."""
+    from entrorl.objective import methods
+
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))
+    monkeypatch.setattr(methods, "_REGISTERED_BY", dict(methods._REGISTERED_BY))
+
+
+def test_a_method_of_ones_own_trains_in_the_laboratorys_workers(tmp_path, monkeypatch, own_registry):
+    """A method registered by a module the caller imported trains in the workers (new processes, which import that
+    module too), and the report's command to re-run it carries the ``--import``."""
+    (tmp_path / "lab_own_method.py").write_text(textwrap.dedent("""
+        from entrorl.objective import MethodSpec, register_method
+        register_method(MethodSpec(name="own_grpo", description="grpo with Clip_B", paper="none", selectors=(("clip_b", {}),)))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lab_own_method", raising=False)
+    import lab_own_method  # noqa: F401
+
+    try:
+        _tiny_preset(monkeypatch, steps=1)
+        out = tmp_path / "lab"
+        run_lab("tiny", methods=["own_grpo", "dapo+own_grpo"], out=out, workers=1, cache_dir=tmp_path / "cache")
+        outcomes = json.loads((out / "outcomes.json").read_text())
+        assert {name: outcome["status"] for name, outcome in outcomes.items()} == {"own_grpo": "done",
+                                                                                   "dapo+own_grpo": "done"}
+        assert json.loads((out / "lab.json").read_text())["imports"] == ["lab_own_method"]
+        assert "--import lab_own_method" in (out / "report.md").read_text()
+    finally:
+        sys.modules.pop("lab_own_method", None)
+
+
+def test_a_method_registered_by_an_interactive_session_is_refused_before_anything_is_built(tmp_path, monkeypatch,
+                                                                                             own_registry):
+    """The workers cannot run a notebook's code: the laboratory says so up front, and how to make it importable."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # no __file__: a notebook, python -c
+    exec("from entrorl.objective import MethodSpec, register_method\n"
+         "register_method(MethodSpec(name='typed_in', description='x', paper='none', selectors=(('clip_b', {}),)))", {"__name__": "__main__"})
+    _tiny_preset(monkeypatch)
+    with pytest.raises(ValueError, match=r"method 'typed_in' is registered by this interactive session.*--import MODULE"):
+        run_lab("tiny", methods=["grpo+typed_in"], out=tmp_path / "lab", workers=1, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "lab").exists() and not (tmp_path / "cache").exists()
+    with pytest.raises(ValueError, match=r"--import: cannot import module 'no_such_module_here'"):
+        run_lab("tiny", methods=["grpo"], out=tmp_path / "lab", imports=["no_such_module_here"])
+
+
+def test_the_methods_and_lab_commands_import_modules_of_ones_own(tmp_path, monkeypatch, own_registry):
+    """``--import MODULE`` lets ``entrorl methods`` describe, and ``entrorl lab`` run, a method the module registers."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    (tmp_path / "cli_own_method.py").write_text(textwrap.dedent("""
+        from entrorl.objective import MethodSpec, register_method
+        register_method(MethodSpec(name="cli_own", description="grpo with Clip_B, mine", paper="none",
+                                   selectors=(("clip_b", {}),)))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cli_own_method", raising=False)
+    try:
+        described = CliRunner().invoke(app, ["methods", "cli_own", "--import", "cli_own_method", "--json"])
+        assert described.exit_code == 0, described.output
+        assert json.loads(described.output)["methods"][0]["description"] == "grpo with Clip_B, mine"
+        missing = CliRunner().invoke(app, ["methods", "--import", "no_such_module_here"])
+        assert missing.exit_code == 2 and "--import: cannot import module 'no_such_module_here'" in missing.output
+        seen = {}
+        monkeypatch.setattr("entrorl.lab.runner.run_lab", lambda *a, **k: seen.update(k) or tmp_path)
+        CliRunner().invoke(app, ["lab", "--methods", "cli_own", "--import", "cli_own_method", "--out", str(tmp_path)])
+        assert seen["imports"] == ["cli_own_method"] and seen["methods"] == ["cli_own"]
+    finally:
+        sys.modules.pop("cli_own_method", None)

@@ -859,10 +859,17 @@ def methods(
     method: Annotated[Optional[str], typer.Argument(help="one method, or a composition such as dapo+clip_b: every "
                                                         "parameter of its parts, with its default and meaning")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+    imports: Annotated[Optional[list[str]], typer.Option(
+        "--import", help="a module to import first (repeatable), which registers methods or parts of your own")] = None,
 ) -> None:
     """List every method with its parameters, defaults and paper; with METHOD, every parameter of that one."""
     from entrorl.objective import available_methods
+    from entrorl.rewards.base import import_named_modules
 
+    try:
+        import_named_modules(imports or [], "--import")
+    except ValueError as error:
+        _fail(str(error))
     if method is not None and method.strip() == "sft":  # the laboratory's, not a training objective
         _fail(f"sft is not a training method but the laboratory's supervised baseline: {SFT_BASELINE}; run it with "
               "entrorl lab --methods sft,grpo")
@@ -964,6 +971,9 @@ def lab(
     workers: Annotated[Optional[int], typer.Option(help="parallel processes (default: the preset's, 2)")] = None,
     rl_seed: Annotated[Optional[int], typer.Option(help="seed of the training runs only (same base model, data and "
                                                    "evaluation): repeat with 1, 2, ... to see the spread across seeds")] = None,
+    imports: Annotated[Optional[list[str]], typer.Option(
+        "--import", help="a module to import first (repeatable), which registers methods of your own "
+                         "(entrorl.objective.register_method) for --methods to name")] = None,
 ) -> None:
     """The entropy laboratory: train the built-in tiny model with every method side by side, then write a report."""
     from entrorl.analysis.run_report import lab_command
@@ -977,13 +987,13 @@ def lab(
         out = default_run_directory()
 
     def command_for(methods: list[str]) -> str:
-        return lab_command(preset, methods, out, workers=workers, rl_seed=rl_seed)
+        return lab_command(preset, methods, out, workers=workers, rl_seed=rl_seed, imports=imports or [])
 
     again = command_for(names)
     try:
         with _sigterm_as_interrupt():  # while the base model is built and the report written (the methods' runs count it)
             run_dir = run_lab(preset, methods=names or None, out=out, workers=workers, console=console,
-                              rl_seed=rl_seed)
+                              rl_seed=rl_seed, imports=imports)
     except ValueError as error:
         _fail(str(error))
     except OSError as error:  # a full disk: the report or the laboratory's own record could not be written

@@ -777,17 +777,26 @@ def _lab_command(lab_dir: Path) -> str | None:
         return None
     rl_seed = preset.get("rl_seed")
     return lab_command(preset["name"], methods, lab_dir,
-                       rl_seed=rl_seed if isinstance(rl_seed, int) and rl_seed != preset.get("seed") else None)
+                       rl_seed=rl_seed if isinstance(rl_seed, int) and rl_seed != preset.get("seed") else None,
+                       imports=lab_imports(record))
+
+
+def lab_imports(record: dict[str, Any]) -> list[str]:
+    """The modules a laboratory folder's ``lab.json`` (``record``) says its methods of one's own need (``--import``)."""
+    imports = record.get("imports")
+    return [name for name in imports if isinstance(name, str)] if isinstance(imports, list) else []
 
 
 def lab_command(preset: str, methods: list[str], out: str | Path | None, *, workers: int | None = None,
-                rl_seed: int | None = None) -> str:
+                rl_seed: int | None = None, imports: list[str] = ()) -> str:
     """The ``entrorl lab`` command line (quoted for a POSIX shell) that runs, or goes on with, ``methods`` (none: the
-    preset's matrix) of ``preset`` in the folder ``out`` (None: a new folder of its own)."""
+    preset's matrix) of ``preset`` in the folder ``out`` (None: a new folder of its own); ``imports``: the modules
+    that register methods of one's own, each an ``--import``."""
     return shlex.join(["entrorl", "lab", "--preset", preset, *(["--methods", ",".join(methods)] if methods else []),
                        *(["--out", str(out)] if out is not None else []),
                        *(["--workers", str(workers)] if workers is not None else []),
-                       *(["--rl-seed", str(rl_seed)] if rl_seed is not None else [])])
+                       *(["--rl-seed", str(rl_seed)] if rl_seed is not None else []),
+                       *(option for module in imports for option in ("--import", module))])
 
 
 def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_fraction: float = DEFAULT_FIT_FRACTION,

@@ -49,7 +49,7 @@ from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, EDGE_FRACTION, E
                                   FORKS_SHOWN, LAW_COLUMNS, MIN_CEILING_STEPS, REWARD_KEY, SMOOTH_WINDOW, MetricRecords,
                                   analyse_records, edge_count, edge_means, edge_phrase, intervention_keys,
                                   last_steps_phrase, law_cells, moving_average, read_json, read_metrics_records)
-from entrorl.analysis.run_report import lab_command
+from entrorl.analysis.run_report import lab_command, lab_imports
 from entrorl.dynamics import top_token_count
 from entrorl.evaluation import polarisation
 from entrorl.trainer.checkpoint import atomic_write_text
@@ -837,7 +837,8 @@ class _Report:
         other_methods = preset_methods is None or set(self.names) != set(preset_methods)
         other_workers = len(used_workers) == 1 and used_workers[0] != self.preset.get("workers")
         command = lab_command(name, list(self.names) if other_methods else [], None,
-                              workers=used_workers[0] if other_workers else None, rl_seed=self.preset.get("rl_seed"))
+                              workers=used_workers[0] if other_workers else None, rl_seed=self.preset.get("rl_seed"),
+                              imports=lab_imports(self.lab))
         make = "make lab" if command == "entrorl lab --preset default" else None
         section.say(f"Re-run with `{command}`" + (f" (or `{make}`)" if make else "") + "; an existing run directory given with "
                     "`--out` is resumed. The settings below are the preset as recorded in `lab.json`.")

@@ -78,8 +78,12 @@ def _prepare_data(out: Path, preset: LabPreset) -> dict[str, Path]:
     return paths
 
 
-def _trainer_config(preset: LabPreset, method: str, model_dir: Path, data: dict[str, Path], run_dir: Path) -> dict[str, Any]:
+def _trainer_config(preset: LabPreset, method: str, model_dir: Path, data: dict[str, Path], run_dir: Path,
+                    imports: list[str] = ()) -> dict[str, Any]:
+    """The training run of ``method``; ``imports``: the modules that register the methods of the user's own that it
+    names (:func:`_worker_imports`)."""
     return {
+        "imports": list(imports),
         "seed": preset.seed if preset.rl_seed is None else preset.rl_seed,
         "torch_threads": 1,
         "model": {"path": str(model_dir)},
@@ -213,7 +217,7 @@ def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
     preset = LabPreset(**job["preset"])
     method, run_dir = job["method"], Path(job["run_dir"])
     data = {k: Path(v) for k, v in job["data"].items()}
-    config = load_config(_trainer_config(preset, method, Path(job["model_dir"]), data, run_dir))
+    config = load_config(_trainer_config(preset, method, Path(job["model_dir"]), data, run_dir, job.get("imports", [])))
     resume = latest_checkpoint(run_dir) is not None
     trainer_class = SFTTrainer if method == "sft" else Trainer
     trainer = trainer_class(config, run_dir=run_dir, resume=resume)
@@ -794,16 +798,25 @@ def _one_torch_thread():
 
 
 def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = None, out: Path | None = None,
-            workers: int | None = None, console=None, cache_dir: Path | None = None, rl_seed: int | None = None) -> Path:
+            workers: int | None = None, console=None, cache_dir: Path | None = None, rl_seed: int | None = None,
+            imports: list[str] | None = None) -> Path:
     """Run the laboratory and write its report; returns the run directory. Re-running on an existing
     directory resumes: finished methods are kept, interrupted ones continue from their last checkpoint, and the
     report covers every method run in the directory so far, not only the ones named this time.
 
+    ``imports``: modules to import first, which register methods of one's own (``entrorl.objective.register_method``)
+    that ``methods`` may then name. The methods train in new processes, which import them too, as they do the module
+    that registered a method named here (a script's own code runs again in each of them).
+
     Raises:
-        ValueError: an unknown preset or method, ``workers`` below 1, an ``out`` that cannot be a run directory,
-            an existing run directory started with other settings, or one another laboratory is running in (its
-            process named); all before anything is built.
+        ValueError: an unknown preset or method, a module of ``imports`` that cannot be imported, a method registered
+            where the workers cannot import it (an interactive session), ``workers`` below 1, an ``out`` that cannot be
+            a run directory, an existing run directory started with other settings, or one another laboratory is
+            running in (its process named); all before anything is built.
     """
+    from entrorl.rewards.base import import_named_modules
+
+    imports = [] if imports is None else list(dict.fromkeys(import_named_modules(imports, "--import")))
     preset = get_preset(preset_name)
     requested = _requested_methods(methods)
     if requested:
@@ -816,6 +829,7 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
             raise ValueError(f"--rl-seed must be a whole number from 0 to 2**32 - 1 (numpy's seed range); got {rl_seed!r}")
         preset = preset.model_copy(update={"rl_seed": int(rl_seed)})
     preset.check_methods()
+    worker_imports = _worker_imports(preset.methods, imports)
     workers = _checked_workers(workers, preset)
     out = Path(out) if out is not None else default_run_directory()
     if cached_base_model(preset.base, cache_dir, say=False) is None:  # a cache that cannot be written, and must be, fails now,
@@ -827,20 +841,48 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
     except OSError as error:
         raise ValueError(f"--out {error}") from None
     try:
-        return _run_in_folder(preset, out, workers=workers, console=console, cache_dir=cache_dir)
+        return _run_in_folder(preset, out, workers=workers, console=console, cache_dir=cache_dir,
+                              imports=worker_imports)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _run_in_folder(preset: LabPreset, out: Path, *, workers: int, console, cache_dir: Path | None) -> Path:
+def _worker_imports(methods: list[str], imports: list[str]) -> list[str]:
+    """``imports`` and the modules that registered the methods of ``methods`` that are the user's own
+    (:func:`entrorl.objective.method_modules`): a worker process, started afresh, imports them before it builds its
+    method. A script's own module (``__main__``) runs again in each worker; an interactive session cannot."""
+    import sys
+
+    from entrorl.objective import method_modules
+
+    modules = list(imports)
+    for method in methods:
+        for name in ([] if method == "sft" else method.split("+")):
+            for module in method_modules(name):
+                if module != "__main__":
+                    modules.append(module)
+                elif getattr(sys.modules.get("__main__"), "__file__", None) is None:
+                    raise ValueError(
+                        f"method '{name}' is registered by this interactive session, whose code the laboratory's "
+                        "worker processes (one per method) cannot run: register it in a module of its own and import "
+                        "that (run_lab(imports=[...]), entrorl lab --import MODULE)")
+    return list(dict.fromkeys(modules))
+
+
+def _run_in_folder(preset: LabPreset, out: Path, *, workers: int, console, cache_dir: Path | None,
+                   imports: list[str] = ()) -> Path:
     """:func:`run_lab` in its checked and locked folder ``out``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from entrorl.lab.report import write_report
 
+    from entrorl.analysis.run_report import lab_imports
+
     recorded = _read_json_object(out / "lab.json")
     _check_same_preset(out, preset, recorded)
+    # what the folder's methods of one's own need, those of earlier invocations included (the report's command)
+    folder_imports = list(dict.fromkeys([*lab_imports(recorded), *imports]))
     # the folder's methods are all those run in it so far and now: the report covers them all
     run_methods = list(dict.fromkeys([*(str(m) for m in recorded.get("methods") or []), *preset.methods]))
     invocations = [i for i in recorded.get("invocations") or [] if isinstance(i, dict)]
@@ -865,7 +907,7 @@ def _run_in_folder(preset: LabPreset, out: Path, *, workers: int, console, cache
             _write_json(out / "lab.json", {
                 "preset": {**preset.model_dump(mode="json"), "methods": run_methods}, "base_model": model_dir.name,
                 "base_model_spec": asdict(preset.base), "base_model_cpu_kernels": base_kernels,
-                "methods": run_methods, "workers": workers,
+                "methods": run_methods, "workers": workers, "imports": folder_imports,
                 "invocations": invocations})
 
         data = _prepare_data(out, preset)
@@ -882,7 +924,8 @@ def _run_in_folder(preset: LabPreset, out: Path, *, workers: int, console, cache
                 _write_json(base_eval, evaluate_policy(load_causal_lm(model_dir), load_tokenizer(model_dir), preset, data))
                 progress.update(eval_task, completed=1)
             jobs = [{"preset": preset.model_dump(mode="json"), "method": method, "run_dir": str(out / "methods" / method),
-                     "model_dir": str(model_dir), "data": {k: str(v) for k, v in data.items()}} for method in preset.methods]
+                     "model_dir": str(model_dir), "data": {k: str(v) for k, v in data.items()},
+                     "imports": list(imports)} for method in preset.methods]
             bars = {job["method"]: progress.add_task(job["method"], total=preset.steps, status="", start=False)
                     for job in jobs}
             methods_started = True

@@ -192,6 +192,19 @@ def import_named_module(module_name: str, what: str) -> Any:
         raise ValueError(f"{what}: cannot import module {module_name!r} ({kind}: {exc})") from exc
 
 
+def import_named_modules(names: Any, what: str) -> list[str]:
+    """Import each module of ``names``, a list of ``package.module`` names, in order; returns the names without the
+    spaces around them. ``ValueError`` naming ``what`` (the setting or option) for anything but such a list, and for
+    a module that cannot be imported."""
+    if isinstance(names, str) or not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{what}: expected a list of module names, got {names!r}")
+    for name in names:
+        if not name.strip() or ":" in name:
+            raise ValueError(f"{what}: {name!r} is not a module name (write 'package.module')")
+        import_named_module(name.strip(), what)
+    return [name.strip() for name in names]
+
+
 def _found_elsewhere(top_level: str, directory: Path) -> bool:
     """Whether importing ``top_level`` finds a module or package other than the one in ``directory`` (the standard
     library's ``test`` before a folder ``test`` there)."""

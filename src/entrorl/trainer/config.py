@@ -494,14 +494,9 @@ class TrainConfig(_Section):
         names = data.get("imports") if isinstance(data, dict) else None
         if not names or (info.context and info.context.get("settings_only")):
             return data
-        if isinstance(names, str) or not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-            raise ValueError(f"imports: expected a list of module names, got {names!r}")
-        from entrorl.rewards.base import import_named_module
+        from entrorl.rewards.base import import_named_modules
 
-        for name in names:
-            if not name.strip() or ":" in name:
-                raise ValueError(f"imports: {name!r} is not a module name (write 'package.module')")
-            import_named_module(name.strip(), "imports")
+        import_named_modules(names, "imports")
         return data
 
     @field_validator("method", mode="before")
