@@ -3015,3 +3015,29 @@ def test_the_methods_and_lab_commands_import_modules_of_ones_own(tmp_path, monke
         assert seen["imports"] == ["cli_own_method"] and seen["methods"] == ["cli_own"]
     finally:
         sys.modules.pop("cli_own_method", None)
+
+
+def test_a_worker_ends_on_sigterm_whenever_it_lands_while_the_stop_request_is_read(tmp_path):
+    """Once the laboratory asked to stop, a SIGTERM ends a worker that is not training. The worker reads the stop
+    request often (between methods, after its warm-up); a ``multiprocessing.Event`` read there holds a lock that the
+    signal handler, reading it too, waits on for ever. The worker below does nothing but read it."""
+    script = textwrap.dedent("""
+        import multiprocessing, signal, sys
+        from entrorl.lab import runner
+        runner._STOP = runner._StopRequest(multiprocessing.get_context("spawn"))
+        runner._STOP.set()
+        signal.signal(signal.SIGTERM, runner._terminated_outside_training)
+        print("reading", flush=True)
+        while True:
+            runner._STOP.is_set()
+    """)
+    for _ in range(3):
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        try:
+            assert process.stdout.readline().strip() == "reading"
+            time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=20) == -signal.SIGTERM
+        finally:
+            process.kill()
+            process.wait()

@@ -19,6 +19,7 @@ Run directory::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import multiprocessing
@@ -233,7 +234,23 @@ def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
     return evaluate_policy(trainer.model, trainer.tokenizer, preset, data)
 
 
-_STOP: Any = None  # in a worker: the event the laboratory sets when it is interrupted
+_STOP: Any = None  # in a worker: the laboratory's _StopRequest, set when it is interrupted
+
+
+class _StopRequest:
+    """The laboratory's request that its workers stop (``set`` / ``is_set``, as an event's), shared with them as one
+    byte of shared memory read without a lock: a worker's SIGTERM handler reads it, and the signal may land while the
+    worker's own code is reading it, where a ``multiprocessing.Event`` holds a lock the handler would wait on for
+    ever."""
+
+    def __init__(self, context: Any):
+        self._flag = context.RawValue(ctypes.c_bool, False)
+
+    def set(self) -> None:
+        self._flag.value = True
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value)
 
 
 def _laboratory_stopped() -> bool:
@@ -720,7 +737,7 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
     without reaching this process), or None: methods not started then do not start. A second one ends the workers at
     once and raises :class:`StoppedAtOnce`."""
     context = multiprocessing.get_context("spawn")
-    stop = context.Event()
+    stop = _StopRequest(context)
     queue, pool = list(jobs), []
     at_once = True  # unless every method is accounted for, the workers are ended at once on the way out
 
