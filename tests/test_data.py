@@ -509,8 +509,10 @@ def test_non_string_prompt(tmp_path):
         load_prompts(p)
 
 
-@pytest.mark.parametrize("column", ["prompt", "answer"])
-@pytest.mark.parametrize("value,kind", [("true", "a boolean"), ("[1, 2]", "an array"), ('{"a": 1}', "an object")])
+@pytest.mark.parametrize("column,value,kind", [
+    (column, value, kind) for column in ("prompt", "answer")
+    for value, kind in (("true", "a boolean"), ("[1, 2]", "an array"), ('{"a": 1}', "an object"))
+    if (column, kind) != ("prompt", "an array")])  # a prompt's array is read as chat messages (below)
 def test_a_prompt_or_answer_of_another_json_type_is_named_by_its_type(tmp_path, column, value, kind):
     p = tmp_path / "file.jsonl"
     fields = {"prompt": '"a"', "answer": '"1"', column: value}
@@ -1764,3 +1766,55 @@ def test_prompt_stream_refuses_records_that_are_not_prompt_records_when_built():
 
     with pytest.raises(TypeError, match=r"records must be PromptRecords .*; record 1 is a str"):
         PromptStream([PromptRecord(prompt="p", answer="1"), "y"])
+
+
+def test_a_prompt_given_as_chat_messages_keeps_its_conversation_and_writes_back_as_such(tmp_path):
+    """TRL's conversational format: the prompt column holds the messages; ``prompt`` is the user's last turn."""
+    conversation = [{"role": "system", "content": "Answer with a number."},
+                    {"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"},
+                    {"role": "user", "content": "2+2=?", "name": "sam"}]
+    p = tmp_path / "chat.jsonl"
+    write_lines(p, [json.dumps({"prompt": conversation, "answer": "4", "level": 1}),
+                    json.dumps({"prompt": "3+3=", "answer": "6"})])
+    first, second = load_prompts(p)
+    assert (first.prompt, first.messages, first.answer, first.meta) == ("2+2=?", tuple(conversation), "4", {"level": 1})
+    assert (second.prompt, second.messages) == ("3+3=", None)
+    again = load_prompts(write_jsonl([first, second], tmp_path / "again.jsonl"))
+    assert [(r.prompt, r.messages, r.answer, r.meta) for r in again] == [(r.prompt, r.messages, r.answer, r.meta)
+                                                                       for r in (first, second)]
+
+
+def test_a_verl_parquet_file_is_read_with_its_messages_and_its_nested_ground_truth(tmp_path):
+    """verl's data sets: ``prompt`` holds chat messages, the answer is ``reward_model.ground_truth``."""
+    import pandas as pd
+
+    rows = [{"data_source": "gsm8k", "prompt": [{"role": "user", "content": f"{i}+1=?"}], "ability": "math",
+             "reward_model": {"style": "rule", "ground_truth": str(i + 1)}, "extra_info": {"index": i}} for i in range(3)]
+    p = tmp_path / "train.parquet"
+    pd.DataFrame(rows).to_parquet(p)
+    records = load_prompts(p, answer_column="reward_model.ground_truth")
+    assert [(r.prompt, r.answer) for r in records] == [(f"{i}+1=?", str(i + 1)) for i in range(3)]
+    assert records[0].messages == ({"role": "user", "content": "0+1=?"},)
+    assert records[2].meta["extra_info"] == {"index": 2} and records[2].meta["data_source"] == "gsm8k"
+    chosen = load_prompts(p, answer_column="reward_model.ground_truth", meta_columns=["data_source"])
+    assert [(r.answer, r.meta) for r in chosen] == [(str(i + 1), {"data_source": "gsm8k"}) for i in range(3)]
+    with pytest.raises(DataError, match=r"train\.parquet \(schema\): no answer column 'reward.ground_truth'"):
+        load_prompts(p, answer_column="reward.ground_truth")
+    with pytest.raises(DataError, match=r"train\.parquet\[0\]: answer column 'reward_model.truth' is missing"):
+        load_prompts(p, answer_column="reward_model.truth")
+
+
+@pytest.mark.parametrize("messages, problem", [
+    ([], "holds no message"),
+    ([1, 2], "message 0 is a number; expected chat messages"),
+    ([{"content": "hi"}], "message 0 is an object with the fields 'content'; expected chat messages"),
+    ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "a list of content parts is not read"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}],
+     "the conversation ends with a 'assistant' message; expected it to end with the user's turn"),
+    ([{"role": "user", "content": "  "}], "the user's last message is empty"),
+])
+def test_chat_messages_that_cannot_be_a_prompt_are_refused_naming_the_row(tmp_path, messages, problem):
+    p = tmp_path / "chat.jsonl"
+    write_lines(p, [json.dumps({"prompt": "ok", "answer": "1"}), json.dumps({"prompt": messages, "answer": "1"})])
+    with pytest.raises(DataError, match=rf"chat\.jsonl:2: prompt column 'prompt'.*{re.escape(problem)}"):
+        load_prompts(p)

@@ -508,6 +508,22 @@ def test_encode_prompt_fills_the_template_and_wraps_a_chat_turn_without_a_second
         modeling.encode_prompt(tokenizer, "1+2=", chat_template=True)
 
 
+def test_encode_prompt_writes_a_conversation_with_the_chat_template_and_the_template_in_its_last_turn():
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    conversation = ({"role": "system", "content": "be brief"}, {"role": "user", "content": "1+2="})
+    with pytest.raises(ValueError, match="the prompt is given as chat messages, .*set model.chat_template: true"):
+        modeling.encode_prompt(tokenizer, "1+2=", messages=conversation)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    ids = modeling.encode_prompt(tokenizer, "1+2=", template="Q {prompt}", chat_template=True, messages=conversation)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "system: be brief\nuser: Q 1+2=\nassistant: "
+    assert conversation[1]["content"] == "1+2="  # the record's own messages are left as they were
+    alone = modeling.encode_prompt(tokenizer, "1+2=", chat_template=True)
+    assert alone == modeling.encode_prompt(tokenizer, "1+2=", chat_template=True, messages=conversation[1:])
+
+
 def test_encode_prompt_keeps_the_bos_a_tokenizer_adds_and_leaves_out_an_eos_it_appends():
     """A post-processor that ends every text with EOS would show the policy a finished text before its response."""
     from tokenizers.processors import TemplateProcessing

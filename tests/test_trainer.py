@@ -5256,3 +5256,37 @@ def test_cuda_generator_states_are_restored_only_onto_as_many_gpus_as_they_were_
         monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
         restore_rng_state(state)
         assert restored == expected
+
+
+def test_training_on_verl_style_parquet_with_chat_messages(tmp_path, tiny_model_dir):
+    """A verl data set as it is: the prompt as chat messages (rendered by the chat template, which they need), the
+    answer nested in reward_model.ground_truth; the samples show the user's turn as the prompt."""
+    import pandas as pd
+
+    from entrorl.modeling import load_tokenizer
+
+    model_dir = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }};{% endfor %}"
+                               "{% if add_generation_prompt %}a:{% endif %}")
+    tokenizer.save_pretrained(model_dir)
+    rows = [{"data_source": "arith", "prompt": [{"role": "system", "content": "sum"}, {"role": "user", "content": f"{a}+{b}="}],
+             "reward_model": {"style": "rule", "ground_truth": str(a + b)}, "extra_info": {"index": a}}
+            for a in range(3) for b in range(2)]
+    train = tmp_path / "train.parquet"
+    pd.DataFrame(rows).to_parquet(train)
+    config = make_config(model_dir, train, None, data={"train": str(train), "answer_column": "reward_model.ground_truth"},
+                         optim={"steps": 1, "lr": 1e-3}, checkpoint={"every": 0, "keep": 1},
+                         logging={"progress": False, "samples_every": 1})
+    with pytest.raises(ValueError, match="the prompt is given as chat messages, .*set model.chat_template: true"):
+        Trainer(load_config(config), run_dir=tmp_path / "plain")
+    config["model"]["chat_template"] = True
+    trainer = Trainer(load_config(config), run_dir=tmp_path / "run")
+    decoded = tokenizer.decode(trainer.train_prompt_ids[0], skip_special_tokens=True)
+    assert decoded == "s:sum;u:0+0=;a:"
+    trainer.train()
+    assert read_metrics(tmp_path / "run")[0]["step"] == 1
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step_000001.jsonl").read_text().splitlines()]
+    assert {sample["prompt"] for sample in samples} <= {row["prompt"][1]["content"] for row in rows}
+    assert all(sample["answer"] == str(eval(sample["prompt"][:-1])) for sample in samples)

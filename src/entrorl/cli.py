@@ -340,8 +340,8 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
 
         def load(directory):
             tokenizer = load_tokenizer(directory.tokenizer, trust_remote_code=trust_remote_code)
-            prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template)
-                          for r in records]
+            prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template,
+                                        messages=r.messages) for r in records]
             note = unknown_token_note(tokenizer, prompt_ids, records, what=str(data), template=prompt_template)
             if note is not None:
                 warnings.warn(note, stacklevel=3)

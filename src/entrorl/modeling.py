@@ -10,7 +10,7 @@ import json
 import pickle
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -519,12 +519,20 @@ def _start_of_text(ids: list[int], plain: list[int]) -> int | None:
     return next((at for at in range(added + 1) if ids[at:at + len(plain)] == plain), None)
 
 
-def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_template: bool = False) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_template: bool = False,
+                  messages: Sequence[dict[str, Any]] | None = None) -> list[int]:
     """The token ids the policy sees for ``prompt``: ``template.format(prompt=prompt)``, wrapped as a user turn with
     the tokenizer's chat template when ``chat_template`` (the template then writes the special tokens itself, so
     the tokenizer adds none: no second BOS). An EOS that the tokenizer appends after the text (its post-processor's)
-    is left out: the response continues the prompt, not a finished text; other special tokens stay."""
+    is left out: the response continues the prompt, not a finished text; other special tokens stay.
+
+    ``messages``: the conversation a prompt given as chat messages comes with (:attr:`entrorl.data.PromptRecord.messages`),
+    ending with the user's turn ``prompt``; the chat template renders all of it, ``template`` filled in that last turn.
+    It needs ``chat_template``."""
     text = template.format(prompt=prompt)
+    if messages is not None and not chat_template:
+        raise ValueError("the prompt is given as chat messages, which only the tokenizer's chat template can write as "
+                         "text: set model.chat_template: true (entrorl eval and data audit: --chat-template)")
     if not chat_template:
         ids = tokenizer(text)["input_ids"]
         plain = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -540,8 +548,8 @@ def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_te
     from jinja2 import TemplateError
 
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        conversation = [*(messages or [])[:-1], {**(messages[-1] if messages else {"role": "user"}), "content": text}]
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     except TemplateError as error:  # a typo in the template, or its own raise_exception(...)
         raise ValueError(f"the chat template of the tokenizer{f' in {source}' if source else ''} cannot render a user "
                          f"turn: {type(error).__name__}: {error}") from None

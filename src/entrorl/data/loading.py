@@ -156,7 +156,9 @@ def write_jsonl(
     for i, rec in enumerate(records):
         if not isinstance(rec, PromptRecord):
             raise TypeError(f"write_jsonl: item {i} is a {type(rec).__name__}, expected a PromptRecord")
-        obj: dict[str, Any] = {prompt_column: rec.prompt, answer_column: rec.answer}
+        # a conversation is written back as such: loading the file gives the same record
+        obj: dict[str, Any] = {prompt_column: rec.prompt if rec.messages is None else list(rec.messages),
+                               answer_column: rec.answer}
         for key, value in rec.meta.items():
             if key in (prompt_column, answer_column):
                 raise ValueError(
@@ -276,14 +278,14 @@ def _near_miss(name: str, columns: Sequence[str]) -> str:
 
 def _check_schema(columns: Sequence[str], where: str, path: str, cols: _Columns) -> None:
     """Column-level checks for formats with a fixed schema (CSV header, Parquet, saved data sets)."""
-    if cols.prompt not in columns:
+    if not _has_column(columns, cols.prompt):
         raise DataError(
             f"{where}: no prompt column {cols.prompt!r} (columns: {_fmt_cols(columns)}){_near_miss(cols.prompt, columns)}; "
             "expected a column of prompt strings — name it with prompt_column (data.prompt_column, --prompt-column)",
             path=path,
             location=where,
         )
-    if cols.require_answer and cols.answer not in columns:
+    if cols.require_answer and not _has_column(columns, cols.answer):
         raise DataError(
             f"{where}: no answer column {cols.answer!r} (columns: {_fmt_cols(columns)}){_near_miss(cols.answer, columns)}; "
             "expected a column of reference answers — name it with answer_column (data.answer_column, --answer-column), "
@@ -302,28 +304,80 @@ def _check_schema(columns: Sequence[str], where: str, path: str, cols: _Columns)
             )
 
 
+def _has_column(columns: Sequence[str], name: str) -> bool:
+    """Whether ``name`` is one of ``columns``, or a field within one (``reward_model.ground_truth``)."""
+    return name in columns or ("." in name and name.split(".", 1)[0] in columns)
+
+
+_ABSENT = object()
+
+
+def _column_value(row: Mapping[str, Any], name: str) -> Any:
+    """The value of column ``name`` in ``row``; a dotted name that is no column names a field within one
+    (``reward_model.ground_truth``: the ``ground_truth`` of the ``reward_model`` object, as verl's data sets hold their
+    answers). :data:`_ABSENT` when there is none."""
+    if name in row:
+        return row[name]
+    if "." not in name:
+        return _ABSENT
+    value: Any = row
+    for part in name.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
+
+
+_PROMPT_TEXT = "expected a non-empty string, or chat messages ([{\"role\": \"user\", \"content\": ...}, ...])"
+
+
+def _chat_messages(value: Any, column: str, fail: Any) -> tuple[str, tuple[dict[str, Any], ...]]:
+    """``(the user's last turn, the conversation)`` from a prompt given as chat messages: a non-empty list of objects,
+    each with a string ``role`` and a string ``content`` (other fields, such as ``name``, are kept for the chat
+    template), ending with the user's turn, whose content is not empty."""
+    messages = _jsonable(value, column, fail)
+    if not messages:
+        raise fail(f"prompt column {column!r} holds no message; {_PROMPT_TEXT}")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"].strip() \
+                or not isinstance(message.get("content"), str):
+            got = (f"an object with the fields {_fmt_cols(message)}" if isinstance(message, dict)
+                   else _a_json_kind(message))
+            raise fail(f"prompt column {column!r}: message {index} is {got}; expected chat messages, each an object "
+                       "with a string \"role\" and a string \"content\" (text only: a list of content parts is not "
+                       "read)")
+    if messages[-1]["role"] != "user":
+        raise fail(f"prompt column {column!r}: the conversation ends with a {messages[-1]['role']!r} message; expected it "
+                   "to end with the user's turn, which the policy answers")
+    if not messages[-1]["content"].strip():
+        raise fail(f"prompt column {column!r}: the user's last message is empty; expected the prompt's text there")
+    return messages[-1]["content"], tuple(messages)
+
+
 def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) -> PromptRecord:
     def fail(what: str) -> DataError:
         return DataError(f"{where}: {what}", path=path, location=where)
 
-    if cols.prompt not in row:
+    prompt = _column_value(row, cols.prompt)
+    if prompt is _ABSENT:
         fields = _fmt_cols(row.keys())
         raise fail(
             f"missing prompt column {cols.prompt!r} (fields: {fields}){_near_miss(cols.prompt, list(row.keys()))}; expected a non-empty string "
             "there — name the column with prompt_column (data.prompt_column, --prompt-column)"
         )
-    prompt = row[cols.prompt]
+    messages = None
+    if isinstance(prompt, (list, tuple, np.ndarray)):
+        prompt, messages = _chat_messages(prompt, cols.prompt, fail)
     if not isinstance(prompt, str):
-        raise fail(
-            f"prompt column {cols.prompt!r} holds {_a_json_kind(prompt)}; expected a non-empty string"
-        )
+        raise fail(f"prompt column {cols.prompt!r} holds {_a_json_kind(prompt)}; {_PROMPT_TEXT}")
     if not prompt.strip():
-        raise fail(f"prompt column {cols.prompt!r} is empty; expected a non-empty string")
+        raise fail(f"prompt column {cols.prompt!r} is empty; {_PROMPT_TEXT}")
 
-    answer = _answer_value(row.get(cols.answer), cols.answer, fail)
+    found = _column_value(row, cols.answer)
+    answer = _answer_value(None if found is _ABSENT else found, cols.answer, fail)
     if answer is None and cols.require_answer:
         state = (f"missing (fields: {_fmt_cols(row.keys())}){_near_miss(cols.answer, list(row.keys()))}"
-                 if cols.answer not in row else "empty")
+                 if found is _ABSENT else "empty")
         raise fail(
             f"answer column {cols.answer!r} is {state}; expected a reference answer (a string or a number) "
             "— name the column with answer_column (data.answer_column, --answer-column), or allow rows without "
@@ -352,9 +406,9 @@ def _make_record(row: Mapping[str, Any], where: str, path: str, cols: _Columns) 
             raise fail(f"the {NESTED_META_COLUMN!r} object repeats the column(s) {_fmt_cols(clashes)}; "
                        "expected each field once, either as a column or inside it")
         meta.update(nested)
-    for column, value in ((cols.prompt, prompt), (cols.answer, answer), *meta.items()):
+    for column, value in ((cols.prompt, list(messages or [prompt])), (cols.answer, answer), *meta.items()):
         _refuse_lone_surrogates(value, column, fail)
-    return PromptRecord(prompt=prompt, answer=answer, meta=meta, source=where)
+    return PromptRecord(prompt=prompt, answer=answer, meta=meta, source=where, messages=messages)
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -676,6 +730,7 @@ def _selected_columns(columns: Sequence[str], cols: _Columns) -> list[str]:
     if cols.meta is None:
         return list(columns)
     wanted = {cols.prompt, cols.answer, *cols.meta}
+    wanted |= {name.split(".", 1)[0] for name in (cols.prompt, cols.answer) if name not in columns}  # nested fields
     return [c for c in columns if c in wanted]
 
 

@@ -46,6 +46,9 @@ class PromptRecord:
     ``source``  where the record came from, for error messages and audits: ``"file.jsonl:17"``
                 (1-based line number) for line-oriented files, ``"file.parquet[3]"`` (0-based row index)
                 for row-oriented ones.
+    ``messages`` the conversation, when the data gave the prompt as chat messages (``[{"role": "user",
+                "content": ...}, ...]``, TRL's conversational format and verl's prompt column), ending with the
+                user's turn, whose content ``prompt`` then is; None for a prompt given as text.
 
     The dataclass is frozen, but ``meta`` is a plain dict: records are not hashable.
     """
@@ -54,6 +57,7 @@ class PromptRecord:
     answer: str | None
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = "<memory>"
+    messages: tuple[dict[str, Any], ...] | None = None
 
 
 class DataError(ValueError):

@@ -157,8 +157,12 @@ class DataConfig(_Section):
     train: str = Field(description="prompt file: .jsonl, .json, .csv, .parquet, .arrow or a datasets save_to_disk "
                        "directory (a DatasetDict's train split)")
     eval: str | None = Field(None, description="held-out prompt file for evaluation; None = no evaluation data")
-    prompt_column: str = Field("prompt", description="the data files' column that holds the prompt")
-    answer_column: str = Field("answer", description="the column that holds the reference answer given to the reward")
+    prompt_column: str = Field("prompt", description="the data files' column that holds the prompt: its text, or chat "
+                               "messages ([{role, content}, ...], TRL's conversational format, verl's prompt column), "
+                               "which the chat template writes (model.chat_template: true); a dotted name that is no "
+                               "column names a field within one")
+    answer_column: str = Field("answer", description="the column that holds the reference answer given to the reward; a "
+                               "dotted name that is no column names a field within one (verl's reward_model.ground_truth)")
     meta_columns: list[str] | None = Field(None, description="the other columns passed to the reward as keyword "
                                            "arguments (a lone name is a list of one); None = every other column")
     require_answer: bool = Field(True, description="refuse a row without a reference answer; false for tasks whose "

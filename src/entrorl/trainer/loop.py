@@ -508,7 +508,7 @@ class Trainer:
         for records, attribute, what in ((self.train_records, "train_prompt_ids", "data.train"),
                                          (self.eval_records, "eval_prompt_ids", "data.eval")):
             encoded = [encode_prompt(self.tokenizer, record.prompt, template=data.prompt_template,
-                                     chat_template=model.chat_template) for record in records]
+                                     chat_template=model.chat_template, messages=record.messages) for record in records]
             check_prompts_fit(context_of, encoded, [record.source for record in records],
                               max_new_tokens=self.config.rollout.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
             note = unknown_token_note(self.tokenizer, encoded, records, what=what, template=data.prompt_template)
