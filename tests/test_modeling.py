@@ -1434,3 +1434,27 @@ def test_loading_and_saving_a_model_leave_the_progress_bar_settings_as_they_were
                                                                                                       hub_bars)
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_quiet_progress_bars_puts_back_huggingface_hubs_settings_of_each_group():
+    import importlib
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    from entrorl.modeling import quiet_progress_bars
+
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+    if hub_tqdm.HF_HUB_DISABLE_PROGRESS_BARS is not None:
+        pytest.skip("HF_HUB_DISABLE_PROGRESS_BARS is set: it overrides every group's setting")
+    saved = dict(hub_tqdm.progress_bar_states)
+    try:
+        hf_logging.enable_progress_bar()
+        disable_progress_bars("huggingface_hub.http_get")
+        with quiet_progress_bars():
+            assert are_progress_bars_disabled()
+        assert not are_progress_bars_disabled() and are_progress_bars_disabled("huggingface_hub.http_get")
+    finally:
+        hf_logging.enable_progress_bar()
+        hub_tqdm.progress_bar_states.clear()
+        hub_tqdm.progress_bar_states.update(saved)

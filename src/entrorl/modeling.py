@@ -231,20 +231,20 @@ def quiet_progress_bars():
     """transformers' and huggingface_hub's progress bars off in the block (loading or writing a model shows a bar per
     weight file otherwise, under the caller's own progress), each put back as it was: a library user's later
     downloads keep theirs."""
-    from huggingface_hub import utils as hub_utils
+    import importlib
+
     from transformers.utils import logging as hf_logging
 
-    transformers_bars, hub_bars = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the package exports a class of that name
+    transformers_bars, hub_states = hf_logging.is_progress_bar_enabled(), dict(hub_tqdm.progress_bar_states)
     hf_logging.disable_progress_bar()  # both
     try:
         yield
     finally:
         if transformers_bars:
             hf_logging.enable_progress_bar()  # both again
-        if hub_bars:
-            hub_utils.enable_progress_bars()
-        else:
-            hub_utils.disable_progress_bars()
+        hub_tqdm.progress_bar_states.clear()  # the hub's global setting and each group's, as they were
+        hub_tqdm.progress_bar_states.update(hub_states)
 
 
 def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout: bool = True, trust_remote_code: bool = False,
