@@ -1163,6 +1163,8 @@ def test_sums_and_products_with_symbolic_bounds_are_judged(answer, reference):
     ("Total = 1,200 + 34 = 1,234\n#### 1234", "\\boxed{1234}", 1.0),
     ("139+74=213, 213-4=209\n#### 209", "\\boxed{213}", 0.0),
     ("\\boxed{7}, not #### 8", "\\boxed{7}", 1.0),  # a box comes first
+    ("\\boxed{}", "The answer is \\boxed{}", 0.0),  # an empty box or #### is no reference, not the text around it
+    ("#### ", "The answer is ####", 0.0),
 ])
 def test_a_gsm8k_reference_is_read_after_its_hashes(reference, completion, expected):
     verdict = get_reward("math")("How many?", completion, reference)

@@ -490,7 +490,7 @@ def prepare_reference(reference: str) -> str:
     answer = extract_boxed(reference)
     if answer is None:
         answer = extract_hashes(reference)
-    return normalize_answer(answer if answer is not None and answer.strip() else reference)
+    return normalize_answer(answer if answer is not None else reference)  # an empty box or #### gives no reference
 
 # --------------------------------------------------------------------------------------------
 # what the question asks for
