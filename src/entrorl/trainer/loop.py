@@ -705,7 +705,7 @@ class Trainer:
         rollout = self.config.rollout
         log_probs = rollouts.sampler_log_probs
         ranked = self.advantage_name == "unlikely" or self.config.reward.unlikeliness is not None
-        if ranked and (rollout.top_k or rollout.top_p < 1.0 or rollout.backend != "hf"):
+        if ranked and (rollout.filters_tokens(model_vocab_size(self.model)) or rollout.backend != "hf"):
             with torch.no_grad():
                 scored = self.token_stats(self.model, rollouts, torch.arange(len(rollouts)), need=("logprob",))
             log_probs = torch.where(rollouts.response_mask, scored.logprob.float().cpu(), torch.zeros(()))
