@@ -3041,3 +3041,67 @@ def test_a_worker_ends_on_sigterm_whenever_it_lands_while_the_stop_request_is_re
         finally:
             process.kill()
             process.wait()
+
+
+def test_the_workers_import_a_methods_parts_before_the_module_that_registers_it(tmp_path, monkeypatch, own_registry):
+    """The module registering a method names parts another module registers: a new process must import that one
+    first. A method first typed into a session and then registered by a module is the module's."""
+    import types
+
+    from entrorl.lab.runner import _worker_imports
+    from entrorl.objective import parts
+
+    monkeypatch.setattr(parts, "_REGISTRY", {kind: dict(registry) for kind, registry in parts._REGISTRY.items()})
+    (tmp_path / "own_parts_mod.py").write_text(textwrap.dedent("""
+        import torch
+        from entrorl.objective import Selector, register_part
+
+        @register_part("own_nothing", description="drops nothing")
+        class OwnNothing(Selector):
+            def __call__(self, batch, advantages, surrogate, metrics):
+                return torch.zeros_like(batch.mask)
+    """))
+    (tmp_path / "own_method_mod.py").write_text(textwrap.dedent("""
+        from entrorl.objective import MethodSpec, register_method
+        register_method(MethodSpec(name="own_parts_method", description="x", paper="", selectors=(("own_nothing", {}),)))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # a session: no __file__
+    from entrorl.objective import MethodSpec, register_method
+
+    try:
+        import own_parts_mod  # noqa: F401
+
+        exec("register_method(spec)", {"__name__": "__main__", "register_method": register_method,
+                                       "spec": MethodSpec(name="own_parts_method", description="x", paper="",
+                                                          selectors=(("own_nothing", {}),))})
+        with pytest.raises(ValueError, match="registered by this interactive session"):
+            _worker_imports(["own_parts_method"], [])
+        import own_method_mod  # noqa: F401  (the same method, now from a module)
+
+        assert _worker_imports(["grpo+own_parts_method", "sft"], ["extra_mod"]) == ["extra_mod", "own_parts_mod",
+                                                                                      "own_method_mod"]
+    finally:
+        for name in ("own_parts_mod", "own_method_mod"):
+            sys.modules.pop(name, None)
+
+
+def test_the_command_that_continues_earlier_methods_carries_the_folders_imports(tmp_path, monkeypatch):
+    """A method of one's own interrupted by an earlier invocation (``--import mine_mod``, in lab.json) is continued
+    with a command that imports it."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.lab import runner
+
+    def earlier_folder(preset, *, out, **kwargs):
+        out.mkdir(exist_ok=True)
+        (out / "lab.json").write_text(json.dumps({"preset": {"name": "quick"}, "methods": ["grpo", "mine"],
+                                                  "imports": ["mine_mod"]}))
+        (out / "outcomes.json").write_text(json.dumps({"grpo": {"status": "done"}, "mine": {"status": "interrupted"}}))
+        return out
+
+    monkeypatch.setattr(runner, "run_lab", earlier_folder)
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--out", str(tmp_path / "lab")])
+    assert "continue them with entrorl lab --preset quick --methods mine --out" in " ".join(result.output.split())
+    assert "--import mine_mod" in " ".join(result.output.split())

@@ -976,7 +976,7 @@ def lab(
                          "(entrorl.objective.register_method) for --methods to name")] = None,
 ) -> None:
     """The entropy laboratory: train the built-in tiny model with every method side by side, then write a report."""
-    from entrorl.analysis.run_report import lab_command
+    from entrorl.analysis.run_report import lab_command, lab_imports
     from entrorl.lab.runner import (LabInterrupted, default_run_directory, failed_methods, interrupted_methods,
                                     run_lab)
 
@@ -987,7 +987,9 @@ def lab(
         out = default_run_directory()
 
     def command_for(methods: list[str]) -> str:
-        return lab_command(preset, methods, out, workers=workers, rl_seed=rl_seed, imports=imports or [])
+        # the modules the folder's methods of one's own need: earlier invocations' (lab.json) and this one's
+        needed = [*lab_imports(_read_json_object(out / "lab.json") or {}), *(name.strip() for name in imports or [])]
+        return lab_command(preset, methods, out, workers=workers, rl_seed=rl_seed, imports=list(dict.fromkeys(needed)))
 
     again = command_for(names)
     try:

@@ -100,19 +100,21 @@ def register_method(spec: MethodSpec) -> MethodSpec:
         else:
             _METHODS[spec.name] = previous
         raise ValueError(f"method '{spec.name}' cannot be built: {error}") from None
-    _REGISTERED_BY.setdefault(spec.name, registrant)
+    if _REGISTERED_BY.get(spec.name) in (None, "__main__"):  # a module that registers it too can be imported elsewhere
+        _REGISTERED_BY[spec.name] = registrant
     return spec
 
 
 def method_modules(name: str) -> list[str]:
-    """The modules, entrorl's own left out, that registered method ``name`` and the parts it names: what a new
-    process (the laboratory's workers) imports to build it. ``__main__`` for one registered by a script or an
-    interactive session."""
+    """The modules, entrorl's own left out, that registered the parts method ``name`` names and the method itself, in
+    the order to import them: what a new process (the laboratory's workers) imports to build it. ``__main__`` for one
+    registered by a script or an interactive session (and by no module since)."""
     spec = get_method(name)
     refs = [("surrogate", spec.surrogate), *(("shaper", ref) for ref in spec.shapers),
             *(("regularizer", ref) for ref in spec.regularizers), *(("selector", ref) for ref in spec.selectors),
             *([("correction", spec.correction)] if spec.correction is not None else [])]
-    modules = [_REGISTERED_BY.get(name, ""), *(get_part_class(kind, ref[0]).__module__ for kind, ref in refs)]
+    # the parts first: the module that registers the method needs them registered
+    modules = [*(get_part_class(kind, ref[0]).__module__ for kind, ref in refs), _REGISTERED_BY.get(name, "")]
     return [module for module in dict.fromkeys(modules)
             if module and module != "entrorl" and not module.startswith("entrorl.")]
 
