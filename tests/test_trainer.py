@@ -3901,10 +3901,18 @@ def test_prompt_format_reads_each_setting_of_the_run_on_its_own(tmp_path, capsys
     assert _run_defaults(run, "A {prompt}", False, None, "math", dtype="float16")[:3] == (
         "A {prompt}", False, DEFAULT_MAX_NEW_TOKENS)
     assert "does not give rollout.max_new_tokens; the default is used" in capsys.readouterr().err
-    assert _run_defaults(run, "A {prompt}", False, 5, "math", dtype="float16")[:3] == ("A {prompt}", False, 5)  # all given: not read
+    assert _run_defaults(run, "A {prompt}", False, 5, "math", dtype="float16", prompt_column="q",
+                         answer_column="a")[:3] == ("A {prompt}", False, 5)  # all given: not read
     assert not capsys.readouterr().err
     assert _run_defaults(tmp_path, None, None, None) == ("{prompt}", False, DEFAULT_MAX_NEW_TOKENS, "math", {}, None,
-                                                         "float32")  # no run
+                                                         "float32", "prompt", "answer")  # no run
+    # the data's columns: the run's, said when they are not the defaults; given ones win
+    (run / "config.json").write_text(json.dumps({"data": {"prompt_column": "prompt", "answer_column": "reward_model.gt"}}))
+    defaults = _run_defaults(run, "{prompt}", False, 5, "math", dtype="float32")
+    assert (defaults.prompt_column, defaults.answer_column) == ("prompt", "reward_model.gt")
+    said = " ".join(capsys.readouterr().err.split())
+    assert "data.answer_column = 'reward_model.gt'" in said and "data.prompt_column" not in said
+    assert _run_defaults(run, "{prompt}", False, 5, "math", dtype="float32", answer_column="a").answer_column == "a"
     assert not capsys.readouterr().err
 
 
@@ -5290,3 +5298,13 @@ def test_training_on_verl_style_parquet_with_chat_messages(tmp_path, tiny_model_
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step_000001.jsonl").read_text().splitlines()]
     assert {sample["prompt"] for sample in samples} <= {row["prompt"][1]["content"] for row in rows}
     assert all(sample["answer"] == str(eval(sample["prompt"][:-1])) for sample in samples)
+    # eval on the run takes its columns and its chat template
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    evaluated = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "run"), "--data", str(train), "--n", "2",
+                                         "--k", "1", "--max-prompts", "2", "--out", str(tmp_path / "eval.json")])
+    assert evaluated.exit_code == 0, evaluated.output
+    settings = json.loads((tmp_path / "eval.json").read_text())["settings"]
+    assert (settings["answer_column"], settings["chat_template"]) == ("reward_model.ground_truth", True)

@@ -266,8 +266,12 @@ TemperatureOption = Annotated[float, typer.Option(min=0.0, help="sampling temper
 TopPOption = Annotated[float, typer.Option(callback=_probability_above_zero, help="nucleus sampling: keep the smallest "
                                            "set of tokens whose probability reaches this (1 = off)  [0<x<=1]")]
 TopKOption = Annotated[int, typer.Option(min=0, help="keep only the k most likely tokens (0 = off)")]
-PromptColumnOption = Annotated[str, typer.Option(help="the data's column holding the prompt")]
-AnswerColumnOption = Annotated[str, typer.Option(help="the data's column holding the reference answer")]
+PromptColumnOption = Annotated[Optional[str], typer.Option(
+    help="the data's column holding the prompt: text, or chat messages (with --chat-template); default: a run's "
+         "data.prompt_column when --model is a run or one of its checkpoints, else prompt")]
+AnswerColumnOption = Annotated[Optional[str], typer.Option(
+    help="the data's column holding the reference answer (reward_model.ground_truth: a field within a column); "
+         "default: a run's data.answer_column when --model is a run or one of its checkpoints, else answer")]
 SeedOption = Annotated[int, typer.Option(help="sampling seed (what torch.manual_seed takes: -2**63 to 2**64 - 1)",
                                          min=-(2**63), max=2**64 - 1)]
 RewardOption = Annotated[Optional[str], typer.Option("--reward", help="reward name or package.module:function "
@@ -296,7 +300,8 @@ TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help
                                                      "and tokenizer code (auto_map in its config); read it first")]
 
 
-def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_column: str, answer_column: str,
+def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_column: str | None,
+                     answer_column: str | None,
                      prompt_template: str | None, chat_template: bool | None, max_new_tokens: int | None,
                      temperature: float, top_p: float, top_k: int,
                      max_prompts: int | None, device: str, dtype: str | None, base: Path | None = None,
@@ -324,13 +329,13 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
 
     with _said_when_interrupted("while loading the model and the prompts: nothing was written"):
         defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold, dtype,
-                                 reward_args=reward_args)
+                                 reward_args=reward_args, prompt_column=prompt_column, answer_column=answer_column)
         directory = _model_directory(model, base, defaults.dtype)
         prompt_template, chat_template = defaults.prompt_template, defaults.chat_template
         max_new_tokens = defaults.max_new_tokens
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         check_prompt_template(prompt_template)
-        records = load_prompts(data, prompt_column=prompt_column, answer_column=answer_column,
+        records = load_prompts(data, prompt_column=defaults.prompt_column, answer_column=defaults.answer_column,
                                require_answer=require_answer)[:max_prompts]
         reward_runner = RewardRunner(get_reward(defaults.reward, **defaults.reward_kwargs),
                                      correct_threshold=defaults.correct_threshold, name=defaults.reward)
@@ -479,6 +484,8 @@ class _SamplingDefaults(NamedTuple):
     reward_kwargs: dict[str, Any]
     correct_threshold: float | None
     dtype: str
+    prompt_column: str
+    answer_column: str
 
 
 def _reward_options(options: list[str], onto: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -501,24 +508,28 @@ def _reward_options(options: list[str], onto: dict[str, Any] | None = None) -> d
 
 def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool | None, max_new_tokens: int | None,
                   reward: str | None = None, correct_threshold: float | None = None,
-                  dtype: str | None = None, reward_args: list[str] | None = None) -> _SamplingDefaults:
-    """The prompt template, chat-template switch, most new tokens, reward and weights' type to sample and score with:
-    those given, else, when ``model`` is a training run or one of its checkpoints, the run's own
-    (``data.prompt_template``, ``model.chat_template``, ``rollout.max_new_tokens``, ``model.dtype``, and
+                  dtype: str | None = None, reward_args: list[str] | None = None, *, prompt_column: str | None = None,
+                  answer_column: str | None = None) -> _SamplingDefaults:
+    """The data's columns, prompt template, chat-template switch, most new tokens, reward and weights' type to sample
+    and score with: those given, else, when ``model`` is a training run or one of its checkpoints, the run's own
+    (``data.prompt_column``, ``data.answer_column``, ``data.prompt_template``, ``model.chat_template``,
+    ``rollout.max_new_tokens``, ``model.dtype``, and
     ``reward.name`` with its ``reward.kwargs`` and, unless given, ``reward.correct_threshold``, after the run's
-    ``imports``, in its config.json; said in one line), else ``"{prompt}"`` without the chat template,
+    ``imports``, in its config.json; said in one line), else ``prompt`` and ``answer``, ``"{prompt}"`` without the chat template,
     :data:`DEFAULT_MAX_NEW_TOKENS`, ``math`` and float32. ``reward_args`` (``--reward-arg`` options) set the reward's
     options: in the run's ``reward.kwargs`` when the run's reward is taken, else from none."""
     from entrorl.trainer.checkpoint import training_run_of
     from entrorl.trainer.config import ModelConfig
 
     reward_args = reward_args or []
-    run = training_run_of(model) if None in (prompt_template, chat_template, max_new_tokens, reward, dtype) else None
+    given = (prompt_column, answer_column, prompt_template, chat_template, max_new_tokens, reward, dtype)
+    run = training_run_of(model) if None in given else None
     if run is None:
         return _SamplingDefaults("{prompt}" if prompt_template is None else prompt_template, bool(chat_template),
                                  DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
                                  "math" if reward is None else reward, _reward_options(reward_args), correct_threshold,
-                                 "float32" if dtype is None else dtype)
+                                 "float32" if dtype is None else dtype, "prompt" if prompt_column is None else prompt_column,
+                                 "answer" if answer_column is None else answer_column)
     config = _read_json_object(run / "config.json") or {}
 
     def recorded(section: str, name: str, kind: type):
@@ -539,6 +550,17 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
         taken.append(f"{key} = {shown(value)}")
         return value
 
+    def column(given, name: str, default: str) -> str:
+        """A column the run read its data from; said only when it is not the default."""
+        value = recorded("data", name, str) if given is None else None
+        if not value:
+            return default if given is None else given
+        if value != default:
+            taken.append(f"data.{name} = {value!r}")
+        return value
+
+    prompt_column = column(prompt_column, "prompt_column", "prompt")
+    answer_column = column(answer_column, "answer_column", "answer")
     prompt_template = setting(prompt_template, "data.prompt_template", str, "{prompt}")
     chat_template = setting(chat_template, "model.chat_template", bool, False, shown=lambda value: str(value).lower())
     max_new_tokens = setting(max_new_tokens, "rollout.max_new_tokens", int, DEFAULT_MAX_NEW_TOKENS, shown=str,
@@ -559,14 +581,15 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
             _import_the_run_s_modules(config.get("imports"), run)
     reward_kwargs = _reward_options(reward_args, onto=reward_kwargs)
     if taken:
-        console.print(Text(f"settings of the run in {run} (its config.json): {', '.join(taken)}; --prompt-template, "
-                           "--chat-template / --no-chat-template, --max-new-tokens, --reward, --correct-threshold "
-                           "and --dtype override them, and --reward-arg one reward option"), soft_wrap=True)
+        console.print(Text(f"settings of the run in {run} (its config.json): {', '.join(taken)}; --prompt-column, "
+                           "--answer-column, --prompt-template, --chat-template / --no-chat-template, --max-new-tokens, "
+                           "--reward, --correct-threshold and --dtype override them, and --reward-arg one reward "
+                           "option"), soft_wrap=True)
     if unread:
         console.print(Text.assemble(("warning", "yellow"), f": {run / 'config.json'} does not give "
                                     f"{' or '.join(unread)}; the default is used"), soft_wrap=True)
     return _SamplingDefaults(prompt_template, chat_template, max_new_tokens, reward, reward_kwargs, correct_threshold,
-                             dtype)
+                             dtype, prompt_column, answer_column)
 
 
 def _import_the_run_s_modules(names: Any, run: Path) -> None:
@@ -584,14 +607,13 @@ def _import_the_run_s_modules(names: Any, run: Path) -> None:
 
 
 def _sampling_settings(model: Path, directory, reward_runner, defaults: _SamplingDefaults, sampling, *, n: int,
-                       prompt_column: str, answer_column: str, max_prompts: int | None, seed: int,
-                       batch_size: int, policy) -> dict[str, Any]:
+                       max_prompts: int | None, seed: int, batch_size: int, policy) -> dict[str, Any]:
     """What `eval` and `data audit` record of how they sampled and scored (their summaries' ``settings``, one set of
     keys for both; ``device``: the one ``policy`` ran on, not ``--device`` as typed)."""
     return {"model": str(model), **_model_settings(directory), "reward": reward_runner.name,
             "reward_kwargs": defaults.reward_kwargs, "n": n, "max_new_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
-            "prompt_column": prompt_column, "answer_column": answer_column,
+            "prompt_column": defaults.prompt_column, "answer_column": defaults.answer_column,
             "prompt_template": defaults.prompt_template, "chat_template": defaults.chat_template,
             "max_prompts": max_prompts, "correct_threshold": reward_runner.correct_threshold, "dtype": defaults.dtype,
             "seed": seed, "batch_size": batch_size, "device": str(next(policy.parameters()).device)}
@@ -686,8 +708,8 @@ def evaluate(
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
     top_k: TopKOption = 0,
-    prompt_column: PromptColumnOption = "prompt",
-    answer_column: AnswerColumnOption = "answer",
+    prompt_column: PromptColumnOption = None,
+    answer_column: AnswerColumnOption = None,
     prompt_template: PromptTemplateOption = None,
     chat_template: ChatTemplateOption = None,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="evaluate only the first N prompts")] = None,
@@ -750,8 +772,8 @@ def evaluate(
     summary = result.to_dict()
     # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
     summary["settings"] = {"data": str(data), **_sampling_settings(
-        model, directory, reward_runner, defaults, sampling, n=n, prompt_column=prompt_column,
-        answer_column=answer_column, max_prompts=max_prompts, seed=seed, batch_size=batch_size, policy=policy)}
+        model, directory, reward_runner, defaults, sampling, n=n, max_prompts=max_prompts, seed=seed,
+        batch_size=batch_size, policy=policy)}
     summary["sources"] = [record.source for record in records]
     reward_log = _keep_reward_traceback(result.first_reward_error, reward_log_path)
     if result.reward_errors:
@@ -1106,8 +1128,8 @@ def data_audit(
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
     top_k: TopKOption = 0,
-    prompt_column: PromptColumnOption = "prompt",
-    answer_column: AnswerColumnOption = "answer",
+    prompt_column: PromptColumnOption = None,
+    answer_column: AnswerColumnOption = None,
     prompt_template: PromptTemplateOption = None,
     chat_template: ChatTemplateOption = None,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="audit only the first N prompts (the filtered file and the summary cover only those)")] = None,
@@ -1166,8 +1188,7 @@ def data_audit(
     if len(result.too_long) > 20:
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
     settings = {**_sampling_settings(model, model_directory, reward_runner, defaults, sampling, n=n,
-                                     prompt_column=prompt_column, answer_column=answer_column, max_prompts=max_prompts,
-                                     seed=seed, batch_size=batch_size, policy=policy)}
+                                     max_prompts=max_prompts, seed=seed, batch_size=batch_size, policy=policy)}
     reward_log = _keep_reward_traceback(result.first_reward_error, directory / REWARD_ERRORS_LOG)
     try:
         outputs = write_audit_outputs(result, data, directory, band=band, keep_wrong=keep_wrong, thresholds=thresholds,
