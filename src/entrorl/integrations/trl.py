@@ -80,7 +80,7 @@ except ImportError as error:  # pragma: no cover - exercised only without trl
     raise ImportError("entrorl.integrations.trl needs TRL: pip install 'entrorl[trl]'") from error
 
 from entrorl.analysis.run_report import TRL_OBJECTIVE_FILE
-from entrorl.modeling import FUSED_HEAD_MODEL_TYPES
+from entrorl.modeling import FUSED_HEAD_MODEL_TYPES, model_vocab_size
 from entrorl.objective import Objective, ObjectiveConfig, PolicyBatch, build_objective, get_method
 from entrorl.objective.parts import make_part
 from entrorl.objective.regularizers import AdaptiveEntropy, KLReference
@@ -495,6 +495,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             raise NotImplementedError("EntropyGRPOTrainer scores text-only batches; this model's processor takes images "
                                       f"({type(self.processing_class).__name__})")
         check_trl_args(self.args, self.objective, rollout_func=rollout_func)
+        self._warn_on_filtered_sampling()
         if self.objective.loss_agg_mode == "seq-mean-token-sum-norm" and self.objective.loss_scale_factor is None:
             self.objective.loss_scale_factor = float(self.max_completion_length)
         if objective is not None:  # without one the loss is TRL's own loss_type, as GRPOTrainer's
@@ -554,6 +555,17 @@ class EntropyGRPOTrainer(GRPOTrainer):
                 f"GRPOConfig(scale_rewards='none'), got scale_rewards={scale_rewards!r}",
                 stacklevel=3,
             )
+
+    def _warn_on_filtered_sampling(self) -> None:
+        """The objective's caveats (:meth:`Objective.filtered_sampling_caveats`) when GRPOConfig's top_k (below the
+        vocabulary's size), top_p or min_p leave tokens out of the sampled distribution."""
+        top_k, top_p, min_p = (getattr(self.args, name, None) for name in ("top_k", "top_p", "min_p"))
+        vocab = model_vocab_size(self.model)
+        if (top_k or 0) > 0 and (vocab is None or top_k < vocab) or (top_p is not None and top_p < 1.0) \
+                or (min_p or 0) > 0:
+            filters = f"GRPOConfig's top_k = {top_k} / top_p = {top_p} / min_p = {min_p}"
+            for caveat in self.objective.filtered_sampling_caveats(filters, "GRPOConfig's temperature"):
+                warnings.warn(caveat, stacklevel=3)
 
     def _warn_on_low_precision_head(self) -> None:
         """TRL scores the old and reference log-probs with its own LM head, in the autocast or weight dtype unless

@@ -70,6 +70,27 @@ class Objective:
     def required_fields(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(f for part in self.parts for f in part.requires))
 
+    def filtered_sampling_caveats(self, filters: str, temperature: str) -> list[str]:
+        """What goes wrong for this objective when the sampler draws from a truncated distribution (top-k, top-p,
+        min-p: ``filters`` names the settings, ``temperature`` the one the statistics are taken at): a rollout
+        correction's ratio becomes the probability the filter kept, and H, S and D describe another distribution
+        than the one the tokens came from."""
+        caveats = []
+        if "rollout_log_prob" in self.required_fields:
+            caveats.append(
+                f"method {self.label!r} compares the trainer's log-probs (the full distribution at {temperature}) with "
+                f"the sampler's, which {filters} make those of the filtered distribution: their ratio is then the "
+                "probability the filter kept, not only the sampler/trainer mismatch (TIS weights below 1; IcePop may "
+                "mask most tokens)")
+        statistics = sorted({"entropy", "disc", "disc_centered"} & set(self.required_fields))
+        if statistics:
+            caveats.append(
+                f"method {self.label!r} reads {', '.join(statistics)} of the full distribution at {temperature}, while "
+                f"{filters} draw the tokens from a truncated one: its entropy is lower than the one the method sees, "
+                "and D's batch mean is no longer about 0 (Cor. 3.5 of arXiv 2602.03392 holds for tokens drawn from the "
+                "full distribution)")
+        return caveats
+
     def __call__(
         self,
         batch: PolicyBatch,

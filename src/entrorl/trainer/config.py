@@ -599,22 +599,10 @@ class TrainConfig(_Section):
                 f"reward.overlong.max_length = {overlong.max_length} is above rollout.max_new_tokens = "
                 f"{self.rollout.max_new_tokens}: a response cut at the limit gets only part of the penalty (DAPO sets "
                 "max_length to the response limit)", ConfigWarning, stacklevel=2)
-        filters_tokens = self.rollout.filters_tokens(declared_vocab_size(self.model.path))
-        if filters_tokens and "rollout_log_prob" in required:
-            warnings.warn(
-                f"method {self.method_label()!r} compares the trainer's log-probs (the full distribution at "
-                f"rollout.temperature) with the sampler's, which rollout.top_k = {self.rollout.top_k} / top_p = "
-                f"{self.rollout.top_p} make those of the filtered distribution: their ratio is then the probability "
-                "the filter kept, not only the sampler/trainer mismatch (TIS weights below 1; IcePop may mask most "
-                "tokens)", ConfigWarning, stacklevel=2)
-        entropy_statistics = sorted({"entropy", "disc", "disc_centered"} & set(required))
-        if filters_tokens and entropy_statistics:
-            warnings.warn(
-                f"method {self.method_label()!r} reads {', '.join(entropy_statistics)} of the full distribution at "
-                f"rollout.temperature, while rollout.top_k = {self.rollout.top_k} / top_p = {self.rollout.top_p} draw the "
-                "tokens from a truncated one: its entropy is lower than the one the method sees, and D's batch mean is "
-                "no longer about 0 (Cor. 3.5 of arXiv 2602.03392 holds for tokens drawn from the full distribution)",
-                ConfigWarning, stacklevel=2)
+        if self.rollout.filters_tokens(declared_vocab_size(self.model.path)):
+            filters = f"rollout.top_k = {self.rollout.top_k} / top_p = {self.rollout.top_p}"
+            for caveat in objective.filtered_sampling_caveats(filters, "rollout.temperature"):
+                warnings.warn(caveat, ConfigWarning, stacklevel=2)
         if self.advantage.name is None:
             unpaired = [(name, get_method(name).advantage_estimator) for name in self.method_names()[1:]]
             # grpo is every method's estimator unless it has its own: a later method on grpo asks for nothing else
