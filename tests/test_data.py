@@ -1818,3 +1818,27 @@ def test_chat_messages_that_cannot_be_a_prompt_are_refused_naming_the_row(tmp_pa
     write_lines(p, [json.dumps({"prompt": "ok", "answer": "1"}), json.dumps({"prompt": messages, "answer": "1"})])
     with pytest.raises(DataError, match=rf"chat\.jsonl:2: prompt column 'prompt'.*{re.escape(problem)}"):
         load_prompts(p)
+
+
+def test_a_conversation_edited_in_any_turn_is_other_records_to_a_resumed_stream():
+    """The stream's digest covers a chat prompt's whole conversation: an edited system prompt is refused on resume."""
+    from entrorl.data import PromptStream
+
+    def records(system):
+        return [PromptRecord(prompt=f"{i}+1=", answer=str(i + 1), messages=({"role": "system", "content": system},
+                                                                            {"role": "user", "content": f"{i}+1="}))
+                for i in range(4)]
+
+    saved = PromptStream(records("Answer with a number."), seed=0)
+    saved.next_batch(2)
+    PromptStream(records("Answer with a number."), seed=0).load_state_dict(saved.state_dict())
+    with pytest.raises(ValueError, match="other records"):
+        PromptStream(records("Answer in words."), seed=0).load_state_dict(saved.state_dict())
+
+
+def test_a_message_with_null_content_is_said_to_be_a_tool_call(tmp_path):
+    p = tmp_path / "chat.jsonl"
+    write_lines(p, [json.dumps({"prompt": [{"role": "assistant", "content": None, "tool_calls": []},
+                                           {"role": "user", "content": "go"}], "answer": "1"})])
+    with pytest.raises(DataError, match=r"message 0 .* \(its content is null: a tool call, which a prompt cannot hold\)"):
+        load_prompts(p)

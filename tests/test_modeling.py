@@ -1458,3 +1458,18 @@ def test_quiet_progress_bars_puts_back_huggingface_hubs_settings_of_each_group()
         hf_logging.enable_progress_bar()
         hub_tqdm.progress_bar_states.clear()
         hub_tqdm.progress_bar_states.update(saved)
+
+
+def test_the_unknown_token_note_names_the_characters_of_any_turn_of_a_conversation():
+    from entrorl.data import PromptRecord
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }};{% endfor %}"
+                               "{% if add_generation_prompt %}a:{% endif %}")
+    record = PromptRecord(prompt="1+1=", answer="2", source="chat.jsonl:1",
+                          messages=({"role": "system", "content": "\u20ac"}, {"role": "user", "content": "1+1="}))
+    ids = modeling.encode_prompt(tokenizer, record.prompt, chat_template=True, messages=record.messages)
+    assert tokenizer.unk_token_id in ids
+    note = modeling.unknown_token_note(tokenizer, [ids], [record], what="data.train")
+    assert "the first is chat.jsonl:1, whose '\u20ac' the vocabulary cannot write" in note

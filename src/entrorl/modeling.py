@@ -630,7 +630,10 @@ def unknown_token_note(tokenizer, prompt_ids, records, *, what: str, template: s
     def shown(characters: list[str]) -> str:
         return " ".join(repr(character) for character in characters[:10]) + (" ..." if len(characters) > 10 else "")
 
-    in_template, in_prompt = unwritable(template.format(prompt="")), unwritable(first.prompt)
+    # the whole conversation of a prompt given as chat messages: any turn of it may hold such a character
+    text = first.prompt if getattr(first, "messages", None) is None else "".join(
+        str(message.get("content", "")) for message in first.messages)
+    in_template, in_prompt = unwritable(template.format(prompt="")), unwritable(text)
     note = (f"{len(hit)} of the {len(prompt_ids)} prompts of {what} hold text the tokenizer turns into its unknown "
             f"token {tokenizer.unk_token!r} (the model sees one token for any such character); the first is "
             f"{first.source}" + (f", whose {shown(in_prompt)} the vocabulary cannot write" if in_prompt else ""))

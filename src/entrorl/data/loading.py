@@ -343,9 +343,12 @@ def _chat_messages(value: Any, column: str, fail: Any) -> tuple[str, tuple[dict[
                 or not isinstance(message.get("content"), str):
             got = (f"an object with the fields {_fmt_cols(message)}" if isinstance(message, dict)
                    else _a_json_kind(message))
+            content = message.get("content") if isinstance(message, dict) else None
+            why = (" (a list of content parts is not read: text only)" if isinstance(content, list) else
+                   " (its content is null: a tool call, which a prompt cannot hold)" if isinstance(message, dict)
+                   and "content" in message and content is None else "")
             raise fail(f"prompt column {column!r}: message {index} is {got}; expected chat messages, each an object "
-                       "with a string \"role\" and a string \"content\" (text only: a list of content parts is not "
-                       "read)")
+                       f"with a string \"role\" and a string \"content\"{why}")
     if messages[-1]["role"] != "user":
         raise fail(f"prompt column {column!r}: the conversation ends with a {messages[-1]['role']!r} message; expected it "
                    "to end with the user's turn, which the policy answers")

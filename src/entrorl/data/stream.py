@@ -75,11 +75,13 @@ class PromptStream:
 
     @cached_property
     def records_digest(self) -> str:
-        """SHA-256 of the records' prompts, answers and fields, in order (not of where they were read from): two
-        streams over the same rows have the same digest, a row edited in place gives another."""
+        """SHA-256 of the records' prompts (their whole conversations, when given as chat messages), answers and
+        fields, in order (not of where they were read from): two streams over the same rows have the same digest, a
+        row edited in place gives another."""
         digest = hashlib.sha256()
         for record in self._records:
-            digest.update(json.dumps([record.prompt, record.answer, record.meta], sort_keys=True, default=str,
+            prompt = record.prompt if record.messages is None else list(record.messages)
+            digest.update(json.dumps([prompt, record.answer, record.meta], sort_keys=True, default=str,
                                      ensure_ascii=False).encode("utf-8"))
             digest.update(b"\n")
         return digest.hexdigest()
