@@ -299,3 +299,21 @@ def test_scores_stay_within_0_and_1_and_a_stray_closing_tag_stays_out_of_the_ans
     assert record["answer"] == "-4"
     reward = get_reward("reasoning_gym", task="basic_arithmetic")
     assert reward(record["prompt"], "<answer>-4</answer> is my answer</answer>", record["answer"], **record["meta"]) == 1.0
+
+
+def test_verl_s_layout_of_the_data_scores_from_its_extra_info(tmp_path):
+    """verl's parquet keeps the entry in ``extra_info`` (what its reasoning_gym_score reads): trained on with
+    entrorl, the same file scores the same."""
+    import pandas as pd
+
+    generated = reasoning_gym_records("basic_arithmetic", size=3, seed=0)
+    rows = [{"data_source": "basic_arithmetic", "prompt": [{"role": "user", "content": r["prompt"]}],
+             "reward_model": {"style": "rule", "ground_truth": r["answer"]},
+             "extra_info": {"entry": json.dumps(entry_to_json(r["meta"]["entry"])), "task": "basic_arithmetic"}}
+            for r in generated]
+    path = tmp_path / "train.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    reward = get_reward("reasoning_gym")
+    for record in load_prompts(path, answer_column="reward_model.ground_truth"):
+        assert reward(record.prompt, f"<answer>{record.answer}</answer>", record.answer, **record.meta) == 1.0
+        assert reward(record.prompt, "<answer>certainly wrong</answer>", record.answer, **record.meta) < 1.0

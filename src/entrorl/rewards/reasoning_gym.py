@@ -214,7 +214,8 @@ class ReasoningGymReward:
     text, as ``meta["entry"]`` may be).
 
     A completion with no extractable answer scores 0.0; so does an answer the verifier chokes on.
-    A missing or malformed entry raises ``ValueError``.
+    A missing or malformed entry raises ``ValueError``. Data laid out as verl's (the entry, task and config inside
+    an ``extra_info`` object) is read from there.
 
     Only full marks count as correct (``correct_threshold = 1.0``, for accuracy, Pass@k and dynamic sampling):
     several verifiers give a wrong answer partial credit, e.g. ``len(reference) / len(answer)`` = 0.5 for
@@ -261,6 +262,8 @@ class ReasoningGymReward:
         return dataset
 
     def __call__(self, prompt: str, completion: str, answer: str | None, /, **meta: Any) -> float:
+        if "entry" not in meta and isinstance(meta.get("extra_info"), Mapping):  # verl's layout of the same data
+            meta = {**meta, **meta["extra_info"]}
         entry = meta.get("entry")
         if isinstance(entry, str):
             entry = json.loads(entry)
