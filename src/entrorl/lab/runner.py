@@ -26,6 +26,7 @@ import multiprocessing
 import numbers
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -833,7 +834,7 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
     """
     from entrorl.rewards.base import import_named_modules
 
-    imports = [] if imports is None else list(dict.fromkeys(import_named_modules(imports, "--import")))
+    imports = [] if imports is None else import_named_modules(imports, "--import")
     preset = get_preset(preset_name)
     requested = _requested_methods(methods)
     if requested:
@@ -869,8 +870,6 @@ def _worker_imports(methods: list[str], imports: list[str]) -> list[str]:
     """``imports`` and the modules that registered the methods of ``methods`` that are the user's own
     (:func:`entrorl.objective.method_modules`): a worker process, started afresh, imports them before it builds its
     method. A script's own module (``__main__``) runs again in each worker; an interactive session cannot."""
-    import sys
-
     from entrorl.objective import method_modules
 
     modules = list(imports)
@@ -892,9 +891,8 @@ def _run_in_folder(preset: LabPreset, out: Path, *, workers: int, console, cache
     """:func:`run_lab` in its checked and locked folder ``out``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from entrorl.lab.report import write_report
-
     from entrorl.analysis.run_report import lab_imports
+    from entrorl.lab.report import write_report
 
     recorded = _read_json_object(out / "lab.json")
     _check_same_preset(out, preset, recorded)
