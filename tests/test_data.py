@@ -1842,3 +1842,22 @@ def test_a_message_with_null_content_is_said_to_be_a_tool_call(tmp_path):
                                            {"role": "user", "content": "go"}], "answer": "1"})])
     with pytest.raises(DataError, match=r"message 0 .* \(its content is null: a tool call, which a prompt cannot hold\)"):
         load_prompts(p)
+
+
+def test_a_float32_within_a_struct_reads_as_written_as_a_column_does(tmp_path):
+    """A float32 0.1 is the answer "0.1" whether it is a column or a field within one (reward_model.ground_truth), in
+    a parquet file and in a saved data set."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"prompt": pa.array(["one tenth?"]), "answer": pa.array([0.1], pa.float32()),
+                      "reward_model": pa.array([{"ground_truth": 0.1, "inner": {"scale": 0.3}}],
+                                               pa.struct([("ground_truth", pa.float32()),
+                                                          ("inner", pa.struct([("scale", pa.float16())]))]))})
+    pq.write_table(table, tmp_path / "verl.parquet")
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "saved"))
+    for path in (tmp_path / "verl.parquet", tmp_path / "saved"):
+        assert load_prompts(path)[0].answer == "0.1"
+        record = load_prompts(path, answer_column="reward_model.ground_truth")[0]
+        assert record.answer == "0.1" and record.meta["reward_model"]["inner"] == {"scale": 0.3}

@@ -789,23 +789,51 @@ def _refuse_repeated_columns(columns: Sequence[str], p: Path) -> None:
 
 
 def _iter_arrow_rows(table: Any) -> Iterator[dict[str, Any]]:
-    narrow = {field.name: _NARROW_FLOATS[str(field.type)] for field in table.schema if str(field.type) in _NARROW_FLOATS}
+    narrow = _narrow_arrow_fields(list(table.schema))
     for batch in table.to_batches():
         yield from _as_written(batch.to_pylist(), narrow)
+
+
+def _narrow_arrow_fields(fields: list[Any], within: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """``{path: numpy type}`` of the float fields narrower than Python's among Arrow ``fields``, those within a
+    struct (``reward_model.ground_truth``) included: the path names the column, then the field within it."""
+    import pyarrow as pa
+
+    narrow = {}
+    for field in fields:
+        path = (*within, field.name)
+        if str(field.type) in _NARROW_FLOATS:
+            narrow[path] = _NARROW_FLOATS[str(field.type)]
+        elif pa.types.is_struct(field.type):
+            narrow.update(_narrow_arrow_fields([field.type.field(i) for i in range(field.type.num_fields)], path))
+    return narrow
+
+
+def _narrow_features(features: Mapping[str, Any], within: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """:func:`_narrow_arrow_fields` for a ``datasets`` data set's features (a struct's are a dict of features)."""
+    narrow = {}
+    for name, feature in features.items():
+        if isinstance(feature, Mapping):
+            narrow.update(_narrow_features(feature, (*within, name)))
+        elif getattr(feature, "dtype", None) in _NARROW_FLOATS:
+            narrow[(*within, name)] = _NARROW_FLOATS[feature.dtype]
+    return narrow
 
 
 # float columns narrower than Python's float: a value read from one is widened (float32's 0.1 becomes 0.10000000149...)
 _NARROW_FLOATS = {"float": np.float32, "float32": np.float32, "halffloat": np.float16, "float16": np.float16}
 
 
-def _as_written(rows: Iterable[dict[str, Any]], narrow: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    """``rows`` with the values of the ``narrow`` float columns (name: numpy type) as the numbers written (see
-    :func:`_as_python`), as a JSON file would give them."""
+def _as_written(rows: Iterable[dict[str, Any]], narrow: Mapping[tuple[str, ...], Any]) -> Iterator[dict[str, Any]]:
+    """``rows`` with the values of the ``narrow`` float fields (path: numpy type, see :func:`_narrow_arrow_fields`) as
+    the numbers written (see :func:`_as_python`), as a JSON file would give them."""
     for row in rows:
-        for name, kind in narrow.items():
-            value = row.get(name)
-            if isinstance(value, float):
-                row[name] = _as_python(kind(value))
+        for path, kind in narrow.items():
+            holder: Any = row
+            for name in path[:-1]:
+                holder = holder.get(name) if isinstance(holder, dict) else None
+            if isinstance(holder, dict) and isinstance(holder.get(path[-1]), float):
+                holder[path[-1]] = _as_python(kind(holder[path[-1]]))
         yield row
 
 
@@ -857,8 +885,7 @@ def _load_saved_dataset(p: Path, cols: _Columns) -> list[PromptRecord]:
     if selected != columns:
         ds = ds.select_columns(selected)
     # an output format saved with it (numpy, torch, pandas, arrow) is a view of the rows: they are read as Python values
-    narrow = {name: _NARROW_FLOATS[feature.dtype] for name, feature in ds.features.items()
-              if getattr(feature, "dtype", None) in _NARROW_FLOATS}
+    narrow = _narrow_features(ds.features)
     return list(_rows_to_records(_as_written(iter(ds.with_format(None)), narrow), p, cols))
 
 
