@@ -5308,3 +5308,15 @@ def test_training_on_verl_style_parquet_with_chat_messages(tmp_path, tiny_model_
     assert evaluated.exit_code == 0, evaluated.output
     settings = json.loads((tmp_path / "eval.json").read_text())["settings"]
     assert (settings["answer_column"], settings["chat_template"]) == ("reward_model.ground_truth", True)
+
+
+@pytest.mark.parametrize("command", [["eval", "--n", "1"], ["data", "audit", "--n", "2"]])
+@pytest.mark.parametrize("option", ["--prompt-column", "--answer-column"])
+def test_an_empty_column_option_is_refused_with_a_message(tmp_path, tiny_model_dir, arithmetic_files, command, option):
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    train, _ = arithmetic_files
+    result = CliRunner().invoke(app, [*command, "--model", str(tiny_model_dir), "--data", str(train), option, " "])
+    assert result.exit_code == 2 and f"{option} names no column" in result.output, result.output

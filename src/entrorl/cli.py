@@ -327,6 +327,9 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     from entrorl.trainer.checkpoint import load_model_directory
     from entrorl.trainer.config import resolve_device
 
+    for option, column in (("--prompt-column", prompt_column), ("--answer-column", answer_column)):
+        if column is not None and not column.strip():
+            raise ValueError(f"{option} names no column; leave it out for the run's own, or 'prompt' / 'answer'")
     with _said_when_interrupted("while loading the model and the prompts: nothing was written"):
         defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold, dtype,
                                  reward_args=reward_args, prompt_column=prompt_column, answer_column=answer_column)
