@@ -1732,7 +1732,7 @@ def test_trl_logits_path_under_autocast_with_float32_head_gives_ratio_one(tmp_pa
 def test_sampling_that_leaves_tokens_out_is_warned_about_for_an_objective_reading_entropy(tokenizer, tmp_path, recwarn):
     """GRPOConfig's top_p / min_p / top_k below the vocabulary draw from a truncated distribution: a method reading
     H, S or D is told so, as entrorl's own trainer tells it; top_k at the vocabulary's size filters nothing."""
-    for options in ({"top_p": 0.9}, {"min_p": 0.05}, {"top_k": 5}):
+    for options in ({"top_p": 0.9}, {"min_p": 0.05}, {"top_k": 5}, {"generation_kwargs": {"top_p": 0.5}}):
         with pytest.warns(UserWarning, match=r"method 'forking_tokens' reads entropy of the full distribution at "
                                              r"GRPOConfig's temperature, while GRPOConfig's top_k"):
             _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens",
@@ -1741,4 +1741,6 @@ def test_sampling_that_leaves_tokens_out_is_warned_about_for_an_objective_readin
     _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens",
              config=_config(tmp_path, top_k=len(tokenizer)))
     _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo", config=_config(tmp_path, top_p=0.9))
+    _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens",  # the kwargs set it back to 1
+             config=_config(tmp_path, top_p=0.9, generation_kwargs={"top_p": 1.0}))
     assert not [w for w in recwarn if "truncated" in str(w.message)]

@@ -558,12 +558,17 @@ class EntropyGRPOTrainer(GRPOTrainer):
 
     def _warn_on_filtered_sampling(self) -> None:
         """The objective's caveats (:meth:`Objective.filtered_sampling_caveats`) when GRPOConfig's top_k (below the
-        vocabulary's size), top_p or min_p leave tokens out of the sampled distribution."""
-        top_k, top_p, min_p = (getattr(self.args, name, None) for name in ("top_k", "top_p", "min_p"))
+        vocabulary's size), top_p or min_p leave tokens out of the sampled distribution, as its ``generation_kwargs``
+        (which TRL applies over them) set them."""
+        settings = {name: getattr(self.args, name, None) for name in ("top_k", "top_p", "min_p")}
+        given = getattr(self.args, "generation_kwargs", None) or {}
+        settings.update({name: given[name] for name in settings if name in given})
+        top_k, top_p, min_p = settings.values()
         vocab = model_vocab_size(self.model)
         if (top_k or 0) > 0 and (vocab is None or top_k < vocab) or (top_p is not None and top_p < 1.0) \
                 or (min_p or 0) > 0:
-            filters = f"GRPOConfig's top_k = {top_k} / top_p = {top_p} / min_p = {min_p}"
+            filters = (f"GRPOConfig's top_k = {top_k} / top_p = {top_p} / min_p = {min_p}"
+                       + (" (with its generation_kwargs)" if any(name in given for name in settings) else ""))
             for caveat in self.objective.filtered_sampling_caveats(filters, "GRPOConfig's temperature"):
                 warnings.warn(caveat, stacklevel=3)
 
