@@ -1861,3 +1861,25 @@ def test_a_float32_within_a_struct_reads_as_written_as_a_column_does(tmp_path):
         assert load_prompts(path)[0].answer == "0.1"
         record = load_prompts(path, answer_column="reward_model.ground_truth")[0]
         assert record.answer == "0.1" and record.meta["reward_model"]["inner"] == {"scale": 0.3}
+
+
+def test_a_record_s_prompt_is_its_conversation_s_last_user_turn():
+    """A record's conversation and its prompt cannot disagree: what is trained on, written and digested is the same."""
+    conversation = ({"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1="})
+    record = PromptRecord(prompt="1+1=", answer="2", messages=conversation)
+    for prompt, messages in (("2+2=", conversation), ("1+1=", conversation[:1]), ("1+1=", ())):
+        with pytest.raises(ValueError, match="the conversation must end with the user's turn, whose content is the prompt"):
+            PromptRecord(prompt=prompt, answer="2", messages=messages)
+    with pytest.raises(ValueError, match="a changed prompt: change its last message too"):
+        dataclasses.replace(record, prompt="2+2=")
+
+
+def test_fields_a_table_fills_with_null_are_left_out_of_a_message(tmp_path):
+    """pyarrow gives every message of a column every field any message has, null where it had none."""
+    import pandas as pd
+
+    pd.DataFrame([{"prompt": [{"role": "system", "content": "be brief", "name": "rules"},
+                              {"role": "user", "content": "1+1="}], "answer": "2"}]).to_parquet(tmp_path / "chat.parquet")
+    (record,) = load_prompts(tmp_path / "chat.parquet")
+    assert record.messages == ({"role": "system", "content": "be brief", "name": "rules"},
+                               {"role": "user", "content": "1+1="})

@@ -336,6 +336,9 @@ def _chat_messages(value: Any, column: str, fail: Any) -> tuple[str, tuple[dict[
     each with a string ``role`` and a string ``content`` (other fields, such as ``name``, are kept for the chat
     template), ending with the user's turn, whose content is not empty."""
     messages = _jsonable(value, column, fail)
+    if isinstance(messages, list):  # a field other messages have, which a table fills with null in this one
+        messages = [{key: item for key, item in message.items() if item is not None or key == "content"}
+                    if isinstance(message, dict) else message for message in messages]
     if not messages:
         raise fail(f"prompt column {column!r} holds no message; {_PROMPT_TEXT}")
     for index, message in enumerate(messages):

@@ -59,6 +59,13 @@ class PromptRecord:
     source: str = "<memory>"
     messages: tuple[dict[str, Any], ...] | None = None
 
+    def __post_init__(self) -> None:
+        if self.messages is not None and (not self.messages or not isinstance(self.messages[-1], dict)
+                                          or self.messages[-1].get("role") != "user"
+                                          or self.messages[-1].get("content") != self.prompt):
+            raise ValueError(f"PromptRecord ({self.source}): the conversation must end with the user's turn, whose "
+                             "content is the prompt; give both (a changed prompt: change its last message too)")
+
 
 class DataError(ValueError):
     """Malformed prompt data. The message names the file and the line (or row), what is wrong and
