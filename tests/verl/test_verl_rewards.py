@@ -6,6 +6,8 @@ import pytest
 
 reward_module = pytest.importorskip("verl.trainer.ppo.reward", reason="verl is not installed; run 'make test-verl'")
 
+from types import SimpleNamespace  # noqa: E402
+
 from omegaconf import OmegaConf  # noqa: E402
 
 from entrorl.rewards import get_reward  # noqa: E402
@@ -118,3 +120,29 @@ def test_scores_reach_verl_as_plain_floats():
     direct = get_reward("math")("", "\\boxed{12}", "12")
     score = fn(data_source="d", solution_str="\\boxed{12}", ground_truth="12")
     assert type(score) is float and score == float(direct) == 1.0
+
+
+def _gsm8k_reward(prompt, completion, answer, **meta):
+    """A reward written as the README says, given verl's GSM8K rows (whose extra_info holds an 'answer')."""
+    return float(completion.split()[-1] == answer)
+
+
+def _verdict_reward(prompt, completion, answer, **meta):
+    return SimpleNamespace(score=0.75, reason="partly")
+
+
+def _nan_reward(prompt, completion, answer, **meta):
+    return float("nan")
+
+
+def test_compute_score_scores_as_entrorl_train_does(caplog):
+    """extra_info's own 'answer' (GSM8K's worked solution) does not collide with the reward's; an object's .score is
+    the score; a NaN scores 0 (with a warning), never reaching verl's advantages."""
+    gsm8k = {"split": "train", "index": 0, "answer": "3 + 4 = 7 #### 72", "question": "How many?"}
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_gsm8k_reward"})
+    assert fn(data_source="openai/gsm8k", solution_str="so 72", ground_truth="72", extra_info=gsm8k) == 1.0
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_verdict_reward"})
+    assert fn(data_source="d", solution_str="x", ground_truth="y") == 0.75
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_nan_reward"})
+    assert fn(data_source="d", solution_str="x", ground_truth="y") == 0.0
+    assert "_nan_reward' failed on 1 of 1 samples (scored 0)" in caplog.text and "non-finite value nan" in caplog.text

@@ -11,7 +11,11 @@ and calls it as ``fn(data_source, solution_str, ground_truth, extra_info=None, *
 ``exact_match``, ``reasoning_gym``, or ``package.module:function``) and its ``reward_options``; the shortcuts
 ``math_score``, ``exact_match_score`` and ``reasoning_gym_score`` fix the reward so that ``name`` alone selects
 it. The entrorl reward sees ``prompt = extra_info["prompt"]`` (or ``""``), ``completion = solution_str``,
-``answer = ground_truth`` and ``extra_info`` as its metadata (reasoning-gym reads ``extra_info["entry"]``).
+``answer = ground_truth`` and ``extra_info`` as its metadata (reasoning-gym reads ``extra_info["entry"]``), less
+its ``answer`` and ``completion`` (GSM8K's worked solution is ``extra_info["answer"]``), which would collide with the
+reward's own arguments. It is scored as ``entrorl train`` scores a sample (:class:`entrorl.rewards.RewardRunner`): a
+reward that returns an object with ``.score`` (a judge's verdict) gives that score, and one that raises, fails, or
+returns no finite number scores 0, logged the first time, so that verl never gets a NaN reward.
 """
 
 from __future__ import annotations
@@ -20,21 +24,24 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
-from entrorl.rewards import get_reward
+from entrorl.rewards import RewardRunner, get_reward
 
 __all__ = ["compute_score", "math_score", "exact_match_score", "reasoning_gym_score"]
 
 # Keyword arguments verl's reward managers add on their own (reward-model routing); entrorl rewards ignore them.
 _VERL_MANAGER_KWARGS = ("reward_router_address", "reward_model_tokenizer")
 
-_REWARDS: dict[tuple[str, str], Any] = {}
+# extra_info keys that would collide with the reward's own arguments (prompt is taken as the prompt)
+_ARGUMENT_NAMES = ("completion", "answer")
+
+_RUNNERS: dict[tuple[str, str], RewardRunner] = {}
 
 
-def _reward_fn(reward: str, options: Mapping[str, Any]) -> Any:
+def _reward_runner(reward: str, options: Mapping[str, Any]) -> RewardRunner:
     key = (reward, repr(sorted(options.items())))
-    if key not in _REWARDS:
-        _REWARDS[key] = get_reward(reward, **dict(options))
-    return _REWARDS[key]
+    if key not in _RUNNERS:
+        _RUNNERS[key] = RewardRunner(get_reward(reward, **dict(options)), name=reward)
+    return _RUNNERS[key]
 
 
 def compute_score(
@@ -56,12 +63,13 @@ def compute_score(
             f"compute_score got unknown keyword(s) {unknown}; entrorl reward options go in "
             "reward_kwargs.reward_options, the reward's name in reward_kwargs.reward"
         )
-    meta = dict(extra_info or {})
+    meta = {key: value for key, value in (extra_info or {}).items() if key not in _ARGUMENT_NAMES}
     prompt = meta.pop("prompt", None)
     prompt = "" if prompt is None else prompt  # Parquet fills a field a row lacks with None: no prompt, not "None"
     meta.setdefault("data_source", data_source)
-    fn = _reward_fn(reward, reward_options or {})
-    return float(fn(prompt if isinstance(prompt, str) else str(prompt), solution_str, ground_truth, **meta))
+    runner = _reward_runner(reward, reward_options or {})
+    result = runner([prompt if isinstance(prompt, str) else str(prompt)], [solution_str], [ground_truth], [meta])
+    return float(result.exact_scores[0])
 
 
 math_score = partial(compute_score, reward="math")
