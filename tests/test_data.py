@@ -1883,3 +1883,30 @@ def test_fields_a_table_fills_with_null_are_left_out_of_a_message(tmp_path):
     (record,) = load_prompts(tmp_path / "chat.parquet")
     assert record.messages == ({"role": "system", "content": "be brief", "name": "rules"},
                                {"role": "user", "content": "1+1="})
+
+
+def test_float32_values_within_lists_read_as_written_as_jsonl_gives_them(tmp_path):
+    """Lists of structs (chat messages with a float field) and lists of floats within a struct read as written."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string()), ("weight", pa.float32())])
+    table = pa.table({"prompt": pa.array([[{"role": "user", "content": "one tenth?", "weight": 0.1}]], pa.list_(message)),
+                      "answer": pa.array(["0.1"]),
+                      "extra_info": pa.array([{"vals": [0.1, 0.2], "x": 0.1, "grid": [[0.3]]}],
+                                             pa.struct([("vals", pa.list_(pa.float32())), ("x", pa.float32()),
+                                                        ("grid", pa.list_(pa.list_(pa.float16())))]))})
+    pq.write_table(table, tmp_path / "chat.parquet")
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "saved"))
+    for path in (tmp_path / "chat.parquet", tmp_path / "saved"):
+        (record,) = load_prompts(path)
+        assert record.messages[0]["weight"] == 0.1 and record.meta["extra_info"] == {"vals": [0.1, 0.2], "x": 0.1,
+                                                                                     "grid": [[0.3]]}, path
+
+
+def test_a_message_with_a_null_role_is_said_to_have_one(tmp_path):
+    p = tmp_path / "chat.jsonl"
+    write_lines(p, [json.dumps({"prompt": [{"role": None, "content": "q"}], "answer": "1"})])
+    with pytest.raises(DataError, match=r"message 0 is an object with the fields 'role', 'content'"):
+        load_prompts(p)

@@ -337,7 +337,7 @@ def _chat_messages(value: Any, column: str, fail: Any) -> tuple[str, tuple[dict[
     template), ending with the user's turn, whose content is not empty."""
     messages = _jsonable(value, column, fail)
     if isinstance(messages, list):  # a field other messages have, which a table fills with null in this one
-        messages = [{key: item for key, item in message.items() if item is not None or key == "content"}
+        messages = [{key: item for key, item in message.items() if item is not None or key in ("role", "content")}
                     if isinstance(message, dict) else message for message in messages]
     if not messages:
         raise fail(f"prompt column {column!r} holds no message; {_PROMPT_TEXT}")
@@ -797,47 +797,57 @@ def _iter_arrow_rows(table: Any) -> Iterator[dict[str, Any]]:
         yield from _as_written(batch.to_pylist(), narrow)
 
 
-def _narrow_arrow_fields(fields: list[Any], within: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """``{path: numpy type}`` of the float fields narrower than Python's among Arrow ``fields``, those within a
-    struct (``reward_model.ground_truth``) included: the path names the column, then the field within it."""
+_EACH = object()  # a step of a path: every item of a list
+
+
+def _narrow_arrow_fields(fields: list[Any]) -> dict[tuple[Any, ...], Any]:
+    """``{path: numpy type}`` of the float values narrower than Python's among Arrow ``fields``, those within structs
+    and lists included: a path names the column, then the field within it (``reward_model.ground_truth``) or
+    :data:`_EACH` item of a list (``prompt``'s messages)."""
+    narrow: dict[tuple[Any, ...], Any] = {}
+    for field in fields:
+        narrow.update(_narrow_arrow_type(field.type, (field.name,)))
+    return narrow
+
+
+def _narrow_arrow_type(kind: Any, path: tuple[Any, ...]) -> dict[tuple[Any, ...], Any]:
     import pyarrow as pa
 
-    narrow = {}
-    for field in fields:
-        path = (*within, field.name)
-        if str(field.type) in _NARROW_FLOATS:
-            narrow[path] = _NARROW_FLOATS[str(field.type)]
-        elif pa.types.is_struct(field.type):
-            narrow.update(_narrow_arrow_fields([field.type.field(i) for i in range(field.type.num_fields)], path))
-    return narrow
-
-
-def _narrow_features(features: Mapping[str, Any], within: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """:func:`_narrow_arrow_fields` for a ``datasets`` data set's features (a struct's are a dict of features)."""
-    narrow = {}
-    for name, feature in features.items():
-        if isinstance(feature, Mapping):
-            narrow.update(_narrow_features(feature, (*within, name)))
-        elif getattr(feature, "dtype", None) in _NARROW_FLOATS:
-            narrow[(*within, name)] = _NARROW_FLOATS[feature.dtype]
-    return narrow
+    if str(kind) in _NARROW_FLOATS:
+        return {path: _NARROW_FLOATS[str(kind)]}
+    if pa.types.is_struct(kind):
+        return {found: numpy_type for i in range(kind.num_fields)
+                for found, numpy_type in _narrow_arrow_type(kind.field(i).type, (*path, kind.field(i).name)).items()}
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _narrow_arrow_type(kind.value_type, (*path, _EACH))
+    return {}
 
 
 # float columns narrower than Python's float: a value read from one is widened (float32's 0.1 becomes 0.10000000149...)
 _NARROW_FLOATS = {"float": np.float32, "float32": np.float32, "halffloat": np.float16, "float16": np.float16}
 
 
-def _as_written(rows: Iterable[dict[str, Any]], narrow: Mapping[tuple[str, ...], Any]) -> Iterator[dict[str, Any]]:
-    """``rows`` with the values of the ``narrow`` float fields (path: numpy type, see :func:`_narrow_arrow_fields`) as
-    the numbers written (see :func:`_as_python`), as a JSON file would give them."""
+def _as_written(rows: Iterable[dict[str, Any]], narrow: Mapping[tuple[Any, ...], Any]) -> Iterator[dict[str, Any]]:
+    """``rows`` with the ``narrow`` float values (path: numpy type, see :func:`_narrow_arrow_fields`) as the numbers
+    written (see :func:`_as_python`), as a JSON file would give them."""
     for row in rows:
         for path, kind in narrow.items():
-            holder: Any = row
-            for name in path[:-1]:
-                holder = holder.get(name) if isinstance(holder, dict) else None
-            if isinstance(holder, dict) and isinstance(holder.get(path[-1]), float):
-                holder[path[-1]] = _as_python(kind(holder[path[-1]]))
+            _narrow_in(row, path, kind)
         yield row
+
+
+def _narrow_in(holder: Any, path: tuple[Any, ...], kind: Any) -> None:
+    """Narrow, in place, the float values at ``path`` within ``holder`` (a row, a struct's dict or a list)."""
+    step, rest = path[0], path[1:]
+    if step is _EACH:
+        keys = range(len(holder)) if isinstance(holder, list) else ()
+    else:
+        keys = (step,) if isinstance(holder, dict) and step in holder else ()
+    for key in keys:
+        if rest:
+            _narrow_in(holder[key], rest, kind)
+        elif isinstance(holder[key], float):
+            holder[key] = _as_python(kind(holder[key]))
 
 
 def _rows_to_records(rows: Iterable[Mapping[str, Any]], p: Path, cols: _Columns) -> Iterator[PromptRecord]:
@@ -888,7 +898,7 @@ def _load_saved_dataset(p: Path, cols: _Columns) -> list[PromptRecord]:
     if selected != columns:
         ds = ds.select_columns(selected)
     # an output format saved with it (numpy, torch, pandas, arrow) is a view of the rows: they are read as Python values
-    narrow = _narrow_features(ds.features)
+    narrow = _narrow_arrow_fields(list(ds.data.schema))
     return list(_rows_to_records(_as_written(iter(ds.with_format(None)), narrow), p, cols))
 
 
