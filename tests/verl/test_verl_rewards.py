@@ -146,3 +146,21 @@ def test_compute_score_scores_as_entrorl_train_does(caplog):
     fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_nan_reward"})
     assert fn(data_source="d", solution_str="x", ground_truth="y") == 0.0
     assert "_nan_reward' failed on 1 of 1 samples (scored 0)" in caplog.text and "non-finite value nan" in caplog.text
+
+
+def _no_meta_reward(prompt, completion, answer):
+    return 1.0
+
+
+def _positional_reward(prompt, completion, answer, /, **meta):
+    return float(meta.get("answer") == "worked")
+
+
+def test_compute_score_refuses_a_reward_that_cannot_take_its_meta_and_keeps_what_one_can():
+    """A reward without **meta is refused, as entrorl train refuses it, not scored 0 on every sample; one whose first
+    three parameters are positional-only still sees extra_info's answer."""
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_no_meta_reward"})
+    with pytest.raises(ValueError, match="cannot be called as fn\\(prompt, completion, answer, \\*\\*meta\\)"):
+        fn(data_source="d", solution_str="x", ground_truth="y")
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_positional_reward"})
+    assert fn(data_source="d", solution_str="x", ground_truth="y", extra_info={"answer": "worked"}) == 1.0

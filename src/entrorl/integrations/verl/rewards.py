@@ -11,11 +11,12 @@ and calls it as ``fn(data_source, solution_str, ground_truth, extra_info=None, *
 ``exact_match``, ``reasoning_gym``, or ``package.module:function``) and its ``reward_options``; the shortcuts
 ``math_score``, ``exact_match_score`` and ``reasoning_gym_score`` fix the reward so that ``name`` alone selects
 it. The entrorl reward sees ``prompt = extra_info["prompt"]`` (or ``""``), ``completion = solution_str``,
-``answer = ground_truth`` and ``extra_info`` as its metadata (reasoning-gym reads ``extra_info["entry"]``), less
-its ``answer`` and ``completion`` (GSM8K's worked solution is ``extra_info["answer"]``), which would collide with the
-reward's own arguments. It is scored as ``entrorl train`` scores a sample (:class:`entrorl.rewards.RewardRunner`): a
-reward that returns an object with ``.score`` (a judge's verdict) gives that score, and one that raises, fails, or
-returns no finite number scores 0, logged the first time, so that verl never gets a NaN reward.
+``answer = ground_truth`` and ``extra_info`` as its metadata (reasoning-gym reads ``extra_info["entry"]``); its
+``answer`` and ``completion`` (GSM8K's worked solution is ``extra_info["answer"]``) are left out for a reward whose own
+arguments they would collide with. It is scored as ``entrorl train`` scores a sample (:class:`entrorl.rewards.RewardRunner`):
+a reward that cannot be called with that metadata is refused (``ValueError``), one that returns an object with
+``.score`` (a judge's verdict) gives that score, and one that raises, fails, or returns no finite number scores 0,
+logged the first time, so that verl never gets a NaN reward.
 """
 
 from __future__ import annotations
@@ -35,13 +36,32 @@ _VERL_MANAGER_KWARGS = ("reward_router_address", "reward_model_tokenizer")
 _ARGUMENT_NAMES = ("completion", "answer")
 
 _RUNNERS: dict[tuple[str, str], RewardRunner] = {}
+# (runner key, extra_info's keys) -> the keys left out for that reward (checked once per set of keys)
+_LEFT_OUT: dict[tuple[tuple[str, str], tuple[str, ...]], tuple[str, ...]] = {}
 
 
-def _reward_runner(reward: str, options: Mapping[str, Any]) -> RewardRunner:
+def _reward_runner(reward: str, options: Mapping[str, Any]) -> tuple[tuple[str, str], RewardRunner]:
     key = (reward, repr(sorted(options.items())))
     if key not in _RUNNERS:
         _RUNNERS[key] = RewardRunner(get_reward(reward, **dict(options)), name=reward)
-    return _RUNNERS[key]
+    return key, _RUNNERS[key]
+
+
+def _callable_meta(key: tuple[str, str], runner: RewardRunner, meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` as the reward can take it: whole, else without the keys named like its own arguments; ``ValueError``
+    (:meth:`RewardRunner.check_arguments`) when neither fits it."""
+    keys = tuple(sorted(meta))
+    if (key, keys) not in _LEFT_OUT:
+        try:
+            runner.check_arguments([meta])
+            _LEFT_OUT[key, keys] = ()
+        except ValueError:
+            colliding = tuple(name for name in _ARGUMENT_NAMES if name in meta)
+            if not colliding:
+                raise
+            runner.check_arguments([{name: value for name, value in meta.items() if name not in colliding}])
+            _LEFT_OUT[key, keys] = colliding
+    return {name: value for name, value in meta.items() if name not in _LEFT_OUT[key, keys]}
 
 
 def compute_score(
@@ -63,11 +83,12 @@ def compute_score(
             f"compute_score got unknown keyword(s) {unknown}; entrorl reward options go in "
             "reward_kwargs.reward_options, the reward's name in reward_kwargs.reward"
         )
-    meta = {key: value for key, value in (extra_info or {}).items() if key not in _ARGUMENT_NAMES}
+    meta = dict(extra_info or {})
     prompt = meta.pop("prompt", None)
     prompt = "" if prompt is None else prompt  # Parquet fills a field a row lacks with None: no prompt, not "None"
     meta.setdefault("data_source", data_source)
-    runner = _reward_runner(reward, reward_options or {})
+    key, runner = _reward_runner(reward, reward_options or {})
+    meta = _callable_meta(key, runner, meta)
     result = runner([prompt if isinstance(prompt, str) else str(prompt)], [solution_str], [ground_truth], [meta])
     return float(result.exact_scores[0])
 
