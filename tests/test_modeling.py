@@ -1473,3 +1473,21 @@ def test_the_unknown_token_note_names_the_characters_of_any_turn_of_a_conversati
     assert tokenizer.unk_token_id in ids
     note = modeling.unknown_token_note(tokenizer, [ids], [record], what="data.train")
     assert "the first is chat.jsonl:1, whose '\u20ac' the vocabulary cannot write" in note
+
+
+def test_encoding_records_names_the_row_a_chat_template_refuses():
+    from entrorl.data import PromptRecord
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}"
+                               "{% endfor %}")
+    records = [PromptRecord(prompt="1+1=", answer="2", source="chat.jsonl:1",
+                            messages=({"role": "user", "content": "1+1="},)),
+               PromptRecord(prompt="2+2=", answer="4", source="chat.jsonl:2",
+                            messages=({"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2="}))]
+    assert len(modeling.encode_records(tokenizer, records[:1], chat_template=True)) == 1
+    with pytest.raises(ValueError, match=r"^chat.jsonl:2: the chat template of the tokenizer cannot render the "
+                                         r"conversation: TemplateError: System role not supported$"):
+        modeling.encode_records(tokenizer, records, chat_template=True)

@@ -320,7 +320,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     output that could not be written, before the sampling it would lose. Ctrl-C or SIGTERM meanwhile: one line saying
     nothing was written, exit 130 / 143."""
     from entrorl.data import check_prompt_template, load_prompts
-    from entrorl.modeling import (check_prompts_fit, encode_prompt, load_tokenizer, read_model_config,
+    from entrorl.modeling import (check_prompts_fit, encode_records, load_tokenizer, read_model_config,
                                    unknown_token_note)
     from entrorl.rewards import RewardRunner, get_reward
     from entrorl.rollout import SamplingParams
@@ -348,8 +348,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
 
         def load(directory):
             tokenizer = load_tokenizer(directory.tokenizer, trust_remote_code=trust_remote_code)
-            prompt_ids = [encode_prompt(tokenizer, r.prompt, template=prompt_template, chat_template=chat_template,
-                                        messages=r.messages) for r in records]
+            prompt_ids = encode_records(tokenizer, records, template=prompt_template, chat_template=chat_template)
             note = unknown_token_note(tokenizer, prompt_ids, records, what=str(data), template=prompt_template)
             if note is not None:
                 warnings.warn(note, stacklevel=3)

@@ -23,7 +23,7 @@ __all__ = [
     "DamagedWeightsError", "is_out_of_memory", "out_of_memory_while",
     "load_tokenizer", "save_tokenizer", "load_causal_lm", "check_causal", "turn_off_dropout", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
     "prompt_groups", "shares_prompts", "length_dependent_rope", "reset_dynamic_rope", "cache_argument", "output_cache", "left_pad", "model_context_length", "read_model_config",
-    "check_prompts_fit", "unknown_token_note", "model_vocab_size", "declared_vocab_size", "stop_token_ids", "encode_prompt",
+    "check_prompts_fit", "encode_records", "unknown_token_note", "model_vocab_size", "declared_vocab_size", "stop_token_ids", "encode_prompt",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
 
@@ -551,9 +551,23 @@ def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_te
         conversation = [*(messages or [])[:-1], {**(messages[-1] if messages else {"role": "user"}), "content": text}]
         text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     except TemplateError as error:  # a typo in the template, or its own raise_exception(...)
-        raise ValueError(f"the chat template of the tokenizer{f' in {source}' if source else ''} cannot render a user "
-                         f"turn: {type(error).__name__}: {error}") from None
+        what = "the conversation" if messages else "a user turn"
+        raise ValueError(f"the chat template of the tokenizer{f' in {source}' if source else ''} cannot render {what}: "
+                         f"{type(error).__name__}: {error}") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_records(tokenizer, records, *, template: str = "{prompt}", chat_template: bool = False) -> list[list[int]]:
+    """:func:`encode_prompt` of each :class:`entrorl.data.PromptRecord` (its conversation, when it has one); an error
+    names the record's source (``file.jsonl:5``: the row a chat template refuses)."""
+    encoded = []
+    for record in records:
+        try:
+            encoded.append(encode_prompt(tokenizer, record.prompt, template=template, chat_template=chat_template,
+                                         messages=record.messages))
+        except ValueError as error:
+            raise ValueError(f"{record.source}: {error}") from None
+    return encoded
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

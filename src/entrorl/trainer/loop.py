@@ -40,7 +40,7 @@ from entrorl.modeling import (
     bucketed_response_token_stats,
     check_model_files,
     check_prompts_fit,
-    encode_prompt,
+    encode_records,
     is_out_of_memory,
     load_causal_lm,
     load_tokenizer,
@@ -507,8 +507,8 @@ class Trainer:
         data, model = self.config.data, self.config.model
         for records, attribute, what in ((self.train_records, "train_prompt_ids", "data.train"),
                                          (self.eval_records, "eval_prompt_ids", "data.eval")):
-            encoded = [encode_prompt(self.tokenizer, record.prompt, template=data.prompt_template,
-                                     chat_template=model.chat_template, messages=record.messages) for record in records]
+            encoded = encode_records(self.tokenizer, records, template=data.prompt_template,
+                                     chat_template=model.chat_template)
             check_prompts_fit(context_of, encoded, [record.source for record in records],
                               max_new_tokens=self.config.rollout.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
             note = unknown_token_note(self.tokenizer, encoded, records, what=what, template=data.prompt_template)
