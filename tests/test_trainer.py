@@ -5297,6 +5297,8 @@ def test_training_on_verl_style_parquet_with_chat_messages(tmp_path, tiny_model_
     assert read_metrics(tmp_path / "run")[0]["step"] == 1
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step_000001.jsonl").read_text().splitlines()]
     assert {sample["prompt"] for sample in samples} <= {row["prompt"][1]["content"] for row in rows}
+    assert all(sample["messages"] == [{"role": "system", "content": "sum"}, {"role": "user", "content": sample["prompt"]}]
+               for sample in samples)
     assert all(sample["answer"] == str(eval(sample["prompt"][:-1])) for sample in samples)
     # eval on the run takes its columns and its chat template
     from typer.testing import CliRunner
@@ -5308,6 +5310,11 @@ def test_training_on_verl_style_parquet_with_chat_messages(tmp_path, tiny_model_
     assert evaluated.exit_code == 0, evaluated.output
     settings = json.loads((tmp_path / "eval.json").read_text())["settings"]
     assert (settings["answer_column"], settings["chat_template"]) == ("reward_model.ground_truth", True)
+    plain = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "run"), "--data", str(train), "--n", "1",
+                                     "--k", "1", "--max-prompts", "1", "--samples", str(tmp_path / "samples.jsonl")])
+    assert plain.exit_code == 0, plain.output
+    (sample,) = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert sample["messages"][-1] == {"role": "user", "content": sample["prompt"]}
 
 
 @pytest.mark.parametrize("command", [["eval", "--n", "1"], ["data", "audit", "--n", "2"]])

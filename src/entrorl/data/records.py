@@ -66,6 +66,11 @@ class PromptRecord:
             raise ValueError(f"PromptRecord ({self.source}): the conversation must end with the user's turn, whose "
                              "content is the prompt; give both (a changed prompt: change its last message too)")
 
+    def conversation(self) -> dict[str, Any]:
+        """``{"messages": [...]}``, the whole conversation, for a prompt given as chat messages (files that show the
+        prompt, the user's last turn, show it beside); ``{}`` for one given as text."""
+        return {} if self.messages is None else {"messages": [dict(message) for message in self.messages]}
+
 
 class DataError(ValueError):
     """Malformed prompt data. The message names the file and the line (or row), what is wrong and

@@ -327,6 +327,7 @@ def _row(record: PromptRecord, audit: PromptAudit, completions: list[str], reaso
     return {
         "source": record.source,
         "prompt": record.prompt,
+        **record.conversation(),
         "reference": record.answer,
         **audit.to_dict(),
         "majority_examples": examples,

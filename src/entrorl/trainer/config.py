@@ -445,8 +445,9 @@ class LoggingConfig(_Section):
     project: str = Field("entrorl", min_length=1, description="the W&B / trackio project the run is logged to")
     progress: bool = Field(True, description="show the steps' progress with each step's reward, accuracy and entropy: "
                            "a live bar on a terminal, a line every 30 s in a log")
-    samples_every: int = Field(0, ge=0, description="every N steps write samples/step_<step>.jsonl: each rollout's prompt, "
-                               "completion, answer, reward, advantage and the reward's reason (0 = never)")
+    samples_every: int = Field(0, ge=0, description="every N steps write samples/step_<step>.jsonl: each rollout's prompt "
+                               "(and its messages, for a prompt given as chat messages), completion, answer, reward, "
+                               "advantage and the reward's reason (0 = never)")
 
     @model_validator(mode="after")
     def _trackers_installed(self) -> "LoggingConfig":

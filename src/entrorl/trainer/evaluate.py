@@ -105,7 +105,8 @@ def evaluate_model(
         sequence_log_probs = rollouts.summed_sampler_log_probs()
         for row, record in enumerate(repeated):
             samples.append({
-                "source": record.source, "sample": row % n, "prompt": record.prompt, "completion": completions[row],
+                "source": record.source, "sample": row % n, "prompt": record.prompt, **record.conversation(),
+                "completion": completions[row],
                 "completion_ids": completion_ids[row], "sampler_log_prob": sequence_log_probs[row],
                 "answer": record.answer, "reward": float(result.rewards[row]), "correct": bool(result.correct[row]),
                 "length": int(rollouts.lengths[row]), "truncated": bool(rollouts.truncated[row]),

@@ -1015,6 +1015,7 @@ class Trainer:
         for row, record in enumerate(scored.records):
             lines.append(json.dumps({
                 "step": self.step, "group": int(scored.group_ids[row]), "source": record.source, "prompt": record.prompt,
+                **record.conversation(),
                 "completion": scored.completions[row] if scored.completions else None,
                 "completion_ids": completion_ids[row],
                 "sampler_log_prob": sequence_log_probs[row], "answer": record.answer,
