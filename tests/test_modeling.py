@@ -1491,3 +1491,23 @@ def test_encoding_records_names_the_row_a_chat_template_refuses():
     with pytest.raises(ValueError, match=r"^chat.jsonl:2: the chat template of the tokenizer cannot render the "
                                          r"conversation: TemplateError: System role not supported$"):
         modeling.encode_records(tokenizer, records, chat_template=True)
+
+
+def test_a_chat_template_ending_turns_with_a_token_the_sampler_does_not_stop_at_is_said(tiny_model_dir):
+    """A base model's tokenizer with a ChatML-like template: its turns end with a special token that is neither its
+    EOS nor in its generation config, so responses would run past their turn."""
+    from entrorl.modeling import load_tokenizer, unstopped_turn_end_note
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    end_of_turn = tokenizer.bos_token  # a special token that is not a stop token
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}" + end_of_turn + "{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    note = unstopped_turn_end_note(model, tokenizer)
+    assert note.startswith(f"the chat template ends an assistant turn with {end_of_turn!r} (id {tokenizer.bos_token_id})")
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.bos_token_id]
+    assert unstopped_turn_end_note(model, tokenizer) is None
+    tokenizer.chat_template = tokenizer.chat_template.replace(end_of_turn, tokenizer.eos_token)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert unstopped_turn_end_note(model, tokenizer) is None  # its EOS ends the turn
+    tokenizer.chat_template = "{{ raise_exception('no') }}"
+    assert unstopped_turn_end_note(model, tokenizer) is None

@@ -23,7 +23,7 @@ __all__ = [
     "DamagedWeightsError", "is_out_of_memory", "out_of_memory_while",
     "load_tokenizer", "save_tokenizer", "load_causal_lm", "check_causal", "turn_off_dropout", "check_model_files", "response_token_stats", "bucketed_response_token_stats", "length_buckets",
     "prompt_groups", "shares_prompts", "length_dependent_rope", "reset_dynamic_rope", "cache_argument", "output_cache", "left_pad", "model_context_length", "read_model_config",
-    "check_prompts_fit", "encode_records", "unknown_token_note", "model_vocab_size", "declared_vocab_size", "stop_token_ids", "encode_prompt",
+    "check_prompts_fit", "encode_records", "unstopped_turn_end_note", "unknown_token_note", "model_vocab_size", "declared_vocab_size", "stop_token_ids", "encode_prompt",
     "FUSED_HEAD_MODEL_TYPES", "DTYPES",
 ]
 
@@ -568,6 +568,35 @@ def encode_records(tokenizer, records, *, template: str = "{prompt}", chat_templ
         except ValueError as error:
             raise ValueError(f"{record.source}: {error}") from None
     return encoded
+
+
+_REPLY_PROBE = "entrorl reply probe"
+
+
+def unstopped_turn_end_note(model, tokenizer) -> str | None:
+    """A sentence saying that the tokenizer's chat template ends an assistant turn with a token the sampler does not
+    stop at (:func:`stop_token_ids`): a base model's tokenizer given a chat template ending turns with
+    ``<|im_end|>`` while its EOS and generation config name only ``<|endoftext|>``, whose responses then run past their
+    turn to the length limit. None when the turn ends with a stop token, when the template writes nothing after the
+    reply, or when it cannot render a plain exchange."""
+    conversation = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": _REPLY_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this exchange is not judged
+        return None
+    end = text.rfind(_REPLY_PROBE)
+    if not isinstance(text, str) or end < 0:
+        return None
+    after = tokenizer(text[end + len(_REPLY_PROBE):], add_special_tokens=False)["input_ids"]
+    special = [token for token in after if token in set(tokenizer.all_special_ids)]
+    stops = set(stop_token_ids(model, tokenizer))
+    if not special or stops & set(special):
+        return None
+    shown = tokenizer.convert_ids_to_tokens(special[0])
+    return (f"the chat template ends an assistant turn with {shown!r} (id {special[0]}), which the model's stop tokens "
+            f"{sorted(stops)} do not include: responses will run past the end of their turn, to the length limit; add "
+            f"{special[0]} to the model's generation_config.json eos_token_id (as chat models list their end-of-turn "
+            "token), or train without the chat template")
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

@@ -49,6 +49,7 @@ from entrorl.modeling import (
     read_model_config,
     stop_token_ids,
     unknown_token_note,
+    unstopped_turn_end_note,
 )
 from entrorl.objective import PolicyBatch
 from entrorl.rewards import RewardResult, RewardRunner, get_reward
@@ -252,6 +253,9 @@ class Trainer:
         self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
                                        top_p=config.rollout.top_p, top_k=config.rollout.top_k)
         self.sampler = self._build_sampler(model_path)
+        note = unstopped_turn_end_note(self.model, self.tokenizer) if config.model.chat_template else None
+        if note is not None:
+            warnings.warn(f"model.chat_template: {note}", stacklevel=2)
         if config.rollout.backend == "vllm" and self.adapter is not None and checkpoint is not None:
             self._sync_sampler()  # the engine holds the base model; new adapters change nothing yet (B = 0)
         # a bfloat16 / float16 model is stepped through float32 copies of its weights (see entrorl.trainer.precision)
