@@ -1488,6 +1488,10 @@ def test_encoding_records_names_the_row_a_chat_template_refuses():
                PromptRecord(prompt="2+2=", answer="4", source="chat.jsonl:2",
                             messages=({"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2="}))]
     assert len(modeling.encode_records(tokenizer, records[:1], chat_template=True)) == 1
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    with pytest.raises(ValueError, match="^a chat template was asked for, but the tokenizer has none$"):  # no row's fault
+        modeling.encode_records(tokenizer, records, chat_template=True)
+    tokenizer.chat_template = template
     with pytest.raises(ValueError, match=r"^chat.jsonl:2: the chat template of the tokenizer cannot render the "
                                          r"conversation: TemplateError: System role not supported$"):
         modeling.encode_records(tokenizer, records, chat_template=True)

@@ -542,24 +542,33 @@ def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_te
             while len(ids) > end and ids[-1] == tokenizer.eos_token_id:
                 ids = ids[:-1]
         return ids
-    source = getattr(tokenizer, "name_or_path", "")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"a chat template was asked for, but the tokenizer{f' in {source}' if source else ''} has none")
+    _require_chat_template(tokenizer)
     from jinja2 import TemplateError
 
+    source = getattr(tokenizer, "name_or_path", "")
     try:
         conversation = [*(messages or [])[:-1], {**(messages[-1] if messages else {"role": "user"}), "content": text}]
         text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    except TemplateError as error:  # a typo in the template, or its own raise_exception(...)
+    # a typo in the template, its own raise_exception(...), or an expression that fails on this conversation
+    except (TemplateError, TypeError, KeyError, IndexError, AttributeError) as error:
         what = "the conversation" if messages else "a user turn"
         raise ValueError(f"the chat template of the tokenizer{f' in {source}' if source else ''} cannot render {what}: "
                          f"{type(error).__name__}: {error}") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        source = getattr(tokenizer, "name_or_path", "")
+        raise ValueError(f"a chat template was asked for, but the tokenizer{f' in {source}' if source else ''} has none")
+
+
 def encode_records(tokenizer, records, *, template: str = "{prompt}", chat_template: bool = False) -> list[list[int]]:
     """:func:`encode_prompt` of each :class:`entrorl.data.PromptRecord` (its conversation, when it has one); an error
-    names the record's source (``file.jsonl:5``: the row a chat template refuses)."""
+    of a record names its source (``file.jsonl:5``: the row a chat template refuses), one of the tokenizer's (no chat
+    template) none."""
+    if chat_template:
+        _require_chat_template(tokenizer)
     encoded = []
     for record in records:
         try:
