@@ -164,3 +164,39 @@ def test_compute_score_refuses_a_reward_that_cannot_take_its_meta_and_keeps_what
         fn(data_source="d", solution_str="x", ground_truth="y")
     fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_positional_reward"})
     assert fn(data_source="d", solution_str="x", ground_truth="y", extra_info={"answer": "worked"}) == 1.0
+
+
+def _gold_reward(prompt, completion, gold, **meta):
+    return float(meta.get("answer") == "worked")
+
+
+_BUILT: list[int] = []
+
+
+def _slow_factory(tag: str = ""):
+    """A reward that takes a while to build (a judge loading its model)."""
+    import time
+
+    _BUILT.append(1)
+    time.sleep(0.2)
+    return lambda prompt, completion, answer, /, **meta: 1.0
+
+
+def test_compute_score_leaves_out_only_the_colliding_key_and_builds_a_reward_once_across_threads():
+    """A reward whose arguments collide with extra_info's 'completion' alone still sees its 'answer'; verl scores a
+    batch from a pool of threads, and the reward (a judge's model) is built once."""
+    import threading
+
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_gold_reward"})
+    assert fn(data_source="d", solution_str="x", ground_truth="y", extra_info={"answer": "worked", "completion": "c"}) == 1.0
+    _BUILT.clear()
+    from entrorl.integrations.verl.rewards import compute_score
+
+    threads = [threading.Thread(target=compute_score, args=("d", "x", "y", {}),
+                                kwargs={"reward": f"{__name__}:_slow_factory", "reward_options": {"tag": "threads"}})
+               for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert _BUILT == [1]

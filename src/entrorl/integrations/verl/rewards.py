@@ -21,6 +21,7 @@ logged the first time, so that verl never gets a NaN reward.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -36,14 +37,19 @@ _VERL_MANAGER_KWARGS = ("reward_router_address", "reward_model_tokenizer")
 _ARGUMENT_NAMES = ("completion", "answer")
 
 _RUNNERS: dict[tuple[str, str], RewardRunner] = {}
+_BUILDING = threading.Lock()
 # (runner key, extra_info's keys) -> the keys left out for that reward (checked once per set of keys)
 _LEFT_OUT: dict[tuple[tuple[str, str], tuple[str, ...]], tuple[str, ...]] = {}
 
 
 def _reward_runner(reward: str, options: Mapping[str, Any]) -> tuple[tuple[str, str], RewardRunner]:
+    """The runner of ``reward`` with ``options``, built once (verl scores a batch's samples from a pool of threads:
+    a judge would load its model in each)."""
     key = (reward, repr(sorted(options.items())))
     if key not in _RUNNERS:
-        _RUNNERS[key] = RewardRunner(get_reward(reward, **dict(options)), name=reward)
+        with _BUILDING:
+            if key not in _RUNNERS:
+                _RUNNERS[key] = RewardRunner(get_reward(reward, **dict(options)), name=reward)
     return key, _RUNNERS[key]
 
 
@@ -52,15 +58,18 @@ def _callable_meta(key: tuple[str, str], runner: RewardRunner, meta: dict[str, A
     (:meth:`RewardRunner.check_arguments`) when neither fits it."""
     keys = tuple(sorted(meta))
     if (key, keys) not in _LEFT_OUT:
-        try:
-            runner.check_arguments([meta])
-            _LEFT_OUT[key, keys] = ()
-        except ValueError:
-            colliding = tuple(name for name in _ARGUMENT_NAMES if name in meta)
-            if not colliding:
-                raise
-            runner.check_arguments([{name: value for name, value in meta.items() if name not in colliding}])
-            _LEFT_OUT[key, keys] = colliding
+        present = [name for name in _ARGUMENT_NAMES if name in meta]
+        # the fewest keys that make it callable: each alone, then both
+        candidates = [(), *((name,) for name in present), *([tuple(present)] if len(present) > 1 else [])]
+        for left_out in candidates:
+            try:
+                runner.check_arguments([{name: value for name, value in meta.items() if name not in left_out}])
+            except ValueError:
+                if left_out == candidates[-1]:
+                    raise
+                continue
+            _LEFT_OUT[key, keys] = left_out
+            break
     return {name: value for name, value in meta.items() if name not in _LEFT_OUT[key, keys]}
 
 
