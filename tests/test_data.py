@@ -1910,3 +1910,19 @@ def test_a_message_with_a_null_role_is_said_to_have_one(tmp_path):
     write_lines(p, [json.dumps({"prompt": [{"role": None, "content": "q"}], "answer": "1"})])
     with pytest.raises(DataError, match=r"message 0 is an object with the fields 'role', 'content'"):
         load_prompts(p)
+
+
+def test_float32_values_of_dictionary_encoded_and_array_columns_read_as_written(tmp_path):
+    import datasets
+    import pyarrow as pa
+
+    table = pa.table({"prompt": pa.array(["p"]), "answer": pa.array(["1"]),
+                      "weight": pa.array([0.1], pa.float32()).dictionary_encode()})
+    with pa.OSFile(str(tmp_path / "d.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    assert load_prompts(tmp_path / "d.arrow")[0].meta["weight"] == 0.1
+    features = datasets.Features({"prompt": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "grid": datasets.Array2D(shape=(1, 2), dtype="float32")})
+    datasets.Dataset.from_dict({"prompt": ["p"], "answer": ["1"], "grid": [[[0.1, 0.2]]]},
+                               features=features).save_to_disk(str(tmp_path / "saved"))
+    assert load_prompts(tmp_path / "saved")[0].meta["grid"] == [[0.1, 0.2]]

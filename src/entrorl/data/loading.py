@@ -820,6 +820,10 @@ def _narrow_arrow_type(kind: Any, path: tuple[Any, ...]) -> dict[tuple[Any, ...]
                 for found, numpy_type in _narrow_arrow_type(kind.field(i).type, (*path, kind.field(i).name)).items()}
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
         return _narrow_arrow_type(kind.value_type, (*path, _EACH))
+    if pa.types.is_dictionary(kind):  # dictionary-encoded values read as their values
+        return _narrow_arrow_type(kind.value_type, path)
+    if isinstance(kind, pa.ExtensionType):  # datasets' Array2D..Array5D: lists of lists in Python
+        return _narrow_arrow_type(kind.storage_type, path)
     return {}
 
 
