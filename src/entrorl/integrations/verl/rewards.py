@@ -64,9 +64,13 @@ def _callable_meta(key: tuple[str, str], runner: RewardRunner, meta: dict[str, A
         for left_out in candidates:
             try:
                 runner.check_arguments([{name: value for name, value in meta.items() if name not in left_out}])
-            except ValueError:
+            except ValueError as error:
                 if left_out == candidates[-1]:
-                    raise
+                    cause = str(error).split(": ", 1)[-1].split(". Give it", 1)[0]
+                    raise ValueError(
+                        f"the reward {runner.name!r} cannot be called as fn(prompt, completion, answer, **meta) with the "
+                        f"keys of verl's extra_info and its data_source {list(keys)}: {cause}; give it a **meta "
+                        "parameter (with '/' after its first three parameters if a key shares their names)") from None
                 continue
             _LEFT_OUT[key, keys] = left_out
             break
