@@ -1515,3 +1515,110 @@ def test_a_chat_template_ending_turns_with_a_token_the_sampler_does_not_stop_at_
     assert unstopped_turn_end_note(model, tokenizer) is None  # its EOS ends the turn
     tokenizer.chat_template = "{{ raise_exception('no') }}"
     assert unstopped_turn_end_note(model, tokenizer) is None
+
+
+def _turn_model(vocab_size: int, eos: int = 1):
+    from entrorl.lab.tiny_model import build_tiny_qwen2
+
+    return build_tiny_qwen2(vocab_size, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                            max_position_embeddings=64, pad_token_id=0, eos_token_id=eos, bos_token_id=2)
+
+
+def _tokenizer_read_back(tokenizer, tmp_path):
+    """The tokenizer as read back from its files (tokenizer.json's added tokens, special=True), as a model's is."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    return AutoTokenizer.from_pretrained(tmp_path / "tok")
+
+
+def test_llama3_style_end_of_turn_token_that_is_special_but_not_named_is_said(tmp_path):
+    """Llama 3's <|eot_id|> (and every reserved/header token) is an added token with special=True in tokenizer.json,
+    but not one of the named special tokens, so it is not in ``tokenizer.all_special_ids``. A base Llama 3 (EOS
+    <|end_of_text|>, generation_config eos 128001 only) given the Llama 3 template is exactly the case the note is
+    for, and it says nothing."""
+    from tokenizers import AddedToken
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+    from entrorl.modeling import unstopped_turn_end_note
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_tokens([AddedToken(token, special=True)
+                          for token in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")])
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    tokenizer = _tokenizer_read_back(tokenizer, tmp_path)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    model = _turn_model(len(tokenizer), eos=tokenizer.eos_token_id)
+    note = unstopped_turn_end_note(model, tokenizer)
+    assert note is not None and "'<|eot_id|>'" in note and f"id {eot}" in note
+
+
+def test_phi3_style_template_with_eos_after_the_whole_conversation_still_says_the_unstopped_turn_end():
+    """Phi-3's template closes every turn with <|end|> and writes {{ eos_token }} once, after the last message when
+    no generation prompt is asked for. The probe's one assistant turn is the last message, so that conversation-end
+    EOS lands right after the reply and is taken for the turn's end: a model whose stop tokens lack <|end|> (what a
+    sampled turn ends with: the generation prompt path never writes the EOS) is not warned about."""
+    from entrorl.lab.tiny_model import build_char_tokenizer
+    from entrorl.modeling import unstopped_turn_end_note
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}")
+    model = _turn_model(len(tokenizer), eos=tokenizer.eos_token_id)
+    note = unstopped_turn_end_note(model, tokenizer)
+    assert note is not None and "'<|end|>'" in note
+
+
+def test_an_end_marker_the_tokenizer_cannot_spell_is_not_named_as_unk():
+    """A template ending turns with a marker the vocabulary lacks (non-ASCII here) tokenizes to <unk>, which is in
+    all_special_ids: the note then says the turn ends with '<unk>' and advises adding the <unk> id to
+    generation_config's eos_token_id, which would stop every response at its first unknown character."""
+    from entrorl.lab.tiny_model import build_char_tokenizer
+    from entrorl.modeling import unstopped_turn_end_note
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}<\uff5cend\u2581of\u2581turn\uff5c>"
+                               "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    model = _turn_model(len(tokenizer), eos=tokenizer.eos_token_id)
+    note = unstopped_turn_end_note(model, tokenizer)
+    assert note is None or ("'<unk>'" not in note and f"add {tokenizer.unk_token_id} " not in note)
+
+
+def test_a_template_rendering_no_string_is_not_judged_instead_of_raising():
+    """unstopped_turn_end_note returns None for a render that is not a string (its own guard), but calls
+    ``text.rfind`` before that guard, so it raises AttributeError out of Trainer.__init__ / eval instead."""
+    from types import SimpleNamespace
+
+    from entrorl.modeling import unstopped_turn_end_note
+
+    class ListRenderingTokenizer:
+        chat_template = "x"
+        eos_token_id = 1
+        all_special_ids = [1]
+
+        def apply_chat_template(self, conversation, tokenize=False):
+            return [conversation]
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=1), config=SimpleNamespace(eos_token_id=1))
+    assert unstopped_turn_end_note(model, ListRenderingTokenizer()) is None
+
+
+def test_a_template_expression_failing_with_another_error_on_a_row_names_the_row():
+    """The widened catch in encode_prompt lists TypeError, KeyError, IndexError, AttributeError only: a template
+    expression failing on one row with ZeroDivisionError (an arithmetic on the conversation) escapes as a bare
+    traceback naming neither the row nor the chat template."""
+    from entrorl.data import PromptRecord
+    from entrorl.lab.tiny_model import build_char_tokenizer
+    from entrorl.modeling import encode_records
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = "{{ 10 // (messages | length - 1) }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    records = [PromptRecord(prompt="1+1=", answer="2", source="chat.jsonl:1",
+                            messages=({"role": "system", "content": "s"}, {"role": "user", "content": "1+1="})),
+               PromptRecord(prompt="2+2=", answer="4", source="chat.jsonl:2")]
+    with pytest.raises(ValueError, match=r"^chat.jsonl:2: the chat template"):
+        encode_records(tokenizer, records, chat_template=True)

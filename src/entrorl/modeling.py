@@ -550,7 +550,7 @@ def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_te
         conversation = [*(messages or [])[:-1], {**(messages[-1] if messages else {"role": "user"}), "content": text}]
         text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     # a typo in the template, its own raise_exception(...), or an expression that fails on this conversation
-    except (TemplateError, TypeError, KeyError, IndexError, AttributeError) as error:
+    except Exception as error:  # noqa: BLE001 - whatever the template's code raises is its failure on this prompt
         what = "the conversation" if messages else "a user turn"
         raise ValueError(f"the chat template of the tokenizer{f' in {source}' if source else ''} cannot render {what}: "
                          f"{type(error).__name__}: {error}") from None
@@ -585,26 +585,31 @@ _REPLY_PROBE = "entrorl reply probe"
 def unstopped_turn_end_note(model, tokenizer) -> str | None:
     """A sentence saying that the tokenizer's chat template ends an assistant turn with a token the sampler does not
     stop at (:func:`stop_token_ids`): a base model's tokenizer given a chat template ending turns with
-    ``<|im_end|>`` while its EOS and generation config name only ``<|endoftext|>``, whose responses then run past their
-    turn to the length limit. None when the turn ends with a stop token, when the template writes nothing after the
-    reply, or when it cannot render a plain exchange."""
-    conversation = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": _REPLY_PROBE}]
+    ``<|im_end|>`` (or Llama 3's ``<|eot_id|>``, Phi-3's ``<|end|>``) while its EOS and generation config name only the
+    end of the text, whose responses then run past their turn to the length limit. The turn's end is the first special
+    token between a reply and the next user turn (a template may write the EOS only after the whole conversation).
+    None when that is a stop token, when there is none, or when the template cannot render such an exchange."""
+    conversation = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": _REPLY_PROBE},
+                    {"role": "user", "content": "2+2="}]
     try:
         text = tokenizer.apply_chat_template(conversation, tokenize=False)
     except Exception:  # noqa: BLE001 - a template that refuses this exchange is not judged
         return None
-    end = text.rfind(_REPLY_PROBE)
-    if not isinstance(text, str) or end < 0:
+    if not isinstance(text, str) or _REPLY_PROBE not in text:
         return None
-    after = tokenizer(text[end + len(_REPLY_PROBE):], add_special_tokens=False)["input_ids"]
-    special = [token for token in after if token in set(tokenizer.all_special_ids)]
+    after_reply = text[text.rfind(_REPLY_PROBE) + len(_REPLY_PROBE):]
+    between = after_reply[:after_reply.find("2+2=")] if "2+2=" in after_reply else after_reply
+    special = {*tokenizer.all_special_ids,
+               *(token for token, added in getattr(tokenizer, "added_tokens_decoder", {}).items() if added.special)}
+    special.discard(tokenizer.unk_token_id)  # a marker the vocabulary cannot spell is no token the sampler could stop at
+    ends = [token for token in tokenizer(between, add_special_tokens=False)["input_ids"] if token in special]
     stops = set(stop_token_ids(model, tokenizer))
-    if not special or stops & set(special):
+    if not ends or ends[0] in stops:
         return None
-    shown = tokenizer.convert_ids_to_tokens(special[0])
-    return (f"the chat template ends an assistant turn with {shown!r} (id {special[0]}), which the model's stop tokens "
+    shown = tokenizer.convert_ids_to_tokens(ends[0])
+    return (f"the chat template ends an assistant turn with {shown!r} (id {ends[0]}), which the model's stop tokens "
             f"{sorted(stops)} do not include: responses will run past the end of their turn, to the length limit; add "
-            f"{special[0]} to the model's generation_config.json eos_token_id (as chat models list their end-of-turn "
+            f"{ends[0]} to the model's generation_config.json eos_token_id (as chat models list their end-of-turn "
             "token), or train without the chat template")
 
 
