@@ -21,6 +21,7 @@ logged the first time, so that verl never gets a NaN reward.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Mapping
 from functools import partial
@@ -64,9 +65,13 @@ def _callable_meta(key: tuple[str, str], runner: RewardRunner, meta: dict[str, A
         for left_out in candidates:
             try:
                 runner.check_arguments([{name: value for name, value in meta.items() if name not in left_out}])
-            except ValueError as error:
+            except ValueError:
                 if left_out == candidates[-1]:
-                    cause = str(error).split(": ", 1)[-1].split(". Give it", 1)[0]
+                    try:  # what the call would say
+                        inspect.signature(runner.fn).bind("prompt", "completion", "answer", **dict.fromkeys(meta))
+                        cause = "it cannot take them"
+                    except TypeError as error:
+                        cause = str(error)
                     raise ValueError(
                         f"the reward {runner.name!r} cannot be called as fn(prompt, completion, answer, **meta) with the "
                         f"keys of verl's extra_info and its data_source {list(keys)}: {cause}; give it a **meta "
