@@ -1622,3 +1622,14 @@ def test_a_template_expression_failing_with_another_error_on_a_row_names_the_row
                PromptRecord(prompt="2+2=", answer="4", source="chat.jsonl:2")]
     with pytest.raises(ValueError, match=r"^chat.jsonl:2: the chat template"):
         encode_records(tokenizer, records, chat_template=True)
+
+
+def test_encode_prompt_refuses_a_conversation_that_does_not_end_with_the_prompt_as_the_user_s_turn():
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}a:"
+    for messages in ([{"role": "system", "content": "be brief"}], [{"role": "user", "content": "x"}],
+                     [{"role": "user", "content": "y"}, {"role": "assistant", "content": "y"}], []):
+        with pytest.raises(ValueError, match="messages must end with the user's turn whose content is the prompt"):
+            modeling.encode_prompt(tokenizer, "y", chat_template=True, messages=messages)

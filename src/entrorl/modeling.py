@@ -530,6 +530,10 @@ def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_te
     ending with the user's turn ``prompt``; the chat template renders all of it, ``template`` filled in that last turn.
     It needs ``chat_template``."""
     text = template.format(prompt=prompt)
+    if messages is not None and (not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user"
+                                 or messages[-1].get("content") != prompt):
+        raise ValueError("encode_prompt: messages must end with the user's turn whose content is the prompt (a "
+                         "PromptRecord's conversation does)")
     if messages is not None and not chat_template:
         raise ValueError("the prompt is given as chat messages, which only the tokenizer's chat template can write as "
                          "text: set model.chat_template: true (entrorl eval and data audit: --chat-template)")
