@@ -2053,6 +2053,8 @@ def test_a_part_name_cannot_be_registered_twice_and_a_part_needs_a_kind():
     ({"name": "trail "}, "got 'trail '"),
     ({"name": "m_badparam", "surrogate": ("ppo_clip", {"nope": 1})}, "method 'm_badparam' cannot be built: .*nope"),
     ({"name": "m_badvalue", "selectors": (("clip_b", {"mu": -1.0}),)}, "method 'm_badvalue' cannot be built: .*mu"),
+    ({"name": "a,b"}, "or ',' \\(it separates them in entrorl lab --methods\\)"),
+    ({"name": "m_estimator", "advantage_estimator": "nope"}, "method 'm_estimator': advantage_estimator: .*'nope'"),
 ])
 def test_a_method_that_cannot_be_built_is_refused_when_registered(monkeypatch, spec_changes, message):
     """Every listing of the methods (``entrorl methods``, the README's table, verl's registration) builds each one: a
@@ -2194,3 +2196,15 @@ def test_a_loss_scale_factor_that_the_aggregation_never_reads_is_said_to_have_no
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert build_objective("dr_grpo", loss_scale_factor=12).loss_scale_factor == 12.0
+
+
+def test_a_part_without_a_docstring_cites_its_paper(monkeypatch):
+    from entrorl.objective import parts
+
+    monkeypatch.setattr(parts, "_REGISTRY", {kind: dict(registry) for kind, registry in parts._REGISTRY.items()})
+
+    @register_part("undocumented", description="x", paper="arXiv 0000.00000")
+    class _Undocumented(Selector):
+        pass
+
+    assert _Undocumented.__doc__ == "Paper: arXiv 0000.00000."

@@ -78,8 +78,15 @@ def register_method(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"a method's name must be a non-empty string without spaces around it, got {spec.name!r}")
     if spec.name in _METHODS and _METHODS[spec.name] != spec:
         raise ValueError(f"a method named '{spec.name}' is already registered")
-    if "+" in spec.name:
-        raise ValueError(f"method names may not contain '+' (it composes methods): {spec.name!r}")
+    if "+" in spec.name or "," in spec.name:
+        raise ValueError(f"method names may not contain '+' (it composes methods) or ',' (it separates them in "
+                         f"entrorl lab --methods): {spec.name!r}")
+    from entrorl.advantages import advantage_info  # the same layer, which imports nothing of this one
+
+    try:
+        advantage_info(spec.advantage_estimator)
+    except ValueError as error:
+        raise ValueError(f"method '{spec.name}': advantage_estimator: {error}") from None
     check_loss_agg_mode(spec.loss_agg_mode)
     get_part_class("surrogate", spec.surrogate[0])
     for kind, refs in (("shaper", spec.shapers), ("regularizer", spec.regularizers), ("selector", spec.selectors)):

@@ -221,8 +221,8 @@ def register_part(name: str, *, description: str, paper: str = "") -> Callable[[
         cls.name = name
         cls.description = description
         cls.paper = paper
-        if paper and cls.__doc__ and paper not in cls.__doc__:
-            cls.__doc__ = f"{inspect.cleandoc(cls.__doc__)}\n\nPaper: {paper}."
+        if paper and paper not in (cls.__doc__ or ""):
+            cls.__doc__ = f"{inspect.cleandoc(cls.__doc__)}\n\nPaper: {paper}." if cls.__doc__ else f"Paper: {paper}."
         _REGISTRY[kind][name] = cls
         return cls
 
