@@ -200,3 +200,11 @@ def test_compute_score_leaves_out_only_the_colliding_key_and_builds_a_reward_onc
     for thread in threads:
         thread.join()
     assert _BUILT == [1]
+
+
+def test_a_prompt_given_as_chat_messages_reaches_the_reward_as_its_last_user_turn():
+    _SEEN.clear()
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_recording_reward"})
+    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    fn(data_source="d", solution_str="4", ground_truth="4", extra_info={"prompt": conversation})
+    assert _SEEN[0][0] == "2+2?"

@@ -104,6 +104,9 @@ def compute_score(
     meta = dict(extra_info or {})
     prompt = meta.pop("prompt", None)
     prompt = "" if prompt is None else prompt  # Parquet fills a field a row lacks with None: no prompt, not "None"
+    if isinstance(prompt, (list, tuple)):  # chat messages: the user's last turn, as entrorl train gives a reward
+        turns = [m.get("content") for m in prompt if isinstance(m, Mapping) and m.get("role") == "user"]
+        prompt = turns[-1] if turns and isinstance(turns[-1], str) else ""
     meta.setdefault("data_source", data_source)
     key, runner = _reward_runner(reward, reward_options or {})
     meta = _callable_meta(key, runner, meta)
