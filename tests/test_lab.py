@@ -3105,3 +3105,9 @@ def test_the_command_that_continues_earlier_methods_carries_the_folders_imports(
     result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--out", str(tmp_path / "lab")])
     assert "continue them with entrorl lab --preset quick --methods mine --out" in " ".join(result.output.split())
     assert "--import mine_mod" in " ".join(result.output.split())
+
+
+def test_an_unknown_method_of_ones_own_is_told_to_import_its_module(tmp_path):
+    for methods in (["mine"], ["dapo+mine"]):
+        with pytest.raises(ValueError, match="a method of your own: --import the module that registers it"):
+            run_lab("quick", methods=methods, out=tmp_path / "lab")

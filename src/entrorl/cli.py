@@ -723,7 +723,8 @@ def evaluate(
     seed: SeedOption = 0,
     out: Annotated[Optional[Path], typer.Option(help="write the JSON summary here")] = None,
     samples: Annotated[Optional[Path], typer.Option(
-        help="write every sample here, one JSON line each: its prompt's source (file:line), prompt, completion (with "
+        help="write every sample here, one JSON line each: its prompt's source (file:line), prompt (and its messages, "
+        "for a prompt given as chat messages), completion (with "
         "its token ids and their log-probability under the sampler, at temperature 1 for greedy sampling), "
         "reference answer, reward, correctness, length, truncation and the reward's reason")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="sequences per generation call (the samples drawn depend on "

@@ -66,14 +66,18 @@ class LabPreset(BaseModel):
                 try:
                     build_objective(method)
                 except ValueError as error:  # said of the composition, or of one of its parts
-                    raise ValueError(str(error) if repr(method) in str(error) else f"method '{method}': {error}") from None
+                    said = str(error) if repr(method) in str(error) else f"method '{method}': {error}"
+                    raise ValueError(said + (_OWN_METHODS_HINT if "unknown method" in said else "")) from None
                 continue
             try:
                 get_method(method)
             except ValueError:
                 hint = did_you_mean(method, lab_method_names())
                 raise ValueError(f"unknown method '{method}'; {hint}the laboratory runs: {', '.join(lab_method_names())}, "
-                                 "and compositions of them such as dapo+clip_b") from None
+                                 f"and compositions of them such as dapo+clip_b{_OWN_METHODS_HINT}") from None
+
+
+_OWN_METHODS_HINT = " (a method of your own: --import the module that registers it)"
 
 
 def lab_method_names() -> list[str]:
