@@ -208,3 +208,22 @@ def test_a_prompt_given_as_chat_messages_reaches_the_reward_as_its_last_user_tur
     conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
     fn(data_source="d", solution_str="4", ground_truth="4", extra_info={"prompt": conversation})
     assert _SEEN[0][0] == "2+2?"
+
+
+def _raising_reward(prompt, completion, answer, **meta):
+    raise KeyError("entry")
+
+
+def test_a_reward_that_never_scores_stops_the_run_instead_of_training_on_zeros(monkeypatch):
+    from entrorl.integrations.verl import rewards
+
+    monkeypatch.setattr(rewards, "FAILURES_BEFORE_A_SUCCESS", 3)
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_raising_reward"})
+    assert [fn(data_source="d", solution_str="x", ground_truth="y") for _ in range(2)] == [0.0, 0.0]
+    with pytest.raises(RuntimeError, match=r"failed on each of the 3 samples verl has given it, without one success: "
+                                           r"stopping rather than training on zeros; the first failure: .*KeyError"):
+        fn(data_source="d", solution_str="x", ground_truth="y")
+    # one that has scored once goes on scoring 0 where it fails, as entrorl train does
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_nan_reward"})
+    monkeypatch.setattr(rewards, "_SUCCEEDED", {(f"{__name__}:_nan_reward", repr([]))})
+    assert [fn(data_source="d", solution_str="x", ground_truth="y") for _ in range(4)] == [0.0] * 4

@@ -16,7 +16,8 @@ it. The entrorl reward sees ``prompt = extra_info["prompt"]`` (or ``""``), ``com
 arguments they would collide with. It is scored as ``entrorl train`` scores a sample (:class:`entrorl.rewards.RewardRunner`):
 a reward that cannot be called with that metadata is refused (``ValueError``), one that returns an object with
 ``.score`` (a judge's verdict) gives that score, and one that raises, fails, or returns no finite number scores 0,
-logged the first time, so that verl never gets a NaN reward.
+logged the first time, so that verl never gets a NaN reward; a reward that fails on each of its first
+:data:`FAILURES_BEFORE_A_SUCCESS` samples stops the run (``RuntimeError``) instead of training on zeros.
 """
 
 from __future__ import annotations
@@ -111,7 +112,30 @@ def compute_score(
     key, runner = _reward_runner(reward, reward_options or {})
     meta = _callable_meta(key, runner, meta)
     result = runner([prompt if isinstance(prompt, str) else str(prompt)], [solution_str], [ground_truth], [meta])
+    _stop_a_reward_that_never_scores(key, bool(result.failed[0]), result.first_error)
     return float(result.exact_scores[0])
+
+
+# A reward that fails on this many samples before its first success (a misconfiguration: reasoning_gym without the
+# entry in extra_info, a judge that cannot be reached) stops the run, as entrorl train stops after
+# reward.max_failing_steps steps whose every sample failed: verl would otherwise train on zeros.
+FAILURES_BEFORE_A_SUCCESS = 1024
+_SUCCEEDED: set[tuple[str, str]] = set()
+_FAILURES: dict[tuple[str, str], int] = {}
+
+
+def _stop_a_reward_that_never_scores(key: tuple[str, str], failed: bool, first_error: str | None) -> None:
+    if key in _SUCCEEDED:
+        return
+    with _BUILDING:
+        if not failed:
+            _SUCCEEDED.add(key)
+            return
+        failures = _FAILURES[key] = _FAILURES.get(key, 0) + 1
+    if failures >= FAILURES_BEFORE_A_SUCCESS:
+        headline = (first_error or "").splitlines()[0] if first_error else "no message"
+        raise RuntimeError(f"the reward {key[0]!r} failed on each of the {failures} samples verl has given it, without "
+                           f"one success: stopping rather than training on zeros; the first failure: {headline}")
 
 
 math_score = partial(compute_score, reward="math")
