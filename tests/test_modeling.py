@@ -1633,3 +1633,32 @@ def test_encode_prompt_refuses_a_conversation_that_does_not_end_with_the_prompt_
                      [{"role": "user", "content": "y"}, {"role": "assistant", "content": "y"}], []):
         with pytest.raises(ValueError, match="messages must end with the user's turn whose content is the prompt"):
             modeling.encode_prompt(tokenizer, "y", chat_template=True, messages=messages)
+
+
+def test_harmony_style_template_whose_generated_turn_ends_with_return_is_not_warned(tmp_path):
+    """gpt-oss's (harmony) template closes an assistant turn of the history with <|end|> but the last one, the turn
+    a model generates, with <|return|>, its stop token; <|end|> also closes the reasoning inside a response, so
+    advising it as a stop token would cut every response after its reasoning."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2
+    from entrorl.modeling import unstopped_turn_end_note
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_tokens([AddedToken(token, special=True)
+                          for token in ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>")])
+    tokenizer.eos_token = "<|return|>"
+    tokenizer.chat_template = (
+        "{% for m in messages %}"
+        "{% if m['role'] == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}"
+        "{% if loop.last and not add_generation_prompt %}<|return|>{% else %}<|end|>{% endif %}"
+        "{% else %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    eos = tokenizer.convert_tokens_to_ids("<|return|>")
+    assert tokenizer.eos_token_id == eos
+    model = build_tiny_qwen2(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                             max_position_embeddings=64, pad_token_id=0, eos_token_id=eos, bos_token_id=2)
+    assert unstopped_turn_end_note(model, tokenizer) is None, unstopped_turn_end_note(model, tokenizer)

@@ -591,18 +591,17 @@ def unstopped_turn_end_note(model, tokenizer) -> str | None:
     stop at (:func:`stop_token_ids`): a base model's tokenizer given a chat template ending turns with
     ``<|im_end|>`` (or Llama 3's ``<|eot_id|>``, Phi-3's ``<|end|>``) while its EOS and generation config name only the
     end of the text, whose responses then run past their turn to the length limit. The turn's end is the first special
-    token between a reply and the next user turn (a template may write the EOS only after the whole conversation).
-    None when that is a stop token, when there is none, or when the template cannot render such an exchange."""
-    conversation = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": _REPLY_PROBE},
-                    {"role": "user", "content": "2+2="}]
+    token after the reply that ends the conversation, the turn a model generates (Phi-3 writes its EOS only after
+    that; gpt-oss ends a generated turn with ``<|return|>``, earlier ones with ``<|end|>``). None when that is a stop
+    token, when there is none, or when the template cannot render such an exchange."""
+    conversation = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": _REPLY_PROBE}]
     try:
         text = tokenizer.apply_chat_template(conversation, tokenize=False)
     except Exception:  # noqa: BLE001 - a template that refuses this exchange is not judged
         return None
     if not isinstance(text, str) or _REPLY_PROBE not in text:
         return None
-    after_reply = text[text.rfind(_REPLY_PROBE) + len(_REPLY_PROBE):]
-    between = after_reply[:after_reply.find("2+2=")] if "2+2=" in after_reply else after_reply
+    between = text[text.rfind(_REPLY_PROBE) + len(_REPLY_PROBE):]
     special = {*tokenizer.all_special_ids,
                *(token for token, added in getattr(tokenizer, "added_tokens_decoder", {}).items() if added.special)}
     special.discard(tokenizer.unk_token_id)  # a marker the vocabulary cannot spell is no token the sampler could stop at
