@@ -227,3 +227,25 @@ def test_a_reward_that_never_scores_stops_the_run_instead_of_training_on_zeros(m
     fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_nan_reward"})
     monkeypatch.setattr(rewards, "_SUCCEEDED", {(f"{__name__}:_nan_reward", repr([]))})
     assert [fn(data_source="d", solution_str="x", ground_truth="y") for _ in range(4)] == [0.0] * 4
+
+
+_FAILURE_NUMBER: list[int] = []
+
+
+def _numbered_failure(prompt, completion, answer, **meta):
+    _FAILURE_NUMBER.append(1)
+    raise ValueError(f"failure number {len(_FAILURE_NUMBER)}")
+
+
+def test_the_stop_quotes_the_first_failure_and_a_refusal_names_the_key_that_blocks_the_call(monkeypatch):
+    from entrorl.integrations.verl import rewards
+
+    monkeypatch.setattr(rewards, "FAILURES_BEFORE_A_SUCCESS", 3)
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_numbered_failure"})
+    fn(data_source="d", solution_str="x", ground_truth="y")
+    fn(data_source="d", solution_str="x", ground_truth="y")
+    with pytest.raises(RuntimeError, match="the first failure: .*failure number 1$"):
+        fn(data_source="d", solution_str="x", ground_truth="y")
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_no_meta_reward"})
+    with pytest.raises(ValueError, match="unexpected keyword argument 'data_source'"):  # answer is left out anyway
+        fn(data_source="d", solution_str="x", ground_truth="y", extra_info={"answer": "a"})

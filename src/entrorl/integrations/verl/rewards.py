@@ -29,6 +29,7 @@ from functools import partial
 from typing import Any
 
 from entrorl.rewards import RewardRunner, get_reward
+from entrorl.rewards.base import error_headline
 
 __all__ = ["compute_score", "math_score", "exact_match_score", "reasoning_gym_score"]
 
@@ -68,8 +69,9 @@ def _callable_meta(key: tuple[str, str], runner: RewardRunner, meta: dict[str, A
                 runner.check_arguments([{name: value for name, value in meta.items() if name not in left_out}])
             except ValueError:
                 if left_out == candidates[-1]:
-                    try:  # what the call would say
-                        inspect.signature(runner.fn).bind("prompt", "completion", "answer", **dict.fromkeys(meta))
+                    try:  # what the call would say, without the keys left out anyway
+                        inspect.signature(runner.fn).bind("prompt", "completion", "answer",
+                                                          **dict.fromkeys(set(meta) - set(left_out)))
                         cause = "it cannot take them"
                     except TypeError as error:
                         cause = str(error)
@@ -121,21 +123,24 @@ def compute_score(
 # reward.max_failing_steps steps whose every sample failed: verl would otherwise train on zeros.
 FAILURES_BEFORE_A_SUCCESS = 1024
 _SUCCEEDED: set[tuple[str, str]] = set()
-_FAILURES: dict[tuple[str, str], int] = {}
+_FAILURES: dict[tuple[str, str], tuple[int, str]] = {}  # runner key -> (failures so far, the first one's headline)
 
 
-def _stop_a_reward_that_never_scores(key: tuple[str, str], failed: bool, first_error: str | None) -> None:
+def _stop_a_reward_that_never_scores(key: tuple[str, str], failed: bool, error: str | None) -> None:
+    """Count ``key``'s failures until its first success; raise once they reach :data:`FAILURES_BEFORE_A_SUCCESS`."""
     if key in _SUCCEEDED:
         return
     with _BUILDING:
+        if key in _SUCCEEDED:
+            return
         if not failed:
             _SUCCEEDED.add(key)
             return
-        failures = _FAILURES[key] = _FAILURES.get(key, 0) + 1
-    if failures >= FAILURES_BEFORE_A_SUCCESS:
-        headline = (first_error or "").splitlines()[0] if first_error else "no message"
-        raise RuntimeError(f"the reward {key[0]!r} failed on each of the {failures} samples verl has given it, without "
-                           f"one success: stopping rather than training on zeros; the first failure: {headline}")
+        failures, first = _FAILURES.get(key, (0, error_headline(error or "no message")))
+        _FAILURES[key] = (failures + 1, first)
+    if failures + 1 >= FAILURES_BEFORE_A_SUCCESS:
+        raise RuntimeError(f"the reward {key[0]!r} failed on each of the {failures + 1} samples verl has given it, "
+                           f"without one success: stopping rather than training on zeros; the first failure: {first}")
 
 
 math_score = partial(compute_score, reward="math")
