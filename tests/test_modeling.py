@@ -1533,10 +1533,8 @@ def _tokenizer_read_back(tokenizer, tmp_path):
 
 
 def test_llama3_style_end_of_turn_token_that_is_special_but_not_named_is_said(tmp_path):
-    """Llama 3's <|eot_id|> (and every reserved/header token) is an added token with special=True in tokenizer.json,
-    but not one of the named special tokens, so it is not in ``tokenizer.all_special_ids``. A base Llama 3 (EOS
-    <|end_of_text|>, generation_config eos 128001 only) given the Llama 3 template is exactly the case the note is
-    for, and it says nothing."""
+    """Llama 3's <|eot_id|> is an added token marked special, not a named one (not in all_special_ids): a base Llama 3
+    (EOS <|end_of_text|> only) given the Llama 3 template is warned about."""
     from tokenizers import AddedToken
 
     from entrorl.lab.tiny_model import build_char_tokenizer
@@ -1557,10 +1555,8 @@ def test_llama3_style_end_of_turn_token_that_is_special_but_not_named_is_said(tm
 
 
 def test_phi3_style_template_with_eos_after_the_whole_conversation_still_says_the_unstopped_turn_end():
-    """Phi-3's template closes every turn with <|end|> and writes {{ eos_token }} once, after the last message when
-    no generation prompt is asked for. The probe's one assistant turn is the last message, so that conversation-end
-    EOS lands right after the reply and is taken for the turn's end: a model whose stop tokens lack <|end|> (what a
-    sampled turn ends with: the generation prompt path never writes the EOS) is not warned about."""
+    """Phi-3's template closes every turn with <|end|> and writes the EOS once, after the whole conversation: the turn
+    still ends with <|end|>, which a sampler stopping only at the EOS runs past."""
     from entrorl.lab.tiny_model import build_char_tokenizer
     from entrorl.modeling import unstopped_turn_end_note
 
@@ -1574,9 +1570,8 @@ def test_phi3_style_template_with_eos_after_the_whole_conversation_still_says_th
 
 
 def test_an_end_marker_the_tokenizer_cannot_spell_is_not_named_as_unk():
-    """A template ending turns with a marker the vocabulary lacks (non-ASCII here) tokenizes to <unk>, which is in
-    all_special_ids: the note then says the turn ends with '<unk>' and advises adding the <unk> id to
-    generation_config's eos_token_id, which would stop every response at its first unknown character."""
+    """A marker the vocabulary cannot spell tokenizes to <unk>: that is never advised as a stop token (it would stop
+    every response at its first unknown character)."""
     from entrorl.lab.tiny_model import build_char_tokenizer
     from entrorl.modeling import unstopped_turn_end_note
 
@@ -1589,8 +1584,7 @@ def test_an_end_marker_the_tokenizer_cannot_spell_is_not_named_as_unk():
 
 
 def test_a_template_rendering_no_string_is_not_judged_instead_of_raising():
-    """unstopped_turn_end_note returns None for a render that is not a string (its own guard), but calls
-    ``text.rfind`` before that guard, so it raises AttributeError out of Trainer.__init__ / eval instead."""
+    """A render that is not a string is not judged: no error out of Trainer.__init__ or eval."""
     from types import SimpleNamespace
 
     from entrorl.modeling import unstopped_turn_end_note
@@ -1608,9 +1602,8 @@ def test_a_template_rendering_no_string_is_not_judged_instead_of_raising():
 
 
 def test_a_template_expression_failing_with_another_error_on_a_row_names_the_row():
-    """The widened catch in encode_prompt lists TypeError, KeyError, IndexError, AttributeError only: a template
-    expression failing on one row with ZeroDivisionError (an arithmetic on the conversation) escapes as a bare
-    traceback naming neither the row nor the chat template."""
+    """A template expression failing on one row in any way (here a ZeroDivisionError) is reported with the row and
+    the chat template, not as a bare traceback."""
     from entrorl.data import PromptRecord
     from entrorl.lab.tiny_model import build_char_tokenizer
     from entrorl.modeling import encode_records
@@ -1662,3 +1655,32 @@ def test_harmony_style_template_whose_generated_turn_ends_with_return_is_not_war
     model = build_tiny_qwen2(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                              max_position_embeddings=64, pad_token_id=0, eos_token_id=eos, bos_token_id=2)
     assert unstopped_turn_end_note(model, tokenizer) is None, unstopped_turn_end_note(model, tokenizer)
+
+
+def test_glm4_style_template_whose_turn_ends_at_the_next_role_marker_is_still_judged(tmp_path):
+    """GLM-4 writes nothing after a reply: its turn ends where the next role's marker (<|user|>) begins, which is
+    judged instead."""
+    from tokenizers import AddedToken
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+    from entrorl.modeling import unstopped_turn_end_note
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_tokens([AddedToken(token, special=True) for token in
+                          ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+                           "<|endoftext|>")])
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.chat_template = (  # glm-4-9b-chat's template, without its tools branch
+        "[gMASK]<sop>{% for item in messages %}{% if item['role'] == 'system' %}<|system|>\n{{ item['content'] }}"
+        "{% elif item['role'] == 'user' %}<|user|>\n{{ item['content'] }}"
+        "{% elif item['role'] == 'assistant' %}<|assistant|>\n{{ item['content'] }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tokenizer = _tokenizer_read_back(tokenizer, tmp_path)
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
+    model = _turn_model(len(tokenizer), eos=tokenizer.eos_token_id)  # stops: <|endoftext|> only
+    note = unstopped_turn_end_note(model, tokenizer)
+    assert note is not None and "'<|user|>'" in note and f"id {user}" in note
+    # with GLM's own stop tokens it stays quiet
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, user,
+                                            tokenizer.convert_tokens_to_ids("<|observation|>")]
+    assert unstopped_turn_end_note(model, tokenizer) is None

@@ -592,20 +592,27 @@ def unstopped_turn_end_note(model, tokenizer) -> str | None:
     ``<|im_end|>`` (or Llama 3's ``<|eot_id|>``, Phi-3's ``<|end|>``) while its EOS and generation config name only the
     end of the text, whose responses then run past their turn to the length limit. The turn's end is the first special
     token after the reply that ends the conversation, the turn a model generates (Phi-3 writes its EOS only after
-    that; gpt-oss ends a generated turn with ``<|return|>``, earlier ones with ``<|end|>``). None when that is a stop
-    token, when there is none, or when the template cannot render such an exchange."""
-    conversation = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": _REPLY_PROBE}]
-    try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    except Exception:  # noqa: BLE001 - a template that refuses this exchange is not judged
-        return None
-    if not isinstance(text, str) or _REPLY_PROBE not in text:
-        return None
-    between = text[text.rfind(_REPLY_PROBE) + len(_REPLY_PROBE):]
+    that; gpt-oss ends a generated turn with ``<|return|>``, earlier ones with ``<|end|>``), else, for a template that
+    writes nothing after it (GLM-4's turn ends where the next role's marker begins), the first between a reply and
+    the next user turn. None when that is a stop token, when there is none, or when the template cannot render such
+    an exchange."""
     special = {*tokenizer.all_special_ids,
                *(token for token, added in getattr(tokenizer, "added_tokens_decoder", {}).items() if added.special)}
-    special.discard(tokenizer.unk_token_id)  # a marker the vocabulary cannot spell is no token the sampler could stop at
-    ends = [token for token in tokenizer(between, add_special_tokens=False)["input_ids"] if token in special]
+    special.discard(getattr(tokenizer, "unk_token_id", None))  # a marker the vocabulary cannot spell is no token the sampler could stop at
+    exchange = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": _REPLY_PROBE}]
+    ends: list[int] = []
+    for conversation in (exchange, [*exchange, {"role": "user", "content": "2+2="}]):
+        try:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that refuses this exchange is not judged
+            return None
+        if not isinstance(text, str) or _REPLY_PROBE not in text:
+            return None
+        after = text[text.rfind(_REPLY_PROBE) + len(_REPLY_PROBE):]
+        after = after[:after.find("2+2=")] if "2+2=" in after else after
+        ends = [token for token in tokenizer(after, add_special_tokens=False)["input_ids"] if token in special]
+        if ends:
+            break
     stops = set(stop_token_ids(model, tokenizer))
     if not ends or ends[0] in stops:
         return None

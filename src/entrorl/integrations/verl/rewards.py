@@ -71,7 +71,7 @@ def _callable_meta(key: tuple[str, str], runner: RewardRunner, meta: dict[str, A
                 if left_out == candidates[-1]:
                     try:  # what the call would say, without the keys left out anyway
                         inspect.signature(runner.fn).bind("prompt", "completion", "answer",
-                                                          **dict.fromkeys(set(meta) - set(left_out)))
+                                                          **dict.fromkeys(sorted(set(meta) - set(left_out))))
                         cause = "it cannot take them"
                     except TypeError as error:
                         cause = str(error)
