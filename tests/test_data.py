@@ -1926,3 +1926,21 @@ def test_float32_values_of_dictionary_encoded_and_array_columns_read_as_written(
     datasets.Dataset.from_dict({"prompt": ["p"], "answer": ["1"], "grid": [[[0.1, 0.2]]]},
                                features=features).save_to_disk(str(tmp_path / "saved"))
     assert load_prompts(tmp_path / "saved")[0].meta["grid"] == [[0.1, 0.2]]
+
+
+def test_a_stream_resumes_a_state_saved_when_float32_values_within_structs_read_widened():
+    """Earlier versions read a float32 field within a struct or list as its float64 widening (0.1 as
+    0.10000000149011612): a checkpoint saved then resumes on the unchanged file; other data is still refused."""
+    from entrorl.data import PromptStream
+
+    def records(weight, meta_value=0.25):
+        return [PromptRecord(prompt=f"{i}+1=", answer=str(i + 1),
+                             meta={"info": {"w": weight}, "vals": [weight, 2.0], "level": meta_value}) for i in range(3)]
+
+    widened = float(np.float32(0.1))
+    saved = PromptStream(records(widened), seed=0)
+    saved.next_batch(2)
+    state = saved.state_dict()
+    PromptStream(records(0.1), seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="other records"):
+        PromptStream(records(0.2), seed=0).load_state_dict(state)
