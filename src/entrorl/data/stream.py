@@ -171,8 +171,8 @@ class PromptStream:
                     f"PromptStream.load_state_dict: the state was saved with {key}={state[key]!r} but this stream "
                     f"has {key}={mine!r}; resuming would not continue the same sequence"
                 )
-        if "records_digest" in state and state["records_digest"] not in (self.records_digest,
-                                                                          self._digest_of_the_widened_reading()):
+        if "records_digest" in state and state["records_digest"] != self.records_digest \
+                and state["records_digest"] != self._digest_of_the_widened_reading():
             raise ValueError(
                 "PromptStream.load_state_dict: the state was saved over other records (as many, but a prompt, an "
                 "answer or a field differs); resuming would not continue the same sequence"
