@@ -1928,19 +1928,19 @@ def test_float32_values_of_dictionary_encoded_and_array_columns_read_as_written(
     assert load_prompts(tmp_path / "saved")[0].meta["grid"] == [[0.1, 0.2]]
 
 
-def test_a_stream_resumes_a_state_saved_when_float32_values_within_structs_read_widened():
-    """Earlier versions read a float32 field within a struct or list as its float64 widening (0.1 as
-    0.10000000149011612): a checkpoint saved then resumes on the unchanged file; other data is still refused."""
-    from entrorl.data import PromptStream
+def test_the_earlier_reading_widens_only_the_float32_values_within_structs_and_lists(tmp_path):
+    """nested_floats_widened() reads a file as entrorl did before it read nested float32 values as written: what a
+    resumed run's saved data digest was taken over. Top-level float32 columns and float64 values read the same."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    def records(weight, meta_value=0.25):
-        return [PromptRecord(prompt=f"{i}+1=", answer=str(i + 1),
-                             meta={"info": {"w": weight}, "vals": [weight, 2.0], "level": meta_value}) for i in range(3)]
+    from entrorl.data.loading import nested_floats_widened
 
-    widened = float(np.float32(0.1))
-    saved = PromptStream(records(widened), seed=0)
-    saved.next_batch(2)
-    state = saved.state_dict()
-    PromptStream(records(0.1), seed=0).load_state_dict(state)
-    with pytest.raises(ValueError, match="other records"):
-        PromptStream(records(0.2), seed=0).load_state_dict(state)
+    pq.write_table(pa.table({"prompt": ["p"], "answer": ["1"], "top": pa.array([0.1], pa.float32()),
+                             "info": pa.array([{"w": 0.1, "x": 0.3}], pa.struct([("w", pa.float32()), ("x", pa.float64())])),
+                             "vals": pa.array([[0.1]], pa.list_(pa.float16()))}), tmp_path / "d.parquet")
+    assert load_prompts(tmp_path / "d.parquet")[0].meta == {"top": 0.1, "info": {"w": 0.1, "x": 0.3}, "vals": [0.1]}
+    with nested_floats_widened():
+        earlier = load_prompts(tmp_path / "d.parquet")[0].meta
+    assert earlier == {"top": 0.1, "info": {"w": float(np.float32(0.1)), "x": 0.3}, "vals": [float(np.float16(0.1))]}
+    assert load_prompts(tmp_path / "d.parquet")[0].meta["info"]["w"] == 0.1  # the block's reading ends with it

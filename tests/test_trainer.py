@@ -5327,3 +5327,79 @@ def test_an_empty_column_option_is_refused_with_a_message(tmp_path, tiny_model_d
     train, _ = arithmetic_files
     result = CliRunner().invoke(app, [*command, "--model", str(tiny_model_dir), "--data", str(train), option, " "])
     assert result.exit_code == 2 and f"{option} names no column" in result.output, result.output
+
+
+def _legacy_records_digest(rows: list[dict]) -> str:
+    """PromptStream.records_digest over ``rows`` (prompt, answer, meta) as the previous version took it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row["prompt"], row["answer"], row["meta"]], sort_keys=True, default=str,
+                                 ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def test_resume_of_previous_version_checkpoint_on_parquet_with_float32_struct_and_list_columns(tmp_path, monkeypatch):
+    """A run checkpointed by the previous version on a parquet file with float32 values within a struct and a list
+    (which that version read widened: 0.1 as 0.10000000149011612) resumes on the unchanged file; the checkpoint is
+    that version's when it holds the data digest that version took."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from entrorl.lab.tiny_model import save_tiny_model
+    from entrorl.trainer import checkpoint as ckpt
+
+    model_dir = save_tiny_model(tmp_path / "model", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                max_position_embeddings=64)
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "compat_reward.py").write_text(
+        "def reward(prompt, completion, answer, **meta):\n    return float(str(answer) in completion)\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    monkeypatch.chdir(tmp_path)
+
+    n = 8
+    prompts = [f"{i}+1=" for i in range(n)]
+    answers = [str(i + 1) for i in range(n)]
+    table = pa.table({
+        "prompt": prompts, "answer": answers,
+        "info": pa.array([{"w": 0.1 * (i + 1)} for i in range(n)], pa.struct([("w", pa.float32())])),
+        "vals": pa.array([[0.1, 0.2 * i] for i in range(n)], pa.list_(pa.float32())),
+    })
+    data = tmp_path / "train.parquet"
+    pq.write_table(table, data)
+
+    config = {
+        "seed": 0,
+        "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "data": {"train": str(data), "prompt_template": "{prompt}"},
+        "reward": {"name": "compat_reward:reward"},
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 2},
+        "method": "grpo",
+        "optim": {"steps": 1, "lr": 1e-3},
+        "logging": {"run_dir": str(tmp_path / "runs"), "progress": False},
+        "checkpoint": {"every": 1, "keep": 5},
+    }
+    run_dir = tmp_path / "runs" / "run"
+    Trainer(load_config(config), run_dir=run_dir).train()
+
+    # the step-1 checkpoint as the previous version wrote it on this same file: its stream digest
+    checkpoint = ckpt.latest_checkpoint(run_dir)
+    state_file = checkpoint / "trainer.pt"
+    state = torch.load(state_file, weights_only=False)
+    widened = [{"prompt": prompts[i], "answer": answers[i],
+                "meta": {"info": {"w": float(np.float32(0.1 * (i + 1)))},
+                         "vals": [float(np.float32(0.1)), float(np.float32(0.2 * i))]}} for i in range(n)]
+    state["stream"]["records_digest"] = _legacy_records_digest(widened)
+    torch.save(state, state_file)
+    ckpt._write_file_list(checkpoint)  # the old checkpoint's files.json (sizes and CRC-32s)
+
+    config["optim"]["steps"] = 2
+    try:
+        trainer = Trainer(load_config(config), run_dir=run_dir, resume=True)
+    except ValueError as error:
+        pytest.fail(f"resuming a previous version's checkpoint on the unchanged data was refused: {error}")
+    trainer.train()
+    assert trainer.step == 2

@@ -62,6 +62,7 @@ __all__ = [
     "load_prompts",
     "read_arrow_ipc",
     "write_jsonl",
+    "nested_floats_widened",
 ]
 
 SUPPORTED_FORMATS = (
@@ -800,13 +801,33 @@ def _iter_arrow_rows(table: Any) -> Iterator[dict[str, Any]]:
 _EACH = object()  # a step of a path: every item of a list
 
 
+_NESTED_READ_AS_WRITTEN = [True]  # False within nested_floats_widened()
+
+
+@contextlib.contextmanager
+def nested_floats_widened() -> Iterator[None]:
+    """In the block, the loaders read float32 / float16 values within structs, lists and dictionary or extension
+    columns widened to float64 (0.1 as 0.10000000149011612), as entrorl read them before it read them as written
+    (top-level float columns were read as written then too): the reading a resumed run's data digest, saved by such
+    a version, was taken over."""
+    _NESTED_READ_AS_WRITTEN.append(False)
+    try:
+        yield
+    finally:
+        _NESTED_READ_AS_WRITTEN.pop()
+
+
 def _narrow_arrow_fields(fields: list[Any]) -> dict[tuple[Any, ...], Any]:
     """``{path: numpy type}`` of the float values narrower than Python's among Arrow ``fields``, those within structs
     and lists included: a path names the column, then the field within it (``reward_model.ground_truth``) or
-    :data:`_EACH` item of a list (``prompt``'s messages)."""
+    :data:`_EACH` item of a list (``prompt``'s messages). Only the top-level float columns in
+    :func:`nested_floats_widened`."""
     narrow: dict[tuple[Any, ...], Any] = {}
     for field in fields:
-        narrow.update(_narrow_arrow_type(field.type, (field.name,)))
+        if _NESTED_READ_AS_WRITTEN[-1]:
+            narrow.update(_narrow_arrow_type(field.type, (field.name,)))
+        elif str(field.type) in _NARROW_FLOATS:
+            narrow[(field.name,)] = _NARROW_FLOATS[str(field.type)]
     return narrow
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import Any
@@ -79,31 +78,10 @@ class PromptStream:
         """SHA-256 of the records' prompts (their whole conversations, when given as chat messages), answers and
         fields, in order (not of where they were read from): two streams over the same rows have the same digest, a
         row edited in place gives another."""
-        return self._digest(lambda meta: meta)
-
-    def _digest_of_the_widened_reading(self) -> str:
-        """:attr:`records_digest` as entrorl read the same files before it read the float32 values within structs
-        and lists as the numbers written (each such value as its float32 widened to float64: 0.1 as
-        0.10000000149011612), so that a run checkpointed then resumes on unchanged data. Top-level fields were
-        already read as written."""
-        def widened(value: Any) -> Any:
-            if isinstance(value, float) and math.isfinite(value):
-                return float(np.float32(value))
-            if isinstance(value, dict):
-                return {key: widened(item) for key, item in value.items()}
-            if isinstance(value, list):
-                return [widened(item) for item in value]
-            return value
-
-        return self._digest(lambda meta: {key: widened(value) if isinstance(value, (dict, list)) else value
-                                          for key, value in meta.items()})
-
-    def _digest(self, read: Any) -> str:
-        """SHA-256 of the records' prompts (conversations), answers and fields as ``read`` gives them, in order."""
         digest = hashlib.sha256()
         for record in self._records:
             prompt = record.prompt if record.messages is None else list(record.messages)
-            digest.update(json.dumps([prompt, record.answer, read(record.meta)], sort_keys=True, default=str,
+            digest.update(json.dumps([prompt, record.answer, record.meta], sort_keys=True, default=str,
                                      ensure_ascii=False).encode("utf-8"))
             digest.update(b"\n")
         return digest.hexdigest()
@@ -171,8 +149,7 @@ class PromptStream:
                     f"PromptStream.load_state_dict: the state was saved with {key}={state[key]!r} but this stream "
                     f"has {key}={mine!r}; resuming would not continue the same sequence"
                 )
-        if "records_digest" in state and state["records_digest"] != self.records_digest \
-                and state["records_digest"] != self._digest_of_the_widened_reading():
+        if "records_digest" in state and state["records_digest"] != self.records_digest:
             raise ValueError(
                 "PromptStream.load_state_dict: the state was saved over other records (as many, but a prompt, an "
                 "answer or a field differs); resuming would not continue the same sequence"

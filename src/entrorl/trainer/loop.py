@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from pydantic import ValidationError
 from entrorl.advantages import AdvantageOverflow, compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import (DataError, PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts,
                           parse_band)
+from entrorl.data.loading import nested_floats_widened
 from entrorl.modeling import (
     DamagedWeightsError,
     bucketed_response_token_stats,
@@ -193,14 +194,7 @@ class Trainer:
         self._seed_everything(config.seed)
 
         # what cannot fail late: data and reward before any model loads
-        meta_columns = config.data.meta_columns
-        # data.pass_rate_band reads its column whether or not data.meta_columns passes it to the reward
-        rate_read_only = (config.data.pass_rate_band is not None and meta_columns is not None
-                          and config.data.pass_rate_column not in meta_columns)
-        self.train_records = self._load_train_prompts(rate_read_only)
-        self.train_prompts_read = len(self.train_records)  # before data.pass_rate_band keeps some of them
-        if config.data.pass_rate_band is not None:
-            self.train_records = self._filter_by_pass_rate(self.train_records, keep_column=not rate_read_only)
+        self.train_records, self.train_prompts_read = self._read_train_records()
         if len(self.train_records) < config.rollout.prompts_per_step:
             warnings.warn(f"data.train has {len(self.train_records)} prompt(s), fewer than rollout.prompts_per_step = "
                           f"{config.rollout.prompts_per_step}: every step samples some prompt in two or more groups",
@@ -472,6 +466,36 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
+    def _refuse_other_data(self, error: ValueError) -> NoReturn:
+        kept = " (those data.pass_rate_band keeps)" if self.config.data.pass_rate_band is not None else ""
+        raise ValueError(f"--resume: the prompts of data.train{kept} are not those the checkpoint was trained on: "
+                         f"{str(error).removeprefix('PromptStream.load_state_dict: ')}; put the data back, or "
+                         "start a new run from the checkpoint's model directory") from None
+
+    def _saved_over_the_earlier_reading(self, saved: dict[str, Any]) -> bool:
+        """Whether the stream ``saved`` was dealing the same records as entrorl read them before it read float32
+        values within structs and lists as written (:func:`entrorl.data.loading.nested_floats_widened`): a run of
+        that version resumed on unchanged data."""
+        try:
+            with nested_floats_widened():
+                records, _ = self._read_train_records()
+        except (ValueError, OSError):
+            return False
+        earlier = PromptStream(records, seed=self.config.seed, shuffle=self.config.data.shuffle)
+        return saved.get("records_digest") == earlier.records_digest
+
+    def _read_train_records(self) -> tuple[list[PromptRecord], int]:
+        """``data.train``'s records that ``data.pass_rate_band`` keeps, and how many were read before it kept some."""
+        data = self.config.data
+        # data.pass_rate_band reads its column whether or not data.meta_columns passes it to the reward
+        rate_read_only = (data.pass_rate_band is not None and data.meta_columns is not None
+                          and data.pass_rate_column not in data.meta_columns)
+        records = self._load_train_prompts(rate_read_only)
+        read = len(records)
+        if data.pass_rate_band is not None:
+            records = self._filter_by_pass_rate(records, keep_column=not rate_read_only)
+        return records, read
+
     def _load_train_prompts(self, rate_read_only: bool) -> list[PromptRecord]:
         """``data.train``'s records, with ``data.pass_rate_column`` in their meta too when ``rate_read_only`` (the band
         reads it though ``data.meta_columns`` leaves it out). A rate column missing there is the band's error, not one
@@ -550,10 +574,10 @@ class Trainer:
         try:
             self.stream.load_state_dict(state["stream"])
         except ValueError as error:
-            kept = " (those data.pass_rate_band keeps)" if self.config.data.pass_rate_band is not None else ""
-            raise ValueError(f"--resume: the prompts of data.train{kept} are not those the checkpoint was trained on: "
-                             f"{str(error).removeprefix('PromptStream.load_state_dict: ')}; put the data back, or "
-                             "start a new run from the checkpoint's model directory") from None
+            if self._saved_over_the_earlier_reading(state["stream"]):
+                self.stream.load_state_dict({**state["stream"], "records_digest": self.stream.records_digest})
+            else:
+                self._refuse_other_data(error)
         self.objective.load_state_dict(state["objective"])
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
         self.consecutive_failed_rewards = state.get("consecutive_failed_rewards", 0)
