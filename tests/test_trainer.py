@@ -5403,3 +5403,72 @@ def test_resume_of_previous_version_checkpoint_on_parquet_with_float32_struct_an
         pytest.fail(f"resuming a previous version's checkpoint on the unchanged data was refused: {error}")
     trainer.train()
     assert trainer.step == 2
+
+
+_BAND_RATES = [0.7, 0.9, 0.5, 0.8, 0.75, 0.85, 0.72, 0.88]
+
+
+def _band_run_of_the_previous_version(tmp_path, monkeypatch, band):
+    """A run trained on a rate within a struct (float32), its checkpoint made that of the previous version, which
+    read the rate widened and so kept other prompts in ``band``."""
+    import numpy as np
+    import torch
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from entrorl.lab.tiny_model import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                max_position_embeddings=64)
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "band_reward.py").write_text(
+        "def reward(prompt, completion, answer, **meta):\n    return float(str(answer) in completion)\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    monkeypatch.chdir(tmp_path)
+    prompts = [f"{i}+1=" for i in range(len(_BAND_RATES))]
+    answers = [str(i + 1) for i in range(len(_BAND_RATES))]
+    pq.write_table(pa.table({"prompt": prompts, "answer": answers,
+                             "meta": pa.array([{"rate": r} for r in _BAND_RATES], pa.struct([("rate", pa.float32())]))}),
+                   tmp_path / "train.parquet")
+    config = {
+        "seed": 0,
+        "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "data": {"train": str(tmp_path / "train.parquet"), "prompt_template": "{prompt}",
+                 "pass_rate_band": band, "pass_rate_column": "rate"},
+        "reward": {"name": "band_reward:reward"},
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 2},
+        "method": "grpo",
+        "optim": {"steps": 1, "lr": 1e-3},
+        "logging": {"run_dir": str(tmp_path / "runs"), "progress": False},
+        "checkpoint": {"every": 1, "keep": 5},
+    }
+    run_dir = tmp_path / "runs" / "run"
+    Trainer(load_config(config), run_dir=run_dir).train()
+
+    from entrorl.data import parse_band
+    from entrorl.trainer import checkpoint as ckpt
+
+    low, high, (lo_in, hi_in) = parse_band(band)
+    def kept(rate):
+        return (rate >= low if lo_in else rate > low) and (rate <= high if hi_in else rate < high)
+    old = [(prompts[i], answers[i], {"rate": float(np.float32(r))}) for i, r in enumerate(_BAND_RATES)
+           if kept(float(np.float32(r)))]
+    checkpoint = ckpt.latest_checkpoint(run_dir)
+    state = torch.load(checkpoint / "trainer.pt", weights_only=False)
+    state["stream"]["records_digest"] = _legacy_records_digest([{"prompt": p, "answer": a, "meta": m} for p, a, m in old])
+    state["stream"]["num_records"] = len(old)
+    torch.save(state, checkpoint / "trainer.pt")
+    ckpt._write_file_list(checkpoint)
+    config["optim"]["steps"] = 2
+    return config, run_dir, [p for p, _, _ in old]
+
+
+@pytest.mark.parametrize("band", ["[0.7, 0.9)", "[0.7, 1]"])
+def test_a_previous_version_s_run_whose_band_kept_other_prompts_is_refused_saying_why(tmp_path, monkeypatch, band):
+    """Read widened, 0.7 fell out of [0.7, 0.9) and 0.9 came in (as many prompts, other ones); of [0.7, 1], one
+    fewer: the run cannot continue on the prompts it was trained on, and the refusal says why."""
+    config, run_dir, _ = _band_run_of_the_previous_version(tmp_path, monkeypatch, band)
+    with pytest.raises(ValueError, match="--resume: the checkpoint was trained by an earlier version of entrorl, which "
+                                         "read the float32 values within the data's structs and lists widened"):
+        Trainer(load_config(config), run_dir=run_dir, resume=True)

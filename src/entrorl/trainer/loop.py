@@ -473,16 +473,26 @@ class Trainer:
                          "start a new run from the checkpoint's model directory") from None
 
     def _saved_over_the_earlier_reading(self, saved: dict[str, Any]) -> bool:
-        """Whether the stream ``saved`` was dealing the same records as entrorl read them before it read float32
-        values within structs and lists as written (:func:`entrorl.data.loading.nested_floats_widened`): a run of
-        that version resumed on unchanged data."""
+        """Whether the stream ``saved`` was dealing the same rows as these, as entrorl read them before it read
+        float32 values within structs and lists as written (:func:`entrorl.data.loading.nested_floats_widened`): a
+        run of that version resumed on unchanged data. ``ValueError`` when it was, but ``data.pass_rate_band`` keeps
+        other rows now (a rate such a value holds reads otherwise)."""
         try:
             with nested_floats_widened():
                 records, _ = self._read_train_records()
         except (ValueError, OSError):
             return False
         earlier = PromptStream(records, seed=self.config.seed, shuffle=self.config.data.shuffle)
-        return saved.get("records_digest") == earlier.records_digest
+        if saved.get("records_digest") != earlier.records_digest:
+            return False
+        rows = [(record.source, record.prompt, record.answer, record.messages) for record in self.train_records]
+        if rows != [(record.source, record.prompt, record.answer, record.messages) for record in records]:
+            raise ValueError(
+                "--resume: the checkpoint was trained by an earlier version of entrorl, which read the float32 values "
+                "within the data's structs and lists widened (0.1 as 0.10000000149011612); this one reads them as "
+                "written, and data.pass_rate_band then keeps other prompts than the run's: start a new run from the "
+                "checkpoint's model directory, or resume with the earlier version")
+        return True
 
     def _read_train_records(self) -> tuple[list[PromptRecord], int]:
         """``data.train``'s records that ``data.pass_rate_band`` keeps, and how many were read before it kept some."""
@@ -574,10 +584,12 @@ class Trainer:
         try:
             self.stream.load_state_dict(state["stream"])
         except ValueError as error:
-            if self._saved_over_the_earlier_reading(state["stream"]):
-                self.stream.load_state_dict({**state["stream"], "records_digest": self.stream.records_digest})
-            else:
+            if not self._saved_over_the_earlier_reading(state["stream"]):
                 self._refuse_other_data(error)
+            try:  # the same rows, which this version reads more exactly
+                self.stream.load_state_dict({**state["stream"], "records_digest": self.stream.records_digest})
+            except ValueError as again:
+                self._refuse_other_data(again)
         self.objective.load_state_dict(state["objective"])
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
         self.consecutive_failed_rewards = state.get("consecutive_failed_rewards", 0)
