@@ -5329,146 +5329,83 @@ def test_an_empty_column_option_is_refused_with_a_message(tmp_path, tiny_model_d
     assert result.exit_code == 2 and f"{option} names no column" in result.output, result.output
 
 
-def _legacy_records_digest(rows: list[dict]) -> str:
-    """PromptStream.records_digest over ``rows`` (prompt, answer, meta) as the previous version took it."""
+def _one_step_run_on(tmp_path, monkeypatch, table, **data_options) -> tuple[dict, Path]:
+    """A one-step run, checkpointed, on ``table`` written as parquet; its configuration (set to 2 steps) and folder."""
+    import pyarrow.parquet as pq
+
+    from entrorl.lab.tiny_model import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                max_position_embeddings=64)
+    pq.write_table(table, tmp_path / "train.parquet")
+    config = make_config(model_dir, tmp_path / "train.parquet", None, optim={"steps": 1, "lr": 1e-3},
+                         checkpoint={"every": 1, "keep": 5},
+                         rollout={"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 2})
+    config["data"].update(data_options)
+    run_dir = tmp_path / "run"
+    Trainer(load_config(config), run_dir=run_dir).train()
+    config["optim"]["steps"] = 2
+    return config, run_dir
+
+
+def _as_the_previous_version_wrote_it(run_dir: Path, rows: list[tuple[str, str, dict]]) -> None:
+    """The run's checkpoint made the previous version's: the data digest it took over ``rows`` (prompt, answer, meta
+    as that version read them)."""
     import hashlib
 
+    from entrorl.trainer import checkpoint as ckpt
+
     digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps([row["prompt"], row["answer"], row["meta"]], sort_keys=True, default=str,
-                                 ensure_ascii=False).encode("utf-8"))
+    for prompt, answer, meta in rows:
+        digest.update(json.dumps([prompt, answer, meta], sort_keys=True, default=str, ensure_ascii=False).encode("utf-8"))
         digest.update(b"\n")
-    return digest.hexdigest()
-
-
-def test_resume_of_previous_version_checkpoint_on_parquet_with_float32_struct_and_list_columns(tmp_path, monkeypatch):
-    """A run checkpointed by the previous version on a parquet file with float32 values within a struct and a list
-    (which that version read widened: 0.1 as 0.10000000149011612) resumes on the unchanged file; the checkpoint is
-    that version's when it holds the data digest that version took."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from entrorl.lab.tiny_model import save_tiny_model
-    from entrorl.trainer import checkpoint as ckpt
-
-    model_dir = save_tiny_model(tmp_path / "model", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                max_position_embeddings=64)
-    (tmp_path / "mods").mkdir()
-    (tmp_path / "mods" / "compat_reward.py").write_text(
-        "def reward(prompt, completion, answer, **meta):\n    return float(str(answer) in completion)\n")
-    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
-    monkeypatch.chdir(tmp_path)
-
-    n = 8
-    prompts = [f"{i}+1=" for i in range(n)]
-    answers = [str(i + 1) for i in range(n)]
-    table = pa.table({
-        "prompt": prompts, "answer": answers,
-        "info": pa.array([{"w": 0.1 * (i + 1)} for i in range(n)], pa.struct([("w", pa.float32())])),
-        "vals": pa.array([[0.1, 0.2 * i] for i in range(n)], pa.list_(pa.float32())),
-    })
-    data = tmp_path / "train.parquet"
-    pq.write_table(table, data)
-
-    config = {
-        "seed": 0,
-        "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
-        "data": {"train": str(data), "prompt_template": "{prompt}"},
-        "reward": {"name": "compat_reward:reward"},
-        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 2},
-        "method": "grpo",
-        "optim": {"steps": 1, "lr": 1e-3},
-        "logging": {"run_dir": str(tmp_path / "runs"), "progress": False},
-        "checkpoint": {"every": 1, "keep": 5},
-    }
-    run_dir = tmp_path / "runs" / "run"
-    Trainer(load_config(config), run_dir=run_dir).train()
-
-    # the step-1 checkpoint as the previous version wrote it on this same file: its stream digest
-    checkpoint = ckpt.latest_checkpoint(run_dir)
-    state_file = checkpoint / "trainer.pt"
-    state = torch.load(state_file, weights_only=False)
-    widened = [{"prompt": prompts[i], "answer": answers[i],
-                "meta": {"info": {"w": float(np.float32(0.1 * (i + 1)))},
-                         "vals": [float(np.float32(0.1)), float(np.float32(0.2 * i))]}} for i in range(n)]
-    state["stream"]["records_digest"] = _legacy_records_digest(widened)
-    torch.save(state, state_file)
-    ckpt._write_file_list(checkpoint)  # the old checkpoint's files.json (sizes and CRC-32s)
-
-    config["optim"]["steps"] = 2
-    try:
-        trainer = Trainer(load_config(config), run_dir=run_dir, resume=True)
-    except ValueError as error:
-        pytest.fail(f"resuming a previous version's checkpoint on the unchanged data was refused: {error}")
-    trainer.train()
-    assert trainer.step == 2
-
-
-_BAND_RATES = [0.7, 0.9, 0.5, 0.8, 0.75, 0.85, 0.72, 0.88]
-
-
-def _band_run_of_the_previous_version(tmp_path, monkeypatch, band):
-    """A run trained on a rate within a struct (float32), its checkpoint made that of the previous version, which
-    read the rate widened and so kept other prompts in ``band``."""
-    import numpy as np
-    import torch
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from entrorl.lab.tiny_model import save_tiny_model
-
-    model_dir = save_tiny_model(tmp_path / "model", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                max_position_embeddings=64)
-    (tmp_path / "mods").mkdir()
-    (tmp_path / "mods" / "band_reward.py").write_text(
-        "def reward(prompt, completion, answer, **meta):\n    return float(str(answer) in completion)\n")
-    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
-    monkeypatch.chdir(tmp_path)
-    prompts = [f"{i}+1=" for i in range(len(_BAND_RATES))]
-    answers = [str(i + 1) for i in range(len(_BAND_RATES))]
-    pq.write_table(pa.table({"prompt": prompts, "answer": answers,
-                             "meta": pa.array([{"rate": r} for r in _BAND_RATES], pa.struct([("rate", pa.float32())]))}),
-                   tmp_path / "train.parquet")
-    config = {
-        "seed": 0,
-        "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
-        "data": {"train": str(tmp_path / "train.parquet"), "prompt_template": "{prompt}",
-                 "pass_rate_band": band, "pass_rate_column": "rate"},
-        "reward": {"name": "band_reward:reward"},
-        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 2},
-        "method": "grpo",
-        "optim": {"steps": 1, "lr": 1e-3},
-        "logging": {"run_dir": str(tmp_path / "runs"), "progress": False},
-        "checkpoint": {"every": 1, "keep": 5},
-    }
-    run_dir = tmp_path / "runs" / "run"
-    Trainer(load_config(config), run_dir=run_dir).train()
-
-    from entrorl.data import parse_band
-    from entrorl.trainer import checkpoint as ckpt
-
-    low, high, (lo_in, hi_in) = parse_band(band)
-    def kept(rate):
-        return (rate >= low if lo_in else rate > low) and (rate <= high if hi_in else rate < high)
-    old = [(prompts[i], answers[i], {"rate": float(np.float32(r))}) for i, r in enumerate(_BAND_RATES)
-           if kept(float(np.float32(r)))]
     checkpoint = ckpt.latest_checkpoint(run_dir)
     state = torch.load(checkpoint / "trainer.pt", weights_only=False)
-    state["stream"]["records_digest"] = _legacy_records_digest([{"prompt": p, "answer": a, "meta": m} for p, a, m in old])
-    state["stream"]["num_records"] = len(old)
+    state["stream"].update(records_digest=digest.hexdigest(), num_records=len(rows))
     torch.save(state, checkpoint / "trainer.pt")
-    ckpt._write_file_list(checkpoint)
-    config["optim"]["steps"] = 2
-    return config, run_dir, [p for p, _, _ in old]
+    ckpt._write_file_list(checkpoint)  # its files.json (sizes and CRC-32s)
+
+
+def test_a_previous_version_s_run_resumes_on_unchanged_parquet_with_float32_values_within_structs(tmp_path,
+                                                                                                   monkeypatch):
+    """The previous version read float32 values within a struct or a list widened (0.1 as 0.10000000149011612): its
+    run resumes on the unchanged file."""
+    import numpy as np
+    import pyarrow as pa
+
+    n = 8
+    prompts, answers = [f"{i}+1=" for i in range(n)], [str(i + 1) for i in range(n)]
+    table = pa.table({"prompt": prompts, "answer": answers,
+                      "info": pa.array([{"w": 0.1 * (i + 1)} for i in range(n)], pa.struct([("w", pa.float32())])),
+                      "vals": pa.array([[0.1, 0.2 * i] for i in range(n)], pa.list_(pa.float32()))})
+    config, run_dir = _one_step_run_on(tmp_path, monkeypatch, table)
+    _as_the_previous_version_wrote_it(run_dir, [
+        (prompts[i], answers[i], {"info": {"w": float(np.float32(0.1 * (i + 1)))},
+                                  "vals": [float(np.float32(0.1)), float(np.float32(0.2 * i))]}) for i in range(n)])
+    trainer = Trainer(load_config(config), run_dir=run_dir, resume=True)
+    trainer.train()
+    assert trainer.step == 2
 
 
 @pytest.mark.parametrize("band", ["[0.7, 0.9)", "[0.7, 1]"])
 def test_a_previous_version_s_run_whose_band_kept_other_prompts_is_refused_saying_why(tmp_path, monkeypatch, band):
     """Read widened, 0.7 fell out of [0.7, 0.9) and 0.9 came in (as many prompts, other ones); of [0.7, 1], one
     fewer: the run cannot continue on the prompts it was trained on, and the refusal says why."""
-    config, run_dir, _ = _band_run_of_the_previous_version(tmp_path, monkeypatch, band)
+    import numpy as np
+    import pyarrow as pa
+
+    from entrorl.data import parse_band
+
+    rates = [0.7, 0.9, 0.5, 0.8, 0.75, 0.85, 0.72, 0.88]
+    prompts, answers = [f"{i}+1=" for i in range(len(rates))], [str(i + 1) for i in range(len(rates))]
+    table = pa.table({"prompt": prompts, "answer": answers,  # a 'meta' object: its fields are the record's meta
+                      "meta": pa.array([{"rate": r} for r in rates], pa.struct([("rate", pa.float32())]))})
+    config, run_dir = _one_step_run_on(tmp_path, monkeypatch, table, pass_rate_band=band, pass_rate_column="rate")
+    low, high, (low_in, high_in) = parse_band(band)
+    widened = [float(np.float32(rate)) for rate in rates]
+    _as_the_previous_version_wrote_it(run_dir, [
+        (prompts[i], answers[i], {"rate": rate}) for i, rate in enumerate(widened)
+        if (rate >= low if low_in else rate > low) and (rate <= high if high_in else rate < high)])
     with pytest.raises(ValueError, match="--resume: the checkpoint was trained by an earlier version of entrorl, which "
                                          "read the float32 values within the data's structs and lists widened"):
         Trainer(load_config(config), run_dir=run_dir, resume=True)
