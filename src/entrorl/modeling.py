@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from entrorl.data.records import ends_with_the_prompt
 from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
@@ -530,8 +531,7 @@ def encode_prompt(tokenizer, prompt: str, *, template: str = "{prompt}", chat_te
     ending with the user's turn ``prompt``; the chat template renders all of it, ``template`` filled in that last turn.
     It needs ``chat_template``."""
     text = template.format(prompt=prompt)
-    if messages is not None and (not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user"
-                                 or messages[-1].get("content") != prompt):
+    if messages is not None and not ends_with_the_prompt(messages, prompt):
         raise ValueError("encode_prompt: messages must end with the user's turn whose content is the prompt (a "
                          "PromptRecord's conversation does)")
     if messages is not None and not chat_template:

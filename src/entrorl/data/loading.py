@@ -158,8 +158,7 @@ def write_jsonl(
         if not isinstance(rec, PromptRecord):
             raise TypeError(f"write_jsonl: item {i} is a {type(rec).__name__}, expected a PromptRecord")
         # a conversation is written back as such: loading the file gives the same record
-        obj: dict[str, Any] = {prompt_column: rec.prompt if rec.messages is None else list(rec.messages),
-                               answer_column: rec.answer}
+        obj: dict[str, Any] = {prompt_column: rec.as_given(), answer_column: rec.answer}
         for key, value in rec.meta.items():
             if key in (prompt_column, answer_column):
                 raise ValueError(

@@ -6,7 +6,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DataError", "PromptRecord", "check_prompt_template"]
+__all__ = ["DataError", "PromptRecord", "check_prompt_template", "ends_with_the_prompt"]
 
 
 def check_prompt_template(template: str) -> str:
@@ -35,6 +35,12 @@ def check_prompt_template(template: str) -> str:
     return template
 
 
+def ends_with_the_prompt(messages: Any, prompt: str) -> bool:
+    """Whether the conversation ``messages`` ends with the user's turn whose content is ``prompt``."""
+    return (bool(messages) and isinstance(messages[-1], dict) and messages[-1].get("role") == "user"
+            and messages[-1].get("content") == prompt)
+
+
 @dataclass(frozen=True)
 class PromptRecord:
     """One training / evaluation prompt.
@@ -60,11 +66,13 @@ class PromptRecord:
     messages: tuple[dict[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.messages is not None and (not self.messages or not isinstance(self.messages[-1], dict)
-                                          or self.messages[-1].get("role") != "user"
-                                          or self.messages[-1].get("content") != self.prompt):
+        if self.messages is not None and not ends_with_the_prompt(self.messages, self.prompt):
             raise ValueError(f"PromptRecord ({self.source}): the conversation must end with the user's turn, whose "
                              "content is the prompt; give both (a changed prompt: change its last message too)")
+
+    def as_given(self) -> str | list[dict[str, Any]]:
+        """The prompt as the data gave it: its text, or its conversation."""
+        return self.prompt if self.messages is None else list(self.messages)
 
     def conversation(self) -> dict[str, Any]:
         """``{"messages": [...]}``, the whole conversation, for a prompt given as chat messages (files that show the

@@ -80,8 +80,7 @@ class PromptStream:
         row edited in place gives another."""
         digest = hashlib.sha256()
         for record in self._records:
-            prompt = record.prompt if record.messages is None else list(record.messages)
-            digest.update(json.dumps([prompt, record.answer, record.meta], sort_keys=True, default=str,
+            digest.update(json.dumps([record.as_given(), record.answer, record.meta], sort_keys=True, default=str,
                                      ensure_ascii=False).encode("utf-8"))
             digest.update(b"\n")
         return digest.hexdigest()
