@@ -837,3 +837,13 @@ def test_completion_ids_drop_the_padding_and_summed_sampler_log_probs_add_up_the
         lengths=torch.tensor([3, 1, 0]), truncated=torch.tensor([False, False, False]))
     assert rollouts.completion_ids() == [[5, 6, 2], [7], []]
     assert rollouts.summed_sampler_log_probs() == [-1.75, -2.0, 0.0]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (5, 1.0), (9, 1.0), (0, 0.9), (5, 0.5)])
+def test_leaves_tokens_out_says_whether_process_logits_filters(top_k, top_p):
+    from entrorl.rollout.sampler import leaves_tokens_out
+
+    logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    filtered = process_logits(logits, SamplingParams(max_new_tokens=1, top_k=top_k, top_p=top_p))
+    assert leaves_tokens_out(top_k=top_k, top_p=top_p, vocab_size=5) == bool(torch.isinf(filtered).any())
+    assert leaves_tokens_out(top_k=0, top_p=None, min_p=0.05)

@@ -85,6 +85,7 @@ from entrorl.objective import Objective, ObjectiveConfig, PolicyBatch, build_obj
 from entrorl.objective.parts import make_part
 from entrorl.objective.regularizers import AdaptiveEntropy, KLReference
 from entrorl.objective.surrogates import CISPO, GSPO, PPOClip
+from entrorl.rollout.sampler import leaves_tokens_out
 from entrorl.tokens import STAT_NAMES, TokenStats, token_stats, token_stats_from_hidden
 from entrorl.trainer.checkpoint import atomic_torch_save, atomic_write_text
 from entrorl.trainer.diagnostics import covariance_summary, discriminator_summary, entropy_summary
@@ -564,9 +565,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
         given = getattr(self.args, "generation_kwargs", None) or {}
         settings.update({name: given[name] for name in settings if name in given})
         top_k, top_p, min_p = settings.values()
-        vocab = model_vocab_size(self.model)
-        if (top_k or 0) > 0 and (vocab is None or top_k < vocab) or (top_p is not None and top_p < 1.0) \
-                or (min_p or 0) > 0:
+        if leaves_tokens_out(top_k=top_k, top_p=top_p, min_p=min_p, vocab_size=model_vocab_size(self.model)):
             filters = (f"GRPOConfig's top_k = {top_k} / top_p = {top_p} / min_p = {min_p}"
                        + (" (with its generation_kwargs)" if any(name in given for name in settings) else ""))
             for caveat in self.objective.filtered_sampling_caveats(filters, "GRPOConfig's temperature"):

@@ -22,7 +22,7 @@ from entrorl._checks import check_int
 from entrorl.modeling import cache_argument, left_pad, length_dependent_rope, output_cache, reset_dynamic_rope, stop_token_ids
 from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
 
-__all__ = ["Rollouts", "SamplingParams", "HFSampler", "process_logits", "sample_from_log_probs", "DECODERS", "private_seed"]
+__all__ = ["Rollouts", "SamplingParams", "HFSampler", "leaves_tokens_out", "process_logits", "sample_from_log_probs", "DECODERS", "private_seed"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,15 @@ class Rollouts:
             lengths=torch.cat([p.lengths for p in parts]),
             truncated=torch.cat([p.truncated for p in parts]),
         )
+
+
+def leaves_tokens_out(*, top_k: int | None, top_p: float | None, vocab_size: int | None = None,
+                      min_p: float | None = None) -> bool:
+    """Whether sampling with these settings draws from a truncated distribution: top-p below 1, a min-p, or a top-k
+    below the vocabulary's ``vocab_size`` tokens (when it is known; :func:`process_logits` applies top-k only below
+    it)."""
+    top_k = top_k or 0
+    return (top_p is not None and top_p < 1.0) or (min_p or 0) > 0 or 0 < top_k < (vocab_size or top_k + 1)
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

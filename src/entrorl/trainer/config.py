@@ -22,6 +22,7 @@ from entrorl._checks import did_you_mean, refuse_booleans_for_numbers, validatio
 from entrorl.advantages import GROUP_BASELINE_ESTIMATORS, advantage_info, available_advantages, compute_advantages
 from entrorl.modeling import declared_vocab_size
 from entrorl.objective import ObjectiveConfig, PartSpec, build_objective, get_method
+from entrorl.rollout.sampler import leaves_tokens_out
 from entrorl.tokens import MIN_TEMPERATURE
 
 __all__ = [
@@ -337,7 +338,7 @@ class RolloutConfig(_Section):
     def filters_tokens(self, vocab_size: int | None = None) -> bool:
         """Whether sampling leaves tokens out of the distribution: top-p, or top-k below the vocabulary's
         ``vocab_size`` tokens (when it is known; a top-k of the vocabulary's size or more keeps every token)."""
-        return self.top_p < 1.0 or 0 < self.top_k < (vocab_size or self.top_k + 1)
+        return leaves_tokens_out(top_k=self.top_k, top_p=self.top_p, vocab_size=vocab_size)
 
     @field_validator("backend")
     @classmethod
