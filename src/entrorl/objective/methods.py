@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from entrorl._checks import did_you_mean, refuse_booleans_for_numbers, validation_message
+from entrorl.advantages import advantage_info
 from entrorl.objective.aggregation import LOSS_AGG_MODES, check_loss_agg_mode, check_loss_scale_factor
 from entrorl.objective.core import Objective
 from entrorl.objective.parts import Part, get_part_class, make_part
@@ -81,8 +82,6 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     if "+" in spec.name or "," in spec.name:
         raise ValueError(f"method names may not contain '+' (it composes methods) or ',' (it separates them in "
                          f"entrorl lab --methods): {spec.name!r}")
-    from entrorl.advantages import advantage_info  # the same layer, which imports nothing of this one
-
     try:
         advantage_info(spec.advantage_estimator)
     except ValueError as error:
