@@ -40,7 +40,7 @@ _VERL_MANAGER_KWARGS = ("reward_router_address", "reward_model_tokenizer")
 _ARGUMENT_NAMES = ("completion", "answer")
 
 _RUNNERS: dict[tuple[str, str], RewardRunner] = {}
-_BUILDING = threading.Lock()
+_LOCK = threading.Lock()  # over the runners built and the failures counted
 # (runner key, extra_info's keys) -> the keys left out for that reward (checked once per set of keys)
 _LEFT_OUT: dict[tuple[tuple[str, str], tuple[str, ...]], tuple[str, ...]] = {}
 
@@ -50,7 +50,7 @@ def _reward_runner(reward: str, options: Mapping[str, Any]) -> tuple[tuple[str, 
     a judge would load its model in each)."""
     key = (reward, repr(sorted(options.items())))
     if key not in _RUNNERS:
-        with _BUILDING:
+        with _LOCK:
             if key not in _RUNNERS:
                 _RUNNERS[key] = RewardRunner(get_reward(reward, **dict(options)), name=reward)
     return key, _RUNNERS[key]
@@ -130,7 +130,7 @@ def _stop_a_reward_that_never_scores(key: tuple[str, str], failed: bool, error: 
     """Count ``key``'s failures until its first success; raise once they reach :data:`FAILURES_BEFORE_A_SUCCESS`."""
     if key in _SUCCEEDED:
         return
-    with _BUILDING:
+    with _LOCK:
         if key in _SUCCEEDED:
             return
         if not failed:
