@@ -1448,3 +1448,25 @@ def test_report_on_a_verl_project_folder_whose_log_is_still_empty_says_it_is_emp
     with pytest.raises(NotARunDirectory) as folder:
         write_run_report(project, figures=False)
     assert "empty" in str(folder.value), str(folder.value)
+
+
+def test_a_key_logged_at_some_entries_only_has_its_own_start_and_end(tmp_path):
+    """TRL with num_iterations = 2 logs `reward` only in the entries that generated (every other one): with 10
+    entries the edges are one entry each, and the last entry lacks the reward. Its start and end are the means over
+    the first and last entries that logged it (0.0 and 0.8), not n/a, and the summary says so."""
+    out = tmp_path / "trl"
+    out.mkdir()
+    history = [{"step": s, "loss": 0.0, "entropy": 2.0 - 0.1 * s, **({"reward": 0.1 * (s - 1)} if s % 2 else {})}
+               for s in range(1, 11)]
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 10, "max_steps": 10, "log_history": history}))
+    (out / "entrorl_objective.json").write_text(json.dumps({"method": "grpo"}))
+    report = write_run_report(out, figures=False)
+    said = " ".join((out / "report" / "report.md").read_text().split())
+    assert "the reward went from 0 to 0.8" in said, said
+    assert "(the reward, logged at 5 of the entries, over the first and the last 1 of those)" in said, said
+    assert "the entropy, logged" not in said
+    assert report["steps"] == 10
+    records = MetricRecords()
+    records.records = history
+    assert list(records.logged_series("reward")) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+    assert records.logged_series("absent").size == 0

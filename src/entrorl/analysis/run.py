@@ -58,6 +58,16 @@ def edge_phrase(n_steps: int, *, unit: tuple[str, str] = ("step", "training step
             f"{fmt(100 * EDGE_FRACTION)}% rounded up to whole {many.split()[-1]})")
 
 
+def sparse_edges_phrase(n_steps: int, logged: dict[str, int], *, unit: tuple[str, str] = ("step", "training steps")) -> str:
+    """For the keys (``{label: records that logged it}``) logged at some of the ``n_steps`` records only, what their
+    start and end are taken over: " (the reward, logged at 5 of them, over the first and the last 1 of those)";
+    "" when every key is logged at every record."""
+    many = unit[1].split()[-1]
+    parts = [f"{label}, logged at {count} of the {many}, over the first and the last {edge_count(count)} of those"
+             for label, count in logged.items() if 0 < count < n_steps]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def last_steps_phrase(step_counts: set[int]) -> str:
     """"the last 10% of steps", or "the last 2 of the 12 steps (16.7%: ...)" when that share is not whole steps."""
     percent = fmt(100 * EDGE_FRACTION)
@@ -166,6 +176,12 @@ class MetricRecords:
     def has(self, key: str) -> bool:
         return any(finite(r.get(key)) is not None for r in self.records)
 
+    def logged_series(self, key: str) -> np.ndarray:
+        """:meth:`series` over the records that hold ``key`` only: a key logged at some steps (TRL's ``reward`` with
+        ``num_iterations`` > 1, logged by the entries that generated) has its own first and last steps."""
+        return np.array([finite(r[key]) if finite(r[key]) is not None else np.nan for r in self.records if key in r],
+                        dtype=np.float64)
+
     @property
     def steps(self) -> np.ndarray:
         numbered = [finite(record.get("step")) for record in self.records]
@@ -219,6 +235,9 @@ class RunAnalysis:
     run: MetricRecords
     n_steps: int = 0
     n_edge: int = 0
+    # the records that logged the entropy and the reward: all of them, unless a key is logged at some steps only
+    entropy_steps: int = 0
+    reward_steps: int = 0
     entropy_start: float = math.nan
     entropy_end: float = math.nan
     entropy_ratio: float = math.nan
@@ -303,8 +322,13 @@ def analyse_records(run: MetricRecords, fit_fraction: float, method: str = "", *
     law's notes (a TRL run's are ``log entries``)."""
     result = RunAnalysis(run=run, n_steps=len(run.records))
     entropy, reward = run.series(ENTROPY_KEY), run.series(run.reward_key)
-    result.entropy_start, result.entropy_end, result.n_edge = edge_means(entropy)
-    result.reward_start, result.reward_end, _ = edge_means(reward)
+    # each key's start and end are taken over the records that logged it, so that one logged at some steps only
+    # is not n/a at an edge whose steps happen to lack it
+    logged_entropy, logged_reward = run.logged_series(ENTROPY_KEY), run.logged_series(run.reward_key)
+    result.entropy_start, result.entropy_end, _ = edge_means(logged_entropy)
+    result.reward_start, result.reward_end, _ = edge_means(logged_reward)
+    result.n_edge = edge_count(result.n_steps) if result.n_steps else 0
+    result.entropy_steps, result.reward_steps = int(logged_entropy.size), int(logged_reward.size)
     result.entropy_ratio = ratio(result.entropy_end, result.entropy_start)
     result.reward_reached = nanmax(moving_average(reward))
 

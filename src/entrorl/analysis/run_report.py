@@ -44,7 +44,7 @@ from entrorl.analysis.document import (Cell, Figures, Section, Table, agreement_
 from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, ENTROPY_KEY, EVAL_REWARD_KEY, FORKS_SHOWN, LAW_COLUMNS,
                                   MIN_CEILING_STEPS, SMOOTH_WINDOW, MetricRecords, analyse_records, beyond_an_accuracy,
                                   chance_sign_agreement, edge_phrase, forecast_ceiling_shown, json_lines, law_cells, law_columns,
-                                  law_of, moving_average, read_json, read_metrics_records)
+                                  law_of, moving_average, read_json, read_metrics_records, sparse_edges_phrase)
 from entrorl.objective import ObjectiveConfig
 from entrorl.trainer.checkpoint import atomic_write_text
 
@@ -354,7 +354,9 @@ class _RunReport:
             table.add([text(quantity), cell])
         section.table(table)
         if a.n_steps >= 2 and finite(a.entropy_start) is not None and finite(a.entropy_end) is not None:
-            sentence = (f"Start and end are the means over {edge_phrase(a.n_steps, unit=run.record_unit)}. The mean "
+            sparse = sparse_edges_phrase(a.n_steps, {"the entropy": a.entropy_steps, "the reward": a.reward_steps},
+                                         unit=run.record_unit)
+            sentence = (f"Start and end are the means over {edge_phrase(a.n_steps, unit=run.record_unit)}{sparse}. The mean "
                         "token entropy "
                         f"(`{ENTROPY_KEY}`) went from {fmt(a.entropy_start)} to {fmt(a.entropy_end)} nats")
             if finite(a.entropy_ratio) is not None:

@@ -48,7 +48,8 @@ from entrorl.analysis.document import (NA, NOT_APPLICABLE, Cell, Figures, Headin
 from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, EDGE_FRACTION, ENTROPY_KEY, FALLBACK_REWARD_KEY,
                                   FORKS_SHOWN, LAW_COLUMNS, MIN_CEILING_STEPS, REWARD_KEY, SMOOTH_WINDOW, MetricRecords,
                                   analyse_records, edge_count, edge_means, edge_phrase, intervention_keys,
-                                  last_steps_phrase, law_cells, moving_average, read_json, read_metrics_records)
+                                  last_steps_phrase, law_cells, moving_average, read_json, read_metrics_records,
+                                  sparse_edges_phrase)
 from entrorl.analysis.run_report import lab_command, lab_imports
 from entrorl.dynamics import top_token_count
 from entrorl.evaluation import polarisation
@@ -287,7 +288,8 @@ class _Report:
             f"GRPO's mean token entropy (`{ENTROPY_KEY}`, nats) went from {fmt(g.entropy_start)} to {fmt(g.entropy_end)} "
             f"(end/start ratio {fmt(g.entropy_ratio)}) while its reward (`{g.run.reward_key}`) "
             f"went from {fmt(g.reward_start)} to {fmt(g.reward_end)}. Start and end are the means over "
-            f"{edge_phrase(g.n_steps)}, to reduce step-to-step noise. The collapse criterion, final entropy ≤ {fmt(COLLAPSE_RATIO)} × initial, compares "
+            f"{edge_phrase(g.n_steps)}{sparse_edges_phrase(g.n_steps, {'the entropy': g.entropy_steps, 'the reward': g.reward_steps})}, "
+            f"to reduce step-to-step noise. The collapse criterion, final entropy ≤ {fmt(COLLAPSE_RATIO)} × initial, compares "
             f"{measured_on}: it {verdict}; the training reward {reward_change}."
         )
         info.update({"collapse": collapsed, "reward_change": reward_change})
