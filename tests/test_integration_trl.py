@@ -1744,3 +1744,26 @@ def test_sampling_that_leaves_tokens_out_is_warned_about_for_an_objective_readin
     _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens",  # the kwargs set it back to 1
              config=_config(tmp_path, top_p=0.9, generation_kwargs={"top_p": 1.0}))
     assert not [w for w in recwarn if "truncated" in str(w.message)]
+
+
+def test_generate_s_other_truncations_and_another_sampling_temperature_in_generation_kwargs_are_warned_about(
+        tokenizer, tmp_path, recwarn):
+    """generation_kwargs reach generate() over GRPOConfig's settings: typical_p below 1 and an epsilon / eta cutoff
+    truncate the sampled distribution as top_p does; a temperature there samples at it while TRL scores the
+    log-probs at GRPOConfig's temperature, whatever the objective."""
+    for kwargs in ({"typical_p": 0.9}, {"epsilon_cutoff": 3e-4}, {"eta_cutoff": 1e-3}):
+        name, value = next(iter(kwargs.items()))
+        with pytest.warns(UserWarning, match=rf"reads entropy of the full distribution at GRPOConfig's temperature, "
+                                             rf"while GRPOConfig's generation_kwargs {name} = {value} draw"):
+            _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens",
+                     config=_config(tmp_path, generation_kwargs=kwargs))
+    with pytest.warns(UserWarning, match=r"generation_kwargs temperature = 0.7 draws the completions at another "
+                                         r"temperature than GRPOConfig's temperature = 1.0"):
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="grpo",
+                 config=_config(tmp_path, generation_kwargs={"temperature": 0.7}))
+    recwarn.clear()
+    for kwargs in ({"typical_p": 1.0}, {"epsilon_cutoff": 0.0}, {"temperature": 0.7}):
+        options = {"temperature": 0.7} if "temperature" in kwargs else {}
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens",
+                 config=_config(tmp_path, generation_kwargs=kwargs, **options))
+    assert not [w for w in recwarn if "truncated" in str(w.message) or "another temperature" in str(w.message)]

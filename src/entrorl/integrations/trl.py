@@ -79,6 +79,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without trl
     raise ImportError("entrorl.integrations.trl needs TRL: pip install 'entrorl[trl]'") from error
 
+from entrorl._checks import is_real_number
 from entrorl.analysis.run_report import TRL_OBJECTIVE_FILE
 from entrorl.modeling import FUSED_HEAD_MODEL_TYPES, model_vocab_size
 from entrorl.objective import Objective, ObjectiveConfig, PolicyBatch, build_objective, get_method
@@ -133,6 +134,9 @@ _RATIO_CLIPPED_SURROGATES = (PPOClip, GSPO)
 
 # TRL's advantages are group-normalised (scale_rewards="group" or "batch") or only centred ("none").
 _TRL_COMPATIBLE_ESTIMATORS = {"grpo", "dr_grpo"}
+# generate()'s truncations besides top-k / top-p / min-p, as GenerationConfig applies them
+_GENERATE_TRUNCATIONS = {"typical_p": lambda value: value < 1.0, "epsilon_cutoff": lambda value: value > 0.0,
+                         "eta_cutoff": lambda value: value > 0.0}
 
 #: TRL ``loss_type`` -> the entrorl method whose loss is TRL's (same surrogate, same aggregation), given TRL's clip
 #: range. ``bnpo`` (a token mean over each micro-batch alone), ``sapo``, ``luspo`` and ``vespo`` have none.
@@ -560,16 +564,34 @@ class EntropyGRPOTrainer(GRPOTrainer):
     def _warn_on_filtered_sampling(self) -> None:
         """The objective's caveats (:meth:`Objective.filtered_sampling_caveats`) when GRPOConfig's top_k (below the
         vocabulary's size), top_p or min_p leave tokens out of the sampled distribution, as its ``generation_kwargs``
-        (which TRL applies over them) set them."""
+        (which TRL applies over them) set them, or when those kwargs set one of generate's other truncations
+        (``typical_p`` below 1, ``epsilon_cutoff`` or ``eta_cutoff`` above 0). A ``temperature`` among them that is not
+        GRPOConfig's draws the tokens at one temperature while TRL and the objective score them at the other: that is
+        warned about for every objective."""
         settings = {name: getattr(self.args, name, None) for name in ("top_k", "top_p", "min_p")}
         given = getattr(self.args, "generation_kwargs", None) or {}
         settings.update({name: given[name] for name in settings if name in given})
         top_k, top_p, min_p = settings.values()
+        other_truncations = [f"{name} = {given[name]}" for name, cuts in _GENERATE_TRUNCATIONS.items()
+                             if is_real_number(given.get(name)) and cuts(given[name])]
         if leaves_tokens_out(top_k=top_k, top_p=top_p, min_p=min_p, vocab_size=model_vocab_size(self.model)):
             filters = (f"GRPOConfig's top_k = {top_k} / top_p = {top_p} / min_p = {min_p}"
                        + (" (with its generation_kwargs)" if any(name in given for name in settings) else ""))
+        elif other_truncations:
+            filters = f"GRPOConfig's generation_kwargs {' / '.join(other_truncations)}"
+        else:
+            filters = None
+        if filters is not None:
             for caveat in self.objective.filtered_sampling_caveats(filters, "GRPOConfig's temperature"):
                 warnings.warn(caveat, stacklevel=3)
+        sampled_at = given.get("temperature")
+        if is_real_number(sampled_at) and sampled_at != self.temperature:
+            warnings.warn(
+                f"GRPOConfig's generation_kwargs temperature = {sampled_at} draws the completions at another temperature "
+                f"than GRPOConfig's temperature = {self.temperature}, at which TRL and the objective score their "
+                "log-probs: the policy trained is not the one sampled (the ratio of an on-policy step is not 1, and the "
+                "entropy statistics describe the scoring temperature); set GRPOConfig's temperature instead",
+                stacklevel=3)
 
     def _warn_on_low_precision_head(self) -> None:
         """TRL scores the old and reference log-probs with its own LM head, in the autocast or weight dtype unless
