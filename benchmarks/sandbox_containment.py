@@ -67,6 +67,9 @@ def programs(port: int, outside: str, victim: int) -> dict[str, str]:
         "read the environment": f"import os\nprint(os.environ[{SECRET_NAME!r}])",
         "read the parent's environ": "import os\nprint(open(f'/proc/{os.getppid()}/environ').read())",
         "kill a process outside": f"import os, signal\nos.kill({victim}, signal.SIGKILL)\nprint('ok')",
+        "kill it through a pidfd": (f"import os, signal\nsignal.pidfd_send_signal(os.pidfd_open({victim}), signal.SIGKILL)\n"
+                                    "print('ok')"),
+        "overwrite memory with ctypes": "import ctypes\nctypes.memset(id(print) + 8, 0, 8)\nprint('ok')",
     }
 
 

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import socket
+import subprocess
 import tempfile
 import textwrap
 import sys
@@ -1267,11 +1268,23 @@ def test_flooding_the_result_channel_is_cut_off():
     assert processes_of(run.uid, run.marker) == []
 
 
-def test_calling_c_functions_through_ctypes_is_refused_but_importing_it_is_not():
+def test_ctypes_cannot_be_imported_nor_found_among_the_interpreter_s_objects():
+    """No audit event guards ctypes' own C functions (memmove, memset, string_at: raw memory, the hook's included), so
+    the program's interpreter has none: importing ctypes raises ImportError (numpy and the like catch it and go on),
+    and the harness's own use of it (to enter the namespaces) is left behind by starting the interpreter afresh."""
     tests = {"cases": [{"input": "", "output": "ok"}]}
-    assert reward()("p", fenced("import ctypes\nprint('ok')"), tests) == 1.0  # numpy imports ctypes
-    verdict = reward()("p", fenced("import ctypes\nctypes.CDLL(None).getpid()\nprint('ok')"), tests)
-    assert verdict == 0.0 and verdict.status == "forbidden_operation"
+    verdict = reward()("p", fenced("import ctypes\nbuffer = ctypes.create_string_buffer(4)\n"
+                                   "ctypes.memmove(buffer, b'abc', 3)\nprint('ok')"), tests)
+    assert verdict == 0.0 and verdict.status == "runtime_error" and "does not provide ctypes" in verdict.reason
+    assert reward()("p", fenced("try:\n    import ctypes\nexcept ImportError:\n    ctypes = None\nprint('ok')"),
+                    tests) == 1.0
+    dig = ("import gc, sys\nfound = [o for o in gc.get_objects() if 'ctypes' in type(o).__module__"
+           " or 'ctypes' in str(getattr(o, '__name__', ''))]\n"
+           "print('ok' if not found and not [m for m in sys.modules if 'ctypes' in m] else found[:3])")
+    verdict = reward()("p", fenced(dig), tests)
+    assert verdict == 1.0, verdict.reason
+    verdict = reward()("p", fenced("import sys\ndel sys.modules['posix']\nimport posix\nprint('ok')"), tests)
+    assert verdict == 0.0 and verdict.status == "process_limit"
 
 
 def test_catching_the_refusal_does_not_hide_it():
@@ -1413,3 +1426,38 @@ def test_the_working_directory_is_the_programs_alone_and_its_folder_only_passabl
     run = run_in_sandbox("import os\nprint(oct(os.stat('.').st_mode & 0o777), oct(os.stat('..').st_mode & 0o777))",
                          stdin_cases())
     assert run.outcomes[0].stdout == "0o700 0o711\n", run.outcomes[0]
+
+
+_ADD_CASES = {"cases": [{"input": f"{a} {b}\n", "output": f"{a + b}\n"} for a, b in ((1, 2), (10, -4), (5, 5), (0, 0))]}
+
+
+@pytest.mark.parametrize("program", [
+    "input = open(0).readline\na, b = map(int, input().split())\nprint(a + b)",
+    "import os\nout = os.fdopen(1, 'w')\na, b = map(int, input().split())\nout.write(str(a + b) + '\\n')\nout.flush()",
+    "import sys\na, b = map(int, input().split())\nsys.__stdout__.write(str(a + b) + '\\n')",
+    "import atexit\na, b = map(int, input().split())\natexit.register(print, a + b)",
+], ids=["a global holding stdin", "a global holding stdout", "sys.__stdout__", "an atexit handler"])
+def test_each_case_starts_and_ends_as_a_script_does(program):
+    """Every case of a correct program passes: a standard stream a case kept in a global is closed before the next
+    case's streams are attached (collecting it closed the new descriptor 0 or 1 before: every other case failed), and
+    a case ends as a script ends, its exit handlers run and sys.__stdout__ flushed into its output."""
+    verdict = reward()("p", fenced(program), _ADD_CASES)
+    assert (float(verdict), verdict.status) == (1.0, "passed"), verdict.reason
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drop_privileges=False keeps root's uid, which the kernel lets signal the victim")
+def test_a_program_cannot_signal_another_process_through_a_pidfd():
+    """os.pidfd_open raises no audit event: without the refusal, signal.pidfd_send_signal on its descriptor killed any
+    process the program's uid may signal (the trainer's, where the program runs as the trainer's uid)."""
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        program = "import os, signal\npid = int(input())\nsignal.pidfd_send_signal(os.pidfd_open(pid), signal.SIGKILL)\nprint('done')"
+        verdict = reward(drop_privileges=False)("p", fenced(program), {"cases": [{"input": f"{victim.pid}\n", "output": "done\n"}]})
+        time.sleep(0.2)
+        assert victim.poll() is None, "the program killed a process outside the sandbox"
+        assert float(verdict) == 0.0 and verdict.status == "process_limit", verdict
+        own = "import os, signal\nos.close(os.pidfd_open(os.getpid()))\nprint('done')"  # its own process: allowed
+        assert reward(drop_privileges=False)("p", fenced(own), {"cases": [{"input": "", "output": "done\n"}]}) == 1.0
+    finally:
+        victim.kill()
+        victim.wait()
