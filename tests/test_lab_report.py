@@ -1701,3 +1701,21 @@ def test_the_lab_report_names_a_base_model_evaluation_it_cannot_read(tmp_path):
     said = " ".join((lab / "report.md").read_text().split())
     assert "base/final_eval.json" in said
 
+
+
+def test_a_collapse_ratio_close_to_the_threshold_is_said_to_be_one_seed_s(tmp_path):
+    """GRPO's evaluation entropy at 0.539 of the base model's does not meet the criterion (≤ 0.5), but another training
+    seed can: the headline says so and how to see the spread; at 0.3 or 0.7 it says nothing of the kind."""
+    out = build_run(tmp_path / "lab-near", methods=("grpo",), failed=())
+    steps = np.arange(20)
+    _write_metrics(out / "methods" / "grpo", np.where(steps < 10, 1.0, 0.4), np.full(20, 0.3))
+    _set_evaluation(out, "base", entropy_mean=1.0)
+    for entropy, near in ((0.539, True), (0.46, True), (0.3, False), (0.7, False)):
+        _set_evaluation(out, "methods/grpo", entropy_mean=entropy)
+        headline = write_report(out, figures=False)["headline"]
+        said = " ".join(headline["paragraphs"])
+        assert headline["near_threshold"] is near
+        assert ("another training seed can put it on the other side" in said) is near, said
+        if near:
+            assert f"That ratio, {entropy}, is within 10% of the threshold 0.5" in said
+            assert "`--rl-seed 1`" in said and "scripts/lab_seed_spread.py" in said

@@ -50,6 +50,7 @@ from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, EDGE_FRACTION, E
                                   analyse_records, edge_count, edge_means, edge_phrase, intervention_keys,
                                   last_steps_phrase, law_cells, moving_average, read_json, read_metrics_records,
                                   sparse_edges_phrase)
+from entrorl.analysis.run import ratio as ratio_of
 from entrorl.analysis.run_report import lab_command, lab_imports
 from entrorl.dynamics import top_token_count
 from entrorl.evaluation import polarisation
@@ -75,6 +76,9 @@ __all__ = [
 ]
 
 KEPT_MARGIN = 1.25
+# a collapse ratio within this share of COLLAPSE_RATIO is said to be close to it: over three training seeds of the
+# default laboratory GRPO's evaluation entropy ratio spread over 0.38-0.44 on one CPU and 0.45-0.54 on another
+NEAR_THRESHOLD = 0.1
 SUMMARY_MIDDLE_K = 8  # shown in the summary beside Pass@1 and the largest k
 WALL_CLOCK_LABEL = "wall clock, summed over the invocations that ran something (s)"
 CPU_KERNELS_LABEL = "CPU kernels (torch)"
@@ -292,7 +296,15 @@ class _Report:
             f"to reduce step-to-step noise. The collapse criterion, final entropy ≤ {fmt(COLLAPSE_RATIO)} × initial, compares "
             f"{measured_on}: it {verdict}; the training reward {reward_change}."
         )
-        info.update({"collapse": collapsed, "reward_change": reward_change})
+        criterion_ratio = ratio_of(end, start)
+        near = finite(criterion_ratio) is not None and abs(criterion_ratio - COLLAPSE_RATIO) <= NEAR_THRESHOLD * COLLAPSE_RATIO
+        if near:
+            section.say(
+                f"That ratio, {fmt(criterion_ratio)}, is within {fmt(100 * NEAR_THRESHOLD)}% of the threshold "
+                f"{fmt(COLLAPSE_RATIO)}: another training seed can put it on the other side. Runs with other seeds "
+                "(`--rl-seed 1`, `--rl-seed 2`, each with its own `--out`; same base model, data and evaluation) show the "
+                "spread, and `python scripts/lab_seed_spread.py RUN ...` summarises them.")
+        info.update({"collapse": collapsed, "reward_change": reward_change, "near_threshold": near})
 
         threshold = KEPT_MARGIN * g.entropy_ratio if finite(g.entropy_ratio) is not None else math.nan
         numbers.add([text(f"kept-entropy threshold ({fmt(KEPT_MARGIN)} × GRPO's ratio)"), num(threshold)])
