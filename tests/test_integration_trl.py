@@ -1751,7 +1751,7 @@ def test_generate_s_other_truncations_and_another_sampling_temperature_in_genera
     """generation_kwargs reach generate() over GRPOConfig's settings: typical_p below 1 and an epsilon / eta cutoff
     truncate the sampled distribution as top_p does; a temperature there samples at it while TRL scores the
     log-probs at GRPOConfig's temperature, whatever the objective."""
-    for kwargs in ({"typical_p": 0.9}, {"epsilon_cutoff": 3e-4}, {"eta_cutoff": 1e-3}):
+    for kwargs in ({"typical_p": 0.9}, {"epsilon_cutoff": 3e-4}, {"eta_cutoff": 1e-3}, {"top_h": 1.0}):
         name, value = next(iter(kwargs.items()))
         with pytest.warns(UserWarning, match=rf"reads entropy of the full distribution at GRPOConfig's temperature, "
                                              rf"while GRPOConfig's generation_kwargs {name} = {value} draw"):

@@ -1268,21 +1268,15 @@ def test_flooding_the_result_channel_is_cut_off():
     assert processes_of(run.uid, run.marker) == []
 
 
-def test_ctypes_cannot_be_imported_nor_found_among_the_interpreter_s_objects():
-    """No audit event guards ctypes' own C functions (memmove, memset, string_at: raw memory, the hook's included), so
-    the program's interpreter has none: importing ctypes raises ImportError (numpy and the like catch it and go on),
-    and the harness's own use of it (to enter the namespaces) is left behind by starting the interpreter afresh."""
+def test_calling_c_functions_through_ctypes_is_refused_but_importing_it_is_not():
     tests = {"cases": [{"input": "", "output": "ok"}]}
-    verdict = reward()("p", fenced("import ctypes\nbuffer = ctypes.create_string_buffer(4)\n"
-                                   "ctypes.memmove(buffer, b'abc', 3)\nprint('ok')"), tests)
-    assert verdict == 0.0 and verdict.status == "runtime_error" and "does not provide ctypes" in verdict.reason
-    assert reward()("p", fenced("try:\n    import ctypes\nexcept ImportError:\n    ctypes = None\nprint('ok')"),
-                    tests) == 1.0
-    dig = ("import gc, sys\nfound = [o for o in gc.get_objects() if 'ctypes' in type(o).__module__"
-           " or 'ctypes' in str(getattr(o, '__name__', ''))]\n"
-           "print('ok' if not found and not [m for m in sys.modules if 'ctypes' in m] else found[:3])")
-    verdict = reward()("p", fenced(dig), tests)
-    assert verdict == 1.0, verdict.reason
+    assert reward()("p", fenced("import ctypes\nprint('ok')"), tests) == 1.0  # numpy, pandas, scipy, sympy import it
+    verdict = reward()("p", fenced("import ctypes\nctypes.CDLL(None).getpid()\nprint('ok')"), tests)
+    assert verdict == 0.0 and verdict.status == "forbidden_operation"
+
+
+def test_the_modules_whose_functions_the_harness_replaced_cannot_be_imported_afresh():
+    tests = {"cases": [{"input": "", "output": "ok"}]}
     verdict = reward()("p", fenced("import sys\ndel sys.modules['posix']\nimport posix\nprint('ok')"), tests)
     assert verdict == 0.0 and verdict.status == "process_limit"
 
@@ -1461,3 +1455,25 @@ def test_a_program_cannot_signal_another_process_through_a_pidfd():
     finally:
         victim.kill()
         victim.wait()
+
+
+@pytest.mark.parametrize("program", [
+    "import sys\nsys.__stdout__.write('1\\n')\nprint(2)",
+    "import atexit, sys\nsys.__stdout__.write('1\\n')\natexit.register(print, 2)",
+    "import threading, time\ndef main():\n    time.sleep(0.3)\n    print(1)\n    print(2)\nthreading.Thread(target=main).start()",
+    "out = open(1, 'w')\nout.write('1\\n2\\n')",
+], ids=["sys.__stdout__ then print", "sys.__stdout__ then atexit", "a thread", "a file on descriptor 1 left open"])
+def test_a_case_s_output_is_what_the_script_would_have_written_in_its_order(program):
+    """sys.__stdout__ is the case's sys.stdout (one object: the order written is kept), the case waits for the
+    threads the program started, and its objects are finalised (a file it left open flushed) while its output is
+    still attached, the last case's too."""
+    tests = {"cases": [{"input": "", "output": "1\n2\n"}, {"input": "", "output": "1\n2\n"}]}
+    verdict = reward(compare="exact")("p", fenced(program), tests)
+    assert (float(verdict), verdict.status) == (1.0, "passed"), verdict.reason
+
+
+def test_the_pidfd_refusal_reads_the_harness_s_own_process_id():
+    """A program that rebinds os.getpid (which the check read) to another process's id is still refused."""
+    program = "import os\nos.getpid = lambda: 1\nos.pidfd_open(1)\nprint('done')"
+    verdict = reward()("p", fenced(program), {"cases": [{"input": "", "output": "done\n"}]})
+    assert float(verdict) == 0.0 and verdict.status == "process_limit", verdict

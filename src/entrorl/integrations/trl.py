@@ -136,7 +136,8 @@ _RATIO_CLIPPED_SURROGATES = (PPOClip, GSPO)
 _TRL_COMPATIBLE_ESTIMATORS = {"grpo", "dr_grpo"}
 # generate()'s truncations besides top-k / top-p / min-p, as GenerationConfig applies them
 _GENERATE_TRUNCATIONS = {"typical_p": lambda value: value < 1.0, "epsilon_cutoff": lambda value: value > 0.0,
-                         "eta_cutoff": lambda value: value > 0.0}
+                         "eta_cutoff": lambda value: value > 0.0,
+                         "top_h": lambda value: True}  # any top_h keeps at most the 100 likeliest tokens
 
 #: TRL ``loss_type`` -> the entrorl method whose loss is TRL's (same surrogate, same aggregation), given TRL's clip
 #: range. ``bnpo`` (a token mean over each micro-batch alone), ``sapo``, ``luspo`` and ``vespo`` have none.
@@ -565,7 +566,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
         """The objective's caveats (:meth:`Objective.filtered_sampling_caveats`) when GRPOConfig's top_k (below the
         vocabulary's size), top_p or min_p leave tokens out of the sampled distribution, as its ``generation_kwargs``
         (which TRL applies over them) set them, or when those kwargs set one of generate's other truncations
-        (``typical_p`` below 1, ``epsilon_cutoff`` or ``eta_cutoff`` above 0). A ``temperature`` among them that is not
+        (``typical_p`` below 1, ``epsilon_cutoff`` or ``eta_cutoff`` above 0, any ``top_h``). A ``temperature`` among them that is not
         GRPOConfig's draws the tokens at one temperature while TRL and the objective score them at the other: that is
         warned about for every objective."""
         settings = {name: getattr(self.args, name, None) for name in ("top_k", "top_p", "min_p")}

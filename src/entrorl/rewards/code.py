@@ -5,9 +5,8 @@ The ``code`` reward (:class:`CodeReward`) extracts a Python program from the com
 untagged fenced block), runs it against the sample's test cases with
 :func:`entrorl.rewards.sandbox.run_in_sandbox` and scores the fraction of cases passed. A program
 that tries something forbidden (a network connection, a write outside its directory, starting a
-process or signalling another, loading ``cffi``, reading another process's ``/proc``) scores 0
-whatever it passed; ``ctypes`` cannot be imported (the program fails on that ``ImportError`` unless it can do
-without, as numpy can).
+process or signalling another, looking up C functions through ``ctypes``, loading ``cffi``, reading another
+process's ``/proc``) scores 0 whatever it passed.
 
 Test cases — the ``answer`` of the sample, or ``meta["tests"]`` when the answer is None; a dict, a
 list, or a JSON string of either (:func:`parse_tests`)::
@@ -69,7 +68,7 @@ STATUSES = (
     "forbidden_write",  # the program tried to write outside its directory
     "network_blocked",  # the program tried to use the network
     "forbidden_read",  # the program tried to read another process's /proc entries (its environment)
-    "forbidden_operation",  # the program tried to look up C functions (ctypes, which it cannot import) or load cffi
+    "forbidden_operation",  # the program tried to look up C functions through ctypes (or load cffi)
     "not_run",  # a case that was not run (after a timeout)
 )
 

@@ -29,15 +29,13 @@ off, never silently assumed):
   and a parent-death signal;
 * **audit hook** (``sys.addaudithook``, installed before the program runs) — refuses socket
   connect / bind / send and name lookups, process creation (fork, exec, spawn, ``subprocess``,
-  ``os.system``) and signals to other processes (``os.kill``, ``os.pidfd_open`` of another process, which
+  ``os.system``) and signals to other processes (``os.kill``, and ``os.pidfd_open`` of another process, which
   raises no audit event of its own and is replaced), writes / renames / deletions outside the sandbox
-  directory, reading other processes' ``/proc`` entries, and loading ``cffi``. A refused operation raises
-  ``PermissionError`` in the program *and* is reported to the parent at once, so catching the exception does
-  not hide it. ``ctypes`` cannot be imported at all (an ``ImportError``, which numpy and the other libraries
-  that can do without it catch): no audit event guards its own C functions (``memmove``, ``string_at``: raw
-  memory, the hook's included), and the child, which uses it to enter the namespaces, then runs itself
-  afresh (``execv``: the namespaces, limits' flags and descriptors carry over) so that none of it is left in
-  the program's interpreter. An audit hook is a tripwire, not a
+  directory, reading other processes' ``/proc`` entries, looking up C functions with ``ctypes`` and loading
+  ``cffi``. A refused operation raises ``PermissionError`` in the program *and* is reported to the parent at
+  once, so catching the exception does not hide it. Importing ``ctypes`` is allowed (numpy, pandas, scipy and
+  sympy do), and its own helpers (``memmove``, ``string_at``) raise no audit event: with them, or by reaching
+  into the harness's objects, a program written for it can undo the hook. An audit hook is a tripwire, not a
   security boundary: it judges a path by its name, so an operation relative to a directory descriptor
   (``dir_fd``) passes it, and the kernel layers above are what contain a determined program;
 * **wall clock and cleanup** — the parent enforces a wall-clock limit per test case and, whatever
@@ -47,9 +45,9 @@ off, never silently assumed):
   world-writable temporary directories.
 
 Test cases are run in one child process, one after the other (the interpreter starts once), each as a script
-runs: in a new ``__main__`` (the previous case's objects collected before the case's standard streams are
-attached), and ended as a script ends (the exit handlers it registered run, every standard stream, ``sys.__stdout__``
-included, is flushed into its output). A case
+runs: in a new ``__main__``, with ``sys.__stdin__`` / ``sys.__stdout__`` the case's streams, and ended as a script
+ends, while its output is still attached (the threads it started waited for, its exit handlers run, standard output
+flushed, its objects finalised). A case
 that kills the process (a crash, ``os._exit``, a signal) is attributed to that case and the remaining
 cases continue in a fresh process; after a wall-clock timeout the remaining cases are not run.
 
@@ -227,6 +225,7 @@ import atexit, builtins, gc, json, os, resource, signal, sys, time, types
 with os.fdopen(int(sys.argv[2]), encoding="utf-8") as handle:  # a file with no name: nothing on disk to find
     CONFIG = json.load(handle)
 MAIN_PID = os.getpid()
+GETPID = os.getpid  # the harness's own reference: a program may rebind os.getpid
 RESULT_FD = CONFIG["result_fd"]
 WORKDIR = os.path.realpath(CONFIG["workdir"])
 
@@ -324,11 +323,9 @@ SOCKET_EVENTS = {"socket.connect", "socket.bind", "socket.sendto", "socket.sendm
 LOOKUP_EVENTS = {"socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo"}
 PROCESS_EVENTS = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
                   "subprocess.Popen", "pty.spawn", "os.startfile"}
-CTYPES_EVENTS = {"ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function", "ctypes.cdata"}
-# ctypes cannot be imported: no audit event guards its own C functions (memmove, memset, string_at: raw reads and
-# writes of the interpreter's memory, the audit hook's included). The import fails with an ImportError, which numpy
-# and the other libraries that can do without ctypes catch.
-NO_IMPORT = ("ctypes", "_ctypes")
+# importing ctypes is allowed (numpy, pandas, scipy, sympy need it); looking up a C function is not. Its own helpers
+# (memmove, string_at) raise no audit event: the hook is a tripwire, not a boundary
+CTYPES_EVENTS = {"ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function"}
 # modules the harness imported, whose functions it replaced: importing them afresh would give the originals back
 NO_REIMPORT = ("posix", "os", "_signal", "signal")
 
@@ -365,7 +362,7 @@ def install_audit_hook():
                 real = os.path.realpath(text) if "proc" in text else ""
                 if real.startswith("/proc/"):
                     part = real.split("/")[2]
-                    if part.isdigit() and part != str(os.getpid()):
+                    if part.isdigit() and part != str(GETPID()):
                         refuse("proc_read", "open %r" % (text,))
         elif event in PATH_EVENTS:
             if event == "os.symlink":  # (target, link): only the link is written; what it points at is not
@@ -383,14 +380,12 @@ def install_audit_hook():
             if not allow_processes:
                 refuse("process", event)
         elif event in ("os.kill", "os.killpg"):
-            if not allow_processes and args and args[0] not in (0, os.getpid()):
+            if not allow_processes and args and args[0] not in (0, MAIN_PID):
                 refuse("process", "%s %r" % (event, args[0]))
         elif event in CTYPES_EVENTS:
             refuse("ctypes", event)
         elif event == "import" and args and args[0] in ("cffi", "_cffi_backend"):
             refuse("ctypes", "import %s" % args[0])
-        elif event == "import" and args and args[0] in NO_IMPORT:
-            raise ImportError("the sandbox does not provide %s" % args[0])
         elif event == "import" and args and args[0] in NO_REIMPORT and not allow_processes:
             refuse("process", "import %s afresh" % args[0])
 
@@ -401,7 +396,7 @@ def install_audit_hook():
         original_pidfd_open = getattr(posix, "pidfd_open", None)
         if original_pidfd_open is not None:
             def pidfd_open(pid, flags=0):
-                if pid != os.getpid():
+                if pid != MAIN_PID:
                     refuse("process", "os.pidfd_open %r" % (pid,))
                 return original_pidfd_open(pid, flags)
             posix.pidfd_open = os.pidfd_open = pidfd_open
@@ -430,35 +425,49 @@ def attach_standard_streams(input_path, output_path, output_flags):
     """Point descriptors 0 and 1 (and sys.stdin / sys.stdout) at the given files."""
     redirect(0, input_path, os.O_RDONLY)
     redirect(1, output_path, output_flags)
-    sys.stdin = open(0, "r", encoding="utf-8", errors="replace", closefd=False)
-    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
+    sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", errors="replace", closefd=False)
+    # one object for both names, as in a script: what the program writes through either keeps its order
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", closefd=False)
     return sys.stdout
 
 
 def fresh_main_namespace():
-    """A new, empty ``__main__`` module for the program (not the harness's own globals). The previous case's objects
-    are collected first: a file object it kept (``input = open(0).readline``) closes its descriptor when collected,
-    which must happen before the next case's streams take descriptors 0 and 1, not after."""
+    """A new, empty ``__main__`` module for the program (not the harness's own globals)."""
     module = types.ModuleType("__main__")
     module.__builtins__ = builtins
     sys.modules["__main__"] = module
-    gc.collect()
     return module.__dict__
 
 
-def end_as_a_script_ends(output):
-    """What the end of a script does: the exit handlers the program registered run (their output is the case's), then
-    every standard stream it may have written through is flushed (``sys.__stdout__`` too, which a script's output
-    to a file reaches); the handlers are cleared for the next case."""
+def flush_standard_output(output):
+    # the program may have replaced sys.stdout (with an object that need not be hashable) or closed it
+    for stream in (output,) if sys.stdout is output else (sys.stdout, output):
+        if stream is not None and not getattr(stream, "closed", False):
+            stream.flush()
+
+
+def end_as_a_script_ends(namespace, output):
+    """What the end of a script does, in its order, while the case's streams are still attached: wait for the
+    threads the program started (not daemons), run the exit handlers it registered, flush standard output, then
+    finalise its objects (a file it opened on descriptor 1 flushes when collected; one holding descriptor 0 closes
+    it, which must happen before the next case's streams take descriptors 0 and 1) and flush again."""
     try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            current = threading.current_thread()
+            for thread in threading.enumerate():
+                if thread is not current and not thread.daemon:
+                    thread.join()
         atexit._run_exitfuncs()
     finally:
         atexit._clear()
-        # the program may have replaced sys.stdout (with an object that need not be hashable) or closed it
-        streams = [output] + [stream for stream in (sys.stdout, sys.__stdout__) if stream is not output]
-        for stream in streams:
-            if stream is not None and not getattr(stream, "closed", False):
-                stream.flush()
+        try:
+            flush_standard_output(output)
+        finally:
+            sys.modules["__main__"] = types.ModuleType("__main__")
+            namespace.clear()
+            gc.collect()
+            flush_standard_output(output)
 
 
 def run_case(index, case, state):
@@ -471,7 +480,7 @@ def run_case(index, case, state):
             exec(state["code"], namespace)
         finally:
             try:
-                end_as_a_script_ends(output)
+                end_as_a_script_ends(namespace, output)
             finally:
                 attach_standard_streams(os.devnull, os.devnull, os.O_WRONLY)
         return
@@ -495,28 +504,8 @@ def run_case(index, case, state):
                            % (exc.code,)) from None
 
 
-def start_afresh():
-    """Run the harness again in a new interpreter image (execv, same process): the namespaces, the uid map,
-    no_new_privs, the parent-death signal and the inherited descriptors carry over; ctypes, which kernel_isolation
-    loaded, does not (a program that found its functions among the interpreter's objects could write over the audit
-    hook). The configuration, with the isolation's report, goes on in a file with no name."""
-    argv = getattr(sys, "orig_argv", None)
-    if not argv:  # Python < 3.10
-        with open("/proc/self/cmdline", "rb") as handle:
-            argv = [os.fsdecode(part) for part in handle.read().split(b"\0")[:-1]]
-    config = os.memfd_create("config", 0)  # without close-on-exec: the new image inherits it
-    data = json.dumps(CONFIG).encode("utf-8")
-    while data:
-        data = data[os.write(config, data):]
-    os.lseek(config, 0, os.SEEK_SET)
-    os.execv(sys.executable, argv[:-1] + [str(config)])
-
-
 def main():
-    if "isolation" not in CONFIG:
-        CONFIG["isolation"] = kernel_isolation()
-        start_afresh()
-    isolation = CONFIG.pop("isolation")
+    isolation = kernel_isolation()
     set_limits()
     os.chdir(WORKDIR)
     source, cases = CONFIG.pop("program"), CONFIG.pop("cases")
