@@ -1425,17 +1425,29 @@ def test_the_working_directory_is_the_programs_alone_and_its_folder_only_passabl
 _ADD_CASES = {"cases": [{"input": f"{a} {b}\n", "output": f"{a + b}\n"} for a, b in ((1, 2), (10, -4), (5, 5), (0, 0))]}
 
 
-@pytest.mark.parametrize("program", [
-    "input = open(0).readline\na, b = map(int, input().split())\nprint(a + b)",
-    "import os\nout = os.fdopen(1, 'w')\na, b = map(int, input().split())\nout.write(str(a + b) + '\\n')\nout.flush()",
-    "import sys\na, b = map(int, input().split())\nsys.__stdout__.write(str(a + b) + '\\n')",
-    "import atexit\na, b = map(int, input().split())\natexit.register(print, a + b)",
-], ids=["a global holding stdin", "a global holding stdout", "sys.__stdout__", "an atexit handler"])
-def test_each_case_starts_and_ends_as_a_script_does(program):
-    """Every case of a correct program passes: a standard stream a case kept in a global is closed before the next
-    case's streams are attached (collecting it closed the new descriptor 0 or 1 before: every other case failed), and
-    a case ends as a script ends, its exit handlers run and sys.__stdout__ flushed into its output."""
-    verdict = reward()("p", fenced(program), _ADD_CASES)
+_ONE_TWO = {"cases": [{"input": "", "output": "1\n2\n"}, {"input": "", "output": "1\n2\n"}]}
+
+
+@pytest.mark.parametrize("program, tests", [
+    ("input = open(0).readline\na, b = map(int, input().split())\nprint(a + b)", _ADD_CASES),
+    ("import os\nout = os.fdopen(1, 'w')\na, b = map(int, input().split())\nout.write(str(a + b) + '\\n')\nout.flush()",
+     _ADD_CASES),
+    ("import sys\na, b = map(int, input().split())\nsys.__stdout__.write(str(a + b) + '\\n')", _ADD_CASES),
+    ("import atexit\na, b = map(int, input().split())\natexit.register(print, a + b)", _ADD_CASES),
+    ("import sys\nsys.__stdout__.write('1\\n')\nprint(2)", _ONE_TWO),
+    ("import atexit, sys\nsys.__stdout__.write('1\\n')\natexit.register(print, 2)", _ONE_TWO),
+    ("import threading, time\ndef main():\n    time.sleep(0.3)\n    print(1)\n    print(2)\nthreading.Thread(target=main).start()",
+     _ONE_TWO),
+    ("out = open(1, 'w')\nout.write('1\\n2\\n')", _ONE_TWO),
+], ids=["a global holding stdin", "a global holding stdout", "sys.__stdout__", "an atexit handler",
+        "sys.__stdout__ then print", "sys.__stdout__ then atexit", "a thread", "a file on descriptor 1 left open"])
+def test_each_case_runs_and_ends_as_a_script_does(program, tests):
+    """Every case of a correct program passes, its output what the script would have written in its order: a case
+    ends as a script ends while its output is attached (threads waited for, exit handlers run, its objects finalised:
+    a file left open on descriptor 1 flushed, one a global kept on descriptor 0 closed before the next case's
+    streams take it -- collecting it later closed the new descriptor, and every other case failed), and
+    sys.__stdout__ is the case's sys.stdout (one object: the order is kept)."""
+    verdict = reward(compare="exact")("p", fenced(program), tests)
     assert (float(verdict), verdict.status) == (1.0, "passed"), verdict.reason
 
 
@@ -1455,21 +1467,6 @@ def test_a_program_cannot_signal_another_process_through_a_pidfd():
     finally:
         victim.kill()
         victim.wait()
-
-
-@pytest.mark.parametrize("program", [
-    "import sys\nsys.__stdout__.write('1\\n')\nprint(2)",
-    "import atexit, sys\nsys.__stdout__.write('1\\n')\natexit.register(print, 2)",
-    "import threading, time\ndef main():\n    time.sleep(0.3)\n    print(1)\n    print(2)\nthreading.Thread(target=main).start()",
-    "out = open(1, 'w')\nout.write('1\\n2\\n')",
-], ids=["sys.__stdout__ then print", "sys.__stdout__ then atexit", "a thread", "a file on descriptor 1 left open"])
-def test_a_case_s_output_is_what_the_script_would_have_written_in_its_order(program):
-    """sys.__stdout__ is the case's sys.stdout (one object: the order written is kept), the case waits for the
-    threads the program started, and its objects are finalised (a file it left open flushed) while its output is
-    still attached, the last case's too."""
-    tests = {"cases": [{"input": "", "output": "1\n2\n"}, {"input": "", "output": "1\n2\n"}]}
-    verdict = reward(compare="exact")("p", fenced(program), tests)
-    assert (float(verdict), verdict.status) == (1.0, "passed"), verdict.reason
 
 
 def test_the_pidfd_refusal_reads_the_harness_s_own_process_id():
