@@ -1474,3 +1474,29 @@ def test_the_pidfd_refusal_reads_the_harness_s_own_process_id():
     program = "import os\nos.getpid = lambda: 1\nos.pidfd_open(1)\nprint('done')"
     verdict = reward()("p", fenced(program), {"cases": [{"input": "", "output": "done\n"}]})
     assert float(verdict) == 0.0 and verdict.status == "process_limit", verdict
+
+
+@pytest.mark.parametrize("program", [
+    # an executor left running: a script's end lets its idle workers go (waiting for them hung the case)
+    "from concurrent.futures import ThreadPoolExecutor\nimport sys\nexecutor = ThreadPoolExecutor(2)\n"
+    "a, b = map(int, sys.stdin.readline().split())\nprint(executor.submit(lambda: a + b).result())",
+    # a failed case's file on descriptor 0, freed by a collection during the next case, closed that case's input
+    "import gc, sys\ngc.collect()\ndef main():\n    handle = open(0)\n    cycle = [handle]\n    cycle.append(cycle)\n"
+    "    line = handle.readline()\n    if line.strip() == 'boom':\n        raise ValueError(line)\n"
+    "    a, b = map(int, line.split())\n    print(a + b)\nmain()",
+], ids=["an executor left unshut", "a failed case's stdin freed late"])
+def test_the_end_of_a_case_does_not_hang_or_spill_into_the_next(program):
+    tests = {"cases": [{"input": "boom\n", "output": "boom"}] + _ADD_CASES["cases"][:2]}
+    run = run_in_sandbox(program, [SandboxCase("stdin", case["input"]) for case in tests["cases"]],
+                         SandboxLimits(time_limit=2.0))
+    assert [outcome.status for outcome in run.outcomes][1:] == ["ok", "ok"], run.outcomes
+    assert [outcome.stdout for outcome in run.outcomes][1:] == ["3\n", "6\n"]
+
+
+def test_a_program_rebinding_os_getpid_is_not_taken_for_a_forked_child():
+    """The harness compared os.getpid(), which the program rebinds, with its own pid: it took itself for a forked
+    child after the program ran and left, and every assert case failed."""
+    program = "import os\nos.getpid = lambda: 1\ndef add(a, b):\n    return a + b"
+    run = run_in_sandbox(program, [SandboxCase("assert", "assert add(1, 2) == 3"), SandboxCase("assert", "assert add(2, 2) == 4")],
+                         SandboxLimits(time_limit=2.0))
+    assert [outcome.status for outcome in run.outcomes] == ["ok", "ok"], run.outcomes

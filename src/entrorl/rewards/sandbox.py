@@ -44,12 +44,12 @@ off, never silently assumed):
   the group with ``setsid``), removes the working directory and any file the sandbox uid left in the
   world-writable temporary directories.
 
-Test cases are run in one child process, one after the other (the interpreter starts once), each as a script
-runs: in a new ``__main__``, with ``sys.__stdin__`` / ``sys.__stdout__`` the case's streams, and ended as a script
-ends, while its output is still attached (the threads it started waited for, its exit handlers run, standard output
-flushed, its objects finalised). A case
-that kills the process (a crash, ``os._exit``, a signal) is attributed to that case and the remaining
-cases continue in a fresh process; after a wall-clock timeout the remaining cases are not run.
+Test cases are run in one child process, one after the other (the interpreter starts once), each as a script runs:
+in a new ``__main__``, with ``sys.__stdin__`` / ``sys.__stdout__`` the case's streams, and ended as a script ends,
+while its output is still attached (the non-daemon threads it started waited for, its executors shut down, its
+exit handlers run, standard output flushed, its objects finalised). A case that kills the process (a crash,
+``os._exit``, a signal) is attributed to that case and the remaining cases continue in a fresh process; after a
+wall-clock timeout the remaining cases are not run.
 
 Standard-input cases compare the captured standard output *in the parent*: the expected output never
 enters the sandbox. Assert cases (test code executed after the program, in its namespace) necessarily
@@ -410,7 +410,7 @@ def describe(exc):
 
 
 def leave_if_forked():
-    if os.getpid() != MAIN_PID:  # a forked child of the program must never run the harness
+    if GETPID() != MAIN_PID:  # a forked child of the program must never run the harness
         os._exit(0)
 
 
@@ -432,11 +432,23 @@ def attach_standard_streams(input_path, output_path, output_flags):
 
 
 def fresh_main_namespace():
-    """A new, empty ``__main__`` module for the program (not the harness's own globals)."""
+    """A new, empty ``__main__`` module for the program (not the harness's own globals). What the previous case left
+    to the collector (objects its exception's traceback kept alive) is collected first: a file on descriptor 0 among
+    them must close it before this case's input takes it, not after."""
     module = types.ModuleType("__main__")
     module.__builtins__ = builtins
     sys.modules["__main__"] = module
+    gc.collect()
     return module.__dict__
+
+
+def executor_of(thread):
+    """The ThreadPoolExecutor a worker thread serves, while it is alive (None for any other thread)."""
+    target = getattr(thread, "_target", None)
+    if getattr(target, "__module__", "") != "concurrent.futures.thread":
+        return None
+    reference = (getattr(thread, "_args", None) or (None,))[0]
+    return reference() if callable(reference) else None
 
 
 def flush_standard_output(output):
@@ -456,8 +468,14 @@ def end_as_a_script_ends(namespace, output):
         if threading is not None:
             current = threading.current_thread()
             for thread in threading.enumerate():
-                if thread is not current and not thread.daemon:
-                    thread.join()
+                if thread is current or thread.daemon:
+                    continue
+                executor = executor_of(thread)
+                if executor is not None:
+                    # at a script's end its executors finish their work and let idle workers go; the interpreter-wide
+                    # flag that does it there would refuse later cases' executors
+                    executor.shutdown(wait=True)
+                thread.join()
         atexit._run_exitfuncs()
     finally:
         atexit._clear()
