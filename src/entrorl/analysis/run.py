@@ -60,7 +60,8 @@ def edge_phrase(n_steps: int, *, unit: tuple[str, str] = ("step", "training step
 
 def sparse_edges_phrase(n_steps: int, logged: dict[str, int], *, unit: tuple[str, str] = ("step", "training steps")) -> str:
     """For the keys (``{label: records that logged it}``) logged at some of the ``n_steps`` records only, what their
-    start and end are taken over: " (the reward, logged at 5 of them, over the first and the last 1 of those)";
+    start and end are taken over: " (the reward, logged at 5 of the entries, over the first and the last 1 of
+    those)";
     "" when every key is logged at every record."""
     many = unit[1].split()[-1]
     parts = [f"{label}, logged at {count} of the {many}, over the first and the last {edge_count(count)} of those"
