@@ -53,6 +53,13 @@ class MethodSpec:
     notes: str = ""
     surrogate_is_the_method: bool = False
 
+    def part_refs(self) -> list[tuple[str, PartRef]]:
+        """``(kind, reference)`` of each part the method names: its surrogate, shapers, regularizers, selectors and
+        correction, in that order."""
+        return [("surrogate", self.surrogate), *(("shaper", ref) for ref in self.shapers),
+                *(("regularizer", ref) for ref in self.regularizers), *(("selector", ref) for ref in self.selectors),
+                *([("correction", self.correction)] if self.correction is not None else [])]
+
 
 @dataclass(frozen=True)
 class MethodInfo:
@@ -87,12 +94,8 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     except ValueError as error:
         raise ValueError(f"method '{spec.name}': advantage_estimator: {error}") from None
     check_loss_agg_mode(spec.loss_agg_mode)
-    get_part_class("surrogate", spec.surrogate[0])
-    for kind, refs in (("shaper", spec.shapers), ("regularizer", spec.regularizers), ("selector", spec.selectors)):
-        for ref in refs:
-            get_part_class(kind, ref[0])
-    if spec.correction is not None:
-        get_part_class("correction", spec.correction[0])
+    for kind, ref in spec.part_refs():
+        get_part_class(kind, ref[0])
     previous = _METHODS.get(spec.name)
     _METHODS[spec.name] = spec
     registrant = sys._getframe(1).f_globals.get("__name__", "")
@@ -115,12 +118,9 @@ def method_modules(name: str) -> list[str]:
     """The modules, entrorl's own left out, that registered the parts method ``name`` names and the method itself, in
     the order to import them: what a new process (the laboratory's workers) imports to build it. ``__main__`` for one
     registered by a script or an interactive session (and by no module since)."""
-    spec = get_method(name)
-    refs = [("surrogate", spec.surrogate), *(("shaper", ref) for ref in spec.shapers),
-            *(("regularizer", ref) for ref in spec.regularizers), *(("selector", ref) for ref in spec.selectors),
-            *([("correction", spec.correction)] if spec.correction is not None else [])]
     # the parts first: the module that registers the method needs them registered
-    modules = [*(get_part_class(kind, ref[0]).__module__ for kind, ref in refs), _REGISTERED_BY.get(name, "")]
+    modules = [*(get_part_class(kind, ref[0]).__module__ for kind, ref in get_method(name).part_refs()),
+               _REGISTERED_BY.get(name, "")]
     return [module for module in dict.fromkeys(modules)
             if module and module != "entrorl" and not module.startswith("entrorl.")]
 
