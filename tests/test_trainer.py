@@ -201,7 +201,7 @@ def test_a_second_ctrl_c_during_the_first_ones_message_stops_the_run_and_is_not_
     script = textwrap.dedent("""
         import importlib.abc, importlib.util, signal, sys
         from rich.console import Console
-        from entrorl.trainer import loop
+        from entrorl.trainer import stop_signals
 
         class SignalDuringImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             # the second Ctrl-C arrives while rich._emoji_codes is being imported by the first handler's print
@@ -220,7 +220,7 @@ def test_a_second_ctrl_c_during_the_first_ones_message_stops_the_run_and_is_not_
         assert "rich._emoji_codes" not in sys.modules
         sys.meta_path.insert(0, SignalDuringImport())
         received = []
-        loop._catch_stop_signals(received, Console(stderr=True))
+        stop_signals.catch_stop_signals(received, Console(stderr=True))
 
         def reward():  # what the main thread was doing when Ctrl-C came
             signal.raise_signal(signal.SIGINT)
@@ -248,7 +248,7 @@ def test_a_signal_that_interrupts_a_write_to_the_terminal_is_still_said_and_obey
     """A signal handler runs between two bytecodes of the main thread, possibly inside a write to stderr, where
     Python refuses a nested write, or inside the import a first print makes: the handlers then write to the file
     descriptor and still stop or exit; the console's error never reaches the interrupted code."""
-    from entrorl.trainer import loop
+    from entrorl.trainer import stop_signals
 
     class ConsoleInTheMiddleOfAWrite:
         file = None  # no descriptor of its own: standard error's
@@ -258,7 +258,7 @@ def test_a_signal_that_interrupts_a_write_to_the_terminal_is_still_said_and_obey
 
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     received = []
-    restore = loop._catch_stop_signals(received, ConsoleInTheMiddleOfAWrite())
+    restore = stop_signals.catch_stop_signals(received, ConsoleInTheMiddleOfAWrite())
     try:
         signal.raise_signal(signal.SIGTERM)
         assert received == [signal.SIGTERM]
@@ -272,9 +272,9 @@ def test_a_signal_that_interrupts_a_write_to_the_terminal_is_still_said_and_obey
     assert "SIGTERM again: stopping now, without waiting" in said
 
     exits = []
-    monkeypatch.setattr(loop.os, "_exit", exits.append)
+    monkeypatch.setattr(stop_signals.os, "_exit", exits.append)
     try:
-        loop._exit_at_once_on_another_signal(ConsoleInTheMiddleOfAWrite(), tmp_path)
+        stop_signals.exit_at_once_on_another_signal(ConsoleInTheMiddleOfAWrite(), tmp_path)
         signal.raise_signal(signal.SIGINT)
     finally:
         for number, handler in handlers.items():
@@ -2230,9 +2230,9 @@ def test_progress_off_a_terminal_is_a_line_per_interval(tmp_path, tiny_model_dir
     lines = [line for line in output.getvalue().splitlines() if "train grpo: step" in line]
     assert [line.split("step ")[1].split()[0] for line in lines] == ["1/3", "3/3"]
     assert "reward" in lines[0] and "steps/s" in lines[0]
-    from entrorl.trainer.loop import _StepProgress
+    from entrorl.trainer.progress import StepProgress
 
-    assert _StepProgress(Console(file=io.StringIO(), force_jupyter=True), "x", 3, 0, enabled=True).live  # a notebook's bar
+    assert StepProgress(Console(file=io.StringIO(), force_jupyter=True), "x", 3, 0, enabled=True).live  # a notebook's bar
 
 
 def test_a_signal_during_a_checkpoint_write_stops_after_that_step(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
@@ -2447,11 +2447,11 @@ def test_stop_signals_are_noted_once_then_stop_at_once_and_the_handlers_are_put_
 
     from rich.console import Console
 
-    from entrorl.trainer.loop import _catch_stop_signals
+    from entrorl.trainer.stop_signals import catch_stop_signals
 
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     received, output = [], io.StringIO()
-    restore = _catch_stop_signals(received, Console(file=output))
+    restore = catch_stop_signals(received, Console(file=output))
     try:
         signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
         assert received == [signal.SIGTERM] and "SIGTERM: finishing the current step" in output.getvalue()
@@ -2473,17 +2473,17 @@ def test_a_stop_signal_the_process_ignores_stays_ignored():
 
     from rich.console import Console
 
-    from entrorl.trainer.loop import _catch_stop_signals, _exit_at_once_on_another_signal
+    from entrorl.trainer.stop_signals import catch_stop_signals, exit_at_once_on_another_signal
 
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         received = []
-        restore = _catch_stop_signals(received, Console(file=io.StringIO()))
+        restore = catch_stop_signals(received, Console(file=io.StringIO()))
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
         assert received == [signal.SIGTERM]
-        _exit_at_once_on_another_signal(Console(file=io.StringIO()), Path("run"))
+        exit_at_once_on_another_signal(Console(file=io.StringIO()), Path("run"))
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) not in (before[signal.SIGTERM], signal.SIG_IGN)
         restore()
@@ -4456,7 +4456,7 @@ def test_a_split_update_reports_the_whole_batch_metrics(loss_agg_mode):
     the aggregation, fractions and token means by their token counts (rows of uneven lengths, entropies and ratios
     that vary from row to row, so that the weightings differ)."""
     from entrorl.objective import PolicyBatch, build_objective
-    from entrorl.trainer.loop import MicroBatchShares, _mean_metrics
+    from entrorl.trainer.step_metrics import MicroBatchShares, step_metrics_over_updates
 
     generator = torch.Generator().manual_seed(0)
     lengths = torch.tensor([9, 1, 4, 7, 2, 9, 5])
@@ -4475,7 +4475,7 @@ def test_a_split_update_reports_the_whole_batch_metrics(loss_agg_mode):
     records = [(objective(PolicyBatch(**{name: value[micro] for name, value in fields.items()})).metrics,
                 MicroBatchShares.of(micro, all_rows, mask=mask, normaliser_mask=mask, loss_agg_mode=loss_agg_mode))
                for micro in all_rows.split(3)]
-    combined = _mean_metrics([records], aggregated=objective.aggregated_metrics)
+    combined = step_metrics_over_updates([records], aggregated=objective.aggregated_metrics)
     assert {"kl/ref", "reg/entropy_bonus", "clip/ppo_frac", "ratio/mean", "advantages/mean"} <= whole.keys()
     assert combined.keys() == whole.keys()
     for key, value in whole.items():
@@ -4486,7 +4486,7 @@ def test_clip_b_sign_fractions_of_a_split_update_are_the_whole_batch_s():
     """Clip_B's dropped shares by advantage sign are shares of every valid token, as the other fractions: micro-batches
     of one sign each combine into the mini-batch's value (a share among one sign's tokens would not)."""
     from entrorl.objective import PolicyBatch, build_objective
-    from entrorl.trainer.loop import MicroBatchShares, _mean_metrics
+    from entrorl.trainer.step_metrics import MicroBatchShares, step_metrics_over_updates
 
     rows, width = 4, 4
     mask = torch.ones(rows, width, dtype=torch.bool)
@@ -4504,7 +4504,7 @@ def test_clip_b_sign_fractions_of_a_split_update_are_the_whole_batch_s():
                                       rows=micro)).metrics,
                 MicroBatchShares.of(micro, all_rows, mask=mask, normaliser_mask=mask, loss_agg_mode="token-mean"))
                for micro in all_rows.split(2)]  # rows 0-1 of negative advantages, rows 2-3 of positive ones
-    combined = _mean_metrics([records], aggregated=objective.aggregated_metrics)
+    combined = step_metrics_over_updates([records], aggregated=objective.aggregated_metrics)
     for key in ("select/clip_b_frac", "select/clip_b_frac_neg", "select/clip_b_frac_pos"):
         assert combined[key] == pytest.approx(whole[key]), key
 
@@ -4514,7 +4514,7 @@ def test_micro_batch_shares_are_of_their_own_mini_batch_and_count_rows_with_a_to
     """Micro-batches of a mini-batch (every other row of the batch, one row without a valid token): each one's loss
     share is its part of the mini-batch's normaliser, tokens for token-mean, rows with a token for the seq-mean
     modes, and the shares of the mini-batch's micro-batches add up to 1."""
-    from entrorl.trainer.loop import MicroBatchShares
+    from entrorl.trainer.step_metrics import MicroBatchShares
 
     lengths = torch.tensor([5, 9, 0, 5, 2, 7, 4, 1])
     mask = torch.arange(9)[None] < lengths[:, None]
@@ -4541,28 +4541,28 @@ def test_metrics_of_micro_batches_leave_out_non_finite_values_and_placeholders_o
     """A micro-batch without valid tokens reports a placeholder maximum and NaN means: the mini-batch's maximum is
     that of the micro-batches with tokens, its means those of the finite values, and counts add up per update; the
     step's value of each metric is the mean of its updates' values."""
-    from entrorl.trainer.loop import MicroBatchShares, _mean_metrics
+    from entrorl.trainer.step_metrics import MicroBatchShares, step_metrics_over_updates
 
     full = MicroBatchShares(loss=1.0, aggregated=1.0, tokens=1.0)
     empty = MicroBatchShares(loss=0.0, aggregated=0.0, tokens=0.0)
     records = [({"ratio/max": 1.5, "ratio/mean": 1.1, "loss/policy": 0.25, "tokens/valid": 12.0}, full),
                ({"ratio/max": 9.0, "ratio/mean": math.nan, "loss/policy": math.nan, "tokens/valid": 0.0},
                 empty)]
-    means = _mean_metrics([records], aggregated=frozenset())
+    means = step_metrics_over_updates([records], aggregated=frozenset())
     assert means == {"ratio/max": 1.5, "ratio/mean": 1.1, "loss/policy": 0.25, "tokens/valid": 12.0}
     # two updates, the second without a valid token (placeholders 0 and 1): the step's statistics are the first's,
     # its count the mean over the updates; with no valid token in the whole step, a statistic is NaN (null)
     empty_update = MicroBatchShares(loss=1.0, aggregated=1.0, tokens=0.0)
     placeholder = {"ratio/max": 1.0, "ratio/mean": 0.0, "kl/old_new": 0.0, "loss/policy": 0.0, "tokens/valid": 0.0}
     first = {"ratio/max": 1.5, "ratio/mean": 1.1, "kl/old_new": 0.02, "loss/policy": 0.25, "tokens/valid": 12.0}
-    means = _mean_metrics([[(first, full)], [(placeholder, empty_update)]], aggregated=frozenset())
+    means = step_metrics_over_updates([[(first, full)], [(placeholder, empty_update)]], aggregated=frozenset())
     assert means == {"ratio/max": 1.5, "ratio/mean": 1.1, "kl/old_new": 0.02, "loss/policy": 0.125, "tokens/valid": 6.0}
     # the same empty update split in two micro-batches (shares 0): the same step metrics, its loss 0 counted
-    assert _mean_metrics([[(first, full)], [(placeholder, empty), (placeholder, empty)]], aggregated=frozenset()) == means
+    assert step_metrics_over_updates([[(first, full)], [(placeholder, empty), (placeholder, empty)]], aggregated=frozenset()) == means
     # a maximum is each update's, then their mean (as every objective metric), not the step's maximum
     second = {**first, "ratio/max": 3.5}
-    assert _mean_metrics([[(first, full)], [(second, full)]], aggregated=frozenset())["ratio/max"] == 2.5
-    means = _mean_metrics([[(placeholder, empty_update)]] * 2, aggregated=frozenset())
+    assert step_metrics_over_updates([[(first, full)], [(second, full)]], aggregated=frozenset())["ratio/max"] == 2.5
+    means = step_metrics_over_updates([[(placeholder, empty_update)]] * 2, aggregated=frozenset())
     assert math.isnan(means.pop("ratio/max")) and math.isnan(means.pop("ratio/mean")) and math.isnan(means.pop("kl/old_new"))
     assert means == {"loss/policy": 0.0, "tokens/valid": 0.0}
 
@@ -4806,10 +4806,10 @@ def test_eval_and_audit_print_plain_progress_lines_away_from_a_terminal(tmp_path
     sequences sampled at most every PROGRESS_LINE_EVERY_S seconds (here 0: after every generation batch)."""
     from typer.testing import CliRunner
 
-    import entrorl.trainer.loop
+    import entrorl.trainer.progress
     from entrorl.cli import app
 
-    monkeypatch.setattr(entrorl.trainer.loop, "PROGRESS_LINE_EVERY_S", 0.0)
+    monkeypatch.setattr(entrorl.trainer.progress, "PROGRESS_LINE_EVERY_S", 0.0)
     _, held_out = arithmetic_files
     common = ["--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--reward", "exact_match",
               "--max-new-tokens", "2", "--batch-size", "4"]

@@ -1633,7 +1633,7 @@ def test_a_step_without_any_informative_group_trains_on_one_round_s_rows(tmp_pat
 
 
 def test_the_evaluation_line_lists_pass_at_k_in_numeric_order():
-    from entrorl.trainer.loop import format_evaluation
+    from entrorl.trainer.progress import format_evaluation
 
     metrics = {"eval/n": 16.0, "eval/avg_at_n": 0.25, "eval/pass_at_16": 0.75, "eval/pass_at_2": 0.5,
                "eval/pass_at_1": 0.25}

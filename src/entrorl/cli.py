@@ -206,7 +206,7 @@ def _run_summary(run_dir: Path) -> str:
     evaluation, and the final model's directory (what `entrorl eval --model` takes)."""
     from entrorl.trainer.checkpoint import latest_checkpoint
     from entrorl.trainer.loggers import read_metrics
-    from entrorl.trainer.loop import format_evaluation
+    from entrorl.trainer.progress import format_evaluation
 
     everything = read_metrics(run_dir)
     records = [record for record in everything if record.get("step", 0) > 0 and "reward/mean" in record]
@@ -680,7 +680,7 @@ def _sampling_progress(total: int, *, elapsed: bool = False):
     evaluation shows it advancing. ``elapsed`` shows the count and the time spent rather than rich's default columns."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from entrorl.trainer.loop import PROGRESS_LINE_EVERY_S
+    from entrorl.trainer.progress import PROGRESS_LINE_EVERY_S
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) if elapsed else ()
     started = last_line = time.perf_counter()

@@ -11,15 +11,11 @@ import copy
 import functools
 import json
 import math
-import os
 import random
 import re
 import shutil
 import signal
-import sys
-import threading
 import time
-import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -89,6 +85,10 @@ from entrorl.trainer.diagnostics import (
 from entrorl.trainer.evaluate import NonFiniteLogProbs, evaluate_model
 from entrorl.trainer.loggers import MetricsLogger, TrackerError
 from entrorl.trainer.precision import MasterWeights, needs_master_weights
+from entrorl.trainer.progress import StepProgress
+from entrorl.trainer.schedule import SCHEDULE_KEYS, learning_rate_factor, schedule_factor
+from entrorl.trainer.step_metrics import MicroBatchShares, step_metrics_over_updates
+from entrorl.trainer.stop_signals import FINISH_THE_STEP, catch_stop_signals, exit_at_once_on_another_signal
 
 __all__ = ["Trainer", "TrainingStopped", "TrainingInterrupted", "ScoredRollouts", "learning_rate_factor"]
 
@@ -353,13 +353,13 @@ class Trainer:
                              changes: list[tuple[str, Any, Any]]) -> tuple[float, float] | None:
         """``(before, now)``: the learning rate of the resumed run's next step under the checkpoint's schedule and
         under the current one, when a change to the rate, length or schedule moves it; else None."""
-        if not any(key in _SCHEDULE_KEYS for key, _, _ in changes):
+        if not any(key in SCHEDULE_KEYS for key, _, _ in changes):
             return None
         try:
             before = OptimConfig.model_validate(saved_config.get("optim") or {})
         except ValidationError:
             return None
-        rates = [optim.lr * _schedule_factor(optim, step) for optim in (before, self.config.optim)]
+        rates = [optim.lr * schedule_factor(optim, step) for optim in (before, self.config.optim)]
         return (rates[0], rates[1]) if rates[0] != rates[1] else None
 
     def _load_policy(self, model_path: Path, checkpoint: Path | None):
@@ -454,7 +454,7 @@ class Trainer:
         optim = self.config.optim
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] = optim.lr
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: _schedule_factor(optim, index), last_epoch=step - 1)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: schedule_factor(optim, index), last_epoch=step - 1)
 
     def _default_run_dir(self) -> Path:
         name = self.config.logging.name or f"{self.config.method_label()}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -1016,7 +1016,7 @@ class Trainer:
             metrics["entropy/first_order_delta"] = first_order.after_update()
         metrics.update(covariance_summary(logprob, used_advantages, mask))
         metrics.update(discriminator_summary(disc, disc_centered_before, used_advantages, mask))
-        metrics.update(_mean_metrics(objective_metrics, aggregated=self.objective.aggregated_metrics))
+        metrics.update(step_metrics_over_updates(objective_metrics, aggregated=self.objective.aggregated_metrics))
         metrics.update(step_metrics)
         if reference_log_prob is not None:
             log_ratio = (logprob - reference_log_prob.float().cpu())[mask]
@@ -1219,13 +1219,13 @@ class Trainer:
         a step's end."""
         self._check_open()
         config = self.config
-        progress = _StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
+        progress = StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
                                  enabled=config.logging.progress)
         received: list[int] = []
         evaluating_at_start = False
-        restore_handlers = _catch_stop_signals(received, progress.console, plan=lambda: (
+        restore_handlers = catch_stop_signals(received, progress.console, plan=lambda: (
             "finishing the evaluation at the start, then stopping before the first step (nothing to save yet)"
-            if evaluating_at_start else _FINISH_THE_STEP), resumes_from=lambda: (
+            if evaluating_at_start else FINISH_THE_STEP), resumes_from=lambda: (
             f"{self.resumed_by} continues from the checkpoint of step {self.checkpoint_weight_norm[0]}"
             if self.checkpoint_weight_norm is not None else "no checkpoint was written yet: there is nothing to resume")
         ) if handle_signals else (lambda: None)
@@ -1278,7 +1278,7 @@ class Trainer:
         finally:
             if received and handle_signals and saved_since_signal:
                 # all is saved: closing the loggers and Python's exit can take seconds
-                _exit_at_once_on_another_signal(progress.console, self.run_dir, resumable=self.step > 0,
+                exit_at_once_on_another_signal(progress.console, self.run_dir, resumable=self.step > 0,
                                                 resumed_by=self.resumed_by)
             else:
                 restore_handlers()
@@ -1307,184 +1307,6 @@ def check_resume_settings(saved_config: dict[str, Any], config: TrainConfig) -> 
     return accepted
 
 
-def _say_in_a_signal_handler(console, message: str) -> None:
-    """``message`` on ``console``, in yellow. A signal handler runs between two bytecodes of the main thread, which may
-    be inside a write to the same stream: Python refuses the nested write ("reentrant call"), so the message then
-    goes straight to the stream's file descriptor, unbuffered and unstyled. So it does on any other error of the
-    console (a second signal inside the import rich's first print makes): nothing from the message may reach the
-    code the signal interrupted (a reward would score 0 for it)."""
-    try:
-        console.print(message, style="yellow", highlight=False, soft_wrap=True)
-    except Exception:
-        with contextlib.suppress(Exception):
-            try:
-                descriptor = console.file.fileno()
-            except (AttributeError, OSError, ValueError):
-                descriptor = 2
-            os.write(descriptor, (message + "\n").encode("utf-8", "replace"))
-
-
-def _exit_at_once_on_another_signal(console, run_dir: Path, *, resumable: bool = True,
-                                    resumed_by: str = "--resume") -> None:
-    """After an interrupted run's checkpoint is saved (or, stopped before its first step, when there is none to
-    save), make SIGINT / SIGTERM end the process at once: what is left (closing the loggers, Python's shutdown) can
-    take seconds, and a second Ctrl-C there would print a traceback. ``resumed_by``: what continues the run."""
-    how = f"--resume --run-dir {run_dir}" if resumed_by == "--resume" else resumed_by
-    said = (f"the checkpoint is saved (continue with {how})" if resumable
-            else "no step was trained, so there is nothing to resume")
-
-    def exit_now(number, frame) -> None:
-        _say_in_a_signal_handler(console, f"{signal.Signals(number).name} again: exiting now; {said}")
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # a write the signal interrupted refuses a reentrant flush
-                stream.flush()
-        os._exit(128 + number)
-
-    if threading.current_thread() is threading.main_thread():
-        for number in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(number) is not signal.SIG_IGN:  # ignored by whoever started the process: it stays so
-                signal.signal(number, exit_now)
-
-
-# the settings that decide a step's learning rate
-_SCHEDULE_KEYS = ("optim.lr", "optim.steps", "optim.warmup_steps", "optim.lr_schedule", "optim.min_lr_ratio")
-
-
-_FINISH_THE_STEP = "finishing the current step, then saving a checkpoint"
-
-
-def _catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] = lambda: _FINISH_THE_STEP,
-                        resumes_from: Callable[[], str] = lambda: "the last complete checkpoint"):
-    """Make SIGINT and SIGTERM append their number to ``received`` (the loop stops after the step it is in) and say
-    on ``console`` what happens next, as ``plan()`` puts it then; a second one stops at once (``KeyboardInterrupt`` for
-    SIGINT, exit status 143 for SIGTERM), saying what ``--resume`` would continue from (``resumes_from()``).
-    Returns a function that puts the previous handlers back. Does nothing outside the main thread, where Python
-    cannot install handlers, and leaves a signal the process ignores ignored (a background job of a shell ignores
-    SIGINT, as Python's own Ctrl-C handling does then)."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {}
-
-    def handler(number, frame):
-        if received:
-            _say_in_a_signal_handler(console, f"{signal.Signals(number).name} again: stopping now, without waiting for "
-                                     f"the step under way to be saved ({resumes_from()})")
-            if number == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + number)
-        received.append(number)
-        _say_in_a_signal_handler(console, f"{signal.Signals(number).name}: {plan()} (send it again to stop at once)")
-
-    for number in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(number) is not signal.SIG_IGN:
-            previous[number] = signal.signal(number, handler)
-
-    def restore() -> None:
-        for number, old in previous.items():  # None: a handler installed outside Python, which cannot be put back
-            signal.signal(number, old if old is not None else signal.SIG_DFL)
-
-    return restore
-
-
-#: Away from a terminal (a log file, a batch job), long work prints a plain line at most this often, in seconds.
-PROGRESS_LINE_EVERY_S = 30.0
-
-
-class _StepProgress:
-    """The training loop's progress: a live bar on a terminal; elsewhere (a log file, a batch job) one plain line
-    at the first and last steps and at most every :data:`PROGRESS_LINE_EVERY_S` seconds between them, so that a run's
-    log shows it advancing."""
-
-    def __init__(self, console, description: str, total: int, done: int, *, enabled: bool):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.console = console if console is not None else Console(stderr=True)
-        self.enabled, self.total, self.description = enabled, total, description
-        self.live = enabled and (self.console.is_terminal or self.console.is_jupyter)
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
-                            disable=not self.live)
-        self.task = self.bar.add_task(description, total=total, completed=done, status="")
-        self.started, self.first_step, self.last_line = time.perf_counter(), done, -math.inf
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def restart_clock(self) -> None:
-        """Count steps/s from now (after the evaluation that may precede the first step)."""
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc_info):
-        return self.bar.__exit__(*exc_info)
-
-    def note_evaluation(self, step: int, metrics: dict[str, float]) -> None:
-        """One line per evaluation (above the bar on a terminal): Avg@n, each Pass@k, the share of prompts no sample
-        solved."""
-        if not self.enabled or not metrics:
-            return
-        self.console.print(f"{self.description}: {format_evaluation(metrics)} at step {step}", highlight=False,
-                           soft_wrap=True)
-
-    def advance(self, step: int, metrics: dict[str, float]) -> None:
-        status = (f"reward {metrics['reward/mean']:.3f}  acc {metrics['reward/accuracy']:.2f}  "
-                  f"H {metrics.get('entropy/mean', math.nan):.3f}")
-        self.bar.update(self.task, completed=step, status=status)
-        now = time.perf_counter()
-        if self.live or not self.enabled:
-            return
-        if step - 1 == self.first_step or step == self.total or now - self.last_line >= PROGRESS_LINE_EVERY_S:
-            self.last_line = now
-            rate = (step - self.first_step) / max(now - self.started, 1e-9)
-            self.console.print(f"{self.description}: step {step}/{self.total}  {status}  {rate:.2f} steps/s",
-                               highlight=False, soft_wrap=True)
-
-
-def format_evaluation(metrics: dict[str, float]) -> str:
-    """``eval/…`` metrics as one line: ``eval Avg@8 0.412, Pass@1 0.412, Pass@8 0.75, solved by none 0.125`` (Avg@n
-    with the ``eval/n`` the evaluation recorded)."""
-    n = int(metrics["eval/n"]) if "eval/n" in metrics else "n"
-    parts = [f"Avg@{n} {metrics['eval/avg_at_n']:.3g}"] if "eval/avg_at_n" in metrics else []
-    ks = sorted(int(key.rsplit("_", 1)[1]) for key in metrics if key.startswith("eval/pass_at_"))
-    parts += [f"Pass@{k} {metrics[f'eval/pass_at_{k}']:.3g}" for k in ks]
-    if "eval/frac_solved_none" in metrics:
-        parts.append(f"solved by none {metrics['eval/frac_solved_none']:.3g}")
-    return "eval " + ", ".join(parts)
-
-
-_LR_SCHEDULES = typing.get_args(OptimConfig.model_fields["lr_schedule"].annotation)  # constant, linear, cosine
-
-
-def learning_rate_factor(step: int, total_steps: int, *, warmup_steps: int = 0, schedule: str = "constant",
-                         min_ratio: float = 0.0) -> float:
-    """The share of ``optim.lr`` used by update step ``step`` (0-based): ``(step + 1) / warmup_steps`` during the
-    warm-up, then 1 (``constant``), or a decay over the remaining steps towards ``min_ratio``: ``linear``
-    ``1 - (1 - min_ratio) t``, ``cosine`` ``min_ratio + (1 - min_ratio) (1 + cos(pi t)) / 2``, with
-    ``t = (step - warmup_steps) / (total_steps - warmup_steps)``: 0 at the first step after the warm-up, reaching 1
-    just after the last step (as ``transformers``' schedules do, so that no step is spent at the final rate).
-    ``ValueError`` for an unknown schedule, a negative step, or ``min_ratio`` outside [0, 1], whatever the step."""
-    if schedule not in _LR_SCHEDULES:
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(_LR_SCHEDULES)}")
-    if step < 0 or not 0.0 <= min_ratio <= 1.0:
-        raise ValueError(f"learning_rate_factor: step must be >= 0 and min_ratio in [0, 1]; got step {step}, "
-                         f"min_ratio {min_ratio}")
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_ratio) * progress
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
-
-
-def _schedule_factor(optim: OptimConfig, step: int) -> float:
-    """:func:`learning_rate_factor` of update ``step`` under the schedule ``optim`` configures."""
-    return learning_rate_factor(step, optim.steps, warmup_steps=optim.warmup_steps, schedule=optim.lr_schedule,
-                                min_ratio=optim.min_lr_ratio)
-
-
 def _as_number(value) -> float | None:
     """A number, or the number a string spells, as a decimal or a fraction as the band's edges may be ("0.25", "1/16":
     CSV cells are strings); None for anything else, one too large for a float included (NaN and infinities pass, for
@@ -1495,96 +1317,3 @@ def _as_number(value) -> float | None:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     except (ValueError, ZeroDivisionError, OverflowError):
         return None
-
-
-def _micro_batch_share(mask: torch.Tensor, micro: torch.Tensor, mini_batch: torch.Tensor, loss_agg_mode: str) -> float:
-    """The weight of micro-batch ``micro``'s loss in mini-batch ``mini_batch``'s: its share of the mini-batch's
-    normaliser (``mask``: the valid tokens less those that selectors deciding over the whole batch take out of
-    it), tokens for ``token-mean`` and sequences with a token for the ``seq-mean-*`` modes, so that the weighted
-    micro-batch losses add up to the mini-batch's loss (exactly, unless a selector deciding per micro-batch takes
-    tokens out of the token-mean normaliser)."""
-    if len(micro) == len(mini_batch):
-        return 1.0
-    if loss_agg_mode == "token-mean":
-        return int(mask[micro].sum()) / max(1, int(mask[mini_batch].sum()))
-    return int(mask[micro].any(-1).sum()) / max(1, int(mask[mini_batch].any(-1).sum()))
-
-
-@dataclass(frozen=True)
-class MicroBatchShares:
-    """A micro-batch's weights in its mini-batch: ``loss``, of the loss (its share of the normaliser, see
-    :func:`_micro_batch_share`); ``aggregated``, of a term aggregated like the loss over the valid tokens (KL to the
-    reference, an entropy bonus); ``tokens``, of a statistic of the valid tokens (a fraction, a token mean)."""
-
-    loss: float
-    aggregated: float
-    tokens: float
-
-    @classmethod
-    def of(cls, micro: torch.Tensor, mini_batch: torch.Tensor, *, mask: torch.Tensor, normaliser_mask: torch.Tensor,
-           loss_agg_mode: str) -> "MicroBatchShares":
-        valid = bool(mask[micro].any())  # a statistic of no token (a placeholder 0) weighs nothing
-        return cls(loss=_micro_batch_share(normaliser_mask, micro, mini_batch, loss_agg_mode),
-                   aggregated=_micro_batch_share(mask, micro, mini_batch, loss_agg_mode),
-                   tokens=_micro_batch_share(mask, micro, mini_batch, "token-mean") if valid else 0.0)
-
-    def weight_of(self, key: str, aggregated: frozenset[str]) -> float:
-        """This micro-batch's weight for metric ``key`` (``aggregated``: the metrics aggregated like the loss)."""
-        if _is_token_statistic(key, aggregated):
-            return self.tokens
-        return self.aggregated if key in aggregated else self.loss
-
-
-def _is_token_statistic(key: str, aggregated: frozenset[str]) -> bool:
-    """Whether metric ``key`` is a statistic of the valid tokens (a fraction, a token mean), not a loss or a term
-    aggregated like it."""
-    return key not in aggregated and not key.startswith("loss/")
-
-
-def _mean_metrics(updates: list[list[tuple[dict[str, float], MicroBatchShares]]], *,
-                  aggregated: frozenset[str]) -> dict[str, float]:
-    """The objective's metrics over a step: each update's micro-batches combined into the mini-batch's value (see
-    :func:`_update_metrics`), then the mean over the updates, as docs/metrics.md says. A statistic of the valid
-    tokens (a fraction, a token mean, a maximum) is left out for an update without a valid token, and is NaN when no
-    update had one; a loss is 0 for such an update and counts; counts (``tokens/*``) are means per update."""
-    per_update = [_update_metrics(records, aggregated) for records in updates]
-    keys = {key for values in per_update for key in values}
-    means = {}
-    for key in sorted(keys):
-        defined = [update[key] for update in per_update if key in update and not math.isnan(update[key])]
-        means[key] = sum(defined) / len(defined) if defined else math.nan
-    return means
-
-
-def _update_metrics(records: list[tuple[dict[str, float], MicroBatchShares]],
-                    aggregated: frozenset[str]) -> dict[str, float]:
-    """One update's metrics from those of its micro-batches: the policy loss weighted by the loss shares, the
-    regularisers' part of the total loss and the other ``aggregated`` metrics by their shares of the valid tokens'
-    aggregation, so that they come out as the whole mini-batch's; counts (``tokens/*``) add up and maxima
-    (``*/max``) are maxima; every other metric is a statistic of the valid tokens, weighted by the micro-batch's
-    count of them (a threshold that each micro-batch took on its own tokens comes out as their token-weighted mean).
-    A statistic of no valid token is NaN; a loss of no valid token is its micro-batches' value (0). Non-finite
-    values are left out."""
-    regularizers = "loss/total - loss/policy"  # aggregated like the regularisers' terms, then added back
-    records = [({**record, regularizers: record["loss/total"] - record["loss/policy"]}
-                if "loss/total" in record and "loss/policy" in record else record, shares) for record, shares in records]
-    aggregated = aggregated | {regularizers}
-    keys = {key for record, _ in records for key in record}
-    combined = {}
-    for key in sorted(keys):
-        pairs = [(record[key], shares.weight_of(key, aggregated)) for record, shares in records
-                 if key in record and np.isfinite(record[key])]
-        total_weight = sum(weight for _, weight in pairs)
-        if not pairs:
-            combined[key] = math.nan
-        elif key.startswith("tokens/"):
-            combined[key] = sum(value for value, _ in pairs)
-        elif total_weight == 0:  # no valid token in the update: a statistic of them is undefined, a loss is 0
-            combined[key] = math.nan if _is_token_statistic(key, aggregated) else sum(value for value, _ in pairs) / len(pairs)
-        elif key.endswith("/max"):  # a micro-batch without valid tokens reports a placeholder
-            combined[key] = max(value for value, weight in pairs if weight > 0)
-        else:
-            combined[key] = sum(value * weight for value, weight in pairs) / total_weight
-    if regularizers in combined:
-        combined["loss/total"] = combined["loss/policy"] + combined.pop(regularizers)
-    return combined

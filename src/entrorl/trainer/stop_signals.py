@@ -1,0 +1,89 @@
+"""SIGINT / SIGTERM during training: the first one lets the step under way finish and be saved, a second one stops at
+once; messages from inside a signal handler that never reach the code it interrupted."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["FINISH_THE_STEP", "catch_stop_signals", "exit_at_once_on_another_signal", "say_in_a_signal_handler"]
+
+
+def say_in_a_signal_handler(console, message: str) -> None:
+    """``message`` on ``console``, in yellow. A signal handler runs between two bytecodes of the main thread, which may
+    be inside a write to the same stream: Python refuses the nested write ("reentrant call"), so the message then
+    goes straight to the stream's file descriptor, unbuffered and unstyled. So it does on any other error of the
+    console (a second signal inside the import rich's first print makes): nothing from the message may reach the
+    code the signal interrupted (a reward would score 0 for it)."""
+    try:
+        console.print(message, style="yellow", highlight=False, soft_wrap=True)
+    except Exception:
+        with contextlib.suppress(Exception):
+            try:
+                descriptor = console.file.fileno()
+            except (AttributeError, OSError, ValueError):
+                descriptor = 2
+            os.write(descriptor, (message + "\n").encode("utf-8", "replace"))
+
+
+def exit_at_once_on_another_signal(console, run_dir: Path, *, resumable: bool = True,
+                                    resumed_by: str = "--resume") -> None:
+    """After an interrupted run's checkpoint is saved (or, stopped before its first step, when there is none to
+    save), make SIGINT / SIGTERM end the process at once: what is left (closing the loggers, Python's shutdown) can
+    take seconds, and a second Ctrl-C there would print a traceback. ``resumed_by``: what continues the run."""
+    how = f"--resume --run-dir {run_dir}" if resumed_by == "--resume" else resumed_by
+    said = (f"the checkpoint is saved (continue with {how})" if resumable
+            else "no step was trained, so there is nothing to resume")
+
+    def exit_now(number, frame) -> None:
+        say_in_a_signal_handler(console, f"{signal.Signals(number).name} again: exiting now; {said}")
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a write the signal interrupted refuses a reentrant flush
+                stream.flush()
+        os._exit(128 + number)
+
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(number) is not signal.SIG_IGN:  # ignored by whoever started the process: it stays so
+                signal.signal(number, exit_now)
+
+
+FINISH_THE_STEP = "finishing the current step, then saving a checkpoint"
+
+
+def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] = lambda: FINISH_THE_STEP,
+                        resumes_from: Callable[[], str] = lambda: "the last complete checkpoint"):
+    """Make SIGINT and SIGTERM append their number to ``received`` (the loop stops after the step it is in) and say
+    on ``console`` what happens next, as ``plan()`` puts it then; a second one stops at once (``KeyboardInterrupt`` for
+    SIGINT, exit status 143 for SIGTERM), saying what ``--resume`` would continue from (``resumes_from()``).
+    Returns a function that puts the previous handlers back. Does nothing outside the main thread, where Python
+    cannot install handlers, and leaves a signal the process ignores ignored (a background job of a shell ignores
+    SIGINT, as Python's own Ctrl-C handling does then)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {}
+
+    def handler(number, frame):
+        if received:
+            say_in_a_signal_handler(console, f"{signal.Signals(number).name} again: stopping now, without waiting for "
+                                     f"the step under way to be saved ({resumes_from()})")
+            if number == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + number)
+        received.append(number)
+        say_in_a_signal_handler(console, f"{signal.Signals(number).name}: {plan()} (send it again to stop at once)")
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(number) is not signal.SIG_IGN:
+            previous[number] = signal.signal(number, handler)
+
+    def restore() -> None:
+        for number, old in previous.items():  # None: a handler installed outside Python, which cannot be put back
+            signal.signal(number, old if old is not None else signal.SIG_DFL)
+
+    return restore
