@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-import entrorl.rewards.math as math_module
+import entrorl.rewards.math.compare as math_compare
 from entrorl.rewards import RewardResult, RewardRunner, get_reward
 from entrorl.rewards.math import (
     ANSWER_EXTRACTORS,
@@ -609,7 +609,7 @@ def test_a_slow_judgement_is_stopped_with_a_timeout_reason():
     stopped_at = float(re.search(r"stopped at ([0-9.e-]+) s", result.reason).group(1))
     assert 0.02 <= stopped_at < 1.5  # two significant figures, not 0.0 for a short limit
     # a longer one keeps its tenths, in plain notation: not "stopped at 5 s" after a 5 s limit, nor 1.2e+02
-    from entrorl.rewards.math import _timeout_reason
+    from entrorl.rewards.math.compare import _timeout_reason
 
     for limit, elapsed, shown in ((5.0, 5.04, "5.0"), (100.0, 123.44, "123.4"), (1.0, 0.997, "1.0"), (1.0, 0.96, "0.96")):
         assert _timeout_reason("comparing", MathOptions(timeout=limit), time.monotonic() - elapsed).endswith(
@@ -722,7 +722,7 @@ def test_one_judgement_shares_one_timeout_across_references(monkeypatch):
         return False
 
     MathReward()("", r"\boxed{1}", "2")  # the first judgement in a process imports the LaTeX parser: not timed here
-    monkeypatch.setattr(math_module, "CHECKERS", [("slow", slow_checker)])
+    monkeypatch.setattr(math_compare, "CHECKERS", [("slow", slow_checker)])
     started = time.monotonic()
     verdict = MathReward(timeout=0.4)("", r"\boxed{1}", ["2", "3", "4", "5", "6", "7"])
     # a fresh 0.4 s per reference would take six checks (1.5 s); the shared budget stops it after the first or second

@@ -1,0 +1,76 @@
+"""The canonical spelling of an answer, before it is compared (stage 3 of the ``math`` reward)."""
+
+from __future__ import annotations
+
+import re
+
+from entrorl.rewards.math.extract import normalize_answer
+from entrorl.rewards.math.units import _strip_unit_tail
+
+__all__ = ["canonical_answer"]
+
+
+_UNICODE_SPELLINGS = {
+    "\u2212": "-",
+    "\u2013": "-",
+    "π": "\\pi ",
+    "圆周率": "\\pi ",
+    "√": "\\sqrt",
+    "∞": "\\infty ",
+    "×": "\\times ",
+    "÷": "\\div ",
+    "·": "\\cdot ",
+    "°": "^\\circ",
+    "，": ",",
+    "；": ";",
+    "％": "%",
+}
+_SIZING_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|bigg|Bigg)(?:\.|(?![A-Za-z]))\s*")
+_TEXT_COMMAND_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+_CONNECTIVE_RE = re.compile(r"\s*(?:\\text\s*\{\s*(?:or|and)\s*\}|\\(?:quad|qquad)|\bor\b|\band\b)\s*")
+_DEGREE_RE = re.compile(r"\s*(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)\s*(?:[CF](?![A-Za-z]))?")
+_CURRENCY_RE = re.compile(r"^([-+]?)\s*(?:\\\$|\$|US\$|USD|€|£|¥|\\euro|\\pounds)\s*")
+_PERCENT_SIGN = r"(?:\s*\\%|\s*%|\s*\\text\s*\{\s*\\?%\s*\}|\s+per\s?cent\b|\s*\\text\s*\{\s*per\s?cent\s*\})"
+_PERCENT_NUMBER_RE = re.compile(r"(?<![\d.])(-?(?:\d+(?:\.\d*)?|\.\d+))" + _PERCENT_SIGN)  # from a number's start:
+# without the look-behind a long run of digits is rescanned from each of its digits (quadratic)
+_PERCENT_ANY_RE = re.compile(_PERCENT_SIGN)
+_PERCENT_TAIL_RE = re.compile(r"^(?P<value>[^%]*?[^%\s\\{])" + _PERCENT_SIGN + r"$")  # an expression of percent: "\frac{1}{2}\%"
+_APPROXIMATELY_RE = re.compile(r"^(?:\\approx(?![A-Za-z])|≈|\\simeq(?![A-Za-z])|\\sim(?![A-Za-z])|~|approximately\b|about\b)\s*")
+_PI_WORD_RE = re.compile(r"(?<![A-Za-z\\])pi(?![A-Za-z])")
+_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+def has_percent_sign(answer: str) -> bool:
+    """Whether ``answer`` contains a percent sign (``%``, ``\\%``, "percent")."""
+    return bool(_PERCENT_ANY_RE.search(answer.replace("％", "%")))
+
+
+def canonical_answer(answer: str, *, percent: bool = False) -> str:
+    """``answer`` in the canonical spelling every checker compares (see the module notes).
+
+    ``percent`` selects the percent rule: True drops percent signs (a number of percent), False turns
+    ``N%`` into ``\\frac{N}{100}``.
+    """
+    s = normalize_answer(answer)
+    for spelling, canonical in _UNICODE_SPELLINGS.items():
+        s = s.replace(spelling, canonical)
+    s = _SIZING_RE.sub("", s)
+    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
+    s = re.sub(r"\\displaystyle|\\!", "", s)
+    s = re.sub(r"(\d)(?:\{,\}|\\[,;: ]|\\thinspace\s*)(?=\d{3}(?!\d))", r"\1", s)
+    s = _CONNECTIVE_RE.sub(", ", s).strip(" ,")
+    s = _PERCENT_NUMBER_RE.sub(r"\1" if percent else r"\\frac{\1}{100}", s)
+    if percent:
+        s = _PERCENT_ANY_RE.sub("", s)
+    else:
+        s = _PERCENT_TAIL_RE.sub(r"\\frac{\g<value>}{100}", s)
+    s = _DEGREE_RE.sub("", s)
+    s = _TEXT_COMMAND_RE.sub(lambda m: f" {m.group(1).strip()} ", s)
+    s = re.sub(r"\\[ ,;:]", " ", s)
+    s = _CURRENCY_RE.sub(r"\1", normalize_answer(_APPROXIMATELY_RE.sub("", s.strip())))  # "about $\$12$", "\approx \$12"
+    s = _PI_WORD_RE.sub(r"\\pi ", s)
+    s = re.sub(r"\s+", " ", s).strip()
+    if _THOUSANDS_RE.fullmatch(s):
+        s = s.replace(",", "")
+    s = _strip_unit_tail(s)
+    if _THOUSANDS_RE.fullmatch(s):
+        s = s.replace(",", "")
+    return normalize_answer(s)
