@@ -130,6 +130,12 @@ def test_a_cached_score_of_zero_is_reused(tmp_path):
     assert len(calls) == 1 and again.stats() == {"hits": 2, "misses": 0, "judged": 0, "timeouts": 0, "errors": 0}
 
 
+class ClassJudge:
+    @classmethod
+    def score(cls, samples):
+        return [1.0] * len(samples)
+
+
 def test_a_judge_whose_cache_id_others_share_is_warned_about_with_a_persistent_cache(tmp_path):
     """The default cache id is the callable's qualified name: every lambda, every partial of one function, every
     instance of one class and every closure one factory makes share it, so a SQLite cache would serve one's scores
@@ -154,7 +160,8 @@ def test_a_judge_whose_cache_id_others_share_is_warned_about_with_a_persistent_c
     shared = {"a lambda": (lambda samples: [1.0] * len(samples), "lambda"),
               "a partial": (functools.partial(threshold_judge, threshold=3), "partial object"),
               "an instance": (RecordingJudge(), "RecordingJudge object"),
-              "a closure": (make_judge(3), "from that call's values")}
+              "a closure": (make_judge(3), "from that call's values"),
+              "a bound method": (RecordingJudge().__call__, "method of a RecordingJudge object")}
     for what, (judge, reason) in shared.items():
         with pytest.warns(UserWarning, match="give judge_id= a name of its own") as caught:
             JudgeReward(judge, cache_path=path)
@@ -167,6 +174,8 @@ def test_a_judge_whose_cache_id_others_share_is_warned_about_with_a_persistent_c
         warnings.simplefilter("error")
         JudgeReward(plain, cache_path=path)
         JudgeReward(expected_score, cache_path=path)
+        JudgeReward(JudgeCache.key, cache_path=path)  # a static method names what it does
+        JudgeReward(ClassJudge.score, cache_path=path)  # so does a class method: no instance's settings
 
 
 def test_a_cache_file_that_cannot_be_used_is_named_and_one_held_later_is_passed_by(tmp_path, monkeypatch, caplog):
@@ -200,7 +209,8 @@ def test_a_cache_file_that_cannot_be_used_is_named_and_one_held_later_is_passed_
     assert "kept in memory" not in caplog.text  # cache_size 0: nowhere
     holder.execute("ROLLBACK")
     holder.close()
-    reward.score_batch(["p"], ["a"], [None])  # the file is free again: the score is written
+    time.sleep(0.1)  # past the wait's length, the file is tried again
+    reward.score_batch(["p"], ["a"], [None])  # and it is free: the score is written
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM judge_scores").fetchone()[0] == 1
 
 
@@ -852,3 +862,112 @@ def test_a_completion_with_a_lone_surrogate_is_scored_not_a_crash():
     reward = JudgeReward(lambda samples: [1.0] * len(samples))
     assert reward.score_batch(["p"], ["bad \udc80 byte"]) == [JudgeScore(1.0)]
     assert JudgeCache.key("j", "p", "é", None) == hashlib.sha256('["j","p","é",null]'.encode()).hexdigest()
+
+
+def test_a_cache_file_held_by_another_process_costs_one_wait_not_one_per_sample(tmp_path, monkeypatch):
+    """Once the file failed, lookups and writes leave it alone for the wait's length (here 0.2 s): 40 new samples
+    wait once, not 41 times; after that length of time the file is tried again and the new scores are written."""
+    import sqlite3
+
+    from entrorl.rewards import judge as judge_module
+
+    monkeypatch.setattr(judge_module, "_SQLITE_WAIT_S", 0.2)
+    path = tmp_path / "cache.sqlite"
+    reward = JudgeReward(lambda samples: [1.0] * len(samples), judge_id="constant", cache_path=str(path))
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    started = time.perf_counter()
+    scores = reward.score_batch(["p"] * 40, [f"completion {i}" for i in range(40)])
+    elapsed = time.perf_counter() - started
+    holder.execute("ROLLBACK")
+    holder.close()
+    assert [score.score for score in scores] == [1.0] * 40 and elapsed < 0.2 * 5
+    time.sleep(0.25)
+    reward.score_batch(["p"], ["one more"])
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM judge_scores").fetchone()[0] == 1
+
+
+def _save_reward_model_tokenizer_padding_on_the_left(directory):
+    """A GPT-2 reward model (absolute positions) whose tokenizer pads on the left, as chat models' often do."""
+    import json
+
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=128,
+                        pad_token_id=tokenizer.pad_token_id, num_labels=1)
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    saved = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**saved, "padding_side": "left"}))
+    return model, tokenizer
+
+
+def test_a_reward_model_scores_each_sample_of_a_batch_as_alone_whatever_its_tokenizer_pads(tmp_path):
+    """Rows are padded on the right whatever side the tokenizer pads: a short sample keeps the positions it has
+    alone (a model with absolute position embeddings scored it with shifted ones before)."""
+    torch.set_num_threads(1)
+    model, tokenizer = _save_reward_model_tokenizer_padding_on_the_left(tmp_path)
+    prompts, completions = ["2+2=", "what is three plus three?"], ["4", "six, I think"]
+    batch = [s.score for s in JudgeReward(str(tmp_path), batch_size=4).score_batch(prompts, completions)]
+    for score, prompt, completion in zip(batch, prompts, completions):
+        with torch.no_grad():
+            alone = float(model(input_ids=torch.tensor([tokenizer(prompt + completion)["input_ids"]])).logits[0, 0])
+        assert score == pytest.approx(alone, rel=1e-4, abs=1e-6)
+
+
+def test_a_reward_model_reads_a_final_eos_its_tokenizer_also_pads_with(tmp_path):
+    """A tokenizer without a pad token pads with EOS; a chat template that ends each turn with EOS then put the pad id
+    at the end of the text, and the head pooled the token before it. Each row is read at its own last token, in a
+    batch of rows of other lengths too, and when the batch uses every id of the vocabulary (then one row at a
+    time)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForSequenceClassification
+
+    torch.set_num_threads(1)
+    vocab = {token: i for i, token in enumerate(["<eos>", "<unk>", *"abc0123456789+= <>"])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=False))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, num_labels=1)
+    config.pad_token_id = None
+    torch.manual_seed(0)
+    model = Qwen2ForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    def own_score(prompt, completion):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": completion}], tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids[-1] == tokenizer.eos_token_id
+        with torch.no_grad():
+            return float(model(input_ids=torch.tensor([ids])).logits[0, 0])  # one row, no pad id: its last token
+
+    reward = JudgeReward(str(tmp_path), batch_size=8, cache_size=0)
+    prompts, completions = ["2+2=", "10+1=", "1+1="], ["4", "11 abc", "abc 0123456789 x"]  # the last uses every id
+    for batch in ([0], [0, 1], [0, 1, 2]):
+        scores = reward.score_batch([prompts[i] for i in batch], [completions[i] for i in batch])
+        assert [s.score for s in scores] == pytest.approx([own_score(prompts[i], completions[i]) for i in batch],
+                                                          rel=1e-4, abs=1e-6)
+
+
+def test_a_yes_no_template_that_can_encode_to_nothing_is_refused(tmp_path):
+    """With template "{completion}" an empty completion is no token on a tokenizer that adds no BOS: the first answer
+    token would follow nothing (a shape error alone, a padding position's prediction in a batch). Refused when the
+    judge is built, naming the template."""
+    from entrorl.lab.tiny_model import save_tiny_model
+
+    torch.set_num_threads(1)
+    directory = save_tiny_model(tmp_path / "lm", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                max_position_embeddings=64)
+    with pytest.raises(ValueError, match=r"template '\{completion\}' encodes to no token"):
+        JudgeReward(str(directory), template="{completion}")
+    assert JudgeReward(str(directory), template="Is this right? {completion}")("p", "").score > 0

@@ -47,6 +47,7 @@ import math
 import numbers
 import sqlite3
 import threading
+import time
 import traceback
 import warnings
 from collections import OrderedDict
@@ -114,8 +115,9 @@ class JudgeCache:
 
     ``hits`` / ``misses`` count :meth:`get` lookups (a disk hit is a hit and refreshes the LRU). Processes that share
     the file wait up to :data:`_SQLITE_WAIT_S` for one another; a file that cannot be opened is a ``ValueError`` naming
-    it, and one that fails later (held longer by another process) is passed by, with a warning: the judge scores on,
-    its scores are kept in memory only (not at all with ``max_entries`` 0).
+    it, and one that fails later (held longer by another process) is passed by for the next :data:`_SQLITE_WAIT_S`, with
+    a warning the first time: the judge scores on, its scores are kept in memory only (not at all with ``max_entries``
+    0) until the file is tried again.
     """
 
     def __init__(self, max_entries: int = 4096, path: str | Path | None = None) -> None:
@@ -127,6 +129,7 @@ class JudgeCache:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._warned = False
+        self._passed_by_until = -math.inf  # after a failure the file is left alone until then (time.monotonic)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -162,7 +165,7 @@ class JudgeCache:
                 self._memory.move_to_end(key)
                 self.hits += 1
                 return self._memory[key]
-            if self._db is not None:
+            if self._db is not None and self._file_in_use():
                 row = self._on_disk(lambda db: db.execute("SELECT score FROM judge_scores WHERE key = ?",
                                                           (key,)).fetchone())
                 if row is not None:
@@ -176,19 +179,26 @@ class JudgeCache:
         with self._lock:
             for key, score in items.items():
                 self._remember(key, score)
-            if self._db is not None and items:
+            if self._db is not None and items and self._file_in_use():
                 self._on_disk(lambda db: (db.executemany("INSERT OR REPLACE INTO judge_scores (key, score) VALUES (?, ?)",
                                                          list(items.items())), db.commit()))
 
+    def _file_in_use(self) -> bool:
+        """Whether lookups and writes go to the SQLite file now: not for :data:`_SQLITE_WAIT_S` after it failed, so
+        that a file another process holds costs one wait, not one per sample."""
+        return time.monotonic() >= self._passed_by_until
+
     def _on_disk(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         """``work`` on the SQLite file; None, with a warning the first time, when the file fails (held by another
-        process for over :data:`_SQLITE_WAIT_S`): the cache is memory only for that lookup or write."""
+        process for over :data:`_SQLITE_WAIT_S`): the cache is then memory only for the next :data:`_SQLITE_WAIT_S`,
+        after which the file is tried again."""
         assert self._db is not None
         try:
             return work(self._db)
         except sqlite3.Error as error:
             with contextlib.suppress(sqlite3.Error):
                 self._db.rollback()
+            self._passed_by_until = time.monotonic() + _SQLITE_WAIT_S
             if not self._warned:
                 self._warned = True
                 kept = " and kept in memory" if self.max_entries else ""  # cache_size 0 keeps none
@@ -262,6 +272,10 @@ class CausalLMJudge:
         self.no_ids = self.tokenizer(no, add_special_tokens=False)["input_ids"]
         if not self.yes_ids or not self.no_ids or self.yes_ids == self.no_ids:
             raise ValueError(f"yes={yes!r} and no={no!r} must encode to different, non-empty token sequences")
+        if not encode_prompt(self.tokenizer, _fill(self.template, "", "", "")):
+            raise ValueError(f"template {template!r} encodes to no token when its fields are empty (an empty completion), "
+                             "and the tokenizer starts a text with none (no BOS): the answers' first token would have "
+                             "nothing to follow; put fixed text in the template (an instruction, a question)")
         self.max_length = max_length or int(getattr(self.model.config, "max_position_embeddings", 4096))
         if self.max_length <= max(len(self.yes_ids), len(self.no_ids)):
             raise ValueError(f"max_length {self.max_length} leaves no room for the question")
@@ -319,8 +333,6 @@ class RewardModelJudge:
             self.model = AutoModelForSequenceClassification.from_pretrained(self.directory, dtype=torch.float32,
                                                                             local_files_only=True)
         self.model = self.model.to(device).eval()
-        if self.model.config.pad_token_id is None:  # the head pools the last non-pad token of each row
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = torch.device(device)
         n_labels = int(self.model.config.num_labels)
         if label is not None and not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < n_labels):
@@ -328,8 +340,9 @@ class RewardModelJudge:
         self.label = label if label is not None else n_labels - 1
         self.n_labels = n_labels
         self.max_length = max_length or int(getattr(self.model.config, "max_position_embeddings", 4096))
-        # the cache key names how long inputs are cut, so scores cached when they were cut from the right are not reused
-        self.judge_id = f"reward-model:{self.directory.resolve()}:{self.label}:{self.max_length}:keep-end"
+        # the cache key names how inputs are cut and pooled, so that scores cached when they were cut from the right,
+        # or pooled before a final EOS or after left padding, are not reused
+        self.judge_id = f"reward-model:{self.directory.resolve()}:{self.label}:{self.max_length}:keep-end:own-last-token"
 
     @torch.no_grad()
     def __call__(self, samples: list[Sample]) -> list[float]:
@@ -341,12 +354,40 @@ class RewardModelJudge:
                                                         tokenize=False) for prompt, completion, _ in samples]
         else:
             texts = [prompt + completion for prompt, completion, _ in samples]
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
-                                 add_special_tokens=not chat)
-        logits = self.model(**encoded.to(self.device)).logits.float()
+        rows = self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=not chat)["input_ids"]
+        pad_id = self._pad_id_outside(rows)
+        if pad_id is None:  # the rows use every id of the vocabulary: one at a time, unpadded
+            logits = torch.cat([self._pooled_logits([row], None) for row in rows])
+        else:
+            logits = self._pooled_logits(rows, pad_id)
         if self.n_labels == 1:
             return logits[:, 0].tolist()
         return torch.softmax(logits, dim=-1)[:, self.label].tolist()
+
+    def _pooled_logits(self, rows: list[list[int]], pad_id: int | None) -> torch.Tensor:
+        """The head's logits for ``rows``, each at its own last token. The head pools each row's last token that is
+        not the configured pad id: rows padded on the right (their positions as when scored alone) with ``pad_id``,
+        an id none of them contains, end at their own last token, an EOS the tokenizer also pads with included.
+        ``pad_id`` None: one row, unpadded, pooled at its last token."""
+        width = max(len(row) for row in rows)
+        ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows])
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+        text_config = self.model.config.get_text_config()
+        configured, text_config.pad_token_id = text_config.pad_token_id, pad_id
+        try:
+            return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+        finally:
+            text_config.pad_token_id = configured
+
+    def _pad_id_outside(self, rows: list[list[int]]) -> int | None:
+        """A token id of the vocabulary that none of ``rows`` contains: the tokenizer's pad id when it is free, else
+        the smallest free id; None when they use every id."""
+        used = {token for row in rows for token in row}
+        preferred = self.tokenizer.pad_token_id
+        if preferred is not None and preferred not in used:
+            return preferred
+        vocabulary = self.model.get_input_embeddings().num_embeddings
+        return next((token for token in range(min(len(used) + 1, vocabulary)) if token not in used), None)
 
 
 _MODEL_KINDS = ("auto", "reward_model", "yes_no")
@@ -485,13 +526,15 @@ def _callable_id(judge: Any) -> str:
 
 def _shared_id_reason(judge: Any) -> str | None:
     """Why :func:`_callable_id` of ``judge`` may be another judge's too, or ``None``: a lambda, a function made inside
-    another around that call's values (they are not in the name), an instance of a callable class or a ``functools.partial`` (their
-    settings are not in the type's name)."""
+    another around that call's values (they are not in the name), an instance of a callable class, a method bound to
+    one, or a ``functools.partial`` (their settings are not in the type's name)."""
     name = getattr(judge, "__qualname__", None)
     if name is None:
         return f"it is a {type(judge).__qualname__} object, named by its type whatever its settings"
     if "<lambda>" in name:
         return "it is a lambda, and every lambda of its module gets that name"
+    if inspect.ismethod(judge) and not isinstance(judge.__self__, type):
+        return f"it is a method of a {type(judge.__self__).__qualname__} object, named by its class whatever the object's settings"
     if "<locals>" in name and getattr(judge, "__closure__", None):
         return "it is made inside a function from that call's values, and each one made there gets that name"
     return None
