@@ -333,6 +333,7 @@ class RewardModelJudge:
             self.model = AutoModelForSequenceClassification.from_pretrained(self.directory, dtype=torch.float32,
                                                                             local_files_only=True)
         self.model = self.model.to(device).eval()
+        self._pooling_lock = threading.Lock()
         self.device = torch.device(device)
         n_labels = int(self.model.config.num_labels)
         if label is not None and not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < n_labels):
@@ -373,11 +374,12 @@ class RewardModelJudge:
         ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows])
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
         text_config = self.model.config.get_text_config()
-        configured, text_config.pad_token_id = text_config.pad_token_id, pad_id
-        try:
-            return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
-        finally:
-            text_config.pad_token_id = configured
+        with self._pooling_lock:  # a timed-out call still running in its thread must not see this call's pad id
+            configured, text_config.pad_token_id = text_config.pad_token_id, pad_id
+            try:
+                return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+            finally:
+                text_config.pad_token_id = configured
 
     def _pad_id_outside(self, rows: list[list[int]]) -> int | None:
         """A token id of the vocabulary that none of ``rows`` contains: the tokenizer's pad id when it is free, else
