@@ -599,7 +599,7 @@ def test_read_metrics_reads_a_line_holding_u2028_as_read_metrics_records_does(tm
     from entrorl.trainer import read_metrics
 
     path = _metrics_with_line_separator(tmp_path / "run")
-    records, unreadable = read_metrics_records(path)
+    records, unreadable, _ = read_metrics_records(path)
     assert [r["step"] for r in records] == [1, 2, 3, 4] and unreadable == []
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
 

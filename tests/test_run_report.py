@@ -597,8 +597,8 @@ def test_step_records_are_ordered_by_step_whatever_the_line_order(tmp_path):
     path = tmp_path / "metrics.jsonl"
     order = [3, 1, 4, 2]
     path.write_text("".join(json.dumps({"step": s, "entropy/mean": float(s)}) + "\n" for s in order))
-    records, unreadable = read_metrics_records(path)
-    assert [r["step"] for r in records] == [1, 2, 3, 4] and unreadable == []
+    records, unreadable, repeated = read_metrics_records(path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and unreadable == [] and repeated == []
     analysis = analyse_records(_Records(records), 0.15)
     assert analysis.entropy_start == 1.0 and analysis.entropy_end == 4.0
 
@@ -669,9 +669,9 @@ def test_metric_lines_that_are_blank_not_an_object_or_not_utf8_are_handled(tmp_p
         b'{"step": 2, "entropy/mean": 0.4, "note": "\xff"}',
         b"7",
     ]) + b"\n")
-    records, unreadable = read_metrics_records(path)
+    records, unreadable, _ = read_metrics_records(path)
     assert [r["step"] for r in records] == [1, 2] and unreadable == [3, 4, 6]
-    assert read_metrics_records(tmp_path / "missing.jsonl") == ([], [])
+    assert read_metrics_records(tmp_path / "missing.jsonl") == ([], [], [])
 
 
 def test_a_json_file_that_cannot_be_read_or_parsed_is_none(tmp_path):
@@ -1470,3 +1470,82 @@ def test_a_key_logged_at_some_entries_only_has_its_own_start_and_end(tmp_path):
     records.records = history
     assert list(records.logged_series("reward")) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
     assert records.logged_series("absent").size == 0
+
+
+def test_steps_logged_twice_are_read_once_from_their_last_record_and_said(tmp_path):
+    """A log holding steps 41-60 twice (a run that went on past its checkpoint, then was continued from it; or two
+    logs joined) is a run of 100 steps: the later record of each step is read, and the report names the steps."""
+    records = law_records(100)
+    continued = [{**record, "reward/accuracy": record["reward/accuracy"] + 0.05} for record in records[40:]]
+    run = write_run(tmp_path / "run", records[:60] + continued, config={"method": "grpo", "optim": {"steps": 100}})
+    report = write_run_report(run, figures=False)
+    assert report["steps"] == 100 and report["repeated_steps"] == list(range(41, 61))
+    markdown = " ".join((run / "report" / "report.md").read_text().split())
+    assert "logged 20 steps more than once (41, 42, 43, 44, 45, 46, 47, 48, 49, 50, ...)" in markdown
+    records_read, _, repeated = read_metrics_records(run / "metrics.jsonl")
+    assert [r["step"] for r in records_read] == list(range(1, 101)) and repeated == list(range(41, 61))
+    assert all(r["reward/accuracy"] == c["reward/accuracy"] for r, c in zip(records_read[40:60], continued[:20]))
+
+
+def test_a_verl_log_with_steps_logged_twice_is_read_once_per_step(tmp_path):
+    log = tmp_path / "proj" / "exp.jsonl"
+    log.parent.mkdir()
+    lines = [_verl_line(step, _verl_train_step(step)) for step in range(1, 31)]
+    lines += [_verl_line(step, {**_verl_train_step(step), "critic/score/mean": 0.5}) for step in range(21, 41)]
+    log.write_text("".join(lines))
+    report = write_run_report(log, figures=False)
+    assert report["steps"] == 40 and report["repeated_steps"] == list(range(21, 31))
+
+
+def test_a_verl_validation_of_a_reward_s_mean_score_is_not_read_as_an_accuracy(tmp_path):
+    """Without an `acc`, verl's validation logs `val-core/<source>/reward/mean@n`, the reward's mean score on its own
+    scale (0-5 here): a ceiling above 1 fitted to it is a value, not 'no ceiling in sight'. The law's row names it."""
+    lines = [_verl_line(0, {"val-core/my_task/reward/mean@4": 5.0 - 2.0 * math.exp(1.1)})]
+    for step in range(1, 201):
+        entropy = math.exp(-2 * step / 200) + 0.1
+        data = {"actor/entropy": entropy, "critic/score/mean": 5.0 - 2.0 * math.exp(entropy) + 0.01 * math.sin(step)}
+        if step % 10 == 0:
+            following = math.exp(-2 * (step + 1) / 200) + 0.1
+            data["val-core/my_task/reward/mean@4"] = 5.0 - 2.0 * math.exp(following) + 0.01 * math.cos(step)
+        lines.append(_verl_line(step, data))
+    log = tmp_path / "proj" / "exp.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(lines))
+    report = write_run_report(log, figures=False)
+    row = next(row for row in report["law"]["table"]["rows"] if row["fitted on"].startswith("evaluations"))
+    assert row["fitted on"] == "evaluations (val-core/<source>/reward/mean@n)" and "accuracy" not in row["note"]
+    assert report["law"]["evaluations"]["reward_key"] == "val-core/<source>/reward/mean@n"
+    accuracy_log = _verl_log(tmp_path / "acc" / "exp.jsonl")  # `acc`: an accuracy, as before
+    assert write_run_report(accuracy_log, figures=False)["law"]["evaluations"]["reward_key"] == "eval/avg_at_n"
+
+
+def test_a_folder_whose_verl_log_is_named_metrics_jsonl_is_reported_as_verl_s(tmp_path):
+    """VERL_FILE_LOGGER_PATH=<dir>/metrics.jsonl: the folder holds a verl log under entrorl's file name; it is read as
+    verl's (before, as an entrorl run's metrics, where every quantity was n/a)."""
+    folder = tmp_path / "exp"
+    _verl_log(folder / "metrics.jsonl")
+    report = write_run_report(folder, figures=False)
+    assert report["steps"] == 30 and report["out"] == str(folder / "metrics.report")
+    assert report["law"]["fit"]["fit"] is not None
+
+
+def test_verl_s_own_clipping_metrics_show_among_the_interventions(tmp_path):
+    """verl's own loss logs `actor/pg_clipfrac`, `actor/pg_clipfrac_lower` and `actor/ppo_kl` (docs/migrating.md):
+    the interventions table shows them, instead of saying that no clipping metric was logged."""
+    log = tmp_path / "proj" / "exp.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(_verl_line(step, {**_verl_train_step(step), "actor/pg_clipfrac": 0.02,
+                                             "actor/pg_clipfrac_lower": 0.001, "actor/ppo_kl": 0.0005,
+                                             "actor/pg_loss": 0.1}) for step in range(1, 31)))
+    report = write_run_report(log, figures=False)
+    assert [row["metric"] for row in report["interventions"]["values"]] == ["pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"]
+    section = _markdown_section((tmp_path / "proj" / "exp.report" / "report.md").read_text(), "Interventions and clipping")
+    assert "logged no selector" not in section and "`pg_clipfrac` (PPO's clipped share)" in section
+
+
+def test_report_json_has_the_forecast_baselines_key_without_a_forecast(tmp_path):
+    """report.json's keys are those docs/reports.md lists, on a run too short for a forecast too (an empty table)."""
+    run = write_run(tmp_path / "run", [{"step": 1, "entropy/mean": 1.0, "reward/accuracy": 0.2}],
+                    config={"method": "grpo", "optim": {"steps": 100}})
+    report = write_run_report(run, figures=False)
+    assert report["forecast_baselines"]["values"] == [] and len(report["forecast_baselines"]["columns"]) == 4

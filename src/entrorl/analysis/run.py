@@ -150,20 +150,42 @@ def json_lines(path: Path) -> list[tuple[int, Any]]:
     return parsed
 
 
-def read_metrics_records(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """The step records, ordered by step, and the numbers of the lines that could not be read (a write cut short),
-    which are skipped."""
+def read_metrics_records(path: Path) -> tuple[list[dict[str, Any]], list[int], list[int]]:
+    """The step records, ordered by step, the numbers of the lines that could not be read (a write cut short), which
+    are skipped, and the steps logged more than once, of which the last record is kept (see
+    :func:`latest_record_of_each_step`)."""
     records, unreadable = [], []
     try:
         lines = json_lines(path)
     except OSError:
-        return [], []
+        return [], [], []
     for number, record in lines:
         if isinstance(record, dict):
             records.append(record)
         else:
             unreadable.append(number)
-    return sorted(records, key=lambda r: finite(r.get("step")) or 0.0), unreadable
+    records, repeated = latest_record_of_each_step(records)
+    return records, unreadable, repeated
+
+
+def latest_record_of_each_step(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+    """``records`` (in the order they were written) ordered by step, each step's last record standing for it, and the
+    steps that had more than one: a log that went on past its last checkpoint and was then continued from it, or two
+    logs joined, holds the steps in between twice, and the later attempt is the run's. A record without a finite
+    step is kept as it is."""
+    latest: dict[float, dict[str, Any]] = {}
+    repeated: set[float] = set()
+    stepless = []
+    for record in records:
+        step = finite(record.get("step"))
+        if step is None:
+            stepless.append(record)
+            continue
+        if step in latest:
+            repeated.add(step)
+        latest[step] = record
+    kept = sorted([*latest.values(), *stepless], key=lambda r: finite(r.get("step")) or 0.0)
+    return kept, sorted(int(step) if float(step).is_integer() else step for step in repeated)
 
 
 class MetricRecords:

@@ -44,7 +44,8 @@ from entrorl.analysis.document import (Cell, Figures, Section, Table, agreement_
 from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, ENTROPY_KEY, EVAL_REWARD_KEY, FORKS_SHOWN, LAW_COLUMNS,
                                   MIN_CEILING_STEPS, SMOOTH_WINDOW, MetricRecords, analyse_records, beyond_an_accuracy,
                                   chance_sign_agreement, edge_phrase, forecast_ceiling_shown, json_lines, law_cells, law_columns,
-                                  law_of, moving_average, read_json, read_metrics_records, sparse_edges_phrase)
+                                  latest_record_of_each_step, law_of, moving_average, read_json, read_metrics_records,
+                                  sparse_edges_phrase)
 from entrorl.objective import ObjectiveConfig
 from entrorl.trainer.checkpoint import atomic_write_text
 
@@ -52,7 +53,8 @@ __all__ = ["write_run_report", "default_report_dir", "NotARunDirectory", "RUN_RE
 
 DEFAULT_FIT_FRACTION = 0.15  # the paper fits the law on the first ~15% of training (arXiv 2505.22617, Sec. 3)
 RECURRING_FORKS_SHOWN = 10
-ACTIVITY_PREFIXES = ("select/", "clip/", "reg/", "shape/", "correction/", "kl/ref", "kl_cov/")
+ACTIVITY_PREFIXES = ("select/", "clip/", "reg/", "shape/", "correction/", "kl/ref", "kl_cov/",
+                     "pg_clipfrac", "ppo_kl", "clip_ratio/")  # the last three: verl's and TRL's own loss's
 _STEP_FILE = re.compile(r"step_(\d+)\.json")
 TRAINER_STATE = "trainer_state.json"
 LAB_FINAL_EVALUATION = "final_eval.json"  # written in each method folder of ``entrorl lab``
@@ -61,7 +63,10 @@ TRL_OBJECTIVE_FILE = "entrorl_objective.json"
 #: verl's metrics read as entrorl's (verl's ``actor/entropy``: the token entropy of the step's rollouts under the policy
 #: that sampled them, aggregated as the loss is)
 VERL_ALIASES = {"actor/entropy": ENTROPY_KEY, "critic/score/mean": "reward/mean"}
-_VERL_VALIDATION = re.compile(r"val-core/.+/(?:acc|reward)/mean@(?P<n>\d+)")
+#: The evaluations' Avg@n of a verl run whose validation logged a reward's mean score, not an accuracy: a score on the
+#: reward's own scale.
+VERL_EVAL_SCORE_KEY = "val-core/<source>/reward/mean@n"
+_VERL_VALIDATION = re.compile(r"val-core/.+/(?P<kind>acc|reward)/mean@(?P<n>\d+)")
 
 RUN_REPORT_SECTIONS = (
     ("summary", "Summary"),
@@ -97,6 +102,7 @@ class _TrainingRun(MetricRecords):
         self.unreadable_files: list[str] = []  # files there that could not be read as what they should hold
         # the step the run got to: a TRL run logs every logging_steps, so its last entry may come before its last step
         self.last_step: int | None = None
+        self.repeated_steps: list[int] = []  # steps logged more than once: each one's last record is read
         if trainer_state is not None:
             state = read_json(trainer_state)
             records, self.unreadable_lines = _log_history_records(state), []
@@ -114,12 +120,13 @@ class _TrainingRun(MetricRecords):
                       "optim": {"steps": state.get("max_steps") if isinstance(state, dict) else None}}
         elif verl_log is not None:
             records, self.unreadable_lines, verl_evaluations = _verl_records(verl_log)
+            records, self.repeated_steps = latest_record_of_each_step(records)
             self.source = verl_log.name
             config = {}  # verl's configuration is not in its log: no method, no planned steps
         else:
             if metrics.exists():
                 metrics.open("rb").close()  # one that cannot be read is an error, not an empty run
-            records, self.unreadable_lines = read_metrics_records(metrics)
+            records, self.unreadable_lines, self.repeated_steps = read_metrics_records(metrics)
             self.source = metrics.name
             if (run_dir / "config.json").exists() and not isinstance(config, dict):
                 self.unreadable_files.append("config.json")
@@ -247,9 +254,10 @@ def _log_history_records(state: Any) -> list[dict[str, Any]]:
 
 
 def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int, dict[str, Any]]]:
-    """The step records of verl's file logger's JSON lines at ``path`` (each ``{"step": N, "data": {...}}``), the
-    numbers of the lines that are not such an object, and the evaluations: at each step that logged
-    ``val-core/<source>/<acc or reward>/mean@<n>``, their mean over the data sources as Avg@n. A step's metrics are
+    """The step records of verl's file logger's JSON lines at ``path`` (each ``{"step": N, "data": {...}}``), in the
+    order written, the numbers of the lines that are not such an object, and the evaluations: at each step that logged
+    ``val-core/<source>/<acc or reward>/mean@<n>``, their mean over the data sources as Avg@n, an accuracy when every
+    one was an ``acc`` (a reward without one logs its mean score, on its own scale). A step's metrics are
     kept under verl's names, under entrorl's for those of :data:`VERL_ALIASES`, and without the ``actor/`` prefix (the
     entrorl plugin's ``actor/select/...`` as ``select/...``); a line holding only validation metrics (verl's
     evaluation before training, or ``val_only``) is an evaluation, not a training step."""
@@ -260,12 +268,13 @@ def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int
         if not isinstance(data, dict) or step is None:
             unreadable.append(number)
             continue
-        validation = [(int(match.group("n")), value) for key, value in data.items()
+        validation = [(int(match.group("n")), match.group("kind"), value) for key, value in data.items()
                       if (match := _VERL_VALIDATION.fullmatch(str(key))) and finite(value) is not None]
         if validation:
-            sizes = {n for n, _ in validation}
-            evaluations[int(step)] = {"avg_at_n": float(np.mean([finite(value) for _, value in validation])),
-                                      "n_samples": sizes.pop() if len(sizes) == 1 else None}
+            sizes = {n for n, _, _ in validation}
+            evaluations[int(step)] = {"avg_at_n": float(np.mean([finite(value) for _, _, value in validation])),
+                                      "n_samples": sizes.pop() if len(sizes) == 1 else None,
+                                      "accuracy": all(kind == "acc" for _, kind, _ in validation)}
         if all(str(key).startswith(("val-core/", "val-aux/")) for key in data):
             continue
         record = {"step": step}
@@ -275,7 +284,6 @@ def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int
         record.update(data)
         record.update({alias: data[key] for key, alias in VERL_ALIASES.items() if key in data})
         records.append(record)
-    records.sort(key=lambda record: record["step"])
     return records, unreadable, dict(sorted(evaluations.items()))
 
 
@@ -383,6 +391,12 @@ class _RunReport:
         if run.unreadable_files:
             section.say("Files that could not be read (cut short, or not what they should hold) were left out: "
                         + ", ".join(f"`{name}`" for name in run.unreadable_files) + ".")
+        if run.repeated_steps:
+            steps = ", ".join(map(str, run.repeated_steps[:10])) + (", ..." if len(run.repeated_steps) > 10 else "")
+            section.say(f"`{run.source}` logged {len(run.repeated_steps)} "
+                        f"{'step' if len(run.repeated_steps) == 1 else 'steps'} more than once ({steps}): a run that "
+                        "went on past its last checkpoint and was continued from it, or logs joined together. The last "
+                        "record of each step, the continued run's, is the one read.")
         if run.unreadable_lines:
             lines = ", ".join(map(str, run.unreadable_lines[:10])) + (", ..." if len(run.unreadable_lines) > 10 else "")
             what = "verl's `{\"step\", \"data\"}` object" if run.from_verl_log else "a JSON object"
@@ -468,7 +482,7 @@ class _RunReport:
         table = Table(["fitted on", *law_columns(self.analysis.law)], title="Fit and forecast")
         table.add([text(f"{run.record_unit[1]} ({run.reward_key})"), *law_cells(law)])
         if evaluation_law is not None:
-            table.add([text(f"evaluations ({EVAL_REWARD_KEY})"), *law_cells(evaluation_law)])
+            table.add([text(f"evaluations ({evaluation_law['reward_key']})"), *law_cells(evaluation_law)])
         section.table(table)
         baselines = self._forecast_baselines()
         if baselines is not None:
@@ -539,13 +553,18 @@ class _RunReport:
             return None
         _, entropy, reward = self._evaluation_points
         reached = float(np.nanmax(reward)) if np.isfinite(reward).any() else math.nan
-        return law_of(entropy, reward, reward_key=EVAL_REWARD_KEY, reached=reached, fit_fraction=self.fit_fraction,
-                      unit="evaluations")
+        accuracies = all(evaluation.get("accuracy", True) for evaluation in self.run.evaluations.values())
+        return law_of(entropy, reward, reward_key=EVAL_REWARD_KEY if accuracies else VERL_EVAL_SCORE_KEY, reached=reached,
+                      fit_fraction=self.fit_fraction, unit="evaluations")
 
     def _forecast_baselines(self) -> Table | None:
         """The forecast's RMSE on the steps after the fitted ones, next to a constant's and the whole-run fit's."""
         law = self.analysis.law
         forecast = law.get("forecast")
+        later_label = "later log entries" if self.run.from_trainer_state else "later steps"
+        table = Table([later_label, "forecast RMSE", "constant RMSE", "law fitted on every step: RMSE"],
+                      title="The forecast against two baselines")
+        self.json["forecast_baselines"] = table.to_json()  # empty without a forecast
         if not forecast or not forecast.get("actual") or "fit" not in law:
             return None
         _, h, r = self._training_points
@@ -555,9 +574,6 @@ class _RunReport:
         def rmse(predicted: np.ndarray) -> float:
             return float(np.sqrt(np.mean((predicted - later) ** 2)))
 
-        later_label = "later log entries" if self.run.from_trainer_state else "later steps"
-        table = Table([later_label, "forecast RMSE", "constant RMSE", "law fitted on every step: RMSE"],
-                      title="The forecast against two baselines")
         table.add([num(later.size), num(forecast["rmse"]), num(rmse(np.full(later.shape, r[:n_fit].mean()))),
                    num(rmse(whole["b"] - whole["a"] * np.exp(h[n_fit:])))])
         self.json["forecast_baselines"] = table.to_json()
@@ -632,7 +648,10 @@ class _RunReport:
                     "`reg/*` a regulariser's coefficient or bonus, `kl/ref` the KL to the reference model that `kl_ref` "
                     "penalises, `kl_cov/abs_log_ratio` the mean |log π − log π_old| over the valid tokens (0 strictly "
                     "on-policy), `shape/*_bonus` an advantage shaper's mean bonus, `correction/*` what a rollout "
-                    "correction did (TIS's mean weight and truncated share, IcePop's masked share).")
+                    "correction did (TIS's mean weight and truncated share, IcePop's masked share). verl's own loss "
+                    "logs `pg_clipfrac` (PPO's clipped share), `pg_clipfrac_lower` (the dual-clip's) and `ppo_kl` (the "
+                    "KL between the sampling and the updated policy), TRL's `clip_ratio/*` (the clipped shares), as "
+                    "docs/migrating.md maps them.")
         table = Table(["metric", "steps", "mean", "max", "steps not 0"])
         for key in keys:
             values = run.series(key)
@@ -752,6 +771,7 @@ class _RunReport:
             "fit_fraction": self.fit_fraction,
             "unreadable_files": list(self.run.unreadable_files),
             "unreadable_lines": list(self.run.unreadable_lines),
+            "repeated_steps": list(self.run.repeated_steps),
             **self.json,
             "figures": dict(self.figures.saved),
             "figures_note": self.figures.unavailable,
@@ -867,7 +887,8 @@ def _run_files(run_dir: Path) -> tuple[Any, Path | None, list[Path], list[Path],
     a ``metrics.jsonl``) and those that could not be read, its verl logs (none in an entrorl or TRL run's folder), and
     whether it is an entrorl or a TRL run's folder (``metrics.jsonl``, a run's ``config.json``, a trainer state)."""
     config = read_json(run_dir / "config.json")
-    has_metrics = (run_dir / "metrics.jsonl").exists()
+    metrics = run_dir / "metrics.jsonl"  # verl's file logger writes the file it is named, metrics.jsonl included
+    has_metrics = metrics.exists() and not (metrics.is_file() and is_verl_log(metrics))
     trainer_state, unreadable_states = (None, []) if has_metrics else trainer_states(run_dir)
     a_run_config = isinstance(config, dict) and "method" in config  # a training run's, not a model's config.json
     a_run = has_metrics or a_run_config or trainer_state is not None

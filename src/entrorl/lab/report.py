@@ -138,7 +138,7 @@ def _methods_with_results(out: Path) -> list[str]:
 def _load_run(out: Path, name: str, outcomes: dict[str, Any]) -> Run:
     directory = out / "methods" / name
     final = read_json(directory / "final_eval.json")
-    records, unreadable = read_metrics_records(directory / "metrics.jsonl")
+    records, unreadable, _ = read_metrics_records(directory / "metrics.jsonl")  # a lab run cuts its log back on resuming
     if isinstance(final, dict):
         return Run(name, "ok", records, final, unreadable_lines=unreadable)
     error = None
