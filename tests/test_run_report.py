@@ -1549,3 +1549,49 @@ def test_report_json_has_the_forecast_baselines_key_without_a_forecast(tmp_path)
                     config={"method": "grpo", "optim": {"steps": 100}})
     report = write_run_report(run, figures=False)
     assert report["forecast_baselines"]["values"] == [] and len(report["forecast_baselines"]["columns"]) == 4
+
+
+def test_a_metrics_file_starting_with_a_byte_order_mark_loses_no_line(tmp_path):
+    """An editor's UTF-8 byte-order mark before the first line is not part of it: the first step is read, and a verl
+    log so written is still recognised."""
+    run = write_run(tmp_path / "run", law_records(20))
+    path = run / "metrics.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    records, unreadable, _ = read_metrics_records(path)
+    assert len(records) == 20 and unreadable == []
+    log = _verl_log(tmp_path / "proj" / "exp.jsonl")
+    log.write_bytes(b"\xef\xbb\xbf" + log.read_bytes())
+    assert write_run_report(log, figures=False)["steps"] == 30
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "trainer_state.json", "config.json"])
+def test_a_run_s_own_file_given_instead_of_its_folder_is_answered_with_the_folder(tmp_path, name):
+    from entrorl.analysis.run_report import NotARunDirectory
+
+    run = write_run(tmp_path / "my run", law_records(20))
+    (run / "trainer_state.json").write_text(json.dumps({"log_history": []}))
+    with pytest.raises(NotARunDirectory, match=re.escape(f"is a file of the run in {run}: `entrorl report` reads the "
+                                                         f"run's folder (`entrorl report '{run}'`)")):
+        write_run_report(run / name, figures=False)
+
+
+def test_the_raw_line_of_a_key_logged_at_some_steps_only_is_drawn_through_them(tmp_path, monkeypatch):
+    """TRL with num_iterations 2 logs `reward` at every other entry: the thin raw line joins the entries that have it
+    (matplotlib breaks a line at each NaN, so nothing of it was drawn)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+
+    def plot(self, *args, **kwargs):
+        if kwargs.get("linewidth") == 0.6:
+            drawn.append(np.asarray(args[1], dtype=float))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    records = law_records(20)
+    for record in records[1::2]:
+        del record["reward/accuracy"]
+    write_run_report(write_run(tmp_path / "run", records), figures=True)
+    assert drawn[1].size == 10 and np.isfinite(drawn[1]).all()  # the reward's, after the entropy's

@@ -137,10 +137,11 @@ def read_json(path: Path) -> Any:
 
 def json_lines(path: Path) -> list[tuple[int, Any]]:
     """``(line number, parsed value)`` of each non-blank line of ``path``, the value None for a line that is not JSON.
-    Lines end at "\n" alone: ``splitlines()`` would also cut at a U+2028 inside a string (orjson writes it raw).
+    Lines end at "\n" alone: ``splitlines()`` would also cut at a U+2028 inside a string (orjson writes it raw). A
+    byte-order mark before the first line (an editor's) is not part of it.
     Raises ``OSError`` when the file cannot be read."""
     parsed = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").split("\n"), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").split("\n"), start=1):
         if not line.strip():
             continue
         try:

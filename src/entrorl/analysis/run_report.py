@@ -296,7 +296,7 @@ def _holds_nothing(path: Path) -> bool:
 def is_verl_log(path: Path) -> bool:
     """Whether ``path`` is a file of JSON lines whose first object is verl's file logger's ``{"step", "data"}``."""
     try:
-        with path.open("r", encoding="utf-8", errors="replace") as handle:
+        with path.open("r", encoding="utf-8-sig", errors="replace") as handle:
             for line in handle:
                 if line.strip():
                     entry = json.loads(line)
@@ -451,7 +451,8 @@ class _RunReport:
             steps = run.steps
             for axis, key, colour in ((axes[0], ENTROPY_KEY, "C0"), (axes[1], run.reward_key, "C1")):
                 values = run.series(key)
-                axis.plot(steps, values, color=colour, alpha=0.3, linewidth=0.6)
+                logged = np.isfinite(values)  # a key logged at some steps only is drawn through the steps that have it
+                axis.plot(steps[logged], values[logged], color=colour, alpha=0.3, linewidth=0.6)
                 axis.plot(steps, moving_average(values), color=colour, label=key)
             if run.evaluations:
                 axes[1].plot(list(run.evaluations), [finite(e.get("avg_at_n")) for e in run.evaluations.values()], "o",
@@ -842,6 +843,9 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
             raise NotARunDirectory(f"{run_dir} is empty: nothing has been logged yet (verl's file logger writes its "
                                    "first line after the validation before training, or after the first step)")
         if not is_verl_log(run_dir):
+            if run_dir.name in ("metrics.jsonl", TRAINER_STATE, "config.json"):
+                raise NotARunDirectory(f"{run_dir} is a file of the run in {run_dir.parent}: `entrorl report` reads the "
+                                       f"run's folder (`entrorl report {shlex.quote(str(run_dir.parent))}`)")
             raise NotARunDirectory(f"{run_dir} is a file: `entrorl report` reads a run directory, or the JSON lines of "
                                    "verl's file logger (`{\"step\": N, \"data\": {...}}` on each line), which it is not")
         return _verl_report(run_dir, out, fit_fraction, figures)
