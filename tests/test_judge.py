@@ -971,3 +971,80 @@ def test_a_yes_no_template_that_can_encode_to_nothing_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"template '\{completion\}' encodes to no token"):
         JudgeReward(str(directory), template="{completion}")
     assert JudgeReward(str(directory), template="Is this right? {completion}")("p", "").score > 0
+
+
+def test_a_composite_config_reward_model_pools_with_the_pad_id_the_judge_pads_with(tmp_path):
+    """judge.py RewardModelJudge._pooled_logits sets the pad id on ``config.get_text_config()``. For a composite config
+    whose head reads the top-level ``config.pad_token_id`` (T5GemmaForSequenceClassification: get_text_config() is
+    the ``decoder`` sub-config), the head never sees the id the rows are padded with: it pools with the top-level id
+    (here the tokenizer's pad = EOS, which ends every row through the chat template), so every row is read at a
+    padding position or before its final EOS. Expected: each sample scores as when scored alone (its last token)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaForSequenceClassification
+    from transformers.models.t5gemma.configuration_t5gemma import T5GemmaModuleConfig
+
+    torch.set_num_threads(1)
+    vocab = {token: i for i, token in enumerate(["<eos>", "<unk>", *"abcdefghijklmnopqrstuvwxyz0123456789+= ?,<>"])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=False))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    module = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128, pad_token_id=0)
+    config = T5GemmaConfig(encoder=T5GemmaModuleConfig(**module), decoder=T5GemmaModuleConfig(**module), num_labels=1,
+                           pad_token_id=0, eos_token_id=0, is_encoder_decoder=False)
+    torch.manual_seed(0)
+    model = T5GemmaForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert "ForSequenceClassification" in json.loads((tmp_path / "config.json").read_text())["architectures"][0]
+
+    def alone(prompt, completion):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": completion}], tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids[-1] == tokenizer.eos_token_id
+        model.config.pad_token_id = None  # one row, no pad id: pooled at its own last token (its final EOS)
+        try:
+            with torch.no_grad():
+                return float(model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0, 0])
+        finally:
+            model.config.pad_token_id = 0
+
+    prompts, completions = ["2+2=", "what is 10+1?"], ["4", "11, i think"]
+    scores = JudgeReward(str(tmp_path), batch_size=8, cache_size=0).score_batch(prompts, completions)
+    assert [s.reason for s in scores] == [None, None]
+    assert [s.score for s in scores] == pytest.approx([alone(p, c) for p, c in zip(prompts, completions)],
+                                                      rel=1e-4, abs=1e-6)
+
+
+def test_a_reward_model_whose_configuration_has_no_pad_id_of_its_own_scores_as_alone(tmp_path):
+    """Gemma 3's composite configuration has no pad id at its top, only in its text part: the judge's pad id is set
+    there for the call and the top is left without one afterwards."""
+    from transformers import Gemma3Config, Gemma3ForSequenceClassification
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+
+    from entrorl.lab.tiny_model import build_char_tokenizer
+
+    torch.set_num_threads(1)
+    tokenizer = build_char_tokenizer()
+    text_config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
+                                   pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = Gemma3ForSequenceClassification(Gemma3Config(text_config=text_config, num_labels=1)).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reward = JudgeReward(str(tmp_path), batch_size=4, cache_size=0)
+    prompts, completions = ["2+2=", "what is 10+1?"], ["4", "11, i think"]
+    scores = reward.score_batch(prompts, completions)
+    for score, prompt, completion in zip(scores, prompts, completions):
+        with torch.no_grad():
+            alone = float(model(input_ids=torch.tensor([tokenizer(prompt + completion)["input_ids"]])).logits[0, 0])
+        assert score.reason is None and score.score == pytest.approx(alone, rel=1e-4, abs=1e-6)
+    configuration = reward.judge.model.config
+    assert not hasattr(configuration, "pad_token_id")
+    assert configuration.get_text_config().pad_token_id == tokenizer.pad_token_id

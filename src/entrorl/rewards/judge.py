@@ -314,6 +314,9 @@ class CausalLMJudge:
         return "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
 
+_NO_PAD_ID_ATTRIBUTE = object()  # a composite configuration may have no pad id of its own (Gemma 3's)
+
+
 class RewardModelJudge:
     """A sequence-classification reward model; the score is the logit (one label) or the softmax
     probability of ``label`` (default: the last label). Input: the tokenizer's chat template over
@@ -373,13 +376,20 @@ class RewardModelJudge:
         width = max(len(row) for row in rows)
         ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows])
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-        text_config = self.model.config.get_text_config()
+        # a head reads the pad id from the model's configuration or from its text part's (a composite model's)
+        configs = list({id(config): config for config in (self.model.config, self.model.config.get_text_config())}.values())
         with self._pooling_lock:  # a timed-out call still running in its thread must not see this call's pad id
-            configured, text_config.pad_token_id = text_config.pad_token_id, pad_id
+            configured = [getattr(config, "pad_token_id", _NO_PAD_ID_ATTRIBUTE) for config in configs]
             try:
+                for config in configs:
+                    config.pad_token_id = pad_id
                 return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
             finally:
-                text_config.pad_token_id = configured
+                for config, value in zip(configs, configured):
+                    if value is _NO_PAD_ID_ATTRIBUTE:
+                        del config.pad_token_id
+                    else:
+                        config.pad_token_id = value
 
     def _pad_id_outside(self, rows: list[list[int]]) -> int | None:
         """A token id of the vocabulary that none of ``rows`` contains: the tokenizer's pad id when it is free, else

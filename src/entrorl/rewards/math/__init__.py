@@ -99,27 +99,35 @@ bound the time.
 from __future__ import annotations
 
 from entrorl.rewards.math.extract import (
-    ANSWER_EXTRACTORS, extract_answer_phrase, extract_answer_tag, extract_boxed, extract_final_answer, extract_hashes,
-    extract_last_number, find_final_answer, normalize_answer, prepare_reference, select_extractors
+    ANSWER_EXTRACTORS, Extractors, extract_answer_phrase, extract_answer_tag, extract_boxed, extract_final_answer,
+    extract_hashes, extract_last_number, find_final_answer, normalize_answer, prepare_reference, select_extractors
 )
 from entrorl.rewards.math.question import QuestionHints, read_question
-from entrorl.rewards.math.canonical import canonical_answer
+from entrorl.rewards.math.canonical import canonical_answer, has_percent_sign
 from entrorl.rewards.math.limits import JudgeTimeout, MathOptions
-from entrorl.rewards.math.compare import CHECKERS, Comparison, ComparisonResult, compare_answers, math_equal
+from entrorl.rewards.math.compare import (
+    CHECKERS, Checker, Comparison, ComparisonResult, check_math_verify, check_numeric, check_string, compare_answers,
+    math_equal
+)
 from entrorl.rewards.math.reward import MATH_INSTRUCTION, MathReward, MathVerdict
 
 __all__ = [
     "ANSWER_EXTRACTORS",
     "CHECKERS",
+    "Checker",
     "MATH_INSTRUCTION",
     "Comparison",
     "ComparisonResult",
+    "Extractors",
     "JudgeTimeout",
     "MathOptions",
     "MathReward",
     "MathVerdict",
     "QuestionHints",
     "canonical_answer",
+    "check_math_verify",
+    "check_numeric",
+    "check_string",
     "compare_answers",
     "extract_answer_phrase",
     "extract_answer_tag",
@@ -128,6 +136,7 @@ __all__ = [
     "extract_hashes",
     "extract_last_number",
     "find_final_answer",
+    "has_percent_sign",
     "math_equal",
     "normalize_answer",
     "prepare_reference",

@@ -7,7 +7,7 @@ import re
 from entrorl.rewards.math.extract import normalize_answer
 from entrorl.rewards.math.units import _strip_unit_tail
 
-__all__ = ["canonical_answer"]
+__all__ = ["canonical_answer", "has_percent_sign"]
 
 
 _UNICODE_SPELLINGS = {

@@ -20,7 +20,10 @@ from entrorl.rewards.math.numbers import (
 )
 from entrorl.rewards.math.question import QuestionHints, read_question
 
-__all__ = ["CHECKERS", "Comparison", "ComparisonResult", "compare_answers", "math_equal"]
+__all__ = [
+    "CHECKERS", "Checker", "Comparison", "ComparisonResult", "check_math_verify", "check_numeric", "check_string",
+    "compare_answers", "math_equal"
+]
 
 
 class Comparison:

@@ -9,9 +9,9 @@ from entrorl.rewards.math.brackets import _split_top_level, _wrapped
 from entrorl.rewards.math.units import _strip_unit_tail
 
 __all__ = [
-    "ANSWER_EXTRACTORS", "extract_answer_phrase", "extract_answer_tag", "extract_boxed", "extract_final_answer",
-    "extract_hashes", "extract_last_number", "find_final_answer", "normalize_answer", "prepare_reference",
-    "select_extractors"
+    "ANSWER_EXTRACTORS", "Extractors", "extract_answer_phrase", "extract_answer_tag", "extract_boxed",
+    "extract_final_answer", "extract_hashes", "extract_last_number", "find_final_answer", "normalize_answer",
+    "prepare_reference", "select_extractors"
 ]
 
 
