@@ -920,21 +920,30 @@ def test_a_reward_model_scores_each_sample_of_a_batch_as_alone_whatever_its_toke
         assert score == pytest.approx(alone, rel=1e-4, abs=1e-6)
 
 
-def test_a_reward_model_reads_a_final_eos_its_tokenizer_also_pads_with(tmp_path):
-    """A tokenizer without a pad token pads with EOS; a chat template that ends each turn with EOS then put the pad id
-    at the end of the text, and the head pooled the token before it. Each row is read at its own last token, in a
-    batch of rows of other lengths too, and when the batch uses every id of the vocabulary (then one row at a
-    time)."""
+def _tokenizer_ending_turns_with_eos(alphabet: str):
+    """A character tokenizer without a pad token (ids: <eos> 0, <unk> 1, then ``alphabet``) whose chat template ends
+    each turn with EOS, as many reward models' do."""
     from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForSequenceClassification
+    from transformers import PreTrainedTokenizerFast
 
-    torch.set_num_threads(1)
-    vocab = {token: i for i, token in enumerate(["<eos>", "<unk>", *"abc0123456789+= <>"])}
+    vocab = {token: i for i, token in enumerate(["<eos>", "<unk>", *dict.fromkeys(alphabet)])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=False))
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
                                         clean_up_tokenization_spaces=False)
     tokenizer.chat_template = "{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    return tokenizer
+
+
+def test_a_reward_model_reads_a_final_eos_its_tokenizer_also_pads_with(tmp_path):
+    """A tokenizer without a pad token pads with EOS; a chat template that ends each turn with EOS then put the pad id
+    at the end of the text, and the head pooled the token before it. Each row is read at its own last token, in a
+    batch of rows of other lengths too, and when the batch uses every id of the vocabulary (then one row at a
+    time)."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    torch.set_num_threads(1)
+    tokenizer = _tokenizer_ending_turns_with_eos("abc0123456789+= <>")
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, num_labels=1)
     config.pad_token_id = None
@@ -981,17 +990,11 @@ def test_a_composite_config_reward_model_pools_with_the_pad_id_the_judge_pads_wi
     padding position or before its final EOS. Expected: each sample scores as when scored alone (its last token)."""
     import json
 
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaForSequenceClassification
+    from transformers import T5GemmaConfig, T5GemmaForSequenceClassification
     from transformers.models.t5gemma.configuration_t5gemma import T5GemmaModuleConfig
 
     torch.set_num_threads(1)
-    vocab = {token: i for i, token in enumerate(["<eos>", "<unk>", *"abcdefghijklmnopqrstuvwxyz0123456789+= ?,<>"])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=False))
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
-                                        clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    tokenizer = _tokenizer_ending_turns_with_eos("abcdefghijklmnopqrstuvwxyz0123456789+= ?,<>")
     module = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128, pad_token_id=0)
     config = T5GemmaConfig(encoder=T5GemmaModuleConfig(**module), decoder=T5GemmaModuleConfig(**module), num_labels=1,
