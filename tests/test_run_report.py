@@ -1595,3 +1595,27 @@ def test_the_raw_line_of_a_key_logged_at_some_steps_only_is_drawn_through_them(t
         del record["reward/accuracy"]
     write_run_report(write_run(tmp_path / "run", records), figures=True)
     assert drawn[1].size == 10 and np.isfinite(drawn[1]).all()  # the reward's, after the entropy's
+
+
+def test_the_trainer_states_of_a_trl_run_are_read_newest_first_and_no_further_than_needed(tmp_path, monkeypatch):
+    """A run that keeps every checkpoint: its own file at the last step is the only one read; without it, the newest
+    checkpoint; when that one is cut short, the next newest as well, and the cut one is named."""
+    from entrorl.analysis import run_report
+
+    for step in range(2, 42, 2):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(_trl_trainer_state(step, 40)))
+    (tmp_path / "trainer_state.json").write_text(json.dumps(_trl_trainer_state(40, 40)))
+    read = []
+    original = run_report.read_json
+    monkeypatch.setattr(run_report, "read_json", lambda path: read.append(path) or original(path))
+    assert run_report.trainer_states(tmp_path) == (tmp_path / "trainer_state.json", []) and len(read) == 1
+    (tmp_path / "trainer_state.json").unlink()
+    read.clear()
+    assert run_report.trainer_states(tmp_path) == (tmp_path / "checkpoint-40" / "trainer_state.json", [])
+    assert read == [tmp_path / "checkpoint-40" / "trainer_state.json"]
+    (tmp_path / "checkpoint-40" / "trainer_state.json").write_text('{"global_step": 4')
+    read.clear()
+    cut = tmp_path / "checkpoint-40" / "trainer_state.json"
+    assert run_report.trainer_states(tmp_path) == (tmp_path / "checkpoint-38" / "trainer_state.json", [cut])
+    assert len(read) == 2

@@ -217,12 +217,16 @@ def trainer_states(run_dir: Path) -> tuple[Path | None, list[Path]]:
     ``global_step``): its own (``save_state``), or that of one of its ``checkpoint-<N>`` folders (the folder may be
     such a checkpoint itself), and the ones that could not be read. A run saved with ``save_state`` and then continued
     in the same folder has newer checkpoints than its own file; on a tie its own file, written last, is taken, then the
-    newest checkpoint's; one that cannot be read is taken only when no other can be."""
-    candidates = [(2**63, run_dir / TRAINER_STATE)] + [
+    newest checkpoint's; one that cannot be read is taken only when no other can be. The files are read newest first,
+    and no further once one has reached the step of the checkpoints left (``checkpoint-<N>`` holds step N): a run that
+    keeps every checkpoint is not read whole once for each."""
+    candidates = sorted([(2**63, run_dir / TRAINER_STATE)] + [
         (int(p.name[len("checkpoint-"):]), p / TRAINER_STATE) for p in run_dir.glob("checkpoint-*")
-        if p.name[len("checkpoint-"):].isdigit()]
+        if p.name[len("checkpoint-"):].isdigit()], reverse=True)
     found, unreadable = [], []
-    for order, path in candidates:
+    for index, (order, path) in enumerate(candidates):
+        if found and max(found)[0] >= candidates[index][0]:  # the rest holds no later step
+            break
         if path.is_file():
             state = read_json(path)
             if not isinstance(state, dict):
