@@ -1526,6 +1526,7 @@ def test_a_folder_whose_verl_log_is_named_metrics_jsonl_is_reported_as_verl_s(tm
     _verl_log(folder / "metrics.jsonl")
     report = write_run_report(folder, figures=False)
     assert report["steps"] == 30 and report["out"] == str(folder / "metrics.report")
+    assert (folder / "metrics.report" / "report.md").read_text().startswith("# entrorl run — exp")  # the folder's name
     assert report["law"]["fit"]["fit"] is not None
 
 
@@ -1619,3 +1620,61 @@ def test_the_trainer_states_of_a_trl_run_are_read_newest_first_and_no_further_th
     cut = tmp_path / "checkpoint-40" / "trainer_state.json"
     assert run_report.trainer_states(tmp_path) == (tmp_path / "checkpoint-38" / "trainer_state.json", [cut])
     assert len(read) == 2
+
+
+def test_a_byte_order_mark_before_a_run_s_files_is_read_past_by_every_reader(tmp_path):
+    """The trainer's reader (read_metrics, and a resumed run cutting its log back) and the report's config.json reader
+    read past an editor's byte-order mark as the report's log reader does."""
+    from entrorl.trainer import read_metrics
+
+    run = write_run(tmp_path / "run", law_records(20), config={"method": "clip_b", "optim": {"steps": 20}})
+    for name in ("metrics.jsonl", "config.json"):
+        (run / name).write_bytes(b"\xef\xbb\xbf" + (run / name).read_bytes())
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 21))
+    report = write_run_report(run, figures=False)
+    assert report["unreadable_files"] == [] and report["method"] == "clip_b"
+
+
+def test_an_empty_metrics_jsonl_or_a_model_s_config_given_instead_of_a_folder(tmp_path):
+    """A run's metrics.jsonl that holds nothing yet is answered with the run's folder (not with verl's file logger); a
+    model's config.json is not called a run's file."""
+    from entrorl.analysis.run_report import NotARunDirectory
+
+    run = write_run(tmp_path / "run", [])
+    with pytest.raises(NotARunDirectory, match=re.escape(f"is a file of the run in {run}")) as raised:
+        write_run_report(run / "metrics.jsonl", figures=False)
+    assert "verl" not in str(raised.value)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(NotARunDirectory, match="is a file: `entrorl report` reads a run directory"):
+        write_run_report(model / "config.json", figures=False)
+
+
+def test_a_step_logged_in_parts_keeps_every_part(tmp_path):
+    """A loop of one's own logging a step's training metrics, then its evaluation, as two records of one step: both
+    parts are read (each key's last value), not only the second record."""
+    records = law_records(20)
+    parts = []
+    for record in records:
+        parts.append(record)
+        if record["step"] % 5 == 0:
+            parts.append({"step": record["step"], "eval/avg_at_n": 0.1 * record["step"] / 5})
+    run = write_run(tmp_path / "run", parts)
+    records_read, _, repeated = read_metrics_records(run / "metrics.jsonl")
+    assert repeated == [5, 10, 15, 20] and len(records_read) == 20
+    assert all("entropy/mean" in r and "reward/accuracy" in r for r in records_read)
+    assert [r.get("eval/avg_at_n") for r in records_read if r["step"] % 5 == 0] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+def test_the_law_section_s_prose_names_the_score_a_verl_validation_logged(tmp_path):
+    lines = [_verl_line(step, {**_verl_train_step(step), **({"val-core/task/reward/mean@4": 2.0 + 0.01 * step}
+                                                             if step % 10 == 0 else {})}) for step in range(1, 101)]
+    log = tmp_path / "proj" / "exp.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(lines))
+    write_run_report(log, figures=False)
+    section = _markdown_section((tmp_path / "proj" / "exp.report" / "report.md").read_text(),
+                                "Entropy–reward law and ceiling forecast").split("### Fit and forecast")[0]
+    assert "`eval/avg_at_n`" not in section and "(`val-core/<source>/reward/mean@n`: verl's validation logged the " \
+        "reward's mean score, on its own scale, not an accuracy)" in section

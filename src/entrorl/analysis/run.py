@@ -128,9 +128,10 @@ def ratio(numerator: float, denominator: float) -> float:
 
 
 def read_json(path: Path) -> Any:
-    """The content of a JSON file, or None when it cannot be read or parsed (a run's files are read leniently)."""
+    """The content of a JSON file, or None when it cannot be read or parsed (a run's files are read leniently); a
+    byte-order mark an editor put before it is not part of it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return None
 
@@ -153,7 +154,7 @@ def json_lines(path: Path) -> list[tuple[int, Any]]:
 
 def read_metrics_records(path: Path) -> tuple[list[dict[str, Any]], list[int], list[int]]:
     """The step records, ordered by step, the numbers of the lines that could not be read (a write cut short), which
-    are skipped, and the steps logged more than once, of which the last record is kept (see
+    are skipped, and the steps logged more than once, whose records are merged, each key's last value kept (see
     :func:`latest_record_of_each_step`)."""
     records, unreadable = [], []
     try:
@@ -170,10 +171,11 @@ def read_metrics_records(path: Path) -> tuple[list[dict[str, Any]], list[int], l
 
 
 def latest_record_of_each_step(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
-    """``records`` (in the order they were written) ordered by step, each step's last record standing for it, and the
-    steps that had more than one: a log that went on past its last checkpoint and was then continued from it, or two
-    logs joined, holds the steps in between twice, and the later attempt is the run's. A record without a finite
-    step is kept as it is."""
+    """``records`` (in the order they were written) ordered by step, the records of a step merged into one in which
+    each key has its last value, and the steps that had more than one record: a log that went on past its last
+    checkpoint and was then continued from it, or two logs joined, holds the steps in between twice, and the later
+    attempt is the run's; a loop of one's own may log a step's training and evaluation metrics apart. A record
+    without a finite step is kept as it is."""
     latest: dict[float, dict[str, Any]] = {}
     repeated: set[float] = set()
     stepless = []
@@ -184,6 +186,7 @@ def latest_record_of_each_step(records: list[dict[str, Any]]) -> tuple[list[dict
             continue
         if step in latest:
             repeated.add(step)
+            record = {**latest[step], **record}
         latest[step] = record
     kept = sorted([*latest.values(), *stepless], key=lambda r: finite(r.get("step")) or 0.0)
     return kept, sorted(int(step) if float(step).is_integer() else step for step in repeated)

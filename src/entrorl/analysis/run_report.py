@@ -96,7 +96,8 @@ class _TrainingRun(MetricRecords):
         self.from_trainer_state = trainer_state is not None  # a TRL run's log history
         self.from_verl_log = verl_log is not None
         # the run's name: its folder's (a relative "." named by the folder it is), or the experiment's, verl's log's
-        self.name = verl_log.stem if verl_log is not None else run_dir.resolve().name
+        self.name = (verl_log.stem if verl_log is not None and verl_log.name != "metrics.jsonl"
+                     else run_dir.resolve().name)
         # what one record is: a TRL log entry averages logging_steps steps
         self.record_unit = ("log entry", "log entries") if self.from_trainer_state else ("step", "training steps")
         self.unreadable_files: list[str] = []  # files there that could not be read as what they should hold
@@ -201,7 +202,7 @@ def _what_is_wrong_with_config(path: Path, content: Any) -> str:
         return "is a folder"
     if content is None:
         try:
-            json.loads(path.read_text(encoding="utf-8"))
+            json.loads(path.read_text(encoding="utf-8-sig"))
         except OSError as error:
             return f"cannot be read ({error.strerror or error})"
         except ValueError:
@@ -399,8 +400,9 @@ class _RunReport:
             steps = ", ".join(map(str, run.repeated_steps[:10])) + (", ..." if len(run.repeated_steps) > 10 else "")
             section.say(f"`{run.source}` logged {len(run.repeated_steps)} "
                         f"{'step' if len(run.repeated_steps) == 1 else 'steps'} more than once ({steps}): a run that "
-                        "went on past its last checkpoint and was continued from it, or logs joined together. The last "
-                        "record of each step, the continued run's, is the one read.")
+                        "went on past its last checkpoint and was continued from it, logs joined together, or a loop "
+                        "logging a step's metrics in parts. Each metric's last value at a step, the continued run's, "
+                        "is the one read.")
         if run.unreadable_lines:
             lines = ", ".join(map(str, run.unreadable_lines[:10])) + (", ..." if len(run.unreadable_lines) > 10 else "")
             what = "verl's `{\"step\", \"data\"}` object" if run.from_verl_log else "a JSON object"
@@ -472,6 +474,10 @@ class _RunReport:
     # ---------------------------------------------------------------- law
     def law(self, section: Section) -> None:
         run, law = self.run, self.analysis.law
+        evaluation_law = self._evaluation_law()
+        evaluation_key = evaluation_law["reward_key"] if evaluation_law is not None else EVAL_REWARD_KEY
+        scored = (": verl's validation logged the reward's mean score, on its own scale, not an accuracy"
+                  if evaluation_key == VERL_EVAL_SCORE_KEY else "")
         section.say(
             f"The entropy–performance law R = −a·exp(H) + b (arXiv 2505.22617, Eq. 6), with H = `{ENTROPY_KEY}` and R = "
             f"`{run.reward_key}`, fitted by least squares over every step where both are finite. Where a > 0 its ceiling b − a "
@@ -480,10 +486,9 @@ class _RunReport:
             f"`--fit-fraction`) and predicts the rest from their measured entropies: 'forecast RMSE' is its error on the "
             f"later steps. A ceiling is shown once its fit rests on at least {MIN_CEILING_STEPS} points. The paper fits "
             f"validation accuracy: with at least two evaluations the law is also fitted to each evaluation's Avg@n "
-            f"(`{EVAL_REWARD_KEY}`), with H the training entropy of the policy evaluated (`{ENTROPY_KEY}` of the next "
-            "step, whose samples that policy drew; of the same step for an evaluation after the last one)."
+            f"(`{evaluation_key}`{scored}), with H the training entropy of the policy evaluated (`{ENTROPY_KEY}` of the "
+            "next step, whose samples that policy drew; of the same step for an evaluation after the last one)."
         )
-        evaluation_law = self._evaluation_law()
         table = Table(["fitted on", *law_columns(self.analysis.law)], title="Fit and forecast")
         table.add([text(f"{run.record_unit[1]} ({run.reward_key})"), *law_cells(law)])
         if evaluation_law is not None:
@@ -843,13 +848,15 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
     if not is_real_number(fit_fraction) or not (0.0 < fit_fraction <= 1.0):
         raise ValueError(f"fit_fraction must be a number in (0, 1]; got {fit_fraction!r}")
     if run_dir.is_file():
+        if run_dir.name in ("metrics.jsonl", TRAINER_STATE) or (
+                run_dir.name == "config.json" and isinstance(content := read_json(run_dir), dict) and "method" in content):
+            if not is_verl_log(run_dir):
+                raise NotARunDirectory(f"{run_dir} is a file of the run in {run_dir.parent}: `entrorl report` reads "
+                                       f"the run's folder (`entrorl report {shlex.quote(str(run_dir.parent))}`)")
         if _holds_nothing(run_dir):
             raise NotARunDirectory(f"{run_dir} is empty: nothing has been logged yet (verl's file logger writes its "
                                    "first line after the validation before training, or after the first step)")
         if not is_verl_log(run_dir):
-            if run_dir.name in ("metrics.jsonl", TRAINER_STATE, "config.json"):
-                raise NotARunDirectory(f"{run_dir} is a file of the run in {run_dir.parent}: `entrorl report` reads the "
-                                       f"run's folder (`entrorl report {shlex.quote(str(run_dir.parent))}`)")
             raise NotARunDirectory(f"{run_dir} is a file: `entrorl report` reads a run directory, or the JSON lines of "
                                    "verl's file logger (`{\"step\": N, \"data\": {...}}` on each line), which it is not")
         return _verl_report(run_dir, out, fit_fraction, figures)

@@ -263,9 +263,10 @@ def _as_tracker_error(key: str, what: str, path: Path | None = None, *, advice: 
 
 
 def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """``(line, record)`` for every line of a metrics file; a last line cut short by a crash is left out."""
+    """``(line, record)`` for every line of a metrics file; a last line cut short by a crash is left out, and so is a
+    byte-order mark an editor put before the first line."""
     # lines end at "\n" alone (reading turns "\r\n" into it): splitlines() would also cut at a U+2028 inside a string
-    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1)
+    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), start=1)
              if line.strip()]
     records = []
     for index, (number, line) in enumerate(lines):
