@@ -1678,3 +1678,37 @@ def test_the_law_section_s_prose_names_the_score_a_verl_validation_logged(tmp_pa
                                 "Entropy–reward law and ceiling forecast").split("### Fit and forecast")[0]
     assert "`eval/avg_at_n`" not in section and "(`val-core/<source>/reward/mean@n`: verl's validation logged the " \
         "reward's mean score, on its own scale, not an accuracy)" in section
+
+
+def test_a_checkpoint_folder_named_with_a_non_ascii_digit_is_passed_over(tmp_path):
+    """'checkpoint-²' passes str.isdigit() but not int(): such a folder is not a TRL checkpoint (a bare ValueError
+    ended the report before)."""
+    from entrorl.analysis.run_report import trainer_states
+
+    for name, steps in (("checkpoint-\u00b2", 2), ("checkpoint-3", 3)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps(_trl_trainer_state(steps, 40)))
+    assert trainer_states(tmp_path) == (tmp_path / "checkpoint-3" / "trainer_state.json", [])
+    assert write_run_report(tmp_path, figures=False)["steps"] == 3
+
+
+def test_a_continued_attempt_s_record_replaces_the_abandoned_one_s(tmp_path):
+    """Two logs joined: an attempt that went on to step 6, then one continued from step 4 with the entropy-change
+    measurement off. Steps 5 and 6 are the continued attempt's records alone: the abandoned attempt's
+    entropy/predicted_delta does not survive into them (a record repeating a step's metrics is a new attempt)."""
+    first = [{"step": s, "entropy/mean": 1.0 - 0.05 * s, "reward/accuracy": 0.1 * s,
+              "entropy/predicted_delta": -0.01, "entropy/measured_delta": -0.02} for s in range(1, 7)]
+    continued = [{"step": s, "entropy/mean": 0.9 - 0.05 * s, "reward/accuracy": 0.11 * s} for s in range(5, 9)]
+    run = write_run(tmp_path / "run", first + continued)
+    records, _, repeated = read_metrics_records(run / "metrics.jsonl")
+    by_step = {record["step"]: record for record in records}
+    assert repeated == [5, 6] and by_step[5] == continued[0] and by_step[6] == continued[1]
+
+
+def test_a_log_holding_only_a_byte_order_mark_is_called_empty(tmp_path):
+    from entrorl.analysis.run_report import NotARunDirectory
+
+    log = tmp_path / "exp.jsonl"
+    log.write_bytes(b"\xef\xbb\xbf\n")
+    with pytest.raises(NotARunDirectory, match="is empty: nothing has been logged yet"):
+        write_run_report(log, figures=False)

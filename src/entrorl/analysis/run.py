@@ -154,8 +154,7 @@ def json_lines(path: Path) -> list[tuple[int, Any]]:
 
 def read_metrics_records(path: Path) -> tuple[list[dict[str, Any]], list[int], list[int]]:
     """The step records, ordered by step, the numbers of the lines that could not be read (a write cut short), which
-    are skipped, and the steps logged more than once, whose records are merged, each key's last value kept (see
-    :func:`latest_record_of_each_step`)."""
+    are skipped, and the steps logged more than once (see :func:`latest_record_of_each_step`)."""
     records, unreadable = [], []
     try:
         lines = json_lines(path)
@@ -171,11 +170,12 @@ def read_metrics_records(path: Path) -> tuple[list[dict[str, Any]], list[int], l
 
 
 def latest_record_of_each_step(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
-    """``records`` (in the order they were written) ordered by step, the records of a step merged into one in which
-    each key has its last value, and the steps that had more than one record: a log that went on past its last
-    checkpoint and was then continued from it, or two logs joined, holds the steps in between twice, and the later
-    attempt is the run's; a loop of one's own may log a step's training and evaluation metrics apart. A record
-    without a finite step is kept as it is."""
+    """``records`` (in the order they were written) ordered by step, one per step, and the steps that had more than
+    one record. A later record of a step that logs a metric already logged there replaces what came before it: a
+    log that went on past its last checkpoint and was then continued from it, or two logs joined, holds the steps in
+    between twice, and the later attempt is the run's. One that logs other metrics only is merged into it: a loop of
+    one's own may log a step's training and evaluation metrics apart. A record without a finite step is kept as it
+    is."""
     latest: dict[float, dict[str, Any]] = {}
     repeated: set[float] = set()
     stepless = []
@@ -186,7 +186,9 @@ def latest_record_of_each_step(records: list[dict[str, Any]]) -> tuple[list[dict
             continue
         if step in latest:
             repeated.add(step)
-            record = {**latest[step], **record}
+            earlier = latest[step]
+            if not (earlier.keys() & record.keys()) - {"step"}:  # the rest of the step, logged apart
+                record = {**earlier, **record}
         latest[step] = record
     kept = sorted([*latest.values(), *stepless], key=lambda r: finite(r.get("step")) or 0.0)
     return kept, sorted(int(step) if float(step).is_integer() else step for step in repeated)

@@ -24,6 +24,7 @@ each step (``-alpha D``, arXiv 2602.03392, Thm 3.3) against the measured one; th
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -223,7 +224,7 @@ def trainer_states(run_dir: Path) -> tuple[Path | None, list[Path]]:
     keeps every checkpoint is not read whole once for each."""
     candidates = sorted([(2**63, run_dir / TRAINER_STATE)] + [
         (int(p.name[len("checkpoint-"):]), p / TRAINER_STATE) for p in run_dir.glob("checkpoint-*")
-        if p.name[len("checkpoint-"):].isdigit()], reverse=True)
+        if re.fullmatch(r"[0-9]+", p.name[len("checkpoint-"):])], reverse=True)
     found, unreadable = [], []
     for index, (order, path) in enumerate(candidates):
         if found and max(found)[0] >= candidates[index][0]:  # the rest holds no later step
@@ -295,7 +296,7 @@ def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int
 def _holds_nothing(path: Path) -> bool:
     """Whether the file holds only white space (read up to its first other line)."""
     with path.open("rb") as handle:
-        return not any(line.strip() for line in handle)
+        return not any(line.removeprefix(codecs.BOM_UTF8).strip() for line in handle)
 
 
 def is_verl_log(path: Path) -> bool:
@@ -400,9 +401,9 @@ class _RunReport:
             steps = ", ".join(map(str, run.repeated_steps[:10])) + (", ..." if len(run.repeated_steps) > 10 else "")
             section.say(f"`{run.source}` logged {len(run.repeated_steps)} "
                         f"{'step' if len(run.repeated_steps) == 1 else 'steps'} more than once ({steps}): a run that "
-                        "went on past its last checkpoint and was continued from it, logs joined together, or a loop "
-                        "logging a step's metrics in parts. Each metric's last value at a step, the continued run's, "
-                        "is the one read.")
+                        "went on past its last checkpoint and was continued from it, or logs joined together: the "
+                        "last record of each step, the continued run's, is the one read (a record logging only other "
+                        "metrics of its step is read with it).")
         if run.unreadable_lines:
             lines = ", ".join(map(str, run.unreadable_lines[:10])) + (", ..." if len(run.unreadable_lines) > 10 else "")
             what = "verl's `{\"step\", \"data\"}` object" if run.from_verl_log else "a JSON object"
