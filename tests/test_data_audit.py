@@ -1316,6 +1316,45 @@ def test_an_audit_into_the_folder_of_an_earlier_one_keeps_no_file_that_is_not_it
     assert sorted(path.name for path in Path("aud").iterdir()) == sorted([*earlier, "reward_errors.log"])
 
 
+@pytest.mark.parametrize("failing", ["audit.jsonl", "filtered", "summary.json"])
+def test_an_audit_that_fails_while_writing_its_files_leaves_the_earlier_audit_s_whole(markup_data, tiny_model_dir,
+                                                                                      monkeypatch, failing):
+    """A full disk part-way through writing the files: the folder keeps the earlier audit's set as it was (before, the
+    histogram files were the new audit's beside the earlier summary), no staging folder is left, and the error names
+    the file that could not be written."""
+    import errno
+
+    import entrorl.trainer.audit as audit_module
+
+    def audit(n: str):
+        return CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(markup_data),
+                                        "--n", n, "--max-new-tokens", "2", "--reward",
+                                        "entrorl_test_audit_rewards:half", "--out", "aud", "--band", "[0, 1]"])
+
+    assert audit("2").exit_code == 0
+    earlier = {path.name: path.read_bytes() for path in Path("aud").iterdir()}
+    filtered = next(name for name in earlier if ".filtered" in name)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if failing == "filtered":
+        def write_selected_rows(*args, **kwargs):
+            raise full
+        monkeypatch.setattr(audit_module, "write_selected_rows", write_selected_rows)
+    else:
+        write_text = Path.write_text
+
+        def cut_short(path, text, *args, **kwargs):
+            if path.name == failing:
+                write_text(path, text[: len(text) // 2], *args, **kwargs)
+                raise full
+            return write_text(path, text, *args, **kwargs)
+        monkeypatch.setattr(Path, "write_text", cut_short)
+    result = audit("3")
+    assert result.exit_code != 0
+    named = filtered if failing == "filtered" else failing
+    assert f"No space left on device: 'aud/{named}'" in " ".join(result.output.split())
+    assert {path.name: path.read_bytes() for path in Path("aud").iterdir()} == earlier
+
+
 # --------------------------------------------------------------------------------------------------
 # end to end: planted wrong references are found, and only those
 # --------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 
 from entrorl._checks import check_int
+from entrorl._files import naming_file
 from entrorl.data import PromptRecord
 from entrorl.data.audit import (
     AuditThresholds,
@@ -63,7 +65,6 @@ from entrorl.rewards import (
 )
 from entrorl.modeling import model_context_length
 from entrorl.rollout import HFSampler, SamplingParams, private_seed
-from entrorl.trainer.checkpoint import atomic_write_text
 from entrorl.trainer.evaluate import refuse_non_finite_log_probs
 
 __all__ = [
@@ -256,6 +257,32 @@ def default_audit_dir(data: str | os.PathLike[str]) -> Path:
     return data.parent / f"{stem}.audit"
 
 
+def _stage_text(final: Path, staging: Path, text: str) -> None:
+    """``text`` as the file of ``final``'s name in ``staging``; an error names ``final``."""
+    staged = staging / final.name
+    try:
+        staged.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise naming_file(error, final, instead_of=staged) from None
+
+
+def _move_into_place(staging: Path, directory: Path, names: Sequence[str], *, stale: Sequence[str] = ()) -> None:
+    """Move each of ``names`` from ``staging`` to ``directory``, in that order (a folder replacing a folder: the old
+    one moved aside, then removed), then remove the files of ``stale``, an earlier set's that this one has not."""
+    for name in names:
+        staged, final = staging / name, Path(os.path.realpath(directory / name))  # a link: the file it names
+        if final.is_dir():
+            aside = final.with_name(f".{name}.old-{os.getpid()}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+            os.replace(staged, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(staged, final)
+    for name in stale:
+        (directory / name).unlink(missing_ok=True)
+
+
 def _filtered_name(data: Path) -> str:
     data = _with_folder_name(data)
     return f"{data.name}.filtered" if data.is_dir() else f"{data.stem}.filtered{data.suffix}"
@@ -429,63 +456,75 @@ def write_audit_outputs(
             dropped_as_wrong += 1
         keep[index] = in_band and (keep_wrong or not wrong)
 
-    histogram = result.histogram()
-    histogram_json = directory / "pass_rate_histogram.json"
-    atomic_write_text(histogram_json, json.dumps(histogram.to_dict(), indent=1) + "\n")
-    histogram_png = None
-    if plot:
-        histogram_png = plot_pass_rate_histogram(
-            histogram, directory / "pass_rate_histogram.png", title=f"{data.name}: {histogram.n_prompts} prompts x {result.n} samples"
-        )
+    # The set is written into a folder of its own inside ``directory``, then moved into place, the summary last: a
+    # failure on the way (a full disk) leaves an earlier audit's set as it was, not mixed with this one's.
+    staging = directory / f".audit.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        histogram = result.histogram()
+        histogram_json = directory / "pass_rate_histogram.json"
+        _stage_text(histogram_json, staging, json.dumps(histogram.to_dict(), indent=1) + "\n")
+        histogram_png = None
+        if plot:
+            staged_png = plot_pass_rate_histogram(histogram, staging / "pass_rate_histogram.png",
+                                                  title=f"{data.name}: {histogram.n_prompts} prompts x {result.n} samples")
+            histogram_png = directory / staged_png.name if staged_png else None
 
-    rows = [
-        _row(result.records[i], result.audits[i], result.completions[i], result.reasons[i] if result.reasons else [])
-        for i in audited_index
-    ]
-    per_prompt = directory / "audit.jsonl"
-    atomic_write_text(per_prompt, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    suspected_wrong = directory / "suspected_wrong.jsonl"
-    atomic_write_text(
-        suspected_wrong,
-        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows if row["verdict"] == "looks_wrong"),
-    )
-    filtered = write_selected_rows(data, result.records, keep, directory / _filtered_name(data))
-
-    audits = result.audited()
-    summary = {
-        "data": str(data),
-        "settings": dict(settings or {}),
-        "n": result.n,
-        "thresholds": asdict(result.thresholds),
-        "prompts": len(result.records),
-        "audited": len(audits),
-        "counts": result.counts(),
-        "mean_pass_rate": sum(a.pass_rate for a in audits) / len(audits),
-        "frac_zero": histogram.frac_zero,
-        "frac_one": histogram.frac_one,
-        "band": {
-            "band": band,
-            "in_band": selection.kept,
-            "out_of_band": selection.dropped,
-            "dropped_as_wrong": dropped_as_wrong,
-            "dropped_too_long": len(result.too_long),
-            "kept": sum(keep),
-            "dropped": len(keep) - sum(keep),
-            "keep_wrong": keep_wrong,
-            "file": str(filtered),
-        },
-        "too_long": [asdict(t) for t in result.too_long],
-        "reward_errors": result.reward_errors,
-        "first_reward_error": error_headline(result.first_reward_error) or None,
-        "wall_s": result.wall_s,
-        "files": {
-            "histogram_json": str(histogram_json),
-            "histogram_png": str(histogram_png) if histogram_png else None,
-            "suspected_wrong": str(suspected_wrong),
-            "per_prompt": str(per_prompt),
-            "filtered": str(filtered),
-        },
-    }
-    summary_json = directory / "summary.json"
-    atomic_write_text(summary_json, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+        rows = [
+            _row(result.records[i], result.audits[i], result.completions[i], result.reasons[i] if result.reasons else [])
+            for i in audited_index
+        ]
+        per_prompt = directory / "audit.jsonl"
+        _stage_text(per_prompt, staging, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        suspected_wrong = directory / "suspected_wrong.jsonl"
+        _stage_text(suspected_wrong, staging,
+                    "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows if row["verdict"] == "looks_wrong"))
+        filtered = directory / _filtered_name(data)
+        try:
+            write_selected_rows(data, result.records, keep, staging / filtered.name)
+        except OSError as error:
+            raise naming_file(error, filtered, instead_of=staging / filtered.name) from None
+        audits = result.audited()
+        summary = {
+            "data": str(data),
+            "settings": dict(settings or {}),
+            "n": result.n,
+            "thresholds": asdict(result.thresholds),
+            "prompts": len(result.records),
+            "audited": len(audits),
+            "counts": result.counts(),
+            "mean_pass_rate": sum(a.pass_rate for a in audits) / len(audits),
+            "frac_zero": histogram.frac_zero,
+            "frac_one": histogram.frac_one,
+            "band": {
+                "band": band,
+                "in_band": selection.kept,
+                "out_of_band": selection.dropped,
+                "dropped_as_wrong": dropped_as_wrong,
+                "dropped_too_long": len(result.too_long),
+                "kept": sum(keep),
+                "dropped": len(keep) - sum(keep),
+                "keep_wrong": keep_wrong,
+                "file": str(filtered),
+            },
+            "too_long": [asdict(t) for t in result.too_long],
+            "reward_errors": result.reward_errors,
+            "first_reward_error": error_headline(result.first_reward_error) or None,
+            "wall_s": result.wall_s,
+            "files": {
+                "histogram_json": str(histogram_json),
+                "histogram_png": str(histogram_png) if histogram_png else None,
+                "suspected_wrong": str(suspected_wrong),
+                "per_prompt": str(per_prompt),
+                "filtered": str(filtered),
+            },
+        }
+        summary_json = directory / "summary.json"
+        _stage_text(summary_json, staging, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+        names = [path.name for path in (histogram_json, histogram_png, per_prompt, suspected_wrong, filtered, summary_json)
+                 if path is not None]
+        _move_into_place(staging, directory, names, stale=[] if histogram_png else ["pass_rate_histogram.png"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return AuditOutputs(directory, histogram_json, histogram_png, suspected_wrong, per_prompt, filtered, summary_json, summary)
