@@ -1195,18 +1195,19 @@ def data_audit(
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
     settings = {**_sampling_settings(model, model_directory, reward_runner, defaults, sampling, n=n,
                                      max_prompts=max_prompts, seed=seed, batch_size=batch_size, policy=policy)}
-    reward_log = _keep_reward_traceback(result.first_reward_error, directory / REWARD_ERRORS_LOG)
+    # a reward that failed on every sample labels nothing and writes no set: its traceback alone is kept, to read why
+    reward_log = (_keep_reward_traceback(result.first_reward_error, directory / REWARD_ERRORS_LOG)
+                  if result.reward_failed_everywhere else None)
     try:
         outputs = write_audit_outputs(result, data, directory, band=band, keep_wrong=keep_wrong, thresholds=thresholds,
                                       settings=settings)
     except (ValueError, OSError) as error:
-        where = f"; its traceback is in {reward_log}" if result.reward_failed_everywhere and reward_log else ""
+        where = f"; its traceback is in {reward_log}" if reward_log else ""
         earlier = directory / "summary.json"
         kept = (f" ({directory} still holds the files of an earlier audit, summary.json from "
                 f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(earlier.stat().st_mtime))})" if earlier.is_file() else "")
         _fail(f"{error}{where}{kept}")
-    if reward_log is None:  # the traceback of an earlier audit into this folder is not this one's
-        (directory / REWARD_ERRORS_LOG).unlink(missing_ok=True)
+    reward_log = outputs.reward_errors_log
 
     histogram = result.histogram()
     table = Table(title=f"pass rates of {histogram.n_prompts} prompts x {n} samples")
