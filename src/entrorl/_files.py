@@ -1,4 +1,4 @@
-"""Writing a file (or a folder) whole, shared by every layer of the package (the standard library only).
+"""Writing a file, a folder or a set of files whole, shared by every layer of the package (the standard library only).
 
 A file is written through a temporary file beside it (``.NAME.tmp-PID``), flushed to disk and renamed over it, so
 that a crash leaves the old file or the new one, never part of either. A symbolic link is followed: the file it names
@@ -11,12 +11,13 @@ a read-only one, is opened anew and gets it at the end).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,7 +26,7 @@ try:
 except ImportError:  # not a POSIX system: no /proc or /dev/fd descriptors either
     fcntl = None
 
-__all__ = ["naming_file", "write_atomically", "write_folder_atomically", "written_in_place"]
+__all__ = ["naming_file", "put_in_place_together", "write_atomically", "write_folder_atomically", "written_in_place"]
 
 # /proc/self/fd/1, /proc/<pid>/fd/1, /dev/fd/1 (the last is this process's)
 _DESCRIPTOR = re.compile(r"(?:/proc/(?P<owner>[^/]+)|/dev)/fd/(?P<number>[^/]+)")
@@ -143,6 +144,59 @@ def write_folder_atomically(path: str | os.PathLike[str], write: Callable[[Path]
         if isinstance(error, OSError):
             raise naming_file(error, Path(path), instead_of=temporary) from None
         raise
+
+
+def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], *, stale: Sequence[str] = ()) -> None:
+    """Put each of ``names`` from ``staging`` in ``directory`` as one set, then remove the files of ``stale`` (an
+    earlier set's that this one has not). A name that is a link is followed, and what it names is replaced; a pipe or
+    a device (``/dev/null``) is written into. What each replaces is first moved aside, beside it, and removed once the
+    whole set is in place: a failure on the way (a link to another file system takes a copy, which can fail), or an
+    interrupt, puts back what was there. A replaced file's permission bits are kept."""
+    replaced: list[tuple[Path, Path | None]] = []  # (where the new entry went, the earlier one moved aside)
+    try:
+        for name in names:
+            staged, final = staging / name, directory / name
+            if staged.is_file() and written_in_place(final):
+                write_atomically(final, lambda handle: handle.write(staged.read_bytes()))
+                continue
+            target = Path(os.path.realpath(final))
+            aside = None
+            if target.exists() or target.is_symlink():
+                if target.is_file() and staged.is_file():
+                    os.chmod(staged, stat.S_IMODE(target.stat().st_mode))
+                aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+                _remove_entry(aside)
+                os.replace(target, aside)
+            replaced.append((target, aside))
+            try:
+                os.replace(staged, target)
+            except OSError as error:
+                if error.errno != errno.EXDEV:
+                    raise
+                (shutil.copytree if staged.is_dir() else shutil.copy2)(staged, target)  # another file system
+    except BaseException as error:
+        for target, aside in reversed(replaced):
+            with contextlib.suppress(OSError):
+                _remove_entry(target)
+                if aside is not None:
+                    os.replace(aside, target)
+        if isinstance(error, OSError):
+            raise naming_file(error, directory / name, instead_of=staging / name) from None
+        raise
+    for _, aside in replaced:
+        if aside is not None:
+            _remove_entry(aside)
+    for name in stale:
+        if not written_in_place(directory / name):
+            (directory / name).unlink(missing_ok=True)
+
+
+def _remove_entry(path: Path) -> None:
+    """Remove ``path``, a folder with what it holds; nothing when there is none."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def naming_file(error: OSError, path: Path, *, instead_of: Path | None = None) -> OSError:

@@ -24,12 +24,9 @@ sample leaves nothing to label: :func:`write_audit_outputs` then refuses, writin
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import shutil
-import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -40,7 +37,7 @@ from typing import Any
 import torch
 
 from entrorl._checks import check_int
-from entrorl._files import naming_file, write_atomically, written_in_place
+from entrorl._files import naming_file, put_in_place_together
 from entrorl.data import PromptRecord
 from entrorl.data.audit import (
     AuditThresholds,
@@ -267,59 +264,6 @@ def _stage_text(final: Path, staging: Path, text: str) -> None:
         staged.write_text(text, encoding="utf-8")
     except OSError as error:
         raise naming_file(error, final, instead_of=staged) from None
-
-
-def _move_into_place(staging: Path, directory: Path, names: Sequence[str], *, stale: Sequence[str] = ()) -> None:
-    """Put each of ``names`` from ``staging`` in ``directory`` as one set, then remove the files of ``stale`` (an
-    earlier set's that this one has not). A name that is a link is followed, and what it names is replaced; a pipe or
-    a device (``/dev/null``) is written into. What each replaces is first moved aside, beside it, and removed once the
-    whole set is in place: a failure on the way (a link to another file system takes a copy, which can fail), or an
-    interrupt, puts back what was there. A replaced file's permission bits are kept."""
-    replaced: list[tuple[Path, Path | None]] = []  # (where the new entry went, the earlier one moved aside)
-    try:
-        for name in names:
-            staged, final = staging / name, directory / name
-            if staged.is_file() and written_in_place(final):
-                write_atomically(final, lambda handle: handle.write(staged.read_bytes()))
-                continue
-            target = Path(os.path.realpath(final))
-            aside = None
-            if target.exists() or target.is_symlink():
-                if target.is_file() and staged.is_file():
-                    os.chmod(staged, stat.S_IMODE(target.stat().st_mode))
-                aside = target.with_name(f".{target.name}.old-{os.getpid()}")
-                _remove(aside)
-                os.replace(target, aside)
-            replaced.append((target, aside))
-            try:
-                os.replace(staged, target)
-            except OSError as error:
-                if error.errno != errno.EXDEV:
-                    raise
-                (shutil.copytree if staged.is_dir() else shutil.copy2)(staged, target)  # another file system
-    except BaseException as error:
-        for target, aside in reversed(replaced):
-            with contextlib.suppress(OSError):
-                _remove(target)
-                if aside is not None:
-                    os.replace(aside, target)
-        if isinstance(error, OSError):
-            raise naming_file(error, directory / name, instead_of=staging / name) from None
-        raise
-    for _, aside in replaced:
-        if aside is not None:
-            _remove(aside)
-    for name in stale:
-        if not written_in_place(directory / name):
-            (directory / name).unlink(missing_ok=True)
-
-
-def _remove(path: Path) -> None:
-    """Remove ``path``, a folder with what it holds; nothing when there is none."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _filtered_name(data: Path) -> str:
@@ -570,7 +514,7 @@ def write_audit_outputs(
         names = [path.name for path in (histogram_json, histogram_png, per_prompt, suspected_wrong, filtered,
                                         reward_errors_log, summary_json) if path is not None]
         stale = [*([] if histogram_png else ["pass_rate_histogram.png"]), *([] if reward_errors_log else [REWARD_ERRORS_LOG])]
-        _move_into_place(staging, directory, names, stale=stale)
+        put_in_place_together(staging, directory, names, stale=stale)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return AuditOutputs(directory, histogram_json, histogram_png, suspected_wrong, per_prompt, filtered, summary_json, summary,
