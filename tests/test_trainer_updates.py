@@ -700,8 +700,69 @@ def test_a_trainer_state_damaged_inside_is_named_with_the_way_on(tmp_path):
     start = data.find(b"\x80\x02")  # the pickle's protocol mark
     data[start:start + 2] = b"\xff\xff"
     (checkpoint / "trainer.pt").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"step_000003/trainer.pt cannot be read \(invalid load key.*delete step_000003"):
+    with pytest.raises(ValueError, match=r"step_000003/trainer.pt cannot be read \(Unsupported operand 255\); delete "
+                                         r"step_000003 to resume from the checkpoint before it"):
         load_trainer_state(checkpoint)
+
+
+_RAN: list[str] = []
+
+
+def _record_that_it_ran(what: str) -> None:
+    _RAN.append(what)
+
+
+class _RunsCodeWhenLoaded:
+    """An object whose unpickling calls a function: what a file from elsewhere could make a pickle loader run."""
+
+    def __reduce__(self):
+        return (_record_that_it_ran, ("ran",))
+
+
+class _PartState:
+    """A type a part of one's own might keep in its state."""
+
+    def __init__(self, value=0):
+        self.value = value
+
+
+def test_a_trainer_state_is_read_without_running_code_from_the_file(tmp_path):
+    """trainer.pt is read with torch's weights-only loader: an object whose unpickling would call a function is refused
+    naming its type, and the function does not run; what entrorl's checkpoints hold loads (numpy's generator state, numpy
+    scalars, the TorchVersion string of older checkpoints); a type of one's own loads once allowed with
+    torch.serialization.add_safe_globals."""
+    import random
+
+    import numpy as np
+
+    from entrorl.trainer.checkpoint import load_trainer_state
+
+    checkpoint = tmp_path / "step_000003"
+    checkpoint.mkdir()
+    torch.save({"step": 3, "payload": _RunsCodeWhenLoaded()}, checkpoint / "trainer.pt")
+    with pytest.raises(ValueError, match=r"trainer.pt holds an object of type \S*_record_that_it_ran, which entrorl does "
+                                         r"not load from a checkpoint \(loading it could run code from the file\)"):
+        load_trainer_state(checkpoint)
+    assert _RAN == []
+
+    saved = {"step": 3, "rng": {"numpy": np.random.get_state(), "python": random.getstate(), "torch": torch.get_rng_state()},
+             "software": {"torch": torch.__version__}, "scalars": [np.float64(0.5), np.int64(2), np.float32(1.5)],
+             "array": np.arange(3.0)}
+    torch.save(saved, checkpoint / "trainer.pt")
+    loaded = load_trainer_state(checkpoint)
+    assert loaded["rng"]["numpy"][0] == "MT19937" and np.array_equal(loaded["rng"]["numpy"][1], saved["rng"]["numpy"][1])
+    assert loaded["software"]["torch"] == torch.__version__ and loaded["scalars"] == [0.5, 2, 1.5]
+
+    torch.save({"step": 3, "objective": {"part": _PartState(7)}}, checkpoint / "trainer.pt")
+    with pytest.raises(ValueError, match=r"holds an object of type .*_PartState.*add_safe_globals"):
+        load_trainer_state(checkpoint)
+    allowed_before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([_PartState])
+    try:
+        assert load_trainer_state(checkpoint)["objective"]["part"].value == 7
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(allowed_before)
 
 
 def test_cuda_generators_of_another_device_count_are_left_alone(monkeypatch):

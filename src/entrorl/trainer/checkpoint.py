@@ -236,7 +236,7 @@ def software_versions() -> dict[str, str]:
 
     from entrorl import __version__
 
-    return {"python": platform.python_version(), "entrorl": __version__, "torch": torch.__version__,
+    return {"python": platform.python_version(), "entrorl": __version__, "torch": str(torch.__version__),
             "transformers": transformers.__version__}
 
 
@@ -815,13 +815,40 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(Path(checkpoint).name[len(_PREFIX):])
 
 
+def _trainer_state_globals() -> list[Any]:
+    """What a trainer state holds besides tensors, containers and numbers, allowed to torch's loader that runs no code
+    from the file (``weights_only``): numpy's generator state (an array of ``uint32``), numpy scalars and arrays of
+    the usual types (under numpy 2's module names and numpy 1's), and the ``torch.__version__`` string of checkpoints
+    written before it was saved as a plain string."""
+    core = np._core if hasattr(np, "_core") else np.core
+    dtypes = [getattr(np.dtypes, name) for name in ("UInt32DType", "Int64DType", "Int32DType", "Float64DType",
+                                                    "Float32DType", "BoolDType") if hasattr(np, "dtypes")]
+    names = [(core.multiarray._reconstruct, "_reconstruct"), (core.multiarray.scalar, "scalar")]
+    return [*(item for function, name in names for item in (
+                (function, f"numpy._core.multiarray.{name}"), (function, f"numpy.core.multiarray.{name}"))),
+            np.ndarray, np.dtype, *dtypes, torch.torch_version.TorchVersion]
+
+
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """The trainer state saved in ``checkpoint``; ``ValueError`` naming the file when it cannot be read."""
+    """The trainer state saved in ``checkpoint``, read without running code from the file (``weights_only``: a run
+    directory from elsewhere cannot execute anything when resumed); ``ValueError`` naming the file when it cannot be
+    read. A part of one's own whose state holds other objects allows their types with
+    ``torch.serialization.add_safe_globals`` in the module that registers it."""
     path = Path(checkpoint) / "trainer.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mapped: no second copy in memory
+        with torch.serialization.safe_globals(_trainer_state_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mapped: no second copy in memory
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
         if is_out_of_memory(error):  # a memory map refused: the file is fine
             raise out_of_memory_while(f"reading {path}", error) from None
-        raise ValueError(f"{path} cannot be read ({error}); delete {Path(checkpoint).name} to resume from the "
-                         "checkpoint before it") from None
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(error))
+        if refused:
+            name = refused.group(1) or refused.group(2)
+            raise ValueError(f"{path} holds an object of type {name}, which entrorl does not load from a checkpoint "
+                             "(loading it could run code from the file); if the run's parts of your own keep such "
+                             "objects in their state and you trust the file, allow the type with "
+                             f"torch.serialization.add_safe_globals([{name}]) in the module that registers them "
+                             "(--import)") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", str(error), re.S)
+        raise ValueError(f"{path} cannot be read ({detail.group(1) if detail else error}); delete "
+                         f"{Path(checkpoint).name} to resume from the checkpoint before it") from None
