@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -1295,8 +1296,8 @@ def test_cli_audit_refuses_to_label_when_the_reward_failed_on_every_sample(marku
 
 def test_an_audit_into_the_folder_of_an_earlier_one_keeps_no_file_that_is_not_its_own(markup_data, tiny_model_dir):
     """Re-run into the same --out: a run whose reward never failed removes the earlier run's reward_errors.log (its
-    summary says 0 errors); one whose reward failed everywhere writes nothing and says the folder holds an earlier
-    audit's files, which it leaves as they were."""
+    summary says 0 errors); one whose reward failed everywhere writes nothing there and says the folder holds an
+    earlier audit's files, which it leaves as they were: its traceback goes to a temporary file, which it names."""
     def audit(reward: str):
         return CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model_dir), "--data", str(markup_data),
                                         "--n", "2", "--max-new-tokens", "2", "--reward",
@@ -1312,8 +1313,10 @@ def test_an_audit_into_the_folder_of_an_earlier_one_keeps_no_file_that_is_not_it
     assert result.exit_code == 2, result.output
     line = " ".join(result.output.split())
     assert "no filtered file was written" in line and "aud still holds the files of an earlier audit, summary.json from" in line
-    assert {name: Path("aud", name).read_bytes() for name in earlier} == earlier
-    assert sorted(path.name for path in Path("aud").iterdir()) == sorted([*earlier, "reward_errors.log"])
+    assert {path.name: path.read_bytes() for path in Path("aud").iterdir()} == earlier
+    traceback = re.search(r"its traceback is in (\S+) \(aud still holds", line)
+    assert traceback and "KeyError: 'tests'" in Path(traceback.group(1)).read_text()
+    Path(traceback.group(1)).unlink()
 
 
 @pytest.mark.parametrize("failing", ["audit.jsonl", "filtered", "summary.json"])

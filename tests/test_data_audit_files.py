@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from entrorl._files import put_in_place_together
 from entrorl.data import load_prompts
 from entrorl.data.audit import AuditThresholds, audit_prompt
 from entrorl.trainer.audit import AuditResult, write_audit_outputs
@@ -22,14 +24,16 @@ from entrorl.trainer.audit import AuditResult, write_audit_outputs
 ROWS = [{"prompt": f"p{i}", "answer": str(i)} for i in range(3)]
 
 
-def _result(data: Path, count: int | None = None) -> AuditResult:
+def _result(data: Path, count: int | None = None, first_reward_error: str | None = None) -> AuditResult:
     """A hand-made result for the first ``count`` prompts of ``data`` (all by default), 4 samples each, half right."""
     records = load_prompts(data)[:count]
     answers = [[r.answer, "9", r.answer, "8"] for r in records]
     correct = [[a == r.answer for a in ans] for r, ans in zip(records, answers)]
     audits = [audit_prompt(a, c, thresholds=AuditThresholds()) for a, c in zip(answers, correct)]
-    return AuditResult(records=records, audits=audits, completions=[[f"so {a}" for a in ans] for ans in answers],
-                       answers=answers, too_long=[], n=4, correct=correct)
+    result = AuditResult(records=records, audits=audits, completions=[[f"so {a}" for a in ans] for ans in answers],
+                         answers=answers, too_long=[], n=4, correct=correct)
+    result.first_reward_error = first_reward_error
+    return result
 
 
 def _jsonl(tmp_path: Path) -> Path:
@@ -120,32 +124,6 @@ def test_an_interrupt_between_the_two_renames_of_a_saved_data_set_copy_puts_the_
     assert datasets.load_from_disk(str(out / "ds.filtered")).num_rows == 2
 
 
-def test_an_interrupt_while_the_earlier_data_set_copy_is_removed_leaves_no_mixed_set(tmp_path, monkeypatch):
-    """The earlier filtered folder (long to remove, for a big data set) is removed only once the whole new set is in
-    place: an interrupt while it is removed leaves the new set whole."""
-    datasets = pytest.importorskip("datasets")
-    data = tmp_path / "ds"
-    datasets.Dataset.from_list(ROWS).save_to_disk(str(data))
-    out = tmp_path / "out"
-    write_audit_outputs(_result(data, 2), data, out, band="[0, 1]", plot=False)
-    rmtree = shutil.rmtree
-
-    def interrupted(path, *args, **kwargs):
-        if os.path.basename(os.fspath(path)).startswith(".ds.filtered.old-") and os.path.exists(path):
-            raise KeyboardInterrupt
-        return rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(shutil, "rmtree", interrupted)
-    try:
-        write_audit_outputs(_result(data), data, out, band="[0, 1]", plot=False)
-    except KeyboardInterrupt:
-        pass
-    monkeypatch.undo()
-    summary = json.loads((out / "summary.json").read_text())
-    assert len((out / "audit.jsonl").read_text().splitlines()) == summary["audited"]
-    assert datasets.load_from_disk(str(out / "ds.filtered")).num_rows == summary["band"]["kept"]
-
-
 def test_a_summary_that_links_to_a_pipe_is_written_into_not_replaced(tmp_path):
     """What cannot be replaced -- a pipe, a device such as /dev/null -- is written into, as every atomic write of
     entrorl's does: the FIFO stays a FIFO and its reader gets the summary."""
@@ -178,17 +156,6 @@ def test_a_summary_that_links_to_a_pipe_is_written_into_not_replaced(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the CLI
 
-REWARDS = """
-def half(prompt, completion, answer, **meta):
-    return 0.5
-
-def flaky(prompt, completion, answer, **meta):
-    if prompt.startswith("3"):
-        raise ValueError("bad thing")
-    return 0.0
-"""
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     from entrorl.lab.tiny_model import save_tiny_model
@@ -198,13 +165,177 @@ def tiny_model(tmp_path_factory) -> Path:
                            max_position_embeddings=64)
 
 
-def test_an_audit_that_fails_to_write_leaves_no_reward_errors_log_of_its_own_beside_the_earlier_set(
-        tmp_path, monkeypatch, tiny_model):
+def test_an_audit_that_fails_to_write_leaves_no_reward_errors_log_of_its_own_beside_the_earlier_set(audit, monkeypatch):
     """reward_errors.log belongs to the set: an audit whose reward failed on some samples and whose writing then fails
-    (a full disk) leaves the earlier audit's files exactly as they were, with no log of its own beside them."""
+    (a full disk) leaves the earlier audit's files exactly as they were, with no log of its own beside them; the
+    traceback is kept in a temporary file the error names."""
+    import entrorl.trainer.audit as audit_module
+
+    first = audit("half")
+    assert first.exit_code == 0, first.output
+    earlier = {path.name: path.read_bytes() for path in Path("aud").iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit_module, "write_selected_rows", full)
+    result = audit("flaky")
+    assert result.exit_code != 0 and "No space left on device" in result.output, result.output
+    assert {path.name: path.read_bytes() for path in Path("aud").iterdir()} == earlier
+    assert "bad thing" in _traceback_named(result.output)  # the traceback is kept in a temporary file, named
+
+
+def _saved_data_set(tmp_path: Path) -> Path:
+    datasets = pytest.importorskip("datasets")
+    data = tmp_path / "ds"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(data))
+    return data
+
+
+# ------------------------------------------------------------------------------------ put_in_place_together
+
+
+def test_two_names_linked_to_one_file_get_it_back_when_the_set_fails(tmp_path):
+    """Two names of the set are links to one file: it is replaced once (the first name's), and a failure later in the
+    set puts the original back (each entry moved aside has a name of its own)."""
+    out, staging = tmp_path / "out", tmp_path / "out" / ".staging"
+    staging.mkdir(parents=True)
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("the earlier audit's rows\n")
+    (out / "a.jsonl").symlink_to(kept)
+    (out / "b.jsonl").symlink_to(kept)
+    (staging / "a.jsonl").write_text("new a\n")
+    (staging / "b.jsonl").write_text("new b\n")
+    # "summary.json" is not staged: putting it in place fails, after both links' file was replaced
+    with pytest.raises(OSError):
+        put_in_place_together(staging, out, ["a.jsonl", "b.jsonl", "summary.json"])
+    assert kept.is_file(), sorted(p.name for p in tmp_path.iterdir())
+    assert kept.read_text() == "the earlier audit's rows\n"
+
+
+def test_an_interrupt_right_after_a_file_is_moved_aside_puts_it_back(tmp_path, monkeypatch):
+    """An interrupt that arrives as a file has just been moved aside (before anything records it) still has it put
+    back: what was moved aside is read from the file system."""
+    out, staging = tmp_path / "out", tmp_path / "out" / ".staging"
+    staging.mkdir(parents=True)
+    for name in ("a.json", "b.json"):
+        (out / name).write_text(f"old {name}")
+        (staging / name).write_text(f"new {name}")
+    replace = os.replace
+
+    def rename_then_interrupt(src, dst, *args, **kwargs):
+        replace(src, dst, *args, **kwargs)
+        if os.path.basename(os.fspath(src)) == "b.json" and ".old-" in os.path.basename(os.fspath(dst)):
+            raise KeyboardInterrupt  # the signal, delivered during the rename, raised as it returns
+
+    monkeypatch.setattr(os, "replace", rename_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        put_in_place_together(staging, out, ["a.json", "b.json"])
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in out.iterdir() if p.is_file()} == {"a.json": "old a.json", "b.json": "old b.json"}
+
+
+def test_a_missing_folder_behind_a_link_is_named_in_the_error(tmp_path):
+    """summary.json a dangling link into a folder that does not exist: the error names the link's target, the path
+    that is missing, not the link."""
+    data = _jsonl(tmp_path)
+    out = tmp_path / "out"
+    write_audit_outputs(_result(data), data, out, band="[0, 1]", plot=False)
+    (out / "summary.json").unlink()
+    (out / "summary.json").symlink_to(tmp_path / "gone" / "summary.json")
+    with pytest.raises(OSError) as caught:
+        write_audit_outputs(_result(data, 2), data, out, band="[0, 1]", plot=False)
+    assert "gone" in str(caught.value), str(caught.value)
+
+
+# ------------------------------------------------------------------------------------ write_audit_outputs
+
+
+def test_an_interrupt_while_the_earlier_data_set_copy_is_removed_leaves_no_reward_log_of_the_earlier_set(tmp_path, monkeypatch):
+    """What was moved aside (a big data set folder: long to remove) is removed once the whole new set is in place, an
+    earlier set's file this one has not (reward_errors.log) taken away with it: an interrupt there leaves the new set
+    whole, with no file of the earlier set."""
+    data = _saved_data_set(tmp_path)
+    out = tmp_path / "out"
+    write_audit_outputs(_result(data, 2, first_reward_error="reward raised: Traceback ..."), data, out, band="[0, 1]",
+                        plot=False)
+    assert (out / "reward_errors.log").is_file()
+    rmtree = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        if os.path.basename(os.fspath(path)).startswith(".ds.filtered.old-") and os.path.exists(path):
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+    try:
+        write_audit_outputs(_result(data), data, out, band="[0, 1]", plot=False)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["audited"] == 3 and summary["first_reward_error"] is None
+    assert not (out / "reward_errors.log").exists(), sorted(p.name for p in out.iterdir())
+    assert len((out / "audit.jsonl").read_text().splitlines()) == summary["audited"]
+    datasets = pytest.importorskip("datasets")
+    assert datasets.load_from_disk(str(out / "ds.filtered")).num_rows == summary["band"]["kept"]
+
+
+def test_a_second_interrupt_during_the_rollback_still_leaves_the_earlier_set_whole(tmp_path, monkeypatch):
+    """Placing the summary fails; the rollback first renames the earlier files back, then removes the new ones (a
+    data set folder: long): a second interrupt there still leaves the earlier set whole."""
+    datasets = pytest.importorskip("datasets")
+    data = _saved_data_set(tmp_path)
+    out = tmp_path / "out"
+    write_audit_outputs(_result(data, 2), data, out, band="[0, 1]", plot=False)
+    replace, rmtree, failed = os.replace, shutil.rmtree, []
+
+    def full_disk_on_the_summary(src, dst, *args, **kwargs):
+        if os.path.basename(os.fspath(src)) == "summary.json" and ".audit.tmp-" in os.fspath(src):
+            failed.append(src)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return replace(src, dst, *args, **kwargs)
+
+    def second_interrupt(path, *args, **kwargs):
+        name = os.path.basename(os.fspath(path))
+        if failed and os.path.exists(path) and not name.startswith(".audit.tmp-") and ".old-" not in name:
+            failed.clear()
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk_on_the_summary)
+    monkeypatch.setattr(shutil, "rmtree", second_interrupt)
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        write_audit_outputs(_result(data), data, out, band="[0, 1]", plot=False)
+    monkeypatch.undo()
+    names = sorted(p.name for p in out.iterdir())
+    assert (out / "audit.jsonl").is_file() and (out / "ds.filtered").is_dir(), names
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["audited"] == 2
+    assert len((out / "audit.jsonl").read_text().splitlines()) == 2
+    assert datasets.load_from_disk(str(out / "ds.filtered")).num_rows == 2
+
+
+# ------------------------------------------------------------------------------------ the CLI
+
+REWARDS = """
+def half(prompt, completion, answer, **meta):
+    return 0.5
+
+def flaky(prompt, completion, answer, **meta):
+    if prompt.startswith("3"):
+        raise ValueError("bad thing")
+    return 0.0
+
+def broken(prompt, completion, answer, **meta):
+    raise KeyError("no such column")
+"""
+
+
+@pytest.fixture
+def audit(tmp_path, monkeypatch, tiny_model):
     from typer.testing import CliRunner
 
-    import entrorl.trainer.audit as audit_module
     from entrorl.cli import app
 
     (tmp_path / "entrorl_test_audit_set_rewards.py").write_text(REWARDS)
@@ -212,22 +343,33 @@ def test_an_audit_that_fails_to_write_leaves_no_reward_errors_log_of_its_own_bes
     monkeypatch.chdir(tmp_path)
     Path("m.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in (1, 2, 3)))
 
-    def audit(reward: str):
+    def run(reward: str):
         return CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model), "--data", "m.jsonl", "--n", "2",
                                         "--max-new-tokens", "2", "--reward", f"entrorl_test_audit_set_rewards:{reward}",
                                         "--out", "aud", "--band", "[0, 1]"])
 
-    try:
-        first = audit("half")
-        assert first.exit_code == 0, first.output
-        earlier = {path.name: path.read_bytes() for path in Path("aud").iterdir()}
+    yield run
+    sys.modules.pop("entrorl_test_audit_set_rewards", None)
 
-        def full(*args, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(audit_module, "write_selected_rows", full)
-        result = audit("flaky")
-        assert result.exit_code != 0 and "No space left on device" in result.output, result.output
-        assert {path.name: path.read_bytes() for path in Path("aud").iterdir()} == earlier
-    finally:
-        sys.modules.pop("entrorl_test_audit_set_rewards", None)
+def _traceback_named(output: str) -> str:
+    match = re.search(r"traceback is in (\S+?)[;)]?(?:\s|$)", output)
+    assert match, output
+    kept = Path(match.group(1))
+    text = kept.read_text()
+    kept.unlink()  # a temporary file of the audit's
+    return text
+
+
+def test_a_reward_that_failed_everywhere_leaves_the_earlier_audit_s_reward_errors_log_as_it_was(audit):
+    """A reward that failed on every sample with an earlier audit's set in --out: the set is left as it was, its
+    reward_errors.log included, and the new traceback goes to a temporary file the error names."""
+    first = audit("flaky")
+    assert first.exit_code == 0, first.output
+    earlier = {path.name: path.read_bytes() for path in Path("aud").iterdir()}
+    assert b"bad thing" in earlier["reward_errors.log"]
+    result = audit("broken")
+    assert result.exit_code != 0 and "failed on all" in result.output, result.output
+    assert {path.name: path.read_bytes() for path in Path("aud").iterdir()} == earlier
+    assert "no such column" in _traceback_named(result.output)
+

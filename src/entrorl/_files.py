@@ -147,48 +147,74 @@ def write_folder_atomically(path: str | os.PathLike[str], write: Callable[[Path]
 
 
 def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], *, stale: Sequence[str] = ()) -> None:
-    """Put each of ``names`` from ``staging`` in ``directory`` as one set, then remove the files of ``stale`` (an
-    earlier set's that this one has not). A name that is a link is followed, and what it names is replaced; a pipe or
-    a device (``/dev/null``) is written into. What each replaces is first moved aside, beside it, and removed once the
-    whole set is in place: a failure on the way (a link to another file system takes a copy, which can fail), or an
-    interrupt, puts back what was there. A replaced file's permission bits are kept."""
-    replaced: list[tuple[Path, Path | None]] = []  # (where the new entry went, the earlier one moved aside)
+    """Put each of ``names`` from ``staging`` in ``directory`` as one set, and take away the entries of ``stale`` (an
+    earlier set's that this one has not; a link among them goes, not what it names). A name that is a link is
+    followed, and what it names is replaced (two names naming one file: the first's); a pipe or a device
+    (``/dev/null``) is written into. What each name replaces, and each stale entry, is first moved aside beside
+    itself; the set in, what was moved aside is removed. A failure on the way (a link to another file system takes a
+    copy, which can fail) or an interrupt moves back what was moved aside (renames only) before removing what came in,
+    so a second interrupt there leaves the earlier set whole, with hidden ``.NAME.new-PID-N`` left. A replaced file's
+    permission bits are kept; an ``OSError`` names the path it concerns."""
+    moves: list[tuple[Path, Path, bool]] = []  # (a path, where what was there goes aside, whether anything was there)
+    placed: set[Path] = set()
+    concerned = directory
     try:
-        for name in names:
+        for index, name in enumerate(names):
             staged, final = staging / name, directory / name
-            if staged.is_file() and written_in_place(final):
+            concerned = final
+            if staged.is_file() and written_in_place(final):  # cannot be moved aside, nor put back
                 write_atomically(final, lambda handle: handle.write(staged.read_bytes()))
                 continue
             target = Path(os.path.realpath(final))
-            aside = None
-            if target.exists() or target.is_symlink():
-                if target.is_file() and staged.is_file():
-                    os.chmod(staged, stat.S_IMODE(target.stat().st_mode))
-                aside = target.with_name(f".{target.name}.old-{os.getpid()}")
-                _remove_entry(aside)
-                os.replace(target, aside)
-            replaced.append((target, aside))
+            if target in placed:
+                continue
+            placed.add(target)
+            concerned = target
+            there = target.exists() or target.is_symlink()
+            if there and target.is_file() and staged.is_file():
+                os.chmod(staged, stat.S_IMODE(target.stat().st_mode))
+            moves.append((target, target.with_name(f".{target.name}.old-{os.getpid()}-{index}"), there))
+            if there:
+                os.replace(target, moves[-1][1])
             try:
                 os.replace(staged, target)
             except OSError as error:
                 if error.errno != errno.EXDEV:
                     raise
                 (shutil.copytree if staged.is_dir() else shutil.copy2)(staged, target)  # another file system
+        for index, name in enumerate(stale, start=len(names)):
+            entry = directory / name
+            concerned = entry
+            if (entry.exists() or entry.is_symlink()) and not written_in_place(entry):
+                moves.append((entry, entry.with_name(f".{entry.name}.old-{os.getpid()}-{index}"), True))
+                os.replace(entry, moves[-1][1])
     except BaseException as error:
-        for target, aside in reversed(replaced):
-            with contextlib.suppress(OSError):
-                _remove_entry(target)
-                if aside is not None:
-                    os.replace(aside, target)
+        _put_back(moves)
         if isinstance(error, OSError):
-            raise naming_file(error, directory / name, instead_of=staging / name) from None
+            raise naming_file(error, concerned, instead_of=staging / concerned.name) from None
         raise
-    for _, aside in replaced:
-        if aside is not None:
+    for _, aside, there in moves:
+        if there:
             _remove_entry(aside)
-    for name in stale:
-        if not written_in_place(directory / name):
-            (directory / name).unlink(missing_ok=True)
+
+
+def _put_back(moves: list[tuple[Path, Path, bool]]) -> None:
+    """Undo :func:`put_in_place_together`'s ``moves``: first, renames only, what came in goes to a hidden name and what
+    was moved aside comes back (read from the file system, so that a move an interrupt cut off from its record counts
+    too); then what came in is removed."""
+    incoming = []
+    for number, (path, aside, there) in enumerate(reversed(moves)):
+        with contextlib.suppress(OSError):
+            moved_aside = there and (aside.exists() or aside.is_symlink())
+            if (path.exists() or path.is_symlink()) and (moved_aside or not there):
+                new = path.with_name(f".{path.name}.new-{os.getpid()}-{number}")
+                os.replace(path, new)
+                incoming.append(new)
+            if moved_aside:
+                os.replace(aside, path)
+    for new in incoming:
+        with contextlib.suppress(OSError):
+            _remove_entry(new)
 
 
 def _remove_entry(path: Path) -> None:

@@ -1195,15 +1195,21 @@ def data_audit(
         console.print(f"[yellow]skipped[/yellow] ... and {len(result.too_long) - 20} more prompts too long for the context")
     settings = {**_sampling_settings(model, model_directory, reward_runner, defaults, sampling, n=n,
                                      max_prompts=max_prompts, seed=seed, batch_size=batch_size, policy=policy)}
+    earlier = directory / "summary.json"
     # a reward that failed on every sample labels nothing and writes no set: its traceback alone is kept, to read why
-    reward_log = (_keep_reward_traceback(result.first_reward_error, directory / REWARD_ERRORS_LOG)
+    # (in a temporary file when --out holds an earlier audit's set, which stays as it was)
+    reward_log = (_keep_reward_traceback(result.first_reward_error,
+                                         None if earlier.is_file() else directory / REWARD_ERRORS_LOG)
                   if result.reward_failed_everywhere else None)
     try:
         outputs = write_audit_outputs(result, data, directory, band=band, keep_wrong=keep_wrong, thresholds=thresholds,
                                       settings=settings)
     except (ValueError, OSError) as error:
         where = f"; its traceback is in {reward_log}" if reward_log else ""
-        earlier = directory / "summary.json"
+        if reward_log is None and result.first_reward_error is not None:  # the set it belonged to was not written
+            kept_log = _keep_reward_traceback(result.first_reward_error, None)
+            where = (f"; the reward failed on {result.reward_errors} samples, the first failure's traceback is in "
+                     f"{kept_log}" if kept_log else "")
         kept = (f" ({directory} still holds the files of an earlier audit, summary.json from "
                 f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(earlier.stat().st_mtime))})" if earlier.is_file() else "")
         _fail(f"{error}{where}{kept}")
