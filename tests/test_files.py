@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
-from entrorl._files import write_atomically, write_folder_atomically, written_in_place
+from entrorl._files import put_in_place_together, write_atomically, write_folder_atomically, written_in_place
 from entrorl.data.loading import check_output_file
 
 
@@ -126,3 +129,120 @@ def test_a_folder_write_stopped_between_its_two_renames_puts_the_old_folder_back
         write_folder_atomically(target, lambda folder: (folder.mkdir(), (folder / "new.txt").write_text("new")))
     monkeypatch.undo()
     assert sorted(p.name for p in target.iterdir()) == ["old.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+
+def _folder(path: Path, text: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "data.arrow").write_text(text)
+    return path
+
+
+def _visible(out: Path) -> dict[str, str]:
+    """The visible entries of ``out``: a file's text, a folder's data.arrow's text."""
+    return {p.name: (p / "data.arrow").read_text() if p.is_dir() else p.read_text()
+            for p in sorted(out.iterdir()) if not p.name.startswith(".")}
+
+
+def test_a_leftover_aside_folder_of_an_earlier_process_with_the_same_pid_does_not_fail_the_set(tmp_path):
+    """A `.NAME.old-PID-N` an interrupted set left (its slow removal cut short) in a process of the same id (a
+    container's PID 1 on a mounted folder) is removed before the name is used again: os.replace cannot rename a
+    folder over a non-empty one."""
+    out, staging = tmp_path / "out", tmp_path / "out" / ".staging"
+    _folder(out / "ds.filtered", "old")
+    _folder(staging / "ds.filtered", "new")
+    (out / "summary.json").write_text("old")
+    (staging / "summary.json").write_text("new")
+    _folder(out / f".ds.filtered.old-{os.getpid()}-0", "left by an interrupted audit")
+    put_in_place_together(staging, out, ["ds.filtered", "summary.json"])
+    assert _visible(out) == {"ds.filtered": "new", "summary.json": "new"}
+
+
+def test_a_leftover_new_folder_of_an_earlier_rollback_does_not_leave_one_file_of_each_set(tmp_path):
+    """A `.NAME.new-PID-N` an earlier rollback left is removed before a rollback of a process of the same id uses the
+    name: the earlier set comes back whole, not the new folder beside the earlier set's other files."""
+    out, staging = tmp_path / "out", tmp_path / "out" / ".staging"
+    _folder(out / "ds.filtered", "old")
+    _folder(staging / "ds.filtered", "new")
+    (out / "summary.json").write_text("old")
+    # summary.json is not staged: putting it in place fails after ds.filtered went in
+    _folder(out / f".ds.filtered.new-{os.getpid()}-1", "left by an earlier rollback")
+    with pytest.raises(OSError):
+        put_in_place_together(staging, out, ["ds.filtered", "summary.json"])
+    assert _visible(out) == {"ds.filtered": "old", "summary.json": "old"}
+
+
+def test_a_second_interrupt_during_the_rollback_renames_leaves_the_earlier_set_whole(tmp_path, monkeypatch):
+    """An exception during the rollback's renames (raised by a rename itself here) does not stop them: every entry is
+    put back, then it is raised."""
+    out, staging = tmp_path / "out", tmp_path / "out" / ".staging"
+    staging.mkdir(parents=True)
+    for name in ("a.json", "b.json"):
+        (out / name).write_text(f"old {name}")
+        (staging / name).write_text(f"new {name}")
+    replace, fired = os.replace, []
+
+    def interrupts(src, dst, *args, **kwargs):
+        dst_name = os.path.basename(os.fspath(dst))
+        if not fired and os.fspath(src) == os.fspath(staging / "b.json"):
+            fired.append("first")
+            raise KeyboardInterrupt  # Ctrl-C while the set goes in
+        if fired == ["first"] and ".new-" in dst_name:
+            fired.append("second")
+            raise KeyboardInterrupt  # Ctrl-C again while it is undone
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", interrupts)
+    with pytest.raises(KeyboardInterrupt):
+        put_in_place_together(staging, out, ["a.json", "b.json"])
+    monkeypatch.undo()
+    assert fired == ["first", "second"]
+    assert _visible(out) == {"a.json": "old a.json", "b.json": "old b.json"}
+
+
+def test_failing_to_remove_what_was_moved_aside_does_not_fail_a_set_that_is_in_place(tmp_path, monkeypatch):
+    """Once the whole set is in, removing what was moved aside is tidying: an OSError there (a file busy on NFS, a
+    read-only subfolder of the earlier data set copy) is a warning, and the set stands."""
+    out, staging = tmp_path / "out", tmp_path / "out" / ".staging"
+    _folder(out / "ds.filtered", "old")
+    _folder(staging / "ds.filtered", "new")
+    (out / "summary.json").write_text("old")
+    (staging / "summary.json").write_text("new")
+    rmtree = shutil.rmtree
+
+    def busy(path, *args, **kwargs):
+        if ".old-" in os.path.basename(os.fspath(path)):
+            raise OSError(errno.EBUSY, "Device or resource busy", os.fspath(path))
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", busy)
+    with pytest.warns(UserWarning, match="could not remove .*ds.filtered.old-.*Device or resource busy"):
+        put_in_place_together(staging, out, ["ds.filtered", "summary.json"])
+    monkeypatch.undo()
+    assert _visible(out) == {"ds.filtered": "new", "summary.json": "new"}
+
+
+def test_a_stop_signal_during_the_rollback_s_renames_waits_until_they_are_done(tmp_path, monkeypatch):
+    """A real SIGINT sent while the rollback renames (the user's second Ctrl-C) is held until the renames are done: the
+    earlier set is whole, then the KeyboardInterrupt comes."""
+    import signal
+
+    out, staging = tmp_path / "out", tmp_path / "out" / ".staging"
+    staging.mkdir(parents=True)
+    for name in ("a.json", "b.json"):
+        (out / name).write_text(f"old {name}")
+        (staging / name).write_text(f"new {name}")
+    replace, sent = os.replace, []
+
+    def failing_then_interrupted(source, destination, *args, **kwargs):
+        if os.fspath(source) == os.fspath(staging / "b.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if ".new-" in os.path.basename(os.fspath(destination)) and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # delivered once the renames are done
+        return replace(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        put_in_place_together(staging, out, ["a.json", "b.json"])
+    monkeypatch.undo()
+    assert sent and _visible(out) == {"a.json": "old a.json", "b.json": "old b.json"}

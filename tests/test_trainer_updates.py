@@ -754,7 +754,8 @@ def test_a_trainer_state_is_read_without_running_code_from_the_file(tmp_path):
     assert loaded["software"]["torch"] == torch.__version__ and loaded["scalars"] == [0.5, 2, 1.5]
 
     torch.save({"step": 3, "objective": {"part": _PartState(7)}}, checkpoint / "trainer.pt")
-    with pytest.raises(ValueError, match=r"holds an object of type .*_PartState.*add_safe_globals"):
+    with pytest.raises(ValueError, match=r"holds an object of type .*_PartState.*add_safe_globals.*configuration's "
+                                         r"`imports`"):
         load_trainer_state(checkpoint)
     allowed_before = torch.serialization.get_safe_globals()
     torch.serialization.add_safe_globals([_PartState])

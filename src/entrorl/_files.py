@@ -15,8 +15,11 @@ import errno
 import os
 import re
 import shutil
+import signal
 import stat
 import sys
+import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -173,9 +176,11 @@ def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], 
             there = target.exists() or target.is_symlink()
             if there and target.is_file() and staged.is_file():
                 os.chmod(staged, stat.S_IMODE(target.stat().st_mode))
-            moves.append((target, target.with_name(f".{target.name}.old-{os.getpid()}-{index}"), there))
+            aside = target.with_name(f".{target.name}.old-{os.getpid()}-{index}")
+            _remove_entry(aside)  # an earlier process's of the same id, cut short: no set's any longer
+            moves.append((target, aside, there))
             if there:
-                os.replace(target, moves[-1][1])
+                os.replace(target, aside)
             try:
                 os.replace(staged, target)
             except OSError as error:
@@ -186,35 +191,69 @@ def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], 
             entry = directory / name
             concerned = entry
             if (entry.exists() or entry.is_symlink()) and not written_in_place(entry):
-                moves.append((entry, entry.with_name(f".{entry.name}.old-{os.getpid()}-{index}"), True))
-                os.replace(entry, moves[-1][1])
+                aside = entry.with_name(f".{entry.name}.old-{os.getpid()}-{index}")
+                _remove_entry(aside)
+                moves.append((entry, aside, True))
+                os.replace(entry, aside)
     except BaseException as error:
         _put_back(moves)
         if isinstance(error, OSError):
             raise naming_file(error, concerned, instead_of=staging / concerned.name) from None
         raise
-    for _, aside, there in moves:
+    for _, aside, there in moves:  # the set is in: what is left to do is tidying, which may not fail it
         if there:
-            _remove_entry(aside)
+            try:
+                _remove_entry(aside)
+            except OSError as error:
+                warnings.warn(f"could not remove {aside}, what the new files replaced: {error}", stacklevel=2)
 
 
 def _put_back(moves: list[tuple[Path, Path, bool]]) -> None:
-    """Undo :func:`put_in_place_together`'s ``moves``: first, renames only, what came in goes to a hidden name and what
-    was moved aside comes back (read from the file system, so that a move an interrupt cut off from its record counts
-    too); then what came in is removed."""
-    incoming = []
-    for number, (path, aside, there) in enumerate(reversed(moves)):
-        with contextlib.suppress(OSError):
+    """Undo :func:`put_in_place_together`'s ``moves``: first, renames only, with SIGINT and SIGTERM held until they are
+    done, what came in goes to a hidden name and what was moved aside comes back (read from the file system, so that
+    a move an interrupt cut off from its record counts too); then what came in is removed."""
+    incoming, stopped = [], []
+
+    def step(action: Callable[[], Any]) -> bool:
+        """Whether ``action`` was done; an exception other than ``OSError`` is kept for the end, the renames go on."""
+        try:
+            action()
+            return True
+        except OSError:
+            return False
+        except BaseException as error:
+            stopped.append(error)
+            return False
+
+    with _stop_signals_held():
+        for number, (path, aside, there) in enumerate(reversed(moves)):
             moved_aside = there and (aside.exists() or aside.is_symlink())
             if (path.exists() or path.is_symlink()) and (moved_aside or not there):
                 new = path.with_name(f".{path.name}.new-{os.getpid()}-{number}")
-                os.replace(path, new)
-                incoming.append(new)
+                if step(lambda: (_remove_entry(new), os.replace(path, new))):  # a leftover of the same name goes first
+                    incoming.append(new)
             if moved_aside:
-                os.replace(aside, path)
+                step(lambda: os.replace(aside, path))
+    if stopped:
+        raise stopped[0]
     for new in incoming:
         with contextlib.suppress(OSError):
             _remove_entry(new)
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """SIGINT and SIGTERM held back (delivered when the block ends) in the main thread of a POSIX process; elsewhere,
+    nothing."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _remove_entry(path: Path) -> None:

@@ -847,8 +847,8 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
             raise ValueError(f"{path} holds an object of type {name}, which entrorl does not load from a checkpoint "
                              "(loading it could run code from the file); if the run's parts of your own keep such "
                              "objects in their state and you trust the file, allow the type with "
-                             f"torch.serialization.add_safe_globals([{name}]) in the module that registers them "
-                             "(--import)") from None
+                             f"torch.serialization.add_safe_globals([{name}]) in the module that registers them (one of "
+                             "the configuration's `imports`, or the laboratory's --import)") from None
         detail = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", str(error), re.S)
         raise ValueError(f"{path} cannot be read ({detail.group(1) if detail else error}); delete "
                          f"{Path(checkpoint).name} to resume from the checkpoint before it") from None
