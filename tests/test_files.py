@@ -171,14 +171,20 @@ def test_a_leftover_new_folder_of_an_earlier_rollback_does_not_leave_one_file_of
     assert _visible(out) == {"ds.filtered": "old", "summary.json": "old"}
 
 
-def test_a_second_interrupt_during_the_rollback_renames_leaves_the_earlier_set_whole(tmp_path, monkeypatch):
-    """An exception during the rollback's renames (raised by a rename itself here) does not stop them: every entry is
-    put back, then it is raised."""
+def _two_files_old_and_new(tmp_path: Path) -> tuple[Path, Path]:
+    """``out`` holding "old a.json" and "old b.json", ``staging`` inside it the new set's."""
     out, staging = tmp_path / "out", tmp_path / "out" / ".staging"
     staging.mkdir(parents=True)
     for name in ("a.json", "b.json"):
         (out / name).write_text(f"old {name}")
         (staging / name).write_text(f"new {name}")
+    return out, staging
+
+
+def test_a_second_interrupt_during_the_rollback_renames_leaves_the_earlier_set_whole(tmp_path, monkeypatch):
+    """An exception during the rollback's renames (raised by a rename itself here) does not stop them: every entry is
+    put back, then it is raised."""
+    out, staging = _two_files_old_and_new(tmp_path)
     replace, fired = os.replace, []
 
     def interrupts(src, dst, *args, **kwargs):
@@ -226,11 +232,7 @@ def test_a_stop_signal_during_the_rollback_s_renames_waits_until_they_are_done(t
     earlier set is whole, then the KeyboardInterrupt comes."""
     import signal
 
-    out, staging = tmp_path / "out", tmp_path / "out" / ".staging"
-    staging.mkdir(parents=True)
-    for name in ("a.json", "b.json"):
-        (out / name).write_text(f"old {name}")
-        (staging / name).write_text(f"new {name}")
+    out, staging = _two_files_old_and_new(tmp_path)
     replace, sent = os.replace, []
 
     def failing_then_interrupted(source, destination, *args, **kwargs):
