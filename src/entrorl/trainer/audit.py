@@ -442,8 +442,8 @@ def write_audit_outputs(
             dropped_as_wrong += 1
         keep[index] = in_band and (keep_wrong or not wrong)
 
-    # The set is written into a folder of its own inside ``directory``, then moved into place, the summary last: a
-    # failure on the way (a full disk) leaves an earlier audit's set as it was, not mixed with this one's.
+    # The set is written into a folder of its own inside ``directory``, then put in place as one set (the summary last):
+    # a failure on the way (a full disk) or an interrupt leaves an earlier audit's set as it was, not mixed with this one.
     staging = directory / f".audit.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
