@@ -9,8 +9,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
+import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -373,3 +376,51 @@ def test_a_reward_that_failed_everywhere_leaves_the_earlier_audit_s_reward_error
     assert {path.name: path.read_bytes() for path in Path("aud").iterdir()} == earlier
     assert "no such column" in _traceback_named(result.output)
 
+
+_AUDIT = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+    base, n, kill = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "kill"
+    model = base / "model"
+    if not model.exists():
+        from entrorl.lab.tiny_model import save_tiny_model
+        save_tiny_model(model, seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                        max_position_embeddings=64)
+    data = base / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\\n" for a in range(4)))
+    if kill:  # a job scheduler's SIGTERM while the set goes in: after the second file of the set is in place
+        replace, count = os.replace, [0]
+        def replace_then_terminate(source, destination, *args, **kwargs):
+            done = replace(source, destination, *args, **kwargs)
+            if ".audit.tmp-" in os.fspath(source):
+                count[0] += 1
+                if count[0] == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return done
+        os.replace = replace_then_terminate
+    sys.argv = ["entrorl", "data", "audit", "--model", str(model), "--data", str(data), "--n", n,
+                "--max-new-tokens", "2", "--out", str(base / "out")]
+    from entrorl.cli import main
+    main()
+""")
+
+
+def test_a_sigterm_while_data_audit_puts_its_set_in_place_leaves_the_earlier_set_whole(tmp_path):
+    """A job scheduler's SIGTERM while `entrorl data audit` puts its set in place (after its second file went in):
+    the set is rolled back as on Ctrl-C, the earlier audit's files are as they were, and the command says
+    "terminated" and exits 143."""
+    script = tmp_path / "audit.py"
+    script.write_text(_AUDIT)
+    environment = {**os.environ, "TMPDIR": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
+                   "ENTRORL_CACHE": str(tmp_path / "cache")}
+    first = subprocess.run([sys.executable, str(script), str(tmp_path), "2", "no"], capture_output=True, text=True,
+                           env=environment, timeout=300)
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "out"
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    second = subprocess.run([sys.executable, str(script), str(tmp_path), "3", "kill"], capture_output=True, text=True,
+                            env=environment, timeout=300)
+    now = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+    assert now == earlier, f"mixed set: changed {sorted(k for k in now if now[k] != earlier.get(k))}"
+    assert second.returncode == 128 + signal.SIGTERM and "terminated" in second.stderr, (second.returncode,
+                                                                                          second.stderr[-500:])

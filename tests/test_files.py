@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import pathlib
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -227,24 +231,46 @@ def test_failing_to_remove_what_was_moved_aside_does_not_fail_a_set_that_is_in_p
     assert _visible(out) == {"ds.filtered": "new", "summary.json": "new"}
 
 
-def test_a_stop_signal_during_the_rollback_s_renames_waits_until_they_are_done(tmp_path, monkeypatch):
-    """A real SIGINT sent while the rollback renames (the user's second Ctrl-C) is held until the renames are done: the
-    earlier set is whole, then the KeyboardInterrupt comes."""
-    import signal
-
+def test_a_sigint_during_the_rollback_renames_is_held_in_a_process_with_another_thread(tmp_path, monkeypatch):
+    """A real SIGINT (the user's second Ctrl-C) during the rollback's renames, in a process with another thread (torch's,
+    a progress bar's: the kernel may hand the signal to any of them), waits until the renames are done: the earlier set
+    is whole, then the KeyboardInterrupt comes."""
     out, staging = _two_files_old_and_new(tmp_path)
-    replace, sent = os.replace, []
+    names = ["a.json", "b.json", "c.json"]
+    (out / "c.json").write_text("old c.json")
+    (staging / "c.json").write_text("new c.json")
 
-    def failing_then_interrupted(source, destination, *args, **kwargs):
-        if os.fspath(source) == os.fspath(staging / "b.json"):
+    other = threading.Event()
+    helper = threading.Thread(target=other.wait, daemon=True)  # any other thread of the process
+    helper.start()
+
+    replace, exists, state = os.replace, pathlib.Path.exists, {"rollback": False, "asides": 0, "sent": False}
+
+    def failing(source, destination, *args, **kwargs):
+        if os.fspath(source) == os.fspath(staging / "c.json"):
+            state["rollback"] = True
             raise OSError(errno.ENOSPC, "No space left on device")
-        if ".new-" in os.path.basename(os.fspath(destination)) and not sent:
-            sent.append(True)
-            os.kill(os.getpid(), signal.SIGINT)  # delivered once the renames are done
         return replace(source, destination, *args, **kwargs)
 
-    monkeypatch.setattr(os, "replace", failing_then_interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        put_in_place_together(staging, out, ["a.json", "b.json"])
-    monkeypatch.undo()
-    assert sent and _visible(out) == {"a.json": "old a.json", "b.json": "old b.json"}
+    def exists_then_signal(self, *args, **kwargs):
+        result = exists(self, *args, **kwargs)
+        if state["rollback"] and ".old-" in self.name and not state["sent"]:
+            state["asides"] += 1
+            if state["asides"] == 2:  # the rollback has put c.json back; b.json and a.json are next
+                state["sent"] = True
+                os.kill(os.getpid(), signal.SIGINT)  # the user's second Ctrl-C, a real signal
+                end = time.monotonic() + 0.5
+                while time.monotonic() < end:  # held: nothing happens here
+                    pass
+        return result
+
+    monkeypatch.setattr(os, "replace", failing)
+    monkeypatch.setattr(pathlib.Path, "exists", exists_then_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            put_in_place_together(staging, out, names)
+    finally:
+        monkeypatch.undo()
+        other.set()
+    assert state["sent"]
+    assert _visible(out) == {name: f"old {name}" for name in names}

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import re
+import secrets
 import shutil
 import signal
 import stat
@@ -156,13 +157,13 @@ def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], 
     (``/dev/null``) is written into. What each name replaces, and each stale entry, is first moved aside beside
     itself; the set in, what was moved aside is removed. A failure on the way (a link to another file system takes a
     copy, which can fail) or an interrupt moves back what was moved aside (renames only) before removing what came in,
-    so a second interrupt there leaves the earlier set whole, with hidden ``.NAME.new-PID-N`` left. A replaced file's
-    permission bits are kept; an ``OSError`` names the path it concerns."""
+    so a second interrupt there leaves the earlier set whole, with hidden ``.NAME.new-PID-...`` left. A replaced
+    file's permission bits are kept; an ``OSError`` names the path it concerns."""
     moves: list[tuple[Path, Path, bool]] = []  # (a path, where what was there goes aside, whether anything was there)
     placed: set[Path] = set()
     concerned = directory
     try:
-        for index, name in enumerate(names):
+        for name in names:
             staged, final = staging / name, directory / name
             concerned = final
             if staged.is_file() and written_in_place(final):  # cannot be moved aside, nor put back
@@ -176,8 +177,7 @@ def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], 
             there = target.exists() or target.is_symlink()
             if there and target.is_file() and staged.is_file():
                 os.chmod(staged, stat.S_IMODE(target.stat().st_mode))
-            aside = target.with_name(f".{target.name}.old-{os.getpid()}-{index}")
-            _remove_entry(aside)  # an earlier process's of the same id, cut short: no set's any longer
+            aside = _hidden_name(target, "old")
             moves.append((target, aside, there))
             if there:
                 os.replace(target, aside)
@@ -187,12 +187,11 @@ def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], 
                 if error.errno != errno.EXDEV:
                     raise
                 (shutil.copytree if staged.is_dir() else shutil.copy2)(staged, target)  # another file system
-        for index, name in enumerate(stale, start=len(names)):
+        for name in stale:
             entry = directory / name
             concerned = entry
             if (entry.exists() or entry.is_symlink()) and not written_in_place(entry):
-                aside = entry.with_name(f".{entry.name}.old-{os.getpid()}-{index}")
-                _remove_entry(aside)
+                aside = _hidden_name(entry, "old")
                 moves.append((entry, aside, True))
                 os.replace(entry, aside)
     except BaseException as error:
@@ -210,8 +209,9 @@ def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], 
 
 def _put_back(moves: list[tuple[Path, Path, bool]]) -> None:
     """Undo :func:`put_in_place_together`'s ``moves``: first, renames only, with SIGINT and SIGTERM held until they are
-    done, what came in goes to a hidden name and what was moved aside comes back (read from the file system, so that
-    a move an interrupt cut off from its record counts too); then what came in is removed."""
+    done (whichever thread they reach), what came in goes to a hidden name and what was moved aside comes back (read
+    from the file system, so that a move an interrupt cut off from its record counts too); then what came in is
+    removed."""
     incoming, stopped = [], []
 
     def step(action: Callable[[], Any]) -> bool:
@@ -226,11 +226,11 @@ def _put_back(moves: list[tuple[Path, Path, bool]]) -> None:
             return False
 
     with _stop_signals_held():
-        for number, (path, aside, there) in enumerate(reversed(moves)):
+        for path, aside, there in reversed(moves):
             moved_aside = there and (aside.exists() or aside.is_symlink())
             if (path.exists() or path.is_symlink()) and (moved_aside or not there):
-                new = path.with_name(f".{path.name}.new-{os.getpid()}-{number}")
-                if step(lambda: (_remove_entry(new), os.replace(path, new))):  # a leftover of the same name goes first
+                new = _hidden_name(path, "new")
+                if step(lambda: os.replace(path, new)):
                     incoming.append(new)
             if moved_aside:
                 step(lambda: os.replace(aside, path))
@@ -243,17 +243,31 @@ def _put_back(moves: list[tuple[Path, Path, bool]]) -> None:
 
 @contextlib.contextmanager
 def _stop_signals_held():
-    """SIGINT and SIGTERM held back (delivered when the block ends) in the main thread of a POSIX process; elsewhere,
-    nothing."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """SIGINT and SIGTERM held back inside, then delivered as they would have been (their handlers, or their default
+    actions): in the main thread, handlers that only note them stand in for the others meanwhile, so a signal that
+    reaches any of the process's threads waits. Elsewhere (another thread, where handlers cannot be set), nothing. A
+    signal the process ignores stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(number) is not signal.SIG_IGN:
+            previous[number] = signal.signal(number, lambda received, frame: noted.append(received))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():  # None: a handler set outside Python, which cannot be put back
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        for number in dict.fromkeys(noted):
+            signal.raise_signal(number)
+
+
+def _hidden_name(path: Path, what: str) -> Path:
+    """A hidden name beside ``path`` that nothing has: ``.NAME.<what>-PID-<random>`` (a process of the same id may
+    have left one of its own, cut short)."""
+    return path.with_name(f".{path.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _remove_entry(path: Path) -> None:

@@ -1202,8 +1202,9 @@ def data_audit(
                                          None if earlier.is_file() else directory / REWARD_ERRORS_LOG)
                   if result.reward_failed_everywhere else None)
     try:
-        outputs = write_audit_outputs(result, data, directory, band=band, keep_wrong=keep_wrong, thresholds=thresholds,
-                                      settings=settings)
+        with _said_when_interrupted(f"while writing the audit's files: {directory} holds what it held before"):
+            outputs = write_audit_outputs(result, data, directory, band=band, keep_wrong=keep_wrong,
+                                          thresholds=thresholds, settings=settings)
     except (ValueError, OSError) as error:
         where = f"; its traceback is in {reward_log}" if reward_log else ""
         if reward_log is None and result.first_reward_error is not None:  # the set it belonged to was not written
