@@ -424,3 +424,42 @@ def test_a_sigterm_while_data_audit_puts_its_set_in_place_leaves_the_earlier_set
     assert now == earlier, f"mixed set: changed {sorted(k for k in now if now[k] != earlier.get(k))}"
     assert second.returncode == 128 + signal.SIGTERM and "terminated" in second.stderr, (second.returncode,
                                                                                           second.stderr[-500:])
+
+
+def test_data_audit_interrupted_after_its_set_went_in_does_not_say_the_folder_holds_the_earlier_set(
+        tmp_path, monkeypatch, tiny_model):
+    """`entrorl data audit` interrupted once its new set is in (while what it replaced is being removed: a saved data
+    set's filtered copy is long to remove) says the folder holds this audit's set; interrupted before, that it holds
+    what it held before."""
+    import entrorl._files as files
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    Path("m.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n"
+                                       for i in (1, 2, 3)))
+
+    def run(n: str):
+        return CliRunner().invoke(app, ["data", "audit", "--model", str(tiny_model), "--data", "m.jsonl", "--n", n,
+                                        "--max-new-tokens", "2", "--out", "aud", "--band", "[0, 1]"])
+
+    first = run("2")
+    assert first.exit_code == 0, first.output
+    earlier = {p.name: p.read_bytes() for p in Path("aud").iterdir()}
+
+    remove = files._remove_entry
+
+    def interrupted(path):
+        if ".old-" in path.name:  # the set is in; what it replaced is being removed
+            raise KeyboardInterrupt
+        return remove(path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "_remove_entry", interrupted)
+        second = run("3")
+    now = {p.name: p.read_bytes() for p in Path("aud").iterdir() if not p.name.startswith(".")}
+    assert second.exit_code == 130, second.output
+    said = " ".join(second.output.split())
+    assert "after the audit's files went in: aud holds this audit's set" in said
+    assert json.loads(now["summary.json"])["n"] == 3 and now != earlier

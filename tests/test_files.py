@@ -7,6 +7,9 @@ import os
 import pathlib
 import shutil
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -274,3 +277,75 @@ def test_a_sigint_during_the_rollback_renames_is_held_in_a_process_with_another_
         other.set()
     assert state["sent"]
     assert _visible(out) == {name: f"old {name}" for name in names}
+
+
+_BOTH_SIGNALS = textwrap.dedent("""
+    import errno, os, signal, sys
+    from pathlib import Path
+    import entrorl._files as files
+    out, staging = Path(sys.argv[1]) / "out", Path(sys.argv[1]) / "out" / ".staging"
+    replace, sent = os.replace, []
+    def failing_then_signalled(source, destination, *args, **kwargs):
+        if os.fspath(source) == os.fspath(staging / "b.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # the set fails: rollback
+        if ".new-" in os.path.basename(os.fspath(destination)) and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)   # the user's Ctrl-C ...
+            os.kill(os.getpid(), signal.SIGTERM)  # ... and the job scheduler's SIGTERM, both during the rollback
+        return replace(source, destination, *args, **kwargs)
+    os.replace = failing_then_signalled
+    try:
+        files.put_in_place_together(staging, out, ["a.json", "b.json"])
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt caught; SIGTERM not delivered", flush=True)
+    except OSError:
+        print("OSError", flush=True)
+    sys.exit(0)
+""")
+
+
+def test_a_sigterm_noted_during_the_rollback_after_a_sigint_is_still_delivered(tmp_path):
+    """Default handlers (a library user's: SIGINT raises KeyboardInterrupt, SIGTERM ends the process). Both arrive
+    during the rollback's renames: both are delivered afterwards, SIGTERM too although SIGINT's handler raised first,
+    so a caller that catches KeyboardInterrupt (a notebook, a retry loop) is still terminated."""
+    _two_files_old_and_new(tmp_path)
+    script = tmp_path / "both.py"
+    script.write_text(_BOTH_SIGNALS)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ})
+    assert done.returncode == -signal.SIGTERM, (done.returncode, done.stdout, done.stderr[-800:])
+
+
+def test_a_signal_while_the_handlers_are_put_back_does_not_leave_the_noting_handler_installed(tmp_path, monkeypatch):
+    """A Ctrl-C arriving while the handlers are put back (right after SIGINT's) does not stop the putting back:
+    SIGTERM gets its own handler again, not the one that only notes signals."""
+    out, staging = _two_files_old_and_new(tmp_path)
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    replace, real_signal = os.replace, signal.signal
+    state = {"rollback": False, "sent": False}
+
+    def failing(source, destination, *args, **kwargs):
+        if os.fspath(source) == os.fspath(staging / "b.json"):
+            state["rollback"] = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return replace(source, destination, *args, **kwargs)
+
+    def signal_then_ctrl_c(number, handler):
+        previous = real_signal(number, handler)
+        if state["rollback"] and number == signal.SIGINT and handler is signal.default_int_handler \
+                and not state["sent"]:  # SIGINT's handler was just put back: the user presses Ctrl-C now
+            state["sent"] = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return previous
+
+    monkeypatch.setattr(os, "replace", failing)
+    monkeypatch.setattr(signal, "signal", signal_then_ctrl_c)
+    try:
+        with pytest.raises((KeyboardInterrupt, OSError)):
+            put_in_place_together(staging, out, ["a.json", "b.json"])
+    finally:
+        monkeypatch.undo()
+        left = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, sigterm_before)  # do not leave it for the other tests
+    assert state["sent"]
+    assert left == sigterm_before, f"SIGTERM's handler left as {left!r} (notes the signal, never acts on it)"

@@ -244,24 +244,45 @@ def _put_back(moves: list[tuple[Path, Path, bool]]) -> None:
 @contextlib.contextmanager
 def _stop_signals_held():
     """SIGINT and SIGTERM held back inside, then delivered as they would have been (their handlers, or their default
-    actions): in the main thread, handlers that only note them stand in for the others meanwhile, so a signal that
-    reaches any of the process's threads waits. Elsewhere (another thread, where handlers cannot be set), nothing. A
-    signal the process ignores stays ignored."""
+    actions), every one of them: in the main thread, handlers that only note them stand in for the others meanwhile,
+    so a signal that reaches any of the process's threads waits. Elsewhere (another thread, where handlers cannot be
+    set), nothing. A signal the process ignores stays ignored. A signal that arrives while the handlers are swapped
+    does not stop the swap: what is put back is put back whole."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     noted: list[int] = []
-    previous = {}
-    for number in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(number) is not signal.SIG_IGN:
-            previous[number] = signal.signal(number, lambda received, frame: noted.append(received))
+    previous: dict[int, Any] = {}
     try:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(number) is not signal.SIG_IGN:
+                previous[number] = signal.getsignal(number)  # first: a signal between the two lines finds it kept
+                signal.signal(number, lambda received, frame: noted.append(received))
         yield
     finally:
-        for number, handler in previous.items():  # None: a handler set outside Python, which cannot be put back
-            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
-        for number in dict.fromkeys(noted):
-            signal.raise_signal(number)
+        raised = [*_until_done(lambda: [signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+                                        for number, handler in previous.items()])]
+        for number in dict.fromkeys(noted):  # a handler's exception waits until every signal is delivered
+            raised += _until_done(lambda: signal.raise_signal(number), once=True)
+        if raised:
+            raise raised[0]
+
+
+def _until_done(action: Callable[[], Any], *, once: bool = False) -> list[BaseException]:
+    """Do ``action`` (idempotent) again until it runs through without being interrupted (a signal handler's exception,
+    raised between two of its steps), or, with ``once``, once; the exceptions it met. An error of its own
+    (an ``Exception``) ends it."""
+    met: list[BaseException] = []
+    while True:
+        try:
+            action()
+            return met
+        except Exception as error:
+            return [*met, error]
+        except BaseException as error:
+            met.append(error)
+            if once:
+                return met
 
 
 def _hidden_name(path: Path, what: str) -> Path:

@@ -440,18 +440,30 @@ def _sigterm_as_interrupt():
 
 
 @contextlib.contextmanager
-def _said_when_interrupted(what: str):
-    """Ctrl-C or SIGTERM inside: one line saying so and what became of the work (after the progress bar has let go of
-    the terminal), then exit 128 + the signal's number (130, 143), as the signal itself would, without a traceback."""
+def _said_when_interrupted(what: str | Callable[[], str]):
+    """Ctrl-C or SIGTERM inside: one line saying so and what became of the work (``what``, or what it returns then;
+    after the progress bar has let go of the terminal), then exit 128 + the signal's number (130, 143), as the signal
+    itself would, without a traceback."""
     try:
         with _sigterm_as_interrupt():
             yield
     except _Terminated:
-        console.print(Text.assemble(("terminated", "bold yellow"), f" (SIGTERM) {what}"), soft_wrap=True)
+        said = what if isinstance(what, str) else what()
+        console.print(Text.assemble(("terminated", "bold yellow"), f" (SIGTERM) {said}"), soft_wrap=True)
         raise typer.Exit(128 + signal.SIGTERM) from None
     except KeyboardInterrupt:
-        console.print(Text.assemble(("interrupted", "bold yellow"), f" {what}"), soft_wrap=True)
+        said = what if isinstance(what, str) else what()
+        console.print(Text.assemble(("interrupted", "bold yellow"), f" {said}"), soft_wrap=True)
         raise typer.Exit(128 + signal.SIGINT) from None
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """``path``'s device, inode and modification time, which a file put in its place changes; None when there is none."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_mtime_ns
 
 
 def _note_if_greedy_samples_repeat(n: int, temperature: float, top_k: int | None = None) -> None:
@@ -1201,8 +1213,16 @@ def data_audit(
     reward_log = (_keep_reward_traceback(result.first_reward_error,
                                          None if earlier.is_file() else directory / REWARD_ERRORS_LOG)
                   if result.reward_failed_everywhere else None)
+    summary_before = _file_identity(earlier)
+
+    def what_the_folder_holds() -> str:  # the summary goes in last: a new one means the whole set is in
+        if _file_identity(earlier) in (summary_before, None):
+            return f"while writing the audit's files: {directory} holds what it held before"
+        return (f"after the audit's files went in: {directory} holds this audit's set (what it replaced may be left "
+                "under hidden .NAME.old-... names)")
+
     try:
-        with _said_when_interrupted(f"while writing the audit's files: {directory} holds what it held before"):
+        with _said_when_interrupted(what_the_folder_holds):
             outputs = write_audit_outputs(result, data, directory, band=band, keep_wrong=keep_wrong,
                                           thresholds=thresholds, settings=settings)
     except (ValueError, OSError) as error:
