@@ -349,3 +349,79 @@ def test_a_signal_while_the_handlers_are_put_back_does_not_leave_the_noting_hand
         signal.signal(signal.SIGTERM, sigterm_before)  # do not leave it for the other tests
     assert state["sent"]
     assert left == sigterm_before, f"SIGTERM's handler left as {left!r} (notes the signal, never acts on it)"
+
+
+def test_a_ctrl_c_while_the_rollback_swaps_in_its_noting_handlers_does_not_skip_the_rollback(tmp_path, monkeypatch):
+    """A second Ctrl-C that arrives while the rollback installs its noting handlers (after SIGINT's handler is read,
+    before it is replaced) does not skip the rollback: the earlier set is whole, then the KeyboardInterrupt comes."""
+    out, staging = _two_files_old_and_new(tmp_path)
+    replace, real_getsignal = os.replace, signal.getsignal
+    state = {"rollback": False, "sent": False}
+
+    def failing(source, destination, *args, **kwargs):
+        if os.fspath(source) == os.fspath(staging / "b.json"):
+            state["rollback"] = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return replace(source, destination, *args, **kwargs)
+
+    def getsignal_then_ctrl_c(number):
+        handler = real_getsignal(number)
+        if state["rollback"] and number == signal.SIGINT and not state["sent"]:
+            state["sent"] = True  # the user presses Ctrl-C again just as the rollback starts holding signals
+            os.kill(os.getpid(), signal.SIGINT)
+        return handler
+
+    sigint_before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(os, "replace", failing)
+    monkeypatch.setattr(signal, "getsignal", getsignal_then_ctrl_c)
+    try:
+        with pytest.raises((KeyboardInterrupt, OSError)):
+            put_in_place_together(staging, out, ["a.json", "b.json"])
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, sigint_before)
+    assert state["sent"]
+    assert _visible(out) == {"a.json": "old a.json", "b.json": "old b.json"}, _visible(out)
+
+
+_BOTH_SIGNALS_IN_THE_CLI = textwrap.dedent("""
+    import errno, os, signal, sys
+    from pathlib import Path
+    import typer
+    import entrorl._files as files
+    from entrorl.cli import _said_when_interrupted
+    out, staging = Path(sys.argv[1]) / "out", Path(sys.argv[1]) / "out" / ".staging"
+    replace, sent = os.replace, []
+    def failing_then_signalled(source, destination, *args, **kwargs):
+        if os.fspath(source) == os.fspath(staging / "b.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # the set fails: rollback
+        if ".new-" in os.path.basename(os.fspath(destination)) and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)   # the user's Ctrl-C ...
+            os.kill(os.getpid(), signal.SIGTERM)  # ... and the job scheduler's SIGTERM, both during the rollback
+        return replace(source, destination, *args, **kwargs)
+    os.replace = failing_then_signalled
+    try:
+        with _said_when_interrupted("while writing"):
+            files.put_in_place_together(staging, out, ["a.json", "b.json"])
+    except typer.Exit as done:
+        print("EXIT", done.exit_code, flush=True)
+        sys.exit(done.exit_code)
+    except OSError:
+        print("OSError", flush=True)
+        sys.exit(1)
+    sys.exit(0)
+""")
+
+
+def test_a_sigterm_noted_after_a_sigint_during_the_rollback_ends_the_cli_as_terminated(tmp_path):
+    """In the CLI (SIGTERM's handler raises _Terminated), a Ctrl-C and a job scheduler's SIGTERM both noted during the
+    rollback: SIGTERM's exception is the one the caller gets (delivered last), so the command says "terminated" and
+    exits 143."""
+    _two_files_old_and_new(tmp_path)
+    script = tmp_path / "both_cli.py"
+    script.write_text(_BOTH_SIGNALS_IN_THE_CLI)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 128 + signal.SIGTERM, (done.returncode, done.stdout, done.stderr[-800:])
+    assert "terminated" in done.stdout + done.stderr

@@ -244,28 +244,40 @@ def _put_back(moves: list[tuple[Path, Path, bool]]) -> None:
 @contextlib.contextmanager
 def _stop_signals_held():
     """SIGINT and SIGTERM held back inside, then delivered as they would have been (their handlers, or their default
-    actions), every one of them: in the main thread, handlers that only note them stand in for the others meanwhile,
-    so a signal that reaches any of the process's threads waits. Elsewhere (another thread, where handlers cannot be
-    set), nothing. A signal the process ignores stays ignored. A signal that arrives while the handlers are swapped
-    does not stop the swap: what is put back is put back whole."""
+    actions), every one of them, SIGTERM last: in the main thread, handlers that only note them stand in for the others
+    meanwhile, so a signal that reaches any of the process's threads waits. Elsewhere (another thread, where handlers
+    cannot be set), nothing. A signal the process ignores stays ignored. A signal that arrives while the handlers are
+    swapped, in or out, does not stop the swap (nor what is held). Of the exceptions the handlers raise, the caller
+    gets the last: SIGTERM's when it came, the others in its context."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     noted: list[int] = []
     previous: dict[int, Any] = {}
-    try:
+
+    def note(received, frame) -> None:
+        noted.append(received)
+
+    def hold() -> None:  # again after an interruption: what it did stays done
         for number in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(number) is not signal.SIG_IGN:
+            if number not in previous:
+                if signal.getsignal(number) is signal.SIG_IGN:
+                    continue
                 previous[number] = signal.getsignal(number)  # first: a signal between the two lines finds it kept
-                signal.signal(number, lambda received, frame: noted.append(received))
+            signal.signal(number, note)
+
+    raised = _until_done(hold)
+    try:
         yield
     finally:
-        raised = [*_until_done(lambda: [signal.signal(number, handler if handler is not None else signal.SIG_DFL)
-                                        for number, handler in previous.items()])]
-        for number in dict.fromkeys(noted):  # a handler's exception waits until every signal is delivered
+        raised += _until_done(lambda: [signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+                                       for number, handler in previous.items()])
+        for number in sorted(set(noted), key=lambda number: number == signal.SIGTERM):
             raised += _until_done(lambda: signal.raise_signal(number), once=True)
+        for earlier, later in zip(raised, raised[1:]):
+            later.__context__ = later.__context__ or earlier
         if raised:
-            raise raised[0]
+            raise raised[-1]
 
 
 def _until_done(action: Callable[[], Any], *, once: bool = False) -> list[BaseException]:
