@@ -279,43 +279,6 @@ def test_a_sigint_during_the_rollback_renames_is_held_in_a_process_with_another_
     assert _visible(out) == {name: f"old {name}" for name in names}
 
 
-_BOTH_SIGNALS = textwrap.dedent("""
-    import errno, os, signal, sys
-    from pathlib import Path
-    import entrorl._files as files
-    out, staging = Path(sys.argv[1]) / "out", Path(sys.argv[1]) / "out" / ".staging"
-    replace, sent = os.replace, []
-    def failing_then_signalled(source, destination, *args, **kwargs):
-        if os.fspath(source) == os.fspath(staging / "b.json"):
-            raise OSError(errno.ENOSPC, "No space left on device")  # the set fails: rollback
-        if ".new-" in os.path.basename(os.fspath(destination)) and not sent:
-            sent.append(True)
-            os.kill(os.getpid(), signal.SIGINT)   # the user's Ctrl-C ...
-            os.kill(os.getpid(), signal.SIGTERM)  # ... and the job scheduler's SIGTERM, both during the rollback
-        return replace(source, destination, *args, **kwargs)
-    os.replace = failing_then_signalled
-    try:
-        files.put_in_place_together(staging, out, ["a.json", "b.json"])
-    except KeyboardInterrupt:
-        print("KeyboardInterrupt caught; SIGTERM not delivered", flush=True)
-    except OSError:
-        print("OSError", flush=True)
-    sys.exit(0)
-""")
-
-
-def test_a_sigterm_noted_during_the_rollback_after_a_sigint_is_still_delivered(tmp_path):
-    """Default handlers (a library user's: SIGINT raises KeyboardInterrupt, SIGTERM ends the process). Both arrive
-    during the rollback's renames: both are delivered afterwards, SIGTERM too although SIGINT's handler raised first,
-    so a caller that catches KeyboardInterrupt (a notebook, a retry loop) is still terminated."""
-    _two_files_old_and_new(tmp_path)
-    script = tmp_path / "both.py"
-    script.write_text(_BOTH_SIGNALS)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ})
-    assert done.returncode == -signal.SIGTERM, (done.returncode, done.stdout, done.stderr[-800:])
-
-
 def test_a_signal_while_the_handlers_are_put_back_does_not_leave_the_noting_handler_installed(tmp_path, monkeypatch):
     """A Ctrl-C arriving while the handlers are put back (right after SIGINT's) does not stop the putting back:
     SIGTERM gets its own handler again, not the one that only notes signals."""
@@ -384,8 +347,8 @@ def test_a_ctrl_c_while_the_rollback_swaps_in_its_noting_handlers_does_not_skip_
     assert _visible(out) == {"a.json": "old a.json", "b.json": "old b.json"}, _visible(out)
 
 
-_BOTH_SIGNALS_IN_THE_CLI = textwrap.dedent("""
-    import errno, os, signal, sys
+_BOTH_SIGNALS = textwrap.dedent("""
+    import contextlib, errno, os, signal, sys
     from pathlib import Path
     import typer
     import entrorl._files as files
@@ -401,12 +364,15 @@ _BOTH_SIGNALS_IN_THE_CLI = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGTERM)  # ... and the job scheduler's SIGTERM, both during the rollback
         return replace(source, destination, *args, **kwargs)
     os.replace = failing_then_signalled
+    in_the_cli = sys.argv[2] == "cli"  # SIGTERM raising the CLI's _Terminated, else its default action
     try:
-        with _said_when_interrupted("while writing"):
+        with _said_when_interrupted("while writing") if in_the_cli else contextlib.nullcontext():
             files.put_in_place_together(staging, out, ["a.json", "b.json"])
     except typer.Exit as done:
         print("EXIT", done.exit_code, flush=True)
         sys.exit(done.exit_code)
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt caught; SIGTERM not delivered", flush=True)
     except OSError:
         print("OSError", flush=True)
         sys.exit(1)
@@ -414,14 +380,18 @@ _BOTH_SIGNALS_IN_THE_CLI = textwrap.dedent("""
 """)
 
 
-def test_a_sigterm_noted_after_a_sigint_during_the_rollback_ends_the_cli_as_terminated(tmp_path):
-    """In the CLI (SIGTERM's handler raises _Terminated), a Ctrl-C and a job scheduler's SIGTERM both noted during the
-    rollback: SIGTERM's exception is the one the caller gets (delivered last), so the command says "terminated" and
-    exits 143."""
+@pytest.mark.parametrize("caller", ["library", "cli"])
+def test_a_sigterm_noted_after_a_sigint_during_the_rollback_is_delivered(tmp_path, caller):
+    """A Ctrl-C and a job scheduler's SIGTERM both noted during the rollback's renames: both are delivered afterwards,
+    SIGTERM last. With the default handlers (a library user's) the process ends by SIGTERM although the caller catches
+    KeyboardInterrupt; in the CLI (SIGTERM raises _Terminated) the command says "terminated" and exits 143."""
     _two_files_old_and_new(tmp_path)
-    script = tmp_path / "both_cli.py"
-    script.write_text(_BOTH_SIGNALS_IN_THE_CLI)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "200"})
-    assert done.returncode == 128 + signal.SIGTERM, (done.returncode, done.stdout, done.stderr[-800:])
-    assert "terminated" in done.stdout + done.stderr
+    script = tmp_path / "both.py"
+    script.write_text(_BOTH_SIGNALS)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), caller], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})
+    if caller == "library":
+        assert done.returncode == -signal.SIGTERM, (done.returncode, done.stdout, done.stderr[-800:])
+    else:
+        assert done.returncode == 128 + signal.SIGTERM, (done.returncode, done.stdout, done.stderr[-800:])
+        assert "terminated" in done.stdout + done.stderr
