@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+import typer
 
 from entrorl._files import put_in_place_together, write_atomically, write_folder_atomically, written_in_place
+from entrorl.cli import _said_when_interrupted, _sigterm_as_interrupt, _Terminated
 from entrorl.data.loading import check_output_file
 
 
@@ -234,7 +236,19 @@ def test_failing_to_remove_what_was_moved_aside_does_not_fail_a_set_that_is_in_p
     assert _visible(out) == {"ds.filtered": "new", "summary.json": "new"}
 
 
-def test_a_sigint_during_the_rollback_renames_is_held_in_a_process_with_another_thread(tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raising KeyboardInterrupt, as in an interactive process, for the test's length (a process started in the
+    background of a non-interactive shell, a CI job's, begins with SIGINT ignored, and Python keeps it so); SIGTERM's
+    handler, which a test may change, put back after it."""
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for number, handler in before.items():
+        signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+
+def test_a_sigint_during_the_rollback_renames_is_held_in_a_process_with_another_thread(tmp_path, monkeypatch, sigint_raises):
     """A real SIGINT (the user's second Ctrl-C) during the rollback's renames, in a process with another thread (torch's,
     a progress bar's: the kernel may hand the signal to any of them), waits until the renames are done: the earlier set
     is whole, then the KeyboardInterrupt comes."""
@@ -279,7 +293,7 @@ def test_a_sigint_during_the_rollback_renames_is_held_in_a_process_with_another_
     assert _visible(out) == {name: f"old {name}" for name in names}
 
 
-def test_a_signal_while_the_handlers_are_put_back_does_not_leave_the_noting_handler_installed(tmp_path, monkeypatch):
+def test_a_signal_while_the_handlers_are_put_back_does_not_leave_the_noting_handler_installed(tmp_path, monkeypatch, sigint_raises):
     """A Ctrl-C arriving while the handlers are put back (right after SIGINT's) does not stop the putting back:
     SIGTERM gets its own handler again, not the one that only notes signals."""
     out, staging = _two_files_old_and_new(tmp_path)
@@ -314,7 +328,7 @@ def test_a_signal_while_the_handlers_are_put_back_does_not_leave_the_noting_hand
     assert left == sigterm_before, f"SIGTERM's handler left as {left!r} (notes the signal, never acts on it)"
 
 
-def test_a_ctrl_c_while_the_rollback_swaps_in_its_noting_handlers_does_not_skip_the_rollback(tmp_path, monkeypatch):
+def test_a_ctrl_c_while_the_rollback_swaps_in_its_noting_handlers_does_not_skip_the_rollback(tmp_path, monkeypatch, sigint_raises):
     """A second Ctrl-C that arrives while the rollback installs its noting handlers (after SIGINT's handler is read,
     before it is replaced) does not skip the rollback: the earlier set is whole, then the KeyboardInterrupt comes."""
     out, staging = _two_files_old_and_new(tmp_path)
@@ -334,7 +348,6 @@ def test_a_ctrl_c_while_the_rollback_swaps_in_its_noting_handlers_does_not_skip_
             os.kill(os.getpid(), signal.SIGINT)
         return handler
 
-    sigint_before = signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(os, "replace", failing)
     monkeypatch.setattr(signal, "getsignal", getsignal_then_ctrl_c)
     try:
@@ -342,7 +355,6 @@ def test_a_ctrl_c_while_the_rollback_swaps_in_its_noting_handlers_does_not_skip_
             put_in_place_together(staging, out, ["a.json", "b.json"])
     finally:
         monkeypatch.undo()
-        signal.signal(signal.SIGINT, sigint_before)
     assert state["sent"]
     assert _visible(out) == {"a.json": "old a.json", "b.json": "old b.json"}, _visible(out)
 
@@ -395,3 +407,86 @@ def test_a_sigterm_noted_after_a_sigint_during_the_rollback_is_delivered(tmp_pat
     else:
         assert done.returncode == 128 + signal.SIGTERM, (done.returncode, done.stdout, done.stderr[-800:])
         assert "terminated" in done.stdout + done.stderr
+
+
+def _failing_replace(staging: Path, state: dict, *, ctrl_c_in_rollback: bool, sigterm_in_rollback: bool = False):
+    replace = os.replace
+
+    def failing(source, destination, *args, **kwargs):
+        if os.fspath(source) == os.fspath(staging / "b.json"):
+            state["rollback"] = True
+            raise OSError(errno.ENOSPC, "No space left on device")  # the set fails: rollback
+        if state.get("rollback") and ".new-" in os.path.basename(os.fspath(destination)) and not state.get("renamed"):
+            state["renamed"] = True
+            if ctrl_c_in_rollback:
+                os.kill(os.getpid(), signal.SIGINT)  # noted
+            if sigterm_in_rollback:
+                os.kill(os.getpid(), signal.SIGTERM)  # noted
+        return replace(source, destination, *args, **kwargs)
+
+    return failing
+
+
+@pytest.mark.parametrize("when", ["as the noting handlers go in", "as the handlers are put back"])
+def test_a_sigterm_while_the_handlers_are_swapped_then_a_noted_ctrl_c_says_terminated(tmp_path, monkeypatch,
+                                                                                   sigint_raises, when):
+    """The job scheduler's SIGTERM arrives while the rollback swaps the signal handlers (raised by the CLI's handler,
+    the swap carried on), and a Ctrl-C is noted during the renames: the termination is what the caller gets, the
+    data audit says "terminated" and exits 143, not the KeyboardInterrupt delivered after it."""
+    out, staging = _two_files_old_and_new(tmp_path)
+    state: dict = {}
+    real_getsignal, real_signal = signal.getsignal, signal.signal
+
+    def sigterm_once(ready: bool) -> None:
+        if ready and not state.get("sent"):
+            state["sent"] = True
+            os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler raises _Terminated here
+
+    def getsignal_then_sigterm(number):
+        handler = real_getsignal(number)
+        sigterm_once(state.get("rollback") and number == signal.SIGTERM)
+        return handler
+
+    def signal_then_sigterm(number, handler):
+        previous = real_signal(number, handler)
+        put_back = getattr(handler, "__name__", "") == "terminated"  # the CLI's own handler, going back in
+        sigterm_once(state.get("renamed") and number == signal.SIGTERM and put_back)
+        return previous
+
+    monkeypatch.setattr(os, "replace", _failing_replace(staging, state, ctrl_c_in_rollback=True))
+    if when == "as the noting handlers go in":
+        monkeypatch.setattr(signal, "getsignal", getsignal_then_sigterm)
+    else:
+        monkeypatch.setattr(signal, "signal", signal_then_sigterm)
+    with pytest.raises(typer.Exit) as done:
+        with _said_when_interrupted("while writing"):
+            put_in_place_together(staging, out, ["a.json", "b.json"])
+    monkeypatch.undo()
+    assert state.get("sent") and state.get("renamed")
+    assert _visible(out) == {"a.json": "old a.json", "b.json": "old b.json"}
+    assert done.value.exit_code == 128 + signal.SIGTERM, done.value.exit_code
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while error is not None and all(error is not other for other in seen):
+        seen.append(error)
+        error = error.__context__
+    return seen
+
+
+def test_the_ctrl_c_noted_before_a_sigterm_is_in_the_context_of_the_exception_the_caller_gets(tmp_path, monkeypatch,
+                                                                                               sigint_raises):
+    """Both signals noted during the rollback's renames, SIGTERM raising _Terminated (the CLI's handler): the caller
+    gets the _Terminated, with the KeyboardInterrupt and then the set's failure in its chain of contexts."""
+    out, staging = _two_files_old_and_new(tmp_path)
+    state: dict = {}
+    monkeypatch.setattr(os, "replace", _failing_replace(staging, state, ctrl_c_in_rollback=True,
+                                                        sigterm_in_rollback=True))
+    with pytest.raises(_Terminated) as done:
+        with _sigterm_as_interrupt():
+            put_in_place_together(staging, out, ["a.json", "b.json"])
+    monkeypatch.undo()
+    assert _visible(out) == {"a.json": "old a.json", "b.json": "old b.json"}
+    chain = _chain(done.value)
+    assert [type(error) for error in chain] == [_Terminated, KeyboardInterrupt, OSError], [repr(e) for e in chain]

@@ -195,10 +195,13 @@ def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], 
                 moves.append((entry, aside, True))
                 os.replace(entry, aside)
     except BaseException as error:
-        _put_back(moves)
-        if isinstance(error, OSError):
-            raise naming_file(error, concerned, instead_of=staging / concerned.name) from None
-        raise
+        failure = naming_file(error, concerned, instead_of=staging / concerned.name) if isinstance(error, OSError) \
+            else error
+    else:
+        failure = None
+    if failure is not None:  # put back outside the except clause, so that a signal's exception keeps its context
+        _put_back(moves, failure)
+        raise failure
     for _, aside, there in moves:  # the set is in: what is left to do is tidying, which may not fail it
         if there:
             try:
@@ -207,11 +210,11 @@ def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], 
                 warnings.warn(f"could not remove {aside}, what the new files replaced: {error}", stacklevel=2)
 
 
-def _put_back(moves: list[tuple[Path, Path, bool]]) -> None:
+def _put_back(moves: list[tuple[Path, Path, bool]], failure: BaseException) -> None:
     """Undo :func:`put_in_place_together`'s ``moves``: first, renames only, with SIGINT and SIGTERM held until they are
     done (whichever thread they reach), what came in goes to a hidden name and what was moved aside comes back (read
     from the file system, so that a move an interrupt cut off from its record counts too); then what came in is
-    removed."""
+    removed. ``failure``, why they are undone, is the context of an exception a signal's handler raises meanwhile."""
     incoming, stopped = [], []
 
     def step(action: Callable[[], Any]) -> bool:
@@ -225,7 +228,7 @@ def _put_back(moves: list[tuple[Path, Path, bool]]) -> None:
             stopped.append(error)
             return False
 
-    with _stop_signals_held():
+    with _stop_signals_held(context=failure):
         for path, aside, there in reversed(moves):
             moved_aside = there and (aside.exists() or aside.is_symlink())
             if (path.exists() or path.is_symlink()) and (moved_aside or not there):
@@ -235,6 +238,7 @@ def _put_back(moves: list[tuple[Path, Path, bool]]) -> None:
             if moved_aside:
                 step(lambda: os.replace(aside, path))
     if stopped:
+        stopped[0].__context__ = failure
         raise stopped[0]
     for new in incoming:
         with contextlib.suppress(OSError):
@@ -242,13 +246,14 @@ def _put_back(moves: list[tuple[Path, Path, bool]]) -> None:
 
 
 @contextlib.contextmanager
-def _stop_signals_held():
+def _stop_signals_held(*, context: BaseException | None = None):
     """SIGINT and SIGTERM held back inside, then delivered as they would have been (their handlers, or their default
     actions), every one of them, SIGTERM last: in the main thread, handlers that only note them stand in for the others
     meanwhile, so a signal that reaches any of the process's threads waits. Elsewhere (another thread, where handlers
     cannot be set), nothing. A signal the process ignores stays ignored. A signal that arrives while the handlers are
     swapped, in or out, does not stop the swap (nor what is held). Of the exceptions the handlers raise, the caller
-    gets the last: SIGTERM's when it came, the others in its context."""
+    gets a termination's (SIGTERM's, a handler's ``SystemExit``) over an interrupt's (exactly ``KeyboardInterrupt``),
+    the last of them, with the others and then ``context`` before it in its chain of contexts."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -274,10 +279,12 @@ def _stop_signals_held():
                                        for number, handler in previous.items()])
         for number in sorted(set(noted), key=lambda number: number == signal.SIGTERM):
             raised += _until_done(lambda: signal.raise_signal(number), once=True)
-        for earlier, later in zip(raised, raised[1:]):
-            later.__context__ = later.__context__ or earlier
         if raised:
-            raise raised[-1]
+            final = next((error for error in reversed(raised) if type(error) is not KeyboardInterrupt), raised[-1])
+            chain = [context, *(error for error in raised if error is not final), final]
+            for earlier, later in zip(chain, chain[1:]):
+                later.__context__ = earlier
+            raise final
 
 
 def _until_done(action: Callable[[], Any], *, once: bool = False) -> list[BaseException]:
