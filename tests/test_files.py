@@ -190,6 +190,27 @@ def _two_files_old_and_new(tmp_path: Path) -> tuple[Path, Path]:
     return out, staging
 
 
+def _failing_replace(staging: Path, state: dict, *, failing_name: str = "b.json", ctrl_c_in_rollback: bool = False,
+                     sigterm_in_rollback: bool = False):
+    """An os.replace that fails (a full disk) when ``failing_name`` goes in, setting ``state["rollback"]``, and, once the
+    rollback renames, sends the signals asked for."""
+    replace = os.replace
+
+    def failing(source, destination, *args, **kwargs):
+        if os.fspath(source) == os.fspath(staging / failing_name):
+            state["rollback"] = True
+            raise OSError(errno.ENOSPC, "No space left on device")  # the set fails: rollback
+        if state.get("rollback") and ".new-" in os.path.basename(os.fspath(destination)) and not state.get("renamed"):
+            state["renamed"] = True
+            if ctrl_c_in_rollback:
+                os.kill(os.getpid(), signal.SIGINT)  # noted
+            if sigterm_in_rollback:
+                os.kill(os.getpid(), signal.SIGTERM)  # noted
+        return replace(source, destination, *args, **kwargs)
+
+    return failing
+
+
 def test_a_second_interrupt_during_the_rollback_renames_leaves_the_earlier_set_whole(tmp_path, monkeypatch):
     """An exception during the rollback's renames (raised by a rename itself here) does not stop them: every entry is
     put back, then it is raised."""
@@ -261,13 +282,7 @@ def test_a_sigint_during_the_rollback_renames_is_held_in_a_process_with_another_
     helper = threading.Thread(target=other.wait, daemon=True)  # any other thread of the process
     helper.start()
 
-    replace, exists, state = os.replace, pathlib.Path.exists, {"rollback": False, "asides": 0, "sent": False}
-
-    def failing(source, destination, *args, **kwargs):
-        if os.fspath(source) == os.fspath(staging / "c.json"):
-            state["rollback"] = True
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return replace(source, destination, *args, **kwargs)
+    exists, state = pathlib.Path.exists, {"rollback": False, "asides": 0, "sent": False}
 
     def exists_then_signal(self, *args, **kwargs):
         result = exists(self, *args, **kwargs)
@@ -281,7 +296,7 @@ def test_a_sigint_during_the_rollback_renames_is_held_in_a_process_with_another_
                     pass
         return result
 
-    monkeypatch.setattr(os, "replace", failing)
+    monkeypatch.setattr(os, "replace", _failing_replace(staging, state, failing_name="c.json"))
     monkeypatch.setattr(pathlib.Path, "exists", exists_then_signal)
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -298,14 +313,8 @@ def test_a_signal_while_the_handlers_are_put_back_does_not_leave_the_noting_hand
     SIGTERM gets its own handler again, not the one that only notes signals."""
     out, staging = _two_files_old_and_new(tmp_path)
     sigterm_before = signal.getsignal(signal.SIGTERM)
-    replace, real_signal = os.replace, signal.signal
+    real_signal = signal.signal
     state = {"rollback": False, "sent": False}
-
-    def failing(source, destination, *args, **kwargs):
-        if os.fspath(source) == os.fspath(staging / "b.json"):
-            state["rollback"] = True
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return replace(source, destination, *args, **kwargs)
 
     def signal_then_ctrl_c(number, handler):
         previous = real_signal(number, handler)
@@ -315,7 +324,7 @@ def test_a_signal_while_the_handlers_are_put_back_does_not_leave_the_noting_hand
             os.kill(os.getpid(), signal.SIGINT)
         return previous
 
-    monkeypatch.setattr(os, "replace", failing)
+    monkeypatch.setattr(os, "replace", _failing_replace(staging, state))
     monkeypatch.setattr(signal, "signal", signal_then_ctrl_c)
     try:
         with pytest.raises((KeyboardInterrupt, OSError)):
@@ -323,7 +332,6 @@ def test_a_signal_while_the_handlers_are_put_back_does_not_leave_the_noting_hand
     finally:
         monkeypatch.undo()
         left = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, sigterm_before)  # do not leave it for the other tests
     assert state["sent"]
     assert left == sigterm_before, f"SIGTERM's handler left as {left!r} (notes the signal, never acts on it)"
 
@@ -332,14 +340,8 @@ def test_a_ctrl_c_while_the_rollback_swaps_in_its_noting_handlers_does_not_skip_
     """A second Ctrl-C that arrives while the rollback installs its noting handlers (after SIGINT's handler is read,
     before it is replaced) does not skip the rollback: the earlier set is whole, then the KeyboardInterrupt comes."""
     out, staging = _two_files_old_and_new(tmp_path)
-    replace, real_getsignal = os.replace, signal.getsignal
+    real_getsignal = signal.getsignal
     state = {"rollback": False, "sent": False}
-
-    def failing(source, destination, *args, **kwargs):
-        if os.fspath(source) == os.fspath(staging / "b.json"):
-            state["rollback"] = True
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return replace(source, destination, *args, **kwargs)
 
     def getsignal_then_ctrl_c(number):
         handler = real_getsignal(number)
@@ -348,7 +350,7 @@ def test_a_ctrl_c_while_the_rollback_swaps_in_its_noting_handlers_does_not_skip_
             os.kill(os.getpid(), signal.SIGINT)
         return handler
 
-    monkeypatch.setattr(os, "replace", failing)
+    monkeypatch.setattr(os, "replace", _failing_replace(staging, state))
     monkeypatch.setattr(signal, "getsignal", getsignal_then_ctrl_c)
     try:
         with pytest.raises((KeyboardInterrupt, OSError)):
@@ -407,24 +409,6 @@ def test_a_sigterm_noted_after_a_sigint_during_the_rollback_is_delivered(tmp_pat
     else:
         assert done.returncode == 128 + signal.SIGTERM, (done.returncode, done.stdout, done.stderr[-800:])
         assert "terminated" in done.stdout + done.stderr
-
-
-def _failing_replace(staging: Path, state: dict, *, ctrl_c_in_rollback: bool, sigterm_in_rollback: bool = False):
-    replace = os.replace
-
-    def failing(source, destination, *args, **kwargs):
-        if os.fspath(source) == os.fspath(staging / "b.json"):
-            state["rollback"] = True
-            raise OSError(errno.ENOSPC, "No space left on device")  # the set fails: rollback
-        if state.get("rollback") and ".new-" in os.path.basename(os.fspath(destination)) and not state.get("renamed"):
-            state["renamed"] = True
-            if ctrl_c_in_rollback:
-                os.kill(os.getpid(), signal.SIGINT)  # noted
-            if sigterm_in_rollback:
-                os.kill(os.getpid(), signal.SIGTERM)  # noted
-        return replace(source, destination, *args, **kwargs)
-
-    return failing
 
 
 @pytest.mark.parametrize("when", ["as the noting handlers go in", "as the handlers are put back"])
