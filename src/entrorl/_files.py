@@ -219,14 +219,9 @@ def _put_back(moves: list[tuple[Path, Path, bool]], failure: BaseException) -> N
 
     def step(action: Callable[[], Any]) -> bool:
         """Whether ``action`` was done; an exception other than ``OSError`` is kept for the end, the renames go on."""
-        try:
-            action()
-            return True
-        except OSError:
-            return False
-        except BaseException as error:
-            stopped.append(error)
-            return False
+        met = _until_done(action, once=True)
+        stopped.extend(error for error in met if not isinstance(error, OSError))
+        return not met
 
     with _stop_signals_held(context=failure):
         for path, aside, there in reversed(moves):
