@@ -1,11 +1,14 @@
 """entrorl: entropy-aware reinforcement fine-tuning of language models.
 
-Layers (imports point downward only):
+Layers (imports point downward only; ``tests/test_layers.py`` checks it):
 
 0. ``entrorl.tokens``, ``entrorl.dynamics`` — per-token statistics and the entropy-dynamics theory
 1. ``entrorl.advantages``, ``entrorl.objective`` — advantage estimators and composable objectives
-2. ``entrorl.evaluation`` — pass@k and polarisation
-3. ``entrorl.analysis`` — the entropy–performance law and forecasts
+2. ``entrorl.modeling``, ``entrorl.rollout``, ``entrorl.rewards``, ``entrorl.data``, ``entrorl.evaluation`` — the
+   parts of a run: models, samplers, rewards, prompt data, pass@k and polarisation
+3. ``entrorl.trainer``, ``entrorl.analysis`` — the run: the loop, its configuration and checkpoints; the
+   entropy–performance law, forecasts and reports
+4. ``entrorl.lab``, ``entrorl.integrations``, ``entrorl.cli`` — entry points
 """
 
 from entrorl.advantages import available_advantages, compute_advantages
