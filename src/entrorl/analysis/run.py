@@ -138,17 +138,19 @@ def read_json(path: Path) -> Any:
 
 def json_lines(path: Path) -> list[tuple[int, Any]]:
     """``(line number, parsed value)`` of each non-blank line of ``path``, the value None for a line that is not JSON.
-    Lines end at "\n" alone: ``splitlines()`` would also cut at a U+2028 inside a string (orjson writes it raw). A
+    Lines end at "\n" alone (not at a "\r", nor at a U+2028 inside a string, which orjson writes raw). A
     byte-order mark before the first line (an editor's) is not part of it.
     Raises ``OSError`` when the file cannot be read."""
     parsed = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            parsed.append((number, json.loads(line)))
-        except ValueError:
-            parsed.append((number, None))
+    # read a line at a time (a long run's log can be hundreds of MB); newline="\n" ends lines at "\n" only
+    with path.open(encoding="utf-8-sig", errors="replace", newline="\n") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                parsed.append((number, json.loads(line)))
+            except ValueError:
+                parsed.append((number, None))
     return parsed
 
 
