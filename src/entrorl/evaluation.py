@@ -55,8 +55,9 @@ _EDGE_TOL = 1e-9
 
 
 def _as_int_array(value: Any, name: str) -> np.ndarray:
-    """``value`` as an int64 array; it must hold finite, integer-valued numbers."""
-    arr = np.asarray(value)
+    """``value`` (numbers, an array, or a tensor on any device) as an int64 array; it must hold finite, integer-valued
+    numbers."""
+    arr = np.asarray(_from_tensor(value))
     if arr.dtype.kind in "iu":
         return arr.astype(np.int64, copy=False)
     if arr.dtype.kind == "f":

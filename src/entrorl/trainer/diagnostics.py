@@ -136,7 +136,8 @@ def predicted_vs_measured(
     own = torch.where(trained, -alpha * disc_centered.detach().double(), torch.zeros((), dtype=torch.float64))
     predicted = own
     if points is not None and points.numel():
-        summed = torch.zeros(int(points.max()) + 1, dtype=torch.float64).index_add_(0, points[trained], own[trained])
+        points = points.to(own.device)  # decision_points returns them on the CPU
+        summed = torch.zeros(int(points.max()) + 1, dtype=torch.float64, device=own.device).index_add_(0, points[trained], own[trained])
         predicted = summed[points]
     metrics = {
         "entropy/predicted_delta": float(predicted[mask].mean()) if mask.any() else math.nan,  # no token: no mean
