@@ -8,6 +8,11 @@ beside device tensors, and CPU index tensors indexing a device tensor (a device 
 Factories given ``device=x.device`` (``torch.zeros``, ``torch.tensor``, ``x.new_*``, ``.to(x.device)``) make device
 tensors; ``.cpu()`` / ``.to("cpu")`` give back plain ones; ``.numpy()`` of a device tensor raises as a CUDA tensor's
 does. A model moved with ``model.to("meta")`` inside the context keeps its weights, tied ones tied.
+
+``simulated_device(float64=False)`` simulates a device without float64 arithmetic, as Apple's GPUs (``mps``) are: an
+operation that would leave a float64 tensor on the device raises the ``TypeError`` torch raises there. entrorl moves
+float64 statistics to the CPU on the device types of ``entrorl._checks.DEVICES_WITHOUT_FLOAT64``, which a test adds
+``meta`` to.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ DEVICE = torch.device("meta")
 _MOVES = ("aten._to_copy", "aten.copy_", "aten.lift_fresh", "aten.detach", "aten._has_compatible_shallow_copy_type",
           "aten.set_")
 _INDEXING = ("aten.index.Tensor", "aten.index_put", "aten._index_put_impl")
+NO_FLOAT64_MESSAGE = ("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64. Please "
+                      "use float32 instead.")
+_settings = {"float64": True}
 
 
 class DeviceMismatch(RuntimeError):
@@ -88,6 +96,9 @@ def _run(func, args, kwargs):
         return item
 
     result = func(*tree_map(on_cpu_instead, args), **tree_map(on_cpu_instead, kwargs))
+    if make_on_device and not _settings["float64"] and any(
+            isinstance(item, torch.Tensor) and item.dtype == torch.float64 for item in tree_flatten(result)[0]):
+        raise TypeError(NO_FLOAT64_MESSAGE)
     if name.startswith("aten.copy_") and isinstance(args[0], OnDevice):
         return args[0]
     if not make_on_device:
@@ -120,19 +131,22 @@ class _Constructors(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def simulated_device():
-    """Within: tensors on ``meta`` are :class:`OnDevice` tensors holding real data. ``module.to`` swaps each parameter's
-    content in place (as ``param.data = ...`` does for a CUDA copy), so that tied weights stay one parameter."""
+def simulated_device(*, float64: bool = True):
+    """Within: tensors on ``meta`` are :class:`OnDevice` tensors holding real data (in float64 only with ``float64``).
+    ``module.to`` swaps each parameter's content in place (as ``param.data = ...`` does for a CUDA copy), so that tied
+    weights stay one parameter."""
     from transformers import PreTrainedModel
 
     swapping = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
     loading = PreTrainedModel.__dict__["from_pretrained"]
     PreTrainedModel.from_pretrained = classmethod(_outside_the_simulation(loading.__func__))
+    _settings["float64"] = float64
     try:
         with _Constructors(), _Factories():
             yield
     finally:
+        _settings["float64"] = True
         PreTrainedModel.from_pretrained = loading
         torch.__future__.set_swap_module_params_on_conversion(swapping)
 

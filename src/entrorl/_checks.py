@@ -151,3 +151,19 @@ def as_tensor(values: Any) -> torch.Tensor:
         return values
     array = np.asarray(values)
     return torch.as_tensor(array.astype(np.int64) if array.size == 0 else array)
+
+
+#: Device types without float64 arithmetic: Apple's GPUs (``mps``).
+DEVICES_WITHOUT_FLOAT64 = frozenset({"mps"})
+
+
+def widest_float(device: torch.device | str) -> torch.dtype:
+    """float64, or float32 on a device without it (:data:`DEVICES_WITHOUT_FLOAT64`), for values kept on ``device``."""
+    return torch.float32 if torch.device(device).type in DEVICES_WITHOUT_FLOAT64 else torch.float64
+
+
+def in_float64(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached, in float64: on its device, or copied to the CPU where the device has none (Apple's GPUs),
+    so that a statistic computed in float64 for its precision keeps it everywhere."""
+    device = torch.device("cpu") if tensor.device.type in DEVICES_WITHOUT_FLOAT64 else tensor.device
+    return tensor.detach().to(device=device, dtype=torch.float64)

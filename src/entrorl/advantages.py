@@ -14,7 +14,8 @@ on every valid token of its response (outcome reward, gamma = 1: every token has
 
 Conventions shared by all group-baseline estimators (documented once here):
 
-- Group statistics are computed in float64 and the result is cast to float32.
+- Group statistics are computed in float64 (on the CPU for rewards on an Apple GPU, which has no float64) and the
+  result is cast to float32 (:func:`compute_advantages` returns it on the rewards' device).
 - A group of two or more samples whose rewards are all equal gets advantages of exactly 0 (never NaN),
   whatever ``epsilon`` is.
 - A singleton group has no baseline: its mean is taken as 0 (and, for ``grpo``, its std as 1), as verl
@@ -43,7 +44,7 @@ from typing import Any, Callable
 
 import torch
 
-from entrorl._checks import as_tensor, check_int, is_real_number
+from entrorl._checks import as_tensor, check_int, in_float64, is_real_number
 
 __all__ = [
     "AdvantageFn",
@@ -216,7 +217,8 @@ def compute_advantages(
         given = _as_tensor(rewards, "rewards", exact=True)
         data["correct"] = _is_correct(given if given.is_floating_point() else r, threshold).to(r.device)
     kwargs = {k: data[k] for k in entry.data_kwargs}
-    out = entry.fn(r, g, **kwargs, **params).to(torch.float32)
+    home = rewards.device if torch.is_tensor(rewards) else r.device  # the rewards' device, whatever r's is
+    out = entry.fn(r, g, **kwargs, **params).to(device=home, dtype=torch.float32)
     if not bool(torch.isfinite(out).all()):
         given = "".join(f", {key}={value!r}" for key, value in params.items())
         raise AdvantageOverflow(
@@ -268,7 +270,7 @@ def _check_rewards_groups(
     _check_1d(r, what)
     if r.is_complex():
         raise ValueError(f"{what} must be real numbers, got a complex tensor")
-    r = r.to(torch.float64)
+    r = in_float64(r)  # on the CPU for an Apple GPU, which has no float64
     _check_finite(r, what)
     _check_1d(g, "group_ids", r.shape[0], what)
     if g.is_floating_point() or g.is_complex() or g.dtype == torch.bool:

@@ -62,6 +62,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from entrorl._checks import in_float64
+
 __all__ = [
     "entropy",
     "vocab_discriminator",
@@ -362,7 +364,7 @@ def token_covariance(
     flag per sequence), or ``None`` for all valid. The result is 0 outside the mask (whatever the inputs hold there, NaN included), and all
     zeros for an empty mask.
     """
-    lp = logprob.detach().to(torch.float64)
+    lp = in_float64(logprob)  # on the CPU for an Apple GPU, which has no float64
     adv = torch.as_tensor(advantages, device=lp.device).detach().to(torch.float64)
     _refuse_fewer_axes(adv, lp.shape, caller="token_covariance", what="advantages")
     lp, adv = torch.broadcast_tensors(lp, adv)
@@ -374,7 +376,7 @@ def token_covariance(
     mean_lp = lp.sum() / n
     mean_adv = adv.sum() / n
     cov = torch.where(m, (lp - mean_lp) * (adv - mean_adv), zero)
-    return cov.to(torch.float32)
+    return cov.to(device=logprob.device, dtype=torch.float32)
 
 
 def _percent_key(q: float) -> str:
@@ -437,7 +439,7 @@ def covariance_concentration(
     the ``k`` largest values is unique). Statistics are computed in float64. See
     :class:`CovarianceConcentration` for the fields and why a ratio is ``nan`` when the mean is ``<= 0``.
     """
-    values = cov.detach().to(torch.float64)
+    values = in_float64(cov)
     m = _valid_mask(mask, values.shape, values.device, caller="covariance_concentration")
     valid = values[m]
     n = int(valid.numel())

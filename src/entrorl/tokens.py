@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from entrorl._checks import as_bool_mask, check_int
+from entrorl._checks import as_bool_mask, check_int, widest_float
 
 __all__ = ["MIN_TEMPERATURE", "STAT_NAMES", "TokenStats", "token_stats", "token_stats_from_hidden", "default_chunk_size"]
 
@@ -94,14 +94,14 @@ def _validate_temperature(temperature: float) -> float:
 def _inverse_temperature(temperature: float | torch.Tensor, targets: torch.Tensor,
                          rows: torch.Tensor | None) -> float | torch.Tensor:
     """``1 / T``: a number (a one-element tensor is one too), or, for a tensor of one temperature per position
-    (shaped like ``targets``), a float64 tensor [N] of them, those of the valid ``rows`` checked as a number would be
+    (shaped like ``targets``), a float64 tensor [N] of them (float32 on Apple GPUs), those of the valid ``rows`` checked as a number would be
     (a masked position's, padding perhaps, is not read)."""
     if not torch.is_tensor(temperature) or temperature.numel() == 1:
         return 1.0 / _validate_temperature(float(temperature.detach() if torch.is_tensor(temperature) else temperature))
     if tuple(temperature.shape) != tuple(targets.shape) or not temperature.is_floating_point():
         raise ValueError(f"token_stats: a temperature tensor must hold floats shaped like targets {tuple(targets.shape)}, "
                          f"got {temperature.dtype} {tuple(temperature.shape)}")
-    values = temperature.detach().reshape(-1).to(device=targets.device, dtype=torch.float64)
+    values = temperature.detach().reshape(-1).to(device=targets.device, dtype=widest_float(targets.device))
     if rows is not None:
         values = torch.ones_like(values).index_copy_(0, rows, values.index_select(0, rows))
     if values.numel():

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from entrorl._checks import widest_float
 from entrorl.dynamics import token_covariance
 from entrorl.objective.batch import PolicyBatch, fraction, masked_mean, policy_ratio
 from entrorl.objective.parts import Metrics, Regularizer, RegularizerTerm, register_part
@@ -113,10 +114,10 @@ class AdaptiveEntropy(Regularizer):
         undecided = self._below_target is None and measuring is None
         first = (0.0, 0.0)
         if undecided and batch.entropy is not None and bool(batch.mask.any()):
-            entropy = torch.where(batch.mask, batch.entropy.detach().double(), 0.0)
+            entropy = torch.where(batch.mask, batch.entropy.detach().to(widest_float(batch.mask.device)), 0.0)
             first = (float(entropy.sum()), float(batch.mask.sum()))
         held = (measuring["entropy_sum"], measuring["tokens"]) if measuring is not None else (0.0, 0.0)
-        summed = total(torch.tensor([*held, *first], dtype=torch.float64, device=batch.mask.device)).tolist()
+        summed = total(torch.tensor([*held, *first], dtype=widest_float(batch.mask.device), device=batch.mask.device)).tolist()
         if summed[1] > 0:
             self._measuring = {"step": None if measuring is None else measuring["step"], "entropy_sum": summed[0],
                                "tokens": summed[1], "first_verdict": None}

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, PrivateAttr, model_validator
 
+from entrorl._checks import in_float64
 from entrorl.dynamics import token_covariance
 from entrorl.objective.batch import PolicyBatch, fraction, masked_mean, masked_population_std, masked_quantile
 from entrorl.objective.parts import Metrics, Selector, SurrogateOutput, register_part
@@ -213,8 +214,9 @@ class ClipB(Selector):
         return self
 
     def decide(self, batch: PolicyBatch, advantages: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        mask = batch.mask
-        disc = batch.require("disc", "selector 'clip_b'").detach().double()  # float64: equal values must give a zero std
+        # float64 (on the CPU for an Apple GPU): equal values must give a zero std
+        disc = in_float64(batch.require("disc", "selector 'clip_b'"))
+        mask, advantages = batch.mask.to(disc.device), advantages.to(disc.device)
         mean = masked_mean(disc, mask)
         std = masked_population_std(disc, mask)
         deviation = disc - mean
@@ -225,7 +227,7 @@ class ClipB(Selector):
         else:
             upper = self.mu if self.mu_high is None else self.mu_high
             drop = (deviation < -self.mu * std) | (deviation > upper * std)
-        return drop & mask, mean, std
+        return (drop & mask).to(batch.mask.device), mean, std
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
         mask = batch.mask
@@ -261,8 +263,8 @@ class ClipV(Selector):
     keep_in_normaliser: bool = Field(False, description="dropped tokens leave the normaliser, as in the released code")
 
     def decide(self, batch: PolicyBatch, advantages: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        mask = batch.mask
-        centered = batch.require("disc_centered", "selector 'clip_v'").detach().double()
+        centered = in_float64(batch.require("disc_centered", "selector 'clip_v'"))
+        mask, advantages = batch.mask.to(centered.device), advantages.to(centered.device)
         std = masked_population_std(centered, mask)
         drop = torch.zeros_like(mask)
         if float(std) >= _MIN_STD:
@@ -273,7 +275,7 @@ class ClipV(Selector):
                 most_negative = centered.flatten()[candidate_index].topk(cap, largest=False).indices
                 candidate_index = candidate_index[most_negative]
             drop.view(-1)[candidate_index] = True
-        return drop, std
+        return drop.to(batch.mask.device), std
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
         mask = batch.mask

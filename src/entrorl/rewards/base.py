@@ -242,7 +242,7 @@ def _import_path_of_file(file: Path, attribute: str) -> str:
 def import_callable(spec: str, what: str = "reward") -> Any:
     """The callable named by an import path ``'package.module:attribute'`` (dotted attributes allowed);
     ValueError naming ``what`` (reward, judge, embedder) and what went wrong."""
-    module_name, _, attr_path = spec.partition(":")
+    module_name, _, attr_path = spec.rpartition(":")  # the last colon: a Windows file path has one after its drive
     module_name, attr_path = module_name.strip(), attr_path.strip()
     if not module_name or not attr_path:
         raise ValueError(f"{what} spec {spec!r}: an import path must look like 'package.module:function'")

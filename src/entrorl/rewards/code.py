@@ -40,7 +40,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from entrorl.rewards.base import register_reward
-from entrorl.rewards.sandbox import CaseOutcome, SandboxCase, SandboxLimits, SandboxRun, run_in_sandbox
+from entrorl.rewards.sandbox import CaseOutcome, SandboxCase, SandboxLimits, SandboxRun, run_in_sandbox, unsupported_system_reason
 
 __all__ = [
     "STATUSES",
@@ -405,6 +405,9 @@ class CodeReward:
 
     def __init__(self, **options: Any) -> None:
         self.options = _code_options(options)
+        reason = unsupported_system_reason()
+        if reason is not None:
+            raise ValueError(reason)
         self.__name__ = "code"
 
     def __repr__(self) -> str:

@@ -62,7 +62,6 @@ Linux only (``/proc``, ``setrlimit``, ``unshare``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -80,6 +79,11 @@ from typing import Any, BinaryIO
 
 from entrorl._checks import check_int, is_real_number
 
+try:  # absent off Unix: the module still imports there (the sandbox refuses to start, see linux_only_reason)
+    import fcntl
+except ImportError:
+    fcntl = None
+
 __all__ = [
     "CaseOutcome",
     "SandboxCase",
@@ -87,6 +91,7 @@ __all__ = [
     "SandboxLimits",
     "SandboxRun",
     "run_in_sandbox",
+    "unsupported_system_reason",
 ]
 
 #: Marker put in the child's argv and environment; strays are found by it.
@@ -896,6 +901,14 @@ class _Attempt:
         return None
 
 
+def unsupported_system_reason() -> str | None:
+    """Why the sandbox cannot run on this system (it needs Linux: ``/proc``, ``prctl``, ``unshare``), or None."""
+    if sys.platform.startswith("linux"):
+        return None
+    return (f"the code reward's sandbox runs on Linux only (it isolates programs with /proc, prctl and namespaces); "
+            f"this system is {sys.platform!r}: score code on a Linux machine or in a Linux container")
+
+
 def run_in_sandbox(program: str, cases: Sequence[SandboxCase], limits: SandboxLimits | None = None) -> SandboxRun:
     """Run ``program`` (Python source) on every case of ``cases`` under ``limits``; see the module doc.
 
@@ -905,6 +918,9 @@ def run_in_sandbox(program: str, cases: Sequence[SandboxCase], limits: SandboxLi
     """
     if not isinstance(program, str):
         raise TypeError(f"program must be a string, got {type(program).__name__}")
+    reason = unsupported_system_reason()
+    if reason is not None:
+        raise SandboxError(reason)
     cases = list(cases)
     if not all(isinstance(case, SandboxCase) for case in cases):
         raise TypeError("cases must be SandboxCase objects")

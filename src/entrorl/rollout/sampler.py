@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from entrorl._checks import check_int
+from entrorl._checks import check_int, widest_float
 from entrorl.modeling import cache_argument, left_pad, length_dependent_rope, output_cache, reset_dynamic_rope, stop_token_ids
 from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
 
@@ -154,18 +154,13 @@ def sample_from_log_probs(log_probs: torch.Tensor, uniform: torch.Tensor | None 
     probability (on a 152k vocabulary, ~1e-3 of the mass was never drawn and some rare tokens came up 200x too often).
     Pass a float64 ``uniform`` for the same reason.
     """
-    cumulative = log_probs.to(_draw_precision(log_probs.device)).exp().cumsum(dim=-1)
+    cumulative = log_probs.to(widest_float(log_probs.device)).exp().cumsum(dim=-1)
     total = cumulative[:, -1:]
     if uniform is None:
         uniform = torch.rand_like(total)
     # strictly below the total, so that rounding can never step past the last token with probability > 0
     threshold = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     return (cumulative <= threshold).sum(dim=-1)
-
-
-def _draw_precision(device: torch.device) -> torch.dtype:
-    """float64 for the uniforms of :func:`sample_from_log_probs` (float32 on Apple GPUs, which have no float64)."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 @contextlib.contextmanager
@@ -359,7 +354,7 @@ class HFSampler:
             if params.temperature == 0:
                 sampled = step_log_probs.argmax(dim=-1)
             else:  # one number per row of the whole batch at every step: dropping rows never changes the others' draws
-                uniform = torch.rand((batch, 1), dtype=_draw_precision(device), device=device)[active]
+                uniform = torch.rand((batch, 1), dtype=widest_float(device), device=device)[active]
                 sampled = sample_from_log_probs(step_log_probs, uniform)
             tokens[active, step] = sampled
             log_probs[active, step] = step_log_probs.gather(-1, sampled[:, None]).squeeze(-1)

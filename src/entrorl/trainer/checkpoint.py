@@ -38,6 +38,7 @@ import platform
 import random
 import re
 import shutil
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -167,10 +168,8 @@ def lock_run_directory(run_dir: Path, *, options: str = "--run-dir / logging.nam
     in the same directory (the same command started twice, a ``--resume`` while the first still runs) gets
     ``OSError`` naming the process that holds it (and ``options``, those that choose another folder; ``user``, what
     holds it when that process is this one: a ``Trainer`` or a ``laboratory`` of the Python API), instead of writing
-    its files between the other run's. ``None`` where ``flock`` does not exist (not a POSIX system) or the filesystem
-    refuses it (warned once per directory)."""
-    if fcntl is None:
-        return None
+    its files between the other run's. ``None`` where ``flock`` does not exist (not a POSIX system: Windows) or the
+    filesystem refuses it (warned once per directory)."""
     try:
         handle, holder = lock_file(run_dir / ".lock")
     except UnlockableFile as error:  # nothing to guard with
@@ -194,6 +193,8 @@ def written_by_another_live_process(temporary: Path) -> bool:
     pid = temporary.name.rpartition(".tmp-")[2]
     if not pid.isdigit() or int(pid) <= 0 or int(pid) == os.getpid():
         return False
+    if sys.platform == "win32":  # there os.kill(pid, 0) is no question: it sends CTRL_C_EVENT. Kept, as if running
+        return True
     try:
         os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:

@@ -109,7 +109,8 @@ class ModelConfig(_Section):
                                            "instead of keeping them: less memory for about a third more compute (prompts "
                                            "are then run once per row, not shared)")
     device: str = Field("auto", description="where the policy (and reference) model runs: 'auto' (the first CUDA GPU "
-                        "when there is one, else the CPU), 'cpu', 'cuda', 'cuda:1', ...")
+                        "when there is one, else the CPU), 'cpu', 'cuda', 'cuda:1', ..., 'mps' (an Apple GPU; its "
+                        "float64 statistics are taken on the CPU)")
     lora: LoraConfig | None = Field(None, description="train low-rank adapters instead of every weight (needs peft: pip "
                                     "install 'entrorl[lora]'); the reference model is then the base model, the "
                                     "adapters switched off. None = full fine-tuning")
@@ -151,6 +152,9 @@ def resolve_device(name: str):
             raise ValueError(f"{name!r}: torch sees no CUDA GPU here; use 'cpu' or 'auto'")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"{name!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name!r}: torch sees no Apple GPU (MPS) here (it needs Apple silicon, macOS 12.3 or newer and "
+                         "a torch built with MPS); use 'cpu' or 'auto'")
     return device
 
 

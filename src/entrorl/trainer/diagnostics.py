@@ -34,7 +34,7 @@ import re
 import numpy as np
 import torch
 
-from entrorl._checks import check_int
+from entrorl._checks import check_int, in_float64
 from entrorl.dynamics import covariance_concentration, token_covariance
 
 __all__ = ["entropy_summary", "discriminator_summary", "decision_points", "predicted_vs_measured", "FirstOrderEntropyChange",
@@ -42,7 +42,7 @@ __all__ = ["entropy_summary", "discriminator_summary", "decision_points", "predi
 
 
 def _valid(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return values.detach()[mask].double()
+    return in_float64(values.detach()[mask])
 
 
 def _varies(values: torch.Tensor) -> bool:
@@ -58,7 +58,7 @@ def entropy_summary(entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, floa
         return {}
     levels = torch.tensor([0.1, 0.5, 0.9], device=values.device)
     quantiles = torch.quantile(values.float(), levels) if values.numel() < 16_000_000 else None
-    summary = {"entropy/mean": float(values.mean()), "entropy/max": float(values.max()), "entropy/low_frac": float((values < 1e-2).double().mean())}
+    summary = {"entropy/mean": float(values.mean()), "entropy/max": float(values.max()), "entropy/low_frac": float(in_float64(values < 1e-2).mean())}
     if quantiles is not None:
         summary.update({"entropy/p10": float(quantiles[0]), "entropy/p50": float(quantiles[1]), "entropy/p90": float(quantiles[2])})
     return summary
@@ -81,7 +81,7 @@ def discriminator_summary(disc: torch.Tensor, centered: torch.Tensor, advantages
             summary[f"{name}/mean_{sign}_adv"] = float(part.mean()) if part.numel() else math.nan
     valid_disc = _valid(disc, mask)
     if valid_disc.numel():
-        summary["disc/confident_frac"] = float((valid_disc > 0).double().mean())
+        summary["disc/confident_frac"] = float(in_float64(valid_disc > 0).mean())
     return summary
 
 
@@ -131,9 +131,10 @@ def predicted_vs_measured(
     and ``entropy/predicted_delta_batch`` the mean prediction over the trained tokens (``entropy/predicted_delta`` is
     the mean over ``mask``, the positions measured).
     """
-    trained = mask if trained_mask is None else trained_mask
-    alpha = -lr * grad_coefficients.detach().double() / (temperature * temperature)
-    own = torch.where(trained, -alpha * disc_centered.detach().double(), torch.zeros((), dtype=torch.float64))
+    alpha = -lr * in_float64(grad_coefficients) / (temperature * temperature)  # float64 on the CPU for an Apple GPU
+    mask = mask.to(alpha.device)
+    trained = mask if trained_mask is None else trained_mask.to(alpha.device)
+    own = torch.where(trained, -alpha * in_float64(disc_centered).to(alpha.device), torch.zeros((), dtype=torch.float64))
     predicted = own
     if points is not None and points.numel():
         points = points.to(own.device)  # decision_points returns them on the CPU
@@ -145,7 +146,7 @@ def predicted_vs_measured(
         "entropy/predicted_delta_batch": float(predicted[trained].mean()) if trained.any() else math.nan,
     }
     if entropy_after is not None and mask.any():
-        measured = (entropy_after.detach().double() - entropy_before.detach().double())[mask]
+        measured = (in_float64(entropy_after) - in_float64(entropy_before)).to(mask.device)[mask]
         metrics["entropy/measured_delta"] = float(measured.mean())
         pred = predicted[mask]
         if measured.numel() > 1 and _varies(pred) and _varies(measured):
@@ -153,7 +154,7 @@ def predicted_vs_measured(
             metrics["entropy/delta_token_corr"] = float(torch.corrcoef(stacked)[0, 1])
         else:
             metrics["entropy/delta_token_corr"] = math.nan
-    return metrics, predicted.float()
+    return metrics, predicted.to(device=grad_coefficients.device, dtype=torch.float32)
 
 
 class FirstOrderEntropyChange:
@@ -183,7 +184,7 @@ class FirstOrderEntropyChange:
                 continue
             weights, slope = parameter.detach().reshape(-1), gradient.reshape(-1)
             for start in range(0, weights.numel(), chunk):
-                total += torch.dot(slope[start: start + chunk].double(), weights[start: start + chunk].double()).cpu()
+                total += torch.dot(in_float64(slope[start: start + chunk]), in_float64(weights[start: start + chunk])).cpu()
         return float(total)
 
     def after_update(self) -> float:
