@@ -852,6 +852,78 @@ def test_master_weights_gradients_are_clipped(tmp_path, tiny_model_dir, arithmet
     assert float(clipped) <= 1.01e-6
 
 
+SCALED_PARITY_REWARD = ("SCALE = 1.0\n"
+                        "def score(prompt, completion, answer, **meta):\n"
+                        "    return SCALE * float(sum(map(ord, completion)) % 2)\n")
+
+
+@pytest.mark.parametrize("loss_scaling", [True, False])
+def test_float16_gradients_too_small_for_it_survive_through_the_loss_scale(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                          trainer_for, loss_scaling):
+    """With RLOO's advantages (R minus the others' mean: no division by a std) the gradient is linear in the rewards.
+    Rewards 1e-6 times smaller put most of a float16 backward pass below its smallest number (6e-8): the gradient
+    norm should be 1e-6 times the one of rewards 0/1 on the same rollouts. With the loss scale it is; without it the
+    small gradients round to 0."""
+    train, _ = arithmetic_files
+    norms = {}
+    for scale in (1.0, 1e-6):
+        module = f"scaled_parity_{str(scale).replace('.', '_').replace('-', '_')}"
+        with importable_module(tmp_path, module, SCALED_PARITY_REWARD.replace("SCALE = 1.0", f"SCALE = {scale!r}")):
+            trainer = trainer_for(tmp_path, tiny_model_dir, train, run=f"run-{module}", reward={"name": f"{module}:score"},
+                                  advantage={"name": "rloo"},
+                                  model={"path": str(tiny_model_dir), "dtype": "float16", "loss_scaling": loss_scaling},
+                                  optim={"steps": 1, "lr": 1e-5, "grad_clip": None})
+            metrics = trainer.train_step()
+        assert (trainer.loss_scale is not None) == loss_scaling
+        assert ("train/loss_scale" in metrics) == loss_scaling
+        norms[scale] = metrics["train/grad_norm"]
+    assert norms[1.0] > 0
+    ratio = norms[1e-6] / (1e-6 * norms[1.0])
+    if loss_scaling:
+        assert ratio == pytest.approx(1.0, rel=1e-2)
+    else:  # what the loss scale is for
+        assert ratio < 0.8
+
+
+def test_float16_overflow_halves_the_loss_scale_and_is_not_a_broken_run(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                       parity, trainer_for):
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          model={"path": str(tiny_model_dir), "dtype": "float16"},
+                          optim={"steps": 3, "lr": 1e-5, "mini_batches": 2})
+    assert trainer.loss_scale.scale == 2.0**16
+    trainer.loss_scale.scale = 2.0**60  # float16's gradients overflow to inf
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics = trainer.train_step()
+    assert metrics["train/loss_scale_overflows"] == 2.0 and metrics["train/loss_scale"] == 2.0**58
+    assert metrics["train/skipped_updates"] == 0.0 and metrics["train/updates"] == 0.0
+    assert trainer.consecutive_nonfinite == 0 and trainer.skipped_steps == 0
+    assert all(torch.equal(before, after) for before, after in zip(weights, trainer.model.parameters()))
+    trainer.loss_scale.scale = 2.0**10
+    metrics = trainer.train_step()
+    assert metrics["train/updates"] == 2.0 and metrics["train/loss_scale_overflows"] == 0.0
+    assert trainer.loss_scale.state_dict() == {"scale": 2.0**10, "good_updates": 2}
+    path = trainer.save()
+    resumed_state = torch.load(path / "trainer.pt", weights_only=False)
+    assert resumed_state["loss_scale"] == {"scale": 2.0**10, "good_updates": 2}
+
+
+def test_the_loss_scale_grows_after_clean_updates_and_never_falls_below_one():
+    from entrorl.trainer.precision import LossScale
+
+    scale = LossScale(initial=4.0, growth_interval=3)
+    for _ in range(3):
+        scale.update(overflowed=False)
+    assert scale.scale == 8.0 and scale.good_updates == 0
+    for _ in range(5):
+        scale.update(overflowed=True)
+    assert scale.scale == 1.0 and not scale.can_shrink()
+    parameter = torch.nn.Parameter(torch.ones(3))
+    parameter.grad = torch.full((3,), 6.0)
+    LossScale(initial=2.0).unscale([parameter, torch.nn.Parameter(torch.ones(2))])
+    assert parameter.grad.tolist() == [3.0, 3.0, 3.0]
+
+
 def test_master_weights_sum_the_micro_batches_gradients_in_float32(tmp_path, tiny_model_dir, arithmetic_files, parity,
                                                                      trainer_for):
     """A bfloat16 model stepped in micro-batches of one row: each micro-batch's gradient moves to the float32 copies as

@@ -100,6 +100,10 @@ class ModelConfig(_Section):
                                  "low-precision rounding step are not lost (about 10 more bytes per parameter: the "
                                  "float32 copies, gradients and Adam state); needed with float16 (refused without), "
                                  "where AdamW's eps and small squared gradients would round to 0")
+    loss_scaling: bool = Field(True, description="with dtype float16: multiply each update's loss by a dynamic scale "
+                               "(from 2^16; halved when the gradients overflow, which skips that update, doubled after "
+                               "2000 clean updates) and divide the gradients by it, so that gradients below float16's "
+                               "smallest number (6e-8) do not round to 0 (arXiv 1710.03740); train/loss_scale logs it")
     disable_dropout: bool = Field(True, description="set every dropout rate of the model to 0, so that the log-probs "
                                   "of the update are those the rollouts were scored with")
     trust_remote_code: bool = Field(False, description="run the model directory's own model and tokenizer code "
@@ -702,7 +706,7 @@ class TrainConfig(_Section):
 # and its advantages (their state is in the checkpoint, and a run mixing two of them is neither one); keys under these
 # prefixes are fixed except the ones in RESUME_ADJUSTABLE
 RESUME_FIXED_PREFIXES = ("seed", "model.", "data.", "method", "advantage.")
-RESUME_ADJUSTABLE = ("model.device", "model.activation_checkpointing", "model.lora.merged", "data.eval")
+RESUME_ADJUSTABLE = ("model.device", "model.activation_checkpointing", "model.lora.merged", "model.loss_scaling", "data.eval")
 
 
 def _type_name(annotation: Any) -> str:

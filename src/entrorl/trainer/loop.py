@@ -84,7 +84,7 @@ from entrorl.trainer.diagnostics import (
 )
 from entrorl.trainer.evaluate import NonFiniteLogProbs, evaluate_model
 from entrorl.trainer.loggers import MetricsLogger, TrackerError
-from entrorl.trainer.precision import MasterWeights, needs_master_weights
+from entrorl.trainer.precision import LossScale, MasterWeights, needs_master_weights
 from entrorl.trainer.progress import StepProgress
 from entrorl.trainer.schedule import SCHEDULE_KEYS, learning_rate_factor, schedule_factor
 from entrorl.trainer.step_metrics import MicroBatchShares, step_metrics_over_updates
@@ -254,6 +254,7 @@ class Trainer:
             self._sync_sampler()  # the engine holds the base model; new adapters change nothing yet (B = 0)
         # a bfloat16 / float16 model is stepped through float32 copies of its weights (see entrorl.trainer.precision)
         self.master = MasterWeights(self.model) if config.model.master_weights and needs_master_weights(self.model) else None
+        self.loss_scale = LossScale() if config.model.dtype == "float16" and config.model.loss_scaling else None
         self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
         self.consecutive_nonfinite = 0
@@ -568,6 +569,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "weight_norm_at_start": self.weight_norm_at_start,
             "master_weights": self.master.state_dict() if self.master is not None else None,
+            "loss_scale": self.loss_scale.state_dict() if self.loss_scale is not None else None,
             "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
             "config": with_resolved_paths(self.config.model_dump(mode="json")),  # what these steps were trained with
             "software": software_versions(),
@@ -597,6 +599,8 @@ class Trainer:
         self.weight_norm_at_start = state.get("weight_norm_at_start")  # absent from checkpoints of older versions
         if self.master is not None and state.get("master_weights") is not None:
             self.master.load_state_dict(state["master_weights"])
+        if self.loss_scale is not None and state.get("loss_scale") is not None:
+            self.loss_scale.load_state_dict(state["loss_scale"])
         if state.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
             self.sampler.load_state_dict(state["sampler"])  # vLLM seeds each request from a running count
         restore_rng_state(state["rng"])
@@ -904,7 +908,7 @@ class Trainer:
         # 5. updates: epochs x mini-batches, each optionally split into micro-batches
         grad_coefficients = torch.zeros(mask.shape, dtype=torch.float32)
         objective_metrics: list[list[tuple[dict[str, float], MicroBatchShares]]] = []  # each update's micro-batches
-        grad_norms, skipped = [], 0
+        grad_norms, skipped, overflowed = [], 0, 0
         first_pass = {name: torch.zeros(mask.shape) for name in STAT_NAMES}
         # the advantages the loss used, after the objective's shaping (the first epoch's, one pass over each row): what
         # the covariance and discriminator statistics pair with log-probs, as the objective's own selectors do
@@ -949,12 +953,22 @@ class Trainer:
                     weighted = objective_out.policy_loss * shares.loss
                     if objective_out.loss is not objective_out.policy_loss:
                         weighted = weighted + (objective_out.loss - objective_out.policy_loss) * shares.aggregated
+                    if self.loss_scale is not None:  # float16: small gradients would round to 0
+                        weighted = weighted * self.loss_scale.scale
                     weighted.backward()
                     if self.master is not None:  # summed in float32 over the micro-batches
                         self.master.take_gradients()
                     mini_coefficients[micro] = stats.logprob.grad.detach().float().cpu()
+                    if self.loss_scale is not None:
+                        mini_coefficients[micro] /= self.loss_scale.scale
                     mini_metrics.append((objective_out.metrics, shares))
+                if losses_finite and self.loss_scale is not None:
+                    self.loss_scale.unscale([p for group in self.optimizer.param_groups for p in group["params"]])
                 grad_norm, clip_scale = self._clip_gradients() if losses_finite else (math.nan, 0.0)
+                scale_overflowed = (losses_finite and not math.isfinite(grad_norm) and self.loss_scale is not None
+                                    and self.loss_scale.can_shrink())
+                if self.loss_scale is not None and losses_finite:
+                    self.loss_scale.update(overflowed=not math.isfinite(grad_norm))
                 if losses_finite and math.isfinite(grad_norm):
                     self.optimizer.step()
                     if self.master is not None:
@@ -967,8 +981,11 @@ class Trainer:
                 else:  # skipped: no weight moves, and the objective's state (adaptive coefficients) stays as it was
                     self._zero_grad()
                     self.objective.load_state_dict(objective_state)
-                    skipped += 1
-                    self.skipped_steps += 1
+                    if scale_overflowed:  # the loss scale's doing, now halved: no sign of a broken run
+                        overflowed += 1
+                    else:
+                        skipped += 1
+                        self.skipped_steps += 1
         step_metrics = self.objective.end_step()  # parts acting once per step (the adaptive entropy controller)
         self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
         if self.consecutive_nonfinite >= config.optim.max_consecutive_nonfinite:
@@ -1030,6 +1047,8 @@ class Trainer:
             "train/updates": float(len(grad_norms)),
             "train/skipped_updates": float(skipped),
             "train/skipped_total": float(self.skipped_steps),
+            **({"train/loss_scale": self.loss_scale.scale, "train/loss_scale_overflows": float(overflowed)}
+               if self.loss_scale is not None else {}),
             "time/step_s": time.perf_counter() - started,
             "time/generate_s": generated - started,
             "time/update_s": updated - generated - first_order_s,

@@ -5,13 +5,17 @@ significant bit (8 bits of mantissa: about 0.4% of the weight), which at fine-tu
 them. The usual remedy, as in mixed-precision training (Micikevicius et al., arXiv 1710.03740): the model
 computes in low precision, while the optimizer updates float32 copies of the weights and writes them back
 rounded after every step, so that small updates accumulate in the copies until they show.
+
+In float16 the gradients themselves underflow: its smallest number is about 6e-8, and a token's share of a loss
+averaged over tens of thousands of tokens, times a small probability, lies below it. :class:`LossScale` multiplies
+the loss before the backward pass and divides the gradients after it (dynamic loss scaling, same paper).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["MasterWeights", "needs_master_weights"]
+__all__ = ["LossScale", "MasterWeights", "needs_master_weights"]
 
 
 def needs_master_weights(model: torch.nn.Module) -> bool:
@@ -55,3 +59,46 @@ class MasterWeights:
             raise ValueError("the saved master weights do not match this model's parameters")
         for copy, saved in zip(self.copies, state):
             copy.copy_(saved)
+
+
+class LossScale:
+    """Dynamic loss scaling for float16 (Micikevicius et al., arXiv 1710.03740, Sec. 3.2): the loss of an update is
+    multiplied by :attr:`scale` before its backward pass, so that gradients too small for float16 do not round to 0,
+    and the gradients are divided by it before clipping and the optimizer step. An update whose gradients overflowed
+    (inf or NaN after the division) is skipped and the scale halved, down to 1; after ``growth_interval`` updates in a
+    row without overflow the scale doubles. torch's ``GradScaler`` does the same for autocast; here the weights
+    themselves are float16 and the optimizer steps float32 copies (:class:`MasterWeights`)."""
+
+    def __init__(self, initial: float = 2.0**16, growth_interval: int = 2000):
+        self.scale = float(initial)
+        self.growth_interval = growth_interval
+        self.good_updates = 0  # in a row since the last overflow or growth
+
+    @torch.no_grad()
+    def unscale(self, parameters: list[torch.Tensor]) -> None:
+        """Divide the gradients of ``parameters`` by the scale, in place."""
+        gradients = [p.grad for p in parameters if p.grad is not None]
+        if gradients and self.scale != 1.0:
+            torch._foreach_mul_(gradients, 1.0 / self.scale)
+
+    def can_shrink(self) -> bool:
+        """Whether an overflow may be the scale's doing: while it is above 1, halving it may avoid the next one."""
+        return self.scale > 1.0
+
+    def update(self, *, overflowed: bool) -> None:
+        """After an update: halve the scale when its gradients overflowed, double it after ``growth_interval`` clean
+        updates in a row."""
+        if overflowed:
+            self.scale = max(1.0, self.scale / 2)
+            self.good_updates = 0
+            return
+        self.good_updates += 1
+        if self.good_updates >= self.growth_interval:
+            self.scale *= 2
+            self.good_updates = 0
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"scale": self.scale, "good_updates": self.good_updates}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        self.scale, self.good_updates = float(state["scale"]), int(state["good_updates"])
