@@ -641,7 +641,7 @@ def test_every_metric_a_run_logs_is_in_the_metrics_reference(tmp_path, tiny_mode
         dict(method="grpo+kl_ref+entropy_advantage+clip_cov+icepop+clip_v",
              optim={"steps": 1, "lr": 1e-3, "epochs": 2, "micro_batch_size": 3}),
         dict(method="cispo+low_entropy_tokens"), dict(method="gspo+nsr"), dict(method="dual_clip"),
-        dict(method="w_reinforce"),
+        dict(method="w_reinforce", model={"dtype": "float16"}),
     ]
     logged: set[str] = set()
     with importable_module(tmp_path, "parity_metrics", PARITY_REWARD), warnings.catch_warnings():
