@@ -316,6 +316,35 @@ def test_private_seed_draws_the_same_and_leaves_the_callers_stream_alone():
     assert torch.equal(torch.rand(2), inside)
 
 
+@pytest.mark.parametrize("device_type", ["cuda", "mps"])
+def test_private_seed_puts_back_a_gpus_generator_too(device_type, monkeypatch):
+    """Sampling on a CUDA or an Apple GPU draws from that device's generator, which torch.manual_seed reseeds: its
+    state is put back as the CPU's is (a stand-in module records what torch's fork_rng reads and writes)."""
+    from entrorl.rollout import private_seed
+
+    calls = []
+
+    class DeviceModule:
+        @staticmethod
+        def get_rng_state(device):
+            calls.append(("get", str(device)))
+            return torch.tensor([1], dtype=torch.uint8)
+
+        @staticmethod
+        def set_rng_state(state, device):
+            calls.append(("set", str(device)))
+
+    real = torch.get_device_module
+    monkeypatch.setattr(torch, "get_device_module", lambda kind=None: DeviceModule if kind == device_type else real(kind))
+    with private_seed(7, device_type):
+        pass
+    assert calls == [("get", device_type), ("set", device_type)]
+    calls.clear()
+    with private_seed(7, "cpu"):
+        pass
+    assert calls == []
+
+
 def _greedy_and_log_probs_against_the_model(model, prompt: list[int], max_new_tokens: int):
     """entrorl's greedy response to ``prompt`` next to transformers' own, and its sampled (T = 1) log-probs next
     to a fresh unpadded forward over prompt + response."""

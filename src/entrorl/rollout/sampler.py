@@ -22,7 +22,7 @@ from entrorl._checks import check_int, widest_float
 from entrorl.modeling import cache_argument, left_pad, length_dependent_rope, output_cache, reset_dynamic_rope, stop_token_ids
 from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
 
-__all__ = ["Rollouts", "SamplingParams", "HFSampler", "leaves_tokens_out", "process_logits", "sample_from_log_probs", "DECODERS", "private_seed"]
+__all__ = ["Rollouts", "SamplingParams", "HFSampler", "leaves_tokens_out", "process_logits", "sample_from_log_probs", "DECODERS", "forked_rng", "private_seed"]
 
 
 @dataclass(frozen=True)
@@ -163,13 +163,21 @@ def sample_from_log_probs(log_probs: torch.Tensor, uniform: torch.Tensor | None 
     return (cumulative <= threshold).sum(dim=-1)
 
 
+def forked_rng(device: torch.device | str = "cpu"):
+    """``torch.random.fork_rng`` over the CPU's generator and, for a CUDA or an Apple GPU, ``device``'s: the states
+    the body leaves are put back afterwards."""
+    device = torch.device(device)
+    if device.type in ("cuda", "mps"):
+        return torch.random.fork_rng(devices=[device], device_type=device.type)
+    return torch.random.fork_rng(devices=[])
+
+
 @contextlib.contextmanager
 def private_seed(seed: int, device: torch.device | str = "cpu"):
-    """Run the body with torch's generators seeded with ``seed`` (the CPU's, and ``device``'s when it is a CUDA
-    device, where sampling draws), then put back the states they had, so that the caller's random stream goes on
+    """Run the body with torch's generators seeded with ``seed`` (the CPU's, and ``device``'s when it is a CUDA or an
+    Apple GPU, where sampling draws), then put back the states they had, so that the caller's random stream goes on
     as if the body had never run."""
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with forked_rng(device):
         torch.manual_seed(seed)
         yield
 

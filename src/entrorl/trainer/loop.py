@@ -52,7 +52,7 @@ from entrorl.objective import PolicyBatch
 from entrorl.rewards import RewardResult, RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
 from entrorl.tokens import STAT_NAMES, TokenStats
-from entrorl.rollout import HFSampler, Rollouts, SamplingParams
+from entrorl.rollout import HFSampler, Rollouts, SamplingParams, forked_rng
 from entrorl.trainer.adapters import ADAPTER_DIRECTORY, LoraAdapter
 from entrorl.trainer.allocator import retain_freed_memory
 from entrorl.trainer.checkpoint import (
@@ -843,7 +843,7 @@ class Trainer:
         valid = rollouts.response_mask
         count = max(int(valid[rows].sum()), 1)
         gradient: list[torch.Tensor | None] = [None] * len(trained)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with forked_rng(self.device):
             for piece in rows.split(self.config.optim.micro_batch_size or len(rows)):
                 entropy = self.token_stats(self.model, rollouts, piece, need=("entropy",)).entropy
                 part = entropy[valid[piece].to(entropy.device)].float().sum() / count
