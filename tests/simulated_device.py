@@ -3,8 +3,9 @@
 Inside :func:`simulated_device`, a tensor on the device ``meta`` is a :class:`OnDevice`: it reports ``meta`` as its
 device but holds real CPU data, so code runs to the end and computes real numbers. Every operation that mixes an
 ``OnDevice`` tensor with a plain CPU tensor of one or more dimensions raises :class:`DeviceMismatch`, where CUDA
-raises "Expected all tensors to be on the same device". What CUDA allows is allowed: a 0-dim CPU tensor (a scalar)
-beside device tensors, and CPU index tensors indexing a device tensor (a device index into a CPU tensor is refused).
+raises "Expected all tensors to be on the same device". What CUDA allows is allowed: a 0-dim CPU tensor (a scalar) as
+an input of an elementwise operation beside device tensors (not as its output, nor for ``index_select`` and the other
+non-elementwise ones), and CPU index tensors indexing a device tensor (a device index into a CPU tensor is refused).
 Factories given ``device=x.device`` (``torch.zeros``, ``torch.tensor``, ``x.new_*``, ``.to(x.device)``) make device
 tensors; ``.cpu()`` / ``.to("cpu")`` give back plain ones; ``.numpy()`` of a device tensor raises as a CUDA tensor's
 does. A model moved with ``model.to("meta")`` inside the context keeps its weights, tied ones tied.
@@ -70,14 +71,37 @@ def _names_the_device(device) -> bool:
     return device is not None and torch.device(device) == DEVICE
 
 
+def _written_arguments(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors ``func`` writes into: in-place operations' ``self``, ``out=`` arguments."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return []
+    written = []
+    for index, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[index] if index < len(args) and not argument.kwarg_only else kwargs.get(argument.name)
+        written += [item for item in tree_flatten(value)[0] if isinstance(item, torch.Tensor)]
+    return written
+
+
+def _takes_cpu_scalars(func) -> bool:
+    """Whether CUDA lets a 0-dim CPU tensor be an input of ``func`` beside device tensors: elementwise operations
+    (its TensorIterator reads it as a number) and ``masked_fill``'s value; ``index_select``, ``gather``, ``cat`` and
+    the other operations want every tensor on the device."""
+    return torch.Tag.pointwise in getattr(func, "tags", ()) or str(func).startswith("aten.masked_fill")
+
+
 def _run(func, args, kwargs):
     """``func`` on the CPU data of its arguments, after checking that it does not mix devices; its tensor results on the
     device when any argument was, or when it was asked to create them there."""
     name = str(func)
     tensors = [item for item in tree_flatten((args, kwargs))[0] if isinstance(item, torch.Tensor)]
     on_device = any(isinstance(tensor, OnDevice) for tensor in tensors)
+    written = _written_arguments(func, args, kwargs)
+    scalars_allowed = _takes_cpu_scalars(func)
     on_cpu = [tensor for tensor in tensors if not isinstance(tensor, OnDevice) and tensor.device.type == "cpu"
-              and tensor.dim() > 0]
+              and (tensor.dim() > 0 or not scalars_allowed or any(tensor is output for output in written))]
     if name.startswith(_INDEXING) and isinstance(args[0], OnDevice):
         indices = tree_flatten(args[1])[0]
         on_cpu = [tensor for tensor in on_cpu if not any(tensor is index for index in indices)]
@@ -124,9 +148,11 @@ class _Constructors(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in (torch.tensor, torch.as_tensor, torch.asarray) and _names_the_device(kwargs.get("device")):
             if args and isinstance(args[0], OnDevice):
-                data = args[0] if kwargs.get("dtype") is None else args[0].to(kwargs["dtype"])
-                return data
-            return OnDevice(func(*args, **{**kwargs, "device": "cpu"}))
+                return args[0] if kwargs.get("dtype") is None else args[0].to(kwargs["dtype"])
+            created = func(*args, **{**kwargs, "device": "cpu"})
+            if created.dtype == torch.float64 and not _settings["float64"]:
+                raise TypeError(NO_FLOAT64_MESSAGE)
+            return OnDevice(created)
         return func(*args, **kwargs)
 
 

@@ -47,11 +47,20 @@ def imported_entrorl_modules(source: str, module: str, is_package: bool) -> list
             found += [(alias.name, node.lineno) for alias in node.names if alias.name.split(".")[0] == "entrorl"]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[: len(package) - node.level + 1]
-                found.append((".".join(base + ([node.module] if node.module else [])), node.lineno))
+                imported = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
             elif node.module and node.module.split(".")[0] == "entrorl":
-                found.append((node.module, node.lineno))
+                imported = node.module
+            else:
+                continue
+            # ``from entrorl import trainer`` imports the subpackage, ``from entrorl import build_objective`` a name
+            found += [(f"{imported}.{alias.name}" if _is_module(f"{imported}.{alias.name}") else imported, node.lineno)
+                      for alias in node.names]
     return found
+
+
+def _is_module(name: str) -> bool:
+    path = SOURCE.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def upward_imports(source: str, module: str, is_package: bool = False) -> list[str]:
@@ -87,5 +96,9 @@ def test_upward_imports_are_found_at_module_level_in_functions_and_relative():
     )
     found = upward_imports(source, "entrorl.objective.core")
     assert found == ["line 2: entrorl.trainer (layer 3)", "line 4: entrorl.lab.runner (layer 4)",
-                     "line 5: entrorl.rollout (layer 2)"]
+                     "line 5: entrorl.rollout.sampler (layer 2)"]
     assert upward_imports("from . import loop\n", "entrorl.trainer", is_package=True) == []
+    # a subpackage imported by name from its parent
+    assert upward_imports("from entrorl import trainer, build_objective\n", "entrorl.objective.core") == [
+        "line 1: entrorl.trainer (layer 3)"]
+    assert upward_imports("def f():\n    from .. import lab\n", "entrorl.objective.core") == ["line 2: entrorl.lab (layer 4)"]

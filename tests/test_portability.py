@@ -90,3 +90,21 @@ def test_a_reward_given_by_its_file_with_a_drive_letter_gets_the_import_path_hin
     with pytest.raises(ValueError, match="name the module by its import path, not by its file") as refused:
         get_reward(spec)
     assert "module 'C'" not in str(refused.value)
+
+
+def test_a_checkpoint_keeps_an_apple_gpus_generator(monkeypatch):
+    """Sampling on an Apple GPU draws from its generator: a checkpoint saves its state and a resume puts it back
+    (a stand-in generator here)."""
+    from entrorl.trainer.checkpoint import capture_rng_state, restore_rng_state
+
+    generator = {"state": 123}
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": torch.tensor([generator["state"]]))
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": generator.update(state=int(state[0])))
+    saved = capture_rng_state()
+    generator["state"] = 7  # drawn from since, or seeded afresh by a new process
+    restore_rng_state(saved)
+    assert generator["state"] == 123
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    restore_rng_state(saved)  # a checkpoint of a Mac resumed elsewhere: nothing to put it in
+    assert "mps" not in capture_rng_state()

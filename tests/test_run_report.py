@@ -1712,3 +1712,16 @@ def test_a_log_holding_only_a_byte_order_mark_is_called_empty(tmp_path):
     log.write_bytes(b"\xef\xbb\xbf\n")
     with pytest.raises(NotARunDirectory, match="is empty: nothing has been logged yet"):
         write_run_report(log, figures=False)
+
+
+def test_a_log_is_split_into_lines_as_the_trainers_reader_splits_it(tmp_path):
+    """"\n", "\r\n" and a lone "\r" end a line for entrorl report as for read_metrics; a U+2028 inside a string
+    does not."""
+    from entrorl.analysis.run import json_lines
+    from entrorl.trainer.loggers import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 0.5}\r{"step": 2, "loss": 0.25}\r\n{"step": 3, "note": "a\xe2\x80\xa8b"}\n')
+    assert [record["step"] for record in read_metrics(path)] == [1, 2, 3]
+    assert json_lines(path) == [(1, {"step": 1, "loss": 0.5}), (2, {"step": 2, "loss": 0.25}),
+                                (3, {"step": 3, "note": "a\u2028b"})]

@@ -45,6 +45,24 @@ def test_mixing_a_device_tensor_with_a_cpu_tensor_raises_as_on_cuda():
         assert isinstance(torch.ones(2).to(DEVICE), OnDevice)
 
 
+def test_what_cuda_refuses_beyond_mixed_inputs_is_refused_too():
+    """A 0-dim CPU tensor is a number to an elementwise operation's inputs only: CUDA refuses it as the output
+    (``total += x.sum()`` with a CPU ``total``) and as an index (``index_select``); float64 made from Python data on a
+    device without it fails as it does on an Apple GPU."""
+    with simulated_device():
+        values = on_device(torch.arange(4.0))
+        with pytest.raises(DeviceMismatch):
+            torch.zeros(()).add_(values.sum())
+        with pytest.raises(DeviceMismatch):
+            values.index_select(0, torch.tensor(1))
+        assert values.masked_fill(values > 1, torch.tensor(0.0)).tolist() == [0.0, 1.0, 0.0, 0.0]
+        assert torch.where(values > 1, values, torch.tensor(-1.0)).tolist() == [-1.0, -1.0, 2.0, 3.0]
+    with simulated_device(float64=False):
+        for make in (torch.tensor, torch.as_tensor):
+            with pytest.raises(TypeError, match="float64"):
+                make([1.0, 2.0], dtype=torch.float64, device=DEVICE)
+
+
 def test_a_model_moved_to_the_simulated_device_keeps_its_weights_and_gradients():
     torch.manual_seed(0)
     layer = torch.nn.Linear(3, 2)
@@ -154,6 +172,29 @@ def test_pass_at_k_takes_counts_on_a_device(float64):
         got = pass_at_k(on_device(n), on_device(c), 2)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected))
     assert float(np.asarray(got)[1]) == pytest.approx(1 - (5 * 4) / (8 * 7))
+
+
+def test_group_statistics_dynamic_sampling_and_overlong_shaping_on_a_device(float64):
+    """The public helpers around the rewards answer on their input's device, its float64 arithmetic done where the
+    device has it."""
+    from entrorl.advantages import group_mean_std
+    from entrorl.data import informative_groups
+    from entrorl.rewards import overlong_penalties
+
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5, 0.5])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    lengths = torch.tensor([3, 9, 10, 12, 7, 8])
+    expected = (group_mean_std(rewards, groups), informative_groups(rewards, groups),
+                overlong_penalties(lengths, max_length=10, cache_length=4))
+    with simulated_device(float64=float64):
+        statistics = group_mean_std(on_device(rewards), on_device(groups))
+        informative = informative_groups(on_device(rewards), on_device(groups))
+        penalties = overlong_penalties(on_device(lengths), max_length=10, cache_length=4)
+        assert all(isinstance(value, OnDevice) for value in (*statistics, informative, penalties))
+    for got, wanted in zip(statistics, expected[0]):
+        torch.testing.assert_close(got.cpu(), wanted)
+    assert informative.cpu().tolist() == expected[1].tolist() == [True, True, False, False, False, False]
+    torch.testing.assert_close(penalties.cpu(), expected[2])
 
 
 @pytest.mark.parametrize("estimator", [info.name for info in __import__("entrorl").available_advantages()])

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import torch
 
-from entrorl._checks import as_tensor, check_int, in_float64, is_real_number
+from entrorl._checks import as_tensor, check_int, in_float64, is_real_number, widest_float
 
 __all__ = [
     "AdvantageFn",
@@ -350,8 +350,8 @@ def group_mean_std(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch
     v, g = _check_rewards_groups(values, group_ids, "values")
     st = _group_stats(v, g)
     vin = _as_tensor(values, "values")
-    dtype = vin.dtype if vin.is_floating_point() else torch.float64
-    return st.mean.to(dtype), st.std.to(dtype), st.count
+    dtype = vin.dtype if vin.is_floating_point() else widest_float(vin.device)
+    return st.mean.to(device=vin.device, dtype=dtype), st.std.to(device=vin.device, dtype=dtype), st.count.to(vin.device)
 
 
 def expand_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -289,7 +289,7 @@ ChatTemplateOption = Annotated[Optional[bool], typer.Option(
     "--chat-template/--no-chat-template", help="wrap each prompt as a user turn with the tokenizer's chat template, as "
     "model.chat_template does in training (default: the run's model.chat_template when --model is a run or one of its "
     "checkpoints, else off)")]
-DeviceOption = Annotated[str, typer.Option("--device", help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'")]
+DeviceOption = Annotated[str, typer.Option("--device", help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N', 'mps' (an Apple GPU)")]
 DtypeOption = Annotated[Optional[str], typer.Option(
     "--dtype", help="float32, bfloat16 or float16 [default: the run's model.dtype when --model is a training run or "
     "one of its checkpoints, else float32]", show_default=False)]

@@ -138,14 +138,14 @@ def read_json(path: Path) -> Any:
 
 def json_lines(path: Path) -> list[tuple[int, Any]]:
     """``(line number, parsed value)`` of each non-blank line of ``path``, the value None for a line that is not JSON.
-    Lines end at "\n" alone (not at a "\r", nor at a U+2028 inside a string, which orjson writes raw). A
-    byte-order mark before the first line (an editor's) is not part of it.
-    Raises ``OSError`` when the file cannot be read."""
+    Lines end at "\n", "\r\n" or "\r" (as the trainer's ``read_metrics`` reads them), not at a U+2028 inside a string
+    (orjson writes it raw; ``str.splitlines`` would cut there). A byte-order mark before the first line (an editor's)
+    is not part of it. Raises ``OSError`` when the file cannot be read."""
     parsed = []
-    # a long run's log can be hundreds of MB: it is read a line at a time (newline="\n" ends lines at "\n" only), and
-    # the records share one string per key (each line's parse makes its own: half the memory of a 30k-step log)
+    # a long run's log can be hundreds of MB: it is read a line at a time, and the records share one string per key
+    # (each line's parse makes its own: half the memory of a 30k-step log)
     keys: dict[str, str] = {}
-    with path.open(encoding="utf-8-sig", errors="replace", newline="\n") as lines:
+    with path.open(encoding="utf-8-sig", errors="replace") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from entrorl._checks import as_tensor, is_real_number
+from entrorl._checks import as_tensor, in_float64, is_real_number
 from entrorl.data.records import PromptRecord
 
 __all__ = ["filter_by_pass_rate", "group_pass_rates", "informative_groups", "parse_band", "pass_rate_band_mask"]
@@ -59,16 +59,18 @@ def informative_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.
     if r.is_floating_point():
         if torch.isnan(r).any():
             raise ValueError("informative_groups: rewards contain NaN; expected finite (or infinite) numbers")
-        r = r.to(torch.float64)
+        r = in_float64(r)  # on the CPU for an Apple GPU, which has no float64
     else:
         r = r.to(torch.int64)
+    home = rewards.device if torch.is_tensor(rewards) else r.device
     if r.numel() == 0:
-        return torch.zeros(0, dtype=torch.bool, device=r.device)
+        return torch.zeros(0, dtype=torch.bool, device=home)
+    g = g.to(r.device)
     _, inv = torch.unique(g, return_inverse=True)
     k = int(inv.max().item()) + 1
     hi = torch.zeros(k, dtype=r.dtype, device=r.device).scatter_reduce(0, inv, r, "amax", include_self=False)
     lo = torch.zeros(k, dtype=r.dtype, device=r.device).scatter_reduce(0, inv, r, "amin", include_self=False)
-    return (hi != lo)[inv]
+    return (hi != lo)[inv].to(home)
 
 
 def group_pass_rates(correct: torch.Tensor, group_ids: torch.Tensor) -> dict[int, float]:

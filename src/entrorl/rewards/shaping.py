@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from entrorl._checks import as_tensor, check_int, is_real_number
+from entrorl._checks import as_tensor, check_int, in_float64, is_real_number
 
 __all__ = ["overlong_penalty", "overlong_penalties", "validate_overlong"]
 
@@ -69,10 +69,9 @@ def overlong_penalties(
         raise ValueError("lengths must be a 1-d sequence of integers")
     if t.numel() and int(t.min()) < 0:
         raise ValueError("lengths must be >= 0")
-    t = t.to(torch.float64)
     expected = max_length - cache_length
-    pen = ((expected - t) / cache_length * factor).clamp(min=-factor, max=0.0)
-    return pen.to(torch.float32)
+    pen = ((expected - in_float64(t)) / cache_length * factor).clamp(min=-factor, max=0.0)
+    return pen.to(device=t.device, dtype=torch.float32)
 
 
 def validate_overlong(config: Mapping[str, Any]) -> dict[str, Any]:

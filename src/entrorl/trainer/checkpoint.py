@@ -222,10 +222,13 @@ def remove_temporary_files(run_dir: Path) -> None:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """The CPU torch, numpy and Python generators, and CUDA's when it has been used (sampling on a GPU draws there)."""
+    """The CPU torch, numpy and Python generators, CUDA's when it has been used and an Apple GPU's when there is one
+    (sampling on a GPU draws there)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -282,6 +285,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+    if state.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 class CheckpointWriteError(OSError):

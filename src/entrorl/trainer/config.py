@@ -150,7 +150,7 @@ def resolve_device(name: str):
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as error:
-        raise ValueError(f"{name!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N' ({error})") from None
+        raise ValueError(f"{name!r} is not a device: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' ({error})") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{name!r}: torch sees no CUDA GPU here; use 'cpu' or 'auto'")
