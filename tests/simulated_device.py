@@ -85,11 +85,22 @@ def _written_arguments(func, args, kwargs) -> list[torch.Tensor]:
     return written
 
 
-def _takes_cpu_scalars(func) -> bool:
-    """Whether CUDA lets a 0-dim CPU tensor be an input of ``func`` beside device tensors: elementwise operations
-    (its TensorIterator reads it as a number) and ``masked_fill``'s value; ``index_select``, ``gather``, ``cat`` and
-    the other operations want every tensor on the device."""
-    return torch.Tag.pointwise in getattr(func, "tags", ()) or str(func).startswith("aten.masked_fill")
+# operations whose argument at this position may be a 0-dim CPU tensor (read as a number) beside device tensors
+_SCALAR_ARGUMENT = {"aten.masked_fill": 2, "aten.index_put": 2, "aten._index_put_impl": 2, "aten.fill": 1}
+
+
+def _cpu_scalars_allowed(func, args) -> list[torch.Tensor]:
+    """The inputs of ``func`` that CUDA lets be 0-dim CPU tensors beside device tensors: every input of an
+    elementwise operation (its TensorIterator reads them as numbers), the value of ``masked_fill``, ``index_put`` and
+    ``fill_`` (not the mask); ``index_select``, ``gather``, ``cat`` and the other operations want every tensor on the
+    device."""
+    name = str(func)
+    position = next((index for prefix, index in _SCALAR_ARGUMENT.items() if name.startswith(prefix)), None)
+    if position is not None:  # before the elementwise rule: masked_fill is tagged elementwise, but its mask is no number
+        return [args[position]] if len(args) > position and torch.is_tensor(args[position]) else []
+    if torch.Tag.pointwise in getattr(func, "tags", ()):
+        return [item for item in tree_flatten(args)[0] if isinstance(item, torch.Tensor)]
+    return []
 
 
 def _run(func, args, kwargs):
@@ -99,9 +110,9 @@ def _run(func, args, kwargs):
     tensors = [item for item in tree_flatten((args, kwargs))[0] if isinstance(item, torch.Tensor)]
     on_device = any(isinstance(tensor, OnDevice) for tensor in tensors)
     written = _written_arguments(func, args, kwargs)
-    scalars_allowed = _takes_cpu_scalars(func)
+    scalars = [item for item in _cpu_scalars_allowed(func, args) if not any(item is output for output in written)]
     on_cpu = [tensor for tensor in tensors if not isinstance(tensor, OnDevice) and tensor.device.type == "cpu"
-              and (tensor.dim() > 0 or not scalars_allowed or any(tensor is output for output in written))]
+              and (tensor.dim() > 0 or not any(tensor is scalar for scalar in scalars))]
     if name.startswith(_INDEXING) and isinstance(args[0], OnDevice):
         indices = tree_flatten(args[1])[0]
         on_cpu = [tensor for tensor in on_cpu if not any(tensor is index for index in indices)]

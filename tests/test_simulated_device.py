@@ -55,8 +55,14 @@ def test_what_cuda_refuses_beyond_mixed_inputs_is_refused_too():
             torch.zeros(()).add_(values.sum())
         with pytest.raises(DeviceMismatch):
             values.index_select(0, torch.tensor(1))
+        with pytest.raises(DeviceMismatch):  # a mask is no number
+            values.masked_fill(torch.tensor(True), 0.0)
         assert values.masked_fill(values > 1, torch.tensor(0.0)).tolist() == [0.0, 1.0, 0.0, 0.0]
         assert torch.where(values > 1, values, torch.tensor(-1.0)).tolist() == [-1.0, -1.0, 2.0, 3.0]
+        filled = values.clone()
+        filled[filled > 2] = torch.tensor(9.0)  # index_put's value
+        assert filled.tolist() == [0.0, 1.0, 2.0, 9.0]
+        assert values.clone().fill_(torch.tensor(2.0)).tolist() == [2.0] * 4
     with simulated_device(float64=False):
         for make in (torch.tensor, torch.as_tensor):
             with pytest.raises(TypeError, match="float64"):

@@ -908,6 +908,35 @@ def test_float16_overflow_halves_the_loss_scale_and_is_not_a_broken_run(tmp_path
     assert resumed_state["loss_scale"] == {"scale": 2.0**10, "good_updates": 2}
 
 
+def test_float16_first_order_entropy_gradient_is_loss_scaled_too(tmp_path, tiny_model_dir, arithmetic_files, parity,
+                                                                 trainer_for):
+    """diagnostics.first_order's own backward pass through a float16 model: each token's share of the mean entropy
+    lies in float16's subnormal range, so the pass is scaled as the updates' are (without: 1.4% off its float32
+    value on this model, 7% on the small entries)."""
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          model={"path": str(tiny_model_dir), "dtype": "float16"},
+                          rollout={"prompts_per_step": 4, "group_size": 8, "max_new_tokens": 12},
+                          diagnostics={"first_order": True, "measure_fraction": 1.0})
+    rollouts = trainer.collect().rollouts
+    rows = torch.arange(len(rollouts))
+    got = torch.cat([g.float().flatten() for g in trainer._entropy_gradient(rollouts, rows).gradient if g is not None])
+    float32_model = copy.deepcopy(trainer.model).float()  # the same float16-valued weights
+    trained = [p for p in float32_model.parameters() if p.requires_grad]
+    entropy = trainer.token_stats(float32_model, rollouts, rows, need=("entropy",)).entropy
+    mean_entropy = entropy[rollouts.response_mask].sum() / int(rollouts.response_mask.sum())
+    wanted = torch.cat([g.flatten() for g in torch.autograd.grad(mean_entropy, trained, allow_unused=True) if g is not None])
+    assert float((got - wanted).norm() / wanted.norm()) < 5e-3
+
+
+def test_loss_scaling_outside_float16_is_said_to_have_no_effect(tiny_model_dir, arithmetic_files):
+    train, _ = arithmetic_files
+    for dtype in ("float32", "bfloat16"):
+        with pytest.warns(UserWarning, match=f"model.loss_scaling has no effect with model.dtype = '{dtype}'"):
+            load_config(make_config(tiny_model_dir, train, None, model={"path": str(tiny_model_dir), "dtype": dtype,
+                                                                       "loss_scaling": False}))
+
+
 def test_the_loss_scale_grows_after_clean_updates_and_never_falls_below_one():
     from entrorl.trainer.precision import LossScale
 

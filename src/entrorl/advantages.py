@@ -345,7 +345,8 @@ def group_mean_std(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch
     ``mean[i]`` / ``std[i]`` / ``count[i]`` are the mean, unbiased (N - 1) standard deviation and size of
     the group sample ``i`` belongs to. A singleton group has std 0 here (the unbiased std is undefined);
     estimators apply their own singleton convention. Vectorised with ``index_add`` / ``scatter_reduce``.
-    mean and std have the dtype of ``values`` if it is floating point, float64 otherwise; count is int64.
+    mean and std have the dtype of ``values`` if it is floating point, float64 otherwise (float32 on an Apple GPU);
+    count is int64. All three are on the device of ``values``.
     """
     v, g = _check_rewards_groups(values, group_ids, "values")
     st = _group_stats(v, g)

@@ -664,6 +664,9 @@ class TrainConfig(_Section):
                        for name in moved(self.diagnostics, "measure_fraction", "first_order")]
         if self.model.dtype == "float32" and moved(self.model, "master_weights"):
             unused.append("model.master_weights has no effect with model.dtype = 'float32' (the weights are float32)")
+        if self.model.dtype != "float16" and moved(self.model, "loss_scaling"):
+            unused.append(f"model.loss_scaling has no effect with model.dtype = '{self.model.dtype}' (only float16's "
+                          "gradients are scaled)")
         if not self.reward.diversity.enabled:
             unused += [f"reward.diversity.{name} has no effect while reward.diversity.enabled is false"
                        for name in moved(self.reward.diversity, "model", "batch_size", "device")]

@@ -838,17 +838,20 @@ class Trainer:
     def _entropy_gradient(self, rollouts: Rollouts, rows: torch.Tensor) -> FirstOrderEntropyChange:
         """The gradient of the mean entropy of ``rows``' response tokens under the current weights (in pieces of at
         most ``optim.micro_batch_size`` rows), kept to be read as a first-order change after the update. The random
-        state is put back afterwards, so that a model left with dropout trains as it would without this pass."""
+        state is put back afterwards, so that a model left with dropout trains as it would without this pass. A float16
+        model's pass is multiplied by the loss scale and its pieces summed in float32, as the updates' are."""
         trained = [p for p in self.model.parameters() if p.requires_grad]
         valid = rollouts.response_mask
         count = max(int(valid[rows].sum()), 1)
+        scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
         gradient: list[torch.Tensor | None] = [None] * len(trained)
         with forked_rng(self.device):
             for piece in rows.split(self.config.optim.micro_batch_size or len(rows)):
                 entropy = self.token_stats(self.model, rollouts, piece, need=("entropy",)).entropy
-                part = entropy[valid[piece].to(entropy.device)].float().sum() / count
+                part = entropy[valid[piece].to(entropy.device)].float().sum() * (scale / count)
                 for index, slope in enumerate(torch.autograd.grad(part, trained, allow_unused=True)):
                     if slope is not None:
+                        slope = slope.float() / scale if self.loss_scale is not None else slope
                         gradient[index] = slope if gradient[index] is None else gradient[index].add_(slope)
         return FirstOrderEntropyChange(trained, gradient)
 
