@@ -929,6 +929,33 @@ def test_float16_first_order_entropy_gradient_is_loss_scaled_too(tmp_path, tiny_
     assert float((got - wanted).norm() / wanted.norm()) < 5e-3
 
 
+def test_float16_first_order_pass_that_overflows_at_the_updates_scale_is_run_again_smaller(tmp_path, parity,
+                                                                                        arithmetic_files, trainer_for):
+    """A model whose outputs are not flat (embeddings scaled up): at a loss scale of 2^18, which a run reaches by itself
+    after 4000 clean updates, the update's gradients fit float16 but the entropy's do not. The first-order pass halves
+    its own scale until they do, and reports a finite change; the updates' scale stays."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from entrorl.lab.tiny_model import save_tiny_model
+
+    source = save_tiny_model(tmp_path / "source", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                             max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(30.0 ** 0.5)
+    model.save_pretrained(tmp_path / "peaked")
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "peaked")
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tmp_path / "peaked", train, reward={"name": parity},
+                          model={"path": str(tmp_path / "peaked"), "dtype": "float16"}, optim={"steps": 4, "lr": 1e-3},
+                          diagnostics={"first_order": True})
+    trainer.loss_scale.scale = 2.0**18
+    metrics = trainer.train_step()
+    assert metrics["train/updates"] == 1.0 and metrics["train/loss_scale_overflows"] == 0.0
+    assert math.isfinite(metrics["entropy/measured_delta"]) and math.isfinite(metrics["entropy/first_order_delta"])
+    assert trainer.loss_scale.scale == 2.0**18
+
+
 def test_loss_scaling_outside_float16_is_said_to_have_no_effect(tiny_model_dir, arithmetic_files):
     train, _ = arithmetic_files
     for dtype in ("float32", "bfloat16"):

@@ -838,22 +838,32 @@ class Trainer:
     def _entropy_gradient(self, rollouts: Rollouts, rows: torch.Tensor) -> FirstOrderEntropyChange:
         """The gradient of the mean entropy of ``rows``' response tokens under the current weights (in pieces of at
         most ``optim.micro_batch_size`` rows), kept to be read as a first-order change after the update. The random
-        state is put back afterwards, so that a model left with dropout trains as it would without this pass. A float16
-        model's pass is multiplied by the loss scale and its pieces summed in float32, as the updates' are."""
+        state is put back afterwards, so that a model left with dropout trains as it would without this pass. With
+        master weights the pieces are summed in float32, as the updates' gradients are; a float16 model's pass is
+        multiplied by the loss scale, halved and run again while its gradient overflows (the updates' scale is left
+        as it is)."""
         trained = [p for p in self.model.parameters() if p.requires_grad]
         valid = rollouts.response_mask
         count = max(int(valid[rows].sum()), 1)
         scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
-        gradient: list[torch.Tensor | None] = [None] * len(trained)
-        with forked_rng(self.device):
-            for piece in rows.split(self.config.optim.micro_batch_size or len(rows)):
-                entropy = self.token_stats(self.model, rollouts, piece, need=("entropy",)).entropy
-                part = entropy[valid[piece].to(entropy.device)].float().sum() * (scale / count)
-                for index, slope in enumerate(torch.autograd.grad(part, trained, allow_unused=True)):
-                    if slope is not None:
-                        slope = slope.float() / scale if self.loss_scale is not None else slope
+        while True:
+            gradient: list[torch.Tensor | None] = [None] * len(trained)
+            with forked_rng(self.device):
+                for piece in rows.split(self.config.optim.micro_batch_size or len(rows)):
+                    entropy = self.token_stats(self.model, rollouts, piece, need=("entropy",)).entropy
+                    part = entropy[valid[piece].to(entropy.device)].float().sum() * (scale / count)
+                    for index, slope in enumerate(torch.autograd.grad(part, trained, allow_unused=True)):
+                        if slope is None:
+                            continue
+                        if self.master is not None:
+                            slope = slope.float()
+                        if scale != 1.0:
+                            slope = slope / scale
                         gradient[index] = slope if gradient[index] is None else gradient[index].add_(slope)
-        return FirstOrderEntropyChange(trained, gradient)
+            if (self.loss_scale is None or scale <= 1.0
+                    or all(g is None or bool(torch.isfinite(g).all()) for g in gradient)):
+                return FirstOrderEntropyChange(trained, gradient)
+            scale /= 2
 
     def train_step(self) -> dict[str, float]:
         """One step: prompts → rollouts → rewards → advantages → scoring → updates → diagnostics. Returns the step's
