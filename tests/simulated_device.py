@@ -55,6 +55,12 @@ class OnDevice(torch.Tensor):
     def tolist(self):
         return self.data_on_cpu.tolist()
 
+    def data_ptr(self) -> int:  # distinct for distinct live tensors, as on CUDA (code compares addresses)
+        return self.data_on_cpu.data_ptr()
+
+    def __reduce_ex__(self, protocol):  # saved as its data, as torch.load(map_location="cpu") reads a CUDA tensor
+        return self.data_on_cpu.__reduce_ex__(protocol)
+
     def numpy(self, *args, **kwargs):
         raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to "
                         "host memory first.")
@@ -119,6 +125,10 @@ def _run(func, args, kwargs):
     if on_device and on_cpu and not name.startswith(_MOVES):
         raise DeviceMismatch(f"{func} mixes a device tensor with CPU tensor(s) of shape "
                              f"{[tuple(tensor.shape) for tensor in on_cpu]}")
+    if (on_device or _names_the_device(kwargs.get("device"))) and any(
+            isinstance(item, torch.Generator) and item.device.type == "cpu" for item in tree_flatten((args, kwargs))[0]):
+        raise DeviceMismatch(f"{func}: a draw on the device from a CPU generator (CUDA: \"Expected a 'cuda' device type "
+                             "for generator but found 'cpu'\")")
     to_cpu = (name.startswith("aten._to_copy") and kwargs.get("device") is not None
               and torch.device(kwargs["device"]).type == "cpu")
     make_on_device = (on_device or _names_the_device(kwargs.get("device"))) and not to_cpu

@@ -69,6 +69,24 @@ def test_what_cuda_refuses_beyond_mixed_inputs_is_refused_too():
                 make([1.0, 2.0], dtype=torch.float64, device=DEVICE)
 
 
+def test_device_tensors_have_addresses_are_saved_as_their_data_and_refuse_cpu_generators(tmp_path):
+    """As on CUDA: distinct live tensors have distinct addresses (entrorl compares them), torch.save writes what
+    torch.load(map_location="cpu", weights_only=True) reads back as CPU tensors, and a draw on the device from a CPU
+    generator fails."""
+    generator = torch.Generator().manual_seed(0)
+    with simulated_device():
+        first, second = torch.zeros(6, device=DEVICE), torch.ones(3, device=DEVICE)
+        assert first.data_ptr() != second.data_ptr() and first[2:].data_ptr() == first.data_ptr() + 8
+        torch.save({"exp_avg": on_device(torch.arange(6.0))}, tmp_path / "state.pt")
+        for draw in (lambda: torch.randperm(5, generator=generator, device=DEVICE),
+                     lambda: torch.rand(3, generator=generator, device=DEVICE),
+                     lambda: on_device(torch.zeros(3)).uniform_(generator=generator)):
+            with pytest.raises(DeviceMismatch, match="generator"):
+                draw()
+    loaded = torch.load(tmp_path / "state.pt", map_location="cpu", weights_only=True)["exp_avg"]
+    assert type(loaded) is torch.Tensor and loaded.tolist() == list(range(6))
+
+
 def test_a_model_moved_to_the_simulated_device_keeps_its_weights_and_gradients():
     torch.manual_seed(0)
     layer = torch.nn.Linear(3, 2)
@@ -201,6 +219,45 @@ def test_group_statistics_dynamic_sampling_and_overlong_shaping_on_a_device(floa
         torch.testing.assert_close(got.cpu(), wanted)
     assert informative.cpu().tolist() == expected[1].tolist() == [True, True, False, False, False, False]
     torch.testing.assert_close(penalties.cpu(), expected[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_token_statistics_and_their_gradient_on_a_device_match_the_cpu(dtype, float64):
+    from entrorl.tokens import token_stats
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 13, generator=generator).to(dtype)
+    targets = torch.randint(0, 13, (3, 5), generator=generator)
+
+    def statistics_and_gradient(on):
+        leaf = on(logits.clone()).requires_grad_(True)
+        stats = token_stats(leaf, on(targets), temperature=0.7, chunk_size=4,
+                            need=("logprob", "entropy", "disc", "disc_centered"))
+        (stats.logprob.sum() + 0.3 * stats.entropy.sum()).backward()
+        return [value.detach().cpu() for value in (*stats.as_dict().values(), leaf.grad)]
+
+    expected = statistics_and_gradient(lambda tensor: tensor)
+    with simulated_device(float64=float64):
+        got = statistics_and_gradient(on_device)
+    for got_value, expected_value in zip(got, expected):
+        torch.testing.assert_close(got_value, expected_value)
+
+
+def test_diversity_shaping_of_rewards_on_a_device(float64):
+    from entrorl.rewards import diversity_adjusted_rewards
+
+    completions = ["a b c", "a b c", "x y", "p q r s"]
+    table = torch.randn(256, 6, generator=torch.Generator().manual_seed(0))
+
+    def embed(texts):
+        return torch.stack([table[[ord(character) for character in text]].sum(0) for text in texts])
+
+    rewards, groups = torch.tensor([1.0, 1.0, 0.0, -1.0]), torch.tensor([0, 0, 1, 1])
+    expected = diversity_adjusted_rewards(rewards, completions, groups, embedder=embed)
+    with simulated_device(float64=float64):
+        got = diversity_adjusted_rewards(on_device(rewards), completions, on_device(groups), embedder=embed)
+        assert isinstance(got, OnDevice)
+    torch.testing.assert_close(got.cpu(), expected)
 
 
 @pytest.mark.parametrize("estimator", [info.name for info in __import__("entrorl").available_advantages()])
@@ -378,3 +435,30 @@ def test_a_training_run_on_a_device_without_float64(method, tiny_model_dir, arit
         assert math.isfinite(record["entropy/mean"]) and math.isfinite(record["entropy/predicted_delta"])
         assert "entropy/first_order_delta" in record or any(key.startswith("entropy/first_order") for key in record)
     assert (tmp_path / "run" / "eval").is_dir() and (tmp_path / "run" / "forks").is_dir()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_run_on_the_device_resumed_from_its_checkpoint_equals_the_uninterrupted_run(dtype, tiny_model_dir,
+                                                                                    arithmetic_files, tmp_path,
+                                                                                    device_accepted_by_kernels):
+    """Checkpoints of a run on the device (its optimizer state there, float16's loss scale, Clip-Cov's state) are read
+    back on the device, and the resumed steps are the uninterrupted run's."""
+    changes = {"method": "clip_cov", "model": {"dtype": dtype}, "optim": {"steps": 3, "mini_batches": 2},
+               "checkpoint": {"every": 1, "keep": 3}}
+    config = _config(tiny_model_dir, arithmetic_files, changes)
+    config.model.device = DEVICE.type
+    with simulated_device():
+        whole = _run(config, tmp_path / "whole")
+        from entrorl.trainer import Trainer
+
+        first = _config(tiny_model_dir, arithmetic_files, {**changes, "optim": {"steps": 1, "mini_batches": 2}})
+        first.model.device = DEVICE.type
+        _run(first, tmp_path / "parts")
+        resumed = Trainer(config, run_dir=tmp_path / "parts", resume=True)
+        assert next(resumed.model.parameters()).device == DEVICE
+        resumed.train()
+    parts = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in parts] == [1, 2, 3]
+    for expected, got in zip(whole, parts):  # the first part's own final evaluation aside
+        assert {key: value for key, value in got.items() if not key.startswith(("time/", "eval/"))} == \
+            {key: value for key, value in expected.items() if not key.startswith(("time/", "eval/"))}

@@ -137,13 +137,16 @@ def diversity_adjusted_rewards(
 
     The paper's rewards are >= 0. A negative reward loses the same share ``|R_i| (1 - w_i)`` instead,
     ``R'_i = R_i (2 - w_i)``: multiplying would make a completion that repeats its group the least penalised.
-    Apply it to the per-sample rewards before the advantage estimator, like DAPO's overlong shaping.
+    Apply it to the per-sample rewards before the advantage estimator, like DAPO's overlong shaping. Computed on the
+    CPU in float64; a tensor of rewards gets its result on its own device.
     """
-    reward = torch.as_tensor(rewards, dtype=torch.float64).cpu()
+    home = rewards.device if torch.is_tensor(rewards) else torch.device("cpu")
+    # to the CPU first, then widened: an Apple GPU has no float64
+    reward = rewards.detach().cpu().double() if torch.is_tensor(rewards) else torch.as_tensor(rewards, dtype=torch.float64)
     if reward.dim() != 1 or reward.numel() != len(completions):
         raise ValueError(f"rewards must be 1-d with one value per completion ({len(completions)}), got shape {tuple(reward.shape)}")
     weights = diversity_weights(completions, group_ids, group_size=group_size, embedder=embedder)
-    return (reward - (1.0 - weights) * reward.abs()).to(torch.float32)
+    return (reward - (1.0 - weights) * reward.abs()).to(device=home, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
