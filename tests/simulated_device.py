@@ -59,7 +59,12 @@ class OnDevice(torch.Tensor):
         return self.data_on_cpu.data_ptr()
 
     def __reduce_ex__(self, protocol):  # saved as its data, as torch.load(map_location="cpu") reads a CUDA tensor
-        return self.data_on_cpu.__reduce_ex__(protocol)
+        if isinstance(self, torch.nn.Parameter):
+            return torch.nn.Parameter(self.data_on_cpu.detach(), requires_grad=self.requires_grad).__reduce_ex__(protocol)
+        return self.data_on_cpu.detach().requires_grad_(self.requires_grad).__reduce_ex__(protocol)
+
+    def __copy__(self):  # on the device, sharing the data, as a CUDA tensor's shallow copy
+        return OnDevice(self.data_on_cpu, requires_grad=self.requires_grad)
 
     def numpy(self, *args, **kwargs):
         raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to "
@@ -131,6 +136,9 @@ def _run(func, args, kwargs):
                              "for generator but found 'cpu'\")")
     to_cpu = (name.startswith("aten._to_copy") and kwargs.get("device") is not None
               and torch.device(kwargs["device"]).type == "cpu")
+    if (to_cpu and on_device and not _settings["float64"] and kwargs.get("dtype") == torch.float64
+            and isinstance(args[0], OnDevice) and args[0].dtype != torch.float64):
+        raise TypeError(NO_FLOAT64_MESSAGE)  # torch's MPS copy converts on the device first
     make_on_device = (on_device or _names_the_device(kwargs.get("device"))) and not to_cpu
 
     def on_cpu_instead(item):

@@ -6,6 +6,7 @@ on the CPU, with the CPU's random stream, so every metric must come out the same
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import math
@@ -83,8 +84,14 @@ def test_device_tensors_have_addresses_are_saved_as_their_data_and_refuse_cpu_ge
                      lambda: on_device(torch.zeros(3)).uniform_(generator=generator)):
             with pytest.raises(DeviceMismatch, match="generator"):
                 draw()
+        parameter = torch.nn.Parameter(torch.ones(2)).to(DEVICE)
+        torch.save({"weight": torch.nn.Parameter(on_device(torch.ones(2)))}, tmp_path / "parameter.pt")
+        shallow = copy.copy(first)
+        assert isinstance(shallow, OnDevice) and shallow.data_ptr() == first.data_ptr()
     loaded = torch.load(tmp_path / "state.pt", map_location="cpu", weights_only=True)["exp_avg"]
     assert type(loaded) is torch.Tensor and loaded.tolist() == list(range(6))
+    weight = torch.load(tmp_path / "parameter.pt", map_location="cpu", weights_only=True)["weight"]
+    assert isinstance(weight, torch.nn.Parameter) and weight.requires_grad and parameter.requires_grad
 
 
 def test_a_model_moved_to_the_simulated_device_keeps_its_weights_and_gradients():
@@ -138,6 +145,8 @@ def test_a_device_without_float64_refuses_it_and_entrorl_moves_such_statistics_t
                 values.double()
             with pytest.raises(TypeError, match="float64"):
                 torch.zeros(2, dtype=torch.float64, device=values.device)
+            with pytest.raises(TypeError, match="float64"):  # torch's MPS copy converts before it moves
+                values.to(device="cpu", dtype=torch.float64)
             assert widest_float(values.device) == torch.float32
         wide = in_float64(values)
         assert wide.dtype == torch.float64 and isinstance(wide, OnDevice) == float64 and wide.tolist() == [1.0, 2.0]

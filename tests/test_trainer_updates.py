@@ -956,6 +956,23 @@ def test_float16_first_order_pass_that_overflows_at_the_updates_scale_is_run_aga
     assert trainer.loss_scale.scale == 2.0**18
 
 
+def test_float16_first_order_pass_with_a_non_finite_forward_is_not_run_again(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                            parity, trainer_for):
+    """A NaN weight makes the entropy itself NaN: no smaller scale mends that, so the pass is not repeated for every
+    halving of the scale (17 passes at 2^16 before)."""
+    train, _ = arithmetic_files
+    trainer = trainer_for(tmp_path, tiny_model_dir, train, reward={"name": parity},
+                          model={"path": str(tiny_model_dir), "dtype": "float16"}, diagnostics={"first_order": True})
+    rollouts = trainer.collect().rollouts
+    with torch.no_grad():
+        dict(trainer.model.named_parameters())["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    passes = []
+    scoring = trainer.token_stats
+    trainer.token_stats = lambda *args, **kwargs: passes.append(1) or scoring(*args, **kwargs)
+    trainer._entropy_gradient(rollouts, torch.arange(len(rollouts)))
+    assert len(passes) == 1
+
+
 def test_loss_scaling_outside_float16_is_said_to_have_no_effect(tiny_model_dir, arithmetic_files):
     train, _ = arithmetic_files
     for dtype in ("float32", "bfloat16"):

@@ -164,6 +164,7 @@ def widest_float(device: torch.device | str) -> torch.dtype:
 
 def in_float64(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` detached, in float64: on its device, or copied to the CPU where the device has none (Apple's GPUs),
-    so that a statistic computed in float64 for its precision keeps it everywhere."""
+    so that a statistic computed in float64 for its precision keeps it everywhere. Moved first, then widened: an
+    Apple GPU refuses a copy to the CPU that also asks for float64."""
     device = torch.device("cpu") if tensor.device.type in DEVICES_WITHOUT_FLOAT64 else tensor.device
-    return tensor.detach().to(device=device, dtype=torch.float64)
+    return tensor.detach().to(device).to(torch.float64)

@@ -292,7 +292,7 @@ def _check_correct(correct: Any, r: torch.Tensor) -> torch.Tensor:
 def _check_lengths(lengths: Any, r: torch.Tensor) -> torch.Tensor:
     ln = _as_tensor(lengths, "lengths", exact=True)
     _check_1d(ln, "lengths", r.shape[0])
-    ln = ln.to(device=r.device, dtype=torch.float64)
+    ln = ln.to(r.device).to(torch.float64)  # moved, then widened: an Apple GPU refuses both in one copy
     _check_finite(ln, "lengths")
     if bool((ln < 0).any()) or bool((ln != torch.round(ln)).any()):
         raise ValueError("lengths must be non-negative integer token counts")
@@ -302,7 +302,7 @@ def _check_lengths(lengths: Any, r: torch.Tensor) -> torch.Tensor:
 def _check_seq_log_prob(seq_log_prob: Any, r: torch.Tensor) -> torch.Tensor:
     lp = _as_tensor(seq_log_prob, "seq_log_prob", exact=True)
     _check_1d(lp, "seq_log_prob", r.shape[0])
-    lp = lp.to(device=r.device, dtype=torch.float64)
+    lp = lp.to(r.device).to(torch.float64)
     _check_finite(lp, "seq_log_prob")
     return lp
 

@@ -87,7 +87,7 @@ def _embeddings_of(embedder: Embedder, completions: list[str]) -> torch.Tensor:
         raise ValueError(
             f"the embedder must return one row per completion ([{len(completions)}, d]), got shape {tuple(raw.shape)}"
         )
-    embeddings = raw.detach().to(device="cpu", dtype=torch.float64)
+    embeddings = raw.detach().cpu().double()  # moved, then widened: an Apple GPU refuses both in one copy
     if not torch.isfinite(embeddings).all():
         raise ValueError("the embedder returned non-finite values")
     return embeddings

@@ -848,10 +848,13 @@ class Trainer:
         scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
         while True:
             gradient: list[torch.Tensor | None] = [None] * len(trained)
+            forward_finite = True  # a non-finite entropy is no overflow of the scale: no smaller scale mends it
             with forked_rng(self.device):
                 for piece in rows.split(self.config.optim.micro_batch_size or len(rows)):
                     entropy = self.token_stats(self.model, rollouts, piece, need=("entropy",)).entropy
                     part = entropy[valid[piece].to(entropy.device)].float().sum() * (scale / count)
+                    if self.loss_scale is not None:
+                        forward_finite = forward_finite and bool(torch.isfinite(part))
                     for index, slope in enumerate(torch.autograd.grad(part, trained, allow_unused=True)):
                         if slope is None:
                             continue
@@ -860,7 +863,7 @@ class Trainer:
                         if scale != 1.0:
                             slope = slope / scale
                         gradient[index] = slope if gradient[index] is None else gradient[index].add_(slope)
-            if (self.loss_scale is None or scale <= 1.0
+            if (self.loss_scale is None or scale <= 1.0 or not forward_finite
                     or all(g is None or bool(torch.isfinite(g).all()) for g in gradient)):
                 return FirstOrderEntropyChange(trained, gradient)
             scale /= 2
