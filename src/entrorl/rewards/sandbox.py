@@ -79,7 +79,7 @@ from typing import Any, BinaryIO
 
 from entrorl._checks import check_int, is_real_number
 
-try:  # absent off Unix: the module still imports there (the sandbox refuses to start, see linux_only_reason)
+try:  # absent off Unix: the module still imports there (the sandbox refuses to start: unsupported_system_reason)
     import fcntl
 except ImportError:
     fcntl = None
