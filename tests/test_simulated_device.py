@@ -11,12 +11,11 @@ import importlib
 import json
 import math
 
-import entrorl._checks
-
 import numpy as np
 import pytest
 import torch
 
+import entrorl._checks
 from simulated_device import DEVICE, DeviceMismatch, OnDevice, on_device, simulated_device
 
 
