@@ -63,8 +63,12 @@ class OnDevice(torch.Tensor):
             return torch.nn.Parameter(self.data_on_cpu.detach(), requires_grad=self.requires_grad).__reduce_ex__(protocol)
         return self.data_on_cpu.detach().requires_grad_(self.requires_grad).__reduce_ex__(protocol)
 
-    def __copy__(self):  # on the device, sharing the data, as a CUDA tensor's shallow copy
-        return OnDevice(self.data_on_cpu, requires_grad=self.requires_grad)
+    def __copy__(self):  # on the device, sharing the data and the attributes, as a CUDA tensor's shallow copy
+        copied = OnDevice(self.data_on_cpu, requires_grad=self.requires_grad)
+        if isinstance(self, torch.nn.Parameter):
+            copied = torch.nn.Parameter(copied, requires_grad=self.requires_grad)
+        copied.__dict__.update({key: value for key, value in self.__dict__.items() if key != "data_on_cpu"})
+        return copied
 
     def numpy(self, *args, **kwargs):
         raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to "

@@ -87,6 +87,11 @@ def test_device_tensors_have_addresses_are_saved_as_their_data_and_refuse_cpu_ge
         torch.save({"weight": torch.nn.Parameter(on_device(torch.ones(2)))}, tmp_path / "parameter.pt")
         shallow = copy.copy(first)
         assert isinstance(shallow, OnDevice) and shallow.data_ptr() == first.data_ptr()
+        weight = torch.nn.Linear(2, 2).to(DEVICE).weight
+        weight.tag = "kept"
+        shallow = copy.copy(weight)  # a parameter sharing the data and the attributes, as a CUDA one's shallow copy
+        assert isinstance(shallow, torch.nn.Parameter) and shallow.device == DEVICE and shallow.tag == "kept"
+        assert shallow.data_ptr() == weight.data_ptr()
     loaded = torch.load(tmp_path / "state.pt", map_location="cpu", weights_only=True)["exp_avg"]
     assert type(loaded) is torch.Tensor and loaded.tolist() == list(range(6))
     weight = torch.load(tmp_path / "parameter.pt", map_location="cpu", weights_only=True)["weight"]
@@ -470,3 +475,23 @@ def test_a_run_on_the_device_resumed_from_its_checkpoint_equals_the_uninterrupte
     for expected, got in zip(whole, parts):  # the first part's own final evaluation aside
         assert {key: value for key, value in got.items() if not key.startswith(("time/", "eval/"))} == \
             {key: value for key, value in expected.items() if not key.startswith(("time/", "eval/"))}
+
+
+def test_the_laboratorys_evaluation_of_a_model_on_a_device(float64, tmp_path, device_accepted_by_kernels):
+    """entrorl.lab.runner.evaluate_policy with the model on the device: its S / D histograms are taken on the CPU."""
+    from entrorl.lab.presets import LabPreset
+    from entrorl.lab.runner import _prepare_data, evaluate_policy
+    from entrorl.lab.tiny_model import save_tiny_model
+    from entrorl.modeling import load_causal_lm, load_tokenizer
+
+    model_dir = save_tiny_model(tmp_path / "model", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                max_position_embeddings=128)
+    preset = LabPreset(name="tiny", train_task="sum_chain", forgetting_task="sum_chain", train_problems=4,
+                       eval_problems=3, forgetting_problems=2, eval_n=2, forgetting_n=2, max_new_tokens=4, top_forks=3)
+    data = _prepare_data(tmp_path, preset)
+    tokenizer = load_tokenizer(model_dir)
+    with simulated_device(float64=float64):
+        result = evaluate_policy(load_causal_lm(model_dir).to(DEVICE), tokenizer, preset, data)
+    assert set(result["distributions"]) == {"disc/correct", "disc/wrong", "disc_centered/correct", "disc_centered/wrong"}
+    if float64:  # the same samples as on the CPU (without float64 the sampler draws its uniforms in float32)
+        assert result == evaluate_policy(load_causal_lm(model_dir), tokenizer, preset, data)

@@ -86,3 +86,24 @@ def test_an_estimator_on_device_tensors_equals_the_cpu(name):
                                  index=uids, old_log_probs=on_device(old_log_probs))
         assert isinstance(got, OnDevice) and isinstance(returns, OnDevice)
     torch.testing.assert_close(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("float64", [True, False], ids=["device", "device-without-float64"])
+def test_the_actors_token_statistics_with_per_row_temperatures_on_a_device(float64, monkeypatch):
+    """verl's distinct per-row temperatures ([N, 1]) go to token_stats on their device (float32 on an Apple GPU)."""
+    import entrorl._checks
+    from entrorl.integrations.verl.actor import actor_token_stats
+
+    if not float64:
+        monkeypatch.setattr(entrorl._checks, "DEVICES_WITHOUT_FLOAT64", frozenset({"mps", "meta"}))
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(15, 7, generator=generator)
+    targets = torch.randint(0, 7, (15,), generator=generator)
+    temperature = torch.full((15, 1), 0.7)
+    temperature[5:] = 0.9
+    expected = actor_token_stats(logits, targets, temperature=temperature)
+    with simulated_device(float64=float64):
+        got = actor_token_stats(on_device(logits), on_device(targets), temperature=on_device(temperature))
+        assert all(isinstance(value, OnDevice) for value in got.values())
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name].cpu(), value)

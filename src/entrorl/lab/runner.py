@@ -206,7 +206,7 @@ def _pay_one_off_costs(job: dict[str, Any]) -> None:
 def _histogram(values: torch.Tensor) -> list[int]:
     """Counts of ``values`` in the bins of ``_HISTOGRAM_BINS``, values beyond the range counted in the end bins.
     Clamped in float64: float32's 0.4 lies above the float64 edge, and ``np.histogram`` would drop it."""
-    clamped = values.detach().double().clamp(_HISTOGRAM_BINS[0], _HISTOGRAM_BINS[-1]).cpu().numpy()
+    clamped = values.detach().cpu().double().clamp(_HISTOGRAM_BINS[0], _HISTOGRAM_BINS[-1]).numpy()  # an Apple GPU has no float64
     return np.histogram(clamped, bins=_HISTOGRAM_BINS)[0].tolist()
 
 

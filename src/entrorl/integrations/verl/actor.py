@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from entrorl._checks import widest_float
 from entrorl.integrations.verl.channel import collect_metric_aggregations, provide_token_fields
 from entrorl.integrations.verl.losses import LOSS_MODE_PREFIX, config_get, entrorl_parameters, required_fields
 from entrorl.objective import build_objective
@@ -97,7 +98,7 @@ def actor_token_stats(
             while temperature.dim() > targets.dim() and temperature.shape[-1] == 1:
                 temperature = temperature.squeeze(-1)
             temperature = temperature.reshape(*temperature.shape, *([1] * (targets.dim() - temperature.dim())))
-            temperature = temperature.expand(targets.shape).to(torch.float64)
+            temperature = temperature.expand(targets.shape).to(widest_float(temperature.device))  # float32 on an Apple GPU
     stats = token_stats(logits, targets, temperature=temperature if torch.is_tensor(temperature) else float(temperature),
                         chunk_size=chunk_size, need=need)
     return {name: getattr(stats, name) for name in need}
