@@ -422,9 +422,11 @@ def test_a_training_run_on_the_simulated_device_matches_the_cpu(name, tiny_model
             if bfloat16 and not key.startswith(("response/", "tokens/", "step")):
                 continue
             if isinstance(value, float):
-                # AdamW is torch's fused kernel on the CPU, its loop on another device: they round differently, and an
-                # entropy change measured after an update is a difference of nearby numbers
-                tolerance = 1e-3 if "delta" in key else 1e-5
+                # torch decomposes some operations for a tensor subclass (attention as its formula), which rounds
+                # otherwise than the CPU's kernels by about 1e-7, more in ratios of small means; AdamW is torch's fused
+                # kernel on the CPU, its loop on another device; an entropy change measured after an update is a
+                # difference of nearby numbers
+                tolerance = 1e-3 if "delta" in key else 1e-4
                 assert got.get(key) == pytest.approx(value, rel=tolerance, abs=1e-6, nan_ok=True), (expected["step"], key)
             else:
                 assert got.get(key) == value, (expected["step"], key)
@@ -494,4 +496,9 @@ def test_the_laboratorys_evaluation_of_a_model_on_a_device(float64, tmp_path, de
         result = evaluate_policy(load_causal_lm(model_dir).to(DEVICE), tokenizer, preset, data)
     assert set(result["distributions"]) == {"disc/correct", "disc/wrong", "disc_centered/correct", "disc_centered/wrong"}
     if float64:  # the same samples as on the CPU (without float64 the sampler draws its uniforms in float32)
-        assert result == evaluate_policy(load_causal_lm(model_dir), tokenizer, preset, data)
+        on_cpu = evaluate_policy(load_causal_lm(model_dir), tokenizer, preset, data)
+        assert result["summary"] == on_cpu["summary"] and result["distributions"] == on_cpu["distributions"]
+        assert [(fork["token"], fork["position"]) for fork in result["forks"]] == \
+            [(fork["token"], fork["position"]) for fork in on_cpu["forks"]]
+        assert [fork["entropy"] for fork in result["forks"]] == pytest.approx([fork["entropy"] for fork in on_cpu["forks"]],
+                                                                              rel=1e-5)
