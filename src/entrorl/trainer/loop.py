@@ -978,12 +978,13 @@ class Trainer:
                     if self.loss_scale is not None:
                         mini_coefficients[micro] /= self.loss_scale.scale
                     mini_metrics.append((objective_out.metrics, shares))
-                if losses_finite and self.loss_scale is not None:
-                    self.loss_scale.unscale([p for group in self.optimizer.param_groups for p in group["params"]])
+                scaled = losses_finite and self.loss_scale is not None
+                if scaled:
+                    self.loss_scale.unscale(self._stepped_parameters())
                 grad_norm, clip_scale = self._clip_gradients() if losses_finite else (math.nan, 0.0)
-                scale_overflowed = (losses_finite and not math.isfinite(grad_norm) and self.loss_scale is not None
-                                    and self.loss_scale.can_shrink())
-                if self.loss_scale is not None and losses_finite:
+                scale_overflowed = False
+                if scaled:
+                    scale_overflowed = not math.isfinite(grad_norm) and self.loss_scale.can_shrink()
                     self.loss_scale.update(overflowed=not math.isfinite(grad_norm))
                 if losses_finite and math.isfinite(grad_norm):
                     self.optimizer.step()
@@ -1155,10 +1156,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
 
+    def _stepped_parameters(self) -> list[torch.Tensor]:
+        """The optimizer's parameters that hold a gradient (the master copies when there are master weights)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+
     def _clip_gradients(self) -> tuple[float, float]:
         """Clip the optimizer's gradients to ``optim.grad_clip``; their norm before clipping, and the factor clipping
         multiplied them by (as ``clip_grad_norm_`` computes it)."""
-        parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        parameters = self._stepped_parameters()
         if not parameters:
             return 0.0, 1.0
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else math.inf
