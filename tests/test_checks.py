@@ -113,3 +113,39 @@ def test_a_complex_number_is_refused_for_a_real_one(value):
     with pytest.raises(ValueError, match="expected real numbers, not booleans or complex numbers"):
         refuse_booleans_for_numbers((value, 0.999), tuple[float, float])  # AdamW's betas
 
+
+
+def test_a_launch_of_several_processes_is_refused_naming_the_count_and_the_integrations(monkeypatch):
+    from entrorl._checks import refuse_multi_process_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=r"^entrorl train runs in one process, but this one was started as one of 4 "
+                                         r"\(WORLD_SIZE, .*verl or TRL integration \(docs/verl.md, docs/trl.md\)$"):
+        refuse_multi_process_launch("entrorl train")
+
+
+@pytest.mark.parametrize("world_size", [None, "1", "", "auto"])
+def test_one_process_or_a_world_size_no_launcher_wrote_is_let_through(monkeypatch, world_size):
+    from entrorl._checks import refuse_multi_process_launch
+
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    refuse_multi_process_launch("entrorl train")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_open_process_group_counts_over_the_environment(monkeypatch, processes):
+    """A script that opened its own process group (``torch.distributed.init_process_group``) is refused by the group's
+    size, whatever the environment says."""
+    from entrorl._checks import refuse_multi_process_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "1" if processes > 1 else "3")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: processes)
+    if processes == 1:
+        refuse_multi_process_launch("the laboratory")
+    else:
+        with pytest.raises(ValueError, match=r"^the laboratory runs in one process, but this one was started as one of 2"):
+            refuse_multi_process_launch("the laboratory")

@@ -3029,6 +3029,35 @@ def test_eval_of_a_run_that_prunes_the_checkpoint_it_loads_takes_the_next_newest
     assert settings["model_directory"] == str((checkpoints / "step_000003" / "model").resolve())
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "data audit", "lab"])
+def test_a_command_started_by_a_launcher_of_several_processes_is_refused_before_anything_loads(
+        tmp_path, tiny_model_dir, arithmetic_files, monkeypatch, command):
+    """`torchrun --nproc_per_node 2 entrorl train ...` (WORLD_SIZE=2 in each process): every process would train, sample
+    or run the laboratory on its own into the same outputs; each command refuses, naming what to use instead, before
+    any model, data or output folder is touched."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.trainer import checkpoint
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(checkpoint, "load_model_directory", lambda *args, **kwargs: pytest.fail("a model loaded"))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(make_config(tiny_model_dir, arithmetic_files[0], None)))
+    out = tmp_path / "out"
+    arguments = {
+        "train": ["train", str(config), "--run-dir", str(out)],
+        "eval": ["eval", "--model", str(tiny_model_dir), "--data", str(arithmetic_files[1]), "--out", str(out / "e.json")],
+        "data audit": ["data", "audit", "--data", str(arithmetic_files[1]), "--model", str(tiny_model_dir), "--out", str(out)],
+        "lab": ["lab", "--preset", "quick", "--out", str(out)],
+    }[command]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2, result.output
+    what = {"train": "entrorl's Trainer", "lab": "the laboratory"}.get(command, f"entrorl {command}")
+    assert f"error: {what} runs in one process, but this one was started as one of 2" in " ".join(result.output.split())
+    assert not out.exists()
+
+
 def test_a_named_checkpoint_whose_model_was_cut_short_is_refused_with_the_sizes_and_the_one_before_it(
         tmp_path, tiny_model_dir, arithmetic_files):
     """A model file of another size than written (a copy or a write cut short) is said as such, with the newest intact

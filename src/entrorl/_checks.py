@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import numbers
 import operator
+import os
 import re
 import types
 import typing
@@ -168,3 +169,24 @@ def in_float64(tensor: torch.Tensor) -> torch.Tensor:
     Apple GPU refuses a copy to the CPU that also asks for float64."""
     device = torch.device("cpu") if tensor.device.type in DEVICES_WITHOUT_FLOAT64 else tensor.device
     return tensor.detach().to(device).to(torch.float64)
+
+
+def refuse_multi_process_launch(what: str) -> None:
+    """``ValueError`` when this process is one of several started together: a launcher (``torchrun``, ``accelerate
+    launch``, DeepSpeed's) set ``WORLD_SIZE`` above 1, or a ``torch.distributed`` process group of more than one
+    process is open. ``what`` (e.g. ``"entrorl train"``) runs in one process; under a launcher every process would do
+    all of it on its own, into the same outputs."""
+    processes = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        processes = torch.distributed.get_world_size()
+    else:
+        try:
+            processes = int(os.environ.get("WORLD_SIZE", "1"))
+        except ValueError:
+            return  # not a launcher's
+    if processes > 1:
+        raise ValueError(
+            f"{what} runs in one process, but this one was started as one of {processes} (WORLD_SIZE, which torchrun "
+            "and accelerate launch set): each would do all the work on its own, into the same outputs. Run it "
+            "without the launcher; to train on several GPUs or machines, use the verl or TRL integration "
+            "(docs/verl.md, docs/trl.md)")

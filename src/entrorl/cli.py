@@ -307,8 +307,8 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
                      max_prompts: int | None, device: str, dtype: str | None, base: Path | None = None,
                      check_fit: bool = False, trust_remote_code: bool = False, require_answer: bool = True,
                      correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None,
-                     reward_args: list[str] | None = None):
-    """What `eval` and `data audit` sample from: the prompt records, the reward (checked against their columns),
+                     reward_args: list[str] | None = None, command: str = "entrorl eval"):
+    """What `eval` and `data audit` (``command``, named in errors) sample from: the prompt records, the reward (checked against their columns),
     the tokenizer, the model in eval mode, the encoded prompts, the model directory resolved, the settings used
     (prompt format, reward and its settings: the run's unless given, see :func:`_run_defaults`; ``reward_args`` are
     ``--reward-arg`` options) and the sampling
@@ -319,6 +319,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     ``check_outputs`` runs once the data and the reward are checked, before the model loads: a place to refuse an
     output that could not be written, before the sampling it would lose. Ctrl-C or SIGTERM meanwhile: one line saying
     nothing was written, exit 130 / 143."""
+    from entrorl._checks import refuse_multi_process_launch
     from entrorl.data import check_prompt_template, load_prompts
     from entrorl.modeling import (check_prompts_fit, encode_records, load_tokenizer, read_model_config,
                                    unknown_token_note, unstopped_turn_end_note)
@@ -327,6 +328,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     from entrorl.trainer.checkpoint import load_model_directory
     from entrorl.trainer.config import resolve_device
 
+    refuse_multi_process_launch(command)
     for option, column in (("--prompt-column", prompt_column), ("--answer-column", answer_column)):
         if column is not None and not column.strip():
             raise ValueError(f"{option} names no column; leave it out for the run's own, or 'prompt' / 'answer'")
@@ -1189,7 +1191,8 @@ def data_audit(
             temperature=temperature, top_p=top_p, top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype,
             base=base, trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
             require_answer=require_answer, correct_threshold=correct_threshold,
-            check_outputs=lambda: check_audit_output(data, directory), reward_args=reward_arg)
+            check_outputs=lambda: check_audit_output(data, directory), reward_args=reward_arg,
+            command="entrorl data audit")
     except (ValueError, OSError, ImportError, MemoryError) as error:  # OSError: missing files, unreadable model directories
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens

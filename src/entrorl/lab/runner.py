@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from rich.text import Text
 
+from entrorl._checks import refuse_multi_process_launch
 from entrorl.data import load_prompts, write_jsonl
 from entrorl.lab.base_model import build_base_model, cached_base_model, lab_cache_root
 from entrorl.lab.presets import LabPreset, get_preset
@@ -829,11 +830,13 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
     Raises:
         ValueError: an unknown preset or method, a module of ``imports`` that cannot be imported, a method registered
             where the workers cannot import it (an interactive session), ``workers`` below 1, an ``out`` that cannot be
-            a run directory, an existing run directory started with other settings, or one another laboratory is
-            running in (its process named); all before anything is built.
+            a run directory, an existing run directory started with other settings, one another laboratory is
+            running in (its process named), or a launch of several processes (``torchrun``); all before anything is
+            built.
     """
     from entrorl.rewards.base import import_named_modules
 
+    refuse_multi_process_launch("the laboratory")
     imports = [] if imports is None else import_named_modules(imports, "--import")
     preset = get_preset(preset_name)
     requested = _requested_methods(methods)

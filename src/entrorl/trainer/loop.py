@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from entrorl._checks import refuse_multi_process_launch
 from entrorl.advantages import AdvantageOverflow, compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import (DataError, PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts,
                           parse_band)
@@ -146,6 +147,7 @@ class Trainer:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"Trainer takes a TrainConfig, got {type(config).__name__}: build one with "
                             "load_config(path or dict, overrides) or TrainConfig(**settings)")
+        refuse_multi_process_launch("entrorl's Trainer")
         self.config = config
         self._closed = False
         self.console = console
