@@ -3029,6 +3029,41 @@ def test_eval_of_a_run_that_prunes_the_checkpoint_it_loads_takes_the_next_newest
     assert settings["model_directory"] == str((checkpoints / "step_000003" / "model").resolve())
 
 
+def test_eval_of_a_run_that_prunes_every_checkpoint_it_loads_says_so_after_four(tmp_path, tiny_model_dir,
+                                                                                  arithmetic_files, monkeypatch):
+    """A run with a small checkpoint.keep that prunes each checkpoint eval takes while it loads: after four, eval stops
+    saying that the run pruned them and what to do, not with the last load's error (a directory not found, or
+    transformers taking the missing path for a hub id)."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.trainer import checkpoint
+
+    _, run_dir = run_with_a_checkpoint_per_step(tmp_path, tiny_model_dir, arithmetic_files[0], steps=2)
+    checkpoints, loads = run_dir / "checkpoints", []
+
+    def pruned_while_loading(directory, **kwargs):
+        loads.append(directory.weights)
+        step = checkpoints / directory.weights.parent.name
+        after = f"step_{int(step.name.rpartition('_')[2]) + 1:06d}"
+        shutil.copytree(step, checkpoints / after)
+        (checkpoints / "latest").write_text(f"{after}\n")
+        shutil.rmtree(step)
+        raise FileNotFoundError(2, "No such file or directory", str(directory.weights))
+
+    monkeypatch.setattr(checkpoint, "load_model_directory", pruned_while_loading)
+    result = CliRunner().invoke(app, ["eval", "--model", str(run_dir), "--data", str(arithmetic_files[1]), "--n", "1",
+                                      "--max-prompts", "2", "--max-new-tokens", "2", "--reward", "exact_match",
+                                      "--out", str(tmp_path / "eval.json")])
+    assert result.exit_code == 2, result.output
+    assert loads == [checkpoints / f"step_{step:06d}" / "model" for step in (2, 3, 4, 5)]
+    said = " ".join(result.output.split())
+    assert (f"error: {run_dir}: the run pruned each of the 4 checkpoints taken while they loaded (the last, "
+            f"{checkpoints / 'step_000005' / 'model'}): it is training with a small checkpoint.keep; evaluate a copy of "
+            "a checkpoint, or raise checkpoint.keep") in said
+    assert "No such file" not in said and not (tmp_path / "eval.json").exists()
+
+
 @pytest.mark.parametrize("command", ["train", "eval", "data audit", "lab"])
 def test_a_command_started_by_a_launcher_of_several_processes_is_refused_before_anything_loads(
         tmp_path, tiny_model_dir, arithmetic_files, monkeypatch, command):

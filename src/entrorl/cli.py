@@ -372,10 +372,15 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
             try:
                 tokenizer, prompt_ids, policy = load(directory)
                 break
-            except (OSError, ValueError):  # a run that is training may prune the checkpoint chosen while it loads
-                if attempt == _PRUNED_RETRIES or all(path.exists() for path in (
-                        directory.weights, directory.tokenizer, directory.adapters) if path is not None):
+            except (OSError, ValueError) as error:  # a run that is training may prune the checkpoint chosen while it loads
+                if all(path.exists() for path in (directory.weights, directory.tokenizer, directory.adapters)
+                       if path is not None):
                     raise
+                if attempt == _PRUNED_RETRIES:
+                    raise FileNotFoundError(
+                        f"{model}: the run pruned each of the {attempt + 1} checkpoints taken while they loaded (the "
+                        f"last, {directory.adapters or directory.weights}): it is training with a small "
+                        "checkpoint.keep; evaluate a copy of a checkpoint, or raise checkpoint.keep") from error
                 newer = _model_directory(model, base, defaults.dtype)
                 if newer == directory:
                     raise
