@@ -730,6 +730,30 @@ def test_the_refusal_of_top_entropy_quantile_names_trl_s_own_loss(tokenizer, tmp
     assert 0 < min(ours._metrics["train"]["select/forking_tokens_frac"])
 
 
+def test_top_entropy_quantile_with_a_sequence_level_ratio_is_refused_without_naming_an_equivalent(tokenizer, tmp_path):
+    """Under importance_sampling_level='sequence' TRL's entropy mask scales each sequence's term, whose ratio still takes
+    the gradient of every valid token; gspo+forking_tokens (the token-level suggestion carried over) has TRL's loss but
+    drops the masked tokens' gradient. The refusal says there is no equivalent instead of naming that one."""
+    options = dict(loss_type="grpo", importance_sampling_level="sequence")
+    with pytest.raises(ValueError) as refused:
+        check_trl_args(_config(tmp_path, top_entropy_quantile=0.5, **options), build_objective("gspo"))
+    message = " ".join(str(refused.value).split())
+    assert ("top_entropy_quantile = 0.5 with importance_sampling_level='sequence' has no entrorl equivalent: TRL's "
+            "entropy mask then only scales each sequence's loss") in message and "objective='" not in message
+    # why: the same loss, another gradient
+    params = {"top_entropy_quantile": 0.5, "keep_in_normaliser": True, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2,
+              "loss_agg_mode": "seq-mean-token-mean"}
+    ours = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="gspo+forking_tokens", objective_params=params,
+                    config=_config(tmp_path, **options))
+    theirs = _trainer(GRPOTrainer, tokenizer, tmp_path, config=_config(tmp_path, top_entropy_quantile=0.5, **options))
+    inputs = _inputs(tokenizer, seed=3)
+    our_loss, our_grads = _loss_and_grads(ours, inputs)
+    their_loss, their_grads = _loss_and_grads(theirs, inputs)
+    assert our_loss == pytest.approx(their_loss, rel=1e-5)
+    with pytest.raises(AssertionError):
+        _assert_grads_close(our_grads, their_grads)
+
+
 @pytest.mark.parametrize("method", ["clip_cov", "forking_tokens"])
 def test_trains_a_tiny_model_and_logs_entrorl_diagnostics(tokenizer, tmp_path, method):
     config = _config(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=4,

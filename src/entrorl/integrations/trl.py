@@ -268,18 +268,27 @@ def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None)
     problems = []
     if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
         quantile = args.top_entropy_quantile
-        try:  # TRL's loss with the entropy mask: that of its loss_type, plus forking_tokens
-            method, params = _trl_loss_composition(args)
-            said = f"objective='{method}+forking_tokens', objective_params=" + repr(
-                {"top_entropy_quantile": quantile, "keep_in_normaliser": True, **params})
-        except ValueError:  # a loss_type entrorl cannot express is refused on its own
-            said = f"objective='...+forking_tokens', objective_params={{'top_entropy_quantile': {quantile:g}, " \
-                   "'keep_in_normaliser': True}"
-        problems.append(
-            f"top_entropy_quantile = {quantile:g}: use the 'forking_tokens' method; TRL's entropy mask keeps the dropped "
-            f"tokens in the loss's normaliser, so TRL's loss is {said} (the same loss on one process; under data "
-            "parallelism TRL takes the quantile over every process's tokens, forking_tokens over each process's "
-            "micro-batch)")
+        if getattr(args, "importance_sampling_level", "token") == "sequence":
+            # TRL's mask scales each sequence's term, whose ratio still takes every valid token's gradient; entrorl's
+            # selectors drop a token's gradient with its term
+            problems.append(
+                f"top_entropy_quantile = {quantile:g} with importance_sampling_level='sequence' has no entrorl "
+                "equivalent: TRL's entropy mask then only scales each sequence's loss, whose sequence-level ratio "
+                "keeps the gradient of every valid token, while the 'forking_tokens' method drops the masked tokens' "
+                "gradient; use 'forking_tokens' with the token-level ratio, or leave top_entropy_quantile at 1.0")
+        else:
+            try:  # TRL's loss with the entropy mask: that of its loss_type, plus forking_tokens
+                method, params = _trl_loss_composition(args)
+                said = f"objective='{method}+forking_tokens', objective_params=" + repr(
+                    {"top_entropy_quantile": quantile, "keep_in_normaliser": True, **params})
+            except ValueError:  # a loss_type entrorl cannot express is refused on its own
+                said = f"objective='...+forking_tokens', objective_params={{'top_entropy_quantile': {quantile:g}, " \
+                       "'keep_in_normaliser': True}"
+            problems.append(
+                f"top_entropy_quantile = {quantile:g}: use the 'forking_tokens' method; TRL's entropy mask keeps the "
+                f"dropped tokens in the loss's normaliser, so TRL's loss is {said} (the same loss on one process; under "
+                "data parallelism TRL takes the quantile over every process's tokens, forking_tokens over each "
+                "process's micro-batch)")
     if getattr(args, "entropy_coef", 0.0) or getattr(args, "use_adaptive_entropy", False):
         problems.append("entropy_coef / use_adaptive_entropy: use the 'entropy_bonus' method (its coefficient: "
                         "objective_params={'entropy_coeff': ...}) or the 'adaptive_entropy' method")
