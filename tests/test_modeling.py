@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import re
 import shutil
 
 import pytest
@@ -615,6 +616,56 @@ def test_a_damaged_bin_weight_file_is_named(tmp_path, tiny_model_dir):
         (directory / "pytorch_model.bin").write_bytes(whole[:kept])
         with pytest.raises(DamagedWeightsError, match=r"pytorch_model\.bin cannot be read .*damaged or truncated"):
             load_causal_lm(directory)
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_shards_missing_from_an_index_are_named_before_loading_and_training_args_bin_is_no_weight_file(
+        tmp_path, tiny_model_dir, safe):
+    """A sharded model lacking shards its index lists (a download cut short) is refused naming them, even beside a
+    Trainer's training_args.bin, a pickle of its settings that a weights-only reader refuses and that is no weight
+    file: a failed load is never blamed on it. A whole sharded model beside it loads."""
+    import argparse
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from entrorl.modeling import DamagedWeightsError, check_model_files, load_causal_lm, quiet_progress_bars
+
+    directory = tmp_path / "sharded"
+    shutil.copytree(tiny_model_dir, directory)
+    (directory / "model.safetensors").unlink()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    if safe:
+        with quiet_progress_bars():
+            model.save_pretrained(directory, max_shard_size="20KB")
+    else:  # as older transformers wrote them
+        names = list(model.state_dict())
+        files = [f"pytorch_model-{part + 1:05d}-of-00006.bin" for part in range(6)]
+        weight_map = {}
+        for part, file in enumerate(files):
+            torch.save({name: model.state_dict()[name] for name in names[part::6]}, directory / file)
+            weight_map.update({name: file for name in names[part::6]})
+        (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    torch.save(argparse.Namespace(learning_rate=1e-5), directory / "training_args.bin")
+    suffix = "safetensors" if safe else "bin"
+    shards = sorted(directory.glob(f"{'model' if safe else 'pytorch_model'}-*-of-*.{suffix}"))
+    assert len(shards) > 4
+    assert load_causal_lm(directory).config.model_type == "qwen2"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for shard in shards[1:5]:
+        shard.rename(moved / shard.name)
+    index = "model.safetensors.index.json" if safe else "pytorch_model.bin.index.json"
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(directory))} lacks 4 of the weight files its "
+                                                rf"{re.escape(index)} lists \({re.escape(shards[1].name)}, "
+                                                rf"{re.escape(shards[2].name)}, {re.escape(shards[3].name)} and 1 more\): "
+                                                "a download or a copy was cut short; copy them there$"):
+        check_model_files(directory)
+    for shard in shards[1:5]:
+        (moved / shard.name).rename(shard)
+    shards[1].write_bytes(shards[1].read_bytes()[:200])  # a damaged shard is still named, not training_args.bin
+    with pytest.raises(DamagedWeightsError, match=rf"{re.escape(shards[1].name)} cannot be read"):
+        load_causal_lm(directory)
 
 
 def test_length_buckets_sort_by_whole_length_reach_max_buckets_and_keep_fewer_passes_on_a_tie():

@@ -58,6 +58,26 @@ def test_eval_of_a_lora_run_that_prunes_the_adapters_it_loads_takes_the_next_new
     assert f"{checkpoints / 'step_000002' / 'adapter'} was removed while it loaded" in " ".join(result.output.split())
 
 
+def test_training_from_a_lora_checkpoint_without_its_merged_model_names_the_adapters_and_the_last_checkpoint(
+        tmp_path, tiny_model_dir, arithmetic_files, parity_reward):
+    """model.lora.merged: last leaves the checkpoints before the last a model/ without weights; training from one says
+    so, naming the checkpoint that holds the merged model and the adapters beside it, before anything loads."""
+    config = load_config(lora_config(tiny_model_dir, arithmetic_files[0], parity_reward, checkpoint={"every": 1, "keep": 2},
+                                     model={"lora": {**LORA, "merged": "last"}}))
+    Trainer(config, run_dir=tmp_path / "run").train()
+    checkpoints = (tmp_path / "run" / "checkpoints")
+    earlier = checkpoints / "step_000001" / "model"
+    settings = make_config(earlier, arithmetic_files[0], None)
+    with pytest.raises(FileNotFoundError) as refused:
+        Trainer(load_config(settings), run_dir=tmp_path / "again")
+    assert str(refused.value) == (
+        f"{earlier} has no weights: it is a LoRA run's checkpoint saved without its merged model (model.lora.merged: "
+        f"last keeps it in the last checkpoint only ({checkpoints / 'step_000002' / 'model'})); take a checkpoint that "
+        f"holds it, or merge the adapters beside it ({earlier.parent / 'adapter'}) into their base model with peft's "
+        "merge_and_unload and save_pretrained (entrorl eval --model takes the adapters as they are)")
+    assert not (tmp_path / "again").exists()
+
+
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits

@@ -95,10 +95,45 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
     if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it there with "
                                 "tokenizer.save_pretrained")
-    if weights and not any(next(path.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS):
+    if weights and not _has_weight_files(path):
+        if path.name == "model" and (path.parent / "adapter" / "adapter_config.json").is_file():
+            merged = [model for model in sorted(path.parent.parent.glob("step_*/model")) if _has_weight_files(model)]
+            last = f" ({merged[-1]})" if merged else ""
+            raise FileNotFoundError(
+                f"{path} has no weights: it is a LoRA run's checkpoint saved without its merged model "
+                f"(model.lora.merged: last keeps it in the last checkpoint only{last}); take a checkpoint that holds it, "
+                f"or merge the adapters beside it ({path.parent / 'adapter'}) into their base model with peft's "
+                "merge_and_unload and save_pretrained (entrorl eval --model takes the adapters as they are)")
         raise FileNotFoundError(f"{path} has no weights (no *.safetensors or pytorch_model*.bin); save them there with "
                                 "model.save_pretrained")
+    if weights:
+        _check_shards_listed(path)
     return path
+
+
+def _has_weight_files(directory: Path) -> bool:
+    return any(next(directory.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS)
+
+
+def _check_shards_listed(path: Path) -> None:
+    """``FileNotFoundError`` naming the shards that the index transformers reads in ``path`` lists but the directory
+    lacks (a download or a copy cut short), instead of a failure somewhere inside the load."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):  # transformers' order
+        if (path / single).is_file():
+            return
+        if (path / index).is_file():
+            try:
+                listed = json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values()
+                missing = sorted({name for name in listed if not (path / name).is_file()})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return  # an index transformers cannot read either: its own error says so
+            if missing:
+                raise FileNotFoundError(
+                    f"{path} lacks {len(missing)} of the weight files its {index} lists ({', '.join(missing[:3])}"
+                    f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}): a download or a copy was cut "
+                    "short; copy them there")
+            return
 
 
 def _refuse_custom_code(path: Path, error: ValueError, trust_remote_code: bool) -> None:
@@ -174,10 +209,11 @@ def out_of_memory_while(doing: str, error: BaseException, *, files_read: bool = 
 def unreadable_weight_file(directory: Path) -> Path | None:
     """The first of ``directory``'s weight files whose index of tensors cannot be read (a damaged or truncated file),
     or None when every one reads. Only the header is read: safetensors' for ``*.safetensors``, the archive's for a
-    ``*.bin`` (memory-mapped, weights only)."""
+    ``pytorch_model*.bin`` (memory-mapped, weights only)."""
     from safetensors import safe_open
 
-    for file in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+    # pytorch_model*.bin only: a Trainer's output keeps its settings in training_args.bin, which is no weight file
+    for file in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("pytorch_model*.bin")):
         try:
             if file.suffix == ".safetensors":
                 with safe_open(file, framework="pt") as opened:
