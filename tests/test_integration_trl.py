@@ -413,6 +413,33 @@ def test_a_low_precision_head_warns_when_trl_scores_reference_log_probs(tokenize
         assert bool([w for w in recwarn if "cast_lm_head_to_fp32=True" in str(w.message)]) is (beta != 0.0)
 
 
+def test_a_peft_model_with_a_tied_head_is_not_told_to_cast_it_and_casting_it_is_refused_saying_why(
+        tokenizer, tmp_path, tiny_model_dir, recwarn):
+    """TRL's cast_lm_head_to_fp32 fails on a PEFT model whose embeddings are tied to its head (most small Qwen and
+    Llama models): the low-precision warning does not advise it there, and setting it is refused naming the cause and
+    the way out, instead of TRL's AttributeError."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tiny_model_dir).tie_word_embeddings
+
+    def build(cast: bool):
+        return _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+kl_ref", model=str(tiny_model_dir),
+                        config=_config(tmp_path, bf16=True, beta=0.04, cast_lm_head_to_fp32=cast),
+                        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    build(cast=False)
+    said = [str(w.message) for w in recwarn if "TRL computes the old / reference log-probs" in str(w.message)]
+    assert said == ["TRL computes the old / reference log-probs with a bfloat16 or float16 LM head and the objective its "
+                    "current ones in float32, so the ratio starts off 1 (and the reference KL off 0) by the rounding "
+                    "(about 1e-3); TRL cannot score in float32 with the LM head of a PEFT model whose input embeddings "
+                    "are tied to it: its cast_lm_head_to_fp32 fails there (AttributeError: ... 'embed_tokens')"]
+    with pytest.raises(ValueError, match=r"^TRL cannot score in float32 with the LM head of a PEFT model whose input "
+                                         r"embeddings are tied to it: .*; set GRPOConfig\(cast_lm_head_to_fp32=False\), "
+                                         r"with which TRL's old and reference log-probs round to the half-precision head"):
+        build(cast=True)
+
+
 def test_trl_version_guard():
     """TRL releases older than the normaliser and trainer methods the integration reproduces are refused."""
     with pytest.raises(ImportError, match=rf"needs TRL >= {MIN_TRL_VERSION} .* found 1.12.3"):

@@ -459,6 +459,11 @@ def _outside_autocast(head: torch.nn.Module, device_type: str):
             handle.remove()
 
 
+# TRL's cast_lm_head_to_fp32 looks for the tied input embeddings on the model it is given, which a PEFT model wraps
+_TIED_PEFT_HEAD = ("TRL cannot score in float32 with the LM head of a PEFT model whose input embeddings are tied to "
+                   "it: its cast_lm_head_to_fp32 fails there (AttributeError: ... 'embed_tokens')")
+
+
 class EntropyGRPOTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` whose loss is an entrorl objective, with entrorl's entropy diagnostics in its logs.
 
@@ -505,7 +510,13 @@ class EntropyGRPOTrainer(GRPOTrainer):
             warnings.warn(warning.message, warning.category, stacklevel=2)
         if grpo_args is not None:
             check_trl_args(grpo_args, self.objective, rollout_func=rollout_func)
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except AttributeError as error:
+            if "embed_tokens" in str(error) and getattr(grpo_args, "cast_lm_head_to_fp32", False):
+                raise ValueError(_TIED_PEFT_HEAD + "; set GRPOConfig(cast_lm_head_to_fp32=False), with which TRL's old "
+                                 "and reference log-probs round to the half-precision head (about 1e-3)") from error
+            raise
         if hasattr(self.processing_class, "image_processor"):  # a vision-language model's processor
             raise NotImplementedError("EntropyGRPOTrainer scores text-only batches; this model's processor takes images "
                                       f"({type(self.processing_class).__name__})")
@@ -618,10 +629,13 @@ class EntropyGRPOTrainer(GRPOTrainer):
             self.use_vllm and self.vllm_importance_sampling_correction
         )
         if low_precision and (old_log_probs or self.beta != 0.0):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            tied_adapted = hasattr(unwrapped, "peft_config") and getattr(unwrapped.config, "tie_word_embeddings", False)
             warnings.warn(
                 "TRL computes the old / reference log-probs with a bfloat16 or float16 LM head and the objective its "
-                "current ones in float32, so the ratio starts off 1 (and the reference KL off 0) by the rounding: set "
-                "GRPOConfig(cast_lm_head_to_fp32=True) to score them in float32 as well",
+                "current ones in float32, so the ratio starts off 1 (and the reference KL off 0) by the rounding"
+                + (f" (about 1e-3); {_TIED_PEFT_HEAD}" if tied_adapted
+                   else ": set GRPOConfig(cast_lm_head_to_fp32=True) to score them in float32 as well"),
                 stacklevel=3,
             )
 
