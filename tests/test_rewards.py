@@ -230,6 +230,17 @@ def test_math_instruction_mentions_boxed():
         ("", " ", 0.0),
         ("", [""], 0.0),
         ("x", ["", "x"], 1.0),
+        # a reference read as `math` reads it: its last box, or what follows GSM8K's ####
+        ("so 72", "Half of 144 is 72.\n#### 72", 1.0),
+        ("\\boxed{5}", "\\boxed{5}", 1.0),
+        ("#### 72", "#### 72", 1.0),
+        ("so 73", "#### 72", 0.0),
+        ("x", "####", 0.0),  # an empty #### is no reference
+        # a completion equal to its reference as a whole, whatever its extracted answer
+        ("5 apples", "5 apples", 1.0),
+        ("x = 5", "x = 5", 1.0),
+        ("The answer is 5.", "The answer is 5.", 1.0),
+        ("$5", "$5", 1.0),
     ],
 )
 def test_exact_match(completion, answer, expected):
