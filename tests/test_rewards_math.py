@@ -209,6 +209,32 @@ CASES = [
     ("", r"\boxed{2^{10}}", "1024", 1.0, ""),
     ("", r"\boxed{(2^{10})^{3}}", "1073741824", 1.0, ""),
     ("", r"\boxed{0.5^{9999}}", "2^{-9999}", 1.0, ""),
+    # -- units after grouped digits, pi, roots and powers of ten; hedges; superscripts; Chinese text ----------
+    ("", r"The total cost is \boxed{1,200 \text{ dollars}}.", "1200", 1.0, ""),
+    ("", "Adding up, the answer is 1,500 dollars.", "1500", 1.0, ""),
+    ("", "#### 1,500 dollars", "1500", 1.0, ""),
+    ("", r"\boxed{1,500 \text{ m}}", "1500", 1.0, ""),
+    ("", r"\boxed{2000}", r"2,000 \text{ meters}", 1.0, ""),
+    ("", "it was 1,00,000.", "100000", 1.0, ""),  # grouped as in India
+    ("", r"The area is \boxed{36\pi \text{ cm}^2}.", r"36\pi", 1.0, ""),
+    ("", r"\boxed{16\pi\ \text{cm}^2}", r"16\pi", 1.0, ""),
+    ("", r"\boxed{2\sqrt{3}\text{ cm}^2}", r"2\sqrt{3}", 1.0, ""),
+    ("", r"\boxed{6.02 \times 10^{23} \text{ molecules}}", r"6.02 \times 10^{23}", 1.0, ""),
+    ("", r"\boxed{3 \times 10^{8} \text{ m/s}}", "300000000", 1.0, ""),
+    ("", r"\boxed{x \text{ cm}}", "5", 0.0, "differs from reference 5"),  # a variable with a unit is no value
+    ("", r"So it costs \boxed{\$5 \text{ or } \$6}.", "5", 0.0, "2 distinct value(s)"),  # a hedge of amounts
+    ("", r"So it costs \boxed{\$5, \$6, \$7}.", "5", 0.0, ""),
+    ("", r"\boxed{5 \text{ (or 6)}}", "6", 0.0, "2 distinct value(s)"),
+    ("", r"\boxed{5 \text{ (or 6)}}", "5", 0.0, "2 distinct value(s)"),
+    ("", r"\boxed{5-}", "5", 0.0, "ends with an operator (-): it is incomplete"),  # Math-Verify reads 5
+    ("", r"\boxed{5 \times}", "5", 0.0, r"ends with an operator (\times)"),
+    ("", r"\boxed{5²}", "25", 1.0, ""),
+    ("", r"\boxed{5²}", "5", 0.0, "differs from reference 5"),
+    ("", "The volume is 2³ cm³.", "2", 0.0, "no final answer found"),  # a number against a power is no value
+    ("", "答案是：5", "5", 1.0, ""),
+    ("", "答案为：12。", "12", 1.0, ""),
+    ("", "共计12元", "12", 1.0, ""),
+    ("", "所以他还剩3.5元", "3.5", 1.0, ""),
 ]
 
 

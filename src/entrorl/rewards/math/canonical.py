@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from entrorl.rewards.math.extract import normalize_answer
-from entrorl.rewards.math.units import _strip_unit_tail
+from entrorl.rewards.math.extract import normalize_answer, superscripts_as_powers
+from entrorl.rewards.math.units import _strip_text_unit_tail, _strip_unit_tail
 
 __all__ = ["canonical_answer", "has_percent_sign"]
 
@@ -37,7 +37,8 @@ _PERCENT_ANY_RE = re.compile(_PERCENT_SIGN)
 _PERCENT_TAIL_RE = re.compile(r"^(?P<value>[^%]*?[^%\s\\{])" + _PERCENT_SIGN + r"$")  # an expression of percent: "\frac{1}{2}\%"
 _APPROXIMATELY_RE = re.compile(r"^(?:\\approx(?![A-Za-z])|≈|\\simeq(?![A-Za-z])|\\sim(?![A-Za-z])|~|approximately\b|about\b)\s*")
 _PI_WORD_RE = re.compile(r"(?<![A-Za-z\\])pi(?![A-Za-z])")
-_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_BRACKETED_ALTERNATIVE_RE = re.compile(r"(?<=[^\s(\[,])\s*([(\[])\s*,\s*")
+_THOUSANDS_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d{1,2}(?:,\d{2})+,\d{3})(?:\.\d+)?")  # 1,234 / 1,00,000
 def has_percent_sign(answer: str) -> bool:
     """Whether ``answer`` contains a percent sign (``%``, ``\\%``, "percent")."""
     return bool(_PERCENT_ANY_RE.search(answer.replace("％", "%")))
@@ -49,7 +50,7 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
     ``percent`` selects the percent rule: True drops percent signs (a number of percent), False turns
     ``N%`` into ``\\frac{N}{100}``.
     """
-    s = normalize_answer(answer)
+    s = superscripts_as_powers(normalize_answer(answer))
     for spelling, canonical in _UNICODE_SPELLINGS.items():
         s = s.replace(spelling, canonical)
     s = _SIZING_RE.sub("", s)
@@ -57,12 +58,13 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
     s = re.sub(r"\\displaystyle|\\!", "", s)
     s = re.sub(r"(\d)(?:\{,\}|\\[,;: ]|\\thinspace\s*)(?=\d{3}(?!\d))", r"\1", s)
     s = _CONNECTIVE_RE.sub(", ", s).strip(" ,")
+    s = _BRACKETED_ALTERNATIVE_RE.sub(r", \1", s)  # "5 (or 6)": the list 5, (6), not 5 times 6
     s = _PERCENT_NUMBER_RE.sub(r"\1" if percent else r"\\frac{\1}{100}", s)
     if percent:
         s = _PERCENT_ANY_RE.sub("", s)
     else:
         s = _PERCENT_TAIL_RE.sub(r"\\frac{\g<value>}{100}", s)
-    s = _DEGREE_RE.sub("", s)
+    s = _strip_text_unit_tail(_DEGREE_RE.sub("", s))
     s = _TEXT_COMMAND_RE.sub(lambda m: f" {m.group(1).strip()} ", s)
     s = re.sub(r"\\[ ,;:]", " ", s)
     s = _CURRENCY_RE.sub(r"\1", normalize_answer(_APPROXIMATELY_RE.sub("", s.strip())))  # "about $\$12$", "\approx \$12"

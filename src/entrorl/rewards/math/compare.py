@@ -282,6 +282,9 @@ def compare_answers(
         return ComparisonResult(False, _comparison_timeout_reason(prediction, options, started))
 
 
+_DANGLING_OPERATOR_RE = re.compile(r"(?:[-+*/^=]|\\(?:times|cdot|div|pm|mp)(?![A-Za-z]))\s*$")
+
+
 def _compare(
     prediction: str,
     reference: str,
@@ -301,6 +304,10 @@ def _compare(
     else:  # a reference "96%" accepts 96 (a number of percent) and 0.96 (96/100)
         percent_readings = [True, False] if has_percent_sign(reference) else [False]
     comparisons = [Comparison(prediction, reference, options, hints, p) for p in percent_readings]
+    dangling = _DANGLING_OPERATOR_RE.search(comparisons[0].prediction)
+    if dangling and not _DANGLING_OPERATOR_RE.search(comparisons[0].reference):  # Math-Verify reads "5-" as 5
+        return ComparisonResult(False, f"the answer {_short(comparisons[0].prediction, 40)} ends with an operator "
+                                       f"({dangling.group().strip()}): it is incomplete")
     for comparison in comparisons:
         for name, checker in checkers if checkers is not None else CHECKERS:
             try:

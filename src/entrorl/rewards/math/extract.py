@@ -80,8 +80,8 @@ def extract_answer_tag(text: str, *, case_sensitive: bool = False) -> str | None
 
 
 # "\s*(?:\*\*\s*)?" rather than "\s*(?:\*\*)?\s*": two adjacent "\s*" backtrack quadratically over long blanks
-_PHRASE_RE = re.compile(r"(?:\banswer\b\s*(?:\*\*\s*)?(?:is\b|:|=)|答案\s*(?:是|为|:|：))\s*:?", re.IGNORECASE)
-_SENTENCE_END_RE = re.compile(r"\.(?=\s|$)")
+_PHRASE_RE = re.compile(r"(?:\banswer\b\s*(?:\*\*\s*)?(?:is\b|:|=)|答案\s*(?:是|为|:|：))\s*[:：]?", re.IGNORECASE)
+_SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|。")
 # "the answer is therefore 42": words between the phrase and the answer
 _PHRASE_FILLER_RE = re.compile(r"^(?:(?:therefore|thus|hence|so|then|simply|clearly|just|indeed|finally|obviously)\b[\s,]*)+(?=\S)",
                                re.IGNORECASE)
@@ -117,10 +117,21 @@ def extract_hashes(text: str) -> str | None:
     return matches[-1] if matches else None
 
 
+# not after an ASCII letter, digit, "_" or "." (a variable's index, a longer number), but after any other script's
+# letters ("共计12元"); grouped in thousands (1,234) or as in India (1,00,000)
 _NUMBER_RE = re.compile(
-    r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?(?![\d])"
-    r"|(?<![\w.])-?\.\d+"
+    r"(?<![A-Za-z0-9_.])-?(?:\d{1,3}(?:,\d{3})+|\d{1,2}(?:,\d{2})+,\d{3}|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?"
+    r"(?:\s*/\s*\d+(?:\.\d+)?)?(?![\d])"
+    r"|(?<![A-Za-z0-9_.])-?\.\d+"
 )
+_SUPERSCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")
+_SUPERSCRIPT_RE = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
+
+
+def superscripts_as_powers(text: str, *, braced: bool = True) -> str:
+    """``text`` with each run of superscript digits written as a power: ``5²`` is ``5^{2}`` (``5^2`` unbraced)."""
+    opening, closing = ("^{", "}") if braced else ("^", "")
+    return _SUPERSCRIPT_RE.sub(lambda found: opening + found.group().translate(_SUPERSCRIPT_DIGITS) + closing, text)
 # $..$, $$..$$, \(..\), \[..\]; an escaped \$ is a dollar sign, not a delimiter
 _MATH_DELIMITER_RE = re.compile(r"\$\$|\\\[|\\\]|\\\(|\\\)|(?<!\\)\$")
 _MATH_CLOSERS = {"$$": "$$", "\\[": "\\]", "\\(": "\\)", "$": "$"}
@@ -239,7 +250,7 @@ def extract_last_number(text: str) -> str | None:
       an expression;
     * elsewhere, None for a number written against ``^`` or ``_`` (ordinals such as ``7^{th}`` are plain numbers).
     """
-    text = _NUMBER_MARK_RE.sub("", text.replace("\u2212", "-"))
+    text = _NUMBER_MARK_RE.sub("", superscripts_as_powers(text.replace("\u2212", "-"), braced=False))
     last = None
     for last in _NUMBER_RE.finditer(text):
         pass

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from entrorl._checks import check_int
+from entrorl.rewards.math.extract import _UNESCAPED_DOLLAR_RE
 
 __all__ = ["JudgeTimeout", "MathOptions"]
 
@@ -356,7 +357,7 @@ def _parse_latex(s: str) -> list[Any]:
     from math_verify import parse
 
     _check_parse_time_sizes(s)
-    parsed = parse(s if "$" in s else f"${s}$", parsing_timeout=None)
+    parsed = parse(s if _UNESCAPED_DOLLAR_RE.search(s) else f"${s}$", parsing_timeout=None)  # "\$5": a dollar sign
     if not parsed:
         parsed = parse(s, parsing_timeout=None)
     return list(parsed)

@@ -1,10 +1,11 @@
-"""A unit after a number (``5 cm``, ``60 km/h``), which the comparison drops."""
+"""A unit after a number (``5 cm``, ``60 km/h``, ``36\\pi \\text{ cm}^2``), which the comparison drops."""
 
 from __future__ import annotations
 
 import re
 
-_NUMBER_TEXT = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*\d+)?|[-+]?\\frac\{[^{}]+\}\{[^{}]+\}"
+_NUMBER_TEXT = (r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*\d+)?"
+                r"|[-+]?\\frac\{[^{}]+\}\{[^{}]+\}")
 _UNIT_TAIL_RE = re.compile(
     rf"^(?P<number>{_NUMBER_TEXT})\s*"
     rf"(?P<unit>(?:[A-Za-z]+\.?(?:\s*\^\s*\{{?\d\}}?)?(?:\s*/\s*[A-Za-z]+(?:\s*\^\s*\{{?\d\}}?)?)?\s*){{1,3}})$"
@@ -26,3 +27,27 @@ def _strip_unit_tail(s: str) -> str:
         if word.lower() in _MATH_WORDS or (len(word) == 1 and word not in _UNIT_LETTERS):
             return s
     return m.group("number").strip()
+
+
+# a unit written as text at the end: "\text{ cm}^2", "\text{ m/s}", "\mathrm{molecules}"
+_TEXT_UNIT_RE = re.compile(r"\\(?:text|textrm|mathrm|mbox)\s*\{\s*(?P<unit>[A-Za-z][A-Za-z./ ]*?(?:\^\s*\d)?)\s*\}"
+                           r"\s*(?:\^\s*\{?\s*\d\s*\}?)?\s*$")
+# a value written with digits, pi, roots, powers and fractions, without a variable: what such a unit may follow
+_NUMERIC_VALUE_RE = re.compile(r"(?:[-+\d.,\s(){}^*/]|\\(?:pi|sqrt|frac|times|cdot)(?![A-Za-z]))+")
+_SPACING_TAIL_RE = re.compile(r"(?:\s|\\[ ,;:]|~)+$")
+
+
+def _strip_text_unit_tail(s: str) -> str:
+    """``s`` without a unit written in ``\\text{}`` (or ``\\mathrm{}``) at its end after a value of digits, ``\\pi``,
+    roots and powers (``36\\pi \\text{ cm}^2``, ``6.02 \\times 10^{23} \\text{ molecules}`` give the value), unchanged
+    when the value holds a variable or the words are mathematics or a variable's letter."""
+    found = _TEXT_UNIT_RE.search(s)
+    if found is None:
+        return s
+    value = _SPACING_TAIL_RE.sub("", s[: found.start()])
+    if not (value and _NUMERIC_VALUE_RE.fullmatch(value) and re.search(r"\d|\\pi", value)):
+        return s
+    words = re.findall(r"[A-Za-z]+", found.group("unit"))
+    if any(word.lower() in _MATH_WORDS or (len(word) == 1 and word not in _UNIT_LETTERS) for word in words):
+        return s
+    return value
