@@ -115,37 +115,53 @@ def test_a_complex_number_is_refused_for_a_real_one(value):
 
 
 
-def test_a_launch_of_several_processes_is_refused_naming_the_count_and_the_integrations(monkeypatch):
+@pytest.mark.parametrize(("variables", "source"), [
+    ({"WORLD_SIZE": "4", "RANK": "1"}, "WORLD_SIZE=4, as torchrun, accelerate launch set it"),
+    ({"WORLD_SIZE": "4", "LOCAL_RANK": "0"}, "WORLD_SIZE=4, as torchrun, accelerate launch set it"),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, "OMPI_COMM_WORLD_SIZE=4, as mpirun set it"),  # Open MPI
+    ({"PMI_SIZE": "4"}, "PMI_SIZE=4, as mpirun set it"),  # MPICH, Intel MPI
+    ({"MV2_COMM_WORLD_SIZE": "4", "PMI_SIZE": "2"}, "MV2_COMM_WORLD_SIZE=4, as mpirun set it"),  # the largest count
+])
+def test_a_launch_of_several_processes_is_refused_naming_the_count_its_source_and_the_integrations(
+        monkeypatch, variables, source):
     from entrorl._checks import refuse_multi_process_launch
 
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ValueError, match=r"^entrorl train runs in one process, but this one was started as one of 4 "
-                                         r"\(WORLD_SIZE, .*verl or TRL integration \(docs/verl.md, docs/trl.md\)$"):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError) as refused:
         refuse_multi_process_launch("entrorl train")
+    assert str(refused.value) == (
+        f"entrorl train runs in one process, but this one was started as one of 4 ({source}): each would do all the "
+        "work on its own, into the same outputs. Run it without the launcher; to train on several GPUs or machines, "
+        "use the verl or TRL integration (docs/verl.md, docs/trl.md)")
 
 
-@pytest.mark.parametrize("world_size", [None, "1", "", "auto"])
-def test_one_process_or_a_world_size_no_launcher_wrote_is_let_through(monkeypatch, world_size):
-    from entrorl._checks import refuse_multi_process_launch
+@pytest.mark.parametrize("variables", [{}, {"WORLD_SIZE": "1", "RANK": "0"}, {"WORLD_SIZE": "", "RANK": "0"},
+                                       {"WORLD_SIZE": "auto", "RANK": "0"}, {"PMI_SIZE": "1"},
+                                       {"WORLD_SIZE": "4"}])  # the last: a WORLD_SIZE left in the shell, no launcher
+def test_one_process_or_counts_no_launcher_wrote_are_let_through(monkeypatch, variables):
+    from entrorl._checks import _LAUNCHER_SIZES, refuse_multi_process_launch
 
-    if world_size is None:
-        monkeypatch.delenv("WORLD_SIZE", raising=False)
-    else:
-        monkeypatch.setenv("WORLD_SIZE", world_size)
+    for name in [variable for variable, _ in _LAUNCHER_SIZES] + ["RANK", "LOCAL_RANK"]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
     refuse_multi_process_launch("entrorl train")
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_an_open_process_group_counts_over_the_environment(monkeypatch, processes):
+def test_an_open_process_group_counts_over_the_environment_and_is_named(monkeypatch, processes):
     """A script that opened its own process group (``torch.distributed.init_process_group``) is refused by the group's
-    size, whatever the environment says."""
+    size, whatever the environment says, and the message names the group."""
     from entrorl._checks import refuse_multi_process_launch
 
     monkeypatch.setenv("WORLD_SIZE", "1" if processes > 1 else "3")
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: processes)
     if processes == 1:
         refuse_multi_process_launch("the laboratory")
     else:
-        with pytest.raises(ValueError, match=r"^the laboratory runs in one process, but this one was started as one of 2"):
+        with pytest.raises(ValueError, match=r"^the laboratory runs in one process, but this one was started as one "
+                                             r"of 2 \(an open torch.distributed process group\): "):
             refuse_multi_process_launch("the laboratory")

@@ -3076,6 +3076,7 @@ def test_a_command_started_by_a_launcher_of_several_processes_is_refused_before_
     from entrorl.trainer import checkpoint
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(checkpoint, "load_model_directory", lambda *args, **kwargs: pytest.fail("a model loaded"))
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(make_config(tiny_model_dir, arithmetic_files[0], None)))

@@ -171,22 +171,33 @@ def in_float64(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(device).to(torch.float64)
 
 
+# what launchers of several processes set in each: torchrun, accelerate launch and DeepSpeed's launcher (WORLD_SIZE,
+# with RANK / LOCAL_RANK: a WORLD_SIZE left in a shell alone is no launch), Open MPI's, MPICH's and MVAPICH's mpirun
+_LAUNCHER_SIZES = (("WORLD_SIZE", "torchrun, accelerate launch"), ("OMPI_COMM_WORLD_SIZE", "mpirun"),
+                   ("PMI_SIZE", "mpirun"), ("MV2_COMM_WORLD_SIZE", "mpirun"))
+
+
 def refuse_multi_process_launch(what: str) -> None:
-    """``ValueError`` when this process is one of several started together: a launcher (``torchrun``, ``accelerate
-    launch``, DeepSpeed's) set ``WORLD_SIZE`` above 1, or a ``torch.distributed`` process group of more than one
-    process is open. ``what`` (e.g. ``"entrorl train"``) runs in one process; under a launcher every process would do
-    all of it on its own, into the same outputs."""
-    processes = None
+    """``ValueError`` when this process is one of several started together: an open ``torch.distributed`` process group
+    of more than one process, or a launcher's process count above 1 (``WORLD_SIZE`` beside ``RANK`` or ``LOCAL_RANK``:
+    ``torchrun``, ``accelerate launch``, DeepSpeed's; ``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE``, ``MV2_COMM_WORLD_SIZE``:
+    ``mpirun``). ``what`` (e.g. ``"entrorl train"``) runs in one process; under a launcher every process would do all
+    of it on its own, into the same outputs."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        processes = torch.distributed.get_world_size()
+        processes, source = torch.distributed.get_world_size(), "an open torch.distributed process group"
     else:
-        try:
-            processes = int(os.environ.get("WORLD_SIZE", "1"))
-        except ValueError:
-            return  # not a launcher's
+        processes, source = 1, ""
+        for variable, launchers in _LAUNCHER_SIZES:
+            if variable == "WORLD_SIZE" and not ({"RANK", "LOCAL_RANK"} & os.environ.keys()):
+                continue
+            try:
+                count = int(os.environ.get(variable, "1"))
+            except ValueError:
+                continue  # not a launcher's
+            if count > processes:
+                processes, source = count, f"{variable}={count}, as {launchers} set it"
     if processes > 1:
         raise ValueError(
-            f"{what} runs in one process, but this one was started as one of {processes} (WORLD_SIZE, which torchrun "
-            "and accelerate launch set): each would do all the work on its own, into the same outputs. Run it "
-            "without the launcher; to train on several GPUs or machines, use the verl or TRL integration "
-            "(docs/verl.md, docs/trl.md)")
+            f"{what} runs in one process, but this one was started as one of {processes} ({source}): each would do "
+            "all the work on its own, into the same outputs. Run it without the launcher; to train on several GPUs or "
+            "machines, use the verl or TRL integration (docs/verl.md, docs/trl.md)")
