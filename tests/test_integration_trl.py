@@ -413,31 +413,65 @@ def test_a_low_precision_head_warns_when_trl_scores_reference_log_probs(tokenize
         assert bool([w for w in recwarn if "cast_lm_head_to_fp32=True" in str(w.message)]) is (beta != 0.0)
 
 
-def test_a_peft_model_with_a_tied_head_is_not_told_to_cast_it_and_casting_it_is_refused_saying_why(
-        tokenizer, tmp_path, tiny_model_dir, recwarn):
-    """TRL's cast_lm_head_to_fp32 fails on a PEFT model whose embeddings are tied to its head (most small Qwen and
-    Llama models): the low-precision warning does not advise it there, and setting it is refused naming the cause and
-    the way out, instead of TRL's AttributeError."""
-    peft = pytest.importorskip("peft")
+def _tied_model_dir(tmp_path, kind: str, tokenizer) -> str:
+    """A tiny model whose input embeddings are tied to its head, kept where TRL's cast does not look for them: OPT
+    (model.decoder.embed_tokens), GPT-2 (transformer.wte)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    if kind == "opt":
+        model = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                         num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32, **ids))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4, n_positions=64, **ids))
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.get_input_embeddings().weight
+    model.save_pretrained(tmp_path / kind)
+    return str(tmp_path / kind)
+
+
+@pytest.mark.parametrize("kind", ["qwen2+lora", "opt", "gpt2"])
+def test_a_tied_head_trl_cannot_cast_is_not_advised_to_and_casting_it_is_refused_saying_why(
+        tokenizer, tmp_path, tiny_model_dir, recwarn, kind):
+    """TRL's cast_lm_head_to_fp32 fails on a tied head whose input embeddings are not at model.embed_tokens (a PEFT
+    model, OPT, GPT-2): the low-precision warning does not advise it there, and setting it is refused naming the cause
+    and the way out, instead of TRL's AttributeError."""
     from transformers import AutoConfig
 
-    assert AutoConfig.from_pretrained(tiny_model_dir).tie_word_embeddings
+    extra = {}
+    if kind == "qwen2+lora":
+        peft = pytest.importorskip("peft")
+        model, extra["peft_config"] = str(tiny_model_dir), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                           target_modules=["q_proj", "v_proj"])
+        assert AutoConfig.from_pretrained(tiny_model_dir).tie_word_embeddings
+    else:
+        model = _tied_model_dir(tmp_path, kind, tokenizer)
 
     def build(cast: bool):
-        return _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+kl_ref", model=str(tiny_model_dir),
-                        config=_config(tmp_path, bf16=True, beta=0.04, cast_lm_head_to_fp32=cast),
-                        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        return _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+kl_ref", model=model,
+                        config=_config(tmp_path, bf16=True, beta=0.04, cast_lm_head_to_fp32=cast), **extra)
 
     build(cast=False)
     said = [str(w.message) for w in recwarn if "TRL computes the old / reference log-probs" in str(w.message)]
     assert said == ["TRL computes the old / reference log-probs with a bfloat16 or float16 LM head and the objective its "
                     "current ones in float32, so the ratio starts off 1 (and the reference KL off 0) by the rounding "
-                    "(about 1e-3); TRL cannot score in float32 with the LM head of a PEFT model whose input embeddings "
-                    "are tied to it: its cast_lm_head_to_fp32 fails there (AttributeError: ... 'embed_tokens')"]
-    with pytest.raises(ValueError, match=r"^TRL cannot score in float32 with the LM head of a PEFT model whose input "
-                                         r"embeddings are tied to it: .*; set GRPOConfig\(cast_lm_head_to_fp32=False\), "
+                    "(about 1e-3); TRL cannot score in float32 with the LM head of a model whose input embeddings are "
+                    "tied to it and are not at model.embed_tokens (a PEFT-wrapped model, OPT, GPT-2, ...): its "
+                    "cast_lm_head_to_fp32 fails there with an AttributeError"]
+    with pytest.raises(ValueError, match=r"^TRL cannot score in float32 with the LM head of a model whose input "
+                                         r"embeddings are tied to it .*AttributeError \('.*' object has no attribute "
+                                         r"'(embed_tokens|model)'\); set GRPOConfig\(cast_lm_head_to_fp32=False\), "
                                          r"with which TRL's old and reference log-probs round to the half-precision head"):
         build(cast=True)
+
+
+def test_a_tied_head_at_model_embed_tokens_is_still_advised_to_cast(tokenizer, tmp_path, tiny_model_dir, recwarn):
+    """A tied Qwen2 without adapters keeps its embeddings where TRL's cast looks: the warning advises the cast, which
+    builds."""
+    config = _config(tmp_path, bf16=True, beta=0.04, cast_lm_head_to_fp32=False)
+    _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+kl_ref", model=str(tiny_model_dir), config=config)
+    assert [w for w in recwarn if "set GRPOConfig(cast_lm_head_to_fp32=True)" in str(w.message)]
+    config = _config(tmp_path, bf16=True, beta=0.04, cast_lm_head_to_fp32=True)
+    _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+kl_ref", model=str(tiny_model_dir), config=config)
 
 
 def test_trl_version_guard():

@@ -459,9 +459,28 @@ def _outside_autocast(head: torch.nn.Module, device_type: str):
             handle.remove()
 
 
-# TRL's cast_lm_head_to_fp32 looks for the tied input embeddings on the model it is given, which a PEFT model wraps
-_TIED_PEFT_HEAD = ("TRL cannot score in float32 with the LM head of a PEFT model whose input embeddings are tied to "
-                   "it: its cast_lm_head_to_fp32 fails there (AttributeError: ... 'embed_tokens')")
+# TRL's cast_lm_head_to_fp32 hooks a tied model's input embeddings at model.embed_tokens, where a PEFT-wrapped model,
+# OPT or GPT-2 do not keep them
+_TIED_HEAD_ELSEWHERE = ("TRL cannot score in float32 with the LM head of a model whose input embeddings are tied to it "
+                        "and are not at model.embed_tokens (a PEFT-wrapped model, OPT, GPT-2, ...): its "
+                        "cast_lm_head_to_fp32 fails there with an AttributeError")
+
+
+def _tied_head_trl_cannot_cast(model: Any) -> bool:
+    """Whether TRL's ``cast_lm_head_to_fp32`` fails on ``model`` (the model TRL is given, a PEFT wrapper included): a
+    tied head whose input embeddings are not at ``model.model.embed_tokens``."""
+    embeddings = getattr(getattr(model, "model", None), "embed_tokens", None)
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and not isinstance(embeddings, torch.nn.Module)
+
+
+def _raised_in(error: BaseException, function: str) -> bool:
+    """Whether ``error`` was raised inside a function named ``function`` (any frame of its traceback)."""
+    frames = error.__traceback__
+    while frames is not None:
+        if frames.tb_frame.f_code.co_name == function:
+            return True
+        frames = frames.tb_next
+    return False
 
 
 class EntropyGRPOTrainer(GRPOTrainer):
@@ -513,9 +532,10 @@ class EntropyGRPOTrainer(GRPOTrainer):
         try:
             super().__init__(*args, **kwargs)
         except AttributeError as error:
-            if "embed_tokens" in str(error) and getattr(grpo_args, "cast_lm_head_to_fp32", False):
-                raise ValueError(_TIED_PEFT_HEAD + "; set GRPOConfig(cast_lm_head_to_fp32=False), with which TRL's old "
-                                 "and reference log-probs round to the half-precision head (about 1e-3)") from error
+            if _raised_in(error, "_cast_lm_head_to_fp32"):
+                raise ValueError(f"{_TIED_HEAD_ELSEWHERE} ({error}); set GRPOConfig(cast_lm_head_to_fp32=False), with "
+                                 "which TRL's old and reference log-probs round to the half-precision head (about "
+                                 "1e-3)") from error
             raise
         if hasattr(self.processing_class, "image_processor"):  # a vision-language model's processor
             raise NotImplementedError("EntropyGRPOTrainer scores text-only batches; this model's processor takes images "
@@ -629,12 +649,11 @@ class EntropyGRPOTrainer(GRPOTrainer):
             self.use_vllm and self.vllm_importance_sampling_correction
         )
         if low_precision and (old_log_probs or self.beta != 0.0):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            tied_adapted = hasattr(unwrapped, "peft_config") and getattr(unwrapped.config, "tie_word_embeddings", False)
             warnings.warn(
                 "TRL computes the old / reference log-probs with a bfloat16 or float16 LM head and the objective its "
                 "current ones in float32, so the ratio starts off 1 (and the reference KL off 0) by the rounding"
-                + (f" (about 1e-3); {_TIED_PEFT_HEAD}" if tied_adapted
+                + (f" (about 1e-3); {_TIED_HEAD_ELSEWHERE}"
+                   if _tied_head_trl_cannot_cast(self.accelerator.unwrap_model(self.model))
                    else ": set GRPOConfig(cast_lm_head_to_fp32=True) to score them in float32 as well"),
                 stacklevel=3,
             )
