@@ -668,6 +668,31 @@ def test_shards_missing_from_an_index_are_named_before_loading_and_training_args
         load_causal_lm(directory)
 
 
+def test_the_shard_check_reads_the_weights_config_json_names(tmp_path, tiny_model_dir):
+    """transformers loads the file config.json names (transformers_weights) before model.safetensors or an index: a
+    stale index beside it is not checked, and a named index is."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from entrorl.modeling import check_model_files
+
+    directory = tmp_path / "named"
+    shutil.copytree(tiny_model_dir, directory)
+    (directory / "model.safetensors").rename(directory / "weights.safetensors")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "transformers_weights": "weights.safetensors"}))
+    stale = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(stale))
+    AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    assert check_model_files(directory) == directory
+    (directory / "named.safetensors.index.json").write_text(json.dumps(stale))
+    (directory / "config.json").write_text(json.dumps({**config, "transformers_weights": "named.safetensors.index.json"}))
+    with pytest.raises(FileNotFoundError, match=r"lacks 1 of the weight files its named.safetensors.index.json lists "
+                                                r"\(model-00001-of-00002.safetensors\)"):
+        check_model_files(directory)
+
+
 def test_length_buckets_sort_by_whole_length_reach_max_buckets_and_keep_fewer_passes_on_a_tie():
     """Rows are ordered by prompt + response length (a long prompt counts as much as a long response), the number of
     groups goes up to max_buckets, and when more passes pad no fewer positions the fewer passes are kept."""

@@ -98,7 +98,7 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
     if weights and not _has_weight_files(path):
         if path.name == "model" and (path.parent / "adapter" / "adapter_config.json").is_file():
             merged = [model for model in sorted(path.parent.parent.glob("step_*/model")) if _has_weight_files(model)]
-            last = f" ({merged[-1]})" if merged else ""
+            last = f" ({merged[-1]})" if merged else ", written when the run ends"
             raise FileNotFoundError(
                 f"{path} has no weights: it is a LoRA run's checkpoint saved without its merged model "
                 f"(model.lora.merged: last keeps it in the last checkpoint only{last}); take a checkpoint that holds it, "
@@ -118,9 +118,16 @@ def _has_weight_files(directory: Path) -> bool:
 def _check_shards_listed(path: Path) -> None:
     """``FileNotFoundError`` naming the shards that the index transformers reads in ``path`` lists but the directory
     lacks (a download or a copy cut short), instead of a failure somewhere inside the load."""
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):  # transformers' order
-        if (path / single).is_file():
+    order = (("model.safetensors", "model.safetensors.index.json"),
+             ("pytorch_model.bin", "pytorch_model.bin.index.json"))  # transformers' order
+    try:  # a file config.json names is read instead (transformers_weights), an index when it ends so
+        named = json.loads((path / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if isinstance(named, str):
+        order = ((None, named),) if named.endswith(".safetensors.index.json") else ()
+    for single, index in order:
+        if single is not None and (path / single).is_file():
             return
         if (path / index).is_file():
             try:
