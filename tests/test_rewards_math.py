@@ -215,7 +215,7 @@ CASES = [
     ("", "#### 1,500 dollars", "1500", 1.0, ""),
     ("", r"\boxed{1,500 \text{ m}}", "1500", 1.0, ""),
     ("", r"\boxed{2000}", r"2,000 \text{ meters}", 1.0, ""),
-    ("", "it was 1,00,000.", "100000", 1.0, ""),  # grouped as in India
+    ("", r"\boxed{1,10,100}", r"\{1, 10, 100\}", 1.0, ""),  # a list without spaces, not a number grouped as in India
     ("", r"The area is \boxed{36\pi \text{ cm}^2}.", r"36\pi", 1.0, ""),
     ("", r"\boxed{16\pi\ \text{cm}^2}", r"16\pi", 1.0, ""),
     ("", r"\boxed{2\sqrt{3}\text{ cm}^2}", r"2\sqrt{3}", 1.0, ""),
@@ -226,15 +226,58 @@ CASES = [
     ("", r"So it costs \boxed{\$5, \$6, \$7}.", "5", 0.0, ""),
     ("", r"\boxed{5 \text{ (or 6)}}", "6", 0.0, "2 distinct value(s)"),
     ("", r"\boxed{5 \text{ (or 6)}}", "5", 0.0, "2 distinct value(s)"),
+    ("", r"\boxed{40 \text{ (or 40 minutes)}}", "40", 1.0, ""),  # a value restated, not a hedge
+    ("", r"\boxed{1000 \text{ (or 1,000)}}", "1000", 1.0, ""),
     ("", r"\boxed{5-}", "5", 0.0, "ends with an operator (-): it is incomplete"),  # Math-Verify reads 5
     ("", r"\boxed{5 \times}", "5", 0.0, r"ends with an operator (\times)"),
+    ("", r"\boxed{5-}", "5+", 0.0, "ends with an operator (-): it is incomplete"),
+    ("", "The answer is 5 \u2013", "5", 1.0, ""),  # a dash after a space ends the sentence
+    ("", "#### 5 -", "5", 1.0, ""),
+    ("", r"\boxed{0^+}", "0^{+}", 1.0, ""),  # a one-sided limit's sign is no dangling operator
+    ("", r"\boxed{x \to 0^+}", r"x \to 0^{+}", 1.0, ""),
+    ("", r"\boxed{0^-}", "0^+", 0.0, "is the other side of reference 0^+"),
     ("", r"\boxed{5²}", "25", 1.0, ""),
     ("", r"\boxed{5²}", "5", 0.0, "differs from reference 5"),
-    ("", "The volume is 2³ cm³.", "2", 0.0, "no final answer found"),  # a number against a power is no value
+    ("", "so x = 2³", "2", 0.0, "no final answer found"),  # a number against a power is no value
+    ("", "The area is 25 m².", "25", 1.0, ""),  # a unit's superscript is no power
+    ("", "The volume is 27 cm³.", "27", 1.0, ""),
     ("", "答案是：5", "5", 1.0, ""),
     ("", "答案为：12。", "12", 1.0, ""),
     ("", "共计12元", "12", 1.0, ""),
     ("", "所以他还剩3.5元", "3.5", 1.0, ""),
+    ("", "The result is 5, using the coefficient α2", "5", 1.0, ""),  # a Greek or Cyrillic name's digits are no number
+    ("", "Thus 5 apples, by Lemma Б3", "5", 1.0, ""),
+    # -- numerals in a base, repeating decimals, matrices, multiple choice, mixed numbers ---------------------
+    ("", r"\boxed{10112}", "1011_2", 0.0, "a numeral's digits and base are compared"),  # not a digit separator
+    ("", r"\boxed{102}", "10_2", 0.0, "a numeral's digits and base are compared"),
+    ("", r"\boxed{1234_5}", "1234_{5}", 1.0, ""),
+    ("", r"\boxed{01011_{2}}", "1011_2", 1.0, ""),
+    ("", r"\boxed{10_3}", "10_2", 0.0, "a numeral's digits and base are compared"),
+    ("", r"\boxed{15_{10}}", "15", 1.0, ""),
+    ("", r"\boxed{x_1}", "x_1", 1.0, ""),  # a variable's index, not a base
+    ("", r"\boxed{0.\overline{6}}", r"0.\overline{3}", 0.0, ""),
+    ("", r"\boxed{0}", r"0.\overline{3}", 0.0, ""),
+    ("", r"\boxed{\frac{1}{3}}", r"0.\overline{3}", 1.0, ""),
+    ("", r"\boxed{\frac{137}{110}}", r"1.2\overline{45}", 1.0, ""),
+    ("", r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix} 2 \\ 1 \end{pmatrix}", 0.0, ""),
+    ("", r"\boxed{\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}}", r"\begin{pmatrix} 1 & 3 \\ 2 & 4 \end{pmatrix}", 0.0, ""),
+    ("", r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", 1.0, ""),
+    ("", r"\boxed{\textbf{(C) } 12}", "C", 1.0, ""),
+    ("", r"\boxed{\textbf{(C) } 12}", "12", 1.0, ""),
+    ("", r"\boxed{\text{(C)}\ 12}", r"\text{(C)}", 1.0, ""),
+    ("", r"\boxed{\textbf{(C) } 12}", "D", 0.0, ""),
+    ("", r"\boxed{\textbf{(C) } 12}", "13", 0.0, ""),
+    ("", "So he ran 2 1/2 miles.", r"\frac{5}{2}", 1.0, ""),
+    ("", "So he ran 2 1/2 miles.", r"\frac{1}{2}", 0.0, ""),
+    # -- the answer phrase ends where a clause begins; an answer after a reasoning block --------------------
+    ("", "The answer is 11 because 3*4=12.", "12", 0.0, "differs from reference 12"),
+    ("", "The answer is 4, and the sum is 5.", "5", 0.0, "differs from reference 5"),
+    ("", "The correct answer is 7, and the wrong one is 8.", "8", 0.0, "differs from reference 8"),
+    ("", "The answer is 2, 3, and 5.", r"\{2, 3, 5\}", 1.0, ""),  # a list's "and" is no clause
+    ("", "<think>Maybe \\boxed{4}? Let me think more. It's 5.</think>\nThe answer is 5.", "5", 1.0, ""),
+    ("", "<think>So \\boxed{5}</think> The final answer is 4.", "5", 0.0, "differs from reference 5"),
+    ("", "<think>Maybe the answer is 4.</think>\nSo the final result is 5.", "5", 1.0, ""),
+    ("", "<think>It is \\boxed{7}</think>", "7", 1.0, ""),  # nothing after the block: the whole text is read
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from entrorl.rewards.math.extract import normalize_answer, superscripts_as_powers
 from entrorl.rewards.math.units import _strip_text_unit_tail, _strip_unit_tail
@@ -37,8 +38,21 @@ _PERCENT_ANY_RE = re.compile(_PERCENT_SIGN)
 _PERCENT_TAIL_RE = re.compile(r"^(?P<value>[^%]*?[^%\s\\{])" + _PERCENT_SIGN + r"$")  # an expression of percent: "\frac{1}{2}\%"
 _APPROXIMATELY_RE = re.compile(r"^(?:\\approx(?![A-Za-z])|≈|\\simeq(?![A-Za-z])|\\sim(?![A-Za-z])|~|approximately\b|about\b)\s*")
 _PI_WORD_RE = re.compile(r"(?<![A-Za-z\\])pi(?![A-Za-z])")
-_BRACKETED_ALTERNATIVE_RE = re.compile(r"(?<=[^\s(\[,])\s*([(\[])\s*,\s*")
-_THOUSANDS_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d{1,2}(?:,\d{2})+,\d{3})(?:\.\d+)?")  # 1,234 / 1,00,000
+# "5 (or 6)" once its "or" is a comma: a value and an alternative in brackets at the end
+_BRACKETED_ALTERNATIVE_RE = re.compile(r"(?P<first>.*[^\s(\[,])\s*[(\[]\s*,\s*(?P<second>[^()\[\]]*)[)\]]")
+_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+# 0.\overline{3}, 1.2\overline{45}: the digits under the bar repeat forever
+_REPEATING_DECIMAL_RE = re.compile(r"(?<![\d.])(-?)(\d*)\.(\d*)\\overline\s*\{\s*(\d+)\s*\}")
+
+
+def _repeating_decimal_as_fraction(found: re.Match) -> str:
+    """A repeating decimal as its exact fraction: ``0.\\overline{3}`` is ``\\frac{1}{3}``."""
+    sign, whole, fixed, repeating = found.groups()
+    value = Fraction(int(whole or "0")) + (
+        Fraction(int(fixed or "0")) + Fraction(int(repeating), 10 ** len(repeating) - 1)) / 10 ** len(fixed)
+    return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
 def has_percent_sign(answer: str) -> bool:
     """Whether ``answer`` contains a percent sign (``%``, ``\\%``, "percent")."""
     return bool(_PERCENT_ANY_RE.search(answer.replace("％", "%")))
@@ -58,7 +72,6 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
     s = re.sub(r"\\displaystyle|\\!", "", s)
     s = re.sub(r"(\d)(?:\{,\}|\\[,;: ]|\\thinspace\s*)(?=\d{3}(?!\d))", r"\1", s)
     s = _CONNECTIVE_RE.sub(", ", s).strip(" ,")
-    s = _BRACKETED_ALTERNATIVE_RE.sub(r", \1", s)  # "5 (or 6)": the list 5, (6), not 5 times 6
     s = _PERCENT_NUMBER_RE.sub(r"\1" if percent else r"\\frac{\1}{100}", s)
     if percent:
         s = _PERCENT_ANY_RE.sub("", s)
@@ -66,8 +79,13 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
         s = _PERCENT_TAIL_RE.sub(r"\\frac{\g<value>}{100}", s)
     s = _strip_text_unit_tail(_DEGREE_RE.sub("", s))
     s = _TEXT_COMMAND_RE.sub(lambda m: f" {m.group(1).strip()} ", s)
-    s = re.sub(r"\\[ ,;:]", " ", s)
+    s = re.sub(r"(?<!\\)\\[ ,;:]", " ", s)  # a spacing command, not a matrix's row break "\\\\" before a space
+    s = _REPEATING_DECIMAL_RE.sub(_repeating_decimal_as_fraction, s)
     s = _CURRENCY_RE.sub(r"\1", normalize_answer(_APPROXIMATELY_RE.sub("", s.strip())))  # "about $\$12$", "\approx \$12"
+    alternative = _BRACKETED_ALTERNATIVE_RE.fullmatch(s)
+    if alternative:  # "5 (or 6)": the list of both, not 5 times 6; "40 (or 40 minutes)": one value restated
+        first, second = (canonical_answer(alternative[part], percent=percent) for part in ("first", "second"))
+        return first if first == second else f"{first}, {second}"
     s = _PI_WORD_RE.sub(r"\\pi ", s)
     s = re.sub(r"\s+", " ", s).strip()
     if _THOUSANDS_RE.fullmatch(s):

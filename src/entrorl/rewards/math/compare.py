@@ -115,7 +115,8 @@ Checker = Callable[[Comparison], bool]
 
 
 def _canon(s: str) -> str:
-    return caseless(re.sub(r"\s+|\$|\\[,!;: ]", "", unicodedata.normalize("NFC", s)))  # NFC first: U+037E is ";"
+    # NFC first: U+037E is ";"; a spacing command, not the row break "\\\\" of a matrix before a space
+    return caseless(re.sub(r"\s+|\$|(?<!\\)\\[,!;: ]", "", unicodedata.normalize("NFC", s)))
 
 
 def check_string(c: Comparison) -> bool:
@@ -282,7 +283,52 @@ def compare_answers(
         return ComparisonResult(False, _comparison_timeout_reason(prediction, options, started))
 
 
-_DANGLING_OPERATOR_RE = re.compile(r"(?:[-+*/^=]|\\(?:times|cdot|div|pm|mp)(?![A-Za-z]))\s*$")
+# what Math-Verify reads past, which leaves an answer incomplete: a sign written against the value before it ("5-", not
+# the "5 -" of a dash; not the sign of a power or an index, "0^+"), "=" or a product or quotient sign at the end
+_DANGLING_OPERATOR_RE = re.compile(r"(?<=[^\s^_])[-+]\s*$|(?:=|\\(?:times|cdot|div|pm|mp)(?![A-Za-z]))\s*$")
+# a one-sided limit's side, "0^+" / "0^{-}"
+_SIDE_RE = re.compile(r"\^\s*\{?\s*([-+])\s*\}?\s*$")
+# a numeral in a base from 2 to 36: 1011_2, 1234_{5}, FF_{16}
+_BASE_NUMERAL_RE = re.compile(r"(?P<digits>[0-9A-Za-z]+)_\{?\s*(?P<base>\d+)\s*\}?")
+# a multiple-choice letter and its value, "(C) 12" (from \textbf{(C) } 12); a letter alone, "(C)" or "C"
+_CHOICE_WITH_VALUE_RE = re.compile(r"\(\s*(?P<letter>[A-Ea-e])\s*\)\s*(?P<value>\S.*)")
+_CHOICE_RE = re.compile(r"\(?\s*[A-Ea-e]\s*\)?")
+
+
+def _base_numeral(answer: str) -> tuple[str, int] | None:
+    """``(digits, base)`` of an answer written as a numeral in a base (leading zeros left out), None otherwise."""
+    found = _BASE_NUMERAL_RE.fullmatch(answer.strip())
+    if found is None or not 2 <= int(found["base"]) <= 36:
+        return None
+    digits, base = found["digits"].upper().lstrip("0") or "0", int(found["base"])
+    return (digits, base) if all(int(digit, 36) < base for digit in digits) else None
+
+
+def _written_form_verdict(prediction: str, reference: str) -> ComparisonResult | None:
+    """The verdict where the way an answer is written decides it, before any value is compared (None elsewhere): an
+    answer cut off after an operator, a one-sided limit's other side, a numeral in another base (Math-Verify reads
+    ``5-`` as 5, ``0^-`` as ``0^+`` and ``1011_2`` as 1011)."""
+    dangling = _DANGLING_OPERATOR_RE.search(prediction)
+    if dangling:
+        written = _DANGLING_OPERATOR_RE.search(reference)
+        if written is None or written.group().strip() != dangling.group().strip():
+            return ComparisonResult(False, f"the answer {_short(prediction, 40)} ends with an operator "
+                                           f"({dangling.group().strip()}): it is incomplete")
+    sides = [_SIDE_RE.search(side) for side in (prediction, reference)]
+    if all(sides) and sides[0][1] != sides[1][1]:
+        return ComparisonResult(False, f"answer {_short(prediction, 40)} is the other side of reference "
+                                       f"{_short(reference, 40)}")
+    numerals = [_base_numeral(side) for side in (prediction, reference)]
+    if numerals == [None, None]:
+        return None
+    if None not in numerals:
+        equal = numerals[0] == numerals[1]
+    else:  # a numeral against a plain number: equal in base 10 only
+        numeral, other = numerals[0] or numerals[1], (reference if numerals[0] else prediction).strip()
+        equal = numeral[1] == 10 and other.isdigit() and (other.lstrip("0") or "0") == numeral[0]
+    return ComparisonResult(True, None, "string") if equal else ComparisonResult(
+        False, f"answer {_short(prediction, 40)} differs from reference {_short(reference, 40)} (a numeral's digits "
+               "and base are compared)")
 
 
 def _compare(
@@ -304,10 +350,13 @@ def _compare(
     else:  # a reference "96%" accepts 96 (a number of percent) and 0.96 (96/100)
         percent_readings = [True, False] if has_percent_sign(reference) else [False]
     comparisons = [Comparison(prediction, reference, options, hints, p) for p in percent_readings]
-    dangling = _DANGLING_OPERATOR_RE.search(comparisons[0].prediction)
-    if dangling and not _DANGLING_OPERATOR_RE.search(comparisons[0].reference):  # Math-Verify reads "5-" as 5
-        return ComparisonResult(False, f"the answer {_short(comparisons[0].prediction, 40)} ends with an operator "
-                                       f"({dangling.group().strip()}): it is incomplete")
+    written = _written_form_verdict(comparisons[0].prediction, comparisons[0].reference)
+    if written is not None:
+        return written
+    choice = _CHOICE_WITH_VALUE_RE.fullmatch(comparisons[0].prediction)
+    if choice:  # "(C) 12": the letter against a letter, the value against anything else
+        part = choice["letter"] if _CHOICE_RE.fullmatch(comparisons[0].reference) else choice["value"]
+        return _compare(part, reference, question, options, checkers)
     for comparison in comparisons:
         for name, checker in checkers if checkers is not None else CHECKERS:
             try:

@@ -82,6 +82,11 @@ def extract_answer_tag(text: str, *, case_sensitive: bool = False) -> str | None
 # "\s*(?:\*\*\s*)?" rather than "\s*(?:\*\*)?\s*": two adjacent "\s*" backtrack quadratically over long blanks
 _PHRASE_RE = re.compile(r"(?:\banswer\b\s*(?:\*\*\s*)?(?:is\b|:|=)|答案\s*(?:是|为|:|：))\s*[:：]?", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|。")
+# a clause after the answer: a conjunction, or ", and" / ", but" before a new subject (not a list's "2, 3, and 5")
+_CLAUSE_RE = re.compile(
+    r",?\s+(?:because|since|as|if|when|whenever|which|while|whereas|where|given|unless|although|though)\b"
+    r"|,\s*(?:and|but|so|while)\s+(?:the|this|that|it|its|we|i|you|they|there|he|she|my|our|each|every|then)\b",
+    re.IGNORECASE)
 # "the answer is therefore 42": words between the phrase and the answer
 _PHRASE_FILLER_RE = re.compile(r"^(?:(?:therefore|thus|hence|so|then|simply|clearly|just|indeed|finally|obviously)\b[\s,]*)+(?=\S)",
                                re.IGNORECASE)
@@ -105,6 +110,9 @@ def extract_answer_phrase(text: str) -> str | None:
     m = _SENTENCE_END_RE.search(line)
     if m:
         line = line[: m.start()]
+    m = _CLAUSE_RE.search(line)  # "11 because 3*4 = 12", "7, and the wrong one is 8": the answer is what precedes
+    if m:
+        line = line[: m.start()]
     return line.strip(" \t*")
 
 
@@ -117,15 +125,20 @@ def extract_hashes(text: str) -> str | None:
     return matches[-1] if matches else None
 
 
-# not after an ASCII letter, digit, "_" or "." (a variable's index, a longer number), but after any other script's
-# letters ("共计12元"); grouped in thousands (1,234) or as in India (1,00,000)
+# not after a letter, digit, "_" or "." (a variable's index, a longer number), but after Chinese, Japanese or Korean
+# text ("共计12元"), whose characters are letters too
+_CJK = "\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_NUMBER_START = rf"(?<![^\W{_CJK}])(?<!\.)"
 _NUMBER_RE = re.compile(
-    r"(?<![A-Za-z0-9_.])-?(?:\d{1,3}(?:,\d{3})+|\d{1,2}(?:,\d{2})+,\d{3}|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?"
-    r"(?:\s*/\s*\d+(?:\.\d+)?)?(?![\d])"
-    r"|(?<![A-Za-z0-9_.])-?\.\d+"
+    rf"{_NUMBER_START}-?(?P<whole>\d+) (?P<numerator>\d+)/(?P<denominator>\d+)(?![\d/]|\.\d)"  # a mixed number: 2 1/2
+    rf"|{_NUMBER_START}-?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?(?![\d])"
+    rf"|{_NUMBER_START}-?\.\d+"
 )
 _SUPERSCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")
 _SUPERSCRIPT_RE = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
+
+
+_UNIT_SUPERSCRIPT_RE = re.compile("(?<=[A-Za-z])[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
 
 
 def superscripts_as_powers(text: str, *, braced: bool = True) -> str:
@@ -250,7 +263,8 @@ def extract_last_number(text: str) -> str | None:
       an expression;
     * elsewhere, None for a number written against ``^`` or ``_`` (ordinals such as ``7^{th}`` are plain numbers).
     """
-    text = _NUMBER_MARK_RE.sub("", superscripts_as_powers(text.replace("\u2212", "-"), braced=False))
+    text = _NUMBER_MARK_RE.sub("", superscripts_as_powers(  # a unit's (m², cm³) left out
+        _UNIT_SUPERSCRIPT_RE.sub("", text.replace("\u2212", "-")), braced=False))
     last = None
     for last in _NUMBER_RE.finditer(text):
         pass
@@ -266,6 +280,12 @@ def extract_last_number(text: str) -> str | None:
     after = text[last.end()] if last.end() < len(text) else ""
     if before in _ATTACHED or after in _ATTACHED:
         return None
+    if last.group("whole") is not None:
+        whole, numerator, denominator = (int(last.group(part)) for part in ("whole", "numerator", "denominator"))
+        if 0 < numerator < denominator:  # a proper fraction after a whole number: one mixed number
+            sign = "-" if last.group().startswith("-") else ""
+            return f"{sign}{whole}\\frac{{{numerator}}}{{{denominator}}}"
+        return f"{numerator}/{denominator}"  # "3 7/2": two numbers, the last one a fraction
     return re.sub(r"\s+", "", last.group()).replace(",", "")
 
 
@@ -324,9 +344,20 @@ Extractors = Sequence[tuple[str, Callable[[str], str | None]]]
 
 def find_final_answer(text: str, extractors: Extractors | None = None) -> tuple[str, str] | None:
     """``(extractor name, normalized answer)`` from the first extractor (in order; default
-    :data:`ANSWER_EXTRACTORS`) that finds a non-empty answer in ``text``; None if none does."""
+    :data:`ANSWER_EXTRACTORS`) that finds a non-empty answer in ``text``; None if none does. After a reasoning block
+    closed by ``</think>``, the text after the last one is read first (a guess while thinking is not the answer), the
+    whole text only when nothing is found there."""
     if not isinstance(text, str) or not text.strip():
         return None
+    closed = text.rfind("</think>")
+    if closed != -1:
+        found = _first_answer(text[closed + len("</think>"):], extractors)
+        if found is not None:
+            return found
+    return _first_answer(text, extractors)
+
+
+def _first_answer(text: str, extractors: Extractors | None) -> tuple[str, str] | None:
     for name, extractor in extractors if extractors is not None else ANSWER_EXTRACTORS:
         found = extractor(text)
         if found is not None:

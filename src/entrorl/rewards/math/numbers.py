@@ -60,6 +60,8 @@ def _exact_rational(text: str) -> Fraction | None:
 def _plain_number(s: str) -> complex | None:
     """A plain number: ``-1234.5``, ``3/4``, ``\\frac{3}{4}``; None otherwise."""
     s = s.strip()
+    if "_" in s:  # Python would read "1011_2" as 10112; a base's subscript is no digit separator
+        return None
     m = _FRAC_RE.match(s)
     if m:
         s = f"{m.group(1)}{m.group(2)}/{m.group(3)}"
@@ -102,7 +104,9 @@ def _sympy_value(expr: Any) -> tuple[complex, Fraction | None] | None:
     is rational (``10^{12}+1``, ``2^{40}``), its exact value; None if not a number."""
     import sympy
 
-    if isinstance(expr, sympy.Eq):  # "x = 3" -> 3
+    if isinstance(expr, sympy.Eq):  # "x = 3" -> 3; not "11 because 3*4 = 12"
+        if not isinstance(expr.lhs, sympy.Symbol):
+            return None
         expr = expr.rhs
     if isinstance(expr, sympy.FiniteSet) and len(expr.args) == 1:
         expr = expr.args[0]
