@@ -116,11 +116,11 @@ def test_a_complex_number_is_refused_for_a_real_one(value):
 
 
 @pytest.mark.parametrize(("variables", "source"), [
-    ({"WORLD_SIZE": "4", "RANK": "1"}, "WORLD_SIZE=4, as torchrun, accelerate launch set it"),
-    ({"WORLD_SIZE": "4", "LOCAL_RANK": "0"}, "WORLD_SIZE=4, as torchrun, accelerate launch set it"),
-    ({"OMPI_COMM_WORLD_SIZE": "4"}, "OMPI_COMM_WORLD_SIZE=4, as mpirun set it"),  # Open MPI
-    ({"PMI_SIZE": "4"}, "PMI_SIZE=4, as mpirun set it"),  # MPICH, Intel MPI
-    ({"MV2_COMM_WORLD_SIZE": "4", "PMI_SIZE": "2"}, "MV2_COMM_WORLD_SIZE=4, as mpirun set it"),  # the largest count
+    ({"WORLD_SIZE": "4", "RANK": "1"}, "WORLD_SIZE=4, as torchrun or accelerate launch sets it"),
+    ({"WORLD_SIZE": "4", "LOCAL_RANK": "0"}, "WORLD_SIZE=4, as torchrun or accelerate launch sets it"),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, "OMPI_COMM_WORLD_SIZE=4, as mpirun sets it"),  # Open MPI
+    ({"PMI_SIZE": "4"}, "PMI_SIZE=4, as mpirun sets it"),  # MPICH, Intel MPI
+    ({"MV2_COMM_WORLD_SIZE": "4", "PMI_SIZE": "2"}, "MV2_COMM_WORLD_SIZE=4, as mpirun sets it"),  # the largest count
 ])
 def test_a_launch_of_several_processes_is_refused_naming_the_count_its_source_and_the_integrations(
         monkeypatch, variables, source):

@@ -173,8 +173,8 @@ def in_float64(tensor: torch.Tensor) -> torch.Tensor:
 
 # what launchers of several processes set in each: torchrun, accelerate launch and DeepSpeed's launcher (WORLD_SIZE,
 # with RANK / LOCAL_RANK: a WORLD_SIZE left in a shell alone is no launch), Open MPI's, MPICH's and MVAPICH's mpirun
-_LAUNCHER_SIZES = (("WORLD_SIZE", "torchrun, accelerate launch"), ("OMPI_COMM_WORLD_SIZE", "mpirun"),
-                   ("PMI_SIZE", "mpirun"), ("MV2_COMM_WORLD_SIZE", "mpirun"))
+_LAUNCHER_SIZES = (("WORLD_SIZE", "torchrun or accelerate launch sets"), ("OMPI_COMM_WORLD_SIZE", "mpirun sets"),
+                   ("PMI_SIZE", "mpirun sets"), ("MV2_COMM_WORLD_SIZE", "mpirun sets"))
 
 
 def refuse_multi_process_launch(what: str) -> None:
@@ -195,7 +195,7 @@ def refuse_multi_process_launch(what: str) -> None:
             except ValueError:
                 continue  # not a launcher's
             if count > processes:
-                processes, source = count, f"{variable}={count}, as {launchers} set it"
+                processes, source = count, f"{variable}={count}, as {launchers} it"
     if processes > 1:
         raise ValueError(
             f"{what} runs in one process, but this one was started as one of {processes} ({source}): each would do "

@@ -98,7 +98,7 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
     if weights and not _has_weight_files(path):
         if path.name == "model" and (path.parent / "adapter" / "adapter_config.json").is_file():
             merged = [model for model in sorted(path.parent.parent.glob("step_*/model")) if _has_weight_files(model)]
-            last = f" ({merged[-1]})" if merged else ", written when the run ends"
+            last = f" ({merged[-1]})" if merged else ", written when the run reaches its last step"
             raise FileNotFoundError(
                 f"{path} has no weights: it is a LoRA run's checkpoint saved without its merged model "
                 f"(model.lora.merged: last keeps it in the last checkpoint only{last}); take a checkpoint that holds it, "
