@@ -230,7 +230,7 @@ CASES = [
     ("", r"\boxed{1000 \text{ (or 1,000)}}", "1000", 1.0, ""),
     ("", r"\boxed{5-}", "5", 0.0, "ends with an operator (-): it is incomplete"),  # Math-Verify reads 5
     ("", r"\boxed{5 \times}", "5", 0.0, r"ends with an operator (\times)"),
-    ("", r"\boxed{5-}", "5+", 0.0, "ends with an operator (-): it is incomplete"),
+    ("", r"\boxed{5-}", "5+", 0.0, "is the other side of reference 5+"),
     ("", "The answer is 5 \u2013", "5", 1.0, ""),  # a dash after a space ends the sentence
     ("", "#### 5 -", "5", 1.0, ""),
     ("", r"\boxed{0^+}", "0^{+}", 1.0, ""),  # a one-sided limit's sign is no dangling operator
@@ -255,8 +255,8 @@ CASES = [
     ("", r"\boxed{10_3}", "10_2", 0.0, "a numeral's digits and base are compared"),
     ("", r"\boxed{15_{10}}", "15", 1.0, ""),
     ("", r"\boxed{x_1}", "x_1", 1.0, ""),  # a variable's index, not a base
-    ("", r"\boxed{0.\overline{6}}", r"0.\overline{3}", 0.0, ""),
-    ("", r"\boxed{0}", r"0.\overline{3}", 0.0, ""),
+    ("", r"\boxed{0.\overline{6}}", r"0.\overline{3}", 0.0, "differs from reference"),
+    ("", r"\boxed{0}", r"0.\overline{3}", 0.0, "differs from reference"),
     ("", r"\boxed{\frac{1}{3}}", r"0.\overline{3}", 1.0, ""),
     ("", r"\boxed{\frac{137}{110}}", r"1.2\overline{45}", 1.0, ""),
     ("", r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix} 2 \\ 1 \end{pmatrix}", 0.0, ""),
@@ -265,8 +265,8 @@ CASES = [
     ("", r"\boxed{\textbf{(C) } 12}", "C", 1.0, ""),
     ("", r"\boxed{\textbf{(C) } 12}", "12", 1.0, ""),
     ("", r"\boxed{\text{(C)}\ 12}", r"\text{(C)}", 1.0, ""),
-    ("", r"\boxed{\textbf{(C) } 12}", "D", 0.0, ""),
-    ("", r"\boxed{\textbf{(C) } 12}", "13", 0.0, ""),
+    ("", r"\boxed{\textbf{(C) } 12}", "D", 0.0, "differs from reference D"),
+    ("", r"\boxed{\textbf{(C) } 12}", "13", 0.0, "differs from reference 13"),
     ("", "So he ran 2 1/2 miles.", r"\frac{5}{2}", 1.0, ""),
     ("", "So he ran 2 1/2 miles.", r"\frac{1}{2}", 0.0, ""),
     # -- the answer phrase ends where a clause begins; an answer after a reasoning block --------------------
@@ -278,6 +278,23 @@ CASES = [
     ("", "<think>So \\boxed{5}</think> The final answer is 4.", "5", 0.0, "differs from reference 5"),
     ("", "<think>Maybe the answer is 4.</think>\nSo the final result is 5.", "5", 1.0, ""),
     ("", "<think>It is \\boxed{7}</think>", "7", 1.0, ""),  # nothing after the block: the whole text is read
+    ("", "<think>\\boxed{5}</think>\nStep 1: done.", "5", 1.0, ""),  # a marked answer beats a loose number after
+    ("", "<think>The sum is \\boxed{5}.</think>\nBob has 5 apples, which is 3 more than Alice.", "5", 1.0, ""),
+    ("", "The answer is 3 if n is odd and 4 if n is even.", "3", 0.0, "differs from reference 3"),  # all the cases
+    ("", r"The answer is $f(x) = \begin{cases} x & \text{ if } x > 0 \\ 0 & \text{ otherwise} \end{cases}$",
+     r"f(x) = \begin{cases} x & \text{ if } x > 0 \\ 0 & \text{ otherwise} \end{cases}", 1.0, ""),  # no cut in math
+    ("", "The answer is 12 if rounded to the nearest unit", "12", 1.0, ""),
+    ("", r"\boxed{5/}", "5", 0.0, "ends with an operator (/): it is incomplete"),
+    ("", r"\boxed{5 +}", "5", 0.0, "ends with an operator (+): it is incomplete"),
+    ("", r"\boxed{5^}", "5", 0.0, "ends with an operator (^): it is incomplete"),
+    ("", r"\boxed{0+}", "0^+", 1.0, ""),  # a limit's side written without the caret
+    ("", r"\boxed{1011_{2}}", r"1011_{\text{two}}", 1.0, ""),  # a base not written in digits: the checkers' to judge
+    ("", r"\boxed{15_{10}}", "15.0", 1.0, ""),
+    ("", r"\boxed{(C) 12}", "(C) 12", 1.0, ""),  # a choice with its value against the same
+    ("", r"\boxed{(C) 12}", "(D) 12", 0.0, ""),
+    ("", r"\boxed{(a)^2}", "a^2", 1.0, ""),  # an expression, no choice
+    ("", r"\boxed{(a)(b)}", "ab", 1.0, ""),
+    ("", "In 2023 1/4 of the students passed.", "1/4", 1.0, ""),  # a year before a fraction: no mixed number
 ]
 
 
@@ -447,6 +464,9 @@ def test_the_last_number_is_the_value_it_belongs_to(question, completion, refere
     "$1" + " " * 100_000 + "x$",  # a long blank before what is not a value
     "$" + "1+\\sqrt{2}+" * 8_000 + "1x$",  # a long sum that is not one
     "$" + "1, " * 30_000 + "1x$",  # a long list that is not one
+    "The answer is 5" + " " * 100_000 + "\nDone.",  # a long blank where a clause could begin
+    "The answer is 5" + ", because" * 20_000,  # many clauses
+    "<think>" + "1 " * 30_000 + "</think>" + "2 " * 30_000,  # a long reasoning block and a long tail
 ])
 def test_the_last_number_reads_long_completions_in_linear_time(completion):
     started = time.perf_counter()

@@ -9,13 +9,15 @@ Three stages, each a small ordered table that later work extends:
    * ``boxed`` — the last complete ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces included;
    * ``answer_tag`` — the last ``<answer>...</answer>``;
    * ``answer_phrase`` — the last "the answer is X" / "Final answer: X" / "答案是 X" (to the end of the
-     line or sentence);
+     line or sentence, or to a clause after it outside math: "11 because 3*4 = 12" gives ``11``);
    * ``hashes`` — GSM8K's ``#### X``;
    * ``last_number`` — the last number in the text (integers, decimals, ``1,234``, ``a/b``, ``1e3``), or the value
      written out on its side of a math statement (``$x = \\frac{3}{2}$`` gives ``\\frac{3}{2}``, not ``2``); none
      when the number is part of an expression (``$2^{10}$``).
 
-   Each takes time linear in the length of the completion (braces are matched once, tags paired once).
+   After a reasoning block closed by ``</think>``, an answer stated after the block comes first, then a marked one
+   (``boxed``, ``answer_tag``) anywhere, then the last number after the block. Each takes time linear in the length
+   of the completion (braces are matched once, tags paired once).
 
 2. **Reading the question** (:func:`read_question`): whether it asks for a percentage, for real (or
    complex) roots, or for a rounded value. These change the rules below and nothing else.

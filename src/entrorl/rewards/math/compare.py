@@ -285,13 +285,14 @@ def compare_answers(
 
 # what Math-Verify reads past, which leaves an answer incomplete: a sign written against the value before it ("5-", not
 # the "5 -" of a dash; not the sign of a power or an index, "0^+"), "=" or a product or quotient sign at the end
-_DANGLING_OPERATOR_RE = re.compile(r"(?<=[^\s^_])[-+]\s*$|(?:=|\\(?:times|cdot|div|pm|mp)(?![A-Za-z]))\s*$")
-# a one-sided limit's side, "0^+" / "0^{-}"
-_SIDE_RE = re.compile(r"\^\s*\{?\s*([-+])\s*\}?\s*$")
+_DANGLING_OPERATOR_RE = re.compile(
+    r"(?:(?<=[^\s^_])-|(?<![\^_])\+|[*/^=]|\\(?:times|cdot|div|pm|mp)(?![A-Za-z]))\s*$")
+# a one-sided limit's side: "0^+", "0^{-}", "0+"
+_SIDE_RE = re.compile(r"(?:\^\s*\{?\s*(?P<raised>[-+])\s*\}?|(?<=\d)(?P<after>[-+]))\s*$")
 # a numeral in a base from 2 to 36: 1011_2, 1234_{5}, FF_{16}
 _BASE_NUMERAL_RE = re.compile(r"(?P<digits>[0-9A-Za-z]+)_\{?\s*(?P<base>\d+)\s*\}?")
 # a multiple-choice letter and its value, "(C) 12" (from \textbf{(C) } 12); a letter alone, "(C)" or "C"
-_CHOICE_WITH_VALUE_RE = re.compile(r"\(\s*(?P<letter>[A-Ea-e])\s*\)\s*(?P<value>\S.*)")
+_CHOICE_WITH_VALUE_RE = re.compile(r"\(\s*(?P<letter>[A-Ea-e])\s*\)\s*(?P<value>[^\s(^_+\-*/=].*)")
 _CHOICE_RE = re.compile(r"\(?\s*[A-Ea-e]\s*\)?")
 
 
@@ -308,24 +309,25 @@ def _written_form_verdict(prediction: str, reference: str) -> ComparisonResult |
     """The verdict where the way an answer is written decides it, before any value is compared (None elsewhere): an
     answer cut off after an operator, a one-sided limit's other side, a numeral in another base (Math-Verify reads
     ``5-`` as 5, ``0^-`` as ``0^+`` and ``1011_2`` as 1011)."""
-    dangling = _DANGLING_OPERATOR_RE.search(prediction)
-    if dangling:
+    sides = [_SIDE_RE.search(side) for side in (prediction, reference)]
+    if all(sides):  # "0^-" against "0^+" or "0+": the sides must agree, and a side is no dangling sign
+        if (sides[0]["raised"] or sides[0]["after"]) != (sides[1]["raised"] or sides[1]["after"]):
+            return ComparisonResult(False, f"answer {_short(prediction, 40)} is the other side of reference "
+                                           f"{_short(reference, 40)}")
+    else:
+        dangling = _DANGLING_OPERATOR_RE.search(prediction)
         written = _DANGLING_OPERATOR_RE.search(reference)
-        if written is None or written.group().strip() != dangling.group().strip():
+        if dangling and (written is None or written.group().strip() != dangling.group().strip()):
             return ComparisonResult(False, f"the answer {_short(prediction, 40)} ends with an operator "
                                            f"({dangling.group().strip()}): it is incomplete")
-    sides = [_SIDE_RE.search(side) for side in (prediction, reference)]
-    if all(sides) and sides[0][1] != sides[1][1]:
-        return ComparisonResult(False, f"answer {_short(prediction, 40)} is the other side of reference "
-                                       f"{_short(reference, 40)}")
     numerals = [_base_numeral(side) for side in (prediction, reference)]
-    if numerals == [None, None]:
-        return None
     if None not in numerals:
         equal = numerals[0] == numerals[1]
-    else:  # a numeral against a plain number: equal in base 10 only
+    elif numerals != [None, None] and (reference if numerals[0] else prediction).strip().isdigit():
         numeral, other = numerals[0] or numerals[1], (reference if numerals[0] else prediction).strip()
-        equal = numeral[1] == 10 and other.isdigit() and (other.lstrip("0") or "0") == numeral[0]
+        equal = numeral[1] == 10 and (other.lstrip("0") or "0") == numeral[0]  # a plain number is in base 10
+    else:
+        return None  # no numeral, or one against something other than digits: the checkers' to judge
     return ComparisonResult(True, None, "string") if equal else ComparisonResult(
         False, f"answer {_short(prediction, 40)} differs from reference {_short(reference, 40)} (a numeral's digits "
                "and base are compared)")
@@ -353,10 +355,6 @@ def _compare(
     written = _written_form_verdict(comparisons[0].prediction, comparisons[0].reference)
     if written is not None:
         return written
-    choice = _CHOICE_WITH_VALUE_RE.fullmatch(comparisons[0].prediction)
-    if choice:  # "(C) 12": the letter against a letter, the value against anything else
-        part = choice["letter"] if _CHOICE_RE.fullmatch(comparisons[0].reference) else choice["value"]
-        return _compare(part, reference, question, options, checkers)
     for comparison in comparisons:
         for name, checker in checkers if checkers is not None else CHECKERS:
             try:
@@ -366,6 +364,16 @@ def _compare(
                 raise
             except Exception:  # noqa: BLE001 - failing on odd input: "not shown equal"
                 continue
+    choice = _CHOICE_WITH_VALUE_RE.fullmatch(comparisons[0].prediction)
+    if choice:  # "(C) 12": its letter against a letter or another choice's, its value against anything else
+        other = _CHOICE_WITH_VALUE_RE.fullmatch(comparisons[0].reference)
+        if other is not None or _CHOICE_RE.fullmatch(comparisons[0].reference):
+            part, against = choice["letter"], other["letter"] if other is not None else reference
+        else:
+            part, against = choice["value"], reference
+        chosen = _compare(part, against, question, options, checkers)
+        if chosen.equal:
+            return chosen
     return ComparisonResult(False, _difference_reason(comparisons[0]))
 
 

@@ -83,10 +83,27 @@ def extract_answer_tag(text: str, *, case_sensitive: bool = False) -> str | None
 _PHRASE_RE = re.compile(r"(?:\banswer\b\s*(?:\*\*\s*)?(?:is\b|:|=)|答案\s*(?:是|为|:|：))\s*[:：]?", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|。")
 # a clause after the answer: a conjunction, or ", and" / ", but" before a new subject (not a list's "2, 3, and 5")
+# (each match starts where its blanks do, so that a long run of blanks is not rescanned from each of its characters)
 _CLAUSE_RE = re.compile(
-    r",?\s+(?:because|since|as|if|when|whenever|which|while|whereas|where|given|unless|although|though)\b"
+    r"(?<![\s,]),?\s+(?P<word>because|since|as|if|when|whenever|which|while|whereas|where|given|unless|although|though)\b"
     r"|,\s*(?:and|but|so|while)\s+(?:the|this|that|it|its|we|i|you|they|there|he|she|my|our|each|every|then)\b",
     re.IGNORECASE)
+_CASE_WORD_RE = re.compile(r"\b(?:if|when|whenever)\b", re.IGNORECASE)
+
+
+def _clause_start(line: str) -> int | None:
+    """Where a clause after the answer begins in ``line`` (None: nowhere), outside math and braces ("$f(x) = x
+    \\text{ if } x > 0$" is one answer), and not at one case of several ("3 if n is odd and 4 if n is even")."""
+    for found in _CLAUSE_RE.finditer(line):
+        before = line[: found.start()]
+        inside = (len(_UNESCAPED_DOLLAR_RE.findall(before)) % 2 or before.count("\\(") > before.count("\\)")
+                  or before.count("{") > before.count("}"))
+        if inside:
+            continue
+        if (found["word"] or "").lower() in ("if", "when", "whenever") and _CASE_WORD_RE.search(line, found.end()):
+            return None  # the answer depends on cases: it is all of them
+        return found.start()
+    return None
 # "the answer is therefore 42": words between the phrase and the answer
 _PHRASE_FILLER_RE = re.compile(r"^(?:(?:therefore|thus|hence|so|then|simply|clearly|just|indeed|finally|obviously)\b[\s,]*)+(?=\S)",
                                re.IGNORECASE)
@@ -110,9 +127,9 @@ def extract_answer_phrase(text: str) -> str | None:
     m = _SENTENCE_END_RE.search(line)
     if m:
         line = line[: m.start()]
-    m = _CLAUSE_RE.search(line)  # "11 because 3*4 = 12", "7, and the wrong one is 8": the answer is what precedes
-    if m:
-        line = line[: m.start()]
+    clause = _clause_start(line)  # "11 because 3*4 = 12", "7, and the wrong one is 8": the answer is what precedes
+    if clause is not None:
+        line = line[:clause]
     return line.strip(" \t*")
 
 
@@ -130,7 +147,7 @@ def extract_hashes(text: str) -> str | None:
 _CJK = "\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _NUMBER_START = rf"(?<![^\W{_CJK}])(?<!\.)"
 _NUMBER_RE = re.compile(
-    rf"{_NUMBER_START}-?(?P<whole>\d+) (?P<numerator>\d+)/(?P<denominator>\d+)(?![\d/]|\.\d)"  # a mixed number: 2 1/2
+    rf"{_NUMBER_START}-?(?P<whole>\d{{1,3}}) (?P<numerator>\d+)/(?P<denominator>\d+)(?![\d/]|\.\d)"  # a mixed number: 2 1/2
     rf"|{_NUMBER_START}-?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?(?![\d])"
     rf"|{_NUMBER_START}-?\.\d+"
 )
@@ -345,15 +362,21 @@ Extractors = Sequence[tuple[str, Callable[[str], str | None]]]
 def find_final_answer(text: str, extractors: Extractors | None = None) -> tuple[str, str] | None:
     """``(extractor name, normalized answer)`` from the first extractor (in order; default
     :data:`ANSWER_EXTRACTORS`) that finds a non-empty answer in ``text``; None if none does. After a reasoning block
-    closed by ``</think>``, the text after the last one is read first (a guess while thinking is not the answer), the
-    whole text only when nothing is found there."""
+    closed by ``</think>`` (a guess while thinking is not the answer): the extractors but ``last_number`` on the text
+    after the last ``</think>``, then ``boxed`` and ``answer_tag`` on the whole text, then ``last_number`` after the
+    block, then every extractor on the whole text."""
     if not isinstance(text, str) or not text.strip():
         return None
+    extractors = list(extractors if extractors is not None else ANSWER_EXTRACTORS)
     closed = text.rfind("</think>")
-    if closed != -1:
-        found = _first_answer(text[closed + len("</think>"):], extractors)
-        if found is not None:
-            return found
+    if closed != -1:  # a stated answer after the block, a marked one anywhere, a loose number after the block
+        after = text[closed + len("</think>"):]
+        for where, chosen in ((after, [pair for pair in extractors if pair[0] != "last_number"]),
+                              (text, [pair for pair in extractors if pair[0] in ("boxed", "answer_tag")]),
+                              (after, [pair for pair in extractors if pair[0] == "last_number"])):
+            found = _first_answer(where, chosen)
+            if found is not None:
+                return found
     return _first_answer(text, extractors)
 
 
