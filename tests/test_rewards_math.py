@@ -295,6 +295,23 @@ CASES = [
     ("", r"\boxed{(a)^2}", "a^2", 1.0, ""),  # an expression, no choice
     ("", r"\boxed{(a)(b)}", "ab", 1.0, ""),
     ("", "In 2023 1/4 of the students passed.", "1/4", 1.0, ""),  # a year before a fraction: no mixed number
+    ("", "Half of 144 is 72.\n**#### 72**", "72", 1.0, ""),  # markdown's emphasis around ####
+    ("", "The answer is 5, although it could also be 6.", "5", 0.0, ""),  # a hedge is no answer
+    ("", "The answer is 12 unless the endpoints count, in which case it is 14.", "12", 0.0, ""),
+    ("", "The answer is 24 if we count rotations as distinct; otherwise 6.", "24", 0.0, ""),
+    ("", "The answer is 3 if n is odd, and 4 otherwise.", "3", 0.0, ""),
+    ("", "The answer is 4 if n = 5", "4", 1.0, ""),  # a condition, no other answer
+    ("", "The answer is x where x = 3.", "3", 1.0, ""),  # a "where" that defines the answer
+    ("", "<think>The answer is 42.</think>\n\nThe total number of apples is 42 (6 boxes × 7 apples).", "42", 1.0, ""),
+    ("", "<think>Final answer: 9</think>\nThe area is 9 square units (side 3).", "9", 1.0, ""),
+    ("", "The answer is A = 25 m².", "25", 1.0, ""),  # a unit's superscript after an assignment
+    ("", r"\boxed{V = 27 cm³}", "27", 1.0, ""),
+    ("", r"\boxed{1,500 \text{ million}}", "1500", 0.0, ""),  # a scale is no unit
+    ("", "#### 1,500 thousand", "1500", 0.0, ""),
+    ("", r"\boxed{(E) 2}", "e", 0.0, ""),  # a choice letter is not Euler's e
+    ("", r"\boxed{7_{8}}", "7", 1.0, ""),  # one digit: the same in every base it is below
+    ("", "The answer is 8 (in total) because 4 + 4 = 8.", "8", 1.0, ""),  # a bracketed remark after the value
+    ("", r"The answer is $6 \text{ (approximately)}$, which is what we wanted.", "6", 1.0, ""),
 ]
 
 
@@ -467,6 +484,8 @@ def test_the_last_number_is_the_value_it_belongs_to(question, completion, refere
     "The answer is 5" + " " * 100_000 + "\nDone.",  # a long blank where a clause could begin
     "The answer is 5" + ", because" * 20_000,  # many clauses
     "<think>" + "1 " * 30_000 + "</think>" + "2 " * 30_000,  # a long reasoning block and a long tail
+    "The answer is $5" + " if" * 33_000,  # clause words inside math, each passed over once
+    "The answer is {5" + " because" * 12_500,
 ])
 def test_the_last_number_reads_long_completions_in_linear_time(completion):
     started = time.perf_counter()

@@ -6,7 +6,7 @@ import re
 from fractions import Fraction
 
 from entrorl.rewards.math.extract import normalize_answer, superscripts_as_powers
-from entrorl.rewards.math.units import _strip_text_unit_tail, _strip_unit_tail
+from entrorl.rewards.math.units import _strip_bracketed_remark, _strip_text_unit_tail, _strip_unit_tail
 
 __all__ = ["canonical_answer", "has_percent_sign"]
 
@@ -53,6 +53,17 @@ def _repeating_decimal_as_fraction(found: re.Match) -> str:
     return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
 
 
+# superscript digits after a word: a unit's ("25 m²", "27 cm³") when the word is two letters or more, or one letter
+# after a number and a space; otherwise a power ("x²", "\\pi²")
+_UNIT_SUPERSCRIPT_RE = re.compile("(?P<word>\\\\?[A-Za-z]+)[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
+
+
+def _unit_superscript(found: re.Match) -> str:
+    word, before = found["word"], found.string[max(0, found.start() - 2) : found.start()]
+    unit = not word.startswith("\\") and (len(word) >= 2 or re.fullmatch(r"\d ", before) is not None)
+    return word if unit else found.group()
+
+
 def has_percent_sign(answer: str) -> bool:
     """Whether ``answer`` contains a percent sign (``%``, ``\\%``, "percent")."""
     return bool(_PERCENT_ANY_RE.search(answer.replace("％", "%")))
@@ -64,7 +75,7 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
     ``percent`` selects the percent rule: True drops percent signs (a number of percent), False turns
     ``N%`` into ``\\frac{N}{100}``.
     """
-    s = superscripts_as_powers(normalize_answer(answer))
+    s = superscripts_as_powers(_UNIT_SUPERSCRIPT_RE.sub(_unit_superscript, normalize_answer(answer)))
     for spelling, canonical in _UNICODE_SPELLINGS.items():
         s = s.replace(spelling, canonical)
     s = _SIZING_RE.sub("", s)
@@ -87,7 +98,7 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
         first, second = (canonical_answer(alternative[part], percent=percent) for part in ("first", "second"))
         return first if first == second else f"{first}, {second}"
     s = _PI_WORD_RE.sub(r"\\pi ", s)
-    s = re.sub(r"\s+", " ", s).strip()
+    s = _strip_bracketed_remark(re.sub(r"\s+", " ", s).strip())
     if _THOUSANDS_RE.fullmatch(s):
         s = s.replace(",", "")
     s = _strip_unit_tail(s)

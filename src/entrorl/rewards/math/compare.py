@@ -293,7 +293,7 @@ _SIDE_RE = re.compile(r"(?:\^\s*\{?\s*(?P<raised>[-+])\s*\}?|(?<=\d)(?P<after>[-
 _BASE_NUMERAL_RE = re.compile(r"(?P<digits>[0-9A-Za-z]+)_\{?\s*(?P<base>\d+)\s*\}?")
 # a multiple-choice letter and its value, "(C) 12" (from \textbf{(C) } 12); a letter alone, "(C)" or "C"
 _CHOICE_WITH_VALUE_RE = re.compile(r"\(\s*(?P<letter>[A-Ea-e])\s*\)\s*(?P<value>[^\s(^_+\-*/=].*)")
-_CHOICE_RE = re.compile(r"\(?\s*[A-Ea-e]\s*\)?")
+_CHOICE_RE = re.compile(r"\(\s*[A-Ea-e]\s*\)|\s*[A-E]\s*")  # a bare lower-case letter is a constant or variable
 
 
 def _base_numeral(answer: str) -> tuple[str, int] | None:
@@ -325,7 +325,8 @@ def _written_form_verdict(prediction: str, reference: str) -> ComparisonResult |
         equal = numerals[0] == numerals[1]
     elif numerals != [None, None] and (reference if numerals[0] else prediction).strip().isdigit():
         numeral, other = numerals[0] or numerals[1], (reference if numerals[0] else prediction).strip()
-        equal = numeral[1] == 10 and (other.lstrip("0") or "0") == numeral[0]  # a plain number is in base 10
+        # a plain number is in base 10: equal in base 10, or as one digit, the same in every base it is below
+        equal = (other.lstrip("0") or "0") == numeral[0] and (numeral[1] == 10 or len(numeral[0]) == 1)
     else:
         return None  # no numeral, or one against something other than digits: the checkers' to judge
     return ComparisonResult(True, None, "string") if equal else ComparisonResult(

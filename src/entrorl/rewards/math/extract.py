@@ -89,21 +89,37 @@ _CLAUSE_RE = re.compile(
     r"|,\s*(?:and|but|so|while)\s+(?:the|this|that|it|its|we|i|you|they|there|he|she|my|our|each|every|then)\b",
     re.IGNORECASE)
 _CASE_WORD_RE = re.compile(r"\b(?:if|when|whenever)\b", re.IGNORECASE)
+# a condition or a concession that may bring another answer with it ("5, although it could be 6", "24 if ...; otherwise 6")
+_CONDITIONAL_WORDS = frozenset({"if", "when", "whenever", "unless", "although", "though", "whereas", "while"})
+_ALTERNATIVE_RE = re.compile(r"\b(?:if|when|whenever|otherwise|or|could|might|may|alternatively|in which case)\b",
+                             re.IGNORECASE)
+_LONE_SYMBOL_RE = re.compile(r"\$?\s*[A-Za-z]\s*\$?\s*,?")
 
 
 def _clause_start(line: str) -> int | None:
     """Where a clause after the answer begins in ``line`` (None: nowhere), outside math and braces ("$f(x) = x
-    \\text{ if } x > 0$" is one answer), and not at one case of several ("3 if n is odd and 4 if n is even")."""
+    \\text{ if } x > 0$" is one answer); not at a condition or concession followed by another case or answer ("3 if n is
+    odd and 4 if n is even", "5, although it could be 6": the whole line, which no single value matches), nor at a
+    "where" that defines the symbol before it ("x where x = 3"). One pass over the line."""
+    dollars = opened_math = closed_math = opened = closed = 0
+    counted = 0
     for found in _CLAUSE_RE.finditer(line):
-        before = line[: found.start()]
-        inside = (len(_UNESCAPED_DOLLAR_RE.findall(before)) % 2 or before.count("\\(") > before.count("\\)")
-                  or before.count("{") > before.count("}"))
-        if inside:
+        dollars += len(_UNESCAPED_DOLLAR_RE.findall(line, counted, found.start()))
+        segment = line[counted : found.start()]
+        opened_math, closed_math = opened_math + segment.count("\\("), closed_math + segment.count("\\)")
+        opened, closed = opened + segment.count("{"), closed + segment.count("}")
+        counted = found.start()
+        if dollars % 2 or opened_math > closed_math or opened > closed:
             continue
-        if (found["word"] or "").lower() in ("if", "when", "whenever") and _CASE_WORD_RE.search(line, found.end()):
-            return None  # the answer depends on cases: it is all of them
+        word = (found["word"] or "").lower()
+        if word in _CONDITIONAL_WORDS and _ALTERNATIVE_RE.search(line, found.end()):
+            return None
+        if word == "where" and _LONE_SYMBOL_RE.fullmatch(line[: found.start()].strip()):
+            return None
         return found.start()
     return None
+
+
 # "the answer is therefore 42": words between the phrase and the answer
 _PHRASE_FILLER_RE = re.compile(r"^(?:(?:therefore|thus|hence|so|then|simply|clearly|just|indeed|finally|obviously)\b[\s,]*)+(?=\S)",
                                re.IGNORECASE)
@@ -139,7 +155,7 @@ _HASHES_RE = re.compile(r"####\s*([^\n]*)")
 def extract_hashes(text: str) -> str | None:
     """GSM8K style: what follows the last ``####``."""
     matches = _HASHES_RE.findall(text)
-    return matches[-1] if matches else None
+    return matches[-1].strip(" \t*_") if matches else None  # "**#### 72**": markdown's emphasis, not the answer's
 
 
 # not after a letter, digit, "_" or "." (a variable's index, a longer number), but after Chinese, Japanese or Korean
@@ -372,11 +388,17 @@ def find_final_answer(text: str, extractors: Extractors | None = None) -> tuple[
     if closed != -1:  # a stated answer after the block, a marked one anywhere, a loose number after the block
         after = text[closed + len("</think>"):]
         for where, chosen in ((after, [pair for pair in extractors if pair[0] != "last_number"]),
-                              (text, [pair for pair in extractors if pair[0] in ("boxed", "answer_tag")]),
-                              (after, [pair for pair in extractors if pair[0] == "last_number"])):
+                              (text, [pair for pair in extractors if pair[0] in ("boxed", "answer_tag")])):
             found = _first_answer(where, chosen)
             if found is not None:
                 return found
+        # the block's stated answer, when the text after it repeats it ("The total is 42 (6 boxes x 7 apples)")
+        stated = _first_answer(text[:closed], [pair for pair in extractors if pair[0] in ("answer_phrase", "hashes")])
+        if stated is not None and re.search(rf"(?<![\d.]){re.escape(stated[1])}(?!\d)", after):
+            return stated
+        found = _first_answer(after, [pair for pair in extractors if pair[0] == "last_number"])
+        if found is not None:
+            return found
     return _first_answer(text, extractors)
 
 

@@ -13,7 +13,10 @@ _UNIT_TAIL_RE = re.compile(
 #: Single letters read as units after a number ("5 m", "3 s"); other single letters are variables.
 _UNIT_LETTERS = frozenset("mgshlLKCFAVWJN")
 #: Words that are mathematics, not units, after a number ("3 pi", "2 i").
-_MATH_WORDS = frozenset({"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "i", "e", "or", "and", "infty"})
+_MATH_WORDS = frozenset({"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "i", "e", "or", "and", "infty",
+                         # scales, which change the value ("1,500 million" is not 1500)
+                         "hundred", "hundreds", "thousand", "thousands", "million", "millions", "billion", "billions",
+                         "trillion", "trillions", "dozen", "dozens"})
 
 
 def _strip_unit_tail(s: str) -> str:
@@ -51,3 +54,17 @@ def _strip_text_unit_tail(s: str) -> str:
     if any(word.lower() in _MATH_WORDS or (len(word) == 1 and word not in _UNIT_LETTERS) for word in words):
         return s
     return value
+
+
+# a trailing bracket of words after a value: "8 (in total)", "6 (approximately)"
+_BRACKETED_REMARK_RE = re.compile(r"(?P<value>.*?\S)\s*\(\s*[A-Za-z][A-Za-z ]*\)\s*")
+
+
+def _strip_bracketed_remark(s: str) -> str:
+    """``s`` without a bracket of words after its value (``8 (in total)`` gives ``8``), unchanged when the value holds a
+    variable or the bracket holds more than words (``5 (mod 7)``, ``f(x)``)."""
+    found = _BRACKETED_REMARK_RE.fullmatch(s)
+    if found is None:
+        return s
+    value = found["value"]
+    return value if _NUMERIC_VALUE_RE.fullmatch(value) and re.search(r"\d|\\pi", value) else s
