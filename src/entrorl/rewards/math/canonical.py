@@ -55,7 +55,7 @@ def _repeating_decimal_as_fraction(found: re.Match) -> str:
 
 # superscript digits after a word: a unit's ("25 m²", "27 cm³") when the word is two letters or more, or one letter
 # after a number and a space; otherwise a power ("x²", "\\pi²")
-_UNIT_SUPERSCRIPT_RE = re.compile("(?P<word>\\\\?[A-Za-z]+)[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
+_WORD_SUPERSCRIPT_RE = re.compile("(?P<word>\\\\?[A-Za-z]+)[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
 
 
 def _unit_superscript(found: re.Match) -> str:
@@ -75,7 +75,7 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
     ``percent`` selects the percent rule: True drops percent signs (a number of percent), False turns
     ``N%`` into ``\\frac{N}{100}``.
     """
-    s = superscripts_as_powers(_UNIT_SUPERSCRIPT_RE.sub(_unit_superscript, normalize_answer(answer)))
+    s = superscripts_as_powers(_WORD_SUPERSCRIPT_RE.sub(_unit_superscript, normalize_answer(answer)))
     for spelling, canonical in _UNICODE_SPELLINGS.items():
         s = s.replace(spelling, canonical)
     s = _SIZING_RE.sub("", s)

@@ -88,7 +88,6 @@ _CLAUSE_RE = re.compile(
     r"(?<![\s,]),?\s+(?P<word>because|since|as|if|when|whenever|which|while|whereas|where|given|unless|although|though)\b"
     r"|,\s*(?:and|but|so|while)\s+(?:the|this|that|it|its|we|i|you|they|there|he|she|my|our|each|every|then)\b",
     re.IGNORECASE)
-_CASE_WORD_RE = re.compile(r"\b(?:if|when|whenever)\b", re.IGNORECASE)
 # a condition or a concession that may bring another answer with it ("5, although it could be 6", "24 if ...; otherwise 6")
 _CONDITIONAL_WORDS = frozenset({"if", "when", "whenever", "unless", "although", "though", "whereas", "while"})
 _ALTERNATIVE_RE = re.compile(r"\b(?:if|when|whenever|otherwise|or|could|might|may|alternatively|in which case)\b",
@@ -169,15 +168,15 @@ _NUMBER_RE = re.compile(
 )
 _SUPERSCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")
 _SUPERSCRIPT_RE = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
-
-
-_UNIT_SUPERSCRIPT_RE = re.compile("(?<=[A-Za-z])[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
+_UNIT_SUPERSCRIPT_RE = re.compile("(?<=[A-Za-z])[⁰¹²³⁴⁵⁶⁷⁸⁹]+")  # after a letter, in running text: a unit's (m², cm³)
 
 
 def superscripts_as_powers(text: str, *, braced: bool = True) -> str:
     """``text`` with each run of superscript digits written as a power: ``5²`` is ``5^{2}`` (``5^2`` unbraced)."""
     opening, closing = ("^{", "}") if braced else ("^", "")
     return _SUPERSCRIPT_RE.sub(lambda found: opening + found.group().translate(_SUPERSCRIPT_DIGITS) + closing, text)
+
+
 # $..$, $$..$$, \(..\), \[..\]; an escaped \$ is a dollar sign, not a delimiter
 _MATH_DELIMITER_RE = re.compile(r"\$\$|\\\[|\\\]|\\\(|\\\)|(?<!\\)\$")
 _MATH_CLOSERS = {"$$": "$$", "\\[": "\\]", "\\(": "\\)", "$": "$"}
@@ -296,7 +295,7 @@ def extract_last_number(text: str) -> str | None:
       an expression;
     * elsewhere, None for a number written against ``^`` or ``_`` (ordinals such as ``7^{th}`` are plain numbers).
     """
-    text = _NUMBER_MARK_RE.sub("", superscripts_as_powers(  # a unit's (m², cm³) left out
+    text = _NUMBER_MARK_RE.sub("", superscripts_as_powers(
         _UNIT_SUPERSCRIPT_RE.sub("", text.replace("\u2212", "-")), braced=False))
     last = None
     for last in _NUMBER_RE.finditer(text):
@@ -379,8 +378,9 @@ def find_final_answer(text: str, extractors: Extractors | None = None) -> tuple[
     """``(extractor name, normalized answer)`` from the first extractor (in order; default
     :data:`ANSWER_EXTRACTORS`) that finds a non-empty answer in ``text``; None if none does. After a reasoning block
     closed by ``</think>`` (a guess while thinking is not the answer): the extractors but ``last_number`` on the text
-    after the last ``</think>``, then ``boxed`` and ``answer_tag`` on the whole text, then ``last_number`` after the
-    block, then every extractor on the whole text."""
+    after the last ``</think>``, then ``boxed`` and ``answer_tag`` on the whole text, then the block's stated answer
+    (``answer_phrase``, ``hashes``) when the text after it repeats that number, then ``last_number`` after the block,
+    then every extractor on the whole text."""
     if not isinstance(text, str) or not text.strip():
         return None
     extractors = list(extractors if extractors is not None else ANSWER_EXTRACTORS)
@@ -402,8 +402,8 @@ def find_final_answer(text: str, extractors: Extractors | None = None) -> tuple[
     return _first_answer(text, extractors)
 
 
-def _first_answer(text: str, extractors: Extractors | None) -> tuple[str, str] | None:
-    for name, extractor in extractors if extractors is not None else ANSWER_EXTRACTORS:
+def _first_answer(text: str, extractors: Extractors) -> tuple[str, str] | None:
+    for name, extractor in extractors:
         found = extractor(text)
         if found is not None:
             found = normalize_answer(found)
