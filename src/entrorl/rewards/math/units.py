@@ -25,11 +25,14 @@ def _strip_unit_tail(s: str) -> str:
     m = _UNIT_TAIL_RE.match(s)
     if not m:
         return s
-    words = re.findall(r"[A-Za-z]+", m.group("unit"))
-    for word in words:
-        if word.lower() in _MATH_WORDS or (len(word) == 1 and word not in _UNIT_LETTERS):
-            return s
-    return m.group("number").strip()
+    return m.group("number").strip() if _are_unit_words(m.group("unit")) else s
+
+
+def _are_unit_words(text: str) -> bool:
+    """Whether the words of ``text`` can be a unit: none is mathematics or a scale (``pi``, ``million``), nor a single
+    letter other than a unit's (``m``, ``s``: a unit; ``x``: a variable)."""
+    return not any(word.lower() in _MATH_WORDS or (len(word) == 1 and word not in _UNIT_LETTERS)
+                   for word in re.findall(r"[A-Za-z]+", text))
 
 
 # a unit written as text at the end: "\text{ cm}^2", "\text{ m/s}", "\mathrm{molecules}"
@@ -37,6 +40,13 @@ _TEXT_UNIT_RE = re.compile(r"\\(?:text|textrm|mathrm|mbox)\s*\{\s*(?P<unit>[A-Za
                            r"\s*(?:\^\s*\{?\s*\d\s*\}?)?\s*$")
 # a value written with digits, pi, roots, powers and fractions, without a variable: what such a unit may follow
 _NUMERIC_VALUE_RE = re.compile(r"(?:[-+\d.,\s(){}^*/]|\\(?:pi|sqrt|frac|times|cdot)(?![A-Za-z]))+")
+
+
+def _is_numeric_value(value: str) -> bool:
+    """Whether ``value`` is written with digits, ``\\pi``, roots, powers and fractions only, a digit or ``\\pi`` among them."""
+    return bool(_NUMERIC_VALUE_RE.fullmatch(value) and re.search(r"\d|\\pi", value))
+
+
 _SPACING_TAIL_RE = re.compile(r"(?:\s|\\[ ,;:]|~)+$")
 
 
@@ -48,12 +58,9 @@ def _strip_text_unit_tail(s: str) -> str:
     if found is None:
         return s
     value = _SPACING_TAIL_RE.sub("", s[: found.start()])
-    if not (value and _NUMERIC_VALUE_RE.fullmatch(value) and re.search(r"\d|\\pi", value)):
+    if not _is_numeric_value(value):
         return s
-    words = re.findall(r"[A-Za-z]+", found.group("unit"))
-    if any(word.lower() in _MATH_WORDS or (len(word) == 1 and word not in _UNIT_LETTERS) for word in words):
-        return s
-    return value
+    return value if _are_unit_words(found.group("unit")) else s
 
 
 # a trailing bracket of words after a value: "8 (in total)", "6 (approximately)"
@@ -66,5 +73,4 @@ def _strip_bracketed_remark(s: str) -> str:
     found = _BRACKETED_REMARK_RE.fullmatch(s)
     if found is None:
         return s
-    value = found["value"]
-    return value if _NUMERIC_VALUE_RE.fullmatch(value) and re.search(r"\d|\\pi", value) else s
+    return found["value"] if _is_numeric_value(found["value"]) else s
