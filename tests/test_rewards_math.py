@@ -312,6 +312,23 @@ CASES = [
     ("", r"\boxed{7_{8}}", "7", 1.0, ""),  # one digit: the same in every base it is below
     ("", "The answer is 8 (in total) because 4 + 4 = 8.", "8", 1.0, ""),  # a bracketed remark after the value
     ("", r"The answer is $6 \text{ (approximately)}$, which is what we wanted.", "6", 1.0, ""),
+    ("", r"\boxed{5 (million)}", "5", 0.0, ""),  # words that change the value are no remark
+    ("", r"\boxed{5 (squared)}", "5", 0.0, ""),
+    ("", r"\boxed{101 (binary)}", "101", 0.0, ""),
+    ("", r"\boxed{2(x)}", "2x", 1.0, ""),  # a bracketed letter is a factor
+    ("", r"\boxed{2 (e)}", "2", 0.0, ""),
+    ("", r"\boxed{E = mc²}", "mc^2", 1.0, ""),  # a superscript after a variable is a power, after a unit the unit's
+    ("", r"\boxed{kx²}", "kx^2", 1.0, ""),
+    ("", r"\boxed{3 x²}", "3x^2", 1.0, ""),
+    ("", r"\boxed{ab²}", "ab", 0.0, ""),
+    ("", "The answer is 12, although we may double check.", "12", 1.0, ""),  # a remark, no other value
+    ("", "The answer is 12 while the remaining 3 may be discarded.", "12", 1.0, ""),
+    ("", "The answer is 12, whereas a naive count or guess gives 10.", "12", 1.0, ""),
+    ("", "The final answer is 15 unless otherwise noted.", "15", 1.0, ""),
+    ("", "<think>The answer is 5.</think>\nResult: -5", "-5", 1.0, ""),  # the block's answer, not restated
+    ("", "<think>The answer is 5.</think>\nThe total is 5,000 dollars.", "5000", 1.0, ""),
+    ("", "<think>So the answer is 10.</think>\nAfter 10 minutes the tank holds 35 liters.", "35", 1.0, ""),
+    ("", "<think>The answer is 4.</think>\nThe final count is 42 apples, with 4 left over... wait, 42.", "42", 1.0, ""),
 ]
 
 
@@ -486,6 +503,8 @@ def test_the_last_number_is_the_value_it_belongs_to(question, completion, refere
     "<think>" + "1 " * 30_000 + "</think>" + "2 " * 30_000,  # a long reasoning block and a long tail
     "The answer is $5" + " if" * 33_000,  # clause words inside math, each passed over once
     "The answer is {5" + " because" * 12_500,
+    "The answer is 5 if " + "may be 1 " * 10_000,  # many offered alternatives, each looked at within a bound
+    "\\boxed{" + "a" * 100_000 + "}",  # a long word: superscripts are looked for at words' starts only
 ])
 def test_the_last_number_reads_long_completions_in_linear_time(completion):
     started = time.perf_counter()

@@ -6,7 +6,7 @@ import re
 from fractions import Fraction
 
 from entrorl.rewards.math.extract import normalize_answer, superscripts_as_powers
-from entrorl.rewards.math.units import _strip_bracketed_remark, _strip_text_unit_tail, _strip_unit_tail
+from entrorl.rewards.math.units import _UNIT_LETTERS, _strip_bracketed_remark, _strip_text_unit_tail, _strip_unit_tail
 
 __all__ = ["canonical_answer", "has_percent_sign"]
 
@@ -53,14 +53,15 @@ def _repeating_decimal_as_fraction(found: re.Match) -> str:
     return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
 
 
-# superscript digits after a word: a unit's ("25 m²", "27 cm³") when the word is two letters or more, or one letter
-# after a number and a space; otherwise a power ("x²", "\\pi²")
-_WORD_SUPERSCRIPT_RE = re.compile("(?P<word>\\\\?[A-Za-z]+)[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
+# superscript digits after a unit ("25 m²", "27 cm³", "A = 25 m²") are the unit's; after anything else a power ("x²",
+# "mc²", "\\pi²"); a one-letter unit only after a number and a space
+_UNIT_WORDS = frozenset({"cm", "mm", "km", "dm", "nm", "ft", "in", "yd", "mi", "units", "sq"})
+_WORD_SUPERSCRIPT_RE = re.compile("(?<![A-Za-z\\\\])(?P<word>\\\\?[A-Za-z]+)[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
 
 
 def _unit_superscript(found: re.Match) -> str:
     word, before = found["word"], found.string[max(0, found.start() - 2) : found.start()]
-    unit = not word.startswith("\\") and (len(word) >= 2 or re.fullmatch(r"\d ", before) is not None)
+    unit = word in _UNIT_WORDS or (word in _UNIT_LETTERS and re.fullmatch(r"\d ", before) is not None)
     return word if unit else found.group()
 
 

@@ -90,8 +90,14 @@ _CLAUSE_RE = re.compile(
     re.IGNORECASE)
 # a condition or a concession that may bring another answer with it ("5, although it could be 6", "24 if ...; otherwise 6")
 _CONDITIONAL_WORDS = frozenset({"if", "when", "whenever", "unless", "although", "though", "whereas", "while"})
-_ALTERNATIVE_RE = re.compile(r"\b(?:if|when|whenever|otherwise|or|could|might|may|alternatively|in which case)\b",
-                             re.IGNORECASE)
+# ... another case, or another value offered: "otherwise 6", "4 otherwise", "could be 5", "or 7.2", "in which case it
+# is 14" (each reach bounded, so that a long line is read once)
+_ALTERNATIVE_RE = re.compile(
+    r"\b(?:if|when|whenever)\b"
+    r"|\botherwise\b(?!\s+(?:noted|stated|specified|indicated|mentioned))"
+    r"|\b(?:could|might|may|would)\s+(?:also\s+|instead\s+)?be\s+[^.;]{0,40}?\d"
+    r"|\bor\s+(?:\\?\$|\\\(|-)?\s*\d|\b(?:alternatively|in\s+which\s+case)\b[^.;]{0,40}?\d",
+    re.IGNORECASE)
 _LONE_SYMBOL_RE = re.compile(r"\$?\s*[A-Za-z]\s*\$?\s*,?")
 
 
@@ -392,14 +398,31 @@ def find_final_answer(text: str, extractors: Extractors | None = None) -> tuple[
             found = _first_answer(where, chosen)
             if found is not None:
                 return found
-        # the block's stated answer, when the text after it repeats it ("The total is 42 (6 boxes x 7 apples)")
+        # the block's stated answer, when the text after it restates it ("The total is 42 (6 boxes x 7 apples)")
         stated = _first_answer(text[:closed], [pair for pair in extractors if pair[0] in ("answer_phrase", "hashes")])
-        if stated is not None and re.search(rf"(?<![\d.]){re.escape(stated[1])}(?!\d)", after):
+        if stated is not None and _restates(after, stated[1]):
             return stated
         found = _first_answer(after, [pair for pair in extractors if pair[0] == "last_number"])
         if found is not None:
             return found
     return _first_answer(text, extractors)
+
+
+def _restates(text: str, answer: str) -> bool:
+    """Whether ``text``'s first number is ``answer`` as written and every later number sits in brackets (an
+    explanation: "42 (6 boxes x 7 apples)"; not "After 10 minutes the tank holds 35 liters")."""
+    depth = position = 0
+    first = None
+    for found in _NUMBER_RE.finditer(text):
+        segment = text[position : found.start()]
+        depth, position = depth + segment.count("(") - segment.count(")"), found.start()
+        if first is None:
+            first = re.sub(r"\s+", "", found.group()).replace(",", "")
+            if first != answer:
+                return False
+        elif depth <= 0:
+            return False
+    return first is not None
 
 
 def _first_answer(text: str, extractors: Extractors) -> tuple[str, str] | None:

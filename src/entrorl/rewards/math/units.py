@@ -63,13 +63,15 @@ def _strip_text_unit_tail(s: str) -> str:
     return value if _are_unit_words(found.group("unit")) else s
 
 
-# a trailing bracket of words after a value: "8 (in total)", "6 (approximately)"
-_BRACKETED_REMARK_RE = re.compile(r"(?P<value>.*?\S)\s*\(\s*[A-Za-z][A-Za-z ]*\)\s*")
+# a trailing bracket, after a space, of words that leave the value as it is: "8 (in total)", "6 (approximately)"
+_BRACKETED_REMARK_RE = re.compile(
+    r"(?P<value>.*?\S)\s+\(\s*(?:in\s+total|total|rounded|approx\.?|approximately|roughly|about|exactly|exact"
+    r"|estimated|an\s+estimate|final|final\s+answer|answer|units)\s*\)\s*", re.IGNORECASE)
 
 
 def _strip_bracketed_remark(s: str) -> str:
-    """``s`` without a bracket of words after its value (``8 (in total)`` gives ``8``), unchanged when the value holds a
-    variable or the bracket holds more than words (``5 (mod 7)``, ``f(x)``)."""
+    """``s`` without a remark in brackets after its value (``8 (in total)``, ``6 (approximately)`` give the value),
+    unchanged when the value holds a variable or the words could change it (``5 (million)``, ``5 (squared)``, ``2(x)``)."""
     found = _BRACKETED_REMARK_RE.fullmatch(s)
     if found is None:
         return s
