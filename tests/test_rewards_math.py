@@ -329,6 +329,20 @@ CASES = [
     ("", "<think>The answer is 5.</think>\nThe total is 5,000 dollars.", "5000", 1.0, ""),
     ("", "<think>So the answer is 10.</think>\nAfter 10 minutes the tank holds 35 liters.", "35", 1.0, ""),
     ("", "<think>The answer is 4.</think>\nThe final count is 42 apples, with 4 left over... wait, 42.", "42", 1.0, ""),
+    ("", r"\boxed{18 (dollars)}", "18", 1.0, ""),  # a unit or a remark in brackets
+    ("", "The answer is 12 (apples).", "12", 1.0, ""),
+    ("", r"The answer is $3 \text{ (three)}$.", "3", 1.0, ""),
+    ("", r"\boxed{7 (rounded down)}", "7", 1.0, ""),
+    ("", r"\boxed{8(in total)}", "8", 1.0, ""),
+    ("", "The answer is 6 unless n = 0, or $-6$", "6", 0.0, ""),  # another value offered
+    ("", r"The answer is 6 unless n = 0, or \frac{1}{2}", "6", 0.0, ""),
+    ("", "The answer is 5, although it could be six", "5", 0.0, ""),
+    ("", "The answer is 5, although some may say 7", "5", 0.0, ""),
+    ("", "The answer is 12, although one or two steps were skipped.", "12", 1.0, ""),  # "or two steps": no value
+    ("", "<think>The answer is 5,000.</think>\nThe total is 5,000 (50 × 100).", "5000", 1.0, ""),  # compared as values
+    ("", "<think>The answer is 42.</think>\n42\nThis took 3 steps.", "42", 1.0, ""),  # the first line restates it
+    ("", "<think>The answer is 42.</think>\n42 apples [6 boxes × 7 apples].", "42", 1.0, ""),
+    ("", "<think>The answer is 42.</think>\n42 because 2 + 2 = 4.", "42", 1.0, ""),
 ]
 
 
@@ -505,6 +519,7 @@ def test_the_last_number_is_the_value_it_belongs_to(question, completion, refere
     "The answer is {5" + " because" * 12_500,
     "The answer is 5 if " + "may be 1 " * 10_000,  # many offered alternatives, each looked at within a bound
     "\\boxed{" + "a" * 100_000 + "}",  # a long word: superscripts are looked for at words' starts only
+    "The answer is 5 although or" + " " * 30_000 + "x",  # a long blank after "or"
 ])
 def test_the_last_number_reads_long_completions_in_linear_time(completion):
     started = time.perf_counter()

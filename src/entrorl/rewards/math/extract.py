@@ -92,11 +92,14 @@ _CLAUSE_RE = re.compile(
 _CONDITIONAL_WORDS = frozenset({"if", "when", "whenever", "unless", "although", "though", "whereas", "while"})
 # ... another case, or another value offered: "otherwise 6", "4 otherwise", "could be 5", "or 7.2", "in which case it
 # is 14" (each reach bounded, so that a long line is read once)
+_NUMBER_WORDS = (r"(?:\d|\b(?:zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen"
+                 r"|fifteen|sixteen|seventeen|eighteen|nineteen|twenty)\b)")
 _ALTERNATIVE_RE = re.compile(
     r"\b(?:if|when|whenever)\b"
     r"|\botherwise\b(?!\s+(?:noted|stated|specified|indicated|mentioned))"
-    r"|\b(?:could|might|may|would)\s+(?:also\s+|instead\s+)?be\s+[^.;]{0,40}?\d"
-    r"|\bor\s+(?:\\?\$|\\\(|-)?\s*\d|\b(?:alternatively|in\s+which\s+case)\b[^.;]{0,40}?\d",
+    rf"|\b(?:could|might|may|would)\s+(?:\w+\s+){{0,2}}(?:be|say)\s+[^.;]{{0,40}}?{_NUMBER_WORDS}"
+    r"|\bor\s+(?:(?:\\?\$|\\\()\s*)?-?(?:\d|\\frac|[A-Za-z]\s*=)"  # a value, not "one or two steps"
+    rf"|\b(?:alternatively|in\s+which\s+case)\b[^.;]{{0,40}}?{_NUMBER_WORDS}",
     re.IGNORECASE)
 _LONE_SYMBOL_RE = re.compile(r"\$?\s*[A-Za-z]\s*\$?\s*,?")
 
@@ -409,20 +412,31 @@ def find_final_answer(text: str, extractors: Extractors | None = None) -> tuple[
 
 
 def _restates(text: str, answer: str) -> bool:
-    """Whether ``text``'s first number is ``answer`` as written and every later number sits in brackets (an
-    explanation: "42 (6 boxes x 7 apples)"; not "After 10 minutes the tank holds 35 liters")."""
+    """Whether the first sentence of ``text`` (up to a clause such as "because ...") starts its numbers with ``answer``'s
+    value and keeps every later one in brackets (an explanation: "42 (6 boxes x 7 apples)"; not "After 10 minutes the
+    tank holds 35 liters")."""
+    sentence = text.strip().split("\n", 1)[0]
+    for end in (_SENTENCE_END_RE.search(sentence), _CLAUSE_RE.search(sentence)):
+        if end is not None:
+            sentence = sentence[: end.start()]
     depth = position = 0
     first = None
-    for found in _NUMBER_RE.finditer(text):
-        segment = text[position : found.start()]
-        depth, position = depth + segment.count("(") - segment.count(")"), found.start()
+    for found in _NUMBER_RE.finditer(sentence):
+        segment = sentence[position : found.start()]
+        depth = depth + segment.count("(") + segment.count("[") - segment.count(")") - segment.count("]")
+        position = found.start()
         if first is None:
-            first = re.sub(r"\s+", "", found.group()).replace(",", "")
-            if first != answer:
+            first = _number_value(found.group())
+            if first != _number_value(answer):
                 return False
         elif depth <= 0:
             return False
     return first is not None
+
+
+def _number_value(written: str) -> str:
+    """A number as its digits: without blanks, thousands' commas and dollar signs (``$5,000`` is ``5000``)."""
+    return re.sub(r"\s+|,|\\?\$", "", written)
 
 
 def _first_answer(text: str, extractors: Extractors) -> tuple[str, str] | None:

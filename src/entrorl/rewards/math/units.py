@@ -63,16 +63,20 @@ def _strip_text_unit_tail(s: str) -> str:
     return value if _are_unit_words(found.group("unit")) else s
 
 
-# a trailing bracket, after a space, of words that leave the value as it is: "8 (in total)", "6 (approximately)"
-_BRACKETED_REMARK_RE = re.compile(
-    r"(?P<value>.*?\S)\s+\(\s*(?:in\s+total|total|rounded|approx\.?|approximately|roughly|about|exactly|exact"
-    r"|estimated|an\s+estimate|final|final\s+answer|answer|units)\s*\)\s*", re.IGNORECASE)
+# a trailing bracket of words after a value ("8 (in total)", "18 (dollars)", "3 (three)"): a remark or a unit, unless
+# one of its words changes the value or the bracket is one letter, a factor ("2(x)")
+_BRACKETED_REMARK_RE = re.compile(r"(?P<value>.*?\S)\s*\(\s*(?P<words>[A-Za-z]{2,}(?:\s+[A-Za-z]+)*)\s*\)\s*")
+_VALUE_CHANGING_WORDS = frozenset({
+    "hundred", "hundreds", "thousand", "thousands", "million", "millions", "billion", "billions", "trillion",
+    "trillions", "dozen", "dozens", "squared", "cubed", "negative", "repeating", "recurring", "binary", "octal",
+    "hexadecimal", "hex", "base", "least", "most", "percent", "per", "inverse", "reciprocal", "times", "power"})
 
 
 def _strip_bracketed_remark(s: str) -> str:
-    """``s`` without a remark in brackets after its value (``8 (in total)``, ``6 (approximately)`` give the value),
-    unchanged when the value holds a variable or the words could change it (``5 (million)``, ``5 (squared)``, ``2(x)``)."""
+    """``s`` without a remark or a unit in brackets after its value (``8 (in total)``, ``18 (dollars)`` give the
+    value), unchanged when the value holds a variable or the words could change it (``5 (million)``, ``5 (squared)``,
+    ``2(x)``)."""
     found = _BRACKETED_REMARK_RE.fullmatch(s)
-    if found is None:
+    if found is None or _VALUE_CHANGING_WORDS & {word.lower() for word in found["words"].split()}:
         return s
     return found["value"] if _is_numeric_value(found["value"]) else s
