@@ -307,12 +307,12 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
                      max_prompts: int | None, device: str, dtype: str | None, base: Path | None = None,
                      check_fit: bool = False, trust_remote_code: bool = False, require_answer: bool = True,
                      correct_threshold: float | None = None, check_outputs: Callable[[], None] | None = None,
-                     reward_args: list[str] | None = None, command: str = "entrorl eval"):
-    """What `eval` and `data audit` (``command``, named in errors) sample from: the prompt records, the reward (checked against their columns),
-    the tokenizer, the model in eval mode, the encoded prompts, the model directory resolved, the settings used
-    (prompt format, reward and its settings: the run's unless given, see :func:`_run_defaults`; ``reward_args`` are
-    ``--reward-arg`` options) and the sampling
-    parameters (their most new tokens, like the prompt format, the run's unless given); ValueError /
+                     reward_args: list[str] | None = None, command: str):
+    """What `eval` and `data audit` (``command``, named in errors) sample from: the prompt records, the reward
+    (checked against their columns), the tokenizer, the model in eval mode, the encoded prompts, the model directory
+    resolved, the settings used (prompt format, reward and its settings: the run's unless given, see
+    :func:`_run_defaults`; ``reward_args`` are ``--reward-arg`` options) and the sampling parameters (their most new
+    tokens, like the prompt format, the run's unless given); ValueError /
     FileNotFoundError on bad input. The model is a complete model directory or LoRA adapters on ``base`` (see
     :func:`entrorl.trainer.checkpoint.resolve_model_directory`). With ``check_fit`` every prompt must leave the most
     new tokens of the context (checked before the weights load when config.json declares the context).
@@ -782,7 +782,8 @@ def evaluate(
             prompt_template=prompt_template, chat_template=chat_template, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype,
             base=base, check_fit=True, trust_remote_code=trust_remote_code, require_answer=require_answer,
-            correct_threshold=correct_threshold, check_outputs=check_outputs, reward_args=reward_arg)
+            correct_threshold=correct_threshold, check_outputs=check_outputs, reward_args=reward_arg,
+            command="entrorl eval")
     except (ValueError, OSError, ImportError, MemoryError) as error:  # ImportError: adapters without peft
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens
