@@ -28,10 +28,12 @@ _UNICODE_SPELLINGS = {
 }
 _SIZING_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|bigg|Bigg)(?:\.|(?![A-Za-z]))\s*")
 _TEXT_COMMAND_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
-_CONNECTIVE_RE = re.compile(r"\s*(?:\\text\s*\{\s*(?:or|and)\s*\}|\\(?:quad|qquad)|\bor\b|\band\b)\s*")
-_DEGREE_RE = re.compile(r"\s*(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)\s*(?:[CF](?![A-Za-z]))?")
+# (?<!\s) in the patterns that begin with blanks: tried once where a run of blanks starts, not again from each of
+# its blanks (quadratic)
+_CONNECTIVE_RE = re.compile(r"(?<!\s)\s*(?:\\text\s*\{\s*(?:or|and)\s*\}|\\(?:quad|qquad)|\bor\b|\band\b)\s*")
+_DEGREE_RE = re.compile(r"(?<!\s)\s*(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)\s*(?:[CF](?![A-Za-z]))?")
 _CURRENCY_RE = re.compile(r"^([-+]?)\s*(?:\\\$|\$|US\$|USD|€|£|¥|\\euro|\\pounds)\s*")
-_PERCENT_SIGN = r"(?:\s*\\%|\s*%|\s*\\text\s*\{\s*\\?%\s*\}|\s+per\s?cent\b|\s*\\text\s*\{\s*per\s?cent\s*\})"
+_PERCENT_SIGN = r"(?<!\s)(?:\s*\\%|\s*%|\s*\\text\s*\{\s*\\?%\s*\}|\s+per\s?cent\b|\s*\\text\s*\{\s*per\s?cent\s*\})"
 _PERCENT_NUMBER_RE = re.compile(r"(?<![\d.])(-?(?:\d+(?:\.\d*)?|\.\d+))" + _PERCENT_SIGN)  # from a number's start:
 # without the look-behind a long run of digits is rescanned from each of its digits (quadratic)
 _PERCENT_ANY_RE = re.compile(_PERCENT_SIGN)
