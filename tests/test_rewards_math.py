@@ -308,6 +308,17 @@ CASES = [
     ("", r"\boxed{V = 27 cm³}", "27", 1.0, ""),
     ("", r"\boxed{1,500 \text{ million}}", "1500", 0.0, ""),  # a scale is no unit
     ("", "#### 1,500 thousand", "1500", 0.0, ""),
+    ("", r"\boxed{1,500 \text{ million}}", "1500000000", 1.0, ""),  # a scale multiplies
+    ("", "The answer is $2.5 million.", "2500000", 1.0, ""),
+    ("", "#### 2.5 Million", "2,500,000", 1.0, ""),
+    ("", "The answer is 1.2 billion dollars.", "1200000000", 1.0, ""),
+    ("", r"\boxed{3 hundred thousand}", "300000", 1.0, ""),
+    ("", "The answer is 2 dozen eggs.", "24", 1.0, ""),
+    ("", r"\boxed{2 million, 3 million}", "2000000, 3000000", 1.0, ""),
+    ("", r"\boxed{5 million}", "5", 0.0, ""),
+    ("", r"\boxed{0.5 thousand}", "5000", 0.0, ""),
+    ("", r"\boxed{10^{6} million}", "1000000", 0.0, ""),  # a power's digit is not the number scaled
+    ("", r"\boxed{\frac{1}{2} million}", "2", 0.0, ""),
     ("", r"\boxed{(E) 2}", "e", 0.0, ""),  # a choice letter is not Euler's e
     ("", r"\boxed{7_{8}}", "7", 1.0, ""),  # one digit: the same in every base it is below
     ("", "The answer is 8 (in total) because 4 + 4 = 8.", "8", 1.0, ""),  # a bracketed remark after the value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal, localcontext
 from fractions import Fraction
 
 from entrorl.rewards.math.extract import normalize_answer, superscripts_as_powers
@@ -45,6 +46,27 @@ _BRACKETED_ALTERNATIVE_RE = re.compile(r"(?P<first>.*[^\s(\[,])\s*[(\[]\s*,\s*(?
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 # 0.\overline{3}, 1.2\overline{45}: the digits under the bar repeat forever
 _REPEATING_DECIMAL_RE = re.compile(r"(?<![\d.])(-?)(\d*)\.(\d*)\\overline\s*\{\s*(\d+)\s*\}")
+
+
+# a number times scale words, "2.5 million", "1,500 million", "3 hundred thousand", "2 dozen": not after a letter, digit,
+# point, comma, power, brace, slash or backslash, so not inside another number, a power (10^6 million) or a fraction
+_SCALES = {"hundred": 100, "thousand": 10**3, "million": 10**6, "billion": 10**9, "trillion": 10**12, "dozen": 12}
+_SCALED_NUMBER_RE = re.compile(
+    r"(?<![\w.,^{}/\\])(?P<number>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)"
+    r"(?P<scales>(?:\s*(?i:" + "|".join(_SCALES) + r")(?![A-Za-z]))+)")
+
+
+def _scaled_number(found: re.Match) -> str:
+    """A number times its scale words as digits: ``2.5 million`` is ``2500000``."""
+    digits = found["number"].replace(",", "")
+    if len(digits) > 50:  # beyond any answer's precision: left as written
+        return found.group()
+    with localcontext(prec=100):
+        value = Decimal(digits)
+        for scale in found["scales"].split():
+            value *= _SCALES[scale.lower()]
+        text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _repeating_decimal_as_fraction(found: re.Match) -> str:
@@ -101,6 +123,7 @@ def canonical_answer(answer: str, *, percent: bool = False) -> str:
         first, second = (canonical_answer(alternative[part], percent=percent) for part in ("first", "second"))
         return first if first == second else f"{first}, {second}"
     s = _PI_WORD_RE.sub(r"\\pi ", s)
+    s = _SCALED_NUMBER_RE.sub(_scaled_number, s)
     s = _strip_bracketed_remark(re.sub(r"\s+", " ", s).strip())
     if _THOUSANDS_RE.fullmatch(s):
         s = s.replace(",", "")
