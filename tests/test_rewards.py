@@ -371,6 +371,17 @@ def test_reasoning_gym_reward_pickles(arithmetic_records):
         (r"\boxed{5} </answer>", False, "5"),  # a closing tag without an opening one is no answer
         (r"\boxed{} The answer is 7", False, "7"),  # an empty box is no answer
         (r"The answer is 3. Actually \boxed{4}", False, "4"),  # a box wins over the answer phrase
+        ("Answer: LET US GO AS HE ATTENDS", False, "LET US GO AS HE ATTENDS"),  # the rest of the line, clauses too
+        ("The answer is 42.\nCheck: fine", False, "42"),  # without the sentence's period
+        ("Answer: ...", False, "..."),
+        (r"\boxed{\text{son}}", False, "son"),  # without the markup around the whole answer
+        ("work\n\n**42**", False, "42"),
+        ("Final answer: $42$", False, "42"),
+        ("**Final Answer:** $\\text{son}$.", False, "son"),
+        ("<think>guess 3</think>\n42", False, "42"),  # after the reasoning block
+        ("<think>The answer is 3</think>", False, None),  # a guess while thinking is no answer
+        ("<think>so \\boxed{3}</think> done", False, "done"),
+        ("<think>so \\boxed{3}</think>", False, "3"),
     ],
 )
 def test_extract_reasoning_gym_answer(completion, strict, expected):

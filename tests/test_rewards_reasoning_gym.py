@@ -317,3 +317,57 @@ def test_verl_s_layout_of_the_data_scores_from_its_extra_info(tmp_path):
     for record in load_prompts(path, answer_column="reward_model.ground_truth"):
         assert reward(record.prompt, f"<answer>{record.answer}</answer>", record.answer, **record.meta) == 1.0
         assert reward(record.prompt, "<answer>certainly wrong</answer>", record.answer, **record.meta) < 1.0
+
+
+def _score(task: str, record: dict, completion: str) -> float:
+    return get_reward("reasoning_gym", task=task)(record["prompt"], completion, record["answer"], **record["meta"])
+
+
+def test_an_answer_phrase_takes_the_rest_of_its_line():
+    """The math reward's phrase rule, used here before, ended a text answer at a clause word ("as", "if", "which"):
+    caesar_cipher's decrypted sentence 'LET US ... ONE DAY AS HE ATTENDS ...' scored 0."""
+    record = reasoning_gym_records("caesar_cipher", size=2, seed=1)[1]
+    assert " AS " in record["answer"]
+    assert _score("caesar_cipher", record, f"Decrypting each letter...\n\nAnswer: {record['answer']}") == 1.0
+    assert _score("caesar_cipher", record, f"The answer is {record['answer']}.") == 1.0  # the sentence's period
+
+
+@pytest.mark.parametrize(
+    ("task", "template"),
+    [("family_relationships", "The relation is therefore \\boxed{{\\text{{{a}}}}}"),
+     ("basic_arithmetic", "<think>Compute step by step.</think>{a}"),
+     ("basic_arithmetic", "Computing step by step gives the result.\n\n**{a}**"),
+     ("basic_arithmetic", "Final answer: ${a}$"),
+     ("basic_arithmetic", "<think>The answer is 0.</think>\n**Final Answer:** {a}.")],
+    ids=["boxed-text", "after-think", "bold-last-line", "dollar-math", "guess-in-think"],
+)
+def test_the_fallbacks_read_the_answer_without_its_markup(task, template):
+    record = reasoning_gym_records(task, size=1, seed=0)[0]
+    assert _score(task, record, template.format(a=record["answer"])) == 1.0
+
+
+def test_a_final_period_is_kept_when_the_reference_has_one():
+    record = next(r for r in reasoning_gym_records("knights_knaves", size=4, seed=0) if r["answer"].endswith("."))
+    assert _score("knights_knaves", record, f"Answer: {record['answer']}") == 1.0
+
+
+def test_a_guess_inside_a_closed_reasoning_block_is_no_answer():
+    record = reasoning_gym_records("basic_arithmetic", size=1, seed=0)[0]
+    assert _score("basic_arithmetic", record, f"<think>The answer is {record['answer']}</think>") == 0.0
+
+
+def test_composite_records_are_written_read_back_and_scored(tmp_path):
+    """composite's config holds reasoning-gym DatasetSpec objects: write_jsonl refused them, and a config read back as
+    dicts could not build the verifier."""
+    from reasoning_gym.composite import DatasetSpec
+
+    specs = [DatasetSpec("basic_arithmetic", 1, {}), DatasetSpec("chain_sum", 1, {})]
+    records = reasoning_gym_records("composite", size=4, seed=0, datasets=specs)
+    target = tmp_path / "composite.jsonl"
+    write_jsonl([PromptRecord(prompt=r["prompt"], answer=r["answer"], meta=r["meta"]) for r in records], target)
+    reward = get_reward("reasoning_gym")  # the task and config from each record
+    back = load_prompts(target)
+    assert [reward(b.prompt, f"<answer>{b.answer}</answer>", b.answer, **b.meta) for b in back] == [1.0] * 4
+    assert reward(back[0].prompt, "<answer>-1.5e9</answer>", back[0].answer, **back[0].meta) < 1.0
+    from_dicts = reasoning_gym_records("composite", size=4, seed=0, datasets=records[0]["meta"]["config"]["datasets"])
+    assert [r["prompt"] for r in from_dicts] == [r["prompt"] for r in records]

@@ -10,8 +10,9 @@ reasoning-gym *entry* in its metadata, and the ``reasoning_gym`` reward hands th
     reward(r["prompt"], "... <answer>-4</answer>", r["answer"], **r["meta"])   # -> 1.0
 
 The model's answer is taken from the completion like reasoning-gym's own evaluation does — the last
-``<answer>...</answer>`` — and, unless ``strict=True``, falls back to the last ``\\boxed{...}``, then
-"the answer is X" / "Answer: X", then the last non-empty line. Ask models for answer tags
+``<answer>...</answer>`` — and, unless ``strict=True``, falls back (after the last ``</think>``) to the last
+``\\boxed{...}``, then the rest of the line after "the answer is" / "Answer:", then the last non-empty line, without
+the markup around the answer and a final period the reference does not have. Ask models for answer tags
 (:data:`REASONING_GYM_INSTRUCTION`). Scores are the verifier's, in ``[0, 1]`` (several tasks give
 partial credit, e.g. ``len(reference) / len(answer)`` when the answer contains the reference).
 
@@ -25,14 +26,16 @@ entry in a JSON form that says what each such value was (:func:`entry_to_json`),
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 from entrorl._checks import check_int, did_you_mean
 from entrorl.rewards.base import register_reward
-from entrorl.rewards.math import extract_answer_phrase, extract_answer_tag, extract_boxed
+from entrorl.rewards.math import extract_answer_tag, extract_boxed
 
 __all__ = [
     "REASONING_GYM_INSTRUCTION",
@@ -117,10 +120,46 @@ def _check_task(task: Any) -> str:
     return task
 
 
-def extract_reasoning_gym_answer(completion: str, *, strict: bool = False) -> str | None:
+# "The answer is X", "The final answer is: X", "Answer: X", "**Final Answer:** X": X is the rest of its line
+_ANSWER_PHRASE_RE = re.compile(r"(?i)\b(?:the\s+(?:final\s+)?answer\s+is\b\s*:?|(?:final\s+)?answer\s*:)(?:\*\*)?")
+# markup around a whole answer, taken off while it wraps the whole of it: **X**, $X$, \(X\), \text{X}
+_MARKUP_RES = (re.compile(r"\*\*(?P<inner>.+)\*\*", re.DOTALL), re.compile(r"\$(?P<inner>[^$]+)\$"),
+               re.compile(r"\\\((?P<inner>.+)\\\)", re.DOTALL),
+               re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{(?P<inner>[^{}]*)\}"))
+
+
+def _without_markup(answer: str) -> str:
+    """``answer`` without the bold, math delimiters or ``\\text{}`` that wrap all of it."""
+    answer = answer.strip()
+    for _ in range(3):  # **$\\text{son}$**; a bound, so that a run of 100,000 stars is not taken apart two by two
+        for pattern in _MARKUP_RES:
+            found = pattern.fullmatch(answer)
+            if found and found["inner"].strip():
+                answer = found["inner"].strip()
+    return answer
+
+
+def _answer_after_phrase(text: str) -> str | None:
+    """The rest of the line after the last "the answer is" / "Answer:" in ``text``."""
+    last = None
+    for last in _ANSWER_PHRASE_RE.finditer(text):
+        pass
+    if last is None:
+        return None
+    return text[last.end():].split("\n", 1)[0]
+
+
+def extract_reasoning_gym_answer(
+    completion: str, *, strict: bool = False, keep_final_period: bool = False
+) -> str | None:
     """The model's answer in ``completion``: the content of the last ``<answer>...</answer>``, each opening tag closed
-    by the first closing tag after it, as reasoning-gym's own ``extract_answer`` reads it (whitespace-stripped); unless ``strict``, else the last ``\\boxed{}``, else "the answer is X" /
-    "Answer: X", else the last non-empty line. None if there is nothing."""
+    by the first closing tag after it, as reasoning-gym's own ``extract_answer`` reads it (whitespace-stripped).
+
+    Unless ``strict``, without such a tag, in the text after the last ``</think>`` (the whole text when there is
+    none): the last ``\\boxed{}``, else the rest of the line after the last "the answer is" / "Answer:", else the last
+    non-empty line; then the last ``\\boxed{}`` of the whole text. These are read without the markup wrapping the
+    whole answer (``**42**``, ``$42$``, ``\\text{son}``) and, unless ``keep_final_period``, without a final ``.``
+    (the sentence's). None if there is nothing."""
     if not isinstance(completion, str):
         return None
     tagged = extract_answer_tag(completion, case_sensitive=True)
@@ -128,12 +167,21 @@ def extract_reasoning_gym_answer(completion: str, *, strict: bool = False) -> st
         return tagged.strip()
     if strict:
         return None
-    for extractor in (extract_boxed, extract_answer_phrase):
-        found = extractor(completion)
-        if found is not None and found.strip():
-            return found.strip()
-    lines = [line.strip() for line in completion.splitlines() if line.strip()]
-    return lines[-1] if lines else None
+    closed = completion.rfind("</think>")
+    after = completion[closed + len("</think>"):] if closed >= 0 else completion
+    lines = [line for line in after.splitlines() if line.strip()]
+    readings = (extract_boxed(after), _answer_after_phrase(after), lines[-1] if lines else None)
+    if closed >= 0:
+        readings += (extract_boxed(completion),)
+    for found in readings:
+        if found is None:
+            continue
+        answer = _without_markup(found)
+        if not keep_final_period and answer.endswith(".") and not answer.endswith(".."):
+            answer = _without_markup(answer[:-1])
+        if answer:
+            return answer
+    return None
 
 
 def reasoning_gym_records(
@@ -143,7 +191,8 @@ def reasoning_gym_records(
 
     Each record is ``{"prompt": question, "answer": reference answer (str, or None for tasks whose
     answers are checked without one), "meta": {"entry": entry, "task": task, "config": config}}``, the entry in its
-    JSON form (:func:`entry_to_json`), so that the records can be written to a data file as they are.
+    JSON form (:func:`entry_to_json`) and the config's dataclasses (``composite``'s ``DatasetSpec``) as dicts, so that
+    the records can be written to a data file as they are.
     ``instruction`` (e.g. :data:`REASONING_GYM_INSTRUCTION`) is appended to every prompt after a blank
     line. ``config`` holds further options of the task's config dataclass (difficulty ranges, ...).
     """
@@ -152,7 +201,7 @@ def reasoning_gym_records(
     _check_task(task)
     size = check_int(size, "size", minimum=1)
     seed = check_int(seed, "seed")
-    dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **config)
+    dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **_dataset_options(task, config))
     records = []
     for i in range(size):
         entry = dataset[i]
@@ -164,10 +213,32 @@ def reasoning_gym_records(
             {
                 "prompt": prompt,
                 "answer": None if answer is None else str(answer),
-                "meta": {"entry": entry_to_json(entry), "task": task, "config": dict(config)},
+                "meta": {"entry": entry_to_json(entry), "task": task, "config": _config_as_data(config)},
             }
         )
     return records
+
+
+def _config_as_data(value: Any) -> Any:
+    """A task's options as JSON holds them: ``composite``'s ``DatasetSpec`` objects as dicts of their fields."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _config_as_data(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {key: _config_as_data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_config_as_data(item) for item in value]
+    return value
+
+
+def _dataset_options(task: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` as ``reasoning_gym.create_dataset`` takes it: ``composite``'s datasets, read from a file as dicts,
+    made ``DatasetSpec`` objects again."""
+    options = dict(config)
+    if task == "composite" and isinstance(options.get("datasets"), list):
+        from reasoning_gym.composite import DatasetSpec
+
+        options["datasets"] = [DatasetSpec(**spec) if isinstance(spec, Mapping) else spec for spec in options["datasets"]]
+    return options
 
 
 #: an answer no task can be right with, to check that a task's verifier tells answers apart
@@ -251,13 +322,13 @@ class ReasoningGymReward:
         self._lock = threading.Lock()
 
     def _scorer(self, task: str, config: Mapping[str, Any]) -> Any:
-        key = (task, repr(sorted(config.items())))
+        key = (task, repr(sorted(_config_as_data(config).items())))
         with self._lock:
             dataset = self._scorers.get(key)
             if dataset is None:
                 import reasoning_gym
 
-                dataset = reasoning_gym.create_dataset(task, size=1, seed=0, **config)
+                dataset = reasoning_gym.create_dataset(task, size=1, seed=0, **_dataset_options(task, config))
                 self._scorers[key] = dataset
         return dataset
 
@@ -291,7 +362,9 @@ class ReasoningGymReward:
             raise ValueError(f"meta['config'] must be a mapping of the task's options, got {type(config).__name__}")
         scorer = self._scorer(task, config)
 
-        predicted = extract_reasoning_gym_answer(completion, strict=self.strict)
+        reference = entry.get("answer")
+        keep_final_period = isinstance(reference, str) and reference.rstrip().endswith(".")
+        predicted = extract_reasoning_gym_answer(completion, strict=self.strict, keep_final_period=keep_final_period)
         if predicted is None:
             return 0.0
         try:
