@@ -203,6 +203,9 @@ def test_parse_tests_reads_numbers_and_lists_of_lines_as_text():
         pytest.param([{"input": "1", "output": "2"}, "assert f()"], r"cases\[1\] must be a dict", id="mixed-list"),
         ({"cases": [{"input": "", "output": True}]}, r"cases\[0\]\.output"),
         (42, "expected a dict"),
+        # LiveCodeBench's function-call case: run as standard input it printed nothing and scored 0, uncounted
+        ([{"input": "[2,7]\n9", "output": "[0, 1]", "testtype": "functional"}], r"cases\[0\] is a 'functional' case"),
+        ({"cases": [{"input": "1", "output": "2", "fn_name": "f"}]}, r"cases\[0\] has unknown keys \['fn_name'\]"),
     ],
 )
 def test_parse_tests_rejects_malformed_specs_naming_the_problem(spec, message):
@@ -391,6 +394,56 @@ def test_every_sandbox_option_of_the_reward_reaches_its_sandbox_limits():
     limits = CodeOptions(**sandbox, compare="exact", block="first").limits()
     assert type(limits) is SandboxLimits and limits == SandboxLimits(**sandbox)
     assert reward(memory_mb=200).options.limits().memory_mb == 200
+
+
+def test_a_case_marked_as_standard_input_is_one():
+    [test] = parse_tests([{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}])
+    assert (test.kind, test.input, test.expected) == ("stdin", "1 2\n", "3\n")
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "import fileinput\nprint(sum(int(x) for line in fileinput.input() for x in line.split()))",
+        "import sys\nif len(sys.argv) > 1:\n    sys.stdin = open(sys.argv[1])\na, b = map(int, input().split())\nprint(a + b)",
+        "import sys, os\nassert sys.argv == ['solution.py'] and os.path.basename(__file__) == 'solution.py'\n"
+        "print(sum(map(int, input().split())))",
+    ],
+    ids=["fileinput", "argv-idiom", "argv-and-file"],
+)
+def test_the_program_runs_as_a_script_without_arguments(program):
+    """The program saw the harness's own arguments ('-c', the sandbox's marker, a descriptor): fileinput opened a file
+    named like the marker."""
+    verdict = reward()("add", fenced(program), ADD_TESTS)
+    assert verdict == 1.0, verdict.reason
+
+
+def test_standard_input_keeps_carriage_returns_as_a_scripts_does():
+    """A script's stdin on Linux ends lines at \\n only; with universal newlines input() of 'abc\\r\\n' was 'abc'."""
+    tests = {"cases": [{"input": "abc\r\n", "output": "4\n"}, {"input": "a\rb\n", "output": "3\n"}]}
+    verdict = reward()("length", fenced("print(len(input()))"), tests)
+    assert verdict == 1.0, verdict.reason
+
+
+def test_a_writer_of_the_programs_own_on_standard_output_is_not_flushed_after_its_globals_are_gone():
+    """PyRival's FastIO template replaces sys.stdout with an object whose flush uses the program's globals; the
+    harness flushed it again after clearing them (NameError: 'os'), scoring the correct program 0."""
+    program = """
+        import os, sys
+        class Out:
+            def __init__(self):
+                self.parts = []
+            def write(self, text):
+                self.parts.append(text)
+            def flush(self):
+                os.write(1, "".join(self.parts).encode())
+                self.parts.clear()
+        sys.stdout = Out()
+        a, b = map(int, input().split())
+        print(a + b)
+    """
+    verdict = reward()("add", fenced(program), ADD_TESTS)
+    assert verdict == 1.0, verdict.reason
 
 
 def test_correct_program_scores_one():

@@ -18,7 +18,8 @@ list, or a JSON string of either (:func:`parse_tests`)::
     }
 
 A list of ``{"input", "output"}`` dicts is a list of standard-input cases; a list of strings is a
-list of assert cases. A standard-input case passes when the program's output matches ``output``
+list of assert cases. A case may say ``"testtype": "stdin"`` (LiveCodeBench); another type (``"functional"``) or another
+key is refused. A standard-input case passes when the program's output matches ``output``
 under the ``compare`` option (``"tokens"``: the same whitespace-separated tokens, the default;
 ``"lines"``: the same lines after stripping trailing whitespace and trailing blank lines;
 ``"exact"``). An assert case passes when its code runs without raising; the program itself is
@@ -148,6 +149,22 @@ def _text(value: Any, where: str) -> str:
     raise ValueError(f"code tests: {where} must be a string, got {type(value).__name__}")
 
 
+_CASE_KIND_KEYS = ("testtype", "type")  # LiveCodeBench's "testtype": "stdin" or "functional"
+
+
+def _check_case_keys(case: Mapping[str, Any], index: int) -> None:
+    """Refuse a case whose keys say more than standard input and output, rather than run it as such a case: a
+    function-call case ("testtype": "functional") run that way prints nothing and would score 0 as a wrong answer."""
+    kind = next((case[key] for key in _CASE_KIND_KEYS if key in case), "stdin")
+    if not (isinstance(kind, str) and kind.strip().lower() == "stdin"):
+        raise ValueError(f"code tests: cases[{index}] is a {kind!r} case; only standard-input cases run here (a "
+                         "function's cases can be written as 'asserts', e.g. \"assert Solution().f(2) == 4\")")
+    unknown = set(case) - {"input", "output", *_CASE_KIND_KEYS}
+    if unknown:
+        raise ValueError(f"code tests: cases[{index}] has unknown keys {sorted(unknown)}; a case is "
+                         "{'input': ..., 'output': ...}")
+
+
 def parse_tests(spec: Any) -> list[CodeTest]:
     """The test cases of ``spec`` (see the module docstring for the accepted forms).
 
@@ -172,6 +189,7 @@ def parse_tests(spec: Any) -> list[CodeTest]:
     for index, case in enumerate(spec.get("cases") or []):
         if not isinstance(case, Mapping) or "output" not in case:
             raise ValueError(f"code tests: cases[{index}] must be a dict with 'input' and 'output'")
+        _check_case_keys(case, index)
         tests.append(
             CodeTest(
                 "stdin",

@@ -430,7 +430,8 @@ def attach_standard_streams(input_path, output_path, output_flags):
     """Point descriptors 0 and 1 (and sys.stdin / sys.stdout) at the given files."""
     redirect(0, input_path, os.O_RDONLY)
     redirect(1, output_path, output_flags)
-    sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", errors="replace", closefd=False)
+    # lines end at "\n" only, as a script's stdin on Linux reads them: "abc\r\n" is "abc\r"
+    sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", errors="replace", newline="\n", closefd=False)
     # one object for both names, as in a script: what the program writes through either keeps its order
     sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", closefd=False)
     return sys.stdout
@@ -442,6 +443,8 @@ def fresh_main_namespace():
     them must close it before this case's input takes it, not after."""
     module = types.ModuleType("__main__")
     module.__builtins__ = builtins
+    module.__file__ = "solution.py"
+    sys.argv = ["solution.py"]  # as `python solution.py < input` runs it: no arguments, not the harness's
     sys.modules["__main__"] = module
     gc.collect()
     return module.__dict__
@@ -487,6 +490,9 @@ def end_as_a_script_ends(namespace, output):
         try:
             flush_standard_output(output)
         finally:
+            # a script's end puts the original streams back before its modules go: a writer of the program's own
+            # (FastIO) is not flushed again once its globals are cleared
+            sys.stdout = sys.__stdout__ = output
             sys.modules["__main__"] = types.ModuleType("__main__")
             namespace.clear()
             gc.collect()
