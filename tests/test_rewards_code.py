@@ -204,8 +204,16 @@ def test_parse_tests_reads_numbers_and_lists_of_lines_as_text():
         ({"cases": [{"input": "", "output": True}]}, r"cases\[0\]\.output"),
         (42, "expected a dict"),
         # LiveCodeBench's function-call case: run as standard input it printed nothing and scored 0, uncounted
-        ([{"input": "[2,7]\n9", "output": "[0, 1]", "testtype": "functional"}], r"cases\[0\] is a 'functional' case"),
+        ([{"input": "[2,7]\n9", "output": "[0, 1]", "testtype": "functional"}], r"name the function with 'fn_name'"),
         ({"cases": [{"input": "1", "output": "2", "fn_name": "f"}]}, r"cases\[0\] has unknown keys \['fn_name'\]"),
+        ({"cases": [{"input": "1", "output": "2", "testtype": "interactive"}]}, "testtype 'interactive'"),
+        ({"fn_name": "x y", "inputs": [[1]], "outputs": [1]}, "'fn_name' must be a Python name"),
+        ({"fn_name": "class", "inputs": [[1]], "outputs": [1]}, "'fn_name' must be a Python name"),
+        ({"fn_name": "f", "asserts": ["assert f(1)"]}, "no case calls it"),
+        ({"fn_name": "f", "inputs": [1], "outputs": [1]}, r"inputs\[0\] must be the list of the function's arguments"),
+        ({"fn_name": "f", "inputs": [[{1, 2}]], "outputs": [1]}, r"inputs\[0\] must be JSON values"),
+        ({"fn_name": "f", "cases": [{"input": "[1", "output": "2"}]}, "one JSON value per line"),
+        ({"fn_name": "f", "cases": [{"input": "1", "output": "2\n3"}]}, "must be one JSON value, got 2"),
     ],
 )
 def test_parse_tests_rejects_malformed_specs_naming_the_problem(spec, message):
@@ -394,6 +402,47 @@ def test_every_sandbox_option_of_the_reward_reaches_its_sandbox_limits():
     limits = CodeOptions(**sandbox, compare="exact", block="first").limits()
     assert type(limits) is SandboxLimits and limits == SandboxLimits(**sandbox)
     assert reward(memory_mb=200).options.limits().memory_mb == 200
+
+
+TWO_SUM = """
+    class Solution:
+        def twoSum(self, nums, target):
+            seen = {}
+            for i, x in enumerate(nums):
+                if target - x in seen:
+                    return (seen[target - x], i)
+                seen[x] = i
+"""
+TWO_SUM_CASES = [{"input": "[2,7,11,15]\n9", "output": "[0, 1]", "testtype": "functional"},
+                 {"input": "[3,2,4]\n6", "output": "[1,2]", "testtype": "functional"}]
+
+
+def test_function_calls_as_apps_and_taco_write_them():
+    tests = {"fn_name": "add", "inputs": [[1, 2], [10, -4], [[1, 2], [3]]], "outputs": [[3], 6, [[1, 2, 3]]]}
+    verdict = reward()("add", fenced("def add(a, b):\n    return a + b"), tests)
+    assert verdict == 1.0 and verdict.total == 3, verdict.reason
+    verdict = reward()("add", fenced("def add(a, b):\n    return a - b"), tests)
+    assert verdict == 0.0 and verdict.status == "wrong_answer"
+    assert "add(1, 2) returned -1, expected [3]" in verdict.reason
+    assert parse_tests({"fn_name": "", "inputs": ["1 2\n"], "outputs": ["3\n"]})[0].kind == "stdin"  # no function
+
+
+def test_function_calls_as_livecodebench_writes_them_reach_a_solution_method():
+    tests = {"fn_name": "twoSum", "cases": TWO_SUM_CASES}
+    verdict = reward()("two sum", fenced(TWO_SUM), tests)
+    assert verdict == 1.0, verdict.reason  # a tuple returned compares as a list
+    wrong = fenced(TWO_SUM.replace("return (seen[target - x], i)", "return [i, i]"))
+    assert reward()("two sum", wrong, tests) == 0.0
+    verdict = reward()("two sum", fenced("def twoSum(nums, target):\n    return [0, 1]"), tests)
+    assert [status for status, _ in verdict.cases] == ["passed", "wrong_answer"]  # a plain function of that name
+    verdict = reward()("two sum", fenced("print('no function')"), tests)
+    assert verdict == 0.0 and "NameError" in verdict.reason
+
+
+def test_each_function_call_gets_fresh_arguments():
+    program = "def grow(items):\n    items.append(0)\n    return len(items)"
+    tests = {"fn_name": "grow", "inputs": [[[1]], [[1]]], "outputs": [2, 2]}
+    assert reward()("grow", fenced(program), tests) == 1.0
 
 
 def test_a_case_marked_as_standard_input_is_one():

@@ -18,11 +18,19 @@ list, or a JSON string of either (:func:`parse_tests`)::
     }
 
 A list of ``{"input", "output"}`` dicts is a list of standard-input cases; a list of strings is a
-list of assert cases. A case may say ``"testtype": "stdin"`` (LiveCodeBench); another type (``"functional"``) or another
-key is refused. A standard-input case passes when the program's output matches ``output``
-under the ``compare`` option (``"tokens"``: the same whitespace-separated tokens, the default;
-``"lines"``: the same lines after stripping trailing whitespace and trailing blank lines;
-``"exact"``). An assert case passes when its code runs without raising; the program itself is
+list of assert cases. Function calls (APPS, TACO, LiveCodeBench's functional cases)::
+
+    {"fn_name": "add", "inputs": [[1, 2], ...], "outputs": [3, ...]}        # each input the list of the arguments
+    {"fn_name": "twoSum", "cases": [{"input": "[2,7,11,15]\\n9", "output": "[0,1]", "testtype": "functional"}]}
+
+call ``fn_name`` (a method of ``class Solution`` when the program defines one that has it) with the arguments, each a
+JSON value (one per line in a case's ``input``), and pass when it returns the output (tuples compare as lists; an
+output given as a list of one value may be that value, as APPS writes it). Each call is an assert case. A case may say
+``"testtype": "stdin"``; another key in a case is refused.
+
+A standard-input case passes when the program's output matches ``output`` under the ``compare`` option
+(``"tokens"``: the same whitespace-separated tokens, the default; ``"lines"``: the same lines after stripping trailing
+whitespace and trailing blank lines; ``"exact"``). An assert case passes when its code runs without raising; the program itself is
 executed once (as ``__main__``, with empty standard input) before the first assert case.
 
 The reward returns a :class:`CodeVerdict`: a float (the score) that carries ``status`` (one of
@@ -33,9 +41,11 @@ isolation layers that were active. :meth:`CodeReward.score` is the plain-float p
 from __future__ import annotations
 
 import json
+import keyword
 import os
 import re
 import shutil
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -151,18 +161,74 @@ def _text(value: Any, where: str) -> str:
 
 _CASE_KIND_KEYS = ("testtype", "type")  # LiveCodeBench's "testtype": "stdin" or "functional"
 
+# one function-call case, run in the program's namespace: the function named (a method of LeetCode's class Solution
+# when the program defines one) called with the arguments; tuples compare as lists (JSON has none) and an expected
+# value may be given wrapped in a list of one (APPS, TACO)
+_CALL_CASE = string.Template("""\
+import json as __entrorl_json
+def __entrorl_plain(value):
+    if isinstance(value, (list, tuple)):
+        return [__entrorl_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: __entrorl_plain(item) for key, item in value.items()}
+    return value
+if isinstance(globals().get("Solution"), type) and hasattr(Solution, $quoted_name):
+    __entrorl_function = getattr(Solution(), $quoted_name)
+else:
+    __entrorl_function = $name
+__entrorl_expected = __entrorl_json.loads($expected)
+__entrorl_got = __entrorl_plain(__entrorl_function(*__entrorl_json.loads($arguments)))
+assert __entrorl_got == __entrorl_expected or [__entrorl_got] == __entrorl_expected, (
+    "$name(%s) returned %.200r, expected %.200r" % ($shown_arguments, __entrorl_got, __entrorl_expected))
+""")
 
-def _check_case_keys(case: Mapping[str, Any], index: int) -> None:
-    """Refuse a case whose keys say more than standard input and output, rather than run it as such a case: a
-    function-call case ("testtype": "functional") run that way prints nothing and would score 0 as a wrong answer."""
-    kind = next((case[key] for key in _CASE_KIND_KEYS if key in case), "stdin")
-    if not (isinstance(kind, str) and kind.strip().lower() == "stdin"):
-        raise ValueError(f"code tests: cases[{index}] is a {kind!r} case; only standard-input cases run here (a "
-                         "function's cases can be written as 'asserts', e.g. \"assert Solution().f(2) == 4\")")
+
+def _json_text(value: Any, where: str) -> str:
+    try:
+        return json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"code tests: {where} must be JSON values ({exc})") from exc
+
+
+def _call_case(name: str, arguments: Any, expected: Any, where: str) -> CodeTest:
+    """The assert case that calls ``name(*arguments)`` and compares its value with ``expected``."""
+    if not isinstance(arguments, (list, tuple)):
+        raise ValueError(f"code tests: {where} must be the list of the function's arguments, got "
+                         f"{type(arguments).__name__}")
+    arguments_text = _json_text(list(arguments), where)
+    shown = arguments_text[1:-1]
+    code = _CALL_CASE.substitute(name=name, quoted_name=repr(name), arguments=repr(arguments_text),
+                                 expected=repr(_json_text(expected, where)),
+                                 shown_arguments=repr(shown[:200] + ("..." if len(shown) > 200 else "")))
+    return CodeTest("assert", code=code)
+
+
+def _lines_as_json(text: Any, where: str) -> list[Any]:
+    """LiveCodeBench's functional input or output: one JSON value per line."""
+    text = _text(text, where)
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError as exc:
+        raise ValueError(f"code tests: {where} of a function-call case must hold one JSON value per line ({exc})") from exc
+
+
+def _case_kind(case: Mapping[str, Any], index: int, function: str | None) -> str:
+    """``"stdin"`` or ``"call"``: what a case's "testtype" says, else a call when the spec names a function. Other keys
+    are refused rather than ignored (a function's case run as standard input prints nothing: a silent 0)."""
     unknown = set(case) - {"input", "output", *_CASE_KIND_KEYS}
     if unknown:
         raise ValueError(f"code tests: cases[{index}] has unknown keys {sorted(unknown)}; a case is "
                          "{'input': ..., 'output': ...}")
+    kind = next((case[key] for key in _CASE_KIND_KEYS if key in case), None)
+    kind = kind.strip().lower() if isinstance(kind, str) else kind
+    if kind == "stdin" or (kind is None and function is None):
+        return "stdin"
+    if kind in ("functional", "function", "call", None):
+        if function is None:
+            raise ValueError(f"code tests: cases[{index}] is a function-call case ({kind!r}); name the function with "
+                             "'fn_name' beside 'cases'")
+        return "call"
+    raise ValueError(f"code tests: cases[{index}] has testtype {kind!r}; one of 'stdin', 'functional'")
 
 
 def parse_tests(spec: Any) -> list[CodeTest]:
@@ -176,25 +242,40 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         except ValueError as exc:
             raise ValueError(f"code tests: a string spec must be JSON ({exc})") from exc
     tests: list[CodeTest] = []
+    calls = 0
     if isinstance(spec, (list, tuple)):
         spec = {"asserts": list(spec)} if all(isinstance(item, str) for item in spec) else {"cases": list(spec)}
     if not isinstance(spec, Mapping):
         raise ValueError(f"code tests: expected a dict, a list or JSON of one, got {type(spec).__name__}")
-    unknown = set(spec) - {"cases", "inputs", "outputs", "asserts"}
+    unknown = set(spec) - {"cases", "inputs", "outputs", "asserts", "fn_name"}
     if unknown:
-        raise ValueError(f"code tests: unknown keys {sorted(unknown)}; use 'cases', 'inputs'/'outputs', 'asserts'")
+        raise ValueError(f"code tests: unknown keys {sorted(unknown)}; use 'cases', 'inputs'/'outputs', 'asserts' "
+                         "(and 'fn_name' for function calls)")
+    function = spec.get("fn_name") or None  # "" or null: a standard-input problem (APPS writes no key, others "")
+    if function is not None and not (isinstance(function, str) and function.isidentifier()
+                                     and not keyword.iskeyword(function)):
+        raise ValueError(f"code tests: 'fn_name' must be a Python name, got {function!r}")
     for key in ("cases", "asserts"):
         if spec.get(key) is not None and not isinstance(spec[key], (list, tuple)):
             raise ValueError(f"code tests: '{key}' must be a list, got {type(spec[key]).__name__}")
     for index, case in enumerate(spec.get("cases") or []):
         if not isinstance(case, Mapping) or "output" not in case:
             raise ValueError(f"code tests: cases[{index}] must be a dict with 'input' and 'output'")
-        _check_case_keys(case, index)
+        where = f"cases[{index}]"
+        if _case_kind(case, index, function) == "call":
+            expected = _lines_as_json(case["output"], f"{where}.output")
+            if len(expected) != 1:
+                raise ValueError(f"code tests: {where}.output of a function-call case must be one JSON value, got "
+                                 f"{len(expected)}")
+            tests.append(_call_case(function, _lines_as_json(case.get("input", ""), f"{where}.input"), expected[0],
+                                    where))
+            calls += 1
+            continue
         tests.append(
             CodeTest(
                 "stdin",
-                input=_text(case.get("input", ""), f"cases[{index}].input"),
-                expected=_text(case["output"], f"cases[{index}].output"),
+                input=_text(case.get("input", ""), f"{where}.input"),
+                expected=_text(case["output"], f"{where}.output"),
             )
         )
     inputs, outputs = spec.get("inputs"), spec.get("outputs")
@@ -206,6 +287,10 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         if len(inputs) != len(outputs):
             raise ValueError(f"code tests: {len(inputs)} inputs but {len(outputs)} outputs")
         for index, (given, expected) in enumerate(zip(inputs, outputs)):
+            if function is not None:  # APPS / TACO: each input the list of the arguments, each output the value
+                tests.append(_call_case(function, given, expected, f"inputs[{index}]"))
+                calls += 1
+                continue
             tests.append(
                 CodeTest("stdin", input=_text(given, f"inputs[{index}]"), expected=_text(expected, f"outputs[{index}]"))
             )
@@ -215,6 +300,9 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         tests.append(CodeTest("assert", code=code))
     if not tests:
         raise ValueError("code tests: the spec has no test case")
+    if function is not None and not calls:
+        raise ValueError("code tests: 'fn_name' names a function but no case calls it ('inputs'/'outputs' or "
+                         "function-call 'cases')")
     return tests
 
 
