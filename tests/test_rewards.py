@@ -552,6 +552,44 @@ def test_runner_survives_a_raising_reward():
     assert res.scores.dtype == torch.float32 and res.correct.dtype == torch.bool
 
 
+class _ConcurrentReward:
+    """Scores 1 only when ``parallel_calls`` calls wait at the barrier together; raises for "boom"."""
+
+    def __init__(self, parallel_calls: int) -> None:
+        self.parallel_calls = parallel_calls
+        self.barrier = threading.Barrier(parallel_calls, timeout=10)
+
+    def __call__(self, prompt, completion, answer, **meta):
+        self.barrier.wait()
+        if completion == "boom":
+            raise RuntimeError(f"kaboom in sample {prompt}")
+        return 1.0
+
+
+def test_a_reward_that_asks_for_parallel_calls_gets_them_in_order():
+    reward = _ConcurrentReward(4)
+    result = RewardRunner(reward)([str(i) for i in range(8)], ["a", "boom", "a", "a", "a", "a", "boom", "a"])
+    assert result.scores.tolist() == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0]  # each in its place
+    assert result.failed.tolist() == [False, True, False, False, False, False, True, False]
+    assert result.errors == 2 and "kaboom in sample 1" in result.first_error and "Traceback" in result.first_error
+    assert "sample 1:" in result.first_error.splitlines()[0]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
+def test_a_reward_s_parallel_calls_must_be_a_whole_number(bad):
+    reward = _ConcurrentReward(1)
+    reward.parallel_calls = bad
+    with pytest.raises(ValueError, match="parallel_calls must be a whole number >= 1"):
+        RewardRunner(reward)
+
+
+def test_the_code_reward_runs_its_workers_samples_at_once():
+    assert get_reward("code", workers=3).parallel_calls == 3
+    assert 1 <= get_reward("code").parallel_calls <= 8
+    with pytest.raises(ValueError, match="workers must be a whole number >= 1, got 0"):
+        get_reward("code", workers=0)
+
+
 @pytest.mark.parametrize("threshold", [0.0, -1.0])
 def test_a_failed_sample_is_wrong_at_any_threshold(threshold):
     """A sample the reward failed on scores 0 and counts as wrong: with a threshold of 0 or below, where a score of 0

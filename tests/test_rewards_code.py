@@ -1602,3 +1602,13 @@ def test_a_program_rebinding_os_getpid_is_not_taken_for_a_forked_child():
     run = run_in_sandbox(program, [SandboxCase("assert", "assert add(1, 2) == 3"), SandboxCase("assert", "assert add(2, 2) == 4")],
                          SandboxLimits(time_limit=2.0))
     assert [outcome.status for outcome in run.outcomes] == ["ok", "ok"], run.outcomes
+
+
+def test_samples_scored_at_once_get_the_verdicts_they_get_one_at_a_time():
+    programs = [fenced("a, b = map(int, input().split())\nprint(a + b)"), fenced("print(0)"),
+                fenced("import sys\nsys.exit(3)"), "no code here", fenced("print(3)")]
+    completions = programs * 2
+    one_at_a_time = RewardRunner(reward(workers=1))(["p"] * 10, completions, [ADD_TESTS] * 10)
+    at_once = RewardRunner(reward(workers=4))(["p"] * 10, completions, [ADD_TESTS] * 10)
+    assert at_once.scores.tolist() == one_at_a_time.scores.tolist() == [1.0, 0.0, 0.0, 0.0, 0.5] * 2
+    assert at_once.reasons == one_at_a_time.reasons

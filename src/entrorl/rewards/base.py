@@ -37,6 +37,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -583,8 +584,9 @@ class RewardRunner:
     the reward function propagates, ``BaseException`` subclasses included, except
     ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit``. A reward with a
     ``score_batch(prompts, completions, answers, metas)`` method (a judge) gets the whole batch in one call;
-    other rewards are called sample by sample. Calls are not time-limited: a reward that may hang must bound
-    itself. ``first_sample`` numbers the batch's samples in ``first_error`` from that index, for a caller that scores
+    other rewards are called sample by sample, in ``fn.parallel_calls`` threads at once when the reward says it gains
+    from them (the ``code`` reward: each call waits on a sandboxed process), else one after the other. Calls are not
+    time-limited: a reward that may hang must bound itself. ``first_sample`` numbers the batch's samples in ``first_error`` from that index, for a caller that scores
     a longer list in parts.
     """
 
@@ -607,6 +609,9 @@ class RewardRunner:
         if not isinstance(correct_threshold, numbers.Real) or not math.isfinite(correct_threshold):
             raise ValueError(f"correct_threshold must be a finite number, got {correct_threshold!r}")
         self.fn, self.name = fn, str(name)
+        self.parallel_calls = getattr(fn, "parallel_calls", 1)
+        if isinstance(self.parallel_calls, bool) or not isinstance(self.parallel_calls, int) or self.parallel_calls < 1:
+            raise ValueError(f"the reward's parallel_calls must be a whole number >= 1, got {self.parallel_calls!r}")
         self.overlong = validate_overlong(overlong) if overlong is not None else None
         self.correct_threshold = float(correct_threshold)
         self._warned = False
@@ -656,6 +661,24 @@ class RewardRunner:
             return None
         return values if len(values) == len(completions) else None
 
+    def _call_each(self, prompts, completions, answers, metas) -> list[tuple[Any, tuple[BaseException, str] | None]]:
+        """Per sample, ``(value, None)`` or ``(None, (exception, traceback))``; in ``parallel_calls`` threads."""
+
+        def call(i: int) -> tuple[Any, tuple[BaseException, str] | None]:
+            try:
+                return self.fn(prompts[i], completions[i], answers[i], **(metas[i] or {})), None
+            except _PASS_THROUGH:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - a reward must never kill the run (Math-Verify's
+                # TimeoutException, for one, derives from BaseException)
+                return None, (exc, traceback.format_exc())
+
+        workers = min(self.parallel_calls, len(completions))
+        if workers <= 1:
+            return [call(i) for i in range(len(completions))]
+        with ThreadPoolExecutor(workers, thread_name_prefix="entrorl-reward") as pool:
+            return list(pool.map(call, range(len(completions))))
+
     def __call__(
         self,
         prompts: Sequence[str],
@@ -685,23 +708,20 @@ class RewardRunner:
         errors = 0
         first_error: str | None = None
         batch_values = self._score_batch(prompts, completions, answers, metas)
-        for i in range(n):
-            if batch_values is not None:
-                value = batch_values[i]
-            else:
-                try:
-                    value = self.fn(prompts[i], completions[i], answers[i], **(metas[i] or {}))
-                except _PASS_THROUGH:
-                    raise
-                except BaseException as exc:  # noqa: BLE001 - a reward must never kill the run (Math-Verify's
-                    # TimeoutException, for one, derives from BaseException)
-                    errors += 1
-                    failed[i] = True
-                    reasons[i] = f"reward raised {type(exc).__name__}: {exc}"[:300]
-                    if first_error is None:
-                        headline = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-                        first_error = f"reward raised for sample {first_sample + i}: {headline}\n{traceback.format_exc()}"
-                    continue
+        if batch_values is not None:
+            outcomes = [(value, None) for value in batch_values]
+        else:
+            outcomes = self._call_each(prompts, completions, answers, metas)
+        for i, (value, raised) in enumerate(outcomes):
+            if raised is not None:
+                exc, trace = raised
+                errors += 1
+                failed[i] = True
+                reasons[i] = f"reward raised {type(exc).__name__}: {exc}"[:300]
+                if first_error is None:
+                    headline = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                    first_error = f"reward raised for sample {first_sample + i}: {headline}\n{trace}"
+                continue
             try:
                 if _says_failed(value):  # a score that says it is none (a judge's timeout)
                     raise ValueError(f"failed: {getattr(value, 'reason', None) or 'no reason given'}")

@@ -441,13 +441,16 @@ class CodeOptions(SandboxLimits):
     * ``compare`` — output comparison: ``"tokens"``, ``"lines"`` or ``"exact"``;
     * ``languages`` — fence tags that mark the program;
     * ``block`` — which fenced block: ``"last"`` or ``"first"``;
-    * ``allow_unfenced`` — take the whole completion when it has no fenced block.
+    * ``allow_unfenced`` — take the whole completion when it has no fenced block;
+    * ``workers`` — how many samples of a batch run at once, each in its own sandbox (default: the CPUs this process
+      may use, at most 8); the memory limit holds for each.
     """
 
     compare: str = "tokens"
     languages: tuple[str, ...] = _PYTHON_TAGS
     block: str = "last"
     allow_unfenced: bool = False
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()  # validates the sandbox fields
@@ -463,6 +466,11 @@ class CodeOptions(SandboxLimits):
             raise ValueError(f"languages must be non-empty fence tags, got {self.languages!r}")
         if not isinstance(self.allow_unfenced, bool):
             raise ValueError(f"allow_unfenced must be true or false, got {self.allow_unfenced!r}")
+        if self.workers is None:
+            usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+            object.__setattr__(self, "workers", min(8, len(usable)))
+        elif isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be a whole number >= 1, got {self.workers!r}")
         # where the sandbox starts: checked now, not at the first sample after a model has loaded
         if self.python is not None and shutil.which(self.python) is None:
             raise ValueError(f"python {self.python!r} is not an interpreter: neither an executable file nor a command "
@@ -518,6 +526,12 @@ class CodeReward:
 
     def __repr__(self) -> str:
         return f"CodeReward({self.options})"
+
+    @property
+    def parallel_calls(self) -> int:
+        """Samples :class:`~entrorl.rewards.RewardRunner` scores at once (the ``workers`` option): a call waits on its
+        sandboxed process."""
+        return self.options.workers
 
     def __call__(self, prompt: str, completion: str, answer: Any, /, **meta: Any) -> CodeVerdict:
         spec = answer if answer is not None else meta.get("tests")
