@@ -319,6 +319,10 @@ CASES = [
     ("", r"\boxed{0.5 thousand}", "5000", 0.0, ""),
     ("", r"\boxed{10^{6} million}", "1000000", 0.0, ""),  # a power's digit is not the number scaled
     ("", r"\boxed{\frac{1}{2} million}", "2", 0.0, ""),
+    ("", r"\boxed{1 050 million}", "1050000000", 1.0, ""),  # a number grouped by blanks, scaled whole
+    ("", r"\boxed{1 000 million}", "1000000000", 1.0, ""),
+    ("", r"\boxed{x = 1 \quad or \quad x = 2}", "1, 2", 1.0, ""),  # a connective right after another's blanks
+    ("", r"\boxed{3 \quad and \quad 5}", "3, 5", 1.0, ""),
     ("", r"\boxed{(E) 2}", "e", 0.0, ""),  # a choice letter is not Euler's e
     ("", r"\boxed{7_{8}}", "7", 1.0, ""),  # one digit: the same in every base it is below
     ("", "The answer is 8 (in total) because 4 + 4 = 8.", "8", 1.0, ""),  # a bracketed remark after the value

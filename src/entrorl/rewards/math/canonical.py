@@ -30,8 +30,8 @@ _UNICODE_SPELLINGS = {
 _SIZING_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|bigg|Bigg)(?:\.|(?![A-Za-z]))\s*")
 _TEXT_COMMAND_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 # (?<!\s) in the patterns that begin with blanks: tried once where a run of blanks starts, not again from each of
-# its blanks (quadratic)
-_CONNECTIVE_RE = re.compile(r"(?<!\s)\s*(?:\\text\s*\{\s*(?:or|and)\s*\}|\\(?:quad|qquad)|\bor\b|\band\b)\s*")
+# its blanks (quadratic); a connective may also start right after blanks an earlier one took ("1 \quad or \quad 2")
+_CONNECTIVE_RE = re.compile(r"(?:(?<!\s)\s+)?(?:\\text\s*\{\s*(?:or|and)\s*\}|\\(?:quad|qquad)|\bor\b|\band\b)\s*")
 _DEGREE_RE = re.compile(r"(?<!\s)\s*(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)\s*(?:[CF](?![A-Za-z]))?")
 _CURRENCY_RE = re.compile(r"^([-+]?)\s*(?:\\\$|\$|US\$|USD|€|£|¥|\\euro|\\pounds)\s*")
 _PERCENT_SIGN = r"(?<!\s)(?:\s*\\%|\s*%|\s*\\text\s*\{\s*\\?%\s*\}|\s+per\s?cent\b|\s*\\text\s*\{\s*per\s?cent\s*\})"
@@ -48,17 +48,19 @@ _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _REPEATING_DECIMAL_RE = re.compile(r"(?<![\d.])(-?)(\d*)\.(\d*)\\overline\s*\{\s*(\d+)\s*\}")
 
 
-# a number times scale words, "2.5 million", "1,500 million", "3 hundred thousand", "2 dozen": not after a letter, digit,
-# point, comma, power, brace, slash or backslash, so not inside another number, a power (10^6 million) or a fraction
+# a number times scale words, "2.5 million", "1,500 million", "1 050 million", "3 hundred thousand", "2 dozen": not after
+# a letter, digit, point, comma, power, brace, slash, backslash or a digit and a blank, so not inside another number, a
+# power (10^6 million) or a fraction
 _SCALES = {"hundred": 100, "thousand": 10**3, "million": 10**6, "billion": 10**9, "trillion": 10**12, "dozen": 12}
 _SCALED_NUMBER_RE = re.compile(
-    r"(?<![\w.,^{}/\\])(?P<number>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)"
+    r"(?<![\w.,^{}/\\])(?<!\d )(?P<number>[-+]?(?:\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+(?!\d)|\d+)(?:\.\d+)?"
+    r"|[-+]?\.\d+)"
     r"(?P<scales>(?:\s*(?i:" + "|".join(_SCALES) + r")(?![A-Za-z]))+)")
 
 
 def _scaled_number(found: re.Match) -> str:
     """A number times its scale words as digits: ``2.5 million`` is ``2500000``."""
-    digits = found["number"].replace(",", "")
+    digits = found["number"].replace(",", "").replace(" ", "")
     if len(digits) > 50:  # beyond any answer's precision: left as written
         return found.group()
     with localcontext(prec=100):
