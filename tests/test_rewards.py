@@ -382,6 +382,12 @@ def test_reasoning_gym_reward_pickles(arithmetic_records):
         ("<think>The answer is 3</think>", False, None),  # a guess while thinking is no answer
         ("<think>so \\boxed{3}</think> done", False, "done"),
         ("<think>so \\boxed{3}</think>", False, "3"),
+        ("The answer is **42**.", False, "42"),  # the bold around the answer, not only the phrase's
+        ("**Final Answer: 42**", False, "42"),
+        ("**The answer is 42.**", False, "42"),
+        ("Some steps.\n\n**Answer**: 42", False, "42"),
+        ("Answer:\n42\n\nDone.", False, "42"),  # the lines under a phrase that ends its line, up to a blank one
+        ("Reasoning.\n\n**Final Answer:**\n1 2\n3 4\n\nThis satisfies all rules.", False, "1 2\n3 4"),
     ],
 )
 def test_extract_reasoning_gym_answer(completion, strict, expected):

@@ -371,3 +371,38 @@ def test_composite_records_are_written_read_back_and_scored(tmp_path):
     assert reward(back[0].prompt, "<answer>-1.5e9</answer>", back[0].answer, **back[0].meta) < 1.0
     from_dicts = reasoning_gym_records("composite", size=4, seed=0, datasets=records[0]["meta"]["config"]["datasets"])
     assert [r["prompt"] for r in from_dicts] == [r["prompt"] for r in records]
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["Final Answer: The final answer is {a}. I hope it is correct.",  # Minerva's format: the value, then a sentence
+     "So the final answer is {a}. Let me double-check: it holds.", "The answer is {a}, since that is the sum.",
+     "The answer is **{a}**.", "**Final Answer: {a}**", "Let me work it out.\n\nAnswer:\n{a}\n\nI hope this helps!"],
+)
+def test_a_value_after_the_answer_phrase_is_read_up_to_its_sentence_or_clause(template):
+    """The rest of the line is one reading of a phrase (a sentence answer), the math reward's reading up to a sentence's
+    end or a clause the other; the better score is kept."""
+    record = reasoning_gym_records("basic_arithmetic", size=1, seed=0)[0]
+    assert _score("basic_arithmetic", record, template.format(a=record["answer"])) == 1.0
+    assert _score("basic_arithmetic", record, template.format(a="-123456789")) < 1.0
+
+
+def test_each_reading_is_scored_and_a_verifier_choking_on_one_does_not_hide_another(monkeypatch):
+    from entrorl.rewards import reasoning_gym_answer_readings
+
+    assert reasoning_gym_answer_readings("The answer is 7, since 3+4=7.") == ["7, since 3+4=7", "7"]
+    assert reasoning_gym_answer_readings("Answer: Smith has to go..", keep_final_period=True)[:2] == [
+        "Smith has to go.", "Smith has to go.."]  # a reference ending with a period: with it and without one
+    record = reasoning_gym_records("basic_arithmetic", size=1, seed=0)[0]
+    reward = get_reward("reasoning_gym", task="basic_arithmetic")
+    scorer = reward._scorer("basic_arithmetic", {})
+    original = scorer.score_answer
+
+    def choke_on_long_answers(answer, entry):
+        if len(str(answer)) > 12:
+            raise ValueError("too long")
+        return original(answer, entry)
+
+    monkeypatch.setattr(scorer, "score_answer", choke_on_long_answers)
+    completion = f"The answer is {record['answer']}, which I checked twice over."
+    assert reward(record["prompt"], completion, record["answer"], **record["meta"]) == 1.0

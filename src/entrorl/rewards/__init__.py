@@ -42,6 +42,7 @@ from entrorl.rewards.reasoning_gym import (
     REASONING_GYM_INSTRUCTION,
     ReasoningGymReward,
     extract_reasoning_gym_answer,
+    reasoning_gym_answer_readings,
     reasoning_gym_records,
 )
 from entrorl.rewards.shaping import overlong_penalties, overlong_penalty
@@ -70,6 +71,7 @@ __all__ = [
     "extract_boxed",
     "extract_final_answer",
     "extract_reasoning_gym_answer",
+    "reasoning_gym_answer_readings",
     "get_reward",
     "load_embedder",
     "math_equal",

@@ -11,8 +11,10 @@ reasoning-gym *entry* in its metadata, and the ``reasoning_gym`` reward hands th
 
 The model's answer is taken from the completion like reasoning-gym's own evaluation does — the last
 ``<answer>...</answer>`` — and, unless ``strict=True``, falls back (after the last ``</think>``) to the last
-``\\boxed{...}``, then the rest of the line after "the answer is" / "Answer:", then the last non-empty line, without
-the markup around the answer and a final period the reference does not have. Ask models for answer tags
+``\\boxed{...}``, then what follows "the answer is" / "Answer:", then the last non-empty line, without the markup
+around the answer and a final period the reference does not have; a phrase is read two ways, the rest of its line
+(a sentence answer) and up to its sentence's end or a clause (a value), and the better score is kept
+(:func:`reasoning_gym_answer_readings`). Ask models for answer tags
 (:data:`REASONING_GYM_INSTRUCTION`). Scores are the verifier's, in ``[0, 1]`` (several tasks give
 partial credit, e.g. ``len(reference) / len(answer)`` when the answer contains the reference).
 
@@ -35,7 +37,7 @@ from typing import Any
 
 from entrorl._checks import check_int, did_you_mean
 from entrorl.rewards.base import register_reward
-from entrorl.rewards.math import extract_answer_tag, extract_boxed
+from entrorl.rewards.math import extract_answer_phrase, extract_answer_tag, extract_boxed
 
 __all__ = [
     "REASONING_GYM_INSTRUCTION",
@@ -44,6 +46,7 @@ __all__ = [
     "entry_from_json",
     "entry_to_json",
     "extract_reasoning_gym_answer",
+    "reasoning_gym_answer_readings",
     "reasoning_gym_records",
     "verifier_accepts_nonsense",
 ]
@@ -120,8 +123,9 @@ def _check_task(task: Any) -> str:
     return task
 
 
-# "The answer is X", "The final answer is: X", "Answer: X", "**Final Answer:** X": X is the rest of its line
-_ANSWER_PHRASE_RE = re.compile(r"(?i)\b(?:the\s+(?:final\s+)?answer\s+is\b\s*:?|(?:final\s+)?answer\s*:)(?:\*\*)?")
+# "The answer is X", "The final answer is: X", "Answer: X", "**Answer**: X", "**Final Answer:** X"
+_ANSWER_PHRASE_RE = re.compile(r"(?i)\b(?:the\s+(?:final\s+)?answer\s+is\b\s*:?|(?:final\s+)?answer\b\s*\**\s*:)")
+_BLANK_LINE_RE = re.compile(r"\n[ \t]*(?:\n|$)")
 # markup around a whole answer, taken off while it wraps the whole of it: **X**, $X$, \(X\), \text{X}
 _MARKUP_RES = (re.compile(r"\*\*(?P<inner>.+)\*\*", re.DOTALL), re.compile(r"\$(?P<inner>[^$]+)\$"),
                re.compile(r"\\\((?P<inner>.+)\\\)", re.DOTALL),
@@ -139,49 +143,78 @@ def _without_markup(answer: str) -> str:
     return answer
 
 
-def _answer_after_phrase(text: str) -> str | None:
-    """The rest of the line after the last "the answer is" / "Answer:" in ``text``."""
+def _without_bold_ends(text: str) -> str:
+    """``text`` without the stars at its ends, before its final period too: "**42**." is "42."."""
+    text = text.strip()
+    period = "." if text.endswith(".") else ""
+    return text[: len(text) - len(period)].strip("*").strip() + period
+
+
+def _phrase_readings(text: str) -> list[str]:
+    """Readings of the answer after the last "the answer is" / "Answer:" in ``text``: the rest of its line (without
+    the bold the phrase opened: "**Final Answer:** 42", "**Final Answer: 42**"), or, when the line ends there, the
+    lines under it up to a blank line (a grid); then the math reward's reading of the phrase, which ends at a
+    sentence's end or a clause ("-4. I hope it is correct", "42, since 6*7=42")."""
     last = None
     for last in _ANSWER_PHRASE_RE.finditer(text):
         pass
     if last is None:
-        return None
-    return text[last.end():].split("\n", 1)[0]
+        return []
+    rest, _, below = text[last.end():].partition("\n")
+    rest = _without_bold_ends(rest)
+    readings = [rest if rest else _without_bold_ends(_BLANK_LINE_RE.split(below.lstrip(" \t\n"), maxsplit=1)[0])]
+    sentence = extract_answer_phrase(text)
+    return readings + ([sentence] if sentence else [])
+
+
+def reasoning_gym_answer_readings(
+    completion: str, *, strict: bool = False, keep_final_period: bool = False
+) -> list[str]:
+    """The model's answer in ``completion``, in the readings the reward scores (it keeps the best score; the first
+    reading is :func:`extract_reasoning_gym_answer`'s): the content of the last ``<answer>...</answer>``, each opening
+    tag closed by the first closing tag after it, as reasoning-gym's own ``extract_answer`` reads it
+    (whitespace-stripped).
+
+    Unless ``strict``, without such a tag, from the text after the last ``</think>`` (the whole text when there is
+    none): the last ``\\boxed{}``; else the answer after the last "the answer is" / "Answer:" (the rest of its line, or
+    the lines under it when the line ends there, and the phrase up to its sentence's end or a clause); else the last
+    non-empty line; then the last ``\\boxed{}`` of the whole text. These are read without the markup wrapping the
+    whole answer (``**42**``, ``$42$``, ``\\text{son}``) and without a final ``.`` (the sentence's), also with it when
+    ``keep_final_period`` (the reference ends with one). Empty when there is nothing."""
+    if not isinstance(completion, str):
+        return []
+    tagged = extract_answer_tag(completion, case_sensitive=True)
+    if tagged is not None:
+        return [tagged.strip()]
+    if strict:
+        return []
+    closed = completion.rfind("</think>")
+    after = completion[closed + len("</think>"):] if closed >= 0 else completion
+    lines = [line for line in after.splitlines() if line.strip()]
+    sources = [[extract_boxed(after)], _phrase_readings(after), [lines[-1] if lines else None]]
+    if closed >= 0:
+        sources.append([extract_boxed(completion)])
+    for found in sources:
+        readings: list[str] = []
+        for reading in filter(None, found):
+            answer = _without_markup(reading)
+            if answer.endswith(".") and (keep_final_period or not answer.endswith("..")):
+                readings.append(_without_markup(answer[:-1]))
+            if keep_final_period or not answer.endswith(".") or answer.endswith(".."):
+                readings.append(answer)
+        readings = [reading for reading in dict.fromkeys(readings) if reading]
+        if readings:
+            return readings
+    return []
 
 
 def extract_reasoning_gym_answer(
     completion: str, *, strict: bool = False, keep_final_period: bool = False
 ) -> str | None:
-    """The model's answer in ``completion``: the content of the last ``<answer>...</answer>``, each opening tag closed
-    by the first closing tag after it, as reasoning-gym's own ``extract_answer`` reads it (whitespace-stripped).
-
-    Unless ``strict``, without such a tag, in the text after the last ``</think>`` (the whole text when there is
-    none): the last ``\\boxed{}``, else the rest of the line after the last "the answer is" / "Answer:", else the last
-    non-empty line; then the last ``\\boxed{}`` of the whole text. These are read without the markup wrapping the
-    whole answer (``**42**``, ``$42$``, ``\\text{son}``) and, unless ``keep_final_period``, without a final ``.``
-    (the sentence's). None if there is nothing."""
-    if not isinstance(completion, str):
-        return None
-    tagged = extract_answer_tag(completion, case_sensitive=True)
-    if tagged is not None:
-        return tagged.strip()
-    if strict:
-        return None
-    closed = completion.rfind("</think>")
-    after = completion[closed + len("</think>"):] if closed >= 0 else completion
-    lines = [line for line in after.splitlines() if line.strip()]
-    readings = (extract_boxed(after), _answer_after_phrase(after), lines[-1] if lines else None)
-    if closed >= 0:
-        readings += (extract_boxed(completion),)
-    for found in readings:
-        if found is None:
-            continue
-        answer = _without_markup(found)
-        if not keep_final_period and answer.endswith(".") and not answer.endswith(".."):
-            answer = _without_markup(answer[:-1])
-        if answer:
-            return answer
-    return None
+    """The model's answer in ``completion``: the first of :func:`reasoning_gym_answer_readings`, None if there is
+    nothing."""
+    readings = reasoning_gym_answer_readings(completion, strict=strict, keep_final_period=keep_final_period)
+    return readings[0] if readings else None
 
 
 def reasoning_gym_records(
@@ -364,14 +397,17 @@ class ReasoningGymReward:
 
         reference = entry.get("answer")
         keep_final_period = isinstance(reference, str) and reference.rstrip().endswith(".")
-        predicted = extract_reasoning_gym_answer(completion, strict=self.strict, keep_final_period=keep_final_period)
-        if predicted is None:
-            return 0.0
-        try:
-            # in [0, 1] as documented: a verifier's float sum can pass 1 (spell_backward: nine 1/9 make 1.0000000000000002)
-            return min(max(float(scorer.score_answer(predicted, dict(entry))), 0.0), 1.0)
-        except Exception:
+        best, choked = 0.0, False
+        for predicted in reasoning_gym_answer_readings(completion, strict=self.strict,
+                                                       keep_final_period=keep_final_period):
+            try:
+                # in [0, 1] as documented: a verifier's float sum can pass 1 (spell_backward: nine 1/9 make
+                # 1.0000000000000002)
+                best = max(best, min(max(float(scorer.score_answer(predicted, dict(entry))), 0.0), 1.0))
+            except Exception:
+                choked = True
+        if choked and best == 0.0:
             # The verifier failed on the model's answer: 0 -- unless it also fails on the reference,
             # which means the entry itself is broken (then the error must surface).
             scorer.score_answer(entry.get("answer"), dict(entry))
-            return 0.0
+        return best
