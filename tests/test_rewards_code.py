@@ -205,7 +205,10 @@ def test_parse_tests_reads_numbers_and_lists_of_lines_as_text():
         (42, "expected a dict"),
         # LiveCodeBench's function-call case: run as standard input it printed nothing and scored 0, uncounted
         ([{"input": "[2,7]\n9", "output": "[0, 1]", "testtype": "functional"}], r"name the function with 'fn_name'"),
-        ({"cases": [{"input": "1", "output": "2", "fn_name": "f"}]}, r"cases\[0\] has unknown keys \['fn_name'\]"),
+        ({"cases": [{"input": "1", "output": "2", "name": "f"}]}, r"cases\[0\] has unknown keys \['name'\]"),
+        ({"cases": [{"input": "1", "output": "2", "fn_name": "a b"}]}, r"'cases\[0\]\.fn_name' must be a Python name"),
+        ({"test_cases": [{"input": "1", "output": "2"}], "language": "cpp"}, "the tests are for 'cpp' programs"),
+        ({"test_cases": [], "cases": [{"input": "1", "output": "2"}]}, "'cases' and 'test_cases' are one list"),
         ({"cases": [{"input": "1", "output": "2", "testtype": "interactive"}]}, "testtype 'interactive'"),
         ({"fn_name": "x y", "inputs": [[1]], "outputs": [1]}, "'fn_name' must be a Python name"),
         ({"fn_name": "class", "inputs": [[1]], "outputs": [1]}, "'fn_name' must be a Python name"),
@@ -437,6 +440,21 @@ def test_function_calls_as_livecodebench_writes_them_reach_a_solution_method():
     assert [status for status, _ in verdict.cases] == ["passed", "wrong_answer"]  # a plain function of that name
     verdict = reward()("two sum", fenced("print('no function')"), tests)
     assert verdict == 0.0 and "NameError" in verdict.reason
+
+
+def test_cases_as_primeintellect_and_open_r1_write_them():
+    """verification_info: {"test_cases": [{"type": "stdin_stdout" | "function_call", "fn_name", "input", "output"}],
+    "language": "python"}, a call's arguments and value as values, not JSON text."""
+    stdin = {"language": "python", "test_cases": [
+        {"type": "stdin_stdout", "fn_name": None, "input": "1 2\n", "output": "3\n"},
+        {"type": "stdin_stdout", "input": "10 -4\n", "output": "6\n"}]}
+    assert reward()("add", fenced("a, b = map(int, input().split())\nprint(a + b)"), stdin) == 1.0
+    calls = {"language": "python", "test_cases": [
+        {"type": "function_call", "fn_name": "add", "input": [1, 2], "output": [3]},
+        {"type": "function_call", "fn_name": "add", "input": ["a", "b"], "output": ["ab"]}]}
+    assert [t.kind for t in parse_tests(calls)] == ["assert", "assert"]
+    assert reward()("add", fenced("def add(a, b):\n    return a + b"), calls) == 1.0
+    assert reward()("add", fenced("def add(a, b):\n    return b + a"), calls) == 0.5
 
 
 def test_each_function_call_gets_fresh_arguments():

@@ -26,7 +26,9 @@ list of assert cases. Function calls (APPS, TACO, LiveCodeBench's functional cas
 call ``fn_name`` (a method of ``class Solution`` when the program defines one that has it) with the arguments, each a
 JSON value (one per line in a case's ``input``), and pass when it returns the output (tuples compare as lists; an
 output given as a list of one value may be that value, as APPS writes it). Each call is an assert case. A case may say
-``"testtype": "stdin"``; another key in a case is refused.
+its ``testtype`` or ``type`` (``stdin``, ``stdin_stdout``; ``functional``, ``function_call``) and its own ``fn_name``
+(PrimeIntellect's ``{"test_cases": [...], "language": "python"}``, where ``test_cases`` is ``cases`` and a call's
+arguments and value are values, not JSON text); another key in a case is refused.
 
 A standard-input case passes when the program's output matches ``output`` under the ``compare`` option
 (``"tokens"``: the same whitespace-separated tokens, the default; ``"lines"``: the same lines after stripping trailing
@@ -212,23 +214,36 @@ def _lines_as_json(text: Any, where: str) -> list[Any]:
         raise ValueError(f"code tests: {where} of a function-call case must hold one JSON value per line ({exc})") from exc
 
 
-def _case_kind(case: Mapping[str, Any], index: int, function: str | None) -> str:
-    """``"stdin"`` or ``"call"``: what a case's "testtype" says, else a call when the spec names a function. Other keys
-    are refused rather than ignored (a function's case run as standard input prints nothing: a silent 0)."""
-    unknown = set(case) - {"input", "output", *_CASE_KIND_KEYS}
+_STDIN_KINDS = ("stdin", "stdin_stdout")  # LiveCodeBench's testtype; PrimeIntellect's and open-r1's type
+_CALL_KINDS = ("functional", "function_call", "function", "call")
+
+
+def _case_function(case: Mapping[str, Any], index: int, function: str | None) -> str | None:
+    """The function a case calls (its own "fn_name", else the spec's), or None for a standard-input case: what its
+    "testtype" / "type" says, else a call when a function is named. Other keys are refused rather than ignored (a
+    function's case run as standard input prints nothing: a silent 0)."""
+    unknown = set(case) - {"input", "output", "fn_name", *_CASE_KIND_KEYS}
     if unknown:
         raise ValueError(f"code tests: cases[{index}] has unknown keys {sorted(unknown)}; a case is "
                          "{'input': ..., 'output': ...}")
+    if case.get("fn_name"):
+        function = _function_name(case["fn_name"], f"cases[{index}].fn_name")
     kind = next((case[key] for key in _CASE_KIND_KEYS if key in case), None)
     kind = kind.strip().lower() if isinstance(kind, str) else kind
-    if kind == "stdin" or (kind is None and function is None):
-        return "stdin"
-    if kind in ("functional", "function", "call", None):
+    if kind in _STDIN_KINDS or (kind is None and function is None):
+        return None
+    if kind in _CALL_KINDS or kind is None:
         if function is None:
             raise ValueError(f"code tests: cases[{index}] is a function-call case ({kind!r}); name the function with "
-                             "'fn_name' beside 'cases'")
-        return "call"
-    raise ValueError(f"code tests: cases[{index}] has testtype {kind!r}; one of 'stdin', 'functional'")
+                             "'fn_name' beside 'cases' or in the case")
+        return function
+    raise ValueError(f"code tests: cases[{index}] has testtype {kind!r}; one of {_STDIN_KINDS + _CALL_KINDS}")
+
+
+def _function_name(name: Any, where: str) -> str:
+    if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)):
+        raise ValueError(f"code tests: '{where}' must be a Python name, got {name!r}")
+    return name
 
 
 def parse_tests(spec: Any) -> list[CodeTest]:
@@ -247,14 +262,19 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         spec = {"asserts": list(spec)} if all(isinstance(item, str) for item in spec) else {"cases": list(spec)}
     if not isinstance(spec, Mapping):
         raise ValueError(f"code tests: expected a dict, a list or JSON of one, got {type(spec).__name__}")
-    unknown = set(spec) - {"cases", "inputs", "outputs", "asserts", "fn_name"}
+    unknown = set(spec) - {"cases", "test_cases", "inputs", "outputs", "asserts", "fn_name", "language"}
     if unknown:
         raise ValueError(f"code tests: unknown keys {sorted(unknown)}; use 'cases', 'inputs'/'outputs', 'asserts' "
                          "(and 'fn_name' for function calls)")
-    function = spec.get("fn_name") or None  # "" or null: a standard-input problem (APPS writes no key, others "")
-    if function is not None and not (isinstance(function, str) and function.isidentifier()
-                                     and not keyword.iskeyword(function)):
-        raise ValueError(f"code tests: 'fn_name' must be a Python name, got {function!r}")
+    if "test_cases" in spec:  # PrimeIntellect's and open-r1's verification_info
+        if "cases" in spec:
+            raise ValueError("code tests: 'cases' and 'test_cases' are one list; give one of them")
+        spec = {**{key: value for key, value in spec.items() if key != "test_cases"}, "cases": spec["test_cases"]}
+    language = spec.get("language")
+    if language is not None and not (isinstance(language, str) and language.strip().lower() in ("python", "python3")):
+        raise ValueError(f"code tests: the tests are for {language!r} programs; the code reward runs Python")
+    # "" or null: a standard-input problem (APPS writes no key, others "")
+    function = _function_name(spec["fn_name"], "fn_name") if spec.get("fn_name") else None
     for key in ("cases", "asserts"):
         if spec.get(key) is not None and not isinstance(spec[key], (list, tuple)):
             raise ValueError(f"code tests: '{key}' must be a list, got {type(spec[key]).__name__}")
@@ -262,13 +282,18 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         if not isinstance(case, Mapping) or "output" not in case:
             raise ValueError(f"code tests: cases[{index}] must be a dict with 'input' and 'output'")
         where = f"cases[{index}]"
-        if _case_kind(case, index, function) == "call":
-            expected = _lines_as_json(case["output"], f"{where}.output")
-            if len(expected) != 1:
-                raise ValueError(f"code tests: {where}.output of a function-call case must be one JSON value, got "
-                                 f"{len(expected)}")
-            tests.append(_call_case(function, _lines_as_json(case.get("input", ""), f"{where}.input"), expected[0],
-                                    where))
+        called = _case_function(case, index, function)
+        if called is not None:
+            # JSON text, one value per line (LiveCodeBench), or the values themselves (PrimeIntellect)
+            arguments, expected = case.get("input", ""), case["output"]
+            arguments = _lines_as_json(arguments, f"{where}.input") if isinstance(arguments, str) else arguments
+            if isinstance(expected, str):
+                values = _lines_as_json(expected, f"{where}.output")
+                if len(values) != 1:
+                    raise ValueError(f"code tests: {where}.output of a function-call case must be one JSON value, got "
+                                     f"{len(values)}")
+                expected = values[0]
+            tests.append(_call_case(called, arguments, expected, where))
             calls += 1
             continue
         tests.append(
