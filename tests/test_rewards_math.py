@@ -323,6 +323,13 @@ CASES = [
     ("", r"\boxed{1 000 million}", "1000000000", 1.0, ""),
     ("", r"\boxed{x = 1 \quad or \quad x = 2}", "1, 2", 1.0, ""),  # a connective right after another's blanks
     ("", r"\boxed{3 \quad and \quad 5}", "3, 5", 1.0, ""),
+    ("", r"\boxed{5 (or more)}", "5", 0.0, ""),  # a bound is no value: "or more" would match any answer it follows
+    ("", "The answer is 5 or more.", "5", 0.0, ""),
+    ("", r"\boxed{\geq 5}", "5", 0.0, ""),
+    ("", r"\boxed{≥ 5}", "5", 0.0, ""),
+    ("", r"\boxed{x \geq 5}", "x \geq 5", 1.0, ""),  # a bound against a bound: compared
+    ("", r"\boxed{\geq 5}", "\geq 5", 1.0, ""),
+    ("", r"\boxed{5}", "\geq 5", 0.0, ""),
     ("", r"\boxed{(E) 2}", "e", 0.0, ""),  # a choice letter is not Euler's e
     ("", r"\boxed{7_{8}}", "7", 1.0, ""),  # one digit: the same in every base it is below
     ("", "The answer is 8 (in total) because 4 + 4 = 8.", "8", 1.0, ""),  # a bracketed remark after the value

@@ -287,6 +287,13 @@ def compare_answers(
 # the "5 -" of a dash; not the sign of a power or an index, "0^+"), "=" or a product or quotient sign at the end
 _DANGLING_OPERATOR_RE = re.compile(
     r"(?:(?<=[^\s^_])-|(?<![\^_])\+|[*/^=]|\\(?:times|cdot|div|pm|mp)(?![A-Za-z]))\s*$")
+# an answer that states a bound, not a value: "\\geq 5", "at least 5", "5 (or more)" (canonically "5, more"), which
+# Math-Verify reads as 5; and a relation anywhere, which a reference stating a bound has
+_BOUND_START_RE = re.compile(r"\s*(?:\\(?:geq?|leq?|gt|lt)(?![A-Za-z])|[<>≤≥]|(?:at\s+(?:least|most)|(?:no\s+)?(?:more|less|"
+                             r"fewer)\s+than|over|under|above|below)\b)", re.IGNORECASE)
+_BOUND_END_RE = re.compile(r",\s*(?:more|less|fewer|greater|higher|lower|above|below|over|under|larger|smaller)\s*$",
+                           re.IGNORECASE)
+_RELATION_RE = re.compile(r"[<>≤≥]|\\(?:geq?|leq?|gt|lt)(?![A-Za-z])")
 # a one-sided limit's side: "0^+", "0^{-}", "0+"
 _SIDE_RE = re.compile(r"(?:\^\s*\{?\s*(?P<raised>[-+])\s*\}?|(?<=\d)(?P<after>[-+]))\s*$")
 # a numeral in a base from 2 to 36: 1011_2, 1234_{5}, FF_{16}
@@ -307,8 +314,9 @@ def _base_numeral(answer: str) -> tuple[str, int] | None:
 
 def _written_form_verdict(prediction: str, reference: str) -> ComparisonResult | None:
     """The verdict where the way an answer is written decides it, before any value is compared (None elsewhere): an
-    answer cut off after an operator, a one-sided limit's other side, a numeral in another base (Math-Verify reads
-    ``5-`` as 5, ``0^-`` as ``0^+`` and ``1011_2`` as 1011)."""
+    answer cut off after an operator, a one-sided limit's other side, a bound against a value, a numeral in another
+    base (Math-Verify reads ``5-`` as 5, ``0^-`` as ``0^+``, ``\\geq 5`` and ``5 or more`` as 5 and ``1011_2`` as
+    1011)."""
     sides = [_SIDE_RE.search(side) for side in (prediction, reference)]
     if all(sides):  # "0^-" against "0^+" or "0+": the sides must agree, and a side is no dangling sign
         if (sides[0]["raised"] or sides[0]["after"]) != (sides[1]["raised"] or sides[1]["after"]):
@@ -320,6 +328,12 @@ def _written_form_verdict(prediction: str, reference: str) -> ComparisonResult |
         if dangling and (written is None or written.group().strip() != dangling.group().strip()):
             return ComparisonResult(False, f"the answer {_short(prediction, 40)} ends with an operator "
                                            f"({dangling.group().strip()}): it is incomplete")
+    bounds = [bool(_BOUND_START_RE.match(side) or _BOUND_END_RE.search(side)) for side in (prediction, reference)]
+    relations = [bound or bool(_RELATION_RE.search(side)) for bound, side in zip(bounds, (prediction, reference))]
+    if bounds[0] and not relations[1]:
+        return ComparisonResult(False, f"the answer {_short(prediction, 40)} states a bound, not a value")
+    if bounds[1] and not relations[0]:
+        return ComparisonResult(False, f"the reference {_short(reference, 40)} states a bound, the answer a value")
     numerals = [_base_numeral(side) for side in (prediction, reference)]
     if None not in numerals:
         equal = numerals[0] == numerals[1]
