@@ -327,9 +327,10 @@ CASES = [
     ("", "The answer is 5 or more.", "5", 0.0, ""),
     ("", r"\boxed{\geq 5}", "5", 0.0, ""),
     ("", r"\boxed{≥ 5}", "5", 0.0, ""),
-    ("", r"\boxed{x \geq 5}", "x \geq 5", 1.0, ""),  # a bound against a bound: compared
-    ("", r"\boxed{\geq 5}", "\geq 5", 1.0, ""),
-    ("", r"\boxed{5}", "\geq 5", 0.0, ""),
+    ("", r"\boxed{x \geq 5}", r"x \geq 5", 1.0, ""),  # a bound against a bound: compared
+    ("", r"\boxed{\geq 5}", r"\geq 5", 1.0, ""),
+    ("", r"\boxed{5}", r"\geq 5", 0.0, ""),
+    ("", r"\boxed{\neq 5}", "5", 0.0, ""),
     ("", r"\boxed{(E) 2}", "e", 0.0, ""),  # a choice letter is not Euler's e
     ("", r"\boxed{7_{8}}", "7", 1.0, ""),  # one digit: the same in every base it is below
     ("", "The answer is 8 (in total) because 4 + 4 = 8.", "8", 1.0, ""),  # a bracketed remark after the value

@@ -32,8 +32,8 @@ arguments and value are values, not JSON text); another key in a case is refused
 
 A standard-input case passes when the program's output matches ``output`` under the ``compare`` option
 (``"tokens"``: the same whitespace-separated tokens, the default; ``"lines"``: the same lines after stripping trailing
-whitespace and trailing blank lines; ``"exact"``). An assert case passes when its code runs without raising; the program itself is
-executed once (as ``__main__``, with empty standard input) before the first assert case.
+whitespace and trailing blank lines; ``"exact"``). An assert case passes when its code runs without raising; the
+program itself is executed once (as ``__main__``, with empty standard input) before the first assert case.
 
 The reward returns a :class:`CodeVerdict`: a float (the score) that carries ``status`` (one of
 :data:`STATUSES`), ``reason`` (None for a full score, else why), the per-case results and the
@@ -211,7 +211,8 @@ def _lines_as_json(text: Any, where: str) -> list[Any]:
     try:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     except ValueError as exc:
-        raise ValueError(f"code tests: {where} of a function-call case must hold one JSON value per line ({exc})") from exc
+        raise ValueError(
+            f"code tests: {where} of a function-call case must hold one JSON value per line ({exc})") from exc
 
 
 _STDIN_KINDS = ("stdin", "stdin_stdout")  # LiveCodeBench's testtype; PrimeIntellect's and open-r1's type
