@@ -586,8 +586,8 @@ class RewardRunner:
     ``score_batch(prompts, completions, answers, metas)`` method (a judge) gets the whole batch in one call;
     other rewards are called sample by sample, in ``fn.parallel_calls`` threads at once when the reward says it gains
     from them (the ``code`` reward: each call waits on a sandboxed process), else one after the other. Calls are not
-    time-limited: a reward that may hang must bound itself. ``first_sample`` numbers the batch's samples in ``first_error`` from that index, for a caller that scores
-    a longer list in parts.
+    time-limited: a reward that may hang must bound itself. ``first_sample`` numbers the batch's samples in
+    ``first_error`` from that index, for a caller that scores a longer list in parts.
     """
 
     def __init__(
