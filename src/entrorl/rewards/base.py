@@ -585,7 +585,9 @@ class RewardRunner:
     ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit``. A reward with a
     ``score_batch(prompts, completions, answers, metas)`` method (a judge) gets the whole batch in one call;
     other rewards are called sample by sample, in ``fn.parallel_calls`` threads at once when the reward says it gains
-    from them (the ``code`` reward: each call waits on a sandboxed process), else one after the other. Calls are not
+    from them (the ``code`` reward: each call waits on a sandboxed process), else one after the other; when such a
+    batch is interrupted, the samples not started are dropped and ``fn.stop_calls()``, when the reward has it, stops
+    those running. Calls are not
     time-limited: a reward that may hang must bound itself. ``first_sample`` numbers the batch's samples in
     ``first_error`` from that index, for a caller that scores a longer list in parts.
     """
@@ -676,8 +678,19 @@ class RewardRunner:
         workers = min(self.parallel_calls, len(completions))
         if workers <= 1:
             return [call(i) for i in range(len(completions))]
-        with ThreadPoolExecutor(workers, thread_name_prefix="entrorl-reward") as pool:
-            return list(pool.map(call, range(len(completions))))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="entrorl-reward")
+        try:
+            outcomes = list(pool.map(call, range(len(completions))))
+        except BaseException:
+            # Ctrl-C (or a reward's SystemExit): the samples not started are dropped and those running are asked to
+            # stop (the code reward kills its programs), instead of running to their ends first
+            pool.shutdown(wait=False, cancel_futures=True)
+            stop_calls = getattr(self.fn, "stop_calls", None)
+            if callable(stop_calls):
+                stop_calls()
+            raise
+        pool.shutdown()
+        return outcomes
 
     def __call__(
         self,

@@ -72,6 +72,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -915,12 +916,15 @@ def unsupported_system_reason() -> str | None:
             f"this system is {sys.platform!r}: score code on a Linux machine or in a Linux container")
 
 
-def run_in_sandbox(program: str, cases: Sequence[SandboxCase], limits: SandboxLimits | None = None) -> SandboxRun:
+def run_in_sandbox(
+    program: str, cases: Sequence[SandboxCase], limits: SandboxLimits | None = None, *, stop: threading.Event | None = None
+) -> SandboxRun:
     """Run ``program`` (Python source) on every case of ``cases`` under ``limits``; see the module doc.
 
     Never raises because of what the program does; raises :class:`SandboxError` (or ``OSError``) when
     the sandbox itself cannot be set up or its interpreter does not start, and ``ValueError`` /
-    ``TypeError`` for bad arguments.
+    ``TypeError`` for bad arguments. Setting ``stop`` (from another thread: an interrupted batch) kills the program
+    within a twentieth of a second and raises :class:`SandboxError`.
     """
     if not isinstance(program, str):
         raise TypeError(f"program must be a string, got {type(program).__name__}")
@@ -950,7 +954,7 @@ def run_in_sandbox(program: str, cases: Sequence[SandboxCase], limits: SandboxLi
         # every attempt's start-up, and for each case its run and the pause after it, at most: whatever the messages
         hard_deadline = started + (len(cases) + 1) * limits.startup_time + (2 * len(cases) + 1) * limits.time_limit
         context = _RunContext(python, uid, workdir, marker, program, cases, processes, limits, run, stderr_fd,
-                              stderr_path, hard_deadline)
+                              stderr_path, hard_deadline, stop)
         first_case = 0
         strays = 0
         while True:
@@ -1011,6 +1015,7 @@ class _RunContext:
     stderr_fd: int  # the child's stderr, one file for every attempt
     stderr_path: str
     hard_deadline: float  # time.monotonic() past which no attempt runs, whatever the child reports
+    stop: threading.Event | None  # set: kill the program now
 
 
 @dataclass
@@ -1070,6 +1075,8 @@ def _run_attempt(context: _RunContext, first_case: int) -> _AttemptResult:
     pipe_open = True
     try:
         while True:
+            if context.stop is not None and context.stop.is_set():
+                raise SandboxError("stopped: the run was interrupted")
             now = time.monotonic()
             if now >= attempt.deadline:
                 attempt.time_out()
