@@ -457,6 +457,70 @@ def test_cases_as_primeintellect_and_open_r1_write_them():
     assert reward()("add", fenced("def add(a, b):\n    return b + a"), calls) == 0.5
 
 
+def test_a_function_s_value_is_compared_as_json_holds_it():
+    """APPS writes {"2": 1} for {2: 1} (JSON's keys are strings); numpy's values are Python's; NaN is NaN."""
+    tests = {"fn_name": "count", "inputs": [["ab"]], "outputs": [[{"2": 1}]]}
+    assert reward()("p", fenced("def count(s):\n    return {len(s): 1}"), tests) == 1.0
+    tests = {"fn_name": "f", "inputs": [[2]], "outputs": [[[4, 4.5]]]}
+    numpy_program = fenced("import numpy as np\ndef f(x):\n    return np.array([x * 2, x + 2.5])")
+    assert reward(drop_privileges=False)("p", numpy_program, tests) == 1.0  # the trainer's interpreter, with numpy
+    tests = {"fn_name": "f", "inputs": [[0]], "outputs": [float("nan")]}
+    assert reward()("p", fenced("def f(x):\n    return float('nan')"), tests) == 1.0
+
+
+def test_a_value_equal_to_everything_or_a_builtin_of_the_name_does_not_pass():
+    always_equal = "class Any:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Any()"
+    verdict = reward()("p", fenced(always_equal), {"fn_name": "add", "inputs": [[1, 2]], "outputs": [[3]]})
+    assert verdict == 0.0 and "Any is not a JSON value" in verdict.reason
+    also_a_str = "class S(str):\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return S('x')"
+    assert reward()("p", fenced(also_a_str), {"fn_name": "add", "inputs": [[1, 2]], "outputs": [[3]]}) == 0.0
+    verdict = reward()("p", fenced("print('no function')"), {"fn_name": "sorted", "inputs": [[[3, 1]]], "outputs": [[[1, 3]]]})
+    assert verdict == 0.0 and "the program defines no function sorted" in verdict.reason
+
+
+def test_only_apps_and_primeintellect_outputs_may_be_wrapped_in_a_list_of_one():
+    """LiveCodeBench's "[0]" is the list [0], which a method returning 0 does not return; PrimeIntellect's values are
+    values, not JSON text ("hello" is a string, "42" not the number 42)."""
+    lcb = {"fn_name": "f", "cases": [{"input": "[1]", "output": "[0]", "testtype": "functional"}]}
+    assert reward()("p", fenced("class Solution:\n    def f(self, a):\n        return 0"), lcb) == 0.0
+    assert reward()("p", fenced("class Solution:\n    def f(self, a):\n        return [0]"), lcb) == 1.0
+    hello = {"test_cases": [{"type": "function_call", "fn_name": "g", "input": [1], "output": "hello"}]}
+    assert reward()("p", fenced("def g(x):\n    return 'hello'"), hello) == 1.0
+    text = {"test_cases": [{"type": "function_call", "fn_name": "g", "input": [1], "output": "42"}]}
+    assert reward()("p", fenced("def g(x):\n    return 42"), text) == 0.0
+
+
+def test_ctrl_c_stops_the_programs_of_a_batch_scored_at_once():
+    """The pool waited for the running sandboxes to finish (9 s here) before the interrupt reached the caller."""
+    import signal
+    import threading
+
+    runner = RewardRunner(reward(workers=2))
+    program = fenced("import time\ntime.sleep(1.5)\nprint(3)")
+    tests = {"cases": [{"input": "", "output": "3"}] * 6}
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        runner(["p"] * 4, [program] * 4, [tests] * 4)
+    assert time.monotonic() - started < 4.0
+    timer.join()
+    deadline = time.monotonic() + 5
+    while any(thread.name.startswith("entrorl-reward") for thread in threading.enumerate()):
+        assert time.monotonic() < deadline, "the scoring threads outlived the interrupt"
+        time.sleep(0.05)
+    assert RewardRunner(reward(workers=2))(["p"], [fenced("print(3)")], [{"cases": [{"input": "", "output": "3"}]}]
+                                           ).scores.tolist() == [1.0]
+
+
+def test_a_pickled_code_reward_stops_its_own_calls():
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(reward(workers=2)))
+    clone.stop_calls()
+    assert clone("p", fenced("print(3)"), {"cases": [{"input": "", "output": "3"}]}) == 1.0
+
+
 def test_each_function_call_gets_fresh_arguments():
     program = "def grow(items):\n    items.append(0)\n    return len(items)"
     tests = {"fn_name": "grow", "inputs": [[[1]], [[1]]], "outputs": [2, 2]}

@@ -48,6 +48,7 @@ import os
 import re
 import shutil
 import string
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -163,24 +164,30 @@ def _text(value: Any, where: str) -> str:
 
 _CASE_KIND_KEYS = ("testtype", "type")  # LiveCodeBench's "testtype": "stdin" or "functional"
 
-# one function-call case, run in the program's namespace: the function named (a method of LeetCode's class Solution
-# when the program defines one) called with the arguments; tuples compare as lists (JSON has none) and an expected
-# value may be given wrapped in a list of one (APPS, TACO)
+# one function-call case, run in the program's namespace: the program's function named (a method of LeetCode's class
+# Solution when the program defines one), not a builtin of that name, called with the arguments; what it returns is
+# compared as JSON holds it (tuples as lists, keys as strings, numpy's values as Python's; any other object fails, so
+# that one equal to everything does not pass), and, for APPS, TACO and PrimeIntellect, an expected value wrapped in a
+# list of one is also that value
 _CALL_CASE = string.Template("""\
 import json as __entrorl_json
-def __entrorl_plain(value):
-    if isinstance(value, (list, tuple)):
-        return [__entrorl_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {key: __entrorl_plain(item) for key, item in value.items()}
-    return value
+def __entrorl_numpy_value(value):
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError("%s is not a JSON value" % type(value).__name__)
+__entrorl_function = globals().get($quoted_name)
 if isinstance(globals().get("Solution"), type) and hasattr(Solution, $quoted_name):
     __entrorl_function = getattr(Solution(), $quoted_name)
-else:
-    __entrorl_function = $name
+if __entrorl_function is None:
+    raise NameError("the program defines no function " + $quoted_name)
 __entrorl_expected = __entrorl_json.loads($expected)
-__entrorl_got = __entrorl_plain(__entrorl_function(*__entrorl_json.loads($arguments)))
-assert __entrorl_got == __entrorl_expected or [__entrorl_got] == __entrorl_expected, (
+__entrorl_value = __entrorl_function(*__entrorl_json.loads($arguments))
+try:
+    __entrorl_got = __entrorl_json.loads(__entrorl_json.dumps(__entrorl_value, default=__entrorl_numpy_value))
+except (TypeError, ValueError, RecursionError) as __entrorl_error:
+    raise AssertionError("$name(%s) returned %.200r: %s" % ($shown_arguments, __entrorl_value, __entrorl_error))
+assert (__entrorl_got == __entrorl_expected or __entrorl_json.dumps(__entrorl_got, sort_keys=True)
+        == __entrorl_json.dumps(__entrorl_expected, sort_keys=True) or ($unwrap and [__entrorl_got] == __entrorl_expected)), (
     "$name(%s) returned %.200r, expected %.200r" % ($shown_arguments, __entrorl_got, __entrorl_expected))
 """)
 
@@ -192,14 +199,15 @@ def _json_text(value: Any, where: str) -> str:
         raise ValueError(f"code tests: {where} must be JSON values ({exc})") from exc
 
 
-def _call_case(name: str, arguments: Any, expected: Any, where: str) -> CodeTest:
-    """The assert case that calls ``name(*arguments)`` and compares its value with ``expected``."""
+def _call_case(name: str, arguments: Any, expected: Any, where: str, *, unwrap: bool) -> CodeTest:
+    """The assert case that calls ``name(*arguments)`` and compares its value with ``expected`` (also with the one
+    value of ``expected`` when ``unwrap``)."""
     if not isinstance(arguments, (list, tuple)):
         raise ValueError(f"code tests: {where} must be the list of the function's arguments, got "
                          f"{type(arguments).__name__}")
     arguments_text = _json_text(list(arguments), where)
     shown = arguments_text[1:-1]
-    code = _CALL_CASE.substitute(name=name, quoted_name=repr(name), arguments=repr(arguments_text),
+    code = _CALL_CASE.substitute(name=name, quoted_name=repr(name), arguments=repr(arguments_text), unwrap=unwrap,
                                  expected=repr(_json_text(expected, where)),
                                  shown_arguments=repr(shown[:200] + ("..." if len(shown) > 200 else "")))
     return CodeTest("assert", code=code)
@@ -285,16 +293,19 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         where = f"cases[{index}]"
         called = _case_function(case, index, function)
         if called is not None:
-            # JSON text, one value per line (LiveCodeBench), or the values themselves (PrimeIntellect)
+            # the values themselves, as PrimeIntellect writes them (its "type"), else JSON text, one value per line
+            # (LiveCodeBench's "testtype")
+            as_values = "type" in case and "testtype" not in case
             arguments, expected = case.get("input", ""), case["output"]
-            arguments = _lines_as_json(arguments, f"{where}.input") if isinstance(arguments, str) else arguments
-            if isinstance(expected, str):
+            if isinstance(arguments, str) and not as_values:
+                arguments = _lines_as_json(arguments, f"{where}.input")
+            if isinstance(expected, str) and not as_values:
                 values = _lines_as_json(expected, f"{where}.output")
                 if len(values) != 1:
                     raise ValueError(f"code tests: {where}.output of a function-call case must be one JSON value, got "
                                      f"{len(values)}")
                 expected = values[0]
-            tests.append(_call_case(called, arguments, expected, where))
+            tests.append(_call_case(called, arguments, expected, where, unwrap=as_values))
             calls += 1
             continue
         tests.append(
@@ -314,7 +325,7 @@ def parse_tests(spec: Any) -> list[CodeTest]:
             raise ValueError(f"code tests: {len(inputs)} inputs but {len(outputs)} outputs")
         for index, (given, expected) in enumerate(zip(inputs, outputs)):
             if function is not None:  # APPS / TACO: each input the list of the arguments, each output the value
-                tests.append(_call_case(function, given, expected, f"inputs[{index}]"))
+                tests.append(_call_case(function, given, expected, f"inputs[{index}]", unwrap=True))
                 calls += 1
                 continue
             tests.append(
@@ -549,9 +560,24 @@ class CodeReward:
         if reason is not None:
             raise ValueError(reason)
         self.__name__ = "code"
+        self._stop = threading.Event()
 
     def __repr__(self) -> str:
         return f"CodeReward({self.options})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_stop"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._stop = threading.Event()
+
+    def stop_calls(self) -> None:
+        """Kill the programs of the calls running now (an interrupted batch); later calls run as usual."""
+        stopping, self._stop = self._stop, threading.Event()
+        stopping.set()
 
     @property
     def parallel_calls(self) -> int:
@@ -570,7 +596,7 @@ class CodeReward:
         )
         if program is None:
             return CodeVerdict(0.0, "no_code", "no_code: no fenced Python block in the completion", total=len(tests))
-        run = run_in_sandbox(program, [test.to_sandbox() for test in tests], options.limits())
+        run = run_in_sandbox(program, [test.to_sandbox() for test in tests], options.limits(), stop=self._stop)
         return judge_run(tests, run, options.compare)
 
     def score(self, prompt: str, completion: str, answer: Any, /, **meta: Any) -> float:
