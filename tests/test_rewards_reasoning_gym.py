@@ -406,3 +406,26 @@ def test_each_reading_is_scored_and_a_verifier_choking_on_one_does_not_hide_anot
     monkeypatch.setattr(scorer, "score_answer", choke_on_long_answers)
     completion = f"The answer is {record['answer']}, which I checked twice over."
     assert reward(record["prompt"], completion, record["answer"], **record["meta"]) == 1.0
+
+
+def test_two_answer_phrases_are_not_two_chances():
+    """The second reading came from the math reward's own phrases ("My answer is", "answer ="), so two different
+    answers each got the better score: it is read from the same phrase's line now."""
+    from entrorl.rewards import reasoning_gym_answer_readings
+
+    assert reasoning_gym_answer_readings("The answer is 7\nMy answer is 8") == ["7"]
+    record = reasoning_gym_records("basic_arithmetic", size=1, seed=1)[0]
+    right, wrong = record["answer"], str(int(record["answer"]) + 1)
+    scores = [_score("basic_arithmetic", record, f"The answer is {first}\nMy answer is {second}")
+              for first, second in ((wrong, right), (right, wrong))]
+    assert scores != [1.0, 1.0]
+
+
+def test_the_answer_phrase_is_found_in_linear_time():
+    import time
+
+    from entrorl.rewards import reasoning_gym_answer_readings
+
+    started = time.perf_counter()  # one regular-expression call holds the interpreter: timed where it runs
+    reasoning_gym_answer_readings("answer" + " " * 40_000 + "x")  # "answer\s*\**\s*:" took 2.3 s
+    assert time.perf_counter() - started < 1.0

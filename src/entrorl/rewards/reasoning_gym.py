@@ -124,7 +124,7 @@ def _check_task(task: Any) -> str:
 
 
 # "The answer is X", "The final answer is: X", "Answer: X", "**Answer**: X", "**Final Answer:** X"
-_ANSWER_PHRASE_RE = re.compile(r"(?i)\b(?:the\s+(?:final\s+)?answer\s+is\b\s*:?|(?:final\s+)?answer\b\s*\**\s*:)")
+_ANSWER_PHRASE_RE = re.compile(r"(?i)\b(?:the\s+(?:final\s+)?answer\s+is\b\s*:?|(?:final\s+)?answer\b\s*(?:\*+\s*)?:)")
 _BLANK_LINE_RE = re.compile(r"\n[ \t]*(?:\n|$)")
 # markup around a whole answer, taken off while it wraps the whole of it: **X**, $X$, \(X\), \text{X}
 _MARKUP_RES = (re.compile(r"\*\*(?P<inner>.+)\*\*", re.DOTALL), re.compile(r"\$(?P<inner>[^$]+)\$"),
@@ -153,17 +153,18 @@ def _without_bold_ends(text: str) -> str:
 def _phrase_readings(text: str) -> list[str]:
     """Readings of the answer after the last "the answer is" / "Answer:" in ``text``: the rest of its line (without
     the bold the phrase opened: "**Final Answer:** 42", "**Final Answer: 42**"), or, when the line ends there, the
-    lines under it up to a blank line (a grid); then the math reward's reading of the phrase, which ends at a
-    sentence's end or a clause ("-4. I hope it is correct", "42, since 6*7=42")."""
+    lines under it up to a blank line (a grid); then the math reward's reading of the same phrase's line, which ends
+    at a sentence's end or a clause ("-4. I hope it is correct", "42, since 6*7=42")."""
     last = None
     for last in _ANSWER_PHRASE_RE.finditer(text):
         pass
     if last is None:
         return []
-    rest, _, below = text[last.end():].partition("\n")
-    rest = _without_bold_ends(rest)
+    line, _, below = text[last.end():].partition("\n")
+    rest = _without_bold_ends(line)
     readings = [rest if rest else _without_bold_ends(_BLANK_LINE_RE.split(below.lstrip(" \t\n"), maxsplit=1)[0])]
-    sentence = extract_answer_phrase(text)
+    # the same phrase's line only: another phrase ("My answer is 8") would be a second answer, scored as the best
+    sentence = extract_answer_phrase(text[last.start():last.end() + len(line)])
     return readings + ([sentence] if sentence else [])
 
 
