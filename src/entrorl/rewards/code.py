@@ -24,8 +24,9 @@ list of assert cases. Function calls (APPS, TACO, LiveCodeBench's functional cas
     {"fn_name": "twoSum", "cases": [{"input": "[2,7,11,15]\\n9", "output": "[0,1]", "testtype": "functional"}]}
 
 call ``fn_name`` (a method of ``class Solution`` when the program defines one that has it) with the arguments, each a
-JSON value (one per line in a case's ``input``), and pass when it returns the output (tuples compare as lists; an
-output given as a list of one value may be that value, as APPS writes it). Each call is an assert case. A case may say
+JSON value (one per line in a case's ``input``), and pass when it returns the output as JSON holds it (tuples as
+lists, keys as strings; for APPS, TACO and PrimeIntellect an output given as a list of one value may be that value).
+Each call is an assert case. A case may say
 its ``testtype`` or ``type`` (``stdin``, ``stdin_stdout``; ``functional``, ``function_call``) and its own ``fn_name``
 (PrimeIntellect's ``{"test_cases": [...], "language": "python"}``, where ``test_cases`` is ``cases`` and a call's
 arguments and value are values, not JSON text); another key in a case is refused.
