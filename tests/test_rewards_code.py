@@ -521,6 +521,26 @@ def test_a_pickled_code_reward_stops_its_own_calls():
     assert clone("p", fenced("print(3)"), {"cases": [{"input": "", "output": "3"}]}) == 1.0
 
 
+def test_keys_that_are_null_are_absent_as_a_column_of_nested_values_gives_them(tmp_path):
+    """A Parquet column of nested values gives every row every key of the column, those it lacks as null: a row of
+    'cases' came with 'test_cases': null and was refused ("'cases' and 'test_cases' are one list")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from entrorl.data import load_prompts
+
+    path = tmp_path / "code.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        {"prompt": "add:", "tests": {"cases": [{"input": "1 2\n", "output": "3\n"}]}},
+        {"prompt": "add:", "tests": {"language": "python",
+                                     "test_cases": [{"type": "stdin_stdout", "input": "1 2\n", "output": "3\n"}]}},
+    ]), path)
+    records = load_prompts(path, meta_columns=["tests"], require_answer=False)
+    assert records[0].meta["tests"]["test_cases"] is None and records[1].meta["tests"]["cases"] is None
+    program = fenced("a, b = map(int, input().split())\nprint(a + b)")
+    assert [reward()(r.prompt, program, r.answer, **r.meta) for r in records] == [1.0, 1.0]
+
+
 def test_each_function_call_gets_fresh_arguments():
     program = "def grow(items):\n    items.append(0)\n    return len(items)"
     tests = {"fn_name": "grow", "inputs": [[[1]], [[1]]], "outputs": [2, 2]}

@@ -272,6 +272,9 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         spec = {"asserts": list(spec)} if all(isinstance(item, str) for item in spec) else {"cases": list(spec)}
     if not isinstance(spec, Mapping):
         raise ValueError(f"code tests: expected a dict, a list or JSON of one, got {type(spec).__name__}")
+    # a key that is null is absent: a column of nested values (Parquet, Arrow, datasets) gives each row every key of
+    # the column, those the row lacks as null
+    spec = {key: value for key, value in spec.items() if value is not None}
     unknown = set(spec) - {"cases", "test_cases", "inputs", "outputs", "asserts", "fn_name", "language"}
     if unknown:
         raise ValueError(f"code tests: unknown keys {sorted(unknown)}; use 'cases', 'inputs'/'outputs', 'asserts' "
@@ -289,6 +292,8 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         if spec.get(key) is not None and not isinstance(spec[key], (list, tuple)):
             raise ValueError(f"code tests: '{key}' must be a list, got {type(spec[key]).__name__}")
     for index, case in enumerate(spec.get("cases") or []):
+        if isinstance(case, Mapping):
+            case = {key: value for key, value in case.items() if value is not None}
         if not isinstance(case, Mapping) or "output" not in case:
             raise ValueError(f"code tests: cases[{index}] must be a dict with 'input' and 'output'")
         where = f"cases[{index}]"
