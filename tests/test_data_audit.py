@@ -310,6 +310,16 @@ def test_histogram_shares_use_the_first_and_last_bins():
     assert (histogram.frac_zero, histogram.frac_one) == (1 / 4, 2 / 4)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the code reward's sandbox is Linux-only")
+def test_code_prompts_are_never_called_wrong_from_a_number_in_the_programs():
+    """The math extractor, the fallback, read the last number of each program ("range(1, n + 1)" gave 1): four
+    different wrong programs agreed on 1 and the prompt looked wrong."""
+    from entrorl.rewards import get_reward
+
+    extract, _ = answer_tools(get_reward("code", workers=1))
+    assert extract("```python\nn = int(input())\nprint(sum(range(1, n + 1)))\n```") is None
+
+
 def test_math_answer_tools_count_equivalent_spellings_together():
     extract, equivalent = answer_tools(MathReward())
     completions = ["so \\boxed{\\frac{1}{2}}", "The answer is 0.5", "#### 1/2", "it is 3", "no idea"]
@@ -1174,7 +1184,7 @@ def test_cli_prints_data_verbatim_and_reward_failures_in_one_line(markup_data, t
     assert "\x1b" not in result.output and "\x07" not in result.output  # no escape sequence reaches the terminal
     (line,) = [line for line in result.output.splitlines() if line.startswith("reward errors")]
     assert line == ("reward errors: the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample "
-                    "4: ValueError: [i]bad[/i] \\x1b]0;title\\x07thing; its traceback is in aud/reward_errors.log")
+                    "4 (m.jsonl:3): ValueError: [i]bad[/i] \\x1b]0;title\\x07thing; its traceback is in aud/reward_errors.log")
     log = Path("aud/reward_errors.log").read_text()
     assert "Traceback (most recent call last)" in log and "ValueError: [i]bad[/i] \x1b]0;title\x07thing" in log
     assert json.loads(Path("aud/summary.json").read_text())["reward_errors"] == 2
@@ -1184,12 +1194,12 @@ def test_cli_prints_data_verbatim_and_reward_failures_in_one_line(markup_data, t
                                       "--out", "eval/e.json"])
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
-    assert ("the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample 4: ValueError: "
-            "[i]bad[/i] \\x1b]0;title\\x07thing; its traceback is in eval/e.reward_errors.log") in result.output
+    assert ("the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample 4 (m.jsonl:3): "
+            "ValueError: [i]bad[/i] \\x1b]0;title\\x07thing; its traceback is in eval/e.reward_errors.log") in result.output
     assert "Traceback (most recent call last)" in Path("eval/e.reward_errors.log").read_text()
     summary = json.loads(Path("eval/e.json").read_text())
     assert summary["reward_errors"] == 2 and summary["reward_errors_log"] == "eval/e.reward_errors.log"
-    assert summary["first_reward_error"] == "reward raised for sample 4: ValueError: [i]bad[/i] \x1b]0;title\x07thing"
+    assert summary["first_reward_error"] == "reward raised for sample 4 (m.jsonl:3): ValueError: [i]bad[/i] \x1b]0;title\x07thing"
     # a later evaluation into the same --out without a failure leaves no earlier traceback beside it
     again = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "2",
                                      "--max-new-tokens", "2", "--reward", "exact_match", "--out", "eval/e.json"])
@@ -1288,7 +1298,7 @@ def test_cli_audit_refuses_to_label_when_the_reward_failed_on_every_sample(marku
                                       "--max-new-tokens", "2", "--reward", "entrorl_test_audit_rewards:broken", "--out", "aud"])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert "the reward failed on all 6 samples (first failure: reward raised for sample 0: KeyError: 'tests')" in line
+    assert "the reward failed on all 6 samples (first failure: reward raised for sample 0 (m.jsonl:1): KeyError: 'tests')" in line
     assert "no prompt was labelled and no filtered file was written" in line and "aud/reward_errors.log" in line
     assert "Traceback" not in result.output
     assert sorted(path.name for path in Path("aud").iterdir()) == ["reward_errors.log"]
@@ -1486,7 +1496,7 @@ def test_the_first_reward_failure_names_its_sample_among_all_the_samples(tiny_mo
     result = audit_records(model, tokenizer, records, ids, RewardRunner(reward), n=3, sampling=SamplingParams(max_new_tokens=2),
                            batch_size=6)
     assert result.reward_errors == 3
-    assert result.first_reward_error.startswith("reward raised for sample 6: ValueError: three fails")
+    assert result.first_reward_error.startswith("reward raised for sample 6 (mem:3): ValueError: three fails")
 
 
 def test_the_pass_rate_bars_scale_to_the_widest_bin_and_show_every_non_empty_bin():
@@ -1586,8 +1596,8 @@ def test_cli_data_audit_prints_the_pass_rate_table_the_suspects_and_counts_over_
     assert [row for row in cells if row[0].startswith("t.jsonl:")] == [["t.jsonl:2", "4", "7", "1.00", "0/2"],
                                                                        ["t.jsonl:3", "6", "7", "1.00", "0/2"]]
     assert "ok 1, hard 0, looks wrong 2, too long 1; band (0, 1): kept 0 of 4 rows -> aud/t.filtered.jsonl" in lines
-    assert ("reward errors: the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample 4: "
-            "ValueError: three; its traceback is in aud/reward_errors.log") in lines
+    assert ("reward errors: the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample 4 "
+            "(t.jsonl:3): ValueError: three; its traceback is in aud/reward_errors.log") in lines
 
 
 def test_cli_lists_the_first_20_prompts_too_long_for_the_context_and_counts_the_others(tmp_path, tiny_model_dir,

@@ -581,6 +581,13 @@ def test_a_reward_that_asks_for_parallel_calls_gets_them_in_order():
     assert "sample 1:" in result.first_error.splitlines()[0]
 
 
+def test_first_error_names_the_failing_sample_s_data_row_when_given():
+    result = RewardRunner(_fragile_reward)(["p"] * 3, ["a", "boom", "b"], ["a"] * 3, sources=["d.jsonl:1", "d.jsonl:7", None])
+    assert result.first_error.splitlines()[0].startswith("reward raised for sample 1 (d.jsonl:7): RuntimeError")
+    with pytest.raises(ValueError, match="different lengths"):
+        RewardRunner(_fragile_reward)(["p"], ["a"], ["a"], sources=[])
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
 def test_a_reward_s_parallel_calls_must_be_a_whole_number(bad):
     reward = _ConcurrentReward(1)

@@ -3312,8 +3312,10 @@ def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arith
     assert metrics["reward/errors"] == 8 and metrics["reward/error_frac"] == 0.0
     # which reward failed is said: in the terminal's line and in the kept traceback
     assert "reward 'flaky_extra:score' failed on 8 of 8 samples (scored 0)" in caplog.text
-    assert (tmp_path / "extra-run" / "reward_errors.log").read_text().startswith(
-        "step 1, extra reward 'flaky_extra:score': reward raised for sample 0: RuntimeError: reward server down")
+    first_line = (tmp_path / "extra-run" / "reward_errors.log").read_text().splitlines()[0]
+    # the sample's data row too: a position in the step's batch alone does not find the row
+    assert re.fullmatch(r"step 1, extra reward 'flaky_extra:score': reward raised for sample 0 \(.*train\.jsonl:\d+\): "
+                        r"RuntimeError: reward server down", first_line), first_line
 
 
 def test_evaluation_samples_with_its_own_top_k_and_top_p(tmp_path, tiny_model_dir, arithmetic_files):

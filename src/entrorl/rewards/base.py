@@ -589,7 +589,8 @@ class RewardRunner:
     batch is interrupted, the samples not started are dropped and ``fn.stop_calls()``, when the reward has it, stops
     those running. Calls are not
     time-limited: a reward that may hang must bound itself. ``first_sample`` numbers the batch's samples in
-    ``first_error`` from that index, for a caller that scores a longer list in parts.
+    ``first_error`` from that index, for a caller that scores a longer list in parts, and ``sources`` (the
+    data row of each sample, ``file:line``) names each failing sample's row there too.
     """
 
     def __init__(
@@ -692,6 +693,12 @@ class RewardRunner:
         pool.shutdown()
         return outcomes
 
+    @staticmethod
+    def _sample_name(number: int, sources: Sequence[str | None] | None, row: int) -> str:
+        """"sample 3", with its data row when the caller knows it: "sample 3 (code.jsonl:12)"."""
+        source = sources[row] if sources is not None else None
+        return f"sample {number} ({source})" if source else f"sample {number}"
+
     def __call__(
         self,
         prompts: Sequence[str],
@@ -701,6 +708,7 @@ class RewardRunner:
         lengths: Sequence[int] | None = None,
         *,
         first_sample: int = 0,
+        sources: Sequence[str | None] | None = None,
     ) -> RewardResult:
         n = len(completions)
         if answers is None:
@@ -710,6 +718,8 @@ class RewardRunner:
         sizes = {"prompts": len(prompts), "completions": n, "answers": len(answers), "metas": len(metas)}
         if lengths is not None:
             sizes["lengths"] = len(lengths)
+        if sources is not None:
+            sizes["sources"] = len(sources)
         if len(set(sizes.values())) > 1:
             raise ValueError(f"RewardRunner: inputs have different lengths: {sizes}")
         if self.overlong is not None and lengths is None:
@@ -733,7 +743,8 @@ class RewardRunner:
                 reasons[i] = f"reward raised {type(exc).__name__}: {exc}"[:300]
                 if first_error is None:
                     headline = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-                    first_error = f"reward raised for sample {first_sample + i}: {headline}\n{trace}"
+                    sample = self._sample_name(first_sample + i, sources, i)
+                    first_error = f"reward raised for {sample}: {headline}\n{trace}"
                 continue
             try:
                 if _says_failed(value):  # a score that says it is none (a judge's timeout)
@@ -750,7 +761,7 @@ class RewardRunner:
                 reasons[i] = f"reward {exc}"[:300]
                 if first_error is None:  # with what a failed score tells of its failure (a judge's traceback)
                     details = getattr(value, "details", None)
-                    first_error = f"reward for sample {first_sample + i} {exc}" + (
+                    first_error = f"reward for {self._sample_name(first_sample + i, sources, i)} {exc}" + (
                         f"\n{details}" if isinstance(details, str) and details else "")
                 continue
             scores[i] = score

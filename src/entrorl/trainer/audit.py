@@ -54,6 +54,7 @@ from entrorl.data.audit import (
 )
 from entrorl.data.loading import check_output_directory
 from entrorl.rewards import (
+    CodeReward,
     MathReward,
     ReasoningGymReward,
     RewardRunner,
@@ -89,7 +90,8 @@ def answer_tools(reward_fn: Any) -> tuple[Extractor, Equivalence]:
 
     ``math``: :func:`~entrorl.rewards.extract_final_answer` with the reward's extractors and :func:`~entrorl.rewards.math_equal`
     with the reward's own options (so ``0.5``, ``1/2`` and ``\\frac{1}{2}`` are one answer);
-    ``reasoning_gym``: its ``<answer>`` extractor and equality of spellings; ``exact_match`` and any
+    ``reasoning_gym``: its ``<answer>`` extractor and equality of spellings; ``code``: no answer (a program has none:
+    its prompts are only ``hard`` or ``ok``); ``exact_match`` and any
     other reward: the final-answer extractor (the whole completion when it finds nothing, for
     ``exact_match``) and equality of spellings up to case, whitespace and Unicode NFC.
     """
@@ -98,9 +100,15 @@ def answer_tools(reward_fn: Any) -> tuple[Extractor, Equivalence]:
         return lambda completion: extract_final_answer(completion, extractors), lambda a, b: math_equal(a, b, options=options)
     if isinstance(reward_fn, ReasoningGymReward):
         return extract_reasoning_gym_answer, _same_spelling
+    if isinstance(reward_fn, CodeReward):  # programs have no final answer to agree on (the last number in them is none)
+        return _no_answer, _same_spelling
     if reward_fn is exact_match:
         return lambda completion: extract_final_answer(completion) or (completion.strip() or None), _same_spelling
     return extract_final_answer, _same_spelling
+
+
+def _no_answer(completion: str) -> None:
+    return None
 
 
 def _same_spelling(a: str, b: str) -> bool:
@@ -223,7 +231,8 @@ def audit_records(
             completions = tokenizer.batch_decode(rollouts.completion_ids(), skip_special_tokens=True)
             repeated = [records[i] for i in chunk for _ in range(n)]
             scored = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated],
-                            [r.meta for r in repeated], rollouts.lengths.tolist(), first_sample=start * n)
+                            [r.meta for r in repeated], rollouts.lengths.tolist(), first_sample=start * n,
+                            sources=[r.source for r in repeated])
             result.reward_errors += scored.errors
             result.first_reward_error = result.first_reward_error or scored.first_error
             correct = scored.correct.tolist()

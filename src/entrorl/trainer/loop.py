@@ -675,10 +675,11 @@ class Trainer:
     def _score(self, rollouts: Rollouts, records: list[PromptRecord]):
         completions = self.tokenizer.batch_decode(rollouts.completion_ids(), skip_special_tokens=True)
         inputs = ([r.prompt for r in records], completions, [r.answer for r in records], [r.meta for r in records])
-        result = self.reward(*inputs, rollouts.lengths.tolist())
+        sources = [r.source for r in records]
+        result = self.reward(*inputs, rollouts.lengths.tolist(), sources=sources)
         main_failures = result.errors  # the main reward's alone: an extra reward that fails leaves the score standing
         for name, weight, runner in self.extra_rewards:
-            result = result.with_extra(name, weight, runner(*inputs))
+            result = result.with_extra(name, weight, runner(*inputs, sources=sources))
         if result.first_error:
             self._note_reward_error(result.first_error, step=self.step + 1)
         return result, completions, main_failures
