@@ -190,3 +190,17 @@ def test_fused_head_worker_does_not_hide_nan_entropies_behind_the_log_prob_error
                             "tokens": 70, "repeats": 1, "seed": 0, "threads": None})
     error = result["max_error"]
     assert not (error <= 1e-3), error
+
+
+@pytest.mark.parametrize("arguments", [["--samples", "0"], ["--rounds", "0"], ["--workers", "2", "0"]])
+def test_code_reward_refuses_sizes_that_measure_nothing(arguments):
+    with pytest.raises(SystemExit) as refused:
+        _script("bench_code_reward").main(arguments)
+    assert refused.value.code == 2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the code reward's sandbox is Linux-only")
+def test_code_reward_arms_score_the_batch_alike_and_report_the_speed_up(capsys):
+    assert _script("bench_code_reward").main(["--samples", "5", "--rounds", "1", "--workers", "2", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert "| 1 |" in table and "| 2 |" in table and "1.00x" in table
