@@ -586,6 +586,8 @@ def test_first_error_names_the_failing_sample_s_data_row_when_given():
     assert result.first_error.splitlines()[0].startswith("reward raised for sample 1 (d.jsonl:7): RuntimeError")
     with pytest.raises(ValueError, match="different lengths"):
         RewardRunner(_fragile_reward)(["p"], ["a"], ["a"], sources=[])
+    odd = RewardRunner(_fragile_reward)(["p"], ["boom"], ["a"], sources=["odd\nname.jsonl:3"])
+    assert rewards_base.error_headline(odd.first_error) == "reward raised for sample 0 (odd name.jsonl:3): RuntimeError: kaboom in the reward"
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])

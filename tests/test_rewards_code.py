@@ -541,6 +541,53 @@ def test_keys_that_are_null_are_absent_as_a_column_of_nested_values_gives_them(t
     assert [reward()(r.prompt, program, r.answer, **r.meta) for r in records] == [1.0, 1.0]
 
 
+def test_a_function_s_value_may_be_none_or_an_exact_number_and_a_case_s_type_is_not_its_format():
+    """A null output is a function's value (in-place problems), not a missing key; Fraction(1, 2) is 0.5, as APPS's own
+    check has it; "type": "functional" is LiveCodeBench's JSON text, only "function_call" PrimeIntellect's values."""
+    none = {"test_cases": [{"type": "function_call", "fn_name": "f", "input": [1], "output": None}]}
+    assert reward()("p", fenced("def f(x):\n    return None"), none) == 1.0
+    assert reward()("p", fenced("def f(x):\n    return 0"), none) == 0.0
+    half = {"fn_name": "half", "inputs": [[1]], "outputs": [[0.5]]}
+    assert reward()("p", fenced("from fractions import Fraction\ndef half(x):\n    return Fraction(x, 2)"), half) == 1.0
+    typed = {"fn_name": "f", "cases": [{"type": "functional", "input": "[1, 2]\n3", "output": "[1, 2, 3]"}]}
+    assert reward()("p", fenced("def f(a, b):\n    return a + [b]"), typed) == 1.0
+    with pytest.raises(ValueError, match=r"cases\[0\]\.output of a standard-input case is null"):
+        parse_tests({"cases": [{"input": "1", "output": None}]})
+
+
+def test_a_value_too_large_to_write_is_a_wrong_answer_that_says_what_it_was():
+    verdict = reward()("p", fenced("def f(x):\n    return 10 ** 5000"), {"fn_name": "f", "inputs": [[1]], "outputs": [1]})
+    assert verdict == 0.0 and verdict.reason.startswith("wrong_answer") and "returned a int" in verdict.reason
+
+
+def test_an_interrupt_stops_a_call_still_reading_its_tests(monkeypatch):
+    """A call still reading its tests when the batch was interrupted took the event stop_calls had just put in place,
+    so its program ran to its end."""
+    import signal
+    import threading
+
+    import entrorl.rewards.code as code_module
+
+    real = code_module.parse_tests
+
+    def slow_parse(spec):
+        time.sleep(1.0)
+        return real(spec)
+
+    monkeypatch.setattr(code_module, "parse_tests", slow_parse)
+    runner = RewardRunner(reward(time_limit=8.0, workers=2))
+    program, tests = fenced("import time\ntime.sleep(5)\nprint(3)"), {"cases": [{"input": "", "output": "3"}]}
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        runner(["p"] * 2, [program] * 2, [tests] * 2)
+    timer.join()
+    interrupted = time.monotonic()
+    while any(thread.name.startswith("entrorl-reward") for thread in threading.enumerate()):
+        assert time.monotonic() - interrupted < 3.0, "the interrupted calls' programs ran on"
+        time.sleep(0.05)
+
+
 def test_each_function_call_gets_fresh_arguments():
     program = "def grow(items):\n    items.append(0)\n    return len(items)"
     tests = {"fn_name": "grow", "inputs": [[[1]], [[1]]], "outputs": [2, 2]}

@@ -696,7 +696,7 @@ class RewardRunner:
     @staticmethod
     def _sample_name(number: int, sources: Sequence[str | None] | None, row: int) -> str:
         """"sample 3", with its data row when the caller knows it: "sample 3 (code.jsonl:12)"."""
-        source = sources[row] if sources is not None else None
+        source = " ".join(str(sources[row]).split()) if sources is not None and sources[row] else ""
         return f"sample {number} ({source})" if source else f"sample {number}"
 
     def __call__(

@@ -167,15 +167,25 @@ _CASE_KIND_KEYS = ("testtype", "type")  # LiveCodeBench's "testtype": "stdin" or
 
 # one function-call case, run in the program's namespace: the program's function named (a method of LeetCode's class
 # Solution when the program defines one), not a builtin of that name, called with the arguments; what it returns is
-# compared as JSON holds it (tuples as lists, keys as strings, numpy's values as Python's; any other object fails, so
-# that one equal to everything does not pass), and, for APPS, TACO and PrimeIntellect, an expected value wrapped in a
-# list of one is also that value
+# compared as JSON holds it (tuples as lists, keys as strings, numbers as Python's: numpy's, Fraction, Decimal; any
+# other object fails, so that one equal to everything does not pass), and, for APPS, TACO and PrimeIntellect, an
+# expected value wrapped in a list of one is also that value
 _CALL_CASE = string.Template("""\
 import json as __entrorl_json
-def __entrorl_numpy_value(value):
+import numbers as __entrorl_numbers
+def __entrorl_number_value(value):
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return value.tolist()
+    if isinstance(value, __entrorl_numbers.Integral):
+        return int(value)
+    if isinstance(value, __entrorl_numbers.Real) or type(value).__name__ == "Decimal":
+        return float(value)
     raise TypeError("%s is not a JSON value" % type(value).__name__)
+def __entrorl_shown(value):
+    try:
+        return "%.200r" % (value,)
+    except Exception:
+        return "a %s" % type(value).__name__
 __entrorl_function = globals().get($quoted_name)
 if isinstance(globals().get("Solution"), type) and hasattr(Solution, $quoted_name):
     __entrorl_function = getattr(Solution(), $quoted_name)
@@ -184,12 +194,14 @@ if __entrorl_function is None:
 __entrorl_expected = __entrorl_json.loads($expected)
 __entrorl_value = __entrorl_function(*__entrorl_json.loads($arguments))
 try:
-    __entrorl_got = __entrorl_json.loads(__entrorl_json.dumps(__entrorl_value, default=__entrorl_numpy_value))
+    __entrorl_got = __entrorl_json.loads(__entrorl_json.dumps(__entrorl_value, default=__entrorl_number_value))
 except (TypeError, ValueError, RecursionError) as __entrorl_error:
-    raise AssertionError("$name(%s) returned %.200r: %s" % ($shown_arguments, __entrorl_value, __entrorl_error))
+    raise AssertionError("$name(%s) returned %s: %s" % ($shown_arguments, __entrorl_shown(__entrorl_value),
+                                                         __entrorl_error)) from None
 assert (__entrorl_got == __entrorl_expected or __entrorl_json.dumps(__entrorl_got, sort_keys=True)
         == __entrorl_json.dumps(__entrorl_expected, sort_keys=True) or ($unwrap and [__entrorl_got] == __entrorl_expected)), (
-    "$name(%s) returned %.200r, expected %.200r" % ($shown_arguments, __entrorl_got, __entrorl_expected))
+    "$name(%s) returned %s, expected %s" % ($shown_arguments, __entrorl_shown(__entrorl_got),
+                                            __entrorl_shown(__entrorl_expected)))
 """)
 
 
@@ -292,17 +304,18 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         if spec.get(key) is not None and not isinstance(spec[key], (list, tuple)):
             raise ValueError(f"code tests: '{key}' must be a list, got {type(spec[key]).__name__}")
     for index, case in enumerate(spec.get("cases") or []):
-        if isinstance(case, Mapping):
-            case = {key: value for key, value in case.items() if value is not None}
+        if isinstance(case, Mapping):  # a null kind or function is absent; a null output may be a function's value
+            case = {key: value for key, value in case.items() if value is not None or key == "output"}
         if not isinstance(case, Mapping) or "output" not in case:
             raise ValueError(f"code tests: cases[{index}] must be a dict with 'input' and 'output'")
         where = f"cases[{index}]"
         called = _case_function(case, index, function)
         if called is not None:
-            # the values themselves, as PrimeIntellect writes them (its "type"), else JSON text, one value per line
-            # (LiveCodeBench's "testtype")
-            as_values = "type" in case and "testtype" not in case
-            arguments, expected = case.get("input", ""), case["output"]
+            # the values themselves, as PrimeIntellect writes them ("type": "function_call"), else JSON text, one
+            # value per line (LiveCodeBench's functional cases)
+            kind = next((case[key] for key in _CASE_KIND_KEYS if key in case), None)
+            as_values = isinstance(kind, str) and kind.strip().lower() == "function_call"
+            arguments, expected = case.get("input", [] if as_values else ""), case["output"]
             if isinstance(arguments, str) and not as_values:
                 arguments = _lines_as_json(arguments, f"{where}.input")
             if isinstance(expected, str) and not as_values:
@@ -314,6 +327,8 @@ def parse_tests(spec: Any) -> list[CodeTest]:
             tests.append(_call_case(called, arguments, expected, where, unwrap=as_values))
             calls += 1
             continue
+        if case["output"] is None:
+            raise ValueError(f"code tests: {where}.output of a standard-input case is null")
         tests.append(
             CodeTest(
                 "stdin",
@@ -592,6 +607,7 @@ class CodeReward:
         return self.options.workers
 
     def __call__(self, prompt: str, completion: str, answer: Any, /, **meta: Any) -> CodeVerdict:
+        stop = self._stop  # the event of the batch this call belongs to, whatever stop_calls does while it reads
         spec = answer if answer is not None else meta.get("tests")
         if spec is None:
             raise ValueError("code reward: no test cases (give them as the answer or as meta['tests'])")
@@ -602,7 +618,7 @@ class CodeReward:
         )
         if program is None:
             return CodeVerdict(0.0, "no_code", "no_code: no fenced Python block in the completion", total=len(tests))
-        run = run_in_sandbox(program, [test.to_sandbox() for test in tests], options.limits(), stop=self._stop)
+        run = run_in_sandbox(program, [test.to_sandbox() for test in tests], options.limits(), stop=stop)
         return judge_run(tests, run, options.compare)
 
     def score(self, prompt: str, completion: str, answer: Any, /, **meta: Any) -> float:
