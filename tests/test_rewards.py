@@ -590,6 +590,38 @@ def test_first_error_names_the_failing_sample_s_data_row_when_given():
     assert rewards_base.error_headline(odd.first_error) == "reward raised for sample 0 (odd name.jsonl:3): RuntimeError: kaboom in the reward"
 
 
+class _StatusReward:
+    statuses = ("passed", "timeout", "wrong_answer")
+
+    def __call__(self, prompt, completion, answer, **meta):
+        if completion == "boom":
+            raise RuntimeError("no verdict")
+        return RewardVerdict(float(completion == "ok"), "timeout" if completion == "slow" else
+                             "passed" if completion == "ok" else "wrong_answer")
+
+
+class RewardVerdict(float):
+    def __new__(cls, score, status):
+        verdict = super().__new__(cls, score)
+        verdict.status, verdict.reason = status, None
+        return verdict
+
+
+def test_the_shares_of_a_reward_s_declared_statuses_are_step_metrics():
+    result = RewardRunner(_StatusReward())(["p"] * 5, ["ok", "slow", "slow", "no", "boom"])
+    assert result.statuses == ["passed", "timeout", "timeout", "wrong_answer", None]
+    metrics = result.metrics()
+    assert (metrics["reward/status/passed"], metrics["reward/status/timeout"], metrics["reward/status/wrong_answer"]
+            ) == (0.2, 0.4, 0.2)
+    kept = RewardResult.concat([result.select([1, 2]), result.select([0])])
+    assert kept.statuses == ["timeout", "timeout", "passed"] and kept.metrics()["reward/status/timeout"] == 2 / 3
+    with_extra = result.with_extra("extra", 0.5, RewardRunner(_StatusReward())(["p"] * 5, ["ok"] * 5))
+    assert with_extra.statuses == result.statuses  # the main reward's verdicts
+    assert not any(key.startswith("reward/status/") for key in RewardRunner(_fragile_reward)(["p"], ["a"]).metrics())
+    assert "reward/status/timeout" in RewardRunner(get_reward("code", workers=1))(
+        ["p"], ["no program"], ['{"cases": [{"input": "", "output": "1"}]}']).metrics()
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
 def test_a_reward_s_parallel_calls_must_be_a_whole_number(bad):
     reward = _ConcurrentReward(1)

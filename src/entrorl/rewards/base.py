@@ -403,7 +403,10 @@ class RewardResult:
       plain number) or, for a failed sample, what went wrong;
     * ``extras`` — the scores of each extra reward added by :meth:`with_extra`, by name;
     * ``exact_scores`` — float64 ``[n]``, the scores before float32 rounds them, which thresholds are compared with
-      (rounded, 0.49999999 would reach 0.5 and a partial credit of 1 - 1e-8 full marks); ``scores`` when not given.
+      (rounded, 0.49999999 would reach 0.5 and a partial credit of 1 - 1e-8 full marks); ``scores`` when not given;
+    * ``statuses`` / ``status_names`` — per sample, the ``.status`` the main reward gave (the ``code`` reward's
+      ``passed``, ``timeout``, ...; None for a plain number or a failure), and every status the reward declares
+      (its ``statuses`` attribute), whose shares :meth:`metrics` reports.
     """
 
     scores: torch.Tensor
@@ -417,6 +420,8 @@ class RewardResult:
     extras: dict[str, torch.Tensor] | None = None
     score_failed: torch.Tensor | None = None
     exact_scores: torch.Tensor | None = None
+    statuses: list[str | None] | None = None
+    status_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = self.scores.shape[0]
@@ -434,6 +439,10 @@ class RewardResult:
             self.reasons = [None] * n
         elif len(self.reasons) != n:
             raise ValueError(f"RewardResult: {len(self.reasons)} reasons for {n} scores")
+        if self.statuses is None:
+            self.statuses = [None] * n
+        elif len(self.statuses) != n:
+            raise ValueError(f"RewardResult: {len(self.statuses)} statuses for {n} scores")
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -468,7 +477,7 @@ class RewardResult:
             first_error=self.first_error or (f"extra reward {name!r}: {extra_first_error}" if extra_first_error else None),
             penalties=self.penalties, failed=failed, reasons=reasons,
             extras={**(self.extras or {}), name: extra_scores}, score_failed=self.score_failed,
-            exact_scores=self.exact_scores,
+            exact_scores=self.exact_scores, statuses=self.statuses, status_names=self.status_names,
         )
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> "RewardResult":
@@ -488,6 +497,8 @@ class RewardResult:
             first_error=self.first_error if bool(failed.any()) else None, penalties=self.penalties[rows], failed=failed,
             reasons=[self.reasons[i] for i in rows.tolist()], extras={name: v[rows] for name, v in (self.extras or {}).items()},
             score_failed=self.score_failed[rows], exact_scores=self.exact_scores[rows],
+            statuses=[self.statuses[i] for i in rows.tolist()] if self.statuses is not None else None,
+            status_names=self.status_names,
         )
 
     @staticmethod
@@ -505,12 +516,15 @@ class RewardResult:
             extras={name: torch.cat([p.extras[name] for p in parts]) for name in (parts[0].extras or {})},
             score_failed=torch.cat([p.score_failed for p in parts]),
             exact_scores=torch.cat([p.exact_scores for p in parts]),
+            statuses=[status for p in parts for status in (p.statuses or [None] * len(p))],
+            status_names=parts[0].status_names,
         )
 
     def metrics(self) -> dict[str, float]:
         """Flat scalar metrics: ``reward/mean``, ``reward/score_mean``, ``reward/accuracy``,
-        ``reward/errors``, ``reward/overlong_penalty_mean`` and ``reward/extra/<name>_mean`` per extra reward (means
-        are 0.0 for an empty batch)."""
+        ``reward/errors``, ``reward/overlong_penalty_mean``, ``reward/extra/<name>_mean`` per extra reward and
+        ``reward/status/<name>``, the share of samples with each status the reward declares (means are 0.0 for an
+        empty batch)."""
 
         def mean(t: torch.Tensor) -> float:
             return float(t.double().mean()) if t.numel() else 0.0  # a float32 sum of large rewards could overflow
@@ -523,6 +537,8 @@ class RewardResult:
             "reward/errors": float(self.errors),
             "reward/overlong_penalty_mean": mean(self.penalties),
             **{f"reward/extra/{name}_mean": mean(scores) for name, scores in (self.extras or {}).items()},
+            **{f"reward/status/{name}": (self.statuses.count(name) / len(self.statuses) if self.statuses else 0.0)
+               for name in self.status_names},
         }
 
 
@@ -615,6 +631,9 @@ class RewardRunner:
         self.parallel_calls = getattr(fn, "parallel_calls", 1)
         if isinstance(self.parallel_calls, bool) or not isinstance(self.parallel_calls, int) or self.parallel_calls < 1:
             raise ValueError(f"the reward's parallel_calls must be a whole number >= 1, got {self.parallel_calls!r}")
+        self.status_names = tuple(getattr(fn, "statuses", ()))
+        if not all(isinstance(status, str) and status for status in self.status_names):
+            raise ValueError(f"the reward's statuses must be names, got {self.status_names!r}")
         self.overlong = validate_overlong(overlong) if overlong is not None else None
         self.correct_threshold = float(correct_threshold)
         self._warned = False
@@ -727,6 +746,7 @@ class RewardRunner:
 
         scores = [0.0] * n
         reasons: list[str | None] = [None] * n
+        statuses: list[str | None] = [None] * n
         failed = [False] * n
         errors = 0
         first_error: str | None = None
@@ -765,6 +785,8 @@ class RewardRunner:
                         f"\n{details}" if isinstance(details, str) and details else "")
                 continue
             scores[i] = score
+            status = getattr(outcomes[i][0], "status", None)
+            statuses[i] = status if isinstance(status, str) else None
 
         if first_error is not None and not self._warned:
             self._warned = True
@@ -792,4 +814,6 @@ class RewardRunner:
             failed=failed_t,
             reasons=reasons,
             exact_scores=exact_scores,
+            statuses=statuses,
+            status_names=self.status_names,
         )

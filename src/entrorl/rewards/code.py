@@ -574,6 +574,8 @@ class CodeReward:
     """
 
     correct_threshold = 1.0
+    #: the verdicts' statuses whose shares a training step reports (``reward/status/<status>``)
+    statuses = tuple(status for status in STATUSES if status != "not_run")  # a case's, never a verdict's
 
     def __init__(self, **options: Any) -> None:
         self.options = _code_options(options)
