@@ -622,6 +622,26 @@ def test_the_shares_of_a_reward_s_declared_statuses_are_step_metrics():
         ["p"], ["no program"], ['{"cases": [{"input": "", "output": "1"}]}']).metrics()
 
 
+class _LazyStatus(float):
+    @property
+    def status(self):
+        raise RuntimeError("lazy status failed")
+
+
+def test_a_status_that_cannot_be_read_is_none_and_statuses_must_be_names():
+    result = RewardRunner(lambda prompt, completion, answer, **meta: _LazyStatus(1.0))(["p"], ["c"])
+    assert result.scores.tolist() == [1.0] and result.statuses == [None] and result.errors == 0
+
+    class Spelled:
+        statuses = "passed"  # a string is no list of names: it was read as six statuses, one per letter
+
+        def __call__(self, prompt, completion, answer, **meta):
+            return 1.0
+
+    with pytest.raises(ValueError, match="statuses must be a list or tuple of names, got 'passed'"):
+        RewardRunner(Spelled())
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
 def test_a_reward_s_parallel_calls_must_be_a_whole_number(bad):
     reward = _ConcurrentReward(1)

@@ -558,6 +558,17 @@ def test_a_function_s_value_may_be_none_or_an_exact_number_and_a_case_s_type_is_
 def test_a_value_too_large_to_write_is_a_wrong_answer_that_says_what_it_was():
     verdict = reward()("p", fenced("def f(x):\n    return 10 ** 5000"), {"fn_name": "f", "inputs": [[1]], "outputs": [1]})
     assert verdict == 0.0 and verdict.reason.startswith("wrong_answer") and "returned a int" in verdict.reason
+    huge_fraction = fenced("from fractions import Fraction\ndef f(x):\n    return Fraction(10 ** 400, 3)")
+    verdict = reward()("p", huge_fraction, {"fn_name": "f", "inputs": [[1]], "outputs": [1]})
+    assert verdict == 0.0 and verdict.status == "wrong_answer", verdict.reason  # float() overflows
+
+
+@pytest.mark.parametrize("kind", ["functional", "function", "call"])
+def test_a_call_case_whose_arguments_are_a_list_takes_its_output_as_a_value(kind):
+    upper = {"fn_name": "f", "cases": [{"type": kind, "input": ["a"], "output": "A"}]}
+    assert reward()("p", fenced("def f(s):\n    return s.upper()"), upper) == 1.0
+    wrapped = {"fn_name": "f", "cases": [{"type": kind, "input": [1], "output": [2]}]}
+    assert reward()("p", fenced("def f(x):\n    return x + 1"), wrapped) == 1.0
 
 
 def test_an_interrupt_stops_a_call_still_reading_its_tests(monkeypatch):

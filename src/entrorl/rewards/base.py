@@ -631,9 +631,10 @@ class RewardRunner:
         self.parallel_calls = getattr(fn, "parallel_calls", 1)
         if isinstance(self.parallel_calls, bool) or not isinstance(self.parallel_calls, int) or self.parallel_calls < 1:
             raise ValueError(f"the reward's parallel_calls must be a whole number >= 1, got {self.parallel_calls!r}")
-        self.status_names = tuple(getattr(fn, "statuses", ()))
-        if not all(isinstance(status, str) and status for status in self.status_names):
-            raise ValueError(f"the reward's statuses must be names, got {self.status_names!r}")
+        statuses = getattr(fn, "statuses", ())
+        if not isinstance(statuses, (list, tuple)) or not all(isinstance(status, str) and status for status in statuses):
+            raise ValueError(f"the reward's statuses must be a list or tuple of names, got {statuses!r}")
+        self.status_names = tuple(statuses)
         self.overlong = validate_overlong(overlong) if overlong is not None else None
         self.correct_threshold = float(correct_threshold)
         self._warned = False
@@ -785,7 +786,10 @@ class RewardRunner:
                         f"\n{details}" if isinstance(details, str) and details else "")
                 continue
             scores[i] = score
-            status = getattr(outcomes[i][0], "status", None)
+            try:
+                status = getattr(outcomes[i][0], "status", None)
+            except Exception:  # noqa: BLE001 - a status that cannot be read is none; the score stands
+                status = None
             statuses[i] = status if isinstance(status, str) else None
 
         if first_error is not None and not self._warned:

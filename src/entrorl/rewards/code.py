@@ -195,7 +195,7 @@ __entrorl_expected = __entrorl_json.loads($expected)
 __entrorl_value = __entrorl_function(*__entrorl_json.loads($arguments))
 try:
     __entrorl_got = __entrorl_json.loads(__entrorl_json.dumps(__entrorl_value, default=__entrorl_number_value))
-except (TypeError, ValueError, RecursionError) as __entrorl_error:
+except (TypeError, ValueError, OverflowError, RecursionError) as __entrorl_error:
     raise AssertionError("$name(%s) returned %s: %s" % ($shown_arguments, __entrorl_shown(__entrorl_value),
                                                          __entrorl_error)) from None
 assert (__entrorl_got == __entrorl_expected or __entrorl_json.dumps(__entrorl_got, sort_keys=True)
@@ -311,10 +311,11 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         where = f"cases[{index}]"
         called = _case_function(case, index, function)
         if called is not None:
-            # the values themselves, as PrimeIntellect writes them ("type": "function_call"), else JSON text, one
-            # value per line (LiveCodeBench's functional cases)
+            # the values themselves, as PrimeIntellect writes them ("type": "function_call") or as any case whose
+            # arguments are a list, else JSON text, one value per line (LiveCodeBench's functional cases)
             kind = next((case[key] for key in _CASE_KIND_KEYS if key in case), None)
-            as_values = isinstance(kind, str) and kind.strip().lower() == "function_call"
+            as_values = (isinstance(kind, str) and kind.strip().lower() == "function_call") or (
+                "input" in case and not isinstance(case["input"], str))
             arguments, expected = case.get("input", [] if as_values else ""), case["output"]
             if isinstance(arguments, str) and not as_values:
                 arguments = _lines_as_json(arguments, f"{where}.input")
