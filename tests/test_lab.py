@@ -1896,7 +1896,8 @@ def test_the_policy_evaluation_counts_each_prompt_s_samples_and_only_real_respon
     assert runner.evaluate_policy(model, tokenizer, preset, data) == result
 
 
-def test_a_method_is_trained_by_its_own_trainer_resumed_from_its_checkpoint_and_then_evaluated(tmp_path, monkeypatch):
+def test_a_method_is_trained_by_its_own_trainer_resumed_from_its_checkpoint_and_then_evaluated(tmp_path, monkeypatch,
+                                                                                               signal_handlers_restored):
     """sft runs the supervised trainer on the training task, every other method the RL trainer; a method with a
     checkpoint resumes from it; in a worker the trainer stops at a step's end when the laboratory stops; the trained
     model is what is evaluated."""

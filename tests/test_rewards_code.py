@@ -490,7 +490,17 @@ def test_only_apps_and_primeintellect_outputs_may_be_wrapped_in_a_list_of_one():
     assert reward()("p", fenced("def g(x):\n    return 42"), text) == 0.0
 
 
-def test_ctrl_c_stops_the_programs_of_a_batch_scored_at_once():
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler (KeyboardInterrupt) for the test, whatever an earlier one left installed."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_stops_the_programs_of_a_batch_scored_at_once(ctrl_c_raises):
     """The pool waited for the running sandboxes to finish (9 s here) before the interrupt reached the caller."""
     import signal
     import threading
@@ -571,7 +581,7 @@ def test_a_call_case_whose_arguments_are_a_list_takes_its_output_as_a_value(kind
     assert reward()("p", fenced("def f(x):\n    return x + 1"), wrapped) == 1.0
 
 
-def test_an_interrupt_stops_a_call_still_reading_its_tests(monkeypatch):
+def test_an_interrupt_stops_a_call_still_reading_its_tests(monkeypatch, ctrl_c_raises):
     """A call still reading its tests when the batch was interrupted took the event stop_calls had just put in place,
     so its program ran to its end."""
     import signal
