@@ -410,5 +410,5 @@ class ReasoningGymReward:
         if choked and best == 0.0:
             # The verifier failed on the model's answer: 0 -- unless it also fails on the reference,
             # which means the entry itself is broken (then the error must surface).
-            scorer.score_answer(entry.get("answer"), dict(entry))
+            scorer.score_answer(reference, dict(entry))
         return best
