@@ -609,6 +609,38 @@ def test_an_interrupt_stops_a_call_still_reading_its_tests(monkeypatch, ctrl_c_r
         time.sleep(0.05)
 
 
+MAIN_GUARDED_ADD = """
+    def add(a, b):
+        return a + b
+
+    if __name__ == "__main__":
+        a, b = map(int, input().split())
+        print(add(a, b))
+"""
+
+
+@pytest.mark.parametrize("tests", [{"fn_name": "add", "inputs": [[1, 2]], "outputs": [3]},
+                                   {"fn_name": "add", "cases": [{"input": "1\n2", "output": "3", "testtype": "functional"}]},
+                                   ["assert add(1, 2) == 3"]], ids=["apps", "livecodebench", "asserts"])
+def test_the_asserts_run_the_program_as_a_module_whose_main_block_does_not_run(tests):
+    """As HumanEval's, MBPP's, APPS's and LiveCodeBench's own checks load it; run as __main__, its demo block read the
+    empty standard input (EOFError) and a right function scored 0."""
+    assert reward()("add", fenced(MAIN_GUARDED_ADD), tests) == 1.0
+
+
+def test_function_call_programs_get_typing_s_names_as_leetcode_s_starter_code_expects():
+    program = fenced("""
+        class Solution:
+            def twoSum(self, nums: List[int], target: int) -> List[int]:
+                seen = {}
+                for i, x in enumerate(nums):
+                    if target - x in seen:
+                        return [seen[target - x], i]
+                    seen[x] = i
+    """)
+    assert reward()("two sum", program, {"fn_name": "twoSum", "cases": TWO_SUM_CASES}) == 1.0
+
+
 def test_each_function_call_gets_fresh_arguments():
     program = "def grow(items):\n    items.append(0)\n    return len(items)"
     tests = {"fn_name": "grow", "inputs": [[[1]], [[1]]], "outputs": [2, 2]}
@@ -861,10 +893,10 @@ def test_exiting_from_a_function_an_assert_calls_does_not_pass_it(exit):
     assert verdict.cases[1][0] == "passed"
 
 
-def test_the_program_runs_as_main_and_may_exit_cleanly_before_the_asserts():
-    """The program is executed as ``__main__``; ending it with ``sys.exit(0)`` is a normal end, so the assert cases
-    still run against what it defined."""
-    program = fenced("def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    import sys\n    sys.exit(0)")
+def test_the_program_may_exit_cleanly_before_the_asserts():
+    """Ending the program with ``sys.exit(0)`` is a normal end, so the assert cases still run against what it
+    defined; a script's ``__main__`` block runs for standard-input cases."""
+    program = fenced("def add(a, b):\n    return a + b\nimport sys\nsys.exit(0)")
     verdict = reward()("add", program, ["assert add(1, 2) == 3", "assert add(2, 2) == 5"])
     assert [status for status, _ in verdict.cases] == ["passed", "wrong_answer"]
     guarded = fenced("if __name__ == '__main__':\n    print(input()[::-1])")

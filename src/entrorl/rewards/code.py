@@ -34,7 +34,9 @@ arguments and value are values, not JSON text); another key in a case is refused
 A standard-input case passes when the program's output matches ``output`` under the ``compare`` option
 (``"tokens"``: the same whitespace-separated tokens, the default; ``"lines"``: the same lines after stripping trailing
 whitespace and trailing blank lines; ``"exact"``). An assert case passes when its code runs without raising; the
-program itself is executed once (as ``__main__``, with empty standard input) before the first assert case.
+program itself is executed once before the first assert case, with empty standard input, as a module named
+``solution`` (its ``if __name__ == "__main__":`` block does not run), after ``from typing import *`` when the cases
+call a function (LeetCode's starter code uses ``List`` without importing it).
 
 The reward returns a :class:`CodeVerdict`: a float (the score) that carries ``status`` (one of
 :data:`STATUSES`), ``reason`` (None for a full score, else why), the per-case results and the
@@ -148,6 +150,7 @@ class CodeTest:
     input: str = ""
     expected: str = ""
     code: str = ""
+    function: str = ""  # the function an assert case made from a function-call case calls
 
     def to_sandbox(self) -> SandboxCase:
         return SandboxCase(self.kind, self.input if self.kind == "stdin" else self.code)
@@ -205,6 +208,11 @@ assert (__entrorl_got == __entrorl_expected or __entrorl_json.dumps(__entrorl_go
 """)
 
 
+# LeetCode's starter code (``def twoSum(self, nums: List[int], ...)``) leaves typing's names to its judge, as
+# LiveCodeBench's and APPS's own checks give them
+_FUNCTION_CALL_PRELUDE = "from typing import *\n"
+
+
 def _json_text(value: Any, where: str) -> str:
     try:
         return json.dumps(value, allow_nan=True)
@@ -223,7 +231,7 @@ def _call_case(name: str, arguments: Any, expected: Any, where: str, *, unwrap: 
     code = _CALL_CASE.substitute(name=name, quoted_name=repr(name), arguments=repr(arguments_text), unwrap=unwrap,
                                  expected=repr(_json_text(expected, where)),
                                  shown_arguments=repr(shown[:200] + ("..." if len(shown) > 200 else "")))
-    return CodeTest("assert", code=code)
+    return CodeTest("assert", code=code, function=name)
 
 
 def _lines_as_json(text: Any, where: str) -> list[Any]:
@@ -250,8 +258,7 @@ def _case_function(case: Mapping[str, Any], index: int, function: str | None) ->
                          "{'input': ..., 'output': ...}")
     if case.get("fn_name"):
         function = _function_name(case["fn_name"], f"cases[{index}].fn_name")
-    kind = next((case[key] for key in _CASE_KIND_KEYS if key in case), None)
-    kind = kind.strip().lower() if isinstance(kind, str) else kind
+    kind = _case_kind(case)
     if kind in _STDIN_KINDS or (kind is None and function is None):
         return None
     if kind in _CALL_KINDS or kind is None:
@@ -260,6 +267,12 @@ def _case_function(case: Mapping[str, Any], index: int, function: str | None) ->
                              "'fn_name' beside 'cases' or in the case")
         return function
     raise ValueError(f"code tests: cases[{index}] has testtype {kind!r}; one of {_STDIN_KINDS + _CALL_KINDS}")
+
+
+def _case_kind(case: Mapping[str, Any]) -> Any:
+    """What a case's "testtype" / "type" says, lower-cased (None when it says nothing)."""
+    kind = next((case[key] for key in _CASE_KIND_KEYS if key in case), None)
+    return kind.strip().lower() if isinstance(kind, str) else kind
 
 
 def _function_name(name: Any, where: str) -> str:
@@ -313,9 +326,7 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         if called is not None:
             # the values themselves, as PrimeIntellect writes them ("type": "function_call") or as any case whose
             # arguments are a list, else JSON text, one value per line (LiveCodeBench's functional cases)
-            kind = next((case[key] for key in _CASE_KIND_KEYS if key in case), None)
-            as_values = (isinstance(kind, str) and kind.strip().lower() == "function_call") or (
-                "input" in case and not isinstance(case["input"], str))
+            as_values = _case_kind(case) == "function_call" or ("input" in case and not isinstance(case["input"], str))
             arguments, expected = case.get("input", [] if as_values else ""), case["output"]
             if isinstance(arguments, str) and not as_values:
                 arguments = _lines_as_json(arguments, f"{where}.input")
@@ -621,6 +632,8 @@ class CodeReward:
         )
         if program is None:
             return CodeVerdict(0.0, "no_code", "no_code: no fenced Python block in the completion", total=len(tests))
+        if any(test.function for test in tests):
+            program = _FUNCTION_CALL_PRELUDE + program
         run = run_in_sandbox(program, [test.to_sandbox() for test in tests], options.limits(), stop=stop)
         return judge_run(tests, run, options.compare)
 

@@ -45,7 +45,7 @@ off, never silently assumed):
   world-writable temporary directories.
 
 Test cases are run in one child process, one after the other (the interpreter starts once), each as a script runs:
-in a new ``__main__``, with ``sys.__stdin__`` / ``sys.__stdout__`` the case's streams, and ended as a script ends,
+in a new ``__main__`` (for assert cases, the program once in a module named ``solution``), with ``sys.__stdin__`` / ``sys.__stdout__`` the case's streams, and ended as a script ends,
 while its output is still attached (the non-daemon threads it started waited for, its executors shut down, its
 exit handlers run, standard output flushed, its objects finalised). A case that kills the process (a crash,
 ``os._exit``, a signal) is attributed to that case and the remaining cases continue in a fresh process; after a
@@ -438,15 +438,18 @@ def attach_standard_streams(input_path, output_path, output_flags):
     return sys.stdout
 
 
-def fresh_main_namespace():
-    """A new, empty ``__main__`` module for the program (not the harness's own globals). What the previous case left
-    to the collector (objects its exception's traceback kept alive) is collected first: a file on descriptor 0 among
-    them must close it before this case's input takes it, not after."""
-    module = types.ModuleType("__main__")
+def fresh_program_namespace(name):
+    """A new, empty module ``name`` for the program (not the harness's own globals): ``__main__`` for a script,
+    ``solution`` for a program whose functions the asserts call, whose ``if __name__ == "__main__":`` block must not
+    run (as in HumanEval's, MBPP's, APPS's and LiveCodeBench's own checks). What the previous case left to the
+    collector (objects its exception's traceback kept alive) is collected first: a file on descriptor 0 among them
+    must close it before this case's input takes it, not after."""
+    module = types.ModuleType(name)
     module.__builtins__ = builtins
     module.__file__ = "solution.py"
     sys.argv = ["solution.py"]  # as `python solution.py < input` runs it: no arguments, not the harness's
-    sys.modules["__main__"] = module
+    sys.modules["__main__"] = module if name == "__main__" else types.ModuleType("__main__")
+    sys.modules[name] = module
     gc.collect()
     return module.__dict__
 
@@ -503,7 +506,7 @@ def end_as_a_script_ends(namespace, output):
 def run_case(index, case, state):
     kind, text = case["kind"], case["text"]
     if kind == "stdin":
-        namespace = fresh_main_namespace()
+        namespace = fresh_program_namespace("__main__")
         output = attach_standard_streams(os.path.join(WORKDIR, "case%d.in" % index),
                                          os.path.join(WORKDIR, "case%d.out" % index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
@@ -515,7 +518,7 @@ def run_case(index, case, state):
                 attach_standard_streams(os.devnull, os.devnull, os.O_WRONLY)
         return
     if "namespace" not in state:  # assert cases: run the program once, before the first of them
-        state["namespace"] = fresh_main_namespace()
+        state["namespace"] = fresh_program_namespace("solution")
         state["program_exception"] = None
         try:
             exec(state["code"], state["namespace"])
