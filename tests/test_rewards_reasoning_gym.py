@@ -429,3 +429,12 @@ def test_the_answer_phrase_is_found_in_linear_time():
     started = time.perf_counter()  # one regular-expression call holds the interpreter: timed where it runs
     reasoning_gym_answer_readings("answer" + " " * 40_000 + "x")  # "answer\s*\**\s*:" took 2.3 s
     assert time.perf_counter() - started < 1.0
+
+
+def test_bold_around_parts_of_an_answer_is_kept_and_bold_the_phrase_opened_is_not():
+    from entrorl.rewards import reasoning_gym_answer_readings
+
+    assert reasoning_gym_answer_readings("Answer: **Alice** and **Bob**")[0] == "**Alice** and **Bob**"
+    assert reasoning_gym_answer_readings(r"Answer: \(x\) or \(y\)")[0] == r"\(x\) or \(y\)"
+    assert reasoning_gym_answer_readings("**Final Answer:** 42") == ["42"]
+    assert reasoning_gym_answer_readings("The answer is **42**.") == ["42"]

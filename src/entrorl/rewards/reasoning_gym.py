@@ -127,8 +127,8 @@ def _check_task(task: Any) -> str:
 _ANSWER_PHRASE_RE = re.compile(r"(?i)\b(?:the\s+(?:final\s+)?answer\s+is\b\s*:?|(?:final\s+)?answer\b\s*(?:\*+\s*)?:)")
 _BLANK_LINE_RE = re.compile(r"\n[ \t]*(?:\n|$)")
 # markup around a whole answer, taken off while it wraps the whole of it: **X**, $X$, \(X\), \text{X}
-_MARKUP_RES = (re.compile(r"\*\*(?P<inner>.+)\*\*", re.DOTALL), re.compile(r"\$(?P<inner>[^$]+)\$"),
-               re.compile(r"\\\((?P<inner>.+)\\\)", re.DOTALL),
+_MARKUP_RES = (re.compile(r"\*\*(?P<inner>(?:(?!\*\*).)+)\*\*", re.DOTALL), re.compile(r"\$(?P<inner>[^$]+)\$"),
+               re.compile(r"\\\((?P<inner>(?:(?!\\\)).)+)\\\)", re.DOTALL),
                re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{(?P<inner>[^{}]*)\}"))
 
 
@@ -144,10 +144,18 @@ def _without_markup(answer: str) -> str:
 
 
 def _without_bold_ends(text: str) -> str:
-    """``text`` without the stars at its ends, before its final period too: "**42**." is "42."."""
+    """``text`` without the bold an answer phrase opened or closed ("** 42" after "**Final Answer:**", "42**" after
+    "**Final Answer: 42**"), before its final period too ("42**." is "42."): an unpaired ``**`` at its start or end;
+    paired ones are left to :func:`_without_markup` ("**Alice** and **Bob**" stays)."""
     text = text.strip()
     period = "." if text.endswith(".") else ""
-    return text[: len(text) - len(period)].strip("*").strip() + period
+    text = text[: len(text) - len(period)].strip()
+    if text.count("**") % 2:
+        if text.endswith("**"):
+            text = text[:-2]
+        elif text.startswith("**"):
+            text = text[2:]
+    return text.strip() + period
 
 
 def _phrase_readings(text: str) -> list[str]:
