@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             result = runners[workers](prompts, completions, answers)
             seconds[workers].append(time.perf_counter() - started)
-            verdicts.setdefault(workers, result.scores.tolist())
-            if verdicts[workers] != verdicts[1]:
+            verdicts[workers] = result.scores.tolist()
+            if verdicts[workers] != verdicts[1]:  # workers=1 ran first in this round
                 print(f"workers={workers} scored the batch differently from workers=1", file=sys.stderr)
                 return 1
             if result.errors:

@@ -204,3 +204,28 @@ def test_code_reward_arms_score_the_batch_alike_and_report_the_speed_up(capsys):
     assert _script("bench_code_reward").main(["--samples", "5", "--rounds", "1", "--workers", "2", "--markdown"]) == 0
     table = capsys.readouterr().out
     assert "| 1 |" in table and "| 2 |" in table and "1.00x" in table
+
+
+def test_code_reward_checks_every_round_s_verdicts_against_one_worker_s(monkeypatch):
+    import torch
+
+    import entrorl.rewards as rewards
+
+    class Result:
+        def __init__(self, scores):
+            self.scores, self.errors, self.first_error = torch.tensor(scores), 0, None
+
+    class Runner:
+        def __init__(self, workers):
+            self.workers, self.calls = workers, 0
+
+        def __call__(self, prompts, completions, answers):
+            self.calls += 1
+            scores = [1.0] * len(completions)
+            if self.workers == 2 and self.calls == 2:  # workers=2's second round differs (only the first was checked)
+                scores[0] = 0.0
+            return Result(scores)
+
+    monkeypatch.setattr(rewards, "RewardRunner", Runner)
+    monkeypatch.setattr(rewards, "get_reward", lambda name, workers: workers)
+    assert _script("bench_code_reward").main(["--samples", "3", "--rounds", "2", "--workers", "2"]) == 1
