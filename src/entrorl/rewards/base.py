@@ -490,14 +490,14 @@ class RewardResult:
             rows = rows.nonzero().flatten()
         rows = rows.to(torch.long)
         assert self.penalties is not None and self.failed is not None and self.reasons is not None
-        assert self.score_failed is not None and self.exact_scores is not None
+        assert self.score_failed is not None and self.exact_scores is not None and self.statuses is not None
         failed = self.failed[rows]
         return RewardResult(
             scores=self.scores[rows], rewards=self.rewards[rows], correct=self.correct[rows], errors=int(failed.sum()),
             first_error=self.first_error if bool(failed.any()) else None, penalties=self.penalties[rows], failed=failed,
             reasons=[self.reasons[i] for i in rows.tolist()], extras={name: v[rows] for name, v in (self.extras or {}).items()},
             score_failed=self.score_failed[rows], exact_scores=self.exact_scores[rows],
-            statuses=[self.statuses[i] for i in rows.tolist()] if self.statuses is not None else None,
+            statuses=[self.statuses[i] for i in rows.tolist()],
             status_names=self.status_names,
         )
 
@@ -516,7 +516,7 @@ class RewardResult:
             extras={name: torch.cat([p.extras[name] for p in parts]) for name in (parts[0].extras or {})},
             score_failed=torch.cat([p.score_failed for p in parts]),
             exact_scores=torch.cat([p.exact_scores for p in parts]),
-            statuses=[status for p in parts for status in (p.statuses or [None] * len(p))],
+            statuses=[status for p in parts for status in p.statuses],
             status_names=parts[0].status_names,
         )
 

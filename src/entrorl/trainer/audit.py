@@ -91,7 +91,7 @@ def answer_tools(reward_fn: Any) -> tuple[Extractor, Equivalence]:
     ``math``: :func:`~entrorl.rewards.extract_final_answer` with the reward's extractors and :func:`~entrorl.rewards.math_equal`
     with the reward's own options (so ``0.5``, ``1/2`` and ``\\frac{1}{2}`` are one answer);
     ``reasoning_gym``: its ``<answer>`` extractor and equality of spellings; ``code``: no answer (a program has none:
-    its prompts are only ``hard`` or ``ok``); ``exact_match`` and any
+    its prompts are never ``looks_wrong``); ``exact_match`` and any
     other reward: the final-answer extractor (the whole completion when it finds nothing, for
     ``exact_match``) and equality of spellings up to case, whitespace and Unicode NFC.
     """
