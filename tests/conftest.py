@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def stop_signal_handlers_restored():
+    """Each test leaves Ctrl-C and SIGTERM as it found them: one that fails midway through an interrupted run, or runs
+    a laboratory worker's code in the test process, must not leave them ignored for the tests after it."""
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for number, handler in before.items():
+        if signal.getsignal(number) is not handler:
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")
