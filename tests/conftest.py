@@ -10,6 +10,17 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_not_ignored():
+    """The tests of Ctrl-C expect Python's own handler, which a process started in the background by a shell (``cmd &``,
+    ``nohup``) does not have: it starts with SIGINT ignored, which the trainer rightly leaves ignored."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(autouse=True)
 def stop_signal_handlers_restored():
     """Each test leaves Ctrl-C and SIGTERM as it found them: one that fails midway through an interrupted run, or runs
