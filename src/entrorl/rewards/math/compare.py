@@ -289,12 +289,13 @@ _DANGLING_OPERATOR_RE = re.compile(
     r"(?:(?<=[^\s^_])-|(?<![\^_])\+|[*/^=]|\\(?:times|cdot|div|pm|mp)(?![A-Za-z]))\s*$")
 # an answer that states a bound, not a value: "\\geq 5" ("\\geqslant", "\\geqq"), "\\neq 5", "at least 5", "5 (or more)"
 # (canonically "5, more"), which Math-Verify reads as 5; and a relation anywhere, which a reference stating a bound has
-_BOUND_START_RE = re.compile(r"\s*(?:\\(?:[gl]eq?(?:slant|q)?|[gl]t|neq?|n[gl]eq?(?:slant)?)(?![A-Za-z])|\\not\s*=|[<>≤≥≠]"
-                             r"|(?:at\s+(?:least|most)|(?:no\s+)?(?:more|less|fewer)\s+than|over|under|above|below)\b)",
+_RELATION = r"\\(?:[gl]eq?(?:slant|q)?|[gl]t|neq?|n[gl]eq?(?:slant)?)(?![A-Za-z])|\\not\s*=|[<>≤≥≠]"
+_BOUND_START_RE = re.compile(r"\s*(?:" + _RELATION
+                             + r"|(?:at\s+(?:least|most)|(?:no\s+)?(?:more|less|fewer)\s+than|over|under|above|below)\b)",
                              re.IGNORECASE)
 _BOUND_END_RE = re.compile(r",\s*(?:more|less|fewer|greater|higher|lower|above|below|over|under|larger|smaller)\s*$",
                            re.IGNORECASE)
-_RELATION_RE = re.compile(r"[<>≤≥≠]|\\(?:[gl]eq?(?:slant|q)?|[gl]t|neq?|n[gl]eq?(?:slant)?)(?![A-Za-z])|\\not\s*=")
+_RELATION_RE = re.compile(_RELATION)
 # a one-sided limit's side: "0^+", "0^{-}", "0+"
 _SIDE_RE = re.compile(r"(?:\^\s*\{?\s*(?P<raised>[-+])\s*\}?|(?<=\d)(?P<after>[-+]))\s*$")
 # a numeral in a base from 2 to 36: 1011_2, 1234_{5}, FF_{16}
