@@ -292,7 +292,6 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         except ValueError as exc:
             raise ValueError(f"code tests: a string spec must be JSON ({exc})") from exc
     tests: list[CodeTest] = []
-    calls = 0
     if isinstance(spec, (list, tuple)):
         spec = {"asserts": list(spec)} if all(isinstance(item, str) for item in spec) else {"cases": list(spec)}
     if not isinstance(spec, Mapping):
@@ -337,7 +336,6 @@ def parse_tests(spec: Any) -> list[CodeTest]:
                                      f"{len(values)}")
                 expected = values[0]
             tests.append(_call_case(called, arguments, expected, where, unwrap=as_values))
-            calls += 1
             continue
         if case["output"] is None:
             raise ValueError(f"code tests: {where}.output of a standard-input case is null")
@@ -359,7 +357,6 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         for index, (given, expected) in enumerate(zip(inputs, outputs)):
             if function is not None:  # APPS / TACO: each input the list of the arguments, each output the value
                 tests.append(_call_case(function, given, expected, f"inputs[{index}]", unwrap=True))
-                calls += 1
                 continue
             tests.append(
                 CodeTest("stdin", input=_text(given, f"inputs[{index}]"), expected=_text(expected, f"outputs[{index}]"))
@@ -370,7 +367,7 @@ def parse_tests(spec: Any) -> list[CodeTest]:
         tests.append(CodeTest("assert", code=code))
     if not tests:
         raise ValueError("code tests: the spec has no test case")
-    if function is not None and not calls:
+    if function is not None and not any(test.function for test in tests):
         raise ValueError("code tests: 'fn_name' names a function but no case calls it ('inputs'/'outputs' or "
                          "function-call 'cases')")
     return tests
