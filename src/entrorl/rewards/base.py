@@ -603,10 +603,9 @@ class RewardRunner:
     other rewards are called sample by sample, in ``fn.parallel_calls`` threads at once when the reward says it gains
     from them (the ``code`` reward: each call waits on a sandboxed process), else one after the other; when such a
     batch is interrupted, the samples not started are dropped and ``fn.stop_calls()``, when the reward has it, stops
-    those running. Calls are not
-    time-limited: a reward that may hang must bound itself. ``first_sample`` numbers the batch's samples in
-    ``first_error`` from that index, for a caller that scores a longer list in parts, and ``sources`` (the
-    data row of each sample, ``file:line``) names each failing sample's row there too.
+    those running. Calls are not time-limited: a reward that may hang must bound itself. ``first_sample`` numbers the
+    batch's samples in ``first_error`` from that index, for a caller that scores a longer list in parts, and
+    ``sources`` (the data row of each sample, ``file:line``) names each failing sample's row there too.
     """
 
     def __init__(
