@@ -297,6 +297,36 @@ def test_figures_are_drawn_and_an_empty_run_still_gets_a_report(tmp_path):
     assert "No training step has been logged yet" in (empty / "report" / "report.md").read_text()
 
 
+def test_a_report_that_cannot_be_written_leaves_the_previous_one_whole_figures_included(tmp_path):
+    """A full disk (here a file-size limit, EFBIG) while writing a second report: an error naming the file, and the
+    first report's text and figures exactly as they were (they used to be cut where the disk filled, under a
+    report.md still linking to them); nothing staged is left behind."""
+    import resource
+    import signal
+
+    run = write_run(tmp_path / "run", law_records(12), evaluations={
+        s: {"avg_at_n": 0.1 * s, "pass_at_k": {"1": 0.1 * s}} for s in (4, 8, 12)})
+    write_run_report(run)
+    out = run / "report"
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert len([path for path in before if path.suffix == ".png"]) == 3
+    write_run(run, law_records(20))  # the run went on: every figure changes
+    limit = min(len(content) for path, content in before.items() if path.suffix == ".png") - 100
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limits[1]))
+    try:
+        with pytest.raises(OSError) as failure:
+            write_run_report(run)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert Path(failure.value.filename).parent in (out, out / "figures") and ".tmp-" not in str(failure.value)
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    report = write_run_report(run)  # room again
+    assert report["steps"] == 20 and sorted(path.name for path in out.iterdir()) == [
+        "figures", "report.html", "report.json", "report.md"]
+
+
 def test_what_is_not_a_run_directory_is_said(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run directory at"):
         write_run_report(tmp_path / "missing")

@@ -7,14 +7,16 @@ import base64
 import html
 import io
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from entrorl._files import naming_file
+from entrorl._files import naming_file, put_in_place_together
 
 NA = "n/a"  # missing or undefined
 NOT_APPLICABLE = "—"  # does not apply (e.g. a training statistic of the base model)
@@ -277,11 +279,13 @@ def render_html(title: str, sections: list[Section]) -> str:
 
 
 class Figures:
-    """Draws with matplotlib's object API (no pyplot, no global backend change) and saves PNGs."""
+    """Draws with matplotlib's object API (no pyplot, no global backend change) into PNGs, which
+    :func:`write_report_files` then writes into ``directory`` together with the report's text."""
 
     def __init__(self, directory: Path, enabled: bool = True, *, disabled_by: str = "write_report was called with figures=False"):
         self.directory = directory
-        self.saved: dict[str, str] = {}
+        self.saved: dict[str, str] = {}  # name -> caption
+        self.pngs: dict[str, bytes] = {}  # name -> the image, until written
         if not enabled:
             self.unavailable = f"figures were not drawn ({disabled_by})"
             return
@@ -292,7 +296,6 @@ class Figures:
             self.unavailable = f"figures were not drawn: matplotlib could not be imported ({error})"
         else:
             self.unavailable = None
-            directory.mkdir(parents=True, exist_ok=True)
 
     def draw(self, name: str, caption: str, width: float, height: float, paint: Callable[[Any], str | None]) -> FigureBlock | Paragraph:
         """Draw ``paint(figure)`` into ``name``; ``paint`` returns why there is nothing to plot, if so, which the report
@@ -311,12 +314,33 @@ class Figures:
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
         png = buffer.getvalue()
-        try:
-            (self.directory / name).write_bytes(png)
-        except OSError as error:  # a full disk: the error names no file by itself
-            raise naming_file(error, self.directory / name) from None
+        self.pngs[name] = png
         self.saved[name] = caption
         return FigureBlock(name, caption, png)
+
+
+def write_report_files(out: Path, texts: dict[str, str], figures: Figures) -> None:
+    """Write ``texts`` (file name -> content) into ``out`` and the PNGs ``figures`` drew into its folder as one set
+    (:func:`entrorl._files.put_in_place_together`): a report that fails on the way (a full disk) or is interrupted
+    leaves the previous one whole, its figures included, never a mix of the two. A figure of the previous report that
+    this one did not draw stays as it was."""
+    staging = out / f".report.tmp-{os.getpid()}"
+    figure_folder = os.path.relpath(figures.directory, out)
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / figure_folder).mkdir(parents=True)
+    try:
+        files = {os.path.join(figure_folder, name): png for name, png in figures.pngs.items()}
+        files.update({name: text.encode("utf-8") for name, text in texts.items()})
+        for name, content in files.items():
+            try:
+                (staging / name).write_bytes(content)
+            except OSError as error:  # a full disk: the error names no file by itself
+                raise naming_file(error, out / name, instead_of=staging / name) from None
+        if figures.pngs:
+            figures.directory.mkdir(parents=True, exist_ok=True)
+        put_in_place_together(staging, out, list(files))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def power_of_ten(values) -> int:

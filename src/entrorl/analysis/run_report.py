@@ -41,14 +41,13 @@ from pydantic import ValidationError
 from entrorl._checks import is_real_number
 from entrorl.analysis.document import (Cell, Figures, Section, Table, agreement_cell, build_section, dash, finite, fmt,
                                        fork_context, json_value, missing, num, power_of_ten, render_html, render_markdown,
-                                       text)
+                                       text, write_report_files)
 from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, ENTROPY_KEY, EVAL_REWARD_KEY, FORKS_SHOWN, LAW_COLUMNS,
                                   MIN_CEILING_STEPS, SMOOTH_WINDOW, MetricRecords, analyse_records, beyond_an_accuracy,
                                   chance_sign_agreement, edge_phrase, forecast_ceiling_shown, json_lines, law_cells, law_columns,
                                   latest_record_of_each_step, law_of, moving_average, read_json, read_metrics_records,
                                   sparse_edges_phrase)
 from entrorl.objective import ObjectiveConfig
-from entrorl.trainer.checkpoint import atomic_write_text
 
 __all__ = ["write_run_report", "default_report_dir", "NotARunDirectory", "RUN_REPORT_SECTIONS", "DEFAULT_FIT_FRACTION"]
 
@@ -789,9 +788,9 @@ class _RunReport:
             "section_errors": dict(self.errors),
         })
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "report.md", render_markdown(title, sections))
-        atomic_write_text(self.out / "report.html", render_html(title, sections))
-        atomic_write_text(self.out / "report.json", json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False))
+        write_report_files(self.out, {"report.md": render_markdown(title, sections), "report.html": render_html(title, sections),
+                                      "report.json": json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False)},
+                           self.figures)
         return report
 
 

@@ -44,7 +44,7 @@ import numpy as np
 from entrorl.analysis.document import (NA, NOT_APPLICABLE, Cell, Figures, Heading, Paragraph, Section, Table, TableBlock,
                                        agreement_cell, build_section, colours, dash, finite, fmt, fork_context,
                                        json_value, missing, num, power_of_ten, render_html, render_markdown, subplot_grid,
-                                       text)
+                                       text, write_report_files)
 from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, EDGE_FRACTION, ENTROPY_KEY, FALLBACK_REWARD_KEY,
                                   FORKS_SHOWN, LAW_COLUMNS, MIN_CEILING_STEPS, REWARD_KEY, SMOOTH_WINDOW, MetricRecords,
                                   analyse_records, edge_count, edge_means, edge_phrase, intervention_keys,
@@ -54,7 +54,6 @@ from entrorl.analysis.run import ratio as ratio_of
 from entrorl.analysis.run_report import lab_command, lab_imports
 from entrorl.dynamics import top_token_count
 from entrorl.evaluation import polarisation
-from entrorl.trainer.checkpoint import atomic_write_text
 
 __all__ = [
     "write_report",
@@ -970,9 +969,9 @@ class _Report:
             "section_errors": dict(self.errors),
         }
         report = json_value(report)
-        _write_text(self.out / "report.md", markdown)
-        _write_text(self.out / "report.html", document)
-        _write_text(self.out / "report.json", json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False))
+        write_report_files(self.out, {"report.md": markdown, "report.html": document,
+                                      "report.json": json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False)},
+                           self.figures)
         return report
 
 
@@ -984,10 +983,6 @@ def _package_version(name: str) -> str:
     except Exception:  # noqa: BLE001
         module = sys.modules.get(name)
         return str(getattr(module, "__version__", NA))
-
-
-def _write_text(path: Path, content: str) -> None:
-    atomic_write_text(path, content)  # the previous report stays whole when this one cannot be written
 
 
 def write_report(out: Path | str, *, figures: bool = True) -> dict[str, Any]:
