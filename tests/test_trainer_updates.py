@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import logging
 import math
 import os
 import random
@@ -487,6 +488,32 @@ def test_pruning_counts_complete_checkpoints_only_and_never_removes_the_one_just
     made_checkpoint(later / "checkpoints", "step_000003")
     written = write_checkpoint(later, 2, tiny_policy, keep=1)
     assert written.is_dir() and sorted(p.name for p in (later / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
+
+
+def test_a_checkpoint_that_cannot_be_pruned_stays_and_the_save_that_wrote_the_new_one_succeeds(tmp_path, tiny_policy,
+                                                                                                monkeypatch, caplog):
+    """Removing an old checkpoint fails (EBUSY: a mount point; EACCES): the new checkpoint and ``latest`` are already
+    in place, so the save succeeds and says which folder stays; the next save that can prune it does."""
+    from entrorl.trainer import checkpoint
+
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+    write_checkpoint(run_dir, 1, tiny_policy, keep=1)
+    replace = os.replace
+
+    def busy(source, target):
+        if ".removed.tmp-" in str(target):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(source), None, str(target))
+        replace(source, target)
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.WARNING, logger=checkpoint.__name__):
+        patched.setattr(checkpoint.os, "replace", busy)
+        assert write_checkpoint(run_dir, 2, tiny_policy, keep=1) == root / "step_000002"
+    assert f"could not remove {root / 'step_000001'}, a checkpoint older than the 1 kept" in caplog.text
+    assert checkpoint.latest_checkpoint(run_dir) == root / "step_000002"
+    assert sorted(path.name for path in root.glob("step_*")) == ["step_000001", "step_000002"]
+    write_checkpoint(run_dir, 3, tiny_policy, keep=1)
+    assert sorted(path.name for path in root.iterdir()) == ["latest", "step_000003"]
 
 
 def test_a_checkpoint_whose_pruning_is_cut_short_is_gone_from_the_checkpoints_and_removed_by_the_next_save(

@@ -390,7 +390,11 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
     complete = _complete_checkpoints(root)
     for old in complete[:-keep]:  # incomplete leftovers are not counted, so they can never push this one out
         if old != final:
-            _remove_checkpoint(old)
+            try:
+                _remove_checkpoint(old)
+            except OSError as error:  # the new checkpoint is in place: what is left is tidying, which may not fail it
+                logger.warning("could not remove %s, a checkpoint older than the %d kept (%s); it stays, and the run "
+                               "directory holds one checkpoint more", old, keep, error)
     return final
 
 
