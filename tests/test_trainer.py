@@ -2036,6 +2036,18 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_the_model_load
     with pytest.raises(PermissionError, match=f"{read_only}, where it would be created, is not writable"):
         Trainer(config, run_dir=read_only / "runs" / "x")
     assert list(read_only.iterdir()) == []
+    # a file, or a link to nothing, where the run puts a folder of its own (it trained a step, then said "File exists")
+    for name in ("checkpoints", "eval", "tensorboard"):
+        cluttered = tmp_path / f"cluttered-{name}"
+        cluttered.mkdir()
+        (cluttered / name).write_text("x")
+        with pytest.raises(NotADirectoryError, match=f"cannot hold the run's {name}/: {cluttered / name} is a file, "
+                                                     "not a folder"):
+            Trainer(config, run_dir=cluttered)
+    (tmp_path / "dangling").mkdir()
+    (tmp_path / "dangling" / "forks").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NotADirectoryError, match="forks is a link to nothing, not a folder"):
+        Trainer(config, run_dir=tmp_path / "dangling")
     # a link to a folder that is not there (a scratch disk not mounted), itself or above: named with its target
     unmounted = tmp_path / "scratch-link"
     unmounted.symlink_to(tmp_path / "not-mounted")

@@ -93,11 +93,15 @@ def nearest_existing(path: Path) -> Path:
     return existing
 
 
+RUN_FOLDERS = ("checkpoints", "eval", "forks", "samples", "tensorboard", "wandb")  # what a run creates in its directory
+
+
 def check_run_directory_writable(run_dir: Path) -> None:
     """Raise ``OSError`` naming the problem if ``run_dir`` cannot be a run directory: it is a file, or it (or, when it
     does not exist yet, the nearest folder above it that does) cannot be written (permissions, a read-only
     filesystem), it is a link to a folder that does not exist (a disk not mounted), it holds a Hugging Face model
-    (whose config.json the run's would replace), or it lies in another run's ``checkpoints/``. Cheap, so a trainer
+    (whose config.json the run's would replace), it lies in another run's ``checkpoints/``, or a file stands where the
+    run puts one of its folders (:data:`RUN_FOLDERS`). Cheap, so a trainer
     checks before it loads a model, not when it first writes."""
     dangling = next((Path(path) for path in (run_dir, *Path(run_dir).parents) if Path(path).is_symlink()
                      and not Path(path).exists()), None)
@@ -118,6 +122,12 @@ def check_run_directory_writable(run_dir: Path) -> None:
         where = "it" if existing == run_dir else f"{existing}, where it would be created,"
         raise PermissionError(f"the run directory {run_dir} cannot be written: {where} is not writable (permissions, or "
                               "a read-only filesystem); choose another --run-dir / logging.run_dir")
+    for name in RUN_FOLDERS:
+        folder = Path(run_dir) / name
+        if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+            what = "a link to nothing" if not folder.exists() else "a file"
+            raise NotADirectoryError(f"the run directory {run_dir} cannot hold the run's {name}/: {folder} is {what}, "
+                                     "not a folder; move it away or choose another --run-dir / logging.run_dir")
 
 
 _UNLOCKABLE_DIRECTORIES: set[str] = set()  # run directories whose filesystem refused flock, already warned about
