@@ -3330,6 +3330,55 @@ def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arith
                         r"RuntimeError: reward server down", first_line), first_line
 
 
+@contextlib.contextmanager
+def files_limited_to(size: int):
+    """No file of this process may grow past ``size`` bytes (EFBIG, as a full disk gives ENOSPC) inside the block."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_reward_traceback_that_does_not_fit_is_named_and_the_resumed_run_keeps_its_own(tmp_path, tiny_model_dir,
+                                                                                          arithmetic_files):
+    """reward_errors.log written when the disk is full: the error names it and no empty log is left; a log an earlier
+    version left empty (it wrote in place) is replaced by the resumed run's first traceback, not kept forever."""
+    train, _ = arithmetic_files
+    flag = tmp_path / "reward-fails"
+    flaky = (f"import os\ndef score(prompt, completion, answer, **meta):\n    if os.path.exists({str(flag)!r}):\n"
+             f"        raise RuntimeError('reward server down')\n    return 0.0\n")
+    run_dir = tmp_path / "run"
+    log = run_dir / "reward_errors.log"
+    with importable_module(tmp_path, "flaky_when_flagged", flaky):
+        config = load_config(make_config(tiny_model_dir, train, None, reward={"name": "flaky_when_flagged:score"}))
+        trainer = Trainer(config, run_dir=run_dir)
+        try:
+            trainer.log(trainer.train_step())
+            trainer.save()
+            flag.touch()
+            with files_limited_to(64), pytest.raises(OSError) as failure:  # the traceback is longer than 64 bytes
+                trainer.train_step()
+        finally:
+            trainer.close(failed=True)
+        assert failure.value.filename == str(log) and not log.exists()
+        assert not list(run_dir.glob(".*.tmp-*"))
+        log.write_text("")  # what writing it in place left on a full disk
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            resumed = Trainer(config, run_dir=run_dir, resume=True)
+        try:
+            resumed.train_step()
+        finally:
+            resumed.close()
+    assert log.read_text().startswith("step 2, ") and "reward server down" in log.read_text()
+
+
 def test_evaluation_samples_with_its_own_top_k_and_top_p(tmp_path, tiny_model_dir, arithmetic_files):
     """A rollout cut to its most likely token (rollout.top_k = 1) leaves evaluation sampling from the full distribution,
     unless eval.top_k says otherwise."""

@@ -663,6 +663,8 @@ def _keep_reward_traceback(first_error: str | None, log: Path | None) -> Path | 
     """Write the reward's first failure (a summary line, then its traceback) to ``log``, or to a new temporary file when
     ``log`` is None, as `train` keeps it in reward_errors.log; the file written (None without a failure, or when it
     cannot be written: the terminal's one-line summary is then all there is)."""
+    from entrorl.trainer.checkpoint import atomic_write_text
+
     if first_error is None:
         return None
     try:
@@ -670,8 +672,7 @@ def _keep_reward_traceback(first_error: str | None, log: Path | None) -> Path | 
             with tempfile.NamedTemporaryFile("w", prefix="entrorl-reward-errors-", suffix=".log", delete=False) as handle:
                 handle.write(first_error + "\n")
             return Path(handle.name)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(first_error + "\n")
+        atomic_write_text(log, first_error + "\n", make_folder=True)
         return log
     except OSError:
         return None

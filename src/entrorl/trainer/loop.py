@@ -334,9 +334,10 @@ class Trainer:
                 if match and (step is None or int(match.group(1)) > step):
                     path.unlink()
         reward_log = self.run_dir / "reward_errors.log"
-        if reward_log.is_file():  # afresh, or written by a discarded step: the run's first failure is still to come
+        if reward_log.is_file():  # afresh, written by a discarded step, or cut short (an earlier version wrote it in
+            # place: a full disk left it empty): the run's first failure is still to come
             match = self._REWARD_LOG_STEP.match(reward_log.read_text(errors="replace")[:40])
-            if step is None or (match is not None and int(match.group(1)) > step):
+            if step is None or match is None or int(match.group(1)) > step:
                 reward_log.unlink()
 
     def _check_resume_changes(self, saved_state: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -817,10 +818,11 @@ class Trainer:
 
     def _note_reward_error(self, traceback_text: str, *, step: int) -> None:
         """Keep the run's first reward failure in ``reward_errors.log`` (later ones are only counted), its first line
-        led by the step it happened in (``step 12, sample 3: ValueError: ...``)."""
+        led by the step it happened in (``step 12, sample 3: ValueError: ...``); written as one rename, so a full disk
+        leaves no empty log behind and its error names the file."""
         path = self.run_dir / "reward_errors.log"
         if not path.exists():
-            path.write_text(f"step {step}, {traceback_text}")
+            atomic_write_text(path, f"step {step}, {traceback_text}")
 
     # ------------------------------------------------------------------------------------------------ the step
     def token_stats(self, model, rollouts: Rollouts, rows: torch.Tensor, need=STAT_NAMES):
