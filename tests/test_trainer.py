@@ -3330,6 +3330,26 @@ def test_reward_that_raises_is_counted_not_fatal(tmp_path, tiny_model_dir, arith
                         r"RuntimeError: reward server down", first_line), first_line
 
 
+def test_paths_under_the_home_folder_are_read_as_a_shell_reads_them(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                     monkeypatch):
+    """``~`` in a path setting (a YAML file has no shell to expand it) is the home folder, not a folder named ``~`` in
+    the working directory; also the run directory given to the trainer."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_model_dir, home / "models" / "tiny")
+    train, _ = arithmetic_files
+    shutil.copy(train, home / "train.jsonl")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    config = load_config(make_config(Path("~/models/tiny"), Path("~/train.jsonl"), Path("~/train.jsonl"),
+                                     logging={"progress": False, "run_dir": "~/runs", "name": "first"}))
+    assert (config.model.path, config.data.train, config.data.eval) == (
+        str(home / "models" / "tiny"), str(home / "train.jsonl"), str(home / "train.jsonl"))
+    Trainer(config).close()
+    Trainer(config, run_dir="~/elsewhere").close()
+    assert (home / "runs" / "first").is_dir() and (home / "elsewhere").is_dir() and list(work.iterdir()) == []
+
+
 @contextlib.contextmanager
 def files_limited_to(size: int):
     """No file of this process may grow past ``size`` bytes (EFBIG, as a full disk gives ENOSPC) inside the block."""

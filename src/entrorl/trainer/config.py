@@ -91,6 +91,12 @@ class LoraConfig(_Section):
         return self
 
 
+def _home_expanded(value: Any) -> Any:
+    """A path setting with ``~`` or ``~user`` first read as the home folder, as a shell would have read it (a YAML
+    file or a quoted ``--set`` has no shell to do it)."""
+    return os.path.expanduser(value) if isinstance(value, str) else value
+
+
 class ModelConfig(_Section):
     path: str = Field(description="local Hugging Face model directory (config.json, weights, tokenizer)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -118,6 +124,8 @@ class ModelConfig(_Section):
     lora: LoraConfig | None = Field(None, description="train low-rank adapters instead of every weight (needs peft: pip "
                                     "install 'entrorl[lora]'); the reference model is then the base model, the "
                                     "adapters switched off. None = full fine-tuning")
+
+    _path_home_expanded = field_validator("path", mode="before")(_home_expanded)
 
     @field_validator("device")
     @classmethod
@@ -185,6 +193,8 @@ class DataConfig(_Section):
     )
     pass_rate_column: str = Field("pass_rate", description="the column holding each prompt's pass rate (e.g. from a data "
                                   "audit): a number, or text spelling a decimal or a fraction (0.25, 4/16)")
+
+    _paths_home_expanded = field_validator("train", "eval", mode="before")(_home_expanded)
 
     @field_validator("meta_columns", mode="before")
     @classmethod
@@ -457,6 +467,8 @@ class LoggingConfig(_Section):
     samples_every: int = Field(0, ge=0, description="every N steps write samples/step_<step>.jsonl: each rollout's prompt "
                                "(and its messages, for a prompt given as chat messages), completion, answer, reward, "
                                "advantage and the reward's reason (0 = never)")
+
+    _run_dir_home_expanded = field_validator("run_dir", mode="before")(_home_expanded)
 
     @model_validator(mode="after")
     def _trackers_installed(self) -> "LoggingConfig":
@@ -755,7 +767,8 @@ def configuration_markdown() -> str:
              "listed is refused, with the valid names spelled most like it (or all of its section's when none is).",
              "Defaults are written as YAML reads them (`null` is Python's None). `method` takes a method's name, a",
              "composition or an objective (its keys are under `method` below): see the README's methods and",
-             "`entrorl methods METHOD` for every parameter of one.", ""]
+             "`entrorl methods METHOD` for every parameter of one. A path (`model.path`, `data.train`, `data.eval`,",
+             "`logging.run_dir`) may begin with `~`, the home folder, as in a shell.", ""]
 
     def section(model: type[BaseModel], prefix: str) -> None:
         rows, nested = [], []

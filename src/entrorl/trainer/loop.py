@@ -158,7 +158,7 @@ class Trainer:
         retain = config.retain_freed_memory
         if retain or (retain is None and resolve_device(config.model.device).type == "cpu"):
             retain_freed_memory()
-        self.run_dir = Path(run_dir) if run_dir is not None else self._default_run_dir()
+        self.run_dir = Path(run_dir).expanduser() if run_dir is not None else self._default_run_dir()
         check_run_directory_writable(self.run_dir)  # now, not after the model has loaded
         if self.run_dir.is_dir():  # a run going on there is refused now, not after the model has loaded
             probe = lock_run_directory(self.run_dir)
