@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -573,6 +574,49 @@ def test_objective_state_is_saved_with_checkpoints_and_restored(tokenizer, tmp_p
     added.create_optimizer_and_scheduler(num_training_steps=4)
     with pytest.warns(UserWarning, match="holds no objective state .*: dapo\\+adaptive_entropy's state starts afresh"):
         added._load_optimizer_and_scheduler(str(initial))
+
+
+def test_a_seeded_clip_cov_s_generator_is_checkpointed_even_before_its_first_draw(tokenizer, tmp_path):
+    """A seeded Clip-Cov has state (its private generator) whose state_dict is empty until its first draw: a
+    checkpoint written then still holds the state file, so that one without it (GRPOTrainer's, a lost file) is
+    warned about rather than re-seeding the generator in silence, which replays the first steps' draws."""
+    seeded = {"method": "clip_cov", "params": {"seed": 3}}
+    fresh = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=seeded)
+    assert fresh.objective.stateful and fresh.objective.state_dict() == {}
+    fresh.create_optimizer_and_scheduler(num_training_steps=4)
+    fresh._save_checkpoint(fresh.model, None)
+    checkpoint = Path(fresh.args.output_dir) / "checkpoint-0"
+    assert torch.load(checkpoint / OBJECTIVE_STATE_FILE, weights_only=True) == {}
+    _loss_and_grads(fresh, _inputs(tokenizer, rows=4, seed=11))  # draws: the generator now has a state
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fresh._load_optimizer_and_scheduler(str(checkpoint))  # its state from the file: not drawn from yet
+    assert fresh.objective.state_dict() == {}
+    (checkpoint / OBJECTIVE_STATE_FILE).unlink()
+    with pytest.warns(UserWarning, match="holds no objective state .*: clip_cov's state starts afresh"):
+        fresh._load_optimizer_and_scheduler(str(checkpoint))
+    unseeded = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path / "unseeded", objective="clip_cov")
+    assert not unseeded.objective.stateful  # torch's global generator: the checkpoint's RNG states restore it
+    unseeded.create_optimizer_and_scheduler(num_training_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        unseeded._load_optimizer_and_scheduler(str(checkpoint))
+
+
+def test_the_state_of_another_objective_is_refused_naming_the_file_and_the_objectives(tokenizer, tmp_path):
+    """Resuming a checkpoint of dapo+adaptive_entropy with plain dapo: refused with the file, both objectives and the
+    ways on, not Objective.load_state_dict's bare list of part names."""
+    saved = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+adaptive_entropy")
+    saved.create_optimizer_and_scheduler(num_training_steps=4)
+    saved._save_checkpoint(saved.model, None)
+    checkpoint = Path(saved.args.output_dir) / "checkpoint-0"
+    other = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo")
+    other.create_optimizer_and_scheduler(num_training_steps=4)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{checkpoint / OBJECTIVE_STATE_FILE} holds the state of the objective 'dapo+adaptive_entropy', which this "
+            "trainer's objective 'dapo' cannot take (") + r".*regularizer/adaptive_entropy.*\); resume with the "
+            r"objective the checkpoint was trained with, or delete that file"):
+        other._load_optimizer_and_scheduler(str(checkpoint))
 
 
 def test_the_controllers_statistics_are_shared_once_a_step_and_again_in_a_second_train(tokenizer, tmp_path, monkeypatch):
@@ -1338,7 +1382,7 @@ def test_resume_from_checkpoint_true_passes_over_a_checkpoint_whose_save_was_cut
     load = resumed._load_optimizer_and_scheduler
     restored = []
     resumed._load_optimizer_and_scheduler = lambda checkpoint: load(checkpoint) or restored.append(checkpoint)
-    with pytest.warns(UserWarning, match=r"checkpoint-2 hold\(s\) no trainer_state.json \(a save cut short\): "
+    with pytest.warns(UserWarning, match=r"checkpoint-2 hold\(s\) no readable trainer_state.json \(a save cut short\): "
                                          r"resuming from .*checkpoint-1$") as warned:
         resumed.train(resume_from_checkpoint=True)
     assert [w.filename for w in warned if "cut short" in str(w.message)] == [__file__]  # the call's line, not ours
@@ -1353,9 +1397,17 @@ def test_resume_from_checkpoint_true_passes_over_a_checkpoint_whose_save_was_cut
     with pytest.raises(ValueError, match="No valid checkpoint found"):  # transformers' own message
         empty.train(resume_from_checkpoint=True)
     (tmp_path / "empty" / "out" / "checkpoint-3").mkdir(parents=True)  # only a save cut short
-    with pytest.raises(ValueError, match=r"no complete checkpoint in .*out: .*checkpoint-3 hold\(s\) no "
+    with pytest.raises(ValueError, match=r"no complete checkpoint in .*out: .*checkpoint-3 hold\(s\) no readable "
                                          r"trainer_state.json \(a save cut short\); train without resume_from_checkpoint"):
         empty.train(resume_from_checkpoint=True)
+    # transformers writes trainer_state.json in place: killed while writing it, the folder holds it cut short
+    state = tmp_path / "out" / "checkpoint-2" / "trainer_state.json"
+    (tmp_path / "out" / "checkpoint-9").rmdir()
+    shutil.copytree(tmp_path / "out" / "checkpoint-2", tmp_path / "out" / "checkpoint-3")
+    for cut in ("", state.read_text()[:100]):
+        (tmp_path / "out" / "checkpoint-3" / "trainer_state.json").write_text(cut)
+        with pytest.warns(UserWarning, match=r"checkpoint-3 hold\(s\) no readable trainer_state.json"):
+            assert Path(resumed.latest_complete_checkpoint()).name == "checkpoint-2"
 
 
 def test_a_stateless_objective_writing_over_an_earlier_checkpoint_removes_its_objective_state(tokenizer, tmp_path):

@@ -129,6 +129,27 @@ def objective_state_file(process_index: int) -> str:
 _PROCESS_STATE_FILE = re.compile(r"entrorl_objective_state_(\d+)\.pt")  # objective_state_file's names
 
 
+def _readable_json(path: str) -> bool:
+    """Whether ``path`` is a file that holds JSON whole (transformers writes ``trainer_state.json`` in place: a crash
+    while writing it leaves it empty or cut short)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _saved_objective_label(checkpoint: str) -> str | None:
+    """The objective a checkpoint was trained with, as its ``entrorl_objective.json`` names it (None without one)."""
+    try:
+        with open(os.path.join(checkpoint, TRL_OBJECTIVE_FILE), encoding="utf-8") as handle:
+            method = json.load(handle).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return method if isinstance(method, str) else None
+
+
 # surrogates that clip the ratio to [1 - eps_low, 1 + eps_high] as TRL's epsilon / epsilon_high do
 _RATIO_CLIPPED_SURROGATES = (PPOClip, GSPO)
 
@@ -667,10 +688,10 @@ class EntropyGRPOTrainer(GRPOTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def latest_complete_checkpoint(self) -> str | None:
-        """The newest ``checkpoint-N`` folder of ``args.output_dir`` that holds ``trainer_state.json``, which a save
-        writes after everything but the pruning of older checkpoints; newer folders without it (saves cut short by a
-        crash) are passed over with a warning. None when ``output_dir`` holds no checkpoint folder; ``ValueError`` when
-        it holds only incomplete ones."""
+        """The newest ``checkpoint-N`` folder of ``args.output_dir`` that holds a readable ``trainer_state.json``,
+        which a save writes (in place, not as one rename) after everything but the pruning of older checkpoints; newer
+        folders without it, or with one cut short (saves cut short by a crash), are passed over with a warning. None
+        when ``output_dir`` holds no checkpoint folder; ``ValueError`` when it holds only incomplete ones."""
         return self._latest_complete_checkpoint()
 
     def _latest_complete_checkpoint(self) -> str | None:
@@ -683,15 +704,15 @@ class EntropyGRPOTrainer(GRPOTrainer):
         incomplete = []
         for _, name in numbered:
             checkpoint = os.path.join(folder, name)
-            if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+            if _readable_json(os.path.join(checkpoint, TRAINER_STATE_NAME)):
                 if incomplete:
-                    warnings.warn(f"{', '.join(incomplete)} hold(s) no {TRAINER_STATE_NAME} (a save cut short): "
-                                  f"resuming from {checkpoint}", stacklevel=3)
+                    warnings.warn(f"{', '.join(incomplete)} hold(s) no readable {TRAINER_STATE_NAME} (a save cut "
+                                  f"short): resuming from {checkpoint}", stacklevel=3)
                 return checkpoint
             incomplete.append(checkpoint)
         if incomplete:
-            raise ValueError(f"no complete checkpoint in {folder}: {', '.join(incomplete)} hold(s) no {TRAINER_STATE_NAME} "
-                             "(a save cut short); train without resume_from_checkpoint to start afresh")
+            raise ValueError(f"no complete checkpoint in {folder}: {', '.join(incomplete)} hold(s) no readable "
+                             f"{TRAINER_STATE_NAME} (a save cut short); train without resume_from_checkpoint to start afresh")
         return None
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -713,7 +734,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
                 if (match := _PROCESS_STATE_FILE.fullmatch(stale.name)) and int(match[1]) >= own_files:
                     stale.unlink(missing_ok=True)
         for name in files:
-            if state:
+            if state or self.objective.stateful:  # an empty state too: the state before it first moved
                 atomic_torch_save(state, folder / name)
             else:
                 (folder / name).unlink(missing_ok=True)
@@ -741,10 +762,17 @@ class EntropyGRPOTrainer(GRPOTrainer):
                               f"(saved by {self.accelerator.num_processes} processes?): it takes the state of the "
                               "process that saved the checkpoint", stacklevel=2)
             path = own if self.accelerator.num_processes > 1 and os.path.exists(own) else shared
-            if not os.path.exists(path) and self.objective.state_dict():
+            if not os.path.exists(path) and self.objective.stateful:
                 warnings.warn(f"{checkpoint} holds no objective state (a checkpoint of GRPOTrainer, or of another "
                               f"objective): {self.objective.label}'s state starts afresh", stacklevel=2)
-            self.objective.load_state_dict(torch.load(path, weights_only=True) if os.path.exists(path) else {})
+            try:
+                self.objective.load_state_dict(torch.load(path, weights_only=True) if os.path.exists(path) else {})
+            except ValueError as error:  # the state of parts this objective lacks, or cannot take
+                saved = _saved_objective_label(checkpoint)
+                raise ValueError(f"{path} holds the state of {f'the objective {saved!r}' if saved else 'another objective'}, "
+                                 f"which this trainer's objective {self.objective.label!r} cannot take ({error}); resume "
+                                 "with the objective the checkpoint was trained with, or delete that file to start the "
+                                 "objective's state afresh") from None
 
     # ------------------------------------------------------------------------------------------------ scoring
     def _parameters_are_sharded(self) -> bool:

@@ -208,6 +208,11 @@ class Objective:
             metrics.update(part.end_step())
         return metrics
 
+    @property
+    def stateful(self) -> bool:
+        """Whether a part keeps state across steps (see :attr:`entrorl.objective.parts.Part.stateful`)."""
+        return any(part.stateful for part in self.parts)
+
     def state_dict(self) -> dict[str, Any]:
         """Mutable state of the parts (adaptive coefficients, RNG states), keyed ``kind/name``."""
         return {f"{part.kind}/{part.name}": state for part in self.parts if (state := part.state_dict())}

@@ -76,6 +76,13 @@ class Part(BaseModel):
     def params(self) -> dict[str, Any]:
         return self.model_dump()
 
+    @property
+    def stateful(self) -> bool:
+        """Whether the part keeps state of its own across steps (an adaptive coefficient, a private generator), which a
+        checkpoint must hold for a resumed run to go on as the uninterrupted one; its ``state_dict`` may still be empty
+        before the state first moves. By default, whether the part defines its own ``state_dict``."""
+        return type(self).state_dict is not Part.state_dict
+
     def state_dict(self) -> dict[str, Any]:
         """Mutable state to checkpoint (adaptive coefficients, RNG); empty for stateless parts."""
         return {}

@@ -87,6 +87,10 @@ class ClipCov(Selector):
             self._generator.manual_seed(self.seed)
         return self._generator
 
+    @property
+    def stateful(self) -> bool:
+        return self.seed is not None  # without a seed it draws from torch's global generator, which trainers restore
+
     def state_dict(self) -> dict[str, Any]:
         if self._generator is None:
             return {}
