@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
 import textwrap
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1140,7 +1143,10 @@ def test_the_program_runs_under_the_configured_resource_limits():
     assert seen["NOFILE"] == (40, 40)
     assert seen["CORE"] == (0, 0)
     assert 3 * 1.5 <= seen["CPU"][0] <= 3 * 1.5 + 5
-    if run.uid is not None:
+    if run.isolation.get("user_namespace"):  # the namespace's tasks: the program's, and the PID namespace's two helpers
+        helpers = 2 if run.isolation["pid_namespace"] else 0
+        assert seen["NPROC"] == (7 + helpers, 7 + helpers)
+    elif run.uid is not None:
         assert seen["NPROC"] == (7, 7)
 
 
@@ -1174,6 +1180,150 @@ def test_a_background_process_without_the_run_marker_is_killed_by_its_uid():
     run = run_in_sandbox(program, stdin_cases(), SandboxLimits(allow_subprocesses=True))
     assert run.outcomes[0].status == "ok", run.outcomes[0]
     assert not pid_alive(int(run.outcomes[0].stdout))
+
+
+def test_under_the_trainer_s_own_uid_a_pid_namespace_ends_every_process_the_program_started():
+    """Without a uid of its own (a trainer that is not root; here root with drop_privileges off) nothing else tells
+    the program's processes from the user's: the program runs in a PID namespace, so a child that left the group
+    and dropped the run's marker (setsid, an empty environment) dies with the run, and no process outside has a pid
+    the program could signal. /proc is the namespace's, so /proc/<os.getpid()> is the program's own entry."""
+    program = textwrap.dedent("""
+        import os
+        if os.fork() == 0:
+            os.setsid()
+            os.execve("/bin/sleep", ["sleep", "61.25"], {})
+        print(os.getpid(), open("/proc/%d/status" % os.getpid()).readline().split()[1])
+        os.kill(1, 9)  # the namespace's first process, which the kernel does not let its own namespace kill
+        try:
+            os.kill(TRAINER, 9)
+        except ProcessLookupError:
+            print("no such process")
+        """).replace("TRAINER", str(os.getpid()))
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits(time_limit=2.0, drop_privileges=False, audit_hook=False))
+    if not run.isolation["pid_namespace"]:
+        pytest.skip(f"no PID namespace here: {run.isolation}")
+    assert run.outcomes[0].status == "ok", run.outcomes[0]
+    pid, name = run.outcomes[0].stdout.split()[:2]
+    assert pid == "2" and run.outcomes[0].stdout.endswith("no such process\n")
+    if run.isolation["proc_of_the_namespace"]:
+        assert name == "python3" or name.startswith("python"), run.outcomes[0].stdout
+    time.sleep(0.2)
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid) == b"sleep\x0061.25\x00"]
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def test_process_creation_below_subprocess_s_audit_event_is_refused_and_reported():
+    """``_posixsubprocess.fork_exec``, what subprocess calls after raising its audit event, raises none of its own:
+    called directly it is refused, and the refusal reported (the program scores 0 even when it catches it)."""
+    program = textwrap.dedent("""
+        import _posixsubprocess
+        try:
+            _posixsubprocess.fork_exec([b"/bin/true"], [b"/bin/true"])
+        except PermissionError as error:
+            print("refused:", error)
+        """)
+    run = run_in_sandbox(program, stdin_cases(), SandboxLimits(time_limit=2.0))
+    assert run.outcomes[0].stdout.startswith("refused: sandbox: process refused"), run.outcomes[0]
+    assert ("process", "_posixsubprocess.fork_exec") in run.violations
+
+
+NOBODY = 65534
+
+
+@pytest.fixture(scope="module")
+def as_an_ordinary_user():
+    """Run a Python script as an ordinary user (this one when not root, else ``nobody``) with this environment's
+    packages: with this interpreter when that user can execute it, else with the system's ``python3`` of the same
+    version given them through a ``.pth`` file (an interpreter under root's home is not executable by others)."""
+    import site
+    import sysconfig
+
+    shared = Path(tempfile.mkdtemp(prefix="entrorl-ordinary-user-"))
+    os.chmod(shared, 0o755)
+    environment = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(shared), "OMP_NUM_THREADS": "1"}
+    identity = dict(user=NOBODY, group=NOBODY, extra_groups=[]) if os.geteuid() == 0 else {}
+
+    def runs(python: str) -> bool:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            return subprocess.run([python, "-c", "import entrorl.rewards.sandbox"], cwd="/", env=environment,
+                                  capture_output=True, timeout=120, **identity).returncode == 0
+        return False
+
+    python = sys.executable
+    if not runs(python):
+        system = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+        version = system and subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"],
+                                            capture_output=True, text=True).stdout.strip()
+        if version == str(tuple(sys.version_info[:2])):
+            subprocess.run([system, "-m", "venv", "--without-pip", str(shared / "venv")], check=True, capture_output=True)
+            python = str(shared / "venv" / "bin" / "python")
+            purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                     capture_output=True, text=True, check=True).stdout.strip()
+            import entrorl
+
+            folders = dict.fromkeys([sysconfig.get_paths()["purelib"], *site.getsitepackages()])
+            Path(purelib, "this_environment.pth").write_text(
+                "".join(f"import site; site.addsitedir({folder!r})\n" for folder in folders)
+                + str(Path(entrorl.__file__).resolve().parents[1]) + "\n")
+        if not runs(python):
+            shutil.rmtree(shared, ignore_errors=True)
+            pytest.skip("no interpreter with these packages that an ordinary user can run")
+
+    def run(script: str) -> subprocess.CompletedProcess:
+        path = shared / f"script{len(list(shared.glob('script*')))}.py"
+        path.write_text(textwrap.dedent(script))
+        os.chmod(path, 0o644)
+        return subprocess.run([python, str(path)], env=environment, capture_output=True, text=True, timeout=300,
+                              cwd=str(shared), **identity)
+
+    yield run
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+ORDINARY_USER_THREADS = '''
+import subprocess, textwrap
+from entrorl.rewards.sandbox import SandboxCase, SandboxLimits, run_in_sandbox
+others = [subprocess.Popen(["sleep", "60"]) for _ in range(30)]  # the user's other work
+try:
+    threads = """
+import threading
+started = 0
+try:
+    for _ in range(40):
+        threading.Thread(target=threading.Event().wait, args=(2,), daemon=True).start()
+        started += 1
+except RuntimeError:
+    pass
+print(started)
+"""
+    run = run_in_sandbox(threads, [SandboxCase("stdin", "")], SandboxLimits(max_processes=8, audit_hook=False))
+    print("THREADS", run.outcomes[0].stdout.strip(), run.isolation.get("user_namespace", False),
+          run.isolation["pid_namespace"])
+finally:
+    for process in others:
+        process.kill()
+        process.wait()
+'''
+
+
+def test_as_an_ordinary_user_the_process_limit_holds_in_the_namespaces(as_an_ordinary_user):
+    """Without a uid of its own, the program shares the user's: RLIMIT_NPROC, counted in the program's user namespace,
+    is ``max_processes`` (it was the user's other tasks plus ``max_processes``: a user running 60 processes let a
+    program start 40 threads under ``max_processes=8``)."""
+    result = as_an_ordinary_user(ORDINARY_USER_THREADS)
+    line = next((text for text in result.stdout.splitlines() if text.startswith("THREADS")), None)
+    assert line is not None, result.stdout + result.stderr
+    started, user_namespace, pid_namespace = line.split()[1:]
+    if user_namespace != "True":
+        pytest.skip("no user namespace here: the shared uid's budget applies")
+    assert pid_namespace == "True" and int(started) == 7, line  # 8 with the program's main thread
 
 
 def test_with_subprocesses_allowed_the_program_may_stop_its_own_children():

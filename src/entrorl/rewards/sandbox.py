@@ -18,7 +18,16 @@ off, never silently assumed):
   ``python3`` on the system ``PATH`` (see :attr:`SandboxRun.isolation` ``"interpreter"``);
 * **network namespace** — the child moves itself into a new, empty user + network namespace
   (``unshare(CLONE_NEWUSER | CLONE_NEWNET)``) before the program runs: no interface but a down
-  loopback, so every connection, to ``127.0.0.1`` included, fails in the kernel;
+  loopback, so every connection, to ``127.0.0.1`` included, fails in the kernel. ``RLIMIT_NPROC`` then counts the
+  tasks of that user namespace alone, so it is ``max_processes`` whoever else the uid runs;
+* **PID namespace** — without a uid of its own (a trainer that is not root, or ``drop_privileges`` off), nothing
+  else tells the program's processes from the user's, so the same unshare adds a PID namespace: the child stays
+  outside as its keeper, forks the namespace's first process (a reaper) and the harness, and once the harness ends
+  kills the reaper, with which the kernel kills every process left in the namespace (one that left the group and
+  dropped the run's marker included). No process outside the namespace has a pid in it, so the program cannot
+  signal the trainer. The namespace gets its own ``/proc`` where the system allows it (a container whose ``/proc``
+  has masked parts does not; ``isolation["proc_of_the_namespace"]``), else ``/proc/<os.getpid()>`` is another
+  process's entry and the program's own is ``/proc/self``;
 * **read-only file system** — the same unshare adds a mount namespace in which every mount is made
   read-only (``mount_setattr(AT_RECURSIVE, MOUNT_ATTR_RDONLY)``) except a bind mount of the working
   directory; the inherited mounts are locked in that namespace, so the program cannot make them
@@ -32,7 +41,8 @@ off, never silently assumed):
   ``os.system``) and signals to other processes (``os.kill``, and ``os.pidfd_open`` of another process, which
   raises no audit event of its own and is replaced), writes / renames / deletions outside the sandbox
   directory, reading other processes' ``/proc`` entries, looking up C functions with ``ctypes`` and loading
-  ``cffi``. A refused operation raises ``PermissionError`` in the program *and* is reported to the parent at
+  ``cffi``, calling ``_posixsubprocess.fork_exec`` (what ``subprocess`` calls below its own audit event, which raises
+  none). A refused operation raises ``PermissionError`` in the program *and* is reported to the parent at
   once, so catching the exception does not hide it. Importing ``ctypes`` is allowed (numpy, pandas, scipy and
   sympy do), and its own helpers (``memmove``, ``string_at``) raise no audit event: with them, or by reaching
   into the harness's objects, a program written for it can undo the hook. An audit hook is a tripwire, not a
@@ -230,8 +240,9 @@ import atexit, builtins, gc, json, os, resource, signal, sys, time, types
 
 with os.fdopen(int(sys.argv[2]), encoding="utf-8") as handle:  # a file with no name: nothing on disk to find
     CONFIG = json.load(handle)
-MAIN_PID = os.getpid()
-GETPID = os.getpid  # the harness's own reference: a program may rebind os.getpid
+MAIN_PID = os.getpid()  # in a PID namespace, the harness's pid there (set again once it is in)
+GETPID = os.getpid  # the harness's own references: a program may rebind os.getpid, os.readlink
+READLINK = os.readlink
 RESULT_FD = CONFIG["result_fd"]
 WORKDIR = os.path.realpath(CONFIG["workdir"])
 
@@ -242,20 +253,27 @@ def send(message):
         data = data[os.write(RESULT_FD, data):]
 
 
-def set_limits():
+def set_limits(isolation):
     limits = CONFIG["limits"]
     memory = limits["memory_bytes"]
     for name, value in (("RLIMIT_AS", memory), ("RLIMIT_DATA", memory), ("RLIMIT_CPU", limits["cpu_seconds"]),
                         ("RLIMIT_FSIZE", limits["file_bytes"]), ("RLIMIT_NOFILE", limits["open_files"]),
                         ("RLIMIT_CORE", 0)):
         resource.setrlimit(getattr(resource, name), (value, value))
-    if limits["processes"] is not None:
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"], limits["processes"]))
+    processes = limits["processes"]
+    if processes is not None and isolation.get("user_namespace"):  # (None: root, whom RLIMIT_NPROC does not bind)
+        # the kernel counts the tasks of this user namespace alone: the program's (the harness's included), and the
+        # keeper and reaper of its PID namespace
+        processes = limits["max_processes"] + (2 if isolation.get("pid_namespace") else 0)
+        isolation["process_limit"] = "RLIMIT_NPROC=%d in the user namespace (max_processes%s)" % (
+            processes, " + the PID namespace's keeper and reaper" if isolation.get("pid_namespace") else "")
+    if processes is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-long write raises OSError(EFBIG) instead
 
 
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
-MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 1 << 18
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 0x1000, 0x4000, 1 << 18
 MOUNT_ATTR_RDONLY, AT_RECURSIVE, AT_FDCWD, SYS_MOUNT_SETATTR = 0x1, 0x8000, -100, 442
 
 
@@ -282,7 +300,7 @@ def read_only_view(libc, ctypes):
 
 
 def kernel_isolation():
-    """no_new_privs, death with the parent, and new user + network + mount namespaces."""
+    """no_new_privs, death with the parent, and new user + PID + network + mount namespaces."""
     report = {}
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -290,11 +308,14 @@ def kernel_isolation():
     libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)                        # PR_SET_PDEATHSIG
     report["network_namespace"] = False
     report["read_only_filesystem"] = False
+    report["pid_namespace"] = False
     flags = (CLONE_NEWNET if CONFIG["network_namespace"] else 0) | (CLONE_NEWNS if CONFIG["read_only_filesystem"] else 0)
     namespaces = False
     if flags:
         uid, gid = os.getuid(), os.getgid()
-        if libc.unshare(CLONE_NEWUSER | flags) == 0:
+        # a uid of its own already keeps the program from the trainer's processes, and finds its strays
+        pid_namespace = CONFIG["pid_namespace"] and libc.unshare(CLONE_NEWUSER | CLONE_NEWPID | flags) == 0
+        if pid_namespace or libc.unshare(CLONE_NEWUSER | flags) == 0:
             try:
                 for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)),
                                    ("gid_map", "%d %d 1" % (gid, gid))):
@@ -306,6 +327,7 @@ def kernel_isolation():
         else:
             report["namespace_error"] = "unshare: %s" % os.strerror(ctypes.get_errno())
     if namespaces:
+        report["user_namespace"] = True
         report["network_namespace"] = bool(flags & CLONE_NEWNET)
         if flags & CLONE_NEWNS:
             try:
@@ -313,7 +335,57 @@ def kernel_isolation():
                 report["read_only_filesystem"] = True
             except OSError as exc:
                 report["read_only_filesystem_error"] = str(exc)
+    if flags and pid_namespace:  # this process's next child is the namespace's first: it must be the reaper
+        enter_pid_namespace(libc, report)
     return report
+
+
+def enter_pid_namespace(libc, report):
+    """Run the harness in the new PID namespace, whose processes all die with its first one. This process (the
+    keeper, which the parent started and kills) forks that first process (the reaper: it collects the namespace's
+    orphans until it is killed) and then the harness, waits for the harness, kills the reaper, so that every process
+    the program started dies with it (one that left the process group with ``setsid`` included), and ends as the
+    harness ended. In the namespace no process outside it has a pid: the program cannot signal the trainer."""
+    global MAIN_PID
+    try:
+        reaper = os.fork()
+    except OSError as exc:  # the namespace has no first process: this one runs the harness outside it
+        report["pid_namespace_error"] = "fork: %s" % exc
+        return
+    if reaper == 0:
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)
+        os.close(RESULT_FD)
+        while True:
+            try:
+                os.wait()
+            except ChildProcessError:  # none now; an orphan may come later
+                time.sleep(0.05)
+    try:
+        harness = os.fork()
+    except OSError as exc:
+        os.kill(reaper, signal.SIGKILL)
+        report["pid_namespace_error"] = "fork: %s" % exc
+        raise
+    if harness == 0:
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)
+        MAIN_PID = os.getpid()
+        report["pid_namespace"] = True
+        # a /proc of this namespace, so that /proc/<os.getpid()> is the program's own entry; a container whose /proc
+        # has parts masked refuses it: the system's stays, where the program's entry is /proc/self only
+        report["proc_of_the_namespace"] = bool(report.get("read_only_filesystem")) and libc.mount(
+            b"proc", b"/proc", b"proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None) == 0
+        return
+    os.close(RESULT_FD)
+    status = os.waitpid(harness, 0)[1]
+    os.kill(reaper, signal.SIGKILL)
+    os.waitpid(reaper, 0)
+    if os.WIFSIGNALED(status):  # die the same way, without a core file
+        number = os.WTERMSIG(status)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if number not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 
 
 class Refused(PermissionError):
@@ -333,7 +405,7 @@ PROCESS_EVENTS = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exe
 # (memmove, string_at) raise no audit event: the hook is a tripwire, not a boundary
 CTYPES_EVENTS = {"ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function"}
 # modules the harness imported, whose functions it replaced: importing them afresh would give the originals back
-NO_REIMPORT = ("posix", "os", "_signal", "signal")
+NO_REIMPORT = ("posix", "os", "_signal", "signal", "_posixsubprocess")
 
 
 def inside_workdir(path):
@@ -368,7 +440,8 @@ def install_audit_hook():
                 real = os.path.realpath(text) if "proc" in text else ""
                 if real.startswith("/proc/"):
                     part = real.split("/")[2]
-                    if part.isdigit() and part != str(GETPID()):
+                    # the process's own entry, as /proc names it (another pid than its own in a PID namespace)
+                    if part.isdigit() and part != os.path.basename(READLINK("/proc/self")):
                         refuse("proc_read", "open %r" % (text,))
         elif event in PATH_EVENTS:
             if event == "os.symlink":  # (target, link): only the link is written; what it points at is not
@@ -406,6 +479,15 @@ def install_audit_hook():
                     refuse("process", "os.pidfd_open %r" % (pid,))
                 return original_pidfd_open(pid, flags)
             posix.pidfd_open = os.pidfd_open = pidfd_open
+        # what subprocess calls below its own audit event, which raises none
+        try:
+            import _posixsubprocess
+        except ImportError:
+            pass
+        else:
+            def fork_exec(*args, **kwargs):
+                refuse("process", "_posixsubprocess.fork_exec")
+            _posixsubprocess.fork_exec = fork_exec
     sys.addaudithook(hook)
 
 
@@ -539,7 +621,7 @@ def run_case(index, case, state):
 
 def main():
     isolation = kernel_isolation()
-    set_limits()
+    set_limits(isolation)
     os.chdir(WORKDIR)
     source, cases = CONFIG.pop("program"), CONFIG.pop("cases")
     attach_standard_streams(os.devnull, os.devnull, os.O_WRONLY)
@@ -1052,12 +1134,14 @@ def _run_attempt(context: _RunContext, first_case: int) -> _AttemptResult:
         "read_only_filesystem": limits.read_only_filesystem,
         "audit_hook": limits.audit_hook,
         "allow_subprocesses": limits.allow_subprocesses,
+        "pid_namespace": context.uid is None,
         "limits": {
             "memory_bytes": limits.memory_mb * 1024 * 1024,
             "cpu_seconds": int(limits.time_limit * max(remaining, 1)) + 2,
             "file_bytes": limits.max_file_mb * 1024 * 1024,
             "open_files": limits.max_open_files,
             "processes": context.processes,
+            "max_processes": limits.max_processes,
         },
     }
     # the configuration as a file with no name in any folder (the child reads it from its descriptor): no program can
