@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -54,3 +61,58 @@ def arithmetic_files(tmp_path_factory) -> tuple[Path, Path]:
     train.write_text("".join(json.dumps(row) + "\n" for row in rows[:32]))
     held_out.write_text("".join(json.dumps(row) + "\n" for row in rows[32:]))
     return train, held_out
+
+
+NOBODY = 65534
+
+
+@pytest.fixture(scope="session")
+def as_an_ordinary_user():
+    """``run(script)``: run a Python script as an ordinary user (this one when not root, else ``nobody``), in a folder
+    every user may enter, with this environment's packages: with this interpreter when that user can execute it, else
+    with the system's ``python3`` of the same version given them through a ``.pth`` file (an interpreter under root's
+    home is not executable by others). Skips the test where neither runs."""
+    import site
+    import sysconfig
+
+    shared = Path(tempfile.mkdtemp(prefix="entrorl-ordinary-user-"))
+    os.chmod(shared, 0o755)
+    environment = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(shared), "OMP_NUM_THREADS": "1"}
+    identity = dict(user=NOBODY, group=NOBODY, extra_groups=[]) if os.geteuid() == 0 else {}
+
+    def runs(python: str) -> bool:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            return subprocess.run([python, "-c", "import entrorl.rewards.sandbox"], cwd="/", env=environment,
+                                  capture_output=True, timeout=120, **identity).returncode == 0
+        return False
+
+    python = sys.executable
+    if not runs(python):
+        system = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+        version = system and subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"],
+                                            capture_output=True, text=True).stdout.strip()
+        if version == str(tuple(sys.version_info[:2])):
+            subprocess.run([system, "-m", "venv", "--without-pip", str(shared / "venv")], check=True, capture_output=True)
+            python = str(shared / "venv" / "bin" / "python")
+            purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                     capture_output=True, text=True, check=True).stdout.strip()
+            import entrorl
+
+            folders = dict.fromkeys([sysconfig.get_paths()["purelib"], *site.getsitepackages()])
+            Path(purelib, "this_environment.pth").write_text(
+                "".join(f"import site; site.addsitedir({folder!r})\n" for folder in folders)
+                + str(Path(entrorl.__file__).resolve().parents[1]) + "\n")
+        if not runs(python):
+            shutil.rmtree(shared, ignore_errors=True)
+            pytest.skip("no interpreter with these packages that an ordinary user can run")
+
+    def run(script: str) -> subprocess.CompletedProcess:
+        path = shared / f"script{len(list(shared.glob('script*')))}.py"
+        path.write_text(textwrap.dedent(script))
+        os.chmod(path, 0o644)
+        return subprocess.run([python, str(path)], env=environment, capture_output=True, text=True, timeout=300,
+                              cwd=str(shared), **identity)
+
+    run.folder = shared  # where files the user reads can go (a test's tmp_path is root's alone)
+    yield run
+    shutil.rmtree(shared, ignore_errors=True)

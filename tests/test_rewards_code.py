@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
-import shutil
 import socket
 import subprocess
 import tempfile
 import textwrap
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1232,59 +1229,6 @@ def test_process_creation_below_subprocess_s_audit_event_is_refused_and_reported
     run = run_in_sandbox(program, stdin_cases(), SandboxLimits(time_limit=2.0))
     assert run.outcomes[0].stdout.startswith("refused: sandbox: process refused"), run.outcomes[0]
     assert ("process", "_posixsubprocess.fork_exec") in run.violations
-
-
-NOBODY = 65534
-
-
-@pytest.fixture(scope="module")
-def as_an_ordinary_user():
-    """Run a Python script as an ordinary user (this one when not root, else ``nobody``) with this environment's
-    packages: with this interpreter when that user can execute it, else with the system's ``python3`` of the same
-    version given them through a ``.pth`` file (an interpreter under root's home is not executable by others)."""
-    import site
-    import sysconfig
-
-    shared = Path(tempfile.mkdtemp(prefix="entrorl-ordinary-user-"))
-    os.chmod(shared, 0o755)
-    environment = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(shared), "OMP_NUM_THREADS": "1"}
-    identity = dict(user=NOBODY, group=NOBODY, extra_groups=[]) if os.geteuid() == 0 else {}
-
-    def runs(python: str) -> bool:
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            return subprocess.run([python, "-c", "import entrorl.rewards.sandbox"], cwd="/", env=environment,
-                                  capture_output=True, timeout=120, **identity).returncode == 0
-        return False
-
-    python = sys.executable
-    if not runs(python):
-        system = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
-        version = system and subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"],
-                                            capture_output=True, text=True).stdout.strip()
-        if version == str(tuple(sys.version_info[:2])):
-            subprocess.run([system, "-m", "venv", "--without-pip", str(shared / "venv")], check=True, capture_output=True)
-            python = str(shared / "venv" / "bin" / "python")
-            purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                     capture_output=True, text=True, check=True).stdout.strip()
-            import entrorl
-
-            folders = dict.fromkeys([sysconfig.get_paths()["purelib"], *site.getsitepackages()])
-            Path(purelib, "this_environment.pth").write_text(
-                "".join(f"import site; site.addsitedir({folder!r})\n" for folder in folders)
-                + str(Path(entrorl.__file__).resolve().parents[1]) + "\n")
-        if not runs(python):
-            shutil.rmtree(shared, ignore_errors=True)
-            pytest.skip("no interpreter with these packages that an ordinary user can run")
-
-    def run(script: str) -> subprocess.CompletedProcess:
-        path = shared / f"script{len(list(shared.glob('script*')))}.py"
-        path.write_text(textwrap.dedent(script))
-        os.chmod(path, 0o644)
-        return subprocess.run([python, str(path)], env=environment, capture_output=True, text=True, timeout=300,
-                              cwd=str(shared), **identity)
-
-    yield run
-    shutil.rmtree(shared, ignore_errors=True)
 
 
 ORDINARY_USER_THREADS = '''
