@@ -1760,3 +1760,48 @@ def test_glm4_style_template_whose_turn_ends_at_the_next_role_marker_is_still_ju
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, user,
                                             tokenizer.convert_tokens_to_ids("<|observation|>")]
     assert unstopped_turn_end_note(model, tokenizer) is None
+
+
+def test_model_files_this_user_may_not_read_are_said_to_be_so_not_damaged(tiny_model_dir, as_an_ordinary_user):
+    """A teammate's model whose weights are not readable to others (safetensors wrote them 0600): the error says
+    permission denied with the owner and mode, not 'No such file or directory ... damaged or truncated; save the
+    model again'. A laboratory cache of such files is refused alike, naming ENTRORL_CACHE."""
+    import os
+    import stat
+
+    from entrorl.lab.base_model import BaseModelSpec
+
+    if os.geteuid() != 0:
+        pytest.skip("making a file this user cannot read needs another user: root")
+    spec = BaseModelSpec()
+    shared = as_an_ordinary_user.folder
+    model = shared / "model"
+    cached = shared / "cache" / "lab" / f"base-{spec.key()}"
+    for folder in (model, cached):
+        shutil.copytree(tiny_model_dir, folder)
+        (folder / "base.json").write_text("{}")
+        for path in [folder, *folder.parents]:
+            if path == shared.parent:
+                break
+            os.chmod(path, 0o755)
+        for path in folder.iterdir():
+            os.chmod(path, 0o600 if path.suffix == ".safetensors" else 0o644)
+    result = as_an_ordinary_user(f"""
+        from pathlib import Path
+        from entrorl.lab.base_model import BaseModelSpec, cached_base_model
+        from entrorl.modeling import load_causal_lm
+        for load in (lambda: load_causal_lm({str(model)!r}), lambda: cached_base_model(BaseModelSpec(), Path({str(shared / 'cache')!r}))):
+            try:
+                load()
+                print("RESULT read")
+            except Exception as error:
+                print("RESULT", type(error).__name__, error)
+    """)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(lines) == 2, result.stdout + result.stderr
+    mode = stat.filemode(stat.S_IFREG | 0o600)
+    assert lines[0] == (f"RESULT PermissionError [Errno 13] Permission denied: this user may not read it (owner root, "
+                        f"mode {mode}); ask its owner to make it readable (chmod g+r or a+r), or copy the model: "
+                        f"'{model / 'model.safetensors'}'")
+    assert lines[1].startswith("RESULT PermissionError [Errno 13] Permission denied: this user may not read it") and \
+        "point ENTRORL_CACHE at a cache of your own" in lines[1], lines[1]

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -488,6 +489,25 @@ def test_pruning_counts_complete_checkpoints_only_and_never_removes_the_one_just
     made_checkpoint(later / "checkpoints", "step_000003")
     written = write_checkpoint(later, 2, tiny_policy, keep=1)
     assert written.is_dir() and sorted(p.name for p in (later / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o022, 0o077])
+def test_every_file_of_a_checkpoint_and_of_a_tiny_model_has_the_modes_the_umask_gives(tmp_path, tiny_policy, umask):
+    """safetensors writes weight files 0600 whatever the umask: a teammate whom a group-shared project (umask 002)
+    lets read a run's metrics could not load its checkpoints, nor a shared laboratory cache's model."""
+    from entrorl.lab.tiny_model import save_tiny_model
+
+    previous = os.umask(umask)
+    try:
+        checkpoint = write_checkpoint(tmp_path / "run", 1, tiny_policy, keep=1)
+        tiny = save_tiny_model(tmp_path / "tiny", hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
+    finally:
+        os.umask(previous)
+    for folder in (checkpoint, tiny):
+        modes = {str(path.relative_to(folder)): stat.S_IMODE(path.stat().st_mode) for path in folder.rglob("*")
+                 if path.is_file()}
+        assert "model/model.safetensors" in modes or "model.safetensors" in modes
+        assert modes == dict.fromkeys(modes, 0o666 & ~umask)
 
 
 def test_a_checkpoint_that_cannot_be_pruned_stays_and_the_save_that_wrote_the_new_one_succeeds(tmp_path, tiny_policy,

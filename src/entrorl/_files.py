@@ -30,7 +30,8 @@ try:
 except ImportError:  # not a POSIX system: no /proc or /dev/fd descriptors either
     fcntl = None
 
-__all__ = ["naming_file", "put_in_place_together", "write_atomically", "write_folder_atomically", "written_in_place"]
+__all__ = ["modes_as_the_umask_gives", "naming_file", "put_in_place_together", "write_atomically",
+           "write_folder_atomically", "written_in_place"]
 
 # /proc/self/fd/1, /proc/<pid>/fd/1, /dev/fd/1 (the last is this process's)
 _DESCRIPTOR = re.compile(r"(?:/proc/(?P<owner>[^/]+)|/dev)/fd/(?P<number>[^/]+)")
@@ -319,3 +320,25 @@ def naming_file(error: OSError, path: Path, *, instead_of: Path | None = None) -
     if error.errno is None or error.filename not in (None, None if instead_of is None else str(instead_of)):
         return error
     return type(error)(error.errno, error.strerror, str(path))
+
+
+def modes_as_the_umask_gives(directory: str | os.PathLike[str]) -> None:
+    """Give every regular file under ``directory`` the permission bits a new file gets under this process's umask
+    (``0o666 & ~umask``). safetensors writes weight files 0600 whatever the umask: a teammate whom the umask lets
+    read the rest of a run directory (or a shared cache) could not load its models."""
+    bits = 0o666 & ~_umask()
+    for folder, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path) and stat.S_IMODE(os.stat(path).st_mode) != bits:
+                os.chmod(path, bits)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where /proc says it (Linux), else set and put back."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as handle:
+            return int(next(line for line in handle if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

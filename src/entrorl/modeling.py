@@ -7,7 +7,9 @@ import errno
 import functools
 import inspect
 import json
+import os
 import pickle
+import stat
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -108,7 +110,27 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
                                 "model.save_pretrained")
     if weights:
         _check_shards_listed(path)
+    refuse_files_this_user_cannot_read(path)
     return path
+
+
+def refuse_files_this_user_cannot_read(directory: Path, *, advice: str = "ask its owner to make it readable "
+                                       "(chmod g+r or a+r), or copy the model") -> None:
+    """``PermissionError`` naming the first of ``directory``'s model files (weights, configs, tokenizer) that this user
+    may not read, with its owner and mode, before a loader reports it as a missing or damaged file (safetensors says
+    "No such file or directory")."""
+    names = [*WEIGHT_PATTERNS, "*.json", *TOKENIZER_FILES]
+    for file in sorted({file for pattern in names for file in directory.glob(pattern) if file.is_file()}):
+        if not os.access(file, os.R_OK):
+            status = file.stat()
+            try:
+                import pwd
+
+                owner = pwd.getpwuid(status.st_uid).pw_name
+            except (ImportError, KeyError):
+                owner = f"uid {status.st_uid}"
+            raise PermissionError(errno.EACCES, f"Permission denied: this user may not read it (owner {owner}, mode "
+                                  f"{stat.filemode(status.st_mode)}); {advice}", str(file))
 
 
 def _has_weight_files(directory: Path) -> bool:

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from entrorl._checks import check_int, is_real_number
 from entrorl.lab.tasks import available_tasks, get_task, sft_corpus
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2, save_quietly
-from entrorl.modeling import unreadable_weight_file
+from entrorl.modeling import refuse_files_this_user_cannot_read, unreadable_weight_file
 from entrorl.trainer.checkpoint import UnlockableFile, lock_file, nearest_existing, written_by_another_live_process
 
 logger = logging.getLogger(__name__)
@@ -188,10 +188,13 @@ def lab_cache_root(cache_dir: Path | None = None, *, create: bool = True) -> Pat
 def cached_base_model(spec: BaseModelSpec, cache_dir: Path | None = None, *, say: bool = True) -> Path | None:
     """The cache's directory of the base model of ``spec`` when it holds a whole one (its ``base.json`` is written
     last, and each weight file's header reads), else None; an entry whose weights are damaged is said (with
-    ``say``), to be rebuilt."""
+    ``say``), to be rebuilt. ``PermissionError`` when this user may not read its files (a cache shared by a teammate
+    whose files are not readable to others), which no rebuild would mend."""
     final = (cache_dir or default_cache_dir()) / "lab" / f"base-{spec.key()}"
     if not (final.is_dir() and (final / "base.json").is_file()):
         return None
+    refuse_files_this_user_cannot_read(final, advice="ask the cache's owner to make it readable (chmod -R a+rX), or "
+                                                     "point ENTRORL_CACHE at a cache of your own")
     damaged = unreadable_weight_file(final)
     if damaged is not None:
         if say:

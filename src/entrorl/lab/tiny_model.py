@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from entrorl._files import modes_as_the_umask_gives
 from entrorl.modeling import quiet_progress_bars
 
 __all__ = ["DEFAULT_ALPHABET", "SPECIAL_TOKENS", "build_char_tokenizer", "build_tiny_qwen2", "save_tiny_model"]
@@ -104,3 +105,4 @@ def save_quietly(model, tokenizer, directory: Path) -> None:
     with quiet_progress_bars():
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
+    modes_as_the_umask_gives(directory)

@@ -53,7 +53,7 @@ except ImportError:  # not a POSIX system: runs are not locked there
 import numpy as np
 import torch
 
-from entrorl._files import write_atomically
+from entrorl._files import modes_as_the_umask_gives, write_atomically
 from entrorl.modeling import (TOKENIZER_FILES, check_model_files, config_rates_restored, declares_a_model, is_out_of_memory,
                               load_causal_lm, out_of_memory_while, quiet_progress_bars, save_tokenizer)
 from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER_WEIGHTS, adapter_weights_file,
@@ -384,6 +384,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
         save_tokenizer(tokenizer, temporary / "model")
         torch.save(trainer_state, temporary / "trainer.pt")
         _write_file_list(temporary)
+        modes_as_the_umask_gives(temporary)
         _sync_tree(temporary)
     except Exception as error:  # torch.save reports a full disk as a RuntimeError, safetensors as its own error
         shutil.rmtree(temporary, ignore_errors=True)
