@@ -776,6 +776,24 @@ def _find_strays(uid: int | None, marker: str, exclude: int) -> list[int]:
     return found
 
 
+def _children_of(pid: int) -> list[int]:
+    """The live children of ``pid`` (from ``/proc``: its ``children`` list where the kernel keeps one, else every
+    process's parent)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as handle:
+            return [int(child) for child in handle.read().split()]
+    except (OSError, ValueError):
+        pass
+    children = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                    if int(handle.read().rsplit(b")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry.name))
+    return children
+
+
 def _uids_of(pid: int) -> set[int]:
     """Real, effective, saved and filesystem uids of a process (from /proc, which does not hide them
     the way the owner of ``/proc/<pid>`` is hidden for non-dumpable processes)."""
@@ -786,8 +804,18 @@ def _uids_of(pid: int) -> set[int]:
     return set()
 
 
-def _kill_everything(pgid: int, uid: int | None, marker: str) -> int:
-    """SIGKILL the process group, then every stray of the run until none is left; how many strays."""
+def _kill_everything(pgid: int, uid: int | None, marker: str, *, keeper: bool = False) -> int:
+    """SIGKILL the process group, then every stray of the run until none is left; how many strays. A ``keeper`` (the
+    child keeping a PID namespace) has its children killed first, its reaper and harness (the namespace's processes
+    die with the reaper), and is given a moment to reap them and end: killed with it, they would be left to the
+    trainer's init or subreaper, as zombies where that is the trainer itself (PID 1 of a container)."""
+    children = _children_of(pgid) if keeper else []
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 0.5
+    while children and _exit_status_without_reaping(pgid) is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
     killed: set[int] = set()
@@ -1189,7 +1217,7 @@ def _run_attempt(context: _RunContext, first_case: int) -> _AttemptResult:
                 break
     finally:
         os.close(read_fd)
-        strays = _kill_everything(child.pid, uid, context.marker)
+        strays = _kill_everything(child.pid, uid, context.marker, keeper=bool(attempt.isolation.get("pid_namespace")))
         with contextlib.suppress(ChildProcessError):
             child.wait()
     run.isolation.update(attempt.isolation)
