@@ -1805,3 +1805,30 @@ def test_model_files_this_user_may_not_read_are_said_to_be_so_not_damaged(tiny_m
                         f"'{model / 'model.safetensors'}'")
     assert lines[1].startswith("RESULT PermissionError [Errno 13] Permission denied: this user may not read it") and \
         "point ENTRORL_CACHE at a cache of your own" in lines[1], lines[1]
+
+
+@pytest.mark.parametrize("unreadable, load", [
+    ("notes.json", "load_causal_lm"),  # a file no loader reads (trainer_state.json, all_results.json, ...)
+    ("pytorch_model.bin", "load_causal_lm"),  # legacy weights beside model.safetensors, which is what loads
+    ("model.safetensors", "load_tokenizer"),  # the weights, when only the tokenizer loads
+])
+def test_a_file_this_user_may_not_read_but_the_load_does_not_read_is_no_refusal(tiny_model_dir, as_an_ordinary_user,
+                                                                                  unreadable, load):
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("making a file this user cannot read needs another user: root")
+    model = as_an_ordinary_user.folder / f"model-{unreadable}-{load}"
+    shutil.copytree(tiny_model_dir, model)
+    os.chmod(model, 0o755)
+    for path in model.iterdir():
+        os.chmod(path, 0o644)
+    if not (model / unreadable).exists():
+        (model / unreadable).write_bytes(b"{}" if unreadable.endswith(".json") else b"never read")
+    os.chmod(model / unreadable, 0o600)
+    result = as_an_ordinary_user(f"""
+        from entrorl.modeling import {load}
+        {load}({str(model)!r})
+        print("RESULT read")
+    """)
+    assert "RESULT read" in result.stdout, result.stdout + result.stderr[-2000:]

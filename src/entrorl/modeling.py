@@ -110,16 +110,28 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
                                 "model.save_pretrained")
     if weights:
         _check_shards_listed(path)
-    refuse_files_this_user_cannot_read(path)
+    refuse_files_this_user_cannot_read(path, tokenizer=tokenizer, weights=weights)
     return path
 
 
-def refuse_files_this_user_cannot_read(directory: Path, *, advice: str = "ask its owner to make it readable "
-                                       "(chmod g+r or a+r), or copy the model") -> None:
-    """``PermissionError`` naming the first of ``directory``'s model files (weights, configs, tokenizer) that this user
-    may not read, with its owner and mode, before a loader reports it as a missing or damaged file (safetensors says
-    "No such file or directory")."""
-    names = [*WEIGHT_PATTERNS, "*.json", *TOKENIZER_FILES]
+# what a tokenizer's loading reads besides TOKENIZER_FILES, when they are there
+_TOKENIZER_EXTRAS = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "merges.txt")
+
+
+def refuse_files_this_user_cannot_read(directory: Path, *, tokenizer: bool = True, weights: bool = True,
+                                       advice: str = "ask its owner to make it readable (chmod g+r or a+r), or copy "
+                                                     "the model") -> None:
+    """``PermissionError`` naming the first of the files a load of ``directory`` reads (``config.json``; with
+    ``weights`` the weight files transformers takes, safetensors when there are any, with their index and generation
+    config; with ``tokenizer`` the tokenizer's) that this user may not read, with its owner and mode, before a loader
+    reports it as a missing or damaged file (safetensors says "No such file or directory")."""
+    names = ["config.json"]
+    if weights:
+        safetensors = next(directory.glob("*.safetensors"), None) is not None
+        names += (["*.safetensors", "*.safetensors.index.json"] if safetensors
+                  else ["pytorch_model*.bin", "pytorch_model.bin.index.json"]) + ["generation_config.json"]
+    if tokenizer:
+        names += [*TOKENIZER_FILES, *_TOKENIZER_EXTRAS]
     for file in sorted({file for pattern in names for file in directory.glob(pattern) if file.is_file()}):
         if not os.access(file, os.R_OK):
             status = file.stat()
