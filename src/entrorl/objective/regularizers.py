@@ -11,7 +11,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from entrorl._checks import widest_float
 from entrorl.dynamics import token_covariance
-from entrorl.objective.batch import PolicyBatch, fraction, masked_mean, policy_ratio
+from entrorl.objective.batch import PolicyBatch, masked_mean, policy_ratio
 from entrorl.objective.parts import Metrics, Regularizer, RegularizerTerm, register_part
 
 __all__ = ["EntropyBonus", "AdaptiveEntropy", "KLReference", "KLCov", "kl_estimate"]
