@@ -1832,3 +1832,83 @@ def test_a_file_this_user_may_not_read_but_the_load_does_not_read_is_no_refusal(
         print("RESULT read")
     """)
     assert "RESULT read" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def _readable_copy(tiny_model_dir, folder):
+    import os
+
+    shutil.copytree(tiny_model_dir, folder)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    return folder
+
+
+def test_the_weights_and_tokenizer_files_checked_are_those_transformers_reads(tiny_model_dir, as_an_ordinary_user):
+    """An unreadable pytorch_model.bin that loads (no model.safetensors, another *.safetensors beside it) is named as
+    unreadable, not as damaged; an unreadable consolidated.safetensors (Mistral's own format, which transformers
+    never reads) or vocab file beside tokenizer.json is no refusal."""
+    import os
+
+    from safetensors.torch import load_file
+
+    if os.geteuid() != 0:
+        pytest.skip("making a file this user cannot read needs another user: root")
+    shared = as_an_ordinary_user.folder
+    legacy = _readable_copy(tiny_model_dir, shared / "legacy")
+    torch.save(load_file(legacy / "model.safetensors"), legacy / "pytorch_model.bin")
+    (legacy / "model.safetensors").rename(legacy / "extra.safetensors")
+    os.chmod(legacy / "pytorch_model.bin", 0o600)
+    mistral = _readable_copy(tiny_model_dir, shared / "mistral")
+    shutil.copy(mistral / "model.safetensors", mistral / "consolidated.safetensors")
+    os.chmod(mistral / "consolidated.safetensors", 0o600)
+    (mistral / "vocab.json").write_text("{}")  # beside tokenizer.json, which holds the vocabulary
+    os.chmod(mistral / "vocab.json", 0o600)
+    result = as_an_ordinary_user(f"""
+        from entrorl.modeling import load_causal_lm, load_tokenizer
+        for load in (lambda: load_causal_lm({str(legacy)!r}), lambda: load_causal_lm({str(mistral)!r}),
+                     lambda: load_tokenizer({str(mistral)!r})):
+            try:
+                load()
+                print("RESULT read")
+            except Exception as error:
+                print("RESULT", type(error).__name__, error)
+    """)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(lines) == 3, result.stdout + result.stderr[-2000:]
+    assert lines[0].startswith("RESULT PermissionError [Errno 13] Permission denied: this user may not read it") and \
+        lines[0].endswith(f"'{legacy / 'pytorch_model.bin'}'"), lines[0]
+    assert lines[1:] == ["RESULT read", "RESULT read"]
+
+
+def test_unreadable_lora_adapters_of_a_checkpoint_are_said_to_be_so_not_missing(tiny_model_dir, as_an_ordinary_user):
+    import os
+
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    if os.geteuid() != 0:
+        pytest.skip("making a file this user cannot read needs another user: root")
+    shared = as_an_ordinary_user.folder
+    base = _readable_copy(tiny_model_dir, shared / "lora-base")
+    step = shared / "lora-run" / "checkpoints" / "step_000001"
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                               base_model_name_or_path=str(base))).save_pretrained(step / "adapter")
+    (step / "model").mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (base / name).is_file():
+            shutil.copy(base / name, step / "model" / name)
+    for path in [shared / "lora-run", *(shared / "lora-run").rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    os.chmod(step / "adapter" / "adapter_model.safetensors", 0o600)
+    result = as_an_ordinary_user(f"""
+        from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
+        try:
+            load_model_directory(resolve_model_directory({str(step / 'model')!r}))
+            print("RESULT read")
+        except Exception as error:
+            print("RESULT", type(error).__name__, error)
+    """)
+    line = next((line for line in result.stdout.splitlines() if line.startswith("RESULT")), "")
+    assert line.startswith("RESULT PermissionError [Errno 13] Permission denied: this user may not read it") and \
+        line.endswith(f"'{step / 'adapter' / 'adapter_model.safetensors'}'"), result.stdout + result.stderr[-2000:]

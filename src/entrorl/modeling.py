@@ -114,26 +114,50 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
     return path
 
 
-# what a tokenizer's loading reads besides TOKENIZER_FILES, when they are there
-_TOKENIZER_EXTRAS = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "merges.txt")
+# what a tokenizer's loading reads besides its vocabulary, when they are there
+_TOKENIZER_EXTRAS = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def _weight_files_loaded(directory: Path) -> list[str]:
+    """The weight files transformers loads from ``directory``, in its order: ``model.safetensors``, else the
+    safetensors index and the shards it lists, else the same of ``pytorch_model.bin`` (other files, such as a
+    ``consolidated.safetensors`` beside them, it does not read)."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (directory / single).is_file():
+            return [single]
+        if (directory / index).is_file():
+            try:
+                listed = json.loads((directory / index).read_text(encoding="utf-8"))["weight_map"].values()
+                return [index, *sorted({str(name) for name in listed})]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable: named as such, or damaged
+                return [index]
+    return []
+
+
+_UNREADABLE_ADVICE = "ask its owner to make it readable (chmod g+r or a+r), or copy the model"
 
 
 def refuse_files_this_user_cannot_read(directory: Path, *, tokenizer: bool = True, weights: bool = True,
-                                       advice: str = "ask its owner to make it readable (chmod g+r or a+r), or copy "
-                                                     "the model") -> None:
+                                       advice: str = _UNREADABLE_ADVICE) -> None:
     """``PermissionError`` naming the first of the files a load of ``directory`` reads (``config.json``; with
-    ``weights`` the weight files transformers takes, safetensors when there are any, with their index and generation
-    config; with ``tokenizer`` the tokenizer's) that this user may not read, with its owner and mode, before a loader
-    reports it as a missing or damaged file (safetensors says "No such file or directory")."""
+    ``weights`` the weight files transformers takes, with their index and generation config; with ``tokenizer`` the
+    tokenizer's) that this user may not read (:func:`refuse_unreadable`)."""
     names = ["config.json"]
     if weights:
-        safetensors = next(directory.glob("*.safetensors"), None) is not None
-        names += (["*.safetensors", "*.safetensors.index.json"] if safetensors
-                  else ["pytorch_model*.bin", "pytorch_model.bin.index.json"]) + ["generation_config.json"]
-    if tokenizer:
-        names += [*TOKENIZER_FILES, *_TOKENIZER_EXTRAS]
-    for file in sorted({file for pattern in names for file in directory.glob(pattern) if file.is_file()}):
-        if not os.access(file, os.R_OK):
+        names += [*_weight_files_loaded(directory), "generation_config.json"]
+    if tokenizer:  # a fast tokenizer's tokenizer.json holds its vocabulary: the vocabulary files beside it go unread
+        vocabulary = () if (directory / "tokenizer.json").is_file() else TOKENIZER_FILES
+        names += ["tokenizer.json", "tokenizer_config.json", *vocabulary, *_TOKENIZER_EXTRAS]
+    refuse_unreadable(sorted({file for pattern in names for file in directory.glob(pattern)}), advice=advice)
+
+
+def refuse_unreadable(files, *, advice: str = _UNREADABLE_ADVICE) -> None:
+    """``PermissionError`` naming the first of ``files`` that is a file this user may not read, with its owner and
+    mode, before a loader reports it as a missing or damaged file (safetensors says "No such file or directory")."""
+    for file in files:
+        if Path(file).is_file() and not os.access(file, os.R_OK):
+            file = Path(file)
             status = file.stat()
             try:
                 import pwd
@@ -255,6 +279,8 @@ def unreadable_weight_file(directory: Path) -> Path | None:
 
     # pytorch_model*.bin only: a Trainer's output keeps its settings in training_args.bin, which is no weight file
     for file in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("pytorch_model*.bin")):
+        if not os.access(file, os.R_OK):  # not this user's to read: not damaged (safetensors says "No such file")
+            continue
         try:
             if file.suffix == ".safetensors":
                 with safe_open(file, framework="pt") as opened:

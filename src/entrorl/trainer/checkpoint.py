@@ -55,7 +55,8 @@ import torch
 
 from entrorl._files import modes_as_the_umask_gives, write_atomically
 from entrorl.modeling import (TOKENIZER_FILES, check_model_files, config_rates_restored, declares_a_model, is_out_of_memory,
-                              load_causal_lm, out_of_memory_while, quiet_progress_bars, save_tokenizer)
+                              load_causal_lm, out_of_memory_while, quiet_progress_bars, refuse_unreadable,
+                              save_tokenizer)
 from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER_WEIGHTS, adapter_weights_file,
                                      load_adapted_causal_lm, read_adapter_config)
 
@@ -495,6 +496,7 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None,
     if adapter_weights_file(adapters) is None:
         raise FileNotFoundError(f"{adapters} has no {ADAPTER_WEIGHTS} (nor adapter_model.bin), or an empty one: the "
                                 "adapters' weights are missing")
+    refuse_unreadable([adapters / ADAPTER_CONFIG, adapter_weights_file(adapters)])
     tokenizer = path if any((path / name).is_file() for name in TOKENIZER_FILES) else base
     check_model_files(tokenizer, weights=False)
     return ModelDirectory(weights=base, tokenizer=tokenizer, adapters=adapters)
