@@ -1241,6 +1241,36 @@ def test_a_timed_out_pid_namespace_leaves_no_zombie_to_a_trainer_that_adopts_orp
     assert "ADOPTED [] STRAYS [0, 0, 0]" in result.stdout, result.stdout + result.stderr[-2000:]
 
 
+def test_a_dedicated_uid_s_subprocesses_leave_no_zombie_to_a_trainer_that_adopts_orphans():
+    """The program's own subprocesses (allow_subprocesses), killed with the group at the end, are orphaned to a
+    trainer that is PID 1 of a container or a subreaper, which reaps them now (they stayed zombies, each counted
+    against its process limit)."""
+    if not kernel_layers()["dropped_uid"]:
+        pytest.skip("the dedicated uid needs root")
+    script = textwrap.dedent("""
+        import ctypes, os, time
+        from entrorl.rewards.sandbox import SandboxCase, SandboxLimits, run_in_sandbox
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER, as PID 1 of a container is
+        for program in ("import subprocess\\nsubprocess.Popen(['sleep', '60'])\\nprint('hi')",
+                        "import subprocess, time\\nsubprocess.Popen(['sleep', '60'])\\ntime.sleep(30)"):
+            run = run_in_sandbox(program, [SandboxCase("stdin", "")], SandboxLimits(allow_subprocesses=True,
+                                                                                     time_limit=0.5))
+        time.sleep(0.3)
+        adopted = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open("/proc/%s/stat" % pid) as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid():
+                adopted.append((pid, fields[0]))
+        print("ADOPTED", adopted)
+        """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "ADOPTED []" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
 def _cmdline(pid: str) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:

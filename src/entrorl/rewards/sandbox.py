@@ -808,7 +808,8 @@ def _kill_everything(pgid: int, uid: int | None, marker: str, *, keeper: bool = 
     """SIGKILL the process group, then every stray of the run until none is left; how many strays. A ``keeper`` (the
     child keeping a PID namespace) has its children killed first, its reaper and harness (the namespace's processes
     die with the reaper), and is given a moment to reap them and end: killed with it, they would be left to the
-    trainer's init or subreaper, as zombies where that is the trainer itself (PID 1 of a container)."""
+    trainer's init or subreaper, as zombies where that is the trainer itself (PID 1 of a container). The group's other
+    members and the strays, orphaned to the trainer in such a case, are reaped here."""
     children = _children_of(pgid) if keeper else []
     for pid in children:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -816,6 +817,7 @@ def _kill_everything(pgid: int, uid: int | None, marker: str, *, keeper: bool = 
     deadline = time.monotonic() + 0.5
     while children and _exit_status_without_reaping(pgid) is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    members = _members_of_group(pgid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
     killed: set[int] = set()
@@ -830,7 +832,38 @@ def _kill_everything(pgid: int, uid: int | None, marker: str, *, keeper: bool = 
                 if pid != pgid:  # the group leader is the child itself, dying from the group kill
                     killed.add(pid)
         time.sleep(0.01)
+    _reap_if_adopted((members | killed) - {pgid})
     return len(killed)
+
+
+def _members_of_group(pgid: int) -> set[int]:
+    """The processes of process group ``pgid`` (from ``/proc``)."""
+    members = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                    if int(handle.read().rsplit(b")", 1)[1].split()[2]) == pgid:
+                        members.add(int(entry.name))
+    return members
+
+
+def _reap_if_adopted(pids: set[int]) -> None:
+    """Reap those of ``pids`` (killed processes of the run) that became this process's children, as the orphans of a
+    trainer that is a subreaper or PID 1 do: nothing else would, and their zombies would count against its process
+    limit. Waiting for anything else is refused at once (not a child)."""
+    pending, deadline = set(pids), time.monotonic() + 0.5
+    while pending:
+        for pid in list(pending):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    pending.discard(pid)
+            except ChildProcessError:
+                pending.discard(pid)
+        if pending and time.monotonic() < deadline:
+            time.sleep(0.005)
+        elif pending:
+            return
 
 
 def _is_alive(pid: int) -> bool:
