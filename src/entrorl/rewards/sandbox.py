@@ -783,15 +783,22 @@ def _children_of(pid: int) -> list[int]:
         with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as handle:
             return [int(child) for child in handle.read().split()]
     except (OSError, ValueError):
-        pass
-    children = []
+        return sorted(_processes_whose(_PARENT, pid))
+
+
+_PARENT, _GROUP = 1, 2  # the fields of /proc/<pid>/stat after the state (the first after the command's name)
+
+
+def _processes_whose(field: int, value: int) -> set[int]:
+    """The processes whose ``/proc/<pid>/stat`` ``field`` (:data:`_PARENT`, :data:`_GROUP`) is ``value``."""
+    found = set()
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             with contextlib.suppress(OSError, ValueError, IndexError):
                 with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                    if int(handle.read().rsplit(b")", 1)[1].split()[1]) == pid:
-                        children.append(int(entry.name))
-    return children
+                    if int(handle.read().rsplit(b")", 1)[1].split()[field]) == value:
+                        found.add(int(entry.name))
+    return found
 
 
 def _uids_of(pid: int) -> set[int]:
@@ -817,7 +824,7 @@ def _kill_everything(pgid: int, uid: int | None, marker: str, *, keeper: bool = 
     deadline = time.monotonic() + 0.5
     while children and _exit_status_without_reaping(pgid) is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    members = _members_of_group(pgid)
+    members = _processes_whose(_GROUP, pgid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
     killed: set[int] = set()
@@ -834,18 +841,6 @@ def _kill_everything(pgid: int, uid: int | None, marker: str, *, keeper: bool = 
         time.sleep(0.01)
     _reap_if_adopted((members | killed) - {pgid})
     return len(killed)
-
-
-def _members_of_group(pgid: int) -> set[int]:
-    """The processes of process group ``pgid`` (from ``/proc``)."""
-    members = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                    if int(handle.read().rsplit(b")", 1)[1].split()[2]) == pgid:
-                        members.add(int(entry.name))
-    return members
 
 
 def _reap_if_adopted(pids: set[int]) -> None:
