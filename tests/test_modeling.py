@@ -1762,153 +1762,116 @@ def test_glm4_style_template_whose_turn_ends_at_the_next_role_marker_is_still_ju
     assert unstopped_turn_end_note(model, tokenizer) is None
 
 
-def test_model_files_this_user_may_not_read_are_said_to_be_so_not_damaged(tiny_model_dir, as_an_ordinary_user):
-    """A teammate's model whose weights are not readable to others (safetensors wrote them 0600): the error says
-    permission denied with the owner and mode, not 'No such file or directory ... damaged or truncated; save the
-    model again'. A laboratory cache of such files is refused alike, naming ENTRORL_CACHE."""
-    import os
-    import stat
-
-    from entrorl.lab.base_model import BaseModelSpec
-
-    if os.geteuid() != 0:
-        pytest.skip("making a file this user cannot read needs another user: root")
-    spec = BaseModelSpec()
-    shared = as_an_ordinary_user.folder
-    model = shared / "model"
-    cached = shared / "cache" / "lab" / f"base-{spec.key()}"
-    for folder in (model, cached):
-        shutil.copytree(tiny_model_dir, folder)
-        (folder / "base.json").write_text("{}")
-        for path in [folder, *folder.parents]:
-            if path == shared.parent:
-                break
-            os.chmod(path, 0o755)
-        for path in folder.iterdir():
-            os.chmod(path, 0o600 if path.suffix == ".safetensors" else 0o644)
-    result = as_an_ordinary_user(f"""
-        from pathlib import Path
-        from entrorl.lab.base_model import BaseModelSpec, cached_base_model
-        from entrorl.modeling import load_causal_lm
-        for load in (lambda: load_causal_lm({str(model)!r}), lambda: cached_base_model(BaseModelSpec(), Path({str(shared / 'cache')!r}))):
-            try:
-                load()
-                print("RESULT read")
-            except Exception as error:
-                print("RESULT", type(error).__name__, error)
-    """)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(lines) == 2, result.stdout + result.stderr
-    mode = stat.filemode(stat.S_IFREG | 0o600)
-    assert lines[0] == (f"RESULT PermissionError [Errno 13] Permission denied: this user may not read it (owner root, "
-                        f"mode {mode}); ask its owner to make it readable (chmod g+r or a+r), or copy the model: "
-                        f"'{model / 'model.safetensors'}'")
-    assert lines[1].startswith("RESULT PermissionError [Errno 13] Permission denied: this user may not read it") and \
-        "point ENTRORL_CACHE at a cache of your own" in lines[1], lines[1]
-
-
-@pytest.mark.parametrize("unreadable, load", [
-    ("notes.json", "load_causal_lm"),  # a file no loader reads (trainer_state.json, all_results.json, ...)
-    ("pytorch_model.bin", "load_causal_lm"),  # legacy weights beside model.safetensors, which is what loads
-    ("model.safetensors", "load_tokenizer"),  # the weights, when only the tokenizer loads
-])
-def test_a_file_this_user_may_not_read_but_the_load_does_not_read_is_no_refusal(tiny_model_dir, as_an_ordinary_user,
-                                                                                  unreadable, load):
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("making a file this user cannot read needs another user: root")
-    model = as_an_ordinary_user.folder / f"model-{unreadable}-{load}"
-    shutil.copytree(tiny_model_dir, model)
-    os.chmod(model, 0o755)
-    for path in model.iterdir():
-        os.chmod(path, 0o644)
-    if not (model / unreadable).exists():
-        (model / unreadable).write_bytes(b"{}" if unreadable.endswith(".json") else b"never read")
-    os.chmod(model / unreadable, 0o600)
-    result = as_an_ordinary_user(f"""
-        from entrorl.modeling import {load}
-        {load}({str(model)!r})
-        print("RESULT read")
-    """)
-    assert "RESULT read" in result.stdout, result.stdout + result.stderr[-2000:]
+def _outcomes_as_an_ordinary_user(runner, imports: str, *calls: str) -> list[str]:
+    """What each of ``calls`` (Python expressions, after ``imports``) gives run as an ordinary user: ``read``, or
+    the exception's type and message."""
+    lines = [imports] + [f"try:\n    {call}\n    print('RESULT read')\nexcept Exception as error:\n"
+                         f"    print('RESULT', type(error).__name__, error)" for call in calls]
+    result = runner("\n".join(lines))
+    outcomes = [line.split(" ", 1)[1] for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(outcomes) == len(calls), result.stdout + result.stderr[-2000:]
+    return outcomes
 
 
 def _readable_copy(tiny_model_dir, folder):
+    """A copy of the tiny model every user may read (and the folders above it, up to the shared one, enter)."""
     import os
 
     shutil.copytree(tiny_model_dir, folder)
     for path in [folder, *folder.rglob("*")]:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    for path in folder.parents:
+        if path.name.startswith("entrorl-ordinary-user-"):
+            break
+        os.chmod(path, 0o755)
     return folder
 
 
-def test_the_weights_and_tokenizer_files_checked_are_those_transformers_reads(tiny_model_dir, as_an_ordinary_user):
-    """An unreadable pytorch_model.bin that loads (no model.safetensors, another *.safetensors beside it) is named as
-    unreadable, not as damaged; an unreadable consolidated.safetensors (Mistral's own format, which transformers
-    never reads) or vocab file beside tokenizer.json is no refusal."""
-    import os
+UNREADABLE = "PermissionError [Errno 13] Permission denied: this user may not read it"
 
-    from safetensors.torch import load_file
+
+@pytest.fixture
+def files_only_root_reads():
+    """``unreadable(path)``: make ``path`` root's alone (0600), skipping where this is not root."""
+    import os
 
     if os.geteuid() != 0:
         pytest.skip("making a file this user cannot read needs another user: root")
+    return lambda path: os.chmod(path, 0o600)
+
+
+def test_model_files_this_user_may_not_read_are_said_to_be_so_not_damaged(tiny_model_dir, as_an_ordinary_user,
+                                                                          files_only_root_reads):
+    """A teammate's model whose weights are not readable to others (safetensors wrote them 0600): the error says
+    permission denied with the owner and mode, not 'No such file or directory ... damaged or truncated; save the
+    model again'. A laboratory cache of such files is refused alike, naming ENTRORL_CACHE."""
+    import stat
+
+    from entrorl.lab.base_model import BaseModelSpec
+
+    shared = as_an_ordinary_user.folder
+    model = _readable_copy(tiny_model_dir, shared / "model")
+    cached = _readable_copy(tiny_model_dir, shared / "cache" / "lab" / f"base-{BaseModelSpec().key()}")
+    for folder in (model, cached):
+        (folder / "base.json").write_text("{}")
+        files_only_root_reads(folder / "model.safetensors")
+    loaded, cache = _outcomes_as_an_ordinary_user(
+        as_an_ordinary_user, "from pathlib import Path\nfrom entrorl.lab.base_model import BaseModelSpec, "
+        "cached_base_model\nfrom entrorl.modeling import load_causal_lm",
+        f"load_causal_lm({str(model)!r})", f"cached_base_model(BaseModelSpec(), Path({str(shared / 'cache')!r}))")
+    mode = stat.filemode(stat.S_IFREG | 0o600)
+    assert loaded == (f"{UNREADABLE} (owner root, mode {mode}); ask its owner to make it readable (chmod g+r or a+r), "
+                      f"or copy the model: '{model / 'model.safetensors'}'")
+    assert cache.startswith(UNREADABLE) and "point ENTRORL_CACHE at a cache of your own" in cache, cache
+
+
+def test_the_files_checked_for_being_readable_are_those_the_load_reads(tiny_model_dir, as_an_ordinary_user,
+                                                                       files_only_root_reads):
+    """As transformers reads them: an unreadable pytorch_model.bin that loads (no model.safetensors, another
+    *.safetensors beside it) is named as unreadable, not as damaged; no refusal for an unreadable file no loader
+    reads (notes.json; legacy weights beside model.safetensors; Mistral's consolidated.safetensors; a vocabulary
+    file beside tokenizer.json, which holds it; the weights when only the tokenizer loads)."""
+    from safetensors.torch import load_file
+
     shared = as_an_ordinary_user.folder
     legacy = _readable_copy(tiny_model_dir, shared / "legacy")
     torch.save(load_file(legacy / "model.safetensors"), legacy / "pytorch_model.bin")
     (legacy / "model.safetensors").rename(legacy / "extra.safetensors")
-    os.chmod(legacy / "pytorch_model.bin", 0o600)
-    mistral = _readable_copy(tiny_model_dir, shared / "mistral")
-    shutil.copy(mistral / "model.safetensors", mistral / "consolidated.safetensors")
-    os.chmod(mistral / "consolidated.safetensors", 0o600)
-    (mistral / "vocab.json").write_text("{}")  # beside tokenizer.json, which holds the vocabulary
-    os.chmod(mistral / "vocab.json", 0o600)
-    result = as_an_ordinary_user(f"""
-        from entrorl.modeling import load_causal_lm, load_tokenizer
-        for load in (lambda: load_causal_lm({str(legacy)!r}), lambda: load_causal_lm({str(mistral)!r}),
-                     lambda: load_tokenizer({str(mistral)!r})):
-            try:
-                load()
-                print("RESULT read")
-            except Exception as error:
-                print("RESULT", type(error).__name__, error)
-    """)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(lines) == 3, result.stdout + result.stderr[-2000:]
-    assert lines[0].startswith("RESULT PermissionError [Errno 13] Permission denied: this user may not read it") and \
-        lines[0].endswith(f"'{legacy / 'pytorch_model.bin'}'"), lines[0]
-    assert lines[1:] == ["RESULT read", "RESULT read"]
+    files_only_root_reads(legacy / "pytorch_model.bin")
+    unread = _readable_copy(tiny_model_dir, shared / "unread")
+    shutil.copy(unread / "model.safetensors", unread / "consolidated.safetensors")
+    (unread / "notes.json").write_text("{}")
+    (unread / "vocab.json").write_text("{}")
+    (unread / "pytorch_model.bin").write_bytes(b"never read")
+    for name in ("consolidated.safetensors", "notes.json", "vocab.json", "pytorch_model.bin"):
+        files_only_root_reads(unread / name)
+    weights_unread = _readable_copy(tiny_model_dir, shared / "weights-unread")
+    files_only_root_reads(weights_unread / "model.safetensors")
+    outcomes = _outcomes_as_an_ordinary_user(
+        as_an_ordinary_user, "from entrorl.modeling import load_causal_lm, load_tokenizer",
+        f"load_causal_lm({str(legacy)!r})", f"load_causal_lm({str(unread)!r})", f"load_tokenizer({str(unread)!r})",
+        f"load_tokenizer({str(weights_unread)!r})")
+    assert outcomes[0].startswith(UNREADABLE) and outcomes[0].endswith(f"'{legacy / 'pytorch_model.bin'}'"), outcomes
+    assert outcomes[1:] == ["read"] * 3
 
 
-def test_unreadable_lora_adapters_of_a_checkpoint_are_said_to_be_so_not_missing(tiny_model_dir, as_an_ordinary_user):
-    import os
-
+def test_unreadable_lora_adapters_of_a_checkpoint_are_said_to_be_so_not_missing(tiny_model_dir, as_an_ordinary_user,
+                                                                                files_only_root_reads):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    if os.geteuid() != 0:
-        pytest.skip("making a file this user cannot read needs another user: root")
     shared = as_an_ordinary_user.folder
     base = _readable_copy(tiny_model_dir, shared / "lora-base")
-    step = shared / "lora-run" / "checkpoints" / "step_000001"
+    step = _readable_copy(tiny_model_dir, shared / "lora-run" / "checkpoints" / "step_000001" / "model").parent
+    (step / "model" / "model.safetensors").unlink()  # a checkpoint saved without its merged model
     model = AutoModelForCausalLM.from_pretrained(base)
     peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
                                                base_model_name_or_path=str(base))).save_pretrained(step / "adapter")
-    (step / "model").mkdir()
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-        if (base / name).is_file():
-            shutil.copy(base / name, step / "model" / name)
-    for path in [shared / "lora-run", *(shared / "lora-run").rglob("*")]:
-        os.chmod(path, 0o755 if path.is_dir() else 0o644)
-    os.chmod(step / "adapter" / "adapter_model.safetensors", 0o600)
-    result = as_an_ordinary_user(f"""
-        from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory
-        try:
-            load_model_directory(resolve_model_directory({str(step / 'model')!r}))
-            print("RESULT read")
-        except Exception as error:
-            print("RESULT", type(error).__name__, error)
-    """)
-    line = next((line for line in result.stdout.splitlines() if line.startswith("RESULT")), "")
-    assert line.startswith("RESULT PermissionError [Errno 13] Permission denied: this user may not read it") and \
-        line.endswith(f"'{step / 'adapter' / 'adapter_model.safetensors'}'"), result.stdout + result.stderr[-2000:]
+    for path in [step / "adapter", *(step / "adapter").iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    files_only_root_reads(step / "adapter" / "adapter_model.safetensors")
+    (outcome,) = _outcomes_as_an_ordinary_user(
+        as_an_ordinary_user, "from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory",
+        f"load_model_directory(resolve_model_directory({str(step / 'model')!r}))")
+    assert outcome.startswith(UNREADABLE) and outcome.endswith(f"'{step / 'adapter' / 'adapter_model.safetensors'}'"), \
+        outcome

@@ -1208,37 +1208,49 @@ def test_under_the_trainer_s_own_uid_a_pid_namespace_ends_every_process_the_prog
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid) == b"sleep\x0061.25\x00"]
 
 
+ADOPTING_TRAINER = """
+import ctypes, os, time
+from entrorl.rewards.sandbox import SandboxCase, SandboxLimits, run_in_sandbox
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come to it, as to PID 1 of a container
+BODY
+time.sleep(0.3)
+adopted = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open("/proc/%s/stat" % pid) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        continue
+    if int(fields[1]) == os.getpid():
+        adopted.append((pid, fields[0]))
+print("ADOPTED", adopted)
+"""
+
+
+def as_an_adopting_trainer(body: str) -> subprocess.CompletedProcess:
+    """Run ``body`` in a process that adopts the orphans of its descendants, which prints at the end which of its
+    children it has not reaped (``ADOPTED [(pid, state), ...]``)."""
+    script = ADOPTING_TRAINER.replace("BODY", textwrap.dedent(body))
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
 def test_a_timed_out_pid_namespace_leaves_no_zombie_to_a_trainer_that_adopts_orphans_nor_counts_a_stray():
     """A trainer that is PID 1 of a container (docker without --init) or a subreaper inherits the processes whose
     parent dies, and never waits for them. On a timeout the keeper's reaper and harness are killed first and reaped
     by the keeper (killed together with it, each timed-out attempt left them as zombies there), and they are not
     counted as strays of the program (a program that only sleeps has none)."""
-    script = textwrap.dedent("""
-        import ctypes, os, time
-        from entrorl.rewards.sandbox import SandboxCase, SandboxLimits, run_in_sandbox
-        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER, as PID 1 of a container is
+    result = as_an_adopting_trainer("""
         strays = []
         for _ in range(3):
             run = run_in_sandbox("import time\\ntime.sleep(30)", [SandboxCase("stdin", "")],
                                  SandboxLimits(drop_privileges=False, time_limit=0.5))
             assert run.outcomes[0].status == "timeout" and run.isolation["pid_namespace"], (run.outcomes, run.isolation)
             strays.append(run.isolation["strays_killed"])
-        time.sleep(0.5)
-        adopted = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open("/proc/%s/stat" % pid) as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == os.getpid():
-                adopted.append((pid, fields[0]))
-        print("ADOPTED", adopted, "STRAYS", strays)
+        print("STRAYS", strays)
         """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     if "pid_namespace" in result.stderr and "AssertionError" in result.stderr:
         pytest.skip(f"no PID namespace here: {result.stderr[-300:]}")
-    assert "ADOPTED [] STRAYS [0, 0, 0]" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "STRAYS [0, 0, 0]\nADOPTED []" in result.stdout, result.stdout + result.stderr[-2000:]
 
 
 def test_a_dedicated_uid_s_subprocesses_leave_no_zombie_to_a_trainer_that_adopts_orphans():
@@ -1247,27 +1259,11 @@ def test_a_dedicated_uid_s_subprocesses_leave_no_zombie_to_a_trainer_that_adopts
     against its process limit)."""
     if not kernel_layers()["dropped_uid"]:
         pytest.skip("the dedicated uid needs root")
-    script = textwrap.dedent("""
-        import ctypes, os, time
-        from entrorl.rewards.sandbox import SandboxCase, SandboxLimits, run_in_sandbox
-        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER, as PID 1 of a container is
+    result = as_an_adopting_trainer("""
         for program in ("import subprocess\\nsubprocess.Popen(['sleep', '60'])\\nprint('hi')",
                         "import subprocess, time\\nsubprocess.Popen(['sleep', '60'])\\ntime.sleep(30)"):
-            run = run_in_sandbox(program, [SandboxCase("stdin", "")], SandboxLimits(allow_subprocesses=True,
-                                                                                     time_limit=0.5))
-        time.sleep(0.3)
-        adopted = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open("/proc/%s/stat" % pid) as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == os.getpid():
-                adopted.append((pid, fields[0]))
-        print("ADOPTED", adopted)
+            run_in_sandbox(program, [SandboxCase("stdin", "")], SandboxLimits(allow_subprocesses=True, time_limit=0.5))
         """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "ADOPTED []" in result.stdout, result.stdout + result.stderr[-2000:]
 
 
