@@ -119,20 +119,35 @@ _TOKENIZER_EXTRAS = ("special_tokens_map.json", "added_tokens.json", "chat_templ
 
 
 def _weight_files_loaded(directory: Path) -> list[str]:
-    """The weight files transformers loads from ``directory``, in its order: ``model.safetensors``, else the
-    safetensors index and the shards it lists, else the same of ``pytorch_model.bin`` (other files, such as a
-    ``consolidated.safetensors`` beside them, it does not read)."""
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (directory / single).is_file():
-            return [single]
-        if (directory / index).is_file():
+    """The weight files transformers loads from ``directory`` (:func:`_weights_transformers_reads`; other files, such
+    as a ``consolidated.safetensors`` beside them, it does not read)."""
+    found = _weights_transformers_reads(directory)
+    return [] if found is None else [found[0], *(found[1] or ())]
+
+
+def _weights_transformers_reads(path: Path) -> tuple[str, list[str] | None] | None:
+    """The weight file transformers reads first in ``path``, in its order (``model.safetensors``, else its index,
+    else the same of ``pytorch_model.bin``; the file ``config.json`` names as ``transformers_weights`` instead, an
+    index when it ends so), with the shards an index lists (None when the index cannot be read; none for a single
+    file); None when there is none."""
+    order = (("model.safetensors", "model.safetensors.index.json"),
+             ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+    try:
+        named = json.loads((path / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if isinstance(named, str):
+        order = ((None, named),) if named.endswith(".safetensors.index.json") else ()
+    for single, index in order:
+        if single is not None and (path / single).is_file():
+            return single, []
+        if (path / index).is_file():
             try:
-                listed = json.loads((directory / index).read_text(encoding="utf-8"))["weight_map"].values()
-                return [index, *sorted({str(name) for name in listed})]
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable: named as such, or damaged
-                return [index]
-    return []
+                names = list(json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return index, None
+            return index, sorted(set(names)) if all(isinstance(name, str) for name in names) else None
+    return None
 
 
 _UNREADABLE_ADVICE = "ask its owner to make it readable (chmod g+r or a+r), or copy the model"
@@ -175,30 +190,18 @@ def _has_weight_files(directory: Path) -> bool:
 
 def _check_shards_listed(path: Path) -> None:
     """``FileNotFoundError`` naming the shards that the index transformers reads in ``path`` lists but the directory
-    lacks (a download or a copy cut short), instead of a failure somewhere inside the load."""
-    order = (("model.safetensors", "model.safetensors.index.json"),
-             ("pytorch_model.bin", "pytorch_model.bin.index.json"))  # transformers' order
-    try:  # a file config.json names is read instead (transformers_weights), an index when it ends so
-        named = json.loads((path / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
-    except (OSError, ValueError, AttributeError):
-        named = None
-    if isinstance(named, str):
-        order = ((None, named),) if named.endswith(".safetensors.index.json") else ()
-    for single, index in order:
-        if single is not None and (path / single).is_file():
-            return
-        if (path / index).is_file():
-            try:
-                listed = json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values()
-                missing = sorted({name for name in listed if not (path / name).is_file()})
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                return  # an index transformers cannot read either: its own error says so
-            if missing:
-                raise FileNotFoundError(
-                    f"{path} lacks {len(missing)} of the weight files its {index} lists ({', '.join(missing[:3])}"
-                    f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}): a download or a copy was cut "
-                    "short; copy them there")
-            return
+    lacks (a download or a copy cut short), instead of a failure somewhere inside the load. An index transformers
+    cannot read either is left to its own error."""
+    found = _weights_transformers_reads(path)
+    if found is None or found[1] is None:
+        return
+    index, listed = found
+    missing = [name for name in listed if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} lacks {len(missing)} of the weight files its {index} lists ({', '.join(missing[:3])}"
+            f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}): a download or a copy was cut "
+            "short; copy them there")
 
 
 def _refuse_custom_code(path: Path, error: ValueError, trust_remote_code: bool) -> None:
