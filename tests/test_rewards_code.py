@@ -1261,7 +1261,10 @@ def test_a_dedicated_uid_s_subprocesses_leave_no_zombie_to_a_trainer_that_adopts
         pytest.skip("the dedicated uid needs root")
     result = as_an_adopting_trainer("""
         for program in ("import subprocess\\nsubprocess.Popen(['sleep', '60'])\\nprint('hi')",
-                        "import subprocess, time\\nsubprocess.Popen(['sleep', '60'])\\ntime.sleep(30)"):
+                        "import subprocess, time\\nsubprocess.Popen(['sleep', '60'])\\ntime.sleep(30)",
+                        # one that left the group and ended by itself; ones started while the group is killed
+                        "import subprocess, time\\nsubprocess.Popen(['true'], start_new_session=True)\\ntime.sleep(0.2)",
+                        "import subprocess\\nwhile True:\\n    subprocess.Popen(['true'])"):
             run_in_sandbox(program, [SandboxCase("stdin", "")], SandboxLimits(allow_subprocesses=True, time_limit=0.5))
         """)
     assert "ADOPTED []" in result.stdout, result.stdout + result.stderr[-2000:]

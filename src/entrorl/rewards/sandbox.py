@@ -791,14 +791,17 @@ _PARENT, _GROUP = 1, 2  # the fields of /proc/<pid>/stat after the state (the fi
 
 def _processes_whose(field: int, value: int) -> set[int]:
     """The processes whose ``/proc/<pid>/stat`` ``field`` (:data:`_PARENT`, :data:`_GROUP`) is ``value``."""
-    found = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                    if int(handle.read().rsplit(b")", 1)[1].split()[field]) == value:
-                        found.add(int(entry.name))
-    return found
+    return {int(entry.name) for entry in os.scandir("/proc")
+            if entry.name.isdigit() and _stat_field(int(entry.name), field) == value}
+
+
+def _stat_field(pid: int, field: int) -> int | None:
+    """Field ``field`` of ``/proc/<pid>/stat`` (also a zombie's), None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return int(handle.read().rsplit(b")", 1)[1].split()[field])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _uids_of(pid: int) -> set[int]:
@@ -815,8 +818,8 @@ def _kill_everything(pgid: int, uid: int | None, marker: str, *, keeper: bool = 
     """SIGKILL the process group, then every stray of the run until none is left; how many strays. A ``keeper`` (the
     child keeping a PID namespace) has its children killed first, its reaper and harness (the namespace's processes
     die with the reaper), and is given a moment to reap them and end: killed with it, they would be left to the
-    trainer's init or subreaper, as zombies where that is the trainer itself (PID 1 of a container). The group's other
-    members and the strays, orphaned to the trainer in such a case, are reaped here."""
+    trainer's init or subreaper, as zombies where that is the trainer itself (PID 1 of a container). The run's other
+    processes orphaned to the trainer in such a case are reaped here (:func:`_reap_the_run_s_orphans`)."""
     children = _children_of(pgid) if keeper else []
     for pid in children:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -824,7 +827,6 @@ def _kill_everything(pgid: int, uid: int | None, marker: str, *, keeper: bool = 
     deadline = time.monotonic() + 0.5
     while children and _exit_status_without_reaping(pgid) is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    members = _processes_whose(_GROUP, pgid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
     killed: set[int] = set()
@@ -839,15 +841,26 @@ def _kill_everything(pgid: int, uid: int | None, marker: str, *, keeper: bool = 
                 if pid != pgid:  # the group leader is the child itself, dying from the group kill
                     killed.add(pid)
         time.sleep(0.01)
-    _reap_if_adopted((members | killed) - {pgid})
+    _reap_the_run_s_orphans(pgid, uid, killed)
     return len(killed)
 
 
-def _reap_if_adopted(pids: set[int]) -> None:
-    """Reap those of ``pids`` (killed processes of the run) that became this process's children, as the orphans of a
-    trainer that is a subreaper or PID 1 do: nothing else would, and their zombies would count against its process
-    limit. Waiting for anything else is refused at once (not a child)."""
-    pending, deadline = set(pids), time.monotonic() + 0.5
+def _reap_the_run_s_orphans(pgid: int, uid: int | None, killed: set[int]) -> None:
+    """Reap this process's children that were the run's, every one of which is dead by now (the strays killed, the
+    processes of the run's group or of the sandbox uid, killed or ended by themselves), as the orphans of a trainer that
+    is a subreaper or PID 1 of a container are: nothing else would, and their zombies would count against its process
+    limit. The child itself (``pgid``) is left to its own wait. (Under the trainer's uid, without a PID namespace, an
+    ended process that left the group carries nothing that names the run.)"""
+
+    def the_run_s(pid: int) -> bool:
+        if pid in killed or _stat_field(pid, _GROUP) == pgid:
+            return True
+        with contextlib.suppress(OSError):
+            return uid is not None and uid in _uids_of(pid)
+        return False
+
+    pending = {pid for pid in _processes_whose(_PARENT, os.getpid()) - {pgid} if the_run_s(pid)}
+    deadline = time.monotonic() + 0.5
     while pending:
         for pid in list(pending):
             try:
