@@ -1855,6 +1855,39 @@ def test_the_files_checked_for_being_readable_are_those_the_load_reads(tiny_mode
     assert outcomes[1:] == ["read"] * 3
 
 
+def test_a_slow_tokenizer_s_merges_and_a_folder_this_user_may_not_list_are_said_to_be_so(
+        tiny_model_dir, as_an_ordinary_user, files_only_root_reads):
+    """Without tokenizer.json a BPE tokenizer reads vocab.json and merges.txt: an unreadable merges.txt is named (the
+    tokenizers library says 'Permission denied (os error 13)', naming no file). A model folder this user may enter
+    but not list was said to have no weights."""
+    import os
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    shared = as_an_ordinary_user.folder
+    slow = _readable_copy(tiny_model_dir, shared / "slow-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (slow / name).unlink(missing_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["hello world 1+2=3"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.model.save(str(slow))
+    (slow / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        os.chmod(slow / name, 0o644)
+    files_only_root_reads(slow / "merges.txt")
+    unlisted = _readable_copy(tiny_model_dir, shared / "unlisted")
+    os.chmod(unlisted, 0o711)
+    merges, folder = _outcomes_as_an_ordinary_user(
+        as_an_ordinary_user, "from entrorl.modeling import load_causal_lm, load_tokenizer",
+        f"load_tokenizer({str(slow)!r})", f"load_causal_lm({str(unlisted)!r})")
+    assert merges.startswith(UNREADABLE) and merges.endswith(f"'{slow / 'merges.txt'}'"), merges
+    assert folder.startswith("PermissionError [Errno 13] Permission denied: this user may not list the model "
+                             "directory (owner root, mode drwx--x--x)") and folder.endswith(f"'{unlisted}'"), folder
+
+
 def test_unreadable_lora_adapters_of_a_checkpoint_are_said_to_be_so_not_missing(tiny_model_dir, as_an_ordinary_user,
                                                                                 files_only_root_reads):
     peft = pytest.importorskip("peft")
@@ -1869,9 +1902,10 @@ def test_unreadable_lora_adapters_of_a_checkpoint_are_said_to_be_so_not_missing(
                                                base_model_name_or_path=str(base))).save_pretrained(step / "adapter")
     for path in [step / "adapter", *(step / "adapter").iterdir()]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-    files_only_root_reads(step / "adapter" / "adapter_model.safetensors")
-    (outcome,) = _outcomes_as_an_ordinary_user(
-        as_an_ordinary_user, "from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory",
-        f"load_model_directory(resolve_model_directory({str(step / 'model')!r}))")
-    assert outcome.startswith(UNREADABLE) and outcome.endswith(f"'{step / 'adapter' / 'adapter_model.safetensors'}'"), \
-        outcome
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        files_only_root_reads(step / "adapter" / name)
+        (outcome,) = _outcomes_as_an_ordinary_user(
+            as_an_ordinary_user, "from entrorl.trainer.checkpoint import load_model_directory, resolve_model_directory",
+            f"load_model_directory(resolve_model_directory({str(step / 'model')!r}))")
+        assert outcome.startswith(UNREADABLE) and outcome.endswith(f"'{step / 'adapter' / name}'"), outcome
+        (step / "adapter" / name).chmod(0o644)

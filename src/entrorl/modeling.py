@@ -47,6 +47,7 @@ _PADDING_BORROWED_FROM_EOS: "weakref.WeakSet" = weakref.WeakSet()  # tokenizers 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
 # the weight files from_pretrained reads, sharded or not
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+_UNREADABLE_ADVICE = "ask its owner to make it readable (chmod g+r or a+r), or copy the model"
 
 
 def _check_model_dir(path: str | Path) -> Path:
@@ -55,6 +56,11 @@ def _check_model_dir(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path} is a file; the model is a directory (config.json, weights and tokenizer)")
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path} (give a local Hugging Face model directory)")
+    if not os.access(path, os.R_OK | os.X_OK):  # else every file in it would look missing
+        status = path.stat()
+        raise PermissionError(errno.EACCES, f"Permission denied: this user may not list the model directory (owner "
+                              f"{_owner(status.st_uid)}, mode {stat.filemode(status.st_mode)}); {_UNREADABLE_ADVICE}",
+                              str(path))
     saved = sorted((path / "checkpoints").glob("step_*/model/config.json"))  # zero-padded steps: oldest first
     if saved and not declares_a_model(path / "config.json"):  # a run directory's config.json holds the run's settings
         raise FileNotFoundError(f"{path} is an entrorl run directory; its models are in checkpoints/step_N/model (the "
@@ -150,9 +156,6 @@ def _weights_transformers_reads(path: Path) -> tuple[str, list[str] | None] | No
     return None
 
 
-_UNREADABLE_ADVICE = "ask its owner to make it readable (chmod g+r or a+r), or copy the model"
-
-
 def refuse_files_this_user_cannot_read(directory: Path, *, tokenizer: bool = True, weights: bool = True,
                                        advice: str = _UNREADABLE_ADVICE) -> None:
     """``PermissionError`` naming the first of the files a load of ``directory`` reads (``config.json``; with
@@ -162,7 +165,7 @@ def refuse_files_this_user_cannot_read(directory: Path, *, tokenizer: bool = Tru
     if weights:
         names += [*_weight_files_loaded(directory), "generation_config.json"]
     if tokenizer:  # a fast tokenizer's tokenizer.json holds its vocabulary: the vocabulary files beside it go unread
-        vocabulary = () if (directory / "tokenizer.json").is_file() else TOKENIZER_FILES
+        vocabulary = () if (directory / "tokenizer.json").is_file() else (*TOKENIZER_FILES, "merges.txt")
         names += ["tokenizer.json", "tokenizer_config.json", *vocabulary, *_TOKENIZER_EXTRAS]
     refuse_unreadable(sorted({file for pattern in names for file in directory.glob(pattern)}), advice=advice)
 
@@ -172,16 +175,19 @@ def refuse_unreadable(files, *, advice: str = _UNREADABLE_ADVICE) -> None:
     mode, before a loader reports it as a missing or damaged file (safetensors says "No such file or directory")."""
     for file in files:
         if Path(file).is_file() and not os.access(file, os.R_OK):
-            file = Path(file)
-            status = file.stat()
-            try:
-                import pwd
+            status = Path(file).stat()
+            raise PermissionError(errno.EACCES, f"Permission denied: this user may not read it (owner "
+                                  f"{_owner(status.st_uid)}, mode {stat.filemode(status.st_mode)}); {advice}", str(file))
 
-                owner = pwd.getpwuid(status.st_uid).pw_name
-            except (ImportError, KeyError):
-                owner = f"uid {status.st_uid}"
-            raise PermissionError(errno.EACCES, f"Permission denied: this user may not read it (owner {owner}, mode "
-                                  f"{stat.filemode(status.st_mode)}); {advice}", str(file))
+
+def _owner(uid: int) -> str:
+    """The user name of ``uid`` where the system has one, else ``uid N``."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return f"uid {uid}"
 
 
 def _has_weight_files(directory: Path) -> bool:

@@ -481,6 +481,7 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None,
         if base is not None:
             raise ValueError(f"--base is for LoRA adapters, and {path} holds none (no {ADAPTER_CONFIG}): leave --base out")
         return ModelDirectory(weights=check_model_files(path), tokenizer=path)
+    refuse_unreadable([adapters / ADAPTER_CONFIG])
     recorded = read_adapter_config(adapters).get("base_model_name_or_path")
     if base is None and not (recorded and isinstance(recorded, str)):
         raise ValueError(f"{adapters} holds LoRA adapters that do not record their base model: give its directory with --base")
@@ -496,7 +497,7 @@ def resolve_model_directory(path: str | Path, *, base: str | Path | None = None,
     if adapter_weights_file(adapters) is None:
         raise FileNotFoundError(f"{adapters} has no {ADAPTER_WEIGHTS} (nor adapter_model.bin), or an empty one: the "
                                 "adapters' weights are missing")
-    refuse_unreadable([adapters / ADAPTER_CONFIG, adapter_weights_file(adapters)])
+    refuse_unreadable([adapter_weights_file(adapters)])
     tokenizer = path if any((path / name).is_file() for name in TOKENIZER_FILES) else base
     check_model_files(tokenizer, weights=False)
     return ModelDirectory(weights=base, tokenizer=tokenizer, adapters=adapters)
