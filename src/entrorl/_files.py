@@ -21,7 +21,7 @@ import stat
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,8 +30,8 @@ try:
 except ImportError:  # not a POSIX system: no /proc or /dev/fd descriptors either
     fcntl = None
 
-__all__ = ["modes_as_the_umask_gives", "naming_file", "put_in_place_together", "write_atomically",
-           "write_folder_atomically", "written_in_place"]
+__all__ = ["modes_as_the_umask_gives", "naming_file", "put_in_place_together", "staging_folder",
+           "write_atomically", "write_folder_atomically", "written_in_place"]
 
 # /proc/self/fd/1, /proc/<pid>/fd/1, /dev/fd/1 (the last is this process's)
 _DESCRIPTOR = re.compile(r"(?:/proc/(?P<owner>[^/]+)|/dev)/fd/(?P<number>[^/]+)")
@@ -149,6 +149,19 @@ def write_folder_atomically(path: str | os.PathLike[str], write: Callable[[Path]
         if isinstance(error, OSError):
             raise naming_file(error, Path(path), instead_of=temporary) from None
         raise
+
+
+@contextlib.contextmanager
+def staging_folder(directory: Path, label: str) -> Iterator[Path]:
+    """A new hidden folder ``.LABEL.tmp-PID`` in ``directory`` (on its file system, so that what is staged there goes
+    into place by renames, :func:`put_in_place_together`), removed with whatever is left in it when the block ends."""
+    staging = directory / f".{label}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], *, stale: Sequence[str] = ()) -> None:

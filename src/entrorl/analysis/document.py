@@ -9,14 +9,13 @@ import io
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from entrorl._files import naming_file, put_in_place_together
+from entrorl._files import naming_file, put_in_place_together, staging_folder
 
 NA = "n/a"  # missing or undefined
 NOT_APPLICABLE = "—"  # does not apply (e.g. a training statistic of the base model)
@@ -324,13 +323,11 @@ def write_report_files(out: Path, texts: dict[str, str], figures: Figures) -> No
     (:func:`entrorl._files.put_in_place_together`): a report that fails on the way (a full disk) or is interrupted
     leaves the previous one whole, its figures included, never a mix of the two. A figure of the previous report that
     this one did not draw stays as it was."""
-    staging = out / f".report.tmp-{os.getpid()}"
     figure_folder = os.path.relpath(figures.directory, out)
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / figure_folder).mkdir(parents=True)
-    try:
-        files = {os.path.join(figure_folder, name): png for name, png in figures.pngs.items()}
-        files.update({name: text.encode("utf-8") for name, text in texts.items()})
+    files = {os.path.join(figure_folder, name): png for name, png in figures.pngs.items()}
+    files.update({name: text.encode("utf-8") for name, text in texts.items()})
+    with staging_folder(out, "report") as staging:
+        (staging / figure_folder).mkdir()
         for name, content in files.items():
             try:
                 (staging / name).write_bytes(content)
@@ -339,8 +336,6 @@ def write_report_files(out: Path, texts: dict[str, str], figures: Figures) -> No
         if figures.pngs:
             figures.directory.mkdir(parents=True, exist_ok=True)
         put_in_place_together(staging, out, list(files))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def power_of_ten(values) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 
 from entrorl._checks import check_int
-from entrorl._files import naming_file, put_in_place_together
+from entrorl._files import naming_file, put_in_place_together, staging_folder
 from entrorl.data import PromptRecord
 from entrorl.data.audit import (
     AuditThresholds,
@@ -453,10 +452,7 @@ def write_audit_outputs(
 
     # The set is written into a folder of its own inside ``directory``, then put in place as one set (the summary last):
     # a failure on the way (a full disk) or an interrupt leaves an earlier audit's set as it was, not mixed with this one.
-    staging = directory / f".audit.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staging_folder(directory, "audit") as staging:
         histogram = result.histogram()
         histogram_json = directory / "pass_rate_histogram.json"
         _stage_text(histogram_json, staging, json.dumps(histogram.to_dict(), indent=1) + "\n")
@@ -524,7 +520,5 @@ def write_audit_outputs(
                                         reward_errors_log, summary_json) if path is not None]
         stale = [*([] if histogram_png else ["pass_rate_histogram.png"]), *([] if reward_errors_log else [REWARD_ERRORS_LOG])]
         put_in_place_together(staging, directory, names, stale=stale)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return AuditOutputs(directory, histogram_json, histogram_png, suspected_wrong, per_prompt, filtered, summary_json, summary,
                         reward_errors_log)
