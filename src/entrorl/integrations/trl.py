@@ -80,6 +80,7 @@ except ImportError as error:  # pragma: no cover - exercised only without trl
     raise ImportError("entrorl.integrations.trl needs TRL: pip install 'entrorl[trl]'") from error
 
 from entrorl._checks import is_real_number
+from entrorl.analysis.run import read_json
 from entrorl.analysis.run_report import TRL_OBJECTIVE_FILE
 from entrorl.modeling import FUSED_HEAD_MODEL_TYPES, model_vocab_size
 from entrorl.objective import Objective, ObjectiveConfig, PolicyBatch, build_objective, get_method
@@ -142,11 +143,8 @@ def _readable_json(path: str) -> bool:
 
 def _saved_objective_label(checkpoint: str) -> str | None:
     """The objective a checkpoint was trained with, as its ``entrorl_objective.json`` names it (None without one)."""
-    try:
-        with open(os.path.join(checkpoint, TRL_OBJECTIVE_FILE), encoding="utf-8") as handle:
-            method = json.load(handle).get("method")
-    except (OSError, ValueError, AttributeError):
-        return None
+    saved = read_json(Path(checkpoint) / TRL_OBJECTIVE_FILE)
+    method = saved.get("method") if isinstance(saved, dict) else None
     return method if isinstance(method, str) else None
 
 
