@@ -1408,6 +1408,34 @@ def test_a_passk_k_left_at_its_default_of_four_over_the_group_size_is_named():
         load_config(base, ["advantage.name=passk"])
 
 
+def test_a_passk_group_of_k_samples_above_the_dry_run_s_size_is_named_as_such():
+    """The advantage's dry run uses at most 8 samples (or k + 1): a group of exactly k = 16 samples is still refused as
+    a group of k, not as one smaller than k, and k = 12 in a group of 16 passes."""
+    base = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "rollout": {"group_size": 16}}
+    with pytest.raises(ConfigError, match=r"rollout.group_size = 16 is the 'passk' advantage's k: the only k-subset"):
+        load_config(base, ["advantage.name=passk", "advantage.params={k: 16}"])
+    with pytest.raises(ConfigError, match=r"rollout.group_size = 16 is smaller than the 'passk' advantage's k = 17"):
+        load_config(base, ["advantage.name=passk", "advantage.params={k: 17}"])
+    assert load_config(base, ["advantage.name=passk", "advantage.params={k: 12}"]).advantage.params == {"k": 12}
+
+
+def test_an_absurd_group_size_is_validated_without_allocating_the_group(tmp_path):
+    """The advantage's dry run in load_config used tensors of rollout.group_size elements: a group of 10^9 made the
+    validation itself allocate tens of GB (a raw allocator error under a memory limit). Run under a 3 GB limit."""
+    script = textwrap.dedent("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+        from entrorl.trainer import load_config
+        for estimator in ("grpo", "passk"):
+            load_config({"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "method": "grpo",
+                         "advantage": {"name": estimator}, "rollout": {"group_size": 10**9, "dynamic_sampling": True}})
+        print("validated")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and "validated" in done.stdout, done.stderr[-800:]
+
+
 def test_set_options_and_configuration_files_that_are_malformed_are_named(tmp_path, arithmetic_files):
     """--set splits at its first '=' and an empty value is the empty string; an empty key, a key below a value, a
     folder, a file that is no mapping, and an empty file (no model, no data) are ConfigErrors naming what is wrong."""

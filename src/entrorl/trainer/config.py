@@ -570,9 +570,16 @@ class TrainConfig(_Section):
                              f"(rollout.prompts_per_step x rollout.group_size): an update needs at least one row")
         # passk's k: the one given, else the estimator's own default
         k = self.advantage.params.get("k", advantage_info(estimator).params.get("k"))
-        try:  # a dry run on one group, so that a wrong parameter name or value fails now, not after the model loads
-            compute_advantages(estimator, torch.arange(group) % 2.0, torch.zeros(group, dtype=torch.long),
-                               lengths=torch.arange(1, group + 1), seq_log_prob=-torch.arange(1.0, group + 1),
+        if estimator == "passk" and group == k:
+            raise ValueError(f"rollout.group_size = {group} is the 'passk' advantage's k: the only k-subset of a group "
+                             "is the whole group, so every advantage would be 0; sample more than k responses per "
+                             "prompt or lower advantage.params.k")
+        # a dry run on one group, so that a wrong parameter name or value fails now, not after the model loads; of at
+        # most 8 samples (or k + 1), so that an absurd group size is not allocated to be checked
+        dry = min(group, max(8, k + 1 if isinstance(k, int) and not isinstance(k, bool) and k < group else 0))
+        try:
+            compute_advantages(estimator, torch.arange(dry) % 2.0, torch.zeros(dry, dtype=torch.long),
+                               lengths=torch.arange(1, dry + 1), seq_log_prob=-torch.arange(1.0, dry + 1),
                                **self.advantage.params)
         except (ValueError, TypeError) as error:
             if estimator == "passk" and isinstance(k, int) and not isinstance(k, bool) and k > group:
@@ -584,11 +591,7 @@ class TrainConfig(_Section):
             unlikeliness = self.reward.unlikeliness
             shaping = [name for name, on in (("reward.unlikeliness", unlikeliness is not None and unlikeliness.beta_rank > 0),
                                              ("reward.diversity", self.reward.diversity.enabled)) if on]
-            _warn_if_the_estimator_trains_on_equal_groups(estimator, group, self.advantage.params, shaping)
-        if estimator == "passk" and group == k:
-            raise ValueError(f"rollout.group_size = {group} is the 'passk' advantage's k: the only k-subset of a group "
-                             "is the whole group, so every advantage would be 0; sample more than k responses per "
-                             "prompt or lower advantage.params.k")
+            _warn_if_the_estimator_trains_on_equal_groups(estimator, dry, self.advantage.params, shaping)
         from entrorl.rewards import check_reward_spec
 
         try:
