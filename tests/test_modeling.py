@@ -6,8 +6,12 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -348,6 +352,49 @@ def test_load_causal_lm_refuses_an_encoder_and_weights_that_leave_part_of_the_mo
     with pytest.raises(ValueError, match=r"do not fit LlamaForCausalLM \(missing: lm_head.weight\): those weights would "
                                          r"start at random"):
         load_causal_lm(headless)
+
+
+def test_a_config_json_that_does_not_fit_the_weights_is_named(tmp_path, tiny_model_dir):
+    """A config.json declaring another vocab_size than the weights: transformers raised a bare RuntimeError ("You set
+    `ignore_mismatched_sizes` to `False`"); the refusal names the weight and both shapes."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    vocabulary = config["vocab_size"]
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": 2 * vocabulary}))
+    with pytest.raises(ValueError, match=r"do not fit Qwen2ForCausalLM \(of another shape: model.embed_tokens.weight"
+                                         r"(, lm_head.weight)?\): .* with the config.json it was saved with"):
+        load_causal_lm(model)
+
+
+def test_a_config_json_whose_weights_cannot_fit_in_memory_is_named_not_said_out_of_memory(tmp_path, tiny_model_dir):
+    """A config.json declaring a vocabulary of 10^9 or 10^11 rows: the load runs out of memory, and the message said
+    "the files are intact; free memory", where the config does not fit the files (a model built on the meta device
+    says so without memory). Run under a 3 GB address-space limit."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    script = textwrap.dedent("""
+        import json, resource, sys
+        from pathlib import Path
+        from entrorl.modeling import load_causal_lm
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+        model = Path(sys.argv[1])
+        config = json.loads((model / "config.json").read_text())
+        for rows in (10**9, 10**11):
+            (model / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
+            try:
+                load_causal_lm(model)
+            except (ValueError, MemoryError) as error:
+                print(type(error).__name__, error)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(model)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("ValueError", "MemoryError"))]
+    assert len(lines) == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    for rows, line in zip((10**9, 10**11), lines):
+        assert line.startswith("ValueError") and \
+            f"[{config['vocab_size']}, 32] in the files, [{rows}, 32] in config.json" in line, line
 
 
 @pytest.mark.parametrize("architecture", ["qwen2_tied", "qwen2_bfloat16", "gpt2"])

@@ -375,17 +375,20 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     path = check_model_files(path, tokenizer=False)
     try:
         with quiet_progress_bars():
+            # weights of another shape are loaded as missing ones, so that the refusal below names them
             model, loading = AutoModelForCausalLM.from_pretrained(
                 path, dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=trust_remote_code,
-                output_loading_info=True)
+                output_loading_info=True, ignore_mismatched_sizes=True)
     except ValueError as error:
         _refuse_custom_code(path, error, trust_remote_code)
         raise
     except MemoryError as error:
+        _refuse_shapes_config_json_declares_beyond_the_files(path, trust_remote_code, error)
         raise out_of_memory_while(f"loading the model of {path}", error) from error
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError) as error:
         damaged = unreadable_weight_file(path)  # a file whose header cannot be read, memory refusals aside
         if damaged is None and is_out_of_memory(error):
+            _refuse_shapes_config_json_declares_beyond_the_files(path, trust_remote_code, error)
             raise out_of_memory_while(f"loading the model of {path}", error) from error
         if damaged is None:  # every file's header reads: not a damaged file
             raise
@@ -394,10 +397,7 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     missing = sorted(loading.get("missing_keys") or ())
     mismatched = sorted(str(key[0] if isinstance(key, tuple) else key) for key in loading.get("mismatched_keys") or ())
     if missing or mismatched:
-        listed = "; ".join(f"{what}: {', '.join(keys[:5])}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''}"
-                           for what, keys in (("missing", missing), ("of another shape", mismatched)) if keys)
-        raise ValueError(f"the weights in {path} do not fit {type(model).__name__} ({listed}): those weights would start "
-                         "at random. Is it a causal language model's directory, saved whole?")
+        raise _weights_do_not_fit(path, type(model).__name__, missing=missing, mismatched=mismatched)
     if device is not None:
         model = model.to(device)
     _run_without_router_logits(model, path)
@@ -406,6 +406,47 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     if disable_dropout:
         turn_off_dropout(model, path)
     return model
+
+
+def _weights_do_not_fit(path: Path, model_name: str, *, missing: Sequence[str] = (),
+                        mismatched: Sequence[str] = ()) -> ValueError:
+    listed = "; ".join(f"{what}: {', '.join(keys[:5])}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''}"
+                       for what, keys in (("missing", missing), ("of another shape", mismatched)) if keys)
+    return ValueError(f"the weights in {path} do not fit {model_name} ({listed}): those weights would start at random. "
+                      "Is it a causal language model's directory, saved whole, with the config.json it was saved with?")
+
+
+def _refuse_shapes_config_json_declares_beyond_the_files(path: Path, trust_remote_code: bool,
+                                                         error: BaseException) -> None:
+    """Raise :func:`_weights_do_not_fit` when the model that ``config.json`` describes (built on the meta device,
+    which takes no memory) has weights of other shapes than the safetensors files hold: memory that ran out while
+    loading then came from the config (a ``vocab_size`` of 10^9), not from the model's size."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    config = read_model_config(path, trust_remote_code=trust_remote_code)
+    if config is None:
+        return
+    try:
+        with torch.device("meta"):
+            described = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - a diagnosis only: the memory error is raised instead
+        return
+    declared = {name: tuple(tensor.shape) for name, tensor in described.state_dict().items()}
+    mismatched = []
+    for name in _weight_files_loaded(path):
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(path / name, framework="pt") as opened:
+                for key in opened.keys():
+                    shape = tuple(opened.get_slice(key).get_shape())
+                    if key in declared and declared[key] != shape:
+                        mismatched.append(f"{key} {list(shape)} in the files, {list(declared[key])} in config.json")
+        except Exception:  # noqa: BLE001 - a header that cannot be read now (memory, a damaged file) tells nothing
+            continue
+    if mismatched:
+        raise _weights_do_not_fit(path, type(described).__name__, mismatched=sorted(mismatched)) from error
 
 
 # the behaviour checks below run the model on a few made-up sequences of at most this many tokens
