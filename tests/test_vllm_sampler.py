@@ -409,6 +409,27 @@ def test_trainer_samples_with_vllm_and_pushes_the_updated_weights(fake_vllm, tmp
     assert llm.prefix_resets == 1
 
 
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_the_engine_is_told_the_models_trust_remote_code(fake_vllm, tmp_path, arithmetic_files, tiny_model_dir,
+                                                          trust_remote_code):
+    """model.trust_remote_code loads the policy with the directory's own code; the engine the trainer builds loads the
+    same directory and was not told (vLLM's own default, False, then refuses such a model)."""
+    from entrorl.trainer import Trainer
+    from entrorl.trainer.config import load_config
+
+    train, _ = arithmetic_files
+    config = load_config({
+        "seed": 0, "torch_threads": 1, "data": {"train": str(train)}, "reward": {"name": "exact_match"},
+        "model": {"path": str(tiny_model_dir), "device": "cpu", "trust_remote_code": trust_remote_code},
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4, "backend": "vllm"},
+        "optim": {"steps": 1}, "logging": {"progress": False}, "diagnostics": {"measure_entropy_change": False}})
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    try:
+        assert _FakeLLM.instances[-1].init_kwargs["trust_remote_code"] is trust_remote_code
+    finally:
+        trainer.close()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_lora_policy_gives_vllm_the_merged_weights(fake_vllm, tmp_path, arithmetic_files, tiny_model_dir, dtype):
     """With adapters the engine loads the base model and is given the merged weights W + (alpha / r) B A under the

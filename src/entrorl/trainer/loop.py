@@ -436,7 +436,8 @@ class Trainer:
         return VLLMSampler(Path(self.config.model.path) if self.adapter is not None else model_path,
                            eos_token_id=stop_token_ids(self.model, self.tokenizer),
                            pad_token_id=self.tokenizer.pad_token_id, dtype=self.config.model.dtype, seed=self.config.seed,
-                           gpu_memory_utilization=rollout.vllm_gpu_memory_utilization)
+                           gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+                           trust_remote_code=self.config.model.trust_remote_code)
 
     def _sync_sampler(self) -> None:
         """Push the updated policy into the vLLM engine: its parameters, or with adapters the merged weights."""
