@@ -273,6 +273,30 @@ def test_a_run_in_progress_with_a_line_cut_short(tmp_path):
     assert "got to step" not in (finished / "report" / "report.md").read_text()
 
 
+def test_an_integer_metric_beyond_a_float_s_range_is_not_a_number(tmp_path):
+    """JSON integers have no bound: 10^400 made float() raise OverflowError and the report a traceback; it is skipped
+    as 1e400 is."""
+    records = law_records(3)
+    records[0]["entropy/mean"] = 10**400
+    run = write_run(tmp_path / "run", records)
+    report = write_run_report(run, figures=False)
+    assert report["section_errors"] == {}
+    assert (run / "report" / "report.md").is_file()
+
+
+def test_a_code_span_holding_lines_and_html_from_a_laboratory_s_files_stays_one_inert_span(tmp_path):
+    """A laboratory folder whose lab.json names its preset with blank lines and HTML: the continuing command, a code
+    span, was written as it came, so the blank line ended the span and the HTML after it was raw HTML of report.md."""
+    lab = tmp_path / "lab"
+    run = write_run(lab / "methods" / "grpo", law_records(3), config={"method": "grpo", "optim": {"steps": 10}})
+    (lab / "lab.json").write_text(json.dumps({"preset": {"name": "tiny\n\n<img src=x onerror=alert(1)>\n\n"},
+                                              "methods": ["grpo"]}))
+    write_run_report(run, figures=False)
+    markdown = (run / "report" / "report.md").read_text()
+    assert not [line for line in markdown.splitlines() if line.startswith("<img")]
+    assert "↵↵<img src=x onerror=alert(1)>↵↵" in markdown
+
+
 @pytest.mark.parametrize("bad_lines, listed", [(10, "4, 5, 6, 7, 8, 9, 10, 11, 12, 13."),
                                                 (11, "4, 5, 6, 7, 8, 9, 10, 11, 12, 13, ...")])
 def test_the_first_10_skipped_metric_lines_are_named_and_more_are_marked(tmp_path, bad_lines, listed):

@@ -27,7 +27,7 @@ def finite(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond a float's range
         return None
     return number if math.isfinite(number) else None
 
@@ -212,7 +212,7 @@ def fork_context(fork: dict[str, Any]) -> str:
 
 def _paragraph_markdown(content: str) -> str:
     parts = content.split("`")
-    return "".join(f"`{part}`" if i % 2 else md_escape(part) for i, part in enumerate(parts))
+    return "".join(f"`{one_line(part)}`" if i % 2 else md_escape(part) for i, part in enumerate(parts))
 
 
 def _paragraph_html(content: str) -> str:
