@@ -2235,6 +2235,44 @@ def test_a_lock_refused_as_access_denied_is_a_run_in_use_and_the_lock_file_holds
         checkpoint.lock_run_directory(tmp_path)
 
 
+def test_links_planted_in_a_received_run_directory_never_make_a_resume_or_a_report_write_elsewhere(
+        tmp_path, tiny_model_dir, arithmetic_files):
+    """A run directory received from someone else whose files are links to files of this user's: taking the lock
+    wrote the process id into what `.lock` named (truncating it), and a resume or a report replaced what config.json,
+    checkpoints/latest, an eval file or report/report.md named. The lock's link is refused, naming it; the others are
+    replaced by the run's own files; the files outside stay as they were."""
+    from entrorl.analysis.run_report import write_run_report
+    from entrorl.trainer import checkpoint
+
+    train, held_out = arithmetic_files
+    run = tmp_path / "run"
+    settings = make_config(tiny_model_dir, train, held_out, eval={"every": 1}, checkpoint={"every": 1, "keep": 2},
+                           diagnostics={"measure_entropy_change": False})
+    Trainer(load_config({**settings, "optim": {"steps": 1}}), run_dir=run).train()
+    write_run_report(run, figures=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    planted = {".lock": "lock", "config.json": "config", "checkpoints/latest": "latest",
+               "eval/step_000002.json": "eval", "report/report.md": "report"}
+    for name, outside in planted.items():
+        (mine / outside).write_text(f"my {outside}\n")
+        (run / name).unlink(missing_ok=True)
+        (run / name).symlink_to(mine / outside)
+    with pytest.raises(OSError, match=rf"{re.escape(str(run / '.lock'))} is a link \(to {re.escape(str(mine / 'lock'))}"
+                                      r"\), where a lock file of its own belongs: .* remove the link"):
+        checkpoint.lock_run_directory(run)
+    (run / ".lock").unlink()
+    resumed = Trainer(load_config({**settings, "optim": {"steps": 2}}), run_dir=run, resume=True)
+    resumed.train()
+    resumed.close()
+    write_run_report(run, figures=False)
+    assert {outside: (mine / outside).read_text() for outside in planted.values()} == \
+        {outside: f"my {outside}\n" for outside in planted.values()}
+    for name in ("config.json", "checkpoints/latest", "eval/step_000002.json", "report/report.md"):
+        assert (run / name).is_file() and not (run / name).is_symlink(), name
+    assert (run / "checkpoints" / "latest").read_text() == "step_000002\n"
+
+
 def test_temporary_files_are_removed_unless_a_live_process_of_another_user_writes_them(tmp_path, monkeypatch):
     """This process's own leftovers and the metrics file cut back by a killed resume go; a file whose process exists
     under another user (the signal is refused) stays."""
@@ -4944,8 +4982,9 @@ def test_a_failed_rename_names_the_target_and_an_error_without_a_number_is_left_
 
 
 def test_atomic_writes_follow_symbolic_links_and_write_into_pipes_and_devices(tmp_path):
-    """A link is followed (the file it names gets the text, the link stays a link); a named pipe (as /dev/null or
-    /dev/stdout) is written into, not replaced by a regular file."""
+    """For a path the user names, a link is followed (the file it names gets the text, the link stays a link); a named
+    pipe (as /dev/null or /dev/stdout) is written into, not replaced by a regular file. A run's own files
+    (follow_links=False) replace a link at their place, and leave what it names as it was."""
     import threading
 
     from entrorl.trainer.checkpoint import atomic_torch_save, atomic_write_text
@@ -4958,6 +4997,12 @@ def test_atomic_writes_follow_symbolic_links_and_write_into_pipes_and_devices(tm
     atomic_write_text(link, "new")
     assert link.is_symlink() and (results / "summary.json").read_text() == "new"
     assert sorted(p.name for p in results.iterdir()) == ["summary.json"]
+    atomic_write_text(link, "the run's", follow_links=False)
+    assert not link.is_symlink() and link.read_text() == "the run's"
+    assert (results / "summary.json").read_text() == "new" and sorted(p.name for p in results.iterdir()) == ["summary.json"]
+    (tmp_path / "state.pt").symlink_to(results / "summary.json")
+    atomic_torch_save({"coefficient": 0.5}, tmp_path / "state.pt", follow_links=False)
+    assert not (tmp_path / "state.pt").is_symlink() and (results / "summary.json").read_text() == "new"
     # a link into a folder not made yet: check_output_file accepts it, and the write makes the folder
     from entrorl.data.loading import check_output_file
 

@@ -2,7 +2,9 @@
 
 A file is written through a temporary file beside it (``.NAME.tmp-PID``), flushed to disk and renamed over it, so
 that a crash leaves the old file or the new one, never part of either. A symbolic link is followed: the file it names
-is replaced and the link stays. What cannot be replaced is written into as it is: a device, a pipe or a socket
+is replaced and the link stays; unless the writer says not to (``follow_links=False``, for the files a program keeps in
+a folder of its own, such as a run directory received from someone else, where a link planted at one of them must not
+make the program replace a file elsewhere): the link is then replaced by the file, and what it names left as it is. What cannot be replaced is written into as it is: a device, a pipe or a socket
 (``/dev/null``), and a process's open descriptors (``/dev/stdout``, ``/dev/fd/1``: a pipe, or a file the shell
 redirected into, which gets the text where this process's own output has reached; another process's descriptor, or
 a read-only one, is opened anew and gets it at the end).
@@ -81,13 +83,16 @@ def _own_descriptor(path: str | os.PathLike[str]) -> int | None:
     return number if writable else None  # a read-only one (a pipe's reading end) is opened anew for writing
 
 
-def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any], *, make_folder: bool = False) -> None:
+def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any], *, make_folder: bool = False,
+                     follow_links: bool = True) -> None:
     """Call ``write`` with a binary file whose content then replaces ``path``'s as one rename (see the module's
     description for links, devices and descriptors, which are written into: one of this process's own, such as
-    ``/dev/stdout``, through the descriptor itself, so that what the process writes next follows the text). A file
-    replaced keeps its permission bits; ``make_folder`` creates the folder it goes into (a link's target's). When the
-    write fails the temporary file goes, and an ``OSError`` names ``path`` (a full disk's names none)."""
-    if written_in_place(path):
+    ``/dev/stdout``, through the descriptor itself, so that what the process writes next follows the text; with
+    ``follow_links=False`` a link at ``path`` is replaced instead). A file replaced keeps its permission bits;
+    ``make_folder`` creates the folder it goes into (a link's target's). When the write fails the temporary file goes,
+    and an ``OSError`` names ``path`` (a full disk's names none)."""
+    replacing_a_link = not follow_links and os.path.islink(path)
+    if not replacing_a_link and written_in_place(path):
         try:
             descriptor = _own_descriptor(path)
             if descriptor is None:
@@ -103,7 +108,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], A
         except OSError as error:
             raise naming_file(error, Path(path)) from None
         return
-    target = Path(os.path.realpath(path))
+    target = Path(os.path.abspath(path) if replacing_a_link else os.path.realpath(path))
     if make_folder:
         target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -112,7 +117,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], A
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        if target.is_file():
+        if not replacing_a_link and target.is_file():
             os.chmod(temporary, stat.S_IMODE(target.stat().st_mode))
         os.replace(temporary, target)
     except BaseException as error:
@@ -164,11 +169,12 @@ def staging_folder(directory: Path, label: str) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], *, stale: Sequence[str] = ()) -> None:
+def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], *, stale: Sequence[str] = (),
+                          follow_links: bool = True) -> None:
     """Put each of ``names`` from ``staging`` in ``directory`` as one set, and take away the entries of ``stale`` (an
     earlier set's that this one has not; a link among them goes, not what it names). A name that is a link is
-    followed, and what it names is replaced (two names naming one file: the first's); a pipe or a device
-    (``/dev/null``) is written into. What each name replaces, and each stale entry, is first moved aside beside
+    followed, and what it names is replaced (two names naming one file: the first's), unless ``follow_links`` is
+    False: the link is then replaced; a pipe or a device (``/dev/null``) is written into. What each name replaces, and each stale entry, is first moved aside beside
     itself; the set in, what was moved aside is removed. A failure on the way (a link to another file system takes a
     copy, which can fail) or an interrupt moves back what was moved aside (renames only) before removing what came in,
     so a second interrupt there leaves the earlier set whole, with hidden ``.NAME.new-PID-...`` left. A replaced
@@ -180,16 +186,17 @@ def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], 
         for name in names:
             staged, final = staging / name, directory / name
             concerned = final
-            if staged.is_file() and written_in_place(final):  # cannot be moved aside, nor put back
+            replacing_a_link = not follow_links and final.is_symlink()
+            if not replacing_a_link and staged.is_file() and written_in_place(final):  # cannot be moved aside, nor put back
                 write_atomically(final, lambda handle: handle.write(staged.read_bytes()))
                 continue
-            target = Path(os.path.realpath(final))
+            target = Path(os.path.abspath(final) if replacing_a_link else os.path.realpath(final))
             if target in placed:
                 continue
             placed.add(target)
             concerned = target
             there = target.exists() or target.is_symlink()
-            if there and target.is_file() and staged.is_file():
+            if there and not replacing_a_link and target.is_file() and staged.is_file():
                 os.chmod(staged, stat.S_IMODE(target.stat().st_mode))
             aside = _hidden_name(target, "old")
             moves.append((target, aside, there))

@@ -322,7 +322,8 @@ def write_report_files(out: Path, texts: dict[str, str], figures: Figures) -> No
     """Write ``texts`` (file name -> content) into ``out`` and the PNGs ``figures`` drew into its folder as one set
     (:func:`entrorl._files.put_in_place_together`): a report that fails on the way (a full disk) or is interrupted
     leaves the previous one whole, its figures included, never a mix of the two. A figure of the previous report that
-    this one did not draw stays as it was."""
+    this one did not draw stays as it was. A link at one of the report's files is replaced, not followed (a run
+    directory received from someone else may hold one to a file of this user's elsewhere)."""
     figure_folder = os.path.relpath(figures.directory, out)
     files = {os.path.join(figure_folder, name): png for name, png in figures.pngs.items()}
     files.update({name: text.encode("utf-8") for name, text in texts.items()})
@@ -335,7 +336,7 @@ def write_report_files(out: Path, texts: dict[str, str], figures: Figures) -> No
                 raise naming_file(error, out / name, instead_of=staging / name) from None
         if figures.pngs:
             figures.directory.mkdir(parents=True, exist_ok=True)
-        put_in_place_together(staging, out, list(files))
+        put_in_place_together(staging, out, list(files), follow_links=False)
 
 
 def power_of_ten(values) -> int:

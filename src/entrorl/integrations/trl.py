@@ -733,7 +733,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
                     stale.unlink(missing_ok=True)
         for name in files:
             if state or self.objective.stateful:  # an empty state too: the state before it first moved
-                atomic_torch_save(state, folder / name)
+                atomic_torch_save(state, folder / name, follow_links=False)
             else:
                 (folder / name).unlink(missing_ok=True)
         if self.args.should_save:
@@ -748,7 +748,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
     def _write_objective_name(self, folder: str) -> None:
         """The objective's name (with the parts added to its methods) beside the ``trainer_state.json`` written there,
         for ``entrorl report``."""
-        atomic_write_text(Path(folder) / TRL_OBJECTIVE_FILE, json.dumps({"method": self.objective.label}))
+        atomic_write_text(Path(folder) / TRL_OBJECTIVE_FILE, json.dumps({"method": self.objective.label}),
+                          follow_links=False)
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)

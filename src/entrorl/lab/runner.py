@@ -61,7 +61,8 @@ def task_reward(task: str):
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=1, ensure_ascii=False))  # an error names the file
+    # an error names the file; a link planted in a laboratory folder is replaced, never written through
+    atomic_write_text(path, json.dumps(payload, indent=1, ensure_ascii=False), follow_links=False)
 
 
 def _prepare_data(out: Path, preset: LabPreset) -> dict[str, Path]:

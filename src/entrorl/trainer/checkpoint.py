@@ -73,17 +73,20 @@ _CHECKPOINT_NAME = re.compile(r"step_(\d+)")  # a checkpoint's folder; a copy (s
 _TEMPORARY = ".*.tmp-*"  # the hidden files and directories that atomic writes rename into place
 
 
-def atomic_write_text(path: Path, text: str, *, make_folder: bool = False) -> None:
+def atomic_write_text(path: Path, text: str, *, make_folder: bool = False, follow_links: bool = True) -> None:
     """Write ``text`` (UTF-8) to ``path`` as one rename (:func:`entrorl._files.write_atomically`): ``path`` holds the
     old text or the new one, never part of either; a link is followed, a device or ``/dev/stdout`` written into.
-    ``make_folder`` creates the folder the file goes into."""
-    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")), make_folder=make_folder)
+    ``follow_links=False`` is for the files a run keeps in its own directory: a link there (one received from someone
+    else may hold a link to a file of this user's elsewhere) is replaced by the file. ``make_folder`` creates the
+    folder the file goes into."""
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")), make_folder=make_folder,
+                     follow_links=follow_links)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path, *, follow_links: bool = True) -> None:
     """``torch.save(obj, path)`` as one rename, as :func:`atomic_write_text`: a crash leaves the old file or the new
     one, never a truncated archive."""
-    write_atomically(path, lambda handle: torch.save(obj, handle))
+    write_atomically(path, lambda handle: torch.save(obj, handle), follow_links=follow_links)
 
 
 def nearest_existing(path: Path) -> Path:
@@ -144,10 +147,18 @@ def lock_file(path: Path, *, waiting: Callable[[str], None] | None = None) -> tu
     file, "")``, the lock lasting until the file is closed or the process ends. When another process holds it: without
     ``waiting``, ``(None, its id as the file gives it, "unknown" when it gives none)``; with it, ``waiting(that id)`` is
     called and the lock waited for. :class:`UnlockableFile` where locks cannot be taken; OSError when the file cannot
-    be opened."""
+    be opened, or is a link (writing the id into it would replace the file it names, which need not be the run's: a
+    folder received from someone else)."""
     if fcntl is None:
         raise UnlockableFile(f"cannot lock {path}: this system has no flock")
-    handle = open(path, "a+", encoding="utf-8")
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP and path.is_symlink():
+            raise OSError(f"{path} is a link (to {os.readlink(path)}), where a lock file of its own belongs: taking "
+                          "the lock would write into what it names; remove the link") from None
+        raise
+    handle = os.fdopen(descriptor, "r+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -398,7 +409,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
         _remove_checkpoint(final)
     os.replace(temporary, final)
     _sync_directory(root)  # the rename itself
-    atomic_write_text(root / "latest", name + "\n")
+    atomic_write_text(root / "latest", name + "\n", follow_links=False)
     complete = _complete_checkpoints(root)
     for old in complete[:-keep]:  # incomplete leftovers are not counted, so they can never push this one out
         if old != final:
@@ -758,7 +769,7 @@ def set_aside_checkpoints_after(run_dir: Path, step: int | None) -> list[Path]:
         if step is None:
             pointer.unlink(missing_ok=True)
         else:
-            atomic_write_text(pointer, f"{_PREFIX}{step:06d}\n")
+            atomic_write_text(pointer, f"{_PREFIX}{step:06d}\n", follow_links=False)
     return moved
 
 

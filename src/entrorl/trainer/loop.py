@@ -290,7 +290,8 @@ class Trainer:
             # last, so that a start that fails (an unreadable metrics.jsonl) leaves the record of the run's last start;
             # absolute paths, so that the record names the same files from any working directory;
             # renamed into place: a full disk leaves the previous run's record, never a truncated one
-            atomic_write_text(self.run_dir / "config.json", json.dumps(with_resolved_paths(config.model_dump(mode="json")), indent=2))
+            atomic_write_text(self.run_dir / "config.json", json.dumps(with_resolved_paths(config.model_dump(mode="json")), indent=2),
+                              follow_links=False)
         except BaseException:
             with contextlib.suppress(Exception):  # the failure to start is the one to report
                 self.close(failed=True)
@@ -823,7 +824,7 @@ class Trainer:
         leaves no empty log behind and its error names the file."""
         path = self.run_dir / "reward_errors.log"
         if not path.exists():
-            atomic_write_text(path, f"step {step}, {traceback_text}")
+            atomic_write_text(path, f"step {step}, {traceback_text}", follow_links=False)
 
     # ------------------------------------------------------------------------------------------------ the step
     def token_stats(self, model, rollouts: Rollouts, rows: torch.Tensor, need=STAT_NAMES):
@@ -1108,7 +1109,7 @@ class Trainer:
                 "reason": scored.reasons[row] if scored.reasons else None,
             }, ensure_ascii=False))
         path = folder / f"step_{self.step:06d}.jsonl"
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        atomic_write_text(path, "\n".join(lines) + "\n", follow_links=False)
         return path
 
     def _trained_weight_norm(self) -> float:
@@ -1204,7 +1205,7 @@ class Trainer:
         for folder, payload in (("eval", {"step": self.step, **result.to_dict()}), ("forks", result.forks)):
             (self.run_dir / folder).mkdir(exist_ok=True)
             atomic_write_text(self.run_dir / folder / f"step_{self.step:06d}.json",
-                              json.dumps(payload, indent=1, ensure_ascii=False))
+                              json.dumps(payload, indent=1, ensure_ascii=False), follow_links=False)
         return result.metrics()
 
     # ------------------------------------------------------------------------------------------------ the run
