@@ -1231,6 +1231,46 @@ def test_a_killed_worker_fails_its_method_only(tmp_path, monkeypatch):
     assert report["methods"]["clip_cov"]["status"] == "failed" and report["methods"]["nsr"]["status"] == "ok"
 
 
+@pytest.mark.parametrize("status", ["interrupted", "failed"])
+def test_a_method_finished_after_its_outcome_was_recorded_is_neither_interrupted_nor_failed(tmp_path, monkeypatch,
+                                                                                            status):
+    """An invocation stopped or failed clip_cov (outcomes.json says so); the next one finished it (its worker wrote
+    final_eval.json) and was killed before recording the outcome. The report shows clip_cov as ok, and the command
+    said it was interrupted or failed, "left out of the report's comparisons", and exited 1."""
+    from entrorl.lab import runner
+
+    out = _finished_folder(tmp_path, monkeypatch)
+    (out / "outcomes.json").write_text(json.dumps({"clip_cov": {"method": "clip_cov", "status": status, "error": "x"}}))
+    assert runner.interrupted_methods(out) == [] and runner.failed_methods(out) == []
+    (out / "methods" / "clip_cov" / "final_eval.json").write_text('{"pass_at')  # cut short: not finished
+    assert (runner.interrupted_methods(out), runner.failed_methods(out)) == (
+        (["clip_cov"], []) if status == "interrupted" else ([], ["clip_cov"]))
+
+
+def test_the_workers_recorded_and_reported_are_the_processes_that_ran(tmp_path, monkeypatch):
+    """--workers 7 for two methods runs two processes; lab.json and the report's machine table and command said 7."""
+    from entrorl.lab import runner
+
+    out = _finished_folder(tmp_path, monkeypatch)
+    used = []
+
+    def run_jobs(jobs, workers, outcomes, *args):
+        used.append(workers)
+        outcomes.update({job["method"]: {"method": job["method"], "status": "cached"} for job in jobs})
+
+    monkeypatch.setattr(runner, "_run_jobs", run_jobs)
+    runner.run_lab("quick", methods=["grpo", "clip_cov"], out=out, workers=7)
+    recorded = json.loads((out / "lab.json").read_text())
+    recorded["invocations"][0]["base_evaluated"] = True  # an invocation that trained: the report shows its workers
+    (out / "lab.json").write_text(json.dumps(recorded))
+    from entrorl.lab.report import write_report
+
+    report = write_report(out, figures=False)
+    (workers,) = [row for row in report["reproduce"]["machine"]["rows"] if row["item"] == "workers"]
+    assert used == [2] and recorded["workers"] == recorded["invocations"][0]["workers"] == 2
+    assert workers["value"] == "2" and "--workers" not in report["reproduce"]["command"]  # 2 is the preset's own
+
+
 def test_no_worker_process_can_be_started(tmp_path, monkeypatch):
     """A process that cannot be made (out of memory, a process limit) fails the method it was for; the run goes on
     and writes its report."""
@@ -1245,7 +1285,7 @@ def test_no_worker_process_can_be_started(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "_Worker", no_process)
     runner.run_lab("quick", methods=["grpo", "clip_cov", "nsr"], out=out, workers=2)
-    assert runner.failed_methods(out) == ["grpo", "clip_cov", "nsr"]
+    assert runner.failed_methods(out) == ["grpo", "nsr"]  # clip_cov had finished before: its evaluation stands
     assert (out / "methods" / "nsr" / "error.log").read_text() == (
         "no worker process could be started for it: [Errno 12] Cannot allocate memory\n")
     assert (out / "report.md").exists()
@@ -2451,10 +2491,10 @@ def test_a_resumed_invocation_records_the_folder_s_methods_in_order_and_its_outc
     assert ran == [["nsr", "dapo"]]
     recorded = json.loads((out / "lab.json").read_text())
     assert recorded["methods"] == recorded["preset"]["methods"] == ["grpo", "clip_cov", "nsr", "dapo"]
-    assert recorded["workers"] == 3
+    assert recorded["workers"] == 2  # --workers 3 for two methods: two processes
     assert recorded["invocations"][0] == earlier and len(recorded["invocations"]) == 2
     now = recorded["invocations"][1]
-    assert (now["methods"], now["ran"], now["workers"]) == (["nsr", "dapo"], ["dapo"], 3)
+    assert (now["methods"], now["ran"], now["workers"]) == (["nsr", "dapo"], ["dapo"], 2)
     assert now["base_evaluated"] is True and now["completed"] is False
     assert json.loads((out / "outcomes.json").read_text()) == {
         "grpo": {"method": "grpo", "status": "failed", "error": "old"}, "nsr": {"method": "nsr", "status": "cached"},

@@ -426,8 +426,9 @@ def _requested_methods(methods: list[str] | str | None) -> list[str] | None:
 
 
 def failed_methods(out: Path) -> list[str]:
-    """The methods of the laboratory folder ``out`` whose last run failed (``outcomes.json``)."""
-    return _methods_whose_last_run(_read_json_object(Path(out) / "outcomes.json"), "failed")
+    """The methods of the laboratory folder ``out`` whose last run failed (``outcomes.json``) and that have no final
+    evaluation since."""
+    return _methods_whose_last_run(Path(out), _read_json_object(Path(out) / "outcomes.json"), "failed")
 
 
 def interrupted_methods(out: Path) -> list[str]:
@@ -438,22 +439,30 @@ def interrupted_methods(out: Path) -> list[str]:
     recorded = _read_json_object(out / "outcomes.json")
     methods = _read_json_object(out / "lab.json").get("methods")
     unrecorded = [method for method in methods if isinstance(method, str) and method not in recorded
-                  and not (out / "methods" / method / "final_eval.json").is_file()] if isinstance(methods, list) else []
-    return _methods_whose_last_run(recorded, "interrupted") + unrecorded
+                  and not _finished(out, method)] if isinstance(methods, list) else []
+    return _methods_whose_last_run(out, recorded, "interrupted") + unrecorded
 
 
-def _methods_whose_last_run(outcomes: dict[str, Any], status: str) -> list[str]:
-    """The methods whose outcome in ``outcomes`` (``outcomes.json``'s object) has ``status``."""
-    return [method for method, outcome in outcomes.items() if isinstance(outcome, dict) and outcome.get("status") == status]
+def _finished(out: Path, method: str) -> bool:
+    """Whether ``method`` has a final evaluation in the laboratory folder ``out`` (what its report shows)."""
+    return bool(_read_json_object(out / "methods" / method / "final_eval.json"))
+
+
+def _methods_whose_last_run(out: Path, outcomes: dict[str, Any], status: str) -> list[str]:
+    """The methods whose outcome in ``outcomes`` (``outcomes.json``'s object) has ``status``, but for those finished
+    since (a laboratory killed after a worker wrote the final evaluation, before it could record the outcome)."""
+    return [method for method, outcome in outcomes.items()
+            if isinstance(outcome, dict) and outcome.get("status") == status and not _finished(out, method)]
 
 
 def _checked_workers(workers: int | None, preset: LabPreset) -> int:
-    """The number of worker processes: the preset's when not given; a whole number of at least 1 otherwise."""
+    """The number of worker processes: the preset's when not given; a whole number of at least 1 otherwise; at most
+    one per method (what runs, and what the report records)."""
     if workers is None:
-        return preset.workers
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        workers = preset.workers
+    elif isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ValueError(f"--workers must be a whole number of at least 1 (parallel processes); got {workers!r}")
-    return int(workers)
+    return max(1, min(int(workers), len(preset.methods)))
 
 
 # what a laboratory run directory holds (see the module docstring), so that one interrupted before its lab.json was
@@ -948,7 +957,7 @@ def _run_in_folder(preset: LabPreset, out: Path, *, workers: int, console, cache
             bars = {job["method"]: progress.add_task(job["method"], total=preset.steps, status="", start=False)
                     for job in jobs}
             methods_started = True
-            stopped_by = _run_jobs(jobs, max(1, min(workers, len(jobs))), outcomes, progress, bars, out, preset.steps)
+            stopped_by = _run_jobs(jobs, workers, outcomes, progress, bars, out, preset.steps)
             if stopped_by is not None:  # every method may have finished meanwhile: the user still asked to stop
                 raise LabInterrupted(out, [m for m, outcome in outcomes.items() if outcome["status"] == "interrupted"],
                                      signal_number=stopped_by)
