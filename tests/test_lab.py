@@ -1271,6 +1271,24 @@ def test_the_workers_recorded_and_reported_are_the_processes_that_ran(tmp_path, 
     assert workers["value"] == "2" and "--workers" not in report["reproduce"]["command"]  # 2 is the preset's own
 
 
+def test_a_method_s_error_log_planted_as_a_link_is_replaced_not_written_through(tmp_path):
+    """A received laboratory folder whose methods/grpo/error.log links to a file of this user's: a method whose worker
+    never ran (none could be started) had its error written through the link."""
+    from unittest import mock
+
+    from entrorl.lab import runner
+
+    mine = tmp_path / "mine"
+    mine.write_text("my file\n")
+    out = tmp_path / "lab"
+    (out / "methods" / "grpo").mkdir(parents=True)
+    (out / "methods" / "grpo" / "error.log").symlink_to(mine)
+    runner._record_outcome({"method": "grpo", "status": "failed", "died": True, "error": "no worker process"}, {},
+                           mock.MagicMock(), {"grpo": 0}, out, 4, 1)
+    assert mine.read_text() == "my file\n"
+    assert (out / "methods" / "grpo" / "error.log").read_text() == "no worker process\n"
+
+
 def test_no_worker_process_can_be_started(tmp_path, monkeypatch):
     """A process that cannot be made (out of memory, a process limit) fails the method it was for; the run goes on
     and writes its report."""

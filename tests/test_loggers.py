@@ -333,6 +333,38 @@ def test_a_tracker_that_fails_to_close_a_finished_run_does_not_send_the_user_to_
     assert "--resume" not in output
 
 
+@pytest.mark.parametrize("resume_step", [None, 3])
+def test_links_planted_at_the_logger_s_files_are_replaced_not_written_through(tmp_path, trackers, resume_step):
+    """A run directory received from elsewhere: metrics.jsonl as a link to nothing was appended through (creating
+    the file it names), a metrics.jsonl.tmp link had the kept metrics written into what it named on a resume, and
+    the W&B id and trackio run files were written through their links. The files outside stay as they were."""
+    from entrorl.trainer.loggers import TRACKIO_RUN_FILE, WANDB_ID_FILE
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("tmp", "wandb", "trackio"):
+        (mine / name).write_text(f"my {name}\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    if resume_step is not None:
+        (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    else:
+        (run / "metrics.jsonl").symlink_to(mine / "metrics")  # to nothing: exists() is False
+    (run / "metrics.jsonl.tmp").symlink_to(mine / "tmp")
+    (run / WANDB_ID_FILE).symlink_to(mine / "wandb")
+    (run / TRACKIO_RUN_FILE).symlink_to(mine / "trackio")
+    logger = MetricsLogger(run, resume_step=resume_step, wandb=True, trackio=True, run_name="run")
+    log_steps(logger, [4])
+    logger.close()
+    assert sorted(path.name for path in mine.iterdir()) == ["tmp", "trackio", "wandb"]
+    assert [(mine / name).read_text() for name in ("tmp", "wandb", "trackio")] == ["my tmp\n", "my wandb\n",
+                                                                                   "my trackio\n"]
+    for name in ("metrics.jsonl", WANDB_ID_FILE, TRACKIO_RUN_FILE):
+        assert (run / name).is_file() and not (run / name).is_symlink(), name
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == (
+        [4] if resume_step is None else [1, 2, 3, 4])
+
+
 def test_metrics_jsonl_holds_this_start_s_steps_with_non_finite_values_as_null(tmp_path):
     """A fresh start replaces an earlier attempt's metrics.jsonl; NaN and infinities are written as null (valid JSON),
     each record starts with its step, and a step can be read back before the logger is closed."""
@@ -442,16 +474,20 @@ def test_sync_and_close_make_the_logged_steps_durable(tmp_path, monkeypatch):
 
 
 def test_a_resume_that_cannot_rewrite_metrics_jsonl_leaves_it_as_it_was_and_names_it(tmp_path, monkeypatch):
-    import pathlib
+    from entrorl.trainer import loggers
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "x": 0.5}\n{"step": 2, "x": 0.25}\n')
-    write_text = pathlib.Path.write_text
+    write_atomically = loggers.write_atomically
 
-    def disk_fills_up(self, text, *args, **kwargs):
-        write_text(self, text[: len(text) // 2], *args, **kwargs)
-        raise OSError(28, "No space left on device")
+    def disk_fills_up(path, write, **options):
+        def half_then_full(handle):
+            write(handle)
+            handle.truncate(handle.tell() // 2)
+            raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pathlib.Path, "write_text", disk_fills_up)
+        write_atomically(path, half_then_full, **options)
+
+    monkeypatch.setattr(loggers, "write_atomically", disk_fills_up)
     with pytest.raises(OSError, match="No space left on device") as raised:
         MetricsLogger(tmp_path, resume_step=1)
     monkeypatch.undo()

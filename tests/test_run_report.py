@@ -273,6 +273,25 @@ def test_a_run_in_progress_with_a_line_cut_short(tmp_path):
     assert "got to step" not in (finished / "report" / "report.md").read_text()
 
 
+def test_a_report_folder_or_figures_folder_planted_as_a_link_is_replaced_not_written_through(tmp_path):
+    """A received run whose report/ (the default output) or report/figures/ links to a folder of this user's: the
+    report replaced same-named files there (report.md, entropy.png)."""
+    run = write_run(tmp_path / "run", law_records(6))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes\n")
+    (run / "report").symlink_to(mine, target_is_directory=True)
+    write_run_report(run, figures=False)
+    assert (run / "report").is_dir() and not (run / "report").is_symlink()
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    (run / "report" / "figures").symlink_to(pictures, target_is_directory=True)
+    write_run_report(run, figures=True)
+    assert sorted(mine.iterdir()) == [mine / "report.md"] and (mine / "report.md").read_text() == "my notes\n"
+    assert list(pictures.iterdir()) == [] and not (run / "report" / "figures").is_symlink()
+    assert list((run / "report" / "figures").glob("*.png"))
+
+
 def test_an_integer_metric_beyond_a_float_s_range_is_not_a_number(tmp_path):
     """JSON integers have no bound: 10^400 made float() raise OverflowError and the report a traceback; it is skipped
     as 1e400 is."""

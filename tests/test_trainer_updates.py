@@ -603,7 +603,7 @@ def test_latest_names_a_checkpoint_once_it_is_in_place_and_old_ones_go_only_afte
     assert (root / "latest").read_text() == "step_000001\n"
     assert checkpoint.latest_checkpoint(run_dir) == root / "step_000001"
 
-    def full_disk(path, text):
+    def full_disk(path, text, **options):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(checkpoint, "atomic_write_text", full_disk)

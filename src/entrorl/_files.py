@@ -32,12 +32,32 @@ try:
 except ImportError:  # not a POSIX system: no /proc or /dev/fd descriptors either
     fcntl = None
 
-__all__ = ["modes_as_the_umask_gives", "naming_file", "put_in_place_together", "staging_folder",
-           "write_atomically", "write_folder_atomically", "written_in_place"]
+__all__ = ["make_own_folder", "modes_as_the_umask_gives", "naming_file", "put_in_place_together", "refuse_a_name_that_is_not_utf8",
+           "staging_folder", "write_atomically", "write_folder_atomically", "written_in_place"]
 
 # /proc/self/fd/1, /proc/<pid>/fd/1, /dev/fd/1 (the last is this process's)
 _DESCRIPTOR = re.compile(r"(?:/proc/(?P<owner>[^/]+)|/dev)/fd/(?P<number>[^/]+)")
 _MAX_LINKS = 40  # as the kernel's own limit on the links one path may follow
+
+
+def make_own_folder(path: Path) -> Path:
+    """``path`` made a folder (with those above it) where a program keeps files of its own: a link there is removed
+    first, not followed (one planted in a folder received from someone else would have its files written elsewhere)."""
+    if path.is_symlink():
+        path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def refuse_a_name_that_is_not_utf8(path: str | os.PathLike[str], what: str) -> None:
+    """``ValueError`` naming ``path`` when its name is not UTF-8 (bytes from another system's encoding, which Python
+    keeps as surrogates): the ``tokenizers`` library, which loads and saves every tokenizer, takes UTF-8 paths only."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # its bytes that are not UTF-8 as \xNN
+        raise ValueError(f"{what} {shown} has a name that is not UTF-8, where the tokenizers library opens and saves "
+                         "tokenizers by UTF-8 names only; rename it") from None
 
 
 def written_in_place(path: str | os.PathLike[str]) -> bool:

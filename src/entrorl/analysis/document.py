@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from entrorl._files import naming_file, put_in_place_together, staging_folder
+from entrorl._files import make_own_folder, naming_file, put_in_place_together, staging_folder
 
 NA = "n/a"  # missing or undefined
 NOT_APPLICABLE = "—"  # does not apply (e.g. a training statistic of the base model)
@@ -322,11 +322,11 @@ def write_report_files(out: Path, texts: dict[str, str], figures: Figures) -> No
     """Write ``texts`` (file name -> content) into ``out`` and the PNGs ``figures`` drew into its folder as one set
     (:func:`entrorl._files.put_in_place_together`): a report that fails on the way (a full disk) or is interrupted
     leaves the previous one whole, its figures included, never a mix of the two. A figure of the previous report that
-    this one did not draw stays as it was. A link at one of the report's files is replaced, not followed (a run
-    directory received from someone else may hold one to a file of this user's elsewhere)."""
+    this one did not draw stays as it was. A link at one of the report's files or at its figures' folder is replaced,
+    not followed (a run directory received from someone else may hold one to a file of this user's elsewhere)."""
     figure_folder = os.path.relpath(figures.directory, out)
     files = {os.path.join(figure_folder, name): png for name, png in figures.pngs.items()}
-    files.update({name: text.encode("utf-8") for name, text in texts.items()})
+    files.update({name: text.encode("utf-8", "backslashreplace") for name, text in texts.items()})  # a path not UTF-8
     with staging_folder(out, "report") as staging:
         (staging / figure_folder).mkdir()
         for name, content in files.items():
@@ -335,7 +335,7 @@ def write_report_files(out: Path, texts: dict[str, str], figures: Figures) -> No
             except OSError as error:  # a full disk: the error names no file by itself
                 raise naming_file(error, out / name, instead_of=staging / name) from None
         if figures.pngs:
-            figures.directory.mkdir(parents=True, exist_ok=True)
+            make_own_folder(figures.directory)
         put_in_place_together(staging, out, list(files), follow_links=False)
 
 

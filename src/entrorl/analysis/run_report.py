@@ -39,6 +39,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from entrorl._checks import is_real_number
+from entrorl._files import make_own_folder
 from entrorl.analysis.document import (Cell, Figures, Section, Table, agreement_cell, build_section, dash, finite, fmt,
                                        fork_context, json_value, missing, num, power_of_ten, render_html, render_markdown,
                                        text, write_report_files)
@@ -868,7 +869,7 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
                                    "report on the run")
     config, trainer_state, unreadable_states, verl_logs, an_entrorl_or_trl_run = _run_files(run_dir)
     if an_entrorl_or_trl_run:
-        out = Path(out) if out is not None else run_dir / "report"
+        out = Path(out) if out is not None else make_own_folder(run_dir / "report")
         return _RunReport(_TrainingRun(run_dir, config=config, trainer_state=trainer_state,
                                        unreadable_states=unreadable_states), out, float(fit_fraction), figures).build()
     if len(verl_logs) == 1:
@@ -926,6 +927,6 @@ def default_report_dir(run_dir: str | Path) -> Path:
 
 
 def _verl_report(log: Path, out: str | Path | None, fit_fraction: float, figures: bool) -> dict[str, Any]:
-    out = Path(out) if out is not None else _report_beside(log)
+    out = Path(out) if out is not None else make_own_folder(_report_beside(log))
     return _RunReport(_TrainingRun(log.parent, config=None, trainer_state=None, verl_log=log), out, float(fit_fraction),
                       figures).build()

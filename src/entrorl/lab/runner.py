@@ -41,6 +41,7 @@ import torch
 from rich.text import Text
 
 from entrorl._checks import refuse_multi_process_launch
+from entrorl._files import refuse_a_name_that_is_not_utf8
 from entrorl.data import load_prompts, write_jsonl
 from entrorl.lab.base_model import build_base_model, cached_base_model, lab_cache_root
 from entrorl.lab.presets import LabPreset, get_preset
@@ -58,6 +59,11 @@ _HISTOGRAM_BINS = np.linspace(-0.4, 0.4, 41)
 def task_reward(task: str):
     """The verifier of a lab task as a reward function (``reward.name: entrorl.lab.runner:task_reward``)."""
     return get_task(task)
+
+
+def _write_error_log(run_dir: Path, text: str) -> None:
+    """A method's ``error.log``, in UTF-8 whatever the locale; a link planted there is replaced, not written through."""
+    atomic_write_text(run_dir / "error.log", text, follow_links=False)
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -330,7 +336,7 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
     except Exception:  # a failed method must not take the matrix down: record it and go on
         with contextlib.suppress(OSError):  # a full disk: the outcome still carries the error
             (run_dir / "error.log").parent.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.log").write_text(traceback.format_exc())
+            _write_error_log(run_dir, traceback.format_exc())
             # the steps it trained and saved count when a later invocation finishes the method
             _write_json(run_dir / _EARLIER_SECONDS, {"seconds": earlier + time.perf_counter() - started})
         return {"method": method, "status": "failed", "error": traceback.format_exc(limit=3)}
@@ -368,7 +374,7 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in ``path`` (the folder's ``lab.json``, ``outcomes.json``), or ``{}`` when there is none (a new
     folder) or it cannot be read."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
@@ -474,6 +480,7 @@ _LAB_ENTRIES = frozenset({"lab.json", "data", "base", "methods", "figures", "out
 def _prepare_run_directory(out: Path) -> None:
     """Create the run directory (or accept an existing one) and check that it can be written, before anything is
     built; a path that cannot be a run directory is refused with a ValueError that says why."""
+    refuse_a_name_that_is_not_utf8(out, "--out")  # each method's run directory is in it
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a directory; give a new or an existing run directory")
     if out.is_dir() and not (out / "lab.json").exists():
@@ -682,7 +689,7 @@ def _record_outcome(outcome: dict[str, Any], outcomes: dict[str, Any], progress,
     if outcome.get("died"):
         with contextlib.suppress(OSError):  # a full disk: the report reads the error from outcomes.json instead
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.log").write_text(outcome["error"] + "\n")
+            _write_error_log(run_dir, outcome["error"] + "\n")
     progress.update(bars[method], completed=steps if status in ("done", "cached") else min(_count_lines(run_dir / "metrics.jsonl"), steps),
                     status={"done": "[green]done", "cached": "done (cached)", "failed": "[red]failed",
                             "interrupted": "[yellow]interrupted"}[status])

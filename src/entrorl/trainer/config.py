@@ -570,7 +570,7 @@ class TrainConfig(_Section):
                              f"(rollout.prompts_per_step x rollout.group_size): an update needs at least one row")
         # passk's k: the one given, else the estimator's own default
         k = self.advantage.params.get("k", advantage_info(estimator).params.get("k"))
-        if estimator == "passk" and group == k:
+        if estimator == "passk" and isinstance(k, int) and not isinstance(k, bool) and group == k:
             raise ValueError(f"rollout.group_size = {group} is the 'passk' advantage's k: the only k-subset of a group "
                              "is the whole group, so every advantage would be 0; sample more than k responses per "
                              "prompt or lower advantage.params.k")

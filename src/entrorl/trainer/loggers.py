@@ -12,13 +12,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from entrorl._files import naming_file
+from entrorl._files import naming_file, write_atomically
 
 __all__ = ["MetricsLogger", "TrackerError", "read_metrics"]
 
 
 WANDB_ID_FILE = "wandb_run_id"  # the W&B run's id, for a resumed run to log into the same run
 TRACKIO_RUN_FILE = "trackio_run"  # the trackio run's name, for a resumed run to log into the same run
+
+
+def _write_run_file(path: Path, text: str) -> None:
+    """``text`` as the run directory's file ``path``, in one rename; a link there is replaced, never written through."""
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")), follow_links=False)
 
 
 class TrackerError(RuntimeError):
@@ -58,18 +63,15 @@ class MetricsLogger:
         if resume_step is not None and self.path.exists():
             records = [(line, record) for line, record in _records(self.path) if record.get("step", 0) <= resume_step]
             _warn_of_missing_steps(self.path, {record.get("step") for _, record in records}, resume_step)
-            kept = [line for line, _ in records]
-            temporary = self.path.with_suffix(".jsonl.tmp")
-            try:
-                temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            except OSError as error:  # a full disk: metrics.jsonl itself is untouched
-                temporary.unlink(missing_ok=True)
-                raise naming_file(error, self.path) from None
-            os.replace(temporary, self.path)
-        elif resume_step is None and self.path.exists():
+            kept = "".join(line + "\n" for line, _ in records)
+            # one rename (a full disk leaves metrics.jsonl untouched); a link there is replaced, not written through
+            _write_run_file(self.path, kept)
+        elif resume_step is None and (self.path.exists() or self.path.is_symlink()):
             self.path.unlink()
         elif resume_step is not None:
             _warn_of_missing_steps(self.path, set(), resume_step)
+        if self.path.is_symlink():  # one to nothing (a run directory received from elsewhere): not appended through
+            self.path.unlink()
         self.tensorboard_dir = Path(run_dir) / "tensorboard"
         self.wandb_dir = Path(run_dir) / "wandb"
         # an earlier attempt's files on a fresh start: TensorBoard would merge its events, `wandb sync` upload its run
@@ -119,7 +121,7 @@ class MetricsLogger:
                 run_id = _earlier_run(id_file, resume_step) or None
                 self._wandb = wandb_module.init(project=project, name=run_name, config=config, dir=str(run_dir), id=run_id,
                                                 resume="allow")
-                id_file.write_text(self._wandb.id)
+                _write_run_file(id_file, self._wandb.id)
                 self._next_step["W&B"] = _whole(getattr(self._wandb, "step", 0))  # a resumed W&B run's next step
         if trackio:
             with _as_tracker_error("logging.trackio", "could not start trackio"):
@@ -132,7 +134,7 @@ class MetricsLogger:
                 name = earlier or f"{run_name}-{datetime.now():%Y%m%d-%H%M%S}"
                 run = trackio_module.init(project=project, name=name, config=config, resume="allow" if earlier else "never")
                 self._trackio = trackio_module
-                name_file.write_text(name + "\n")
+                _write_run_file(name_file, name + "\n")
                 # the step after the last one its storage holds for this run (trackio has no public name for it)
                 held = getattr(run, "_next_step", None)
                 if earlier and held is None:
@@ -235,7 +237,7 @@ def _warn_of_missing_steps(path: Path, logged: set[Any], resume_step: int) -> No
 
 def _earlier_run(marker: Path, resume_step: int | None) -> str:
     """On a resume, the run (W&B id, trackio name) that ``marker`` says the earlier attempt logged into; else ""."""
-    return marker.read_text().strip() if resume_step is not None and marker.is_file() else ""
+    return marker.read_text(encoding="utf-8").strip() if resume_step is not None and marker.is_file() else ""
 
 
 def _steps(first: int, last: int) -> str:
