@@ -669,7 +669,8 @@ def _keep_reward_traceback(first_error: str | None, log: Path | None) -> Path | 
         return None
     try:
         if log is None:
-            with tempfile.NamedTemporaryFile("w", prefix="entrorl-reward-errors-", suffix=".log", delete=False) as handle:
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", errors="backslashreplace",
+                                             prefix="entrorl-reward-errors-", suffix=".log", delete=False) as handle:
                 handle.write(first_error + "\n")
             return Path(handle.name)
         atomic_write_text(log, first_error + "\n", make_folder=True)
@@ -901,6 +902,8 @@ def report(
 
 # what `entrorl methods` says of the laboratory's one method that is no training objective
 SFT_BASELINE = "fine-tuning on a reference demonstration of each sampled prompt; its update reads no reward"
+# below this many columns the methods table's narrow columns would fold their text a few characters a line
+_METHODS_TABLE_WIDTH = 120
 
 
 @app.command()
@@ -937,9 +940,17 @@ def methods(
         table.add_row(*map(Text, (info.name, info.description, params, info.loss_agg_mode, info.advantage_estimator,
                                   info.paper)))  # as written: "[min_coeff, max_coeff]" is no markup
     # off a terminal rich assumes 80 columns, where the descriptions would take a line per word
-    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
-    out = Console(width=160 if piped else None)
-    out.print(table)
+    out = Console(width=160 if _piped_without_a_width() else None)
+    if out.width >= _METHODS_TABLE_WIDTH:
+        out.print(table)
+    else:  # the table's columns would be a few characters wide: a block per method instead
+        for info in infos:
+            params = ", ".join(f"{key}={value}" for key, value in info.params.items() if value is not None)
+            out.print(Text.assemble((info.name, "bold"), f": {info.description}"), soft_wrap=True)
+            for label, value in (("parameters", params), ("loss aggregation", info.loss_agg_mode),
+                                 ("advantages", info.advantage_estimator), ("paper", info.paper)):
+                if value:
+                    out.print(Text(f"  {label}: {value}"), soft_wrap=True)
     out.print(Text(f"entrorl lab also runs sft, its supervised baseline ({SFT_BASELINE}): entrorl lab --methods "
                    "sft,grpo"), soft_wrap=True)
 
@@ -982,8 +993,7 @@ def _describe_method(method: str, *, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(described, indent=1, default=str) + "\n")
         return
-    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
-    out = Console(width=160 if piped else None)
+    out = Console(width=160 if _piped_without_a_width() else None)
     for spec in specs:
         out.print(Text.assemble((spec.name, "bold"), f": {spec.description} ({spec.paper})"), soft_wrap=True)
         if spec.notes:
@@ -1299,12 +1309,22 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         _python_show_warning(message, category, filename, lineno, file, line)
 
 
+def _piped_without_a_width() -> bool:
+    """Whether stdout is no terminal (a pipe, a file, or closed: ``>&-``) and COLUMNS gives no width: rich then
+    assumes 80 columns."""
+    try:
+        terminal = sys.stdout is not None and sys.stdout.isatty()
+    except ValueError:  # a closed file
+        terminal = False
+    return not terminal and not os.environ.get("COLUMNS")
+
+
 def main() -> None:
     # off a terminal (a pipe, a log, a CI job) rich assumes 80 columns, where the help's option names are cut short;
     # typer reads its help width from rich_utils.MAX_WIDTH (the TERMINAL_WIDTH variable), which then stays the user's
     from typer import rich_utils
 
-    if getattr(rich_utils, "MAX_WIDTH", 0) is None and not os.environ.get("COLUMNS") and not sys.stdout.isatty():
+    if getattr(rich_utils, "MAX_WIDTH", 0) is None and _piped_without_a_width():
         rich_utils.MAX_WIDTH = 140
     warnings.showwarning = _show_warning
     app()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from entrorl._files import refuse_a_name_that_is_not_utf8
 from entrorl.data.records import ends_with_the_prompt
 from entrorl.tokens import TokenStats, token_stats, token_stats_from_hidden
 
@@ -56,6 +57,7 @@ def _check_model_dir(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path} is a file; the model is a directory (config.json, weights and tokenizer)")
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path} (give a local Hugging Face model directory)")
+    refuse_a_name_that_is_not_utf8(path, "the model directory")
     if not os.access(path, os.R_OK | os.X_OK):  # else every file in it would look missing
         status = path.stat()
         raise PermissionError(errno.EACCES, f"Permission denied: this user may not list the model directory (owner "

@@ -179,8 +179,8 @@ def write_jsonl(
     _refuse_overwriting_sources(target, records)
     if target.is_dir():
         raise IsADirectoryError(errno.EISDIR, "write_jsonl: the target is a directory", str(target))
-    write_atomically(target, lambda handle: handle.write("".join(line + "\n" for line in lines).encode("utf-8")),
-                     make_folder=True)
+    text = "".join(line + "\n" for line in lines)
+    write_atomically(target, lambda handle: handle.write(text.encode("utf-8", "backslashreplace")), make_folder=True)
     return target
 
 

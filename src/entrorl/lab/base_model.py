@@ -244,7 +244,7 @@ def _build(spec: BaseModelSpec, final: Path, root: Path, progress) -> Path:
     temporary.mkdir()
     try:
         info = _train(spec, temporary, progress=progress)
-        (temporary / "base.json").write_text(json.dumps(info, indent=1))
+        (temporary / "base.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
     except (OSError, SafetensorError) as error:

@@ -269,7 +269,7 @@ def _stage_text(final: Path, staging: Path, text: str) -> None:
     """``text`` as the file of ``final``'s name in ``staging``; an error names ``final``."""
     staged = staging / final.name
     try:
-        staged.write_text(text, encoding="utf-8")
+        staged.write_text(text, encoding="utf-8", errors="backslashreplace")  # a path not UTF-8: \\udcXX, in JSON its escape
     except OSError as error:
         raise naming_file(error, final, instead_of=staged) from None
 
@@ -374,7 +374,9 @@ def plot_pass_rate_histogram(histogram: PassRateHistogram, path: str | os.PathLi
     axes.set_xlabel("pass rate (correct samples / n)")
     axes.set_ylabel("prompts")
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_title(title or f"{histogram.n_prompts} prompts x {n} samples", fontsize=9)
+    title = title or f"{histogram.n_prompts} prompts x {n} samples"
+    # a file name that is not UTF-8 (surrogates), which matplotlib cannot draw
+    axes.set_title(title.encode("utf-8", "backslashreplace").decode("utf-8"), fontsize=9)
     axes.legend(fontsize=7, frameon=False)
     figure.tight_layout()
     path = Path(os.fspath(path))

@@ -53,7 +53,7 @@ except ImportError:  # not a POSIX system: runs are not locked there
 import numpy as np
 import torch
 
-from entrorl._files import modes_as_the_umask_gives, write_atomically
+from entrorl._files import modes_as_the_umask_gives, refuse_a_name_that_is_not_utf8, write_atomically
 from entrorl.modeling import (TOKENIZER_FILES, check_model_files, config_rates_restored, declares_a_model, is_out_of_memory,
                               load_causal_lm, out_of_memory_while, quiet_progress_bars, refuse_unreadable,
                               save_tokenizer)
@@ -79,8 +79,10 @@ def atomic_write_text(path: Path, text: str, *, make_folder: bool = False, follo
     ``follow_links=False`` is for the files a run keeps in its own directory: a link there (one received from someone
     else may hold a link to a file of this user's elsewhere) is replaced by the file. ``make_folder`` creates the
     folder the file goes into."""
-    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")), make_folder=make_folder,
-                     follow_links=follow_links)
+    # backslashreplace: a path that is not UTF-8 (its undecodable bytes as surrogates) is written as \\udcXX, which
+    # in a JSON string is the escape that reads back to the same path
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8", "backslashreplace")),
+                     make_folder=make_folder, follow_links=follow_links)
 
 
 def atomic_torch_save(obj: Any, path: Path, *, follow_links: bool = True) -> None:
@@ -106,7 +108,9 @@ def check_run_directory_writable(run_dir: Path) -> None:
     filesystem), it is a link to a folder that does not exist (a disk not mounted), it holds a Hugging Face model
     (whose config.json the run's would replace), it lies in another run's ``checkpoints/``, or a file stands where the
     run puts one of its folders (:data:`RUN_FOLDERS`). Cheap, so a trainer
-    checks before it loads a model, not when it first writes."""
+    checks before it loads a model, not when it first writes. A name that is not UTF-8 is a ``ValueError``: the
+    checkpoints' tokenizers could not be saved in it."""
+    refuse_a_name_that_is_not_utf8(run_dir, "the run directory")
     dangling = next((Path(path) for path in (run_dir, *Path(run_dir).parents) if Path(path).is_symlink()
                      and not Path(path).exists()), None)
     if dangling is not None:

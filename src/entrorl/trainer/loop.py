@@ -347,7 +347,7 @@ class Trainer:
         saved_config = saved_state.get("config")
         if saved_config is None:  # a checkpoint written before configs were saved with it: the run's last config
             config_file = self.run_dir / "config.json"
-            saved_config = json.loads(config_file.read_text()) if config_file.is_file() else None
+            saved_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
         if saved_config is None:
             return []
         accepted = check_resume_settings(saved_config, self.config)

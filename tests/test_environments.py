@@ -1,0 +1,149 @@
+"""The command line where users and clusters run it: a locale that is not UTF-8, file and folder names that are not
+UTF-8 (copied from a Latin-1 system), a closed stdout (a daemon, ``>&-``), an 80-column terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from entrorl.trainer import Trainer, load_config
+
+ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+# a locale whose text files are not UTF-8, without generating one: the C locale with Python's UTF-8 mode and its
+# locale coercion off (what a Latin-1 locale, or a site exporting PYTHONUTF8=0, gives)
+NARROW_LOCALE = {**ENVIRONMENT, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+
+def entrorl(*args, environment=ENVIRONMENT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "entrorl.cli", *map(str, args)], capture_output=True,
+                          env=environment, timeout=300)
+
+
+def latin1_name(folder: Path, name: bytes) -> Path:
+    """``folder / name`` where ``name`` holds bytes that are not UTF-8 (Python keeps them as surrogates)."""
+    return Path(os.fsdecode(os.path.join(os.fsencode(folder), name)))
+
+
+def prompts(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    return path
+
+
+def settings(model: Path, train: Path) -> dict:
+    return {"seed": 1, "torch_threads": 1, "model": {"path": str(model)}, "data": {"train": str(train)},
+            "reward": {"name": "exact_match"}, "method": "grpo", "optim": {"steps": 1},
+            "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 3}, "logging": {"progress": False},
+            "checkpoint": {"every": 1}}
+
+
+def test_every_command_runs_with_stdout_closed(tmp_path):
+    """`entrorl report RUN >&-` without COLUMNS (a daemon, a cron job): main() asked sys.stdout, which is None, whether
+    it is a terminal, and every command died with an AttributeError."""
+    environment = {key: value for key, value in ENVIRONMENT.items() if key != "COLUMNS"}
+    for command in (f'report "{tmp_path / "missing"}"', "methods"):
+        result = subprocess.run(["sh", "-c", f'exec "{sys.executable}" -m entrorl.cli {command} >&-'],
+                                capture_output=True, text=True, env=environment, timeout=300)
+        assert "Traceback" not in result.stderr, result.stderr[-1500:]
+    assert result.returncode == 0
+    missing = subprocess.run(["sh", "-c", f'exec "{sys.executable}" -m entrorl.cli report "{tmp_path / "missing"}" >&-'],
+                             capture_output=True, text=True, env=environment, timeout=300)
+    assert missing.returncode == 2 and "no run directory" in missing.stderr
+
+
+def test_eval_and_the_data_audit_of_a_file_whose_name_is_not_utf8_write_their_outputs(tmp_path, tiny_model_dir):
+    """The samples' "source" (file:line) and the audit's figure title carry the file's name: encoding it (strict
+    UTF-8, matplotlib's text) failed after all the sampling, and nothing was written. A name's bytes that are not
+    UTF-8 are written as JSON escapes that read back to the same name."""
+    data = prompts(latin1_name(tmp_path, b"donn\xe9es.jsonl"))
+    samples, summary = tmp_path / "samples.jsonl", tmp_path / "eval.json"
+    evaluated = entrorl("eval", "--model", tiny_model_dir, "--data", data, "--n", "1", "--max-new-tokens", "2",
+                        "--reward", "exact_match", "--samples", samples, "--out", summary)
+    assert evaluated.returncode == 0, evaluated.stderr.decode("utf-8", "replace")[-1500:]
+    first = json.loads(samples.read_text(encoding="utf-8").splitlines()[0])
+    assert os.fsencode(first["source"]) == os.fsencode(data) + b":1" and summary.is_file()
+    audited = entrorl("data", "audit", "--model", tiny_model_dir, "--data", data, "--n", "2", "--max-new-tokens", "2",
+                      "--reward", "exact_match", "--out", tmp_path / "audit")
+    assert audited.returncode == 0, audited.stderr.decode("utf-8", "replace")[-1500:]
+    assert (tmp_path / "audit" / "summary.json").is_file() and (tmp_path / "audit" / "pass_rate_histogram.png").is_file()
+
+
+def test_a_run_or_model_directory_whose_name_is_not_utf8_is_refused_before_any_work(tmp_path, tiny_model_dir):
+    """The tokenizers library opens and saves by UTF-8 names only: a run directory so named trained every step, then
+    lost them at its first checkpoint; a model directory so named failed with "'utf-8' codec can't encode character
+    '\\udce8'", naming no folder. Both are refused up front, naming them with their bytes; so is the lab's --out."""
+    train = prompts(tmp_path / "train.jsonl")
+    with pytest.raises(ValueError, match=r"the run directory .*run-\\xe9 has a name that is not UTF-8, where the "
+                                         r"tokenizers library .* rename it"):
+        Trainer(load_config(settings(tiny_model_dir, train)), run_dir=latin1_name(tmp_path, b"run-\xe9"))
+    assert not latin1_name(tmp_path, b"run-\xe9").exists()
+    model = latin1_name(tmp_path, b"mod\xe8le")
+    shutil.copytree(tiny_model_dir, model)
+    result = entrorl("eval", "--model", model, "--data", train, "--n", "1", "--max-new-tokens", "2")
+    assert result.returncode == 2
+    assert b"the model directory " + os.fsencode(tmp_path) + b"/mod\\xe8le has a name that is not UTF-8" in result.stderr
+    lab = entrorl("lab", "--preset", "quick", "--methods", "grpo", "--out", latin1_name(tmp_path, b"lab\xe9"))
+    assert lab.returncode == 2 and b"lab\\xe9 has a name that is not UTF-8" in lab.stderr
+
+
+def test_a_report_of_a_run_directory_renamed_to_a_name_that_is_not_utf8_is_written(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    Trainer(load_config(settings(tiny_model_dir, prompts(tmp_path / "train.jsonl"))), run_dir=run).train()
+    renamed = latin1_name(tmp_path, b"essai-\xe9")
+    run.rename(renamed)
+    result = entrorl("report", renamed, "--no-figures")
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")[-1500:]
+    assert "essai-\\udce9" in (renamed / "report" / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_reward_error_the_locale_cannot_encode_is_kept_in_utf8(tmp_path, tiny_model_dir):
+    """Under a locale that is not UTF-8, eval without --out kept the first reward traceback in a temporary file opened
+    in the locale's encoding: "→" in the message crashed the command after sampling, and no summary came."""
+    (tmp_path / "odd_reward.py").write_text("def score(prompt, completion, answer, **meta):\n"
+                                            "    if prompt.startswith('0'):\n"
+                                            "        raise ValueError('r\\u00e9ponse \\u2192 0')\n"
+                                            "    return 0.0\n")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    result = entrorl("eval", "--model", tiny_model_dir, "--data", prompts(tmp_path / "data.jsonl"), "--n", "1",
+                     "--max-new-tokens", "2", "--reward", "odd_reward:score",
+                     environment={**NARROW_LOCALE, "PYTHONPATH": str(tmp_path), "TMPDIR": str(temporary)})
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")[-1500:]
+    assert "avg_at_n" in json.loads(result.stdout)
+    (log,) = temporary.glob("entrorl-reward-errors-*.log")
+    assert "r\u00e9ponse \u2192 0" in log.read_text(encoding="utf-8")
+
+
+def test_a_laboratory_method_s_error_the_locale_cannot_encode_is_kept_in_utf8(tmp_path):
+    """A failed method's error.log was written in the locale's encoding, inside a clause that suppressed OSError only:
+    the worker died of a second error, and the method's own was lost ("exited with status 1 before returning an
+    outcome")."""
+    script = textwrap.dedent(f"""
+        import json
+        from entrorl.lab import runner
+        runner._warm_up_process = lambda job: None
+        def failing(job):
+            raise RuntimeError("entropie \\u2192 NaN")
+        runner._train_and_evaluate = failing
+        print(json.dumps(runner._run_method({{"method": "grpo", "run_dir": {str(tmp_path / "grpo")!r}}})))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, env=NARROW_LOCALE, timeout=300)
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")[-1500:]
+    assert json.loads(result.stdout)["status"] == "failed"
+    assert "RuntimeError: entropie \u2192 NaN" in (tmp_path / "grpo" / "error.log").read_text(encoding="utf-8")
+
+
+def test_the_methods_are_listed_readably_on_an_80_column_terminal():
+    """Three columns that do not wrap took some 60 of 80 columns, leaving the description and the paper two or three
+    characters a line ("ar|Xi|v"): below 120 columns each method is a block of its own."""
+    narrow = entrorl("methods", environment={**ENVIRONMENT, "COLUMNS": "80"}).stdout.decode()
+    assert "adaptive_entropy: entropy bonus only while H < target" in narrow
+    assert "  paper: arXiv 2505.22312" in narrow and "  loss aggregation: token-mean" in narrow
+    wide = entrorl("methods", environment={**ENVIRONMENT, "COLUMNS": "160"}).stdout.decode()
+    assert "┃ method" in wide and "arXiv 2505.22312" in wide
