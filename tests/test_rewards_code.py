@@ -1147,6 +1147,29 @@ def test_the_program_runs_under_the_configured_resource_limits():
         assert seen["NPROC"] == (7, 7)
 
 
+def test_a_job_s_lower_hard_limits_are_kept_and_the_program_runs():
+    """A batch script's `ulimit -n 32 -f 8192 -u 10` (hard limits below the sandbox's own 64 files, 16 MiB, 16
+    processes): the child tried to raise them and could not, and every program failed to start ("not allowed to
+    raise maximum limit"), scored 0. The job's stricter limits are kept; the program runs under them."""
+    script = textwrap.dedent("""
+        import resource
+        for name, value in (("NOFILE", 32), ("FSIZE", 8 * 2**20), ("NPROC", 10)):
+            resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value, value))
+        from entrorl.rewards.sandbox import SandboxCase, run_in_sandbox
+        program = ("import resource\\nprint(int(input()) * 2, *(resource.getrlimit(getattr(resource, 'RLIMIT_' + name))[1] "
+                   "for name in ('NOFILE', 'FSIZE', 'NPROC')))")
+        run = run_in_sandbox(program, [SandboxCase("stdin", "3\\n")])
+        print(run.outcomes[0].status, run.outcomes[0].stdout.strip(), run.uid is None, run.isolation.get("user_namespace"))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    status, doubled, files, size, processes, shared_uid, user_namespace = done.stdout.split()
+    assert (status, doubled, files, size) == ("ok", "6", "32", str(8 * 2**20))
+    if shared_uid == "False" or user_namespace == "True":  # RLIMIT_NPROC set for the program (not for root's own uid)
+        assert int(processes) <= 10
+
+
 def test_background_children_are_killed_even_when_they_leave_the_process_group():
     program = textwrap.dedent(
         """

@@ -2544,6 +2544,51 @@ def test_stop_signals_are_noted_once_then_stop_at_once_and_the_handlers_are_put_
     assert {number: signal.getsignal(number) for number in before} == before
 
 
+def test_the_cpu_time_limit_s_signal_finishes_the_step_and_its_repeats_do_not_stop_at_once():
+    """SIGXCPU (a soft CPU-time limit) killed the process by default, saying nothing and saving nothing: it now asks
+    for the step to finish and be saved; the kernel's repeats, every CPU second until the hard limit, are ignored."""
+    import io
+
+    from rich.console import Console
+
+    from entrorl.trainer.stop_signals import catch_stop_signals
+
+    before = signal.getsignal(signal.SIGXCPU)
+    received, output = [], io.StringIO()
+    restore = catch_stop_signals(received, Console(file=output, width=200))
+    try:
+        for _ in range(3):
+            signal.getsignal(signal.SIGXCPU)(signal.SIGXCPU, None)
+        assert received == [signal.SIGXCPU]
+        assert output.getvalue().count("SIGXCPU: the process's CPU-time limit is reached (the hard limit ends it): "
+                                       "finishing the current step, then saving a checkpoint") == 1
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGXCPU) == before
+
+
+def test_train_under_a_soft_cpu_time_limit_saves_its_step_and_says_how_to_continue(tmp_path, tiny_model_dir,
+                                                                                   arithmetic_files):
+    """`prlimit --cpu=S:H entrorl train ...`: at S CPU seconds the run finishes its step, saves it and exits 152 with
+    the command that continues it, before the hard limit's SIGKILL."""
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 100000},
+                                                             checkpoint={"every": 1000}))
+    def limit_cpu_time() -> None:  # the soft limit leaves time for the imports and a few steps
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CPU, (25, 60))
+
+    done = subprocess.run([sys.executable, "-m", "entrorl.cli", "train", str(config), "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit_cpu_time,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 128 + signal.SIGXCPU, done.stderr[-2000:]
+    assert "SIGXCPU: the process's CPU-time limit is reached" in done.stderr
+    steps = [record["step"] for record in read_metrics(tmp_path / "run")]
+    assert f"interrupted by SIGXCPU after step {steps[-1]}; checkpoint step_{steps[-1]:06d} saved. Continue with:" \
+        in " ".join(done.stderr.split())
+
+
 def test_a_stop_signal_the_process_ignores_stays_ignored():
     """A shell's background job ignores SIGINT (and a launcher may ignore SIGTERM): the trainer neither catches such
     a signal nor, once a checkpoint is saved, turns it into "exit at once"; the other one it catches as usual."""

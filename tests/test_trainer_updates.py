@@ -15,6 +15,9 @@ import os
 import random
 import shutil
 import stat
+import subprocess
+import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -671,6 +674,31 @@ def test_the_full_disk_note_is_given_exactly_when_the_free_room_is_below_what_th
         with pytest.raises(checkpoint.CheckpointWriteError) as failed:
             checkpoint.save_checkpoint(tmp_path / "run", 1, model=model, tokenizer=None, trainer_state={}, keep=1)
         assert ("probably a full disk" in str(failed.value)) is noted
+
+
+def test_a_checkpoint_larger_than_the_file_size_limit_is_said_to_be(tmp_path):
+    """`ulimit -f` below a checkpoint's trainer state: the save failed with torch's zip writer's "unexpected pos ...",
+    which says nothing of the limit (Python ignores SIGXFSZ, so the write gets EFBIG)."""
+    script = textwrap.dedent("""
+        import resource, sys, torch
+        from pathlib import Path
+        from entrorl.trainer import checkpoint
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+        model = torch.nn.Linear(64, 64)  # weights of 16,640 bytes, AdamW's moments 33,280: the state's 80,000 is over
+        model.save_pretrained = lambda directory, **options: None
+        tokenizer = type("Tokenizer", (), {"save_pretrained": lambda self, directory: None})()
+        try:
+            checkpoint.save_checkpoint(Path(sys.argv[1]), 1, model=model, tokenizer=tokenizer,
+                                       trainer_state={"optimizer": [torch.zeros(20_000)]}, keep=1)
+        except checkpoint.CheckpointWriteError as error:
+            print(error)
+    """)
+    (tmp_path / "run").mkdir()
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("probably the process's file-size limit (RLIMIT_FSIZE, `ulimit -f`): files of at most 0.04 MiB, and this "
+            "checkpoint's largest takes about 0.08 MiB; raise the limit; no checkpoint was written before") in done.stdout
 
 
 def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):

@@ -253,13 +253,24 @@ def send(message):
         data = data[os.write(RESULT_FD, data):]
 
 
+def within_the_job_s_limit(which, value):
+    """value, or the hard limit this process inherited where that is lower (a job's `ulimit -n 32`): a limit cannot
+    be raised here, and the job's is the stricter one."""
+    hard = resource.getrlimit(which)[1]
+    if hard == resource.RLIM_INFINITY:
+        return value
+    return hard if value == resource.RLIM_INFINITY else min(value, hard)
+
+
 def set_limits(isolation):
     limits = CONFIG["limits"]
     memory = limits["memory_bytes"]
     for name, value in (("RLIMIT_AS", memory), ("RLIMIT_DATA", memory), ("RLIMIT_CPU", limits["cpu_seconds"]),
                         ("RLIMIT_FSIZE", limits["file_bytes"]), ("RLIMIT_NOFILE", limits["open_files"]),
                         ("RLIMIT_CORE", 0)):
-        resource.setrlimit(getattr(resource, name), (value, value))
+        which = getattr(resource, name)
+        value = within_the_job_s_limit(which, value)
+        resource.setrlimit(which, (value, value))
     processes = limits["processes"]
     if processes is not None and isolation.get("user_namespace"):  # (None: root, whom RLIMIT_NPROC does not bind)
         # the kernel counts the tasks of this user namespace alone: the program's (the harness's included), and the
@@ -268,6 +279,7 @@ def set_limits(isolation):
         isolation["process_limit"] = "RLIMIT_NPROC=%d in the user namespace (max_processes%s)" % (
             processes, " + the PID namespace's keeper and reaper" if isolation.get("pid_namespace") else "")
     if processes is not None:
+        processes = within_the_job_s_limit(resource.RLIMIT_NPROC, processes)
         resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-long write raises OSError(EFBIG) instead
 

@@ -47,8 +47,9 @@ from typing import Any, Literal
 
 try:
     import fcntl
-except ImportError:  # not a POSIX system: runs are not locked there
-    fcntl = None
+    import resource
+except ImportError:  # not a POSIX system: runs are not locked there, nor files' sizes limited
+    fcntl = resource = None
 
 import numpy as np
 import torch
@@ -343,27 +344,52 @@ def _sync_tree(directory: Path) -> None:
         _sync_directory(folder)
 
 
-def _disk_space_note(folder: Path, model, adapter=None, merged: bool = True) -> str:
+def _checkpoint_sizes(model, adapter=None, merged: bool = True) -> tuple[int, int]:
+    """About how many bytes a checkpoint of ``model`` writes as weights (float32 ones when ``adapter`` merges into a
+    half-precision model, the trained ones alone when it is not merged) and as the trainer's state (AdamW's two
+    float32 moments of each trained weight, and the float32 master copy of a trained half-precision one)."""
+    weights = state = 0
+    for parameter in model.parameters():
+        size = parameter.element_size()
+        if merged or parameter.requires_grad:
+            weights += parameter.numel() * (max(size, 4) if adapter is not None else size)
+        if parameter.requires_grad:
+            state += parameter.numel() * (8 + (4 if size < 4 else 0))
+    return weights, state
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in ``value`` (a trainer state: nested dicts, lists and tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+def _why_a_checkpoint_may_not_fit(folder: Path, model, adapter=None, merged: bool = True,
+                                  trainer_state: dict[str, Any] | None = None) -> str:
     """", probably a full disk: ..." when the filesystem holding ``folder`` has less room than a checkpoint of
-    ``model`` takes (its weights, float32 ones when ``adapter`` merges into a half-precision model, the trained ones
-    alone when it is not merged; AdamW's two float32 moments of each trained weight, and the float32 master copy of a
-    trained half-precision one), which a library's own error may not say (torch's zip writer reports ENOSPC as
-    "unexpected pos")."""
+    ``model`` takes, or ", probably the process's file-size limit: ..." when its weights or its trainer state is
+    larger than that limit (``ulimit -f``), which a library's own error may not say (torch's zip writer reports
+    ENOSPC and EFBIG as "unexpected pos")."""
+    weights, state = _checkpoint_sizes(model, adapter, merged)
+    state = max(state, _tensor_bytes(trainer_state))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None
+    if limit is not None and limit != resource.RLIM_INFINITY and max(weights, state) > limit:
+        return (f", probably the process's file-size limit (RLIMIT_FSIZE, `ulimit -f`): files of at most "
+                f"{limit / 2**20:.2f} MiB, and this checkpoint's largest takes about {max(weights, state) / 2**20:.2f} "
+                "MiB; raise the limit")
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return ""
-    needed = 0
-    for parameter in model.parameters():
-        size = parameter.element_size()
-        if merged or parameter.requires_grad:
-            needed += parameter.numel() * (max(size, 4) if adapter is not None else size)
-        if parameter.requires_grad:
-            needed += parameter.numel() * (8 + (4 if size < 4 else 0))
-    if free >= needed:
+    if free >= weights + state:
         return ""
     return (f", probably a full disk: {free / 2**20:.1f} MiB free there, and a checkpoint of this model takes about "
-            f"{needed / 2**20:.1f} MiB")
+            f"{(weights + state) / 2**20:.1f} MiB")
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], keep: int,
@@ -406,7 +432,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
         shutil.rmtree(temporary, ignore_errors=True)
         previous = latest_checkpoint(run_dir, verify="all")  # what a resume would take: complete, with its bytes
         raise CheckpointWriteError(
-            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}){_disk_space_note(root, model, adapter, merged)}; "
+            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}){_why_a_checkpoint_may_not_fit(root, model, adapter, merged, trainer_state)}; "
             + (f"the last complete checkpoint, {previous.name}, is intact" if previous is not None else "no checkpoint was written before")
         ) from error
     if final.exists():

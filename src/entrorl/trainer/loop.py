@@ -107,7 +107,7 @@ class TrainingStopped(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """A signal (SIGINT, SIGTERM) stopped the run after it finished a step and checkpointed it.
+    """A signal (SIGINT, SIGTERM, SIGXCPU) stopped the run after it finished a step and checkpointed it.
 
     ``signal_number`` is the signal, ``step`` the last step done and saved, ``checkpoint`` its directory. A signal
     during the evaluation before the first step (``eval.at_start``) stops the run there: ``step`` 0 and no

@@ -1,5 +1,6 @@
 """SIGINT / SIGTERM during training: the first one lets the step under way finish and be saved, a second one stops at
-once; messages from inside a signal handler that never reach the code it interrupted."""
+once; SIGXCPU (a soft CPU-time limit, the warning before the hard one's SIGKILL) as a first SIGTERM; messages from
+inside a signal handler that never reach the code it interrupted."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["FINISH_THE_STEP", "catch_stop_signals", "exit_at_once_on_another_signal", "say_in_a_signal_handler"]
+
+# the kernel sends SIGXCPU once the soft CPU-time limit (`ulimit -St`, a scheduler's cputime) is reached, then again
+# every CPU second until the hard limit's SIGKILL: what time is left goes to saving the step, and a repeat is no
+# second request to stop at once (not on Windows, which has no such signal)
+_CPU_TIME_LIMIT = getattr(signal, "SIGXCPU", None)
+_STOP_SIGNALS = tuple(number for number in (signal.SIGINT, signal.SIGTERM, _CPU_TIME_LIMIT) if number is not None)
 
 
 def say_in_a_signal_handler(console, message: str) -> None:
@@ -51,6 +58,8 @@ def exit_at_once_on_another_signal(console, run_dir: Path, *, resumable: bool = 
         for number in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(number) is not signal.SIG_IGN:  # ignored by whoever started the process: it stays so
                 signal.signal(number, exit_now)
+        if _CPU_TIME_LIMIT is not None:  # its repeats may not end the exit that follows (Python's own handler would
+            signal.signal(_CPU_TIME_LIMIT, signal.SIG_IGN)  # be set back to the default as it shuts down)
 
 
 FINISH_THE_STEP = "finishing the current step, then saving a checkpoint"
@@ -58,8 +67,8 @@ FINISH_THE_STEP = "finishing the current step, then saving a checkpoint"
 
 def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] = lambda: FINISH_THE_STEP,
                         resumes_from: Callable[[], str] = lambda: "the last complete checkpoint"):
-    """Make SIGINT and SIGTERM append their number to ``received`` (the loop stops after the step it is in) and say
-    on ``console`` what happens next, as ``plan()`` puts it then; a second one stops at once (``KeyboardInterrupt`` for
+    """Make SIGINT, SIGTERM and SIGXCPU append their number to ``received`` (the loop stops after the step it is in)
+    and say on ``console`` what happens next, as ``plan()`` puts it then; a second SIGINT or SIGTERM stops at once (``KeyboardInterrupt`` for
     SIGINT, exit status 143 for SIGTERM), saying what ``--resume`` would continue from (``resumes_from()``).
     Returns a function that puts the previous handlers back. Does nothing outside the main thread, where Python
     cannot install handlers, and leaves a signal the process ignores ignored (a background job of a shell ignores
@@ -69,6 +78,8 @@ def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] 
     previous = {}
 
     def handler(number, frame):
+        if received and number == _CPU_TIME_LIMIT:
+            return
         if received:
             say_in_a_signal_handler(console, f"{signal.Signals(number).name} again: stopping now, without waiting for "
                                      f"the step under way to be saved ({resumes_from()})")
@@ -76,9 +87,13 @@ def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] 
                 raise KeyboardInterrupt
             raise SystemExit(128 + number)
         received.append(number)
-        say_in_a_signal_handler(console, f"{signal.Signals(number).name}: {plan()} (send it again to stop at once)")
+        if number == _CPU_TIME_LIMIT:
+            say_in_a_signal_handler(console, f"SIGXCPU: the process's CPU-time limit is reached (the hard limit ends it): "
+                                             f"{plan()}")
+        else:
+            say_in_a_signal_handler(console, f"{signal.Signals(number).name}: {plan()} (send it again to stop at once)")
 
-    for number in (signal.SIGINT, signal.SIGTERM):
+    for number in _STOP_SIGNALS:
         if signal.getsignal(number) is not signal.SIG_IGN:
             previous[number] = signal.signal(number, handler)
 
