@@ -43,15 +43,18 @@ def settings(model: Path, train: Path) -> dict:
             "checkpoint": {"every": 1}}
 
 
-def test_every_command_runs_with_stdout_closed(tmp_path):
+def test_every_command_runs_with_stdout_closed(tmp_path, tiny_model_dir):
     """`entrorl report RUN >&-` without COLUMNS (a daemon, a cron job): main() asked sys.stdout, which is None, whether
-    it is a terminal, and every command died with an AttributeError."""
+    it is a terminal, and every command died with an AttributeError; so did those that print their result after
+    writing it to --out (eval, methods --json)."""
     environment = {key: value for key, value in ENVIRONMENT.items() if key != "COLUMNS"}
-    for command in (f'report "{tmp_path / "missing"}"', "methods"):
+    data, summary = prompts(tmp_path / "data.jsonl"), tmp_path / "summary.json"
+    for command in (f'eval --model "{tiny_model_dir}" --data "{data}" --n 1 --max-new-tokens 2 --out "{summary}"',
+                    "methods grpo --json", "methods"):
         result = subprocess.run(["sh", "-c", f'exec "{sys.executable}" -m entrorl.cli {command} >&-'],
                                 capture_output=True, text=True, env=environment, timeout=300)
-        assert "Traceback" not in result.stderr, result.stderr[-1500:]
-    assert result.returncode == 0
+        assert "Traceback" not in result.stderr and result.returncode == 0, result.stderr[-1500:]
+    assert json.loads(summary.read_text())["n_problems"] == 4
     missing = subprocess.run(["sh", "-c", f'exec "{sys.executable}" -m entrorl.cli report "{tmp_path / "missing"}" >&-'],
                              capture_output=True, text=True, env=environment, timeout=300)
     assert missing.returncode == 2 and "no run directory" in missing.stderr
@@ -90,6 +93,19 @@ def test_a_run_or_model_directory_whose_name_is_not_utf8_is_refused_before_any_w
     assert b"the model directory " + os.fsencode(tmp_path) + b"/mod\\xe8le has a name that is not UTF-8" in result.stderr
     lab = entrorl("lab", "--preset", "quick", "--methods", "grpo", "--out", latin1_name(tmp_path, b"lab\xe9"))
     assert lab.returncode == 2 and b"lab\\xe9 has a name that is not UTF-8" in lab.stderr
+
+
+def test_a_laboratory_cache_whose_name_is_not_utf8_is_refused_before_the_base_model_is_trained(tmp_path):
+    """ENTRORL_CACHE so named: the base model was trained, then its tokenizer's save failed, naming no folder."""
+    from entrorl.lab.base_model import BaseModelSpec, build_base_model
+
+    spec = BaseModelSpec(tasks=("sum_chain",), problems_per_task=20, hidden_size=16, num_layers=1, num_heads=2,
+                         num_kv_heads=1, max_position_embeddings=64, steps=2, batch_size=4)
+    steps = []
+    with pytest.raises(ValueError, match=r"the laboratory's cache \(ENTRORL_CACHE\) .*cache-\\xe9/lab has a name that"):
+        build_base_model(spec, cache_dir=latin1_name(tmp_path, b"cache-\xe9"),
+                         progress=lambda step, total, loss: steps.append(step))
+    assert steps == []
 
 
 def test_a_report_of_a_run_directory_renamed_to_a_name_that_is_not_utf8_is_written(tmp_path, tiny_model_dir):

@@ -1904,3 +1904,13 @@ def test_generate_s_other_truncations_and_another_sampling_temperature_in_genera
         _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens",
                  config=_config(tmp_path, generation_kwargs=kwargs, **options))
     assert not [w for w in recwarn if "truncated" in str(w.message) or "another temperature" in str(w.message)]
+
+
+def test_an_output_dir_whose_name_is_not_utf8_is_refused_before_training(tmp_path, tokenizer):
+    """Its first checkpoint would fail after the steps were spent (TRL's model card, the tokenizer's save: the
+    tokenizers library takes UTF-8 names only)."""
+    import os
+
+    output_dir = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"sortie-\xe9"))
+    with pytest.raises(ValueError, match=r"GRPOConfig.output_dir .*sortie-\\xe9 has a name that is not UTF-8"):
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="grpo", config=_config(tmp_path, output_dir=output_dir))

@@ -292,6 +292,14 @@ def test_a_report_folder_or_figures_folder_planted_as_a_link_is_replaced_not_wri
     assert list((run / "report" / "figures").glob("*.png"))
 
 
+def test_a_report_that_fails_leaves_no_report_folder_behind(tmp_path):
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(OSError):
+        write_run_report(run, figures=False)
+    assert not (run / "report").exists()
+
+
 def test_an_integer_metric_beyond_a_float_s_range_is_not_a_number(tmp_path):
     """JSON integers have no bound: 10^400 made float() raise OverflowError and the report a traceback; it is skipped
     as 1e400 is."""

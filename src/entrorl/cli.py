@@ -1320,6 +1320,9 @@ def _piped_without_a_width() -> bool:
 
 
 def main() -> None:
+    for name in ("stdout", "stderr"):  # closed (`>&-`, a daemon): what would be printed goes nowhere, not a traceback
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - for the process's lifetime
     # off a terminal (a pipe, a log, a CI job) rich assumes 80 columns, where the help's option names are cut short;
     # typer reads its help width from rich_utils.MAX_WIDTH (the TERMINAL_WIDTH variable), which then stays the user's
     from typer import rich_utils

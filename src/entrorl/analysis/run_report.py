@@ -318,8 +318,9 @@ def _pass_at(evaluation: dict[str, Any]) -> dict[int, float]:
 
 
 class _RunReport:
-    def __init__(self, run: _TrainingRun, out: Path, fit_fraction: float, figures: bool):
-        self.run, self.out, self.fit_fraction = run, out, fit_fraction
+    def __init__(self, run: _TrainingRun, out: Path, fit_fraction: float, figures: bool, *, default_out: bool = False):
+        # default_out: the report's own folder (run_dir/report), where a link is replaced; a folder given is the user's
+        self.run, self.out, self.fit_fraction, self.default_out = run, out, fit_fraction, default_out
         self.analysis = analyse_records(run, fit_fraction, run.method,
                                         unit="log entries" if run.from_trainer_state else "steps")
         self.figures = Figures(out / "figures", enabled=figures, disabled_by="--no-figures")
@@ -788,7 +789,10 @@ class _RunReport:
             "figures_note": self.figures.unavailable,
             "section_errors": dict(self.errors),
         })
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.default_out:
+            make_own_folder(self.out)
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
         write_report_files(self.out, {"report.md": render_markdown(title, sections), "report.html": render_html(title, sections),
                                       "report.json": json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False)},
                            self.figures)
@@ -869,9 +873,9 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
                                    "report on the run")
     config, trainer_state, unreadable_states, verl_logs, an_entrorl_or_trl_run = _run_files(run_dir)
     if an_entrorl_or_trl_run:
-        out = Path(out) if out is not None else make_own_folder(run_dir / "report")
         return _RunReport(_TrainingRun(run_dir, config=config, trainer_state=trainer_state,
-                                       unreadable_states=unreadable_states), out, float(fit_fraction), figures).build()
+                                       unreadable_states=unreadable_states), Path(out or run_dir / "report"),
+                          float(fit_fraction), figures, default_out=out is None).build()
     if len(verl_logs) == 1:
         return _verl_report(verl_logs[0], out, fit_fraction, figures)
     if verl_logs:
@@ -927,6 +931,5 @@ def default_report_dir(run_dir: str | Path) -> Path:
 
 
 def _verl_report(log: Path, out: str | Path | None, fit_fraction: float, figures: bool) -> dict[str, Any]:
-    out = Path(out) if out is not None else make_own_folder(_report_beside(log))
-    return _RunReport(_TrainingRun(log.parent, config=None, trainer_state=None, verl_log=log), out, float(fit_fraction),
-                      figures).build()
+    return _RunReport(_TrainingRun(log.parent, config=None, trainer_state=None, verl_log=log),
+                      Path(out or _report_beside(log)), float(fit_fraction), figures, default_out=out is None).build()

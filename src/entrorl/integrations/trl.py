@@ -80,6 +80,7 @@ except ImportError as error:  # pragma: no cover - exercised only without trl
     raise ImportError("entrorl.integrations.trl needs TRL: pip install 'entrorl[trl]'") from error
 
 from entrorl._checks import is_real_number
+from entrorl._files import refuse_a_name_that_is_not_utf8
 from entrorl.analysis.run import read_json
 from entrorl.analysis.run_report import TRL_OBJECTIVE_FILE
 from entrorl.modeling import FUSED_HEAD_MODEL_TYPES, model_vocab_size
@@ -283,7 +284,10 @@ def _kl_setting_given(name: str, objective: Any, objective_params: dict[str, Any
 
 def check_trl_args(args: Any, objective: Objective, *, rollout_func: Any = None) -> None:
     """Reject GRPOConfig options that change the loss, since the entrorl objective computes it instead, and
-    objectives that need what this configuration does not provide (a rollout correction without sampler log-probs)."""
+    objectives that need what this configuration does not provide (a rollout correction without sampler log-probs).
+    An ``output_dir`` whose name is not UTF-8 is refused too: its checkpoints' tokenizer could not be saved there."""
+    if isinstance(getattr(args, "output_dir", None), str):
+        refuse_a_name_that_is_not_utf8(args.output_dir, "GRPOConfig.output_dir")
     problems = []
     if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
         quantile = args.top_entropy_quantile

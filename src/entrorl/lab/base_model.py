@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from entrorl._checks import check_int, is_real_number
+from entrorl._files import refuse_a_name_that_is_not_utf8
 from entrorl.lab.tasks import available_tasks, get_task, sft_corpus
 from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2, save_quietly
 from entrorl.modeling import refuse_files_this_user_cannot_read, unreadable_weight_file
@@ -167,8 +168,9 @@ def _train_seeded(spec: BaseModelSpec, directory: Path, progress=None) -> dict:
 def lab_cache_root(cache_dir: Path | None = None, *, create: bool = True) -> Path:
     """``<cache>/lab``, where base models are kept, created if need be (checked only, without ``create``: its
     nearest existing folder must be writable); ``ValueError`` naming the cache (and ``ENTRORL_CACHE``, which moves
-    it) when it cannot be created or written."""
+    it) when it cannot be created or written, or its name is not UTF-8 (the base model's tokenizer is saved there)."""
     root = (cache_dir or default_cache_dir()) / "lab"
+    refuse_a_name_that_is_not_utf8(root, "the laboratory's cache (ENTRORL_CACHE)")
     existing = nearest_existing(root)
     problem = None
     if not existing.is_dir():
