@@ -474,10 +474,9 @@ def test_sync_and_close_make_the_logged_steps_durable(tmp_path, monkeypatch):
 
 
 def test_a_resume_that_cannot_rewrite_metrics_jsonl_leaves_it_as_it_was_and_names_it(tmp_path, monkeypatch):
-    from entrorl.trainer import loggers
+    from entrorl.trainer import checkpoint
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "x": 0.5}\n{"step": 2, "x": 0.25}\n')
-    write_atomically = loggers.write_atomically
 
     def disk_fills_up(path, write, **options):
         def half_then_full(handle):
@@ -487,7 +486,8 @@ def test_a_resume_that_cannot_rewrite_metrics_jsonl_leaves_it_as_it_was_and_name
 
         write_atomically(path, half_then_full, **options)
 
-    monkeypatch.setattr(loggers, "write_atomically", disk_fills_up)
+    write_atomically = checkpoint.write_atomically
+    monkeypatch.setattr(checkpoint, "write_atomically", disk_fills_up)
     with pytest.raises(OSError, match="No space left on device") as raised:
         MetricsLogger(tmp_path, resume_step=1)
     monkeypatch.undo()

@@ -4,10 +4,11 @@ A file is written through a temporary file beside it (``.NAME.tmp-PID``), flushe
 that a crash leaves the old file or the new one, never part of either. A symbolic link is followed: the file it names
 is replaced and the link stays; unless the writer says not to (``follow_links=False``, for the files a program keeps in
 a folder of its own, such as a run directory received from someone else, where a link planted at one of them must not
-make the program replace a file elsewhere): the link is then replaced by the file, and what it names left as it is. What cannot be replaced is written into as it is: a device, a pipe or a socket
-(``/dev/null``), and a process's open descriptors (``/dev/stdout``, ``/dev/fd/1``: a pipe, or a file the shell
-redirected into, which gets the text where this process's own output has reached; another process's descriptor, or
-a read-only one, is opened anew and gets it at the end).
+make the program replace a file elsewhere): the link is then replaced by the file, and what it names left as it is.
+What cannot be replaced is written into as it is: a device, a pipe or a socket (``/dev/null``), and a process's open
+descriptors (``/dev/stdout``, ``/dev/fd/1``: a pipe, or a file the shell redirected into, which gets the text where
+this process's own output has reached; another process's descriptor, or a read-only one, is opened anew and gets it
+at the end).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ try:
 except ImportError:  # not a POSIX system: no /proc or /dev/fd descriptors either
     fcntl = None
 
-__all__ = ["make_own_folder", "modes_as_the_umask_gives", "naming_file", "put_in_place_together", "refuse_a_name_that_is_not_utf8",
-           "staging_folder", "write_atomically", "write_folder_atomically", "written_in_place"]
+__all__ = ["make_own_folder", "modes_as_the_umask_gives", "naming_file", "put_in_place_together",
+           "refuse_a_name_that_is_not_utf8", "staging_folder", "write_atomically", "write_folder_atomically",
+           "written_in_place"]
 
 # /proc/self/fd/1, /proc/<pid>/fd/1, /dev/fd/1 (the last is this process's)
 _DESCRIPTOR = re.compile(r"(?:/proc/(?P<owner>[^/]+)|/dev)/fd/(?P<number>[^/]+)")
@@ -194,8 +196,8 @@ def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], 
     """Put each of ``names`` from ``staging`` in ``directory`` as one set, and take away the entries of ``stale`` (an
     earlier set's that this one has not; a link among them goes, not what it names). A name that is a link is
     followed, and what it names is replaced (two names naming one file: the first's), unless ``follow_links`` is
-    False: the link is then replaced; a pipe or a device (``/dev/null``) is written into. What each name replaces, and each stale entry, is first moved aside beside
-    itself; the set in, what was moved aside is removed. A failure on the way (a link to another file system takes a
+    False: the link is then replaced; a pipe or a device (``/dev/null``) is written into. What each name replaces,
+    and each stale entry, is first moved aside beside itself; the set in, what was moved aside is removed. A failure on the way (a link to another file system takes a
     copy, which can fail) or an interrupt moves back what was moved aside (renames only) before removing what came in,
     so a second interrupt there leaves the earlier set whole, with hidden ``.NAME.new-PID-...`` left. A replaced
     file's permission bits are kept; an ``OSError`` names the path it concerns."""
@@ -207,7 +209,8 @@ def put_in_place_together(staging: Path, directory: Path, names: Sequence[str], 
             staged, final = staging / name, directory / name
             concerned = final
             replacing_a_link = not follow_links and final.is_symlink()
-            if not replacing_a_link and staged.is_file() and written_in_place(final):  # cannot be moved aside, nor put back
+            # a pipe or a device cannot be moved aside, nor put back
+            if not replacing_a_link and staged.is_file() and written_in_place(final):
                 write_atomically(final, lambda handle: handle.write(staged.read_bytes()))
                 continue
             target = Path(os.path.abspath(final) if replacing_a_link else os.path.realpath(final))

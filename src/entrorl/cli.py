@@ -932,23 +932,23 @@ def methods(
     if as_json:
         sys.stdout.write(json.dumps([info.__dict__ for info in infos], indent=1, default=str) + "\n")
         return
-    table = Table(title="entrorl methods")
-    for column in ("method", "description", "parameters", "loss aggregation", "advantages", "paper"):
-        table.add_column(column, overflow="fold", no_wrap=column in ("method", "loss aggregation", "advantages"))
-    for info in infos:
-        params = ", ".join(f"{key}={value}" for key, value in info.params.items() if value is not None)
-        table.add_row(*map(Text, (info.name, info.description, params, info.loss_agg_mode, info.advantage_estimator,
-                                  info.paper)))  # as written: "[min_coeff, max_coeff]" is no markup
+    columns = ("method", "description", "parameters", "loss aggregation", "advantages", "paper")
+    rows = [(info.name, info.description,
+             ", ".join(f"{key}={value}" for key, value in info.params.items() if value is not None),
+             info.loss_agg_mode, info.advantage_estimator, info.paper) for info in infos]
     # off a terminal rich assumes 80 columns, where the descriptions would take a line per word
     out = Console(width=160 if _piped_without_a_width() else None)
     if out.width >= _METHODS_TABLE_WIDTH:
+        table = Table(title="entrorl methods")
+        for column in columns:
+            table.add_column(column, overflow="fold", no_wrap=column in ("method", "loss aggregation", "advantages"))
+        for row in rows:
+            table.add_row(*map(Text, row))  # as written: "[min_coeff, max_coeff]" is no markup
         out.print(table)
     else:  # the table's columns would be a few characters wide: a block per method instead
-        for info in infos:
-            params = ", ".join(f"{key}={value}" for key, value in info.params.items() if value is not None)
-            out.print(Text.assemble((info.name, "bold"), f": {info.description}"), soft_wrap=True)
-            for label, value in (("parameters", params), ("loss aggregation", info.loss_agg_mode),
-                                 ("advantages", info.advantage_estimator), ("paper", info.paper)):
+        for name, description, *details in rows:
+            out.print(Text.assemble((name, "bold"), f": {description}"), soft_wrap=True)
+            for label, value in zip(columns[2:], details):
                 if value:
                     out.print(Text(f"  {label}: {value}"), soft_wrap=True)
     out.print(Text(f"entrorl lab also runs sft, its supervised baseline ({SFT_BASELINE}): entrorl lab --methods "

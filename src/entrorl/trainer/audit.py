@@ -269,7 +269,8 @@ def _stage_text(final: Path, staging: Path, text: str) -> None:
     """``text`` as the file of ``final``'s name in ``staging``; an error names ``final``."""
     staged = staging / final.name
     try:
-        staged.write_text(text, encoding="utf-8", errors="backslashreplace")  # a path not UTF-8: \\udcXX, in JSON its escape
+        # a path that is not UTF-8: \\udcXX, which in JSON is the escape that reads back to it
+        staged.write_text(text, encoding="utf-8", errors="backslashreplace")
     except OSError as error:
         raise naming_file(error, final, instead_of=staged) from None
 

@@ -12,18 +12,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from entrorl._files import naming_file, write_atomically
+from entrorl._files import naming_file
+from entrorl.trainer.checkpoint import atomic_write_text
 
 __all__ = ["MetricsLogger", "TrackerError", "read_metrics"]
 
 
 WANDB_ID_FILE = "wandb_run_id"  # the W&B run's id, for a resumed run to log into the same run
 TRACKIO_RUN_FILE = "trackio_run"  # the trackio run's name, for a resumed run to log into the same run
-
-
-def _write_run_file(path: Path, text: str) -> None:
-    """``text`` as the run directory's file ``path``, in one rename; a link there is replaced, never written through."""
-    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")), follow_links=False)
 
 
 class TrackerError(RuntimeError):
@@ -65,7 +61,7 @@ class MetricsLogger:
             _warn_of_missing_steps(self.path, {record.get("step") for _, record in records}, resume_step)
             kept = "".join(line + "\n" for line, _ in records)
             # one rename (a full disk leaves metrics.jsonl untouched); a link there is replaced, not written through
-            _write_run_file(self.path, kept)
+            atomic_write_text(self.path, kept, follow_links=False)
         elif resume_step is None and (self.path.exists() or self.path.is_symlink()):
             self.path.unlink()
         elif resume_step is not None:
@@ -121,7 +117,7 @@ class MetricsLogger:
                 run_id = _earlier_run(id_file, resume_step) or None
                 self._wandb = wandb_module.init(project=project, name=run_name, config=config, dir=str(run_dir), id=run_id,
                                                 resume="allow")
-                _write_run_file(id_file, self._wandb.id)
+                atomic_write_text(id_file, self._wandb.id, follow_links=False)
                 self._next_step["W&B"] = _whole(getattr(self._wandb, "step", 0))  # a resumed W&B run's next step
         if trackio:
             with _as_tracker_error("logging.trackio", "could not start trackio"):
@@ -134,7 +130,7 @@ class MetricsLogger:
                 name = earlier or f"{run_name}-{datetime.now():%Y%m%d-%H%M%S}"
                 run = trackio_module.init(project=project, name=name, config=config, resume="allow" if earlier else "never")
                 self._trackio = trackio_module
-                _write_run_file(name_file, name + "\n")
+                atomic_write_text(name_file, name + "\n", follow_links=False)
                 # the step after the last one its storage holds for this run (trackio has no public name for it)
                 held = getattr(run, "_next_step", None)
                 if earlier and held is None:

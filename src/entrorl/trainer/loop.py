@@ -290,8 +290,8 @@ class Trainer:
             # last, so that a start that fails (an unreadable metrics.jsonl) leaves the record of the run's last start;
             # absolute paths, so that the record names the same files from any working directory;
             # renamed into place: a full disk leaves the previous run's record, never a truncated one
-            atomic_write_text(self.run_dir / "config.json", json.dumps(with_resolved_paths(config.model_dump(mode="json")), indent=2),
-                              follow_links=False)
+            atomic_write_text(self.run_dir / "config.json",
+                              json.dumps(with_resolved_paths(config.model_dump(mode="json")), indent=2), follow_links=False)
         except BaseException:
             with contextlib.suppress(Exception):  # the failure to start is the one to report
                 self.close(failed=True)

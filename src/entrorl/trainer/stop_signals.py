@@ -68,8 +68,9 @@ FINISH_THE_STEP = "finishing the current step, then saving a checkpoint"
 def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] = lambda: FINISH_THE_STEP,
                         resumes_from: Callable[[], str] = lambda: "the last complete checkpoint"):
     """Make SIGINT, SIGTERM and SIGXCPU append their number to ``received`` (the loop stops after the step it is in)
-    and say on ``console`` what happens next, as ``plan()`` puts it then; a second SIGINT or SIGTERM stops at once (``KeyboardInterrupt`` for
-    SIGINT, exit status 143 for SIGTERM), saying what ``--resume`` would continue from (``resumes_from()``).
+    and say on ``console`` what happens next, as ``plan()`` puts it then; a second SIGINT or SIGTERM stops at once
+    (``KeyboardInterrupt`` for SIGINT, exit status 143 for SIGTERM), saying what ``--resume`` would continue from
+    (``resumes_from()``).
     Returns a function that puts the previous handlers back. Does nothing outside the main thread, where Python
     cannot install handlers, and leaves a signal the process ignores ignored (a background job of a shell ignores
     SIGINT, as Python's own Ctrl-C handling does then)."""
