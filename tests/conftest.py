@@ -30,9 +30,9 @@ def ctrl_c_not_ignored():
 
 @pytest.fixture(autouse=True)
 def stop_signal_handlers_restored():
-    """Each test leaves Ctrl-C and SIGTERM as it found them: one that fails midway through an interrupted run, or runs
-    a laboratory worker's code in the test process, must not leave them ignored for the tests after it."""
-    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    """Each test leaves Ctrl-C, SIGTERM and SIGXCPU as it found them: one that fails midway through an interrupted run,
+    or runs a laboratory worker's code in the test process, must not leave them ignored for the tests after it."""
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGXCPU)}
     yield
     for number, handler in before.items():
         if signal.getsignal(number) is not handler:

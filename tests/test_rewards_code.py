@@ -1159,15 +1159,18 @@ def test_a_job_s_lower_hard_limits_are_kept_and_the_program_runs():
         program = ("import resource\\nprint(int(input()) * 2, *(resource.getrlimit(getattr(resource, 'RLIMIT_' + name))[1] "
                    "for name in ('NOFILE', 'FSIZE', 'NPROC')))")
         run = run_in_sandbox(program, [SandboxCase("stdin", "3\\n")])
-        print(run.outcomes[0].status, run.outcomes[0].stdout.strip(), run.uid is None, run.isolation.get("user_namespace"))
+        print(run.outcomes[0].status, run.outcomes[0].stdout.strip(), run.uid is None, run.isolation.get("user_namespace"),
+              "|", run.isolation.get("process_limit"))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    status, doubled, files, size, processes, shared_uid, user_namespace = done.stdout.split()
+    fields, note = done.stdout.split(" | ")
+    status, doubled, files, size, processes, shared_uid, user_namespace = fields.split()
     assert (status, doubled, files, size) == ("ok", "6", "32", str(8 * 2**20))
     if shared_uid == "False" or user_namespace == "True":  # RLIMIT_NPROC set for the program (not for root's own uid)
         assert int(processes) <= 10
+        assert "RLIMIT_NPROC=10, the job's own hard limit" in note, note
 
 
 def test_background_children_are_killed_even_when_they_leave_the_process_group():

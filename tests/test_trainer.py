@@ -2567,6 +2567,29 @@ def test_the_cpu_time_limit_s_signal_finishes_the_step_and_its_repeats_do_not_st
     assert signal.getsignal(signal.SIGXCPU) == before
 
 
+def test_a_run_stopped_by_a_signal_leaves_sigxcpu_to_the_next_run(tmp_path, tiny_model_dir, arithmetic_files):
+    """The Python API: a run stopped by a signal (here should_stop) left SIGXCPU ignored, so the next run took it for
+    one its starter ignores and did not catch it (nor did any process started after, which inherits SIG_IGN)."""
+    from entrorl.trainer import TrainingInterrupted
+
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 4}, checkpoint={"every": 0}))
+    with pytest.raises(TrainingInterrupted):
+        Trainer(config, run_dir=tmp_path / "one").train(handle_signals=True, should_stop=lambda: True)
+    assert signal.getsignal(signal.SIGXCPU) is not signal.SIG_IGN
+    trainer = Trainer(config, run_dir=tmp_path / "two")
+    step = trainer.train_step
+
+    def step_that_reaches_the_limit():
+        os.kill(os.getpid(), signal.SIGXCPU)
+        return step()
+
+    trainer.train_step = step_that_reaches_the_limit
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.train(handle_signals=True)
+    assert (stopped.value.signal_number, stopped.value.step) == (signal.SIGXCPU, 1)
+
+
 def test_train_under_a_soft_cpu_time_limit_saves_its_step_and_says_how_to_continue(tmp_path, tiny_model_dir,
                                                                                    arithmetic_files):
     """`prlimit --cpu=S:H entrorl train ...`: at S CPU seconds the run finishes its step, saves it and exits 152 with

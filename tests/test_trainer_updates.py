@@ -697,8 +697,37 @@ def test_a_checkpoint_larger_than_the_file_size_limit_is_said_to_be(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert ("probably the process's file-size limit (RLIMIT_FSIZE, `ulimit -f`): files of at most 0.04 MiB, and this "
-            "checkpoint's largest takes about 0.08 MiB; raise the limit; no checkpoint was written before") in done.stdout
+    assert ("probably the process's file-size limit (RLIMIT_FSIZE, `ulimit -f`): files of at most 0.04 MiB, and the "
+            "trainer state takes 0.08 MiB; raise the limit; no checkpoint was written before") in done.stdout
+
+
+def test_a_full_disk_under_a_file_size_limit_every_file_fits_is_not_blamed_on_the_limit(tmp_path):
+    """The note compared the limit with an estimate of the largest file (12 bytes a bfloat16 weight for AdamW's state,
+    which takes 4), blamed the limit for a full disk, and never looked at the disk."""
+    script = textwrap.dedent("""
+        import errno, resource, sys, torch
+        from pathlib import Path
+        from entrorl.trainer import checkpoint
+        model = torch.nn.Linear(256, 256).to(torch.bfloat16)
+        optimizer = torch.optim.AdamW(model.parameters())
+        model(torch.zeros(1, 256, dtype=torch.bfloat16)).sum().backward()
+        optimizer.step()
+        state = {"optimizer": optimizer.state_dict()}  # about 263 kB of bfloat16 moments
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, resource.RLIM_INFINITY))  # every file written fits
+        model.save_pretrained = lambda directory, **options: None
+        def full(self, directory):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        tokenizer = type("Tokenizer", (), {"save_pretrained": full})()
+        try:
+            checkpoint.save_checkpoint(Path(sys.argv[1]), 1, model=model, tokenizer=tokenizer, trainer_state=state, keep=1)
+        except checkpoint.CheckpointWriteError as error:
+            print(error)
+    """)
+    (tmp_path / "run").mkdir()
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "No space left on device" in done.stdout and "file-size limit" not in done.stdout, done.stdout
 
 
 def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):

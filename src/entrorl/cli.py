@@ -169,6 +169,10 @@ def train(
             error = out_of_memory_while(trainer.activity, error, files_read=False)
         _fail(with_the_way_on(str(error)), code=1)
     except TrainingInterrupted as error:
+        if error.signal_number == getattr(signal, "SIGXCPU", None):
+            # the kernel repeats it every CPU second: as Python shuts down (its handler then back to the default) a
+            # repeat would end the process by the signal, after the step was saved
+            signal.signal(signal.SIGXCPU, signal.SIG_IGN)
         by = f" by {signal.Signals(error.signal_number).name}"
         if error.checkpoint is None:
             console.print(Text.assemble(("interrupted", "bold yellow"), by + " after the evaluation at the start, before "

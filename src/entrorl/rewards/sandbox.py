@@ -279,8 +279,11 @@ def set_limits(isolation):
         isolation["process_limit"] = "RLIMIT_NPROC=%d in the user namespace (max_processes%s)" % (
             processes, " + the PID namespace's keeper and reaper" if isolation.get("pid_namespace") else "")
     if processes is not None:
-        processes = within_the_job_s_limit(resource.RLIMIT_NPROC, processes)
-        resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
+        allowed = within_the_job_s_limit(resource.RLIMIT_NPROC, processes)
+        if allowed < processes:
+            isolation["process_limit"] = "RLIMIT_NPROC=%d, the job's own hard limit (below the %d set here)" % (
+                allowed, processes)
+        resource.setrlimit(resource.RLIMIT_NPROC, (allowed, allowed))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-long write raises OSError(EFBIG) instead
 
 

@@ -369,19 +369,20 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
-def _why_a_checkpoint_may_not_fit(folder: Path, model, adapter=None, merged: bool = True,
+def _why_a_checkpoint_may_not_fit(folder: Path, error: BaseException, model, adapter=None, merged: bool = True,
                                   trainer_state: dict[str, Any] | None = None) -> str:
-    """", probably a full disk: ..." when the filesystem holding ``folder`` has less room than a checkpoint of
-    ``model`` takes, or ", probably the process's file-size limit: ..." when its weights or its trainer state is
-    larger than that limit (``ulimit -f``), which a library's own error may not say (torch's zip writer reports
-    ENOSPC and EFBIG as "unexpected pos")."""
-    weights, state = _checkpoint_sizes(model, adapter, merged)
-    state = max(state, _tensor_bytes(trainer_state))
+    """What a library's own error about a failed checkpoint may not say (torch's zip writer reports ENOSPC and EFBIG
+    as "unexpected pos"): ", probably the process's file-size limit: ..." when the error says a file grew too large
+    (EFBIG) or the trainer state alone is larger than that limit (``ulimit -f``); else ", probably a full disk: ..."
+    when the filesystem holding ``folder`` has less room than a checkpoint of ``model`` takes."""
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None
-    if limit is not None and limit != resource.RLIM_INFINITY and max(weights, state) > limit:
-        return (f", probably the process's file-size limit (RLIMIT_FSIZE, `ulimit -f`): files of at most "
-                f"{limit / 2**20:.2f} MiB, and this checkpoint's largest takes about {max(weights, state) / 2**20:.2f} "
-                "MiB; raise the limit")
+    if limit is not None and limit != resource.RLIM_INFINITY:
+        state = _tensor_bytes(trainer_state)
+        if _said_too_large(error) or state > limit:
+            took = f", and the trainer state takes {state / 2**20:.2f} MiB" if state > limit else ""
+            return (f", probably the process's file-size limit (RLIMIT_FSIZE, `ulimit -f`): files of at most "
+                    f"{limit / 2**20:.2f} MiB{took}; raise the limit")
+    weights, state = _checkpoint_sizes(model, adapter, merged)
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
@@ -390,6 +391,17 @@ def _why_a_checkpoint_may_not_fit(folder: Path, model, adapter=None, merged: boo
         return ""
     return (f", probably a full disk: {free / 2**20:.1f} MiB free there, and a checkpoint of this model takes about "
             f"{(weights + state) / 2**20:.1f} MiB")
+
+
+def _said_too_large(error: BaseException) -> bool:
+    """Whether ``error``, or one it was raised from or while handling, is EFBIG: a file over the size limit."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if (isinstance(error, OSError) and error.errno == errno.EFBIG) or "File too large" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], keep: int,
@@ -432,7 +444,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
         shutil.rmtree(temporary, ignore_errors=True)
         previous = latest_checkpoint(run_dir, verify="all")  # what a resume would take: complete, with its bytes
         raise CheckpointWriteError(
-            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}){_why_a_checkpoint_may_not_fit(root, model, adapter, merged, trainer_state)}; "
+            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}){_why_a_checkpoint_may_not_fit(root, error, model, adapter, merged, trainer_state)}; "
             + (f"the last complete checkpoint, {previous.name}, is intact" if previous is not None else "no checkpoint was written before")
         ) from error
     if final.exists():

@@ -58,8 +58,6 @@ def exit_at_once_on_another_signal(console, run_dir: Path, *, resumable: bool = 
         for number in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(number) is not signal.SIG_IGN:  # ignored by whoever started the process: it stays so
                 signal.signal(number, exit_now)
-        if _CPU_TIME_LIMIT is not None:  # its repeats may not end the exit that follows (Python's own handler would
-            signal.signal(_CPU_TIME_LIMIT, signal.SIG_IGN)  # be set back to the default as it shuts down)
 
 
 FINISH_THE_STEP = "finishing the current step, then saving a checkpoint"
