@@ -687,18 +687,11 @@ def test_a_checkpoint_larger_than_the_file_size_limit_is_said_to_be(tmp_path):
         model = torch.nn.Linear(64, 64)  # weights of 16,640 bytes, AdamW's moments 33,280: the state's 80,000 is over
         model.save_pretrained = lambda directory, **options: None
         tokenizer = type("Tokenizer", (), {"save_pretrained": lambda self, directory: None})()
-        try:
-            checkpoint.save_checkpoint(Path(sys.argv[1]), 1, model=model, tokenizer=tokenizer,
-                                       trainer_state={"optimizer": [torch.zeros(20_000)]}, keep=1)
-        except checkpoint.CheckpointWriteError as error:
-            print(error)
+        state = {"optimizer": [torch.zeros(20_000)]}
     """)
-    (tmp_path / "run").mkdir()
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    said = _the_error_of_a_checkpoint_saved_in_a_process(tmp_path, script)
     assert ("probably the process's file-size limit (RLIMIT_FSIZE, `ulimit -f`): files of at most 0.04 MiB, and the "
-            "trainer state takes 0.08 MiB; raise the limit; no checkpoint was written before") in done.stdout
+            "trainer state takes 0.08 MiB; raise the limit; no checkpoint was written before") in said
 
 
 def test_a_full_disk_under_a_file_size_limit_every_file_fits_is_not_blamed_on_the_limit(tmp_path):
@@ -718,6 +711,15 @@ def test_a_full_disk_under_a_file_size_limit_every_file_fits_is_not_blamed_on_th
         def full(self, directory):
             raise OSError(errno.ENOSPC, "No space left on device")
         tokenizer = type("Tokenizer", (), {"save_pretrained": full})()
+    """)
+    said = _the_error_of_a_checkpoint_saved_in_a_process(tmp_path, script)
+    assert "No space left on device" in said and "file-size limit" not in said, said
+
+
+def _the_error_of_a_checkpoint_saved_in_a_process(tmp_path, setting_up: str) -> str:
+    """The CheckpointWriteError of save_checkpoint(model, tokenizer, state) after ``setting_up`` (Python code that
+    makes them, and sets the limits) in a process of its own."""
+    script = setting_up + textwrap.dedent("""
         try:
             checkpoint.save_checkpoint(Path(sys.argv[1]), 1, model=model, tokenizer=tokenizer, trainer_state=state, keep=1)
         except checkpoint.CheckpointWriteError as error:
@@ -727,7 +729,7 @@ def test_a_full_disk_under_a_file_size_limit_every_file_fits_is_not_blamed_on_th
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "No space left on device" in done.stdout and "file-size limit" not in done.stdout, done.stdout
+    return done.stdout
 
 
 def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
