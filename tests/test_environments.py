@@ -163,3 +163,35 @@ def test_the_methods_are_listed_readably_on_an_80_column_terminal():
     assert "  paper: arXiv 2505.22312" in narrow and "  loss aggregation: token-mean" in narrow
     wide = entrorl("methods", environment={**ENVIRONMENT, "COLUMNS": "160"}).stdout.decode()
     assert "┃ method" in wide and "arXiv 2505.22312" in wide
+
+
+def test_the_commands_keep_their_help_and_say_why_models_cannot_load_under_python_oo(tmp_path, tiny_model_dir):
+    """`python -OO` (PYTHONOPTIMIZE=2) strips docstrings: the commands' help came from theirs, so `entrorl --help`
+    listed them without a word; and transformers cannot import a model's code then, which `eval`, `train` and `data
+    audit` reported as "No `Args` or `Parameters` section is found in the docstring of ...", naming no cause."""
+    def under_oo(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-OO", "-m", "entrorl.cli", *map(str, args)], capture_output=True,
+                              text=True, env=ENVIRONMENT, timeout=300)
+
+    listed = under_oo("--help").stdout
+    assert "Train a local Hugging Face model" in listed and "Avg@n, unbiased Pass@k" in listed
+    assert "docs/configuration.md" in under_oo("train", "--help").stdout
+    assert "separate hard prompts from ones whose reference looks wrong" in under_oo("data", "--help").stdout
+    evaluated = under_oo("eval", "--model", tiny_model_dir, "--data", prompts(tmp_path / "data.jsonl"), "--n", "1",
+                         "--max-new-tokens", "2")
+    assert evaluated.returncode == 2
+    assert ("transformers cannot import the model's code when Python strips docstrings (python -OO, PYTHONOPTIMIZE=2): "
+            "run without them") in " ".join(evaluated.stderr.split())
+
+
+def test_no_text_file_of_a_run_is_read_in_the_locale_s_encoding(tmp_path, tiny_model_dir):
+    """`-X warn_default_encoding`: a resume read reward_errors.log (written in UTF-8) in the locale's encoding."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "reward_errors.log").write_text("step 1, Traceback ...\n", encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(settings(tiny_model_dir, prompts(tmp_path / "train.jsonl"))))
+    done = subprocess.run([sys.executable, "-X", "warn_default_encoding", "-m", "entrorl.cli", "train", str(config),
+                           "--run-dir", str(run)], capture_output=True, text=True, env=ENVIRONMENT, timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert not [line for line in done.stderr.splitlines() if "EncodingWarning" in line and "entrorl" in line]

@@ -56,15 +56,15 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(help=(
+    "Train a local Hugging Face model with an entrorl method; writes metrics.jsonl and checkpoints. Every "
+    "key of the configuration: docs/configuration.md."))
 def train(
     config: Annotated[Path, typer.Argument(help="YAML training configuration")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key, e.g. --set optim.lr=1e-5 or --set reward.extra.0.weight=0.5 (repeatable)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint of the run directory")] = False,
     run_dir: Annotated[Optional[Path], typer.Option(help="run directory (default: logging.run_dir/logging.name)")] = None,
 ) -> None:
-    """Train a local Hugging Face model with an entrorl method; writes metrics.jsonl and checkpoints. Every key of the
-    configuration: docs/configuration.md."""
     from entrorl.modeling import is_out_of_memory, out_of_memory_while
     from entrorl.trainer import ConfigError, Trainer, TrainingInterrupted, TrainingStopped, load_config
     from entrorl.trainer.checkpoint import CheckpointWriteError, checkpoint_step, latest_checkpoint
@@ -272,10 +272,10 @@ TopPOption = Annotated[float, typer.Option(callback=_probability_above_zero, hel
 TopKOption = Annotated[int, typer.Option(min=0, help="keep only the k most likely tokens (0 = off)")]
 PromptColumnOption = Annotated[Optional[str], typer.Option(
     help="the data's column holding the prompt: text, or chat messages (with --chat-template); default: a run's "
-         "data.prompt_column when --model is a run or one of its checkpoints, else prompt")]
+    "data.prompt_column when --model is a run or one of its checkpoints, else prompt")]
 AnswerColumnOption = Annotated[Optional[str], typer.Option(
     help="the data's column holding the reference answer (reward_model.ground_truth: a field within a column); "
-         "default: a run's data.answer_column when --model is a run or one of its checkpoints, else answer")]
+    "default: a run's data.answer_column when --model is a run or one of its checkpoints, else answer")]
 SeedOption = Annotated[int, typer.Option(help="sampling seed (what torch.manual_seed takes: -2**63 to 2**64 - 1)",
                                          min=-(2**63), max=2**64 - 1)]
 RewardOption = Annotated[Optional[str], typer.Option("--reward", help="reward name or package.module:function "
@@ -724,7 +724,8 @@ def _sampling_progress(total: int, *, elapsed: bool = False):
         yield advance
 
 
-@app.command("eval")
+@app.command("eval", help=(
+    "Avg@n, unbiased Pass@k and the pass-rate histogram of a model on a prompt file."))
 def evaluate(
     model: ModelDirOption,
     data: DataFileOption,
@@ -758,7 +759,6 @@ def evaluate(
     dtype: DtypeOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Avg@n, unbiased Pass@k and the pass-rate histogram of a model on a prompt file."""
     from entrorl.data.loading import check_output_file
     from entrorl.rewards import error_headline
     from entrorl.trainer.checkpoint import atomic_write_text
@@ -857,7 +857,10 @@ def evaluate(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(help=(
+    "Check the entropy theory on a training run: law fit and ceiling forecast, predicted vs measured "
+    "entropy change, covariance concentration, interventions, evaluations and fork tokens, as report.md / "
+    "report.html / report.json."))
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a training run directory (entrorl train --run-dir, or TRL's output_dir "
                                                  "with the entrorl plugin), or verl's file-logger JSON lines")],
@@ -867,8 +870,6 @@ def report(
                                                       "above 0 and at most 1 (the paper's 15%)")] = 0.15,
     figures: Annotated[bool, typer.Option(help="draw the PNG figures")] = True,
 ) -> None:
-    """Check the entropy theory on a training run: law fit and ceiling forecast, predicted vs measured entropy change,
-    covariance concentration, interventions, evaluations and fork tokens, as report.md / report.html / report.json."""
     from entrorl.analysis.run_report import NotARunDirectory, default_report_dir, write_run_report
     from entrorl.data.loading import check_output_directory
 
@@ -910,7 +911,8 @@ SFT_BASELINE = "fine-tuning on a reference demonstration of each sampled prompt;
 _METHODS_TABLE_WIDTH = 120
 
 
-@app.command()
+@app.command(help=(
+    "List every method with its parameters, defaults and paper; with METHOD, every parameter of that one."))
 def methods(
     method: Annotated[Optional[str], typer.Argument(help="one method, or a composition such as dapo+clip_b: every "
                                                         "parameter of its parts, with its default and meaning")] = None,
@@ -918,7 +920,6 @@ def methods(
     imports: Annotated[Optional[list[str]], typer.Option(
         "--import", help="a module to import first (repeatable), which registers methods or parts of your own")] = None,
 ) -> None:
-    """List every method with its parameters, defaults and paper; with METHOD, every parameter of that one."""
     from entrorl.objective import available_methods
     from entrorl.rewards.base import import_named_modules
 
@@ -1025,7 +1026,9 @@ def _describe_method(method: str, *, as_json: bool) -> None:
                   soft_wrap=True)
 
 
-@app.command()
+@app.command(help=(
+    "The entropy laboratory: train the built-in tiny model with every method side by side, then write a "
+    "report."))
 def lab(
     preset: Annotated[str, typer.Option(help="default (10 to 15 minutes on two cores once the base model is built) or "
                                               "quick (the same matrix at toy scale, a few minutes)")] = "default",
@@ -1038,7 +1041,6 @@ def lab(
         "--import", help="a module to import first (repeatable), which registers methods of your own "
                          "(entrorl.objective.register_method) for --methods to name")] = None,
 ) -> None:
-    """The entropy laboratory: train the built-in tiny model with every method side by side, then write a report."""
     from entrorl.analysis.run_report import lab_command, lab_imports
     from entrorl.lab.runner import (LabInterrupted, default_run_directory, failed_methods, interrupted_methods,
                                     run_lab)
@@ -1091,7 +1093,11 @@ data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect
 app.add_typer(data_app, name="data")
 
 
-@data_app.command("reasoning-gym")
+@data_app.command("reasoning-gym", help=(
+    "Generate a reasoning-gym task as a prompt file for `train` and `eval` with the `reasoning_gym` "
+    "reward.\n\nEach line holds the prompt, the reference answer (null for tasks whose verifier needs "
+    "none: train with data.require_answer false) and the task's entry, name and config, which the "
+    "reward's verifier reads."))
 def data_reasoning_gym(
     task: Annotated[str, typer.Argument(help="reasoning-gym data set, e.g. basic_arithmetic (--list shows them all)")] = "",
     out: Annotated[Optional[Path], typer.Option(help="JSONL file to write (default: <task>.jsonl)")] = None,
@@ -1101,11 +1107,6 @@ def data_reasoning_gym(
                                               "which the reasoning_gym reward reads")] = True,
     list_tasks: Annotated[bool, typer.Option("--list", help="print the installed tasks and exit")] = False,
 ) -> None:
-    """Generate a reasoning-gym task as a prompt file for `train` and `eval` with the `reasoning_gym` reward.
-
-    Each line holds the prompt, the reference answer (null for tasks whose verifier needs none: train with
-    data.require_answer false) and the task's entry, name and config, which the reward's verifier reads.
-    """
     from entrorl._checks import did_you_mean
     from entrorl.data import PromptRecord, write_jsonl
     from entrorl.data.loading import check_output_file
@@ -1152,7 +1153,11 @@ def data_reasoning_gym(
                       soft_wrap=True)
 
 
-@data_app.command("audit")
+@data_app.command("audit", help=(
+    "Sample a model on every prompt and separate hard prompts from ones whose reference looks "
+    "wrong.\n\nWrites into --out: the pass-rate histogram (JSON and PNG), the suspected-wrong prompts, "
+    "every prompt's audit, the rows in --band in the input's format, and summary.json. The input is only "
+    "read."))
 def data_audit(
     model: ModelDirOption,
     data: DataFileOption,
@@ -1182,11 +1187,6 @@ def data_audit(
     dtype: DtypeOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Sample a model on every prompt and separate hard prompts from ones whose reference looks wrong.
-
-    Writes into --out: the pass-rate histogram (JSON and PNG), the suspected-wrong prompts, every
-    prompt's audit, the rows in --band in the input's format, and summary.json. The input is only read.
-    """
     from entrorl._checks import visible_controls
     from entrorl.data import parse_band
     from entrorl.data.audit import AuditThresholds

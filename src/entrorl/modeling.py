@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import stat
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -383,6 +384,9 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
                 output_loading_info=True, ignore_mismatched_sizes=True)
     except ValueError as error:
         _refuse_custom_code(path, error, trust_remote_code)
+        if sys.flags.optimize >= 2 and "docstring" in str(error):
+            raise ValueError(f"transformers cannot import the model's code when Python strips docstrings (python -OO, "
+                             f"PYTHONOPTIMIZE=2): run without them ({error})") from error
         raise
     except MemoryError as error:
         _refuse_shapes_config_json_declares_beyond_the_files(path, trust_remote_code, error)

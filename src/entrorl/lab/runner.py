@@ -496,7 +496,7 @@ def _prepare_run_directory(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-check-{os.getpid()}"
-        probe.write_text("")
+        probe.write_text("", encoding="utf-8")
         probe.unlink()
     except OSError as error:
         raise ValueError(f"--out {out} cannot be used as a run directory: {error.strerror or error}") from None

@@ -337,7 +337,7 @@ class Trainer:
         reward_log = self.run_dir / "reward_errors.log"
         if reward_log.is_file():  # afresh, written by a discarded step, or cut short (an earlier version wrote it in
             # place: a full disk left it empty): the run's first failure is still to come
-            match = self._REWARD_LOG_STEP.match(reward_log.read_text(errors="replace")[:40])
+            match = self._REWARD_LOG_STEP.match(reward_log.read_text(encoding="utf-8", errors="replace")[:40])
             if step is None or match is None or int(match.group(1)) > step:
                 reward_log.unlink()
 
