@@ -195,3 +195,18 @@ def test_no_text_file_of_a_run_is_read_in_the_locale_s_encoding(tmp_path, tiny_m
                            "--run-dir", str(run)], capture_output=True, text=True, env=ENVIRONMENT, timeout=300)
     assert done.returncode == 0, done.stderr[-1500:]
     assert not [line for line in done.stderr.splitlines() if "EncodingWarning" in line and "entrorl" in line]
+
+
+def test_the_oo_note_is_only_for_transformers_docstring_checks(tmp_path, tiny_model_dir):
+    """A ValueError of another cause whose message names a folder called docstring_study (here a config.json without
+    model_type) was said to come from -OO."""
+    model = tmp_path / "docstring_study"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    del config["model_type"]
+    (model / "config.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-OO", "-c", "import sys\nfrom entrorl.modeling import load_causal_lm\n"
+                           "load_causal_lm(sys.argv[1])", str(model)], capture_output=True, text=True, env=ENVIRONMENT,
+                          timeout=300)
+    assert done.returncode == 1 and "ValueError" in done.stderr, done.stderr[-1500:]
+    assert "strips docstrings" not in done.stderr

@@ -2612,6 +2612,42 @@ def test_train_under_a_soft_cpu_time_limit_saves_its_step_and_says_how_to_contin
         in " ".join(done.stderr.split())
 
 
+# `entrorl train` where a signal comes during a chosen step, then the kernel's SIGXCPU repeats (one every CPU second
+# until the hard limit), imitated every 10 ms until the process is gone
+REPEATED_SIGXCPU = textwrap.dedent("""
+    import os, signal, subprocess, sys
+    from entrorl.trainer import loop
+    first_signal, at_last_step = signal.Signals[sys.argv.pop(1)], sys.argv.pop(1) == "last"
+    original = loop.Trainer.train_step
+    def step(self):
+        if self.step == (self.config.optim.steps - 1 if at_last_step else 0):
+            os.kill(os.getpid(), first_signal)
+            subprocess.Popen(["bash", "-c", f"while kill -XCPU {os.getpid()} 2>/dev/null; do sleep 0.01; done"],
+                             start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        return original(self)
+    loop.Trainer.train_step = step
+    from entrorl.cli import main
+    sys.argv = ["entrorl", *sys.argv[1:]]
+    main()
+""")
+
+
+@pytest.mark.parametrize("first, when, status, said", [
+    ("SIGXCPU", "last", 0, "done:"), ("SIGINT", "first", 130, "interrupted by SIGINT after step 1")])
+def test_the_cpu_time_limit_s_repeats_never_end_the_train_command(tmp_path, tiny_model_dir, arithmetic_files, first,
+                                                                   when, status, said):
+    """The limit reached in the last step (the run finishes) or after a Ctrl-C: the trainer's handler went back to the
+    default as Python shut down, and a repeat ended the process by SIGXCPU (a core dump, 152 to a shell)."""
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 2},
+                                                             checkpoint={"every": 1}))
+    done = subprocess.run([sys.executable, "-c", REPEATED_SIGXCPU, first, when, "train", str(config), "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == status and said in " ".join(done.stderr.split()), (done.returncode, done.stderr[-1500:])
+
+
 def test_a_stop_signal_the_process_ignores_stays_ignored():
     """A shell's background job ignores SIGINT (and a launcher may ignore SIGTERM): the trainer neither catches such
     a signal nor, once a checkpoint is saved, turns it into "exit at once"; the other one it catches as usual."""

@@ -169,10 +169,6 @@ def train(
             error = out_of_memory_while(trainer.activity, error, files_read=False)
         _fail(with_the_way_on(str(error)), code=1)
     except TrainingInterrupted as error:
-        if error.signal_number == getattr(signal, "SIGXCPU", None):
-            # the kernel repeats it every CPU second: as Python shuts down (its handler then back to the default) a
-            # repeat would end the process by the signal, after the step was saved
-            signal.signal(signal.SIGXCPU, signal.SIG_IGN)
         by = f" by {signal.Signals(error.signal_number).name}"
         if error.checkpoint is None:
             console.print(Text.assemble(("interrupted", "bold yellow"), by + " after the evaluation at the start, before "
@@ -187,6 +183,11 @@ def train(
         if not is_out_of_memory(error):
             raise
         _fail(with_the_way_on(str(out_of_memory_while(trainer.activity, error, files_read=False))), code=1)
+    finally:
+        # the run has ended, saved or not; a soft CPU-time limit's SIGXCPU comes again every CPU second, and as
+        # Python shuts down (the trainer's handler back to the default) a repeat would end the process by the signal
+        if hasattr(signal, "SIGXCPU"):
+            signal.signal(signal.SIGXCPU, signal.SIG_IGN)
     console.print(Text.assemble(("done", "green"), f": {_run_summary(trainer.run_dir)}"), soft_wrap=True)
 
 

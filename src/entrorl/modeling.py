@@ -384,7 +384,7 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
                 output_loading_info=True, ignore_mismatched_sizes=True)
     except ValueError as error:
         _refuse_custom_code(path, error, trust_remote_code)
-        if sys.flags.optimize >= 2 and "docstring" in str(error):
+        if sys.flags.optimize >= 2 and "docstring" in str(error).replace(str(path), ""):
             raise ValueError(f"transformers cannot import the model's code when Python strips docstrings (python -OO, "
                              f"PYTHONOPTIMIZE=2): run without them ({error})") from error
         raise

@@ -358,30 +358,20 @@ def _checkpoint_sizes(model, adapter=None, merged: bool = True) -> tuple[int, in
     return weights, state
 
 
-def _tensor_bytes(value: Any) -> int:
-    """The bytes of the tensors in ``value`` (a trainer state: nested dicts, lists and tuples)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(item) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(item) for item in value)
-    return 0
-
-
-def _why_a_checkpoint_may_not_fit(folder: Path, error: BaseException, model, adapter=None, merged: bool = True,
-                                  trainer_state: dict[str, Any] | None = None) -> str:
+def _why_a_checkpoint_may_not_fit(folder: Path, written: Path, error: BaseException, model, adapter=None,
+                                  merged: bool = True) -> str:
     """What a library's own error about a failed checkpoint may not say (torch's zip writer reports ENOSPC and EFBIG
     as "unexpected pos"): ", probably the process's file-size limit: ..." when the error says a file grew too large
-    (EFBIG) or the trainer state alone is larger than that limit (``ulimit -f``); else ", probably a full disk: ..."
-    when the filesystem holding ``folder`` has less room than a checkpoint of ``model`` takes."""
+    (EFBIG) or a file of the checkpoint's folder ``written`` reached that limit (``ulimit -f``); else ", probably a
+    full disk: ..." when the filesystem holding ``folder`` has less room than a checkpoint of ``model`` takes."""
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None
     if limit is not None and limit != resource.RLIM_INFINITY:
-        state = _tensor_bytes(trainer_state)
-        if _said_too_large(error) or state > limit:
-            took = f", and the trainer state takes {state / 2**20:.2f} MiB" if state > limit else ""
+        at_the_limit = sorted(str(file.relative_to(written)) for file in written.rglob("*")
+                              if file.is_file() and file.stat().st_size >= limit)
+        if at_the_limit or _said_too_large(error):
+            reached = f", which {', '.join(at_the_limit)} reached" if at_the_limit else ""
             return (f", probably the process's file-size limit (RLIMIT_FSIZE, `ulimit -f`): files of at most "
-                    f"{limit / 2**20:.2f} MiB{took}; raise the limit")
+                    f"{limit / 2**20:.2f} MiB{reached}; raise the limit")
     weights, state = _checkpoint_sizes(model, adapter, merged)
     try:
         free = shutil.disk_usage(folder).free
@@ -441,10 +431,11 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state
         modes_as_the_umask_gives(temporary)
         _sync_tree(temporary)
     except Exception as error:  # torch.save reports a full disk as a RuntimeError, safetensors as its own error
+        why = _why_a_checkpoint_may_not_fit(root, temporary, error, model, adapter, merged)
         shutil.rmtree(temporary, ignore_errors=True)
         previous = latest_checkpoint(run_dir, verify="all")  # what a resume would take: complete, with its bytes
         raise CheckpointWriteError(
-            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}){_why_a_checkpoint_may_not_fit(root, error, model, adapter, merged, trainer_state)}; "
+            f"writing checkpoint {name} in {root} failed ({type(error).__name__}: {error}){why}; "
             + (f"the last complete checkpoint, {previous.name}, is intact" if previous is not None else "no checkpoint was written before")
         ) from error
     if final.exists():
