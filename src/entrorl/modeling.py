@@ -257,20 +257,27 @@ _OUT_OF_MEMORY_WORDS = ("cannot allocate memory", "can't allocate memory", "not 
                         "bad_alloc")
 
 
+def errors_in_chain(error: BaseException | None, *, during: bool = True) -> Iterator[BaseException]:
+    """``error``, then what it was raised from (``__cause__``) or, with ``during``, while handling (``__context__``),
+    and so on, each once."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or (error.__context__ if during else None)
+
+
 def is_out_of_memory(error: BaseException, *, during: bool = True) -> bool:
     """Whether ``error`` (or what it was raised from, or, with ``during``, what it was raised while handling) says that
     memory ran out: ``MemoryError``, an allocator's or a memory map's refusal (``ENOMEM``, under ``ulimit -v`` too), a
     device's out-of-memory error; not a damaged file."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+    for link in errors_in_chain(error, during=during):
+        if isinstance(link, (MemoryError, torch.OutOfMemoryError)):
             return True
-        if isinstance(error, OSError) and error.errno == errno.ENOMEM:
+        if isinstance(link, OSError) and link.errno == errno.ENOMEM:
             return True
-        if isinstance(error, (RuntimeError, OSError)) and any(word in str(error).lower() for word in _OUT_OF_MEMORY_WORDS):
+        if isinstance(link, (RuntimeError, OSError)) and any(word in str(link).lower() for word in _OUT_OF_MEMORY_WORDS):
             return True  # a memory map or an allocator refused (torch, safetensors): said in words only
-        error = error.__cause__ or (error.__context__ if during else None)
     return False
 
 

@@ -55,7 +55,8 @@ import numpy as np
 import torch
 
 from entrorl._files import modes_as_the_umask_gives, refuse_a_name_that_is_not_utf8, write_atomically
-from entrorl.modeling import (TOKENIZER_FILES, check_model_files, config_rates_restored, declares_a_model, is_out_of_memory,
+from entrorl.modeling import (TOKENIZER_FILES, check_model_files, config_rates_restored, declares_a_model, errors_in_chain,
+                              is_out_of_memory,
                               load_causal_lm, out_of_memory_while, quiet_progress_bars, refuse_unreadable,
                               save_tokenizer)
 from entrorl.trainer.adapters import (ADAPTER_CONFIG, ADAPTER_DIRECTORY, ADAPTER_WEIGHTS, adapter_weights_file,
@@ -344,18 +345,18 @@ def _sync_tree(directory: Path) -> None:
         _sync_directory(folder)
 
 
-def _checkpoint_sizes(model, adapter=None, merged: bool = True) -> tuple[int, int]:
-    """About how many bytes a checkpoint of ``model`` writes as weights (float32 ones when ``adapter`` merges into a
-    half-precision model, the trained ones alone when it is not merged) and as the trainer's state (AdamW's two
-    float32 moments of each trained weight, and the float32 master copy of a trained half-precision one)."""
-    weights = state = 0
+def _checkpoint_bytes(model, adapter=None, merged: bool = True) -> int:
+    """About how many bytes a checkpoint of ``model`` writes: its weights (float32 ones when ``adapter`` merges into a
+    half-precision model, the trained ones alone when it is not merged), and as the trainer's state AdamW's two
+    float32 moments of each trained weight and the float32 master copy of a trained half-precision one."""
+    needed = 0
     for parameter in model.parameters():
         size = parameter.element_size()
         if merged or parameter.requires_grad:
-            weights += parameter.numel() * (max(size, 4) if adapter is not None else size)
+            needed += parameter.numel() * (max(size, 4) if adapter is not None else size)
         if parameter.requires_grad:
-            state += parameter.numel() * (8 + (4 if size < 4 else 0))
-    return weights, state
+            needed += parameter.numel() * (8 + (4 if size < 4 else 0))
+    return needed
 
 
 def _why_a_checkpoint_may_not_fit(folder: Path, written: Path, error: BaseException, model, adapter=None,
@@ -372,26 +373,21 @@ def _why_a_checkpoint_may_not_fit(folder: Path, written: Path, error: BaseExcept
             reached = f", which {', '.join(at_the_limit)} reached" if at_the_limit else ""
             return (f", probably the process's file-size limit (RLIMIT_FSIZE, `ulimit -f`): files of at most "
                     f"{limit / 2**20:.2f} MiB{reached}; raise the limit")
-    weights, state = _checkpoint_sizes(model, adapter, merged)
+    needed = _checkpoint_bytes(model, adapter, merged)
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return ""
-    if free >= weights + state:
+    if free >= needed:
         return ""
     return (f", probably a full disk: {free / 2**20:.1f} MiB free there, and a checkpoint of this model takes about "
-            f"{(weights + state) / 2**20:.1f} MiB")
+            f"{needed / 2**20:.1f} MiB")
 
 
 def _said_too_large(error: BaseException) -> bool:
     """Whether ``error``, or one it was raised from or while handling, is EFBIG: a file over the size limit."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if (isinstance(error, OSError) and error.errno == errno.EFBIG) or "File too large" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any((isinstance(link, OSError) and link.errno == errno.EFBIG) or "File too large" in str(link)
+               for link in errors_in_chain(error))
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], keep: int,
