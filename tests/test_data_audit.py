@@ -1101,6 +1101,13 @@ def terminated(prompt, completion, answer, **meta):
     os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop while the samples are scored
     time.sleep(5)
     return 1.0
+
+def over_the_cpu_time(prompt, completion, answer, **meta):
+    import os, signal, time
+    os.kill(os.getpid(), signal.SIGXCPU)  # the soft CPU-time limit reached while the samples are scored
+    os.kill(os.getpid(), signal.SIGXCPU)  # and the kernel's repeat a CPU second later
+    time.sleep(5)
+    return 1.0
 """
 
 
@@ -1262,6 +1269,53 @@ def test_sigterm_while_eval_or_audit_samples_says_so_exits_143_and_writes_nothin
         assert said in " ".join(result.output.split()) and "Traceback" not in result.output
         assert not Path(out).exists()
         assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGXCPU"), reason="no CPU-time limit signal on this system")
+def test_a_cpu_time_limit_reached_while_eval_or_audit_samples_stops_it_as_sigterm_does_exit_152(
+        markup_data, tiny_model_dir):
+    """SIGXCPU (a soft CPU-time limit, which by default ends the process with a core dump and no word) while the
+    samples are scored: one line naming the limit, exit 128 + 24, nothing written; the kernel's repeat is no second
+    request, and SIGXCPU stays ignored afterwards (the limit is reached: a repeat during Python's shutdown would end
+    the process by the signal)."""
+    import signal
+
+    common = ["--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "1", "--max-new-tokens", "2",
+              "--reward", "entrorl_test_audit_rewards:over_the_cpu_time"]
+    for command, out, said in ((["eval"], "e.json", "while sampling: nothing was written"),
+                               (["data", "audit"], "aud", "while sampling: nothing was written into aud")):
+        signal.signal(signal.SIGXCPU, signal.SIG_DFL)
+        result = CliRunner().invoke(app, [*command, *common, "--out", out])
+        assert result.exit_code == 128 + signal.SIGXCPU, result.output
+        assert (f"terminated (SIGXCPU: the process's CPU-time limit is reached) {said}"
+                in " ".join(result.output.split())) and "Traceback" not in result.output, result.output
+        assert not Path(out).exists()
+        assert signal.getsignal(signal.SIGXCPU) is signal.SIG_IGN
+
+
+def test_an_eval_interrupted_while_writing_its_files_says_which_are_written(markup_data, tiny_model_dir, monkeypatch):
+    """Ctrl-C (or SIGTERM) once the samples are scored, while --samples and --out are written: one line naming the
+    file in place and the one not (which still holds an earlier evaluation's summary), exit 130, no temporary file."""
+    import entrorl.trainer.checkpoint
+
+    Path("e.json").write_text('{"earlier": true}\n')
+    write = entrorl.trainer.checkpoint.atomic_write_text
+
+    def interrupted_at_the_summary(path, text, **kwargs):
+        if Path(path).name == "e.json":
+            raise KeyboardInterrupt
+        write(path, text, **kwargs)
+
+    monkeypatch.setattr(entrorl.trainer.checkpoint, "atomic_write_text", interrupted_at_the_summary)
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "1",
+                                      "--max-new-tokens", "2", "--reward", "exact_match", "--samples", "s.jsonl",
+                                      "--out", "e.json"])
+    assert result.exit_code == 130, result.output
+    assert " ".join(result.output.split()).endswith(
+        "interrupted while writing the results: s.jsonl written, e.json not (it still holds an earlier result)"), \
+        result.output
+    assert Path("e.json").read_text() == '{"earlier": true}\n' and len(Path("s.jsonl").read_text().splitlines()) == 3
+    assert sorted(path.name for path in Path(".").iterdir() if ".tmp" in path.name) == []
 
 
 def test_eval_and_audit_of_a_bf16_run_s_checkpoint_load_it_in_bf16_unless_dtype_is_given(markup_data, tiny_model_dir,

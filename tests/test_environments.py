@@ -1,5 +1,6 @@
 """The command line where users and clusters run it: a locale that is not UTF-8, file and folder names that are not
-UTF-8 (copied from a Latin-1 system), a closed stdout (a daemon, ``>&-``), an 80-column terminal."""
+UTF-8 (copied from a Latin-1 system), a closed stdout (a daemon, ``>&-``), an output whose reader has gone (``| head
+-1``), an 80-column terminal."""
 
 from __future__ import annotations
 
@@ -58,6 +59,26 @@ def test_every_command_runs_with_stdout_closed(tmp_path, tiny_model_dir):
     missing = subprocess.run(["sh", "-c", f'exec "{sys.executable}" -m entrorl.cli report "{tmp_path / "missing"}" >&-'],
                              capture_output=True, text=True, env=environment, timeout=300)
     assert missing.returncode == 2 and "no run directory" in missing.stderr
+
+
+def test_eval_and_the_data_audit_write_their_files_when_the_reader_of_their_output_has_gone(tmp_path, tiny_model_dir):
+    """`entrorl eval ... 2>&1 | head -1`: once the reader has gone, rich ended the process (exit 1, nothing said) at
+    the first print after the sampling (the progress bar's last one), before --out, --samples or the audit's folder
+    were written: the whole evaluation was lost. A pipe whose reader has already gone is that race made certain."""
+    data = prompts(tmp_path / "data.jsonl")
+    common = ["--model", tiny_model_dir, "--data", data, "--n", "2", "--max-new-tokens", "2", "--reward", "exact_match"]
+    for command, files in ((["eval", *common, "--out", tmp_path / "e.json", "--samples", tmp_path / "s.jsonl"],
+                            [tmp_path / "e.json", tmp_path / "s.jsonl"]),
+                           (["data", "audit", *common, "--out", tmp_path / "audit"], [tmp_path / "audit" / "summary.json"])):
+        reading, writing = os.pipe()
+        os.close(reading)
+        try:
+            subprocess.run([sys.executable, "-m", "entrorl.cli", *map(str, command)], stdout=writing, stderr=writing,
+                           env=ENVIRONMENT, timeout=300)
+        finally:
+            os.close(writing)
+        assert [path.name for path in files if not path.is_file()] == [], command[:2]
+    assert len(json.loads((tmp_path / "e.json").read_text())["sources"]) == 4
 
 
 def test_eval_and_the_data_audit_of_a_file_whose_name_is_not_utf8_write_their_outputs(tmp_path, tiny_model_dir):

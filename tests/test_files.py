@@ -18,7 +18,7 @@ import pytest
 import typer
 
 from entrorl._files import put_in_place_together, write_atomically, write_folder_atomically, written_in_place
-from entrorl.cli import _said_when_interrupted, _sigterm_as_interrupt, _Terminated
+from entrorl.cli import _said_when_interrupted, _stop_signals_as_interrupt, _Terminated
 from entrorl.data.loading import check_output_file
 
 
@@ -459,6 +459,28 @@ def _chain(error: BaseException) -> list[BaseException]:
     return seen
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGXCPU"), reason="no CPU-time limit signal on this system")
+def test_a_cpu_time_limit_reached_inside_the_cli_s_stop_handling_raises_once_and_stays_ignored():
+    """SIGXCPU raises _Terminated as SIGTERM does, once: the kernel's repeats every CPU second are no new request; on
+    the way out SIGXCPU is ignored (a repeat would end the process while it says why it stopped), SIGTERM's handler
+    put back; when no SIGXCPU came, both handlers before are put back."""
+    signal.signal(signal.SIGXCPU, signal.SIG_DFL)
+    with pytest.raises(_Terminated) as stopped:
+        with _stop_signals_as_interrupt():
+            handler = signal.getsignal(signal.SIGXCPU)
+            try:
+                handler(signal.SIGXCPU, None)
+            finally:
+                handler(signal.SIGXCPU, None)  # the kernel's repeat while the first is handled: nothing
+    assert stopped.value.signal_number == signal.SIGXCPU
+    assert signal.getsignal(signal.SIGXCPU) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is not None
+    signal.signal(signal.SIGXCPU, signal.SIG_DFL)
+    before = signal.getsignal(signal.SIGTERM)
+    with _stop_signals_as_interrupt():
+        assert signal.getsignal(signal.SIGXCPU) is not signal.SIG_DFL
+    assert signal.getsignal(signal.SIGXCPU) is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_the_ctrl_c_noted_before_a_sigterm_is_in_the_context_of_the_exception_the_caller_gets(tmp_path, monkeypatch,
                                                                                                sigint_raises):
     """Both signals noted during the rollback's renames, SIGTERM raising _Terminated (the CLI's handler): the caller
@@ -468,7 +490,7 @@ def test_the_ctrl_c_noted_before_a_sigterm_is_in_the_context_of_the_exception_th
     monkeypatch.setattr(os, "replace", _failing_replace(staging, state, ctrl_c_in_rollback=True,
                                                         sigterm_in_rollback=True))
     with pytest.raises(_Terminated) as done:
-        with _sigterm_as_interrupt():
+        with _stop_signals_as_interrupt():
             put_in_place_together(staging, out, ["a.json", "b.json"])
     monkeypatch.undo()
     assert _visible(out) == {"a.json": "old a.json", "b.json": "old b.json"}

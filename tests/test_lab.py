@@ -1457,9 +1457,14 @@ def test_the_laboratory_gives_the_caller_its_torch_threads_back(tmp_path, monkey
         torch.set_num_threads(before)
 
 
-def test_sigterm_while_the_base_model_is_built_is_said_and_exits_143(tmp_path, monkeypatch, signal_handlers_restored):
-    """SIGTERM outside the methods' runs (the base model's training, minutes on first use): the laboratory says it was
-    interrupted and how to go on, and exits 143, as within a method, not killed without a word."""
+@pytest.mark.parametrize("name, said", [("SIGTERM", "interrupted by SIGTERM:"),
+                                        ("SIGXCPU", "interrupted by SIGXCPU (the CPU-time limit is reached):")])
+def test_sigterm_or_a_cpu_time_limit_while_the_base_model_is_built_is_said_and_exits_128_plus_its_number(
+        tmp_path, monkeypatch, name, said):
+    """SIGTERM or SIGXCPU (a soft CPU-time limit, whose default is a core dump) outside the methods' runs (the base
+    model's training, minutes on first use): the laboratory says it was interrupted, by what and how to go on, and
+    exits 143 / 152, as within a method, not killed without a word. SIGTERM's handler is put back; SIGXCPU, once
+    the limit is reached, stays ignored (the kernel repeats it every CPU second)."""
     import os
     import signal
 
@@ -1468,19 +1473,23 @@ def test_sigterm_while_the_base_model_is_built_is_said_and_exits_143(tmp_path, m
     from entrorl.cli import app
     from entrorl.lab import runner
 
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    number = getattr(signal, name, None)
+    if number is None:
+        pytest.skip(f"no {name} on this system")
+    signal.signal(number, signal.SIG_DFL)
     out = _finished_folder(tmp_path, monkeypatch)
 
     def terminated_while_building(spec, cache_dir=None, progress=None):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), number)
         __import__("time").sleep(30)  # the signal lands here
-        raise AssertionError("SIGTERM did not stop the laboratory")
+        raise AssertionError(f"{name} did not stop the laboratory")
 
     monkeypatch.setattr(runner, "build_base_model", terminated_while_building)
     result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--out", str(out)])
-    assert result.exit_code == 128 + signal.SIGTERM, result.output
-    assert "Continue with: entrorl lab --preset quick --methods grpo" in " ".join(result.output.split())
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+    assert result.exit_code == 128 + number, result.output
+    output = " ".join(result.output.split())
+    assert said in output and "Continue with: entrorl lab --preset quick --methods grpo" in output, output
+    assert signal.getsignal(number) is (signal.SIG_DFL if name == "SIGTERM" else signal.SIG_IGN)
 
 
 def _trains_on_regardless(job):
@@ -2467,6 +2476,27 @@ def test_sigterm_to_the_laboratory_counts_as_a_request_to_stop_and_its_handler_i
         signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
     assert (requests.count, requests.said_as) == (1, "SIGTERM")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGXCPU"), reason="no CPU-time limit signal on this system")
+def test_a_cpu_time_limit_reached_asks_the_laboratory_to_stop_once_whatever_its_repeats():
+    """SIGXCPU (a soft CPU-time limit) would end the laboratory's process with a core dump and no word: it counts as
+    one request to stop, as SIGTERM does; the kernel's repeats every CPU second are no second request (which would
+    end the methods at once); the handler before is put back."""
+    import signal
+
+    from entrorl.lab.runner import _counting_stop_signals
+
+    signal.signal(signal.SIGXCPU, signal.SIG_DFL)
+    with _counting_stop_signals() as requests:
+        for _ in range(3):
+            signal.getsignal(signal.SIGXCPU)(signal.SIGXCPU, None)
+    assert (requests.count, requests.said_as) == (1, "SIGXCPU (the CPU-time limit is reached)")
+    assert signal.getsignal(signal.SIGXCPU) is signal.SIG_DFL
+    with _counting_stop_signals() as requests:  # a Ctrl-C after it is the second request
+        signal.getsignal(signal.SIGXCPU)(signal.SIGXCPU, None)
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    assert requests.count == 2
 
 
 def test_a_resumed_invocation_records_the_folder_s_methods_in_order_and_its_outcomes_over_the_earlier_ones(

@@ -26,9 +26,25 @@ from rich.table import Table
 from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Entropy-aware reinforcement fine-tuning of language models.")
+
+
+class _MessagesConsole(Console):
+    """The console of progress and messages, on stderr. Once the reader of that output has gone (`entrorl eval ... 2>&1
+    | head -1`), what it would print goes to the null device and the command carries on to write its files (rich
+    would end the process at the next print, with exit 1, losing an evaluation that had finished)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            descriptor = self.file.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, descriptor)  # Python's own later writes to stderr (a flush at exit) go there too
+            os.close(null)
+
+
 # Every string that comes from the user's data, files or code (answers, prompts, paths, error messages) is printed
 # escaped (rich.markup.escape) or as a rich Text: as markup, "[bold]x" would print "x" and "[/i]" would raise.
-console = Console(stderr=True)
+console = _MessagesConsole(stderr=True)
 _python_show_warning = warnings.showwarning
 
 
@@ -426,43 +442,65 @@ _PRUNED_RETRIES = 3
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (a job scheduler's "stop") inside :func:`_sigterm_as_interrupt`: a KeyboardInterrupt, so that
-    it passes wherever Ctrl-C does (a reward's or an import's ``except Exception`` does not swallow it)."""
+    """SIGTERM (a job scheduler's "stop") or SIGXCPU (a soft CPU-time limit reached) arrived inside
+    :func:`_stop_signals_as_interrupt`: a KeyboardInterrupt, so that it passes wherever Ctrl-C does (a reward's or an
+    import's ``except Exception`` does not swallow it)."""
 
-    signal_number = signal.SIGTERM
+    def __init__(self, signal_number: int = signal.SIGTERM) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+# the kernel sends SIGXCPU at a soft CPU-time limit (`ulimit -St`, a scheduler's cputime), then again every CPU second
+# until the hard limit's SIGKILL (no such signal on Windows)
+_CPU_TIME_LIMIT = getattr(signal, "SIGXCPU", None)
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Inside, SIGTERM raises :class:`_Terminated`, as Ctrl-C raises KeyboardInterrupt: in the main thread, unless the
-    process was started with SIGTERM ignored. The handler before is put back on the way out (a second SIGTERM while
-    the first is being said then ends the process as it would have, without a traceback)."""
+def _stop_signals_as_interrupt():
+    """Inside, SIGTERM and a first SIGXCPU raise :class:`_Terminated`, as Ctrl-C raises KeyboardInterrupt: in the main
+    thread, for each signal unless the process was started with it ignored. The handlers before are put back on the
+    way out (a second SIGTERM while the first is being said then ends the process as it would have, without a
+    traceback), except that once the CPU-time limit is reached SIGXCPU stays ignored: its repeats, which are no new
+    request, would end the command while it says why it stopped, or during Python's shutdown."""
+    limit_reached = False
 
     def terminated(signum, frame):
-        raise _Terminated
+        nonlocal limit_reached
+        if signum == _CPU_TIME_LIMIT:
+            if limit_reached:
+                return
+            limit_reached = True
+        raise _Terminated(signum)
 
-    handles_sigterm = (threading.current_thread() is threading.main_thread()
-                       and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
-    previous = signal.signal(signal.SIGTERM, terminated) if handles_sigterm else None
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGTERM, _CPU_TIME_LIMIT):
+            if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+                previous[number] = signal.signal(number, terminated)
     try:
         yield
     finally:
-        if handles_sigterm:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for number, handler in previous.items():
+            if number == _CPU_TIME_LIMIT and limit_reached:
+                handler = signal.SIG_IGN
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
 def _said_when_interrupted(what: str | Callable[[], str]):
-    """Ctrl-C or SIGTERM inside: one line saying so and what became of the work (``what``, or what it returns then;
-    after the progress bar has let go of the terminal), then exit 128 + the signal's number (130, 143), as the signal
-    itself would, without a traceback."""
+    """Ctrl-C, SIGTERM or SIGXCPU inside: one line saying so and what became of the work (``what``, or what it returns
+    then; after the progress bar has let go of the terminal), then exit 128 + the signal's number (130, 143, 152), as
+    the signal itself would, without a traceback."""
     try:
-        with _sigterm_as_interrupt():
+        with _stop_signals_as_interrupt():
             yield
-    except _Terminated:
+    except _Terminated as stopped:
         said = what if isinstance(what, str) else what()
-        console.print(Text.assemble(("terminated", "bold yellow"), f" (SIGTERM) {said}"), soft_wrap=True)
-        raise typer.Exit(128 + signal.SIGTERM) from None
+        by = ("(SIGXCPU: the process's CPU-time limit is reached)" if stopped.signal_number == _CPU_TIME_LIMIT
+              else "(SIGTERM)")
+        console.print(Text.assemble(("terminated", "bold yellow"), f" {by} {said}"), soft_wrap=True)
+        raise typer.Exit(128 + stopped.signal_number) from None
     except KeyboardInterrupt:
         said = what if isinstance(what, str) else what()
         console.print(Text.assemble(("interrupted", "bold yellow"), f" {said}"), soft_wrap=True)
@@ -725,6 +763,44 @@ def _sampling_progress(total: int, *, elapsed: bool = False):
         yield advance
 
 
+def _write_evaluation(result, records, data: Path, out: Path | None, samples: Path | None,
+                      reward_log_path: Path | None, written: list[str], *, settings: dict[str, Any]
+                      ) -> tuple[dict[str, Any], Path | None, list[str]]:
+    """Write ``entrorl eval``'s ``--samples`` and ``--out`` (each path appended to ``written`` once in place) and the
+    first reward error's traceback; returns the summary, the traceback's file, and why a file could not be written."""
+    from entrorl.rewards import error_headline
+    from entrorl.trainer.checkpoint import atomic_write_text
+
+    summary = result.to_dict()
+    # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
+    summary["settings"] = {"data": str(data), **settings}
+    summary["sources"] = [record.source for record in records]
+    reward_log = _keep_reward_traceback(result.first_reward_error, reward_log_path)
+    if result.reward_errors:
+        summary["first_reward_error"] = error_headline(result.first_reward_error)
+        summary["reward_errors_log"] = None if reward_log is None else str(reward_log)
+    elif reward_log_path is not None:  # the traceback of an earlier evaluation into this --out is not this one's
+        with contextlib.suppress(OSError):
+            reward_log_path.unlink(missing_ok=True)
+    not_written = []  # checked before sampling, so rare (a full disk): the summary still reaches stdout, the exit is 1
+    if samples is not None:
+        try:
+            atomic_write_text(samples, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in result.samples),
+                              make_folder=True)
+            summary["samples_file"] = str(samples)
+            written.append(str(samples))
+        except OSError as error:
+            not_written.append(f"cannot write {samples}: {error}")
+    if out is not None:
+        try:
+            atomic_write_text(out, json.dumps(summary, indent=1), make_folder=True)
+            written.append(str(out))
+        except OSError as error:
+            not_written.append(f"cannot write {out}: {error}" + (" (it still holds an earlier result)"
+                                                                if out.is_file() else ""))
+    return summary, reward_log, not_written
+
+
 @app.command("eval", help=(
     "Avg@n, unbiased Pass@k and the pass-rate histogram of a model on a prompt file."))
 def evaluate(
@@ -761,8 +837,6 @@ def evaluate(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     from entrorl.data.loading import check_output_file
-    from entrorl.rewards import error_headline
-    from entrorl.trainer.checkpoint import atomic_write_text
     from entrorl.trainer.evaluate import NonFiniteLogProbs, evaluate_model
 
     ks = None if k is None else _parse_ks(k)
@@ -794,27 +868,31 @@ def evaluate(
     except (ValueError, OSError, ImportError, MemoryError) as error:  # ImportError: adapters without peft
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens
+    written: list[str] = []  # the files of this evaluation in place, --samples then --out
+
+    def what_was_written() -> str:
+        if result is None:
+            return "while sampling: nothing was written"
+        unwritten = [str(path) for path in (samples, out) if path is not None and str(path) not in written]
+        earlier = " (it still holds an earlier result)" if out is not None and str(out) in unwritten and out.is_file() \
+            else ""
+        return (f"while writing the results: {', '.join(written) or 'nothing'} written, {', '.join(unwritten)} "
+                f"not{earlier}")
+
+    result = None
     try:
-        with _said_when_interrupted("while sampling: nothing was written"), \
-                _sampling_progress(len(records) * n) as advance:
-            result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks,
-                                    sampling=sampling, seed=seed, batch_size=batch_size,
-                                    keep_samples=samples is not None, progress=advance)
+        with _said_when_interrupted(what_was_written):
+            with _sampling_progress(len(records) * n) as advance:
+                result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks,
+                                        sampling=sampling, seed=seed, batch_size=batch_size,
+                                        keep_samples=samples is not None, progress=advance)
+            summary, reward_log, not_written = _write_evaluation(
+                result, records, data, out, samples, reward_log_path, written,
+                settings=_sampling_settings(model, directory, reward_runner, defaults, sampling, n=n,
+                                            max_prompts=max_prompts, seed=seed, batch_size=batch_size, policy=policy))
     except NonFiniteLogProbs as error:
         _fail(f"{error}; nothing was written")
-    summary = result.to_dict()
-    # what was evaluated and how, and which prompt each pass rate belongs to (file:line), for a later look
-    summary["settings"] = {"data": str(data), **_sampling_settings(
-        model, directory, reward_runner, defaults, sampling, n=n, max_prompts=max_prompts, seed=seed,
-        batch_size=batch_size, policy=policy)}
-    summary["sources"] = [record.source for record in records]
-    reward_log = _keep_reward_traceback(result.first_reward_error, reward_log_path)
-    if result.reward_errors:
-        summary["first_reward_error"] = error_headline(result.first_reward_error)
-        summary["reward_errors_log"] = None if reward_log is None else str(reward_log)
-    elif reward_log_path is not None:  # the traceback of an earlier evaluation into this --out is not this one's
-        with contextlib.suppress(OSError):
-            reward_log_path.unlink(missing_ok=True)
+    # (the files are written before the table is printed: a reader of the output that has gone loses no result)
     # what was loaded, named by the absolute path's last parts (`--model model`, or a run directory: its checkpoint)
     named = (directory.adapters or directory.weights).resolve()
     # a checkpoint's step_N/model or step_N/adapter
@@ -833,23 +911,9 @@ def evaluate(
         table.add_row("reward errors", str(result.reward_errors))
     console.print(table)
     _print_reward_errors(result.reward_errors, len(records) * n, result.first_reward_error, reward_log)
-    not_written = False  # the samples or the summary
-    if samples is not None:
-        try:
-            atomic_write_text(samples, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in result.samples),
-                              make_folder=True)
-            summary["samples_file"] = str(samples)
-        except OSError as error:  # checked before sampling, so rare; the summary still reaches stdout, and the exit is 1
-            console.print(Text.assemble(("error:", "bold red"), f" cannot write {samples}: {error}"), soft_wrap=True)
-            not_written = True
+    for message in not_written:
+        console.print(Text.assemble(("error:", "bold red"), f" {message}"), soft_wrap=True)
     text = json.dumps(summary, indent=1)
-    if out is not None:
-        try:
-            atomic_write_text(out, text, make_folder=True)
-        except OSError as error:  # checked before sampling (a full disk is not): the summary still reaches stdout
-            console.print(Text.assemble(("error:", "bold red"), f" cannot write {out}: {error}"
-                                        + (" (it still holds an earlier result)" if out.is_file() else "")), soft_wrap=True)
-            not_written = True
     sys.stdout.write(text + "\n")
     if result.reward_errors and result.reward_errors >= len(records) * n:
         _fail(f"the reward failed on all {len(records) * n} samples, so every score above is 0 whatever the answer; "
@@ -1059,7 +1123,7 @@ def lab(
 
     again = command_for(names)
     try:
-        with _sigterm_as_interrupt():  # while the base model is built and the report written (the methods' runs count it)
+        with _stop_signals_as_interrupt():  # while the base model is built and the report written (the methods' runs count it)
             run_dir = run_lab(preset, methods=names or None, out=out, workers=workers, console=console,
                               rl_seed=rl_seed, imports=imports)
     except ValueError as error:
@@ -1068,13 +1132,16 @@ def lab(
         _fail(f"{error}; finished methods and each method's last checkpoint are kept in {out}: once the cause is "
               f"fixed, continue with {again}", code=1)
     except (LabInterrupted, KeyboardInterrupt) as error:
+        number = getattr(error, "signal_number", signal.SIGINT)
+        by = {signal.SIGINT: "", _CPU_TIME_LIMIT: " by SIGXCPU (the CPU-time limit is reached)"}.get(
+            number, f" by {signal.Signals(number).name}")
         unfinished = ""
         if isinstance(error, LabInterrupted):
             unfinished = (f" ({', '.join(error.methods)} not finished)" if error.methods
                           else " after every method had finished, before the report was written")
-        console.print(Text.assemble(("interrupted", "bold yellow"), f"{unfinished}: finished methods and each method's "
-                                    f"last checkpoint are kept in {out}. Continue with: {again}"), soft_wrap=True)
-        raise typer.Exit(128 + getattr(error, "signal_number", signal.SIGINT)) from None
+        console.print(Text.assemble(("interrupted", "bold yellow"), f"{by}{unfinished}: finished methods and each "
+                                    f"method's last checkpoint are kept in {out}. Continue with: {again}"), soft_wrap=True)
+        raise typer.Exit(128 + number) from None
     console.print(Text.assemble(("report", "green"), f": {run_dir / 'report.html'}  ({run_dir / 'report.md'})"),
                   soft_wrap=True)  # paths on one line, whatever the width
     # the report is written, but a script running the laboratory must see that it is not whole
@@ -1335,7 +1402,13 @@ def main() -> None:
     if getattr(rich_utils, "MAX_WIDTH", 0) is None and _piped_without_a_width():
         rich_utils.MAX_WIDTH = 140
     warnings.showwarning = _show_warning
-    app()
+    try:
+        app()
+    finally:
+        # the command has ended; were a soft CPU-time limit reached, its SIGXCPU would come again every CPU second, and
+        # a repeat during Python's shutdown (every handler back to the default) would end the process by the signal
+        if _CPU_TIME_LIMIT is not None:
+            signal.signal(_CPU_TIME_LIMIT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

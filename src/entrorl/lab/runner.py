@@ -712,33 +712,49 @@ def _show_progress(methods: list[str], progress, bars: dict[str, Any], out: Path
 
 @dataclass
 class _StopRequests:
-    """How many times the laboratory was asked to stop (Ctrl-C, SIGTERM), and by which signal last."""
+    """How many times the laboratory was asked to stop (Ctrl-C, SIGTERM, a first SIGXCPU), and by which signal last."""
 
     count: int = 0
     signal_number: int = signal.SIGINT
 
     @property
     def said_as(self) -> str:
-        return "Ctrl-C" if self.signal_number == signal.SIGINT else signal.Signals(self.signal_number).name
+        if self.signal_number == signal.SIGINT:
+            return "Ctrl-C"
+        if self.signal_number == _CPU_TIME_LIMIT:
+            return "SIGXCPU (the CPU-time limit is reached)"
+        return signal.Signals(self.signal_number).name
+
+
+# the kernel sends SIGXCPU at a soft CPU-time limit, then again every CPU second until the hard limit's SIGKILL: the
+# first asks the laboratory to stop, the repeats are no second request (no such signal on Windows)
+_CPU_TIME_LIMIT = getattr(signal, "SIGXCPU", None)
 
 
 @contextlib.contextmanager
 def _counting_stop_signals():
-    """Count Ctrl-C presses and SIGTERMs (a job scheduler's "stop") in the block instead of raising
-    ``KeyboardInterrupt`` or ending the process wherever one lands (between a message's receipt and its bookkeeping,
-    it would lose a method's outcome; killed outright, the laboratory would say nothing of what it kept); yields the
-    :class:`_StopRequests`. A signal the process ignores (SIGINT, when a script starts it in the background) stays
-    ignored."""
+    """Count Ctrl-C presses, SIGTERMs (a job scheduler's "stop") and a first SIGXCPU (a soft CPU-time limit reached) in
+    the block instead of raising ``KeyboardInterrupt`` or ending the process wherever one lands (between a message's
+    receipt and its bookkeeping, it would lose a method's outcome; killed outright, the laboratory would say nothing
+    of what it kept); yields the :class:`_StopRequests`. A signal the process ignores (SIGINT, when a script starts it
+    in the background) stays ignored."""
     requests = _StopRequests()
     if threading.current_thread() is not threading.main_thread():
         yield requests
         return
+    limit_reached = False
 
     def count(signum, frame):
+        nonlocal limit_reached
+        if signum == _CPU_TIME_LIMIT:
+            if limit_reached:  # the kernel's repeat
+                return
+            limit_reached = True
         requests.count += 1
         requests.signal_number = signum
 
-    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, _CPU_TIME_LIMIT)
+                if number is not None}
     for number, handler in previous.items():
         if handler is not signal.SIG_IGN:
             signal.signal(number, count)
@@ -770,9 +786,10 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
                     raise StoppedAtOnce(requests.signal_number)
                 if requests.count and not stop.is_set():
                     stop.set()
+                    again = "Ctrl-C" if requests.signal_number == _CPU_TIME_LIMIT else requests.said_as
                     progress.console.print(
                         f"[yellow]{requests.said_as}[/yellow]: each method being trained finishes its step and saves "
-                        f"it, the others do not start ({requests.said_as} again to stop at once)", highlight=False)
+                        f"it, the others do not start ({again} again to stop at once)", highlight=False)
                 for worker in pool:
                     outcome = worker.outcome()
                     if outcome is not None:
