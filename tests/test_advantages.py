@@ -457,6 +457,14 @@ def test_unlikeliness_hand_example():
     assert unlikeliness_shaped_rewards(r, g, lp, beta_rank=0.5)[0] == pytest.approx(1 - 0.5 * 3 / 4)
 
 
+def test_unlikeliness_ranks_among_all_samples_of_the_group_wrong_ones_included():
+    """The released code ranks all G samples (argsort of argsort): a wrong sample more likely than every correct one
+    spares them the top rank (docs/rewards-judges.md's example)."""
+    shaped = unlikeliness_shaped_rewards(torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.zeros(4, dtype=torch.long),
+                                         torch.tensor([-1.0, -0.5, -3.0, -4.0]))
+    assert shaped.tolist() == [0.875, 0.0, 0.9375, 0.0]
+
+
 @pytest.mark.parametrize("seed", [0, 7])
 def test_unlikely_matches_reference(seed):
     r, gid, _, logp = make_batch(seed, binary=True)

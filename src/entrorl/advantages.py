@@ -695,8 +695,9 @@ def unlikeliness_shaped_rewards(
 
     Within each group of size G, ``rank_i`` = (number of samples of the group with a smaller
     ``seq_log_prob``, ties broken by sample index) / G, so 0 is the least likely sample and
-    (G - 1)/G the most likely; ``R'_i = R_i (1 - beta_rank * rank_i)``. With 0/1 rewards only correct
-    samples change: the most likely correct one gets ``1 - beta_rank (G - 1)/G``. The paper's rewards are >= 0; a
+    (G - 1)/G the most likely, among all G samples, wrong ones included (the released code's ranking);
+    ``R'_i = R_i (1 - beta_rank * rank_i)``. With 0/1 rewards only correct samples change: a correct one that is the
+    most likely of its group gets ``1 - beta_rank (G - 1)/G``. The paper's rewards are >= 0; a
     negative reward (a ±1 reward, DAPO's overlong penalty) loses the same share ``|R_i| beta_rank rank_i`` instead,
     ``R'_i = R_i (1 + beta_rank * rank_i)``, so that the more likely of two equal rewards always ends lower
     (multiplying would favour the likely one).

@@ -142,7 +142,7 @@ METHOD_SPECS = (
     ),
     MethodSpec(
         name="unlikely_reward",
-        description="GRPO on the unlikeliness reward: correct samples ranked by likelihood in their group, R (1 - beta rank / G)",
+        description="GRPO on the unlikeliness reward: samples ranked by likelihood in their group, R (1 - beta rank / G)",
         paper="arXiv 2506.02355",
         advantage_estimator="unlikely",
         notes="The ranking is the 'unlikely' advantage estimator's (beta_rank = 0.25, advantage.params.beta_rank); the paper also "
