@@ -556,9 +556,11 @@ def test_token_covariance_against_numpy(mask_kind):
     # garbage outside the mask must not leak in
     lp_in = np.where(mask, lp, np.nan)
     mask_t = torch.tensor(mask.astype(np.int64)) if mask_kind == "int" else torch.tensor(mask)
-    if mask_kind == "nonzero":  # any non-zero entry is a valid token, a negative one included
-        mask_t = torch.tensor(np.where(mask, -2, 0))
     lp_t = torch.tensor(lp_in, requires_grad=True)
+    if mask_kind == "nonzero":  # a value other than 0 and 1 is no verdict on a token: refused, as PolicyBatch does
+        with pytest.raises(ValueError, match="mask must be bool or hold only 0 and 1, got -2"):
+            dyn.token_covariance(lp_t, torch.tensor(adv), torch.tensor(np.where(mask, -2, 0)))
+        return
     c = dyn.token_covariance(lp_t, torch.tensor(adv), mask_t)
     assert c.dtype == torch.float32 and not c.requires_grad and c.shape == (4, 9)
     ref = _np_token_cov(lp, adv, mask)
@@ -950,3 +952,15 @@ def test_finite_logits_too_far_apart_for_float32_give_an_exact_zero_entropy():
     h = dyn.entropy(z)
     h.sum().backward()
     assert h.item() == pytest.approx(math.log(2)) and torch.isfinite(z.grad).all()
+
+
+def test_the_diagnostics_refuse_a_mask_that_is_not_0_or_1():
+    """A mask value of 0.5 counted as a valid token in the dynamics' diagnostics, where PolicyBatch, token_stats and
+    aggregate_loss refuse it."""
+    log_prob, advantages = torch.randn(2, 3), torch.randn(2, 3)
+    half = torch.tensor([[1.0, 0.5, 0.0], [1.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match=r"token_covariance: mask.*0\.5"):
+        dyn.token_covariance(log_prob, advantages, half)
+    whole = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    assert torch.equal(dyn.token_covariance(log_prob, advantages, whole), dyn.token_covariance(log_prob, advantages,
+                                                                                                whole.bool()))

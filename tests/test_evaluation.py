@@ -527,3 +527,30 @@ def test_ks_given_as_text_are_refused_not_parsed():
         pass_at_k_curve([1, 2], 4, ["1", "2"])
     with pytest.raises(ValueError, match="ks must hold whole numbers"):
         summarize_samples(np.array([[True, False]]), ks=["2"])
+
+
+def test_a_float32_reward_at_the_threshold_counts_as_correct_as_the_advantage_estimators_count_it():
+    """A float32 0.7 is 0.69999999: widened to float64 before the comparison it fell below a threshold of 0.7, so a
+    sample trained as correct (the estimators compare the tensor with the threshold in its own precision) was
+    evaluated as wrong."""
+    import torch
+
+    from entrorl.advantages import compute_advantages
+
+    rewards = torch.tensor([[0.7, 0.3]])
+    assert compute_advantages("psr", rewards[0], torch.tensor([0, 0]), correct_threshold=0.7).tolist() == [1.0, 0.0]
+    assert avg_at_k(rewards, threshold=0.7) == 0.5
+    assert summarize_samples(rewards, threshold=0.7).pass_at_k[1] == 0.5
+    assert avg_at_k(np.array([[0.7, 0.3]]), threshold=0.7) == 0.5  # float64 as before
+
+
+def test_pass_rates_in_single_precision_land_in_the_bins_of_their_exact_values():
+    """7/10 as a float32 tensor's mean is 1e-8 below 0.7: it went to [0.6, 0.7), where the float64 rate goes to
+    [0.7, 0.8)."""
+    import torch
+
+    correct = torch.tensor([[1] * 7 + [0] * 3, [1] * 9 + [0] * 1, [1] * 3 + [0] * 7])
+    expected = [0, 0, 0, 1, 0, 0, 0, 1, 0, 1]
+    for dtype in (torch.float64, torch.float32, torch.float16):
+        assert polarisation(correct.to(dtype).mean(dim=1)).histogram.tolist() == expected, dtype
+    assert polarisation(np.array([0.6999, 0.7])).histogram.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 0, 0]

@@ -2208,3 +2208,30 @@ def test_a_part_without_a_docstring_cites_its_paper(monkeypatch):
         pass
 
     assert _Undocumented.__doc__ == "Paper: arXiv 0000.00000."
+
+
+def _stateful_parts_batch(step, *, entropy_scale, requires_grad):
+    generator = torch.Generator().manual_seed(100 + (step or 0) + int(10 * entropy_scale))
+    log_prob = (-torch.rand(4, 8, generator=generator)).requires_grad_(requires_grad)
+    entropy = (torch.rand(4, 8, generator=generator) * entropy_scale).requires_grad_(requires_grad)
+    return PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach(), advantages=torch.randn(4, generator=generator),
+                       mask=torch.ones(4, 8, dtype=torch.bool), entropy=entropy, step=step)
+
+
+@pytest.mark.parametrize("no_gradients", [torch.no_grad, torch.inference_mode])
+def test_a_call_without_gradients_leaves_the_parts_state_as_it_found_it(no_gradients):
+    """A validation or metrics-only pass (no update follows) between training steps: the adaptive entropy
+    controller took its high-entropy batch for a step (and closed the step being measured), and a seeded Clip-Cov
+    drew from its generator, so the training that followed differed from the same training without those passes."""
+    methods = {"adaptive_entropy": {"delta": 1e-3},
+               "clip_cov": {"seed": 0, "clip_cov_ratio": 0.2, "clip_cov_lb": -100.0, "clip_cov_ub": 100.0}}
+    for method, params in methods.items():
+        plain, watched = build_objective(method, **params), build_objective(method, **params)
+        for step in range(4):
+            batch = _stateful_parts_batch(step, entropy_scale=0.1, requires_grad=True)
+            alone, beside = plain(batch), watched(batch)
+            assert alone.metrics == beside.metrics and torch.equal(alone.trained_mask, beside.trained_mask), (method, step)
+            with no_gradients():
+                watched(_stateful_parts_batch(None, entropy_scale=2.0, requires_grad=False))
+            assert watched.state_dict().keys() == plain.state_dict().keys()
+        assert plain.end_step() == watched.end_step()

@@ -795,3 +795,34 @@ def test_plus_inf_or_nan_logit_gives_nan_in_its_row_only_values_and_gradient(bad
     for name in ALL:
         torch.testing.assert_close(getattr(stats, name)[good], reference[name], atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(leaf.grad[good], dense.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_the_statistics_differentiate_under_torch_func_grad_as_under_autograd():
+    """torch.func.grad of a loss built on token_stats / token_stats_from_hidden: the autograd Functions define
+    setup_context apart from forward, as torch.func requires, and give autograd's gradient; a second derivative is
+    refused (the backward passes are not differentiable)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, generator=generator)
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, generator=generator)
+    weight, bias = torch.randn(5, 4, dtype=torch.float64, generator=generator), torch.randn(5, dtype=torch.float64)
+    targets = torch.randint(0, 5, (2, 3), generator=generator)
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+
+    def from_logits(values):
+        stats = token_stats(values, targets, mask=mask, temperature=0.7)
+        return stats.logprob.sum() + 0.5 * stats.entropy.sum()
+
+    def from_hidden(values, head, head_bias):
+        stats = token_stats_from_hidden(values, head, targets, lm_head_bias=head_bias, mask=mask,
+                                        need=("logprob", "entropy", "disc"), vocab_chunk_size=2)
+        return stats.logprob.sum() + 0.5 * stats.entropy.sum()
+
+    for loss, inputs in ((from_logits, (logits,)), (from_hidden, (hidden, weight, bias))):
+        tracked = [value.clone().requires_grad_() for value in inputs]
+        loss(*tracked).backward()
+        functional = torch.func.grad(loss, argnums=tuple(range(len(inputs))))(*inputs)
+        for got, value in zip(functional, tracked):
+            torch.testing.assert_close(got, value.grad)
+        first, = torch.autograd.grad(loss(*tracked), tracked[0], create_graph=True)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(first.sum(), tracked[0])

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from entrorl._checks import in_float64
+from entrorl._checks import as_bool_mask, in_float64
 
 __all__ = [
     "entropy",
@@ -331,8 +331,7 @@ def _valid_mask(mask: torch.Tensor | None, shape: torch.Size, device: torch.devi
     broadcast along the token axis, masking columns instead of sequences."""
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
-    m = torch.as_tensor(mask, device=device)
-    m = m if m.dtype == torch.bool else m != 0
+    m = as_bool_mask(torch.as_tensor(mask, device=device), f"{caller}: mask")
     if m.shape != shape:
         if m.dim() != len(shape) or any(size not in (1, full) for size, full in zip(m.shape, shape)):
             raise ValueError(f"{caller}: mask has shape {tuple(m.shape)}, the tokens {tuple(shape)}; give one flag per "
@@ -355,7 +354,7 @@ def token_covariance(
     """Per-token centred product of Eq. 10 of arXiv 2505.22617, detached float32.
 
     ``C_t = (log p_t - mean(log p)) * (A_t - mean(A))`` where both means are over the valid tokens
-    (``mask`` true / non-zero) of the tensors given: the batch, or micro-batch, on which the statistic is
+    (``mask`` true / 1) of the tensors given: the batch, or micro-batch, on which the statistic is
     taken (the reference Clip-Cov / KL-Cov code centres per micro-batch). Not a covariance itself: its mean
     over the valid tokens is the (population) covariance of log-prob and advantage across tokens.
 

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from entrorl._checks import as_bool_mask, check_int, widest_float
 
@@ -347,30 +348,37 @@ def _logit_grads_by_chunk(
 
 
 def _save_context(ctx, rows, inv_temperature, chunk_size, out) -> None:
+    """What both classes' backward passes read besides the saved tensors; ``out[2:]`` (D, its centred form, and what
+    :class:`_HiddenStats` returns for its backward pass) have no gradient."""
     ctx.has_rows = rows is not None
     ctx.inv_temperature = inv_temperature
     ctx.chunk_size = chunk_size
-    ctx.mark_non_differentiable(out[2], out[3])
+    ctx.mark_non_differentiable(*out[2:])
 
 
 _NO_ROWS = torch.empty(0, dtype=torch.long)
 
 
 class _LogitsStats(torch.autograd.Function):
-    """Chunked statistics from logits [N, V]; backward recomputes each chunk."""
+    """Chunked statistics from logits [N, V]; backward recomputes each chunk. (The context is set apart from the
+    forward pass, so that ``torch.func.grad`` can differentiate through it.)"""
 
     @staticmethod
-    def forward(ctx, logits, targets, rows, inv_temperature, chunk_size, want_disc, want_centered):
-        ctx.set_materialize_grads(False)
-        out = _stats_by_chunk(
+    def forward(logits, targets, rows, inv_temperature, chunk_size, want_disc, want_centered):
+        return tuple(_stats_by_chunk(
             lambda index: _take(logits, index), targets, rows, _row_total(logits), logits,
             inv_temperature, chunk_size, want_disc, want_centered,
-        )
-        ctx.save_for_backward(logits, targets, _NO_ROWS if rows is None else rows, out[1])
-        _save_context(ctx, rows, inv_temperature, chunk_size, out)
-        return tuple(out)
+        ))
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, targets, rows, inv_temperature, chunk_size, _, _ = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, targets, _NO_ROWS if rows is None else rows, output[1])
+        _save_context(ctx, rows, inv_temperature, chunk_size, output)
+
+    @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logprob, grad_entropy, _grad_disc, _grad_centered):
         if grad_logprob is None and grad_entropy is None:
             return (None,) * 7
@@ -386,7 +394,8 @@ class _LogitsStats(torch.autograd.Function):
             ctx.inv_temperature, ctx.chunk_size, grad_logprob, grad_entropy, entropy, out_for=destination,
         )
         for index, grad_chunk in chunks:
-            if not isinstance(index, slice) or grad_chunk.data_ptr() != grad_rows[index].data_ptr():
+            # a slice's gradient was written into its destination when it has the destination's dtype
+            if not isinstance(index, slice) or grad_chunk.dtype != grad_rows.dtype:
                 grad_rows[index] = grad_chunk.to(logits.dtype)
         return grad_logits, None, None, None, None, None, None
 
@@ -516,12 +525,12 @@ def _hidden_chunk_backward(hidden_rows, weight, bias, targets_rows, scale, tiles
 
 
 class _HiddenStats(torch.autograd.Function):
-    """Chunked statistics from hidden states [N, D] and an LM head [V, D]; logits exist one tile at a time."""
+    """Chunked statistics from hidden states [N, D] and an LM head [V, D]; logits exist one tile at a time. Besides
+    the four statistics, the forward pass returns what the backward pass needs (each row's maximum logit, ``log s``
+    and whether it is empty), so that the context can be set apart from it, as ``torch.func.grad`` requires."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows, inv_temperature, chunk_size, vocab_tile, want_disc,
-                want_centered):
-        ctx.set_materialize_grads(False)
+    def forward(hidden, weight, bias, targets, rows, inv_temperature, chunk_size, vocab_tile, want_disc, want_centered):
         n_rows = _row_total(hidden)
         dtype = _compute_dtype(hidden.dtype)
         out = [torch.zeros(n_rows, dtype=dtype, device=hidden.device) for _ in range(4)]
@@ -541,15 +550,22 @@ class _HiddenStats(torch.autograd.Function):
                         buffer[index] = value
                 for buffer, value in zip((row_max, log_total, empty_row), normalizer):
                     buffer[index] = value
-        ctx.save_for_backward(hidden, weight, _NO_ROWS if bias is None else bias, targets,
-                              _NO_ROWS if rows is None else rows, out[1], row_max, log_total, empty_row)
-        ctx.has_bias = bias is not None
-        ctx.vocab_tile = vocab_tile
-        _save_context(ctx, rows, inv_temperature, chunk_size, out)
-        return tuple(out)
+        return (*out, row_max, log_total, empty_row)
 
     @staticmethod
-    def backward(ctx, grad_logprob, grad_entropy, _grad_disc, _grad_centered):
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, targets, rows, inv_temperature, chunk_size, vocab_tile, _, _ = inputs
+        ctx.set_materialize_grads(False)
+        row_max, log_total, empty_row = output[4:]
+        ctx.save_for_backward(hidden, weight, _NO_ROWS if bias is None else bias, targets,
+                              _NO_ROWS if rows is None else rows, output[1], row_max, log_total, empty_row)
+        ctx.has_bias = bias is not None
+        ctx.vocab_tile = vocab_tile
+        _save_context(ctx, rows, inv_temperature, chunk_size, output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprob, grad_entropy, _grad_disc, _grad_centered, *_grad_backward_inputs):
         if grad_logprob is None and grad_entropy is None:
             return (None,) * 10
         hidden, weight, bias, targets, rows, entropy, row_max, log_total, empty_row = ctx.saved_tensors
@@ -658,7 +674,8 @@ def token_stats(
 
     Returns:
         :class:`TokenStats` with the requested fields shaped like ``targets`` (float32).
-        ``logprob`` and ``entropy`` are differentiable w.r.t. ``logits``; ``disc`` and ``disc_centered`` are not.
+        ``logprob`` and ``entropy`` are differentiable w.r.t. ``logits`` (once: there is no second derivative; under
+        ``torch.func.grad`` too); ``disc`` and ``disc_centered`` are not.
     """
     wanted = _validate_need(need)
     flat_logits, flat_targets, rows = _flatten_inputs("logits", logits, targets, mask)
@@ -726,4 +743,4 @@ def token_stats_from_hidden(
         flat_hidden, lm_head_weight, lm_head_bias, flat_targets, rows, inv_temperature, chunk_size, vocab_chunk_size,
         wanted[2], wanted[3],
     )
-    return _assemble(outputs, targets.shape, wanted)
+    return _assemble(outputs[:4], targets.shape, wanted)

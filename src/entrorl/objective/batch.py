@@ -26,7 +26,9 @@ class PolicyBatch:
 
     Half-precision (bfloat16 / float16) tensors are taken in float32: near ``r = 1`` bfloat16's resolution (2^-7)
     is coarser than a clip range such as GSPO's 3e-4, so ratios, clipping and means are computed in float32; the
-    gradient still reaches the tensors given.
+    gradient still reaches the tensors given. Shapes, dtypes and the mask are checked, values are not: NaN at a valid
+    token makes the loss NaN, as in torch's own losses, which is what a trainer's guard against non-finite losses
+    (entrorl's skips such a step and counts it) sees; padding may hold anything.
 
     Attributes:
         log_prob: log-probs of the sampled tokens under the policy being trained (carries the gradient).

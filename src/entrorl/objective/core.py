@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -36,6 +37,10 @@ class Objective:
     (``batch_num_tokens``, ``global_batch_size``, ``dp_size``, as verl's ``global_batch_info``). ``name`` joins the
     methods composed (``custom`` for none), ``label`` adds the parts a config added to them (``grpo+entropy_bonus``):
     what reports call it.
+
+    A call with gradients off (``torch.no_grad()``, ``torch.inference_mode()``: a validation or metrics-only pass,
+    which no update follows) leaves the parts' state as it found it: the adaptive entropy controller's measurement,
+    a seeded selector's generator.
     """
 
     def __init__(
@@ -99,6 +104,18 @@ class Objective:
         global_batch_size: float | None = None,
         dp_size: int = 1,
     ) -> ObjectiveOutput:
+        if torch.is_grad_enabled() or not self.stateful:
+            return self._loss(batch, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                              dp_size=dp_size)
+        state = copy.deepcopy(self.state_dict())
+        try:
+            return self._loss(batch, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                              dp_size=dp_size)
+        finally:
+            self.load_state_dict(state)
+
+    def _loss(self, batch: PolicyBatch, *, batch_num_tokens: float | None, global_batch_size: float | None,
+              dp_size: int) -> ObjectiveOutput:
         # before any stateful part moves
         batch_num_tokens, global_batch_size, dp_size = check_normalisers(batch_num_tokens, global_batch_size, dp_size)
         needed, count = (("batch_num_tokens", batch_num_tokens) if self.loss_agg_mode == "token-mean"
