@@ -1318,6 +1318,39 @@ def test_an_eval_interrupted_while_writing_its_files_says_which_are_written(mark
     assert sorted(path.name for path in Path(".").iterdir() if ".tmp" in path.name) == []
 
 
+def test_an_eval_interrupted_once_its_files_are_in_place_or_without_files_says_so(markup_data, tiny_model_dir,
+                                                                                    monkeypatch):
+    """A stop landing just after the summary went in (before the command could note it) names both files as
+    written, not the summary as 'not written (it still holds an earlier result)'; a stop after the sampling of an
+    evaluation asked for no file says that, not an empty list."""
+    import entrorl.cli
+    import entrorl.trainer.checkpoint
+
+    Path("e.json").write_text('{"earlier": true}\n')
+    write = entrorl.trainer.checkpoint.atomic_write_text
+
+    def interrupted_once_in_place(path, text, **kwargs):
+        write(path, text, **kwargs)
+        if Path(path).name == "e.json":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(entrorl.trainer.checkpoint, "atomic_write_text", interrupted_once_in_place)
+    common = ["eval", "--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "1", "--max-new-tokens", "2",
+              "--reward", "exact_match"]
+    result = CliRunner().invoke(app, [*common, "--samples", "s.jsonl", "--out", "e.json"])
+    assert result.exit_code == 130 and " ".join(result.output.split()).endswith(
+        "interrupted after the results were written: s.jsonl, e.json"), result.output
+    assert json.loads(Path("e.json").read_text())["n_problems"] == 3
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entrorl.cli, "_write_evaluation", interrupted)
+    result = CliRunner().invoke(app, common)
+    assert result.exit_code == 130 and " ".join(result.output.split()).endswith(
+        "interrupted after sampling: no file was asked for (--out, --samples)"), result.output
+
+
 def test_eval_and_audit_of_a_bf16_run_s_checkpoint_load_it_in_bf16_unless_dtype_is_given(markup_data, tiny_model_dir,
                                                                                         monkeypatch):
     """A run trained with model.dtype bfloat16 is sampled in bfloat16, as its own evaluations were, said and recorded;

@@ -1395,6 +1395,80 @@ def test_sigterm_stops_the_laboratory_as_ctrl_c_does_and_the_command_exits_143(t
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
+def _over_its_cpu_time_outside_training(stop, reached) -> None:
+    """A worker, past its start, that reaches its own soft CPU-time limit while not training (warming up,
+    evaluating): the kernel's SIGXCPU, then its repeat a CPU second later."""
+    import resource
+    import time
+
+    from entrorl.lab import runner
+
+    runner._init_worker(stop)
+    used = int(time.process_time()) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (used, resource.RLIM_INFINITY))
+    started = time.process_time()
+    while time.process_time() - started < 2.5:
+        pass
+    reached.value = runner._cpu_time_limit_reached
+    outcome = runner._run_method({"method": "grpo", "run_dir": "unused"})
+    reached.value = reached.value and outcome == {"method": "grpo", "status": "interrupted", "signal": "SIGXCPU"}
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGXCPU"), reason="no CPU-time limit signal on this system")
+def test_a_worker_reaching_its_cpu_time_limit_outside_training_is_not_killed_and_starts_no_method():
+    """Each process has its own CPU clock: a worker reaching its limit outside training died of SIGXCPU's default
+    action (a core dump), its method counted as failed. It notes the limit: its method stops (here: does not start),
+    interrupted by SIGXCPU."""
+    import ctypes
+    import multiprocessing
+    import signal
+
+    from entrorl.lab.runner import _StopRequest
+
+    context = multiprocessing.get_context("spawn")
+    reached = context.RawValue(ctypes.c_bool, False)
+    process = context.Process(target=_over_its_cpu_time_outside_training, args=(_StopRequest(context), reached))
+    process.start()
+    process.join(120)
+    assert process.exitcode == 0, f"exit {process.exitcode} (-{signal.SIGXCPU}: killed by SIGXCPU)"
+    assert reached.value
+
+
+def _stopped_by_its_cpu_time_limit(job):
+    from entrorl.lab import runner
+
+    (Path(job["run_dir"]) / "started").write_text("")
+    if job["method"] == "grpo":
+        return {"method": "grpo", "status": "interrupted", "step": 2, "signal": "SIGXCPU"}
+    return {"method": job["method"], "status": "interrupted" if runner._STOP.is_set() else "done"}
+
+
+def test_a_worker_s_cpu_time_limit_stops_the_laboratory_with_exit_152(tmp_path, monkeypatch):
+    """A worker stopped by its CPU-time limit (its step saved): the laboratory stops as for a method stopped by a
+    signal, says it was the CPU-time limit, and exits 128 + SIGXCPU (it said 'a method was stopped by a signal' and
+    exited 130, as for Ctrl-C)."""
+    import signal
+
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.lab import runner
+
+    out = _finished_folder(tmp_path, monkeypatch)
+    for method in ("grpo", "clip_cov"):
+        (out / "methods" / method / "final_eval.json").unlink()
+    monkeypatch.setattr(runner, "_run_method", _stopped_by_its_cpu_time_limit)
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo,clip_cov", "--out", str(out),
+                                      "--workers", "1"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 128 + getattr(signal, "SIGXCPU", 24), result.output
+    assert "a worker reached its CPU-time limit (SIGXCPU): the others finish their step" in output
+    assert "grpo: interrupted, saved at step 2" in output and "clip_cov: interrupted before it started" in output
+    assert "interrupted by SIGXCPU (the CPU-time limit is reached) (clip_cov, grpo not finished)" in output or \
+        "interrupted by SIGXCPU (the CPU-time limit is reached) (grpo, clip_cov not finished)" in output, output
+    assert not (out / "methods" / "clip_cov" / "started").exists()
+
+
 def test_a_second_laboratory_in_a_folder_in_use_is_refused_naming_the_first_one_s_process(tmp_path, monkeypatch):
     """Two laboratories on one --out would overwrite each other's record and outcomes: the second is refused before
     anything is built, naming the process of the first (which holds the folder's lock), and the first's files stay."""

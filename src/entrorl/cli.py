@@ -764,10 +764,10 @@ def _sampling_progress(total: int, *, elapsed: bool = False):
 
 
 def _write_evaluation(result, records, data: Path, out: Path | None, samples: Path | None,
-                      reward_log_path: Path | None, written: list[str], *, settings: dict[str, Any]
+                      reward_log_path: Path | None, *, settings: dict[str, Any]
                       ) -> tuple[dict[str, Any], Path | None, list[str]]:
-    """Write ``entrorl eval``'s ``--samples`` and ``--out`` (each path appended to ``written`` once in place) and the
-    first reward error's traceback; returns the summary, the traceback's file, and why a file could not be written."""
+    """Write ``entrorl eval``'s ``--samples`` and ``--out`` and the first reward error's traceback; returns the
+    summary, the traceback's file, and why a file could not be written."""
     from entrorl.rewards import error_headline
     from entrorl.trainer.checkpoint import atomic_write_text
 
@@ -788,13 +788,11 @@ def _write_evaluation(result, records, data: Path, out: Path | None, samples: Pa
             atomic_write_text(samples, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in result.samples),
                               make_folder=True)
             summary["samples_file"] = str(samples)
-            written.append(str(samples))
         except OSError as error:
             not_written.append(f"cannot write {samples}: {error}")
     if out is not None:
         try:
             atomic_write_text(out, json.dumps(summary, indent=1), make_folder=True)
-            written.append(str(out))
         except OSError as error:
             not_written.append(f"cannot write {out}: {error}" + (" (it still holds an earlier result)"
                                                                 if out.is_file() else ""))
@@ -868,12 +866,18 @@ def evaluate(
     except (ValueError, OSError, ImportError, MemoryError) as error:  # ImportError: adapters without peft
         _fail(str(error))
     max_new_tokens = sampling.max_new_tokens
-    written: list[str] = []  # the files of this evaluation in place, --samples then --out
+    files = [path for path in (samples, out) if path is not None]
+    before = {path: _file_identity(path) for path in files}  # a file put in place changes its identity
 
     def what_was_written() -> str:
         if result is None:
             return "while sampling: nothing was written"
-        unwritten = [str(path) for path in (samples, out) if path is not None and str(path) not in written]
+        if not files:
+            return "after sampling: no file was asked for (--out, --samples)"
+        written = [str(path) for path in files if _file_identity(path) != before[path]]
+        unwritten = [str(path) for path in files if str(path) not in written]
+        if not unwritten:
+            return f"after the results were written: {', '.join(written)}"
         earlier = " (it still holds an earlier result)" if out is not None and str(out) in unwritten and out.is_file() \
             else ""
         return (f"while writing the results: {', '.join(written) or 'nothing'} written, {', '.join(unwritten)} "
@@ -887,7 +891,7 @@ def evaluate(
                                         sampling=sampling, seed=seed, batch_size=batch_size,
                                         keep_samples=samples is not None, progress=advance)
             summary, reward_log, not_written = _write_evaluation(
-                result, records, data, out, samples, reward_log_path, written,
+                result, records, data, out, samples, reward_log_path,
                 settings=_sampling_settings(model, directory, reward_runner, defaults, sampling, n=n,
                                             max_prompts=max_prompts, seed=seed, batch_size=batch_size, policy=policy))
     except NonFiniteLogProbs as error:

@@ -263,10 +263,10 @@ class _StopRequest:
 
 
 def _laboratory_stopped() -> bool:
-    """In a worker: whether the laboratory asked to stop, or its process is gone (killed: nobody would read the
-    method's outcome)."""
+    """In a worker: whether the laboratory asked to stop, the worker's own CPU-time limit is reached, or the
+    laboratory's process is gone (killed: nobody would read the method's outcome)."""
     parent = multiprocessing.parent_process()
-    return _STOP.is_set() or (parent is not None and not parent.is_alive())
+    return _STOP.is_set() or _cpu_time_limit_reached or (parent is not None and not parent.is_alive())
 
 
 def _init_worker(stop: Any) -> None:
@@ -278,9 +278,28 @@ def _init_worker(stop: Any) -> None:
 
     global _STOP
     _STOP = stop
+    _handle_stop_signals_outside_training()
+    warnings.filterwarnings("ignore", category=SurrogateSetAsideWarning)
+
+
+def _handle_stop_signals_outside_training() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminated_outside_training)
-    warnings.filterwarnings("ignore", category=SurrogateSetAsideWarning)
+    if _CPU_TIME_LIMIT is not None:
+        signal.signal(_CPU_TIME_LIMIT, _cpu_time_limit_outside_training)
+
+
+# in a worker: whether its soft CPU-time limit's SIGXCPU came while it was not training
+_cpu_time_limit_reached = False
+
+
+def _cpu_time_limit_outside_training(number: int, frame: Any) -> None:
+    """SIGXCPU to a worker that is not training (starting, evaluating, between methods): each process has its own
+    CPU clock, and the default action would end the worker with a core dump, its method counted as failed. Noted
+    instead: the method under way stops at its next step, saved, or does not start, an evaluation under way finishes,
+    and the laboratory then stops as for a method stopped by a signal. The kernel's repeats change nothing."""
+    global _cpu_time_limit_reached
+    _cpu_time_limit_reached = True
 
 
 def _terminated_outside_training(number: int, frame: Any) -> None:
@@ -312,9 +331,13 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
     final_path = run_dir / "final_eval.json"
     if _read_json_object(final_path):  # one that cannot be read is evaluated again, from the final checkpoint
         return {"method": method, "status": "cached"}
+    if _cpu_time_limit_reached:
+        return {"method": method, "status": "interrupted", "signal": "SIGXCPU"}
     if _STOP is not None and _STOP.is_set():
         return {"method": method, "status": "interrupted"}
     _warm_up_process(job)
+    if _cpu_time_limit_reached:
+        return {"method": method, "status": "interrupted", "signal": "SIGXCPU"}
     if _STOP is not None and _STOP.is_set():  # stopped while warming up, when the worker ignores Ctrl-C
         return {"method": method, "status": "interrupted"}
     with contextlib.suppress(FileNotFoundError):  # an earlier invocation's failure: this one tries again
@@ -332,7 +355,12 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
     except TrainingInterrupted as stopped:  # its step saved: the next invocation continues from there
         if run_dir.is_dir():
             _write_json(run_dir / _EARLIER_SECONDS, {"seconds": earlier + time.perf_counter() - started})
-        return {"method": method, "status": "interrupted", "step": stopped.step}
+        outcome = {"method": method, "status": "interrupted", "step": stopped.step}
+        # the worker's own CPU-time limit, reached in training or before a step ended (the trainer asks should_stop),
+        # stops the laboratory with SIGXCPU's exit status; other signals reached the laboratory too
+        if _cpu_time_limit_reached or stopped.signal_number == _CPU_TIME_LIMIT:
+            outcome["signal"] = "SIGXCPU"
+        return outcome
     except Exception:  # a failed method must not take the matrix down: record it and go on
         with contextlib.suppress(OSError):  # a full disk: the outcome still carries the error
             (run_dir / "error.log").parent.mkdir(parents=True, exist_ok=True)
@@ -342,8 +370,7 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
         return {"method": method, "status": "failed", "error": traceback.format_exc(limit=3)}
     finally:
         if _STOP is not None:  # a worker: the trainer's "exit at once" handlers are for a terminal's process
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, _terminated_outside_training)
+            _handle_stop_signals_outside_training()
 
 
 def _count_lines(path: Path) -> int:
@@ -528,10 +555,14 @@ def _ignoring_ctrl_c():
 
 def _stopped_not_failed(outcome: dict[str, Any], process: Any, stop_requested: bool) -> dict[str, Any]:
     """A worker ``process`` that died of SIGTERM while the laboratory was asked to stop (a SIGTERM to the whole process
-    group reaching it before it could handle one: still importing) was stopped, not failed: its method is interrupted,
-    before it started (a worker past its start ignores a first SIGTERM outside training)."""
+    group reaching it before it could handle one: still importing), or of SIGXCPU (its CPU-time limit reached then),
+    was stopped, not failed: its method is interrupted, before it started (a worker past its start ignores a first
+    SIGTERM outside training, and notes SIGXCPU)."""
     if outcome.get("died") and stop_requested and process.exitcode == -signal.SIGTERM:
         return {"method": outcome["method"], "status": "interrupted"}
+    if outcome.get("died") and _CPU_TIME_LIMIT is not None and process.exitcode == -_CPU_TIME_LIMIT:
+        # its CPU-time limit reached while it was still importing, before it handles SIGXCPU
+        return {"method": outcome["method"], "status": "interrupted", "signal": "SIGXCPU"}
     return outcome
 
 
@@ -768,8 +799,8 @@ def _counting_stop_signals():
 def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any], progress, bars: dict[str, Any],
               out: Path, steps: int) -> int | None:
     """Train the methods of ``jobs`` in up to ``workers`` processes, filling ``outcomes``; returns the number of the
-    signal that asked the laboratory to stop (Ctrl-C's SIGINT or SIGTERM; SIGINT for a signal that stopped a method
-    without reaching this process), or None: methods not started then do not start. A second one ends the workers at
+    signal that asked the laboratory to stop (Ctrl-C's SIGINT, SIGTERM or SIGXCPU; SIGXCPU when a worker reached its
+    CPU-time limit, SIGINT for another signal that stopped a method without reaching this process), or None: methods not started then do not start. A second one ends the workers at
     once and raises :class:`StoppedAtOnce`."""
     context = multiprocessing.get_context("spawn")
     stop = _StopRequest(context)
@@ -797,13 +828,19 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
                 for worker in [w for w in pool if w.job is None and not w.process.is_alive()]:
                     worker.connection.close()  # ended between two methods: a new one is started when needed
                     pool.remove(worker)
-                if not stop.is_set() and any(o["status"] == "interrupted" for o in outcomes.values()):
+                stopped = [o for o in outcomes.values() if o["status"] == "interrupted"]
+                if not stop.is_set() and stopped:
                     # a signal reached the workers but not this process (which ignores SIGINT when a script starts
-                    # it in the background): it was meant for the whole laboratory
+                    # it in the background): it was meant for the whole laboratory; or a worker reached its own
+                    # CPU-time limit, which the others will reach too
                     stop.set()
-                    progress.console.print("[yellow]a method was stopped by a signal[/yellow]: the others finish "
-                                           "their step and save it, the rest do not start (Ctrl-C to stop at once)",
-                                           highlight=False)
+                    by_limit = any(o.get("signal") == "SIGXCPU" for o in stopped)
+                    if by_limit:
+                        requests.signal_number = _CPU_TIME_LIMIT
+                    progress.console.print(
+                        f"[yellow]{'a worker reached its CPU-time limit (SIGXCPU)' if by_limit else 'a method was stopped by a signal'}"
+                        "[/yellow]: the others finish their step and save it, the rest do not start (Ctrl-C to stop "
+                        "at once)", highlight=False)
                     requests.count = max(requests.count, 1)
                 if stop.is_set():
                     while queue:
