@@ -542,6 +542,11 @@ def test_a_float32_reward_at_the_threshold_counts_as_correct_as_the_advantage_es
     assert avg_at_k(rewards, threshold=0.7) == 0.5
     assert summarize_samples(rewards, threshold=0.7).pass_at_k[1] == 0.5
     assert avg_at_k(np.array([[0.7, 0.3]]), threshold=0.7) == 0.5  # float64 as before
+    for dtype in (torch.bfloat16, torch.float16):  # widened to float32 on the way: the threshold is still theirs
+        half = rewards.to(dtype)
+        assert compute_advantages("psr", half[0], torch.tensor([0, 0]), correct_threshold=0.7).tolist() == [1.0, 0.0]
+        assert avg_at_k(half, threshold=0.7) == 0.5, dtype
+    assert avg_at_k(np.array([[0.7, 0.3]], dtype=np.float32), threshold=0.7) == 0.5
 
 
 def test_pass_rates_in_single_precision_land_in_the_bins_of_their_exact_values():
@@ -551,6 +556,10 @@ def test_pass_rates_in_single_precision_land_in_the_bins_of_their_exact_values()
 
     correct = torch.tensor([[1] * 7 + [0] * 3, [1] * 9 + [0] * 1, [1] * 3 + [0] * 7])
     expected = [0, 0, 0, 1, 0, 0, 0, 1, 0, 1]
-    for dtype in (torch.float64, torch.float32, torch.float16):
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         assert polarisation(correct.to(dtype).mean(dim=1)).histogram.tolist() == expected, dtype
     assert polarisation(np.array([0.6999, 0.7])).histogram.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 0, 0]
+    # a half-precision rate just below an edge (101/1024 is exact in float16) stays below it
+    for rate in (101 / 1024, 51 / 512):
+        assert polarisation(torch.tensor([rate], dtype=torch.float16)).histogram.tolist()[:2] == [1, 0], rate
+    assert polarisation(np.array([0.7], dtype=np.float32)).histogram.tolist()[7] == 1

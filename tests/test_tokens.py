@@ -799,8 +799,8 @@ def test_plus_inf_or_nan_logit_gives_nan_in_its_row_only_values_and_gradient(bad
 
 def test_the_statistics_differentiate_under_torch_func_grad_as_under_autograd():
     """torch.func.grad of a loss built on token_stats / token_stats_from_hidden: the autograd Functions define
-    setup_context apart from forward, as torch.func requires, and give autograd's gradient; a second derivative is
-    refused (the backward passes are not differentiable)."""
+    setup_context apart from forward, as torch.func requires, and give autograd's gradient; a second derivative
+    (create_graph=True, nested torch.func.grad) is refused: the backward passes record no graph, so it would be 0."""
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 5, dtype=torch.float64, generator=generator)
     hidden = torch.randn(2, 3, 4, dtype=torch.float64, generator=generator)
@@ -823,6 +823,7 @@ def test_the_statistics_differentiate_under_torch_func_grad_as_under_autograd():
         functional = torch.func.grad(loss, argnums=tuple(range(len(inputs))))(*inputs)
         for got, value in zip(functional, tracked):
             torch.testing.assert_close(got, value.grad)
-        first, = torch.autograd.grad(loss(*tracked), tracked[0], create_graph=True)
-        with pytest.raises(RuntimeError):
-            torch.autograd.grad(first.sum(), tracked[0])
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(loss(*tracked), tracked[0], create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.func.grad(lambda first: torch.func.grad(loss)(first, *inputs[1:]).sum())(inputs[0])

@@ -174,8 +174,7 @@ def _as_correct(correct: Any, threshold: float, *, name: str = "correct") -> np.
         return arr
     if arr.dtype.kind not in "iuf":
         raise ValueError(f"{name} must hold booleans or rewards in [0, 1]; got dtype {arr.dtype}")
-    if arr.dtype.kind != "f":
-        arr = arr.astype(np.float64)
+    arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} holds non-finite values (nan/inf); score every sample first")
     if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
@@ -185,7 +184,17 @@ def _as_correct(correct: Any, threshold: float, *, name: str = "correct") -> np.
         )
     # in the rewards' own precision, as the advantage estimators compare a tensor with the threshold: a float32
     # reward of 0.7 is a little below the float64 0.7
-    return arr >= arr.dtype.type(threshold)
+    return arr >= _rounded_like(np.array([float(threshold)]), correct)[0]
+
+
+def _rounded_like(values: np.ndarray, given: Any) -> np.ndarray:
+    """``values`` rounded to the floating-point type of ``given`` (a tensor's, bfloat16 included, or an array's), as
+    float64: what those numbers are in the precision ``given`` holds its own."""
+    if hasattr(given, "new_tensor"):  # a torch tensor, recognised without importing torch
+        floating = given.is_floating_point()
+        return given.new_tensor(values, device="cpu").double().numpy() if floating else values.astype(np.float64)
+    dtype = np.asarray(given).dtype
+    return values.astype(dtype).astype(np.float64) if dtype.kind == "f" else values.astype(np.float64)
 
 
 def avg_at_k(correct: Any, *, threshold: float = DEFAULT_THRESHOLD) -> float:
@@ -304,9 +313,9 @@ def polarisation(pass_rates: Any, bins: int = 10) -> Polarisation:
 
     ``frac_zero`` / ``frac_one`` count rates that are *exactly* 0 / 1. The histogram has ``bins``
     equal-width bins ``[i/bins, (i+1)/bins)``, the last one closed at 1; a rate less than ``1e-9 / bins`` below an
-    edge (a rounding error: ``rate * bins`` within 1e-9 of a whole number; for rates given in single or half
-    precision, within 2 ``bins`` times their machine epsilon) is put on the edge, so ``3/10`` lands in
-    ``[0.3, 0.4)`` despite rounding.
+    edge (a rounding error: ``rate * bins`` within 1e-9 of a whole number) is put on the edge, so ``3/10`` lands in
+    ``[0.3, 0.4)`` despite rounding; rates given in lower precision (a float32 or bfloat16 tensor) are compared with
+    the edges in that precision.
     """
     if isinstance(bins, (bool, np.bool_)) or int(bins) != bins or int(bins) < 1:
         raise ValueError(f"bins must be a positive integer; got bins={bins!r}")
@@ -331,11 +340,10 @@ def polarisation(pass_rates: Any, bins: int = 10) -> Polarisation:
     total = rates.size
     n_zero = int(np.count_nonzero(rates == 0.0))
     n_one = int(np.count_nonzero(rates == 1.0))
-    # a rate given in single precision (a tensor's mean) is as far from c/n as its rounding: 7/10 in float32 is 1e-8
-    # below 0.7
-    tolerance = max(_EDGE_TOL, 2 * float(np.finfo(given.dtype).eps) * bins) if given.dtype.kind == "f" else _EDGE_TOL
-    idx = np.floor(rates * bins + tolerance).astype(np.int64)
-    idx = np.clip(idx, 0, bins - 1)
+    # the edges in the precision the rates come in: 7/10 as a float32 tensor's mean is float32's 0.7, 1e-8 below
+    # float64's
+    edges = _rounded_like(np.arange(bins + 1, dtype=np.float64) / bins, pass_rates) - _EDGE_TOL / bins
+    idx = np.clip(np.searchsorted(edges, rates, side="right") - 1, 0, bins - 1)
     histogram = np.bincount(idx, minlength=bins).astype(np.int64)
     return Polarisation(
         n_problems=total,

@@ -27,11 +27,11 @@ describes no distribution: its row's statistics are NaN (or ``-inf`` log-probs),
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from entrorl._checks import as_bool_mask, check_int, widest_float
 
@@ -347,6 +347,33 @@ def _logit_grads_by_chunk(
         )
 
 
+def _differentiable_once(backward):
+    """``backward`` run without recording a graph of its own (its chunks are written in place). A gradient of the
+    gradient (``create_graph=True``; ``torch.func.grad`` of a ``torch.func.grad``) is refused: the first gradient would
+    have no graph behind it, so this function's second-order term would be 0 without a word (torch's
+    ``once_differentiable`` raises only when the incoming gradients require grad, which a loss's seldom do). One
+    ``torch.func.grad`` is a first derivative, which runs."""
+
+    @functools.wraps(backward)
+    def differentiated_once(ctx, *grads):
+        if torch.is_grad_enabled():
+            level = _functorch_level() if torch._C._are_functorch_transforms_active() else None
+            if level is None or level > 1:
+                raise RuntimeError("token_stats: the statistics are differentiable once; a second derivative "
+                                   "(create_graph=True, or nested torch.func.grad) is not available")
+        with torch.no_grad():
+            return backward(ctx, *grads)
+
+    return differentiated_once
+
+
+def _functorch_level() -> int:
+    """The level of the innermost torch.func transform under way (1 for a single ``torch.func.grad``)."""
+    current = getattr(torch._C._functorch, "maybe_current_level", None)
+    level = current() if current is not None else None
+    return 1 if level is None else int(level)
+
+
 def _save_context(ctx, rows, inv_temperature, chunk_size, out) -> None:
     """What both classes' backward passes read besides the saved tensors; ``out[2:]`` (D, its centred form, and what
     :class:`_HiddenStats` returns for its backward pass) have no gradient."""
@@ -378,7 +405,7 @@ class _LogitsStats(torch.autograd.Function):
         _save_context(ctx, rows, inv_temperature, chunk_size, output)
 
     @staticmethod
-    @once_differentiable
+    @_differentiable_once
     def backward(ctx, grad_logprob, grad_entropy, _grad_disc, _grad_centered):
         if grad_logprob is None and grad_entropy is None:
             return (None,) * 7
@@ -564,7 +591,7 @@ class _HiddenStats(torch.autograd.Function):
         _save_context(ctx, rows, inv_temperature, chunk_size, output)
 
     @staticmethod
-    @once_differentiable
+    @_differentiable_once
     def backward(ctx, grad_logprob, grad_entropy, _grad_disc, _grad_centered, *_grad_backward_inputs):
         if grad_logprob is None and grad_entropy is None:
             return (None,) * 10
