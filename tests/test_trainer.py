@@ -2413,10 +2413,12 @@ def test_the_train_command_says_how_to_go_on_after_an_interruption(tmp_path, tin
         TrainingStopped("3 non-finite steps in a row")))
     result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run-stopped")])
     assert result.exit_code == 3 and "error: 3 non-finite steps in a row" in result.output, result.output
-    # --resume without --run-dir needs logging.name to find the run
-    result = CliRunner().invoke(app, ["train", str(config), "--resume"])
-    assert result.exit_code == 2 and "--resume needs the run directory: pass --run-dir or set logging.name" in " ".join(
-        result.output.split()), result.output
+    # --resume without --run-dir needs logging.name to find the run; a blank one is none (it looked for a checkpoint
+    # in a new <method>-<time> folder)
+    for blank in ([], ["--set", "logging.name="], ["--set", "logging.name='  '"]):
+        result = CliRunner().invoke(app, ["train", str(config), "--resume", *blank])
+        assert result.exit_code == 2 and "--resume needs the run directory: pass --run-dir or set logging.name" in \
+            " ".join(result.output.split()), result.output
 
 
 def test_ctrl_c_while_the_run_is_set_up_says_nothing_was_trained_and_how_to_go_on(tmp_path, tiny_model_dir,
@@ -2840,8 +2842,8 @@ def test_a_temperature_that_overflows_the_scored_logits_is_refused(arithmetic_fi
 def test_a_string_setting_that_yaml_read_as_a_number_says_to_quote_it(tmp_path, arithmetic_files):
     train, _ = arithmetic_files
     base = make_config(tmp_path / "model", train, None)
-    # the value as typed, not as YAML read it (12:30 is the number 750 to YAML 1.1, 3.10 the number 3.1)
-    for typed, kind in (("2024", "number"), ("12:30", "number"), ("3.10", "number"), ("yes", "boolean")):
+    # the value as typed, not as YAML read it (3.10 is the number 3.1)
+    for typed, kind in (("2024", "number"), ("3.10", "number"), ("yes", "boolean")):
         with pytest.raises(ConfigError, match=rf"logging.name: Input should be a valid string \(got .*\); YAML read the "
                                               rf"value as a {kind}: put it in quotes as you wrote it, --set "
                                               rf"'logging.name=\"{re.escape(typed)}\"'$"):
@@ -2849,6 +2851,51 @@ def test_a_string_setting_that_yaml_read_as_a_number_says_to_quote_it(tmp_path, 
         assert load_config(base, [f'logging.name="{typed}"']).logging.name == typed
     with pytest.raises(ConfigError, match=r"YAML read the value as a number: put it in quotes as you wrote it in the file$"):
         load_config({**base, "logging": {**base["logging"], "name": 2024}})
+    assert load_config(base, ["logging.name=12:30"]).logging.name == "12:30"  # text to YAML 1.2 (base 60 to YAML 1.1)
+
+
+def test_a_device_type_entrorl_does_not_run_on_is_refused_naming_model_device(tmp_path, arithmetic_files):
+    """'meta', 'xpu', 'hpu' (any torch device type) passed the check, which looked for CUDA and MPS only: the model
+    then loaded and the run died with a traceback deep inside (a meta tensor's .item(), a torch without XPU)."""
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "model", train, None)
+    for device in ("meta", "xpu", "hpu", "xla"):
+        with pytest.raises(ConfigError, match=rf"model.device: '{device}': entrorl runs on 'cpu', 'cuda', "
+                                              rf"'cuda:N' or 'mps' \(or 'auto'\), not on '{device}' devices"):
+            load_config(base, [f"model.device={device}"])
+    assert load_config(base, ["model.device=cpu"]).model.device == "cpu"
+
+
+def test_numbers_are_read_as_yaml_1_2_reads_them_not_as_octal_or_base_60(tmp_path, arithmetic_files):
+    """YAML 1.1 (PyYAML's) read 010 as the octal 8 and 1:30 as the base-60 90: `--set seed=010` trained with seed 8,
+    `eval.n: 1:30` drew 90 samples, without a word. YAML 1.2 reads 010 as 10 and 1:30 as text (which an integer
+    setting refuses); 0x / 0o integers, 1e-6, 1_000 and .inf are read as before."""
+    train, _ = arithmetic_files
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(make_config(tmp_path / "model", train, None)).replace("steps: 3", "steps: 010"))
+    assert "steps: 010" in config_file.read_text()
+    assert load_config(config_file).optim.steps == 10
+    assert load_config(config_file, ["seed=010"]).seed == 10
+    with pytest.raises(ConfigError, match=r"eval.n"):
+        load_config(config_file, ["eval.n=1:30"])
+    expected = {"010": 10, "-007": -7, "0x1F": 31, "0o17": 15, "1_000": 1000, "1e-6": 1e-6, "1:30": "1:30",
+                "12:30:00": "12:30:00", "1.5": 1.5, "-.inf": float("-inf")}
+    for typed, value in expected.items():
+        assert parse_set_option(f"reward.kwargs.x={typed}")[1] == value, typed
+    assert yaml.safe_load("010") == 8  # PyYAML's own loader is left as it is
+
+
+def test_a_set_value_that_yaml_would_cut_at_a_comment_is_refused():
+    """`--set 'data.prompt_template=Q {prompt} # think step by step'` trained with the template `Q {prompt}`: YAML
+    read the rest as a comment. Refused, saying so; a quoted value, or a '#' not after a space, is kept whole."""
+    for option, kept in (("data.prompt_template=Q {prompt} # think", "'Q {prompt}'"), ("logging.name=exp #3", "'exp'"),
+                         ("logging.name=#3", "None"), ("method={name: grpo} # the baseline", "{'name': 'grpo'}")):
+        with pytest.raises(ConfigError, match=rf"YAML reads the text from '#' on as a comment, which would leave the "
+                                              rf"value {re.escape(kept)}; quote the value"):
+            parse_set_option(option)
+    assert parse_set_option("logging.name='exp #3'")[1] == "exp #3"
+    assert parse_set_option('logging.name="exp #3"')[1] == "exp #3"
+    assert parse_set_option("logging.name=exp#3")[1] == "exp#3"
 
 
 def test_malformed_data_row_is_reported_with_file_and_line(tmp_path, tiny_model_dir):

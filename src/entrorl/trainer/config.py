@@ -159,6 +159,9 @@ def resolve_device(name: str):
         device = torch.device(name)
     except (RuntimeError, ValueError) as error:
         raise ValueError(f"{name!r} is not a device: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' ({error})") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name!r}: entrorl runs on 'cpu', 'cuda', 'cuda:N' or 'mps' (or 'auto'), not on "
+                         f"{device.type!r} devices")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{name!r}: torch sees no CUDA GPU here; use 'cpu' or 'auto'")
@@ -470,6 +473,13 @@ class LoggingConfig(_Section):
 
     _run_dir_home_expanded = field_validator("run_dir", mode="before")(_home_expanded)
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _blank_is_no_name(cls, value: Any) -> Any:
+        """``logging.name: ''`` (e.g. ``--set logging.name=``) means no name, as leaving it out does (``--resume`` then
+        asks for the run directory)."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _trackers_installed(self) -> "LoggingConfig":
         import importlib.util
@@ -771,7 +781,9 @@ def configuration_markdown() -> str:
              "Defaults are written as YAML reads them (`null` is Python's None). `method` takes a method's name, a",
              "composition or an objective (its keys are under `method` below): see the README's methods and",
              "`entrorl methods METHOD` for every parameter of one. A path (`model.path`, `data.train`, `data.eval`,",
-             "`logging.run_dir`) may begin with `~`, the home folder, as in a shell.", ""]
+             "`logging.run_dir`) may begin with `~`, the home folder, as in a shell. Numbers are read as YAML 1.2",
+             "reads them: `1e-5` is a number, `010` is 10 (not octal), `1:30` is text; a `--set` value that YAML would",
+             "cut at ` #` (a comment) is refused: quote it.", ""]
 
     def section(model: type[BaseModel], prefix: str) -> None:
         rows, nested = [], []
@@ -919,11 +931,18 @@ class _RepeatedKey(yaml.YAMLError):
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with two changes. YAML 1.1 (PyYAML's) reads ``1e-6`` and ``1e1`` as strings, for want of a
-    dot; YAML 1.2 and every reader of numbers take them as floats. A typed field would convert the string, but
-    free-form parameters (reward kwargs, advantage params) would receive it as text. And a key given twice in one
-    mapping is refused: PyYAML keeps the last value, so a section written twice would lose the first one's settings
-    without a word (a merge key's ``<<: *defaults`` values may still be overridden)."""
+    """PyYAML's safe loader with numbers read as YAML 1.2 reads them, and keys given once. YAML 1.1 (PyYAML's) reads
+    ``1e-6`` and ``1e1`` as strings, for want of a dot, ``010`` as the octal 8 and ``1:30`` as the base-60 90; YAML 1.2
+    and every reader of numbers take ``1e-6`` as a float and ``010`` as 10, and ``1:30`` is text. A typed field would
+    convert a string, but free-form parameters (reward kwargs, advantage params) would receive it as text. And a key
+    given twice in one mapping is refused: PyYAML keeps the last value, so a section written twice would lose the
+    first one's settings without a word (a merge key's ``<<: *defaults`` values may still be overridden)."""
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node).replace("_", "")
+        sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.lstrip("+"))
+        base = {"0x": 16, "0o": 8}.get(digits[:2].lower(), 10)
+        return sign * int(digits[2:] if base != 10 else digits, base)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -944,8 +963,18 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2's numbers in place of YAML 1.1's: decimal, 0x and 0o integers (no octal 010, no base 60), and floats
+# with or without a dot in the mantissa
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"), list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
 
 
 def _load_yaml(text: str) -> Any:
@@ -962,12 +991,22 @@ def parse_set_option(option: str, flag: str = "--set") -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if "" in path:
         raise ConfigError(f"{flag} {option!r}: the key {key.strip()!r} has an empty part (two dots, or a dot at an end)")
+    if not raw.strip():
+        return path, ""
+    loader = _ConfigLoader(raw)
     try:
-        value = _load_yaml(raw) if raw.strip() else ""
+        node = loader.get_single_node()
+        value = loader.construct_document(node) if node is not None else None
     except _RepeatedKey as error:  # a mapping, meant as one: quoting it would make it a string
         raise ConfigError(f"{flag} {option!r}: {error}; give each key once") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{flag} {option!r}: the value is not valid YAML ({error}); quote it to pass a string") from None
+    finally:
+        loader.dispose()
+    if node is None or node.end_mark.index < len(raw.rstrip()):  # what follows the value can only be a comment
+        raise ConfigError(f"{flag} {option!r}: YAML reads the text from '#' on as a comment, which would leave the "
+                          f"value {value!r}; quote the value to keep it whole ({flag} '{key}=\"...\"'), or leave the "
+                          "comment out")
     return path, value
 
 
