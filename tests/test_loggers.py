@@ -35,6 +35,22 @@ class FakeWandbRun:
         self.exit_code = exit_code
 
 
+class FakeTrackioRun:
+    """What trackio.init returns: its log and finish act on this run (through the module's functions, which tests
+    replace to make them fail)."""
+
+    def __init__(self, module, name, next_step):
+        self.module, self.name, self._next_step = module, name, next_step
+
+    def log(self, data, step=None):
+        self.module.current = self.name
+        self.module.log(data, step=step)
+
+    def finish(self):
+        self.module.current = self.name
+        self.module.finish()
+
+
 class FakeTrackers:
     wandb_runs: list[FakeWandbRun] = []
 
@@ -63,9 +79,9 @@ def trackers(monkeypatch):
             name = f"{name}-{len(trackio.runs)}"
         held = trackio.runs.setdefault(name, [])
         trackio.current = name
-        return types.SimpleNamespace(name=name, _next_step=max(held) + 1 if held else 0)
+        return FakeTrackioRun(trackio, name, max(held) + 1 if held else 0)
 
-    def trackio_log(data, step=None):
+    def trackio_log(data, step=None):  # the module's functions act on the run started last, as trackio's do
         trackio.calls.append(("log", step, dict(data)))
         trackio.runs[trackio.current].append(step)
 
@@ -546,7 +562,7 @@ def test_a_step_that_cannot_be_written_names_metrics_jsonl(tmp_path):
 def test_a_resume_with_a_trackio_that_does_not_say_which_steps_it_holds_warns_and_sends_every_step(tmp_path, trackers):
     _, trackio = trackers
     starting = trackio.init
-    trackio.init = lambda **options: types.SimpleNamespace(name=starting(**options).name)  # no _next_step
+    trackio.init = lambda **options: FakeTrackioRun(trackio, starting(**options).name, None)  # no _next_step
     (tmp_path / "trackio_run").write_text("run-20260101-000000\n")
     trackio.runs["run-20260101-000000"] = [1, 2, 3]
     with pytest.warns(UserWarning, match="this trackio version does not say which steps its run already holds"):
@@ -653,3 +669,44 @@ def test_resume_truncates_a_metrics_file_holding_u2028(tmp_path):
     kept = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     assert [r["step"] for r in kept] == [1, 2]
     assert kept[0]["note"] == "a\u2028b"
+
+
+def test_two_runs_open_in_one_process_each_log_into_their_own_w_and_b_and_trackio_runs(tmp_path, trackers):
+    """trackio.log / trackio.finish act on the run started last in the process: a first run's steps went into the
+    second's trackio run, and its close finished the second one. W&B hands back the run already open unless asked for
+    a new one (reinit='create_new')."""
+    _, trackio = trackers
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    a = MetricsLogger(first, wandb=True, trackio=True, run_name="a")
+    b = MetricsLogger(second, wandb=True, trackio=True, run_name="b")
+    log_steps(a, [1, 2])
+    log_steps(b, [1, 2, 3])
+    a.close()
+    log_steps(b, [4])
+    b.close()
+    name_a, name_b = ((folder / "trackio_run").read_text().strip() for folder in (first, second))
+    assert trackio.runs == {name_a: [1, 2], name_b: [1, 2, 3, 4]}
+    assert all(run.options["reinit"] == "create_new" for run in FakeTrackers.wandb_runs)
+
+
+def test_a_trackio_store_that_cannot_be_written_or_steps_it_could_not_store_stop_the_run(tmp_path, trackers):
+    """trackio starts whatever its store, and its writer, in another thread, only warns that a batch could not be
+    stored: the run trained to the end with nothing in trackio. A store that cannot be made is refused at the start,
+    naming logging.trackio; steps trackio notes it could not store stop the run at the next step."""
+    _, trackio = trackers
+    (tmp_path / "a-file").write_text("")
+    trackio.utils = types.SimpleNamespace(TRACKIO_DIR=tmp_path / "a-file" / "trackio")
+    with pytest.raises(TrackerError, match=r"logging.trackio: could not start trackio: NotADirectoryError"):
+        MetricsLogger(tmp_path, trackio=True)
+    trackio.utils.TRACKIO_DIR = tmp_path / "store"
+    logger = MetricsLogger(tmp_path, trackio=True)
+    logger.log(1, {"x": 1.0})
+    logger._trackio._warned_failures = {"init-config", "write-logs-to-sqlite"}  # what trackio notes beside its warning
+    with pytest.raises(TrackerError, match=r"logging.trackio: trackio could not log: RuntimeError: trackio could not "
+                                           r"store the run's steps \(write-logs-to-sqlite; its warning says why\)"):
+        logger.log(2, {"x": 2.0})
+    with pytest.raises(TrackerError, match="trackio could not finish"):
+        logger.close()
+    assert (tmp_path / "store").is_dir()

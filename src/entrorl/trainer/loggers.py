@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -115,8 +116,9 @@ class MetricsLogger:
 
                 id_file = Path(run_dir) / WANDB_ID_FILE  # a resumed run logs into the same W&B run
                 run_id = _earlier_run(id_file, resume_step) or None
+                # a W&B run already open in this process (another trainer's) would be handed back by default
                 self._wandb = wandb_module.init(project=project, name=run_name, config=config, dir=str(run_dir), id=run_id,
-                                                resume="allow")
+                                                resume="allow", reinit="create_new")
                 atomic_write_text(id_file, self._wandb.id, follow_links=False)
                 self._next_step["W&B"] = _whole(getattr(self._wandb, "step", 0))  # a resumed W&B run's next step
         if trackio:
@@ -128,8 +130,10 @@ class MetricsLogger:
                 name_file = Path(run_dir) / TRACKIO_RUN_FILE
                 earlier = _earlier_run(name_file, resume_step)
                 name = earlier or f"{run_name}-{datetime.now():%Y%m%d-%H%M%S}"
+                _check_trackio_store(trackio_module)
                 run = trackio_module.init(project=project, name=name, config=config, resume="allow" if earlier else "never")
-                self._trackio = trackio_module
+                # this run's own object: trackio.log and trackio.finish act on the run started last in the process
+                self._trackio = run
                 atomic_write_text(name_file, name + "\n", follow_links=False)
                 # the step after the last one its storage holds for this run (trackio has no public name for it)
                 held = getattr(run, "_next_step", None)
@@ -179,6 +183,7 @@ class MetricsLogger:
         if self._trackio is not None and "trackio" not in skipped:
             with _as_tracker_error("logging.trackio", "trackio could not log"):
                 self._trackio.log(numeric, step=step)
+                _refuse_lost_trackio_steps(self._trackio)
 
     def sync(self) -> None:
         """Make every step logged so far durable (``fsync``)."""
@@ -205,7 +210,8 @@ class MetricsLogger:
                     lambda sink: sink.close()),
                    ("logging.wandb", "W&B could not finish", self._wandb, self.wandb_dir,
                     lambda sink: sink.finish(exit_code=int(failed))),
-                   ("logging.trackio", "trackio could not finish", self._trackio, None, lambda sink: sink.finish()))
+                   ("logging.trackio", "trackio could not finish", self._trackio, None,
+                    lambda sink: (sink.finish(), _refuse_lost_trackio_steps(sink))))
         for key, what, sink, folder, finish in closing:
             if sink is None:
                 continue
@@ -217,6 +223,31 @@ class MetricsLogger:
         self._tensorboard = self._wandb = self._trackio = None
         if errors:
             raise errors[0]
+
+
+def _check_trackio_store(trackio_module: Any) -> None:
+    """``OSError`` when trackio's store (``TRACKIO_DIR``) cannot be made or written: trackio itself starts regardless,
+    and its writer, in another thread, only warns that each batch could not be stored."""
+    store = getattr(getattr(trackio_module, "utils", None), "TRACKIO_DIR", None)
+    if store is None:
+        return
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    if not os.access(store, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "trackio's store (TRACKIO_DIR) is not writable", str(store))
+
+
+# what trackio notes (Run._warned_failures, beside its warning) when it gives up storing logged steps
+_TRACKIO_LOST_STEPS = frozenset({"write-logs-to-sqlite", "write-logs-fragment", "persist-logs-locally",
+                                 "flush-local-buffer", "local-sender-loop", "remote-sender-loop"})
+
+
+def _refuse_lost_trackio_steps(run: Any) -> None:
+    """``RuntimeError`` once trackio has given up storing some of the run's steps: its writer runs in another thread
+    and raises nothing, and says so only in a warning (versions that do not note it are trusted)."""
+    lost = _TRACKIO_LOST_STEPS & set(getattr(run, "_warned_failures", None) or ())
+    if lost:
+        raise RuntimeError(f"trackio could not store the run's steps ({', '.join(sorted(lost))}; its warning says why)")
 
 
 def _warn_of_missing_steps(path: Path, logged: set[Any], resume_step: int) -> None:
