@@ -49,6 +49,7 @@ from entrorl.lab.supervised import SFT_OBJECTIVE
 from entrorl.lab.tasks import get_task
 from entrorl.trainer.checkpoint import atomic_write_text, lock_run_directory
 from entrorl.trainer.config import flatten_settings
+from entrorl.trainer.stop_signals import CPU_TIME_LIMIT
 
 __all__ = ["run_lab", "evaluate_policy", "task_reward", "SUPERVISED_BASELINES"]
 
@@ -285,8 +286,8 @@ def _init_worker(stop: Any) -> None:
 def _handle_stop_signals_outside_training() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminated_outside_training)
-    if _CPU_TIME_LIMIT is not None:
-        signal.signal(_CPU_TIME_LIMIT, _cpu_time_limit_outside_training)
+    if CPU_TIME_LIMIT is not None:
+        signal.signal(CPU_TIME_LIMIT, _cpu_time_limit_outside_training)
 
 
 # in a worker: whether its soft CPU-time limit's SIGXCPU came while it was not training
@@ -358,7 +359,7 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
         outcome = {"method": method, "status": "interrupted", "step": stopped.step}
         # the worker's own CPU-time limit, reached in training or before a step ended (the trainer asks should_stop),
         # stops the laboratory with SIGXCPU's exit status; other signals reached the laboratory too
-        if _cpu_time_limit_reached or stopped.signal_number == _CPU_TIME_LIMIT:
+        if _cpu_time_limit_reached or stopped.signal_number == CPU_TIME_LIMIT:
             outcome["signal"] = "SIGXCPU"
         return outcome
     except Exception:  # a failed method must not take the matrix down: record it and go on
@@ -560,7 +561,7 @@ def _stopped_not_failed(outcome: dict[str, Any], process: Any, stop_requested: b
     SIGTERM outside training, and notes SIGXCPU)."""
     if outcome.get("died") and stop_requested and process.exitcode == -signal.SIGTERM:
         return {"method": outcome["method"], "status": "interrupted"}
-    if outcome.get("died") and _CPU_TIME_LIMIT is not None and process.exitcode == -_CPU_TIME_LIMIT:
+    if outcome.get("died") and CPU_TIME_LIMIT is not None and process.exitcode == -CPU_TIME_LIMIT:
         # its CPU-time limit reached while it was still importing, before it handles SIGXCPU
         return {"method": outcome["method"], "status": "interrupted", "signal": "SIGXCPU"}
     return outcome
@@ -752,14 +753,10 @@ class _StopRequests:
     def said_as(self) -> str:
         if self.signal_number == signal.SIGINT:
             return "Ctrl-C"
-        if self.signal_number == _CPU_TIME_LIMIT:
+        if self.signal_number == CPU_TIME_LIMIT:
             return "SIGXCPU (the CPU-time limit is reached)"
         return signal.Signals(self.signal_number).name
 
-
-# the kernel sends SIGXCPU at a soft CPU-time limit, then again every CPU second until the hard limit's SIGKILL: the
-# first asks the laboratory to stop, the repeats are no second request (no such signal on Windows)
-_CPU_TIME_LIMIT = getattr(signal, "SIGXCPU", None)
 
 
 @contextlib.contextmanager
@@ -777,14 +774,14 @@ def _counting_stop_signals():
 
     def count(signum, frame):
         nonlocal limit_reached
-        if signum == _CPU_TIME_LIMIT:
+        if signum == CPU_TIME_LIMIT:
             if limit_reached:  # the kernel's repeat
                 return
             limit_reached = True
         requests.count += 1
         requests.signal_number = signum
 
-    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, _CPU_TIME_LIMIT)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, CPU_TIME_LIMIT)
                 if number is not None}
     for number, handler in previous.items():
         if handler is not signal.SIG_IGN:
@@ -800,8 +797,8 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
               out: Path, steps: int) -> int | None:
     """Train the methods of ``jobs`` in up to ``workers`` processes, filling ``outcomes``; returns the number of the
     signal that asked the laboratory to stop (Ctrl-C's SIGINT, SIGTERM or SIGXCPU; SIGXCPU when a worker reached its
-    CPU-time limit, SIGINT for another signal that stopped a method without reaching this process), or None: methods not started then do not start. A second one ends the workers at
-    once and raises :class:`StoppedAtOnce`."""
+    CPU-time limit, SIGINT for another signal that stopped a method without reaching this process), or None: methods
+    not started then do not start. A second one ends the workers at once and raises :class:`StoppedAtOnce`."""
     context = multiprocessing.get_context("spawn")
     stop = _StopRequest(context)
     queue, pool = list(jobs), []
@@ -817,7 +814,7 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
                     raise StoppedAtOnce(requests.signal_number)
                 if requests.count and not stop.is_set():
                     stop.set()
-                    again = "Ctrl-C" if requests.signal_number == _CPU_TIME_LIMIT else requests.said_as
+                    again = "Ctrl-C" if requests.signal_number == CPU_TIME_LIMIT else requests.said_as
                     progress.console.print(
                         f"[yellow]{requests.said_as}[/yellow]: each method being trained finishes its step and saves "
                         f"it, the others do not start ({again} again to stop at once)", highlight=False)
@@ -836,11 +833,10 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, outcomes: dict[str, Any]
                     stop.set()
                     by_limit = any(o.get("signal") == "SIGXCPU" for o in stopped)
                     if by_limit:
-                        requests.signal_number = _CPU_TIME_LIMIT
-                    progress.console.print(
-                        f"[yellow]{'a worker reached its CPU-time limit (SIGXCPU)' if by_limit else 'a method was stopped by a signal'}"
-                        "[/yellow]: the others finish their step and save it, the rest do not start (Ctrl-C to stop "
-                        "at once)", highlight=False)
+                        requests.signal_number = CPU_TIME_LIMIT
+                    why = "a worker reached its CPU-time limit (SIGXCPU)" if by_limit else "a method was stopped by a signal"
+                    progress.console.print(f"[yellow]{why}[/yellow]: the others finish their step and save it, the rest "
+                                           "do not start (Ctrl-C to stop at once)", highlight=False)
                     requests.count = max(requests.count, 1)
                 if stop.is_set():
                     while queue:

@@ -12,13 +12,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["FINISH_THE_STEP", "catch_stop_signals", "exit_at_once_on_another_signal", "say_in_a_signal_handler"]
+__all__ = ["CPU_TIME_LIMIT", "FINISH_THE_STEP", "catch_stop_signals", "exit_at_once_on_another_signal",
+           "say_in_a_signal_handler"]
 
 # the kernel sends SIGXCPU once the soft CPU-time limit (`ulimit -St`, a scheduler's cputime) is reached, then again
 # every CPU second until the hard limit's SIGKILL: what time is left goes to saving the step, and a repeat is no
 # second request to stop at once (not on Windows, which has no such signal)
-_CPU_TIME_LIMIT = getattr(signal, "SIGXCPU", None)
-_STOP_SIGNALS = tuple(number for number in (signal.SIGINT, signal.SIGTERM, _CPU_TIME_LIMIT) if number is not None)
+CPU_TIME_LIMIT = getattr(signal, "SIGXCPU", None)
+_STOP_SIGNALS = tuple(number for number in (signal.SIGINT, signal.SIGTERM, CPU_TIME_LIMIT) if number is not None)
 
 
 def say_in_a_signal_handler(console, message: str) -> None:
@@ -77,7 +78,7 @@ def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] 
     previous = {}
 
     def handler(number, frame):
-        if received and number == _CPU_TIME_LIMIT:
+        if received and number == CPU_TIME_LIMIT:
             return
         if received:
             say_in_a_signal_handler(console, f"{signal.Signals(number).name} again: stopping now, without waiting for "
@@ -86,7 +87,7 @@ def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] 
                 raise KeyboardInterrupt
             raise SystemExit(128 + number)
         received.append(number)
-        if number == _CPU_TIME_LIMIT:
+        if number == CPU_TIME_LIMIT:
             say_in_a_signal_handler(console, f"SIGXCPU: the process's CPU-time limit is reached (the hard limit ends it): "
                                              f"{plan()}")
         else:
