@@ -758,7 +758,6 @@ class _StopRequests:
         return signal.Signals(self.signal_number).name
 
 
-
 @contextlib.contextmanager
 def _counting_stop_signals():
     """Count Ctrl-C presses, SIGTERMs (a job scheduler's "stop") and a first SIGXCPU (a soft CPU-time limit reached) in

@@ -104,15 +104,13 @@ class Objective:
         global_batch_size: float | None = None,
         dp_size: int = 1,
     ) -> ObjectiveOutput:
-        if torch.is_grad_enabled() or not self.stateful:
-            return self._loss(batch, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
-                              dp_size=dp_size)
-        state = copy.deepcopy(self.state_dict())
+        kept = None if torch.is_grad_enabled() or not self.stateful else copy.deepcopy(self.state_dict())
         try:
             return self._loss(batch, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                               dp_size=dp_size)
         finally:
-            self.load_state_dict(state)
+            if kept is not None:  # no update follows a call without gradients
+                self.load_state_dict(kept)
 
     def _loss(self, batch: PolicyBatch, *, batch_num_tokens: float | None, global_batch_size: float | None,
               dp_size: int) -> ObjectiveOutput:
