@@ -6,6 +6,7 @@ TensorBoard is the real one."""
 
 from __future__ import annotations
 
+import contextvars
 import importlib.machinery
 import json
 import re
@@ -79,7 +80,9 @@ def trackers(monkeypatch):
             name = f"{name}-{len(trackio.runs)}"
         held = trackio.runs.setdefault(name, [])
         trackio.current = name
-        return FakeTrackioRun(trackio, name, max(held) + 1 if held else 0)
+        run = FakeTrackioRun(trackio, name, max(held) + 1 if held else 0)
+        trackio.context_vars.current_run.set(run)
+        return run
 
     def trackio_log(data, step=None):  # the module's functions act on the run started last, as trackio's do
         trackio.calls.append(("log", step, dict(data)))
@@ -87,6 +90,9 @@ def trackers(monkeypatch):
 
     trackio.init = trackio_init
     trackio.log = trackio_log
+    trackio.context_vars = types.ModuleType("trackio.context_vars")
+    trackio.context_vars.current_run = contextvars.ContextVar("current_run", default=None)
+    monkeypatch.setitem(sys.modules, "trackio.context_vars", trackio.context_vars)
     trackio.finish = lambda: trackio.calls.append(("finish",))
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     monkeypatch.setitem(sys.modules, "trackio", trackio)
@@ -689,6 +695,9 @@ def test_two_runs_open_in_one_process_each_log_into_their_own_w_and_b_and_tracki
     name_a, name_b = ((folder / "trackio_run").read_text().strip() for folder in (first, second))
     assert trackio.runs == {name_a: [1, 2], name_b: [1, 2, 3, 4]}
     assert all(run.options["reinit"] == "create_new" for run in FakeTrackers.wandb_runs)
+    # closed, a run is no longer trackio's current one (as trackio.finish() leaves it): a later trackio.log of the
+    # user's is refused by trackio, not stored as a new step of the finished run
+    assert trackio.context_vars.current_run.get() is None
 
 
 def test_a_trackio_store_that_cannot_be_written_or_steps_it_could_not_store_stop_the_run(tmp_path, trackers):

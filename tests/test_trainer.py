@@ -2883,6 +2883,13 @@ def test_numbers_are_read_as_yaml_1_2_reads_them_not_as_octal_or_base_60(tmp_pat
     for typed, value in expected.items():
         assert parse_set_option(f"reward.kwargs.x={typed}")[1] == value, typed
     assert yaml.safe_load("010") == 8  # PyYAML's own loader is left as it is
+    for typed, value in {"0b101": 5, "-0x1F": -31, "+0x1F": 31, "0b1010_0111": 167, "+0o17": 15}.items():
+        assert parse_set_option(f"reward.kwargs.x={typed}")[1] == value, typed  # as YAML 1.1 read them
+    for typed in ("!!int 0b2", "!!int 1:30", "!!int x"):  # an explicit tag on text that is no integer
+        with pytest.raises(ConfigError, match=r"is not valid YAML \(.* is not an integer"):
+            parse_set_option(f"seed={typed}")
+    with pytest.raises(ConfigError, match=r"is not valid YAML"):  # a control character: PyYAML's reader refuses it
+        parse_set_option("logging.name=a\x07b")
 
 
 def test_a_set_value_that_yaml_would_cut_at_a_comment_is_refused():
@@ -2893,6 +2900,8 @@ def test_a_set_value_that_yaml_would_cut_at_a_comment_is_refused():
         with pytest.raises(ConfigError, match=rf"YAML reads the text from '#' on as a comment, which would leave the "
                                               rf"value {re.escape(kept)}; quote the value"):
             parse_set_option(option)
+    with pytest.raises(ConfigError, match=r"YAML ends the value before '\.\.\.', which would leave the value 'a'"):
+        parse_set_option("logging.name=a\n...")
     assert parse_set_option("logging.name='exp #3'")[1] == "exp #3"
     assert parse_set_option('logging.name="exp #3"')[1] == "exp #3"
     assert parse_set_option("logging.name=exp#3")[1] == "exp#3"

@@ -939,10 +939,14 @@ class _ConfigLoader(yaml.SafeLoader):
     first one's settings without a word (a merge key's ``<<: *defaults`` values may still be overridden)."""
 
     def construct_yaml_int(self, node):
-        text = self.construct_scalar(node).replace("_", "")
-        sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.lstrip("+"))
-        base = {"0x": 16, "0o": 8}.get(digits[:2].lower(), 10)
-        return sign * int(digits[2:] if base != 10 else digits, base)
+        text = self.construct_scalar(node)
+        written = text.replace("_", "")
+        sign, digits = (-1, written[1:]) if written.startswith("-") else (1, written.removeprefix("+"))
+        base = {"0x": 16, "0o": 8, "0b": 2}.get(digits[:2].lower(), 10)
+        try:
+            return sign * int(digits[2:] if base != 10 else digits, base)
+        except ValueError:  # an explicit !!int on text that is no integer
+            raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -963,13 +967,14 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-# YAML 1.2's numbers in place of YAML 1.1's: decimal, 0x and 0o integers (no octal 010, no base 60), and floats
-# with or without a dot in the mantissa
+# YAML 1.2's numbers in place of YAML 1.1's: decimal, 0x, 0o (and, as before, 0b) integers, no octal 010 and no
+# base 60, and floats with or without a dot in the mantissa
 _ConfigLoader.yaml_implicit_resolvers = {
     first: [(tag, pattern) for tag, pattern in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"), list("-+0123456789"))
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+)$"),
+    list("-+0123456789"))
 _ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
@@ -993,8 +998,9 @@ def parse_set_option(option: str, flag: str = "--set") -> tuple[list[str], Any]:
         raise ConfigError(f"{flag} {option!r}: the key {key.strip()!r} has an empty part (two dots, or a dot at an end)")
     if not raw.strip():
         return path, ""
-    loader = _ConfigLoader(raw)
+    loader = None
     try:
+        loader = _ConfigLoader(raw)  # which refuses control characters
         node = loader.get_single_node()
         value = loader.construct_document(node) if node is not None else None
     except _RepeatedKey as error:  # a mapping, meant as one: quoting it would make it a string
@@ -1002,11 +1008,14 @@ def parse_set_option(option: str, flag: str = "--set") -> tuple[list[str], Any]:
     except yaml.YAMLError as error:
         raise ConfigError(f"{flag} {option!r}: the value is not valid YAML ({error}); quote it to pass a string") from None
     finally:
-        loader.dispose()
-    if node is None or node.end_mark.index < len(raw.rstrip()):  # what follows the value can only be a comment
-        raise ConfigError(f"{flag} {option!r}: YAML reads the text from '#' on as a comment, which would leave the "
-                          f"value {value!r}; quote the value to keep it whole ({flag} '{key}=\"...\"'), or leave the "
-                          "comment out")
+        if loader is not None:
+            loader.dispose()
+    rest = raw[node.end_mark.index:].strip() if node is not None else raw.strip()
+    if rest:  # YAML stopped before the end: a comment, or the end of a document (`...`)
+        said = ("reads the text from '#' on as a comment" if rest.startswith("#")
+                else f"ends the value before {rest!r}")
+        raise ConfigError(f"{flag} {option!r}: YAML {said}, which would leave the value {value!r}; quote the value to "
+                          f"keep it whole ({flag} '{key}=\"...\"'), or leave the rest out")
     return path, value
 
 

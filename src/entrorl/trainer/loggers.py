@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -210,8 +211,7 @@ class MetricsLogger:
                     lambda sink: sink.close()),
                    ("logging.wandb", "W&B could not finish", self._wandb, self.wandb_dir,
                     lambda sink: sink.finish(exit_code=int(failed))),
-                   ("logging.trackio", "trackio could not finish", self._trackio, None,
-                    lambda sink: (sink.finish(), _refuse_lost_trackio_steps(sink))))
+                   ("logging.trackio", "trackio could not finish", self._trackio, None, _finish_trackio))
         for key, what, sink, folder, finish in closing:
             if sink is None:
                 continue
@@ -235,6 +235,18 @@ def _check_trackio_store(trackio_module: Any) -> None:
     store.mkdir(parents=True, exist_ok=True)
     if not os.access(store, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, "trackio's store (TRACKIO_DIR) is not writable", str(store))
+
+
+def _finish_trackio(run: Any) -> None:
+    """Finish trackio's ``run`` as ``trackio.finish()`` does for the current one: no longer current afterwards (a later
+    ``trackio.log`` of the user's is refused, not added to this run); then refuse steps it could not store."""
+    try:
+        run.finish()
+    finally:
+        current = getattr(sys.modules.get("trackio.context_vars"), "current_run", None)
+        if current is not None and current.get(None) is run:
+            current.set(None)
+    _refuse_lost_trackio_steps(run)
 
 
 # what trackio notes (Run._warned_failures, beside its warning) when it gives up storing logged steps
