@@ -1806,3 +1806,26 @@ def test_a_log_is_split_into_lines_as_the_trainers_reader_splits_it(tmp_path):
     assert [record["step"] for record in read_metrics(path)] == [1, 2, 3]
     assert json_lines(path) == [(1, {"step": 1, "loss": 0.5}), (2, {"step": 2, "loss": 0.25}),
                                 (3, {"step": 3, "note": "a\u2028b"})]
+
+
+def test_a_continued_run_s_report_drops_the_steps_the_abandoned_attempt_logged_beyond_it(tmp_path):
+    """Steps 1-10 of an attempt that died, then 6-8 of the attempt continued from its step-5 checkpoint (two logs
+    joined, or a continued run still training): the last record of each step was kept, and steps logged once with
+    it, so the abandoned attempt's steps 9 and 10 ended the run (10 steps, its reward and entropy at the end)."""
+    from entrorl.analysis.run import read_metrics_records
+
+    run = tmp_path / "run"
+    run.mkdir()
+    first = [{"step": s, "entropy/mean": 1.0 - 0.05 * s, "reward/accuracy": 0.1} for s in range(1, 11)]
+    second = [{"step": s, "entropy/mean": 2.0, "reward/accuracy": 0.9} for s in range(6, 9)]
+    evaluation = [{"step": 8, "eval/avg_at_n": 0.5}]  # the rest of a step, logged apart: merged, no restart
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first + second + evaluation))
+    (run / "config.json").write_text(json.dumps({"method": "grpo", "optim": {"steps": 20}}))
+    records, _, repeated = read_metrics_records(run / "metrics.jsonl")
+    assert repeated == [6, 7, 8]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8] and records[-1]["eval/avg_at_n"] == 0.5
+    report = write_run_report(run, figures=False)
+    summary = {row["quantity"]: row["value"] for row in report["summary"]["values"]}
+    assert report["steps"] == 8
+    assert summary["reward end"] == 0.9 and summary["entropy end (nats)"] == 2.0
+    assert "got to step 10" not in (run / "report" / "report.md").read_text()

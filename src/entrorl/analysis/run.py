@@ -178,12 +178,14 @@ def read_metrics_records(path: Path) -> tuple[list[dict[str, Any]], list[int], l
 
 def latest_record_of_each_step(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
     """``records`` (in the order they were written) ordered by step, one per step, and the steps that had more than
-    one record. A later record of a step that logs a metric already logged there replaces what came before it: a
-    log that went on past its last checkpoint and was then continued from it, or two logs joined, holds the steps in
-    between twice, and the later attempt is the run's. One that logs other metrics only is merged into it: a loop of
-    one's own may log a step's training and evaluation metrics apart. A record without a finite step is kept as it
-    is."""
+    one record. A later record of a step that logs a metric already logged there replaces what came before it, and
+    the records of the steps after it go too: a log that went on past its last checkpoint and was then continued from
+    it, or two logs joined, holds the steps in between twice, and the later attempt is the run's (the earlier one's
+    steps beyond where the later one has got were abandoned with it). One that logs other metrics only is merged into
+    it: a loop of one's own may log a step's training and evaluation metrics apart. A record without a finite step is
+    kept as it is."""
     latest: dict[float, dict[str, Any]] = {}
+    logged: set[float] = set()
     repeated: set[float] = set()
     stepless = []
     for record in records:
@@ -191,11 +193,16 @@ def latest_record_of_each_step(records: list[dict[str, Any]]) -> tuple[list[dict
         if step is None:
             stepless.append(record)
             continue
-        if step in latest:
+        if step in logged:
             repeated.add(step)
+        logged.add(step)
+        if step in latest:
             earlier = latest[step]
             if not (earlier.keys() & record.keys()) - {"step"}:  # the rest of the step, logged apart
                 record = {**earlier, **record}
+            else:  # a restart from this step: what the earlier attempt logged after it is not the run's
+                for abandoned in [later for later in latest if later > step]:
+                    del latest[abandoned]
         latest[step] = record
     kept = sorted([*latest.values(), *stepless], key=lambda r: finite(r.get("step")) or 0.0)
     return kept, sorted(int(step) if float(step).is_integer() else step for step in repeated)
