@@ -228,6 +228,24 @@ def test_dataset_dict_contributes_its_train_split_whatever_the_split_order(tmp_p
     check_rows(load_prompts(d, **COLS))
 
 
+def test_held_out_data_saved_as_a_dataset_dict_of_several_splits_is_refused_naming_them(tmp_path):
+    """Evaluation data (data.eval, `entrorl eval --data`) read with split=None: a DatasetDict of one split gives it,
+    one of several is refused naming them and a split's sub-directory (its 'train' split, the training prompts, was
+    evaluated without a word), which can be given instead."""
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(ROWS)
+    several = tmp_path / "several"
+    datasets.DatasetDict({"train": ds.select([0]), "test": ds}).save_to_disk(str(several))
+    with pytest.raises(DataError, match=r"a saved DatasetDict of several splits \('train', 'test'\); point at the "
+                                        r"split to evaluate on, its sub-directory"):
+        load_prompts(several, split=None, **COLS)
+    check_rows(load_prompts(several / "test", split=None, **COLS))
+    only = tmp_path / "only"
+    datasets.DatasetDict({"validation": ds}).save_to_disk(str(only))
+    check_rows(load_prompts(only, split=None, **COLS))
+    assert len(load_prompts(several, **COLS)) == 1  # training data: the 'train' split, as before
+
+
 def test_directory_that_is_not_a_dataset(tmp_path):
     d = tmp_path / "plain_dir"
     d.mkdir()

@@ -4247,6 +4247,30 @@ def test_cli_eval_of_a_run_samples_with_the_run_s_prompt_format(tmp_path, tiny_m
     assert json.loads(plain.stdout)["settings"]["prompt_template"] == "{prompt}"
 
 
+def test_cli_eval_of_a_run_gives_its_reward_the_columns_the_run_gave_it(tmp_path, tiny_model_dir, monkeypatch):
+    """A run trained with data.meta_columns [] and a reward that takes no other column: eval of the run on the same
+    file passed the reward every column of the file and refused it (or gave a reward with **meta other keyword
+    arguments than its training did)."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    (tmp_path / "entrorl_test_plain_reward.py").write_text(
+        "def score(prompt, completion, answer):\n    return float(completion.strip() == answer)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1), "id": a}) + "\n" for a in range(4)))
+    config = load_config(make_config(tiny_model_dir, data, None, optim={"steps": 1}, checkpoint={"every": 1},
+                                     data={"meta_columns": []}, reward={"name": "entrorl_test_plain_reward:score"}))
+    Trainer(config, run_dir=tmp_path / "run").train()
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "run"), "--data", str(data), "--n", "1",
+                                      "--max-new-tokens", "2", "--out", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    assert "data.meta_columns = []" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "e.json").read_text())["n_problems"] == 4
+    sys.modules.pop("entrorl_test_plain_reward", None)
+
+
 def test_prompt_format_reads_each_setting_of_the_run_on_its_own(tmp_path, capsys):
     """Each setting the run's config.json gives is used unless given; one it lacks falls back with a warning; a
     checkpoints/ linked to other storage still leads to its run."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -278,7 +279,9 @@ BaseModelOption = Annotated[Optional[Path], typer.Option("--base", help="with --
                                                          "run or checkpoint (then its adapters are loaded): the base "
                                                          "model's directory, instead of the one the adapters record")]
 DataFileOption = Annotated[Path, typer.Option("--data", help="prompt file (.jsonl, .json, .csv, .parquet, .arrow, "
-                                                          "datasets directory)")]
+                                                          "datasets save_to_disk directory: for eval, a DatasetDict's "
+                                                          "only split or a split's sub-directory; for data audit, its "
+                                                          "train split)")]
 SamplesOption = Annotated[int, typer.Option("--n", min=1, help="samples per prompt")]
 MaxNewTokensOption = Annotated[Optional[int], typer.Option(
     min=1, help="most tokens sampled per response (default: rollout.max_new_tokens in the run's config.json when "
@@ -362,7 +365,11 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         check_prompt_template(prompt_template)
         records = load_prompts(data, prompt_column=defaults.prompt_column, answer_column=defaults.answer_column,
-                               require_answer=require_answer)[:max_prompts]
+                               require_answer=require_answer,  # an audit reads training data: a DatasetDict's train
+                               split=None if command == "entrorl eval" else "train")[:max_prompts]
+        if defaults.meta_columns is not None:  # the run's reward gets the columns its training gave it, of those here
+            records = [dataclasses.replace(record, meta={name: value for name, value in record.meta.items()
+                                                         if name in defaults.meta_columns}) for record in records]
         reward_runner = RewardRunner(get_reward(defaults.reward, **defaults.reward_kwargs),
                                      correct_threshold=defaults.correct_threshold, name=defaults.reward)
         reward_runner.check_arguments([record.meta for record in records])
@@ -553,6 +560,7 @@ class _SamplingDefaults(NamedTuple):
     dtype: str
     prompt_column: str
     answer_column: str
+    meta_columns: list[str] | None = None  # the run's data.meta_columns, with its reward: the columns it was given
 
 
 def _reward_options(options: list[str], onto: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -635,9 +643,15 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
     dtype = setting(dtype, "model.dtype", str, "float32", shown=str,
                     valid=lambda value: value in get_args(ModelConfig.model_fields["dtype"].annotation))
     reward_kwargs: dict[str, Any] = {}
+    meta_columns = None
     if reward is None:  # the run's reward, as its own evaluations scored with it
         reward = setting(None, "reward.name", str, "math")
         if recorded("reward", "name", str) is not None:
+            meta_columns = recorded("data", "meta_columns", list)  # which columns of the data the reward was given
+            if meta_columns is not None and all(isinstance(name, str) for name in meta_columns):
+                taken.append(f"data.meta_columns = {meta_columns!r}")
+            else:
+                meta_columns = None
             reward_kwargs = recorded("reward", "kwargs", dict) or {}
             if reward_kwargs:
                 taken.append(f"reward.kwargs = {reward_kwargs!r}")
@@ -656,7 +670,7 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
         console.print(Text.assemble(("warning", "yellow"), f": {run / 'config.json'} does not give "
                                     f"{' or '.join(unread)}; the default is used"), soft_wrap=True)
     return _SamplingDefaults(prompt_template, chat_template, max_new_tokens, reward, reward_kwargs, correct_threshold,
-                             dtype, prompt_column, answer_column)
+                             dtype, prompt_column, answer_column, meta_columns)
 
 
 def _import_the_run_s_modules(names: Any, run: Path) -> None:

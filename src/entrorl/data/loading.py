@@ -98,11 +98,14 @@ def load_prompts(
     answer_column: str = "answer",
     meta_columns: Sequence[str] | None = None,
     require_answer: bool = True,
+    split: str | None = "train",
 ) -> list[PromptRecord]:
     """Read a prompt data set into a list of :class:`PromptRecord` (in file order).
 
     ``meta_columns=None`` keeps every column other than the prompt and answer columns in ``meta``;
-    a list keeps exactly those columns (each must exist, else :class:`DataError`).
+    a list keeps exactly those columns (each must exist, else :class:`DataError`). ``split``: the split of a saved
+    ``DatasetDict`` that is read; None reads its only split and refuses one of several (held-out data must not
+    become the training split without a word).
 
     Raises ``FileNotFoundError`` when ``path`` does not exist, :class:`DataError` for an unsupported
     format, malformed content or an empty data set, and ``TypeError`` / ``ValueError`` for bad
@@ -113,7 +116,7 @@ def load_prompts(
     if not p.exists():
         raise _NotFound(str(p), "prompt data")
     if p.is_dir():
-        records = _load_saved_dataset(p, cols)
+        records = _load_saved_dataset(p, cols, split)
     else:
         suffix = p.suffix.lower()
         loader = _LOADERS.get(suffix)
@@ -889,7 +892,7 @@ def _saved_without_rows(p: Path) -> bool:
         return False
 
 
-def _load_saved_dataset(p: Path, cols: _Columns) -> list[PromptRecord]:
+def _load_saved_dataset(p: Path, cols: _Columns, split: str | None = "train") -> list[PromptRecord]:
     import datasets
 
     if _saved_without_rows(p):
@@ -909,13 +912,19 @@ def _load_saved_dataset(p: Path, cols: _Columns) -> list[PromptRecord]:
             path=str(p),
         ) from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
+        if split is None and len(ds) > 1:
             raise DataError(
-                f"{p}: a saved DatasetDict without a 'train' split (splits: {_fmt_cols(ds.keys())}); "
-                "expected a 'train' split — or point at one split's sub-directory",
+                f"{p}: a saved DatasetDict of several splits ({_fmt_cols(ds.keys())}); point at the split to "
+                f"evaluate on, its sub-directory ({p / next(iter(ds.keys()))}, ...)",
                 path=str(p),
             )
-        ds = ds["train"]
+        if split is not None and split not in ds:
+            raise DataError(
+                f"{p}: a saved DatasetDict without a '{split}' split (splits: {_fmt_cols(ds.keys())}); "
+                f"expected a '{split}' split — or point at one split's sub-directory",
+                path=str(p),
+            )
+        ds = ds[split if split is not None else next(iter(ds.keys()))]
     columns = list(ds.column_names)
     _check_schema(columns, f"{p} (schema)", str(p), cols)
     selected = _selected_columns(columns, cols)

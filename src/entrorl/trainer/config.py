@@ -176,7 +176,9 @@ def resolve_device(name: str):
 class DataConfig(_Section):
     train: str = Field(description="prompt file: .jsonl, .json, .csv, .parquet, .arrow or a datasets save_to_disk "
                        "directory (a DatasetDict's train split)")
-    eval: str | None = Field(None, description="held-out prompt file for evaluation; None = no evaluation data")
+    eval: str | None = Field(None, description="held-out prompt file for evaluation, in data.train's formats (a "
+                             "saved DatasetDict: its only split; of several, name the split's sub-directory); None = "
+                             "no evaluation data")
     prompt_column: str = Field("prompt", description="the data files' column that holds the prompt: its text, or chat "
                                "messages ([{role, content}, ...], TRL's conversational format, verl's prompt column), "
                                "which the chat template writes (model.chat_template: true); a dotted name that is no "

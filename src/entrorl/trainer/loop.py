@@ -203,7 +203,7 @@ class Trainer:
                           stacklevel=2)
         self.eval_records = (  # every row is checked; those past eval.max_prompts are neither tokenised nor sampled
             load_prompts(config.data.eval, prompt_column=config.data.prompt_column, answer_column=config.data.answer_column,
-                         meta_columns=config.data.meta_columns, require_answer=config.data.require_answer)
+                         meta_columns=config.data.meta_columns, require_answer=config.data.require_answer, split=None)
             [:config.eval.max_prompts] if config.data.eval else []
         )
         self.reward = RewardRunner(
