@@ -1829,3 +1829,42 @@ def test_a_continued_run_s_report_drops_the_steps_the_abandoned_attempt_logged_b
     assert report["steps"] == 8
     assert summary["reward end"] == 0.9 and summary["entropy end (nats)"] == 2.0
     assert "got to step 10" not in (run / "report" / "report.md").read_text()
+
+
+def test_a_step_s_evaluation_logged_after_the_next_step_is_merged_not_taken_for_a_restart(tmp_path):
+    """A loop of one's own logs step N's evaluation after step N+1's training, both records with a 'time': it was
+    taken for a restart (step N+1 dropped) or replaced step N's training record; it is merged into it."""
+    from entrorl.analysis.run import latest_record_of_each_step
+
+    records = []
+    for step in range(1, 21):
+        records.append({"step": step, "entropy/mean": 1 - 0.02 * step, "reward/mean": 0.1, "time": step})
+        if step % 5 == 1 and step > 1:
+            records.append({"step": step - 1, "eval/avg_at_n": 0.3, "time": step + 0.5})
+    kept, repeated = latest_record_of_each_step(records)
+    assert [record["step"] for record in kept] == list(range(1, 21)) and repeated == [5, 10, 15]
+    assert kept[4] == {"step": 5, "entropy/mean": 1 - 0.1, "reward/mean": 0.1, "time": 6.5, "eval/avg_at_n": 0.3}
+
+
+def test_a_joined_verl_log_s_report_drops_the_abandoned_attempt_s_evaluations(tmp_path):
+    """Attempt 1 logged steps 1-15 (validation every 5), attempt 2 resumed from step 10 and got to 13: the report
+    ended training at 13 but still showed attempt 1's validation at step 15 as the run's last one."""
+
+    def line(step, data):
+        return json.dumps({"step": step, "data": data}) + "\n"
+
+    def train(step, offset=0.0):
+        entropy = 1.2 * math.exp(-step / 10) + 0.1 + offset
+        data = {"actor/entropy": entropy, "critic/score/mean": 0.8 - 0.5 * math.exp(entropy - 1.3)}
+        if step % 5 == 0:
+            data["val-core/gsm8k/acc/mean@4"] = 0.2 + 0.01 * step
+        return data
+
+    log = tmp_path / "exp.jsonl"
+    log.write_text(line(0, {"val-core/gsm8k/acc/mean@4": 0.2}) + "".join(line(s, train(s)) for s in range(1, 16))
+                   + line(10, {"val-core/gsm8k/acc/mean@4": 0.33})
+                   + "".join(line(s, train(s, 0.05)) for s in range(11, 14)))
+    report = write_run_report(log, out=tmp_path / "report", figures=False)
+    assert report["steps"] == 13
+    assert [row["step"] for row in report["evaluations"]["values"]] == [0, 5, 10]
+    assert report["evaluations"]["values"][-1]["Avg@n"] == 0.33

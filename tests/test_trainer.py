@@ -2885,7 +2885,9 @@ def test_numbers_are_read_as_yaml_1_2_reads_them_not_as_octal_or_base_60(tmp_pat
     assert yaml.safe_load("010") == 8  # PyYAML's own loader is left as it is
     for typed, value in {"0b101": 5, "-0x1F": -31, "+0x1F": 31, "0b1010_0111": 167, "+0o17": 15}.items():
         assert parse_set_option(f"reward.kwargs.x={typed}")[1] == value, typed  # as YAML 1.1 read them
-    for typed in ("!!int 0b2", "!!int 1:30", "!!int x"):  # an explicit tag on text that is no integer
+    for typed in ("0x_", "0b_", "-0o_", "0X1F"):  # a prefix without digits, or in capitals: text, as to YAML 1.2
+        assert parse_set_option(f"reward.kwargs.x={typed}")[1] == typed
+    for typed in ("!!int 0b2", "!!int 1:30", "!!int x", "!!int --1", "!!int 0x-1", '!!int "0x 1F"'):
         with pytest.raises(ConfigError, match=r"is not valid YAML \(.* is not an integer"):
             parse_set_option(f"seed={typed}")
     with pytest.raises(ConfigError, match=r"is not valid YAML"):  # a control character: PyYAML's reader refuses it
@@ -4256,18 +4258,25 @@ def test_cli_eval_of_a_run_gives_its_reward_the_columns_the_run_gave_it(tmp_path
     from entrorl.cli import app
 
     (tmp_path / "entrorl_test_plain_reward.py").write_text(
-        "def score(prompt, completion, answer):\n    return float(completion.strip() == answer)\n")
+        "def score(prompt, completion, answer):\n    return float(completion.strip() == answer)\n\n"
+        "def leveled(prompt, completion, answer, level):\n    return float(level >= 0)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1), "id": a}) + "\n" for a in range(4)))
-    config = load_config(make_config(tiny_model_dir, data, None, optim={"steps": 1}, checkpoint={"every": 1},
-                                     data={"meta_columns": []}, reward={"name": "entrorl_test_plain_reward:score"}))
-    Trainer(config, run_dir=tmp_path / "run").train()
-    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "run"), "--data", str(data), "--n", "1",
-                                      "--max-new-tokens", "2", "--out", str(tmp_path / "e.json")])
-    assert result.exit_code == 0, result.output
-    assert "data.meta_columns = []" in " ".join(result.output.split())
-    assert json.loads((tmp_path / "e.json").read_text())["n_problems"] == 4
+    # an 'id' column the first reward takes not, and a 'meta' object whose fields go to the second one (as training
+    # spreads it: the columns are chosen before)
+    data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1), "id": a, "meta": {"level": a}})
+                            + "\n" for a in range(4)))
+    for meta_columns, reward in (([], "score"), (["meta"], "leveled")):
+        config = load_config(make_config(tiny_model_dir, data, None, optim={"steps": 1}, checkpoint={"every": 1},
+                                         data={"meta_columns": meta_columns},
+                                         reward={"name": f"entrorl_test_plain_reward:{reward}"}))
+        Trainer(config, run_dir=tmp_path / reward).train()
+        result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / reward), "--data", str(data), "--n", "1",
+                                          "--max-new-tokens", "2", "--out", str(tmp_path / "e.json")])
+        assert result.exit_code == 0, result.output
+        assert f"data.meta_columns = {meta_columns!r}" in " ".join(result.output.split())
+        assert json.loads((tmp_path / "e.json").read_text())["n_problems"] == 4
+    assert json.loads((tmp_path / "e.json").read_text())["avg_at_n"] == 1.0  # every level reached the reward
     sys.modules.pop("entrorl_test_plain_reward", None)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import importlib.util
 import json
 import os
@@ -365,11 +364,9 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         check_prompt_template(prompt_template)
         records = load_prompts(data, prompt_column=defaults.prompt_column, answer_column=defaults.answer_column,
+                               meta_columns=defaults.meta_columns,  # the run's reward: the columns its training read
                                require_answer=require_answer,  # an audit reads training data: a DatasetDict's train
                                split=None if command == "entrorl eval" else "train")[:max_prompts]
-        if defaults.meta_columns is not None:  # the run's reward gets the columns its training gave it, of those here
-            records = [dataclasses.replace(record, meta={name: value for name, value in record.meta.items()
-                                                         if name in defaults.meta_columns}) for record in records]
         reward_runner = RewardRunner(get_reward(defaults.reward, **defaults.reward_kwargs),
                                      correct_threshold=defaults.correct_threshold, name=defaults.reward)
         reward_runner.check_arguments([record.meta for record in records])

@@ -178,16 +178,18 @@ def read_metrics_records(path: Path) -> tuple[list[dict[str, Any]], list[int], l
 
 def latest_record_of_each_step(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
     """``records`` (in the order they were written) ordered by step, one per step, and the steps that had more than
-    one record. A later record of a step that logs a metric already logged there replaces what came before it, and
-    the records of the steps after it go too: a log that went on past its last checkpoint and was then continued from
-    it, or two logs joined, holds the steps in between twice, and the later attempt is the run's (the earlier one's
-    steps beyond where the later one has got were abandoned with it). One that logs other metrics only is merged into
-    it: a loop of one's own may log a step's training and evaluation metrics apart. A record without a finite step is
-    kept as it is."""
+    one record. A later record of a step that logs its training again (an entropy, loss or reward metric already
+    logged there) replaces what came before it: a log that went on past its last checkpoint and was then continued
+    from it, or two logs joined, holds the steps in between twice, and the later attempt is the run's; when later
+    steps were logged meanwhile, it is a restart from that step, and the earlier attempt's records of the steps after
+    it go too, abandoned with it. One that logs other metrics (its evaluation, a time) is merged into it, its values
+    over the earlier ones: a loop of one's own may log a step's training and evaluation metrics apart. A record
+    without a finite step is kept as it is."""
     latest: dict[float, dict[str, Any]] = {}
     logged: set[float] = set()
     repeated: set[float] = set()
     stepless = []
+    highest = -math.inf
     for record in records:
         step = finite(record.get("step"))
         if step is None:
@@ -198,14 +200,24 @@ def latest_record_of_each_step(records: list[dict[str, Any]]) -> tuple[list[dict
         logged.add(step)
         if step in latest:
             earlier = latest[step]
-            if not (earlier.keys() & record.keys()) - {"step"}:  # the rest of the step, logged apart
+            shared = (earlier.keys() & record.keys()) - {"step"}
+            if not any(_is_training_metric(key) for key in shared):  # the rest of the step, logged apart
                 record = {**earlier, **record}
-            else:  # a restart from this step: what the earlier attempt logged after it is not the run's
+            elif step < highest:  # a restart from this step
                 for abandoned in [later for later in latest if later > step]:
                     del latest[abandoned]
+                highest = step
         latest[step] = record
+        highest = max(highest, step)
     kept = sorted([*latest.values(), *stepless], key=lambda r: finite(r.get("step")) or 0.0)
     return kept, sorted(int(step) if float(step).is_integer() else step for step in repeated)
+
+
+def _is_training_metric(key: str) -> bool:
+    """Whether a metric describes a training step (its entropy, loss or reward), not an evaluation or a time."""
+    name = str(key).lower()
+    return (not name.startswith(("eval", "val-", "val/", "test", "time", "timing"))
+            and any(word in name for word in ("entropy", "loss", "reward")))
 
 
 class MetricRecords:

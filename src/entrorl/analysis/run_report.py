@@ -123,6 +123,9 @@ class _TrainingRun(MetricRecords):
         elif verl_log is not None:
             records, self.unreadable_lines, verl_evaluations = _verl_records(verl_log)
             records, self.repeated_steps = latest_record_of_each_step(records)
+            steps = [step for record in records if (step := finite(record.get("step"))) is not None]
+            if self.repeated_steps and steps:  # logs joined: the abandoned attempt's evaluations after the last step
+                verl_evaluations = {step: value for step, value in verl_evaluations.items() if step <= max(steps)}
             self.source = verl_log.name
             config = {}  # verl's configuration is not in its log: no method, no planned steps
         else:

@@ -942,13 +942,12 @@ class _ConfigLoader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node):
         text = self.construct_scalar(node)
+        if not _YAML_INT.fullmatch(text):  # an explicit !!int on text that is no integer (int() would take " 1", "--1")
+            raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark)
         written = text.replace("_", "")
         sign, digits = (-1, written[1:]) if written.startswith("-") else (1, written.removeprefix("+"))
-        base = {"0x": 16, "0o": 8, "0b": 2}.get(digits[:2].lower(), 10)
-        try:
-            return sign * int(digits[2:] if base != 10 else digits, base)
-        except ValueError:  # an explicit !!int on text that is no integer
-            raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
+        base = {"0x": 16, "0o": 8, "0b": 2}.get(digits[:2], 10)
+        return sign * int(digits[2:] if base != 10 else digits, base)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -969,14 +968,13 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_YAML_INT = re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x_*[0-9a-fA-F][0-9a-fA-F_]*|0o_*[0-7][0-7_]*|0b_*[01][01_]*)$")
 # YAML 1.2's numbers in place of YAML 1.1's: decimal, 0x, 0o (and, as before, 0b) integers, no octal 010 and no
 # base 60, and floats with or without a dot in the mantissa
 _ConfigLoader.yaml_implicit_resolvers = {
     first: [(tag, pattern) for tag, pattern in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+)$"),
-    list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", _YAML_INT, list("-+0123456789"))
 _ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
