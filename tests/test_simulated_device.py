@@ -128,6 +128,15 @@ def test_tied_weights_stay_tied_on_the_simulated_device():
         assert isinstance(model["head"].weight, OnDevice) and len(list(model.parameters())) == 1
 
 
+@pytest.fixture(autouse=True)
+def the_simulated_device_is_a_device_to_train_on(monkeypatch):
+    """``model.device: meta`` names the simulated device, which the configuration refuses as a device type entrorl does
+    not run on, as it should for the real ``meta`` device."""
+    import entrorl.trainer.config
+
+    monkeypatch.setattr(entrorl.trainer.config, "DEVICE_TYPES", entrorl.trainer.config.DEVICE_TYPES | {DEVICE.type})
+
+
 @pytest.fixture(params=[True, False], ids=["device", "device-without-float64"])
 def float64(request, monkeypatch) -> bool:
     """Both kinds of device: one with float64 (CUDA) and one without (Apple's GPUs), whose float64 statistics entrorl

@@ -4313,7 +4313,7 @@ def test_prompt_format_reads_each_setting_of_the_run_on_its_own(tmp_path, capsys
                          answer_column="a")[:3] == ("A {prompt}", False, 5)  # all given: not read
     assert not capsys.readouterr().err
     assert _run_defaults(tmp_path, None, None, None) == ("{prompt}", False, DEFAULT_MAX_NEW_TOKENS, "math", {}, None,
-                                                         "float32", "prompt", "answer")  # no run
+                                                         "float32", "prompt", "answer", None)  # no run
     # the data's columns: the run's, said when they are not the defaults; given ones win
     (run / "config.json").write_text(json.dumps({"data": {"prompt_column": "prompt", "answer_column": "reward_model.gt"}}))
     defaults = _run_defaults(run, "{prompt}", False, 5, "math", dtype="float32")

@@ -151,6 +151,10 @@ class ModelConfig(_Section):
         return self
 
 
+#: the device types entrorl trains and samples on
+DEVICE_TYPES = frozenset({"cpu", "cuda", "mps"})
+
+
 def resolve_device(name: str):
     """The ``torch.device`` that ``model.device`` names; ValueError for a malformed name or a missing GPU."""
     if name == "auto":
@@ -159,7 +163,7 @@ def resolve_device(name: str):
         device = torch.device(name)
     except (RuntimeError, ValueError) as error:
         raise ValueError(f"{name!r} is not a device: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' ({error})") from None
-    if device.type not in ("cpu", "cuda", "mps"):
+    if device.type not in DEVICE_TYPES:
         raise ValueError(f"{name!r}: entrorl runs on 'cpu', 'cuda', 'cuda:N' or 'mps' (or 'auto'), not on "
                          f"{device.type!r} devices")
     if device.type == "cuda":
