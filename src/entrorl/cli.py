@@ -776,9 +776,9 @@ def _sampling_progress(total: int, *, elapsed: bool = False):
 
 def _write_evaluation(result, records, data: Path, out: Path | None, samples: Path | None,
                       reward_log_path: Path | None, *, settings: dict[str, Any]
-                      ) -> tuple[dict[str, Any], Path | None, list[str]]:
+                      ) -> tuple[str, Path | None, list[str]]:
     """Write ``entrorl eval``'s ``--samples`` and ``--out`` and the first reward error's traceback; returns the
-    summary, the traceback's file, and why a file could not be written."""
+    summary as JSON, the traceback's file, and why a file could not be written."""
     from entrorl.rewards import error_headline
     from entrorl.trainer.checkpoint import atomic_write_text
 
@@ -801,13 +801,14 @@ def _write_evaluation(result, records, data: Path, out: Path | None, samples: Pa
             summary["samples_file"] = str(samples)
         except OSError as error:
             not_written.append(f"cannot write {samples}: {error}")
+    text = json.dumps(summary, indent=1)
     if out is not None:
         try:
-            atomic_write_text(out, json.dumps(summary, indent=1), make_folder=True)
+            atomic_write_text(out, text, make_folder=True)
         except OSError as error:
             not_written.append(f"cannot write {out}: {error}" + (" (it still holds an earlier result)"
                                                                 if out.is_file() else ""))
-    return summary, reward_log, not_written
+    return text, reward_log, not_written
 
 
 @app.command("eval", help=(
@@ -901,7 +902,7 @@ def evaluate(
                 result = evaluate_model(policy, tokenizer, records, prompt_ids, reward_runner, n=n, ks=ks,
                                         sampling=sampling, seed=seed, batch_size=batch_size,
                                         keep_samples=samples is not None, progress=advance)
-            summary, reward_log, not_written = _write_evaluation(
+            text, reward_log, not_written = _write_evaluation(
                 result, records, data, out, samples, reward_log_path,
                 settings=_sampling_settings(model, directory, reward_runner, defaults, sampling, n=n,
                                             max_prompts=max_prompts, seed=seed, batch_size=batch_size, policy=policy))
@@ -928,7 +929,6 @@ def evaluate(
     _print_reward_errors(result.reward_errors, len(records) * n, result.first_reward_error, reward_log)
     for message in not_written:
         console.print(Text.assemble(("error:", "bold red"), f" {message}"), soft_wrap=True)
-    text = json.dumps(summary, indent=1)
     sys.stdout.write(text + "\n")
     if result.reward_errors and result.reward_errors >= len(records) * n:
         _fail(f"the reward failed on all {len(records) * n} samples, so every score above is 0 whatever the answer; "

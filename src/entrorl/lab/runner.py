@@ -318,6 +318,16 @@ def _terminated_outside_training(number: int, frame: Any) -> None:
 _EARLIER_SECONDS = "earlier_train_seconds.json"
 
 
+def _not_started(method: str) -> dict[str, Any] | None:
+    """In a worker: the outcome of ``method`` when it is not to start (the worker's CPU-time limit is reached, or the
+    laboratory asked to stop), else None."""
+    if _cpu_time_limit_reached:
+        return {"method": method, "status": "interrupted", "signal": "SIGXCPU"}
+    if _STOP is not None and _STOP.is_set():
+        return {"method": method, "status": "interrupted"}
+    return None
+
+
 def _run_method(job: dict[str, Any]) -> dict[str, Any]:
     """One method, in its own process: train (resuming when a checkpoint exists), then evaluate.
 
@@ -332,15 +342,11 @@ def _run_method(job: dict[str, Any]) -> dict[str, Any]:
     final_path = run_dir / "final_eval.json"
     if _read_json_object(final_path):  # one that cannot be read is evaluated again, from the final checkpoint
         return {"method": method, "status": "cached"}
-    if _cpu_time_limit_reached:
-        return {"method": method, "status": "interrupted", "signal": "SIGXCPU"}
-    if _STOP is not None and _STOP.is_set():
-        return {"method": method, "status": "interrupted"}
+    if (stopped := _not_started(method)) is not None:
+        return stopped
     _warm_up_process(job)
-    if _cpu_time_limit_reached:
-        return {"method": method, "status": "interrupted", "signal": "SIGXCPU"}
-    if _STOP is not None and _STOP.is_set():  # stopped while warming up, when the worker ignores Ctrl-C
-        return {"method": method, "status": "interrupted"}
+    if (stopped := _not_started(method)) is not None:  # stopped while warming up, when the worker ignores Ctrl-C
+        return stopped
     with contextlib.suppress(FileNotFoundError):  # an earlier invocation's failure: this one tries again
         (run_dir / "error.log").unlink()
     earlier = _read_json_object(run_dir / _EARLIER_SECONDS).get("seconds")
