@@ -2797,6 +2797,37 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, arithmetic_files)
     assert "warning: optim.min_lr_ratio = 0.1 has no effect" in warned.stderr and "pydantic" not in warned.stderr
 
 
+def test_an_empty_path_on_the_command_line_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch):
+    """`--out "$OUT"` with OUT unset: as a Path, '' is '.', so `report --out ''` wrote into the current folder and
+    `train --run-dir ''` trained there. Every path a command takes refuses it, before any work, with a usage error."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    commands = {
+        "train's configuration": ["train", ""],
+        "--run-dir": ["train", "run.yaml", "--run-dir", ""],
+        "eval's --model": ["eval", "--model", "", "--data", "d.jsonl"],
+        "eval's --data": ["eval", "--model", "m", "--data", ""],
+        "--base": ["eval", "--model", "m", "--base", "", "--data", "d.jsonl"],
+        "eval's --out": ["eval", "--model", "m", "--data", "d.jsonl", "--out", ""],
+        "--samples": ["eval", "--model", "m", "--data", "d.jsonl", "--samples", ""],
+        "report's run": ["report", ""],
+        "report's --out": ["report", "run", "--out", ""],
+        "lab's --out": ["lab", "--out", ""],
+        "data reasoning-gym's --out": ["data", "reasoning-gym", "basic_arithmetic", "--out", ""],
+        "data audit's --out": ["data", "audit", "--model", "m", "--data", "d.jsonl", "--out", ""],
+    }
+    for what, arguments in commands.items():
+        result = CliRunner().invoke(app, arguments)
+        assert result.exit_code == 2, (what, result.output)
+        assert "an empty path (an unset shell variable?)" in " ".join(result.output.split()), (what, result.output)
+    assert list(tmp_path.iterdir()) == []
+    spaced = CliRunner().invoke(app, ["report", " "])  # a name of spaces is a name: only '' is refused
+    assert spaced.exit_code != 0 and "an empty path" not in spaced.output
+
+
 def test_a_config_file_that_is_not_utf8_or_has_a_key_that_is_not_text_is_named(tmp_path, arithmetic_files):
     """An editor's UTF-16 file, and a top-level key YAML reads as a boolean (`on:`) or a number: a ConfigError naming
     the file or the key, not a UnicodeDecodeError or TypeError ("keywords must be strings")."""

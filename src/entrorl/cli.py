@@ -48,6 +48,17 @@ console = _MessagesConsole(stderr=True)
 _python_show_warning = warnings.showwarning
 
 
+PATH_METAVAR = "<path>"
+
+
+def _path(value: str) -> Path:
+    """A file or folder named on the command line. An empty one, most often an unset shell variable (``--out "$OUT"``),
+    is refused: as a ``Path`` it would be the current folder, which the command would then read or write into."""
+    if value == "":
+        raise typer.BadParameter("an empty path (an unset shell variable?)")
+    return Path(value)
+
+
 def _print_version(value: bool) -> None:
     if value:
         from entrorl import __version__
@@ -76,10 +87,10 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     "Train a local Hugging Face model with an entrorl method; writes metrics.jsonl and checkpoints. Every "
     "key of the configuration: docs/configuration.md."))
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML training configuration")],
+    config: Annotated[Path, typer.Argument(parser=_path, help="YAML training configuration")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key, e.g. --set optim.lr=1e-5 or --set reward.extra.0.weight=0.5 (repeatable)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint of the run directory")] = False,
-    run_dir: Annotated[Optional[Path], typer.Option(help="run directory (default: logging.run_dir/logging.name)")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(parser=_path, metavar=PATH_METAVAR, help="run directory (default: logging.run_dir/logging.name)")] = None,
 ) -> None:
     from entrorl.modeling import is_out_of_memory, out_of_memory_while
     from entrorl.trainer import ConfigError, Trainer, TrainingInterrupted, TrainingStopped, load_config
@@ -271,13 +282,13 @@ def _probability_above_zero(value: float) -> float:
 
 # options that `eval` and `data audit` share, spelled once
 DEFAULT_MAX_NEW_TOKENS = 256
-ModelDirOption = Annotated[Path, typer.Option("--model", help="local Hugging Face model directory, a training checkpoint "
+ModelDirOption = Annotated[Path, typer.Option("--model", parser=_path, metavar=PATH_METAVAR, help="local Hugging Face model directory, a training checkpoint "
                                               "or run directory (its newest checkpoint), or LoRA adapters in peft's "
                                               "format (a checkpoint's adapter/) on the base model they record")]
-BaseModelOption = Annotated[Optional[Path], typer.Option("--base", help="with --model naming LoRA adapters, or a LoRA "
+BaseModelOption = Annotated[Optional[Path], typer.Option("--base", parser=_path, metavar=PATH_METAVAR, help="with --model naming LoRA adapters, or a LoRA "
                                                          "run or checkpoint (then its adapters are loaded): the base "
                                                          "model's directory, instead of the one the adapters record")]
-DataFileOption = Annotated[Path, typer.Option("--data", help="prompt file (.jsonl, .json, .csv, .parquet, .arrow, "
+DataFileOption = Annotated[Path, typer.Option("--data", parser=_path, metavar=PATH_METAVAR, help="prompt file (.jsonl, .json, .csv, .parquet, .arrow, "
                                                           "datasets save_to_disk directory: for eval, a DatasetDict's "
                                                           "only split or a split's sub-directory; for data audit, its "
                                                           "train split)")]
@@ -834,8 +845,8 @@ def evaluate(
     correct_threshold: CorrectThresholdOption = None,
     require_answer: RequireAnswerOption = True,
     seed: SeedOption = 0,
-    out: Annotated[Optional[Path], typer.Option(help="write the JSON summary here")] = None,
-    samples: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Optional[Path], typer.Option(parser=_path, metavar=PATH_METAVAR, help="write the JSON summary here")] = None,
+    samples: Annotated[Optional[Path], typer.Option(parser=_path, metavar=PATH_METAVAR,
         help="write every sample here, one JSON line each: its prompt's source (file:line), prompt (and its messages, "
         "for a prompt given as chat messages), completion (with "
         "its token ids and their log-probability under the sampler, at temperature 1 for greedy sampling), "
@@ -942,9 +953,9 @@ def evaluate(
     "entropy change, covariance concentration, interventions, evaluations and fork tokens, as report.md / "
     "report.html / report.json."))
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="a training run directory (entrorl train --run-dir, or TRL's output_dir "
+    run_dir: Annotated[Path, typer.Argument(parser=_path, help="a training run directory (entrorl train --run-dir, or TRL's output_dir "
                                                  "with the entrorl plugin), or verl's file-logger JSON lines")],
-    out: Annotated[Optional[Path], typer.Option(help="where to write the report (default: RUN_DIR/report; for verl's "
+    out: Annotated[Optional[Path], typer.Option(parser=_path, metavar=PATH_METAVAR, help="where to write the report (default: RUN_DIR/report; for verl's "
                                                      "NAME.jsonl, NAME.report beside it)")] = None,
     fit_fraction: Annotated[float, typer.Option(help="share of the first steps the law's forecast is fitted on, "
                                                       "above 0 and at most 1 (the paper's 15%)")] = 0.15,
@@ -1113,7 +1124,7 @@ def lab(
     preset: Annotated[str, typer.Option(help="default (10 to 15 minutes on two cores once the base model is built) or "
                                               "quick (the same matrix at toy scale, a few minutes)")] = "default",
     methods: Annotated[Optional[list[str]], typer.Option("--methods", help="methods to run, comma-separated or repeated, compositions included (dapo+clip_b); default: the preset's matrix")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="run directory; an existing one is resumed")] = None,
+    out: Annotated[Optional[Path], typer.Option(parser=_path, metavar=PATH_METAVAR, help="run directory; an existing one is resumed")] = None,
     workers: Annotated[Optional[int], typer.Option(help="parallel processes (default: the preset's, 2)")] = None,
     rl_seed: Annotated[Optional[int], typer.Option(help="seed of the training runs only (same base model, data and "
                                                    "evaluation): repeat with 1, 2, ... to see the spread across seeds")] = None,
@@ -1183,7 +1194,7 @@ app.add_typer(data_app, name="data")
     "reward's verifier reads."))
 def data_reasoning_gym(
     task: Annotated[str, typer.Argument(help="reasoning-gym data set, e.g. basic_arithmetic (--list shows them all)")] = "",
-    out: Annotated[Optional[Path], typer.Option(help="JSONL file to write (default: <task>.jsonl)")] = None,
+    out: Annotated[Optional[Path], typer.Option(parser=_path, metavar=PATH_METAVAR, help="JSONL file to write (default: <task>.jsonl)")] = None,
     size: Annotated[int, typer.Option(min=1, help="prompts to generate")] = 1000,
     seed: Annotated[int, typer.Option(help="generation seed (the same seed gives the same prompts)")] = 0,
     instruction: Annotated[bool, typer.Option(help="append the instruction to answer inside <answer></answer> tags, "
@@ -1252,7 +1263,7 @@ def data_audit(
     consensus: Annotated[float, typer.Option(help="majority share from which a wrong majority answer makes a prompt look wrong")] = 0.5,
     low_pass_rate: Annotated[float, typer.Option(help="pass rates at or below this are rarely solved (hard or wrong)")] = 0.25,
     keep_wrong: Annotated[bool, typer.Option("--keep-wrong", help="keep suspected-wrong rows in the filtered file")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="output directory (default: <stem>.audit next to the data, small.audit/ for small.jsonl)")] = None,
+    out: Annotated[Optional[Path], typer.Option(parser=_path, metavar=PATH_METAVAR, help="output directory (default: <stem>.audit next to the data, small.audit/ for small.jsonl)")] = None,
     max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
