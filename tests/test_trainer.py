@@ -2828,6 +2828,19 @@ def test_an_empty_path_on_the_command_line_is_refused_not_taken_for_the_current_
     assert spaced.exit_code != 0 and "an empty path" not in spaced.output
 
 
+def test_an_empty_path_in_the_configuration_is_refused_naming_the_key(arithmetic_files):
+    """`model.path: ''` or `data.train: ''` (an unset variable in a generated file) read the working directory as the
+    model or the data, and `logging.run_dir: ''` put the run there: refused before anything loads, naming the key.
+    `data.eval: ''` still means no evaluation data."""
+    train, _ = arithmetic_files
+    base = make_config(Path("model"), train, None)
+    for key in ("model.path", "data.train", "logging.run_dir"):
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}: an empty path; give a file or folder"):
+            load_config(base, [f"{key}=''"])
+    assert load_config(base, ["data.eval=''"]).data.eval is None
+    assert load_config(base, ["logging.run_dir=' runs'"]).logging.run_dir == " runs"  # a name, if an odd one
+
+
 def test_a_config_file_that_is_not_utf8_or_has_a_key_that_is_not_text_is_named(tmp_path, arithmetic_files):
     """An editor's UTF-16 file, and a top-level key YAML reads as a boolean (`on:`) or a number: a ConfigError naming
     the file or the key, not a UnicodeDecodeError or TypeError ("keywords must be strings")."""
