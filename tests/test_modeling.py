@@ -354,6 +354,44 @@ def test_load_causal_lm_refuses_an_encoder_and_weights_that_leave_part_of_the_mo
         load_causal_lm(headless)
 
 
+def test_files_that_are_links_to_nothing_are_named_before_anything_loads(tmp_path, tiny_model_dir):
+    """A Hugging Face cache's snapshot copied without its blobs: every file is a link to nothing. transformers said the
+    weights were missing, asked for sentencepiece (a dangling tokenizer.json), complained of added tokens (a dangling
+    tokenizer_config.json), or loaded without the generation config; each broken link is named, with its target."""
+    from entrorl.modeling import load_tokenizer
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        copied = tmp_path / name
+        shutil.copytree(tiny_model_dir, copied)
+        (copied / name).unlink()
+        os.symlink("../../blobs/0123abcd", copied / name)
+        said = rf"{re.escape(str(copied))}: {re.escape(name)} is a link to \.\./\.\./blobs/0123abcd, which does not exist"
+        with pytest.raises(FileNotFoundError, match=said):
+            modeling.check_model_files(copied)
+        if name.startswith("tokenizer"):
+            with pytest.raises(FileNotFoundError, match=said):
+                load_tokenizer(copied)
+            modeling.check_model_files(copied, tokenizer=False)  # what is not read is not checked
+        elif name != "config.json":
+            with pytest.raises(FileNotFoundError, match=said):
+                load_causal_lm(copied)
+            modeling.check_model_files(copied, weights=False)
+    # a link that leads to a file is a file
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for file in tiny_model_dir.iterdir():
+        os.symlink(file, linked / file.name)
+    assert modeling.check_model_files(linked) == linked
+    several = tmp_path / "several"
+    shutil.copytree(tiny_model_dir, several)
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json"):
+        (several / name).unlink()
+        os.symlink(f"../blobs/{name}", several / name)
+    with pytest.raises(FileNotFoundError, match=r"generation_config.json is a link to \.\./blobs/generation_config.json, "
+                                                r"which does not exist, and 2 more links to nothing \(model.safetensors, tokenizer.json\)"):
+        modeling.check_model_files(several)
+
+
 def test_a_config_json_that_does_not_fit_the_weights_is_named(tmp_path, tiny_model_dir):
     """A config.json declaring another vocab_size than the weights: transformers raised a bare RuntimeError ("You set
     `ignore_mismatched_sizes` to `False`"); the refusal names the weight and both shapes."""

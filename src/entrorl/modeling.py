@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import functools
 import inspect
 import json
@@ -68,6 +69,7 @@ def _check_model_dir(path: str | Path) -> Path:
     if saved and not declares_a_model(path / "config.json"):  # a run directory's config.json holds the run's settings
         raise FileNotFoundError(f"{path} is an entrorl run directory; its models are in checkpoints/step_N/model (the "
                                 f"last one: {saved[-1].parent})")
+    refuse_broken_links(path, ["config.json"])
     if not (path / "config.json").is_file():
         inside = " (an entrorl checkpoint keeps its model in model/: give that directory)" if (path / "model" / "config.json").is_file() else ""
         if (path / "adapter_config.json").is_file():
@@ -103,6 +105,8 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
     """``path`` as a local model directory holding a tokenizer and weights; ``FileNotFoundError`` naming what is
     missing (checked before anything loads, so that a bad directory fails at once)."""
     path = _check_model_dir(path)
+    refuse_broken_links(path, [*(("generation_config.json", *WEIGHT_PATTERNS) if weights else ()),
+                               *((*TOKENIZER_FILES, "merges.txt", *_TOKENIZER_EXTRAS) if tokenizer else ())])
     if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it there with "
                                 "tokenizer.save_pretrained")
@@ -171,6 +175,21 @@ def refuse_files_this_user_cannot_read(directory: Path, *, tokenizer: bool = Tru
         vocabulary = () if (directory / "tokenizer.json").is_file() else (*TOKENIZER_FILES, "merges.txt")
         names += ["tokenizer.json", "tokenizer_config.json", *vocabulary, *_TOKENIZER_EXTRAS]
     refuse_unreadable(sorted({file for pattern in names for file in directory.glob(pattern)}), advice=advice)
+
+
+def refuse_broken_links(directory: Path, patterns) -> None:
+    """``FileNotFoundError`` naming the files of ``directory`` matching ``patterns`` that are links to nothing, as in
+    a Hugging Face cache's snapshot copied without the blobs its links point to: transformers would call them
+    missing, take another file for them (a slow tokenizer's), or load without them (a generation config)."""
+    broken = sorted(directory / entry.name for entry in os.scandir(directory)
+                    if entry.is_symlink() and any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in patterns)
+                    and not (directory / entry.name).exists())
+    if broken:
+        others = ", ".join(file.name for file in broken[1:4]) + (", ..." if len(broken) > 4 else "")
+        more = f", and {len(broken) - 1} more links to nothing ({others})" if len(broken) > 1 else ""
+        raise FileNotFoundError(f"{directory}: {broken[0].name} is a link to {os.readlink(broken[0])}, which does not "
+                                f"exist{more}: a model copied without the files its links point to (copy it with cp -L, "
+                                "which copies what the links point to)")
 
 
 def refuse_unreadable(files, *, advice: str = _UNREADABLE_ADVICE) -> None:
