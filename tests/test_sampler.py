@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -247,6 +248,56 @@ def test_a_pad_token_outside_the_model_s_vocabulary_is_named(policy, decoder):
     sampler = HFSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=rows + 3, decoder=decoder)
     with pytest.raises(ValueError, match=rf"pad_token_id {rows + 3} is outside the model's vocabulary of {rows} ids"):
         sampler.generate(_prompts(tokenizer)[:2], SamplingParams(max_new_tokens=2))
+
+
+def test_stop_tokens_the_model_has_no_row_for_are_refused_or_named(policy, tmp_path):
+    """An EOS added to the tokenizer without resizing the embeddings: the model can never sample it, so every response
+    ran to max_new_tokens without a word (response/truncated_frac 1.0). With no stop id the model can sample, the
+    sampler (and a Trainer, which builds one before any step) refuses; with another one left, a warning names it."""
+    import json
+    import warnings
+
+    import yaml
+
+    from entrorl.lab.tiny_model import build_char_tokenizer, build_tiny_qwen2
+    from entrorl.trainer import Trainer, load_config
+
+    model, tokenizer = policy
+    rows = model.get_input_embeddings().num_embeddings
+    for stops in ([rows], [rows, rows + 5]):
+        with pytest.raises(ValueError, match=rf"no response could ever end: the stop token id\(s\) "
+                                             rf"{re.escape(str(stops))} have no row in the model's vocabulary of {rows} ids"):
+            HFSampler(model, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    with pytest.warns(UserWarning, match=rf"the stop token id\(s\) \[{rows}\] have no row in the model's vocabulary of "
+                                         rf"{rows} ids and can never be sampled; responses end at the others "
+                                         rf"\(\[{tokenizer.eos_token_id}\]\)"):
+        HFSampler(model, eos_token_id=[tokenizer.eos_token_id, rows], pad_token_id=tokenizer.pad_token_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HFSampler.for_model(model, tokenizer)
+
+    extended = build_char_tokenizer()
+    small = build_tiny_qwen2(len(extended), hidden_size=32, max_position_embeddings=64)
+    extended.add_special_tokens({"eos_token": "<|eot|>"})
+    small.config.eos_token_id = small.generation_config.eos_token_id = None
+    small.save_pretrained(tmp_path / "model")
+    extended.save_pretrained(tmp_path / "model")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "model": {"path": str(tmp_path / "model")}, "data": {"train": str(tmp_path / "train.jsonl")},
+        "reward": {"name": "exact_match"}, "rollout": {"prompts_per_step": 1, "group_size": 2, "max_new_tokens": 4},
+        "optim": {"steps": 1}, "logging": {"progress": False}}))
+    with pytest.raises(ValueError, match=rf"the stop token id\(s\) \[{extended.eos_token_id}\] have no row"):
+        Trainer(load_config(tmp_path / "run.yaml"), run_dir=tmp_path / "run")
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    common = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"), "--n", "2",
+              "--max-new-tokens", "4"]
+    for command in (["eval", *common], ["data", "audit", *common, "--out", str(tmp_path / "audit")]):
+        refused = CliRunner().invoke(app, command)  # said in one line before any sampling, not a traceback
+        assert refused.exit_code == 2 and "error: no response could ever end" in refused.output, refused.output
 
 
 @pytest.mark.parametrize("decoder", ["static_cache", "transformers"])

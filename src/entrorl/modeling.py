@@ -818,6 +818,25 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(int(token) for token in ids if token is not None))
 
 
+def check_stop_tokens_can_be_sampled(model, stop_ids, *, warn: bool = True) -> None:
+    """``ValueError`` when none of the ids that end a response has a row in ``model``'s vocabulary (an EOS added to
+    the tokenizer without ``model.resize_token_embeddings``): the model could never sample one, and every response
+    would run to the length limit. With ``warn``, a warning names the ones outside when others remain."""
+    vocab = model_vocab_size(model)
+    if vocab is None:
+        return
+    outside = [int(token) for token in stop_ids if int(token) >= vocab]
+    if outside and len(outside) == len(stop_ids):
+        raise ValueError(f"no response could ever end: the stop token id(s) {outside} have no row in the model's "
+                         f"vocabulary of {vocab} ids (0-{vocab - 1}); a tokenizer given its EOS after the model was "
+                         "saved needs the model's embeddings resized (model.resize_token_embeddings(len(tokenizer))) "
+                         "and saved beside it")
+    if outside and warn:
+        inside = [int(token) for token in stop_ids if int(token) < vocab]
+        warnings.warn(f"the stop token id(s) {outside} have no row in the model's vocabulary of {vocab} ids and can "
+                      f"never be sampled; responses end at the others ({inside})", stacklevel=3)
+
+
 def model_vocab_size(model) -> int | None:
     """The number of token ids the input embedding of a model (or its ``transformers`` config) has rows for, or None
     when it declares none."""

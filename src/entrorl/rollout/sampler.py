@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from entrorl._checks import check_int, widest_float
-from entrorl.modeling import cache_argument, left_pad, length_dependent_rope, output_cache, reset_dynamic_rope, stop_token_ids
+from entrorl.modeling import cache_argument, check_stop_tokens_can_be_sampled, left_pad, length_dependent_rope, output_cache, reset_dynamic_rope, stop_token_ids
 from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
 
 __all__ = ["Rollouts", "SamplingParams", "HFSampler", "leaves_tokens_out", "process_logits", "sample_from_log_probs", "DECODERS", "forked_rng", "private_seed"]
@@ -279,6 +279,7 @@ class HFSampler:
         if not eos:
             raise ValueError("HFSampler needs at least one eos_token_id")
         self.eos_token_ids = torch.tensor([check_int(value, "eos_token_id", minimum=0) for value in eos], dtype=torch.long)
+        check_stop_tokens_can_be_sampled(model, self.eos_token_ids.tolist())
         if pad_token_id is None:
             raise ValueError("HFSampler needs a pad_token_id (a tokenizer without a pad token: set one, e.g. its EOS)")
         self.pad_token_id = check_int(pad_token_id, "pad_token_id", minimum=0)

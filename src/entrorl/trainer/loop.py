@@ -38,6 +38,7 @@ from entrorl.modeling import (
     bucketed_response_token_stats,
     check_model_files,
     check_prompts_fit,
+    check_stop_tokens_can_be_sampled,
     encode_records,
     is_out_of_memory,
     load_causal_lm,
@@ -433,9 +434,11 @@ class Trainer:
             return HFSampler.for_model(self.model, self.tokenizer, batch_size=rollout.generation_batch_size)
         from entrorl.rollout.vllm import VLLMSampler  # an optional dependency, imported only when asked for
 
+        stop_ids = stop_token_ids(self.model, self.tokenizer)
+        check_stop_tokens_can_be_sampled(self.model, stop_ids)
         # with adapters the engine loads the base model, and is given the merged weights (_sync_sampler)
         return VLLMSampler(Path(self.config.model.path) if self.adapter is not None else model_path,
-                           eos_token_id=stop_token_ids(self.model, self.tokenizer),
+                           eos_token_id=stop_ids,
                            pad_token_id=self.tokenizer.pad_token_id, dtype=self.config.model.dtype, seed=self.config.seed,
                            gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
                            trust_remote_code=self.config.model.trust_remote_code)
