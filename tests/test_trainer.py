@@ -2235,6 +2235,49 @@ def test_a_lock_refused_as_access_denied_is_a_run_in_use_and_the_lock_file_holds
         checkpoint.lock_run_directory(tmp_path)
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
+def test_a_start_of_the_same_run_while_another_loads_is_refused_not_merged_into_it(
+        tmp_path, tiny_model_dir, arithmetic_files, monkeypatch, resume):
+    """The same command started twice: the run directory's lock was only tried at the start, then taken once the model
+    had loaded. A start (A) that ran to its end in between was overwritten by the slower one (B): B, holding what it
+    had read before, cut metrics.jsonl back, set A's complete checkpoints aside as "incomplete or damaged" and trained
+    in their place. Now an existing directory stays locked from the start (A is refused at once), and a directory
+    that appears while B loads makes B refuse."""
+    import entrorl.trainer.loop as loop
+
+    train, _ = arithmetic_files
+    settings = make_config(tiny_model_dir, train, None, optim={"steps": 2}, checkpoint={"every": 1, "keep": 5},
+                           diagnostics={"measure_entropy_change": False})
+    run = tmp_path / "run"
+    if resume:
+        Trainer(load_config({**settings, "optim": {"steps": 1}}), run_dir=run).train()
+    original, other = loop.Trainer._load_policy, {}
+
+    def load_while_the_same_run_starts(self, *args, **kwargs):
+        if not other:
+            other["outcome"] = "started"
+            try:
+                Trainer(load_config(settings), run_dir=run, resume=resume).train()
+                other["outcome"] = "trained"
+            except OSError as error:
+                other["outcome"] = str(error)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Trainer, "_load_policy", load_while_the_same_run_starts)
+    if resume:  # B holds the lock from its start: A is refused, B trains
+        Trainer(load_config(settings), run_dir=run, resume=True).train()
+        assert other["outcome"] == f"{run} is in use by another Trainer of this process; close() it (or let its " \
+                                   "train() finish) first, or choose another run_dir / logging.name"
+    else:  # A made the directory and trained to its end while B loaded: B is refused
+        with pytest.raises(FileExistsError, match=rf"{re.escape(str(run))} was made by another run while this one was "
+                                                  "starting; continue that run with --resume once it has ended"):
+            Trainer(load_config(settings), run_dir=run)
+        assert other["outcome"] == "trained"
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["latest", "step_000001", "step_000002"]
+    assert [record["step"] for record in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    Trainer(load_config(settings), run_dir=run, resume=True).close()  # the lock went with the refused start
+
+
 def test_links_planted_in_a_received_run_directory_never_make_a_resume_or_a_report_write_elsewhere(
         tmp_path, tiny_model_dir, arithmetic_files):
     """A run directory received from someone else whose files are links to files of this user's: taking the lock

@@ -161,10 +161,24 @@ class Trainer:
             retain_freed_memory()
         self.run_dir = Path(run_dir).expanduser() if run_dir is not None else self._default_run_dir()
         check_run_directory_writable(self.run_dir)  # now, not after the model has loaded
-        if self.run_dir.is_dir():  # a run going on there is refused now, not after the model has loaded
-            probe = lock_run_directory(self.run_dir)
-            if probe is not None:
-                probe.close()
+        # held from here: a second start of the same run is refused at once, and no other run can change the
+        # directory's checkpoints while this one reads them and loads (a run that does not exist yet is checked for
+        # again when its directory is made)
+        self._lock = None
+        existed = self.run_dir.is_dir()
+        if existed:
+            self._lock = lock_run_directory(self.run_dir)
+        try:
+            self._start(config, resume=resume, existed=existed)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+            raise
+
+    def _start(self, config: TrainConfig, *, resume: bool, existed: bool) -> None:
+        """The rest of the set-up: the checkpoint to resume from, data, reward, models, sampler, optimizer; then the
+        run directory's files (``existed``: whether the directory was there, and locked, when the start began)."""
         checkpoint = latest_checkpoint(self.run_dir, verify="all" if resume else None)  # a resume reads every file
         if resume and checkpoint is None:
             damaged = incomplete_checkpoints(self.run_dir, verify="all")
@@ -279,8 +293,13 @@ class Trainer:
         # the outermost folder this creates (runs/ for runs/<name> on a first run), removed again if the start fails
         created_run_dir = next((folder for folder in reversed([self.run_dir, *self.run_dir.parents])
                                 if not folder.exists()), None)
-        self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no directory
-        self._lock = lock_run_directory(self.run_dir)  # raises before anything is written if another run holds it
+        if not existed:
+            if self.run_dir.exists():
+                raise FileExistsError(f"{self.run_dir} was made by another run while this one was starting; continue "
+                                      "that run with --resume once it has ended, or choose another --run-dir / "
+                                      "logging.name")
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no directory
+            self._lock = lock_run_directory(self.run_dir)  # raises before anything is written if another run holds it
         try:  # ... not even when a logger (a W&B login, a tracking server) fails to start
             self.logger = MetricsLogger(
                 self.run_dir, resume_step=self.step if checkpoint is not None else None,
