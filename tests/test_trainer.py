@@ -449,6 +449,44 @@ def test_a_model_that_gives_nan_log_probs_is_not_evaluated(tmp_path, tiny_model_
     assert record["step"] == 1 and record["train/weight_norm"] > 1e8 and "eval/avg_at_n" not in record
 
 
+def test_a_model_that_overflows_in_float16_alone_is_said_to(tmp_path, tiny_model_dir, arithmetic_files):
+    """Weights that train in float32 and bfloat16 but whose activations pass float16's 65504: the stop read as a
+    broken model ("the model as loaded gives inf or NaN log-probs"); it now names float16's range and the setting
+    that loads the model in another type (model.dtype for a run, --dtype for eval and data audit)."""
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.modeling import load_tokenizer
+
+    train, held_out = arithmetic_files
+    overflowing = tmp_path / "overflowing"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30000.0)
+        model.model.embed_tokens.weight.mul_(2.0)
+    model.save_pretrained(overflowing)
+    load_tokenizer(tiny_model_dir).save_pretrained(overflowing)
+    said = r"; the model computes in float16, whose largest number is 65504: activations past it overflow where " \
+           r"bfloat16 and float32 do not \({} bfloat16 or float32\)"
+    settings = make_config(overflowing, train, held_out, optim={"steps": 1}, checkpoint={"every": 0})
+    with pytest.raises(TrainingStopped, match=r"^the model as loaded gives inf or NaN log-probs to \d+ of its \d+ "
+                                              r"sampled tokens" + said.format("model.dtype:") + "; stopping"):
+        Trainer(load_config({**settings, "model": {"path": str(overflowing), "dtype": "float16"}}),
+                run_dir=tmp_path / "f16").train()
+    with pytest.raises(TrainingStopped, match=r"^evaluating the model as loaded: .*" + said.format("model.dtype:") + "$"):
+        Trainer(load_config({**settings, "model": {"path": str(overflowing), "dtype": "float16"},
+                             "eval": {"at_start": True, "n": 1, "ks": [1]}}), run_dir=tmp_path / "f16-eval").train()
+    trained = Trainer(load_config(settings), run_dir=tmp_path / "f32")  # float32: the same weights train
+    assert math.isfinite(trained.train_step()["entropy/mean"])
+    trained.close()
+    common = ["--model", str(overflowing), "--data", str(held_out), "--n", "2", "--reward", "exact_match",
+              "--max-new-tokens", "3", "--dtype", "float16"]
+    for command in (["eval", *common], ["data", "audit", *common, "--out", str(tmp_path / "audit")]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and re.search(said.format("--dtype"), " ".join(result.output.split())), result.output
+
+
 def test_an_update_that_breaks_the_weights_stops_the_run_naming_the_checkpoint_to_resume(tmp_path, tiny_model_dir,
                                                                                           arithmetic_files):
     """lr 1e10 with AdamW: a finite gradient steps the weights to about 1e10, finite, but the next forward overflows.

@@ -226,7 +226,7 @@ def audit_records(
         for start in range(0, len(todo), prompts_per_call):
             chunk = todo[start : start + prompts_per_call]
             rollouts = sampler.generate([prompt_ids[i] for i in chunk for _ in range(n)], sampling)
-            refuse_non_finite_log_probs(rollouts)
+            refuse_non_finite_log_probs(rollouts, model)
             completions = tokenizer.batch_decode(rollouts.completion_ids(), skip_special_tokens=True)
             repeated = [records[i] for i in chunk for _ in range(n)]
             scored = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated],

@@ -14,6 +14,7 @@ from entrorl.modeling import bucketed_response_token_stats
 from entrorl.rewards import RewardRunner
 from entrorl.rollout import HFSampler, SamplingParams, private_seed
 from entrorl.trainer.diagnostics import top_fork_tokens
+from entrorl.trainer.precision import float16_range_note
 
 __all__ = ["EvaluationResult", "evaluate_model"]
 
@@ -46,14 +47,15 @@ class NonFiniteLogProbs(ValueError):
     """The model gave inf or NaN log-probs to tokens it sampled: its samples say nothing."""
 
 
-def refuse_non_finite_log_probs(rollouts) -> None:
+def refuse_non_finite_log_probs(rollouts, model: torch.nn.Module | None = None, *, dtype_setting: str = "--dtype") -> None:
     """:class:`NonFiniteLogProbs` when a sampled token's log-prob is inf or NaN: NaN logits draw token 0 at every
-    position, and every sample would be scored wrong."""
+    position, and every sample would be scored wrong. A ``model`` in float16 is said to be one (its range is a likely
+    cause), with ``dtype_setting``, what loads it in another type."""
     broken = int((~torch.isfinite(rollouts.sampler_log_probs[rollouts.response_mask])).sum())
     if broken:
         raise NonFiniteLogProbs(f"the model gives inf or NaN log-probs to {broken} of its "
                                 f"{int(rollouts.response_mask.sum())} sampled tokens (weights that overflow, or a broken "
-                                "checkpoint)")
+                                "checkpoint)" + ("" if model is None else float16_range_note(model, dtype_setting)))
 
 
 @torch.no_grad()
@@ -73,6 +75,7 @@ def evaluate_model(
     keep_samples: bool = False,
     progress=None,
     scoring_batch_size: int | None = None,
+    dtype_setting: str = "--dtype",
 ) -> EvaluationResult:
     """Sample ``n`` responses per prompt with a private seed (the caller's RNG state is left untouched), score
     them, and summarise. With ``top_forks`` the highest-entropy response positions are decoded in context (their
@@ -80,7 +83,8 @@ def evaluate_model(
     lists every sample (prompt, completion with its token ids and their log-probability under the sampler, reference
     answer, reward, correctness, length, truncation, the reward's reason), prompt by prompt. The samples depend on
     ``batch_size`` (one random number per row of a batch per token). The fork tokens' entropies are computed in
-    pieces of ``scoring_batch_size`` rows (default ``batch_size``), as many as the caller can score in one forward."""
+    pieces of ``scoring_batch_size`` rows (default ``batch_size``), as many as the caller can score in one forward.
+    Inf or NaN log-probs raise :class:`NonFiniteLogProbs`, naming ``dtype_setting`` when the model is in float16."""
     if not records:
         raise ValueError("evaluate_model: no prompts to evaluate")
     n = check_int(n, "evaluate_model: n", minimum=1)
@@ -94,7 +98,7 @@ def evaluate_model(
     repeated = [record for record in records for _ in range(n)]
     with private_seed(seed, next(model.parameters()).device):
         rollouts = sampler.generate(repeated_ids, sampling, progress=progress)
-    refuse_non_finite_log_probs(rollouts)
+    refuse_non_finite_log_probs(rollouts, model, dtype_setting=dtype_setting)
     completion_ids = rollouts.completion_ids()
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     result = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated], [r.meta for r in repeated],

@@ -86,7 +86,7 @@ from entrorl.trainer.diagnostics import (
 )
 from entrorl.trainer.evaluate import NonFiniteLogProbs, evaluate_model
 from entrorl.trainer.loggers import MetricsLogger, TrackerError
-from entrorl.trainer.precision import LossScale, MasterWeights, needs_master_weights
+from entrorl.trainer.precision import LossScale, MasterWeights, float16_range_note, needs_master_weights
 from entrorl.trainer.progress import StepProgress
 from entrorl.trainer.schedule import SCHEDULE_KEYS, learning_rate_factor, schedule_factor
 from entrorl.trainer.step_metrics import MicroBatchShares, step_metrics_over_updates
@@ -694,7 +694,8 @@ class Trainer:
                      + (f"{before} was written before them." if before is not None else "no checkpoint before it is left."))
         else:
             where = self._last_checkpoint_phrase()
-        raise TrainingStopped(f"{cause} inf or NaN log-probs to {broken} of its {valid.numel()} sampled tokens; stopping. "
+        raise TrainingStopped(f"{cause} inf or NaN log-probs to {broken} of its {valid.numel()} sampled tokens"
+                              f"{float16_range_note(self.model, 'model.dtype:')}; stopping. "
                               + where + ("" if self.step == 0 else " " + self._weight_norm_phrase()))
 
     def _score(self, rollouts: Rollouts, records: list[PromptRecord]):
@@ -1214,7 +1215,7 @@ class Trainer:
                 self.model, self.tokenizer, self.eval_records, self.eval_prompt_ids, self.reward,
                 n=config.n, ks=config.ks, sampling=sampling, seed=self.config.seed + 1_000_003 * (self.step + 1),
                 batch_size=self.config.rollout.generation_batch_size, top_forks=config.top_forks,
-                scoring_batch_size=self.config.optim.micro_batch_size,
+                scoring_batch_size=self.config.optim.micro_batch_size, dtype_setting="model.dtype:",
             )
         except NonFiniteLogProbs as error:
             if self.step == 0:

@@ -15,12 +15,22 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["LossScale", "MasterWeights", "needs_master_weights"]
+__all__ = ["LossScale", "MasterWeights", "float16_range_note", "needs_master_weights"]
 
 
 def needs_master_weights(model: torch.nn.Module) -> bool:
     """Whether some trainable parameter of ``model`` is stored in a floating type narrower than float32."""
     return any(p.requires_grad and p.is_floating_point() and torch.finfo(p.dtype).bits < 32 for p in model.parameters())
+
+
+def float16_range_note(model: torch.nn.Module, setting: str) -> str:
+    """For a message about inf / NaN values out of ``model``: when it computes in float16, a clause saying that
+    float16's range ends at 65504, which activations of a model trained in bfloat16 or float32 may pass, and that
+    ``setting`` loads it in another type; '' for a model in any other type."""
+    if not any(parameter.dtype == torch.float16 for parameter in model.parameters()):
+        return ""
+    return (f"; the model computes in float16, whose largest number is 65504: activations past it overflow where "
+            f"bfloat16 and float32 do not ({setting} bfloat16 or float32)")
 
 
 class MasterWeights:
