@@ -376,6 +376,14 @@ def test_files_that_are_links_to_nothing_are_named_before_anything_loads(tmp_pat
             with pytest.raises(FileNotFoundError, match=said):
                 load_causal_lm(copied)
             modeling.check_model_files(copied, weights=False)
+    # links to nothing that the load does not read: .bin weights beside model.safetensors, a consolidated file, a slow
+    # tokenizer's vocabulary beside tokenizer.json
+    for name in ("pytorch_model.bin", "consolidated.safetensors", "merges.txt", "vocab.json", "README.md"):
+        unread = tmp_path / f"unread-{name}"
+        shutil.copytree(tiny_model_dir, unread)
+        os.symlink("../../blobs/0123abcd", unread / name)
+        assert modeling.check_model_files(unread) == unread
+        load_tokenizer(unread)
     # a link that leads to a file is a file
     linked = tmp_path / "linked"
     linked.mkdir()

@@ -2920,6 +2920,12 @@ def test_an_empty_path_in_the_configuration_is_refused_naming_the_key(arithmetic
             load_config(base, [f"{key}=''"])
     assert load_config(base, ["data.eval=''"]).data.eval is None
     assert load_config(base, ["logging.run_dir=' runs'"]).logging.run_dir == " runs"  # a name, if an odd one
+    # a checkpoint of a run started (by an earlier version) with logging.run_dir '' is still read back to be compared
+    from entrorl.trainer.config import resume_changes
+
+    current = load_config(base).model_dump(mode="json")
+    saved = {**current, "logging": {**current["logging"], "run_dir": ""}}
+    assert resume_changes(saved, current) == ([], [("logging.run_dir", "", "runs")])
 
 
 def test_a_config_file_that_is_not_utf8_or_has_a_key_that_is_not_text_is_named(tmp_path, arithmetic_files):

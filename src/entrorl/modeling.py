@@ -105,8 +105,16 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
     """``path`` as a local model directory holding a tokenizer and weights; ``FileNotFoundError`` naming what is
     missing (checked before anything loads, so that a bad directory fails at once)."""
     path = _check_model_dir(path)
-    refuse_broken_links(path, [*(("generation_config.json", *WEIGHT_PATTERNS) if weights else ()),
-                               *((*TOKENIZER_FILES, "merges.txt", *_TOKENIZER_EXTRAS) if tokenizer else ())])
+    read = []  # what the load would read, where a link to nothing would be taken for a missing or another file
+    if weights:
+        read.append("generation_config.json")
+        if _weights_transformers_reads(path) is None:  # no weight file to read: a link to nothing is why
+            read += WEIGHT_PATTERNS
+    if tokenizer:  # a fast tokenizer's tokenizer.json holds its vocabulary: the vocabulary files beside it go unread
+        read += ["tokenizer.json", "tokenizer_config.json", *_TOKENIZER_EXTRAS]
+        if not (path / "tokenizer.json").is_file():
+            read += [*TOKENIZER_FILES, "merges.txt"]
+    refuse_broken_links(path, read)
     if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it there with "
                                 "tokenizer.save_pretrained")

@@ -91,11 +91,12 @@ class LoraConfig(_Section):
         return self
 
 
-def _home_expanded(value: Any) -> Any:
+def _home_expanded(value: Any, info: ValidationInfo) -> Any:
     """A path setting with ``~`` or ``~user`` first read as the home folder, as a shell would have read it (a YAML
     file or a quoted ``--set`` has no shell to do it). An empty one is refused: a path of '' is the working directory,
-    which the run would then read as its model or data, or write its runs into."""
-    if isinstance(value, str) and value == "":
+    which the run would then read as its model or data, or write its runs into (a checkpoint's settings, read back to
+    be compared, keep the '' an earlier version let through)."""
+    if isinstance(value, str) and value == "" and not (info.context and info.context.get("settings_only")):
         raise ValueError("an empty path; give a file or folder (a relative path is taken from the working directory)")
     return os.path.expanduser(value) if isinstance(value, str) else value
 
