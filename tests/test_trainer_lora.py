@@ -202,11 +202,57 @@ def test_the_output_layer_a_tied_embedding_and_modules_the_model_lacks_are_refus
     train, _ = arithmetic_files
     for targets, message in [(["q_proj", "lm_head"], r"names the output layer \(lm_head\)"),
                              (["no_such_proj"], "target_modules"),
+                             # peft drops a name that matches nothing when another one matches: a typo trained fewer
+                             # layers than asked without a word
+                             (["q_proj", "v_projj"], r"^model.lora.target_modules: 'v_projj' matches no module of this "
+                                                     r"model \(a name matches .*\); its modules' last names: .*v_proj"),
                              (["embed_tokens"], r"input embedding \(embed_tokens\), whose weight this model shares")]:
         config = load_config(lora_config(tiny_model_dir, train, parity_reward,
                                          model={"lora": {**LORA, "target_modules": targets}}))
         with pytest.raises(ValueError, match=message):
             Trainer(config, run_dir=tmp_path / "run")
+
+
+def test_all_linear_is_a_value_of_its_own_not_a_name_in_a_list(tiny_model_dir, arithmetic_files, parity_reward):
+    """['q_proj', 'all-linear'] adapted q_proj alone: peft took 'all-linear' as a module's name, which matched nothing
+    and was dropped. Refused; ['all-linear'] alone is 'all-linear'."""
+    train, _ = arithmetic_files
+    with pytest.raises(ConfigError, match="'all-linear' is a value of its own, not a module's name"):
+        load_config(lora_config(tiny_model_dir, train, parity_reward,
+                                model={"lora": {**LORA, "target_modules": ["q_proj", "all-linear"]}}))
+    alone = load_config(lora_config(tiny_model_dir, train, parity_reward,
+                                    model={"lora": {**LORA, "target_modules": ["all-linear"]}}))
+    assert alone.model.lora.target_modules == "all-linear"
+
+
+def test_the_reference_is_scored_without_dropout_as_a_loaded_reference_is(tmp_path, arithmetic_files, parity_reward):
+    """model.lora.dropout needs model.disable_dropout: false, which leaves the base model's own dropout on too: the
+    reference (the policy with its adapters off) was scored in train mode, its log-probs random from pass to pass
+    (kl/ref noisy, not the KL to the starting model). It is scored in eval mode, as a loaded reference is, and the
+    policy's mode is put back."""
+    from entrorl.lab.tiny_model import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                max_position_embeddings=64)
+    settings = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**settings, "attention_dropout": 0.3}))
+    train, _ = arithmetic_files
+    trainer = Trainer(load_config(lora_config(model_dir, train, parity_reward, method="kl_ref",
+                                              model={"disable_dropout": False, "lora": {**LORA, "dropout": 0.1}})),
+                      run_dir=tmp_path / "run")
+    try:
+        rollouts = trainer.collect().rollouts
+        rows, mask = torch.arange(len(rollouts)), rollouts.response_mask
+        assert trainer.model.training
+        with torch.no_grad():
+            expected = trainer.token_stats(load_causal_lm(model_dir).eval(), rollouts, rows, need=("logprob",)).logprob
+            for _ in range(2):
+                with trainer._reference_model() as reference:
+                    scored = trainer.token_stats(reference, rollouts, rows, need=("logprob",)).logprob
+                torch.testing.assert_close(scored[mask], expected[mask], rtol=0, atol=1e-5)
+        assert trainer.model.training
+    finally:
+        trainer.close()
 
 
 def test_resume_refuses_a_moved_base_model(tmp_path, tiny_model_dir, arithmetic_files, parity_reward):

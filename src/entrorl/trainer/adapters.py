@@ -72,6 +72,16 @@ class LoraAdapter:
         if output is not None and embedding is not None and output.weight is embedding.weight and _named(model, embedding, targets):
             raise ValueError(f"model.lora.target_modules names the input embedding ({', '.join(_named(model, embedding, targets))}), "
                              "whose weight this model shares with its output layer: adapt the layers between them")
+        # peft refuses a list none of whose names matches, and drops those that match nothing when others do
+        unmatched = [target for target in targets if target_modules != "all-linear" and not any(
+            name == target or name.endswith("." + target) for name, _ in model.named_modules())]
+        if unmatched:
+            leaves = sorted({name.rpartition(".")[2] for name, module in model.named_modules()
+                             if name and not any(True for _ in module.children())})
+            raise ValueError(f"model.lora.target_modules: {', '.join(map(repr, unmatched))} "
+                             f"{'matches' if len(unmatched) == 1 else 'match'} no module of this model (a name matches a "
+                             f"module whose name is it or ends with '.' and it); its modules' last names: "
+                             f"{', '.join(leaves[:30])}{', ...' if len(leaves) > 30 else ''}")
         # peft reads a string as a regular expression over full module names; a list, as names or their ends
         config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                                  target_modules=target_modules if target_modules == "all-linear" else targets)
@@ -93,9 +103,15 @@ class LoraAdapter:
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[torch.nn.Module]:
-        """The base model: the same modules with every adapter switched off, for the reference's log-probs."""
+        """The base model: the same modules with every adapter switched off and in eval mode (no dropout, as a loaded
+        reference model), for the reference's log-probs; the training mode is put back afterwards."""
+        training = self.model.training
         with self.peft_model.disable_adapter():
-            yield self.model
+            self.model.eval()
+            try:
+                yield self.model
+            finally:
+                self.model.train(training)
 
     def merged_dtype(self) -> torch.dtype:
         """float32 when the base holds its weights in a narrower floating type, else the base's own type."""

@@ -67,9 +67,9 @@ class LoraConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (needs model.disable_dropout: "
                            "false; the entropy diagnostics assume a deterministic forward)")
     target_modules: str | list[str] = Field(
-        "all-linear", description="the layers to adapt: 'all-linear' (every linear layer but the output layer) or a "
-        "list of module names, e.g. [q_proj, k_proj, v_proj, o_proj]; a name matches a module whose name is it or "
-        "ends with '.' and it")
+        "all-linear", description="the layers to adapt: 'all-linear' (every linear layer but the output layer; on its "
+        "own, not in a list) or a list of module names, e.g. [q_proj, k_proj, v_proj, o_proj]; a name matches a module "
+        "whose name is it or ends with '.' and it, and a name that matches none is refused")
     merged: Literal["every", "last"] = Field(
         "every", description="which checkpoints hold the merged model in model/: 'every' one, or only the run's 'last' "
         "(the others hold the adapters, and model/ only the configs and tokenizer; a merged float32 copy of a bfloat16 "
@@ -82,6 +82,11 @@ class LoraConfig(_Section):
             value = [value]  # one module's name (peft would read a lone string as a regular expression)
         if not value or (isinstance(value, list) and not all(isinstance(name, str) and name.strip() for name in value)):
             raise ValueError("name at least one module, or 'all-linear'")
+        if isinstance(value, list) and "all-linear" in value:
+            if len(value) > 1:
+                raise ValueError("'all-linear' is a value of its own, not a module's name: give it alone, or list names "
+                                 "only")
+            value = "all-linear"
         return value
 
     @model_validator(mode="after")
