@@ -2502,6 +2502,63 @@ def test_the_train_command_says_how_to_go_on_after_an_interruption(tmp_path, tin
             " ".join(result.output.split()), result.output
 
 
+SLOW_REWARD = """
+import pathlib, time
+def score(prompt, completion, answer, **meta):
+    pathlib.Path(__file__).with_name("scoring").touch()
+    time.sleep(0.05)
+    return float(sum(map(ord, completion)) % 2)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_a_closed_terminal_stops_training_as_sigterm_does_with_the_step_saved(tmp_path, tiny_model_dir, arithmetic_files):
+    """An ssh connection lost mid-run: SIGHUP's default action ended `entrorl train` at once, the steps since the last
+    checkpoint lost. It now stops as SIGTERM does, the step under way finished and saved (exit 143), and what the
+    command writes to the terminal, which has gone (writes fail with EIO), goes to the null device."""
+    import pty
+    import threading
+
+    train, _ = arithmetic_files
+    (tmp_path / "rewards").mkdir()
+    (tmp_path / "rewards" / "slow_hangup_reward.py").write_text(SLOW_REWARD)
+    config = write_config(tmp_path / "run.yaml", make_config(
+        tiny_model_dir, train, None, reward={"name": "slow_hangup_reward:score"}, optim={"steps": 200},
+        checkpoint={"every": 0}, logging={"progress": True}))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "rewards"), os.environ.get("PYTHONPATH", "")])}
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "entrorl.cli", "train", str(config), "--run-dir", str(run_dir)],
+                               stdin=terminal, stdout=terminal, stderr=terminal, cwd=REPO, env=env)
+    os.close(terminal)
+
+    def drain() -> None:  # keep the terminal's buffer from filling until it is closed (then the read fails)
+        with contextlib.suppress(OSError):
+            while os.read(controller, 4096):
+                pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "rewards" / "scoring").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before its first step was scored"
+        os.close(controller)  # the terminal goes away: the process's writes to it fail from now on
+        process.send_signal(signal.SIGHUP)
+        assert process.wait(timeout=240) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+    saved = [path.name for path in (run_dir / "checkpoints").glob("step_*")]
+    assert len(saved) == 1, saved
+    step = int(saved[0].removeprefix("step_"))
+    assert [record["step"] for record in read_metrics(run_dir)] == list(range(1, step + 1))
+    with importable_module(tmp_path / "rewards", "slow_hangup_reward", SLOW_REWARD):
+        resumed = Trainer(load_config(config), run_dir=run_dir, resume=True)
+        assert resumed.step == step
+        resumed.close()
+
+
 def test_ctrl_c_while_the_run_is_set_up_says_nothing_was_trained_and_how_to_go_on(tmp_path, tiny_model_dir,
                                                                                    arithmetic_files, monkeypatch):
     """A KeyboardInterrupt while the model loads, before train() catches signals, exits 130 with a line saying that no
