@@ -384,6 +384,26 @@ def test_files_that_are_links_to_nothing_are_named_before_anything_loads(tmp_pat
         os.symlink("../../blobs/0123abcd", unread / name)
         assert modeling.check_model_files(unread) == unread
         load_tokenizer(unread)
+    # a link to nothing where transformers looks first is named, not passed over for the next file in its order
+    beside_bin = tmp_path / "beside-bin"
+    shutil.copytree(tiny_model_dir, beside_bin)
+    load_causal_lm(tiny_model_dir).save_pretrained(beside_bin, safe_serialization=False)
+    (beside_bin / "model.safetensors").unlink()
+    os.symlink("../../blobs/0123abcd", beside_bin / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors is a link to \.\./\.\./blobs/0123abcd"):
+        modeling.check_model_files(beside_bin)
+    # the shards of a real index that are links to nothing are named as links, not as files a copy left out
+    sharded = tmp_path / "sharded"
+    load_causal_lm(tiny_model_dir).save_pretrained(sharded, max_shard_size="20KB")
+    load_tokenizer(tiny_model_dir).save_pretrained(sharded)
+    shards = sorted(sharded.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:
+        shard.unlink()
+        os.symlink(f"../blobs/{shard.name}", shard)
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(shards[0].name)} is a link to \.\./blobs/.*, and "
+                                                rf"{len(shards) - 1} more links to nothing"):
+        modeling.check_model_files(sharded)
     # a link that leads to a file is a file
     linked = tmp_path / "linked"
     linked.mkdir()

@@ -4,6 +4,7 @@ equals an uninterrupted one."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -223,6 +224,33 @@ def test_all_linear_is_a_value_of_its_own_not_a_name_in_a_list(tiny_model_dir, a
     alone = load_config(lora_config(tiny_model_dir, train, parity_reward,
                                     model={"lora": {**LORA, "target_modules": ["all-linear"]}}))
     assert alone.model.lora.target_modules == "all-linear"
+    # a checkpoint an earlier version saved with such a list trained the other names alone (peft dropped it): resumed
+    # with those names, nothing changed
+    from entrorl.trainer.config import resume_changes
+
+    current = load_config(lora_config(tiny_model_dir, train, parity_reward,
+                                      model={"lora": {**LORA, "target_modules": ["q_proj"]}})).model_dump(mode="json")
+    saved = copy.deepcopy(current)
+    saved["model"]["lora"]["target_modules"] = ["q_proj", "all-linear"]
+    assert resume_changes(saved, current) == ([], [])
+
+
+def test_resumed_adapters_whose_names_matched_nothing_in_an_earlier_version_are_warned_about():
+    """An earlier version let ['q_proj', 'v_projj'] through and peft trained q_proj alone: the run's own settings must
+    still resume it, so resumed adapters warn of the name (a new run is refused, and a list matching nothing too)."""
+    from test_modeling import ARCHITECTURES, random_model
+
+    from entrorl.trainer.adapters import LoraAdapter
+
+    with pytest.warns(UserWarning, match=r"'v_projj' matches no module of this model .*; the run resumed was trained "
+                                         r"without adapters there, and goes on so"):
+        adapter = LoraAdapter(random_model(ARCHITECTURES["llama_bias"]()), rank=4, alpha=8.0,
+                              target_modules=["q_proj", "v_projj"], resumed=True)
+    assert {name.split(".")[-4] for name, p in adapter.model.named_parameters() if p.requires_grad} == {"q_proj"}
+    for targets, resumed in ((["q_proj", "v_projj"], False), (["v_projj"], True)):
+        with pytest.raises(ValueError, match="'v_projj' matches no module"):
+            LoraAdapter(random_model(ARCHITECTURES["llama_bias"]()), rank=4, alpha=8.0, target_modules=targets,
+                        resumed=resumed)
 
 
 def test_the_reference_is_scored_without_dropout_as_a_loaded_reference_is(tmp_path, arithmetic_files, parity_reward):

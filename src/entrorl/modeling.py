@@ -108,8 +108,8 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
     read = []  # what the load would read, where a link to nothing would be taken for a missing or another file
     if weights:
         read.append("generation_config.json")
-        if _weights_transformers_reads(path) is None:  # no weight file to read: a link to nothing is why
-            read += WEIGHT_PATTERNS
+        meant = _weights_transformers_reads(path, links_count=True)  # else transformers takes the next one in its order
+        read += WEIGHT_PATTERNS if meant is None else [meant[0], *(meant[1] or ())]
     if tokenizer:  # a fast tokenizer's tokenizer.json holds its vocabulary: the vocabulary files beside it go unread
         read += ["tokenizer.json", "tokenizer_config.json", *_TOKENIZER_EXTRAS]
         if not (path / "tokenizer.json").is_file():
@@ -146,11 +146,13 @@ def _weight_files_loaded(directory: Path) -> list[str]:
     return [] if found is None else [found[0], *(found[1] or ())]
 
 
-def _weights_transformers_reads(path: Path) -> tuple[str, list[str] | None] | None:
+def _weights_transformers_reads(path: Path, *, links_count: bool = False) -> tuple[str, list[str] | None] | None:
     """The weight file transformers reads first in ``path``, in its order (``model.safetensors``, else its index,
     else the same of ``pytorch_model.bin``; the file ``config.json`` names as ``transformers_weights`` instead, an
     index when it ends so), with the shards an index lists (None when the index cannot be read; none for a single
-    file); None when there is none."""
+    file); None when there is none. With ``links_count``, a link to nothing counts as the file it stands for (the one
+    the copy was meant to give transformers)."""
+    present = os.path.lexists if links_count else os.path.isfile
     order = (("model.safetensors", "model.safetensors.index.json"),
              ("pytorch_model.bin", "pytorch_model.bin.index.json"))
     try:
@@ -160,9 +162,9 @@ def _weights_transformers_reads(path: Path) -> tuple[str, list[str] | None] | No
     if isinstance(named, str):
         order = ((None, named),) if named.endswith(".safetensors.index.json") else ()
     for single, index in order:
-        if single is not None and (path / single).is_file():
+        if single is not None and present(path / single):
             return single, []
-        if (path / index).is_file():
+        if present(path / index):
             try:
                 names = list(json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values())
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -232,6 +234,7 @@ def _check_shards_listed(path: Path) -> None:
     if found is None or found[1] is None:
         return
     index, listed = found
+    refuse_broken_links(path, listed)
     missing = [name for name in listed if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(

@@ -55,10 +55,12 @@ def _named(model: torch.nn.Module, module: torch.nn.Module | None, targets: list
 
 
 class LoraAdapter:
-    """LoRA adapters put into ``model`` (in place), its other parameters frozen."""
+    """LoRA adapters put into ``model`` (in place), its other parameters frozen. A name of ``target_modules`` that
+    matches no module is refused, unless the adapters are ``resumed`` from a checkpoint of a run that an earlier version
+    started with it (peft trained without it): then a warning names it."""
 
     def __init__(self, model: torch.nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
-                 target_modules: str | list[str] = "all-linear"):
+                 target_modules: str | list[str] = "all-linear", resumed: bool = False):
         peft = _import_peft()
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
@@ -78,10 +80,15 @@ class LoraAdapter:
         if unmatched:
             leaves = sorted({name.rpartition(".")[2] for name, module in model.named_modules()
                              if name and not any(True for _ in module.children())})
-            raise ValueError(f"model.lora.target_modules: {', '.join(map(repr, unmatched))} "
-                             f"{'matches' if len(unmatched) == 1 else 'match'} no module of this model (a name matches a "
-                             f"module whose name is it or ends with '.' and it); its modules' last names: "
-                             f"{', '.join(leaves[:30])}{', ...' if len(leaves) > 30 else ''}")
+            said = (f"model.lora.target_modules: {', '.join(map(repr, unmatched))} "
+                    f"{'matches' if len(unmatched) == 1 else 'match'} no module of this model (a name matches a module "
+                    f"whose name is it or ends with '.' and it); its modules' last names: "
+                    f"{', '.join(leaves[:30])}{', ...' if len(leaves) > 30 else ''}")
+            if not resumed or len(unmatched) == len(targets):
+                raise ValueError(said)
+            # a run an earlier version started, which peft trained without them: its adapters are what they are
+            warnings.warn(f"{said}; the run resumed was trained without adapters there, and goes on so", stacklevel=3)
+            targets = [target for target in targets if target not in unmatched]
         # peft reads a string as a regular expression over full module names; a list, as names or their ends
         config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                                  target_modules=target_modules if target_modules == "all-linear" else targets)

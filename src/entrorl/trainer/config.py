@@ -77,12 +77,14 @@ class LoraConfig(_Section):
 
     @field_validator("target_modules")
     @classmethod
-    def _some_module(cls, value: str | list[str]) -> str | list[str]:
+    def _some_module(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
         if isinstance(value, str) and value != "all-linear":
             value = [value]  # one module's name (peft would read a lone string as a regular expression)
         if not value or (isinstance(value, list) and not all(isinstance(name, str) and name.strip() for name in value)):
             raise ValueError("name at least one module, or 'all-linear'")
         if isinstance(value, list) and "all-linear" in value:
+            if len(value) > 1 and info.context and info.context.get("settings_only"):
+                return [name for name in value if name != "all-linear"]  # what an earlier version adapted: peft dropped it
             if len(value) > 1:
                 raise ValueError("'all-linear' is a value of its own, not a module's name: give it alone, or list names "
                                  "only")

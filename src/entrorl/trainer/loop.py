@@ -411,7 +411,7 @@ class Trainer:
                              f"delete {checkpoint.name} to resume from the checkpoint before it") from None
         if lora is not None:
             self.adapter = LoraAdapter(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                                       target_modules=lora.target_modules)
+                                       target_modules=lora.target_modules, resumed=checkpoint is not None)
             if checkpoint is not None:
                 try:
                     self.adapter.load(checkpoint / ADAPTER_DIRECTORY)
