@@ -404,6 +404,19 @@ def test_files_that_are_links_to_nothing_are_named_before_anything_loads(tmp_pat
     with pytest.raises(FileNotFoundError, match=rf"{re.escape(shards[0].name)} is a link to \.\./blobs/.*, and "
                                                 rf"{len(shards) - 1} more links to nothing"):
         modeling.check_model_files(sharded)
+    # a listed shard's name is a name, not a pattern: 'w[1].safetensors' is not 'w1.safetensors', a link to nothing
+    # the index does not list
+    bracketed = tmp_path / "bracketed"
+    load_causal_lm(tiny_model_dir).save_pretrained(bracketed, max_shard_size="20KB")
+    load_tokenizer(tiny_model_dir).save_pretrained(bracketed)
+    index = json.loads((bracketed / "model.safetensors.index.json").read_text())
+    renamed = {old: f"w[{number}].safetensors" for number, old in enumerate(sorted(set(index["weight_map"].values())))}
+    for old, new in renamed.items():
+        (bracketed / old).rename(bracketed / new)
+        os.symlink("../blobs/gone", bracketed / new.replace("[", "").replace("]", ""))
+    index["weight_map"] = {weight: renamed[shard] for weight, shard in index["weight_map"].items()}
+    (bracketed / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert modeling.check_model_files(bracketed) == bracketed
     # a link that leads to a file is a file
     linked = tmp_path / "linked"
     linked.mkdir()

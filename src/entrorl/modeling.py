@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fnmatch
 import functools
+import glob
 import inspect
 import json
 import os
@@ -109,7 +110,7 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
     if weights:
         read.append("generation_config.json")
         meant = _weights_transformers_reads(path, links_count=True)  # else transformers takes the next one in its order
-        read += WEIGHT_PATTERNS if meant is None else [meant[0], *(meant[1] or ())]
+        read += WEIGHT_PATTERNS if meant is None else [glob.escape(name) for name in (meant[0], *(meant[1] or ()))]
     if tokenizer:  # a fast tokenizer's tokenizer.json holds its vocabulary: the vocabulary files beside it go unread
         read += ["tokenizer.json", "tokenizer_config.json", *_TOKENIZER_EXTRAS]
         if not (path / "tokenizer.json").is_file():
@@ -188,9 +189,10 @@ def refuse_files_this_user_cannot_read(directory: Path, *, tokenizer: bool = Tru
 
 
 def refuse_broken_links(directory: Path, patterns) -> None:
-    """``FileNotFoundError`` naming the files of ``directory`` matching ``patterns`` that are links to nothing, as in
-    a Hugging Face cache's snapshot copied without the blobs its links point to: transformers would call them
-    missing, take another file for them (a slow tokenizer's), or load without them (a generation config)."""
+    """``FileNotFoundError`` naming the files of ``directory`` matching ``patterns`` (``fnmatch``'s: a name holding
+    ``[``, ``*`` or ``?`` is given through ``glob.escape``) that are links to nothing, as in a Hugging Face cache's
+    snapshot copied without the blobs its links point to: transformers would call them missing, take another file for
+    them (a slow tokenizer's), or load without them (a generation config)."""
     broken = sorted(directory / entry.name for entry in os.scandir(directory)
                     if entry.is_symlink() and any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in patterns)
                     and not (directory / entry.name).exists())
@@ -234,7 +236,7 @@ def _check_shards_listed(path: Path) -> None:
     if found is None or found[1] is None:
         return
     index, listed = found
-    refuse_broken_links(path, listed)
+    refuse_broken_links(path, [glob.escape(name) for name in listed])
     missing = [name for name in listed if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(
