@@ -4278,8 +4278,27 @@ def test_cli_eval_reports_reward_errors_threshold_and_default_ks(tmp_path, tiny_
     assert failing and summary["reward_errors"] == 3 * failing
     assert summary["threshold"] == 0.75 and summary["avg_at_n"] == 0.0  # 0.7 < 0.75: nothing is correct
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert {(round(sample["reward"], 6), sample["correct"]) for sample in samples} == {(0.7, False), (0.0, False)}
+    assert {(sample["reward"], sample["correct"]) for sample in samples} == {(0.7, False), (0.0, False)}
     assert set(summary["pass_at_k"]) == {"1", "2", "3"}
+    # the count is said once, for the whole evaluation (the reward runner's own warning, at its first failing batch,
+    # said it again, or with one batch's count in data audit)
+    said = [f"failed on {3 * failing} of {3 * len(held_out.read_text().splitlines())} samples"]
+    assert re.findall(r"failed on \d+ of \d+ samples", result.stderr) == said
+    with importable_module(tmp_path, "flaky_reward", "def score(prompt, completion, answer, **meta):\n"
+                           "    if prompt.startswith('1'):\n        raise RuntimeError('boom')\n    return 0.7\n"):
+        audited = run_cli("data", "audit", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "3",
+                          "--max-new-tokens", "3", "--reward", "flaky_reward:score", "--batch-size", "3", "--out",
+                          str(tmp_path / "audit"), env=environment_importing_from(tmp_path))
+    assert audited.returncode == 0, audited.stderr
+    assert re.findall(r"failed on \d+ of \d+ samples", audited.stderr) == said
+    # the reward written beside "correct" is the one the threshold was compared with: 0.7, not float32's 0.69999999
+    with importable_module(tmp_path, "seven_tenths", "def score(prompt, completion, answer, **meta):\n    return 0.7\n"):
+        exact = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--max-new-tokens",
+                        "2", "--reward", "seven_tenths:score", "--correct-threshold", "0.7", "--samples",
+                        str(tmp_path / "exact.jsonl"), env=environment_importing_from(tmp_path))
+    assert exact.returncode == 0, exact.stderr
+    rows = [json.loads(line) for line in (tmp_path / "exact.jsonl").read_text().splitlines()]
+    assert {(row["reward"], row["correct"]) for row in rows} == {(0.7, True)}
 
 
 def test_the_eval_command_prints_the_summary_s_metrics_under_the_checkpoint_and_data_names(tmp_path, tiny_model_dir):

@@ -412,8 +412,8 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
                                meta_columns=defaults.meta_columns,  # the run's reward: the columns its training read
                                require_answer=require_answer,  # an audit reads training data: a DatasetDict's train
                                split=None if command == "entrorl eval" else "train")[:max_prompts]
-        reward_runner = RewardRunner(get_reward(defaults.reward, **defaults.reward_kwargs),
-                                     correct_threshold=defaults.correct_threshold, name=defaults.reward)
+        reward_runner = RewardRunner(get_reward(defaults.reward, **defaults.reward_kwargs),  # the count: said at the end
+                                     correct_threshold=defaults.correct_threshold, name=defaults.reward, warn=False)
         reward_runner.check_arguments([record.meta for record in records])
         if check_outputs is not None:
             check_outputs()

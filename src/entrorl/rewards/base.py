@@ -592,7 +592,8 @@ class RewardRunner:
 
     A reward call that raises, or returns something that is not a finite number, gives that sample
     a score of 0; it is counted in ``errors`` and the first failure is kept in ``first_error`` (its first
-    line, a summary, is logged as a warning once per runner; the traceback is not); its reason says so.
+    line, a summary, is logged as a warning once per runner unless ``warn`` is false, for a caller that reports the
+    whole run's count itself; the traceback is not); its reason says so.
     A reward may return an object with ``.score`` and ``.reason`` instead of a number: the reason is
     kept in ``RewardResult.reasons``; with ``.failed`` true as well (a judge's timeout or error) the sample
     counts as failed, like one that raised (and its ``.details``, a judge's traceback, follow the first failure's
@@ -615,6 +616,7 @@ class RewardRunner:
         overlong: Mapping[str, Any] | None = None,
         correct_threshold: float | None = None,
         name: str | None = None,
+        warn: bool = True,
     ) -> None:
         if name is None:  # what the warnings call it: the spec it was made from, else the function's own name
             name = fn if isinstance(fn, str) else getattr(fn, "__name__", type(fn).__name__)
@@ -636,7 +638,7 @@ class RewardRunner:
         self.status_names = tuple(statuses)
         self.overlong = validate_overlong(overlong) if overlong is not None else None
         self.correct_threshold = float(correct_threshold)
-        self._warned = False
+        self._warned = not warn
 
     def __repr__(self) -> str:
         return (

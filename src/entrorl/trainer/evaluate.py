@@ -112,7 +112,9 @@ def evaluate_model(
                 "source": record.source, "sample": row % n, "prompt": record.prompt, **record.conversation(),
                 "completion": completions[row],
                 "completion_ids": completion_ids[row], "sampler_log_prob": sequence_log_probs[row],
-                "answer": record.answer, "reward": float(result.rewards[row]), "correct": bool(result.correct[row]),
+                # the score the threshold was compared with (float64, the penalty added), not the float32 training reward
+                "answer": record.answer, "reward": float(result.exact_scores[row] + result.penalties[row].double()),
+                "correct": bool(result.correct[row]),
                 "length": int(rollouts.lengths[row]), "truncated": bool(rollouts.truncated[row]),
                 "reason": result.reasons[row] if result.reasons else None,
             })
