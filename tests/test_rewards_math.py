@@ -267,6 +267,14 @@ CASES = [
     ("", r"\boxed{\text{(C)}\ 12}", r"\text{(C)}", 1.0, ""),
     ("", r"\boxed{\textbf{(C) } 12}", "D", 0.0, "differs from reference D"),
     ("", r"\boxed{\textbf{(C) } 12}", "13", 0.0, "differs from reference 13"),
+    # the reference written as a choice with its value (MATH, AMC): the letter or the value matches it too
+    ("", r"\boxed{C}", r"\textbf{(C) } 12", 1.0, ""),
+    ("", r"\boxed{(C)}", r"\textbf{(C) } 12", 1.0, ""),
+    ("", r"\boxed{12}", r"\textbf{(C) } 12", 1.0, ""),
+    ("", r"\boxed{\frac{24}{2}}", r"\textbf{(C) } 12", 1.0, ""),
+    ("", r"\boxed{D}", r"\textbf{(C) } 12", 0.0, "differs from reference"),
+    ("", r"\boxed{13}", r"\textbf{(C) } 12", 0.0, "differs from reference"),
+    ("", r"\boxed{(D) 12}", r"\textbf{(C) } 12", 0.0, "differs from reference"),
     ("", "So he ran 2 1/2 miles.", r"\frac{5}{2}", 1.0, ""),
     ("", "So he ran 2 1/2 miles.", r"\frac{1}{2}", 0.0, ""),
     # -- the answer phrase ends where a clause begins; an answer after a reasoning block --------------------

@@ -391,6 +391,13 @@ def _compare(
         chosen = _compare(part, against, question, options, checkers)
         if chosen.equal:
             return chosen
+    else:
+        choice = _CHOICE_WITH_VALUE_RE.fullmatch(comparisons[0].reference)
+        if choice:  # the reference written so (MATH, AMC): a letter against its letter, anything else against its value
+            part = choice["letter"] if _CHOICE_RE.fullmatch(comparisons[0].prediction) else choice["value"]
+            chosen = _compare(prediction, part, question, options, checkers)
+            if chosen.equal:
+                return chosen
     return ComparisonResult(False, _difference_reason(comparisons[0]))
 
 
