@@ -2502,6 +2502,51 @@ def test_the_train_command_says_how_to_go_on_after_an_interruption(tmp_path, tin
             " ".join(result.output.split()), result.output
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_a_hangup_asks_once_to_stop_and_never_to_stop_at_once(capfd):
+    """With hangup, SIGHUP is a first request to stop (as SIGTERM), also where the starter ignored SIGTERM, and a
+    repeat, or one after Ctrl-C, is ignored: a closed terminal is no request to stop at once (a second SIGHUP sent as
+    SIGTERM abandoned the step being saved). Without hangup, SIGHUP is left alone. A terminal still open keeps its
+    output; only one that hung up is sent to the null device."""
+    from rich.console import Console
+
+    from entrorl.trainer import stop_signals
+
+    numbers = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    handlers = {number: signal.getsignal(number) for number in numbers}
+    console = Console(file=io.StringIO())
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for first in (signal.SIGHUP, signal.SIGINT):
+            received = []
+            restore = stop_signals.catch_stop_signals(received, console, hangup=True)
+            signal.raise_signal(first)
+            signal.raise_signal(signal.SIGHUP)
+            signal.raise_signal(signal.SIGHUP)
+            assert received == [first]
+            restore()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        untouched = signal.getsignal(signal.SIGHUP)
+        stop_signals.catch_stop_signals([], console)()
+        assert signal.getsignal(signal.SIGHUP) is untouched
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert "SIGHUP (the terminal closed): finishing the current step, then saving a checkpoint" in console.file.getvalue()
+    import pty
+
+    controller, terminal = pty.openpty()
+    script = "from entrorl.trainer.stop_signals import _send_a_hung_up_terminal_to_null as f; f(); print('still shown')"
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=terminal, stderr=terminal, cwd=REPO)
+    os.close(terminal)
+    shown = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(controller, 4096):
+            shown += chunk
+    os.close(controller)
+    assert process.wait(timeout=60) == 0 and b"still shown" in shown, shown
+
+
 SLOW_REWARD = """
 import pathlib, time
 def score(prompt, completion, answer, **meta):
@@ -2514,8 +2559,9 @@ def score(prompt, completion, answer, **meta):
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
 def test_a_closed_terminal_stops_training_as_sigterm_does_with_the_step_saved(tmp_path, tiny_model_dir, arithmetic_files):
     """An ssh connection lost mid-run: SIGHUP's default action ended `entrorl train` at once, the steps since the last
-    checkpoint lost. It now stops as SIGTERM does, the step under way finished and saved (exit 143), and what the
-    command writes to the terminal, which has gone (writes fail with EIO), goes to the null device."""
+    checkpoint lost. It now stops as SIGTERM does, the step under way finished and saved (exit 129), a repeat ignored
+    (a closed terminal is no request to stop at once), and what the command writes to the terminal, which has gone
+    (writes fail with EIO), goes to the null device."""
     import pty
     import threading
 
@@ -2545,7 +2591,9 @@ def test_a_closed_terminal_stops_training_as_sigterm_does_with_the_step_saved(tm
         assert process.poll() is None, "the run ended before its first step was scored"
         os.close(controller)  # the terminal goes away: the process's writes to it fail from now on
         process.send_signal(signal.SIGHUP)
-        assert process.wait(timeout=240) == 128 + signal.SIGTERM
+        time.sleep(0.02)
+        process.send_signal(signal.SIGHUP)
+        assert process.wait(timeout=240) == 128 + signal.SIGHUP
     finally:
         if process.poll() is None:
             process.kill()

@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -181,8 +180,7 @@ def train(
 
     _quiet_tensorboard_writer_thread()
     try:
-        with _hangup_as_termination():
-            trainer.train(handle_signals=True)
+        trainer.train(handle_signals=True, stop_on_hangup=True)
     except TrainingStopped as error:  # its message names the last intact checkpoint, if any
         resumable = trainer.run_dir.is_dir() and latest_checkpoint(trainer.run_dir, verify="all") is not None
         _fail(f"{error}" + (f" Once the cause is fixed, continue with: {shlex.join([*again, '--resume'])}"
@@ -218,38 +216,6 @@ def train(
         if hasattr(signal, "SIGXCPU"):
             signal.signal(signal.SIGXCPU, signal.SIG_IGN)
     console.print(Text.assemble(("done", "green"), f": {_run_summary(trainer.run_dir)}"), soft_wrap=True)
-
-
-_HANGUP = getattr(signal, "SIGHUP", None)  # not on Windows
-
-
-@contextlib.contextmanager
-def _hangup_as_termination():
-    """Inside, SIGHUP (the terminal closed: an ssh connection lost) stops training as SIGTERM does, the step under way
-    finished and saved, where its default action would end the process at once. The terminal has gone: what the
-    command writes to it from then on goes to the null device (a write there fails). In the main thread only, and
-    unless the process was started with SIGHUP ignored (nohup)."""
-    if (_HANGUP is None or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(_HANGUP) is signal.SIG_IGN):
-        yield
-        return
-    from entrorl.trainer.stop_signals import say_in_a_signal_handler
-
-    def hung_up(number, frame) -> None:
-        say_in_a_signal_handler(console, "SIGHUP (the terminal closed): stopping as for SIGTERM")  # seen in a log file
-        for descriptor in (1, 2):
-            with contextlib.suppress(OSError):  # a terminal that hung up is no tty to isatty: any character device
-                if stat.S_ISCHR(os.fstat(descriptor).st_mode):
-                    null = os.open(os.devnull, os.O_WRONLY)
-                    os.dup2(null, descriptor)
-                    os.close(null)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    previous = signal.signal(_HANGUP, hung_up)
-    try:
-        yield
-    finally:
-        signal.signal(_HANGUP, previous if previous is not None else signal.SIG_DFL)
 
 
 def _quiet_tensorboard_writer_thread() -> None:

@@ -1277,13 +1277,17 @@ class Trainer:
         else:
             warnings.warn(message, stacklevel=3)
 
-    def train(self, *, handle_signals: bool = False, should_stop: Callable[[], bool] | None = None) -> Path:
+    def train(self, *, handle_signals: bool = False, stop_on_hangup: bool = False,
+              should_stop: Callable[[], bool] | None = None) -> Path:
         """Run to ``optim.steps``; checkpoint every ``checkpoint.every`` steps and at the end. Returns the run dir.
 
         With ``handle_signals`` (the ``train`` command sets it), SIGINT and SIGTERM let the current step finish, save
         a checkpoint and raise :class:`TrainingInterrupted`, so that ``--resume`` loses nothing (one the process was
         started ignoring stays ignored); a second signal stops at once, as without it. Once the checkpoint is saved, a
         further signal ends the process at once (status 128 + the signal's number), quietly, for as long as it runs.
+        With ``stop_on_hangup`` as well, SIGHUP (the terminal closed: an ssh connection lost) stops the run the same way
+        instead of ending the process at once (its repeats are ignored), and output to the terminal that has gone is
+        sent to the null device (unless the process was started ignoring SIGHUP, as ``nohup`` starts it).
         ``should_stop``, asked after each step, stops the run the same way (as SIGINT) when it returns true: a signal
         the process could not catch yet (the laboratory's workers ignore Ctrl-C until they train) still ends the run at
         a step's end."""
@@ -1297,8 +1301,8 @@ class Trainer:
             "finishing the evaluation at the start, then stopping before the first step (nothing to save yet)"
             if evaluating_at_start else FINISH_THE_STEP), resumes_from=lambda: (
             f"{self.resumed_by} continues from the checkpoint of step {self.checkpoint_weight_norm[0]}"
-            if self.checkpoint_weight_norm is not None else "no checkpoint was written yet: there is nothing to resume")
-        ) if handle_signals else (lambda: None)
+            if self.checkpoint_weight_norm is not None else "no checkpoint was written yet: there is nothing to resume"),
+            hangup=stop_on_hangup) if handle_signals else (lambda: None)
         saved_since_signal = False  # a second signal raised out of a step instead: the handlers go back
         finished = False
         try:

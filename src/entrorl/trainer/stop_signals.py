@@ -1,12 +1,14 @@
 """SIGINT / SIGTERM during training: the first one lets the step under way finish and be saved, a second one stops at
-once; SIGXCPU (a soft CPU-time limit, the warning before the hard one's SIGKILL) as a first SIGTERM; messages from
-inside a signal handler that never reach the code it interrupted."""
+once; SIGXCPU (a soft CPU-time limit, the warning before the hard one's SIGKILL) and, when asked, SIGHUP (the
+terminal closed) as a first SIGTERM; messages from inside a signal handler that never reach the code it
+interrupted."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -20,6 +22,19 @@ __all__ = ["CPU_TIME_LIMIT", "FINISH_THE_STEP", "catch_stop_signals", "exit_at_o
 # second request to stop at once (not on Windows, which has no such signal)
 CPU_TIME_LIMIT = getattr(signal, "SIGXCPU", None)
 _STOP_SIGNALS = tuple(number for number in (signal.SIGINT, signal.SIGTERM, CPU_TIME_LIMIT) if number is not None)
+HANGUP = getattr(signal, "SIGHUP", None)  # the terminal closed (an ssh connection lost); not on Windows
+
+
+def _send_a_hung_up_terminal_to_null() -> None:
+    """Point standard output and error, where they are a terminal that has hung up (a character device that is no
+    longer a tty: a write there fails with EIO), at the null device, so that what the process still writes (a
+    progress bar's last refresh, the final message) does not end it before its step is saved."""
+    for descriptor in (1, 2):
+        with contextlib.suppress(OSError):
+            if stat.S_ISCHR(os.fstat(descriptor).st_mode) and not os.isatty(descriptor):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, descriptor)
+                os.close(null)
 
 
 def say_in_a_signal_handler(console, message: str) -> None:
@@ -65,11 +80,13 @@ FINISH_THE_STEP = "finishing the current step, then saving a checkpoint"
 
 
 def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] = lambda: FINISH_THE_STEP,
-                        resumes_from: Callable[[], str] = lambda: "the last complete checkpoint"):
-    """Make SIGINT, SIGTERM and SIGXCPU append their number to ``received`` (the loop stops after the step it is in)
-    and say on ``console`` what happens next, as ``plan()`` puts it then; a second SIGINT or SIGTERM stops at once
-    (``KeyboardInterrupt`` for SIGINT, exit status 143 for SIGTERM), saying what ``--resume`` would continue from
-    (``resumes_from()``).
+                        resumes_from: Callable[[], str] = lambda: "the last complete checkpoint", hangup: bool = False):
+    """Make SIGINT, SIGTERM and SIGXCPU (with ``hangup``, SIGHUP too) append their number to ``received`` (the loop
+    stops after the step it is in) and say on ``console`` what happens next, as ``plan()`` puts it then; a second
+    SIGINT or SIGTERM stops at once (``KeyboardInterrupt`` for SIGINT, exit status 143 for SIGTERM), saying what
+    ``--resume`` would continue from (``resumes_from()``). A repeated SIGXCPU or SIGHUP is no request to stop at once
+    (the CPU-time limit, or the terminal's closing, once more): it is ignored; a SIGHUP first points output to a
+    terminal that has hung up at the null device.
     Returns a function that puts the previous handlers back. Does nothing outside the main thread, where Python
     cannot install handlers, and leaves a signal the process ignores ignored (a background job of a shell ignores
     SIGINT, as Python's own Ctrl-C handling does then)."""
@@ -78,7 +95,9 @@ def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] 
     previous = {}
 
     def handler(number, frame):
-        if received and number == CPU_TIME_LIMIT:
+        if number == HANGUP:
+            _send_a_hung_up_terminal_to_null()
+        if received and number in (CPU_TIME_LIMIT, HANGUP):
             return
         if received:
             say_in_a_signal_handler(console, f"{signal.Signals(number).name} again: stopping now, without waiting for "
@@ -90,10 +109,12 @@ def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] 
         if number == CPU_TIME_LIMIT:
             say_in_a_signal_handler(console, f"SIGXCPU: the process's CPU-time limit is reached (the hard limit ends it): "
                                              f"{plan()}")
+        elif number == HANGUP:
+            say_in_a_signal_handler(console, f"SIGHUP (the terminal closed): {plan()}")  # seen where output is a file
         else:
             say_in_a_signal_handler(console, f"{signal.Signals(number).name}: {plan()} (send it again to stop at once)")
 
-    for number in _STOP_SIGNALS:
+    for number in (*_STOP_SIGNALS, *((HANGUP,) if hangup and HANGUP is not None else ())):
         if signal.getsignal(number) is not signal.SIG_IGN:
             previous[number] = signal.signal(number, handler)
 
