@@ -275,6 +275,17 @@ CASES = [
     ("", r"\boxed{D}", r"\textbf{(C) } 12", 0.0, "differs from reference"),
     ("", r"\boxed{13}", r"\textbf{(C) } 12", 0.0, "differs from reference"),
     ("", r"\boxed{(D) 12}", r"\textbf{(C) } 12", 0.0, "differs from reference"),
+    ("", r"\boxed{B}", r"\textbf{(B) } -4", 1.0, ""),
+    ("", r"\boxed{-4}", r"\textbf{(B) } -4", 1.0, ""),
+    ("", r"\boxed{(D) 0}", r"\textbf{(B)}\ 0", 0.0, "choice (D) differs from reference's choice (B)"),
+    # several choices, or a product, are no reference written as one choice: its first letter or factor is wrong
+    ("", r"\boxed{A}", r"(A), (C)", 0.0, "differs from reference"),
+    ("", r"\boxed{A}", r"\text{(A) and (C)}", 0.0, "differs from reference"),
+    ("", r"\boxed{B}", r"(B)\text{ or }(D)", 0.0, "differs from reference"),
+    ("", r"\boxed{A}", r"(A) 3, (B) 4", 0.0, "differs from reference"),
+    ("", r"\boxed{c}", r"(b)c", 0.0, "differs from reference"),
+    ("", r"\boxed{2}", r"(c)2", 0.0, "differs from reference"),
+    ("", r"\boxed{\sqrt{2}}", r"(d)\sqrt{2}", 0.0, "differs from reference"),
     ("", "So he ran 2 1/2 miles.", r"\frac{5}{2}", 1.0, ""),
     ("", "So he ran 2 1/2 miles.", r"\frac{1}{2}", 0.0, ""),
     # -- the answer phrase ends where a clause begins; an answer after a reasoning block --------------------

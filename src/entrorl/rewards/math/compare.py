@@ -303,6 +303,16 @@ _BASE_NUMERAL_RE = re.compile(r"(?P<digits>[0-9A-Za-z]+)_\{?\s*(?P<base>\d+)\s*\
 # a multiple-choice letter and its value, "(C) 12" (from \textbf{(C) } 12); a letter alone, "(C)" or "C"
 _CHOICE_WITH_VALUE_RE = re.compile(r"\(\s*(?P<letter>[A-Ea-e])\s*\)\s*(?P<value>[^\s(^_+\-*/=].*)")
 _CHOICE_RE = re.compile(r"\(\s*[A-Ea-e]\s*\)|\s*[A-E]\s*")  # a bare lower-case letter is a constant or variable
+# a reference written as a choice and its value, as MATH and AMC write them: an upper-case letter, a space, one value
+# (negative ones included); "(b)c" is a product, "(A), (C)" or "(A) 3, (B) 4" several choices
+_REFERENCE_CHOICE_RE = re.compile(r"\(\s*(?P<letter>[A-E])\s*\)\s+(?P<value>[^\s(^_+*/=,].*)")
+_CHOICE_MARK_RE = re.compile(r"\(\s*[A-Ea-e]\s*\)")
+
+
+def _reference_choice(reference: str) -> re.Match | None:
+    """The letter and value of a reference written as one choice with its value (:data:`_REFERENCE_CHOICE_RE`)."""
+    found = _REFERENCE_CHOICE_RE.fullmatch(reference)
+    return found if found is not None and not _CHOICE_MARK_RE.search(found["value"]) else None
 
 
 def _base_numeral(answer: str) -> tuple[str, int] | None:
@@ -372,6 +382,12 @@ def _compare(
     written = _written_form_verdict(comparisons[0].prediction, comparisons[0].reference)
     if written is not None:
         return written
+    predicted, expected = _CHOICE_WITH_VALUE_RE.fullmatch(comparisons[0].prediction), _reference_choice(
+        comparisons[0].reference)
+    if predicted is not None and expected is not None and predicted["letter"].upper() != expected["letter"]:
+        # another choice, whatever its value ("(D) 0" and "(B) 0" are both products equal to 0 to the checkers)
+        return ComparisonResult(False, f"choice ({predicted['letter']}) differs from reference's choice "
+                                       f"({expected['letter']})")
     for comparison in comparisons:
         for name, checker in checkers if checkers is not None else CHECKERS:
             try:
@@ -392,7 +408,7 @@ def _compare(
         if chosen.equal:
             return chosen
     else:
-        choice = _CHOICE_WITH_VALUE_RE.fullmatch(comparisons[0].reference)
+        choice = _reference_choice(comparisons[0].reference)
         if choice:  # the reference written so (MATH, AMC): a letter against its letter, anything else against its value
             part = choice["letter"] if _CHOICE_RE.fullmatch(comparisons[0].prediction) else choice["value"]
             chosen = _compare(prediction, part, question, options, checkers)
