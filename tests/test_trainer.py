@@ -2536,7 +2536,7 @@ def test_a_hangup_asks_once_to_stop_and_never_to_stop_at_once(capfd):
     import pty
 
     controller, terminal = pty.openpty()
-    script = "from entrorl.trainer.stop_signals import _send_a_hung_up_terminal_to_null as f; f(); print('still shown')"
+    script = "from entrorl.trainer.stop_signals import send_a_hung_up_terminal_to_null as f; f(); print('still shown')"
     process = subprocess.Popen([sys.executable, "-c", script], stdout=terminal, stderr=terminal, cwd=REPO)
     os.close(terminal)
     shown = b""
@@ -2545,6 +2545,39 @@ def test_a_hangup_asks_once_to_stop_and_never_to_stop_at_once(capfd):
             shown += chunk
     os.close(controller)
     assert process.wait(timeout=60) == 0 and b"still shown" in shown, shown
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_a_hangup_while_a_finished_run_closes_does_not_end_the_train_command(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                            monkeypatch):
+    """Once the last step was saved, train() put SIGHUP back to its default before closing the loggers, and the
+    command's last line came after: a terminal closed then ended the process by the signal, the loggers not closed.
+    The trainer's handling now lasts through the close, and the command ends with SIGHUP sending its output nowhere."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 1}))
+    close, closed = Trainer.close, []
+
+    def close_as_the_terminal_goes(self, **options):
+        if not closed:
+            signal.raise_signal(signal.SIGHUP)  # the handler runs here: it must not be the default's
+        closed.append(options)
+        return close(self, **options)
+
+    monkeypatch.setattr(Trainer, "close", close_as_the_terminal_goes)
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run")])
+        signal.raise_signal(signal.SIGHUP)  # after the command: its output sent nowhere, nothing ended
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+    assert result.exit_code == 0 and "done:" in result.output, result.output
+    assert closed == [{}]  # closed once, as a finished run
+    assert [record["step"] for record in read_metrics(tmp_path / "run")] == [1]
 
 
 SLOW_REWARD = """

@@ -96,6 +96,7 @@ def train(
     from entrorl.trainer import ConfigError, Trainer, TrainingInterrupted, TrainingStopped, load_config
     from entrorl.trainer.checkpoint import CheckpointWriteError, checkpoint_step, latest_checkpoint
     from entrorl.trainer.loop import check_resume_settings
+    from entrorl.trainer.stop_signals import HANGUP, send_a_hung_up_terminal_to_null
     from entrorl.trainer.loggers import TrackerError
 
     try:
@@ -215,6 +216,9 @@ def train(
         # Python shuts down (the trainer's handler back to the default) a repeat would end the process by the signal
         if hasattr(signal, "SIGXCPU"):
             signal.signal(signal.SIGXCPU, signal.SIG_IGN)
+        # and a closed terminal's SIGHUP would end it before its last line is said: it only sends that line nowhere
+        if HANGUP is not None and signal.getsignal(HANGUP) is not signal.SIG_IGN:
+            signal.signal(HANGUP, lambda number, frame: send_a_hung_up_terminal_to_null())
     console.print(Text.assemble(("done", "green"), f": {_run_summary(trainer.run_dir)}"), soft_wrap=True)
 
 

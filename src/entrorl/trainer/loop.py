@@ -1350,17 +1350,20 @@ class Trainer:
             self.activity = f"finishing the run after step {self.step}"
             finished = True
         finally:
-            if received and handle_signals and saved_since_signal:
+            stopped_and_saved = bool(received and handle_signals and saved_since_signal)
+            if stopped_and_saved:
                 # all is saved: closing the loggers and Python's exit can take seconds
                 exit_at_once_on_another_signal(progress.console, self.run_dir, resumable=self.step > 0,
                                                 resumed_by=self.resumed_by)
-            else:
-                restore_handlers()
-            if finished:
-                self.close()
-            else:  # the error under way is the one to report, not a second one from closing (a full disk)
-                with contextlib.suppress(OSError, TrackerError):
-                    self.close(failed=True)
+            try:
+                if finished:
+                    self.close()
+                else:  # the error under way is the one to report, not a second one from closing (a full disk)
+                    with contextlib.suppress(OSError, TrackerError):
+                        self.close(failed=True)
+            finally:  # after the loggers are closed: a signal meanwhile (a hangup) asks, as during the run, to stop
+                if not stopped_and_saved:
+                    restore_handlers()
         return self.run_dir
 
 

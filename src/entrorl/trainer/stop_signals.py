@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CPU_TIME_LIMIT", "FINISH_THE_STEP", "catch_stop_signals", "exit_at_once_on_another_signal",
-           "say_in_a_signal_handler"]
+__all__ = ["CPU_TIME_LIMIT", "FINISH_THE_STEP", "HANGUP", "catch_stop_signals", "exit_at_once_on_another_signal",
+           "say_in_a_signal_handler", "send_a_hung_up_terminal_to_null"]
 
 # the kernel sends SIGXCPU once the soft CPU-time limit (`ulimit -St`, a scheduler's cputime) is reached, then again
 # every CPU second until the hard limit's SIGKILL: what time is left goes to saving the step, and a repeat is no
@@ -25,7 +25,7 @@ _STOP_SIGNALS = tuple(number for number in (signal.SIGINT, signal.SIGTERM, CPU_T
 HANGUP = getattr(signal, "SIGHUP", None)  # the terminal closed (an ssh connection lost); not on Windows
 
 
-def _send_a_hung_up_terminal_to_null() -> None:
+def send_a_hung_up_terminal_to_null() -> None:
     """Point standard output and error, where they are a terminal that has hung up (a character device that is no
     longer a tty: a write there fails with EIO), at the null device, so that what the process still writes (a
     progress bar's last refresh, the final message) does not end it before its step is saved."""
@@ -96,7 +96,7 @@ def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] 
 
     def handler(number, frame):
         if number == HANGUP:
-            _send_a_hung_up_terminal_to_null()
+            send_a_hung_up_terminal_to_null()
         if received and number in (CPU_TIME_LIMIT, HANGUP):
             return
         if received:
