@@ -286,6 +286,15 @@ CASES = [
     ("", r"\boxed{c}", r"(b)c", 0.0, "differs from reference"),
     ("", r"\boxed{2}", r"(c)2", 0.0, "differs from reference"),
     ("", r"\boxed{\sqrt{2}}", r"(d)\sqrt{2}", 0.0, "differs from reference"),
+    ("", r"\boxed{(A) 3}", r"(A) 3, (B) 4", 0.0, "differs from reference"),
+    ("", r"\boxed{(A) 3}", r"(A), (C)", 0.0, "differs from reference"),
+    ("", r"\boxed{(B) 3}", r"(b)c", 0.0, "differs from reference"),
+    # an answer that names several choices is no answer: hedging scores nothing
+    ("", r"\boxed{(B), (C)}", r"\textbf{(B)}\ 3", 0.0, "differs from reference"),
+    ("", r"\boxed{(B) \text{ or } (C)}", r"\textbf{(B)}\ 3", 0.0, "differs from reference"),
+    ("", r"\boxed{(B) 3, (C) 4}", r"\textbf{(B)}\ 3", 0.0, "differs from reference"),
+    ("", r"\boxed{\text{(B) and (C)}}", r"\textbf{(B)}\ 3", 0.0, "differs from reference"),
+    ("", r"\boxed{(b) 3}", r"\textbf{(B)}\ 3", 1.0, ""),
     ("", "So he ran 2 1/2 miles.", r"\frac{5}{2}", 1.0, ""),
     ("", "So he ran 2 1/2 miles.", r"\frac{1}{2}", 0.0, ""),
     # -- the answer phrase ends where a clause begins; an answer after a reasoning block --------------------

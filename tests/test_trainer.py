@@ -2516,6 +2516,7 @@ def test_a_hangup_asks_once_to_stop_and_never_to_stop_at_once(capfd):
     handlers = {number: signal.getsignal(number) for number in numbers}
     console = Console(file=io.StringIO())
     try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a suite started with nohup ignores it: this is a terminal's run
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for first in (signal.SIGHUP, signal.SIGINT):
             received = []
@@ -2570,6 +2571,7 @@ def test_a_hangup_while_a_finished_run_closes_does_not_end_the_train_command(tmp
     monkeypatch.setattr(Trainer, "close", close_as_the_terminal_goes)
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a suite started with nohup ignores it: this is a terminal's run
         result = CliRunner().invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "run")])
         signal.raise_signal(signal.SIGHUP)  # after the command: its output sent nowhere, nothing ended
     finally:
@@ -2578,6 +2580,27 @@ def test_a_hangup_while_a_finished_run_closes_does_not_end_the_train_command(tmp
     assert result.exit_code == 0 and "done:" in result.output, result.output
     assert closed == [{}]  # closed once, as a finished run
     assert [record["step"] for record in read_metrics(tmp_path / "run")] == [1]
+    # Ctrl-C (or SIGTERM, or the laboratory's at-once SIGTERM to its workers) while a finished run closes acts as it
+    # would without the trainer's handlers, not as a request to finish a step that is not under way
+    def close_interrupted(self, **options):
+        if not closed[1:]:
+            closed.append(options)
+            signal.raise_signal(signal.SIGINT)
+        return close(self, **options)
+
+    monkeypatch.setattr(Trainer, "close", close_interrupted)
+    said = io.StringIO()
+    from rich.console import Console
+
+    trainer = Trainer(load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1})), run_dir=tmp_path / "run2",
+                      console=Console(file=said))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(handle_signals=True, stop_on_hangup=True)
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+    assert "finishing" not in said.getvalue() and "send it again" not in said.getvalue(), said.getvalue()
 
 
 SLOW_REWARD = """
@@ -2608,7 +2631,9 @@ def test_a_closed_terminal_stops_training_as_sigterm_does_with_the_step_saved(tm
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "rewards"), os.environ.get("PYTHONPATH", "")])}
     controller, terminal = pty.openpty()
     process = subprocess.Popen([sys.executable, "-m", "entrorl.cli", "train", str(config), "--run-dir", str(run_dir)],
-                               stdin=terminal, stdout=terminal, stderr=terminal, cwd=REPO, env=env)
+                               stdin=terminal, stdout=terminal, stderr=terminal, cwd=REPO, env=env,
+                               # a suite started with nohup passes SIGHUP on ignored: this is a terminal's run
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     os.close(terminal)
 
     def drain() -> None:  # keep the terminal's buffer from filling until it is closed (then the read fails)

@@ -1296,8 +1296,9 @@ class Trainer:
         progress = StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
                                  enabled=config.logging.progress)
         received: list[int] = []
-        evaluating_at_start = False
+        evaluating_at_start = closing = False
         restore_handlers = catch_stop_signals(received, progress.console, plan=lambda: (
+            "the run has finished: closing its loggers" if closing else
             "finishing the evaluation at the start, then stopping before the first step (nothing to save yet)"
             if evaluating_at_start else FINISH_THE_STEP), resumes_from=lambda: (
             f"{self.resumed_by} continues from the checkpoint of step {self.checkpoint_weight_norm[0]}"
@@ -1354,7 +1355,10 @@ class Trainer:
             if stopped_and_saved:
                 # all is saved: closing the loggers and Python's exit can take seconds
                 exit_at_once_on_another_signal(progress.console, self.run_dir, resumable=self.step > 0,
-                                                resumed_by=self.resumed_by)
+                                               resumed_by=self.resumed_by)
+            else:  # Ctrl-C and SIGTERM stop the close as they would without these handlers; a hangup does not
+                closing = True
+                restore_handlers(numbers=(signal.SIGINT, signal.SIGTERM))
             try:
                 if finished:
                     self.close()

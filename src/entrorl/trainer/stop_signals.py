@@ -87,7 +87,8 @@ def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] 
     ``--resume`` would continue from (``resumes_from()``). A repeated SIGXCPU or SIGHUP is no request to stop at once
     (the CPU-time limit, or the terminal's closing, once more): it is ignored; a SIGHUP first points output to a
     terminal that has hung up at the null device.
-    Returns a function that puts the previous handlers back. Does nothing outside the main thread, where Python
+    Returns a function that puts the previous handlers back (those of the signal numbers it is given, or all).
+    Does nothing outside the main thread, where Python
     cannot install handlers, and leaves a signal the process ignores ignored (a background job of a shell ignores
     SIGINT, as Python's own Ctrl-C handling does then)."""
     if threading.current_thread() is not threading.main_thread():
@@ -118,8 +119,10 @@ def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] 
         if signal.getsignal(number) is not signal.SIG_IGN:
             previous[number] = signal.signal(number, handler)
 
-    def restore() -> None:
-        for number, old in previous.items():  # None: a handler installed outside Python, which cannot be put back
+    def restore(numbers=None) -> None:
+        """Put back the previous handlers, of ``numbers`` only when given (the others stay until a later call)."""
+        for number in [number for number in previous if numbers is None or number in numbers]:
+            old = previous.pop(number)  # None: a handler installed outside Python, which cannot be put back
             signal.signal(number, old if old is not None else signal.SIG_DFL)
 
     return restore

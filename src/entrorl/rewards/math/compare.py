@@ -301,7 +301,7 @@ _SIDE_RE = re.compile(r"(?:\^\s*\{?\s*(?P<raised>[-+])\s*\}?|(?<=\d)(?P<after>[-
 # a numeral in a base from 2 to 36: 1011_2, 1234_{5}, FF_{16}
 _BASE_NUMERAL_RE = re.compile(r"(?P<digits>[0-9A-Za-z]+)_\{?\s*(?P<base>\d+)\s*\}?")
 # a multiple-choice letter and its value, "(C) 12" (from \textbf{(C) } 12); a letter alone, "(C)" or "C"
-_CHOICE_WITH_VALUE_RE = re.compile(r"\(\s*(?P<letter>[A-Ea-e])\s*\)\s*(?P<value>[^\s(^_+\-*/=].*)")
+_CHOICE_WITH_VALUE_RE = re.compile(r"\(\s*(?P<letter>[A-Ea-e])\s*\)\s*(?P<value>[^\s(^_+\-*/=,].*)")
 _CHOICE_RE = re.compile(r"\(\s*[A-Ea-e]\s*\)|\s*[A-E]\s*")  # a bare lower-case letter is a constant or variable
 # a reference written as a choice and its value, as MATH and AMC write them: an upper-case letter, a space, one value
 # (negative ones included); "(b)c" is a product, "(A), (C)" or "(A) 3, (B) 4" several choices
@@ -312,6 +312,13 @@ _CHOICE_MARK_RE = re.compile(r"\(\s*[A-Ea-e]\s*\)")
 def _reference_choice(reference: str) -> re.Match | None:
     """The letter and value of a reference written as one choice with its value (:data:`_REFERENCE_CHOICE_RE`)."""
     found = _REFERENCE_CHOICE_RE.fullmatch(reference)
+    return found if found is not None and not _CHOICE_MARK_RE.search(found["value"]) else None
+
+
+def _answer_choice(answer: str) -> re.Match | None:
+    """The letter and value of an answer written as one choice with its value (:data:`_CHOICE_WITH_VALUE_RE`); an
+    answer that names several choices ("(B), (C)", "(B) 3, (C) 4") is none: hedging is no answer."""
+    found = _CHOICE_WITH_VALUE_RE.fullmatch(answer)
     return found if found is not None and not _CHOICE_MARK_RE.search(found["value"]) else None
 
 
@@ -382,8 +389,7 @@ def _compare(
     written = _written_form_verdict(comparisons[0].prediction, comparisons[0].reference)
     if written is not None:
         return written
-    predicted, expected = _CHOICE_WITH_VALUE_RE.fullmatch(comparisons[0].prediction), _reference_choice(
-        comparisons[0].reference)
+    predicted, expected = _answer_choice(comparisons[0].prediction), _reference_choice(comparisons[0].reference)
     if predicted is not None and expected is not None and predicted["letter"].upper() != expected["letter"]:
         # another choice, whatever its value ("(D) 0" and "(B) 0" are both products equal to 0 to the checkers)
         return ComparisonResult(False, f"choice ({predicted['letter']}) differs from reference's choice "
@@ -397,9 +403,9 @@ def _compare(
                 raise
             except Exception:  # noqa: BLE001 - failing on odd input: "not shown equal"
                 continue
-    choice = _CHOICE_WITH_VALUE_RE.fullmatch(comparisons[0].prediction)
+    choice = _answer_choice(comparisons[0].prediction)
     if choice:  # "(C) 12": its letter against a letter or another choice's, its value against anything else
-        other = _CHOICE_WITH_VALUE_RE.fullmatch(comparisons[0].reference)
+        other = _reference_choice(comparisons[0].reference)
         if other is not None or _CHOICE_RE.fullmatch(comparisons[0].reference):
             part, against = choice["letter"], other["letter"] if other is not None else reference
         else:
