@@ -1303,7 +1303,7 @@ class Trainer:
             if evaluating_at_start else FINISH_THE_STEP), resumes_from=lambda: (
             f"{self.resumed_by} continues from the checkpoint of step {self.checkpoint_weight_norm[0]}"
             if self.checkpoint_weight_norm is not None else "no checkpoint was written yet: there is nothing to resume"),
-            hangup=stop_on_hangup) if handle_signals else (lambda: None)
+            hangup=stop_on_hangup) if handle_signals else (lambda numbers=None: None)
         saved_since_signal = False  # a second signal raised out of a step instead: the handlers go back
         finished = False
         try:
@@ -1365,7 +1365,7 @@ class Trainer:
                 else:  # the error under way is the one to report, not a second one from closing (a full disk)
                     with contextlib.suppress(OSError, TrackerError):
                         self.close(failed=True)
-            finally:  # after the loggers are closed: a signal meanwhile (a hangup) asks, as during the run, to stop
+            finally:  # after the loggers are closed: a hangup meanwhile is noted, not the end of the process
                 if not stopped_and_saved:
                     restore_handlers()
         return self.run_dir
