@@ -295,6 +295,11 @@ CASES = [
     ("", r"\boxed{(B) 3, (C) 4}", r"\textbf{(B)}\ 3", 0.0, "differs from reference"),
     ("", r"\boxed{\text{(B) and (C)}}", r"\textbf{(B)}\ 3", 0.0, "differs from reference"),
     ("", r"\boxed{(b) 3}", r"\textbf{(B)}\ 3", 1.0, ""),
+    # a letter in parentheses inside the value is an argument or a factor, not another choice
+    ("", r"\boxed{(C) f(a)}", "C", 1.0, ""),
+    ("", r"\boxed{(C) f(a)}", "f(a)", 1.0, ""),
+    ("", r"\boxed{(A) 2(b)}", "A", 1.0, ""),
+    ("", r"\boxed{C}", r"\textbf{(C) } f(a)", 1.0, ""),
     ("", "So he ran 2 1/2 miles.", r"\frac{5}{2}", 1.0, ""),
     ("", "So he ran 2 1/2 miles.", r"\frac{1}{2}", 0.0, ""),
     # -- the answer phrase ends where a clause begins; an answer after a reasoning block --------------------

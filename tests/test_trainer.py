@@ -2603,6 +2603,43 @@ def test_a_hangup_while_a_finished_run_closes_does_not_end_the_train_command(tmp
     assert "finishing" not in said.getvalue() and "send it again" not in said.getvalue(), said.getvalue()
 
 
+def test_a_run_trained_outside_the_main_thread_with_signals_asked_for_ends_and_a_stopped_one_gives_sighup_back(
+        tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
+    """Outside the main thread no handler can be installed: train(handle_signals=True) ran and then failed at its end
+    (the placeholder for the handlers' restore took no signal numbers). And a run stopped by Ctrl-C and saved put
+    SIGHUP back never: its handler swallowed every later hangup of the process."""
+    import threading
+
+    from entrorl.trainer import TrainingInterrupted
+
+    train, _ = arithmetic_files
+    settings = make_config(tiny_model_dir, train, None, optim={"steps": 1})
+    trainer = Trainer(load_config(settings), run_dir=tmp_path / "threaded")
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(trainer.train(handle_signals=True)))
+    thread.start()
+    thread.join(300)
+    assert outcome == [tmp_path / "threaded"]
+
+    step = Trainer.train_step
+
+    def interrupted(self):
+        signal.raise_signal(signal.SIGINT)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with pytest.raises(TrainingInterrupted):
+            Trainer(load_config({**settings, "optim": {"steps": 2}}), run_dir=tmp_path / "stopped").train(
+                handle_signals=True, stop_on_hangup=True)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
 SLOW_REWARD = """
 import pathlib, time
 def score(prompt, completion, answer, **meta):

@@ -90,7 +90,7 @@ from entrorl.trainer.precision import LossScale, MasterWeights, float16_range_no
 from entrorl.trainer.progress import StepProgress
 from entrorl.trainer.schedule import SCHEDULE_KEYS, learning_rate_factor, schedule_factor
 from entrorl.trainer.step_metrics import MicroBatchShares, step_metrics_over_updates
-from entrorl.trainer.stop_signals import FINISH_THE_STEP, catch_stop_signals, exit_at_once_on_another_signal
+from entrorl.trainer.stop_signals import FINISH_THE_STEP, HANGUP, catch_stop_signals, exit_at_once_on_another_signal
 
 __all__ = ["Trainer", "TrainingStopped", "TrainingInterrupted", "ScoredRollouts", "learning_rate_factor"]
 
@@ -1296,9 +1296,10 @@ class Trainer:
         progress = StepProgress(self.console, f"train {config.method_label()}", config.optim.steps, self.step,
                                  enabled=config.logging.progress)
         received: list[int] = []
-        evaluating_at_start = closing = False
+        evaluating_at_start = False
+        closing: str | None = None  # once the run has ended: "finished", or "stopped" by an error
         restore_handlers = catch_stop_signals(received, progress.console, plan=lambda: (
-            "the run has finished: closing its loggers" if closing else
+            f"the run has {closing}: closing its loggers" if closing else
             "finishing the evaluation at the start, then stopping before the first step (nothing to save yet)"
             if evaluating_at_start else FINISH_THE_STEP), resumes_from=lambda: (
             f"{self.resumed_by} continues from the checkpoint of step {self.checkpoint_weight_norm[0]}"
@@ -1357,7 +1358,7 @@ class Trainer:
                 exit_at_once_on_another_signal(progress.console, self.run_dir, resumable=self.step > 0,
                                                resumed_by=self.resumed_by)
             else:  # Ctrl-C and SIGTERM stop the close as they would without these handlers; a hangup does not
-                closing = True
+                closing = "finished" if finished else "stopped"
                 restore_handlers(numbers=(signal.SIGINT, signal.SIGTERM))
             try:
                 if finished:
@@ -1365,9 +1366,10 @@ class Trainer:
                 else:  # the error under way is the one to report, not a second one from closing (a full disk)
                     with contextlib.suppress(OSError, TrackerError):
                         self.close(failed=True)
-            finally:  # after the loggers are closed: a hangup meanwhile is noted, not the end of the process
-                if not stopped_and_saved:
-                    restore_handlers()
+            finally:  # after the loggers are closed: a hangup meanwhile is noted, not the end of the process; a
+                # stopped run's SIGINT / SIGTERM stay those that end the process at once, and SIGXCPU's repeats, which
+                # come every CPU second until the process ends, stay ignored
+                restore_handlers(numbers=None if not stopped_and_saved else (HANGUP,))
         return self.run_dir
 
 

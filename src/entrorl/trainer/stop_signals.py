@@ -92,7 +92,7 @@ def catch_stop_signals(received: list[int], console, *, plan: Callable[[], str] 
     cannot install handlers, and leaves a signal the process ignores ignored (a background job of a shell ignores
     SIGINT, as Python's own Ctrl-C handling does then)."""
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+        return lambda numbers=None: None
     previous = {}
 
     def handler(number, frame):

@@ -306,7 +306,7 @@ _CHOICE_RE = re.compile(r"\(\s*[A-Ea-e]\s*\)|\s*[A-E]\s*")  # a bare lower-case 
 # a reference written as a choice and its value, as MATH and AMC write them: an upper-case letter, a space, one value
 # (negative ones included); "(b)c" is a product, "(A), (C)" or "(A) 3, (B) 4" several choices
 _REFERENCE_CHOICE_RE = re.compile(r"\(\s*(?P<letter>[A-E])\s*\)\s+(?P<value>[^\s(^_+*/=,].*)")
-_CHOICE_MARK_RE = re.compile(r"\(\s*[A-Ea-e]\s*\)")
+_CHOICE_MARK_RE = re.compile(r"(?<![\w)}\]])\(\s*[A-Ea-e]\s*\)")  # not f(a), x(c) or 2(b): a product or argument
 
 
 def _reference_choice(reference: str) -> re.Match | None:
