@@ -110,7 +110,7 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
     if weights:
         read.append("generation_config.json")
         meant = _weights_transformers_reads(path, links_count=True)  # else transformers takes the next one in its order
-        read += WEIGHT_PATTERNS if meant is None else [glob.escape(name) for name in (meant[0], *(meant[1] or ()))]
+        read += WEIGHT_PATTERNS if meant is None else [glob.escape(meant[0])]  # an index's shards: _check_shards_listed
     if tokenizer:  # a fast tokenizer's tokenizer.json holds its vocabulary: the vocabulary files beside it go unread
         read += ["tokenizer.json", "tokenizer_config.json", *_TOKENIZER_EXTRAS]
         if not (path / "tokenizer.json").is_file():

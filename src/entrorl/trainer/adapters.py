@@ -48,10 +48,16 @@ def _import_peft():
     return peft
 
 
+def _names(target: str, name: str) -> bool:
+    """Whether ``target`` names the module called ``name``: its full name, or the end of it after a dot, as peft
+    matches."""
+    return name == target or name.endswith("." + target)
+
+
 def _named(model: torch.nn.Module, module: torch.nn.Module | None, targets: list[str]) -> list[str]:
-    """The entries of ``targets`` that name ``module`` (its full name, or the end of it after a dot, as peft matches)."""
+    """The entries of ``targets`` that name ``module`` (:func:`_names`)."""
     names = {name for name, candidate in model.named_modules() if candidate is module} if module is not None else set()
-    return [target for target in targets if any(name == target or name.endswith("." + target) for name in names)]
+    return [target for target in targets if any(_names(target, name) for name in names)]
 
 
 class LoraAdapter:
@@ -76,7 +82,7 @@ class LoraAdapter:
                              "whose weight this model shares with its output layer: adapt the layers between them")
         # peft refuses a list none of whose names matches, and drops those that match nothing when others do
         unmatched = [target for target in targets if target_modules != "all-linear" and not any(
-            name == target or name.endswith("." + target) for name, _ in model.named_modules())]
+            _names(target, name) for name, _ in model.named_modules())]
         if unmatched:
             leaves = sorted({name.rpartition(".")[2] for name, module in model.named_modules()
                              if name and not any(True for _ in module.children())})

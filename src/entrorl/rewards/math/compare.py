@@ -309,16 +309,11 @@ _REFERENCE_CHOICE_RE = re.compile(r"\(\s*(?P<letter>[A-E])\s*\)\s+(?P<value>[^\s
 _CHOICE_MARK_RE = re.compile(r"(?<![\w)}\]])\(\s*[A-Ea-e]\s*\)")  # not f(a), x(c) or 2(b): a product or argument
 
 
-def _reference_choice(reference: str) -> re.Match | None:
-    """The letter and value of a reference written as one choice with its value (:data:`_REFERENCE_CHOICE_RE`)."""
-    found = _REFERENCE_CHOICE_RE.fullmatch(reference)
-    return found if found is not None and not _CHOICE_MARK_RE.search(found["value"]) else None
-
-
-def _answer_choice(answer: str) -> re.Match | None:
-    """The letter and value of an answer written as one choice with its value (:data:`_CHOICE_WITH_VALUE_RE`); an
-    answer that names several choices ("(B), (C)", "(B) 3, (C) 4") is none: hedging is no answer."""
-    found = _CHOICE_WITH_VALUE_RE.fullmatch(answer)
+def _one_choice(pattern: re.Pattern, text: str) -> re.Match | None:
+    """The letter and value of ``text`` written as one choice with its value, as ``pattern`` reads it
+    (:data:`_REFERENCE_CHOICE_RE` for a reference, :data:`_CHOICE_WITH_VALUE_RE` for an answer); text that names
+    several choices ("(B), (C)", "(B) 3, (C) 4") is none: for an answer, hedging is no answer."""
+    found = pattern.fullmatch(text)
     return found if found is not None and not _CHOICE_MARK_RE.search(found["value"]) else None
 
 
@@ -389,7 +384,7 @@ def _compare(
     written = _written_form_verdict(comparisons[0].prediction, comparisons[0].reference)
     if written is not None:
         return written
-    predicted, expected = _answer_choice(comparisons[0].prediction), _reference_choice(comparisons[0].reference)
+    predicted, expected = _one_choice(_CHOICE_WITH_VALUE_RE, comparisons[0].prediction), _one_choice(_REFERENCE_CHOICE_RE, comparisons[0].reference)
     if predicted is not None and expected is not None and predicted["letter"].upper() != expected["letter"]:
         # another choice, whatever its value ("(D) 0" and "(B) 0" are both products equal to 0 to the checkers)
         return ComparisonResult(False, f"choice ({predicted['letter']}) differs from reference's choice "
@@ -403,9 +398,9 @@ def _compare(
                 raise
             except Exception:  # noqa: BLE001 - failing on odd input: "not shown equal"
                 continue
-    choice = _answer_choice(comparisons[0].prediction)
+    choice = _one_choice(_CHOICE_WITH_VALUE_RE, comparisons[0].prediction)
     if choice:  # "(C) 12": its letter against a letter or another choice's, its value against anything else
-        other = _reference_choice(comparisons[0].reference)
+        other = _one_choice(_REFERENCE_CHOICE_RE, comparisons[0].reference)
         if other is not None or _CHOICE_RE.fullmatch(comparisons[0].reference):
             part, against = choice["letter"], other["letter"] if other is not None else reference
         else:
@@ -414,7 +409,7 @@ def _compare(
         if chosen.equal:
             return chosen
     else:
-        choice = _reference_choice(comparisons[0].reference)
+        choice = _one_choice(_REFERENCE_CHOICE_RE, comparisons[0].reference)
         if choice:  # the reference written so (MATH, AMC): a letter against its letter, anything else against its value
             part = choice["letter"] if _CHOICE_RE.fullmatch(comparisons[0].prediction) else choice["value"]
             chosen = _compare(prediction, part, question, options, checkers)
