@@ -27,6 +27,7 @@ import pytest
 import torch
 from pydantic import Field
 
+from entrorl.advantages import compute_advantages
 from entrorl.objective import (
     LOSS_AGG_MODES,
     ObjectiveConfig,
@@ -1588,16 +1589,43 @@ def test_adaptive_entropy_does_not_move_on_an_empty_batch():
         "reg/adaptive_entropy_below_target": 0.0}
 
 
-def test_rft_is_likelihood_of_correct_samples():
-    """rft: -A log pi token-mean; with psr advantages (1 correct / 0 wrong) only correct samples are trained."""
+def test_rft_is_supervised_fine_tuning_on_the_correct_samples_alone():
+    """rft (RAFT, arXiv 2304.06767): with psr advantages (1 correct / 0 wrong) the loss is the mean NLL of the correct
+    samples' tokens: the wrong samples leave the normaliser, so that the update does not shrink with the accuracy."""
     log_prob = torch.tensor([[-0.5, -1.0], [-2.0, -0.1]], requires_grad=True)
     mask = torch.tensor([[True, True], [True, False]])
     advantages = torch.tensor([1.0, 0.0])
     out = build_objective("rft")(PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach() - 0.3, advantages=advantages, mask=mask))
-    assert float(out.loss) == pytest.approx((0.5 + 1.0) / 3)
+    assert float(out.loss) == pytest.approx((0.5 + 1.0) / 2)
     (grad,) = torch.autograd.grad(out.loss, log_prob)
-    torch.testing.assert_close(grad, torch.tensor([[-1 / 3, -1 / 3], [0.0, 0.0]]))
+    torch.testing.assert_close(grad, torch.tensor([[-1 / 2, -1 / 2], [0.0, 0.0]]))
+    assert out.metrics["select/rejection_sampling_frac"] == pytest.approx(1 / 3)
     assert get_method("rft").advantage_estimator == "psr"
+
+
+@pytest.mark.parametrize("correct", [[0], [0, 3], [0, 1, 2, 5, 6]])
+def test_rft_s_update_does_not_depend_on_how_many_samples_were_wrong(correct):
+    """However many of the batch's samples are correct, rft's loss and gradient are those of supervised fine-tuning
+    on the correct ones (token-mean over their tokens, uneven lengths included); with none correct, nothing trains
+    and the loss is 0."""
+    torch.manual_seed(0)
+    rows, width = 8, 6
+    log_prob = (-3 * torch.rand(rows, width)).requires_grad_(True)
+    mask = torch.arange(width)[None, :] < torch.tensor([6, 2, 5, 3, 6, 1, 4, 6])[:, None]
+    rewards = torch.zeros(rows)
+    rewards[correct] = 1.0
+    advantages = compute_advantages("psr", rewards, group_ids=torch.arange(rows) // 4)
+    out = build_objective("rft")(PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach(), advantages=advantages, mask=mask))
+    (grad,) = torch.autograd.grad(out.loss, log_prob)
+    accepted = mask & rewards.bool()[:, None]
+    sft_log_prob = log_prob.detach().clone().requires_grad_(True)
+    sft_loss = -sft_log_prob[accepted].mean()
+    (sft_grad,) = torch.autograd.grad(sft_loss, sft_log_prob)
+    assert float(out.loss) == pytest.approx(float(sft_loss), rel=1e-6)
+    torch.testing.assert_close(grad, sft_grad)
+    none = build_objective("rft")(PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach(),
+                                              advantages=torch.zeros(rows), mask=mask))
+    assert float(none.loss) == 0.0 and none.metrics["select/rejection_sampling_frac"] == 1.0
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED_METHODS))

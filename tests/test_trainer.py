@@ -797,6 +797,25 @@ def test_a_step_whose_selectors_drop_every_token_is_reported_once(tmp_path, tiny
     assert [m["select/dropped_frac"] for m in read_metrics(tmp_path / "run")] == [1.0, 1.0]
 
 
+def test_an_rft_step_without_a_correct_sample_says_that_none_was_accepted(tmp_path, tiny_model_dir, arithmetic_files):
+    """rft trains on the correct samples alone: a step with none trains on nothing, which the run says once, naming
+    the reason (no sample accepted), not as a composition of selectors to check."""
+    import io
+
+    from rich.console import Console
+
+    train, _ = arithmetic_files
+    with importable_module(tmp_path, "always_wrong", "def score(prompt, completion, answer, **meta):\n    return 0.0\n"):
+        config = load_config(make_config(tiny_model_dir, train, None, method="rft", reward={"name": "always_wrong:score"},
+                                         optim={"steps": 2, "lr": 1e-3}, checkpoint={"every": 0}))
+        output = io.StringIO()
+        Trainer(config, run_dir=tmp_path / "run", console=Console(file=output, width=300)).train()
+    said = output.getvalue()
+    assert said.count("no sample was accepted") == 1 and "dropped every token" not in said
+    assert [m["select/rejection_sampling_frac"] for m in read_metrics(tmp_path / "run")] == [1.0, 1.0]
+    assert [m["loss/policy"] for m in read_metrics(tmp_path / "run")] == [0.0, 0.0]
+
+
 def test_icepop_masking_every_token_is_reported_once(tmp_path, tiny_model_dir, arithmetic_files):
     """top_k = 1 makes every sampled token certain under the sampler's filtered distribution: IcePop's ratio is the
     trainer's probability of the token, below its band for this model, so it masks every token; said once."""
@@ -828,7 +847,9 @@ def test_dr_grpo_divides_by_a_constant(tmp_path, tiny_model_dir, arithmetic_file
 WHOLE_BATCH_SELECTORS = [{"method": "clip_b", "params": {"mu": 0.5}},
                          {"method": "clip_v", "params": {"mu": 0.5, "max_frac": 0.02}},
                          # the selector shrinks the normaliser, the bonus is aggregated over every valid token
-                         {"method": "clip_b+entropy_bonus", "params": {"mu": 0.5, "entropy_coeff": 0.5}}]
+                         {"method": "clip_b+entropy_bonus", "params": {"mu": 0.5, "entropy_coeff": 0.5}},
+                         # fine-tuning on the accepted samples, normalised by their tokens over the whole batch
+                         {"method": "rft"}]
 
 
 ENTROPY_BONUS = {"method": "grpo+entropy_bonus", "params": {"entropy_coeff": 0.5}}
@@ -839,12 +860,12 @@ KL_REFERENCE = {"method": "grpo+kl_ref", "params": {"kl_loss_coef": 0.5, "kl_los
 
 @pytest.mark.parametrize("method", ["grpo", "dapo", "dr_grpo", ENTROPY_BONUS, KL_REFERENCE, *WHOLE_BATCH_SELECTORS],
                          ids=["grpo", "dapo", "dr_grpo", "entropy_bonus", "kl_ref", "clip_b", "clip_v",
-                              "clip_b+bonus"])  # the four loss aggregations, terms aggregated like the loss (one read
+                              "clip_b+bonus", "rft"])  # the four loss aggregations, terms aggregated like the loss (one read
                          # from the reference model), and selectors deciding over the batch
 def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arithmetic_files, method):
     """Gradient accumulation over micro-batches of 3 rows (cutting across groups) makes the same update as one pass,
     whatever the loss aggregation; Clip_B and Clip_V take their statistics (and Clip_V its cap) over the whole batch,
-    as their released code does, so they drop the same tokens."""
+    as their released code does, so they drop the same tokens; rft divides by the accepted tokens of the whole batch."""
     train, _ = arithmetic_files
     with importable_module(tmp_path, "parity_reward", PARITY_REWARD):
         results = []
@@ -861,6 +882,7 @@ def test_micro_batches_give_the_full_batch_update(tmp_path, tiny_model_dir, arit
     assert micro["train/grad_norm"] == pytest.approx(whole["train/grad_norm"], rel=1e-4) and whole["train/grad_norm"] > 0
     assert micro["entropy/predicted_delta"] == pytest.approx(whole["entropy/predicted_delta"], rel=1e-3, abs=1e-12)
     selector = method["method"].split("+")[0] if method in WHOLE_BATCH_SELECTORS else None
+    selector = {"rft": "rejection_sampling"}.get(selector, selector)
     if selector:
         assert whole[f"select/{selector}_frac"] > 0  # the selector acted
     # metrics of the micro-batches weighted into the mini-batch's (losses by their loss shares, token statistics by

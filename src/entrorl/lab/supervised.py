@@ -2,7 +2,8 @@
 
 * ``sft``: supervised fine-tuning on reference demonstrations of the training task;
 * ``rft``: rejection-sampling fine-tuning on the model's own correct samples — an ordinary entrorl method
-  (``log_likelihood`` surrogate with ``psr`` advantages), run by the normal trainer.
+  (``log_likelihood`` surrogate with ``psr`` advantages, normalised by the correct samples' tokens), run by the
+  normal trainer.
 
 :class:`SFTTrainer` reuses the trainer's step. Each step still samples the policy on the step's prompts, so
 reward, accuracy and entropy are measured on the policy's own samples exactly as for the RL methods; the

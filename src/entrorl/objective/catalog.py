@@ -174,8 +174,10 @@ METHOD_SPECS = (
         description="rejection-sampling fine-tuning: maximise the likelihood of the model's own correct samples",
         paper="arXiv 2304.06767",
         surrogate=("log_likelihood", {}),
+        selectors=(("rejection_sampling", {}),),
         advantage_estimator="psr",
-        notes="A supervised baseline: the 'psr' advantages are 1 for correct samples and 0 otherwise.",
+        notes="A supervised baseline: the 'psr' advantages are 1 for correct samples and 0 otherwise, and the "
+              "wrong samples leave the normaliser, so that the loss is the mean NLL of the correct samples' tokens.",
     ),
     MethodSpec(
         name="tis",

@@ -20,7 +20,7 @@ from entrorl.dynamics import token_covariance
 from entrorl.objective.batch import PolicyBatch, fraction, masked_mean, masked_population_std, masked_quantile
 from entrorl.objective.parts import Metrics, Selector, SurrogateOutput, register_part
 
-__all__ = ["AdvantageSign", "ClipCov", "ForkingTokens", "LowEntropyTokens", "ClipB", "ClipV"]
+__all__ = ["AdvantageSign", "RejectionSampling", "ClipCov", "ForkingTokens", "LowEntropyTokens", "ClipB", "ClipV"]
 
 # Below this, a statistic's spread is treated as zero and the z-score selectors drop nothing.
 _MIN_STD = 1e-12
@@ -43,6 +43,33 @@ class AdvantageSign(Selector):
         drop = (advantages < 0) if self.keep == "positive" else (advantages > 0)
         drop = drop & batch.mask
         metrics["select/advantage_sign_frac"] = fraction(drop, batch.mask)
+        return drop
+
+
+@register_part(
+    "rejection_sampling",
+    description="fine-tune on the accepted samples only (A > 0), the loss normalised by their tokens",
+    paper="arXiv 2304.06767 (RAFT)",
+)
+class RejectionSampling(Selector):
+    """Rejection-sampling fine-tuning (RAFT): the samples the reward accepts, ``A > 0`` (the ``psr`` estimator's 1
+    for a correct sample), are the step's fine-tuning set, and every token of the others is dropped and leaves the
+    normaliser. With the ``log_likelihood`` surrogate and ``token-mean`` the loss is then supervised fine-tuning on
+    them, ``-sum_{t accepted} A_t log pi_t / #accepted tokens``, whatever share of the batch they are; with the
+    rejected tokens in the normaliser the update would shrink with the batch's accuracy. The decision is each
+    token's own; given ``PolicyBatch.population`` the trainer counts the accepted tokens of its whole batch, so that
+    splitting it into micro-batches leaves the update as it is."""
+
+    step_statistics: ClassVar[bool] = True
+    keep_in_normaliser: bool = Field(False, description="rejected samples leave the normaliser: fine-tuning on the "
+                                                        "accepted ones alone (arXiv 2304.06767)")
+
+    def decide(self, batch: PolicyBatch, advantages: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return ((advantages.to(batch.mask.device) <= 0) & batch.mask,)
+
+    def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, surrogate: SurrogateOutput, metrics: Metrics) -> torch.Tensor:
+        (drop,) = self.decision(batch, advantages)
+        metrics["select/rejection_sampling_frac"] = fraction(drop, batch.mask)
         return drop
 
 

@@ -137,7 +137,8 @@ class GSPO(Surrogate):
 )
 class LogLikelihood(Surrogate):
     """``L = -A log pi``. With ``A = 1`` on reference demonstrations it is supervised fine-tuning; with the
-    ``psr`` advantages (1 for correct samples, 0 otherwise) it is rejection-sampling fine-tuning (RAFT / RFT)."""
+    ``psr`` advantages (1 for correct samples, 0 otherwise) and the ``rejection_sampling`` selector, which takes the
+    wrong samples out of the normaliser, it is rejection-sampling fine-tuning (RAFT / RFT, the ``rft`` method)."""
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
         ratio, log_ratio = policy_ratio(batch)

@@ -1237,7 +1237,11 @@ class Trainer:
         composition of selectors that keep disjoint tokens (forking_tokens + low_entropy_tokens) always does."""
         if self._warned_nothing_trained:
             return
-        if metrics.get("select/dropped_frac", 0.0) >= 1.0:
+        if metrics.get("select/rejection_sampling_frac", 0.0) >= 1.0:
+            message = (f"warning: at step {self.step} no sample was accepted (select/rejection_sampling_frac = 1: "
+                       "none had a positive advantage, for the psr estimator none was correct), so rejection sampling "
+                       "trained on nothing")
+        elif metrics.get("select/dropped_frac", 0.0) >= 1.0:
             message = (f"warning: at step {self.step} the selectors of '{self.config.method_label()}' dropped every "
                        "token (select/dropped_frac = 1), so the update trained on nothing; check the method's selectors")
         elif metrics.get("tokens/valid", 1.0) == 0:
