@@ -1334,6 +1334,24 @@ def test_filter_by_pass_rate_takes_a_bfloat16_tensor():
 
 
 
+def test_filter_by_pass_rate_reads_float32_and_bfloat16_rates_in_their_own_precision():
+    """A prompt solved 7 times in 10 lies in [0.7, 1] and one solved once in 10 outside (0.1, 0.5], whatever type
+    holds the rates: a float32 tensor's 7/10 (torch's correct.float().mean(1)), widened to a double, is 0.69999999
+    and its 1/10 is 0.10000000149, so the edges are rounded to the rates' type before comparing, as polarisation's."""
+    correct = torch.zeros(4, 10)
+    for row, solved in enumerate((7, 1, 3, 5)):
+        correct[row, :solved] = 1
+    recs = make_records(4)
+    for rates in (correct.mean(dim=1), correct.mean(dim=1).to(torch.bfloat16), correct.mean(dim=1).numpy(),
+                  correct.double().mean(dim=1)):
+        low, high, inc = parse_band("[0.7, 1]")
+        assert [r.meta["i"] for r in filter_by_pass_rate(recs, rates, low=low, high=high, inclusive=inc)] == [0], rates
+        low, high, inc = parse_band("(0.1, 0.5]")
+        assert [r.meta["i"] for r in filter_by_pass_rate(recs, rates, low=low, high=high, inclusive=inc)] == [2, 3], rates
+        low, high, inc = parse_band("(0.3, 0.5)")
+        assert filter_by_pass_rate(recs, rates, low=low, high=high, inclusive=inc) == [], rates
+
+
 def test_filter_by_pass_rate_takes_a_tensor_that_requires_grad():
     """Pass rates computed by a differentiable model (a tensor that requires grad, float32 or bfloat16) are read as
     numbers; the tensor's graph is left alone."""

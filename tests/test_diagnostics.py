@@ -289,6 +289,16 @@ def test_entropy_summary_quantiles_and_low_share_are_over_the_mask():
     assert entropy_summary(entropy, torch.zeros_like(mask)) == {}
 
 
+def test_entropy_summary_gives_its_quantiles_for_a_step_of_16m_tokens():
+    """torch.quantile refuses 16M values or more; a large step (512 prompts x 16 samples x 2k tokens) still logs
+    entropy/p10, p50 and p90, numpy's linear-interpolation quantiles."""
+    entropy = torch.linspace(0, 1, 16_000_001).reshape(1, -1)
+    summary = entropy_summary(entropy, torch.ones_like(entropy, dtype=torch.bool))
+    for name, q in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9)):
+        assert summary[f"entropy/{name}"] == pytest.approx(q, abs=1e-6), name
+    assert summary["entropy/max"] == 1.0
+
+
 def test_discriminator_summary_against_numpy():
     disc = torch.tensor([[0.2, 0.0, -0.3, 5.0], [0.4, -0.1, 0.0, -7.0]], dtype=torch.float64)
     centered = torch.tensor([[0.1, -0.2, 0.3, 9.0], [-0.4, 0.5, 0.6, 9.0]], dtype=torch.float64)

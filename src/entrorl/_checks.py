@@ -177,6 +177,17 @@ _LAUNCHER_SIZES = (("WORLD_SIZE", "torchrun or accelerate launch sets"), ("OMPI_
                    ("PMI_SIZE", "mpirun sets"), ("MV2_COMM_WORLD_SIZE", "mpirun sets"))
 
 
+def rounded_like(values: np.ndarray, given: Any) -> np.ndarray:
+    """``values`` rounded to the floating-point type of ``given`` (a tensor's, bfloat16 included, or an array's), as
+    float64: what those numbers are in the precision ``given`` holds its own, so that a float32 7/10 compares equal
+    to the edge 0.7."""
+    if hasattr(given, "new_tensor"):  # a torch tensor
+        floating = given.is_floating_point()
+        return given.new_tensor(values, device="cpu").double().numpy() if floating else values.astype(np.float64)
+    dtype = np.asarray(given).dtype
+    return values.astype(dtype).astype(np.float64) if dtype.kind == "f" else values.astype(np.float64)
+
+
 def refuse_multi_process_launch(what: str) -> None:
     """``ValueError`` when this process is one of several started together: an open ``torch.distributed`` process group
     of more than one process, or a launcher's process count above 1 (``WORLD_SIZE`` beside ``RANK`` or ``LOCAL_RANK``:

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from entrorl._checks import rounded_like
+
 __all__ = [
     "DEFAULT_THRESHOLD",
     "EvalSummary",
@@ -184,17 +186,7 @@ def _as_correct(correct: Any, threshold: float, *, name: str = "correct") -> np.
         )
     # in the rewards' own precision, as the advantage estimators compare a tensor with the threshold: a float32
     # reward of 0.7 is a little below the float64 0.7
-    return arr >= _rounded_like(np.array([float(threshold)]), correct)[0]
-
-
-def _rounded_like(values: np.ndarray, given: Any) -> np.ndarray:
-    """``values`` rounded to the floating-point type of ``given`` (a tensor's, bfloat16 included, or an array's), as
-    float64: what those numbers are in the precision ``given`` holds its own."""
-    if hasattr(given, "new_tensor"):  # a torch tensor, recognised without importing torch
-        floating = given.is_floating_point()
-        return given.new_tensor(values, device="cpu").double().numpy() if floating else values.astype(np.float64)
-    dtype = np.asarray(given).dtype
-    return values.astype(dtype).astype(np.float64) if dtype.kind == "f" else values.astype(np.float64)
+    return arr >= rounded_like(np.array([float(threshold)]), correct)[0]
 
 
 def avg_at_k(correct: Any, *, threshold: float = DEFAULT_THRESHOLD) -> float:
@@ -342,7 +334,7 @@ def polarisation(pass_rates: Any, bins: int = 10) -> Polarisation:
     n_one = int(np.count_nonzero(rates == 1.0))
     # the edges in the precision the rates come in: 7/10 as a float32 tensor's mean is float32's 0.7, 1e-8 below
     # float64's
-    edges = _rounded_like(np.arange(bins + 1, dtype=np.float64) / bins, pass_rates) - _EDGE_TOL / bins
+    edges = rounded_like(np.arange(bins + 1, dtype=np.float64) / bins, pass_rates) - _EDGE_TOL / bins
     idx = np.clip(np.searchsorted(edges, rates, side="right") - 1, 0, bins - 1)
     histogram = np.bincount(idx, minlength=bins).astype(np.int64)
     return Polarisation(

@@ -10,7 +10,8 @@
 Comparisons are exact: rewards are compared with ``==``; pass rates with ``<`` / ``<=`` against the band
 edges. Compute pass rates as ``correct / n`` (one correctly rounded division) and write edges as
 fractions (``"1/16"``): both give the same double, so a prompt solved 1 time in 16 sits exactly on the
-edge ``1/16``.
+edge ``1/16``. Rates of a narrower floating type (a float32 tensor, ``correct.float().mean(1)``) are compared with
+the edges rounded to that type, so that 7 of 10 in float32 sits on the edge ``0.7`` too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from entrorl._checks import as_tensor, in_float64, is_real_number
+from entrorl._checks import as_tensor, in_float64, is_real_number, rounded_like
 from entrorl.data.records import PromptRecord
 
 __all__ = ["filter_by_pass_rate", "group_pass_rates", "informative_groups", "parse_band", "pass_rate_band_mask"]
@@ -176,6 +177,7 @@ def pass_rate_band_mask(
         )
     inc = (bool(inclusive[0]), bool(inclusive[1]))
     _check_band(lo, hi, inc, "filter_by_pass_rate")
+    given = pass_rates
     if isinstance(pass_rates, torch.Tensor):
         pass_rates = pass_rates.detach().cpu()
         if pass_rates.is_floating_point():  # numpy has no bfloat16; float64 holds every float rate exactly
@@ -200,6 +202,7 @@ def pass_rate_band_mask(
         raise ValueError(
             f"filter_by_pass_rate: pass rate {float(rates[i])!r} of record {i} ({records[i].source}) is not in [0, 1]"
         )
+    lo, hi = rounded_like(np.array([lo, hi]), given)  # a float32 7/10 sits on the edge 0.7, as its float32 does
     above = rates >= lo if inc[0] else rates > lo
     below = rates <= hi if inc[1] else rates < hi
     return above & below

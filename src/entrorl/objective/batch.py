@@ -8,7 +8,7 @@ import torch
 
 from entrorl._checks import as_bool_mask
 
-__all__ = ["PolicyBatch", "OPTIONAL_FIELDS", "policy_ratio", "masked_mean", "masked_population_std", "masked_quantile", "fraction"]
+__all__ = ["PolicyBatch", "OPTIONAL_FIELDS", "policy_ratio", "masked_mean", "masked_population_std", "masked_quantile", "sorted_quantile", "fraction"]
 
 # How to obtain each optional field; used in the error raised when a method needs one the batch lacks.
 OPTIONAL_FIELDS: dict[str, str] = {
@@ -144,7 +144,12 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
     valid = valid if valid.dtype == torch.float64 else valid.float()
     if valid.numel() == 0:
         return torch.tensor(float("nan"), device=values.device)
-    ordered = valid.sort().values
+    return sorted_quantile(valid.sort().values, q)
+
+
+def sorted_quantile(ordered: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of the non-empty, ascending 1-D ``ordered``, with linear interpolation (``numpy.quantile``'s
+    default): one sort serves several quantiles, at any size."""
     position = q * (ordered.numel() - 1)
     lower = int(position)
     upper = min(lower + 1, ordered.numel() - 1)
