@@ -1352,6 +1352,23 @@ def test_filter_by_pass_rate_reads_float32_and_bfloat16_rates_in_their_own_preci
         assert filter_by_pass_rate(recs, rates, low=low, high=high, inclusive=inc) == [], rates
 
 
+def test_the_band_s_rounded_edges_never_move_the_exact_rates_0_and_1_nor_close_the_band():
+    """Rounded to the rates' type, the edge 0.999 would become 1 in bfloat16 (taking in a prompt solved every time),
+    1e-8 would become 0 in float16 (taking in one never solved), and (0.699, 0.7] would close to (x, x] in bfloat16
+    (leaving out 7 of 10): those keep their own values."""
+    recs = make_records(3)
+
+    def kept(rates, band):
+        low, high, inc = parse_band(band)
+        return [r.meta["i"] for r in filter_by_pass_rate(recs[:len(rates)], rates, low=low, high=high, inclusive=inc)]
+
+    assert kept((torch.tensor([10.0, 5.0, 0.0]) / 10).to(torch.bfloat16), "[0, 0.999]") == [1, 2]
+    assert kept((torch.tensor([10.0, 5.0, 0.0]) / 10).to(torch.bfloat16), "[0.999, 1]") == [0]
+    for rates in (np.array([0.0, 0.5, 1.0], dtype=np.float16), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float16)):
+        assert kept(rates, "[1e-8, 1]") == [1, 2]
+    assert kept((torch.tensor([7.0, 5.0]) / 10).to(torch.bfloat16), "(0.699, 0.7]") == [0]
+
+
 def test_filter_by_pass_rate_takes_a_tensor_that_requires_grad():
     """Pass rates computed by a differentiable model (a tensor that requires grad, float32 or bfloat16) are read as
     numbers; the tensor's graph is left alone."""

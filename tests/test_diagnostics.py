@@ -299,6 +299,13 @@ def test_entropy_summary_gives_its_quantiles_for_a_step_of_16m_tokens():
     assert summary["entropy/max"] == 1.0
 
 
+def test_entropy_summary_quantiles_are_nan_beside_a_nan_entropy():
+    """A NaN entropy (a broken forward pass) makes the mean, the maximum and every quantile NaN, as numpy's."""
+    entropy = torch.tensor([[0.5, float("nan"), 0.2, 0.1]])
+    summary = entropy_summary(entropy, torch.ones_like(entropy, dtype=torch.bool))
+    assert all(math.isnan(summary[f"entropy/{name}"]) for name in ("mean", "max", "p10", "p50", "p90"))
+
+
 def test_discriminator_summary_against_numpy():
     disc = torch.tensor([[0.2, 0.0, -0.3, 5.0], [0.4, -0.1, 0.0, -7.0]], dtype=torch.float64)
     centered = torch.tensor([[0.1, -0.2, 0.3, 9.0], [-0.4, 0.5, 0.6, 9.0]], dtype=torch.float64)

@@ -202,10 +202,22 @@ def pass_rate_band_mask(
         raise ValueError(
             f"filter_by_pass_rate: pass rate {float(rates[i])!r} of record {i} ({records[i].source}) is not in [0, 1]"
         )
-    lo, hi = rounded_like(np.array([lo, hi]), given)  # a float32 7/10 sits on the edge 0.7, as its float32 does
+    lo, hi = _edges_in_the_precision_of(given, lo, hi)
     above = rates >= lo if inc[0] else rates > lo
     below = rates <= hi if inc[1] else rates < hi
     return above & below
+
+
+def _edges_in_the_precision_of(rates: Any, low: float, high: float) -> tuple[float, float]:
+    """The band's edges rounded to the floating type of ``rates`` (a float32 7/10 sits on the edge 0.7 as a float32
+    does), except where the rounding would move the band past what it means: an edge rounded onto 0 or 1 (the rates
+    0 and 1 are exact in every type, and the edge excluded them) keeps its value, and so do both edges of a band that
+    the rounding would close (narrower than the type's step)."""
+    rounded_low, rounded_high = (float(edge) for edge in rounded_like(np.array([low, high]), rates))
+    if low < high and rounded_low >= rounded_high:
+        return low, high
+    return tuple(raw if rounded in (0.0, 1.0) and raw != rounded else rounded
+                 for raw, rounded in ((low, rounded_low), (high, rounded_high)))
 
 
 _BAND_RE = re.compile(r"^\s*([\[(])\s*([^,\[\]()]*?)\s*,\s*([^,\[\]()]*?)\s*([\])])\s*$")

@@ -60,7 +60,9 @@ def entropy_summary(entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, floa
     ordered = values.sort().values  # not torch.quantile, which refuses 16M values or more (a large step's tokens)
     summary = {"entropy/mean": float(values.mean()), "entropy/max": float(ordered[-1]),
                "entropy/low_frac": float(in_float64(values < 1e-2).mean())}
-    summary.update({f"entropy/p{round(100 * level)}": float(sorted_quantile(ordered, level)) for level in (0.1, 0.5, 0.9)})
+    broken = bool(torch.isnan(ordered[-1]))  # sorted last: a NaN makes every quantile NaN, as numpy's
+    summary.update({f"entropy/p{round(100 * level)}": math.nan if broken else float(sorted_quantile(ordered, level))
+                    for level in (0.1, 0.5, 0.9)})
     return summary
 
 
