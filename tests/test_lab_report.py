@@ -1540,8 +1540,52 @@ def test_no_highest_ratio_is_named_when_no_other_method_has_an_entropy_ratio(tmp
     (out / "methods" / "nsr" / "metrics.jsonl").write_text("")
     said = " ".join(write_report(out, figures=False)["headline"]["paragraphs"])
     assert "the highest ratio" not in said
-    assert ("No other method has an entropy ratio (its entropy was not logged at the start and the end of its run), so "
+    assert ("No other method has an entropy ratio (none logged its entropy at a start and at a later end of its run), so "
             "none kept entropy by this rule.") in said
+
+
+def _set_eval_entropy(out: Path, model: str, entropy: float) -> None:
+    path = out / ("base" if model == "base" else f"methods/{model}") / "final_eval.json"
+    _write(path, {**json.loads(path.read_text()), "entropy_mean": entropy})
+
+
+def test_the_collapse_verdict_is_the_ratio_s_as_printed_beside_it(tmp_path):
+    """Base 0.2196 and GRPO 0.10996 nats: each side rounds to 0.11, but their ratio, printed 0.501, is above 0.5, so
+    the criterion does not hold; a ratio printed 0.5 holds."""
+    out = build_run(tmp_path / "lab-edge", methods=("grpo", "nsr"), failed=())
+    for grpo, ratio, verdict in ((0.10996, "0.501", False), (0.10981, "0.5", True)):
+        _set_eval_entropy(out, "base", 0.2196)
+        _set_eval_entropy(out, "grpo", grpo)
+        headline = write_report(out, figures=False)["headline"]
+        numbers = {row["quantity"]: row["value"] for row in headline["numbers"]["rows"]}
+        assert numbers["GRPO evaluation entropy / base"] == ratio
+        assert headline["collapse"] is verdict
+        assert f"(ratio {ratio}): it {'holds' if verdict else 'does not hold'}" in headline["paragraphs"][0]
+
+
+def test_a_method_with_one_logged_step_has_no_entropy_ratio_and_did_not_keep_entropy(tmp_path):
+    """With one step, its start and its end are the same step: no end/start ratio (not 1), so the method is not said
+    to have kept entropy; two steps are a start and an end."""
+    out = build_run(tmp_path / "lab-one-step", methods=("grpo", "nsr", "clip_cov"), failed=())
+    _write_metrics(out / "methods" / "grpo", np.linspace(1.0, 0.5, 20), np.linspace(0.2, 0.6, 20))
+    _write_metrics(out / "methods" / "nsr", [0.8], [0.3])
+    _write_metrics(out / "methods" / "clip_cov", [0.8, 0.8], [0.3, 0.3])
+    report = write_report(out, figures=False)
+    rows = {row["method"]: row for row in report["curves"]["values"]}
+    assert rows["nsr"]["steps"] == 1 and rows["nsr"]["entropy end/start"] is None
+    assert rows["clip_cov"]["entropy end/start"] == 1.0
+    assert report["headline"]["kept_methods"] == ["clip_cov"]
+
+
+def test_the_covariance_token_count_is_the_median_over_every_method_s_steps(tmp_path):
+    """GRPO's 20 steps of 1000 tokens and another method's 3 of 5000: the median over the 23 steps is 1000, not the
+    median of the two methods' medians (3000)."""
+    out = build_run(tmp_path / "lab-cov", methods=("grpo", "nsr"), failed=())
+    for name, steps, tokens in (("grpo", 20, 1000.0), ("nsr", 3, 5000.0)):
+        _write_metrics(out / "methods" / name, np.linspace(1.0, 0.5, steps), np.linspace(0.2, 0.6, steps),
+                       cov__n_tokens=np.full(steps, tokens))
+    write_report(out, figures=False)
+    assert "A step has 1000 response tokens (median over steps and methods)" in (out / "report.md").read_text()
 
 
 def test_the_law_section_ranges_r2_over_the_fits_that_have_one(tmp_path):

@@ -384,7 +384,8 @@ def analyse_records(run: MetricRecords, fit_fraction: float, method: str = "", *
     result.reward_start, result.reward_end, _ = edge_means(logged_reward)
     result.n_edge = edge_count(result.n_steps) if result.n_steps else 0
     result.entropy_steps, result.reward_steps = int(logged_entropy.size), int(logged_reward.size)
-    result.entropy_ratio = ratio(result.entropy_end, result.entropy_start)
+    # one logged step is its run's start and end alike: no change to measure, not a ratio of 1
+    result.entropy_ratio = ratio(result.entropy_end, result.entropy_start) if logged_entropy.size >= 2 else math.nan
     result.reward_reached = nanmax(moving_average(reward))
 
     # the entropy–reward law, over the steps where both are finite

@@ -29,7 +29,8 @@ So ``"dapo"`` reproduces TRL's ``loss_type="dapo"`` (with ``epsilon_high=0.28``)
 with ``importance_sampling_level="sequence"`` (and GSPO's epsilons), loss and gradient. ``beta`` is the ``kl_ref``
 coefficient. Selectors decide
 on each micro-batch alone (as verl does), and those that take dropped tokens out of the normaliser (80/20,
-Clip_B, Clip_V) use the micro-batch's kept count; entrorl's own trainer gives Clip_B and Clip_V the whole batch.
+Clip_B, Clip_V, rft's rejection sampling) use the micro-batch's kept count; entrorl's own trainer gives Clip_B, Clip_V
+and rft the whole batch.
 
 State. Stateful parts (the ``adaptive_entropy`` coefficient, the generator of a Clip-Cov given a ``seed``; without
 one it draws from torch's global generator, which the checkpoint's RNG state restores) are saved with each

@@ -48,8 +48,8 @@ from entrorl.analysis.document import (NA, NOT_APPLICABLE, Cell, Figures, Headin
 from entrorl.analysis.run import (COLLAPSE_RATIO, COV_PERCENTS, EDGE_FRACTION, ENTROPY_KEY, FALLBACK_REWARD_KEY,
                                   FORKS_SHOWN, LAW_COLUMNS, MIN_CEILING_STEPS, REWARD_KEY, SMOOTH_WINDOW, MetricRecords,
                                   analyse_records, edge_count, edge_means, edge_phrase, intervention_keys,
-                                  last_steps_phrase, law_cells, moving_average, read_json, read_metrics_records,
-                                  sparse_edges_phrase)
+                                  last_steps_phrase, law_cells, moving_average, nanmedian, read_json,
+                                  read_metrics_records, sparse_edges_phrase)
 from entrorl.analysis.run import ratio as ratio_of
 from entrorl.analysis.run_report import lab_command, lab_imports
 from entrorl.dynamics import top_token_count
@@ -256,7 +256,10 @@ class _Report:
         by_eval = finite(eval_start) is not None and finite(eval_end) is not None and eval_start > 0
         start, end = (eval_start, eval_end) if by_eval else (g.entropy_start, g.entropy_end)
         half = COLLAPSE_RATIO * start if finite(start) is not None else math.nan
-        collapsed = bool(_shown(end) <= _shown(half)) if finite(end) is not None and finite(half) is not None else None
+        criterion_ratio = ratio_of(end, start)
+        # decided on the ratio as shown beside the verdict: its two sides, rounded each on its own, can print equal
+        # (0.11 and 0.11) where the ratio is 0.501
+        collapsed = bool(_shown(criterion_ratio) <= COLLAPSE_RATIO) if finite(criterion_ratio) is not None else None
         shown_start, shown_end = _shown(g.reward_start), _shown(g.reward_end)
         if shown_start is None or shown_end is None:
             reward_change = "cannot be compared (missing values)"
@@ -295,7 +298,6 @@ class _Report:
             f"to reduce step-to-step noise. The collapse criterion, final entropy ≤ {fmt(COLLAPSE_RATIO)} × initial, compares "
             f"{measured_on}: it {verdict}; the training reward {reward_change}."
         )
-        criterion_ratio = ratio_of(end, start)
         near = finite(criterion_ratio) is not None and abs(criterion_ratio - COLLAPSE_RATIO) <= NEAR_THRESHOLD * COLLAPSE_RATIO
         if near:
             section.say(
@@ -325,8 +327,8 @@ class _Report:
                     f"({fmt(KEPT_MARGIN)} × {fmt(g.entropy_ratio)} = {fmt(threshold)}).")
             rated = [n for n in others if finite(self.analyses[n].entropy_ratio) is not None]
             if not kept and not rated:
-                section.say(f"{rule} No other method has an entropy ratio (its entropy was not logged at the start and "
-                            "the end of its run), so none kept entropy by this rule.")
+                section.say(f"{rule} No other method has an entropy ratio (none logged its entropy at a start and at a "
+                            "later end of its run), so none kept entropy by this rule.")
             elif not kept:
                 best = max(rated, key=lambda n: finite(self.analyses[n].entropy_ratio))
                 section.say(f"{rule} No method kept entropy by this rule; the highest ratio is "
@@ -670,9 +672,9 @@ class _Report:
             "`cov/top_{q}pct_ratio` is the mean of C over the top q% of the step's tokens divided by its mean over all tokens "
             "(undefined when that mean is not positive). Shown: the mean over steps, and the value at the first training step."
         )
-        tokens = [self.analyses[n].cov_tokens for n in self.ok if finite(self.analyses[n].cov_tokens) is not None]
-        if tokens:
-            n_tokens = float(np.median(tokens))
+        tokens = [self.analyses[n].run.series("cov/n_tokens") for n in self.ok]
+        n_tokens = nanmedian(np.concatenate(tokens)) if tokens else math.nan  # every step of every method, pooled
+        if finite(n_tokens) is not None:
             counts = [top_token_count(round(n_tokens), float(q)) for q in COV_PERCENTS]
             said = ", ".join(f"top {q}% = {count} token{'s' if count != 1 else ''}" for q, count in zip(COV_PERCENTS, counts))
             same = [f"{COV_PERCENTS[i]}% and {COV_PERCENTS[i + 1]}%" for i in range(len(counts) - 1) if counts[i] == counts[i + 1]]
