@@ -518,6 +518,23 @@ def test_generation_batch_spanning_several_optimizer_steps(tokenizer, tmp_path):
     assert loss == pytest.approx(reference, rel=1e-5)
 
 
+def test_the_logged_entropy_leaves_out_micro_batches_without_a_valid_token(tokenizer, tmp_path):
+    """A micro-batch whose completions are all masked (mask_truncated_completions) has no entropy: the step's
+    ``entropy`` is its other micro-batches' alone, and with none left it is not logged, not 0 (which a report of the
+    run would read as a collapse)."""
+    trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo")
+    inputs, empty = _inputs(tokenizer, rows=4, seed=3), _inputs(tokenizer, rows=4, seed=4)
+    empty["completion_mask"] = torch.zeros_like(empty["completion_mask"])
+    _loss_and_grads(trainer, inputs, accumulation=2, parts=[[0, 1, 2, 3]])
+    _loss_and_grads(trainer, empty, accumulation=2, parts=[[0, 1, 2, 3]])
+    trainer.log({})
+    logged = trainer.state.log_history[-1]
+    assert logged["entropy"] == pytest.approx(logged["entropy/mean"], rel=1e-5) and logged["entropy"] > 1.0
+    _loss_and_grads(trainer, empty)
+    trainer.log({})
+    assert trainer.state.log_history[-1].get("entropy") is None
+
+
 def test_adaptive_entropy_moves_once_per_optimizer_step_and_not_in_evaluation(tokenizer, tmp_path):
     """The micro-batches of one optimizer step (one state.global_step) move the coefficient once; an evaluation batch
     leaves it where training left it."""

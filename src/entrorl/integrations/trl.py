@@ -924,7 +924,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
         mask = batch.mask
         totals = torch.stack([torch.where(mask, batch.entropy.detach(), 0.0).sum(), mask.sum().float()])
         totals = self.accelerator.reduce(totals, reduction="sum")
-        metrics["entropy"].append(float(totals[0] / totals[1].clamp(min=1.0)))
+        # no valid token, no entropy: NaN, which TRL's log leaves out of the mean (a 0 would read as a collapse)
+        metrics["entropy"].append(float(totals[0] / totals[1]) if float(totals[1]) > 0 else math.nan)
         # the loss's own (clipping, selection, KL): TRL's loss-side metrics are not computed. A micro-batch without a
         # valid token has none (its ratio mean, its entropy quantile, its shares would read 0): left out of the mean
         entries = dict(objective_metrics) if bool(mask.any()) else {}
