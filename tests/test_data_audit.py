@@ -91,7 +91,8 @@ def test_an_answer_that_is_the_reference_joins_the_reference_group_even_when_the
         return False
 
     group_answers(["3", "3 ", "4", "3"], [False] * 4, reference="5", equivalent=counting)
-    assert [call for call in calls if call[0] == "5"] == [("5", "3"), ("5", "4")]  # once per canonical spelling
+    # once per canonical spelling, the answer first, as a reward asks its checker
+    assert [call for call in calls if call[1] == "5"] == [("3", "5"), ("4", "5")]
 
 
 
@@ -150,22 +151,52 @@ def test_a_group_is_named_by_its_most_frequent_spelling_not_its_first():
         ("4", 3, True, ("4", "4.0")), ("X = 2", 3, False, ("X = 2", "x = 2"))]
 
 
-def test_the_equivalence_is_asked_with_the_earlier_group_first():
-    """equivalent(earlier, later) is called with the larger (earlier) group's spelling first, as documented, so that a
-    checker that is not symmetric (a reference first, a candidate second) is asked the right way round."""
-    calls = []
+def test_wrong_answers_are_one_vote_only_when_the_equivalence_holds_both_ways():
+    """A checker need not be symmetric (math_equal takes '3, 2' for the reference '(2,3)', not the reverse): two wrong
+    answers are one vote only when each counts as the other, so that which of them is the larger group does not
+    decide it."""
 
-    def prefix_of(a: str, b: str) -> bool:
-        calls.append((a, b))
-        return b.startswith(a)
+    def prefix_of(answer: str, reference: str) -> bool:
+        return reference.startswith(answer)
 
-    groups = group_answers(["12", "1", "12"], [False] * 3, equivalent=prefix_of)
-    assert calls == [("12", "1")]
-    assert [(g.answer, g.count) for g in groups] == [("12", 2), ("1", 1)]
-    calls.clear()
-    groups = group_answers(["1", "12", "1"], [False] * 3, equivalent=prefix_of)
-    assert calls == [("1", "12")]
-    assert [(g.answer, g.count, g.spellings) for g in groups] == [("1", 3, ("1", "12"))]
+    for answers in (["12", "1", "12"], ["1", "12", "1"]):
+        groups = group_answers(answers, [False] * 3, equivalent=prefix_of)
+        assert sorted((g.answer, g.count) for g in groups) == sorted((a, answers.count(a)) for a in set(answers))
+    groups = group_answers(["0.5", "1/2", "0.5"], [False] * 3, equivalent=lambda a, b: {a, b} <= {"0.5", "1/2"})
+    assert [(g.answer, g.count, g.spellings) for g in groups] == [("0.5", 3, ("0.5", "1/2"))]
+
+
+def test_an_answer_the_math_reward_rejects_is_not_the_reference_by_the_reverse_equivalence():
+    """The reference is the ordered pair (2,3) and every sample answers 3, 2: the math reward rejects them all
+    (math_equal('3, 2', '(2,3)') is false), and the audit asks its equivalence the same way round, so the prompt looks
+    wrong (every sample holds one answer the reward calls wrong), as it does for the answer (3, 2)."""
+    reward = MathReward()
+    extract, equivalent = answer_tools(reward)
+    for answer in ("3, 2", "(3, 2)"):
+        completions = [f"The answer is \\boxed{{{answer}}}"] * 4
+        correct = [float(reward("Find the point (x, y).", c, "(2,3)")) >= 0.5 for c in completions]
+        assert correct == [False] * 4
+        audit = audit_prompt([extract(c) for c in completions], correct, equivalent=equivalent, thresholds=THRESHOLDS,
+                             reference="(2,3)")
+        assert (audit.majority_matches_reference, audit.verdict) == (False, "looks_wrong"), answer
+
+
+def test_a_strict_reasoning_gym_reward_s_audit_reads_only_the_answer_tags_it_reads():
+    """With strict=True the reasoning_gym reward reads only <answer> tags: 'The answer is 7' holds no answer, so four
+    such samples are no consensus (hard), not a wrong majority answer 7."""
+    pytest.importorskip("reasoning_gym")
+    from entrorl.rewards.reasoning_gym import reasoning_gym_records
+
+    record = reasoning_gym_records("basic_arithmetic", size=1, seed=0)[0]
+    for strict, expected in ((True, ("hard", None)), (False, ("looks_wrong", "7"))):
+        runner = RewardRunner(get_reward("reasoning_gym", task="basic_arithmetic", strict=strict))
+        extract, _ = answer_tools(runner.fn)
+        completions = ["The answer is 7"] * 4
+        scored = runner([record["prompt"]] * 4, completions, [record["answer"]] * 4, [record["meta"]] * 4)
+        assert scored.correct.tolist() == [False] * 4 and record["answer"] != "7"
+        audit = audit_prompt([extract(c) for c in completions], scored.correct.tolist(), thresholds=THRESHOLDS,
+                             reference=record["answer"])
+        assert (audit.verdict, audit.majority_answer) == expected, strict
 
 
 def test_the_largest_wrong_answer_gathers_its_equivalents_first():
@@ -400,7 +431,7 @@ def test_a_merged_group_is_named_and_compared_by_its_first_seen_spelling_on_ties
         return {x.lower(), y.lower()} <= {"a", "b"}
 
     groups = group_answers(["b", "a", "A", "c"], [False] * 4, equivalent=letters_ab)
-    assert calls == [("a", "b"), ("b", "c")]
+    assert calls == [("a", "b"), ("b", "a"), ("b", "c")]  # both ways, the second only when the first holds
     assert [(g.answer, g.count, g.spellings) for g in groups] == [("b", 3, ("b", "a", "A")), ("c", 1, ("c",))]
 
 def test_a_tie_between_the_reference_and_a_wrong_answer_is_reported_as_tied():

@@ -69,6 +69,8 @@ __all__ = [
 #: The verdicts, in the order reports list them.
 VERDICTS = ("ok", "hard", "looks_wrong")
 
+#: ``equivalent(answer, reference)``: whether ``answer`` counts as ``reference`` (math_equal's order, which need not
+#: be symmetric).
 Equivalence = Callable[[str, str], bool]
 
 
@@ -184,12 +186,13 @@ def group_answers(
     join no group) and ``correct[i]`` the reward's judgement. Every correct answered sample goes to one
     group that matches the reference, however it is spelled: the reward is the judge of agreement with
     the reference. So does an incorrect answer that is the ``reference`` itself (the same
-    :func:`canonical_answer`, or ``equivalent`` to it): a reward stricter than its answer extraction (on
-    the format around the answer) rejects it, and that is no sign of a wrong reference. Incorrect answers
+    :func:`canonical_answer`, or ``equivalent(answer, reference)``, the order a reward asks its checker in): a
+    reward stricter than its answer extraction (on the format around the answer) rejects it, and that is no sign
+    of a wrong reference. Incorrect answers
     are grouped first by :func:`canonical_answer`; then each such group, largest first, joins the first
-    earlier group for which ``equivalent(earlier, later)`` holds on their most frequent spellings (without
+    earlier group for which ``equivalent`` holds both ways on their most frequent spellings (without
     ``equivalent`` only the canonical keys group answers; an equivalence that raises counts as "not
-    equivalent"). Cost: at most ``d * (d - 1) / 2`` calls for ``d`` distinct canonical wrong answers, and
+    equivalent"). Cost: at most ``d * (d - 1)`` calls for ``d`` distinct canonical wrong answers, and
     one per distinct spelling to compare it with the ``reference``.
     """
     if len(answers) != len(correct):
@@ -205,7 +208,7 @@ def group_answers(
         key = canonical_answer(answer)
         if reference is not None and key not in is_reference:
             is_reference[key] = key == canonical_answer(reference) or (
-                equivalent is not None and _safe_equivalent(equivalent, reference, answer))
+                equivalent is not None and _safe_equivalent(equivalent, answer, reference))  # as the reward asks it
         return is_reference.get(key, False)
 
     right = [(i, a) for i, (a, ok) in enumerate(zip(answers, correct)) if a is not None and (ok or the_reference(a))]
@@ -223,7 +226,7 @@ def group_answers(
     merged: list[list[tuple[int, str]]] = []  # the samples of each wrong group
     for samples in sorted(by_key.values(), key=len, reverse=True):
         for kept in merged:
-            if equivalent is not None and _safe_equivalent(equivalent, _most_frequent(kept), _most_frequent(samples)):
+            if equivalent is not None and _equivalent_both_ways(equivalent, _most_frequent(kept), _most_frequent(samples)):
                 kept.extend(samples)
                 break
         else:
@@ -238,6 +241,13 @@ def group_answers(
 
 def _most_frequent(samples: list[tuple[int, str]]) -> str:
     return _by_frequency([a for _, a in sorted(samples)])[0]
+
+
+def _equivalent_both_ways(equivalent: Equivalence, a: str, b: str) -> bool:
+    """Whether two wrong answers are one vote: ``equivalent`` as answer against reference in both orders, since a
+    checker such as math_equal need not be symmetric (it takes ``3, 2`` for the reference ``(2,3)``, not the reverse),
+    and which of the two is the larger group must not decide it."""
+    return _safe_equivalent(equivalent, a, b) and _safe_equivalent(equivalent, b, a)
 
 
 def _safe_equivalent(equivalent: Equivalence, a: str, b: str) -> bool:

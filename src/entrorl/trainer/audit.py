@@ -24,6 +24,7 @@ sample leaves nothing to label: :func:`write_audit_outputs` then refuses, writin
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -89,7 +90,7 @@ def answer_tools(reward_fn: Any) -> tuple[Extractor, Equivalence]:
 
     ``math``: :func:`~entrorl.rewards.extract_final_answer` with the reward's extractors and :func:`~entrorl.rewards.math_equal`
     with the reward's own options (so ``0.5``, ``1/2`` and ``\\frac{1}{2}`` are one answer);
-    ``reasoning_gym``: its ``<answer>`` extractor and equality of spellings; ``code``: no answer (a program has none:
+    ``reasoning_gym``: its ``<answer>`` extractor (with the reward's ``strict``) and equality of spellings; ``code``: no answer (a program has none:
     its prompts are never ``looks_wrong``); ``exact_match`` and any
     other reward: the final-answer extractor (the whole completion when it finds nothing, for
     ``exact_match``) and equality of spellings up to case, whitespace and Unicode NFC.
@@ -97,8 +98,8 @@ def answer_tools(reward_fn: Any) -> tuple[Extractor, Equivalence]:
     if isinstance(reward_fn, MathReward):
         options, extractors = reward_fn.options, reward_fn.extractors  # the reward's own extractors, in its order
         return lambda completion: extract_final_answer(completion, extractors), lambda a, b: math_equal(a, b, options=options)
-    if isinstance(reward_fn, ReasoningGymReward):
-        return extract_reasoning_gym_answer, _same_spelling
+    if isinstance(reward_fn, ReasoningGymReward):  # strict: only <answer> tags, as the reward reads them
+        return functools.partial(extract_reasoning_gym_answer, strict=reward_fn.strict), _same_spelling
     if isinstance(reward_fn, CodeReward):  # programs have no final answer to agree on (the last number in them is none)
         return _no_answer, _same_spelling
     if reward_fn is exact_match:
