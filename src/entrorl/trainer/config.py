@@ -415,8 +415,8 @@ class OptimConfig(_Section):
     micro_batch_size: int | None = Field(
         None, ge=1, description="rows per forward/backward (gradient accumulation; the update equals the whole "
         "mini-batch's; parts that rank tokens within their batch, such as forking_tokens, clip_cov or kl_cov, then "
-        "work per micro-batch, as in verl, while clip_b and clip_v decide over the whole batch, as their released code "
-        "does); also bounds the rows of each "
+        "work per micro-batch, as in verl, while clip_b, clip_v and rft decide over the whole batch, as their released "
+        "code and RAFT do, which costs a pass without gradients over it); also bounds the rows of each "
         "scoring pass without gradients")
     length_buckets: int = Field(8, ge=1, description="score rows in up to this many forward passes grouped by length, each "
                                 "padded only to its own longest row (same numbers, fewer padded positions; 1 = one pass)")
