@@ -1603,6 +1603,17 @@ def test_rft_is_supervised_fine_tuning_on_the_correct_samples_alone():
     assert get_method("rft").advantage_estimator == "psr"
 
 
+@pytest.mark.parametrize("method", ["grpo", "gspo", "cispo", "kl_cov", "rft"])
+def test_a_batch_without_a_valid_token_reports_a_largest_ratio_of_0(method):
+    """ratio/max of no token is 0, below any ratio, so that a maximum over micro-batches (verl's) is the others'."""
+    log_prob = torch.full((2, 3), -1.0, requires_grad=True)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach() + 0.1, advantages=torch.tensor([1.0, -1.0]),
+                        mask=torch.zeros(2, 3, dtype=torch.bool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kl_cov's on-policy note
+        assert build_objective(method)(batch).metrics["ratio/max"] == 0.0
+
+
 @pytest.mark.parametrize("correct", [[0], [0, 3], [0, 1, 2, 5, 6]])
 def test_rft_s_update_does_not_depend_on_how_many_samples_were_wrong(correct):
     """However many of the batch's samples are correct, rft's loss and gradient are those of supervised fine-tuning

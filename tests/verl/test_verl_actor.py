@@ -435,6 +435,18 @@ def test_a_fully_masked_micro_batch_keeps_verl_aggregation_working(config_factor
     assert all(value == value for value in metrics.values())
 
 
+def test_a_fully_masked_micro_batch_leaves_the_largest_ratio_to_the_others(config_factory):
+    """actor/ratio/max is a maximum over micro-batches and ranks: one without a valid token reads 0, below any ratio,
+    so that a mini-batch whose ratios are all below 1 does not log 1."""
+    sequences = _sequences(seed=13)
+    for sequence in sequences:
+        sequence["old_log_probs"] = sequence["old_log_probs"] + 5.0  # every ratio about exp(-5)
+    logits = torch.cat([s["logits"] for s in sequences]).requires_grad_(True)
+    config = config_factory("entrorl_dapo", clip_ratio_c=3.0)
+    metrics, _ = _train_step_metrics(sequences, logits, config, ranks=2, micro=2, empty=[(1, 2)])
+    assert 0 < metrics["actor/ratio/max"] < 0.1
+
+
 @pytest.mark.parametrize("value, requested", [("1", True), ("true", True), ("TRUE", True), (" Yes ", True), ("0", False),
                                               ("on", False), ("false", False), ("", False), (None, False)])
 def test_the_environment_variable_asks_for_the_extension(value, requested, monkeypatch):

@@ -15,7 +15,8 @@ __all__ = ["PPOClip", "Unclipped", "CISPO", "GSPO", "LogLikelihood"]
 
 def _ratio_metrics(metrics: Metrics, ratio: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor) -> None:
     metrics["ratio/mean"] = float(masked_mean(ratio.detach(), mask))
-    metrics["ratio/max"] = float(ratio.detach()[mask].max()) if mask.any() else 1.0
+    # no token: 0, below any ratio, so that a maximum taken over micro-batches (verl's) is the others'
+    metrics["ratio/max"] = float(ratio.detach()[mask].max()) if mask.any() else 0.0
     metrics["kl/old_new"] = float(masked_mean(-log_ratio.detach(), mask))
 
 
