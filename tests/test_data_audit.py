@@ -152,7 +152,7 @@ def test_a_group_is_named_by_its_most_frequent_spelling_not_its_first():
 
 
 def test_wrong_answers_are_one_vote_only_when_the_equivalence_holds_both_ways():
-    """A checker need not be symmetric (math_equal takes '3, 2' for the reference '(2,3)', not the reverse): two wrong
+    """A checker need not be symmetric (math_equal takes '(2,3)' for the reference '3, 2', not the reverse): two wrong
     answers are one vote only when each counts as the other, so that which of them is the larger group does not
     decide it."""
 

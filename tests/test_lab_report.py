@@ -1563,6 +1563,25 @@ def test_the_collapse_verdict_is_the_ratio_s_as_printed_beside_it(tmp_path):
         assert f"(ratio {ratio}): it {'holds' if verdict else 'does not hold'}" in headline["paragraphs"][0]
 
 
+def _without_base_eval_entropy(out: Path) -> None:
+    """The collapse criterion then reads GRPO's training curve: no base evaluation entropy to compare with."""
+    path = out / "base" / "final_eval.json"
+    _write(path, {key: value for key, value in json.loads(path.read_text()).items() if key != "entropy_mean"})
+
+
+def test_the_training_curve_s_collapse_verdict_needs_a_start_and_a_later_end(tmp_path):
+    """On the training curve, one logged step has no end/start ratio, so no verdict (not 'does not hold' from a ratio
+    of 1), and a start entropy of 0 has none either, said as such rather than as missing entropy."""
+    out = build_run(tmp_path / "lab-curve", methods=("grpo", "nsr"), failed=())
+    _without_base_eval_entropy(out)
+    for entropy, reason in (([0.8], "one logged entropy, whose start is its end"),
+                            ([0.0] * 10 + [0.3] * 10, "a start entropy of 0, of which no ratio is taken")):
+        _write_metrics(out / "methods" / "grpo", entropy, np.linspace(0.2, 0.6, len(entropy)))
+        headline = write_report(out, figures=False)["headline"]
+        assert headline["collapse"] is None
+        assert f"it cannot be checked ({reason})" in headline["paragraphs"][0]
+
+
 def test_a_method_with_one_logged_step_has_no_entropy_ratio_and_did_not_keep_entropy(tmp_path):
     """With one step, its start and its end are the same step: no end/start ratio (not 1), so the method is not said
     to have kept entropy; two steps are a start and an end."""

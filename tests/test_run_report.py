@@ -1868,3 +1868,15 @@ def test_a_joined_verl_log_s_report_drops_the_abandoned_attempt_s_evaluations(tm
     assert report["steps"] == 13
     assert [row["step"] for row in report["evaluations"]["values"]] == [0, 5, 10]
     assert report["evaluations"]["values"][-1]["Avg@n"] == 0.33
+
+
+def test_the_report_decides_collapse_on_the_ratio_it_prints(tmp_path):
+    """Entropy from 1 to 0.5004 prints as '0.5 of its start': at most the laboratory's threshold 0.5, so it collapsed
+    by that threshold, as the laboratory's own report decides on the ratio it shows."""
+    history = [{"step": i + 1, "loss": 0.0, "reward": 0.1 + 0.02 * i, "entropy": h}
+               for i, h in enumerate([1.0] * 5 + [0.5004] * 5)]
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 10, "log_history": history}))
+    write_run_report(tmp_path, figures=False)
+    said = " ".join((tmp_path / "report" / "report.md").read_text().split())
+    assert "0.5 of its start: at most 0.5" in said and "entropy collapsed" in said

@@ -378,7 +378,7 @@ class _RunReport:
                         "token entropy "
                         f"(`{ENTROPY_KEY}`) went from {fmt(a.entropy_start)} to {fmt(a.entropy_end)} nats")
             if finite(a.entropy_ratio) is not None:
-                collapsed = a.entropy_ratio <= COLLAPSE_RATIO
+                collapsed = finite(fmt(a.entropy_ratio)) <= COLLAPSE_RATIO  # the ratio as the sentence prints it
                 sentence += (f", {fmt(a.entropy_ratio)} of its start: {'at most' if collapsed else 'more than'} "
                              f"{fmt(COLLAPSE_RATIO)}, so by the laboratory's threshold, applied to the training curve "
                              f"(the laboratory compares evaluations when it has them), entropy "

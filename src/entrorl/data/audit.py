@@ -245,8 +245,8 @@ def _most_frequent(samples: list[tuple[int, str]]) -> str:
 
 def _equivalent_both_ways(equivalent: Equivalence, a: str, b: str) -> bool:
     """Whether two wrong answers are one vote: ``equivalent`` as answer against reference in both orders, since a
-    checker such as math_equal need not be symmetric (it takes ``3, 2`` for the reference ``(2,3)``, not the reverse),
-    and which of the two is the larger group must not decide it."""
+    checker such as math_equal need not be symmetric (it takes ``(2,3)`` for the reference ``3, 2``, not the
+    reverse), and which of the two is the larger group must not decide it."""
     return _safe_equivalent(equivalent, a, b) and _safe_equivalent(equivalent, b, a)
 
 

@@ -256,7 +256,8 @@ class _Report:
         by_eval = finite(eval_start) is not None and finite(eval_end) is not None and eval_start > 0
         start, end = (eval_start, eval_end) if by_eval else (g.entropy_start, g.entropy_end)
         half = COLLAPSE_RATIO * start if finite(start) is not None else math.nan
-        criterion_ratio = ratio_of(end, start)
+        # the training curve's ratio is none for one logged step (its start is its end)
+        criterion_ratio = ratio_of(end, start) if by_eval else g.entropy_ratio
         # decided on the ratio as shown beside the verdict: its two sides, rounded each on its own, can print equal
         # (0.11 and 0.11) where the ratio is 0.501
         collapsed = bool(_shown(criterion_ratio) <= COLLAPSE_RATIO) if finite(criterion_ratio) is not None else None
@@ -284,7 +285,10 @@ class _Report:
         criterion = (f"final evaluation entropy ≤ {fmt(COLLAPSE_RATIO)} × the base model's" if by_eval
                      else f"training entropy end ≤ {fmt(COLLAPSE_RATIO)} × start")
         numbers.add([text(f"{HEADLINE_COLLAPSE_PREFIX}{criterion})"), Cell(NA if collapsed is None else fmt(collapsed), collapsed, True)])
-        verdict = {True: "holds", False: "does not hold", None: "cannot be checked (missing entropy)"}[collapsed]
+        unchecked = ("a start entropy of 0, of which no ratio is taken" if finite(start) == 0 and finite(end) is not None
+                     else "one logged entropy, whose start is its end" if not by_eval and g.entropy_steps == 1
+                     else "missing entropy")
+        verdict = {True: "holds", False: "does not hold", None: f"cannot be checked ({unchecked})"}[collapsed]
         measured_on = (
             f"the mean token entropy of the final evaluation's samples, {fmt(eval_end)}, against the base model's on the same "
             f"held-out prompts, {fmt(eval_start)} (ratio {fmt(eval_end / eval_start)})" if by_eval else

@@ -192,7 +192,8 @@ def audit_records(
     ``prompt_ids[i]`` are the token ids of ``records[i]`` as the model sees it. Generation calls hold
     about ``batch_size`` rows (whole prompts' groups); ``progress(done, total)`` is called with the
     number of samples done and to do after each call. The sampling seed is private: the caller's RNG state is restored.
-    ``extract`` / ``equivalent`` default to :func:`answer_tools` of the reward.
+    ``extract`` / ``equivalent`` default to :func:`answer_tools` of the reward; ``equivalent(answer, reference)`` is
+    asked answer first, as a reward asks its checker.
     """
     n = check_int(n, "audit_records: n", minimum=1)
     batch_size = check_int(batch_size, "audit_records: batch_size", minimum=1)
