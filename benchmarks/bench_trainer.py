@@ -51,7 +51,9 @@ the rest of the same step (the post-update forward and every summary statistic; 
 hit one arm and not the other).
 
 ``--entrorl-set KEY=VALUE`` (repeatable) changes the entrorl arms' configuration the way ``entrorl train --set`` does,
-to measure what one setting is worth (e.g. ``--entrorl-set optim.share_prompts=false``).
+to measure what one setting is worth (e.g. ``--entrorl-set optim.share_prompts=false``); the batch's shape and sampling
+(``rollout.prompts_per_step``, ``group_size``, ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``), which every
+arm shares, are refused there.
 
 Run ``python benchmarks/bench_trainer.py --help`` for the options; ``--quick`` is a smoke test that finishes in
 well under a minute.
@@ -73,6 +75,9 @@ from pathlib import Path
 ARMS = ("entrorl", "entrorl-nodiag", "trl", "floor")
 RESULT_PREFIX = "@@RESULT@@ "
 REWARD_NAME = "bench_trainer_reward"
+# what the arms share and the report's header states: an --entrorl-set of one would compare unlike batches
+_BATCH_SHAPE_KEYS = frozenset(f"rollout.{key}" for key in ("prompts_per_step", "group_size", "max_new_tokens", "temperature",
+                                                           "top_p", "top_k", "generation_batch_size"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +202,7 @@ def worker_entrorl(spec: dict) -> dict:
             metrics = trainer.train_step()
             trainer.logger.log(trainer.step, metrics)
             elapsed, elapsed_cpu = time.perf_counter() - started, time.process_time() - started_cpu
-            rows = spec["prompts_per_step"] * spec["group_size"]
+            rows = spec["prompts_per_step"] * spec["group_size"]  # main() refuses overrides of the batch's shape
             records.append({
                 "step_s": elapsed,
                 "cpu_s": elapsed_cpu,
@@ -205,7 +210,7 @@ def worker_entrorl(spec: dict) -> dict:
                 "generate_s": metrics["time/generate_s"],
                 "update_s": metrics["time/update_s"],
                 "diagnostics_s": metrics["time/diagnostics_s"],
-                "tokens": round(metrics["response/length_mean"] * rows),
+                "tokens": round(metrics["response/sampled_tokens"]),  # every token sampled, dynamic sampling's too
                 "rows": rows,
                 "reward_mean": metrics["reward/mean"],
             })
@@ -264,14 +269,19 @@ def worker_trl(spec: dict) -> dict:
             self.checkpointing = bool(getattr(model, name, False))
             self.marks.append(time.perf_counter())
             self.cpu_marks.append(time.process_time())
+            if spec["warmup"] == 0:  # the first timed step starts now, before any step has ended
+                self.start_profile()
+
+        def start_profile(self):
+            self.profile = _profiled(spec["profile"])
+            if self.profile is not None:
+                self.profile.enable()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.append(time.perf_counter())
             self.cpu_marks.append(time.process_time())
             if len(self.marks) - 1 == spec["warmup"]:
-                self.profile = _profiled(spec["profile"])
-                if self.profile is not None:
-                    self.profile.enable()
+                self.start_profile()
             if len(self.marks) - 1 == spec["warmup"] + spec["steps"] and self.profile is not None:
                 self.profile.disable()
 
@@ -721,6 +731,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prompts-per-step and --max-new-tokens must be >= 1 and --timeout > 0")
     if args.measure_fraction is not None and not 0 < args.measure_fraction <= 1:
         parser.error("--measure-fraction must be in (0, 1]")
+    shaping = [item for item in args.entrorl_set if item.split("=", 1)[0].strip() in _BATCH_SHAPE_KEYS]
+    if shaping:
+        parser.error(f"--entrorl-set {', '.join(shaping)}: the arms are compared on one batch shape and sampling; use "
+                     "--prompts-per-step, --group-size or --max-new-tokens, which set every arm's")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
 

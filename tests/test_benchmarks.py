@@ -98,7 +98,9 @@ def test_trainer_interrupted_reports_and_saves_the_rounds_it_finished(monkeypatc
 
 
 @pytest.mark.parametrize("arguments", [["--max-new-tokens", "0"], ["--measure-fraction", "1.5"], ["--timeout", "nan"],
-                                       ["--json", "no/such/folder/bench.json"]])
+                                       ["--json", "no/such/folder/bench.json"],
+                                       # the arms share one batch shape and sampling, which the report's header states
+                                       ["--entrorl-set", "rollout.group_size=4"], ["--entrorl-set", "rollout.top_p=0.9"]])
 def test_trainer_refuses_bad_settings_before_any_round(monkeypatch, arguments):
     bench = _script("bench_trainer")
     monkeypatch.setattr(bench, "_spawn", lambda spec, timeout: pytest.fail("a round ran"))
@@ -106,6 +108,54 @@ def test_trainer_refuses_bad_settings_before_any_round(monkeypatch, arguments):
         bench.main([*TINY_TRAINER_RUN, *arguments])
     assert refused.value.code == 2
 
+
+
+def _trainer_worker_spec(bench, tmp_path, arm: str, **changes) -> dict:
+    from entrorl.lab.tiny_model import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", seed=0, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                                max_position_embeddings=64)
+    bench.write_prompts(tmp_path / "prompts.jsonl", 64, 0)
+    return {"arm": arm, "round": 0, "model_dir": str(model_dir), "prompts": str(tmp_path / "prompts.jsonl"),
+            "work_dir": str(tmp_path), "threads": 1, "seed": 0, "lr": 1e-4, "prompts_per_step": 2, "group_size": 4,
+            "max_new_tokens": 8, "warmup": 0, "steps": 2, "profile": False, "measure_fraction": None,
+            "entrorl_set": [], **changes}
+
+
+def test_trainer_counts_every_token_sampled_with_dynamic_sampling(monkeypatch, tmp_path):
+    """With dynamic sampling a step samples up to max_sampling_rounds batches: its completion tokens are all of them,
+    the dropped groups' included, as its time is, not the kept rows' alone."""
+    import torch
+
+    from entrorl.rewards import base
+    from entrorl.trainer import Trainer
+
+    bench = _script("bench_trainer")
+    sampled, collect = [], Trainer.collect
+
+    def counting(self):
+        scored = collect(self)
+        sampled.append(scored.sampled_tokens)
+        return scored
+
+    monkeypatch.setattr(Trainer, "collect", counting)
+    monkeypatch.delitem(base._REGISTRY, bench.REWARD_NAME, raising=False)  # the worker registers it
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    monkeypatch.setattr(bench, "bench_reward", lambda prompt, completion, answer, /, **meta: 0.0)  # no group informative
+    spec = _trainer_worker_spec(bench, tmp_path, "entrorl-nodiag", entrorl_set=["rollout.dynamic_sampling=true"])
+    records = bench.worker_entrorl(spec)["records"]
+    assert [record["tokens"] for record in records] == sampled
+    assert all(record["tokens"] >= 3 * record["rows"] for record in records)  # three rounds, each token at least one
+
+
+def test_trainer_profiles_trl_s_timed_steps_without_a_warm_up(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("trl")
+    import torch
+
+    bench = _script("bench_trainer")
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    result = bench.worker_trl(_trainer_worker_spec(bench, tmp_path, "trl", steps=1, profile=True))
+    assert result["timed_steps"] == 1 and "profile of the timed steps: trl" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arguments", [["--tokens", "0"], ["--vocab", "0"], ["--repeats", "0"], ["--hidden", "-2"],

@@ -766,6 +766,7 @@ class Trainer:
             "response/length_mean": float(rollouts.lengths.float().mean()),
             "response/length_max": float(rollouts.lengths.max()),
             "response/truncated_frac": float(rollouts.truncated.float().mean()),
+            "response/sampled_tokens": float(sampled_tokens),
         })
         return ScoredRollouts(rollouts, records, group_ids, rewards, advantages, metrics, completions, reasons, result.correct,
                               sampled_tokens=sampled_tokens)
