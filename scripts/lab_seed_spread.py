@@ -18,6 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from entrorl.analysis.document import md_escape
 from entrorl.lab.report import (HEADLINE_COLLAPSE_PREFIX, HEADLINE_EVAL_ENTROPY_RATIO, HEADLINE_REWARD_END,
                                 HEADLINE_REWARD_START)
 
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
+        for method, *cells in rows:  # a method's name as text (the numbers' brackets are meant)
+            print("| " + " | ".join([md_escape(method), *cells]) + " |")
     else:
         for row in [header, *rows]:
             print("  ".join(row))

@@ -12,6 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from entrorl.analysis.document import md_escape
+
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- lab:begin -->", "<!-- lab:end -->"
 FIGURES = ("curves.png", "pass_at_k.png")
@@ -20,7 +22,8 @@ FIGURES = ("curves.png", "pass_at_k.png")
 def markdown_table(table: dict) -> str:
     columns = table["columns"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(column, "")) for column in columns) + " |" for row in table["rows"]]
+    lines += ["| " + " | ".join(md_escape(str(row.get(column, ""))) if column == "method" else str(row.get(column, ""))
+                                for column in columns) + " |" for row in table["rows"]]
     return "\n".join(lines)
 
 

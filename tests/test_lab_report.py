@@ -820,8 +820,9 @@ def test_more_than_5_unreadable_metrics_lines_are_counted_after_the_first_5(tmp_
 
 
 def test_the_covariance_section_takes_the_median_token_count_over_methods_and_ranges_the_top_share(tmp_path):
-    """The token count stated is the median over methods (4, 4 and 1000 tokens: 4), at which every top-q% is the one
-    top token; the range sentence is that of the smallest q's mean ratio, lowest first."""
+    """The token count stated is the median over the methods' steps (4, 4 and 1000 tokens: 4), at which every top-q%
+    is the one top token, but not at nsr's 1000, so the columns are not said to agree; the range sentence is that of
+    the smallest q's mean ratio, lowest first."""
     out = build_run(tmp_path / "lab-cov", methods=("grpo", "clip_cov", "nsr"), failed=())
     h = np.linspace(1.0, 0.5, 20)
     for name, tokens, top in (("grpo", 4.0, 900.0), ("clip_cov", 4.0, 1500.0), ("nsr", 1000.0, 1200.0)):
@@ -830,8 +831,7 @@ def test_the_covariance_section_takes_the_median_token_count_over_methods_and_ra
     report = write_report(out, figures=False)
     said = " ".join((out / "report.md").read_text().split())
     assert ("A step has 4 response tokens (median over steps and methods): top 0.02% = 1 token, top 0.2% = 1 token, "
-            "top 2% = 1 token, top 20% = 1 token; at this scale the top 0.02% and 0.2% and the top 0.2% and 2% and the "
-            "top 2% and 20% are the same tokens") in said
+            "top 2% = 1 token, top 20% = 1 token.") in said and "are the same tokens" not in said
     assert "the top 0.02% of tokens carry from 900× (grpo) to 1500× (clip_cov) the mean covariance." in said
     rows = {r["method"]: r for r in report["covariance"]["values"]}
     assert rows["nsr"]["top 0.02% mean"] == 1200.0 and rows["nsr"]["top 20% step 1"] == 2.0
@@ -1605,6 +1605,70 @@ def test_the_covariance_token_count_is_the_median_over_every_method_s_steps(tmp_
                        cov__n_tokens=np.full(steps, tokens))
     write_report(out, figures=False)
     assert "A step has 1000 response tokens (median over steps and methods)" in (out / "report.md").read_text()
+
+
+def _stepped(ratio: float, steps: int = 20) -> np.ndarray:
+    """Entropy 1, then ``ratio`` over the last 10% of the steps: an end/start ratio of exactly ``ratio``."""
+    entropy = np.ones(steps)
+    entropy[-max(1, steps // 10):] = ratio
+    return entropy
+
+
+def test_the_kept_entropy_rule_s_equation_holds_as_printed_and_decides(tmp_path):
+    """GRPO's ratio 0.3004 prints as 0.3: the threshold is 1.25 x 0.3 = 0.375 as printed, and a ratio of 0.375 is at
+    it (kept), where 1.25 x 0.3004 = 0.3755 would have printed 0.376 beside '1.25 x 0.3'."""
+    out = build_run(tmp_path / "lab-kept", methods=("grpo", "nsr"), failed=())
+    for name, ratio in (("grpo", 0.3004), ("nsr", 0.375)):
+        _write_metrics(out / "methods" / name, _stepped(ratio), np.linspace(0.2, 0.6, 20))
+    headline = write_report(out, figures=False)["headline"]
+    assert "(1.25 × 0.3 = 0.375)" in " ".join(headline["paragraphs"]) and headline["kept_methods"] == ["nsr"]
+
+
+def test_ratios_as_far_above_the_collapse_threshold_as_below_are_both_near_it(tmp_path):
+    out = build_run(tmp_path / "lab-near", methods=("grpo", "nsr"), failed=())
+    _set_eval_entropy(out, "base", 1.0)
+    for grpo in (0.45, 0.55, 0.44, 0.56):
+        _set_eval_entropy(out, "grpo", grpo)
+        assert write_report(out, figures=False)["headline"]["near_threshold"] is (abs(grpo - 0.5) < 0.051), grpo
+
+
+def test_sentences_over_every_method_say_which_ones_have_no_value(tmp_path):
+    """Forgetting changed alike 'for every method' only when each has a value; the kept methods' Pass@k counts say
+    how many have none, rather than reading '0 higher and 0 lower' as equal."""
+    out = build_run(tmp_path / "lab-missing", methods=("grpo", "nsr"), failed=())
+    path = out / "methods" / "nsr" / "final_eval.json"
+    evaluation = json.loads(path.read_text())
+    _write(path, {**{key: value for key, value in evaluation.items() if key != "forgetting_accuracy"},
+                  "pass_at_k": {key: None for key in evaluation["pass_at_k"]}})
+    _write_metrics(out / "methods" / "grpo", _stepped(0.4), np.linspace(0.2, 0.6, 20))
+    _write_metrics(out / "methods" / "nsr", _stepped(0.9), np.linspace(0.2, 0.6, 20))
+    report = write_report(out, figures=False)
+    said = (out / "report.md").read_text()
+    assert "for every method with a forgetting accuracy (1 of 2)." in " ".join(said.split())
+    assert report["headline"]["kept_methods"] == ["nsr"]
+    assert "0 higher and 0 lower (1 n/a) Pass@1" in " ".join(report["headline"]["paragraphs"])
+
+
+def test_the_covariance_columns_are_said_to_agree_only_where_the_counts_agree_at_every_step(tmp_path):
+    """At the median 800 tokens the top 0.02% and 0.2% are one token each, but at a step of 1200 the top 0.2% is two:
+    their columns need not agree, and the report does not say they do; at 800 tokens everywhere it does."""
+    out = build_run(tmp_path / "lab-cov-agree", methods=("grpo", "nsr"), failed=())
+    for sizes, agree in (([800.0] * 14 + [1200.0] * 6, False), ([800.0] * 20, True)):
+        for name in ("grpo", "nsr"):
+            _write_metrics(out / "methods" / name, np.linspace(1.0, 0.5, 20), np.linspace(0.2, 0.6, 20),
+                           cov__n_tokens=np.array(sizes))
+        write_report(out, figures=False)
+        said = " ".join((out / "report.md").read_text().split())
+        assert ("0.02% and 0.2% are the same tokens, so their columns agree" in said) is agree
+
+
+def test_an_evaluation_whose_pass_at_k_is_no_mapping_leaves_the_report_standing(tmp_path):
+    out = build_run(tmp_path / "lab-bad-pass", methods=("grpo", "nsr"), failed=())
+    path = out / "methods" / "nsr" / "final_eval.json"
+    _write(path, {**json.loads(path.read_text()), "pass_at_k": [0.3, 0.6]})
+    report = write_report(out, figures=False)
+    assert (out / "report.md").is_file() and report["methods"]["nsr"]["status"] == "ok"
+    assert next(row for row in report["summary"]["rows"] if row["method"] == "nsr")["Pass@1"] == "n/a"
 
 
 def test_the_law_section_ranges_r2_over_the_fits_that_have_one(tmp_path):

@@ -2093,6 +2093,10 @@ def test_a_part_name_cannot_be_registered_twice_and_a_part_needs_a_kind():
     ({"name": "m_badparam", "surrogate": ("ppo_clip", {"nope": 1})}, "method 'm_badparam' cannot be built: .*nope"),
     ({"name": "m_badvalue", "selectors": (("clip_b", {"mu": -1.0}),)}, "method 'm_badvalue' cannot be built: .*mu"),
     ({"name": "a,b"}, "or ',' \\(it separates them in entrorl lab --methods\\)"),
+    # a name is a folder of the laboratory, a row of its report's tables and a word of its sentences
+    ({"name": "a|b"}, "made of letters, digits, '_', '-' and '.'.*'a\\|b'"),
+    ({"name": "x`y"}, "made of letters, digits"),
+    ({"name": "sub/dir"}, "made of letters, digits"),
     ({"name": "m_estimator", "advantage_estimator": "nope"}, "method 'm_estimator': advantage_estimator: .*'nope'"),
 ])
 def test_a_method_that_cannot_be_built_is_refused_when_registered(monkeypatch, spec_changes, message):

@@ -197,8 +197,8 @@ class _Report:
     def _common_ks(self) -> list[int]:
         """The ks every evaluation that has Pass@k at all has (one without shows n/a, and does not empty the list)."""
         sets = []
-        for evaluation in self.evals.values():
-            keys = {int(k) for k, v in (evaluation.get("pass_at_k") or {}).items() if str(k).isdigit()}
+        for model in self.evals:
+            keys = {int(k) for k in self._pass_at_k(model) if str(k).isdigit()}
             if keys:
                 sets.append(keys)
         return sorted(set.intersection(*sets)) if sets else []
@@ -207,8 +207,13 @@ class _Report:
         evaluation = self.evals.get(model)
         if evaluation is None or k is None:
             return math.nan
-        value = finite((evaluation.get("pass_at_k") or {}).get(str(k)))
+        value = finite(self._pass_at_k(model).get(str(k)))
         return value if value is not None else math.nan
+
+    def _pass_at_k(self, model: str) -> dict:
+        """The evaluation's ``pass_at_k`` mapping; an empty one where it is missing or is no mapping (a damaged file)."""
+        values = (self.evals.get(model) or {}).get("pass_at_k")
+        return values if isinstance(values, dict) else {}
 
     def eval_value(self, model: str, key: str) -> float:
         evaluation = self.evals.get(model) or {}
@@ -302,7 +307,9 @@ class _Report:
             f"to reduce step-to-step noise. The collapse criterion, final entropy ≤ {fmt(COLLAPSE_RATIO)} × initial, compares "
             f"{measured_on}: it {verdict}; the training reward {reward_change}."
         )
-        near = finite(criterion_ratio) is not None and abs(criterion_ratio - COLLAPSE_RATIO) <= NEAR_THRESHOLD * COLLAPSE_RATIO
+        # (a tolerance for the float difference: 0.55 - 0.5 is 0.05000000000000004, as far as 0.45 is from it)
+        near = (finite(criterion_ratio) is not None
+                and abs(criterion_ratio - COLLAPSE_RATIO) <= NEAR_THRESHOLD * COLLAPSE_RATIO * (1 + 1e-9))
         if near:
             section.say(
                 f"That ratio, {fmt(criterion_ratio)}, is within {fmt(100 * NEAR_THRESHOLD)}% of the threshold "
@@ -311,7 +318,8 @@ class _Report:
                 "spread, and `python scripts/lab_seed_spread.py RUN ...` summarises them.")
         info.update({"collapse": collapsed, "reward_change": reward_change, "near_threshold": near})
 
-        threshold = KEPT_MARGIN * g.entropy_ratio if finite(g.entropy_ratio) is not None else math.nan
+        # the product of GRPO's ratio as shown, so that the rule's equation holds as printed
+        threshold = KEPT_MARGIN * _shown(g.entropy_ratio) if finite(g.entropy_ratio) is not None else math.nan
         numbers.add([text(f"kept-entropy threshold ({fmt(KEPT_MARGIN)} × GRPO's ratio)"), num(threshold)])
         others = [n for n in self.ok if n != REFERENCE]
         kept = [n for n in others if finite(threshold) is not None and finite(self.analyses[n].entropy_ratio) is not None
@@ -369,7 +377,8 @@ class _Report:
             values = [_shown(self.pass_at(n, key_k)) for n in kept]
             higher = sum(1 for v in values if v is not None and v > ref)
             lower = sum(1 for v in values if v is not None and v < ref)
-            return f"{higher} higher and {lower} lower"
+            missing = sum(1 for v in values if v is None)
+            return f"{higher} higher and {lower} lower" + (f" ({missing} n/a)" if missing else "")
 
         return (f"Against GRPO, the methods that kept entropy have {count(1, p1_g)} Pass@1 and {count(k, pk_g)} Pass@{self.k_label}; "
                 f"against the base model, {count(1, p1_b)} Pass@1 and {count(k, pk_b)} Pass@{self.k_label} (comparing the values as shown).")
@@ -448,7 +457,9 @@ class _Report:
             worst = min(deltas, key=lambda item: item[1])
             best = max(deltas, key=lambda item: item[1])
             if fmt(worst[1]) == fmt(best[1]):
-                change = f"after training it changed by {fmt(best[1], signed=True)} for every method"
+                every = ("every method" if len(deltas) == len(self.ok) else
+                         f"every method with a forgetting accuracy ({len(deltas)} of {len(self.ok)})")
+                change = f"after training it changed by {fmt(best[1], signed=True)} for {every}"
             else:
                 change = f"after training it changed by {fmt(worst[1], signed=True)} ({worst[0]}) to {fmt(best[1], signed=True)} ({best[0]})"
             section.say(f"Forgetting: the base model's accuracy on the untrained task is {fmt(base_forget)}; {change}.")
@@ -681,7 +692,11 @@ class _Report:
         if finite(n_tokens) is not None:
             counts = [top_token_count(round(n_tokens), float(q)) for q in COV_PERCENTS]
             said = ", ".join(f"top {q}% = {count} token{'s' if count != 1 else ''}" for q, count in zip(COV_PERCENTS, counts))
-            same = [f"{COV_PERCENTS[i]}% and {COV_PERCENTS[i + 1]}%" for i in range(len(counts) - 1) if counts[i] == counts[i + 1]]
+            steps = {round(value) for value in np.concatenate(tokens) if np.isfinite(value)}
+            # the same tokens, hence equal columns, only where the two counts coincide at every step's size
+            same = [f"{COV_PERCENTS[i]}% and {COV_PERCENTS[i + 1]}%" for i in range(len(counts) - 1)
+                    if all(top_token_count(n, float(COV_PERCENTS[i])) == top_token_count(n, float(COV_PERCENTS[i + 1]))
+                           for n in steps)]
             section.say(f"A step has {fmt(n_tokens)} response tokens (median over steps and methods): {said}"
                         + (f"; at this scale the top {' and the top '.join(same)} are the same tokens, so their columns agree."
                            if same else "."))
