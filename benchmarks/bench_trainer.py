@@ -52,8 +52,8 @@ hit one arm and not the other).
 
 ``--entrorl-set KEY=VALUE`` (repeatable) changes the entrorl arms' configuration the way ``entrorl train --set`` does,
 to measure what one setting is worth (e.g. ``--entrorl-set optim.share_prompts=false``); the batch's shape and sampling
-(``rollout.prompts_per_step``, ``group_size``, ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``), which every
-arm shares, are refused there.
+(``rollout.prompts_per_step``, ``group_size``, ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``,
+``generation_batch_size``, or the whole ``rollout`` section), which every arm shares, are refused there.
 
 Run ``python benchmarks/bench_trainer.py --help`` for the options; ``--quick`` is a smoke test that finishes in
 well under a minute.
@@ -202,7 +202,9 @@ def worker_entrorl(spec: dict) -> dict:
             metrics = trainer.train_step()
             trainer.logger.log(trainer.step, metrics)
             elapsed, elapsed_cpu = time.perf_counter() - started, time.process_time() - started_cpu
-            rows = spec["prompts_per_step"] * spec["group_size"]  # main() refuses overrides of the batch's shape
+            # every row sampled (each dynamic-sampling round samples the whole batch again; main() refuses overrides of
+            # the batch's shape), as the tokens are every token sampled
+            rows = spec["prompts_per_step"] * spec["group_size"] * round(metrics.get("data/sampling_rounds", 1.0))
             records.append({
                 "step_s": elapsed,
                 "cpu_s": elapsed_cpu,
@@ -731,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prompts-per-step and --max-new-tokens must be >= 1 and --timeout > 0")
     if args.measure_fraction is not None and not 0 < args.measure_fraction <= 1:
         parser.error("--measure-fraction must be in (0, 1]")
-    shaping = [item for item in args.entrorl_set if item.split("=", 1)[0].strip() in _BATCH_SHAPE_KEYS]
+    shaping = [item for item in args.entrorl_set if item.split("=", 1)[0].strip() in _BATCH_SHAPE_KEYS | {"rollout"}]
     if shaping:
         parser.error(f"--entrorl-set {', '.join(shaping)}: the arms are compared on one batch shape and sampling; use "
                      "--prompts-per-step, --group-size or --max-new-tokens, which set every arm's")

@@ -100,7 +100,8 @@ def test_trainer_interrupted_reports_and_saves_the_rounds_it_finished(monkeypatc
 @pytest.mark.parametrize("arguments", [["--max-new-tokens", "0"], ["--measure-fraction", "1.5"], ["--timeout", "nan"],
                                        ["--json", "no/such/folder/bench.json"],
                                        # the arms share one batch shape and sampling, which the report's header states
-                                       ["--entrorl-set", "rollout.group_size=4"], ["--entrorl-set", "rollout.top_p=0.9"]])
+                                       ["--entrorl-set", "rollout.group_size=4"], ["--entrorl-set", "rollout.top_p=0.9"],
+                                       ["--entrorl-set", "rollout={group_size: 2}"]])
 def test_trainer_refuses_bad_settings_before_any_round(monkeypatch, arguments):
     bench = _script("bench_trainer")
     monkeypatch.setattr(bench, "_spawn", lambda spec, timeout: pytest.fail("a round ran"))
@@ -145,7 +146,9 @@ def test_trainer_counts_every_token_sampled_with_dynamic_sampling(monkeypatch, t
     spec = _trainer_worker_spec(bench, tmp_path, "entrorl-nodiag", entrorl_set=["rollout.dynamic_sampling=true"])
     records = bench.worker_entrorl(spec)["records"]
     assert [record["tokens"] for record in records] == sampled
-    assert all(record["tokens"] >= 3 * record["rows"] for record in records)  # three rounds, each token at least one
+    # three rounds of the batch's 8 rows, each at most 8 tokens long: the mean length stays a length
+    assert [record["rows"] for record in records] == [3 * 2 * 4] * 2
+    assert all(record["rows"] <= record["tokens"] <= 8 * record["rows"] for record in records)
 
 
 def test_trainer_profiles_trl_s_timed_steps_without_a_warm_up(monkeypatch, tmp_path, capsys):

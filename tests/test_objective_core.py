@@ -2097,6 +2097,7 @@ def test_a_part_name_cannot_be_registered_twice_and_a_part_needs_a_kind():
     ({"name": "a|b"}, "made of letters, digits, '_', '-' and '.'.*'a\\|b'"),
     ({"name": "x`y"}, "made of letters, digits"),
     ({"name": "sub/dir"}, "made of letters, digits"),
+    ({"name": ".."}, "is not dots alone"), ({"name": "."}, "is not dots alone"), ({"name": "-x"}, "starts with no '-'"),
     ({"name": "m_estimator", "advantage_estimator": "nope"}, "method 'm_estimator': advantage_estimator: .*'nope'"),
 ])
 def test_a_method_that_cannot_be_built_is_refused_when_registered(monkeypatch, spec_changes, message):

@@ -308,8 +308,8 @@ class _Report:
             f"{measured_on}: it {verdict}; the training reward {reward_change}."
         )
         # (a tolerance for the float difference: 0.55 - 0.5 is 0.05000000000000004, as far as 0.45 is from it)
-        near = (finite(criterion_ratio) is not None
-                and abs(criterion_ratio - COLLAPSE_RATIO) <= NEAR_THRESHOLD * COLLAPSE_RATIO * (1 + 1e-9))
+        near = (finite(criterion_ratio) is not None  # the ratio as printed, as the verdict takes it
+                and abs(_shown(criterion_ratio) - COLLAPSE_RATIO) <= NEAR_THRESHOLD * COLLAPSE_RATIO * (1 + 1e-9))
         if near:
             section.say(
                 f"That ratio, {fmt(criterion_ratio)}, is within {fmt(100 * NEAR_THRESHOLD)}% of the threshold "

@@ -81,7 +81,7 @@ _REGISTERED_BY: dict[str, str] = {}  # method name -> the module whose code regi
 def register_method(spec: MethodSpec) -> MethodSpec:
     """Register a named method; its parts must already be registered. Refused with ``ValueError``, the registry left
     as it was: an empty name, one with spaces around it, a ``+`` (which composes methods) or another character than
-    letters, digits, ``_``, ``-`` and ``.``, a name another method
+    letters, digits, ``_``, ``-`` and ``.``, one starting with ``-`` or made of dots alone, a name another method
     has, and a spec :func:`build_objective` cannot build (a parameter its part does not have, a value out of range):
     every listing of the methods builds each one."""
     if not isinstance(spec.name, str) or not spec.name or spec.name != spec.name.strip():
@@ -91,9 +91,10 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     if "+" in spec.name or "," in spec.name:
         raise ValueError(f"method names may not contain '+' (it composes methods) or ',' (it separates them in "
                          f"entrorl lab --methods): {spec.name!r}")
-    if not re.fullmatch(r"[\w.\-]+", spec.name):
-        raise ValueError(f"a method's name is made of letters, digits, '_', '-' and '.' (it names the laboratory's "
-                         f"folders, verl's loss modes and the reports' rows): {spec.name!r}")
+    if not re.fullmatch(r"[\w.\-]+", spec.name) or spec.name.startswith("-") or not spec.name.strip("."):
+        raise ValueError(f"a method's name is made of letters, digits, '_', '-' and '.', starts with no '-' and is not "
+                         f"dots alone (it names the laboratory's folders, verl's loss modes and the reports' rows): "
+                         f"{spec.name!r}")
     try:
         advantage_info(spec.advantage_estimator)
     except ValueError as error:
