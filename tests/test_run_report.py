@@ -16,7 +16,7 @@ from entrorl.analysis.law import forecast_entropy_law
 from entrorl.analysis.run import (INTERVENTION_KEY_PATTERNS, LAW_COLUMNS, MetricRecords, analyse_records, beyond_an_accuracy, chance_sign_agreement,
                                   edge_means, edge_phrase, fit_ceiling_shown, intervention_keys, last_steps_phrase,
                                   law_cells, law_of, pearson, ratio, read_json, read_metrics_records)
-from entrorl.analysis.run_report import RECURRING_FORKS_SHOWN, write_run_report
+from entrorl.analysis.run_report import RECURRING_FORKS_SHOWN, NotARunDirectory, write_run_report
 
 
 def write_run(directory: Path, records: list[dict], *, config: dict | None = None, evaluations: dict | None = None,
@@ -496,8 +496,9 @@ def test_a_trl_run_is_read_from_its_trainer_state(tmp_path):
     assert summary["reward"] == "reward/mean" and summary["method"] == "n/a"  # no entrorl_objective.json beside it
     assert summary["steps planned (max_steps)"] is None
     assert report["law"]["fit"]["n_points"] == 3
-    assert row(report["covariance"], "q", "top 0.02%")["mean over steps"] == 200.0
-    assert row(report["interventions"], "metric", "select/clip_cov_frac")["steps"] == 3
+    # counted in log entries, as a TRL run's records are
+    assert row(report["covariance"], "q", "top 0.02%")["mean over log entries"] == 200.0
+    assert row(report["interventions"], "metric", "select/clip_cov_frac")["log entries"] == 3
     # a checkpoint folder is a run directory of its own, up to its step
     assert write_run_report(tmp_path / "checkpoint-2", figures=False)["steps"] == 2
     # the plugin's entrorl_objective.json names the method; TRL's max_steps are the planned steps; the folder's
@@ -1880,3 +1881,42 @@ def test_the_report_decides_collapse_on_the_ratio_it_prints(tmp_path):
     write_run_report(tmp_path, figures=False)
     said = " ".join((tmp_path / "report" / "report.md").read_text().split())
     assert "0.5 of its start: at most 0.5" in said and "entropy collapsed" in said
+
+
+def _run_with_a_checkpoint(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000004" / "model").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "entropy/mean": 1.0, "reward/accuracy": 0.5}) + "\n"
+                                               for s in range(1, 5)))
+    (run / "checkpoints" / "step_000004" / "model" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    return run
+
+
+@pytest.mark.parametrize("how", ["dot", "dotdot", "link"])
+def test_a_checkpoint_is_said_to_be_one_however_its_folder_is_named(tmp_path, monkeypatch, how):
+    """'.', '..' or a link naming a checkpoint's folder: the report still says whose checkpoint it is."""
+    checkpoint = _run_with_a_checkpoint(tmp_path) / "checkpoints" / "step_000004"
+    if how == "link":
+        target = tmp_path / "latest"
+        target.symlink_to(checkpoint, target_is_directory=True)
+    else:
+        monkeypatch.chdir(checkpoint if how == "dot" else checkpoint / "model")
+        target = Path("." if how == "dot" else "..")
+    with pytest.raises(NotARunDirectory, match="is in checkpoint step_000004 of the run"):
+        write_run_report(target, figures=False)
+
+
+def test_a_trl_run_s_tables_count_log_entries_not_steps(tmp_path):
+    """Each entry of a TRL run logged every 3 steps averages 3 steps: the interventions, the entropy change's
+    agreement and the covariance's columns count entries, as the summary does."""
+    history = [{"step": s, "loss": 0.0, "reward": 0.02 * s, "entropy": 2.0 - 0.05 * s, "select/clip_cov_frac": 0.0,
+                "entropy/predicted_delta": -0.01, "entropy/measured_delta": -0.02 + 0.001 * s,
+                "cov/top_0.02pct_ratio": 100.0 + s} for s in range(3, 31, 3)]
+    (tmp_path / "checkpoint-30").mkdir()
+    (tmp_path / "checkpoint-30" / "trainer_state.json").write_text(json.dumps({"global_step": 30, "log_history": history}))
+    report = write_run_report(tmp_path, figures=False)
+    said = " ".join((tmp_path / "report" / "report.md").read_text().split())
+    clip = row(report["interventions"], "metric", "select/clip_cov_frac")
+    assert clip["log entries"] == 10 and clip["log entries not 0"] == 0
+    assert "of 10 log entries" in said and "of 10 steps" not in said
+    assert "first log entry (at step 3)" in row(report["covariance"], "q", "top 0.02%")

@@ -93,9 +93,10 @@ def missing() -> Cell:
     return Cell(NA, None, True)
 
 
-def agreement_cell(share: float, steps: int) -> Cell:
-    """A sign agreement with the number of steps it counts: 0.5 of 4 steps is not 0.5 of 170."""
-    return Cell(f"{fmt(share)} of {steps} {'step' if steps == 1 else 'steps'}", json_value(share), True) if steps else missing()
+def agreement_cell(share: float, steps: int, unit: tuple[str, str] = ("step", "steps")) -> Cell:
+    """A sign agreement with the number of steps (``unit``: what is counted, singular and plural; a TRL run's log
+    entries) it counts: 0.5 of 4 steps is not 0.5 of 170."""
+    return Cell(f"{fmt(share)} of {steps} {unit[0] if steps == 1 else unit[1]}", json_value(share), True) if steps else missing()
 
 
 @dataclass

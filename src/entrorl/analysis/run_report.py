@@ -101,6 +101,7 @@ class _TrainingRun(MetricRecords):
                      else run_dir.resolve().name)
         # what one record is: a TRL log entry averages logging_steps steps
         self.record_unit = ("log entry", "log entries") if self.from_trainer_state else ("step", "training steps")
+        self.counted = ("log entry", "log entries") if self.from_trainer_state else ("step", "steps")  # in tables
         self.unreadable_files: list[str] = []  # files there that could not be read as what they should hold
         # the step the run got to: a TRL run logs every logging_steps, so its last entry may come before its last step
         self.last_step: int | None = None
@@ -424,7 +425,7 @@ class _RunReport:
     def _agreement_with_chance(self) -> Cell:
         """The sign agreement of predicted and measured entropy change, with the share that would agree by chance."""
         change = self.analysis.change
-        cell = agreement_cell(change["sign_agreement"], change["sign_steps"])
+        cell = agreement_cell(change["sign_agreement"], change["sign_steps"], self.run.counted)
         if change["sign_steps"] < 2:
             return cell
         return Cell(f"{cell.text} ({fmt(self._chance_agreement)} by chance)", cell.value, True)
@@ -608,12 +609,14 @@ class _RunReport:
             "which makes no tabular assumption."
         )
         predicted, measured = np.asarray(change["predicted"]), np.asarray(change["measured"])
-        table = Table(["steps", "correlation across steps", "sign agreement", "by chance", "mean token correlation",
-                       "first order: correlation", "first order: sign agreement"])
-        table.add([num(change["n_steps"]), num(change["pearson"]), agreement_cell(change["sign_agreement"], change["sign_steps"]),
+        counted = self.run.counted
+        table = Table([counted[1], f"correlation across {counted[1]}", "sign agreement", "by chance",
+                       "mean token correlation", "first order: correlation", "first order: sign agreement"])
+        table.add([num(change["n_steps"]), num(change["pearson"]),
+                   agreement_cell(change["sign_agreement"], change["sign_steps"], counted),
                    num(self._chance_agreement), num(change["token_corr_mean"]),
                    num(change["first_order_pearson"]),
-                   agreement_cell(change["first_order_sign_agreement"], change["first_order_sign_steps"])])
+                   agreement_cell(change["first_order_sign_agreement"], change["first_order_sign_steps"], counted)])
         section.table(table)
         if predicted.size:
             steps = f"{predicted.size} step{'s' if predicted.size != 1 else ''}"
@@ -644,7 +647,9 @@ class _RunReport:
             f"tokens. The paper reports the top 0.02% carrying more than 1000 times the mean. A step has "
             f"{fmt(self.analysis.cov_tokens)} response tokens (median over steps)."
         )
-        table = Table(["q", "mean over steps", self.analysis.first_step_label])
+        first = (f"first log entry (at step {fmt(self.analysis.first_step)})"
+                 if self.run.from_trainer_state and math.isfinite(self.analysis.first_step) else self.analysis.first_step_label)
+        table = Table(["q", f"mean over {self.run.counted[1]}", first])
         for q in COV_PERCENTS:
             table.add([text(f"top {q}%"), num(cov[q]["mean"]), num(cov[q]["first"])])
         section.table(table)
@@ -667,7 +672,8 @@ class _RunReport:
                     "logs `pg_clipfrac` (PPO's clipped share), `pg_clipfrac_lower` (the dual-clip's) and `ppo_kl` (the "
                     "KL between the sampling and the updated policy), TRL's `clip_ratio/*` (the clipped shares), as "
                     "docs/migrating.md maps them.")
-        table = Table(["metric", "steps", "mean", "max", "steps not 0"])
+        counted = run.counted
+        table = Table(["metric", counted[1], "mean", "max", f"{counted[1]} not 0"])
         for key in keys:
             values = run.series(key)
             values = values[np.isfinite(values)]
@@ -678,11 +684,11 @@ class _RunReport:
         if idle:
             keys = ", ".join(f"`{item['key']}`" for item in idle)
             if len(idle) == len(self.analysis.interventions):
-                section.say(f"The method's own intervention was 0 at every logged step ({keys}): on this run it never "
+                section.say(f"The method's own intervention was 0 at every logged {counted[0]} ({keys}): on this run it never "
                             "acted, so it trained as its base objective does.")
             else:
                 acted = ", ".join(f"`{item['key']}`" for item in self.analysis.interventions if item["active_steps"])
-                section.say(f"Part of the method's own intervention was 0 at every logged step ({keys}): that part never "
+                section.say(f"Part of the method's own intervention was 0 at every logged {counted[0]} ({keys}): that part never "
                             f"acted on this run; its other parts did ({acted}).")
         self.json["interventions"] = table.to_json()
 
@@ -870,7 +876,8 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
         return _verl_report(run_dir, out, fit_fraction, figures)
     if not run_dir.is_dir():
         raise NotARunDirectory(f"no run directory at {run_dir}")
-    for parent in (run_dir, *run_dir.parents):
+    resolved = run_dir.resolve()  # '.', '..' or a link name the folder, not where it is
+    for parent in (resolved, *resolved.parents):
         if parent.parent.name == "checkpoints" and (parent.parent.parent / "metrics.jsonl").exists():
             raise NotARunDirectory(f"{run_dir} is in checkpoint {parent.name} of the run {parent.parent.parent}: "
                                    "report on the run")
