@@ -1042,13 +1042,13 @@ def test_a_tool_mask_only_removes_tokens(tokenizer, tmp_path):
                     accumulation_steps=1, steps_per_generation=1)
     expected = -float((inputs["advantages"][:, None] * kept).sum()) / float(kept.sum())
     assert loss == pytest.approx(expected, rel=1e-5)
-    # a micro-batch whose tokens are all masked logs an entropy of 0, not NaN, and none of the objective's metrics
-    # (its ratio mean, its shares would read 0 and pull the step's means down)
+    # a micro-batch whose tokens are all masked logs no entropy (NaN, which TRL's log leaves out of the mean: a 0 would
+    # pull it down) and none of the objective's metrics (its ratio mean, its shares would read 0 likewise)
     logged = {key: len(values) for key, values in trainer._metrics["train"].items()}
     assert logged["ratio/mean"] and logged["clip/ppo_frac"]
     _loss_of(trainer, {**inputs, "tool_mask": torch.zeros_like(tool_mask)}, training=True, accumulation_steps=1,
              steps_per_generation=1)
-    assert trainer._metrics["train"]["entropy"][-1] == 0.0
+    assert math.isnan(trainer._metrics["train"]["entropy"][-1])
     assert {key: len(values) for key, values in trainer._metrics["train"].items()} == {**logged, "entropy": logged["entropy"] + 1}
 
 
