@@ -1892,17 +1892,27 @@ def _run_with_a_checkpoint(tmp_path: Path) -> Path:
     return run
 
 
-@pytest.mark.parametrize("how", ["dot", "dotdot", "link"])
+@pytest.mark.parametrize("how", ["dot", "dotdot", "link", "linked in", "through a linked run"])
 def test_a_checkpoint_is_said_to_be_one_however_its_folder_is_named(tmp_path, monkeypatch, how):
-    """'.', '..' or a link naming a checkpoint's folder: the report still says whose checkpoint it is."""
-    checkpoint = _run_with_a_checkpoint(tmp_path) / "checkpoints" / "step_000004"
+    """'.', '..' or a link naming a checkpoint's folder, a checkpoint linked in from another disk, a run reached
+    through a link: the report still says whose checkpoint it is, naming the run as typed."""
+    run = _run_with_a_checkpoint(tmp_path)
+    checkpoint, name, run_named = run / "checkpoints" / "step_000004", "step_000004", str(run)
     if how == "link":
         target = tmp_path / "latest"
         target.symlink_to(checkpoint, target_is_directory=True)
+    elif how == "linked in":
+        elsewhere = tmp_path / "other_disk" / "step_000008"
+        elsewhere.mkdir(parents=True)
+        target, name = run / "checkpoints" / "step_000008", "step_000008"
+        target.symlink_to(elsewhere, target_is_directory=True)
+    elif how == "through a linked run":
+        (tmp_path / "runlink").symlink_to(run, target_is_directory=True)
+        target, run_named = tmp_path / "runlink" / "checkpoints" / "step_000004", str(tmp_path / "runlink")
     else:
         monkeypatch.chdir(checkpoint if how == "dot" else checkpoint / "model")
         target = Path("." if how == "dot" else "..")
-    with pytest.raises(NotARunDirectory, match="is in checkpoint step_000004 of the run"):
+    with pytest.raises(NotARunDirectory, match=re.escape(f"is in checkpoint {name} of the run {run_named}: report on")):
         write_run_report(target, figures=False)
 
 
@@ -1918,5 +1928,5 @@ def test_a_trl_run_s_tables_count_log_entries_not_steps(tmp_path):
     said = " ".join((tmp_path / "report" / "report.md").read_text().split())
     clip = row(report["interventions"], "metric", "select/clip_cov_frac")
     assert clip["log entries"] == 10 and clip["log entries not 0"] == 0
-    assert "of 10 log entries" in said and "of 10 steps" not in said
+    assert "of 10 log entries" in said and "Summed over the 10 log entries" in said and "10 steps" not in said
     assert "first log entry (at step 3)" in row(report["covariance"], "q", "top 0.02%")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import os
 import re
 import shlex
 from collections import Counter
@@ -619,7 +620,7 @@ class _RunReport:
                    agreement_cell(change["first_order_sign_agreement"], change["first_order_sign_steps"], counted)])
         section.table(table)
         if predicted.size:
-            steps = f"{predicted.size} step{'s' if predicted.size != 1 else ''}"
+            steps = f"{predicted.size} {counted[0] if predicted.size == 1 else counted[1]}"
             section.say(f"Summed over the {steps}, the predicted change is {fmt(float(predicted.sum()), signed=True)} "
                         f"nats a token and the measured one {fmt(float(measured.sum()), signed=True)}.")
 
@@ -681,14 +682,15 @@ class _RunReport:
                        num(float(values.max()) if values.size else math.nan), num(int(np.count_nonzero(values)))])
         section.table(table)
         idle = self.analysis.never_acted
+        logged = "log entry" if run.from_trainer_state else "logged step"
         if idle:
             keys = ", ".join(f"`{item['key']}`" for item in idle)
             if len(idle) == len(self.analysis.interventions):
-                section.say(f"The method's own intervention was 0 at every logged {counted[0]} ({keys}): on this run it never "
+                section.say(f"The method's own intervention was 0 at every {logged} ({keys}): on this run it never "
                             "acted, so it trained as its base objective does.")
             else:
                 acted = ", ".join(f"`{item['key']}`" for item in self.analysis.interventions if item["active_steps"])
-                section.say(f"Part of the method's own intervention was 0 at every logged {counted[0]} ({keys}): that part never "
+                section.say(f"Part of the method's own intervention was 0 at every {logged} ({keys}): that part never "
                             f"acted on this run; its other parts did ({acted}).")
         self.json["interventions"] = table.to_json()
 
@@ -876,11 +878,13 @@ def write_run_report(run_dir: str | Path, *, out: str | Path | None = None, fit_
         return _verl_report(run_dir, out, fit_fraction, figures)
     if not run_dir.is_dir():
         raise NotARunDirectory(f"no run directory at {run_dir}")
-    resolved = run_dir.resolve()  # '.', '..' or a link name the folder, not where it is
-    for parent in (resolved, *resolved.parents):
-        if parent.parent.name == "checkpoints" and (parent.parent.parent / "metrics.jsonl").exists():
-            raise NotARunDirectory(f"{run_dir} is in checkpoint {parent.name} of the run {parent.parent.parent}: "
-                                   "report on the run")
+    # as given ('.' and '..' made absolute, links kept: a checkpoint linked in from elsewhere, a run named as typed),
+    # then with links resolved (a link to a checkpoint)
+    for given in dict.fromkeys((Path(os.path.abspath(run_dir)), run_dir.resolve())):
+        for parent in (given, *given.parents):
+            if parent.parent.name == "checkpoints" and (parent.parent.parent / "metrics.jsonl").exists():
+                raise NotARunDirectory(f"{run_dir} is in checkpoint {parent.name} of the run {parent.parent.parent}: "
+                                       "report on the run")
     config, trainer_state, unreadable_states, verl_logs, an_entrorl_or_trl_run = _run_files(run_dir)
     if an_entrorl_or_trl_run:
         return _RunReport(_TrainingRun(run_dir, config=config, trainer_state=trainer_state,
