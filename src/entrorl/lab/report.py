@@ -307,8 +307,9 @@ class _Report:
             f"to reduce step-to-step noise. The collapse criterion, final entropy ≤ {fmt(COLLAPSE_RATIO)} × initial, compares "
             f"{measured_on}: it {verdict}; the training reward {reward_change}."
         )
-        # (a tolerance for the float difference: 0.55 - 0.5 is 0.05000000000000004, as far as 0.45 is from it)
-        near = (finite(criterion_ratio) is not None  # the ratio as printed, as the verdict takes it
+        # the ratio as printed, as the verdict takes it, with a tolerance for the float difference (0.55 - 0.5 is
+        # 0.05000000000000004, as far from it as 0.45 is)
+        near = (finite(criterion_ratio) is not None
                 and abs(_shown(criterion_ratio) - COLLAPSE_RATIO) <= NEAR_THRESHOLD * COLLAPSE_RATIO * (1 + 1e-9))
         if near:
             section.say(
@@ -687,12 +688,13 @@ class _Report:
             "`cov/top_{q}pct_ratio` is the mean of C over the top q% of the step's tokens divided by its mean over all tokens "
             "(undefined when that mean is not positive). Shown: the mean over steps, and the value at the first training step."
         )
-        tokens = [self.analyses[n].run.series("cov/n_tokens") for n in self.ok]
-        n_tokens = nanmedian(np.concatenate(tokens)) if tokens else math.nan  # every step of every method, pooled
+        # every step of every method, pooled
+        tokens = np.concatenate([self.analyses[n].run.series("cov/n_tokens") for n in self.ok] or [np.array([])])
+        n_tokens = nanmedian(tokens)
         if finite(n_tokens) is not None:
             counts = [top_token_count(round(n_tokens), float(q)) for q in COV_PERCENTS]
             said = ", ".join(f"top {q}% = {count} token{'s' if count != 1 else ''}" for q, count in zip(COV_PERCENTS, counts))
-            steps = {round(value) for value in np.concatenate(tokens) if np.isfinite(value)}
+            steps = {round(value) for value in tokens if np.isfinite(value)}
             # the same tokens, hence equal columns, only where the two counts coincide at every step's size
             same = [f"{COV_PERCENTS[i]}% and {COV_PERCENTS[i + 1]}%" for i in range(len(counts) - 1)
                     if all(top_token_count(n, float(COV_PERCENTS[i])) == top_token_count(n, float(COV_PERCENTS[i + 1]))
