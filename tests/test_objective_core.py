@@ -1614,6 +1614,36 @@ def test_a_batch_without_a_valid_token_reports_a_largest_ratio_of_0(method):
         assert build_objective(method)(batch).metrics["ratio/max"] == 0.0
 
 
+@pytest.mark.parametrize("method", ["grpo", "cispo", "gspo", "rft", "kl_cov"])
+def test_kl_old_new_is_the_log_ratio_as_it_is_whatever_the_surrogate(method):
+    """kl/old_new is the mean log pi_old - log pi of the valid tokens for every surrogate, past the +-20 the loss's
+    ratio is clamped to (GSPO's was unclamped, PPO's clamped: one key, two meanings)."""
+    log_prob = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    old = torch.tensor([[29.0, 13.0, -3.0]])  # 30, 15 and 0 nats
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=old, advantages=torch.tensor([1.0]),
+                        mask=torch.tensor([[True, True, True]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert build_objective(method)(batch).metrics["kl/old_new"] == pytest.approx(45.0 / 3)
+
+
+def test_kl_cov_s_on_policy_count_leaves_out_calls_without_gradients():
+    """A validation pass (no gradients) trains nothing: three of them on-policy do not make KL-Cov warn that it is a
+    no-op, which three on-policy training calls do."""
+    objective = build_objective("kl_cov")
+    log_prob = torch.tensor([[-1.0, -2.0, -0.5, -1.5]], requires_grad=True)
+    batch = PolicyBatch(log_prob=log_prob, old_log_prob=log_prob.detach(), advantages=torch.tensor([1.0]),
+                        mask=torch.ones(1, 4, dtype=torch.bool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            for _ in range(4):
+                objective(batch)
+    with pytest.warns(UserWarning, match="no-op strictly on-policy"):
+        for _ in range(3):
+            objective(batch)
+
+
 @pytest.mark.parametrize("correct", [[0], [0, 3], [0, 1, 2, 5, 6]])
 def test_rft_s_update_does_not_depend_on_how_many_samples_were_wrong(correct):
     """However many of the batch's samples are correct, rft's loss and gradient are those of supervised fine-tuning

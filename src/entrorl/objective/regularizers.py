@@ -276,7 +276,8 @@ class KLCov(Regularizer):
         on_policy = bool(selected.any()) and float(abs_log_ratio.detach()[selected].max()) == 0.0
         # advantages all 0 (every group's rewards equal): the policy loss moves no weight, so log r stays 0 in later
         # updates too; such a batch says nothing about whether the updates are on-policy, and is not counted
-        if n_valid and bool(advantages.detach()[mask].ne(0).any()):
+        # a call without gradients (a validation pass) trains nothing: not a step of the count
+        if n_valid and torch.is_grad_enabled() and bool(advantages.detach()[mask].ne(0).any()):
             self._count_on_policy(on_policy, batch.step)
         metrics["kl_cov/abs_log_ratio"] = float(masked_mean(abs_log_ratio.detach(), mask))
         return RegularizerTerm(per_token=penalty, covers=selected)  # its share: select/kl_cov_frac

@@ -13,11 +13,14 @@ from entrorl.objective.parts import Metrics, Surrogate, SurrogateOutput, registe
 __all__ = ["PPOClip", "Unclipped", "CISPO", "GSPO", "LogLikelihood"]
 
 
-def _ratio_metrics(metrics: Metrics, ratio: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor) -> None:
+def _ratio_metrics(metrics: Metrics, ratio: torch.Tensor, batch: PolicyBatch) -> None:
+    mask = batch.mask
     metrics["ratio/mean"] = float(masked_mean(ratio.detach(), mask))
     # no token: 0, below any ratio, so that a maximum taken over micro-batches (verl's) is the others'
     metrics["ratio/max"] = float(ratio.detach()[mask].max()) if mask.any() else 0.0
-    metrics["kl/old_new"] = float(masked_mean(-log_ratio.detach(), mask))
+    # the log-ratio as it is, not as clamped for the loss's ratio (policy_ratio): how far the policy really moved
+    log_ratio = torch.where(mask, batch.log_prob.detach() - batch.old_log_prob.detach(), torch.zeros_like(batch.log_prob))
+    metrics["kl/old_new"] = float(masked_mean(-log_ratio, mask))
 
 
 @register_part(
@@ -40,7 +43,7 @@ class PPOClip(Surrogate):
         return self
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
-        ratio, log_ratio = policy_ratio(batch)
+        ratio, _ = policy_ratio(batch)
         unclipped = -advantages * ratio
         clipped_loss = -advantages * ratio.clamp(1.0 - self.clip_ratio_low, 1.0 + self.clip_ratio_high)
         loss = torch.maximum(unclipped, clipped_loss)
@@ -55,7 +58,7 @@ class PPOClip(Surrogate):
         metrics["clip/ppo_frac"] = fraction(clipped, mask)
         metrics["clip/ppo_low_frac"] = fraction((ratio.detach() < 1.0 - self.clip_ratio_low) & (advantages < 0), mask)
         metrics["clip/ppo_high_frac"] = fraction((ratio.detach() > 1.0 + self.clip_ratio_high) & (advantages > 0), mask)
-        _ratio_metrics(metrics, ratio, log_ratio, mask)
+        _ratio_metrics(metrics, ratio, batch)
         return SurrogateOutput(per_token_loss=loss, clipped=clipped & mask, ratio=ratio.detach())
 
 
@@ -68,8 +71,8 @@ class Unclipped(Surrogate):
     """``L = -A r``: no token is clipped. KL-Cov uses it, controlling the update with its KL term instead."""
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
-        ratio, log_ratio = policy_ratio(batch)
-        _ratio_metrics(metrics, ratio, log_ratio, batch.mask)
+        ratio, _ = policy_ratio(batch)
+        _ratio_metrics(metrics, ratio, batch)
         return SurrogateOutput(
             per_token_loss=-advantages * ratio, clipped=torch.zeros_like(batch.mask), ratio=ratio.detach()
         )
@@ -89,10 +92,10 @@ class CISPO(Surrogate):
     clip_ratio_high: float = Field(0.28, ge=0.0, description="upper IS bound 1 + eps_high; 0.28 as in Trinity-RFT's CISPO")
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
-        ratio, log_ratio = policy_ratio(batch)
+        ratio, _ = policy_ratio(batch)
         weight = ratio.detach().clamp(1.0 - self.clip_ratio_low, 1.0 + self.clip_ratio_high)
         metrics["clip/cispo_frac"] = fraction(weight != ratio.detach(), batch.mask)
-        _ratio_metrics(metrics, ratio, log_ratio, batch.mask)
+        _ratio_metrics(metrics, ratio, batch)
         return SurrogateOutput(
             per_token_loss=-weight * advantages * batch.log_prob,
             clipped=torch.zeros_like(batch.mask),
@@ -127,7 +130,7 @@ class GSPO(Surrogate):
         loss = torch.maximum(unclipped, clipped_loss)
         clipped = (clipped_loss.detach() > unclipped.detach()) & mask
         metrics["clip/gspo_frac"] = fraction(clipped, mask)
-        _ratio_metrics(metrics, ratio, log_ratio, mask)
+        _ratio_metrics(metrics, ratio, batch)
         return SurrogateOutput(per_token_loss=loss, clipped=clipped, ratio=ratio.detach())
 
 
@@ -142,8 +145,8 @@ class LogLikelihood(Surrogate):
     wrong samples out of the normaliser, it is rejection-sampling fine-tuning (RAFT / RFT, the ``rft`` method)."""
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
-        ratio, log_ratio = policy_ratio(batch)
-        _ratio_metrics(metrics, ratio, log_ratio, batch.mask)
+        ratio, _ = policy_ratio(batch)
+        _ratio_metrics(metrics, ratio, batch)
         return SurrogateOutput(
             per_token_loss=-advantages * batch.log_prob, clipped=torch.zeros_like(batch.mask), ratio=ratio.detach()
         )
