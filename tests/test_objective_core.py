@@ -1615,16 +1615,20 @@ def test_a_batch_without_a_valid_token_reports_a_largest_ratio_of_0(method):
 
 
 @pytest.mark.parametrize("method", ["grpo", "cispo", "gspo", "rft", "kl_cov"])
-def test_kl_old_new_is_the_log_ratio_as_it_is_whatever_the_surrogate(method):
-    """kl/old_new is the mean log pi_old - log pi of the valid tokens for every surrogate, past the +-20 the loss's
-    ratio is clamped to (GSPO's was unclamped, PPO's clamped: one key, two meanings)."""
+def test_kl_old_new_is_one_measure_whatever_the_surrogate(method):
+    """kl/old_new is the mean log pi_old - log pi of the valid tokens, each clamped to +-20 as PPO's ratio and verl's
+    ppo_kl clamp it, for every surrogate (GSPO's was unclamped, PPO's clamped: one key, two meanings), and finite where
+    a valid token's log-prob is -inf (a consumer leaving out non-finite values would drop that step's move)."""
     log_prob = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
-    old = torch.tensor([[29.0, 13.0, -3.0]])  # 30, 15 and 0 nats
+    old = torch.tensor([[29.0, 13.0, -3.0]])  # 30 (clamped to 20), 15 and 0 nats
     batch = PolicyBatch(log_prob=log_prob, old_log_prob=old, advantages=torch.tensor([1.0]),
                         mask=torch.tensor([[True, True, True]]))
+    far = PolicyBatch(log_prob=torch.tensor([[float("-inf"), -2.0]]), old_log_prob=torch.tensor([[-1.0, -2.0]]),
+                      advantages=torch.tensor([1.0]), mask=torch.tensor([[True, True]]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert build_objective(method)(batch).metrics["kl/old_new"] == pytest.approx(45.0 / 3)
+        assert build_objective(method)(batch).metrics["kl/old_new"] == pytest.approx(35.0 / 3)
+        assert build_objective(method)(far).metrics["kl/old_new"] == pytest.approx(10.0)
 
 
 def test_kl_cov_s_on_policy_count_leaves_out_calls_without_gradients():

@@ -18,8 +18,9 @@ def _ratio_metrics(metrics: Metrics, ratio: torch.Tensor, batch: PolicyBatch) ->
     metrics["ratio/mean"] = float(masked_mean(ratio.detach(), mask))
     # no token: 0, below any ratio, so that a maximum taken over micro-batches (verl's) is the others'
     metrics["ratio/max"] = float(ratio.detach()[mask].max()) if mask.any() else 0.0
-    # the log-ratio as it is, not as clamped for the loss's ratio (policy_ratio): how far the policy really moved
-    log_ratio = torch.where(mask, batch.log_prob.detach() - batch.old_log_prob.detach(), torch.zeros_like(batch.log_prob))
+    # each token's log-ratio clamped to +-20 as policy_ratio clamps it for PPO's loss (and verl for its ppo_kl), for
+    # every surrogate alike (GSPO's own ratio is not clamped so): finite where a log-prob is -inf
+    log_ratio = policy_ratio(batch)[1].detach()
     metrics["kl/old_new"] = float(masked_mean(-log_ratio, mask))
 
 
