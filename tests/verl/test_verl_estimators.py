@@ -208,6 +208,22 @@ def test_reinforce_pp_refuses_a_discount_verl_s_own_would_apply():
         make_advantage_estimator(other)(rewards, mask, config=OmegaConf.create({"gamma": 0.5}), index=uids)
 
 
+def test_reinforce_pp_refuses_a_kl_penalty_in_the_reward():
+    """algorithm.use_kl_in_reward puts -beta KL on every token, which verl's reinforce_plus_plus turns into returns-to-go
+    (each token its own); entrorl's REINFORCE++ takes one outcome per response, so it refuses rather than sum them
+    into one; the outcome-level estimators, which verl also sums, take it."""
+    from omegaconf import OmegaConf
+
+    from entrorl.integrations.verl.estimators import make_advantage_estimator
+
+    rewards, mask, uids, *_ = _rollouts(3)
+    with_kl = OmegaConf.create({"gamma": 1.0, "use_kl_in_reward": True})
+    with pytest.raises(ValueError, match="use_kl_in_reward puts a KL penalty on every token"):
+        make_advantage_estimator("reinforce_pp")(rewards, mask, config=with_kl, index=uids)
+    for other in ("grpo", "reinforce_pp_baseline"):
+        make_advantage_estimator(other)(rewards, mask, config=with_kl, index=uids)
+
+
 def test_an_index_of_another_length_than_the_batch_is_refused():
     from entrorl.integrations.verl.estimators import make_advantage_estimator
 

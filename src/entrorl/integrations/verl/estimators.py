@@ -146,6 +146,12 @@ def make_advantage_estimator(estimator: str):
                 f"verl adv_estimator {estimator_name(estimator)!r} computes REINFORCE++ from each response's outcome "
                 f"reward, undiscounted; algorithm.gamma = {gamma} would discount the returns-to-go of verl's own "
                 "reinforce_plus_plus: set algorithm.gamma=1.0, or use adv_estimator=reinforce_plus_plus")
+        if estimator == "reinforce_pp" and config_get(config, "use_kl_in_reward", False):
+            raise ValueError(
+                f"verl adv_estimator {estimator_name(estimator)!r} computes REINFORCE++ from each response's outcome "
+                "reward; algorithm.use_kl_in_reward puts a KL penalty on every token, which verl's own "
+                "reinforce_plus_plus turns into returns-to-go and this estimator would sum into one outcome: keep the KL "
+                "out of the reward (actor_rollout_ref.actor.use_kl_loss=True), or use adv_estimator=reinforce_plus_plus")
         mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
         # every position counts, as in verl's own estimators: verl may score a response on a token outside its mask
         # (an empty response's at column -1; an agent loop that ended on tool output, on the last tool token)
