@@ -25,6 +25,7 @@ from entrorl.lab.tasks import (
     sft_corpus,
 )
 from entrorl.lab.tiny_model import DEFAULT_ALPHABET
+from entrorl.rewards import RewardRunner
 
 NAMES = ["sum_chain", "countdown", "rg_arithmetic"]
 SEEDS = [0, 1, 2, 7, 123]
@@ -998,3 +999,19 @@ def test_rg_arithmetic_wrong_demonstrations_are_one_slip_carried_on():
         assert steps[-1][3] == final, wrong
         stepwise += 1
     assert stepwise >= 0.9 * len(examples), stepwise
+
+
+@pytest.mark.parametrize("name", ["sum_chain", "countdown", "rg_arithmetic"])
+@pytest.mark.parametrize("column", ["answer", "completion", "prompt"])
+def test_a_meta_column_named_like_a_reward_argument_does_not_fail_a_task_s_scoring(name, column):
+    """A task's reward takes its three arguments by position only, so a row's meta column named answer, completion
+    or prompt (which the argument check lets through, and verl keeps in extra_info) reaches **meta: a correct
+    completion scores 1, not a failure on every sample."""
+    task = get_task(name)
+    example = task.examples(1, seed=0, split="train")[0]
+    correct = task.demonstration(example, random.Random(0))
+    meta = {**example.meta, column: "some value"}
+    runner = RewardRunner(task)
+    runner.check_arguments([meta])
+    result = runner([example.prompt], [correct], [example.answer], [meta])
+    assert not bool(result.failed[0]) and float(result.exact_scores[0]) == 1.0, result.first_error

@@ -250,7 +250,7 @@ class Task:
         """A plausible but wrong completion (scores 0)."""
         raise NotImplementedError
 
-    def score(self, prompt: str, completion: str, answer: str | None, **meta: Any) -> float:
+    def score(self, prompt: str, completion: str, answer: str | None, /, **meta: Any) -> float:
         """The verifier: 1.0 for a correct completion, else 0.0. Never raises on a bad completion."""
         raise NotImplementedError
 
@@ -384,7 +384,7 @@ class SumChainTask(Task):
             steps.append(f"{a}+{b}={value}")
         return " ".join(steps) + f" {ANSWER_MARKER}{value}"
 
-    def score(self, prompt: str, completion: str, answer: str | None, **meta: Any) -> float:
+    def score(self, prompt: str, completion: str, answer: str | None, /, **meta: Any) -> float:
         terms = self._terms(prompt, meta)
         expected = sum(terms) if terms is not None else _parse_int(answer.strip() if isinstance(answer, str) else None)
         if expected is None:
@@ -574,7 +574,7 @@ class CountdownTask(Task):
             available.append(value)
         return available == [target]
 
-    def score(self, prompt: str, completion: str, answer: str | None, **meta: Any) -> float:
+    def score(self, prompt: str, completion: str, answer: str | None, /, **meta: Any) -> float:
         numbers, target = self._problem(prompt, meta)
         return 1.0 if self.check_derivation(numbers, target, completion) else 0.0
 
@@ -865,7 +865,7 @@ class RgArithmeticTask(Task):
         wrong = rng.choice([c for c in candidates if reference not in str(c)])
         return f"{ANSWER_MARKER}{wrong}"
 
-    def score(self, prompt: str, completion: str, answer: str | None, **meta: Any) -> float:
+    def score(self, prompt: str, completion: str, answer: str | None, /, **meta: Any) -> float:
         entry = meta.get("entry")
         if isinstance(entry, str):
             entry = json.loads(entry)
