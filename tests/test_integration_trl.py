@@ -1891,6 +1891,9 @@ def test_sampling_that_leaves_tokens_out_is_warned_about_for_an_objective_readin
                                              r"GRPOConfig's temperature, while GRPOConfig's top_k"):
             _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens",
                      config=_config(tmp_path, **options))
+    for method in ("entropy_bonus", "adaptive_entropy"):  # a bonus on, and a controller of, the full one's entropy
+        with pytest.warns(UserWarning, match=rf"method '{method}' reads entropy of the full distribution"):
+            _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective=method, config=_config(tmp_path, top_p=0.9))
     recwarn.clear()
     _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens",
              config=_config(tmp_path, top_k=len(tokenizer)))

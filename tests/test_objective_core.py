@@ -1985,6 +1985,8 @@ def test_required_fields_name_each_field_once():
     objective = build_objective("entropy_advantage+forking_tokens+entropy_bonus+tis")
     assert objective.required_fields == ("entropy", "rollout_log_prob")
     assert build_objective("grpo").required_fields == ()
+    # the entropy terms read H too: declared, so that truncated sampling is warned about and verl's actor supplies it
+    assert build_objective("grpo+entropy_bonus+adaptive_entropy").required_fields == ("entropy",)
 
 
 def test_the_objective_is_named_after_its_whole_composition():

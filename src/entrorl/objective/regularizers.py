@@ -41,6 +41,7 @@ class EntropyBonus(Regularizer):
     """``loss - entropy_coeff * agg(H)`` (aggregated like the policy loss, over all valid tokens)."""
 
     aggregated_metrics: ClassVar[tuple[str, ...]] = ("reg/entropy_bonus",)
+    requires: ClassVar[tuple[str, ...]] = ("entropy",)
 
     entropy_coeff: float = Field(1e-3, description="c; the seeds and arXiv 2505.22617 find 1e-4..1e-3 inert, 1e-2 explosive")
 
@@ -65,6 +66,8 @@ class AdaptiveEntropy(Regularizer):
     that share ``PolicyBatch.step``, so mini-batches, epochs and micro-batches move the coefficient once; a batch
     without a step is a step of its own. The coefficient, the entropy of the step being measured and the last
     verdict are state (checkpointed via ``state_dict``)."""
+
+    requires: ClassVar[tuple[str, ...]] = ("entropy",)
 
     target_entropy: float = Field(0.2, ge=0.0, description="H_tgt = 0.2 nats (arXiv 2505.22312, released scripts)")
     delta: float = Field(1e-4, ge=0.0, description="coefficient step = 1e-4 (released code; the paper text says 5e-3)")

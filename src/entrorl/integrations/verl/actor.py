@@ -42,7 +42,7 @@ import torch
 
 from entrorl._checks import widest_float
 from entrorl.integrations.verl.channel import collect_metric_aggregations, provide_token_fields
-from entrorl.integrations.verl.losses import LOSS_MODE_PREFIX, config_get, entrorl_parameters, required_fields
+from entrorl.integrations.verl.losses import LOSS_MODE_PREFIX, config_get, entrorl_parameters
 from entrorl.objective import build_objective
 from entrorl.objective.regularizers import AdaptiveEntropy, EntropyBonus
 from entrorl.tokens import token_stats
@@ -116,7 +116,7 @@ def _loss_mode_needs(config: Any) -> tuple[tuple[str, ...], bool]:
     key = (method, repr(sorted(params.items())))
     if key not in _NEEDED:
         objective = build_objective(method, **params)
-        required = required_fields(objective)
+        required = objective.required_fields
         _NEEDED[key] = (tuple(name for name in LOGIT_STATS if name in required),
                         any(isinstance(part, (EntropyBonus, AdaptiveEntropy)) for part in objective.regularizers))
     return _NEEDED[key]

@@ -9,7 +9,8 @@ put on every valid token, and the returns equal the advantages (as verl's GRPO d
 Parameters: the estimator's defaults, then verl's ``algorithm.norm_adv_by_std_in_grpo`` for ``entrorl_grpo``,
 then the mapping ``algorithm.entrorl`` (``+algorithm.entrorl.k=8``; an unknown name is an error listing the
 valid ones). ``entrorl_reinforce_pp`` is undiscounted: an ``algorithm.gamma`` other than 1 (which verl's own
-``reinforce_plus_plus`` applies to returns-to-go) is refused. ``entrorl_unlikely`` needs the old policy's
+``reinforce_plus_plus`` applies to returns-to-go) is refused, and so is ``algorithm.use_kl_in_reward`` (a KL penalty
+on every token, which verl's own turns into returns-to-go and one outcome per response cannot hold). ``entrorl_unlikely`` needs the old policy's
 log-probs, which verl passes to no custom estimator: it raises unless its caller passes ``old_log_probs``.
 
 The driver looks estimators up, and the actor extension is not imported there: load this module in the driver

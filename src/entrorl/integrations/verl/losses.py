@@ -72,7 +72,6 @@ __all__ = [
     "make_policy_loss",
     "register_policy_losses",
     "registered_loss_modes",
-    "required_fields",
 ]
 
 LOSS_MODE_PREFIX = "entrorl_"
@@ -259,17 +258,6 @@ class _VerlRolloutWeights(Correction):
         metrics["correction/verl_is_weight_mean"] = float(weights[valid].mean()) if valid.any() else 1.0
         return weights
 
-
-# Parts that read a PolicyBatch field without declaring it in ``requires`` (they check it themselves).
-_UNDECLARED_READS = {("regularizer", "entropy_bonus"): ("entropy",), ("regularizer", "adaptive_entropy"): ("entropy",)}
-
-
-def required_fields(objective: Objective) -> tuple[str, ...]:
-    """The optional PolicyBatch fields ``objective`` reads: its parts' declared ones and the undeclared reads."""
-    fields = list(objective.required_fields)
-    for part in objective.parts:
-        fields += [f for f in _UNDECLARED_READS.get((part.kind, part.name), ()) if f not in fields]
-    return tuple(fields)
 
 
 @dataclass
@@ -466,7 +454,7 @@ def _refuse_verl_duplicates(mode: str, objective: Objective, config: Any) -> Non
             f"entropy_coeff = {config_get(config, 'entropy_coeff')} times the entropy as well: set "
             "actor_rollout_ref.actor.entropy_coeff=0"
         )
-    if "ref_log_prob" in required_fields(objective) and config_get(config, "use_kl_loss", False) and config_get(config, "kl_loss_coef", 0):
+    if "ref_log_prob" in objective.required_fields and config_get(config, "use_kl_loss", False) and config_get(config, "kl_loss_coef", 0):
         raise ValueError(
             f"verl loss_mode {mode!r} has its own KL to the reference (kl_ref, coefficient kl_loss_coef in "
             "policy_loss.entrorl) and verl adds its KL loss as well: keep actor_rollout_ref.actor.use_kl_loss=True (it "
@@ -580,7 +568,7 @@ def make_policy_loss(method: str):
         _refuse_verl_duplicates(mode, objective, config)
 
         fields = {**current_token_fields(), **{k: v for k, v in token_fields.items() if v is not None}}
-        missing = [name for name in required_fields(objective) if name not in fields]
+        missing = [name for name in objective.required_fields if name not in fields]
         if missing:
             sources = "; ".join(f"{name}: {_FIELD_SOURCES[name]}" for name in missing)
             raise ValueError(
