@@ -1015,3 +1015,9 @@ def test_a_meta_column_named_like_a_reward_argument_does_not_fail_a_task_s_scori
     runner.check_arguments([meta])
     result = runner([example.prompt], [correct], [example.answer], [meta])
     assert not bool(result.failed[0]) and float(result.exact_scores[0]) == 1.0, result.first_error
+
+    class KeywordTask(type(task)):  # a task of one's own whose score takes the three by keyword as well
+        def score(self, prompt, completion, answer, **meta):
+            return super().score(prompt, completion, answer, **meta)
+
+    assert KeywordTask()(example.prompt, correct, example.answer, **meta) == 1.0

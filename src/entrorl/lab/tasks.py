@@ -255,6 +255,9 @@ class Task:
         raise NotImplementedError
 
     def __call__(self, prompt: str, completion: str, answer: str | None, /, **meta: Any) -> float:
+        # a meta column named like one of the three would collide with them in a subclass's score that takes them by
+        # keyword too (the built-in tasks' take them by position only): no task reads such a column
+        meta = {key: value for key, value in meta.items() if key not in ("prompt", "completion", "answer")}
         return self.score(prompt, completion, answer, **meta)
 
 
