@@ -4495,8 +4495,17 @@ def test_the_eval_command_prints_the_summary_s_metrics_under_the_checkpoint_and_
     rows = [" ".join(line.strip("│ ").split()) for line in result.output.splitlines() if line.startswith("│")]
     assert "step_000003/model on [b]sums.jsonl: 4 prompts x 4 samples" in " ".join(result.output.split())
     assert [row.replace(" │ ", "|") for row in rows] == [
-        "Avg@4|0.3750", "Pass@2|0.4583", "solved by no sample|0.500", "solved by every sample|0.250",
+        "Avg@4|0.3750", "Pass@2|0.4583", "solved by no sample|0.500 (2 of 4)", "solved by every sample|0.250 (1 of 4)",
         "pass-rate histogram|2 0 0 0 0 1 0 0 0 1"]
+
+
+def test_the_eval_table_s_shares_of_prompts_say_their_counts_and_never_round_to_none_or_all():
+    from entrorl.cli import _share_of_prompts
+
+    assert _share_of_prompts(0.5, 4) == "0.500 (2 of 4)"
+    assert _share_of_prompts(1 / 2001, 2001) == "0.000500 (1 of 2001)"
+    assert _share_of_prompts(2000 / 2001, 2001) == "0.999500 (2000 of 2001)"
+    assert _share_of_prompts(0.0, 7) == "0.000 (0 of 7)" and _share_of_prompts(1.0, 7) == "1.000 (7 of 7)"
 
 
 def test_the_eval_command_samples_16_per_prompt_in_batches_of_64_by_default(tmp_path, tiny_model_dir, arithmetic_files):

@@ -1316,6 +1316,16 @@ def test_evaluate_model_keeps_each_sample_s_shaped_reward_length_and_index_promp
     assert [sample["reward"] for sample in samples] == pytest.approx([0.25] * 3 + [1.0] * 3)
     assert all(sample["correct"] for sample in samples) and result.summary.avg_at_n == 1.0 and result.reward_errors == 0
     assert len(result.forks) == 2 and not model.training
+    # a failing reward is named by the sample the samples list gives it, its index among its prompt's samples
+    def fails_on_the_second_prompt(prompt, completion, answer, **meta):
+        if prompt.startswith("9"):
+            raise RuntimeError("no")
+        return 1.0
+
+    failed = evaluate_model(model, tokenizer, records, prompt_ids, RewardRunner(fails_on_the_second_prompt), n=3, ks=[1],
+                            seed=0, keep_samples=True, sampling=SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert failed.first_reward_error.startswith("reward raised for sample 0 (a:2): RuntimeError: no")
+    assert (failed.samples[3]["source"], failed.samples[3]["sample"]) == ("a:2", 0)
     with pytest.raises(ValueError, match="evaluate_model: no prompts to evaluate"):
         evaluate_model(model, tokenizer, [], [], runner, n=3, ks=[1], seed=0, sampling=SamplingParams(max_new_tokens=6))
     with pytest.raises(ValueError, match="evaluate_model: n must be a positive integer, got 0"):

@@ -457,6 +457,15 @@ def _model_directory(model: Path, base: Path | None, dtype: str):
         return merged
 
 
+def _share_of_prompts(share: float, prompts: int) -> str:
+    """``0.250 (1 of 4)``: a share of the prompts with their count, and digits enough that 1 prompt in 2001 does not
+    read 0.000 (nor 2000 of them 1.000)."""
+    shown = f"{share:.3f}"
+    if shown in ("0.000", "1.000") and share not in (0.0, 1.0):
+        shown = f"{share:.6f}"
+    return f"{shown} ({round(share * prompts)} of {prompts})"
+
+
 # how many times eval and data audit take the next newest checkpoint of a run that pruned the one they were loading
 _PRUNED_RETRIES = 3
 
@@ -936,8 +945,8 @@ def evaluate(
     for key, value in result.summary.pass_at_k.items():
         table.add_row(f"Pass@{key}", f"{value:.4f}")
     polarisation = result.summary.polarisation
-    table.add_row("solved by no sample", f"{polarisation.frac_zero:.3f}")
-    table.add_row("solved by every sample", f"{polarisation.frac_one:.3f}")
+    for label, share in (("solved by no sample", polarisation.frac_zero), ("solved by every sample", polarisation.frac_one)):
+        table.add_row(label, _share_of_prompts(share, polarisation.n_problems))
     table.add_row("pass-rate histogram", " ".join(str(c) for c in polarisation.histogram))
     if result.reward_errors:
         table.add_row("reward errors", str(result.reward_errors))

@@ -605,7 +605,8 @@ class RewardRunner:
     from them (the ``code`` reward: each call waits on a sandboxed process), else one after the other; when such a
     batch is interrupted, the samples not started are dropped and ``fn.stop_calls()``, when the reward has it, stops
     those running. Calls are not time-limited: a reward that may hang must bound itself. ``first_sample`` numbers the
-    batch's samples in ``first_error`` from that index, for a caller that scores a longer list in parts, and
+    batch's samples in ``first_error`` from that index, for a caller that scores a longer list in parts, or
+    ``sample_numbers`` gives each its own (the sample of its prompt, for a caller that writes samples so numbered), and
     ``sources`` (the data row of each sample, ``file:line``) names each failing sample's row there too.
     """
 
@@ -730,6 +731,7 @@ class RewardRunner:
         *,
         first_sample: int = 0,
         sources: Sequence[str | None] | None = None,
+        sample_numbers: Sequence[int] | None = None,
     ) -> RewardResult:
         n = len(completions)
         if answers is None:
@@ -741,6 +743,8 @@ class RewardRunner:
             sizes["lengths"] = len(lengths)
         if sources is not None:
             sizes["sources"] = len(sources)
+        if sample_numbers is not None:
+            sizes["sample_numbers"] = len(sample_numbers)
         if len(set(sizes.values())) > 1:
             raise ValueError(f"RewardRunner: inputs have different lengths: {sizes}")
         if self.overlong is not None and lengths is None:
@@ -765,7 +769,7 @@ class RewardRunner:
                 reasons[i] = f"reward raised {type(exc).__name__}: {exc}"[:300]
                 if first_error is None:
                     headline = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-                    sample = self._sample_name(first_sample + i, sources, i)
+                    sample = self._sample_name(first_sample + i if sample_numbers is None else sample_numbers[i], sources, i)
                     first_error = f"reward raised for {sample}: {headline}\n{trace}"
                 continue
             try:
@@ -783,7 +787,8 @@ class RewardRunner:
                 reasons[i] = f"reward {exc}"[:300]
                 if first_error is None:  # with what a failed score tells of its failure (a judge's traceback)
                     details = getattr(value, "details", None)
-                    first_error = f"reward for {self._sample_name(first_sample + i, sources, i)} {exc}" + (
+                    number = first_sample + i if sample_numbers is None else sample_numbers[i]
+                    first_error = f"reward for {self._sample_name(number, sources, i)} {exc}" + (
                         f"\n{details}" if isinstance(details, str) and details else "")
                 continue
             scores[i] = score

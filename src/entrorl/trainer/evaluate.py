@@ -102,7 +102,8 @@ def evaluate_model(
     completion_ids = rollouts.completion_ids()
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     result = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated], [r.meta for r in repeated],
-                    rollouts.lengths.tolist(), sources=[r.source for r in repeated])
+                    rollouts.lengths.tolist(), sources=[r.source for r in repeated],
+                    sample_numbers=[row % n for row in range(len(repeated))])  # as the samples file numbers them
     summary = summarize_samples(result.correct.view(len(records), n).numpy(), ks=ks)
     samples = []
     if keep_samples:
