@@ -1222,7 +1222,7 @@ def test_cli_prints_data_verbatim_and_reward_failures_in_one_line(markup_data, t
     assert "\x1b" not in result.output and "\x07" not in result.output  # no escape sequence reaches the terminal
     (line,) = [line for line in result.output.splitlines() if line.startswith("reward errors")]
     assert line == ("reward errors: the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample "
-                    "4 (m.jsonl:3): ValueError: [i]bad[/i] \\x1b]0;title\\x07thing; its traceback is in aud/reward_errors.log")
+                    "0 (m.jsonl:3): ValueError: [i]bad[/i] \\x1b]0;title\\x07thing; its traceback is in aud/reward_errors.log")
     log = Path("aud/reward_errors.log").read_text()
     assert "Traceback (most recent call last)" in log and "ValueError: [i]bad[/i] \x1b]0;title\x07thing" in log
     assert json.loads(Path("aud/summary.json").read_text())["reward_errors"] == 2
@@ -1232,12 +1232,12 @@ def test_cli_prints_data_verbatim_and_reward_failures_in_one_line(markup_data, t
                                       "--out", "eval/e.json"])
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
-    assert ("the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample 4 (m.jsonl:3): "
+    assert ("the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample 0 (m.jsonl:3): "
             "ValueError: [i]bad[/i] \\x1b]0;title\\x07thing; its traceback is in eval/e.reward_errors.log") in result.output
     assert "Traceback (most recent call last)" in Path("eval/e.reward_errors.log").read_text()
     summary = json.loads(Path("eval/e.json").read_text())
     assert summary["reward_errors"] == 2 and summary["reward_errors_log"] == "eval/e.reward_errors.log"
-    assert summary["first_reward_error"] == "reward raised for sample 4 (m.jsonl:3): ValueError: [i]bad[/i] \x1b]0;title\x07thing"
+    assert summary["first_reward_error"] == "reward raised for sample 0 (m.jsonl:3): ValueError: [i]bad[/i] \x1b]0;title\x07thing"
     # a later evaluation into the same --out without a failure leaves no earlier traceback beside it
     again = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(markup_data), "--n", "2",
                                      "--max-new-tokens", "2", "--reward", "exact_match", "--out", "eval/e.json"])
@@ -1597,10 +1597,10 @@ def test_completions_are_decoded_without_special_tokens(tiny_model_dir):
     assert result.completions == [["", ""]] and result.answers == [[None, None]]
 
 
-def test_the_first_reward_failure_names_its_sample_among_all_the_samples(tiny_model_dir):
-    """Prompts are scored one generation call at a time, but the first failure is reported, on the terminal and in
-    reward_errors.log, as a sample of the whole run (as `entrorl eval` reports it): prompt 3's first sample is sample 6
-    of three samples per prompt, although it is the first row of the second call."""
+def test_the_first_reward_failure_names_its_sample_among_its_prompt_s_samples(tiny_model_dir):
+    """Prompts are scored one generation call at a time; the first failure is reported, on the terminal and in
+    reward_errors.log, by its data row and its index among that prompt's samples (as `entrorl eval` reports it):
+    prompt 3's first sample is sample 0 of mem:3, whichever call scored it."""
     from entrorl.modeling import load_causal_lm, load_tokenizer
 
     def reward(prompt, completion, answer, **meta):
@@ -1614,7 +1614,7 @@ def test_the_first_reward_failure_names_its_sample_among_all_the_samples(tiny_mo
     result = audit_records(model, tokenizer, records, ids, RewardRunner(reward), n=3, sampling=SamplingParams(max_new_tokens=2),
                            batch_size=6)
     assert result.reward_errors == 3
-    assert result.first_reward_error.startswith("reward raised for sample 6 (mem:3): ValueError: three fails")
+    assert result.first_reward_error.startswith("reward raised for sample 0 (mem:3): ValueError: three fails")
 
 
 def test_the_pass_rate_bars_scale_to_the_widest_bin_and_show_every_non_empty_bin():
@@ -1714,7 +1714,7 @@ def test_cli_data_audit_prints_the_pass_rate_table_the_suspects_and_counts_over_
     assert [row for row in cells if row[0].startswith("t.jsonl:")] == [["t.jsonl:2", "4", "7", "1.00", "0/2"],
                                                                        ["t.jsonl:3", "6", "7", "1.00", "0/2"]]
     assert "ok 1, hard 0, looks wrong 2, too long 1; band (0, 1): kept 0 of 4 rows -> aud/t.filtered.jsonl" in lines
-    assert ("reward errors: the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample 4 "
+    assert ("reward errors: the reward failed on 2 of 6 samples, which scored 0; first: reward raised for sample 0 "
             "(t.jsonl:3): ValueError: three; its traceback is in aud/reward_errors.log") in lines
 
 

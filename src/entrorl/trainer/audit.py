@@ -232,8 +232,8 @@ def audit_records(
             completions = tokenizer.batch_decode(rollouts.completion_ids(), skip_special_tokens=True)
             repeated = [records[i] for i in chunk for _ in range(n)]
             scored = reward([r.prompt for r in repeated], completions, [r.answer for r in repeated],
-                            [r.meta for r in repeated], rollouts.lengths.tolist(), first_sample=start * n,
-                            sources=[r.source for r in repeated])
+                            [r.meta for r in repeated], rollouts.lengths.tolist(), sources=[r.source for r in repeated],
+                            sample_numbers=[row % n for row in range(len(repeated))])  # as entrorl eval numbers them
             result.reward_errors += scored.errors
             result.first_reward_error = result.first_reward_error or scored.first_error
             correct = scored.correct.tolist()
