@@ -747,6 +747,7 @@ class RewardRunner:
             sizes["sample_numbers"] = len(sample_numbers)
         if len(set(sizes.values())) > 1:
             raise ValueError(f"RewardRunner: inputs have different lengths: {sizes}")
+        sample_number = range(first_sample, first_sample + n) if sample_numbers is None else sample_numbers  # in first_error
         if self.overlong is not None and lengths is None:
             raise ValueError("RewardRunner: `lengths` (response token counts) are required when overlong is set")
 
@@ -769,7 +770,7 @@ class RewardRunner:
                 reasons[i] = f"reward raised {type(exc).__name__}: {exc}"[:300]
                 if first_error is None:
                     headline = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-                    sample = self._sample_name(first_sample + i if sample_numbers is None else sample_numbers[i], sources, i)
+                    sample = self._sample_name(sample_number[i], sources, i)
                     first_error = f"reward raised for {sample}: {headline}\n{trace}"
                 continue
             try:
@@ -787,8 +788,7 @@ class RewardRunner:
                 reasons[i] = f"reward {exc}"[:300]
                 if first_error is None:  # with what a failed score tells of its failure (a judge's traceback)
                     details = getattr(value, "details", None)
-                    number = first_sample + i if sample_numbers is None else sample_numbers[i]
-                    first_error = f"reward for {self._sample_name(number, sources, i)} {exc}" + (
+                    first_error = f"reward for {self._sample_name(sample_number[i], sources, i)} {exc}" + (
                         f"\n{details}" if isinstance(details, str) and details else "")
                 continue
             scores[i] = score
