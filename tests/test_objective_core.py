@@ -1209,6 +1209,37 @@ def test_selectors_that_together_keep_no_token_are_refused():
     assert 0.3 < kept < 0.5  # about the 0.6 - 0.2 band of the valid tokens
 
 
+@pytest.mark.parametrize("method", ["rft+nsr", "nsr+rft", "grpo+rft"])
+def test_selectors_that_keep_opposite_advantage_signs_are_refused(method):
+    """rft keeps the tokens with A > 0 and nsr's advantage_sign those with A <= 0: together nothing, whatever the
+    advantages (the policy loss 0 at every step). Psr's keep='positive' with rft overlaps (A > 0) and is accepted."""
+    if method == "grpo+rft":
+        config = {"method": method, "selectors": [{"name": "advantage_sign", "keep": "negative"}]}
+    else:
+        config = method
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="together they keep no token whatever the advantages"):
+            build_objective(config)
+        kept = build_objective({"method": "grpo+rft", "selectors": [{"name": "advantage_sign", "keep": "positive"}]})
+    assert sorted(part.name for part in kept.selectors) == ["advantage_sign", "rejection_sampling"]
+
+
+@pytest.mark.parametrize("section,first,second", [
+    ("selectors", {"name": "advantage_sign", "keep": "positive"}, {"name": "advantage_sign", "keep": "negative"}),
+    ("regularizers", {"name": "entropy_bonus", "entropy_coeff": 0.01}, {"name": "entropy_bonus", "entropy_coeff": 0.02}),
+    ("shapers", "entropy_advantage", "entropy_advantage"),
+])
+def test_a_part_named_twice_in_one_list_is_refused(section, first, second):
+    """The lists merge by name: a second entry of one part kept only the last entry's settings, the first lost
+    without a word (and two methods that set one part differently are refused)."""
+    with pytest.raises(ValueError, match=rf"{section} names '\w+' more than once"):
+        build_objective({"method": "dapo", section: [first, second]})
+    # a part a method brought is still set by the list, as documented
+    objective = build_objective({"method": "psr", "selectors": [{"name": "advantage_sign", "keep": "negative"}]})
+    assert [part.params()["keep"] for part in objective.selectors] == ["negative"]
+
+
 def test_the_selectors_overlap_is_judged_on_the_values_the_parts_accept():
     """"0.5" is a valid top_entropy_quantile for either selector: the check compared the raw values (a TypeError)."""
     objective = build_objective({"method": "grpo", "selectors": [

@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from entrorl._checks import did_you_mean, refuse_booleans_for_numbers, validation_message
 from entrorl.advantages import advantage_info
@@ -198,6 +198,18 @@ class ObjectiveConfig(BaseModel):
         if value is not None and value not in LOSS_AGG_MODES:
             raise ValueError(f"unknown loss_agg_mode '{value}'; choose one of {list(LOSS_AGG_MODES)}")
         return value
+
+    @field_validator("shapers", "regularizers", "selectors")
+    @classmethod
+    def _each_part_once(cls, parts: list[PartSpec], info: ValidationInfo) -> list[PartSpec]:
+        names = [part.name for part in parts]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(
+                f"{info.field_name} names {', '.join(repr(name) for name in repeated)} more than once; an objective "
+                "applies each part once: give it once, with all its settings"
+            )
+        return parts
 
     @field_validator("method")
     @classmethod
@@ -477,19 +489,38 @@ def _warn_surrogate_set_aside(name: str, own: PartRef, used: PartRef, *, first: 
 
 
 def _refuse_selectors_that_keep_nothing(selectors: list[Part]) -> None:
+    """Refuse selectors whose drops together cover (next to) every token the policy loss could train on. Read from
+    the built parts: their values as validated ("0.5" is 0.5)."""
+    by_name = {part.name: part for part in selectors}
+    _refuse_disjoint_entropy_bands(by_name)
+    _refuse_disjoint_advantage_signs(by_name)
+
+
+def _refuse_disjoint_entropy_bands(by_name: dict[str, Part]) -> None:
     """``forking_tokens`` keeps the top ``rho_f`` of the entropies and ``low_entropy_tokens`` the bottom ``1 - rho_l``;
     with ``rho_f <= rho_l`` the two keep disjoint tokens (but for ties at the threshold, which both keep) and the
-    objective would train on next to none. Read from the built parts: their values as validated ("0.5" is 0.5)."""
-    chosen = {part.name: part for part in selectors if part.name in ("forking_tokens", "low_entropy_tokens")}
-    if len(chosen) < 2:
+    objective would train on next to none."""
+    if "forking_tokens" not in by_name or "low_entropy_tokens" not in by_name:
         return
-    high = chosen["forking_tokens"].top_entropy_quantile
-    low = chosen["low_entropy_tokens"].top_entropy_quantile
+    high = by_name["forking_tokens"].top_entropy_quantile
+    low = by_name["low_entropy_tokens"].top_entropy_quantile
     if high <= low:
         raise ValueError(
             f"forking_tokens keeps the top {high:g} of the token entropies and low_entropy_tokens drops the top {low:g}: "
             "together they keep no token (but those tied exactly at the threshold), so next to nothing would be "
             "trained; use one of them (or give forking_tokens the larger top_entropy_quantile to keep the band between)"
+        )
+
+
+def _refuse_disjoint_advantage_signs(by_name: dict[str, Part]) -> None:
+    """``rejection_sampling`` keeps the tokens with ``A > 0`` and ``advantage_sign`` with ``keep="negative"`` those
+    with ``A <= 0``: together they keep no token whatever the advantages, and the policy loss is 0 at every step."""
+    sign = by_name.get("advantage_sign")
+    if "rejection_sampling" in by_name and sign is not None and sign.keep == "negative":
+        raise ValueError(
+            "rejection_sampling keeps the samples with A > 0 (rft) and advantage_sign with keep='negative' (nsr) drops "
+            "them: together they keep no token whatever the advantages, so the policy loss would be 0 at every step; "
+            "use one of them"
         )
 
 
