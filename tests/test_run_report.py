@@ -1423,6 +1423,60 @@ def _markdown_section(markdown: str, title: str) -> str:
     return " ".join(markdown[start:end if end >= 0 else None].split())
 
 
+def _verl_validation(accuracy: float) -> dict:
+    return {"val-core/openai/gsm8k/acc/mean@4": accuracy, "val-aux/openai/gsm8k/reward/mean@4": accuracy}
+
+
+@pytest.mark.parametrize("validates_before_training", [True, False])
+def test_a_verl_restart_drops_the_abandoned_attempt_s_validations(tmp_path, validates_before_training):
+    """Two verl logs joined: the first attempt trained to step 57, validating every 5 steps, and crashed; the second
+    resumed from the step-50 checkpoint (with or without verl's validation before training, at step 50), validating
+    every 10. The first attempt's validation at step 55 judged a policy the restart threw away: it went with that
+    attempt's steps 51..57, not only when it came after the log's last step."""
+    lines = [_verl_line(0, _verl_validation(0.1))]
+    for step in range(1, 58):
+        lines.append(_verl_line(step, {**_verl_train_step(step), **(_verl_validation(0.5 if step != 55 else 0.99)
+                                                                     if step % 5 == 0 else {})}))
+    if validates_before_training:
+        lines.append(_verl_line(50, _verl_validation(0.5)))
+    for step in range(51, 71):
+        lines.append(_verl_line(step, {**_verl_train_step(step), **(_verl_validation(0.6) if step % 10 == 0 else {})}))
+    log = tmp_path / "exp.jsonl"
+    log.write_text("".join(lines))
+    report = write_run_report(log, figures=False)
+    assert report["repeated_steps"] == list(range(51, 58))
+    steps = [int(row["step"]) for row in report["evaluations"]["rows"]]
+    assert steps == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 60, 70]
+    # and a validation-only line at the last trained step (a resume from the newest checkpoint) drops nothing
+    log.write_text("".join(lines[:58]) + _verl_line(57, _verl_validation(0.7)))
+    steps = [int(row["step"]) for row in write_run_report(log, figures=False)["evaluations"]["rows"]]
+    assert steps == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 57]
+
+
+def test_a_verl_report_names_the_keys_it_read_and_says_how_verl_aggregates_its_entropy(tmp_path):
+    """verl's actor/entropy is its loss's aggregation of the token entropies (agg_loss with actor.loss_agg_mode):
+    under seq-mean-token-sum(-norm) it moves with the response length. The report read it as `entropy/mean` and called
+    it the mean token entropy, naming neither it nor critic/score/mean; a log without a score called the reward
+    `reward/accuracy`, a key verl never writes."""
+    log = tmp_path / "exp.jsonl"
+    log.write_text("".join(_verl_line(step, _verl_train_step(step)) for step in range(1, 21)))
+    report = write_run_report(log, figures=False)
+    assert report["reward_key"] == "reward/mean"
+    assert report["source_keys"] == {"entropy/mean": "actor/entropy", "reward/mean": "critic/score/mean"}
+    markdown = (tmp_path / "exp.report" / "report.md").read_text()
+    summary = _markdown_section(markdown, "Summary")
+    assert "The entropy `entropy/mean` (verl's `actor/entropy`) went from" in summary
+    assert "mean token entropy (`entropy/mean`)" not in summary
+    assert "by `actor.loss_agg_mode`" in summary and "moves with the response length" in summary
+    assert "R = `reward/mean` (verl's `critic/score/mean`)" in _markdown_section(markdown, "Entropy–reward law")
+    rows = {row["quantity"]: row["value"] for row in report["summary"]["rows"]}
+    assert rows["reward"] == "reward/mean (verl's critic/score/mean)"
+    assert rows["entropy"] == "entropy/mean (verl's actor/entropy)"
+
+    log.write_text("".join(_verl_line(step, {"actor/entropy": 1.0 / step}) for step in range(1, 6)))
+    assert write_run_report(log, figures=False)["reward_key"] == "reward/mean"
+
+
 def test_verl_val_only_log_does_not_say_metrics_jsonl_holds_no_step(tmp_path):
     """A verl `val_only` run (or one still in its validation before training) logs one val-core line at step 0. The
     summary says "`metrics.jsonl` holds none": the run has no metrics.jsonl; the file read is the verl log."""

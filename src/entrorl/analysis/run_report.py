@@ -68,6 +68,12 @@ VERL_ALIASES = {"actor/entropy": ENTROPY_KEY, "critic/score/mean": "reward/mean"
 #: The evaluations' Avg@n of a verl run whose validation logged a reward's mean score, not an accuracy: a score on the
 #: reward's own scale.
 VERL_EVAL_SCORE_KEY = "val-core/<source>/reward/mean@n"
+#: What verl's ``actor/entropy`` is, which its log does not say.
+VERL_ENTROPY_AGGREGATION = (
+    "verl aggregates `actor/entropy` as its loss, by `actor.loss_agg_mode`, which its log does not record: under "
+    "token-mean (its default) and seq-mean-token-mean it is the mean token entropy, but under seq-mean-token-sum and "
+    "seq-mean-token-sum-norm it is a sum over each response's tokens (divided by `loss_scale_factor` under the "
+    "latter), which moves with the response length: its ratio, its verdict and the law then mix entropy with length.")
 _VERL_VALIDATION = re.compile(r"val-core/.+/(?P<kind>acc|reward)/mean@(?P<n>\d+)")
 
 RUN_REPORT_SECTIONS = (
@@ -97,6 +103,8 @@ class _TrainingRun(MetricRecords):
         metrics = run_dir / "metrics.jsonl"
         self.from_trainer_state = trainer_state is not None  # a TRL run's log history
         self.from_verl_log = verl_log is not None
+        #: the log's own names of the metrics read under entrorl's (a verl run's ``actor/entropy`` as ``entropy/mean``)
+        self.source_keys = {alias: key for key, alias in VERL_ALIASES.items()} if self.from_verl_log else {}
         # the run's name: its folder's (a relative "." named by the folder it is), or the experiment's, verl's log's
         self.name = (verl_log.stem if verl_log is not None and verl_log.name != "metrics.jsonl"
                      else run_dir.resolve().name)
@@ -125,9 +133,6 @@ class _TrainingRun(MetricRecords):
         elif verl_log is not None:
             records, self.unreadable_lines, verl_evaluations = _verl_records(verl_log)
             records, self.repeated_steps = latest_record_of_each_step(records)
-            steps = [step for record in records if (step := finite(record.get("step"))) is not None]
-            if self.repeated_steps and steps:  # logs joined: the abandoned attempt's evaluations after the last step
-                verl_evaluations = {step: value for step, value in verl_evaluations.items() if step <= max(steps)}
             self.source = verl_log.name
             config = {}  # verl's configuration is not in its log: no method, no planned steps
         else:
@@ -183,6 +188,16 @@ class _TrainingRun(MetricRecords):
         self.evaluation_source = LAB_FINAL_EVALUATION
         if not self.forks and isinstance(final.get("forks"), list):
             self.forks = {last: final["forks"]}
+
+    @property
+    def reward_key(self) -> str:
+        """A verl run's reward is ``critic/score/mean`` (read as ``reward/mean``): verl logs no accuracy of its own."""
+        return VERL_ALIASES["critic/score/mean"] if self.from_verl_log else super().reward_key
+
+    def named(self, key: str) -> str:
+        """``key`` in backticks, with the log's own name for it when that differs (a verl run's ``critic/score/mean``)."""
+        source = self.source_keys.get(key)
+        return f"`{key}` (verl's `{source}`)" if source else f"`{key}`"
 
     @property
     def method(self) -> str:
@@ -271,14 +286,27 @@ def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int
     one was an ``acc`` (a reward without one logs its mean score, on its own scale). A step's metrics are
     kept under verl's names, under entrorl's for those of :data:`VERL_ALIASES`, and without the ``actor/`` prefix (the
     entrorl plugin's ``actor/select/...`` as ``select/...``); a line holding only validation metrics (verl's
-    evaluation before training, or ``val_only``) is an evaluation, not a training step."""
+    evaluation before training, or ``val_only``) is an evaluation, not a training step.
+
+    Two logs joined (verl starts its file again on resuming) hold a restart: a line at a step below the highest
+    trained one, either the resumed run's evaluation before training at the step it resumed from or its first
+    training step again. The evaluations the earlier attempt logged after that step judged a policy the restart threw
+    away, and go with its steps (:func:`~entrorl.analysis.run.latest_record_of_each_step`)."""
     records, evaluations, unreadable = [], {}, []
+    highest_trained = -math.inf
     for number, entry in json_lines(path):
         data = entry.get("data") if isinstance(entry, dict) else None
         step = finite(entry.get("step")) if isinstance(entry, dict) else None
         if not isinstance(data, dict) or step is None:
             unreadable.append(number)
             continue
+        trains = not all(str(key).startswith(("val-core/", "val-aux/")) for key in data)
+        restarted_after = step - 1 if trains and step <= highest_trained else step if step < highest_trained else None
+        if restarted_after is not None:
+            evaluations = {at: value for at, value in evaluations.items() if at <= restarted_after}
+            highest_trained = restarted_after
+        if trains:
+            highest_trained = max(highest_trained, step)
         validation = [(int(match.group("n")), match.group("kind"), value) for key, value in data.items()
                       if (match := _VERL_VALIDATION.fullmatch(str(key))) and finite(value) is not None]
         if validation:
@@ -286,7 +314,7 @@ def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int
             evaluations[int(step)] = {"avg_at_n": float(np.mean([finite(value) for _, _, value in validation])),
                                       "n_samples": sizes.pop() if len(sizes) == 1 else None,
                                       "accuracy": all(kind == "acc" for _, kind, _ in validation)}
-        if all(str(key).startswith(("val-core/", "val-aux/")) for key in data):
+        if not trains:
             continue
         record = {"step": step}
         for key, value in data.items():
@@ -348,8 +376,9 @@ class _RunReport:
         logged = "log entries" if run.from_trainer_state else "steps logged"
         rows = [("method", text(run.method or "n/a")), ("read from", text(run.source)), (logged, num(a.n_steps)),
                 (f"steps planned ({planned_key})", num(planned) if planned is not None else missing()),
+                *([("entropy", text(run.named(ENTROPY_KEY).replace("`", "")))] if run.source_keys else []),
                 ("entropy start (nats)", num(a.entropy_start)), ("entropy end (nats)", num(a.entropy_end)),
-                ("entropy end/start", num(a.entropy_ratio)), ("reward", text(run.reward_key)),
+                ("entropy end/start", num(a.entropy_ratio)), ("reward", text(run.named(run.reward_key).replace("`", ""))),
                 ("reward start", num(a.reward_start)), ("reward end", num(a.reward_end)),
                 (f"reward reached ({SMOOTH_WINDOW}-{run.record_unit[0].split()[-1]} moving average, max)",
                  num(a.reward_reached))]
@@ -376,9 +405,10 @@ class _RunReport:
         if a.n_steps >= 2 and finite(a.entropy_start) is not None and finite(a.entropy_end) is not None:
             sparse = sparse_edges_phrase(a.n_steps, {"the entropy": a.entropy_steps, "the reward": a.reward_steps},
                                          unit=run.record_unit)
-            sentence = (f"Start and end are the means over {edge_phrase(a.n_steps, unit=run.record_unit)}{sparse}. The mean "
-                        "token entropy "
-                        f"(`{ENTROPY_KEY}`) went from {fmt(a.entropy_start)} to {fmt(a.entropy_end)} nats")
+            entropy = (f"The entropy {run.named(ENTROPY_KEY)}" if run.from_verl_log
+                       else f"The mean token entropy (`{ENTROPY_KEY}`)")
+            sentence = (f"Start and end are the means over {edge_phrase(a.n_steps, unit=run.record_unit)}{sparse}. "
+                        f"{entropy} went from {fmt(a.entropy_start)} to {fmt(a.entropy_end)} nats")
             if finite(a.entropy_ratio) is not None:
                 collapsed = finite(fmt(a.entropy_ratio)) <= COLLAPSE_RATIO  # the ratio as the sentence prints it
                 sentence += (f", {fmt(a.entropy_ratio)} of its start: {'at most' if collapsed else 'more than'} "
@@ -386,6 +416,8 @@ class _RunReport:
                              f"(the laboratory compares evaluations when it has them), entropy "
                              f"{'collapsed' if collapsed else 'did not collapse'}")
             section.say(sentence + f"; the reward went from {fmt(a.reward_start)} to {fmt(a.reward_end)}.")
+            if run.from_verl_log:
+                section.say(VERL_ENTROPY_AGGREGATION)
         if planned is not None and a.n_steps and run.last_step < planned:
             lab = run.directory.parent.parent if run.directory.parent.name == "methods" else None
             again = _lab_command(lab) if lab is not None and (lab / "lab.json").is_file() else None
@@ -452,8 +484,10 @@ class _RunReport:
         run = self.run
         each, window = ("log entry (each a mean over TRL's `logging_steps` steps)", f"{SMOOTH_WINDOW} entries") \
             if run.from_trainer_state else ("training step", f"{SMOOTH_WINDOW} steps")
-        section.say(f"Per {each}: the mean token entropy of the step's samples (`{ENTROPY_KEY}`, nats) and the "
-                    f"reward `{run.reward_key}`; thick lines are a trailing moving average over {window}, thin "
+        entropy = (f"the entropy of the step's samples, {run.named(ENTROPY_KEY)} in nats, aggregated as verl's loss,"
+                   if run.from_verl_log else f"the mean token entropy of the step's samples (`{ENTROPY_KEY}`, nats)")
+        section.say(f"Per {each}: {entropy} and the "
+                    f"reward {run.named(run.reward_key)}; thick lines are a trailing moving average over {window}, thin "
                     "lines the raw values."
                     + (" Evaluations (Avg@n on the held-out prompts) are the dots." if run.evaluations else ""))
 
@@ -486,8 +520,8 @@ class _RunReport:
         scored = (": verl's validation logged the reward's mean score, on its own scale, not an accuracy"
                   if evaluation_key == VERL_EVAL_SCORE_KEY else "")
         section.say(
-            f"The entropy–performance law R = −a·exp(H) + b (arXiv 2505.22617, Eq. 6), with H = `{ENTROPY_KEY}` and R = "
-            f"`{run.reward_key}`, fitted by least squares over every step where both are finite. Where a > 0 its ceiling b − a "
+            f"The entropy–performance law R = −a·exp(H) + b (arXiv 2505.22617, Eq. 6), with H = {run.named(ENTROPY_KEY)} "
+            f"and R = {run.named(run.reward_key)}, fitted by least squares over every step where both are finite. Where a > 0 its ceiling b − a "
             f"is the reward it predicts once entropy is spent (H = 0); where a ≤ 0 the law's premise fails and no ceiling "
             f"is given (—). The forecast refits on the first {fmt(100 * self.fit_fraction)}% of the steps (at least 3; "
             f"`--fit-fraction`) and predicts the rest from their measured entropies: 'forecast RMSE' is its error on the "
@@ -791,6 +825,7 @@ class _RunReport:
             "method": self.run.method,
             "steps": self.analysis.n_steps,
             "reward_key": self.run.reward_key,
+            "source_keys": dict(self.run.source_keys),
             "fit_fraction": self.fit_fraction,
             "unreadable_files": list(self.run.unreadable_files),
             "unreadable_lines": list(self.run.unreadable_lines),
