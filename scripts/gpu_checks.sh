@@ -99,7 +99,7 @@ if [ "$vllm_here" = 1 ]; then
     gpu_tests+=(test_vllm_log_probs_match_the_trainer_forward_pass)
 fi
 "$python" -m pytest tests/test_vllm_sampler.py tests/test_trainer.py tests/test_diagnostics.py -k "vllm or cuda" \
-    -rA -p no:cacheprovider | tee "$GPU_LOG"
+    -rA --color=no -p no:cacheprovider | tee "$GPU_LOG"
 for test in "${gpu_tests[@]}"; do
     grep -Eq "^PASSED .*::$test( |$)" "$GPU_LOG" || fail "$test did not pass on this GPU (see $GPU_LOG)" 3
 done

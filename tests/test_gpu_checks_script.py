@@ -87,3 +87,59 @@ def test_offline_a_torch_without_cuda_is_refused_before_any_test(tmp_path):
     assert result.returncode == 1
     assert "sees no CUDA GPU" in result.stderr
     assert not (tmp_path / "log").exists()
+
+
+def _python_with_a_pretend_gpu(tmp_path: Path, test_file: Path) -> str:
+    """A Python launcher that passes the module check as on a GPU machine, has no vllm, and runs pytest on
+    ``test_file`` instead of the GPU tests, with every option the script gives."""
+    launcher = tmp_path / "python"
+    launcher.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import os, sys
+        arguments = sys.argv[1:]
+        if arguments[:1] == ["-"]:
+            sys.stdin.read()
+            print("torch x, pretend GPU")
+            sys.exit(0)
+        if arguments[:1] == ["-c"]:
+            sys.exit(1)
+        options = [a for a in arguments[2:] if not a.startswith("tests/")]
+        os.execv({sys.executable!r}, [{sys.executable!r}, "-m", "pytest", {str(test_file)!r}, *options])
+    """))
+    launcher.chmod(0o755)
+    return str(launcher)
+
+
+@pytest.mark.parametrize("colour", ["0", "1"])
+def test_the_gpu_tests_must_each_be_among_the_passed_ones(tmp_path, colour):
+    """Stand-ins named as the GPU tests: both passing is a pass, even where pytest colours its output (PY_COLORS=1,
+    as on many CI machines: the PASSED lines were then not found); one skipped fails the checks."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    stand_ins = tmp_path / "stand_ins" / "test_stand_ins.py"
+    stand_ins.parent.mkdir()
+    stand_ins.write_text("def test_training_on_cuda_matches_the_cpu_step():\n    pass\n\n\n"
+                         "def test_the_diagnostics_of_a_batch_on_cuda_equal_those_of_the_same_batch_on_the_cpu():\n"
+                         "    pass\n")
+    python = _python_with_a_pretend_gpu(tmp_path, stand_ins)
+    result = _run(tmp_path, nvidia_smi=True, python=python, GPU_WHEELS=str(wheels), GPU_SKIP_VLLM="1",
+                  PY_COLORS=colour)
+    assert result.returncode == 0, result.stderr
+    assert "the 2 GPU tests passed; vLLM's comparison with the trainer was NOT run" in result.stdout
+
+    stand_ins.write_text(stand_ins.read_text().replace("def test_training", "import pytest\n\n\n"
+                                                       "@pytest.mark.skip(reason='needs a CUDA GPU')\ndef test_training"))
+    result = _run(tmp_path, nvidia_smi=True, python=python, GPU_WHEELS=str(wheels), GPU_SKIP_VLLM="1",
+                  PY_COLORS=colour)
+    assert result.returncode == 3
+    assert "test_training_on_cuda_matches_the_cpu_step did not pass on this GPU" in result.stderr
+
+
+def test_without_vllm_and_without_leave_to_skip_it_nothing_runs(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    python = _python_with_a_pretend_gpu(tmp_path, tmp_path / "unused.py")
+    result = _run(tmp_path, nvidia_smi=True, python=python, GPU_WHEELS=str(wheels))
+    assert result.returncode == 1
+    assert "vllm cannot be imported" in result.stderr and "GPU_SKIP_VLLM=1" in result.stderr
+    assert not (tmp_path / "log").exists()

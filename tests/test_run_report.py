@@ -1453,6 +1453,28 @@ def test_a_verl_restart_drops_the_abandoned_attempt_s_validations(tmp_path, vali
     assert steps == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 57]
 
 
+@pytest.mark.parametrize("after_the_first_attempt, kept", [
+    # a resume from step 5 validated and died; the next one continued from the step-10 checkpoint
+    ([_verl_line(5, _verl_validation(0.25))] + [_verl_line(step, _verl_train_step(step)) for step in (11, 12, 13)],
+     [0, 5, 10]),
+    # a val_only run of the base model appended, then a resume from step 10
+    ([_verl_line(0, _verl_validation(0.11))] + [_verl_line(step, _verl_train_step(step)) for step in (11, 12, 13)],
+     [0, 5, 10]),
+    # the report is taken while a resume from step 5 has validated but not trained yet: steps 6..10 are still read
+    ([_verl_line(5, _verl_validation(0.25))], [0, 5, 10]),
+])
+def test_a_verl_validation_alone_drops_no_evaluation(tmp_path, after_the_first_attempt, kept):
+    """Only a step trained again is a restart: a validation line below the last step dropped the evaluations after
+    it while their steps were still read."""
+    first = [_verl_line(0, _verl_validation(0.1))] + [
+        _verl_line(step, {**_verl_train_step(step), **(_verl_validation(0.5) if step % 5 == 0 else {})})
+        for step in range(1, 11)]
+    log = tmp_path / "exp.jsonl"
+    log.write_text("".join(first + after_the_first_attempt))
+    report = write_run_report(log, figures=False)
+    assert [int(row["step"]) for row in report["evaluations"]["rows"]] == kept
+
+
 def test_a_verl_report_names_the_keys_it_read_and_says_how_verl_aggregates_its_entropy(tmp_path):
     """verl's actor/entropy is its loss's aggregation of the token entropies (agg_loss with actor.loss_agg_mode):
     under seq-mean-token-sum(-norm) it moves with the response length. The report read it as `entropy/mean` and called

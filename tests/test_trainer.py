@@ -1792,6 +1792,24 @@ def test_resume_on_a_machine_without_the_checkpoint_s_gpu_lists_only_the_device(
     assert resume_changes(saved, current) == ([], [("model.device", "cuda:1", "cpu")])
 
 
+def test_a_checkpoint_whose_method_names_a_part_twice_resumes_with_the_objective_it_trained(tmp_path):
+    """A part named twice in one of the method's lists is refused now; an earlier version trained it as one part,
+    each later entry's parameters over the first's. Its checkpoint's settings are compared as that objective: the
+    configuration written with the part once, as trained, is no change; with the first entry's setting it is one."""
+    from entrorl.trainer.config import resume_changes
+
+    settings = _bare_settings(tmp_path)
+    settings["method"] = {"method": "grpo", "selectors": [{"name": "advantage_sign", "keep": "negative"}]}
+    current = load_config(settings).model_dump(mode="json")
+    saved = copy.deepcopy(current)
+    saved["method"]["selectors"] = [{"name": "advantage_sign", "keep": "positive"},
+                                    {"name": "advantage_sign", "keep": "negative"}]
+    assert resume_changes(saved, current) == ([], [])
+    settings["method"]["selectors"][0]["keep"] = "positive"
+    refused, _ = resume_changes(saved, load_config(settings).model_dump(mode="json"))
+    assert [change[0] for change in refused] == ["method"]
+
+
 def test_a_checkpoint_key_this_version_does_not_know_is_the_only_change_listed(tmp_path):
     from entrorl.trainer.config import resume_changes
 

@@ -288,10 +288,11 @@ def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int
     entrorl plugin's ``actor/select/...`` as ``select/...``); a line holding only validation metrics (verl's
     evaluation before training, or ``val_only``) is an evaluation, not a training step.
 
-    Two logs joined (verl starts its file again on resuming) hold a restart: a line at a step below the highest
-    trained one, either the resumed run's evaluation before training at the step it resumed from or its first
-    training step again. The evaluations the earlier attempt logged after that step judged a policy the restart threw
-    away, and go with its steps (:func:`~entrorl.analysis.run.latest_record_of_each_step`)."""
+    Two logs joined (verl starts its file again on resuming) hold a restart: a training line at a step already
+    trained. The evaluations logged at and after that step judged a policy the restart threw away, and go with the
+    earlier attempt's steps (:func:`~entrorl.analysis.run.latest_record_of_each_step`); the evaluation the resumed run
+    logs before training, at the step it resumed from, stays. A validation alone drops nothing: a resume that has
+    validated but not trained yet (or failed), or a ``val_only`` run, leaves the steps logged before it as they are."""
     records, evaluations, unreadable = [], {}, []
     highest_trained = -math.inf
     for number, entry in json_lines(path):
@@ -301,12 +302,11 @@ def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int
             unreadable.append(number)
             continue
         trains = not all(str(key).startswith(("val-core/", "val-aux/")) for key in data)
-        restarted_after = step - 1 if trains and step <= highest_trained else step if step < highest_trained else None
-        if restarted_after is not None:
-            evaluations = {at: value for at, value in evaluations.items() if at <= restarted_after}
-            highest_trained = restarted_after
-        if trains:
-            highest_trained = max(highest_trained, step)
+        if trains and step <= highest_trained:  # a restart: this step is trained again
+            evaluations = {at: value for at, value in evaluations.items() if at < step}
+            highest_trained = step
+        elif trains:
+            highest_trained = step
         validation = [(int(match.group("n")), match.group("kind"), value) for key, value in data.items()
                       if (match := _VERL_VALIDATION.fullmatch(str(key))) and finite(value) is not None]
         if validation:

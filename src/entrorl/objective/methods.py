@@ -204,6 +204,13 @@ class ObjectiveConfig(BaseModel):
     def _each_part_once(cls, parts: list[PartSpec], info: ValidationInfo) -> list[PartSpec]:
         names = [part.name for part in parts]
         repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated and info.context and info.context.get("settings_only"):
+            # a checkpoint's settings, read back to compare them: the objective an earlier version built from them,
+            # whose later entries of a part updated its first one's parameters
+            merged: dict[str, dict[str, Any]] = {}
+            for part in parts:
+                merged[part.name] = {**merged.get(part.name, {}), **part.params}
+            return [PartSpec.model_validate({"name": name, **params}) for name, params in merged.items()]
         if repeated:
             raise ValueError(
                 f"{info.field_name} names {', '.join(repr(name) for name in repeated)} more than once; an objective "
