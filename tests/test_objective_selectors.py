@@ -158,6 +158,20 @@ def check_token_mean(out, batch: PolicyBatch, case: Case, *, kept, count, loss, 
     np.testing.assert_allclose(got, np.where(kept, grad, 0.0) / count, **tol)
 
 
+def check_seq_mean_token_mean(out, batch: PolicyBatch, case: Case, *, kept, loss, grad) -> None:
+    """``out.loss == (1/G) sum_i (1/|y_i|) sum_{t kept} loss_it`` over the G rows with a valid token (|y_i| their valid
+    tokens, dropped ones included), its gradient ``grad_it / (G |y_i|)`` on kept tokens and exactly zero elsewhere."""
+    tol = tolerances(case.dtype)
+    lengths = case.mask.sum(axis=1, keepdims=True)
+    rows = int((lengths > 0).sum())
+    per_row = np.where(kept, loss, 0.0).sum(axis=1, keepdims=True) / np.maximum(lengths, 1)
+    np.testing.assert_allclose(float(out.loss.detach()), per_row.sum() / rows, **tol)
+    out.loss.backward()
+    got = batch.log_prob.grad.double().numpy()
+    assert np.all(got[~kept] == 0.0), "a dropped or padding token received gradient"
+    np.testing.assert_allclose(got, np.where(kept, grad, 0.0) / (rows * np.maximum(lengths, 1)), **tol)
+
+
 def dropped(out, batch: PolicyBatch) -> np.ndarray:
     return (batch.mask & ~out.trained_mask).numpy()
 
@@ -834,10 +848,13 @@ def test_icepop_zeroes_tokens_outside_the_band(dtype):
 
     np.testing.assert_array_equal(out.loss_mask.numpy(), case.mask)  # zeroed tokens stay in the normaliser
     assert out.metrics["correction/icepop_masked_frac"] == pytest.approx(zeroed.sum() / case.n_valid, abs=1e-15)
-    check_token_mean(
-        out, batch, case, kept=case.mask & inside, count=case.n_valid,
-        loss=weight * ppo_loss(case), grad=weight * ppo_grad(case),
-    )
+    # J_IcePop (arXiv 2510.18855): (1/G) sum_i (1/|y_i|) sum_t M(k_it) min(r A, clip(r) A)
+    check_seq_mean_token_mean(out, batch, case, kept=case.mask & inside, loss=weight * ppo_loss(case),
+                              grad=weight * ppo_grad(case))
+    batch = case.batch()
+    composed = build_objective("dapo+icepop", clip_ratio_high=0.2)(batch)  # composed, the first method's aggregation
+    check_token_mean(composed, batch, case, kept=case.mask & inside, count=case.n_valid,
+                     loss=weight * ppo_loss(case), grad=weight * ppo_grad(case))
 
 
 # --------------------------------------------------------------------------------------------------

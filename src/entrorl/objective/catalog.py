@@ -190,6 +190,7 @@ METHOD_SPECS = (
         description="weight each token by its train/rollout probability ratio, zeroing those whose ratio leaves [0.5, 5]; compose as 'dapo+icepop'",
         paper="arXiv 2510.18855",
         correction=("icepop", {}),
+        loss_agg_mode="seq-mean-token-mean",  # J_IcePop: (1/G) sum_i (1/|y_i|) sum_t, GRPO's normalisation
     ),
 )
 
