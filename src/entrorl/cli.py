@@ -1135,7 +1135,7 @@ def _describe_method(method: str, *, as_json: bool) -> None:
     "The entropy laboratory: train the built-in tiny model with every method side by side, then write a "
     "report."))
 def lab(
-    preset: Annotated[str, typer.Option(help="default (10 to 15 minutes on two cores once the base model is built) or "
+    preset: Annotated[str, typer.Option(help="default (8 to 15 minutes on two cores once the base model is built) or "
                                               "quick (the same matrix at toy scale, a few minutes)")] = "default",
     methods: Annotated[Optional[list[str]], typer.Option("--methods", help="methods to run, comma-separated or repeated, compositions included (dapo+clip_b); default: the preset's matrix")] = None,
     out: Annotated[Optional[Path], typer.Option(parser=_path, metavar=PATH_METAVAR, help="run directory; an existing one is resumed")] = None,

@@ -1,4 +1,4 @@
-"""Laboratory presets: ``default`` (the front-page run, 10 to 15 minutes on two cores once its base model is built)
+"""Laboratory presets: ``default`` (the front-page run, 8 to 15 minutes on two cores once its base model is built)
 and ``quick`` (the same matrix at toy scale, a few minutes; CI runs it end to end)."""
 
 from __future__ import annotations
