@@ -4,6 +4,7 @@ non-finite guard, and configuration / data errors that must fail before a model 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import io
 import json
@@ -3429,6 +3430,59 @@ def test_a_checkpoint_records_its_software_and_a_resume_under_other_versions_say
             "-> 9.9.9; the run continues") in output, resumed.output
     # the checkpoint it writes records the versions of the process that wrote it
     assert checkpoints.load_trainer_state(run_dir / "checkpoints" / "step_000003")["software"]["torch"] == "9.9.9"
+
+
+def test_a_resume_says_when_this_version_builds_the_method_otherwise_than_the_checkpoint_s(
+        tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
+    """A checkpoint names its method (``icepop``), which this version's registry rebuilds: a recipe that changed
+    between versions (icepop's aggregation did) would change the training mid-run without a word. Each checkpoint
+    records the objective it trained with, part by part, and a resume lists what this version builds otherwise."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.trainer import checkpoint as checkpoints
+
+    train, _ = arithmetic_files
+    config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, method="grpo",
+                                                            optim={"steps": 1}))
+    run_dir = tmp_path / "run"
+    assert CliRunner().invoke(app, ["train", str(config), "--run-dir", str(run_dir)]).exit_code == 0
+    built = checkpoints.load_trainer_state(run_dir / "checkpoints" / "step_000001")["objective_built"]
+    assert built["loss_agg_mode"] == "seq-mean-token-mean" and built["surrogate"]["name"] == "ppo_clip"
+
+    same = CliRunner().invoke(app, ["train", str(config), "--set", "optim.steps=2", "--run-dir", str(run_dir), "--resume"])
+    assert same.exit_code == 0, same.output
+    assert "builds the method otherwise" not in same.output
+
+    from entrorl.objective import methods
+
+    spec = methods.get_method("grpo")
+    changed = dataclasses.replace(spec, loss_agg_mode="token-mean", surrogate=("ppo_clip", {"clip_ratio_high": 0.28}))
+    monkeypatch.setitem(methods._METHODS, "grpo", changed)
+    resumed = CliRunner().invoke(app, ["train", str(config), "--set", "optim.steps=3", "--run-dir", str(run_dir),
+                                       "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    output = " ".join(resumed.output.split())
+    assert ("this version builds the method otherwise than the one that wrote that checkpoint: loss_agg_mode: "
+            "'seq-mean-token-mean' -> 'token-mean'; surrogate.ppo_clip.clip_ratio_high: 0.2 -> 0.28; the run continues "
+            "with this version's") in output, resumed.output
+
+    # a checkpoint written before checkpoints recorded their objective, of a method whose recipe changed since
+    icepop = write_config(tmp_path / "icepop.yaml", make_config(tiny_model_dir, train, None, method="icepop",
+                                                               optim={"steps": 1}))
+    old_run = tmp_path / "old-run"
+    assert CliRunner().invoke(app, ["train", str(icepop), "--run-dir", str(old_run)]).exit_code == 0
+    state_file = old_run / "checkpoints" / "step_000001" / "trainer.pt"
+    state = torch.load(io.BytesIO(state_file.read_bytes()), weights_only=False)  # not mapped: the file is rewritten
+    del state["objective_built"]
+    torch.save(state, state_file)
+    checkpoints._write_file_list(old_run / "checkpoints" / "step_000001")  # as that version wrote it
+    resumed = CliRunner().invoke(app, ["train", str(icepop), "--set", "optim.steps=2", "--run-dir", str(old_run),
+                                       "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert ("that checkpoint predates the record of the objective it trained with; since, icepop: alone, it now "
+            "aggregates as its paper, seq-mean-token-mean, where it took token-mean; the run continues with this "
+            "version's") in " ".join(resumed.output.split()), resumed.output
 
 
 def test_a_moved_model_path_is_refused_on_resume_only_when_it_locates_a_reference_model(tiny_model_dir, arithmetic_files):

@@ -204,7 +204,8 @@ class _TrainingRun(MetricRecords):
         method = self.config.get("method")
         if isinstance(method, dict):  # a method with parameters or parts added: its methods, then the parts
             try:
-                return ObjectiveConfig.model_validate(method).label()
+                # settings an earlier version wrote are read as it read them (a part named twice, say)
+                return ObjectiveConfig.model_validate(method, context={"settings_only": True}).label()
             except ValidationError:  # a hand-edited file: the names it gives
                 method = method.get("method") or method.get("name")
         if isinstance(method, (list, tuple)):  # ``method: [dapo, clip_b]`` composes as ``dapo+clip_b`` does

@@ -50,7 +50,7 @@ from entrorl.modeling import (
     unknown_token_note,
     unstopped_turn_end_note,
 )
-from entrorl.objective import PolicyBatch
+from entrorl.objective import ObjectiveConfig, PolicyBatch
 from entrorl.rewards import RewardResult, RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
 from entrorl.tokens import STAT_NAMES, TokenStats
@@ -136,6 +136,39 @@ class ScoredRollouts:
     correct: torch.Tensor | None = None  # bool per sample: score >= reward.correct_threshold
     sampled_tokens: int | None = None  # response tokens sampled for the step, rows dynamic sampling dropped included
 
+
+
+#: Registered methods whose recipe changed after checkpoints began to be written and before they recorded the objective
+#: they trained with (``objective_built``): a resume of such a checkpoint says so.
+RECIPES_CHANGED = {
+    "rft": "its loss is now the mean over the accepted samples' tokens (RAFT), where it was divided by every sampled "
+           "token",
+    "icepop": "alone, it now aggregates as its paper, seq-mean-token-mean, where it took token-mean",
+}
+
+def _objective_changes(saved: Any, now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(setting, saved, now)`` for each difference between two :meth:`Objective.describe` results (a part's parameter
+    as ``<kind>.<part>.<parameter>``, a part added or gone as ``<kind>.<part>``, the aggregation by its name); none when
+    the checkpoint recorded no objective (written before it did)."""
+    if not isinstance(saved, dict):
+        return []
+
+    def flat(description: dict[str, Any]) -> dict[str, Any]:
+        settings = {}
+        for kind, parts in description.items():
+            if isinstance(parts, list) or (isinstance(parts, dict) and "name" in parts):
+                for part in parts if isinstance(parts, list) else [parts]:
+                    if isinstance(part, dict) and "name" in part:
+                        settings[f"{kind}.{part['name']}"] = "present"
+                        settings.update({f"{kind}.{part['name']}.{key}": value for key, value in part.items()
+                                         if key != "name"})
+            else:
+                settings[kind] = parts
+        return settings
+
+    before, after = flat(saved), flat(json.loads(json.dumps(now)))  # as the checkpoint stores it: lists, not tuples
+    return [(key, before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
+            if before.get(key) != after.get(key)]
 
 class Trainer:
     """Train a local Hugging Face causal LM with an entrorl method; see :class:`TrainConfig`.
@@ -280,6 +313,16 @@ class Trainer:
         self._warned_nothing_trained = False
         self._warned_dynamic_sampling = False  # fewer informative groups than a step takes: said once
         self.weight_norm_at_start: float | None = None
+        # (part setting, checkpoint's, now) where this version builds the configured method otherwise than the one that
+        # wrote the checkpoint did (a registered method's recipe changed): the run goes on with this version's
+        # (a resume may not change the method itself: check_resume_settings refuses it)
+        self.objective_changes = (_objective_changes(saved_state.get("objective_built"), self.objective.describe())
+                                  if saved_state is not None else [])
+        # a checkpoint that predates that record: what changed since in the methods it names, in words
+        method = config.method if isinstance(config.method, ObjectiveConfig) else ObjectiveConfig(method=config.method)
+        self.recipe_notes = ([f"{name}: {RECIPES_CHANGED[name]}" for name in method.method_names()
+                              if name in RECIPES_CHANGED]
+                             if saved_state is not None and "objective_built" not in saved_state else [])
         if saved_state is not None:
             self._restore(saved_state)
         # what the trainer is doing, in words (train_step, evaluate and save say it), for a message about a failure
@@ -591,6 +634,7 @@ class Trainer:
             "rng": capture_rng_state(),
             "stream": self.stream.state_dict(),
             "objective": self.objective.state_dict(),
+            "objective_built": self.objective.describe(),  # the objective these steps trained with, part by part
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "consecutive_failed_rewards": self.consecutive_failed_rewards,
             "skipped_steps": self.skipped_steps,
