@@ -1423,6 +1423,26 @@ def _markdown_section(markdown: str, title: str) -> str:
     return " ".join(markdown[start:end if end >= 0 else None].split())
 
 
+@pytest.mark.parametrize("method, label", [
+    ({"method": "grpo", "regularizers": [{"name": "entropy_bonus", "entropy_coeff": 0.0},
+                                         {"name": "entropy_bonus", "entropy_coeff": 0.0}], "params": {}},
+     "grpo+entropy_bonus"),
+    ({"regularizers": [{"name": "entropy_bonus", "entropy_coeff": 0.0}, {"name": "entropy_bonus"}], "params": {}},
+     "entropy_bonus"),
+])
+def test_an_old_run_whose_method_names_a_part_twice_is_labelled_as_it_trained(tmp_path, method, label):
+    """A part named twice is refused now; an earlier version trained it as one part and wrote config.json so. The
+    report read that method as refused and labelled the run by its methods alone ('grpo', or nothing), leaving out
+    the part's intervention check."""
+    records = [{"step": i + 1, "entropy/mean": 0.5, "reward/accuracy": 0.1 * i, "reg/entropy_bonus": 0.0}
+               for i in range(5)]
+    run = write_run(tmp_path / "run", records, config={"method": method, "optim": {"steps": 5}})
+    report = write_run_report(run, figures=False)
+    assert report["method"] == label
+    said = " ".join((run / "report" / "report.md").read_text().split())
+    assert "The method's own intervention was 0 at every logged step (`reg/entropy_bonus`)" in said
+
+
 def _verl_validation(accuracy: float) -> dict:
     return {"val-core/openai/gsm8k/acc/mean@4": accuracy, "val-aux/openai/gsm8k/reward/mean@4": accuracy}
 
