@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -1051,3 +1052,81 @@ def test_a_reward_model_whose_configuration_has_no_pad_id_of_its_own_scores_as_a
     configuration = reward.judge.model.config
     assert not hasattr(configuration, "pad_token_id")
     assert configuration.get_text_config().pad_token_id == tokenizer.pad_token_id
+
+
+def test_a_cache_file_this_process_may_not_write_is_still_read(tmp_path, monkeypatch, caplog):
+    """A cache shared read-only (another user's, a precomputed one): its first failed write set the whole file aside
+    for 30 s, reads too, and the scores it held were judged again (an API judge paid twice). Root may write any file:
+    the check of the permission is made to say no, as it does for another user."""
+    import os
+
+    from entrorl.rewards import judge as judge_module
+
+    path = tmp_path / "cache.sqlite"
+    writer = JudgeReward(lambda samples: [float(len(c)) for _, c, _ in samples], cache_path=path, judge_id="J")
+    writer.score_batch(["p", "p"], ["cached-1", "cached-22"])
+    writer.cache.close()
+    path.chmod(0o444)
+    monkeypatch.setattr(judge_module.os, "access", lambda where, mode: not (Path(where) == path and mode == os.W_OK))
+    judge = RecordingJudge()
+    with caplog.at_level("WARNING"):
+        reward = JudgeReward(judge, cache_path=path, judge_id="J")
+    assert "is read-only (this process may not write it): its scores are read, new ones are kept in memory only" \
+        in caplog.text
+    reward.score_batch(["p"], ["a new sample"])
+    judge.calls.clear()
+    assert [score.score for score in reward.score_batch(["p", "p"], ["cached-1", "cached-22"])] == [8.0, 9.0]
+    assert judge.calls == []
+    path.chmod(0o644)
+    assert path.stat().st_size > 0 and reward.cache._db.execute("SELECT COUNT(*) FROM judge_scores").fetchone() == (2,)
+
+
+def test_a_cache_file_whose_writes_fail_as_read_only_goes_on_being_read(tmp_path, caplog):
+    judge = RecordingJudge()
+    reward = JudgeReward(judge, cache_path=tmp_path / "cache.sqlite", judge_id="J")
+    reward.score_batch(["p"], ["held"])
+    reward.cache._db.execute("PRAGMA query_only = ON")  # as a file on a read-only mount: every write fails
+    with caplog.at_level("WARNING"):
+        reward.score_batch(["p"], ["new"])
+    assert "is read-only (attempt to write a readonly database)" in caplog.text
+    reward.cache._memory.clear()
+    judge.calls.clear()
+    assert [score.score for score in reward.score_batch(["p", "p"], ["held", "new"])] == [4.0, 3.0]
+    assert judge.calls == [[("p", "new", None)]]  # the file's score read; the new one, never written, judged again
+
+
+def test_the_timeout_covers_a_judge_that_returns_a_lazy_iterable():
+    """``return map(call_api, samples)`` returned at once, and its work ran unbounded in the caller's thread."""
+
+    def score_one(sample):
+        time.sleep(0.4)
+        return 1.0
+
+    reward = JudgeReward(lambda samples: map(score_one, samples), timeout_s=0.2, batch_size=4, judge_id="lazy")
+    start = time.monotonic()
+    scores = reward.score_batch(["p"] * 4, ["a", "b", "c", "d"])
+    assert time.monotonic() - start < 1.0
+    assert [score.reason for score in scores] == [JUDGE_TIMEOUT_REASON] * 4
+    assert reward.stats()["timeouts"] == 4
+
+
+@pytest.mark.parametrize("cache_path", [5, True, "", "  "])
+def test_a_cache_path_that_is_no_path_is_refused_by_name(cache_path):
+    with pytest.raises(ValueError, match="cache_path must be the path of a SQLite file or None"):
+        check_reward_spec("judge", judge=RecordingJudge(), cache_path=cache_path)
+
+
+def test_a_cache_path_and_a_model_directory_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
+    """A YAML file has no shell to expand '~': the judge made a folder named '~' in the working directory."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    reward = JudgeReward(RecordingJudge(), cache_path="~/judge.sqlite", judge_id="J")
+    reward.score_batch(["p"], ["a"])
+    reward.cache.close()
+    assert not (work / "~").exists() and (home / "judge.sqlite").is_file()
+    (home / "judge-model").mkdir()
+    with pytest.raises(ValueError, match=r"judge '~/judge-model' is not a model directory \(no config.json\)"):
+        check_reward_spec("judge", judge="~/judge-model")

@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import numbers
+import os
 import sqlite3
 import threading
 import time
@@ -122,7 +123,7 @@ class JudgeCache:
 
     def __init__(self, max_entries: int = 4096, path: str | Path | None = None) -> None:
         self.max_entries = check_int(max_entries, "cache_size", minimum=0)
-        self.path = Path(path) if path is not None else None
+        self.path = Path(path).expanduser() if path is not None else None
         self.hits = 0
         self.misses = 0
         self._memory: OrderedDict[str, float] = OrderedDict()
@@ -130,12 +131,22 @@ class JudgeCache:
         self._db: sqlite3.Connection | None = None
         self._warned = False
         self._passed_by_until = -math.inf  # after a failure the file is left alone until then (time.monotonic)
+        # a file this process may not write (or whose writes fail as read-only) is still read: its scores are not
+        # judged again
+        self._writable = True
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writable = not self.path.exists() or os.access(self.path, os.W_OK)
             try:
-                self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=_SQLITE_WAIT_S)
-                self._db.execute("CREATE TABLE IF NOT EXISTS judge_scores (key TEXT PRIMARY KEY, score REAL NOT NULL)")
-                self._db.commit()
+                if self._writable:
+                    self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=_SQLITE_WAIT_S)
+                    self._db.execute("CREATE TABLE IF NOT EXISTS judge_scores (key TEXT PRIMARY KEY, score REAL NOT NULL)")
+                    self._db.commit()
+                else:
+                    self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                               check_same_thread=False, timeout=_SQLITE_WAIT_S)
+                    self._db.execute("SELECT score FROM judge_scores LIMIT 1").fetchall()
+                    self._say_read_only("this process may not write it")
             except sqlite3.Error as error:
                 if self._db is not None:
                     self._db.close()
@@ -179,7 +190,7 @@ class JudgeCache:
         with self._lock:
             for key, score in items.items():
                 self._remember(key, score)
-            if self._db is not None and items and self._file_in_use():
+            if self._db is not None and items and self._writable and self._file_in_use():
                 self._on_disk(lambda db: (db.executemany("INSERT OR REPLACE INTO judge_scores (key, score) VALUES (?, ?)",
                                                          list(items.items())), db.commit()))
 
@@ -198,12 +209,20 @@ class JudgeCache:
         except sqlite3.Error as error:
             with contextlib.suppress(sqlite3.Error):
                 self._db.rollback()
+            if "readonly" in str(error).replace("-", "").replace(" ", "").lower():  # only writing fails: read on
+                self._writable = False
+                self._say_read_only(str(error))
+                return None
             self._passed_by_until = time.monotonic() + _SQLITE_WAIT_S
             if not self._warned:
                 self._warned = True
                 kept = " and kept in memory" if self.max_entries else ""  # cache_size 0 keeps none
                 logger.warning("judge cache %s: %s; the scores go on being judged%s", self.path, error, kept)
             return None
+
+    def _say_read_only(self, why: str) -> None:
+        kept = "kept in memory only" if self.max_entries else "not kept"  # cache_size 0 keeps none
+        logger.warning("judge cache %s is read-only (%s): its scores are read, new ones are %s", self.path, why, kept)
 
     def close(self) -> None:
         with self._lock:
@@ -437,15 +456,17 @@ class _JudgeTimeout(Exception):
     pass
 
 
-def _call_with_timeout(judge: JudgeFn, samples: list[Sample], timeout_s: float | None) -> Any:
+def _judge_scores(judge: JudgeFn, samples: list[Sample], timeout_s: float | None) -> list[float]:
+    """The judge's scores of ``samples``, within ``timeout_s`` (``_JudgeTimeout`` past it): the call and the reading of
+    what it returns, which a judge returning a generator or ``map`` does lazily."""
     if timeout_s is None:
-        return judge(samples)
+        return _scores_of(judge(samples), len(samples))
     outcome: dict[str, Any] = {}
     finished = threading.Event()
 
     def run() -> None:
         try:
-            outcome["value"] = judge(samples)
+            outcome["value"] = _scores_of(judge(samples), len(samples))
         except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
             outcome["error"] = error
         finally:
@@ -502,6 +523,8 @@ def check_judge_options(
     ):
         raise ValueError(f"timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
     check_int(cache_size, "cache_size", minimum=0)
+    if cache_path is not None and (not isinstance(cache_path, (str, os.PathLike)) or not str(cache_path).strip()):
+        raise ValueError(f"cache_path must be the path of a SQLite file or None, got {cache_path!r}")
     if judge_id is not None and (not isinstance(judge_id, str) or not judge_id):
         raise ValueError(f"judge_id must be a non-empty string, got {judge_id!r}")
     unknown = set(model_options) - set(_MODEL_OPTIONS)
@@ -514,8 +537,8 @@ def check_judge_options(
         return
     if not isinstance(judge, str) or not judge.strip():
         raise ValueError(f"judge must be a callable, a model directory or 'package.module:callable', got {judge!r}")
-    if Path(judge).is_dir():
-        if not (Path(judge) / "config.json").is_file():
+    if Path(judge).expanduser().is_dir():
+        if not (Path(judge).expanduser() / "config.json").is_file():
             raise ValueError(f"judge {judge!r} is not a model directory (no config.json)")
         if model_options.get("kind", "auto") not in _MODEL_KINDS:
             raise ValueError(f"kind must be one of {_MODEL_KINDS}, got {model_options['kind']!r}")
@@ -587,7 +610,8 @@ class JudgeReward:
         check_judge_options(judge, judge_id=judge_id, batch_size=batch_size, timeout_s=timeout_s,
                             cache_size=cache_size, cache_path=cache_path, **model_options)
         if isinstance(judge, str):
-            judge = load_model_judge(judge, **model_options) if Path(judge).is_dir() else import_callable(judge, "judge")
+            judge = (load_model_judge(str(Path(judge).expanduser()), **model_options) if Path(judge).expanduser().is_dir()
+                     else import_callable(judge, "judge"))
         self.judge = judge
         self.judge_id = judge_id or getattr(judge, "judge_id", None) or _callable_id(judge)
         if cache_path is not None and judge_id is None and not hasattr(judge, "judge_id") and (why := _shared_id_reason(judge)):
@@ -660,7 +684,7 @@ class JudgeReward:
         """The chunk's scores, or the one failed :class:`JudgeScore` all its samples get."""
         self.judged += len(samples)
         try:
-            return _scores_of(_call_with_timeout(self.judge, samples, self.timeout_s), len(samples))
+            return _judge_scores(self.judge, samples, self.timeout_s)
         except _JudgeTimeout:
             self.timeouts += len(samples)
             logger.warning("judge %s took longer than %.3g s on %d samples; scored 0", self.judge_id, self.timeout_s, len(samples))
