@@ -3,8 +3,11 @@ asked yes/no, a tiny sequence-classification reward model) checked against direc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -1130,3 +1133,66 @@ def test_a_cache_path_and_a_model_directory_starting_with_a_tilde_are_in_the_hom
     (home / "judge-model").mkdir()
     with pytest.raises(ValueError, match=r"judge '~/judge-model' is not a model directory \(no config.json\)"):
         check_reward_spec("judge", judge="~/judge-model")
+
+
+def test_a_judge_returning_an_endless_generator_is_an_error_read_no_further():
+    """Its scores were read until the timeout, then the judge's thread went on reading (and keeping) them for the
+    rest of the process; without timeout_s the call never returned."""
+    read = [0]
+    stop = threading.Event()
+
+    def endless(samples):
+        def scores():
+            while not stop.is_set() and read[0] < 100_000:  # endless but for a bound that keeps a failure in memory
+                read[0] += 1
+                yield 1.0
+        return scores()
+
+    try:
+        for timeout_s in (None, 5.0):
+            read[0] = 0
+            reward = JudgeReward(endless, timeout_s=timeout_s, judge_id="endless")
+            [score] = reward.score_batch(["p"], ["a"])
+            assert score.failed and score.reason == "judge error: ValueError: returned more than 1 scores for 1 samples"
+            assert read[0] == 2 and reward.stats()["errors"] == 1
+    finally:
+        stop.set()
+    assert [s.score for s in JudgeReward(lambda samples: [0.5] * 3, judge_id="too-many").score_batch(["p"], ["a"])] \
+        == [0.0]  # a list of the wrong length still says how many it held
+
+
+@pytest.mark.skipif(sys.platform == "win32" or not hasattr(os, "geteuid") or os.geteuid() != 0
+                    or shutil.which("setpriv") is None, reason="reads the file as another user: needs root and setpriv")
+def test_a_read_only_cache_in_wal_mode_in_a_folder_this_process_may_not_write_is_read():
+    """SQLite's read-only mode cannot read a database in WAL mode without creating its shared-memory file beside it:
+    in a folder the process may not write, the judge refused the cache_path at start instead of reading it."""
+    import sqlite3
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="entrorl-judge-wal-"))  # not under pytest's own folder, which only root enters
+    try:
+        os.chmod(folder, 0o755)
+        path = folder / "cache.sqlite"
+        writer = JudgeReward(lambda samples: [float(len(c)) for _, c, _ in samples], cache_path=path, judge_id="J")
+        writer.cache._db.execute("PRAGMA journal_mode=WAL")
+        writer.score_batch(["p"], ["cached"])
+        writer.cache.close()
+        with contextlib.closing(sqlite3.connect(path)) as check:
+            assert check.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        path.chmod(0o444)
+        script = ("from entrorl.rewards.judge import JudgeReward\n"
+                  "calls = []\n"
+                  f"reward = JudgeReward(lambda s: (calls.append(s), [0.0] * len(s))[1], cache_path={str(path)!r}, "
+                  "judge_id='J')\n"
+                  "print([s.score for s in reward.score_batch(['p'], ['cached'])], len(calls))\n")
+        probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                                "import entrorl.rewards.judge"], capture_output=True, timeout=120, cwd=folder)
+        if probe.returncode != 0:
+            pytest.skip("this interpreter or the project cannot be read by another user here")
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                               script], capture_output=True, text=True, timeout=120, cwd=folder,
+                              env={"PATH": os.environ.get("PATH", ""), "HOME": str(folder)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["[6.0]", "0"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -3485,6 +3485,95 @@ def test_a_resume_says_when_this_version_builds_the_method_otherwise_than_the_ch
             "version's") in " ".join(resumed.output.split()), resumed.output
 
 
+_PARTS_WITH_PARAMETERS_OF_EVERY_KIND = """
+from enum import Enum
+from pathlib import Path
+
+from entrorl.objective.parts import Regularizer, RegularizerTerm, register_part
+
+
+class _Nothing(Regularizer):
+    def __call__(self, batch, advantages, aggregate, metrics):
+        return RegularizerTerm()
+
+
+@register_part("recorded_tuple", description="a tuple parameter")
+class TupleParameter(_Nothing):
+    window: tuple[float, float] = (0.1, 0.9)
+
+
+@register_part("recorded_int_keys", description="a mapping keyed by integers")
+class IntKeys(_Nothing):
+    weights: dict[int, float] = {1: 0.5}
+
+
+class Mode(str, Enum):
+    A = "a"
+
+
+@register_part("recorded_enum", description="an enumeration")
+class EnumParameter(_Nothing):
+    mode: Mode = Mode.A
+
+
+@register_part("recorded_path", description="a path")
+class PathParameter(_Nothing):
+    table: Path = Path("table.txt")
+"""
+
+
+@pytest.mark.parametrize("part", ["recorded_tuple", "recorded_int_keys", "recorded_enum", "recorded_path"])
+def test_the_objective_a_checkpoint_records_resumes_whatever_its_parameters_hold(
+        tmp_path, tiny_model_dir, arithmetic_files, monkeypatch, part):
+    """The recorded objective is plain JSON data: a part's tuple, integer-keyed mapping, enumeration or path was
+    stored as the object itself, which the weights-only loader refused (the run could not resume) or which compared
+    unequal with the rebuilt one (a false 'builds the method otherwise')."""
+    (tmp_path / "recorded_parts.py").write_text(_PARTS_WITH_PARAMETERS_OF_EVERY_KIND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    train, _ = arithmetic_files
+    config = make_config(tiny_model_dir, train, None, imports=["recorded_parts"], optim={"steps": 1},
+                         method={"method": "grpo", "regularizers": [part]}, checkpoint={"every": 1})
+    Trainer(load_config(config), run_dir=tmp_path / "run").train()
+    resumed = Trainer(load_config(config, ["optim.steps=2"]), run_dir=tmp_path / "run", resume=True)
+    assert resumed.step == 1 and resumed.objective_changes == [] and resumed.recipe_notes == []
+    resumed.close()
+
+
+def test_a_setting_the_resume_changes_is_not_called_a_change_of_this_version(tmp_path, tiny_model_dir, arithmetic_files):
+    """Dr. GRPO divides by rollout.max_new_tokens, which a resume may change: that is the resume's change, listed as
+    such, not a method this version builds otherwise."""
+    train, _ = arithmetic_files
+    config = make_config(tiny_model_dir, train, None, method="dr_grpo", optim={"steps": 1}, checkpoint={"every": 1})
+    Trainer(load_config(config), run_dir=tmp_path / "run").train()
+    resumed = Trainer(load_config(config, ["optim.steps=2", "rollout.max_new_tokens=5"]), run_dir=tmp_path / "run",
+                      resume=True)
+    assert ("rollout.max_new_tokens", 6, 5) in resumed.resume_changes
+    assert resumed.objective_changes == [] and resumed.objective.loss_scale_factor == 5.0
+    resumed.close()
+
+
+@pytest.mark.parametrize("method, noted", [("dapo+icepop", []), ("icepop", ["icepop"]), ("grpo+rft", ["rft"])])
+def test_a_checkpoint_older_than_its_objective_record_hears_only_of_the_recipes_it_used_that_changed(
+        tmp_path, tiny_model_dir, arithmetic_files, method, noted):
+    """icepop's change was to its own aggregation: composed after dapo it trains as before; rft's selector changed
+    wherever rft is composed."""
+    from entrorl.trainer import checkpoint as checkpoints
+
+    train, _ = arithmetic_files
+    config = make_config(tiny_model_dir, train, None, method=method, optim={"steps": 1}, checkpoint={"every": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(load_config(config), run_dir=tmp_path / "run").train()
+        step = tmp_path / "run" / "checkpoints" / "step_000001"
+        state = torch.load(io.BytesIO((step / "trainer.pt").read_bytes()), weights_only=False)
+        del state["objective_built"]  # as a version before the record wrote it
+        torch.save(state, step / "trainer.pt")
+        checkpoints._write_file_list(step)
+        resumed = Trainer(load_config(config, ["optim.steps=2"]), run_dir=tmp_path / "run", resume=True)
+    assert [note.split(":")[0] for note in resumed.recipe_notes] == noted
+    resumed.close()
+
+
 def test_a_moved_model_path_is_refused_on_resume_only_when_it_locates_a_reference_model(tiny_model_dir, arithmetic_files):
     """A resumed policy comes from its checkpoint; model.path then only says where the frozen reference loads from,
     so moving it changes the run exactly when a reference model is loaded (kl_ref, or optim.kl_reference)."""

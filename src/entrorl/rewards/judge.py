@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -143,9 +144,7 @@ class JudgeCache:
                     self._db.execute("CREATE TABLE IF NOT EXISTS judge_scores (key TEXT PRIMARY KEY, score REAL NOT NULL)")
                     self._db.commit()
                 else:
-                    self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                               check_same_thread=False, timeout=_SQLITE_WAIT_S)
-                    self._db.execute("SELECT score FROM judge_scores LIMIT 1").fetchall()
+                    self._db = self._open_read_only()
                     self._say_read_only("this process may not write it")
             except sqlite3.Error as error:
                 if self._db is not None:
@@ -219,6 +218,21 @@ class JudgeCache:
                 kept = " and kept in memory" if self.max_entries else ""  # cache_size 0 keeps none
                 logger.warning("judge cache %s: %s; the scores go on being judged%s", self.path, error, kept)
             return None
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """The file, read only; as unchanging when SQLite cannot read it otherwise (a database in WAL mode, in a folder
+        this process may not write, needs a shared-memory file beside it that it cannot create)."""
+        uri = self.path.resolve().as_uri()
+        for options in ("mode=ro", "mode=ro&immutable=1"):
+            db = sqlite3.connect(f"{uri}?{options}", uri=True, check_same_thread=False, timeout=_SQLITE_WAIT_S)
+            try:
+                db.execute("SELECT score FROM judge_scores LIMIT 1").fetchall()
+                return db
+            except sqlite3.OperationalError as error:
+                db.close()
+                if "readonly" not in str(error).replace(" ", "").lower() or "immutable" in options:
+                    raise
+        raise AssertionError("unreachable")
 
     def _say_read_only(self, why: str) -> None:
         kept = "kept in memory only" if self.max_entries else "not kept"  # cache_size 0 keeps none
@@ -486,10 +500,13 @@ def _scores_of(value: Any, expected: int) -> list[float]:
         value = value.detach().cpu().reshape(-1).tolist()
     if isinstance(value, (Mapping, str, bytes, set, frozenset)):  # iterable, but their items are no scores in order
         raise ValueError(f"returned a {type(value).__name__}, not a list of {expected} scores")
+    lazy = not hasattr(value, "__len__")  # a generator, map, ...: read no further than one score too many
     try:
-        scores = list(value)
+        scores = list(itertools.islice(value, expected + 1) if lazy else value)
     except TypeError:
         raise ValueError(f"returned {type(value).__name__}, not a list of {expected} scores") from None
+    if lazy and len(scores) > expected:
+        raise ValueError(f"returned more than {expected} scores for {expected} samples")
     if len(scores) != expected:
         raise ValueError(f"returned {len(scores)} scores for {expected} samples")
     out = []

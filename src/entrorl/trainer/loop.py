@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 from pydantic import ValidationError
+from pydantic_core import to_jsonable_python
 
 from entrorl._checks import refuse_multi_process_launch
 from entrorl.advantages import AdvantageOverflow, compute_advantages, unlikeliness_shaped_rewards
@@ -50,7 +51,7 @@ from entrorl.modeling import (
     unknown_token_note,
     unstopped_turn_end_note,
 )
-from entrorl.objective import ObjectiveConfig, PolicyBatch
+from entrorl.objective import Objective, ObjectiveConfig, PolicyBatch
 from entrorl.rewards import RewardResult, RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
 from entrorl.tokens import STAT_NAMES, TokenStats
@@ -139,36 +140,78 @@ class ScoredRollouts:
 
 
 #: Registered methods whose recipe changed after checkpoints began to be written and before they recorded the objective
-#: they trained with (``objective_built``): a resume of such a checkpoint says so.
+#: they trained with (``objective_built``): a resume of such a checkpoint says so. ``first``: only where the method
+#: comes first in the composition and no ``loss_agg_mode`` is set (the change was to its own aggregation).
 RECIPES_CHANGED = {
-    "rft": "its loss is now the mean over the accepted samples' tokens (RAFT), where it was divided by every sampled "
-           "token",
-    "icepop": "alone, it now aggregates as its paper, seq-mean-token-mean, where it took token-mean",
+    "rft": ("its loss is now the mean over the accepted samples' tokens (RAFT), where it was divided by every sampled "
+            "token", False),
+    "icepop": ("alone, it now aggregates as its paper, seq-mean-token-mean, where it took token-mean", True),
 }
 
-def _objective_changes(saved: Any, now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(setting, saved, now)`` for each difference between two :meth:`Objective.describe` results (a part's parameter
-    as ``<kind>.<part>.<parameter>``, a part added or gone as ``<kind>.<part>``, the aggregation by its name); none when
-    the checkpoint recorded no objective (written before it did)."""
-    if not isinstance(saved, dict):
+
+def trainer_objective(config: TrainConfig) -> Objective:
+    """The objective ``config`` trains with: its method built, and Dr. GRPO's divisor, when the method's aggregation
+    needs one and none is given, the longest response allowed (``rollout.max_new_tokens``), a constant, not the step's
+    longest response, which varies."""
+    objective = config.build_objective()
+    if objective.loss_agg_mode == "seq-mean-token-sum-norm" and objective.loss_scale_factor is None:
+        objective.loss_scale_factor = float(config.rollout.max_new_tokens)
+    return objective
+
+
+def _as_stored(description: dict[str, Any]) -> dict[str, Any]:
+    """An objective's :meth:`~entrorl.objective.Objective.describe` as plain JSON data (lists, string keys; a path, an
+    enumeration or another value of a part's parameter as JSON writes it), which the checkpoint's loader reads back."""
+    return json.loads(json.dumps(to_jsonable_python(description, fallback=str)))
+
+
+def objective_changes(saved_state: dict[str, Any], config_class: type[TrainConfig]) -> list[tuple[str, Any, Any]]:
+    """``(setting, checkpoint's, now)`` where this version builds the checkpoint's own configuration otherwise than
+    the objective the checkpoint recorded it trained with (``objective_built``): a registered method's recipe that
+    changed between versions, not a setting the resumed run changes. A part's parameter is ``<kind>.<part>.<name>``,
+    a part added or gone ``<kind>.<part>`` (``absent`` on the side without it). None when the checkpoint recorded no
+    objective or its configuration cannot be built here."""
+    recorded, saved_config = saved_state.get("objective_built"), saved_state.get("config")
+    if not isinstance(recorded, dict) or not isinstance(saved_config, dict):
+        return []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rebuilt = trainer_objective(config_class.model_validate(saved_config, context={"settings_only": True}))
+    except (ValidationError, ValueError, TypeError):
         return []
 
-    def flat(description: dict[str, Any]) -> dict[str, Any]:
-        settings = {}
-        for kind, parts in description.items():
-            if isinstance(parts, list) or (isinstance(parts, dict) and "name" in parts):
-                for part in parts if isinstance(parts, list) else [parts]:
-                    if isinstance(part, dict) and "name" in part:
-                        settings[f"{kind}.{part['name']}"] = "present"
-                        settings.update({f"{kind}.{part['name']}.{key}": value for key, value in part.items()
-                                         if key != "name"})
-            else:
-                settings[kind] = parts
-        return settings
+    def parts(description: dict[str, Any]) -> dict[str, Any]:
+        found = {}
+        for kind, value in description.items():
+            for part in value if isinstance(value, list) else [value]:
+                if isinstance(part, dict) and "name" in part:
+                    found[f"{kind}.{part['name']}"] = {key: item for key, item in part.items() if key != "name"}
+                elif not isinstance(value, list):
+                    found[kind] = value
+        return found
 
-    before, after = flat(saved), flat(json.loads(json.dumps(now)))  # as the checkpoint stores it: lists, not tuples
-    return [(key, before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
-            if before.get(key) != after.get(key)]
+    before, after = parts(_as_stored(recorded)), parts(_as_stored(rebuilt.describe()))
+    changes = []
+    for key in sorted(before.keys() | after.keys()):
+        old, new = before.get(key, "absent"), after.get(key, "absent")
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += [(f"{key}.{name}", old.get(name), new.get(name)) for name in sorted(old.keys() | new.keys())
+                        if old.get(name) != new.get(name)]
+        elif old != new:
+            changes.append((key, old, new))
+    return changes
+
+
+def recipe_notes(saved_state: dict[str, Any], method: ObjectiveConfig) -> list[str]:
+    """For a checkpoint written before checkpoints recorded their objective: what changed since in the recipes of
+    the methods it names (:data:`RECIPES_CHANGED`), in words."""
+    if "objective_built" in saved_state:
+        return []
+    names = method.method_names()
+    return [f"{name}: {said}" for position, name in enumerate(names) if name in RECIPES_CHANGED
+            for said, first in [RECIPES_CHANGED[name]] if not first or (position == 0 and method.loss_agg_mode is None)]
+
 
 class Trainer:
     """Train a local Hugging Face causal LM with an entrorl method; see :class:`TrainConfig`.
@@ -263,10 +306,7 @@ class Trainer:
                               for extra in config.reward.extra]
         for runner in [self.reward] + [runner for _, _, runner in self.extra_rewards]:
             runner.check_arguments([record.meta for record in self.train_records + self.eval_records])
-        self.objective = config.build_objective()
-        if self.objective.loss_agg_mode == "seq-mean-token-sum-norm" and self.objective.loss_scale_factor is None:
-            # Dr. GRPO divides by a constant: the longest response allowed, not the step's longest (which varies)
-            self.objective.loss_scale_factor = float(config.rollout.max_new_tokens)
+        self.objective = trainer_objective(config)
         self.advantage_name = config.advantage_estimator()
         self.advantage_params = dict(config.advantage.params)
         # estimators that split correct from wrong samples (PSR, NSR, W-REINFORCE, Pass@k) take the reward's verdicts,
@@ -315,14 +355,10 @@ class Trainer:
         self.weight_norm_at_start: float | None = None
         # (part setting, checkpoint's, now) where this version builds the configured method otherwise than the one that
         # wrote the checkpoint did (a registered method's recipe changed): the run goes on with this version's
-        # (a resume may not change the method itself: check_resume_settings refuses it)
-        self.objective_changes = (_objective_changes(saved_state.get("objective_built"), self.objective.describe())
-                                  if saved_state is not None else [])
-        # a checkpoint that predates that record: what changed since in the methods it names, in words
+        # where this version builds the checkpoint's method otherwise than it trained (a registered recipe changed)
+        self.objective_changes = objective_changes(saved_state, TrainConfig) if saved_state is not None else []
         method = config.method if isinstance(config.method, ObjectiveConfig) else ObjectiveConfig(method=config.method)
-        self.recipe_notes = ([f"{name}: {RECIPES_CHANGED[name]}" for name in method.method_names()
-                              if name in RECIPES_CHANGED]
-                             if saved_state is not None and "objective_built" not in saved_state else [])
+        self.recipe_notes = recipe_notes(saved_state, method) if saved_state is not None else []
         if saved_state is not None:
             self._restore(saved_state)
         # what the trainer is doing, in words (train_step, evaluate and save say it), for a message about a failure
@@ -634,7 +670,7 @@ class Trainer:
             "rng": capture_rng_state(),
             "stream": self.stream.state_dict(),
             "objective": self.objective.state_dict(),
-            "objective_built": self.objective.describe(),  # the objective these steps trained with, part by part
+            "objective_built": _as_stored(self.objective.describe()),  # what these steps trained with, part by part
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "consecutive_failed_rewards": self.consecutive_failed_rewards,
             "skipped_steps": self.skipped_steps,
