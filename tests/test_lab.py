@@ -2058,6 +2058,10 @@ def test_a_method_is_trained_by_its_own_trainer_resumed_from_its_checkpoint_and_
         def train(self, **options):
             self.trained = options
 
+        def version_notes(self):
+            self.resumed_from = self.run_dir / "checkpoints" / "step_000004"
+            return ["software changed since that checkpoint: torch 1 -> 2"] if self.resume else []
+
     class RecordingSFTTrainer(RecordingTrainer):
         pass
 
@@ -2076,8 +2080,10 @@ def test_a_method_is_trained_by_its_own_trainer_resumed_from_its_checkpoint_and_
                 "model_dir": str(tmp_path / "model"), "data": data}
 
     monkeypatch.setattr(runner, "_STOP", None)
-    assert runner._train_and_evaluate(job("sft")) == {"model": "model of sft", "tokenizer": "tokenizer of sft",
-                                                      "eval_n": preset.eval_n, "data": ["eval", "forget", "train"]}
+    with pytest.warns(UserWarning, match=r"^sft, resumed from step_000004: software changed since that checkpoint: "
+                                         r"torch 1 -> 2$"):  # what entrorl train prints on a resume, the lab warns
+        assert runner._train_and_evaluate(job("sft")) == {"model": "model of sft", "tokenizer": "tokenizer of sft",
+                                                          "eval_n": preset.eval_n, "data": ["eval", "forget", "train"]}
     sft = built["sft"]
     assert type(sft) is RecordingSFTTrainer and sft.resume and sft.trained == {}
     assert type(sft.task) is type(get_task(preset.train_task)) and sft.run_dir == tmp_path / "methods" / "sft"

@@ -161,17 +161,8 @@ def train(
             before, now = trainer.resume_learning_rate
             console.print(f"  so the next step's learning rate is {now:.4g} (the checkpoint's schedule: {before:.4g})",
                           highlight=False, soft_wrap=True)
-        if trainer.objective_changes:
-            changed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in trainer.objective_changes)
-            console.print(Text(f"  this version builds the method otherwise than the one that wrote that checkpoint: "
-                               f"{changed}; the run continues with this version's"), soft_wrap=True)
-        for note in trainer.recipe_notes:
-            console.print(Text(f"  that checkpoint predates the record of the objective it trained with; since, {note}; "
-                               "the run continues with this version's"), soft_wrap=True)
-        if trainer.software_changes:
-            changed = ", ".join(f"{name} {old} -> {new}" for name, old, new in trainer.software_changes)
-            console.print(Text(f"  software changed since that checkpoint: {changed}; the run continues, but it need not "
-                               "give the metrics an uninterrupted run would have"), soft_wrap=True)
+        for note in trainer.version_notes():
+            console.print(Text(f"  {note}"), soft_wrap=True)
     again = command(trainer.run_dir)
 
     def with_the_way_on(message: str) -> str:

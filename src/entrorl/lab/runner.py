@@ -233,6 +233,8 @@ def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
     trainer_class = SFTTrainer if method == "sft" else Trainer
     trainer = trainer_class(config, run_dir=run_dir, resume=resume)
     trainer.resumed_by = "running the laboratory's command again"
+    for note in trainer.version_notes():
+        warnings.warn(f"{method}, resumed from {trainer.resumed_from.name}: {note}", stacklevel=1)
     if method == "sft":
         trainer.use_task(get_task(preset.train_task))
     if _STOP is None:

@@ -440,6 +440,23 @@ class Trainer:
             if step is None or match is None or int(match.group(1)) > step:
                 reward_log.unlink()
 
+    def version_notes(self) -> list[str]:
+        """What differs, for a resumed run, between the software that wrote its checkpoint and this one: the method
+        this version builds otherwise, the changed recipes a checkpoint older than that record used, the packages'
+        versions; one sentence each (``entrorl train`` and the laboratory print them)."""
+        notes = []
+        if self.objective_changes:
+            changed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in self.objective_changes)
+            notes.append(f"this version builds the method otherwise than the one that wrote that checkpoint: {changed}; "
+                         "the run continues with this version's")
+        notes += [f"that checkpoint predates the record of the objective it trained with; since, {note}; the run "
+                  "continues with this version's" for note in self.recipe_notes]
+        if self.software_changes:
+            changed = ", ".join(f"{name} {old} -> {new}" for name, old, new in self.software_changes)
+            notes.append(f"software changed since that checkpoint: {changed}; the run continues, but it need not give "
+                         "the metrics an uninterrupted run would have")
+        return notes
+
     def _check_resume_changes(self, saved_state: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         """The settings this resumed run changes from those its checkpoint was trained with, ``(key, saved, now)``;
         ``ValueError`` naming every one it may not change (see :func:`resume_changes`)."""
