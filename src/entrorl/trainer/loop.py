@@ -138,7 +138,6 @@ class ScoredRollouts:
     sampled_tokens: int | None = None  # response tokens sampled for the step, rows dynamic sampling dropped included
 
 
-
 #: Registered methods whose recipe changed after checkpoints began to be written and before they recorded the objective
 #: they trained with (``objective_built``): a resume of such a checkpoint says so. ``first``: only where the method
 #: comes first in the composition and no ``loss_agg_mode`` is set (the change was to its own aggregation).
@@ -165,7 +164,7 @@ def _as_stored(description: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(to_jsonable_python(description, fallback=str)))
 
 
-def objective_changes(saved_state: dict[str, Any], config_class: type[TrainConfig]) -> list[tuple[str, Any, Any]]:
+def objective_changes(saved_state: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(setting, checkpoint's, now)`` where this version builds the checkpoint's own configuration otherwise than
     the objective the checkpoint recorded it trained with (``objective_built``): a registered method's recipe that
     changed between versions, not a setting the resumed run changes. A part's parameter is ``<kind>.<part>.<name>``,
@@ -177,7 +176,7 @@ def objective_changes(saved_state: dict[str, Any], config_class: type[TrainConfi
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rebuilt = trainer_objective(config_class.model_validate(saved_config, context={"settings_only": True}))
+            rebuilt = trainer_objective(TrainConfig.model_validate(saved_config, context={"settings_only": True}))
     except (ValidationError, ValueError, TypeError):
         return []
 
@@ -353,10 +352,8 @@ class Trainer:
         self._warned_nothing_trained = False
         self._warned_dynamic_sampling = False  # fewer informative groups than a step takes: said once
         self.weight_norm_at_start: float | None = None
-        # (part setting, checkpoint's, now) where this version builds the configured method otherwise than the one that
-        # wrote the checkpoint did (a registered method's recipe changed): the run goes on with this version's
         # where this version builds the checkpoint's method otherwise than it trained (a registered recipe changed)
-        self.objective_changes = objective_changes(saved_state, TrainConfig) if saved_state is not None else []
+        self.objective_changes = objective_changes(saved_state) if saved_state is not None else []
         method = config.method if isinstance(config.method, ObjectiveConfig) else ObjectiveConfig(method=config.method)
         self.recipe_notes = recipe_notes(saved_state, method) if saved_state is not None else []
         if saved_state is not None:
