@@ -3539,6 +3539,36 @@ def test_the_objective_a_checkpoint_records_resumes_whatever_its_parameters_hold
     resumed.close()
 
 
+@pytest.mark.parametrize("section, key, value", [
+    (None, None, None), ("logging", "a_key_another_version_had", 1),
+    ("reward", "extra", [{"name": "module_on_the_old_machine:score"}]), ("logging", "wandb", True),
+    ("rollout", "backend", "vllm"), ("rollout", "max_new_tokens", 9)])
+def test_what_this_version_builds_from_a_checkpoint_s_settings_needs_only_its_method(section, key, value):
+    """The comparison rebuilt the checkpoint's whole configuration: a setting this version does not know, or one this
+    machine cannot honour (an extra reward's module, a tracker or vLLM not installed), none of which a resume is held
+    to, left the comparison empty without a word, and a recipe that changed went unreported."""
+    from entrorl.trainer import TrainConfig
+    from entrorl.trainer.loop import _as_stored, objective_changes, trainer_objective
+
+    config = TrainConfig.model_validate({"model": {"path": "/gone/model", "device": "cuda:7"},
+                                         "data": {"train": "/gone/train.jsonl"}, "method": "dr_grpo"},
+                                        context={"settings_only": True})
+    recorded = _as_stored(trainer_objective(config).describe())
+    recorded["surrogate"]["clip_ratio_high"] = 0.28  # as if an earlier version's dr_grpo clipped otherwise
+    saved = config.model_dump(mode="json")
+    if section is not None:
+        saved[section][key] = value
+    changes = objective_changes({"objective_built": recorded, "config": saved})
+    assert ("surrogate.ppo_clip.clip_ratio_high", 0.28, 0.2) in changes
+    # the divisor is the checkpoint's max_new_tokens: 9 is the checkpoint's, recorded as the default's 512
+    assert [change for change in changes if change[0] == "loss_scale_factor"] == (
+        [("loss_scale_factor", float(config.rollout.max_new_tokens), 9.0)] if key == "max_new_tokens" else [])
+    [(setting, recorded_as, now)] = objective_changes({"objective_built": recorded,
+                                                        "config": {**saved, "method": "no_such_method"}})
+    assert (setting, recorded_as) == ("method", "as recorded")
+    assert now.startswith("not built by this version from the checkpoint's settings: unknown method 'no_such_method'")
+
+
 def test_a_setting_the_resume_changes_is_not_called_a_change_of_this_version(tmp_path, tiny_model_dir, arithmetic_files):
     """Dr. GRPO divides by rollout.max_new_tokens, which a resume may change: that is the resume's change, listed as
     such, not a method this version builds otherwise."""

@@ -29,7 +29,7 @@ import torch
 from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
-from entrorl._checks import refuse_multi_process_launch
+from entrorl._checks import refuse_multi_process_launch, validation_message
 from entrorl.advantages import AdvantageOverflow, compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import (DataError, PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts,
                           parse_band)
@@ -51,7 +51,7 @@ from entrorl.modeling import (
     unknown_token_note,
     unstopped_turn_end_note,
 )
-from entrorl.objective import Objective, ObjectiveConfig, PolicyBatch
+from entrorl.objective import Objective, ObjectiveConfig, PolicyBatch, build_objective
 from entrorl.rewards import RewardResult, RewardRunner, get_reward
 from entrorl.rewards.diversity import diversity_weights, load_embedder
 from entrorl.tokens import STAT_NAMES, TokenStats
@@ -76,7 +76,8 @@ from entrorl.trainer.checkpoint import (
     software_changes,
     software_versions,
 )
-from entrorl.trainer.config import OptimConfig, TrainConfig, resolve_device, resume_changes, with_resolved_paths
+from entrorl.trainer.config import (OptimConfig, RolloutConfig, TrainConfig, resolve_device, resume_changes,
+                                   with_resolved_paths)
 from entrorl.trainer.diagnostics import (
     covariance_summary,
     decision_points,
@@ -149,13 +150,31 @@ RECIPES_CHANGED = {
 
 
 def trainer_objective(config: TrainConfig) -> Objective:
-    """The objective ``config`` trains with: its method built, and Dr. GRPO's divisor, when the method's aggregation
-    needs one and none is given, the longest response allowed (``rollout.max_new_tokens``), a constant, not the step's
-    longest response, which varies."""
-    objective = config.build_objective()
+    """The objective ``config`` trains with (see :func:`_with_a_constant_divisor`)."""
+    return _with_a_constant_divisor(config.build_objective(), config.rollout.max_new_tokens)
+
+
+def _with_a_constant_divisor(objective: Objective, max_new_tokens: int) -> Objective:
+    """``objective`` with Dr. GRPO's divisor, when its aggregation needs one and none is given: the longest response
+    allowed (``rollout.max_new_tokens``), a constant, not the step's longest response, which varies."""
     if objective.loss_agg_mode == "seq-mean-token-sum-norm" and objective.loss_scale_factor is None:
-        objective.loss_scale_factor = float(config.rollout.max_new_tokens)
+        objective.loss_scale_factor = float(max_new_tokens)
     return objective
+
+
+def _objective_of_settings(saved_config: dict[str, Any]) -> Objective:
+    """The objective this version builds from a checkpoint's saved settings: its method and ``rollout.max_new_tokens``
+    alone (the other settings, which a resume may change or this machine may lack, do not enter it)."""
+    method = saved_config.get("method", TrainConfig.model_fields["method"].default)
+    if isinstance(method, list):
+        method = "+".join(str(name) for name in method)
+    method = ObjectiveConfig.model_validate(method if isinstance(method, dict) else {"method": method},
+                                            context={"settings_only": True})
+    rollout = saved_config.get("rollout") if isinstance(saved_config.get("rollout"), dict) else {}
+    max_new_tokens = rollout.get("max_new_tokens", RolloutConfig.model_fields["max_new_tokens"].default)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _with_a_constant_divisor(build_objective(method), max_new_tokens)
 
 
 def _as_stored(description: dict[str, Any]) -> dict[str, Any]:
@@ -169,16 +188,16 @@ def objective_changes(saved_state: dict[str, Any]) -> list[tuple[str, Any, Any]]
     the objective the checkpoint recorded it trained with (``objective_built``): a registered method's recipe that
     changed between versions, not a setting the resumed run changes. A part's parameter is ``<kind>.<part>.<name>``,
     a part added or gone ``<kind>.<part>`` (``absent`` on the side without it). None when the checkpoint recorded no
-    objective or its configuration cannot be built here."""
+    objective; ``method`` when this version cannot build its method from the checkpoint's settings."""
     recorded, saved_config = saved_state.get("objective_built"), saved_state.get("config")
     if not isinstance(recorded, dict) or not isinstance(saved_config, dict):
         return []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rebuilt = trainer_objective(TrainConfig.model_validate(saved_config, context={"settings_only": True}))
-    except (ValidationError, ValueError, TypeError):
-        return []
+        rebuilt = _objective_of_settings(saved_config)
+    except (ValidationError, ValueError, TypeError) as error:
+        message = ("; ".join(validation_message(e) for e in error.errors()) if isinstance(error, ValidationError)
+                   else error)
+        return [("method", "as recorded", f"not built by this version from the checkpoint's settings: {message}")]
 
     def parts(description: dict[str, Any]) -> dict[str, Any]:
         found = {}
