@@ -13,15 +13,15 @@ from entrorl.objective.parts import Metrics, Surrogate, SurrogateOutput, registe
 __all__ = ["PPOClip", "Unclipped", "CISPO", "GSPO", "LogLikelihood"]
 
 
-def _ratio_metrics(metrics: Metrics, ratio: torch.Tensor, batch: PolicyBatch) -> None:
+def _ratio_metrics(metrics: Metrics, ratio: torch.Tensor, log_ratio: torch.Tensor, batch: PolicyBatch) -> None:
+    """``ratio``: the surrogate's own; ``log_ratio``: each token's, as :func:`policy_ratio` gives it, clamped to +-20
+    as for PPO's loss (and by verl for its ppo_kl), for every surrogate alike (GSPO's own ratio is not clamped so):
+    finite where a log-prob is -inf."""
     mask = batch.mask
     metrics["ratio/mean"] = float(masked_mean(ratio.detach(), mask))
     # no token: 0, below any ratio, so that a maximum taken over micro-batches (verl's) is the others'
     metrics["ratio/max"] = float(ratio.detach()[mask].max()) if mask.any() else 0.0
-    # each token's log-ratio clamped to +-20 as policy_ratio clamps it for PPO's loss (and verl for its ppo_kl), for
-    # every surrogate alike (GSPO's own ratio is not clamped so): finite where a log-prob is -inf
-    log_ratio = policy_ratio(batch)[1].detach()
-    metrics["kl/old_new"] = float(masked_mean(-log_ratio, mask))
+    metrics["kl/old_new"] = float(masked_mean(-log_ratio.detach(), mask))
 
 
 @register_part(
@@ -44,7 +44,7 @@ class PPOClip(Surrogate):
         return self
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
-        ratio, _ = policy_ratio(batch)
+        ratio, log_ratio = policy_ratio(batch)
         unclipped = -advantages * ratio
         clipped_loss = -advantages * ratio.clamp(1.0 - self.clip_ratio_low, 1.0 + self.clip_ratio_high)
         loss = torch.maximum(unclipped, clipped_loss)
@@ -59,7 +59,7 @@ class PPOClip(Surrogate):
         metrics["clip/ppo_frac"] = fraction(clipped, mask)
         metrics["clip/ppo_low_frac"] = fraction((ratio.detach() < 1.0 - self.clip_ratio_low) & (advantages < 0), mask)
         metrics["clip/ppo_high_frac"] = fraction((ratio.detach() > 1.0 + self.clip_ratio_high) & (advantages > 0), mask)
-        _ratio_metrics(metrics, ratio, batch)
+        _ratio_metrics(metrics, ratio, log_ratio, batch)
         return SurrogateOutput(per_token_loss=loss, clipped=clipped & mask, ratio=ratio.detach())
 
 
@@ -72,8 +72,8 @@ class Unclipped(Surrogate):
     """``L = -A r``: no token is clipped. KL-Cov uses it, controlling the update with its KL term instead."""
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
-        ratio, _ = policy_ratio(batch)
-        _ratio_metrics(metrics, ratio, batch)
+        ratio, log_ratio = policy_ratio(batch)
+        _ratio_metrics(metrics, ratio, log_ratio, batch)
         return SurrogateOutput(
             per_token_loss=-advantages * ratio, clipped=torch.zeros_like(batch.mask), ratio=ratio.detach()
         )
@@ -93,10 +93,10 @@ class CISPO(Surrogate):
     clip_ratio_high: float = Field(0.28, ge=0.0, description="upper IS bound 1 + eps_high; 0.28 as in Trinity-RFT's CISPO")
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
-        ratio, _ = policy_ratio(batch)
+        ratio, log_ratio = policy_ratio(batch)
         weight = ratio.detach().clamp(1.0 - self.clip_ratio_low, 1.0 + self.clip_ratio_high)
         metrics["clip/cispo_frac"] = fraction(weight != ratio.detach(), batch.mask)
-        _ratio_metrics(metrics, ratio, batch)
+        _ratio_metrics(metrics, ratio, log_ratio, batch)
         return SurrogateOutput(
             per_token_loss=-weight * advantages * batch.log_prob,
             clipped=torch.zeros_like(batch.mask),
@@ -131,7 +131,7 @@ class GSPO(Surrogate):
         loss = torch.maximum(unclipped, clipped_loss)
         clipped = (clipped_loss.detach() > unclipped.detach()) & mask
         metrics["clip/gspo_frac"] = fraction(clipped, mask)
-        _ratio_metrics(metrics, ratio, batch)
+        _ratio_metrics(metrics, ratio, policy_ratio(batch)[1], batch)
         return SurrogateOutput(per_token_loss=loss, clipped=clipped, ratio=ratio.detach())
 
 
@@ -146,8 +146,8 @@ class LogLikelihood(Surrogate):
     wrong samples out of the normaliser, it is rejection-sampling fine-tuning (RAFT / RFT, the ``rft`` method)."""
 
     def __call__(self, batch: PolicyBatch, advantages: torch.Tensor, metrics: Metrics) -> SurrogateOutput:
-        ratio, _ = policy_ratio(batch)
-        _ratio_metrics(metrics, ratio, batch)
+        ratio, log_ratio = policy_ratio(batch)
+        _ratio_metrics(metrics, ratio, log_ratio, batch)
         return SurrogateOutput(
             per_token_loss=-advantages * batch.log_prob, clipped=torch.zeros_like(batch.mask), ratio=ratio.detach()
         )
