@@ -208,7 +208,7 @@ class JudgeCache:
         except sqlite3.Error as error:
             with contextlib.suppress(sqlite3.Error):
                 self._db.rollback()
-            if "readonly" in str(error).replace("-", "").replace(" ", "").lower():  # only writing fails: read on
+            if _is_read_only(error):  # only writing fails: read on
                 self._writable = False
                 self._say_read_only(str(error))
                 return None
@@ -223,16 +223,23 @@ class JudgeCache:
         """The file, read only; as unchanging when SQLite cannot read it otherwise (a database in WAL mode, in a folder
         this process may not write, needs a shared-memory file beside it that it cannot create)."""
         uri = self.path.resolve().as_uri()
-        for options in ("mode=ro", "mode=ro&immutable=1"):
-            db = sqlite3.connect(f"{uri}?{options}", uri=True, check_same_thread=False, timeout=_SQLITE_WAIT_S)
-            try:
-                db.execute("SELECT score FROM judge_scores LIMIT 1").fetchall()
-                return db
-            except sqlite3.OperationalError as error:
-                db.close()
-                if "readonly" not in str(error).replace(" ", "").lower() or "immutable" in options:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return self._readable_connection(f"{uri}?mode=ro")
+        except sqlite3.OperationalError as error:
+            if not _is_read_only(error):
+                raise
+        return self._readable_connection(f"{uri}?mode=ro&immutable=1")
+
+    @staticmethod
+    def _readable_connection(uri: str) -> sqlite3.Connection:
+        """A connection to ``uri`` whose scores table could be read (closed again when it could not)."""
+        db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=_SQLITE_WAIT_S)
+        try:
+            db.execute("SELECT score FROM judge_scores LIMIT 1").fetchall()
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
 
     def _say_read_only(self, why: str) -> None:
         kept = "kept in memory only" if self.max_entries else "not kept"  # cache_size 0 keeps none
@@ -470,6 +477,13 @@ class _JudgeTimeout(Exception):
     pass
 
 
+def _is_read_only(error: sqlite3.Error) -> bool:
+    """Whether SQLite refused a write to a read-only database (its error code, else its message)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return (code is not None and code & 0xFF == sqlite3.SQLITE_READONLY) or (
+        "readonly" in str(error).replace("-", "").replace(" ", "").lower())
+
+
 def _judge_scores(judge: JudgeFn, samples: list[Sample], timeout_s: float | None) -> list[float]:
     """The judge's scores of ``samples``, within ``timeout_s`` (``_JudgeTimeout`` past it): the call and the reading of
     what it returns, which a judge returning a generator or ``map`` does lazily."""
@@ -554,8 +568,9 @@ def check_judge_options(
         return
     if not isinstance(judge, str) or not judge.strip():
         raise ValueError(f"judge must be a callable, a model directory or 'package.module:callable', got {judge!r}")
-    if Path(judge).expanduser().is_dir():
-        if not (Path(judge).expanduser() / "config.json").is_file():
+    directory = Path(judge).expanduser()
+    if directory.is_dir():
+        if not (directory / "config.json").is_file():
             raise ValueError(f"judge {judge!r} is not a model directory (no config.json)")
         if model_options.get("kind", "auto") not in _MODEL_KINDS:
             raise ValueError(f"kind must be one of {_MODEL_KINDS}, got {model_options['kind']!r}")
@@ -627,7 +642,8 @@ class JudgeReward:
         check_judge_options(judge, judge_id=judge_id, batch_size=batch_size, timeout_s=timeout_s,
                             cache_size=cache_size, cache_path=cache_path, **model_options)
         if isinstance(judge, str):
-            judge = (load_model_judge(str(Path(judge).expanduser()), **model_options) if Path(judge).expanduser().is_dir()
+            directory = Path(judge).expanduser()
+            judge = (load_model_judge(str(directory), **model_options) if directory.is_dir()
                      else import_callable(judge, "judge"))
         self.judge = judge
         self.judge_id = judge_id or getattr(judge, "judge_id", None) or _callable_id(judge)
