@@ -714,9 +714,12 @@ class TrainConfig(_Section):
                        for name in moved(self.reward.diversity, "model", "batch_size", "device")]
         return unused
 
+    def objective_config(self) -> ObjectiveConfig:
+        """``method`` as an :class:`ObjectiveConfig` (a name, ``a+b``, is one naming only methods)."""
+        return self.method if isinstance(self.method, ObjectiveConfig) else ObjectiveConfig(method=self.method)
+
     def method_names(self) -> list[str]:
-        config = self.method if isinstance(self.method, ObjectiveConfig) else ObjectiveConfig(method=self.method)
-        return config.method_names()
+        return self.objective_config().method_names()
 
     def advantage_estimator(self) -> str:
         if self.advantage.name is not None:
@@ -725,8 +728,7 @@ class TrainConfig(_Section):
         return get_method(names[0]).advantage_estimator if names else "grpo"
 
     def method_label(self) -> str:
-        config = self.method if isinstance(self.method, ObjectiveConfig) else ObjectiveConfig(method=self.method)
-        return config.label()
+        return self.objective_config().label()
 
     def needs_reference(self) -> bool:
         """Whether a run of this configuration loads the starting model as a frozen reference: ``optim.kl_reference``,
@@ -891,7 +893,7 @@ def _as_compared(dump: dict[str, Any]) -> dict[str, Any]:
                 unknown[loc] = _parent_of(compared, loc).pop(loc[-1])
     if config is not None:
         compared = config.model_dump(mode="json")
-        method = config.method if isinstance(config.method, ObjectiveConfig) else ObjectiveConfig(method=config.method)
+        method = config.objective_config()
         compared["method"] = _built_objective(method) or method.model_dump(mode="json")
         names = compared["method"].get("method")
         if isinstance(names, str):  # 'dapo+clip_b', 'dapo + clip_b' and [dapo, clip_b] are one composition

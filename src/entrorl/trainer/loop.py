@@ -373,8 +373,7 @@ class Trainer:
         self.weight_norm_at_start: float | None = None
         # where this version builds the checkpoint's method otherwise than it trained (a registered recipe changed)
         self.objective_changes = objective_changes(saved_state) if saved_state is not None else []
-        method = config.method if isinstance(config.method, ObjectiveConfig) else ObjectiveConfig(method=config.method)
-        self.recipe_notes = recipe_notes(saved_state, method) if saved_state is not None else []
+        self.recipe_notes = recipe_notes(saved_state, config.objective_config()) if saved_state is not None else []
         if saved_state is not None:
             self._restore(saved_state)
         # what the trainer is doing, in words (train_step, evaluate and save say it), for a message about a failure

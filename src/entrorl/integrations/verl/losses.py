@@ -259,7 +259,6 @@ class _VerlRolloutWeights(Correction):
         return weights
 
 
-
 @dataclass
 class _LossMode:
     """One configured ``entrorl_<method>`` loss in this worker: its objective (stateful parts persist), the metric
