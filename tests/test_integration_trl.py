@@ -1757,6 +1757,22 @@ def test_a_bad_epsilon_is_named_as_grpo_configs_option(tmp_path):
     assert "GRPOConfig" not in str(refused.value)
 
 
+@pytest.mark.parametrize(("options", "params"), [({}, {"mu": 2.5}), ({"beta": 0.04}, {"kl_loss_typ": "k3"})])
+def test_an_unknown_parameter_without_objective_names_itself_not_grpo_config_options(tmp_path, options, params):
+    """objective=None with a misnamed objective_params key: the error is about that key and says what objective_params
+    adjusts there; the list of valid parameters holds clip_ratio_low and kl_loss_coef, which is no reason to blame
+    GRPOConfig's epsilon or beta."""
+    name = next(iter(params))
+    for build in (lambda: objective_for_trl_loss(_config(tmp_path, **options), **params),
+                  lambda: EntropyGRPOTrainer._own_objective(None, params, _config(tmp_path, **options))):
+        with pytest.raises(ValueError) as refused:
+            build()
+        message = str(refused.value)
+        assert f"unknown parameter '{name}'" in message and "comes from GRPOConfig" not in message, message
+        assert "objective_params adjusts the loss of GRPOConfig.loss_type" in message
+    assert "did you mean 'kl_loss_type'?" in message if name == "kl_loss_typ" else "did you mean" not in message
+
+
 @pytest.mark.parametrize("objective", [{"method": "dapo+kl_ref"}, {"name": "dapo+kl_ref"},
                                        {"method": "dapo", "regularizers": [{"name": "kl_ref"}]}])
 def test_a_config_objective_with_kl_ref_takes_beta_and_use_bias_correction_kl(tokenizer, tmp_path, tiny_model_dir,

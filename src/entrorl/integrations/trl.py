@@ -218,6 +218,9 @@ def objective_for_trl_loss(args: Any, **objective_params: Any) -> Objective:
     try:
         return build_objective(method, **{**params, **objective_params})
     except ValueError as error:
+        if str(error).startswith("unknown parameter"):
+            raise ValueError(f"{error}. Without objective=..., objective_params adjusts the loss of GRPOConfig.loss_type "
+                             f"({method!r}); for another method pass objective=... (e.g. 'clip_b')") from None
         raise _naming_trl_options(error, set(params) - set(objective_params)) from None
 
 
@@ -229,8 +232,9 @@ _TRL_OPTION_OF_PARAMETER = {"clip_ratio_low": "epsilon", "clip_ratio_high": "eps
 def _naming_trl_options(error: ValueError, from_trl: set[str]) -> ValueError:
     """``error`` (an objective's bad parameter) with the ``GRPOConfig`` option behind each parameter it names among
     ``from_trl``, since a TRL user set ``epsilon`` or ``beta``, not ``clip_ratio_low`` or ``kl_loss_coef``."""
+    about = str(error).split("valid parameters:")[0]  # a list of every valid name says nothing about one of them
     named = [f"{name} comes from GRPOConfig's {_TRL_OPTION_OF_PARAMETER[name]}" for name in sorted(from_trl)
-             if name in _TRL_OPTION_OF_PARAMETER and re.search(rf"\b{name}\b", str(error))]
+             if name in _TRL_OPTION_OF_PARAMETER and re.search(rf"\b{name}\b", about)]
     return ValueError(f"{error} ({'; '.join(named)})") if named else error
 
 

@@ -389,7 +389,8 @@ def _apply_overrides(comp: _Composition, overrides: dict[str, Any]) -> dict[str,
                 {p for attr, kind, index in slots for p in get_part_class(kind, (getattr(comp, attr) if index is None else getattr(comp, attr)[index])[0]).model_fields}
                 | set(_TOP_LEVEL_PARAMS)
             )
-            raise ValueError(f"unknown parameter '{key}' for this objective; valid parameters: {valid}")
+            raise ValueError(f"unknown parameter '{key}' for this objective; {did_you_mean(key, valid)}valid parameters: "
+                             f"{valid}")
         if len(owners) > 1:
             names = [f"{kind} '{ref[0]}'" for _, kind, _, ref in owners]
             attr, _, _, ref = owners[0]
