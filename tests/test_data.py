@@ -350,8 +350,9 @@ def test_saved_dataset_columns_left_out_by_meta_columns_are_not_decoded(tmp_path
 
 def test_saved_dataset_without_rows_is_an_empty_data_set(tmp_path):
     """A saved data set with no rows (which datasets.load_from_disk cannot read: no data file) is refused as an empty
-    data set, like an empty file of any other format; so is a DatasetDict whose 'train' split has none. Another split
-    without rows is named, and the 'train' split's own directory still loads."""
+    data set, like an empty file of any other format; so is a DatasetDict whose split to read has none (its 'train'
+    split for training data, its only split for held-out data). An empty split beside the one read does not matter:
+    that split alone is read. Held-out data of several splits is refused as such even when one is empty."""
     datasets = pytest.importorskip("datasets")
     d = tmp_path / "empty"
     datasets.Dataset.from_list(ROWS).select([]).save_to_disk(str(d))
@@ -361,12 +362,25 @@ def test_saved_dataset_without_rows_is_an_empty_data_set(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS).select([])}).save_to_disk(str(splits))
     with pytest.raises(DataError, match=r"empty data set \(no records\)"):
         load_prompts(splits, **COLS)
+    only = tmp_path / "only"
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(ROWS).select([])}).save_to_disk(str(only))
+    with pytest.raises(DataError, match=r"only: empty data set \(no records\)"):
+        load_prompts(only, split=None, **COLS)
     mixed = tmp_path / "mixed"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
                           "test": datasets.Dataset.from_list(ROWS).select([])}).save_to_disk(str(mixed))
-    with pytest.raises(DataError, match=r"mixed: a saved DatasetDict with a split saved without rows"):
-        load_prompts(mixed, **COLS)
-    assert len(load_prompts(mixed / "train", **COLS)) == len(ROWS)
+    assert len(load_prompts(mixed, **COLS)) == len(ROWS)
+    with pytest.raises(DataError, match=r"mixed: a saved DatasetDict of several splits \('train', 'test'\)"):
+        load_prompts(mixed, split=None, **COLS)
+    empty_train = tmp_path / "empty_train"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS).select([]),
+                          "test": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(empty_train))
+    with pytest.raises(DataError, match=r"empty_train: a saved DatasetDict of several splits"):
+        load_prompts(empty_train, split=None, **COLS)
+    assert len(load_prompts(empty_train / "test", split=None, **COLS)) == len(ROWS)
+    (empty_train / "dataset_dict.json").write_text("{}")  # edited by hand: no listing of its splits
+    with pytest.raises(DataError, match=r"empty_train: a saved DatasetDict whose dataset_dict.json lists no splits"):
+        load_prompts(empty_train, **COLS)
 
 
 def test_meta_columns_selection(tmp_path):

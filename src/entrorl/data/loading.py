@@ -882,12 +882,40 @@ def _rows_to_records(rows: Iterable[Mapping[str, Any]], p: Path, cols: _Columns)
         yield _make_record(row, f"{p}[{i}]", str(p), cols)
 
 
-def _saved_without_rows(p: Path) -> bool:
-    """Whether the data set saved in ``p`` (its ``train`` split, for a ``DatasetDict``) was saved without rows: it
-    then has no data file, and ``datasets.load_from_disk`` fails on it with an ``IndexError``."""
-    state = p / "train" / "state.json" if (p / "dataset_dict.json").is_file() else p / "state.json"
+def _saved_split_directory(p: Path, split: str | None) -> Path:
+    """The directory of the saved ``Dataset`` to read: ``p`` itself, or for a saved ``DatasetDict`` the sub-directory
+    of ``split`` (``None``: its only split), whose split names ``dataset_dict.json`` lists. Reading that one split,
+    not the whole dict, keeps an empty split elsewhere from failing the read."""
+    listing = p / "dataset_dict.json"
+    if not listing.is_file():
+        return p
     try:
-        return json.loads(state.read_text(encoding="utf-8")).get("_data_files") == []
+        splits = [str(name) for name in json.loads(listing.read_text(encoding="utf-8"))["splits"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{p}: a saved DatasetDict whose dataset_dict.json lists no splits; expected a directory written "
+                        "by datasets.DatasetDict.save_to_disk", path=str(p)) from None
+    if not splits:
+        raise DataError(f"{p}: a saved DatasetDict without splits; expected at least one split with prompts", path=str(p))
+    if split is None and len(splits) > 1:
+        raise DataError(
+            f"{p}: a saved DatasetDict of several splits ({_fmt_cols(splits)}); point at the split to evaluate on, its "
+            f"sub-directory ({p / splits[0]}, ...)",
+            path=str(p),
+        )
+    if split is not None and split not in splits:
+        raise DataError(
+            f"{p}: a saved DatasetDict without a '{split}' split (splits: {_fmt_cols(splits)}); expected a '{split}' "
+            "split — or point at one split's sub-directory",
+            path=str(p),
+        )
+    return p / (split if split is not None else splits[0])
+
+
+def _saved_without_rows(directory: Path) -> bool:
+    """Whether the ``Dataset`` saved in ``directory`` was saved without rows: it then has no data file, and
+    ``datasets.load_from_disk`` fails on it with an ``IndexError``."""
+    try:
+        return json.loads((directory / "state.json").read_text(encoding="utf-8")).get("_data_files") == []
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -895,36 +923,17 @@ def _saved_without_rows(p: Path) -> bool:
 def _load_saved_dataset(p: Path, cols: _Columns, split: str | None = "train") -> list[PromptRecord]:
     import datasets
 
-    if _saved_without_rows(p):
+    directory = _saved_split_directory(p, split)
+    if _saved_without_rows(directory):
         return []
     try:
-        ds = datasets.load_from_disk(str(p))
+        ds = datasets.load_from_disk(str(directory))
     except FileNotFoundError as exc:
         raise DataError(
             f"{p}: a directory that is not a saved data set ({exc}); expected a directory written by "
             f"datasets.Dataset.save_to_disk, or a file in one of: {SUPPORTED_FORMATS}",
             path=str(p),
         ) from None
-    except IndexError:  # a split saved without rows (see _saved_without_rows) beside the 'train' one
-        raise DataError(
-            f"{p}: a saved DatasetDict with a split saved without rows, which datasets.load_from_disk cannot read; "
-            "expected every split to hold rows — or point at the 'train' split's sub-directory",
-            path=str(p),
-        ) from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split is None and len(ds) > 1:
-            raise DataError(
-                f"{p}: a saved DatasetDict of several splits ({_fmt_cols(ds.keys())}); point at the split to "
-                f"evaluate on, its sub-directory ({p / next(iter(ds.keys()))}, ...)",
-                path=str(p),
-            )
-        if split is not None and split not in ds:
-            raise DataError(
-                f"{p}: a saved DatasetDict without a '{split}' split (splits: {_fmt_cols(ds.keys())}); "
-                f"expected a '{split}' split — or point at one split's sub-directory",
-                path=str(p),
-            )
-        ds = ds[split if split is not None else next(iter(ds.keys()))]
     columns = list(ds.column_names)
     _check_schema(columns, f"{p} (schema)", str(p), cols)
     selected = _selected_columns(columns, cols)

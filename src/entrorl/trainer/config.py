@@ -221,6 +221,33 @@ class DataConfig(_Section):
     def _one_column_as_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value  # as model.lora.target_modules takes one name
 
+    @field_validator("prompt_column", "answer_column", "pass_rate_column")
+    @classmethod
+    def _names_a_column(cls, value: str) -> str:
+        if not value:
+            raise ValueError("an empty column name; name a column of the data files")
+        return value
+
+    @field_validator("meta_columns")
+    @classmethod
+    def _meta_columns_named_once(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if "" in value:
+                raise ValueError("an empty column name; name columns of the data files")
+            twice = sorted({name for name in value if value.count(name) > 1})
+            if twice:
+                raise ValueError(f"{', '.join(map(repr, twice))} listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _columns_distinct(self) -> "DataConfig":
+        if self.prompt_column == self.answer_column:
+            raise ValueError(f"prompt_column and answer_column are both {self.prompt_column!r}; they must differ")
+        shared = [name for name in self.meta_columns or () if name in (self.prompt_column, self.answer_column)]
+        if shared:
+            raise ValueError(f"meta_columns lists {shared}, the prompt or answer column; list only other columns")
+        return self
+
     @field_validator("eval", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
