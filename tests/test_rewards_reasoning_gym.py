@@ -438,3 +438,34 @@ def test_bold_around_parts_of_an_answer_is_kept_and_bold_the_phrase_opened_is_no
     assert reasoning_gym_answer_readings(r"Answer: \(x\) or \(y\)")[0] == r"\(x\) or \(y\)"
     assert reasoning_gym_answer_readings("**Final Answer:** 42") == ["42"]
     assert reasoning_gym_answer_readings("The answer is **42**.") == ["42"]
+
+
+def test_records_same_in_every_process_do_not_follow_the_string_hash_seed(tmp_path):
+    """ransom_note's generator iterates over a set of strings, so its questions follow the process's string-hash seed;
+    same_in_every_process=True generates under the hash seed 0, so this process and one started with another hash seed
+    write the same records, which the plain call in that process does not."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("reasoning_gym")
+    here = reasoning_gym_records("ransom_note", size=3, seed=0, same_in_every_process=True)
+    code = ("import json; from entrorl.rewards import reasoning_gym_records as records; print(json.dumps(["
+            "records('ransom_note', size=3, seed=0), records('ransom_note', size=3, seed=0, same_in_every_process=True)]))")
+    child = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": "1"}, cwd=tmp_path,
+                           capture_output=True, text=True, check=True)
+    plain, fixed = json.loads(child.stdout.strip().splitlines()[-1])
+    assert fixed == here and plain != fixed  # the hash seed 1 writes other questions
+    with pytest.raises(TypeError, match="same_in_every_process must be True or False"):
+        reasoning_gym_records("ransom_note", size=1, seed=0, same_in_every_process="yes")
+
+
+def test_records_same_in_every_process_raise_the_child_s_error_as_its_own_type():
+    """An option the task's config does not take fails in the child Python; it is raised here as the same kind of
+    error, with its message."""
+    pytest.importorskip("reasoning_gym")
+    with pytest.raises(TypeError) as in_process:
+        reasoning_gym_records("basic_arithmetic", size=1, seed=0, no_such_option=1)
+    with pytest.raises(TypeError) as in_child:
+        reasoning_gym_records("basic_arithmetic", size=1, seed=0, same_in_every_process=True, no_such_option=1)
+    assert str(in_child.value) == str(in_process.value)

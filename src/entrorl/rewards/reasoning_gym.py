@@ -28,10 +28,16 @@ entry in a JSON form that says what each such value was (:func:`entry_to_json`),
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
 import threading
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -227,9 +233,17 @@ def extract_reasoning_gym_answer(
 
 
 def reasoning_gym_records(
-    task: str, *, size: int, seed: int, instruction: str | None = None, **config: Any
+    task: str, *, size: int, seed: int, instruction: str | None = None, same_in_every_process: bool = False,
+    **config: Any
 ) -> list[dict[str, Any]]:
-    """Generate ``size`` records of a reasoning-gym task, deterministically from ``seed``.
+    """Generate ``size`` records of a reasoning-gym task from ``seed``.
+
+    Within one Python process the same seed gives the same records. Across processes it does for most tasks, but
+    some generators iterate over sets of strings, whose order follows the process's string-hash seed (random per
+    process unless ``PYTHONHASHSEED`` is set): in reasoning-gym 0.1.19 ransom_note, word_ladder, knight_swap,
+    isomorphic_strings, list_functions and polynomial_multiplication write other questions in another process.
+    ``same_in_every_process=True`` generates under the hash seed 0 (in a child Python, a few seconds, unless this
+    process already runs with ``PYTHONHASHSEED=0``), so that the seed alone decides the records.
 
     Each record is ``{"prompt": question, "answer": reference answer (str, or None for tasks whose
     answers are checked without one), "meta": {"entry": entry, "task": task, "config": config}}``, the entry in its
@@ -243,6 +257,10 @@ def reasoning_gym_records(
     _check_task(task)
     size = check_int(size, "size", minimum=1)
     seed = check_int(seed, "seed")
+    if not isinstance(same_in_every_process, bool):
+        raise TypeError(f"same_in_every_process must be True or False, got {same_in_every_process!r}")
+    if same_in_every_process and sys.flags.hash_randomization:
+        return _records_under_hash_seed_zero(task, size, seed, instruction, config)
     dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **_dataset_options(task, config))
     records = []
     for i in range(size):
@@ -259,6 +277,44 @@ def reasoning_gym_records(
             }
         )
     return records
+
+
+# what the child Python of _records_under_hash_seed_zero runs: arguments from a JSON file, records (or the error) into one
+_CHILD_GENERATION = """
+import json, sys
+from entrorl.rewards.reasoning_gym import reasoning_gym_records
+arguments = json.load(open(sys.argv[1], encoding="utf-8"))
+try:
+    result = {"records": reasoning_gym_records(**arguments.pop("config"), **arguments)}
+except Exception as error:
+    result = {"error": type(error).__name__, "message": str(error)}
+with open(sys.argv[2], "w", encoding="utf-8") as handle:
+    json.dump(result, handle)
+"""
+
+
+def _records_under_hash_seed_zero(task: str, size: int, seed: int, instruction: str | None,
+                                  config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:func:`reasoning_gym_records` run in a child Python with ``PYTHONHASHSEED=0`` and this process's import path;
+    its errors raised again here, as the built-in exception they were (else a ``RuntimeError`` naming it)."""
+    with tempfile.TemporaryDirectory(prefix="entrorl-reasoning-gym-") as folder:
+        arguments, result = Path(folder) / "arguments.json", Path(folder) / "result.json"
+        arguments.write_text(json.dumps({"task": task, "size": size, "seed": seed, "instruction": instruction,
+                                         "config": _config_as_data(dict(config))}), encoding="utf-8")
+        environment = {**os.environ, "PYTHONHASHSEED": "0",
+                       "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        child = subprocess.run([sys.executable, "-c", _CHILD_GENERATION, str(arguments), str(result)],
+                               env=environment, capture_output=True, text=True, check=False)
+        if child.returncode != 0 or not result.is_file():
+            raise RuntimeError(f"generating reasoning-gym's {task!r} under PYTHONHASHSEED=0 in a child Python failed "
+                               f"(exit {child.returncode}): {child.stderr.strip()[-2000:]}")
+        outcome = json.loads(result.read_text(encoding="utf-8"))
+    if "error" in outcome:
+        kind = getattr(builtins, outcome["error"], None)
+        if not (isinstance(kind, type) and issubclass(kind, Exception)) or kind is KeyError:
+            raise RuntimeError(f"{outcome['error']}: {outcome['message']}")
+        raise kind(outcome["message"])
+    return outcome["records"]
 
 
 def _config_as_data(value: Any) -> Any:
