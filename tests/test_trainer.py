@@ -4422,6 +4422,24 @@ def test_reward_that_cannot_take_the_data_columns_fails_before_the_model_loads(t
             Trainer(config, run_dir=tmp_path / "run")
 
 
+@pytest.mark.parametrize(("setting", "said"), [
+    ("data.prompt_column=''", "data.prompt_column: an empty column name"),
+    ("data.answer_column=''", "data.answer_column: an empty column name"),
+    ("data.pass_rate_column=''", "data.pass_rate_column: an empty column name"),
+    ("data.meta_columns=['']", "data.meta_columns: an empty column name"),
+    ("data.meta_columns=[level, topic, level]", "data.meta_columns: 'level' listed twice"),
+    ("data.answer_column=prompt", "prompt_column and answer_column are both 'prompt'"),
+    ("data.meta_columns=[level, answer]", "meta_columns lists ['answer'], the prompt or answer column"),
+])
+def test_the_data_s_column_names_are_checked_with_the_configuration(setting, said):
+    """Column names that load_prompts would refuse (an empty one raised its TypeError as a traceback out of `entrorl
+    train`) are configuration errors naming the key, before any model or data loads."""
+    base = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}}
+    with pytest.raises(ConfigError) as refused:
+        load_config(base, [setting])
+    assert said in str(refused.value)
+
+
 def test_one_meta_column_can_be_named_alone_as_one_lora_module_can():
     """data.meta_columns: level is [level], in YAML and with --set; a list and null are as they were."""
     base = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}}
@@ -4850,6 +4868,41 @@ def test_cli_eval_of_a_run_gives_its_reward_the_columns_the_run_gave_it(tmp_path
         assert json.loads((tmp_path / "e.json").read_text())["n_problems"] == 4
     assert json.loads((tmp_path / "e.json").read_text())["avg_at_n"] == 1.0  # every level reached the reward
     sys.modules.pop("entrorl_test_plain_reward", None)
+
+
+def test_cli_eval_meta_columns_replace_the_run_s_and_a_missing_one_of_the_run_says_so(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch):
+    """A run trained with data.meta_columns [level], evaluated on held-out data without that column: the error says the
+    columns are the run's and that --meta-columns overrides them; --meta-columns '' gives the reward none and names
+    given are the ones it gets."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    (tmp_path / "entrorl_test_meta_reward.py").write_text(
+        "def loose(prompt, completion, answer, **meta):\n    return float(sorted(meta) in ([], ['topic']))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "held_out.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1), "level": a}) + "\n" for a in range(4)))
+    held_out.write_text("".join(json.dumps({"prompt": f"{a}+2=", "answer": str(a + 2), "topic": "sum", "id": a}) + "\n"
+                                for a in range(3)))
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1}, checkpoint={"every": 1},
+                                     data={"meta_columns": ["level"]},
+                                     reward={"name": "entrorl_test_meta_reward:loose"}))
+    Trainer(config, run_dir=tmp_path / "run").train()
+    command = ["eval", "--model", str(tmp_path / "run"), "--data", str(held_out), "--n", "1", "--max-new-tokens", "2",
+               "--out", str(tmp_path / "e.json")]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code != 0
+    said = " ".join(result.output.split())
+    assert "meta column(s) 'level' missing" in said and "['level'] are the run's data.meta_columns" in said, said
+    assert "--meta-columns overrides" in said
+    for option, avg in (("", 1.0), ("topic", 1.0), ("topic,id", 0.0)):
+        result = CliRunner().invoke(app, [*command, "--meta-columns", option])
+        assert result.exit_code == 0, result.output
+        assert "data.meta_columns" not in " ".join(result.output.split())  # the option's, not the run's
+        assert json.loads((tmp_path / "e.json").read_text())["avg_at_n"] == avg
+    sys.modules.pop("entrorl_test_meta_reward", None)
 
 
 def test_prompt_format_reads_each_setting_of_the_run_on_its_own(tmp_path, capsys):
@@ -5744,6 +5797,28 @@ def test_a_failed_rename_names_the_target_and_an_error_without_a_number_is_left_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
     plain = OSError("cannot write")
     assert naming_file(plain, target) is plain
+
+
+def test_eval_out_on_standard_output_leaves_one_summary_there_and_a_nameless_out_is_refused(tmp_path, tiny_model_dir,
+                                                                                           monkeypatch):
+    """`entrorl eval --out /dev/stdout`: the summary, written there, is not printed a second time (stdout held two JSON
+    documents glued as `}{`); `--out .` and `--out ./` are refused as a directory (the reward log's name beside them
+    raised a traceback)."""
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    result = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(data), "--n", "2", "--max-new-tokens", "2",
+                     "--reward", "exact_match", "--device", "cpu", "--out", "/dev/stdout")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["n_samples"] == 2 and result.stdout.endswith("}\n")
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "./"):
+        refused = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", "eval.jsonl", "--out", out])
+        assert refused.exit_code == 2 and isinstance(refused.exception, SystemExit), repr(refused.exception)
+        assert "error: --out" in refused.output and "is a directory" in refused.output, refused.output
 
 
 def test_atomic_writes_follow_symbolic_links_and_write_into_pipes_and_devices(tmp_path):

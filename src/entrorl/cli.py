@@ -308,6 +308,10 @@ PromptColumnOption = Annotated[Optional[str], typer.Option(
 AnswerColumnOption = Annotated[Optional[str], typer.Option(
     help="the data's column holding the reference answer (reward_model.ground_truth: a field within a column); "
     "default: a run's data.answer_column when --model is a run or one of its checkpoints, else answer")]
+MetaColumnsOption = Annotated[Optional[str], typer.Option(
+    "--meta-columns", help="comma-separated columns of the data passed to the reward as keyword arguments, '' for none "
+    "(default: a run's data.meta_columns when --model is a run or one of its checkpoints and --reward is not given, "
+    "else every column but the prompt and the answer)", show_default=False)]
 SeedOption = Annotated[int, typer.Option(help="sampling seed (what torch.manual_seed takes: -2**63 to 2**64 - 1)",
                                          min=-(2**63), max=2**64 - 1)]
 RewardOption = Annotated[Optional[str], typer.Option("--reward", help="reward name or package.module:function "
@@ -337,7 +341,7 @@ TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help
 
 
 def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_column: str | None,
-                     answer_column: str | None,
+                     answer_column: str | None, meta_columns: str | None = None,
                      prompt_template: str | None, chat_template: bool | None, max_new_tokens: int | None,
                      temperature: float, top_p: float, top_k: int,
                      max_prompts: int | None, device: str, dtype: str | None, base: Path | None = None,
@@ -356,7 +360,7 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     output that could not be written, before the sampling it would lose. Ctrl-C or SIGTERM meanwhile: one line saying
     nothing was written, exit 130 / 143."""
     from entrorl._checks import refuse_multi_process_launch
-    from entrorl.data import check_prompt_template, load_prompts
+    from entrorl.data import DataError, check_prompt_template, load_prompts
     from entrorl.modeling import (check_prompts_fit, check_stop_tokens_can_be_sampled, encode_records, load_tokenizer,
                                   read_model_config, stop_token_ids, unknown_token_note, unstopped_turn_end_note)
     from entrorl.rewards import RewardRunner, get_reward
@@ -370,16 +374,23 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
             raise ValueError(f"{option} names no column; leave it out for the run's own, or 'prompt' / 'answer'")
     with _said_when_interrupted("while loading the model and the prompts: nothing was written"):
         defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold, dtype,
-                                 reward_args=reward_args, prompt_column=prompt_column, answer_column=answer_column)
+                                 reward_args=reward_args, prompt_column=prompt_column, answer_column=answer_column,
+                                 meta_columns=meta_columns)
         directory = _model_directory(model, base, defaults.dtype)
         prompt_template, chat_template = defaults.prompt_template, defaults.chat_template
         max_new_tokens = defaults.max_new_tokens
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         check_prompt_template(prompt_template)
-        records = load_prompts(data, prompt_column=defaults.prompt_column, answer_column=defaults.answer_column,
-                               meta_columns=defaults.meta_columns,  # the run's reward: the columns its training read
-                               require_answer=require_answer,  # an audit reads training data: a DatasetDict's train
-                               split=None if command == "entrorl eval" else "train")[:max_prompts]
+        try:
+            records = load_prompts(data, prompt_column=defaults.prompt_column, answer_column=defaults.answer_column,
+                                   meta_columns=defaults.meta_columns,  # the run's reward: the columns its training read
+                                   require_answer=require_answer,  # an audit reads training data: a DatasetDict's train
+                                   split=None if command == "entrorl eval" else "train")[:max_prompts]
+        except DataError as error:
+            if meta_columns is None and defaults.meta_columns is not None and "meta column" in str(error):
+                raise DataError(f"{error}; {defaults.meta_columns} are the run's data.meta_columns, which --meta-columns "
+                                "overrides ('' for none)", path=error.path, location=error.location) from None
+            raise
         reward_runner = RewardRunner(get_reward(defaults.reward, **defaults.reward_kwargs),  # the count: said at the end
                                      correct_threshold=defaults.correct_threshold, name=defaults.reward, warn=False)
         reward_runner.check_arguments([record.meta for record in records])
@@ -604,7 +615,7 @@ def _reward_options(options: list[str], onto: dict[str, Any] | None = None) -> d
 def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool | None, max_new_tokens: int | None,
                   reward: str | None = None, correct_threshold: float | None = None,
                   dtype: str | None = None, reward_args: list[str] | None = None, *, prompt_column: str | None = None,
-                  answer_column: str | None = None) -> _SamplingDefaults:
+                  answer_column: str | None = None, meta_columns: str | None = None) -> _SamplingDefaults:
     """The data's columns, prompt template, chat-template switch, most new tokens, reward and weights' type to sample
     and score with: those given, else, when ``model`` is a training run or one of its checkpoints, the run's own
     (``data.prompt_column``, ``data.answer_column``, ``data.prompt_template``, ``model.chat_template``,
@@ -612,7 +623,9 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
     ``reward.name`` with its ``reward.kwargs`` and, unless given, ``reward.correct_threshold``, after the run's
     ``imports``, in its config.json; said in one line), else ``prompt`` and ``answer``, ``"{prompt}"`` without the chat template,
     :data:`DEFAULT_MAX_NEW_TOKENS`, ``math`` and float32. ``reward_args`` (``--reward-arg`` options) set the reward's
-    options: in the run's ``reward.kwargs`` when the run's reward is taken, else from none."""
+    options: in the run's ``reward.kwargs`` when the run's reward is taken, else from none. ``meta_columns``
+    (``--meta-columns``, comma-separated; ``''``: none) are the columns given to the reward: else the run's
+    ``data.meta_columns`` with its reward, else every column but the prompt and the answer."""
     from entrorl.trainer.checkpoint import training_run_of
     from entrorl.trainer.config import ModelConfig
 
@@ -624,7 +637,7 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
                                  DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
                                  "math" if reward is None else reward, _reward_options(reward_args), correct_threshold,
                                  "float32" if dtype is None else dtype, "prompt" if prompt_column is None else prompt_column,
-                                 "answer" if answer_column is None else answer_column)
+                                 "answer" if answer_column is None else answer_column, _column_list(meta_columns))
     config = _read_json_object(run / "config.json") or {}
 
     def recorded(section: str, name: str, kind: type):
@@ -663,15 +676,14 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
     dtype = setting(dtype, "model.dtype", str, "float32", shown=str,
                     valid=lambda value: value in get_args(ModelConfig.model_fields["dtype"].annotation))
     reward_kwargs: dict[str, Any] = {}
-    meta_columns = None
+    columns = _column_list(meta_columns)
     if reward is None:  # the run's reward, as its own evaluations scored with it
         reward = setting(None, "reward.name", str, "math")
         if recorded("reward", "name", str) is not None:
-            meta_columns = recorded("data", "meta_columns", list)  # which columns of the data the reward was given
-            if meta_columns is not None and all(isinstance(name, str) for name in meta_columns):
-                taken.append(f"data.meta_columns = {meta_columns!r}")
-            else:
-                meta_columns = None
+            run_columns = recorded("data", "meta_columns", list)  # which columns of the data the reward was given
+            if meta_columns is None and run_columns is not None and all(isinstance(name, str) for name in run_columns):
+                taken.append(f"data.meta_columns = {run_columns!r}")
+                columns = run_columns
             reward_kwargs = recorded("reward", "kwargs", dict) or {}
             if reward_kwargs:
                 taken.append(f"reward.kwargs = {reward_kwargs!r}")
@@ -683,14 +695,19 @@ def _run_defaults(model: Path, prompt_template: str | None, chat_template: bool 
     reward_kwargs = _reward_options(reward_args, onto=reward_kwargs)
     if taken:
         console.print(Text(f"settings of the run in {run} (its config.json): {', '.join(taken)}; --prompt-column, "
-                           "--answer-column, --prompt-template, --chat-template / --no-chat-template, --max-new-tokens, "
-                           "--reward, --correct-threshold and --dtype override them, and --reward-arg one reward "
+                           "--answer-column, --meta-columns, --prompt-template, --chat-template / --no-chat-template, "
+                           "--max-new-tokens, --reward, --correct-threshold and --dtype override them, and --reward-arg one reward "
                            "option"), soft_wrap=True)
     if unread:
         console.print(Text.assemble(("warning", "yellow"), f": {run / 'config.json'} does not give "
                                     f"{' or '.join(unread)}; the default is used"), soft_wrap=True)
     return _SamplingDefaults(prompt_template, chat_template, max_new_tokens, reward, reward_kwargs, correct_threshold,
-                             dtype, prompt_column, answer_column, meta_columns)
+                             dtype, prompt_column, answer_column, columns)
+
+
+def _column_list(names: str | None) -> list[str] | None:
+    """``--meta-columns``' comma-separated names (``''``: none); ``None`` (every other column) when it is not given."""
+    return None if names is None else [name.strip() for name in names.split(",") if name.strip()]
 
 
 def _import_the_run_s_modules(names: Any, run: Path) -> None:
@@ -733,7 +750,18 @@ def _reward_log_path(out: Path | None) -> Path | None:
     it is a device, a pipe or a descriptor (``/dev/stdout``), beside which nothing is written (a temporary file then)."""
     from entrorl._files import written_in_place
 
-    return None if out is None or written_in_place(out) else out.with_name(f"{out.stem}.reward_errors.log")
+    if out is None or not out.name or written_in_place(out):  # no name: '.' or '/', which --out's check refuses
+        return None
+    return out.with_name(f"{out.stem}.reward_errors.log")
+
+
+def _is_standard_output(path: Path) -> bool:
+    """Whether ``path`` is what this process's standard output writes into (``/dev/stdout``, or the file or pipe it is
+    redirected to)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no descriptor (a captured stdout: io.UnsupportedOperation)
+        return False
 
 
 def _keep_reward_traceback(first_error: str | None, log: Path | None) -> Path | None:
@@ -827,7 +855,7 @@ def _write_evaluation(result, records, data: Path, out: Path | None, samples: Pa
     text = json.dumps(summary, indent=1)
     if out is not None:
         try:
-            atomic_write_text(out, text, make_folder=True)
+            atomic_write_text(out, text + "\n", make_folder=True)
         except OSError as error:
             not_written.append(f"cannot write {out}: {error}" + (" (it still holds an earlier result)"
                                                                 if out.is_file() else ""))
@@ -851,6 +879,7 @@ def evaluate(
     top_k: TopKOption = 0,
     prompt_column: PromptColumnOption = None,
     answer_column: AnswerColumnOption = None,
+    meta_columns: MetaColumnsOption = None,
     prompt_template: PromptTemplateOption = None,
     chat_template: ChatTemplateOption = None,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="evaluate only the first N prompts")] = None,
@@ -892,7 +921,7 @@ def evaluate(
 
     try:
         records, reward_runner, tokenizer, policy, prompt_ids, directory, defaults, sampling = _sampling_inputs(
-            model, data, reward, prompt_column=prompt_column, answer_column=answer_column,
+            model, data, reward, prompt_column=prompt_column, answer_column=answer_column, meta_columns=meta_columns,
             prompt_template=prompt_template, chat_template=chat_template, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype,
             base=base, check_fit=True, trust_remote_code=trust_remote_code, require_answer=require_answer,
@@ -952,7 +981,8 @@ def evaluate(
     _print_reward_errors(result.reward_errors, len(records) * n, result.first_reward_error, reward_log)
     for message in not_written:
         console.print(Text.assemble(("error:", "bold red"), f" {message}"), soft_wrap=True)
-    sys.stdout.write(text + "\n")
+    if out is None or not _is_standard_output(out):  # --out /dev/stdout has written it there already
+        sys.stdout.write(text + "\n")
     if result.reward_errors and result.reward_errors >= len(records) * n:
         _fail(f"the reward failed on all {len(records) * n} samples, so every score above is 0 whatever the answer; "
               "check that the reward suits this data (its columns, its answers)")
@@ -1208,7 +1238,9 @@ def data_reasoning_gym(
     task: Annotated[str, typer.Argument(help="reasoning-gym data set, e.g. basic_arithmetic (--list shows them all)")] = "",
     out: Annotated[Optional[Path], typer.Option(parser=_path, metavar=PATH_METAVAR, help="JSONL file to write (default: <task>.jsonl)")] = None,
     size: Annotated[int, typer.Option(min=1, help="prompts to generate")] = 1000,
-    seed: Annotated[int, typer.Option(help="generation seed (the same seed gives the same prompts)")] = 0,
+    seed: Annotated[int, typer.Option(help="generation seed (the same seed gives the same prompts, on every run: tasks "
+                                              "whose generator follows Python's string hashing are generated with "
+                                              "PYTHONHASHSEED=0)")] = 0,
     instruction: Annotated[bool, typer.Option(help="append the instruction to answer inside <answer></answer> tags, "
                                               "which the reasoning_gym reward reads")] = True,
     list_tasks: Annotated[bool, typer.Option("--list", help="print the installed tasks and exit")] = False,
@@ -1236,7 +1268,7 @@ def data_reasoning_gym(
         _fail(f"unknown reasoning-gym task {task!r}; {did_you_mean(task, available_reasoning_gym_tasks())}"
               "`entrorl data reasoning-gym --list` shows the installed ones")
     try:
-        generated = reasoning_gym_records(task, size=size, seed=seed,
+        generated = reasoning_gym_records(task, size=size, seed=seed, same_in_every_process=True,
                                           instruction=REASONING_GYM_INSTRUCTION if instruction else None)
     except Exception as error:  # noqa: BLE001 - whatever reasoning-gym raises (composite: an AssertionError) ends here
         reason = " ".join(f"{type(error).__name__}: {error}".split())
@@ -1282,6 +1314,7 @@ def data_audit(
     top_k: TopKOption = 0,
     prompt_column: PromptColumnOption = None,
     answer_column: AnswerColumnOption = None,
+    meta_columns: MetaColumnsOption = None,
     prompt_template: PromptTemplateOption = None,
     chat_template: ChatTemplateOption = None,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, help="audit only the first N prompts (the filtered file and the summary cover only those)")] = None,
@@ -1313,7 +1346,7 @@ def data_audit(
         _fail(f"--{message.replace('low_pass_rate', 'low-pass-rate')}")
     try:
         records, reward_runner, tokenizer, policy, prompt_ids, model_directory, defaults, sampling = _sampling_inputs(
-            model, data, reward, prompt_column=prompt_column, answer_column=answer_column,
+            model, data, reward, prompt_column=prompt_column, answer_column=answer_column, meta_columns=meta_columns,
             prompt_template=prompt_template, chat_template=chat_template, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, max_prompts=max_prompts, device=device, dtype=dtype,
             base=base, trust_remote_code=trust_remote_code,  # prompts that do not fit: reported one by one
