@@ -778,9 +778,11 @@ class TrainConfig(_Section):
 
 # what a resumed run may not change: the weights' origin and precision, the prompts and how they are drawn, the method
 # and its advantages (their state is in the checkpoint, and a run mixing two of them is neither one); keys under these
-# prefixes are fixed except the ones in RESUME_ADJUSTABLE
+# prefixes are fixed except the ones in RESUME_ADJUSTABLE. data.train may name another file (one moved, or a copy): the
+# checkpoint's digest of the prompts it was dealing refuses other prompts.
 RESUME_FIXED_PREFIXES = ("seed", "model.", "data.", "method", "advantage.")
-RESUME_ADJUSTABLE = ("model.device", "model.activation_checkpointing", "model.lora.merged", "model.loss_scaling", "data.eval")
+RESUME_ADJUSTABLE = ("model.device", "model.activation_checkpointing", "model.lora.merged", "model.loss_scaling", "data.eval",
+                     "data.train")
 
 
 def _type_name(annotation: Any) -> str:

@@ -306,6 +306,9 @@ class Trainer:
 
         # what cannot fail late: data and reward before any model loads
         self.train_records, self.train_prompts_read = self._read_train_records()
+        self.stream = PromptStream(self.train_records, seed=config.seed, shuffle=config.data.shuffle)
+        if saved_state is not None:  # other prompts than the checkpoint's are refused before any model loads
+            self._restore_stream(saved_state["stream"])
         if len(self.train_records) < config.rollout.prompts_per_step:
             warnings.warn(f"data.train has {len(self.train_records)} prompt(s), fewer than rollout.prompts_per_step = "
                           f"{config.rollout.prompts_per_step}: every step samples some prompt in two or more groups",
@@ -351,7 +354,6 @@ class Trainer:
         self.reference = self._load_reference()
         if declared is None:
             self._encode_prompts(self.model)
-        self.stream = PromptStream(self.train_records, seed=config.seed, shuffle=config.data.shuffle)
         self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
                                        top_p=config.rollout.top_p, top_k=config.rollout.top_k)
         self.sampler = self._build_sampler(model_path)
@@ -605,9 +607,24 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
+    def _restore_stream(self, saved: dict[str, Any]) -> None:
+        """Continue dealing the prompts where the checkpoint's stream stood; ``ValueError`` when they are not the prompts
+        it was dealing."""
+        try:
+            self.stream.load_state_dict(saved)
+        except ValueError as error:
+            if not self._saved_over_the_earlier_reading(saved):
+                self._refuse_other_data(error)
+            try:  # the same rows, which this version reads more exactly
+                self.stream.load_state_dict({**saved, "records_digest": self.stream.records_digest})
+            except ValueError as again:
+                self._refuse_other_data(again)
+
     def _refuse_other_data(self, error: ValueError) -> NoReturn:
         kept = " (those data.pass_rate_band keeps)" if self.config.data.pass_rate_band is not None else ""
-        raise ValueError(f"--resume: the prompts of data.train{kept} are not those the checkpoint was trained on: "
+        moved = next((f" ({new!r}; the checkpoint's: {old!r})" for key, old, new in self.resume_changes
+                      if key == "data.train"), "")
+        raise ValueError(f"--resume: the prompts of data.train{moved}{kept} are not those the checkpoint was trained on: "
                          f"{str(error).removeprefix('PromptStream.load_state_dict: ')}; put the data back, or "
                          "start a new run from the checkpoint's model directory") from None
 
@@ -722,15 +739,6 @@ class Trainer:
         for group in self.optimizer.param_groups:  # ... which give way to the current configuration's
             group.update(betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
         self.scheduler = self._build_scheduler(self.optimizer, step=self.step)
-        try:
-            self.stream.load_state_dict(state["stream"])
-        except ValueError as error:
-            if not self._saved_over_the_earlier_reading(state["stream"]):
-                self._refuse_other_data(error)
-            try:  # the same rows, which this version reads more exactly
-                self.stream.load_state_dict({**state["stream"], "records_digest": self.stream.records_digest})
-            except ValueError as again:
-                self._refuse_other_data(again)
         self.objective.load_state_dict(state["objective"])
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
         self.consecutive_failed_rewards = state.get("consecutive_failed_rewards", 0)
