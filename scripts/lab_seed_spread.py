@@ -7,7 +7,8 @@
 
 For each method and each number of the summary table it prints the mean over the runs and the range
 ``[min, max]``, read from every run's report.json; and for GRPO the collapse criterion of each run. Nothing is
-typed by hand.
+typed by hand. Runs whose settings (their lab.json's preset, the methods and rl_seed aside) or base model differ are
+refused, naming what differs: their spread would not be one over seeds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from entrorl.analysis.document import md_escape
+from entrorl.trainer.config import flatten_settings
 from entrorl.lab.report import (HEADLINE_COLLAPSE_PREFIX, HEADLINE_EVAL_ENTROPY_RATIO, HEADLINE_REWARD_END,
                                 HEADLINE_REWARD_START)
 
@@ -52,6 +54,27 @@ def spread_table(reports: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def other_settings(records: list[dict], names: list[str]) -> list[str]:
+    """For each run whose settings differ from the first's (its lab.json ``records``: the preset without ``methods``
+    and ``rl_seed``, and the base model's fingerprint where both record one), what differs, in words."""
+    def compared(record: dict) -> dict:
+        preset = {key: value for key, value in record["preset"].items() if key not in ("methods", "rl_seed")}
+        return flatten_settings(preset)
+
+    first, said = compared(records[0]), []
+    for name, record in zip(names[1:], records[1:]):
+        settings = compared(record)
+        keys = [key for key in sorted(set(first) | set(settings)) if first.get(key) != settings.get(key)]
+        shown = [f"{key}: {first.get(key)!r} in {names[0]}, {settings.get(key)!r} here" for key in keys[:5]]
+        shown += [f"and {len(keys) - 5} more"] if len(keys) > 5 else []
+        fingerprints = records[0].get("base_model_fingerprint"), record.get("base_model_fingerprint")
+        if all(fingerprints) and fingerprints[0] != fingerprints[1]:
+            shown.append(f"another base model than {names[0]}'s (built on another kind of CPU, or another cache)")
+        if shown:
+            said.append(f"{name}: {'; '.join(shown)}")
+    return said
+
+
 def collapse_lines(reports: list[dict], names: list[str]) -> list[str]:
     lines = []
     for name, report in zip(names, reports):
@@ -77,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"no report.json in: {', '.join(missing)}")
     reports = [json.loads((run / "report.json").read_text()) for run in args.runs]
-    presets = [json.loads((run / "lab.json").read_text())["preset"] for run in args.runs]
+    records = [json.loads((run / "lab.json").read_text()) for run in args.runs]
+    presets = [record["preset"] for record in records]
     # without --rl-seed the runs train with the preset's seed: `--rl-seed 0` is the same training as the default
     seeds = [preset.get("rl_seed") if preset.get("rl_seed") is not None else preset.get("seed", 0) for preset in presets]
     names = [f"{run.name} (rl_seed {seed}{'' if preset.get('rl_seed') is not None else ', the preset seed'})"
              for run, seed, preset in zip(args.runs, seeds, presets)]
+    differing = other_settings(records, [str(run) for run in args.runs])
+    if differing:
+        parser.error("these runs differ in more than their training seed, so their spread is not one over seeds:\n  "
+                     + "\n  ".join(differing))
     if len(set(seeds)) < len(seeds):
         print("warning: some runs share their rl_seed, so their spread is not a spread over seeds", file=sys.stderr)
     print(f"{len(reports)} runs: " + ", ".join(names))

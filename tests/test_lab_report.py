@@ -789,6 +789,41 @@ def test_the_seed_spread_script_names_a_run_without_grpo_results_and_a_number_on
     assert "seed1 (rl_seed 1): no collapse criterion (grpo interrupted)" in said
 
 
+def test_the_seed_spread_script_refuses_runs_that_differ_in_more_than_their_seed(tmp_path, capsys):
+    """Runs of other settings (12 against 40 steps, another preset) or another base model are no spread over seeds:
+    refused (exit 2), naming what differs; the methods run and the seeds may differ."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "lab_seed_spread.py"
+    spec = importlib.util.spec_from_file_location("lab_seed_spread", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = {"summary": {"values": [{"method": "grpo", "reward end": 0.4}]}, "headline": {"numbers": {"rows": []}}}
+
+    def runs(*records):
+        folders = []
+        for position, record in enumerate(records):
+            run = tmp_path / f"run{len(list(tmp_path.iterdir()))}-{position}"
+            _write(run / "lab.json", record)
+            _write(run / "report.json", report)
+            folders.append(str(run))
+        return folders
+
+    seed = {"name": "quick", "seed": 0, "steps": 12, "methods": ["grpo"], "base": {"steps": 400}}
+    same = runs({"preset": {**seed, "rl_seed": 1}, "base_model_fingerprint": "a"},
+                {"preset": {**seed, "rl_seed": 2, "methods": ["grpo", "nsr"]}, "base_model_fingerprint": "a"})
+    assert module.main(same) == 0
+    capsys.readouterr()
+    for other, said in (({"preset": {**seed, "rl_seed": 2, "steps": 40}}, "steps: 12 in "),
+                        ({"preset": {**seed, "rl_seed": 2, "base": {"steps": 200}}}, "base.steps: 400 in "),
+                        ({"preset": {**seed, "rl_seed": 2}, "base_model_fingerprint": "b"}, "another base model")):
+        with pytest.raises(SystemExit) as refused:
+            module.main(runs({"preset": {**seed, "rl_seed": 1}, "base_model_fingerprint": "a"}, other))
+        assert refused.value.code == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "differ in more than their training seed" in err and said in err, err
+
+
 def test_the_entropy_change_axes_carry_their_power_of_ten_in_their_labels():
     """The scale of a panel goes into its axis labels (matplotlib's offset text sat on the panel's title)."""
     from entrorl.analysis.document import power_of_ten

@@ -57,6 +57,9 @@ class LabPreset(BaseModel):
         for method in self.methods:
             if method == "sft":
                 continue
+            if method == "base":
+                raise ValueError("method 'base': the laboratory's report names the base model 'base', beside the methods; "
+                                 "register your method under another name")
             if "+" in method:
                 if any(not part or part != part.strip() for part in method.split("+")):
                     raise ValueError(f"method '{method}': write a composition without spaces or empty parts, as dapo+clip_b")

@@ -47,7 +47,7 @@ from entrorl.lab.base_model import build_base_model, cached_base_model, lab_cach
 from entrorl.lab.presets import LabPreset, get_preset
 from entrorl.lab.supervised import SFT_OBJECTIVE
 from entrorl.lab.tasks import get_task
-from entrorl.trainer.checkpoint import atomic_write_text, lock_run_directory
+from entrorl.trainer.checkpoint import atomic_write_text, lock_run_directory, model_fingerprint
 from entrorl.trainer.config import flatten_settings
 from entrorl.trainer.stop_signals import CPU_TIME_LIMIT
 
@@ -446,6 +446,23 @@ def _check_same_preset(out: Path, preset: LabPreset, record: dict[str, Any]) -> 
         more = f"; and {len(differing) - _DIFFERENCES_SHOWN} more" if len(differing) > _DIFFERENCES_SHOWN else ""
         what = f"this folder was started with other settings ({shown}{more})"
     raise ValueError(f"{out}: {what}; resume it with the same options or choose another --out")
+
+
+def _check_same_base_model(out: Path, record: dict[str, Any], fingerprint: str | None, kernels: Any) -> None:
+    """A folder (its ``lab.json``, ``record``) is continued only from the base model its methods started from: the same
+    settings rebuilt on a CPU of another kind (another cache, another node) give other weights under the same name, and
+    the folder would then compare methods trained from two base models. Folders recorded before the fingerprint was
+    kept are not checked."""
+    then = record.get("base_model_fingerprint")
+    if not isinstance(then, str) or fingerprint is None or then == fingerprint:
+        return
+    recorded_kernels = record.get("base_model_cpu_kernels")
+    kinds = (f" (built with {recorded_kernels} kernels there, {kernels} here)"
+             if recorded_kernels and kernels and recorded_kernels != kernels else "")
+    raise ValueError(f"{out}: its methods started from another base model than the one built for these settings "
+                     f"now{kinds}: a base model built on another kind of CPU, or in another cache, has other weights. "
+                     "Continue the folder with the cache that holds its base model (ENTRORL_CACHE), on a machine of the "
+                     "kind that built it, or choose another --out")
 
 
 def _requested_methods(methods: list[str] | str | None) -> list[str] | None:
@@ -989,6 +1006,8 @@ def _run_in_folder(preset: LabPreset, out: Path, *, workers: int, console, cache
         progress.console.print(f"base model ready: {model_dir}")
         # the kernels the cached base model was trained with (another machine's, from a shared cache)
         base_kernels = _read_json_object(model_dir / "base.json").get("cpu_kernels")
+        base_fingerprint = model_fingerprint(model_dir)
+        _check_same_base_model(out, recorded, base_fingerprint, base_kernels)
         # the floating-point kernels torch chose for this CPU (AVX2, AVX512, ...): another set rounds differently
         invocation: dict[str, Any] = {"started_at": time.time(), "methods": list(preset.methods), "workers": workers,
                                       "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
@@ -999,6 +1018,7 @@ def _run_in_folder(preset: LabPreset, out: Path, *, workers: int, console, cache
             _write_json(out / "lab.json", {
                 "preset": {**preset.model_dump(mode="json"), "methods": run_methods}, "base_model": model_dir.name,
                 "base_model_spec": asdict(preset.base), "base_model_cpu_kernels": base_kernels,
+                "base_model_fingerprint": base_fingerprint,
                 "methods": run_methods, "workers": workers, "imports": folder_imports,
                 "invocations": invocations})
 
