@@ -927,3 +927,50 @@ def test_leaves_tokens_out_says_whether_process_logits_filters(top_k, top_p):
     filtered = process_logits(logits, SamplingParams(max_new_tokens=1, top_k=top_k, top_p=top_p))
     assert leaves_tokens_out(top_k=top_k, top_p=top_p, vocab_size=5) == bool(torch.isinf(filtered).any())
     assert leaves_tokens_out(top_k=0, top_p=None, min_p=0.05)
+
+
+def _model_without_logits_to_keep():
+    """A tiny Qwen2 whose forward has the signature of model code written before transformers' ``logits_to_keep``
+    (many ``trust_remote_code`` models), and the plain model with the same weights."""
+    from transformers import Qwen2ForCausalLM
+
+    from entrorl.lab.tiny_model import build_tiny_qwen2
+
+    class OlderForwardForCausalLM(Qwen2ForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                    output_hidden_states=None, return_dict=None):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+
+    plain = build_tiny_qwen2(30, hidden_size=32, num_layers=1, seed=0).eval()
+    older = OlderForwardForCausalLM(plain.config)
+    older.load_state_dict(plain.state_dict())
+    return older.eval(), plain
+
+
+def test_a_model_whose_forward_takes_no_logits_to_keep_samples_and_scores_as_one_that_does():
+    """logits_to_keep is passed only to a forward that takes it; otherwise the positions wanted are taken from the whole
+    logits: the same tokens, log-probs and token statistics (the model's own logits, not the fused head)."""
+    older, plain = _model_without_logits_to_keep()
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    prompts = [[3, 4, 5], [6]]
+    sampled = [HFSampler(model, eos_token_id=1, pad_token_id=0, decoder="transformers").generate(prompts, params)
+               for model in (older, plain)]
+    assert sampled[0].completion_ids() == sampled[1].completion_ids()
+    torch.testing.assert_close(sampled[0].sampler_log_probs, sampled[1].sampler_log_probs)
+    rollouts = sampled[1]
+    stats = [response_token_stats(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids,
+                                  rollouts.response_mask, fused_head=False) for model in (older, plain)]
+    torch.testing.assert_close(stats[0].logprob, stats[1].logprob)
+    torch.testing.assert_close(stats[0].entropy, stats[1].entropy)
+
+
+@pytest.mark.parametrize("prompts", [["2+3=", "7*8="], "2+3=", {"input_ids": [[3, 4]], "attention_mask": [[1, 1]]}],
+                         ids=["texts", "one-text", "tokenizer-output"])
+def test_prompts_given_as_text_are_refused_saying_to_tokenize_them(prompts):
+    from entrorl.lab.tiny_model import build_tiny_qwen2
+
+    sampler = HFSampler(build_tiny_qwen2(30, hidden_size=32, num_layers=1, seed=0), eos_token_id=1, pad_token_id=0)
+    with pytest.raises(TypeError, match=r"takes prompts as token ids, one list per prompt, .*tokenize them first"):
+        sampler.generate(prompts, SamplingParams(max_new_tokens=2))

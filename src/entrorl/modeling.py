@@ -942,6 +942,20 @@ def _cache_argument_of(module_class: type) -> str:  # read once per class: scori
     return "cache" if "cache" in inspect.signature(module_class.forward).parameters else "past_key_values"
 
 
+def logits_to_keep(module, count: int) -> dict[str, int]:
+    """``{"logits_to_keep": count}`` for a forward that takes it (transformers' causal LMs), so that it computes the
+    logits of the last ``count`` positions only; ``{}`` for one that does not (a model's own code written before the
+    argument, ``trust_remote_code``), whose caller then takes those positions from the whole logits. A peft wrapper is
+    asked about the model it wraps."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return {"logits_to_keep": count} if _takes_logits_to_keep(type(base)) else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(module_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(module_class.forward).parameters
+
+
 def output_cache(output):
     """The key/value cache a forward with ``use_cache=True`` returned, under either name (see :func:`cache_argument`)."""
     cache = getattr(output, "cache", None)
@@ -1013,9 +1027,9 @@ def response_token_stats(
         hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention, position_ids=positions).last_hidden_state
         hidden = hidden[:, prompt_width - 1 : prompt_width + response_width - 1]
         return _stats_through_head(model, hidden, targets, mask, temperature=temperature, need=need)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=response_width + 1
-    ).logits[:, :-1]
+    kept = response_width + 1  # the last prompt position and the response's: those that predict a response token
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                   **logits_to_keep(model, kept)).logits[:, -kept:-1]
     return token_stats(logits, targets, temperature=temperature, mask=mask, need=need)
 
 

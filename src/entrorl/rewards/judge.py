@@ -61,7 +61,7 @@ from typing import Any
 import torch
 
 from entrorl._checks import check_int, is_real_number
-from entrorl.modeling import encode_prompt, left_pad
+from entrorl.modeling import encode_prompt, left_pad, logits_to_keep
 from entrorl.rewards.base import import_callable, register_reward
 
 __all__ = [
@@ -341,17 +341,13 @@ class CausalLMJudge:
         ids, mask = left_pad(sequences, self.pad_id)
         mask, width = mask.long(), ids.shape[1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {"logits_to_keep": keep} if self._accepts_logits_to_keep else {}
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            position_ids=positions.to(self.device), **extra).logits[:, -keep:].float().cpu()
+                            position_ids=positions.to(self.device),
+                            **logits_to_keep(self.model, keep)).logits[:, -keep:].float().cpu()
         # logits[:, j] sits at position width - keep + j and predicts the token after it
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, width - keep + 1 :, None]).squeeze(-1)
         totals = torch.stack([log_probs[row, keep - 1 - n :].sum() for row, n in enumerate(answer_lengths)])
         return torch.sigmoid(totals[0::2] - totals[1::2]).tolist()
-
-    @property
-    def _accepts_logits_to_keep(self) -> bool:
-        return "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
 
 _NO_PAD_ID_ATTRIBUTE = object()  # a composite configuration may have no pad id of its own (Gemma 3's)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from entrorl._checks import check_int, widest_float
-from entrorl.modeling import cache_argument, check_stop_tokens_can_be_sampled, left_pad, length_dependent_rope, output_cache, reset_dynamic_rope, stop_token_ids
+from entrorl.modeling import (cache_argument, check_stop_tokens_can_be_sampled, left_pad, length_dependent_rope, logits_to_keep,
+                              output_cache, reset_dynamic_rope, stop_token_ids)
 from entrorl.rollout.static_cache import StaticCacheDecoder, static_cache_unsupported_reason
 
 __all__ = ["Rollouts", "SamplingParams", "HFSampler", "leaves_tokens_out", "process_logits", "sample_from_log_probs", "DECODERS", "forked_rng", "private_seed"]
@@ -213,7 +214,7 @@ class _TransformersDecoder:
     def _run_whole_sequences(self) -> torch.Tensor:
         positions = (self.attention.cumsum(dim=-1) - 1).clamp(min=0)
         output = self.model(input_ids=self.sequences, attention_mask=self.attention, position_ids=positions,
-                            use_cache=True, logits_to_keep=1)
+                            use_cache=True, **logits_to_keep(self.model, 1))
         self.cache, self.next_position = output_cache(output), positions[:, -1:] + 1
         self.long_factors = self.longrope_context is not None and int(positions.max()) + 1 > self.longrope_context
         return output.logits[:, -1, :]
@@ -298,6 +299,10 @@ class HFSampler:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, progress=None) -> Rollouts:
         """Sample one response per prompt (repeat a prompt to sample a group). ``progress`` is called with the
         number of prompts finished after each chunk."""
+        if isinstance(prompts, (str, bytes, Mapping)) or any(isinstance(prompt, (str, bytes)) for prompt in prompts):
+            given = "a tokenizer's whole output" if isinstance(prompts, Mapping) else "text"
+            raise TypeError(f"generate() takes prompts as token ids, one list per prompt, and got {given}: tokenize them "
+                            "first (tokenizer(texts)['input_ids'])")
         if not prompts:
             raise ValueError("generate() got no prompts")
         empty = [index for index, prompt in enumerate(prompts) if len(prompt) == 0]
