@@ -943,6 +943,16 @@ def test_an_interrupted_laboratory_saves_what_it_trained_and_says_how_to_go_on(t
     result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--out", str(tmp_path / "lab")])
     assert result.exit_code == 130 and "after every method had finished, before the report was written" in " ".join(
         result.output.split())
+
+    def stopped_at_once(preset, *, out, **options):  # a second Ctrl-C: the folder records what was left
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "lab.json").write_text(json.dumps({"methods": ["grpo", "nsr"]}))
+        (out / "outcomes.json").write_text(json.dumps({"grpo": {"status": "interrupted"}, "nsr": {"status": "done"}}))
+        raise runner.StoppedAtOnce(signal.SIGINT)
+
+    monkeypatch.setattr(runner, "run_lab", stopped_at_once)
+    result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo,nsr", "--out", str(tmp_path / "lab")])
+    assert result.exit_code == 130 and "interrupted (grpo not finished)" in " ".join(result.output.split())
     # the command that continues repeats the workers and the seed of the training runs, which the results depend on
     result = CliRunner().invoke(app, ["lab", "--preset", "quick", "--methods", "grpo", "--methods", "nsr", "--out",
                                       str(tmp_path / "lab"), "--workers", "3", "--rl-seed", "2"])

@@ -1207,6 +1207,8 @@ def lab(
         if isinstance(error, LabInterrupted):
             unfinished = (f" ({', '.join(error.methods)} not finished)" if error.methods
                           else " after every method had finished, before the report was written")
+        elif (left := interrupted_methods(out)):  # stopped at once: the folder's record of what is left
+            unfinished = f" ({', '.join(left)} not finished)"
         console.print(Text.assemble(("interrupted", "bold yellow"), f"{by}{unfinished}: finished methods and each "
                                     f"method's last checkpoint are kept in {out}. Continue with: {again}"), soft_wrap=True)
         raise typer.Exit(128 + number) from None
