@@ -620,11 +620,11 @@ def test_filler_words_and_approximately_signs_are_not_part_of_the_answer(complet
         ("Find the real and complex roots.", QuestionHints(roots="complex")),
         ("Find all complex roots, where x is a real number.", QuestionHints(roots="complex")),
         ("Give the percentage of students who passed.", QuestionHints(percent=True)),
-        ("What is 1000/3 to the nearest integer?", QuestionHints(rounding=True)),
-        (ROUNDING_QUESTION, QuestionHints(rounding=True)),
-        ("Approximately how far is it, to the nearest mile?", QuestionHints(rounding=True)),
-        ("Give the answer to three significant figures.", QuestionHints(rounding=True)),
-        ("结果保留两位小数。", QuestionHints(rounding=True)),
+        ("What is 1000/3 to the nearest integer?", QuestionHints(rounding=True, decimals=0)),
+        (ROUNDING_QUESTION, QuestionHints(rounding=True, decimals=2)),
+        ("Approximately how far is it, to the nearest mile?", QuestionHints(rounding=True, decimals=0)),
+        ("Give the answer to three significant figures.", QuestionHints(rounding=True, significant=3)),
+        ("结果保留两位小数。", QuestionHints(rounding=True, decimals=2)),
         ("利润率是百分之几？", QuestionHints(percent=True)),
         (r"Find all $x \in \mathbb{R}$ with $x^4 = 16$.", QuestionHints(roots="real")),
         (r"Find all $z \in \mathbb{C}$ with $z^4 = 16$.", QuestionHints(roots="complex")),
@@ -1023,6 +1023,55 @@ def test_a_tolerance_raised_by_the_caller_applies_to_exact_values():
 )
 def test_an_integer_approximates_only_when_the_question_asks_for_rounding(question, answer, reference, equal):
     assert math_equal(answer, reference, question=question) is equal
+
+
+@pytest.mark.parametrize(
+    ("question", "answer", "reference", "equal"),
+    [
+        ("Round your answer to the nearest hundredth.", "0", "0.33", False),  # coarser than asked: no reward for 0
+        ("Round your answer to the nearest hundredth.", "1", "0.67", False),
+        ("Round your answer to the nearest hundredth.", "0.3", "0.33", False),
+        ("Give the answer to two decimal places.", "0", "0.33", False),
+        ("Round to the nearest ten-thousandth.", "0", "0.0012", False),
+        ("Round to the nearest tenth.", "12", "12.3", False),
+        ("Round your answer to the nearest hundredth.", "0.33", "0.333", True),  # the precision asked
+        ("Round your answer to the nearest hundredth.", "0.33", r"\frac{1}{3}", True),
+        ("Round to the nearest tenth.", "12.3", "12.34", True),
+        ("Round to the nearest whole number.", "0", "0.33", True),
+        ("To the nearest mile, how far is it?", "5", "4.6", True),
+        ("Give three significant figures.", "0.33", r"\frac{1}{3}", False),
+        ("Give three significant figures.", "0.333", r"\frac{1}{3}", True),
+        ("结果保留两位小数。", "0.3", "0.33", False),
+        ("Approximately what is it?", "0", "0.33", False),  # no precision said: two significant digits at least
+        ("Approximately what is it?", "0.3", "0.33", False),
+        ("Approximately what is it?", "0.33", "0.333", True),
+        ("Approximately what is it?", "12", "12.3", True),
+    ],
+)
+def test_a_rounded_answer_keeps_the_precision_the_question_asks_for(question, answer, reference, equal):
+    """The rounding rule accepts an answer rounded as the question asks, not any coarser rounding of the reference (with
+    "to the nearest hundredth", 0 rounded every reference below 0.5)."""
+    assert math_equal(answer, reference, question=question) is equal
+
+
+@pytest.mark.parametrize(("answer", "reference", "equal"), [
+    ("1e-400", "0", False), ("1e-400", "2e-400", False), ("3e-330", "0", False), ("1e-400", "1e-400", True),
+    ("-1e-400", "-1.0e-400", True), (r"10^{400}", "1e400", True), ("1e400", r"10^{400}", True),
+    ("1e400", r"10^{400}+1", False), (r"10^{-400}", "1e-400", True),
+])
+def test_scientific_notation_beyond_the_float_range_is_compared_exactly(answer, reference, equal):
+    """1e-400 read as a float is 0, and 1e400 is infinite: their exact values are compared instead."""
+    assert math_equal(answer, reference) is equal
+
+
+@pytest.mark.parametrize("completion", [
+    "<think>so the answer is x+1</think>", "<think>The answer is x+1</think>\n\nDone.",
+])
+def test_an_answer_stated_in_a_closed_block_is_read_without_the_tag(completion):
+    """With nothing to read after the block, the whole text is read with its </think> as a line break: the phrase
+    "the answer is x+1" no longer takes the tag with it."""
+    assert find_final_answer(completion) == ("answer_phrase", "x+1")
+    assert MathReward()("", completion, "x+1").score == 1.0
 
 
 @pytest.mark.parametrize(

@@ -389,7 +389,7 @@ def find_final_answer(text: str, extractors: Extractors | None = None) -> tuple[
     closed by ``</think>`` (a guess while thinking is not the answer): the extractors but ``last_number`` on the text
     after the last ``</think>``, then ``boxed`` and ``answer_tag`` on the whole text, then the block's stated answer
     (``answer_phrase``, ``hashes``) when the text after it repeats that number, then ``last_number`` after the block,
-    then every extractor on the whole text."""
+    then every extractor on the whole text (the last ``</think>`` read as a line break)."""
     if not isinstance(text, str) or not text.strip():
         return None
     extractors = list(extractors if extractors is not None else ANSWER_EXTRACTORS)
@@ -408,6 +408,8 @@ def find_final_answer(text: str, extractors: Extractors | None = None) -> tuple[
         found = _first_answer(after, [pair for pair in extractors if pair[0] == "last_number"])
         if found is not None:
             return found
+        # the whole text, the tag a line break: a phrase running to its line's end does not take the tag with it
+        text = text[:closed] + "\n" + after
     return _first_answer(text, extractors)
 
 

@@ -7,11 +7,12 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
 from entrorl.rewards.math.brackets import _balanced, _split_top_level, _wrapped
-from entrorl.rewards.math.limits import MathOptions, _DEFAULT_TOLERANCE, _MAX_FACTORIAL, _check_size, _parse_latex
+from entrorl.rewards.math.limits import MathOptions, _DEFAULT_TOLERANCE, _MAX_EXPONENT, _MAX_FACTORIAL, _check_size, _parse_latex
 from entrorl.rewards.math.question import QuestionHints
 
 
@@ -72,7 +73,26 @@ def _plain_number(s: str) -> complex | None:
         value = float(s)
     except (ValueError, ZeroDivisionError):
         return None
+    if value == 0 and re.search(r"[1-9]", s.split("e")[0].split("E")[0]):
+        return None  # below the float range (1e-400), which reads as 0: see _beyond_float_range
     return complex(value) if math.isfinite(value) else None
+
+
+_SCIENTIFIC_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE](?P<exponent>[-+]?\d+)")
+
+
+def _beyond_float_range(text: str) -> tuple[complex, Fraction] | None:
+    """A number in scientific notation beyond the float range (``1e-400``, ``1e400``): its exact value, with the float
+    it rounds to (0 or an infinity), so that it is compared exactly rather than as 0 or not at all; None otherwise,
+    and for an exponent above ``limits``' bound on exponents (its exact value would not fit in memory)."""
+    s = text.strip()
+    m = _SCIENTIFIC_RE.fullmatch(s)
+    if not m or abs(int(m["exponent"])) > _MAX_EXPONENT:
+        return None
+    value = float(s)
+    if math.isfinite(value) and (value != 0 or not re.search(r"[1-9]", s[: m.start("exponent")])):
+        return None
+    return complex(value), Fraction(Decimal(s))
 
 
 def _is_list_of_values_set(s: str) -> bool:
@@ -119,9 +139,10 @@ def _sympy_value(expr: Any) -> tuple[complex, Fraction | None] | None:
         return None
     _check_size(expr)
     value = complex(expr.evalf(30))
-    if not (math.isfinite(value.real) and math.isfinite(value.imag)):
-        return None
-    return value, _exact_value(expr)
+    exact = _exact_value(expr)
+    if not (math.isfinite(value.real) and math.isfinite(value.imag)) and exact is None:
+        return None  # beyond the float range, a number is compared by its exact value only
+    return value, exact
 
 
 #: The largest numerator or denominator, in bits, that :func:`_exact_value` builds.
@@ -173,6 +194,9 @@ def _value_of(text: str) -> tuple[complex, Fraction | None] | None:
     plain = _plain_number(text)
     if plain is not None:
         return plain, _exact_rational(text)
+    beyond = _beyond_float_range(text)
+    if beyond is not None:
+        return beyond
     for item in _parse_latex(text):
         if not isinstance(item, str):
             found = _sympy_value(item)
@@ -401,10 +425,22 @@ def _is_integer(v: _Value) -> bool:
     return v.value.imag == 0 and v.value.real.is_integer()
 
 
+def _as_precise_as_asked(decimals: int, significant: int, hints: QuestionHints) -> bool:
+    """Whether a rounded answer of ``decimals`` decimals and ``significant`` significant digits keeps the precision the
+    question asks for: the decimals or significant digits it states, else at least two significant digits (``0`` does
+    not stand for 0.33, nor ``1`` for 0.67, "approximately")."""
+    if hints.decimals is not None:
+        return decimals >= hints.decimals
+    if hints.significant is not None:
+        return significant >= hints.significant
+    return significant >= 2
+
+
 def _approximates(exact: _Value, approx: _Value, options: MathOptions, hints: QuestionHints) -> bool:
     """The approximation rule: ``approx`` (a decimal or integer literal) stands for ``exact`` to its written
     precision (see the module notes). An integer stands only for a non-integer value rounded to it, and only
-    when the question asks for rounding. Exact values are compared in exact arithmetic."""
+    when the question asks for rounding. A value rounded because the question asks for it keeps the precision the
+    question asks for (:func:`_as_precise_as_asked`). Exact values are compared in exact arithmetic."""
     form = _decimal_form(approx.text)
     if form is None or exact.value.imag != 0 or approx.value.imag != 0:
         return False
@@ -419,17 +455,18 @@ def _approximates(exact: _Value, approx: _Value, options: MathOptions, hints: Qu
         slack = 1e-9 * max(abs(target), unit)
     error = abs(target - written)
     rounded = error <= unit / 2 + slack
+    rounded_as_asked = hints.rounding and rounded and _as_precise_as_asked(decimals, significant, hints)
     if decimals == 0:  # an integer: "333" does not stand for 1000/3, unless the question asks for rounding
-        return hints.rounding and not _is_integer(exact) and rounded
+        return rounded_as_asked and not _is_integer(exact)
     exact_form = _decimal_form(exact.text)
     if exact_form is None:  # exact value (\pi, \sqrt2, 1/3): rounded or cut to the written digits
         if options.approximation_digits and significant >= options.approximation_digits:
             cut = 0 <= abs(target) - abs(written) < unit + slack and target * written >= 0
             if rounded or cut:
                 return True
-        return hints.rounding and rounded
+        return rounded_as_asked
     # two decimals: only when the question asks for rounding, and the rounded one has fewer decimals
-    return hints.rounding and exact_form[0] > decimals and rounded
+    return rounded_as_asked and exact_form[0] > decimals
 
 
 def _numbers_match(a: _Value, b: _Value, options: MathOptions, hints: QuestionHints) -> bool:
