@@ -915,6 +915,21 @@ def test_a_saved_dataset_dict_copy_takes_its_train_split_whatever_the_split_orde
     assert [record.prompt for record in load_prompts(out)] == ["train 0", "train 2"]
 
 
+def test_a_saved_dataset_dict_copy_keeps_a_split_saved_without_rows(tmp_path):
+    """A split saved without rows beside 'train' (which datasets.load_from_disk cannot read as part of the dict) is
+    copied as it was, 'train' filtered; the copy reads back as the input does."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": f"train {i}", "answer": str(i)} for i in range(3)]
+    directory = tmp_path / "mixed"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows).select([])}).save_to_disk(str(directory))
+    out = write_selected_rows(directory, load_prompts(directory), [True, False, True], tmp_path / "kept")
+    assert sorted(path.name for path in out.iterdir()) == ["dataset_dict.json", "test", "train"]
+    assert [record.prompt for record in load_prompts(out)] == ["train 0", "train 2"]
+    assert sorted(path.name for path in (out / "test").iterdir()) == sorted(
+        path.name for path in (directory / "test").iterdir())
+
+
 def test_nothing_is_labelled_or_written_when_the_reward_failed_on_every_sample(tmp_path):
     """A reward that raised on every sample (``--reward code`` on math data) scores every answer 0: the prompts would
     all look wrong and the filtered file would be empty. The outputs are refused instead, naming the failure."""

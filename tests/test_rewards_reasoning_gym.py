@@ -443,7 +443,8 @@ def test_bold_around_parts_of_an_answer_is_kept_and_bold_the_phrase_opened_is_no
 def test_records_same_in_every_process_do_not_follow_the_string_hash_seed(tmp_path):
     """ransom_note's generator iterates over a set of strings, so its questions follow the process's string-hash seed;
     same_in_every_process=True generates under the hash seed 0, so this process and one started with another hash seed
-    write the same records, which the plain call in that process does not."""
+    write the same records, which the plain call in that process does not; a file of the working directory named like a
+    module (reasoning_gym.py) does not reach the child Python that generates them."""
     import os
     import subprocess
     import sys
@@ -452,7 +453,9 @@ def test_records_same_in_every_process_do_not_follow_the_string_hash_seed(tmp_pa
     here = reasoning_gym_records("ransom_note", size=3, seed=0, same_in_every_process=True)
     code = ("import json; from entrorl.rewards import reasoning_gym_records as records; print(json.dumps(["
             "records('ransom_note', size=3, seed=0), records('ransom_note', size=3, seed=0, same_in_every_process=True)]))")
-    child = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": "1"}, cwd=tmp_path,
+    (tmp_path / "reasoning_gym.py").write_text("raise SystemExit('a script of the working directory')\n")
+    # -P: no working directory on the path, as for a console script; the child Python it starts is not misled either
+    child = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "PYTHONHASHSEED": "1"}, cwd=tmp_path,
                            capture_output=True, text=True, check=True)
     plain, fixed = json.loads(child.stdout.strip().splitlines()[-1])
     assert fixed == here and plain != fixed  # the hash seed 1 writes other questions

@@ -952,7 +952,11 @@ def _model_without_logits_to_keep():
 def test_a_model_whose_forward_takes_no_logits_to_keep_samples_and_scores_as_one_that_does():
     """logits_to_keep is passed only to a forward that takes it; otherwise the positions wanted are taken from the whole
     logits: the same tokens, log-probs and token statistics (the model's own logits, not the fused head)."""
+    from entrorl.modeling import logits_to_keep
+
     older, plain = _model_without_logits_to_keep()
+    assert logits_to_keep(older, 1) == {} and logits_to_keep(plain, 1) == {"logits_to_keep": 1}
+    assert logits_to_keep(torch.compile(plain), 3) == {"logits_to_keep": 3}  # a wrapper passes it on
     params = SamplingParams(max_new_tokens=4, temperature=0.0)
     prompts = [[3, 4, 5], [6]]
     sampled = [HFSampler(model, eos_token_id=1, pad_token_id=0, decoder="transformers").generate(prompts, params)

@@ -3422,6 +3422,26 @@ def test_resume_takes_the_same_prompts_from_a_moved_file_and_refuses_others_befo
         Trainer(load_config(make_config(tiny_model_dir, other, None, optim={"steps": 3})), run_dir=run_dir, resume=True)
 
 
+def test_resume_of_a_checkpoint_without_a_digest_of_its_prompts_keeps_data_train(tmp_path, tiny_model_dir,
+                                                                                  arithmetic_files, monkeypatch):
+    """A checkpoint written before the stream kept a digest of its prompts cannot tell whether another file holds the
+    same ones: a changed data.train is refused there, as it was before a moved file could resume."""
+    from entrorl.data import PromptStream
+
+    original = PromptStream.state_dict
+    monkeypatch.setattr(PromptStream, "state_dict",
+                        lambda self: {key: value for key, value in original(self).items() if key != "records_digest"})
+    train, copy = tmp_path / "train.jsonl", tmp_path / "copy.jsonl"
+    shutil.copy(arithmetic_files[0], train)
+    shutil.copy(arithmetic_files[0], copy)
+    run_dir = tmp_path / "run"
+    Trainer(load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1})), run_dir=run_dir).train()
+    with pytest.raises(ValueError, match=r"  data.train: .* now\nthis checkpoint keeps no digest of its prompts"):
+        Trainer(load_config(make_config(tiny_model_dir, copy, None, optim={"steps": 2})), run_dir=run_dir, resume=True)
+    Trainer(load_config(make_config(tiny_model_dir, train, None, optim={"steps": 2})), run_dir=run_dir,
+            resume=True).close()
+
+
 def test_a_checkpoint_records_its_software_and_a_resume_under_other_versions_says_so(
         tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
     """Each checkpoint records the Python, entrorl, torch and transformers versions it was written with; a resume under
@@ -4928,6 +4948,20 @@ def test_cli_eval_meta_columns_replace_the_run_s_and_a_missing_one_of_the_run_sa
         assert "data.meta_columns" not in " ".join(result.output.split())  # the option's, not the run's
         assert json.loads((tmp_path / "e.json").read_text())["avg_at_n"] == avg
     sys.modules.pop("entrorl_test_meta_reward", None)
+
+
+@pytest.mark.parametrize(("option", "said"), [("level,level", "lists 'level' twice"),
+                                              ("answer", "lists 'answer', the prompt or answer column")])
+def test_cli_eval_meta_columns_are_checked_as_the_option(tmp_path, option, said):
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2", "level": 1}\n')
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data),
+                                      "--reward", "exact_match", "--meta-columns", option])
+    assert result.exit_code == 2 and f"error: --meta-columns {option!r} {said}" in " ".join(result.output.split())
 
 
 def test_prompt_format_reads_each_setting_of_the_run_on_its_own(tmp_path, capsys):

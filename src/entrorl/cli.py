@@ -376,6 +376,14 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
         defaults = _run_defaults(model, prompt_template, chat_template, max_new_tokens, reward, correct_threshold, dtype,
                                  reward_args=reward_args, prompt_column=prompt_column, answer_column=answer_column,
                                  meta_columns=meta_columns)
+        if meta_columns is not None:  # said of the option, before load_prompts says it of its argument
+            listed = defaults.meta_columns or []
+            twice = sorted({name for name in listed if listed.count(name) > 1})
+            shared = [name for name in listed if name in (defaults.prompt_column, defaults.answer_column)]
+            if twice or shared:
+                raise ValueError(f"--meta-columns {meta_columns!r} lists " + (
+                    f"{', '.join(map(repr, twice))} twice" if twice else
+                    f"{', '.join(map(repr, shared))}, the prompt or answer column") + "; list other columns, once each")
         directory = _model_directory(model, base, defaults.dtype)
         prompt_template, chat_template = defaults.prompt_template, defaults.chat_template
         max_new_tokens = defaults.max_new_tokens

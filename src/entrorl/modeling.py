@@ -946,9 +946,19 @@ def logits_to_keep(module, count: int) -> dict[str, int]:
     """``{"logits_to_keep": count}`` for a forward that takes it (transformers' causal LMs), so that it computes the
     logits of the last ``count`` positions only; ``{}`` for one that does not (a model's own code written before the
     argument, ``trust_remote_code``), whose caller then takes those positions from the whole logits. A peft wrapper is
-    asked about the model it wraps."""
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    return {"logits_to_keep": count} if _takes_logits_to_keep(type(base)) else {}
+    asked about the model it wraps, as are ``torch.compile``'s and data-parallel wrappers (``_orig_mod``, ``module``),
+    whose forward passes every argument on."""
+    return {"logits_to_keep": count} if _forwards_logits_to_keep(module) else {}
+
+
+def _forwards_logits_to_keep(module) -> bool:
+    if _takes_logits_to_keep(type(module)):
+        return True
+    wrapped = (module.get_base_model() if hasattr(module, "get_base_model") else None, getattr(module, "_orig_mod", None),
+               getattr(module, "module", None))
+    inner = next((candidate for candidate in wrapped if isinstance(candidate, torch.nn.Module) and candidate is not module),
+                 None)
+    return inner is not None and _forwards_logits_to_keep(inner)
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -497,14 +498,25 @@ def write_selected_rows(
         import datasets
 
         rows = _locations(chosen, _ROW_SOURCE, "row", data)
-        loaded = datasets.load_from_disk(str(data))
-        if isinstance(loaded, datasets.DatasetDict):  # the same splits: 'train' (the one read) filtered
-            selected = datasets.DatasetDict({**loaded, "train": loaded["train"].select(rows)})
-        else:
-            selected = loaded.select(rows)
-        # save_to_disk writes into the folder in place: a Ctrl-C would leave an earlier copy's state.json naming
-        # shards cut short
-        write_folder_atomically(target, lambda folder: selected.save_to_disk(str(folder)))
+        listing = data / "dataset_dict.json"
+        if not listing.is_file():
+            selected = datasets.load_from_disk(str(data)).select(rows)
+            # save_to_disk writes into the folder in place: a Ctrl-C would leave an earlier copy's state.json naming
+            # shards cut short
+            write_folder_atomically(target, lambda folder: selected.save_to_disk(str(folder)))
+            return target
+        # a DatasetDict: 'train' (the split read) filtered, the others copied as they were (one saved without rows,
+        # which datasets.load_from_disk cannot read, included)
+        train = datasets.load_from_disk(str(data / "train")).select(rows)
+        others = [name for name in json.loads(listing.read_text(encoding="utf-8"))["splits"] if name != "train"]
+
+        def write_splits(folder: Path) -> None:
+            train.save_to_disk(str(folder / "train"))
+            for name in others:
+                shutil.copytree(data / name, folder / name)
+            shutil.copyfile(listing, folder / "dataset_dict.json")
+
+        write_folder_atomically(target, write_splits)
         return target
 
     suffix = data.suffix.lower()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import math
 import multiprocessing
@@ -47,7 +48,7 @@ from entrorl.lab.base_model import build_base_model, cached_base_model, lab_cach
 from entrorl.lab.presets import LabPreset, get_preset
 from entrorl.lab.supervised import SFT_OBJECTIVE
 from entrorl.lab.tasks import get_task
-from entrorl.trainer.checkpoint import atomic_write_text, lock_run_directory, model_fingerprint
+from entrorl.trainer.checkpoint import atomic_write_text, lock_run_directory
 from entrorl.trainer.config import flatten_settings
 from entrorl.trainer.stop_signals import CPU_TIME_LIMIT
 
@@ -446,6 +447,22 @@ def _check_same_preset(out: Path, preset: LabPreset, record: dict[str, Any]) -> 
         more = f"; and {len(differing) - _DIFFERENCES_SHOWN} more" if len(differing) > _DIFFERENCES_SHOWN else ""
         what = f"this folder was started with other settings ({shown}{more})"
     raise ValueError(f"{out}: {what}; resume it with the same options or choose another --out")
+
+
+def _weights_digest(model_dir: Path) -> str | None:
+    """SHA-256 of the base model's weight files (not of its config.json, which names the transformers version that
+    saved it); None when there are none or they cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        files = sorted(model_dir.glob("*.safetensors"))
+        for path in files:
+            digest.update(f"{path.name}\0".encode())
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest() if files else None
 
 
 def _check_same_base_model(out: Path, record: dict[str, Any], fingerprint: str | None, kernels: Any) -> None:
@@ -1006,7 +1023,7 @@ def _run_in_folder(preset: LabPreset, out: Path, *, workers: int, console, cache
         progress.console.print(f"base model ready: {model_dir}")
         # the kernels the cached base model was trained with (another machine's, from a shared cache)
         base_kernels = _read_json_object(model_dir / "base.json").get("cpu_kernels")
-        base_fingerprint = model_fingerprint(model_dir)
+        base_fingerprint = _weights_digest(model_dir)
         _check_same_base_model(out, recorded, base_fingerprint, base_kernels)
         # the floating-point kernels torch chose for this CPU (AVX2, AVX512, ...): another set rounds differently
         invocation: dict[str, Any] = {"started_at": time.time(), "methods": list(preset.methods), "workers": workers,

@@ -295,16 +295,20 @@ with open(sys.argv[2], "w", encoding="utf-8") as handle:
 
 def _records_under_hash_seed_zero(task: str, size: int, seed: int, instruction: str | None,
                                   config: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """:func:`reasoning_gym_records` run in a child Python with ``PYTHONHASHSEED=0`` and this process's import path;
-    its errors raised again here, as the built-in exception they were (else a ``RuntimeError`` naming it)."""
+    """:func:`reasoning_gym_records` run in a child Python with ``PYTHONHASHSEED=0`` and this process's import path, in
+    a temporary folder; its errors raised again here, as the built-in exception they were (else a ``RuntimeError``
+    naming it)."""
     with tempfile.TemporaryDirectory(prefix="entrorl-reasoning-gym-") as folder:
         arguments, result = Path(folder) / "arguments.json", Path(folder) / "result.json"
         arguments.write_text(json.dumps({"task": task, "size": size, "seed": seed, "instruction": instruction,
                                          "config": _config_as_data(dict(config))}), encoding="utf-8")
-        environment = {**os.environ, "PYTHONHASHSEED": "0",
-                       "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        # this process's import path, absolute, and where entrorl itself was imported from; run in the temporary
+        # folder, so that a file of the working directory named like a module (a reasoning_gym.py) shadows nothing
+        package_root = str(Path(__file__).resolve().parents[2])
+        paths = [os.path.abspath(path) for path in sys.path if path] + [package_root]
+        environment = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
         child = subprocess.run([sys.executable, "-c", _CHILD_GENERATION, str(arguments), str(result)],
-                               env=environment, capture_output=True, text=True, check=False)
+                               env=environment, cwd=folder, capture_output=True, text=True, check=False)
         if child.returncode != 0 or not result.is_file():
             raise RuntimeError(f"generating reasoning-gym's {task!r} under PYTHONHASHSEED=0 in a child Python failed "
                                f"(exit {child.returncode}): {child.stderr.strip()[-2000:]}")

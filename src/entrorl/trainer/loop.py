@@ -484,6 +484,13 @@ class Trainer:
         if saved_config is None:
             return []
         accepted = check_resume_settings(saved_config, self.config)
+        moved = next(((old, new) for key, old, new in accepted if key == "data.train"), None)
+        if moved is not None and "records_digest" not in (saved_state.get("stream") or {}):
+            raise ValueError(f"--resume cannot change what the run was trained with:\n  data.train: {moved[0]!r} in the "
+                             f"checkpoint, {moved[1]!r} now\nthis checkpoint keeps no digest of its prompts (an earlier "
+                             "entrorl wrote it), which would tell whether the file now named holds the same ones: put "
+                             "data.train back, or start a new run (another --run-dir) from the checkpoint's model "
+                             "directory")
         self.resume_learning_rate = self._next_learning_rates(saved_config, saved_state["step"], accepted)
         return accepted
 
