@@ -1435,3 +1435,25 @@ def test_sums_and_products_with_symbolic_bounds_are_judged(answer, reference):
 def test_a_gsm8k_reference_is_read_after_its_hashes(reference, completion, expected):
     verdict = get_reward("math")("How many?", completion, reference)
     assert float(verdict) == expected, verdict.reason
+
+
+@pytest.mark.parametrize(("completion", "answer", "refused"), [
+    (r"\boxed{" + "(" * 60 + "1" + ")" * 60 + "}", "1", "brackets nested more than 20 deep"),
+    (r"\boxed{(x+1)^{2000}}", "x^{2000}", "a sum of symbols to a power above 400"),
+])
+def test_inputs_that_take_the_parser_or_sympy_minutes_are_refused_off_the_main_thread_too(completion, answer, refused):
+    """No timer can be armed off the main thread (verl scores from a pool of threads): deep nesting (the LaTeX parser's
+    time grows exponentially with it) and a large power of a sum (sympy expands it) are refused before they run."""
+    import threading
+
+    verdicts = []
+    worker = threading.Thread(target=lambda: verdicts.append(MathReward()("", completion, answer)), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert verdicts, "the judgement ran for more than 30 s"
+    assert verdicts[0].score == 0.0 and refused in verdicts[0].reason
+
+
+def test_brackets_and_powers_of_sums_within_the_limits_are_still_compared():
+    assert MathReward()("", r"\boxed{" + "(" * 20 + "1" + ")" * 20 + "}", "1").score == 1.0
+    assert MathReward()("", r"\boxed{(x+1)^{2}}", "x^2+2x+1").score == 1.0

@@ -120,6 +120,10 @@ _MAX_EXPONENT = 10_000
 _MAX_POWER_BITS = 1 << 20  # about 315,000 decimal digits: built in milliseconds
 _MAX_FACTORIAL = 1_000
 _MAX_BINOMIAL_BITS = 1 << 16  # sympy's C(10^5, 5*10^4), 10^5 bits, takes about a second
+# brackets nested deeper than this take the LaTeX parser seconds (25: about 1 s more, 30: 3 s, 60: minutes)
+_MAX_NESTING = 20
+# a sum raised to a power above this takes sympy's comparison seconds to expand ((x+1)^{800}: 9 s)
+_MAX_SUM_EXPONENT = 400
 _MAX_TERMS = 1_000  # of a sum or product with numeric limits, as many as the largest factorial's factors
 
 # Binomial coefficients and Gamma values, which Math-Verify's parser computes while it parses whenever their operands
@@ -212,7 +216,17 @@ def _operand_value(text: str) -> Any:
 def _check_parse_time_sizes(s: str) -> None:
     """Raise :class:`_TooLarge` for a binomial coefficient of more than ``_MAX_BINOMIAL_BITS`` bits or a Gamma
     value above ``Gamma(_MAX_FACTORIAL + 1)`` (``\\binom{10^6}{500000}``, ``{10 \\choose 3}``, ``\\Gamma(10^5)``),
-    which the parser would compute as it reads them."""
+    which the parser would compute as it reads them, and for brackets nested deeper than ``_MAX_NESTING``, which the
+    parser reads in a time that grows exponentially with their depth."""
+    depth = deepest = 0
+    for character in s:
+        if character in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif character in ")]}":
+            depth -= 1
+    if deepest > _MAX_NESTING:
+        raise _TooLarge(f"brackets nested more than {_MAX_NESTING} deep")
     for match in _PARSE_TIME_EVALUATED_RE.finditer(s):
         command = match[0]
         if command == "\\Gamma":
@@ -267,6 +281,9 @@ def _check_size(expr: Any, terms: float = 1.0, values: Mapping[Any, Any] | None 
             bits = size * abs(float(log_base.evalf(15, subs=values) if values else log_base.evalf(15)))
             if not bits <= _MAX_POWER_BITS:
                 raise _TooLarge(f"a power of more than {_MAX_POWER_BITS} bits")
+        elif (_numeric(exponent, values) and base.has(sympy.Add) and base.free_symbols - set(values or ())
+              and _magnitude(exponent, values) > _MAX_SUM_EXPONENT):
+            raise _TooLarge(f"a sum of symbols to a power above {_MAX_SUM_EXPONENT}")
     elif isinstance(expr, (sympy.factorial, sympy.factorial2)):
         argument = expr.args[0]
         if _numeric(argument, values) and _magnitude(argument, values) > _MAX_FACTORIAL:
