@@ -53,8 +53,9 @@ Three stages, each a small ordered table that later work extends:
        ``\\sqrt2``, ``1/3``) when it is that value rounded or cut to the decimal's written digits
        (``3.14``, ``3.1416`` and ``3.1415926`` all match ``\\pi``; ``3.15`` does not).
        When the question asks for rounding ("nearest tenth", "two decimal places", "approximately"),
-       a value matches a decimal it rounds to, whatever the digit count, two decimals included
-       (``3.1415926`` matches a reference ``3.14``). An integer (no decimal point) approximates nothing
+       a value matches a decimal it rounds to, two decimals included (``3.1415926`` matches a reference
+       ``3.14``), the answer keeping the precision the question states, if it states one (``0`` does not
+       match ``0.33`` "to the nearest hundredth"). An integer (no decimal point) approximates nothing
        (``333`` does not match ``1000/3``, nor ``1012`` match ``2023/2``) unless the question asks for
        rounding, and then only a non-integer value within half a unit of it (``1011`` and ``1012`` both
        match ``2023/2`` for "round to the nearest integer");

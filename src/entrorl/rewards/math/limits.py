@@ -85,6 +85,10 @@ for _logger_name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_logger_name).addFilter(_QUIET_FILTER)
 
 
+# whether this thread's judgement runs under _time_limit's timer (refusals that only bound time are needed without one)
+_TIMER = threading.local()
+
+
 @contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
     """Raise :class:`JudgeTimeout` in the block after ``seconds`` (main thread, no other alarm armed);
@@ -97,6 +101,7 @@ def _time_limit(seconds: float) -> Iterator[None]:
     if not usable:
         yield
         return
+    _TIMER.armed = True
 
     def on_alarm(signum: int, frame: Any) -> None:
         raise JudgeTimeout(f"took more than {seconds:g} s")
@@ -106,6 +111,7 @@ def _time_limit(seconds: float) -> Iterator[None]:
     try:
         yield
     finally:
+        _TIMER.armed = False
         while True:  # an alarm landing in this cleanup (the block is over) must not skip the restore
             try:
                 signal.setitimer(signal.ITIMER_REAL, 0)
@@ -122,7 +128,8 @@ _MAX_FACTORIAL = 1_000
 _MAX_BINOMIAL_BITS = 1 << 16  # sympy's C(10^5, 5*10^4), 10^5 bits, takes about a second
 # brackets nested deeper than this take the LaTeX parser seconds (25: about 1 s more, 30: 3 s, 60: minutes)
 _MAX_NESTING = 20
-# a sum raised to a power above this takes sympy's comparison seconds to expand ((x+1)^{800}: 9 s)
+# a sum raised to a power above this takes sympy's comparison seconds to expand ((x+1)^{800}: 9 s); refused only where
+# no timer bounds the judgement
 _MAX_SUM_EXPONENT = 400
 _MAX_TERMS = 1_000  # of a sum or product with numeric limits, as many as the largest factorial's factors
 
@@ -281,9 +288,10 @@ def _check_size(expr: Any, terms: float = 1.0, values: Mapping[Any, Any] | None 
             bits = size * abs(float(log_base.evalf(15, subs=values) if values else log_base.evalf(15)))
             if not bits <= _MAX_POWER_BITS:
                 raise _TooLarge(f"a power of more than {_MAX_POWER_BITS} bits")
-        elif (_numeric(exponent, values) and base.has(sympy.Add) and base.free_symbols - set(values or ())
-              and _magnitude(exponent, values) > _MAX_SUM_EXPONENT):
-            raise _TooLarge(f"a sum of symbols to a power above {_MAX_SUM_EXPONENT}")
+        elif (not getattr(_TIMER, "armed", False) and _numeric(exponent, values) and base.has(sympy.Add)
+              and base.free_symbols - set(values or ()) and _magnitude(exponent, values) > _MAX_SUM_EXPONENT):
+            raise _TooLarge(f"a sum of symbols to a power above {_MAX_SUM_EXPONENT} (without a timer: off the main "
+                            "thread)")
     elif isinstance(expr, (sympy.factorial, sympy.factorial2)):
         argument = expr.args[0]
         if _numeric(argument, values) and _magnitude(argument, values) > _MAX_FACTORIAL:

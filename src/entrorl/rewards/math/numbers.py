@@ -409,11 +409,22 @@ def _decimal_form(text: str) -> tuple[int, int] | None:
     return len(fraction), max(len(digits), 1)
 
 
+def _beyond_floats(v: _Value) -> bool:
+    """Whether ``v``'s value as a float is not what it is: infinite (``1e400``) or 0 for a non-zero value
+    (``1e-400``)."""
+    return not (math.isfinite(v.value.real) and math.isfinite(v.value.imag)) or (v.value == 0 and v.rational != 0)
+
+
 def _close(a: _Value, b: _Value, options: MathOptions) -> bool:
     """Equal within the tolerances; two exact values (integers, fractions) must be equal exactly unless the
     caller raised ``tolerance`` above its default (``abs_tolerance``, 0 by default, applies to them too)."""
-    if a.rational is not None and b.rational is not None and options.tolerance <= _DEFAULT_TOLERANCE:
-        return abs(a.rational - b.rational) <= options.abs_tolerance
+    if a.rational is not None and b.rational is not None:
+        if options.tolerance <= _DEFAULT_TOLERANCE:
+            return abs(a.rational - b.rational) <= options.abs_tolerance
+        if _beyond_floats(a) or _beyond_floats(b):  # the tolerances in exact arithmetic
+            largest = max(abs(a.rational), abs(b.rational))
+            return abs(a.rational - b.rational) <= max(Fraction(options.tolerance) * largest,
+                                                       Fraction(options.abs_tolerance))
     if a.value == b.value:
         return True
     return abs(a.value - b.value) <= max(options.tolerance * max(abs(a.value), abs(b.value)), options.abs_tolerance)
@@ -426,21 +437,22 @@ def _is_integer(v: _Value) -> bool:
 
 
 def _as_precise_as_asked(decimals: int, significant: int, hints: QuestionHints) -> bool:
-    """Whether a rounded answer of ``decimals`` decimals and ``significant`` significant digits keeps the precision the
-    question asks for: the decimals or significant digits it states, else at least two significant digits (``0`` does
-    not stand for 0.33, nor ``1`` for 0.67, "approximately")."""
+    """Whether an answer of ``decimals`` decimals and ``significant`` significant digits keeps the precision the
+    question states (``0`` does not stand for 0.33 "to the nearest hundredth"); True when it states none."""
     if hints.decimals is not None:
         return decimals >= hints.decimals
     if hints.significant is not None:
         return significant >= hints.significant
-    return significant >= 2
+    return True
 
 
-def _approximates(exact: _Value, approx: _Value, options: MathOptions, hints: QuestionHints) -> bool:
+def _approximates(exact: _Value, approx: _Value, options: MathOptions, hints: QuestionHints, *,
+                  approx_is_answer: bool = True) -> bool:
     """The approximation rule: ``approx`` (a decimal or integer literal) stands for ``exact`` to its written
     precision (see the module notes). An integer stands only for a non-integer value rounded to it, and only
-    when the question asks for rounding. A value rounded because the question asks for it keeps the precision the
-    question asks for (:func:`_as_precise_as_asked`). Exact values are compared in exact arithmetic."""
+    when the question asks for rounding. An answer (``approx_is_answer``; a reference's precision is the reference's)
+    rounded as the question asks keeps the precision it states (:func:`_as_precise_as_asked`), and is then rounded,
+    not cut. Exact values are compared in exact arithmetic."""
     form = _decimal_form(approx.text)
     if form is None or exact.value.imag != 0 or approx.value.imag != 0:
         return False
@@ -455,12 +467,14 @@ def _approximates(exact: _Value, approx: _Value, options: MathOptions, hints: Qu
         slack = 1e-9 * max(abs(target), unit)
     error = abs(target - written)
     rounded = error <= unit / 2 + slack
-    rounded_as_asked = hints.rounding and rounded and _as_precise_as_asked(decimals, significant, hints)
+    precise = not approx_is_answer or _as_precise_as_asked(decimals, significant, hints)
+    rounded_as_asked = hints.rounding and rounded and precise
     if decimals == 0:  # an integer: "333" does not stand for 1000/3, unless the question asks for rounding
         return rounded_as_asked and not _is_integer(exact)
     exact_form = _decimal_form(exact.text)
     if exact_form is None:  # exact value (\pi, \sqrt2, 1/3): rounded or cut to the written digits
-        if options.approximation_digits and significant >= options.approximation_digits:
+        stated = hints.rounding and (hints.decimals is not None or hints.significant is not None)
+        if options.approximation_digits and significant >= options.approximation_digits and not stated:
             cut = 0 <= abs(target) - abs(written) < unit + slack and target * written >= 0
             if rounded or cut:
                 return True
@@ -470,10 +484,12 @@ def _approximates(exact: _Value, approx: _Value, options: MathOptions, hints: Qu
 
 
 def _numbers_match(a: _Value, b: _Value, options: MathOptions, hints: QuestionHints) -> bool:
+    """Whether the reference's value ``a`` and the answer's ``b`` are the same number (exactly, within the tolerances
+    or by the approximation rule, either one rounding the other)."""
     return (
         _close(a, b, options)
         or _approximates(a, b, options, hints)
-        or _approximates(b, a, options, hints)
+        or _approximates(b, a, options, hints, approx_is_answer=False)
     )
 
 

@@ -16,9 +16,11 @@ class QuestionHints:
     * ``roots`` — ``"real"`` when real roots / solutions are asked for, ``"complex"`` when complex ones
       are, None when the question names no domain;
     * ``rounding`` — the question asks for a rounded or approximate value;
-    * ``decimals`` / ``significant`` — the precision it asks for, when it says: decimals for "nearest tenth /
-      hundredth / ...", "N decimal places", "nearest cent" (2), "nearest" anything else ("whole number", "mile": 0),
-      "保留N位小数", "精确到0.01"; significant digits for "N significant figures / digits";
+    * ``decimals`` / ``significant`` — the precision it asks for, when it says so: decimals for "nearest tenth /
+      hundredth / ... / 0.01 / 100th", "the tenths place", "N decimal places", "N decimals", "nearest cent" (2),
+      "nearest whole number / integer / unit / dollar", "as a whole number" (0), "保留N位小数", "小数点后N位",
+      "保留整数", "精确到0.01 / 1 / 百分位"; significant digits for "N significant figures", "N sig figs", "N s.f.",
+      "N位有效数字"; None when it does not say (the last statement wins);
     * ``question`` — the question's text, in which the order that variables are first named decides which unnamed
       value is whose (the variable-name rule).
     """
@@ -45,44 +47,61 @@ _REAL_ROOTS_RE = re.compile(
 )
 _COMPLEX_ROOTS_RE = re.compile(r"\bcomplex\b|\\mathbb\s*\{?C\b|ℂ|复数|复根|虚根", re.IGNORECASE)
 _ROUNDING_RE = re.compile(
-    r"\bround(?:ed|ing)?\b|\bnearest\b|decimal\s+places?|significant\s+(?:figures|digits)"
+    r"(?<!year )(?<!year-)(?<!all )\bround(?:ed|ing)?\b(?![- ]trip)|\bnearest\b|decimal\s+places?"
+    r"|significant\s+(?:figures|digits)|\bsig\.?\s*figs?\b|\bs\.\s?f\.|\b(?:\d+|one|two|three|four|five|six)\s+decimals\b"
     r"|\bapproximate(?:ly)?\b|\\approx|≈|保留|精确到|约等于|近似",
     re.IGNORECASE,
 )
 
 
-_COUNT = r"(?P<count>\d+|one|two|three|four|five|six|seven|eight|nine|ten|一|二|两|三|四|五|六)"
+_COUNT = r"(?P<count>\d+|one|two|three|four|five|six|seven|eight|nine|ten|一|二|两|三|四|五|六|七|八|九)"
 _COUNTS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
-           "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6}
-# the places "to the nearest ..." names, longest first ("ten-thousandth" before "thousandth"); any other word (whole
-# number, integer, mile, dollar, ten) asks for no decimals
-_NEAREST_PLACES = (("hundred[- ]thousandth", 5), ("ten[- ]thousandth", 4), ("millionth", 6), ("thousandth", 3),
-                   ("hundredth", 2), ("tenth", 1), ("cent", 2), ("[a-z]+", 0))
-_NEAREST_RE = re.compile(r"\bnearest\s+(?:" + "|".join(f"(?P<p{index}>{place})" for index, (place, _) in
-                                                      enumerate(_NEAREST_PLACES)) + r")s?\b", re.IGNORECASE)
-_DECIMAL_PLACES_RE = re.compile(rf"\b{_COUNT}\s+decimal\s+(?:places?|digits?)|保留{_COUNT.replace('count', 'zh_count')}位小数",
-                                re.IGNORECASE)
-_SIGNIFICANT_RE = re.compile(rf"\b{_COUNT}\s+significant\s+(?:figures?|digits?)", re.IGNORECASE)
-_CHINESE_PLACES_RE = re.compile(r"精确到(?:(?P<unit>0\.0*1)|(?P<place>个位|整数|十分位|百分位|千分位))")
+           "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
+# the decimal places named by a word, longest first ("ten-thousandth" before "thousandth")
+_PLACES = (("hundred[- ]thousandth", 5), ("ten[- ]thousandth", 4), ("millionth", 6), ("thousandth", 3),
+           ("hundredth", 2), ("tenth", 1))
+_PLACE_WORDS = "|".join(place for place, _ in _PLACES)
+_WHOLE = r"whole(?:\s+numbers?)?|integers?|units?|ones?|dollars?"
 _CHINESE_PLACES = {"个位": 0, "整数": 0, "十分位": 1, "百分位": 2, "千分位": 3}
+
+
+def _place_decimals(word: str) -> int:
+    return next(places for place, places in _PLACES if re.fullmatch(f"{place}s?", word, re.IGNORECASE))
 
 
 def _count(text: str) -> int:
     return int(text) if text.isdigit() else _COUNTS[text.lower()]
 
 
+# how a question states the precision it asks for: (pattern, decimals read from the match); the last one stated wins
+_DECIMALS_STATED = (
+    (re.compile(rf"\b{_COUNT}\s+decimals?\b(?:\s+(?:places?|digits?))?", re.IGNORECASE), lambda m: _count(m["count"])),
+    (re.compile(rf"\bnearest\s+(?P<word>(?:{_PLACE_WORDS})s?)\b|\b(?P<place>(?:{_PLACE_WORDS})s?)\s+place\b",
+                re.IGNORECASE), lambda m: _place_decimals(m["word"] or m["place"])),
+    (re.compile(r"\bnearest\s+(?P<unit>0?\.0*1)\b"), lambda m: len(m["unit"].split(".")[1])),
+    (re.compile(r"\bnearest\s+(?P<power>10+)(?:th|ths)\b", re.IGNORECASE), lambda m: len(m["power"]) - 1),
+    (re.compile(r"\bnearest\s+cents?\b", re.IGNORECASE), lambda m: 2),
+    (re.compile(rf"\bnearest\s+(?:{_WHOLE})\b|\b(?:to|as)\s+(?:an?\s+)?(?:whole\s+numbers?|integers?)\b",
+                re.IGNORECASE), lambda m: 0),
+    (re.compile(rf"保留{_COUNT}位小数|小数点后{_COUNT.replace('count', 'after')}位"),
+     lambda m: _count(m["count"] or m["after"])),
+    (re.compile(r"保留整数|精确到\s*(?:个位|整数|1(?![\d.]))"), lambda m: 0),
+    (re.compile(r"精确到\s*(?P<unit>0\.0*1)|精确到(?P<place>十分位|百分位|千分位)"),
+     lambda m: len(m["unit"]) - 2 if m["unit"] else _CHINESE_PLACES[m["place"]]),
+)
+_SIGNIFICANT_STATED = re.compile(
+    rf"\b{_COUNT}\s+(?:significant\s+(?:figures?|digits?)|sig(?:nificant)?\.?\s*(?:figs?|digits?)\b\.?|s\.\s?f\.)"
+    rf"|保留?{_COUNT.replace('count', 'zh')}位有效数字", re.IGNORECASE)
+
+
 def _asked_precision(question: str) -> tuple[int | None, int | None]:
-    """``(decimals, significant digits)`` the question asks its answer to be rounded to, None where it does not say."""
-    decimals = significant = None
-    if (found := _DECIMAL_PLACES_RE.search(question)) is not None:
-        decimals = _count(next(group for group in found.groups() if group is not None))
-    elif (found := _NEAREST_RE.search(question)) is not None:
-        decimals = next(places for index, (_, places) in enumerate(_NEAREST_PLACES) if found[f"p{index}"] is not None)
-    elif (found := _CHINESE_PLACES_RE.search(question)) is not None:
-        decimals = len(found["unit"]) - 2 if found["unit"] else _CHINESE_PLACES[found["place"]]
-    if (found := _SIGNIFICANT_RE.search(question)) is not None:
-        significant = _count(found["count"])
-    return decimals, significant
+    """``(decimals, significant digits)`` the question asks its answer to be rounded to, None where it does not say so
+    in a way read here (the last statement of each, the instruction usually closing the question: "... the nearest
+    vertex. Round to the nearest tenth.")."""
+    stated = [(found.start(), read(found)) for pattern, read in _DECIMALS_STATED for found in pattern.finditer(question)]
+    decimals = max(stated)[1] if stated else None
+    significant = [found for found in _SIGNIFICANT_STATED.finditer(question)]
+    return decimals, (_count(significant[-1]["count"] or significant[-1]["zh"]) if significant else None)
 
 
 def read_question(question: str | None) -> QuestionHints:
