@@ -472,3 +472,36 @@ def test_records_same_in_every_process_raise_the_child_s_error_as_its_own_type()
     with pytest.raises(TypeError) as in_child:
         reasoning_gym_records("basic_arithmetic", size=1, seed=0, same_in_every_process=True, no_such_option=1)
     assert str(in_child.value) == str(in_process.value)
+
+
+def _through_parquet(rows, path):
+    """Rows as verl reads back the Parquet files of data.train_files: Arrow gives each row every key of the struct
+    columns, those it lacked as None."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return pq.read_table(path).to_pylist()
+
+
+def test_records_of_several_tasks_score_after_a_parquet_round_trip_and_default_ones_can_be_written(tmp_path):
+    """verl reads only Parquet: records of two tasks with their own options come back with the other task's option
+    names set to None, which the reward leaves out (they reached the task's config as unknown arguments, and every
+    sample failed); a record of default options has no empty config mapping, which Parquet cannot write."""
+    from entrorl.rewards import RewardRunner
+
+    rows = []
+    for task, config in [("basic_arithmetic", {"min_terms": 2, "max_terms": 3}),
+                         ("leg_counting", {"min_animals": 2, "max_animals": 3}), ("basic_arithmetic", {})]:
+        for record in reasoning_gym_records(task, size=1, seed=0, **config):
+            assert ("config" in record["meta"]) is bool(config)
+            rows.append({"reward_model": {"ground_truth": record["answer"]},
+                         "extra_info": {"prompt": record["prompt"], **record["meta"]}})
+    back = _through_parquet(rows, tmp_path / "train.parquet")
+    assert back[1]["extra_info"]["config"]["min_terms"] is None  # what Arrow does to the second task's options
+    answers = [row["reward_model"]["ground_truth"] for row in back]
+    metas = [{key: value for key, value in row["extra_info"].items() if key != "prompt"} for row in back]
+    result = RewardRunner(get_reward("reasoning_gym"), warn=False)([row["extra_info"]["prompt"] for row in back],
+                                                                   answers, answers, metas)
+    assert result.errors == 0, result.first_error
+    assert result.scores.tolist() == [1.0, 1.0, 1.0]

@@ -23,10 +23,18 @@ CASES = [
 
 
 def _verl_reward_fn(name: str, reward_kwargs: dict | None = None):
+    """The function verl loads, returning the score of the ``{"score", "acc"}`` it gives verl."""
     section = {"path": "pkg://entrorl.integrations.verl", "name": name}
     if reward_kwargs is not None:
         section["reward_kwargs"] = reward_kwargs
-    return reward_module.get_custom_reward_fn(OmegaConf.create({"reward": {"custom_reward_function": section}}))
+    fn = reward_module.get_custom_reward_fn(OmegaConf.create({"reward": {"custom_reward_function": section}}))
+
+    def score(**arguments):
+        result = fn(**arguments)
+        assert set(result) == {"score", "acc"} and result["acc"] in (0.0, 1.0), result
+        return result["score"]
+
+    return score
 
 
 @pytest.mark.parametrize("reward, name, kwargs", [
@@ -217,16 +225,82 @@ def _raising_reward(prompt, completion, answer, **meta):
 def test_a_reward_that_never_scores_stops_the_run_instead_of_training_on_zeros(monkeypatch):
     from entrorl.integrations.verl import rewards
 
-    monkeypatch.setattr(rewards, "FAILURES_BEFORE_A_SUCCESS", 3)
+    monkeypatch.setattr(rewards, "FAILURES_IN_A_ROW", 3)
     fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_raising_reward"})
     assert [fn(data_source="d", solution_str="x", ground_truth="y") for _ in range(2)] == [0.0, 0.0]
-    with pytest.raises(RuntimeError, match=r"failed on each of the 3 samples verl has given it, without one success: "
-                                           r"stopping rather than training on zeros; the first failure: .*KeyError"):
+    with pytest.raises(RuntimeError, match=r"failed on each of the last 3 samples verl has given it: stopping rather "
+                                           r"than training on zeros; the first of them failed with: .*KeyError"):
         fn(data_source="d", solution_str="x", ground_truth="y")
-    # one that has scored once goes on scoring 0 where it fails, as entrorl train does
-    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_nan_reward"})
-    monkeypatch.setattr(rewards, "_SUCCEEDED", {(f"{__name__}:_nan_reward", repr([]))})
-    assert [fn(data_source="d", solution_str="x", ground_truth="y") for _ in range(4)] == [0.0] * 4
+
+
+_CALLS = {"count": 0}
+
+
+def _fails_after_two_successes_and_once_between(prompt, completion, answer, **meta):
+    _CALLS["count"] += 1
+    if _CALLS["count"] in (1, 3, 4):  # 2: a failure between successes, which starts the count again
+        return 1.0
+    raise ConnectionError("judge server unreachable")
+
+
+def test_a_reward_that_breaks_after_scoring_stops_the_run_too(monkeypatch):
+    """A judge that goes down mid-run fails on every later sample: the failures in a row count from any point of the
+    run, a success starting them again, as entrorl train counts steps whose every sample failed."""
+    from entrorl.integrations.verl import rewards
+
+    monkeypatch.setattr(rewards, "FAILURES_IN_A_ROW", 3)
+    _CALLS["count"] = 0
+    fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_fails_after_two_successes_and_once_between"})
+    assert [fn(data_source="d", solution_str="x", ground_truth="y") for _ in range(6)] == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(RuntimeError, match="failed on each of the last 3 samples .*ConnectionError"):
+        fn(data_source="d", solution_str="x", ground_truth="y")
+
+
+class _CharTokenizer:
+    """One token per character."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i)) for i in ids)
+
+
+def test_verl_logs_the_reward_s_verdict_as_acc_not_a_wrong_answer_s_partial_credit():
+    """reasoning_gym gives a wrong answer partial credit (12/13 for one digit too many); verl's reward manager keeps
+    compute_score's 'acc' as the sample's accuracy (val-core/<source>/acc/mean@n, DAPO's filter_groups.metric=acc),
+    which is the verdict (full marks), the reward keeping the partial credit."""
+    import asyncio
+
+    import numpy as np
+    import torch
+    from verl import DataProto
+    from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
+
+    pytest.importorskip("reasoning_gym")
+    from entrorl.rewards import reasoning_gym_records
+
+    record = reasoning_gym_records("basic_arithmetic", size=1, seed=0)[0]
+    config = OmegaConf.create({"reward": {"custom_reward_function": {
+        "path": "pkg://entrorl.integrations.verl", "name": "reasoning_gym_score",
+        "reward_kwargs": {"reward_options": {"task": "basic_arithmetic"}}}}})
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        manager = NaiveRewardManager(config, _CharTokenizer(), reward_module.get_custom_reward_fn(config))
+        outcomes = []
+        for response in (record["answer"] + "1", record["answer"]):
+            ids = torch.tensor([[ord(c) for c in response]])
+            data = DataProto.from_dict(
+                tensors={"responses": ids, "attention_mask": torch.ones_like(ids),
+                         "prompts": torch.zeros(1, 0, dtype=torch.long)},
+                non_tensors={"data_source": np.array(["rg"], dtype=object),
+                             "reward_model": np.array([{"ground_truth": record["answer"]}], dtype=object),
+                             "extra_info": np.array([{"prompt": record["prompt"], **record["meta"]}], dtype=object)})
+            outcomes.append(loop.run_until_complete(manager.run_single(data)))
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+    wrong, right = outcomes
+    assert 0.0 < wrong["reward_score"] < 1.0 and wrong["reward_extra_info"]["acc"] == 0.0
+    assert right["reward_score"] == 1.0 and right["reward_extra_info"]["acc"] == 1.0
 
 
 _FAILURE_NUMBER: list[int] = []
@@ -240,11 +314,11 @@ def _numbered_failure(prompt, completion, answer, **meta):
 def test_the_stop_quotes_the_first_failure_and_a_refusal_names_the_key_that_blocks_the_call(monkeypatch):
     from entrorl.integrations.verl import rewards
 
-    monkeypatch.setattr(rewards, "FAILURES_BEFORE_A_SUCCESS", 3)
+    monkeypatch.setattr(rewards, "FAILURES_IN_A_ROW", 3)
     fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_numbered_failure"})
     fn(data_source="d", solution_str="x", ground_truth="y")
     fn(data_source="d", solution_str="x", ground_truth="y")
-    with pytest.raises(RuntimeError, match="the first failure: .*failure number 1$"):
+    with pytest.raises(RuntimeError, match="the first of them failed with: .*failure number 1$"):
         fn(data_source="d", solution_str="x", ground_truth="y")
     fn = _verl_reward_fn("compute_score", {"reward": f"{__name__}:_no_meta_reward"})
     with pytest.raises(ValueError, match="unexpected keyword argument 'data_source'"):  # answer is left out anyway

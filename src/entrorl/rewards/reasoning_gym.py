@@ -246,7 +246,8 @@ def reasoning_gym_records(
     process already runs with ``PYTHONHASHSEED=0``), so that the seed alone decides the records.
 
     Each record is ``{"prompt": question, "answer": reference answer (str, or None for tasks whose
-    answers are checked without one), "meta": {"entry": entry, "task": task, "config": config}}``, the entry in its
+    answers are checked without one), "meta": {"entry": entry, "task": task, "config": config}}`` (``config`` left out
+    when no option is given), the entry in its
     JSON form (:func:`entry_to_json`) and the config's dataclasses (``composite``'s ``DatasetSpec``) as dicts, so that
     the records can be written to a data file as they are.
     ``instruction`` (e.g. :data:`REASONING_GYM_INSTRUCTION`) is appended to every prompt after a blank
@@ -269,13 +270,10 @@ def reasoning_gym_records(
         if instruction:
             prompt = f"{prompt.rstrip()}\n\n{instruction}"
         answer = entry.get("answer")
-        records.append(
-            {
-                "prompt": prompt,
-                "answer": None if answer is None else str(answer),
-                "meta": {"entry": entry_to_json(entry), "task": task, "config": _config_as_data(config)},
-            }
-        )
+        meta = {"entry": entry_to_json(entry), "task": task}
+        if config:  # none: no empty mapping, which a Parquet file (verl's data) cannot hold
+            meta["config"] = _config_as_data(config)
+        records.append({"prompt": prompt, "answer": None if answer is None else str(answer), "meta": meta})
     return records
 
 
@@ -341,6 +339,18 @@ def _dataset_options(task: str, config: Mapping[str, Any]) -> dict[str, Any]:
 
         options["datasets"] = [DatasetSpec(**spec) if isinstance(spec, Mapping) else spec for spec in options["datasets"]]
     return options
+
+
+def _without_other_tasks_options(task: str, config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``config`` read from data without the empty options that ``task``'s config does not have: a Parquet file (verl's
+    data) of several tasks gives each row every task's option names, those of the others empty (None)."""
+    from reasoning_gym.factory import DATASETS
+
+    config_class = DATASETS.get(task, (None, None))[1]
+    if config_class is None or not dataclasses.is_dataclass(config_class):
+        return config
+    own = {field.name for field in dataclasses.fields(config_class)}
+    return {key: value for key, value in config.items() if value is not None or key in own}
 
 
 #: an answer no task can be right with, to check that a task's verifier tells answers apart
@@ -462,7 +472,7 @@ class ReasoningGymReward:
             config = json.loads(config)
         if not isinstance(config, Mapping):
             raise ValueError(f"meta['config'] must be a mapping of the task's options, got {type(config).__name__}")
-        scorer = self._scorer(task, config)
+        scorer = self._scorer(task, _without_other_tasks_options(task, config) if self.config is None else config)
 
         reference = entry.get("answer")
         keep_final_period = isinstance(reference, str) and reference.rstrip().endswith(".")

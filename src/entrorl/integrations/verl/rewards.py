@@ -16,8 +16,12 @@ it. The entrorl reward sees ``prompt = extra_info["prompt"]`` (or ``""``), ``com
 arguments they would collide with. It is scored as ``entrorl train`` scores a sample (:class:`entrorl.rewards.RewardRunner`):
 a reward that cannot be called with that metadata is refused (``ValueError``), one that returns an object with
 ``.score`` (a judge's verdict) gives that score, and one that raises, fails, or returns no finite number scores 0,
-logged the first time, so that verl never gets a NaN reward; a reward that fails on each of its first
-:data:`FAILURES_BEFORE_A_SUCCESS` samples stops the run (``RuntimeError``) instead of training on zeros.
+logged the first time, so that verl never gets a NaN reward; a reward that fails on
+:data:`FAILURES_IN_A_ROW` samples in a row, at the start or later (a judge that went down), stops the run
+(``RuntimeError``) instead of training on zeros. It returns ``{"score": the reward, "acc": 1.0 or 0.0}``: verl logs
+``acc`` as the samples' accuracy (``val-core/<source>/acc/mean@n``, DAPO's ``filter_groups.metric=acc``), which is
+the reward's verdict (full marks for ``reasoning_gym`` and ``code``, whose wrong answers may get partial credit), not
+the score verl would take for it from a bare number.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def compute_score(
     reward: str = "math",
     reward_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
-) -> float:
+) -> dict[str, float]:
     """verl's ``compute_score``: the entrorl reward ``reward`` (built once per option set) of ``solution_str``
     against ``ground_truth``. Raises ``ValueError`` for an unknown reward or option, and ``TypeError`` for a
     keyword that neither entrorl nor verl's reward managers define."""
@@ -114,33 +118,29 @@ def compute_score(
     key, runner = _reward_runner(reward, reward_options or {})
     meta = _callable_meta(key, runner, meta)
     result = runner([prompt if isinstance(prompt, str) else str(prompt)], [solution_str], [ground_truth], [meta])
-    _stop_a_reward_that_never_scores(key, bool(result.failed[0]), result.first_error)
-    return float(result.exact_scores[0])
+    _stop_a_reward_that_keeps_failing(key, bool(result.failed[0]), result.first_error)
+    return {"score": float(result.exact_scores[0]), "acc": float(result.correct[0])}
 
 
-# A reward that fails on this many samples before its first success (a misconfiguration: reasoning_gym without the
-# entry in extra_info, a judge that cannot be reached) stops the run, as entrorl train stops after
+# A reward that fails on this many samples in a row (a misconfiguration: reasoning_gym without the entry in extra_info;
+# a judge that cannot be reached, from the start or since it went down) stops the run, as entrorl train stops after
 # reward.max_failing_steps steps whose every sample failed: verl would otherwise train on zeros.
-FAILURES_BEFORE_A_SUCCESS = 1024
-_SUCCEEDED: set[tuple[str, str]] = set()
-_FAILURES: dict[tuple[str, str], tuple[int, str]] = {}  # runner key -> (failures so far, the first one's headline)
+FAILURES_IN_A_ROW = 1024
+_FAILURES: dict[tuple[str, str], tuple[int, str]] = {}  # runner key -> (failures in a row, the first one's headline)
 
 
-def _stop_a_reward_that_never_scores(key: tuple[str, str], failed: bool, error: str | None) -> None:
-    """Count ``key``'s failures until its first success; raise once they reach :data:`FAILURES_BEFORE_A_SUCCESS`."""
-    if key in _SUCCEEDED:
-        return
+def _stop_a_reward_that_keeps_failing(key: tuple[str, str], failed: bool, error: str | None) -> None:
+    """Count ``key``'s failures in a row (a success starts the count again); raise once they reach
+    :data:`FAILURES_IN_A_ROW`."""
     with _LOCK:
-        if key in _SUCCEEDED:
-            return
         if not failed:
-            _SUCCEEDED.add(key)
+            _FAILURES.pop(key, None)
             return
         failures, first = _FAILURES.get(key, (0, error_headline(error or "no message")))
         _FAILURES[key] = (failures + 1, first)
-    if failures + 1 >= FAILURES_BEFORE_A_SUCCESS:
-        raise RuntimeError(f"the reward {key[0]!r} failed on each of the {failures + 1} samples verl has given it, "
-                           f"without one success: stopping rather than training on zeros; the first failure: {first}")
+    if failures + 1 >= FAILURES_IN_A_ROW:
+        raise RuntimeError(f"the reward {key[0]!r} failed on each of the last {failures + 1} samples verl has given it: "
+                           f"stopping rather than training on zeros; the first of them failed with: {first}")
 
 
 math_score = partial(compute_score, reward="math")
