@@ -45,7 +45,7 @@ from typing import Any
 from entrorl._checks import caseless, is_real_number
 from entrorl._files import write_atomically, write_folder_atomically
 from entrorl.data.filters import parse_band, pass_rate_band_mask
-from entrorl.data.loading import _LOADERS, _csv_fields_of_any_length_in, _read_text, read_arrow_ipc
+from entrorl.data.loading import _LOADERS, _csv_fields_of_any_length_in, _read_text, read_arrow_ipc, saved_splits
 from entrorl.data.records import PromptRecord
 
 __all__ = [
@@ -498,8 +498,8 @@ def write_selected_rows(
         import datasets
 
         rows = _locations(chosen, _ROW_SOURCE, "row", data)
-        listing = data / "dataset_dict.json"
-        if not listing.is_file():
+        splits = saved_splits(data)
+        if splits is None:
             selected = datasets.load_from_disk(str(data)).select(rows)
             # save_to_disk writes into the folder in place: a Ctrl-C would leave an earlier copy's state.json naming
             # shards cut short
@@ -508,13 +508,13 @@ def write_selected_rows(
         # a DatasetDict: 'train' (the split read) filtered, the others copied as they were (one saved without rows,
         # which datasets.load_from_disk cannot read, included)
         train = datasets.load_from_disk(str(data / "train")).select(rows)
-        others = [name for name in json.loads(listing.read_text(encoding="utf-8"))["splits"] if name != "train"]
+        others = [name for name in splits if name != "train"]
 
         def write_splits(folder: Path) -> None:
             train.save_to_disk(str(folder / "train"))
             for name in others:
                 shutil.copytree(data / name, folder / name)
-            shutil.copyfile(listing, folder / "dataset_dict.json")
+            shutil.copyfile(data / "dataset_dict.json", folder / "dataset_dict.json")
 
         write_folder_atomically(target, write_splits)
         return target

@@ -882,18 +882,26 @@ def _rows_to_records(rows: Iterable[Mapping[str, Any]], p: Path, cols: _Columns)
         yield _make_record(row, f"{p}[{i}]", str(p), cols)
 
 
-def _saved_split_directory(p: Path, split: str | None) -> Path:
-    """The directory of the saved ``Dataset`` to read: ``p`` itself, or for a saved ``DatasetDict`` the sub-directory
-    of ``split`` (``None``: its only split), whose split names ``dataset_dict.json`` lists. Reading that one split,
-    not the whole dict, keeps an empty split elsewhere from failing the read."""
+def saved_splits(p: Path) -> list[str] | None:
+    """The split names that a ``DatasetDict`` saved in ``p`` lists in its ``dataset_dict.json``; None for a folder that
+    holds no such listing (a saved ``Dataset``), ``DataError`` for one that cannot be read."""
     listing = p / "dataset_dict.json"
     if not listing.is_file():
-        return p
+        return None
     try:
-        splits = [str(name) for name in json.loads(listing.read_text(encoding="utf-8"))["splits"]]
+        return [str(name) for name in json.loads(listing.read_text(encoding="utf-8"))["splits"]]
     except (OSError, ValueError, KeyError, TypeError):
         raise DataError(f"{p}: a saved DatasetDict whose dataset_dict.json lists no splits; expected a directory written "
                         "by datasets.DatasetDict.save_to_disk", path=str(p)) from None
+
+
+def _saved_split_directory(p: Path, split: str | None) -> Path:
+    """The directory of the saved ``Dataset`` to read: ``p`` itself, or for a saved ``DatasetDict`` the sub-directory
+    of ``split`` (``None``: its only split) among those it lists (:func:`saved_splits`). Reading that one split, not
+    the whole dict, keeps an empty split elsewhere from failing the read."""
+    splits = saved_splits(p)
+    if splits is None:
+        return p
     if not splits:
         raise DataError(f"{p}: a saved DatasetDict without splits; expected at least one split with prompts", path=str(p))
     if split is None and len(splits) > 1:
