@@ -1065,9 +1065,26 @@ def test_an_integer_approximates_only_when_the_question_asks_for_rounding(questi
         ("Give three significant figures.", "0.33", r"\frac{1}{3}", False),
         ("Give three significant figures.", "0.333", r"\frac{1}{3}", True),
         ("结果保留两位小数。", "0.3", "0.33", False),
-        ("Approximately what is it?", "0.33", "0.333", True),  # no precision stated: any rounding of the reference
+        ("Approximately what is it?", "0.33", "0.333", True),  # no precision stated: a rounding within half the value
         ("Approximately what is it?", "12", "12.3", True),
         ("Approximately what is it?", "9", "9.4", True),
+        ("Approximately what is it?", "0", "0.33", False),
+        ("Round your answer to the nearest hundredth.", "0.6666", r"\frac{2}{3}", True),  # more digits than asked
+        ("Round your answer to the nearest hundredth.", "3.1415", r"\pi", True),
+        ("Round your answer to the nearest hundredth.", "0.6749", r"\frac{2}{3}", True),
+        ("Round your answer to the nearest hundredth.", "0.6751", r"\frac{2}{3}", False),
+        ("Round to the nearest tenth. If the answer is a whole number, write it as an integer.", "3", "3.14", False),
+        ("计算 1÷3，结果保留到百分位。", "0", "0.33", False),
+        ("结果四舍五入到小数点后两位", "3.14", r"\pi", True),
+        # "round", "nearest" and 保留 in another sense ask for no rounding
+        ("A round table seats 6 people. What is the probability that two of them sit side by side?", "0",
+         r"\frac{2}{5}", False),
+        ("In the first round Sam scores 4 points and in the second round 5. What is his average per round?", "4",
+         "4.5", False),
+        ("Tom bakes a round cake and cuts it into 10 slices for his 2 friends. How many slices does each get?", "4.6",
+         "5", False),
+        ("一个圆的半径是1厘米，求它的周长。（结果保留π）", "6", r"2\pi", False),
+        ("Find the distance from the origin to the nearest point of the line.", "2", r"3-\sqrt{2}", False),
     ],
 )
 def test_a_rounded_answer_keeps_the_precision_the_question_asks_for(question, answer, reference, equal):

@@ -492,7 +492,8 @@ def test_records_of_several_tasks_score_after_a_parquet_round_trip_and_default_o
 
     rows = []
     for task, config in [("basic_arithmetic", {"min_terms": 2, "max_terms": 3}),
-                         ("leg_counting", {"min_animals": 2, "max_animals": 3}), ("basic_arithmetic", {})]:
+                         ("leg_counting", {"min_animals": 2, "max_animals": 3}), ("basic_arithmetic", {}),
+                         ("leg_counting", {"max_animals": 4})]:  # min_animals comes back None: its default is not
         for record in reasoning_gym_records(task, size=1, seed=0, **config):
             assert ("config" in record["meta"]) is bool(config)
             rows.append({"reward_model": {"ground_truth": record["answer"]},
@@ -504,4 +505,4 @@ def test_records_of_several_tasks_score_after_a_parquet_round_trip_and_default_o
     result = RewardRunner(get_reward("reasoning_gym"), warn=False)([row["extra_info"]["prompt"] for row in back],
                                                                    answers, answers, metas)
     assert result.errors == 0, result.first_error
-    assert result.scores.tolist() == [1.0, 1.0, 1.0]
+    assert result.scores.tolist() == [1.0, 1.0, 1.0, 1.0]

@@ -341,16 +341,17 @@ def _dataset_options(task: str, config: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _without_other_tasks_options(task: str, config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``config`` read from data without the empty options that ``task``'s config does not have: a Parquet file (verl's
-    data) of several tasks gives each row every task's option names, those of the others empty (None)."""
+def _without_empty_options(task: str, config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``config`` read from data without the empty (None) options that ``task``'s config does not take as None: a
+    Parquet file (verl's data) gives each row every option name any row has, those it lacks as None, its own task's
+    included. An option whose default is None keeps its None."""
     from reasoning_gym.factory import DATASETS
 
     config_class = DATASETS.get(task, (None, None))[1]
     if config_class is None or not dataclasses.is_dataclass(config_class):
         return config
-    own = {field.name for field in dataclasses.fields(config_class)}
-    return {key: value for key, value in config.items() if value is not None or key in own}
+    none_by_default = {field.name for field in dataclasses.fields(config_class) if field.default is None}
+    return {key: value for key, value in config.items() if value is not None or key in none_by_default}
 
 
 #: an answer no task can be right with, to check that a task's verifier tells answers apart
@@ -472,7 +473,7 @@ class ReasoningGymReward:
             config = json.loads(config)
         if not isinstance(config, Mapping):
             raise ValueError(f"meta['config'] must be a mapping of the task's options, got {type(config).__name__}")
-        scorer = self._scorer(task, _without_other_tasks_options(task, config) if self.config is None else config)
+        scorer = self._scorer(task, _without_empty_options(task, config) if self.config is None else config)
 
         reference = entry.get("answer")
         keep_final_period = isinstance(reference, str) and reference.rstrip().endswith(".")

@@ -438,12 +438,20 @@ def _is_integer(v: _Value) -> bool:
 
 def _as_precise_as_asked(decimals: int, significant: int, hints: QuestionHints) -> bool:
     """Whether an answer of ``decimals`` decimals and ``significant`` significant digits keeps the precision the
-    question states (``0`` does not stand for 0.33 "to the nearest hundredth"); True when it states none."""
+    question states (``0`` does not stand for 0.33 "to the nearest hundredth"); True when it states none (the caller
+    then bounds the answer's error by half the value: ``0`` does not stand for 0.33 "approximately" either, ``9``
+    does for 9.4)."""
     if hints.decimals is not None:
         return decimals >= hints.decimals
     if hints.significant is not None:
         return significant >= hints.significant
     return True
+
+
+def _rounded(value: Fraction, decimals: int) -> Fraction:
+    """``value`` rounded half up to ``decimals`` decimals, exactly."""
+    scale = 10**decimals
+    return Fraction(math.floor(value * scale + Fraction(1, 2)), scale)
 
 
 def _approximates(exact: _Value, approx: _Value, options: MathOptions, hints: QuestionHints, *,
@@ -467,7 +475,11 @@ def _approximates(exact: _Value, approx: _Value, options: MathOptions, hints: Qu
         slack = 1e-9 * max(abs(target), unit)
     error = abs(target - written)
     rounded = error <= unit / 2 + slack
-    precise = not approx_is_answer or _as_precise_as_asked(decimals, significant, hints)
+    if hints.rounding and approx_is_answer and hints.decimals is not None and decimals > hints.decimals:
+        # more digits than asked: right when it rounds to what the value rounds to at the decimals asked
+        return _rounded(written, hints.decimals) == _rounded(Fraction(target), hints.decimals)
+    precise = not approx_is_answer or (_as_precise_as_asked(decimals, significant, hints) if hints.decimals is not None
+                                       or hints.significant is not None else error <= abs(target) / 2)
     rounded_as_asked = hints.rounding and rounded and precise
     if decimals == 0:  # an integer: "333" does not stand for 1000/3, unless the question asks for rounding
         return rounded_as_asked and not _is_integer(exact)

@@ -46,10 +46,18 @@ _REAL_ROOTS_RE = re.compile(
     r"\breal\s+(?:roots?|solutions?|zeros?|zeroes|numbers?|values?|[a-z])\b|\\mathbb\s*\{?R\b|ℝ|实根|实数",
 )
 _COMPLEX_ROOTS_RE = re.compile(r"\bcomplex\b|\\mathbb\s*\{?C\b|ℂ|复数|复根|虚根", re.IGNORECASE)
+# what "to the nearest" may round to: a place, a unit of count or of measure ("the nearest vertex" rounds nothing)
+_NEAREST_TARGETS = (
+    r"(?:hundred[- ]|ten[- ])?(?:tenth|hundredth|thousandth|millionth)s?|0?\.0*1|10+(?:th|ths)|whole|integers?|units?|ones?"
+    r"|tens?|hundreds?|thousands?|millions?|billions?|cents?|dollars?|euros?|pounds?|penn(?:y|ies)|percent(?:age)?"
+    r"|degrees?|radians?|seconds?|minutes?|hours?|days?|weeks?|months?|years?|inch(?:es)?|f(?:oo|ee)t|yards?|miles?"
+    r"|(?:milli|centi|kilo)?(?:met(?:er|re)s?|grams?|lit(?:er|re)s?)|ounces?|gallons?|square|cubic|kg|km|cm|mm|m|g")
 _ROUNDING_RE = re.compile(
-    r"(?<!year )(?<!year-)(?<!all )\bround(?:ed|ing)?\b(?![- ]trip)|\bnearest\b|decimal\s+places?"
-    r"|significant\s+(?:figures|digits)|\bsig\.?\s*figs?\b|\bs\.\s?f\.|\b(?:\d+|one|two|three|four|five|six)\s+decimals\b"
-    r"|\bapproximate(?:ly)?\b|\\approx|≈|保留|精确到|约等于|近似",
+    r"\bround(?:ed|ing)\b|\bround\s+(?:off|up|down|to|your|the\s+(?:answer|result|value|number)|it|each|all|this|that"
+    r"|these|them|final)\b|(?:^|[.;:!?])\s*round\b(?![- ](?:trips?|robin|tables?))"
+    rf"|\bnearest\s+(?:{_NEAREST_TARGETS})\b|decimal\s+places?|significant\s+(?:figures|digits)|\bsig\.?\s*figs?\b"
+    r"|\bs\.\s?f\.|\b(?:\d+|one|two|three|four|five|six)\s+decimals\b|\bapproximate(?:ly)?\b|\\approx|≈"
+    r"|保留(?:到|整数|小数|\S{0,2}位|有效)|精确到|四舍五入|约等于|近似",
     re.IGNORECASE,
 )
 
@@ -62,7 +70,7 @@ _PLACES = (("hundred[- ]thousandth", 5), ("ten[- ]thousandth", 4), ("millionth",
            ("hundredth", 2), ("tenth", 1))
 _PLACE_WORDS = "|".join(place for place, _ in _PLACES)
 _WHOLE = r"whole(?:\s+numbers?)?|integers?|units?|ones?|dollars?"
-_CHINESE_PLACES = {"个位": 0, "整数": 0, "十分位": 1, "百分位": 2, "千分位": 3}
+_CHINESE_PLACES = {"个位": 0, "整数": 0, "十分位": 1, "百分位": 2, "千分位": 3, "万分位": 4}
 
 
 def _place_decimals(word: str) -> int:
@@ -81,12 +89,12 @@ _DECIMALS_STATED = (
     (re.compile(r"\bnearest\s+(?P<unit>0?\.0*1)\b"), lambda m: len(m["unit"].split(".")[1])),
     (re.compile(r"\bnearest\s+(?P<power>10+)(?:th|ths)\b", re.IGNORECASE), lambda m: len(m["power"]) - 1),
     (re.compile(r"\bnearest\s+cents?\b", re.IGNORECASE), lambda m: 2),
-    (re.compile(rf"\bnearest\s+(?:{_WHOLE})\b|\b(?:to|as)\s+(?:an?\s+)?(?:whole\s+numbers?|integers?)\b",
-                re.IGNORECASE), lambda m: 0),
+    (re.compile(rf"\bnearest\s+(?:{_WHOLE})\b|\bround(?:ed)?\s+(?:\w+\s+){{0,3}}?(?:to|as)\s+(?:an?\s+)?"
+                r"(?:whole\s+numbers?|integers?)\b", re.IGNORECASE), lambda m: 0),
     (re.compile(rf"保留{_COUNT}位小数|小数点后{_COUNT.replace('count', 'after')}位"),
      lambda m: _count(m["count"] or m["after"])),
     (re.compile(r"保留整数|精确到\s*(?:个位|整数|1(?![\d.]))"), lambda m: 0),
-    (re.compile(r"精确到\s*(?P<unit>0\.0*1)|精确到(?P<place>十分位|百分位|千分位)"),
+    (re.compile(r"精确到\s*(?P<unit>0\.0*1)|到(?P<place>个位|十分位|百分位|千分位|万分位)"),
      lambda m: len(m["unit"]) - 2 if m["unit"] else _CHINESE_PLACES[m["place"]]),
 )
 _SIGNIFICANT_STATED = re.compile(
