@@ -73,9 +73,14 @@ def _plain_number(s: str) -> complex | None:
         value = float(s)
     except (ValueError, ZeroDivisionError):
         return None
-    if value == 0 and re.search(r"[1-9]", s.split("e")[0].split("E")[0]):
+    if value == 0 and _nonzero_mantissa(s):
         return None  # below the float range (1e-400), which reads as 0: see _beyond_float_range
     return complex(value) if math.isfinite(value) else None
+
+
+def _nonzero_mantissa(s: str) -> bool:
+    """Whether a number's text has a non-zero digit before its exponent (``1e-400`` does, ``0.0e5`` does not)."""
+    return re.search(r"[1-9]", re.split(r"[eE]", s, maxsplit=1)[0]) is not None
 
 
 _SCIENTIFIC_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE](?P<exponent>[-+]?\d+)")
@@ -90,7 +95,7 @@ def _beyond_float_range(text: str) -> tuple[complex, Fraction] | None:
     if not m or abs(int(m["exponent"])) > _MAX_EXPONENT:
         return None
     value = float(s)
-    if math.isfinite(value) and (value != 0 or not re.search(r"[1-9]", s[: m.start("exponent")])):
+    if math.isfinite(value) and (value != 0 or not _nonzero_mantissa(s)):
         return None
     return complex(value), Fraction(Decimal(s))
 
@@ -436,16 +441,16 @@ def _is_integer(v: _Value) -> bool:
     return v.value.imag == 0 and v.value.real.is_integer()
 
 
-def _as_precise_as_asked(decimals: int, significant: int, hints: QuestionHints) -> bool:
-    """Whether an answer of ``decimals`` decimals and ``significant`` significant digits keeps the precision the
-    question states (``0`` does not stand for 0.33 "to the nearest hundredth"); True when it states none (the caller
-    then bounds the answer's error by half the value: ``0`` does not stand for 0.33 "approximately" either, ``9``
-    does for 9.4)."""
+def _as_precise_as_asked(decimals: int, significant: int, error: Any, target: Any, hints: QuestionHints) -> bool:
+    """Whether an answer of ``decimals`` decimals and ``significant`` significant digits, ``error`` away from the value
+    ``target``, keeps the precision the question states (``0`` does not stand for 0.33 "to the nearest hundredth");
+    where it states none, whether the error is within half the value (``0`` does not stand for 0.33 "approximately"
+    either, ``9`` does for 9.4)."""
     if hints.decimals is not None:
         return decimals >= hints.decimals
     if hints.significant is not None:
         return significant >= hints.significant
-    return True
+    return error <= abs(target) / 2
 
 
 def _rounded(value: Fraction, decimals: int) -> Fraction:
@@ -478,8 +483,7 @@ def _approximates(exact: _Value, approx: _Value, options: MathOptions, hints: Qu
     if hints.rounding and approx_is_answer and hints.decimals is not None and decimals > hints.decimals:
         # more digits than asked: right when it rounds to what the value rounds to at the decimals asked
         return _rounded(written, hints.decimals) == _rounded(Fraction(target), hints.decimals)
-    precise = not approx_is_answer or (_as_precise_as_asked(decimals, significant, hints) if hints.decimals is not None
-                                       or hints.significant is not None else error <= abs(target) / 2)
+    precise = not approx_is_answer or _as_precise_as_asked(decimals, significant, error, target, hints)
     rounded_as_asked = hints.rounding and rounded and precise
     if decimals == 0:  # an integer: "333" does not stand for 1000/3, unless the question asks for rounding
         return rounded_as_asked and not _is_integer(exact)
