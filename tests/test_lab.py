@@ -2976,44 +2976,41 @@ def test_an_unreadable_base_evaluation_is_made_again_on_resume(tmp_path, monkeyp
     assert json.loads(base_eval.read_text()) == whole
 
 
-def test_a_folder_is_not_continued_from_another_base_model_built_under_the_same_name(tmp_path, monkeypatch):
-    """The base model is cached by its settings alone: rebuilt on another kind of CPU (another cache, another node) it
+def test_a_moved_folder_continues_its_methods_but_not_from_another_base_model_built_under_the_same_name(
+        tmp_path, monkeypatch):
+    """Each method's config names the folder's data/train.jsonl by its absolute path: a folder renamed or moved still
+    continues a method left with a checkpoint and no final evaluation (its trainer resumes from the same prompts).
+
+    The base model is cached by its settings alone: rebuilt on another kind of CPU (another cache, another node) it
     has other weights under the same name, and continuing the folder would train new methods from it beside the base
     evaluation and methods of the first. Refused, naming the base model, with lab.json's record of the first kept."""
-    from safetensors.torch import load_file, save_file
-
-    _tiny_preset(monkeypatch, steps=1)
-    out, cache = tmp_path / "lab", tmp_path / "cache"
-    run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)
-    recorded = json.loads((out / "lab.json").read_text())
-    assert len(recorded["base_model_fingerprint"]) == 64
-    run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)  # the same base model: continues
-    (weights,) = cache.glob("lab/base-*/model.safetensors")
-    tensors = load_file(str(weights))
-    name = next(key for key, value in tensors.items() if value.dtype == torch.float32)
-    save_file({**tensors, name: tensors[name] + 0.05}, str(weights), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="its methods started from another base model than the one built for these "
-                                         "settings now"):
-        run_lab("tiny", methods=["grpo", "dapo"], out=out, workers=1, cache_dir=cache)
-    now = json.loads((out / "lab.json").read_text())
-    assert now["base_model_fingerprint"] == recorded["base_model_fingerprint"] and not (out / "methods" / "dapo").exists()
-
-
-def test_a_moved_folder_continues_its_methods(tmp_path, monkeypatch):
-    """Each method's config names the folder's data/train.jsonl by its absolute path: a folder renamed or moved still
-    continues a method left with a checkpoint and no final evaluation (its trainer resumes from the same prompts)."""
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     from entrorl.lab.runner import failed_methods
 
     _tiny_preset(monkeypatch, steps=2)
     first, cache = tmp_path / "lab-20260101-000000", tmp_path / "cache"
     run_lab("tiny", methods=["grpo"], out=first, workers=1, cache_dir=cache)
+    recorded = json.loads((first / "lab.json").read_text())
+    assert len(recorded["base_model_fingerprint"]) == 64
     (first / "methods" / "grpo" / "final_eval.json").unlink()  # cut off after its last checkpoint
     moved = tmp_path / "lab-seed0"
     shutil.move(str(first), str(moved))
-    run_lab("tiny", methods=["grpo"], out=moved, workers=1, cache_dir=cache)
+    run_lab("tiny", methods=["grpo"], out=moved, workers=1, cache_dir=cache)  # the same base model: continues
     assert failed_methods(moved) == [] and (moved / "methods" / "grpo" / "final_eval.json").is_file()
+
+    (weights,) = cache.glob("lab/base-*/model.safetensors")
+    tensors = load_file(str(weights))
+    name = next(key for key, value in tensors.items() if value.dtype == torch.float32)
+    save_file({**tensors, name: tensors[name] + 0.05}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="its methods started from another base model than the one built for these "
+                                         "settings now"):
+        run_lab("tiny", methods=["grpo", "dapo"], out=moved, workers=1, cache_dir=cache)
+    now = json.loads((moved / "lab.json").read_text())
+    assert now["base_model_fingerprint"] == recorded["base_model_fingerprint"]
+    assert not (moved / "methods" / "dapo").exists()
 
 
 def test_a_lab_worker_s_exit_now_message_names_the_laboratory_s_command(tmp_path, tiny_model_dir):
