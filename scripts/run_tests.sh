@@ -2,7 +2,8 @@
 # Runs the whole test suite (slow end-to-end tests included): tests/ in the project's virtual environment,
 # then tests/verl/ in the verl environment (.venv-verl, `make install-verl`), where verl must import:
 # ENTRORL_REQUIRE_VERL=1 turns a missing verl into a failure instead of a skip.
-# Arguments are passed to the first pytest run only; VERL_ONLY=1 runs just the verl tests.
+# Arguments are passed to the first pytest run only (which lists its 25 slowest tests); VERL_ONLY=1 runs just the
+# verl tests.
 # pytest exits 5 when it collected no test: that is neither a pass nor a test failure but a broken
 # test selection, so it is reported as such and fails the run.
 set -uo pipefail
@@ -24,7 +25,7 @@ run_pytest() {
 
 status=0
 if [ "${VERL_ONLY:-0}" != "1" ]; then
-    run_pytest main "$PYTHON" -m pytest --ignore=tests/verl "$@"
+    run_pytest main "$PYTHON" -m pytest --ignore=tests/verl --durations=25 "$@"
     status=$?
 fi
 if [ ! -x "$VERL_PYTHON" ]; then
