@@ -3226,6 +3226,27 @@ def test_a_string_setting_that_yaml_read_as_a_number_says_to_quote_it(tmp_path, 
     assert load_config(base, ["logging.name=12:30"]).logging.name == "12:30"  # text to YAML 1.2 (base 60 to YAML 1.1)
 
 
+def test_python_s_none_in_a_setting_says_that_yaml_writes_null(tmp_path, arithmetic_files):
+    """docs/configuration.md reads "None = no clipping" and the like; YAML takes None as text: a number or boolean
+    setting refuses it saying to write null, and a text setting given None by --set warns that it is the text."""
+    train, _ = arithmetic_files
+    base = make_config(tmp_path / "model", train, None)
+    for option, key in (("optim.grad_clip=None", "optim.grad_clip"), ("torch_threads=none", "torch_threads")):
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}: Input should be a valid (number|integer).*; YAML reads "
+                                              rf"None as text and writes no value as null \(or ~\): --set "
+                                              rf"{re.escape(key)}=null$"):
+            load_config(base, [option])
+    with pytest.raises(ConfigError, match=r"YAML reads None as text and writes no value as null \(or ~\)$"):
+        load_config({**base, "optim": {**base.get("optim", {}), "grad_clip": "None"}})
+    assert load_config(base, ["optim.grad_clip=null"]).optim.grad_clip is None
+    with pytest.warns(UserWarning, match=r"^--set logging.name=None: logging.name is the text 'None'; YAML writes no "
+                                         r"value as null \(--set logging.name=null\)$"):
+        assert load_config(base, ["logging.name=None"]).logging.name == "None"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(base, ['logging.name="None run"']).logging.name == "None run"
+
+
 def test_a_device_type_entrorl_does_not_run_on_is_refused_naming_model_device(tmp_path, arithmetic_files):
     """'meta', 'xpu', 'hpu' (any torch device type) passed the check, which looked for CUDA and MPS only: the model
     then loaded and the run died with a traceback deep inside (a meta tensor's .item(), a torch without XPU)."""
@@ -3331,6 +3352,15 @@ def test_a_fresh_run_refuses_a_directory_with_checkpoints_and_resume_survives_a_
     assert [record["step"] for record in read_metrics(run_dir)] == [1, 2]
     extended = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 3, "lr": 1e-3}, checkpoint={"every": 1}))
     Trainer(extended, run_dir=run_dir, resume=True).train()
+    assert [record["step"] for record in read_metrics(run_dir)] == [1, 2, 3]
+    # trainer states deleted to save room: the models are still the run's, and a fresh start would set them aside
+    # and replace its metrics.jsonl
+    for state in (run_dir / "checkpoints").glob("step_*/trainer.pt"):
+        state.unlink()
+    with pytest.raises(FileExistsError, match=r"holds another run's trained models in checkpoints that cannot be "
+                                              r"resumed \(step_000002: trainer.pt is missing; step_000003: trainer.pt "
+                                              r"is missing\): move them out of .*checkpoints, or choose another"):
+        Trainer(extended, run_dir=run_dir)
     assert [record["step"] for record in read_metrics(run_dir)] == [1, 2, 3]
 
 

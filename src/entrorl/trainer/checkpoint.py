@@ -771,6 +771,12 @@ def incomplete_checkpoints(run_dir: Path, *, verify: Verification | None = None)
     return found
 
 
+def checkpoints_with_a_model(run_dir: Path) -> list[Path]:
+    """The checkpoints of a run directory whose model (and adapters) are all there, oldest first, resumable or not: a
+    trainer state deleted to save room leaves a model that ``entrorl eval`` still reads."""
+    return _complete_checkpoints(Path(run_dir) / "checkpoints", _VERIFIED_PARTS["model"])
+
+
 def set_aside_checkpoints_after(run_dir: Path, step: int | None) -> list[Path]:
     """Move the checkpoints of steps after ``step`` (every one for ``None``, a fresh start) into
     ``checkpoints/passed_over/``, where no resume, evaluation or pruning looks; returns where each went.

@@ -826,7 +826,8 @@ def configuration_markdown() -> str:
              "file equal to the code). Set a key in the YAML or with `--set section.key=value` (a number picks an",
              "item of a list: `--set reward.extra.0.weight=0.5`); a key that is not",
              "listed is refused, with the valid names spelled most like it (or all of its section's when none is).",
-             "Defaults are written as YAML reads them (`null` is Python's None). `method` takes a method's name, a",
+             "Defaults are written as YAML reads them (`null` is Python's None: write `null` or `~`, since YAML reads",
+             "`None` as text). `method` takes a method's name, a",
              "composition or an objective (its keys are under `method` below): see the README's methods and",
              "`entrorl methods METHOD` for every parameter of one. A path (`model.path`, `data.train`, `data.eval`,",
              "`logging.run_dir`) may begin with `~`, the home folder, as in a shell. Numbers are read as YAML 1.2",
@@ -1208,6 +1209,9 @@ def _nearest_keys(loc: tuple) -> str:
     return f"; {near.rstrip()}" if near else f"; the keys here are {', '.join(keys)}"
 
 
+_PYTHON_NONE = ("None", "none")  # what a Python user writes for no value; YAML's is null or ~
+
+
 def _format_errors(error: ValidationError, source: str, given: dict[str, str] | None = None) -> str:
     """One line per problem, each naming its key. ``given``: the text of each ``--set`` value by its key, for a string
     setting that YAML read as a number or boolean (the hint to quote it shows the value as typed)."""
@@ -1232,6 +1236,10 @@ def _format_errors(error: ValidationError, source: str, given: dict[str, str] | 
             typed = (given or {}).get(location)
             hint = (f"; YAML read the value as a {kind}: put it in quotes as you wrote it"
                     + (f", --set '{location}=\"{typed.strip()}\"'" if typed is not None else " in the file"))
+        elif isinstance(item["input"], str) and item["input"].strip() in _PYTHON_NONE:
+            typed = (given or {}).get(location)
+            hint = ("; YAML reads None as text and writes no value as null (or ~)"
+                    + (f": --set {location}=null" if typed is not None else ""))
         lines.append(f"  {location}: {message}" + (f" (got {item['input']!r})" if shown else "") + hint)
     return f"invalid configuration in {source}:\n" + "\n".join(lines)
 
@@ -1265,7 +1273,13 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
     if overrides:  # the value a message names may come from either
         label += " with its --set options"
     try:
-        return TrainConfig.model_validate(data)  # not TrainConfig(**data): a key YAML read as a number or bool is named
+        config = TrainConfig.model_validate(data)  # not TrainConfig(**data): a key YAML read as a number or bool is named
     except ValidationError as error:
         typed = {".".join(parse_set_option(option)[0]): option.split("=", 1)[1] for option in overrides or []}
         raise ConfigError(_format_errors(error, label, typed)) from None
+    for option in overrides or []:
+        key, raw = option.split("=", 1)
+        if raw.strip() in _PYTHON_NONE:  # a text setting took it: the run directory named None, a file named None
+            warnings.warn(f"--set {option}: {key.strip()} is the text {raw.strip()!r}; YAML writes no value as null "
+                          f"(--set {key.strip()}=null)", stacklevel=2)
+    return config

@@ -63,6 +63,7 @@ from entrorl.trainer.checkpoint import (
     atomic_write_text,
     capture_rng_state,
     checkpoint_step,
+    checkpoints_with_a_model,
     incomplete_checkpoints,
     latest_checkpoint,
     load_trainer_state,
@@ -284,6 +285,12 @@ class Trainer:
         if not resume and checkpoint is not None:  # a fresh run here would prune that run's checkpoints
             raise FileExistsError(f"{self.run_dir} holds another run's checkpoints (latest: {checkpoint.name}); pass "
                                   "--resume to continue it, or choose another --run-dir / logging.name")
+        if not resume and (models := checkpoints_with_a_model(self.run_dir)):  # and replace its metrics.jsonl
+            missing = dict(incomplete_checkpoints(self.run_dir))
+            raise FileExistsError(
+                f"{self.run_dir} holds another run's trained models in checkpoints that cannot be resumed ("
+                + "; ".join(f"{path.name}: {missing[path]}" for path in models)
+                + f"): move them out of {self.run_dir / 'checkpoints'}, or choose another --run-dir / logging.name")
         saved_state = load_trainer_state(checkpoint) if resume else None  # an unreadable checkpoint fails here, early
         self.resumed_from = checkpoint if resume else None
         self.needs_reference = config.needs_reference()
