@@ -3846,6 +3846,30 @@ def test_resume_of_a_finished_run_whose_last_checkpoint_is_damaged_redoes_its_st
     assert [path.name for path in (checkpoints / "passed_over").iterdir()] == ["step_000002"]
 
 
+def test_a_resume_through_the_command_reads_each_file_of_its_checkpoint_once(tmp_path, tiny_model_dir, arithmetic_files,
+                                                                           monkeypatch):
+    """Checking a checkpoint's CRC-32 reads all of it (about half a second per GB): the command's finished-run check
+    and the trainer's resume each did, for every resume. Now the command reads it only when the run looks finished."""
+    from collections import Counter
+
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+    from entrorl.trainer import checkpoint
+
+    config, run_dir = run_with_a_checkpoint_per_step(tmp_path, tiny_model_dir, arithmetic_files[0], steps=2)
+    yaml_config = write_config(tmp_path / "run.yaml", config.model_dump(mode="json"))
+    reads, real_crc32 = Counter(), checkpoint._crc32
+    monkeypatch.setattr(checkpoint, "_crc32", lambda path: reads.update([Path(path)]) or real_crc32(path))
+    resumed = run_dir / "checkpoints" / "step_000002"
+    for steps, said in ((2, "nothing to do"), (3, "done")):
+        reads.clear()
+        result = CliRunner().invoke(app, ["train", str(yaml_config), "--run-dir", str(run_dir), "--resume", "--set",
+                                          "logging.progress=false", "--set", f"optim.steps={steps}"])
+        assert result.exit_code == 0 and said in result.output, result.output
+        assert reads[resumed / "trainer.pt"] == reads[resumed / "model" / "model.safetensors"] == 1, reads
+
+
 def prune_step_2_while_it_loads(checkpoints: Path, monkeypatch, part: str) -> list[Path]:
     """Make the first model load find step 2 pruned, as a training run that writes step 3 and prunes step 2 does; the
     ``part`` (``weights``, ``adapters``) of each load is appended to the list returned."""

@@ -107,7 +107,9 @@ def train(
         _fail("--resume needs the run directory: pass --run-dir or set logging.name")
     if resume:  # a finished run is left as it is, without loading anything
         directory = run_dir if run_dir is not None else Path(train_config.logging.run_dir) / train_config.logging.name
-        latest = latest_checkpoint(directory, verify="all")  # a damaged last step is redone, as the trainer would
+        latest = latest_checkpoint(directory)  # its files' CRC-32 read once: here when finished, else by the trainer
+        if latest is not None and checkpoint_step(latest) >= train_config.optim.steps:
+            latest = latest_checkpoint(directory, verify="all")  # a damaged last step is redone, as the trainer would
         if latest is not None and checkpoint_step(latest) >= train_config.optim.steps:
             saved_config = _read_json_object(directory / "config.json")  # that of the run's latest start
             if saved_config is not None:
