@@ -471,7 +471,11 @@ def test_registered_as_judge_and_options_are_validated(tmp_path, tiny_model_dir)
         ({"judge": str(tmp_path)}, "no config.json"),
         ({"judge": "no_such_module_xyz:judge"}, "cannot import"),
         ({"judge": str(tiny_model_dir), "template": "{prompt} {oops}"}, "only use the fields"),
-        ({"judge": str(tiny_model_dir), "template": "{prompt}"}, "must contain '{completion}'"),
+        ({"judge": str(tiny_model_dir), "template": "{prompt}"}, "must contain the field '{completion}'$"),
+        # escaped, it is text once filled in: the judge would not see the completion, every sample the same score
+        ({"judge": str(tiny_model_dir), "template": "{prompt} {{completion}}"},
+         r"must contain the field '\{completion\}' \('\{\{completion\}\}' is the text '\{completion\}' once filled in\)$"),
+        ({"judge": str(tiny_model_dir), "template": "{prompt} {completion.x}"}, "only use the fields"),
         ({"judge": str(tiny_model_dir), "kind": "classifier"}, "kind must be one of"),
         ({"judge": str(tiny_model_dir), "colour": "red"}, r"unknown judge option\(s\) \['colour'\]; the judge's "
          r"options: judge, judge_id, .*cache_path and, for a model directory, kind, template, yes, no, label, "

@@ -152,6 +152,24 @@ def test_extract_code_finds_no_program_in_blank_text_a_truncated_fence_or_a_non_
     assert extract_code(None) is None
 
 
+def test_extract_code_reads_the_answer_after_thinking_not_a_draft_written_while_thinking():
+    """After ``</think>`` only the answer's text is read (a tagged draft inside the reasoning does not beat the
+    answer's untagged block, nor stand in for a missing one); a ``<think>`` never closed, a completion cut off while
+    reasoning, has no program."""
+    draft = "<think>\nFirst try:\n```python\nprint('draft')\n```\nWait, that is wrong.\n"
+    assert extract_code(draft + "</think>\nFinal:\n```\nprint('answer')\n```") == "print('answer')\n"
+    assert extract_code(draft + "</think>\nThe answer is above.") is None
+    assert extract_code(draft + "Let me check the constraints again and") is None
+    assert extract_code(draft + "and", allow_unfenced=True) is None
+    # a chat template that opened the reasoning in the prompt: the completion holds only its end
+    assert extract_code("```python\nprint('draft')\n```\n</think>\n```python\nprint(2)\n```") == "print(2)\n"
+    assert extract_code("</think>print(3)", allow_unfenced=True) == "print(3)"
+    verdict = reward()("add", draft + "</think>\n```python\nprint(sum(map(int, input().split())))\n```", ADD_TESTS)
+    assert verdict == 1.0, verdict.reason
+    verdict = reward()("add", "<think>\n```python\nprint(sum(map(int, input().split())))\n```\nHmm", ADD_TESTS)
+    assert (float(verdict), verdict.status) == (0.0, "no_code")
+
+
 def test_parse_tests_accepts_every_documented_form():
     as_cases = parse_tests(ADD_TESTS)
     assert [(t.kind, t.input, t.expected) for t in as_cases] == [("stdin", "1 2\n", "3\n"), ("stdin", "10 -4\n", "6\n")]
@@ -639,6 +657,32 @@ def test_function_call_programs_get_typing_s_names_as_leetcode_s_starter_code_ex
                     seen[x] = i
     """)
     assert reward()("two sum", program, {"fn_name": "twoSum", "cases": TWO_SUM_CASES}) == 1.0
+
+
+def test_a_function_call_program_may_begin_with_a_future_import():
+    """typing's names are given to the program's namespace before it runs, not written above its source, where
+    ``from __future__`` imports must come first (a SyntaxError otherwise)."""
+    program = fenced("""
+        \"\"\"Two sum.\"\"\"
+        from __future__ import annotations
+
+        class Solution:
+            def twoSum(self, nums: List[int], target: int) -> List[int]:
+                seen = {}
+                for i, x in enumerate(nums):
+                    if target - x in seen:
+                        return [seen[target - x], i]
+                    seen[x] = i
+    """)
+    verdict = reward()("two sum", program, {"fn_name": "twoSum", "cases": TWO_SUM_CASES})
+    assert verdict == 1.0, verdict.reason
+    add = fenced("from __future__ import annotations\n\ndef add(a: int, b: int) -> int:\n    return a + b")
+    verdict = reward()("add", add, {"fn_name": "add", "inputs": [[1, 2], [5, 6]], "outputs": [3, 11]})
+    assert verdict == 1.0, verdict.reason
+    # the line numbers a traceback gives are the program's own
+    verdict = reward()("add", fenced("def add(a, b):\n    raise KeyError(a)"), {"fn_name": "add", "inputs": [[1, 2]],
+                                                                            "outputs": [3]})
+    assert verdict.status == "runtime_error" and 'solution.py", line 2' not in verdict.reason
 
 
 def test_each_function_call_gets_fresh_arguments():
@@ -1738,6 +1782,32 @@ def test_the_stderr_tail_is_the_end_of_a_long_standard_error():
     assert run.stderr_tail.endswith("the last words\n") and len(run.stderr_tail) <= 2000
 
 
+def test_each_case_s_standard_error_has_the_file_size_limit_to_itself():
+    """0.4 MB of standard error per case, under max_file_mb = 1 MB: five cases pass, as five runs of the script
+    would (one file for the whole run made the third fail with 'File too large'); the tail is the last case's."""
+    cases = {"cases": [{"input": f"{i} {i}\n", "output": f"{2 * i}\n"} for i in range(5)]}
+    program = fenced("import sys\na, b = map(int, input().split())\nsys.stderr.write('debug ' * 70000 + str(a))\n"
+                     "print(a + b)")
+    verdict = reward(max_file_mb=1)("p", program, cases)
+    assert (float(verdict), verdict.status) == (1.0, "passed"), verdict.reason
+    run = run_in_sandbox("import sys\nsys.stderr.write('case ' + input())", [SandboxCase("stdin", "0"),
+                                                                            SandboxCase("stdin", "1")])
+    assert run.stderr_tail == "case 1"
+
+
+def test_a_program_that_cannot_be_compiled_in_time_or_at_all_says_so():
+    """Compiling runs before the first case: past the time limit that case timed out (not 'not run ... after an
+    earlier case', a status no step's shares count); nested too deep for the compiler it is a syntax error, not a
+    crash between cases."""
+    table = "T = [" + ",".join(str(i * 7919 % 100003) for i in range(400_000)) + "]\nprint(1)"
+    verdict = reward(time_limit=0.1)("p", fenced(table), {"cases": [{"input": "", "output": "1"}] * 2})
+    assert verdict.status == "timeout" and verdict.status in CodeReward.statuses
+    assert verdict.reason.startswith("timeout: case 0: compiling the program ran past the 0.1 s time limit"), \
+        verdict.reason
+    verdict = reward()("p", fenced("x = " + "1+" * 200_000 + "1\nprint(1)"), {"cases": [{"input": "", "output": "1"}]})
+    assert verdict.status == "syntax_error" and "RecursionError" in verdict.reason, verdict.reason
+
+
 def test_a_link_inside_the_folder_to_anywhere_is_allowed():
     """Only a link's own name is a write; what it points at is not (a link to /usr/lib inside the folder is harmless,
     since the parent never follows links)."""
@@ -1823,6 +1893,8 @@ def test_sandbox_limits_accept_their_smallest_values_and_cases_are_checked():
         run_in_sandbox("print(1)", [("stdin", "")])
     with pytest.raises(TypeError, match="program must be a string, got bytes"):
         run_in_sandbox(b"print(1)", stdin_cases())
+    with pytest.raises(TypeError, match="preamble must be a string, got NoneType"):
+        run_in_sandbox("print(1)", stdin_cases(), preamble=None)
 
 
 def test_a_code_verdict_survives_pickle_and_copy_with_everything_it_says():

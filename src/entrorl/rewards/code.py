@@ -98,6 +98,7 @@ _VIOLATION_STATUS = {
 }
 
 _PYTHON_TAGS = ("python", "py", "python3")
+_THINK_START, _THINK_END = "<think>", "</think>"
 _FENCE_RE = re.compile(r"^([ \t]*)```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)^[ \t]*```", re.DOTALL | re.MULTILINE)
 
 
@@ -119,10 +120,19 @@ def extract_code(
     """The program in ``completion``: the ``which`` (``"last"`` or ``"first"``) complete fenced block
     whose language tag is in ``languages`` (case-insensitive; one string is one tag); without one, the ``which``
     untagged fenced block; without one, the whole completion when ``allow_unfenced`` (else None). An
-    unclosed fence (a truncated completion) does not count. Blank programs are None."""
+    unclosed fence (a truncated completion) does not count. Blank programs are None.
+
+    A draft written while thinking is not the program: after a reasoning block closed by ``</think>`` only the text
+    after the last ``</think>`` is read, and a ``<think>`` never closed (a completion cut off while reasoning) has
+    no program."""
     if which not in ("last", "first"):
         raise ValueError(f"which must be 'last' or 'first', got {which!r}")
     if not isinstance(completion, str):
+        return None
+    closed = completion.rfind(_THINK_END)
+    if closed >= 0:
+        completion = completion[closed + len(_THINK_END):]
+    elif _THINK_START in completion:
         return None
     wanted = {language.casefold() for language in ((languages,) if isinstance(languages, str) else languages)}
     tagged, untagged = [], []
@@ -629,9 +639,9 @@ class CodeReward:
         )
         if program is None:
             return CodeVerdict(0.0, "no_code", "no_code: no fenced Python block in the completion", total=len(tests))
-        if any(test.function for test in tests):
-            program = _FUNCTION_CALL_PRELUDE + program
-        run = run_in_sandbox(program, [test.to_sandbox() for test in tests], options.limits(), stop=stop)
+        preamble = _FUNCTION_CALL_PRELUDE if any(test.function for test in tests) else ""
+        run = run_in_sandbox(program, [test.to_sandbox() for test in tests], options.limits(), stop=stop,
+                             preamble=preamble)
         return judge_run(tests, run, options.compare)
 
     def score(self, prompt: str, completion: str, answer: Any, /, **meta: Any) -> float:

@@ -48,6 +48,7 @@ import math
 import numbers
 import os
 import sqlite3
+import string
 import threading
 import time
 import traceback
@@ -266,12 +267,14 @@ def _check_template(template: Any) -> str:
         raise ValueError(f"template must be a string, got {type(template).__name__}")
     try:
         template.format(prompt="", completion="", answer="")
-    except (KeyError, IndexError, ValueError) as error:
+    except (KeyError, IndexError, ValueError, AttributeError) as error:
         raise ValueError(
             f"template may only use the fields {{prompt}}, {{completion}} and {{answer}} (double other braces): {error!r}"
         ) from None
-    if "{completion}" not in template:
-        raise ValueError("template must contain '{completion}'")
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    if "completion" not in fields:  # ("{{completion}}" is the text "{completion}": the judge would not see it)
+        raise ValueError("template must contain the field '{completion}'" + (
+            " ('{{completion}}' is the text '{completion}' once filled in)" if "{{completion}}" in template else ""))
     return template
 
 

@@ -217,7 +217,7 @@ class SandboxRun:
     ``"process"``, ``"proc_read"`` or ``"ctypes"``); ``isolation`` names the active layers;
     ``seconds`` is the wall-clock time of the whole run; ``uid`` and ``marker`` identify the run's
     processes (for inspection by tests and tools); ``stderr_tail`` is the end of the program's
-    standard error.
+    standard error in the last case it ran (each case's starts empty).
     """
 
     outcomes: list[CaseOutcome]
@@ -535,12 +535,13 @@ def attach_standard_streams(input_path, output_path, output_flags):
     return sys.stdout
 
 
-def fresh_program_namespace(name):
+def fresh_program_namespace(name, preamble=None):
     """A new, empty module ``name`` for the program (not the harness's own globals): ``__main__`` for a script,
     ``solution`` for a program whose functions the asserts call, whose ``if __name__ == "__main__":`` block must not
     run (as in HumanEval's, MBPP's, APPS's and LiveCodeBench's own checks). What the previous case left to the
     collector (objects its exception's traceback kept alive) is collected first: a file on descriptor 0 among them
-    must close it before this case's input takes it, not after."""
+    must close it before this case's input takes it, not after. ``preamble`` (compiled) is run in it first: the names
+    it defines are there for the program, whose own first lines (``from __future__`` imports) stay first."""
     module = types.ModuleType(name)
     module.__builtins__ = builtins
     module.__file__ = "solution.py"
@@ -548,6 +549,8 @@ def fresh_program_namespace(name):
     sys.modules["__main__"] = module if name == "__main__" else types.ModuleType("__main__")
     sys.modules[name] = module
     gc.collect()
+    if preamble is not None:
+        exec(preamble, module.__dict__)
     return module.__dict__
 
 
@@ -603,7 +606,7 @@ def end_as_a_script_ends(namespace, output):
 def run_case(index, case, state):
     kind, text = case["kind"], case["text"]
     if kind == "stdin":
-        namespace = fresh_program_namespace("__main__")
+        namespace = fresh_program_namespace("__main__", state["preamble"])
         output = attach_standard_streams(os.path.join(WORKDIR, "case%d.in" % index),
                                          os.path.join(WORKDIR, "case%d.out" % index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
@@ -615,7 +618,7 @@ def run_case(index, case, state):
                 attach_standard_streams(os.devnull, os.devnull, os.O_WRONLY)
         return
     if "namespace" not in state:  # assert cases: run the program once, before the first of them
-        state["namespace"] = fresh_program_namespace("solution")
+        state["namespace"] = fresh_program_namespace("solution", state["preamble"])
         state["program_exception"] = None
         try:
             exec(state["code"], state["namespace"])
@@ -638,7 +641,7 @@ def main():
     isolation = kernel_isolation()
     set_limits(isolation)
     os.chdir(WORKDIR)
-    source, cases = CONFIG.pop("program"), CONFIG.pop("cases")
+    source, preamble, cases = CONFIG.pop("program"), CONFIG.pop("preamble"), CONFIG.pop("cases")
     attach_standard_streams(os.devnull, os.devnull, os.O_WRONLY)
     if CONFIG["audit_hook"]:
         install_audit_hook()
@@ -646,11 +649,17 @@ def main():
     send({"event": "ready", "isolation": isolation})
     try:
         code = compile(source, "solution.py", "exec")
-    except (SyntaxError, ValueError) as exc:
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:  # (nested too deep, too large to compile)
         send({"event": "syntax_error", "detail": describe(exc)})
         return
-    state = {"code": code}
+    state = {"code": code, "preamble": compile(preamble, "preamble.py", "exec") if preamble else None}
     for index in range(CONFIG["first_case"], len(cases)):
+        try:  # each case's standard error starts empty, under the file size limit of its own, as a script's would
+            if sys.stderr is not None:
+                sys.stderr.flush()  # what the case before left in the buffer
+            os.ftruncate(2, 0)
+        except Exception:  # the program closed or replaced sys.stderr or descriptor 2
+            pass
         send({"event": "start", "case": index})
         started = time.monotonic()
         status, error = "ok", None
@@ -986,7 +995,7 @@ class _Attempt:
         self.run = run
         self.cases = cases
         self.limits = limits
-        self.next_case = first_case
+        self.first_case = self.next_case = first_case
         self.hard_deadline = hard_deadline
         self.buffer = b""
         self.received = 0
@@ -1052,6 +1061,12 @@ class _Attempt:
             self.run.outcomes[self.current] = CaseOutcome(
                 "timeout", f"ran past the {self.limits.time_limit:g} s time limit", seconds=now - self.case_started
             )
+        elif not self.done and self.run.syntax_error is None and self.next_case < len(self.cases):
+            # before the case started: the program's compilation (it runs before the first case of each attempt)
+            self.run.outcomes[self.next_case] = CaseOutcome(
+                "timeout", f"compiling the program ran past the {self.limits.time_limit:g} s time limit"
+                if self.next_case == self.first_case else
+                f"ran past the {self.limits.time_limit:g} s time limit before the case started")
 
     def child_exited(self, exit_status: int, first_case: int, stderr_path: str) -> int | None:
         """The child ended: attribute its death to the case in progress; the case to resume from.
@@ -1086,17 +1101,21 @@ def unsupported_system_reason() -> str | None:
 
 
 def run_in_sandbox(
-    program: str, cases: Sequence[SandboxCase], limits: SandboxLimits | None = None, *, stop: threading.Event | None = None
+    program: str, cases: Sequence[SandboxCase], limits: SandboxLimits | None = None, *, stop: threading.Event | None = None,
+    preamble: str = "",
 ) -> SandboxRun:
-    """Run ``program`` (Python source) on every case of ``cases`` under ``limits``; see the module doc.
+    """Run ``program`` (Python source) on every case of ``cases`` under ``limits``; see the module doc. ``preamble``
+    (Python source) runs in the program's namespace before it, each time the program runs: names a judge gives the
+    program without its importing them (LeetCode's ``List``).
 
     Never raises because of what the program does; raises :class:`SandboxError` (or ``OSError``) when
     the sandbox itself cannot be set up or its interpreter does not start, and ``ValueError`` /
     ``TypeError`` for bad arguments. Setting ``stop`` (from another thread: an interrupted batch) kills the program
     within a twentieth of a second and raises :class:`SandboxError`.
     """
-    if not isinstance(program, str):
-        raise TypeError(f"program must be a string, got {type(program).__name__}")
+    for name, text in (("program", program), ("preamble", preamble)):
+        if not isinstance(text, str):
+            raise TypeError(f"{name} must be a string, got {type(text).__name__}")
     reason = unsupported_system_reason()
     if reason is not None:
         raise SandboxError(reason)
@@ -1122,7 +1141,7 @@ def run_in_sandbox(
         stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         # every attempt's start-up, and for each case its run and the pause after it, at most: whatever the messages
         hard_deadline = started + (len(cases) + 1) * limits.startup_time + (2 * len(cases) + 1) * limits.time_limit
-        context = _RunContext(python, uid, workdir, marker, program, cases, processes, limits, run, stderr_fd,
+        context = _RunContext(python, uid, workdir, marker, program, preamble, cases, processes, limits, run, stderr_fd,
                               stderr_path, hard_deadline, stop)
         first_case = 0
         strays = 0
@@ -1177,6 +1196,7 @@ class _RunContext:
     workdir: str
     marker: str
     program: str
+    preamble: str
     cases: Sequence[SandboxCase]
     processes: int | None  # the RLIMIT_NPROC to set, None for none
     limits: SandboxLimits
@@ -1212,6 +1232,7 @@ def _run_attempt(context: _RunContext, first_case: int) -> _AttemptResult:
         "result_fd": write_fd,
         "workdir": workdir,
         "program": context.program,
+        "preamble": context.preamble,
         "cases": [{"kind": case.kind, "text": "" if case.kind == "stdin" else case.text} for case in cases],
         "first_case": first_case,
         "network_namespace": limits.network_namespace,
