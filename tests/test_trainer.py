@@ -62,6 +62,22 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
                           env=env)
 
 
+def invoke_cli(*args: str) -> subprocess.CompletedProcess:
+    """:func:`run_cli` in this process (no interpreter start, no imports again): the command's exit status, standard
+    output and standard error, with the traceback of an exception the command did not turn into an exit status."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from entrorl.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
+
+
 # a reward that varies between the samples of a random-init model (0 or 1 by the completion's characters)
 PARITY_REWARD = "def score(prompt, completion, answer, **meta):\n    return float(sum(map(ord, completion)) % 2)\n"
 
@@ -3021,21 +3037,21 @@ def test_cli_resume_of_a_finished_run_and_unloadable_model_directories(tmp_path,
     train, held_out = arithmetic_files
     config = write_config(tmp_path / "run.yaml", make_config(tiny_model_dir, train, None, optim={"steps": 1, "lr": 1e-3}))
     run_dir = tmp_path / "run"
-    assert run_cli("train", str(config), "--run-dir", str(run_dir)).returncode == 0
+    assert invoke_cli("train", str(config), "--run-dir", str(run_dir)).returncode == 0
     before = (run_dir / "config.json").read_text()
-    again = run_cli("train", str(config), "--run-dir", str(run_dir), "--resume", "--set", "optim.steps=1",
-                    "--set", "optim.lr=0.5")
+    again = invoke_cli("train", str(config), "--run-dir", str(run_dir), "--resume", "--set", "optim.steps=1",
+                       "--set", "optim.lr=0.5")
     assert again.returncode == 0 and "already at step 1 of optim.steps = 1: nothing to do" in again.stderr
     assert (run_dir / "config.json").read_text() == before
     # what a resume may not change is refused on a finished run too (not "nothing to do" and status 0)
-    changed = run_cli("train", str(config), "--run-dir", str(run_dir), "--resume", "--set", "seed=1")
+    changed = invoke_cli("train", str(config), "--run-dir", str(run_dir), "--resume", "--set", "seed=1")
     said = " ".join(changed.stderr.split())
     assert changed.returncode == 2 and "--resume cannot change what the run was trained with: seed: 7 in the " \
         "checkpoint, 1 now" in said and "nothing to do" not in said, changed.stderr
     # a file where the run puts one of its folders (samples/) is named before the model loads, not after a step
     (run_dir / "samples").write_text("in the way")
-    blocked = run_cli("train", str(config), "--run-dir", str(run_dir), "--resume", "--set", "optim.steps=2",
-                      "--set", "logging.samples_every=1")
+    blocked = invoke_cli("train", str(config), "--run-dir", str(run_dir), "--resume", "--set", "optim.steps=2",
+                         "--set", "logging.samples_every=1")
     assert blocked.returncode != 0 and "Traceback" not in blocked.stderr, blocked.stderr
     assert f"cannot hold the run's samples/: {run_dir / 'samples'} is a file, not a folder" in " ".join(
         blocked.stderr.split()), blocked.stderr
@@ -3047,7 +3063,7 @@ def test_cli_resume_of_a_finished_run_and_unloadable_model_directories(tmp_path,
     for command in (["eval", "--model", str(no_weights), "--data", str(held_out), "--n", "2", "--reward", "exact_match"],
                     ["train", str(write_config(tmp_path / "bad.yaml", make_config(no_weights, train, None))),
                      "--run-dir", str(tmp_path / "bad-run")]):
-        result = run_cli(*command)
+        result = invoke_cli(*command)
         assert result.returncode == 2 and "has no weights" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "bad-run").exists()  # a run that could not start leaves no directory behind
     # a seed torch.manual_seed cannot take is refused with the options, not after the model has loaded
@@ -4550,8 +4566,8 @@ def test_one_meta_column_can_be_named_alone_as_one_lora_module_can():
 def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     _, held_out = arithmetic_files
     out = tmp_path / "eval.json"
-    result = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "4", "--k", "1,2,4",
-                     "--reward", "exact_match", "--max-new-tokens", "4", "--out", str(out))
+    result = invoke_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "4", "--k", "1,2,4",
+                        "--reward", "exact_match", "--max-new-tokens", "4", "--out", str(out))
     assert result.returncode == 0, result.stderr
     summary = json.loads(out.read_text())
     assert summary["n_problems"] == 8 and set(summary["pass_at_k"]) == {"1", "2", "4"}
@@ -4562,13 +4578,13 @@ def test_cli_eval_and_methods(tmp_path, tiny_model_dir, arithmetic_files):
     # not a terminal, and no width asked for: the option names must still be whole
     help_text = run_cli("eval", "--help", env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}).stdout
     assert all(option in help_text for option in ("--max-new-tokens", "--correct-threshold", "--no-require-answer"))
-    methods = run_cli("methods", "--json")
+    methods = invoke_cli("methods", "--json")
     assert methods.returncode == 0 and {m["name"] for m in json.loads(methods.stdout)} >= {"clip_b", "kl_cov", "forking_tokens"}
     table = run_cli("methods", env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}).stdout
     assert all(f"│ {name} " in table for name in ("adaptive_entropy", "entropy_advantage", "forking_tokens"))  # whole, piped
     (dr_grpo,) = [line for line in table.splitlines() if line.startswith("│ dr_grpo ")]
     assert "loss aggregation" in table and "│ seq-mean-token-sum-norm │" in dr_grpo
-    too_big = run_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "4")
+    too_big = invoke_cli("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "2", "--k", "4")
     assert too_big.returncode == 2 and "exceeds --n" in too_big.stderr
 
 
@@ -4704,7 +4720,7 @@ def test_cli_eval_writes_every_sample_it_scored(tmp_path, tiny_model_dir, arithm
     samples, out = tmp_path / "deep" / "samples.jsonl", tmp_path / "eval.json"
     base = ("eval", "--model", str(tiny_model_dir), "--data", str(held_out), "--n", "3", "--k", "1,3", "--reward",
             "exact_match", "--max-new-tokens", "5")
-    result = run_cli(*base, "--samples", str(samples), "--out", str(out), "--batch-size", "5")
+    result = invoke_cli(*base, "--samples", str(samples), "--out", str(out), "--batch-size", "5")
     assert result.returncode == 0, result.stderr
     summary = json.loads(out.read_text())
     lines = [json.loads(line) for line in samples.read_text().splitlines()]
@@ -4725,10 +4741,10 @@ def test_cli_eval_writes_every_sample_it_scored(tmp_path, tiny_model_dir, arithm
             (("--samples", str(out), "--out", str(out)), f"--samples {out} is --out"),
             (("--samples", str(held_out)), f"--samples {held_out} is --data"),  # the prompts would be overwritten
             (("--out", str(out), "--samples", str(tmp_path / "eval.reward_errors.log")), "is the reward errors' log of --out")):
-        refused = run_cli(*base, *clash)
+        refused = invoke_cli(*base, *clash)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
     assert len(held_out.read_text().splitlines()) == 8
-    directory = run_cli(*base, "--samples", str(tmp_path))
+    directory = invoke_cli(*base, "--samples", str(tmp_path))
     assert directory.returncode == 2 and "--samples" in directory.stderr and "is a directory" in directory.stderr
 
 
@@ -4873,7 +4889,7 @@ def test_cli_writes_reasoning_gym_data_the_reward_scores(tmp_path):
     from entrorl.rewards import RewardRunner, get_reward
 
     arithmetic = tmp_path / "arithmetic.jsonl"
-    result = run_cli("data", "reasoning-gym", "basic_arithmetic", "--size", "3", "--seed", "1", "--out", str(arithmetic))
+    result = invoke_cli("data", "reasoning-gym", "basic_arithmetic", "--size", "3", "--seed", "1", "--out", str(arithmetic))
     assert result.returncode == 0, result.stderr
     records = load_prompts(arithmetic)
     assert len(records) == 3 and all(record.meta["task"] == "basic_arithmetic" for record in records)
@@ -4881,12 +4897,12 @@ def test_cli_writes_reasoning_gym_data_the_reward_scores(tmp_path):
                                                        [r.answer for r in records], [r.meta for r in records])
     assert scored.errors == 0 and scored.correct.all()
     colouring = tmp_path / "colouring.jsonl"
-    result = run_cli("data", "reasoning-gym", "graph_color", "--size", "2", "--out", str(colouring))
+    result = invoke_cli("data", "reasoning-gym", "graph_color", "--size", "2", "--out", str(colouring))
     assert result.returncode == 0 and "require_answer" in result.stderr, result.stderr
     with pytest.raises(DataError, match="data.require_answer: false"):
         load_prompts(colouring)
     assert [record.answer for record in load_prompts(colouring, require_answer=False)] == [None, None]
-    table = run_cli("data", "reasoning-gym", "basic_arithmetic", "--size", "3", "--out", str(tmp_path / "arithmetic.csv"))
+    table = invoke_cli("data", "reasoning-gym", "basic_arithmetic", "--size", "3", "--out", str(tmp_path / "arithmetic.csv"))
     assert table.returncode == 2 and "must end in .jsonl" in table.stderr and not (tmp_path / "arithmetic.csv").exists()
 
 
@@ -4916,24 +4932,24 @@ def test_cli_eval_of_a_run_samples_with_the_run_s_prompt_format(tmp_path, tiny_m
     Trainer(config, run_dir=tmp_path / "run").train()
     base = ("eval", "--data", str(held_out), "--n", "2", "--k", "1", "--reward", "exact_match", "--max-new-tokens", "3")
     for model in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_000001" / "model"):
-        result = run_cli(*base, "--model", str(model))
+        result = invoke_cli(*base, "--model", str(model))
         assert result.returncode == 0, result.stderr
         settings = json.loads(result.stdout)["settings"]
         assert (settings["prompt_template"], settings["chat_template"]) == ("Q {prompt}", False)
         assert "data.prompt_template = 'Q {prompt}'" in result.stderr and "model.chat_template = false" in result.stderr
         assert settings["max_new_tokens"] == 3 and "rollout.max_new_tokens" not in result.stderr
-    followed = run_cli(*base[:-2], "--model", str(tmp_path / "run"))
+    followed = invoke_cli(*base[:-2], "--model", str(tmp_path / "run"))
     assert followed.returncode == 0, followed.stderr
     assert json.loads(followed.stdout)["settings"]["max_new_tokens"] == 6 and "rollout.max_new_tokens = 6" in followed.stderr
-    given = run_cli(*base, "--model", str(tmp_path / "run"), "--prompt-template", "{prompt}")
+    given = invoke_cli(*base, "--model", str(tmp_path / "run"), "--prompt-template", "{prompt}")
     assert given.returncode == 0, given.stderr
     assert json.loads(given.stdout)["settings"]["prompt_template"] == "{prompt}"
     assert "data.prompt_template" not in given.stderr and "model.chat_template = false" in given.stderr
-    own_reward = run_cli("eval", "--data", str(held_out), "--n", "1", "--max-new-tokens", "3", "--model", str(tmp_path / "run"))
+    own_reward = invoke_cli("eval", "--data", str(held_out), "--n", "1", "--max-new-tokens", "3", "--model", str(tmp_path / "run"))
     assert own_reward.returncode == 0, own_reward.stderr  # no --reward: the run's (exact_match), not math
     assert json.loads(own_reward.stdout)["settings"]["reward"] == "exact_match"
     assert "reward.name = 'exact_match'" in " ".join(own_reward.stderr.split())
-    plain = run_cli(*base, "--model", str(tiny_model_dir))  # a model directory: no run to follow
+    plain = invoke_cli(*base, "--model", str(tiny_model_dir))  # a model directory: no run to follow
     assert plain.returncode == 0 and "settings of the run" not in plain.stderr, plain.stderr
     assert json.loads(plain.stdout)["settings"]["prompt_template"] == "{prompt}"
 
@@ -5232,8 +5248,8 @@ def test_cli_eval_names_a_damaged_weight_or_tokenizer_file(tmp_path, tiny_model_
         damaged = tmp_path / f"damaged-{case}"
         shutil.copytree(tiny_model_dir, damaged)
         (damaged / name).write_bytes(content)
-        result = run_cli("eval", "--model", str(damaged), "--data", str(held_out), "--n", "2", "--k", "1",
-                         "--reward", "exact_match", "--max-new-tokens", "3")
+        result = invoke_cli("eval", "--model", str(damaged), "--data", str(held_out), "--n", "2", "--k", "1",
+                            "--reward", "exact_match", "--max-new-tokens", "3")
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 

@@ -833,7 +833,7 @@ def test_cli_eval_samples_the_adapted_model(tmp_path, tiny_model_dir, arithmetic
     import json
     import shutil
 
-    from test_trainer import run_cli
+    from test_trainer import invoke_cli
 
     from entrorl.trainer.adapters import LoraAdapter
 
@@ -848,8 +848,8 @@ def test_cli_eval_samples_the_adapted_model(tmp_path, tiny_model_dir, arithmetic
 
     def completions(*model: str) -> list[str]:
         samples = tmp_path / "samples.jsonl"
-        result = run_cli("eval", *model, "--data", str(held_out), "--n", "2", "--reward", "exact_match",
-                         "--max-new-tokens", "6", "--out", str(tmp_path / "eval.json"), "--samples", str(samples))
+        result = invoke_cli("eval", *model, "--data", str(held_out), "--n", "2", "--reward", "exact_match",
+                            "--max-new-tokens", "6", "--out", str(tmp_path / "eval.json"), "--samples", str(samples))
         assert result.returncode == 0, result.stderr
         return [json.loads(line)["completion"] for line in samples.read_text().splitlines()]
 
@@ -860,7 +860,7 @@ def test_cli_eval_samples_the_adapted_model(tmp_path, tiny_model_dir, arithmetic
     assert "model_directory" not in settings
     assert adapted == completions("--model", str(tmp_path / "merged"))
     assert adapted != completions("--model", str(tmp_path / "base"))
-    refused = run_cli("eval", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--data", str(held_out))
+    refused = invoke_cli("eval", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--data", str(held_out))
     assert refused.returncode == 2 and "leave --base out" in refused.stderr
 
 
