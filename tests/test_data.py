@@ -1741,13 +1741,13 @@ def test_cli_reasoning_gym_writes_the_prompts_of_the_seed_given_with_or_without_
         return [json.loads(line) for line in out.read_text().splitlines()]
 
     seeded = generated("seed-1", "--seed", "1")
-    assert len(seeded) == 4 and generated("seed-1-again", "--seed", "1") == seeded
+    assert len(seeded) == 4
     assert [row["prompt"] for row in generated("seed-2", "--seed", "2")] != [row["prompt"] for row in seeded]
     assert all(REASONING_GYM_INSTRUCTION in row["prompt"] for row in seeded)
-    bare = generated("bare", "--seed", "1", "--no-instruction")
+    bare = generated("bare", "--seed", "1", "--no-instruction")  # seed 1 again: the same questions and answers
     assert not any(REASONING_GYM_INSTRUCTION in row["prompt"] for row in bare)
     assert all(row["prompt"] in with_instruction["prompt"] and row["answer"] == with_instruction["answer"]
-               for row, with_instruction in zip(bare, seeded))
+               for row, with_instruction in zip(bare, seeded, strict=True))
 
 
 def test_the_named_prompt_column_is_read_even_beside_a_column_called_prompt(tmp_path):
