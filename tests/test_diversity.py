@@ -89,6 +89,13 @@ def test_singletons_and_empty_batch_are_unchanged():
     embed = lambda texts: torch.ones(len(texts), 2)  # noqa: E731 - identical embeddings, but no siblings
     assert diversity_adjusted_rewards([3.0, -2.0], ["a", "b"], group_size=1, embedder=embed).tolist() == [3.0, -2.0]
     assert diversity_adjusted_rewards([], [], group_size=4, embedder=embed).numel() == 0
+    # a negative reward grows by up to 2x: past float32's largest value it is refused, as a non-finite reward is
+    same = lambda texts: torch.ones(len(texts), 2)  # noqa: E731 - each completion repeats its group: w = 1/2
+    with pytest.raises(ValueError, match="the adjusted rewards pass float32's largest value"):
+        diversity_adjusted_rewards([3e38, -3e38], ["a", "b"], group_size=2, embedder=same)
+    for reward in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"rewards must be finite, got {reward}"):
+            diversity_adjusted_rewards([reward, 1.0], ["a", "b"], group_size=2, embedder=same)
 
 
 def test_tiny_embeddings_have_their_true_cosine_and_only_a_zero_one_has_none():
@@ -211,6 +218,57 @@ def test_sentence_embedder_truncates_at_the_model_max_seq_length(tmp_path):
     assert not torch.allclose(direct(6), direct(64), atol=1e-3)  # the cut changes the embedding
     shorter = SentenceEmbedder(tmp_path, max_length=4)
     torch.testing.assert_close(shorter([text])[0], direct(4), rtol=1e-4, atol=1e-5)
+
+
+def test_sentence_embedder_cuts_texts_at_the_positions_its_encoder_has(tmp_path):
+    """A plain RoBERTa-family encoder numbers its positions from pad_token_id + 1: of its 34 position embeddings 33
+    are usable here (pad id 0; roberta-base's 514 give 512). A longer text was cut at 34 and failed inside the encoder
+    (IndexError: index out of range) in the middle of a training step."""
+    from transformers import BertTokenizerFast, RobertaConfig, RobertaModel
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), model_max_length=40).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    RobertaModel(RobertaConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=34, pad_token_id=0)).save_pretrained(tmp_path)
+    embedder = load_embedder(str(tmp_path))
+    assert embedder.max_length == 33
+    long_text = " ".join("abcdefghij"[i % 10] for i in range(40))
+    assert torch.isfinite(embedder([long_text, "a b d"])).all()
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), model_max_length=8).save_pretrained(tmp_path)
+    assert load_embedder(str(tmp_path)).max_length == 8  # the tokenizer's limit, when it is the smaller
+
+
+def test_a_directory_saved_by_sentence_transformers_6_is_read_and_one_with_a_projection_refused(tmp_path):
+    """sentence-transformers 6 writes its pooling as {"pooling_mode": "mean"} and its modules under other names: a
+    plain mean-pooling model was refused ('turns on no mode'). A Dense projection after the pooling (LaBSE's) was
+    skipped without a word, giving other embeddings than the model's: refused, naming it."""
+    model, tokenizer = _tiny_sentence_model(tmp_path, None)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.base.modules.pooling.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize",
+                "type": "sentence_transformers.base.modules.normalize.Normalize"}]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling").mkdir()
+    for mode, row in (("cls", 0), (["mean"], None), ("mean", None)):
+        (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 16, "pooling_mode": mode}))
+        encoded = tokenizer("a b c", return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**encoded).last_hidden_state[0]
+        pooled = hidden[row] if row is not None else hidden.mean(0)
+        torch.testing.assert_close(load_embedder(str(tmp_path))(["a b c"])[0], pooled / pooled.norm(), rtol=1e-4,
+                                   atol=1e-5)
+    for mode in ("max", ["mean", "cls"]):
+        (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 16, "pooling_mode": mode}))
+        with pytest.raises(ValueError, match=r"only mean-token or CLS pooling, alone, is supported; the pooling config "
+                                             r"turns on \[\"pooling_mode"):
+            SentenceEmbedder(tmp_path)
+    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.base.modules.dense.Dense"}
+    (tmp_path / "modules.json").write_text(json.dumps(modules[:2] + [dense]))
+    with pytest.raises(ValueError, match=r"its modules.json has sentence_transformers.base.modules.dense.Dense beside "
+                                         r"the encoder and its pooling"):
+        SentenceEmbedder(tmp_path)
 
 
 def test_sentence_embedder_refuses_a_batch_size_below_one(tmp_path):

@@ -145,8 +145,14 @@ def diversity_adjusted_rewards(
     reward = rewards.detach().cpu().double() if torch.is_tensor(rewards) else torch.as_tensor(rewards, dtype=torch.float64)
     if reward.dim() != 1 or reward.numel() != len(completions):
         raise ValueError(f"rewards must be 1-d with one value per completion ({len(completions)}), got shape {tuple(reward.shape)}")
+    if not bool(torch.isfinite(reward).all()):
+        raise ValueError(f"rewards must be finite, got {reward[~torch.isfinite(reward)][0].item()}")
     weights = diversity_weights(completions, group_ids, group_size=group_size, embedder=embedder)
-    return (reward - (1.0 - weights) * reward.abs()).to(device=home, dtype=torch.float32)
+    adjusted = (reward - (1.0 - weights) * reward.abs()).to(dtype=torch.float32)
+    if not bool(torch.isfinite(adjusted).all()):  # a negative reward grows by up to 2x
+        raise ValueError(f"the adjusted rewards pass float32's largest value, {torch.finfo(torch.float32).max:.3g}: "
+                         "rescale the rewards")
+    return adjusted.to(home)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,10 +164,12 @@ class SentenceEmbedder:
     """Sentence embeddings from a local sentence-transformers model directory, computed with ``transformers``.
 
     Reads ``modules.json`` / ``1_Pooling/config.json`` / ``sentence_bert_config.json`` when present
-    (mean-token or CLS pooling, ``max_seq_length``); a plain Hugging Face encoder directory gets mean
-    pooling. Texts are embedded in batches of ``batch_size`` (grouped by length), truncated to the
-    maximum sequence length — 256 word pieces for all-MiniLM-L6-v2, so only the beginning of a long
-    reasoning trace counts — and returned L2-normalised as float32 ``[n, d]``.
+    (mean-token or CLS pooling, ``max_seq_length``); a model with other modules than the encoder, its pooling and a
+    normalisation (a ``Dense`` projection, as LaBSE's) is refused, since its embeddings are not these. A plain Hugging
+    Face encoder directory gets mean pooling. Texts are embedded in batches of ``batch_size`` (grouped by length),
+    truncated to the maximum sequence length — 256 word pieces for all-MiniLM-L6-v2, so only the beginning of a long
+    reasoning trace counts; at most the positions the encoder has (RoBERTa's first ``pad_token_id + 1`` are not
+    usable) and its tokenizer's ``model_max_length`` — and returned L2-normalised as float32 ``[n, d]``.
     """
 
     def __init__(self, directory: str | Path, *, batch_size: int = 64, device: str = "cpu", max_length: int | None = None):
@@ -185,26 +193,41 @@ class SentenceEmbedder:
         if not modules_file.is_file():
             return "mean"
         modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        others = [m.get("type", "?") for m in modules
+                  if not m.get("type", "").endswith((".Transformer", ".Pooling", ".Normalize"))]
+        if others:
+            raise ValueError(f"{directory}: its modules.json has {', '.join(others)} beside the encoder and its "
+                             "pooling; only those two (and a normalisation) are computed here")
         pooling = [m for m in modules if m.get("type", "").endswith(".Pooling")]
         if not pooling:
             return "mean"
         config = json.loads((directory / pooling[0]["path"] / "config.json").read_text(encoding="utf-8"))
-        modes = [key for key, on in config.items() if key.startswith("pooling_mode_") and on]
-        if modes == ["pooling_mode_mean_tokens"]:
-            return "mean"
-        if modes == ["pooling_mode_cls_token"]:
-            return "cls"
+        named = config.get("pooling_mode")  # sentence-transformers 6 writes the mode by name, or several in a list
+        if isinstance(named, (str, list)):
+            modes = [f"pooling_mode {named!r}"]
+            alone = named if isinstance(named, str) else named[0] if len(named) == 1 else None
+            named = {"mean": "mean", "cls": "cls"}.get(alone)
+        else:
+            modes = [key for key, on in config.items() if key.startswith("pooling_mode_") and on]
+            named = {("pooling_mode_mean_tokens",): "mean", ("pooling_mode_cls_token",): "cls"}.get(tuple(modes))
+        if named is not None:
+            return named
         # sentence-transformers concatenates every mode that is on: one alone is what these embeddings can be
         raise ValueError(f"{directory}: only mean-token or CLS pooling, alone, is supported; the pooling config turns on "
                          f"{modes or 'no mode'}")
 
     def _max_length(self, directory: Path) -> int:
+        positions = int(getattr(self.model.config, "max_position_embeddings", 512))
+        table = getattr(getattr(self.model, "embeddings", None), "position_embeddings", None)
+        if getattr(table, "padding_idx", None) is not None:  # RoBERTa counts positions from pad_token_id + 1
+            positions -= table.padding_idx + 1
+        limits = [positions, int(getattr(self.tokenizer, "model_max_length", positions) or positions)]
         sbert_config = directory / "sentence_bert_config.json"
         if sbert_config.is_file():
             length = json.loads(sbert_config.read_text(encoding="utf-8")).get("max_seq_length")
             if length:
-                return int(length)
-        return int(getattr(self.model.config, "max_position_embeddings", 512))
+                limits.append(int(length))
+        return min(limits)
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
