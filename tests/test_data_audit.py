@@ -1078,6 +1078,27 @@ def test_cli_reports_malformed_rows_and_bad_options_before_sampling(tmp_path, ti
     assert not (tmp_path / "broken.audit").exists()
 
 
+def test_cli_refuses_prompt_token_ids_past_the_model_s_embedding_in_one_line(tmp_path, tiny_model_dir):
+    """A tokenizer given tokens the model was not resized for: the audit, which reports prompts past the context
+    rather than refusing them, refused these with a traceback from inside the sampler; eval's one-line refusal now."""
+    import shutil
+
+    from entrorl.modeling import load_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer = load_tokenizer(model)
+    tokenizer.add_tokens(["<|fresh|>"], special_tokens=True)
+    tokenizer.save_pretrained(model)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1=<|fresh|>", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    result = CliRunner().invoke(app, ["data", "audit", "--model", str(model), "--data", str(data), "--n", "2",
+                                      "--max-new-tokens", "2", "--reward", "exact_match", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and not isinstance(result.exception, ValueError), result.output
+    assert re.search(rf"error: the model's input embedding has \d+ rows .*{re.escape(str(data))}:1: token id",
+                     " ".join(result.output.split())), result.output
+
+
 def test_cli_refuses_unwritable_outputs_and_bad_options_before_loading_the_model(tmp_path, tiny_model_dir, monkeypatch):
     """`eval --out` and `data audit --out` that cannot be written: one line, exit 2, and no model loaded (the sampling
     is not lost after the fact)."""

@@ -789,6 +789,15 @@ def test_shards_missing_from_an_index_are_named_before_loading_and_training_args
         check_model_files(directory)
     for shard in shards[1:5]:
         (moved / shard.name).rename(shard)
+    # the shards without their index (a download of *.safetensors alone): named before anything loads, not left to
+    # transformers' "no file named model.safetensors" after the data and tokenizer
+    (directory / index).rename(moved / index)
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(directory))} has the shards "
+                                                rf"{re.escape(shards[0].name)}, {re.escape(shards[1].name)}, "
+                                                rf"{re.escape(shards[2].name)}, \.\.\. but not their index, "
+                                                rf"{re.escape(index)}, which says what each holds: copy it there too$"):
+        check_model_files(directory)
+    (moved / index).rename(directory / index)
     shards[1].write_bytes(shards[1].read_bytes()[:200])  # a damaged shard is still named, not training_args.bin
     with pytest.raises(DamagedWeightsError, match=rf"{re.escape(shards[1].name)} cannot be read"):
         load_causal_lm(directory)
@@ -1189,6 +1198,27 @@ def test_a_tokenizer_without_an_eos_token_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     with pytest.raises(ValueError, match=rf"the tokenizer in {tmp_path} has no eos_token: responses could never end"):
         modeling.load_tokenizer(tmp_path)
+
+
+def test_a_damaged_generation_config_or_weights_under_a_name_transformers_does_not_read_are_named(tmp_path,
+                                                                                               tiny_model_dir):
+    """transformers passes over a generation_config.json cut short without a word, and with it the end-of-turn ids it
+    lists as stop tokens (responses then run to the length limit); weights only under a name it does not read
+    (Mistral's consolidated.safetensors) failed after the data and tokenizer had loaded."""
+    import shutil
+
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, directory)
+    generation = directory / "generation_config.json"
+    generation.write_text('{"eos_token_id": [1, 7], "bos_token_id": 2')
+    with pytest.raises(ValueError, match=rf"{generation} is not valid UTF-8 JSON .*the file is damaged; save the model "
+                                         r"\(or its GenerationConfig\) again"):
+        modeling.load_causal_lm(directory)
+    generation.unlink()
+    (directory / "model.safetensors").rename(directory / "consolidated.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"has weight files transformers does not read "
+                                                r"\(consolidated.safetensors\): it reads model.safetensors"):
+        modeling.check_model_files(directory)
 
 
 def test_a_damaged_tokenizer_file_is_named(tmp_path, tiny_model_dir):

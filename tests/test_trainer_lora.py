@@ -859,6 +859,12 @@ def test_cli_eval_samples_the_adapted_model(tmp_path, tiny_model_dir, arithmetic
                                                         str((tmp_path / "base").resolve()))
     assert "model_directory" not in settings
     assert adapted == completions("--model", str(tmp_path / "merged"))
+    # saved with their tokenizer and no config.json (as TRL's and transformers' Trainer.save_model write adapters):
+    # the tokenizer is theirs (it was refused as "not a Hugging Face model directory")
+    assert not (tmp_path / "adapters" / "config.json").exists()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "base" / name, tmp_path / "adapters")
+    assert adapted == completions("--model", str(tmp_path / "adapters"), "--base", str(tmp_path / "base"))
     assert adapted != completions("--model", str(tmp_path / "base"))
     refused = invoke_cli("eval", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--data", str(held_out))
     assert refused.returncode == 2 and "leave --base out" in refused.stderr

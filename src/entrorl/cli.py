@@ -363,8 +363,9 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
     nothing was written, exit 130 / 143."""
     from entrorl._checks import refuse_multi_process_launch
     from entrorl.data import DataError, check_prompt_template, load_prompts
-    from entrorl.modeling import (check_prompts_fit, check_stop_tokens_can_be_sampled, encode_records, load_tokenizer,
-                                  read_model_config, stop_token_ids, unknown_token_note, unstopped_turn_end_note)
+    from entrorl.modeling import (check_prompt_ids_in_vocabulary, check_prompts_fit, check_stop_tokens_can_be_sampled,
+                                  encode_records, load_tokenizer, read_model_config, stop_token_ids, unknown_token_note,
+                                  unstopped_turn_end_note)
     from entrorl.rewards import RewardRunner, get_reward
     from entrorl.rollout import SamplingParams
     from entrorl.trainer.checkpoint import load_model_directory
@@ -422,6 +423,9 @@ def _sampling_inputs(model: Path, data: Path, reward: str | None, *, prompt_colu
             if check_fit and declared is None:
                 check_prompts_fit(policy, prompt_ids, [r.source for r in records], max_new_tokens=max_new_tokens,
                                   pad_token_id=tokenizer.pad_token_id)
+            elif not check_fit:  # prompts past the context are the audit's to report; ids past the embedding never run
+                check_prompt_ids_in_vocabulary(policy, prompt_ids, [r.source for r in records],
+                                               pad_token_id=tokenizer.pad_token_id)
             check_stop_tokens_can_be_sampled(policy, stop_token_ids(policy, tokenizer), warn=False)  # the sampler warns
             turn_end = unstopped_turn_end_note(policy, tokenizer) if chat_template else None
             if turn_end is not None:

@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import pickle
+import re
 import stat
 import sys
 import warnings
@@ -54,7 +55,9 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.
 _UNREADABLE_ADVICE = "ask its owner to make it readable (chmod g+r or a+r), or copy the model"
 
 
-def _check_model_dir(path: str | Path) -> Path:
+def _check_model_dir(path: str | Path, *, model_config: bool = True) -> Path:
+    """``path`` as a readable directory; with ``model_config``, one holding a model's config.json (a tokenizer alone,
+    as beside peft adapters, needs none)."""
     path = Path(path)
     if path.is_file():
         raise FileNotFoundError(f"{path} is a file; the model is a directory (config.json, weights and tokenizer)")
@@ -71,7 +74,7 @@ def _check_model_dir(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path} is an entrorl run directory; its models are in checkpoints/step_N/model (the "
                                 f"last one: {saved[-1].parent})")
     refuse_broken_links(path, ["config.json"])
-    if not (path / "config.json").is_file():
+    if model_config and not (path / "config.json").is_file():
         inside = " (an entrorl checkpoint keeps its model in model/: give that directory)" if (path / "model" / "config.json").is_file() else ""
         if (path / "adapter_config.json").is_file():
             inside = (" (it holds peft adapters: train from their base model, the base_model_name_or_path of its "
@@ -103,9 +106,10 @@ def declares_a_model(config_file: Path) -> bool:
 
 
 def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool = True) -> Path:
-    """``path`` as a local model directory holding a tokenizer and weights; ``FileNotFoundError`` naming what is
-    missing (checked before anything loads, so that a bad directory fails at once)."""
-    path = _check_model_dir(path)
+    """``path`` as a local model directory holding a tokenizer and weights (its config.json with them); a
+    ``FileNotFoundError`` naming what is missing (checked before anything loads, so that a bad directory fails at
+    once)."""
+    path = _check_model_dir(path, model_config=weights)
     read = []  # what the load would read, where a link to nothing would be taken for a missing or another file
     if weights:
         read.append("generation_config.json")
@@ -131,6 +135,7 @@ def check_model_files(path: str | Path, *, tokenizer: bool = True, weights: bool
         raise FileNotFoundError(f"{path} has no weights (no *.safetensors or pytorch_model*.bin); save them there with "
                                 "model.save_pretrained")
     if weights:
+        _refuse_weights_transformers_does_not_read(path)
         _check_shards_listed(path)
     refuse_files_this_user_cannot_read(path, tokenizer=tokenizer, weights=weights)
     return path
@@ -226,6 +231,28 @@ def _owner(uid: int) -> str:
 
 def _has_weight_files(directory: Path) -> bool:
     return any(next(directory.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS)
+
+
+def _refuse_weights_transformers_does_not_read(path: Path) -> None:
+    """``FileNotFoundError`` when ``path`` holds weight files but none that transformers reads: shards without the
+    index that lists them (a download of ``*.safetensors`` alone), or a file of another name (``consolidated``),
+    which would fail only after the data and tokenizer had loaded, naming neither."""
+    if _weights_transformers_reads(path, links_count=True) is not None:
+        return
+    try:
+        if "transformers_weights" in json.loads((path / "config.json").read_text(encoding="utf-8")):
+            return  # a file of its own naming, which transformers is told to read
+    except (OSError, ValueError, TypeError):
+        pass
+    files = sorted(name for pattern in WEIGHT_PATTERNS for name in (found.name for found in path.glob(pattern)))
+    shards = [name for name in files if re.fullmatch(r".+-\d+-of-\d+\.(safetensors|bin)", name)]
+    if shards:
+        index = "model.safetensors.index.json" if shards[0].endswith(".safetensors") else "pytorch_model.bin.index.json"
+        raise FileNotFoundError(f"{path} has the shards {', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''} "
+                                f"but not their index, {index}, which says what each holds: copy it there too")
+    raise FileNotFoundError(f"{path} has weight files transformers does not read ({', '.join(files[:3])}): it reads "
+                            "model.safetensors, or model.safetensors.index.json and its shards, or pytorch_model.bin "
+                            "(or its index); save the model with save_pretrained")
 
 
 def _check_shards_listed(path: Path) -> None:
@@ -350,9 +377,10 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", floa
                type(None): "null"}
 
 
-def _check_json_files(directory: Path, names: tuple[str, ...]) -> None:
+def _check_json_files(directory: Path, names: tuple[str, ...], remedy: str = "save the tokenizer again") -> None:
     """``ValueError`` naming the first of ``directory``'s files ``names`` that exists and is not a JSON object (a
-    damaged file would otherwise fail deep inside ``transformers`` with a message that names no file)."""
+    damaged file would otherwise fail deep inside ``transformers`` with a message that names no file, or be passed
+    over without a word: a generation config, with the stop tokens it lists)."""
     for name in names:
         file = directory / name
         if not file.is_file():
@@ -360,11 +388,10 @@ def _check_json_files(directory: Path, names: tuple[str, ...]) -> None:
         try:
             content = json.loads(file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{file} is not valid UTF-8 JSON ({error}): the file is damaged; save the tokenizer "
-                             "again") from None
+            raise ValueError(f"{file} is not valid UTF-8 JSON ({error}): the file is damaged; {remedy}") from None
         if not isinstance(content, dict):
             raise ValueError(f"{file} holds a JSON {_JSON_TYPES.get(type(content), 'value')}, not an object: the file "
-                             "is damaged; save the tokenizer again")
+                             f"is damaged; {remedy}")
 
 
 def save_tokenizer(tokenizer, directory: str | Path) -> None:
@@ -415,6 +442,8 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", disable_dropout:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
     path = check_model_files(path, tokenizer=False)
+    # transformers passes over a damaged one without a word, and with it the end-of-turn ids it lists as stop tokens
+    _check_json_files(path, ("generation_config.json",), remedy="save the model (or its GenerationConfig) again")
     try:
         with quiet_progress_bars():
             # weights of another shape are loaded as missing ones, so that the refusal below names them
@@ -865,20 +894,8 @@ def model_vocab_size(model) -> int | None:
 def check_prompts_fit(model, prompt_ids, sources, *, max_new_tokens: int, pad_token_id: int | None = None) -> None:
     """``ValueError`` listing every prompt that encodes to no tokens, or whose tokens plus ``max_new_tokens``
     exceed the context of ``model`` (a model or its config, :func:`model_context_length`): prompts are never
-    truncated, since a cut prompt is a different question. Before that, a ``pad_token_id`` or prompt token id past the
-    model's input embedding (a tokenizer given tokens the model was not resized for) is refused, naming them."""
-    vocab = model_vocab_size(model)
-    if vocab is not None:
-        outside = [f"{source}: token id {max(ids)}" for ids, source in zip(prompt_ids, sources) if len(ids) and max(ids) >= vocab]
-        if pad_token_id is not None and pad_token_id >= vocab:
-            outside.insert(0, f"the tokenizer's padding token: id {pad_token_id}")
-        if outside:
-            shown = "\n  ".join(outside[:10])
-            more = f"\n  ... and {len(outside) - 10} more" if len(outside) > 10 else ""
-            raise ValueError(f"the model's input embedding has {vocab} rows (token ids 0-{vocab - 1}), and the tokenizer "
-                             f"gives larger ids:\n  {shown}{more}\nA tokenizer given tokens after the model was saved "
-                             "needs the model's embeddings resized (model.resize_token_embeddings(len(tokenizer))) and "
-                             "saved beside it.")
+    truncated, since a cut prompt is a different question. Before that, :func:`check_prompt_ids_in_vocabulary`."""
+    check_prompt_ids_in_vocabulary(model, prompt_ids, sources, pad_token_id=pad_token_id)
     context = model_context_length(model)
     problems = []
     for ids, source in zip(prompt_ids, sources):
@@ -891,6 +908,24 @@ def check_prompts_fit(model, prompt_ids, sources, *, max_new_tokens: int, pad_to
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise ValueError(f"{len(problems)} prompt(s) do not fit the model's context:\n  {shown}{more}\n"
                          "Shorten them, filter them out, or lower max_new_tokens.")
+
+
+def check_prompt_ids_in_vocabulary(model, prompt_ids, sources, *, pad_token_id: int | None = None) -> None:
+    """``ValueError`` naming the prompts with a token id past the input embedding of ``model`` (a model or its
+    config), and a ``pad_token_id`` past it: a tokenizer given tokens the model was not resized for."""
+    vocab = model_vocab_size(model)
+    if vocab is None:
+        return
+    outside = [f"{source}: token id {max(ids)}" for ids, source in zip(prompt_ids, sources) if len(ids) and max(ids) >= vocab]
+    if pad_token_id is not None and pad_token_id >= vocab:
+        outside.insert(0, f"the tokenizer's padding token: id {pad_token_id}")
+    if outside:
+        shown = "\n  ".join(outside[:10])
+        more = f"\n  ... and {len(outside) - 10} more" if len(outside) > 10 else ""
+        raise ValueError(f"the model's input embedding has {vocab} rows (token ids 0-{vocab - 1}), and the tokenizer "
+                         f"gives larger ids:\n  {shown}{more}\nA tokenizer given tokens after the model was saved "
+                         "needs the model's embeddings resized (model.resize_token_embeddings(len(tokenizer))) and "
+                         "saved beside it.")
 
 
 def unknown_token_note(tokenizer, prompt_ids, records, *, what: str, template: str = "{prompt}") -> str | None:
