@@ -1661,6 +1661,40 @@ def test_only_whole_batch_selectors_decide_over_the_population_and_leave_its_nor
     np.testing.assert_array_equal(build_objective("dapo+forking_tokens").normaliser_mask(population).numpy(), case.mask)
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batches_add_up_to_the_whole_batch_with_a_regulariser_over_every_valid_token(mode):
+    """rft leaves its dropped tokens out of the policy loss's normaliser, while kl_ref and the entropy bonus average
+    over every valid token: one global count for both made the micro-batches' losses add up to another loss than the
+    whole batch's (1.194 against 1.129 here). The terms over every valid token take valid_num_tokens /
+    valid_batch_size."""
+    generator = torch.Generator().manual_seed(0)
+    log_prob = torch.randn(6, 8, generator=generator, dtype=torch.float64) * 0.5 - 1.0
+    fields = dict(log_prob=log_prob, old_log_prob=log_prob + 0.2 * torch.randn(6, 8, generator=generator,
+                                                                                dtype=torch.float64),
+                  advantages=torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0], dtype=torch.float64),
+                  mask=torch.ones(6, 8, dtype=torch.bool), ref_log_prob=log_prob - 0.5,
+                  entropy=torch.rand(6, 8, generator=generator, dtype=torch.float64))
+    fields["mask"][0, 6:] = fields["mask"][3, 3:] = False
+    population = PolicyBatch(**fields)
+
+    def objective():
+        return build_objective("rft+kl_ref+entropy_bonus", kl_loss_coef=0.5, entropy_coeff=0.1, loss_agg_mode=mode)
+
+    whole = objective()(population)
+    kept = objective().normaliser_mask(population)
+    counts = ({"batch_num_tokens": float(kept.sum()), "valid_num_tokens": float(population.mask.sum())}
+              if mode == "token-mean" else
+              {"global_batch_size": float(kept.any(-1).sum()), "valid_batch_size": float(population.mask.any(-1).sum())})
+    split, total = objective(), 0.0
+    for rows in (torch.arange(0, 3), torch.arange(3, 6)):
+        micro = PolicyBatch(**{name: value[rows] for name, value in fields.items()}, population=population, rows=rows)
+        total += float(split(micro, **counts).loss)
+    assert float(whole.loss_mask.sum()) < float(population.mask.sum())  # rft left tokens out of the normaliser
+    assert total == pytest.approx(float(whole.loss), rel=1e-12)
+    with pytest.raises(ValueError, match="valid_num_tokens"):
+        objective()(population, valid_num_tokens=-1.0)
+
+
 def test_a_population_decision_drops_only_valid_tokens_of_the_batch():
     """A mini-batch takes the population's decision on its rows, restricted to its own valid tokens: a token the
     population drops but the mini-batch masks out is not among the selector's drops."""

@@ -72,11 +72,13 @@ def check_global_count(value, name: str) -> float | None:
     return count
 
 
-def check_normalisers(batch_num_tokens, global_batch_size, dp_size) -> tuple[float | None, float | None, int]:
-    """The global counts (:func:`check_global_count`) and ``dp_size`` (a whole number >= 1) as numbers, each refused
-    naming it otherwise: a negative one would turn the loss's sign, a dp_size of 0 zero it."""
-    return (check_global_count(batch_num_tokens, "batch_num_tokens"),
-            check_global_count(global_batch_size, "global_batch_size"), check_int(dp_size, "dp_size", minimum=1))
+def check_normalisers(batch_num_tokens, global_batch_size, dp_size, *,
+                      names: tuple[str, str] = ("batch_num_tokens", "global_batch_size")
+                      ) -> tuple[float | None, float | None, int]:
+    """The global counts (:func:`check_global_count`, named ``names``) and ``dp_size`` (a whole number >= 1) as
+    numbers, each refused naming it otherwise: a negative one would turn the loss's sign, a dp_size of 0 zero it."""
+    return (check_global_count(batch_num_tokens, names[0]),
+            check_global_count(global_batch_size, names[1]), check_int(dp_size, "dp_size", minimum=1))
 
 
 def aggregate_loss(

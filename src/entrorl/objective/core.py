@@ -34,7 +34,10 @@ class Objective:
     """A composed policy objective. Build it with :func:`entrorl.objective.build_objective`.
 
     Call it on a :class:`PolicyBatch`; for data-parallel training pass the global normalisers
-    (``batch_num_tokens``, ``global_batch_size``, ``dp_size``, as verl's ``global_batch_info``). ``name`` joins the
+    (``batch_num_tokens``, ``global_batch_size``, ``dp_size``, as verl's ``global_batch_info``): the counts of the
+    tokens (sequences) that stay in the policy loss's normaliser (:meth:`normaliser_mask`). Where a selector leaves
+    tokens out of it (rft, Clip_B, Clip_V), the terms taken over every valid token (``kl_ref``, the entropy bonus)
+    need their own counts, ``valid_num_tokens`` / ``valid_batch_size`` (by default the same). ``name`` joins the
     methods composed (``custom`` for none), ``label`` adds the parts a config added to them (``grpo+entropy_bonus``):
     what reports call it.
 
@@ -103,19 +106,23 @@ class Objective:
         batch_num_tokens: float | None = None,
         global_batch_size: float | None = None,
         dp_size: int = 1,
+        valid_num_tokens: float | None = None,
+        valid_batch_size: float | None = None,
     ) -> ObjectiveOutput:
         kept = None if torch.is_grad_enabled() or not self.stateful else copy.deepcopy(self.state_dict())
         try:
             return self._loss(batch, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
-                              dp_size=dp_size)
+                              dp_size=dp_size, valid_num_tokens=valid_num_tokens, valid_batch_size=valid_batch_size)
         finally:
             if kept is not None:  # no update follows a call without gradients
                 self.load_state_dict(kept)
 
     def _loss(self, batch: PolicyBatch, *, batch_num_tokens: float | None, global_batch_size: float | None,
-              dp_size: int) -> ObjectiveOutput:
+              dp_size: int, valid_num_tokens: float | None, valid_batch_size: float | None) -> ObjectiveOutput:
         # before any stateful part moves
         batch_num_tokens, global_batch_size, dp_size = check_normalisers(batch_num_tokens, global_batch_size, dp_size)
+        valid_num_tokens, valid_batch_size, _ = check_normalisers(valid_num_tokens, valid_batch_size, 1,
+                                                                  names=("valid_num_tokens", "valid_batch_size"))
         needed, count = (("batch_num_tokens", batch_num_tokens) if self.loss_agg_mode == "token-mean"
                          else ("global_batch_size", global_batch_size))
         if dp_size > 1 and count is None:
@@ -133,6 +140,11 @@ class Objective:
             global_batch_size=global_batch_size,
             dp_size=dp_size,
         )
+        aggregate_valid = partial(  # the regularisers' terms, over every valid token
+            aggregate,
+            batch_num_tokens=batch_num_tokens if valid_num_tokens is None else valid_num_tokens,
+            global_batch_size=global_batch_size if valid_batch_size is None else valid_batch_size,
+        )
 
         # 1. advantages, reshaped by each shaper in turn
         # padding may hold anything (even NaN): zero it so no NaN can reach a gradient through 0 * NaN
@@ -148,7 +160,7 @@ class Objective:
         scalar_terms = []
         covered: dict[str, torch.Tensor] = {}
         for regularizer in self.regularizers:
-            term = regularizer(batch, advantages, aggregate, metrics)
+            term = regularizer(batch, advantages, aggregate_valid, metrics)
             if term.per_token is not None:
                 per_token_loss = per_token_loss + term.per_token
             if term.scalar is not None:
