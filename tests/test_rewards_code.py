@@ -168,6 +168,13 @@ def test_extract_code_reads_the_answer_after_thinking_not_a_draft_written_while_
     assert verdict == 1.0, verdict.reason
     verdict = reward()("add", "<think>\n```python\nprint(sum(map(int, input().split())))\n```\nHmm", ADD_TESTS)
     assert (float(verdict), verdict.status) == (0.0, "no_code")
+    # the tags inside a program are the program's: it may print them, or strip them from its input
+    assert extract_code("```python\nprint('<think>')\n```\n") == "print('<think>')\n"
+    strip = "s = input()\nprint(s.replace('</think>', ''))\n"
+    assert extract_code(f"<think>plan</think>\n```python\n{strip}```") == strip
+    verdict = reward()("strip", f"<think>easy</think>\n```python\n{strip}```",
+                       {"cases": [{"input": "a</think>b\n", "output": "ab\n"}]})
+    assert verdict == 1.0, verdict.reason
 
 
 def test_parse_tests_accepts_every_documented_form():
@@ -679,10 +686,6 @@ def test_a_function_call_program_may_begin_with_a_future_import():
     add = fenced("from __future__ import annotations\n\ndef add(a: int, b: int) -> int:\n    return a + b")
     verdict = reward()("add", add, {"fn_name": "add", "inputs": [[1, 2], [5, 6]], "outputs": [3, 11]})
     assert verdict == 1.0, verdict.reason
-    # the line numbers a traceback gives are the program's own
-    verdict = reward()("add", fenced("def add(a, b):\n    raise KeyError(a)"), {"fn_name": "add", "inputs": [[1, 2]],
-                                                                            "outputs": [3]})
-    assert verdict.status == "runtime_error" and 'solution.py", line 2' not in verdict.reason
 
 
 def test_each_function_call_gets_fresh_arguments():
@@ -1793,6 +1796,15 @@ def test_each_case_s_standard_error_has_the_file_size_limit_to_itself():
     run = run_in_sandbox("import sys\nsys.stderr.write('case ' + input())", [SandboxCase("stdin", "0"),
                                                                             SandboxCase("stdin", "1")])
     assert run.stderr_tail == "case 1"
+    # emptied through the harness's own copy of the descriptor: a program that sent descriptor 2 to its output keeps
+    # each case's output, and one whose own sys.stderr refuses to flush (SystemExit) does not end the harness
+    two = [SandboxCase("stdin", "a\n"), SandboxCase("stdin", "b\n")]
+    run = run_in_sandbox("import os\nos.dup2(1, 2)\nprint(input())\n", two)
+    assert [(outcome.status, outcome.stdout) for outcome in run.outcomes] == [("ok", "a\n"), ("ok", "b\n")]
+    quiet = ("import sys\nclass Quiet:\n    def write(self, s): return len(s)\n"
+             "    def flush(self): raise SystemExit(0)\nsys.stderr = Quiet()\nprint(input())\n")
+    run = run_in_sandbox(quiet, two)
+    assert [(outcome.status, outcome.stdout) for outcome in run.outcomes] == [("ok", "a\n"), ("ok", "b\n")]
 
 
 def test_a_program_that_cannot_be_compiled_in_time_or_at_all_says_so():

@@ -124,15 +124,21 @@ def extract_code(
 
     A draft written while thinking is not the program: after a reasoning block closed by ``</think>`` only the text
     after the last ``</think>`` is read, and a ``<think>`` never closed (a completion cut off while reasoning) has
-    no program."""
+    no program; the tags count outside fenced blocks only (a program may print them)."""
     if which not in ("last", "first"):
         raise ValueError(f"which must be 'last' or 'first', got {which!r}")
     if not isinstance(completion, str):
         return None
-    closed = completion.rfind(_THINK_END)
-    if closed >= 0:
-        completion = completion[closed + len(_THINK_END):]
-    elif _THINK_START in completion:
+    fenced = [match.span() for match in _FENCE_RE.finditer(completion)]  # a tag inside a program is the program's
+
+    def outside_the_code(tag: str) -> list[int]:
+        return [found.start() for found in re.finditer(re.escape(tag), completion)
+                if not any(start <= found.start() < end for start, end in fenced)]
+
+    closed = outside_the_code(_THINK_END)
+    if closed:
+        completion = completion[closed[-1] + len(_THINK_END):]
+    elif outside_the_code(_THINK_START):
         return None
     wanted = {language.casefold() for language in ((languages,) if isinstance(languages, str) else languages)}
     tagged, untagged = [], []

@@ -245,6 +245,7 @@ GETPID = os.getpid  # the harness's own references: a program may rebind os.getp
 READLINK = os.readlink
 RESULT_FD = CONFIG["result_fd"]
 WORKDIR = os.path.realpath(CONFIG["workdir"])
+OWN_STREAMS = {}  # the harness's own stream objects ("stderr"), which the program may replace in sys
 
 
 def send(message):
@@ -535,6 +536,25 @@ def attach_standard_streams(input_path, output_path, output_flags):
     return sys.stdout
 
 
+def attach_standard_error(error_file):
+    """Point descriptor 2 (and sys.stderr) at the run's standard error file again, emptied: each case's standard error
+    starts empty, under a file size limit of its own, as a script's would. The harness's own stream of the case before
+    is flushed first; a stream the program put in its place is not touched (its flush is the program's code)."""
+    own = OWN_STREAMS.get("stderr")
+    if own is not None:
+        try:
+            own.flush()
+        except BaseException:  # closed by the program, or its descriptor taken
+            leave_if_forked()
+    try:
+        os.dup2(error_file, 2)
+        os.ftruncate(2, 0)
+    except OSError:  # the program closed the harness's copy of the descriptor
+        pass
+    sys.stderr = sys.__stderr__ = OWN_STREAMS["stderr"] = open(2, "w", buffering=1, encoding="utf-8",
+                                                           errors="backslashreplace", closefd=False)
+
+
 def fresh_program_namespace(name, preamble=None):
     """A new, empty module ``name`` for the program (not the harness's own globals): ``__main__`` for a script,
     ``solution`` for a program whose functions the asserts call, whose ``if __name__ == "__main__":`` block must not
@@ -653,13 +673,9 @@ def main():
         send({"event": "syntax_error", "detail": describe(exc)})
         return
     state = {"code": code, "preamble": compile(preamble, "preamble.py", "exec") if preamble else None}
+    error_file = os.dup(2)  # the run's standard error, whatever the program does to descriptor 2
     for index in range(CONFIG["first_case"], len(cases)):
-        try:  # each case's standard error starts empty, under the file size limit of its own, as a script's would
-            if sys.stderr is not None:
-                sys.stderr.flush()  # what the case before left in the buffer
-            os.ftruncate(2, 0)
-        except Exception:  # the program closed or replaced sys.stderr or descriptor 2
-            pass
+        attach_standard_error(error_file)
         send({"event": "start", "case": index})
         started = time.monotonic()
         status, error = "ok", None
