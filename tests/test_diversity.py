@@ -236,6 +236,7 @@ def test_sentence_embedder_cuts_texts_at_the_positions_its_encoder_has(tmp_path)
     assert embedder.max_length == 33
     long_text = " ".join("abcdefghij"[i % 10] for i in range(40))
     assert torch.isfinite(embedder([long_text, "a b d"])).all()
+    assert SentenceEmbedder(tmp_path, max_length=512).max_length == 33  # asked for more: the encoder's limit
     BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), model_max_length=8).save_pretrained(tmp_path)
     assert load_embedder(str(tmp_path)).max_length == 8  # the tokenizer's limit, when it is the smaller
 

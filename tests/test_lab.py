@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -2960,20 +2961,33 @@ def test_sigterm_to_the_process_group_while_a_worker_starts_is_a_stop_not_a_fail
     assert not (out / "methods" / "grpo" / "error.log").exists()
 
 
-def test_an_unreadable_base_evaluation_is_made_again_on_resume(tmp_path, monkeypatch):
+def test_an_unreadable_base_evaluation_is_made_again_on_resume(tmp_path, monkeypatch, capfd):
     """A method's final_eval.json that cannot be read is evaluated again when the laboratory is re-run (runner.py:
     "one that cannot be read is evaluated again"), but base/final_eval.json is reused whenever it exists
     (runner._run_in_folder: `if not base_eval.exists()`): an empty or cut-short one stays for ever, the report says
     "`base/final_eval.json` cannot be read (cut short?) ... the base model's rows and lines are missing", and re-running
     the command, the remedy the laboratory gives for everything else, changes nothing (exit 0)."""
+    from entrorl.lab.runner import failed_methods
+
     _tiny_preset(monkeypatch, steps=2)
     out, cache = tmp_path / "lab", tmp_path / "cache"
     run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)
     base_eval = out / "base" / "final_eval.json"
     whole = json.loads(base_eval.read_text())
     base_eval.write_text(base_eval.read_text()[:100])  # cut short (a disk error, a copy interrupted)
+    # and a method whose checkpoints lost their trainer states (deleted to save room) before its final evaluation:
+    # trained again from the start, its checkpoints set aside (the trainer refuses a fresh start over them)
+    method = out / "methods" / "grpo"
+    (method / "final_eval.json").unlink()
+    for state in method.glob("checkpoints/step_*/trainer.pt"):
+        state.unlink()
+    capfd.readouterr()
     run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)
+    said = " ".join(capfd.readouterr().err.split())
+    assert re.search(r"grpo: no checkpoint of it can be resumed; moved them to .*passed_over \(step_000002\) and "
+                     r"training it again from the start", said), said
     assert json.loads(base_eval.read_text()) == whole
+    assert failed_methods(out) == [] and (method / "final_eval.json").is_file()
 
 
 def test_a_moved_folder_continues_its_methods_but_not_from_another_base_model_built_under_the_same_name(

@@ -64,14 +64,21 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
 
 def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     """:func:`run_cli` in this process (no interpreter start, no imports again): the command's exit status, standard
-    output and standard error, with the traceback of an exception the command did not turn into an exit status."""
+    output and standard error, with the traceback of an exception the command did not turn into an exit status. The
+    command runs as ``app``, not ``main``: its warnings reach pytest's recorder, not its standard error."""
     import traceback
 
     from typer.testing import CliRunner
 
     from entrorl.cli import app
 
-    result = CliRunner().invoke(app, list(args))
+    numbers = [getattr(signal, name) for name in ("SIGHUP", "SIGINT", "SIGTERM", "SIGXCPU") if hasattr(signal, name)]
+    handlers = {number: signal.getsignal(number) for number in numbers}
+    try:  # the train command sets handlers a process of its own would keep until it ends
+        result = CliRunner().invoke(app, list(args))
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(result.exception))
@@ -3255,6 +3262,13 @@ def test_python_s_none_in_a_setting_says_that_yaml_writes_null(tmp_path, arithme
     with pytest.raises(ConfigError, match=r"YAML reads None as text and writes no value as null \(or ~\)$"):
         load_config({**base, "optim": {**base.get("optim", {}), "grad_clip": "None"}})
     assert load_config(base, ["optim.grad_clip=null"]).optim.grad_clip is None
+    # a key that takes no None is not told to take null, nor a text key warned of the text 'None'
+    with pytest.raises(ConfigError, match=r"optim.steps: Input should be a valid integer, unable to parse string as an "
+                                          r"integer \(got 'None'\)$"):
+        load_config(base, ["optim.steps=None"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(base, ["model.path=None"]).model.path == "None"
     with pytest.warns(UserWarning, match=r"^--set logging.name=None: logging.name is the text 'None'; YAML writes no "
                                          r"value as null \(--set logging.name=null\)$"):
         assert load_config(base, ["logging.name=None"]).logging.name == "None"

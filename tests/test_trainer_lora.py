@@ -865,6 +865,9 @@ def test_cli_eval_samples_the_adapted_model(tmp_path, tiny_model_dir, arithmetic
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tmp_path / "base" / name, tmp_path / "adapters")
     assert adapted == completions("--model", str(tmp_path / "adapters"), "--base", str(tmp_path / "base"))
+    from entrorl.trainer.checkpoint import resolve_model_directory
+
+    assert resolve_model_directory(tmp_path / "adapters", base=tmp_path / "base").tokenizer == tmp_path / "adapters"
     assert adapted != completions("--model", str(tmp_path / "base"))
     refused = invoke_cli("eval", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--data", str(held_out))
     assert refused.returncode == 2 and "leave --base out" in refused.stderr

@@ -224,13 +224,19 @@ def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
     """Train one method (resuming when a checkpoint exists), then evaluate it; returns the evaluation."""
     from entrorl.lab.supervised import SFTTrainer
     from entrorl.trainer import Trainer, load_config
-    from entrorl.trainer.checkpoint import latest_checkpoint
+    from entrorl.trainer.checkpoint import latest_checkpoint, set_aside_checkpoints_after
 
     preset = LabPreset(**job["preset"])
     method, run_dir = job["method"], Path(job["run_dir"])
     data = {k: Path(v) for k, v in job["data"].items()}
     config = load_config(_trainer_config(preset, method, Path(job["model_dir"]), data, run_dir, job.get("imports", [])))
     resume = latest_checkpoint(run_dir) is not None
+    if not resume:  # the method's own checkpoints that cannot be resumed (a trainer state gone): it trains again
+        moved = set_aside_checkpoints_after(run_dir, None)
+        if moved:
+            warnings.warn(f"{method}: no checkpoint of it can be resumed; moved them to {moved[0].parent} "
+                          f"({', '.join(path.name for path in moved)}) and training it again from the start",
+                          stacklevel=1)
     trainer_class = SFTTrainer if method == "sft" else Trainer
     trainer = trainer_class(config, run_dir=run_dir, resume=resume)
     trainer.resumed_by = "running the laboratory's command again"

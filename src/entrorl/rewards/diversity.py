@@ -185,7 +185,9 @@ class SentenceEmbedder:
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
         with quiet_progress_bars():
             self.model = AutoModel.from_pretrained(directory).to(self.device).eval()
-        self.max_length = max_length or self._max_length(directory)
+        # never past the positions the encoder has, even when asked (check_int: a positive whole number)
+        self.max_length = (min(check_int(max_length, "max_length", minimum=1), self._usable_length())
+                           if max_length is not None else self._max_length(directory))
 
     @staticmethod
     def _pooling_mode(directory: Path) -> str:
@@ -216,18 +218,23 @@ class SentenceEmbedder:
         raise ValueError(f"{directory}: only mean-token or CLS pooling, alone, is supported; the pooling config turns on "
                          f"{modes or 'no mode'}")
 
-    def _max_length(self, directory: Path) -> int:
+    def _usable_length(self) -> int:
+        """The longest input the encoder takes: its positions (RoBERTa counts them from pad_token_id + 1) and its
+        tokenizer's ``model_max_length``."""
         positions = int(getattr(self.model.config, "max_position_embeddings", 512))
         table = getattr(getattr(self.model, "embeddings", None), "position_embeddings", None)
-        if getattr(table, "padding_idx", None) is not None:  # RoBERTa counts positions from pad_token_id + 1
+        if getattr(table, "padding_idx", None) is not None:
             positions -= table.padding_idx + 1
-        limits = [positions, int(getattr(self.tokenizer, "model_max_length", positions) or positions)]
+        return min(positions, int(getattr(self.tokenizer, "model_max_length", positions) or positions))
+
+    def _max_length(self, directory: Path) -> int:
+        """The sentence-transformers model's ``max_seq_length`` where it states one, within :meth:`_usable_length`."""
         sbert_config = directory / "sentence_bert_config.json"
         if sbert_config.is_file():
             length = json.loads(sbert_config.read_text(encoding="utf-8")).get("max_seq_length")
             if length:
-                limits.append(int(length))
-        return min(limits)
+                return min(int(length), self._usable_length())
+        return self._usable_length()
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:

@@ -1212,6 +1212,20 @@ def _nearest_keys(loc: tuple) -> str:
 _PYTHON_NONE = ("None", "none")  # what a Python user writes for no value; YAML's is null or ~
 
 
+def _takes_none(loc: Sequence[str | int]) -> bool:
+    """Whether the key at ``loc`` (``("optim", "grad_clip")``; a list's positions as ints or digits) takes None."""
+    path = [int(part) if isinstance(part, str) and _is_position(part) else part for part in loc]
+    section = _section_at(path[:-1])
+    field = None if section is None or not path else section.model_fields.get(str(path[-1]))
+    if field is None:
+        return False
+    annotation = field.annotation
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            and type(None) in typing.get_args(annotation))
+
+
 def _format_errors(error: ValidationError, source: str, given: dict[str, str] | None = None) -> str:
     """One line per problem, each naming its key. ``given``: the text of each ``--set`` value by its key, for a string
     setting that YAML read as a number or boolean (the hint to quote it shows the value as typed)."""
@@ -1236,7 +1250,7 @@ def _format_errors(error: ValidationError, source: str, given: dict[str, str] | 
             typed = (given or {}).get(location)
             hint = (f"; YAML read the value as a {kind}: put it in quotes as you wrote it"
                     + (f", --set '{location}=\"{typed.strip()}\"'" if typed is not None else " in the file"))
-        elif isinstance(item["input"], str) and item["input"].strip() in _PYTHON_NONE:
+        elif isinstance(item["input"], str) and item["input"].strip() in _PYTHON_NONE and _takes_none(item["loc"]):
             typed = (given or {}).get(location)
             hint = ("; YAML reads None as text and writes no value as null (or ~)"
                     + (f": --set {location}=null" if typed is not None else ""))
@@ -1279,7 +1293,8 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
         raise ConfigError(_format_errors(error, label, typed)) from None
     for option in overrides or []:
         key, raw = option.split("=", 1)
-        if raw.strip() in _PYTHON_NONE:  # a text setting took it: the run directory named None, a file named None
+        # a text setting that takes None took the text: the run directory named None, a file named None
+        if raw.strip() in _PYTHON_NONE and _takes_none(parse_set_option(option)[0]):
             warnings.warn(f"--set {option}: {key.strip()} is the text {raw.strip()!r}; YAML writes no value as null "
                           f"(--set {key.strip()}=null)", stacklevel=2)
     return config
