@@ -1923,7 +1923,8 @@ def test_generate_s_other_truncations_and_another_sampling_temperature_in_genera
         tokenizer, tmp_path, recwarn):
     """generation_kwargs reach generate() over GRPOConfig's settings: typical_p below 1 and an epsilon / eta cutoff
     truncate the sampled distribution as top_p does; a temperature there samples at it while TRL scores the
-    log-probs at GRPOConfig's temperature, whatever the objective."""
+    log-probs at GRPOConfig's temperature, whatever the objective. What TRL leaves unset comes from the model's
+    generation_config.json (min_p, typical_p); penalties (repetition, n-grams) reshape the distribution."""
     for kwargs in ({"typical_p": 0.9}, {"epsilon_cutoff": 3e-4}, {"eta_cutoff": 1e-3}, {"top_h": 1.0}):
         name, value = next(iter(kwargs.items()))
         with pytest.warns(UserWarning, match=rf"reads entropy of the full distribution at GRPOConfig's temperature, "
@@ -1934,6 +1935,26 @@ def test_generate_s_other_truncations_and_another_sampling_temperature_in_genera
                                          r"temperature than GRPOConfig's temperature = 1.0"):
         _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="grpo",
                  config=_config(tmp_path, generation_kwargs={"temperature": 0.7}))
+    # what TRL leaves unset generate() takes from the model's generation_config.json
+    model = _model(tokenizer)
+    model.generation_config.min_p, model.generation_config.typical_p = 0.5, 0.5
+    with pytest.warns(UserWarning, match=r"while GRPOConfig's top_k = 0 / top_p = 1.0 / min_p = 0.5 \(min_p from the "
+                                         r"model's generation_config.json\) draw"):
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens", model=model)
+    model.generation_config.min_p = None
+    with pytest.warns(UserWarning, match=r"while the model's generation_config.json typical_p = 0.5 draw"):
+        _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens", model=model)
+    # penalties reshape it: the same mismatch for a method reading H, S, D
+    for options in ({"repetition_penalty": 1.3}, {"generation_kwargs": {"repetition_penalty": 1.3}},
+                    {"generation_kwargs": {"no_repeat_ngram_size": 2}}):
+        with pytest.warns(UserWarning, match=r"GRPOConfig's (repetition_penalty = 1.3|no_repeat_ngram_size = 2) reshape "
+                                             r"the distribution the completions are drawn from, while TRL and method "
+                                             r"'dapo\+clip_b' score them under the full distribution"):
+            _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+clip_b", config=_config(tmp_path, **options))
+    recwarn.clear()
+    _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="grpo",  # reads none of them: silent
+             config=_config(tmp_path, repetition_penalty=1.3))
+    assert not [w for w in recwarn if "reshape" in str(w.message)]
     recwarn.clear()
     for kwargs in ({"typical_p": 1.0}, {"epsilon_cutoff": 0.0}, {"temperature": 0.7}):
         options = {"temperature": 0.7} if "temperature" in kwargs else {}

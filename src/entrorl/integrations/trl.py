@@ -640,19 +640,32 @@ class EntropyGRPOTrainer(GRPOTrainer):
         settings = {name: getattr(self.args, name, None) for name in ("top_k", "top_p", "min_p")}
         given = getattr(self.args, "generation_kwargs", None) or {}
         settings.update({name: given[name] for name in settings if name in given})
+        # what TRL leaves unset (None, or not passed at all), generate() takes from the model's generation_config.json
+        model_settings = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
+        from_model = {name: getattr(model_settings, name, None) for name in [*settings, *_GENERATE_TRUNCATIONS,
+                                                                               "no_repeat_ngram_size"]}
+        from_model = {name: value for name, value in from_model.items()
+                      if value is not None and settings.get(name) is None and name not in given}
+        settings.update({name: from_model[name] for name in settings if name in from_model})
         top_k, top_p, min_p = settings.values()
-        other_truncations = [f"{name} = {given[name]}" for name, cuts in _GENERATE_TRUNCATIONS.items()
-                             if is_real_number(given.get(name)) and cuts(given[name])]
+        model_file = "the model's generation_config.json"
+        other_truncations = [f"GRPOConfig's generation_kwargs {name} = {given[name]}" if name in given
+                             else f"{model_file} {name} = {from_model[name]}"
+                             for name, cuts in _GENERATE_TRUNCATIONS.items()
+                             if is_real_number(value := given.get(name, from_model.get(name))) and cuts(value)]
         if leaves_tokens_out(top_k=top_k, top_p=top_p, min_p=min_p, vocab_size=model_vocab_size(self.model)):
             filters = (f"GRPOConfig's top_k = {top_k} / top_p = {top_p} / min_p = {min_p}"
-                       + (" (with its generation_kwargs)" if any(name in given for name in settings) else ""))
+                       + (" (with its generation_kwargs)" if any(name in given for name in settings) else "")
+                       + (f" ({', '.join(name for name in settings if name in from_model)} from {model_file})"
+                          if any(name in from_model for name in settings) else ""))
         elif other_truncations:
-            filters = f"GRPOConfig's generation_kwargs {' / '.join(other_truncations)}"
+            filters = " / ".join(other_truncations)
         else:
             filters = None
         if filters is not None:
             for caveat in self.objective.filtered_sampling_caveats(filters, "GRPOConfig's temperature"):
                 warnings.warn(caveat, stacklevel=3)
+        self._warn_on_penalised_sampling(given, from_model)
         sampled_at = given.get("temperature")
         if is_real_number(sampled_at) and sampled_at != self.temperature:
             warnings.warn(
@@ -661,6 +674,24 @@ class EntropyGRPOTrainer(GRPOTrainer):
                 "log-probs: the policy trained is not the one sampled (the ratio of an on-policy step is not 1, and the "
                 "entropy statistics describe the scoring temperature); set GRPOConfig's temperature instead",
                 stacklevel=3)
+
+    def _warn_on_penalised_sampling(self, given: dict[str, Any], from_model: dict[str, Any]) -> None:
+        """generate()'s penalties (a repetition penalty, an n-gram ban, banned or suppressed tokens, sequence biases)
+        reshape the distribution the completions are drawn from, which TRL and the objective score unpenalised: a
+        method reading H, S, D or the sampler's log-probs is told so, as for a truncation."""
+        penalty = given.get("repetition_penalty", getattr(self.args, "repetition_penalty", None))
+        ngrams = given.get("no_repeat_ngram_size", from_model.get("no_repeat_ngram_size"))
+        penalties = ([f"repetition_penalty = {penalty}"] if is_real_number(penalty) and penalty != 1 else []) + (
+            [f"no_repeat_ngram_size = {ngrams}"] if is_real_number(ngrams) and ngrams > 0 else []) + [
+            f"generation_kwargs {name}" for name in ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                                                     "sequence_bias") if given.get(name)]
+        read = sorted({"entropy", "disc", "disc_centered", "rollout_log_prob"} & set(self.objective.required_fields))
+        if penalties and read:
+            warnings.warn(
+                f"GRPOConfig's {' / '.join(penalties)} reshape the distribution the completions are drawn from, while "
+                f"TRL and method {self.objective.label!r} score them under the full distribution at GRPOConfig's "
+                f"temperature: the {', '.join(read)} it reads describe another distribution than the one sampled "
+                "(a sampler/trainer ratio holds the penalty too)", stacklevel=4)
 
     def _warn_on_low_precision_head(self) -> None:
         """TRL scores the old and reference log-probs with its own LM head, in the autocast or weight dtype unless
