@@ -1943,13 +1943,20 @@ def test_generate_s_other_truncations_and_another_sampling_temperature_in_genera
         _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens", model=model)
     model.generation_config.min_p = None
     with pytest.warns(UserWarning, match=r"while the model's generation_config.json typical_p = 0.5 draw"):
+        trainer = _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens", model=model)
+    recwarn.clear()  # vLLM or a rollout_func samples: the model's generation_config.json is not read
+    trainer._warn_on_filtered_sampling(generate_samples=False)
+    assert not [w for w in recwarn if "truncated" in str(w.message)]
+    model.generation_config.typical_p, model.generation_config.no_repeat_ngram_size = None, 3
+    with pytest.warns(UserWarning, match=r"^the model's generation_config.json's no_repeat_ngram_size = 3 reshape"):
         _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="forking_tokens", model=model)
     # penalties reshape it: the same mismatch for a method reading H, S, D
     for options in ({"repetition_penalty": 1.3}, {"generation_kwargs": {"repetition_penalty": 1.3}},
-                    {"generation_kwargs": {"no_repeat_ngram_size": 2}}):
-        with pytest.warns(UserWarning, match=r"GRPOConfig's (repetition_penalty = 1.3|no_repeat_ngram_size = 2) reshape "
-                                             r"the distribution the completions are drawn from, while TRL and method "
-                                             r"'dapo\+clip_b' score them under the full distribution"):
+                    {"generation_kwargs": {"no_repeat_ngram_size": 2}}, {"generation_kwargs": {"presence_penalty": 0.5}}):
+        with pytest.warns(UserWarning, match=r"GRPOConfig(.generation_kwargs)?'s (repetition_penalty = 1.3|"
+                                             r"no_repeat_ngram_size = 2|presence_penalty) reshape the distribution the "
+                                             r"completions are drawn from, while TRL and method 'dapo\+clip_b' score "
+                                             r"them under the full distribution"):
             _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="dapo+clip_b", config=_config(tmp_path, **options))
     recwarn.clear()
     _trainer(EntropyGRPOTrainer, tokenizer, tmp_path, objective="grpo",  # reads none of them: silent

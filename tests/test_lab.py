@@ -2961,12 +2961,17 @@ def test_sigterm_to_the_process_group_while_a_worker_starts_is_a_stop_not_a_fail
     assert not (out / "methods" / "grpo" / "error.log").exists()
 
 
-def test_an_unreadable_base_evaluation_is_made_again_on_resume(tmp_path, monkeypatch, capfd):
+def test_an_unreadable_base_evaluation_and_a_method_without_an_intact_checkpoint_are_made_again(tmp_path, monkeypatch,
+                                                                                                capfd):
     """A method's final_eval.json that cannot be read is evaluated again when the laboratory is re-run (runner.py:
     "one that cannot be read is evaluated again"), but base/final_eval.json is reused whenever it exists
     (runner._run_in_folder: `if not base_eval.exists()`): an empty or cut-short one stays for ever, the report says
     "`base/final_eval.json` cannot be read (cut short?) ... the base model's rows and lines are missing", and re-running
-    the command, the remedy the laboratory gives for everything else, changes nothing (exit 0)."""
+    the command, the remedy the laboratory gives for everything else, changes nothing (exit 0).
+
+    A method whose only checkpoint is damaged (or lost its trainer state) before its final evaluation trains again,
+    that checkpoint set aside: resumed, it failed on every run ("--resume: no checkpoint"), and started afresh the
+    trainer refuses a fresh start over it."""
     from entrorl.lab.runner import failed_methods
 
     _tiny_preset(monkeypatch, steps=2)
@@ -2975,12 +2980,12 @@ def test_an_unreadable_base_evaluation_is_made_again_on_resume(tmp_path, monkeyp
     base_eval = out / "base" / "final_eval.json"
     whole = json.loads(base_eval.read_text())
     base_eval.write_text(base_eval.read_text()[:100])  # cut short (a disk error, a copy interrupted)
-    # and a method whose checkpoints lost their trainer states (deleted to save room) before its final evaluation:
-    # trained again from the start, its checkpoints set aside (the trainer refuses a fresh start over them)
     method = out / "methods" / "grpo"
     (method / "final_eval.json").unlink()
-    for state in method.glob("checkpoints/step_*/trainer.pt"):
-        state.unlink()
+    (state,) = method.glob("checkpoints/step_*/trainer.pt")
+    damaged = bytearray(state.read_bytes())
+    damaged[len(damaged) // 2] ^= 1  # every file there, one bit changed: only its CRC-32 tells
+    state.write_bytes(bytes(damaged))
     capfd.readouterr()
     run_lab("tiny", methods=["grpo"], out=out, workers=1, cache_dir=cache)
     said = " ".join(capfd.readouterr().err.split())

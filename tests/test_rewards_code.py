@@ -168,6 +168,9 @@ def test_extract_code_reads_the_answer_after_thinking_not_a_draft_written_while_
     assert verdict == 1.0, verdict.reason
     verdict = reward()("add", "<think>\n```python\nprint(sum(map(int, input().split())))\n```\nHmm", ADD_TESTS)
     assert (float(verdict), verdict.status) == (0.0, "no_code")
+    # a draft block left open in the reasoning does not hide the answer after it
+    abandoned = "<think>\nDraft:\n```python\ndef f(a, b):\nHmm, no.\n</think>\n```python\nprint(1)\n```\n"
+    assert extract_code(abandoned) == "print(1)\n"
     # the tags inside a program are the program's: it may print them, or strip them from its input
     assert extract_code("```python\nprint('<think>')\n```\n") == "print('<think>')\n"
     strip = "s = input()\nprint(s.replace('</think>', ''))\n"
@@ -1805,6 +1808,16 @@ def test_each_case_s_standard_error_has_the_file_size_limit_to_itself():
              "    def flush(self): raise SystemExit(0)\nsys.stderr = Quiet()\nprint(input())\n")
     run = run_in_sandbox(quiet, two)
     assert [(outcome.status, outcome.stdout) for outcome in run.outcomes] == [("ok", "a\n"), ("ok", "b\n")]
+    # a case that ran into the size limit leaves nothing in the next one's (the refused rest of its buffer is dropped)
+    flood = ("import sys\nname = input()\nif name == 'case0':\n    for i in range(200000): sys.stderr.write(f'line-{i}\\n')\n"
+             "else:\n    sys.stderr.write('case1 only')\n")
+    run = run_in_sandbox(flood, [SandboxCase("stdin", "case0\n"), SandboxCase("stdin", "case1\n")],
+                         SandboxLimits(max_file_mb=1))
+    assert run.outcomes[1].status == "ok" and run.stderr_tail == "case1 only", (run.outcomes, run.stderr_tail[-100:])
+    # descriptor 2 closed: the next case has it back
+    closed = "import os, sys\nif input() == 'a':\n    os.close(2)\nelse:\n    sys.stderr.write('back')\nprint('ok')\n"
+    run = run_in_sandbox(closed, [SandboxCase("stdin", "a\n"), SandboxCase("stdin", "b\n")])
+    assert [outcome.status for outcome in run.outcomes] == ["ok", "ok"] and run.stderr_tail == "back", run.outcomes
 
 
 def test_a_program_that_cannot_be_compiled_in_time_or_at_all_says_so():

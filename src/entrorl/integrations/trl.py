@@ -160,6 +160,12 @@ _GENERATE_TRUNCATIONS = {"typical_p": lambda value: value < 1.0, "epsilon_cutoff
                          "eta_cutoff": lambda value: value > 0.0,
                          "top_h": lambda value: True}  # any top_h keeps at most the 100 likeliest tokens
 
+# generation settings besides a repetition penalty and an n-gram ban that change the sampled distribution:
+# generate()'s, then vLLM's SamplingParams'
+_SAMPLING_RESHAPERS = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
+                       "presence_penalty", "frequency_penalty", "logit_bias", "bad_words", "allowed_token_ids",
+                       "min_tokens")
+
 #: TRL ``loss_type`` -> the entrorl method whose loss is TRL's (same surrogate, same aggregation), given TRL's clip
 #: range. ``bnpo`` (a token mean over each micro-batch alone), ``sapo``, ``luspo`` and ``vespo`` have none.
 TRL_LOSS_TYPE_METHODS = {"grpo": "grpo", "dapo": "dapo", "dr_grpo": "dr_grpo", "cispo": "cispo"}
@@ -569,7 +575,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             raise NotImplementedError("EntropyGRPOTrainer scores text-only batches; this model's processor takes images "
                                       f"({type(self.processing_class).__name__})")
         check_trl_args(self.args, self.objective, rollout_func=rollout_func)
-        self._warn_on_filtered_sampling()
+        self._warn_on_filtered_sampling(generate_samples=not getattr(self.args, "use_vllm", False) and rollout_func is None)
         if self.objective.loss_agg_mode == "seq-mean-token-sum-norm" and self.objective.loss_scale_factor is None:
             self.objective.loss_scale_factor = float(self.max_completion_length)
         if objective is not None:  # without one the loss is TRL's own loss_type, as GRPOTrainer's
@@ -630,18 +636,21 @@ class EntropyGRPOTrainer(GRPOTrainer):
                 stacklevel=3,
             )
 
-    def _warn_on_filtered_sampling(self) -> None:
+    def _warn_on_filtered_sampling(self, *, generate_samples: bool = True) -> None:
         """The objective's caveats (:meth:`Objective.filtered_sampling_caveats`) when GRPOConfig's top_k (below the
         vocabulary's size), top_p or min_p leave tokens out of the sampled distribution, as its ``generation_kwargs``
         (which TRL applies over them) set them, or when those kwargs set one of generate's other truncations
-        (``typical_p`` below 1, ``epsilon_cutoff`` or ``eta_cutoff`` above 0, any ``top_h``). A ``temperature`` among them that is not
+        (``typical_p`` below 1, ``epsilon_cutoff`` or ``eta_cutoff`` above 0, any ``top_h``); when the model's
+        ``generate`` samples (``generate_samples``: no vLLM, no rollout_func), also those its generation_config.json
+        sets where TRL leaves them unset. A ``temperature`` among them that is not
         GRPOConfig's draws the tokens at one temperature while TRL and the objective score them at the other: that is
         warned about for every objective."""
         settings = {name: getattr(self.args, name, None) for name in ("top_k", "top_p", "min_p")}
         given = getattr(self.args, "generation_kwargs", None) or {}
         settings.update({name: given[name] for name in settings if name in given})
         # what TRL leaves unset (None, or not passed at all), generate() takes from the model's generation_config.json
-        model_settings = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
+        model_settings = (getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
+                          if generate_samples else None)
         from_model = {name: getattr(model_settings, name, None) for name in [*settings, *_GENERATE_TRUNCATIONS,
                                                                                "no_repeat_ngram_size"]}
         from_model = {name: value for name, value in from_model.items()
@@ -680,15 +689,20 @@ class EntropyGRPOTrainer(GRPOTrainer):
         reshape the distribution the completions are drawn from, which TRL and the objective score unpenalised: a
         method reading H, S, D or the sampler's log-probs is told so, as for a truncation."""
         penalty = given.get("repetition_penalty", getattr(self.args, "repetition_penalty", None))
+        penalties = [f"{'GRPOConfig.generation_kwargs' if 'repetition_penalty' in given else 'GRPOConfig'}'s "
+                     f"repetition_penalty = {penalty}"] if is_real_number(penalty) and penalty != 1 else []
         ngrams = given.get("no_repeat_ngram_size", from_model.get("no_repeat_ngram_size"))
-        penalties = ([f"repetition_penalty = {penalty}"] if is_real_number(penalty) and penalty != 1 else []) + (
-            [f"no_repeat_ngram_size = {ngrams}"] if is_real_number(ngrams) and ngrams > 0 else []) + [
-            f"generation_kwargs {name}" for name in ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
-                                                     "sequence_bias") if given.get(name)]
+        if is_real_number(ngrams) and ngrams > 0:
+            source = "GRPOConfig.generation_kwargs's" if "no_repeat_ngram_size" in given else \
+                "the model's generation_config.json's"
+            penalties.append(f"{source} no_repeat_ngram_size = {ngrams}")
+        # generate()'s and vLLM's (presence / frequency penalties, logit biases, banned or allowed tokens, min_tokens)
+        penalties += [f"GRPOConfig.generation_kwargs's {name}" for name in _SAMPLING_RESHAPERS
+                      if given.get(name) not in (None, 0, 0.0, [], {}, "")]
         read = sorted({"entropy", "disc", "disc_centered", "rollout_log_prob"} & set(self.objective.required_fields))
         if penalties and read:
             warnings.warn(
-                f"GRPOConfig's {' / '.join(penalties)} reshape the distribution the completions are drawn from, while "
+                f"{' / '.join(penalties)} reshape the distribution the completions are drawn from, while "
                 f"TRL and method {self.objective.label!r} score them under the full distribution at GRPOConfig's "
                 f"temperature: the {', '.join(read)} it reads describe another distribution than the one sampled "
                 "(a sampler/trainer ratio holds the penalty too)", stacklevel=4)

@@ -230,8 +230,8 @@ def _train_and_evaluate(job: dict[str, Any]) -> dict[str, Any]:
     method, run_dir = job["method"], Path(job["run_dir"])
     data = {k: Path(v) for k, v in job["data"].items()}
     config = load_config(_trainer_config(preset, method, Path(job["model_dir"]), data, run_dir, job.get("imports", [])))
-    resume = latest_checkpoint(run_dir) is not None
-    if not resume:  # the method's own checkpoints that cannot be resumed (a trainer state gone): it trains again
+    resume = latest_checkpoint(run_dir, verify="all") is not None  # as the trainer's resume checks them
+    if not resume:  # the method's own checkpoints that cannot be resumed (damaged, a trainer state gone): it trains again
         moved = set_aside_checkpoints_after(run_dir, None)
         if moved:
             warnings.warn(f"{method}: no checkpoint of it can be resumed; moved them to {moved[0].parent} "
@@ -934,8 +934,10 @@ def run_lab(preset_name: str = "default", *, methods: list[str] | str | None = N
             workers: int | None = None, console=None, cache_dir: Path | None = None, rl_seed: int | None = None,
             imports: list[str] | None = None) -> Path:
     """Run the laboratory and write its report; returns the run directory. Re-running on an existing
-    directory resumes: finished methods are kept, interrupted ones continue from their last checkpoint, and the
-    report covers every method run in the directory so far, not only the ones named this time.
+    directory resumes: finished methods are kept, interrupted ones continue from their last intact checkpoint (one
+    without any, its checkpoints damaged or their trainer states deleted, trains again, those set aside in
+    ``checkpoints/passed_over``), and the report covers every method run in the directory so far, not only the ones
+    named this time.
 
     ``imports``: modules to import first, which register methods of one's own (``entrorl.objective.register_method``)
     that ``methods`` may then name. The methods train in new processes, which import them too, as they do the module

@@ -122,24 +122,25 @@ def extract_code(
     untagged fenced block; without one, the whole completion when ``allow_unfenced`` (else None). An
     unclosed fence (a truncated completion) does not count. Blank programs are None.
 
-    A draft written while thinking is not the program: after a reasoning block closed by ``</think>`` only the text
-    after the last ``</think>`` is read, and a ``<think>`` never closed (a completion cut off while reasoning) has
-    no program; the tags count outside fenced blocks only (a program may print them)."""
+    A draft written while thinking is not the program: only the text after the reasoning is read. A completion that
+    opens with ``<think>`` reasons up to its first ``</think>`` (whatever draft blocks it left open), and has no
+    program without one (cut off while reasoning); in one that does not (a chat template opened the reasoning in the
+    prompt), the reasoning ends at the first ``</think>`` outside a fenced block (a program may print the tags)."""
     if which not in ("last", "first"):
         raise ValueError(f"which must be 'last' or 'first', got {which!r}")
     if not isinstance(completion, str):
         return None
-    fenced = [match.span() for match in _FENCE_RE.finditer(completion)]  # a tag inside a program is the program's
-
-    def outside_the_code(tag: str) -> list[int]:
-        return [found.start() for found in re.finditer(re.escape(tag), completion)
-                if not any(start <= found.start() < end for start, end in fenced)]
-
-    closed = outside_the_code(_THINK_END)
-    if closed:
-        completion = completion[closed[-1] + len(_THINK_END):]
-    elif outside_the_code(_THINK_START):
-        return None
+    if completion.lstrip().startswith(_THINK_START):  # reasoning ends at its first </think>, draft blocks or not
+        closed = completion.find(_THINK_END)
+        if closed < 0:
+            return None
+        completion = completion[closed + len(_THINK_END):]
+    else:  # reasoning a chat template opened in the prompt, or none: a tag inside a program is the program's
+        fenced = [match.span() for match in _FENCE_RE.finditer(completion)]
+        closed = next((found.start() for found in re.finditer(re.escape(_THINK_END), completion)
+                       if not any(start <= found.start() < end for start, end in fenced)), None)
+        if closed is not None:
+            completion = completion[closed + len(_THINK_END):]
     wanted = {language.casefold() for language in ((languages,) if isinstance(languages, str) else languages)}
     tagged, untagged = [], []
     for match in _FENCE_RE.finditer(completion):

@@ -180,14 +180,14 @@ class SentenceEmbedder:
             raise ValueError(f"{directory} is not a model directory (no config.json)")
         self.directory = directory
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
+        asked = None if max_length is None else check_int(max_length, "max_length", minimum=1)
         self.device = torch.device(device)
         self.pooling = self._pooling_mode(directory)
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
         with quiet_progress_bars():
             self.model = AutoModel.from_pretrained(directory).to(self.device).eval()
-        # never past the positions the encoder has, even when asked (check_int: a positive whole number)
-        self.max_length = (min(check_int(max_length, "max_length", minimum=1), self._usable_length())
-                           if max_length is not None else self._max_length(directory))
+        # never past the positions the encoder has, even when asked
+        self.max_length = min(asked, self._usable_length()) if asked is not None else self._max_length(directory)
 
     @staticmethod
     def _pooling_mode(directory: Path) -> str:

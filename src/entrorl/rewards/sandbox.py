@@ -540,19 +540,23 @@ def attach_standard_error(error_file):
     """Point descriptor 2 (and sys.stderr) at the run's standard error file again, emptied: each case's standard error
     starts empty, under a file size limit of its own, as a script's would. The harness's own stream of the case before
     is flushed first; a stream the program put in its place is not touched (its flush is the program's code)."""
-    own = OWN_STREAMS.get("stderr")
+    own = OWN_STREAMS.pop("stderr", None)
+    sys.stderr = sys.__stderr__ = None
     if own is not None:
-        try:
-            own.flush()
-        except BaseException:  # closed by the program, or its descriptor taken
-            leave_if_forked()
+        try:  # closed, it never flushes again: what a flush refused (the file at its size limit) is dropped here
+            own.close()
+        except BaseException:
+            pass
     try:
         os.dup2(error_file, 2)
         os.ftruncate(2, 0)
-    except OSError:  # the program closed the harness's copy of the descriptor
+    except OSError:  # the program closed the harness's copy (descriptor 2 may be its output now: left as it is)
         pass
-    sys.stderr = sys.__stderr__ = OWN_STREAMS["stderr"] = open(2, "w", buffering=1, encoding="utf-8",
-                                                           errors="backslashreplace", closefd=False)
+    try:
+        sys.stderr = sys.__stderr__ = OWN_STREAMS["stderr"] = open(2, "w", buffering=1, encoding="utf-8",
+                                                               errors="backslashreplace", closefd=False)
+    except OSError:  # descriptor 2 closed too: the case writes its standard error nowhere
+        pass
 
 
 def fresh_program_namespace(name, preamble=None):
