@@ -2079,8 +2079,8 @@ def test_a_method_is_trained_by_its_own_trainer_resumed_from_its_checkpoint_and_
     built = {}
     monkeypatch.setattr(trainer_package, "Trainer", RecordingTrainer)
     monkeypatch.setattr(supervised, "SFTTrainer", RecordingSFTTrainer)
-    monkeypatch.setattr(checkpoint, "latest_checkpoint", lambda run_dir: run_dir / "checkpoints" / "step_000004"
-                        if run_dir.name == "sft" else None)
+    monkeypatch.setattr(checkpoint, "latest_checkpoint",
+                        lambda run_dir, **checks: run_dir / "checkpoints" / "step_000004" if run_dir.name == "sft" else None)
     monkeypatch.setattr(runner, "evaluate_policy", lambda model, tokenizer, preset, data: {
         "model": model, "tokenizer": tokenizer, "eval_n": preset.eval_n, "data": sorted(data)})
     preset = get_preset("quick")
