@@ -656,34 +656,26 @@ def test_the_asserts_run_the_program_as_a_module_whose_main_block_does_not_run(t
     assert reward()("add", fenced(MAIN_GUARDED_ADD), tests) == 1.0
 
 
+# LeetCode's starter code names typing's List without importing it
+TYPED_TWO_SUM = textwrap.dedent("""
+    class Solution:
+        def twoSum(self, nums: List[int], target: int) -> List[int]:
+            seen = {}
+            for i, x in enumerate(nums):
+                if target - x in seen:
+                    return [seen[target - x], i]
+                seen[x] = i
+""")
+
+
 def test_function_call_programs_get_typing_s_names_as_leetcode_s_starter_code_expects():
-    program = fenced("""
-        class Solution:
-            def twoSum(self, nums: List[int], target: int) -> List[int]:
-                seen = {}
-                for i, x in enumerate(nums):
-                    if target - x in seen:
-                        return [seen[target - x], i]
-                    seen[x] = i
-    """)
-    assert reward()("two sum", program, {"fn_name": "twoSum", "cases": TWO_SUM_CASES}) == 1.0
+    assert reward()("two sum", fenced(TYPED_TWO_SUM), {"fn_name": "twoSum", "cases": TWO_SUM_CASES}) == 1.0
 
 
 def test_a_function_call_program_may_begin_with_a_future_import():
     """typing's names are given to the program's namespace before it runs, not written above its source, where
     ``from __future__`` imports must come first (a SyntaxError otherwise)."""
-    program = fenced("""
-        \"\"\"Two sum.\"\"\"
-        from __future__ import annotations
-
-        class Solution:
-            def twoSum(self, nums: List[int], target: int) -> List[int]:
-                seen = {}
-                for i, x in enumerate(nums):
-                    if target - x in seen:
-                        return [seen[target - x], i]
-                    seen[x] = i
-    """)
+    program = fenced('"""Two sum."""\nfrom __future__ import annotations\n' + TYPED_TWO_SUM)
     verdict = reward()("two sum", program, {"fn_name": "twoSum", "cases": TWO_SUM_CASES})
     assert verdict == 1.0, verdict.reason
     add = fenced("from __future__ import annotations\n\ndef add(a: int, b: int) -> int:\n    return a + b")

@@ -161,10 +161,7 @@ def _weights_transformers_reads(path: Path, *, links_count: bool = False) -> tup
     present = os.path.lexists if links_count else os.path.isfile
     order = (("model.safetensors", "model.safetensors.index.json"),
              ("pytorch_model.bin", "pytorch_model.bin.index.json"))
-    try:
-        named = json.loads((path / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
-    except (OSError, ValueError, AttributeError):
-        named = None
+    named = _weights_config_names(path)
     if isinstance(named, str):
         order = ((None, named),) if named.endswith(".safetensors.index.json") else ()
     for single, index in order:
@@ -177,6 +174,14 @@ def _weights_transformers_reads(path: Path, *, links_count: bool = False) -> tup
                 return index, None
             return index, sorted(set(names)) if all(isinstance(name, str) for name in names) else None
     return None
+
+
+def _weights_config_names(path: Path) -> Any:
+    """What the ``config.json`` in ``path`` names as its weights (``transformers_weights``), None when nothing."""
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def refuse_files_this_user_cannot_read(directory: Path, *, tokenizer: bool = True, weights: bool = True,
@@ -237,13 +242,8 @@ def _refuse_weights_transformers_does_not_read(path: Path) -> None:
     """``FileNotFoundError`` when ``path`` holds weight files but none that transformers reads: shards without the
     index that lists them (a download of ``*.safetensors`` alone), or a file of another name (``consolidated``),
     which would fail only after the data and tokenizer had loaded, naming neither."""
-    if _weights_transformers_reads(path, links_count=True) is not None:
-        return
-    try:
-        if "transformers_weights" in json.loads((path / "config.json").read_text(encoding="utf-8")):
-            return  # a file of its own naming, which transformers is told to read
-    except (OSError, ValueError, TypeError):
-        pass
+    if _weights_transformers_reads(path, links_count=True) is not None or _weights_config_names(path) is not None:
+        return  # (a file of its own naming, which transformers is told to read)
     files = sorted(name for pattern in WEIGHT_PATTERNS for name in (found.name for found in path.glob(pattern)))
     shards = [name for name in files if re.fullmatch(r".+-\d+-of-\d+\.(safetensors|bin)", name)]
     if shards:

@@ -1213,17 +1213,13 @@ _PYTHON_NONE = ("None", "none")  # what a Python user writes for no value; YAML'
 
 
 def _takes_none(loc: Sequence[str | int]) -> bool:
-    """Whether the key at ``loc`` (``("optim", "grad_clip")``; a list's positions as ints or digits) takes None."""
+    """Whether the key at ``loc`` (``("optim", "grad_clip")``; a list's positions as ints or digits) takes None: its
+    annotation is a union with None (pydantic keeps a field's type without its ``Annotated`` metadata)."""
     path = [int(part) if isinstance(part, str) and _is_position(part) else part for part in loc]
     section = _section_at(path[:-1])
     field = None if section is None or not path else section.model_fields.get(str(path[-1]))
-    if field is None:
-        return False
-    annotation = field.annotation
-    while typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
-    return (typing.get_origin(annotation) in (typing.Union, types.UnionType)
-            and type(None) in typing.get_args(annotation))
+    return (field is not None and typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
+            and type(None) in typing.get_args(field.annotation))
 
 
 def _format_errors(error: ValidationError, source: str, given: dict[str, str] | None = None) -> str:
@@ -1292,9 +1288,9 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
         typed = {".".join(parse_set_option(option)[0]): option.split("=", 1)[1] for option in overrides or []}
         raise ConfigError(_format_errors(error, label, typed)) from None
     for option in overrides or []:
-        key, raw = option.split("=", 1)
+        key, value = parse_set_option(option)
         # a text setting that takes None took the text: the run directory named None, a file named None
-        if raw.strip() in _PYTHON_NONE and _takes_none(parse_set_option(option)[0]):
-            warnings.warn(f"--set {option}: {key.strip()} is the text {raw.strip()!r}; YAML writes no value as null "
-                          f"(--set {key.strip()}=null)", stacklevel=2)
+        if value in _PYTHON_NONE and _takes_none(key):
+            warnings.warn(f"--set {option}: {'.'.join(key)} is the text {value!r}; YAML writes no value as null "
+                          f"(--set {'.'.join(key)}=null)", stacklevel=2)
     return config
