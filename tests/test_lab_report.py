@@ -1606,7 +1606,8 @@ def _without_base_eval_entropy(out: Path) -> None:
 
 def test_the_training_curve_s_collapse_verdict_needs_a_start_and_a_later_end(tmp_path):
     """On the training curve, one logged step has no end/start ratio, so no verdict (not 'does not hold' from a ratio
-    of 1), and a start entropy of 0 has none either, said as such rather than as missing entropy."""
+    of 1), and a start entropy of 0 has none either, said as such rather than as missing entropy; one logged reward is
+    not said to have stayed the same."""
     out = build_run(tmp_path / "lab-curve", methods=("grpo", "nsr"), failed=())
     _without_base_eval_entropy(out)
     for entropy, reason in (([0.8], "one logged entropy, whose start is its end"),
@@ -1615,6 +1616,12 @@ def test_the_training_curve_s_collapse_verdict_needs_a_start_and_a_later_end(tmp
         headline = write_report(out, figures=False)["headline"]
         assert headline["collapse"] is None
         assert f"it cannot be checked ({reason})" in headline["paragraphs"][0]
+    # nor is one logged reward said not to have changed: its start is its end too
+    assert headline["reward_change"] == "rose"
+    _write_metrics(out / "methods" / "grpo", [0.8], [0.3])
+    headline = write_report(out, figures=False)["headline"]
+    assert headline["reward_change"] == "cannot be compared (one logged reward, whose start is its end)"
+    assert "the training reward cannot be compared (one logged reward" in headline["paragraphs"][0]
 
 
 def test_a_method_with_one_logged_step_has_no_entropy_ratio_and_did_not_keep_entropy(tmp_path):

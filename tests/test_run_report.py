@@ -155,6 +155,35 @@ def test_the_step_0_evaluation_is_an_evaluation_not_a_training_step(tmp_path):
     assert summary["evaluation Pass@2 at step 10"] == 0.75
 
 
+def test_evaluations_logged_in_metrics_jsonl_are_reported_when_no_eval_folder_was_kept(tmp_path):
+    """The trainer logs each evaluation in metrics.jsonl too: with the log copied alone (or a loop of one's own that
+    logs its evaluations), the report reads them there, step 0's baseline included, and fits the evaluation law,
+    rather than saying none was run."""
+    records = [{"step": 0, "eval/avg_at_n": 0.1, "eval/n": 4.0, "eval/pass_at_1": 0.1, "eval/pass_at_4": 0.3,
+                "eval/frac_solved_none": 0.6, "eval/frac_solved_all": 0.0}]
+    for step in range(1, 13):
+        record = {"step": step, "entropy/mean": 1.2 - 0.08 * step, "reward/accuracy": 0.05 * step}
+        if step % 6 == 0:
+            record.update({"eval/avg_at_n": 0.1 + 0.03 * step, "eval/n": 4.0, "eval/pass_at_1": 0.1 + 0.03 * step,
+                           "eval/pass_at_4": 0.3 + 0.03 * step, "eval/frac_solved_none": 0.5,
+                           "eval/frac_solved_all": 0.1})
+        records.append(record)
+    run = write_run(tmp_path / "run", records)
+    report = write_run_report(run, figures=False)
+    table = report["evaluations"]
+    assert [r["step"] for r in table["values"]] == [0, 6, 12]
+    assert row(table, "step", 0) == {"step": 0, "prompts": None, "n": 4, "Avg@n": 0.1, "Pass@1": 0.1, "Pass@4": 0.3,
+                                     "solved by none": 0.6, "solved by all": 0.0}
+    assert row(table, "step", 12)["Pass@4"] == pytest.approx(0.66)
+    assert report["law"]["evaluations"] is not None and report["steps"] == 12
+    markdown = (run / "report" / "report.md").read_text()
+    assert "Each evaluation logged in `metrics.jsonl`" in markdown and "No evaluation was found" not in markdown
+    # an eval/ folder, when kept, is what is read (it also counts the prompts)
+    evaluation = {"n_problems": 8, "n_samples": 4, "avg_at_n": 0.5, "pass_at_k": {"1": 0.5}, "polarisation": {}}
+    report = write_run_report(write_run(tmp_path / "with-eval", records, evaluations={12: evaluation}), figures=False)
+    assert [r["step"] for r in report["evaluations"]["values"]] == [12]
+
+
 def test_fork_tokens_latest_and_recurring(tmp_path):
     def fork(token, entropy):
         return {"token": token, "entropy": entropy, "before": "1+1=", "after": "\n#", "source": "eval.jsonl:3"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from verl.utils.torch_functional import logprobs_from_logits  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 
 from entrorl.integrations.verl import TokenStatsEngineMixin, actor_token_stats, enable_actor_extension  # noqa: E402
+from entrorl.integrations.verl.actor import entropy_gradient_needed  # noqa: E402
 from entrorl.objective import PolicyBatch, build_objective  # noqa: E402
 from entrorl.tokens import token_stats  # noqa: E402
 
@@ -263,13 +265,8 @@ def test_enable_actor_extension_wraps_verl_fsdp_engine():
             EngineRegistry._engines["language_model"][backend] = by_device
 
 
-@pytest.mark.parametrize("method, gradient", [("clip_b", False), ("forking_tokens", False), ("entropy_advantage", False),
-                                              ("entropy_bonus", True), ("adaptive_entropy", True)])
-def test_statistics_carry_a_graph_only_for_entropy_regularisers(method, gradient, config_factory):
-    """Selection statistics come from detached logits; an entropy bonus keeps its graph and switches verl's
-    in-place log-prob backward off (calculate_entropy), which would otherwise overwrite the logits it reads."""
-    data, logits, *_ = _micro_batch(seed=3)
-    engine = ExtendedEngine(logits, temperature=0.9)
+def _graphs_of_the_statistics(data, logits, config, *, forward_only: bool = False) -> dict[str, bool]:
+    """``{model output key: requires_grad}`` of the statistics the extension computed for one micro-batch."""
     seen = {}
     original = TokenStatsEngineMixin._entrorl_token_stats
 
@@ -280,23 +277,27 @@ def test_statistics_carry_a_graph_only_for_entropy_regularisers(method, gradient
 
     TokenStatsEngineMixin._entrorl_token_stats = spy
     try:
-        engine.forward_step(data, partial(ppo_loss, config=config_factory(f"entrorl_{method}")), forward_only=False)
+        with torch.no_grad() if forward_only else contextlib.nullcontext():  # verl computes log-probs without a graph
+            ExtendedEngine(logits, temperature=0.9).forward_step(data, partial(ppo_loss, config=config),
+                                                                 forward_only=forward_only)
     finally:
         TokenStatsEngineMixin._entrorl_token_stats = original
+    return seen
+
+
+@pytest.mark.parametrize("method, gradient", [("clip_b", False), ("forking_tokens", False), ("entropy_advantage", False),
+                                              ("entropy_bonus", True), ("adaptive_entropy", True)])
+def test_statistics_carry_a_graph_only_for_entropy_regularisers(method, gradient, config_factory):
+    """Selection statistics come from detached logits; an entropy bonus keeps its graph and switches verl's
+    in-place log-prob backward off (calculate_entropy), which would otherwise overwrite the logits it reads."""
+    data, logits, *_ = _micro_batch(seed=3)
+    seen = _graphs_of_the_statistics(data, logits, config_factory(f"entrorl_{method}"))
     assert seen and all(flag == gradient for flag in seen.values()), seen
     assert tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False) is gradient
 
     # a forward-only pass has no backward: verl's settings are left untouched
     data, logits, *_ = _micro_batch(seed=4)
-    seen.clear()
-    TokenStatsEngineMixin._entrorl_token_stats = spy
-    try:
-        with torch.no_grad():  # as verl computes log-probs
-            ExtendedEngine(logits, temperature=0.9).forward_step(
-                data, partial(ppo_loss, config=config_factory(f"entrorl_{method}")), forward_only=True)
-    finally:
-        TokenStatsEngineMixin._entrorl_token_stats = original
-    assert seen
+    assert _graphs_of_the_statistics(data, logits, config_factory(f"entrorl_{method}"), forward_only=True)
     assert tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False) is False
 
 
@@ -457,6 +458,80 @@ def test_the_environment_variable_asks_for_the_extension(value, requested, monke
     else:
         monkeypatch.setenv(ACTOR_EXTENSION_ENV, value)
     assert actor_extension_requested() is requested
+
+
+@pytest.fixture
+def method_with_an_own_entropy_regulariser():
+    """A method whose own regulariser, registered by the user as docs/verl.md says, penalises an entropy below a
+    floor: ``coef * agg(relu(floor - H))``, whose gradient flows through H. Taken out of the registries afterwards."""
+    from verl.trainer.ppo import core_algos
+
+    from entrorl.integrations.verl import register_policy_losses
+    from entrorl.objective import MethodSpec, register_method
+    from entrorl.objective import methods as method_registry
+    from entrorl.objective import parts as part_registry
+    from entrorl.objective.parts import Regularizer, RegularizerTerm, register_part
+
+    @register_part("test_entropy_floor", description="test-only: penalise an entropy below a floor")
+    class EntropyFloor(Regularizer):
+        requires = ("entropy",)
+        coef: float = 0.1
+        floor: float = 5.0
+
+        def __call__(self, batch, advantages, aggregate, metrics):
+            return RegularizerTerm(scalar=self.coef * aggregate(torch.relu(self.floor - batch.entropy), batch.mask))
+
+    name = "test_grpo_entropy_floor"
+    register_method(MethodSpec(name=name, description="test-only: grpo with an entropy floor", paper="none",
+                               regularizers=(("test_entropy_floor", {}),)))
+    register_policy_losses()
+    yield name
+    method_registry._METHODS.pop(name)
+    method_registry._REGISTERED_BY.pop(name, None)
+    part_registry._REGISTRY["regularizer"].pop("test_entropy_floor")
+    core_algos.POLICY_LOSS_REGISTRY.pop(f"entrorl_{name}")
+
+
+def test_a_regulariser_of_one_s_own_that_reads_the_entropy_gets_its_gradient(method_with_an_own_entropy_regulariser,
+                                                                             config_factory):
+    """Not only the built-in entropy terms: any regulariser reading the entropy trains through it, as in entrorl's
+    own trainer (the extension detached it for every regulariser but those two, and the term's gradient was lost)."""
+    data, logits, *_ = _micro_batch(seed=3)
+    config = config_factory(f"entrorl_{method_with_an_own_entropy_regulariser}")
+    assert entropy_gradient_needed(config)
+    assert _graphs_of_the_statistics(data, logits, config) == {"entrorl_entropy": True}
+    assert tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False) is True
+
+
+def test_the_padded_layout_computes_the_statistics_on_views_of_the_logits(monkeypatch):
+    """With ``use_remove_padding=False`` each row's statistics come from a view of verl's [B, T, V] logits: no
+    second [N, V] tensor of their valid part (at 24k tokens and a 152k vocabulary in bfloat16, 7 GB more)."""
+    import entrorl.integrations.verl.actor as actor
+
+    data, logits, *_ = _micro_batch(seed=3)
+    lengths = data["input_ids"].offsets().diff()
+    rows = torch.split(logits.detach(), lengths.tolist())
+    padded_logits = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, int(lengths.max()) - row.shape[0]))
+                                 for row in rows])
+    seen = []
+    real = actor.actor_token_stats
+
+    def spy(logits, targets, **kwargs):
+        seen.append(logits)
+        return real(logits, targets, **kwargs)
+
+    monkeypatch.setattr(actor, "actor_token_stats", spy)
+    engine = ExtendedEngine(logits, temperature=1.0)
+    engine._entrorl_need, engine._entrorl_entropy_gradient = ("entropy",), False
+    tu.assign_non_tensor(data, use_remove_padding=False)
+    targets = torch.roll(data["input_ids"].values(), shifts=-1)
+    stats = engine._entrorl_token_stats(SimpleNamespace(logits=padded_logits),
+                                        {"input_ids_rmpad_rolled": targets, "temperature": torch.ones(len(lengths))},
+                                        data)
+    assert len(seen) == len(lengths)
+    assert all(view.untyped_storage().data_ptr() == padded_logits.untyped_storage().data_ptr() for view in seen)
+    torch.testing.assert_close(stats["entrorl_entropy"].values(),
+                               _reference_stats(logits.detach(), targets, 1.0)["entropy"].float())
 
 
 def test_padded_layout_gives_each_sequence_its_own_temperature():

@@ -58,6 +58,7 @@ RECURRING_FORKS_SHOWN = 10
 ACTIVITY_PREFIXES = ("select/", "clip/", "reg/", "shape/", "correction/", "kl/ref", "kl_cov/",
                      "pg_clipfrac", "ppo_kl", "clip_ratio/")  # the last three: verl's and TRL's own loss's
 _STEP_FILE = re.compile(r"step_(\d+)\.json")
+_LOGGED_PASS_AT = re.compile(r"eval/pass_at_([0-9]+)")
 TRAINER_STATE = "trainer_state.json"
 LAB_FINAL_EVALUATION = "final_eval.json"  # written in each method folder of ``entrorl lab``
 #: Written by the TRL plugin beside each ``trainer_state.json`` it saves: ``{"method": the objective's name}``.
@@ -154,6 +155,9 @@ class _TrainingRun(MetricRecords):
             self.evaluation_source = "eval/"
         if self.records and self.last_step is None:
             self.last_step = int(self.steps.max())
+        if not self.evaluations and trainer_state is None and verl_log is None:
+            self.evaluations = _logged_evaluations(records)
+            self.evaluation_source = metrics.name if self.evaluations else self.evaluation_source
         if not self.evaluations and verl_log is None:
             self._read_laboratory_evaluation(run_dir / LAB_FINAL_EVALUATION)
 
@@ -325,6 +329,27 @@ def _verl_records(path: Path) -> tuple[list[dict[str, Any]], list[int], dict[int
         record.update({alias: data[key] for key, alias in VERL_ALIASES.items() if key in data})
         records.append(record)
     return records, unreadable, dict(sorted(evaluations.items()))
+
+
+def _logged_evaluations(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """``{step: evaluation}`` of the records that logged one (``eval/avg_at_n``, with ``eval/n``, ``eval/pass_at_<k>``
+    and ``eval/frac_solved_none`` / ``_all`` when given), step 0's baseline included, shaped as ``eval/step_<N>.json``'s
+    summary: a run whose ``eval/`` folder was not kept (``metrics.jsonl`` copied alone, a loop of one's own) still has
+    its evaluations in its log."""
+    evaluations = {}
+    for record in records:
+        step, avg = finite(record.get("step")), finite(record.get(EVAL_REWARD_KEY))
+        if step is None or avg is None or step != int(step):
+            continue
+        pass_at = {int(match.group(1)): value for key, value in record.items()
+                   if (match := _LOGGED_PASS_AT.fullmatch(str(key))) and finite(value) is not None}
+        samples = finite(record.get("eval/n"))
+        evaluations[int(step)] = {
+            "avg_at_n": avg, "n_samples": int(samples) if samples is not None and samples == int(samples) else None,
+            "pass_at_k": dict(sorted(pass_at.items())),
+            "polarisation": {"frac_zero": finite(record.get("eval/frac_solved_none")),
+                             "frac_one": finite(record.get("eval/frac_solved_all"))}}
+    return dict(sorted(evaluations.items()))
 
 
 def _holds_nothing(path: Path) -> bool:
@@ -747,6 +772,8 @@ class _RunReport:
                         "over the data sources (verl logs no unbiased Pass@k nor pass-rate polarisation).")
         else:
             what = ("Each evaluation of `eval/`" if self.run.evaluation_source == "eval/" else
+                    f"Each evaluation logged in `{self.run.evaluation_source}` (no `eval/` folder holds one)"
+                    if self.run.evaluation_source == self.run.source else
                     f"The laboratory's final evaluation (`{self.run.evaluation_source}`, after step "
                     f"{next(iter(evaluations))})")
             section.say(f"{what}: Avg@n and unbiased Pass@k on the held-out prompts, and the share of prompts no sample "

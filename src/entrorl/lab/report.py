@@ -269,6 +269,8 @@ class _Report:
         shown_start, shown_end = _shown(g.reward_start), _shown(g.reward_end)
         if shown_start is None or shown_end is None:
             reward_change = "cannot be compared (missing values)"
+        elif g.reward_steps < 2:
+            reward_change = "cannot be compared (one logged reward, whose start is its end)"
         elif shown_end > shown_start:
             reward_change = "rose"
         elif shown_end < shown_start:

@@ -44,7 +44,6 @@ from entrorl._checks import widest_float
 from entrorl.integrations.verl.channel import collect_metric_aggregations, provide_token_fields
 from entrorl.integrations.verl.losses import LOSS_MODE_PREFIX, config_get, entrorl_parameters
 from entrorl.objective import build_objective
-from entrorl.objective.regularizers import AdaptiveEntropy, EntropyBonus
 from entrorl.tokens import token_stats
 
 __all__ = [
@@ -117,8 +116,10 @@ def _loss_mode_needs(config: Any) -> tuple[tuple[str, ...], bool]:
     if key not in _NEEDED:
         objective = build_objective(method, **params)
         required = objective.required_fields
+        # a regulariser's term may be the entropy itself (the entropy bonus's H): its gradient is kept for every
+        # regulariser reading it, built-in or registered by the user; selectors and shapers read it detached
         _NEEDED[key] = (tuple(name for name in LOGIT_STATS if name in required),
-                        any(isinstance(part, (EntropyBonus, AdaptiveEntropy)) for part in objective.regularizers))
+                        any("entropy" in part.requires for part in objective.regularizers))
     return _NEEDED[key]
 
 
@@ -132,9 +133,10 @@ def stats_needed_by_loss_mode(config: Any) -> tuple[str, ...]:
 
 
 def entropy_gradient_needed(config: Any) -> bool:
-    """Whether the configured ``entrorl_<method>`` loss differentiates through the entropy (``entropy_bonus``,
-    ``adaptive_entropy``, whose term is the entropy itself); every other statistic is a detached selection or
-    shaping quantity."""
+    """Whether the configured ``entrorl_<method>`` loss may differentiate through the entropy: whether one of its
+    regularisers reads it (``entropy_bonus`` and ``adaptive_entropy``, whose term is the entropy itself, or a
+    regulariser of one's own); selectors and shapers read the statistics as detached selection or shaping quantities,
+    and S and D carry no gradient."""
     return _loss_mode_needs(config)[1]
 
 
@@ -255,23 +257,24 @@ class TokenStatsEngineMixin:
         if not self._entrorl_entropy_gradient:
             logits = logits.detach()  # selection statistics only: no graph, nothing to conflict with verl's backward
         cu_seqlens = micro_batch["input_ids"].offsets()
-        targets = output_args["input_ids_rmpad_rolled"]
+        targets = output_args["input_ids_rmpad_rolled"].reshape(-1)
         use_remove_padding = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
         if use_remove_padding:
-            packed_logits = logits.squeeze(0)
-            temperature = output_args["temperature_rmpad"]
+            stats = actor_token_stats(logits.squeeze(0), targets, temperature=output_args["temperature_rmpad"],
+                                      need=self._entrorl_need)
+            stats = {name: self._gather_and_unpad_packed(values, output_args["pad_size"]) for name, values in stats.items()}
         else:
-            seq_lengths = cu_seqlens.diff()
-            packed_logits = torch.cat([row[:length] for row, length in zip(logits, seq_lengths.tolist())])
-            per_sequence = output_args["temperature"].reshape(-1)
-            temperature = torch.repeat_interleave(per_sequence, seq_lengths.to(per_sequence.device))
-        stats = actor_token_stats(packed_logits, targets.reshape(-1), temperature=temperature, need=self._entrorl_need)
-        result = {}
-        for name, values in stats.items():
-            if use_remove_padding:
-                values = self._gather_and_unpad_packed(values, output_args["pad_size"])
-            result[MODEL_OUTPUT_KEYS[name]] = torch.nested.nested_tensor_from_jagged(values, cu_seqlens)
-        return result
+            # row by row on views of the padded [B, T, V] logits: their valid part is never copied into a second
+            # [N, V] tensor, which at a large vocabulary would cost as much memory as the logits themselves
+            by_row, start = [], 0
+            temperatures = output_args["temperature"].reshape(-1).tolist()
+            for row, length, temperature in zip(logits, cu_seqlens.diff().tolist(), temperatures):
+                by_row.append(actor_token_stats(row[:length], targets[start:start + length], temperature=temperature,
+                                                need=self._entrorl_need))
+                start += length
+            stats = {name: torch.cat([row[name] for row in by_row]) for name in self._entrorl_need}
+        return {MODEL_OUTPUT_KEYS[name]: torch.nested.nested_tensor_from_jagged(values, cu_seqlens)
+                for name, values in stats.items()}
 
 
 _EXTENDED_ENGINES: dict[type, type] = {}
