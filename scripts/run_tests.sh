@@ -3,7 +3,9 @@
 # then tests/verl/ in the verl environment (.venv-verl, `make install-verl`), where verl must import:
 # ENTRORL_REQUIRE_VERL=1 turns a missing verl into a failure instead of a skip.
 # Arguments are passed to the first pytest run only (which lists its 25 slowest tests); VERL_ONLY=1 runs just the
-# verl tests.
+# verl tests. The first run spreads its tests over one process per CPU core (pytest-xdist; TEST_WORKERS=N sets how
+# many, TEST_WORKERS=0 runs them in this process), each torch with one thread (OMP_NUM_THREADS, unless set), so that
+# the workers and the processes the tests start do not compete for the cores.
 # pytest exits 5 when it collected no test: that is neither a pass nor a test failure but a broken
 # test selection, so it is reported as such and fails the run.
 set -uo pipefail
@@ -25,7 +27,13 @@ run_pytest() {
 
 status=0
 if [ "${VERL_ONLY:-0}" != "1" ]; then
-    run_pytest main "$PYTHON" -m pytest --ignore=tests/verl --durations=25 "$@"
+    workers=${TEST_WORKERS:-auto}
+    one_thread=() parallel=()
+    if [ "$workers" != "0" ]; then
+        one_thread=(env "OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}")
+        parallel=(-n "$workers" --dist worksteal)
+    fi
+    run_pytest main "${one_thread[@]}" "$PYTHON" -m pytest --ignore=tests/verl --durations=25 "${parallel[@]}" "$@"
     status=$?
 fi
 if [ ! -x "$VERL_PYTHON" ]; then
