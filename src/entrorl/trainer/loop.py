@@ -345,7 +345,8 @@ class Trainer:
         model_path = check_model_files(checkpoint / "model" if checkpoint is not None else config.model.path,
                                        weights=checkpoint is None or config.model.lora is None)
         diversity = config.reward.diversity
-        self.diversity_embedder = (load_embedder(diversity.model, batch_size=diversity.batch_size, device=diversity.device)
+        self.diversity_embedder = (load_embedder(diversity.model, batch_size=diversity.batch_size,
+                                                 device=str(resolve_device(diversity.device)))
                                    if diversity.enabled else None)
 
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=config.model.trust_remote_code)
