@@ -33,7 +33,9 @@ if [ "${VERL_ONLY:-0}" != "1" ]; then
         one_thread=(env "OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}")
         parallel=(-n "$workers" --dist worksteal)
     fi
-    run_pytest main "${one_thread[@]}" "$PYTHON" -m pytest --ignore=tests/verl --durations=25 "${parallel[@]}" "$@"
+    # ${a[@]+"${a[@]}"}: an empty array expands to nothing under set -u in bash before 4.4 too (macOS's /bin/bash)
+    run_pytest main ${one_thread[@]+"${one_thread[@]}"} "$PYTHON" -m pytest --ignore=tests/verl --durations=25 \
+        ${parallel[@]+"${parallel[@]}"} "$@"
     status=$?
 fi
 if [ ! -x "$VERL_PYTHON" ]; then

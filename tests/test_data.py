@@ -2011,3 +2011,64 @@ def test_the_earlier_reading_widens_only_the_float32_values_within_structs_and_l
         earlier = load_prompts(tmp_path / "d.parquet")[0].meta
     assert earlier == {"top": 0.1, "info": {"w": float(np.float32(0.1)), "x": 0.3}, "vals": [float(np.float16(0.1))]}
     assert load_prompts(tmp_path / "d.parquet")[0].meta["info"]["w"] == 0.1  # the block's reading ends with it
+
+
+def test_json_lines_written_under_a_json_name_are_read_as_json_lines(tmp_path):
+    """datasets' Dataset.to_json and pandas' to_json(lines=True) write JSON Lines into a .json file, which datasets'
+    own loader reads; it was refused with "Extra data at column 1". An indented object per row is still refused."""
+    path = tmp_path / "train.json"
+    path.write_text('{"prompt": "1+1?", "answer": "2"}\n\n{"prompt": "2+2?", "answer": 4}\n', encoding="utf-8")
+    records = load_prompts(path)
+    assert [(r.prompt, r.answer, r.source) for r in records] == [("1+1?", "2", f"{path}:1"), ("2+2?", "4", f"{path}:3")]
+    path.write_text('{\n "prompt": "1+1?", "answer": "2"\n}\n{\n "prompt": "2+2?", "answer": "4"\n}\n')
+    with pytest.raises(DataError, match=r"train.json:4: not valid JSON \(Extra data"):
+        load_prompts(path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_csv_or_jsonl_file_is_read_without_holding_copies_of_it(tmp_path, suffix):
+    """A CSV was held as its bytes, its text and a StringIO of it (about 5 times the file beyond the records it gave;
+    a JSONL file twice): read from the open file, a data set the size of the memory left can be loaded."""
+    import tracemalloc
+
+    path = tmp_path / f"big{suffix}"
+    body = "x" * 5000
+    if suffix == ".csv":
+        path.write_text("prompt,answer\n" + "".join(f"{body}{i},{i}\n" for i in range(400)), encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps({"prompt": f"{body}{i}", "answer": str(i)}) + "\n" for i in range(400)),
+                        encoding="utf-8")
+    tracemalloc.start()
+    try:
+        records = load_prompts(path)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [r.answer for r in records] == [str(i) for i in range(400)] and records[7].prompt == f"{body}7"
+    assert (peak - kept) / path.stat().st_size < 1.2
+
+
+def test_the_index_pandas_writes_into_parquet_is_not_a_meta_field(tmp_path):
+    """A data frame's index that is not 0..n-1 (rows filtered or joined) is stored as a column __index_level_0__ that
+    pandas reads back as the index: it is no field of the data (every reward was called with it), unless named."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["a", "b", "c"], "answer": ["1", "2", "3"], "level": [1, 2, 3]}, index=[5, 6, 7])
+    path = tmp_path / "train.parquet"
+    frame.to_parquet(path)
+    assert [r.meta for r in load_prompts(path)] == [{"level": 1}, {"level": 2}, {"level": 3}]
+    named = load_prompts(path, meta_columns=["__index_level_0__"])
+    assert [r.meta for r in named] == [{"__index_level_0__": 5}, {"__index_level_0__": 6}, {"__index_level_0__": 7}]
+
+
+def test_a_class_label_answer_is_the_label_s_name(tmp_path):
+    """A saved data set whose answer is a ClassLabel (multiple choice, as MMLU's) stores the label's number: the
+    reference was '1' for 'B', and a model answering 'B' scored 0 on every prompt."""
+    import datasets
+
+    features = datasets.Features({"prompt": datasets.Value("string"),
+                                  "answer": datasets.ClassLabel(names=["A", "B", "C", "D"])})
+    datasets.Dataset.from_dict({"prompt": ["Q1", "Q2", "Q3"], "answer": [1, 3, -1]},
+                               features=features).save_to_disk(str(tmp_path / "choices"))
+    records = load_prompts(tmp_path / "choices", require_answer=False)
+    assert [r.answer for r in records] == ["B", "D", None]

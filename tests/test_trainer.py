@@ -1401,6 +1401,10 @@ def test_settings_that_the_configuration_never_reads_are_reported(tmp_path, arit
     evaluated = make_config(tmp_path / "no-model-needed", train, held_out)
     with pytest.warns(UserWarning, match=r"eval.n = 2 samples at eval.temperature = 0 \(greedy\) are one answer repeated"):
         load_config(evaluated, ["eval.temperature=0"])
+    with warnings.catch_warnings(record=True) as caught:  # a warm-up past the last step: that alone is said
+        warnings.simplefilter("always")
+        load_config(base, ["optim.lr_schedule=linear", "optim.warmup_steps=4"])
+    assert [str(w.message).split(" = ")[0] for w in caught] == ["optim.warmup_steps"]
     with warnings.catch_warnings():  # each of them where it does take effect: silent
         warnings.simplefilter("error")
         load_config(base, ["optim.min_lr_ratio=0.1", "optim.lr_schedule=cosine", "optim.warmup_steps=1",
@@ -1649,6 +1653,21 @@ def test_a_diversity_embedder_is_checked_only_when_diversity_is_on_and_warned_ab
                          "--set", f"reward.diversity={{{embedder}, device: bogus}}")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     assert "reward.diversity.device: 'bogus' is not a device" in refused.stderr
+
+
+def test_the_diversity_embedder_runs_where_auto_resolves(tmp_path, tiny_model_dir, arithmetic_files, monkeypatch):
+    """reward.diversity.device: auto is the first CUDA GPU when there is one, else the CPU, as model.device's: the
+    embedder is given that device, not 'auto' (which torch.device refuses)."""
+    import entrorl.trainer.loop as loop
+
+    given = []
+    monkeypatch.setattr(loop, "load_embedder", lambda model, *, batch_size, device: given.append(device) or
+                        (lambda texts: torch.ones(len(texts), 2)))
+    train, _ = arithmetic_files
+    config = load_config(make_config(tiny_model_dir, train, None, optim={"steps": 1},
+                                     reward={"diversity": {"enabled": True, "device": "auto"}}))
+    Trainer(config, run_dir=tmp_path / "run").close()
+    assert given == ["cuda" if torch.cuda.is_available() else "cpu"]
 
 
 def test_diagnostics_first_order_is_warned_about_without_the_measurement(tmp_path, arithmetic_files):

@@ -4,10 +4,12 @@
 Inputs (written by :class:`entrorl.trainer.Trainer`)::
 
     config.json            the run's configuration (method, model, planned steps)
-    metrics.jsonl          one JSON object per training step
+    metrics.jsonl          one JSON object per training step (and step 0's, with only the evaluation before training);
+                           its eval/... metrics are the evaluations when eval/ holds none
     eval/step_<N>.json     each evaluation: Avg@n, unbiased Pass@k, the pass-rate polarisation
     forks/step_<N>.json    each evaluation's highest-entropy response positions, decoded in context
-    final_eval.json        a laboratory method folder's final evaluation and fork tokens, read when eval/ holds none
+    final_eval.json        a laboratory method folder's final evaluation and fork tokens, read when neither eval/ nor
+                           metrics.jsonl holds an evaluation
 
 or, for a run of TRL's ``GRPOTrainer`` with the entrorl plugin, the log history of its ``trainer_state.json``
 (the output directory's or a checkpoint's, whichever went furthest), with its ``max_steps`` and the plugin's ``entrorl_objective.json``
@@ -762,8 +764,8 @@ class _RunReport:
                         "folders gives one." if self.run.from_trainer_state else
                         "verl logged no `val-core/.../mean@<n>` validation (`trainer.test_freq` runs them)."
                         if self.run.from_verl_log else
-                        "No evaluation was found in `eval/` (`eval.every` and `data.eval` run them; `eval.at_start` adds a "
-                        "step-0 baseline).")
+                        f"No evaluation was found in `eval/` or `{self.run.source}` (`eval.every` and `data.eval` run "
+                        "them; `eval.at_start` adds a step-0 baseline).")
             self.json["evaluations"] = Table(["step"]).to_json()
             return
         ks = sorted(set().union(*(_pass_at(e) for e in evaluations.values())))

@@ -45,7 +45,7 @@ from typing import Any
 from entrorl._checks import caseless, is_real_number
 from entrorl._files import write_atomically, write_folder_atomically
 from entrorl.data.filters import parse_band, pass_rate_band_mask
-from entrorl.data.loading import _LOADERS, _csv_fields_of_any_length_in, _read_text, read_arrow_ipc, saved_splits
+from entrorl.data.loading import _LOADERS, _csv_fields_up_to, _read_text, read_arrow_ipc, saved_splits
 from entrorl.data.records import PromptRecord
 
 __all__ = [
@@ -547,7 +547,7 @@ def write_selected_rows(
             (quoted if any("\r" in value for value in row) else plain).writerow(row)
 
         header_written, previous_end = False, 0
-        with _csv_fields_of_any_length_in(text):
+        with _csv_fields_up_to(len(text)):
             for row in reader:
                 start, previous_end = previous_end + 1, reader.line_num
                 if not row:

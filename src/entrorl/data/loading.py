@@ -5,15 +5,18 @@ Supported inputs (chosen by extension, case-insensitive):
 * ``.jsonl``   one JSON object per line; blank lines are skipped. Locations are ``file.jsonl:LINE``
                (1-based line numbers).
 * ``.json``    a list of objects, or an object ``{"data": [...]}``. Locations are ``file.json[ROW]``
-               (0-based row index).
+               (0-based row index). JSON Lines under a ``.json`` name (what ``Dataset.to_json`` and
+               pandas' ``to_json(lines=True)`` write) is read as ``.jsonl``.
 * ``.csv``     a header line, then one record per row (standard-library ``csv``; all values are
                strings, no type guessing). Locations are ``file.csv:LINE`` (1-based line where the
                record starts; quoted fields may span lines).
-* ``.parquet`` read with ``pyarrow``. Locations are ``file.parquet[ROW]``.
+* ``.parquet`` read with ``pyarrow``; the index pandas stored with a data frame (``__index_level_0__``)
+               is left out unless named as a column. Locations are ``file.parquet[ROW]``.
 * ``.arrow``   an Arrow IPC file or stream (as ``datasets`` writes its shards), read with ``pyarrow``.
                Locations are ``file.arrow[ROW]``.
 * a directory written by ``datasets.Dataset.save_to_disk`` (read with ``datasets.load_from_disk``; a
-  saved ``DatasetDict`` contributes its ``"train"`` split). Locations are ``dir[ROW]``.
+  saved ``DatasetDict`` contributes its ``"train"`` split; an answer column of ``ClassLabel`` gives the
+  label's name, not its number). Locations are ``dir[ROW]``.
 
 Every malformed input raises :class:`~entrorl.data.records.DataError`, whose message names the file and
 the line or row, says what is wrong and what was expected. ``pyarrow`` and ``datasets`` are imported
@@ -39,11 +42,11 @@ import csv
 import datetime as _dt
 import decimal
 import errno
-import io
 import json
 import math
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -523,9 +526,13 @@ def _read_text(p: Path) -> str:
 
 
 def _load_jsonl(p: Path, cols: _Columns) -> list[PromptRecord]:
-    data = p.read_bytes()
+    with p.open("rb") as handle:  # line by line: the file is not held in memory beside its records
+        return _jsonl_records(handle, p, cols)
+
+
+def _jsonl_records(lines: Iterable[bytes], p: Path, cols: _Columns) -> list[PromptRecord]:
     records = []
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    for lineno, raw in enumerate(lines, start=1):
         if lineno == 1 and raw.startswith(_BOM):
             raw = raw[len(_BOM):]
         if not raw.strip():
@@ -561,6 +568,16 @@ def _load_jsonl(p: Path, cols: _Columns) -> list[PromptRecord]:
     return records
 
 
+def _first_line_is_an_object(text: str) -> bool:
+    """Whether the first line of ``text`` that holds anything is a JSON object by itself (a JSON Lines file's first
+    row), not the opening of an indented one."""
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
+
+
 def _unreadable_number(error: ValueError) -> str:
     """What to say of a number that ``json`` could not read (one of more digits than Python reads into an int)."""
     return (f"a number too long to read ({str(error).split(';')[0].rstrip('.')}); write it as a string, in quotes, to "
@@ -576,6 +593,10 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
     try:
         obj, repeating = _loads_keeping_repeated_keys(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and _first_line_is_an_object(text):
+            # JSON Lines under a .json name, as datasets' Dataset.to_json and pandas' to_json(lines=True) write it
+            # (and datasets' "json" loader reads it)
+            return _jsonl_records(text.encode("utf-8").split(b"\n"), p, cols)
         where = f"{p}:{exc.lineno}"
         raise DataError(
             f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); "
@@ -667,12 +688,12 @@ class _RepeatingKeys(dict):
 
 
 @contextlib.contextmanager
-def _csv_fields_of_any_length_in(text: str) -> Iterator[None]:
-    """Within the block, the csv module reads fields as long as ``text`` (no field of it is longer), where by default
-    it refuses one over 131072 characters as malformed while the other formats take a prompt of any length; the
-    module's limit (process-wide) is put back after."""
+def _csv_fields_up_to(length: int) -> Iterator[None]:
+    """Within the block, the csv module reads fields of up to ``length`` characters (a file's size: no field of it is
+    longer), where by default it refuses one over 131072 characters as malformed while the other formats take a
+    prompt of any length; the module's limit (process-wide) is put back after."""
     limit = csv.field_size_limit()
-    csv.field_size_limit(max(limit, len(text)))
+    csv.field_size_limit(max(limit, min(length, sys.maxsize)))
     try:
         yield
     finally:
@@ -680,13 +701,17 @@ def _csv_fields_of_any_length_in(text: str) -> Iterator[None]:
 
 
 def _load_csv(p: Path, cols: _Columns) -> list[PromptRecord]:
-    text = _read_text(p)
-    with _csv_fields_of_any_length_in(text):
-        return _csv_records(text, p, cols)
+    # read from the file as it is decoded: no copy of its bytes and its text beside the records
+    with _csv_fields_up_to(p.stat().st_size), p.open(encoding="utf-8-sig", newline="") as handle:
+        try:
+            return _csv_records(handle, p, cols)
+        except UnicodeDecodeError:
+            _read_text(p)  # names the line of the first byte that is not UTF-8
+            raise
 
 
-def _csv_records(text: str, p: Path, cols: _Columns) -> list[PromptRecord]:
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is an error, not the rest of the file
+def _csv_records(lines: Iterable[str], p: Path, cols: _Columns) -> list[PromptRecord]:
+    reader = csv.reader(lines, strict=True)  # an unclosed quote is an error, not the rest of the file
     header: list[str] | None = None
     header_line = 0
     records = []
@@ -780,8 +805,12 @@ def _load_arrow(p: Path, cols: _Columns) -> list[PromptRecord]:
 
 
 def _table_records(table: Any, p: Path, cols: _Columns) -> list[PromptRecord]:
-    """The records of a ``pyarrow.Table`` read from ``p``, its schema checked first."""
-    columns = list(table.column_names)
+    """The records of a ``pyarrow.Table`` read from ``p``, its schema checked first. The index pandas stored with its
+    data frame (``__index_level_0__``: its row labels, which ``pandas.read_parquet`` reads back as the index) is not
+    a column of the data, unless it is named as one."""
+    index = [name for name in ((table.schema.pandas_metadata or {}).get("index_columns") or []) if isinstance(name, str)]
+    named = {cols.prompt, cols.answer, *(cols.meta or ())}
+    columns = [name for name in table.column_names if name not in index or name in named]
     _refuse_repeated_columns(columns, p)
     _check_schema(columns, f"{p} (schema)", str(p), cols)
     table = table.select(_selected_columns(columns, cols))
@@ -949,7 +978,19 @@ def _load_saved_dataset(p: Path, cols: _Columns, split: str | None = "train") ->
         ds = ds.select_columns(selected)
     # an output format saved with it (numpy, torch, pandas, arrow) is a view of the rows: they are read as Python values
     narrow = _narrow_arrow_fields(list(ds.data.schema))
-    return list(_rows_to_records(_as_written(iter(ds.with_format(None)), narrow), p, cols))
+    rows = _as_written(iter(ds.with_format(None)), narrow)
+    labels = ds.features.get(cols.answer)
+    if isinstance(labels, datasets.ClassLabel):  # stored as the label's number: the reference is its name
+        rows = ({**row, cols.answer: _label_name(labels, row[cols.answer])} if cols.answer in row else row
+                for row in rows)
+    return list(_rows_to_records(rows, p, cols))
+
+
+def _label_name(labels: Any, number: Any) -> Any:
+    """The name ``ClassLabel`` ``labels`` gives ``number``; None for -1 (datasets' "no label")."""
+    if number == -1:
+        return None
+    return labels.int2str(number) if isinstance(number, int) and 0 <= number < labels.num_classes else number
 
 
 _LOADERS = {

@@ -722,7 +722,7 @@ class TrainConfig(_Section):
         if optim.warmup_steps > optim.steps:
             unused.append(f"optim.warmup_steps = {optim.warmup_steps} is more than optim.steps = {optim.steps}: the "
                           f"learning rate never reaches optim.lr = {optim.lr}")
-        if optim.lr_schedule != "constant" and optim.warmup_steps >= optim.steps - 1:
+        if optim.lr_schedule != "constant" and optim.steps - 1 <= optim.warmup_steps <= optim.steps:
             # the decay starts at its full rate on step warmup_steps + 1 and goes down only from the step after
             unused.append(f"optim.lr_schedule = '{optim.lr_schedule}' has no effect: its decay begins after the "
                           f"warm-up's {optim.warmup_steps} steps, at optim.lr, and optim.steps = {optim.steps} leaves no "
