@@ -2013,15 +2013,33 @@ def test_the_earlier_reading_widens_only_the_float32_values_within_structs_and_l
     assert load_prompts(tmp_path / "d.parquet")[0].meta["info"]["w"] == 0.1  # the block's reading ends with it
 
 
-def test_json_lines_written_under_a_json_name_are_read_as_json_lines(tmp_path):
-    """datasets' Dataset.to_json and pandas' to_json(lines=True) write JSON Lines into a .json file, which datasets'
-    own loader reads; it was refused with "Extra data at column 1". An indented object per row is still refused."""
+def test_json_lines_written_under_a_json_name_are_refused_with_the_name_to_give_them(tmp_path):
+    """datasets' Dataset.to_json and pandas' to_json(lines=True) write JSON Lines into a .json file: the refusal said
+    only "Extra data at column 1" (a file of one row, "no data field"); it now says what the file is and what to call
+    it. A .json file with something after its list still names the place."""
     path = tmp_path / "train.json"
-    path.write_text('{"prompt": "1+1?", "answer": "2"}\n\n{"prompt": "2+2?", "answer": 4}\n', encoding="utf-8")
-    records = load_prompts(path)
-    assert [(r.prompt, r.answer, r.source) for r in records] == [("1+1?", "2", f"{path}:1"), ("2+2?", "4", f"{path}:3")]
-    path.write_text('{\n "prompt": "1+1?", "answer": "2"\n}\n{\n "prompt": "2+2?", "answer": "4"\n}\n')
-    with pytest.raises(DataError, match=r"train.json:4: not valid JSON \(Extra data"):
+    path.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": 4}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.json:2: not valid JSON \(Extra data at column 1\); expected a JSON list "
+                                        r".*; if the file holds JSON Lines, one object per line .*, name it .jsonl"):
+        load_prompts(path)
+    path.write_text('{"prompt": "1+1?", "answer": "2"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"without a \"data\" field .*; if the file holds JSON Lines"):
+        load_prompts(path)
+    path.write_text('[{"prompt": "1+1?", "answer": "2"}]\n[]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.json:2: not valid JSON \(Extra data at column 1\); expected a JSON "
+                                        r"list of objects or an object \{\"data\": \[...\]\}$"):
+        load_prompts(path)
+    path.rename(path.with_suffix(".jsonl"))
+    path.with_suffix(".jsonl").write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": 4}\n')
+    assert [r.answer for r in load_prompts(path.with_suffix(".jsonl"))] == ["2", "4"]
+
+
+def test_a_jsonl_error_names_the_column_within_its_line(tmp_path):
+    """Read from the open file, each line keeps its newline: a line cut short was said to fail at column 1 (of the
+    "second line" the newline made), not where it ends."""
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.jsonl:2: not valid JSON \(Expecting value at column 30\)"):
         load_prompts(path)
 
 
@@ -2048,19 +2066,6 @@ def test_a_csv_or_jsonl_file_is_read_without_holding_copies_of_it(tmp_path, suff
     assert (peak - kept) / path.stat().st_size < 1.2
 
 
-def test_the_index_pandas_writes_into_parquet_is_not_a_meta_field(tmp_path):
-    """A data frame's index that is not 0..n-1 (rows filtered or joined) is stored as a column __index_level_0__ that
-    pandas reads back as the index: it is no field of the data (every reward was called with it), unless named."""
-    import pandas as pd
-
-    frame = pd.DataFrame({"prompt": ["a", "b", "c"], "answer": ["1", "2", "3"], "level": [1, 2, 3]}, index=[5, 6, 7])
-    path = tmp_path / "train.parquet"
-    frame.to_parquet(path)
-    assert [r.meta for r in load_prompts(path)] == [{"level": 1}, {"level": 2}, {"level": 3}]
-    named = load_prompts(path, meta_columns=["__index_level_0__"])
-    assert [r.meta for r in named] == [{"__index_level_0__": 5}, {"__index_level_0__": 6}, {"__index_level_0__": 7}]
-
-
 def test_a_class_label_answer_is_the_label_s_name(tmp_path):
     """A saved data set whose answer is a ClassLabel (multiple choice, as MMLU's) stores the label's number: the
     reference was '1' for 'B', and a model answering 'B' scored 0 on every prompt."""
@@ -2072,3 +2077,9 @@ def test_a_class_label_answer_is_the_label_s_name(tmp_path):
                                features=features).save_to_disk(str(tmp_path / "choices"))
     records = load_prompts(tmp_path / "choices", require_answer=False)
     assert [r.answer for r in records] == ["B", "D", None]
+    # the same data set as the Hub serves it, in Parquet, and its own Arrow shard: datasets keeps its features there
+    dataset = datasets.load_from_disk(str(tmp_path / "choices"))
+    dataset.to_parquet(str(tmp_path / "choices.parquet"))
+    shard = next((tmp_path / "choices").glob("*.arrow"))
+    for path in (tmp_path / "choices.parquet", shard):
+        assert [r.answer for r in load_prompts(path, require_answer=False)] == ["B", "D", None]

@@ -6606,6 +6606,26 @@ def _as_the_previous_version_wrote_it(run_dir: Path, rows: list[tuple[str, str, 
     ckpt._write_file_list(checkpoint)  # its files.json (sizes and CRC-32s)
 
 
+def test_a_previous_version_s_run_on_a_class_label_answer_is_refused_saying_why(tmp_path, monkeypatch):
+    """The previous version read a ClassLabel answer as the label's number ('1' for 'B'): its run's data digest does
+    not match the names read now, and resuming it is refused saying so, not as "other prompts" (its reward was never
+    given the names)."""
+    import pyarrow as pa
+
+    n = 8
+    prompts, labels = [f"{i}+1=" for i in range(n)], [i % 4 for i in range(n)]
+    features = {"prompt": {"dtype": "string", "_type": "Value"},
+                "answer": {"names": ["A", "B", "C", "D"], "_type": "ClassLabel"}}
+    table = pa.table({"prompt": prompts, "answer": pa.array(labels, pa.int64())}).replace_schema_metadata(
+        {b"huggingface": json.dumps({"info": {"features": features}}).encode()})
+    config, run_dir = _one_step_run_on(tmp_path, monkeypatch, table)
+    _as_the_previous_version_wrote_it(run_dir, [(prompts[i], str(labels[i]), {}) for i in range(n)])
+    with pytest.raises(ValueError, match=r"--resume: the checkpoint was trained by an earlier version of entrorl, which "
+                                         r"read the answers of data.train's ClassLabel column 'answer' as the labels' "
+                                         r"numbers \('1'\)"):
+        Trainer(load_config(config), run_dir=run_dir, resume=True)
+
+
 def test_a_previous_version_s_run_resumes_on_unchanged_parquet_with_float32_values_within_structs(tmp_path,
                                                                                                    monkeypatch):
     """The previous version read float32 values within a struct or a list widened (0.1 as 0.10000000149011612): its

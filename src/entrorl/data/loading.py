@@ -6,17 +6,17 @@ Supported inputs (chosen by extension, case-insensitive):
                (1-based line numbers).
 * ``.json``    a list of objects, or an object ``{"data": [...]}``. Locations are ``file.json[ROW]``
                (0-based row index). JSON Lines under a ``.json`` name (what ``Dataset.to_json`` and
-               pandas' ``to_json(lines=True)`` write) is read as ``.jsonl``.
+               pandas' ``to_json(lines=True)`` write) is refused, asking for the name ``.jsonl``.
 * ``.csv``     a header line, then one record per row (standard-library ``csv``; all values are
                strings, no type guessing). Locations are ``file.csv:LINE`` (1-based line where the
                record starts; quoted fields may span lines).
-* ``.parquet`` read with ``pyarrow``; the index pandas stored with a data frame (``__index_level_0__``)
-               is left out unless named as a column. Locations are ``file.parquet[ROW]``.
+* ``.parquet`` read with ``pyarrow``. Locations are ``file.parquet[ROW]``.
 * ``.arrow``   an Arrow IPC file or stream (as ``datasets`` writes its shards), read with ``pyarrow``.
                Locations are ``file.arrow[ROW]``.
 * a directory written by ``datasets.Dataset.save_to_disk`` (read with ``datasets.load_from_disk``; a
-  saved ``DatasetDict`` contributes its ``"train"`` split; an answer column of ``ClassLabel`` gives the
-  label's name, not its number). Locations are ``dir[ROW]``.
+  saved ``DatasetDict`` contributes its ``"train"`` split). Locations are ``dir[ROW]``. Here and in Parquet and
+  Arrow files written by ``datasets`` (whose features they keep), an answer column of ``ClassLabel`` gives the
+  label's name, not its number.
 
 Every malformed input raises :class:`~entrorl.data.records.DataError`, whose message names the file and
 the line or row, says what is wrong and what was expected. ``pyarrow`` and ``datasets`` are imported
@@ -62,10 +62,11 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "check_output_directory",
     "check_output_file",
+    "class_labels_numbered",
     "load_prompts",
+    "nested_floats_widened",
     "read_arrow_ipc",
     "write_jsonl",
-    "nested_floats_widened",
 ]
 
 SUPPORTED_FORMATS = (
@@ -526,54 +527,55 @@ def _read_text(p: Path) -> str:
 
 
 def _load_jsonl(p: Path, cols: _Columns) -> list[PromptRecord]:
-    with p.open("rb") as handle:  # line by line: the file is not held in memory beside its records
-        return _jsonl_records(handle, p, cols)
+    with p.open("rb") as lines:  # line by line: the file is not held in memory beside its records
+        records = []
+        for lineno, raw in enumerate(lines, start=1):
+            raw = raw.rstrip(b"\n")  # a JSON error at the line's end is at its last column, not at "line 2" of it
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            if not raw.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the line); expected UTF-8 text",
+                    path=str(p),
+                    location=where,
+                ) from None
+            try:
+                obj, repeating = _loads_keeping_repeated_keys(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line",
+                    path=str(p),
+                    location=where,
+                ) from None
+            except ValueError as exc:  # a whole number past Python's digit limit for reading one
+                raise DataError(f"{where}: {_unreadable_number(exc)}", path=str(p), location=where) from None
+            if repeating is not None:
+                raise DataError(f"{where}: {repeating.refusal}", path=str(p), location=where)
+            if not isinstance(obj, dict):
+                raise DataError(
+                    f"{where}: a JSON {_json_kind(obj)} where a JSON object was expected (one object per line)",
+                    path=str(p),
+                    location=where,
+                )
+            records.append(_make_record(obj, where, str(p), cols))
+        return records
 
 
-def _jsonl_records(lines: Iterable[bytes], p: Path, cols: _Columns) -> list[PromptRecord]:
-    records = []
-    for lineno, raw in enumerate(lines, start=1):
-        if lineno == 1 and raw.startswith(_BOM):
-            raw = raw[len(_BOM):]
-        if not raw.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(
-                f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the line); expected UTF-8 text",
-                path=str(p),
-                location=where,
-            ) from None
-        try:
-            obj, repeating = _loads_keeping_repeated_keys(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line",
-                path=str(p),
-                location=where,
-            ) from None
-        except ValueError as exc:  # a whole number past Python's digit limit for reading one
-            raise DataError(f"{where}: {_unreadable_number(exc)}", path=str(p), location=where) from None
-        if repeating is not None:
-            raise DataError(f"{where}: {repeating.refusal}", path=str(p), location=where)
-        if not isinstance(obj, dict):
-            raise DataError(
-                f"{where}: a JSON {_json_kind(obj)} where a JSON object was expected (one object per line)",
-                path=str(p),
-                location=where,
-            )
-        records.append(_make_record(obj, where, str(p), cols))
-    return records
+_JSON_LINES_UNDER_A_JSON_NAME = ("if the file holds JSON Lines, one object per line (as datasets' Dataset.to_json "
+                                 "and pandas' to_json(lines=True) write them), name it .jsonl")
 
 
 def _first_line_is_an_object(text: str) -> bool:
     """Whether the first line of ``text`` that holds anything is a JSON object by itself (a JSON Lines file's first
     row), not the opening of an indented one."""
-    first = next((line for line in text.split("\n") if line.strip()), "")
+    first = re.search(r"\S[^\n]*", text)
     try:
-        return isinstance(json.loads(first), dict)
+        return first is not None and isinstance(json.loads(first.group(0)), dict)
     except ValueError:
         return False
 
@@ -593,14 +595,12 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
     try:
         obj, repeating = _loads_keeping_repeated_keys(text)
     except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data" and _first_line_is_an_object(text):
-            # JSON Lines under a .json name, as datasets' Dataset.to_json and pandas' to_json(lines=True) write it
-            # (and datasets' "json" loader reads it)
-            return _jsonl_records(text.encode("utf-8").split(b"\n"), p, cols)
         where = f"{p}:{exc.lineno}"
+        lines_hint = (f"; {_JSON_LINES_UNDER_A_JSON_NAME}" if exc.msg == "Extra data" and _first_line_is_an_object(text)
+                      else "")
         raise DataError(
             f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); "
-            "expected a JSON list of objects or an object {\"data\": [...]}",
+            "expected a JSON list of objects or an object {\"data\": [...]}" + lines_hint,
             path=str(p),
             location=where,
         ) from None
@@ -612,7 +612,8 @@ def _load_json(p: Path, cols: _Columns) -> list[PromptRecord]:
         if "data" not in obj:
             raise DataError(
                 f"{p}: a JSON object without a \"data\" field (fields: {_fmt_cols(obj.keys())}); "
-                "expected a JSON list of objects or an object {\"data\": [...]}",
+                "expected a JSON list of objects or an object {\"data\": [...]}"
+                + (f"; {_JSON_LINES_UNDER_A_JSON_NAME}" if "\n" not in text.strip() else ""),
                 path=str(p),
             )
         rows = obj["data"]
@@ -805,16 +806,13 @@ def _load_arrow(p: Path, cols: _Columns) -> list[PromptRecord]:
 
 
 def _table_records(table: Any, p: Path, cols: _Columns) -> list[PromptRecord]:
-    """The records of a ``pyarrow.Table`` read from ``p``, its schema checked first. The index pandas stored with its
-    data frame (``__index_level_0__``: its row labels, which ``pandas.read_parquet`` reads back as the index) is not
-    a column of the data, unless it is named as one."""
-    index = [name for name in ((table.schema.pandas_metadata or {}).get("index_columns") or []) if isinstance(name, str)]
-    named = {cols.prompt, cols.answer, *(cols.meta or ())}
-    columns = [name for name in table.column_names if name not in index or name in named]
+    """The records of a ``pyarrow.Table`` read from ``p``, its schema checked first."""
+    columns = list(table.column_names)
     _refuse_repeated_columns(columns, p)
     _check_schema(columns, f"{p} (schema)", str(p), cols)
+    names = _class_label_names(table.schema, cols.answer)
     table = table.select(_selected_columns(columns, cols))
-    return list(_rows_to_records(_iter_arrow_rows(table), p, cols))
+    return list(_rows_to_records(_answers_named(_iter_arrow_rows(table), cols.answer, names), p, cols))
 
 
 def _refuse_repeated_columns(columns: Sequence[str], p: Path) -> None:
@@ -978,19 +976,51 @@ def _load_saved_dataset(p: Path, cols: _Columns, split: str | None = "train") ->
         ds = ds.select_columns(selected)
     # an output format saved with it (numpy, torch, pandas, arrow) is a view of the rows: they are read as Python values
     narrow = _narrow_arrow_fields(list(ds.data.schema))
-    rows = _as_written(iter(ds.with_format(None)), narrow)
     labels = ds.features.get(cols.answer)
-    if isinstance(labels, datasets.ClassLabel):  # stored as the label's number: the reference is its name
-        rows = ({**row, cols.answer: _label_name(labels, row[cols.answer])} if cols.answer in row else row
-                for row in rows)
+    names = list(labels.names) if isinstance(labels, datasets.ClassLabel) else None
+    rows = _answers_named(_as_written(iter(ds.with_format(None)), narrow), cols.answer, names)
     return list(_rows_to_records(rows, p, cols))
 
 
-def _label_name(labels: Any, number: Any) -> Any:
-    """The name ``ClassLabel`` ``labels`` gives ``number``; None for -1 (datasets' "no label")."""
-    if number == -1:
+_CLASS_LABELS_NAMED = [True]  # False within class_labels_numbered()
+
+
+@contextlib.contextmanager
+def class_labels_numbered() -> Iterator[None]:
+    """In the block, an answer column of ``datasets.ClassLabel`` is read as the label's number, as entrorl read it
+    before it read the label's name: the reading a resumed run's data digest, saved by such a version, was taken
+    over."""
+    _CLASS_LABELS_NAMED.append(False)
+    try:
+        yield
+    finally:
+        _CLASS_LABELS_NAMED.pop()
+
+
+def _class_label_names(schema: Any, column: str) -> list[str] | None:
+    """The label names of ``column`` when the ``datasets`` features stored in an Arrow ``schema``'s metadata (as
+    ``Dataset.to_parquet`` and its ``.arrow`` shards keep them) make it a ``ClassLabel``, else None."""
+    try:
+        feature = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"][column]
+    except (KeyError, TypeError, ValueError):
         return None
-    return labels.int2str(number) if isinstance(number, int) and 0 <= number < labels.num_classes else number
+    names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
+    return names if isinstance(names, list) and all(isinstance(name, str) for name in names) else None
+
+
+def _answers_named(rows: Iterable[dict[str, Any]], column: str, names: list[str] | None) -> Iterable[dict[str, Any]]:
+    """``rows`` with the ``ClassLabel`` number in ``column`` replaced by its name among ``names`` (a multiple-choice
+    reference 'B', not '1'), and -1, ``datasets``' "no label", by None; ``rows`` as they are without ``names``."""
+    if names is None or not _CLASS_LABELS_NAMED[-1]:
+        return rows
+
+    def named(number: Any) -> Any:
+        if number == -1 and not isinstance(number, bool):
+            return None
+        return names[number] if isinstance(number, int) and not isinstance(number, bool) and 0 <= number < len(names) \
+            else number
+
+    return ({**row, column: named(row[column])} if column in row else row for row in rows)
 
 
 _LOADERS = {

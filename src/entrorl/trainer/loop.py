@@ -33,7 +33,7 @@ from entrorl._checks import refuse_multi_process_launch, validation_message
 from entrorl.advantages import AdvantageOverflow, compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import (DataError, PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts,
                           parse_band)
-from entrorl.data.loading import nested_floats_widened
+from entrorl.data.loading import class_labels_numbered, nested_floats_widened
 from entrorl.modeling import (
     DamagedWeightsError,
     bucketed_response_token_stats,
@@ -629,6 +629,7 @@ class Trainer:
             self.stream.load_state_dict(saved)
         except ValueError as error:
             if not self._saved_over_the_earlier_reading(saved):
+                self._refuse_numbered_class_labels(saved)
                 self._refuse_other_data(error)
             try:  # the same rows, which this version reads more exactly
                 self.stream.load_state_dict({**saved, "records_digest": self.stream.records_digest})
@@ -664,6 +665,26 @@ class Trainer:
                 "written, and data.pass_rate_band then keeps other prompts than the run's: start a new run from the "
                 "checkpoint's model directory, or resume with the earlier version")
         return True
+
+    def _refuse_numbered_class_labels(self, saved: dict[str, Any]) -> None:
+        """``ValueError`` when the stream ``saved`` was dealing these rows as an earlier version of entrorl read them,
+        with a ``ClassLabel`` answer as the label's number (:func:`entrorl.data.loading.class_labels_numbered`): that
+        run's reward compared the completions with '1', not 'B', and its data cannot be read so again."""
+        for readings in ((class_labels_numbered,), (class_labels_numbered, nested_floats_widened)):
+            try:
+                with contextlib.ExitStack() as earlier:
+                    for reading in readings:
+                        earlier.enter_context(reading())
+                    records, _ = self._read_train_records()
+            except (ValueError, OSError):
+                continue
+            if PromptStream(records, seed=self.config.seed, shuffle=self.config.data.shuffle).records_digest == \
+                    saved.get("records_digest"):
+                raise ValueError(
+                    f"--resume: the checkpoint was trained by an earlier version of entrorl, which read the answers of "
+                    f"data.train's ClassLabel column {self.config.data.answer_column!r} as the labels' numbers ('1'); "
+                    "this one reads their names ('B'), which the run's reward was never given: start a new run (from "
+                    "the base model: the checkpoint's rewards compared the completions with the numbers)")
 
     def _read_train_records(self) -> tuple[list[PromptRecord], int]:
         """``data.train``'s records that ``data.pass_rate_band`` keeps, and how many were read before it kept some."""
