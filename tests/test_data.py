@@ -2038,9 +2038,10 @@ def test_a_jsonl_error_names_the_column_within_its_line(tmp_path):
     """Read from the open file, each line keeps its newline: a line cut short was said to fail at column 1 (of the
     "second line" the newline made), not where it ends."""
     path = tmp_path / "train.jsonl"
-    path.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": \n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"train.jsonl:2: not valid JSON \(Expecting value at column 30\)"):
-        load_prompts(path)
+    for newline in ("\n", "\r\n"):
+        path.write_bytes(f'{{"prompt": "1+1?", "answer": "2"}}{newline}{{"prompt": "2+2?", "answer": {newline}'.encode())
+        with pytest.raises(DataError, match=r"train.jsonl:2: not valid JSON \(Expecting value at column 30\)"):
+            load_prompts(path)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
@@ -2066,10 +2067,25 @@ def test_a_csv_or_jsonl_file_is_read_without_holding_copies_of_it(tmp_path, suff
     assert (peak - kept) / path.stat().st_size < 1.2
 
 
+def test_the_index_pandas_writes_into_parquet_is_a_meta_field_as_datasets_reads_it(tmp_path):
+    """A data frame's index that is not 0..n-1 is stored as a column (``__index_level_0__``, or its name): datasets
+    reads it as a column, and so does entrorl, which keeps the data digests of earlier runs (and a named index)."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["a", "b"], "answer": ["1", "2"]}, index=[5, 6])
+    frame.to_parquet(tmp_path / "unnamed.parquet")
+    assert [r.meta for r in load_prompts(tmp_path / "unnamed.parquet")] == [{"__index_level_0__": 5},
+                                                                           {"__index_level_0__": 6}]
+    frame.rename_axis("problem_id").to_parquet(tmp_path / "named.parquet")
+    assert [r.meta for r in load_prompts(tmp_path / "named.parquet")] == [{"problem_id": 5}, {"problem_id": 6}]
+
+
 def test_a_class_label_answer_is_the_label_s_name(tmp_path):
     """A saved data set whose answer is a ClassLabel (multiple choice, as MMLU's) stores the label's number: the
     reference was '1' for 'B', and a model answering 'B' scored 0 on every prompt."""
     import datasets
+
+    from entrorl.data.loading import answers_class_labels, class_labels_numbered
 
     features = datasets.Features({"prompt": datasets.Value("string"),
                                   "answer": datasets.ClassLabel(names=["A", "B", "C", "D"])})
@@ -2083,3 +2099,7 @@ def test_a_class_label_answer_is_the_label_s_name(tmp_path):
     shard = next((tmp_path / "choices").glob("*.arrow"))
     for path in (tmp_path / "choices.parquet", shard):
         assert [r.answer for r in load_prompts(path, require_answer=False)] == ["B", "D", None]
+    with class_labels_numbered():  # as entrorl read them before
+        assert [r.answer for r in load_prompts(tmp_path / "choices.parquet", require_answer=False)] == ["1", "3", "-1"]
+    assert all(answers_class_labels(path) for path in (tmp_path / "choices", tmp_path / "choices.parquet", shard))
+    assert not answers_class_labels(tmp_path / "choices.parquet", "prompt")

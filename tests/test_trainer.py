@@ -6626,6 +6626,23 @@ def test_a_previous_version_s_run_on_a_class_label_answer_is_refused_saying_why(
         Trainer(load_config(config), run_dir=run_dir, resume=True)
 
 
+def test_a_resume_on_other_data_reads_it_no_more_than_before(tmp_path, monkeypatch):
+    """Data without a ClassLabel answer is not read again to look for the earlier reading of one: a resume refused
+    for other data reads data.train twice (as it is, and as the version before the float32 reading read it)."""
+    import pyarrow as pa
+
+    import entrorl.trainer.loop as loop
+
+    table = pa.table({"prompt": [f"{i}+1=" for i in range(8)], "answer": [str(i) for i in range(8)]})
+    config, run_dir = _one_step_run_on(tmp_path, monkeypatch, table)
+    _as_the_previous_version_wrote_it(run_dir, [(f"{i}+1=", "other", {}) for i in range(8)])
+    reads, real = [], loop.load_prompts
+    monkeypatch.setattr(loop, "load_prompts", lambda *args, **kwargs: reads.append(args) or real(*args, **kwargs))
+    with pytest.raises(ValueError, match="are not those the checkpoint was trained on"):
+        Trainer(load_config(config), run_dir=run_dir, resume=True)
+    assert len(reads) == 2
+
+
 def test_a_previous_version_s_run_resumes_on_unchanged_parquet_with_float32_values_within_structs(tmp_path,
                                                                                                    monkeypatch):
     """The previous version read float32 values within a struct or a list widened (0.1 as 0.10000000149011612): its

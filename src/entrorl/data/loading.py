@@ -15,8 +15,8 @@ Supported inputs (chosen by extension, case-insensitive):
                Locations are ``file.arrow[ROW]``.
 * a directory written by ``datasets.Dataset.save_to_disk`` (read with ``datasets.load_from_disk``; a
   saved ``DatasetDict`` contributes its ``"train"`` split). Locations are ``dir[ROW]``. Here and in Parquet and
-  Arrow files written by ``datasets`` (whose features they keep), an answer column of ``ClassLabel`` gives the
-  label's name, not its number.
+  Arrow files written by ``datasets`` (whose features they keep), an answer column (a top-level one, not a field
+  within one) of ``ClassLabel`` gives the label's name, not its number.
 
 Every malformed input raises :class:`~entrorl.data.records.DataError`, whose message names the file and
 the line or row, says what is wrong and what was expected. ``pyarrow`` and ``datasets`` are imported
@@ -61,6 +61,7 @@ from entrorl.data.records import DataError, PromptRecord
 __all__ = [
     "SUPPORTED_FORMATS",
     "check_output_directory",
+    "answers_class_labels",
     "check_output_file",
     "class_labels_numbered",
     "load_prompts",
@@ -530,7 +531,7 @@ def _load_jsonl(p: Path, cols: _Columns) -> list[PromptRecord]:
     with p.open("rb") as lines:  # line by line: the file is not held in memory beside its records
         records = []
         for lineno, raw in enumerate(lines, start=1):
-            raw = raw.rstrip(b"\n")  # a JSON error at the line's end is at its last column, not at "line 2" of it
+            raw = raw.rstrip(b"\r\n")  # a JSON error at the line's end is at its last column, not on "line 2" of it
             if lineno == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM):]
             if not raw.strip():
@@ -995,6 +996,28 @@ def class_labels_numbered() -> Iterator[None]:
         yield
     finally:
         _CLASS_LABELS_NAMED.pop()
+
+
+def answers_class_labels(path: str | os.PathLike[str], answer_column: str = "answer", *, split: str | None = "train") -> bool:
+    """Whether :func:`load_prompts` reads ``answer_column`` of ``path`` as ``ClassLabel`` names (a saved data set, or a
+    Parquet or Arrow file ``datasets`` wrote); from the schema, without reading the rows. False for a file that cannot
+    be read so (its reading says why)."""
+    p = Path(os.fspath(path))
+    try:
+        if p.is_dir():
+            import datasets
+
+            labels = datasets.load_from_disk(str(_saved_split_directory(p, split))).features.get(answer_column)
+            return isinstance(labels, datasets.ClassLabel)
+        if p.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            return _class_label_names(pq.read_schema(p), answer_column) is not None
+        if p.suffix.lower() == ".arrow":
+            return _class_label_names(read_arrow_ipc(p)[0].schema, answer_column) is not None
+    except Exception:  # noqa: BLE001 - whatever stops this look stops the reading too, which names it
+        return False
+    return False
 
 
 def _class_label_names(schema: Any, column: str) -> list[str] | None:

@@ -33,7 +33,7 @@ from entrorl._checks import refuse_multi_process_launch, validation_message
 from entrorl.advantages import AdvantageOverflow, compute_advantages, unlikeliness_shaped_rewards
 from entrorl.data import (DataError, PromptRecord, PromptStream, filter_by_pass_rate, informative_groups, load_prompts,
                           parse_band)
-from entrorl.data.loading import class_labels_numbered, nested_floats_widened
+from entrorl.data.loading import answers_class_labels, class_labels_numbered, nested_floats_widened
 from entrorl.modeling import (
     DamagedWeightsError,
     bucketed_response_token_stats,
@@ -670,6 +670,9 @@ class Trainer:
         """``ValueError`` when the stream ``saved`` was dealing these rows as an earlier version of entrorl read them,
         with a ``ClassLabel`` answer as the label's number (:func:`entrorl.data.loading.class_labels_numbered`): that
         run's reward compared the completions with '1', not 'B', and its data cannot be read so again."""
+        data = self.config.data
+        if not answers_class_labels(data.train, data.answer_column):  # other data: not read again for nothing
+            return
         for readings in ((class_labels_numbered,), (class_labels_numbered, nested_floats_widened)):
             try:
                 with contextlib.ExitStack() as earlier:
@@ -683,8 +686,8 @@ class Trainer:
                 raise ValueError(
                     f"--resume: the checkpoint was trained by an earlier version of entrorl, which read the answers of "
                     f"data.train's ClassLabel column {self.config.data.answer_column!r} as the labels' numbers ('1'); "
-                    "this one reads their names ('B'), which the run's reward was never given: start a new run (from "
-                    "the base model: the checkpoint's rewards compared the completions with the numbers)")
+                    "this one reads their names ('B'), which the run's reward was never given: start a new run, or "
+                    "resume with the earlier version")
 
     def _read_train_records(self) -> tuple[list[PromptRecord], int]:
         """``data.train``'s records that ``data.pass_rate_band`` keeps, and how many were read before it kept some."""
