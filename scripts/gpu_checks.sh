@@ -44,7 +44,8 @@ if [ -n "$GPU_WHEELS" ]; then
     export PYTHONPATH="$PWD/src:$(cd "$site" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
     python=$GPU_PYTHON
 else
-    if [ ! -x "$GPU_VENV/bin/python" ]; then
+    # built to the end once (the stamp is written last): a build that stopped midway is taken up again
+    if [ ! -f "$GPU_VENV/.installed" ]; then
         "$GPU_PYTHON" -m venv "$GPU_VENV"
         "$GPU_VENV/bin/pip" install --quiet --upgrade pip
         if [ "$GPU_SKIP_VLLM" = 1 ]; then
@@ -55,13 +56,15 @@ else
         # hold the torch installed above (vLLM's choice), so that entrorl's requirements cannot replace it
         "$GPU_VENV/bin/python" -c "import torch; print(f'torch=={torch.__version__}')" > "$GPU_VENV/constraints.txt"
         "$GPU_VENV/bin/pip" install --quiet -c "$GPU_VENV/constraints.txt" -e ".[dev]"
+        touch "$GPU_VENV/.installed"
     fi
     python="$GPU_VENV/bin/python"
 fi
 
 # every module the GPU tests import, so that a missing one is named before any test runs
-"$python" - <<'PY' || fail "the environment is incomplete (above)"
+GPU_WHEELS="$GPU_WHEELS" "$python" - <<'PY' || fail "the environment is incomplete (above)"
 import importlib
+import os
 import platform
 import sys
 
@@ -74,8 +77,9 @@ for name in ("torch", "numpy", "yaml", "pydantic", "transformers", "tokenizers",
         missing.append(f"{name} ({error})")
 if missing:
     print("missing: " + "; ".join(missing), file=sys.stderr)
-    print(f"wheels must be for Python {sys.version_info.major}.{sys.version_info.minor} on {platform.machine()} "
-          f"({sys.implementation.name})", file=sys.stderr)
+    if os.environ.get("GPU_WHEELS"):
+        print(f"wheels must be for Python {sys.version_info.major}.{sys.version_info.minor} on {platform.machine()} "
+              f"({sys.implementation.name})", file=sys.stderr)
     sys.exit(1)
 import torch
 
@@ -98,11 +102,13 @@ gpu_tests=(test_training_on_cuda_matches_the_cpu_step
 if [ "$vllm_here" = 1 ]; then
     gpu_tests+=(test_vllm_log_probs_match_the_trainer_forward_pass)
 fi
+pytest_status=0
 "$python" -m pytest tests/test_vllm_sampler.py tests/test_trainer.py tests/test_diagnostics.py -k "vllm or cuda" \
-    -rA --color=no -p no:cacheprovider | tee "$GPU_LOG"
+    -rA --color=no -p no:cacheprovider | tee "$GPU_LOG" || pytest_status=$?
 for test in "${gpu_tests[@]}"; do
     grep -Eq "^PASSED .*::$test( |$)" "$GPU_LOG" || fail "$test did not pass on this GPU (see $GPU_LOG)" 3
 done
+[ "$pytest_status" -eq 0 ] || fail "the GPU tests passed but another selected test did not (pytest exit $pytest_status; see $GPU_LOG)"
 if [ "$vllm_here" = 1 ]; then
     echo "gpu_checks: the ${#gpu_tests[@]} GPU tests passed, vLLM's comparison with the trainer included"
 else

@@ -600,8 +600,9 @@ def test_the_diagnostics_of_a_batch_on_cuda_equal_those_of_the_same_batch_on_the
     """The TRL integration logs the entropy, S / D and covariance statistics of micro-batches that live on the
     accelerator: every tensor those functions build goes to the batch's device, and the numbers are the CPU's."""
     generator = torch.Generator().manual_seed(0)
-    entropy, disc, centered, logprob = (torch.rand(3, 7, generator=generator) for _ in range(4))
-    advantages = torch.randn(3, 1, generator=generator).expand(3, 7).contiguous()
+    entropy, logprob = (torch.rand(3, 7, generator=generator) for _ in range(2))
+    disc, centered = (torch.rand(3, 7, generator=generator) - 0.5 for _ in range(2))  # S and D of both signs
+    advantages = torch.tensor([[1.0], [-1.0], [0.5]]).expand(3, 7).contiguous()  # both sides of the split
     mask = torch.rand(3, 7, generator=generator) > 0.3
 
     def summaries(device):
@@ -610,6 +611,7 @@ def test_the_diagnostics_of_a_batch_on_cuda_equal_those_of_the_same_batch_on_the
                 **covariance_summary(on[3], on[4], on[5])}
 
     on_cpu, on_cuda = summaries("cpu"), summaries("cuda")
-    assert on_cuda.keys() == on_cpu.keys() and "entropy/p50" in on_cuda
+    assert on_cuda.keys() == on_cpu.keys() and "entropy/p50" in on_cuda and "disc/mean_pos_adv" in on_cuda
+    assert not [key for key, value in on_cpu.items() if math.isnan(value)]  # every statistic is compared as a number
     for key, value in on_cpu.items():
-        assert on_cuda[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key
+        assert on_cuda[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key

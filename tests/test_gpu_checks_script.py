@@ -143,3 +143,48 @@ def test_without_vllm_and_without_leave_to_skip_it_nothing_runs(tmp_path):
     assert result.returncode == 1
     assert "vllm cannot be imported" in result.stderr and "GPU_SKIP_VLLM=1" in result.stderr
     assert not (tmp_path / "log").exists()
+
+
+def test_a_build_of_the_gpu_environment_that_stopped_midway_is_taken_up_again(tmp_path):
+    """The environment was built only where its python was missing: a first build stopped after the venv was made
+    (vLLM's install failing: no network, a full disk, Ctrl-C) left every later run without it, naming missing modules
+    until the folder was deleted by hand. It is built until its last step has run."""
+    pip_calls = tmp_path / "pip-calls"
+    maker = tmp_path / "python3"  # makes a venv whose pip fails, as without a network
+    maker.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+            mkdir -p "$3/bin"
+            printf '#!/bin/sh\\nexec "{sys.executable}" "$@"\\n' > "$3/bin/python"
+            printf '#!/bin/sh\\necho "pip $*" >> "{pip_calls}"\\necho "pip: network unreachable" >&2\\nexit 1\\n' > "$3/bin/pip"
+            chmod +x "$3/bin/python" "$3/bin/pip"
+            exit 0
+        fi
+        exec "{sys.executable}" "$@"
+    """))
+    maker.chmod(0o755)
+    for attempt in (1, 2):
+        result = _run(tmp_path, nvidia_smi=True, python=str(maker))
+        assert result.returncode != 0 and "network unreachable" in result.stderr
+        assert pip_calls.read_text().count("\n") == attempt  # the second run tries to install again
+    assert not (tmp_path / "gpu-env" / ".installed").exists()
+
+
+def test_a_gpu_test_that_fails_is_named_as_one_that_did_not_pass(tmp_path):
+    """A failing GPU test (not a skipped one) ended the script through pytest's exit status, with nothing said; it
+    is named as one that did not pass on this GPU, and another selected test that fails fails the checks too."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    stand_ins = tmp_path / "stand_ins" / "test_stand_ins.py"
+    stand_ins.parent.mkdir()
+    passing = ("def test_training_on_cuda_matches_the_cpu_step():\n    pass\n\n\n"
+               "def test_the_diagnostics_of_a_batch_on_cuda_equal_those_of_the_same_batch_on_the_cpu():\n    pass\n")
+    stand_ins.write_text(passing.replace("cpu_step():\n    pass", "cpu_step():\n    assert False, 'differs'"))
+    python = _python_with_a_pretend_gpu(tmp_path, stand_ins)
+    result = _run(tmp_path, nvidia_smi=True, python=python, GPU_WHEELS=str(wheels), GPU_SKIP_VLLM="1")
+    assert result.returncode == 3
+    assert "test_training_on_cuda_matches_the_cpu_step did not pass on this GPU" in result.stderr
+    stand_ins.write_text(passing + "\n\ndef test_cuda_something_else():\n    assert False\n")
+    result = _run(tmp_path, nvidia_smi=True, python=python, GPU_WHEELS=str(wheels), GPU_SKIP_VLLM="1")
+    assert result.returncode == 1
+    assert "the GPU tests passed but another selected test did not (pytest exit 1" in result.stderr

@@ -5553,6 +5553,12 @@ def test_device_setting_is_checked_before_any_model_loads(tmp_path, arithmetic_f
     assert load_config(make_config(tmp_path / "absent-model", train, None, model={"path": "m", "device": "cuda:0"}))
 
 
+def varied_reward(prompt: str, completion: str, answer, /, **meta) -> float:
+    """0, 0.5 or 1 by the completion's characters: a random model's groups then differ, and every step trains (an
+    exact match of its sums would score every sample 0: no gradient)."""
+    return (sum(map(ord, completion)) % 3) / 2
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_on_cuda_matches_the_cpu_step(tmp_path, tiny_model_dir, arithmetic_files):
@@ -5562,12 +5568,17 @@ def test_training_on_cuda_matches_the_cpu_step(tmp_path, tiny_model_dir, arithme
 
     train, _ = arithmetic_files
     config = load_config(make_config(tiny_model_dir, train, None, model={"path": str(tiny_model_dir), "device": "cuda"},
-                                     method="dapo+clip_b+kl_ref", optim={"steps": 2, "lr": 1e-3, "mini_batches": 2}))
+                                     method="dapo+clip_b+kl_ref", reward={"name": f"{__name__}:varied_reward"},
+                                     optim={"steps": 2, "lr": 1e-3, "mini_batches": 2}))
     trainer = Trainer(config, run_dir=tmp_path / "cuda")
     assert next(trainer.model.parameters()).device.type == "cuda"
+    before = [parameter.detach().clone() for parameter in trainer.model.parameters()]
     steps = [trainer.train_step() for _ in range(2)]
     for key in ("reward/mean", "entropy/mean", "kl/ref_k1", "loss/total", "entropy/predicted_delta"):
         assert all(math.isfinite(step[key]) for step in steps), key
+    # the updates ran on the GPU: gradients, and weights that moved (not a comparison of the untouched model)
+    assert all(step["train/grad_norm"] > 0 for step in steps), [step["train/grad_norm"] for step in steps]
+    assert any(not torch.equal(old, new) for old, new in zip(before, trainer.model.parameters()))
     trainer.save()
 
     rollouts = trainer.collect().rollouts
