@@ -62,7 +62,8 @@ else
 fi
 
 # every module the GPU tests import, so that a missing one is named before any test runs
-GPU_WHEELS="$GPU_WHEELS" "$python" - <<'PY' || fail "the environment is incomplete (above)"
+rebuild=$([ -n "$GPU_WHEELS" ] || echo "; remove $GPU_VENV to build it again")
+GPU_WHEELS="$GPU_WHEELS" "$python" - <<'PY' || fail "the environment is incomplete (above)$rebuild"
 import importlib
 import os
 import platform
@@ -93,7 +94,7 @@ if "$python" -c "import vllm; print('vllm', vllm.__version__)"; then
 elif [ "$GPU_SKIP_VLLM" = 1 ]; then
     vllm_here=0
 else
-    fail "vllm cannot be imported (above); GPU_SKIP_VLLM=1 runs the other GPU checks"
+    fail "vllm cannot be imported (above); GPU_SKIP_VLLM=1 runs the other GPU checks$rebuild"
 fi
 
 # -rA lists every test's outcome: each test that needs the GPU must be among the passed ones, not skipped
@@ -102,9 +103,13 @@ gpu_tests=(test_training_on_cuda_matches_the_cpu_step
 if [ "$vllm_here" = 1 ]; then
     gpu_tests+=(test_vllm_log_probs_match_the_trainer_forward_pass)
 fi
-pytest_status=0
+# a log that cannot be written would read as GPU tests that did not pass
+{ mkdir -p "$(dirname "$GPU_LOG")" && : > "$GPU_LOG"; } || fail "cannot write the log GPU_LOG=$GPU_LOG"
+set +o pipefail  # pytest's own status, not tee's
 "$python" -m pytest tests/test_vllm_sampler.py tests/test_trainer.py tests/test_diagnostics.py -k "vllm or cuda" \
-    -rA --color=no -p no:cacheprovider | tee "$GPU_LOG" || pytest_status=$?
+    -rA --color=no -p no:cacheprovider | tee "$GPU_LOG"
+pytest_status=${PIPESTATUS[0]}
+set -o pipefail
 for test in "${gpu_tests[@]}"; do
     grep -Eq "^PASSED .*::$test( |$)" "$GPU_LOG" || fail "$test did not pass on this GPU (see $GPU_LOG)" 3
 done

@@ -26,8 +26,8 @@ def _run(tmp_path: Path, *, nvidia_smi: bool, python: str = sys.executable, **va
         fake.chmod(0o755)
     environment = {key: value for key, value in os.environ.items() if not key.startswith("GPU_")}
     environment["PATH"] = f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"
-    environment.update(GPU_PYTHON=python, GPU_VENV=str(tmp_path / "gpu-env"), GPU_LOG=str(tmp_path / "log"),
-                       **variables)
+    environment.update({"GPU_PYTHON": python, "GPU_VENV": str(tmp_path / "gpu-env"), "GPU_LOG": str(tmp_path / "log"),
+                        **variables})
     return subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True, timeout=300)
 
 
@@ -150,24 +150,55 @@ def test_a_build_of_the_gpu_environment_that_stopped_midway_is_taken_up_again(tm
     (vLLM's install failing: no network, a full disk, Ctrl-C) left every later run without it, naming missing modules
     until the folder was deleted by hand. It is built until its last step has run."""
     pip_calls = tmp_path / "pip-calls"
-    maker = tmp_path / "python3"  # makes a venv whose pip fails, as without a network
-    maker.write_text(textwrap.dedent(f"""\
-        #!/bin/sh
-        if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
-            mkdir -p "$3/bin"
-            printf '#!/bin/sh\\nexec "{sys.executable}" "$@"\\n' > "$3/bin/python"
-            printf '#!/bin/sh\\necho "pip $*" >> "{pip_calls}"\\necho "pip: network unreachable" >&2\\nexit 1\\n' > "$3/bin/pip"
-            chmod +x "$3/bin/python" "$3/bin/pip"
-            exit 0
-        fi
-        exec "{sys.executable}" "$@"
-    """))
-    maker.chmod(0o755)
+    maker = tmp_path / "python3"
+
+    def venvs_whose_pip(then: str) -> None:
+        """``maker -m venv DIR`` makes a venv whose python is this one and whose pip logs its call, then ``then``."""
+        pip = tmp_path / "pip"
+        pip.write_text(f'#!/bin/sh\necho "pip $*" >> "{pip_calls}"\n{then}\n')
+        pip.chmod(0o755)
+        maker.write_text(textwrap.dedent(f"""\
+            #!/bin/sh
+            if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+                mkdir -p "$3/bin"
+                printf '#!/bin/sh\\nexec "{sys.executable}" "$@"\\n' > "$3/bin/python"
+                cp "{pip}" "$3/bin/pip"
+                chmod +x "$3/bin/python" "$3/bin/pip"
+                exit 0
+            fi
+            exec "{sys.executable}" "$@"
+        """))
+        maker.chmod(0o755)
+
+    venvs_whose_pip('echo "pip: network unreachable" >&2; exit 1')  # as without a network
     for attempt in (1, 2):
         result = _run(tmp_path, nvidia_smi=True, python=str(maker))
         assert result.returncode != 0 and "network unreachable" in result.stderr
         assert pip_calls.read_text().count("\n") == attempt  # the second run tries to install again
     assert not (tmp_path / "gpu-env" / ".installed").exists()
+
+    # once built to the end, it is not built again (and a module missing from it says how to build it again)
+    venvs_whose_pip("exit 0")
+    shutil.rmtree(tmp_path / "gpu-env")
+    calls = []
+    for _ in range(2):
+        result = _run(tmp_path, nvidia_smi=True, python=str(maker), GPU_SKIP_VLLM="1")
+        calls.append(pip_calls.read_text().count("\n"))
+    assert calls[0] == 2 + 3 and calls[1] == calls[0] and (tmp_path / "gpu-env" / ".installed").exists()
+    assert "sees no CUDA GPU" in result.stderr  # went on to its checks with the environment it has
+
+
+def test_without_wheels_a_missing_module_says_how_to_build_the_environment_again(tmp_path):
+    """Without GPU_WHEELS the environment is the script's own: a module missing from it is named with the way to
+    build it again, not with the Python version wheels must be for (no wheels are used)."""
+    venv = tmp_path / "gpu-env"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(_python_without(tmp_path, "pydantic"))
+    (venv / ".installed").touch()
+    result = _run(tmp_path, nvidia_smi=True)
+    assert result.returncode == 1 and "missing: pydantic" in result.stderr
+    assert "wheels must be for" not in result.stderr
+    assert f"the environment is incomplete (above); remove {venv} to build it again" in result.stderr
 
 
 def test_a_gpu_test_that_fails_is_named_as_one_that_did_not_pass(tmp_path):
@@ -188,3 +219,10 @@ def test_a_gpu_test_that_fails_is_named_as_one_that_did_not_pass(tmp_path):
     result = _run(tmp_path, nvidia_smi=True, python=python, GPU_WHEELS=str(wheels), GPU_SKIP_VLLM="1")
     assert result.returncode == 1
     assert "the GPU tests passed but another selected test did not (pytest exit 1" in result.stderr
+
+    # a log in a folder that is not there yet: made, not read as tests that did not pass
+    stand_ins.write_text(passing)
+    result = _run(tmp_path, nvidia_smi=True, python=python, GPU_WHEELS=str(wheels), GPU_SKIP_VLLM="1",
+                  GPU_LOG=str(tmp_path / "logs" / "gpu.log"))
+    assert result.returncode == 0, result.stderr
+    assert "2 passed" in (tmp_path / "logs" / "gpu.log").read_text()
