@@ -60,8 +60,8 @@ from entrorl.data.records import DataError, PromptRecord
 
 __all__ = [
     "SUPPORTED_FORMATS",
-    "check_output_directory",
     "answers_class_labels",
+    "check_output_directory",
     "check_output_file",
     "class_labels_numbered",
     "load_prompts",
@@ -1038,7 +1038,7 @@ def _answers_named(rows: Iterable[dict[str, Any]], column: str, names: list[str]
         return rows
 
     def named(number: Any) -> Any:
-        if number == -1 and not isinstance(number, bool):
+        if number == -1:
             return None
         return names[number] if isinstance(number, int) and not isinstance(number, bool) and 0 <= number < len(names) \
             else number

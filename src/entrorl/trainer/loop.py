@@ -649,13 +649,8 @@ class Trainer:
         float32 values within structs and lists as written (:func:`entrorl.data.loading.nested_floats_widened`): a
         run of that version resumed on unchanged data. ``ValueError`` when it was, but ``data.pass_rate_band`` keeps
         other rows now (a rate such a value holds reads otherwise)."""
-        try:
-            with nested_floats_widened():
-                records, _ = self._read_train_records()
-        except (ValueError, OSError):
-            return False
-        earlier = PromptStream(records, seed=self.config.seed, shuffle=self.config.data.shuffle)
-        if saved.get("records_digest") != earlier.records_digest:
+        records = self._records_read_as(saved, nested_floats_widened)
+        if records is None:
             return False
         rows = [(record.source, record.prompt, record.answer, record.messages) for record in self.train_records]
         if rows != [(record.source, record.prompt, record.answer, record.messages) for record in records]:
@@ -674,20 +669,26 @@ class Trainer:
         if not answers_class_labels(data.train, data.answer_column):  # other data: not read again for nothing
             return
         for readings in ((class_labels_numbered,), (class_labels_numbered, nested_floats_widened)):
-            try:
-                with contextlib.ExitStack() as earlier:
-                    for reading in readings:
-                        earlier.enter_context(reading())
-                    records, _ = self._read_train_records()
-            except (ValueError, OSError):
-                continue
-            if PromptStream(records, seed=self.config.seed, shuffle=self.config.data.shuffle).records_digest == \
-                    saved.get("records_digest"):
+            if self._records_read_as(saved, *readings) is not None:
                 raise ValueError(
                     f"--resume: the checkpoint was trained by an earlier version of entrorl, which read the answers of "
                     f"data.train's ClassLabel column {self.config.data.answer_column!r} as the labels' numbers ('1'); "
                     "this one reads their names ('B'), which the run's reward was never given: start a new run, or "
                     "resume with the earlier version")
+
+    def _records_read_as(self, saved: dict[str, Any], *readings) -> list[PromptRecord] | None:
+        """``data.train``'s records read within the context managers ``readings`` (an earlier version's reading), when
+        they are the ones the stream ``saved`` was dealing (its data digest); None otherwise, or when they cannot be
+        read so."""
+        try:
+            with contextlib.ExitStack() as earlier:
+                for reading in readings:
+                    earlier.enter_context(reading())
+                records, _ = self._read_train_records()
+        except (ValueError, OSError):
+            return None
+        stream = PromptStream(records, seed=self.config.seed, shuffle=self.config.data.shuffle)
+        return records if stream.records_digest == saved.get("records_digest") else None
 
     def _read_train_records(self) -> tuple[list[PromptRecord], int]:
         """``data.train``'s records that ``data.pass_rate_band`` keeps, and how many were read before it kept some."""
